@@ -1,0 +1,466 @@
+"""Rule files (YAML, version 1) -> CompiledPolicy, or PolicyError naming every mistake.
+
+The file's shape is checked node by node on PyYAML's composed tree, so each problem
+carries FILE:LINE:COL. All problems of all files are collected before raising:
+an admin fixes a file in one pass. Nothing is half-loaded: either every file,
+include and profile is valid and a new CompiledPolicy exists, or nothing changes.
+
+    version: 1
+    profiles:
+      NAME:
+        fallback: deny | ask | audit          (default deny; inherited through extends)
+        extends: OTHER-PROFILE
+        include: [PRESET-NAME | relative/path.yaml, ...]
+        rules:
+          - allow | deny: TARGET or [TARGET, ...]   domain, *.domain, IP or CIDR
+            ports: [443, ...]                        default [80, 443]
+            methods: [GET, ...]                      needs HTTP inspection
+            paths: ["/repos/**", ...]                needs HTTP inspection
+            id, comment, owner, ticket, expires: YYYY-MM-DD
+
+A preset (rules/presets/NAME.yaml) is `version: 1`, optional `description`,
+`include`, and `rules`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .index import CompiledPolicy, CompiledProfile
+from .model import DEFAULT_PORTS, HTTP_METHODS, Rule
+from .names import (
+    DomainPattern,
+    InvalidAddress,
+    InvalidName,
+    parse_domain_pattern,
+    parse_ip,
+    parse_network,
+)
+from .reasons import Verdict
+
+RULES_DIR = Path(os.environ.get("SANDGATE_RULES_DIR", Path(__file__).resolve().parents[2] / "rules"))
+PRESETS_DIR = RULES_DIR / "presets"
+DEFAULT_RULES = RULES_DIR / "default.yaml"
+
+RULE_KEYS = {"allow", "deny", "ports", "methods", "paths", "id", "comment", "owner", "ticket", "expires"}
+PROFILE_KEYS = {"fallback", "extends", "include", "rules", "description"}
+FALLBACKS = {"deny": Verdict.DENY, "ask": Verdict.ASK, "audit": Verdict.AUDIT}
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    file: str
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.message}"
+
+
+class PolicyError(Exception):
+    """One or more problems in the rule files; the running policy (if any) stays."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = sorted(problems)
+        super().__init__("\n".join(map(str, self.problems)))
+
+
+@dataclass
+class _Source:
+    """One parsed file: where it is, and its top-level node."""
+
+    path: Path
+    display: str
+    root: yaml.Node | None
+
+
+@dataclass
+class _RawProfile:
+    name: str
+    source: _Source
+    node: yaml.Node
+    fallback: tuple[Verdict, int] | None = None  # verdict, line
+    extends: tuple[str, yaml.Node] | None = None
+    includes: list[tuple[str, yaml.Node]] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
+
+
+class _Loader:
+    def __init__(self, today: datetime.date):
+        self.today = today
+        self.problems: list[Problem] = []
+        self.sources: dict[Path, _Source] = {}
+        self.preset_rules: dict[Path, list[Rule]] = {}
+        self.rule_ids: dict[str, Rule] = {}
+
+    # --- problems and node helpers --------------------------------------------------
+
+    def problem(self, source: _Source, node: yaml.Node | None, message: str) -> None:
+        line, col = (node.start_mark.line + 1, node.start_mark.column + 1) if node else (1, 1)
+        self.problems.append(Problem(source.display, line, col, message))
+
+    def mapping(self, source: _Source, node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """A mapping node as {key: (key_node, value_node)}; reports non-mappings and
+        duplicate keys (PyYAML would silently keep the last one)."""
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(source, node, f"{what} must be a mapping")
+            return {}
+        result: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is None:
+                self.problem(source, key_node, f"{what}: keys must be plain words")
+            elif key in result:
+                self.problem(source, key_node, f"{what}: duplicate key {key!r}")
+            else:
+                result[key] = (key_node, value_node)
+        return result
+
+    def check_keys(self, source, entries, allowed: set[str], what: str) -> None:
+        for key, (key_node, _) in entries.items():
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                self.problem(source, key_node, f"unknown key {key!r} in {what} (expected one of: {hint})")
+
+    def scalar(self, source, node, what: str) -> str | None:
+        if isinstance(node, yaml.ScalarNode) and node.value != "" and node.tag != "tag:yaml.org,2002:null":
+            return node.value
+        self.problem(source, node, f"{what} must be a single value")
+        return None
+
+    def scalars(self, source, node, what: str) -> list[tuple[str, yaml.Node]]:
+        """A scalar or a list of scalars, each with its node (for line numbers)."""
+        items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        if isinstance(node, yaml.SequenceNode) and not items:
+            self.problem(source, node, f"{what} must not be an empty list")
+        result = []
+        for item in items:
+            value = self.scalar(source, item, f"each entry of {what}")
+            if value is not None:
+                result.append((value, item))
+        return result
+
+    # --- files ------------------------------------------------------------------------
+
+    def read(self, path: Path, referrer: tuple[_Source, yaml.Node] | None = None) -> _Source | None:
+        path = path.resolve()
+        if path in self.sources:
+            return self.sources[path]
+        display = _display_path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            message = f"cannot read rule file {display}: {getattr(e, 'strerror', None) or e}"
+            if referrer:
+                self.problem(*referrer, message)
+            else:
+                self.problems.append(Problem(display, 1, 1, message))
+            return None
+        source = _Source(path, display, None)
+        try:
+            source.root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+            reason = getattr(e, "problem", None) or str(e)
+            self.problems.append(Problem(display, line, col, f"YAML syntax error: {reason}"))
+            return None
+        self.sources[path] = source
+        if source.root is None:
+            self.problems.append(Problem(display, 1, 1, "empty rule file (expected 'version: 1')"))
+            return None
+        return source
+
+    def check_version(self, source: _Source, entries) -> None:
+        if "version" not in entries:
+            self.problem(source, source.root, "missing 'version: 1' at the top of the file")
+            return
+        key_node, value_node = entries["version"]
+        if not (isinstance(value_node, yaml.ScalarNode) and value_node.value == "1"):
+            self.problem(source, value_node, f"unsupported version {value_node.value!r}; this sandgate reads version 1")
+
+    # --- rules ------------------------------------------------------------------------
+
+    def rules(self, source: _Source, node: yaml.Node) -> list[Rule]:
+        if not isinstance(node, yaml.SequenceNode):
+            self.problem(source, node, "'rules' must be a list of rules")
+            return []
+        return [r for item in node.value if (r := self.rule(source, item)) is not None]
+
+    def rule(self, source: _Source, node: yaml.Node) -> Rule | None:
+        entries = self.mapping(source, node, "a rule")
+        if not entries:
+            return None
+        errors_before = len(self.problems)
+        self.check_keys(source, entries, RULE_KEYS, "a rule")
+        actions = [k for k in ("allow", "deny") if k in entries]
+        if len(actions) != 1:
+            self.problem(source, node, "a rule needs exactly one of 'allow' or 'deny'"
+                         + (" (it has both)" if actions else ""))
+            return None
+        action = actions[0]
+        domains, networks = [], []
+        for text, item in self.scalars(source, entries[action][1], f"'{action}'"):
+            target = self.target(source, item, text)
+            if target is not None:
+                (domains if isinstance(target, DomainPattern) else networks).append(target)
+        ports = self.ports(source, entries["ports"][1]) if "ports" in entries else DEFAULT_PORTS
+        methods = self.methods(source, entries["methods"][1]) if "methods" in entries else None
+        paths = self.paths(source, entries["paths"][1]) if "paths" in entries else None
+        meta = {k: self.scalar(source, entries[k][1], f"'{k}'") for k in ("comment", "owner", "ticket") if k in entries}
+        expires = self.expires(source, entries["expires"][1]) if "expires" in entries else None
+        line = node.start_mark.line + 1
+        rule_id = f"{source.display}:{line}"
+        if "id" in entries:
+            given = self.scalar(source, entries["id"][1], "'id'")
+            if given is not None and not _ID.fullmatch(given):
+                self.problem(source, entries["id"][1], f"rule id {given!r} may use only letters, digits and . _ : / -")
+            elif given is not None:
+                rule_id = given
+        if rule_id in self.rule_ids:
+            other = self.rule_ids[rule_id]
+            self.problem(source, entries.get("id", (node, node))[1], f"duplicate rule id {rule_id!r} (first used at {other.origin})")
+        if len(self.problems) > errors_before:
+            return None
+        rule = Rule(
+            id=rule_id,
+            action=Verdict.ALLOW if action == "allow" else Verdict.DENY,
+            file=source.display,
+            line=line,
+            domains=tuple(domains),
+            networks=tuple(networks),
+            ports=ports,
+            methods=methods,
+            paths=paths,
+            path_pattern=_compile_paths(paths) if paths else None,
+            expires=expires,
+            **meta,
+        )
+        self.rule_ids[rule_id] = rule
+        return rule
+
+    def target(self, source, node, text: str):
+        if "/" in text or ":" in text or parse_ip(text) is not None:
+            try:
+                return parse_network(text)
+            except InvalidAddress as e:
+                ip = parse_ip(text.partition("/")[0])
+                if ip is not None and "/" not in text:
+                    self.problem(source, node, f"write the address {text!r} plainly, as {ip}")
+                else:
+                    self.problem(source, node, str(e))
+                return None
+        try:
+            return parse_domain_pattern(text)
+        except InvalidName as e:
+            self.problem(source, node, str(e))
+            return None
+
+    def ports(self, source, node) -> frozenset[int]:
+        ports = set()
+        for text, item in self.scalars(source, node, "'ports'"):
+            if not text.isdigit() or not 1 <= int(text) <= 65535:
+                self.problem(source, item, f"port {text!r} is not a number from 1 to 65535")
+            else:
+                ports.add(int(text))
+        return frozenset(ports)
+
+    def methods(self, source, node) -> frozenset[str]:
+        methods = set()
+        for text, item in self.scalars(source, node, "'methods'"):
+            if text.upper() not in HTTP_METHODS:
+                self.problem(source, item, f"unknown HTTP method {text!r} (expected one of: {', '.join(sorted(HTTP_METHODS))})")
+            else:
+                methods.add(text.upper())
+        return frozenset(methods)
+
+    def paths(self, source, node) -> tuple[str, ...]:
+        paths = []
+        for text, item in self.scalars(source, node, "'paths'"):
+            if not text.startswith("/"):
+                self.problem(source, item, f"path {text!r} must start with '/'")
+            elif any("**" in seg and seg != "**" for seg in text.split("/")):
+                self.problem(source, item, f"path {text!r}: '**' must be a whole segment ('/a/**/b' or '/a/**')")
+            else:
+                paths.append(text)
+        return tuple(paths)
+
+    def expires(self, source, node) -> datetime.date | None:
+        text = self.scalar(source, node, "'expires'")
+        if text is None:
+            return None
+        try:
+            return datetime.date.fromisoformat(text)
+        except ValueError:
+            self.problem(source, node, f"expires {text!r} is not a date; write YYYY-MM-DD")
+            return None
+
+    # --- presets and profiles ---------------------------------------------------------
+
+    def include(self, source: _Source, node: yaml.Node, name: str, stack: tuple[Path, ...]) -> list[Rule]:
+        """The rules of a preset or included file (recursively), cycle-checked."""
+        if "/" in name or name.endswith((".yaml", ".yml")):
+            path = (source.path.parent / name).resolve()
+        else:
+            path = (PRESETS_DIR / f"{name}.yaml").resolve()
+            if not path.exists():
+                known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+                self.problem(source, node, f"unknown preset {name!r} (shipped presets: {known}; or give a path relative to this file)")
+                return []
+        if path in stack:
+            chain = " -> ".join(_display_path(p) for p in (*stack, path))
+            self.problem(source, node, f"circular include: {chain}")
+            return []
+        if path in self.preset_rules:
+            return self.preset_rules[path]
+        included = self.read(path, referrer=(source, node))
+        if included is None:
+            return []
+        entries = self.mapping(included, included.root, "a preset file")
+        self.check_version(included, entries)
+        self.check_keys(included, entries, {"version", "description", "include", "rules"}, "a preset file")
+        rules: list[Rule] = []
+        if "include" in entries:
+            for inner, item in self.scalars(included, entries["include"][1], "'include'"):
+                rules += self.include(included, item, inner, (*stack, path))
+        if "rules" in entries:
+            rules += self.rules(included, entries["rules"][1])
+        self.preset_rules[path] = rules
+        return rules
+
+    def profiles(self, source: _Source) -> dict[str, _RawProfile]:
+        entries = self.mapping(source, source.root, "the rule file")
+        self.check_version(source, entries)
+        self.check_keys(source, entries, {"version", "profiles", "description"}, "the rule file")
+        if "profiles" not in entries:
+            self.problem(source, source.root, "missing 'profiles:' (a rule file defines at least one profile)")
+            return {}
+        raw: dict[str, _RawProfile] = {}
+        for name, (key_node, node) in self.mapping(source, entries["profiles"][1], "'profiles'").items():
+            profile = _RawProfile(name, source, key_node)
+            fields = self.mapping(source, node, f"profile {name!r}")
+            self.check_keys(source, fields, PROFILE_KEYS, f"profile {name!r}")
+            if "fallback" in fields:
+                word = self.scalar(source, fields["fallback"][1], "'fallback'")
+                if word is not None and word not in FALLBACKS:
+                    self.problem(source, fields["fallback"][1], f"unknown fallback {word!r} (expected deny, ask or audit)")
+                elif word is not None:
+                    profile.fallback = (FALLBACKS[word], fields["fallback"][1].start_mark.line + 1)
+            if "extends" in fields:
+                parent = self.scalar(source, fields["extends"][1], "'extends'")
+                if parent is not None:
+                    profile.extends = (parent, fields["extends"][1])
+            if "include" in fields:
+                profile.includes = self.scalars(source, fields["include"][1], "'include'")
+            if "rules" in fields:
+                profile.rules = self.rules(source, fields["rules"][1])
+            raw[name] = profile
+        return raw
+
+    def resolve(self, raw: dict[str, _RawProfile]) -> dict[str, CompiledProfile]:
+        compiled: dict[str, CompiledProfile] = {}
+
+        def effective(name: str, chain: tuple[str, ...]) -> tuple[list[Rule], Rule] | None:
+            profile = raw[name]
+            rules: list[Rule] = []
+            fallback: Rule | None = None
+            if profile.extends is not None:
+                parent, node = profile.extends
+                if parent not in raw:
+                    self.problem(profile.source, node, f"profile {name!r} extends unknown profile {parent!r} (known: {', '.join(sorted(raw))})")
+                elif parent in chain:
+                    self.problem(profile.source, node, f"circular extends: {' -> '.join((*chain, parent))}")
+                else:
+                    inherited = effective(parent, (*chain, parent))
+                    if inherited is not None:
+                        rules, fallback = list(inherited[0]), inherited[1]
+            for include, node in profile.includes:
+                rules += self.include(profile.source, node, include, (profile.source.path,))
+            rules += profile.rules
+            if profile.fallback is not None or fallback is None:
+                verdict, line = profile.fallback or (Verdict.DENY, profile.node.start_mark.line + 1)
+                fallback = Rule(id=f"{name}:fallback", action=verdict, file=profile.source.display, line=line)
+            return rules, fallback
+
+        for name in raw:
+            result = effective(name, (name,))
+            if result is not None:
+                rules, fallback = result
+                active = [r for r in _unique(rules) if r.expires is None or r.expires >= self.today]
+                expired = [r for r in _unique(rules) if r.expires is not None and r.expires < self.today]
+                compiled[name] = CompiledProfile.build(name, active, fallback, expired)
+        return compiled
+
+
+def load_policy(paths: list[Path] | Path | str, today: datetime.date | None = None) -> CompiledPolicy:
+    """Read, validate and compile rule files. Raises PolicyError with every problem.
+
+    `today` decides which rules have expired (they are kept aside, reported, and
+    never match); the gateway reloads when `CompiledPolicy.next_expiry` passes.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [Path(paths)]
+    loader = _Loader(today or datetime.date.today())
+    raw: dict[str, _RawProfile] = {}
+    for path in paths:
+        source = loader.read(Path(path))
+        if source is None:
+            continue
+        for name, profile in loader.profiles(source).items():
+            if name in raw:
+                loader.problem(source, profile.node, f"profile {name!r} is already defined in {raw[name].source.display}")
+            else:
+                raw[name] = profile
+    profiles = loader.resolve(raw) if not loader.problems else {}
+    if loader.problems:
+        raise PolicyError(loader.problems)
+    digest = hashlib.sha256()
+    for path in sorted(loader.sources):
+        digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    return CompiledPolicy(
+        profiles=profiles,
+        files=tuple(s.display for s in loader.sources.values()),
+        hash=digest.hexdigest()[:16],
+        rule_count=len(loader.rule_ids),
+        loaded_on=loader.today,
+    )
+
+
+def _compile_paths(globs: tuple[str, ...]) -> re.Pattern[str]:
+    """Path globs as one anchored regex: `*` stays inside a segment, `**` crosses '/'
+    (`/a/**` matches `/a` and everything below it). Compiled once, at load."""
+    parts = []
+    for glob in globs:
+        pattern = ""
+        for piece in re.split(r"(/\*\*(?=/|$)|\*)", glob):
+            if piece == "/**":
+                pattern += "(?:/.*)?"
+            elif piece == "*":
+                pattern += "[^/]*"
+            else:
+                pattern += re.escape(piece)
+        parts.append(pattern)
+    return re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
+
+
+def _unique(rules: list[Rule]) -> list[Rule]:
+    """Rules in first-seen order, each once (a preset may be included twice)."""
+    seen: set[str] = set()
+    return [r for r in rules if not (r.id in seen or seen.add(r.id))]
+
+
+def _display_path(path: Path) -> str:
+    """Paths as an admin would type them: relative to the working directory if below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,145 @@
+"""The values the policy core passes around: rules, facts, decisions.
+
+All frozen: a Decision, once made, is what every event, metric and 403 page reports.
+One facts type per decision point:
+
+- `NameFacts`    — a DNS question: may this profile reach this name at all?
+- `ConnectFacts` — a TCP connection (destination IP and port; the name from SNI or
+                   the sandbox's DNS bindings when one is known);
+- `RequestFacts` — an HTTP request (adds method and path).
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass, field
+
+from .names import DomainPattern, IPAddress, IPNetwork
+from .reasons import Reason, Verdict
+
+DEFAULT_PORTS = frozenset({80, 443})
+HTTP_METHODS = frozenset(
+    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK"]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled rule. `action` is ALLOW or DENY for rules from files; the
+    profile's fallback and the gateway's built-in protections are Rules too, so a
+    Decision always names one (with `file`/`line` of where it was written, or
+    `file="<builtin>"`)."""
+
+    id: str
+    action: Verdict
+    file: str
+    line: int
+    domains: tuple[DomainPattern, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
+    ports: frozenset[int] = DEFAULT_PORTS
+    methods: frozenset[str] | None = None
+    paths: tuple[str, ...] | None = None
+    expires: datetime.date | None = None
+    comment: str | None = None
+    owner: str | None = None
+    ticket: str | None = None
+    path_pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def origin(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @property
+    def inspects(self) -> bool:
+        """True when the rule looks inside HTTP (methods or paths), so a TLS
+        connection it applies to must be intercepted to enforce it."""
+        return self.methods is not None or self.paths is not None
+
+    def targets(self) -> list[str]:
+        return [str(d) for d in self.domains] + [str(n) for n in self.networks]
+
+    def matches_request(self, method: str, path: str) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.path_pattern is None or self.path_pattern.fullmatch(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class NameFacts:
+    """A DNS question from a sandbox. `name` is canonical (names.parse_domain)."""
+
+    profile: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFacts:
+    """A connection from a sandbox.
+
+    `ip` is the original destination; `name` (canonical) comes from the TLS SNI, the
+    HTTP Host, or the sandbox's DNS bindings. `name_resolved_to_ip` says whether the
+    gateway's DNS filter answered `name` with `ip` for this sandbox: False makes a
+    name-based allow a spoof; None means "not checked" (e.g. `sandgate check`).
+    """
+
+    profile: str
+    port: int
+    ip: IPAddress | None = None
+    name: str | None = None
+    name_resolved_to_ip: bool | None = None
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """An HTTP request inside an allowed connection. `path` excludes the query."""
+
+    profile: str
+    port: int
+    method: str
+    path: str
+    ip: IPAddress | None = None
+    name: str | None = None
+    name_resolved_to_ip: bool | None = None
+    protocol: str = "http"
+
+
+Facts = NameFacts | ConnectFacts | RequestFacts
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one question. `rule` is never None: the matching rule, the
+    profile's fallback, or a built-in protection. `inspect` is meaningful for
+    allowed connections: the gateway must look inside HTTP to enforce some rule."""
+
+    verdict: Verdict
+    reason: Reason
+    rule: Rule
+    inspect: bool = False
+    detail: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        """Whether traffic may pass now (ALLOW, or AUDIT: allowed and recorded)."""
+        return self.verdict in (Verdict.ALLOW, Verdict.AUDIT)
+
+    @property
+    def rule_id(self) -> str:
+        return self.rule.id
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": str(self.verdict),
+            "reason": str(self.reason),
+            "rule": self.rule.id,
+            "rule_origin": self.rule.origin,
+            "inspect": self.inspect,
+            "detail": self.detail,
+        }
+
+
+def builtin_rule(rule_id: str, action: Verdict = Verdict.DENY) -> Rule:
+    """A protection the gateway always applies (private ranges, spoofing, ...)."""
+    return Rule(id=f"builtin:{rule_id}", action=action, file="<builtin>", line=0)

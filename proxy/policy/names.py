@@ -1,0 +1,260 @@
+"""The one canonicaliser: every name and address sandgate compares goes through here.
+
+Rules, DNS questions, SNI, Host headers and `sandgate check` targets are all
+normalised by these functions, so that a spelling trick (case, trailing dot,
+Unicode lookalike, `0x7f.1`, `::ffff:169.254.169.254`) cannot make two views of the
+same destination disagree. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import NamedTuple
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_NAME_LENGTH = 253
+MAX_LABEL_LENGTH = 63
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+_IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
+
+# Multi-label public suffixes common enough that `*.co.uk` is surely a mistake.
+# Single-label suffixes (`*.com`) are caught by the two-label minimum.
+_PUBLIC_SUFFIXES = frozenset(
+    ["co.uk", "org.uk", "ac.uk", "gov.uk", "me.uk", "ltd.uk", "plc.uk", "net.uk", "com.au", "net.au", "org.au", "edu.au", "gov.au", "co.nz", "org.nz", "co.jp", "ne.jp", "or.jp", "ac.jp", "go.jp", "com.br", "net.br", "org.br", "com.cn", "net.cn", "org.cn", "gov.cn", "com.tw", "com.hk", "co.in", "net.in", "org.in", "co.za", "co.kr", "or.kr", "com.mx", "com.ar", "com.tr", "com.sg", "com.my", "co.id", "co.il", "com.ua", "github.io", "gitlab.io", "herokuapp.com", "appspot.com", "cloudfront.net", "amazonaws.com", "azurewebsites.net", "blogspot.com", "vercel.app", "netlify.app", "pages.dev", "workers.dev", "web.app", "firebaseapp.com"]
+)
+
+
+class InvalidName(ValueError):
+    """The text is not a domain name (or not a valid domain pattern)."""
+
+
+class InvalidAddress(ValueError):
+    """The text is not an IP address or network."""
+
+
+# --- addresses -----------------------------------------------------------------
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """The address `text` spells, in canonical form, or None if it spells none.
+
+    Accepts every spelling a client library might resolve without DNS: dotted
+    quad, the inet_aton short and numeric forms (`127.1`, `2130706433`,
+    `0x7f.0.0.1`, `0177.0.0.1`), bracketed or zoned IPv6 (the zone is refused),
+    and a trailing dot. IPv4-mapped IPv6 (`::ffff:a.b.c.d`) becomes the IPv4 address.
+    """
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if text.endswith(".") and ":" not in text:
+        text = text[:-1]
+    if not text or "%" in text:
+        return None
+    if ":" in text:
+        try:
+            return canonical_ip(ipaddress.IPv6Address(text))
+        except ValueError:
+            return None
+    return _parse_ipv4_any(text)
+
+
+def _parse_ipv4_any(text: str) -> ipaddress.IPv4Address | None:
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 4 or not all(_IPV4_PART.fullmatch(p) for p in parts):
+        return None
+    values = []
+    for part in parts:
+        if part[:2].lower() == "0x":
+            values.append(int(part[2:] or "0", 16))
+        elif len(part) > 1 and part[0] == "0":
+            values.append(int(part, 8))
+        else:
+            values.append(int(part))
+    # inet_aton: every part but the last is one byte; the last fills the rest.
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
+        return None
+    number = 0
+    for v in head:
+        number = (number << 8) | v
+    number = (number << (8 * (4 - len(head)))) | last
+    return ipaddress.IPv4Address(number)
+
+
+def canonical_ip(ip: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 addresses become IPv4; everything else is returned as is."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def parse_network(text: str) -> IPNetwork:
+    """An address or CIDR in canonical form (`::ffff:10.0.0.0/104` -> `10.0.0.0/8`).
+
+    Raises InvalidAddress. Host bits must be zero (`10.0.0.1/8` is a typo, not a
+    network) and the address part must be written plainly (no `0x`, no short form):
+    a rule is for people to read.
+    """
+    address, _, prefix = text.strip().partition("/")
+    try:
+        network = ipaddress.ip_network(f"{address}/{prefix}" if prefix else address, strict=True)
+    except ValueError as e:
+        raise InvalidAddress(f"{text!r} is not an IP address or CIDR network: {e}") from None
+    if isinstance(network, ipaddress.IPv6Network):
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None and network.prefixlen >= 96:
+            network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    return network
+
+
+_SPECIAL_RANGES: tuple[tuple[IPNetwork, str], ...] = tuple(
+    (ipaddress.ip_network(net), kind)
+    for net, kind in [
+        ("0.0.0.0/8", "unspecified"),
+        ("10.0.0.0/8", "private"),
+        ("100.64.0.0/10", "cgnat"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "private"),  # IETF protocol assignments
+        ("192.168.0.0/16", "private"),
+        ("198.18.0.0/15", "private"),  # benchmarking, used inside data centres
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),  # includes 255.255.255.255
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("fc00::/7", "private"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "private"),  # deprecated site-local
+        ("ff00::/8", "multicast"),
+    ]
+)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries: compatible, 6to4, NAT64 or Teredo."""
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    packed = int(ip)
+    if packed >> 32 == 0 and packed > 1:  # ::a.b.c.d (deprecated IPv4-compatible)
+        return ipaddress.IPv4Address(packed & 0xFFFFFFFF)
+    if packed >> 32 == 0x0064FF9B << 64:  # 64:ff9b::/96 NAT64
+        return ipaddress.IPv4Address(packed & 0xFFFFFFFF)
+    return None
+
+
+def special_range(ip: IPAddress) -> str | None:
+    """The kind of non-public range `ip` is in ("private", "loopback", "link-local",
+    "cgnat", "multicast", "unspecified", "reserved"), or None for a public address.
+
+    IPv4 carried inside IPv6 (mapped, compatible, 6to4, NAT64, Teredo) is checked as
+    the IPv4 address it reaches.
+    """
+    ip = canonical_ip(ip)
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            kind = special_range(inner)
+            if kind is not None:
+                return kind
+    for network, kind in _SPECIAL_RANGES:
+        if ip.version == network.version and ip in network:
+            return kind
+    return None
+
+
+# --- names ---------------------------------------------------------------------
+
+
+def parse_domain(text: str) -> str:
+    """The canonical form of a domain name: lower case, no trailing dot, IDNA labels
+    as punycode (`Bücher.Example.` -> `xn--bcher-kva.example`).
+
+    Raises InvalidName for anything that is not a host name: IP literals in any
+    spelling, NUL and other control bytes, empty or over-long labels, an all-numeric
+    last label (clients would read it as an IPv4 address).
+    """
+    if not isinstance(text, str) or not text:
+        raise InvalidName("empty name")
+    if parse_ip(text) is not None:
+        raise InvalidName(f"{text!r} is an IP address, not a domain name")
+    name = text[:-1] if text.endswith(".") else text
+    if not name:
+        raise InvalidName("empty name")
+    labels = [_canonical_label(label, text) for label in name.split(".")]
+    name = ".".join(labels)
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(f"{text[:40]!r}... is longer than {MAX_NAME_LENGTH} characters")
+    last = labels[-1]
+    if last.isdigit() or re.fullmatch(r"0x[0-9a-f]*", last):
+        raise InvalidName(f"{text!r} ends in a number; clients would read it as an IPv4 address")
+    return name
+
+
+def _canonical_label(label: str, whole: str) -> str:
+    if not label:
+        raise InvalidName(f"{whole!r} has an empty label")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in label):
+        raise InvalidName(f"{whole!r} contains a control character or space")
+    if not label.isascii():
+        try:
+            label = label.encode("idna").decode("ascii")
+        except UnicodeError as e:
+            raise InvalidName(f"{whole!r}: label {label!r} is not valid IDNA ({e})") from None
+    label = label.lower()
+    if label.startswith("xn--"):
+        try:
+            label.encode("ascii").decode("idna")
+        except UnicodeError:
+            raise InvalidName(f"{whole!r}: label {label!r} is not valid punycode") from None
+    if len(label) > MAX_LABEL_LENGTH:
+        raise InvalidName(f"{whole!r}: label {label[:20]!r}... is longer than 63 characters")
+    if not _LABEL.fullmatch(label):
+        raise InvalidName(f"{whole!r}: label {label!r} has characters a host name cannot have")
+    return label
+
+
+class DomainPattern(NamedTuple):
+    """A rule's domain: `example.com` (exact) or `*.example.com` (wildcard: any name
+    strictly below `example.com`, never `example.com` itself)."""
+
+    domain: str
+    wildcard: bool
+
+    def __str__(self) -> str:
+        return f"*.{self.domain}" if self.wildcard else self.domain
+
+
+def parse_domain_pattern(text: str) -> DomainPattern:
+    """Parse a rule's domain or `*.` wildcard. Raises InvalidName with a fix."""
+    if text.startswith("*."):
+        base = parse_domain(text[2:])
+        if "*" in base:
+            raise InvalidName(f"{text!r}: only one leading '*.' is allowed")
+        if "." not in base or base in _PUBLIC_SUFFIXES:
+            raise InvalidName(
+                f"{text!r} would match every name under the public suffix {base!r}; "
+                "name the registered domain, e.g. '*.example.com'"
+            )
+        return DomainPattern(base, True)
+    if text.strip() == "*":
+        raise InvalidName("'*' would allow everything; use the profile's 'fallback' instead")
+    if "*" in text:
+        raise InvalidName(
+            f"{text!r}: a wildcard may only be a whole leftmost label ('*.example.com')"
+        )
+    return DomainPattern(parse_domain(text), False)
+
+
+def parent_domains(name: str):
+    """Yield the proper parent domains of a canonical name, nearest first:
+    `a.b.example.com` -> `b.example.com`, `example.com`, `com`."""
+    index = name.find(".")
+    while index != -1:
+        yield name[index + 1 :]
+        index = name.find(".", index + 1)

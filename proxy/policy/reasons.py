@@ -1,0 +1,54 @@
+"""The one vocabulary of verdicts and reasons.
+
+Every event, audit-log line, metric label and 403 page names one `Reason` from
+here; docs/rules.md and docs/telemetry.md list each (a test checks that they do).
+Values are stable strings: dashboards and SIEM rules key on them.
+"""
+
+from enum import StrEnum
+
+
+class Verdict(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    ASK = "ask"  # hold and ask a human; without an approver the gateway denies
+    AUDIT = "audit"  # allowed, but recorded as what a deny fallback would have blocked
+
+
+class Reason(StrEnum):
+    # Rule outcomes.
+    RULE_ALLOW = "rule_allow"  # an allow rule matched
+    RULE_DENY = "rule_deny"  # a deny rule matched (deny wins over allow)
+    NO_RULE = "no_rule"  # nothing matched: the profile's fallback answered
+    PORT_NOT_ALLOWED = "port_not_allowed"  # a rule names the destination, not this port
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # a rule names the destination, not this method
+    PATH_NOT_ALLOWED = "path_not_allowed"  # a rule names the destination, not this path
+    # Destinations no name rule can open.
+    PRIVATE_ADDRESS = "private_address"  # private/loopback/link-local/CGNAT/multicast/unspecified
+    INVALID_NAME = "invalid_name"  # not a domain: NUL, empty label, too long, IP literal ...
+    # Connection-level checks at the gateway.
+    SPOOFED_DESTINATION = "spoofed_destination"  # SNI/Host name never resolved to this IP
+    HOST_MISMATCH = "host_mismatch"  # HTTP Host/:authority disagrees with SNI or destination
+    MISSING_SNI = "missing_sni"  # TLS without SNI and no IP rule allows the address
+    MALFORMED_TLS = "malformed_tls"  # ClientHello could not be parsed
+    NOT_HTTP = "not_http"  # bytes on a port that expects HTTP or TLS are neither
+    PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"  # e.g. an upgrade (WebSocket, h2c) not allowed
+    BODY_TOO_LARGE = "body_too_large"
+    CONNECTION_LIMIT = "connection_limit"  # the sandbox has too many open connections
+    # DNS filter.
+    DNS_QTYPE_NOT_ALLOWED = "dns_qtype_not_allowed"  # only A, AAAA, CNAME, HTTPS are answered
+    DNS_REBINDING = "dns_rebinding"  # an upstream answer pointed at a private address
+    DNS_MALFORMED = "dns_malformed"
+    DNS_UPSTREAM_FAILURE = "dns_upstream_failure"
+    # Approvals.
+    APPROVAL_GRANTED = "approval_granted"
+    APPROVAL_DENIED = "approval_denied"
+    APPROVAL_UNAVAILABLE = "approval_unavailable"  # fallback ask, but no approver is connected
+    # Kernel drops (counted by nftables, reported per task).
+    DROPPED_BY_FIREWALL = "dropped_by_firewall"
+    # The gateway itself.
+    UNKNOWN_SANDBOX = "unknown_sandbox"  # traffic from an address no task owns
+    UNKNOWN_PROFILE = "unknown_profile"
+    POLICY_LOADED = "policy_loaded"
+    POLICY_INVALID = "policy_invalid"  # a reload failed; the last good policy stays
+    INTERNAL_ERROR = "internal_error"  # anything unexpected: fail closed, still report

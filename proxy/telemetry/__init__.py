@@ -1,0 +1,1 @@
+"""Events, audit log, metrics: what the gateway tells the security team."""

@@ -1,0 +1,94 @@
+"""The one event schema, shared by the audit log, the task summary and the metrics.
+
+Every decision the gateway makes becomes exactly one `Event`. Fields that do not
+apply are None. docs/telemetry.md documents each field and its OCSF mapping.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Protocol
+
+from proxy.policy.model import Decision
+from proxy.policy.reasons import Reason, Verdict
+
+
+class EventKind(StrEnum):
+    DNS = "dns"
+    CONNECTION = "connection"
+    REQUEST = "request"
+    APPROVAL = "approval"
+    POLICY = "policy"
+    TASK = "task"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    kind: EventKind
+    verdict: Verdict
+    reason: Reason
+    rule_id: str | None = None
+    rule_origin: str | None = None  # "file:line" of the rule, "<builtin>:0" for protections
+    detail: str = ""  # one human sentence for the admin
+    time: float = field(default_factory=time.time)
+    policy_hash: str | None = None
+    task_id: str | None = None
+    sandbox: str | None = None  # the sandbox's address: its identity at the gateway
+    profile: str | None = None
+    source: str | None = None  # "ip:port" of the sandbox end
+    dst_ip: str | None = None
+    dst_port: int | None = None
+    name: str | None = None  # SNI, Host, or DNS question
+    protocol: str | None = None  # tcp, tls, http, https, dns, udp ...
+    method: str | None = None
+    path: str | None = None
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+    duration: float | None = None  # seconds; connections: open to close
+
+    @classmethod
+    def from_decision(cls, kind: EventKind, decision: Decision, **fields) -> Event:
+        return cls(
+            kind=kind,
+            verdict=decision.verdict,
+            reason=decision.reason,
+            rule_id=decision.rule.id,
+            rule_origin=decision.rule.origin,
+            detail=decision.detail,
+            **fields,
+        )
+
+    def with_fields(self, **fields) -> Event:
+        return replace(self, **fields)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: enums as their strings, None fields dropped."""
+        return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(self).items() if v is not None}
+
+
+class EventSink(Protocol):
+    """Anything that takes events: the audit log, the metrics, the task summary.
+    `emit` must not block the event loop."""
+
+    def emit(self, event: Event) -> None: ...
+
+
+class EventFanout:
+    """Sends each event to every sink; a failing sink never stops the others."""
+
+    def __init__(self, *sinks: EventSink):
+        self.sinks = list(sinks)
+
+    def add(self, sink: EventSink) -> None:
+        self.sinks.append(sink)
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            try:
+                sink.emit(event)
+            except Exception:  # noqa: BLE001 - one broken sink must not lose the event for the others
+                import logging
+
+                logging.getLogger("sandgate.telemetry").exception("event sink %r failed", sink)
