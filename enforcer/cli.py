@@ -197,14 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_check)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from enforcer import commands  # run, gc, demo, audit: they import the gateway lazily
+
+    commands.register(sub)
     return parser
-
-
-# Subcommands defined in other modules (run, gc, demo, audit) add themselves here,
-# so that `sandgate rules` does not import the gateway's heavy dependencies.
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

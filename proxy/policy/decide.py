@@ -25,7 +25,7 @@ import logging
 
 from .index import CompiledPolicy, CompiledProfile
 from .model import ConnectFacts, Decision, Facts, NameFacts, RequestFacts, Rule, builtin_rule
-from .names import special_range
+from .names import parse_path, special_range
 from .reasons import Reason, Verdict
 
 PRIVATE_ADDRESS_RULE = builtin_rule("private-address")
@@ -69,7 +69,11 @@ def _decide_name(profile: CompiledProfile, name: str) -> Decision:
 
 def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestFacts) -> Decision:
     method = getattr(facts, "method", None)
-    path = getattr(facts, "path", "")
+    path = ""
+    if method is not None:
+        # Match what the server will act on: `/repos/../user` is `/user`, `delete` is
+        # DELETE to a lenient server. Either way a deny rule must still see it.
+        method, path = method.upper(), parse_path(facts.path)
     port, ip, name = facts.port, facts.ip, facts.name
     name_rules = profile.rules_for_name(name) if name else []
     ip_rules = profile.rules_for_ip(ip) if ip is not None else []
@@ -94,7 +98,7 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
     kind = special_range(ip) if ip is not None else None
     if kind is not None:
         for rule in ip_rules:
-            if rule.action is ALLOW and applies(rule) and profile.opens_special(rule):
+            if rule.action is ALLOW and applies(rule) and profile.opens_special(rule, ip):
                 return _allow([rule], name_rules + ip_rules, port, method, target)
         return Decision(DENY, Reason.PRIVATE_ADDRESS, PRIVATE_ADDRESS_RULE,
                         detail=f"{ip} is a {kind} address; only an allow rule with a CIDR inside that range can open it")
@@ -122,7 +126,7 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
             reason, why = Reason.PATH_NOT_ALLOWED, f"paths {list(rule.paths or ())}"
         else:
             continue
-        return _fallback(profile, reason, f"{target}: rule {rule.id} ({rule.origin}) allows only {why}")
+        return _fallback(profile, reason, f"{target}: rule {_named(rule)} allows only {why}")
     return _fallback(profile, Reason.NO_RULE, f"no rule of profile {profile.name!r} allows {target}")
 
 
@@ -136,6 +140,12 @@ def _allow(allows: list[Rule], candidates: list[Rule], port: int, method: str | 
 
 def _fallback(profile: CompiledProfile, reason: Reason, detail: str) -> Decision:
     return Decision(profile.fallback.action, reason, profile.fallback, detail=detail)
+
+
+def _named(rule: Rule) -> str:
+    """A rule as a detail names it: its id, and where it was written if the id does
+    not already say so (ids default to file:line)."""
+    return rule.id if rule.id == rule.origin else f"{rule.id} ({rule.origin})"
 
 
 def _describe(facts: ConnectFacts | RequestFacts) -> str:

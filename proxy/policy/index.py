@@ -41,22 +41,22 @@ class CompiledProfile:
     wildcard: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     v4: tuple[_PrefixTable, ...] = ()
     v6: tuple[_PrefixTable, ...] = ()
-    # Rules whose network lies wholly inside a private/loopback/... range.
-    special_openers: frozenset[str] = frozenset()
+    # Rule networks that lie wholly inside a private/loopback/... range.
+    special_networks: frozenset = frozenset()
 
     @classmethod
     def build(cls, name: str, rules: list[Rule], fallback: Rule, expired: list[Rule]) -> CompiledProfile:
         exact: dict[str, list[Rule]] = defaultdict(list)
         wildcard: dict[str, list[Rule]] = defaultdict(list)
         by_prefix: dict[tuple[int, int], dict[int, list[Rule]]] = defaultdict(lambda: defaultdict(list))
-        openers = set()
+        special_networks = set()
         for rule in rules:
             for pattern in rule.domains:
                 (wildcard if pattern.wildcard else exact)[pattern.domain].append(rule)
             for network in rule.networks:
                 by_prefix[network.version, network.prefixlen][int(network.network_address)].append(rule)
                 if _names_special_range(network):
-                    openers.add(rule.id)
+                    special_networks.add(network)
 
         def tables(version: int, bits: int) -> tuple[_PrefixTable, ...]:
             # Longest prefix first: the most specific rules are found first.
@@ -75,7 +75,7 @@ class CompiledProfile:
             wildcard={k: tuple(v) for k, v in wildcard.items()},
             v4=tables(4, 32),
             v6=tables(6, 128),
-            special_openers=frozenset(openers),
+            special_networks=frozenset(special_networks),
         )
 
     def rules_for_name(self, name: str) -> list[Rule]:
@@ -99,8 +99,14 @@ class CompiledProfile:
                 found.extend(hit)
         return found
 
-    def opens_special(self, rule: Rule) -> bool:
-        return rule.id in self.special_openers
+    def opens_special(self, rule: Rule, ip: IPAddress) -> bool:
+        """Whether `rule` names `ip` with a network inside a special range. Per network,
+        not per rule: `allow: [10.0.0.0/8, 0.0.0.0/0]` opens 10/8, not the metadata
+        address that only `0.0.0.0/0` covers."""
+        return any(
+            network.version == ip.version and ip in network and network in self.special_networks
+            for network in rule.networks
+        )
 
 
 @dataclass(frozen=True)

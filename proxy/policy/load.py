@@ -39,9 +39,11 @@ from .names import (
     DomainPattern,
     InvalidAddress,
     InvalidName,
+    parse_domain,
     parse_domain_pattern,
     parse_ip,
     parse_network,
+    parse_path,
 )
 from .reasons import Verdict
 
@@ -198,8 +200,8 @@ class _Loader:
 
     def rule(self, source: _Source, node: yaml.Node) -> Rule | None:
         entries = self.mapping(source, node, "a rule")
-        if not entries:
-            return None
+        if not isinstance(node, yaml.MappingNode):
+            return None  # reported by mapping(); `{}` goes on to "needs allow or deny"
         errors_before = len(self.problems)
         self.check_keys(source, entries, RULE_KEYS, "a rule")
         actions = [k for k in ("allow", "deny") if k in entries]
@@ -254,8 +256,11 @@ class _Loader:
                 return parse_network(text)
             except InvalidAddress as e:
                 ip = parse_ip(text.partition("/")[0])
+                host, _, port = text.rpartition(":")
                 if ip is not None and "/" not in text:
                     self.problem(source, node, f"write the address {text!r} plainly, as {ip}")
+                elif port.isdigit() and _is_domain(host):
+                    self.problem(source, node, f"{text!r}: give the port in 'ports: [{port}]', not after the name")
                 else:
                     self.problem(source, node, str(e))
                 return None
@@ -268,7 +273,8 @@ class _Loader:
     def ports(self, source, node) -> frozenset[int]:
         ports = set()
         for text, item in self.scalars(source, node, "'ports'"):
-            if not text.isdigit() or not 1 <= int(text) <= 65535:
+            # isascii: str.isdigit() also takes other scripts' digits ('８０').
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
                 self.problem(source, item, f"port {text!r} is not a number from 1 to 65535")
             else:
                 ports.add(int(text))
@@ -290,6 +296,11 @@ class _Loader:
                 self.problem(source, item, f"path {text!r} must start with '/'")
             elif any("**" in seg and seg != "**" for seg in text.split("/")):
                 self.problem(source, item, f"path {text!r}: '**' must be a whole segment ('/a/**/b' or '/a/**')")
+            elif parse_path(text) != text:
+                # Requests are matched in canonical form (decide), so a rule written
+                # otherwise could never match.
+                self.problem(source, item, f"path {text!r} is not canonical (requests are matched after "
+                             f"resolving '.', '..', '//' and escapes): write {parse_path(text)!r}")
             else:
                 paths.append(text)
         return tuple(paths)
@@ -367,9 +378,13 @@ class _Loader:
         return raw
 
     def resolve(self, raw: dict[str, _RawProfile]) -> dict[str, CompiledProfile]:
-        compiled: dict[str, CompiledProfile] = {}
+        done: dict[str, tuple[list[Rule], Rule]] = {}
 
-        def effective(name: str, chain: tuple[str, ...]) -> tuple[list[Rule], Rule] | None:
+        def effective(name: str, chain: tuple[str, ...]) -> tuple[list[Rule], Rule]:
+            # Memoised: each profile is resolved once, so a cycle is reported once
+            # (at the extends that closes it), and an include's errors once per include.
+            if name in done:
+                return done[name]
             profile = raw[name]
             rules: list[Rule] = []
             fallback: Rule | None = None
@@ -378,26 +393,27 @@ class _Loader:
                 if parent not in raw:
                     self.problem(profile.source, node, f"profile {name!r} extends unknown profile {parent!r} (known: {', '.join(sorted(raw))})")
                 elif parent in chain:
-                    self.problem(profile.source, node, f"circular extends: {' -> '.join((*chain, parent))}")
+                    cycle = (*chain[chain.index(parent):], parent)
+                    self.problem(profile.source, node, f"circular extends: {' -> '.join(cycle)}")
                 else:
-                    inherited = effective(parent, (*chain, parent))
-                    if inherited is not None:
-                        rules, fallback = list(inherited[0]), inherited[1]
+                    inherited_rules, fallback = effective(parent, (*chain, parent))
+                    rules = list(inherited_rules)
             for include, node in profile.includes:
                 rules += self.include(profile.source, node, include, (profile.source.path,))
             rules += profile.rules
             if profile.fallback is not None or fallback is None:
                 verdict, line = profile.fallback or (Verdict.DENY, profile.node.start_mark.line + 1)
                 fallback = Rule(id=f"{name}:fallback", action=verdict, file=profile.source.display, line=line)
-            return rules, fallback
+            done[name] = (rules, fallback)
+            return done[name]
 
+        compiled: dict[str, CompiledProfile] = {}
         for name in raw:
-            result = effective(name, (name,))
-            if result is not None:
-                rules, fallback = result
-                active = [r for r in _unique(rules) if r.expires is None or r.expires >= self.today]
-                expired = [r for r in _unique(rules) if r.expires is not None and r.expires < self.today]
-                compiled[name] = CompiledProfile.build(name, active, fallback, expired)
+            rules, fallback = effective(name, (name,))
+            rules = _unique(rules)
+            active = [r for r in rules if r.expires is None or r.expires >= self.today]
+            expired = [r for r in rules if r.expires is not None and r.expires < self.today]
+            compiled[name] = CompiledProfile.build(name, active, fallback, expired)
         return compiled
 
 
@@ -411,16 +427,21 @@ def load_policy(paths: list[Path] | Path | str, today: datetime.date | None = No
         paths = [Path(paths)]
     loader = _Loader(today or datetime.date.today())
     raw: dict[str, _RawProfile] = {}
+    all_read = True
     for path in paths:
         source = loader.read(Path(path))
         if source is None:
+            all_read = False
             continue
         for name, profile in loader.profiles(source).items():
             if name in raw:
                 loader.problem(source, profile.node, f"profile {name!r} is already defined in {raw[name].source.display}")
             else:
                 raw[name] = profile
-    profiles = loader.resolve(raw) if not loader.problems else {}
+    # Resolve extends and includes even when rules had errors, so that an admin sees
+    # every problem at once; but not when a file could not be parsed: its profiles
+    # are unknown, and every extends of them would be a false alarm.
+    profiles = loader.resolve(raw) if all_read else {}
     if loader.problems:
         raise PolicyError(loader.problems)
     digest = hashlib.sha256()
@@ -450,6 +471,14 @@ def _compile_paths(globs: tuple[str, ...]) -> re.Pattern[str]:
                 pattern += re.escape(piece)
         parts.append(pattern)
     return re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
+
+
+def _is_domain(text: str) -> bool:
+    try:
+        parse_domain(text)
+    except InvalidName:
+        return False
+    return True
 
 
 def _unique(rules: list[Rule]) -> list[Rule]:

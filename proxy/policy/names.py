@@ -27,6 +27,9 @@ _PUBLIC_SUFFIXES = frozenset(
 )
 
 
+_IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+
+
 class InvalidName(ValueError):
     """The text is not a domain name (or not a valid domain pattern)."""
 
@@ -183,6 +186,9 @@ def parse_domain(text: str) -> str:
         raise InvalidName("empty name")
     if parse_ip(text) is not None:
         raise InvalidName(f"{text!r} is an IP address, not a domain name")
+    # IDNA reads these as dots too (RFC 3490 3.1): `github。com` is github.com to a
+    # browser, so it must be to us.
+    text = text.translate(_IDNA_DOTS)
     name = text[:-1] if text.endswith(".") else text
     if not name:
         raise InvalidName("empty name")
@@ -258,3 +264,36 @@ def parent_domains(name: str):
     while index != -1:
         yield name[index + 1 :]
         index = name.find(".", index + 1)
+
+
+# --- request paths ---------------------------------------------------------------------
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def parse_path(path: str) -> str:
+    """The canonical form of a request path (no query), as a server would resolve it.
+
+    Path rules are checked on this form, so that `/repos/../user/keys`,
+    `/repos/%2e%2e/user` or `//admin` cannot slip past `paths: ["/repos/**"]` or a
+    deny on `/admin/**`: escaped unreserved characters are decoded (RFC 3986 6.2.2.2),
+    other escapes upper-cased (`%2f` stays an escape: it is not a segment break),
+    repeated slashes merged, and `.`/`..` segments removed (RFC 3986 5.2.4).
+    """
+
+    def unescape(match: re.Match[str]) -> str:
+        char = chr(int(match.group(1), 16))
+        return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+    parts = _ESCAPE.sub(unescape, path).split("/")
+    segments: list[str] = []
+    for segment in parts:
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    # `/a/` and `/a/b/..` name a directory: keep the trailing slash.
+    trailing = "/" if segments and parts[-1] in ("", ".", "..") else ""
+    return "/" + "/".join(segments) + trailing

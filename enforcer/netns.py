@@ -1,0 +1,314 @@
+"""A sandbox's network: its own network namespace, wired to the calling netns by a
+veth pair, with a /30 of its own.
+
+The calling process's network namespace plays the gateway's host: the host end of
+the veth, the gateway address and the nftables ruleset live there. The sandbox
+gets one IPv4 address (its identity at the gateway), a default route via the
+gateway, and IPv6 link-local addresses only.
+
+Everything here is synchronous pyroute2: the synchronous `IPRoute` runs its own
+event loop and fails inside a running one, so asyncio callers use
+`asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+NETNS_PREFIX = "sg-"
+HOST_IF_PREFIX = "sgh-"
+SANDBOX_IF = "eth0"
+DEFAULT_POOL = IPv4Network("10.213.0.0/16")
+
+# IFNAMSIZ is 16 including the NUL: "sgh-" leaves 11 characters for the id.
+_SANDBOX_ID = re.compile(r"[a-z0-9]{1,11}")
+_CLONE_NEWNET = 0x40000000
+
+# Sysctls written in the new netns before its eth0 exists, so eth0 inherits them
+# from `default`: no DAD (addresses would stay tentative for seconds) and no
+# router advertisements or autoconf, so eth0 never has more than link-local IPv6.
+_SANDBOX_IPV6_SYSCTLS = {
+    "default/accept_dad": "0",
+    "all/accept_dad": "0",
+    "default/accept_ra": "0",
+    "default/autoconf": "0",
+}
+# The host end must never take addresses or routes from router advertisements that
+# a root user in the sandbox forges.
+_HOST_IF_IPV6_SYSCTLS = ("accept_dad", "accept_ra", "autoconf")
+
+
+class SandboxNetError(RuntimeError):
+    """Creating a sandbox network failed at `step`; what was done was undone."""
+
+    def __init__(self, sandbox_id: str, step: str, cause: BaseException | str):
+        self.sandbox_id = sandbox_id
+        self.step = step
+        super().__init__(f"sandbox {sandbox_id}: {step} failed: {cause}")
+
+
+@dataclass(frozen=True)
+class SandboxNet:
+    netns: str
+    host_if: str
+    sandbox_if: str
+    gateway_ip: IPv4Address
+    sandbox_ip: IPv4Address
+    prefixlen: int
+
+
+def netns_name(sandbox_id: str) -> str:
+    return NETNS_PREFIX + sandbox_id
+
+
+def host_if_name(sandbox_id: str) -> str:
+    return HOST_IF_PREFIX + sandbox_id
+
+
+def allocate_addresses(pool: IPv4Network, index: int) -> tuple[IPv4Address, IPv4Address]:
+    """(gateway, sandbox) addresses of the `index`-th /30 of `pool`: its .1 and .2.
+
+    Raises ValueError when `pool` has no `index`-th /30.
+    """
+    if pool.prefixlen > 30:
+        raise ValueError(f"pool {pool} is smaller than a /30")
+    count = pool.num_addresses // 4
+    if not 0 <= index < count:
+        raise ValueError(f"index {index} is outside pool {pool} ({count} sandboxes)")
+    base = pool.network_address + 4 * index
+    return base + 1, base + 2
+
+
+def create_sandbox_net(
+    sandbox_id: str,
+    gateway_ip: IPv4Address | str,
+    sandbox_ip: IPv4Address | str,
+    prefixlen: int = 30,
+) -> SandboxNet:
+    """Create netns `sg-<id>` wired to the calling netns by veth `sgh-<id>`.
+
+    Raises ValueError for bad arguments, SandboxNetError naming the failed step
+    (after undoing the steps before it).
+    """
+    net = _validate(sandbox_id, gateway_ip, sandbox_ip, prefixlen)
+    # Undo only what this call did: a name already in use belongs to someone else.
+    undo: list[Callable[[], None]] = []
+    step = "create netns"
+    try:
+        sandbox_fd = _create_netns(net.netns)
+        undo.append(lambda: _remove_netns(net.netns))
+        with (
+            contextlib.closing(IPRoute()) as host,
+            contextlib.closing(IPRoute(fileno=sandbox_fd)) as sandbox,
+        ):
+            step = "create veth"
+            host.link(
+                "add",
+                ifname=net.host_if,
+                kind="veth",
+                peer={"ifname": net.sandbox_if, "net_ns_fd": net.netns},
+            )
+            undo.append(lambda: _delete_host_link(net.host_if))
+
+            step = "set host ipv6 sysctls"
+            for key in _HOST_IF_IPV6_SYSCTLS:
+                _write_ipv6_conf(f"{net.host_if}/{key}", "0")
+
+            step = "configure host end"
+            host_idx = _link_index(host, net.host_if)
+            host.addr("add", index=host_idx, address=str(net.gateway_ip), prefixlen=prefixlen)
+            host.link("set", index=host_idx, state="up")
+
+            step = "configure sandbox end"
+            sandbox.link("set", index=_link_index(sandbox, "lo"), state="up")
+            sbx_idx = _link_index(sandbox, net.sandbox_if)
+            sandbox.addr("add", index=sbx_idx, address=str(net.sandbox_ip), prefixlen=prefixlen)
+            sandbox.link("set", index=sbx_idx, state="up")
+
+            step = "add sandbox default route"
+            sandbox.route("add", dst="0.0.0.0/0", gateway=str(net.gateway_ip))
+
+            # Until the kernel's linkwatch worker has marked a veth end up, it
+            # drops what it is given: the task's first SYN would be lost and
+            # retried only a second later.
+            step = "wait for links up"
+            _wait_until_up(host, host_idx)
+            _wait_until_up(sandbox, sbx_idx)
+    except Exception as e:
+        for action in reversed(undo):
+            with contextlib.suppress(Exception):
+                action()
+        raise SandboxNetError(sandbox_id, step, e) from e
+    return net
+
+
+def destroy_sandbox_net(sandbox_id: str) -> None:
+    """Remove netns `sg-<id>` and veth `sgh-<id>`; absent parts are fine."""
+    if not _SANDBOX_ID.fullmatch(sandbox_id):
+        raise ValueError(f"bad sandbox id {sandbox_id!r}")
+    # Deleting one veth end deletes both at once. Removing the netns alone would
+    # take the host end down only later, in the kernel's netns cleanup worker.
+    _delete_host_link(host_if_name(sandbox_id))
+    _remove_netns(netns_name(sandbox_id))
+
+
+def list_sandbox_nets() -> list[str]:
+    """Ids of the `sg-*` netns in /run/netns, for garbage collection."""
+    return sorted(
+        name[len(NETNS_PREFIX) :]
+        for name in netns.listnetns()
+        if name.startswith(NETNS_PREFIX) and _SANDBOX_ID.fullmatch(name[len(NETNS_PREFIX) :])
+    )
+
+
+def _validate(
+    sandbox_id: str,
+    gateway_ip: IPv4Address | str,
+    sandbox_ip: IPv4Address | str,
+    prefixlen: int,
+) -> SandboxNet:
+    if not _SANDBOX_ID.fullmatch(sandbox_id):
+        raise ValueError(f"bad sandbox id {sandbox_id!r}: 1 to 11 lower-case letters or digits")
+    gateway = IPv4Interface(f"{gateway_ip}/{prefixlen}")
+    sandbox = IPv4Interface(f"{sandbox_ip}/{prefixlen}")
+    if gateway.network != sandbox.network or gateway.ip == sandbox.ip:
+        raise ValueError(f"{gateway} and {sandbox} must be two addresses of one network")
+    if prefixlen < 31:
+        edges = {gateway.network.network_address, gateway.network.broadcast_address}
+        if gateway.ip in edges or sandbox.ip in edges:
+            raise ValueError(f"{gateway} or {sandbox} is a network or broadcast address")
+    return SandboxNet(
+        netns=netns_name(sandbox_id),
+        host_if=host_if_name(sandbox_id),
+        sandbox_if=SANDBOX_IF,
+        gateway_ip=gateway.ip,
+        sandbox_ip=sandbox.ip,
+        prefixlen=prefixlen,
+    )
+
+
+def _delete_host_link(ifname: str) -> None:
+    with contextlib.closing(IPRoute()) as host:
+        try:
+            host.link("del", ifname=ifname)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+
+
+def _remove_netns(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        netns.remove(name)
+
+
+def _link_index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LookupError(f"no link {ifname}")
+    return found[0]
+
+
+def _wait_until_up(ipr: IPRoute, index: int, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = ipr.link("get", index=index)[0].get("IFLA_OPERSTATE")
+        if state == "UP":
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"link {index} is {state} after {timeout} s")
+        time.sleep(0.0005)
+
+
+def _write_ipv6_conf(key: str, value: str) -> None:
+    # /proc/sys/net resolves to the netns of the thread that opens the file.
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{key}", "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        if os.path.exists("/proc/sys/net/ipv6"):
+            raise
+        # IPv6 is disabled in this kernel: nothing to configure.
+
+
+def _create_netns(name: str) -> int:
+    """Create netns `name` (bound at /run/netns/<name>) and return the fd of an
+    rtnetlink socket inside it. Raises FileExistsError if the name is taken.
+
+    The netns is made by a short-lived thread that unshares its own network
+    namespace. A thread rather than the fork that pyroute2's `netns.create` does:
+    it is cheaper, and forking a process that runs other threads (the gateway's
+    event loop) is unsafe. The thread ends afterwards, so no caller's thread is
+    ever left in the wrong namespace.
+    """
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        made = False
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            if libc.unshare(_CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            path = os.path.join(netns.NETNS_RUN_DIR, name)
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "netns exists", path)
+            # `attach` bind-mounts /proc/<pid>/ns/net on /run/netns/<name> the way
+            # `ip netns add` does, creating the mount point with O_EXCL (a
+            # FileExistsError when another creator won a race for the name);
+            # "thread-self" is this thread's netns.
+            try:
+                netns.attach(name, "thread-self", libc=libc)
+            except FileExistsError:
+                raise
+            except BaseException:
+                made = True  # the mount point may exist, unbound
+                raise
+            made = True
+            for key, value in _SANDBOX_IPV6_SYSCTLS.items():
+                _write_ipv6_conf(key, value)
+            # A socket stays in the netns it was created in.
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+            result["fd"] = sock.detach()
+        except BaseException as e:
+            if made:
+                _remove_netns(name)
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name=f"create-netns-{name}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["fd"]  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def entered_netns(name: str) -> Iterator[None]:
+    """Run the calling thread inside netns `name` for the block.
+
+    Network namespaces are per thread: other threads are not affected, and
+    threads and processes started inside the block start inside `name`.
+    """
+    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        netns.setns(name, flags=0)
+        try:
+            yield
+        finally:
+            netns.setns(saved, flags=0)
+    finally:
+        os.close(saved)

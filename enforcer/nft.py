@@ -1,0 +1,186 @@
+"""The kernel half of enforcement: one nftables table of sandgate's own.
+
+`render_ruleset` is pure and golden-file tested; the helpers below it are thin
+wrappers around the `nft` command. Nothing outside the configured table is ever
+read or changed.
+
+What the ruleset does to packets that arrive on a sandbox interface (the host's
+own traffic is not matched by any rule):
+
+1. chain `early` (prerouting, before NAT), in order:
+   IPv6 -> drop; a source address that is not routed back through the interface
+   it came in on (a sandbox posing as another) -> drop; DNS (53/udp, 53/tcp, to
+   any address) -> on to NAT; any address of the gateway itself -> drop (its
+   metrics and control ports, and the proxy port, which would make mitmproxy
+   connect to itself in a loop); UDP (QUIC too), ICMP, anything else not TCP ->
+   drop.
+2. chain `nat_prerouting`: DNS -> the DNS filter's port; other TCP -> the proxy's
+   transparent port (SO_ORIGINAL_DST keeps the real destination).
+3. chain `input`: only packets redirected by (2) to those two ports get through.
+4. chain `forward`: nothing is routed to or from a sandbox.
+
+Each drop counts in a named counter (`read_counters`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+
+NFT = "nft"
+_TIMEOUT_S = 30
+
+# Named counters, one per reason a sandbox's packet is dropped.
+COUNTERS = (
+    "dropped_ipv6",
+    "dropped_spoofed",
+    "dropped_to_gateway",
+    "dropped_udp",
+    "dropped_icmp",
+    "dropped_other",
+    "dropped_input",
+    "dropped_forward",
+)
+
+_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# An interface name (at most 15 characters), or a prefix of one followed by "*".
+_IFACES = re.compile(r"[A-Za-z0-9_.-]{1,15}|[A-Za-z0-9_.-]{1,14}\*")
+
+
+class NftError(RuntimeError):
+    """`nft` failed or is missing; the message carries nft's own error text."""
+
+
+@dataclass(frozen=True)
+class RulesetConfig:
+    table: str
+    sandbox_ifaces: str
+    proxy_port: int
+    dns_port: int
+
+    def __post_init__(self) -> None:
+        if not _TABLE.fullmatch(self.table):
+            raise ValueError(f"bad nft table name {self.table!r}")
+        if not _IFACES.fullmatch(self.sandbox_ifaces):
+            raise ValueError(
+                f"bad interface pattern {self.sandbox_ifaces!r}: a name of at most 15 "
+                'characters, or a prefix followed by "*"'
+            )
+        for name in ("proxy_port", "dns_port"):
+            port = getattr(self, name)
+            if type(port) is not int or not 1 <= port <= 65535:
+                raise ValueError(f"bad {name} {port!r}")
+        if self.proxy_port == self.dns_port:
+            raise ValueError("proxy_port and dns_port must differ")
+
+
+def render_ruleset(cfg: RulesetConfig) -> str:
+    """Text for `nft -f -` that atomically replaces table `inet <cfg.table>`.
+
+    The leading `table` + `delete table` pair makes the load work whether or not
+    the table exists, in one transaction (nft 1.0.6 has no `destroy`).
+    """
+    t, sbx = cfg.table, f'iifname "{cfg.sandbox_ifaces}"'
+    counters = "\n".join(f"\tcounter {name} {{\n\t}}" for name in COUNTERS)
+    return f"""\
+table inet {t}
+delete table inet {t}
+table inet {t} {{
+{counters}
+
+\tchain early {{
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\t{sbx} meta nfproto ipv6 counter name "dropped_ipv6" drop
+\t\t{sbx} fib saddr . iif oif missing counter name "dropped_spoofed" drop
+\t\t{sbx} udp dport 53 accept
+\t\t{sbx} tcp dport 53 accept
+\t\t{sbx} fib daddr type local counter name "dropped_to_gateway" drop
+\t\t{sbx} meta l4proto udp counter name "dropped_udp" drop
+\t\t{sbx} meta l4proto icmp counter name "dropped_icmp" drop
+\t\t{sbx} meta l4proto != tcp counter name "dropped_other" drop
+\t}}
+
+\tchain nat_prerouting {{
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\t{sbx} udp dport 53 redirect to :{cfg.dns_port}
+\t\t{sbx} tcp dport 53 redirect to :{cfg.dns_port}
+\t\t{sbx} meta nfproto ipv4 meta l4proto tcp redirect to :{cfg.proxy_port}
+\t}}
+
+\tchain input {{
+\t\ttype filter hook input priority filter; policy accept;
+\t\t{sbx} ct status dnat tcp dport {{ {cfg.proxy_port}, {cfg.dns_port} }} accept
+\t\t{sbx} ct status dnat udp dport {cfg.dns_port} accept
+\t\t{sbx} counter name "dropped_input" drop
+\t}}
+
+\tchain forward {{
+\t\ttype filter hook forward priority filter; policy accept;
+\t\t{sbx} counter name "dropped_forward" drop
+\t\toifname "{cfg.sandbox_ifaces}" counter name "dropped_forward" drop
+\t}}
+}}
+"""
+
+
+def apply_ruleset(text: str) -> None:
+    """Load `text` with one `nft -f -` (one transaction: all of it or none)."""
+    _run_nft(["-f", "-"], stdin=text)
+
+
+def delete_table(table: str) -> None:
+    """Delete table `inet <table>`; a missing table is fine."""
+    if not _TABLE.fullmatch(table):
+        raise ValueError(f"bad nft table name {table!r}")
+    _run_nft(["-f", "-"], stdin=f"table inet {table}\ndelete table inet {table}\n")
+
+
+def list_tables(prefix: str = "sandgate") -> list[str]:
+    """Names of the `inet` tables whose name starts with `prefix`."""
+    return sorted(
+        obj["table"]["name"]
+        for obj in _nft_json(["list", "tables", "inet"])
+        if "table" in obj
+        and obj["table"].get("family") == "inet"
+        and obj["table"]["name"].startswith(prefix)
+    )
+
+
+def read_counters(table: str) -> dict[str, int]:
+    """Packets per named counter of table `inet <table>`."""
+    if not _TABLE.fullmatch(table):
+        raise ValueError(f"bad nft table name {table!r}")
+    return {
+        obj["counter"]["name"]: obj["counter"]["packets"]
+        for obj in _nft_json(["list", "table", "inet", table])
+        if "counter" in obj
+    }
+
+
+def _nft_json(args: list[str]) -> list[dict]:
+    out = _run_nft(["-j", *args])
+    try:
+        return json.loads(out)["nftables"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise NftError(f"nft -j {' '.join(args)}: unexpected output: {e}") from e
+
+
+def _run_nft(args: list[str], stdin: str | None = None) -> str:
+    try:
+        proc = subprocess.run(
+            [NFT, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT_S,
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise NftError(f"{NFT!r} not found: install the nftables package") from e
+    except subprocess.TimeoutExpired as e:
+        raise NftError(f"nft {' '.join(args)}: no answer after {_TIMEOUT_S} s") from e
+    if proc.returncode != 0:
+        raise NftError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout

@@ -1,0 +1,242 @@
+"""`sandgate run`: one command in a fresh sandbox whose only way out is an embedded gateway.
+
+Order matters for safety. Up: sandbox network (no route out: nothing forwards
+for it), gateway listeners, nftables table, then the task. Down: the task, the
+sandbox network, then the table and the gateway — the sandbox never exists
+without the table. A SIGKILLed run leaves netns, veth and table behind but no
+listener, so the sandbox has no egress; `sandgate gc` removes the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from enforcer import netns, nft
+from proxy.gateway import Gateway, GatewayConfig
+from proxy.policy import CompiledPolicy
+from proxy.registry import Sandbox
+from proxy.telemetry.audit import AuditLog
+from proxy.telemetry.summary import TaskSummary
+
+log = logging.getLogger("sandgate.run")
+
+RUN_DIR = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))
+STATE_DIR = Path(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate"))
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+TABLE_PREFIX = "sandgate_"
+CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO",
+               "CURL_CA_BUNDLE")
+EXIT_SETUP = 125
+
+
+class RunError(Exception):
+    """The sandbox or gateway could not be set up; the message says what to do."""
+
+
+@dataclass
+class RunOptions:
+    command: list[str]
+    policy: CompiledPolicy
+    profile: str = "default"
+    dns_upstreams: list[str] = field(default_factory=list)
+    audit_log: Path | None = None
+    summary_json: Path | None = None
+    extra_ca: list[Path] = field(default_factory=list)
+    pool: str = str(netns.DEFAULT_POOL)
+    quiet: bool = False
+
+
+def check_prerequisites() -> None:
+    if os.geteuid() != 0:
+        raise RunError("sandgate run needs root (it creates network namespaces and an nftables table); "
+                       "try: sudo sandgate run ...")
+    if shutil.which("nft") is None:
+        raise RunError("the 'nft' command is missing; install nftables (Debian: apt-get install nftables)")
+
+
+def default_dns_upstreams(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
+    """The host's resolvers, as the gateway's upstream (the gateway runs in the host netns)."""
+    try:
+        lines = resolv_conf.read_text().splitlines()
+    except OSError:
+        return []
+    return [parts[1] for line in lines if len(parts := line.split()) >= 2 and parts[0] == "nameserver"]
+
+
+def _pick_addresses(pool_text: str):
+    """A free /30 of the pool: random, so concurrent runs rarely race, and checked
+    against the host's addresses."""
+    from ipaddress import IPv4Network
+
+    from pyroute2 import IPRoute
+
+    pool = IPv4Network(pool_text)
+    with contextlib.closing(IPRoute()) as ipr:
+        used = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2)}
+    for _ in range(64):
+        gateway_ip, sandbox_ip = netns.allocate_addresses(pool, random.randrange(pool.num_addresses // 4))
+        if str(gateway_ip) not in used:
+            return gateway_ip, sandbox_ip
+    raise RunError(f"no free /30 found in sandbox pool {pool}")
+
+
+def _write_ca_bundle(path: Path, extra: list[Path]) -> None:
+    parts = [SYSTEM_CA_BUNDLE.read_text()] if SYSTEM_CA_BUNDLE.exists() else []
+    parts += [p.read_text() for p in extra]
+    path.write_text("\n".join(part.rstrip() + "\n" for part in parts))
+
+
+class TaskRun:
+    def __init__(self, opts: RunOptions):
+        self.opts = opts
+        self.run_id = secrets.token_hex(4)
+        self.dir = RUN_DIR / self.run_id
+        self.table = TABLE_PREFIX + self.run_id
+        self.summary = TaskSummary()
+        self.audit = AuditLog(opts.audit_log) if opts.audit_log else None
+        self.net: netns.SandboxNet | None = None
+        self.gateway: Gateway | None = None
+        self.child: asyncio.subprocess.Process | None = None
+
+    async def run(self) -> int:
+        started = time.monotonic()
+        try:
+            await self._setup()
+            log.info("sandbox ready in %.0f ms", (time.monotonic() - started) * 1000)
+            return await self._run_task()
+        finally:
+            await self._teardown()
+            self.summary.task_ended(self.run_id, time.monotonic() - started)
+            if not self.opts.quiet:
+                self.summary.print_table(sys.stderr)
+            if self.opts.summary_json:
+                self.opts.summary_json.write_text(json.dumps(self.summary.to_dict(), indent=2))
+
+    async def _setup(self) -> None:
+        opts = self.opts
+        if opts.profile not in opts.policy.profiles:
+            raise RunError(f"no profile {opts.profile!r} in the rules (profiles: {', '.join(opts.policy.profiles)})")
+        upstreams = opts.dns_upstreams or default_dns_upstreams()
+        if not upstreams:
+            raise RunError("no DNS upstream: pass --dns-upstream IP (none found in /etc/resolv.conf)")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "pid").write_text(str(os.getpid()))
+        gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, opts.pool)
+        self.net = await asyncio.to_thread(netns.create_sandbox_net, self.run_id, gateway_ip, sandbox_ip)
+
+        inspects = any(r.inspects for r in opts.policy.profiles[opts.profile].rules)
+        upstream_ca = self.dir / "upstream-ca.pem"
+        _write_ca_bundle(upstream_ca, opts.extra_ca)
+        sinks = [self.summary] + ([self.audit] if self.audit else [])
+        self.gateway = Gateway(GatewayConfig(listen_host=str(gateway_ip), dns_upstreams=upstreams,
+                                             confdir=STATE_DIR / "ca", upstream_ca=upstream_ca),
+                               opts.policy, *sinks)
+        await self.gateway.start()
+        self.gateway.add_sandbox(Sandbox(str(sandbox_ip), self.run_id, opts.profile))
+        ruleset = nft.render_ruleset(nft.RulesetConfig(table=self.table, sandbox_ifaces=self.net.host_if,
+                                                       proxy_port=self.gateway.proxy_port,
+                                                       dns_port=self.gateway.dns_port))
+        await asyncio.to_thread(nft.apply_ruleset, ruleset)
+
+        (self.dir / "resolv.conf").write_text(f"# written by sandgate: the gateway's DNS filter\n"
+                                              f"nameserver {gateway_ip}\noptions edns0\n")
+        ca_bundle = self.dir / "ca-bundle.pem"
+        _write_ca_bundle(ca_bundle, opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspects else []))
+        self.ca_bundle = ca_bundle
+        self.summary.task_started(self.run_id, opts.profile, str(sandbox_ip), opts.command)
+        self.gateway.emit(self.summary.start_event)
+
+    async def _run_task(self) -> int:
+        argv = [sys.executable, "-m", "enforcer.sandbox_init", "--netns", f"/run/netns/{self.net.netns}",
+                "--hostname", f"sandbox-{self.run_id}",
+                "--bind", f"{self.dir / 'resolv.conf'}:/etc/resolv.conf"]
+        if SYSTEM_CA_BUNDLE.exists():
+            argv += ["--bind", f"{self.ca_bundle}:{SYSTEM_CA_BUNDLE}"]
+        for name in CA_ENV_VARS:
+            argv += ["--env", f"{name}={self.ca_bundle}"]
+        argv += ["--env", f"SANDGATE_TASK_ID={self.run_id}", "--", *self.opts.command]
+        self.child = await asyncio.create_subprocess_exec(*argv, preexec_fn=_die_with_parent)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, self._forward_signal, signum)
+        try:
+            return await self.child.wait()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+
+    def _forward_signal(self, signum: int) -> None:
+        if self.child is not None and self.child.returncode is None:
+            self.child.send_signal(signum)
+
+    async def _teardown(self) -> None:
+        if self.child is not None and self.child.returncode is None:
+            self.child.kill()
+            await self.child.wait()
+        if self.net is not None:
+            await asyncio.to_thread(netns.destroy_sandbox_net, self.run_id)
+        with contextlib.suppress(nft.NftError):
+            counters = await asyncio.to_thread(nft.read_counters, self.table)
+            self.summary.firewall_drops(counters)
+        with contextlib.suppress(nft.NftError):
+            await asyncio.to_thread(nft.delete_table, self.table)
+        if self.gateway is not None:
+            await self.gateway.stop()
+        if self.audit is not None:
+            self.audit.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def run(opts: RunOptions) -> int:
+    check_prerequisites()
+    try:
+        return asyncio.run(TaskRun(opts).run())
+    except (RunError, netns.SandboxNetError, nft.NftError) as e:
+        print(f"sandgate: {e}", file=sys.stderr)
+        return EXIT_SETUP
+
+
+def gc() -> list[str]:
+    """Remove what SIGKILLed runs left: their netns and veth first, then their tables."""
+    removed = []
+    live = {d.name for d in RUN_DIR.glob("*") if _alive(d / "pid")}
+    for sandbox_id in netns.list_sandbox_nets():
+        if sandbox_id not in live:
+            netns.destroy_sandbox_net(sandbox_id)
+            removed.append(f"netns sg-{sandbox_id}")
+    for table in nft.list_tables(TABLE_PREFIX):
+        if table[len(TABLE_PREFIX):] not in live:
+            nft.delete_table(table)
+            removed.append(f"nft table {table}")
+    for d in RUN_DIR.glob("*"):
+        if d.name not in live:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(f"state {d}")
+    return removed
+
+
+def _alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+

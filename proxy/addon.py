@@ -1,0 +1,290 @@
+"""The mitmproxy addon: every sandbox connection and HTTP request meets `decide` here.
+
+Decision points, earliest first (see docs/architecture.md):
+ 1. `client_connected`: sandbox known? original destination IP:port hard-denied
+    (private range, IP deny rule)? -> close before any upstream work.
+ 2. `next_layer`, on the first bytes: TLS -> ClientHello SNI; plain HTTP -> later,
+    per request; anything else -> raw TCP, named by the sandbox's DNS bindings.
+    Allowed TLS passes through untouched (`TCPLayer(ignore=True)`) unless a rule
+    needs HTTP inspection, then it is intercepted with the gateway's CA.
+ 3. `requestheaders`: Host must agree with SNI and destination; method and path
+    rules; a denial is a 403 that says why, before any upstream connection
+    (connection_strategy is lazy).
+Each decision emits exactly one Event. Hooks stay short: facts in, decide, apply, emit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mitmproxy import connection, http
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.tls import parse_client_hello
+
+from proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
+from proxy.policy.index import CompiledPolicy
+from proxy.policy.model import builtin_rule
+from proxy.policy.names import InvalidName, parse_domain
+from proxy.policy.reasons import Reason, Verdict
+from proxy.registry import Sandbox, SandboxRegistry
+from proxy.telemetry.event import Event, EventKind
+
+log = logging.getLogger("sandgate.addon")
+
+# Ports whose traffic must be TLS or HTTP: anything else there is a tunnel attempt.
+WEB_PORTS = frozenset({80, 443, 8080, 8443})
+
+UNKNOWN_SANDBOX_RULE = builtin_rule("unknown-sandbox")
+MALFORMED_TLS_RULE = builtin_rule("malformed-tls")
+MISSING_SNI_RULE = builtin_rule("missing-sni")
+NOT_HTTP_RULE = builtin_rule("not-http")
+HOST_MISMATCH_RULE = builtin_rule("host-mismatch")
+NO_APPROVER_RULE = builtin_rule("approval-unavailable")
+
+
+class DnsBindingsView:
+    """What the addon needs from the DNS filter's bindings (proxy.dnsfilter.DnsBindings)."""
+
+    def resolved(self, sandbox: str, name: str, ip: str) -> bool: ...
+    def names_for(self, sandbox: str, ip: str) -> list[str]: ...
+
+
+@dataclass(slots=True)
+class _ConnState:
+    """Per-connection facts the later hooks need, keyed by client connection id."""
+
+    sandbox: Sandbox
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+    name: str | None = None  # SNI (TLS) or the DNS-bound name (raw TCP)
+
+
+class RejectLayer(layer.Layer):
+    """Closes the client connection; nothing goes upstream."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start | events.DataReceived):
+            yield commands.CloseConnection(self.context.client)
+
+
+class SandgateAddon:
+    def __init__(self, policy: CompiledPolicy, registry: SandboxRegistry, bindings: DnsBindingsView,
+                 emit: Callable[[Event], None]):
+        self.policy = policy
+        self.registry = registry
+        self.bindings = bindings
+        self.emit = emit
+        self.connections: dict[str, _ConnState] = {}
+
+    # --- 1. TCP connect -------------------------------------------------------------
+
+    def client_connected(self, client: connection.Client) -> None:
+        sandbox = self.registry.get(client.peername[0])
+        dst_ip = parse_ip(client.sockname[0])
+        port = client.sockname[1]
+        if sandbox is None or dst_ip is None:
+            client.error = "unknown sandbox"
+            self._emit_connection(Decision(Verdict.DENY, Reason.UNKNOWN_SANDBOX, UNKNOWN_SANDBOX_RULE,
+                                           detail=f"no task owns source address {client.peername[0]}"),
+                                  client, None, "tcp")
+            return
+        state = _ConnState(sandbox, dst_ip, port)
+        decision = self._decide_connect(state, name=None)
+        # Without a name only the hard denials are final: a later SNI, Host or DNS
+        # binding may still find a rule, so "no rule matched" waits for the bytes.
+        if decision.reason in (Reason.PRIVATE_ADDRESS, Reason.RULE_DENY, Reason.UNKNOWN_PROFILE):
+            client.error = decision.detail
+            self._emit_connection(decision, client, state, "tcp")
+            return
+        self.connections[client.id] = state
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.connections.pop(client.id, None)
+
+    # --- 2. first bytes ---------------------------------------------------------------
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        if nextlayer.layer is not None:
+            return
+        context = nextlayer.context
+        state = self.connections.get(context.client.id)
+        if state is None:
+            return  # denied at connect (already closed) or not ours
+        if len(context.layers) > 1:
+            # Inside a TLS connection we chose to intercept: HTTP, checked per request.
+            nextlayer.layer = layers.HttpLayer(context, HTTPMode.transparent)
+            return
+        data = nextlayer.data_client()
+        if starts_like_tls_record(data):
+            nextlayer.layer = self._tls_layer(context, state, data)
+        elif _looks_like_http(data):
+            nextlayer.layer = layers.HttpLayer(context, HTTPMode.transparent)
+        elif len(data) >= 3 or b"\n" in data:
+            nextlayer.layer = self._raw_tcp_layer(context, state)
+        # else: too few bytes to tell; mitmproxy asks again when more arrive.
+
+    def _tls_layer(self, context, state: _ConnState, data: bytes) -> layer.Layer | None:
+        try:
+            hello = parse_client_hello(data)
+        except ValueError as e:
+            return self._reject(context, state, Decision(Verdict.DENY, Reason.MALFORMED_TLS, MALFORMED_TLS_RULE,
+                                                         detail=f"unparseable ClientHello: {e}"), "tls")
+        if hello is None:
+            return None  # incomplete: wait for more bytes
+        if not hello.sni:
+            decision = self._decide_connect(state, name=None)
+            if not decision.allowed:
+                decision = Decision(Verdict.DENY, Reason.MISSING_SNI, MISSING_SNI_RULE,
+                                    detail=f"TLS to {state.ip}:{state.port} without SNI and no IP rule allows it")
+        else:
+            try:
+                state.name = parse_domain(hello.sni)
+            except InvalidName as e:
+                return self._reject(context, state, Decision(Verdict.DENY, Reason.INVALID_NAME, MALFORMED_TLS_RULE,
+                                                             detail=f"SNI: {e}"), "tls")
+            context.client.sni = state.name
+            decision = self._decide_connect(state, name=state.name)
+        decision = self._without_approver(decision)
+        self._emit_connection(decision, context.client, state, "tls")
+        if not decision.allowed:
+            return RejectLayer(context)
+        if decision.inspect:
+            server_tls = layers.ServerTLSLayer(context)
+            server_tls.child_layer = layers.ClientTLSLayer(context)
+            return server_tls
+        return layers.TCPLayer(context, ignore=True)
+
+    def _raw_tcp_layer(self, context, state: _ConnState) -> layer.Layer:
+        if state.port in WEB_PORTS:
+            decision = Decision(Verdict.DENY, Reason.NOT_HTTP, NOT_HTTP_RULE,
+                                detail=f"bytes to {state.ip}:{state.port} are neither TLS nor HTTP")
+        else:
+            # No name in the protocol: try the names this sandbox resolved to the address.
+            decision = self._decide_connect(state, name=None)
+            for name in self.bindings.names_for(state.sandbox.address, str(state.ip)):
+                candidate = self._decide_connect(state, name=name)
+                if candidate.allowed or candidate.reason is Reason.RULE_DENY:
+                    state.name, decision = name, candidate
+                    break
+            decision = self._without_approver(decision)
+        self._emit_connection(decision, context.client, state, "tcp")
+        return layers.TCPLayer(context, ignore=True) if decision.allowed else RejectLayer(context)
+
+    # --- 3. HTTP requests -------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        state = self.connections.get(flow.client_conn.id)
+        if state is None:
+            flow.kill()
+            return
+        decision, name = self._decide_request(flow, state)
+        decision = self._without_approver(decision)
+        self.emit(Event.from_decision(
+            EventKind.REQUEST, decision, **self._fields(flow.client_conn, state),
+            protocol="https" if flow.client_conn.tls else "http",
+            name=name, method=flow.request.method, path=flow.request.path[:2048]))
+        if not decision.allowed:
+            flow.response = http.Response.make(403, _blocked_page(decision, flow), {"content-type": "text/plain"})
+        elif flow.request.headers.get("upgrade", "").lower() == "h2c":
+            # h2c would turn the connection into frames this hook no longer sees.
+            del flow.request.headers["upgrade"]
+
+    def _decide_request(self, flow: http.HTTPFlow, state: _ConnState) -> tuple[Decision, str | None]:
+        host = flow.request.host_header or ""
+        host_only = _host_of(host)
+        host_ip = parse_ip(host_only) if host_only else None
+        name: str | None = None
+        if host_ip is not None:
+            if host_ip != state.ip:
+                return self._mismatch(f"Host {host!r} is not the destination {state.ip}"), None
+        elif host_only:
+            try:
+                name = parse_domain(host_only)
+            except InvalidName as e:
+                return Decision(Verdict.DENY, Reason.INVALID_NAME, HOST_MISMATCH_RULE, detail=f"Host header: {e}"), None
+            if state.name is not None and name != state.name:
+                return self._mismatch(f"Host {name} differs from TLS SNI {state.name}"), name
+        elif state.name is None:
+            return self._mismatch("request without a Host header"), None
+        name = name or state.name
+        path = flow.request.path.split("?", 1)[0]
+        facts = RequestFacts(profile=state.sandbox.profile, port=state.port, method=flow.request.method, path=path,
+                             ip=state.ip, name=name, name_resolved_to_ip=self._resolved(state, name))
+        return decide(self.policy, facts), name
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _decide_connect(self, state: _ConnState, name: str | None) -> Decision:
+        return decide(self.policy, ConnectFacts(profile=state.sandbox.profile, port=state.port, ip=state.ip,
+                                                name=name, name_resolved_to_ip=self._resolved(state, name)))
+
+    def _resolved(self, state: _ConnState, name: str | None) -> bool | None:
+        if name is None:
+            return None
+        return self.bindings.resolved(state.sandbox.address, name, str(state.ip))
+
+    @staticmethod
+    def _mismatch(detail: str) -> Decision:
+        return Decision(Verdict.DENY, Reason.HOST_MISMATCH, HOST_MISMATCH_RULE, detail=detail)
+
+    @staticmethod
+    def _without_approver(decision: Decision) -> Decision:
+        # `ask` needs a human; until an approver is connected, asking is denying.
+        if decision.verdict is Verdict.ASK:
+            return Decision(Verdict.DENY, Reason.APPROVAL_UNAVAILABLE, decision.rule,
+                            detail=f"{decision.detail}; the profile asks a human, and no approver is connected")
+        return decision
+
+    def _reject(self, context, state: _ConnState, decision: Decision, protocol: str) -> layer.Layer:
+        self._emit_connection(decision, context.client, state, protocol)
+        return RejectLayer(context)
+
+    def _fields(self, client: connection.Client, state: _ConnState | None) -> dict:
+        # The gateway stamps policy hash and task id on every event.
+        fields = {
+            "source": f"{client.peername[0]}:{client.peername[1]}",
+            "dst_ip": str(client.sockname[0]),
+            "dst_port": client.sockname[1],
+        }
+        if state is not None:
+            fields.update(sandbox=state.sandbox.address, profile=state.sandbox.profile)
+        return fields
+
+    def _emit_connection(self, decision: Decision, client, state: _ConnState | None, protocol: str) -> None:
+        self.emit(Event.from_decision(EventKind.CONNECTION, decision, **self._fields(client, state),
+                                      protocol=protocol, name=state.name if state else None))
+
+
+def _looks_like_http(data: bytes) -> bool:
+    """An HTTP/1 request line starts with a method token and a space."""
+    method, space, _ = data[:16].partition(b" ")
+    return bool(space) and method.isalpha() and method.isupper()
+
+
+def _host_of(host_header: str) -> str:
+    """Host without port: `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`."""
+    if host_header.startswith("["):
+        return host_header.split("]", 1)[0] + "]"
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def _blocked_page(decision: Decision, flow: http.HTTPFlow) -> str:
+    rule = decision.rule
+    return (
+        "Blocked by sandgate, the sandbox's egress gateway.\n\n"
+        f"request: {flow.request.method} {flow.request.pretty_url[:300]}\n"
+        f"verdict: {decision.verdict}\n"
+        f"reason:  {decision.reason}\n"
+        f"rule:    {rule.id} ({rule.origin})\n"
+        f"detail:  {decision.detail}\n\n"
+        "To ask for access, send this page to the network admins who keep the rule files;\n"
+        "they can check it with: sandgate check --method "
+        f"{flow.request.method} {flow.request.pretty_url[:300]}\n"
+    )

@@ -1,0 +1,91 @@
+"""The gateway: one asyncio loop owning the state that must stay consistent.
+
+It holds the compiled policy, the sandbox registry, the DNS bindings, and runs the
+DNS filter and mitmproxy (with the sandgate addon) side by side. Every event from
+either passes through `emit`, which stamps the policy hash and the task id, so
+emitters only say what they saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.addon import SandgateAddon
+from proxy.dnsfilter import DnsBindings, DnsFilter
+from proxy.engine import ProxyEngine
+from proxy.policy import CompiledPolicy, NameFacts, decide
+from proxy.registry import Sandbox, SandboxRegistry
+from proxy.telemetry.event import Event, EventFanout, EventSink
+
+log = logging.getLogger("sandgate.gateway")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen_host: str  # where the redirected traffic arrives (the host end of the veth)
+    dns_upstreams: list[str]
+    confdir: Path  # mitmproxy's CA lives here
+    proxy_port: int = 0  # 0: any free port
+    dns_port: int = 0
+    upstream_ca: Path | None = None  # CA bundle for verifying upstreams of inspected TLS
+    dns_upstream_port: int = 53
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, policy: CompiledPolicy, *sinks: EventSink):
+        self.config = config
+        self.policy = policy
+        self.registry = SandboxRegistry()
+        self.bindings = DnsBindings()
+        self.events = EventFanout(*sinks)
+        self.addon = SandgateAddon(policy, self.registry, self.bindings, self.emit)
+        self.dns = DnsFilter(
+            decide_name=lambda profile, name: decide(self.policy, NameFacts(profile, name)),
+            sandbox_for=self._sandbox_for,
+            sink=self,
+            upstreams=config.dns_upstreams,
+            upstream_port=config.dns_upstream_port,
+            bindings=self.bindings,
+        )
+        self.proxy = ProxyEngine(self.addon, config.listen_host, config.proxy_port, config.confdir,
+                                 upstream_ca=config.upstream_ca)
+
+    async def start(self) -> None:
+        await self.dns.start(self.config.listen_host, self.config.dns_port)
+        try:
+            await self.proxy.start()
+        except BaseException:
+            await self.dns.stop()
+            raise
+
+    async def stop(self) -> None:
+        await self.proxy.stop()
+        await self.dns.stop()
+
+    @property
+    def proxy_port(self) -> int:
+        return self.proxy.master.addons.get("proxyserver").listen_addrs()[0][1]
+
+    @property
+    def dns_port(self) -> int:
+        return self.dns.port
+
+    def add_sandbox(self, sandbox: Sandbox) -> None:
+        self.registry.add(sandbox)
+
+    def remove_sandbox(self, address: str) -> None:
+        self.registry.remove(address)
+        self.bindings.forget(address)
+
+    def _sandbox_for(self, source_ip: str) -> tuple[str, str] | None:
+        sandbox = self.registry.get(source_ip)
+        return (sandbox.address, sandbox.profile) if sandbox else None
+
+    def emit(self, event: Event) -> None:
+        sandbox = self.registry.get(event.sandbox) if event.sandbox else None
+        self.events.emit(event.with_fields(
+            policy_hash=self.policy.hash,
+            task_id=event.task_id or (sandbox.task_id if sandbox else None),
+        ))

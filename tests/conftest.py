@@ -1,0 +1,53 @@
+"""Suite-wide gate for end-to-end tests.
+
+e2e tests need root (namespaces, nftables) and real tools. On a developer machine
+without them the tests are skipped, so the unit tests stay usable; in CI (env CI
+set) they fail instead, because a CI run that silently skips the end-to-end tests
+would report green without testing the data path (see DESIGN.md, Testing).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+
+import pytest
+
+E2E_TOOLS = {
+    "ip": "iproute2",
+    "nft": "nftables",
+    "nginx": "nginx-light",
+    "dnsmasq": "dnsmasq-base",
+    "curl": "curl",
+    "dig": "dnsutils",
+    "socat": "socat",
+}
+
+
+@functools.cache
+def e2e_problems() -> tuple[str, ...]:
+    """What keeps e2e tests from running here; empty when they can run."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append(f"root privileges (running as uid {os.geteuid()})")
+    path = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+    missing = [tool for tool in E2E_TOOLS if shutil.which(tool, path=path) is None]
+    if missing:
+        packages = " ".join(sorted({E2E_TOOLS[tool] for tool in missing}))
+        problems.append(f"tools {', '.join(missing)} (apt-get install {packages})")
+    return tuple(problems)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("e2e") is None or not e2e_problems():
+        return
+    message = "end-to-end test needs " + "; ".join(e2e_problems())
+    if in_ci():
+        pytest.fail(message + " -- CI must run e2e tests, so this is a failure", pytrace=False)
+    pytest.skip(message)

@@ -1,0 +1,1076 @@
+"""The DNS filter: check_query and filter_answer as tables over real dnspython
+messages, the bindings with a fake clock, and DnsFilter end to end on loopback
+against a fake upstream resolver."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import pathlib
+import socket
+
+import dns.asyncquery
+import dns.edns
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import pytest
+from dns.rdtypes.svcbbase import ParamKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.dnsfilter import (
+    OUR_PAYLOAD,
+    DnsBindings,
+    DnsFilter,
+    check_query,
+    filter_answer,
+    header_response,
+    render,
+)
+from proxy.policy.model import Decision, Rule
+from proxy.policy.reasons import Reason, Verdict
+from proxy.telemetry.event import EventKind
+
+FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "dns"
+ALLOW_RULE = Rule(id="allow-example", action=Verdict.ALLOW, file="test.yaml", line=1)
+FALLBACK = Rule(id="fallback", action=Verdict.DENY, file="test.yaml", line=9)
+ECH = base64.b64encode(b"\x00\x05hello").decode()  # a syntactically valid ECHConfigList
+
+
+class FakePolicy:
+    """decide_name for tests: `names` maps a canonical name to a verdict; anything
+    else is denied by the fallback. Remembers what it was asked."""
+
+    def __init__(self, names: dict[str, Verdict] | None = None):
+        self.names = names if names is not None else {"example.com": Verdict.ALLOW}
+        self.asked: list[tuple[str, str]] = []
+
+    def __call__(self, profile: str, name: str) -> Decision:
+        self.asked.append((profile, name))
+        verdict = self.names.get(name)
+        if verdict is None:
+            return Decision(Verdict.DENY, Reason.NO_RULE, FALLBACK)
+        reason = Reason.RULE_ALLOW if verdict == Verdict.ALLOW else Reason.NO_RULE
+        return Decision(verdict, reason, ALLOW_RULE)
+
+
+def wire_query(name="example.com", rdtype="A", **kw) -> bytes:
+    return dns.message.make_query(name, rdtype, **kw).to_wire()
+
+
+def with_opcode(opcode: dns.opcode.Opcode) -> bytes:
+    query = dns.message.make_query("example.com", "A")
+    query.set_opcode(opcode)
+    return query.to_wire()
+
+
+def parse(wire: bytes) -> dns.message.Message:
+    return dns.message.from_wire(wire)
+
+
+# --- check_query -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wire, action, rcode, reason, name",
+    [
+        pytest.param(
+            wire_query(), "forward", None, Reason.RULE_ALLOW, "example.com", id="allowed-A"
+        ),
+        pytest.param(
+            wire_query(rdtype="AAAA"),
+            "forward",
+            None,
+            Reason.RULE_ALLOW,
+            "example.com",
+            id="allowed-AAAA",
+        ),
+        pytest.param(
+            wire_query(rdtype="CNAME"),
+            "forward",
+            None,
+            Reason.RULE_ALLOW,
+            "example.com",
+            id="allowed-CNAME",
+        ),
+        pytest.param(
+            wire_query(rdtype="HTTPS"),
+            "forward",
+            None,
+            Reason.RULE_ALLOW,
+            "example.com",
+            id="allowed-HTTPS",
+        ),
+        pytest.param(
+            wire_query("ExAmPlE.CoM."),
+            "forward",
+            None,
+            Reason.RULE_ALLOW,
+            "example.com",
+            id="case-and-dot-canonicalised",
+        ),
+        pytest.param(
+            wire_query("audit.example"),
+            "forward",
+            None,
+            Reason.NO_RULE,
+            "audit.example",
+            id="audit-forwarded",
+        ),
+        pytest.param(
+            wire_query("evil.example"),
+            "respond",
+            dns.rcode.NXDOMAIN,
+            Reason.NO_RULE,
+            "evil.example",
+            id="forbidden-nxdomain",
+        ),
+        pytest.param(
+            wire_query("ask.example"),
+            "respond",
+            dns.rcode.NXDOMAIN,
+            Reason.NO_RULE,
+            "ask.example",
+            id="ask-is-nxdomain",
+        ),
+        pytest.param(
+            wire_query(rdtype="TXT"),
+            "respond",
+            dns.rcode.REFUSED,
+            Reason.DNS_QTYPE_NOT_ALLOWED,
+            "example.com",
+            id="TXT-refused",
+        ),
+        pytest.param(
+            wire_query(rdtype="MX"),
+            "respond",
+            dns.rcode.REFUSED,
+            Reason.DNS_QTYPE_NOT_ALLOWED,
+            "example.com",
+            id="MX-refused",
+        ),
+        pytest.param(
+            wire_query(rdtype="ANY"),
+            "respond",
+            dns.rcode.REFUSED,
+            Reason.DNS_QTYPE_NOT_ALLOWED,
+            "example.com",
+            id="ANY-refused",
+        ),
+        pytest.param(
+            wire_query(rdtype="AXFR"),
+            "respond",
+            dns.rcode.REFUSED,
+            Reason.DNS_QTYPE_NOT_ALLOWED,
+            "example.com",
+            id="AXFR-refused",
+        ),
+        pytest.param(
+            wire_query(rdtype="SVCB"),
+            "respond",
+            dns.rcode.REFUSED,
+            Reason.DNS_QTYPE_NOT_ALLOWED,
+            "example.com",
+            id="SVCB-refused",
+        ),
+        pytest.param(
+            wire_query("version.bind", "TXT", rdclass="CH"),
+            "respond",
+            dns.rcode.REFUSED,
+            Reason.DNS_QTYPE_NOT_ALLOWED,
+            "version.bind",
+            id="chaos-class-refused",
+        ),
+        pytest.param(
+            wire_query(rdclass="CH"),
+            "respond",
+            dns.rcode.REFUSED,
+            Reason.DNS_QTYPE_NOT_ALLOWED,
+            "example.com",
+            id="A-in-chaos-refused",
+        ),
+        pytest.param(
+            with_opcode(dns.opcode.NOTIFY),
+            "respond",
+            dns.rcode.NOTIMP,
+            Reason.DNS_QTYPE_NOT_ALLOWED,
+            None,
+            id="NOTIFY-notimp",
+        ),
+        pytest.param(
+            with_opcode(dns.opcode.STATUS),
+            "respond",
+            dns.rcode.NOTIMP,
+            Reason.DNS_QTYPE_NOT_ALLOWED,
+            None,
+            id="STATUS-notimp",
+        ),
+        pytest.param(
+            wire_query(use_edns=1),
+            "respond",
+            dns.rcode.BADVERS,
+            Reason.DNS_MALFORMED,
+            "example.com",
+            id="EDNS1-badvers",
+        ),
+        pytest.param(
+            wire_query("127.0.0.1"),
+            "respond",
+            dns.rcode.NXDOMAIN,
+            Reason.INVALID_NAME,
+            "127.0.0.1",
+            id="ip-literal-invalid",
+        ),
+        pytest.param(
+            wire_query("0x7f.1"),
+            "respond",
+            dns.rcode.NXDOMAIN,
+            Reason.INVALID_NAME,
+            "0x7f.1",
+            id="ip-short-form-invalid",
+        ),
+        pytest.param(
+            wire_query("."),
+            "respond",
+            dns.rcode.NXDOMAIN,
+            Reason.INVALID_NAME,
+            ".",
+            id="root-invalid",
+        ),
+        pytest.param(
+            wire_query("a\\032b.example"),
+            "respond",
+            dns.rcode.NXDOMAIN,
+            Reason.INVALID_NAME,
+            "a\\032b.example",
+            id="space-in-label-invalid",
+        ),
+        pytest.param(
+            b"\xbe\xef\x01",
+            "respond",
+            dns.rcode.FORMERR,
+            Reason.DNS_MALFORMED,
+            None,
+            id="truncated-header",
+        ),
+        pytest.param(b"\xbe", "drop", None, Reason.DNS_MALFORMED, None, id="half-an-id-dropped"),
+        pytest.param(
+            b"\xbe\xef\x81\x80" + bytes(8),
+            "drop",
+            None,
+            Reason.DNS_MALFORMED,
+            None,
+            id="response-dropped",
+        ),
+        pytest.param(
+            dns.message.make_response(dns.message.make_query("example.com", "A")).to_wire(),
+            "drop",
+            None,
+            Reason.DNS_MALFORMED,
+            None,
+            id="parsed-response-dropped",
+        ),
+    ],
+)
+def test_check_query(wire, action, rcode, reason, name):
+    policy = FakePolicy(
+        {"example.com": Verdict.ALLOW, "audit.example": Verdict.AUDIT, "ask.example": Verdict.ASK}
+    )
+    check = check_query(wire, "dev", policy)
+    assert check.action == action
+    assert check.decision.reason == reason
+    assert check.name == name
+    if rcode is not None:
+        response = parse(check.response)
+        assert response.rcode() == rcode
+        assert response.id == int.from_bytes(wire[:2], "big")
+        assert response.flags & dns.flags.QR
+    if action == "forward":
+        assert check.forward.question[0].name == dns.name.from_text(name)
+        assert check.decision.allowed
+    else:
+        assert check.forward is None
+    # The policy is asked only about valid names of allowed types, with the canonical name.
+    if reason in (Reason.RULE_ALLOW, Reason.NO_RULE):
+        assert policy.asked == [("dev", name)]
+    else:
+        assert policy.asked == []
+
+
+def test_forwarded_query_is_fresh():
+    """Only the allowed question goes upstream: not the client's id, case or options."""
+    client = dns.message.make_query(
+        "WwW.ExAmPlE.cOm",
+        "A",
+        use_edns=0,
+        options=[dns.edns.ECSOption("192.0.2.0", 24), dns.edns.GenericOption(65001, b"exfil")],
+    )
+    check = check_query(client.to_wire(), "dev", FakePolicy({"www.example.com": Verdict.ALLOW}))
+    forward = check.forward
+    assert forward.question[0].name.to_text() == "www.example.com."
+    assert forward.question[0].rdtype == dns.rdatatype.A
+    assert forward.options == ()
+    assert forward.payload == OUR_PAYLOAD
+    assert forward.flags & dns.flags.RD
+
+
+def test_refusal_keeps_client_question_and_edns():
+    """The answer echoes the question as the client spelled it (0x20 clients check)."""
+    client = dns.message.make_query("EvIl.ExAmple", "A", use_edns=0, payload=4096)
+    response = parse(check_query(client.to_wire(), "dev", FakePolicy()).response)
+    assert response.question[0].name.to_text() == "EvIl.ExAmple."
+    assert response.edns == 0
+    assert response.flags & dns.flags.RA
+
+
+def test_policy_failure_is_servfail_internal_error():
+    def broken(profile, name):
+        raise RuntimeError("bug")
+
+    check = check_query(wire_query(), "dev", broken)
+    assert check.action == "respond"
+    assert parse(check.response).rcode() == dns.rcode.SERVFAIL
+    assert check.decision.reason == Reason.INTERNAL_ERROR
+    assert check.name == "example.com"
+
+
+def _fixture_cases():
+    for path in sorted(FIXTURES.glob("*.hex")):
+        lines = path.read_text().splitlines()
+        expect = lines[0].removeprefix("# expect:").strip()
+        data = "".join(line.split("#")[0] for line in lines[1:])
+        yield pytest.param(bytes.fromhex(data), expect, id=path.stem)
+
+
+@pytest.mark.parametrize("wire, expect", list(_fixture_cases()))
+def test_malformed_fixtures(wire, expect):
+    check = check_query(wire, "dev", FakePolicy())
+    if expect == "drop":
+        assert check.action == "drop"
+        return
+    assert check.action == "respond"
+    response = parse(check.response)
+    assert dns.rcode.to_text(response.rcode()) == expect
+    expected_reason = Reason.INVALID_NAME if expect == "NXDOMAIN" else Reason.DNS_MALFORMED
+    assert check.decision.reason == expected_reason
+    assert check.decision.verdict == Verdict.DENY
+
+
+def _mutated_queries():
+    base = wire_query("www.example.com", "AAAA", use_edns=0)
+    return st.lists(st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)), max_size=6).map(
+        lambda edits: _apply(base, edits)
+    )
+
+
+def _apply(base: bytes, edits) -> bytes:
+    data = bytearray(base)
+    for index, value in edits:
+        data[index] = value
+    return bytes(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=600), _mutated_queries()))
+def test_check_query_never_raises(wire):
+    check = check_query(wire, "dev", FakePolicy({"www.example.com": Verdict.ALLOW}))
+    assert check.action in ("forward", "respond", "drop")
+    if check.response is not None:
+        assert len(check.response) <= 512
+        parse(check.response)
+    if check.action == "forward":
+        assert check.decision.allowed
+
+
+# --- filter_answer ---------------------------------------------------------------
+
+
+def upstream_answer(
+    query: dns.message.Message, *records: str, rcode=dns.rcode.NOERROR, authority=(), additional=()
+) -> bytes:
+    """The upstream's reply to `query`: records as zone-file lines `name ttl type data`."""
+    response = dns.message.make_response(query)
+    response.set_rcode(rcode)
+    for section, lines in (
+        (response.answer, records),
+        (response.authority, authority),
+        (response.additional, additional),
+    ):
+        for line in lines:
+            name, ttl, rdtype, *data = line.split(maxsplit=3)
+            rrset = dns.rrset.from_text(name, int(ttl), "IN", rdtype, " ".join(data))
+            existing = next(
+                (
+                    r
+                    for r in section
+                    if r.match(rrset.name, rrset.rdclass, rrset.rdtype, rrset.covers)
+                ),
+                None,
+            )
+            if existing is not None:
+                existing.union_update(rrset)
+            else:
+                section.append(rrset)
+    return response.to_wire()
+
+
+def answer_values(response: dns.message.Message) -> list[str]:
+    return [
+        f"{rrset.name.to_text(True)} {dns.rdatatype.to_text(rrset.rdtype)} {rd.to_text()}"
+        for rrset in response.answer
+        for rd in rrset
+    ]
+
+
+SOA = "example.com. 60 SOA ns.example.com. admin.example.com. 1 3600 600 86400 60"
+
+
+@pytest.mark.parametrize(
+    "qname, qtype, records, answer, reason, bindings",
+    [
+        pytest.param(
+            "example.com",
+            "A",
+            ["example.com. 300 A 93.184.216.34"],
+            ["example.com A 93.184.216.34"],
+            None,
+            [("example.com", "93.184.216.34", 300)],
+            id="public-A",
+        ),
+        pytest.param(
+            "example.com",
+            "AAAA",
+            ["example.com. 300 AAAA 2606:2800:220:1::1"],
+            ["example.com AAAA 2606:2800:220:1::1"],
+            None,
+            [("example.com", "2606:2800:220:1::1", 300)],
+            id="public-AAAA",
+        ),
+        pytest.param(
+            "example.com",
+            "A",
+            ["example.com. 300 A 10.1.2.3"],
+            [],
+            Reason.DNS_REBINDING,
+            [],
+            id="private-A-removed",
+        ),
+        pytest.param(
+            "example.com",
+            "A",
+            ["example.com. 300 A 169.254.169.254", "example.com. 300 A 93.184.216.34"],
+            ["example.com A 93.184.216.34"],
+            Reason.DNS_REBINDING,
+            [("example.com", "93.184.216.34", 300)],
+            id="metadata-removed-public-kept",
+        ),
+        pytest.param(
+            "example.com",
+            "A",
+            ["example.com. 300 A 0.0.0.0"],
+            [],
+            Reason.DNS_REBINDING,
+            [],
+            id="unspecified-removed",
+        ),
+        pytest.param(
+            "example.com",
+            "A",
+            ["example.com. 300 A 127.0.0.1"],
+            [],
+            Reason.DNS_REBINDING,
+            [],
+            id="loopback-removed",
+        ),
+        pytest.param(
+            "example.com",
+            "A",
+            ["example.com. 300 A 100.64.0.1"],
+            [],
+            Reason.DNS_REBINDING,
+            [],
+            id="cgnat-removed",
+        ),
+        pytest.param(
+            "example.com",
+            "AAAA",
+            ["example.com. 300 AAAA ::ffff:127.0.0.1"],
+            [],
+            Reason.DNS_REBINDING,
+            [],
+            id="mapped-loopback-removed",
+        ),
+        pytest.param(
+            "example.com",
+            "AAAA",
+            [
+                "example.com. 300 AAAA ::1",
+                "example.com. 300 AAAA fe80::1",
+                "example.com. 300 AAAA fd00::1",
+            ],
+            [],
+            Reason.DNS_REBINDING,
+            [],
+            id="v6-special-removed",
+        ),
+        pytest.param(
+            "example.com",
+            "AAAA",
+            ["example.com. 300 AAAA 64:ff9b::a9fe:a9fe"],
+            [],
+            Reason.DNS_REBINDING,
+            [],
+            id="nat64-metadata-removed",
+        ),
+        pytest.param(
+            "example.com",
+            "AAAA",
+            ["example.com. 300 AAAA ::ffff:93.184.216.34"],
+            ["example.com AAAA ::ffff:93.184.216.34"],
+            None,
+            [("example.com", "93.184.216.34", 300)],
+            id="mapped-public-bound-as-v4",
+        ),
+        pytest.param(
+            "www.example.com",
+            "A",
+            [
+                "www.example.com. 60 CNAME cdn.example.net.",
+                "cdn.example.net. 60 CNAME edge.cdn.test.",
+                "edge.cdn.test. 20 A 198.51.100.7",
+            ],
+            [
+                "www.example.com CNAME cdn.example.net.",
+                "cdn.example.net CNAME edge.cdn.test.",
+                "edge.cdn.test A 198.51.100.7",
+            ],
+            None,
+            [("www.example.com", "198.51.100.7", 20), ("cdn.example.net", "198.51.100.7", 20)],
+            id="cname-chain-binds-question-and-owners",
+        ),
+        pytest.param(
+            "www.example.com",
+            "A",
+            [
+                "www.example.com. 60 CNAME rebind.attacker.test.",
+                "rebind.attacker.test. 1 A 192.168.1.1",
+            ],
+            [],
+            Reason.DNS_REBINDING,
+            [],
+            id="cname-to-private-removed-whole-chain",
+        ),
+        pytest.param(
+            "example.com",
+            "A",
+            [
+                "example.com. 300 A 93.184.216.34",
+                "other.test. 300 A 198.51.100.9",
+                "example.com. 300 TXT hello",
+            ],
+            ["example.com A 93.184.216.34"],
+            None,
+            [("example.com", "93.184.216.34", 300)],
+            id="unrelated-records-dropped",
+        ),
+        pytest.param(
+            "a.example.com",
+            "A",
+            ["a.example.com. 60 CNAME b.example.com.", "b.example.com. 60 CNAME a.example.com."],
+            ["a.example.com CNAME b.example.com.", "b.example.com CNAME a.example.com."],
+            None,
+            [],
+            id="cname-loop",
+        ),
+        pytest.param(
+            "www.example.com",
+            "CNAME",
+            ["www.example.com. 60 CNAME cdn.example.net.", "cdn.example.net. 60 A 198.51.100.7"],
+            ["www.example.com CNAME cdn.example.net."],
+            None,
+            [],
+            id="cname-question-one-link",
+        ),
+        pytest.param("example.com", "A", [], [], None, [], id="nodata"),
+    ],
+)
+def test_filter_answer(qname, qtype, records, answer, reason, bindings):
+    query = dns.message.make_query(qname, qtype)
+    result = filter_answer(
+        query, upstream_answer(query, *records, additional=["ns.other.test. 60 A 198.51.100.53"])
+    )
+    assert result.response.rcode() == dns.rcode.NOERROR
+    assert answer_values(result.response) == answer
+    assert result.response.additional == []
+    assert (result.decision.reason if result.decision else None) == reason
+    if reason is not None:
+        assert result.decision.verdict == Verdict.DENY
+    assert result.bindings == bindings
+    assert result.response.id == query.id
+
+
+@pytest.mark.parametrize(
+    "upstream, detail",
+    [
+        pytest.param(
+            lambda q: upstream_answer(q, rcode=dns.rcode.SERVFAIL), "SERVFAIL", id="servfail"
+        ),
+        pytest.param(
+            lambda q: upstream_answer(q, rcode=dns.rcode.REFUSED), "REFUSED", id="refused"
+        ),
+        pytest.param(lambda q: None, "no answer", id="timeout"),
+        pytest.param(lambda q: b"\x00\x01garbage", "unparsable", id="garbage"),
+        pytest.param(
+            lambda q: upstream_answer(
+                dns.message.make_query("other.test", "A"), "other.test. 60 A 198.51.100.1"
+            ),
+            "another question",
+            id="other-question",
+        ),
+        pytest.param(
+            lambda q: upstream_answer(dns.message.make_query("example.com", "AAAA")),
+            "another question",
+            id="other-type",
+        ),
+    ],
+)
+def test_upstream_failure_is_servfail(upstream, detail):
+    query = dns.message.make_query("example.com", "A")
+    result = filter_answer(query, upstream(query))
+    assert result.response.rcode() == dns.rcode.SERVFAIL
+    assert result.decision.reason == Reason.DNS_UPSTREAM_FAILURE
+    assert detail in result.decision.detail
+    assert result.bindings == []
+
+
+def test_nxdomain_keeps_soa():
+    query = dns.message.make_query("nope.example.com", "A")
+    result = filter_answer(
+        query,
+        upstream_answer(
+            query, rcode=dns.rcode.NXDOMAIN, authority=[SOA, "example.com. 60 NS ns.example.com."]
+        ),
+    )
+    assert result.response.rcode() == dns.rcode.NXDOMAIN
+    assert [r.rdtype for r in result.response.authority] == [dns.rdatatype.SOA]
+    assert result.decision is None
+
+
+def test_keep_special_lets_a_cidr_rule_through():
+    query = dns.message.make_query("internal.example.com", "A")
+    upstream = upstream_answer(
+        query, "internal.example.com. 60 A 10.1.2.3", "internal.example.com. 60 A 127.0.0.1"
+    )
+    result = filter_answer(
+        query, upstream, keep_special=lambda ip: ip in ipaddress.ip_network("10.0.0.0/8")
+    )
+    assert answer_values(result.response) == ["internal.example.com A 10.1.2.3"]
+    assert result.decision.reason == Reason.DNS_REBINDING
+    assert "127.0.0.1 (loopback)" in result.decision.detail
+    assert result.bindings == [("internal.example.com", "10.1.2.3", 60)]
+
+
+@pytest.mark.parametrize(
+    "records, expected, reason, bindings",
+    [
+        pytest.param([f'1 . alpn=h2 ech="{ECH}"'], ['1 . alpn="h2"'], None, [], id="ech-removed"),
+        pytest.param(
+            [f'1 . mandatory=ech alpn=h2 ech="{ECH}"', "2 . alpn=h2"],
+            ['2 . alpn="h2"'],
+            None,
+            [],
+            id="mandatory-ech-dropped",
+        ),
+        pytest.param(
+            [f'1 . mandatory=ech alpn=h2 ech="{ECH}"'], [], None, [], id="only-mandatory-ech-nodata"
+        ),
+        pytest.param(
+            ["0 cdn.example.net."], ["0 cdn.example.net."], None, [], id="alias-mode-kept"
+        ),
+        pytest.param(
+            [f'1 . alpn=h2 ipv4hint=10.0.0.1,198.51.100.4 ech="{ECH}" ipv6hint=::1,2001:db8::4'],
+            ['1 . alpn="h2" ipv4hint="198.51.100.4" ipv6hint="2001:db8::4"'],
+            Reason.DNS_REBINDING,
+            [("example.com", "198.51.100.4", 300), ("example.com", "2001:db8::4", 300)],
+            id="special-hints-removed",
+        ),
+        pytest.param(
+            ["1 . alpn=h2 ipv4hint=169.254.169.254"],
+            ['1 . alpn="h2"'],
+            Reason.DNS_REBINDING,
+            [],
+            id="all-hints-removed",
+        ),
+        pytest.param(
+            ["1 . mandatory=ipv4hint alpn=h2 ipv4hint=127.0.0.1"],
+            [],
+            Reason.DNS_REBINDING,
+            [],
+            id="mandatory-hint-emptied-dropped",
+        ),
+    ],
+)
+def test_filter_https(records, expected, reason, bindings):
+    query = dns.message.make_query("example.com", "HTTPS")
+    result = filter_answer(
+        query, upstream_answer(query, *(f"example.com. 300 HTTPS {r}" for r in records))
+    )
+    assert result.response.rcode() == dns.rcode.NOERROR
+    assert sorted(v.split(" HTTPS ")[1] for v in answer_values(result.response)) == expected
+    for rrset in result.response.answer:
+        assert all(ParamKey.ECH not in rd.params for rd in rrset)
+    assert (result.decision.reason if result.decision else None) == reason
+    assert result.bindings == bindings
+
+
+@pytest.mark.parametrize(
+    "edns, udp, limit, truncated",
+    [
+        pytest.param(-1, True, 512, True, id="udp-no-edns-512"),
+        pytest.param(0, True, OUR_PAYLOAD, True, id="udp-edns-capped-at-ours"),
+        pytest.param(-1, False, 65535, False, id="tcp-whole"),
+    ],
+)
+def test_render_truncates_for_udp(edns, udp, limit, truncated):
+    query = dns.message.make_query("example.com", "A", use_edns=edns, payload=4096)
+    records = [f"example.com. 60 A 198.51.{i // 250}.{i % 250}" for i in range(100)]
+    result = filter_answer(query, upstream_answer(query, *records))
+    wire = render(result.response, query, udp=udp)
+    assert len(wire) <= limit
+    response = parse(wire)
+    assert bool(response.flags & dns.flags.TC) == truncated
+    assert response.id == query.id
+    assert sum(len(r) for r in response.answer) == (0 if truncated else 100)
+
+
+def test_header_response():
+    assert header_response(b"", dns.rcode.FORMERR) is None
+    assert header_response(b"\x12\x34\x80", dns.rcode.FORMERR) is None  # QR set
+    response = parse(header_response(b"\x12\x34\x29", dns.rcode.FORMERR))  # opcode 5 + RD
+    assert response.id == 0x1234
+    assert response.opcode() == dns.opcode.UPDATE
+    assert response.flags & dns.flags.RD and response.flags & dns.flags.QR
+    assert response.rcode() == dns.rcode.FORMERR
+
+
+# --- bindings --------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_bindings_grace_outlives_short_ttl():
+    clock = Clock()
+    b = DnsBindings(clock=clock, grace=300)
+    b.record("s1", "example.com", "93.184.216.34", 20)
+    b.record("s1", "long.example", "198.51.100.1", 3600)
+    clock.now += 299
+    assert b.resolved("s1", "example.com", "93.184.216.34")
+    clock.now += 2
+    assert not b.resolved("s1", "example.com", "93.184.216.34")
+    assert b.resolved("s1", "long.example", "198.51.100.1")
+    clock.now += 3600
+    assert not b.resolved("s1", "long.example", "198.51.100.1")
+    assert b.names_for("s1", "198.51.100.1") == []
+
+
+def test_bindings_are_per_sandbox_and_canonical():
+    b = DnsBindings(clock=Clock())
+    b.record("s1", "example.com", "::ffff:93.184.216.34", 60)
+    assert b.resolved("s1", "example.com", "93.184.216.34")
+    assert b.resolved("s1", "example.com", ipaddress.ip_address("::ffff:93.184.216.34"))
+    assert not b.resolved("s2", "example.com", "93.184.216.34")
+    assert not b.resolved("s1", "other.example", "93.184.216.34")
+    assert not b.resolved("s1", "example.com", "not an ip")
+    assert b.names_for("s1", "nonsense") == []
+
+
+def test_bindings_rerecord_keeps_longer_expiry():
+    clock = Clock()
+    b = DnsBindings(clock=clock, grace=0)
+    b.record("s1", "example.com", "198.51.100.1", 600)
+    b.record("s1", "example.com", "198.51.100.1", 10)
+    clock.now += 500
+    assert b.resolved("s1", "example.com", "198.51.100.1")
+
+
+def test_names_for_newest_first():
+    clock = Clock()
+    b = DnsBindings(clock=clock)
+    b.record("s1", "a.example", "198.51.100.1", 60)
+    clock.now += 1
+    b.record("s1", "b.example", "198.51.100.1", 60)
+    assert b.names_for("s1", "198.51.100.1") == ["b.example", "a.example"]
+    b.record("s1", "a.example", "198.51.100.1", 60)
+    assert b.names_for("s1", "198.51.100.1") == ["a.example", "b.example"]
+
+
+def test_bindings_cap_evicts_oldest_and_forget():
+    b = DnsBindings(clock=Clock(), max_per_sandbox=3)
+    for i in range(5):
+        b.record("s1", f"n{i}.example", "198.51.100.1", 60)
+    b.record("s2", "n0.example", "198.51.100.1", 60)
+    assert b.count("s1") == 3
+    assert not b.resolved("s1", "n1.example", "198.51.100.1")
+    assert b.names_for("s1", "198.51.100.1") == ["n4.example", "n3.example", "n2.example"]
+    b.forget("s1")
+    assert b.count("s1") == 0 and b.names_for("s1", "198.51.100.1") == []
+    assert b.resolved("s2", "n0.example", "198.51.100.1")
+
+
+# --- the server, end to end on loopback --------------------------------------------
+
+
+class FakeUpstream:
+    """A tiny resolver on 127.0.0.1 (UDP and TCP): answers from `zone`, never
+    answers names in `silent`, records every question it receives."""
+
+    def __init__(self, zone: dict[tuple[str, str], list[str]], silent=()):
+        self.zone = zone
+        self.silent = set(silent)
+        self.questions: list[tuple[str, str]] = []
+
+    def answer(self, wire: bytes, udp: bool) -> bytes | None:
+        query = dns.message.from_wire(wire)
+        question = query.question[0]
+        key = (question.name.to_text(True), dns.rdatatype.to_text(question.rdtype))
+        self.questions.append(key)
+        if key[0] in self.silent:
+            return None
+        response = dns.message.make_response(query)
+        for line in self.zone.get(key, []):
+            name, ttl, rdtype, data = line.split(maxsplit=3)
+            rrset = response.find_rrset(
+                response.answer,
+                dns.name.from_text(name),
+                dns.rdataclass.IN,
+                dns.rdatatype.from_text(rdtype),
+                create=True,
+            )
+            rrset.add(dns.rdata.from_text("IN", rdtype, data), int(ttl))
+        if not self.zone.get(key):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        return response.to_wire(max_size=query.payload if udp else 65535, prefer_truncation=True)
+
+    async def start(self):
+        loop = asyncio.get_running_loop()
+        upstream = self
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def datagram_received(self, data, addr):
+                reply = upstream.answer(data, udp=True)
+                if reply:
+                    self.transport.sendto(reply, addr)
+
+        async def tcp(reader, writer):
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            reply = self.answer(await reader.readexactly(length), udp=False)
+            writer.write(len(reply).to_bytes(2, "big") + reply)
+            await writer.drain()
+            writer.close()
+
+        self.udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", 0))
+        self.port = self.udp.get_extra_info("sockname")[1]
+        self.tcp = await asyncio.start_server(tcp, "127.0.0.1", self.port)
+
+    def stop(self):
+        self.udp.close()
+        self.tcp.close()
+
+
+class ListSink:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, event):
+        self.events.append(event)
+
+
+BIG = [f"big.example.com 60 A 198.51.{i // 250}.{i % 250 + 1}" for i in range(100)]
+ZONE = {
+    ("example.com", "A"): ["example.com 300 A 93.184.216.34"],
+    ("rebind.example.com", "A"): ["rebind.example.com 5 A 127.0.0.1"],
+    ("big.example.com", "A"): BIG,
+}
+ALLOWED = {
+    n: Verdict.ALLOW
+    for n in ("example.com", "rebind.example.com", "big.example.com", "slow.example.com")
+}
+
+
+async def _end_to_end():
+    upstream = FakeUpstream(ZONE, silent={"slow.example.com"})
+    await upstream.start()
+    sink = ListSink()
+    bindings = DnsBindings()
+    server = DnsFilter(
+        decide_name=FakePolicy(ALLOWED),
+        sandbox_for=lambda ip: ("sbx-1", "dev") if ip == "127.0.0.1" else None,
+        sink=sink,
+        upstreams=["127.0.0.1"],
+        upstream_port=upstream.port,
+        bindings=bindings,
+        timeout=0.3,
+    )
+    await server.start("127.0.0.1", 0)
+    port = server.port
+
+    async def ask(name, rdtype="A", source="127.0.0.1", tcp=False):
+        query = dns.message.make_query(name, rdtype)
+        if tcp:
+            return await dns.asyncquery.tcp(query, "127.0.0.1", timeout=2, port=port, source=source)
+        return await dns.asyncquery.udp(query, "127.0.0.1", timeout=2, port=port, source=source)
+
+    try:
+        sent = 0
+        # 1. An allowed name is forwarded, answered and bound.
+        response = await ask("Example.COM")
+        sent += 1
+        # dnspython compresses names case-insensitively: the owner takes the question's case.
+        assert answer_values(response) == ["Example.COM A 93.184.216.34"]
+        assert response.flags & dns.flags.RA
+        assert bindings.resolved("sbx-1", "example.com", "93.184.216.34")
+        # 2. A forbidden name and a forbidden type never reach the upstream.
+        response = await ask("evil.example")
+        sent += 1
+        assert response.rcode() == dns.rcode.NXDOMAIN
+        response = await ask("example.com", "TXT")
+        sent += 1
+        assert response.rcode() == dns.rcode.REFUSED
+        # 3. Rebinding: forwarded, the loopback answer removed.
+        response = await ask("rebind.example.com")
+        sent += 1
+        assert response.rcode() == dns.rcode.NOERROR and response.answer == []
+        assert not bindings.resolved("sbx-1", "rebind.example.com", "127.0.0.1")
+        # 4. Too big for 512 bytes: TC over UDP (we fetched it upstream over TCP),
+        #    whole over TCP; two queries on one TCP connection.
+        response = await ask("big.example.com")
+        sent += 1
+        assert response.flags & dns.flags.TC and response.answer == []
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for name in ("big.example.com", "example.com"):
+            writer.write(dns.message.make_query(name, "A").to_wire(prepend_length=True))
+        replies = []
+        for _ in range(2):
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            replies.append(dns.message.from_wire(await reader.readexactly(length)))
+        writer.close()
+        sent += 2
+        assert len(replies[0].answer[0]) == 100 and not replies[0].flags & dns.flags.TC
+        assert answer_values(replies[1]) == ["example.com A 93.184.216.34"]
+        # 5. The upstream does not answer: SERVFAIL.
+        response = await ask("slow.example.com", tcp=True)
+        sent += 1
+        assert response.rcode() == dns.rcode.SERVFAIL
+        # 6. A stranger is refused.
+        response = await ask("example.com", source="127.0.0.2")
+        sent += 1
+        assert response.rcode() == dns.rcode.REFUSED
+        # 7. Garbage gets FORMERR; a fragment of a header gets nothing.
+        formerr, dropped = await asyncio.to_thread(
+            _send_raw, port, b"\xbe\xef\x01\x00\x00\x01\xff", b"\xbe"
+        )
+        sent += 2
+        assert parse(formerr).rcode() == dns.rcode.FORMERR
+        assert dropped is None
+
+        assert ("evil.example", "A") not in upstream.questions
+        assert ("example.com", "TXT") not in upstream.questions
+        assert ("rebind.example.com", "A") in upstream.questions
+        for _ in range(50):  # the last event may still be on its way
+            if len(sink.events) == sent:
+                break
+            await asyncio.sleep(0.01)
+        return sink.events, sent
+    finally:
+        await server.stop()
+        upstream.stop()
+
+
+def _send_raw(port: int, *datagrams: bytes) -> list[bytes | None]:
+    """Send each datagram, return each reply or None (blocking: run in a thread)."""
+    replies = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+        raw.settimeout(0.5)
+        for datagram in datagrams:
+            raw.sendto(datagram, ("127.0.0.1", port))
+            try:
+                replies.append(raw.recv(512))
+            except TimeoutError:
+                replies.append(None)
+    return replies
+
+
+def test_server_end_to_end():
+    events, sent = asyncio.run(_end_to_end())
+    assert len(events) == sent
+    assert all(
+        e.kind == EventKind.DNS and e.protocol == "dns" and e.duration is not None for e in events
+    )
+    by_reason = [(e.name, e.reason, e.verdict) for e in events]
+    assert by_reason == [
+        ("example.com", Reason.RULE_ALLOW, Verdict.ALLOW),
+        ("evil.example", Reason.NO_RULE, Verdict.DENY),
+        ("example.com", Reason.DNS_QTYPE_NOT_ALLOWED, Verdict.DENY),
+        ("rebind.example.com", Reason.DNS_REBINDING, Verdict.DENY),
+        ("big.example.com", Reason.RULE_ALLOW, Verdict.ALLOW),
+        ("big.example.com", Reason.RULE_ALLOW, Verdict.ALLOW),
+        ("example.com", Reason.RULE_ALLOW, Verdict.ALLOW),
+        ("slow.example.com", Reason.DNS_UPSTREAM_FAILURE, Verdict.DENY),
+        (None, Reason.UNKNOWN_SANDBOX, Verdict.DENY),
+        (None, Reason.DNS_MALFORMED, Verdict.DENY),
+        (None, Reason.DNS_MALFORMED, Verdict.DENY),
+    ]
+    first = events[0]
+    assert (first.sandbox, first.profile, first.rule_id) == ("sbx-1", "dev", "allow-example")
+    assert first.source.startswith("127.0.0.1:")
+    assert "A NOERROR 93.184.216.34" in first.detail
+    assert "127.0.0.1 (loopback)" in events[3].detail
+    assert events[8].sandbox is None and events[8].source.startswith("127.0.0.2:")
+
+
+def test_handle_survives_a_bug():
+    """Anything unexpected is a SERVFAIL, an INTERNAL_ERROR event and a traceback."""
+
+    def broken_registry(ip):
+        raise RuntimeError("registry bug")
+
+    sink = ListSink()
+    server = DnsFilter(
+        decide_name=FakePolicy(), sandbox_for=broken_registry, sink=sink, upstreams=[]
+    )
+    reply = asyncio.run(server.handle(wire_query(), ("127.0.0.1", 5353), udp=True))
+    assert parse(reply).rcode() == dns.rcode.SERVFAIL
+    [event] = sink.events
+    assert event.reason == Reason.INTERNAL_ERROR and event.verdict == Verdict.DENY
+
+
+def test_handle_pending_limit():
+    """One sandbox cannot queue unbounded upstream work."""
+    sink = ListSink()
+    server = DnsFilter(
+        decide_name=FakePolicy(),
+        sandbox_for=lambda ip: ("sbx-1", "dev"),
+        sink=sink,
+        upstreams=[],
+        max_pending_per_sandbox=0,
+    )
+    reply = asyncio.run(server.handle(wire_query(), ("127.0.0.1", 5353), udp=True))
+    assert parse(reply).rcode() == dns.rcode.SERVFAIL
+    assert sink.events[0].reason == Reason.CONNECTION_LIMIT

@@ -1,0 +1,138 @@
+"""enforcer/nft.py without a kernel: the rendered ruleset and the nft wrappers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from enforcer import nft
+from enforcer.nft import NftError, RulesetConfig, render_ruleset
+
+GOLDEN = Path(__file__).parent.parent / "fixtures" / "nft" / "ruleset.golden"
+CONFIG = RulesetConfig(table="sandgate", sandbox_ifaces="sgh-*", proxy_port=8080, dns_port=5353)
+
+
+def test_ruleset_matches_golden_file() -> None:
+    assert render_ruleset(CONFIG) == GOLDEN.read_text(), (
+        f"the ruleset changed: review the difference, then rewrite {GOLDEN}"
+    )
+
+
+def test_ruleset_replaces_only_its_own_table() -> None:
+    text = render_ruleset(
+        RulesetConfig(table="sandgate_ab12", sandbox_ifaces="sgh-ab12", proxy_port=1, dns_port=2)
+    )
+    tables = set(re.findall(r"^(?:delete )?table (\w+ \w+)", text, re.MULTILINE))
+    assert tables == {"inet sandgate_ab12"}
+    assert text.startswith("table inet sandgate_ab12\ndelete table inet sandgate_ab12\n")
+
+
+def test_every_rule_matches_sandbox_interfaces_only() -> None:
+    text = render_ruleset(CONFIG)
+    rules = [
+        line.strip()
+        for line in text.splitlines()
+        if line.startswith("\t\t") and not line.strip().startswith("type ")
+    ]
+    assert rules
+    for rule in rules:
+        assert rule.startswith(('iifname "sgh-*" ', 'oifname "sgh-*" ')), rule
+
+
+def test_counters_are_declared_and_used() -> None:
+    text = render_ruleset(CONFIG)
+    declared = re.findall(r"^\tcounter (\w+) \{", text, re.MULTILINE)
+    used = set(re.findall(r'counter name "(\w+)"', text))
+    assert declared == list(nft.COUNTERS)
+    assert used == set(declared)
+
+
+def test_no_chain_is_named_with_a_keyword() -> None:
+    # "fwd" is an nft statement: a chain so named does not load.
+    assert "chain fwd " not in render_ruleset(CONFIG)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"table": "sand gate"}, id="table-with-space"),
+        pytest.param({"table": "sandgate; flush ruleset"}, id="table-injection"),
+        pytest.param({"table": "1sandgate"}, id="table-leading-digit"),
+        pytest.param({"sandbox_ifaces": 'sgh-*" accept #'}, id="iface-injection"),
+        pytest.param({"sandbox_ifaces": "*"}, id="iface-every-interface"),
+        pytest.param({"sandbox_ifaces": "a-name-of-16-chr"}, id="iface-too-long"),
+        pytest.param({"sandbox_ifaces": "sg*h"}, id="iface-inner-wildcard"),
+        pytest.param({"proxy_port": 0}, id="port-zero"),
+        pytest.param({"dns_port": 65536}, id="port-too-big"),
+        pytest.param({"proxy_port": "8080"}, id="port-string"),
+        pytest.param({"proxy_port": True}, id="port-bool"),
+        pytest.param({"dns_port": 8080}, id="ports-equal"),
+    ],
+)
+def test_bad_config_is_rejected(kwargs: dict) -> None:
+    base = {"table": "sandgate", "sandbox_ifaces": "sgh-*", "proxy_port": 8080, "dns_port": 53}
+    with pytest.raises(ValueError):
+        RulesetConfig(**(base | kwargs))
+
+
+def test_missing_nft_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nft, "NFT", "/nonexistent/nft")
+    with pytest.raises(NftError, match="install the nftables package"):
+        nft.apply_ruleset(render_ruleset(CONFIG))
+
+
+def test_nft_failure_carries_nft_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_run(argv, **kwargs):
+        return subprocess.CompletedProcess(argv, 1, "", "Error: syntax error, unexpected fwd\n")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(NftError, match="unexpected fwd"):
+        nft.apply_ruleset("table inet x { chain fwd { } }")
+
+
+def test_read_counters_and_list_tables_parse_nft_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    outputs = {
+        ("list", "table", "inet", "sandgate"): """{"nftables": [
+            {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "sandgate", "handle": 1}},
+            {"counter": {"family": "inet", "name": "dropped_udp", "table": "sandgate",
+                         "handle": 2, "packets": 3, "bytes": 120}},
+            {"counter": {"family": "inet", "name": "dropped_icmp", "table": "sandgate",
+                         "handle": 3, "packets": 0, "bytes": 0}},
+            {"chain": {"family": "inet", "table": "sandgate", "name": "early", "handle": 4}}
+        ]}""",
+        ("list", "tables", "inet"): """{"nftables": [
+            {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "sandgate", "handle": 1}},
+            {"table": {"family": "inet", "name": "sandgate_ab12", "handle": 7}},
+            {"table": {"family": "inet", "name": "filter", "handle": 9}}
+        ]}""",
+    }
+
+    def fake_run(argv, **kwargs):
+        assert argv[:2] == [nft.NFT, "-j"]
+        return subprocess.CompletedProcess(argv, 0, outputs[tuple(argv[2:])], "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert nft.read_counters("sandgate") == {"dropped_udp": 3, "dropped_icmp": 0}
+    assert nft.list_tables() == ["sandgate", "sandgate_ab12"]
+    assert nft.list_tables("sandgate_") == ["sandgate_ab12"]
+
+
+def test_delete_table_is_one_idempotent_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append((argv, kwargs["input"]))
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    nft.delete_table("sandgate_ab12")
+    assert calls == [
+        ([nft.NFT, "-f", "-"], "table inet sandgate_ab12\ndelete table inet sandgate_ab12\n")
+    ]
+    with pytest.raises(ValueError):
+        nft.delete_table("x; flush ruleset")
