@@ -24,6 +24,9 @@ def register(sub) -> None:
     run.add_argument("command", nargs="+", metavar="-- CMD")
     run.set_defaults(func=cmd_run)
 
+    demo = sub.add_parser("demo", help="build a fake internet in namespaces and run a scripted agent through the gateway")
+    demo.set_defaults(func=cmd_demo)
+
     gc = sub.add_parser("gc", help="remove what SIGKILLed runs left behind (netns, veth, nft tables)")
     gc.set_defaults(func=cmd_gc)
 
@@ -45,6 +48,17 @@ def cmd_run(args) -> int:
     return run(RunOptions(command=args.command, policy=policy, profile=args.profile,
                           dns_upstreams=args.dns_upstream, audit_log=args.audit_log,
                           summary_json=args.summary_json, extra_ca=args.extra_ca, quiet=args.quiet))
+
+
+def cmd_demo(args) -> int:
+    from enforcer.demo import demo
+    from enforcer.run import RunError, check_prerequisites
+
+    try:
+        check_prerequisites()
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    return demo()
 
 
 def cmd_gc(args) -> int:

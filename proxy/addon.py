@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ class _ConnState:
     sandbox: Sandbox
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
+    started: float  # perf_counter at connect: decision latency runs from here
     name: str | None = None  # SNI (TLS) or the DNS-bound name (raw TCP)
 
 
@@ -84,6 +86,7 @@ class SandgateAddon:
     # --- 1. TCP connect -------------------------------------------------------------
 
     def client_connected(self, client: connection.Client) -> None:
+        started = time.perf_counter()
         sandbox = self.registry.get(client.peername[0])
         dst_ip = parse_ip(client.sockname[0])
         port = client.sockname[1]
@@ -91,15 +94,15 @@ class SandgateAddon:
             client.error = "unknown sandbox"
             self._emit_connection(Decision(Verdict.DENY, Reason.UNKNOWN_SANDBOX, UNKNOWN_SANDBOX_RULE,
                                            detail=f"no task owns source address {client.peername[0]}"),
-                                  client, None, "tcp")
+                                  client, None, "tcp", started)
             return
-        state = _ConnState(sandbox, dst_ip, port)
+        state = _ConnState(sandbox, dst_ip, port, started)
         decision = self._decide_connect(state, name=None)
         # Without a name only the hard denials are final: a later SNI, Host or DNS
         # binding may still find a rule, so "no rule matched" waits for the bytes.
         if decision.reason in (Reason.PRIVATE_ADDRESS, Reason.RULE_DENY, Reason.UNKNOWN_PROFILE):
             client.error = decision.detail
-            self._emit_connection(decision, client, state, "tcp")
+            self._emit_connection(decision, client, state, "tcp", started)
             return
         self.connections[client.id] = state
 
@@ -120,6 +123,7 @@ class SandgateAddon:
             nextlayer.layer = layers.HttpLayer(context, HTTPMode.transparent)
             return
         data = nextlayer.data_client()
+        state.started = time.perf_counter()
         if starts_like_tls_record(data):
             nextlayer.layer = self._tls_layer(context, state, data)
         elif _looks_like_http(data):
@@ -178,6 +182,7 @@ class SandgateAddon:
     # --- 3. HTTP requests -------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        started = time.perf_counter()
         if flow.response is not None:
             return
         state = self.connections.get(flow.client_conn.id)
@@ -189,7 +194,8 @@ class SandgateAddon:
         self.emit(Event.from_decision(
             EventKind.REQUEST, decision, **self._fields(flow.client_conn, state),
             protocol="https" if flow.client_conn.tls else "http",
-            name=name, method=flow.request.method, path=flow.request.path[:2048]))
+            name=name, method=flow.request.method, path=flow.request.path[:2048],
+            latency=time.perf_counter() - started))
         if not decision.allowed:
             flow.response = http.Response.make(403, _blocked_page(decision, flow), {"content-type": "text/plain"})
         elif flow.request.headers.get("upgrade", "").lower() == "h2c":
@@ -257,9 +263,12 @@ class SandgateAddon:
             fields.update(sandbox=state.sandbox.address, profile=state.sandbox.profile)
         return fields
 
-    def _emit_connection(self, decision: Decision, client, state: _ConnState | None, protocol: str) -> None:
+    def _emit_connection(self, decision: Decision, client, state: _ConnState | None, protocol: str,
+                         started: float | None = None) -> None:
+        started = started if started is not None else state.started
         self.emit(Event.from_decision(EventKind.CONNECTION, decision, **self._fields(client, state),
-                                      protocol=protocol, name=state.name if state else None))
+                                      protocol=protocol, name=state.name if state else None,
+                                      latency=time.perf_counter() - started))
 
 
 def _looks_like_http(data: bytes) -> bool:

@@ -47,6 +47,7 @@ class Event:
     bytes_up: int | None = None
     bytes_down: int | None = None
     duration: float | None = None  # seconds; connections: open to close
+    latency: float | None = None  # seconds the gateway took to decide (not upstream time)
 
     @classmethod
     def from_decision(cls, kind: EventKind, decision: Decision, **fields) -> Event:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what sandgate needs on a fresh Debian/Ubuntu machine, as root:
+#   scripts/install.sh          the gateway: nftables, iproute2, and the fake internet
+#                               that `sandgate demo` builds (nginx, dnsmasq), plus .venv
+#   scripts/install.sh --test   also the test tools (curl, dig, socat, ping, Prometheus)
+# Idempotent: packages already present are not fetched again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(nftables iproute2 nginx-light dnsmasq-base ca-certificates)
+if [[ "${1:-}" == "--test" ]]; then
+  packages+=(curl dnsutils socat iputils-ping prometheus)
+fi
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install.sh: apt-get install ${missing[*]}" >&2
+  apt-get update -qq
+  # policy-rc.d keeps Debian from starting nginx/prometheus services on the host:
+  # sandgate starts its own servers inside network namespaces only.
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python3 -m venv .venv
+extra=""
+[[ "${1:-}" == "--test" ]] && extra="[test]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
