@@ -13,6 +13,7 @@ event loop and fails inside a running one, so asyncio callers use
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -105,12 +106,14 @@ def create_sandbox_net(
     (after undoing the steps before it).
     """
     net = _validate(sandbox_id, gateway_ip, sandbox_ip, prefixlen)
+    _refuse_running_loop("create_sandbox_net")
     # Undo only what this call did: a name already in use belongs to someone else.
     undo: list[Callable[[], None]] = []
     step = "create netns"
     try:
         sandbox_fd = _create_netns(net.netns)
         undo.append(lambda: _remove_netns(net.netns))
+        step = "open netlink sockets"
         with (
             contextlib.closing(IPRoute()) as host,
             contextlib.closing(IPRoute(fileno=sandbox_fd)) as sandbox,
@@ -160,6 +163,7 @@ def destroy_sandbox_net(sandbox_id: str) -> None:
     """Remove netns `sg-<id>` and veth `sgh-<id>`; absent parts are fine."""
     if not _SANDBOX_ID.fullmatch(sandbox_id):
         raise ValueError(f"bad sandbox id {sandbox_id!r}")
+    _refuse_running_loop("destroy_sandbox_net")
     # Deleting one veth end deletes both at once. Removing the netns alone would
     # take the host end down only later, in the kernel's netns cleanup worker.
     _delete_host_link(host_if_name(sandbox_id))
@@ -199,6 +203,16 @@ def _validate(
         sandbox_ip=sandbox.ip,
         prefixlen=prefixlen,
     )
+
+
+def _refuse_running_loop(name: str) -> None:
+    # pyroute2's synchronous IPRoute drives an event loop of its own, which fails
+    # halfway inside a running one.
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(f"{name} blocks: call it with asyncio.to_thread")
 
 
 def _delete_host_link(ifname: str) -> None:

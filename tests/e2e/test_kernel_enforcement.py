@@ -134,17 +134,21 @@ def world() -> Iterator[World]:
 
 
 def _remove_everything(host_ns: str, ids: list[str], table: str) -> None:
-    """Idempotent teardown, also after a failed setup."""
-    if host_ns in pyroute2_netns.listnetns():
-        with netns.entered_netns(host_ns):
-            for sandbox_id in ids:
-                netns.destroy_sandbox_net(sandbox_id)
-            nft.delete_table(table)
-        subprocess.run(["ip", "netns", "del", host_ns], check=False)
-    # Sandbox netns live in /run/netns whichever netns created them.
-    for sandbox_id in ids:
-        with contextlib.suppress(OSError):
-            pyroute2_netns.remove(netns.netns_name(sandbox_id))
+    """Idempotent teardown, also after a failed setup; every step runs."""
+    try:
+        if host_ns in pyroute2_netns.listnetns():
+            try:
+                with netns.entered_netns(host_ns):
+                    for sandbox_id in ids:
+                        netns.destroy_sandbox_net(sandbox_id)
+                    nft.delete_table(table)
+            finally:
+                subprocess.run(["ip", "netns", "del", host_ns], check=False)
+    finally:
+        # Sandbox netns live in /run/netns whichever netns created them.
+        for sandbox_id in ids:
+            with contextlib.suppress(OSError):
+                pyroute2_netns.remove(netns.netns_name(sandbox_id))
 
 
 def _start_listeners(listeners: Listeners) -> None:
@@ -465,10 +469,28 @@ def test_a_failed_step_is_undone(world: World) -> None:
             netns.destroy_sandbox_net(sandbox_id)
 
 
+def test_a_bad_ruleset_changes_nothing(world: World) -> None:
+    good = nft.render_ruleset(
+        nft.RulesetConfig(
+            table=world.table, sandbox_ifaces="sgh-*", proxy_port=PROXY_PORT, dns_port=DNS_PORT
+        )
+    )
+    # "fwd" is an nft keyword: this fails after the text has already deleted the
+    # table, which the transaction must undo.
+    bad = good.replace("chain forward {", "chain fwd {")
+    with world.in_host(), pytest.raises(nft.NftError, match="fwd"):
+        nft.apply_ruleset(bad)
+    assert set(world.counters()) == set(nft.COUNTERS)
+    result = _in_sandbox(world.a, "curl", "-sS", "-m", "5", "http://203.0.113.77/")
+    assert result.stdout == "proxy-port\n", result.stderr
+
+
+# Runs last (pytest keeps file order): it takes the world apart.
 def test_teardown_leaves_nothing(world: World) -> None:
     ids = [net.netns.removeprefix(netns.NETNS_PREFIX) for net in (world.a, world.b)]
     with world.in_host():
         assert set(ids) <= set(netns.list_sandbox_nets())
+        assert nft.list_tables(world.table) == [world.table]
         for sandbox_id in ids:
             netns.destroy_sandbox_net(sandbox_id)
             netns.destroy_sandbox_net(sandbox_id)  # idempotent

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -64,3 +65,18 @@ def test_bad_arguments_fail_before_touching_the_kernel(
     monkeypatch.setattr(netns, "_create_netns", must_not_run)
     with pytest.raises(ValueError):
         netns.create_sandbox_net(sandbox_id, gateway_ip, sandbox_ip)
+
+
+def test_calls_from_a_running_event_loop_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_run(name: str):
+        raise AssertionError("create_sandbox_net reached the kernel")
+
+    monkeypatch.setattr(netns, "_create_netns", must_not_run)
+
+    async def call_in_loop() -> None:
+        with pytest.raises(RuntimeError, match="asyncio.to_thread"):
+            netns.create_sandbox_net("ab12", "10.213.0.1", "10.213.0.2")
+        with pytest.raises(RuntimeError, match="asyncio.to_thread"):
+            netns.destroy_sandbox_net("ab12")
+
+    asyncio.run(call_in_loop())
