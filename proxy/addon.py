@@ -15,6 +15,7 @@ Each decision emits exactly one Event. Hooks stay short: facts in, decide, apply
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import time
@@ -74,7 +75,16 @@ class RejectLayer(layer.Layer):
             yield commands.CloseConnection(self.context.client)
 
 
+INTERNAL_ERROR_RULE = builtin_rule("internal-error")
+
+
 class SandgateAddon:
+    """Hooks fail closed: mitmproxy logs an addon's exception and carries on, so
+    each hook catches everything itself and denies with `internal_error`."""
+
+    # mitmproxy's proxyserver looks for an addon named "nextlayer"; this is it.
+    name = "nextlayer"
+
     def __init__(self, policy: CompiledPolicy, registry: SandboxRegistry, bindings: DnsBindingsView,
                  emit: Callable[[Event], None]):
         self.policy = policy
@@ -83,9 +93,37 @@ class SandgateAddon:
         self.emit = emit
         self.connections: dict[str, _ConnState] = {}
 
+    def client_connected(self, client: connection.Client) -> None:
+        with self._fail_closed(client, None):
+            self._client_connected(client)
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        with self._fail_closed(nextlayer.context.client, nextlayer):
+            self._next_layer(nextlayer)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        with self._fail_closed(flow.client_conn, flow):
+            self._requestheaders(flow)
+
+    @contextlib.contextmanager
+    def _fail_closed(self, client: connection.Client, target):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - deny, say why, keep serving others
+            log.exception("sandgate addon failed; denying")
+            decision = Decision(Verdict.DENY, Reason.INTERNAL_ERROR, INTERNAL_ERROR_RULE,
+                                detail=f"{type(e).__name__}: {e}")
+            if isinstance(target, http.HTTPFlow):
+                target.response = http.Response.make(403, _blocked_page(decision, target))
+            elif isinstance(target, layer.NextLayer):
+                target.layer = RejectLayer(target.context)
+            else:
+                client.error = "sandgate internal error"
+            self._emit_connection(decision, client, self.connections.get(client.id), "tcp", time.perf_counter())
+
     # --- 1. TCP connect -------------------------------------------------------------
 
-    def client_connected(self, client: connection.Client) -> None:
+    def _client_connected(self, client: connection.Client) -> None:
         started = time.perf_counter()
         sandbox = self.registry.get(client.peername[0])
         dst_ip = parse_ip(client.sockname[0])
@@ -111,13 +149,13 @@ class SandgateAddon:
 
     # --- 2. first bytes ---------------------------------------------------------------
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        if nextlayer.layer is not None:
-            return
+    def _next_layer(self, nextlayer: layer.NextLayer) -> None:
         context = nextlayer.context
         state = self.connections.get(context.client.id)
         if state is None:
-            return  # denied at connect (already closed) or not ours
+            # Denied at connect, or never registered: nothing else may pick a layer.
+            nextlayer.layer = RejectLayer(context)
+            return
         if len(context.layers) > 1:
             # Inside a TLS connection we chose to intercept: HTTP, checked per request.
             nextlayer.layer = layers.HttpLayer(context, HTTPMode.transparent)
@@ -181,10 +219,8 @@ class SandgateAddon:
 
     # --- 3. HTTP requests -------------------------------------------------------------
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def _requestheaders(self, flow: http.HTTPFlow) -> None:
         started = time.perf_counter()
-        if flow.response is not None:
-            return
         state = self.connections.get(flow.client_conn.id)
         if state is None:
             flow.kill()

@@ -16,7 +16,9 @@ Three layers, as dnspython itself splits them (`dns.message` vs `dns.asyncquery`
 - `DnsFilter` is the asyncio server: UDP and TCP listeners, the upstream queries,
   one `Event` per query.
 
-Response codes, and why (each comes with the Decision that the event reports):
+Response codes, and why. Each comes with the Decision its event reports; all but
+the policy's own are DENY with a `builtin:dns-*` rule (an upstream failure too: the
+sandbox got no address):
 
 ==============================================  =========  ========================
 query                                           rcode      reason
@@ -32,13 +34,16 @@ name not a host name (IP literal, NUL, ...)     NXDOMAIN   INVALID_NAME
 name the profile may not reach                  NXDOMAIN   the policy's (RULE_DENY ..)
 source address of no sandbox                    REFUSED    UNKNOWN_SANDBOX
 upstream timeout, SERVFAIL, REFUSED, garbage    SERVFAIL   DNS_UPSTREAM_FAILURE
+too many of the sandbox's queries in flight     SERVFAIL   CONNECTION_LIMIT
+some addresses in the answer were private       NOERROR,   DNS_REBINDING
+                                                the rest
 every address in the answer was private         NOERROR,   DNS_REBINDING
                                                 no data
 a bug in the filter                             SERVFAIL   INTERNAL_ERROR
 ==============================================  =========  ========================
 
 - NOTIMP vs REFUSED: NOTIMP says "this server does not implement that kind of
-  request" (RFC 1035), true for every opcode but QUERY. REFUSED says "not for
+  request" (RFC 1035), true for every opcode but QUERY. REFUSED says "will not, for
   policy reasons", which is what a TXT/MX/ANY/AXFR or CHAOS-class query meets: the
   type is understood but not served. Neither claims anything about the name.
 - A disallowed *type* is not NXDOMAIN: NXDOMAIN means the name has no records of
@@ -310,7 +315,8 @@ def filter_answer(
     keep_special: KeepSpecial | None = None,
 ) -> FilteredAnswer:
     """The response to `query` (a forwarded client query) built from the upstream's
-    answer (wire bytes, a parsed message, or None for no answer). Never raises.
+    answer (wire bytes, a parsed message, or None for no answer). Never raises,
+    whatever the upstream sent.
 
     Only the chain that answers the question is copied: CNAMEs from the question
     name, then the records of the question's type at the chain's end, and the SOA of
@@ -497,11 +503,12 @@ class DnsBindings:
     destination really what the name resolved to, or is the SNI spoofed?) and, for
     protocols without a name (ssh), `names_for(sandbox, dst_ip)`.
 
-    A binding outlives its TTL by a grace period (`expiry = now + max(ttl, grace)`)
-    because clients do not honour TTLs exactly: JVMs, nscd and connection pools
-    keep addresses for minutes, and a CDN's 20 s TTL would otherwise turn a
-    legitimate reconnect into a "spoofed destination" block. The grace costs little:
-    the IP was a real answer for that name moments ago.
+    A binding lives at least `grace` seconds, longer if its TTL is longer
+    (`expiry = now + max(ttl, grace)`), because clients do not honour short TTLs:
+    JVMs, nscd, happy-eyeballs retries and connection pools reuse addresses for
+    minutes, and a CDN's 20 s TTL would otherwise turn a legitimate reconnect into a
+    "spoofed destination" block. The grace costs little: the IP was a real answer
+    for that name moments ago.
 
     Memory is bounded: at most `max_per_sandbox` (name, IP) pairs per sandbox, the
     oldest recorded evicted first; `forget(sandbox)` when the task ends. All

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from mitmproxy import options
-from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
+from mitmproxy.addons import core, disable_h2c, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 log = logging.getLogger("sandgate.engine")
@@ -33,10 +33,11 @@ class ProxyEngine:
         self.confdir.mkdir(parents=True, exist_ok=True)
         opts = options.Options()
         master = Master(opts)
-        # Order matters: sandgate's addon decides the next layer before NextLayer
-        # (which only fills in layers we leave open, inside intercepted TLS).
-        master.addons.add(core.Core(), proxyserver.Proxyserver(), self.addon, next_layer.NextLayer(),
-                          tlsconfig.TlsConfig(), disable_h2c.DisableH2C())
+        # No NextLayer addon: sandgate's addon is the only one that picks a layer, so
+        # a connection it has not decided on yet (half a ClientHello) waits, and
+        # cannot be given a layer by anyone else.
+        master.addons.add(core.Core(), proxyserver.Proxyserver(), self.addon, tlsconfig.TlsConfig(),
+                          disable_h2c.DisableH2C())
         update = {
             "mode": [f"transparent@{self.host}:{self.port}"],
             # Lazy: never open an upstream connection before the policy allowed it.

@@ -48,6 +48,7 @@ class Gateway:
             upstreams=config.dns_upstreams,
             upstream_port=config.dns_upstream_port,
             bindings=self.bindings,
+            keep_special=self._keep_special,
         )
         self.proxy = ProxyEngine(self.addon, config.listen_host, config.proxy_port, config.confdir,
                                  upstream_ca=config.upstream_ca)
@@ -82,6 +83,10 @@ class Gateway:
     def _sandbox_for(self, source_ip: str) -> tuple[str, str] | None:
         sandbox = self.registry.get(source_ip)
         return (sandbox.address, sandbox.profile) if sandbox else None
+
+    def _keep_special(self, profile: str, ip) -> bool:
+        compiled = self.policy.profiles.get(profile)
+        return compiled is not None and compiled.opens_special_address(ip)
 
     def emit(self, event: Event) -> None:
         sandbox = self.registry.get(event.sandbox) if event.sandbox else None

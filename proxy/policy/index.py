@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .model import Rule
 from .names import IPAddress, parent_domains, special_range
+from .reasons import Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,11 @@ class CompiledProfile:
             network.version == ip.version and ip in network and network in self.special_networks
             for network in rule.networks
         )
+
+    def opens_special_address(self, ip: IPAddress) -> bool:
+        """Whether an allow rule opens the private/loopback/... address `ip`: then a
+        DNS answer with `ip` is intended, not rebinding."""
+        return any(r.action is Verdict.ALLOW and self.opens_special(r, ip) for r in self.rules_for_ip(ip))
 
 
 @dataclass(frozen=True)

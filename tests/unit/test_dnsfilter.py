@@ -72,6 +72,10 @@ def with_opcode(opcode: dns.opcode.Opcode) -> bytes:
     return query.to_wire()
 
 
+def wire_response() -> bytes:
+    return dns.message.make_response(dns.message.make_query("example.com", "A")).to_wire()
+
+
 def parse(wire: bytes) -> dns.message.Message:
     return dns.message.from_wire(wire)
 
@@ -79,226 +83,60 @@ def parse(wire: bytes) -> dns.message.Message:
 # --- check_query -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "wire, action, rcode, reason, name",
-    [
-        pytest.param(
-            wire_query(), "forward", None, Reason.RULE_ALLOW, "example.com", id="allowed-A"
-        ),
-        pytest.param(
-            wire_query(rdtype="AAAA"),
-            "forward",
-            None,
-            Reason.RULE_ALLOW,
-            "example.com",
-            id="allowed-AAAA",
-        ),
-        pytest.param(
-            wire_query(rdtype="CNAME"),
-            "forward",
-            None,
-            Reason.RULE_ALLOW,
-            "example.com",
-            id="allowed-CNAME",
-        ),
-        pytest.param(
-            wire_query(rdtype="HTTPS"),
-            "forward",
-            None,
-            Reason.RULE_ALLOW,
-            "example.com",
-            id="allowed-HTTPS",
-        ),
-        pytest.param(
-            wire_query("ExAmPlE.CoM."),
-            "forward",
-            None,
-            Reason.RULE_ALLOW,
-            "example.com",
-            id="case-and-dot-canonicalised",
-        ),
-        pytest.param(
-            wire_query("audit.example"),
-            "forward",
-            None,
-            Reason.NO_RULE,
-            "audit.example",
-            id="audit-forwarded",
-        ),
-        pytest.param(
-            wire_query("evil.example"),
-            "respond",
-            dns.rcode.NXDOMAIN,
-            Reason.NO_RULE,
-            "evil.example",
-            id="forbidden-nxdomain",
-        ),
-        pytest.param(
-            wire_query("ask.example"),
-            "respond",
-            dns.rcode.NXDOMAIN,
-            Reason.NO_RULE,
-            "ask.example",
-            id="ask-is-nxdomain",
-        ),
-        pytest.param(
-            wire_query(rdtype="TXT"),
-            "respond",
-            dns.rcode.REFUSED,
-            Reason.DNS_QTYPE_NOT_ALLOWED,
-            "example.com",
-            id="TXT-refused",
-        ),
-        pytest.param(
-            wire_query(rdtype="MX"),
-            "respond",
-            dns.rcode.REFUSED,
-            Reason.DNS_QTYPE_NOT_ALLOWED,
-            "example.com",
-            id="MX-refused",
-        ),
-        pytest.param(
-            wire_query(rdtype="ANY"),
-            "respond",
-            dns.rcode.REFUSED,
-            Reason.DNS_QTYPE_NOT_ALLOWED,
-            "example.com",
-            id="ANY-refused",
-        ),
-        pytest.param(
-            wire_query(rdtype="AXFR"),
-            "respond",
-            dns.rcode.REFUSED,
-            Reason.DNS_QTYPE_NOT_ALLOWED,
-            "example.com",
-            id="AXFR-refused",
-        ),
-        pytest.param(
-            wire_query(rdtype="SVCB"),
-            "respond",
-            dns.rcode.REFUSED,
-            Reason.DNS_QTYPE_NOT_ALLOWED,
-            "example.com",
-            id="SVCB-refused",
-        ),
-        pytest.param(
-            wire_query("version.bind", "TXT", rdclass="CH"),
-            "respond",
-            dns.rcode.REFUSED,
-            Reason.DNS_QTYPE_NOT_ALLOWED,
-            "version.bind",
-            id="chaos-class-refused",
-        ),
-        pytest.param(
-            wire_query(rdclass="CH"),
-            "respond",
-            dns.rcode.REFUSED,
-            Reason.DNS_QTYPE_NOT_ALLOWED,
-            "example.com",
-            id="A-in-chaos-refused",
-        ),
-        pytest.param(
-            with_opcode(dns.opcode.NOTIFY),
-            "respond",
-            dns.rcode.NOTIMP,
-            Reason.DNS_QTYPE_NOT_ALLOWED,
-            None,
-            id="NOTIFY-notimp",
-        ),
-        pytest.param(
-            with_opcode(dns.opcode.STATUS),
-            "respond",
-            dns.rcode.NOTIMP,
-            Reason.DNS_QTYPE_NOT_ALLOWED,
-            None,
-            id="STATUS-notimp",
-        ),
-        pytest.param(
-            wire_query(use_edns=1),
-            "respond",
-            dns.rcode.BADVERS,
-            Reason.DNS_MALFORMED,
-            "example.com",
-            id="EDNS1-badvers",
-        ),
-        pytest.param(
-            wire_query("127.0.0.1"),
-            "respond",
-            dns.rcode.NXDOMAIN,
-            Reason.INVALID_NAME,
-            "127.0.0.1",
-            id="ip-literal-invalid",
-        ),
-        pytest.param(
-            wire_query("0x7f.1"),
-            "respond",
-            dns.rcode.NXDOMAIN,
-            Reason.INVALID_NAME,
-            "0x7f.1",
-            id="ip-short-form-invalid",
-        ),
-        pytest.param(
-            wire_query("."),
-            "respond",
-            dns.rcode.NXDOMAIN,
-            Reason.INVALID_NAME,
-            ".",
-            id="root-invalid",
-        ),
-        pytest.param(
-            wire_query("a\\032b.example"),
-            "respond",
-            dns.rcode.NXDOMAIN,
-            Reason.INVALID_NAME,
-            "a\\032b.example",
-            id="space-in-label-invalid",
-        ),
-        pytest.param(
-            b"\xbe\xef\x01",
-            "respond",
-            dns.rcode.FORMERR,
-            Reason.DNS_MALFORMED,
-            None,
-            id="truncated-header",
-        ),
-        pytest.param(b"\xbe", "drop", None, Reason.DNS_MALFORMED, None, id="half-an-id-dropped"),
-        pytest.param(
-            b"\xbe\xef\x81\x80" + bytes(8),
-            "drop",
-            None,
-            Reason.DNS_MALFORMED,
-            None,
-            id="response-dropped",
-        ),
-        pytest.param(
-            dns.message.make_response(dns.message.make_query("example.com", "A")).to_wire(),
-            "drop",
-            None,
-            Reason.DNS_MALFORMED,
-            None,
-            id="parsed-response-dropped",
-        ),
-    ],
-)
-def test_check_query(wire, action, rcode, reason, name):
+# `expect` is "forward", "drop", or the rcode of the immediate answer.
+# fmt: off
+CHECK_CASES = [
+    pytest.param(wire_query(),                   "forward",  Reason.RULE_ALLOW,            "example.com",   id="allowed-A"),
+    pytest.param(wire_query(rdtype="AAAA"),      "forward",  Reason.RULE_ALLOW,            "example.com",   id="allowed-AAAA"),
+    pytest.param(wire_query(rdtype="CNAME"),     "forward",  Reason.RULE_ALLOW,            "example.com",   id="allowed-CNAME"),
+    pytest.param(wire_query(rdtype="HTTPS"),     "forward",  Reason.RULE_ALLOW,            "example.com",   id="allowed-HTTPS"),
+    pytest.param(wire_query("ExAmPlE.CoM."),     "forward",  Reason.RULE_ALLOW,            "example.com",   id="case-and-dot-canonicalised"),
+    pytest.param(wire_query("audit.example"),    "forward",  Reason.NO_RULE,               "audit.example", id="audit-forwarded"),
+    pytest.param(wire_query("evil.example"),     "NXDOMAIN", Reason.NO_RULE,               "evil.example",  id="forbidden-nxdomain"),
+    pytest.param(wire_query("ask.example"),      "NXDOMAIN", Reason.NO_RULE,               "ask.example",   id="ask-is-nxdomain"),
+    pytest.param(wire_query(rdtype="TXT"),       "REFUSED",  Reason.DNS_QTYPE_NOT_ALLOWED, "example.com",   id="TXT-refused"),
+    pytest.param(wire_query(rdtype="MX"),        "REFUSED",  Reason.DNS_QTYPE_NOT_ALLOWED, "example.com",   id="MX-refused"),
+    pytest.param(wire_query(rdtype="ANY"),       "REFUSED",  Reason.DNS_QTYPE_NOT_ALLOWED, "example.com",   id="ANY-refused"),
+    pytest.param(wire_query(rdtype="AXFR"),      "REFUSED",  Reason.DNS_QTYPE_NOT_ALLOWED, "example.com",   id="AXFR-refused"),
+    pytest.param(wire_query(rdtype="SVCB"),      "REFUSED",  Reason.DNS_QTYPE_NOT_ALLOWED, "example.com",   id="SVCB-refused"),
+    pytest.param(wire_query(rdclass="CH"),       "REFUSED",  Reason.DNS_QTYPE_NOT_ALLOWED, "example.com",   id="chaos-class-refused"),
+    pytest.param(wire_query("version.bind", "TXT", rdclass="CH"), "REFUSED", Reason.DNS_QTYPE_NOT_ALLOWED, "version.bind", id="version-bind-refused"),
+    pytest.param(with_opcode(dns.opcode.NOTIFY), "NOTIMP",   Reason.DNS_QTYPE_NOT_ALLOWED, None,            id="NOTIFY-notimp"),
+    pytest.param(with_opcode(dns.opcode.STATUS), "NOTIMP",   Reason.DNS_QTYPE_NOT_ALLOWED, None,            id="STATUS-notimp"),
+    pytest.param(wire_query(use_edns=1),         "BADVERS",  Reason.DNS_MALFORMED,         "example.com",   id="EDNS1-badvers"),
+    pytest.param(wire_query("127.0.0.1"),        "NXDOMAIN", Reason.INVALID_NAME,          "127.0.0.1",     id="ip-literal-invalid"),
+    pytest.param(wire_query("0x7f.1"),           "NXDOMAIN", Reason.INVALID_NAME,          "0x7f.1",        id="ip-short-form-invalid"),
+    pytest.param(wire_query("."),                "NXDOMAIN", Reason.INVALID_NAME,          ".",             id="root-invalid"),
+    pytest.param(wire_query("a\\032b.example"),  "NXDOMAIN", Reason.INVALID_NAME,          "a\\032b.example", id="space-in-label-invalid"),
+    pytest.param(b"\xbe\xef\x01",                "FORMERR",  Reason.DNS_MALFORMED,         None,            id="truncated-header"),
+    pytest.param(b"\xbe",                        "drop",     Reason.DNS_MALFORMED,         None,            id="half-an-id-dropped"),
+    pytest.param(b"\xbe\xef\x81\x80" + bytes(8), "drop",     Reason.DNS_MALFORMED,         None,            id="response-dropped"),
+    pytest.param(wire_response(),                "drop",     Reason.DNS_MALFORMED,         None,            id="parsed-response-dropped"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("wire, expect, reason, name", CHECK_CASES)
+def test_check_query(wire, expect, reason, name):
     policy = FakePolicy(
         {"example.com": Verdict.ALLOW, "audit.example": Verdict.AUDIT, "ask.example": Verdict.ASK}
     )
     check = check_query(wire, "dev", policy)
-    assert check.action == action
     assert check.decision.reason == reason
     assert check.name == name
-    if rcode is not None:
-        response = parse(check.response)
-        assert response.rcode() == rcode
-        assert response.id == int.from_bytes(wire[:2], "big")
-        assert response.flags & dns.flags.QR
-    if action == "forward":
+    if expect == "forward":
+        assert check.action == "forward"
         assert check.forward.question[0].name == dns.name.from_text(name)
         assert check.decision.allowed
+    elif expect == "drop":
+        assert check.action == "drop"
     else:
-        assert check.forward is None
-    # The policy is asked only about valid names of allowed types, with the canonical name.
+        assert check.action == "respond" and check.forward is None
+        response = parse(check.response)
+        assert dns.rcode.to_text(response.rcode()) == expect
+        assert response.id == int.from_bytes(wire[:2], "big")
+        assert response.flags & dns.flags.QR
+    # The policy is asked only about valid names of allowed types, by canonical name.
     if reason in (Reason.RULE_ALLOW, Reason.NO_RULE):
         assert policy.asked == [("dev", name)]
     else:
@@ -431,190 +269,87 @@ def answer_values(response: dns.message.Message) -> list[str]:
 
 
 SOA = "example.com. 60 SOA ns.example.com. admin.example.com. 1 3600 600 86400 60"
+REBINDING = Reason.DNS_REBINDING
+
+CHAIN = [
+    "www.example.com. 60 CNAME cdn.example.net.",
+    "cdn.example.net. 60 CNAME edge.cdn.test.",
+    "edge.cdn.test. 20 A 198.51.100.7",
+]
+PUBLIC = "93.184.216.34"
+
+# Each case: the question, the upstream's answer records, then what the sandbox gets
+# (answer records), the reason if something was removed, and the bindings recorded.
+# fmt: off
+FILTER_CASES = [
+    pytest.param("A",    [f"@ 300 A {PUBLIC}"],                        [f"@ A {PUBLIC}"], None, [("example.com", PUBLIC, 300)], id="public-A"),
+    pytest.param("AAAA", ["@ 300 AAAA 2606:2800:220:1::1"],            ["@ AAAA 2606:2800:220:1::1"], None, [("example.com", "2606:2800:220:1::1", 300)], id="public-AAAA"),
+    pytest.param("A",    ["@ 300 A 10.1.2.3"],                          [], REBINDING, [], id="private-A-removed"),
+    pytest.param("A",    ["@ 300 A 169.254.169.254", f"@ 300 A {PUBLIC}"], [f"@ A {PUBLIC}"], REBINDING, [("example.com", PUBLIC, 300)], id="metadata-removed-public-kept"),
+    pytest.param("A",    ["@ 300 A 0.0.0.0"],                           [], REBINDING, [], id="unspecified-removed"),
+    pytest.param("A",    ["@ 300 A 127.0.0.1"],                         [], REBINDING, [], id="loopback-removed"),
+    pytest.param("A",    ["@ 300 A 100.64.0.1"],                        [], REBINDING, [], id="cgnat-removed"),
+    pytest.param("AAAA", ["@ 300 AAAA ::ffff:127.0.0.1"],               [], REBINDING, [], id="mapped-loopback-removed"),
+    pytest.param("AAAA", ["@ 300 AAAA ::1", "@ 300 AAAA fe80::1", "@ 300 AAAA fd00::1"], [], REBINDING, [], id="v6-special-removed"),
+    pytest.param("AAAA", ["@ 300 AAAA 64:ff9b::a9fe:a9fe"],             [], REBINDING, [], id="nat64-metadata-removed"),
+    pytest.param("AAAA", [f"@ 300 AAAA ::ffff:{PUBLIC}"],               [f"@ AAAA ::ffff:{PUBLIC}"], None, [("example.com", PUBLIC, 300)], id="mapped-public-bound-as-v4"),
+    pytest.param("A",    [f"@ 300 A {PUBLIC}", "other.test. 300 A 198.51.100.9", "@ 300 TXT hello"], [f"@ A {PUBLIC}"], None, [("example.com", PUBLIC, 300)], id="unrelated-records-dropped"),
+    pytest.param("A",    [],                                            [], None, [], id="nodata"),
+]
+CHAIN_CASES = [
+    pytest.param("A",     CHAIN, ["www.example.com CNAME cdn.example.net.", "cdn.example.net CNAME edge.cdn.test.", "edge.cdn.test A 198.51.100.7"], None,
+                 [("www.example.com", "198.51.100.7", 20), ("cdn.example.net", "198.51.100.7", 20)], id="chain-binds-question-and-cname-owners"),
+    pytest.param("A",     ["www.example.com. 60 CNAME rebind.attacker.test.", "rebind.attacker.test. 1 A 192.168.1.1"], [], REBINDING, [], id="chain-to-private-nodata"),
+    pytest.param("A",     ["www.example.com. 60 CNAME b.example.com.", "b.example.com. 60 CNAME www.example.com."],
+                 ["www.example.com CNAME b.example.com.", "b.example.com CNAME www.example.com."], None, [], id="cname-loop"),
+    pytest.param("CNAME", CHAIN, ["www.example.com CNAME cdn.example.net."], None, [], id="cname-question-one-link"),
+]
+# fmt: on
 
 
 @pytest.mark.parametrize(
     "qname, qtype, records, answer, reason, bindings",
-    [
-        pytest.param(
-            "example.com",
-            "A",
-            ["example.com. 300 A 93.184.216.34"],
-            ["example.com A 93.184.216.34"],
-            None,
-            [("example.com", "93.184.216.34", 300)],
-            id="public-A",
-        ),
-        pytest.param(
-            "example.com",
-            "AAAA",
-            ["example.com. 300 AAAA 2606:2800:220:1::1"],
-            ["example.com AAAA 2606:2800:220:1::1"],
-            None,
-            [("example.com", "2606:2800:220:1::1", 300)],
-            id="public-AAAA",
-        ),
-        pytest.param(
-            "example.com",
-            "A",
-            ["example.com. 300 A 10.1.2.3"],
-            [],
-            Reason.DNS_REBINDING,
-            [],
-            id="private-A-removed",
-        ),
-        pytest.param(
-            "example.com",
-            "A",
-            ["example.com. 300 A 169.254.169.254", "example.com. 300 A 93.184.216.34"],
-            ["example.com A 93.184.216.34"],
-            Reason.DNS_REBINDING,
-            [("example.com", "93.184.216.34", 300)],
-            id="metadata-removed-public-kept",
-        ),
-        pytest.param(
-            "example.com",
-            "A",
-            ["example.com. 300 A 0.0.0.0"],
-            [],
-            Reason.DNS_REBINDING,
-            [],
-            id="unspecified-removed",
-        ),
-        pytest.param(
-            "example.com",
-            "A",
-            ["example.com. 300 A 127.0.0.1"],
-            [],
-            Reason.DNS_REBINDING,
-            [],
-            id="loopback-removed",
-        ),
-        pytest.param(
-            "example.com",
-            "A",
-            ["example.com. 300 A 100.64.0.1"],
-            [],
-            Reason.DNS_REBINDING,
-            [],
-            id="cgnat-removed",
-        ),
-        pytest.param(
-            "example.com",
-            "AAAA",
-            ["example.com. 300 AAAA ::ffff:127.0.0.1"],
-            [],
-            Reason.DNS_REBINDING,
-            [],
-            id="mapped-loopback-removed",
-        ),
-        pytest.param(
-            "example.com",
-            "AAAA",
-            [
-                "example.com. 300 AAAA ::1",
-                "example.com. 300 AAAA fe80::1",
-                "example.com. 300 AAAA fd00::1",
-            ],
-            [],
-            Reason.DNS_REBINDING,
-            [],
-            id="v6-special-removed",
-        ),
-        pytest.param(
-            "example.com",
-            "AAAA",
-            ["example.com. 300 AAAA 64:ff9b::a9fe:a9fe"],
-            [],
-            Reason.DNS_REBINDING,
-            [],
-            id="nat64-metadata-removed",
-        ),
-        pytest.param(
-            "example.com",
-            "AAAA",
-            ["example.com. 300 AAAA ::ffff:93.184.216.34"],
-            ["example.com AAAA ::ffff:93.184.216.34"],
-            None,
-            [("example.com", "93.184.216.34", 300)],
-            id="mapped-public-bound-as-v4",
-        ),
-        pytest.param(
-            "www.example.com",
-            "A",
-            [
-                "www.example.com. 60 CNAME cdn.example.net.",
-                "cdn.example.net. 60 CNAME edge.cdn.test.",
-                "edge.cdn.test. 20 A 198.51.100.7",
-            ],
-            [
-                "www.example.com CNAME cdn.example.net.",
-                "cdn.example.net CNAME edge.cdn.test.",
-                "edge.cdn.test A 198.51.100.7",
-            ],
-            None,
-            [("www.example.com", "198.51.100.7", 20), ("cdn.example.net", "198.51.100.7", 20)],
-            id="cname-chain-binds-question-and-owners",
-        ),
-        pytest.param(
-            "www.example.com",
-            "A",
-            [
-                "www.example.com. 60 CNAME rebind.attacker.test.",
-                "rebind.attacker.test. 1 A 192.168.1.1",
-            ],
-            [],
-            Reason.DNS_REBINDING,
-            [],
-            id="cname-to-private-removed-whole-chain",
-        ),
-        pytest.param(
-            "example.com",
-            "A",
-            [
-                "example.com. 300 A 93.184.216.34",
-                "other.test. 300 A 198.51.100.9",
-                "example.com. 300 TXT hello",
-            ],
-            ["example.com A 93.184.216.34"],
-            None,
-            [("example.com", "93.184.216.34", 300)],
-            id="unrelated-records-dropped",
-        ),
-        pytest.param(
-            "a.example.com",
-            "A",
-            ["a.example.com. 60 CNAME b.example.com.", "b.example.com. 60 CNAME a.example.com."],
-            ["a.example.com CNAME b.example.com.", "b.example.com CNAME a.example.com."],
-            None,
-            [],
-            id="cname-loop",
-        ),
-        pytest.param(
-            "www.example.com",
-            "CNAME",
-            ["www.example.com. 60 CNAME cdn.example.net.", "cdn.example.net. 60 A 198.51.100.7"],
-            ["www.example.com CNAME cdn.example.net."],
-            None,
-            [],
-            id="cname-question-one-link",
-        ),
-        pytest.param("example.com", "A", [], [], None, [], id="nodata"),
-    ],
+    [pytest.param("example.com", *case.values, id=case.id) for case in FILTER_CASES]
+    + [pytest.param("www.example.com", *case.values, id=case.id) for case in CHAIN_CASES],
 )
 def test_filter_answer(qname, qtype, records, answer, reason, bindings):
     query = dns.message.make_query(qname, qtype)
-    result = filter_answer(
-        query, upstream_answer(query, *records, additional=["ns.other.test. 60 A 198.51.100.53"])
-    )
+    records = [r.replace("@", qname + ".", 1) for r in records]
+    glue = ["ns.other.test. 60 A 198.51.100.53"]
+    result = filter_answer(query, upstream_answer(query, *records, additional=glue))
     assert result.response.rcode() == dns.rcode.NOERROR
-    assert answer_values(result.response) == answer
+    assert answer_values(result.response) == [a.replace("@", qname, 1) for a in answer]
     assert result.response.additional == []
     assert (result.decision.reason if result.decision else None) == reason
     if reason is not None:
         assert result.decision.verdict == Verdict.DENY
     assert result.bindings == bindings
     assert result.response.id == query.id
+
+
+def _mutated_https_answers():
+    query = dns.message.make_query("www.example.com", "HTTPS")
+    hints = "ipv4hint=10.0.0.1,198.51.100.4 ipv6hint=::1,2001:db8::4"
+    base = upstream_answer(
+        query,
+        "www.example.com. 60 CNAME cdn.example.net.",
+        f'cdn.example.net. 60 HTTPS 1 . alpn=h2 {hints} ech="{ECH}"',
+        f'cdn.example.net. 60 HTTPS 2 . mandatory=ech ech="{ECH}"',
+    )
+    edits = st.lists(st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)), max_size=4)
+    return st.tuples(st.just(query), edits.map(lambda e: _apply(base, e)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(_mutated_https_answers())
+def test_filter_answer_never_raises(case):
+    query, upstream = case
+    result = filter_answer(query, upstream)
+    wire = render(result.response, query, udp=True)
+    assert parse(wire).id == query.id
+    for rrset in result.response.answer:
+        for rd in rrset:
+            assert rrset.rdtype != dns.rdatatype.HTTPS or ParamKey.ECH not in rd.params
 
 
 @pytest.mark.parametrize(
