@@ -1,0 +1,206 @@
+"""The addon's hooks on mitmproxy's own test objects: decisions applied, one event
+each, and every failure closed (mitmproxy would log an addon exception and go on)."""
+
+from __future__ import annotations
+
+import pytest
+from mitmproxy import options
+from mitmproxy.proxy import context
+from mitmproxy.proxy.layer import NextLayer
+from mitmproxy.proxy.layers import TCPLayer
+from mitmproxy.proxy.layers.modes import TransparentProxy
+from mitmproxy.test import taddons, tflow
+
+from proxy.addon import RejectLayer, SandgateAddon
+from proxy.dnsfilter import DnsBindings
+from proxy.policy import load_policy
+from proxy.registry import Sandbox, SandboxRegistry
+
+SANDBOX = "10.213.0.2"
+RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: allowed
+      - allow: api.allowed.test
+        methods: [GET]
+        id: api-get
+      - allow: ssh.allowed.test
+        ports: [22]
+        id: ssh
+"""
+
+
+@pytest.fixture
+def addon(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    registry = SandboxRegistry()
+    registry.add(Sandbox(SANDBOX, "task1", "default"))
+    bindings = DnsBindings()
+    bindings.record(SANDBOX, "allowed.test", "203.0.113.10", 60)
+    bindings.record(SANDBOX, "api.allowed.test", "203.0.113.11", 60)
+    bindings.record(SANDBOX, "ssh.allowed.test", "203.0.113.10", 60)
+    events = []
+    a = SandgateAddon(load_policy(path), registry, bindings, events.append)
+    a.events = events
+    with taddons.context(a):
+        yield a
+
+
+def client(dst: tuple[str, int], src: str = SANDBOX):
+    c = tflow.tclient_conn()
+    c.peername = (src, 40000)
+    c.sockname = dst
+    return c
+
+
+def next_layer_for(c, data: bytes) -> NextLayer:
+    ctx = context.Context(c, options.Options())
+    ctx.server.address = c.sockname
+    ctx.layers = [TransparentProxy(ctx)]
+    nl = NextLayer(ctx)
+    nl.data_client = lambda: data
+    return nl
+
+
+def client_hello(sni: str) -> bytes:
+    """A real ClientHello, from Python's own TLS stack."""
+    import ssl
+
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_unknown_sandbox_is_closed_at_connect(addon):
+    c = client(("203.0.113.10", 443), src="10.213.9.9")
+    addon.client_connected(c)
+    assert c.error
+    assert addon.events[-1].reason == "unknown_sandbox"
+
+
+def test_private_destination_is_closed_at_connect(addon):
+    c = client(("169.254.169.254", 80))
+    addon.client_connected(c)
+    assert c.error
+    assert (addon.events[-1].reason, addon.events[-1].rule_id) == ("private_address", "builtin:private-address")
+
+
+@pytest.mark.parametrize(
+    "sni, dst, layer, reason",
+    [
+        pytest.param("allowed.test", "203.0.113.10", TCPLayer, "rule_allow", id="allowed-passthrough"),
+        pytest.param("allowed.test", "203.0.113.66", RejectLayer, "spoofed_destination", id="spoofed-sni"),
+        pytest.param("evil.test", "203.0.113.66", RejectLayer, "no_rule", id="unknown-name"),
+    ],
+)
+def test_tls_decided_on_client_hello(addon, sni, dst, layer, reason):
+    c = client((dst, 443))
+    addon.client_connected(c)
+    nl = next_layer_for(c, client_hello(sni))
+    addon.next_layer(nl)
+    assert isinstance(nl.layer, layer)
+    assert addon.events[-1].reason == reason
+
+
+def test_inspected_rule_intercepts(addon):
+    c = client(("203.0.113.11", 443))
+    addon.client_connected(c)
+    nl = next_layer_for(c, client_hello("api.allowed.test"))
+    addon.next_layer(nl)
+    assert type(nl.layer).__name__ == "ServerTLSLayer"
+
+
+def test_half_a_client_hello_waits(addon):
+    c = client(("203.0.113.10", 443))
+    addon.client_connected(c)
+    nl = next_layer_for(c, client_hello("allowed.test")[:40])
+    addon.next_layer(nl)
+    assert nl.layer is None and not addon.events
+
+
+def test_malformed_client_hello_is_denied(addon):
+    c = client(("203.0.113.10", 443))
+    addon.client_connected(c)
+    body = b"\x03\x03" + b"\xff" * 10  # a version, then no valid random/session/ciphers
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    nl = next_layer_for(c, b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake)
+    addon.next_layer(nl)
+    assert isinstance(nl.layer, RejectLayer)
+    assert addon.events[-1].reason == "malformed_tls"
+
+
+def test_raw_tcp_named_by_dns_binding(addon):
+    c = client(("203.0.113.10", 22))
+    addon.client_connected(c)
+    nl = next_layer_for(c, b"SSH-2.0-OpenSSH_9.2\r\n")
+    addon.next_layer(nl)
+    assert isinstance(nl.layer, TCPLayer)
+    assert (addon.events[-1].name, addon.events[-1].rule_id) == ("ssh.allowed.test", "ssh")
+
+
+def test_non_http_on_port_80_is_denied(addon):
+    c = client(("203.0.113.10", 80))
+    addon.client_connected(c)
+    nl = next_layer_for(c, b"\x00\x01\x02binary tunnel")
+    addon.next_layer(nl)
+    assert isinstance(nl.layer, RejectLayer)
+    assert addon.events[-1].reason == "not_http"
+
+
+def request_flow(c, host: str, method: str = "GET", path: str = "/"):
+    f = tflow.tflow()
+    f.client_conn = c
+    f.request.method, f.request.path = method, path
+    f.request.headers["host"] = host
+    return f
+
+
+@pytest.mark.parametrize(
+    "host, method, status, reason",
+    [
+        pytest.param("allowed.test", "GET", None, "rule_allow", id="allowed"),
+        pytest.param("api.allowed.test", "GET", 403, "spoofed_destination", id="host-resolved-elsewhere"),
+        pytest.param("evil.test", "GET", 403, "no_rule", id="unknown-host"),
+        pytest.param("203.0.113.66", "GET", 403, "host_mismatch", id="host-ip-differs"),
+        pytest.param('a"b\nc', "GET", 403, "invalid_name", id="forged-host"),
+    ],
+)
+def test_plain_http_request(addon, host, method, status, reason):
+    c = client(("203.0.113.10", 80))
+    addon.client_connected(c)
+    f = request_flow(c, host, method)
+    addon.requestheaders(f)
+    assert (f.response.status_code if f.response else None) == status
+    assert addon.events[-1].reason == reason
+    if status == 403:
+        assert reason in f.response.get_text()
+
+
+def test_every_hook_fails_closed(addon, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(addon, "_decide_connect", boom)
+    monkeypatch.setattr(addon, "_decide_request", boom)
+    c = client(("203.0.113.10", 443))
+    addon.client_connected(c)
+    assert c.error and addon.events[-1].reason == "internal_error"
+
+    monkeypatch.undo()
+    c = client(("203.0.113.10", 443))
+    addon.client_connected(c)
+    monkeypatch.setattr(addon, "_decide_connect", boom)
+    nl = next_layer_for(c, client_hello("allowed.test"))
+    addon.next_layer(nl)
+    assert isinstance(nl.layer, RejectLayer) and addon.events[-1].reason == "internal_error"
+
+    monkeypatch.setattr(addon, "_decide_request", boom)
+    f = request_flow(c, "allowed.test")
+    addon.requestheaders(f)
+    assert f.response.status_code == 403 and addon.events[-1].reason == "internal_error"
