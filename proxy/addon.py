@@ -15,6 +15,7 @@ Each decision emits exactly one Event. Hooks stay short: facts in, decide, apply
 
 from __future__ import annotations
 
+import proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
 import contextlib
 import ipaddress
 import logging
