@@ -13,8 +13,9 @@
   task
     - drops the capabilities that would let root leave the sandbox (CAP_SYS_ADMIN
       for setns/mount, CAP_SYS_MODULE, CAP_SYS_PTRACE, ...), sets no_new_privs,
-      and execs CMD. CAP_NET_ADMIN stays: it only changes the sandbox's own netns,
-      which enforcement does not depend on.
+      and execs CMD. CAP_NET_ADMIN goes too (see DROPPED_CAPS): root in the sandbox
+      cannot change its own routes or nftables either, which enforcement does not
+      depend on anyway.
 Both outer and init die with their parent (PR_SET_PDEATHSIG), and the kernel kills
 every process of a PID namespace whose init dies: a SIGKILLed `sandgate run`
 leaves no task running.
@@ -36,12 +37,17 @@ PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 # Capabilities that reach outside the sandbox's namespaces: joining other
 # namespaces and remounting (SYS_ADMIN), kernel modules, raw devices and
 # memory, tracing host processes, BPF, file handles (DAC_READ_SEARCH's
-# open_by_handle_at), clocks, reboot, MAC policy, the kernel log.
+# open_by_handle_at), clocks, reboot, MAC policy, the kernel log. And NET_ADMIN:
+# held in the initial user namespace it acts on every netns the sandbox can name
+# (the host's has a netnsid in the sandbox's, through the veth) and on the host's
+# devices through /sys: a link into the host's netns past the nftables rules, or
+# the host's uplink taken down.
 DROPPED_CAPS = {
-    "CAP_DAC_READ_SEARCH": 2, "CAP_LINUX_IMMUTABLE": 9, "CAP_SYS_MODULE": 16, "CAP_SYS_RAWIO": 17,
-    "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_BOOT": 22, "CAP_SYS_TIME": 25, "CAP_MKNOD": 27,
-    "CAP_MAC_OVERRIDE": 32, "CAP_MAC_ADMIN": 33, "CAP_SYSLOG": 34, "CAP_WAKE_ALARM": 35,
-    "CAP_BLOCK_SUSPEND": 36, "CAP_PERFMON": 38, "CAP_BPF": 39, "CAP_CHECKPOINT_RESTORE": 40,
+    "CAP_DAC_READ_SEARCH": 2, "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_ADMIN": 12, "CAP_SYS_MODULE": 16,
+    "CAP_SYS_RAWIO": 17, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_BOOT": 22,
+    "CAP_SYS_TIME": 25, "CAP_MKNOD": 27, "CAP_MAC_OVERRIDE": 32, "CAP_MAC_ADMIN": 33,
+    "CAP_SYSLOG": 34, "CAP_WAKE_ALARM": 35, "CAP_BLOCK_SUSPEND": 36, "CAP_PERFMON": 38,
+    "CAP_BPF": 39, "CAP_CHECKPOINT_RESTORE": 40,
 }
 RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_SETUP_FAILED = 125  # like `env`/`unshare`: the sandbox could not be set up
