@@ -47,6 +47,7 @@ MALFORMED_TLS_RULE = builtin_rule("malformed-tls")
 MISSING_SNI_RULE = builtin_rule("missing-sni")
 NOT_HTTP_RULE = builtin_rule("not-http")
 HOST_MISMATCH_RULE = builtin_rule("host-mismatch")
+NO_DATA_RULE = builtin_rule("no-data")
 NO_APPROVER_RULE = builtin_rule("approval-unavailable")
 
 
@@ -66,6 +67,7 @@ class _ConnState:
     port: int
     started: float  # perf_counter at connect: decision latency runs from here
     name: str | None = None  # SNI (TLS) or the DNS-bound name (raw TCP)
+    decided: bool = False  # a layer was chosen: the connection has (or will have) its events
 
 
 class RejectLayer(layer.Layer):
@@ -120,7 +122,10 @@ class SandgateAddon:
                 target.layer = RejectLayer(target.context)
             else:
                 client.error = "sandgate internal error"
-            self._emit_connection(decision, client, self.connections.get(client.id), "tcp", time.perf_counter())
+            state = self.connections.get(client.id)
+            if state is not None:
+                state.decided = True
+            self._emit_connection(decision, client, state, "tcp", time.perf_counter())
 
     # --- 1. TCP connect -------------------------------------------------------------
 
@@ -146,7 +151,13 @@ class SandgateAddon:
         self.connections[client.id] = state
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self.connections.pop(client.id, None)
+        state = self.connections.pop(client.id, None)
+        if state is not None and not state.decided:
+            # A connect() with no bytes (a port scan, a client waiting for a server
+            # banner) got no decision; it still gets its event.
+            self._emit_connection(Decision(Verdict.DENY, Reason.NO_DATA, NO_DATA_RULE,
+                                           detail="closed before sending enough bytes to decide"),
+                                  client, state, "tcp")
 
     # --- 2. first bytes ---------------------------------------------------------------
 
@@ -170,6 +181,7 @@ class SandgateAddon:
         elif len(data) >= 3 or b"\n" in data:
             nextlayer.layer = self._raw_tcp_layer(context, state)
         # else: too few bytes to tell; mitmproxy asks again when more arrive.
+        state.decided = nextlayer.layer is not None
 
     def _tls_layer(self, context, state: _ConnState, data: bytes) -> layer.Layer | None:
         try:

@@ -32,6 +32,7 @@ class Reason(StrEnum):
     MISSING_SNI = "missing_sni"  # TLS without SNI and no IP rule allows the address
     MALFORMED_TLS = "malformed_tls"  # ClientHello could not be parsed
     NOT_HTTP = "not_http"  # bytes on a port that expects HTTP or TLS are neither
+    NO_DATA = "no_data"  # the client closed before sending enough bytes to decide on
     PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"  # e.g. an upgrade (WebSocket, h2c) not allowed
     BODY_TOO_LARGE = "body_too_large"
     CONNECTION_LIMIT = "connection_limit"  # the sandbox has too many open connections

@@ -204,3 +204,11 @@ def test_every_hook_fails_closed(addon, monkeypatch):
     f = request_flow(c, "allowed.test")
     addon.requestheaders(f)
     assert f.response.status_code == 403 and addon.events[-1].reason == "internal_error"
+
+
+def test_connection_closed_before_any_byte_still_has_its_event(addon):
+    c = client(("203.0.113.66", 25))
+    addon.client_connected(c)
+    addon.next_layer(next_layer_for(c, b""))
+    addon.client_disconnected(c)
+    assert [(e.reason, e.dst_port) for e in addon.events] == [("no_data", 25)]
