@@ -103,7 +103,10 @@ def parse_target(text: str, method: str | None, profile: str = "default"):
     literal in any spelling. A URL with a path, or --method, asks about a request."""
     path = None
     if "://" in text:
-        url = urlsplit(text)
+        try:
+            url = urlsplit(text)
+        except ValueError as e:  # e.g. an unclosed '[' around an IPv6 address
+            raise UsageError(f"not a URL: {text!r} ({e})") from None
         if url.scheme not in ("http", "https"):
             raise UsageError(f"unsupported URL scheme {url.scheme!r} (use http or https)")
         host, port = url.hostname or "", _url_port(url)
@@ -148,6 +151,9 @@ def _split_host_port(text: str) -> tuple[str, int]:
 
 def cmd_check(args) -> int:
     policy = _load(args.rules)
+    if args.profile not in policy.profiles:
+        # A typo at the terminal is bad input, not a denied destination.
+        raise UsageError(f"no profile {args.profile!r} in {args.rules} (profiles: {', '.join(policy.profiles)})")
     facts = parse_target(args.target, args.method, args.profile)
     decision = decide(policy, facts)
     if args.json:
@@ -156,7 +162,8 @@ def cmd_check(args) -> int:
         rule = decision.rule
         print(f"{decision.verdict.upper()}  {args.target}")
         print(f"  reason:  {decision.reason}")
-        print(f"  rule:    {rule.id}" + ("" if rule.id == rule.origin else f"  ({rule.origin})"))
+        builtin = rule.file == "<builtin>"  # a protection of the gateway, not a line in a file
+        print(f"  rule:    {rule.id}" + ("" if rule.id == rule.origin or builtin else f"  ({rule.origin})"))
         if decision.inspect:
             print("  inspect: yes (a rule checks HTTP methods or paths; TLS to it is intercepted)")
         if decision.detail:

@@ -13,10 +13,16 @@ Check order for a destination (connection or request), first answer wins:
     near a rule came (port_not_allowed, method_not_allowed, path_not_allowed)
     or no_rule.
 At connection time (no method yet) rules with methods/paths cannot deny, and may
-allow only with inspection; the request decision then applies them.
+allow only with inspection; the request decision then applies them, to the
+request's canonical path (names.parse_path) and upper-cased method.
 
 A DNS question (NameFacts) is allowed when some allow rule names the name on a
 port no plain deny rule takes away. Anything unexpected -> DENY internal_error.
+
+A Decision's detail says why, not where: the destination is in the facts (and in
+every event), so one Decision per outcome (allowed by rule R, no rule, a link-local
+address, ...) is built once per profile and shared. That keeps a decision well
+under a microsecond; only rare outcomes (spoofing, errors) are built per call.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import logging
 
 from .index import CompiledPolicy, CompiledProfile
 from .model import ConnectFacts, Decision, Facts, NameFacts, RequestFacts, Rule, builtin_rule
-from .names import parse_path, special_range
+from .names import parse_path, special_range_of
 from .reasons import Reason, Verdict
 
 PRIVATE_ADDRESS_RULE = builtin_rule("private-address")
@@ -36,6 +42,7 @@ INTERNAL_ERROR_RULE = builtin_rule("internal-error")
 log = logging.getLogger("sandgate.policy")
 
 ALLOW, DENY = Verdict.ALLOW, Verdict.DENY
+_NO_RULES: tuple[Rule, ...] = ()
 
 
 def decide(policy: CompiledPolicy, facts: Facts) -> Decision:
@@ -54,102 +61,146 @@ def decide(policy: CompiledPolicy, facts: Facts) -> Decision:
 
 def _decide_name(profile: CompiledProfile, name: str) -> Decision:
     rules = profile.rules_for_name(name)
+    if not rules:
+        return _shared(profile, Reason.NO_RULE, profile.fallback)
     denied_ports: set[int] = set()
     for rule in rules:
         if rule.action is DENY and not rule.inspects:
             denied_ports |= rule.ports
     for rule in rules:
         if rule.action is ALLOW and rule.ports - denied_ports:
-            return Decision(ALLOW, Reason.RULE_ALLOW, rule, detail=f"{name} is allowed by {rule.id}")
+            return _shared(profile, Reason.RULE_ALLOW, rule)
     for rule in rules:
         if rule.action is DENY and not rule.inspects:
-            return Decision(DENY, Reason.RULE_DENY, rule, detail=f"{name} is denied by {rule.id}")
-    return _fallback(profile, Reason.NO_RULE, f"no rule of profile {profile.name!r} names {name}")
+            return _shared(profile, Reason.RULE_DENY, rule)
+    return _shared(profile, Reason.NO_RULE, profile.fallback)
 
 
 def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestFacts) -> Decision:
-    method = getattr(facts, "method", None)
-    path = ""
-    if method is not None:
+    port, ip, name = facts.port, facts.ip, facts.name
+    method = path = None
+    if isinstance(facts, RequestFacts):
         # Match what the server will act on: `/repos/../user` is `/user`, `delete` is
         # DELETE to a lenient server. Either way a deny rule must still see it.
-        method, path = method.upper(), parse_path(facts.path)
-    port, ip, name = facts.port, facts.ip, facts.name
-    name_rules = profile.rules_for_name(name) if name else []
-    ip_rules = profile.rules_for_ip(ip) if ip is not None else []
-    target = _describe(facts)
+        method, path = facts.method.upper(), parse_path(facts.path)
+    if ip is None:
+        ip_rules, kind = _NO_RULES, None
+    else:
+        number, version = int(ip), ip.version
+        ip_rules, kind = profile.rules_for_address(number, version), special_range_of(number, version)
+    name_rules = profile.rules_for_name(name) if name is not None else _NO_RULES
+    if not name_rules and not ip_rules:  # the common miss, answered without the checks below
+        if kind is not None:
+            return _private(profile, kind)
+        # `rule.decision or _shared(...)`: the memo read inline on the hot paths (see _shared)
+        return profile.fallback.decision or _shared(profile, Reason.NO_RULE, profile.fallback)
 
-    def applies(rule: Rule) -> bool:
-        """Port matches and, once the request is known, method and path do too.
-        Before it is known, a rule with methods/paths may allow (with inspection)
-        but never deny."""
+    # 1. deny wins. One pass (the hot path): a deny that applies answers at once;
+    # the allows that apply are kept, address rules first.
+    allows: list[Rule] = []
+    inspect = False  # some rule for this destination still depends on the request
+    for rule in ip_rules + name_rules:
         if port not in rule.ports:
-            return False
-        if method is None:
-            return rule.action is ALLOW or not rule.inspects
-        return rule.matches_request(method, path)
-
-    # 1. deny wins
-    for rule in (*name_rules, *ip_rules):
-        if rule.action is DENY and applies(rule):
-            return Decision(DENY, Reason.RULE_DENY, rule, detail=f"{target} is denied by {rule.id}")
+            continue
+        if rule.inspects:
+            if method is None:
+                # Before the request such a rule may allow (with inspection), never deny.
+                inspect = True
+                if rule.action is DENY:
+                    continue
+            elif not rule.matches_request(method, path):
+                continue
+        if rule.action is DENY:
+            return rule.decision or _shared(profile, Reason.RULE_DENY, rule)
+        allows.append(rule)
 
     # 2. private ranges, open only to a CIDR rule inside them
-    kind = special_range(ip) if ip is not None else None
     if kind is not None:
-        for rule in ip_rules:
-            if rule.action is ALLOW and applies(rule) and profile.opens_special(rule, ip):
-                return _allow([rule], name_rules + ip_rules, port, method, target)
-        return Decision(DENY, Reason.PRIVATE_ADDRESS, PRIVATE_ADDRESS_RULE,
-                        detail=f"{ip} is a {kind} address; only an allow rule with a CIDR inside that range can open it")
+        for rule in allows:
+            if profile.opens_special(rule, ip):
+                return _shared(profile, Reason.RULE_ALLOW, rule, inspect=inspect)
+        return _private(profile, kind)
 
     # 3. name-based allows need the address to be one the gateway resolved for the name
-    ip_allows = [r for r in ip_rules if r.action is ALLOW and applies(r)]
-    name_allows = [r for r in name_rules if r.action is ALLOW and applies(r)]
-    if name_allows and not ip_allows and facts.name_resolved_to_ip is False:
+    if allows and facts.name_resolved_to_ip is False and not any(r is a for a in allows for r in ip_rules):
         return Decision(DENY, Reason.SPOOFED_DESTINATION, SPOOFED_DESTINATION_RULE,
                         detail=f"{name} never resolved to {ip} through the gateway's DNS")
 
-    # 4. allow
-    if ip_allows or name_allows:
-        return _allow(ip_allows + name_allows, name_rules + ip_rules, port, method, target)
+    # 4. allow; the rule reported is one that allows without conditions, if any
+    if allows:
+        best = allows[0]
+        if best.inspects:
+            best = next((r for r in allows if not r.inspects), best)
+        if not inspect:
+            return best.decision or _shared(profile, Reason.RULE_ALLOW, best)
+        return _shared(profile, Reason.RULE_ALLOW, best, inspect=True)
 
     # 5. fallback, saying how near a rule came
-    for rule in (*name_rules, *ip_rules):
+    for rule in name_rules + ip_rules:
         if rule.action is not ALLOW:
             continue
         if port not in rule.ports:
-            reason, why = Reason.PORT_NOT_ALLOWED, f"ports {sorted(rule.ports)}"
-        elif method is not None and rule.methods is not None and method not in rule.methods:
-            reason, why = Reason.METHOD_NOT_ALLOWED, f"methods {sorted(rule.methods)}"
-        elif method is not None:
-            reason, why = Reason.PATH_NOT_ALLOWED, f"paths {list(rule.paths or ())}"
-        else:
-            continue
-        return _fallback(profile, reason, f"{target}: rule {_named(rule)} allows only {why}")
-    return _fallback(profile, Reason.NO_RULE, f"no rule of profile {profile.name!r} allows {target}")
+            return _shared(profile, Reason.PORT_NOT_ALLOWED, profile.fallback, near=rule)
+        if method is not None and rule.methods is not None and method not in rule.methods:
+            return _shared(profile, Reason.METHOD_NOT_ALLOWED, profile.fallback, near=rule)
+        if method is not None:
+            return _shared(profile, Reason.PATH_NOT_ALLOWED, profile.fallback, near=rule)
+    return _shared(profile, Reason.NO_RULE, profile.fallback)
 
 
-def _allow(allows: list[Rule], candidates: list[Rule], port: int, method: str | None, target: str) -> Decision:
-    # Inspection is needed while some rule for this destination still depends on
-    # the request; the rule reported is one that allows without conditions, if any.
-    inspect = method is None and any(r.inspects and port in r.ports for r in candidates)
-    best = next((r for r in allows if not r.inspects), allows[0])
-    return Decision(ALLOW, Reason.RULE_ALLOW, best, inspect=inspect, detail=f"{target} is allowed by {best.id}")
+def _private(profile: CompiledProfile, kind: str) -> Decision:
+    key = ("private", kind)
+    found = profile.decisions.get(key)
+    if found is None:
+        found = profile.decisions[key] = Decision(
+            DENY, Reason.PRIVATE_ADDRESS, PRIVATE_ADDRESS_RULE,
+            detail=f"a {kind} address: only an allow rule with a CIDR inside that range can open it")
+    return found
 
 
-def _fallback(profile: CompiledProfile, reason: Reason, detail: str) -> Decision:
-    return Decision(profile.fallback.action, reason, profile.fallback, detail=detail)
+def _shared(profile: CompiledProfile, reason: Reason, rule: Rule, inspect: bool = False,
+            near: Rule | None = None) -> Decision:
+    """The one Decision for this outcome, built on first use and then shared. The
+    verdict is the rule's action (an allow or deny rule, or the fallback); `near` is
+    the rule a fallback decision came close to (port, method or path not allowed).
+
+    Kept on the rule when the outcome depends on the rule alone (the hot paths),
+    where finding it touches no memory the decision has not just read; else on the
+    profile. A rule has one such outcome: rule_allow or rule_deny by its action, or
+    no_rule for a fallback."""
+    if near is None:
+        found = rule.inspected_decision if inspect else rule.decision
+        if found is None:
+            found = Decision(rule.action, reason, rule, inspect=inspect, detail=_explain(reason, rule, inspect, None))
+            # A memo, not a change: every field that says what the rule is stays as loaded.
+            object.__setattr__(rule, "inspected_decision" if inspect else "decision", found)
+        return found
+    key = (reason, id(rule), id(near))
+    found = profile.decisions.get(key)
+    if found is None:
+        found = profile.decisions[key] = Decision(rule.action, reason, rule, detail=_explain(reason, rule, inspect, near))
+    return found
+
+
+def _explain(reason: Reason, rule: Rule, inspect: bool, near: Rule | None) -> str:
+    if reason is Reason.RULE_ALLOW:
+        return f"allowed by {_named(rule)}" + (
+            "; a rule checks HTTP methods or paths, so requests are inspected" if inspect else "")
+    if reason is Reason.RULE_DENY:
+        return f"denied by {_named(rule)}"
+    answer = f"the fallback ({rule.action}, {rule.id}) answers"
+    if near is None:
+        return f"no rule names this destination; {answer}"
+    if reason is Reason.PORT_NOT_ALLOWED:
+        allowed = f"ports {', '.join(map(str, sorted(near.ports)))}"
+    elif reason is Reason.METHOD_NOT_ALLOWED:
+        allowed = f"methods {', '.join(sorted(near.methods or ()))}"
+    else:
+        allowed = f"paths {', '.join(near.paths or ())}"
+    return f"rule {_named(near)} allows only {allowed}; {answer}"
 
 
 def _named(rule: Rule) -> str:
     """A rule as a detail names it: its id, and where it was written if the id does
     not already say so (ids default to file:line)."""
     return rule.id if rule.id == rule.origin else f"{rule.id} ({rule.origin})"
-
-
-def _describe(facts: ConnectFacts | RequestFacts) -> str:
-    host = facts.name or (f"[{facts.ip}]" if facts.ip is not None and facts.ip.version == 6 else str(facts.ip))
-    where = f"{host}:{facts.port}"
-    method = getattr(facts, "method", None)
-    return f"{method} {where}{facts.path}" if method else where

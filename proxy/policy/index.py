@@ -1,35 +1,110 @@
-"""Compiled lookup tables: which rules name a destination, in O(labels + prefix lengths).
+"""Compiled lookup tables: which rules name a destination, without scanning rules.
 
-No rule is ever scanned on the hot path. Names: one dict for exact names, one for
-wildcards keyed by their base, walked up the name's parents (`a.b.c` looks up
-exact `a.b.c`, then wildcards under `b.c` and `c`; never `a.b.c` itself, so
-`*.example.com` cannot match `example.com`). Addresses: per IP version, one dict
-per prefix length present in the rules, keyed by the masked address.
+Names: one dict for exact names, one for wildcards keyed by their base, walked up
+the name's parents (`a.b.c` looks up exact `a.b.c`, then wildcards under `b.c` and
+`c`; never `a.b.c` itself, so `*.example.com` cannot match `example.com`): O(labels).
+
+Addresses: per IP version, the rules' networks flattened into disjoint intervals,
+each with the rules that cover all of it, found by bisecting the interval starts:
+O(log networks), however many prefix lengths the rules use. Two levels, because in
+a big table every bisect step is a cache miss: networks of /16 or longer (IPv6: /48)
+sit in a dict by their /16 (/48) block, each block a small interval map; shorter
+ones, few in any real policy, in one interval map of their own.
+
+Lookups return tuples that belong to the index (callers must not change them), so a
+hit costs no copy.
 """
 
 from __future__ import annotations
 
 import datetime
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .model import Rule
-from .names import IPAddress, parent_domains, special_range
+from .names import IPAddress, IPNetwork, special_range_of
 from .reasons import Verdict
+
+_NO_RULES: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
-class _PrefixTable:
-    prefixlen: int
-    mask: int
-    rules: dict[int, tuple[Rule, ...]]
+class _IntervalMap:
+    """Disjoint address intervals: `starts[i]` begins interval i (up to the next
+    start), which the rules `rules[i]` cover; () for a gap."""
+
+    starts: list[int]
+    rules: list[tuple[Rule, ...]]
+
+    @classmethod
+    def build(cls, items: list[tuple[int, int, Rule]]) -> _IntervalMap:
+        """`items`: (first, last, rule) per network, in rule order."""
+        starts = sorted({first for first, _, _ in items} | {last + 1 for _, last, _ in items})
+        covering: list[list[Rule]] = [[] for _ in starts]
+        for first, last, rule in items:
+            # Nested networks (a /24 inside an allowed /16) split the outer one;
+            # each piece lists every rule that covers it, in rule order.
+            for i in range(bisect_right(starts, first) - 1, bisect_right(starts, last)):
+                if not covering[i] or covering[i][-1] is not rule:
+                    covering[i].append(rule)
+        return cls(starts, [tuple(c) if c else _NO_RULES for c in covering])
+
+    def lookup(self, number: int) -> tuple[Rule, ...]:
+        i = bisect_right(self.starts, number) - 1
+        return self.rules[i] if i >= 0 else _NO_RULES
 
 
-def _names_special_range(network) -> bool:
+@dataclass(frozen=True, slots=True)
+class _AddressIndex:
+    """Rules by address for one IP version (see the module docstring)."""
+
+    shift: int  # a block is `number >> shift`
+    wide: _IntervalMap  # networks shorter than a block
+    # Per block: its one network as (first, last, rules), the usual case and the
+    # fewest objects to touch; or an _IntervalMap when networks share the block.
+    blocks: dict[int, tuple[int, int, tuple[Rule, ...]] | _IntervalMap]
+
+    @classmethod
+    def build(cls, bits: int, block_prefix: int, items: list[tuple[int, int, Rule]]) -> _AddressIndex:
+        shift = bits - block_prefix
+        wide, by_block = [], defaultdict(list)
+        for item in items:
+            first, last, _ = item
+            if first >> shift == last >> shift:
+                by_block[first >> shift].append(item)
+            else:
+                wide.append(item)
+        blocks = {
+            block: (inside[0][0], inside[0][1], (inside[0][2],)) if len(inside) == 1 else _IntervalMap.build(inside)
+            for block, inside in by_block.items()
+        }
+        return cls(shift, _IntervalMap.build(wide), blocks)
+
+    def lookup(self, number: int) -> tuple[Rule, ...]:
+        found = self.wide.lookup(number) if self.wide.starts else _NO_RULES
+        block = self.blocks.get(number >> self.shift)
+        if block is None:
+            return found
+        if block.__class__ is tuple:
+            first, last, rules = block
+            return found + rules if first <= number <= last else found
+        return found + block.lookup(number)
+
+
+def _bounds(network: IPNetwork) -> tuple[int, int]:
+    """The first and last address of `network`, as numbers (ipaddress's own
+    properties build objects: too slow for 100k rules)."""
+    first = int(network.network_address)
+    return first, first | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)
+
+
+def _names_special_range(network: IPNetwork) -> bool:
     """A CIDR rule opens private/link-local/... space only if the whole network lies
     inside such a range: `10.0.0.0/8` names it, `0.0.0.0/0` does not."""
-    first = special_range(network.network_address)
-    return first is not None and first == special_range(network.broadcast_address)
+    first, last = _bounds(network)
+    kind = special_range_of(first, network.version)
+    return kind is not None and kind == special_range_of(last, network.version)
 
 
 @dataclass
@@ -40,33 +115,29 @@ class CompiledProfile:
     expired: tuple[Rule, ...] = ()
     exact: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     wildcard: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
-    v4: tuple[_PrefixTable, ...] = ()
-    v6: tuple[_PrefixTable, ...] = ()
+    wildcard_depths: tuple[int, int] = (0, 0)  # fewest and most labels of a wildcard's base
+    v4: _AddressIndex = field(default_factory=lambda: _AddressIndex.build(32, 16, []))
+    v6: _AddressIndex = field(default_factory=lambda: _AddressIndex.build(128, 48, []))
     # Rule networks that lie wholly inside a private/loopback/... range.
     special_networks: frozenset = frozenset()
+    # decide()'s memo of Decisions that name no destination and depend on more than
+    # one rule (a private address of some kind, a rule that came near): shared,
+    # because a frozen Decision costs more to build than to look up.
+    decisions: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, name: str, rules: list[Rule], fallback: Rule, expired: list[Rule]) -> CompiledProfile:
         exact: dict[str, list[Rule]] = defaultdict(list)
         wildcard: dict[str, list[Rule]] = defaultdict(list)
-        by_prefix: dict[tuple[int, int], dict[int, list[Rule]]] = defaultdict(lambda: defaultdict(list))
+        networks: dict[int, list[tuple[int, int, Rule]]] = {4: [], 6: []}
         special_networks = set()
         for rule in rules:
             for pattern in rule.domains:
                 (wildcard if pattern.wildcard else exact)[pattern.domain].append(rule)
             for network in rule.networks:
-                by_prefix[network.version, network.prefixlen][int(network.network_address)].append(rule)
+                networks[network.version].append((*_bounds(network), rule))
                 if _names_special_range(network):
                     special_networks.add(network)
-
-        def tables(version: int, bits: int) -> tuple[_PrefixTable, ...]:
-            # Longest prefix first: the most specific rules are found first.
-            return tuple(
-                _PrefixTable(length, ((1 << length) - 1) << (bits - length), {k: tuple(v) for k, v in table.items()})
-                for (v, length), table in sorted(by_prefix.items(), key=lambda kv: -kv[0][1])
-                if v == version
-            )
-
         return cls(
             name=name,
             fallback=fallback,
@@ -74,31 +145,39 @@ class CompiledProfile:
             expired=tuple(expired),
             exact={k: tuple(v) for k, v in exact.items()},
             wildcard={k: tuple(v) for k, v in wildcard.items()},
-            v4=tables(4, 32),
-            v6=tables(6, 128),
+            wildcard_depths=(min(depths), max(depths)) if (depths := {k.count(".") + 1 for k in wildcard}) else (0, 0),
+            v4=_AddressIndex.build(32, 16, networks[4]),
+            v6=_AddressIndex.build(128, 48, networks[6]),
             special_networks=frozenset(special_networks),
         )
 
-    def rules_for_name(self, name: str) -> list[Rule]:
+    def rules_for_name(self, name: str) -> tuple[Rule, ...]:
         """Rules whose domain matches the canonical `name`."""
-        found = list(self.exact.get(name, ()))
-        wildcard = self.wildcard
-        if wildcard:
-            for parent in parent_domains(name):
-                hit = wildcard.get(parent)
-                if hit:
-                    found.extend(hit)
+        found = self.exact.get(name, _NO_RULES)
+        if self.wildcard:
+            # The proper parents of the name, nearest first (names.parent_domains,
+            # inlined: this is the hot path), looked up only at the depths (label
+            # counts) some wildcard's base has: each lookup in a big dict is a
+            # cache miss, and `com` or `co.uk` never is a base.
+            wildcard, shallowest, deepest = self.wildcard, self.wildcard_depths[0], self.wildcard_depths[-1]
+            depth = name.count(".")  # of the nearest parent
+            dot = name.find(".") if depth >= shallowest else -1
+            while depth >= shallowest:
+                if depth <= deepest:
+                    hit = wildcard.get(name[dot + 1:])
+                    if hit:
+                        found += hit
+                dot = name.find(".", dot + 1)
+                depth -= 1
         return found
 
-    def rules_for_ip(self, ip: IPAddress) -> list[Rule]:
+    def rules_for_ip(self, ip: IPAddress) -> tuple[Rule, ...]:
         """Rules whose network contains the canonical address `ip`."""
-        number = int(ip)
-        found: list[Rule] = []
-        for table in self.v4 if ip.version == 4 else self.v6:
-            hit = table.rules.get(number & table.mask)
-            if hit:
-                found.extend(hit)
-        return found
+        return self.rules_for_address(int(ip), ip.version)
+
+    def rules_for_address(self, number: int, version: int) -> tuple[Rule, ...]:
+        """rules_for_ip() of an address given as its number (decide() has it already)."""
+        return (self.v4 if version == 4 else self.v6).lookup(number)
 
     def opens_special(self, rule: Rule, ip: IPAddress) -> bool:
         """Whether `rule` names `ip` with a network inside a special range. Per network,

@@ -25,6 +25,7 @@ A preset (rules/presets/NAME.yaml) is `version: 1`, optional `description`,
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 import re
@@ -55,6 +56,20 @@ RULE_KEYS = {"allow", "deny", "ports", "methods", "paths", "id", "comment", "own
 PROFILE_KEYS = {"fallback", "extends", "include", "rules", "description"}
 FALLBACKS = {"deny": Verdict.DENY, "ask": Verdict.ASK, "audit": Verdict.AUDIT}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+_MAYBE_IPV4 = re.compile(r"[\s0-9a-fA-FxX.]+")  # every IPv4 spelling parse_ip reads fits this
+
+
+class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present: same marks
+    """Composes nodes with line/column marks; resolves only `null`. The checks below
+    read every other scalar as text, and regex tag resolution (ints, floats, dates,
+    booleans) would cost a third of the parse of a big file."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: kept
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    if (kept := [(tag, regex) for tag, regex in resolvers if tag == "tag:yaml.org,2002:null"])
+}
 
 
 @dataclass(frozen=True, order=True)
@@ -83,6 +98,7 @@ class _Source:
     path: Path
     display: str
     root: yaml.Node | None
+    data: bytes = b""  # as read: the policy hash is of these bytes
 
 
 @dataclass
@@ -103,6 +119,9 @@ class _Loader:
         self.sources: dict[Path, _Source] = {}
         self.preset_rules: dict[Path, list[Rule]] = {}
         self.rule_ids: dict[str, Rule] = {}
+        # One object per distinct port set: 100k rules share a handful, and a shared
+        # set stays in the CPU cache while decide() reads it.
+        self.port_sets: dict[frozenset[int], frozenset[int]] = {DEFAULT_PORTS: DEFAULT_PORTS}
 
     # --- problems and node helpers --------------------------------------------------
 
@@ -159,17 +178,24 @@ class _Loader:
             return self.sources[path]
         display = _display_path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            message = f"cannot read rule file {display}: {getattr(e, 'strerror', None) or e}"
+            data = path.read_bytes()
+        except OSError as e:
+            message = f"cannot read rule file {display}: {e.strerror or e}"
             if referrer:
                 self.problem(*referrer, message)
             else:
                 self.problems.append(Problem(display, 1, 1, message))
             return None
-        source = _Source(path, display, None)
         try:
-            source.root = yaml.compose(text, Loader=yaml.SafeLoader)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            self.problems.append(Problem(display, line, column, f"the file is not UTF-8 (byte {data[e.start]:#04x}); save it as UTF-8"))
+            return None
+        source = _Source(path, display, None, data)
+        try:
+            source.root = yaml.compose(text, Loader=_YamlLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -251,7 +277,8 @@ class _Loader:
         return rule
 
     def target(self, source, node, text: str):
-        if "/" in text or ":" in text or parse_ip(text) is not None:
+        # (_MAYBE_IPV4 first: most targets are names, and parse_ip is the slower test)
+        if "/" in text or ":" in text or (_MAYBE_IPV4.fullmatch(text) and parse_ip(text) is not None):
             try:
                 return parse_network(text)
             except InvalidAddress as e:
@@ -278,7 +305,8 @@ class _Loader:
                 self.problem(source, item, f"port {text!r} is not a number from 1 to 65535")
             else:
                 ports.add(int(text))
-        return frozenset(ports)
+        found = frozenset(ports)
+        return self.port_sets.setdefault(found, found)
 
     def methods(self, source, node) -> frozenset[str]:
         methods = set()
@@ -337,6 +365,9 @@ class _Loader:
         if included is None:
             return []
         entries = self.mapping(included, included.root, "a preset file")
+        if not isinstance(included.root, yaml.MappingNode):
+            self.preset_rules[path] = []
+            return []
         self.check_version(included, entries)
         self.check_keys(included, entries, {"version", "description", "include", "rules"}, "a preset file")
         rules: list[Rule] = []
@@ -350,6 +381,8 @@ class _Loader:
 
     def profiles(self, source: _Source) -> dict[str, _RawProfile]:
         entries = self.mapping(source, source.root, "the rule file")
+        if not isinstance(source.root, yaml.MappingNode):
+            return {}  # reported; 'missing version' and the like would only be noise
         self.check_version(source, entries)
         self.check_keys(source, entries, {"version", "profiles", "description"}, "the rule file")
         if "profiles" not in entries:
@@ -421,8 +454,21 @@ def load_policy(paths: list[Path] | Path | str, today: datetime.date | None = No
     """Read, validate and compile rule files. Raises PolicyError with every problem.
 
     `today` decides which rules have expired (they are kept aside, reported, and
-    never match); the gateway reloads when `CompiledPolicy.next_expiry` passes.
+    never match); a long-running caller loads again when `CompiledPolicy.next_expiry` comes.
     """
+    # A load allocates a few objects per YAML node, in a tree without cycles. The
+    # cyclic GC would rescan the growing tree again and again: at 100k rules that
+    # costs several times the load itself. Paused for the load, then restored.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _load(paths, today)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> CompiledPolicy:
     if isinstance(paths, (str, Path)):
         paths = [Path(paths)]
     loader = _Loader(today or datetime.date.today())
@@ -445,8 +491,8 @@ def load_policy(paths: list[Path] | Path | str, today: datetime.date | None = No
     if loader.problems:
         raise PolicyError(loader.problems)
     digest = hashlib.sha256()
-    for path in sorted(loader.sources):
-        digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(loader.sources):  # what was parsed, not a second read that may differ
+        digest.update(str(path).encode() + b"\0" + loader.sources[path].data + b"\0")
     return CompiledPolicy(
         profiles=profiles,
         files=tuple(s.display for s in loader.sources.values()),

@@ -45,16 +45,22 @@ class Rule:
     owner: str | None = None
     ticket: str | None = None
     path_pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    # True when the rule looks inside HTTP (methods or paths), so a TLS connection
+    # it applies to must be intercepted to enforce it. Computed, and kept as a
+    # plain attribute: decide() reads it for every candidate rule.
+    inspects: bool = field(init=False, compare=False, repr=False)
+    # decide()'s memo, filled on first use: the Decision this rule gives when it
+    # answers alone (allowed or denied by it; for a fallback, no rule matched), and
+    # the one when it allows with inspection. Next to what decide() just read.
+    decision: Decision | None = field(default=None, init=False, compare=False, repr=False)
+    inspected_decision: Decision | None = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inspects", self.methods is not None or self.paths is not None)
 
     @property
     def origin(self) -> str:
         return f"{self.file}:{self.line}"
-
-    @property
-    def inspects(self) -> bool:
-        """True when the rule looks inside HTTP (methods or paths), so a TLS
-        connection it applies to must be intercepted to enforce it."""
-        return self.methods is not None or self.paths is not None
 
     def targets(self) -> list[str]:
         return [str(d) for d in self.domains] + [str(n) for n in self.networks]

@@ -18,6 +18,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_NAME_LENGTH = 253
 MAX_LABEL_LENGTH = 63
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+_PLAIN_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # up to 63 characters
+_PLAIN_NAME = re.compile(rf"(?:{_PLAIN_LABEL}\.)*{_PLAIN_LABEL}")
+_HEX = re.compile(r"0x[0-9a-f]*")
 _IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 
 # Multi-label public suffixes common enough that `*.co.uk` is surely a mistake.
@@ -137,17 +140,45 @@ _SPECIAL_RANGES: tuple[tuple[IPNetwork, str], ...] = tuple(
 )
 
 
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries: compatible, 6to4, NAT64 or Teredo."""
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    packed = int(ip)
-    if packed >> 32 == 0 and packed > 1:  # ::a.b.c.d (deprecated IPv4-compatible)
-        return ipaddress.IPv4Address(packed & 0xFFFFFFFF)
-    if packed >> 32 == 0x0064FF9B << 64:  # 64:ff9b::/96 NAT64
-        return ipaddress.IPv4Address(packed & 0xFFFFFFFF)
+def _v4_table() -> tuple:
+    """Per first octet: the kind of a wholly special /8 (`10`, `127`, `224`-`255`),
+    None for a wholly public one, or the (mask, network, kind) ranges inside it."""
+    table = []
+    for octet in range(256):
+        block = ipaddress.IPv4Network((octet << 24, 8))
+        ranges = [(net, kind) for net, kind in _SPECIAL_RANGES if net.version == 4 and net.overlaps(block)]
+        whole = next((kind for net, kind in ranges if block.subnet_of(net)), None)
+        parts = tuple((int(net.netmask), int(net.network_address), kind) for net, kind in ranges)
+        table.append(whole if whole is not None else parts or None)
+    return tuple(table)
+
+
+# special_range runs on every connection: integer tests on tables built once.
+_V4_BY_OCTET = _v4_table()
+_V6_RANGES = tuple(
+    (int(net.netmask), int(net.network_address), kind) for net, kind in _SPECIAL_RANGES if net.version == 6
+)
+
+
+def _special_v4(number: int) -> str | None:
+    entry = _V4_BY_OCTET[number >> 24]
+    if entry is None or isinstance(entry, str):
+        return entry
+    for mask, network, kind in entry:
+        if number & mask == network:
+            return kind
+    return None
+
+
+def _embedded_ipv4(number: int) -> int | None:
+    """The IPv4 address (as a number) an IPv6 address carries: 6to4, Teredo (the
+    client), deprecated IPv4-compatible (`::a.b.c.d`) or NAT64 (64:ff9b::/96)."""
+    if number >> 112 == 0x2002:
+        return (number >> 80) & 0xFFFFFFFF
+    if number >> 96 == 0x20010000:
+        return ~number & 0xFFFFFFFF
+    if number >> 32 == 0 and number > 1 or number >> 32 == 0x0064FF9B << 64:
+        return number & 0xFFFFFFFF
     return None
 
 
@@ -158,15 +189,22 @@ def special_range(ip: IPAddress) -> str | None:
     IPv4 carried inside IPv6 (mapped, compatible, 6to4, NAT64, Teredo) is checked as
     the IPv4 address it reaches.
     """
-    ip = canonical_ip(ip)
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = _embedded_ipv4(ip)
-        if inner is not None:
-            kind = special_range(inner)
-            if kind is not None:
-                return kind
-    for network, kind in _SPECIAL_RANGES:
-        if ip.version == network.version and ip in network:
+    return special_range_of(int(ip), ip.version)
+
+
+def special_range_of(number: int, version: int) -> str | None:
+    """special_range() of the address `number` of IP version `version`."""
+    if version == 4:
+        return _special_v4(number)
+    if number >> 32 == 0xFFFF:  # IPv4-mapped: it is the IPv4 address
+        return _special_v4(number & 0xFFFFFFFF)
+    inner = _embedded_ipv4(number)
+    if inner is not None:
+        kind = _special_v4(inner)
+        if kind is not None:
+            return kind
+    for mask, network, kind in _V6_RANGES:
+        if number & mask == network:
             return kind
     return None
 
@@ -184,6 +222,14 @@ def parse_domain(text: str) -> str:
     """
     if not isinstance(text, str) or not text:
         raise InvalidName("empty name")
+    # Fast path for the usual plain ASCII name; it accepts exactly what the checks
+    # below accept for such a name (a name whose last label is not a number is not
+    # an IP literal either), and sends everything else to them.
+    name = text[:-1] if text[-1] == "." else text
+    if len(name) <= MAX_NAME_LENGTH and _PLAIN_NAME.fullmatch(name):
+        name = name.lower()
+        if "xn--" not in name and not _ends_in_a_number(name[name.rfind(".") + 1:]):
+            return name
     if parse_ip(text) is not None:
         raise InvalidName(f"{text!r} is an IP address, not a domain name")
     # IDNA reads these as dots too (RFC 3490 3.1): `github。com` is github.com to a
@@ -196,10 +242,13 @@ def parse_domain(text: str) -> str:
     name = ".".join(labels)
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidName(f"{text[:40]!r}... is longer than {MAX_NAME_LENGTH} characters")
-    last = labels[-1]
-    if last.isdigit() or re.fullmatch(r"0x[0-9a-f]*", last):
+    if _ends_in_a_number(labels[-1]):
         raise InvalidName(f"{text!r} ends in a number; clients would read it as an IPv4 address")
     return name
+
+
+def _ends_in_a_number(last_label: str) -> bool:
+    return last_label.isdigit() or _HEX.fullmatch(last_label) is not None
 
 
 def _canonical_label(label: str, whole: str) -> str:
@@ -239,9 +288,9 @@ class DomainPattern(NamedTuple):
 def parse_domain_pattern(text: str) -> DomainPattern:
     """Parse a rule's domain or `*.` wildcard. Raises InvalidName with a fix."""
     if text.startswith("*."):
-        base = parse_domain(text[2:])
-        if "*" in base:
+        if "*" in text[2:]:  # before parse_domain, which would blame the label '*'
             raise InvalidName(f"{text!r}: only one leading '*.' is allowed")
+        base = parse_domain(text[2:])
         if "." not in base or base in _PUBLIC_SUFFIXES:
             raise InvalidName(
                 f"{text!r} would match every name under the public suffix {base!r}; "

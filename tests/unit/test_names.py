@@ -413,3 +413,58 @@ def test_a_wildcard_never_matches_its_apex(text):
     # The index looks up wildcards only under proper parents of a name.
     assert pattern.domain not in set(parent_domains(apex))
     assert pattern.domain in set(parent_domains("x." + apex))
+
+
+# special_range() runs on integer tables built from this list: check it against the
+# list itself, read the slow and obvious way.
+_REFERENCE_RANGES = [
+    ("0.0.0.0/8", "unspecified"), ("10.0.0.0/8", "private"), ("100.64.0.0/10", "cgnat"),
+    ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "link-local"), ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "private"), ("192.168.0.0/16", "private"), ("198.18.0.0/15", "private"),
+    ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"), ("::/128", "unspecified"),
+    ("::1/128", "loopback"), ("fc00::/7", "private"), ("fe80::/10", "link-local"),
+    ("fec0::/10", "private"), ("ff00::/8", "multicast"),
+]
+
+
+def _reference_special_range(ip):
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        n = int(ip)
+        inner = (ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+                 or (ipaddress.IPv4Address(n & 0xFFFFFFFF) if (n >> 32 == 0 and n > 1) else None)
+                 or (ipaddress.IPv4Address(n & 0xFFFFFFFF) if n >> 32 == 0x64FF9B << 64 else None))
+        if inner is not None and _reference_special_range(inner):
+            return _reference_special_range(inner)
+    for net, kind in _REFERENCE_RANGES:
+        network = ipaddress.ip_network(net)
+        if network.version == ip.version and ip in network:
+            return kind
+    return None
+
+
+_special_addresses = st.sampled_from([ipaddress.ip_network(n) for n, _ in _REFERENCE_RANGES]).flatmap(
+    lambda net: st.integers(0, net.num_addresses - 1).map(lambda i: net.network_address + i))
+_v4_in_v6 = st.tuples(st.sampled_from([0xFFFF << 32, 0x2002 << 112, 0x20010000 << 96, 0, 0x64FF9B << 96]),
+                      st.ip_addresses(v=4)).map(
+    lambda t: ipaddress.IPv6Address(t[0] | (int(t[1]) << 80 if t[0] == 0x2002 << 112 else
+                                            (~int(t[1]) & 0xFFFFFFFF) if t[0] == 0x20010000 << 96 else int(t[1]))))
+
+
+@given(st.one_of(st.ip_addresses(), _special_addresses, _v4_in_v6))
+def test_special_range_agrees_with_the_reference(ip):
+    assert special_range(ip) == _reference_special_range(ip)
+
+
+@given(st.text(st.sampled_from("abcXYZ019_-.x"), min_size=1, max_size=30))
+def test_parse_domain_fast_path_agrees_with_the_full_checks(text):
+    """Plain ASCII names take a fast path; the same name spelled with an ideographic
+    full stop takes the full checks. Both must agree."""
+    def outcome(t):
+        try:
+            return parse_domain(t)
+        except InvalidName:
+            return InvalidName
+
+    assert outcome(text) == outcome(text.replace(".", "\u3002"))

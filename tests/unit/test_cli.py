@@ -1,0 +1,295 @@
+"""`sandgate check`, `sandgate rules lint|show`: what an admin types, what they see,
+and the exit codes scripts rely on (0 allowed/valid, 1 denied/ask, 2 bad input)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from enforcer.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TEAM = "rules/examples/team.yaml"
+BROKEN = "tests/fixtures/rules/broken/bare_star.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    # Default rule ids are FILE:LINE with FILE relative to the working directory.
+    monkeypatch.chdir(ROOT)
+
+
+def check_json(capsys, *argv: str) -> tuple[int, dict]:
+    code = main(["check", "--json", *argv])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+PRIVATE = ("deny", "private_address", "builtin:private-address")
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "expected"),
+    [
+        pytest.param(["https://pypi.org/simple/requests/"], 0, ("allow", "rule_allow", "preset:pypi"), id="url"),
+        pytest.param(["https://files.pythonhosted.org/packages/x.whl"], 0, ("allow", "rule_allow", "preset:pypi"),
+                     id="url-second-name-of-a-rule"),
+        pytest.param(["pypi.org"], 0, ("allow", "rule_allow", "preset:pypi"), id="bare-host"),
+        pytest.param(["PyPI.ORG."], 0, ("allow", "rule_allow", "preset:pypi"), id="bare-host-case-trailing-dot"),
+        pytest.param(["pypi.org:80"], 0, ("allow", "rule_allow", "preset:pypi"), id="host-port-80"),
+        pytest.param(["pypi.org:8443"], 1, ("deny", "port_not_allowed", "default:fallback"), id="host-other-port"),
+        pytest.param(["http://deb.debian.org/debian/dists/"], 0, ("allow", "rule_allow", "preset:apt"), id="http-url"),
+        pytest.param(["github.com"], 1, ("deny", "no_rule", "default:fallback"), id="not-in-default"),
+        pytest.param(["--profile", "github", "github.com:22"], 0, ("allow", "rule_allow", "preset:github-git"),
+                     id="github-profile-ssh"),
+        pytest.param(["evilpypi.org"], 1, ("deny", "no_rule", "default:fallback"), id="suffix-confusion"),
+        pytest.param(["pypi.org.evil.test"], 1, ("deny", "no_rule", "default:fallback"), id="suffix-elsewhere"),
+        pytest.param(["p\u0443pi.org"], 1, ("deny", "no_rule", "default:fallback"), id="cyrillic-lookalike"),
+        pytest.param(["169.254.169.254"], 1, PRIVATE, id="metadata"),
+        pytest.param(["0xa9fea9fe"], 1, PRIVATE, id="metadata-hex"),
+        pytest.param(["2852039166"], 1, PRIVATE, id="metadata-decimal"),
+        pytest.param(["0251.0376.0251.0376:80"], 1, PRIVATE, id="metadata-octal-with-port"),
+        pytest.param(["http://0xa9.0xfe.0xa9.0xfe/latest/meta-data/"], 1, PRIVATE, id="metadata-url-hex-parts"),
+        pytest.param(["[::ffff:169.254.169.254]:80"], 1, PRIVATE, id="metadata-v4-mapped"),
+        pytest.param(["https://[::ffff:a9fe:a9fe]/"], 1, PRIVATE, id="metadata-v4-mapped-hex-url"),
+        pytest.param(["127.1"], 1, PRIVATE, id="loopback-short"),
+        pytest.param(["::1"], 1, PRIVATE, id="v6-loopback-bare"),
+        pytest.param(["[::1]:8080"], 1, PRIVATE, id="v6-loopback-port"),
+        pytest.param(["8.8.8.8"], 1, ("deny", "no_rule", "default:fallback"), id="public-ip"),
+    ],
+)
+def test_check_default_rules(capsys, argv, code, expected):
+    got_code, result = check_json(capsys, *argv)
+    assert (got_code, (result["verdict"], result["reason"], result["rule"])) == (code, expected), result
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "expected", "inspect"),
+    [
+        pytest.param(["https://api.github.com/repos/octo/hello"], 0,
+                     ("allow", "rule_allow", f"{TEAM}:12"), False, id="request-allowed-by-path"),
+        pytest.param(["--method", "HEAD", "https://api.github.com/repos/octo/hello"], 0,
+                     ("allow", "rule_allow", f"{TEAM}:12"), False, id="request-second-method"),
+        pytest.param(["api.github.com"], 0, ("allow", "rule_allow", f"{TEAM}:12"), True, id="connection-inspected"),
+        pytest.param(["https://api.github.com/"], 0, ("allow", "rule_allow", f"{TEAM}:12"), True,
+                     id="url-without-path-is-a-connection"),
+        pytest.param(["--method", "POST", "https://api.github.com/repos/octo/hello"], 1,
+                     ("deny", "method_not_allowed", "default:fallback"), False, id="method-not-allowed"),
+        pytest.param(["https://api.github.com/user/keys"], 1,
+                     ("deny", "path_not_allowed", "default:fallback"), False, id="path-not-allowed"),
+        pytest.param(["https://api.github.com/repos/../user/keys"], 1,
+                     ("deny", "path_not_allowed", "default:fallback"), False, id="dot-dot-path"),
+        pytest.param(["github.com:22"], 0, ("allow", "rule_allow", f"{TEAM}:10"), False, id="explicit-port"),
+        pytest.param(["download.pythonhosted.org"], 0, ("allow", "rule_allow", f"{TEAM}:9"), False, id="wildcard"),
+        pytest.param(["pythonhosted.org"], 1, ("deny", "no_rule", "default:fallback"), False, id="wildcard-apex"),
+        pytest.param(["203.0.113.7"], 0, ("allow", "rule_allow", f"{TEAM}:15"), False, id="cidr"),
+        pytest.param(["3405803783"], 0, ("allow", "rule_allow", f"{TEAM}:15"), False, id="cidr-decimal"),
+        pytest.param(["http://203.0.113.7/"], 1, ("deny", "port_not_allowed", "default:fallback"), False,
+                     id="cidr-other-port"),
+        pytest.param(["[2001:db8::1]:443"], 1, ("deny", "no_rule", "default:fallback"), False, id="v6-no-rule"),
+        pytest.param(["--profile", "ci", "registry.npmjs.org"], 0, ("allow", "rule_allow", "preset:npm"), False,
+                     id="extends-include"),
+        pytest.param(["--profile", "ci", "api.github.com"], 0, ("allow", "rule_allow", f"{TEAM}:12"), True,
+                     id="extends-inherits-rules"),
+    ],
+)
+def test_check_team_rules(capsys, argv, code, expected, inspect):
+    got_code, result = check_json(capsys, "--rules", TEAM, *argv)
+    assert (got_code, (result["verdict"], result["reason"], result["rule"]), result["inspect"]) == (
+        code, expected, inspect), result
+
+
+def test_check_json_shape(capsys):
+    code, result = check_json(capsys, "--rules", TEAM, "api.github.com")
+    assert code == 0
+    assert {"verdict", "reason", "rule", "inspect"} <= set(result)
+    assert isinstance(result["inspect"], bool)
+    assert result["rule_origin"] == f"{TEAM}:12"
+    assert re.fullmatch(r"[0-9a-f]{16}", result["policy"])
+
+
+def test_check_human_output(capsys):
+    assert main(["check", "--rules", TEAM, "api.github.com"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "ALLOW  api.github.com"
+    assert "reason:  rule_allow" in out and f"rule:    {TEAM}:12" in out and "inspect: yes" in out
+
+    assert main(["check", "--rules", TEAM, "--profile", "ci", "registry.npmjs.org"]) == 0
+    out = capsys.readouterr().out
+    assert "rule:    preset:npm  (rules/presets/package-registries.yaml:" in out
+
+    assert main(["check", "169.254.169.254"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("DENY  169.254.169.254") and "rule:    builtin:private-address\n" in out
+
+
+def test_check_ask_is_exit_1_and_audit_exit_0(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nprofiles:\n  asking:\n    fallback: ask\n  learning:\n    fallback: audit\n")
+    assert main(["check", "--rules", str(path), "--profile", "asking", "example.com"]) == 1
+    assert main(["check", "--rules", str(path), "--profile", "learning", "example.com"]) == 0
+    out = capsys.readouterr().out
+    assert "ASK  example.com" in out and "AUDIT  example.com" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["ftp://example.com/"], "unsupported URL scheme", id="scheme"),
+        pytest.param(["http://[::1/"], "not a URL", id="broken-url"),
+        pytest.param(["https:///path"], "not a host name", id="url-without-host"),
+        pytest.param(["exa mple.com"], "not a host name", id="space"),
+        pytest.param(["example..com"], "not a host name", id="empty-label"),
+        pytest.param(["example.com:99999"], "bad port", id="port-range"),
+        pytest.param(["example.com:https"], "bad port", id="port-word"),
+        pytest.param(["https://example.com:99999/"], "bad port", id="url-port-range"),
+        pytest.param(["--method", "FETCH", "example.com"], "unknown HTTP method", id="method"),
+        pytest.param(["--profile", "nope", "pypi.org"], "no profile 'nope'", id="unknown-profile"),
+        pytest.param(["--rules", BROKEN, "pypi.org"], "invalid rules, nothing checked", id="broken-rules"),
+        pytest.param(["--rules", "does/not/exist.yaml", "pypi.org"], "cannot read rule file", id="missing-rules"),
+    ],
+)
+def test_check_bad_input_exits_2(capsys, argv, message):
+    assert main(["check", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert message in captured.err
+
+
+def test_check_broken_rules_names_file_line_col(capsys):
+    assert main(["check", "--rules", BROKEN, "pypi.org"]) == 2
+    assert f"{BROKEN}:6:16: '*' would allow everything" in capsys.readouterr().err
+
+
+# --- rules show ---------------------------------------------------------------------------
+
+
+def test_rules_show_each_rule_with_its_origin(capsys):
+    assert main(["rules", "show", TEAM]) == 0
+    out = capsys.readouterr().out
+    profiles = [line for line in out.splitlines() if not line.startswith("  ")]
+    assert profiles == [f"profile default  (fallback: deny, {TEAM}:5)", f"profile ci  (fallback: deny, {TEAM}:5)"]
+    rules = [line for line in out.splitlines() if line.startswith("  ")]
+    for line in rules:
+        origin = re.search(r"\(([^()]+):(\d+)\)$", line)
+        assert origin, f"no (FILE:LINE) at the end of {line!r}"
+        assert (ROOT / origin[1]).is_file()
+    assert f"  allow api.github.com ports 80,443 methods GET,HEAD paths /repos/**  ({TEAM}:12)" in rules
+    assert f"  deny  gist.github.com ports 80,443 [no-gists]  ({TEAM}:17)" in rules or any(
+        line.startswith("  EXPIRED 2027-01-01: deny  gist.github.com") for line in rules)
+    assert any(line.endswith("[preset:pypi]  (rules/presets/package-registries.yaml:6)") for line in rules)
+
+
+def test_rules_show_profile_after_extends_and_include(capsys):
+    assert main(["rules", "show", "--profile", "ci", TEAM]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("profile ci ")
+    ids = [re.search(r"\[([^\]]+)\]", line)[1] for line in out[1:] if "[" in line]
+    assert ids[:7] == ["preset:pypi", "preset:npm", "preset:crates", "preset:go", "preset:maven",
+                       "preset:rubygems", "preset:apt"]
+    assert ids[-1] == "ci-npm"
+
+
+def test_rules_show_json(capsys):
+    assert main(["rules", "show", "--json", "--profile", "ci", TEAM]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["profile"] == "ci" and shown["fallback"] == "deny"
+    rule = next(r for r in shown["rules"] if r["origin"] == f"{TEAM}:12")
+    assert rule == {
+        "id": f"{TEAM}:12", "action": "allow", "targets": ["api.github.com"], "ports": [80, 443],
+        "methods": ["GET", "HEAD"], "paths": ["/repos/**"], "origin": f"{TEAM}:12", "expires": None,
+        "owner": None, "ticket": None, "comment": None,
+    }
+
+
+def test_rules_show_expired(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nprofiles:\n  default:\n    rules:\n"
+                    "      - allow: old.example\n        id: old\n        expires: 2001-01-01\n")
+    assert main(["rules", "show", str(path)]) == 0
+    assert "  EXPIRED 2001-01-01: allow old.example ports 80,443 [old]" in capsys.readouterr().out
+
+
+def test_rules_show_unknown_profile(capsys):
+    assert main(["rules", "show", "--profile", "nope", TEAM]) == 2
+    assert "no profile 'nope'" in capsys.readouterr().err
+
+
+# --- rules lint ---------------------------------------------------------------------------
+
+
+def test_rules_lint_valid(capsys):
+    assert main(["rules", "lint", "rules/default.yaml", TEAM]) == 0
+    assert capsys.readouterr().out == f"ok: rules/default.yaml, {TEAM}\n"
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "rules" / "presets").glob("*.yaml")))
+def test_every_shipped_preset_lints(tmp_path, capsys, preset):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"version: 1\nprofiles:\n  default:\n    include: [{preset}]\n")
+    assert main(["rules", "lint", str(path)]) == 0, capsys.readouterr().err
+
+
+def test_rules_lint_json_valid(capsys):
+    assert main(["rules", "lint", "--json", "rules/default.yaml"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"valid": True, "errors": [], "expired": []}
+
+
+def test_rules_lint_json_invalid(capsys):
+    assert main(["rules", "lint", "--json", BROKEN]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report == {
+        "valid": False,
+        "errors": [{"file": BROKEN, "line": 6, "column": 16,
+                    "message": "'*' would allow everything; use the profile's 'fallback' instead"}],
+        "expired": [],
+    }
+
+
+def test_rules_lint_several_files_reports_each(capsys):
+    other = "tests/fixtures/rules/broken/unknown_fallback.yaml"
+    assert main(["rules", "lint", BROKEN, "rules/default.yaml", other]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err] == [BROKEN, other]
+
+
+def test_rules_lint_warns_about_expired_rules(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nprofiles:\n  default:\n    rules:\n"
+                    "      - allow: old.example\n        id: old\n        expires: 2001-01-01\n")
+    assert main(["rules", "lint", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: rule old expired on 2001-01-01 and no longer matches" in captured.err
+    assert main(["rules", "lint", "--json", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["valid"] is True and report["expired"][0]["rule"] == "old"
+
+
+# --- the installed command -------------------------------------------------------------------
+
+
+def _installed_sandgate() -> Path:
+    for candidate in (ROOT / ".venv" / "bin" / "sandgate", Path(sys.executable).parent / "sandgate"):
+        if candidate.exists():
+            return candidate
+    pytest.fail("the sandgate console script is not installed next to the test interpreter")
+
+
+def test_console_script_runs():
+    sandgate = str(_installed_sandgate())
+    run = subprocess.run([sandgate, "check", "--json", "https://pypi.org/simple/"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["rule"] == "preset:pypi"
+
+    run = subprocess.run([sandgate, "check", "0x7f.1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "private_address" in run.stdout
+
+    run = subprocess.run([sandgate, "rules", "lint", BROKEN], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"{BROKEN}:6:16: ")
