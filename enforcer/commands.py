@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from enforcer.cli import EXIT_OK, UsageError
+from enforcer.cli import EXIT_DENIED, EXIT_OK, UsageError
 from proxy.policy import DEFAULT_RULES, PolicyError, load_policy
 
 
@@ -15,7 +15,12 @@ def register(sub) -> None:
     run.add_argument("--profile", default="default")
     run.add_argument("--dns-upstream", action="append", default=[], metavar="IP",
                      help="resolver the DNS filter forwards to (default: the host's resolv.conf)")
-    run.add_argument("--audit-log", type=Path, help="append the run's events as JSON lines to FILE")
+    run.add_argument("--audit-log", type=Path, metavar="FILE",
+                     help="append the run's events as hash-chained JSON lines to FILE "
+                          "(default: $SANDGATE_STATE_DIR/audit/<run id>.jsonl, /var/lib/sandgate/audit/...)")
+    run.add_argument("--metrics-listen", default="127.0.0.1:9464", metavar="HOST:PORT",
+                     help="serve Prometheus /metrics here while the task runs (default 127.0.0.1:9464; "
+                          "'off' for none). A port in use is a warning, not an error")
     run.add_argument("--summary-json", type=Path, help="write the task summary as JSON to FILE")
     run.add_argument("--extra-ca", type=Path, action="append", default=[],
                      help="also trust this CA (PEM) in the sandbox and for upstreams, e.g. a corporate CA")
@@ -27,6 +32,12 @@ def register(sub) -> None:
     demo = sub.add_parser("demo", help="build a fake internet in namespaces and run a scripted agent through the gateway")
     demo.set_defaults(func=cmd_demo)
 
+    audit = sub.add_parser("audit", help="audit-log tools").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="check an audit log's hash chain; exit 1 at the first broken line")
+    verify.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                        help="one log, or a rotated series oldest first (FILE.2 FILE.1 FILE)")
+    verify.set_defaults(func=cmd_audit_verify)
+
     gc = sub.add_parser("gc", help="remove what SIGKILLed runs left behind (netns, veth, nft tables)")
     gc.set_defaults(func=cmd_gc)
 
@@ -35,6 +46,7 @@ def cmd_run(args) -> int:
     import logging
 
     from enforcer.run import RunOptions, run
+    from proxy.telemetry.metrics import parse_listen
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="sandgate: %(levelname)s %(name)s: %(message)s")
@@ -45,9 +57,39 @@ def cmd_run(args) -> int:
     for ca in args.extra_ca:
         if not ca.is_file():
             raise UsageError(f"--extra-ca {ca}: no such file")
+    metrics_listen = None
+    if args.metrics_listen.lower() not in ("off", "none", ""):
+        try:
+            metrics_listen = parse_listen(args.metrics_listen)
+        except ValueError as e:
+            raise UsageError(f"--metrics-listen: {e}") from None
     return run(RunOptions(command=args.command, policy=policy, profile=args.profile,
                           dns_upstreams=args.dns_upstream, audit_log=args.audit_log,
+                          metrics_listen=metrics_listen,
                           summary_json=args.summary_json, extra_ca=args.extra_ca, quiet=args.quiet))
+
+
+def cmd_audit_verify(args) -> int:
+    """Exit 0 when the chain is intact, 1 at the first broken line (FILE:LINE: problem)."""
+    from proxy.telemetry.audit import verify
+
+    for path in args.files:
+        if not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    result = verify(*args.files)
+    if not result.ok:
+        print(f"{result.file}:{result.line}: {result.problem}")
+        print(f"sandgate audit verify: BROKEN at line {result.line} of {result.file} "
+              f"({result.lines - 1} lines before it are intact)")
+        return EXIT_DENIED
+    if not result.lines:
+        print("sandgate audit verify: ok, but empty: no records")
+        return EXIT_OK
+    where = "a fresh log (seq 1)" if result.starts_fresh else (
+        f"seq {result.first_seq}: earlier lines are in older rotated files, or were removed")
+    print(f"sandgate audit verify: ok: {result.lines} lines, seq {result.first_seq}..{result.last_seq}, "
+          f"chain intact; starts at {where}; last hash {result.last_hash}")
+    return EXIT_OK
 
 
 def cmd_demo(args) -> int:

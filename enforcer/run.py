@@ -26,19 +26,27 @@ from pathlib import Path
 from enforcer import netns, nft
 from proxy.gateway import Gateway, GatewayConfig
 from proxy.policy import CompiledPolicy
+from proxy.policy.model import builtin_rule
+from proxy.policy.reasons import Reason, Verdict
 from proxy.registry import Sandbox
-from proxy.telemetry.audit import AuditLog
+from proxy.telemetry.audit import AuditLog, AuditLogError
+from proxy.telemetry.event import Event, EventKind
+from proxy.telemetry.metrics import Metrics
 from proxy.telemetry.summary import TaskSummary
 
 log = logging.getLogger("sandgate.run")
 
 RUN_DIR = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))
 STATE_DIR = Path(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate"))
+AUDIT_DIR = STATE_DIR / "audit"  # a run's audit log when --audit-log is not given: <run id>.jsonl
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TABLE_PREFIX = "sandgate_"
 CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO",
                "CURL_CA_BUNDLE")
 EXIT_SETUP = 125
+
+
+FIREWALL_RULE = builtin_rule("firewall")
 
 
 class RunError(Exception):
@@ -51,7 +59,8 @@ class RunOptions:
     policy: CompiledPolicy
     profile: str = "default"
     dns_upstreams: list[str] = field(default_factory=list)
-    audit_log: Path | None = None
+    audit_log: Path | None = None  # None: AUDIT_DIR/<run id>.jsonl (kept after the run)
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)  # None: no /metrics
     summary_json: Path | None = None
     extra_ca: list[Path] = field(default_factory=list)
     pool: str = str(netns.DEFAULT_POOL)
@@ -105,20 +114,25 @@ class TaskRun:
         self.dir = RUN_DIR / self.run_id
         self.table = TABLE_PREFIX + self.run_id
         self.summary = TaskSummary()
-        self.audit = AuditLog(opts.audit_log) if opts.audit_log else None
+        self.audit_path = opts.audit_log or AUDIT_DIR / f"{self.run_id}.jsonl"
+        self.audit: AuditLog | None = None
+        self.metrics = Metrics()
         self.net: netns.SandboxNet | None = None
         self.gateway: Gateway | None = None
         self.child: asyncio.subprocess.Process | None = None
+        self.exit_code: int | None = None
+        self.sandbox_ip: str | None = None
 
     async def run(self) -> int:
         started = time.monotonic()
         try:
             await self._setup()
             log.info("sandbox ready in %.0f ms", (time.monotonic() - started) * 1000)
-            return await self._run_task()
+            self.exit_code = await self._run_task()
+            return self.exit_code
         finally:
-            await self._teardown()
-            self.summary.task_ended(self.run_id, time.monotonic() - started)
+            await self._teardown(time.monotonic() - started)
+            self.summary.task_ended(self.run_id, time.monotonic() - started, self.exit_code)
             if not self.opts.quiet:
                 self.summary.print_table(sys.stderr)
             if self.opts.summary_json:
@@ -131,6 +145,11 @@ class TaskRun:
         upstreams = opts.dns_upstreams or default_dns_upstreams()
         if not upstreams:
             raise RunError("no DNS upstream: pass --dns-upstream IP (none found in /etc/resolv.conf)")
+        try:
+            self.audit = AuditLog(self.audit_path)
+        except AuditLogError as e:
+            raise RunError(f"{e} (--audit-log FILE picks another place)") from None
+        self.summary.telemetry["audit_log"] = str(self.audit_path)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "pid").write_text(str(os.getpid()))
         gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, opts.pool)
@@ -139,11 +158,16 @@ class TaskRun:
         inspects = any(r.inspects for r in opts.policy.profiles[opts.profile].rules)
         upstream_ca = self.dir / "upstream-ca.pem"
         _write_ca_bundle(upstream_ca, opts.extra_ca)
-        sinks = [self.summary] + ([self.audit] if self.audit else [])
         self.gateway = Gateway(GatewayConfig(listen_host=str(gateway_ip), dns_upstreams=upstreams,
                                              confdir=STATE_DIR / "ca", upstream_ca=upstream_ca),
-                               opts.policy, *sinks)
+                               opts.policy, self.summary, self.audit, self.metrics)
         await self.gateway.start()
+        self._start_metrics()
+        self.gateway.emit(Event(
+            kind=EventKind.POLICY, verdict=Verdict.ALLOW, reason=Reason.POLICY_LOADED,
+            detail=f"{opts.policy.rule_count} rules, profiles {', '.join(opts.policy.profiles)}, "
+                   f"from {', '.join(opts.policy.files)}"[:1000]))
+        self.sandbox_ip = str(sandbox_ip)
         self.gateway.add_sandbox(Sandbox(str(sandbox_ip), self.run_id, opts.profile))
         ruleset = nft.render_ruleset(nft.RulesetConfig(table=self.table, sandbox_ifaces=self.net.host_if,
                                                        proxy_port=self.gateway.proxy_port,
@@ -157,6 +181,24 @@ class TaskRun:
         self.ca_bundle = ca_bundle
         self.summary.task_started(self.run_id, opts.profile, str(sandbox_ip), opts.command)
         self.gateway.emit(self.summary.start_event)
+
+    def _start_metrics(self) -> None:
+        """Serve /metrics; a port in use (another run, say) costs the metrics, never the task."""
+        self.metrics.watch_gateway(self.gateway)
+        self.metrics.watch_audit(self.audit)
+        self.metrics.watch_firewall(lambda: nft.read_counters(self.table))
+        if self.opts.metrics_listen is None:
+            return
+        host, port = self.opts.metrics_listen
+        try:
+            host, port = self.metrics.serve(host, port)
+        except OSError as e:
+            print(f"sandgate: warning: no metrics for this run: cannot listen on {host}:{port}: "
+                  f"{e.strerror or e} (--metrics-listen HOST:PORT picks another)", file=sys.stderr)
+            return
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.summary.telemetry["metrics"] = f"http://{where}/metrics"
+        log.info("metrics on http://%s/metrics", where)
 
     async def _run_task(self) -> int:
         argv = [sys.executable, "-m", "enforcer.sandbox_init", "--netns", f"/run/netns/{self.net.netns}",
@@ -181,22 +223,41 @@ class TaskRun:
         if self.child is not None and self.child.returncode is None:
             self.child.send_signal(signum)
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, duration: float) -> None:
         if self.child is not None and self.child.returncode is None:
             self.child.kill()
             await self.child.wait()
         if self.net is not None:
             await asyncio.to_thread(netns.destroy_sandbox_net, self.run_id)
+        counters: dict[str, int] = {}
         with contextlib.suppress(nft.NftError):
             counters = await asyncio.to_thread(nft.read_counters, self.table)
             self.summary.firewall_drops(counters)
         with contextlib.suppress(nft.NftError):
             await asyncio.to_thread(nft.delete_table, self.table)
         if self.gateway is not None:
+            self._emit_task_end(counters, duration)
             await self.gateway.stop()
+        self.metrics.stop()
         if self.audit is not None:
             self.audit.close()
+            self.summary.telemetry["audit_lost"] = self.audit.lost
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _emit_task_end(self, counters: dict[str, int], duration: float) -> None:
+        """The kernel's drops (one event per counter that counted), then the task's end."""
+        common = {"task_id": self.run_id, "sandbox": self.sandbox_ip, "profile": self.opts.profile}
+        for name, packets in sorted(counters.items()):
+            if packets:
+                kind = name.removeprefix("dropped_")
+                self.gateway.emit(Event(
+                    kind=EventKind.TASK, verdict=Verdict.DENY, reason=Reason.DROPPED_BY_FIREWALL,
+                    rule_id=FIREWALL_RULE.id, rule_origin=FIREWALL_RULE.origin,
+                    protocol=kind if kind in ("udp", "icmp", "ipv6") else None,
+                    detail=f"the firewall dropped {packets} packets ({name})", **common))
+        ended = "was not started" if self.exit_code is None else f"exit code {self.exit_code}"
+        self.gateway.emit(Event(kind=EventKind.TASK, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW,
+                                detail=f"task ended: {ended}", duration=round(duration, 6), **common))
 
 
 def _die_with_parent() -> None:

@@ -6,13 +6,17 @@ apply are None. docs/telemetry.md documents each field and its OCSF mapping.
 
 from __future__ import annotations
 
+import logging
+import operator
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Protocol
 
 from proxy.policy.model import Decision
 from proxy.policy.reasons import Reason, Verdict
+
+log = logging.getLogger("sandgate.telemetry")
 
 
 class EventKind(StrEnum):
@@ -61,12 +65,28 @@ class Event:
             **fields,
         )
 
-    def with_fields(self, **fields) -> Event:
-        return replace(self, **fields)
+    def with_fields(self, **changes) -> Event:
+        """A copy with `changes` applied (what `dataclasses.replace` does, at a
+        third of its cost: the gateway stamps every event)."""
+        unknown = changes.keys() - _FIELD_SET
+        if unknown:
+            raise TypeError(f"Event has no field {', '.join(sorted(unknown))}")
+        new = object.__new__(Event)
+        for name, value in zip(FIELDS, field_values(self), strict=True):
+            _set(new, name, changes.get(name, value))
+        return new
 
     def to_dict(self) -> dict:
-        """JSON-ready: enums as their strings, None fields dropped."""
-        return {k: (str(v) if isinstance(v, StrEnum) else v) for k, v in asdict(self).items() if v is not None}
+        """JSON-ready, in field order: enums as their strings, None fields dropped."""
+        record = {k: v for k, v in zip(FIELDS, field_values(self), strict=True) if v is not None}
+        record["kind"], record["verdict"], record["reason"] = str(self.kind), str(self.verdict), str(self.reason)
+        return record
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Event))
+_FIELD_SET = frozenset(FIELDS)
+field_values = operator.attrgetter(*FIELDS)
+_set = object.__setattr__
 
 
 class EventSink(Protocol):
@@ -90,6 +110,4 @@ class EventFanout:
             try:
                 sink.emit(event)
             except Exception:  # noqa: BLE001 - one broken sink must not lose the event for the others
-                import logging
-
-                logging.getLogger("sandgate.telemetry").exception("event sink %r failed", sink)
+                log.exception("event sink %r failed", sink)

@@ -2,7 +2,10 @@
 
 One row per (destination, verdict, reason, rule): the destination is the name when
 there is one (SNI, Host, DNS question), else IP:port. Blocked rows come first,
-each with the rule to ask about.
+each with the rule to ask about. The table on stderr shows at most `max_printed`
+rows (the JSON has them all); at most `max_rows` distinct rows are kept, later
+destinations are counted under "(other destinations)" so that a task resolving
+a million random names cannot grow the gateway's memory.
 """
 
 from __future__ import annotations
@@ -14,20 +17,26 @@ from proxy.policy.reasons import Reason, Verdict
 from proxy.telemetry.event import Event, EventKind
 
 BLOCKED = (Verdict.DENY, Verdict.ASK)
+OTHER_DESTINATIONS = "(other destinations)"
 
 
 class TaskSummary:
-    def __init__(self) -> None:
+    def __init__(self, *, max_rows: int = 10_000, max_printed: int = 40) -> None:
         self.rows: Counter[tuple[str, str, str, str, str]] = Counter()
         self.firewall: dict[str, int] = {}
         self.task: dict = {}
+        self.telemetry: dict = {}  # where the audit log and the metrics went
         self.start_event: Event | None = None
+        self.max_rows, self.max_printed = max_rows, max_printed
 
     def emit(self, event: Event) -> None:
         if event.kind in (EventKind.TASK, EventKind.POLICY):
             return
         destination = event.name or (f"{event.dst_ip}:{event.dst_port}" if event.dst_ip else "?")
-        self.rows[(str(event.kind), destination, str(event.verdict), str(event.reason), event.rule_id or "")] += 1
+        key = (str(event.kind), destination, str(event.verdict), str(event.reason), event.rule_id or "")
+        if key not in self.rows and len(self.rows) >= self.max_rows:
+            key = (key[0], OTHER_DESTINATIONS, *key[2:])
+        self.rows[key] += 1
 
     def task_started(self, task_id: str, profile: str, sandbox: str, command: list[str]) -> None:
         self.task = {"task_id": task_id, "profile": profile, "sandbox": sandbox, "command": command}
@@ -35,8 +44,10 @@ class TaskSummary:
                                  task_id=task_id, sandbox=sandbox, profile=profile,
                                  detail="task started: " + " ".join(command)[:500])
 
-    def task_ended(self, task_id: str, duration: float) -> None:
+    def task_ended(self, task_id: str, duration: float, exit_code: int | None = None) -> None:
         self.task["duration"] = round(duration, 3)
+        if exit_code is not None:
+            self.task["exit_code"] = exit_code
 
     def firewall_drops(self, counters: dict[str, int]) -> None:
         self.firewall = {name: n for name, n in counters.items() if n}
@@ -49,6 +60,7 @@ class TaskSummary:
                 for (k, d, v, r, rule), n in sorted(self.rows.items(), key=_blocked_first)
             ],
             "firewall_drops": self.firewall,
+            **self.telemetry,
         }
 
     def print_table(self, out: TextIO) -> None:
@@ -57,18 +69,33 @@ class TaskSummary:
         blocked = sum(n for (_, _, v, _, _), n in rows if v in BLOCKED)
         print(f"\nsandgate: task {self.task.get('task_id', '?')} (profile {self.task.get('profile', '?')}): "
               f"{allowed} allowed, {blocked} blocked", file=out)
-        if rows:
-            width = min(48, max(len(d) for (_, d, _, _, _), _ in rows))
+        shown = rows[: self.max_printed]
+        if shown:
+            width = min(48, max(len(d) for (_, d, _, _, _), _ in shown))
             print(f"  {'VERDICT':7} {'KIND':10} {'DESTINATION':{width}} {'N':>4}  REASON / RULE", file=out)
-            for (kind, dest, verdict, reason, rule), n in rows:
+            for (kind, dest, verdict, reason, rule), n in shown:
+                dest = _printable(dest)
                 print(f"  {verdict:7} {kind:10} {dest[:width]:{width}} {n:>4}  {reason} / {rule}", file=out)
+        if len(rows) > len(shown):
+            print(f"  ... {len(rows) - len(shown)} more rows (--summary-json FILE has them all)", file=out)
         for name, n in sorted(self.firewall.items()):
             print(f"  firewall: {name} {n} packets", file=out)
         if blocked:
             print("  To ask for access, show the blocked rows to your network admins "
                   "(sandgate check TARGET explains a verdict).", file=out)
+        if self.telemetry.get("audit_log"):
+            lost = self.telemetry.get("audit_lost")
+            print(f"  audit log: {self.telemetry['audit_log']}"
+                  + (f"  (WARNING: {lost} events could not be written)" if lost else ""), file=out)
+        if self.telemetry.get("metrics"):
+            print(f"  metrics: {self.telemetry['metrics']}", file=out)
 
 
 def _blocked_first(item) -> tuple:
     (kind, dest, verdict, reason, rule), n = item
     return (verdict not in BLOCKED, dest, kind)
+
+
+def _printable(text: str) -> str:
+    """No terminal control sequences from a sandbox's names reach the user's terminal."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

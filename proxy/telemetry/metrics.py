@@ -1,0 +1,298 @@
+"""Prometheus metrics: an event sink that counts, on its own registry, with bounded labels.
+
+Labels are only ever verdict, reason, rule id, profile, protocol, method, kind,
+direction, result or counter name — never a domain, a Host header or an IP address,
+so a sandbox that resolves a million random names adds no series. The values that
+come from outside the gateway's own vocabulary are capped as well, in case a bug
+or a huge policy lets many through: rule ids and profiles keep their first
+`max_label_values` distinct values and fold the rest into "other" (counted by
+`sandgate_metric_label_overflow_total`); protocol and method are checked against
+fixed sets.
+
+`emit` runs on the gateway's event loop: it looks the event's label tuple up in a
+dict of cached children (`labels(...)` costs ~1 µs, an `inc()` on a cached child
+~0.25 µs) and does no I/O. State that is cheaper to read than to track — the
+policy, open connections and sandboxes, the audit writer's counters, the nftables
+drop counters — is read when Prometheus scrapes, by `_StateCollector`.
+
+`/metrics` is served by prometheus_client's WSGI server in a daemon thread, not on
+the event loop: a scrape costs the proxy only the GIL time of rendering a few
+hundred series (see `serve`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import start_wsgi_server
+
+from proxy.policy.model import HTTP_METHODS
+from proxy.policy.reasons import Reason
+from proxy.telemetry.event import Event, EventKind
+
+log = logging.getLogger("sandgate.metrics")
+
+OTHER = "other"  # the label value everything past a cap is folded into
+PROTOCOLS = frozenset({"tcp", "tls", "http", "https", "dns", "udp", "quic", "icmp", "ipv6"})
+# Seconds. Policy decisions take microseconds; DNS includes the upstream's answer.
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DEFAULT_LISTEN = "127.0.0.1:9464"
+_DECISION_LABELS = ("verdict", "reason", "rule", "profile")
+_MAX_CACHED_CHILDREN = 50_000  # a guard on memory; label caps already bound the series
+
+
+class _Cap:
+    """The first `limit` distinct values pass; later ones become "other"."""
+
+    def __init__(self, label: str, limit: int, overflow: Counter):
+        self.limit = limit
+        self.seen: set[str] = set()
+        self._overflow = overflow.labels(label)
+
+    def __call__(self, value: str | None) -> str:
+        if value is None:
+            return ""
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.limit:
+            self.seen.add(value)
+            return value
+        self._overflow.inc()
+        return OTHER
+
+
+@dataclass
+class _Watched:
+    """What the scrape-time collector reads. Each is optional."""
+
+    policy: Callable[[], Any] | None = None  # -> CompiledPolicy (hash, rule_count)
+    sandboxes: Callable[[], int] | None = None
+    connections: Callable[[], int] | None = None
+    audit: Any = None  # AuditLog: written, lost, write_errors, queued
+    firewall: Callable[[], dict[str, int]] | None = None
+    firewall_min_interval: float = 1.0
+
+
+class Metrics:
+    """An `EventSink` that turns events into Prometheus series on `self.registry`."""
+
+    def __init__(self, *, max_label_values: int = 1000, max_profiles: int = 100):
+        # No `*_created` series: they double the series count and no dashboard reads them.
+        # (A process-wide switch of prometheus_client; sandgate has no other registry.)
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Counter(
+            "sandgate_connections", "Connection decisions (TCP connect, TLS ClientHello, raw TCP).",
+            [*_DECISION_LABELS, "protocol"], registry=r)
+        self.dns_queries = Counter(
+            "sandgate_dns_queries", "DNS queries the DNS filter answered, by decision.",
+            list(_DECISION_LABELS), registry=r)
+        self.http_requests = Counter(
+            "sandgate_http_requests", "HTTP requests (plain or intercepted TLS), by decision.",
+            [*_DECISION_LABELS, "protocol", "method"], registry=r)
+        self.approvals = Counter(
+            "sandgate_approvals", "Approval outcomes (fallback ask).",
+            list(_DECISION_LABELS), registry=r)
+        self.events = Counter(
+            "sandgate_events", "Events the gateway emitted, by kind and verdict (the audit log gets each).",
+            ["kind", "verdict"], registry=r)
+        self.bytes = Counter(
+            "sandgate_bytes", "Bytes relayed for sandboxes, by direction (up: sandbox to internet).",
+            ["direction", "kind", "profile"], registry=r)
+        self.latency = Histogram(
+            "sandgate_decision_latency_seconds",
+            "Time the gateway took to decide, per decision point (kind); dns includes the upstream answer.",
+            ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.policy_reloads = Counter(
+            "sandgate_policy_reloads", "Policy loads and reloads, by result (success, failure).",
+            ["result"], registry=r)
+        self.label_overflow = Counter(
+            "sandgate_metric_label_overflow",
+            "Label values folded into 'other' because a label reached its cap of distinct values.",
+            ["label"], registry=r)
+        self._rule = _Cap("rule", max_label_values, self.label_overflow)
+        self._profile = _Cap("profile", max_profiles, self.label_overflow)
+        self._children: dict[tuple, tuple] = {}
+        self._bytes_children: dict[tuple, Any] = {}
+        self.watched = _Watched()
+        r.register(_StateCollector(self.watched))
+        self._server = None
+        self._server_thread: threading.Thread | None = None
+
+    # --- the sink ------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        kind = event.kind
+        key = (kind, event.verdict, event.reason, event.rule_id, event.profile, event.protocol, event.method)
+        children = self._children.get(key)
+        if children is None:
+            children = self._resolve(key)
+        counter, events, latency = children
+        events.inc()
+        if counter is not None:
+            counter.inc()
+        seconds = event.latency if event.latency is not None else event.duration if kind is EventKind.DNS else None
+        if seconds is not None and latency is not None:
+            latency.observe(seconds)
+        if event.bytes_up or event.bytes_down:
+            self._count_bytes(event)
+        if kind is EventKind.POLICY:
+            if event.reason is Reason.POLICY_LOADED:
+                self.policy_reloads.labels("success").inc()
+            elif event.reason is Reason.POLICY_INVALID:
+                self.policy_reloads.labels("failure").inc()
+
+    def _resolve(self, key: tuple) -> tuple:
+        kind, verdict, reason, rule_id, profile, protocol, method = key
+        decision = (str(verdict), str(reason), self._rule(rule_id), self._profile(profile))
+        proto = protocol if protocol in PROTOCOLS else (OTHER if protocol else "")
+        counter = None
+        if kind is EventKind.CONNECTION:
+            counter = self.connections.labels(*decision, proto)
+        elif kind is EventKind.DNS:
+            counter = self.dns_queries.labels(*decision)
+        elif kind is EventKind.REQUEST:
+            counter = self.http_requests.labels(*decision, proto, method if method in HTTP_METHODS else OTHER)
+        elif kind is EventKind.APPROVAL:
+            counter = self.approvals.labels(*decision)
+        decides = kind in (EventKind.CONNECTION, EventKind.DNS, EventKind.REQUEST, EventKind.APPROVAL)
+        children = (counter, self.events.labels(str(kind), str(verdict)),
+                    self.latency.labels(str(kind)) if decides else None)
+        if len(self._children) < _MAX_CACHED_CHILDREN:
+            self._children[key] = children
+        return children
+
+    def _count_bytes(self, event: Event) -> None:
+        key = (event.kind, event.profile)
+        children = self._bytes_children.get(key)
+        if children is None:
+            profile = self._profile(event.profile)
+            children = (self.bytes.labels("up", str(event.kind), profile),
+                        self.bytes.labels("down", str(event.kind), profile))
+            if len(self._bytes_children) < _MAX_CACHED_CHILDREN:
+                self._bytes_children[key] = children
+        if event.bytes_up:
+            children[0].inc(event.bytes_up)
+        if event.bytes_down:
+            children[1].inc(event.bytes_down)
+
+    # --- what is read at scrape time -------------------------------------------------
+
+    def watch_gateway(self, gateway) -> None:
+        """Read the policy, the sandbox registry and the open connections from a
+        `proxy.gateway.Gateway` whenever Prometheus scrapes."""
+        self.watched.policy = lambda: gateway.policy
+        self.watched.sandboxes = lambda: len(gateway.registry)
+        self.watched.connections = lambda: len(getattr(gateway.addon, "connections", ()))
+
+    def watch_audit(self, audit) -> None:
+        """Export an `AuditLog`'s written/lost/error counters and queue length."""
+        self.watched.audit = audit
+
+    def watch_firewall(self, read_counters: Callable[[], dict[str, int]], min_interval: float = 1.0) -> None:
+        """Export nftables drop counters; `read_counters` runs in the scrape thread,
+        at most once per `min_interval` seconds (the last values stay when it fails)."""
+        self.watched.firewall = read_counters
+        self.watched.firewall_min_interval = min_interval
+
+    # --- serving ----------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The exposition text, as a scrape gets it."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> tuple[str, int]:
+        """Serve /metrics on host:port from a daemon thread; returns the bound
+        address (port 0 picks a free one). Raises OSError if it cannot listen."""
+        self._server, self._server_thread = start_wsgi_server(port, host, registry=self.registry)
+        return host, self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` -> (host, port); ValueError naming the problem."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT (e.g. {DEFAULT_LISTEN}), got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+class _StateCollector:
+    """Gauges and counters read from live objects when Prometheus scrapes."""
+
+    def __init__(self, watched: _Watched):
+        self.watched = watched
+        self._firewall: dict[str, int] = {}
+        self._firewall_read_at = 0.0
+        self._lock = threading.Lock()
+
+    def describe(self):
+        return []  # names vary with what is watched; nothing to check at register time
+
+    def collect(self):
+        w = self.watched
+        if w.policy is not None:
+            policy = w.policy()
+            info = GaugeMetricFamily("sandgate_policy_info", "The policy in force (value 1), by hash.",
+                                     labels=["hash"])
+            info.add_metric([policy.hash], 1)
+            yield info
+            yield GaugeMetricFamily("sandgate_policy_rules", "Active rules in the policy in force.",
+                                    value=policy.rule_count)
+        if w.sandboxes is not None:
+            yield GaugeMetricFamily("sandgate_active_sandboxes", "Sandboxes registered with the gateway.",
+                                    value=w.sandboxes())
+        if w.connections is not None:
+            yield GaugeMetricFamily("sandgate_active_connections",
+                                    "Sandbox TCP connections the proxy holds open.", value=w.connections())
+        if w.audit is not None:
+            audit = w.audit
+            yield CounterMetricFamily("sandgate_audit_events_written", "Events written to the audit log.",
+                                      value=audit.written)
+            yield CounterMetricFamily("sandgate_audit_events_lost",
+                                      "Events that could not be queued or written to the audit log.",
+                                      value=audit.lost)
+            yield CounterMetricFamily("sandgate_audit_write_errors",
+                                      "Failed writes to the audit log (each is retried).",
+                                      value=audit.write_errors)
+            yield GaugeMetricFamily("sandgate_audit_queue_length", "Events waiting for the audit writer.",
+                                    value=audit.queued)
+        if w.firewall is not None:
+            dropped = CounterMetricFamily("sandgate_firewall_dropped_packets",
+                                          "Sandbox packets nftables dropped, by counter.", labels=["counter"])
+            for name, value in sorted(self._read_firewall().items()):
+                dropped.add_metric([name], value)
+            yield dropped
+
+    def _read_firewall(self) -> dict[str, int]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._firewall_read_at >= self.watched.firewall_min_interval:
+                self._firewall_read_at = now
+                try:
+                    self._firewall = dict(self.watched.firewall())
+                except Exception as e:  # noqa: BLE001 - a scrape must not fail on nft
+                    log.debug("could not read firewall counters: %s", e)
+            return dict(self._firewall)

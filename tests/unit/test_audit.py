@@ -1,0 +1,348 @@
+"""The audit log: one escaped line per event, a hash chain `verify` checks, a writer
+that never blocks and loses nothing while its queue has room."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enforcer.cli import main
+from proxy.policy.reasons import Reason, Verdict
+from proxy.telemetry import audit as audit_module
+from proxy.telemetry.audit import GENESIS, AuditLog, AuditLogError, encode_line, verify
+from proxy.telemetry.event import Event, EventKind
+
+FORGERIES = [
+    pytest.param('a"b\nc', id="quote-newline"),
+    pytest.param('x"}\n{"kind":"task","verdict":"allow"', id="json-injection"),
+    pytest.param("cr\rlf\r\n", id="cr-lf"),
+    pytest.param("nul\x00esc\x1b[2Jdel\x7f", id="control"),
+    pytest.param("line\u2028sep\u2029para\x85nel", id="unicode-line-breaks"),
+    pytest.param("bidi\u202egnp.exe ünïcödé \U0001f600", id="non-ascii"),
+    pytest.param("lone \udcff surrogate", id="surrogate"),
+    pytest.param("back\\slash\\", id="backslash"),
+]
+
+
+def event(i: int = 0, **fields) -> Event:
+    base = dict(kind=EventKind.REQUEST, verdict=Verdict.DENY, reason=Reason.HOST_MISMATCH,
+                rule_id="builtin:host-mismatch", name=f"n{i}.example", dst_ip="203.0.113.10", dst_port=80,
+                method="GET", path=f"/{i}", task_id="t1", sandbox="10.213.0.2", profile="default")
+    return Event(**{**base, **fields})
+
+
+def write(path, events, **kw) -> AuditLog:
+    log = AuditLog(path, **kw)
+    for e in events:
+        log.emit(e)
+    log.close()
+    return log
+
+
+def lines(path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+# --- one event, one line ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", FORGERIES)
+def test_no_value_can_end_a_line_or_forge_one(tmp_path, value):
+    path = tmp_path / "audit.jsonl"
+    write(path, [event(1, name=value, path=value, detail=value), event(2)])
+    raw = lines(path)
+    assert len(raw) == 2
+    assert all(b < 0x80 for b in raw[0]) and raw[0].count(b"\n") == 1 and b"\r" not in raw[0]
+    record = json.loads(raw[0])
+    assert record["name"] == value and record["path"] == value and record["detail"] == value
+    assert verify(path).ok
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(), port=st.integers(0, 2**40), seconds=st.floats(allow_nan=False, allow_infinity=False))
+def test_a_line_is_the_event_as_json_for_any_value(text, port, seconds):
+    e = event(1, name=text, path=text, detail=text, dst_port=port, latency=seconds)
+    line, digest = encode_line(e, 7, GENESIS)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and all(b < 0x80 for b in line)
+    record = json.loads(line)
+    assert (record.pop("seq"), record.pop("prev"), record.pop("hash")) == (7, GENESIS, digest)
+    assert record == e.to_dict()
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param(ipaddress.ip_address("203.0.113.1"), id="object"),
+    pytest.param(math.nan, id="nan"),
+    pytest.param(math.inf, id="inf"),
+])
+def test_a_value_json_cannot_hold_fails_that_event_not_the_log(tmp_path, value):
+    path = tmp_path / "audit.jsonl"
+    log = write(path, [event(0), event(1, latency=value) if isinstance(value, float) else event(1, dst_ip=value),
+                       event(2)])
+    assert (log.written, log.failed, log.lost) == (2, 1, 1)
+    assert verify(path).ok and [json.loads(line)["path"] for line in lines(path)] == ["/0", "/2"]
+
+
+def test_record_fields_in_schema_order_then_the_chain(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    write(path, [event(1, latency=0.5), event(2)])
+    first, second = (json.loads(line) for line in lines(path))
+    keys = list(first)
+    assert keys[:3] == ["kind", "verdict", "reason"] and keys[-3:] == ["seq", "prev", "hash"]
+    assert "bytes_up" not in first  # None fields are left out
+    assert first["seq"] == 1 and first["prev"] == GENESIS
+    assert second["seq"] == 2 and second["prev"] == first["hash"]
+    assert first["latency"] == 0.5 and first["kind"] == "request" and first["reason"] == "host_mismatch"
+
+
+# --- verify -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def log10(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    write(path, [event(i) for i in range(10)])
+    return path
+
+
+def _rewrite(path, transform):
+    raw = lines(path)
+    path.write_bytes(b"".join(transform(raw)))
+
+
+def test_intact_log_verifies(log10):
+    result = verify(log10)
+    assert result.ok and result.lines == 10 and result.first_seq == 1 and result.last_seq == 10
+    assert result.starts_fresh
+
+
+@pytest.mark.parametrize(("transform", "line", "problem"), [
+    pytest.param(lambda r: r[:4] + [r[4].replace(b'"deny"', b'"allow"')] + r[5:], 5, "hash mismatch",
+                 id="edited-value"),
+    pytest.param(lambda r: r[:4] + [r[4].replace(b',"path"', b', "path"')] + r[5:], 5, "hash mismatch",
+                 id="edited-whitespace"),
+    pytest.param(lambda r: r[:3] + r[4:], 4, "chain broken", id="removed-line"),
+    pytest.param(lambda r: r[:3] + [r[4], r[3]] + r[5:], 4, "chain broken", id="swapped-lines"),
+    pytest.param(lambda r: r[:7] + [r[6]] + r[7:], 8, "chain broken", id="duplicated-line"),
+    pytest.param(lambda r: r[:2] + [b'{"kind":"task"}\n'] + r[2:], 3, "not an audit record", id="inserted-line"),
+    pytest.param(lambda r: r[:9] + [r[9][:-1]], 10, "incomplete last line", id="truncated-last-line"),
+    pytest.param(lambda r: r[:5] + [b"\n"] + r[5:], 6, "not an audit record", id="blank-line"),
+    pytest.param(lambda r: r[:5] + [r[5].replace(b'"hash"', b'"hash":"x","h"')] + r[6:], 6, "not an audit record",
+                 id="hash-not-last"),
+])
+def test_verify_reports_the_first_broken_line(log10, transform, line, problem):
+    _rewrite(log10, transform)
+    result = verify(log10)
+    assert not result.ok
+    assert (result.line, result.file) == (line, str(log10))
+    assert result.problem.startswith(problem), result.problem
+
+
+def test_verify_flags_a_rehashed_edit_at_the_next_line(log10):
+    """Editing a line and recomputing its own hash still breaks the link to the next one."""
+    raw = lines(log10)
+    record = json.loads(raw[2])
+    record["verdict"] = "allow"
+    record.pop("hash")
+    body = json.dumps(record, separators=(",", ":")).encode()
+    digest = audit_module.chain_hash(record["prev"], body)
+    raw[2] = body[:-1] + f',"hash":"{digest}"}}\n'.encode()
+    log10.write_bytes(b"".join(raw))
+    result = verify(log10)
+    assert (result.ok, result.line) == (False, 4)
+
+
+def test_cutting_the_head_is_visible_as_a_chain_that_does_not_start_fresh(log10):
+    _rewrite(log10, lambda r: r[3:])
+    result = verify(log10)
+    assert result.ok and not result.starts_fresh and result.first_seq == 4
+
+
+def test_sandgate_audit_verify_exit_codes(log10, capsys):
+    assert main(["audit", "verify", str(log10)]) == 0
+    assert "ok: 10 lines, seq 1..10, chain intact" in capsys.readouterr().out
+    _rewrite(log10, lambda r: r[:6] + [r[6].replace(b"/6", b"/7")] + r[7:])
+    assert main(["audit", "verify", str(log10)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"{log10}:7: hash mismatch")
+    assert main(["audit", "verify", str(log10) + ".missing"]) == 2
+
+
+# --- rotation and reopening ---------------------------------------------------------------
+
+
+def test_rotation_continues_the_chain_across_files(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    write(path, [event(i, detail="x" * 200) for i in range(100)], max_bytes=4000, backups=50)
+    files = sorted(tmp_path.glob("audit.jsonl.*"), key=lambda p: -int(p.suffix[1:])) + [path]
+    assert len(files) > 5
+    assert all(p.stat().st_size <= 4000 for p in files)
+    result = verify(*files)
+    assert result.ok and result.lines == 100 and result.starts_fresh and result.last_seq == 100
+    # One rotated file alone verifies, but does not start fresh; out of order, it breaks.
+    assert verify(files[2]).ok and not verify(files[2]).starts_fresh
+    assert not verify(files[1], files[0]).ok
+
+
+def test_rotation_keeps_at_most_backups(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    write(path, [event(i, detail="x" * 200) for i in range(100)], max_bytes=4000, backups=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2",
+                                                          "audit.jsonl.3"]
+
+
+def test_reopening_continues_the_chain(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    write(path, [event(i) for i in range(3)])
+    write(path, [event(i) for i in range(3, 5)])
+    result = verify(path)
+    assert result.ok and result.lines == 5 and result.last_seq == 5
+
+
+def test_a_torn_last_line_is_cut_off_on_reopen(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    write(path, [event(i) for i in range(3)])
+    with path.open("ab") as f:
+        f.write(b'{"kind":"request","verd')  # a crash mid-write
+    write(path, [event(9)])
+    result = verify(path)
+    assert result.ok and result.lines == 4
+
+
+def test_refuses_to_append_to_a_file_that_is_no_audit_log(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("my notes\n")
+    with pytest.raises(AuditLogError, match="not a sandgate audit log"):
+        AuditLog(path)
+    assert path.read_text() == "my notes\n"
+
+
+def test_two_writers_on_one_file_are_refused(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    first = AuditLog(path)
+    try:
+        with pytest.raises(AuditLogError, match="in use by another"):
+            AuditLog(path)
+    finally:
+        first.close()
+
+
+def test_unwritable_location_is_an_audit_log_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(AuditLogError, match="cannot open"):
+        AuditLog(tmp_path / "file" / "audit.jsonl")
+
+
+# --- the writer under load and failure -------------------------------------------------------
+
+
+def test_a_burst_of_100k_events_loses_nothing(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    template = event(0, latency=0.0001)
+    started = time.perf_counter()
+    for i in range(100_000):
+        log.emit(template.with_fields(path=f"/{i}"))
+    emit_seconds = time.perf_counter() - started
+    log.close()
+    assert (log.lost, log.written, log.write_errors) == (0, 100_000, 0)
+    result = verify(path)
+    assert result.ok and result.lines == 100_000
+    assert emit_seconds < 2.0, f"emitting 100k events took {emit_seconds:.2f} s: emit must not block"
+
+
+def test_sustained_load_from_another_thread_loses_nothing(tmp_path):
+    """Producers on another thread (the gateway's loop) for a second, at full speed."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    sent = 0
+
+    def produce():
+        nonlocal sent
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for _ in range(100):
+                log.emit(event(sent))
+                sent += 1
+            time.sleep(0.001)  # the loop does other work between events
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    thread.join()
+    log.close()
+    assert log.lost == 0 and log.written == sent and verify(path).ok
+
+
+def test_a_full_queue_counts_what_it_drops(tmp_path, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    release = threading.Event()
+    real = AuditLog._write_lines
+
+    def stuck(self, batch):
+        release.wait(10)
+        real(self, batch)
+
+    monkeypatch.setattr(AuditLog, "_write_lines", stuck)
+    log = AuditLog(path, queue_size=10, batch_size=1)
+    log.emit(event(0))
+    time.sleep(0.05)  # the writer takes event 0 and hangs
+    for i in range(1, 31):
+        log.emit(event(i))
+    assert log.dropped == 20 and log.lost == 20 and log.queued == 10
+    release.set()
+    log.close()
+    assert log.written == 11 and verify(path).ok
+
+
+def test_failed_writes_are_undone_counted_and_retried(tmp_path, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.emit(event(0))
+    assert log.drain()
+    real_write, failures = os.write, []
+
+    def flaky(fd, data):
+        if len(failures) < 3:
+            failures.append(1)
+            real_write(fd, bytes(data)[:17])  # a partial line, then the disk fills up
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(audit_module.os, "write", flaky)
+    for i in range(1, 6):
+        log.emit(event(i))
+    log.close()
+    assert log.write_errors == 3 and log.lost == 0 and log.written == 6
+    result = verify(path)
+    assert result.ok and result.lines == 6
+
+
+def test_a_disk_that_never_recovers_loses_the_events_at_close_and_counts_them(tmp_path, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, close_timeout=0.2)
+    log.emit(event(0))
+    assert log.drain()
+
+    def broken(fd, data):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(audit_module.os, "write", broken)
+    for i in range(1, 4):
+        log.emit(event(i))
+    log.close()
+    assert log.written == 1 and log.failed == 3 and log.lost == 3 and log.write_errors >= 3
+    assert verify(path).ok
+
+
+def test_events_after_close_are_counted_as_lost(tmp_path):
+    log = write(tmp_path / "audit.jsonl", [event(0)])
+    log.emit(event(1))
+    assert log.lost == 1
+    log.close()  # idempotent

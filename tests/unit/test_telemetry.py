@@ -1,0 +1,165 @@
+"""The event schema, the fan-out, the task summary, and the telemetry reference (docs/telemetry.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from proxy.policy.reasons import Reason, Verdict
+from proxy.telemetry.event import FIELDS, Event, EventFanout, EventKind
+from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.summary import OTHER_DESTINATIONS, TaskSummary
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "telemetry.md"
+
+
+def event(**fields) -> Event:
+    base = dict(kind=EventKind.CONNECTION, verdict=Verdict.DENY, reason=Reason.NO_RULE, rule_id="default:fallback")
+    return Event(**{**base, **fields})
+
+
+# --- the schema -----------------------------------------------------------------------------
+
+
+def test_with_fields_is_dataclasses_replace():
+    e = event(name="a.test", dst_port=443, latency=0.1)
+    assert e.with_fields(task_id="t", name=None) == dataclasses.replace(e, task_id="t", name=None)
+    assert e.with_fields() == e
+    with pytest.raises(TypeError, match="no field nmae"):
+        e.with_fields(nmae="x")
+
+
+def test_to_dict_is_json_ready_in_field_order_without_nones():
+    e = event(name="a.test", dst_port=443)
+    record = e.to_dict()
+    assert list(record) == [f for f in FIELDS if getattr(e, f) is not None]
+    assert record["kind"] == "connection" and type(record["kind"]) is str
+    assert type(record["verdict"]) is str and type(record["reason"]) is str
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_fanout_survives_a_broken_sink():
+    got = []
+
+    class Broken:
+        def emit(self, event):
+            raise RuntimeError("boom")
+
+    class Good:
+        def emit(self, event):
+            got.append(event)
+
+    EventFanout(Broken(), Good()).emit(event())
+    assert len(got) == 1
+
+
+# --- the task summary -------------------------------------------------------------------------
+
+
+def test_summary_table_blocked_first_with_rule_and_where_the_audit_log_is():
+    summary = TaskSummary()
+    summary.task_started("t1", "default", "10.213.0.2", ["curl", "x"])
+    summary.emit(event(kind=EventKind.DNS, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW, rule_id="r1",
+                       name="ok.test"))
+    summary.emit(event(name="evil.test"))
+    summary.emit(event(name="evil.test"))
+    summary.telemetry.update(audit_log="/var/lib/sandgate/audit/t1.jsonl", metrics="http://127.0.0.1:9464/metrics")
+    out = io.StringIO()
+    summary.print_table(out)
+    text = out.getvalue()
+    assert "1 allowed, 2 blocked" in text
+    assert text.index("evil.test") < text.index("ok.test")
+    assert "no_rule / default:fallback" in text
+    assert "audit log: /var/lib/sandgate/audit/t1.jsonl" in text
+    assert summary.to_dict()["audit_log"] == "/var/lib/sandgate/audit/t1.jsonl"
+
+
+def test_summary_memory_and_table_stay_short_under_many_names():
+    summary = TaskSummary(max_rows=100, max_printed=10)
+    for i in range(10_000):
+        summary.emit(event(kind=EventKind.DNS, name=f"n{i}.evil.test"))
+    assert len(summary.rows) == 101
+    assert summary.rows[("dns", OTHER_DESTINATIONS, "deny", "no_rule", "default:fallback")] == 9_900
+    out = io.StringIO()
+    summary.print_table(out)
+    assert "... 91 more rows" in out.getvalue()
+    assert len(out.getvalue().splitlines()) < 20
+
+
+def test_summary_escapes_terminal_control_sequences():
+    summary = TaskSummary()
+    summary.emit(event(name="evil\x1b]0;pwned\x07.test"))
+    out = io.StringIO()
+    summary.print_table(out)
+    assert "\x1b" not in out.getvalue() and "\\x1b" in out.getvalue()
+
+
+def test_summary_reports_lost_audit_events():
+    summary = TaskSummary()
+    summary.telemetry.update(audit_log="/a.jsonl", audit_lost=3)
+    out = io.StringIO()
+    summary.print_table(out)
+    assert "WARNING: 3 events could not be written" in out.getvalue()
+
+
+def test_sandgate_run_keeps_an_audit_log_by_default(tmp_path):
+    from enforcer.run import AUDIT_DIR, RunOptions, TaskRun
+    from proxy.policy import load_policy
+    from proxy.policy.load import RULES_DIR
+
+    policy = load_policy([RULES_DIR / "examples" / "demo.yaml"])
+    run = TaskRun(RunOptions(command=["true"], policy=policy))
+    assert run.audit_path == AUDIT_DIR / f"{run.run_id}.jsonl"
+    assert run.opts.metrics_listen == ("127.0.0.1", 9464)
+    chosen = TaskRun(RunOptions(command=["true"], policy=policy, audit_log=tmp_path / "a.jsonl"))
+    assert chosen.audit_path == tmp_path / "a.jsonl"
+
+
+# --- docs/telemetry.md ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def docs() -> str:
+    return DOCS.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("reason", list(Reason), ids=str)
+def test_every_reason_is_documented(docs, reason):
+    assert re.search(rf"^\|\s*`{reason}`\s*\|", docs, re.MULTILINE), f"docs/telemetry.md: no row for {reason}"
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_every_event_field_is_documented(docs, field):
+    assert re.search(rf"^\|\s*`{field}`\s*\|", docs, re.MULTILINE), f"docs/telemetry.md: no row for field {field}"
+
+
+@pytest.mark.parametrize("value", [*map(str, EventKind), *map(str, Verdict)])
+def test_every_kind_and_verdict_is_documented(docs, value):
+    assert f"`{value}`" in docs
+
+
+def test_every_metric_is_documented(docs):
+    class Policy:
+        hash, rule_count = "h", 1
+
+    class Audit:
+        written = lost = write_errors = queued = 0
+
+    metrics = Metrics()
+    gateway = type("G", (), {"policy": Policy(), "registry": [], "addon": type("A", (), {"connections": {}})()})()
+    metrics.watch_gateway(gateway)
+    metrics.watch_audit(Audit())
+    metrics.watch_firewall(lambda: {})
+    for family in metrics.registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}" in docs, f"docs/telemetry.md does not document {name}"
+
+
+def test_ocsf_classes_are_mapped(docs):
+    for class_name, uid in (("Network Activity", 4001), ("HTTP Activity", 4002), ("DNS Activity", 4003)):
+        assert class_name in docs and str(uid) in docs
