@@ -68,6 +68,28 @@ class _ConnState:
     started: float  # perf_counter at connect: decision latency runs from here
     name: str | None = None  # SNI (TLS) or the DNS-bound name (raw TCP)
     decided: bool = False  # a layer was chosen: the connection has (or will have) its events
+    allowed: Decision | None = None  # the decision that let the connection through
+    protocol: str = "tcp"
+    opened: float = 0.0  # wall clock at connect, for the connection's duration
+    bytes_up: int = 0  # counted on pass-through connections only
+    bytes_down: int = 0
+
+
+class CountingTCPLayer(layers.TCPLayer):
+    """Pass-through relay (no flow object, nothing stored) that counts the bytes of
+    each direction for the connection's end event."""
+
+    def __init__(self, context, state: _ConnState):
+        super().__init__(context, ignore=True)
+        self.state = state
+
+    def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            if event.connection == self.context.client:
+                self.state.bytes_up += len(event.data)
+            else:
+                self.state.bytes_down += len(event.data)
+        yield from super().relay_messages(event)
 
 
 class RejectLayer(layer.Layer):
@@ -140,7 +162,7 @@ class SandgateAddon:
                                            detail=f"no task owns source address {client.peername[0]}"),
                                   client, None, "tcp", started)
             return
-        state = _ConnState(sandbox, dst_ip, port, started)
+        state = _ConnState(sandbox, dst_ip, port, started, opened=time.time())
         decision = self._decide_connect(state, name=None)
         # Without a name only the hard denials are final: a later SNI, Host or DNS
         # binding may still find a rule, so "no rule matched" waits for the bytes.
@@ -152,7 +174,12 @@ class SandgateAddon:
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.connections.pop(client.id, None)
-        if state is not None and not state.decided:
+        if state is not None and state.allowed is not None:
+            self.emit(Event.from_decision(
+                EventKind.CONNECTION_END, state.allowed, **self._fields(client, state), protocol=state.protocol,
+                name=state.name, bytes_up=state.bytes_up, bytes_down=state.bytes_down,
+                duration=time.time() - state.opened))
+        elif state is not None and not state.decided:
             # A connect() with no bytes (a port scan, a client waiting for a server
             # banner) got no decision; it still gets its event.
             self._emit_connection(Decision(Verdict.DENY, Reason.NO_DATA, NO_DATA_RULE,
@@ -208,11 +235,12 @@ class SandgateAddon:
         self._emit_connection(decision, context.client, state, "tls")
         if not decision.allowed:
             return RejectLayer(context)
+        state.allowed, state.protocol = decision, "tls"
         if decision.inspect:
             server_tls = layers.ServerTLSLayer(context)
             server_tls.child_layer = layers.ClientTLSLayer(context)
             return server_tls
-        return layers.TCPLayer(context, ignore=True)
+        return CountingTCPLayer(context, state)
 
     def _raw_tcp_layer(self, context, state: _ConnState) -> layer.Layer:
         if state.port in WEB_PORTS:
@@ -228,7 +256,10 @@ class SandgateAddon:
                     break
             decision = self._without_approver(decision)
         self._emit_connection(decision, context.client, state, "tcp")
-        return layers.TCPLayer(context, ignore=True) if decision.allowed else RejectLayer(context)
+        if not decision.allowed:
+            return RejectLayer(context)
+        state.allowed = decision
+        return CountingTCPLayer(context, state)
 
     # --- 3. HTTP requests -------------------------------------------------------------
 

@@ -22,6 +22,7 @@ log = logging.getLogger("sandgate.telemetry")
 class EventKind(StrEnum):
     DNS = "dns"
     CONNECTION = "connection"
+    CONNECTION_END = "connection_end"  # an allowed connection closed: bytes and duration
     REQUEST = "request"
     APPROVAL = "approval"
     POLICY = "policy"

@@ -30,7 +30,7 @@ class TaskSummary:
         self.max_rows, self.max_printed = max_rows, max_printed
 
     def emit(self, event: Event) -> None:
-        if event.kind in (EventKind.TASK, EventKind.POLICY):
+        if event.kind in (EventKind.TASK, EventKind.POLICY, EventKind.CONNECTION_END):
             return
         destination = event.name or (f"{event.dst_ip}:{event.dst_port}" if event.dst_ip else "?")
         key = (str(event.kind), destination, str(event.verdict), str(event.reason), event.rule_id or "")

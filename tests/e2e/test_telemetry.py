@@ -216,6 +216,8 @@ def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, 
         assert list(prometheus.query('sandgate_firewall_dropped_packets_total{counter="dropped_udp"}')
                     .values()) == [1.0]
         assert list(prometheus.query("sandgate_audit_events_lost_total").values()) == [0.0]
+        assert _by(prometheus.query("sum by (direction) (sandgate_bytes_total)"), "direction").keys() \
+            == {"up", "down"}
         assert prometheus.query("sandgate_policy_info")  # one series, labelled with the policy hash
         assert list(prometheus.query("sandgate_decision_latency_seconds_count{kind='connection'}")
                     .values()) == [5.0]
@@ -246,6 +248,11 @@ def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, 
     dns = [r for r in records if r["kind"] == "dns"]
     assert {(r["name"], r["verdict"], r["reason"], r["rule_id"]) for r in dns} == EXPECTED_DNS
     assert Counter(r["verdict"] for r in dns) == dns_seen  # the same count Prometheus has
+    # Each allowed pass-through connection closes with its byte counts and lifetime.
+    ends = [r for r in records if r["kind"] == "connection_end"]
+    allowed = [r for r in records if r["kind"] == "connection" and r["verdict"] == "allow"]
+    assert sorted(r["source"] for r in ends) == sorted(r["source"] for r in allowed)
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["duration"] >= 0 for r in ends)
     assert records[0]["kind"] == "policy" and records[0]["reason"] == "policy_loaded"
     assert records[1]["kind"] == "task" and records[1]["detail"].startswith("task started: env")
     assert records[-1]["kind"] == "task" and records[-1]["detail"] == "task ended: exit code 0"

@@ -11,7 +11,7 @@ from mitmproxy.proxy.layers import TCPLayer
 from mitmproxy.proxy.layers.modes import TransparentProxy
 from mitmproxy.test import taddons, tflow
 
-from proxy.addon import RejectLayer, SandgateAddon
+from proxy.addon import CountingTCPLayer, RejectLayer, SandgateAddon
 from proxy.dnsfilter import DnsBindings
 from proxy.policy import load_policy
 from proxy.registry import Sandbox, SandboxRegistry
@@ -142,6 +142,7 @@ def test_raw_tcp_named_by_dns_binding(addon):
     addon.next_layer(nl)
     assert isinstance(nl.layer, TCPLayer)
     assert (addon.events[-1].name, addon.events[-1].rule_id) == ("ssh.allowed.test", "ssh")
+    assert isinstance(nl.layer, CountingTCPLayer)
 
 
 def test_non_http_on_port_80_is_denied(addon):
@@ -212,3 +213,17 @@ def test_connection_closed_before_any_byte_still_has_its_event(addon):
     addon.next_layer(next_layer_for(c, b""))
     addon.client_disconnected(c)
     assert [(e.reason, e.dst_port) for e in addon.events] == [("no_data", 25)]
+
+
+def test_allowed_connection_end_reports_bytes_and_duration(addon):
+    c = client(("203.0.113.10", 443))
+    addon.client_connected(c)
+    hello = client_hello("allowed.test")
+    nl = next_layer_for(c, hello)
+    addon.next_layer(nl)
+    state = addon.connections[c.id]
+    state.bytes_up, state.bytes_down = len(hello), 5000  # as the relay would count them
+    addon.client_disconnected(c)
+    end = addon.events[-1]
+    assert (end.kind, end.verdict, end.rule_id, end.name) == ("connection_end", "allow", "allowed", "allowed.test")
+    assert (end.bytes_up, end.bytes_down) == (len(hello), 5000) and end.duration >= 0
