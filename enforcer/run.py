@@ -203,7 +203,7 @@ class TaskRun:
     async def _run_task(self) -> int:
         argv = [sys.executable, "-m", "enforcer.sandbox_init", "--netns", f"/run/netns/{self.net.netns}",
                 "--hostname", f"sandbox-{self.run_id}",
-                "--bind", f"{self.dir / 'resolv.conf'}:/etc/resolv.conf"]
+                "--bind", f"{self.dir / 'resolv.conf'}:/etc/resolv.conf", "--hide", str(STATE_DIR)]
         if SYSTEM_CA_BUNDLE.exists():
             argv += ["--bind", f"{self.ca_bundle}:{SYSTEM_CA_BUNDLE}"]
         for name in CA_ENV_VARS:
@@ -276,21 +276,27 @@ def run(opts: RunOptions) -> int:
 
 
 def gc() -> list[str]:
-    """Remove what SIGKILLed runs left: their netns and veth first, then their tables."""
+    """Remove what SIGKILLed runs left: their netns and veth first, then their tables.
+
+    Only runs known to be dead are touched: a state directory under RUN_DIR whose
+    process is gone. `sg-*` namespaces without one may belong to another host
+    namespace or another tool, and are left alone. Tables are per network namespace,
+    so a `sandgate_*` table here with no live run is this host's leftover too.
+    """
     removed = []
-    live = {d.name for d in RUN_DIR.glob("*") if _alive(d / "pid")}
-    for sandbox_id in netns.list_sandbox_nets():
-        if sandbox_id not in live:
-            netns.destroy_sandbox_net(sandbox_id)
-            removed.append(f"netns sg-{sandbox_id}")
+    runs = {d.name: _alive(d / "pid") for d in RUN_DIR.glob("*") if d.is_dir()}
+    live = {run_id for run_id, alive in runs.items() if alive}
+    for run_id in sorted(set(runs) - live):
+        if run_id in netns.list_sandbox_nets():
+            netns.destroy_sandbox_net(run_id)
+            removed.append(f"netns {netns.netns_name(run_id)}")
     for table in nft.list_tables(TABLE_PREFIX):
         if table[len(TABLE_PREFIX):] not in live:
             nft.delete_table(table)
             removed.append(f"nft table {table}")
-    for d in RUN_DIR.glob("*"):
-        if d.name not in live:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(f"state {d}")
+    for run_id in sorted(set(runs) - live):
+        shutil.rmtree(RUN_DIR / run_id, ignore_errors=True)
+        removed.append(f"state {RUN_DIR / run_id}")
     return removed
 
 

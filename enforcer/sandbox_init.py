@@ -4,7 +4,8 @@
 
   outer (a child of sandgate, in the host's PID namespace)
     - joins the sandbox's network namespace, unshares mount, UTS and PID namespaces;
-    - makes mounts private, binds resolv.conf and the CA bundle over the system's;
+    - makes mounts private, binds resolv.conf and the CA bundle over the system's,
+      hides sandgate's state directory (CA key, audit logs) under an empty tmpfs;
     - forks `init` and relays SIGINT/SIGTERM/SIGHUP/SIGQUIT to it; exits with its code.
   init (PID 1 of the new PID namespace)
     - mounts a fresh /proc; forks the task and relays signals to it (PID 1 ignores
@@ -32,7 +33,7 @@ import socket
 import sys
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x04000000, 0x20000000, 0x40000000
-MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1000, 0x4000, 0x40000, 0x2, 0x4, 0x8
+MS_RDONLY, MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x1000, 0x4000, 0x40000, 0x2, 0x4, 0x8
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 # Capabilities that reach outside the sandbox's namespaces: joining other
 # namespaces and remounting (SYS_ADMIN), kernel modules, raw devices and
@@ -83,6 +84,15 @@ def bind_files(binds: list[tuple[str, str]]) -> None:
     for source, target in binds:
         if os.path.exists(target):
             _mount(source, os.path.realpath(target), None, MS_BIND)
+
+
+def hide_dirs(paths: list[str]) -> None:
+    """An empty read-only tmpfs over each directory: the task cannot read the
+    gateway CA's private key or the audit logs, and without CAP_SYS_ADMIN it
+    cannot unmount the cover."""
+    for path in paths:
+        if os.path.isdir(path):
+            _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def drop_capabilities() -> None:
@@ -138,6 +148,7 @@ def main(args: list[str] | None = None) -> int:
     parser.add_argument("--hostname", default="sandbox")
     parser.add_argument("--bind", action="append", default=[], metavar="SOURCE:TARGET")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--hide", action="append", default=[], metavar="DIR")
     parser.add_argument("cmd", nargs=argparse.REMAINDER)
     opts = parser.parse_args(args)
     cmd = opts.cmd[1:] if opts.cmd[:1] == ["--"] else opts.cmd
@@ -149,6 +160,7 @@ def main(args: list[str] | None = None) -> int:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         enter_namespaces(opts.netns, opts.hostname)
         bind_files([tuple(b.split(":", 1)) for b in opts.bind])
+        hide_dirs(opts.hide)
     except OSError as e:
         print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
         return EXIT_SETUP_FAILED

@@ -400,6 +400,9 @@ def test_root_in_the_sandbox_cannot_change_its_egress(net, tmp_path):
         "netns_exec_host": f"ip netns exec {net.host_ns} true",
         "mount": "mount -t tmpfs none /mnt",
         "umount_resolv_conf": "umount /etc/resolv.conf",
+        # sandgate's own state (the gateway CA's private key, audit logs) is covered.
+        "read_ca_key": "cat /var/lib/sandgate/ca/mitmproxy-ca.pem",
+        "umount_state": "umount /var/lib/sandgate",
         # Whatever the above did or did not do:
         "allowed": curl("https://allowed.test/"),
         "blocked_ip_https": curl(f"https://{EVIL_IP}/"),
@@ -410,7 +413,7 @@ def test_root_in_the_sandbox_cannot_change_its_egress(net, tmp_path):
     tampering = (
         "link_into_host", "link_into_internet", "host_uplink_mtu", "route_default",
         "route_direct", "nft_flush", "nsenter_init", "nsenter_host", "netns_exec_host", "mount",
-        "umount_resolv_conf",
+        "umount_resolv_conf", "read_ca_key", "umount_state",
     )  # fmt: skip
     for label in tampering:
         assert r[label].rc != 0, f"{label} succeeded as root in the sandbox\n{r.describe()}"
