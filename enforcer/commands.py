@@ -26,7 +26,7 @@ def register(sub) -> None:
                      help="also trust this CA (PEM) in the sandbox and for upstreams, e.g. a corporate CA")
     run.add_argument("-q", "--quiet", action="store_true", help="no summary table on stderr")
     run.add_argument("-v", "--verbose", action="store_true")
-    run.add_argument("command", nargs="+", metavar="-- CMD")
+    run.add_argument("command", nargs="+", metavar="CMD", help="the command to run in the sandbox, after --")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="build a fake internet in namespaces and run a scripted agent through the gateway")
