@@ -1,0 +1,1029 @@
+"""sandgate vs direct kernel forwarding vs Squid, side by side on one fake internet.
+
+    sudo .venv/bin/python bench/bench_gateway.py [--quick] [--profile] [--keep]
+
+Not a test: it prints numbers and ratios, it asserts nothing. It builds ONE fake
+internet (enforcer/fakenet.py: a "host" netns and an "internet" netns with nginx
+and dnsmasq) and hangs sandbox network namespaces off the host netns, then runs
+the same client script (bench/clients.py) in three setups:
+
+  A  direct   a sandbox netns (enforcer/netns.py) wired to the host netns by a
+              veth; ip_forward=1 inside the host netns only; no proxy.
+  B  squid    another sandbox netns; Squid (squid-openssl) in the host netns as
+              an intercepting proxy (`http_port intercept`, `https_port intercept
+              ssl-bump`, peek at step 1 then splice all = SNI passthrough); an nft
+              table of the bench's own in the host netns redirects the sandbox's
+              TCP 80/443 to Squid; ip_forward=0.
+  C  sandgate `ip netns exec HOST sandgate run --rules rules/examples/demo.yaml
+              --dns-upstream 198.51.100.53 --extra-ca CA -q -- python clients.py`:
+              the clients run inside sandgate's own sandbox.
+
+Metrics: HTTPS bulk download MB/s, new HTTPS connections/s, new plain-HTTP
+connections/s (a new TCP connection per request), task start time, and the
+gateway's RSS and CPU. `--profile` adds py-spy profiles of the gateway during the
+connection-rate runs (`.venv/bin/pip install py-spy`).
+
+Safety: nothing is added to the root netns; every netns, process and nft table
+belongs to this run (per-run prefix) and is removed in `finally`, also on ^C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENTS = REPO / "bench" / "clients.py"
+RULES = REPO / "rules" / "examples" / "demo.yaml"
+PY = sys.executable
+VENV_BIN = Path(PY).parent
+
+SQUID_HTTP_PORT, SQUID_HTTPS_PORT, SQUID_ADMIN_PORT = 3129, 3130, 3128
+
+
+# --- task start probe (runs as its own process: `--probe-start OUT -- ARGS`) ---------
+
+
+def probe_start(out: str, argv: list[str]) -> int:
+    """`sandgate ARGV` in this process, with timers around the steps of `run`.
+
+    Started as `python bench_gateway.py --probe-start OUT -- run ...`: the module
+    above imports nothing heavy, so the first timer starts right after the
+    interpreter is up. Writes {step: ms} to OUT.
+    """
+    import asyncio
+    import functools
+    import importlib
+
+    marks: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def add(name: str, t0: float) -> None:
+        marks[name] = marks.get(name, 0.0) + (time.perf_counter() - t0) * 1000
+
+    # In the order the CLI itself imports them (the product may set up import
+    # tricks, e.g. for mitmproxy, that a different order would defeat).
+    for label, module in (
+        (STEP_IMPORT_CLI, "enforcer.cli"),
+        (STEP_IMPORT_RUN, "enforcer.run"),
+        (STEP_IMPORT_REST, "enforcer.commands"),
+    ):
+        t0 = time.perf_counter()
+        importlib.import_module(module)
+        add(label, t0)
+
+    import enforcer.commands as commands
+    import enforcer.run as run
+    from enforcer import netns, nft
+    from proxy.dnsfilter import DnsFilter
+    from proxy.engine import ProxyEngine
+
+    missing = []
+
+    def wrap_sync(obj, attr: str, label: str) -> None:
+        fn = getattr(obj, attr, None)
+        if fn is None:  # the product changed: time what is still there
+            missing.append(f"{getattr(obj, '__name__', obj)}.{attr}")
+            return
+
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                add(label, t0)
+
+        setattr(obj, attr, timed)
+
+    def wrap_async(obj, attr: str, label: str) -> None:
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            missing.append(f"{getattr(obj, '__name__', obj)}.{attr}")
+            return
+
+        @functools.wraps(fn)
+        async def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return await fn(*a, **kw)
+            finally:
+                add(label, t0)
+
+        setattr(obj, attr, timed)
+
+    from proxy.gateway import Gateway
+
+    # Labels are (indent level, text): nested steps are part of the step above them.
+    wrap_sync(commands, "load_policy", STEP_LOAD)
+    wrap_sync(asyncio, "run", STEP_ASYNCIO)
+    wrap_sync(run, "_pick_addresses", STEP_PICK)
+    wrap_sync(netns, "create_sandbox_net", STEP_NETNS)
+    wrap_sync(netns, "_wait_until_up", STEP_LINKUP)
+    wrap_async(DnsFilter, "start", STEP_DNS)
+    wrap_async(ProxyEngine, "start", STEP_MITM)
+    wrap_sync(run, "_write_ca_bundle", STEP_CA)
+    wrap_sync(nft, "apply_ruleset", STEP_NFT)
+    wrap_async(run.TaskRun, "_run_task", STEP_TASK)
+    wrap_async(run.TaskRun, "_teardown", STEP_TEARDOWN)
+    wrap_sync(netns, "destroy_sandbox_net", STEP_DESTROY)
+    wrap_sync(nft, "read_counters", STEP_COUNTERS)
+    wrap_sync(nft, "delete_table", STEP_DELTABLE)
+    wrap_async(Gateway, "stop", STEP_GWSTOP)
+    try:
+        from proxy.telemetry.metrics import Metrics
+    except ImportError:
+        pass
+    else:
+        wrap_sync(Metrics, "serve", STEP_METRICS_START)
+        wrap_sync(Metrics, "stop", STEP_METRICS_STOP)
+
+    from enforcer.cli import main
+
+    t0 = time.perf_counter()
+    rc = main(argv)
+    add(STEP_MAIN, t0)
+    marks[STEP_INPROCESS] = (time.perf_counter() - t_all) * 1000
+    marks["t_end_wall"] = time.time()  # the caller times the interpreter's exit from here
+    marks["rc"] = rc
+    marks["unwrapped"] = missing
+    Path(out).write_text(json.dumps(marks))
+    return rc
+
+
+STEP_IMPORT_CLI = "import enforcer.cli (argparse, policy, yaml)"
+STEP_IMPORT_RUN = "import enforcer.run (mitmproxy, pyroute2, ...)"
+STEP_IMPORT_REST = "import enforcer.commands"
+STEP_MAIN = "cli main()"
+STEP_LOAD = "load rules"
+STEP_ASYNCIO = "asyncio.run(TaskRun.run())"
+STEP_PICK = "pick address (netlink dump)"
+STEP_NETNS = "create netns + veth"
+STEP_LINKUP = "wait for links up"
+STEP_DNS = "DNS filter listen"
+STEP_MITM = "mitmproxy start + listen"
+STEP_CA = "write CA bundles (x2)"
+STEP_NFT = "nft -f (ruleset)"
+STEP_TASK = "task: sandbox_init + CMD"
+STEP_TEARDOWN = "teardown"
+STEP_DESTROY = "destroy netns + veth"
+STEP_COUNTERS = "nft -j list (counters)"
+STEP_DELTABLE = "nft delete table"
+STEP_GWSTOP = "gateway stop"
+STEP_METRICS_START = "metrics server start"
+STEP_METRICS_STOP = "metrics server stop"
+STEP_INPROCESS = "in-process total (imports + main)"
+STEP_WALL = "wall: ip netns exec ... until exit"
+STEP_OUTSIDE = "interpreter start (+ ip netns exec)"
+STEP_EXIT = "interpreter exit (finalization, thread joins)"
+BREAKDOWN = [  # (indent, label) in print order
+    (0, STEP_IMPORT_CLI), (0, STEP_IMPORT_RUN), (0, STEP_IMPORT_REST), (0, STEP_MAIN), (1, STEP_LOAD), (1, STEP_ASYNCIO), (2, STEP_PICK),
+    (2, STEP_NETNS), (3, STEP_LINKUP), (2, STEP_DNS), (2, STEP_MITM), (2, STEP_CA), (2, STEP_METRICS_START), (2, STEP_NFT),
+    (2, STEP_TASK), (2, STEP_TEARDOWN), (3, STEP_DESTROY), (3, STEP_COUNTERS), (3, STEP_DELTABLE),
+    (3, STEP_GWSTOP), (3, STEP_METRICS_STOP), (0, STEP_INPROCESS), (0, STEP_OUTSIDE), (0, STEP_EXIT),
+    (0, STEP_WALL),
+]
+
+
+# --- small helpers ---------------------------------------------------------------------
+
+
+def ip_netns(ns: str, *argv) -> list[str]:
+    return ["ip", "netns", "exec", ns, *map(str, argv)]
+
+
+def timed_run(argv: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=kw.pop("timeout", 60), **kw)
+    return (time.perf_counter() - t0) * 1000, proc
+
+
+def median_ms(argv: list[str], n: int, env=None, notes: list | None = None) -> tuple[float, list[float]]:
+    """Median wall time of `n` runs; failed runs are left out (and noted)."""
+    samples, failed = [], []
+    for _ in range(n):
+        ms, proc = timed_run(argv, env=env)
+        if proc.returncode != 0:
+            failed.append(proc.stderr.strip()[-300:])
+            continue
+        samples.append(ms)
+    if failed and notes is not None:
+        notes.append(f"{len(failed)} of {n} runs of {Path(argv[4] if argv[:3] == ['ip', 'netns', 'exec'] else argv[0]).name}"
+                     f" failed, e.g.: {failed[0]}")
+    if not samples:
+        raise RuntimeError(f"{' '.join(argv)} failed: {failed[0]}")
+    return statistics.median(samples), samples
+
+
+class Sampler:
+    """RSS and CPU time of one pid, sampled every `interval` s in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        import threading
+
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, int, float, float]] = []  # (wall time, rss bytes, cpu s, sys cpu s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _read(self) -> tuple[int, float, float] | None:
+        try:
+            rss_pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except (OSError, IndexError, ValueError):
+            return None
+        fields = stat.rsplit(")", 1)[1].split()
+        utime, stime = int(fields[11]) / self._tick, int(fields[12]) / self._tick
+        return rss_pages * self._page, utime + stime, stime
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            got = self._read()
+            if got is not None:
+                self.samples.append((time.time(), *got))
+            self._stop.wait(self.interval)
+
+    def during(self, t_start: float, t_end: float) -> dict:
+        inside = [s for s in self.samples if t_start <= s[0] <= t_end]
+        if len(inside) < 2:
+            return {}
+        cpu = inside[-1][2] - inside[0][2]
+        wall = inside[-1][0] - inside[0][0]
+        return {
+            "rss_peak_mb": max(s[1] for s in inside) / 2**20,
+            "rss_start_mb": inside[0][1] / 2**20,
+            "cpu_s": cpu,
+            "cpu_sys_share": (inside[-1][3] - inside[0][3]) / cpu if cpu > 0 else None,
+            "cpu_util": cpu / wall if wall > 0 else None,
+        }
+
+
+def attach_usage(res: dict, sampler: Sampler) -> None:
+    """The proxy's RSS and CPU during each client phase of `res`."""
+    for phase in PHASES:
+        if "t_start" in res.get(phase, {}):
+            res[phase]["proxy"] = sampler.during(res[phase]["t_start"], res[phase]["t_end"])
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, utime+stime ticks, command name) of every process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]), name)
+    return table
+
+
+def other_cpu() -> dict[int, tuple[int, str]]:
+    """CPU ticks of every process that is not this bench or one of its descendants
+    (other work on the machine, which skews the numbers)."""
+    table = _proc_table()
+    ours = {os.getpid()}
+    changed = True
+    while changed:
+        changed = False
+        for pid, (ppid, _, _) in table.items():
+            if ppid in ours and pid not in ours:
+                ours.add(pid)
+                changed = True
+    return {pid: (ticks, name) for pid, (_, ticks, name) in table.items() if pid not in ours}
+
+
+def other_cpu_since(before: dict[int, tuple[int, str]], seconds: float) -> dict:
+    """Cores used by other processes (alive at both ends) over `seconds`."""
+    after = other_cpu()
+    tick = os.sysconf("SC_CLK_TCK")
+    per: dict[str, float] = {}
+    for pid, (ticks, name) in after.items():
+        if pid in before:
+            per[name] = per.get(name, 0.0) + (ticks - before[pid][0]) / tick / max(seconds, 1e-3)
+    top = sorted(((round(v, 2), k) for k, v in per.items() if v >= 0.05), reverse=True)[:3]
+    return {"cores": round(sum(per.values()), 2), "top": [f"{k} {v}" for v, k in top]}
+
+
+PHASES = ("bulk", "tls_rate", "http_rate")
+PHASE_METRIC = {"bulk": "mb_per_s", "tls_rate": "per_s", "http_rate": "per_s"}
+SETUP_NAMES = {"A": "direct forwarding", "B": "squid intercept + splice", "C": "sandgate run"}
+
+
+def pick_best(res: dict) -> None:
+    """Per phase, the round with the best number becomes res[phase]."""
+    rounds = res.get("rounds", [])
+    for phase in PHASES:
+        good = [(i, r[phase]) for i, r in enumerate(rounds) if PHASE_METRIC[phase] in r.get(phase, {})]
+        if good:
+            i, best = max(good, key=lambda x: x[1][PHASE_METRIC[phase]])
+            res[phase] = dict(best, round=i + 1, other_cpu_cores=rounds[i].get("other_cpu_cores"))
+        elif rounds:
+            res[phase] = rounds[-1].get(phase, {})
+
+
+# --- the three setups -------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args, fn, workdir: Path):
+        from enforcer import netns
+
+        self.args, self.fn, self.workdir = args, fn, workdir
+        self.netns = netns
+        suffix = fn.prefix[3:]
+        self.sbx_ids = {"A": f"b{suffix}a", "B": f"b{suffix}s"}
+        self.nets = {}
+        self.table = f"sgbench_{fn.prefix.replace('-', '_')}"
+        self.squid: subprocess.Popen | None = None
+        self.gateways: list[subprocess.Popen] = []
+        # The gateway CA and the audit logs go to the bench's work directory. The
+        # run directory stays the default one: `sandgate gc` (run by anyone) spares
+        # the sandboxes of runs whose pid file it finds there, and only there.
+        self.state_dir = workdir / "sandgate-state"
+        self.run_dir = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))
+        self.env = dict(os.environ, SANDGATE_STATE_DIR=str(self.state_dir))
+        self.env["PATH"] = f"{VENV_BIN}:{self.env.get('PATH', '')}:/usr/sbin:/sbin"
+        self.results: dict = {"A": {}, "B": {}, "C": {}, "start": {}, "notes": []}
+
+    # -- plumbing
+
+    def host(self, *argv, check=True, **kw) -> subprocess.CompletedProcess:
+        proc = self.fn.run_in_host(list(argv), **kw)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(map(str, argv))} in host ns failed: {proc.stderr.strip()}")
+        return proc
+
+    def client_argv(self, phases: list[str], resolve: bool) -> list[str]:
+        a = self.args
+        argv = [PY, CLIENTS, *phases, "--host", "allowed.test", "--cacert", self.fn.ca_cert,
+                "--bulk-seconds", a.bulk_seconds, "--rate-seconds", a.rate_seconds,
+                "--procs", a.procs, "--threads", a.threads]
+        if resolve:
+            argv += ["--resolve", f"allowed.test:{self.fn.hosts['allowed.test']}"]
+        return [str(x) for x in argv]
+
+    def sandgate_argv(self, *command) -> list[str]:
+        return [str(VENV_BIN / "sandgate"), "run", "--rules", str(RULES), "--dns-upstream", self.fn.dns_ip,
+                "--extra-ca", str(self.fn.ca_cert), "-q", "--", *map(str, command)]
+
+    def make_sandboxes(self) -> None:
+        # `sandgate gc` (which other runs and test suites on this machine may call)
+        # removes every sg-* netns without a live pid file in the run directory:
+        # register ours the way `sandgate run` does, so they survive it.
+        for sid in self.sbx_ids.values():
+            (self.run_dir / sid).mkdir(parents=True, exist_ok=True)
+            (self.run_dir / sid / "pid").write_text(str(os.getpid()))
+        with self.netns.entered_netns(self.fn.host_ns):
+            for index, (key, sid) in enumerate(self.sbx_ids.items(), start=1):
+                gw, sbx = self.netns.allocate_addresses(self.netns.DEFAULT_POOL, index)
+                self.nets[key] = self.netns.create_sandbox_net(sid, gw, sbx)
+
+    def cleanup(self) -> None:
+        """Best effort, every step: our processes, sandboxes, nft table."""
+        import contextlib
+        import signal
+
+        ids = list(self.sbx_ids.values())
+        for proc in [self.squid, *self.gateways]:
+            if proc is not None and proc.poll() is None:
+                # A sandgate run of ours that is still up: note its run id (its pid
+                # file names it), so that its sandbox goes even if it must be killed.
+                with contextlib.suppress(OSError):
+                    for pid_file in self.run_dir.glob("*/pid"):
+                        with contextlib.suppress(OSError, ValueError):
+                            if int(pid_file.read_text()) == proc.pid:
+                                ids.append(pid_file.parent.name)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        from pyroute2 import netns as pr_netns
+
+        if Path(f"/run/netns/{self.fn.host_ns}").exists():
+            with self.netns.entered_netns(self.fn.host_ns):
+                for sid in ids:
+                    with contextlib.suppress(Exception):
+                        self.netns.destroy_sandbox_net(sid)
+        for sid in ids:
+            with contextlib.suppress(OSError):
+                pr_netns.remove(self.netns.netns_name(sid))
+        for sid in self.sbx_ids.values():
+            with contextlib.suppress(OSError):
+                (self.run_dir / sid / "pid").unlink()
+                (self.run_dir / sid).rmdir()
+        # The nft table lives in the host netns and goes with it (fakenet.close).
+
+    def run_clients_in(self, key: str) -> dict:
+        ns = self.nets[key].netns
+        out = self.workdir / f"clients-{key}.json"
+        argv = ip_netns(ns, *self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=True), "--out", out)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"clients in {key} failed: {proc.stderr[-2000:]}")
+        return json.loads(out.read_text())
+
+    # -- A: direct forwarding
+
+    def round_direct(self) -> dict:
+        self.host("sysctl", "-w", "net.ipv4.ip_forward=1")
+        try:
+            return self.run_clients_in("A")
+        finally:
+            self.host("sysctl", "-w", "net.ipv4.ip_forward=0")
+
+    # -- B: Squid
+
+    def _squid_files(self) -> Path:
+        import pwd
+
+        d = self.workdir / "squid"
+        d.mkdir(mode=0o755)
+        cert, key = d / "squid.pem", d / "squid.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-days", "2", "-subj", "/CN=sandgate bench squid", "-keyout", key,
+                        "-out", cert], check=True, capture_output=True, timeout=30)
+        gw = self.nets["B"].gateway_ip
+        (d / "squid.conf").write_text(f"""\
+# Squid as an intercepting proxy for sandbox B; written by bench_gateway.py.
+http_port 127.0.0.1:{SQUID_ADMIN_PORT}
+http_port {gw}:{SQUID_HTTP_PORT} intercept
+https_port {gw}:{SQUID_HTTPS_PORT} intercept ssl-bump tls-cert={cert} tls-key={key} generate-host-certificates=off
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump splice all
+http_access allow all
+# no cache_dir: no disk cache; and nothing cached in memory either
+cache deny all
+cache_mem 0 MB
+dns_nameservers {self.fn.dns_ip}
+hosts_file none
+pid_filename {d}/squid.pid
+cache_log {d}/cache.log
+access_log stdio:{d}/access.log
+cache_store_log none
+netdb_filename none
+pinger_enable off
+logfile_rotate 0
+coredump_dir {d}
+shutdown_lifetime 0 seconds
+via off
+forwarded_for transparent
+max_filedescriptors 65536
+visible_hostname sandgate-bench
+""")
+        try:
+            pw = pwd.getpwnam("proxy")
+            for path in (d, *d.iterdir()):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        except KeyError:
+            os.chmod(d, 0o777)
+        os.chmod(self.workdir, 0o755)
+        return d
+
+    def start_squid(self) -> None:
+        from enforcer.fakenet import _proc_sockets
+
+        d = self._squid_files()
+        t0 = time.perf_counter()
+        log = open(d / "squid.out", "wb")  # noqa: SIM115 - owned by the child
+        with log:
+            self.squid = self.fn.popen_in_host(["squid", "-N", "-f", d / "squid.conf"], stdin=subprocess.DEVNULL,
+                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        gw = str(self.nets["B"].gateway_ip)
+        want = {(gw, SQUID_HTTP_PORT), (gw, SQUID_HTTPS_PORT)}
+        deadline = time.monotonic() + 15
+        host_id = os.stat(f"/run/netns/{self.fn.host_ns}").st_ino
+        while True:
+            if self.squid.poll() is not None:
+                cache_log = (d / "cache.log").read_text()[-2000:] if (d / "cache.log").exists() else ""
+                raise RuntimeError("squid exited:\n" + (d / "squid.out").read_text()[-2000:] + cache_log)
+            try:
+                in_host = os.stat(f"/proc/{self.squid.pid}/ns/net").st_ino == host_id
+            except OSError:
+                in_host = False
+            if in_host and want <= _proc_sockets(self.squid.pid, "tcp"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("squid not listening after 15 s:\n" + (d / "cache.log").read_text()[-2000:])
+            time.sleep(0.01)
+        self.results["B"]["squid_start_ms"] = (time.perf_counter() - t0) * 1000
+        iface = self.nets["B"].host_if
+        ruleset = f"""\
+table inet {self.table} {{
+    chain nat_prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "{iface}" tcp dport 80 redirect to :{SQUID_HTTP_PORT}
+        iifname "{iface}" tcp dport 443 redirect to :{SQUID_HTTPS_PORT}
+    }}
+}}
+"""
+        self.host("nft", "-f", "-", input=ruleset)
+
+    def stop_squid(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            self.host("nft", "delete", "table", "inet", self.table, check=False)
+        if self.squid is not None and self.squid.poll() is None:
+            self.squid.terminate()
+            try:
+                self.squid.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.squid.kill()
+                self.squid.wait(timeout=5)
+
+    def round_squid(self) -> dict:
+        with Sampler(self.squid.pid) as sampler:
+            res = self.run_clients_in("B")
+        attach_usage(res, sampler)
+        return res
+
+    # -- C: sandgate
+
+    def popen_sandgate(self, *command, **kw) -> subprocess.Popen:
+        proc = self.fn.popen_in_host(self.sandgate_argv(*command), env=self.env, **kw)
+        self.gateways.append(proc)
+        return proc
+
+    def first_sandgate_run(self) -> None:
+        """The first run makes the gateway CA in the (per-bench) state dir."""
+        ms, proc = timed_run(ip_netns(self.fn.host_ns, *self.sandgate_argv("true")), env=self.env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sandgate run -- true failed: {proc.stderr.strip()}")
+        self.results["start"]["first_run_ms"] = ms
+
+    def round_sandgate(self) -> dict:
+        out = self.workdir / "clients-C.json"
+        out.unlink(missing_ok=True)
+        gw = self.popen_sandgate(*self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=False),
+                                 "--out", out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with Sampler(gw.pid) as sampler:
+            stdout, stderr = gw.communicate(timeout=300)
+        if gw.returncode != 0 or not out.exists():
+            raise RuntimeError(f"sandgate run with the clients failed ({gw.returncode}): {stderr[-2000:]}")
+        res = json.loads(out.read_text())
+        attach_usage(res, sampler)
+        return res
+
+    # -- the rounds
+
+    def run_rounds(self, skip: set[str]) -> None:
+        """`--rounds` rounds of A, B, C in turn; per metric the best round counts
+        (other work on the machine only ever slows a round down)."""
+        setups = [(k, fn) for k, fn in (("A", self.round_direct), ("B", self.round_squid),
+                                        ("C", self.round_sandgate)) if k not in skip]
+        keys = [k for k, _ in setups]
+        if "B" in keys:
+            try:
+                self.start_squid()
+            except Exception as e:  # noqa: BLE001
+                self.results["notes"].append(f"B skipped: squid did not start: {e}")
+                setups = [(k, fn) for k, fn in setups if k != "B"]
+        if "C" in keys:
+            self.first_sandgate_run()
+        try:
+            for r in range(self.args.rounds):
+                for key, fn in setups:
+                    print(f"round {r + 1}/{self.args.rounds}: {key} {SETUP_NAMES[key]} ...", flush=True)
+                    if self.args.wait_quiet > 0:
+                        wait_quiet(min(5.0, self.args.wait_quiet), quick=True)
+                    before = other_cpu()
+                    t0 = time.monotonic()
+                    try:
+                        res = fn()
+                    except Exception as e:  # noqa: BLE001 - note it, go on
+                        self.results["notes"].append(f"round {r + 1} {key} failed: {str(e)[-800:]}")
+                        continue
+                    res["other_cpu_cores"] = other_cpu_since(before, time.monotonic() - t0)
+                    self.results[key].setdefault("rounds", []).append(res)
+        finally:
+            if self.squid is not None:
+                with contextlib.suppress(OSError):
+                    access = (self.workdir / "squid" / "access.log").read_text().splitlines()
+                    self.results["B"]["squid_log_lines"] = len(access)
+                    self.results["B"]["squid_log_sample"] = access[-1] if access else None
+                self.stop_squid()
+        for key in keys:
+            pick_best(self.results[key])
+
+    # -- task start
+
+    def measure_start(self) -> None:
+        print("task start times ...", flush=True)
+        n = self.args.starts
+        st = self.results["start"]
+        st["netns_exec_ms"], _ = median_ms(ip_netns(self.nets["A"].netns, "true"), n)
+        st["sandgate_run_ms"], st["sandgate_run_samples"] = median_ms(
+            ip_netns(self.fn.host_ns, *self.sandgate_argv("true")), n, env=self.env, notes=self.results["notes"])
+        st["python_bare_ms"], _ = median_ms([PY, "-c", "pass"], n)
+        st["python_import_mitmproxy_master_ms"], _ = median_ms([PY, "-c", "import mitmproxy.master"], n)
+        st["python_import_enforcer_run_ms"], _ = median_ms([PY, "-c", "import enforcer.run"], n)
+        st["sandbox_init_true_ms"], _ = median_ms(
+            ip_netns(self.nets["A"].netns, PY, "-c", "import argparse, ctypes, socket, signal"), n)
+        # Breakdown: the same command with timers around each step (see probe_start).
+        probes = []
+        for i in range(max(3, n // 2)):
+            out = self.workdir / f"probe-{i}.json"
+            ms, proc = timed_run(ip_netns(self.fn.host_ns, PY, Path(__file__).resolve(), "--probe-start", out,
+                                          "--", *self.sandgate_argv("true")[1:]), env=self.env)
+            if proc.returncode != 0 or not out.exists():
+                self.results["notes"].append(f"a start probe failed: {proc.stderr.strip()[-300:]}")
+                continue
+            t_done = time.time()
+            marks = json.loads(out.read_text())
+            marks[STEP_WALL] = ms
+            marks[STEP_EXIT] = (t_done - marks.pop("t_end_wall")) * 1000
+            marks[STEP_OUTSIDE] = ms - marks[STEP_INPROCESS] - marks[STEP_EXIT]
+            probes.append(marks)
+        if not probes:
+            return
+        st["breakdown_ms"] = {k: statistics.median(p.get(k, 0.0) for p in probes)
+                              for k, v in probes[0].items() if isinstance(v, float)}
+        if probes[0].get("unwrapped"):
+            self.results["notes"].append("start probe could not time: " + ", ".join(probes[0]["unwrapped"]))
+        st["import_self_ms_by_package"] = import_profile()
+        # -v says how long setup took, from inside the run.
+        _, proc = timed_run(ip_netns(self.fn.host_ns, *self.sandgate_argv("true")[:1], "run", "-v",
+                                     *self.sandgate_argv("true")[2:]), env=self.env)
+        st["verbose_log"] = [line for line in proc.stderr.splitlines() if "ready" in line]
+
+    # -- profile
+
+    def profile(self) -> None:
+        """py-spy on the gateway during each connection-rate run: first the on-CPU
+        profile (`--gil`: samples where the event loop holds the GIL, i.e. runs
+        Python), then the wall-clock one (also time in syscalls, waiting for the
+        GIL or for a CPU). Both with thread ids; the summaries are per process."""
+        import shutil
+
+        spy = shutil.which("py-spy", path=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
+        if spy is None:
+            self.results["notes"].append("profile skipped: py-spy missing (.venv/bin/pip install py-spy)")
+            return
+        secs = int(self.args.profile_seconds)
+        for phase in ("tls_rate", "http_rate"):
+            print(f"profiling sandgate during {phase} ...", flush=True)
+            argv = self.client_argv([phase], resolve=False)
+            argv[argv.index("--rate-seconds") + 1] = str(2 * secs + 3)
+            gw = self.popen_sandgate(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(2.0)  # sandgate setup + client warm-up
+            prof: dict = {}
+            for kind, flags in (("on_cpu", ["--gil"]), ("wall", [])):
+                raw = self.workdir / f"profile-{phase}-{kind}.txt"
+                spy_proc = subprocess.run(
+                    [spy, "record", "-p", str(gw.pid), "-d", str(secs), "-r", "250", "-f", "raw", "-t",
+                     "--nonblocking", "-o", str(raw), *flags], capture_output=True, text=True, timeout=secs + 60)
+                if spy_proc.returncode != 0 or not raw.exists():
+                    self.results["notes"].append(f"py-spy failed: {spy_proc.stderr.strip()[-500:]}")
+                    continue
+                prof[kind] = {"file": str(raw), **summarize_profile(raw, seconds=secs)}
+            stdout, stderr = gw.communicate(timeout=120)
+            client = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {}
+            prof["rate_under_profiler"] = client.get(phase, {}).get("per_s")
+            self.results.setdefault("profile", {})[phase] = prof
+
+
+def import_profile(top: int = 12) -> dict[str, float]:
+    """Self time of `import enforcer.cli, enforcer.run` grouped by top-level package
+    (python -X importtime, which itself adds some overhead)."""
+    from collections import Counter
+
+    proc = subprocess.run([PY, "-X", "importtime", "-c", "import enforcer.cli, enforcer.run, enforcer.commands"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    groups: Counter[str] = Counter()
+    for line in proc.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) != 3 or not parts[0].startswith("import time:") or "self" in parts[0]:
+            continue
+        self_us = int(parts[0].split(":")[1])
+        name = parts[2].strip()
+        top_name = name.split(".")[0]
+        if top_name in ("mitmproxy", "proxy", "enforcer"):
+            top_name = ".".join(name.split(".")[:2])
+        groups[top_name] += self_us / 1000
+    total = sum(groups.values())
+    out = {name: round(ms, 1) for name, ms in groups.most_common(top)}
+    out["(all)"] = round(total, 1)
+    return out
+
+
+def summarize_profile(path: Path, top: int = 30, seconds: float | None = None) -> dict:
+    """Self and inclusive share per function (file:line dropped) from py-spy's
+    collapsed stacks recorded with `-t` (the first frame names the thread)."""
+    from collections import Counter
+
+    self_t, incl, threads, total = Counter(), Counter(), Counter(), 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        thread, *frames = stack.split(";")
+        threads[thread.split(": ", 1)[-1].strip() or thread] += n
+        frames = [f.split(":", 1)[0] + ")" if ":" in f else f for f in frames]  # "fn (file.py:12)" -> "fn (file.py)"
+        if frames:
+            self_t[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    total = max(total, 1)
+    pct = lambda c: [(name, round(100 * n / total, 1)) for name, n in c.most_common(top)]  # noqa: E731
+    out = {"samples": total, "threads_pct": pct(threads), "self_pct": pct(self_t), "inclusive_pct": pct(incl)}
+    if seconds:
+        out["samples_per_s"] = round(total / seconds)  # 250/s = one thread busy all the time
+    return out
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def _get(res: dict, *path):
+    for key in path:
+        if not isinstance(res, dict) or key not in res:
+            return None
+        res = res[key]
+    return res
+
+
+def report(results: dict) -> str:
+    A, B, C, st = results["A"], results["B"], results["C"], results["start"]
+
+    def fmt(v, unit_fmt="{:,.0f}"):
+        return "-" if v is None else unit_fmt.format(v)
+
+    def ratio(x, y):
+        return "-" if x is None or y in (None, 0) else f"{x / y:.2f}x"
+
+    rows = []
+
+    def row(name, a, b, c, f="{:,.0f}"):
+        rows.append((name, fmt(a, f), fmt(b, f), fmt(c, f), ratio(b, a), ratio(c, a), ratio(c, b)))
+
+    row("HTTPS bulk, MB/s (10 MiB, new conn each)", _get(A, "bulk", "mb_per_s"), _get(B, "bulk", "mb_per_s"),
+        _get(C, "bulk", "mb_per_s"))
+    row("HTTPS new connections/s", _get(A, "tls_rate", "per_s"), _get(B, "tls_rate", "per_s"),
+        _get(C, "tls_rate", "per_s"))
+    row("HTTP new connections/s", _get(A, "http_rate", "per_s"), _get(B, "http_rate", "per_s"),
+        _get(C, "http_rate", "per_s"))
+    row("HTTPS p50 latency, ms", _get(A, "tls_rate", "latency_ms_p50"), _get(B, "tls_rate", "latency_ms_p50"),
+        _get(C, "tls_rate", "latency_ms_p50"), "{:.1f}")
+    row("HTTP p50 latency, ms", _get(A, "http_rate", "latency_ms_p50"), _get(B, "http_rate", "latency_ms_p50"),
+        _get(C, "http_rate", "latency_ms_p50"), "{:.1f}")
+    row("task start, ms (median)", st.get("netns_exec_ms"), None, st.get("sandgate_run_ms"))
+    for phase, label in (("bulk", "bulk"), ("tls_rate", "HTTPS conns"), ("http_rate", "HTTP conns")):
+        row(f"proxy CPU (cores) during {label}", None, _get(B, phase, "proxy", "cpu_util"),
+            _get(C, phase, "proxy", "cpu_util"), "{:.2f}")
+    for phase, label in (("tls_rate", "HTTPS"), ("http_rate", "HTTP")):
+        per = []
+        for res in (B, C):
+            cpu, n = _get(res, phase, "proxy", "cpu_s"), _get(res, phase, "requests")
+            per.append(None if not cpu or not n else 1e6 * cpu / n)
+        row(f"proxy CPU per {label} connection, us", None, *per)
+    for phase, label in (("tls_rate", "HTTPS"), ("http_rate", "HTTP")):
+        row(f"  of which kernel (sys), % ({label} conns)", None,
+            *[None if _get(r, phase, "proxy", "cpu_sys_share") is None else 100 * _get(r, phase, "proxy", "cpu_sys_share")
+              for r in (B, C)])
+    row("proxy RSS before bulk (idle), MB", None, _get(B, "bulk", "proxy", "rss_start_mb"),
+        _get(C, "bulk", "proxy", "rss_start_mb"), "{:.1f}")
+    row("proxy RSS peak during bulk, MB", None, _get(B, "bulk", "proxy", "rss_peak_mb"),
+        _get(C, "bulk", "proxy", "rss_peak_mb"), "{:.1f}")
+    row("proxy RSS peak during conn runs, MB", None,
+        max(filter(None, [_get(B, p, "proxy", "rss_peak_mb") for p in ("tls_rate", "http_rate")]), default=None),
+        max(filter(None, [_get(C, p, "proxy", "rss_peak_mb") for p in ("tls_rate", "http_rate")]), default=None),
+        "{:.1f}")
+
+    head = ("metric", "A direct", "B squid", "C sandgate", "B/A", "C/A", "C/B")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                         for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |"
+    out = [line(head), "|" + "|".join(("-" * (w + 1) + ":") if i else "-" * (w + 2)
+                                       for i, w in enumerate(widths)) + "|"]
+    out += [line(r) for r in rows]
+
+    errs = []
+    for key, res in (("A", A), ("B", B), ("C", C)):
+        for phase in ("bulk", "tls_rate", "http_rate"):
+            p = res.get(phase, {})
+            if p.get("error") or p.get("errors"):
+                errs.append(f"{key} {phase}: {p.get('error') or str(p.get('errors')) + ' errors, ' + str(p.get('first_error'))}")
+    out.append("")
+    out.append(f"clients: {_get(A, 'tls_rate', 'concurrency')} concurrent (procs x threads), new connection per "
+               f"request; bulk tool: {_get(A, 'bulk', 'tool')}; requests counted: "
+               + ", ".join(f"{k} {_get(r, 'tls_rate', 'requests')}/{_get(r, 'http_rate', 'requests')}"
+                           for k, r in (("A", A), ("B", B), ("C", C))))
+    if errs:
+        out.append("ERRORS: " + "; ".join(errs))
+    out.append("rounds (bulk MB/s, HTTPS conn/s, HTTP conn/s; CPU cores used meanwhile by other processes "
+               "on the machine); the table shows the best round:")
+    for key, res in (("A", A), ("B", B), ("C", C)):
+        cells = []
+        for i, r in enumerate(res.get("rounds", []), start=1):
+            vals = " / ".join(fmt(_get(r, ph, PHASE_METRIC[ph])) for ph in PHASES)
+            other = r.get("other_cpu_cores") or {}
+            busy = f"{other.get('cores', 0):.2f}" + (f" ({', '.join(other['top'])})" if other.get("top") else "")
+            cells.append(f"#{i} {vals}; other {busy}")
+        if cells:
+            out.append(f"  {key}: " + " | ".join(cells))
+    out.append("")
+    out.append("task start (ms, median):")
+    for key in ("netns_exec_ms", "sandgate_run_ms", "first_run_ms", "python_bare_ms",
+                "python_import_mitmproxy_master_ms", "python_import_enforcer_run_ms"):
+        if key in st:
+            out.append(f"  {key:40s} {st[key]:8.1f}")
+    if "squid_start_ms" in B:
+        out.append(f"  {'squid_start_ms (service, not per task)':40s} {B['squid_start_ms']:8.1f}")
+    if st.get("breakdown_ms"):
+        out.append("  breakdown of `sandgate run -q -- true` (median of probes; nested steps indented):")
+        for level, label in BREAKDOWN:
+            if label in st["breakdown_ms"]:
+                out.append(f"    {'  ' * level}{label:{52 - 2 * level}s} {st['breakdown_ms'][label]:8.1f}")
+    if st.get("import_self_ms_by_package"):
+        out.append("  import self time by package, ms (python -X importtime, inflated by its own overhead):")
+        out.append("    " + ", ".join(f"{k} {v:.0f}" for k, v in st["import_self_ms_by_package"].items()))
+    for line_ in st.get("verbose_log", []):
+        out.append(f"  -v: {line_}")
+    for note in results["notes"]:
+        out.append(f"note: {note}")
+    return "\n".join(out)
+
+
+def report_profile(results: dict) -> str:
+    out = []
+    for phase, prof in results.get("profile", {}).items():
+        out.append(f"\npy-spy, gateway during {phase} ({prof.get('rate_under_profiler') or 0:,.0f}/s under the profiler)")
+        for kind, label in (("on_cpu", "on-CPU (--gil: Python running)"), ("wall", "wall clock (incl. syscalls, waits)")):
+            p = prof.get(kind)
+            if not p:
+                continue
+            out.append(f"  {label}: {p['samples']} samples ({p.get('samples_per_s', '?')}/s of 250/s), "
+                       f"threads: " + ", ".join(f"{n} {v}%" for n, v in p["threads_pct"][:4]) + f"; raw: {p['file']}")
+            out.append("    self:")
+            out += [f"      {v:5.1f}%  {name}" for name, v in p["self_pct"][:12]]
+            out.append("    inclusive:")
+            top = p["inclusive_pct"][0][1] if p["inclusive_pct"] else 100
+            # Leave out the frames every sample has (the CLI, asyncio.run, the loop).
+            out += [f"      {v:5.1f}%  {name}" for name, v in p["inclusive_pct"] if v < 0.9 * top][:20]
+    return "\n".join(out)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `seconds` (from /proc/stat)."""
+
+    def read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = read()
+    time.sleep(seconds)
+    total1, idle1 = read()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15, quick: bool = False) -> float:
+    """Wait (at most max_wait s) until the machine is nearly idle; returns the last busy fraction."""
+    deadline = time.monotonic() + max_wait
+    busy = cpu_busy(0.3 if quick else 1.0)
+    while busy > threshold and time.monotonic() < deadline:
+        print(f"waiting for a quiet machine: CPUs {100 * busy:.0f}% busy ...", file=sys.stderr, flush=True)
+        time.sleep(2)
+        busy = cpu_busy()
+    return busy
+
+
+def missing_tools() -> list[str]:
+    import shutil
+
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    need = {"ip": "iproute2", "nft": "nftables", "nginx": "nginx-light", "dnsmasq": "dnsmasq-base",
+            "openssl": "openssl"}
+    return [f"{tool} (apt-get install -y {pkg})" for tool, pkg in need.items() if not shutil.which(tool, path=path)]
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--probe-start":
+        sys.path.insert(0, str(REPO))
+        rest = sys.argv[3:]
+        return probe_start(sys.argv[2], rest[1:] if rest[:1] == ["--"] else rest)
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter runs (1 round, 1 s per rate, 5 starts)")
+    parser.add_argument("--rate-seconds", type=float, default=3.0)
+    parser.add_argument("--bulk-seconds", type=float, default=2.0)
+    parser.add_argument("--procs", type=int, default=2, help="client processes")
+    parser.add_argument("--threads", type=int, default=8, help="client threads per process")
+    parser.add_argument("--starts", type=int, default=10, help="task starts to take the median of")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of A, B, C; the best round counts")
+    parser.add_argument("--profile", action="store_true", help="py-spy the gateway during the rate runs")
+    parser.add_argument("--profile-seconds", type=int, default=4)
+    parser.add_argument("--skip", default="", help="comma list of A,B,C,start to skip")
+    parser.add_argument("--json", type=Path, help="write all results as JSON here")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
+    parser.add_argument("--wait-quiet", type=float, default=60.0, metavar="S",
+                        help="first wait up to S seconds for other work on the machine to stop (0: don't)")
+    args = parser.parse_args()
+    if args.quick:
+        args.rate_seconds, args.bulk_seconds, args.starts, args.rounds = 1.0, 1.0, 5, 1
+    if os.geteuid() != 0:
+        print("bench_gateway: needs root (network namespaces, nftables): sudo .venv/bin/python bench/...",
+              file=sys.stderr)
+        return 2
+    if missing := missing_tools():
+        print("bench_gateway: missing " + ", ".join(missing), file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    import shutil
+    import signal
+    import tempfile
+
+    from enforcer.fakenet import FakeInternet, cleanup_prefix, fresh_prefix
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if not shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin"):
+        skip.add("B")
+        print("note: squid missing, B skipped (apt-get install -y squid-openssl)", file=sys.stderr)
+    if not shutil.which("curl"):
+        print("note: curl missing, bulk uses the Python client (apt-get install -y curl)", file=sys.stderr)
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    t_all = time.monotonic()
+    busy_start = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else cpu_busy()
+    if busy_start > 0.15:
+        print(f"note: CPUs {100 * busy_start:.0f}% busy before the bench: other work on this machine "
+              "skews the numbers", file=sys.stderr)
+    prefix = fresh_prefix("sgb")
+    workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    bench = None
+    try:
+        with FakeInternet(prefix, workdir / "net") as fn:
+            bench = Bench(args, fn, workdir)
+            try:
+                bench.make_sandboxes()
+                steps = [("rounds", lambda: bench.run_rounds(skip)), ("start", bench.measure_start)]
+                if args.profile:
+                    steps.append(("profile", bench.profile))
+                for name, step in steps:
+                    if name in skip:
+                        continue
+                    try:
+                        step()
+                    except Exception as e:  # noqa: BLE001 - report it, measure the rest
+                        print(f"  {name} failed: {e}", file=sys.stderr)
+                        bench.results["notes"].append(f"{name} failed: {str(e)[-1000:]}")
+            finally:
+                bench.cleanup()
+        results = bench.results
+        results["machine"] = {"cpus": os.cpu_count(), "kernel": os.uname().release,
+                              "cpu_busy_before": busy_start}
+        results["total_seconds"] = time.monotonic() - t_all
+        print()
+        print(report(results))
+        print(report_profile(results))
+        print(f"\n({os.cpu_count()} CPUs, kernel {os.uname().release}, CPUs {100 * busy_start:.0f}% busy before, "
+              f"bench took {results['total_seconds']:.0f} s)")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+        return 0
+    finally:
+        try:
+            cleanup_prefix(prefix)
+        finally:
+            if args.keep:
+                print(f"kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
