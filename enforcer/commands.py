@@ -3,6 +3,8 @@ CLI here and imported lazily, so `sandgate rules` stays quick."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from enforcer.cli import EXIT_DENIED, EXIT_OK, UsageError
@@ -63,10 +65,16 @@ def cmd_run(args) -> int:
             metrics_listen = parse_listen(args.metrics_listen)
         except ValueError as e:
             raise UsageError(f"--metrics-listen: {e}") from None
-    return run(RunOptions(command=args.command, policy=policy, profile=args.profile,
+    code = run(RunOptions(command=args.command, policy=policy, profile=args.profile,
                           dns_upstreams=args.dns_upstream, audit_log=args.audit_log,
                           metrics_listen=metrics_listen,
                           summary_json=args.summary_json, extra_ca=args.extra_ca, quiet=args.quiet))
+    # Everything is torn down, written and closed by now. Skip the interpreter's
+    # finalisation (~300 ms freeing mitmproxy's modules) at the end of every task.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_audit_verify(args) -> int:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enforcer import netns, nft
+from enforcer import netns, nft, sandbox_init
 from proxy.gateway import Gateway, GatewayConfig
 from proxy.policy import CompiledPolicy
 from proxy.policy.model import builtin_rule
@@ -201,7 +201,9 @@ class TaskRun:
         log.info("metrics on http://%s/metrics", where)
 
     async def _run_task(self) -> int:
-        argv = [sys.executable, "-m", "enforcer.sandbox_init", "--netns", f"/run/netns/{self.net.netns}",
+        # By file path, isolated and without site: it needs only the standard
+        # library, and skipping site-packages saves tens of ms per task.
+        argv = [sys.executable, "-I", "-S", sandbox_init.__file__, "--netns", f"/run/netns/{self.net.netns}",
                 "--hostname", f"sandbox-{self.run_id}",
                 "--bind", f"{self.dir / 'resolv.conf'}:/etc/resolv.conf", "--hide", str(STATE_DIR)]
         if SYSTEM_CA_BUNDLE.exists():

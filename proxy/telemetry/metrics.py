@@ -23,11 +23,13 @@ hundred series (see `serve`).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,7 +39,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import start_wsgi_server
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from proxy.policy.model import HTTP_METHODS
 from proxy.policy.reasons import Reason
@@ -219,7 +221,14 @@ class Metrics:
     def serve(self, host: str, port: int) -> tuple[str, int]:
         """Serve /metrics on host:port from a daemon thread; returns the bound
         address (port 0 picks a free one). Raises OSError if it cannot listen."""
-        self._server, self._server_thread = start_wsgi_server(port, host, registry=self.registry)
+        server_class = type("MetricsServer", (ThreadingWSGIServer,),
+                            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+        self._server = make_server(host, port, make_wsgi_app(self.registry), server_class, _QuietHandler)
+        # A short poll interval: shutdown() waits for one, and `sandgate run` stops
+        # the server at the end of every task (the default 0.5 s showed in start time).
+        self._server_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
+                                               name="sandgate-metrics", daemon=True)
+        self._server_thread.start()
         return host, self._server.server_port
 
     def stop(self) -> None:
@@ -227,6 +236,13 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per scrape on stderr."""
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+        pass
 
 
 def parse_listen(text: str) -> tuple[str, int]:
