@@ -12,6 +12,7 @@ from mitmproxy.proxy.layers.modes import TransparentProxy
 from mitmproxy.test import taddons, tflow
 
 from proxy.addon import CountingTCPLayer, RejectLayer, SandgateAddon
+from proxy.connection import ConnectionGate
 from proxy.dnsfilter import DnsBindings
 from proxy.policy import load_policy
 from proxy.registry import Sandbox, SandboxRegistry
@@ -44,7 +45,7 @@ def addon(tmp_path):
     bindings.record(SANDBOX, "api.allowed.test", "203.0.113.11", 60)
     bindings.record(SANDBOX, "ssh.allowed.test", "203.0.113.10", 60)
     events = []
-    a = SandgateAddon(load_policy(path), registry, bindings, events.append)
+    a = SandgateAddon(ConnectionGate(load_policy(path), registry, bindings, events.append))
     a.events = events
     with taddons.context(a):
         yield a
@@ -187,8 +188,8 @@ def test_every_hook_fails_closed(addon, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(addon, "_decide_connect", boom)
-    monkeypatch.setattr(addon, "_decide_request", boom)
+    monkeypatch.setattr(addon.gate, "_decide_connect", boom)
+    monkeypatch.setattr(addon.gate, "_decide_request", boom)
     c = client(("203.0.113.10", 443))
     addon.client_connected(c)
     assert c.error and addon.events[-1].reason == "internal_error"
@@ -196,12 +197,12 @@ def test_every_hook_fails_closed(addon, monkeypatch):
     monkeypatch.undo()
     c = client(("203.0.113.10", 443))
     addon.client_connected(c)
-    monkeypatch.setattr(addon, "_decide_connect", boom)
+    monkeypatch.setattr(addon.gate, "_decide_connect", boom)
     nl = next_layer_for(c, client_hello("allowed.test"))
     addon.next_layer(nl)
     assert isinstance(nl.layer, RejectLayer) and addon.events[-1].reason == "internal_error"
 
-    monkeypatch.setattr(addon, "_decide_request", boom)
+    monkeypatch.setattr(addon.gate, "_decide_request", boom)
     f = request_flow(c, "allowed.test")
     addon.requestheaders(f)
     assert f.response.status_code == 403 and addon.events[-1].reason == "internal_error"

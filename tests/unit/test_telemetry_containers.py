@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from proxy.telemetry.metrics import Metrics
+from fakes import wired_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "containers" / "prometheus" / "sandgate-alerts.yml"
@@ -45,18 +44,7 @@ def promtool() -> str:
 
 def _exported_names() -> set[str]:
     """Every series name a fully wired Metrics object exposes (histograms with suffixes)."""
-
-    class Policy:
-        hash, rule_count = "h", 1
-
-    class Audit:
-        written = lost = write_errors = queued = 0
-
-    metrics = Metrics()
-    gateway = type("G", (), {"policy": Policy(), "registry": [], "addon": type("A", (), {"connections": {}})()})()
-    metrics.watch_gateway(gateway)
-    metrics.watch_audit(Audit())
-    metrics.watch_firewall(lambda: {"dropped_udp": 1})
+    metrics = wired_metrics(firewall={"dropped_udp": 1})
     names = set()
     for family in metrics.registry.collect():
         names.add(family.name)
