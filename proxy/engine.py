@@ -1,5 +1,11 @@
 """mitmproxy embedded in the gateway's event loop, with only the addons sandgate needs.
 
+mitmproxy listens on no port: the front door (proxy/frontdoor.py) accepts every
+sandbox connection and hands `serve` the sockets that need HTTP (plain HTTP, and
+TLS that a rule inspects). `serve` runs them through a transparent-mode server
+instance that is never started, so mitmproxy still reads the original destination
+from the socket (SO_ORIGINAL_DST) and builds the same layers as when it listened.
+
 The default addon set dispatches every hook to ~30 addons; trimmed to what the
 transparent data path uses, the connection rate roughly doubles. Options exist only
 once the addon that declares them is added, so options are set after `add`.
@@ -10,24 +16,26 @@ from __future__ import annotations
 import proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
 import asyncio
 import logging
+import socket
 from pathlib import Path
 
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy.mode_servers import ServerInstance
 
 log = logging.getLogger("sandgate.engine")
 
 
 class ProxyEngine:
-    """One mitmproxy instance in transparent mode, listening on `host:port`."""
+    """One mitmproxy instance in transparent mode, serving the sockets it is handed."""
 
-    def __init__(self, addon, host: str, port: int, confdir: Path, upstream_ca: Path | None = None):
+    def __init__(self, addon, confdir: Path, upstream_ca: Path | None = None):
         self.addon = addon
-        self.host, self.port = host, port
         self.confdir = confdir
         self.upstream_ca = upstream_ca
         self.master: Master | None = None
+        self._server: ServerInstance | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -40,7 +48,8 @@ class ProxyEngine:
         master.addons.add(core.Core(), proxyserver.Proxyserver(), self.addon, tlsconfig.TlsConfig(),
                           disable_h2c.DisableH2C())
         update = {
-            "mode": [f"transparent@{self.host}:{self.port}"],
+            # No listener: connections come from the front door, through `serve`.
+            "mode": [],
             # Lazy: never open an upstream connection before the policy allowed it.
             "connection_strategy": "lazy",
             "confdir": str(self.confdir),
@@ -52,13 +61,23 @@ class ProxyEngine:
         opts.update(**update)
         self.master = master
         ps = master.addons.get("proxyserver")
+        self._server = ServerInstance.make("transparent", ps)
         self._task = asyncio.create_task(master.run(), name="mitmproxy")
-        # run() binds the listeners, then fires `running`; wait for that, or a failure.
+        # run() sets up (no) servers, then fires `running`; wait for that, or a failure.
         while not ps.is_running and not self._task.done():
             await asyncio.sleep(0.005)
-        if self._task.done() or not ps.listen_addrs():
+        if self._task.done():
             await self.stop()
-            raise RuntimeError(f"mitmproxy could not listen on {self.host}:{self.port} (see the log above)")
+            raise RuntimeError("mitmproxy did not start (see the log above)")
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Serve one accepted, redirected client socket to its end; takes it over."""
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        await self._server.handle_stream(reader, writer)
 
     @property
     def ca_cert(self) -> Path:

@@ -1,9 +1,11 @@
 """The gateway: one asyncio loop owning the state that must stay consistent.
 
 It holds the compiled policy, the sandbox registry, the DNS bindings, and runs the
-DNS filter and mitmproxy (with the sandgate addon) side by side. Every event from
-either passes through `emit`, which stamps the policy hash and the task id, so
-emitters only say what they saw.
+DNS filter, the front door (the transparent port: decides every connection through
+the gate, splices allowed pass-through itself) and mitmproxy (with the sandgate
+addon, for plain HTTP and inspected TLS, which the front door hands it) side by
+side. Every event passes through `emit`, which stamps the policy hash and the task
+id, so emitters only say what they saw.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.addon import SandgateAddon
+from proxy.connection import ConnectionGate
 from proxy.dnsfilter import DnsBindings, DnsFilter
 from proxy.engine import ProxyEngine
+from proxy.frontdoor import FrontDoor
 from proxy.policy import CompiledPolicy, NameFacts, decide
 from proxy.registry import Sandbox, SandboxRegistry
 from proxy.telemetry.event import Event, EventFanout, EventSink
@@ -27,7 +31,7 @@ class GatewayConfig:
     listen_host: str  # where the redirected traffic arrives (the host end of the veth)
     dns_upstreams: list[str]
     confdir: Path  # mitmproxy's CA lives here
-    proxy_port: int = 0  # 0: any free port
+    proxy_port: int = 0  # the transparent port (the front door's); 0: any free port
     dns_port: int = 0
     upstream_ca: Path | None = None  # CA bundle for verifying upstreams of inspected TLS
     dns_upstream_port: int = 53
@@ -40,7 +44,8 @@ class Gateway:
         self.registry = SandboxRegistry()
         self.bindings = DnsBindings()
         self.events = EventFanout(*sinks)
-        self.addon = SandgateAddon(policy, self.registry, self.bindings, self.emit)
+        self.gate = ConnectionGate(policy, self.registry, self.bindings, self.emit)
+        self.addon = SandgateAddon(self.gate)
         self.dns = DnsFilter(
             decide_name=lambda profile, name: decide(self.policy, NameFacts(profile, name)),
             sandbox_for=self._sandbox_for,
@@ -50,24 +55,28 @@ class Gateway:
             bindings=self.bindings,
             keep_special=self._keep_special,
         )
-        self.proxy = ProxyEngine(self.addon, config.listen_host, config.proxy_port, config.confdir,
-                                 upstream_ca=config.upstream_ca)
+        self.proxy = ProxyEngine(self.addon, config.confdir, upstream_ca=config.upstream_ca)
+        self.frontdoor = FrontDoor(self.gate, self.proxy.serve)
 
     async def start(self) -> None:
         await self.dns.start(self.config.listen_host, self.config.dns_port)
         try:
             await self.proxy.start()
+            await self.frontdoor.start(self.config.listen_host, self.config.proxy_port)
         except BaseException:
+            await self.proxy.stop()
             await self.dns.stop()
             raise
 
     async def stop(self) -> None:
+        await self.frontdoor.stop()
         await self.proxy.stop()
         await self.dns.stop()
 
     @property
     def proxy_port(self) -> int:
-        return self.proxy.master.addons.get("proxyserver").listen_addrs()[0][1]
+        """The transparent port: where nftables redirects the sandboxes' TCP."""
+        return self.frontdoor.port
 
     @property
     def dns_port(self) -> int:
@@ -89,8 +98,12 @@ class Gateway:
         return compiled is not None and compiled.opens_special_address(ip)
 
     def emit(self, event: Event) -> None:
-        sandbox = self.registry.get(event.sandbox) if event.sandbox else None
-        self.events.emit(event.with_fields(
-            policy_hash=self.policy.hash,
-            task_id=event.task_id or (sandbox.task_id if sandbox else None),
-        ))
+        if event.policy_hash != self.policy.hash or event.task_id is None:
+            # The gate stamps its connection events itself (two per connection, so
+            # the copy is worth saving); others leave it to here.
+            sandbox = self.registry.get(event.sandbox) if event.sandbox else None
+            event = event.with_fields(
+                policy_hash=self.policy.hash,
+                task_id=event.task_id or (sandbox.task_id if sandbox else None),
+            )
+        self.events.emit(event)

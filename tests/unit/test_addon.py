@@ -228,3 +228,25 @@ def test_allowed_connection_end_reports_bytes_and_duration(addon):
     end = addon.events[-1]
     assert (end.kind, end.verdict, end.rule_id, end.name) == ("connection_end", "allow", "allowed", "allowed.test")
     assert (end.bytes_up, end.bytes_down) == (len(hello), 5000) and end.duration >= 0
+
+
+@pytest.mark.parametrize(
+    "dst, first_bytes, layer",
+    [
+        pytest.param(("203.0.113.11", 443), client_hello("api.allowed.test"), "ServerTLSLayer", id="inspected-tls"),
+        pytest.param(("203.0.113.10", 80), b"GET / HTTP/1.1\r\n", "HttpLayer", id="plain-http"),
+    ],
+)
+def test_a_connection_the_front_door_decided_is_adopted_not_decided_again(addon, dst, first_bytes, layer):
+    gate = addon.gate
+    state = gate.on_connect((SANDBOX, 40000), SANDBOX, 40000, *dst)
+    gate.on_first_bytes(state, first_bytes)
+    decided = list(addon.events)
+    gate.hand_off(state)
+    c = client(dst)  # what mitmproxy sees of the same socket
+    addon.client_connected(c)
+    assert not c.error and addon.connections == {c.id: state}
+    nl = next_layer_for(c, first_bytes)
+    addon.next_layer(nl)
+    assert type(nl.layer).__name__ == layer
+    assert addon.events == decided  # no second decision, no second event

@@ -1,0 +1,421 @@
+"""Every sandbox connection meets `decide` here: the gate, without mitmproxy or sockets.
+
+`ConnectionGate` holds the policy, the sandbox registry, the DNS bindings and
+`emit`. Its methods take plain values and say what to do; the front door
+(proxy/frontdoor.py) and the mitmproxy addon (proxy/addon.py) apply the answer.
+Decision points, earliest first (see docs/architecture.md):
+
+ 1. `on_connect`: sandbox known? original destination IP:port hard-denied (private
+    range, IP deny rule, unknown profile)? -> None: close before any upstream work.
+ 2. `on_first_bytes`, until it stops saying WAIT: TLS -> ClientHello SNI, which
+    must be a name the gateway resolved to this address; plain HTTP -> HTTP,
+    decided per request; anything else -> raw TCP (`not_http` on web ports, else
+    named by the sandbox's DNS bindings). Allowed TLS passes through untouched
+    unless a rule needs HTTP inspection (INTERCEPT).
+    `on_silence`: a client that sends nothing to a non-web port (SMTP, MySQL, an
+    ssh client waiting for the banner) is decided as raw TCP without bytes; should
+    it speak first after all, a ClientHello or request line still gets its own
+    decision (`on_first_bytes`).
+    `hand_off` / `adopt`: a decided connection moves from the front door to
+    mitmproxy with its decision; the addon does not decide it again.
+ 3. `on_request`: Host must agree with SNI and destination; method and path rules.
+ 4. `on_close`: an allowed connection's end (bytes, duration); a connection that
+    closed before any decision gets its `no_data` denial.
+
+Each decision emits exactly one Event. Each public method fails closed: an
+unexpected exception is a denial with `internal_error`, emitted like any other.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from enum import Enum
+
+from proxy.clienthello import parse_client_hello, starts_like_tls_record
+from proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
+from proxy.policy.index import CompiledPolicy
+from proxy.policy.model import builtin_rule
+from proxy.policy.names import InvalidName, parse_domain
+from proxy.policy.reasons import Reason, Verdict
+from proxy.registry import Sandbox, SandboxRegistry
+from proxy.telemetry.event import Event, EventKind
+
+log = logging.getLogger("sandgate.connection")
+
+# Ports whose traffic must be TLS or HTTP: anything else there is a tunnel attempt.
+WEB_PORTS = frozenset({80, 443, 8080, 8443})
+# A ClientHello that has not ended within this many bytes is refused, so a client
+# cannot make the gateway buffer without bound. Real ones are under 2 KiB (a few
+# KiB with several post-quantum key shares).
+MAX_FIRST_BYTES = 16 * 1024
+
+UNKNOWN_SANDBOX_RULE = builtin_rule("unknown-sandbox")
+MALFORMED_TLS_RULE = builtin_rule("malformed-tls")
+MISSING_SNI_RULE = builtin_rule("missing-sni")
+NOT_HTTP_RULE = builtin_rule("not-http")
+HOST_MISMATCH_RULE = builtin_rule("host-mismatch")
+NO_DATA_RULE = builtin_rule("no-data")
+INTERNAL_ERROR_RULE = builtin_rule("internal-error")
+
+# Destinations repeat (a task talks to a few hosts): parse each address once. parse_ip
+# is pure and its results immutable.
+_parse_destination = functools.lru_cache(maxsize=4096)(parse_ip)
+
+# Without a name only these denials are final at connect: a later SNI, Host or DNS
+# binding may still find a rule, so "no rule matched" waits for the bytes.
+_FINAL_AT_CONNECT = frozenset({Reason.PRIVATE_ADDRESS, Reason.RULE_DENY, Reason.UNKNOWN_PROFILE})
+
+
+class Outcome(Enum):
+    """What to do with a connection after its first bytes."""
+
+    WAIT = "wait"  # not enough bytes to tell yet: ask again when more arrived
+    REJECT = "reject"  # denied (the event is out): close, nothing goes upstream
+    PASSTHROUGH = "passthrough"  # allowed by `state.allowed`: relay bytes untouched
+    INTERCEPT = "intercept"  # allowed TLS whose rules need HTTP: terminate with the gateway CA
+    HTTP = "http"  # plain HTTP: each request is decided by `on_request`
+
+
+class DnsBindingsView:
+    """What the gate needs from the DNS filter's bindings (proxy.dnsfilter.DnsBindings)."""
+
+    def resolved(self, sandbox: str, name: str, ip: str) -> bool: ...
+    def names_for(self, sandbox: str, ip: str) -> list[str]: ...
+
+
+@dataclass(slots=True)
+class ConnState:
+    """One connection the gate let past connect: what later decisions and events need."""
+
+    key: Hashable  # the adapter's handle for it (its key in `ConnectionGate.connections`)
+    sandbox: Sandbox
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address  # original destination
+    port: int
+    fields: dict  # the event fields every event of this connection carries
+    started: float  # perf_counter when the bytes being decided on arrived: decision latency
+    opened: float  # wall clock at connect, for the connection's duration
+    name: str | None = None  # SNI (TLS) or the DNS-bound name (raw TCP)
+    outcome: Outcome | None = None  # set once decided; a decision is not made twice
+    allowed: Decision | None = None  # the decision that let the connection through
+    protocol: str = "tcp"
+    handed_off: bool = False  # the front door gave it to mitmproxy, which adopts it
+    silent: bool = False  # allowed on silence; the client has not spoken yet (see on_silence)
+    bytes_up: int = 0  # counted on pass-through connections only
+    bytes_down: int = 0
+
+    @property
+    def decided(self) -> bool:
+        return self.outcome is not None
+
+
+class ConnectionGate:
+    def __init__(self, policy: CompiledPolicy, registry: SandboxRegistry, bindings: DnsBindingsView,
+                 emit: Callable[[Event], None]):
+        self.policy = policy
+        self.registry = registry
+        self.bindings = bindings
+        self.emit = emit
+        # Every connection past connect and not yet closed, by its adapter's key.
+        self.connections: dict[Hashable, ConnState] = {}
+
+    # --- 1. TCP connect -------------------------------------------------------------
+
+    def on_connect(self, key: Hashable, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> ConnState | None:
+        """The state of an admitted connection, or None: denied, its event emitted."""
+        started = time.perf_counter()
+        fields = {"source": f"{src_ip}:{src_port}", "dst_ip": dst_ip, "dst_port": dst_port}
+        try:
+            sandbox = self.registry.get(src_ip)
+            ip = _parse_destination(dst_ip)
+            if sandbox is None or ip is None:
+                self._emit_connection(Decision(Verdict.DENY, Reason.UNKNOWN_SANDBOX, UNKNOWN_SANDBOX_RULE,
+                                               detail=f"no task owns source address {src_ip}"),
+                                      fields, None, "tcp", started)
+                return None
+            # Stamped as Gateway.emit would stamp them: the policy that decides, the task.
+            fields.update(sandbox=sandbox.address, profile=sandbox.profile, policy_hash=self.policy.hash,
+                          task_id=sandbox.task_id)
+            state = ConnState(key, sandbox, ip, dst_port, fields, started, time.time())
+            decision = self._decide_connect(state, name=None)
+            if decision.reason in _FINAL_AT_CONNECT:
+                self._emit_connection(decision, fields, None, "tcp", started)
+                return None
+        except Exception as e:  # noqa: BLE001 - deny, say why, keep serving others
+            self._internal_error(e, fields, started)
+            return None
+        self.connections[key] = state
+        return state
+
+    def hand_off(self, state: ConnState) -> None:
+        """Mark a decided connection as given to another adapter, which `adopt`s it."""
+        state.handed_off = True
+
+    def adopt(self, old_key: Hashable, new_key: Hashable) -> ConnState | None:
+        """The handed-off connection filed under `old_key`, now under `new_key`; None
+        if there is none. Its decision stands: the new adapter only applies it."""
+        state = self.connections.get(old_key)
+        if state is None or not state.handed_off:
+            return None
+        del self.connections[old_key]
+        state.key, state.handed_off = new_key, False
+        self.connections[new_key] = state
+        return state
+
+    # --- 2. first bytes ---------------------------------------------------------------
+
+    def on_first_bytes(self, state: ConnState, data: bytes) -> Outcome:
+        """Decide on the client's first bytes (all that arrived so far, none consumed).
+        Once decided, the outcome is returned again without a second decision, with
+        one exception: see `on_silence`."""
+        if state.outcome is not None:
+            if not state.silent:
+                return state.outcome
+            if not (starts_like_tls_record(data) or _looks_like_http(data)):
+                if (len(data) < 3 and b"\n" not in data) or _may_become_http(data):
+                    return Outcome.WAIT  # could still become a ClientHello or a request line
+                state.silent = False  # raw bytes: what the silence decision allowed
+                return state.outcome
+            # A name the silence decision could not see: the bytes get their own decision.
+            silence = state.outcome, state.allowed, state.name, state.protocol
+            state.outcome, state.allowed, state.name, state.protocol = None, None, None, "tcp"
+            outcome = self.on_first_bytes(state, data)
+            if outcome is Outcome.WAIT:  # half a ClientHello: the silence decision holds meanwhile
+                state.outcome, state.allowed, state.name, state.protocol = silence
+            else:
+                state.silent = False
+            return outcome
+        state.started = time.perf_counter()
+        try:
+            if starts_like_tls_record(data):
+                outcome = self._tls(state, data)
+            elif _looks_like_http(data):
+                outcome = Outcome.HTTP
+            elif (len(data) >= 3 or b"\n" in data) and not _may_become_http(data):
+                outcome = self._raw_tcp(state)
+            else:
+                outcome = Outcome.WAIT  # too few bytes to tell
+        except Exception as e:  # noqa: BLE001
+            self._internal_error(e, state.fields, state.started, state)
+            outcome = Outcome.REJECT
+        if outcome is not Outcome.WAIT:
+            state.outcome = outcome
+        return outcome
+
+    def on_silence(self, state: ConnState) -> Outcome:
+        """The client has sent nothing for a while. On a non-web port it may be
+        waiting for the server to speak first (SMTP, MySQL, an ssh banner): decide
+        as raw TCP, by address and DNS bindings. On web ports keep waiting: there
+        the name must come from the bytes.
+
+        An allow here is for the server's first bytes. Should the client speak
+        first after all (a slow client, or one that waited on purpose), its bytes
+        go to `on_first_bytes` before any reaches the server: raw bytes are what
+        this decision allowed, but a ClientHello or an HTTP request carries a name,
+        and gets a decision of its own (with its event), as if it had come in time.
+        Otherwise waiting 300 ms would skip the SNI and Host checks."""
+        if state.outcome is not None:
+            return state.outcome
+        if state.port in WEB_PORTS:
+            return Outcome.WAIT
+        state.started = time.perf_counter()
+        try:
+            outcome = self._raw_tcp(state)
+        except Exception as e:  # noqa: BLE001
+            self._internal_error(e, state.fields, state.started, state)
+            outcome = Outcome.REJECT
+        state.outcome, state.silent = outcome, outcome is Outcome.PASSTHROUGH
+        return outcome
+
+    def _tls(self, state: ConnState, data: bytes) -> Outcome:
+        try:
+            hello = parse_client_hello(data)
+        except ValueError as e:
+            return self._reject(state, Decision(Verdict.DENY, Reason.MALFORMED_TLS, MALFORMED_TLS_RULE,
+                                                detail=f"unparseable ClientHello: {e}"), "tls")
+        if hello is None:
+            if len(data) < MAX_FIRST_BYTES:
+                return Outcome.WAIT
+            return self._reject(state, Decision(Verdict.DENY, Reason.MALFORMED_TLS, MALFORMED_TLS_RULE,
+                                                detail=f"ClientHello longer than {MAX_FIRST_BYTES} bytes"), "tls")
+        if not hello.sni:
+            decision = self._decide_connect(state, name=None)
+            if not decision.allowed:
+                decision = Decision(Verdict.DENY, Reason.MISSING_SNI, MISSING_SNI_RULE,
+                                    detail=f"TLS to {state.ip}:{state.port} without SNI and no IP rule allows it")
+        else:
+            try:
+                state.name = parse_domain(hello.sni)
+            except InvalidName as e:
+                return self._reject(state, Decision(Verdict.DENY, Reason.INVALID_NAME, MALFORMED_TLS_RULE,
+                                                    detail=f"SNI: {e}"), "tls")
+            decision = self._decide_connect(state, name=state.name)
+        decision = _without_approver(decision)
+        self._emit_connection(decision, state.fields, state.name, "tls", state.started)
+        if not decision.allowed:
+            return Outcome.REJECT
+        state.allowed, state.protocol = decision, "tls"
+        return Outcome.INTERCEPT if decision.inspect else Outcome.PASSTHROUGH
+
+    def _raw_tcp(self, state: ConnState) -> Outcome:
+        if state.port in WEB_PORTS:
+            decision = Decision(Verdict.DENY, Reason.NOT_HTTP, NOT_HTTP_RULE,
+                                detail=f"bytes to {state.ip}:{state.port} are neither TLS nor HTTP")
+        else:
+            # No name in the protocol: try the names this sandbox resolved to the address.
+            decision = self._decide_connect(state, name=None)
+            for name in self.bindings.names_for(state.sandbox.address, str(state.ip)):
+                candidate = self._decide_connect(state, name=name)
+                if candidate.allowed or candidate.reason is Reason.RULE_DENY:
+                    state.name, decision = name, candidate
+                    break
+            decision = _without_approver(decision)
+            if decision.allowed and decision.inspect:
+                # A rule here checks HTTP methods or paths: bytes that are not HTTP
+                # cannot be held to it, so they may not pass at all.
+                decision = Decision(Verdict.DENY, Reason.NOT_HTTP, NOT_HTTP_RULE,
+                                    detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
+                                           "and these bytes are not HTTP")
+        self._emit_connection(decision, state.fields, state.name, "tcp", state.started)
+        if not decision.allowed:
+            return Outcome.REJECT
+        state.allowed = decision
+        return Outcome.PASSTHROUGH
+
+    # --- 3. HTTP requests -------------------------------------------------------------
+
+    def on_request(self, state: ConnState, host: str, method: str, path: str, tls: bool) -> Decision:
+        """Decide one HTTP request (plain, or inside intercepted TLS) and emit it.
+        `host` is the Host header (or :authority), "" if absent; `path` as sent."""
+        started = time.perf_counter()
+        name = None
+        try:
+            decision, name = self._decide_request(state, host, method, path)
+            decision = _without_approver(decision)
+        except Exception as e:  # noqa: BLE001
+            log.exception("request decision failed; denying")
+            decision = Decision(Verdict.DENY, Reason.INTERNAL_ERROR, INTERNAL_ERROR_RULE,
+                                detail=f"{type(e).__name__}: {e}")
+        self.emit(Event.from_decision(
+            EventKind.REQUEST, decision, **state.fields, protocol="https" if tls else "http",
+            name=name, method=method, path=path[:2048], latency=time.perf_counter() - started))
+        return decision
+
+    def _decide_request(self, state: ConnState, host: str, method: str, path: str) -> tuple[Decision, str | None]:
+        host_only = _host_of(host)
+        host_ip = parse_ip(host_only) if host_only else None
+        name: str | None = None
+        if host_ip is not None:
+            if host_ip != state.ip:
+                return _mismatch(f"Host {host!r} is not the destination {state.ip}"), None
+        elif host_only:
+            try:
+                name = parse_domain(host_only)
+            except InvalidName as e:
+                return Decision(Verdict.DENY, Reason.INVALID_NAME, HOST_MISMATCH_RULE, detail=f"Host header: {e}"), None
+            if state.name is not None and name != state.name:
+                return _mismatch(f"Host {name} differs from TLS SNI {state.name}"), name
+        elif state.name is None:
+            return _mismatch("request without a Host header"), None
+        name = name or state.name
+        facts = RequestFacts(profile=state.sandbox.profile, port=state.port, method=method,
+                             path=path.split("?", 1)[0], ip=state.ip, name=name,
+                             name_resolved_to_ip=self._resolved(state, name))
+        return decide(self.policy, facts), name
+
+    # --- 4. close ---------------------------------------------------------------------
+
+    def on_close(self, state: ConnState, problem: str | None = None) -> None:
+        """The connection is gone. An allowed one reports its bytes and duration; one
+        that never got a decision (a port scan, a client that waited for a banner on
+        a web port) still gets its event. `problem`, if any, says what ended it
+        (the upstream refused, a timeout): added to an allowed connection's detail,
+        the whole detail of an undecided one.
+        Reported once: a second close of the same connection does nothing."""
+        if self.connections.get(state.key) is not state:
+            return  # closed before: its end is reported
+        del self.connections[state.key]
+        if state.allowed is not None:
+            event = Event.from_decision(
+                EventKind.CONNECTION_END, state.allowed, **state.fields, protocol=state.protocol, name=state.name,
+                bytes_up=state.bytes_up, bytes_down=state.bytes_down, duration=time.time() - state.opened)
+            self.emit(event.with_fields(detail=f"{event.detail}; {problem}") if problem else event)
+        elif state.outcome is None:
+            state.outcome = Outcome.REJECT
+            self._emit_connection(Decision(Verdict.DENY, Reason.NO_DATA, NO_DATA_RULE,
+                                           detail=problem or "closed before sending enough bytes to decide"),
+                                  state.fields, state.name, "tcp", state.started)
+
+    def fail(self, state: ConnState | None, error: Exception, fields: dict | None = None) -> Decision:
+        """An adapter failed around a decision: deny with `internal_error`, emit it, and
+        return it. The connection counts as decided; the caller closes it. `fields`
+        (source, dst_ip, dst_port) describe a connection that has no state."""
+        if state is not None:
+            if state.outcome is None:
+                state.outcome = Outcome.REJECT
+            fields = state.fields
+        return self._internal_error(error, fields or {}, time.perf_counter(), state)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _decide_connect(self, state: ConnState, name: str | None) -> Decision:
+        return decide(self.policy, ConnectFacts(profile=state.sandbox.profile, port=state.port, ip=state.ip,
+                                                name=name, name_resolved_to_ip=self._resolved(state, name)))
+
+    def _resolved(self, state: ConnState, name: str | None) -> bool | None:
+        if name is None:
+            return None
+        return self.bindings.resolved(state.sandbox.address, name, str(state.ip))
+
+    def _reject(self, state: ConnState, decision: Decision, protocol: str) -> Outcome:
+        self._emit_connection(decision, state.fields, state.name, protocol, state.started)
+        return Outcome.REJECT
+
+    def _internal_error(self, error: Exception, fields: dict, started: float,
+                        state: ConnState | None = None) -> Decision:
+        log.error("sandgate connection decision failed; denying", exc_info=error)
+        decision = Decision(Verdict.DENY, Reason.INTERNAL_ERROR, INTERNAL_ERROR_RULE,
+                            detail=f"{type(error).__name__}: {error}")
+        self._emit_connection(decision, fields, state.name if state else None, "tcp", started)
+        return decision
+
+    def _emit_connection(self, decision: Decision, fields: dict, name: str | None, protocol: str,
+                         started: float) -> None:
+        # The gateway stamps policy hash and task id on every event.
+        self.emit(Event.from_decision(EventKind.CONNECTION, decision, **fields, protocol=protocol, name=name,
+                                      latency=time.perf_counter() - started))
+
+
+def _without_approver(decision: Decision) -> Decision:
+    # `ask` needs a human; until an approver is connected, asking is denying.
+    if decision.verdict is Verdict.ASK:
+        return Decision(Verdict.DENY, Reason.APPROVAL_UNAVAILABLE, decision.rule,
+                        detail=f"{decision.detail}; the profile asks a human, and no approver is connected")
+    return decision
+
+
+def _mismatch(detail: str) -> Decision:
+    return Decision(Verdict.DENY, Reason.HOST_MISMATCH, HOST_MISMATCH_RULE, detail=detail)
+
+
+def _looks_like_http(data: bytes) -> bool:
+    """An HTTP/1 request line starts with a method token and a space."""
+    method, space, _ = data[:16].partition(b" ")
+    return bool(space) and method.isalpha() and method.isupper()
+
+
+def _may_become_http(data: bytes) -> bool:
+    """A method token still without its space (`GET` sent alone): wait for the rest.
+    Taken for raw TCP, it would let the request that follows skip the Host check."""
+    return len(data) < 16 and data.isalpha() and data.isupper()
+
+
+def _host_of(host_header: str) -> str:
+    """Host without port: `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`."""
+    if host_header.startswith("["):
+        return host_header.split("]", 1)[0] + "]"
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header

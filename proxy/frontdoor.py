@@ -1,0 +1,666 @@
+"""The front door: sandgate's own listener on the transparent port.
+
+nftables redirects every TCP connection of a sandbox here. For each one:
+
+1. `gate.on_connect` with the original destination (SO_ORIGINAL_DST);
+2. peek at the first bytes (`MSG_PEEK`: nothing is consumed) until
+   `gate.on_first_bytes` decides. A client that has sent nothing for `silence`
+   seconds is asked about with `gate.on_silence` (server-speaks-first protocols
+   on non-web ports); such a relay passes the server's bytes, and the client's
+   only once the server has spoken: bytes the client sends first go to
+   `gate.on_first_bytes` before any reaches the server. Nothing decidable within
+   `first_bytes_timeout`, or a close, ends the connection undecided (`no_data`);
+3. apply the outcome:
+   - PASSTHROUGH: connect to the original destination and relay both directions
+     (back-pressure each way, half-close passed on), counting bytes for the end
+     event. The peeked bytes are still in the socket, so the upstream gets the
+     stream from byte 0. mitmproxy never sees the connection.
+   - HTTP, INTERCEPT: the untouched socket goes to mitmproxy (`hand_off`), which
+     adopts the gate's decision and decides each request.
+   - REJECT: close (the gate emitted the denial).
+
+The front door decides nothing itself: every decision and event is the gate's.
+What it adds are the limits of a relay:
+- an upstream that cannot be reached (refused, unreachable, no answer within
+  `connect_timeout`): the client gets a reset, what it would have got from the
+  server directly; the allow event stands, and `connection_end` (zero bytes) says
+  "upstream connect failed: ..." in its detail;
+- a relayed connection with no byte either way for `idle_timeout` (10 minutes,
+  as mitmproxy's) is closed; its `connection_end` says so.
+
+Why it looks the way it does: allowed pass-through is most connections, and the
+cost per connection is the gateway's connection rate. mitmproxy's connection
+handler, layers and hook dispatch cost about three times what this relay does; so
+does asyncio's machinery per socket event (a transport per socket, a handle per
+callback, an epoll_ctl for each reader added or removed). The front door keeps
+its sockets in an epoll set of its own, edge-triggered: each socket is added once
+and never modified, and the asyncio loop watches the whole set as one descriptor
+(`_Poller`). One read buffer serves every relay; only bytes that a slow reader
+has not taken yet are kept per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+from proxy.connection import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
+
+log = logging.getLogger("sandgate.frontdoor")
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; Python's socket module lacks it
+ACCEPTS_PER_WAKEUP = 64
+# How often deadlines (first bytes, silence, upstream connect) are looked at: one
+# timer for all connections instead of one each, which would cost more than the
+# decisions they guard. Deadlines are met to within this.
+TICK = 0.05
+RELAY_CHUNK = 256 * 1024  # bytes per recv, as asyncio's transports read
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+# accept() errors that mean "out of descriptors or memory": stop accepting for a
+# moment instead of spinning on a listener that stays readable (as asyncio does).
+_ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_CLOSED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # the peer shut down, reset, or failed
+# Every socket of the front door is watched for all of these, edge-triggered, from
+# the start: an event means "something changed since you last looked".
+_WATCH = _IN | _OUT | select.EPOLLRDHUP | select.EPOLLET
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int]:
+    """The IPv4 destination the sandbox dialled before nftables redirected it here.
+    (The ruleset redirects IPv4 only; the sandbox's IPv6 is dropped.)"""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, address = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntop(socket.AF_INET, address), port
+
+
+class _Poller:
+    """An epoll set whose events go to one handler per descriptor; the asyncio loop
+    watches it as one readable descriptor and calls `dispatch`.
+
+    A descriptor closed while a batch of events is dispatched may be reused by a
+    socket opened in the same batch: an event still queued for the old socket must
+    not reach the new one. So descriptors forgotten during a batch are skipped for
+    the rest of it (a new socket's own events come with the next batch)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self._dispatching = False
+        self._forgotten: set[int] = set()
+        loop.add_reader(self.epoll.fileno(), self.dispatch)
+
+    def watch(self, fd: int, handler: Callable[[int], None]) -> None:
+        self.handlers[fd] = handler
+        self.epoll.register(fd, _WATCH)  # edge-triggered, yet reports the current state once
+
+    def forget(self, fd: int, unregister: bool = False) -> None:
+        """Stop handling fd: before it is closed (closing takes it out of the set),
+        or, with `unregister`, before someone else takes the socket over."""
+        if self.handlers.pop(fd, None) is not None:
+            if self._dispatching:
+                self._forgotten.add(fd)
+            if unregister:
+                with contextlib.suppress(OSError):
+                    self.epoll.unregister(fd)
+
+    def dispatch(self) -> None:
+        handlers, forgotten = self.handlers, self._forgotten
+        self._dispatching = True
+        try:
+            for fd, events in self.epoll.poll(0, 512):
+                if fd in forgotten:
+                    continue
+                handler = handlers.get(fd)
+                if handler is not None:
+                    try:
+                        handler(events)
+                    except Exception:  # noqa: BLE001 - handlers fail closed themselves; keep the batch going
+                        log.exception("front door: handler for fd %d failed", fd)
+        finally:
+            self._dispatching = False
+            forgotten.clear()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.epoll.fileno())
+        self.epoll.close()
+
+
+class FrontDoor:
+    """Listens on one IPv4 address; see the module docstring.
+
+    `hand_off(sock)` serves a socket to its end and owns it (mitmproxy's
+    transparent mode). `original_dst` and `upstream_address` (which address to
+    connect to for an original destination) are parameters so that tests can run
+    on loopback, where nothing is redirected."""
+
+    def __init__(self, gate: ConnectionGate, hand_off: Callable[[socket.socket], Awaitable[None]], *,
+                 original_dst: Callable[[socket.socket], tuple[str, int]] = original_dst,
+                 upstream_address: Callable[[str, int], tuple[str, int]] | None = None,
+                 first_bytes_timeout: float = 30.0, silence: float | None = 0.3,
+                 connect_timeout: float = 30.0, idle_timeout: float = 600.0, backlog: int = 1024):
+        self.gate = gate
+        self.hand_off = hand_off
+        self.original_dst = original_dst
+        self.upstream_address = upstream_address
+        self.first_bytes_timeout = first_bytes_timeout
+        self.silence = silence
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.backlog = backlog
+        self.port: int | None = None  # where it listens, once started
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.poller: _Poller | None = None
+        self._listener: socket.socket | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._waiting: dict[_Connection, None] = {}  # with a deadline: undecided, or connecting
+        self._live: set[_Connection] = set()  # every connection it still owns
+        self._handed_off: dict[asyncio.Task, socket.socket] = {}
+        # One read buffer for every relay: handlers run one at a time, and what a
+        # reader cannot take at once is copied out of it.
+        self.buffer = bytearray(RELAY_CHUNK)
+        self.view = memoryview(self.buffer)
+
+    async def start(self, host: str, port: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted sockets inherit it: small writes go out at once, as they
+            # would between the two ends directly (asyncio's transports set it too).
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            listener.bind((host, port))
+            listener.listen(self.backlog)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self.poller = _Poller(self.loop)
+        self.loop.add_reader(listener.fileno(), self._accept)
+        self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
+
+    async def stop(self) -> None:
+        """Stop listening and close every connection; their end events are emitted."""
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for connection in list(self._live):
+            connection.finish("the gateway stopped", reset=True)
+        if self.poller is not None:
+            self.poller.close()
+            self.poller = None
+        for sock in self._handed_off.values():
+            # mitmproxy owns these: end them from below, so that it closes them its
+            # usual way (its client_disconnected hook reports their end).
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self._handed_off:
+            await asyncio.wait(list(self._handed_off), timeout=5)
+
+    # --- accept -----------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in _ACCEPT_RESOURCE_ERRORS:
+                    log.error("front door: accept failed (%s); pausing for a second", e)
+                    fd = self._listener.fileno()
+                    self.loop.remove_reader(fd)
+                    self.loop.call_later(1.0, self._resume_accepting, fd)
+                else:
+                    log.warning("front door: accept failed: %s", e)
+                return
+            try:
+                self._admit(sock, peer)
+            except Exception:  # noqa: BLE001 - one bad connection must not stop the listener
+                log.exception("front door: admitting %s:%s failed; closing it", *peer)
+                sock.close()
+
+    def _resume_accepting(self, fd: int) -> None:
+        if self._listener is not None and self._listener.fileno() == fd:
+            self.loop.add_reader(fd, self._accept)
+
+    def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        sock.setblocking(False)
+        try:
+            dst = self.original_dst(sock)
+        except OSError as e:
+            # Not redirected here (only the ruleset's redirect reaches this port):
+            # there is no destination to decide on, as mitmproxy had none either.
+            log.warning("front door: no original destination for %s:%s (%s); closing", *peer, e)
+            sock.close()
+            return
+        state = self.gate.on_connect(peer, peer[0], peer[1], dst[0], dst[1])
+        if state is None:
+            # Denied at connect; the gate emitted why. Bytes the client already sent
+            # make this close a reset, as it was when mitmproxy closed it here.
+            sock.close()
+            return
+        connection = _Connection(self, state, sock, dst)
+        self._live.add(connection)
+        self.poller.watch(connection.client_fd, connection.on_waiting_event)
+
+    # --- hand-off to mitmproxy ----------------------------------------------------------
+
+    def _hand_off(self, connection: _Connection) -> None:
+        self._live.discard(connection)
+        self.poller.forget(connection.client_fd, unregister=True)
+        self.gate.hand_off(connection.state)
+        task = self.loop.create_task(self._serve_handed_off(connection.client, connection.state))
+        self._handed_off[task] = connection.client
+        task.add_done_callback(self._handed_off.pop)
+
+    async def _serve_handed_off(self, sock: socket.socket, state: ConnState) -> None:
+        try:
+            await self.hand_off(sock)
+        except Exception:  # noqa: BLE001 - mitmproxy's failure ends this connection only
+            log.exception("front door: mitmproxy failed on %s", state.fields["source"])
+        finally:
+            if self.gate.connections.get(state.key) is state:
+                self.gate.on_close(state)  # mitmproxy never adopted it
+
+    # --- deadlines ------------------------------------------------------------------------
+
+    def wait(self, connection: _Connection) -> None:
+        """Look at `connection.wake_at` from now on, until `unwait`."""
+        self._waiting[connection] = None
+        if self._ticker is None:
+            self._ticker = self.loop.call_later(TICK, self._tick)
+
+    def unwait(self, connection: _Connection) -> None:
+        self._waiting.pop(connection, None)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        for connection in [c for c in self._waiting if c.wake_at <= now]:
+            connection.timed_out()
+        self._ticker = self.loop.call_later(TICK, self._tick) if self._waiting else None
+
+    # --- idle relays ----------------------------------------------------------------------
+
+    @property
+    def _sweep_interval(self) -> float:
+        return min(60.0, self.idle_timeout / 4)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for connection in list(self._live):
+            if connection.relaying and now - connection.last_active > self.idle_timeout:
+                connection.finish(f"idle for {self.idle_timeout:g} s; the gateway closed it")
+        self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
+
+
+class _End:
+    """One socket of a relayed connection, with what its last events said. The
+    bytes in `pending` were read from the other end and wait for this socket to
+    take them; until it has, the other end is not read (back-pressure)."""
+
+    __slots__ = ("sock", "fd", "readable", "writable", "closing", "eof", "pending")
+
+    def __init__(self, sock: socket.socket, readable: bool, writable: bool, closing: bool = False):
+        self.sock, self.fd = sock, sock.fileno()
+        self.readable, self.writable = readable, writable
+        self.closing = closing  # its peer shut down or reset: read on until the end
+        self.eof = False  # read to its end (FIN)
+        self.pending: bytes | None = None
+
+
+def _note(end: _End, events: int) -> None:
+    """What an event says about a socket: readable, writable, its peer gone."""
+    if events & _CLOSED:
+        end.readable = end.writable = end.closing = True
+        return
+    if events & _IN:
+        end.readable = True
+    if events & _OUT:
+        end.writable = True
+
+
+class _Connection:
+    """One admitted connection, from accept to close: waiting for its first bytes,
+    connecting upstream, relaying. Its handlers get the epoll events of its sockets.
+    Every handler fails closed: an exception ends the connection, and the gate
+    reports it."""
+
+    __slots__ = ("door", "loop", "state", "client", "client_fd", "client_closing", "dst", "upstream", "seen", "wake_at",
+                 "silent_until", "deadline", "relaying", "holding", "c", "u", "last_active", "done")
+
+    def __init__(self, door: FrontDoor, state: ConnState, client: socket.socket, dst: tuple[str, int]):
+        self.door, self.loop, self.state, self.client, self.dst = door, door.loop, state, client, dst
+        self.client_fd = client.fileno()
+        self.client_closing = False  # the client's FIN or reset arrived before the relay began
+        self.upstream: socket.socket | None = None
+        self.seen = 0  # bytes peeked so far
+        now = self.loop.time()
+        self.deadline = now + door.first_bytes_timeout
+        self.silent_until = now + door.silence if door.silence is not None else None
+        self.wake_at = self._next_wake()
+        door.wait(self)
+        self.relaying = False
+        self.holding = False  # relaying only the server's bytes (see _relay)
+        self.c: _End | None = None  # the client end, once relaying
+        self.u: _End | None = None  # the upstream end
+        self.last_active = now
+        self.done = False
+
+    # --- first bytes ----------------------------------------------------------------------
+
+    def on_waiting_event(self, events: int) -> None:
+        try:
+            self._peek(events)
+        except Exception as e:  # noqa: BLE001
+            self.crash(e)
+
+    def _peek(self, events: int) -> None:
+        if not events & _IN:
+            if events & _CLOSED:
+                self.finish(None)  # closed or reset before a byte
+            return
+        try:
+            data = self.client.recv(MAX_FIRST_BYTES, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # reset by the client
+            data = b""
+        if len(data) > self.seen:
+            outcome = self.door.gate.on_first_bytes(self.state, data)
+            if outcome is not Outcome.WAIT:
+                self.client_closing = bool(events & _CLOSED)
+                self._decided(outcome)
+                return
+            self.seen, self.silent_until = len(data), None
+        if not data or events & _CLOSED:
+            # Closed, reset, or shut down for writing: no more bytes will come.
+            self.finish(None)
+
+    def _next_wake(self) -> float:
+        return self.deadline if self.silent_until is None else min(self.deadline, self.silent_until)
+
+    def timed_out(self) -> None:
+        """`wake_at` has come: silence, no decision in time, or no upstream in time."""
+        if self.upstream is not None:
+            self._connect_failed("timed out")
+            return
+        try:
+            now = self.loop.time()
+            if self.silent_until is not None and now >= self.silent_until:
+                self.silent_until = None
+                self._peek(_IN)  # bytes may have come with this very loop turn
+                if self.done or self.state.outcome is not None:
+                    return
+                if self.seen == 0:
+                    outcome = self.door.gate.on_silence(self.state)
+                    if outcome is not Outcome.WAIT:
+                        self._decided(outcome)
+                        return
+            if now >= self.deadline:
+                self.finish(f"nothing decidable within {self.door.first_bytes_timeout:g} s; the gateway closed it")
+            else:
+                self.wake_at = self._next_wake()
+        except Exception as e:  # noqa: BLE001
+            self.crash(e)
+
+    def _decided(self, outcome: Outcome) -> None:
+        self.door.unwait(self)
+        if outcome is Outcome.PASSTHROUGH:
+            self._connect()
+        elif outcome is Outcome.HTTP or outcome is Outcome.INTERCEPT:
+            self.done = True
+            self.door._hand_off(self)
+        else:  # REJECT: the gate emitted the denial
+            self.finish(None, drain=True)
+
+    # --- upstream -------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        ip, port = self.dst
+        if self.door.upstream_address is not None:
+            ip, port = self.door.upstream_address(ip, port)
+        self.door.poller.handlers[self.client_fd] = self._while_connecting
+        try:
+            upstream = self.upstream = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                                                     socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            error = upstream.connect_ex((ip, port))
+        except OSError as e:  # out of descriptors, say
+            self._connect_failed(e.strerror or str(e))
+            return
+        if error not in (0, errno.EINPROGRESS):
+            self._connect_failed(os.strerror(error))
+            return
+        self.wake_at = self.loop.time() + self.door.connect_timeout
+        self.door.wait(self)
+        self.door.poller.watch(upstream.fileno(), self._on_connect_event)
+
+    def _while_connecting(self, events: int) -> None:
+        # Nothing to do for the client until the upstream answers; remember a FIN
+        # or reset, which edge-triggered epoll will not report again.
+        if events & _CLOSED:
+            self.client_closing = True
+
+    def _on_connect_event(self, events: int) -> None:
+        try:
+            if not events & (_OUT | _CLOSED):
+                return
+            error = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._connect_failed(os.strerror(error))
+                return
+            self.door.unwait(self)
+            self._relay(upstream_readable=bool(events & (_IN | _CLOSED)),
+                        upstream_closing=bool(events & _CLOSED))
+        except Exception as e:  # noqa: BLE001
+            self.crash(e)
+
+    def _connect_failed(self, why: str) -> None:
+        self.finish(f"upstream connect failed: {why}", reset=True)
+
+    def _relay(self, upstream_readable: bool, upstream_closing: bool) -> None:
+        self.relaying = True
+        self.last_active = self.loop.time()
+        # The client has unread bytes (the peeked ones) and, edge-triggered, will
+        # not say so again: start as readable.
+        self.c = _End(self.client, readable=True, writable=True, closing=self.client_closing)
+        self.u = _End(self.upstream, readable=upstream_readable, writable=True, closing=upstream_closing)
+        # Allowed on silence: the server is to speak first. Until it does, the client
+        # is not read; should it speak first, its bytes are decided (_client_spoke).
+        self.holding = self.state.silent
+        handlers = self.door.poller.handlers
+        handlers[self.client_fd] = self._on_client_event
+        handlers[self.u.fd] = self._on_upstream_event
+        if self.holding:
+            self._client_spoke(_IN)  # it may have spoken while the upstream connection was made
+        if self.relaying and not self.done:
+            self._pump()
+
+    # --- relaying -----------------------------------------------------------------------------
+
+    def _on_client_event(self, events: int) -> None:
+        _note(self.c, events)
+        if self.holding:
+            self._client_spoke(events)
+        else:
+            self._pump()
+
+    def _client_spoke(self, events: int) -> None:
+        """The client sent bytes (or closed) before the server spoke, on a connection
+        allowed on silence: the gate decides whether they may pass."""
+        try:
+            try:
+                data = self.client.recv(MAX_FIRST_BYTES, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.holding = False  # closed or reset: the relay passes that on
+                self._pump()
+                return
+            outcome = self.door.gate.on_first_bytes(self.state, data)
+            if outcome is Outcome.WAIT:
+                if events & _CLOSED:  # no more will come: the silence decision stands
+                    self.holding = False
+                    self._pump()
+                return
+            if outcome is Outcome.PASSTHROUGH:
+                self.holding = False
+                self._pump()
+                return
+            # Not for this relay: drop the upstream connection, which got no byte.
+            self.door.poller.forget(self.u.fd)
+            self.upstream.close()
+            self.upstream, self.relaying, self.c, self.u = None, False, None, None
+            self._decided(outcome)
+        except Exception as e:  # noqa: BLE001
+            self.crash(e)
+
+    def _on_upstream_event(self, events: int) -> None:
+        _note(self.u, events)
+        self._pump()
+
+    def _pump(self) -> None:
+        try:
+            c, u = self.c, self.u
+            if self.holding:
+                if not self._move(u, c, up=False) or not self.state.bytes_down:
+                    return  # ended, or the server has not spoken yet
+                self.holding = False  # it has: a server-speaks-first protocol, as allowed
+                self.state.silent = False
+                c.readable = True  # what the client sent meanwhile is unread
+            if (self._move(c, u, up=True) and self._move(u, c, up=False)
+                    and c.eof and u.eof and c.pending is None and u.pending is None):
+                self.finish(None)  # both directions finished cleanly
+        except Exception as e:  # noqa: BLE001
+            self.crash(e)
+
+    def _move(self, src: _End, dst: _End, up: bool) -> bool:
+        """Move what src has to dst until one of them would block. False when the
+        connection ended (a reset, passed on to the other end)."""
+        door = self.door
+        while True:
+            if dst.pending is not None:
+                if not dst.writable:
+                    return True
+                try:
+                    sent = dst.sock.send(dst.pending)
+                except (BlockingIOError, InterruptedError):
+                    dst.writable = False
+                    return True
+                except OSError:
+                    self.finish(None, reset=True)
+                    return False
+                if sent < len(dst.pending):
+                    dst.pending, dst.writable = dst.pending[sent:], False
+                    return True
+                dst.pending = None
+                if src.eof:
+                    return self._shut(dst)
+            if not src.readable or src.eof:
+                return True
+            try:
+                n = src.sock.recv_into(door.buffer)
+            except (BlockingIOError, InterruptedError):
+                src.readable = False
+                return True
+            except OSError:  # reset: pass it on
+                self.finish(None, reset=True)
+                return False
+            if n == 0:
+                src.eof, src.readable = True, False
+                return self._shut(dst)
+            if up:
+                self.state.bytes_up += n
+            else:
+                self.state.bytes_down += n
+            self.last_active = self.loop.time()
+            try:
+                sent = dst.sock.send(door.view[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.finish(None, reset=True)
+                return False
+            if sent < n:
+                dst.pending, dst.writable = bytes(door.view[sent:n]), False
+                return True
+            if n < RELAY_CHUNK and not src.closing:
+                # Read less than asked: drained. Bytes arriving later raise a new
+                # event (edge-triggered epoll reports every arrival). A FIN that
+                # came with the last event raises none: `closing` reads on to it.
+                src.readable = False
+                return True
+
+    def _shut(self, dst: _End) -> bool:
+        # Half-close: the FIN goes on; the other direction stays open until it ends too.
+        try:
+            dst.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.finish(None, reset=True)
+            return False
+        return True
+
+    # --- the end ----------------------------------------------------------------------------
+
+    def crash(self, error: Exception) -> None:
+        log.error("front door: connection from %s failed; closing it", self.state.fields["source"],
+                  exc_info=error)
+        if self.state.outcome is None:
+            self.door.gate.fail(self.state, error)  # undecided: this is its (deny) decision
+        self.finish(f"the gateway failed: {type(error).__name__}", reset=True)
+
+    def finish(self, problem: str | None, *, reset: bool = False, drain: bool = False) -> None:
+        """Close both ends and report the end once. `reset`: close with a reset (an
+        upstream that reset, or could not be reached); `drain`: see `_close_read`."""
+        if self.done:
+            return
+        self.done = True
+        self.door.unwait(self)
+        poller = self.door.poller
+        for sock in (self.client, self.upstream):
+            if sock is None:
+                continue
+            if poller is not None:
+                poller.forget(sock.fileno())
+            if reset:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                sock.close()
+            elif drain:
+                _close_read(sock)
+            else:
+                sock.close()
+        self.door._live.discard(self)
+        self.door.gate.on_close(self.state, problem)
+
+
+def _close_read(sock: socket.socket) -> None:
+    """Read what the client sent so far, then close: with unread bytes in its
+    buffer (the peeked ones) closing would send a reset, where a proxy that had
+    read them, as mitmproxy did, sends a FIN."""
+    with contextlib.suppress(OSError):
+        for _ in range(16):  # what arrived, not a stream the client keeps up
+            if not sock.recv(65536):
+                break
+    sock.close()

@@ -1,0 +1,156 @@
+"""proxy.clienthello against its contract and against mitmproxy's parser, which it
+replaces on the front door: hello / None (need more) / ValueError, the same SNI,
+stricter only where a lenient reading could name another server."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
+
+from proxy.clienthello import ClientHello, parse_client_hello, starts_like_tls_record
+
+
+def client_hello(sni: str | None, version: ssl.TLSVersion | None = None) -> bytes:
+    """A real ClientHello record, from Python's own TLS stack."""
+    context = ssl.create_default_context()
+    if sni is None:
+        context.check_hostname = False
+    if version is not None:
+        context.minimum_version = context.maximum_version = version
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def handshake_of(record: bytes) -> bytes:
+    assert record[0] == 0x16 and int.from_bytes(record[3:5], "big") == len(record) - 5
+    return record[5:]
+
+
+def record(body: bytes, kind: int = 0x16, version: bytes = b"\x03\x01") -> bytes:
+    return bytes([kind]) + version + len(body).to_bytes(2, "big") + body
+
+
+def rechunked(hello: bytes, size: int) -> bytes:
+    """The same handshake message split into records of `size` bytes."""
+    message = handshake_of(hello)
+    return b"".join(record(message[i:i + size]) for i in range(0, len(message), size))
+
+
+def hello_with_extensions(extensions: bytes, trailing: bytes = b"") -> bytes:
+    """A minimal ClientHello record with the given raw extensions block content."""
+    body = (b"\x03\x03" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+            + len(extensions).to_bytes(2, "big") + extensions + trailing)
+    return record(b"\x01" + len(body).to_bytes(3, "big") + body)
+
+
+def extension(kind: int, data: bytes) -> bytes:
+    return kind.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+
+
+def server_name(*names: tuple[int, bytes]) -> bytes:
+    entries = b"".join(bytes([kind]) + len(name).to_bytes(2, "big") + name for kind, name in names)
+    return extension(0, len(entries).to_bytes(2, "big") + entries)
+
+
+HELLOS = [
+    pytest.param("allowed.test", None, id="tls-default"),
+    pytest.param("allowed.test", ssl.TLSVersion.TLSv1_2, id="tls1.2"),
+    pytest.param("a" * 63 + "." + "b" * 63 + ".test", ssl.TLSVersion.TLSv1_3, id="tls1.3-long-name"),
+    pytest.param(None, None, id="no-sni"),
+]
+
+
+@pytest.mark.parametrize("sni, version", HELLOS)
+def test_real_hellos_read_as_mitmproxy_reads_them(sni, version):
+    hello = client_hello(sni, version)
+    assert parse_client_hello(hello) == ClientHello(sni=sni)
+    assert mitmproxy_parse(hello).sni == sni
+    # Extra bytes after the hello (an eager client's next record) change nothing.
+    assert parse_client_hello(hello + b"\x17\x03\x03\x00\x05hello") == ClientHello(sni=sni)
+
+
+@pytest.mark.parametrize("sni, version", HELLOS)
+def test_every_prefix_needs_more_where_mitmproxy_does(sni, version):
+    hello = client_hello(sni, version)
+    for cut in range(len(hello)):
+        assert parse_client_hello(hello[:cut]) is None, cut
+        assert mitmproxy_parse(hello[:cut]) is None, cut
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, 16384])
+def test_a_hello_split_across_records(size):
+    hello = rechunked(client_hello("allowed.test"), size)
+    assert parse_client_hello(hello) == ClientHello(sni="allowed.test")
+    assert mitmproxy_parse(hello).sni == "allowed.test"
+
+
+def test_without_extensions_there_is_no_sni():
+    body = b"\x03\x01" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x00\x2f" + b"\x01\x00"
+    assert parse_client_hello(record(b"\x01" + len(body).to_bytes(3, "big") + body)) == ClientHello(sni=None)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        pytest.param(hello_with_extensions(server_name((0, b"a.test")) + server_name((0, b"b.test"))),
+                     "appears twice", id="two-sni-extensions"),
+        pytest.param(hello_with_extensions(server_name((0, b"a.test"), (0, b"b.test"))),
+                     "more than one name", id="two-names"),
+        pytest.param(hello_with_extensions(server_name((1, b"a.test"))), "not host_name", id="other-name-type"),
+        pytest.param(hello_with_extensions(server_name((0, b""))), "empty host_name", id="empty-name"),
+        pytest.param(hello_with_extensions(server_name((0, "ä.test".encode()))), "not ASCII", id="non-ascii"),
+        pytest.param(hello_with_extensions(server_name((0, b"a.test")), trailing=b"\x00"),
+                     "does not end", id="bytes-after-extensions"),
+        pytest.param(hello_with_extensions(extension(0, b"\x00")), "not one name list", id="cut-sni"),
+        pytest.param(hello_with_extensions(b"\x00\x00\x00\x09"), "overruns", id="extension-overruns"),
+        pytest.param(record(b""), "record of 0 bytes", id="empty-record"),
+        pytest.param(b"\x16\x03\x01\x40\x01" + b"\x00" * 16385, "record of 16385", id="record-too-long"),
+        pytest.param(record(b"\x01\x00\x00\x04abcd", kind=0x17), "expected a TLS handshake", id="not-handshake"),
+        pytest.param(record(b"\x02\x00\x00\x04abcd"), "not ClientHello", id="server-hello"),
+        pytest.param(record(b"\x01\x00\x00\x23" + b"\x03\x03" + b"\x00" * 32 + b"\x21"), "longer than 32",
+                     id="long-session-id"),
+        pytest.param(record(b"\x01\x00\x00\x26" + b"\x03\x03" + b"\x00" * 32 + b"\x00\x00\x01\x13"),
+                     "odd length", id="odd-cipher-list"),
+        pytest.param(record(b"\x01\x00\x00\x28" + b"\x03\x03" + b"\x00" * 32 + b"\x00\x00\x02\x13\x01\x00"),
+                     "no compression", id="no-compression"),
+        pytest.param(record(b"\x01\x00\x00\x05" + b"\x03\x03\x00\x00\x00"), "cut short", id="cut-random"),
+    ],
+)
+def test_malformed_hellos_are_errors(data, message):
+    with pytest.raises(ValueError, match=message):
+        parse_client_hello(data)
+
+
+def test_starts_like_tls_record_as_mitmproxy():
+    from mitmproxy.net.tls import starts_like_tls_record as theirs
+
+    for data in (b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x03\x04", b"\x16\x02\x01", b"GET "):
+        assert starts_like_tls_record(data) == theirs(data), data
+
+
+HELLO = client_hello("allowed.test")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600) | st.builds(
+    lambda at, junk: HELLO[:at] + junk + HELLO[at + len(junk):],
+    st.integers(0, len(HELLO)), st.binary(min_size=1, max_size=4)))
+def test_any_bytes_give_a_hello_none_or_value_error_and_never_another_name(data):
+    try:
+        ours = parse_client_hello(data)
+    except ValueError:
+        return
+    assert ours is None or isinstance(ours, ClientHello)
+    try:
+        theirs = mitmproxy_parse(data)
+    except Exception:  # noqa: BLE001 - mitmproxy's parser may refuse more, in its own ways
+        return
+    if ours is not None and ours.sni is not None and theirs is not None and theirs.sni is not None:
+        assert ours.sni == theirs.sni

@@ -1,0 +1,273 @@
+"""The connection gate, pure: plain values in, an outcome and exactly one event per
+decision out. No sockets, no mitmproxy."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from proxy.connection import MAX_FIRST_BYTES, ConnectionGate, Outcome
+from proxy.dnsfilter import DnsBindings
+from proxy.policy import load_policy
+from proxy.registry import Sandbox, SandboxRegistry
+
+SANDBOX = "10.213.0.2"
+RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: allowed
+      - allow: api.allowed.test
+        methods: [GET]
+        id: api-get
+      - allow: ssh.allowed.test
+        ports: [22]
+        id: ssh
+      - allow: db.allowed.test
+        ports: [5432]
+        paths: [/health]
+        id: db-http-only
+      - deny: 203.0.113.99
+        id: deny-ip
+"""
+
+
+@pytest.fixture
+def gate(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    registry = SandboxRegistry()
+    registry.add(Sandbox(SANDBOX, "task1", "default"))
+    bindings = DnsBindings()
+    bindings.record(SANDBOX, "allowed.test", "203.0.113.10", 60)
+    bindings.record(SANDBOX, "api.allowed.test", "203.0.113.11", 60)
+    bindings.record(SANDBOX, "ssh.allowed.test", "203.0.113.10", 60)
+    bindings.record(SANDBOX, "db.allowed.test", "203.0.113.12", 60)
+    events = []
+    g = ConnectionGate(load_policy(path), registry, bindings, events.append)
+    g.events = events
+    return g
+
+
+def connect(gate, dst: str, port: int, src: str = SANDBOX, key=("k", 1)):
+    return gate.on_connect(key, src, 40000, dst, port)
+
+
+def client_hello(sni: str | None) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = sni is not None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def summary(event) -> tuple:
+    return str(event.kind), str(event.verdict), str(event.reason), event.rule_id, event.name, event.protocol
+
+
+@pytest.mark.parametrize(
+    "src, dst, port, reason, rule",
+    [
+        pytest.param("10.213.9.9", "203.0.113.10", 443, "unknown_sandbox", "builtin:unknown-sandbox", id="unknown-source"),
+        pytest.param(SANDBOX, "169.254.169.254", 80, "private_address", "builtin:private-address", id="metadata"),
+        pytest.param(SANDBOX, "203.0.113.99", 443, "rule_deny", "deny-ip", id="ip-deny-rule"),
+        pytest.param(SANDBOX, "not an ip", 443, "unknown_sandbox", "builtin:unknown-sandbox", id="bad-destination"),
+    ],
+)
+def test_hard_denials_at_connect(gate, src, dst, port, reason, rule):
+    assert connect(gate, dst, port, src=src) is None
+    assert [(str(e.reason), e.rule_id, e.dst_ip, e.dst_port) for e in gate.events] == [(reason, rule, dst, port)]
+    assert gate.connections == {}
+
+
+def test_no_rule_yet_waits_for_the_bytes(gate):
+    state = connect(gate, "203.0.113.66", 443)
+    assert state is not None and gate.connections == {("k", 1): state}
+    assert gate.events == []
+
+
+@pytest.mark.parametrize(
+    "dst, port, data, outcome, event",
+    [
+        pytest.param("203.0.113.10", 443, client_hello("allowed.test"), Outcome.PASSTHROUGH,
+                     ("connection", "allow", "rule_allow", "allowed", "allowed.test", "tls"), id="tls-allowed"),
+        pytest.param("203.0.113.11", 443, client_hello("api.allowed.test"), Outcome.INTERCEPT,
+                     ("connection", "allow", "rule_allow", "api-get", "api.allowed.test", "tls"), id="tls-inspected"),
+        pytest.param("203.0.113.66", 443, client_hello("allowed.test"), Outcome.REJECT,
+                     ("connection", "deny", "spoofed_destination", "builtin:spoofed-destination", "allowed.test",
+                      "tls"), id="tls-spoofed"),
+        pytest.param("203.0.113.66", 443, client_hello(None), Outcome.REJECT,
+                     ("connection", "deny", "missing_sni", "builtin:missing-sni", None, "tls"), id="tls-no-sni"),
+        pytest.param("203.0.113.10", 443, b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", Outcome.REJECT,
+                     ("connection", "deny", "malformed_tls", "builtin:malformed-tls", None, "tls"), id="tls-malformed"),
+        pytest.param("203.0.113.10", 80, b"GET / HTTP/1.1\r\n", Outcome.HTTP, None, id="http"),
+        pytest.param("203.0.113.10", 22, b"SSH-2.0-x\r\n", Outcome.PASSTHROUGH,
+                     ("connection", "allow", "rule_allow", "ssh", "ssh.allowed.test", "tcp"), id="raw-by-binding"),
+        pytest.param("203.0.113.66", 22, b"SSH-2.0-x\r\n", Outcome.REJECT,
+                     ("connection", "deny", "no_rule", "default:fallback", None, "tcp"), id="raw-unknown"),
+        pytest.param("203.0.113.10", 443, b"SSH-2.0-tunnel\r\n", Outcome.REJECT,
+                     ("connection", "deny", "not_http", "builtin:not-http", None, "tcp"), id="not-http-on-443"),
+        pytest.param("203.0.113.12", 5432, b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Outcome.REJECT,
+                     ("connection", "deny", "not_http", "builtin:not-http", "db.allowed.test", "tcp"),
+                     id="raw-where-a-rule-needs-http"),
+        pytest.param("203.0.113.10", 443, b"\x16\x03", Outcome.WAIT, None, id="two-bytes"),
+        pytest.param("203.0.113.10", 22, b"GET", Outcome.WAIT, None, id="a-method-alone-waits-for-its-request"),
+        pytest.param("203.0.113.10", 22, b"GET / HTTP/1.1\r\n", Outcome.HTTP, None, id="http-on-a-raw-port"),
+        pytest.param("203.0.113.10", 443, client_hello("allowed.test")[:40], Outcome.WAIT, None, id="half-hello"),
+    ],
+)
+def test_first_bytes(gate, dst, port, data, outcome, event):
+    state = connect(gate, dst, port)
+    assert gate.on_first_bytes(state, data) is outcome
+    assert [summary(e) for e in gate.events] == ([event] if event else [])
+    if outcome in (Outcome.PASSTHROUGH, Outcome.INTERCEPT):
+        assert state.allowed is not None and state.allowed.allowed
+    # Decided once: asking again gives the same outcome and no second event.
+    assert gate.on_first_bytes(state, data) is outcome
+    assert len(gate.events) == (1 if event else 0)
+
+
+def test_a_client_hello_that_never_ends_is_refused_at_the_cap(gate):
+    state = connect(gate, "203.0.113.10", 443)
+    endless = b"\x16\x03\x01\x40\x00" + b"\x01\xff\xff\xff" + b"\x00" * (MAX_FIRST_BYTES - 9)
+    assert gate.on_first_bytes(state, endless[:-1]) is Outcome.WAIT
+    assert gate.on_first_bytes(state, endless) is Outcome.REJECT
+    assert [str(e.reason) for e in gate.events] == ["malformed_tls"]
+
+
+@pytest.mark.parametrize(
+    "dst, port, outcome, reason",
+    [
+        pytest.param("203.0.113.10", 22, Outcome.PASSTHROUGH, "rule_allow", id="bound-name-allows"),
+        pytest.param("203.0.113.66", 22, Outcome.REJECT, "no_rule", id="unknown-address"),
+        pytest.param("203.0.113.10", 443, Outcome.WAIT, None, id="web-port-keeps-waiting"),
+        pytest.param("203.0.113.12", 5432, Outcome.REJECT, "not_http", id="rule-needs-http"),
+    ],
+)
+def test_silence_decides_non_web_ports_as_raw_tcp(gate, dst, port, outcome, reason):
+    state = connect(gate, dst, port)
+    assert gate.on_silence(state) is outcome
+    assert [str(e.reason) for e in gate.events] == ([reason] if reason else [])
+
+
+def test_closed_before_a_decision_is_no_data(gate):
+    state = connect(gate, "203.0.113.66", 25)
+    gate.on_close(state, "nothing decidable within 30 s; the gateway closed it")
+    (event,) = gate.events
+    assert (str(event.reason), event.rule_id, event.dst_port) == ("no_data", "builtin:no-data", 25)
+    assert event.detail == "nothing decidable within 30 s; the gateway closed it"
+    assert gate.connections == {}
+
+
+def test_allowed_connection_end_reports_bytes_and_what_ended_it(gate):
+    state = connect(gate, "203.0.113.10", 443)
+    gate.on_first_bytes(state, client_hello("allowed.test"))
+    state.bytes_up, state.bytes_down = 517, 0
+    gate.on_close(state, "upstream connect failed: Connection refused")
+    allow, end = gate.events
+    assert (str(end.kind), end.rule_id, end.bytes_up, end.bytes_down) == ("connection_end", "allowed", 517, 0)
+    assert end.detail == f"{allow.detail}; upstream connect failed: Connection refused"
+    gate.on_close(state)  # a second close reports nothing more
+    assert len(gate.events) == 2
+
+
+def test_rejected_and_http_connections_end_without_an_event(gate):
+    rejected = connect(gate, "203.0.113.66", 22, key=1)
+    gate.on_first_bytes(rejected, b"SSH-2.0-x\r\n")
+    http = connect(gate, "203.0.113.10", 80, key=2)
+    gate.on_first_bytes(http, b"GET / HTTP/1.1\r\n")
+    gate.on_close(rejected)
+    gate.on_close(http)
+    assert [str(e.reason) for e in gate.events] == ["no_rule"]
+    assert gate.connections == {}
+
+
+def test_hand_off_and_adopt_keep_one_decision(gate):
+    state = connect(gate, "203.0.113.11", 443, key=("10.213.0.2", 40000))
+    assert gate.on_first_bytes(state, client_hello("api.allowed.test")) is Outcome.INTERCEPT
+    assert gate.adopt(("10.213.0.2", 40000), "mitm-1") is None  # not handed off: not adoptable
+    gate.hand_off(state)
+    assert gate.adopt(("10.213.0.2", 40000), "mitm-1") is state
+    assert gate.connections == {"mitm-1": state} and state.key == "mitm-1"
+    assert gate.adopt(("10.213.0.2", 40000), "mitm-2") is None
+    assert len(gate.events) == 1
+
+
+@pytest.mark.parametrize(
+    "host, method, path, reason, name",
+    [
+        pytest.param("allowed.test", "GET", "/", "rule_allow", "allowed.test", id="allowed"),
+        pytest.param("evil.test", "GET", "/", "no_rule", "evil.test", id="other-host"),
+        pytest.param("203.0.113.66", "GET", "/", "host_mismatch", None, id="host-ip-differs"),
+        pytest.param("", "GET", "/", "host_mismatch", None, id="no-host"),
+    ],
+)
+def test_requests(gate, host, method, path, reason, name):
+    state = connect(gate, "203.0.113.10", 80)
+    decision = gate.on_request(state, host, method, path, tls=False)
+    assert str(decision.reason) == reason
+    (event,) = gate.events
+    assert (str(event.kind), str(event.reason), event.name, event.method, event.protocol) == (
+        "request", reason, name, method, "http")
+
+
+def test_every_decision_fails_closed(gate, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(gate, "_decide_connect", boom)
+    monkeypatch.setattr(gate, "_decide_request", boom)
+    assert connect(gate, "203.0.113.10", 443) is None
+    monkeypatch.undo()
+    state = connect(gate, "203.0.113.10", 22)
+    monkeypatch.setattr(gate, "_decide_connect", boom)
+    monkeypatch.setattr(gate, "_decide_request", boom)
+    assert gate.on_first_bytes(state, b"SSH-2.0-x\r\n") is Outcome.REJECT
+    monkeypatch.undo()
+    silent = connect(gate, "203.0.113.10", 22, key=2)
+    monkeypatch.setattr(gate, "_decide_connect", boom)
+    monkeypatch.setattr(gate, "_decide_request", boom)
+    assert gate.on_silence(silent) is Outcome.REJECT
+    assert not gate.on_request(state, "allowed.test", "GET", "/", tls=False).allowed
+    assert [(str(e.kind), str(e.reason)) for e in gate.events] == [
+        ("connection", "internal_error"), ("connection", "internal_error"), ("connection", "internal_error"),
+        ("request", "internal_error")]
+    assert gate.fail(None, RuntimeError("adapter bug"), {"source": "x:1"}).reason == "internal_error"
+
+
+@pytest.mark.parametrize(
+    "data, outcome, second_event",
+    [
+        pytest.param(b"PING\r\n", Outcome.PASSTHROUGH, None, id="raw-bytes-are-what-was-allowed"),
+        pytest.param(client_hello("allowed.test"), Outcome.REJECT,
+                     ("connection", "deny", "port_not_allowed", "default:fallback", "allowed.test", "tls"),
+                     id="a-hello-gets-its-own-decision"),
+        pytest.param(client_hello("evil.test"), Outcome.REJECT,
+                     ("connection", "deny", "no_rule", "default:fallback", "evil.test", "tls"), id="fronting"),
+        pytest.param(b"GET / HTTP/1.1\r\n", Outcome.HTTP, None, id="http-goes-to-per-request-decisions"),
+        pytest.param(b"PUT", Outcome.WAIT, None, id="a-method-alone-waits"),
+    ],
+)
+def test_a_client_that_speaks_after_a_silence_decision(gate, data, outcome, second_event):
+    state = connect(gate, "203.0.113.10", 22)
+    assert gate.on_silence(state) is Outcome.PASSTHROUGH
+    assert gate.on_first_bytes(state, data) is outcome
+    assert [summary(e) for e in gate.events] == [
+        ("connection", "allow", "rule_allow", "ssh", "ssh.allowed.test", "tcp")] + ([second_event] if second_event else [])
+    assert state.silent == (outcome is Outcome.WAIT)
+    assert (state.allowed is not None) == (outcome in (Outcome.PASSTHROUGH, Outcome.WAIT))
+
+
+def test_half_a_hello_after_a_silence_decision_waits_under_it(gate):
+    state = connect(gate, "203.0.113.10", 22)
+    gate.on_silence(state)
+    hello = client_hello("ssh.allowed.test")
+    assert gate.on_first_bytes(state, hello[:40]) is Outcome.WAIT
+    assert state.outcome is Outcome.PASSTHROUGH and state.silent and state.name == "ssh.allowed.test"
+    assert gate.on_first_bytes(state, hello) is Outcome.PASSTHROUGH
+    assert [(str(e.reason), e.protocol) for e in gate.events] == [("rule_allow", "tcp"), ("rule_allow", "tls")]

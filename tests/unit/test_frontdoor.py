@@ -1,0 +1,515 @@
+"""The front door on loopback: real sockets, a fake upstream on 127.0.0.1, and the
+real gate. There is no redirect on loopback, so the original destination is
+injected (`original_dst`) and the relay connects to the fake upstream in its place
+(`upstream_address`). The gateway end to end is tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+
+import pytest
+
+from proxy.connection import ConnectionGate
+from proxy.dnsfilter import DnsBindings
+from proxy.frontdoor import FrontDoor
+from proxy.policy import load_policy
+from proxy.registry import Sandbox, SandboxRegistry
+
+LOOPBACK = "127.0.0.1"  # the "sandbox": the source address of every test client
+RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: allowed
+      - allow: ssh.allowed.test
+        ports: [22]
+        id: ssh
+"""
+ALLOWED = ("203.0.113.10", 443)
+EVIL = ("203.0.113.66", 443)
+SSH = ("203.0.113.10", 22)
+
+
+def client_hello(sni: str) -> bytes:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+HELLO = client_hello("allowed.test")
+
+
+@pytest.fixture
+def gate(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    registry = SandboxRegistry()
+    registry.add(Sandbox(LOOPBACK, "task1", "default"))
+    bindings = DnsBindings()
+    bindings.record(LOOPBACK, "allowed.test", "203.0.113.10", 60)
+    bindings.record(LOOPBACK, "ssh.allowed.test", "203.0.113.10", 60)
+    events = []
+    g = ConnectionGate(load_policy(path), registry, bindings, events.append)
+    g.events = events
+    return g
+
+
+class Upstream:
+    """A fake server on loopback; `handler(reader, writer)` plays the server."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self):
+        async def serve(reader, writer):
+            self.connections += 1
+            try:
+                await self.handler(reader, writer)
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(serve, LOOPBACK, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+
+async def started(gate, dst, upstream_port=1, hand_off=None, **options) -> FrontDoor:
+    async def refuse(sock):
+        sock.close()
+
+    door = FrontDoor(gate, hand_off or refuse, original_dst=lambda sock: dst,
+                     upstream_address=lambda ip, port: (LOOPBACK, upstream_port), **options)
+    await door.start(LOOPBACK, 0)
+    return door
+
+
+async def read_all(reader) -> bytes:
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:
+        return b"<reset>"
+
+
+def events(gate) -> list[tuple]:
+    return [(str(e.kind), str(e.reason), e.rule_id, e.name, e.protocol) for e in gate.events]
+
+
+async def until(predicate, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def run(coroutine):
+    asyncio.run(asyncio.wait_for(coroutine, 20))
+
+
+# --- pass-through ---------------------------------------------------------------------
+
+
+def test_allowed_tls_is_relayed_from_byte_0_with_half_close_and_counted(gate):
+    async def server(reader, writer):
+        assert await reader.readexactly(len(HELLO) + 4) == HELLO + b"more"
+        writer.write(b"s" * 70000)
+        await writer.drain()
+        assert await reader.read() == b""  # the client's FIN came through
+        writer.write(b"bye")  # the other direction still works after it
+        await writer.drain()
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, ALLOWED, upstream.port)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(HELLO + b"more")
+            assert await reader.readexactly(70000) == b"s" * 70000
+            writer.write_eof()
+            assert await read_all(reader) == b"bye"
+            writer.close()
+            await until(lambda: len(gate.events) == 2)
+            await door.stop()
+
+    run(scenario())
+    assert events(gate) == [("connection", "rule_allow", "allowed", "allowed.test", "tls"),
+                             ("connection_end", "rule_allow", "allowed", "allowed.test", "tls")]
+    end = gate.events[-1]
+    assert (end.bytes_up, end.bytes_down) == (len(HELLO) + 4, 70003)
+    assert gate.connections == {}
+
+
+def test_bulk_both_ways_with_a_slow_reader_arrives_whole(gate):
+    size = 6 * 1024 * 1024
+    blob = bytes(range(256)) * (size // 256)
+
+    async def server(reader, writer):
+        received = hashlib.sha256()
+        remaining = len(HELLO) + size
+        while remaining:
+            chunk = await reader.read(min(remaining, 1 << 16))
+            assert chunk
+            received.update(chunk)
+            remaining -= len(chunk)
+        assert received.digest() == hashlib.sha256(HELLO + blob).digest()
+        writer.write(blob)
+        await writer.drain()
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, ALLOWED, upstream.port)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(HELLO + blob)
+            got = hashlib.sha256()
+            total = 0
+            while total < size:
+                chunk = await reader.read(1 << 14)
+                assert chunk
+                got.update(chunk)
+                total += len(chunk)
+                if total < size // 4:
+                    await asyncio.sleep(0.001)  # slower than the upstream: back-pressure
+            assert got.digest() == hashlib.sha256(blob).digest()
+            writer.close()
+            await until(lambda: len(gate.events) == 2)
+            await door.stop()
+
+    run(scenario())
+    assert (gate.events[-1].bytes_up, gate.events[-1].bytes_down) == (len(HELLO) + size, size)
+
+
+def test_a_hello_in_pieces_is_waited_for(gate):
+    async def server(reader, writer):
+        assert await reader.readexactly(len(HELLO)) == HELLO
+        writer.write(b"ok")
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, ALLOWED, upstream.port)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            for i in range(0, len(HELLO), 100):
+                writer.write(HELLO[i:i + 100])
+                await writer.drain()
+                await asyncio.sleep(0.02)
+            assert await read_all(reader) == b"ok"
+            writer.close()
+            await door.stop()
+
+    run(scenario())
+    assert events(gate)[0] == ("connection", "rule_allow", "allowed", "allowed.test", "tls")
+
+
+def test_raw_tcp_named_by_dns_binding(gate):
+    async def server(reader, writer):
+        writer.write(b"SSH-2.0-fake\r\n" + await reader.readexactly(6))
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, SSH, upstream.port)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(b"SSH-2\n")
+            assert await read_all(reader) == b"SSH-2.0-fake\r\nSSH-2\n"
+            writer.close()
+            await door.stop()
+
+    run(scenario())
+    assert events(gate)[0] == ("connection", "rule_allow", "ssh", "ssh.allowed.test", "tcp")
+
+
+def test_a_silent_client_on_a_non_web_port_gets_the_servers_banner(gate):
+    async def server(reader, writer):
+        writer.write(b"220 banner\r\n")  # server speaks first
+        writer.write(await reader.readexactly(6))
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, SSH, upstream.port, silence=0.1)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            assert await asyncio.wait_for(reader.readexactly(12), 5) == b"220 banner\r\n"
+            writer.write(b"HELO x")
+            assert await read_all(reader) == b"HELO x"
+            writer.close()
+            await door.stop()
+
+    run(scenario())
+    assert events(gate)[0] == ("connection", "rule_allow", "ssh", "ssh.allowed.test", "tcp")
+
+
+# --- denials and ends without a relay -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dst, data, reason",
+    [
+        pytest.param(EVIL, client_hello("allowed.test"), "spoofed_destination", id="spoofed-sni"),
+        pytest.param(ALLOWED, b"SSH-2.0-tunnel\r\n", "not_http", id="not-http-on-443"),
+        pytest.param(("203.0.113.66", 22), b"SSH-2.0-x\r\n", "no_rule", id="raw-unknown"),
+        pytest.param(("169.254.169.254", 80), b"GET / HTTP/1.1\r\n\r\n", "private_address", id="at-connect"),
+    ],
+)
+def test_denied_connections_never_reach_the_upstream(gate, dst, data, reason):
+    async def server(reader, writer):
+        raise AssertionError("reached the upstream")
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, dst, upstream.port)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(data)
+            assert await read_all(reader) in (b"", b"<reset>")
+            writer.close()
+            await door.stop()
+            return upstream.connections
+
+    assert asyncio.run(scenario()) == 0
+    assert [e[1] for e in events(gate)] == [reason]
+    assert gate.connections == {}
+
+
+def test_unknown_source_is_closed_at_connect(gate):
+    gate.registry.remove(LOOPBACK)
+
+    async def scenario():
+        door = await started(gate, ALLOWED)
+        reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+        writer.write(HELLO)
+        assert await read_all(reader) in (b"", b"<reset>")
+        await door.stop()
+
+    run(scenario())
+    assert [e[1] for e in events(gate)] == ["unknown_sandbox"]
+
+
+@pytest.mark.parametrize(
+    "dst, send, detail",
+    [
+        pytest.param(EVIL, b"", "closed before sending enough bytes to decide", id="closed-at-once"),
+        pytest.param(ALLOWED, b"\x16\x03", "closed before sending enough bytes to decide", id="two-bytes-then-fin"),
+        pytest.param(ALLOWED, None, "nothing decidable within 0.3 s; the gateway closed it", id="timeout"),
+    ],
+)
+def test_connections_that_end_undecided_get_no_data(gate, dst, send, detail):
+    async def scenario():
+        door = await started(gate, dst, first_bytes_timeout=0.3)
+        reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+        if send is not None:
+            writer.write(send)
+            writer.write_eof()
+        assert await read_all(reader) in (b"", b"<reset>")
+        writer.close()
+        await until(lambda: gate.events)
+        await door.stop()
+
+    run(scenario())
+    assert [e[1] for e in events(gate)] == ["no_data"]
+    assert gate.events[0].detail.startswith(detail)
+    assert gate.connections == {}
+
+
+def test_a_refused_upstream_resets_the_client_and_says_so(gate):
+    with socket.socket() as closed:
+        closed.bind((LOOPBACK, 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+
+        async def scenario():
+            door = await started(gate, ALLOWED, port)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(HELLO)
+            assert await read_all(reader) == b"<reset>"
+            writer.close()
+            await until(lambda: len(gate.events) == 2)
+            await door.stop()
+
+        run(scenario())
+    allow, end = gate.events
+    assert (str(end.kind), end.bytes_up, end.bytes_down) == ("connection_end", 0, 0)
+    assert end.detail.endswith("; upstream connect failed: Connection refused")
+
+
+def test_idle_relays_are_closed(gate):
+    async def server(reader, writer):
+        await reader.read()
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, ALLOWED, upstream.port, idle_timeout=0.2)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(HELLO)
+            assert await read_all(reader) == b""
+            writer.close()
+            await door.stop()
+
+    run(scenario())
+    assert gate.events[-1].detail.endswith("; idle for 0.2 s; the gateway closed it")
+
+
+def test_stop_closes_open_connections_and_reports_them(gate):
+    async def server(reader, writer):
+        await reader.read()
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, ALLOWED, upstream.port)
+            _, relayed = await asyncio.open_connection(LOOPBACK, door.port)
+            relayed.write(HELLO)
+            _, waiting = await asyncio.open_connection(LOOPBACK, door.port)
+            await until(lambda: len(gate.connections) == 2 and gate.events)
+            await asyncio.sleep(0.05)
+            await door.stop()
+
+    run(scenario())
+    assert sorted(e[:2] for e in events(gate)) == [
+        ("connection", "no_data"), ("connection", "rule_allow"), ("connection_end", "rule_allow")]
+    ends = [e.detail for e in gate.events if str(e.kind) == "connection_end" or str(e.reason) == "no_data"]
+    assert len(ends) == 2 and all(detail.endswith("the gateway stopped") for detail in ends)
+    assert gate.connections == {}
+
+
+# --- hand-off -------------------------------------------------------------------------------
+
+
+def test_plain_http_goes_to_mitmproxy_untouched_and_is_adopted(gate):
+    request = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+
+    async def mitmproxy(sock):
+        # What the engine does: take the socket over, adopt the gate's decision.
+        reader, writer = await asyncio.open_connection(sock=sock)
+        peer = writer.get_extra_info("peername")
+        state = gate.adopt((peer[0], peer[1]), "mitm-client-1")
+        assert state is not None and state.outcome.value == "http"
+        assert await reader.readexactly(len(request)) == request  # from byte 0
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        gate.on_close(state)
+
+    async def scenario():
+        door = await started(gate, ("203.0.113.10", 80), hand_off=mitmproxy)
+        reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+        writer.write(request)
+        assert (await read_all(reader)).startswith(b"HTTP/1.1 200 OK")
+        writer.close()
+        await door.stop()
+
+    run(scenario())
+    assert gate.events == []  # plain HTTP: the decisions are mitmproxy's, per request
+    assert gate.connections == {}
+
+
+def test_a_hand_off_that_fails_before_adoption_still_ends_the_connection(gate):
+    async def broken(sock):
+        sock.close()
+        raise RuntimeError("mitmproxy fell over")
+
+    async def scenario():
+        door = await started(gate, ("203.0.113.10", 80), hand_off=broken)
+        reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+        writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        assert await read_all(reader) in (b"", b"<reset>")
+        await until(lambda: not gate.connections)
+        await door.stop()
+
+    run(scenario())
+
+
+# --- failing closed -------------------------------------------------------------------------
+
+
+def test_a_failure_in_the_front_door_denies_and_closes(gate, monkeypatch):
+    def boom(state, data):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(gate, "on_first_bytes", boom)
+
+    async def scenario():
+        door = await started(gate, ALLOWED)
+        reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+        writer.write(HELLO)
+        assert await read_all(reader) in (b"", b"<reset>")
+        await until(lambda: not gate.connections)
+        await door.stop()
+
+    run(scenario())
+    assert [e[1] for e in events(gate)] == ["internal_error"]
+
+
+# --- after a silence decision, the client speaks first --------------------------------------
+
+
+def test_a_client_speaking_first_after_silence_is_relayed_if_raw(gate):
+    async def server(reader, writer):
+        assert await reader.readexactly(6) == b"PING\r\n"  # this server waits for the client
+        writer.write(b"PONG\r\n")
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, SSH, upstream.port, silence=0.05)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            await until(lambda: gate.events)  # decided on silence
+            writer.write(b"PING\r\n")
+            assert await read_all(reader) == b"PONG\r\n"
+            writer.close()
+            await door.stop()
+
+    run(scenario())
+    assert events(gate)[:1] == [("connection", "rule_allow", "ssh", "ssh.allowed.test", "tcp")]
+    assert [e[0] for e in events(gate)] == ["connection", "connection_end"]
+
+
+def test_a_hello_after_silence_is_decided_before_any_byte_reaches_the_server(gate):
+    received = []
+
+    async def server(reader, writer):
+        received.append(await reader.read())
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, SSH, upstream.port, silence=0.05)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            await until(lambda: upstream.connections)  # allowed on silence, connected
+            writer.write(client_hello("evil.test"))  # fronting: another name at this address
+            assert await read_all(reader) in (b"", b"<reset>")
+            await until(lambda: received)
+            await door.stop()
+
+    run(scenario())
+    assert received == [b""]
+    assert events(gate) == [("connection", "rule_allow", "ssh", "ssh.allowed.test", "tcp"),
+                            ("connection", "no_rule", "default:fallback", "evil.test", "tls")]
+    assert gate.connections == {}
+
+
+def test_http_after_silence_goes_to_mitmproxy(gate):
+    request = b"GET / HTTP/1.1\r\nHost: ssh.allowed.test\r\n\r\n"
+    handed = []
+
+    async def mitmproxy(sock):
+        reader, writer = await asyncio.open_connection(sock=sock)
+        handed.append(await reader.readexactly(len(request)))
+        writer.close()
+
+    async def server(reader, writer):
+        await reader.read()
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, SSH, upstream.port, silence=0.05, hand_off=mitmproxy)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            await until(lambda: upstream.connections)
+            writer.write(request)
+            await read_all(reader)
+            await door.stop()
+
+    run(scenario())
+    assert handed == [request]
