@@ -22,3 +22,64 @@ def wired_metrics(firewall: dict[str, int] | None = None) -> Metrics:
     metrics.watch_audit(Audit())
     metrics.watch_firewall(lambda: dict(firewall or {}))
     return metrics
+
+
+SANDBOX = "10.213.0.2"
+GATE_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: allowed
+      - allow: api.allowed.test
+        methods: [GET]
+        id: api-get
+      - allow: ssh.allowed.test
+        ports: [22]
+        id: ssh
+      - allow: db.allowed.test
+        ports: [5432]
+        paths: [/health]
+        id: db-http-only
+      - deny: 203.0.113.99
+        id: deny-ip
+"""
+# What the sandbox resolved through the gateway's DNS filter.
+GATE_BINDINGS = {"allowed.test": "203.0.113.10", "api.allowed.test": "203.0.113.11",
+                 "ssh.allowed.test": "203.0.113.10", "db.allowed.test": "203.0.113.12"}
+
+
+def make_gate(tmp_path, sandbox: str = SANDBOX):
+    """A ConnectionGate over GATE_RULES for one sandbox; its events collect in `.events`."""
+    from proxy.connection import ConnectionGate
+    from proxy.dnsfilter import DnsBindings
+    from proxy.policy import load_policy
+    from proxy.registry import Sandbox, SandboxRegistry
+
+    path = tmp_path / "rules.yaml"
+    path.write_text(GATE_RULES)
+    registry = SandboxRegistry()
+    registry.add(Sandbox(sandbox, "task1", "default"))
+    bindings = DnsBindings()
+    for name, ip in GATE_BINDINGS.items():
+        bindings.record(sandbox, name, ip, 60)
+    events: list = []
+    gate = ConnectionGate(load_policy(path), registry, bindings, events.append)
+    gate.events = events
+    return gate
+
+
+def client_hello(sni: str | None) -> bytes:
+    """A real ClientHello, from Python's own TLS stack (no SNI when `sni` is None)."""
+    import ssl
+
+    import pytest
+
+    context = ssl.create_default_context()
+    context.check_hostname = sni is not None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()

@@ -4,6 +4,7 @@ each, and every failure closed (mitmproxy would log an addon exception and go on
 from __future__ import annotations
 
 import pytest
+from fakes import SANDBOX, client_hello, make_gate
 from mitmproxy import options
 from mitmproxy.proxy import context
 from mitmproxy.proxy.layer import NextLayer
@@ -12,41 +13,13 @@ from mitmproxy.proxy.layers.modes import TransparentProxy
 from mitmproxy.test import taddons, tflow
 
 from proxy.addon import CountingTCPLayer, RejectLayer, SandgateAddon
-from proxy.connection import ConnectionGate
-from proxy.dnsfilter import DnsBindings
-from proxy.policy import load_policy
-from proxy.registry import Sandbox, SandboxRegistry
-
-SANDBOX = "10.213.0.2"
-RULES = """\
-version: 1
-profiles:
-  default:
-    rules:
-      - allow: allowed.test
-        id: allowed
-      - allow: api.allowed.test
-        methods: [GET]
-        id: api-get
-      - allow: ssh.allowed.test
-        ports: [22]
-        id: ssh
-"""
 
 
 @pytest.fixture
 def addon(tmp_path):
-    path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    registry = SandboxRegistry()
-    registry.add(Sandbox(SANDBOX, "task1", "default"))
-    bindings = DnsBindings()
-    bindings.record(SANDBOX, "allowed.test", "203.0.113.10", 60)
-    bindings.record(SANDBOX, "api.allowed.test", "203.0.113.11", 60)
-    bindings.record(SANDBOX, "ssh.allowed.test", "203.0.113.10", 60)
-    events = []
-    a = SandgateAddon(ConnectionGate(load_policy(path), registry, bindings, events.append))
-    a.events = events
+    gate = make_gate(tmp_path)
+    a = SandgateAddon(gate)
+    a.events = gate.events
     with taddons.context(a):
         yield a
 
@@ -65,17 +38,6 @@ def next_layer_for(c, data: bytes) -> NextLayer:
     nl = NextLayer(ctx)
     nl.data_client = lambda: data
     return nl
-
-
-def client_hello(sni: str) -> bytes:
-    """A real ClientHello, from Python's own TLS stack."""
-    import ssl
-
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=sni)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def test_unknown_sandbox_is_closed_at_connect(addon):

@@ -3,67 +3,19 @@ decision out. No sockets, no mitmproxy."""
 
 from __future__ import annotations
 
-import ssl
-
 import pytest
+from fakes import SANDBOX, client_hello, make_gate
 
-from proxy.connection import MAX_FIRST_BYTES, ConnectionGate, Outcome
-from proxy.dnsfilter import DnsBindings
-from proxy.policy import load_policy
-from proxy.registry import Sandbox, SandboxRegistry
-
-SANDBOX = "10.213.0.2"
-RULES = """\
-version: 1
-profiles:
-  default:
-    rules:
-      - allow: allowed.test
-        id: allowed
-      - allow: api.allowed.test
-        methods: [GET]
-        id: api-get
-      - allow: ssh.allowed.test
-        ports: [22]
-        id: ssh
-      - allow: db.allowed.test
-        ports: [5432]
-        paths: [/health]
-        id: db-http-only
-      - deny: 203.0.113.99
-        id: deny-ip
-"""
+from proxy.connection import MAX_FIRST_BYTES, Outcome
 
 
 @pytest.fixture
 def gate(tmp_path):
-    path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    registry = SandboxRegistry()
-    registry.add(Sandbox(SANDBOX, "task1", "default"))
-    bindings = DnsBindings()
-    bindings.record(SANDBOX, "allowed.test", "203.0.113.10", 60)
-    bindings.record(SANDBOX, "api.allowed.test", "203.0.113.11", 60)
-    bindings.record(SANDBOX, "ssh.allowed.test", "203.0.113.10", 60)
-    bindings.record(SANDBOX, "db.allowed.test", "203.0.113.12", 60)
-    events = []
-    g = ConnectionGate(load_policy(path), registry, bindings, events.append)
-    g.events = events
-    return g
+    return make_gate(tmp_path)
 
 
 def connect(gate, dst: str, port: int, src: str = SANDBOX, key=("k", 1)):
     return gate.on_connect(key, src, 40000, dst, port)
-
-
-def client_hello(sni: str | None) -> bytes:
-    context = ssl.create_default_context()
-    context.check_hostname = sni is not None
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def summary(event) -> tuple:

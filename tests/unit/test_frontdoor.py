@@ -8,39 +8,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
-import ssl
 
 import pytest
+from fakes import client_hello, make_gate
 
-from proxy.connection import ConnectionGate
-from proxy.dnsfilter import DnsBindings
 from proxy.frontdoor import FrontDoor
-from proxy.policy import load_policy
-from proxy.registry import Sandbox, SandboxRegistry
 
 LOOPBACK = "127.0.0.1"  # the "sandbox": the source address of every test client
-RULES = """\
-version: 1
-profiles:
-  default:
-    rules:
-      - allow: allowed.test
-        id: allowed
-      - allow: ssh.allowed.test
-        ports: [22]
-        id: ssh
-"""
 ALLOWED = ("203.0.113.10", 443)
 EVIL = ("203.0.113.66", 443)
 SSH = ("203.0.113.10", 22)
-
-
-def client_hello(sni: str) -> bytes:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=sni)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 HELLO = client_hello("allowed.test")
@@ -48,17 +25,7 @@ HELLO = client_hello("allowed.test")
 
 @pytest.fixture
 def gate(tmp_path):
-    path = tmp_path / "rules.yaml"
-    path.write_text(RULES)
-    registry = SandboxRegistry()
-    registry.add(Sandbox(LOOPBACK, "task1", "default"))
-    bindings = DnsBindings()
-    bindings.record(LOOPBACK, "allowed.test", "203.0.113.10", 60)
-    bindings.record(LOOPBACK, "ssh.allowed.test", "203.0.113.10", 60)
-    events = []
-    g = ConnectionGate(load_policy(path), registry, bindings, events.append)
-    g.events = events
-    return g
+    return make_gate(tmp_path, sandbox=LOOPBACK)
 
 
 class Upstream:
