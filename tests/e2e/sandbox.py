@@ -94,14 +94,16 @@ def py_issuer(host: str, port: int = 443) -> str:
 
 
 def tcp_hello(host: str, port: int, hello: str = "SSH-2.0-sandgate-test\r\n") -> str:
-    """Connect, send `hello` (an ssh client sends its identification at once), print
-    the first line the server sends back. Exit 1 if the connection fails or closes."""
+    """Connect, send `hello` (an ssh client sends its identification at once; "" sends
+    nothing, as an SMTP or MySQL client waiting for the banner), print the first
+    line the server sends back. Exit 1 if the connection fails or closes."""
     return python(
         """
         import socket, sys
         try:
             with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as s:
-                s.sendall(sys.argv[3].encode())
+                if sys.argv[3]:
+                    s.sendall(sys.argv[3].encode())
                 data = s.recv(4096)
         except OSError as e:
             sys.exit(f"error: {e}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import sandbox
-from sandbox import python, tcp_hello
+from sandbox import tcp_hello
 
 pytestmark = pytest.mark.e2e
 
@@ -29,21 +29,7 @@ profiles:
 def read_first(host: str, port: int) -> str:
     """Connect and only read, as an SMTP or MySQL client (or ssh waiting for the
     banner) does: print the first line the server sends. Exit 1 if none comes."""
-    return python(
-        """
-        import socket, sys
-        try:
-            with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2) as s:
-                data = s.recv(4096)
-        except OSError as e:
-            sys.exit(f"error: {e}")
-        if not data:
-            sys.exit("closed without a byte")
-        print(data.decode(errors="replace").splitlines()[0])
-        """,
-        host,
-        str(port),
-    )
+    return tcp_hello(host, port, hello="")
 
 
 @pytest.fixture
