@@ -71,19 +71,19 @@ def probe_start(out: str, argv: list[str]) -> int:
     # In the order the CLI itself imports them (the product may set up import
     # tricks, e.g. for mitmproxy, that a different order would defeat).
     for label, module in (
-        (STEP_IMPORT_CLI, "enforcer.cli"),
-        (STEP_IMPORT_RUN, "enforcer.run"),
-        (STEP_IMPORT_REST, "enforcer.commands"),
+        (STEP_IMPORT_CLI, "sandgate.enforcer.cli"),
+        (STEP_IMPORT_RUN, "sandgate.enforcer.run"),
+        (STEP_IMPORT_REST, "sandgate.enforcer.commands"),
     ):
         t0 = time.perf_counter()
         importlib.import_module(module)
         add(label, t0)
 
-    import enforcer.commands as commands
-    import enforcer.run as run
-    from enforcer import netns, nft
-    from proxy.dnsfilter import DnsFilter
-    from proxy.engine import ProxyEngine
+    import sandgate.enforcer.commands as commands
+    import sandgate.enforcer.run as run
+    from sandgate.enforcer import netns, nft
+    from sandgate.proxy.dnsfilter import DnsFilter
+    from sandgate.proxy.engine import ProxyEngine
 
     missing = []
 
@@ -119,7 +119,7 @@ def probe_start(out: str, argv: list[str]) -> int:
 
         setattr(obj, attr, timed)
 
-    from proxy.gateway import Gateway
+    from sandgate.proxy.gateway import Gateway
 
     # Labels are (indent level, text): nested steps are part of the step above them.
     wrap_sync(commands, "load_policy", STEP_LOAD)
@@ -138,14 +138,14 @@ def probe_start(out: str, argv: list[str]) -> int:
     wrap_sync(nft, "delete_table", STEP_DELTABLE)
     wrap_async(Gateway, "stop", STEP_GWSTOP)
     try:
-        from proxy.telemetry.metrics import Metrics
+        from sandgate.proxy.telemetry.metrics import Metrics
     except ImportError:
         pass
     else:
         wrap_sync(Metrics, "serve", STEP_METRICS_START)
         wrap_sync(Metrics, "stop", STEP_METRICS_STOP)
 
-    from enforcer.cli import main
+    from sandgate.enforcer.cli import main
 
     t0 = time.perf_counter()
     rc = main(argv)
@@ -347,7 +347,7 @@ def pick_best(res: dict) -> None:
 
 class Bench:
     def __init__(self, args, fn, workdir: Path):
-        from enforcer import netns
+        from sandgate.enforcer import netns
 
         self.args, self.fn, self.workdir = args, fn, workdir
         self.netns = netns
@@ -505,7 +505,7 @@ visible_hostname sandgate-bench
         return d
 
     def start_squid(self) -> None:
-        from enforcer.fakenet import _proc_sockets
+        from sandgate.enforcer.fakenet import _proc_sockets
 
         d = self._squid_files()
         t0 = time.perf_counter()
@@ -963,7 +963,7 @@ def main() -> int:
     import signal
     import tempfile
 
-    from enforcer.fakenet import FakeInternet, cleanup_prefix, fresh_prefix
+    from sandgate.enforcer.fakenet import FakeInternet, cleanup_prefix, fresh_prefix
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if not shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin"):

@@ -33,9 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
-
-from proxy.policy import ConnectFacts, decide, load_policy  # noqa: E402
-from proxy.policy.load import _YamlLoader  # noqa: E402
+from sandgate.proxy.policy import ConnectFacts, decide, load_policy  # noqa: E402
+from sandgate.proxy.policy.load import _YamlLoader  # noqa: E402
 
 WORDS = ["api", "cdn", "files", "static", "registry", "mirror", "pkg", "download", "git", "objects", "data", "edge"]
 TLDS = ["com", "net", "org", "io", "dev", "cloud", "de", "fr"]

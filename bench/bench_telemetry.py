@@ -41,14 +41,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dns.message  # noqa: E402
-
-from proxy.gateway import Gateway, GatewayConfig  # noqa: E402
-from proxy.policy import ConnectFacts, NameFacts, RequestFacts, decide, load_policy  # noqa: E402
-from proxy.policy.load import RULES_DIR  # noqa: E402
-from proxy.registry import Sandbox  # noqa: E402
-from proxy.telemetry.audit import AuditLog, encode_line  # noqa: E402
-from proxy.telemetry.event import Event, EventFanout, EventKind  # noqa: E402
-from proxy.telemetry.metrics import Metrics  # noqa: E402
+from sandgate.proxy.gateway import Gateway, GatewayConfig  # noqa: E402
+from sandgate.proxy.policy import ConnectFacts, NameFacts, RequestFacts, decide, load_policy  # noqa: E402
+from sandgate.proxy.policy.load import RULES_DIR  # noqa: E402
+from sandgate.proxy.registry import Sandbox  # noqa: E402
+from sandgate.proxy.telemetry.audit import AuditLog, encode_line  # noqa: E402
+from sandgate.proxy.telemetry.event import Event, EventFanout, EventKind  # noqa: E402
+from sandgate.proxy.telemetry.metrics import Metrics  # noqa: E402
 
 DEMO = RULES_DIR / "examples" / "demo.yaml"
 SANDBOX = "10.213.0.2"

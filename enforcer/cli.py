@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from proxy.policy import (
+from sandgate.proxy.policy import (
     DEFAULT_RULES,
     ConnectFacts,
     InvalidName,
@@ -20,7 +20,7 @@ from proxy.policy import (
     parse_domain,
     parse_ip,
 )
-from proxy.policy.model import HTTP_METHODS
+from sandgate.proxy.policy.model import HTTP_METHODS
 
 EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
 
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=cmd_check)
 
-    from enforcer import commands  # run, gc, demo, audit: they import the gateway lazily
+    from sandgate.enforcer import commands  # run, gc, demo, audit: they import the gateway lazily
 
     commands.register(sub)
     return parser

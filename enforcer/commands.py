@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from enforcer.cli import EXIT_DENIED, EXIT_OK, UsageError
-from proxy.policy import DEFAULT_RULES, PolicyError, load_policy
+from sandgate.enforcer.cli import EXIT_DENIED, EXIT_OK, UsageError
+from sandgate.proxy.policy import DEFAULT_RULES, PolicyError, load_policy
 
 
 def register(sub) -> None:
@@ -47,8 +47,8 @@ def register(sub) -> None:
 def cmd_run(args) -> int:
     import logging
 
-    from enforcer.run import RunOptions, run
-    from proxy.telemetry.metrics import parse_listen
+    from sandgate.enforcer.run import RunOptions, run
+    from sandgate.proxy.telemetry.metrics import parse_listen
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="sandgate: %(levelname)s %(name)s: %(message)s")
@@ -79,7 +79,7 @@ def cmd_run(args) -> int:
 
 def cmd_audit_verify(args) -> int:
     """Exit 0 when the chain is intact, 1 at the first broken line (FILE:LINE: problem)."""
-    from proxy.telemetry.audit import verify
+    from sandgate.proxy.telemetry.audit import verify
 
     for path in args.files:
         if not path.is_file():
@@ -101,8 +101,8 @@ def cmd_audit_verify(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from enforcer.demo import demo
-    from enforcer.run import RunError, check_prerequisites
+    from sandgate.enforcer.demo import demo
+    from sandgate.enforcer.run import RunError, check_prerequisites
 
     try:
         check_prerequisites()
@@ -112,7 +112,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from enforcer.run import RunError, check_prerequisites, gc
+    from sandgate.enforcer.run import RunError, check_prerequisites, gc
 
     try:
         check_prerequisites()

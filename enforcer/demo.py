@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from proxy.policy.load import RULES_DIR
+from sandgate.proxy.policy.load import RULES_DIR
 
 DEMO_RULES = RULES_DIR / "examples" / "demo.yaml"
 
@@ -97,7 +97,7 @@ _TRY = {
 
 
 def demo() -> int:
-    from enforcer.fakenet import FakeInternet, fresh_prefix
+    from sandgate.enforcer.fakenet import FakeInternet, fresh_prefix
 
     for tool in ("nft", "nginx", "dnsmasq"):
         if subprocess.run(["sh", "-c", f"command -v {tool} || test -x /usr/sbin/{tool}"],
@@ -110,9 +110,9 @@ def demo() -> int:
         print(f"  host namespace {net.host_ns}; servers: allowed.test, api.allowed.test, evil.test (203.0.113.66)\n"
               f"  rules: {DEMO_RULES}\n\nsandgate run -- python -m enforcer.demo agent\n", flush=True)
         run = net.run_in_host(
-            [sys.executable, "-m", "enforcer.cli", "run", "--rules", str(DEMO_RULES),
+            [sys.executable, "-m", "sandgate.enforcer.cli", "run", "--rules", str(DEMO_RULES),
              "--dns-upstream", net.dns_ip, "--extra-ca", str(net.ca_cert), "--",
-             sys.executable, "-m", "enforcer.demo", "agent"],
+             sys.executable, "-m", "sandgate.enforcer.demo", "agent"],
             capture_output=False, text=True, timeout=120)
         leaked = [r for r in net.requests_seen("203.0.113.66")] + \
                  [q for q in net.dns_queries_seen() if q.endswith("evil.test")]

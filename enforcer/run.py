@@ -23,16 +23,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enforcer import netns, nft, sandbox_init
-from proxy.gateway import Gateway, GatewayConfig
-from proxy.policy import CompiledPolicy
-from proxy.policy.model import builtin_rule
-from proxy.policy.reasons import Reason, Verdict
-from proxy.registry import Sandbox
-from proxy.telemetry.audit import AuditLog, AuditLogError
-from proxy.telemetry.event import Event, EventKind
-from proxy.telemetry.metrics import Metrics
-from proxy.telemetry.summary import TaskSummary
+from sandgate.enforcer import netns, nft, sandbox_init
+from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.policy import CompiledPolicy
+from sandgate.proxy.policy.model import builtin_rule
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError
+from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.metrics import Metrics
+from sandgate.proxy.telemetry.summary import TaskSummary
 
 log = logging.getLogger("sandgate.run")
 

@@ -16,7 +16,7 @@ The gate emits every event; hooks stay short: values in, gate, apply.
 
 from __future__ import annotations
 
-import proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
+import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
 import contextlib
 import logging
 
@@ -24,8 +24,8 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from proxy.connection import ConnectionGate, ConnState, Outcome
-from proxy.policy import Decision
+from sandgate.proxy.connection import ConnectionGate, ConnState, Outcome
+from sandgate.proxy.policy import Decision
 
 log = logging.getLogger("sandgate.addon")
 

@@ -36,14 +36,14 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from enum import Enum
 
-from proxy.clienthello import parse_client_hello, starts_like_tls_record
-from proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
-from proxy.policy.index import CompiledPolicy
-from proxy.policy.model import builtin_rule
-from proxy.policy.names import InvalidName, parse_domain
-from proxy.policy.reasons import Reason, Verdict
-from proxy.registry import Sandbox, SandboxRegistry
-from proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.clienthello import parse_client_hello, starts_like_tls_record
+from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
+from sandgate.proxy.policy.index import CompiledPolicy
+from sandgate.proxy.policy.model import builtin_rule
+from sandgate.proxy.policy.names import InvalidName, parse_domain
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.registry import Sandbox, SandboxRegistry
+from sandgate.proxy.telemetry.event import Event, EventKind
 
 log = logging.getLogger("sandgate.connection")
 

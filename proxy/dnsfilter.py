@@ -86,11 +86,16 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 from dns.rdtypes.svcbbase import IPv4HintParam, IPv6HintParam, ParamKey
-
-from proxy.policy.model import Decision, builtin_rule
-from proxy.policy.names import InvalidName, IPAddress, canonical_ip, parse_domain, special_range
-from proxy.policy.reasons import Reason, Verdict
-from proxy.telemetry.event import Event, EventKind, EventSink
+from sandgate.proxy.policy.model import Decision, builtin_rule
+from sandgate.proxy.policy.names import (
+    InvalidName,
+    IPAddress,
+    canonical_ip,
+    parse_domain,
+    special_range,
+)
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry.event import Event, EventKind, EventSink
 
 log = logging.getLogger("sandgate.dns")
 

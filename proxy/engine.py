@@ -13,7 +13,7 @@ once the addon that declares them is added, so options are set after `add`.
 
 from __future__ import annotations
 
-import proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
+import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
 import asyncio
 import logging
 import socket

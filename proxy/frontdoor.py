@@ -51,7 +51,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
-from proxy.connection import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
+from sandgate.proxy.connection import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 
 log = logging.getLogger("sandgate.frontdoor")
 

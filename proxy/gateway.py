@@ -14,14 +14,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.addon import SandgateAddon
-from proxy.connection import ConnectionGate
-from proxy.dnsfilter import DnsBindings, DnsFilter
-from proxy.engine import ProxyEngine
-from proxy.frontdoor import FrontDoor
-from proxy.policy import CompiledPolicy, NameFacts, decide
-from proxy.registry import Sandbox, SandboxRegistry
-from proxy.telemetry.event import Event, EventFanout, EventSink
+from sandgate.proxy.addon import SandgateAddon
+from sandgate.proxy.connection import ConnectionGate
+from sandgate.proxy.dnsfilter import DnsBindings, DnsFilter
+from sandgate.proxy.engine import ProxyEngine
+from sandgate.proxy.frontdoor import FrontDoor
+from sandgate.proxy.policy import CompiledPolicy, NameFacts, decide
+from sandgate.proxy.registry import Sandbox, SandboxRegistry
+from sandgate.proxy.telemetry.event import Event, EventFanout, EventSink
 
 log = logging.getLogger("sandgate.gateway")
 

@@ -30,6 +30,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
@@ -48,7 +49,10 @@ from .names import (
 )
 from .reasons import Verdict
 
-RULES_DIR = Path(os.environ.get("SANDGATE_RULES_DIR", Path(__file__).resolve().parents[2] / "rules"))
+# The shipped rule files are package data (sandgate.rules): the same place in a
+# checkout, an editable install and a wheel.
+SHIPPED_RULES_DIR = Path(str(files("sandgate.rules"))).resolve()
+RULES_DIR = Path(os.environ.get("SANDGATE_RULES_DIR", SHIPPED_RULES_DIR))
 PRESETS_DIR = RULES_DIR / "presets"
 DEFAULT_RULES = RULES_DIR / "default.yaml"
 
@@ -96,8 +100,9 @@ class _Source:
     """One parsed file: where it is, and its top-level node."""
 
     path: Path
-    display: str
+    display: str  # for messages: as the admin would type it (relative to the cwd if below it)
     root: yaml.Node | None
+    name: str = ""  # for identity: relative to the rules root, the same from any cwd
     data: bytes = b""  # as read: the policy hash is of these bytes
 
 
@@ -115,6 +120,7 @@ class _RawProfile:
 class _Loader:
     def __init__(self, today: datetime.date):
         self.today = today
+        self.root: Path | None = None  # the directory of the first rule file: names are relative to it
         self.problems: list[Problem] = []
         self.sources: dict[Path, _Source] = {}
         self.preset_rules: dict[Path, list[Rule]] = {}
@@ -193,7 +199,7 @@ class _Loader:
             column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
             self.problems.append(Problem(display, line, column, f"the file is not UTF-8 (byte {data[e.start]:#04x}); save it as UTF-8"))
             return None
-        source = _Source(path, display, None, data)
+        source = _Source(path, display, None, name=self.stable_name(path), data=data)
         try:
             source.root = yaml.compose(text, Loader=_YamlLoader)
         except yaml.YAMLError as e:
@@ -207,6 +213,18 @@ class _Loader:
             self.problems.append(Problem(display, 1, 1, "empty rule file (expected 'version: 1')"))
             return None
         return source
+
+    def stable_name(self, path: Path) -> str:
+        """The file's name in rule ids, events and the policy hash: relative to the rules
+        root (the first file's directory), or to the shipped rules for a preset; never
+        to the working directory, so one rule has one id wherever it was loaded from."""
+        if self.root is None:
+            self.root = path.parent
+        if path.is_relative_to(self.root):
+            return path.relative_to(self.root).as_posix()
+        if path.is_relative_to(SHIPPED_RULES_DIR):
+            return path.relative_to(SHIPPED_RULES_DIR).as_posix()
+        return os.path.relpath(path, self.root)
 
     def check_version(self, source: _Source, entries) -> None:
         if "version" not in entries:
@@ -247,7 +265,7 @@ class _Loader:
         meta = {k: self.scalar(source, entries[k][1], f"'{k}'") for k in ("comment", "owner", "ticket") if k in entries}
         expires = self.expires(source, entries["expires"][1]) if "expires" in entries else None
         line = node.start_mark.line + 1
-        rule_id = f"{source.display}:{line}"
+        rule_id = f"{source.name}:{line}"
         if "id" in entries:
             given = self.scalar(source, entries["id"][1], "'id'")
             if given is not None and not _ID.fullmatch(given):
@@ -262,7 +280,7 @@ class _Loader:
         rule = Rule(
             id=rule_id,
             action=Verdict.ALLOW if action == "allow" else Verdict.DENY,
-            file=source.display,
+            file=source.name,
             line=line,
             domains=tuple(domains),
             networks=tuple(networks),
@@ -436,7 +454,7 @@ class _Loader:
             rules += profile.rules
             if profile.fallback is not None or fallback is None:
                 verdict, line = profile.fallback or (Verdict.DENY, profile.node.start_mark.line + 1)
-                fallback = Rule(id=f"{name}:fallback", action=verdict, file=profile.source.display, line=line)
+                fallback = Rule(id=f"{name}:fallback", action=verdict, file=profile.source.name, line=line)
             done[name] = (rules, fallback)
             return done[name]
 
@@ -491,8 +509,10 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
     if loader.problems:
         raise PolicyError(loader.problems)
     digest = hashlib.sha256()
-    for path in sorted(loader.sources):  # what was parsed, not a second read that may differ
-        digest.update(str(path).encode() + b"\0" + loader.sources[path].data + b"\0")
+    # What was parsed (not a second read that may differ), by stable name: the same
+    # files give the same hash from any working directory.
+    for source in sorted(loader.sources.values(), key=lambda s: s.name):
+        digest.update(source.name.encode() + b"\0" + source.data + b"\0")
     return CompiledPolicy(
         profiles=profiles,
         files=tuple(s.display for s in loader.sources.values()),

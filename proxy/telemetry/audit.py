@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from json.encoder import c_make_encoder, encode_basestring_ascii
 from pathlib import Path
 
-from proxy.telemetry.event import FIELDS, Event, field_values
+from sandgate.proxy.telemetry.event import FIELDS, Event, field_values
 
 log = logging.getLogger("sandgate.audit")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Protocol
 
-from proxy.policy.model import Decision
-from proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.policy.model import Decision
+from sandgate.proxy.policy.reasons import Reason, Verdict
 
 log = logging.getLogger("sandgate.telemetry")
 

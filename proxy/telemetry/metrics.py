@@ -40,10 +40,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
-
-from proxy.policy.model import HTTP_METHODS
-from proxy.policy.reasons import Reason
-from proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.policy.model import HTTP_METHODS
+from sandgate.proxy.policy.reasons import Reason
+from sandgate.proxy.telemetry.event import Event, EventKind
 
 log = logging.getLogger("sandgate.metrics")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TextIO
 
-from proxy.policy.reasons import Reason, Verdict
-from proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry.event import Event, EventKind
 
 BLOCKED = (Verdict.DENY, Verdict.ASK)
 OTHER_DESTINATIONS = "(other destinations)"

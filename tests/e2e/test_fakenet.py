@@ -11,8 +11,7 @@ import subprocess
 import time
 
 import pytest
-
-from enforcer.fakenet import HOSTS, NETNS_DIR, FakeInternet, cleanup_prefix, fresh_prefix
+from sandgate.enforcer.fakenet import HOSTS, NETNS_DIR, FakeInternet, cleanup_prefix, fresh_prefix
 
 pytestmark = pytest.mark.e2e
 

@@ -31,8 +31,7 @@ import dns.rrset
 import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
-
-from enforcer import netns, nft
+from sandgate.enforcer import netns, nft
 
 pytestmark = pytest.mark.e2e
 

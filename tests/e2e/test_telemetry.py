@@ -32,14 +32,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from enforcer import netns
-from proxy.policy.load import RULES_DIR
+from sandgate.enforcer import netns
+from sandgate.proxy.policy.load import RULES_DIR
 
 pytestmark = pytest.mark.e2e
 
 DEMO_RULES = RULES_DIR / "examples" / "demo.yaml"
-SANDGATE = [sys.executable, "-m", "enforcer.cli"]
+SANDGATE = [sys.executable, "-m", "sandgate.enforcer.cli"]
 
 # What the agent does (agent.sh below), and the events each step must cause.
 AGENT = r"""

@@ -1,6 +1,6 @@
 """Stand-ins shared by unit tests."""
 
-from proxy.telemetry.metrics import Metrics
+from sandgate.proxy.telemetry.metrics import Metrics
 
 
 def wired_metrics(firewall: dict[str, int] | None = None) -> Metrics:
@@ -52,10 +52,10 @@ GATE_BINDINGS = {"allowed.test": "203.0.113.10", "api.allowed.test": "203.0.113.
 
 def make_gate(tmp_path, sandbox: str = SANDBOX):
     """A ConnectionGate over GATE_RULES for one sandbox; its events collect in `.events`."""
-    from proxy.connection import ConnectionGate
-    from proxy.dnsfilter import DnsBindings
-    from proxy.policy import load_policy
-    from proxy.registry import Sandbox, SandboxRegistry
+    from sandgate.proxy.connection import ConnectionGate
+    from sandgate.proxy.dnsfilter import DnsBindings
+    from sandgate.proxy.policy import load_policy
+    from sandgate.proxy.registry import Sandbox, SandboxRegistry
 
     path = tmp_path / "rules.yaml"
     path.write_text(GATE_RULES)

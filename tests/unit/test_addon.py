@@ -11,8 +11,7 @@ from mitmproxy.proxy.layer import NextLayer
 from mitmproxy.proxy.layers import TCPLayer
 from mitmproxy.proxy.layers.modes import TransparentProxy
 from mitmproxy.test import taddons, tflow
-
-from proxy.addon import CountingTCPLayer, RejectLayer, SandgateAddon
+from sandgate.proxy.addon import CountingTCPLayer, RejectLayer, SandgateAddon
 
 
 @pytest.fixture

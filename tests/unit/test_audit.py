@@ -13,12 +13,11 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from enforcer.cli import main
-from proxy.policy.reasons import Reason, Verdict
-from proxy.telemetry import audit as audit_module
-from proxy.telemetry.audit import GENESIS, AuditLog, AuditLogError, encode_line, verify
-from proxy.telemetry.event import Event, EventKind
+from sandgate.enforcer.cli import main
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry import audit as audit_module
+from sandgate.proxy.telemetry.audit import GENESIS, AuditLog, AuditLogError, encode_line, verify
+from sandgate.proxy.telemetry.event import Event, EventKind
 
 FORGERIES = [
     pytest.param('a"b\nc', id="quote-newline"),

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from enforcer.cli import main
+from sandgate.enforcer.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TEAM = "rules/examples/team.yaml"
@@ -20,7 +19,8 @@ BROKEN = "tests/fixtures/rules/broken/bare_star.yaml"
 
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
-    # Default rule ids are FILE:LINE with FILE relative to the working directory.
+    # Paths on the command line are relative to the checkout. Default rule ids are
+    # FILE:LINE with FILE relative to the first rule file's directory (team.yaml:12).
     monkeypatch.chdir(ROOT)
 
 
@@ -72,11 +72,11 @@ def test_check_default_rules(capsys, argv, code, expected):
     ("argv", "code", "expected", "inspect"),
     [
         pytest.param(["https://api.github.com/repos/octo/hello"], 0,
-                     ("allow", "rule_allow", f"{TEAM}:12"), False, id="request-allowed-by-path"),
+                     ("allow", "rule_allow", "team.yaml:12"), False, id="request-allowed-by-path"),
         pytest.param(["--method", "HEAD", "https://api.github.com/repos/octo/hello"], 0,
-                     ("allow", "rule_allow", f"{TEAM}:12"), False, id="request-second-method"),
-        pytest.param(["api.github.com"], 0, ("allow", "rule_allow", f"{TEAM}:12"), True, id="connection-inspected"),
-        pytest.param(["https://api.github.com/"], 0, ("allow", "rule_allow", f"{TEAM}:12"), True,
+                     ("allow", "rule_allow", "team.yaml:12"), False, id="request-second-method"),
+        pytest.param(["api.github.com"], 0, ("allow", "rule_allow", "team.yaml:12"), True, id="connection-inspected"),
+        pytest.param(["https://api.github.com/"], 0, ("allow", "rule_allow", "team.yaml:12"), True,
                      id="url-without-path-is-a-connection"),
         pytest.param(["--method", "POST", "https://api.github.com/repos/octo/hello"], 1,
                      ("deny", "method_not_allowed", "default:fallback"), False, id="method-not-allowed"),
@@ -84,17 +84,17 @@ def test_check_default_rules(capsys, argv, code, expected):
                      ("deny", "path_not_allowed", "default:fallback"), False, id="path-not-allowed"),
         pytest.param(["https://api.github.com/repos/../user/keys"], 1,
                      ("deny", "path_not_allowed", "default:fallback"), False, id="dot-dot-path"),
-        pytest.param(["github.com:22"], 0, ("allow", "rule_allow", f"{TEAM}:10"), False, id="explicit-port"),
-        pytest.param(["download.pythonhosted.org"], 0, ("allow", "rule_allow", f"{TEAM}:9"), False, id="wildcard"),
+        pytest.param(["github.com:22"], 0, ("allow", "rule_allow", "team.yaml:10"), False, id="explicit-port"),
+        pytest.param(["download.pythonhosted.org"], 0, ("allow", "rule_allow", "team.yaml:9"), False, id="wildcard"),
         pytest.param(["pythonhosted.org"], 1, ("deny", "no_rule", "default:fallback"), False, id="wildcard-apex"),
-        pytest.param(["203.0.113.7"], 0, ("allow", "rule_allow", f"{TEAM}:15"), False, id="cidr"),
-        pytest.param(["3405803783"], 0, ("allow", "rule_allow", f"{TEAM}:15"), False, id="cidr-decimal"),
+        pytest.param(["203.0.113.7"], 0, ("allow", "rule_allow", "team.yaml:15"), False, id="cidr"),
+        pytest.param(["3405803783"], 0, ("allow", "rule_allow", "team.yaml:15"), False, id="cidr-decimal"),
         pytest.param(["http://203.0.113.7/"], 1, ("deny", "port_not_allowed", "default:fallback"), False,
                      id="cidr-other-port"),
         pytest.param(["[2001:db8::1]:443"], 1, ("deny", "no_rule", "default:fallback"), False, id="v6-no-rule"),
         pytest.param(["--profile", "ci", "registry.npmjs.org"], 0, ("allow", "rule_allow", "preset:npm"), False,
                      id="extends-include"),
-        pytest.param(["--profile", "ci", "api.github.com"], 0, ("allow", "rule_allow", f"{TEAM}:12"), True,
+        pytest.param(["--profile", "ci", "api.github.com"], 0, ("allow", "rule_allow", "team.yaml:12"), True,
                      id="extends-inherits-rules"),
     ],
 )
@@ -109,7 +109,7 @@ def test_check_json_shape(capsys):
     assert code == 0
     assert {"verdict", "reason", "rule", "inspect"} <= set(result)
     assert isinstance(result["inspect"], bool)
-    assert result["rule_origin"] == f"{TEAM}:12"
+    assert result["rule_origin"] == "team.yaml:12"
     assert re.fullmatch(r"[0-9a-f]{16}", result["policy"])
 
 
@@ -117,11 +117,11 @@ def test_check_human_output(capsys):
     assert main(["check", "--rules", TEAM, "api.github.com"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "ALLOW  api.github.com"
-    assert "reason:  rule_allow" in out and f"rule:    {TEAM}:12" in out and "inspect: yes" in out
+    assert "reason:  rule_allow" in out and "rule:    team.yaml:12" in out and "inspect: yes" in out
 
     assert main(["check", "--rules", TEAM, "--profile", "ci", "registry.npmjs.org"]) == 0
     out = capsys.readouterr().out
-    assert "rule:    preset:npm  (rules/presets/package-registries.yaml:" in out
+    assert "rule:    preset:npm  (presets/package-registries.yaml:" in out
 
     assert main(["check", "169.254.169.254"]) == 1
     out = capsys.readouterr().out
@@ -173,16 +173,17 @@ def test_rules_show_each_rule_with_its_origin(capsys):
     assert main(["rules", "show", TEAM]) == 0
     out = capsys.readouterr().out
     profiles = [line for line in out.splitlines() if not line.startswith("  ")]
-    assert profiles == [f"profile default  (fallback: deny, {TEAM}:5)", f"profile ci  (fallback: deny, {TEAM}:5)"]
+    assert profiles == ["profile default  (fallback: deny, team.yaml:5)", "profile ci  (fallback: deny, team.yaml:5)"]
     rules = [line for line in out.splitlines() if line.startswith("  ")]
     for line in rules:
         origin = re.search(r"\(([^()]+):(\d+)\)$", line)
         assert origin, f"no (FILE:LINE) at the end of {line!r}"
-        assert (ROOT / origin[1]).is_file()
-    assert f"  allow api.github.com ports 80,443 methods GET,HEAD paths /repos/**  ({TEAM}:12)" in rules
-    assert f"  deny  gist.github.com ports 80,443 [no-gists]  ({TEAM}:17)" in rules or any(
+        # relative to the rules root (team.yaml's folder); presets to the shipped rules
+        assert (ROOT / "rules/examples" / origin[1]).is_file() or (ROOT / "rules" / origin[1]).is_file()
+    assert "  allow api.github.com ports 80,443 methods GET,HEAD paths /repos/**  (team.yaml:12)" in rules
+    assert "  deny  gist.github.com ports 80,443 [no-gists]  (team.yaml:17)" in rules or any(
         line.startswith("  EXPIRED 2027-01-01: deny  gist.github.com") for line in rules)
-    assert any(line.endswith("[preset:pypi]  (rules/presets/package-registries.yaml:6)") for line in rules)
+    assert any(line.endswith("[preset:pypi]  (presets/package-registries.yaml:6)") for line in rules)
 
 
 def test_rules_show_profile_after_extends_and_include(capsys):
@@ -199,10 +200,10 @@ def test_rules_show_json(capsys):
     assert main(["rules", "show", "--json", "--profile", "ci", TEAM]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["profile"] == "ci" and shown["fallback"] == "deny"
-    rule = next(r for r in shown["rules"] if r["origin"] == f"{TEAM}:12")
+    rule = next(r for r in shown["rules"] if r["origin"] == "team.yaml:12")
     assert rule == {
-        "id": f"{TEAM}:12", "action": "allow", "targets": ["api.github.com"], "ports": [80, 443],
-        "methods": ["GET", "HEAD"], "paths": ["/repos/**"], "origin": f"{TEAM}:12", "expires": None,
+        "id": "team.yaml:12", "action": "allow", "targets": ["api.github.com"], "ports": [80, 443],
+        "methods": ["GET", "HEAD"], "paths": ["/repos/**"], "origin": "team.yaml:12", "expires": None,
         "owner": None, "ticket": None, "comment": None,
     }
 

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
-
-from proxy.clienthello import ClientHello, parse_client_hello, starts_like_tls_record
+from sandgate.proxy.clienthello import ClientHello, parse_client_hello, starts_like_tls_record
 
 
 def client_hello(sni: str | None, version: ssl.TLSVersion | None = None) -> bytes:

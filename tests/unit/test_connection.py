@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 from fakes import SANDBOX, client_hello, make_gate
-
-from proxy.connection import MAX_FIRST_BYTES, Outcome
+from sandgate.proxy.connection import MAX_FIRST_BYTES, Outcome
 
 
 @pytest.fixture

@@ -25,8 +25,7 @@ import pytest
 from dns.rdtypes.svcbbase import ParamKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from proxy.dnsfilter import (
+from sandgate.proxy.dnsfilter import (
     OUR_PAYLOAD,
     DnsBindings,
     DnsFilter,
@@ -35,9 +34,9 @@ from proxy.dnsfilter import (
     header_response,
     render,
 )
-from proxy.policy.model import Decision, Rule
-from proxy.policy.reasons import Reason, Verdict
-from proxy.telemetry.event import EventKind
+from sandgate.proxy.policy.model import Decision, Rule
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry.event import EventKind
 
 FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "dns"
 ALLOW_RULE = Rule(id="allow-example", action=Verdict.ALLOW, file="test.yaml", line=1)

@@ -9,8 +9,7 @@ import ipaddress
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-
-from proxy.policy.names import (
+from sandgate.proxy.policy.names import (
     DomainPattern,
     InvalidAddress,
     InvalidName,
@@ -402,7 +401,7 @@ def test_special_range_sees_through_ipv4_mapped(ip):
 
 @given(st.lists(_label, min_size=2, max_size=4).map(".".join))
 def test_a_wildcard_never_matches_its_apex(text):
-    from proxy.policy.names import parent_domains
+    from sandgate.proxy.policy.names import parent_domains
 
     try:
         pattern = parse_domain_pattern("*." + text)

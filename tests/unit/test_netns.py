@@ -6,9 +6,8 @@ import asyncio
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
-
-from enforcer import netns
-from enforcer.netns import DEFAULT_POOL, allocate_addresses
+from sandgate.enforcer import netns
+from sandgate.enforcer.netns import DEFAULT_POOL, allocate_addresses
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from enforcer import nft
-from enforcer.nft import NftError, RulesetConfig, render_ruleset
+from sandgate.enforcer import nft
+from sandgate.enforcer.nft import NftError, RulesetConfig, render_ruleset
 
 GOLDEN = Path(__file__).parent.parent / "fixtures" / "nft" / "ruleset.golden"
 CONFIG = RulesetConfig(table="sandgate", sandbox_ifaces="sgh-*", proxy_port=8080, dns_port=5353)

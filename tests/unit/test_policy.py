@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from proxy.policy import (
+from sandgate.proxy.policy import (
     DEFAULT_RULES,
     ConnectFacts,
     NameFacts,
@@ -26,7 +25,7 @@ from proxy.policy import (
     parse_domain,
     parse_ip,
 )
-from proxy.policy.names import _PUBLIC_SUFFIXES, parse_network, special_range
+from sandgate.proxy.policy.names import _PUBLIC_SUFFIXES, parse_network, special_range
 
 ALLOW, DENY, ASK, AUDIT = Verdict.ALLOW, Verdict.DENY, Verdict.ASK, Verdict.AUDIT
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from enforcer.cli import main
-from proxy.policy import PolicyError, load_policy
+from sandgate.enforcer.cli import main
+from sandgate.proxy.policy import PolicyError, load_policy
 
 BROKEN = Path(__file__).resolve().parents[1] / "fixtures" / "rules" / "broken"
 CASES = sorted(BROKEN.glob("*.yaml"))

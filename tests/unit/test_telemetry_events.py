@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 from fakes import wired_metrics
-
-from proxy.policy.reasons import Reason, Verdict
-from proxy.telemetry.event import FIELDS, Event, EventFanout, EventKind
-from proxy.telemetry.summary import OTHER_DESTINATIONS, TaskSummary
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry.event import FIELDS, Event, EventFanout, EventKind
+from sandgate.proxy.telemetry.summary import OTHER_DESTINATIONS, TaskSummary
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "telemetry.md"
 
@@ -108,9 +107,9 @@ def test_summary_reports_lost_audit_events():
 
 
 def test_sandgate_run_keeps_an_audit_log_by_default(tmp_path):
-    from enforcer.run import AUDIT_DIR, RunOptions, TaskRun
-    from proxy.policy import load_policy
-    from proxy.policy.load import RULES_DIR
+    from sandgate.enforcer.run import AUDIT_DIR, RunOptions, TaskRun
+    from sandgate.proxy.policy import load_policy
+    from sandgate.proxy.policy.load import RULES_DIR
 
     policy = load_policy([RULES_DIR / "examples" / "demo.yaml"])
     run = TaskRun(RunOptions(command=["true"], policy=policy))

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import dns.message
 import pytest
-
-from proxy.gateway import Gateway, GatewayConfig
-from proxy.policy import load_policy
-from proxy.policy.load import RULES_DIR
-from proxy.policy.reasons import Reason, Verdict
-from proxy.registry import Sandbox
-from proxy.telemetry.event import Event, EventKind
-from proxy.telemetry.metrics import OTHER, Metrics, parse_listen
+from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.policy import load_policy
+from sandgate.proxy.policy.load import RULES_DIR
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.metrics import OTHER, Metrics, parse_listen
 
 DEMO = RULES_DIR / "examples" / "demo.yaml"
 SANDBOX_IP = "10.213.0.2"
@@ -221,7 +220,7 @@ def test_a_taken_port_raises_oserror_for_the_caller_to_report():
 
 
 def test_sandgate_run_warns_and_goes_on_when_the_metrics_port_is_taken(capsys):
-    from enforcer.run import RunOptions, TaskRun
+    from sandgate.enforcer.run import RunOptions, TaskRun
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -249,7 +248,7 @@ def test_parse_listen_rejects(text):
 
 
 def test_bad_metrics_listen_is_a_usage_error(capsys):
-    from enforcer.cli import main
+    from sandgate.enforcer.cli import main
 
     assert main(["run", "--rules", str(DEMO), "--metrics-listen", "9464", "--", "true"]) == 2
     assert "--metrics-listen" in capsys.readouterr().err
