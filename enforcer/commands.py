@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sandgate.enforcer.cli import EXIT_DENIED, EXIT_OK, UsageError
+from sandgate.enforcer.sandbox import options as sandbox_options
 from sandgate.proxy.policy import DEFAULT_RULES, PolicyError, load_policy
 
 
@@ -28,6 +29,7 @@ def register(sub) -> None:
                      help="also trust this CA (PEM) in the sandbox and for upstreams, e.g. a corporate CA")
     run.add_argument("-q", "--quiet", action="store_true", help="no summary table on stderr")
     run.add_argument("-v", "--verbose", action="store_true")
+    sandbox_options.add_arguments(run)
     run.add_argument("command", nargs="+", metavar="CMD", help="the command to run in the sandbox, after --")
     run.set_defaults(func=cmd_run)
 
@@ -47,7 +49,8 @@ def register(sub) -> None:
 def cmd_run(args) -> int:
     import logging
 
-    from sandgate.enforcer.run import RunOptions, run
+    from sandgate.enforcer.run import RUN_DIR, STATE_DIR, RunOptions, run
+    from sandgate.enforcer.sandbox.spec import SandboxError
     from sandgate.proxy.telemetry.metrics import parse_listen
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -65,7 +68,11 @@ def cmd_run(args) -> int:
             metrics_listen = parse_listen(args.metrics_listen)
         except ValueError as e:
             raise UsageError(f"--metrics-listen: {e}") from None
-    code = run(RunOptions(command=args.command, policy=policy, profile=args.profile,
+    try:
+        sandbox, limits = sandbox_options.from_arguments(args, [STATE_DIR, RUN_DIR])
+    except SandboxError as e:
+        raise UsageError(str(e)) from None
+    code = run(RunOptions(command=args.command, policy=policy, profile=args.profile, sandbox=sandbox, limits=limits,
                           dns_upstreams=args.dns_upstream, audit_log=args.audit_log,
                           metrics_listen=metrics_listen,
                           summary_json=args.summary_json, extra_ca=args.extra_ca, quiet=args.quiet))

@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandgate.enforcer import netns, nft, sandbox_init
+from sandgate.enforcer import netns, nft
+from sandgate.enforcer.sandbox import cgroup, prepare, spec
 from sandgate.proxy.gateway import Gateway, GatewayConfig
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.model import builtin_rule
@@ -65,6 +66,9 @@ class RunOptions:
     extra_ca: list[Path] = field(default_factory=list)
     pool: str = str(netns.DEFAULT_POOL)
     quiet: bool = False
+    sandbox: spec.SandboxOptions = field(default_factory=spec.SandboxOptions)
+    limits: cgroup.Limits = field(default_factory=cgroup.Limits)
+    probe: str | None = None  # "all": `sandgate selftest`, the probes are the task
 
 
 def check_prerequisites() -> None:
@@ -122,6 +126,8 @@ class TaskRun:
         self.child: asyncio.subprocess.Process | None = None
         self.exit_code: int | None = None
         self.sandbox_ip: str | None = None
+        self.sandbox: prepare.PreparedSandbox | None = None
+        self._gaps_reported = 0
 
     async def run(self) -> int:
         started = time.monotonic()
@@ -176,9 +182,9 @@ class TaskRun:
 
         (self.dir / "resolv.conf").write_text(f"# written by sandgate: the gateway's DNS filter\n"
                                               f"nameserver {gateway_ip}\noptions edns0\n")
-        ca_bundle = self.dir / "ca-bundle.pem"
-        _write_ca_bundle(ca_bundle, opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspects else []))
-        self.ca_bundle = ca_bundle
+        self.sandbox = self._prepare_sandbox(inspects)
+        for gap in self.sandbox.gaps:
+            self._emit_weakened(gap)
         self.summary.task_started(self.run_id, opts.profile, str(sandbox_ip), opts.command)
         self.gateway.emit(self.summary.start_event)
 
@@ -200,18 +206,36 @@ class TaskRun:
         self.summary.telemetry["metrics"] = f"http://{where}/metrics"
         log.info("metrics on http://%s/metrics", where)
 
+    def _prepare_sandbox(self, inspects: bool) -> prepare.PreparedSandbox:
+        """The task's side of the sandbox. The CA bundle and its variables only where
+        they change something (inspection, --extra-ca): set to the plain system bundle
+        they would override a tool's own CA option (pip --cert, git http.sslCAInfo)."""
+        opts = self.opts
+        binds = [(self.dir / "resolv.conf", Path(os.path.realpath("/etc/resolv.conf")))]
+        sandgate_env = {"SANDGATE_TASK_ID": self.run_id}
+        extra = opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspects else [])
+        if extra:
+            ca_bundle = self.dir / "ca-bundle.pem"
+            _write_ca_bundle(ca_bundle, extra)
+            # Over the system's bundle, so that clients that only read that trust it too.
+            target = SYSTEM_CA_BUNDLE.resolve() if SYSTEM_CA_BUNDLE.exists() else ca_bundle
+            binds.append((ca_bundle, target))
+            sandgate_env.update(dict.fromkeys(CA_ENV_VARS, str(target)))
+        state = [STATE_DIR, RUN_DIR]
+        hidden = [p for p in state if p.exists()] + ([self.audit_path] if self.audit_path.exists() else [])
+        try:
+            return prepare.prepare(
+                self.dir, self.run_id, opts.sandbox, opts.limits, netns=f"/run/netns/{self.net.netns}",
+                argv=opts.command, env=sandgate_env, file_binds=binds, hidden=hidden,
+                protected=spec.protected_paths(state), probe=opts.probe)
+        except spec.SandboxError as e:
+            raise RunError(str(e)) from None
+
     async def _run_task(self) -> int:
-        # By file path, isolated and without site: it needs only the standard
-        # library, and skipping site-packages saves tens of ms per task.
-        argv = [sys.executable, "-I", "-S", sandbox_init.__file__, "--netns", f"/run/netns/{self.net.netns}",
-                "--hostname", f"sandbox-{self.run_id}",
-                "--bind", f"{self.dir / 'resolv.conf'}:/etc/resolv.conf", "--hide", str(STATE_DIR)]
-        if SYSTEM_CA_BUNDLE.exists():
-            argv += ["--bind", f"{self.ca_bundle}:{SYSTEM_CA_BUNDLE}"]
-        for name in CA_ENV_VARS:
-            argv += ["--env", f"{name}={self.ca_bundle}"]
-        argv += ["--env", f"SANDGATE_TASK_ID={self.run_id}", "--", *self.opts.command]
-        self.child = await asyncio.create_subprocess_exec(*argv, preexec_fn=_die_with_parent)
+        sandbox = self.sandbox
+        self.child = await asyncio.create_subprocess_exec(*sandbox.argv(), preexec_fn=_die_with_parent,
+                                                          pass_fds=(sandbox.report_w,))
+        sandbox.started()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, self._forward_signal, signum)
@@ -229,6 +253,10 @@ class TaskRun:
         if self.child is not None and self.child.returncode is None:
             self.child.kill()
             await self.child.wait()
+        limits_hit = []
+        if self.sandbox is not None:
+            self.sandbox.collect()
+            limits_hit = await asyncio.to_thread(self.sandbox.finish)
         if self.net is not None:
             await asyncio.to_thread(netns.destroy_sandbox_net, self.run_id)
         counters: dict[str, int] = {}
@@ -238,6 +266,10 @@ class TaskRun:
         with contextlib.suppress(nft.NftError):
             await asyncio.to_thread(nft.delete_table, self.table)
         if self.gateway is not None:
+            for gap in self.sandbox.gaps[self._gaps_reported:] if self.sandbox else []:
+                self._emit_weakened(gap)
+            for hit in limits_hit:
+                self._emit_limit(hit)
             self._emit_task_end(counters, duration)
             await self.gateway.stop()
         self.metrics.stop()
@@ -246,9 +278,30 @@ class TaskRun:
             self.summary.telemetry["audit_lost"] = self.audit.lost
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _task_fields(self) -> dict:
+        return {"task_id": self.run_id, "sandbox": self.sandbox_ip, "profile": self.opts.profile}
+
+    def _emit_weakened(self, gap: prepare.Gap) -> None:
+        """A protection this run goes without (--allow-weaker-sandbox): said and recorded."""
+        self._gaps_reported += 1
+        print(f"sandgate: warning: weaker sandbox: no {gap.feature}: {gap.why}", file=sys.stderr)
+        rule = builtin_rule(f"weakened-{gap.feature}")
+        self.gateway.emit(Event(kind=EventKind.TASK, verdict=Verdict.AUDIT, reason=Reason.SANDBOX_WEAKENED,
+                                rule_id=rule.id, rule_origin=rule.origin,
+                                detail=f"the sandbox runs without {gap.feature}: {gap.why}"[:1000],
+                                **self._task_fields()))
+
+    def _emit_limit(self, hit) -> None:
+        rule = builtin_rule(f"limit-{hit.limit}")
+        self.summary.task.setdefault("limits_hit", []).append(hit.limit)
+        self.gateway.emit(Event(kind=EventKind.TASK, verdict=Verdict.DENY, reason=Reason.TASK_LIMIT,
+                                rule_id=rule.id, rule_origin=rule.origin,
+                                detail=f"the task hit its {hit.limit} limit {hit.count} times: {hit.detail}"[:1000],
+                                **self._task_fields()))
+
     def _emit_task_end(self, counters: dict[str, int], duration: float) -> None:
         """The kernel's drops (one event per counter that counted), then the task's end."""
-        common = {"task_id": self.run_id, "sandbox": self.sandbox_ip, "profile": self.opts.profile}
+        common = self._task_fields()
         for name, packets in sorted(counters.items()):
             if packets:
                 kind = name.removeprefix("dropped_")

@@ -47,6 +47,9 @@ class Reason(StrEnum):
     APPROVAL_UNAVAILABLE = "approval_unavailable"  # fallback ask, but no approver is connected
     # Kernel drops (counted by nftables, reported per task).
     DROPPED_BY_FIREWALL = "dropped_by_firewall"
+    # The task sandbox.
+    TASK_LIMIT = "task_limit"  # the task hit a cgroup limit (memory: OOM kill, pids: fork refused)
+    SANDBOX_WEAKENED = "sandbox_weakened"  # --allow-weaker-sandbox: a kernel feature was missing
     # The gateway itself.
     UNKNOWN_SANDBOX = "unknown_sandbox"  # traffic from an address no task owns
     UNKNOWN_PROFILE = "unknown_profile"

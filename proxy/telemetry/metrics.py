@@ -88,6 +88,9 @@ class _Watched:
     firewall_min_interval: float = 1.0
 
 
+_SANDBOX_RULE_PREFIX = {Reason.TASK_LIMIT: "builtin:limit-", Reason.SANDBOX_WEAKENED: "builtin:weakened-"}
+
+
 class Metrics:
     """An `EventSink` that turns events into Prometheus series on `self.registry`."""
 
@@ -122,6 +125,12 @@ class Metrics:
         self.policy_reloads = Counter(
             "sandgate_policy_reloads", "Policy loads and reloads, by result (success, failure).",
             ["result"], registry=r)
+        self.task_limits = Counter(
+            "sandgate_task_limits", "Tasks that hit a cgroup limit, by limit (memory, pids, cpus).",
+            ["limit"], registry=r)
+        self.sandbox_weakened = Counter(
+            "sandgate_sandbox_weakened", "Tasks run with --allow-weaker-sandbox without a protection, by feature.",
+            ["feature"], registry=r)
         self.label_overflow = Counter(
             "sandgate_metric_label_overflow",
             "Label values folded into 'other' because a label reached its cap of distinct values.",
@@ -152,6 +161,11 @@ class Metrics:
             latency.observe(seconds)
         if event.bytes_up or event.bytes_down:
             self._count_bytes(event)
+        if kind is EventKind.TASK and event.reason in _SANDBOX_RULE_PREFIX:
+            # The rule id names the limit or feature: builtin:limit-memory -> memory.
+            prefix = _SANDBOX_RULE_PREFIX[event.reason]
+            counter = self.task_limits if event.reason is Reason.TASK_LIMIT else self.sandbox_weakened
+            counter.labels(self._rule((event.rule_id or "").removeprefix(prefix))).inc()
         if kind is EventKind.POLICY:
             if event.reason is Reason.POLICY_LOADED:
                 self.policy_reloads.labels("success").inc()

@@ -1,0 +1,396 @@
+"""The sandbox init: namespaces, the file view, the task's identity, then the task.
+
+Stdlib only: `sandgate run` starts it as `python -I -S .../sandbox/init.py SPEC`
+(no site-packages: nothing the task could have planted is imported, and it starts
+in tens of ms). SPEC is a JSON file in the run's root-only directory, written by
+`sandbox/spec.py`; its sibling modules (mounts, landlock, seccomp) are loaded by path.
+
+  outer (a child of sandgate: host root, host PID namespace)
+    - joins the task's cgroups, the sandbox's network namespace, and new mount,
+      UTS, IPC, PID and cgroup namespaces, all owned by the initial user namespace:
+      nothing the task does later can change its routes, mounts or limits;
+    - builds the file view: detached copies of the workspace and other binds first,
+      then the whole host tree read-only, nosuid, nodev in one recursive call, fresh
+      tmpfs on /tmp, /var/tmp, /run and $HOME, a minimal /dev, sandgate's state
+      hidden, then the copies attached (the workspace idmapped, so files land on the
+      host owned by the directory's owner);
+    - forks `init`, writes its uid/gid maps (0..N-1 -> host ids that own nothing),
+      relays signals, exits with its code.
+  init (PID 1 of the new PID namespace)
+    - mounts a fresh /proc, enters a new user namespace, forks the task, relays
+      signals, reaps orphans, exits with the task's status.
+  task
+    - takes its ids, keeps only a small capability set (inside its user namespace,
+      where nothing it can name is owned by it), no_new_privs, Landlock for writes,
+      the seccomp filter last, then execs CMD in the workspace.
+Both outer and init die with their parent (PR_SET_PDEATHSIG), and the kernel kills
+every process of a PID namespace whose init dies: a SIGKILLed `sandgate run`
+leaves no task running.
+
+What was applied, and what could not be (with --allow-weaker-sandbox), goes back
+to the runner as JSON lines on the report pipe, so it is recorded as an event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+CAP_LAST = 63
+# What root of the task keeps inside its own user namespace: Docker's default set
+# without NET_RAW, MKNOD and AUDIT_WRITE. Each acts only on what that user namespace
+# owns (its own files in the workspace and tmpfs, its own processes); none reaches
+# the network, the mounts or the host, which the initial user namespace owns.
+KEPT_CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSETID": 4, "CAP_KILL": 5,
+             "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_BIND_SERVICE": 10,
+             "CAP_SYS_CHROOT": 18, "CAP_SETFCAP": 31}
+RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+EXIT_SETUP_FAILED = 125  # like `env`/`unshare`: the sandbox could not be set up
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _sibling(name: str):
+    """A module next to this file, loaded by path (this runs without site-packages)."""
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"sandgate.enforcer.sandbox.{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mounts = _sibling("mounts")
+landlock = _sibling("landlock")
+seccomp = _sibling("seccomp")
+probes = _sibling("probes")
+
+
+class SetupError(Exception):
+    """The sandbox cannot be built as asked; the message names what and the fix."""
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def _prctl(option: int, arg: int) -> None:
+    _check(_libc.prctl(option, arg, 0, 0, 0), f"prctl({option}, {arg})")
+
+
+class Report:
+    """JSON lines to the runner: {"weakened": feature, "why": ...}, {"applied": ...}."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def send(self, **record) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, (json.dumps(record) + "\n").encode())
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+# --- outer: namespaces and the file view ---------------------------------------------
+
+
+def join_cgroups(procs_files: list[str]) -> None:
+    for path in procs_files:
+        with open(path, "w") as f:
+            f.write("0")
+
+
+def enter_namespaces(netns_path: str, hostname: str) -> None:
+    with open(netns_path) as f:
+        _check(_libc.setns(f.fileno(), CLONE_NEWNET), f"setns {netns_path}")
+    # Not yet CLONE_NEWPID: the first child forked after it becomes that namespace's
+    # PID 1, and the helpers that build idmapped mounts fork too.
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP), "unshare")
+    mounts.make_private("/")
+    socket.sethostname(hostname)
+
+
+def idmap_userns(inside: int, outside: int, gid_inside: int, gid_outside: int) -> int:
+    """A user namespace fd whose map sends the directory owner's ids (as on disk) to
+    the task's host ids: through an idmapped mount, the task's files land on disk
+    owned by the owner, and the owner's files look like the task's own."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+            os.write(ready_w, b"1")
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError(1, "cannot create a user namespace for the idmapped mount")
+        _write_maps(pid, f"{inside} {outside} 1", f"{gid_inside} {gid_outside} 1")
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.write(go_w, b"1")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+
+
+def _write_maps(pid: int | str, uid_map: str, gid_map: str) -> None:
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write(uid_map)
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write(gid_map)
+
+
+def build_view(spec: dict, report: Report) -> None:
+    """The task's file view, in the only order that works: copies of what must stay
+    reachable first, then the host read-only, then fresh space, then the copies."""
+    host_uid, host_gid = spec["id_base"] + spec["uid"], spec["id_base"] + spec["gid"]
+    clones = []
+    for bind in spec["binds"]:
+        fd = mounts.clone_tree(bind["source"])
+        idmap = None
+        if bind["writable"]:
+            st = os.stat(bind["source"])
+            try:
+                idmap = idmap_userns(st.st_uid, host_uid, st.st_gid, host_gid)
+                mounts.set_attr(fd, mounts.MOUNT_ATTR_IDMAP, userns_fd=idmap)
+            except OSError as e:
+                if not spec["allow_weaker"]:
+                    raise SetupError(
+                        f"cannot idmap {bind['source']} ({e.strerror}): its filesystem does not support "
+                        "idmapped mounts (Linux 5.12+; ext4, xfs, btrfs, tmpfs 6.3+ do). Fix: put the "
+                        "workspace on such a filesystem, or --allow-weaker-sandbox (files the task "
+                        "writes there are then owned by its unprivileged host id)") from None
+                report.send(weakened="idmapped-mount", why=f"{bind['source']}: {e.strerror}")
+            finally:
+                if idmap is not None:
+                    os.close(idmap)
+        else:
+            mounts.set_attr(fd, mounts.LOCKED_DOWN)
+        clones.append((fd, bind["target"]))
+    devices = {name: mounts.clone_tree(f"/dev/{name}") for name in DEVICES if os.path.exists(f"/dev/{name}")}
+
+    mounts.set_attr("/", mounts.LOCKED_DOWN, recursive=True)
+
+    for path in spec["tmpfs"]:
+        os.makedirs(path, exist_ok=True)  # only ever below another tmpfs of ours
+        sticky = path in ("/tmp", "/var/tmp")
+        mounts.tmpfs(path, mode=0o1777 if sticky else 0o755, uid=None if sticky else spec["id_base"],
+                     gid=None if sticky else spec["id_base"])
+    if not os.path.isdir(spec["home"]):
+        os.makedirs(spec["home"])
+    if spec["home"] not in spec["tmpfs"]:
+        os.chown(spec["home"], host_uid, host_gid)
+    build_dev(devices)
+    for fd, target in clones:
+        _ensure_mountpoint(target, fd)
+        mounts.attach(fd, target)
+    for path in spec["hide"]:
+        if os.path.isdir(path):
+            mounts.tmpfs(path, mode=0o000, flags=mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+        elif os.path.exists(path):
+            mounts.mount("/dev/null", path, None, mounts.MS_BIND)
+            mounts.set_attr(path, mounts.LOCKED_DOWN, recursive=False)
+
+
+def _ensure_mountpoint(target: str, tree_fd: int) -> None:
+    """A missing mount point can only be below a fresh tmpfs of ours: create it."""
+    if os.path.lexists(target):
+        return
+    if os.path.isdir(f"/proc/self/fd/{tree_fd}"):
+        os.makedirs(target)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "w").close()
+
+
+def build_dev(devices: dict[str, int]) -> None:
+    """A minimal /dev: the harmless character devices, a private devpts, /dev/shm,
+    and the fd links; no disks, no raw memory, no kernel message buffer."""
+    mounts.tmpfs("/dev", mode=0o755, flags=mounts.MS_NOSUID | mounts.MS_NOEXEC)
+    for name, fd in devices.items():
+        open(f"/dev/{name}", "w").close()
+        mounts.attach(fd, f"/dev/{name}")
+    os.mkdir("/dev/pts")
+    mounts.mount("devpts", "/dev/pts", "devpts", mounts.MS_NOSUID | mounts.MS_NOEXEC,
+                 "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", "/dev/ptmx")
+    os.mkdir("/dev/shm")
+    mounts.tmpfs("/dev/shm", mode=0o1777)
+    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"/dev/{link}")
+    mounts.set_attr("/dev", mounts.MOUNT_ATTR_RDONLY, recursive=False)
+
+
+# --- init and task ------------------------------------------------------------------------
+
+
+def drop_capabilities(keep: set[int]) -> None:
+    for number in range(CAP_LAST + 1):
+        if number in keep:
+            continue
+        # EINVAL: the kernel does not know this capability; nothing to drop.
+        if _libc.prctl(PR_CAPBSET_DROP, number, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
+            _check(-1, f"drop capability {number}")
+
+
+def become_task(spec: dict, program: bytes | None, report: Report) -> None:
+    """In the task's process, in this order: ids, capabilities, no_new_privs,
+    Landlock, seccomp (last: it would refuse the calls before it)."""
+    uid, gid = spec["uid"], spec["gid"]
+    if spec["userns"]:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)  # non-zero drops every capability by itself
+    drop_capabilities(set(KEPT_CAPS.values()) if spec["userns"] and uid == 0 else set())
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if spec["landlock"]:
+        abi = landlock.restrict_writes(spec["writable"])
+        if abi == 0:
+            report.send(note="landlock", why="the kernel has no Landlock; mounts alone keep the host read-only")
+    if program is not None:
+        seccomp.install(program)
+    os.chdir(spec["cwd"])
+
+
+def _relay_signals_to(pid: int) -> None:
+    def relay(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for signum in RELAYED_SIGNALS:
+        signal.signal(signum, relay)
+
+
+def _exit_code(status: int) -> int:
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def run_init(spec: dict, program: bytes | None, report: Report, mapped_r: int, unshared_w: int) -> int:
+    """PID 1: /proc, the user namespace, then the task; relay signals, reap everything."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+    if spec["userns"]:
+        _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+        os.write(unshared_w, b"1")
+        if os.read(mapped_r, 1) != b"1":
+            raise SetupError("the user namespace's id maps were not written")
+    task = os.fork()
+    if task == 0:
+        try:
+            for signum in RELAYED_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            started = time.monotonic()
+            become_task(spec, program, report)
+            if spec.get("probe") == "all":  # `sandgate selftest`: the probes are the task
+                results = probes.run_all(spec)
+                report.send(self_test=results, ms=round((time.monotonic() - started) * 1000, 1))
+                os._exit(0 if all(r["ok"] for r in results) else 1)
+            if spec["self_test"]:
+                results = probes.run_cheap(spec)
+                report.send(self_test=results, ms=round((time.monotonic() - started) * 1000, 1))
+                if any(not r["ok"] for r in results):
+                    print("sandgate: the sandbox self-test failed: " + ", ".join(
+                        f"{r['probe']} ({r['seen']})" for r in results if not r["ok"]), file=sys.stderr)
+                    os._exit(EXIT_SETUP_FAILED)
+            report.close()
+            os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
+        except OSError as e:
+            name = spec["argv"][0]
+            if e.filename is not None or e.errno in (2, 13):
+                print(f"sandgate: cannot run {name!r}: {e.strerror}", file=sys.stderr)
+                os._exit(127 if e.errno == 2 else 126)
+            print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
+            os._exit(EXIT_SETUP_FAILED)
+    report.close()
+    _relay_signals_to(task)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 0
+        except InterruptedError:
+            continue
+        if pid == task:
+            return _exit_code(status)
+
+
+def main(args: list[str] | None = None) -> int:
+    args = sys.argv[1:] if args is None else args
+    if len(args) != 1:
+        print("usage: init.py SPEC.json (started by sandgate run)", file=sys.stderr)
+        return 2
+    with open(args[0]) as f:
+        spec = json.load(f)
+    report = Report(spec.get("report_fd"))
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        program = None
+        if spec.get("seccomp"):
+            with open(spec["seccomp"], "rb") as f:
+                program = f.read()
+        join_cgroups(spec["cgroup_procs"])
+        enter_namespaces(spec["netns"], spec["hostname"])
+        build_view(spec, report)
+        _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    except (OSError, SetupError) as e:
+        print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    unshared_r, unshared_w = os.pipe()
+    mapped_r, mapped_w = os.pipe()
+    sys.stdout.flush()
+    init = os.fork()  # the first child after unshare(CLONE_NEWPID) is PID 1 there
+    if init == 0:
+        try:
+            os.close(unshared_r)
+            os.close(mapped_w)
+            os._exit(run_init(spec, program, report, mapped_r, unshared_w))
+        except BaseException as e:  # noqa: BLE001 - PID 1 must report, then go
+            print(f"sandgate: sandbox init failed: {e}", file=sys.stderr)
+            os._exit(EXIT_SETUP_FAILED)
+    os.close(unshared_w)
+    os.close(mapped_r)
+    report.close()
+    if spec["userns"]:
+        if os.read(unshared_r, 1) == b"1":
+            base, count = spec["id_base"], spec["id_count"]
+            # PID 1's /proc/1 is in the fresh /proc it mounted (the host's is read-only here now).
+            try:
+                _write_maps(1, f"0 {base} {count}", f"0 {base} {count}")
+                os.write(mapped_w, b"1")
+            except OSError as e:
+                print(f"sandgate: sandbox setup failed: cannot map the task's ids: {e}", file=sys.stderr)
+        os.close(mapped_w)
+    _relay_signals_to(init)
+    while True:
+        try:
+            _, status = os.waitpid(init, 0)
+            return _exit_code(status)
+        except InterruptedError:
+            continue
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Linux mount primitives for the sandbox init: the new mount API through ctypes.
+
+Stdlib only: the in-sandbox init runs as `python -I -S` and loads this by path.
+The new API (open_tree, mount_setattr, move_mount; Linux 5.12+) is what makes the
+sandbox's file view simple and exact:
+- `clone_tree` detaches a copy of a host path *before* the host view is covered,
+  so a workspace under /tmp can still be mounted after /tmp became a fresh tmpfs;
+- `set_attr(..., recursive=True)` makes a whole tree read-only, nosuid and nodev
+  in one call, submounts included (remount-by-remount would race new mounts);
+- an idmapped mount (MOUNT_ATTR_IDMAP) lets files that the task creates in the
+  workspace land on the host owned by the directory's owner, while the task runs
+  as an id that owns nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+# x86_64 and the asm-generic table (arm64, riscv) share these numbers since 5.2.
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+AT_SYMLINK_NOFOLLOW = 0x100
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR_IDMAP = 0x100000
+LOCKED_DOWN = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _fail(what: str) -> OSError:
+    errno = ctypes.get_errno()
+    return OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    if _libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
+                   data and data.encode()) != 0:
+        raise _fail(f"mount {fstype or source} on {target}")
+
+
+def make_private(path: str = "/") -> None:
+    """Nothing mounted below here propagates to the host, nor from it."""
+    mount(None, path, None, MS_REC | MS_PRIVATE)
+
+
+def clone_tree(path: str) -> int:
+    """A detached copy of the mount tree at `path` (a directory or a file), as an fd."""
+    fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
+    if fd < 0:
+        raise _fail(f"open_tree {path}")
+    return fd
+
+
+def set_attr(target: str | int, attr_set: int, attr_clr: int = 0, *, recursive: bool = True,
+             userns_fd: int | None = None) -> None:
+    """mount_setattr on a path, or on a detached tree's fd."""
+    attr = _MountAttr(attr_set, attr_clr, 0, userns_fd if userns_fd is not None else 0)
+    flags = AT_RECURSIVE if recursive else 0
+    if isinstance(target, int):
+        dirfd, path, flags = target, b"", flags | AT_EMPTY_PATH
+    else:
+        dirfd, path = AT_FDCWD, target.encode()
+    if _libc.syscall(SYS_MOUNT_SETATTR, dirfd, path, flags, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        raise _fail(f"mount_setattr {target}")
+
+
+def attach(tree_fd: int, target: str) -> None:
+    """Mount a detached tree on `target`, then close its fd."""
+    try:
+        if _libc.syscall(SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH) != 0:
+            raise _fail(f"move_mount onto {target}")
+    finally:
+        os.close(tree_fd)
+
+
+def tmpfs(target: str, *, mode: int = 0o755, size: str = "", flags: int = MS_NOSUID | MS_NODEV,
+          uid: int | None = None, gid: int | None = None) -> None:
+    options = [f"mode={mode:o}"] + ([f"size={size}"] if size else [])
+    options += [f"uid={uid}"] if uid is not None else []
+    options += [f"gid={gid}"] if gid is not None else []
+    mount("tmpfs", target, "tmpfs", flags, ",".join(options))

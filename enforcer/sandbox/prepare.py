@@ -1,0 +1,137 @@
+"""Runner side of the task sandbox: check the kernel, build the seccomp program, make
+the cgroup, write the spec; afterwards, read what the sandbox reported and which
+limits the task hit, and remove the cgroup.
+
+Never silently weaker: a missing kernel feature stops the run with a message naming
+the feature and the fix, unless the admin passed --allow-weaker-sandbox, in which
+case the run goes on with everything else and each gap becomes a `sandbox_weakened`
+event (see docs/sandbox.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandgate.enforcer.sandbox import cgroup, seccomp, spec
+from sandgate.enforcer.sandbox import init as sandbox_init
+
+
+@dataclass
+class Gap:
+    """A protection this run does without (only with --allow-weaker-sandbox)."""
+
+    feature: str
+    why: str
+
+
+@dataclass
+class PreparedSandbox:
+    spec_path: Path
+    report_r: int
+    report_w: int
+    cgroup: cgroup.TaskCgroup | None
+    gaps: list[Gap] = field(default_factory=list)
+    self_test: list[dict] = field(default_factory=list)
+    self_test_ms: float | None = None
+
+    def argv(self) -> list[str]:
+        # By file path, isolated and without site: it needs only the standard
+        # library, and nothing from site-packages is imported as host root.
+        return [sys.executable, "-I", "-S", sandbox_init.__file__, str(self.spec_path)]
+
+    def started(self) -> None:
+        """The init has its copy of the report pipe; the runner keeps only the read end."""
+        with contextlib.suppress(OSError):
+            os.close(self.report_w)
+
+    def collect(self) -> None:
+        """What the init and the task reported (they closed the pipe before exec)."""
+        os.set_blocking(self.report_r, False)
+        data = b""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while chunk := os.read(self.report_r, 65536):
+                data += chunk
+        with contextlib.suppress(OSError):
+            os.close(self.report_r)
+        for line in data.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "weakened" in record:
+                self.gaps.append(Gap(record["weakened"], record.get("why", "")))
+            if "self_test" in record:
+                self.self_test, self.self_test_ms = record["self_test"], record.get("ms")
+
+    def finish(self) -> list[cgroup.LimitHit]:
+        """Which limits the task hit; the cgroup (and anything left in it) goes."""
+        if self.cgroup is None:
+            return []
+        try:
+            return self.cgroup.limits_hit()
+        finally:
+            self.cgroup.remove()
+
+
+def missing_features(limits: cgroup.Limits) -> list[Gap]:
+    """What this kernel lacks for a full sandbox, each with the fix."""
+    gaps = []
+    try:
+        userns = int(Path("/proc/sys/user/max_user_namespaces").read_text())
+    except (OSError, ValueError):
+        userns = 0
+    if userns == 0:
+        gaps.append(Gap("user-namespace", "user namespaces are disabled (user.max_user_namespaces = 0); fix: "
+                        "sysctl -w user.max_user_namespaces=15000"))
+    if (problem := seccomp.available()) is not None:
+        gaps.append(Gap("seccomp", problem))
+    gaps += [Gap("cgroup", problem) for problem in cgroup.check(limits)]
+    return gaps
+
+
+def prepare(run_dir: Path, run_id: str, opts: spec.SandboxOptions, limits: cgroup.Limits, *,
+            netns: str, argv: list[str], env: dict[str, str], file_binds: list[tuple[Path, Path]],
+            hidden: list[Path], protected: list[Path], probe: str | None = None) -> PreparedSandbox:
+    """Everything the sandbox init needs, in `run_dir` (root-only). Raises
+    spec.SandboxError (with the fix) for a missing feature unless opts.allow_weaker."""
+    gaps = missing_features(limits)
+    if gaps and not opts.allow_weaker:
+        raise spec.SandboxError("the kernel cannot give this task the full sandbox:\n" + "\n".join(
+            f"  - {g.feature}: {g.why}" for g in gaps) + "\n(--allow-weaker-sandbox runs it anyway, "
+            "with each gap recorded as a sandbox_weakened event)")
+    missing = {g.feature for g in gaps}
+    ids = spec.host_id_range()
+    program_path = None
+    if "seccomp" not in missing:
+        program_path = run_dir / "seccomp.bpf"
+        program_path.write_bytes(seccomp.build_filter())
+    task_cgroup = None
+    if "cgroup" not in missing:
+        try:
+            task_cgroup = cgroup.TaskCgroup.create(f"sandgate-{run_id}", limits)
+        except cgroup.CgroupError as e:
+            if not opts.allow_weaker:
+                raise spec.SandboxError(f"cannot set the task's limits: {e}") from None
+            gaps.append(Gap("cgroup", str(e)))
+    view = spec.file_view(opts, protected=protected, hidden=hidden, file_binds=file_binds)
+    report_r, report_w = os.pipe()
+    os.set_inheritable(report_w, True)
+    document = spec.Spec(
+        netns=netns, hostname=f"sandbox-{run_id}", argv=argv, ids=ids, uid=opts.uid, gid=opts.gid,
+        env=spec.task_environment(dict(os.environ), opts.env, env, uid=opts.uid, home=view["home"]),
+        home=view["home"], cwd=view["cwd"], tmpfs=view["tmpfs"], binds=view["binds"], hide=view["hide"],
+        writable=view["writable"], cgroup_procs=task_cgroup.procs_files if task_cgroup else [],
+        seccomp=str(program_path) if program_path else None, userns="user-namespace" not in missing,
+        allow_weaker=opts.allow_weaker, self_test=opts.self_test, report_fd=report_w,
+        probe_paths={"code": [str(p) for p in protected if p.is_dir()], "state": [str(p) for p in hidden]},
+    ).to_dict()
+    if probe:
+        document["probe"] = probe
+    spec_path = run_dir / "sandbox.json"
+    spec_path.write_text(json.dumps(document))
+    return PreparedSandbox(spec_path, report_r, report_w, task_cgroup, gaps)

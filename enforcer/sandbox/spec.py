@@ -1,0 +1,249 @@
+"""What the task gets: its ids, its file view and its environment, as the JSON spec
+that the sandbox init (sandbox/init.py) carries out.
+
+Runner side, no kernel calls: everything here is decided and checked before any
+namespace exists, so a bad --workspace or --env is one clear error and nothing
+to tear down. docs/sandbox.md describes the result for admins.
+"""
+
+from __future__ import annotations
+
+import pwd
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The task's ids 0..ID_COUNT-1 map to host ids ID_BASE.. that own nothing: no
+# account, no file, no process of the host. An /etc/subuid and /etc/subgid entry
+# for a `sandgate` user overrides the range (as for rootless containers).
+SUBID_USER = "sandgate"
+ID_BASE = 2_000_000_000
+ID_COUNT = 65536
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PASSED_THROUGH = ("PATH", "LANG", "LANGUAGE", "TERM", "TZ", "COLORTERM", "NO_COLOR")
+# A workspace is mounted read-write: never one of these, nor anything below them
+# (the host's programs, configuration, devices and state), nor a home root.
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
+               "/sys", "/usr", "/var/lib", "/var/log", "/var/cache", "/var/spool", "/var/mail")
+NOT_WORKSPACES = ("/", "/home", "/root", "/var", "/opt", "/srv", "/mnt", "/media", "/tmp", "/var/tmp")
+SANDBOX_TMPFS = ("/tmp", "/var/tmp", "/run")
+
+
+class SandboxError(Exception):
+    """The sandbox cannot be set up as asked; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    workspace: Path | None = None  # None: no workspace (--no-workspace)
+    uid: int = 0
+    gid: int = 0
+    ro: tuple[Path, ...] = ()
+    rw: tuple[Path, ...] = ()
+    hide: tuple[Path, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)  # what --env / --env-file gave, resolved
+    allow_weaker: bool = False
+    self_test: bool = False
+
+
+@dataclass(frozen=True)
+class IdRange:
+    base: int
+    count: int
+    source: str  # where it came from, for messages and docs
+
+
+def parse_user(text: str) -> tuple[int, int]:
+    """--user UID[:GID] (numbers inside the sandbox; GID defaults to UID)."""
+    uid_text, _, gid_text = text.partition(":")
+    try:
+        uid, gid = int(uid_text), int(gid_text or uid_text)
+    except ValueError:
+        raise SandboxError(f"--user {text!r}: expected UID[:GID] as numbers, e.g. --user 1000") from None
+    if not (0 <= uid < ID_COUNT and 0 <= gid < ID_COUNT):
+        raise SandboxError(f"--user {text!r}: ids inside the sandbox are 0 to {ID_COUNT - 1}")
+    return uid, gid
+
+
+def parse_env(items: list[str], env_files: list[Path], caller: dict[str, str]) -> dict[str, str]:
+    """--env NAME (the caller's value), --env NAME=VALUE, --env-file FILE (NAME=VALUE
+    lines, # comments); later ones win."""
+    result: dict[str, str] = {}
+    for path in env_files:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as e:
+            raise SandboxError(f"--env-file {path}: {e.strerror}") from None
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, value = line.removeprefix("export ").partition("=")
+            if not sep or not _is_name(name):
+                raise SandboxError(f"{path}:{number}: expected NAME=VALUE, got {line[:60]!r}")
+            result[name] = value
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not _is_name(name):
+            raise SandboxError(f"--env {item[:60]!r}: not a variable name (NAME or NAME=VALUE)")
+        if sep:
+            result[name] = value
+        elif name in caller:
+            result[name] = caller[name]
+    return result
+
+
+def _is_name(text: str) -> bool:
+    return bool(text) and (text[0].isalpha() or text[0] == "_") and all(c.isalnum() or c == "_" for c in text)
+
+
+def task_environment(caller: dict[str, str], passed: dict[str, str], sandgate: dict[str, str],
+                     *, uid: int, home: str) -> dict[str, str]:
+    """Only what the task needs and what was passed: nothing else of the caller's
+    environment (cloud keys, tokens, SSH_AUTH_SOCK) reaches the task. A variable
+    given with --env wins over one sandgate sets (e.g. its own CA bundle)."""
+    env = {name: caller[name] for name in PASSED_THROUGH if name in caller}
+    env.update({name: value for name, value in caller.items() if name.startswith("LC_")})
+    env.setdefault("PATH", DEFAULT_PATH)
+    user = "root" if uid == 0 else "sandbox"
+    env.update(HOME=home, USER=user, LOGNAME=user, **sandgate)
+    env.update(passed)
+    return env
+
+
+def host_id_range(subuid: Path = Path("/etc/subuid"), subgid: Path = Path("/etc/subgid")) -> IdRange:
+    """The host ids the task's ids map to: /etc/subuid's `sandgate` entry when there is
+    one (and /etc/subgid agrees), else ID_BASE.. ; refused when an account or another
+    user's subordinate range owns any of them."""
+    mine = [r for r in _subid_ranges(subuid) if r[0] == SUBID_USER and r[2] >= ID_COUNT]
+    if mine:
+        _, base, _ = mine[0]
+        gids = [r for r in _subid_ranges(subgid) if r[0] == SUBID_USER and r[1] == base and r[2] >= ID_COUNT]
+        if not gids:
+            raise SandboxError(f"{subuid} gives {SUBID_USER} ids from {base}, but {subgid} has no matching "
+                               f"range of {ID_COUNT}: add '{SUBID_USER}:{base}:{ID_COUNT}' to {subgid}")
+        return IdRange(base, ID_COUNT, f"{subuid} ({SUBID_USER})")
+    end = ID_BASE + ID_COUNT
+    for who, start, count in _subid_ranges(subuid) + _subid_ranges(subgid):
+        if start < end and start + count > ID_BASE:
+            raise SandboxError(f"the sandbox ids {ID_BASE}-{end - 1} overlap {who}'s subordinate ids: add a "
+                               f"'{SUBID_USER}:BASE:{ID_COUNT}' line to /etc/subuid and /etc/subgid")
+    for account in pwd.getpwall():
+        if ID_BASE <= account.pw_uid < end:
+            raise SandboxError(f"the sandbox ids {ID_BASE}-{end - 1} include the account {account.pw_name} "
+                               f"(uid {account.pw_uid}): add a '{SUBID_USER}:BASE:{ID_COUNT}' line to /etc/subuid")
+    return IdRange(ID_BASE, ID_COUNT, "built-in range")
+
+
+def _subid_ranges(path: Path) -> list[tuple[str, int, int]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            ranges.append((parts[0], int(parts[1]), int(parts[2])))
+    return ranges
+
+
+def _under(path: Path, parent: Path) -> bool:
+    return path == parent or path.is_relative_to(parent)
+
+
+def check_writable(option: str, path: Path, protected: list[Path]) -> Path:
+    """A workspace or --rw directory as an absolute real path, or SandboxError: never
+    /, a system directory, a home root, nor anything inside sandgate's own code or state."""
+    try:
+        real = path.resolve(strict=True)
+    except OSError as e:
+        raise SandboxError(f"{option} {path}: {e.strerror}") from None
+    if not real.is_dir():
+        raise SandboxError(f"{option} {path}: not a directory")
+    hint = " (pick a project directory with --workspace DIR, or --no-workspace)"
+    if str(real) in NOT_WORKSPACES:
+        raise SandboxError(f"{option} {real}: refusing to give a task {real} read-write{hint}")
+    for system in SYSTEM_DIRS:
+        if _under(real, Path(system)):
+            raise SandboxError(f"{option} {real}: refusing a system directory ({system}){hint}")
+    for own in protected:
+        if _under(real, own):
+            raise SandboxError(f"{option} {real}: it is inside sandgate's own files ({own}){hint}")
+    return real
+
+
+def protected_paths(state_dirs: list[Path]) -> list[Path]:
+    """sandgate's code, its Python environment and its state: never writable by a task."""
+    import sandgate.enforcer
+    import sandgate.proxy
+    import sandgate.rules
+
+    code = [Path(m.__file__).resolve().parent for m in (sandgate.proxy, sandgate.enforcer, sandgate.rules)]
+    paths = [*code, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()]
+    paths += [p.resolve() for p in state_dirs]
+    return list(dict.fromkeys(paths))
+
+
+@dataclass
+class Spec:
+    """The JSON document that sandbox/init.py reads (keys are its contract)."""
+
+    netns: str
+    hostname: str
+    argv: list[str]
+    env: dict[str, str]
+    ids: IdRange
+    uid: int
+    gid: int
+    home: str
+    cwd: str
+    tmpfs: list[str]
+    binds: list[dict]
+    hide: list[str]
+    writable: list[str]
+    cgroup_procs: list[str]
+    seccomp: str | None
+    landlock: bool = True
+    userns: bool = True
+    allow_weaker: bool = False
+    self_test: bool = False
+    report_fd: int | None = None
+    probe_paths: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "ids"}
+        data.update(id_base=self.ids.base, id_count=self.ids.count)
+        return data
+
+
+def file_view(opts: SandboxOptions, *, protected: list[Path], hidden: list[Path],
+              file_binds: list[tuple[Path, Path]]) -> dict:
+    """Binds, tmpfs, hidden paths and writable roots for the spec. Read-only binds of
+    sandgate's own files go after the workspace and --rw binds they may lie in."""
+    uid = opts.uid
+    home = "/root" if uid == 0 else "/home/sandbox"
+    tmpfs = [*SANDBOX_TMPFS, "/root"] + ([] if uid == 0 else ["/home"])
+    binds = [{"source": str(src), "target": str(dst), "writable": False} for src, dst in file_binds]
+    writable_roots = [p for p in ([opts.workspace] if opts.workspace else []) + list(opts.rw)]
+    for path in writable_roots:
+        binds.append({"source": str(path), "target": str(path), "writable": True})
+    read_only = list(opts.ro) + [p for p in protected if any(_under(p, w) for w in writable_roots) and p.exists()]
+    for path in read_only:
+        binds.append({"source": str(path), "target": str(path), "writable": False})
+    writable = [str(p) for p in writable_roots] + [*SANDBOX_TMPFS, "/dev", home]
+    return {"home": home, "tmpfs": tmpfs, "binds": binds, "writable": writable,
+            "hide": [str(p) for p in [*hidden, *opts.hide]],
+            "cwd": str(opts.workspace) if opts.workspace else home}
+
+
+def check_paths(option: str, paths: list[Path]) -> tuple[Path, ...]:
+    """--ro/--rw/--hide paths: absolute, existing, real."""
+    result = []
+    for path in paths:
+        try:
+            result.append(path.resolve(strict=True))
+        except OSError as e:
+            raise SandboxError(f"{option} {path}: {e.strerror}") from None
+    return tuple(result)
+
