@@ -33,6 +33,14 @@ def register(sub) -> None:
     run.add_argument("command", nargs="+", metavar="CMD", help="the command to run in the sandbox, after --")
     run.set_defaults(func=cmd_run)
 
+    selftest = sub.add_parser("selftest", help="probe the sandbox from inside: what a hostile task would try")
+    selftest.add_argument("--rules", default=str(DEFAULT_RULES), help="rule file (default: the shipped default)")
+    selftest.add_argument("--profile", default="default", help="profile of the rules to probe")
+    selftest.add_argument("--dns-upstream", action="append", default=[], metavar="IP",
+                          help="resolver the DNS filter forwards to (default: the host's resolv.conf)")
+    selftest.add_argument("-j", "--json", action="store_true", help="print the probes as JSON")
+    selftest.set_defaults(func=cmd_selftest)
+
     demo = sub.add_parser("demo", help="build a fake internet in namespaces and run a scripted agent through the gateway")
     demo.set_defaults(func=cmd_demo)
 
@@ -82,6 +90,33 @@ def cmd_run(args) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def cmd_selftest(args) -> int:
+    import json
+
+    from sandgate.enforcer.run import RunOptions, selftest
+    from sandgate.enforcer.sandbox.spec import SandboxOptions
+
+    try:
+        policy = load_policy([Path(args.rules)])
+    except PolicyError as e:
+        raise UsageError(f"invalid rules, nothing was probed:\n{e}") from None
+    code, probes = selftest(RunOptions(command=[], policy=policy, profile=args.profile,
+                                       dns_upstreams=args.dns_upstream, metrics_listen=None,
+                                       sandbox=SandboxOptions(workspace=None)))
+    leaks = [p for p in probes if not p["ok"]]
+    if args.json:
+        print(json.dumps({"ok": bool(probes) and not leaks, "probes": probes}, indent=2))
+    else:
+        width = max((len(p["probe"]) for p in probes), default=5)
+        print(f"{'probe':{width}}  {'expected':16}  seen")
+        for p in probes:
+            mark = "" if p["ok"] else "   <-- LEAK"
+            print(f"{p['probe']:{width}}  {p['expected']:16}  {p['seen']}{mark}")
+        print(f"sandgate selftest: {len(probes) - len(leaks)}/{len(probes)} held" + (
+            f"; {len(leaks)} LEAKED" if leaks else ""))
+    return 0 if probes and not leaks and code == 0 else (1 if probes else code or 125)
 
 
 def cmd_audit_verify(args) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -328,6 +329,20 @@ def run(opts: RunOptions) -> int:
     except (RunError, netns.SandboxNetError, nft.NftError) as e:
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_SETUP
+
+
+def selftest(opts: RunOptions) -> tuple[int, list[dict]]:
+    """A probe task in a real sandbox with these rules: what a hostile task would try,
+    and what it saw. Exit status 0 only when every probe was held."""
+    check_prerequisites()
+    run = TaskRun(dataclasses.replace(opts, probe="all", command=["sandgate-selftest"], quiet=True))
+    try:
+        code = asyncio.run(run.run())
+    except (RunError, netns.SandboxNetError, nft.NftError) as e:
+        print(f"sandgate: {e}", file=sys.stderr)
+        return EXIT_SETUP, []
+    probes = run.sandbox.self_test if run.sandbox else []
+    return (code if probes else EXIT_SETUP), probes
 
 
 def gc() -> list[str]:

@@ -2,8 +2,8 @@
 
 A test hands `run` a few labelled shell steps; they run one after the other in ONE
 sandbox (a run costs about a second, a step milliseconds), each step's exit code,
-stdout and stderr land in files under the test's tmp_path (the sandbox shares the
-host's filesystem), and `run` returns them with the run's exit code, its summary
+stdout and stderr land in files under the test's tmp_path (the steps directory is the
+task's workspace), and `run` returns them with the run's exit code, its summary
 JSON and its audit-log lines. Every run is checked for leftovers as it ends.
 
 The step builders (`curl`, `py_get`, `dig`, ...) make commands that trust only the
@@ -31,7 +31,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_RULES = REPO / "rules" / "examples" / "demo.yaml"
-PYTHON = sys.executable
+PYTHON = sys.executable  # for helpers outside the sandbox
+# Inside the sandbox, the host's /root (where this machine's pyenv lives) is a fresh
+# tmpfs: steps use the distribution's Python, as an agent's tools would.
+SANDBOX_PYTHON = "/usr/bin/python3"
 SANDGATE = str(Path(sys.executable).with_name("sandgate"))
 RUN_DIR = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))  # as enforcer/run.py
 NETNS_DIR = Path("/run/netns")
@@ -54,7 +57,7 @@ def curl(*args: str, timeout: float = 5) -> str:
 
 def python(code: str, *args: str) -> str:
     """The test's Python with `code` (dedented) and args."""
-    argv = [PYTHON, "-c", textwrap.dedent(code), *args]
+    argv = [SANDBOX_PYTHON, "-c", textwrap.dedent(code), *args]
     return f"{SYSTEM_BUNDLE_ONLY} " + " ".join(shlex.quote(a) for a in argv)
 
 
@@ -240,6 +243,7 @@ class RunResult:
     summary: dict
     audit: list[dict]
     steps: dict[str, Step] = field(default_factory=dict)
+    steps_dir: Path | None = None  # the task's workspace
 
     def __getitem__(self, label: str) -> Step:
         return self.steps[label]
@@ -331,6 +335,7 @@ def _argv(
         "--extra-ca", str(fakenet.ca_cert),
         "--audit-log", str(workdir / "audit.jsonl"),
         "--summary-json", str(workdir / "summary.json"),
+        "--workspace", str(workdir / "steps"),  # the audit log and summary stay out of the task's reach
         *extra,
         "--", *command,
     ]  # fmt: skip
@@ -351,7 +356,7 @@ def _script(steps: dict[str, str], steps_dir: Path) -> str:
 
 def _workdir(tmp_path: Path) -> Path:
     workdir = tmp_path / f"run{next(_counter)}"
-    workdir.mkdir()
+    (workdir / "steps").mkdir(parents=True)
     return workdir
 
 
@@ -364,17 +369,21 @@ def run(
     rules: Path = DEMO_RULES,
     extra: tuple[str, ...] = (),
     timeout: float = 90.0,
+    env: dict[str, str] | None = None,
+    setup: Callable[[Path], None] | None = None,
 ) -> RunResult:
     """`sandgate run` of `steps` (labelled shell commands) or of `command`, in the
-    fake internet's host netns; asserts that the run left nothing behind."""
+    fake internet's host netns (with sandgate's environment `env`, if given); asserts
+    that the run left nothing behind. `setup` gets the workspace before the run."""
     workdir = _workdir(tmp_path)
+    if setup is not None:
+        setup(workdir / "steps")
     steps_dir = None
     if steps is not None:
         steps_dir = workdir / "steps"
-        steps_dir.mkdir()
         command = ["sh", "-c", _script(steps, steps_dir)]
     assert command, "give steps or a command"
-    proc = fakenet.run_in_host(_argv(fakenet, workdir, command, rules, extra), timeout=timeout)
+    proc = fakenet.run_in_host(_argv(fakenet, workdir, command, rules, extra), timeout=timeout, env=env)
     result = _result(proc.returncode, proc.stdout, proc.stderr, workdir, steps_dir)
     assert not (left := leftovers(fakenet, result.run_id)), f"{left}\n{result.describe()}"
     return result
@@ -420,7 +429,7 @@ def _result(
     audit = []
     if audit_path.exists():
         audit = [json.loads(line) for line in audit_path.read_text().splitlines() if line]
-    result = RunResult(returncode, stdout, stderr, summary, audit)
+    result = RunResult(returncode, stdout, stderr, summary, audit, steps_dir=workdir / "steps")
     if steps_dir is not None:
         for rc_file in sorted(steps_dir.glob("*.rc"), key=lambda f: f.stat().st_mtime_ns):
             label = rc_file.stem
