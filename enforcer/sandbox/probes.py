@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import encodings.idna  # noqa: F401 - ssl needs it for server_hostname; after the switch to the
-import errno           # task's ids the interpreter's own stdlib may be out of reach (/root)
+import errno  # task's ids the interpreter's own stdlib may be out of reach (/root)
 import os
 import socket
 import ssl
