@@ -1,6 +1,6 @@
 """The gateway end to end: `sandgate run` in the fake internet (issue 3's test cases).
 
-Each test runs a few clients in one sandbox (tests/e2e/sandbox.py) and asserts
+Each test runs a few clients in one sandbox (tests/support/sandbox.py) and asserts
 three things: what each client got; what the fake internet's servers saw (for a
 forbidden destination: nothing at all); and the audit-log decision, by reason and
 rule id. Clients trust only the sandbox's system CA bundle, and never use -k.
@@ -16,8 +16,8 @@ import subprocess
 import time
 
 import pytest
-import sandbox
-from sandbox import (
+from support import sandbox
+from support.sandbox import (
     NETNS_DIR,
     VETH_INTO_HOST_NETNS,
     curl,
