@@ -3,7 +3,7 @@
     sudo .venv/bin/python bench/bench_gateway.py [--quick] [--profile] [--keep]
 
 Not a test: it prints numbers and ratios, it asserts nothing. It builds ONE fake
-internet (enforcer/fakenet.py: a "host" netns and an "internet" netns with nginx
+internet (enforcer/demo/fakenet.py: a "host" netns and an "internet" netns with nginx
 and dnsmasq) and hangs sandbox network namespaces off the host netns, then runs
 the same client script (bench/clients.py) in three setups:
 
@@ -73,13 +73,13 @@ def probe_start(out: str, argv: list[str]) -> int:
     for label, module in (
         (STEP_IMPORT_CLI, "sandgate.enforcer.cli"),
         (STEP_IMPORT_RUN, "sandgate.enforcer.run"),
-        (STEP_IMPORT_REST, "sandgate.enforcer.commands"),
+        (STEP_IMPORT_REST, "sandgate.enforcer.cli.run"),
     ):
         t0 = time.perf_counter()
         importlib.import_module(module)
         add(label, t0)
 
-    import sandgate.enforcer.commands as commands
+    import sandgate.enforcer.cli.common as cli_common
     import sandgate.enforcer.run as run
     from sandgate.enforcer import netns, nft
     from sandgate.proxy.dnsfilter import DnsFilter
@@ -122,7 +122,7 @@ def probe_start(out: str, argv: list[str]) -> int:
     from sandgate.proxy.gateway import Gateway
 
     # Labels are (indent level, text): nested steps are part of the step above them.
-    wrap_sync(commands, "load_policy", STEP_LOAD)
+    wrap_sync(cli_common, "load_policy", STEP_LOAD)
     wrap_sync(asyncio, "run", STEP_ASYNCIO)
     wrap_sync(run, "_pick_addresses", STEP_PICK)
     wrap_sync(netns, "create_sandbox_net", STEP_NETNS)
@@ -160,7 +160,7 @@ def probe_start(out: str, argv: list[str]) -> int:
 
 STEP_IMPORT_CLI = "import enforcer.cli (argparse, policy, yaml)"
 STEP_IMPORT_RUN = "import enforcer.run (mitmproxy, pyroute2, ...)"
-STEP_IMPORT_REST = "import enforcer.commands"
+STEP_IMPORT_REST = "import enforcer.cli.run"
 STEP_MAIN = "cli main()"
 STEP_LOAD = "load rules"
 STEP_ASYNCIO = "asyncio.run(TaskRun.run())"
@@ -505,7 +505,7 @@ visible_hostname sandgate-bench
         return d
 
     def start_squid(self) -> None:
-        from sandgate.enforcer.fakenet import _proc_sockets
+        from sandgate.enforcer.demo.fakenet import _proc_sockets
 
         d = self._squid_files()
         t0 = time.perf_counter()
@@ -641,7 +641,7 @@ table inet {self.table} {{
             ip_netns(self.fn.host_ns, *self.sandgate_argv("true")), n, env=self.env, notes=self.results["notes"])
         st["python_bare_ms"], _ = median_ms([PY, "-c", "pass"], n)
         st["python_import_mitmproxy_master_ms"], _ = median_ms([PY, "-c", "import mitmproxy.master"], n)
-        st["python_import_enforcer_run_ms"], _ = median_ms([PY, "-c", "import enforcer.run"], n)
+        st["python_import_enforcer_run_ms"], _ = median_ms([PY, "-c", "import sandgate.enforcer.run"], n)
         st["sandbox_init_true_ms"], _ = median_ms(
             ip_netns(self.nets["A"].netns, PY, "-c", "import argparse, ctypes, socket, signal"), n)
         # Breakdown: the same command with timers around each step (see probe_start).
@@ -712,7 +712,7 @@ def import_profile(top: int = 12) -> dict[str, float]:
     (python -X importtime, which itself adds some overhead)."""
     from collections import Counter
 
-    proc = subprocess.run([PY, "-X", "importtime", "-c", "import enforcer.cli, enforcer.run, enforcer.commands"],
+    proc = subprocess.run([PY, "-X", "importtime", "-c", "import sandgate.enforcer.cli, sandgate.enforcer.run"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     groups: Counter[str] = Counter()
     for line in proc.stderr.splitlines():
@@ -722,8 +722,10 @@ def import_profile(top: int = 12) -> dict[str, float]:
         self_us = int(parts[0].split(":")[1])
         name = parts[2].strip()
         top_name = name.split(".")[0]
-        if top_name in ("mitmproxy", "proxy", "enforcer"):
+        if top_name == "mitmproxy":
             top_name = ".".join(name.split(".")[:2])
+        elif top_name == "sandgate":
+            top_name = ".".join(name.split(".")[1:3])
         groups[top_name] += self_us / 1000
     total = sum(groups.values())
     out = {name: round(ms, 1) for name, ms in groups.most_common(top)}
@@ -963,7 +965,7 @@ def main() -> int:
     import signal
     import tempfile
 
-    from sandgate.enforcer.fakenet import FakeInternet, cleanup_prefix, fresh_prefix
+    from sandgate.enforcer.demo.fakenet import FakeInternet, cleanup_prefix, fresh_prefix
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if not shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin"):

@@ -345,8 +345,9 @@ def selftest(opts: RunOptions) -> tuple[int, list[dict]]:
     return (code if probes else EXIT_SETUP), probes
 
 
-def gc() -> list[str]:
+def gc(dry_run: bool = False) -> list[str]:
     """Remove what SIGKILLed runs left: their netns and veth first, then their tables.
+    Returns what was removed; with `dry_run`, what would be, touching nothing.
 
     Only runs known to be dead are touched: a state directory under RUN_DIR whose
     process is gone. `sg-*` namespaces without one may belong to another host
@@ -358,14 +359,17 @@ def gc() -> list[str]:
     live = {run_id for run_id, alive in runs.items() if alive}
     for run_id in sorted(set(runs) - live):
         if run_id in netns.list_sandbox_nets():
-            netns.destroy_sandbox_net(run_id)
+            if not dry_run:
+                netns.destroy_sandbox_net(run_id)
             removed.append(f"netns {netns.netns_name(run_id)}")
     for table in nft.list_tables(TABLE_PREFIX):
         if table[len(TABLE_PREFIX):] not in live:
-            nft.delete_table(table)
+            if not dry_run:
+                nft.delete_table(table)
             removed.append(f"nft table {table}")
     for run_id in sorted(set(runs) - live):
-        shutil.rmtree(RUN_DIR / run_id, ignore_errors=True)
+        if not dry_run:
+            shutil.rmtree(RUN_DIR / run_id, ignore_errors=True)
         removed.append(f"state {RUN_DIR / run_id}")
     return removed
 

@@ -2,12 +2,15 @@
 # Installs what sandgate needs on a fresh Debian/Ubuntu machine, as root:
 #   scripts/install.sh          the gateway: nftables, iproute2, and the fake internet
 #                               that `sandgate demo` builds (nginx, dnsmasq), plus .venv
+#                               (editable: a checkout for development; admins install the wheel)
 #   scripts/install.sh --test   also the test tools (curl, dig, socat, ping, Prometheus)
 # Idempotent: packages already present are not fetched again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(nftables iproute2 nginx-light dnsmasq-base ca-certificates)
+# python3-venv: Debian's python3 has no ensurepip without it; .venv below needs it,
+# and so do the wheel test and the sandbox tests, which make venvs of their own.
+packages=(nftables iproute2 nginx-light dnsmasq-base ca-certificates python3-venv)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(curl dnsutils socat iputils-ping prometheus)
 fi

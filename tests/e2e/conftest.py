@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sandgate.enforcer.fakenet import FakeInternet, cleanup_prefix, fresh_prefix
+from sandgate.enforcer.demo.fakenet import FakeInternet, cleanup_prefix, fresh_prefix
 
 
 @pytest.fixture(scope="session")

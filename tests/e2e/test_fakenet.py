@@ -11,7 +11,13 @@ import subprocess
 import time
 
 import pytest
-from sandgate.enforcer.fakenet import HOSTS, NETNS_DIR, FakeInternet, cleanup_prefix, fresh_prefix
+from sandgate.enforcer.demo.fakenet import (
+    HOSTS,
+    NETNS_DIR,
+    FakeInternet,
+    cleanup_prefix,
+    fresh_prefix,
+)
 
 pytestmark = pytest.mark.e2e
 

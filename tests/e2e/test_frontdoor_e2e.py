@@ -5,8 +5,8 @@ destination that refuses the connection."""
 from __future__ import annotations
 
 import pytest
-import sandbox
-from sandbox import tcp_hello
+from support import sandbox
+from support.sandbox import tcp_hello
 
 pytestmark = pytest.mark.e2e
 

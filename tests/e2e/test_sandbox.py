@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import sandbox
-from sandbox import python
+from support import sandbox
+from support.sandbox import python
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,6 @@ each, and every failure closed (mitmproxy would log an addon exception and go on
 from __future__ import annotations
 
 import pytest
-from fakes import SANDBOX, client_hello, make_gate
 from mitmproxy import options
 from mitmproxy.proxy import context
 from mitmproxy.proxy.layer import NextLayer
@@ -12,6 +11,7 @@ from mitmproxy.proxy.layers import TCPLayer
 from mitmproxy.proxy.layers.modes import TransparentProxy
 from mitmproxy.test import taddons, tflow
 from sandgate.proxy.addon import CountingTCPLayer, RejectLayer, SandgateAddon
+from support.fakes import SANDBOX, client_hello, make_gate
 
 
 @pytest.fixture

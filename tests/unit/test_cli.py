@@ -4,6 +4,7 @@ and the exit codes scripts rely on (0 allowed/valid, 1 denied/ask, 2 bad input).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -208,6 +209,13 @@ def test_rules_show_json(capsys):
     }
 
 
+def test_rules_show_defaults_to_the_shipped_rules(capsys):
+    assert main(["rules", "show", "-j", "--profile", "default"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["fallback"] == "deny"
+    assert "preset:pypi" in [rule["id"] for rule in shown["rules"]]
+
+
 def test_rules_show_expired(tmp_path, capsys):
     path = tmp_path / "p.yaml"
     path.write_text("version: 1\nprofiles:\n  default:\n    rules:\n"
@@ -294,3 +302,102 @@ def test_console_script_runs():
     run = subprocess.run([sandgate, "rules", "lint", BROKEN], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert run.stderr.startswith(f"{BROKEN}:6:16: ")
+
+
+# --- admin conventions ------------------------------------------------------------------------
+
+
+def test_version_is_the_distribution_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"sandgate {version('sandgate')}\n"
+
+
+def _every_parser(parser):
+    yield parser
+    for action in parser._actions:  # argparse keeps subparsers only here
+        for child in getattr(action, "choices", None) or {}:
+            if isinstance(action.choices, dict):
+                yield from _every_parser(action.choices[child])
+
+
+def test_every_option_has_help_and_every_json_has_j():
+    from sandgate.enforcer.cli import build_parser
+
+    parsers = list(_every_parser(build_parser()))
+    assert {p.prog for p in parsers} >= {"sandgate check", "sandgate rules lint", "sandgate gc", "sandgate run"}
+    for parser in parsers:
+        for action in parser._actions:
+            if action.dest != "help" and not action.choices:
+                assert action.help, f"{parser.prog} {action.option_strings or action.dest}: no help text"
+            if "--json" in action.option_strings:
+                assert "-j" in action.option_strings, f"{parser.prog} --json has no -j"
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["check", "-j", "pypi.org"], id="check"),
+    pytest.param(["rules", "lint", "-j", "rules/default.yaml"], id="lint"),
+    pytest.param(["rules", "show", "-j", "--profile", "default"], id="show"),
+])
+def test_j_is_json(capsys, argv):
+    assert main(argv) == 0
+    assert isinstance(json.loads(capsys.readouterr().out), dict)
+
+
+@pytest.mark.parametrize("command", [["run", "--", "true"], ["gc"], ["gc", "--dry-run"], ["demo"]])
+def test_not_root_is_one_line_and_exit_125(monkeypatch, capsys, command):
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert main(command) == 125
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("sandgate: sandgate run needs root") and captured.err.count("\n") == 1
+
+
+def test_missing_nft_is_one_line_and_exit_125(tmp_path):
+    """A real process, so that nothing but main() stands between the error and the terminal."""
+    (tmp_path / "bin").mkdir()  # a PATH without nft
+    env = {"PATH": str(tmp_path / "bin"), "SANDGATE_RUN_DIR": str(tmp_path / "run"),
+           "SANDGATE_STATE_DIR": str(tmp_path / "state")}
+    run = subprocess.run([sys.executable, "-m", "sandgate.enforcer.cli", "run", "--", "true"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    if os.geteuid() != 0:  # the root check comes first
+        assert "needs root" in run.stderr
+    else:
+        assert run.stderr == "sandgate: the 'nft' command is missing; install nftables (Debian: apt-get install nftables)\n"
+    assert (run.returncode, run.stdout) == (125, "")
+    assert not (tmp_path / "run").exists()  # nothing was set up
+
+
+def test_gc_dry_run_lists_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    """A dead run's state dir, netns and table: listed by --dry-run and left alone,
+    then removed by gc. Netlink and nft are stand-ins: a real gc here would also
+    sweep up tables of test runs going on in parallel in this namespace."""
+    from sandgate.enforcer import netns, nft
+    from sandgate.enforcer import run as runner
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid now names no process
+    state = tmp_path / "dead0001"
+    state.mkdir()
+    (state / "pid").write_text(str(dead.pid))
+    removed = []
+    monkeypatch.setattr(runner, "RUN_DIR", tmp_path)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(netns, "list_sandbox_nets", lambda: ["dead0001"])
+    monkeypatch.setattr(netns, "destroy_sandbox_net", lambda run_id: removed.append(f"netns {run_id}"))
+    monkeypatch.setattr(nft, "list_tables", lambda prefix: [f"{prefix}dead0001"])
+    monkeypatch.setattr(nft, "delete_table", lambda table: removed.append(f"table {table}"))
+
+    assert main(["gc", "--dry-run"]) == 0
+    assert capsys.readouterr().out == (f"would remove netns {netns.netns_name('dead0001')}\n"
+                                       "would remove nft table sandgate_dead0001\n"
+                                       f"would remove state {state}\n")
+    assert removed == [] and state.is_dir()
+
+    assert main(["gc"]) == 0
+    assert capsys.readouterr().out.startswith(f"removed netns {netns.netns_name('dead0001')}\n")
+    assert removed == ["netns dead0001", "table sandgate_dead0001"] and not state.exists()

@@ -4,8 +4,8 @@ decision out. No sockets, no mitmproxy."""
 from __future__ import annotations
 
 import pytest
-from fakes import SANDBOX, client_hello, make_gate
 from sandgate.proxy.connection import MAX_FIRST_BYTES, Outcome
+from support.fakes import SANDBOX, client_hello, make_gate
 
 
 @pytest.fixture

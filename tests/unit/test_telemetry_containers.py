@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakes import wired_metrics
+from support.fakes import wired_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "containers" / "prometheus" / "sandgate-alerts.yml"

@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
-from fakes import wired_metrics
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import FIELDS, Event, EventFanout, EventKind
 from sandgate.proxy.telemetry.summary import OTHER_DESTINATIONS, TaskSummary
+from support.fakes import wired_metrics
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "telemetry.md"
 

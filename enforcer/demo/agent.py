@@ -1,26 +1,14 @@
-"""`sandgate demo`: the whole product on a machine without internet.
-
-Builds a throwaway fake internet in network namespaces (enforcer/fakenet.py: nginx
-with a test CA, dnsmasq, a "host" namespace in front), runs `sandgate run` in the
-host namespace with rules/examples/demo.yaml, and inside the sandbox a scripted
-"agent" (`python -m enforcer.demo agent`) that tries allowed and forbidden things
-with ordinary clients and prints what happened. Everything is removed afterwards.
-"""
+"""The scripted "agent" of `sandgate demo`: runs inside the sandbox
+(`python3 -I agent.py`, stdlib only: it is the task), tries allowed and forbidden things
+with ordinary clients, and prints what happened. Standard library only."""
 
 from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
-from pathlib import Path
-
-from sandgate.proxy.policy.load import RULES_DIR
-
-DEMO_RULES = RULES_DIR / "examples" / "demo.yaml"
 
 # (what the agent tries, how, whether the demo rules should let it through)
 AGENT_STEPS = [
@@ -96,34 +84,5 @@ _TRY = {
 }
 
 
-def demo() -> int:
-    from sandgate.enforcer.fakenet import FakeInternet, fresh_prefix
-
-    for tool in ("nft", "nginx", "dnsmasq"):
-        if subprocess.run(["sh", "-c", f"command -v {tool} || test -x /usr/sbin/{tool}"],
-                          capture_output=True).returncode:
-            print(f"sandgate demo: '{tool}' is missing; install nftables, nginx-light and dnsmasq-base", file=sys.stderr)
-            return 2
-    print("sandgate demo: building a fake internet in network namespaces ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix="sandgate-demo-") as work, \
-            FakeInternet(fresh_prefix("sgdemo"), Path(work)) as net:
-        print(f"  host namespace {net.host_ns}; servers: allowed.test, api.allowed.test, evil.test (203.0.113.66)\n"
-              f"  rules: {DEMO_RULES}\n\nsandgate run -- python -m enforcer.demo agent\n", flush=True)
-        run = net.run_in_host(
-            [sys.executable, "-m", "sandgate.enforcer.cli", "run", "--rules", str(DEMO_RULES),
-             "--dns-upstream", net.dns_ip, "--extra-ca", str(net.ca_cert), "--",
-             sys.executable, "-m", "sandgate.enforcer.demo", "agent"],
-            capture_output=False, text=True, timeout=120)
-        leaked = [r for r in net.requests_seen("203.0.113.66")] + \
-                 [q for q in net.dns_queries_seen() if q.endswith("evil.test")]
-        udp = net.udp_datagrams_seen()
-        print(f"\nForbidden servers received: {len(leaked)} HTTP requests / DNS queries, {udp} UDP datagrams.")
-    if run.returncode == 0 and not leaked and not udp:
-        print("sandgate demo: every allowed step passed, every forbidden step was blocked. Cleaned up.")
-        return 0
-    print(f"sandgate demo: FAILED (agent exit {run.returncode}, leaks {len(leaked) + udp})", file=sys.stderr)
-    return 1
-
-
 if __name__ == "__main__":
-    sys.exit(agent() if sys.argv[1:] == ["agent"] else demo())
+    sys.exit(agent())

@@ -508,12 +508,8 @@ class FakeInternet:
         self.internet_if = f"{prefix}i0"
         self.host_ip = HOST_IP
         self.host_ip6 = HOST_IP6
-        self.internet_ip = INTERNET_IP
-        self.internet_ip6 = INTERNET_IP6
-        self.sandbox_pool = SANDBOX_POOL
         self.dns_ip = DNS_IP
         self.hosts = dict(HOSTS)
-        self.hosts_v6 = dict(HOSTS_V6)
         self.ca_cert = self.workdir / "ca.pem"
         self.big_size = BIG_SIZE
         self.access_log = self.workdir / "access.log"
@@ -524,7 +520,6 @@ class FakeInternet:
         # Set once start() may have created namespaces: close() must never delete
         # namespaces of another run that happens to use the same prefix.
         self._owns_namespaces = False
-        self.startup_seconds: float | None = None
 
     def __repr__(self) -> str:
         return f"FakeInternet(prefix={self.prefix!r}, workdir={str(self.workdir)!r})"
@@ -540,7 +535,6 @@ class FakeInternet:
 
     def start(self) -> None:
         """Build namespaces, start servers, wait until all of them listen."""
-        t0 = time.monotonic()
         for ns in (self.host_ns, self.internet_ns):
             if (NETNS_DIR / ns).exists():
                 raise FakeNetError(
@@ -566,7 +560,6 @@ class FakeInternet:
         except BaseException:
             self.close()
             raise
-        self.startup_seconds = time.monotonic() - t0
 
     def close(self) -> None:
         """Stop our servers, kill anything else left in our namespaces, delete them.

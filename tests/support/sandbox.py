@@ -141,7 +141,8 @@ def udp_send(host: str, port: int, count: int = 1) -> str:
 
 def icmp_echo(ip: str, wait: float = 1.0) -> str:
     """`ping -c1 -W1` in Python (iputils-ping is not a suite dependency): prints
-    "reply" (exit 0) or "no reply" (exit 1). Needs CAP_NET_RAW, which the task keeps."""
+    "reply" (exit 0), "no reply" (exit 1) or "refused" (exit 2: no raw socket, as in
+    sandgate's sandbox, where the task has no CAP_NET_RAW on the host)."""
     return python(
         """
         import socket, struct, sys
@@ -151,7 +152,12 @@ def icmp_echo(ip: str, wait: float = 1.0) -> str:
             return ~(total + (total >> 16)) & 0xFFFF
         packet = struct.pack("!BBHHH", 8, 0, 0, 0x5347, 1) + b"sandgate"
         packet = packet[:2] + struct.pack("!H", checksum(packet)) + packet[4:]
-        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except PermissionError:
+            print("refused", file=sys.stderr)
+            sys.exit(2)
+        with s:
             s.settimeout(float(sys.argv[2]))
             s.sendto(packet, (sys.argv[1], 0))
             try:

@@ -1,0 +1,68 @@
+"""The `sandgate` command: the parser, and one module per command group.
+
+Each module here (rules, check, run, audit, gc, demo) adds its subcommand with
+`register(sub)` and imports what is heavy (mitmproxy, pyroute2, the gateway)
+only inside the function that runs it, so `sandgate rules`, `sandgate check`
+and `sandgate --version` stay quick.
+
+Exit codes: 0 ok/allowed, 1 denied, 2 bad input, 125 the machine could not
+do it (not root, `nft` missing, ...); `sandgate run` returns the task's own.
+Errors go to stderr as one line `sandgate: ...`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sandgate.enforcer.cli import audit, check, demo, gc, rules, run, selftest
+from sandgate.enforcer.cli.common import EXIT_SETUP, EXIT_USAGE, SetupError, UsageError
+
+COMMAND_GROUPS = (rules, check, run, selftest, audit, gc, demo)
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return distribution_version("sandgate")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, reading the distribution's metadata only when asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"sandgate {version()}")
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sandgate", description="Egress gateway for sandboxed coding agents.")
+    parser.add_argument("--version", action=_VersionAction, help="print sandgate's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"sandgate: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SetupError as e:
+        print(f"sandgate: {e}", file=sys.stderr)
+        return EXIT_SETUP
+    except BrokenPipeError:  # `sandgate rules show | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE

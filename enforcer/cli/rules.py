@@ -1,0 +1,90 @@
+"""`sandgate rules lint|show`: validate rule files, and show the effective profiles."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from sandgate.enforcer.cli.common import EXIT_OK, EXIT_USAGE, UsageError, load_rules
+from sandgate.proxy.policy import DEFAULT_RULES, PolicyError, load_policy
+
+
+def register(sub) -> None:
+    rules = sub.add_parser("rules", help="lint and show rule files").add_subparsers(
+        dest="rules_command", required=True, metavar="{lint,show}")
+    lint = rules.add_parser("lint", help="validate rule files; exit 2 with FILE:LINE:COL errors")
+    lint.add_argument("files", nargs="+", metavar="FILE", help="rule files, each checked on its own")
+    lint.add_argument("-j", "--json", action="store_true",
+                      help="one JSON report: valid, errors (file, line, column, message), expired rules")
+    lint.set_defaults(func=cmd_rules_lint)
+
+    show = rules.add_parser("show", help="the effective profiles after includes and extends")
+    show.add_argument("file", nargs="?", default=str(DEFAULT_RULES), metavar="FILE",
+                      help="rule file (default: the shipped default rules)")
+    show.add_argument("--profile", help="show only this profile (default: all)")
+    show.add_argument("-j", "--json", action="store_true", help="one JSON object per profile")
+    show.set_defaults(func=cmd_rules_show)
+
+
+def cmd_rules_lint(args) -> int:
+    problems, expired = [], []
+    for path in args.files:
+        try:
+            policy = load_policy([Path(path)])
+            expired += policy.expired
+        except PolicyError as e:
+            problems += e.problems
+    if args.json:
+        print(json.dumps({
+            "valid": not problems,
+            "errors": [{"file": p.file, "line": p.line, "column": p.column, "message": p.message} for p in problems],
+            "expired": [{"rule": r.id, "origin": r.origin, "expires": str(r.expires)} for r in expired],
+        }, indent=2))
+    else:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        for rule in expired:
+            print(f"{rule.origin}: warning: rule {rule.id} expired on {rule.expires} and no longer matches", file=sys.stderr)
+        if not problems:
+            print(f"ok: {', '.join(args.files)}")
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+def cmd_rules_show(args) -> int:
+    policy = load_rules(args.file, "nothing shown")
+    names = [args.profile] if args.profile else list(policy.profiles)
+    for name in names:
+        profile = policy.profiles.get(name)
+        if profile is None:
+            raise UsageError(f"no profile {name!r} in {args.file} (profiles: {', '.join(policy.profiles)})")
+        if args.json:
+            print(json.dumps({"profile": name, "fallback": str(profile.fallback.action),
+                              "rules": [_rule_dict(r) for r in profile.rules],
+                              "expired": [_rule_dict(r) for r in profile.expired]}, indent=2))
+            continue
+        print(f"profile {name}  (fallback: {profile.fallback.action}, {profile.fallback.origin})")
+        for rule in profile.rules:
+            print(f"  {_rule_line(rule)}")
+        for rule in profile.expired:
+            print(f"  EXPIRED {rule.expires}: {_rule_line(rule)}")
+    return EXIT_OK
+
+
+def _rule_dict(rule) -> dict:
+    return {
+        "id": rule.id, "action": str(rule.action), "targets": rule.targets(), "ports": sorted(rule.ports),
+        "methods": sorted(rule.methods) if rule.methods else None, "paths": list(rule.paths) if rule.paths else None,
+        "origin": rule.origin, "expires": str(rule.expires) if rule.expires else None,
+        "owner": rule.owner, "ticket": rule.ticket, "comment": rule.comment,
+    }
+
+
+def _rule_line(rule) -> str:
+    extra = f" ports {','.join(map(str, sorted(rule.ports)))}"
+    if rule.methods:
+        extra += f" methods {','.join(sorted(rule.methods))}"
+    if rule.paths:
+        extra += f" paths {','.join(rule.paths)}"
+    label = "" if rule.id == rule.origin else f" [{rule.id}]"
+    return f"{rule.action:5} {', '.join(rule.targets())}{extra}{label}  ({rule.origin})"
