@@ -1,0 +1,401 @@
+"""The task's syscall filter: kernel attack surface a task never needs, refused.
+
+What it defends against. The task is root in its own user namespace, so every
+kernel interface reachable from there is reachable by a hostile task: loading
+kernel code, eBPF and perf (a long line of privilege escalations), keyrings that
+are not namespaced, userfaultfd (the classic primitive for winning kernel
+races), io_uring (its own escalations, and its requests bypass this filter),
+file handles that open inodes past every mount (the "Shocker" escape), new
+namespaces (a fresh user or network namespace hands the task CAP_NET_ADMIN /
+CAP_SYS_ADMIN over objects it creates, which is how most unprivileged nf_tables
+and mount exploits start), remounting its view of the host, the host clock,
+packet sockets and exotic protocol families, and typing into the caller's
+terminal (TIOCSTI). Capabilities and namespaces already forbid much of this;
+the filter makes the refusal independent of them and shrinks what a kernel bug
+can be reached through. Each entry of `DENIED` says why, in one line.
+
+The model is Docker's default profile (moby profiles/seccomp/default.json),
+turned into a deny list: the default action is ALLOW, so a program that works
+outside the sandbox keeps working, and a syscall newer than libseccomp stays
+allowed unless listed here by number (`UNIFIED_SYSCALL_NUMBERS`).
+
+Architectures: the filter is for the native ABI only. Any other ABI reaching
+the kernel (int 0x80 into the i386 table on x86_64, x32 numbers with bit 30
+set) kills the whole process with SIGSYS (`BAD_ARCH_ACTION`): libseccomp emits
+the arch check first and, on x86_64 without x32 in the filter, refuses
+syscall numbers >= 0x40000000 too. Without that, every rule below could be
+bypassed through the other syscall table.
+
+Arguments: 32-bit arguments (socket's family, ioctl's request, personality)
+are compared so that junk in the upper half of the register cannot make a
+denied value look allowed: the kernel truncates, the filter does not, so
+request masks cover only the low 32 bits and allow lists treat any value above
+the largest allowed one as denied.
+
+Where the parts run. `build_filter` runs outside the sandbox (it needs
+libseccomp through `pyseccomp`, imported inside the function) and returns the
+classic-BPF program as bytes; `install` and `available` are standard library
+only, because the in-sandbox init runs as `python -I -S` and loads this file by
+path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections import namedtuple
+
+# clone(2)/unshare(2) flags that create a namespace. CLONE_NEWTIME shares its
+# value with the exit-signal bits of clone(2), so it is only tested for unshare.
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWTIME = 0x00000080
+CLONE_NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC,
+                         CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET)
+
+# Socket families a task may open (everything else: EAFNOSUPPORT).
+AF_UNIX = 1
+AF_INET = 2
+AF_INET6 = 10
+AF_NETLINK = 16
+ALLOWED_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
+NETLINK_ROUTE = 0  # the only netlink protocol allowed: getaddrinfo and `ip addr` use it
+SOCK_PACKET = 10  # socket(AF_INET, SOCK_PACKET) is the obsolete spelling of AF_PACKET
+SOCK_TYPE_MASK = 0xF
+
+# Terminal ioctls that act on the caller's terminal when the task inherits it.
+TIOCSTI = 0x5412  # push bytes into the terminal's input: run commands in the caller's shell
+TIOCLINUX = 0x541C  # virtual-console tricks, including pasting the selection as input
+IOCTL_REQUEST_MASK = 0xFFFFFFFF  # the kernel reads ioctl's request as unsigned int
+
+# personality(2) values a task may set: plain Linux, `linux32`/`uname26`
+# emulations of the version string, and the query.
+PER_LINUX = 0x0000000
+PER_LINUX32 = 0x0000008
+UNAME26 = 0x0020000
+PERSONALITY_QUERY = 0xFFFFFFFF
+PERSONALITY_ALLOWED_BITS = PER_LINUX32 | UNAME26
+PERSONALITY_TOP_BIT = 1 << 31  # no persona uses it; set only in the query
+
+# The argument index of clone(2)'s flags: s390 swaps the first two arguments.
+CLONE_FLAGS_ARG = 1 if os.uname().machine.startswith("s390") else 0
+
+# Syscalls newer than some libseccomp releases, by their number in the unified
+# table (x86_64, aarch64, riscv64 and the other asm-generic arches share it).
+UNIFIED_SYSCALL_NUMBERS = {"open_tree_attr": 467}
+UNIFIED_TABLE_MACHINES = ("x86_64", "aarch64", "riscv64")
+
+BAD_ARCH_ACTION = "kill_process"  # SCMP_ACT_KILL_PROCESS: no thread is left half-alive
+# Actions the kernel must offer (/proc/sys/kernel/seccomp/actions_avail).
+REQUIRED_ACTIONS = ("allow", "errno", "kill_process")
+ACTIONS_AVAIL = "/proc/sys/kernel/seccomp/actions_avail"
+
+
+# One argument comparison: (argument index, operator, value, mask). Operators are
+# libseccomp's: "eq", "ne", "gt", "masked_eq" ((arg & mask) == value).
+ArgTest = tuple[int, str, int, int]
+
+
+# Refuse `syscalls` with `errno` when any element of `when` holds (always, if
+# `when` is empty); each element is a tuple of ArgTests that must all hold.
+# (A namedtuple, not a dataclass: the in-sandbox init imports this module, and
+# dataclasses/typing would cost it several milliseconds.)
+Denial = namedtuple("Denial", ("syscalls", "errno", "why", "when"), defaults=((),))
+
+
+def _any_bit_set(arg: int, bits: tuple[int, ...]) -> tuple[tuple[ArgTest, ...], ...]:
+    return tuple(((arg, "masked_eq", bit, bit),) for bit in bits)
+
+
+def _family_not_in(allowed: tuple[int, ...]) -> tuple[tuple[ArgTest, ...], ...]:
+    """Argument 0 is not exactly one of `allowed` (which the kernel reads as int).
+
+    Above the largest allowed value is one test, so a family with junk in the
+    upper 32 bits (which the kernel would truncate to an allowed one) is refused."""
+    below = tuple(((0, "eq", family, 0),) for family in range(max(allowed)) if family not in allowed)
+    return below + (((0, "gt", max(allowed), 0),),)
+
+
+def _personality_not_allowed() -> tuple[tuple[ArgTest, ...], ...]:
+    """personality's argument is not one of the plain values or the query.
+
+    Allowed: any combination of PERSONALITY_ALLOWED_BITS, or 0xffffffff. Refused:
+    junk above 32 bits; any other bit while the top bit is clear; and the top bit
+    with any bit clear (one test per bit: libseccomp takes one test per argument)."""
+    other_bits = tuple(1 << bit for bit in range(31) if not (1 << bit) & PERSONALITY_ALLOWED_BITS)
+    top = PERSONALITY_TOP_BIT
+    return (
+        ((0, "gt", PERSONALITY_QUERY, 0),),
+        *(((0, "masked_eq", bit, bit | top),) for bit in other_bits),
+        *(((0, "masked_eq", top, top | (1 << bit)),) for bit in range(31)),
+    )
+
+
+_CLONE_CREATES_NAMESPACE = _any_bit_set(CLONE_FLAGS_ARG, CLONE_NAMESPACE_FLAGS)
+_UNSHARE_CREATES_NAMESPACE = _any_bit_set(0, (*CLONE_NAMESPACE_FLAGS, CLONE_NEWTIME))
+
+DENIED: tuple[Denial, ...] = (
+    Denial(("init_module", "finit_module", "delete_module"), errno.EPERM,
+           "loading or removing kernel code is the whole kernel"),
+    Denial(("kexec_load", "kexec_file_load"), errno.EPERM,
+           "replacing the running kernel"),
+    Denial(("bpf",), errno.EPERM,
+           "eBPF verifier and JIT: a long list of privilege escalations; no task needs it"),
+    Denial(("perf_event_open",), errno.EPERM,
+           "perf: escalations, kernel address and cross-process side channels"),
+    Denial(("keyctl", "add_key", "request_key"), errno.EPERM,
+           "keyrings are not namespaced: read or plant keys of the host uid; frequent CVEs"),
+    Denial(("userfaultfd",), errno.EPERM,
+           "pauses kernel copies at will: the standard primitive for winning kernel races"),
+    Denial(("open_by_handle_at", "name_to_handle_at"), errno.EPERM,
+           "file handles open inodes past mounts and hidden paths (the Shocker escape)"),
+    Denial(("io_uring_setup", "io_uring_enter", "io_uring_register"), errno.EPERM,
+           "io_uring: frequent escalations, and its requests (socket, openat) bypass this filter"),
+    Denial(("clone",), errno.EPERM,
+           "a new namespace (user, net, mount...) hands the task capabilities over kernel code",
+           _CLONE_CREATES_NAMESPACE),
+    Denial(("unshare",), errno.EPERM,
+           "a new namespace (user, net, mount...) hands the task capabilities over kernel code",
+           _UNSHARE_CREATES_NAMESPACE),
+    Denial(("clone3",), errno.ENOSYS,
+           "its flags sit in memory seccomp cannot read; ENOSYS makes libc fall back to clone"),
+    Denial(("setns",), errno.EPERM,
+           "joining another namespace through an inherited or /proc descriptor"),
+    Denial(("mount", "umount2", "pivot_root", "move_mount", "open_tree", "open_tree_attr",
+            "fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr"), errno.EPERM,
+           "the task's view of the host is fixed: no remount, unmount of a hiding mount, new fs"),
+    Denial(("swapon", "swapoff"), errno.EPERM,
+           "host memory configuration"),
+    Denial(("reboot",), errno.EPERM,
+           "rebooting (or, in a PID namespace, killing the sandbox's init)"),
+    Denial(("acct",), errno.EPERM,
+           "process accounting is host-wide and writes to a file of the task's choosing"),
+    Denial(("settimeofday", "clock_settime", "adjtimex", "clock_adjtime"), errno.EPERM,
+           "the clock is not namespaced: changing it breaks TLS, logs and tokens on the host"),
+    Denial(("syslog",), errno.EPERM,
+           "the kernel log: kernel addresses and other tenants' messages"),
+    Denial(("quotactl", "quotactl_fd"), errno.EPERM,
+           "disk quotas of host filesystems"),
+    Denial(("lookup_dcookie",), errno.EPERM,
+           "profiling interface that resolves kernel paths; removed in Linux 6.10"),
+    Denial(("iopl", "ioperm"), errno.EPERM,
+           "raw I/O port access is access to hardware"),
+    Denial(("uselib",), errno.EPERM,
+           "obsolete a.out loader with past escalations; nothing current calls it"),
+    Denial(("personality",), errno.EPERM,
+           "odd personas (READ_IMPLIES_EXEC, MMAP_PAGE_ZERO, no ASLR) weaken exploit mitigations",
+           _personality_not_allowed()),
+    Denial(("ioctl",), errno.EPERM,
+           "TIOCSTI/TIOCLINUX type commands into the caller's terminal after the task ends",
+           tuple(((1, "masked_eq", request, IOCTL_REQUEST_MASK),) for request in (TIOCSTI, TIOCLINUX))),
+    Denial(("socket", "socketpair"), errno.EAFNOSUPPORT,
+           "only unix, inet, inet6 and netlink: packet sockets, vsock, bluetooth, ... are raw or exotic",
+           _family_not_in(ALLOWED_FAMILIES)),
+    Denial(("socket",), errno.EAFNOSUPPORT,
+           "socket(AF_INET, SOCK_PACKET) is the obsolete spelling of a packet socket",
+           (((0, "eq", AF_INET, 0), (1, "masked_eq", SOCK_PACKET, SOCK_TYPE_MASK)),)),
+    Denial(("socket",), errno.EPROTONOSUPPORT,
+           "netlink beyond NETLINK_ROUTE (netfilter, xfrm, crypto, generic...) is kernel config surface",
+           (((0, "eq", AF_NETLINK, 0), (2, "ne", NETLINK_ROUTE, 0)),)),
+)
+
+
+def _table_digest() -> str:
+    """A hash of what the filter is made of: the table and the constants it is built with."""
+    import hashlib
+
+    material = repr((DENIED, BAD_ARCH_ACTION, UNIFIED_SYSCALL_NUMBERS, os.uname().machine))
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def build_filter(cache_dir: str | os.PathLike[str] | None = None) -> bytes:
+    """The classic-BPF program for `DENIED` on the native architecture.
+
+    With `cache_dir`, the program is kept there, keyed by sandgate's version,
+    libseccomp's version and a hash of the table: loading pyseccomp alone costs
+    ~15 ms (ctypes.util.find_library runs ldconfig), a cached program ~1 ms. A
+    cache file is used only when it and its directory belong to this user and
+    nobody else can write them (it is a filter about to be trusted).
+    Raises OSError when libseccomp is missing or refuses the table."""
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = os.path.join(cache_dir, f"seccomp-{_cache_key()}.bpf")
+        program = _read_cache(cache_file)
+        if program is not None:
+            return program
+    program = _compile()
+    if cache_file is not None:
+        _write_cache(cache_file, program)
+    return program
+
+
+def _compile() -> bytes:
+    try:
+        import pyseccomp
+    except (ImportError, RuntimeError) as exc:  # RuntimeError: "Unable to find libseccomp"
+        raise OSError(f"seccomp: cannot load libseccomp ({exc}): install libseccomp2 "
+                      "and the pyseccomp package") from exc
+    operators = {"eq": pyseccomp.EQ, "ne": pyseccomp.NE, "gt": pyseccomp.GT,
+                 "masked_eq": pyseccomp.MASKED_EQ}
+    machine = os.uname().machine
+    syscall_filter = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    syscall_filter.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    for denial in DENIED:
+        action = pyseccomp.ERRNO(denial.errno)
+        for name in denial.syscalls:
+            number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+            if number == -1:  # __NR_SCMP_ERROR: this libseccomp does not know the name
+                if name not in UNIFIED_SYSCALL_NUMBERS or machine not in UNIFIED_TABLE_MACHINES:
+                    raise OSError(f"seccomp: libseccomp does not know the syscall {name!r} "
+                                  "on this architecture: upgrade libseccomp")
+                number = UNIFIED_SYSCALL_NUMBERS[name]
+            for tests in denial.when or ((),):
+                # masked_eq's (value, mask) are libseccomp's (mask, datum) order reversed.
+                args = [pyseccomp.Arg(index, operators[op], *((mask, value) if op == "masked_eq" else (value,)))
+                        for index, op, value, mask in tests]
+                try:
+                    syscall_filter.add_rule(action, number, *args)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"seccomp: libseccomp refused the rule for {name} "
+                                  f"{tests}: {exc.strerror}") from exc
+    read_end, write_end = os.pipe()
+    try:
+        with os.fdopen(write_end, "wb") as pipe_writer:
+            syscall_filter.export_bpf(pipe_writer)
+        with os.fdopen(read_end, "rb") as pipe_reader:
+            read_end = -1
+            return pipe_reader.read()
+    finally:
+        if read_end != -1:
+            os.close(read_end)
+
+
+def _cache_key() -> str:
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        sandgate_version = version("sandgate")
+    except PackageNotFoundError:
+        sandgate_version = "unknown"
+    material = f"{sandgate_version}|{_libseccomp_version()}|{_table_digest()}"
+    return hashlib.sha256(material.encode()).hexdigest()[:24]
+
+
+def _libseccomp_version() -> str:
+    """libseccomp's version, read without pyseccomp (whose import is the slow part)."""
+
+    class _Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+
+    try:
+        library = ctypes.CDLL("libseccomp.so.2")
+    except OSError:
+        return "missing"
+    library.seccomp_version.restype = ctypes.POINTER(_Version)
+    found = library.seccomp_version().contents
+    return f"{found.major}.{found.minor}.{found.micro}"
+
+
+def _owned_by_me_and_private(info: os.stat_result) -> bool:
+    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _read_cache(cache_file: str) -> bytes | None:
+    try:
+        if not _owned_by_me_and_private(os.stat(os.path.dirname(cache_file))):
+            return None
+        fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as cached:
+        info = os.fstat(cached.fileno())
+        if not stat.S_ISREG(info.st_mode) or not _owned_by_me_and_private(info):
+            return None
+        program = cached.read()
+    return program if program and len(program) % SOCK_FILTER_SIZE == 0 else None
+
+
+def _write_cache(cache_file: str, program: bytes) -> None:
+    """Best effort: a cache that cannot be written costs time, not safety."""
+    directory, name = os.path.split(cache_file)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _owned_by_me_and_private(os.stat(directory)):
+            return
+        temporary = os.path.join(directory, f".{name}.{os.getpid()}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as cached:
+            cached.write(program)
+        os.replace(temporary, cache_file)
+    except OSError:
+        return
+
+
+# --- loading (standard library only) ---------------------------------------------
+
+PR_SET_SECCOMP = 22
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_MODE_FILTER = 2  # prctl(PR_SET_SECCOMP, ...)
+SECCOMP_SET_MODE_FILTER = 1  # seccomp(2) operation
+SECCOMP_FILTER_FLAG_TSYNC = 1  # apply to every thread of the process, or fail
+SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277}
+SOCK_FILTER_SIZE = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+BPF_MAXINSNS = 4096
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def install(program: bytes) -> None:
+    """Set no_new_privs and load `program` (from `build_filter`) for every thread.
+
+    Irreversible for this process and everything it starts. Raises OSError with
+    the reason when the program is malformed or the kernel refuses it."""
+    if not program or len(program) % SOCK_FILTER_SIZE or len(program) // SOCK_FILTER_SIZE > BPF_MAXINSNS:
+        raise OSError(errno.EINVAL, f"seccomp: not a BPF program ({len(program)} bytes; expected a "
+                      f"multiple of {SOCK_FILTER_SIZE}, at most {BPF_MAXINSNS} instructions)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        _raise_errno("seccomp: prctl(PR_SET_NO_NEW_PRIVS)")
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // SOCK_FILTER_SIZE, ctypes.addressof(buffer))
+    number = SYS_SECCOMP.get(os.uname().machine)
+    if number is None:  # no seccomp(2) number known here: this thread only, through prctl
+        result = libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0)
+    else:
+        result = libc.syscall(ctypes.c_long(number), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+                              ctypes.c_long(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(fprog))
+    if result > 0:
+        raise OSError(errno.EBUSY, f"seccomp: thread {result} could not take the filter "
+                      "(it has a filter of its own); install before starting threads")
+    if result != 0:
+        _raise_errno("seccomp: loading the filter")
+
+
+def _raise_errno(what: str) -> None:
+    code = ctypes.get_errno()
+    raise OSError(code, f"{what} failed: {os.strerror(code)}")
+
+
+def available() -> str | None:
+    """None when the kernel can enforce `build_filter`'s program, else what is missing and the fix."""
+    try:
+        with open(ACTIONS_AVAIL) as actions_file:
+            actions = set(actions_file.read().split())
+    except OSError:
+        return (f"seccomp filters: {ACTIONS_AVAIL} is missing; the kernel needs Linux >= 4.14 "
+                "built with CONFIG_SECCOMP_FILTER=y")
+    missing = [action for action in REQUIRED_ACTIONS if action not in actions]
+    if missing:
+        return (f"seccomp filters: the kernel lacks the action(s) {', '.join(missing)} "
+                f"({ACTIONS_AVAIL}); upgrade to Linux >= 4.14 with CONFIG_SECCOMP_FILTER=y")
+    return None
