@@ -472,3 +472,21 @@ def test_available_names_the_missing_action(monkeypatch: pytest.MonkeyPatch, tmp
     assert "kill_process" in seccomp.available()
     monkeypatch.setattr(seccomp, "ACTIONS_AVAIL", str(tmp_path / "absent"))
     assert "CONFIG_SECCOMP_FILTER" in seccomp.available()
+
+
+REQUIRED_BY_ISSUE_8 = {
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "bpf",
+    "perf_event_open", "keyctl", "add_key", "request_key", "userfaultfd", "open_by_handle_at",
+    "name_to_handle_at", "io_uring_setup", "io_uring_enter", "io_uring_register", "clone", "unshare",
+    "clone3", "setns", "mount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsmount",
+    "fsconfig", "fspick", "mount_setattr", "swapon", "swapoff", "reboot", "acct", "settimeofday",
+    "clock_settime", "adjtimex", "clock_adjtime", "syslog", "quotactl", "lookup_dcookie", "iopl",
+    "ioperm", "personality", "ioctl", "socket", "socketpair",
+}
+
+
+def test_table_documented_and_complete() -> None:
+    listed = {name for denial in seccomp.DENIED for name in denial.syscalls}
+    assert REQUIRED_BY_ISSUE_8 - listed == set()
+    for denial in seccomp.DENIED:
+        assert denial.errno > 0 and denial.why and "\n" not in denial.why and len(denial.why) <= 100
