@@ -143,6 +143,8 @@ def _personality_not_allowed() -> tuple[tuple[ArgTest, ...], ...]:
 _CLONE_CREATES_NAMESPACE = _any_bit_set(CLONE_FLAGS_ARG, CLONE_NAMESPACE_FLAGS)
 _UNSHARE_CREATES_NAMESPACE = _any_bit_set(0, (*CLONE_NAMESPACE_FLAGS, CLONE_NEWTIME))
 
+_WHY_NO_NEW_NAMESPACE = "a new namespace (user, net, mount...) hands the task capabilities over kernel code"
+
 DENIED: tuple[Denial, ...] = (
     Denial(("init_module", "finit_module", "delete_module"), errno.EPERM,
            "loading or removing kernel code is the whole kernel"),
@@ -161,10 +163,10 @@ DENIED: tuple[Denial, ...] = (
     Denial(("io_uring_setup", "io_uring_enter", "io_uring_register"), errno.EPERM,
            "io_uring: frequent escalations, and its requests (socket, openat) bypass this filter"),
     Denial(("clone",), errno.EPERM,
-           "a new namespace (user, net, mount...) hands the task capabilities over kernel code",
+           _WHY_NO_NEW_NAMESPACE,
            _CLONE_CREATES_NAMESPACE),
     Denial(("unshare",), errno.EPERM,
-           "a new namespace (user, net, mount...) hands the task capabilities over kernel code",
+           _WHY_NO_NEW_NAMESPACE,
            _UNSHARE_CREATES_NAMESPACE),
     Denial(("clone3",), errno.ENOSYS,
            "its flags sit in memory seccomp cannot read; ENOSYS makes libc fall back to clone"),

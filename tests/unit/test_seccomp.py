@@ -130,28 +130,25 @@ def probe_io_uring_setup() -> int:
     return raw_syscall("io_uring_setup", 8, ctypes.addressof(params))
 
 
-def probe_clone(flags: int) -> int:
-    """Raw clone(flags) without CLONE_VM: a child that exits at once, if it is created."""
-    result = libc.syscall(ctypes.c_long(syscall_number("clone")), ctypes.c_long(flags | SIGCHLD),
-                          ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
+def forking_syscall(name: str, *args: int) -> int:
+    """errno of a raw fork-like syscall; a child it creates exits at once (and is reaped)."""
+    result = libc.syscall(ctypes.c_long(syscall_number(name)), *(ctypes.c_long(a) for a in args))
     if result == 0:
         os._exit(0)
     if result > 0:
         os.waitpid(result, 0)
         return 0
     return ctypes.get_errno()
+
+
+def probe_clone(flags: int) -> int:
+    """Raw clone(flags) without CLONE_VM, like fork."""
+    return forking_syscall("clone", flags | SIGCHLD, 0, 0, 0, 0)
 
 
 def probe_clone3() -> int:
     args = (ctypes.c_uint64 * 8)(0, 0, 0, 0, SIGCHLD, 0, 0, 0)  # struct clone_args, version 0
-    result = libc.syscall(ctypes.c_long(syscall_number("clone3")), ctypes.c_long(ctypes.addressof(args)),
-                          ctypes.c_long(ctypes.sizeof(args)))
-    if result == 0:
-        os._exit(0)
-    if result > 0:
-        os.waitpid(result, 0)
-        return 0
-    return ctypes.get_errno()
+    return forking_syscall("clone3", ctypes.addressof(args), ctypes.sizeof(args))
 
 
 def probe_unshare(flags: int) -> tuple[int, int, int]:
