@@ -92,7 +92,9 @@ CLONE_FLAGS_ARG = 1 if os.uname().machine.startswith("s390") else 0
 UNIFIED_SYSCALL_NUMBERS = {"open_tree_attr": 467}
 UNIFIED_TABLE_MACHINES = ("x86_64", "aarch64", "riscv64")
 
-BAD_ARCH_ACTION = "kill_process"  # SCMP_ACT_KILL_PROCESS: no thread is left half-alive
+# SCMP_ACT_KILL_PROCESS for a syscall of another ABI: SIGSYS to the whole process,
+# so no thread is left half-alive (libseccomp's default kills the thread only).
+BAD_ARCH_ACTION = 0x80000000
 # Actions the kernel must offer (/proc/sys/kernel/seccomp/actions_avail).
 REQUIRED_ACTIONS = ("allow", "errno", "kill_process")
 ACTIONS_AVAIL = "/proc/sys/kernel/seccomp/actions_avail"
@@ -141,6 +143,8 @@ def _personality_not_allowed() -> tuple[tuple[ArgTest, ...], ...]:
 _CLONE_CREATES_NAMESPACE = _any_bit_set(CLONE_FLAGS_ARG, CLONE_NAMESPACE_FLAGS)
 _UNSHARE_CREATES_NAMESPACE = _any_bit_set(0, (*CLONE_NAMESPACE_FLAGS, CLONE_NEWTIME))
 
+_WHY_NO_NEW_NAMESPACE = "a new namespace (user, net, mount...) hands the task capabilities over kernel code"
+
 DENIED: tuple[Denial, ...] = (
     Denial(("init_module", "finit_module", "delete_module"), errno.EPERM,
            "loading or removing kernel code is the whole kernel"),
@@ -159,10 +163,10 @@ DENIED: tuple[Denial, ...] = (
     Denial(("io_uring_setup", "io_uring_enter", "io_uring_register"), errno.EPERM,
            "io_uring: frequent escalations, and its requests (socket, openat) bypass this filter"),
     Denial(("clone",), errno.EPERM,
-           "a new namespace (user, net, mount...) hands the task capabilities over kernel code",
+           _WHY_NO_NEW_NAMESPACE,
            _CLONE_CREATES_NAMESPACE),
     Denial(("unshare",), errno.EPERM,
-           "a new namespace (user, net, mount...) hands the task capabilities over kernel code",
+           _WHY_NO_NEW_NAMESPACE,
            _UNSHARE_CREATES_NAMESPACE),
     Denial(("clone3",), errno.ENOSYS,
            "its flags sit in memory seccomp cannot read; ENOSYS makes libc fall back to clone"),
@@ -207,22 +211,15 @@ DENIED: tuple[Denial, ...] = (
 )
 
 
-def _table_digest() -> str:
-    """A hash of what the filter is made of: the table and the constants it is built with."""
-    import hashlib
-
-    material = repr((DENIED, BAD_ARCH_ACTION, UNIFIED_SYSCALL_NUMBERS, os.uname().machine))
-    return hashlib.sha256(material.encode()).hexdigest()
-
-
 def build_filter(cache_dir: str | os.PathLike[str] | None = None) -> bytes:
     """The classic-BPF program for `DENIED` on the native architecture.
 
-    With `cache_dir`, the program is kept there, keyed by sandgate's version,
-    libseccomp's version and a hash of the table: loading pyseccomp alone costs
-    ~15 ms (ctypes.util.find_library runs ldconfig), a cached program ~1 ms. A
-    cache file is used only when it and its directory belong to this user and
-    nobody else can write them (it is a filter about to be trusted).
+    With `cache_dir`, the program is kept there, keyed by a hash of this file
+    (the table and its compiler), libseccomp's version and the machine: loading
+    pyseccomp alone costs ~11 ms (ctypes.util.find_library runs ldconfig), a
+    cached program ~2 ms. A cache file is used only when it and its directory
+    belong to this user and nobody else can write them (it is a filter about to
+    be trusted).
     Raises OSError when libseccomp is missing or refuses the table."""
     cache_file = None
     if cache_dir is not None:
@@ -246,7 +243,7 @@ def _compile() -> bytes:
                  "masked_eq": pyseccomp.MASKED_EQ}
     machine = os.uname().machine
     syscall_filter = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    syscall_filter.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    syscall_filter.set_attr(pyseccomp.Attr.ACT_BADARCH, BAD_ARCH_ACTION)
     for denial in DENIED:
         action = pyseccomp.ERRNO(denial.errno)
         for name in denial.syscalls:
@@ -265,28 +262,22 @@ def _compile() -> bytes:
                 except OSError as exc:
                     raise OSError(exc.errno, f"seccomp: libseccomp refused the rule for {name} "
                                   f"{tests}: {exc.strerror}") from exc
-    read_end, write_end = os.pipe()
-    try:
-        with os.fdopen(write_end, "wb") as pipe_writer:
-            syscall_filter.export_bpf(pipe_writer)
-        with os.fdopen(read_end, "rb") as pipe_reader:
-            read_end = -1
-            return pipe_reader.read()
-    finally:
-        if read_end != -1:
-            os.close(read_end)
+    with os.fdopen(os.memfd_create("sandgate-seccomp-bpf"), "w+b") as exported:
+        syscall_filter.export_bpf(exported)
+        exported.seek(0)
+        return exported.read()
 
 
 def _cache_key() -> str:
-    import hashlib
-    from importlib.metadata import PackageNotFoundError, version
+    """A hash of this file (the table and how it is compiled), libseccomp's version, the machine.
 
-    try:
-        sandgate_version = version("sandgate")
-    except PackageNotFoundError:
-        sandgate_version = "unknown"
-    material = f"{sandgate_version}|{_libseccomp_version()}|{_table_digest()}"
-    return hashlib.sha256(material.encode()).hexdigest()[:24]
+    Stricter than sandgate's version and cheaper: importlib.metadata alone costs ~17 ms."""
+    import hashlib
+
+    with open(__file__, "rb") as source:
+        material = source.read()
+    material += f"|{_libseccomp_version()}|{os.uname().machine}".encode()
+    return hashlib.sha256(material).hexdigest()[:24]
 
 
 def _libseccomp_version() -> str:

@@ -1,0 +1,489 @@
+"""enforcer/sandbox/seccomp.py against the real kernel: each refusal, and what must keep working.
+
+Every probe runs in a forked child that installs the filter first (a filter cannot
+be removed). Probes use arguments that would do something visible, or at least
+get a different answer, without the filter: `test_table_probe_differs_unfiltered`
+runs the same calls unfiltered to prove each probe can fail."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import tty
+from pathlib import Path
+
+import pytest
+from forked import ChildRaised, run_forked
+from sandgate.enforcer.sandbox import seccomp
+
+pytestmark = pytest.mark.skipif(seccomp.available() is not None,
+                                reason=f"kernel without seccomp filters: {seccomp.available()}")
+
+libc = ctypes.CDLL(None, use_errno=True)
+IS_X86_64 = os.uname().machine == "x86_64"
+
+
+@pytest.fixture(scope="module")
+def program() -> bytes:
+    return seccomp.build_filter()
+
+
+def syscall_number(name: str) -> int:
+    import pyseccomp
+
+    number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+    return seccomp.UNIFIED_SYSCALL_NUMBERS.get(name, number) if number == -1 else number
+
+
+def raw_syscall(name: str, *args: int) -> int:
+    """The errno of syscall `name`(args), 0 when it succeeded."""
+    result = libc.syscall(ctypes.c_long(syscall_number(name)), *(ctypes.c_long(a) for a in args))
+    return ctypes.get_errno() if result == -1 else 0
+
+
+def filtered(program: bytes, probe, *args):
+    seccomp.install(program)
+    return probe(*args)
+
+
+def errno_of(call, *args) -> int:
+    try:
+        call(*args)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+# --- every unconditional entry of the table ------------------------------------------
+
+# Arguments that make each call harmless without the filter (bad pointers, bad
+# descriptors, bad flags), so the control run below is safe; all ones by default.
+HARMLESS_ARGS = {
+    "finit_module": (-1, 0, 0),
+    "kexec_load": (1, 1, 1, 0xDEAD0000),
+    "kexec_file_load": (-1, -1, 0, 0, 0),
+    "clock_settime": (1, 1),
+    "setns": (-1, 0),
+}
+UNCONDITIONAL = [
+    pytest.param(name, denial.errno, id=name)
+    for denial in seccomp.DENIED if not denial.when for name in denial.syscalls
+    if syscall_number(name) >= 0  # i386-only names (none today) have no native number
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), UNCONDITIONAL)
+def test_table_syscall_refused(program: bytes, name: str, expected: int) -> None:
+    args = HARMLESS_ARGS.get(name, (1, 1, 1, 1, 1, 1))
+    assert run_forked(filtered, program, raw_syscall, name, *args).value == expected
+
+
+@pytest.mark.parametrize(("name", "expected"), UNCONDITIONAL)
+def test_table_probe_differs_unfiltered(name: str, expected: int) -> None:
+    args = HARMLESS_ARGS.get(name, (1, 1, 1, 1, 1, 1))
+    assert run_forked(raw_syscall, name, *args).value != expected
+
+
+# --- the conditional entries and the brief's list, with their effects -------------------
+
+KEY_SPEC_USER_KEYRING = -4
+KEYCTL_GET_KEYRING_ID = 0
+KEY_SPEC_SESSION_KEYRING = -3
+BPF_MAP_CREATE = 0
+BPF_MAP_TYPE_ARRAY = 2
+IO_URING_PARAMS_SIZE = 120
+O_CLOEXEC = os.O_CLOEXEC
+SIGCHLD = signal.SIGCHLD
+AF_PACKET, AF_TIPC, AF_ALG, AF_VSOCK, AF_BLUETOOTH = 17, 30, 38, 40, 31
+ETH_P_ALL_BE = 0x0300
+NETLINK_SOCK_DIAG, NETLINK_NETFILTER, NETLINK_KOBJECT_UEVENT = 4, 12, 15
+HIGH_JUNK = 1 << 32  # the kernel truncates int arguments; the filter must not be fooled
+READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE = 0x0400000, 0x0040000
+
+
+def probe_add_key(description: str) -> int:
+    key_type, name, payload = (ctypes.create_string_buffer(text) for text in
+                               (b"user", description.encode(), b"secret"))
+    return raw_syscall("add_key", ctypes.addressof(key_type), ctypes.addressof(name),
+                       ctypes.addressof(payload), len(payload.value), KEY_SPEC_USER_KEYRING)
+
+
+def probe_bpf_map_create() -> int:
+    attr = (ctypes.c_uint32 * 30)(BPF_MAP_TYPE_ARRAY, 4, 4, 1)  # type, key size, value size, entries
+    return raw_syscall("bpf", BPF_MAP_CREATE, ctypes.addressof(attr), ctypes.sizeof(attr))
+
+
+def probe_perf_event_open() -> int:
+    attr = (ctypes.c_uint32 * 32)(1, 128)  # PERF_TYPE_SOFTWARE, size; config 0 = cpu-clock
+    return raw_syscall("perf_event_open", ctypes.addressof(attr), 0, -1, -1, 0)
+
+
+def probe_io_uring_setup() -> int:
+    params = ctypes.create_string_buffer(IO_URING_PARAMS_SIZE)
+    return raw_syscall("io_uring_setup", 8, ctypes.addressof(params))
+
+
+def forking_syscall(name: str, *args: int) -> int:
+    """errno of a raw fork-like syscall; a child it creates exits at once (and is reaped)."""
+    result = libc.syscall(ctypes.c_long(syscall_number(name)), *(ctypes.c_long(a) for a in args))
+    if result == 0:
+        os._exit(0)
+    if result > 0:
+        os.waitpid(result, 0)
+        return 0
+    return ctypes.get_errno()
+
+
+def probe_clone(flags: int) -> int:
+    """Raw clone(flags) without CLONE_VM, like fork."""
+    return forking_syscall("clone", flags | SIGCHLD, 0, 0, 0, 0)
+
+
+def probe_clone3() -> int:
+    args = (ctypes.c_uint64 * 8)(0, 0, 0, 0, SIGCHLD, 0, 0, 0)  # struct clone_args, version 0
+    return forking_syscall("clone3", ctypes.addressof(args), ctypes.sizeof(args))
+
+
+def probe_unshare(flags: int) -> tuple[int, int, int]:
+    """(errno, user namespace inode, network namespace inode) after unshare(flags)."""
+    code = raw_syscall("unshare", flags)
+    return code, os.stat("/proc/self/ns/user").st_ino, os.stat("/proc/self/ns/net").st_ino
+
+
+def probe_socket(family: int, kind: int, protocol: int = 0) -> int:
+    return raw_syscall("socket", family, kind, protocol)
+
+
+def probe_socketpair(family: int) -> int:
+    fds = (ctypes.c_int * 2)()
+    return raw_syscall("socketpair", family, socket.SOCK_STREAM, 0, ctypes.addressof(fds))
+
+
+def probe_mount(target: str) -> int:
+    return errno_of(_mount, target)
+
+
+def _mount(target: str) -> None:
+    if libc.mount(b"none", target.encode(), b"tmpfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount")
+
+
+def probe_ioctl_tiocsti(fd: int, request: int) -> int:
+    typed = ctypes.create_string_buffer(b"X")
+    return raw_syscall("ioctl", fd, request, ctypes.addressof(typed))
+
+
+def probe_personality(persona: int) -> tuple[int, int]:
+    """(errno of personality(persona), the persona afterwards)."""
+    code = raw_syscall("personality", persona)
+    return code, libc.personality(ctypes.c_ulong(0xFFFFFFFF))
+
+
+def our_namespaces() -> tuple[int, int]:
+    return os.stat("/proc/self/ns/user").st_ino, os.stat("/proc/self/ns/net").st_ino
+
+
+@pytest.mark.parametrize(
+    ("probe", "args", "expected"),
+    [
+        pytest.param(raw_syscall, ("keyctl", KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 1),
+                     errno.EPERM, id="keyctl"),
+        pytest.param(probe_bpf_map_create, (), errno.EPERM, id="bpf-map-create"),
+        pytest.param(probe_perf_event_open, (), errno.EPERM, id="perf_event_open"),
+        pytest.param(raw_syscall, ("userfaultfd", O_CLOEXEC), errno.EPERM, id="userfaultfd"),
+        pytest.param(probe_io_uring_setup, (), errno.EPERM, id="io_uring_setup"),
+        pytest.param(probe_clone, (seccomp.CLONE_NEWUSER,), errno.EPERM, id="clone-newuser"),
+        pytest.param(probe_clone, (seccomp.CLONE_NEWNET,), errno.EPERM, id="clone-newnet"),
+        pytest.param(probe_clone3, (), errno.ENOSYS, id="clone3-enosys"),
+        pytest.param(probe_socket, (AF_PACKET, socket.SOCK_RAW, ETH_P_ALL_BE), errno.EAFNOSUPPORT,
+                     id="af-packet-raw"),
+        pytest.param(probe_socket, (AF_PACKET | HIGH_JUNK, socket.SOCK_RAW, ETH_P_ALL_BE),
+                     errno.EAFNOSUPPORT, id="af-packet-high-junk"),
+        pytest.param(probe_socket, (socket.AF_INET, seccomp.SOCK_PACKET, ETH_P_ALL_BE),
+                     errno.EAFNOSUPPORT, id="af-inet-sock-packet"),
+        pytest.param(probe_socket, (AF_BLUETOOTH, socket.SOCK_STREAM), errno.EAFNOSUPPORT,
+                     id="af-bluetooth"),
+        pytest.param(probe_socket, (AF_VSOCK, socket.SOCK_STREAM), errno.EAFNOSUPPORT, id="af-vsock"),
+        pytest.param(probe_socket, (AF_ALG, socket.SOCK_SEQPACKET), errno.EAFNOSUPPORT, id="af-alg"),
+        pytest.param(probe_socket, (0, socket.SOCK_STREAM), errno.EAFNOSUPPORT, id="af-unspec"),
+        pytest.param(probe_socketpair, (AF_TIPC,), errno.EAFNOSUPPORT, id="socketpair-tipc"),
+        pytest.param(probe_socket, (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER),
+                     errno.EPROTONOSUPPORT, id="netlink-netfilter"),
+        pytest.param(probe_socket, (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG),
+                     errno.EPROTONOSUPPORT, id="netlink-sock-diag"),
+        pytest.param(probe_socket, (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_KOBJECT_UEVENT),
+                     errno.EPROTONOSUPPORT, id="netlink-uevent"),
+    ],
+)
+def test_refused(program: bytes, probe, args: tuple, expected: int) -> None:
+    assert run_forked(filtered, program, probe, *args).value == expected
+
+
+def test_add_key_refused_and_no_key_planted(program: bytes) -> None:
+    description = f"sandgate-canary-{os.getpid()}"
+    assert run_forked(filtered, program, probe_add_key, description).value == errno.EPERM
+    assert description not in Path("/proc/keys").read_text()
+
+
+@pytest.mark.parametrize("flag", [
+    pytest.param(seccomp.CLONE_NEWUSER, id="user"),
+    pytest.param(seccomp.CLONE_NEWNET, id="net"),
+    pytest.param(seccomp.CLONE_NEWUSER | seccomp.CLONE_NEWNS, id="user+mount"),
+])
+def test_unshare_refused_namespaces_unchanged(program: bytes, flag: int) -> None:
+    code, user_ns, net_ns = run_forked(filtered, program, probe_unshare, flag).value
+    assert code == errno.EPERM
+    assert (user_ns, net_ns) == our_namespaces()
+
+
+def test_unshare_probe_works_unfiltered() -> None:
+    code, user_ns, _ = run_forked(probe_unshare, seccomp.CLONE_NEWUSER).value
+    assert code == 0 and user_ns != our_namespaces()[0]
+
+
+def test_mount_refused_nothing_mounted(program: bytes, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    try:
+        assert run_forked(filtered, program, probe_mount, str(target)).value == errno.EPERM
+        assert not os.path.ismount(target)
+    finally:
+        if os.path.ismount(target):
+            libc.umount2(str(target).encode(), 0)
+
+
+@pytest.mark.parametrize("request_code", [
+    pytest.param(seccomp.TIOCSTI, id="tiocsti"),
+    pytest.param(seccomp.TIOCSTI | HIGH_JUNK, id="tiocsti-high-junk"),
+])
+def test_tiocsti_refused_nothing_typed(program: bytes, request_code: int) -> None:
+    controller, terminal = os.openpty()
+    try:
+        tty.setraw(terminal)
+        assert run_forked(filtered, program, probe_ioctl_tiocsti, terminal, request_code).value == errno.EPERM
+        os.set_blocking(terminal, False)
+        assert errno_of(os.read, terminal, 16) == errno.EAGAIN  # no "X" waiting to be read
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+
+def test_tiocsti_probe_types_unfiltered() -> None:
+    controller, terminal = os.openpty()
+    try:
+        tty.setraw(terminal)
+        assert run_forked(probe_ioctl_tiocsti, terminal, seccomp.TIOCSTI).value == 0
+        assert os.read(terminal, 16) == b"X"
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+
+@pytest.mark.parametrize(("persona", "expected_errno", "expected_after"), [
+    pytest.param(READ_IMPLIES_EXEC, errno.EPERM, 0, id="read-implies-exec"),
+    pytest.param(ADDR_NO_RANDOMIZE, errno.EPERM, 0, id="addr-no-randomize"),
+    pytest.param(READ_IMPLIES_EXEC | seccomp.PERSONALITY_TOP_BIT, errno.EPERM, 0, id="top-bit-smuggle"),
+    pytest.param(HIGH_JUNK | READ_IMPLIES_EXEC, errno.EPERM, 0, id="high-junk"),
+    pytest.param(seccomp.PER_LINUX32, 0, seccomp.PER_LINUX32, id="linux32-allowed"),
+    pytest.param(seccomp.UNAME26, 0, seccomp.UNAME26, id="uname26-allowed"),
+    pytest.param(seccomp.PERSONALITY_QUERY, 0, 0, id="query-allowed"),
+])
+def test_personality(program: bytes, persona: int, expected_errno: int, expected_after: int) -> None:
+    assert run_forked(filtered, program, probe_personality, persona).value == (expected_errno, expected_after)
+
+
+# --- other syscall ABIs: the filter kills, and the call had no effect ------------------
+
+I386_MKDIR = 39
+X32_SYSCALL_BIT = 0x40000000
+X86_64_MKDIR = 83
+MAP_32BIT = 0x40
+
+
+def probe_i386_mkdir(path: str) -> int:
+    """mkdir(path, 0755) through int 0x80, the i386 syscall table of an x86_64 kernel."""
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    prot = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
+    page = libc.mmap(None, mmap.PAGESIZE, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_32BIT, -1, 0)
+    path_at = page + 64
+    ctypes.memmove(path_at, path.encode() + b"\0", len(path) + 1)
+    code = (b"\x53"  # push rbx (callee-saved)
+            + b"\xb8" + I386_MKDIR.to_bytes(4, "little")  # mov eax, mkdir
+            + b"\xbb" + path_at.to_bytes(4, "little")  # mov ebx, path
+            + b"\xb9" + (0o755).to_bytes(4, "little")  # mov ecx, mode
+            + b"\xcd\x80"  # int 0x80
+            + b"\x5b\xc3")  # pop rbx; ret
+    ctypes.memmove(page, code, len(code))
+    return ctypes.CFUNCTYPE(ctypes.c_int)(page)()
+
+
+def probe_x32_mkdir(path: str) -> int:
+    result = libc.syscall(ctypes.c_long(X32_SYSCALL_BIT | X86_64_MKDIR),
+                          ctypes.c_char_p(path.encode()), ctypes.c_long(0o755))
+    return ctypes.get_errno() if result == -1 else 0
+
+
+@pytest.mark.skipif(not IS_X86_64, reason="int 0x80 and x32 are x86_64's other ABIs")
+@pytest.mark.parametrize("probe", [
+    pytest.param(probe_i386_mkdir, id="i386-int80"),
+    pytest.param(probe_x32_mkdir, id="x32"),
+])
+def test_other_abi_killed_without_effect(program: bytes, tmp_path: Path, probe) -> None:
+    canary = tmp_path / "canary"
+    assert run_forked(filtered, program, probe, str(canary)).exit_code == -signal.SIGSYS
+    assert not canary.exists()
+
+
+@pytest.mark.skipif(not IS_X86_64, reason="int 0x80 is x86_64's i386 ABI")
+def test_i386_probe_works_unfiltered(tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    outcome = run_forked(probe_i386_mkdir, str(canary))
+    if outcome.value == -errno.ENOSYS or outcome.exit_code == -signal.SIGSEGV:
+        pytest.skip("kernel without IA32 emulation")
+    assert canary.is_dir()
+
+
+# --- what must keep working inside the filter ------------------------------------------
+
+def use_fork() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def use_thread() -> str:
+    seen = []
+    worker = threading.Thread(target=seen.append, args=("ran",))
+    worker.start()
+    worker.join()
+    return seen[0]
+
+
+def use_posix_spawn() -> int:  # glibc tries clone3 first, then falls back to clone
+    pid = os.posix_spawn("/bin/true", ["/bin/true"], {})
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def use_sockets() -> list[str]:
+    kinds = [(socket.AF_INET, socket.SOCK_STREAM, 0), (socket.AF_INET6, socket.SOCK_DGRAM, 0),
+             (socket.AF_UNIX, socket.SOCK_STREAM, 0), (socket.AF_NETLINK, socket.SOCK_RAW, 0)]
+    opened = []
+    for family, kind, protocol in kinds:
+        with socket.socket(family, kind, protocol) as opened_socket:
+            opened.append(opened_socket.family.name)
+    left, right = socket.socketpair()
+    left.close()
+    right.close()
+    return opened
+
+
+def use_terminal_ioctl() -> int:
+    controller, terminal = os.openpty()
+    return os.get_terminal_size(terminal).columns
+
+
+def run_command(*argv: str) -> tuple[int, str]:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=100, check=False)
+    return done.returncode, done.stderr[-500:]
+
+
+@pytest.mark.parametrize(("probe", "args", "expected"), [
+    pytest.param(use_fork, (), 7, id="fork"),
+    pytest.param(use_thread, (), "ran", id="thread"),
+    pytest.param(run_command, ("/bin/true",), (0, ""), id="execve-true"),
+    pytest.param(use_posix_spawn, (), 0, id="posix_spawn"),
+    pytest.param(use_sockets, (), ["AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"], id="sockets"),
+    pytest.param(use_terminal_ioctl, (), 0, id="terminal-ioctl"),
+    pytest.param(probe_personality, (seccomp.PER_LINUX,), (0, 0), id="personality-linux"),
+    pytest.param(run_command, ("/usr/bin/python3", "-c", "import socket; socket.getaddrinfo('localhost', 80)"),
+                 (0, ""), id="getaddrinfo"),
+    pytest.param(run_command, ("git", "--version"), (0, ""), id="git-version",
+                 marks=pytest.mark.skipif(not shutil.which("git"), reason="no git")),
+])
+def test_still_works(program: bytes, probe, args: tuple, expected) -> None:
+    assert run_forked(filtered, program, probe, *args).value == expected
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="no system python3")
+def test_venv_still_works(program: bytes, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    assert run_forked(filtered, program, run_command, "/usr/bin/python3", "-m", "venv", str(venv)).value == (0, "")
+    assert (venv / "bin" / "pip").exists()
+
+
+# --- build, cache, install errors --------------------------------------------------------
+
+def test_program_is_stable_and_small(program: bytes) -> None:
+    assert seccomp.build_filter() == program
+    assert len(program) % seccomp.SOCK_FILTER_SIZE == 0
+    assert len(program) // seccomp.SOCK_FILTER_SIZE < seccomp.BPF_MAXINSNS // 4
+
+
+def test_cache_round_trip(program: bytes, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert seccomp.build_filter(cache) == program
+    (cached,) = cache.iterdir()
+    assert cached.name.startswith("seccomp-") and cached.read_bytes() == program
+    cached.write_bytes(program[:-8])  # a shorter (still well-formed) program: read back as is
+    assert seccomp.build_filter(cache) == program[:-8]
+
+
+def test_cache_ignored_when_others_can_write(program: bytes, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    seccomp.build_filter(cache)
+    (cached,) = cache.iterdir()
+    cached.write_bytes(b"\0" * 8)  # planted: "return KILL" for every syscall
+    cached.chmod(0o666)
+    assert seccomp.build_filter(cache) == program
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"\0" * 7, id="not-whole-instructions"),
+    pytest.param(b"\0" * 8 * (seccomp.BPF_MAXINSNS + 1), id="too-long"),
+])
+def test_install_rejects_malformed_program(bad: bytes) -> None:
+    with pytest.raises(OSError, match="seccomp: not a BPF program"):
+        seccomp.install(bad)
+
+
+def test_install_kernel_refusal_is_oserror() -> None:
+    invalid_opcode = bytes([0xFF, 0xFF, 0, 0, 0, 0, 0, 0])
+    with pytest.raises(ChildRaised, match="OSError: .*seccomp: loading the filter failed: Invalid argument"):
+        run_forked(seccomp.install, invalid_opcode)
+
+
+def test_available_names_the_missing_action(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    actions = tmp_path / "actions_avail"
+    actions.write_text("kill_thread trap errno allow\n")
+    monkeypatch.setattr(seccomp, "ACTIONS_AVAIL", str(actions))
+    assert "kill_process" in seccomp.available()
+    monkeypatch.setattr(seccomp, "ACTIONS_AVAIL", str(tmp_path / "absent"))
+    assert "CONFIG_SECCOMP_FILTER" in seccomp.available()
+
+
+REQUIRED_BY_ISSUE_8 = {
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "bpf",
+    "perf_event_open", "keyctl", "add_key", "request_key", "userfaultfd", "open_by_handle_at",
+    "name_to_handle_at", "io_uring_setup", "io_uring_enter", "io_uring_register", "clone", "unshare",
+    "clone3", "setns", "mount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsmount",
+    "fsconfig", "fspick", "mount_setattr", "swapon", "swapoff", "reboot", "acct", "settimeofday",
+    "clock_settime", "adjtimex", "clock_adjtime", "syslog", "quotactl", "lookup_dcookie", "iopl",
+    "ioperm", "personality", "ioctl", "socket", "socketpair",
+}
+
+
+def test_table_documented_and_complete() -> None:
+    listed = {name for denial in seccomp.DENIED for name in denial.syscalls}
+    assert REQUIRED_BY_ISSUE_8 - listed == set()
+    for denial in seccomp.DENIED:
+        assert denial.errno > 0 and denial.why and "\n" not in denial.why and len(denial.why) <= 100
