@@ -1,0 +1,619 @@
+"""The task's cgroup: memory, process and CPU limits for one run, on cgroup v2 or v1.
+
+Where each controller lives is read from /proc/self/mountinfo, never assumed:
+- cgroup v2 (modern distributions): one `cgroup2` mount whose root
+  `cgroup.controllers` lists memory, pids, cpu. The run gets one directory.
+- cgroup v1 or hybrid (this kind of host: `memory`, `pids`, `cpu` each a `cgroup`
+  mount under /sys/fs/cgroup/<controller>, cgroup2 mounted without them): the run
+  gets one directory per hierarchy that holds a controller its limits need, and a
+  process joins by writing to each of their `cgroup.procs`.
+
+Where: a child `sandgate-<run>` of the calling process's own cgroup in each
+hierarchy (/proc/self/cgroup), so the host's accounting of whoever started sandgate
+(a systemd unit, a container) still covers the task; or of SANDGATE_CGROUP_PARENT
+(a cgroup path such as `/sandgate`, taken in every hierarchy), created if missing.
+
+cgroup v2's no-internal-processes rule: a cgroup that holds processes cannot enable
+controllers for its children (writing `cgroup.subtree_control` fails with EBUSY).
+As with systemd's delegation, the processes of the parent (sandgate itself among
+them) move into a leaf `<parent>/sandgate.self` first; later runs of a process that
+lives in `sandgate.self` use its parent, so runs never nest in one another.
+
+Limits are written before any process joins. Memory includes swap (v2
+`memory.swap.max` 0, v1 `memory.memsw.limit_in_bytes`), else the task could swap
+past its limit. A task at its limits sees what the kernel gives: fork/clone fail
+with EAGAIN at pids.max, the OOM killer kills inside the cgroup at the memory
+limit, the CPU quota throttles; `limits_hit()` tells the runner afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import math
+import os
+import posixpath
+import re
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_MEMORY_BYTES = 4 << 30
+DEFAULT_PIDS = 1024
+MIN_MEMORY_BYTES = 1 << 20
+MIN_CPUS = 0.01  # the kernel's smallest quota is 1 ms per 100 ms period
+CPU_PERIOD_US = 100_000
+PREFIX = "sandgate-"
+SELF_LEAF = "sandgate.self"
+PARENT_ENV = "SANDGATE_CGROUP_PARENT"
+REMOVE_TIMEOUT_S = 5.0
+
+# The controller each limit needs, and back.
+CONTROLLER_OF = {"memory": "memory", "pids": "pids", "cpus": "cpu"}
+LIMIT_OF = {controller: limit for limit, controller in CONTROLLER_OF.items()}
+
+_NAME = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+_SIZE = re.compile(r"(\d+)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class CgroupError(RuntimeError):
+    """The task's cgroup could not be found, created, configured or removed."""
+
+
+# --- what the task may use ---------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Resource limits for one task; None means no limit of that kind."""
+
+    memory_bytes: int | None = DEFAULT_MEMORY_BYTES
+    pids: int | None = DEFAULT_PIDS
+    cpus: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes is not None and (
+            not _is_int(self.memory_bytes) or self.memory_bytes < MIN_MEMORY_BYTES
+        ):
+            raise ValueError(f"memory limit must be at least 1M, not {self.memory_bytes!r}")
+        if self.pids is not None and (not _is_int(self.pids) or self.pids < 1):
+            raise ValueError(f"pids limit must be a whole number of at least 1, not {self.pids!r}")
+        if self.cpus is not None and (
+            isinstance(self.cpus, bool) or not isinstance(self.cpus, int | float)
+            or not math.isfinite(self.cpus) or self.cpus < MIN_CPUS
+        ):
+            raise ValueError(f"cpus limit must be a number of at least {MIN_CPUS}, not {self.cpus!r}")
+
+    def controllers(self) -> tuple[str, ...]:
+        """The cgroup controllers these limits need, in a fixed order."""
+        return tuple(CONTROLLER_OF[limit] for limit in ("memory", "pids", "cpus")
+                     if getattr(self, _FIELD_OF[limit]) is not None)
+
+
+_FIELD_OF = {"memory": "memory_bytes", "pids": "pids", "cpus": "cpus"}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1073741824", "512M", "4G", "4GiB", "2t" (units are powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"invalid size {text!r}: expected a number of bytes with an optional "
+                         "unit K, M, G or T, e.g. 512M or 4G")
+    number, unit = match.groups()
+    return int(number) * (_UNITS[unit.lower()] if unit else 1)
+
+
+def parse_cpus(text: str) -> float:
+    """A CPU count such as "1.5" (one and a half CPUs' worth of time per period)."""
+    try:
+        cpus = float(text)
+    except ValueError:
+        cpus = math.nan
+    if not math.isfinite(cpus) or cpus < MIN_CPUS:
+        raise ValueError(f"invalid CPU count {text!r}: expected a number of at least {MIN_CPUS}, "
+                         "e.g. 0.5 or 2")
+    return cpus
+
+
+@dataclass(frozen=True)
+class LimitHit:
+    """A limit the task ran into: `count` times (OOM kills, refused forks, throttled periods)."""
+
+    limit: Literal["memory", "pids", "cpus"]
+    count: int
+    detail: str
+
+
+# --- the host's cgroup filesystems ------------------------------------------------
+
+
+class CgroupFS:
+    """The I/O edge: /proc and the cgroup mounts seen from `root` ("/" on a real host;
+    a fake tree in tests, which override the few calls whose kernel behaviour a plain
+    directory cannot show)."""
+
+    def __init__(self, root: str = "/"):
+        self.root = root
+
+    def path(self, absolute: str) -> str:
+        return os.path.join(self.root, absolute.lstrip("/"))
+
+    def read(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    def write(self, path: str, text: str) -> None:
+        """One write(2), as control files want; no O_CREAT: a missing file is an error."""
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
+
+    def signal_members(self, cgroup_dir: str, signum: int) -> None:
+        """Signal every process in the cgroup, never one that merely reuses a pid.
+
+        A pidfd is taken first; a pid still listed in cgroup.procs afterwards is
+        held either by the process the pidfd names or, if that one died, by a
+        new one that the pidfd does not reach (ESRCH, killed on the next round).
+        """
+        procs = os.path.join(cgroup_dir, "cgroup.procs")
+        pidfds = {}
+        for pid in _pids(self, procs):
+            with contextlib.suppress(ProcessLookupError):
+                pidfds[pid] = os.pidfd_open(pid)
+        try:
+            still_there = _pids(self, procs)
+            for pid, pidfd in pidfds.items():
+                if pid in still_there:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signum)
+        finally:
+            for pidfd in pidfds.values():
+                os.close(pidfd)
+
+    def swap_active(self) -> bool:
+        try:
+            return len(self.read(self.path("/proc/swaps")).splitlines()) > 1
+        except FileNotFoundError:
+            return False
+
+
+HOST = CgroupFS()
+
+
+def _pids(fs: CgroupFS, procs_file: str) -> set[int]:
+    try:
+        return {int(line) for line in fs.read(procs_file).split()}
+    except FileNotFoundError:
+        return set()
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A cgroup filesystem mount from mountinfo: `root` is the cgroup shown at
+    `mountpoint` ("/" unless bind-mounted or seen from a cgroup namespace)."""
+
+    root: str
+    mountpoint: str
+    fstype: str  # "cgroup" (v1) or "cgroup2"
+    options: frozenset[str]  # super options; a v1 mount's controllers are among them
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The cgroup and cgroup2 mounts of a /proc/<pid>/mountinfo, in order."""
+    mounts = []
+    for line in text.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if sep and len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
+            mounts.append(Mount(_unescape(fields[3]), _unescape(fields[4]), rest[0],
+                                frozenset(rest[2].split(","))))
+    return mounts
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """/proc/<pid>/cgroup as {controller: cgroup path}; the v2 hierarchy's key is ""."""
+    paths = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy_id, controllers, path = parts
+        if hierarchy_id == "0" and controllers == "":
+            paths[""] = path
+        for controller in filter(None, controllers.split(",")):
+            paths[controller] = path
+    return paths
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """Where some of our controllers live, and the directory runs are created in."""
+
+    version: Literal[1, 2]
+    mountpoint: str
+    controllers: frozenset[str]
+    parent: str
+
+
+def _parent_override(parent: str | None) -> str | None:
+    parent = parent if parent is not None else os.environ.get(PARENT_ENV) or None
+    if parent is None:
+        return None
+    parts = parent.split("/")
+    if not parent.startswith("/") or any(p in (".", "..") for p in parts):
+        raise CgroupError(f"cgroup parent {parent!r} ({PARENT_ENV} or --cgroup-parent) must be "
+                          "an absolute cgroup path without . or .., e.g. /sandgate")
+    return "/" + "/".join(p for p in parts if p)
+
+
+def _locate(fs: CgroupFS, override: str | None) -> dict[str, Hierarchy]:
+    """{controller: its hierarchy} for memory, pids and cpu, those this host has."""
+    own = parse_proc_cgroup(fs.read(fs.path("/proc/self/cgroup")))
+    located: dict[str, Hierarchy] = {}
+    for mount in parse_mountinfo(fs.read(fs.path("/proc/self/mountinfo"))):
+        mountpoint = fs.path(mount.mountpoint)
+        if mount.fstype == "cgroup":
+            version, here = 1, set(LIMIT_OF) & mount.options
+            own_path = own.get(min(here)) if here else None
+        else:
+            version, own_path = 2, own.get("")
+            here = set(LIMIT_OF) & set(fs.read(os.path.join(mountpoint, "cgroup.controllers")).split())
+        here -= located.keys()  # the same hierarchy mounted twice: the first usable mount
+        if not here or own_path is None:
+            continue
+        relative = override if override is not None else _within(mount.root, own_path)
+        if relative is None:
+            continue
+        hierarchy = Hierarchy(version, mountpoint, frozenset(here),
+                              posixpath.normpath(posixpath.join(mountpoint, relative.lstrip("/"))))
+        located.update(dict.fromkeys(here, hierarchy))
+    return located
+
+
+def _within(mount_root: str, own_path: str) -> str | None:
+    """Our cgroup relative to what the mount shows, without a trailing sandgate.self."""
+    base = mount_root.rstrip("/")
+    if own_path != mount_root and not own_path.startswith(base + "/"):
+        return None
+    relative = own_path[len(base):] or "/"
+    return posixpath.dirname(relative) if posixpath.basename(relative) == SELF_LEAF else relative
+
+
+def check(limits: Limits, *, parent: str | None = None, fs: CgroupFS = HOST) -> list[str]:
+    """What this host lacks for `limits`, each naming the controller and the fix; [] if nothing."""
+    try:
+        located = _locate(fs, _parent_override(parent))
+    except (CgroupError, OSError) as e:
+        return [f"cgroups: cannot read where they are mounted: {e}"]
+    problems: list[str] = []
+    for controller in limits.controllers():
+        hierarchy = located.get(controller)
+        if hierarchy is None:
+            problems.append(
+                f"{controller}: this host has no cgroup controller {controller!r} (no v1 hierarchy "
+                f"in /proc/self/mountinfo has it, nor the cgroup2 root's cgroup.controllers): "
+                f"enable it in the kernel, or drop the {LIMIT_OF[controller]} limit")
+        else:
+            problems += _problems_at(fs, hierarchy, controller)
+    return list(dict.fromkeys(problems))
+
+
+def _problems_at(fs: CgroupFS, hierarchy: Hierarchy, controller: str) -> list[str]:
+    anchor = hierarchy.parent  # the nearest existing directory: missing ones are created
+    while not os.path.isdir(anchor) and anchor != hierarchy.mountpoint:
+        anchor = os.path.dirname(anchor)
+    problems = []
+    if not os.access(anchor, os.W_OK):
+        problems.append(f"{controller}: no permission to create cgroups in {anchor}: run sandgate "
+                        "as root, or delegate that cgroup to its user (systemd: Delegate=yes)")
+    if hierarchy.version == 2:
+        if controller not in fs.read(os.path.join(anchor, "cgroup.controllers")).split():
+            problems.append(
+                f"{controller}: the cgroup v2 controller is not delegated to {anchor}: enable it "
+                f"in {os.path.dirname(anchor)}/cgroup.subtree_control (systemd: Delegate=yes)")
+    elif controller == "cpu" and not os.path.exists(
+            os.path.join(hierarchy.mountpoint, "cpu.cfs_quota_us")):
+        problems.append("cpu: the kernel has no CPU bandwidth control (CONFIG_CFS_BANDWIDTH; "
+                        f"{hierarchy.mountpoint}/cpu.cfs_quota_us is missing): drop the cpus limit")
+    elif controller == "memory" and fs.swap_active() and not os.path.exists(
+            os.path.join(hierarchy.mountpoint, "memory.memsw.limit_in_bytes")):
+        problems.append("memory: swap is on but cgroup v1 does not account it (memory.memsw.* "
+                        f"missing in {hierarchy.mountpoint}), so the task could swap past its "
+                        "memory limit: boot with swapaccount=1, or turn swap off")
+    return problems
+
+
+# --- one run's cgroup ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Dir:
+    version: Literal[1, 2]
+    path: str
+    controllers: frozenset[str]
+
+
+def limit_settings(version: int, controllers: Iterable[str], limits: Limits,
+                   swap_file: bool) -> list[tuple[str, str]]:
+    """The (control file, value) writes that set `limits` in one cgroup directory,
+    in order (v1's memsw must stay at or above the memory limit it follows)."""
+    writes = []
+    if "memory" in controllers:
+        memory = str(limits.memory_bytes)
+        if version == 2:
+            writes.append(("memory.max", memory))
+            if swap_file:
+                writes.append(("memory.swap.max", "0"))
+        else:
+            writes.append(("memory.limit_in_bytes", memory))
+            if swap_file:
+                writes.append(("memory.memsw.limit_in_bytes", memory))
+    if "pids" in controllers:
+        writes.append(("pids.max", str(limits.pids)))
+    if "cpu" in controllers:
+        quota = str(max(1000, round(limits.cpus * CPU_PERIOD_US)))
+        if version == 2:
+            writes.append(("cpu.max", f"{quota} {CPU_PERIOD_US}"))
+        else:
+            writes += [("cpu.cfs_period_us", str(CPU_PERIOD_US)), ("cpu.cfs_quota_us", quota)]
+    return writes
+
+
+_SWAP_FILE = {1: "memory.memsw.limit_in_bytes", 2: "memory.swap.max"}
+
+
+class TaskCgroup:
+    """One run's cgroup: a directory per hierarchy, limits set, empty until a process joins."""
+
+    def __init__(self, name: str, limits: Limits, dirs: list[_Dir], fs: CgroupFS):
+        self.name, self.limits, self._dirs, self._fs = name, limits, dirs, fs
+
+    @classmethod
+    def create(cls, name: str, limits: Limits, *, parent: str | None = None,
+               fs: CgroupFS = HOST) -> TaskCgroup:
+        """Create `name` (sandgate-<run id>) in every hierarchy `limits` need and set them.
+
+        `parent` (else $SANDGATE_CGROUP_PARENT, else our own cgroup) is a cgroup path
+        taken in each hierarchy. Raises CgroupError naming what is missing or failed;
+        what was created by then is removed.
+        """
+        if not _NAME.fullmatch(name):
+            raise CgroupError(f"invalid cgroup name {name!r}: expected {PREFIX}<run id> "
+                              "(letters, digits, '.', '_', '-')")
+        override = _parent_override(parent)
+        problems = check(limits, parent=override, fs=fs)
+        if problems:
+            raise CgroupError("cannot set the task's limits: " + "; ".join(problems))
+        located = _locate(fs, override)
+        by_hierarchy: dict[Hierarchy, set[str]] = {}
+        for controller in limits.controllers():
+            by_hierarchy.setdefault(located[controller], set()).add(controller)
+        cgroup = cls(name, limits, [], fs)
+        try:
+            for hierarchy, controllers in by_hierarchy.items():
+                cgroup._dirs.append(_make_dir(fs, hierarchy, name, frozenset(controllers), limits))
+        except BaseException:
+            with contextlib.suppress(CgroupError):
+                cgroup.remove()
+            raise
+        return cgroup
+
+    @property
+    def paths(self) -> list[str]:
+        return [d.path for d in self._dirs]
+
+    @property
+    def procs_files(self) -> list[str]:
+        """Write "0" to each (one write each, before forking) to move the writer in."""
+        return [os.path.join(d.path, "cgroup.procs") for d in self._dirs]
+
+    def attach(self, pid: int) -> None:
+        for procs in self.procs_files:
+            _set(self._fs, procs, str(pid))
+
+    def limits_hit(self) -> list[LimitHit]:
+        """The limits the task ran into so far; read before remove()."""
+        hits = []
+        for d in self._dirs:
+            try:
+                hits += _hits_in(self._fs, d, self.limits)
+            except OSError as e:
+                raise CgroupError(f"cannot read the counters of {d.path}: {e.strerror}") from e
+        return hits
+
+    def remove(self, timeout: float = REMOVE_TIMEOUT_S) -> None:
+        """Kill what is left in the cgroup, wait until it is empty and remove it (idempotent)."""
+        _remove_dirs(self._fs, self.paths, timeout)
+        self._dirs = []
+
+
+def _set(fs: CgroupFS, path: str, value: str) -> None:
+    try:
+        fs.write(path, value)
+    except OSError as e:
+        raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from e
+
+
+def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str, controllers: frozenset[str],
+              limits: Limits) -> _Dir:
+    path = os.path.join(hierarchy.parent, name)
+    try:
+        if hierarchy.version == 2:
+            _enable_v2(fs, hierarchy.parent, controllers, hierarchy.mountpoint)
+        else:
+            _makedirs(fs, hierarchy.parent, hierarchy.mountpoint)
+        fs.mkdir(path)
+    except FileExistsError as e:
+        raise CgroupError(f"{path} already exists: a run of that name is live or crashed "
+                          "(`sandgate gc` removes leftovers)") from e
+    except OSError as e:
+        raise CgroupError(f"cannot create {e.filename or path}: {e.strerror}") from e
+    made = _Dir(hierarchy.version, path, controllers)
+    swap_file = os.path.exists(os.path.join(path, _SWAP_FILE[hierarchy.version]))
+    if "memory" in controllers and not swap_file and fs.swap_active():
+        raise CgroupError(f"memory: swap is on but {path} has no {_SWAP_FILE[hierarchy.version]}, "
+                          "so the task could swap past its memory limit: enable swap accounting "
+                          "(CONFIG_MEMCG_SWAP, swapaccount=1) or turn swap off")
+    for control_file, value in limit_settings(hierarchy.version, controllers, limits, swap_file):
+        _set(fs, os.path.join(path, control_file), value)
+    return made
+
+
+def _makedirs(fs: CgroupFS, path: str, mountpoint: str) -> None:
+    if path != mountpoint and not os.path.isdir(path):
+        _makedirs(fs, os.path.dirname(path), mountpoint)
+        fs.mkdir(path)
+
+
+def _enable_v2(fs: CgroupFS, path: str, controllers: frozenset[str], mountpoint: str) -> None:
+    """Make `path` exist with `controllers` enabled for its children, every ancestor too.
+
+    EBUSY means `path` holds processes (the no-internal-processes rule): they move
+    into its leaf sandgate.self, then the write is tried again.
+    """
+    if path != mountpoint and not os.path.isdir(path):
+        _enable_v2(fs, os.path.dirname(path), controllers, mountpoint)
+        fs.mkdir(path)
+    subtree_control = os.path.join(path, "cgroup.subtree_control")
+    missing = sorted(controllers - set(fs.read(subtree_control).split()))
+    if not missing:
+        return
+    request = " ".join("+" + controller for controller in missing)
+    for _attempt in range(3):
+        try:
+            fs.write(subtree_control, request)
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise CgroupError(f"cannot write {request!r} to {subtree_control}: {e.strerror}") from e
+        _evacuate(fs, path)
+    raise CgroupError(f"cannot enable {request} in {subtree_control}: processes keep joining {path} "
+                      "(cgroup v2 allows no processes in a cgroup that enables controllers)")
+
+
+def _evacuate(fs: CgroupFS, path: str) -> None:
+    leaf = os.path.join(path, SELF_LEAF)
+    with contextlib.suppress(FileExistsError):
+        fs.mkdir(leaf)
+    for pid in sorted(_pids(fs, os.path.join(path, "cgroup.procs"))):
+        try:
+            fs.write(os.path.join(leaf, "cgroup.procs"), str(pid))
+        except ProcessLookupError:
+            continue
+        except OSError as e:
+            raise CgroupError(f"cannot move process {pid} from {path} into {leaf} "
+                              f"to enable controllers there: {e.strerror}") from e
+
+
+def _keyed(text: str) -> dict[str, int]:
+    """ "key value" lines (memory.events, pids.events, cpu.stat, memory.oom_control)."""
+    pairs = (line.split() for line in text.splitlines())
+    return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
+
+
+def _hits_in(fs: CgroupFS, d: _Dir, limits: Limits) -> list[LimitHit]:
+    """Counters read back. Memory counts OOM kills only: usage reaching the limit
+    (v1 failcnt, v2 `max`) also happens whenever page cache is reclaimed, harmlessly."""
+    def read(control_file: str) -> str:
+        return fs.read(os.path.join(d.path, control_file))
+
+    hits = []
+    if "memory" in d.controllers:
+        if d.version == 2:
+            events = _keyed(read("memory.events"))
+            kills, reached = events.get("oom_kill", 0), events.get("max", 0)
+        else:
+            kills, reached = _keyed(read("memory.oom_control")).get("oom_kill", 0), int(read("memory.failcnt"))
+        if kills:
+            hits.append(LimitHit("memory", kills, (
+                f"{kills} process(es) killed by the OOM killer at the memory limit of "
+                f"{limits.memory_bytes} bytes (usage reached the limit {reached} times)")))
+    if "pids" in d.controllers:
+        refused = _keyed(read("pids.events")).get("max", 0)
+        if refused:
+            hits.append(LimitHit("pids", refused, (
+                f"{refused} fork/clone call(s) failed with EAGAIN at the limit of "
+                f"{limits.pids} processes")))
+    if "cpu" in d.controllers:
+        stat = _keyed(read("cpu.stat"))
+        throttled = stat.get("nr_throttled", 0)
+        seconds = stat.get("throttled_usec", 0) / 1e6 if d.version == 2 else stat.get("throttled_time", 0) / 1e9
+        if throttled:
+            hits.append(LimitHit("cpus", throttled, (
+                f"throttled in {throttled} period(s), {seconds:.1f} s in all, at the limit of "
+                f"{limits.cpus:g} CPUs")))
+    return hits
+
+
+def _remove_dirs(fs: CgroupFS, paths: list[str], timeout: float) -> None:
+    """SIGKILL every member (v2: cgroup.kill, one write, race-free), wait until empty, rmdir."""
+    deadline = time.monotonic() + timeout
+    for path in paths:
+        kill_file = os.path.join(path, "cgroup.kill")
+        if os.path.exists(kill_file):
+            with contextlib.suppress(FileNotFoundError):
+                fs.write(kill_file, "1")
+    while left := [p for p in paths if _pids(fs, os.path.join(p, "cgroup.procs"))]:
+        if time.monotonic() > deadline:
+            raise CgroupError(f"processes in {', '.join(left)} survived SIGKILL for {timeout:g} s")
+        for path in left:
+            fs.signal_members(path, signal.SIGKILL)
+        time.sleep(0.01)
+    for path in paths:
+        while True:
+            try:
+                fs.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                # EBUSY: the last members are still exiting.
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise CgroupError(f"cannot remove {path}: {e.strerror}") from e
+                time.sleep(0.01)
+
+
+# --- leftovers of crashed runs (`sandgate gc`) ------------------------------------
+
+
+def leftovers(prefix: str = PREFIX, *, fs: CgroupFS = HOST) -> list[str]:
+    """Every cgroup directory named `prefix`* in the hierarchies of memory, pids and cpu,
+    wherever it was created. Which belong to dead runs is the caller's to decide."""
+    if not prefix.startswith(PREFIX):
+        raise CgroupError(f"leftover prefix {prefix!r} must start with {PREFIX!r}")
+    found = []
+    for mountpoint in sorted({h.mountpoint for h in _locate(fs, None).values()}):
+        for dirpath, dirnames, _files in os.walk(mountpoint):
+            ours = [d for d in dirnames if d.startswith(prefix)]
+            found += [os.path.join(dirpath, d) for d in ours]
+            dirnames[:] = [d for d in dirnames if d not in ours]
+    return sorted(found)
+
+
+def remove_path(path: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = HOST) -> None:
+    """Remove one directory from leftovers(), killing what still runs in it."""
+    mountpoints = {h.mountpoint for h in _locate(fs, None).values()}
+    if not _NAME.fullmatch(os.path.basename(path)) or not any(
+            path.startswith(m.rstrip("/") + "/") for m in mountpoints):
+        raise CgroupError(f"{path} is not a sandgate cgroup (a {PREFIX}* directory "
+                          "in a cgroup hierarchy)")
+    _remove_dirs(fs, [path], timeout)
