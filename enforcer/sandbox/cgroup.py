@@ -355,7 +355,9 @@ class _Dir:
 def limit_settings(version: int, controllers: Iterable[str], limits: Limits,
                    swap_file: bool) -> list[tuple[str, str]]:
     """The (control file, value) writes that set `limits` in one cgroup directory,
-    in order (v1's memsw must stay at or above the memory limit it follows)."""
+    in order (v1's memsw must stay at or above the memory limit it follows).
+    Controllers whose limit is None get no write."""
+    controllers = set(controllers) & set(limits.controllers())
     writes = []
     if "memory" in controllers:
         memory = str(limits.memory_bytes)
@@ -410,7 +412,9 @@ class TaskCgroup:
         cgroup = cls(name, limits, [], fs)
         try:
             for hierarchy, controllers in by_hierarchy.items():
-                cgroup._dirs.append(_make_dir(fs, hierarchy, name, frozenset(controllers), limits))
+                made = _make_dir(fs, hierarchy, name, frozenset(controllers))
+                cgroup._dirs.append(made)
+                _configure(fs, made, limits)
         except BaseException:
             with contextlib.suppress(CgroupError):
                 cgroup.remove()
@@ -453,8 +457,7 @@ def _set(fs: CgroupFS, path: str, value: str) -> None:
         raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from e
 
 
-def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str, controllers: frozenset[str],
-              limits: Limits) -> _Dir:
+def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str, controllers: frozenset[str]) -> _Dir:
     path = os.path.join(hierarchy.parent, name)
     try:
         if hierarchy.version == 2:
@@ -467,15 +470,17 @@ def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str, controllers: frozen
                           "(`sandgate gc` removes leftovers)") from e
     except OSError as e:
         raise CgroupError(f"cannot create {e.filename or path}: {e.strerror}") from e
-    made = _Dir(hierarchy.version, path, controllers)
-    swap_file = os.path.exists(os.path.join(path, _SWAP_FILE[hierarchy.version]))
-    if "memory" in controllers and not swap_file and fs.swap_active():
-        raise CgroupError(f"memory: swap is on but {path} has no {_SWAP_FILE[hierarchy.version]}, "
+    return _Dir(hierarchy.version, path, controllers)
+
+
+def _configure(fs: CgroupFS, d: _Dir, limits: Limits) -> None:
+    swap_file = os.path.exists(os.path.join(d.path, _SWAP_FILE[d.version]))
+    if "memory" in d.controllers and not swap_file and fs.swap_active():
+        raise CgroupError(f"memory: swap is on but {d.path} has no {_SWAP_FILE[d.version]}, "
                           "so the task could swap past its memory limit: enable swap accounting "
                           "(CONFIG_MEMCG_SWAP, swapaccount=1) or turn swap off")
-    for control_file, value in limit_settings(hierarchy.version, controllers, limits, swap_file):
-        _set(fs, os.path.join(path, control_file), value)
-    return made
+    for control_file, value in limit_settings(d.version, d.controllers, limits, swap_file):
+        _set(fs, os.path.join(d.path, control_file), value)
 
 
 def _makedirs(fs: CgroupFS, path: str, mountpoint: str) -> None:
