@@ -141,3 +141,15 @@ def test_attach_moves_a_running_process_in(cgroup_name):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_cpu_quota_throttles_and_is_reported(cgroup_name):
+    task = make(cgroup_name, Limits(memory_bytes=None, pids=None, cpus=0.1))
+    spin = "import time\nend = time.monotonic() + 0.5\nwhile time.monotonic() < end: pass\n"
+
+    busy = run_inside(task, spin)
+
+    assert busy.returncode == 0, busy.stderr
+    [hit] = task.limits_hit()
+    assert hit.limit == "cpus" and hit.count >= 2 and "0.1 CPUs" in hit.detail
+    task.remove()
