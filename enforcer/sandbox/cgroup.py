@@ -37,7 +37,7 @@ import re
 import signal
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 DEFAULT_MEMORY_BYTES = 4 << 30
@@ -347,9 +347,10 @@ def _problems_at(fs: CgroupFS, hierarchy: Hierarchy, controller: str) -> list[st
 
 @dataclass(frozen=True)
 class _Dir:
-    version: Literal[1, 2]
+    """The run's directory in one hierarchy; `hierarchy.controllers` are those it limits."""
+
+    hierarchy: Hierarchy
     path: str
-    controllers: frozenset[str]
 
 
 def limit_settings(version: int, controllers: Iterable[str], limits: Limits,
@@ -406,13 +407,12 @@ class TaskCgroup:
         if problems:
             raise CgroupError("cannot set the task's limits: " + "; ".join(problems))
         located = _locate(fs, override)
-        by_hierarchy: dict[Hierarchy, set[str]] = {}
-        for controller in limits.controllers():
-            by_hierarchy.setdefault(located[controller], set()).add(controller)
+        needed = set(limits.controllers())
+        hierarchies = {located[c]: None for c in limits.controllers()}  # in order, once each
         cgroup = cls(name, limits, [], fs)
         try:
-            for hierarchy, controllers in by_hierarchy.items():
-                made = _make_dir(fs, hierarchy, name, frozenset(controllers))
+            for hierarchy in hierarchies:
+                made = _make_dir(fs, replace(hierarchy, controllers=hierarchy.controllers & needed), name)
                 cgroup._dirs.append(made)
                 _configure(fs, made, limits)
         except BaseException:
@@ -457,11 +457,11 @@ def _set(fs: CgroupFS, path: str, value: str) -> None:
         raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from e
 
 
-def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str, controllers: frozenset[str]) -> _Dir:
+def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str) -> _Dir:
     path = os.path.join(hierarchy.parent, name)
     try:
         if hierarchy.version == 2:
-            _enable_v2(fs, hierarchy.parent, controllers, hierarchy.mountpoint)
+            _enable_v2(fs, hierarchy.parent, hierarchy.controllers, hierarchy.mountpoint)
         else:
             _makedirs(fs, hierarchy.parent, hierarchy.mountpoint)
         fs.mkdir(path)
@@ -470,16 +470,17 @@ def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str, controllers: frozen
                           "(`sandgate gc` removes leftovers)") from e
     except OSError as e:
         raise CgroupError(f"cannot create {e.filename or path}: {e.strerror}") from e
-    return _Dir(hierarchy.version, path, controllers)
+    return _Dir(hierarchy, path)
 
 
 def _configure(fs: CgroupFS, d: _Dir, limits: Limits) -> None:
-    swap_file = os.path.exists(os.path.join(d.path, _SWAP_FILE[d.version]))
-    if "memory" in d.controllers and not swap_file and fs.swap_active():
-        raise CgroupError(f"memory: swap is on but {d.path} has no {_SWAP_FILE[d.version]}, "
+    version, controllers = d.hierarchy.version, d.hierarchy.controllers
+    swap_file = os.path.exists(os.path.join(d.path, _SWAP_FILE[version]))
+    if "memory" in controllers and not swap_file and fs.swap_active():
+        raise CgroupError(f"memory: swap is on but {d.path} has no {_SWAP_FILE[version]}, "
                           "so the task could swap past its memory limit: enable swap accounting "
                           "(CONFIG_MEMCG_SWAP, swapaccount=1) or turn swap off")
-    for control_file, value in limit_settings(d.version, d.controllers, limits, swap_file):
+    for control_file, value in limit_settings(version, controllers, limits, swap_file):
         _set(fs, os.path.join(d.path, control_file), value)
 
 
@@ -541,9 +542,10 @@ def _hits_in(fs: CgroupFS, d: _Dir, limits: Limits) -> list[LimitHit]:
     def read(control_file: str) -> str:
         return fs.read(os.path.join(d.path, control_file))
 
+    version, controllers = d.hierarchy.version, d.hierarchy.controllers
     hits = []
-    if "memory" in d.controllers:
-        if d.version == 2:
+    if "memory" in controllers:
+        if version == 2:
             events = _keyed(read("memory.events"))
             kills, reached = events.get("oom_kill", 0), events.get("max", 0)
         else:
@@ -552,16 +554,16 @@ def _hits_in(fs: CgroupFS, d: _Dir, limits: Limits) -> list[LimitHit]:
             hits.append(LimitHit("memory", kills, (
                 f"{kills} process(es) killed by the OOM killer at the memory limit of "
                 f"{limits.memory_bytes} bytes (usage reached the limit {reached} times)")))
-    if "pids" in d.controllers:
+    if "pids" in controllers:
         refused = _keyed(read("pids.events")).get("max", 0)
         if refused:
             hits.append(LimitHit("pids", refused, (
                 f"{refused} fork/clone call(s) failed with EAGAIN at the limit of "
                 f"{limits.pids} processes")))
-    if "cpu" in d.controllers:
+    if "cpu" in controllers:
         stat = _keyed(read("cpu.stat"))
         throttled = stat.get("nr_throttled", 0)
-        seconds = stat.get("throttled_usec", 0) / 1e6 if d.version == 2 else stat.get("throttled_time", 0) / 1e9
+        seconds = stat.get("throttled_usec", 0) / 1e6 if version == 2 else stat.get("throttled_time", 0) / 1e9
         if throttled:
             hits.append(LimitHit("cpus", throttled, (
                 f"throttled in {throttled} period(s), {seconds:.1f} s in all, at the limit of "

@@ -357,6 +357,21 @@ def test_v2_moves_processes_into_a_leaf_then_enables_controllers(v2):
     assert cgroup.leftovers(fs=v2) == [service + "/sandgate-r1", service + "/sandgate-r2"]
 
 
+def test_v2_gives_up_when_processes_keep_joining(v2, monkeypatch):
+    service = v2.path("/sys/fs/cgroup" + V2_SERVICE)
+    write = v2.write
+
+    def respawning_write(path: str, text: str) -> None:
+        write(path, text)
+        if path.endswith("sandgate.self/cgroup.procs"):
+            write(service + "/cgroup.procs", "300")  # something forks into the service again
+
+    monkeypatch.setattr(v2, "write", respawning_write)
+    with pytest.raises(CgroupError, match="processes keep joining .*agent.service"):
+        TaskCgroup.create("sandgate-r1", LIMITS, fs=v2)
+    assert not os.path.exists(service + "/sandgate-r1")
+
+
 def test_v2_root_cgroup_needs_no_leaf(tmp_path):
     """A container with its own cgroup namespace: we are in "/", exempt from the rule."""
     kernel = FakeKernel(tmp_path, V2_MOUNTINFO, "0::/\n")
@@ -468,7 +483,8 @@ def test_limits_hit_v2(v2):
 
     task.remove()
     with pytest.raises(CgroupError, match="cannot read the counters"):
-        TaskCgroup("sandgate-r1", LIMITS, [cgroup._Dir(2, path, frozenset({"pids"}))], v2).limits_hit()
+        task._dirs = [cgroup._Dir(cgroup.Hierarchy(2, "/", frozenset({"pids"}), "/"), path)]
+        task.limits_hit()
 
 
 # --- joining and removing ------------------------------------------------------------
