@@ -37,7 +37,7 @@ import re
 import signal
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 DEFAULT_MEMORY_BYTES = 4 << 30
@@ -141,7 +141,7 @@ class CgroupFS:
 
     def __init__(self, root: str = "/", mountinfo: str = "/proc/self/mountinfo"):
         self.root = root
-        self.mountinfo = mountinfo  # whose mounts: ours, or PID 1's (see _host_fs)
+        self.mountinfo = mountinfo
 
     def path(self, absolute: str) -> str:
         return os.path.join(self.root, absolute.lstrip("/"))
@@ -193,46 +193,6 @@ class CgroupFS:
             return False
 
 
-PRIVATE_MOUNTS = "/run/sandgate/cgroupfs"
-
-
-def _host_fs() -> CgroupFS:
-    """Our own mounts. Where our mount namespace shows no cgroup filesystem but is not
-    the host's (`ip netns exec` gives a private one with a fresh /sys), the hierarchies
-    we belong to (/proc/self/cgroup: membership is per process, not per mount
-    namespace) are mounted again in that private namespace, and vanish with it."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            if parse_mountinfo(f.read()):
-                return CgroupFS()
-        _mount_own_hierarchies()
-    except OSError:
-        pass
-    return CgroupFS()
-
-
-def _mount_own_hierarchies() -> None:
-    try:
-        host_namespace = os.stat("/proc/self/ns/mnt").st_ino == os.stat("/proc/1/ns/mnt").st_ino
-    except OSError:
-        host_namespace = False  # PID 1's is unreadable: ours is not the host's to change either way
-    if host_namespace:
-        return  # never mount on the host: report the missing controllers instead
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open("/proc/self/cgroup") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        _, controllers, _ = line.split(":", 2)
-        if controllers and not set(controllers.split(",")) & set(LIMIT_OF):
-            continue
-        target = os.path.join(PRIVATE_MOUNTS, controllers or "unified")
-        os.makedirs(target, exist_ok=True)
-        if not os.path.ismount(target):
-            fstype = b"cgroup" if controllers else b"cgroup2"
-            libc.mount(b"cgroup", target.encode(), fstype, 0, controllers.encode() or None)
-
 
 
 def _pids(fs: CgroupFS, procs_file: str) -> set[int]:
@@ -282,6 +242,47 @@ def parse_proc_cgroup(text: str) -> dict[str, str]:
         for controller in filter(None, controllers.split(",")):
             paths[controller] = path
     return paths
+
+
+PRIVATE_MOUNTS = "/run/sandgate/cgroupfs"
+
+
+def _host_fs() -> CgroupFS:
+    """Our own mounts. Where our mount namespace shows no cgroup filesystem but is not
+    the host's (`ip netns exec` gives a private one with a fresh /sys), the hierarchies
+    we belong to (/proc/self/cgroup: membership is per process, not per mount
+    namespace) are mounted again in that private namespace, and vanish with it."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            if parse_mountinfo(f.read()):
+                return CgroupFS()
+        _mount_own_hierarchies()
+    except OSError:
+        pass
+    return CgroupFS()
+
+
+def _mount_own_hierarchies() -> None:
+    try:
+        host_namespace = os.stat("/proc/self/ns/mnt").st_ino == os.stat("/proc/1/ns/mnt").st_ino
+    except OSError:
+        host_namespace = False  # PID 1's is unreadable: ours is not the host's to change either way
+    if host_namespace:
+        return  # never mount on the host: report the missing controllers instead
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        _, controllers, _ = line.split(":", 2)
+        if controllers and not set(controllers.split(",")) & set(LIMIT_OF):
+            continue
+        target = os.path.join(PRIVATE_MOUNTS, controllers or "unified")
+        os.makedirs(target, exist_ok=True)
+        if not os.path.ismount(target):
+            fstype = b"cgroup" if controllers else b"cgroup2"
+            libc.mount(b"cgroup", target.encode(), fstype, 0, controllers.encode() or None)
 
 
 HOST = _host_fs()
@@ -390,15 +391,18 @@ def _problems_at(fs: CgroupFS, hierarchy: Hierarchy, controller: str) -> list[st
 
 @dataclass(frozen=True)
 class _Dir:
-    version: Literal[1, 2]
+    """The run's directory in one hierarchy; `hierarchy.controllers` are those it limits."""
+
+    hierarchy: Hierarchy
     path: str
-    controllers: frozenset[str]
 
 
 def limit_settings(version: int, controllers: Iterable[str], limits: Limits,
                    swap_file: bool) -> list[tuple[str, str]]:
     """The (control file, value) writes that set `limits` in one cgroup directory,
-    in order (v1's memsw must stay at or above the memory limit it follows)."""
+    in order (v1's memsw must stay at or above the memory limit it follows).
+    Controllers whose limit is None get no write."""
+    controllers = set(controllers) & set(limits.controllers())
     writes = []
     if "memory" in controllers:
         memory = str(limits.memory_bytes)
@@ -447,13 +451,14 @@ class TaskCgroup:
         if problems:
             raise CgroupError("cannot set the task's limits: " + "; ".join(problems))
         located = _locate(fs, override)
-        by_hierarchy: dict[Hierarchy, set[str]] = {}
-        for controller in limits.controllers():
-            by_hierarchy.setdefault(located[controller], set()).add(controller)
+        needed = set(limits.controllers())
+        hierarchies = {located[c]: None for c in limits.controllers()}  # in order, once each
         cgroup = cls(name, limits, [], fs)
         try:
-            for hierarchy, controllers in by_hierarchy.items():
-                cgroup._dirs.append(_make_dir(fs, hierarchy, name, frozenset(controllers), limits))
+            for hierarchy in hierarchies:
+                made = _make_dir(fs, replace(hierarchy, controllers=hierarchy.controllers & needed), name)
+                cgroup._dirs.append(made)
+                _configure(fs, made, limits)
         except BaseException:
             with contextlib.suppress(CgroupError):
                 cgroup.remove()
@@ -496,12 +501,11 @@ def _set(fs: CgroupFS, path: str, value: str) -> None:
         raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from e
 
 
-def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str, controllers: frozenset[str],
-              limits: Limits) -> _Dir:
+def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str) -> _Dir:
     path = os.path.join(hierarchy.parent, name)
     try:
         if hierarchy.version == 2:
-            _enable_v2(fs, hierarchy.parent, controllers, hierarchy.mountpoint)
+            _enable_v2(fs, hierarchy.parent, hierarchy.controllers, hierarchy.mountpoint)
         else:
             _makedirs(fs, hierarchy.parent, hierarchy.mountpoint)
         fs.mkdir(path)
@@ -510,15 +514,18 @@ def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str, controllers: frozen
                           "(`sandgate gc` removes leftovers)") from e
     except OSError as e:
         raise CgroupError(f"cannot create {e.filename or path}: {e.strerror}") from e
-    made = _Dir(hierarchy.version, path, controllers)
-    swap_file = os.path.exists(os.path.join(path, _SWAP_FILE[hierarchy.version]))
+    return _Dir(hierarchy, path)
+
+
+def _configure(fs: CgroupFS, d: _Dir, limits: Limits) -> None:
+    version, controllers = d.hierarchy.version, d.hierarchy.controllers
+    swap_file = os.path.exists(os.path.join(d.path, _SWAP_FILE[version]))
     if "memory" in controllers and not swap_file and fs.swap_active():
-        raise CgroupError(f"memory: swap is on but {path} has no {_SWAP_FILE[hierarchy.version]}, "
+        raise CgroupError(f"memory: swap is on but {d.path} has no {_SWAP_FILE[version]}, "
                           "so the task could swap past its memory limit: enable swap accounting "
                           "(CONFIG_MEMCG_SWAP, swapaccount=1) or turn swap off")
-    for control_file, value in limit_settings(hierarchy.version, controllers, limits, swap_file):
-        _set(fs, os.path.join(path, control_file), value)
-    return made
+    for control_file, value in limit_settings(version, controllers, limits, swap_file):
+        _set(fs, os.path.join(d.path, control_file), value)
 
 
 def _makedirs(fs: CgroupFS, path: str, mountpoint: str) -> None:
@@ -579,9 +586,10 @@ def _hits_in(fs: CgroupFS, d: _Dir, limits: Limits) -> list[LimitHit]:
     def read(control_file: str) -> str:
         return fs.read(os.path.join(d.path, control_file))
 
+    version, controllers = d.hierarchy.version, d.hierarchy.controllers
     hits = []
-    if "memory" in d.controllers:
-        if d.version == 2:
+    if "memory" in controllers:
+        if version == 2:
             events = _keyed(read("memory.events"))
             kills, reached = events.get("oom_kill", 0), events.get("max", 0)
         else:
@@ -590,16 +598,16 @@ def _hits_in(fs: CgroupFS, d: _Dir, limits: Limits) -> list[LimitHit]:
             hits.append(LimitHit("memory", kills, (
                 f"{kills} process(es) killed by the OOM killer at the memory limit of "
                 f"{limits.memory_bytes} bytes (usage reached the limit {reached} times)")))
-    if "pids" in d.controllers:
+    if "pids" in controllers:
         refused = _keyed(read("pids.events")).get("max", 0)
         if refused:
             hits.append(LimitHit("pids", refused, (
                 f"{refused} fork/clone call(s) failed with EAGAIN at the limit of "
                 f"{limits.pids} processes")))
-    if "cpu" in d.controllers:
+    if "cpu" in controllers:
         stat = _keyed(read("cpu.stat"))
         throttled = stat.get("nr_throttled", 0)
-        seconds = stat.get("throttled_usec", 0) / 1e6 if d.version == 2 else stat.get("throttled_time", 0) / 1e9
+        seconds = stat.get("throttled_usec", 0) / 1e6 if version == 2 else stat.get("throttled_time", 0) / 1e9
         if throttled:
             hits.append(LimitHit("cpus", throttled, (
                 f"throttled in {throttled} period(s), {seconds:.1f} s in all, at the limit of "
