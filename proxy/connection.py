@@ -82,7 +82,7 @@ class Outcome(Enum):
 
 
 class DnsBindingsView:
-    """What the gate needs from the DNS filter's bindings (proxy.dnsfilter.DnsBindings)."""
+    """What the gate needs from the DNS filter's bindings (proxy/dns/bindings.py)."""
 
     def resolved(self, sandbox: str, name: str, ip: str) -> bool: ...
     def names_for(self, sandbox: str, ip: str) -> list[str]: ...

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from sandgate.proxy.addon import SandgateAddon
 from sandgate.proxy.connection import ConnectionGate
-from sandgate.proxy.dnsfilter import DnsBindings, DnsFilter
+from sandgate.proxy.dns.bindings import DnsBindings
+from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
 from sandgate.proxy.frontdoor import FrontDoor
 from sandgate.proxy.policy import CompiledPolicy, NameFacts, decide
