@@ -11,7 +11,7 @@ import socket
 
 import pytest
 from fakes import client_hello, make_gate
-from sandgate.proxy.frontdoor import FrontDoor
+from sandgate.proxy.frontdoor.door import FrontDoor
 
 LOOPBACK = "127.0.0.1"  # the "sandbox": the source address of every test client
 ALLOWED = ("203.0.113.10", 443)
