@@ -1,4 +1,4 @@
-"""The mitmproxy addon: applies the gate's decisions (proxy/connection.py) to mitmproxy.
+"""The mitmproxy addon: applies the gate's decisions (proxy/gate.py) to mitmproxy.
 
 mitmproxy sees only what the front door (proxy/frontdoor.py) hands it: plain HTTP
 and TLS that a rule needs to inspect. Those connections arrive decided; the addon
@@ -24,7 +24,7 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from sandgate.proxy.connection import ConnectionGate, ConnState, Outcome
+from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
 from sandgate.proxy.policy import Decision
 
 log = logging.getLogger("sandgate.addon")

@@ -13,9 +13,9 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
-from sandgate.proxy.connection import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
 from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
+from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 
 log = logging.getLogger("sandgate.frontdoor")
 
@@ -167,7 +167,6 @@ class FrontDoor:
     def _hand_off(self, connection: Connection) -> None:
         self._live.discard(connection)
         self.poller.forget(connection.client_fd, unregister=True)
-        self.gate.hand_off(connection.state)
         task = self.loop.create_task(self._serve_handed_off(connection.client, connection.state))
         self._handed_off[task] = connection.client
         task.add_done_callback(self._handed_off.pop)
@@ -300,6 +299,9 @@ class Connection:
         if outcome is Outcome.PASSTHROUGH:
             self._connect()
         elif outcome is Outcome.HTTP or outcome is Outcome.INTERCEPT:
+            if not self.door.gate.hand_off(self.state):
+                self.finish(None, reset=True)  # the gate denied it and said why
+                return
             self.done = True
             self.door._hand_off(self)
         else:  # REJECT: the gate emitted the denial
@@ -419,7 +421,9 @@ class Connection:
                 if not relay.move(relay.upstream, relay.client, up=False) or not self.state.bytes_down:
                     return  # ended, or the server has not spoken yet
                 self.holding = False  # it has: a server-speaks-first protocol, as allowed
-                self.state.silent = False
+                if self.door.gate.on_server_spoke(self.state) is not Outcome.PASSTHROUGH:
+                    self.finish(None, reset=True)  # the gate denied it and said why
+                    return
                 relay.client.readable = True  # what the client sent meanwhile is unread
             relay.pump()
         except Exception as e:  # noqa: BLE001

@@ -12,8 +12,8 @@ import socket
 import struct
 from collections.abc import Callable
 
-from sandgate.proxy.connection import ConnState
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
+from sandgate.proxy.gate import ConnState
 
 RELAY_CHUNK = 256 * 1024  # bytes per recv, as asyncio's transports read
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
