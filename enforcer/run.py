@@ -26,7 +26,7 @@ from pathlib import Path
 from sandgate.enforcer import netns, nft, sandbox_init
 from sandgate.proxy.gateway import Gateway, GatewayConfig
 from sandgate.proxy.policy import CompiledPolicy
-from sandgate.proxy.policy.model import builtin_rule
+from sandgate.proxy.policy.builtin import builtin_rule
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError

@@ -44,8 +44,8 @@ from enum import Enum
 from sandgate.proxy.clienthello import parse_client_hello, starts_like_tls_record
 from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
 from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
+from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.index import CompiledPolicy
-from sandgate.proxy.policy.model import builtin_rule
 from sandgate.proxy.policy.names import InvalidName, parse_domain
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
@@ -60,13 +60,6 @@ WEB_PORTS = frozenset({80, 443, 8080, 8443})
 # KiB with several post-quantum key shares).
 MAX_FIRST_BYTES = 16 * 1024
 
-UNKNOWN_SANDBOX_RULE = builtin_rule("unknown-sandbox")
-MALFORMED_TLS_RULE = builtin_rule("malformed-tls")
-MISSING_SNI_RULE = builtin_rule("missing-sni")
-NOT_HTTP_RULE = builtin_rule("not-http")
-HOST_MISMATCH_RULE = builtin_rule("host-mismatch")
-NO_DATA_RULE = builtin_rule("no-data")
-INTERNAL_ERROR_RULE = builtin_rule("internal-error")
 
 # Destinations repeat (a task talks to a few hosts): parse each address once. parse_ip
 # is pure and its results immutable.
@@ -148,8 +141,7 @@ class ConnectionGate:
             sandbox = self.registry.get(src_ip)
             ip = _parse_destination(dst_ip)
             if sandbox is None or ip is None:
-                self._emit_connection(Decision(Verdict.DENY, Reason.UNKNOWN_SANDBOX, UNKNOWN_SANDBOX_RULE,
-                                               detail=f"no task owns source address {src_ip}"),
+                self._emit_connection(deny("unknown-sandbox", detail=f"no task owns source address {src_ip}"),
                                       fields, None, "tcp", started)
                 return None
             # Stamped as Gateway.emit would stamp them: the policy that decides, the task.
@@ -273,24 +265,20 @@ class ConnectionGate:
         try:
             hello = parse_client_hello(data)
         except ValueError as e:
-            return self._reject(state, Decision(Verdict.DENY, Reason.MALFORMED_TLS, MALFORMED_TLS_RULE,
-                                                detail=f"unparseable ClientHello: {e}"), "tls")
+            return self._reject(state, deny("malformed-tls", detail=f"unparseable ClientHello: {e}"), "tls")
         if hello is None:
             if len(data) < MAX_FIRST_BYTES:
                 return Outcome.WAIT
-            return self._reject(state, Decision(Verdict.DENY, Reason.MALFORMED_TLS, MALFORMED_TLS_RULE,
-                                                detail=f"ClientHello longer than {MAX_FIRST_BYTES} bytes"), "tls")
+            return self._reject(state, deny("malformed-tls", detail=f"ClientHello longer than {MAX_FIRST_BYTES} bytes"), "tls")
         if not hello.sni:
             decision = self._decide_connect(state, name=None)
             if not decision.allowed:
-                decision = Decision(Verdict.DENY, Reason.MISSING_SNI, MISSING_SNI_RULE,
-                                    detail=f"TLS to {state.ip}:{state.port} without SNI and no IP rule allows it")
+                decision = deny("missing-sni", detail=f"TLS to {state.ip}:{state.port} without SNI and no IP rule allows it")
         else:
             try:
                 state.name = parse_domain(hello.sni)
             except InvalidName as e:
-                return self._reject(state, Decision(Verdict.DENY, Reason.INVALID_NAME, MALFORMED_TLS_RULE,
-                                                    detail=f"SNI: {e}"), "tls")
+                return self._reject(state, deny("malformed-tls", reason=Reason.INVALID_NAME, detail=f"SNI: {e}"), "tls")
             decision = self._decide_connect(state, name=state.name)
         decision = _without_approver(decision)
         self._emit_connection(decision, state.fields, state.name, "tls", state.started)
@@ -301,8 +289,7 @@ class ConnectionGate:
 
     def _raw_tcp(self, state: ConnState) -> Outcome:
         if state.port in WEB_PORTS:
-            decision = Decision(Verdict.DENY, Reason.NOT_HTTP, NOT_HTTP_RULE,
-                                detail=f"bytes to {state.ip}:{state.port} are neither TLS nor HTTP")
+            decision = deny("not-http", detail=f"bytes to {state.ip}:{state.port} are neither TLS nor HTTP")
         else:
             # No name in the protocol: try the names this sandbox resolved to the address.
             decision = self._decide_connect(state, name=None)
@@ -315,8 +302,7 @@ class ConnectionGate:
             if decision.allowed and decision.inspect:
                 # A rule here checks HTTP methods or paths: bytes that are not HTTP
                 # cannot be held to it, so they may not pass at all.
-                decision = Decision(Verdict.DENY, Reason.NOT_HTTP, NOT_HTTP_RULE,
-                                    detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
+                decision = deny("not-http", detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
                                            "and these bytes are not HTTP")
         self._emit_connection(decision, state.fields, state.name, "tcp", state.started)
         if not decision.allowed:
@@ -337,8 +323,7 @@ class ConnectionGate:
             decision = _without_approver(decision)
         except Exception as e:  # noqa: BLE001
             log.exception("request decision failed; denying")
-            decision = Decision(Verdict.DENY, Reason.INTERNAL_ERROR, INTERNAL_ERROR_RULE,
-                                detail=f"{type(e).__name__}: {e}")
+            decision = deny("internal-error", detail=f"{type(e).__name__}: {e}")
         self.emit(Event.from_decision(
             EventKind.REQUEST, decision, **state.fields, protocol="https" if tls else "http",
             name=name, method=method, path=path[:2048], latency=self.clock() - started))
@@ -355,7 +340,7 @@ class ConnectionGate:
             try:
                 name = parse_domain(host_only)
             except InvalidName as e:
-                return Decision(Verdict.DENY, Reason.INVALID_NAME, HOST_MISMATCH_RULE, detail=f"Host header: {e}"), None
+                return deny("host-mismatch", reason=Reason.INVALID_NAME, detail=f"Host header: {e}"), None
             if state.name is not None and name != state.name:
                 return _mismatch(f"Host {name} differs from TLS SNI {state.name}"), name
         elif state.name is None:
@@ -392,8 +377,7 @@ class ConnectionGate:
             self.emit(event.with_fields(detail=f"{event.detail}; {problem}") if problem else event)
         elif phase is Phase.OPEN:
             state.outcome = Outcome.REJECT
-            self._emit_connection(Decision(Verdict.DENY, Reason.NO_DATA, NO_DATA_RULE,
-                                           detail=problem or "closed before sending enough bytes to decide"),
+            self._emit_connection(deny("no-data", detail=problem or "closed before sending enough bytes to decide"),
                                   state.fields, state.name, "tcp", state.started)
 
     def fail(self, state: ConnState | None, error: Exception, fields: dict | None = None) -> Decision:
@@ -444,8 +428,7 @@ class ConnectionGate:
 
     def _internal_error(self, error: Exception, fields: dict, started: float, state: ConnState | None) -> Decision:
         log.error("sandgate connection decision failed; denying", exc_info=error)
-        decision = Decision(Verdict.DENY, Reason.INTERNAL_ERROR, INTERNAL_ERROR_RULE,
-                            detail=f"{type(error).__name__}: {error}")
+        decision = deny("internal-error", detail=f"{type(error).__name__}: {error}")
         self._emit_connection(decision, fields, state.name if state else None, "tcp", started)
         return decision
 
@@ -465,7 +448,7 @@ def _without_approver(decision: Decision) -> Decision:
 
 
 def _mismatch(detail: str) -> Decision:
-    return Decision(Verdict.DENY, Reason.HOST_MISMATCH, HOST_MISMATCH_RULE, detail=detail)
+    return deny("host-mismatch", detail=detail)
 
 
 def _looks_like_http(data: bytes) -> bool:

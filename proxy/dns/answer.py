@@ -21,10 +21,10 @@ import dns.rdatatype
 import dns.rrset
 from dns.rdtypes.svcbbase import IPv4HintParam, IPv6HintParam, ParamKey
 from sandgate.proxy.dns.bindings import Binding, canonical_address
-from sandgate.proxy.dns.query import OUR_PAYLOAD, deny, make_response
+from sandgate.proxy.dns.query import OUR_PAYLOAD, make_response
+from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.model import Decision
 from sandgate.proxy.policy.names import InvalidName, IPAddress, parse_domain, special_range
-from sandgate.proxy.policy.reasons import Reason
 
 KeepSpecial = Callable[[IPAddress], bool]
 """Whether a private/loopback/... address may stay in an answer: True only where a
@@ -48,7 +48,7 @@ def upstream_failure(query: dns.message.Message, detail: str) -> FilteredAnswer:
     """SERVFAIL: the upstream gave no usable answer. Clients retry on SERVFAIL."""
     response = make_response(query)
     response.set_rcode(dns.rcode.SERVFAIL)
-    return FilteredAnswer(response, deny(Reason.DNS_UPSTREAM_FAILURE, "dns-upstream", detail), [])
+    return FilteredAnswer(response, deny("dns-upstream", detail), [])
 
 
 def filter_answer(
@@ -121,10 +121,7 @@ def filter_answer(
 
     decision = None
     if removed:
-        decision = deny(
-            Reason.DNS_REBINDING,
-            "dns-rebinding",
-            f"removed {', '.join(removed)}; {len(addresses)} address(es) left",
+        decision = deny("dns-rebinding", f"removed {', '.join(removed)}; {len(addresses)} address(es) left",
         )
     if kept:
         response.answer = [*chain, dns.rrset.from_rdata_list(target, records.ttl, kept)]

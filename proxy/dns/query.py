@@ -18,9 +18,9 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
-from sandgate.proxy.policy.model import Decision, builtin_rule
+from sandgate.proxy.policy.builtin import deny
+from sandgate.proxy.policy.model import Decision
 from sandgate.proxy.policy.names import InvalidName, parse_domain
-from sandgate.proxy.policy.reasons import Reason, Verdict
 
 log = logging.getLogger("sandgate.dns")
 
@@ -34,10 +34,6 @@ ALLOWED_QTYPES = frozenset(
 # What we advertise and send upstream: the DNS Flag Day 2020 size, which avoids IP
 # fragmentation (and the spoofing that fragments allow).
 OUR_PAYLOAD = 1232
-
-
-def deny(reason: Reason, rule_id: str, detail: str) -> Decision:
-    return Decision(Verdict.DENY, reason, builtin_rule(rule_id), detail=detail)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,15 +80,14 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
 
     # 2. Never answer a response: two servers could bounce FORMERRs forever.
     if query.flags & dns.flags.QR:
-        return QueryCheck(deny(Reason.DNS_MALFORMED, "dns-malformed", "a response, not a query"))
+        return QueryCheck(deny("dns-malformed", "a response, not a query"))
     # 3. UpdateMessage and friends have other section semantics: decide before reading them.
     opcode = query.opcode()
     if opcode != dns.opcode.QUERY:
         return _answer(
             query,
             dns.rcode.NOTIMP,
-            deny(
-                Reason.DNS_QTYPE_NOT_ALLOWED, "dns-qtype", f"opcode {dns.opcode.to_text(opcode)}"
+            deny("dns-qtype", f"opcode {dns.opcode.to_text(opcode)}"
             ),
             copy_question=False,
         )
@@ -101,7 +96,7 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
         return _answer(
             query,
             dns.rcode.FORMERR,
-            deny(Reason.DNS_MALFORMED, "dns-malformed", f"{len(query.question)} questions"),
+            deny("dns-malformed", f"{len(query.question)} questions"),
             copy_question=False,
         )
     question = query.question[0]
@@ -112,7 +107,7 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
         return _answer(
             query,
             dns.rcode.BADVERS,
-            deny(Reason.DNS_MALFORMED, "dns-malformed", f"EDNS version {query.edns}"),
+            deny("dns-malformed", f"EDNS version {query.edns}"),
             name=raw_name,
             qtype=qtype,
         )
@@ -122,7 +117,7 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
         return _answer(
             query,
             dns.rcode.REFUSED,
-            deny(Reason.DNS_QTYPE_NOT_ALLOWED, "dns-qtype", f"{rdclass} {qtype} is not answered"),
+            deny("dns-qtype", f"{rdclass} {qtype} is not answered"),
             name=raw_name,
             qtype=qtype,
         )
@@ -133,7 +128,7 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
         return _answer(
             query,
             dns.rcode.NXDOMAIN,
-            deny(Reason.INVALID_NAME, "dns-invalid-name", str(e)),
+            deny("dns-invalid-name", str(e)),
             name=raw_name,
             qtype=qtype,
         )
@@ -145,7 +140,7 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
         return _answer(
             query,
             dns.rcode.SERVFAIL,
-            deny(Reason.INTERNAL_ERROR, "internal-error", "policy decision failed"),
+            deny("internal-error", "policy decision failed"),
             name=name,
             qtype=qtype,
         )
@@ -174,7 +169,7 @@ def _answer(
 
 
 def _unparsable(wire: bytes, detail: str) -> QueryCheck:
-    decision = deny(Reason.DNS_MALFORMED, "dns-malformed", detail)
+    decision = deny("dns-malformed", detail)
     return QueryCheck(decision, response=header_response(wire, dns.rcode.FORMERR))
 
 

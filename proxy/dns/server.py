@@ -20,10 +20,10 @@ import dns.rcode
 import dns.rdatatype
 from sandgate.proxy.dns.answer import FilteredAnswer, filter_answer, render, upstream_failure
 from sandgate.proxy.dns.bindings import DnsBindings, canonical_address
-from sandgate.proxy.dns.query import DecideName, QueryCheck, check_query, deny, header_response
+from sandgate.proxy.dns.query import DecideName, QueryCheck, check_query, header_response
+from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.model import Decision
 from sandgate.proxy.policy.names import IPAddress
-from sandgate.proxy.policy.reasons import Reason
 from sandgate.proxy.telemetry.event import Event, EventKind, EventSink
 
 log = logging.getLogger("sandgate.dns")
@@ -158,7 +158,7 @@ class DnsFilter:
             fields.update(more)
         except Exception:  # noqa: BLE001 - one query must never take the server down
             log.exception("DNS query from %s failed", fields["source"])
-            decision = deny(Reason.INTERNAL_ERROR, "internal-error", "DNS filter error")
+            decision = deny("internal-error", "DNS filter error")
             response = header_response(wire, dns.rcode.SERVFAIL)
         fields["duration"] = time.perf_counter() - started
         # The event's detail says more than the decision's: the type and the answer.
@@ -172,7 +172,7 @@ class DnsFilter:
         """`handle` without the safety net: (response, decision, event fields)."""
         who = self.sandbox_for(canonical_address(source_ip).compressed)
         if who is None:
-            decision = deny(Reason.UNKNOWN_SANDBOX, "unknown-sandbox", "source is no sandbox")
+            decision = deny("unknown-sandbox", "source is no sandbox")
             return header_response(wire, dns.rcode.REFUSED), decision, {}
         sandbox, profile = who
         fields.update(sandbox=sandbox, profile=profile)
@@ -200,7 +200,7 @@ class DnsFilter:
             answer = upstream_failure(check.query, "too many queries in flight")
             limit = f"more than {self.max_pending_per_sandbox} DNS queries in flight"
             return answer._replace(
-                decision=deny(Reason.CONNECTION_LIMIT, "dns-pending-limit", limit)
+                decision=deny("dns-pending-limit", limit)
             )
         self._pending[sandbox] = pending + 1
         try:
