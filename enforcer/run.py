@@ -27,6 +27,7 @@ from sandgate.enforcer import netns, nft, sandbox_init
 from sandgate.proxy.gateway import Gateway, GatewayConfig
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.builtin import builtin_rule
+from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError
@@ -196,7 +197,7 @@ class TaskRun:
             print(f"sandgate: warning: no metrics for this run: cannot listen on {host}:{port}: "
                   f"{e.strerror or e} (--metrics-listen HOST:PORT picks another)", file=sys.stderr)
             return
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = format_host_port(host, port)
         self.summary.telemetry["metrics"] = f"http://{where}/metrics"
         log.info("metrics on http://%s/metrics", where)
 

@@ -46,7 +46,7 @@ from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
 from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.index import CompiledPolicy
-from sandgate.proxy.policy.names import InvalidName, parse_domain
+from sandgate.proxy.policy.names import InvalidName, format_host_port, parse_domain, parse_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.telemetry.event import Event, EventKind
@@ -136,7 +136,7 @@ class ConnectionGate:
     def on_connect(self, key: Hashable, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> ConnState | None:
         """The state of an admitted connection, or None: denied, its event emitted."""
         started = self.clock()
-        fields = {"source": f"{src_ip}:{src_port}", "dst_ip": dst_ip, "dst_port": dst_port}
+        fields = {"source": format_host_port(src_ip, src_port), "dst_ip": dst_ip, "dst_port": dst_port}
         try:
             sandbox = self.registry.get(src_ip)
             ip = _parse_destination(dst_ip)
@@ -469,7 +469,9 @@ def _may_become_http(data: bytes) -> bool:
 
 
 def _host_of(host_header: str) -> str:
-    """Host without port: `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`."""
-    if host_header.startswith("["):
-        return host_header.split("]", 1)[0] + "]"
-    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+    """Host without port: `example.com:8080` -> `example.com`, `[::1]:80` -> `::1`. A
+    Host that does not parse stays whole, and fails the name check after."""
+    try:
+        return parse_host_port(host_header, default_port=0)[0]
+    except ValueError:
+        return host_header

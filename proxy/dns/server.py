@@ -23,7 +23,7 @@ from sandgate.proxy.dns.bindings import DnsBindings, canonical_address
 from sandgate.proxy.dns.query import DecideName, QueryCheck, check_query, header_response
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.model import Decision
-from sandgate.proxy.policy.names import IPAddress
+from sandgate.proxy.policy.names import IPAddress, format_host_port
 from sandgate.proxy.telemetry.event import Event, EventKind, EventSink
 
 log = logging.getLogger("sandgate.dns")
@@ -152,7 +152,7 @@ class DnsFilter:
         """Answer one query from `source` ((ip, port, ...)): the bytes to send back,
         or None to send nothing. Emits exactly one event. Never raises."""
         started = time.perf_counter()
-        fields = {"protocol": "dns", "source": _format_source(source)}
+        fields = {"protocol": "dns", "source": format_host_port(source[0], source[1])}
         try:
             response, decision, more = await self._handle(wire, source[0], udp, fields)
             fields.update(more)
@@ -257,11 +257,6 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (a client that went away): nothing to do.
         log.debug("DNS UDP socket error: %s", exc)
-
-
-def _format_source(source: tuple) -> str:
-    ip, port = source[0], source[1]
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _describe(response: dns.message.Message) -> str:
