@@ -1,6 +1,6 @@
 """The mitmproxy addon: applies the gate's decisions (proxy/gate.py) to mitmproxy.
 
-mitmproxy sees only what the front door (proxy/frontdoor.py) hands it: plain HTTP
+mitmproxy sees only what the front door (proxy/frontdoor/) hands it: plain HTTP
 and TLS that a rule needs to inspect. Those connections arrive decided; the addon
 adopts their state and picks the layer the decision asks for. A connection that
 reaches mitmproxy any other way is decided here from scratch, the same way.
