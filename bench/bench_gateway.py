@@ -82,7 +82,7 @@ def probe_start(out: str, argv: list[str]) -> int:
     import sandgate.enforcer.cli.common as cli_common
     import sandgate.enforcer.run as run
     from sandgate.enforcer import netns, nft
-    from sandgate.proxy.dnsfilter import DnsFilter
+    from sandgate.proxy.dns.server import DnsFilter
     from sandgate.proxy.engine import ProxyEngine
 
     missing = []

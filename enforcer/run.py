@@ -28,7 +28,8 @@ from sandgate.enforcer import netns, nft
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
 from sandgate.proxy.gateway import Gateway, GatewayConfig
 from sandgate.proxy.policy import CompiledPolicy
-from sandgate.proxy.policy.model import builtin_rule
+from sandgate.proxy.policy.builtin import builtin_rule
+from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError
@@ -203,7 +204,7 @@ class TaskRun:
             print(f"sandgate: warning: no metrics for this run: cannot listen on {host}:{port}: "
                   f"{e.strerror or e} (--metrics-listen HOST:PORT picks another)", file=sys.stderr)
             return
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = format_host_port(host, port)
         self.summary.telemetry["metrics"] = f"http://{where}/metrics"
         log.info("metrics on http://%s/metrics", where)
 

@@ -1,6 +1,6 @@
-"""The mitmproxy addon: applies the gate's decisions (proxy/connection.py) to mitmproxy.
+"""The mitmproxy addon: applies the gate's decisions (proxy/gate.py) to mitmproxy.
 
-mitmproxy sees only what the front door (proxy/frontdoor.py) hands it: plain HTTP
+mitmproxy sees only what the front door (proxy/frontdoor/) hands it: plain HTTP
 and TLS that a rule needs to inspect. Those connections arrive decided; the addon
 adopts their state and picks the layer the decision asks for. A connection that
 reaches mitmproxy any other way is decided here from scratch, the same way.
@@ -24,8 +24,9 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from sandgate.proxy.connection import ConnectionGate, ConnState, Outcome
+from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
 from sandgate.proxy.policy import Decision
+from sandgate.proxy.policy.names import format_host_port
 
 log = logging.getLogger("sandgate.addon")
 
@@ -138,7 +139,7 @@ class SandgateAddon:
         except Exception as e:  # noqa: BLE001 - deny, say why, keep serving others
             log.exception("sandgate addon failed; denying")
             state = self.gate.connections.get(client.id)
-            decision = self.gate.fail(state, e, fields={"source": f"{client.peername[0]}:{client.peername[1]}",
+            decision = self.gate.fail(state, e, fields={"source": format_host_port(*client.peername[:2]),
                                              "dst_ip": str(client.sockname[0]), "dst_port": client.sockname[1]})
             if isinstance(target, http.HTTPFlow):
                 target.response = http.Response.make(403, _blocked_page(decision, target))

@@ -1,6 +1,6 @@
 """mitmproxy embedded in the gateway's event loop, with only the addons sandgate needs.
 
-mitmproxy listens on no port: the front door (proxy/frontdoor.py) accepts every
+mitmproxy listens on no port: the front door (proxy/frontdoor/) accepts every
 sandbox connection and hands `serve` the sockets that need HTTP (plain HTTP, and
 TLS that a rule inspects). `serve` runs them through a transparent-mode server
 instance that is never started, so mitmproxy still reads the original destination

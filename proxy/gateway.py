@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandgate.proxy.addon import SandgateAddon
-from sandgate.proxy.connection import ConnectionGate
-from sandgate.proxy.dnsfilter import DnsBindings, DnsFilter
+from sandgate.proxy.dns.bindings import DnsBindings
+from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
-from sandgate.proxy.frontdoor import FrontDoor
+from sandgate.proxy.frontdoor.door import FrontDoor
+from sandgate.proxy.gate import ConnectionGate
 from sandgate.proxy.policy import CompiledPolicy, NameFacts, decide
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.telemetry.event import Event, EventFanout, EventSink

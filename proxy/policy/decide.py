@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 
+from .builtin import builtin_rule
 from .index import CompiledPolicy, CompiledProfile
-from .model import ConnectFacts, Decision, Facts, NameFacts, RequestFacts, Rule, builtin_rule
+from .model import ConnectFacts, Decision, Facts, NameFacts, RequestFacts, Rule
 from .names import parse_path, special_range_of
 from .reasons import Reason, Verdict
 

@@ -215,7 +215,3 @@ class CompiledPolicy:
         """The first day on which an active rule will have expired (reload then)."""
         dates = [r.expires for p in self.profiles.values() for r in p.rules if r.expires]
         return min(dates) + datetime.timedelta(days=1) if dates else None
-
-    @property
-    def needs_inspection(self) -> bool:
-        return any(r.inspects for p in self.profiles.values() for r in p.rules)

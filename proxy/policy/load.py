@@ -43,6 +43,7 @@ from .names import (
     InvalidName,
     parse_domain,
     parse_domain_pattern,
+    parse_host_port,
     parse_ip,
     parse_network,
     parse_path,
@@ -301,10 +302,13 @@ class _Loader:
                 return parse_network(text)
             except InvalidAddress as e:
                 ip = parse_ip(text.partition("/")[0])
-                host, _, port = text.rpartition(":")
+                try:
+                    host, port = parse_host_port(text)
+                except ValueError:
+                    host, port = "", None
                 if ip is not None and "/" not in text:
                     self.problem(source, node, f"write the address {text!r} plainly, as {ip}")
-                elif port.isdigit() and _is_domain(host):
+                elif port is not None and _is_domain(host):
                     self.problem(source, node, f"{text!r}: give the port in 'ports: [{port}]', not after the name")
                 else:
                     self.problem(source, node, str(e))

@@ -145,7 +145,3 @@ class Decision:
             "detail": self.detail,
         }
 
-
-def builtin_rule(rule_id: str, action: Verdict = Verdict.DENY) -> Rule:
-    """A protection the gateway always applies (private ranges, spoofing, ...)."""
-    return Rule(id=f"builtin:{rule_id}", action=action, file="<builtin>", line=0)

@@ -346,3 +346,40 @@ def parse_path(path: str) -> str:
     # `/a/` and `/a/b/..` name a directory: keep the trailing slash.
     trailing = "/" if segments and parts[-1] in ("", ".", "..") else ""
     return "/" + "/".join(segments) + trailing
+
+
+# --- host:port -----------------------------------------------------------------
+
+
+def parse_host_port(text: str, default_port: int | None = None, *, allow_zero: bool = False) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT`, or a bare host or IPv6 address (then `default_port`,
+    if given) -> (host, port), the host without brackets and otherwise as written.
+
+    Raises ValueError with a one-line message: no host, no port where one is
+    needed, a port that is not a number from 1 (0 with `allow_zero`: "any free
+    port") to 65535. A bare IPv6 address with a port is ambiguous (`::1:80`): it is
+    read as an address, so write `[::1]:80`."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:  # a bare host, or a bare IPv6 address
+        host, port_text = text, None
+    if not host:
+        raise ValueError(f"{text!r} names no host")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port")
+        return host, default_port
+    lowest = 0 if allow_zero else 1
+    if not (port_text.isascii() and port_text.isdigit() and lowest <= int(port_text) <= 65535):
+        raise ValueError(f"{text!r}: the port must be a number from {lowest} to 65535")
+    return host, int(port_text)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets: what parse_host_port reads."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -41,6 +41,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from sandgate.proxy.policy.model import HTTP_METHODS
+from sandgate.proxy.policy.names import parse_host_port
 from sandgate.proxy.policy.reasons import Reason
 from sandgate.proxy.telemetry.event import Event, EventKind
 
@@ -259,13 +260,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[V6]:PORT` -> (host, port); ValueError naming the problem."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT (e.g. {DEFAULT_LISTEN}), got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    """`HOST:PORT` or `[V6]:PORT` -> (host, port), port 0 for any free port;
+    ValueError naming the problem."""
+    try:
+        return parse_host_port(text, allow_zero=True)
+    except ValueError as e:
+        raise ValueError(f"expected HOST:PORT (e.g. {DEFAULT_LISTEN}), got {text!r}: {e}") from None
 
 
 class _StateCollector:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TextIO
 
+from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import Event, EventKind
 
@@ -32,7 +33,7 @@ class TaskSummary:
     def emit(self, event: Event) -> None:
         if event.kind in (EventKind.TASK, EventKind.POLICY, EventKind.CONNECTION_END):
             return
-        destination = event.name or (f"{event.dst_ip}:{event.dst_port}" if event.dst_ip else "?")
+        destination = event.name or (format_host_port(event.dst_ip, event.dst_port) if event.dst_ip else "?")
         key = (str(event.kind), destination, str(event.verdict), str(event.reason), event.rule_id or "")
         if key not in self.rows and len(self.rows) >= self.max_rows:
             key = (key[0], OTHER_DESTINATIONS, *key[2:])

@@ -52,8 +52,8 @@ GATE_BINDINGS = {"allowed.test": "203.0.113.10", "api.allowed.test": "203.0.113.
 
 def make_gate(tmp_path, sandbox: str = SANDBOX):
     """A ConnectionGate over GATE_RULES for one sandbox; its events collect in `.events`."""
-    from sandgate.proxy.connection import ConnectionGate
-    from sandgate.proxy.dnsfilter import DnsBindings
+    from sandgate.proxy.dns.bindings import DnsBindings
+    from sandgate.proxy.gate import ConnectionGate
     from sandgate.proxy.policy import load_policy
     from sandgate.proxy.registry import Sandbox, SandboxRegistry
 

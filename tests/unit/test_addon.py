@@ -137,6 +137,7 @@ def request_flow(c, host: str, method: str = "GET", path: str = "/"):
 def test_plain_http_request(addon, host, method, status, reason):
     c = client(("203.0.113.10", 80))
     addon.client_connected(c)
+    addon.next_layer(next_layer_for(c, b"GET / HTTP/1.1\r\n"))
     f = request_flow(c, host, method)
     addon.requestheaders(f)
     assert (f.response.status_code if f.response else None) == status

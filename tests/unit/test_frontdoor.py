@@ -10,7 +10,7 @@ import hashlib
 import socket
 
 import pytest
-from sandgate.proxy.frontdoor import FrontDoor
+from sandgate.proxy.frontdoor.door import FrontDoor
 from support.fakes import client_hello, make_gate
 
 LOOPBACK = "127.0.0.1"  # the "sandbox": the source address of every test client

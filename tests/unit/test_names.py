@@ -13,8 +13,10 @@ from sandgate.proxy.policy.names import (
     DomainPattern,
     InvalidAddress,
     InvalidName,
+    format_host_port,
     parse_domain,
     parse_domain_pattern,
+    parse_host_port,
     parse_ip,
     parse_network,
     parse_path,
@@ -467,3 +469,44 @@ def test_parse_domain_fast_path_agrees_with_the_full_checks(text):
             return InvalidName
 
     assert outcome(text) == outcome(text.replace(".", "\u3002"))
+
+
+# --- host:port --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, default_port, expected", [
+    pytest.param("example.com:8080", None, ("example.com", 8080), id="name"),
+    pytest.param("127.0.0.1:9464", None, ("127.0.0.1", 9464), id="v4"),
+    pytest.param("[::1]:9464", None, ("::1", 9464), id="v6-bracketed"),
+    pytest.param("example.com", 443, ("example.com", 443), id="default-port"),
+    pytest.param("[2001:db8::1]", 443, ("2001:db8::1", 443), id="v6-bracketed-default"),
+    pytest.param("2001:db8::1", 443, ("2001:db8::1", 443), id="v6-bare-is-an-address"),
+    pytest.param("h:65535", None, ("h", 65535), id="highest-port"),
+])
+def test_parse_host_port(text, default_port, expected):
+    assert parse_host_port(text, default_port) == expected
+    host, port = expected
+    assert parse_host_port(format_host_port(host, port)) == expected  # the formatter's output reads back
+
+
+@pytest.mark.parametrize("text, message", [
+    pytest.param("example.com", "has no port", id="no-port"),
+    pytest.param(":80", "names no host", id="no-host"),
+    pytest.param("[]:80", "names no host", id="empty-brackets"),
+    pytest.param("host:", "from 1 to 65535", id="empty-port"),
+    pytest.param("host:http", "from 1 to 65535", id="named-port"),
+    pytest.param("host:0", "from 1 to 65535", id="zero"),
+    pytest.param("host:65536", "from 1 to 65535", id="too-big"),
+    pytest.param("host:\u00b2", "from 1 to 65535", id="unicode-digit"),
+    pytest.param("host:-1", "from 1 to 65535", id="negative"),
+    pytest.param("[::1", "expected \\[IPV6\\]:PORT", id="unclosed-bracket"),
+    pytest.param("[::1]x80", "expected \\[IPV6\\]:PORT", id="junk-after-bracket"),
+])
+def test_parse_host_port_rejects(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_host_port(text)
+
+
+def test_port_zero_only_when_allowed():
+    assert parse_host_port("localhost:0", allow_zero=True) == ("localhost", 0)
+    assert format_host_port("::1", 80) == "[::1]:80" and format_host_port("10.0.0.1", 80) == "10.0.0.1:80"

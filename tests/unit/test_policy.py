@@ -25,6 +25,8 @@ from sandgate.proxy.policy import (
     parse_domain,
     parse_ip,
 )
+from sandgate.proxy.policy.builtin import BUILTINS, builtin_rule
+from sandgate.proxy.policy.builtin import deny as deny_by
 from sandgate.proxy.policy.names import _PUBLIC_SUFFIXES, parse_network, special_range
 
 ALLOW, DENY, ASK, AUDIT = Verdict.ALLOW, Verdict.DENY, Verdict.ASK, Verdict.AUDIT
@@ -614,6 +616,36 @@ def test_the_docs_list_no_reason_that_does_not_exist():
     documented = _documented_reasons()
     assert sorted(documented) == sorted(set(documented)), "a reason is listed twice"
     assert set(documented) <= {str(r) for r in Reason}
+
+
+def _documented_builtins() -> dict[str, tuple[list[str], str]]:
+    """rule id -> (reasons, meaning), from the table under '## Built-in rules' in docs/rules.md."""
+    section = DOCS.read_text(encoding="utf-8").split("\n## Built-in rules\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|\s*`(builtin:[a-z-]+)`\s*\|([^|]*)\|([^|]*)\|\s*$", section, re.MULTILINE)
+    assert len(rows) == len({rule for rule, _, _ in rows}), "a built-in rule is listed twice"
+    return {rule: (re.findall(r"`([a-z_]+)`", reasons), meaning.strip()) for rule, reasons, meaning in rows}
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_every_builtin_rule_is_documented_with_its_reasons_and_meaning(name):
+    entry = BUILTINS[name]
+    documented = _documented_builtins()
+    assert entry.rule.id in documented, f"docs/rules.md has no row for {entry.rule.id}"
+    assert documented[entry.rule.id] == ([str(r) for r in entry.reasons], entry.meaning)
+
+
+def test_the_docs_list_no_builtin_rule_that_does_not_exist():
+    assert set(_documented_builtins()) == {entry.rule.id for entry in BUILTINS.values()}
+
+
+def test_an_unknown_builtin_rule_is_an_error():
+    with pytest.raises(ValueError, match="no built-in rule 'privat-address'"):
+        builtin_rule("privat-address")
+    with pytest.raises(ValueError, match="does not give reason rule_allow"):
+        deny_by("malformed-tls", "x", reason=Reason.RULE_ALLOW)
+    decision = deny_by("malformed-tls", "SNI: bad", reason=Reason.INVALID_NAME)
+    assert (decision.verdict, decision.reason, decision.rule_id) == (Verdict.DENY, Reason.INVALID_NAME,
+                                                                     "builtin:malformed-tls")
 
 
 

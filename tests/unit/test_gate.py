@@ -4,7 +4,7 @@ decision out. No sockets, no mitmproxy."""
 from __future__ import annotations
 
 import pytest
-from sandgate.proxy.connection import MAX_FIRST_BYTES, Outcome
+from sandgate.proxy.gate import MAX_FIRST_BYTES, Outcome
 from support.fakes import SANDBOX, client_hello, make_gate
 
 
@@ -160,6 +160,7 @@ def test_hand_off_and_adopt_keep_one_decision(gate):
 )
 def test_requests(gate, host, method, path, reason, name):
     state = connect(gate, "203.0.113.10", 80)
+    assert gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n") is Outcome.HTTP
     decision = gate.on_request(state, host, method, path, tls=False)
     assert str(decision.reason) == reason
     (event,) = gate.events

@@ -1,43 +1,6 @@
-"""The front door: sandgate's own listener on the transparent port.
-
-nftables redirects every TCP connection of a sandbox here. For each one:
-
-1. `gate.on_connect` with the original destination (SO_ORIGINAL_DST);
-2. peek at the first bytes (`MSG_PEEK`: nothing is consumed) until
-   `gate.on_first_bytes` decides. A client that has sent nothing for `silence`
-   seconds is asked about with `gate.on_silence` (server-speaks-first protocols
-   on non-web ports); such a relay passes the server's bytes, and the client's
-   only once the server has spoken: bytes the client sends first go to
-   `gate.on_first_bytes` before any reaches the server. Nothing decidable within
-   `first_bytes_timeout`, or a close, ends the connection undecided (`no_data`);
-3. apply the outcome:
-   - PASSTHROUGH: connect to the original destination and relay both directions
-     (back-pressure each way, half-close passed on), counting bytes for the end
-     event. The peeked bytes are still in the socket, so the upstream gets the
-     stream from byte 0. mitmproxy never sees the connection.
-   - HTTP, INTERCEPT: the untouched socket goes to mitmproxy (`hand_off`), which
-     adopts the gate's decision and decides each request.
-   - REJECT: close (the gate emitted the denial).
-
-The front door decides nothing itself: every decision and event is the gate's.
-What it adds are the limits of a relay:
-- an upstream that cannot be reached (refused, unreachable, no answer within
-  `connect_timeout`): the client gets a reset, what it would have got from the
-  server directly; the allow event stands, and `connection_end` (zero bytes) says
-  "upstream connect failed: ..." in its detail;
-- a relayed connection with no byte either way for `idle_timeout` (10 minutes,
-  as mitmproxy's) is closed; its `connection_end` says so.
-
-Why it looks the way it does: allowed pass-through is most connections, and the
-cost per connection is the gateway's connection rate. mitmproxy's connection
-handler, layers and hook dispatch cost about three times what this relay does; so
-does asyncio's machinery per socket event (a transport per socket, a handle per
-callback, an epoll_ctl for each reader added or removed). The front door keeps
-its sockets in an epoll set of its own, edge-triggered: each socket is added once
-and never modified, and the asyncio loop watches the whole set as one descriptor
-(`_Poller`). One read buffer serves every relay; only bytes that a slow reader
-has not taken yet are kept per connection.
-"""
+"""The front door's listener and its connections: accept, peek at the first bytes,
+ask the gate, then relay (allowed pass-through), hand to mitmproxy (HTTP, inspected
+TLS) or close. The package docstring tells the whole path and its limits."""
 
 from __future__ import annotations
 
@@ -46,12 +9,13 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 
-from sandgate.proxy.connection import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
+from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
+from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
+from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 
 log = logging.getLogger("sandgate.frontdoor")
 
@@ -61,17 +25,9 @@ ACCEPTS_PER_WAKEUP = 64
 # timer for all connections instead of one each, which would cost more than the
 # decisions they guard. Deadlines are met to within this.
 TICK = 0.05
-RELAY_CHUNK = 256 * 1024  # bytes per recv, as asyncio's transports read
-_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 # accept() errors that mean "out of descriptors or memory": stop accepting for a
 # moment instead of spinning on a listener that stays readable (as asyncio does).
 _ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
-_CLOSED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # the peer shut down, reset, or failed
-# Every socket of the front door is watched for all of these, edge-triggered, from
-# the start: an event means "something changed since you last looked".
-_WATCH = _IN | _OUT | select.EPOLLRDHUP | select.EPOLLET
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
@@ -80,59 +36,6 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, address = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntop(socket.AF_INET, address), port
-
-
-class _Poller:
-    """An epoll set whose events go to one handler per descriptor; the asyncio loop
-    watches it as one readable descriptor and calls `dispatch`.
-
-    A descriptor closed while a batch of events is dispatched may be reused by a
-    socket opened in the same batch: an event still queued for the old socket must
-    not reach the new one. So descriptors forgotten during a batch are skipped for
-    the rest of it (a new socket's own events come with the next batch)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.epoll = select.epoll()
-        self.handlers: dict[int, Callable[[int], None]] = {}
-        self._dispatching = False
-        self._forgotten: set[int] = set()
-        loop.add_reader(self.epoll.fileno(), self.dispatch)
-
-    def watch(self, fd: int, handler: Callable[[int], None]) -> None:
-        self.handlers[fd] = handler
-        self.epoll.register(fd, _WATCH)  # edge-triggered, yet reports the current state once
-
-    def forget(self, fd: int, unregister: bool = False) -> None:
-        """Stop handling fd: before it is closed (closing takes it out of the set),
-        or, with `unregister`, before someone else takes the socket over."""
-        if self.handlers.pop(fd, None) is not None:
-            if self._dispatching:
-                self._forgotten.add(fd)
-            if unregister:
-                with contextlib.suppress(OSError):
-                    self.epoll.unregister(fd)
-
-    def dispatch(self) -> None:
-        handlers, forgotten = self.handlers, self._forgotten
-        self._dispatching = True
-        try:
-            for fd, events in self.epoll.poll(0, 512):
-                if fd in forgotten:
-                    continue
-                handler = handlers.get(fd)
-                if handler is not None:
-                    try:
-                        handler(events)
-                    except Exception:  # noqa: BLE001 - handlers fail closed themselves; keep the batch going
-                        log.exception("front door: handler for fd %d failed", fd)
-        finally:
-            self._dispatching = False
-            forgotten.clear()
-
-    def close(self) -> None:
-        self.loop.remove_reader(self.epoll.fileno())
-        self.epoll.close()
 
 
 class FrontDoor:
@@ -159,17 +62,14 @@ class FrontDoor:
         self.backlog = backlog
         self.port: int | None = None  # where it listens, once started
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.poller: _Poller | None = None
+        self.poller: Poller | None = None
         self._listener: socket.socket | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._ticker: asyncio.TimerHandle | None = None
-        self._waiting: dict[_Connection, None] = {}  # with a deadline: undecided, or connecting
-        self._live: set[_Connection] = set()  # every connection it still owns
+        self._waiting: dict[Connection, None] = {}  # with a deadline: undecided, or connecting
+        self._live: set[Connection] = set()  # every connection it still owns
         self._handed_off: dict[asyncio.Task, socket.socket] = {}
-        # One read buffer for every relay: handlers run one at a time, and what a
-        # reader cannot take at once is copied out of it.
-        self.buffer = bytearray(RELAY_CHUNK)
-        self.view = memoryview(self.buffer)
+        self.buffer = bytearray(RELAY_CHUNK)  # one read buffer for every relay (relay.py)
 
     async def start(self, host: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
@@ -187,7 +87,7 @@ class FrontDoor:
             raise
         self._listener = listener
         self.port = listener.getsockname()[1]
-        self.poller = _Poller(self.loop)
+        self.poller = Poller(self.loop)
         self.loop.add_reader(listener.fileno(), self._accept)
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
@@ -258,16 +158,15 @@ class FrontDoor:
             # make this close a reset, as it was when mitmproxy closed it here.
             sock.close()
             return
-        connection = _Connection(self, state, sock, dst)
+        connection = Connection(self, state, sock, dst)
         self._live.add(connection)
         self.poller.watch(connection.client_fd, connection.on_waiting_event)
 
     # --- hand-off to mitmproxy ----------------------------------------------------------
 
-    def _hand_off(self, connection: _Connection) -> None:
+    def _hand_off(self, connection: Connection) -> None:
         self._live.discard(connection)
         self.poller.forget(connection.client_fd, unregister=True)
-        self.gate.hand_off(connection.state)
         task = self.loop.create_task(self._serve_handed_off(connection.client, connection.state))
         self._handed_off[task] = connection.client
         task.add_done_callback(self._handed_off.pop)
@@ -283,13 +182,13 @@ class FrontDoor:
 
     # --- deadlines ------------------------------------------------------------------------
 
-    def wait(self, connection: _Connection) -> None:
+    def wait(self, connection: Connection) -> None:
         """Look at `connection.wake_at` from now on, until `unwait`."""
         self._waiting[connection] = None
         if self._ticker is None:
             self._ticker = self.loop.call_later(TICK, self._tick)
 
-    def unwait(self, connection: _Connection) -> None:
+    def unwait(self, connection: Connection) -> None:
         self._waiting.pop(connection, None)
 
     def _tick(self) -> None:
@@ -307,45 +206,21 @@ class FrontDoor:
     def _sweep(self) -> None:
         now = self.loop.time()
         for connection in list(self._live):
-            if connection.relaying and now - connection.last_active > self.idle_timeout:
+            relay = connection.relay
+            if relay is not None and now - relay.last_active > self.idle_timeout:
                 connection.finish(f"idle for {self.idle_timeout:g} s; the gateway closed it")
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
 
-class _End:
-    """One socket of a relayed connection, with what its last events said. The
-    bytes in `pending` were read from the other end and wait for this socket to
-    take them; until it has, the other end is not read (back-pressure)."""
 
-    __slots__ = ("sock", "fd", "readable", "writable", "closing", "eof", "pending")
-
-    def __init__(self, sock: socket.socket, readable: bool, writable: bool, closing: bool = False):
-        self.sock, self.fd = sock, sock.fileno()
-        self.readable, self.writable = readable, writable
-        self.closing = closing  # its peer shut down or reset: read on until the end
-        self.eof = False  # read to its end (FIN)
-        self.pending: bytes | None = None
-
-
-def _note(end: _End, events: int) -> None:
-    """What an event says about a socket: readable, writable, its peer gone."""
-    if events & _CLOSED:
-        end.readable = end.writable = end.closing = True
-        return
-    if events & _IN:
-        end.readable = True
-    if events & _OUT:
-        end.writable = True
-
-
-class _Connection:
+class Connection:
     """One admitted connection, from accept to close: waiting for its first bytes,
     connecting upstream, relaying. Its handlers get the epoll events of its sockets.
     Every handler fails closed: an exception ends the connection, and the gate
     reports it."""
 
     __slots__ = ("door", "loop", "state", "client", "client_fd", "client_closing", "dst", "upstream", "seen", "wake_at",
-                 "silent_until", "deadline", "relaying", "holding", "c", "u", "last_active", "done")
+                 "silent_until", "deadline", "relay", "holding", "done")
 
     def __init__(self, door: FrontDoor, state: ConnState, client: socket.socket, dst: tuple[str, int]):
         self.door, self.loop, self.state, self.client, self.dst = door, door.loop, state, client, dst
@@ -358,11 +233,8 @@ class _Connection:
         self.silent_until = now + door.silence if door.silence is not None else None
         self.wake_at = self._next_wake()
         door.wait(self)
-        self.relaying = False
+        self.relay: Relay | None = None  # once relaying
         self.holding = False  # relaying only the server's bytes (see _relay)
-        self.c: _End | None = None  # the client end, once relaying
-        self.u: _End | None = None  # the upstream end
-        self.last_active = now
         self.done = False
 
     # --- first bytes ----------------------------------------------------------------------
@@ -374,8 +246,8 @@ class _Connection:
             self.crash(e)
 
     def _peek(self, events: int) -> None:
-        if not events & _IN:
-            if events & _CLOSED:
+        if not events & IN:
+            if events & CLOSED:
                 self.finish(None)  # closed or reset before a byte
             return
         try:
@@ -387,11 +259,11 @@ class _Connection:
         if len(data) > self.seen:
             outcome = self.door.gate.on_first_bytes(self.state, data)
             if outcome is not Outcome.WAIT:
-                self.client_closing = bool(events & _CLOSED)
+                self.client_closing = bool(events & CLOSED)
                 self._decided(outcome)
                 return
             self.seen, self.silent_until = len(data), None
-        if not data or events & _CLOSED:
+        if not data or events & CLOSED:
             # Closed, reset, or shut down for writing: no more bytes will come.
             self.finish(None)
 
@@ -407,7 +279,7 @@ class _Connection:
             now = self.loop.time()
             if self.silent_until is not None and now >= self.silent_until:
                 self.silent_until = None
-                self._peek(_IN)  # bytes may have come with this very loop turn
+                self._peek(IN)  # bytes may have come with this very loop turn
                 if self.done or self.state.outcome is not None:
                     return
                 if self.seen == 0:
@@ -427,6 +299,9 @@ class _Connection:
         if outcome is Outcome.PASSTHROUGH:
             self._connect()
         elif outcome is Outcome.HTTP or outcome is Outcome.INTERCEPT:
+            if not self.door.gate.hand_off(self.state):
+                self.finish(None, reset=True)  # the gate denied it and said why
+                return
             self.done = True
             self.door._hand_off(self)
         else:  # REJECT: the gate emitted the denial
@@ -457,20 +332,20 @@ class _Connection:
     def _while_connecting(self, events: int) -> None:
         # Nothing to do for the client until the upstream answers; remember a FIN
         # or reset, which edge-triggered epoll will not report again.
-        if events & _CLOSED:
+        if events & CLOSED:
             self.client_closing = True
 
     def _on_connect_event(self, events: int) -> None:
         try:
-            if not events & (_OUT | _CLOSED):
+            if not events & (OUT | CLOSED):
                 return
             error = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 self._connect_failed(os.strerror(error))
                 return
             self.door.unwait(self)
-            self._relay(upstream_readable=bool(events & (_IN | _CLOSED)),
-                        upstream_closing=bool(events & _CLOSED))
+            self._relay(upstream_readable=bool(events & (IN | CLOSED)),
+                        upstream_closing=bool(events & CLOSED))
         except Exception as e:  # noqa: BLE001
             self.crash(e)
 
@@ -478,27 +353,26 @@ class _Connection:
         self.finish(f"upstream connect failed: {why}", reset=True)
 
     def _relay(self, upstream_readable: bool, upstream_closing: bool) -> None:
-        self.relaying = True
-        self.last_active = self.loop.time()
         # The client has unread bytes (the peeked ones) and, edge-triggered, will
         # not say so again: start as readable.
-        self.c = _End(self.client, readable=True, writable=True, closing=self.client_closing)
-        self.u = _End(self.upstream, readable=upstream_readable, writable=True, closing=upstream_closing)
+        client = End(self.client, readable=True, writable=True, closing=self.client_closing)
+        upstream = End(self.upstream, readable=upstream_readable, writable=True, closing=upstream_closing)
+        self.relay = Relay(client, upstream, self.state, self.door.buffer, self.loop.time, self.finish)
         # Allowed on silence: the server is to speak first. Until it does, the client
         # is not read; should it speak first, its bytes are decided (_client_spoke).
         self.holding = self.state.silent
         handlers = self.door.poller.handlers
         handlers[self.client_fd] = self._on_client_event
-        handlers[self.u.fd] = self._on_upstream_event
+        handlers[upstream.fd] = self._on_upstream_event
         if self.holding:
-            self._client_spoke(_IN)  # it may have spoken while the upstream connection was made
-        if self.relaying and not self.done:
+            self._client_spoke(IN)  # it may have spoken while the upstream connection was made
+        if self.relay is not None and not self.done:
             self._pump()
 
     # --- relaying -----------------------------------------------------------------------------
 
     def _on_client_event(self, events: int) -> None:
-        _note(self.c, events)
+        note(self.relay.client, events)
         if self.holding:
             self._client_spoke(events)
         else:
@@ -520,7 +394,7 @@ class _Connection:
                 return
             outcome = self.door.gate.on_first_bytes(self.state, data)
             if outcome is Outcome.WAIT:
-                if events & _CLOSED:  # no more will come: the silence decision stands
+                if events & CLOSED:  # no more will come: the silence decision stands
                     self.holding = False
                     self._pump()
                 return
@@ -529,97 +403,31 @@ class _Connection:
                 self._pump()
                 return
             # Not for this relay: drop the upstream connection, which got no byte.
-            self.door.poller.forget(self.u.fd)
+            self.door.poller.forget(self.upstream.fileno())
             self.upstream.close()
-            self.upstream, self.relaying, self.c, self.u = None, False, None, None
+            self.upstream, self.relay = None, None
             self._decided(outcome)
         except Exception as e:  # noqa: BLE001
             self.crash(e)
 
     def _on_upstream_event(self, events: int) -> None:
-        _note(self.u, events)
+        note(self.relay.upstream, events)
         self._pump()
 
     def _pump(self) -> None:
         try:
-            c, u = self.c, self.u
+            relay = self.relay
             if self.holding:
-                if not self._move(u, c, up=False) or not self.state.bytes_down:
+                if not relay.move(relay.upstream, relay.client, up=False) or not self.state.bytes_down:
                     return  # ended, or the server has not spoken yet
                 self.holding = False  # it has: a server-speaks-first protocol, as allowed
-                self.state.silent = False
-                c.readable = True  # what the client sent meanwhile is unread
-            if (self._move(c, u, up=True) and self._move(u, c, up=False)
-                    and c.eof and u.eof and c.pending is None and u.pending is None):
-                self.finish(None)  # both directions finished cleanly
+                if self.door.gate.on_server_spoke(self.state) is not Outcome.PASSTHROUGH:
+                    self.finish(None, reset=True)  # the gate denied it and said why
+                    return
+                relay.client.readable = True  # what the client sent meanwhile is unread
+            relay.pump()
         except Exception as e:  # noqa: BLE001
             self.crash(e)
-
-    def _move(self, src: _End, dst: _End, up: bool) -> bool:
-        """Move what src has to dst until one of them would block. False when the
-        connection ended (a reset, passed on to the other end)."""
-        door = self.door
-        while True:
-            if dst.pending is not None:
-                if not dst.writable:
-                    return True
-                try:
-                    sent = dst.sock.send(dst.pending)
-                except (BlockingIOError, InterruptedError):
-                    dst.writable = False
-                    return True
-                except OSError:
-                    self.finish(None, reset=True)
-                    return False
-                if sent < len(dst.pending):
-                    dst.pending, dst.writable = dst.pending[sent:], False
-                    return True
-                dst.pending = None
-                if src.eof:
-                    return self._shut(dst)
-            if not src.readable or src.eof:
-                return True
-            try:
-                n = src.sock.recv_into(door.buffer)
-            except (BlockingIOError, InterruptedError):
-                src.readable = False
-                return True
-            except OSError:  # reset: pass it on
-                self.finish(None, reset=True)
-                return False
-            if n == 0:
-                src.eof, src.readable = True, False
-                return self._shut(dst)
-            if up:
-                self.state.bytes_up += n
-            else:
-                self.state.bytes_down += n
-            self.last_active = self.loop.time()
-            try:
-                sent = dst.sock.send(door.view[:n])
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.finish(None, reset=True)
-                return False
-            if sent < n:
-                dst.pending, dst.writable = bytes(door.view[sent:n]), False
-                return True
-            if n < RELAY_CHUNK and not src.closing:
-                # Read less than asked: drained. Bytes arriving later raise a new
-                # event (edge-triggered epoll reports every arrival). A FIN that
-                # came with the last event raises none: `closing` reads on to it.
-                src.readable = False
-                return True
-
-    def _shut(self, dst: _End) -> bool:
-        # Half-close: the FIN goes on; the other direction stays open until it ends too.
-        try:
-            dst.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.finish(None, reset=True)
-            return False
-        return True
 
     # --- the end ----------------------------------------------------------------------------
 
@@ -645,22 +453,11 @@ class _Connection:
                 poller.forget(sock.fileno())
             if reset:
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
                 sock.close()
             elif drain:
-                _close_read(sock)
+                close_read(sock)
             else:
                 sock.close()
         self.door._live.discard(self)
         self.door.gate.on_close(self.state, problem)
-
-
-def _close_read(sock: socket.socket) -> None:
-    """Read what the client sent so far, then close: with unread bytes in its
-    buffer (the peeked ones) closing would send a reset, where a proxy that had
-    read them, as mitmproxy did, sends a FIN."""
-    with contextlib.suppress(OSError):
-        for _ in range(16):  # what arrived, not a stream the client keeps up
-            if not sock.recv(65536):
-                break
-    sock.close()

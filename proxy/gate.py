@@ -1,8 +1,10 @@
 """Every sandbox connection meets `decide` here: the gate, without mitmproxy or sockets.
 
-`ConnectionGate` holds the policy, the sandbox registry, the DNS bindings and
-`emit`. Its methods take plain values and say what to do; the front door
-(proxy/frontdoor.py) and the mitmproxy addon (proxy/addon.py) apply the answer.
+`ConnectionGate` holds the policy, the sandbox registry, the DNS bindings, `emit`
+and a clock. Its methods take plain values and say what to do; the front door
+(proxy/frontdoor/) and the mitmproxy addon (proxy/addon.py) apply the answer. Each
+connection moves through the phases of proxy/lifecycle.py, whose one table says
+which call may come when.
 Decision points, earliest first (see docs/architecture.md):
 
  1. `on_connect`: sandbox known? original destination IP:port hard-denied (private
@@ -16,6 +18,7 @@ Decision points, earliest first (see docs/architecture.md):
     ssh client waiting for the banner) is decided as raw TCP without bytes; should
     it speak first after all, a ClientHello or request line still gets its own
     decision (`on_first_bytes`).
+    `on_server_spoke`: a server allowed to speak first did; the relay is plain.
     `hand_off` / `adopt`: a decided connection moves from the front door to
     mitmproxy with its decision; the addon does not decide it again.
  3. `on_request`: Host must agree with SNI and destination; method and path rules.
@@ -23,7 +26,9 @@ Decision points, earliest first (see docs/architecture.md):
     closed before any decision gets its `no_data` denial.
 
 Each decision emits exactly one Event. Each public method fails closed: an
-unexpected exception is a denial with `internal_error`, emitted like any other.
+unexpected exception, or a call its connection's phase does not take (an
+IllegalTransition), is a denial with `internal_error`, emitted like any other;
+no exception leaves the gate.
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ from dataclasses import dataclass
 from enum import Enum
 
 from sandgate.proxy.clienthello import parse_client_hello, starts_like_tls_record
+from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
 from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
+from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.index import CompiledPolicy
-from sandgate.proxy.policy.model import builtin_rule
-from sandgate.proxy.policy.names import InvalidName, parse_domain
+from sandgate.proxy.policy.names import InvalidName, format_host_port, parse_domain, parse_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.telemetry.event import Event, EventKind
@@ -54,13 +60,6 @@ WEB_PORTS = frozenset({80, 443, 8080, 8443})
 # KiB with several post-quantum key shares).
 MAX_FIRST_BYTES = 16 * 1024
 
-UNKNOWN_SANDBOX_RULE = builtin_rule("unknown-sandbox")
-MALFORMED_TLS_RULE = builtin_rule("malformed-tls")
-MISSING_SNI_RULE = builtin_rule("missing-sni")
-NOT_HTTP_RULE = builtin_rule("not-http")
-HOST_MISMATCH_RULE = builtin_rule("host-mismatch")
-NO_DATA_RULE = builtin_rule("no-data")
-INTERNAL_ERROR_RULE = builtin_rule("internal-error")
 
 # Destinations repeat (a task talks to a few hosts): parse each address once. parse_ip
 # is pure and its results immutable.
@@ -82,7 +81,7 @@ class Outcome(Enum):
 
 
 class DnsBindingsView:
-    """What the gate needs from the DNS filter's bindings (proxy.dnsfilter.DnsBindings)."""
+    """What the gate needs from the DNS filter's bindings (proxy/dns/bindings.py)."""
 
     def resolved(self, sandbox: str, name: str, ip: str) -> bool: ...
     def names_for(self, sandbox: str, ip: str) -> list[str]: ...
@@ -97,29 +96,38 @@ class ConnState:
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address  # original destination
     port: int
     fields: dict  # the event fields every event of this connection carries
-    started: float  # perf_counter when the bytes being decided on arrived: decision latency
-    opened: float  # wall clock at connect, for the connection's duration
+    started: float  # the gate's clock when the bytes being decided on arrived: decision latency
+    opened: float  # the gate's clock at connect, for the connection's duration
     name: str | None = None  # SNI (TLS) or the DNS-bound name (raw TCP)
-    outcome: Outcome | None = None  # set once decided; a decision is not made twice
+    phase: Phase = Phase.NEW  # where in its lifecycle (proxy/lifecycle.py)
+    outcome: Outcome | None = None  # what was decided, set once (kept through a hand-off)
     allowed: Decision | None = None  # the decision that let the connection through
     protocol: str = "tcp"
-    handed_off: bool = False  # the front door gave it to mitmproxy, which adopts it
-    silent: bool = False  # allowed on silence; the client has not spoken yet (see on_silence)
     bytes_up: int = 0  # counted on pass-through connections only
     bytes_down: int = 0
 
     @property
-    def decided(self) -> bool:
-        return self.outcome is not None
+    def silent(self) -> bool:
+        """Allowed on silence; the client has not spoken yet (see on_silence)."""
+        return self.phase is Phase.SILENT
+
+
+# The phase a decided outcome puts a connection in.
+_PHASE_OF = {Outcome.PASSTHROUGH: Phase.PASSING, Outcome.INTERCEPT: Phase.INTERCEPTING, Outcome.HTTP: Phase.HTTP,
+             Outcome.REJECT: Phase.REJECTED}
 
 
 class ConnectionGate:
+    """`clock` (seconds, monotonic) times decisions and connections: inject one to
+    make latencies and durations deterministic in tests."""
+
     def __init__(self, policy: CompiledPolicy, registry: SandboxRegistry, bindings: DnsBindingsView,
-                 emit: Callable[[Event], None]):
+                 emit: Callable[[Event], None], clock: Callable[[], float] = time.monotonic):
         self.policy = policy
         self.registry = registry
         self.bindings = bindings
         self.emit = emit
+        self.clock = clock
         # Every connection past connect and not yet closed, by its adapter's key.
         self.connections: dict[Hashable, ConnState] = {}
 
@@ -127,43 +135,50 @@ class ConnectionGate:
 
     def on_connect(self, key: Hashable, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> ConnState | None:
         """The state of an admitted connection, or None: denied, its event emitted."""
-        started = time.perf_counter()
-        fields = {"source": f"{src_ip}:{src_port}", "dst_ip": dst_ip, "dst_port": dst_port}
+        started = self.clock()
+        fields = {"source": format_host_port(src_ip, src_port), "dst_ip": dst_ip, "dst_port": dst_port}
         try:
             sandbox = self.registry.get(src_ip)
             ip = _parse_destination(dst_ip)
             if sandbox is None or ip is None:
-                self._emit_connection(Decision(Verdict.DENY, Reason.UNKNOWN_SANDBOX, UNKNOWN_SANDBOX_RULE,
-                                               detail=f"no task owns source address {src_ip}"),
+                self._emit_connection(deny("unknown-sandbox", detail=f"no task owns source address {src_ip}"),
                                       fields, None, "tcp", started)
                 return None
             # Stamped as Gateway.emit would stamp them: the policy that decides, the task.
             fields.update(sandbox=sandbox.address, profile=sandbox.profile, policy_hash=self.policy.hash,
                           task_id=sandbox.task_id)
-            state = ConnState(key, sandbox, ip, dst_port, fields, started, time.time())
+            state = ConnState(key, sandbox, ip, dst_port, fields, started, started)
             decision = self._decide_connect(state, name=None)
             if decision.reason in _FINAL_AT_CONNECT:
                 self._emit_connection(decision, fields, None, "tcp", started)
                 return None
+            self._step(state, Step.CONNECT, Phase.OPEN)
         except Exception as e:  # noqa: BLE001 - deny, say why, keep serving others
-            self._internal_error(e, fields, started)
+            self._internal_error(e, fields, started, None)
             return None
         self.connections[key] = state
         return state
 
-    def hand_off(self, state: ConnState) -> None:
-        """Mark a decided connection as given to another adapter, which `adopt`s it."""
-        state.handed_off = True
+    def hand_off(self, state: ConnState) -> bool:
+        """Mark a decided connection as given to another adapter, which `adopt`s it.
+        False if it may not be (not HTTP or intercepted TLS): denied, the caller closes it."""
+        try:
+            self._step(state, Step.HAND_OFF, Phase.HANDED_OFF)
+        except IllegalTransition as e:
+            self.fail(state, e)
+            return False
+        return True
 
     def adopt(self, old_key: Hashable, new_key: Hashable) -> ConnState | None:
         """The handed-off connection filed under `old_key`, now under `new_key`; None
         if there is none. Its decision stands: the new adapter only applies it."""
         state = self.connections.get(old_key)
-        if state is None or not state.handed_off:
+        if state is None or state.phase is not Phase.HANDED_OFF:
             return None
         del self.connections[old_key]
-        state.key, state.handed_off = new_key, False
+        state.key = new_key
         self.connections[new_key] = state
+        self._step(state, Step.ADOPT, _PHASE_OF[state.outcome])
         return state
 
     # --- 2. first bytes ---------------------------------------------------------------
@@ -172,38 +187,42 @@ class ConnectionGate:
         """Decide on the client's first bytes (all that arrived so far, none consumed).
         Once decided, the outcome is returned again without a second decision, with
         one exception: see `on_silence`."""
-        if state.outcome is not None:
-            if not state.silent:
-                return state.outcome
-            if not (starts_like_tls_record(data) or _looks_like_http(data)):
-                if (len(data) < 3 and b"\n" not in data) or _may_become_http(data):
-                    return Outcome.WAIT  # could still become a ClientHello or a request line
-                state.silent = False  # raw bytes: what the silence decision allowed
-                return state.outcome
-            # A name the silence decision could not see: the bytes get their own decision.
-            silence = state.outcome, state.allowed, state.name, state.protocol
-            state.outcome, state.allowed, state.name, state.protocol = None, None, None, "tcp"
-            outcome = self.on_first_bytes(state, data)
-            if outcome is Outcome.WAIT:  # half a ClientHello: the silence decision holds meanwhile
-                state.outcome, state.allowed, state.name, state.protocol = silence
-            else:
-                state.silent = False
-            return outcome
-        state.started = time.perf_counter()
         try:
-            if starts_like_tls_record(data):
-                outcome = self._tls(state, data)
-            elif _looks_like_http(data):
-                outcome = Outcome.HTTP
-            elif (len(data) >= 3 or b"\n" in data) and not _may_become_http(data):
-                outcome = self._raw_tcp(state)
-            else:
-                outcome = Outcome.WAIT  # too few bytes to tell
-        except Exception as e:  # noqa: BLE001
-            self._internal_error(e, state.fields, state.started, state)
-            outcome = Outcome.REJECT
-        if outcome is not Outcome.WAIT:
-            state.outcome = outcome
+            if state.phase is Phase.OPEN:
+                state.started = self.clock()
+                outcome = self._decide_bytes(state, data)
+            elif state.phase is Phase.SILENT:
+                outcome = self._spoke_after_silence(state, data)
+            else:  # decided before (or an illegal call: the table says which)
+                self._step(state, Step.FIRST_BYTES, state.phase)
+                return state.outcome
+            self._settle(state, Step.FIRST_BYTES, outcome)
+        except Exception as e:  # noqa: BLE001 - deny, say why, keep serving others
+            self._fail(state, e, state.started)
+            return Outcome.REJECT
+        return outcome
+
+    def _decide_bytes(self, state: ConnState, data: bytes) -> Outcome:
+        if starts_like_tls_record(data):
+            return self._tls(state, data)
+        if _looks_like_http(data):
+            return Outcome.HTTP
+        if _too_few_to_tell(data):
+            return Outcome.WAIT
+        return self._raw_tcp(state)
+
+    def _spoke_after_silence(self, state: ConnState, data: bytes) -> Outcome:
+        if not (starts_like_tls_record(data) or _looks_like_http(data)):
+            if _too_few_to_tell(data):
+                return Outcome.WAIT  # could still become a ClientHello or a request line
+            return Outcome.PASSTHROUGH  # raw bytes: what the silence decision allowed
+        # A name the silence decision could not see: the bytes get their own decision.
+        silence = state.allowed, state.name, state.protocol
+        state.allowed, state.name, state.protocol = None, None, "tcp"
+        state.started = self.clock()
+        outcome = self._decide_bytes(state, data)
+        if outcome is Outcome.WAIT:  # half a ClientHello: the silence decision holds meanwhile
+            state.allowed, state.name, state.protocol = silence
         return outcome
 
     def on_silence(self, state: ConnState) -> Outcome:
@@ -218,41 +237,48 @@ class ConnectionGate:
         this decision allowed, but a ClientHello or an HTTP request carries a name,
         and gets a decision of its own (with its event), as if it had come in time.
         Otherwise waiting 300 ms would skip the SNI and Host checks."""
-        if state.outcome is not None:
-            return state.outcome
-        if state.port in WEB_PORTS:
-            return Outcome.WAIT
-        state.started = time.perf_counter()
         try:
-            outcome = self._raw_tcp(state)
+            outcome = Outcome.WAIT
+            if state.phase is Phase.OPEN and state.port not in WEB_PORTS:
+                state.started = self.clock()
+                outcome = self._raw_tcp(state)
+            target = {Outcome.WAIT: state.phase, Outcome.PASSTHROUGH: Phase.SILENT}.get(outcome, Phase.REJECTED)
+            self._step(state, Step.SILENCE, target)
+            if outcome is not Outcome.WAIT:
+                state.outcome = outcome
         except Exception as e:  # noqa: BLE001
-            self._internal_error(e, state.fields, state.started, state)
-            outcome = Outcome.REJECT
-        state.outcome, state.silent = outcome, outcome is Outcome.PASSTHROUGH
+            self._fail(state, e, state.started)
+            return Outcome.REJECT
         return outcome
+
+    def on_server_spoke(self, state: ConnState) -> Outcome:
+        """The server of a connection allowed on silence sent its first bytes: from
+        now on a plain relay (PASSTHROUGH), or REJECT (denied) if the call was illegal."""
+        try:
+            self._step(state, Step.SERVER_SPOKE, Phase.PASSING)
+        except IllegalTransition as e:
+            self._fail(state, e, self.clock())
+            return Outcome.REJECT
+        return Outcome.PASSTHROUGH
 
     def _tls(self, state: ConnState, data: bytes) -> Outcome:
         try:
             hello = parse_client_hello(data)
         except ValueError as e:
-            return self._reject(state, Decision(Verdict.DENY, Reason.MALFORMED_TLS, MALFORMED_TLS_RULE,
-                                                detail=f"unparseable ClientHello: {e}"), "tls")
+            return self._reject(state, deny("malformed-tls", detail=f"unparseable ClientHello: {e}"), "tls")
         if hello is None:
             if len(data) < MAX_FIRST_BYTES:
                 return Outcome.WAIT
-            return self._reject(state, Decision(Verdict.DENY, Reason.MALFORMED_TLS, MALFORMED_TLS_RULE,
-                                                detail=f"ClientHello longer than {MAX_FIRST_BYTES} bytes"), "tls")
+            return self._reject(state, deny("malformed-tls", detail=f"ClientHello longer than {MAX_FIRST_BYTES} bytes"), "tls")
         if not hello.sni:
             decision = self._decide_connect(state, name=None)
             if not decision.allowed:
-                decision = Decision(Verdict.DENY, Reason.MISSING_SNI, MISSING_SNI_RULE,
-                                    detail=f"TLS to {state.ip}:{state.port} without SNI and no IP rule allows it")
+                decision = deny("missing-sni", detail=f"TLS to {state.ip}:{state.port} without SNI and no IP rule allows it")
         else:
             try:
                 state.name = parse_domain(hello.sni)
             except InvalidName as e:
-                return self._reject(state, Decision(Verdict.DENY, Reason.INVALID_NAME, MALFORMED_TLS_RULE,
-                                                    detail=f"SNI: {e}"), "tls")
+                return self._reject(state, deny("malformed-tls", reason=Reason.INVALID_NAME, detail=f"SNI: {e}"), "tls")
             decision = self._decide_connect(state, name=state.name)
         decision = _without_approver(decision)
         self._emit_connection(decision, state.fields, state.name, "tls", state.started)
@@ -263,8 +289,7 @@ class ConnectionGate:
 
     def _raw_tcp(self, state: ConnState) -> Outcome:
         if state.port in WEB_PORTS:
-            decision = Decision(Verdict.DENY, Reason.NOT_HTTP, NOT_HTTP_RULE,
-                                detail=f"bytes to {state.ip}:{state.port} are neither TLS nor HTTP")
+            decision = deny("not-http", detail=f"bytes to {state.ip}:{state.port} are neither TLS nor HTTP")
         else:
             # No name in the protocol: try the names this sandbox resolved to the address.
             decision = self._decide_connect(state, name=None)
@@ -277,8 +302,7 @@ class ConnectionGate:
             if decision.allowed and decision.inspect:
                 # A rule here checks HTTP methods or paths: bytes that are not HTTP
                 # cannot be held to it, so they may not pass at all.
-                decision = Decision(Verdict.DENY, Reason.NOT_HTTP, NOT_HTTP_RULE,
-                                    detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
+                decision = deny("not-http", detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
                                            "and these bytes are not HTTP")
         self._emit_connection(decision, state.fields, state.name, "tcp", state.started)
         if not decision.allowed:
@@ -291,18 +315,18 @@ class ConnectionGate:
     def on_request(self, state: ConnState, host: str, method: str, path: str, tls: bool) -> Decision:
         """Decide one HTTP request (plain, or inside intercepted TLS) and emit it.
         `host` is the Host header (or :authority), "" if absent; `path` as sent."""
-        started = time.perf_counter()
+        started = self.clock()
         name = None
         try:
+            self._step(state, Step.REQUEST, state.phase)
             decision, name = self._decide_request(state, host, method, path)
             decision = _without_approver(decision)
         except Exception as e:  # noqa: BLE001
             log.exception("request decision failed; denying")
-            decision = Decision(Verdict.DENY, Reason.INTERNAL_ERROR, INTERNAL_ERROR_RULE,
-                                detail=f"{type(e).__name__}: {e}")
+            decision = deny("internal-error", detail=f"{type(e).__name__}: {e}")
         self.emit(Event.from_decision(
             EventKind.REQUEST, decision, **state.fields, protocol="https" if tls else "http",
-            name=name, method=method, path=path[:2048], latency=time.perf_counter() - started))
+            name=name, method=method, path=path[:2048], latency=self.clock() - started))
         return decision
 
     def _decide_request(self, state: ConnState, host: str, method: str, path: str) -> tuple[Decision, str | None]:
@@ -316,7 +340,7 @@ class ConnectionGate:
             try:
                 name = parse_domain(host_only)
             except InvalidName as e:
-                return Decision(Verdict.DENY, Reason.INVALID_NAME, HOST_MISMATCH_RULE, detail=f"Host header: {e}"), None
+                return deny("host-mismatch", reason=Reason.INVALID_NAME, detail=f"Host header: {e}"), None
             if state.name is not None and name != state.name:
                 return _mismatch(f"Host {name} differs from TLS SNI {state.name}"), name
         elif state.name is None:
@@ -336,29 +360,31 @@ class ConnectionGate:
         (the upstream refused, a timeout): added to an allowed connection's detail,
         the whole detail of an undecided one.
         Reported once: a second close of the same connection does nothing."""
-        if self.connections.get(state.key) is not state:
+        phase = state.phase
+        try:
+            self._step(state, Step.CLOSE, Phase.CLOSED)
+        except IllegalTransition as e:  # never admitted: nothing to report but the bug
+            log.error("sandgate: %s", e)
+            return
+        if phase is Phase.CLOSED:
             return  # closed before: its end is reported
-        del self.connections[state.key]
+        if self.connections.get(state.key) is state:
+            del self.connections[state.key]
         if state.allowed is not None:
             event = Event.from_decision(
                 EventKind.CONNECTION_END, state.allowed, **state.fields, protocol=state.protocol, name=state.name,
-                bytes_up=state.bytes_up, bytes_down=state.bytes_down, duration=time.time() - state.opened)
+                bytes_up=state.bytes_up, bytes_down=state.bytes_down, duration=self.clock() - state.opened)
             self.emit(event.with_fields(detail=f"{event.detail}; {problem}") if problem else event)
-        elif state.outcome is None:
+        elif phase is Phase.OPEN:
             state.outcome = Outcome.REJECT
-            self._emit_connection(Decision(Verdict.DENY, Reason.NO_DATA, NO_DATA_RULE,
-                                           detail=problem or "closed before sending enough bytes to decide"),
+            self._emit_connection(deny("no-data", detail=problem or "closed before sending enough bytes to decide"),
                                   state.fields, state.name, "tcp", state.started)
 
     def fail(self, state: ConnState | None, error: Exception, fields: dict | None = None) -> Decision:
         """An adapter failed around a decision: deny with `internal_error`, emit it, and
-        return it. The connection counts as decided; the caller closes it. `fields`
-        (source, dst_ip, dst_port) describe a connection that has no state."""
-        if state is not None:
-            if state.outcome is None:
-                state.outcome = Outcome.REJECT
-            fields = state.fields
-        return self._internal_error(error, fields or {}, time.perf_counter(), state)
+        return it. An undecided connection counts as rejected; the caller closes it.
+        `fields` (source, dst_ip, dst_port) describe a connection that has no state."""
+        return self._fail(state, error, self.clock(), fields)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -375,11 +401,34 @@ class ConnectionGate:
         self._emit_connection(decision, state.fields, state.name, protocol, state.started)
         return Outcome.REJECT
 
-    def _internal_error(self, error: Exception, fields: dict, started: float,
-                        state: ConnState | None = None) -> Decision:
+    def _settle(self, state: ConnState, step: Step, outcome: Outcome) -> None:
+        """Move `state` to where `outcome` puts it (WAIT: where it is)."""
+        self._step(state, step, state.phase if outcome is Outcome.WAIT else _PHASE_OF[outcome])
+        if outcome is not Outcome.WAIT:
+            state.outcome = outcome
+
+    @staticmethod
+    def _step(state: ConnState, step: Step, target: Phase) -> None:
+        state.phase = advance(state.phase, step, target)
+
+    def _fail(self, state: ConnState | None, error: Exception, started: float, fields: dict | None = None) -> Decision:
+        """Deny with `internal_error` and emit it; reject the connection if its phase
+        allows (an undecided one), else leave the phase as it is."""
+        if state is not None:
+            fields = state.fields
+            target = Phase.REJECTED if state.phase in (Phase.OPEN, Phase.SILENT) else state.phase
+            try:
+                self._step(state, Step.FAIL, target)
+            except IllegalTransition as e:
+                log.error("sandgate: %s", e)
+            else:
+                if target is Phase.REJECTED:
+                    state.outcome = Outcome.REJECT
+        return self._internal_error(error, fields or {}, started, state)
+
+    def _internal_error(self, error: Exception, fields: dict, started: float, state: ConnState | None) -> Decision:
         log.error("sandgate connection decision failed; denying", exc_info=error)
-        decision = Decision(Verdict.DENY, Reason.INTERNAL_ERROR, INTERNAL_ERROR_RULE,
-                            detail=f"{type(error).__name__}: {error}")
+        decision = deny("internal-error", detail=f"{type(error).__name__}: {error}")
         self._emit_connection(decision, fields, state.name if state else None, "tcp", started)
         return decision
 
@@ -387,7 +436,7 @@ class ConnectionGate:
                          started: float) -> None:
         # The gateway stamps policy hash and task id on every event.
         self.emit(Event.from_decision(EventKind.CONNECTION, decision, **fields, protocol=protocol, name=name,
-                                      latency=time.perf_counter() - started))
+                                      latency=self.clock() - started))
 
 
 def _without_approver(decision: Decision) -> Decision:
@@ -399,13 +448,18 @@ def _without_approver(decision: Decision) -> Decision:
 
 
 def _mismatch(detail: str) -> Decision:
-    return Decision(Verdict.DENY, Reason.HOST_MISMATCH, HOST_MISMATCH_RULE, detail=detail)
+    return deny("host-mismatch", detail=detail)
 
 
 def _looks_like_http(data: bytes) -> bool:
     """An HTTP/1 request line starts with a method token and a space."""
     method, space, _ = data[:16].partition(b" ")
     return bool(space) and method.isalpha() and method.isupper()
+
+
+def _too_few_to_tell(data: bytes) -> bool:
+    """Too few bytes to tell raw TCP from a ClientHello or a request line."""
+    return (len(data) < 3 and b"\n" not in data) or _may_become_http(data)
 
 
 def _may_become_http(data: bytes) -> bool:
@@ -415,7 +469,9 @@ def _may_become_http(data: bytes) -> bool:
 
 
 def _host_of(host_header: str) -> str:
-    """Host without port: `example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`."""
-    if host_header.startswith("["):
-        return host_header.split("]", 1)[0] + "]"
-    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+    """Host without port: `example.com:8080` -> `example.com`, `[::1]:80` -> `::1`. A
+    Host that does not parse stays whole, and fails the name check after."""
+    try:
+        return parse_host_port(host_header, default_port=0)[0]
+    except ValueError:
+        return host_header

@@ -25,15 +25,10 @@ import pytest
 from dns.rdtypes.svcbbase import ParamKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sandgate.proxy.dnsfilter import (
-    OUR_PAYLOAD,
-    DnsBindings,
-    DnsFilter,
-    check_query,
-    filter_answer,
-    header_response,
-    render,
-)
+from sandgate.proxy.dns.answer import filter_answer, render
+from sandgate.proxy.dns.bindings import DnsBindings
+from sandgate.proxy.dns.query import OUR_PAYLOAD, check_query, header_response
+from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.policy.model import Decision, Rule
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import EventKind

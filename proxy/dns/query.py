@@ -1,0 +1,198 @@
+"""Checking a DNS query, pure: which questions are asked, of which types, for which
+names. No sockets, no clock.
+
+The response code for each failed check, and why: see the package docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+from collections.abc import Callable
+from typing import Literal
+
+import dns.flags
+import dns.message
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+from sandgate.proxy.policy.builtin import deny
+from sandgate.proxy.policy.model import Decision
+from sandgate.proxy.policy.names import InvalidName, parse_domain
+
+log = logging.getLogger("sandgate.dns")
+
+DecideName = Callable[[str, str], Decision]
+"""`decide_name(profile, canonical_name) -> Decision`; the gateway passes
+`lambda p, n: decide(policy, NameFacts(p, n))`."""
+
+ALLOWED_QTYPES = frozenset(
+    {dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME, dns.rdatatype.HTTPS}
+)
+# What we advertise and send upstream: the DNS Flag Day 2020 size, which avoids IP
+# fragmentation (and the spoofing that fragments allow).
+OUR_PAYLOAD = 1232
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueryCheck:
+    """What to do with one query, and the decision its event reports.
+
+    Exactly one of three actions (see `action`):
+    - forward: `forward` is the canonical query to send upstream (fresh id, the
+      canonical name, no client EDNS options); afterwards `filter_answer(query, ...)`.
+    - respond: `response` is the complete answer to send back now. It is always
+      small (header, question, OPT), so it fits any transport unchanged.
+    - drop: neither; send nothing.
+
+    `name` is the canonical name, or the question as dnspython prints it when it is
+    not a valid host name, or None when there is no question; `qtype` likewise.
+    """
+
+    decision: Decision
+    query: dns.message.Message | None = None
+    forward: dns.message.Message | None = None
+    response: bytes | None = None
+    name: str | None = None
+    qtype: str | None = None
+
+    @property
+    def action(self) -> Literal["forward", "respond", "drop"]:
+        if self.forward is not None:
+            return "forward"
+        return "respond" if self.response is not None else "drop"
+
+
+def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryCheck:
+    """Check one query from a sandbox of `profile`. Never raises.
+
+    Checks in order, the first failing one answers (table in the package docstring):
+    1. parse; 2. it is a query (QR clear); 3. opcode QUERY; 4. one question;
+    5. EDNS version 0 or none; 6. class IN; 7. an allowed type; 8. a valid host
+    name; 9. the policy allows the name for the profile.
+    """
+    try:
+        query = dns.message.from_wire(wire)
+    except Exception as e:  # noqa: BLE001 - dnspython raises many types here (FormError, BadPointer, ValueError ...): all mean "malformed"
+        return _unparsable(wire, f"unparsable query: {type(e).__name__}: {e}")
+
+    # 2. Never answer a response: two servers could bounce FORMERRs forever.
+    if query.flags & dns.flags.QR:
+        return QueryCheck(deny("dns-malformed", "a response, not a query"))
+    # 3. UpdateMessage and friends have other section semantics: decide before reading them.
+    opcode = query.opcode()
+    if opcode != dns.opcode.QUERY:
+        return _answer(
+            query,
+            dns.rcode.NOTIMP,
+            deny("dns-qtype", f"opcode {dns.opcode.to_text(opcode)}"
+            ),
+            copy_question=False,
+        )
+    # 4. Several questions would need several decisions; no real client sends them.
+    if len(query.question) != 1:
+        return _answer(
+            query,
+            dns.rcode.FORMERR,
+            deny("dns-malformed", f"{len(query.question)} questions"),
+            copy_question=False,
+        )
+    question = query.question[0]
+    qtype = dns.rdatatype.to_text(question.rdtype)
+    raw_name = question.name.to_text(omit_final_dot=True)
+    # 5. RFC 6891 §6.1.3: an unknown EDNS version gets BADVERS.
+    if query.edns > 0:
+        return _answer(
+            query,
+            dns.rcode.BADVERS,
+            deny("dns-malformed", f"EDNS version {query.edns}"),
+            name=raw_name,
+            qtype=qtype,
+        )
+    # 6./7. Only what a connection needs: addresses, aliases, and HTTPS (ALPN).
+    if question.rdclass != dns.rdataclass.IN or question.rdtype not in ALLOWED_QTYPES:
+        rdclass = dns.rdataclass.to_text(question.rdclass)
+        return _answer(
+            query,
+            dns.rcode.REFUSED,
+            deny("dns-qtype", f"{rdclass} {qtype} is not answered"),
+            name=raw_name,
+            qtype=qtype,
+        )
+    # 8. The policy only ever sees canonical names (names.parse_domain).
+    try:
+        name = parse_domain(raw_name)
+    except InvalidName as e:
+        return _answer(
+            query,
+            dns.rcode.NXDOMAIN,
+            deny("dns-invalid-name", str(e)),
+            name=raw_name,
+            qtype=qtype,
+        )
+    # 9. The policy. A bug there fails closed, and the event still names the query.
+    try:
+        decision = decide_name(profile, name)
+    except Exception:  # noqa: BLE001 - fail closed, report, keep serving
+        log.exception("decide_name(%r, %r) failed", profile, name)
+        return _answer(
+            query,
+            dns.rcode.SERVFAIL,
+            deny("internal-error", "policy decision failed"),
+            name=name,
+            qtype=qtype,
+        )
+    if not decision.allowed:
+        return _answer(query, dns.rcode.NXDOMAIN, decision, name=name, qtype=qtype)
+    # A fresh query, so nothing the client chose (id, case, EDNS options such as
+    # client-subnet or padding) reaches the upstream except the allowed question.
+    forward = dns.message.make_query(name, question.rdtype, use_edns=0, payload=OUR_PAYLOAD)
+    return QueryCheck(decision, query=query, forward=forward, name=name, qtype=qtype)
+
+
+def _answer(
+    query: dns.message.Message,
+    rcode: dns.rcode.Rcode,
+    decision: Decision,
+    *,
+    name: str | None = None,
+    qtype: str | None = None,
+    copy_question: bool = True,
+) -> QueryCheck:
+    """A QueryCheck that answers now with an empty response of `rcode`."""
+    response = make_response(query, copy_question=copy_question)
+    response.set_rcode(rcode)
+    wire = response.to_wire(max_size=512, prefer_truncation=True)
+    return QueryCheck(decision, query=query, response=wire, name=name, qtype=qtype)
+
+
+def _unparsable(wire: bytes, detail: str) -> QueryCheck:
+    decision = deny("dns-malformed", detail)
+    return QueryCheck(decision, response=header_response(wire, dns.rcode.FORMERR))
+
+
+def header_response(wire: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
+    """A bare 12-byte header answering `wire` with `rcode`, for when `wire` cannot
+    be parsed: id, opcode and RD copied when readable. None when there is no id to
+    answer, or when `wire` claims to be a response itself (QR set)."""
+    if len(wire) < 2:
+        return None
+    flags = dns.flags.QR
+    if len(wire) >= 3:
+        if wire[2] & 0x80:  # QR
+            return None
+        flags |= (wire[2] & 0x79) << 8  # opcode and RD
+    return struct.pack("!HHHHHH", int.from_bytes(wire[:2], "big"), flags | rcode, 0, 0, 0, 0)
+
+
+def make_response(query: dns.message.Message, *, copy_question: bool = True) -> dns.message.Message:
+    """`dns.message.make_response` with the gateway's flags: RA set (we resolve),
+    our EDNS payload size."""
+    return dns.message.make_response(
+        query,
+        recursion_available=True,
+        our_payload=OUR_PAYLOAD,
+        copy_mode=None if copy_question else dns.message.CopyMode.NOTHING,
+    )

@@ -1,0 +1,277 @@
+"""The DNS filter's server: UDP and TCP listeners, the upstream queries, one event
+per query. What to answer is decided by the pure modules (`query`, `answer`); the
+bindings it records are read by the connection gate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+from sandgate.proxy.dns.answer import FilteredAnswer, filter_answer, render, upstream_failure
+from sandgate.proxy.dns.bindings import DnsBindings, canonical_address
+from sandgate.proxy.dns.query import DecideName, QueryCheck, check_query, header_response
+from sandgate.proxy.policy.builtin import deny
+from sandgate.proxy.policy.model import Decision
+from sandgate.proxy.policy.names import IPAddress, format_host_port
+from sandgate.proxy.telemetry.event import Event, EventKind, EventSink
+
+log = logging.getLogger("sandgate.dns")
+
+SandboxFor = Callable[[str], "tuple[str, str] | None"]
+"""`sandbox_for(source_ip) -> (sandbox_id, profile)`, or None for a stranger."""
+
+
+class DnsFilter:
+    """The asyncio DNS server the sandboxes' port-53 traffic is redirected to.
+
+    Listens on UDP and TCP (RFC 7766 framing, several queries per connection, an
+    idle timeout). Each query is answered by `handle`, which never raises and emits
+    exactly one event. With nftables `redirect`, a UDP reply sent from the same
+    socket is un-NATed by conntrack, so the sandbox sees it come from the address it
+    queried.
+    """
+
+    def __init__(
+        self,
+        *,
+        decide_name: DecideName,
+        sandbox_for: SandboxFor,
+        sink: EventSink,
+        upstreams: list[str],
+        upstream_port: int = 53,
+        bindings: DnsBindings | None = None,
+        keep_special: Callable[[str, IPAddress], bool] | None = None,
+        timeout: float = 2.0,
+        tcp_idle_timeout: float = 10.0,
+        max_tcp_connections: int = 256,
+        max_tcp_queries: int = 100,
+        max_pending_per_sandbox: int = 128,
+    ):
+        self.decide_name = decide_name
+        self.sandbox_for = sandbox_for
+        self.sink = sink
+        self.upstreams = list(upstreams)
+        self.upstream_port = upstream_port
+        self.bindings = bindings if bindings is not None else DnsBindings()
+        self.keep_special = keep_special  # (profile, ip) -> an explicit CIDR rule allows it
+        self.timeout = timeout
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp_connections = max_tcp_connections
+        self.max_tcp_queries = max_tcp_queries
+        self.max_pending_per_sandbox = max_pending_per_sandbox
+        self.port: int | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._tcp_connections = 0
+        self._pending: dict[str, int] = {}
+
+    async def start(self, listen_host: str, port: int) -> None:
+        """Bind UDP and TCP on `listen_host:port` (port 0: any free port, the same
+        for both; see `self.port`)."""
+        loop = asyncio.get_running_loop()
+        self._udp, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self), local_addr=(listen_host, port)
+        )
+        self.port = self._udp.get_extra_info("sockname")[1]
+        try:
+            self._tcp = await asyncio.start_server(self._serve_tcp, listen_host, self.port)
+        except OSError:
+            self._udp.close()
+            raise
+        log.info("DNS filter listening on %s:%d (udp, tcp)", listen_host, self.port)
+
+    async def stop(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+        self._udp = self._tcp = None
+
+    # UDP: one task per datagram, so a slow upstream never blocks other sandboxes.
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_udp(self, transport: asyncio.DatagramTransport, wire: bytes, addr) -> None:
+        response = await self.handle(wire, addr, udp=True)
+        if response is not None and not transport.is_closing():
+            transport.sendto(response, addr)
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        self._tcp_connections += 1
+        peer = writer.get_extra_info("peername")
+        try:
+            if self._tcp_connections > self.max_tcp_connections:
+                return
+            for _ in range(self.max_tcp_queries):
+                try:
+                    async with asyncio.timeout(self.tcp_idle_timeout):
+                        length = int.from_bytes(await reader.readexactly(2), "big")
+                        wire = await reader.readexactly(length)
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    return
+                response = await self.handle(wire, peer, udp=False)
+                if response is None:  # dropped: a TCP client must not wait for it
+                    return
+                writer.write(len(response).to_bytes(2, "big") + response)
+                async with asyncio.timeout(self.tcp_idle_timeout):
+                    await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._tcp_connections -= 1
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # One query.
+
+    async def handle(self, wire: bytes, source: tuple, *, udp: bool) -> bytes | None:
+        """Answer one query from `source` ((ip, port, ...)): the bytes to send back,
+        or None to send nothing. Emits exactly one event. Never raises."""
+        started = time.perf_counter()
+        fields = {"protocol": "dns", "source": format_host_port(source[0], source[1])}
+        try:
+            response, decision, more = await self._handle(wire, source[0], udp, fields)
+            fields.update(more)
+        except Exception:  # noqa: BLE001 - one query must never take the server down
+            log.exception("DNS query from %s failed", fields["source"])
+            decision = deny("internal-error", "DNS filter error")
+            response = header_response(wire, dns.rcode.SERVFAIL)
+        fields["duration"] = time.perf_counter() - started
+        # The event's detail says more than the decision's: the type and the answer.
+        decision = dataclasses.replace(decision, detail=fields.pop("detail", decision.detail))
+        self._emit(Event.from_decision(EventKind.DNS, decision, **fields))
+        return response
+
+    async def _handle(
+        self, wire: bytes, source_ip: str, udp: bool, fields: dict
+    ) -> tuple[bytes | None, Decision, dict]:
+        """`handle` without the safety net: (response, decision, event fields)."""
+        who = self.sandbox_for(canonical_address(source_ip).compressed)
+        if who is None:
+            decision = deny("unknown-sandbox", "source is no sandbox")
+            return header_response(wire, dns.rcode.REFUSED), decision, {}
+        sandbox, profile = who
+        fields.update(sandbox=sandbox, profile=profile)
+        check = check_query(wire, profile, self.decide_name)
+        fields.update(name=check.name)
+        if check.action != "forward":
+            detail = _join(check.decision.detail, check.qtype or "")
+            return check.response, check.decision, {"detail": detail}
+
+        answer = await self._resolve(check, sandbox, profile)
+        for name, ip, ttl in answer.bindings:
+            self.bindings.record(sandbox, name, ip, ttl)
+        extra = answer.decision.detail if answer.decision else ""
+        summary = f"{check.qtype} {_describe(answer.response)}"
+        detail = _join(check.decision.detail, extra, summary)
+        response = render(answer.response, check.query, udp=udp)
+        return response, answer.decision or check.decision, {"detail": detail}
+
+    async def _resolve(self, check: QueryCheck, sandbox: str, profile: str) -> FilteredAnswer:
+        """Forward an allowed query and filter the answer; at most
+        `max_pending_per_sandbox` at a time per sandbox, so one sandbox cannot tie
+        up the upstream (or our memory) for the others."""
+        pending = self._pending.get(sandbox, 0)
+        if pending >= self.max_pending_per_sandbox:
+            answer = upstream_failure(check.query, "too many queries in flight")
+            limit = f"more than {self.max_pending_per_sandbox} DNS queries in flight"
+            return answer._replace(
+                decision=deny("dns-pending-limit", limit)
+            )
+        self._pending[sandbox] = pending + 1
+        try:
+            upstream, failure = await self._ask_upstream(check.forward)
+        finally:
+            self._pending[sandbox] -= 1
+            if not self._pending[sandbox]:
+                del self._pending[sandbox]
+        if upstream is None:
+            return upstream_failure(check.query, failure)
+        keep = functools.partial(self.keep_special, profile) if self.keep_special else None
+        return filter_answer(check.query, upstream, keep_special=keep)
+
+    async def _ask_upstream(
+        self, query: dns.message.Message
+    ) -> tuple[dns.message.Message | None, str]:
+        """The first upstream's answer (UDP, TCP when truncated), or None and why not."""
+        errors = []
+        for server in self.upstreams:
+            try:
+                response, _ = await dns.asyncquery.udp_with_fallback(
+                    query,
+                    server,
+                    timeout=self.timeout,
+                    port=self.upstream_port,
+                    # Keep waiting past stray or spoofed datagrams (wrong source, id or
+                    # question) instead of failing on the first one.
+                    ignore_unexpected=True,
+                    ignore_errors=True,
+                )
+                return response, ""
+            except (dns.exception.DNSException, OSError, EOFError) as e:
+                errors.append(f"{server}: {type(e).__name__}")
+        return None, "upstream: " + ("; ".join(errors) or "none configured")
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.sink.emit(event)
+        except Exception:  # noqa: BLE001 - a broken sink must not break DNS
+            log.exception("event sink failed")
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: DnsFilter):
+        self.owner = owner
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.owner._spawn(self.owner._serve_udp(self.transport, data, addr))
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (a client that went away): nothing to do.
+        log.debug("DNS UDP socket error: %s", exc)
+
+
+def _describe(response: dns.message.Message) -> str:
+    """`NOERROR 93.184.216.34, 2606:2800::1`: the rcode and the addresses answered."""
+    values = []
+    for rrset in response.answer:
+        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            values += [rd.address for rd in rrset]
+        elif rrset.rdtype == dns.rdatatype.HTTPS:
+            values.append(f"{len(rrset)} HTTPS")
+    text = dns.rcode.to_text(response.rcode())
+    if response.flags & dns.flags.TC:
+        text += " (truncated)"
+    return f"{text} {', '.join(values)}".strip()
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(part for part in parts if part)

@@ -1,0 +1,143 @@
+"""Relaying an allowed pass-through connection: bytes moved between two
+non-blocking sockets as their epoll events say they can, with back-pressure (the
+other side is not read while bytes wait to be written), half-close (a FIN goes on
+as a write shutdown), a reset passed on as a reset, and the bytes counted for the
+connection's end event. One read buffer, the door's, serves every relay: handlers
+run one at a time, and what a reader cannot take at once is copied out of it."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+
+from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
+from sandgate.proxy.gate import ConnState
+
+RELAY_CHUNK = 256 * 1024  # bytes per recv, as asyncio's transports read
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+class End:
+    """One socket of a relayed connection, with what its last events said. The
+    bytes in `pending` were read from the other end and wait for this socket to
+    take them; until it has, the other end is not read (back-pressure)."""
+
+    __slots__ = ("sock", "fd", "readable", "writable", "closing", "eof", "pending")
+
+    def __init__(self, sock: socket.socket, readable: bool, writable: bool, closing: bool = False):
+        self.sock, self.fd = sock, sock.fileno()
+        self.readable, self.writable = readable, writable
+        self.closing = closing  # its peer shut down or reset: read on until the end
+        self.eof = False  # read to its end (FIN)
+        self.pending: bytes | None = None
+
+
+def note(end: End, events: int) -> None:
+    """What an event says about a socket: readable, writable, its peer gone."""
+    if events & CLOSED:
+        end.readable = end.writable = end.closing = True
+        return
+    if events & IN:
+        end.readable = True
+    if events & OUT:
+        end.writable = True
+
+
+class Relay:
+    """Both directions between `client` and `upstream`. `finish(problem, reset=...)`
+    ends the connection (its owner's); `clock` stamps `last_active` for the idle
+    timeout."""
+
+    __slots__ = ("client", "upstream", "state", "buffer", "view", "clock", "finish", "last_active")
+
+    def __init__(self, client: End, upstream: End, state: ConnState, buffer: bytearray,
+                 clock: Callable[[], float], finish: Callable[..., None]):
+        self.client, self.upstream, self.state = client, upstream, state
+        self.buffer, self.view = buffer, memoryview(buffer)
+        self.clock, self.finish = clock, finish
+        self.last_active = clock()
+
+    def pump(self) -> None:
+        """Move what either side has; finish once both directions ended cleanly."""
+        c, u = self.client, self.upstream
+        if (self.move(c, u, up=True) and self.move(u, c, up=False)
+                and c.eof and u.eof and c.pending is None and u.pending is None):
+            self.finish(None)
+
+    def move(self, src: End, dst: End, up: bool) -> bool:
+        """Move what src has to dst until one of them would block. False when the
+        connection ended (a reset, passed on to the other end)."""
+        while True:
+            if dst.pending is not None:
+                if not dst.writable:
+                    return True
+                try:
+                    sent = dst.sock.send(dst.pending)
+                except (BlockingIOError, InterruptedError):
+                    dst.writable = False
+                    return True
+                except OSError:
+                    self.finish(None, reset=True)
+                    return False
+                if sent < len(dst.pending):
+                    dst.pending, dst.writable = dst.pending[sent:], False
+                    return True
+                dst.pending = None
+                if src.eof:
+                    return self.shut(dst)
+            if not src.readable or src.eof:
+                return True
+            try:
+                n = src.sock.recv_into(self.buffer)
+            except (BlockingIOError, InterruptedError):
+                src.readable = False
+                return True
+            except OSError:  # reset: pass it on
+                self.finish(None, reset=True)
+                return False
+            if n == 0:
+                src.eof, src.readable = True, False
+                return self.shut(dst)
+            if up:
+                self.state.bytes_up += n
+            else:
+                self.state.bytes_down += n
+            self.last_active = self.clock()
+            try:
+                sent = dst.sock.send(self.view[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.finish(None, reset=True)
+                return False
+            if sent < n:
+                dst.pending, dst.writable = bytes(self.view[sent:n]), False
+                return True
+            if n < RELAY_CHUNK and not src.closing:
+                # Read less than asked: drained. Bytes arriving later raise a new
+                # event (edge-triggered epoll reports every arrival). A FIN that
+                # came with the last event raises none: `closing` reads on to it.
+                src.readable = False
+                return True
+
+    def shut(self, dst: End) -> bool:
+        # Half-close: the FIN goes on; the other direction stays open until it ends too.
+        try:
+            dst.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.finish(None, reset=True)
+            return False
+        return True
+
+
+def close_read(sock: socket.socket) -> None:
+    """Read what the client sent so far, then close: with unread bytes in its
+    buffer (the peeked ones) closing would send a reset, where a proxy that had
+    read them, as mitmproxy did, sends a FIN."""
+    with contextlib.suppress(OSError):
+        for _ in range(16):  # what arrived, not a stream the client keeps up
+            if not sock.recv(65536):
+                break
+    sock.close()
