@@ -437,12 +437,13 @@ def test_root_in_the_sandbox_cannot_change_its_egress(net, tmp_path):
 
 
 def test_gateway_killed_mid_task_leaves_the_sandbox_without_egress(net, tmp_path):
-    results = tmp_path / "loop.txt"
+    shared, rw = sandbox.shared_dir(tmp_path)
+    results = shared / "loop.txt"
     attempt = f"{curl('https://allowed.test/', timeout=1)} 2>/dev/null | tail -n1"
     blocked = f"{curl(f'http://{EVIL_IP}/', timeout=1)} 2>/dev/null | tail -n1"
     script = f'while true; do echo "$({attempt}) $({blocked})" >> {results}; sleep 0.05; done'
     # In the test's mount namespace, as on a real host, so that the netns outlives sandgate.
-    started = sandbox.start(net, tmp_path, script, host_mounts=True)
+    started = sandbox.start(net, tmp_path, script, host_mounts=True, extra=rw)
     run_id = None
     try:
         run_id = started.run_id()
@@ -520,8 +521,9 @@ def test_exit_codes_propagate(net, tmp_path):
     ],
 )  # fmt: skip
 def test_sigterm_reaches_the_task_and_its_exit_code_comes_back(net, tmp_path, task, code):
-    marker, ready = tmp_path / "marker", tmp_path / "ready"
-    started = sandbox.start(net, tmp_path, task.format(marker=marker, ready=ready))
+    shared, rw = sandbox.shared_dir(tmp_path)
+    marker, ready = shared / "marker", shared / "ready"
+    started = sandbox.start(net, tmp_path, task.format(marker=marker, ready=ready), extra=rw)
     try:
         assert eventually(ready.exists, timeout=10), "the task never started"
         signalled = time.monotonic()

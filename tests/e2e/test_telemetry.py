@@ -177,10 +177,11 @@ def prerequisites():
 
 
 def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, prerequisites):
-    work = tmp_path
+    work = tmp_path / "workspace"  # the task's; the audit log and summary stay outside it
+    work.mkdir()
     (work / "agent.sh").write_text(AGENT)
     (work / "raw.py").write_text(RAW)
-    audit = work / "audit.jsonl"
+    audit = tmp_path / "audit.jsonl"
     metrics_port = _free_port(fakenet.host_ns)
     prometheus = PrometheusServer(fakenet, work, metrics_port)
     run = None
@@ -189,7 +190,7 @@ def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, 
         run = fakenet.popen_in_host(
             [*SANDGATE, "run", "--rules", DEMO_RULES, "--dns-upstream", fakenet.dns_ip,
              "--extra-ca", fakenet.ca_cert, "--metrics-listen", f"127.0.0.1:{metrics_port}",
-             "--audit-log", audit, "--summary-json", work / "summary.json",
+             "--audit-log", audit, "--summary-json", tmp_path / "summary.json", "--workspace", work,
              "--", "env", f"WORK={work}", "sh", work / "agent.sh"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _wait_for(work / "acted", run, 60, "the agent's steps")

@@ -402,6 +402,7 @@ def start(
     *,
     rules: Path = DEMO_RULES,
     host_mounts: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> Started:
     """`sandgate run -- sh -c script` in the background; the caller finishes or kills it.
 
@@ -411,7 +412,7 @@ def start(
     host: then a SIGKILLed run leaves its netns behind, which is what gc is for.
     """
     workdir = _workdir(tmp_path)
-    argv = _argv(fakenet, workdir, ["sh", "-c", script], rules, ())
+    argv = _argv(fakenet, workdir, ["sh", "-c", script], rules, extra)
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "stdin": subprocess.DEVNULL}
     if host_mounts:
         enter = ["nsenter", f"--net={NETNS_DIR / fakenet.host_ns}", "--"]
@@ -419,6 +420,13 @@ def start(
     else:
         popen = fakenet.popen_in_host(argv, text=True, **pipes)
     return Started(popen, fakenet, workdir)
+
+
+def shared_dir(tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
+    """A directory the task and the test both see (`--rw`), apart from the run's audit log."""
+    shared = tmp_path / "shared"
+    shared.mkdir(exist_ok=True)
+    return shared, ("--rw", str(shared))
 
 
 def gc(fakenet) -> subprocess.CompletedProcess:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from support.fakes import SANDBOX, client_hello, make_gate
 from sandgate.proxy.gate import Outcome
 from sandgate.proxy.lifecycle import TRANSITIONS, IllegalTransition, Phase, Step, advance
+from support.fakes import SANDBOX, client_hello, make_gate
 
 LEGAL = [(phase, step, target) for phase, row in TRANSITIONS.items() for step, targets in row.items()
          for target in sorted(targets, key=lambda p: p.value)]
