@@ -224,6 +224,10 @@ class TaskRun:
             binds.append((ca_bundle, target))
             sandgate_env.update(dict.fromkeys(CA_ENV_VARS, str(target)))
         state = [STATE_DIR, RUN_DIR]
+        for root in ([opts.sandbox.workspace] if opts.sandbox.workspace else []) + list(opts.sandbox.rw):
+            if self.audit_path.resolve().is_relative_to(root):
+                raise RunError(f"the audit log {self.audit_path} is inside {root}, which the task can write: "
+                               "it could rewrite the evidence (put --audit-log elsewhere)")
         hidden = [p for p in state if p.exists()] + ([self.audit_path] if self.audit_path.exists() else [])
         try:
             return prepare.prepare(
@@ -368,6 +372,12 @@ def gc(dry_run: bool = False) -> list[str]:
             if not dry_run:
                 nft.delete_table(table)
             removed.append(f"nft table {table}")
+    # Only cgroups of runs proven dead: leftovers() also lists live runs' cgroups.
+    for path in cgroup.leftovers():
+        if Path(path).name.removeprefix(cgroup.PREFIX) in set(runs) - live:
+            if not dry_run:
+                cgroup.remove_path(path)
+            removed.append(f"cgroup {path}")
     for run_id in sorted(set(runs) - live):
         if not dry_run:
             shutil.rmtree(RUN_DIR / run_id, ignore_errors=True)

@@ -16,6 +16,12 @@ import pytest
 PURE_MODULES = [
     "sandgate.proxy.policy.*",
     "sandgate.proxy.clienthello",
+    "sandgate.proxy.gate",
+    "sandgate.proxy.lifecycle",
+    "sandgate.proxy.dns.query",
+    "sandgate.proxy.dns.answer",
+    "sandgate.proxy.dns.bindings",
+    "sandgate.enforcer.sandbox.spec",
 ]
 IMPURE_IMPORTS = {"socket", "asyncio", "mitmproxy", "pyroute2", "subprocess", "threading"}
 
