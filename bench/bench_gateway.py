@@ -184,10 +184,30 @@ STEP_WALL = "wall: ip netns exec ... until exit"
 STEP_OUTSIDE = "interpreter start (+ ip netns exec)"
 STEP_EXIT = "interpreter exit (finalization, thread joins)"
 BREAKDOWN = [  # (indent, label) in print order
-    (0, STEP_IMPORT_CLI), (0, STEP_IMPORT_RUN), (0, STEP_IMPORT_REST), (0, STEP_MAIN), (1, STEP_LOAD), (1, STEP_ASYNCIO), (2, STEP_PICK),
-    (2, STEP_NETNS), (3, STEP_LINKUP), (2, STEP_DNS), (2, STEP_MITM), (2, STEP_CA), (2, STEP_METRICS_START), (2, STEP_NFT),
-    (2, STEP_TASK), (2, STEP_TEARDOWN), (3, STEP_DESTROY), (3, STEP_COUNTERS), (3, STEP_DELTABLE),
-    (3, STEP_GWSTOP), (3, STEP_METRICS_STOP), (0, STEP_INPROCESS), (0, STEP_OUTSIDE), (0, STEP_EXIT),
+    (0, STEP_IMPORT_CLI),
+    (0, STEP_IMPORT_RUN),
+    (0, STEP_IMPORT_REST),
+    (0, STEP_MAIN),
+    (1, STEP_LOAD),
+    (1, STEP_ASYNCIO),
+    (2, STEP_PICK),
+    (2, STEP_NETNS),
+    (3, STEP_LINKUP),
+    (2, STEP_DNS),
+    (2, STEP_MITM),
+    (2, STEP_CA),
+    (2, STEP_METRICS_START),
+    (2, STEP_NFT),
+    (2, STEP_TASK),
+    (2, STEP_TEARDOWN),
+    (3, STEP_DESTROY),
+    (3, STEP_COUNTERS),
+    (3, STEP_DELTABLE),
+    (3, STEP_GWSTOP),
+    (3, STEP_METRICS_STOP),
+    (0, STEP_INPROCESS),
+    (0, STEP_OUTSIDE),
+    (0, STEP_EXIT),
     (0, STEP_WALL),
 ]
 
@@ -205,7 +225,9 @@ def timed_run(argv: list[str], **kw) -> tuple[float, subprocess.CompletedProcess
     return (time.perf_counter() - t0) * 1000, proc
 
 
-def median_ms(argv: list[str], n: int, env=None, notes: list | None = None) -> tuple[float, list[float]]:
+def median_ms(
+    argv: list[str], n: int, env=None, notes: list | None = None
+) -> tuple[float, list[float]]:
     """Median wall time of `n` runs; failed runs are left out (and noted)."""
     samples, failed = [], []
     for _ in range(n):
@@ -215,8 +237,10 @@ def median_ms(argv: list[str], n: int, env=None, notes: list | None = None) -> t
             continue
         samples.append(ms)
     if failed and notes is not None:
-        notes.append(f"{len(failed)} of {n} runs of {Path(argv[4] if argv[:3] == ['ip', 'netns', 'exec'] else argv[0]).name}"
-                     f" failed, e.g.: {failed[0]}")
+        notes.append(
+            f"{len(failed)} of {n} runs of {Path(argv[4] if argv[:3] == ['ip', 'netns', 'exec'] else argv[0]).name}"
+            f" failed, e.g.: {failed[0]}"
+        )
     if not samples:
         raise RuntimeError(f"{' '.join(argv)} failed: {failed[0]}")
     return statistics.median(samples), samples
@@ -229,7 +253,9 @@ class Sampler:
         import threading
 
         self.pid, self.interval = pid, interval
-        self.samples: list[tuple[float, int, float, float]] = []  # (wall time, rss bytes, cpu s, sys cpu s)
+        self.samples: list[
+            tuple[float, int, float, float]
+        ] = []  # (wall time, rss bytes, cpu s, sys cpu s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._tick = os.sysconf("SC_CLK_TCK")
@@ -334,7 +360,9 @@ def pick_best(res: dict) -> None:
     """Per phase, the round with the best number becomes res[phase]."""
     rounds = res.get("rounds", [])
     for phase in PHASES:
-        good = [(i, r[phase]) for i, r in enumerate(rounds) if PHASE_METRIC[phase] in r.get(phase, {})]
+        good = [
+            (i, r[phase]) for i, r in enumerate(rounds) if PHASE_METRIC[phase] in r.get(phase, {})
+        ]
         if good:
             i, best = max(good, key=lambda x: x[1][PHASE_METRIC[phase]])
             res[phase] = dict(best, round=i + 1, other_cpu_cores=rounds[i].get("other_cpu_cores"))
@@ -371,21 +399,48 @@ class Bench:
     def host(self, *argv, check=True, **kw) -> subprocess.CompletedProcess:
         proc = self.fn.run_in_host(list(argv), **kw)
         if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(map(str, argv))} in host ns failed: {proc.stderr.strip()}")
+            raise RuntimeError(
+                f"{' '.join(map(str, argv))} in host ns failed: {proc.stderr.strip()}"
+            )
         return proc
 
     def client_argv(self, phases: list[str], resolve: bool) -> list[str]:
         a = self.args
-        argv = [PY, CLIENTS, *phases, "--host", "allowed.test", "--cacert", self.fn.ca_cert,
-                "--bulk-seconds", a.bulk_seconds, "--rate-seconds", a.rate_seconds,
-                "--procs", a.procs, "--threads", a.threads]
+        argv = [
+            PY,
+            CLIENTS,
+            *phases,
+            "--host",
+            "allowed.test",
+            "--cacert",
+            self.fn.ca_cert,
+            "--bulk-seconds",
+            a.bulk_seconds,
+            "--rate-seconds",
+            a.rate_seconds,
+            "--procs",
+            a.procs,
+            "--threads",
+            a.threads,
+        ]
         if resolve:
             argv += ["--resolve", f"allowed.test:{self.fn.hosts['allowed.test']}"]
         return [str(x) for x in argv]
 
     def sandgate_argv(self, *command) -> list[str]:
-        return [str(VENV_BIN / "sandgate"), "run", "--rules", str(RULES), "--dns-upstream", self.fn.dns_ip,
-                "--extra-ca", str(self.fn.ca_cert), "-q", "--", *map(str, command)]
+        return [
+            str(VENV_BIN / "sandgate"),
+            "run",
+            "--rules",
+            str(RULES),
+            "--dns-upstream",
+            self.fn.dns_ip,
+            "--extra-ca",
+            str(self.fn.ca_cert),
+            "-q",
+            "--",
+            *map(str, command),
+        ]
 
     def make_sandboxes(self) -> None:
         # `sandgate gc` (which other runs and test suites on this machine may call)
@@ -440,7 +495,9 @@ class Bench:
     def run_clients_in(self, key: str) -> dict:
         ns = self.nets[key].netns
         out = self.workdir / f"clients-{key}.json"
-        argv = ip_netns(ns, *self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=True), "--out", out)
+        argv = ip_netns(
+            ns, *self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=True), "--out", out
+        )
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"clients in {key} failed: {proc.stderr[-2000:]}")
@@ -463,9 +520,29 @@ class Bench:
         d = self.workdir / "squid"
         d.mkdir(mode=0o755)
         cert, key = d / "squid.pem", d / "squid.key"
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                        "-nodes", "-days", "2", "-subj", "/CN=sandgate bench squid", "-keyout", key,
-                        "-out", cert], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=sandgate bench squid",
+                "-keyout",
+                key,
+                "-out",
+                cert,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         gw = self.nets["B"].gateway_ip
         (d / "squid.conf").write_text(f"""\
 # Squid as an intercepting proxy for sandbox B; written by bench_gateway.py.
@@ -511,16 +588,25 @@ visible_hostname sandgate-bench
         t0 = time.perf_counter()
         log = open(d / "squid.out", "wb")  # noqa: SIM115 - owned by the child
         with log:
-            self.squid = self.fn.popen_in_host(["squid", "-N", "-f", d / "squid.conf"], stdin=subprocess.DEVNULL,
-                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.squid = self.fn.popen_in_host(
+                ["squid", "-N", "-f", d / "squid.conf"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         gw = str(self.nets["B"].gateway_ip)
         want = {(gw, SQUID_HTTP_PORT), (gw, SQUID_HTTPS_PORT)}
         deadline = time.monotonic() + 15
         host_id = os.stat(f"/run/netns/{self.fn.host_ns}").st_ino
         while True:
             if self.squid.poll() is not None:
-                cache_log = (d / "cache.log").read_text()[-2000:] if (d / "cache.log").exists() else ""
-                raise RuntimeError("squid exited:\n" + (d / "squid.out").read_text()[-2000:] + cache_log)
+                cache_log = (
+                    (d / "cache.log").read_text()[-2000:] if (d / "cache.log").exists() else ""
+                )
+                raise RuntimeError(
+                    "squid exited:\n" + (d / "squid.out").read_text()[-2000:] + cache_log
+                )
             try:
                 in_host = os.stat(f"/proc/{self.squid.pid}/ns/net").st_ino == host_id
             except OSError:
@@ -528,7 +614,9 @@ visible_hostname sandgate-bench
             if in_host and want <= _proc_sockets(self.squid.pid, "tcp"):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError("squid not listening after 15 s:\n" + (d / "cache.log").read_text()[-2000:])
+                raise RuntimeError(
+                    "squid not listening after 15 s:\n" + (d / "cache.log").read_text()[-2000:]
+                )
             time.sleep(0.01)
         self.results["B"]["squid_start_ms"] = (time.perf_counter() - t0) * 1000
         iface = self.nets["B"].host_if
@@ -579,12 +667,20 @@ table inet {self.table} {{
     def round_sandgate(self) -> dict:
         out = self.workdir / "clients-C.json"
         out.unlink(missing_ok=True)
-        gw = self.popen_sandgate(*self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=False),
-                                 "--out", out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        gw = self.popen_sandgate(
+            *self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=False),
+            "--out",
+            out,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         with Sampler(gw.pid) as sampler:
             stdout, stderr = gw.communicate(timeout=300)
         if gw.returncode != 0 or not out.exists():
-            raise RuntimeError(f"sandgate run with the clients failed ({gw.returncode}): {stderr[-2000:]}")
+            raise RuntimeError(
+                f"sandgate run with the clients failed ({gw.returncode}): {stderr[-2000:]}"
+            )
         res = json.loads(out.read_text())
         attach_usage(res, sampler)
         return res
@@ -594,8 +690,15 @@ table inet {self.table} {{
     def run_rounds(self, skip: set[str]) -> None:
         """`--rounds` rounds of A, B, C in turn; per metric the best round counts
         (other work on the machine only ever slows a round down)."""
-        setups = [(k, fn) for k, fn in (("A", self.round_direct), ("B", self.round_squid),
-                                        ("C", self.round_sandgate)) if k not in skip]
+        setups = [
+            (k, fn)
+            for k, fn in (
+                ("A", self.round_direct),
+                ("B", self.round_squid),
+                ("C", self.round_sandgate),
+            )
+            if k not in skip
+        ]
         keys = [k for k, _ in setups]
         if "B" in keys:
             try:
@@ -608,7 +711,10 @@ table inet {self.table} {{
         try:
             for r in range(self.args.rounds):
                 for key, fn in setups:
-                    print(f"round {r + 1}/{self.args.rounds}: {key} {SETUP_NAMES[key]} ...", flush=True)
+                    print(
+                        f"round {r + 1}/{self.args.rounds}: {key} {SETUP_NAMES[key]} ...",
+                        flush=True,
+                    )
                     if self.args.wait_quiet > 0:
                         wait_quiet(min(5.0, self.args.wait_quiet), quick=True)
                     before = other_cpu()
@@ -638,18 +744,37 @@ table inet {self.table} {{
         st = self.results["start"]
         st["netns_exec_ms"], _ = median_ms(ip_netns(self.nets["A"].netns, "true"), n)
         st["sandgate_run_ms"], st["sandgate_run_samples"] = median_ms(
-            ip_netns(self.fn.host_ns, *self.sandgate_argv("true")), n, env=self.env, notes=self.results["notes"])
+            ip_netns(self.fn.host_ns, *self.sandgate_argv("true")),
+            n,
+            env=self.env,
+            notes=self.results["notes"],
+        )
         st["python_bare_ms"], _ = median_ms([PY, "-c", "pass"], n)
-        st["python_import_mitmproxy_master_ms"], _ = median_ms([PY, "-c", "import mitmproxy.master"], n)
-        st["python_import_enforcer_run_ms"], _ = median_ms([PY, "-c", "import sandgate.enforcer.run"], n)
+        st["python_import_mitmproxy_master_ms"], _ = median_ms(
+            [PY, "-c", "import mitmproxy.master"], n
+        )
+        st["python_import_enforcer_run_ms"], _ = median_ms(
+            [PY, "-c", "import sandgate.enforcer.run"], n
+        )
         st["sandbox_init_true_ms"], _ = median_ms(
-            ip_netns(self.nets["A"].netns, PY, "-c", "import argparse, ctypes, socket, signal"), n)
+            ip_netns(self.nets["A"].netns, PY, "-c", "import argparse, ctypes, socket, signal"), n
+        )
         # Breakdown: the same command with timers around each step (see probe_start).
         probes = []
         for i in range(max(3, n // 2)):
             out = self.workdir / f"probe-{i}.json"
-            ms, proc = timed_run(ip_netns(self.fn.host_ns, PY, Path(__file__).resolve(), "--probe-start", out,
-                                          "--", *self.sandgate_argv("true")[1:]), env=self.env)
+            ms, proc = timed_run(
+                ip_netns(
+                    self.fn.host_ns,
+                    PY,
+                    Path(__file__).resolve(),
+                    "--probe-start",
+                    out,
+                    "--",
+                    *self.sandgate_argv("true")[1:],
+                ),
+                env=self.env,
+            )
             if proc.returncode != 0 or not out.exists():
                 self.results["notes"].append(f"a start probe failed: {proc.stderr.strip()[-300:]}")
                 continue
@@ -661,14 +786,27 @@ table inet {self.table} {{
             probes.append(marks)
         if not probes:
             return
-        st["breakdown_ms"] = {k: statistics.median(p.get(k, 0.0) for p in probes)
-                              for k, v in probes[0].items() if isinstance(v, float)}
+        st["breakdown_ms"] = {
+            k: statistics.median(p.get(k, 0.0) for p in probes)
+            for k, v in probes[0].items()
+            if isinstance(v, float)
+        }
         if probes[0].get("unwrapped"):
-            self.results["notes"].append("start probe could not time: " + ", ".join(probes[0]["unwrapped"]))
+            self.results["notes"].append(
+                "start probe could not time: " + ", ".join(probes[0]["unwrapped"])
+            )
         st["import_self_ms_by_package"] = import_profile()
         # -v says how long setup took, from inside the run.
-        _, proc = timed_run(ip_netns(self.fn.host_ns, *self.sandgate_argv("true")[:1], "run", "-v",
-                                     *self.sandgate_argv("true")[2:]), env=self.env)
+        _, proc = timed_run(
+            ip_netns(
+                self.fn.host_ns,
+                *self.sandgate_argv("true")[:1],
+                "run",
+                "-v",
+                *self.sandgate_argv("true")[2:],
+            ),
+            env=self.env,
+        )
         st["verbose_log"] = [line for line in proc.stderr.splitlines() if "ready" in line]
 
     # -- profile
@@ -682,21 +820,44 @@ table inet {self.table} {{
 
         spy = shutil.which("py-spy", path=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
         if spy is None:
-            self.results["notes"].append("profile skipped: py-spy missing (.venv/bin/pip install py-spy)")
+            self.results["notes"].append(
+                "profile skipped: py-spy missing (.venv/bin/pip install py-spy)"
+            )
             return
         secs = int(self.args.profile_seconds)
         for phase in ("tls_rate", "http_rate"):
             print(f"profiling sandgate during {phase} ...", flush=True)
             argv = self.client_argv([phase], resolve=False)
             argv[argv.index("--rate-seconds") + 1] = str(2 * secs + 3)
-            gw = self.popen_sandgate(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            gw = self.popen_sandgate(
+                *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
             time.sleep(2.0)  # sandgate setup + client warm-up
             prof: dict = {}
             for kind, flags in (("on_cpu", ["--gil"]), ("wall", [])):
                 raw = self.workdir / f"profile-{phase}-{kind}.txt"
                 spy_proc = subprocess.run(
-                    [spy, "record", "-p", str(gw.pid), "-d", str(secs), "-r", "250", "-f", "raw", "-t",
-                     "--nonblocking", "-o", str(raw), *flags], capture_output=True, text=True, timeout=secs + 60)
+                    [
+                        spy,
+                        "record",
+                        "-p",
+                        str(gw.pid),
+                        "-d",
+                        str(secs),
+                        "-r",
+                        "250",
+                        "-f",
+                        "raw",
+                        "-t",
+                        "--nonblocking",
+                        "-o",
+                        str(raw),
+                        *flags,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=secs + 60,
+                )
                 if spy_proc.returncode != 0 or not raw.exists():
                     self.results["notes"].append(f"py-spy failed: {spy_proc.stderr.strip()[-500:]}")
                     continue
@@ -712,8 +873,13 @@ def import_profile(top: int = 12) -> dict[str, float]:
     (python -X importtime, which itself adds some overhead)."""
     from collections import Counter
 
-    proc = subprocess.run([PY, "-X", "importtime", "-c", "import sandgate.enforcer.cli, sandgate.enforcer.run"],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    proc = subprocess.run(
+        [PY, "-X", "importtime", "-c", "import sandgate.enforcer.cli, sandgate.enforcer.run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     groups: Counter[str] = Counter()
     for line in proc.stderr.splitlines():
         parts = line.split("|")
@@ -747,14 +913,21 @@ def summarize_profile(path: Path, top: int = 30, seconds: float | None = None) -
         total += n
         thread, *frames = stack.split(";")
         threads[thread.split(": ", 1)[-1].strip() or thread] += n
-        frames = [f.split(":", 1)[0] + ")" if ":" in f else f for f in frames]  # "fn (file.py:12)" -> "fn (file.py)"
+        frames = [
+            f.split(":", 1)[0] + ")" if ":" in f else f for f in frames
+        ]  # "fn (file.py:12)" -> "fn (file.py)"
         if frames:
             self_t[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
     total = max(total, 1)
     pct = lambda c: [(name, round(100 * n / total, 1)) for name, n in c.most_common(top)]  # noqa: E731
-    out = {"samples": total, "threads_pct": pct(threads), "self_pct": pct(self_t), "inclusive_pct": pct(incl)}
+    out = {
+        "samples": total,
+        "threads_pct": pct(threads),
+        "self_pct": pct(self_t),
+        "inclusive_pct": pct(incl),
+    }
     if seconds:
         out["samples_per_s"] = round(total / seconds)  # 250/s = one thread busy all the time
     return out
@@ -785,20 +958,51 @@ def report(results: dict) -> str:
     def row(name, a, b, c, f="{:,.0f}"):
         rows.append((name, fmt(a, f), fmt(b, f), fmt(c, f), ratio(b, a), ratio(c, a), ratio(c, b)))
 
-    row("HTTPS bulk, MB/s (10 MiB, new conn each)", _get(A, "bulk", "mb_per_s"), _get(B, "bulk", "mb_per_s"),
-        _get(C, "bulk", "mb_per_s"))
-    row("HTTPS new connections/s", _get(A, "tls_rate", "per_s"), _get(B, "tls_rate", "per_s"),
-        _get(C, "tls_rate", "per_s"))
-    row("HTTP new connections/s", _get(A, "http_rate", "per_s"), _get(B, "http_rate", "per_s"),
-        _get(C, "http_rate", "per_s"))
-    row("HTTPS p50 latency, ms", _get(A, "tls_rate", "latency_ms_p50"), _get(B, "tls_rate", "latency_ms_p50"),
-        _get(C, "tls_rate", "latency_ms_p50"), "{:.1f}")
-    row("HTTP p50 latency, ms", _get(A, "http_rate", "latency_ms_p50"), _get(B, "http_rate", "latency_ms_p50"),
-        _get(C, "http_rate", "latency_ms_p50"), "{:.1f}")
+    row(
+        "HTTPS bulk, MB/s (10 MiB, new conn each)",
+        _get(A, "bulk", "mb_per_s"),
+        _get(B, "bulk", "mb_per_s"),
+        _get(C, "bulk", "mb_per_s"),
+    )
+    row(
+        "HTTPS new connections/s",
+        _get(A, "tls_rate", "per_s"),
+        _get(B, "tls_rate", "per_s"),
+        _get(C, "tls_rate", "per_s"),
+    )
+    row(
+        "HTTP new connections/s",
+        _get(A, "http_rate", "per_s"),
+        _get(B, "http_rate", "per_s"),
+        _get(C, "http_rate", "per_s"),
+    )
+    row(
+        "HTTPS p50 latency, ms",
+        _get(A, "tls_rate", "latency_ms_p50"),
+        _get(B, "tls_rate", "latency_ms_p50"),
+        _get(C, "tls_rate", "latency_ms_p50"),
+        "{:.1f}",
+    )
+    row(
+        "HTTP p50 latency, ms",
+        _get(A, "http_rate", "latency_ms_p50"),
+        _get(B, "http_rate", "latency_ms_p50"),
+        _get(C, "http_rate", "latency_ms_p50"),
+        "{:.1f}",
+    )
     row("task start, ms (median)", st.get("netns_exec_ms"), None, st.get("sandgate_run_ms"))
-    for phase, label in (("bulk", "bulk"), ("tls_rate", "HTTPS conns"), ("http_rate", "HTTP conns")):
-        row(f"proxy CPU (cores) during {label}", None, _get(B, phase, "proxy", "cpu_util"),
-            _get(C, phase, "proxy", "cpu_util"), "{:.2f}")
+    for phase, label in (
+        ("bulk", "bulk"),
+        ("tls_rate", "HTTPS conns"),
+        ("http_rate", "HTTP conns"),
+    ):
+        row(
+            f"proxy CPU (cores) during {label}",
+            None,
+            _get(B, phase, "proxy", "cpu_util"),
+            _get(C, phase, "proxy", "cpu_util"),
+            "{:.2f}",
+        )
     for phase, label in (("tls_rate", "HTTPS"), ("http_rate", "HTTP")):
         per = []
         for res in (B, C):
@@ -806,24 +1010,60 @@ def report(results: dict) -> str:
             per.append(None if not cpu or not n else 1e6 * cpu / n)
         row(f"proxy CPU per {label} connection, us", None, *per)
     for phase, label in (("tls_rate", "HTTPS"), ("http_rate", "HTTP")):
-        row(f"  of which kernel (sys), % ({label} conns)", None,
-            *[None if _get(r, phase, "proxy", "cpu_sys_share") is None else 100 * _get(r, phase, "proxy", "cpu_sys_share")
-              for r in (B, C)])
-    row("proxy RSS before bulk (idle), MB", None, _get(B, "bulk", "proxy", "rss_start_mb"),
-        _get(C, "bulk", "proxy", "rss_start_mb"), "{:.1f}")
-    row("proxy RSS peak during bulk, MB", None, _get(B, "bulk", "proxy", "rss_peak_mb"),
-        _get(C, "bulk", "proxy", "rss_peak_mb"), "{:.1f}")
-    row("proxy RSS peak during conn runs, MB", None,
-        max(filter(None, [_get(B, p, "proxy", "rss_peak_mb") for p in ("tls_rate", "http_rate")]), default=None),
-        max(filter(None, [_get(C, p, "proxy", "rss_peak_mb") for p in ("tls_rate", "http_rate")]), default=None),
-        "{:.1f}")
+        row(
+            f"  of which kernel (sys), % ({label} conns)",
+            None,
+            *[
+                None
+                if _get(r, phase, "proxy", "cpu_sys_share") is None
+                else 100 * _get(r, phase, "proxy", "cpu_sys_share")
+                for r in (B, C)
+            ],
+        )
+    row(
+        "proxy RSS before bulk (idle), MB",
+        None,
+        _get(B, "bulk", "proxy", "rss_start_mb"),
+        _get(C, "bulk", "proxy", "rss_start_mb"),
+        "{:.1f}",
+    )
+    row(
+        "proxy RSS peak during bulk, MB",
+        None,
+        _get(B, "bulk", "proxy", "rss_peak_mb"),
+        _get(C, "bulk", "proxy", "rss_peak_mb"),
+        "{:.1f}",
+    )
+    row(
+        "proxy RSS peak during conn runs, MB",
+        None,
+        max(
+            filter(None, [_get(B, p, "proxy", "rss_peak_mb") for p in ("tls_rate", "http_rate")]),
+            default=None,
+        ),
+        max(
+            filter(None, [_get(C, p, "proxy", "rss_peak_mb") for p in ("tls_rate", "http_rate")]),
+            default=None,
+        ),
+        "{:.1f}",
+    )
 
     head = ("metric", "A direct", "B squid", "C sandgate", "B/A", "C/A", "C/B")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                         for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |"
-    out = [line(head), "|" + "|".join(("-" * (w + 1) + ":") if i else "-" * (w + 2)
-                                       for i, w in enumerate(widths)) + "|"]
+
+    def line(r):
+        cells = (
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        return "| " + " | ".join(cells) + " |"
+
+    out = [
+        line(head),
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if i else "-" * (w + 2) for i, w in enumerate(widths))
+        + "|",
+    ]
     out += [line(r) for r in rows]
 
     errs = []
@@ -831,41 +1071,65 @@ def report(results: dict) -> str:
         for phase in ("bulk", "tls_rate", "http_rate"):
             p = res.get(phase, {})
             if p.get("error") or p.get("errors"):
-                errs.append(f"{key} {phase}: {p.get('error') or str(p.get('errors')) + ' errors, ' + str(p.get('first_error'))}")
+                errs.append(
+                    f"{key} {phase}: {p.get('error') or str(p.get('errors')) + ' errors, ' + str(p.get('first_error'))}"
+                )
     out.append("")
-    out.append(f"clients: {_get(A, 'tls_rate', 'concurrency')} concurrent (procs x threads), new connection per "
-               f"request; bulk tool: {_get(A, 'bulk', 'tool')}; requests counted: "
-               + ", ".join(f"{k} {_get(r, 'tls_rate', 'requests')}/{_get(r, 'http_rate', 'requests')}"
-                           for k, r in (("A", A), ("B", B), ("C", C))))
+    out.append(
+        f"clients: {_get(A, 'tls_rate', 'concurrency')} concurrent (procs x threads), new connection per "
+        f"request; bulk tool: {_get(A, 'bulk', 'tool')}; requests counted: "
+        + ", ".join(
+            f"{k} {_get(r, 'tls_rate', 'requests')}/{_get(r, 'http_rate', 'requests')}"
+            for k, r in (("A", A), ("B", B), ("C", C))
+        )
+    )
     if errs:
         out.append("ERRORS: " + "; ".join(errs))
-    out.append("rounds (bulk MB/s, HTTPS conn/s, HTTP conn/s; CPU cores used meanwhile by other processes "
-               "on the machine); the table shows the best round:")
+    out.append(
+        "rounds (bulk MB/s, HTTPS conn/s, HTTP conn/s; CPU cores used meanwhile by other processes "
+        "on the machine); the table shows the best round:"
+    )
     for key, res in (("A", A), ("B", B), ("C", C)):
         cells = []
         for i, r in enumerate(res.get("rounds", []), start=1):
             vals = " / ".join(fmt(_get(r, ph, PHASE_METRIC[ph])) for ph in PHASES)
             other = r.get("other_cpu_cores") or {}
-            busy = f"{other.get('cores', 0):.2f}" + (f" ({', '.join(other['top'])})" if other.get("top") else "")
+            busy = f"{other.get('cores', 0):.2f}" + (
+                f" ({', '.join(other['top'])})" if other.get("top") else ""
+            )
             cells.append(f"#{i} {vals}; other {busy}")
         if cells:
             out.append(f"  {key}: " + " | ".join(cells))
     out.append("")
     out.append("task start (ms, median):")
-    for key in ("netns_exec_ms", "sandgate_run_ms", "first_run_ms", "python_bare_ms",
-                "python_import_mitmproxy_master_ms", "python_import_enforcer_run_ms"):
+    for key in (
+        "netns_exec_ms",
+        "sandgate_run_ms",
+        "first_run_ms",
+        "python_bare_ms",
+        "python_import_mitmproxy_master_ms",
+        "python_import_enforcer_run_ms",
+    ):
         if key in st:
             out.append(f"  {key:40s} {st[key]:8.1f}")
     if "squid_start_ms" in B:
         out.append(f"  {'squid_start_ms (service, not per task)':40s} {B['squid_start_ms']:8.1f}")
     if st.get("breakdown_ms"):
-        out.append("  breakdown of `sandgate run -q -- true` (median of probes; nested steps indented):")
+        out.append(
+            "  breakdown of `sandgate run -q -- true` (median of probes; nested steps indented):"
+        )
         for level, label in BREAKDOWN:
             if label in st["breakdown_ms"]:
-                out.append(f"    {'  ' * level}{label:{52 - 2 * level}s} {st['breakdown_ms'][label]:8.1f}")
+                out.append(
+                    f"    {'  ' * level}{label:{52 - 2 * level}s} {st['breakdown_ms'][label]:8.1f}"
+                )
     if st.get("import_self_ms_by_package"):
-        out.append("  import self time by package, ms (python -X importtime, inflated by its own overhead):")
-        out.append("    " + ", ".join(f"{k} {v:.0f}" for k, v in st["import_self_ms_by_package"].items()))
+        out.append(
+            "  import self time by package, ms (python -X importtime, inflated by its own overhead):"
+        )
+        out.append(
+            "    " + ", ".join(f"{k} {v:.0f}" for k, v in st["import_self_ms_by_package"].items())
+        )
     for line_ in st.get("verbose_log", []):
         out.append(f"  -v: {line_}")
     for note in results["notes"]:
@@ -876,19 +1140,30 @@ def report(results: dict) -> str:
 def report_profile(results: dict) -> str:
     out = []
     for phase, prof in results.get("profile", {}).items():
-        out.append(f"\npy-spy, gateway during {phase} ({prof.get('rate_under_profiler') or 0:,.0f}/s under the profiler)")
-        for kind, label in (("on_cpu", "on-CPU (--gil: Python running)"), ("wall", "wall clock (incl. syscalls, waits)")):
+        out.append(
+            f"\npy-spy, gateway during {phase} ({prof.get('rate_under_profiler') or 0:,.0f}/s under the profiler)"
+        )
+        for kind, label in (
+            ("on_cpu", "on-CPU (--gil: Python running)"),
+            ("wall", "wall clock (incl. syscalls, waits)"),
+        ):
             p = prof.get(kind)
             if not p:
                 continue
-            out.append(f"  {label}: {p['samples']} samples ({p.get('samples_per_s', '?')}/s of 250/s), "
-                       f"threads: " + ", ".join(f"{n} {v}%" for n, v in p["threads_pct"][:4]) + f"; raw: {p['file']}")
+            out.append(
+                f"  {label}: {p['samples']} samples ({p.get('samples_per_s', '?')}/s of 250/s), "
+                f"threads: "
+                + ", ".join(f"{n} {v}%" for n, v in p["threads_pct"][:4])
+                + f"; raw: {p['file']}"
+            )
             out.append("    self:")
             out += [f"      {v:5.1f}%  {name}" for name, v in p["self_pct"][:12]]
             out.append("    inclusive:")
             top = p["inclusive_pct"][0][1] if p["inclusive_pct"] else 100
             # Leave out the frames every sample has (the CLI, asyncio.run, the loop).
-            out += [f"      {v:5.1f}%  {name}" for name, v in p["inclusive_pct"] if v < 0.9 * top][:20]
+            out += [f"      {v:5.1f}%  {name}" for name, v in p["inclusive_pct"] if v < 0.9 * top][
+                :20
+            ]
     return "\n".join(out)
 
 
@@ -914,7 +1189,11 @@ def wait_quiet(max_wait: float, threshold: float = 0.15, quick: bool = False) ->
     deadline = time.monotonic() + max_wait
     busy = cpu_busy(0.3 if quick else 1.0)
     while busy > threshold and time.monotonic() < deadline:
-        print(f"waiting for a quiet machine: CPUs {100 * busy:.0f}% busy ...", file=sys.stderr, flush=True)
+        print(
+            f"waiting for a quiet machine: CPUs {100 * busy:.0f}% busy ...",
+            file=sys.stderr,
+            flush=True,
+        )
         time.sleep(2)
         busy = cpu_busy()
     return busy
@@ -924,9 +1203,18 @@ def missing_tools() -> list[str]:
     import shutil
 
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    need = {"ip": "iproute2", "nft": "nftables", "nginx": "nginx-light", "dnsmasq": "dnsmasq-base",
-            "openssl": "openssl"}
-    return [f"{tool} (apt-get install -y {pkg})" for tool, pkg in need.items() if not shutil.which(tool, path=path)]
+    need = {
+        "ip": "iproute2",
+        "nft": "nftables",
+        "nginx": "nginx-light",
+        "dnsmasq": "dnsmasq-base",
+        "openssl": "openssl",
+    }
+    return [
+        f"{tool} (apt-get install -y {pkg})"
+        for tool, pkg in need.items()
+        if not shutil.which(tool, path=path)
+    ]
 
 
 def main() -> int:
@@ -935,27 +1223,44 @@ def main() -> int:
         rest = sys.argv[3:]
         return probe_start(sys.argv[2], rest[1:] if rest[:1] == ["--"] else rest)
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="shorter runs (1 round, 1 s per rate, 5 starts)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="shorter runs (1 round, 1 s per rate, 5 starts)"
+    )
     parser.add_argument("--rate-seconds", type=float, default=3.0)
     parser.add_argument("--bulk-seconds", type=float, default=2.0)
     parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--threads", type=int, default=8, help="client threads per process")
     parser.add_argument("--starts", type=int, default=10, help="task starts to take the median of")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of A, B, C; the best round counts")
-    parser.add_argument("--profile", action="store_true", help="py-spy the gateway during the rate runs")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of A, B, C; the best round counts"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the gateway during the rate runs"
+    )
     parser.add_argument("--profile-seconds", type=int, default=4)
     parser.add_argument("--skip", default="", help="comma list of A,B,C,start to skip")
     parser.add_argument("--json", type=Path, help="write all results as JSON here")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
-    parser.add_argument("--wait-quiet", type=float, default=60.0, metavar="S",
-                        help="first wait up to S seconds for other work on the machine to stop (0: don't)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (logs, profiles)"
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="first wait up to S seconds for other work on the machine to stop (0: don't)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rate_seconds, args.bulk_seconds, args.starts, args.rounds = 1.0, 1.0, 5, 1
     if os.geteuid() != 0:
-        print("bench_gateway: needs root (network namespaces, nftables): sudo .venv/bin/python bench/...",
-              file=sys.stderr)
+        print(
+            "bench_gateway: needs root (network namespaces, nftables): sudo .venv/bin/python bench/...",
+            file=sys.stderr,
+        )
         return 2
     if missing := missing_tools():
         print("bench_gateway: missing " + ", ".join(missing), file=sys.stderr)
@@ -972,7 +1277,10 @@ def main() -> int:
         skip.add("B")
         print("note: squid missing, B skipped (apt-get install -y squid-openssl)", file=sys.stderr)
     if not shutil.which("curl"):
-        print("note: curl missing, bulk uses the Python client (apt-get install -y curl)", file=sys.stderr)
+        print(
+            "note: curl missing, bulk uses the Python client (apt-get install -y curl)",
+            file=sys.stderr,
+        )
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
@@ -982,8 +1290,11 @@ def main() -> int:
     t_all = time.monotonic()
     busy_start = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else cpu_busy()
     if busy_start > 0.15:
-        print(f"note: CPUs {100 * busy_start:.0f}% busy before the bench: other work on this machine "
-              "skews the numbers", file=sys.stderr)
+        print(
+            f"note: CPUs {100 * busy_start:.0f}% busy before the bench: other work on this machine "
+            "skews the numbers",
+            file=sys.stderr,
+        )
     prefix = fresh_prefix("sgb")
     workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     bench = None
@@ -1006,14 +1317,19 @@ def main() -> int:
             finally:
                 bench.cleanup()
         results = bench.results
-        results["machine"] = {"cpus": os.cpu_count(), "kernel": os.uname().release,
-                              "cpu_busy_before": busy_start}
+        results["machine"] = {
+            "cpus": os.cpu_count(),
+            "kernel": os.uname().release,
+            "cpu_busy_before": busy_start,
+        }
         results["total_seconds"] = time.monotonic() - t_all
         print()
         print(report(results))
         print(report_profile(results))
-        print(f"\n({os.cpu_count()} CPUs, kernel {os.uname().release}, CPUs {100 * busy_start:.0f}% busy before, "
-              f"bench took {results['total_seconds']:.0f} s)")
+        print(
+            f"\n({os.cpu_count()} CPUs, kernel {os.uname().release}, CPUs {100 * busy_start:.0f}% busy before, "
+            f"bench took {results['total_seconds']:.0f} s)"
+        )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2, default=str))
         return 0

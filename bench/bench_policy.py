@@ -36,7 +36,20 @@ import yaml  # noqa: E402
 from sandgate.proxy.policy import ConnectFacts, decide, load_policy  # noqa: E402
 from sandgate.proxy.policy.load import _YamlLoader  # noqa: E402
 
-WORDS = ["api", "cdn", "files", "static", "registry", "mirror", "pkg", "download", "git", "objects", "data", "edge"]
+WORDS = [
+    "api",
+    "cdn",
+    "files",
+    "static",
+    "registry",
+    "mirror",
+    "pkg",
+    "download",
+    "git",
+    "objects",
+    "data",
+    "edge",
+]
 TLDS = ["com", "net", "org", "io", "dev", "cloud", "de", "fr"]
 V4_PREFIXES = [16, 20, 24, 28, 32]
 V6_PREFIXES = [32, 48, 64, 128]
@@ -61,18 +74,29 @@ def generate(count: int, seed: int = 1) -> tuple[str, dict[str, list]]:
         kind = rng.random()
         extra = []
         if kind < 0.45:  # 2 to 4 labels
-            name = rng.choice([f"{rng.choice(WORDS)}{i}.{rng.choice(TLDS)}",
-                               f"{rng.choice(WORDS)}{i}.{rng.choice(WORDS)}-{rng.randrange(1000)}.{rng.choice(TLDS)}",
-                               f"{rng.choice(WORDS)}.{rng.choice(WORDS)}{i}.corp{rng.randrange(100)}.{rng.choice(TLDS)}"])
+            name = rng.choice(
+                [
+                    f"{rng.choice(WORDS)}{i}.{rng.choice(TLDS)}",
+                    f"{rng.choice(WORDS)}{i}.{rng.choice(WORDS)}-{rng.randrange(1000)}.{rng.choice(TLDS)}",
+                    f"{rng.choice(WORDS)}.{rng.choice(WORDS)}{i}.corp{rng.randrange(100)}.{rng.choice(TLDS)}",
+                ]
+            )
             names.append(name)
             target = name
         elif kind < 0.65:  # bases of 2 and 3 labels
-            base = rng.choice([f"svc{i}.{rng.choice(TLDS)}", f"svc{i}.{rng.choice(WORDS)}{rng.randrange(100)}.{rng.choice(TLDS)}"])
+            base = rng.choice(
+                [
+                    f"svc{i}.{rng.choice(TLDS)}",
+                    f"svc{i}.{rng.choice(WORDS)}{rng.randrange(100)}.{rng.choice(TLDS)}",
+                ]
+            )
             wildcards.append(base)
             target = f'"*.{base}"'
         elif kind < 0.85:
             prefix = rng.choice(V4_PREFIXES)
-            network = ipaddress.IPv4Network((_public_v4(rng) >> (32 - prefix) << (32 - prefix), prefix))
+            network = ipaddress.IPv4Network(
+                (_public_v4(rng) >> (32 - prefix) << (32 - prefix), prefix)
+            )
             v4.append(network)
             target = str(network)
         else:
@@ -104,9 +128,13 @@ def lookups(targets: dict[str, list], count: int, seed: int = 2) -> tuple[list, 
         elif hit and targets["names"]:
             name = rng.choice(targets["names"])
         else:
-            name = rng.choice([f"miss{rng.randrange(10**9)}.{rng.choice(TLDS)}",
-                               f"miss{rng.randrange(10**9)}.{rng.choice(WORDS)}.{rng.choice(TLDS)}",
-                               f"www.miss{rng.randrange(10**9)}.{rng.choice(WORDS)}.{rng.choice(TLDS)}"])
+            name = rng.choice(
+                [
+                    f"miss{rng.randrange(10**9)}.{rng.choice(TLDS)}",
+                    f"miss{rng.randrange(10**9)}.{rng.choice(WORDS)}.{rng.choice(TLDS)}",
+                    f"www.miss{rng.randrange(10**9)}.{rng.choice(WORDS)}.{rng.choice(TLDS)}",
+                ]
+            )
         names.append(name)
         if rng.random() < 0.7:
             if hit and targets["v4"]:
@@ -139,10 +167,14 @@ def percentiles(policy, kind: str, lookups: list, call=None) -> tuple[float, flo
     samples = []
     for i, item in enumerate(lookups):
         if kind == "name":
-            facts = ConnectFacts(profile="default", port=443, name=(item + ".")[:-1])  # a new str, no cached hash
+            facts = ConnectFacts(
+                profile="default", port=443, name=(item + ".")[:-1]
+            )  # a new str, no cached hash
         else:
             number, version = item
-            facts = ConnectFacts(profile="default", port=443, ip=v4(number) if version == 4 else v6(number))
+            facts = ConnectFacts(
+                profile="default", port=443, ip=v4(number) if version == 4 else v6(number)
+            )
         start = clock()
         call(facts)
         if i >= 1000:  # after a warm-up
@@ -191,8 +223,12 @@ def bench(count: int, lookup_count: int) -> dict:
         "ip": percentiles(policy, "ip", addresses),
         # The floor on this machine: one dict lookup of the name in the policy's
         # exact-name table, timed the same way. decide() cannot be cheaper.
-        "floor": percentiles(policy, "name", names, lambda facts, exact=policy.profiles["default"].exact:
-                             exact.get(facts.name)),
+        "floor": percentiles(
+            policy,
+            "name",
+            names,
+            lambda facts, exact=policy.profiles["default"].exact: exact.get(facts.name),
+        ),
     }
 
 
@@ -201,22 +237,30 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--lookups", type=int, default=100_000)
     args = parser.parse_args()
-    print(f"python {sys.version.split()[0]}, YAML loader {_YamlLoader.__mro__[1].__name__}, "
-          f"{args.lookups} lookups per kind (half hits), times per decide() call")
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
-          "(other processes share the caches and cores: latencies vary with it)")
-    header = (f"{'rules':>7} | {'compile s':>9} | {'cpu s':>6} | {'(yaml s)':>8} | {'peak MB':>7} | {'kept MB':>7} | "
-              f"{'name p50 us':>11} | {'name p99 us':>11} | {'ip p50 us':>9} | {'ip p99 us':>9} | "
-              f"{'floor p50 us':>12}")
+    print(
+        f"python {sys.version.split()[0]}, YAML loader {_YamlLoader.__mro__[1].__name__}, "
+        f"{args.lookups} lookups per kind (half hits), times per decide() call"
+    )
+    print(
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
+        "(other processes share the caches and cores: latencies vary with it)"
+    )
+    header = (
+        f"{'rules':>7} | {'compile s':>9} | {'cpu s':>6} | {'(yaml s)':>8} | {'peak MB':>7} | {'kept MB':>7} | "
+        f"{'name p50 us':>11} | {'name p99 us':>11} | {'ip p50 us':>9} | {'ip p99 us':>9} | "
+        f"{'floor p50 us':>12}"
+    )
     print(header)
     print("-" * len(header))
     for size in (int(s) for s in args.sizes.split(",")):
         r = bench(size, args.lookups)
-        print(f"{r['rules']:>7} | {r['compile']:>9.2f} | {r['compile_cpu']:>6.2f} | {r['parse']:>8.2f} | "
-              f"{r['peak']:>7.1f} | {r['kept']:>7.1f} | "
-              f"{r['name'][0]:>11.2f} | {r['name'][1]:>11.2f} | {r['ip'][0]:>9.2f} | {r['ip'][1]:>9.2f} | "
-              f"{r['floor'][0]:>12.2f}",
-              flush=True)
+        print(
+            f"{r['rules']:>7} | {r['compile']:>9.2f} | {r['compile_cpu']:>6.2f} | {r['parse']:>8.2f} | "
+            f"{r['peak']:>7.1f} | {r['kept']:>7.1f} | "
+            f"{r['name'][0]:>11.2f} | {r['name'][1]:>11.2f} | {r['ip'][0]:>9.2f} | {r['ip'][1]:>9.2f} | "
+            f"{r['floor'][0]:>12.2f}",
+            flush=True,
+        )
     print("floor: one dict.get of the name in the exact-name table, timed like decide()")
     print("targets: p50 <= 1 us, p99 <= 5 us, compile <= 1 s at 100k rules")
 

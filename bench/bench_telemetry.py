@@ -59,29 +59,72 @@ TLS_CONNECTION_US = 1600  # gateway CPU per TLS passthrough connection (DESIGN.m
 def _facts(count: int, seed: int = 7) -> list[tuple[EventKind, object, dict]]:
     """(kind, facts, event fields) for a realistic mix of decision points."""
     rng = random.Random(seed)
-    allowed = ["allowed.test", "www.allowed.test", "api.allowed.test", "pypi.org", "files.pythonhosted.org"]
+    allowed = [
+        "allowed.test",
+        "www.allowed.test",
+        "api.allowed.test",
+        "pypi.org",
+        "files.pythonhosted.org",
+    ]
     out = []
     for i in range(count):
-        name = rng.choice(allowed) if rng.random() < 0.6 else \
-            "".join(rng.choices(string.ascii_lowercase, k=12)) + rng.choice([".evil.test", ".example.com"])
+        name = (
+            rng.choice(allowed)
+            if rng.random() < 0.6
+            else "".join(rng.choices(string.ascii_lowercase, k=12))
+            + rng.choice([".evil.test", ".example.com"])
+        )
         ip = ipaddress.ip_address(f"203.0.113.{rng.randrange(1, 255)}")
-        fields = {"sandbox": SANDBOX, "profile": "default", "source": f"{SANDBOX}:{40000 + i % 20000}"}
+        fields = {
+            "sandbox": SANDBOX,
+            "profile": "default",
+            "source": f"{SANDBOX}:{40000 + i % 20000}",
+        }
         roll = rng.random()
         if roll < 0.4:
-            out.append((EventKind.DNS, NameFacts("default", name),
-                        {**fields, "name": name, "protocol": "dns", "duration": 0.0004}))
+            out.append(
+                (
+                    EventKind.DNS,
+                    NameFacts("default", name),
+                    {**fields, "name": name, "protocol": "dns", "duration": 0.0004},
+                )
+            )
         elif roll < 0.8:
-            out.append((EventKind.CONNECTION,
-                        ConnectFacts("default", 443, ip=ip, name=name, name_resolved_to_ip=True),
-                        {**fields, "name": name, "dst_ip": str(ip), "dst_port": 443, "protocol": "tls",
-                         "latency": 0.00005}))
+            out.append(
+                (
+                    EventKind.CONNECTION,
+                    ConnectFacts("default", 443, ip=ip, name=name, name_resolved_to_ip=True),
+                    {
+                        **fields,
+                        "name": name,
+                        "dst_ip": str(ip),
+                        "dst_port": 443,
+                        "protocol": "tls",
+                        "latency": 0.00005,
+                    },
+                )
+            )
         else:
             method = rng.choice(["GET", "GET", "POST"])
             path = rng.choice(["/public/repo", "/private/x", "/simple/"])
-            out.append((EventKind.REQUEST,
-                        RequestFacts("default", 443, method, path, ip=ip, name=name, name_resolved_to_ip=True),
-                        {**fields, "name": name, "dst_ip": str(ip), "dst_port": 443, "protocol": "https",
-                         "method": method, "path": path, "latency": 0.00005}))
+            out.append(
+                (
+                    EventKind.REQUEST,
+                    RequestFacts(
+                        "default", 443, method, path, ip=ip, name=name, name_resolved_to_ip=True
+                    ),
+                    {
+                        **fields,
+                        "name": name,
+                        "dst_ip": str(ip),
+                        "dst_port": 443,
+                        "protocol": "https",
+                        "method": method,
+                        "path": path,
+                        "latency": 0.00005,
+                    },
+                )
+            )
     return out
 
 
@@ -120,7 +163,7 @@ def bench_decisions(policy, mix, config: str, workdir: Path, chunk: int) -> floa
     policy_hash, task_id = policy.hash, "bench"
     clock = Clock()
     for start in range(0, len(mix), chunk):
-        for kind, facts, fields in mix[start:start + chunk]:
+        for kind, facts, fields in mix[start : start + chunk]:
             decision = decide(policy, facts)
             event = Event.from_decision(kind, decision, **fields)
             fanout.emit(event.with_fields(policy_hash=policy_hash, task_id=task_id))
@@ -133,8 +176,11 @@ def bench_decisions(policy, mix, config: str, workdir: Path, chunk: int) -> floa
 
 def bench_dns(policy, wires: list[bytes], config: str, workdir: Path, chunk: int) -> float:
     sinks, audit = _sinks(config, workdir, len(wires))
-    gateway = Gateway(GatewayConfig(listen_host="127.0.0.1", dns_upstreams=["127.0.0.1"],
-                                    confdir=workdir / "ca"), policy, *sinks)
+    gateway = Gateway(
+        GatewayConfig(listen_host="127.0.0.1", dns_upstreams=["127.0.0.1"], confdir=workdir / "ca"),
+        policy,
+        *sinks,
+    )
     gateway.add_sandbox(Sandbox(SANDBOX, "bench", "default"))
 
     async def run() -> float:
@@ -154,8 +200,12 @@ def bench_dns(policy, wires: list[bytes], config: str, workdir: Path, chunk: int
 
 def bench_parts(policy, mix, workdir: Path) -> dict[str, float]:
     """Microseconds per event for each piece, single-threaded, best of 3."""
-    events = [Event.from_decision(kind, decide(policy, facts), **fields).with_fields(policy_hash="h", task_id="t")
-              for kind, facts, fields in mix]
+    events = [
+        Event.from_decision(kind, decide(policy, facts), **fields).with_fields(
+            policy_hash="h", task_id="t"
+        )
+        for kind, facts, fields in mix
+    ]
     parts: dict[str, float] = {}
 
     def best_of(label, run) -> None:
@@ -169,7 +219,9 @@ def bench_parts(policy, mix, workdir: Path) -> dict[str, float]:
 
     def baseline():
         for kind, facts, fields in mix:
-            Event.from_decision(kind, decide(policy, facts), **fields).with_fields(policy_hash="h", task_id="t")
+            Event.from_decision(kind, decide(policy, facts), **fields).with_fields(
+                policy_hash="h", task_id="t"
+            )
 
     def writer():
         prev = "0" * 64
@@ -181,8 +233,12 @@ def bench_parts(policy, mix, workdir: Path) -> dict[str, float]:
     best_of("Metrics.emit (loop)", lambda: [metrics.emit(e) for e in events])
     times = []
     for _ in range(3):
-        audit = AuditLog(workdir / f"parts-{time.monotonic_ns()}.jsonl", queue_size=len(events) + 1,
-                         batch_size=len(events) + 1, flush_interval=3600)  # the writer stays asleep
+        audit = AuditLog(
+            workdir / f"parts-{time.monotonic_ns()}.jsonl",
+            queue_size=len(events) + 1,
+            batch_size=len(events) + 1,
+            flush_interval=3600,
+        )  # the writer stays asleep
         gc.collect()
         started = time.perf_counter()
         for e in events:
@@ -194,18 +250,26 @@ def bench_parts(policy, mix, workdir: Path) -> dict[str, float]:
     return parts
 
 
-def _report(title: str, unit: str, count: int, paced: dict[str, float], burst: dict[str, float]) -> None:
+def _report(
+    title: str, unit: str, count: int, paced: dict[str, float], burst: dict[str, float]
+) -> None:
     base, burst_base = paced["off"], burst["off"]
     print(f"\n{title}")
-    print(f"  {'telemetry':15} {unit + '/cpu-s':>14} {'cpu us/' + unit:>15} {'cost vs off':>12}"
-          f" {'burst cost':>11}")
+    print(
+        f"  {'telemetry':15} {unit + '/cpu-s':>14} {'cpu us/' + unit:>15} {'cost vs off':>12}"
+        f" {'burst cost':>11}"
+    )
     for config in CONFIGS:
         seconds = paced[config]
-        print(f"  {config:15} {count / seconds:14,.0f} {seconds / count * 1e6:15.2f} "
-              f"{(seconds / base - 1) * 100:+11.1f}% {(burst[config] / burst_base - 1) * 100:+10.1f}%")
+        print(
+            f"  {config:15} {count / seconds:14,.0f} {seconds / count * 1e6:15.2f} "
+            f"{(seconds / base - 1) * 100:+11.1f}% {(burst[config] / burst_base - 1) * 100:+10.1f}%"
+        )
     on = paced["metrics+audit"]
-    print(f"  on/off throughput ratio {base / on:.3f}: telemetry costs {(on / base - 1) * 100:.1f}% "
-          f"({(on - base) / count * 1e6:.2f} us per event; goal <= 10%)")
+    print(
+        f"  on/off throughput ratio {base / on:.3f}: telemetry costs {(on / base - 1) * 100:.1f}% "
+        f"({(on - base) / count * 1e6:.2f} us per event; goal <= 10%)"
+    )
 
 
 def main() -> int:
@@ -218,11 +282,23 @@ def main() -> int:
     policy = load_policy([DEMO])
     mix = _facts(args.decisions)
     rng = random.Random(3)
-    wires = [dns.message.make_query("".join(rng.choices(string.ascii_lowercase, k=12)) + ".evil.test",
-                                    rng.choice(["A", "AAAA"])).to_wire() for _ in range(args.queries)]
-    print(f"python {sys.version.split()[0]}, policy {DEMO.name} ({policy.rule_count} rules), "
-          f"{args.rounds} rounds interleaved, best of each")
-    results: dict[str, dict[str, float]] = {"decisions": {}, "decisions-burst": {}, "dns": {}, "dns-burst": {}}
+    wires = [
+        dns.message.make_query(
+            "".join(rng.choices(string.ascii_lowercase, k=12)) + ".evil.test",
+            rng.choice(["A", "AAAA"]),
+        ).to_wire()
+        for _ in range(args.queries)
+    ]
+    print(
+        f"python {sys.version.split()[0]}, policy {DEMO.name} ({policy.rule_count} rules), "
+        f"{args.rounds} rounds interleaved, best of each"
+    )
+    results: dict[str, dict[str, float]] = {
+        "decisions": {},
+        "decisions-burst": {},
+        "dns": {},
+        "dns-burst": {},
+    }
 
     def keep(name: str, config: str, seconds: float) -> None:
         results[name][config] = min(results[name].get(config, seconds), seconds)
@@ -232,27 +308,45 @@ def main() -> int:
         for _ in range(args.rounds):
             for config in CONFIGS:
                 keep("decisions", config, bench_decisions(policy, mix, config, workdir, CHUNK))
-                keep("decisions-burst", config, bench_decisions(policy, mix, config, workdir, len(mix)))
+                keep(
+                    "decisions-burst",
+                    config,
+                    bench_decisions(policy, mix, config, workdir, len(mix)),
+                )
                 keep("dns", config, bench_dns(policy, wires, config, workdir, CHUNK))
                 keep("dns-burst", config, bench_dns(policy, wires, config, workdir, len(wires)))
             for path in workdir.glob("*.jsonl"):
                 path.unlink()
         parts = bench_parts(policy, mix, workdir)
 
-    _report(f"1. policy decisions -> Event -> stamp -> fan-out ({args.decisions:,} mixed dns/connect/request)",
-            "decision", args.decisions, results["decisions"], results["decisions-burst"])
-    _report(f"2. DnsFilter.handle, denied names, through Gateway.emit ({args.queries:,} queries)",
-            "query", args.queries, results["dns"], results["dns-burst"])
+    _report(
+        f"1. policy decisions -> Event -> stamp -> fan-out ({args.decisions:,} mixed dns/connect/request)",
+        "decision",
+        args.decisions,
+        results["decisions"],
+        results["decisions-burst"],
+    )
+    _report(
+        f"2. DnsFilter.handle, denied names, through Gateway.emit ({args.queries:,} queries)",
+        "query",
+        args.queries,
+        results["dns"],
+        results["dns-burst"],
+    )
     print("\n3. per event, single thread (us)")
     for label, micros in parts.items():
         print(f"  {label:40} {micros:6.2f}")
     loop = parts["Metrics.emit (loop)"] + parts["AuditLog.emit (loop: enqueue)"]
     total = loop + parts["audit line: encode + hash (writer)"]
     query_us = results["dns"]["off"] / args.queries * 1e6
-    print(f"  telemetry on the event loop {loop:.2f} us/event; with the audit writer's GIL share {total:.2f} us/event:")
-    print(f"  {total / parts['decide + Event + stamp (the baseline)'] * 100:.0f}% of a bare decision, "
-          f"{total / query_us * 100:.1f}% of a DNS query's handling, "
-          f"~{total / TLS_CONNECTION_US * 100:.1f}% of a TLS connection through mitmproxy (~1.6 ms, DESIGN.md)")
+    print(
+        f"  telemetry on the event loop {loop:.2f} us/event; with the audit writer's GIL share {total:.2f} us/event:"
+    )
+    print(
+        f"  {total / parts['decide + Event + stamp (the baseline)'] * 100:.0f}% of a bare decision, "
+        f"{total / query_us * 100:.1f}% of a DNS query's handling, "
+        f"~{total / TLS_CONNECTION_US * 100:.1f}% of a TLS connection through mitmproxy (~1.6 ms, DESIGN.md)"
+    )
     return 0
 
 

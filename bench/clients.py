@@ -59,9 +59,19 @@ def _context(cacert: str) -> ssl.SSLContext:
 
 def _bulk_curl(args, ip: str) -> tuple[int, float, str]:
     argv = [
-        "curl", "-sS", "--http1.1", "-o", "/dev/null", "--cacert", args.cacert,
-        "--resolve", f"{args.host}:443:{ip}", "--max-time", "30",
-        "-w", "%{http_code} %{size_download} %{time_total}",
+        "curl",
+        "-sS",
+        "--http1.1",
+        "-o",
+        "/dev/null",
+        "--cacert",
+        args.cacert,
+        "--resolve",
+        f"{args.host}:443:{ip}",
+        "--max-time",
+        "30",
+        "-w",
+        "%{http_code} %{size_download} %{time_total}",
         f"https://{args.host}{args.bulk_path}",
     ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=40)
@@ -76,10 +86,13 @@ def _bulk_curl(args, ip: str) -> tuple[int, float, str]:
 def _bulk_python(args, ip: str) -> tuple[int, float, str]:
     ctx = _context(args.cacert)
     started = time.perf_counter()
-    with socket.create_connection((ip, 443), timeout=30) as raw, ctx.wrap_socket(
-        raw, server_hostname=args.host
-    ) as s:
-        s.sendall(f"GET {args.bulk_path} HTTP/1.1\r\nHost: {args.host}\r\nConnection: close\r\n\r\n".encode())
+    with (
+        socket.create_connection((ip, 443), timeout=30) as raw,
+        ctx.wrap_socket(raw, server_hostname=args.host) as s,
+    ):
+        s.sendall(
+            f"GET {args.bulk_path} HTTP/1.1\r\nHost: {args.host}\r\nConnection: close\r\n\r\n".encode()
+        )
         buf = bytearray(1 << 20)
         view = memoryview(buf)
         total, head = 0, b""
@@ -98,7 +111,9 @@ def bulk(args, ip: str) -> dict:
     t_start = time.time()
     sizes, times, tool = [], [], "?"
     deadline = time.monotonic() + args.bulk_seconds
-    while len(times) < args.bulk_max and (len(times) < args.bulk_min or time.monotonic() < deadline):
+    while len(times) < args.bulk_max and (
+        len(times) < args.bulk_min or time.monotonic() < deadline
+    ):
         size, secs, tool = fetch(args, ip)
         sizes.append(size)
         times.append(secs)
@@ -178,8 +193,10 @@ def rate(args, ip: str, tls: bool) -> dict:
     stop_at = t_start + args.rate_seconds
     per_proc_max = max(1, args.rate_max // args.procs)
     procs = [
-        mp.Process(target=_rate_worker,
-                   args=(ip, port, args.host, cacert, args.threads, stop_at, per_proc_max, queue))
+        mp.Process(
+            target=_rate_worker,
+            args=(ip, port, args.host, cacert, args.threads, stop_at, per_proc_max, queue),
+        )
         for _ in range(args.procs)
     ]
     for p in procs:
@@ -205,9 +222,15 @@ def rate(args, ip: str, tls: bool) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phases", nargs="*", default=["bulk", "tls_rate", "http_rate"],
-                        choices=["bulk", "tls_rate", "http_rate"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "phases",
+        nargs="*",
+        default=["bulk", "tls_rate", "http_rate"],
+        choices=["bulk", "tls_rate", "http_rate"],
+    )
     parser.add_argument("--host", default="allowed.test")
     parser.add_argument("--resolve", help="NAME:IP, skip DNS (setups without a resolver)")
     parser.add_argument("--cacert", required=True)

@@ -44,8 +44,14 @@ STATE_DIR = Path(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate"))
 AUDIT_DIR = STATE_DIR / "audit"  # a run's audit log when --audit-log is not given: <run id>.jsonl
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TABLE_PREFIX = "sandgate_"
-CA_ENV_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO",
-               "CURL_CA_BUNDLE")
+CA_ENV_VARS = (
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "PIP_CERT",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+    "CURL_CA_BUNDLE",
+)
 EXIT_SETUP = 125
 
 
@@ -75,10 +81,14 @@ class RunOptions:
 
 def check_prerequisites() -> None:
     if os.geteuid() != 0:
-        raise RunError("sandgate run needs root (it creates network namespaces and an nftables table); "
-                       "try: sudo sandgate run ...")
+        raise RunError(
+            "sandgate run needs root (it creates network namespaces and an nftables table); "
+            "try: sudo sandgate run ..."
+        )
     if shutil.which("nft") is None:
-        raise RunError("the 'nft' command is missing; install nftables (Debian: apt-get install nftables)")
+        raise RunError(
+            "the 'nft' command is missing; install nftables (Debian: apt-get install nftables)"
+        )
 
 
 def default_dns_upstreams(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
@@ -87,7 +97,9 @@ def default_dns_upstreams(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[
         lines = resolv_conf.read_text().splitlines()
     except OSError:
         return []
-    return [parts[1] for line in lines if len(parts := line.split()) >= 2 and parts[0] == "nameserver"]
+    return [
+        parts[1] for line in lines if len(parts := line.split()) >= 2 and parts[0] == "nameserver"
+    ]
 
 
 def _pick_addresses(pool_text: str):
@@ -101,7 +113,9 @@ def _pick_addresses(pool_text: str):
     with contextlib.closing(IPRoute()) as ipr:
         used = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2)}
     for _ in range(64):
-        gateway_ip, sandbox_ip = netns.allocate_addresses(pool, random.randrange(pool.num_addresses // 4))
+        gateway_ip, sandbox_ip = netns.allocate_addresses(
+            pool, random.randrange(pool.num_addresses // 4)
+        )
         if str(gateway_ip) not in used:
             return gateway_ip, sandbox_ip
     raise RunError(f"no free /30 found in sandbox pool {pool}")
@@ -149,10 +163,14 @@ class TaskRun:
     async def _setup(self) -> None:
         opts = self.opts
         if opts.profile not in opts.policy.profiles:
-            raise RunError(f"no profile {opts.profile!r} in the rules (profiles: {', '.join(opts.policy.profiles)})")
+            raise RunError(
+                f"no profile {opts.profile!r} in the rules (profiles: {', '.join(opts.policy.profiles)})"
+            )
         upstreams = opts.dns_upstreams or default_dns_upstreams()
         if not upstreams:
-            raise RunError("no DNS upstream: pass --dns-upstream IP (none found in /etc/resolv.conf)")
+            raise RunError(
+                "no DNS upstream: pass --dns-upstream IP (none found in /etc/resolv.conf)"
+            )
         try:
             self.audit = AuditLog(self.audit_path)
         except AuditLogError as e:
@@ -161,29 +179,52 @@ class TaskRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "pid").write_text(str(os.getpid()))
         gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, opts.pool)
-        self.net = await asyncio.to_thread(netns.create_sandbox_net, self.run_id, gateway_ip, sandbox_ip)
+        self.net = await asyncio.to_thread(
+            netns.create_sandbox_net, self.run_id, gateway_ip, sandbox_ip
+        )
 
         inspects = any(r.inspects for r in opts.policy.profiles[opts.profile].rules)
         upstream_ca = self.dir / "upstream-ca.pem"
         _write_ca_bundle(upstream_ca, opts.extra_ca)
-        self.gateway = Gateway(GatewayConfig(listen_host=str(gateway_ip), dns_upstreams=upstreams,
-                                             confdir=STATE_DIR / "ca", upstream_ca=upstream_ca),
-                               opts.policy, self.summary, self.audit, self.metrics)
+        self.gateway = Gateway(
+            GatewayConfig(
+                listen_host=str(gateway_ip),
+                dns_upstreams=upstreams,
+                confdir=STATE_DIR / "ca",
+                upstream_ca=upstream_ca,
+            ),
+            opts.policy,
+            self.summary,
+            self.audit,
+            self.metrics,
+        )
         await self.gateway.start()
         self._start_metrics()
-        self.gateway.emit(Event(
-            kind=EventKind.POLICY, verdict=Verdict.ALLOW, reason=Reason.POLICY_LOADED,
-            detail=f"{opts.policy.rule_count} rules, profiles {', '.join(opts.policy.profiles)}, "
-                   f"from {', '.join(opts.policy.files)}"[:1000]))
+        self.gateway.emit(
+            Event(
+                kind=EventKind.POLICY,
+                verdict=Verdict.ALLOW,
+                reason=Reason.POLICY_LOADED,
+                detail=f"{opts.policy.rule_count} rules, profiles {', '.join(opts.policy.profiles)}, "
+                f"from {', '.join(opts.policy.files)}"[:1000],
+            )
+        )
         self.sandbox_ip = str(sandbox_ip)
         self.gateway.add_sandbox(Sandbox(str(sandbox_ip), self.run_id, opts.profile))
-        ruleset = nft.render_ruleset(nft.RulesetConfig(table=self.table, sandbox_ifaces=self.net.host_if,
-                                                       proxy_port=self.gateway.proxy_port,
-                                                       dns_port=self.gateway.dns_port))
+        ruleset = nft.render_ruleset(
+            nft.RulesetConfig(
+                table=self.table,
+                sandbox_ifaces=self.net.host_if,
+                proxy_port=self.gateway.proxy_port,
+                dns_port=self.gateway.dns_port,
+            )
+        )
         await asyncio.to_thread(nft.apply_ruleset, ruleset)
 
-        (self.dir / "resolv.conf").write_text(f"# written by sandgate: the gateway's DNS filter\n"
-                                              f"nameserver {gateway_ip}\noptions edns0\n")
+        (self.dir / "resolv.conf").write_text(
+            f"# written by sandgate: the gateway's DNS filter\n"
+            f"nameserver {gateway_ip}\noptions edns0\n"
+        )
         self.sandbox = self._prepare_sandbox(inspects)
         for gap in self.sandbox.gaps:
             self._emit_weakened(gap)
@@ -201,8 +242,11 @@ class TaskRun:
         try:
             host, port = self.metrics.serve(host, port)
         except OSError as e:
-            print(f"sandgate: warning: no metrics for this run: cannot listen on {host}:{port}: "
-                  f"{e.strerror or e} (--metrics-listen HOST:PORT picks another)", file=sys.stderr)
+            print(
+                f"sandgate: warning: no metrics for this run: cannot listen on {host}:{port}: "
+                f"{e.strerror or e} (--metrics-listen HOST:PORT picks another)",
+                file=sys.stderr,
+            )
             return
         where = format_host_port(host, port)
         self.summary.telemetry["metrics"] = f"http://{where}/metrics"
@@ -224,23 +268,39 @@ class TaskRun:
             binds.append((ca_bundle, target))
             sandgate_env.update(dict.fromkeys(CA_ENV_VARS, str(target)))
         state = [STATE_DIR, RUN_DIR]
-        for root in ([opts.sandbox.workspace] if opts.sandbox.workspace else []) + list(opts.sandbox.rw):
+        for root in ([opts.sandbox.workspace] if opts.sandbox.workspace else []) + list(
+            opts.sandbox.rw
+        ):
             if self.audit_path.resolve().is_relative_to(root):
-                raise RunError(f"the audit log {self.audit_path} is inside {root}, which the task can write: "
-                               "it could rewrite the evidence (put --audit-log elsewhere)")
-        hidden = [p for p in state if p.exists()] + ([self.audit_path] if self.audit_path.exists() else [])
+                raise RunError(
+                    f"the audit log {self.audit_path} is inside {root}, which the task can write: "
+                    "it could rewrite the evidence (put --audit-log elsewhere)"
+                )
+        hidden = [p for p in state if p.exists()] + (
+            [self.audit_path] if self.audit_path.exists() else []
+        )
         try:
             return prepare.prepare(
-                self.dir, self.run_id, opts.sandbox, opts.limits, netns=f"/run/netns/{self.net.netns}",
-                argv=opts.command, env=sandgate_env, file_binds=binds, hidden=hidden,
-                protected=spec.protected_paths(state), probe=opts.probe)
+                self.dir,
+                self.run_id,
+                opts.sandbox,
+                opts.limits,
+                netns=f"/run/netns/{self.net.netns}",
+                argv=opts.command,
+                env=sandgate_env,
+                file_binds=binds,
+                hidden=hidden,
+                protected=spec.protected_paths(state),
+                probe=opts.probe,
+            )
         except spec.SandboxError as e:
             raise RunError(str(e)) from None
 
     async def _run_task(self) -> int:
         sandbox = self.sandbox
-        self.child = await asyncio.create_subprocess_exec(*sandbox.argv(), preexec_fn=_die_with_parent,
-                                                          pass_fds=(sandbox.report_w,))
+        self.child = await asyncio.create_subprocess_exec(
+            *sandbox.argv(), preexec_fn=_die_with_parent, pass_fds=(sandbox.report_w,)
+        )
         sandbox.started()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -272,7 +332,7 @@ class TaskRun:
         with contextlib.suppress(nft.NftError):
             await asyncio.to_thread(nft.delete_table, self.table)
         if self.gateway is not None:
-            for gap in self.sandbox.gaps[self._gaps_reported:] if self.sandbox else []:
+            for gap in self.sandbox.gaps[self._gaps_reported :] if self.sandbox else []:
                 self._emit_weakened(gap)
             for hit in limits_hit:
                 self._emit_limit(hit)
@@ -292,18 +352,32 @@ class TaskRun:
         self._gaps_reported += 1
         print(f"sandgate: warning: weaker sandbox: no {gap.feature}: {gap.why}", file=sys.stderr)
         rule = builtin_rule(f"weakened-{gap.feature}")
-        self.gateway.emit(Event(kind=EventKind.TASK, verdict=Verdict.AUDIT, reason=Reason.SANDBOX_WEAKENED,
-                                rule_id=rule.id, rule_origin=rule.origin,
-                                detail=f"the sandbox runs without {gap.feature}: {gap.why}"[:1000],
-                                **self._task_fields()))
+        self.gateway.emit(
+            Event(
+                kind=EventKind.TASK,
+                verdict=Verdict.AUDIT,
+                reason=Reason.SANDBOX_WEAKENED,
+                rule_id=rule.id,
+                rule_origin=rule.origin,
+                detail=f"the sandbox runs without {gap.feature}: {gap.why}"[:1000],
+                **self._task_fields(),
+            )
+        )
 
     def _emit_limit(self, hit) -> None:
         rule = builtin_rule(f"limit-{hit.limit}")
         self.summary.task.setdefault("limits_hit", []).append(hit.limit)
-        self.gateway.emit(Event(kind=EventKind.TASK, verdict=Verdict.DENY, reason=Reason.TASK_LIMIT,
-                                rule_id=rule.id, rule_origin=rule.origin,
-                                detail=f"the task hit its {hit.limit} limit {hit.count} times: {hit.detail}"[:1000],
-                                **self._task_fields()))
+        self.gateway.emit(
+            Event(
+                kind=EventKind.TASK,
+                verdict=Verdict.DENY,
+                reason=Reason.TASK_LIMIT,
+                rule_id=rule.id,
+                rule_origin=rule.origin,
+                detail=f"the task hit its {hit.limit} limit {hit.count} times: {hit.detail}"[:1000],
+                **self._task_fields(),
+            )
+        )
 
     def _emit_task_end(self, counters: dict[str, int], duration: float) -> None:
         """The kernel's drops (one event per counter that counted), then the task's end."""
@@ -311,14 +385,29 @@ class TaskRun:
         for name, packets in sorted(counters.items()):
             if packets:
                 kind = name.removeprefix("dropped_")
-                self.gateway.emit(Event(
-                    kind=EventKind.TASK, verdict=Verdict.DENY, reason=Reason.DROPPED_BY_FIREWALL,
-                    rule_id=FIREWALL_RULE.id, rule_origin=FIREWALL_RULE.origin,
-                    protocol=kind if kind in ("udp", "icmp", "ipv6") else None,
-                    detail=f"the firewall dropped {packets} packets ({name})", **common))
+                self.gateway.emit(
+                    Event(
+                        kind=EventKind.TASK,
+                        verdict=Verdict.DENY,
+                        reason=Reason.DROPPED_BY_FIREWALL,
+                        rule_id=FIREWALL_RULE.id,
+                        rule_origin=FIREWALL_RULE.origin,
+                        protocol=kind if kind in ("udp", "icmp", "ipv6") else None,
+                        detail=f"the firewall dropped {packets} packets ({name})",
+                        **common,
+                    )
+                )
         ended = "was not started" if self.exit_code is None else f"exit code {self.exit_code}"
-        self.gateway.emit(Event(kind=EventKind.TASK, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW,
-                                detail=f"task ended: {ended}", duration=round(duration, 6), **common))
+        self.gateway.emit(
+            Event(
+                kind=EventKind.TASK,
+                verdict=Verdict.ALLOW,
+                reason=Reason.RULE_ALLOW,
+                detail=f"task ended: {ended}",
+                duration=round(duration, 6),
+                **common,
+            )
+        )
 
 
 def _die_with_parent() -> None:
@@ -368,7 +457,7 @@ def gc(dry_run: bool = False) -> list[str]:
                 netns.destroy_sandbox_net(run_id)
             removed.append(f"netns {netns.netns_name(run_id)}")
     for table in nft.list_tables(TABLE_PREFIX):
-        if table[len(TABLE_PREFIX):] not in live:
+        if table[len(TABLE_PREFIX) :] not in live:
             if not dry_run:
                 nft.delete_table(table)
             removed.append(f"nft table {table}")
@@ -391,4 +480,3 @@ def _alive(pid_file: Path) -> bool:
         return True
     except (OSError, ValueError):
         return False
-

@@ -32,8 +32,21 @@ import signal
 import socket
 import sys
 
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x04000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x1000, 0x4000, 0x40000, 0x2, 0x4, 0x8
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWPID, CLONE_NEWNET = (
+    0x00020000,
+    0x04000000,
+    0x20000000,
+    0x40000000,
+)
+MS_RDONLY, MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = (
+    0x1,
+    0x1000,
+    0x4000,
+    0x40000,
+    0x2,
+    0x4,
+    0x8,
+)
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 # Capabilities that reach outside the sandbox's namespaces: joining other
 # namespaces and remounting (SYS_ADMIN), kernel modules, raw devices and
@@ -44,13 +57,33 @@ PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 # devices through /sys: a link into the host's netns past the nftables rules, or
 # the host's uplink taken down.
 DROPPED_CAPS = {
-    "CAP_DAC_READ_SEARCH": 2, "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_ADMIN": 12, "CAP_SYS_MODULE": 16,
-    "CAP_SYS_RAWIO": 17, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_BOOT": 22,
-    "CAP_SYS_TIME": 25, "CAP_MKNOD": 27, "CAP_MAC_OVERRIDE": 32, "CAP_MAC_ADMIN": 33,
-    "CAP_SYSLOG": 34, "CAP_WAKE_ALARM": 35, "CAP_BLOCK_SUSPEND": 36, "CAP_PERFMON": 38,
-    "CAP_BPF": 39, "CAP_CHECKPOINT_RESTORE": 40,
+    "CAP_DAC_READ_SEARCH": 2,
+    "CAP_LINUX_IMMUTABLE": 9,
+    "CAP_NET_ADMIN": 12,
+    "CAP_SYS_MODULE": 16,
+    "CAP_SYS_RAWIO": 17,
+    "CAP_SYS_PTRACE": 19,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_SYS_BOOT": 22,
+    "CAP_SYS_TIME": 25,
+    "CAP_MKNOD": 27,
+    "CAP_MAC_OVERRIDE": 32,
+    "CAP_MAC_ADMIN": 33,
+    "CAP_SYSLOG": 34,
+    "CAP_WAKE_ALARM": 35,
+    "CAP_BLOCK_SUSPEND": 36,
+    "CAP_PERFMON": 38,
+    "CAP_BPF": 39,
+    "CAP_CHECKPOINT_RESTORE": 40,
 }
-RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+RELAYED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 EXIT_SETUP_FAILED = 125  # like `env`/`unshare`: the sandbox could not be set up
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -63,8 +96,12 @@ def _check(result: int, what: str) -> None:
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int) -> None:
-    _check(_libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags, None),
-           f"mount {source} on {target}")
+    _check(
+        _libc.mount(
+            source and source.encode(), target.encode(), fstype and fstype.encode(), flags, None
+        ),
+        f"mount {source} on {target}",
+    )
 
 
 def _prctl(option: int, arg: int) -> None:

@@ -124,10 +124,17 @@ class SandgateAddon:
             flow.kill()
             return
         request = flow.request
-        decision = self.gate.on_request(state, request.host_header or "", request.method, request.path,
-                                        tls=bool(flow.client_conn.tls))
+        decision = self.gate.on_request(
+            state,
+            request.host_header or "",
+            request.method,
+            request.path,
+            tls=bool(flow.client_conn.tls),
+        )
         if not decision.allowed:
-            flow.response = http.Response.make(403, _blocked_page(decision, flow), {"content-type": "text/plain"})
+            flow.response = http.Response.make(
+                403, _blocked_page(decision, flow), {"content-type": "text/plain"}
+            )
         elif request.headers.get("upgrade", "").lower() == "h2c":
             # h2c would turn the connection into frames this hook no longer sees.
             del request.headers["upgrade"]
@@ -139,8 +146,15 @@ class SandgateAddon:
         except Exception as e:  # noqa: BLE001 - deny, say why, keep serving others
             log.exception("sandgate addon failed; denying")
             state = self.gate.connections.get(client.id)
-            decision = self.gate.fail(state, e, fields={"source": format_host_port(*client.peername[:2]),
-                                             "dst_ip": str(client.sockname[0]), "dst_port": client.sockname[1]})
+            decision = self.gate.fail(
+                state,
+                e,
+                fields={
+                    "source": format_host_port(*client.peername[:2]),
+                    "dst_ip": str(client.sockname[0]),
+                    "dst_port": client.sockname[1],
+                },
+            )
             if isinstance(target, http.HTTPFlow):
                 target.response = http.Response.make(403, _blocked_page(decision, target))
             elif isinstance(target, layer.NextLayer):

@@ -51,7 +51,7 @@ def _first_handshake_message(data: bytes) -> bytes | None:
     message = b""
     offset = 0
     while True:
-        header = data[offset:offset + 5]
+        header = data[offset : offset + 5]
         if len(header) < 5:
             return None
         if not starts_like_tls_record(header):
@@ -62,7 +62,7 @@ def _first_handshake_message(data: bytes) -> bytes | None:
         offset += 5
         if len(data) < offset + size:
             return None
-        message += data[offset:offset + size]
+        message += data[offset : offset + size]
         offset += size
         if len(message) >= 4:
             if message[0] != _CLIENT_HELLO:

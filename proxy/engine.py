@@ -45,8 +45,13 @@ class ProxyEngine:
         # No NextLayer addon: sandgate's addon is the only one that picks a layer, so
         # a connection it has not decided on yet (half a ClientHello) waits, and
         # cannot be given a layer by anyone else.
-        master.addons.add(core.Core(), proxyserver.Proxyserver(), self.addon, tlsconfig.TlsConfig(),
-                          disable_h2c.DisableH2C())
+        master.addons.add(
+            core.Core(),
+            proxyserver.Proxyserver(),
+            self.addon,
+            tlsconfig.TlsConfig(),
+            disable_h2c.DisableH2C(),
+        )
         update = {
             # No listener: connections come from the front door, through `serve`.
             "mode": [],

@@ -113,16 +113,26 @@ class ConnState:
 
 
 # The phase a decided outcome puts a connection in.
-_PHASE_OF = {Outcome.PASSTHROUGH: Phase.PASSING, Outcome.INTERCEPT: Phase.INTERCEPTING, Outcome.HTTP: Phase.HTTP,
-             Outcome.REJECT: Phase.REJECTED}
+_PHASE_OF = {
+    Outcome.PASSTHROUGH: Phase.PASSING,
+    Outcome.INTERCEPT: Phase.INTERCEPTING,
+    Outcome.HTTP: Phase.HTTP,
+    Outcome.REJECT: Phase.REJECTED,
+}
 
 
 class ConnectionGate:
     """`clock` (seconds, monotonic) times decisions and connections: inject one to
     make latencies and durations deterministic in tests."""
 
-    def __init__(self, policy: CompiledPolicy, registry: SandboxRegistry, bindings: DnsBindingsView,
-                 emit: Callable[[Event], None], clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        policy: CompiledPolicy,
+        registry: SandboxRegistry,
+        bindings: DnsBindingsView,
+        emit: Callable[[Event], None],
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.policy = policy
         self.registry = registry
         self.bindings = bindings
@@ -133,20 +143,35 @@ class ConnectionGate:
 
     # --- 1. TCP connect -------------------------------------------------------------
 
-    def on_connect(self, key: Hashable, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> ConnState | None:
+    def on_connect(
+        self, key: Hashable, src_ip: str, src_port: int, dst_ip: str, dst_port: int
+    ) -> ConnState | None:
         """The state of an admitted connection, or None: denied, its event emitted."""
         started = self.clock()
-        fields = {"source": format_host_port(src_ip, src_port), "dst_ip": dst_ip, "dst_port": dst_port}
+        fields = {
+            "source": format_host_port(src_ip, src_port),
+            "dst_ip": dst_ip,
+            "dst_port": dst_port,
+        }
         try:
             sandbox = self.registry.get(src_ip)
             ip = _parse_destination(dst_ip)
             if sandbox is None or ip is None:
-                self._emit_connection(deny("unknown-sandbox", detail=f"no task owns source address {src_ip}"),
-                                      fields, None, "tcp", started)
+                self._emit_connection(
+                    deny("unknown-sandbox", detail=f"no task owns source address {src_ip}"),
+                    fields,
+                    None,
+                    "tcp",
+                    started,
+                )
                 return None
             # Stamped as Gateway.emit would stamp them: the policy that decides, the task.
-            fields.update(sandbox=sandbox.address, profile=sandbox.profile, policy_hash=self.policy.hash,
-                          task_id=sandbox.task_id)
+            fields.update(
+                sandbox=sandbox.address,
+                profile=sandbox.profile,
+                policy_hash=self.policy.hash,
+                task_id=sandbox.task_id,
+            )
             state = ConnState(key, sandbox, ip, dst_port, fields, started, started)
             decision = self._decide_connect(state, name=None)
             if decision.reason in _FINAL_AT_CONNECT:
@@ -242,7 +267,9 @@ class ConnectionGate:
             if state.phase is Phase.OPEN and state.port not in WEB_PORTS:
                 state.started = self.clock()
                 outcome = self._raw_tcp(state)
-            target = {Outcome.WAIT: state.phase, Outcome.PASSTHROUGH: Phase.SILENT}.get(outcome, Phase.REJECTED)
+            target = {Outcome.WAIT: state.phase, Outcome.PASSTHROUGH: Phase.SILENT}.get(
+                outcome, Phase.REJECTED
+            )
             self._step(state, Step.SILENCE, target)
             if outcome is not Outcome.WAIT:
                 state.outcome = outcome
@@ -265,20 +292,33 @@ class ConnectionGate:
         try:
             hello = parse_client_hello(data)
         except ValueError as e:
-            return self._reject(state, deny("malformed-tls", detail=f"unparseable ClientHello: {e}"), "tls")
+            return self._reject(
+                state, deny("malformed-tls", detail=f"unparseable ClientHello: {e}"), "tls"
+            )
         if hello is None:
             if len(data) < MAX_FIRST_BYTES:
                 return Outcome.WAIT
-            return self._reject(state, deny("malformed-tls", detail=f"ClientHello longer than {MAX_FIRST_BYTES} bytes"), "tls")
+            return self._reject(
+                state,
+                deny("malformed-tls", detail=f"ClientHello longer than {MAX_FIRST_BYTES} bytes"),
+                "tls",
+            )
         if not hello.sni:
             decision = self._decide_connect(state, name=None)
             if not decision.allowed:
-                decision = deny("missing-sni", detail=f"TLS to {state.ip}:{state.port} without SNI and no IP rule allows it")
+                decision = deny(
+                    "missing-sni",
+                    detail=f"TLS to {state.ip}:{state.port} without SNI and no IP rule allows it",
+                )
         else:
             try:
                 state.name = parse_domain(hello.sni)
             except InvalidName as e:
-                return self._reject(state, deny("malformed-tls", reason=Reason.INVALID_NAME, detail=f"SNI: {e}"), "tls")
+                return self._reject(
+                    state,
+                    deny("malformed-tls", reason=Reason.INVALID_NAME, detail=f"SNI: {e}"),
+                    "tls",
+                )
             decision = self._decide_connect(state, name=state.name)
         decision = _without_approver(decision)
         self._emit_connection(decision, state.fields, state.name, "tls", state.started)
@@ -289,7 +329,9 @@ class ConnectionGate:
 
     def _raw_tcp(self, state: ConnState) -> Outcome:
         if state.port in WEB_PORTS:
-            decision = deny("not-http", detail=f"bytes to {state.ip}:{state.port} are neither TLS nor HTTP")
+            decision = deny(
+                "not-http", detail=f"bytes to {state.ip}:{state.port} are neither TLS nor HTTP"
+            )
         else:
             # No name in the protocol: try the names this sandbox resolved to the address.
             decision = self._decide_connect(state, name=None)
@@ -302,8 +344,11 @@ class ConnectionGate:
             if decision.allowed and decision.inspect:
                 # A rule here checks HTTP methods or paths: bytes that are not HTTP
                 # cannot be held to it, so they may not pass at all.
-                decision = deny("not-http", detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
-                                           "and these bytes are not HTTP")
+                decision = deny(
+                    "not-http",
+                    detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
+                    "and these bytes are not HTTP",
+                )
         self._emit_connection(decision, state.fields, state.name, "tcp", state.started)
         if not decision.allowed:
             return Outcome.REJECT
@@ -312,7 +357,9 @@ class ConnectionGate:
 
     # --- 3. HTTP requests -------------------------------------------------------------
 
-    def on_request(self, state: ConnState, host: str, method: str, path: str, tls: bool) -> Decision:
+    def on_request(
+        self, state: ConnState, host: str, method: str, path: str, tls: bool
+    ) -> Decision:
         """Decide one HTTP request (plain, or inside intercepted TLS) and emit it.
         `host` is the Host header (or :authority), "" if absent; `path` as sent."""
         started = self.clock()
@@ -324,12 +371,23 @@ class ConnectionGate:
         except Exception as e:  # noqa: BLE001
             log.exception("request decision failed; denying")
             decision = deny("internal-error", detail=f"{type(e).__name__}: {e}")
-        self.emit(Event.from_decision(
-            EventKind.REQUEST, decision, **state.fields, protocol="https" if tls else "http",
-            name=name, method=method, path=path[:2048], latency=self.clock() - started))
+        self.emit(
+            Event.from_decision(
+                EventKind.REQUEST,
+                decision,
+                **state.fields,
+                protocol="https" if tls else "http",
+                name=name,
+                method=method,
+                path=path[:2048],
+                latency=self.clock() - started,
+            )
+        )
         return decision
 
-    def _decide_request(self, state: ConnState, host: str, method: str, path: str) -> tuple[Decision, str | None]:
+    def _decide_request(
+        self, state: ConnState, host: str, method: str, path: str
+    ) -> tuple[Decision, str | None]:
         host_only = _host_of(host)
         host_ip = parse_ip(host_only) if host_only else None
         name: str | None = None
@@ -340,15 +398,23 @@ class ConnectionGate:
             try:
                 name = parse_domain(host_only)
             except InvalidName as e:
-                return deny("host-mismatch", reason=Reason.INVALID_NAME, detail=f"Host header: {e}"), None
+                return deny(
+                    "host-mismatch", reason=Reason.INVALID_NAME, detail=f"Host header: {e}"
+                ), None
             if state.name is not None and name != state.name:
                 return _mismatch(f"Host {name} differs from TLS SNI {state.name}"), name
         elif state.name is None:
             return _mismatch("request without a Host header"), None
         name = name or state.name
-        facts = RequestFacts(profile=state.sandbox.profile, port=state.port, method=method,
-                             path=path.split("?", 1)[0], ip=state.ip, name=name,
-                             name_resolved_to_ip=self._resolved(state, name))
+        facts = RequestFacts(
+            profile=state.sandbox.profile,
+            port=state.port,
+            method=method,
+            path=path.split("?", 1)[0],
+            ip=state.ip,
+            name=name,
+            name_resolved_to_ip=self._resolved(state, name),
+        )
         return decide(self.policy, facts), name
 
     # --- 4. close ---------------------------------------------------------------------
@@ -372,15 +438,29 @@ class ConnectionGate:
             del self.connections[state.key]
         if state.allowed is not None:
             event = Event.from_decision(
-                EventKind.CONNECTION_END, state.allowed, **state.fields, protocol=state.protocol, name=state.name,
-                bytes_up=state.bytes_up, bytes_down=state.bytes_down, duration=self.clock() - state.opened)
+                EventKind.CONNECTION_END,
+                state.allowed,
+                **state.fields,
+                protocol=state.protocol,
+                name=state.name,
+                bytes_up=state.bytes_up,
+                bytes_down=state.bytes_down,
+                duration=self.clock() - state.opened,
+            )
             self.emit(event.with_fields(detail=f"{event.detail}; {problem}") if problem else event)
         elif phase is Phase.OPEN:
             state.outcome = Outcome.REJECT
-            self._emit_connection(deny("no-data", detail=problem or "closed before sending enough bytes to decide"),
-                                  state.fields, state.name, "tcp", state.started)
+            self._emit_connection(
+                deny("no-data", detail=problem or "closed before sending enough bytes to decide"),
+                state.fields,
+                state.name,
+                "tcp",
+                state.started,
+            )
 
-    def fail(self, state: ConnState | None, error: Exception, fields: dict | None = None) -> Decision:
+    def fail(
+        self, state: ConnState | None, error: Exception, fields: dict | None = None
+    ) -> Decision:
         """An adapter failed around a decision: deny with `internal_error`, emit it, and
         return it. An undecided connection counts as rejected; the caller closes it.
         `fields` (source, dst_ip, dst_port) describe a connection that has no state."""
@@ -389,8 +469,16 @@ class ConnectionGate:
     # --- helpers ------------------------------------------------------------------------
 
     def _decide_connect(self, state: ConnState, name: str | None) -> Decision:
-        return decide(self.policy, ConnectFacts(profile=state.sandbox.profile, port=state.port, ip=state.ip,
-                                                name=name, name_resolved_to_ip=self._resolved(state, name)))
+        return decide(
+            self.policy,
+            ConnectFacts(
+                profile=state.sandbox.profile,
+                port=state.port,
+                ip=state.ip,
+                name=name,
+                name_resolved_to_ip=self._resolved(state, name),
+            ),
+        )
 
     def _resolved(self, state: ConnState, name: str | None) -> bool | None:
         if name is None:
@@ -411,7 +499,9 @@ class ConnectionGate:
     def _step(state: ConnState, step: Step, target: Phase) -> None:
         state.phase = advance(state.phase, step, target)
 
-    def _fail(self, state: ConnState | None, error: Exception, started: float, fields: dict | None = None) -> Decision:
+    def _fail(
+        self, state: ConnState | None, error: Exception, started: float, fields: dict | None = None
+    ) -> Decision:
         """Deny with `internal_error` and emit it; reject the connection if its phase
         allows (an undecided one), else leave the phase as it is."""
         if state is not None:
@@ -426,24 +516,39 @@ class ConnectionGate:
                     state.outcome = Outcome.REJECT
         return self._internal_error(error, fields or {}, started, state)
 
-    def _internal_error(self, error: Exception, fields: dict, started: float, state: ConnState | None) -> Decision:
+    def _internal_error(
+        self, error: Exception, fields: dict, started: float, state: ConnState | None
+    ) -> Decision:
         log.error("sandgate connection decision failed; denying", exc_info=error)
         decision = deny("internal-error", detail=f"{type(error).__name__}: {error}")
         self._emit_connection(decision, fields, state.name if state else None, "tcp", started)
         return decision
 
-    def _emit_connection(self, decision: Decision, fields: dict, name: str | None, protocol: str,
-                         started: float) -> None:
+    def _emit_connection(
+        self, decision: Decision, fields: dict, name: str | None, protocol: str, started: float
+    ) -> None:
         # The gateway stamps policy hash and task id on every event.
-        self.emit(Event.from_decision(EventKind.CONNECTION, decision, **fields, protocol=protocol, name=name,
-                                      latency=self.clock() - started))
+        self.emit(
+            Event.from_decision(
+                EventKind.CONNECTION,
+                decision,
+                **fields,
+                protocol=protocol,
+                name=name,
+                latency=self.clock() - started,
+            )
+        )
 
 
 def _without_approver(decision: Decision) -> Decision:
     # `ask` needs a human; until an approver is connected, asking is denying.
     if decision.verdict is Verdict.ASK:
-        return Decision(Verdict.DENY, Reason.APPROVAL_UNAVAILABLE, decision.rule,
-                        detail=f"{decision.detail}; the profile asks a human, and no approver is connected")
+        return Decision(
+            Verdict.DENY,
+            Reason.APPROVAL_UNAVAILABLE,
+            decision.rule,
+            detail=f"{decision.detail}; the profile asks a human, and no approver is connected",
+        )
     return decision
 
 

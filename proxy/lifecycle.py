@@ -30,7 +30,9 @@ class Phase(Enum):
     SILENT = "silent"  # allowed as raw TCP on silence; the client has not spoken yet
     PASSING = "passing"  # allowed: bytes relayed untouched
     HTTP = "http"  # plain HTTP: each request is decided
-    INTERCEPTING = "intercepting"  # allowed TLS terminated with the gateway CA: each request is decided
+    INTERCEPTING = (
+        "intercepting"  # allowed TLS terminated with the gateway CA: each request is decided
+    )
     HANDED_OFF = "handed_off"  # given by the front door to mitmproxy, which adopts it
     REJECTED = "rejected"  # denied: the adapter closes it
     CLOSED = "closed"  # gone; its end is reported
@@ -101,7 +103,9 @@ class IllegalTransition(Exception):
     def __init__(self, phase: Phase, step: Step, target: Phase | None = None):
         self.phase, self.step, self.target = phase, step, target
         where = f"{step.value} in phase {phase.value}"
-        super().__init__(f"illegal {where}" if target is None else f"illegal {where} -> {target.value}")
+        super().__init__(
+            f"illegal {where}" if target is None else f"illegal {where} -> {target.value}"
+        )
 
 
 def advance(phase: Phase, step: Step, target: Phase) -> Phase:

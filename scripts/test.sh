@@ -5,6 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --test || exit 1
 .venv/bin/ruff check . || exit 1
+.venv/bin/ruff format --check . || exit 1
 .venv/bin/python -m pytest -p no:cacheprovider "$@"
 rc=$?
 # pytest exits 5 when it collected no tests: that is a broken suite, not a pass.

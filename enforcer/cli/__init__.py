@@ -36,7 +36,9 @@ def version() -> str:
 class _VersionAction(argparse.Action):
     """`--version`, reading the distribution's metadata only when asked."""
 
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+    def __init__(
+        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+    ):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -45,8 +47,12 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sandgate", description="Egress gateway for sandboxed coding agents.")
-    parser.add_argument("--version", action=_VersionAction, help="print sandgate's version and exit")
+    parser = argparse.ArgumentParser(
+        prog="sandgate", description="Egress gateway for sandboxed coding agents."
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, help="print sandgate's version and exit"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub)

@@ -9,10 +9,18 @@ from sandgate.enforcer.cli.common import EXIT_DENIED, EXIT_OK, UsageError
 
 def register(sub) -> None:
     audit = sub.add_parser("audit", help="audit-log tools").add_subparsers(
-        dest="audit_command", required=True, metavar="{verify}")
-    verify = audit.add_parser("verify", help="check an audit log's hash chain; exit 1 at the first broken line")
-    verify.add_argument("files", nargs="+", type=Path, metavar="FILE",
-                        help="one log, or a rotated series oldest first (FILE.2 FILE.1 FILE)")
+        dest="audit_command", required=True, metavar="{verify}"
+    )
+    verify = audit.add_parser(
+        "verify", help="check an audit log's hash chain; exit 1 at the first broken line"
+    )
+    verify.add_argument(
+        "files",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="one log, or a rotated series oldest first (FILE.2 FILE.1 FILE)",
+    )
     verify.set_defaults(func=cmd_audit_verify)
 
 
@@ -26,14 +34,21 @@ def cmd_audit_verify(args) -> int:
     result = verify(*args.files)
     if not result.ok:
         print(f"{result.file}:{result.line}: {result.problem}")
-        print(f"sandgate audit verify: BROKEN at line {result.line} of {result.file} "
-              f"({result.lines - 1} lines before it are intact)")
+        print(
+            f"sandgate audit verify: BROKEN at line {result.line} of {result.file} "
+            f"({result.lines - 1} lines before it are intact)"
+        )
         return EXIT_DENIED
     if not result.lines:
         print("sandgate audit verify: ok, but empty: no records")
         return EXIT_OK
-    where = "a fresh log (seq 1)" if result.starts_fresh else (
-        f"seq {result.first_seq}: earlier lines are in older rotated files, or were removed")
-    print(f"sandgate audit verify: ok: {result.lines} lines, seq {result.first_seq}..{result.last_seq}, "
-          f"chain intact; starts at {where}; last hash {result.last_hash}")
+    where = (
+        "a fresh log (seq 1)"
+        if result.starts_fresh
+        else (f"seq {result.first_seq}: earlier lines are in older rotated files, or were removed")
+    )
+    print(
+        f"sandgate audit verify: ok: {result.lines} lines, seq {result.first_seq}..{result.last_seq}, "
+        f"chain intact; starts at {where}; last hash {result.last_hash}"
+    )
     return EXIT_OK

@@ -21,12 +21,24 @@ from sandgate.proxy.policy.model import HTTP_METHODS
 def register(sub) -> None:
     check = sub.add_parser("check", help="would this destination be allowed, and why")
     check.add_argument("target", help="URL, host:port, host (port 443), or IP literal")
-    check.add_argument("--rules", default=str(DEFAULT_RULES), metavar="FILE",
-                       help="rule file (default: the shipped default rules)")
-    check.add_argument("--profile", default="default", help="profile to decide by (default: default)")
-    check.add_argument("--method", help="HTTP method (asks about a request, not just the connection)")
-    check.add_argument("-j", "--json", action="store_true",
-                       help="the decision as one JSON object (verdict, reason, rule, policy hash, ...)")
+    check.add_argument(
+        "--rules",
+        default=str(DEFAULT_RULES),
+        metavar="FILE",
+        help="rule file (default: the shipped default rules)",
+    )
+    check.add_argument(
+        "--profile", default="default", help="profile to decide by (default: default)"
+    )
+    check.add_argument(
+        "--method", help="HTTP method (asks about a request, not just the connection)"
+    )
+    check.add_argument(
+        "-j",
+        "--json",
+        action="store_true",
+        help="the decision as one JSON object (verdict, reason, rule, policy hash, ...)",
+    )
     check.set_defaults(func=cmd_check)
 
 
@@ -34,7 +46,9 @@ def cmd_check(args) -> int:
     policy = load_rules(args.rules, "nothing checked")
     if args.profile not in policy.profiles:
         # A typo at the terminal is bad input, not a denied destination.
-        raise UsageError(f"no profile {args.profile!r} in {args.rules} (profiles: {', '.join(policy.profiles)})")
+        raise UsageError(
+            f"no profile {args.profile!r} in {args.rules} (profiles: {', '.join(policy.profiles)})"
+        )
     facts = parse_target(args.target, args.method, args.profile)
     decision = decide(policy, facts)
     if args.json:
@@ -44,7 +58,10 @@ def cmd_check(args) -> int:
         print(f"{decision.verdict.upper()}  {args.target}")
         print(f"  reason:  {decision.reason}")
         builtin = rule.file == "<builtin>"  # a protection of the gateway, not a line in a file
-        print(f"  rule:    {rule.id}" + ("" if rule.id == rule.origin or builtin else f"  ({rule.origin})"))
+        print(
+            f"  rule:    {rule.id}"
+            + ("" if rule.id == rule.origin or builtin else f"  ({rule.origin})")
+        )
         if decision.inspect:
             print("  inspect: yes (a rule checks HTTP methods or paths; TLS to it is intercepted)")
         if decision.detail:
@@ -77,7 +94,14 @@ def parse_target(text: str, method: str | None, profile: str = "default"):
     if method is not None and method.upper() not in HTTP_METHODS:
         raise UsageError(f"unknown HTTP method {method!r}")
     if method or path not in (None, "/"):
-        return RequestFacts(profile=profile, port=port, method=(method or "GET").upper(), path=path or "/", ip=ip, name=name)
+        return RequestFacts(
+            profile=profile,
+            port=port,
+            method=(method or "GET").upper(),
+            path=path or "/",
+            ip=ip,
+            name=name,
+        )
     return ConnectFacts(profile=profile, port=port, ip=ip, name=name)
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 from sandgate.proxy.policy import CompiledPolicy, PolicyError, load_policy
 
 EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
-EXIT_SETUP = 125  # as enforcer/run.py: the sandbox or gateway could not be set up (as env(1), docker run)
+EXIT_SETUP = (
+    125  # as enforcer/run.py: the sandbox or gateway could not be set up (as env(1), docker run)
+)
 
 
 class UsageError(Exception):

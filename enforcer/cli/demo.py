@@ -6,7 +6,10 @@ from sandgate.enforcer.cli.common import setup_errors
 
 
 def register(sub) -> None:
-    demo = sub.add_parser("demo", help="build a fake internet in namespaces and run a scripted agent through the gateway")
+    demo = sub.add_parser(
+        "demo",
+        help="build a fake internet in namespaces and run a scripted agent through the gateway",
+    )
     demo.set_defaults(func=cmd_demo)
 
 

@@ -12,16 +12,28 @@ from sandgate.proxy.policy import DEFAULT_RULES, PolicyError, load_policy
 
 def register(sub) -> None:
     rules = sub.add_parser("rules", help="lint and show rule files").add_subparsers(
-        dest="rules_command", required=True, metavar="{lint,show}")
+        dest="rules_command", required=True, metavar="{lint,show}"
+    )
     lint = rules.add_parser("lint", help="validate rule files; exit 2 with FILE:LINE:COL errors")
-    lint.add_argument("files", nargs="+", metavar="FILE", help="rule files, each checked on its own")
-    lint.add_argument("-j", "--json", action="store_true",
-                      help="one JSON report: valid, errors (file, line, column, message), expired rules")
+    lint.add_argument(
+        "files", nargs="+", metavar="FILE", help="rule files, each checked on its own"
+    )
+    lint.add_argument(
+        "-j",
+        "--json",
+        action="store_true",
+        help="one JSON report: valid, errors (file, line, column, message), expired rules",
+    )
     lint.set_defaults(func=cmd_rules_lint)
 
     show = rules.add_parser("show", help="the effective profiles after includes and extends")
-    show.add_argument("file", nargs="?", default=str(DEFAULT_RULES), metavar="FILE",
-                      help="rule file (default: the shipped default rules)")
+    show.add_argument(
+        "file",
+        nargs="?",
+        default=str(DEFAULT_RULES),
+        metavar="FILE",
+        help="rule file (default: the shipped default rules)",
+    )
     show.add_argument("--profile", help="show only this profile (default: all)")
     show.add_argument("-j", "--json", action="store_true", help="one JSON object per profile")
     show.set_defaults(func=cmd_rules_show)
@@ -36,16 +48,30 @@ def cmd_rules_lint(args) -> int:
         except PolicyError as e:
             problems += e.problems
     if args.json:
-        print(json.dumps({
-            "valid": not problems,
-            "errors": [{"file": p.file, "line": p.line, "column": p.column, "message": p.message} for p in problems],
-            "expired": [{"rule": r.id, "origin": r.origin, "expires": str(r.expires)} for r in expired],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "valid": not problems,
+                    "errors": [
+                        {"file": p.file, "line": p.line, "column": p.column, "message": p.message}
+                        for p in problems
+                    ],
+                    "expired": [
+                        {"rule": r.id, "origin": r.origin, "expires": str(r.expires)}
+                        for r in expired
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
         for problem in problems:
             print(problem, file=sys.stderr)
         for rule in expired:
-            print(f"{rule.origin}: warning: rule {rule.id} expired on {rule.expires} and no longer matches", file=sys.stderr)
+            print(
+                f"{rule.origin}: warning: rule {rule.id} expired on {rule.expires} and no longer matches",
+                file=sys.stderr,
+            )
         if not problems:
             print(f"ok: {', '.join(args.files)}")
     return EXIT_USAGE if problems else EXIT_OK
@@ -57,11 +83,21 @@ def cmd_rules_show(args) -> int:
     for name in names:
         profile = policy.profiles.get(name)
         if profile is None:
-            raise UsageError(f"no profile {name!r} in {args.file} (profiles: {', '.join(policy.profiles)})")
+            raise UsageError(
+                f"no profile {name!r} in {args.file} (profiles: {', '.join(policy.profiles)})"
+            )
         if args.json:
-            print(json.dumps({"profile": name, "fallback": str(profile.fallback.action),
-                              "rules": [_rule_dict(r) for r in profile.rules],
-                              "expired": [_rule_dict(r) for r in profile.expired]}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "profile": name,
+                        "fallback": str(profile.fallback.action),
+                        "rules": [_rule_dict(r) for r in profile.rules],
+                        "expired": [_rule_dict(r) for r in profile.expired],
+                    },
+                    indent=2,
+                )
+            )
             continue
         print(f"profile {name}  (fallback: {profile.fallback.action}, {profile.fallback.origin})")
         for rule in profile.rules:
@@ -73,10 +109,17 @@ def cmd_rules_show(args) -> int:
 
 def _rule_dict(rule) -> dict:
     return {
-        "id": rule.id, "action": str(rule.action), "targets": rule.targets(), "ports": sorted(rule.ports),
-        "methods": sorted(rule.methods) if rule.methods else None, "paths": list(rule.paths) if rule.paths else None,
-        "origin": rule.origin, "expires": str(rule.expires) if rule.expires else None,
-        "owner": rule.owner, "ticket": rule.ticket, "comment": rule.comment,
+        "id": rule.id,
+        "action": str(rule.action),
+        "targets": rule.targets(),
+        "ports": sorted(rule.ports),
+        "methods": sorted(rule.methods) if rule.methods else None,
+        "paths": list(rule.paths) if rule.paths else None,
+        "origin": rule.origin,
+        "expires": str(rule.expires) if rule.expires else None,
+        "owner": rule.owner,
+        "ticket": rule.ticket,
+        "comment": rule.comment,
     }
 
 

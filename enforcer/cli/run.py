@@ -16,24 +16,55 @@ from sandgate.proxy.policy import DEFAULT_RULES
 
 def register(sub) -> None:
     run = sub.add_parser("run", help="run a command in a sandbox whose only way out is the gateway")
-    run.add_argument("--rules", default=str(DEFAULT_RULES), metavar="FILE",
-                     help="rule file (default: the shipped default rules)")
-    run.add_argument("--profile", default="default", help="profile the sandbox is held to (default: default)")
-    run.add_argument("--dns-upstream", action="append", default=[], metavar="IP",
-                     help="resolver the DNS filter forwards to (default: the host's resolv.conf)")
-    run.add_argument("--audit-log", type=Path, metavar="FILE",
-                     help="append the run's events as hash-chained JSON lines to FILE "
-                          "(default: $SANDGATE_STATE_DIR/audit/<run id>.jsonl, /var/lib/sandgate/audit/...)")
-    run.add_argument("--metrics-listen", default="127.0.0.1:9464", metavar="HOST:PORT",
-                     help="serve Prometheus /metrics here while the task runs (default 127.0.0.1:9464; "
-                          "'off' for none). A port in use is a warning, not an error")
-    run.add_argument("--summary-json", type=Path, metavar="FILE", help="write the task summary as JSON to FILE")
-    run.add_argument("--extra-ca", type=Path, action="append", default=[], metavar="PEM",
-                     help="also trust this CA (PEM) in the sandbox and for upstreams, e.g. a corporate CA")
+    run.add_argument(
+        "--rules",
+        default=str(DEFAULT_RULES),
+        metavar="FILE",
+        help="rule file (default: the shipped default rules)",
+    )
+    run.add_argument(
+        "--profile", default="default", help="profile the sandbox is held to (default: default)"
+    )
+    run.add_argument(
+        "--dns-upstream",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="resolver the DNS filter forwards to (default: the host's resolv.conf)",
+    )
+    run.add_argument(
+        "--audit-log",
+        type=Path,
+        metavar="FILE",
+        help="append the run's events as hash-chained JSON lines to FILE "
+        "(default: $SANDGATE_STATE_DIR/audit/<run id>.jsonl, /var/lib/sandgate/audit/...)",
+    )
+    run.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:9464",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here while the task runs (default 127.0.0.1:9464; "
+        "'off' for none). A port in use is a warning, not an error",
+    )
+    run.add_argument(
+        "--summary-json", type=Path, metavar="FILE", help="write the task summary as JSON to FILE"
+    )
+    run.add_argument(
+        "--extra-ca",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="also trust this CA (PEM) in the sandbox and for upstreams, e.g. a corporate CA",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="no summary table on stderr")
-    run.add_argument("-v", "--verbose", action="store_true", help="log the gateway's steps on stderr")
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="log the gateway's steps on stderr"
+    )
     sandbox_options.add_arguments(run)
-    run.add_argument("command", nargs="+", metavar="CMD", help="the command to run in the sandbox, after --")
+    run.add_argument(
+        "command", nargs="+", metavar="CMD", help="the command to run in the sandbox, after --"
+    )
     run.set_defaults(func=cmd_run)
 
 
@@ -42,8 +73,10 @@ def cmd_run(args) -> int:
 
     from sandgate.proxy.telemetry.metrics import parse_listen
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="sandgate: %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="sandgate: %(levelname)s %(name)s: %(message)s",
+    )
     policy = load_rules(args.rules, "nothing was run")
     for ca in args.extra_ca:
         if not ca.is_file():
@@ -63,11 +96,21 @@ def cmd_run(args) -> int:
             sandbox, limits = sandbox_options.from_arguments(args, [STATE_DIR, RUN_DIR])
         except SandboxError as e:
             raise UsageError(str(e)) from None
-        code = run(RunOptions(command=args.command, policy=policy, profile=args.profile,
-                              sandbox=sandbox, limits=limits,
-                              dns_upstreams=args.dns_upstream, audit_log=args.audit_log,
-                              metrics_listen=metrics_listen,
-                              summary_json=args.summary_json, extra_ca=args.extra_ca, quiet=args.quiet))
+        code = run(
+            RunOptions(
+                command=args.command,
+                policy=policy,
+                profile=args.profile,
+                sandbox=sandbox,
+                limits=limits,
+                dns_upstreams=args.dns_upstream,
+                audit_log=args.audit_log,
+                metrics_listen=metrics_listen,
+                summary_json=args.summary_json,
+                extra_ca=args.extra_ca,
+                quiet=args.quiet,
+            )
+        )
     # Everything is torn down, written and closed by now. Skip the interpreter's
     # finalisation (~300 ms freeing mitmproxy's modules) at the end of every task.
     logging.shutdown()

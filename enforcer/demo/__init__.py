@@ -32,9 +32,12 @@ def demo() -> int:
     from sandgate.enforcer.run import RunError
 
     for tool in ("nft", "nginx", "dnsmasq"):
-        if subprocess.run(["sh", "-c", f"command -v {tool} || test -x /usr/sbin/{tool}"],
-                          capture_output=True).returncode:
-            raise RunError(f"demo: '{tool}' is missing; install nftables, nginx-light and dnsmasq-base")
+        if subprocess.run(
+            ["sh", "-c", f"command -v {tool} || test -x /usr/sbin/{tool}"], capture_output=True
+        ).returncode:
+            raise RunError(
+                f"demo: '{tool}' is missing; install nftables, nginx-light and dnsmasq-base"
+            )
     try:
         return _run_demo()
     except FakeNetError as e:
@@ -43,28 +46,61 @@ def demo() -> int:
 
 def _run_demo() -> int:
     print("sandgate demo: building a fake internet in network namespaces ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix="sandgate-demo-") as work, \
-            FakeInternet(fresh_prefix("sgdemo"), Path(work)) as net:
+    with (
+        tempfile.TemporaryDirectory(prefix="sandgate-demo-") as work,
+        FakeInternet(fresh_prefix("sgdemo"), Path(work)) as net,
+    ):
         python = shutil.which("python3", path=TASK_PATH)
         if python is None:
             from sandgate.enforcer.run import RunError
 
-            raise RunError("demo: the agent needs python3 in /usr/bin or /usr/local/bin (apt-get install python3)")
+            raise RunError(
+                "demo: the agent needs python3 in /usr/bin or /usr/local/bin (apt-get install python3)"
+            )
         workspace = Path(work) / "workspace"
         workspace.mkdir()
-        print(f"  host namespace {net.host_ns}; servers: allowed.test, api.allowed.test, evil.test (203.0.113.66)\n"
-              f"  rules: {DEMO_RULES}\n\nsandgate run -- python3 {AGENT.name}\n", flush=True)
+        print(
+            f"  host namespace {net.host_ns}; servers: allowed.test, api.allowed.test, evil.test (203.0.113.66)\n"
+            f"  rules: {DEMO_RULES}\n\nsandgate run -- python3 {AGENT.name}\n",
+            flush=True,
+        )
         run = net.run_in_host(
-            [sys.executable, "-m", "sandgate.enforcer.cli", "run", "--rules", str(DEMO_RULES),
-             "--dns-upstream", net.dns_ip, "--extra-ca", str(net.ca_cert), "--workspace", str(workspace),
-             "--", python, "-I", str(AGENT)],
-            capture_output=False, text=True, timeout=120)
-        leaked = [r for r in net.requests_seen("203.0.113.66")] + \
-                 [q for q in net.dns_queries_seen() if q.endswith("evil.test")]
+            [
+                sys.executable,
+                "-m",
+                "sandgate.enforcer.cli",
+                "run",
+                "--rules",
+                str(DEMO_RULES),
+                "--dns-upstream",
+                net.dns_ip,
+                "--extra-ca",
+                str(net.ca_cert),
+                "--workspace",
+                str(workspace),
+                "--",
+                python,
+                "-I",
+                str(AGENT),
+            ],
+            capture_output=False,
+            text=True,
+            timeout=120,
+        )
+        leaked = [r for r in net.requests_seen("203.0.113.66")] + [
+            q for q in net.dns_queries_seen() if q.endswith("evil.test")
+        ]
         udp = net.udp_datagrams_seen()
-        print(f"\nForbidden servers received: {len(leaked)} HTTP requests / DNS queries, {udp} UDP datagrams.")
+        print(
+            f"\nForbidden servers received: {len(leaked)} HTTP requests / DNS queries, {udp} UDP datagrams."
+        )
     if run.returncode == 0 and not leaked and not udp:
-        print("sandgate demo: every allowed step passed, every forbidden step was blocked. Cleaned up.")
+        print(
+            "sandgate demo: every allowed step passed, every forbidden step was blocked. Cleaned up."
+        )
         return 0
-    print(f"sandgate demo: FAILED (agent exit {run.returncode}, leaks {len(leaked) + udp})", file=sys.stderr)
+    print(
+        f"sandgate demo: FAILED (agent exit {run.returncode}, leaks {len(leaked) + udp})",
+        file=sys.stderr,
+    )
     return 1

@@ -82,15 +82,22 @@ class Limits:
         if self.pids is not None and (not _is_int(self.pids) or self.pids < 1):
             raise ValueError(f"pids limit must be a whole number of at least 1, not {self.pids!r}")
         if self.cpus is not None and (
-            isinstance(self.cpus, bool) or not isinstance(self.cpus, int | float)
-            or not math.isfinite(self.cpus) or self.cpus < MIN_CPUS
+            isinstance(self.cpus, bool)
+            or not isinstance(self.cpus, int | float)
+            or not math.isfinite(self.cpus)
+            or self.cpus < MIN_CPUS
         ):
-            raise ValueError(f"cpus limit must be a number of at least {MIN_CPUS}, not {self.cpus!r}")
+            raise ValueError(
+                f"cpus limit must be a number of at least {MIN_CPUS}, not {self.cpus!r}"
+            )
 
     def controllers(self) -> tuple[str, ...]:
         """The cgroup controllers these limits need, in a fixed order."""
-        return tuple(CONTROLLER_OF[limit] for limit in ("memory", "pids", "cpus")
-                     if getattr(self, _FIELD_OF[limit]) is not None)
+        return tuple(
+            CONTROLLER_OF[limit]
+            for limit in ("memory", "pids", "cpus")
+            if getattr(self, _FIELD_OF[limit]) is not None
+        )
 
 
 _FIELD_OF = {"memory": "memory_bytes", "pids": "pids", "cpus": "cpus"}
@@ -104,8 +111,10 @@ def parse_size(text: str) -> int:
     """Bytes from "1073741824", "512M", "4G", "4GiB", "2t" (units are powers of 1024)."""
     match = _SIZE.fullmatch(text.strip())
     if match is None:
-        raise ValueError(f"invalid size {text!r}: expected a number of bytes with an optional "
-                         "unit K, M, G or T, e.g. 512M or 4G")
+        raise ValueError(
+            f"invalid size {text!r}: expected a number of bytes with an optional "
+            "unit K, M, G or T, e.g. 512M or 4G"
+        )
     number, unit = match.groups()
     return int(number) * (_UNITS[unit.lower()] if unit else 1)
 
@@ -117,8 +126,9 @@ def parse_cpus(text: str) -> float:
     except ValueError:
         cpus = math.nan
     if not math.isfinite(cpus) or cpus < MIN_CPUS:
-        raise ValueError(f"invalid CPU count {text!r}: expected a number of at least {MIN_CPUS}, "
-                         "e.g. 0.5 or 2")
+        raise ValueError(
+            f"invalid CPU count {text!r}: expected a number of at least {MIN_CPUS}, e.g. 0.5 or 2"
+        )
     return cpus
 
 
@@ -193,8 +203,6 @@ class CgroupFS:
             return False
 
 
-
-
 def _pids(fs: CgroupFS, procs_file: str) -> set[int]:
     try:
         return {int(line) for line in fs.read(procs_file).split()}
@@ -220,8 +228,14 @@ def parse_mountinfo(text: str) -> list[Mount]:
         head, sep, tail = line.partition(" - ")
         fields, rest = head.split(), tail.split()
         if sep and len(fields) >= 5 and len(rest) >= 3 and rest[0] in ("cgroup", "cgroup2"):
-            mounts.append(Mount(_unescape(fields[3]), _unescape(fields[4]), rest[0],
-                                frozenset(rest[2].split(","))))
+            mounts.append(
+                Mount(
+                    _unescape(fields[3]),
+                    _unescape(fields[4]),
+                    rest[0],
+                    frozenset(rest[2].split(",")),
+                )
+            )
     return mounts
 
 
@@ -304,8 +318,10 @@ def _parent_override(parent: str | None) -> str | None:
         return None
     parts = parent.split("/")
     if not parent.startswith("/") or any(p in (".", "..") for p in parts):
-        raise CgroupError(f"cgroup parent {parent!r} ({PARENT_ENV} or --cgroup-parent) must be "
-                          "an absolute cgroup path without . or .., e.g. /sandgate")
+        raise CgroupError(
+            f"cgroup parent {parent!r} ({PARENT_ENV} or --cgroup-parent) must be "
+            "an absolute cgroup path without . or .., e.g. /sandgate"
+        )
     return "/" + "/".join(p for p in parts if p)
 
 
@@ -320,15 +336,21 @@ def _locate(fs: CgroupFS, override: str | None) -> dict[str, Hierarchy]:
             own_path = own.get(min(here)) if here else None
         else:
             version, own_path = 2, own.get("")
-            here = set(LIMIT_OF) & set(fs.read(os.path.join(mountpoint, "cgroup.controllers")).split())
+            here = set(LIMIT_OF) & set(
+                fs.read(os.path.join(mountpoint, "cgroup.controllers")).split()
+            )
         here -= located.keys()  # the same hierarchy mounted twice: the first usable mount
         if not here or own_path is None:
             continue
         relative = override if override is not None else _within(mount.root, own_path)
         if relative is None:
             continue
-        hierarchy = Hierarchy(version, mountpoint, frozenset(here),
-                              posixpath.normpath(posixpath.join(mountpoint, relative.lstrip("/"))))
+        hierarchy = Hierarchy(
+            version,
+            mountpoint,
+            frozenset(here),
+            posixpath.normpath(posixpath.join(mountpoint, relative.lstrip("/"))),
+        )
         located.update(dict.fromkeys(here, hierarchy))
     return located
 
@@ -338,7 +360,7 @@ def _within(mount_root: str, own_path: str) -> str | None:
     base = mount_root.rstrip("/")
     if own_path != mount_root and not own_path.startswith(base + "/"):
         return None
-    relative = own_path[len(base):] or "/"
+    relative = own_path[len(base) :] or "/"
     return posixpath.dirname(relative) if posixpath.basename(relative) == SELF_LEAF else relative
 
 
@@ -355,7 +377,8 @@ def check(limits: Limits, *, parent: str | None = None, fs: CgroupFS = HOST) -> 
             problems.append(
                 f"{controller}: this host has no cgroup controller {controller!r} (no v1 hierarchy "
                 f"in /proc/self/mountinfo has it, nor the cgroup2 root's cgroup.controllers): "
-                f"enable it in the kernel, or drop the {LIMIT_OF[controller]} limit")
+                f"enable it in the kernel, or drop the {LIMIT_OF[controller]} limit"
+            )
         else:
             problems += _problems_at(fs, hierarchy, controller)
     return list(dict.fromkeys(problems))
@@ -367,22 +390,33 @@ def _problems_at(fs: CgroupFS, hierarchy: Hierarchy, controller: str) -> list[st
         anchor = os.path.dirname(anchor)
     problems = []
     if not os.access(anchor, os.W_OK):
-        problems.append(f"{controller}: no permission to create cgroups in {anchor}: run sandgate "
-                        "as root, or delegate that cgroup to its user (systemd: Delegate=yes)")
+        problems.append(
+            f"{controller}: no permission to create cgroups in {anchor}: run sandgate "
+            "as root, or delegate that cgroup to its user (systemd: Delegate=yes)"
+        )
     if hierarchy.version == 2:
         if controller not in fs.read(os.path.join(anchor, "cgroup.controllers")).split():
             problems.append(
                 f"{controller}: the cgroup v2 controller is not delegated to {anchor}: enable it "
-                f"in {os.path.dirname(anchor)}/cgroup.subtree_control (systemd: Delegate=yes)")
+                f"in {os.path.dirname(anchor)}/cgroup.subtree_control (systemd: Delegate=yes)"
+            )
     elif controller == "cpu" and not os.path.exists(
-            os.path.join(hierarchy.mountpoint, "cpu.cfs_quota_us")):
-        problems.append("cpu: the kernel has no CPU bandwidth control (CONFIG_CFS_BANDWIDTH; "
-                        f"{hierarchy.mountpoint}/cpu.cfs_quota_us is missing): drop the cpus limit")
-    elif controller == "memory" and fs.swap_active() and not os.path.exists(
-            os.path.join(hierarchy.mountpoint, "memory.memsw.limit_in_bytes")):
-        problems.append("memory: swap is on but cgroup v1 does not account it (memory.memsw.* "
-                        f"missing in {hierarchy.mountpoint}), so the task could swap past its "
-                        "memory limit: boot with swapaccount=1, or turn swap off")
+        os.path.join(hierarchy.mountpoint, "cpu.cfs_quota_us")
+    ):
+        problems.append(
+            "cpu: the kernel has no CPU bandwidth control (CONFIG_CFS_BANDWIDTH; "
+            f"{hierarchy.mountpoint}/cpu.cfs_quota_us is missing): drop the cpus limit"
+        )
+    elif (
+        controller == "memory"
+        and fs.swap_active()
+        and not os.path.exists(os.path.join(hierarchy.mountpoint, "memory.memsw.limit_in_bytes"))
+    ):
+        problems.append(
+            "memory: swap is on but cgroup v1 does not account it (memory.memsw.* "
+            f"missing in {hierarchy.mountpoint}), so the task could swap past its "
+            "memory limit: boot with swapaccount=1, or turn swap off"
+        )
     return problems
 
 
@@ -397,8 +431,9 @@ class _Dir:
     path: str
 
 
-def limit_settings(version: int, controllers: Iterable[str], limits: Limits,
-                   swap_file: bool) -> list[tuple[str, str]]:
+def limit_settings(
+    version: int, controllers: Iterable[str], limits: Limits, swap_file: bool
+) -> list[tuple[str, str]]:
     """The (control file, value) writes that set `limits` in one cgroup directory,
     in order (v1's memsw must stay at or above the memory limit it follows).
     Controllers whose limit is None get no write."""
@@ -435,8 +470,9 @@ class TaskCgroup:
         self.name, self.limits, self._dirs, self._fs = name, limits, dirs, fs
 
     @classmethod
-    def create(cls, name: str, limits: Limits, *, parent: str | None = None,
-               fs: CgroupFS = HOST) -> TaskCgroup:
+    def create(
+        cls, name: str, limits: Limits, *, parent: str | None = None, fs: CgroupFS = HOST
+    ) -> TaskCgroup:
         """Create `name` (sandgate-<run id>) in every hierarchy `limits` need and set them.
 
         `parent` (else $SANDGATE_CGROUP_PARENT, else our own cgroup) is a cgroup path
@@ -444,8 +480,10 @@ class TaskCgroup:
         what was created by then is removed.
         """
         if not _NAME.fullmatch(name):
-            raise CgroupError(f"invalid cgroup name {name!r}: expected {PREFIX}<run id> "
-                              "(letters, digits, '.', '_', '-')")
+            raise CgroupError(
+                f"invalid cgroup name {name!r}: expected {PREFIX}<run id> "
+                "(letters, digits, '.', '_', '-')"
+            )
         override = _parent_override(parent)
         problems = check(limits, parent=override, fs=fs)
         if problems:
@@ -456,7 +494,9 @@ class TaskCgroup:
         cgroup = cls(name, limits, [], fs)
         try:
             for hierarchy in hierarchies:
-                made = _make_dir(fs, replace(hierarchy, controllers=hierarchy.controllers & needed), name)
+                made = _make_dir(
+                    fs, replace(hierarchy, controllers=hierarchy.controllers & needed), name
+                )
                 cgroup._dirs.append(made)
                 _configure(fs, made, limits)
         except BaseException:
@@ -510,8 +550,10 @@ def _make_dir(fs: CgroupFS, hierarchy: Hierarchy, name: str) -> _Dir:
             _makedirs(fs, hierarchy.parent, hierarchy.mountpoint)
         fs.mkdir(path)
     except FileExistsError as e:
-        raise CgroupError(f"{path} already exists: a run of that name is live or crashed "
-                          "(`sandgate gc` removes leftovers)") from e
+        raise CgroupError(
+            f"{path} already exists: a run of that name is live or crashed "
+            "(`sandgate gc` removes leftovers)"
+        ) from e
     except OSError as e:
         raise CgroupError(f"cannot create {e.filename or path}: {e.strerror}") from e
     return _Dir(hierarchy, path)
@@ -521,9 +563,11 @@ def _configure(fs: CgroupFS, d: _Dir, limits: Limits) -> None:
     version, controllers = d.hierarchy.version, d.hierarchy.controllers
     swap_file = os.path.exists(os.path.join(d.path, _SWAP_FILE[version]))
     if "memory" in controllers and not swap_file and fs.swap_active():
-        raise CgroupError(f"memory: swap is on but {d.path} has no {_SWAP_FILE[version]}, "
-                          "so the task could swap past its memory limit: enable swap accounting "
-                          "(CONFIG_MEMCG_SWAP, swapaccount=1) or turn swap off")
+        raise CgroupError(
+            f"memory: swap is on but {d.path} has no {_SWAP_FILE[version]}, "
+            "so the task could swap past its memory limit: enable swap accounting "
+            "(CONFIG_MEMCG_SWAP, swapaccount=1) or turn swap off"
+        )
     for control_file, value in limit_settings(version, controllers, limits, swap_file):
         _set(fs, os.path.join(d.path, control_file), value)
 
@@ -554,10 +598,14 @@ def _enable_v2(fs: CgroupFS, path: str, controllers: frozenset[str], mountpoint:
             return
         except OSError as e:
             if e.errno != errno.EBUSY:
-                raise CgroupError(f"cannot write {request!r} to {subtree_control}: {e.strerror}") from e
+                raise CgroupError(
+                    f"cannot write {request!r} to {subtree_control}: {e.strerror}"
+                ) from e
         _evacuate(fs, path)
-    raise CgroupError(f"cannot enable {request} in {subtree_control}: processes keep joining {path} "
-                      "(cgroup v2 allows no processes in a cgroup that enables controllers)")
+    raise CgroupError(
+        f"cannot enable {request} in {subtree_control}: processes keep joining {path} "
+        "(cgroup v2 allows no processes in a cgroup that enables controllers)"
+    )
 
 
 def _evacuate(fs: CgroupFS, path: str) -> None:
@@ -570,8 +618,10 @@ def _evacuate(fs: CgroupFS, path: str) -> None:
         except ProcessLookupError:
             continue
         except OSError as e:
-            raise CgroupError(f"cannot move process {pid} from {path} into {leaf} "
-                              f"to enable controllers there: {e.strerror}") from e
+            raise CgroupError(
+                f"cannot move process {pid} from {path} into {leaf} "
+                f"to enable controllers there: {e.strerror}"
+            ) from e
 
 
 def _keyed(text: str) -> dict[str, int]:
@@ -583,6 +633,7 @@ def _keyed(text: str) -> dict[str, int]:
 def _hits_in(fs: CgroupFS, d: _Dir, limits: Limits) -> list[LimitHit]:
     """Counters read back. Memory counts OOM kills only: usage reaching the limit
     (v1 failcnt, v2 `max`) also happens whenever page cache is reclaimed, harmlessly."""
+
     def read(control_file: str) -> str:
         return fs.read(os.path.join(d.path, control_file))
 
@@ -593,25 +644,53 @@ def _hits_in(fs: CgroupFS, d: _Dir, limits: Limits) -> list[LimitHit]:
             events = _keyed(read("memory.events"))
             kills, reached = events.get("oom_kill", 0), events.get("max", 0)
         else:
-            kills, reached = _keyed(read("memory.oom_control")).get("oom_kill", 0), int(read("memory.failcnt"))
+            kills, reached = (
+                _keyed(read("memory.oom_control")).get("oom_kill", 0),
+                int(read("memory.failcnt")),
+            )
         if kills:
-            hits.append(LimitHit("memory", kills, (
-                f"{kills} process(es) killed by the OOM killer at the memory limit of "
-                f"{limits.memory_bytes} bytes (usage reached the limit {reached} times)")))
+            hits.append(
+                LimitHit(
+                    "memory",
+                    kills,
+                    (
+                        f"{kills} process(es) killed by the OOM killer at the memory limit of "
+                        f"{limits.memory_bytes} bytes (usage reached the limit {reached} times)"
+                    ),
+                )
+            )
     if "pids" in controllers:
         refused = _keyed(read("pids.events")).get("max", 0)
         if refused:
-            hits.append(LimitHit("pids", refused, (
-                f"{refused} fork/clone call(s) failed with EAGAIN at the limit of "
-                f"{limits.pids} processes")))
+            hits.append(
+                LimitHit(
+                    "pids",
+                    refused,
+                    (
+                        f"{refused} fork/clone call(s) failed with EAGAIN at the limit of "
+                        f"{limits.pids} processes"
+                    ),
+                )
+            )
     if "cpu" in controllers:
         stat = _keyed(read("cpu.stat"))
         throttled = stat.get("nr_throttled", 0)
-        seconds = stat.get("throttled_usec", 0) / 1e6 if version == 2 else stat.get("throttled_time", 0) / 1e9
+        seconds = (
+            stat.get("throttled_usec", 0) / 1e6
+            if version == 2
+            else stat.get("throttled_time", 0) / 1e9
+        )
         if throttled:
-            hits.append(LimitHit("cpus", throttled, (
-                f"throttled in {throttled} period(s), {seconds:.1f} s in all, at the limit of "
-                f"{limits.cpus:g} CPUs")))
+            hits.append(
+                LimitHit(
+                    "cpus",
+                    throttled,
+                    (
+                        f"throttled in {throttled} period(s), {seconds:.1f} s in all, at the limit of "
+                        f"{limits.cpus:g} CPUs"
+                    ),
+                )
+            )
     return hits
 
 
@@ -664,7 +743,9 @@ def remove_path(path: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = 
     """Remove one directory from leftovers(), killing what still runs in it."""
     mountpoints = {h.mountpoint for h in _locate(fs, None).values()}
     if not _NAME.fullmatch(os.path.basename(path)) or not any(
-            path.startswith(m.rstrip("/") + "/") for m in mountpoints):
-        raise CgroupError(f"{path} is not a sandgate cgroup (a {PREFIX}* directory "
-                          "in a cgroup hierarchy)")
+        path.startswith(m.rstrip("/") + "/") for m in mountpoints
+    ):
+        raise CgroupError(
+            f"{path} is not a sandgate cgroup (a {PREFIX}* directory in a cgroup hierarchy)"
+        )
     _remove_dirs(fs, [path], timeout)

@@ -43,7 +43,12 @@ import socket
 import sys
 import time
 
-CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = (
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+)
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 CAP_LAST = 63
@@ -51,10 +56,27 @@ CAP_LAST = 63
 # without NET_RAW, MKNOD and AUDIT_WRITE. Each acts only on what that user namespace
 # owns (its own files in the workspace and tmpfs, its own processes); none reaches
 # the network, the mounts or the host, which the initial user namespace owns.
-KEPT_CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSETID": 4, "CAP_KILL": 5,
-             "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_BIND_SERVICE": 10,
-             "CAP_SYS_CHROOT": 18, "CAP_SETFCAP": 31}
-RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+KEPT_CAPS = {
+    "CAP_CHOWN": 0,
+    "CAP_DAC_OVERRIDE": 1,
+    "CAP_FOWNER": 3,
+    "CAP_FSETID": 4,
+    "CAP_KILL": 5,
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_SYS_CHROOT": 18,
+    "CAP_SETFCAP": 31,
+}
+RELAYED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 EXIT_SETUP_FAILED = 125  # like `env`/`unshare`: the sandbox could not be set up
 
@@ -181,7 +203,8 @@ def build_view(spec: dict, report: Report) -> None:
                         f"cannot idmap {bind['source']} ({e.strerror}): its filesystem does not support "
                         "idmapped mounts (Linux 5.12+; ext4, xfs, btrfs, tmpfs 6.3+ do). Fix: put the "
                         "workspace on such a filesystem, or --allow-weaker-sandbox (files the task "
-                        "writes there are then owned by its unprivileged host id)") from None
+                        "writes there are then owned by its unprivileged host id)"
+                    ) from None
                 report.send(weakened="idmapped-mount", why=f"{bind['source']}: {e.strerror}")
             finally:
                 if idmap is not None:
@@ -189,15 +212,23 @@ def build_view(spec: dict, report: Report) -> None:
         else:
             mounts.set_attr(fd, mounts.LOCKED_DOWN)
         clones.append((fd, bind["target"]))
-    devices = {name: mounts.clone_tree(f"/dev/{name}") for name in DEVICES if os.path.exists(f"/dev/{name}")}
+    devices = {
+        name: mounts.clone_tree(f"/dev/{name}")
+        for name in DEVICES
+        if os.path.exists(f"/dev/{name}")
+    }
 
     mounts.set_attr("/", mounts.LOCKED_DOWN, recursive=True)
 
     for path in spec["tmpfs"]:
         os.makedirs(path, exist_ok=True)  # only ever below another tmpfs of ours
         sticky = path in ("/tmp", "/var/tmp")
-        mounts.tmpfs(path, mode=0o1777 if sticky else 0o755, uid=None if sticky else spec["id_base"],
-                     gid=None if sticky else spec["id_base"])
+        mounts.tmpfs(
+            path,
+            mode=0o1777 if sticky else 0o755,
+            uid=None if sticky else spec["id_base"],
+            gid=None if sticky else spec["id_base"],
+        )
     if not os.path.isdir(spec["home"]):
         os.makedirs(spec["home"])
     if spec["home"] not in spec["tmpfs"]:
@@ -208,7 +239,11 @@ def build_view(spec: dict, report: Report) -> None:
         mounts.attach(fd, target)
     for path in spec["hide"]:
         if os.path.isdir(path):
-            mounts.tmpfs(path, mode=0o000, flags=mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+            mounts.tmpfs(
+                path,
+                mode=0o000,
+                flags=mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
+            )
         elif os.path.exists(path):
             mounts.mount("/dev/null", path, None, mounts.MS_BIND)
             mounts.set_attr(path, mounts.LOCKED_DOWN, recursive=False)
@@ -233,13 +268,22 @@ def build_dev(devices: dict[str, int]) -> None:
         open(f"/dev/{name}", "w").close()
         mounts.attach(fd, f"/dev/{name}")
     os.mkdir("/dev/pts")
-    mounts.mount("devpts", "/dev/pts", "devpts", mounts.MS_NOSUID | mounts.MS_NOEXEC,
-                 "newinstance,ptmxmode=0666,mode=0620")
+    mounts.mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        mounts.MS_NOSUID | mounts.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
     os.symlink("pts/ptmx", "/dev/ptmx")
     os.mkdir("/dev/shm")
     mounts.tmpfs("/dev/shm", mode=0o1777)
-    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")):
+    for link, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"/dev/{link}")
     mounts.set_attr("/dev", mounts.MOUNT_ATTR_RDONLY, recursive=False)
 
@@ -269,7 +313,10 @@ def become_task(spec: dict, program: bytes | None, report: Report) -> None:
     if spec["landlock"]:
         abi = landlock.restrict_writes(spec["writable"])
         if abi == 0:
-            report.send(note="landlock", why="the kernel has no Landlock; mounts alone keep the host read-only")
+            report.send(
+                note="landlock",
+                why="the kernel has no Landlock; mounts alone keep the host read-only",
+            )
     if program is not None:
         seccomp.install(program)
     os.chdir(spec["cwd"])
@@ -288,7 +335,9 @@ def _exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
-def run_init(spec: dict, program: bytes | None, report: Report, mapped_r: int, unshared_w: int) -> int:
+def run_init(
+    spec: dict, program: bytes | None, report: Report, mapped_r: int, unshared_w: int
+) -> int:
     """PID 1: /proc, the user namespace, then the task; relay signals, reap everything."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
@@ -312,8 +361,11 @@ def run_init(spec: dict, program: bytes | None, report: Report, mapped_r: int, u
                 results = probes.run_cheap(spec)
                 report.send(self_test=results, ms=round((time.monotonic() - started) * 1000, 1))
                 if any(not r["ok"] for r in results):
-                    print("sandgate: the sandbox self-test failed: " + ", ".join(
-                        f"{r['probe']} ({r['seen']})" for r in results if not r["ok"]), file=sys.stderr)
+                    print(
+                        "sandgate: the sandbox self-test failed: "
+                        + ", ".join(f"{r['probe']} ({r['seen']})" for r in results if not r["ok"]),
+                        file=sys.stderr,
+                    )
                     os._exit(EXIT_SETUP_FAILED)
             report.close()
             os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
@@ -381,7 +433,10 @@ def main(args: list[str] | None = None) -> int:
                 _write_maps(1, f"0 {base} {count}", f"0 {base} {count}")
                 os.write(mapped_w, b"1")
             except OSError as e:
-                print(f"sandgate: sandbox setup failed: cannot map the task's ids: {e}", file=sys.stderr)
+                print(
+                    f"sandgate: sandbox setup failed: cannot map the task's ids: {e}",
+                    file=sys.stderr,
+                )
         os.close(mapped_w)
     _relay_signals_to(init)
     while True:

@@ -55,9 +55,18 @@ ACCESS_FS_TRUNCATE = 1 << 14  # ABI 3
 ACCESS_FS_IOCTL_DEV = 1 << 15  # ABI 5: ioctl on character and block devices
 
 WRITE_ACCESS_BY_ABI = {
-    1: (ACCESS_FS_WRITE_FILE | ACCESS_FS_REMOVE_DIR | ACCESS_FS_REMOVE_FILE | ACCESS_FS_MAKE_CHAR
-        | ACCESS_FS_MAKE_DIR | ACCESS_FS_MAKE_REG | ACCESS_FS_MAKE_SOCK | ACCESS_FS_MAKE_FIFO
-        | ACCESS_FS_MAKE_BLOCK | ACCESS_FS_MAKE_SYM),
+    1: (
+        ACCESS_FS_WRITE_FILE
+        | ACCESS_FS_REMOVE_DIR
+        | ACCESS_FS_REMOVE_FILE
+        | ACCESS_FS_MAKE_CHAR
+        | ACCESS_FS_MAKE_DIR
+        | ACCESS_FS_MAKE_REG
+        | ACCESS_FS_MAKE_SOCK
+        | ACCESS_FS_MAKE_FIFO
+        | ACCESS_FS_MAKE_BLOCK
+        | ACCESS_FS_MAKE_SYM
+    ),
     2: ACCESS_FS_REFER,
     3: ACCESS_FS_TRUNCATE,
     5: ACCESS_FS_IOCTL_DEV,
@@ -80,8 +89,11 @@ O_PATH = getattr(os, "O_PATH", 0o10000000)
 class _RulesetAttr(ctypes.Structure):
     """struct landlock_ruleset_attr; older kernels accept it whole when the newer fields are 0."""
 
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class _PathBeneathAttr(ctypes.Structure):
@@ -93,7 +105,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _syscall(number: int, *args: int | ctypes._Pointer | None) -> int:
-    converted = [arg if isinstance(arg, ctypes._Pointer) else ctypes.c_long(arg or 0) for arg in args]
+    converted = [
+        arg if isinstance(arg, ctypes._Pointer) else ctypes.c_long(arg or 0) for arg in args
+    ]
     result = _libc.syscall(ctypes.c_long(number), *converted)
     if result == -1:
         code = ctypes.get_errno()
@@ -108,7 +122,9 @@ def abi_version() -> int:
     except OSError as exc:
         if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
             return 0
-        raise OSError(exc.errno, f"landlock: asking the ABI version failed: {exc.strerror}") from exc
+        raise OSError(
+            exc.errno, f"landlock: asking the ABI version failed: {exc.strerror}"
+        ) from exc
 
 
 def handled_write_access(abi: int) -> int:
@@ -131,12 +147,18 @@ def restrict_writes(writable: list[str]) -> int:
     if abi == 0:
         return 0
     handled = handled_write_access(abi)
-    attr = _RulesetAttr(handled_access_fs=handled,
-                        scoped=SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= SCOPES_ABI else 0)
+    attr = _RulesetAttr(
+        handled_access_fs=handled,
+        scoped=SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= SCOPES_ABI else 0,
+    )
     try:
-        ruleset_fd = _syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.pointer(attr), ctypes.sizeof(attr), 0)
+        ruleset_fd = _syscall(
+            SYS_LANDLOCK_CREATE_RULESET, ctypes.pointer(attr), ctypes.sizeof(attr), 0
+        )
     except OSError as exc:
-        raise OSError(exc.errno, f"landlock: creating the ruleset (ABI {abi}) failed: {exc.strerror}") from exc
+        raise OSError(
+            exc.errno, f"landlock: creating the ruleset (ABI {abi}) failed: {exc.strerror}"
+        ) from exc
     try:
         for path in writable:
             _allow_beneath(ruleset_fd, path, handled)
@@ -144,7 +166,9 @@ def restrict_writes(writable: list[str]) -> int:
         try:
             _syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, 0)
         except OSError as exc:
-            raise OSError(exc.errno, f"landlock: restricting the process failed: {exc.strerror}") from exc
+            raise OSError(
+                exc.errno, f"landlock: restricting the process failed: {exc.strerror}"
+            ) from exc
     finally:
         os.close(ruleset_fd)
     return abi
@@ -156,14 +180,20 @@ def _allow_beneath(ruleset_fd: int, path: str, handled: int) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise OSError(exc.errno, f"landlock: cannot open writable path {path!r}: {exc.strerror}") from exc
+        raise OSError(
+            exc.errno, f"landlock: cannot open writable path {path!r}: {exc.strerror}"
+        ) from exc
     try:
         is_directory = stat.S_ISDIR(os.fstat(parent_fd).st_mode)
         allowed = handled if is_directory else handled & FILE_ONLY_ACCESS
         rule = _PathBeneathAttr(allowed_access=allowed, parent_fd=parent_fd)
-        _syscall(SYS_LANDLOCK_ADD_RULE, ruleset_fd, LANDLOCK_RULE_PATH_BENEATH, ctypes.pointer(rule), 0)
+        _syscall(
+            SYS_LANDLOCK_ADD_RULE, ruleset_fd, LANDLOCK_RULE_PATH_BENEATH, ctypes.pointer(rule), 0
+        )
     except OSError as exc:
-        raise OSError(exc.errno, f"landlock: cannot allow writes beneath {path!r}: {exc.strerror}") from exc
+        raise OSError(
+            exc.errno, f"landlock: cannot allow writes beneath {path!r}: {exc.strerror}"
+        ) from exc
     finally:
         os.close(parent_fd)
 

@@ -43,8 +43,12 @@ _libc.syscall.restype = ctypes.c_long
 
 
 class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 def _fail(what: str) -> OSError:
@@ -52,9 +56,19 @@ def _fail(what: str) -> OSError:
     return OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    if _libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(), flags,
-                   data and data.encode()) != 0:
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
+    if (
+        _libc.mount(
+            source and source.encode(),
+            target.encode(),
+            fstype and fstype.encode(),
+            flags,
+            data and data.encode(),
+        )
+        != 0
+    ):
         raise _fail(f"mount {fstype or source} on {target}")
 
 
@@ -65,14 +79,22 @@ def make_private(path: str = "/") -> None:
 
 def clone_tree(path: str) -> int:
     """A detached copy of the mount tree at `path` (a directory or a file), as an fd."""
-    fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
+    fd = _libc.syscall(
+        SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+    )
     if fd < 0:
         raise _fail(f"open_tree {path}")
     return fd
 
 
-def set_attr(target: str | int, attr_set: int, attr_clr: int = 0, *, recursive: bool = True,
-             userns_fd: int | None = None) -> None:
+def set_attr(
+    target: str | int,
+    attr_set: int,
+    attr_clr: int = 0,
+    *,
+    recursive: bool = True,
+    userns_fd: int | None = None,
+) -> None:
     """mount_setattr on a path, or on a detached tree's fd."""
     attr = _MountAttr(attr_set, attr_clr, 0, userns_fd if userns_fd is not None else 0)
     flags = AT_RECURSIVE if recursive else 0
@@ -80,21 +102,38 @@ def set_attr(target: str | int, attr_set: int, attr_clr: int = 0, *, recursive: 
         dirfd, path, flags = target, b"", flags | AT_EMPTY_PATH
     else:
         dirfd, path = AT_FDCWD, target.encode()
-    if _libc.syscall(SYS_MOUNT_SETATTR, dirfd, path, flags, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+    if (
+        _libc.syscall(
+            SYS_MOUNT_SETATTR, dirfd, path, flags, ctypes.byref(attr), ctypes.sizeof(attr)
+        )
+        != 0
+    ):
         raise _fail(f"mount_setattr {target}")
 
 
 def attach(tree_fd: int, target: str) -> None:
     """Mount a detached tree on `target`, then close its fd."""
     try:
-        if _libc.syscall(SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH) != 0:
+        if (
+            _libc.syscall(
+                SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH
+            )
+            != 0
+        ):
             raise _fail(f"move_mount onto {target}")
     finally:
         os.close(tree_fd)
 
 
-def tmpfs(target: str, *, mode: int = 0o755, size: str = "", flags: int = MS_NOSUID | MS_NODEV,
-          uid: int | None = None, gid: int | None = None) -> None:
+def tmpfs(
+    target: str,
+    *,
+    mode: int = 0o755,
+    size: str = "",
+    flags: int = MS_NOSUID | MS_NODEV,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> None:
     options = [f"mode={mode:o}"] + ([f"size={size}"] if size else [])
     options += [f"uid={uid}"] if uid is not None else []
     options += [f"gid={gid}"] if gid is not None else []

@@ -12,34 +12,89 @@ from sandgate.enforcer.sandbox import cgroup, spec
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("task sandbox (see docs/sandbox.md)")
     where = group.add_mutually_exclusive_group()
-    where.add_argument("--workspace", type=Path, metavar="DIR",
-                       help="mounted read-write at the same path, the task's working directory "
-                            "(default: the current directory)")
-    where.add_argument("--no-workspace", action="store_true", help="no read-write directory from the host")
-    group.add_argument("--ro", type=Path, action="append", default=[], metavar="PATH",
-                       help="also make PATH read-only (e.g. a part of the workspace); repeatable")
-    group.add_argument("--rw", type=Path, action="append", default=[], metavar="PATH",
-                       help="also mount PATH read-write, like the workspace; repeatable")
-    group.add_argument("--hide", type=Path, action="append", default=[], metavar="PATH",
-                       help="hide PATH from the task (an empty directory or file); repeatable")
-    group.add_argument("--user", default="0", metavar="UID[:GID]",
-                       help="the task's ids inside the sandbox (default 0, which owns nothing on the host)")
-    group.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
-                       help="pass NAME from this environment, or set it; wins over sandgate's own; repeatable")
-    group.add_argument("--env-file", type=Path, action="append", default=[], metavar="FILE",
-                       help="NAME=VALUE lines to set in the task's environment; repeatable")
-    group.add_argument("--memory", default="4G", metavar="SIZE",
-                       help="memory limit, e.g. 512M, 4G (default 4G; the task is OOM-killed past it)")
-    group.add_argument("--pids", default="1024", metavar="N", help="process/thread limit (default 1024)")
-    group.add_argument("--cpus", default=None, metavar="N", help="CPU limit in cores, e.g. 1.5 (default: none)")
-    group.add_argument("--allow-weaker-sandbox", action="store_true",
-                       help="run even where the kernel lacks a sandbox feature; each gap is a warning "
-                            "and a sandbox_weakened event")
-    group.add_argument("--self-test", action="store_true",
-                       help="check the sandbox from inside before the task starts (a few ms)")
+    where.add_argument(
+        "--workspace",
+        type=Path,
+        metavar="DIR",
+        help="mounted read-write at the same path, the task's working directory "
+        "(default: the current directory)",
+    )
+    where.add_argument(
+        "--no-workspace", action="store_true", help="no read-write directory from the host"
+    )
+    group.add_argument(
+        "--ro",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also make PATH read-only (e.g. a part of the workspace); repeatable",
+    )
+    group.add_argument(
+        "--rw",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also mount PATH read-write, like the workspace; repeatable",
+    )
+    group.add_argument(
+        "--hide",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="hide PATH from the task (an empty directory or file); repeatable",
+    )
+    group.add_argument(
+        "--user",
+        default="0",
+        metavar="UID[:GID]",
+        help="the task's ids inside the sandbox (default 0, which owns nothing on the host)",
+    )
+    group.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="pass NAME from this environment, or set it; wins over sandgate's own; repeatable",
+    )
+    group.add_argument(
+        "--env-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="NAME=VALUE lines to set in the task's environment; repeatable",
+    )
+    group.add_argument(
+        "--memory",
+        default="4G",
+        metavar="SIZE",
+        help="memory limit, e.g. 512M, 4G (default 4G; the task is OOM-killed past it)",
+    )
+    group.add_argument(
+        "--pids", default="1024", metavar="N", help="process/thread limit (default 1024)"
+    )
+    group.add_argument(
+        "--cpus", default=None, metavar="N", help="CPU limit in cores, e.g. 1.5 (default: none)"
+    )
+    group.add_argument(
+        "--allow-weaker-sandbox",
+        action="store_true",
+        help="run even where the kernel lacks a sandbox feature; each gap is a warning "
+        "and a sandbox_weakened event",
+    )
+    group.add_argument(
+        "--self-test",
+        action="store_true",
+        help="check the sandbox from inside before the task starts (a few ms)",
+    )
 
 
-def from_arguments(args: argparse.Namespace, state_dirs: list[Path]) -> tuple[spec.SandboxOptions, cgroup.Limits]:
+def from_arguments(
+    args: argparse.Namespace, state_dirs: list[Path]
+) -> tuple[spec.SandboxOptions, cgroup.Limits]:
     """The options as checked values, or spec.SandboxError naming the option."""
     protected = spec.protected_paths(state_dirs)
     workspace = None
@@ -51,11 +106,18 @@ def from_arguments(args: argparse.Namespace, state_dirs: list[Path]) -> tuple[sp
         limits = cgroup.Limits(
             memory_bytes=cgroup.parse_size(args.memory) if args.memory.lower() != "none" else None,
             pids=int(args.pids) if args.pids.lower() != "none" else None,
-            cpus=cgroup.parse_cpus(args.cpus) if args.cpus else None)
+            cpus=cgroup.parse_cpus(args.cpus) if args.cpus else None,
+        )
     except ValueError as e:
         raise spec.SandboxError(f"limits: {e}") from None
     return spec.SandboxOptions(
-        workspace=workspace, uid=uid, gid=gid, ro=spec.check_paths("--ro", args.ro), rw=rw,
+        workspace=workspace,
+        uid=uid,
+        gid=gid,
+        ro=spec.check_paths("--ro", args.ro),
+        rw=rw,
         hide=spec.check_paths("--hide", args.hide),
         env=spec.parse_env(args.env, args.env_file, dict(os.environ)),
-        allow_weaker=args.allow_weaker_sandbox, self_test=args.self_test), limits
+        allow_weaker=args.allow_weaker_sandbox,
+        self_test=args.self_test,
+    ), limits

@@ -86,24 +86,43 @@ def missing_features(limits: cgroup.Limits) -> list[Gap]:
     except (OSError, ValueError):
         userns = 0
     if userns == 0:
-        gaps.append(Gap("user-namespace", "user namespaces are disabled (user.max_user_namespaces = 0); fix: "
-                        "sysctl -w user.max_user_namespaces=15000"))
+        gaps.append(
+            Gap(
+                "user-namespace",
+                "user namespaces are disabled (user.max_user_namespaces = 0); fix: "
+                "sysctl -w user.max_user_namespaces=15000",
+            )
+        )
     if (problem := seccomp.available()) is not None:
         gaps.append(Gap("seccomp", problem))
     gaps += [Gap("cgroup", problem) for problem in cgroup.check(limits)]
     return gaps
 
 
-def prepare(run_dir: Path, run_id: str, opts: spec.SandboxOptions, limits: cgroup.Limits, *,
-            netns: str, argv: list[str], env: dict[str, str], file_binds: list[tuple[Path, Path]],
-            hidden: list[Path], protected: list[Path], probe: str | None = None) -> PreparedSandbox:
+def prepare(
+    run_dir: Path,
+    run_id: str,
+    opts: spec.SandboxOptions,
+    limits: cgroup.Limits,
+    *,
+    netns: str,
+    argv: list[str],
+    env: dict[str, str],
+    file_binds: list[tuple[Path, Path]],
+    hidden: list[Path],
+    protected: list[Path],
+    probe: str | None = None,
+) -> PreparedSandbox:
     """Everything the sandbox init needs, in `run_dir` (root-only). Raises
     spec.SandboxError (with the fix) for a missing feature unless opts.allow_weaker."""
     gaps = missing_features(limits)
     if gaps and not opts.allow_weaker:
-        raise spec.SandboxError("the kernel cannot give this task the full sandbox:\n" + "\n".join(
-            f"  - {g.feature}: {g.why}" for g in gaps) + "\n(--allow-weaker-sandbox runs it anyway, "
-            "with each gap recorded as a sandbox_weakened event)")
+        raise spec.SandboxError(
+            "the kernel cannot give this task the full sandbox:\n"
+            + "\n".join(f"  - {g.feature}: {g.why}" for g in gaps)
+            + "\n(--allow-weaker-sandbox runs it anyway, "
+            "with each gap recorded as a sandbox_weakened event)"
+        )
     missing = {g.feature for g in gaps}
     ids = spec.host_id_range()
     program_path = None
@@ -122,13 +141,29 @@ def prepare(run_dir: Path, run_id: str, opts: spec.SandboxOptions, limits: cgrou
     report_r, report_w = os.pipe()
     os.set_inheritable(report_w, True)
     document = spec.Spec(
-        netns=netns, hostname=f"sandbox-{run_id}", argv=argv, ids=ids, uid=opts.uid, gid=opts.gid,
+        netns=netns,
+        hostname=f"sandbox-{run_id}",
+        argv=argv,
+        ids=ids,
+        uid=opts.uid,
+        gid=opts.gid,
         env=spec.task_environment(dict(os.environ), opts.env, env, uid=opts.uid, home=view["home"]),
-        home=view["home"], cwd=view["cwd"], tmpfs=view["tmpfs"], binds=view["binds"], hide=view["hide"],
-        writable=view["writable"], cgroup_procs=task_cgroup.procs_files if task_cgroup else [],
-        seccomp=str(program_path) if program_path else None, userns="user-namespace" not in missing,
-        allow_weaker=opts.allow_weaker, self_test=opts.self_test, report_fd=report_w,
-        probe_paths={"code": [str(p) for p in protected if p.is_dir()], "state": [str(p) for p in hidden]},
+        home=view["home"],
+        cwd=view["cwd"],
+        tmpfs=view["tmpfs"],
+        binds=view["binds"],
+        hide=view["hide"],
+        writable=view["writable"],
+        cgroup_procs=task_cgroup.procs_files if task_cgroup else [],
+        seccomp=str(program_path) if program_path else None,
+        userns="user-namespace" not in missing,
+        allow_weaker=opts.allow_weaker,
+        self_test=opts.self_test,
+        report_fd=report_w,
+        probe_paths={
+            "code": [str(p) for p in protected if p.is_dir()],
+            "state": [str(p) for p in hidden],
+        },
     ).to_dict()
     if probe:
         document["probe"] = probe

@@ -45,7 +45,9 @@ def probe_write(probe: str, directory: str) -> dict:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except OSError as e:
-        return _result(probe, "EROFS/EACCES", _errno_name(e), e.errno in HELD or e.errno == errno.ENOENT)
+        return _result(
+            probe, "EROFS/EACCES", _errno_name(e), e.errno in HELD or e.errno == errno.ENOENT
+        )
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(path)
@@ -57,7 +59,9 @@ def probe_hidden(probe: str, directory: str) -> dict:
         entries = os.listdir(directory)
     except OSError as e:
         return _result(probe, "empty or absent", _errno_name(e), True)
-    return _result(probe, "empty or absent", f"{len(entries)} entries" if entries else "empty", not entries)
+    return _result(
+        probe, "empty or absent", f"{len(entries)} entries" if entries else "empty", not entries
+    )
 
 
 def probe_identity() -> dict:
@@ -65,7 +69,11 @@ def probe_identity() -> dict:
     with open("/proc/self/uid_map") as f:
         fields = f.read().split()
     initial = fields[:3] == ["0", "0", "4294967295"]
-    seen = "the host's ids (initial user namespace)" if initial else f"ids mapped to host {fields[1]}.."
+    seen = (
+        "the host's ids (initial user namespace)"
+        if initial
+        else f"ids mapped to host {fields[1]}.."
+    )
     return _result("no capability on the host", "own user namespace", seen, not initial)
 
 
@@ -95,15 +103,21 @@ def probe_userns() -> dict:
 
 def run_cheap(spec: dict) -> list[dict]:
     paths = spec.get("probe_paths", {})
-    results = [probe_write("host root read-only", "/"), probe_write("host /etc read-only", "/etc"),
-               probe_write("host /usr read-only", "/usr")]
+    results = [
+        probe_write("host root read-only", "/"),
+        probe_write("host /etc read-only", "/etc"),
+        probe_write("host /usr read-only", "/usr"),
+    ]
     results += [probe_write(f"gateway code read-only ({p})", p) for p in paths.get("code", [])]
     results += [probe_hidden(f"sandgate state hidden ({p})", p) for p in paths.get("state", [])]
-    results += [probe_identity(), probe_status("NoNewPrivs", "1", "no new privileges"),
-                probe_status("Seccomp", "2", "seccomp filter"),
-                probe_socket("no packet sockets", socket.AF_PACKET, socket.SOCK_RAW),
-                probe_socket("no raw IP sockets", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
-                probe_userns()]
+    results += [
+        probe_identity(),
+        probe_status("NoNewPrivs", "1", "no new privileges"),
+        probe_status("Seccomp", "2", "seccomp filter"),
+        probe_socket("no packet sockets", socket.AF_PACKET, socket.SOCK_RAW),
+        probe_socket("no raw IP sockets", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+        probe_userns(),
+    ]
     return results
 
 
@@ -141,16 +155,25 @@ def probe_tcp_denied() -> dict:
     if isinstance(seen, OSError):
         return _result("direct TCP to a denied address", "blocked", _errno_name(seen), True)
     held = not seen.startswith(b"\x16")  # a ServerHello would be a way out
-    return _result("direct TCP to a denied address", "blocked", "closed" if not seen else f"{len(seen)} bytes", held)
+    return _result(
+        "direct TCP to a denied address",
+        "blocked",
+        "closed" if not seen else f"{len(seen)} bytes",
+        held,
+    )
 
 
 def probe_metadata() -> dict:
-    request = f"GET /latest/meta-data/ HTTP/1.1\r\nHost: {METADATA}\r\nConnection: close\r\n\r\n".encode()
+    request = (
+        f"GET /latest/meta-data/ HTTP/1.1\r\nHost: {METADATA}\r\nConnection: close\r\n\r\n".encode()
+    )
     seen = _exchange((METADATA, 80), request, 2.0)
     if isinstance(seen, OSError):
         return _result("cloud metadata (169.254.169.254)", "blocked", _errno_name(seen), True)
     status = seen.split(b"\r\n", 1)[0].decode("latin-1")
-    return _result("cloud metadata (169.254.169.254)", "blocked", status or "closed", b" 200 " not in seen[:20])
+    return _result(
+        "cloud metadata (169.254.169.254)", "blocked", status or "closed", b" 200 " not in seen[:20]
+    )
 
 
 def probe_ipv6() -> dict:
@@ -191,11 +214,22 @@ def probe_outside_resolver() -> dict:
     rcode = data[3] & 0x0F if len(data) >= 12 else -1
     answers = struct.unpack("!H", data[6:8])[0] if len(data) >= 12 else 0
     names = {0: "NOERROR", 2: "SERVFAIL", 3: "NXDOMAIN", 5: "REFUSED"}
-    return _result("outside resolver", "filtered", f"{names.get(rcode, rcode)}, {answers} answers", answers == 0)
+    return _result(
+        "outside resolver",
+        "filtered",
+        f"{names.get(rcode, rcode)}, {answers} answers",
+        answers == 0,
+    )
 
 
 def run_network() -> list[dict]:
-    return [probe_tcp_denied(), probe_udp(), probe_ipv6(), probe_metadata(), probe_outside_resolver()]
+    return [
+        probe_tcp_denied(),
+        probe_udp(),
+        probe_ipv6(),
+        probe_metadata(),
+        probe_outside_resolver(),
+    ]
 
 
 def run_all(spec: dict) -> list[dict]:

@@ -57,8 +57,15 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWTIME = 0x00000080
-CLONE_NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC,
-                         CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET)
+CLONE_NAMESPACE_FLAGS = (
+    CLONE_NEWNS,
+    CLONE_NEWCGROUP,
+    CLONE_NEWUTS,
+    CLONE_NEWIPC,
+    CLONE_NEWUSER,
+    CLONE_NEWPID,
+    CLONE_NEWNET,
+)
 
 # Socket families a task may open (everything else: EAFNOSUPPORT).
 AF_UNIX = 1
@@ -121,7 +128,9 @@ def _family_not_in(allowed: tuple[int, ...]) -> tuple[tuple[ArgTest, ...], ...]:
 
     Above the largest allowed value is one test, so a family with junk in the
     upper 32 bits (which the kernel would truncate to an allowed one) is refused."""
-    below = tuple(((0, "eq", family, 0),) for family in range(max(allowed)) if family not in allowed)
+    below = tuple(
+        ((0, "eq", family, 0),) for family in range(max(allowed)) if family not in allowed
+    )
     return below + (((0, "gt", max(allowed), 0),),)
 
 
@@ -143,71 +152,135 @@ def _personality_not_allowed() -> tuple[tuple[ArgTest, ...], ...]:
 _CLONE_CREATES_NAMESPACE = _any_bit_set(CLONE_FLAGS_ARG, CLONE_NAMESPACE_FLAGS)
 _UNSHARE_CREATES_NAMESPACE = _any_bit_set(0, (*CLONE_NAMESPACE_FLAGS, CLONE_NEWTIME))
 
-_WHY_NO_NEW_NAMESPACE = "a new namespace (user, net, mount...) hands the task capabilities over kernel code"
+_WHY_NO_NEW_NAMESPACE = (
+    "a new namespace (user, net, mount...) hands the task capabilities over kernel code"
+)
 
 DENIED: tuple[Denial, ...] = (
-    Denial(("init_module", "finit_module", "delete_module"), errno.EPERM,
-           "loading or removing kernel code is the whole kernel"),
-    Denial(("kexec_load", "kexec_file_load"), errno.EPERM,
-           "replacing the running kernel"),
-    Denial(("bpf",), errno.EPERM,
-           "eBPF verifier and JIT: a long list of privilege escalations; no task needs it"),
-    Denial(("perf_event_open",), errno.EPERM,
-           "perf: escalations, kernel address and cross-process side channels"),
-    Denial(("keyctl", "add_key", "request_key"), errno.EPERM,
-           "keyrings are not namespaced: read or plant keys of the host uid; frequent CVEs"),
-    Denial(("userfaultfd",), errno.EPERM,
-           "pauses kernel copies at will: the standard primitive for winning kernel races"),
-    Denial(("open_by_handle_at", "name_to_handle_at"), errno.EPERM,
-           "file handles open inodes past mounts and hidden paths (the Shocker escape)"),
-    Denial(("io_uring_setup", "io_uring_enter", "io_uring_register"), errno.EPERM,
-           "io_uring: frequent escalations, and its requests (socket, openat) bypass this filter"),
-    Denial(("clone",), errno.EPERM,
-           _WHY_NO_NEW_NAMESPACE,
-           _CLONE_CREATES_NAMESPACE),
-    Denial(("unshare",), errno.EPERM,
-           _WHY_NO_NEW_NAMESPACE,
-           _UNSHARE_CREATES_NAMESPACE),
-    Denial(("clone3",), errno.ENOSYS,
-           "its flags sit in memory seccomp cannot read; ENOSYS makes libc fall back to clone"),
-    Denial(("setns",), errno.EPERM,
-           "joining another namespace through an inherited or /proc descriptor"),
-    Denial(("mount", "umount2", "pivot_root", "move_mount", "open_tree", "open_tree_attr",
-            "fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr"), errno.EPERM,
-           "the task's view of the host is fixed: no remount, unmount of a hiding mount, new fs"),
-    Denial(("swapon", "swapoff"), errno.EPERM,
-           "host memory configuration"),
-    Denial(("reboot",), errno.EPERM,
-           "rebooting (or, in a PID namespace, killing the sandbox's init)"),
-    Denial(("acct",), errno.EPERM,
-           "process accounting is host-wide and writes to a file of the task's choosing"),
-    Denial(("settimeofday", "clock_settime", "adjtimex", "clock_adjtime"), errno.EPERM,
-           "the clock is not namespaced: changing it breaks TLS, logs and tokens on the host"),
-    Denial(("syslog",), errno.EPERM,
-           "the kernel log: kernel addresses and other tenants' messages"),
-    Denial(("quotactl", "quotactl_fd"), errno.EPERM,
-           "disk quotas of host filesystems"),
-    Denial(("lookup_dcookie",), errno.EPERM,
-           "profiling interface that resolves kernel paths; removed in Linux 6.10"),
-    Denial(("iopl", "ioperm"), errno.EPERM,
-           "raw I/O port access is access to hardware"),
-    Denial(("uselib",), errno.EPERM,
-           "obsolete a.out loader with past escalations; nothing current calls it"),
-    Denial(("personality",), errno.EPERM,
-           "odd personas (READ_IMPLIES_EXEC, MMAP_PAGE_ZERO, no ASLR) weaken exploit mitigations",
-           _personality_not_allowed()),
-    Denial(("ioctl",), errno.EPERM,
-           "TIOCSTI/TIOCLINUX type commands into the caller's terminal after the task ends",
-           tuple(((1, "masked_eq", request, IOCTL_REQUEST_MASK),) for request in (TIOCSTI, TIOCLINUX))),
-    Denial(("socket", "socketpair"), errno.EAFNOSUPPORT,
-           "only unix, inet, inet6 and netlink: packet sockets, vsock, bluetooth, ... are raw or exotic",
-           _family_not_in(ALLOWED_FAMILIES)),
-    Denial(("socket",), errno.EAFNOSUPPORT,
-           "socket(AF_INET, SOCK_PACKET) is the obsolete spelling of a packet socket",
-           (((0, "eq", AF_INET, 0), (1, "masked_eq", SOCK_PACKET, SOCK_TYPE_MASK)),)),
-    Denial(("socket",), errno.EPROTONOSUPPORT,
-           "netlink beyond NETLINK_ROUTE (netfilter, xfrm, crypto, generic...) is kernel config surface",
-           (((0, "eq", AF_NETLINK, 0), (2, "ne", NETLINK_ROUTE, 0)),)),
+    Denial(
+        ("init_module", "finit_module", "delete_module"),
+        errno.EPERM,
+        "loading or removing kernel code is the whole kernel",
+    ),
+    Denial(("kexec_load", "kexec_file_load"), errno.EPERM, "replacing the running kernel"),
+    Denial(
+        ("bpf",),
+        errno.EPERM,
+        "eBPF verifier and JIT: a long list of privilege escalations; no task needs it",
+    ),
+    Denial(
+        ("perf_event_open",),
+        errno.EPERM,
+        "perf: escalations, kernel address and cross-process side channels",
+    ),
+    Denial(
+        ("keyctl", "add_key", "request_key"),
+        errno.EPERM,
+        "keyrings are not namespaced: read or plant keys of the host uid; frequent CVEs",
+    ),
+    Denial(
+        ("userfaultfd",),
+        errno.EPERM,
+        "pauses kernel copies at will: the standard primitive for winning kernel races",
+    ),
+    Denial(
+        ("open_by_handle_at", "name_to_handle_at"),
+        errno.EPERM,
+        "file handles open inodes past mounts and hidden paths (the Shocker escape)",
+    ),
+    Denial(
+        ("io_uring_setup", "io_uring_enter", "io_uring_register"),
+        errno.EPERM,
+        "io_uring: frequent escalations, and its requests (socket, openat) bypass this filter",
+    ),
+    Denial(("clone",), errno.EPERM, _WHY_NO_NEW_NAMESPACE, _CLONE_CREATES_NAMESPACE),
+    Denial(("unshare",), errno.EPERM, _WHY_NO_NEW_NAMESPACE, _UNSHARE_CREATES_NAMESPACE),
+    Denial(
+        ("clone3",),
+        errno.ENOSYS,
+        "its flags sit in memory seccomp cannot read; ENOSYS makes libc fall back to clone",
+    ),
+    Denial(
+        ("setns",),
+        errno.EPERM,
+        "joining another namespace through an inherited or /proc descriptor",
+    ),
+    Denial(
+        (
+            "mount",
+            "umount2",
+            "pivot_root",
+            "move_mount",
+            "open_tree",
+            "open_tree_attr",
+            "fsopen",
+            "fsmount",
+            "fsconfig",
+            "fspick",
+            "mount_setattr",
+        ),
+        errno.EPERM,
+        "the task's view of the host is fixed: no remount, unmount of a hiding mount, new fs",
+    ),
+    Denial(("swapon", "swapoff"), errno.EPERM, "host memory configuration"),
+    Denial(
+        ("reboot",), errno.EPERM, "rebooting (or, in a PID namespace, killing the sandbox's init)"
+    ),
+    Denial(
+        ("acct",),
+        errno.EPERM,
+        "process accounting is host-wide and writes to a file of the task's choosing",
+    ),
+    Denial(
+        ("settimeofday", "clock_settime", "adjtimex", "clock_adjtime"),
+        errno.EPERM,
+        "the clock is not namespaced: changing it breaks TLS, logs and tokens on the host",
+    ),
+    Denial(
+        ("syslog",), errno.EPERM, "the kernel log: kernel addresses and other tenants' messages"
+    ),
+    Denial(("quotactl", "quotactl_fd"), errno.EPERM, "disk quotas of host filesystems"),
+    Denial(
+        ("lookup_dcookie",),
+        errno.EPERM,
+        "profiling interface that resolves kernel paths; removed in Linux 6.10",
+    ),
+    Denial(("iopl", "ioperm"), errno.EPERM, "raw I/O port access is access to hardware"),
+    Denial(
+        ("uselib",),
+        errno.EPERM,
+        "obsolete a.out loader with past escalations; nothing current calls it",
+    ),
+    Denial(
+        ("personality",),
+        errno.EPERM,
+        "odd personas (READ_IMPLIES_EXEC, MMAP_PAGE_ZERO, no ASLR) weaken exploit mitigations",
+        _personality_not_allowed(),
+    ),
+    Denial(
+        ("ioctl",),
+        errno.EPERM,
+        "TIOCSTI/TIOCLINUX type commands into the caller's terminal after the task ends",
+        tuple(((1, "masked_eq", request, IOCTL_REQUEST_MASK),) for request in (TIOCSTI, TIOCLINUX)),
+    ),
+    Denial(
+        ("socket", "socketpair"),
+        errno.EAFNOSUPPORT,
+        "only unix, inet, inet6 and netlink: packet sockets, vsock, bluetooth, ... are raw or exotic",
+        _family_not_in(ALLOWED_FAMILIES),
+    ),
+    Denial(
+        ("socket",),
+        errno.EAFNOSUPPORT,
+        "socket(AF_INET, SOCK_PACKET) is the obsolete spelling of a packet socket",
+        (((0, "eq", AF_INET, 0), (1, "masked_eq", SOCK_PACKET, SOCK_TYPE_MASK)),),
+    ),
+    Denial(
+        ("socket",),
+        errno.EPROTONOSUPPORT,
+        "netlink beyond NETLINK_ROUTE (netfilter, xfrm, crypto, generic...) is kernel config surface",
+        (((0, "eq", AF_NETLINK, 0), (2, "ne", NETLINK_ROUTE, 0)),),
+    ),
 )
 
 
@@ -237,10 +310,16 @@ def _compile() -> bytes:
     try:
         import pyseccomp
     except (ImportError, RuntimeError) as exc:  # RuntimeError: "Unable to find libseccomp"
-        raise OSError(f"seccomp: cannot load libseccomp ({exc}): install libseccomp2 "
-                      "and the pyseccomp package") from exc
-    operators = {"eq": pyseccomp.EQ, "ne": pyseccomp.NE, "gt": pyseccomp.GT,
-                 "masked_eq": pyseccomp.MASKED_EQ}
+        raise OSError(
+            f"seccomp: cannot load libseccomp ({exc}): install libseccomp2 "
+            "and the pyseccomp package"
+        ) from exc
+    operators = {
+        "eq": pyseccomp.EQ,
+        "ne": pyseccomp.NE,
+        "gt": pyseccomp.GT,
+        "masked_eq": pyseccomp.MASKED_EQ,
+    }
     machine = os.uname().machine
     syscall_filter = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     syscall_filter.set_attr(pyseccomp.Attr.ACT_BADARCH, BAD_ARCH_ACTION)
@@ -250,18 +329,26 @@ def _compile() -> bytes:
             number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
             if number == -1:  # __NR_SCMP_ERROR: this libseccomp does not know the name
                 if name not in UNIFIED_SYSCALL_NUMBERS or machine not in UNIFIED_TABLE_MACHINES:
-                    raise OSError(f"seccomp: libseccomp does not know the syscall {name!r} "
-                                  "on this architecture: upgrade libseccomp")
+                    raise OSError(
+                        f"seccomp: libseccomp does not know the syscall {name!r} "
+                        "on this architecture: upgrade libseccomp"
+                    )
                 number = UNIFIED_SYSCALL_NUMBERS[name]
             for tests in denial.when or ((),):
                 # masked_eq's (value, mask) are libseccomp's (mask, datum) order reversed.
-                args = [pyseccomp.Arg(index, operators[op], *((mask, value) if op == "masked_eq" else (value,)))
-                        for index, op, value, mask in tests]
+                args = [
+                    pyseccomp.Arg(
+                        index, operators[op], *((mask, value) if op == "masked_eq" else (value,))
+                    )
+                    for index, op, value, mask in tests
+                ]
                 try:
                     syscall_filter.add_rule(action, number, *args)
                 except OSError as exc:
-                    raise OSError(exc.errno, f"seccomp: libseccomp refused the rule for {name} "
-                                  f"{tests}: {exc.strerror}") from exc
+                    raise OSError(
+                        exc.errno,
+                        f"seccomp: libseccomp refused the rule for {name} {tests}: {exc.strerror}",
+                    ) from exc
     with os.fdopen(os.memfd_create("sandgate-seccomp-bpf"), "w+b") as exported:
         syscall_filter.export_bpf(exported)
         exported.seek(0)
@@ -351,9 +438,16 @@ def install(program: bytes) -> None:
 
     Irreversible for this process and everything it starts. Raises OSError with
     the reason when the program is malformed or the kernel refuses it."""
-    if not program or len(program) % SOCK_FILTER_SIZE or len(program) // SOCK_FILTER_SIZE > BPF_MAXINSNS:
-        raise OSError(errno.EINVAL, f"seccomp: not a BPF program ({len(program)} bytes; expected a "
-                      f"multiple of {SOCK_FILTER_SIZE}, at most {BPF_MAXINSNS} instructions)")
+    if (
+        not program
+        or len(program) % SOCK_FILTER_SIZE
+        or len(program) // SOCK_FILTER_SIZE > BPF_MAXINSNS
+    ):
+        raise OSError(
+            errno.EINVAL,
+            f"seccomp: not a BPF program ({len(program)} bytes; expected a "
+            f"multiple of {SOCK_FILTER_SIZE}, at most {BPF_MAXINSNS} instructions)",
+        )
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         _raise_errno("seccomp: prctl(PR_SET_NO_NEW_PRIVS)")
@@ -363,11 +457,18 @@ def install(program: bytes) -> None:
     if number is None:  # no seccomp(2) number known here: this thread only, through prctl
         result = libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0)
     else:
-        result = libc.syscall(ctypes.c_long(number), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
-                              ctypes.c_long(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(fprog))
+        result = libc.syscall(
+            ctypes.c_long(number),
+            ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+            ctypes.c_long(SECCOMP_FILTER_FLAG_TSYNC),
+            ctypes.byref(fprog),
+        )
     if result > 0:
-        raise OSError(errno.EBUSY, f"seccomp: thread {result} could not take the filter "
-                      "(it has a filter of its own); install before starting threads")
+        raise OSError(
+            errno.EBUSY,
+            f"seccomp: thread {result} could not take the filter "
+            "(it has a filter of its own); install before starting threads",
+        )
     if result != 0:
         _raise_errno("seccomp: loading the filter")
 
@@ -383,10 +484,14 @@ def available() -> str | None:
         with open(ACTIONS_AVAIL) as actions_file:
             actions = set(actions_file.read().split())
     except OSError:
-        return (f"seccomp filters: {ACTIONS_AVAIL} is missing; the kernel needs Linux >= 4.14 "
-                "built with CONFIG_SECCOMP_FILTER=y")
+        return (
+            f"seccomp filters: {ACTIONS_AVAIL} is missing; the kernel needs Linux >= 4.14 "
+            "built with CONFIG_SECCOMP_FILTER=y"
+        )
     missing = [action for action in REQUIRED_ACTIONS if action not in actions]
     if missing:
-        return (f"seccomp filters: the kernel lacks the action(s) {', '.join(missing)} "
-                f"({ACTIONS_AVAIL}); upgrade to Linux >= 4.14 with CONFIG_SECCOMP_FILTER=y")
+        return (
+            f"seccomp filters: the kernel lacks the action(s) {', '.join(missing)} "
+            f"({ACTIONS_AVAIL}); upgrade to Linux >= 4.14 with CONFIG_SECCOMP_FILTER=y"
+        )
     return None

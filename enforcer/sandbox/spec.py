@@ -23,9 +23,38 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PASSED_THROUGH = ("PATH", "LANG", "LANGUAGE", "TERM", "TZ", "COLORTERM", "NO_COLOR")
 # A workspace is mounted read-write: never one of these, nor anything below them
 # (the host's programs, configuration, devices and state), nor a home root.
-SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
-               "/sys", "/usr", "/var/lib", "/var/log", "/var/cache", "/var/spool", "/var/mail")
-NOT_WORKSPACES = ("/", "/home", "/root", "/var", "/opt", "/srv", "/mnt", "/media", "/tmp", "/var/tmp")
+SYSTEM_DIRS = (
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var/lib",
+    "/var/log",
+    "/var/cache",
+    "/var/spool",
+    "/var/mail",
+)
+NOT_WORKSPACES = (
+    "/",
+    "/home",
+    "/root",
+    "/var",
+    "/opt",
+    "/srv",
+    "/mnt",
+    "/media",
+    "/tmp",
+    "/var/tmp",
+)
 SANDBOX_TMPFS = ("/tmp", "/var/tmp", "/run")
 
 
@@ -59,7 +88,9 @@ def parse_user(text: str) -> tuple[int, int]:
     try:
         uid, gid = int(uid_text), int(gid_text or uid_text)
     except ValueError:
-        raise SandboxError(f"--user {text!r}: expected UID[:GID] as numbers, e.g. --user 1000") from None
+        raise SandboxError(
+            f"--user {text!r}: expected UID[:GID] as numbers, e.g. --user 1000"
+        ) from None
     if not (0 <= uid < ID_COUNT and 0 <= gid < ID_COUNT):
         raise SandboxError(f"--user {text!r}: ids inside the sandbox are 0 to {ID_COUNT - 1}")
     return uid, gid
@@ -94,11 +125,16 @@ def parse_env(items: list[str], env_files: list[Path], caller: dict[str, str]) -
 
 
 def _is_name(text: str) -> bool:
-    return bool(text) and (text[0].isalpha() or text[0] == "_") and all(c.isalnum() or c == "_" for c in text)
+    return (
+        bool(text)
+        and (text[0].isalpha() or text[0] == "_")
+        and all(c.isalnum() or c == "_" for c in text)
+    )
 
 
-def task_environment(caller: dict[str, str], passed: dict[str, str], sandgate: dict[str, str],
-                     *, uid: int, home: str) -> dict[str, str]:
+def task_environment(
+    caller: dict[str, str], passed: dict[str, str], sandgate: dict[str, str], *, uid: int, home: str
+) -> dict[str, str]:
     """Only what the task needs and what was passed: nothing else of the caller's
     environment (cloud keys, tokens, SSH_AUTH_SOCK) reaches the task. A variable
     given with --env wins over one sandgate sets (e.g. its own CA bundle)."""
@@ -111,27 +147,39 @@ def task_environment(caller: dict[str, str], passed: dict[str, str], sandgate: d
     return env
 
 
-def host_id_range(subuid: Path = Path("/etc/subuid"), subgid: Path = Path("/etc/subgid")) -> IdRange:
+def host_id_range(
+    subuid: Path = Path("/etc/subuid"), subgid: Path = Path("/etc/subgid")
+) -> IdRange:
     """The host ids the task's ids map to: /etc/subuid's `sandgate` entry when there is
     one (and /etc/subgid agrees), else ID_BASE.. ; refused when an account or another
     user's subordinate range owns any of them."""
     mine = [r for r in _subid_ranges(subuid) if r[0] == SUBID_USER and r[2] >= ID_COUNT]
     if mine:
         _, base, _ = mine[0]
-        gids = [r for r in _subid_ranges(subgid) if r[0] == SUBID_USER and r[1] == base and r[2] >= ID_COUNT]
+        gids = [
+            r
+            for r in _subid_ranges(subgid)
+            if r[0] == SUBID_USER and r[1] == base and r[2] >= ID_COUNT
+        ]
         if not gids:
-            raise SandboxError(f"{subuid} gives {SUBID_USER} ids from {base}, but {subgid} has no matching "
-                               f"range of {ID_COUNT}: add '{SUBID_USER}:{base}:{ID_COUNT}' to {subgid}")
+            raise SandboxError(
+                f"{subuid} gives {SUBID_USER} ids from {base}, but {subgid} has no matching "
+                f"range of {ID_COUNT}: add '{SUBID_USER}:{base}:{ID_COUNT}' to {subgid}"
+            )
         return IdRange(base, ID_COUNT, f"{subuid} ({SUBID_USER})")
     end = ID_BASE + ID_COUNT
     for who, start, count in _subid_ranges(subuid) + _subid_ranges(subgid):
         if start < end and start + count > ID_BASE:
-            raise SandboxError(f"the sandbox ids {ID_BASE}-{end - 1} overlap {who}'s subordinate ids: add a "
-                               f"'{SUBID_USER}:BASE:{ID_COUNT}' line to /etc/subuid and /etc/subgid")
+            raise SandboxError(
+                f"the sandbox ids {ID_BASE}-{end - 1} overlap {who}'s subordinate ids: add a "
+                f"'{SUBID_USER}:BASE:{ID_COUNT}' line to /etc/subuid and /etc/subgid"
+            )
     for account in pwd.getpwall():
         if ID_BASE <= account.pw_uid < end:
-            raise SandboxError(f"the sandbox ids {ID_BASE}-{end - 1} include the account {account.pw_name} "
-                               f"(uid {account.pw_uid}): add a '{SUBID_USER}:BASE:{ID_COUNT}' line to /etc/subuid")
+            raise SandboxError(
+                f"the sandbox ids {ID_BASE}-{end - 1} include the account {account.pw_name} "
+                f"(uid {account.pw_uid}): add a '{SUBID_USER}:BASE:{ID_COUNT}' line to /etc/subuid"
+            )
     return IdRange(ID_BASE, ID_COUNT, "built-in range")
 
 
@@ -179,7 +227,10 @@ def protected_paths(state_dirs: list[Path]) -> list[Path]:
     import sandgate.proxy
     import sandgate.rules
 
-    code = [Path(m.__file__).resolve().parent for m in (sandgate.proxy, sandgate.enforcer, sandgate.rules)]
+    code = [
+        Path(m.__file__).resolve().parent
+        for m in (sandgate.proxy, sandgate.enforcer, sandgate.rules)
+    ]
     paths = [*code, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()]
     paths += [p.resolve() for p in state_dirs]
     return list(dict.fromkeys(paths))
@@ -217,8 +268,13 @@ class Spec:
         return data
 
 
-def file_view(opts: SandboxOptions, *, protected: list[Path], hidden: list[Path],
-              file_binds: list[tuple[Path, Path]]) -> dict:
+def file_view(
+    opts: SandboxOptions,
+    *,
+    protected: list[Path],
+    hidden: list[Path],
+    file_binds: list[tuple[Path, Path]],
+) -> dict:
     """Binds, tmpfs, hidden paths and writable roots for the spec. Read-only binds of
     sandgate's own files go after the workspace and --rw binds they may lie in."""
     uid = opts.uid
@@ -228,13 +284,20 @@ def file_view(opts: SandboxOptions, *, protected: list[Path], hidden: list[Path]
     writable_roots = [p for p in ([opts.workspace] if opts.workspace else []) + list(opts.rw)]
     for path in writable_roots:
         binds.append({"source": str(path), "target": str(path), "writable": True})
-    read_only = list(opts.ro) + [p for p in protected if any(_under(p, w) for w in writable_roots) and p.exists()]
+    read_only = list(opts.ro) + [
+        p for p in protected if any(_under(p, w) for w in writable_roots) and p.exists()
+    ]
     for path in read_only:
         binds.append({"source": str(path), "target": str(path), "writable": False})
     writable = [str(p) for p in writable_roots] + [*SANDBOX_TMPFS, "/dev", home]
-    return {"home": home, "tmpfs": tmpfs, "binds": binds, "writable": writable,
-            "hide": [str(p) for p in [*hidden, *opts.hide]],
-            "cwd": str(opts.workspace) if opts.workspace else home}
+    return {
+        "home": home,
+        "tmpfs": tmpfs,
+        "binds": binds,
+        "writable": writable,
+        "hide": [str(p) for p in [*hidden, *opts.hide]],
+        "cwd": str(opts.workspace) if opts.workspace else home,
+    }
 
 
 def check_paths(option: str, paths: list[Path]) -> tuple[Path, ...]:
@@ -246,4 +309,3 @@ def check_paths(option: str, paths: list[Path]) -> tuple[Path, ...]:
         except OSError as e:
             raise SandboxError(f"{option} {path}: {e.strerror}") from None
     return tuple(result)
-

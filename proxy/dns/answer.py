@@ -121,7 +121,9 @@ def filter_answer(
 
     decision = None
     if removed:
-        decision = deny("dns-rebinding", f"removed {', '.join(removed)}; {len(addresses)} address(es) left",
+        decision = deny(
+            "dns-rebinding",
+            f"removed {', '.join(removed)}; {len(addresses)} address(es) left",
         )
     if kept:
         response.answer = [*chain, dns.rrset.from_rdata_list(target, records.ttl, kept)]
@@ -131,7 +133,11 @@ def filter_answer(
     for owner in [rrset.name for rrset in chain] or [question.name]:
         with contextlib.suppress(InvalidName):
             names.append(parse_domain(owner.to_text(omit_final_dot=True)))
-    bindings = [(name, str(canonical_address(address)), records.ttl) for name in names for address in addresses]
+    bindings = [
+        (name, str(canonical_address(address)), records.ttl)
+        for name in names
+        for address in addresses
+    ]
     return FilteredAnswer(response, decision, bindings)
 
 

@@ -87,8 +87,7 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
         return _answer(
             query,
             dns.rcode.NOTIMP,
-            deny("dns-qtype", f"opcode {dns.opcode.to_text(opcode)}"
-            ),
+            deny("dns-qtype", f"opcode {dns.opcode.to_text(opcode)}"),
             copy_question=False,
         )
     # 4. Several questions would need several decisions; no real client sends them.

@@ -199,9 +199,7 @@ class DnsFilter:
         if pending >= self.max_pending_per_sandbox:
             answer = upstream_failure(check.query, "too many queries in flight")
             limit = f"more than {self.max_pending_per_sandbox} DNS queries in flight"
-            return answer._replace(
-                decision=deny("dns-pending-limit", limit)
-            )
+            return answer._replace(decision=deny("dns-pending-limit", limit))
         self._pending[sandbox] = pending + 1
         try:
             upstream, failure = await self._ask_upstream(check.forward)

@@ -46,11 +46,19 @@ class FrontDoor:
     connect to for an original destination) are parameters so that tests can run
     on loopback, where nothing is redirected."""
 
-    def __init__(self, gate: ConnectionGate, hand_off: Callable[[socket.socket], Awaitable[None]], *,
-                 original_dst: Callable[[socket.socket], tuple[str, int]] = original_dst,
-                 upstream_address: Callable[[str, int], tuple[str, int]] | None = None,
-                 first_bytes_timeout: float = 30.0, silence: float | None = 0.3,
-                 connect_timeout: float = 30.0, idle_timeout: float = 600.0, backlog: int = 1024):
+    def __init__(
+        self,
+        gate: ConnectionGate,
+        hand_off: Callable[[socket.socket], Awaitable[None]],
+        *,
+        original_dst: Callable[[socket.socket], tuple[str, int]] = original_dst,
+        upstream_address: Callable[[str, int], tuple[str, int]] | None = None,
+        first_bytes_timeout: float = 30.0,
+        silence: float | None = 0.3,
+        connect_timeout: float = 30.0,
+        idle_timeout: float = 600.0,
+        backlog: int = 1024,
+    ):
         self.gate = gate
         self.hand_off = hand_off
         self.original_dst = original_dst
@@ -212,18 +220,40 @@ class FrontDoor:
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
 
-
 class Connection:
     """One admitted connection, from accept to close: waiting for its first bytes,
     connecting upstream, relaying. Its handlers get the epoll events of its sockets.
     Every handler fails closed: an exception ends the connection, and the gate
     reports it."""
 
-    __slots__ = ("door", "loop", "state", "client", "client_fd", "client_closing", "dst", "upstream", "seen", "wake_at",
-                 "silent_until", "deadline", "relay", "holding", "done")
+    __slots__ = (
+        "door",
+        "loop",
+        "state",
+        "client",
+        "client_fd",
+        "client_closing",
+        "dst",
+        "upstream",
+        "seen",
+        "wake_at",
+        "silent_until",
+        "deadline",
+        "relay",
+        "holding",
+        "done",
+    )
 
-    def __init__(self, door: FrontDoor, state: ConnState, client: socket.socket, dst: tuple[str, int]):
-        self.door, self.loop, self.state, self.client, self.dst = door, door.loop, state, client, dst
+    def __init__(
+        self, door: FrontDoor, state: ConnState, client: socket.socket, dst: tuple[str, int]
+    ):
+        self.door, self.loop, self.state, self.client, self.dst = (
+            door,
+            door.loop,
+            state,
+            client,
+            dst,
+        )
         self.client_fd = client.fileno()
         self.client_closing = False  # the client's FIN or reset arrived before the relay began
         self.upstream: socket.socket | None = None
@@ -288,7 +318,9 @@ class Connection:
                         self._decided(outcome)
                         return
             if now >= self.deadline:
-                self.finish(f"nothing decidable within {self.door.first_bytes_timeout:g} s; the gateway closed it")
+                self.finish(
+                    f"nothing decidable within {self.door.first_bytes_timeout:g} s; the gateway closed it"
+                )
             else:
                 self.wake_at = self._next_wake()
         except Exception as e:  # noqa: BLE001
@@ -315,8 +347,10 @@ class Connection:
             ip, port = self.door.upstream_address(ip, port)
         self.door.poller.handlers[self.client_fd] = self._while_connecting
         try:
-            upstream = self.upstream = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET,
-                                                     socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            upstream = self.upstream = socket.socket(
+                socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                socket.SOCK_STREAM | socket.SOCK_NONBLOCK,
+            )
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             error = upstream.connect_ex((ip, port))
         except OSError as e:  # out of descriptors, say
@@ -344,8 +378,10 @@ class Connection:
                 self._connect_failed(os.strerror(error))
                 return
             self.door.unwait(self)
-            self._relay(upstream_readable=bool(events & (IN | CLOSED)),
-                        upstream_closing=bool(events & CLOSED))
+            self._relay(
+                upstream_readable=bool(events & (IN | CLOSED)),
+                upstream_closing=bool(events & CLOSED),
+            )
         except Exception as e:  # noqa: BLE001
             self.crash(e)
 
@@ -356,8 +392,12 @@ class Connection:
         # The client has unread bytes (the peeked ones) and, edge-triggered, will
         # not say so again: start as readable.
         client = End(self.client, readable=True, writable=True, closing=self.client_closing)
-        upstream = End(self.upstream, readable=upstream_readable, writable=True, closing=upstream_closing)
-        self.relay = Relay(client, upstream, self.state, self.door.buffer, self.loop.time, self.finish)
+        upstream = End(
+            self.upstream, readable=upstream_readable, writable=True, closing=upstream_closing
+        )
+        self.relay = Relay(
+            client, upstream, self.state, self.door.buffer, self.loop.time, self.finish
+        )
         # Allowed on silence: the server is to speak first. Until it does, the client
         # is not read; should it speak first, its bytes are decided (_client_spoke).
         self.holding = self.state.silent
@@ -418,7 +458,10 @@ class Connection:
         try:
             relay = self.relay
             if self.holding:
-                if not relay.move(relay.upstream, relay.client, up=False) or not self.state.bytes_down:
+                if (
+                    not relay.move(relay.upstream, relay.client, up=False)
+                    or not self.state.bytes_down
+                ):
                     return  # ended, or the server has not spoken yet
                 self.holding = False  # it has: a server-speaks-first protocol, as allowed
                 if self.door.gate.on_server_spoke(self.state) is not Outcome.PASSTHROUGH:
@@ -432,8 +475,11 @@ class Connection:
     # --- the end ----------------------------------------------------------------------------
 
     def crash(self, error: Exception) -> None:
-        log.error("front door: connection from %s failed; closing it", self.state.fields["source"],
-                  exc_info=error)
+        log.error(
+            "front door: connection from %s failed; closing it",
+            self.state.fields["source"],
+            exc_info=error,
+        )
         if self.state.outcome is None:
             self.door.gate.fail(self.state, error)  # undecided: this is its (deny) decision
         self.finish(f"the gateway failed: {type(error).__name__}", reset=True)

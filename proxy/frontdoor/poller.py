@@ -12,7 +12,9 @@ from collections.abc import Callable
 log = logging.getLogger("sandgate.frontdoor")
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
-CLOSED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # the peer shut down, reset, or failed
+CLOSED = (
+    select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+)  # the peer shut down, reset, or failed
 # Every socket of the front door is watched for all of these, edge-triggered, from
 # the start: an event means "something changed since you last looked".
 _WATCH = IN | OUT | select.EPOLLRDHUP | select.EPOLLET

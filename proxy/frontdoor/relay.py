@@ -52,8 +52,15 @@ class Relay:
 
     __slots__ = ("client", "upstream", "state", "buffer", "view", "clock", "finish", "last_active")
 
-    def __init__(self, client: End, upstream: End, state: ConnState, buffer: bytearray,
-                 clock: Callable[[], float], finish: Callable[..., None]):
+    def __init__(
+        self,
+        client: End,
+        upstream: End,
+        state: ConnState,
+        buffer: bytearray,
+        clock: Callable[[], float],
+        finish: Callable[..., None],
+    ):
         self.client, self.upstream, self.state = client, upstream, state
         self.buffer, self.view = buffer, memoryview(buffer)
         self.clock, self.finish = clock, finish
@@ -62,8 +69,14 @@ class Relay:
     def pump(self) -> None:
         """Move what either side has; finish once both directions ended cleanly."""
         c, u = self.client, self.upstream
-        if (self.move(c, u, up=True) and self.move(u, c, up=False)
-                and c.eof and u.eof and c.pending is None and u.pending is None):
+        if (
+            self.move(c, u, up=True)
+            and self.move(u, c, up=False)
+            and c.eof
+            and u.eof
+            and c.pending is None
+            and u.pending is None
+        ):
             self.finish(None)
 
     def move(self, src: End, dst: End, up: bool) -> bool:

@@ -8,7 +8,21 @@ from .names import InvalidName, parse_domain, parse_ip
 from .reasons import Reason, Verdict
 
 __all__ = [
-    "DEFAULT_RULES", "CompiledPolicy", "CompiledProfile", "ConnectFacts", "Decision", "InvalidName",
-    "NameFacts", "PolicyError", "Problem", "Reason", "RequestFacts", "Rule", "Verdict", "decide",
-    "load_policy", "parse_domain", "parse_ip",
+    "DEFAULT_RULES",
+    "CompiledPolicy",
+    "CompiledProfile",
+    "ConnectFacts",
+    "Decision",
+    "InvalidName",
+    "NameFacts",
+    "PolicyError",
+    "Problem",
+    "Reason",
+    "RequestFacts",
+    "Rule",
+    "Verdict",
+    "decide",
+    "load_policy",
+    "parse_domain",
+    "parse_ip",
 ]

@@ -30,48 +30,124 @@ class Builtin:
 
 
 def _builtins(*entries: tuple[str, tuple[Reason, ...], str]) -> dict[str, Builtin]:
-    return {name: Builtin(Rule(id=f"builtin:{name}", action=Verdict.DENY, file="<builtin>", line=0), reasons, meaning)
-            for name, reasons, meaning in entries}
+    return {
+        name: Builtin(
+            Rule(id=f"builtin:{name}", action=Verdict.DENY, file="<builtin>", line=0),
+            reasons,
+            meaning,
+        )
+        for name, reasons, meaning in entries
+    }
 
 
 R = Reason
 BUILTINS: dict[str, Builtin] = _builtins(
     # The policy core (proxy/policy/decide.py).
-    ("private-address", (R.PRIVATE_ADDRESS,),
-     "the destination is in a private, loopback, link-local, CGNAT, multicast, reserved or unspecified range "
-     "that no CIDR rule opens"),
-    ("spoofed-destination", (R.SPOOFED_DESTINATION,),
-     "a name rule allows the SNI or Host, but the gateway's DNS never gave this sandbox this address for it"),
+    (
+        "private-address",
+        (R.PRIVATE_ADDRESS,),
+        "the destination is in a private, loopback, link-local, CGNAT, multicast, reserved or unspecified range "
+        "that no CIDR rule opens",
+    ),
+    (
+        "spoofed-destination",
+        (R.SPOOFED_DESTINATION,),
+        "a name rule allows the SNI or Host, but the gateway's DNS never gave this sandbox this address for it",
+    ),
     ("unknown-profile", (R.UNKNOWN_PROFILE,), "the sandbox's profile is not in the loaded rules"),
-    ("internal-error", (R.INTERNAL_ERROR,), "the gateway failed while deciding: it denies, and says so"),
+    (
+        "internal-error",
+        (R.INTERNAL_ERROR,),
+        "the gateway failed while deciding: it denies, and says so",
+    ),
     # The connection gate (proxy/gate.py).
-    ("unknown-sandbox", (R.UNKNOWN_SANDBOX,), "traffic (a connection or a DNS query) from an address no task owns"),
-    ("malformed-tls", (R.MALFORMED_TLS, R.INVALID_NAME),
-     "a ClientHello that cannot be parsed, is longer than 16 KiB, or names no valid host in its SNI"),
+    (
+        "unknown-sandbox",
+        (R.UNKNOWN_SANDBOX,),
+        "traffic (a connection or a DNS query) from an address no task owns",
+    ),
+    (
+        "malformed-tls",
+        (R.MALFORMED_TLS, R.INVALID_NAME),
+        "a ClientHello that cannot be parsed, is longer than 16 KiB, or names no valid host in its SNI",
+    ),
     ("missing-sni", (R.MISSING_SNI,), "TLS without SNI to an address no IP rule allows"),
-    ("not-http", (R.NOT_HTTP,),
-     "bytes that are neither TLS nor HTTP on a web port, or where a rule checks methods or paths"),
-    ("host-mismatch", (R.HOST_MISMATCH, R.INVALID_NAME),
-     "an HTTP Host that is missing, invalid, or disagrees with the SNI or the destination address"),
-    ("no-data", (R.NO_DATA,), "the connection ended, or timed out, before sending enough bytes to decide on"),
+    (
+        "not-http",
+        (R.NOT_HTTP,),
+        "bytes that are neither TLS nor HTTP on a web port, or where a rule checks methods or paths",
+    ),
+    (
+        "host-mismatch",
+        (R.HOST_MISMATCH, R.INVALID_NAME),
+        "an HTTP Host that is missing, invalid, or disagrees with the SNI or the destination address",
+    ),
+    (
+        "no-data",
+        (R.NO_DATA,),
+        "the connection ended, or timed out, before sending enough bytes to decide on",
+    ),
     # The DNS filter (proxy/dns/).
-    ("dns-malformed", (R.DNS_MALFORMED,),
-     "a DNS message that cannot be parsed, is a response, has several questions or an unknown EDNS version"),
-    ("dns-qtype", (R.DNS_QTYPE_NOT_ALLOWED,), "a DNS query whose opcode is not QUERY, class not IN, or type not A, AAAA, CNAME or HTTPS"),
+    (
+        "dns-malformed",
+        (R.DNS_MALFORMED,),
+        "a DNS message that cannot be parsed, is a response, has several questions or an unknown EDNS version",
+    ),
+    (
+        "dns-qtype",
+        (R.DNS_QTYPE_NOT_ALLOWED,),
+        "a DNS query whose opcode is not QUERY, class not IN, or type not A, AAAA, CNAME or HTTPS",
+    ),
     ("dns-invalid-name", (R.INVALID_NAME,), "a DNS question for something that is not a host name"),
-    ("dns-upstream", (R.DNS_UPSTREAM_FAILURE,), "the upstream resolver failed, timed out or answered nonsense"),
-    ("dns-rebinding", (R.DNS_REBINDING,), "addresses in private ranges were removed from an upstream DNS answer"),
-    ("dns-pending-limit", (R.CONNECTION_LIMIT,), "too many of the sandbox's DNS queries were in flight"),
+    (
+        "dns-upstream",
+        (R.DNS_UPSTREAM_FAILURE,),
+        "the upstream resolver failed, timed out or answered nonsense",
+    ),
+    (
+        "dns-rebinding",
+        (R.DNS_REBINDING,),
+        "addresses in private ranges were removed from an upstream DNS answer",
+    ),
+    (
+        "dns-pending-limit",
+        (R.CONNECTION_LIMIT,),
+        "too many of the sandbox's DNS queries were in flight",
+    ),
     # The kernel (enforcer/nft.py), reported by the task runner.
-    ("firewall", (R.DROPPED_BY_FIREWALL,), "nftables dropped the sandbox's packets: not TCP, nor DNS to the gateway"),
+    (
+        "firewall",
+        (R.DROPPED_BY_FIREWALL,),
+        "nftables dropped the sandbox's packets: not TCP, nor DNS to the gateway",
+    ),
     # The task sandbox (enforcer/sandbox/), reported by the task runner.
-    ("limit-memory", (R.TASK_LIMIT,), "the task reached its memory limit (--memory) and the OOM killer killed a process of it"),
-    ("limit-pids", (R.TASK_LIMIT,), "the task reached its process limit (--pids): a fork or thread was refused"),
+    (
+        "limit-memory",
+        (R.TASK_LIMIT,),
+        "the task reached its memory limit (--memory) and the OOM killer killed a process of it",
+    ),
+    (
+        "limit-pids",
+        (R.TASK_LIMIT,),
+        "the task reached its process limit (--pids): a fork or thread was refused",
+    ),
     ("limit-cpus", (R.TASK_LIMIT,), "the task was throttled at its CPU limit (--cpus)"),
-    ("weakened-user-namespace", (R.SANDBOX_WEAKENED,), "--allow-weaker-sandbox: no user namespace; the task ran with host ids, capabilities dropped"),
+    (
+        "weakened-user-namespace",
+        (R.SANDBOX_WEAKENED,),
+        "--allow-weaker-sandbox: no user namespace; the task ran with host ids, capabilities dropped",
+    ),
     ("weakened-seccomp", (R.SANDBOX_WEAKENED,), "--allow-weaker-sandbox: no seccomp filter"),
-    ("weakened-cgroup", (R.SANDBOX_WEAKENED,), "--allow-weaker-sandbox: no cgroup limits (memory, pids, cpus)"),
-    ("weakened-idmapped-mount", (R.SANDBOX_WEAKENED,), "--allow-weaker-sandbox: a writable path without an idmapped mount; files there belong to the task's host id"),
+    (
+        "weakened-cgroup",
+        (R.SANDBOX_WEAKENED,),
+        "--allow-weaker-sandbox: no cgroup limits (memory, pids, cpus)",
+    ),
+    (
+        "weakened-idmapped-mount",
+        (R.SANDBOX_WEAKENED,),
+        "--allow-weaker-sandbox: a writable path without an idmapped mount; files there belong to the task's host id",
+    ),
 )
 del R
 
@@ -81,7 +157,9 @@ def builtin(name: str) -> Builtin:
     try:
         return BUILTINS[name]
     except KeyError:
-        raise ValueError(f"no built-in rule {name!r}; known: {', '.join(sorted(BUILTINS))}") from None
+        raise ValueError(
+            f"no built-in rule {name!r}; known: {', '.join(sorted(BUILTINS))}"
+        ) from None
 
 
 def builtin_rule(name: str) -> Rule:

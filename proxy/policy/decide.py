@@ -49,15 +49,21 @@ _NO_RULES: tuple[Rule, ...] = ()
 def decide(policy: CompiledPolicy, facts: Facts) -> Decision:
     profile = policy.profiles.get(facts.profile)
     if profile is None:
-        return Decision(DENY, Reason.UNKNOWN_PROFILE, UNKNOWN_PROFILE_RULE,
-                        detail=f"profile {facts.profile!r} is not defined in {', '.join(policy.files)}")
+        return Decision(
+            DENY,
+            Reason.UNKNOWN_PROFILE,
+            UNKNOWN_PROFILE_RULE,
+            detail=f"profile {facts.profile!r} is not defined in {', '.join(policy.files)}",
+        )
     try:
         if isinstance(facts, NameFacts):
             return _decide_name(profile, facts.name)
         return _decide_destination(profile, facts)
     except Exception as e:  # noqa: BLE001 - fail closed, and say so
         log.exception("policy decision failed for %r", facts)
-        return Decision(DENY, Reason.INTERNAL_ERROR, INTERNAL_ERROR_RULE, detail=f"{type(e).__name__}: {e}")
+        return Decision(
+            DENY, Reason.INTERNAL_ERROR, INTERNAL_ERROR_RULE, detail=f"{type(e).__name__}: {e}"
+        )
 
 
 def _decide_name(profile: CompiledProfile, name: str) -> Decision:
@@ -88,7 +94,10 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
         ip_rules, kind = _NO_RULES, None
     else:
         number, version = int(ip), ip.version
-        ip_rules, kind = profile.rules_for_address(number, version), special_range_of(number, version)
+        ip_rules, kind = (
+            profile.rules_for_address(number, version),
+            special_range_of(number, version),
+        )
     name_rules = profile.rules_for_name(name) if name is not None else _NO_RULES
     if not name_rules and not ip_rules:  # the common miss, answered without the checks below
         if kind is not None:
@@ -123,9 +132,17 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
         return _private(profile, kind)
 
     # 3. name-based allows need the address to be one the gateway resolved for the name
-    if allows and facts.name_resolved_to_ip is False and not any(r is a for a in allows for r in ip_rules):
-        return Decision(DENY, Reason.SPOOFED_DESTINATION, SPOOFED_DESTINATION_RULE,
-                        detail=f"{name} never resolved to {ip} through the gateway's DNS")
+    if (
+        allows
+        and facts.name_resolved_to_ip is False
+        and not any(r is a for a in allows for r in ip_rules)
+    ):
+        return Decision(
+            DENY,
+            Reason.SPOOFED_DESTINATION,
+            SPOOFED_DESTINATION_RULE,
+            detail=f"{name} never resolved to {ip} through the gateway's DNS",
+        )
 
     # 4. allow; the rule reported is one that allows without conditions, if any
     if allows:
@@ -154,13 +171,21 @@ def _private(profile: CompiledProfile, kind: str) -> Decision:
     found = profile.decisions.get(key)
     if found is None:
         found = profile.decisions[key] = Decision(
-            DENY, Reason.PRIVATE_ADDRESS, PRIVATE_ADDRESS_RULE,
-            detail=f"a {kind} address: only an allow rule with a CIDR inside that range can open it")
+            DENY,
+            Reason.PRIVATE_ADDRESS,
+            PRIVATE_ADDRESS_RULE,
+            detail=f"a {kind} address: only an allow rule with a CIDR inside that range can open it",
+        )
     return found
 
 
-def _shared(profile: CompiledProfile, reason: Reason, rule: Rule, inspect: bool = False,
-            near: Rule | None = None) -> Decision:
+def _shared(
+    profile: CompiledProfile,
+    reason: Reason,
+    rule: Rule,
+    inspect: bool = False,
+    near: Rule | None = None,
+) -> Decision:
     """The one Decision for this outcome, built on first use and then shared. The
     verdict is the rule's action (an allow or deny rule, or the fallback); `near` is
     the rule a fallback decision came close to (port, method or path not allowed).
@@ -172,21 +197,30 @@ def _shared(profile: CompiledProfile, reason: Reason, rule: Rule, inspect: bool 
     if near is None:
         found = rule.inspected_decision if inspect else rule.decision
         if found is None:
-            found = Decision(rule.action, reason, rule, inspect=inspect, detail=_explain(reason, rule, inspect, None))
+            found = Decision(
+                rule.action,
+                reason,
+                rule,
+                inspect=inspect,
+                detail=_explain(reason, rule, inspect, None),
+            )
             # A memo, not a change: every field that says what the rule is stays as loaded.
             object.__setattr__(rule, "inspected_decision" if inspect else "decision", found)
         return found
     key = (reason, id(rule), id(near))
     found = profile.decisions.get(key)
     if found is None:
-        found = profile.decisions[key] = Decision(rule.action, reason, rule, detail=_explain(reason, rule, inspect, near))
+        found = profile.decisions[key] = Decision(
+            rule.action, reason, rule, detail=_explain(reason, rule, inspect, near)
+        )
     return found
 
 
 def _explain(reason: Reason, rule: Rule, inspect: bool, near: Rule | None) -> str:
     if reason is Reason.RULE_ALLOW:
         return f"allowed by {_named(rule)}" + (
-            "; a rule checks HTTP methods or paths, so requests are inspected" if inspect else "")
+            "; a rule checks HTTP methods or paths, so requests are inspected" if inspect else ""
+        )
     if reason is Reason.RULE_DENY:
         return f"denied by {_named(rule)}"
     answer = f"the fallback ({rule.action}, {rule.id}) answers"

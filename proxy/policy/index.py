@@ -66,7 +66,9 @@ class _AddressIndex:
     blocks: dict[int, tuple[int, int, tuple[Rule, ...]] | _IntervalMap]
 
     @classmethod
-    def build(cls, bits: int, block_prefix: int, items: list[tuple[int, int, Rule]]) -> _AddressIndex:
+    def build(
+        cls, bits: int, block_prefix: int, items: list[tuple[int, int, Rule]]
+    ) -> _AddressIndex:
         shift = bits - block_prefix
         wide, by_block = [], defaultdict(list)
         for item in items:
@@ -76,7 +78,9 @@ class _AddressIndex:
             else:
                 wide.append(item)
         blocks = {
-            block: (inside[0][0], inside[0][1], (inside[0][2],)) if len(inside) == 1 else _IntervalMap.build(inside)
+            block: (inside[0][0], inside[0][1], (inside[0][2],))
+            if len(inside) == 1
+            else _IntervalMap.build(inside)
             for block, inside in by_block.items()
         }
         return cls(shift, _IntervalMap.build(wide), blocks)
@@ -126,7 +130,9 @@ class CompiledProfile:
     decisions: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def build(cls, name: str, rules: list[Rule], fallback: Rule, expired: list[Rule]) -> CompiledProfile:
+    def build(
+        cls, name: str, rules: list[Rule], fallback: Rule, expired: list[Rule]
+    ) -> CompiledProfile:
         exact: dict[str, list[Rule]] = defaultdict(list)
         wildcard: dict[str, list[Rule]] = defaultdict(list)
         networks: dict[int, list[tuple[int, int, Rule]]] = {4: [], 6: []}
@@ -145,7 +151,9 @@ class CompiledProfile:
             expired=tuple(expired),
             exact={k: tuple(v) for k, v in exact.items()},
             wildcard={k: tuple(v) for k, v in wildcard.items()},
-            wildcard_depths=(min(depths), max(depths)) if (depths := {k.count(".") + 1 for k in wildcard}) else (0, 0),
+            wildcard_depths=(min(depths), max(depths))
+            if (depths := {k.count(".") + 1 for k in wildcard})
+            else (0, 0),
             v4=_AddressIndex.build(32, 16, networks[4]),
             v6=_AddressIndex.build(128, 48, networks[6]),
             special_networks=frozenset(special_networks),
@@ -159,12 +167,16 @@ class CompiledProfile:
             # inlined: this is the hot path), looked up only at the depths (label
             # counts) some wildcard's base has: each lookup in a big dict is a
             # cache miss, and `com` or `co.uk` never is a base.
-            wildcard, shallowest, deepest = self.wildcard, self.wildcard_depths[0], self.wildcard_depths[-1]
+            wildcard, shallowest, deepest = (
+                self.wildcard,
+                self.wildcard_depths[0],
+                self.wildcard_depths[-1],
+            )
             depth = name.count(".")  # of the nearest parent
             dot = name.find(".") if depth >= shallowest else -1
             while depth >= shallowest:
                 if depth <= deepest:
-                    hit = wildcard.get(name[dot + 1:])
+                    hit = wildcard.get(name[dot + 1 :])
                     if hit:
                         found += hit
                 dot = name.find(".", dot + 1)
@@ -191,7 +203,9 @@ class CompiledProfile:
     def opens_special_address(self, ip: IPAddress) -> bool:
         """Whether an allow rule opens the private/loopback/... address `ip`: then a
         DNS answer with `ip` is intended, not rebinding."""
-        return any(r.action is Verdict.ALLOW and self.opens_special(r, ip) for r in self.rules_for_ip(ip))
+        return any(
+            r.action is Verdict.ALLOW and self.opens_special(r, ip) for r in self.rules_for_ip(ip)
+        )
 
 
 @dataclass(frozen=True)

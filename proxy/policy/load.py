@@ -57,14 +57,27 @@ RULES_DIR = Path(os.environ.get("SANDGATE_RULES_DIR", SHIPPED_RULES_DIR))
 PRESETS_DIR = RULES_DIR / "presets"
 DEFAULT_RULES = RULES_DIR / "default.yaml"
 
-RULE_KEYS = {"allow", "deny", "ports", "methods", "paths", "id", "comment", "owner", "ticket", "expires"}
+RULE_KEYS = {
+    "allow",
+    "deny",
+    "ports",
+    "methods",
+    "paths",
+    "id",
+    "comment",
+    "owner",
+    "ticket",
+    "expires",
+}
 PROFILE_KEYS = {"fallback", "extends", "include", "rules", "description"}
 FALLBACKS = {"deny": Verdict.DENY, "ask": Verdict.ASK, "audit": Verdict.AUDIT}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _MAYBE_IPV4 = re.compile(r"[\s0-9a-fA-FxX.]+")  # every IPv4 spelling parse_ip reads fits this
 
 
-class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present: same marks
+class _YamlLoader(
+    getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+):  # libyaml when present: same marks
     """Composes nodes with line/column marks; resolves only `null`. The checks below
     read every other scalar as text, and regex tag resolution (ints, floats, dates,
     booleans) would cost a third of the parse of a big file."""
@@ -121,7 +134,9 @@ class _RawProfile:
 class _Loader:
     def __init__(self, today: datetime.date):
         self.today = today
-        self.root: Path | None = None  # the directory of the first rule file: names are relative to it
+        self.root: Path | None = (
+            None  # the directory of the first rule file: names are relative to it
+        )
         self.problems: list[Problem] = []
         self.sources: dict[Path, _Source] = {}
         self.preset_rules: dict[Path, list[Rule]] = {}
@@ -136,7 +151,9 @@ class _Loader:
         line, col = (node.start_mark.line + 1, node.start_mark.column + 1) if node else (1, 1)
         self.problems.append(Problem(source.display, line, col, message))
 
-    def mapping(self, source: _Source, node: yaml.Node, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+    def mapping(
+        self, source: _Source, node: yaml.Node, what: str
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
         """A mapping node as {key: (key_node, value_node)}; reports non-mappings and
         duplicate keys (PyYAML would silently keep the last one)."""
         if not isinstance(node, yaml.MappingNode):
@@ -157,10 +174,16 @@ class _Loader:
         for key, (key_node, _) in entries.items():
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                self.problem(source, key_node, f"unknown key {key!r} in {what} (expected one of: {hint})")
+                self.problem(
+                    source, key_node, f"unknown key {key!r} in {what} (expected one of: {hint})"
+                )
 
     def scalar(self, source, node, what: str) -> str | None:
-        if isinstance(node, yaml.ScalarNode) and node.value != "" and node.tag != "tag:yaml.org,2002:null":
+        if (
+            isinstance(node, yaml.ScalarNode)
+            and node.value != ""
+            and node.tag != "tag:yaml.org,2002:null"
+        ):
             return node.value
         self.problem(source, node, f"{what} must be a single value")
         return None
@@ -198,7 +221,14 @@ class _Loader:
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
             column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-            self.problems.append(Problem(display, line, column, f"the file is not UTF-8 (byte {data[e.start]:#04x}); save it as UTF-8"))
+            self.problems.append(
+                Problem(
+                    display,
+                    line,
+                    column,
+                    f"the file is not UTF-8 (byte {data[e.start]:#04x}); save it as UTF-8",
+                )
+            )
             return None
         source = _Source(path, display, None, name=self.stable_name(path), data=data)
         try:
@@ -233,7 +263,11 @@ class _Loader:
             return
         key_node, value_node = entries["version"]
         if not (isinstance(value_node, yaml.ScalarNode) and value_node.value == "1"):
-            self.problem(source, value_node, f"unsupported version {value_node.value!r}; this sandgate reads version 1")
+            self.problem(
+                source,
+                value_node,
+                f"unsupported version {value_node.value!r}; this sandgate reads version 1",
+            )
 
     # --- rules ------------------------------------------------------------------------
 
@@ -251,8 +285,12 @@ class _Loader:
         self.check_keys(source, entries, RULE_KEYS, "a rule")
         actions = [k for k in ("allow", "deny") if k in entries]
         if len(actions) != 1:
-            self.problem(source, node, "a rule needs exactly one of 'allow' or 'deny'"
-                         + (" (it has both)" if actions else ""))
+            self.problem(
+                source,
+                node,
+                "a rule needs exactly one of 'allow' or 'deny'"
+                + (" (it has both)" if actions else ""),
+            )
             return None
         action = actions[0]
         domains, networks = [], []
@@ -263,19 +301,31 @@ class _Loader:
         ports = self.ports(source, entries["ports"][1]) if "ports" in entries else DEFAULT_PORTS
         methods = self.methods(source, entries["methods"][1]) if "methods" in entries else None
         paths = self.paths(source, entries["paths"][1]) if "paths" in entries else None
-        meta = {k: self.scalar(source, entries[k][1], f"'{k}'") for k in ("comment", "owner", "ticket") if k in entries}
+        meta = {
+            k: self.scalar(source, entries[k][1], f"'{k}'")
+            for k in ("comment", "owner", "ticket")
+            if k in entries
+        }
         expires = self.expires(source, entries["expires"][1]) if "expires" in entries else None
         line = node.start_mark.line + 1
         rule_id = f"{source.name}:{line}"
         if "id" in entries:
             given = self.scalar(source, entries["id"][1], "'id'")
             if given is not None and not _ID.fullmatch(given):
-                self.problem(source, entries["id"][1], f"rule id {given!r} may use only letters, digits and . _ : / -")
+                self.problem(
+                    source,
+                    entries["id"][1],
+                    f"rule id {given!r} may use only letters, digits and . _ : / -",
+                )
             elif given is not None:
                 rule_id = given
         if rule_id in self.rule_ids:
             other = self.rule_ids[rule_id]
-            self.problem(source, entries.get("id", (node, node))[1], f"duplicate rule id {rule_id!r} (first used at {other.origin})")
+            self.problem(
+                source,
+                entries.get("id", (node, node))[1],
+                f"duplicate rule id {rule_id!r} (first used at {other.origin})",
+            )
         if len(self.problems) > errors_before:
             return None
         rule = Rule(
@@ -297,7 +347,11 @@ class _Loader:
 
     def target(self, source, node, text: str):
         # (_MAYBE_IPV4 first: most targets are names, and parse_ip is the slower test)
-        if "/" in text or ":" in text or (_MAYBE_IPV4.fullmatch(text) and parse_ip(text) is not None):
+        if (
+            "/" in text
+            or ":" in text
+            or (_MAYBE_IPV4.fullmatch(text) and parse_ip(text) is not None)
+        ):
             try:
                 return parse_network(text)
             except InvalidAddress as e:
@@ -309,7 +363,11 @@ class _Loader:
                 if ip is not None and "/" not in text:
                     self.problem(source, node, f"write the address {text!r} plainly, as {ip}")
                 elif port is not None and _is_domain(host):
-                    self.problem(source, node, f"{text!r}: give the port in 'ports: [{port}]', not after the name")
+                    self.problem(
+                        source,
+                        node,
+                        f"{text!r}: give the port in 'ports: [{port}]', not after the name",
+                    )
                 else:
                     self.problem(source, node, str(e))
                 return None
@@ -334,7 +392,11 @@ class _Loader:
         methods = set()
         for text, item in self.scalars(source, node, "'methods'"):
             if text.upper() not in HTTP_METHODS:
-                self.problem(source, item, f"unknown HTTP method {text!r} (expected one of: {', '.join(sorted(HTTP_METHODS))})")
+                self.problem(
+                    source,
+                    item,
+                    f"unknown HTTP method {text!r} (expected one of: {', '.join(sorted(HTTP_METHODS))})",
+                )
             else:
                 methods.add(text.upper())
         return frozenset(methods)
@@ -345,12 +407,20 @@ class _Loader:
             if not text.startswith("/"):
                 self.problem(source, item, f"path {text!r} must start with '/'")
             elif any("**" in seg and seg != "**" for seg in text.split("/")):
-                self.problem(source, item, f"path {text!r}: '**' must be a whole segment ('/a/**/b' or '/a/**')")
+                self.problem(
+                    source,
+                    item,
+                    f"path {text!r}: '**' must be a whole segment ('/a/**/b' or '/a/**')",
+                )
             elif parse_path(text) != text:
                 # Requests are matched in canonical form (decide), so a rule written
                 # otherwise could never match.
-                self.problem(source, item, f"path {text!r} is not canonical (requests are matched after "
-                             f"resolving '.', '..', '//' and escapes): write {parse_path(text)!r}")
+                self.problem(
+                    source,
+                    item,
+                    f"path {text!r} is not canonical (requests are matched after "
+                    f"resolving '.', '..', '//' and escapes): write {parse_path(text)!r}",
+                )
             else:
                 paths.append(text)
         return tuple(paths)
@@ -367,7 +437,9 @@ class _Loader:
 
     # --- presets and profiles ---------------------------------------------------------
 
-    def include(self, source: _Source, node: yaml.Node, name: str, stack: tuple[Path, ...]) -> list[Rule]:
+    def include(
+        self, source: _Source, node: yaml.Node, name: str, stack: tuple[Path, ...]
+    ) -> list[Rule]:
         """The rules of a preset or included file (recursively), cycle-checked."""
         if "/" in name or name.endswith((".yaml", ".yml")):
             path = (source.path.parent / name).resolve()
@@ -375,7 +447,11 @@ class _Loader:
             path = (PRESETS_DIR / f"{name}.yaml").resolve()
             if not path.exists():
                 known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-                self.problem(source, node, f"unknown preset {name!r} (shipped presets: {known}; or give a path relative to this file)")
+                self.problem(
+                    source,
+                    node,
+                    f"unknown preset {name!r} (shipped presets: {known}; or give a path relative to this file)",
+                )
                 return []
         if path in stack:
             chain = " -> ".join(_display_path(p) for p in (*stack, path))
@@ -391,7 +467,9 @@ class _Loader:
             self.preset_rules[path] = []
             return []
         self.check_version(included, entries)
-        self.check_keys(included, entries, {"version", "description", "include", "rules"}, "a preset file")
+        self.check_keys(
+            included, entries, {"version", "description", "include", "rules"}, "a preset file"
+        )
         rules: list[Rule] = []
         if "include" in entries:
             for inner, item in self.scalars(included, entries["include"][1], "'include'"):
@@ -408,17 +486,27 @@ class _Loader:
         self.check_version(source, entries)
         self.check_keys(source, entries, {"version", "profiles", "description"}, "the rule file")
         if "profiles" not in entries:
-            self.problem(source, source.root, "missing 'profiles:' (a rule file defines at least one profile)")
+            self.problem(
+                source,
+                source.root,
+                "missing 'profiles:' (a rule file defines at least one profile)",
+            )
             return {}
         raw: dict[str, _RawProfile] = {}
-        for name, (key_node, node) in self.mapping(source, entries["profiles"][1], "'profiles'").items():
+        for name, (key_node, node) in self.mapping(
+            source, entries["profiles"][1], "'profiles'"
+        ).items():
             profile = _RawProfile(name, source, key_node)
             fields = self.mapping(source, node, f"profile {name!r}")
             self.check_keys(source, fields, PROFILE_KEYS, f"profile {name!r}")
             if "fallback" in fields:
                 word = self.scalar(source, fields["fallback"][1], "'fallback'")
                 if word is not None and word not in FALLBACKS:
-                    self.problem(source, fields["fallback"][1], f"unknown fallback {word!r} (expected deny, ask or audit)")
+                    self.problem(
+                        source,
+                        fields["fallback"][1],
+                        f"unknown fallback {word!r} (expected deny, ask or audit)",
+                    )
                 elif word is not None:
                     profile.fallback = (FALLBACKS[word], fields["fallback"][1].start_mark.line + 1)
             if "extends" in fields:
@@ -446,9 +534,13 @@ class _Loader:
             if profile.extends is not None:
                 parent, node = profile.extends
                 if parent not in raw:
-                    self.problem(profile.source, node, f"profile {name!r} extends unknown profile {parent!r} (known: {', '.join(sorted(raw))})")
+                    self.problem(
+                        profile.source,
+                        node,
+                        f"profile {name!r} extends unknown profile {parent!r} (known: {', '.join(sorted(raw))})",
+                    )
                 elif parent in chain:
-                    cycle = (*chain[chain.index(parent):], parent)
+                    cycle = (*chain[chain.index(parent) :], parent)
                     self.problem(profile.source, node, f"circular extends: {' -> '.join(cycle)}")
                 else:
                     inherited_rules, fallback = effective(parent, (*chain, parent))
@@ -458,7 +550,9 @@ class _Loader:
             rules += profile.rules
             if profile.fallback is not None or fallback is None:
                 verdict, line = profile.fallback or (Verdict.DENY, profile.node.start_mark.line + 1)
-                fallback = Rule(id=f"{name}:fallback", action=verdict, file=profile.source.name, line=line)
+                fallback = Rule(
+                    id=f"{name}:fallback", action=verdict, file=profile.source.name, line=line
+                )
             done[name] = (rules, fallback)
             return done[name]
 
@@ -472,7 +566,9 @@ class _Loader:
         return compiled
 
 
-def load_policy(paths: list[Path] | Path | str, today: datetime.date | None = None) -> CompiledPolicy:
+def load_policy(
+    paths: list[Path] | Path | str, today: datetime.date | None = None
+) -> CompiledPolicy:
     """Read, validate and compile rule files. Raises PolicyError with every problem.
 
     `today` decides which rules have expired (they are kept aside, reported, and
@@ -503,7 +599,11 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
             continue
         for name, profile in loader.profiles(source).items():
             if name in raw:
-                loader.problem(source, profile.node, f"profile {name!r} is already defined in {raw[name].source.display}")
+                loader.problem(
+                    source,
+                    profile.node,
+                    f"profile {name!r} is already defined in {raw[name].source.display}",
+                )
             else:
                 raw[name] = profile
     # Resolve extends and includes even when rules had errors, so that an admin sees

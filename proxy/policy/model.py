@@ -20,7 +20,24 @@ from .reasons import Reason, Verdict
 
 DEFAULT_PORTS = frozenset({80, 443})
 HTTP_METHODS = frozenset(
-    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK"]
+    [
+        "GET",
+        "HEAD",
+        "POST",
+        "PUT",
+        "PATCH",
+        "DELETE",
+        "OPTIONS",
+        "TRACE",
+        "CONNECT",
+        "PROPFIND",
+        "PROPPATCH",
+        "MKCOL",
+        "COPY",
+        "MOVE",
+        "LOCK",
+        "UNLOCK",
+    ]
 )
 
 
@@ -144,4 +161,3 @@ class Decision:
             "inspect": self.inspect,
             "detail": self.detail,
         }
-

@@ -26,7 +26,65 @@ _IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 # Multi-label public suffixes common enough that `*.co.uk` is surely a mistake.
 # Single-label suffixes (`*.com`) are caught by the two-label minimum.
 _PUBLIC_SUFFIXES = frozenset(
-    ["co.uk", "org.uk", "ac.uk", "gov.uk", "me.uk", "ltd.uk", "plc.uk", "net.uk", "com.au", "net.au", "org.au", "edu.au", "gov.au", "co.nz", "org.nz", "co.jp", "ne.jp", "or.jp", "ac.jp", "go.jp", "com.br", "net.br", "org.br", "com.cn", "net.cn", "org.cn", "gov.cn", "com.tw", "com.hk", "co.in", "net.in", "org.in", "co.za", "co.kr", "or.kr", "com.mx", "com.ar", "com.tr", "com.sg", "com.my", "co.id", "co.il", "com.ua", "github.io", "gitlab.io", "herokuapp.com", "appspot.com", "cloudfront.net", "amazonaws.com", "azurewebsites.net", "blogspot.com", "vercel.app", "netlify.app", "pages.dev", "workers.dev", "web.app", "firebaseapp.com"]
+    [
+        "co.uk",
+        "org.uk",
+        "ac.uk",
+        "gov.uk",
+        "me.uk",
+        "ltd.uk",
+        "plc.uk",
+        "net.uk",
+        "com.au",
+        "net.au",
+        "org.au",
+        "edu.au",
+        "gov.au",
+        "co.nz",
+        "org.nz",
+        "co.jp",
+        "ne.jp",
+        "or.jp",
+        "ac.jp",
+        "go.jp",
+        "com.br",
+        "net.br",
+        "org.br",
+        "com.cn",
+        "net.cn",
+        "org.cn",
+        "gov.cn",
+        "com.tw",
+        "com.hk",
+        "co.in",
+        "net.in",
+        "org.in",
+        "co.za",
+        "co.kr",
+        "or.kr",
+        "com.mx",
+        "com.ar",
+        "com.tr",
+        "com.sg",
+        "com.my",
+        "co.id",
+        "co.il",
+        "com.ua",
+        "github.io",
+        "gitlab.io",
+        "herokuapp.com",
+        "appspot.com",
+        "cloudfront.net",
+        "amazonaws.com",
+        "azurewebsites.net",
+        "blogspot.com",
+        "vercel.app",
+        "netlify.app",
+        "pages.dev",
+        "workers.dev",
+        "web.app",
+        "firebaseapp.com",
+    ]
 )
 
 
@@ -146,7 +204,9 @@ def _v4_table() -> tuple:
     table = []
     for octet in range(256):
         block = ipaddress.IPv4Network((octet << 24, 8))
-        ranges = [(net, kind) for net, kind in _SPECIAL_RANGES if net.version == 4 and net.overlaps(block)]
+        ranges = [
+            (net, kind) for net, kind in _SPECIAL_RANGES if net.version == 4 and net.overlaps(block)
+        ]
         whole = next((kind for net, kind in ranges if block.subnet_of(net)), None)
         parts = tuple((int(net.netmask), int(net.network_address), kind) for net, kind in ranges)
         table.append(whole if whole is not None else parts or None)
@@ -156,7 +216,9 @@ def _v4_table() -> tuple:
 # special_range runs on every connection: integer tests on tables built once.
 _V4_BY_OCTET = _v4_table()
 _V6_RANGES = tuple(
-    (int(net.netmask), int(net.network_address), kind) for net, kind in _SPECIAL_RANGES if net.version == 6
+    (int(net.netmask), int(net.network_address), kind)
+    for net, kind in _SPECIAL_RANGES
+    if net.version == 6
 )
 
 
@@ -228,7 +290,7 @@ def parse_domain(text: str) -> str:
     name = text[:-1] if text[-1] == "." else text
     if len(name) <= MAX_NAME_LENGTH and _PLAIN_NAME.fullmatch(name):
         name = name.lower()
-        if "xn--" not in name and not _ends_in_a_number(name[name.rfind(".") + 1:]):
+        if "xn--" not in name and not _ends_in_a_number(name[name.rfind(".") + 1 :]):
             return name
     if parse_ip(text) is not None:
         raise InvalidName(f"{text!r} is an IP address, not a domain name")
@@ -351,7 +413,9 @@ def parse_path(path: str) -> str:
 # --- host:port -----------------------------------------------------------------
 
 
-def parse_host_port(text: str, default_port: int | None = None, *, allow_zero: bool = False) -> tuple[str, int]:
+def parse_host_port(
+    text: str, default_port: int | None = None, *, allow_zero: bool = False
+) -> tuple[str, int]:
     """`HOST:PORT`, `[V6]:PORT`, or a bare host or IPv6 address (then `default_port`,
     if given) -> (host, port), the host without brackets and otherwise as written.
 

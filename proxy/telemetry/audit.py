@@ -49,7 +49,9 @@ from sandgate.proxy.telemetry.event import FIELDS, Event, field_values
 log = logging.getLogger("sandgate.audit")
 
 GENESIS = "0" * 64
-_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False, check_circular=False)
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), allow_nan=False, check_circular=False
+)
 
 
 def _not_serializable(value):
@@ -60,8 +62,9 @@ if c_make_encoder is not None:
     # The C encoder, built once: `JSONEncoder.encode` builds it anew on every call,
     # which is more than half of its cost for a record this size. Same output:
     # ASCII only, no spaces, no NaN, no circular check (records are flat).
-    _c_encode = c_make_encoder(None, _not_serializable, encode_basestring_ascii, None, ":", ",",
-                               False, False, False)
+    _c_encode = c_make_encoder(
+        None, _not_serializable, encode_basestring_ascii, None, ":", ",", False, False, False
+    )
 
     def _encode(value) -> str:
         return "".join(_c_encode(value, 0))
@@ -116,9 +119,17 @@ def encode_line(event: Event, seq: int, prev: str) -> tuple[bytes, str]:
 class AuditLog:
     """An `EventSink` appending to `path`; call `close()` to write what is queued."""
 
-    def __init__(self, path: Path, *, max_bytes: int = 100 * 2**20, backups: int = 5,
-                 queue_size: int = 100_000, batch_size: int = 128, flush_interval: float = 0.05,
-                 close_timeout: float = 5.0):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int = 100 * 2**20,
+        backups: int = 5,
+        queue_size: int = 100_000,
+        batch_size: int = 128,
+        flush_interval: float = 0.05,
+        close_timeout: float = 5.0,
+    ):
         self.path = Path(path)
         self.max_bytes, self.backups = max_bytes, backups
         self.queue_size, self.batch_size = queue_size, batch_size
@@ -243,15 +254,21 @@ class AuditLog:
                 self.write_errors += 1
                 attempts += 1
                 if attempts == 1 or attempts % 100 == 0:
-                    log.error("audit log %s: write failed (%s); retrying, %d events waiting",
-                              self.path, e.strerror or e, len(lines) - i + len(self._pending))
+                    log.error(
+                        "audit log %s: write failed (%s); retrying, %d events waiting",
+                        self.path,
+                        e.strerror or e,
+                        len(lines) - i + len(self._pending),
+                    )
                 if time.monotonic() >= self._give_up_at:
                     lost = len(lines) - i + len(self._pending)
                     self.failed += lost
                     self._pending.clear()
                     log.error("audit log %s: gave up on %d events at close", self.path, lost)
                     return
-                time.sleep(min(0.05 * 2**attempts, 2.0, max(0.0, self._give_up_at - time.monotonic())))
+                time.sleep(
+                    min(0.05 * 2**attempts, 2.0, max(0.0, self._give_up_at - time.monotonic()))
+                )
                 continue
             _, self.seq, self.prev = lines[j - 1]
             self.written += j - i
@@ -288,8 +305,10 @@ def _open_locked(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise AuditLogError(f"audit log {path} is in use by another sandgate process; "
-                            "give each run its own --audit-log") from None
+        raise AuditLogError(
+            f"audit log {path} is in use by another sandgate process; "
+            "give each run its own --audit-log"
+        ) from None
     return fd
 
 
@@ -305,9 +324,14 @@ def _continue_chain(fd: int, path: Path) -> tuple[int, str, int]:
     if not tail.endswith(b"\n"):
         cut = tail.rfind(b"\n") + 1
         if cut == 0 and tail_start > 0:
-            raise AuditLogError(f"{path}: the last 64 KiB hold no complete line; not a sandgate audit log?")
-        log.warning("audit log %s: removing a torn last line (%d bytes) left by a crash",
-                    path, len(tail) - cut)
+            raise AuditLogError(
+                f"{path}: the last 64 KiB hold no complete line; not a sandgate audit log?"
+            )
+        log.warning(
+            "audit log %s: removing a torn last line (%d bytes) left by a crash",
+            path,
+            len(tail) - cut,
+        )
         os.ftruncate(fd, tail_start + cut)
         size, tail = tail_start + cut, tail[:cut]
         if size == 0:
@@ -319,8 +343,10 @@ def _continue_chain(fd: int, path: Path) -> tuple[int, str, int]:
         if not isinstance(seq, int) or not _HASH_SUFFIX.search(last):
             raise ValueError(seq)
     except (ValueError, KeyError, TypeError):
-        raise AuditLogError(f"{path} exists and is not a sandgate audit log (its last line is no audit "
-                            "record); choose another --audit-log") from None
+        raise AuditLogError(
+            f"{path} exists and is not a sandgate audit log (its last line is no audit "
+            "record); choose another --audit-log"
+        ) from None
     return seq, digest, size
 
 
@@ -363,27 +389,45 @@ def verify(*paths: Path | str) -> Verification:
             for number, raw in enumerate(f, start=1):
                 total += 1
                 if not raw.endswith(b"\n"):
-                    return broken(path, number, "incomplete last line (no newline): torn write or truncated file")
+                    return broken(
+                        path,
+                        number,
+                        "incomplete last line (no newline): torn write or truncated file",
+                    )
                 try:
                     raw.decode("ascii")
                     record = json.loads(raw)
                     claimed, line_prev, line_seq = record["hash"], record["prev"], record["seq"]
                 except (ValueError, KeyError, TypeError):
-                    return broken(path, number, "not an audit record (not ASCII JSON with seq, prev and hash)")
+                    return broken(
+                        path, number, "not an audit record (not ASCII JSON with seq, prev and hash)"
+                    )
                 suffix = _HASH_SUFFIX.search(raw)
-                if suffix is None or suffix.group(1).decode() != claimed or not isinstance(line_seq, int):
-                    return broken(path, number, "not an audit record (hash is not the line's last member)")
+                if (
+                    suffix is None
+                    or suffix.group(1).decode() != claimed
+                    or not isinstance(line_seq, int)
+                ):
+                    return broken(
+                        path, number, "not an audit record (hash is not the line's last member)"
+                    )
                 body = raw[: suffix.start()] + b"}"
                 if chain_hash(str(line_prev), body) != claimed:
                     return broken(path, number, "hash mismatch: the line was edited")
                 if prev is not None and line_prev != prev:
-                    return broken(path, number, "chain broken: 'prev' is not the previous line's hash "
-                                                "(a line before this one was removed, inserted or reordered)")
+                    return broken(
+                        path,
+                        number,
+                        "chain broken: 'prev' is not the previous line's hash "
+                        "(a line before this one was removed, inserted or reordered)",
+                    )
                 if seq is not None and line_seq != seq + 1:
                     return broken(path, number, f"sequence gap: seq {line_seq} follows {seq}")
                 if first_seq is None:
                     first_seq = line_seq
                     if (line_seq == 1) != (line_prev == GENESIS):
-                        return broken(path, number, "chain start forged: seq 1 must follow the genesis hash")
+                        return broken(
+                            path, number, "chain start forged: seq 1 must follow the genesis hash"
+                        )
                 prev, seq = claimed, line_seq
     return Verification(True, total, first_seq, seq, prev)

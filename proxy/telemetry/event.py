@@ -80,7 +80,11 @@ class Event:
     def to_dict(self) -> dict:
         """JSON-ready, in field order: enums as their strings, None fields dropped."""
         record = {k: v for k, v in zip(FIELDS, field_values(self), strict=True) if v is not None}
-        record["kind"], record["verdict"], record["reason"] = str(self.kind), str(self.verdict), str(self.reason)
+        record["kind"], record["verdict"], record["reason"] = (
+            str(self.kind),
+            str(self.verdict),
+            str(self.reason),
+        )
         return record
 
 

@@ -50,8 +50,24 @@ log = logging.getLogger("sandgate.metrics")
 OTHER = "other"  # the label value everything past a cap is folded into
 PROTOCOLS = frozenset({"tcp", "tls", "http", "https", "dns", "udp", "quic", "icmp", "ipv6"})
 # Seconds. Policy decisions take microseconds; DNS includes the upstream's answer.
-LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 DEFAULT_LISTEN = "127.0.0.1:9464"
 _DECISION_LABELS = ("verdict", "reason", "rule", "profile")
 _MAX_CACHED_CHILDREN = 50_000  # a guard on memory; label caps already bound the series
@@ -89,7 +105,10 @@ class _Watched:
     firewall_min_interval: float = 1.0
 
 
-_SANDBOX_RULE_PREFIX = {Reason.TASK_LIMIT: "builtin:limit-", Reason.SANDBOX_WEAKENED: "builtin:weakened-"}
+_SANDBOX_RULE_PREFIX = {
+    Reason.TASK_LIMIT: "builtin:limit-",
+    Reason.SANDBOX_WEAKENED: "builtin:weakened-",
+}
 
 
 class Metrics:
@@ -102,40 +121,72 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Counter(
-            "sandgate_connections", "Connection decisions (TCP connect, TLS ClientHello, raw TCP).",
-            [*_DECISION_LABELS, "protocol"], registry=r)
+            "sandgate_connections",
+            "Connection decisions (TCP connect, TLS ClientHello, raw TCP).",
+            [*_DECISION_LABELS, "protocol"],
+            registry=r,
+        )
         self.dns_queries = Counter(
-            "sandgate_dns_queries", "DNS queries the DNS filter answered, by decision.",
-            list(_DECISION_LABELS), registry=r)
+            "sandgate_dns_queries",
+            "DNS queries the DNS filter answered, by decision.",
+            list(_DECISION_LABELS),
+            registry=r,
+        )
         self.http_requests = Counter(
-            "sandgate_http_requests", "HTTP requests (plain or intercepted TLS), by decision.",
-            [*_DECISION_LABELS, "protocol", "method"], registry=r)
+            "sandgate_http_requests",
+            "HTTP requests (plain or intercepted TLS), by decision.",
+            [*_DECISION_LABELS, "protocol", "method"],
+            registry=r,
+        )
         self.approvals = Counter(
-            "sandgate_approvals", "Approval outcomes (fallback ask).",
-            list(_DECISION_LABELS), registry=r)
+            "sandgate_approvals",
+            "Approval outcomes (fallback ask).",
+            list(_DECISION_LABELS),
+            registry=r,
+        )
         self.events = Counter(
-            "sandgate_events", "Events the gateway emitted, by kind and verdict (the audit log gets each).",
-            ["kind", "verdict"], registry=r)
+            "sandgate_events",
+            "Events the gateway emitted, by kind and verdict (the audit log gets each).",
+            ["kind", "verdict"],
+            registry=r,
+        )
         self.bytes = Counter(
-            "sandgate_bytes", "Bytes relayed for sandboxes, by direction (up: sandbox to internet).",
-            ["direction", "kind", "profile"], registry=r)
+            "sandgate_bytes",
+            "Bytes relayed for sandboxes, by direction (up: sandbox to internet).",
+            ["direction", "kind", "profile"],
+            registry=r,
+        )
         self.latency = Histogram(
             "sandgate_decision_latency_seconds",
             "Time the gateway took to decide, per decision point (kind); dns includes the upstream answer.",
-            ["kind"], buckets=LATENCY_BUCKETS, registry=r)
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.policy_reloads = Counter(
-            "sandgate_policy_reloads", "Policy loads and reloads, by result (success, failure).",
-            ["result"], registry=r)
+            "sandgate_policy_reloads",
+            "Policy loads and reloads, by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
         self.task_limits = Counter(
-            "sandgate_task_limits", "Tasks that hit a cgroup limit, by limit (memory, pids, cpus).",
-            ["limit"], registry=r)
+            "sandgate_task_limits",
+            "Tasks that hit a cgroup limit, by limit (memory, pids, cpus).",
+            ["limit"],
+            registry=r,
+        )
         self.sandbox_weakened = Counter(
-            "sandgate_sandbox_weakened", "Tasks run with --allow-weaker-sandbox without a protection, by feature.",
-            ["feature"], registry=r)
+            "sandgate_sandbox_weakened",
+            "Tasks run with --allow-weaker-sandbox without a protection, by feature.",
+            ["feature"],
+            registry=r,
+        )
         self.label_overflow = Counter(
             "sandgate_metric_label_overflow",
             "Label values folded into 'other' because a label reached its cap of distinct values.",
-            ["label"], registry=r)
+            ["label"],
+            registry=r,
+        )
         self._rule = _Cap("rule", max_label_values, self.label_overflow)
         self._profile = _Cap("profile", max_profiles, self.label_overflow)
         self._children: dict[tuple, tuple] = {}
@@ -149,7 +200,15 @@ class Metrics:
 
     def emit(self, event: Event) -> None:
         kind = event.kind
-        key = (kind, event.verdict, event.reason, event.rule_id, event.profile, event.protocol, event.method)
+        key = (
+            kind,
+            event.verdict,
+            event.reason,
+            event.rule_id,
+            event.profile,
+            event.protocol,
+            event.method,
+        )
         children = self._children.get(key)
         if children is None:
             children = self._resolve(key)
@@ -157,7 +216,13 @@ class Metrics:
         events.inc()
         if counter is not None:
             counter.inc()
-        seconds = event.latency if event.latency is not None else event.duration if kind is EventKind.DNS else None
+        seconds = (
+            event.latency
+            if event.latency is not None
+            else event.duration
+            if kind is EventKind.DNS
+            else None
+        )
         if seconds is not None and latency is not None:
             latency.observe(seconds)
         if event.bytes_up or event.bytes_down:
@@ -165,7 +230,9 @@ class Metrics:
         if kind is EventKind.TASK and event.reason in _SANDBOX_RULE_PREFIX:
             # The rule id names the limit or feature: builtin:limit-memory -> memory.
             prefix = _SANDBOX_RULE_PREFIX[event.reason]
-            counter = self.task_limits if event.reason is Reason.TASK_LIMIT else self.sandbox_weakened
+            counter = (
+                self.task_limits if event.reason is Reason.TASK_LIMIT else self.sandbox_weakened
+            )
             counter.labels(self._rule((event.rule_id or "").removeprefix(prefix))).inc()
         if kind is EventKind.POLICY:
             if event.reason is Reason.POLICY_LOADED:
@@ -183,12 +250,22 @@ class Metrics:
         elif kind is EventKind.DNS:
             counter = self.dns_queries.labels(*decision)
         elif kind is EventKind.REQUEST:
-            counter = self.http_requests.labels(*decision, proto, method if method in HTTP_METHODS else OTHER)
+            counter = self.http_requests.labels(
+                *decision, proto, method if method in HTTP_METHODS else OTHER
+            )
         elif kind is EventKind.APPROVAL:
             counter = self.approvals.labels(*decision)
-        decides = kind in (EventKind.CONNECTION, EventKind.DNS, EventKind.REQUEST, EventKind.APPROVAL)
-        children = (counter, self.events.labels(str(kind), str(verdict)),
-                    self.latency.labels(str(kind)) if decides else None)
+        decides = kind in (
+            EventKind.CONNECTION,
+            EventKind.DNS,
+            EventKind.REQUEST,
+            EventKind.APPROVAL,
+        )
+        children = (
+            counter,
+            self.events.labels(str(kind), str(verdict)),
+            self.latency.labels(str(kind)) if decides else None,
+        )
         if len(self._children) < _MAX_CACHED_CHILDREN:
             self._children[key] = children
         return children
@@ -198,8 +275,10 @@ class Metrics:
         children = self._bytes_children.get(key)
         if children is None:
             profile = self._profile(event.profile)
-            children = (self.bytes.labels("up", str(event.kind), profile),
-                        self.bytes.labels("down", str(event.kind), profile))
+            children = (
+                self.bytes.labels("up", str(event.kind), profile),
+                self.bytes.labels("down", str(event.kind), profile),
+            )
             if len(self._bytes_children) < _MAX_CACHED_CHILDREN:
                 self._bytes_children[key] = children
         if event.bytes_up:
@@ -220,7 +299,9 @@ class Metrics:
         """Export an `AuditLog`'s written/lost/error counters and queue length."""
         self.watched.audit = audit
 
-    def watch_firewall(self, read_counters: Callable[[], dict[str, int]], min_interval: float = 1.0) -> None:
+    def watch_firewall(
+        self, read_counters: Callable[[], dict[str, int]], min_interval: float = 1.0
+    ) -> None:
         """Export nftables drop counters; `read_counters` runs in the scrape thread,
         at most once per `min_interval` seconds (the last values stay when it fails)."""
         self.watched.firewall = read_counters
@@ -235,13 +316,22 @@ class Metrics:
     def serve(self, host: str, port: int) -> tuple[str, int]:
         """Serve /metrics on host:port from a daemon thread; returns the bound
         address (port 0 picks a free one). Raises OSError if it cannot listen."""
-        server_class = type("MetricsServer", (ThreadingWSGIServer,),
-                            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
-        self._server = make_server(host, port, make_wsgi_app(self.registry), server_class, _QuietHandler)
+        server_class = type(
+            "MetricsServer",
+            (ThreadingWSGIServer,),
+            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
+        )
+        self._server = make_server(
+            host, port, make_wsgi_app(self.registry), server_class, _QuietHandler
+        )
         # A short poll interval: shutdown() waits for one, and `sandgate run` stops
         # the server at the end of every task (the default 0.5 s showed in start time).
-        self._server_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                               name="sandgate-metrics", daemon=True)
+        self._server_thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.02},
+            name="sandgate-metrics",
+            daemon=True,
+        )
         self._server_thread.start()
         return host, self._server.server_port
 
@@ -284,33 +374,56 @@ class _StateCollector:
         w = self.watched
         if w.policy is not None:
             policy = w.policy()
-            info = GaugeMetricFamily("sandgate_policy_info", "The policy in force (value 1), by hash.",
-                                     labels=["hash"])
+            info = GaugeMetricFamily(
+                "sandgate_policy_info", "The policy in force (value 1), by hash.", labels=["hash"]
+            )
             info.add_metric([policy.hash], 1)
             yield info
-            yield GaugeMetricFamily("sandgate_policy_rules", "Active rules in the policy in force.",
-                                    value=policy.rule_count)
+            yield GaugeMetricFamily(
+                "sandgate_policy_rules",
+                "Active rules in the policy in force.",
+                value=policy.rule_count,
+            )
         if w.sandboxes is not None:
-            yield GaugeMetricFamily("sandgate_active_sandboxes", "Sandboxes registered with the gateway.",
-                                    value=w.sandboxes())
+            yield GaugeMetricFamily(
+                "sandgate_active_sandboxes",
+                "Sandboxes registered with the gateway.",
+                value=w.sandboxes(),
+            )
         if w.connections is not None:
-            yield GaugeMetricFamily("sandgate_active_connections",
-                                    "Sandbox TCP connections the proxy holds open.", value=w.connections())
+            yield GaugeMetricFamily(
+                "sandgate_active_connections",
+                "Sandbox TCP connections the proxy holds open.",
+                value=w.connections(),
+            )
         if w.audit is not None:
             audit = w.audit
-            yield CounterMetricFamily("sandgate_audit_events_written", "Events written to the audit log.",
-                                      value=audit.written)
-            yield CounterMetricFamily("sandgate_audit_events_lost",
-                                      "Events that could not be queued or written to the audit log.",
-                                      value=audit.lost)
-            yield CounterMetricFamily("sandgate_audit_write_errors",
-                                      "Failed writes to the audit log (each is retried).",
-                                      value=audit.write_errors)
-            yield GaugeMetricFamily("sandgate_audit_queue_length", "Events waiting for the audit writer.",
-                                    value=audit.queued)
+            yield CounterMetricFamily(
+                "sandgate_audit_events_written",
+                "Events written to the audit log.",
+                value=audit.written,
+            )
+            yield CounterMetricFamily(
+                "sandgate_audit_events_lost",
+                "Events that could not be queued or written to the audit log.",
+                value=audit.lost,
+            )
+            yield CounterMetricFamily(
+                "sandgate_audit_write_errors",
+                "Failed writes to the audit log (each is retried).",
+                value=audit.write_errors,
+            )
+            yield GaugeMetricFamily(
+                "sandgate_audit_queue_length",
+                "Events waiting for the audit writer.",
+                value=audit.queued,
+            )
         if w.firewall is not None:
-            dropped = CounterMetricFamily("sandgate_firewall_dropped_packets",
-                                          "Sandbox packets nftables dropped, by counter.", labels=["counter"])
+            dropped = CounterMetricFamily(
+                "sandgate_firewall_dropped_packets",
+                "Sandbox packets nftables dropped, by counter.",
+                labels=["counter"],
+            )
             for name, value in sorted(self._read_firewall().items()):
                 dropped.add_metric([name], value)
             yield dropped

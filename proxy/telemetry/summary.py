@@ -33,17 +33,31 @@ class TaskSummary:
     def emit(self, event: Event) -> None:
         if event.kind in (EventKind.TASK, EventKind.POLICY, EventKind.CONNECTION_END):
             return
-        destination = event.name or (format_host_port(event.dst_ip, event.dst_port) if event.dst_ip else "?")
-        key = (str(event.kind), destination, str(event.verdict), str(event.reason), event.rule_id or "")
+        destination = event.name or (
+            format_host_port(event.dst_ip, event.dst_port) if event.dst_ip else "?"
+        )
+        key = (
+            str(event.kind),
+            destination,
+            str(event.verdict),
+            str(event.reason),
+            event.rule_id or "",
+        )
         if key not in self.rows and len(self.rows) >= self.max_rows:
             key = (key[0], OTHER_DESTINATIONS, *key[2:])
         self.rows[key] += 1
 
     def task_started(self, task_id: str, profile: str, sandbox: str, command: list[str]) -> None:
         self.task = {"task_id": task_id, "profile": profile, "sandbox": sandbox, "command": command}
-        self.start_event = Event(kind=EventKind.TASK, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW,
-                                 task_id=task_id, sandbox=sandbox, profile=profile,
-                                 detail="task started: " + " ".join(command)[:500])
+        self.start_event = Event(
+            kind=EventKind.TASK,
+            verdict=Verdict.ALLOW,
+            reason=Reason.RULE_ALLOW,
+            task_id=task_id,
+            sandbox=sandbox,
+            profile=profile,
+            detail="task started: " + " ".join(command)[:500],
+        )
 
     def task_ended(self, task_id: str, duration: float, exit_code: int | None = None) -> None:
         self.task["duration"] = round(duration, 3)
@@ -68,26 +82,44 @@ class TaskSummary:
         rows = sorted(self.rows.items(), key=_blocked_first)
         allowed = sum(n for (_, _, v, _, _), n in rows if v not in BLOCKED)
         blocked = sum(n for (_, _, v, _, _), n in rows if v in BLOCKED)
-        print(f"\nsandgate: task {self.task.get('task_id', '?')} (profile {self.task.get('profile', '?')}): "
-              f"{allowed} allowed, {blocked} blocked", file=out)
+        print(
+            f"\nsandgate: task {self.task.get('task_id', '?')} (profile {self.task.get('profile', '?')}): "
+            f"{allowed} allowed, {blocked} blocked",
+            file=out,
+        )
         shown = rows[: self.max_printed]
         if shown:
             width = min(48, max(len(d) for (_, d, _, _, _), _ in shown))
-            print(f"  {'VERDICT':7} {'KIND':10} {'DESTINATION':{width}} {'N':>4}  REASON / RULE", file=out)
+            print(
+                f"  {'VERDICT':7} {'KIND':10} {'DESTINATION':{width}} {'N':>4}  REASON / RULE",
+                file=out,
+            )
             for (kind, dest, verdict, reason, rule), n in shown:
                 dest = _printable(dest)
-                print(f"  {verdict:7} {kind:10} {dest[:width]:{width}} {n:>4}  {reason} / {rule}", file=out)
+                print(
+                    f"  {verdict:7} {kind:10} {dest[:width]:{width}} {n:>4}  {reason} / {rule}",
+                    file=out,
+                )
         if len(rows) > len(shown):
-            print(f"  ... {len(rows) - len(shown)} more rows (--summary-json FILE has them all)", file=out)
+            print(
+                f"  ... {len(rows) - len(shown)} more rows (--summary-json FILE has them all)",
+                file=out,
+            )
         for name, n in sorted(self.firewall.items()):
             print(f"  firewall: {name} {n} packets", file=out)
         if blocked:
-            print("  To ask for access, show the blocked rows to your network admins "
-                  "(sandgate check TARGET explains a verdict).", file=out)
+            print(
+                "  To ask for access, show the blocked rows to your network admins "
+                "(sandgate check TARGET explains a verdict).",
+                file=out,
+            )
         if self.telemetry.get("audit_log"):
             lost = self.telemetry.get("audit_lost")
-            print(f"  audit log: {self.telemetry['audit_log']}"
-                  + (f"  (WARNING: {lost} events could not be written)" if lost else ""), file=out)
+            print(
+                f"  audit log: {self.telemetry['audit_log']}"
+                + (f"  (WARNING: {lost} events could not be written)" if lost else ""),
+                file=out,
+            )
         if self.telemetry.get("metrics"):
             print(f"  metrics: {self.telemetry['metrics']}", file=out)
 

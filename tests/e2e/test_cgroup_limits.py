@@ -61,8 +61,9 @@ def run_inside(task: TaskCgroup, code: str) -> subprocess.CompletedProcess:
             with open(procs, "w") as f:
                 f.write("0")
 
-    return subprocess.run([sys.executable, "-c", code], preexec_fn=join, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=join, capture_output=True, text=True, timeout=60
+    )
 
 
 def member_pidfds(task: TaskCgroup) -> list[int]:

@@ -48,12 +48,18 @@ def test_a_client_that_waits_for_the_server_gets_its_banner_if_allowed(net, tmp_
     }, rules=rules)  # fmt: skip
 
     assert (r["banner"].rc, r["banner"].out.strip()) == (0, "SSH-2.0-fake"), r.describe()
-    assert r["unknown_address"].rc == 1 and "closed without a byte" in r["unknown_address"].err, r.describe()
+    assert r["unknown_address"].rc == 1 and "closed without a byte" in r["unknown_address"].err, (
+        r.describe()
+    )
     assert r["web_port"].rc == 1 and "timed out" in r["web_port"].err, r.describe()
     assert net.tcp_connections_seen(ALLOWED_IP, 22) == 1
     assert net.tcp_connections_seen(EVIL_IP, 22) == 0
-    assert r.verdicts(kind="connection", name="ssh.allowed.test") == {("allow", "rule_allow", "ssh")}
-    assert r.verdicts(kind="connection", dst_ip=EVIL_IP) == {("deny", "no_rule", "default:fallback")}
+    assert r.verdicts(kind="connection", name="ssh.allowed.test") == {
+        ("allow", "rule_allow", "ssh")
+    }
+    assert r.verdicts(kind="connection", dst_ip=EVIL_IP) == {
+        ("deny", "no_rule", "default:fallback")
+    }
     assert r.verdicts(kind="connection", dst_port=443) == {("deny", "no_data", "builtin:no-data")}
 
 

@@ -37,7 +37,9 @@ def _touch(path: str) -> str:
     return f"echo owned > {path}"
 
 
-def test_host_is_read_only_and_nothing_the_task_writes_outside_the_workspace_survives(net, tmp_path):
+def test_host_is_read_only_and_nothing_the_task_writes_outside_the_workspace_survives(
+    net, tmp_path
+):
     tag = secrets.token_hex(4)
     host_targets = {
         "etc_cron": f"/etc/cron.d/sg-canary-{tag}",
@@ -46,17 +48,23 @@ def test_host_is_read_only_and_nothing_the_task_writes_outside_the_workspace_sur
         "gateway_code": f"{REPO}/proxy/sg_canary_{tag}.py",
         "state": f"{STATE_DIR}/sg-canary-{tag}",
     }
-    scratch = {"tmp": f"/tmp/sg-canary-{tag}", "var_tmp": f"/var/tmp/sg-canary-{tag}",
-               "dev_shm": f"/dev/shm/sg-canary-{tag}", "home": f"$HOME/.sg-canary-{tag}",
-               "root_home": f"/root/.sg-canary-{tag}",
-               "run": f"/run/sg-canary-{tag}"}
+    scratch = {
+        "tmp": f"/tmp/sg-canary-{tag}",
+        "var_tmp": f"/var/tmp/sg-canary-{tag}",
+        "dev_shm": f"/dev/shm/sg-canary-{tag}",
+        "home": f"$HOME/.sg-canary-{tag}",
+        "root_home": f"/root/.sg-canary-{tag}",
+        "run": f"/run/sg-canary-{tag}",
+    }
     steps = {label: _touch(path) for label, path in {**host_targets, **scratch}.items()}
     steps["workspace"] = _touch(f"ws-{tag}")
     steps["cat_back"] = f"cat /tmp/sg-canary-{tag} $HOME/.sg-canary-{tag}"
     r = sandbox.run(net, tmp_path, steps)
     for label in host_targets:
         assert r[label].rc != 0, f"{label}: {r.describe()}"
-        assert "Read-only file system" in r[label].err or "Permission denied" in r[label].err, r[label].err
+        assert "Read-only file system" in r[label].err or "Permission denied" in r[label].err, r[
+            label
+        ].err
     for label in (*scratch, "workspace", "cat_back"):
         assert r[label].rc == 0, f"{label}: {r.describe()}"
     # On the host: no canary anywhere, scratch space included (it was the sandbox's own).
@@ -67,14 +75,18 @@ def test_host_is_read_only_and_nothing_the_task_writes_outside_the_workspace_sur
 
 
 def test_the_hosts_secrets_and_sandgates_state_are_not_readable(net, tmp_path):
-    r = sandbox.run(net, tmp_path, {
-        "shadow": "cat /etc/shadow",
-        "root_home": "ls -A /root",
-        "state": f"ls -A {STATE_DIR}",
-        "ca_key": f"cat {STATE_DIR}/ca/mitmproxy-ca.pem",
-        "run_dir": "ls -A /run",
-        "netns_files": "ls /run/netns",
-    })
+    r = sandbox.run(
+        net,
+        tmp_path,
+        {
+            "shadow": "cat /etc/shadow",
+            "root_home": "ls -A /root",
+            "state": f"ls -A {STATE_DIR}",
+            "ca_key": f"cat {STATE_DIR}/ca/mitmproxy-ca.pem",
+            "run_dir": "ls -A /run",
+            "netns_files": "ls /run/netns",
+        },
+    )
     assert r["shadow"].rc != 0 and "Permission denied" in r["shadow"].err
     assert r["root_home"].rc == 0 and r["root_home"].out == ""  # a fresh, empty home
     assert r["state"].rc != 0 or r["state"].out == ""
@@ -84,27 +96,44 @@ def test_the_hosts_secrets_and_sandgates_state_are_not_readable(net, tmp_path):
 
 
 def test_the_task_holds_no_privilege_on_the_host(net, tmp_path):
-    r = sandbox.run(net, tmp_path, {
-        "uid_map": "cat /proc/self/uid_map",
-        "whoami": "id -u",
-        "status": "grep -E '^(NoNewPrivs|Seccomp|CapBnd)' /proc/self/status",
-        "packet_socket": python("import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)"),
-        "raw_icmp": python("import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)"),
-        "nested_userns": "unshare -U true",
-        "nested_netns": "unshare -n true",
-        "keyctl": python("import ctypes; l = ctypes.CDLL(None, use_errno=True); "
-                         "r = l.syscall(250, 0, 0, 0, 0, 0); print(r, ctypes.get_errno())"),
-        "mount": "mount -t tmpfs none /mnt",
-        "ip_link": "ip link set lo mtu 1400",
-        "chown_host_file": "chown 0 /etc/hostname",
-        "processes": "ps -e -o pid= | wc -l",
-    })
+    r = sandbox.run(
+        net,
+        tmp_path,
+        {
+            "uid_map": "cat /proc/self/uid_map",
+            "whoami": "id -u",
+            "status": "grep -E '^(NoNewPrivs|Seccomp|CapBnd)' /proc/self/status",
+            "packet_socket": python(
+                "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)"
+            ),
+            "raw_icmp": python(
+                "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)"
+            ),
+            "nested_userns": "unshare -U true",
+            "nested_netns": "unshare -n true",
+            "keyctl": python(
+                "import ctypes; l = ctypes.CDLL(None, use_errno=True); "
+                "r = l.syscall(250, 0, 0, 0, 0, 0); print(r, ctypes.get_errno())"
+            ),
+            "mount": "mount -t tmpfs none /mnt",
+            "ip_link": "ip link set lo mtu 1400",
+            "chown_host_file": "chown 0 /etc/hostname",
+            "processes": "ps -e -o pid= | wc -l",
+        },
+    )
     base, count = r["uid_map"].out.split()[1:3]
     assert int(base) == TASK_ROOT and int(count) == 65536, r["uid_map"].out
     assert r["whoami"].out.strip() == "0"  # root inside, owner of nothing outside
     assert "NoNewPrivs:\t1" in r["status"].out and "Seccomp:\t2" in r["status"].out
-    for label in ("packet_socket", "raw_icmp", "nested_userns", "nested_netns", "mount", "ip_link",
-                  "chown_host_file"):
+    for label in (
+        "packet_socket",
+        "raw_icmp",
+        "nested_userns",
+        "nested_netns",
+        "mount",
+        "ip_link",
+        "chown_host_file",
+    ):
         assert r[label].rc != 0, f"{label}: {r.describe()}"
     assert r["keyctl"].out.split() == ["-1", "1"]  # EPERM from the seccomp filter
     assert int(r["processes"].out) <= 5  # its own PID namespace: init, sh, ps (and wc)
@@ -114,23 +143,41 @@ def test_the_task_holds_no_privilege_on_the_host(net, tmp_path):
 def test_the_environment_is_clean(net, tmp_path):
     env_file = tmp_path / "task.env"
     env_file.write_text("# for the task\nFROM_FILE=file-value\n")
-    caller = {**os.environ, "AWS_SECRET_ACCESS_KEY": "sg-secret", "SSH_AUTH_SOCK": "/tmp/agent.sock",
-              "GITHUB_TOKEN": "sg-token", "PASS_ME": "passed", "LANG": "C.UTF-8"}
-    r = sandbox.run(net, tmp_path, {"env": "env"}, env=caller,
-                    extra=("--env", "PASS_ME", "--env", "SET_ME=set", "--env-file", str(env_file)))
+    caller = {
+        **os.environ,
+        "AWS_SECRET_ACCESS_KEY": "sg-secret",
+        "SSH_AUTH_SOCK": "/tmp/agent.sock",
+        "GITHUB_TOKEN": "sg-token",
+        "PASS_ME": "passed",
+        "LANG": "C.UTF-8",
+    }
+    r = sandbox.run(
+        net,
+        tmp_path,
+        {"env": "env"},
+        env=caller,
+        extra=("--env", "PASS_ME", "--env", "SET_ME=set", "--env-file", str(env_file)),
+    )
     env = dict(line.split("=", 1) for line in r["env"].out.splitlines() if "=" in line)
     for secret in ("AWS_SECRET_ACCESS_KEY", "SSH_AUTH_SOCK", "GITHUB_TOKEN"):
         assert secret not in env, r["env"].out
     assert "sg-secret" not in r["env"].out and "sg-token" not in r["env"].out
-    assert env["PASS_ME"] == "passed" and env["SET_ME"] == "set" and env["FROM_FILE"] == "file-value"
+    assert (
+        env["PASS_ME"] == "passed" and env["SET_ME"] == "set" and env["FROM_FILE"] == "file-value"
+    )
     assert env["HOME"] == "/root" and env["USER"] == "root" and env["LANG"] == "C.UTF-8"
     assert env["SANDGATE_TASK_ID"] == r.run_id
 
 
 def test_workspace_files_land_owned_by_the_directorys_owner(net, tmp_path):
     for user in ("0", "1000"):
-        r = sandbox.run(net, tmp_path, {"create": f"echo {user} > by-{user}; mkdir dir-{user}; id -u"},
-                        extra=("--user", user), setup=lambda steps: os.chown(steps, 4321, 4321))
+        r = sandbox.run(
+            net,
+            tmp_path,
+            {"create": f"echo {user} > by-{user}; mkdir dir-{user}; id -u"},
+            extra=("--user", user),
+            setup=lambda steps: os.chown(steps, 4321, 4321),
+        )
         assert r["create"].rc == 0, r.describe()
         assert r["create"].out.strip() == user
         for name in (f"by-{user}", f"dir-{user}"):
@@ -138,15 +185,18 @@ def test_workspace_files_land_owned_by_the_directorys_owner(net, tmp_path):
             assert (st.st_uid, st.st_gid) == (4321, 4321), f"{name}: {st.st_uid}"
 
 
-@pytest.mark.parametrize(("workspace", "message"), [
-    pytest.param("/", "refusing to give a task / read-write", id="root"),
-    pytest.param("/etc", "refusing a system directory (/etc)", id="etc"),
-    pytest.param("/usr/lib", "refusing a system directory (/usr)", id="usr-lib"),
-    pytest.param("/root", "refusing to give a task /root read-write", id="root-home"),
-    pytest.param(str(SITE_PACKAGES), "sandgate's own files", id="site-packages"),
-    pytest.param(str(REPO / "proxy"), "sandgate's own files", id="gateway-code"),
-    pytest.param("/nonexistent-sg", "No such file or directory", id="missing"),
-])
+@pytest.mark.parametrize(
+    ("workspace", "message"),
+    [
+        pytest.param("/", "refusing to give a task / read-write", id="root"),
+        pytest.param("/etc", "refusing a system directory (/etc)", id="etc"),
+        pytest.param("/usr/lib", "refusing a system directory (/usr)", id="usr-lib"),
+        pytest.param("/root", "refusing to give a task /root read-write", id="root-home"),
+        pytest.param(str(SITE_PACKAGES), "sandgate's own files", id="site-packages"),
+        pytest.param(str(REPO / "proxy"), "sandgate's own files", id="gateway-code"),
+        pytest.param("/nonexistent-sg", "No such file or directory", id="missing"),
+    ],
+)
 def test_dangerous_workspaces_are_refused(net, workspace, message):
     proc = net.run_in_host([sandbox.SANDGATE, "run", "--workspace", workspace, "--", "true"])
     assert proc.returncode == 2, proc.stderr
@@ -181,48 +231,83 @@ def test_a_memory_hog_is_killed_at_its_limit(net, tmp_path):
             blocks.append(bytearray(16 << 20))
         print("survived")
     """)
-    r = sandbox.run(net, tmp_path, {"hog": hog, "after": "echo still-here"}, extra=("--memory", "128M"))
-    assert r["hog"].rc == 137 and "survived" not in r["hog"].out, r.describe()  # SIGKILL by the OOM killer
+    r = sandbox.run(
+        net, tmp_path, {"hog": hog, "after": "echo still-here"}, extra=("--memory", "128M")
+    )
+    assert r["hog"].rc == 137 and "survived" not in r["hog"].out, (
+        r.describe()
+    )  # SIGKILL by the OOM killer
     assert r["after"].out.strip() == "still-here"
-    assert any(e["rule_id"] == "builtin:limit-memory" for e in r.events(reason="task_limit")), r.describe()
+    assert any(e["rule_id"] == "builtin:limit-memory" for e in r.events(reason="task_limit")), (
+        r.describe()
+    )
 
 
 def test_agent_jobs_still_work(net, tmp_path):
-    r = sandbox.run(net, tmp_path, {
-        "venv": "python3 -m venv venv && ./venv/bin/python -c 'print(42)'",
-        "git": "git init -q repo && cd repo && git -c user.email=a@b -c user.name=a commit -q --allow-empty -m x "
-               "&& git log --oneline | wc -l",
-        "compile": "printf 'int main(){return 7;}' > /tmp/m.c && cc -o m /tmp/m.c && ./m; echo $?",
-        "pty": python("import os; print(len(os.openpty()))"),
-        "as_1000": "true",
-    })
+    r = sandbox.run(
+        net,
+        tmp_path,
+        {
+            "venv": "python3 -m venv venv && ./venv/bin/python -c 'print(42)'",
+            "git": "git init -q repo && cd repo && git -c user.email=a@b -c user.name=a commit -q --allow-empty -m x "
+            "&& git log --oneline | wc -l",
+            "compile": "printf 'int main(){return 7;}' > /tmp/m.c && cc -o m /tmp/m.c && ./m; echo $?",
+            "pty": python("import os; print(len(os.openpty()))"),
+            "as_1000": "true",
+        },
+    )
     assert r["venv"].out.strip() == "42", r.describe()
     assert r["git"].out.strip() == "1", r.describe()
     assert r["compile"].out.strip() == "7", r.describe()
     assert r["pty"].out.strip() == "2", r.describe()
-    r = sandbox.run(net, tmp_path, {"venv": "python3 -m venv v && ./v/bin/python -c 'import os; print(os.getuid())'"},
-                    extra=("--user", "1000"))
+    r = sandbox.run(
+        net,
+        tmp_path,
+        {"venv": "python3 -m venv v && ./v/bin/python -c 'import os; print(os.getuid())'"},
+        extra=("--user", "1000"),
+    )
     assert r["venv"].out.strip() == "1000", r.describe()
 
 
 def test_self_test_flag_and_selftest_command(net, tmp_path):
     r = sandbox.run(net, tmp_path, command=["true"], extra=("--self-test",))
     assert r.returncode == 0, r.describe()
-    proc = net.run_in_host([sandbox.SANDGATE, "selftest", "--json", "--rules", str(sandbox.DEMO_RULES),
-                            "--dns-upstream", net.dns_ip], timeout=60)
+    proc = net.run_in_host(
+        [
+            sandbox.SANDGATE,
+            "selftest",
+            "--json",
+            "--rules",
+            str(sandbox.DEMO_RULES),
+            "--dns-upstream",
+            net.dns_ip,
+        ],
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(proc.stdout)["probes"]
     assert len(results) >= 15 and all(p["ok"] for p in results), proc.stdout
     names = {p["probe"] for p in results}
-    assert {"direct TCP to a denied address", "UDP/QUIC", "IPv6", "cloud metadata (169.254.169.254)",
-            "outside resolver", "no capability on the host", "seccomp filter"} <= names
+    assert {
+        "direct TCP to a denied address",
+        "UDP/QUIC",
+        "IPv6",
+        "cloud metadata (169.254.169.254)",
+        "outside resolver",
+        "no capability on the host",
+        "seccomp filter",
+    } <= names
 
 
 def test_sandbox_leaves_no_process_mount_or_cgroup(net, tmp_path):
-    before = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout
+    before = subprocess.run(
+        ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True
+    ).stdout
     r = sandbox.run(net, tmp_path, {"sleep": "sleep 0.1 & echo started"})
     assert r.returncode == 0
-    after = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True).stdout
+    after = subprocess.run(
+        ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True
+    ).stdout
     assert before == after
     assert not [p for p in Path("/sys/fs/cgroup").glob(f"*/**/sandgate-{r.run_id}")]
     assert not sandbox.processes_of(r.run_id)

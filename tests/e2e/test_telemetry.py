@@ -73,23 +73,39 @@ u.sendto(b"ping", ("203.0.113.66", 9999))
 """
 
 # (kind, verdict, reason, rule id, destination) of every connection and request event.
-EXPECTED = Counter({
-    ("connection", "allow", "rule_allow", "demo-allowed", "allowed.test"): 1,
-    ("connection", "allow", "rule_allow", "demo-www", "www.allowed.test"): 1,
-    ("connection", "deny", "no_rule", "default:fallback", "evil.test"): 1,
-    ("connection", "deny", "rule_deny", "demo-forbidden", "forbidden.test"): 1,
-    ("connection", "deny", "private_address", "builtin:private-address", "169.254.169.254:80"): 1,
-    ("request", "allow", "rule_allow", "demo-allowed", "allowed.test"): 1,
-    ("request", "deny", "invalid_name", "builtin:host-mismatch", "203.0.113.10:80"): 2,
-})
+EXPECTED = Counter(
+    {
+        ("connection", "allow", "rule_allow", "demo-allowed", "allowed.test"): 1,
+        ("connection", "allow", "rule_allow", "demo-www", "www.allowed.test"): 1,
+        ("connection", "deny", "no_rule", "default:fallback", "evil.test"): 1,
+        ("connection", "deny", "rule_deny", "demo-forbidden", "forbidden.test"): 1,
+        (
+            "connection",
+            "deny",
+            "private_address",
+            "builtin:private-address",
+            "169.254.169.254:80",
+        ): 1,
+        ("request", "allow", "rule_allow", "demo-allowed", "allowed.test"): 1,
+        ("request", "deny", "invalid_name", "builtin:host-mismatch", "203.0.113.10:80"): 2,
+    }
+)
 # (name, verdict, reason, rule id) of the DNS answers (curl asks A and AAAA, maybe twice).
 EXPECTED_DNS = {
     ("allowed.test", "allow", "rule_allow", "demo-allowed"),
     ("www.allowed.test", "allow", "rule_allow", "demo-www"),
     ("forbidden.test", "deny", "rule_deny", "demo-forbidden"),
 }
-AGENT_NAMES_AND_ADDRESSES = ("allowed.test", "evil.test", "forbidden.test", "203.0.113.", "169.254.",
-                             "10.213.", "198.51.100.", "a\"b")
+AGENT_NAMES_AND_ADDRESSES = (
+    "allowed.test",
+    "evil.test",
+    "forbidden.test",
+    "203.0.113.",
+    "169.254.",
+    "10.213.",
+    "198.51.100.",
+    'a"b',
+)
 
 
 def _free_port(ns: str) -> int:
@@ -118,14 +134,23 @@ class PrometheusServer:
         config.write_text(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
             "scrape_configs:\n  - job_name: sandgate\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{target_port}']\n")
+            f"      - targets: ['127.0.0.1:{target_port}']\n"
+        )
         self.log = workdir / "prometheus.log"
         with self.log.open("wb") as out:
             self.proc = fakenet.popen_in_host(
-                [shutil.which("prometheus") or "/usr/bin/prometheus", f"--config.file={config}",
-                 f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}",
-                 "--log.level=warn"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    shutil.which("prometheus") or "/usr/bin/prometheus",
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={workdir / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def get(self, path: str, **params) -> dict:
         url = f"http://127.0.0.1:{self.port}{path}"
@@ -138,19 +163,26 @@ class PrometheusServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(f"prometheus exited with {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
+                pytest.fail(
+                    f"prometheus exited with {self.proc.returncode}:\n{self.log.read_text()[-2000:]}"
+                )
             with contextlib.suppress(OSError):
                 if self.get("/-/ready")["status"] == 200:
                     return
             if time.monotonic() > deadline:
-                pytest.fail(f"prometheus not ready after {timeout} s:\n{self.log.read_text()[-2000:]}")
+                pytest.fail(
+                    f"prometheus not ready after {timeout} s:\n{self.log.read_text()[-2000:]}"
+                )
             time.sleep(0.2)
 
     def query(self, promql: str) -> dict[tuple, float]:
         """Instant query -> {tuple of (label, value) pairs: value}."""
         answer = self.get("/api/v1/query", query=promql)
         assert answer["status"] == "success", answer
-        return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in answer["data"]["result"]}
+        return {
+            tuple(sorted(r["metric"].items())): float(r["value"][1])
+            for r in answer["data"]["result"]
+        }
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -173,7 +205,9 @@ def _destination(event: dict) -> str:
 @pytest.fixture
 def prerequisites():
     if shutil.which("prometheus") is None and not Path("/usr/bin/prometheus").exists():
-        pytest.fail("the Prometheus server is missing (apt-get install prometheus; scripts/install.sh --test)")
+        pytest.fail(
+            "the Prometheus server is missing (apt-get install prometheus; scripts/install.sh --test)"
+        )
 
 
 def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, prerequisites):
@@ -188,41 +222,79 @@ def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, 
     try:
         prometheus.wait_ready()
         run = fakenet.popen_in_host(
-            [*SANDGATE, "run", "--rules", DEMO_RULES, "--dns-upstream", fakenet.dns_ip,
-             "--extra-ca", fakenet.ca_cert, "--metrics-listen", f"127.0.0.1:{metrics_port}",
-             "--audit-log", audit, "--summary-json", tmp_path / "summary.json", "--workspace", work,
-             "--", "env", f"WORK={work}", "sh", work / "agent.sh"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                *SANDGATE,
+                "run",
+                "--rules",
+                DEMO_RULES,
+                "--dns-upstream",
+                fakenet.dns_ip,
+                "--extra-ca",
+                fakenet.ca_cert,
+                "--metrics-listen",
+                f"127.0.0.1:{metrics_port}",
+                "--audit-log",
+                audit,
+                "--summary-json",
+                tmp_path / "summary.json",
+                "--workspace",
+                work,
+                "--",
+                "env",
+                f"WORK={work}",
+                "sh",
+                work / "agent.sh",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         _wait_for(work / "acted", run, 60, "the agent's steps")
 
         # 1. Prometheus saw what the agent did, while the task is still running.
         want_connections = {"allow": 2.0, "deny": 3.0}
         deadline = time.monotonic() + 20
         while True:
-            connections = _by(prometheus.query("sum by (verdict) (sandgate_connections_total)"), "verdict")
+            connections = _by(
+                prometheus.query("sum by (verdict) (sandgate_connections_total)"), "verdict"
+            )
             if connections == want_connections or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert connections == want_connections
-        by_reason = prometheus.query('sum by (reason, rule) (sandgate_connections_total{verdict="deny"})')
+        by_reason = prometheus.query(
+            'sum by (reason, rule) (sandgate_connections_total{verdict="deny"})'
+        )
         assert {tuple(v for _, v in key): n for key, n in by_reason.items()} == {
-            ("no_rule", "default:fallback"): 1, ("rule_deny", "demo-forbidden"): 1,
-            ("private_address", "builtin:private-address"): 1}
-        requests = _by(prometheus.query("sum by (verdict) (sandgate_http_requests_total)"), "verdict")
+            ("no_rule", "default:fallback"): 1,
+            ("rule_deny", "demo-forbidden"): 1,
+            ("private_address", "builtin:private-address"): 1,
+        }
+        requests = _by(
+            prometheus.query("sum by (verdict) (sandgate_http_requests_total)"), "verdict"
+        )
         assert requests == {"allow": 1.0, "deny": 2.0}
         dns_seen = _by(prometheus.query("sum by (verdict) (sandgate_dns_queries_total)"), "verdict")
-        assert prometheus.query("sandgate_active_sandboxes") and \
-            list(prometheus.query("sandgate_active_sandboxes").values()) == [1.0]
-        assert list(prometheus.query('sandgate_firewall_dropped_packets_total{counter="dropped_udp"}')
-                    .values()) == [1.0]
+        assert prometheus.query("sandgate_active_sandboxes") and list(
+            prometheus.query("sandgate_active_sandboxes").values()
+        ) == [1.0]
+        assert list(
+            prometheus.query(
+                'sandgate_firewall_dropped_packets_total{counter="dropped_udp"}'
+            ).values()
+        ) == [1.0]
         assert list(prometheus.query("sandgate_audit_events_lost_total").values()) == [0.0]
-        assert _by(prometheus.query("sum by (direction) (sandgate_bytes_total)"), "direction").keys() \
-            == {"up", "down"}
+        assert _by(
+            prometheus.query("sum by (direction) (sandgate_bytes_total)"), "direction"
+        ).keys() == {"up", "down"}
         assert prometheus.query("sandgate_policy_info")  # one series, labelled with the policy hash
-        assert list(prometheus.query("sandgate_decision_latency_seconds_count{kind='connection'}")
-                    .values()) == [5.0]
+        assert list(
+            prometheus.query("sandgate_decision_latency_seconds_count{kind='connection'}").values()
+        ) == [5.0]
         # Only bounded labels: no series names a host or an address the agent used.
-        series = prometheus.get("/api/v1/series", **{"match[]": '{__name__=~"sandgate_.+"}'})["data"]
+        series = prometheus.get("/api/v1/series", **{"match[]": '{__name__=~"sandgate_.+"}'})[
+            "data"
+        ]
         values = [v for s in series for k, v in s.items() if k not in ("instance", "job")]
         leaks = [v for v in values if any(bad in v for bad in AGENT_NAMES_AND_ADDRESSES)]
         assert not leaks, f"unbounded label values in Prometheus: {leaks}"
@@ -235,15 +307,20 @@ def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, 
             run.kill()
             run.communicate()
         prometheus.stop()
-    assert f"audit log: {audit}" in err and f"metrics: http://127.0.0.1:{metrics_port}/metrics" in err
+    assert (
+        f"audit log: {audit}" in err and f"metrics: http://127.0.0.1:{metrics_port}/metrics" in err
+    )
 
     # 2. The audit log holds exactly the events the agent caused.
     raw_lines = audit.read_bytes().split(b"\n")
     assert raw_lines[-1] == b""
     records = [json.loads(line) for line in raw_lines[:-1]]
     assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-    decisions = Counter((r["kind"], r["verdict"], r["reason"], r.get("rule_id"), _destination(r))
-                        for r in records if r["kind"] in ("connection", "request"))
+    decisions = Counter(
+        (r["kind"], r["verdict"], r["reason"], r.get("rule_id"), _destination(r))
+        for r in records
+        if r["kind"] in ("connection", "request")
+    )
     assert decisions == EXPECTED
     dns = [r for r in records if r["kind"] == "dns"]
     assert {(r["name"], r["verdict"], r["reason"], r["rule_id"]) for r in dns} == EXPECTED_DNS
@@ -262,10 +339,14 @@ def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, 
     assert len({r["policy_hash"] for r in records}) == 1
 
     # 3. Forged Host headers: still one ASCII line each, the value escaped inside.
-    forged = [(line, r) for line, r in zip(raw_lines, records, strict=False) if r["reason"] == "invalid_name"]
+    forged = [
+        (line, r)
+        for line, r in zip(raw_lines, records, strict=False)
+        if r["reason"] == "invalid_name"
+    ]
     assert len(forged) == 2
     for line, record in forged:
-        assert all(0x20 <= b < 0x7f for b in line), line
+        assert all(0x20 <= b < 0x7F for b in line), line
         assert record["kind"] == "request" and record["method"] == "GET"
     # The quote is escaped in the line and comes back from the JSON as it was sent.
     assert 'a"b' in forged[0][1]["detail"] and b'a\\"b' in forged[0][0]

@@ -39,15 +39,21 @@ def fresh(tmp_path_factory):
         else:
             src.mkdir(exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
-    built = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(src)])
+    built = _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(src)]
+    )
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp / "dist").glob("sandgate-*.whl")
 
     venv = tmp / "fresh"
     made = _run([sys.executable, "-m", "venv", str(venv)])
-    assert made.returncode == 0, f"python3 -m venv failed (apt-get install python3-venv?):\n{made.stderr}"
+    assert made.returncode == 0, (
+        f"python3 -m venv failed (apt-get install python3-venv?):\n{made.stderr}"
+    )
     python = venv / "bin" / "python"
-    site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    site = _run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    ).stdout.strip()
     (Path(site) / "test-venv-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     installed = _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)])
     assert installed.returncode == 0, installed.stderr
@@ -61,8 +67,11 @@ def fresh(tmp_path_factory):
 
 def test_the_wheel_answers_sandgate_and_nothing_else(fresh):
     venv, env, cwd = fresh
-    found = _run([venv / "bin" / "python", "-c", "import sandgate.enforcer.cli as m; print(m.__file__)"],
-                 env=env, cwd=cwd)
+    found = _run(
+        [venv / "bin" / "python", "-c", "import sandgate.enforcer.cli as m; print(m.__file__)"],
+        env=env,
+        cwd=cwd,
+    )
     assert found.stdout.startswith(str(venv)), found  # the wheel's copy, not the checkout
     for name in ("proxy", "enforcer", "rules"):
         imported = _run([venv / "bin" / "python", "-c", f"import {name}"], env=env, cwd=cwd)
@@ -75,7 +84,10 @@ def test_installed_sandgate_works_outside_the_checkout(fresh):
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
     version = _run([sandgate, "--version"], env=env, cwd=cwd)
-    assert (version.returncode, version.stdout) == (0, f"sandgate {pyproject['project']['version']}\n")
+    assert (version.returncode, version.stdout) == (
+        0,
+        f"sandgate {pyproject['project']['version']}\n",
+    )
 
     allowed = _run([sandgate, "check", "pypi.org"], env=env, cwd=cwd)
     assert allowed.returncode == 0 and allowed.stdout.startswith("ALLOW  pypi.org"), allowed
@@ -85,11 +97,20 @@ def test_installed_sandgate_works_outside_the_checkout(fresh):
 
     shown = _run([sandgate, "rules", "show"], env=env, cwd=cwd)
     assert shown.returncode == 0, shown
-    assert shown.stdout.startswith("profile default  (fallback: deny, default.yaml:") and "[preset:pypi]" in shown.stdout
+    assert (
+        shown.stdout.startswith("profile default  (fallback: deny, default.yaml:")
+        and "[preset:pypi]" in shown.stdout
+    )
 
-    default = _run([venv / "bin" / "python", "-c",
-                    "from importlib.resources import files; print(files('sandgate.rules') / 'default.yaml')"],
-                   env=env, cwd=cwd).stdout.strip()
+    default = _run(
+        [
+            venv / "bin" / "python",
+            "-c",
+            "from importlib.resources import files; print(files('sandgate.rules') / 'default.yaml')",
+        ],
+        env=env,
+        cwd=cwd,
+    ).stdout.strip()
     assert default.startswith(str(venv)), default
     linted = _run([sandgate, "rules", "lint", default], env=env, cwd=cwd)
     assert (linted.returncode, linted.stdout, linted.stderr) == (0, f"ok: {default}\n", "")
@@ -108,8 +129,10 @@ def test_every_third_party_import_is_declared():
     import re
     from importlib.metadata import packages_distributions
 
-    declared = {re.split(r"[<>=!~ \[;]", req)[0].lower().replace("_", "-")
-                for req in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    declared = {
+        re.split(r"[<>=!~ \[;]", req)[0].lower().replace("_", "-")
+        for req in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
     distributions = packages_distributions()
     imported: dict[str, str] = {}
     for path in [*(ROOT / "proxy").rglob("*.py"), *(ROOT / "enforcer").rglob("*.py")]:
@@ -124,6 +147,9 @@ def test_every_third_party_import_is_declared():
                 top = name.split(".")[0]
                 if top not in sys.stdlib_module_names and top != "sandgate":
                     imported.setdefault(top, str(path.relative_to(ROOT)))
-    undeclared = {top: where for top, where in imported.items()
-                  if not {d.lower().replace("_", "-") for d in distributions.get(top, [top])} & declared}
+    undeclared = {
+        top: where
+        for top, where in imported.items()
+        if not {d.lower().replace("_", "-") for d in distributions.get(top, [top])} & declared
+    }
     assert not undeclared, f"imported but not in [project] dependencies: {undeclared}"

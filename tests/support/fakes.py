@@ -46,8 +46,12 @@ profiles:
         id: deny-ip
 """
 # What the sandbox resolved through the gateway's DNS filter.
-GATE_BINDINGS = {"allowed.test": "203.0.113.10", "api.allowed.test": "203.0.113.11",
-                 "ssh.allowed.test": "203.0.113.10", "db.allowed.test": "203.0.113.12"}
+GATE_BINDINGS = {
+    "allowed.test": "203.0.113.10",
+    "api.allowed.test": "203.0.113.11",
+    "ssh.allowed.test": "203.0.113.10",
+    "db.allowed.test": "203.0.113.12",
+}
 
 
 def make_gate(tmp_path, sandbox: str = SANDBOX):

@@ -389,7 +389,9 @@ def run(
         steps_dir = workdir / "steps"
         command = ["sh", "-c", _script(steps, steps_dir)]
     assert command, "give steps or a command"
-    proc = fakenet.run_in_host(_argv(fakenet, workdir, command, rules, extra), timeout=timeout, env=env)
+    proc = fakenet.run_in_host(
+        _argv(fakenet, workdir, command, rules, extra), timeout=timeout, env=env
+    )
     result = _result(proc.returncode, proc.stdout, proc.stderr, workdir, steps_dir)
     assert not (left := leftovers(fakenet, result.run_id)), f"{left}\n{result.describe()}"
     return result

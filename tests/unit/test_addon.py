@@ -50,14 +50,21 @@ def test_private_destination_is_closed_at_connect(addon):
     c = client(("169.254.169.254", 80))
     addon.client_connected(c)
     assert c.error
-    assert (addon.events[-1].reason, addon.events[-1].rule_id) == ("private_address", "builtin:private-address")
+    assert (addon.events[-1].reason, addon.events[-1].rule_id) == (
+        "private_address",
+        "builtin:private-address",
+    )
 
 
 @pytest.mark.parametrize(
     "sni, dst, layer, reason",
     [
-        pytest.param("allowed.test", "203.0.113.10", TCPLayer, "rule_allow", id="allowed-passthrough"),
-        pytest.param("allowed.test", "203.0.113.66", RejectLayer, "spoofed_destination", id="spoofed-sni"),
+        pytest.param(
+            "allowed.test", "203.0.113.10", TCPLayer, "rule_allow", id="allowed-passthrough"
+        ),
+        pytest.param(
+            "allowed.test", "203.0.113.66", RejectLayer, "spoofed_destination", id="spoofed-sni"
+        ),
         pytest.param("evil.test", "203.0.113.66", RejectLayer, "no_rule", id="unknown-name"),
     ],
 )
@@ -128,7 +135,9 @@ def request_flow(c, host: str, method: str = "GET", path: str = "/"):
     "host, method, status, reason",
     [
         pytest.param("allowed.test", "GET", None, "rule_allow", id="allowed"),
-        pytest.param("api.allowed.test", "GET", 403, "spoofed_destination", id="host-resolved-elsewhere"),
+        pytest.param(
+            "api.allowed.test", "GET", 403, "spoofed_destination", id="host-resolved-elsewhere"
+        ),
         pytest.param("evil.test", "GET", 403, "no_rule", id="unknown-host"),
         pytest.param("203.0.113.66", "GET", 403, "host_mismatch", id="host-ip-differs"),
         pytest.param('a"b\nc', "GET", 403, "invalid_name", id="forged-host"),
@@ -188,18 +197,30 @@ def test_allowed_connection_end_reports_bytes_and_duration(addon):
     state.bytes_up, state.bytes_down = len(hello), 5000  # as the relay would count them
     addon.client_disconnected(c)
     end = addon.events[-1]
-    assert (end.kind, end.verdict, end.rule_id, end.name) == ("connection_end", "allow", "allowed", "allowed.test")
+    assert (end.kind, end.verdict, end.rule_id, end.name) == (
+        "connection_end",
+        "allow",
+        "allowed",
+        "allowed.test",
+    )
     assert (end.bytes_up, end.bytes_down) == (len(hello), 5000) and end.duration >= 0
 
 
 @pytest.mark.parametrize(
     "dst, first_bytes, layer",
     [
-        pytest.param(("203.0.113.11", 443), client_hello("api.allowed.test"), "ServerTLSLayer", id="inspected-tls"),
+        pytest.param(
+            ("203.0.113.11", 443),
+            client_hello("api.allowed.test"),
+            "ServerTLSLayer",
+            id="inspected-tls",
+        ),
         pytest.param(("203.0.113.10", 80), b"GET / HTTP/1.1\r\n", "HttpLayer", id="plain-http"),
     ],
 )
-def test_a_connection_the_front_door_decided_is_adopted_not_decided_again(addon, dst, first_bytes, layer):
+def test_a_connection_the_front_door_decided_is_adopted_not_decided_again(
+    addon, dst, first_bytes, layer
+):
     gate = addon.gate
     state = gate.on_connect((SANDBOX, 40000), SANDBOX, 40000, *dst)
     gate.on_first_bytes(state, first_bytes)

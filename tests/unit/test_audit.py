@@ -32,9 +32,20 @@ FORGERIES = [
 
 
 def event(i: int = 0, **fields) -> Event:
-    base = dict(kind=EventKind.REQUEST, verdict=Verdict.DENY, reason=Reason.HOST_MISMATCH,
-                rule_id="builtin:host-mismatch", name=f"n{i}.example", dst_ip="203.0.113.10", dst_port=80,
-                method="GET", path=f"/{i}", task_id="t1", sandbox="10.213.0.2", profile="default")
+    base = dict(
+        kind=EventKind.REQUEST,
+        verdict=Verdict.DENY,
+        reason=Reason.HOST_MISMATCH,
+        rule_id="builtin:host-mismatch",
+        name=f"n{i}.example",
+        dst_ip="203.0.113.10",
+        dst_port=80,
+        method="GET",
+        path=f"/{i}",
+        task_id="t1",
+        sandbox="10.213.0.2",
+        profile="default",
+    )
     return Event(**{**base, **fields})
 
 
@@ -66,7 +77,11 @@ def test_no_value_can_end_a_line_or_forge_one(tmp_path, value):
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(), port=st.integers(0, 2**40), seconds=st.floats(allow_nan=False, allow_infinity=False))
+@given(
+    text=st.text(),
+    port=st.integers(0, 2**40),
+    seconds=st.floats(allow_nan=False, allow_infinity=False),
+)
 def test_a_line_is_the_event_as_json_for_any_value(text, port, seconds):
     e = event(1, name=text, path=text, detail=text, dst_port=port, latency=seconds)
     line, digest = encode_line(e, 7, GENESIS)
@@ -76,15 +91,24 @@ def test_a_line_is_the_event_as_json_for_any_value(text, port, seconds):
     assert record == e.to_dict()
 
 
-@pytest.mark.parametrize("value", [
-    pytest.param(ipaddress.ip_address("203.0.113.1"), id="object"),
-    pytest.param(math.nan, id="nan"),
-    pytest.param(math.inf, id="inf"),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(ipaddress.ip_address("203.0.113.1"), id="object"),
+        pytest.param(math.nan, id="nan"),
+        pytest.param(math.inf, id="inf"),
+    ],
+)
 def test_a_value_json_cannot_hold_fails_that_event_not_the_log(tmp_path, value):
     path = tmp_path / "audit.jsonl"
-    log = write(path, [event(0), event(1, latency=value) if isinstance(value, float) else event(1, dst_ip=value),
-                       event(2)])
+    log = write(
+        path,
+        [
+            event(0),
+            event(1, latency=value) if isinstance(value, float) else event(1, dst_ip=value),
+            event(2),
+        ],
+    )
     assert (log.written, log.failed, log.lost) == (2, 1, 1)
     assert verify(path).ok and [json.loads(line)["path"] for line in lines(path)] == ["/0", "/2"]
 
@@ -98,7 +122,11 @@ def test_record_fields_in_schema_order_then_the_chain(tmp_path):
     assert "bytes_up" not in first  # None fields are left out
     assert first["seq"] == 1 and first["prev"] == GENESIS
     assert second["seq"] == 2 and second["prev"] == first["hash"]
-    assert first["latency"] == 0.5 and first["kind"] == "request" and first["reason"] == "host_mismatch"
+    assert (
+        first["latency"] == 0.5
+        and first["kind"] == "request"
+        and first["reason"] == "host_mismatch"
+    )
 
 
 # --- verify -------------------------------------------------------------------------------
@@ -122,20 +150,42 @@ def test_intact_log_verifies(log10):
     assert result.starts_fresh
 
 
-@pytest.mark.parametrize(("transform", "line", "problem"), [
-    pytest.param(lambda r: r[:4] + [r[4].replace(b'"deny"', b'"allow"')] + r[5:], 5, "hash mismatch",
-                 id="edited-value"),
-    pytest.param(lambda r: r[:4] + [r[4].replace(b',"path"', b', "path"')] + r[5:], 5, "hash mismatch",
-                 id="edited-whitespace"),
-    pytest.param(lambda r: r[:3] + r[4:], 4, "chain broken", id="removed-line"),
-    pytest.param(lambda r: r[:3] + [r[4], r[3]] + r[5:], 4, "chain broken", id="swapped-lines"),
-    pytest.param(lambda r: r[:7] + [r[6]] + r[7:], 8, "chain broken", id="duplicated-line"),
-    pytest.param(lambda r: r[:2] + [b'{"kind":"task"}\n'] + r[2:], 3, "not an audit record", id="inserted-line"),
-    pytest.param(lambda r: r[:9] + [r[9][:-1]], 10, "incomplete last line", id="truncated-last-line"),
-    pytest.param(lambda r: r[:5] + [b"\n"] + r[5:], 6, "not an audit record", id="blank-line"),
-    pytest.param(lambda r: r[:5] + [r[5].replace(b'"hash"', b'"hash":"x","h"')] + r[6:], 6, "not an audit record",
-                 id="hash-not-last"),
-])
+@pytest.mark.parametrize(
+    ("transform", "line", "problem"),
+    [
+        pytest.param(
+            lambda r: r[:4] + [r[4].replace(b'"deny"', b'"allow"')] + r[5:],
+            5,
+            "hash mismatch",
+            id="edited-value",
+        ),
+        pytest.param(
+            lambda r: r[:4] + [r[4].replace(b',"path"', b', "path"')] + r[5:],
+            5,
+            "hash mismatch",
+            id="edited-whitespace",
+        ),
+        pytest.param(lambda r: r[:3] + r[4:], 4, "chain broken", id="removed-line"),
+        pytest.param(lambda r: r[:3] + [r[4], r[3]] + r[5:], 4, "chain broken", id="swapped-lines"),
+        pytest.param(lambda r: r[:7] + [r[6]] + r[7:], 8, "chain broken", id="duplicated-line"),
+        pytest.param(
+            lambda r: r[:2] + [b'{"kind":"task"}\n'] + r[2:],
+            3,
+            "not an audit record",
+            id="inserted-line",
+        ),
+        pytest.param(
+            lambda r: r[:9] + [r[9][:-1]], 10, "incomplete last line", id="truncated-last-line"
+        ),
+        pytest.param(lambda r: r[:5] + [b"\n"] + r[5:], 6, "not an audit record", id="blank-line"),
+        pytest.param(
+            lambda r: r[:5] + [r[5].replace(b'"hash"', b'"hash":"x","h"')] + r[6:],
+            6,
+            "not an audit record",
+            id="hash-not-last",
+        ),
+    ],
+)
 def test_verify_reports_the_first_broken_line(log10, transform, line, problem):
     _rewrite(log10, transform)
     result = verify(log10)
@@ -193,8 +243,12 @@ def test_rotation_continues_the_chain_across_files(tmp_path):
 def test_rotation_keeps_at_most_backups(tmp_path):
     path = tmp_path / "audit.jsonl"
     write(path, [event(i, detail="x" * 200) for i in range(100)], max_bytes=4000, backups=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2",
-                                                          "audit.jsonl.3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "audit.jsonl",
+        "audit.jsonl.1",
+        "audit.jsonl.2",
+        "audit.jsonl.3",
+    ]
 
 
 def test_reopening_continues_the_chain(tmp_path):
@@ -254,7 +308,9 @@ def test_a_burst_of_100k_events_loses_nothing(tmp_path):
     assert (log.lost, log.written, log.write_errors) == (0, 100_000, 0)
     result = verify(path)
     assert result.ok and result.lines == 100_000
-    assert emit_seconds < 2.0, f"emitting 100k events took {emit_seconds:.2f} s: emit must not block"
+    assert emit_seconds < 2.0, (
+        f"emitting 100k events took {emit_seconds:.2f} s: emit must not block"
+    )
 
 
 def test_sustained_load_from_another_thread_loses_nothing(tmp_path):
@@ -323,7 +379,9 @@ def test_failed_writes_are_undone_counted_and_retried(tmp_path, monkeypatch):
     assert result.ok and result.lines == 6
 
 
-def test_a_disk_that_never_recovers_loses_the_events_at_close_and_counts_them(tmp_path, monkeypatch):
+def test_a_disk_that_never_recovers_loses_the_events_at_close_and_counts_them(
+    tmp_path, monkeypatch
+):
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, close_timeout=0.2)
     log.emit(event(0))

@@ -51,31 +51,50 @@ V1_MOUNTINFO = """\
 29 25 0:26 / /sys/fs/cgroup/memory rw,nosuid shared:10 - cgroup cgroup rw,memory
 """
 V1_CGROUP = "5:memory:/user.slice\n3:cpu,cpuacct:/user.slice\n"
-V2_MOUNTINFO = ("30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev shared:4 - cgroup2 cgroup2 "
-                "rw,nsdelegate,memory_recursiveprot\n")
+V2_MOUNTINFO = (
+    "30 23 0:26 / /sys/fs/cgroup rw,nosuid,nodev shared:4 - cgroup2 cgroup2 "
+    "rw,nsdelegate,memory_recursiveprot\n"
+)
 V2_SERVICE = "/system.slice/agent.service"
 
 V1_FILES = {
-    "memory": {"memory.limit_in_bytes": "9223372036854771712",
-               "memory.memsw.limit_in_bytes": "9223372036854771712",
-               "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
-               "memory.failcnt": "0\n"},
+    "memory": {
+        "memory.limit_in_bytes": "9223372036854771712",
+        "memory.memsw.limit_in_bytes": "9223372036854771712",
+        "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+        "memory.failcnt": "0\n",
+    },
     "pids": {"pids.max": "max\n", "pids.events": "max 0\n"},
-    "cpu": {"cpu.cfs_period_us": "100000\n", "cpu.cfs_quota_us": "-1\n",
-            "cpu.stat": "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n"},
+    "cpu": {
+        "cpu.cfs_period_us": "100000\n",
+        "cpu.cfs_quota_us": "-1\n",
+        "cpu.stat": "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n",
+    },
 }
 V2_FILES = {
-    "memory": {"memory.max": "max\n", "memory.swap.max": "max\n",
-               "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n"},
+    "memory": {
+        "memory.max": "max\n",
+        "memory.swap.max": "max\n",
+        "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n",
+    },
     "pids": {"pids.max": "max\n", "pids.events": "max 0\n"},
-    "cpu": {"cpu.max": "max 100000\n",
-            "cpu.stat": "usage_usec 0\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n"},
+    "cpu": {
+        "cpu.max": "max 100000\n",
+        "cpu.stat": "usage_usec 0\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n",
+    },
 }
 
 
 class FakeKernel(CgroupFS):
-    def __init__(self, root, mountinfo: str, proc_cgroup: str, *,
-                 v2_controllers: str = "cpuset cpu io memory pids", swap: bool = False):
+    def __init__(
+        self,
+        root,
+        mountinfo: str,
+        proc_cgroup: str,
+        *,
+        v2_controllers: str = "cpuset cpu io memory pids",
+        swap: bool = False,
+    ):
         super().__init__(str(root))
         self.killed: list[int] = []
         self.kill_files: list[str] = []
@@ -84,7 +103,9 @@ class FakeKernel(CgroupFS):
         os.makedirs(self.path("/proc/self"))
         self.set_proc("mountinfo", mountinfo)
         self.set_proc("cgroup", proc_cgroup)
-        swaps = "Filename\tType\tSize\tUsed\tPriority\n" + ("/swap\tfile\t1024\t0\t-2\n" if swap else "")
+        swaps = "Filename\tType\tSize\tUsed\tPriority\n" + (
+            "/swap\tfile\t1024\t0\t-2\n" if swap else ""
+        )
         self.set_proc("../swaps", swaps)
         self.mounts = {self.path(m.mountpoint): m for m in parse_mountinfo(mountinfo)}
         for mountpoint, mount in self.mounts.items():
@@ -140,8 +161,11 @@ class FakeKernel(CgroupFS):
     def mkdir(self, path: str) -> None:
         os.mkdir(path)
         parent = os.path.dirname(path)
-        enabled = set(self.get(parent, "cgroup.subtree_control").split()) if os.path.exists(
-            os.path.join(parent, "cgroup.subtree_control")) else set()
+        enabled = (
+            set(self.get(parent, "cgroup.subtree_control").split())
+            if os.path.exists(os.path.join(parent, "cgroup.subtree_control"))
+            else set()
+        )
         self.populate(path, enabled)
 
     def write(self, path: str, text: str) -> None:
@@ -160,13 +184,19 @@ class FakeKernel(CgroupFS):
         elif name == "cgroup.procs":
             pid = SELF_PID if text == "0" else int(text)
             mountpoint = self.mount_of(directory)
-            if (self.mounts[mountpoint].fstype == "cgroup2" and not is_root
-                    and self.get(directory, "cgroup.subtree_control")):
+            if (
+                self.mounts[mountpoint].fstype == "cgroup2"
+                and not is_root
+                and self.get(directory, "cgroup.subtree_control")
+            ):
                 raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
             for dirpath, _dirs, files in os.walk(mountpoint):
                 if "cgroup.procs" in files:
-                    self.put(dirpath, "cgroup.procs",
-                             "".join(f"{p}\n" for p in self.procs(dirpath) if p != pid))
+                    self.put(
+                        dirpath,
+                        "cgroup.procs",
+                        "".join(f"{p}\n" for p in self.procs(dirpath) if p != pid),
+                    )
             text = "".join(f"{p}\n" for p in [*self.procs(directory), pid])
         elif name == "cgroup.kill":
             self.kill_files.append(path)
@@ -177,7 +207,9 @@ class FakeKernel(CgroupFS):
     def signal_members(self, cgroup_dir: str, signum: int) -> None:
         pids = self.procs(cgroup_dir)
         self.killed += pids
-        self.put(cgroup_dir, "cgroup.procs", "".join(f"{p}\n" for p in pids if p in self.unkillable))
+        self.put(
+            cgroup_dir, "cgroup.procs", "".join(f"{p}\n" for p in pids if p in self.unkillable)
+        )
 
     def rmdir(self, path: str) -> None:
         if self.procs(path) or any(e.is_dir() for e in os.scandir(path)):
@@ -217,15 +249,18 @@ LIMITS = Limits(memory_bytes=64 << 20, pids=32, cpus=1.5)
 # --- limits and their parsing ------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    pytest.param("1073741824", 1 << 30, id="bytes"),
-    pytest.param("512M", 512 << 20, id="M"),
-    pytest.param("4G", 4 << 30, id="G"),
-    pytest.param("4gib", 4 << 30, id="GiB-lower"),
-    pytest.param(" 64k ", 64 << 10, id="k-padded"),
-    pytest.param("2TB", 2 << 40, id="TB"),
-    pytest.param("100b", 100, id="b"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("1073741824", 1 << 30, id="bytes"),
+        pytest.param("512M", 512 << 20, id="M"),
+        pytest.param("4G", 4 << 30, id="G"),
+        pytest.param("4gib", 4 << 30, id="GiB-lower"),
+        pytest.param(" 64k ", 64 << 10, id="k-padded"),
+        pytest.param("2TB", 2 << 40, id="TB"),
+        pytest.param("100b", 100, id="b"),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -251,29 +286,57 @@ def test_limits_defaults_and_controllers():
     assert Limits(memory_bytes=None, pids=None, cpus=None).controllers() == ()
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    pytest.param({"memory_bytes": 1000}, "memory limit must be at least 1M", id="memory-tiny"),
-    pytest.param({"memory_bytes": 1.5e9}, "memory limit", id="memory-float"),
-    pytest.param({"pids": 0}, "pids limit", id="pids-zero"),
-    pytest.param({"pids": True}, "pids limit", id="pids-bool"),
-    pytest.param({"cpus": 0}, "cpus limit", id="cpus-zero"),
-    pytest.param({"cpus": float("inf")}, "cpus limit", id="cpus-inf"),
-    pytest.param({"cpus": "2"}, "cpus limit", id="cpus-str"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({"memory_bytes": 1000}, "memory limit must be at least 1M", id="memory-tiny"),
+        pytest.param({"memory_bytes": 1.5e9}, "memory limit", id="memory-float"),
+        pytest.param({"pids": 0}, "pids limit", id="pids-zero"),
+        pytest.param({"pids": True}, "pids limit", id="pids-bool"),
+        pytest.param({"cpus": 0}, "cpus limit", id="cpus-zero"),
+        pytest.param({"cpus": float("inf")}, "cpus limit", id="cpus-inf"),
+        pytest.param({"cpus": "2"}, "cpus limit", id="cpus-str"),
+    ],
+)
 def test_limits_reject(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Limits(**kwargs)
 
 
-@pytest.mark.parametrize(("version", "limits", "expected"), [
-    pytest.param(2, LIMITS, [("memory.max", "67108864"), ("memory.swap.max", "0"),
-                             ("pids.max", "32"), ("cpu.max", "150000 100000")], id="v2"),
-    pytest.param(1, LIMITS, [("memory.limit_in_bytes", "67108864"),
-                             ("memory.memsw.limit_in_bytes", "67108864"), ("pids.max", "32"),
-                             ("cpu.cfs_period_us", "100000"), ("cpu.cfs_quota_us", "150000")], id="v1"),
-    pytest.param(2, Limits(memory_bytes=None, pids=None, cpus=0.01), [("cpu.max", "1000 100000")],
-                 id="v2-smallest-cpu"),
-])
+@pytest.mark.parametrize(
+    ("version", "limits", "expected"),
+    [
+        pytest.param(
+            2,
+            LIMITS,
+            [
+                ("memory.max", "67108864"),
+                ("memory.swap.max", "0"),
+                ("pids.max", "32"),
+                ("cpu.max", "150000 100000"),
+            ],
+            id="v2",
+        ),
+        pytest.param(
+            1,
+            LIMITS,
+            [
+                ("memory.limit_in_bytes", "67108864"),
+                ("memory.memsw.limit_in_bytes", "67108864"),
+                ("pids.max", "32"),
+                ("cpu.cfs_period_us", "100000"),
+                ("cpu.cfs_quota_us", "150000"),
+            ],
+            id="v1",
+        ),
+        pytest.param(
+            2,
+            Limits(memory_bytes=None, pids=None, cpus=0.01),
+            [("cpu.max", "1000 100000")],
+            id="v2-smallest-cpu",
+        ),
+    ],
+)
 def test_limit_settings(version, limits, expected):
     assert limit_settings(version, {"memory", "pids", "cpu"}, limits, swap_file=True) == expected
 
@@ -287,7 +350,9 @@ def test_limit_settings_without_swap_accounting():
 
 
 def test_parse_mountinfo_keeps_cgroup_mounts_and_unescapes():
-    text = HYBRID_MOUNTINFO + r"50 31 0:40 /sub /mnt/with\040space rw - cgroup cgroup rw,pids" + "\n"
+    text = (
+        HYBRID_MOUNTINFO + r"50 31 0:40 /sub /mnt/with\040space rw - cgroup cgroup rw,pids" + "\n"
+    )
     mounts = parse_mountinfo(text)
     assert [m.mountpoint for m in mounts][-2:] == ["/sys/fs/cgroup/unified", "/mnt/with space"]
     assert all(m.fstype in ("cgroup", "cgroup2") for m in mounts) and len(mounts) == 7
@@ -296,7 +361,11 @@ def test_parse_mountinfo_keeps_cgroup_mounts_and_unescapes():
 
 def test_parse_proc_cgroup():
     assert parse_proc_cgroup(V1_CGROUP + "0::/x\n") == {
-        "memory": "/user.slice", "cpu": "/user.slice", "cpuacct": "/user.slice", "": "/x"}
+        "memory": "/user.slice",
+        "cpu": "/user.slice",
+        "cpuacct": "/user.slice",
+        "": "/x",
+    }
     assert parse_proc_cgroup(HYBRID_CGROUP)["name=systemd"] == "/"
 
 
@@ -326,7 +395,9 @@ def test_v1_comounted_cpu_and_swap_unaccounted(tmp_path):
     assert memory.startswith("memory: swap is on") and "swapaccount=1" in memory
     assert pids.startswith("pids: this host has no cgroup controller 'pids'")
 
-    task = TaskCgroup.create("sandgate-r1", Limits(memory_bytes=None, pids=None, cpus=0.5), fs=kernel)
+    task = TaskCgroup.create(
+        "sandgate-r1", Limits(memory_bytes=None, pids=None, cpus=0.5), fs=kernel
+    )
     [cpu] = task.paths
     assert cpu == kernel.path("/sys/fs/cgroup/cpu,cpuacct/user.slice/sandgate-r1")
     assert kernel.get(cpu, "cpu.cfs_quota_us") == "50000"
@@ -345,10 +416,15 @@ def test_v2_moves_processes_into_a_leaf_then_enables_controllers(v2):
     [path] = task.paths
     assert path == service + "/sandgate-r1"
     assert task.procs_files == [path + "/cgroup.procs"]
-    assert {name: v2.get(path, name) for name in ("memory.max", "memory.swap.max", "pids.max",
-                                                  "cpu.max")} == {
-        "memory.max": str(64 << 20), "memory.swap.max": "0", "pids.max": "32",
-        "cpu.max": "150000 100000"}
+    assert {
+        name: v2.get(path, name)
+        for name in ("memory.max", "memory.swap.max", "pids.max", "cpu.max")
+    } == {
+        "memory.max": str(64 << 20),
+        "memory.swap.max": "0",
+        "pids.max": "32",
+        "cpu.max": "150000 100000",
+    }
 
     # sandgate now lives in sandgate.self: the next run is a sibling, not nested.
     v2.set_proc("cgroup", f"0::{V2_SERVICE}/sandgate.self\n")
@@ -408,12 +484,23 @@ def test_v2_swap_on_without_swap_file(v2):
     assert cgroup.leftovers(fs=v2) == []
 
 
-@pytest.mark.parametrize(("mountinfo", "proc_cgroup", "expected"), [
-    pytest.param(V2_MOUNTINFO, "0::/elsewhere\n", ["/sys/fs/cgroup/sandgate/runs/sandgate-r1"], id="v2"),
-    pytest.param(HYBRID_MOUNTINFO, HYBRID_CGROUP, ["/sys/fs/cgroup/memory/sandgate/runs/sandgate-r1",
-                                                   "/sys/fs/cgroup/pids/sandgate/runs/sandgate-r1"],
-                 id="hybrid"),
-])
+@pytest.mark.parametrize(
+    ("mountinfo", "proc_cgroup", "expected"),
+    [
+        pytest.param(
+            V2_MOUNTINFO, "0::/elsewhere\n", ["/sys/fs/cgroup/sandgate/runs/sandgate-r1"], id="v2"
+        ),
+        pytest.param(
+            HYBRID_MOUNTINFO,
+            HYBRID_CGROUP,
+            [
+                "/sys/fs/cgroup/memory/sandgate/runs/sandgate-r1",
+                "/sys/fs/cgroup/pids/sandgate/runs/sandgate-r1",
+            ],
+            id="hybrid",
+        ),
+    ],
+)
 def test_parent_from_env_is_created(tmp_path, monkeypatch, mountinfo, proc_cgroup, expected):
     """On v2 every new level enables the controllers for the next (the fake's mkdir
     gives memory.max only to a child whose parent enabled memory)."""
@@ -423,8 +510,9 @@ def test_parent_from_env_is_created(tmp_path, monkeypatch, mountinfo, proc_cgrou
     task = TaskCgroup.create("sandgate-r1", Limits(), fs=kernel)
 
     assert task.paths == [kernel.path(p) for p in expected]
-    assert kernel.get(task.paths[0], "memory.max" if len(expected) == 1
-                      else "memory.limit_in_bytes") == str(4 << 30)
+    assert kernel.get(
+        task.paths[0], "memory.max" if len(expected) == 1 else "memory.limit_in_bytes"
+    ) == str(4 << 30)
 
 
 @pytest.mark.parametrize("parent", ["sandgate", "/a/../b", "/./a"])
@@ -435,7 +523,9 @@ def test_bad_parent(hybrid, parent):
         TaskCgroup.create("sandgate-r1", LIMITS, parent=parent, fs=hybrid)
 
 
-@pytest.mark.parametrize("name", ["r1", "sandgate-", "sandgate-../x", "sandgate-a/b", "sandgate.self"])
+@pytest.mark.parametrize(
+    "name", ["r1", "sandgate-", "sandgate-../x", "sandgate-a/b", "sandgate.self"]
+)
 def test_bad_name(hybrid, name):
     with pytest.raises(CgroupError, match="invalid cgroup name"):
         TaskCgroup.create(name, LIMITS, fs=hybrid)
@@ -464,8 +554,12 @@ def test_limits_hit_v1(hybrid):
     hybrid.put(cpu, "cpu.stat", "nr_periods 20\nnr_throttled 9\nthrottled_time 2500000000\n")
 
     assert task.limits_hit() == [
-        LimitHit("memory", 2, "2 process(es) killed by the OOM killer at the memory limit of "
-                              "67108864 bytes (usage reached the limit 57 times)"),
+        LimitHit(
+            "memory",
+            2,
+            "2 process(es) killed by the OOM killer at the memory limit of "
+            "67108864 bytes (usage reached the limit 57 times)",
+        ),
         LimitHit("pids", 7, "7 fork/clone call(s) failed with EAGAIN at the limit of 32 processes"),
         LimitHit("cpus", 9, "throttled in 9 period(s), 2.5 s in all, at the limit of 1.5 CPUs"),
     ]
@@ -536,17 +630,25 @@ def test_leftovers_and_remove_path(hybrid):
     pids = hybrid.path("/sys/fs/cgroup/pids/")
 
     found = cgroup.leftovers(fs=hybrid)
-    assert found == [memory + "sandgate-crashed", memory + "sandgate-other", pids + "sandgate-crashed"]
-    assert cgroup.leftovers("sandgate-cr", fs=hybrid) == [memory + "sandgate-crashed",
-                                                          pids + "sandgate-crashed"]
+    assert found == [
+        memory + "sandgate-crashed",
+        memory + "sandgate-other",
+        pids + "sandgate-crashed",
+    ]
+    assert cgroup.leftovers("sandgate-cr", fs=hybrid) == [
+        memory + "sandgate-crashed",
+        pids + "sandgate-crashed",
+    ]
     for path in cgroup.leftovers("sandgate-cr", fs=hybrid):
         cgroup.remove_path(path, fs=hybrid)
     assert cgroup.leftovers(fs=hybrid) == [memory + "sandgate-other"]
     assert 900 in hybrid.killed
 
 
-@pytest.mark.parametrize("path", [
-    "/sys/fs/cgroup/pids/not-ours", "/tmp/sandgate-r1", "/sys/fs/cgroup/pids/sandgate.self"])
+@pytest.mark.parametrize(
+    "path",
+    ["/sys/fs/cgroup/pids/not-ours", "/tmp/sandgate-r1", "/sys/fs/cgroup/pids/sandgate.self"],
+)
 def test_remove_path_refuses_what_is_not_ours(hybrid, path):
     target = hybrid.makedirs(hybrid.path(path)) if path.startswith("/sys") else path
     with pytest.raises(CgroupError, match="is not a sandgate cgroup"):

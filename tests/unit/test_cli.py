@@ -37,25 +37,69 @@ PRIVATE = ("deny", "private_address", "builtin:private-address")
 @pytest.mark.parametrize(
     ("argv", "code", "expected"),
     [
-        pytest.param(["https://pypi.org/simple/requests/"], 0, ("allow", "rule_allow", "preset:pypi"), id="url"),
-        pytest.param(["https://files.pythonhosted.org/packages/x.whl"], 0, ("allow", "rule_allow", "preset:pypi"),
-                     id="url-second-name-of-a-rule"),
+        pytest.param(
+            ["https://pypi.org/simple/requests/"],
+            0,
+            ("allow", "rule_allow", "preset:pypi"),
+            id="url",
+        ),
+        pytest.param(
+            ["https://files.pythonhosted.org/packages/x.whl"],
+            0,
+            ("allow", "rule_allow", "preset:pypi"),
+            id="url-second-name-of-a-rule",
+        ),
         pytest.param(["pypi.org"], 0, ("allow", "rule_allow", "preset:pypi"), id="bare-host"),
-        pytest.param(["PyPI.ORG."], 0, ("allow", "rule_allow", "preset:pypi"), id="bare-host-case-trailing-dot"),
+        pytest.param(
+            ["PyPI.ORG."],
+            0,
+            ("allow", "rule_allow", "preset:pypi"),
+            id="bare-host-case-trailing-dot",
+        ),
         pytest.param(["pypi.org:80"], 0, ("allow", "rule_allow", "preset:pypi"), id="host-port-80"),
-        pytest.param(["pypi.org:8443"], 1, ("deny", "port_not_allowed", "default:fallback"), id="host-other-port"),
-        pytest.param(["http://deb.debian.org/debian/dists/"], 0, ("allow", "rule_allow", "preset:apt"), id="http-url"),
-        pytest.param(["github.com"], 1, ("deny", "no_rule", "default:fallback"), id="not-in-default"),
-        pytest.param(["--profile", "github", "github.com:22"], 0, ("allow", "rule_allow", "preset:github-git"),
-                     id="github-profile-ssh"),
-        pytest.param(["evilpypi.org"], 1, ("deny", "no_rule", "default:fallback"), id="suffix-confusion"),
-        pytest.param(["pypi.org.evil.test"], 1, ("deny", "no_rule", "default:fallback"), id="suffix-elsewhere"),
-        pytest.param(["p\u0443pi.org"], 1, ("deny", "no_rule", "default:fallback"), id="cyrillic-lookalike"),
+        pytest.param(
+            ["pypi.org:8443"],
+            1,
+            ("deny", "port_not_allowed", "default:fallback"),
+            id="host-other-port",
+        ),
+        pytest.param(
+            ["http://deb.debian.org/debian/dists/"],
+            0,
+            ("allow", "rule_allow", "preset:apt"),
+            id="http-url",
+        ),
+        pytest.param(
+            ["github.com"], 1, ("deny", "no_rule", "default:fallback"), id="not-in-default"
+        ),
+        pytest.param(
+            ["--profile", "github", "github.com:22"],
+            0,
+            ("allow", "rule_allow", "preset:github-git"),
+            id="github-profile-ssh",
+        ),
+        pytest.param(
+            ["evilpypi.org"], 1, ("deny", "no_rule", "default:fallback"), id="suffix-confusion"
+        ),
+        pytest.param(
+            ["pypi.org.evil.test"],
+            1,
+            ("deny", "no_rule", "default:fallback"),
+            id="suffix-elsewhere",
+        ),
+        pytest.param(
+            ["p\u0443pi.org"], 1, ("deny", "no_rule", "default:fallback"), id="cyrillic-lookalike"
+        ),
         pytest.param(["169.254.169.254"], 1, PRIVATE, id="metadata"),
         pytest.param(["0xa9fea9fe"], 1, PRIVATE, id="metadata-hex"),
         pytest.param(["2852039166"], 1, PRIVATE, id="metadata-decimal"),
         pytest.param(["0251.0376.0251.0376:80"], 1, PRIVATE, id="metadata-octal-with-port"),
-        pytest.param(["http://0xa9.0xfe.0xa9.0xfe/latest/meta-data/"], 1, PRIVATE, id="metadata-url-hex-parts"),
+        pytest.param(
+            ["http://0xa9.0xfe.0xa9.0xfe/latest/meta-data/"],
+            1,
+            PRIVATE,
+            id="metadata-url-hex-parts",
+        ),
         pytest.param(["[::ffff:169.254.169.254]:80"], 1, PRIVATE, id="metadata-v4-mapped"),
         pytest.param(["https://[::ffff:a9fe:a9fe]/"], 1, PRIVATE, id="metadata-v4-mapped-hex-url"),
         pytest.param(["127.1"], 1, PRIVATE, id="loopback-short"),
@@ -66,43 +110,121 @@ PRIVATE = ("deny", "private_address", "builtin:private-address")
 )
 def test_check_default_rules(capsys, argv, code, expected):
     got_code, result = check_json(capsys, *argv)
-    assert (got_code, (result["verdict"], result["reason"], result["rule"])) == (code, expected), result
+    assert (got_code, (result["verdict"], result["reason"], result["rule"])) == (code, expected), (
+        result
+    )
 
 
 @pytest.mark.parametrize(
     ("argv", "code", "expected", "inspect"),
     [
-        pytest.param(["https://api.github.com/repos/octo/hello"], 0,
-                     ("allow", "rule_allow", "team.yaml:12"), False, id="request-allowed-by-path"),
-        pytest.param(["--method", "HEAD", "https://api.github.com/repos/octo/hello"], 0,
-                     ("allow", "rule_allow", "team.yaml:12"), False, id="request-second-method"),
-        pytest.param(["api.github.com"], 0, ("allow", "rule_allow", "team.yaml:12"), True, id="connection-inspected"),
-        pytest.param(["https://api.github.com/"], 0, ("allow", "rule_allow", "team.yaml:12"), True,
-                     id="url-without-path-is-a-connection"),
-        pytest.param(["--method", "POST", "https://api.github.com/repos/octo/hello"], 1,
-                     ("deny", "method_not_allowed", "default:fallback"), False, id="method-not-allowed"),
-        pytest.param(["https://api.github.com/user/keys"], 1,
-                     ("deny", "path_not_allowed", "default:fallback"), False, id="path-not-allowed"),
-        pytest.param(["https://api.github.com/repos/../user/keys"], 1,
-                     ("deny", "path_not_allowed", "default:fallback"), False, id="dot-dot-path"),
-        pytest.param(["github.com:22"], 0, ("allow", "rule_allow", "team.yaml:10"), False, id="explicit-port"),
-        pytest.param(["download.pythonhosted.org"], 0, ("allow", "rule_allow", "team.yaml:9"), False, id="wildcard"),
-        pytest.param(["pythonhosted.org"], 1, ("deny", "no_rule", "default:fallback"), False, id="wildcard-apex"),
+        pytest.param(
+            ["https://api.github.com/repos/octo/hello"],
+            0,
+            ("allow", "rule_allow", "team.yaml:12"),
+            False,
+            id="request-allowed-by-path",
+        ),
+        pytest.param(
+            ["--method", "HEAD", "https://api.github.com/repos/octo/hello"],
+            0,
+            ("allow", "rule_allow", "team.yaml:12"),
+            False,
+            id="request-second-method",
+        ),
+        pytest.param(
+            ["api.github.com"],
+            0,
+            ("allow", "rule_allow", "team.yaml:12"),
+            True,
+            id="connection-inspected",
+        ),
+        pytest.param(
+            ["https://api.github.com/"],
+            0,
+            ("allow", "rule_allow", "team.yaml:12"),
+            True,
+            id="url-without-path-is-a-connection",
+        ),
+        pytest.param(
+            ["--method", "POST", "https://api.github.com/repos/octo/hello"],
+            1,
+            ("deny", "method_not_allowed", "default:fallback"),
+            False,
+            id="method-not-allowed",
+        ),
+        pytest.param(
+            ["https://api.github.com/user/keys"],
+            1,
+            ("deny", "path_not_allowed", "default:fallback"),
+            False,
+            id="path-not-allowed",
+        ),
+        pytest.param(
+            ["https://api.github.com/repos/../user/keys"],
+            1,
+            ("deny", "path_not_allowed", "default:fallback"),
+            False,
+            id="dot-dot-path",
+        ),
+        pytest.param(
+            ["github.com:22"], 0, ("allow", "rule_allow", "team.yaml:10"), False, id="explicit-port"
+        ),
+        pytest.param(
+            ["download.pythonhosted.org"],
+            0,
+            ("allow", "rule_allow", "team.yaml:9"),
+            False,
+            id="wildcard",
+        ),
+        pytest.param(
+            ["pythonhosted.org"],
+            1,
+            ("deny", "no_rule", "default:fallback"),
+            False,
+            id="wildcard-apex",
+        ),
         pytest.param(["203.0.113.7"], 0, ("allow", "rule_allow", "team.yaml:15"), False, id="cidr"),
-        pytest.param(["3405803783"], 0, ("allow", "rule_allow", "team.yaml:15"), False, id="cidr-decimal"),
-        pytest.param(["http://203.0.113.7/"], 1, ("deny", "port_not_allowed", "default:fallback"), False,
-                     id="cidr-other-port"),
-        pytest.param(["[2001:db8::1]:443"], 1, ("deny", "no_rule", "default:fallback"), False, id="v6-no-rule"),
-        pytest.param(["--profile", "ci", "registry.npmjs.org"], 0, ("allow", "rule_allow", "preset:npm"), False,
-                     id="extends-include"),
-        pytest.param(["--profile", "ci", "api.github.com"], 0, ("allow", "rule_allow", "team.yaml:12"), True,
-                     id="extends-inherits-rules"),
+        pytest.param(
+            ["3405803783"], 0, ("allow", "rule_allow", "team.yaml:15"), False, id="cidr-decimal"
+        ),
+        pytest.param(
+            ["http://203.0.113.7/"],
+            1,
+            ("deny", "port_not_allowed", "default:fallback"),
+            False,
+            id="cidr-other-port",
+        ),
+        pytest.param(
+            ["[2001:db8::1]:443"],
+            1,
+            ("deny", "no_rule", "default:fallback"),
+            False,
+            id="v6-no-rule",
+        ),
+        pytest.param(
+            ["--profile", "ci", "registry.npmjs.org"],
+            0,
+            ("allow", "rule_allow", "preset:npm"),
+            False,
+            id="extends-include",
+        ),
+        pytest.param(
+            ["--profile", "ci", "api.github.com"],
+            0,
+            ("allow", "rule_allow", "team.yaml:12"),
+            True,
+            id="extends-inherits-rules",
+        ),
     ],
 )
 def test_check_team_rules(capsys, argv, code, expected, inspect):
     got_code, result = check_json(capsys, "--rules", TEAM, *argv)
     assert (got_code, (result["verdict"], result["reason"], result["rule"]), result["inspect"]) == (
-        code, expected, inspect), result
+        code,
+        expected,
+        inspect,
+    ), result
 
 
 def test_check_json_shape(capsys):
@@ -131,7 +253,9 @@ def test_check_human_output(capsys):
 
 def test_check_ask_is_exit_1_and_audit_exit_0(tmp_path, capsys):
     path = tmp_path / "p.yaml"
-    path.write_text("version: 1\nprofiles:\n  asking:\n    fallback: ask\n  learning:\n    fallback: audit\n")
+    path.write_text(
+        "version: 1\nprofiles:\n  asking:\n    fallback: ask\n  learning:\n    fallback: audit\n"
+    )
     assert main(["check", "--rules", str(path), "--profile", "asking", "example.com"]) == 1
     assert main(["check", "--rules", str(path), "--profile", "learning", "example.com"]) == 0
     out = capsys.readouterr().out
@@ -151,8 +275,14 @@ def test_check_ask_is_exit_1_and_audit_exit_0(tmp_path, capsys):
         pytest.param(["https://example.com:99999/"], "bad port", id="url-port-range"),
         pytest.param(["--method", "FETCH", "example.com"], "unknown HTTP method", id="method"),
         pytest.param(["--profile", "nope", "pypi.org"], "no profile 'nope'", id="unknown-profile"),
-        pytest.param(["--rules", BROKEN, "pypi.org"], "invalid rules, nothing checked", id="broken-rules"),
-        pytest.param(["--rules", "does/not/exist.yaml", "pypi.org"], "cannot read rule file", id="missing-rules"),
+        pytest.param(
+            ["--rules", BROKEN, "pypi.org"], "invalid rules, nothing checked", id="broken-rules"
+        ),
+        pytest.param(
+            ["--rules", "does/not/exist.yaml", "pypi.org"],
+            "cannot read rule file",
+            id="missing-rules",
+        ),
     ],
 )
 def test_check_bad_input_exits_2(capsys, argv, message):
@@ -174,17 +304,28 @@ def test_rules_show_each_rule_with_its_origin(capsys):
     assert main(["rules", "show", TEAM]) == 0
     out = capsys.readouterr().out
     profiles = [line for line in out.splitlines() if not line.startswith("  ")]
-    assert profiles == ["profile default  (fallback: deny, team.yaml:5)", "profile ci  (fallback: deny, team.yaml:5)"]
+    assert profiles == [
+        "profile default  (fallback: deny, team.yaml:5)",
+        "profile ci  (fallback: deny, team.yaml:5)",
+    ]
     rules = [line for line in out.splitlines() if line.startswith("  ")]
     for line in rules:
         origin = re.search(r"\(([^()]+):(\d+)\)$", line)
         assert origin, f"no (FILE:LINE) at the end of {line!r}"
         # relative to the rules root (team.yaml's folder); presets to the shipped rules
-        assert (ROOT / "rules/examples" / origin[1]).is_file() or (ROOT / "rules" / origin[1]).is_file()
-    assert "  allow api.github.com ports 80,443 methods GET,HEAD paths /repos/**  (team.yaml:12)" in rules
+        assert (ROOT / "rules/examples" / origin[1]).is_file() or (
+            ROOT / "rules" / origin[1]
+        ).is_file()
+    assert (
+        "  allow api.github.com ports 80,443 methods GET,HEAD paths /repos/**  (team.yaml:12)"
+        in rules
+    )
     assert "  deny  gist.github.com ports 80,443 [no-gists]  (team.yaml:17)" in rules or any(
-        line.startswith("  EXPIRED 2027-01-01: deny  gist.github.com") for line in rules)
-    assert any(line.endswith("[preset:pypi]  (presets/package-registries.yaml:6)") for line in rules)
+        line.startswith("  EXPIRED 2027-01-01: deny  gist.github.com") for line in rules
+    )
+    assert any(
+        line.endswith("[preset:pypi]  (presets/package-registries.yaml:6)") for line in rules
+    )
 
 
 def test_rules_show_profile_after_extends_and_include(capsys):
@@ -192,8 +333,15 @@ def test_rules_show_profile_after_extends_and_include(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("profile ci ")
     ids = [re.search(r"\[([^\]]+)\]", line)[1] for line in out[1:] if "[" in line]
-    assert ids[:7] == ["preset:pypi", "preset:npm", "preset:crates", "preset:go", "preset:maven",
-                       "preset:rubygems", "preset:apt"]
+    assert ids[:7] == [
+        "preset:pypi",
+        "preset:npm",
+        "preset:crates",
+        "preset:go",
+        "preset:maven",
+        "preset:rubygems",
+        "preset:apt",
+    ]
     assert ids[-1] == "ci-npm"
 
 
@@ -203,9 +351,17 @@ def test_rules_show_json(capsys):
     assert shown["profile"] == "ci" and shown["fallback"] == "deny"
     rule = next(r for r in shown["rules"] if r["origin"] == "team.yaml:12")
     assert rule == {
-        "id": "team.yaml:12", "action": "allow", "targets": ["api.github.com"], "ports": [80, 443],
-        "methods": ["GET", "HEAD"], "paths": ["/repos/**"], "origin": "team.yaml:12", "expires": None,
-        "owner": None, "ticket": None, "comment": None,
+        "id": "team.yaml:12",
+        "action": "allow",
+        "targets": ["api.github.com"],
+        "ports": [80, 443],
+        "methods": ["GET", "HEAD"],
+        "paths": ["/repos/**"],
+        "origin": "team.yaml:12",
+        "expires": None,
+        "owner": None,
+        "ticket": None,
+        "comment": None,
     }
 
 
@@ -218,8 +374,10 @@ def test_rules_show_defaults_to_the_shipped_rules(capsys):
 
 def test_rules_show_expired(tmp_path, capsys):
     path = tmp_path / "p.yaml"
-    path.write_text("version: 1\nprofiles:\n  default:\n    rules:\n"
-                    "      - allow: old.example\n        id: old\n        expires: 2001-01-01\n")
+    path.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        "      - allow: old.example\n        id: old\n        expires: 2001-01-01\n"
+    )
     assert main(["rules", "show", str(path)]) == 0
     assert "  EXPIRED 2001-01-01: allow old.example ports 80,443 [old]" in capsys.readouterr().out
 
@@ -237,7 +395,9 @@ def test_rules_lint_valid(capsys):
     assert capsys.readouterr().out == f"ok: rules/default.yaml, {TEAM}\n"
 
 
-@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "rules" / "presets").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "preset", sorted(p.stem for p in (ROOT / "rules" / "presets").glob("*.yaml"))
+)
 def test_every_shipped_preset_lints(tmp_path, capsys, preset):
     path = tmp_path / "p.yaml"
     path.write_text(f"version: 1\nprofiles:\n  default:\n    include: [{preset}]\n")
@@ -254,8 +414,14 @@ def test_rules_lint_json_invalid(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report == {
         "valid": False,
-        "errors": [{"file": BROKEN, "line": 6, "column": 16,
-                    "message": "'*' would allow everything; use the profile's 'fallback' instead"}],
+        "errors": [
+            {
+                "file": BROKEN,
+                "line": 6,
+                "column": 16,
+                "message": "'*' would allow everything; use the profile's 'fallback' instead",
+            }
+        ],
         "expired": [],
     }
 
@@ -269,8 +435,10 @@ def test_rules_lint_several_files_reports_each(capsys):
 
 def test_rules_lint_warns_about_expired_rules(tmp_path, capsys):
     path = tmp_path / "p.yaml"
-    path.write_text("version: 1\nprofiles:\n  default:\n    rules:\n"
-                    "      - allow: old.example\n        id: old\n        expires: 2001-01-01\n")
+    path.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        "      - allow: old.example\n        id: old\n        expires: 2001-01-01\n"
+    )
     assert main(["rules", "lint", str(path)]) == 0
     captured = capsys.readouterr()
     assert "warning: rule old expired on 2001-01-01 and no longer matches" in captured.err
@@ -283,7 +451,10 @@ def test_rules_lint_warns_about_expired_rules(tmp_path, capsys):
 
 
 def _installed_sandgate() -> Path:
-    for candidate in (ROOT / ".venv" / "bin" / "sandgate", Path(sys.executable).parent / "sandgate"):
+    for candidate in (
+        ROOT / ".venv" / "bin" / "sandgate",
+        Path(sys.executable).parent / "sandgate",
+    ):
         if candidate.exists():
             return candidate
     pytest.fail("the sandgate console script is not installed next to the test interpreter")
@@ -291,15 +462,24 @@ def _installed_sandgate() -> Path:
 
 def test_console_script_runs():
     sandgate = str(_installed_sandgate())
-    run = subprocess.run([sandgate, "check", "--json", "https://pypi.org/simple/"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sandgate, "check", "--json", "https://pypi.org/simple/"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["rule"] == "preset:pypi"
 
-    run = subprocess.run([sandgate, "check", "0x7f.1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sandgate, "check", "0x7f.1"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 1 and "private_address" in run.stdout
 
-    run = subprocess.run([sandgate, "rules", "lint", BROKEN], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sandgate, "rules", "lint", BROKEN], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 2
     assert run.stderr.startswith(f"{BROKEN}:6:16: ")
 
@@ -328,20 +508,30 @@ def test_every_option_has_help_and_every_json_has_j():
     from sandgate.enforcer.cli import build_parser
 
     parsers = list(_every_parser(build_parser()))
-    assert {p.prog for p in parsers} >= {"sandgate check", "sandgate rules lint", "sandgate gc", "sandgate run"}
+    assert {p.prog for p in parsers} >= {
+        "sandgate check",
+        "sandgate rules lint",
+        "sandgate gc",
+        "sandgate run",
+    }
     for parser in parsers:
         for action in parser._actions:
             if action.dest != "help" and not action.choices:
-                assert action.help, f"{parser.prog} {action.option_strings or action.dest}: no help text"
+                assert action.help, (
+                    f"{parser.prog} {action.option_strings or action.dest}: no help text"
+                )
             if "--json" in action.option_strings:
                 assert "-j" in action.option_strings, f"{parser.prog} --json has no -j"
 
 
-@pytest.mark.parametrize("argv", [
-    pytest.param(["check", "-j", "pypi.org"], id="check"),
-    pytest.param(["rules", "lint", "-j", "rules/default.yaml"], id="lint"),
-    pytest.param(["rules", "show", "-j", "--profile", "default"], id="show"),
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(["check", "-j", "pypi.org"], id="check"),
+        pytest.param(["rules", "lint", "-j", "rules/default.yaml"], id="lint"),
+        pytest.param(["rules", "show", "-j", "--profile", "default"], id="show"),
+    ],
+)
 def test_j_is_json(capsys, argv):
     assert main(argv) == 0
     assert isinstance(json.loads(capsys.readouterr().out), dict)
@@ -353,20 +543,35 @@ def test_not_root_is_one_line_and_exit_125(monkeypatch, capsys, command):
     assert main(command) == 125
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("sandgate: sandgate run needs root") and captured.err.count("\n") == 1
+    assert (
+        captured.err.startswith("sandgate: sandgate run needs root")
+        and captured.err.count("\n") == 1
+    )
 
 
 def test_missing_nft_is_one_line_and_exit_125(tmp_path):
     """A real process, so that nothing but main() stands between the error and the terminal."""
     (tmp_path / "bin").mkdir()  # a PATH without nft
-    env = {"PATH": str(tmp_path / "bin"), "SANDGATE_RUN_DIR": str(tmp_path / "run"),
-           "SANDGATE_STATE_DIR": str(tmp_path / "state")}
-    run = subprocess.run([sys.executable, "-m", "sandgate.enforcer.cli", "run", "--", "true"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": str(tmp_path / "bin"),
+        "SANDGATE_RUN_DIR": str(tmp_path / "run"),
+        "SANDGATE_STATE_DIR": str(tmp_path / "state"),
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "sandgate.enforcer.cli", "run", "--", "true"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if os.geteuid() != 0:  # the root check comes first
         assert "needs root" in run.stderr
     else:
-        assert run.stderr == "sandgate: the 'nft' command is missing; install nftables (Debian: apt-get install nftables)\n"
+        assert (
+            run.stderr
+            == "sandgate: the 'nft' command is missing; install nftables (Debian: apt-get install nftables)\n"
+        )
     assert (run.returncode, run.stdout) == (125, "")
     assert not (tmp_path / "run").exists()  # nothing was set up
 
@@ -388,14 +593,18 @@ def test_gc_dry_run_lists_and_touches_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr("shutil.which", lambda name: f"/usr/sbin/{name}")
     monkeypatch.setattr(netns, "list_sandbox_nets", lambda: ["dead0001"])
-    monkeypatch.setattr(netns, "destroy_sandbox_net", lambda run_id: removed.append(f"netns {run_id}"))
+    monkeypatch.setattr(
+        netns, "destroy_sandbox_net", lambda run_id: removed.append(f"netns {run_id}")
+    )
     monkeypatch.setattr(nft, "list_tables", lambda prefix: [f"{prefix}dead0001"])
     monkeypatch.setattr(nft, "delete_table", lambda table: removed.append(f"table {table}"))
 
     assert main(["gc", "--dry-run"]) == 0
-    assert capsys.readouterr().out == (f"would remove netns {netns.netns_name('dead0001')}\n"
-                                       "would remove nft table sandgate_dead0001\n"
-                                       f"would remove state {state}\n")
+    assert capsys.readouterr().out == (
+        f"would remove netns {netns.netns_name('dead0001')}\n"
+        "would remove nft table sandgate_dead0001\n"
+        f"would remove state {state}\n"
+    )
     assert removed == [] and state.is_dir()
 
     assert main(["gc"]) == 0

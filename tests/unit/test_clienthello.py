@@ -39,13 +39,21 @@ def record(body: bytes, kind: int = 0x16, version: bytes = b"\x03\x01") -> bytes
 def rechunked(hello: bytes, size: int) -> bytes:
     """The same handshake message split into records of `size` bytes."""
     message = handshake_of(hello)
-    return b"".join(record(message[i:i + size]) for i in range(0, len(message), size))
+    return b"".join(record(message[i : i + size]) for i in range(0, len(message), size))
 
 
 def hello_with_extensions(extensions: bytes, trailing: bytes = b"") -> bytes:
     """A minimal ClientHello record with the given raw extensions block content."""
-    body = (b"\x03\x03" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
-            + len(extensions).to_bytes(2, "big") + extensions + trailing)
+    body = (
+        b"\x03\x03"
+        + b"\x00" * 32
+        + b"\x00"
+        + b"\x00\x02\x13\x01"
+        + b"\x01\x00"
+        + len(extensions).to_bytes(2, "big")
+        + extensions
+        + trailing
+    )
     return record(b"\x01" + len(body).to_bytes(3, "big") + body)
 
 
@@ -61,7 +69,9 @@ def server_name(*names: tuple[int, bytes]) -> bytes:
 HELLOS = [
     pytest.param("allowed.test", None, id="tls-default"),
     pytest.param("allowed.test", ssl.TLSVersion.TLSv1_2, id="tls1.2"),
-    pytest.param("a" * 63 + "." + "b" * 63 + ".test", ssl.TLSVersion.TLSv1_3, id="tls1.3-long-name"),
+    pytest.param(
+        "a" * 63 + "." + "b" * 63 + ".test", ssl.TLSVersion.TLSv1_3, id="tls1.3-long-name"
+    ),
     pytest.param(None, None, id="no-sni"),
 ]
 
@@ -92,34 +102,74 @@ def test_a_hello_split_across_records(size):
 
 def test_without_extensions_there_is_no_sni():
     body = b"\x03\x01" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x00\x2f" + b"\x01\x00"
-    assert parse_client_hello(record(b"\x01" + len(body).to_bytes(3, "big") + body)) == ClientHello(sni=None)
+    assert parse_client_hello(record(b"\x01" + len(body).to_bytes(3, "big") + body)) == ClientHello(
+        sni=None
+    )
 
 
 @pytest.mark.parametrize(
     "data, message",
     [
-        pytest.param(hello_with_extensions(server_name((0, b"a.test")) + server_name((0, b"b.test"))),
-                     "appears twice", id="two-sni-extensions"),
-        pytest.param(hello_with_extensions(server_name((0, b"a.test"), (0, b"b.test"))),
-                     "more than one name", id="two-names"),
-        pytest.param(hello_with_extensions(server_name((1, b"a.test"))), "not host_name", id="other-name-type"),
-        pytest.param(hello_with_extensions(server_name((0, b""))), "empty host_name", id="empty-name"),
-        pytest.param(hello_with_extensions(server_name((0, "ä.test".encode()))), "not ASCII", id="non-ascii"),
-        pytest.param(hello_with_extensions(server_name((0, b"a.test")), trailing=b"\x00"),
-                     "does not end", id="bytes-after-extensions"),
-        pytest.param(hello_with_extensions(extension(0, b"\x00")), "not one name list", id="cut-sni"),
-        pytest.param(hello_with_extensions(b"\x00\x00\x00\x09"), "overruns", id="extension-overruns"),
+        pytest.param(
+            hello_with_extensions(server_name((0, b"a.test")) + server_name((0, b"b.test"))),
+            "appears twice",
+            id="two-sni-extensions",
+        ),
+        pytest.param(
+            hello_with_extensions(server_name((0, b"a.test"), (0, b"b.test"))),
+            "more than one name",
+            id="two-names",
+        ),
+        pytest.param(
+            hello_with_extensions(server_name((1, b"a.test"))),
+            "not host_name",
+            id="other-name-type",
+        ),
+        pytest.param(
+            hello_with_extensions(server_name((0, b""))), "empty host_name", id="empty-name"
+        ),
+        pytest.param(
+            hello_with_extensions(server_name((0, "ä.test".encode()))), "not ASCII", id="non-ascii"
+        ),
+        pytest.param(
+            hello_with_extensions(server_name((0, b"a.test")), trailing=b"\x00"),
+            "does not end",
+            id="bytes-after-extensions",
+        ),
+        pytest.param(
+            hello_with_extensions(extension(0, b"\x00")), "not one name list", id="cut-sni"
+        ),
+        pytest.param(
+            hello_with_extensions(b"\x00\x00\x00\x09"), "overruns", id="extension-overruns"
+        ),
         pytest.param(record(b""), "record of 0 bytes", id="empty-record"),
-        pytest.param(b"\x16\x03\x01\x40\x01" + b"\x00" * 16385, "record of 16385", id="record-too-long"),
-        pytest.param(record(b"\x01\x00\x00\x04abcd", kind=0x17), "expected a TLS handshake", id="not-handshake"),
+        pytest.param(
+            b"\x16\x03\x01\x40\x01" + b"\x00" * 16385, "record of 16385", id="record-too-long"
+        ),
+        pytest.param(
+            record(b"\x01\x00\x00\x04abcd", kind=0x17),
+            "expected a TLS handshake",
+            id="not-handshake",
+        ),
         pytest.param(record(b"\x02\x00\x00\x04abcd"), "not ClientHello", id="server-hello"),
-        pytest.param(record(b"\x01\x00\x00\x23" + b"\x03\x03" + b"\x00" * 32 + b"\x21"), "longer than 32",
-                     id="long-session-id"),
-        pytest.param(record(b"\x01\x00\x00\x26" + b"\x03\x03" + b"\x00" * 32 + b"\x00\x00\x01\x13"),
-                     "odd length", id="odd-cipher-list"),
-        pytest.param(record(b"\x01\x00\x00\x28" + b"\x03\x03" + b"\x00" * 32 + b"\x00\x00\x02\x13\x01\x00"),
-                     "no compression", id="no-compression"),
-        pytest.param(record(b"\x01\x00\x00\x05" + b"\x03\x03\x00\x00\x00"), "cut short", id="cut-random"),
+        pytest.param(
+            record(b"\x01\x00\x00\x23" + b"\x03\x03" + b"\x00" * 32 + b"\x21"),
+            "longer than 32",
+            id="long-session-id",
+        ),
+        pytest.param(
+            record(b"\x01\x00\x00\x26" + b"\x03\x03" + b"\x00" * 32 + b"\x00\x00\x01\x13"),
+            "odd length",
+            id="odd-cipher-list",
+        ),
+        pytest.param(
+            record(b"\x01\x00\x00\x28" + b"\x03\x03" + b"\x00" * 32 + b"\x00\x00\x02\x13\x01\x00"),
+            "no compression",
+            id="no-compression",
+        ),
+        pytest.param(
+            record(b"\x01\x00\x00\x05" + b"\x03\x03\x00\x00\x00"), "cut short", id="cut-random"
+        ),
     ],
 )
 def test_malformed_hellos_are_errors(data, message):
@@ -130,7 +180,15 @@ def test_malformed_hellos_are_errors(data, message):
 def test_starts_like_tls_record_as_mitmproxy():
     from mitmproxy.net.tls import starts_like_tls_record as theirs
 
-    for data in (b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x03\x04", b"\x16\x02\x01", b"GET "):
+    for data in (
+        b"",
+        b"\x16",
+        b"\x16\x03",
+        b"\x16\x03\x01",
+        b"\x16\x03\x04",
+        b"\x16\x02\x01",
+        b"GET ",
+    ):
         assert starts_like_tls_record(data) == theirs(data), data
 
 
@@ -138,9 +196,14 @@ HELLO = client_hello("allowed.test")
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=600) | st.builds(
-    lambda at, junk: HELLO[:at] + junk + HELLO[at + len(junk):],
-    st.integers(0, len(HELLO)), st.binary(min_size=1, max_size=4)))
+@given(
+    st.binary(max_size=600)
+    | st.builds(
+        lambda at, junk: HELLO[:at] + junk + HELLO[at + len(junk) :],
+        st.integers(0, len(HELLO)),
+        st.binary(min_size=1, max_size=4),
+    )
+)
 def test_any_bytes_give_a_hello_none_or_value_error_and_never_another_name(data):
     try:
         ours = parse_client_hello(data)

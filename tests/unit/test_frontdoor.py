@@ -55,8 +55,13 @@ async def started(gate, dst, upstream_port=1, hand_off=None, **options) -> Front
     async def refuse(sock):
         sock.close()
 
-    door = FrontDoor(gate, hand_off or refuse, original_dst=lambda sock: dst,
-                     upstream_address=lambda ip, port: (LOOPBACK, upstream_port), **options)
+    door = FrontDoor(
+        gate,
+        hand_off or refuse,
+        original_dst=lambda sock: dst,
+        upstream_address=lambda ip, port: (LOOPBACK, upstream_port),
+        **options,
+    )
     await door.start(LOOPBACK, 0)
     return door
 
@@ -109,8 +114,10 @@ def test_allowed_tls_is_relayed_from_byte_0_with_half_close_and_counted(gate):
             await door.stop()
 
     run(scenario())
-    assert events(gate) == [("connection", "rule_allow", "allowed", "allowed.test", "tls"),
-                             ("connection_end", "rule_allow", "allowed", "allowed.test", "tls")]
+    assert events(gate) == [
+        ("connection", "rule_allow", "allowed", "allowed.test", "tls"),
+        ("connection_end", "rule_allow", "allowed", "allowed.test", "tls"),
+    ]
     end = gate.events[-1]
     assert (end.bytes_up, end.bytes_down) == (len(HELLO) + 4, 70003)
     assert gate.connections == {}
@@ -165,7 +172,7 @@ def test_a_hello_in_pieces_is_waited_for(gate):
             door = await started(gate, ALLOWED, upstream.port)
             reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
             for i in range(0, len(HELLO), 100):
-                writer.write(HELLO[i:i + 100])
+                writer.write(HELLO[i : i + 100])
                 await writer.drain()
                 await asyncio.sleep(0.02)
             assert await read_all(reader) == b"ok"
@@ -221,7 +228,9 @@ def test_a_silent_client_on_a_non_web_port_gets_the_servers_banner(gate):
         pytest.param(EVIL, client_hello("allowed.test"), "spoofed_destination", id="spoofed-sni"),
         pytest.param(ALLOWED, b"SSH-2.0-tunnel\r\n", "not_http", id="not-http-on-443"),
         pytest.param(("203.0.113.66", 22), b"SSH-2.0-x\r\n", "no_rule", id="raw-unknown"),
-        pytest.param(("169.254.169.254", 80), b"GET / HTTP/1.1\r\n\r\n", "private_address", id="at-connect"),
+        pytest.param(
+            ("169.254.169.254", 80), b"GET / HTTP/1.1\r\n\r\n", "private_address", id="at-connect"
+        ),
     ],
 )
 def test_denied_connections_never_reach_the_upstream(gate, dst, data, reason):
@@ -260,9 +269,18 @@ def test_unknown_source_is_closed_at_connect(gate):
 @pytest.mark.parametrize(
     "dst, send, detail",
     [
-        pytest.param(EVIL, b"", "closed before sending enough bytes to decide", id="closed-at-once"),
-        pytest.param(ALLOWED, b"\x16\x03", "closed before sending enough bytes to decide", id="two-bytes-then-fin"),
-        pytest.param(ALLOWED, None, "nothing decidable within 0.3 s; the gateway closed it", id="timeout"),
+        pytest.param(
+            EVIL, b"", "closed before sending enough bytes to decide", id="closed-at-once"
+        ),
+        pytest.param(
+            ALLOWED,
+            b"\x16\x03",
+            "closed before sending enough bytes to decide",
+            id="two-bytes-then-fin",
+        ),
+        pytest.param(
+            ALLOWED, None, "nothing decidable within 0.3 s; the gateway closed it", id="timeout"
+        ),
     ],
 )
 def test_connections_that_end_undecided_get_no_data(gate, dst, send, detail):
@@ -336,8 +354,15 @@ def test_stop_closes_open_connections_and_reports_them(gate):
 
     run(scenario())
     assert sorted(e[:2] for e in events(gate)) == [
-        ("connection", "no_data"), ("connection", "rule_allow"), ("connection_end", "rule_allow")]
-    ends = [e.detail for e in gate.events if str(e.kind) == "connection_end" or str(e.reason) == "no_data"]
+        ("connection", "no_data"),
+        ("connection", "rule_allow"),
+        ("connection_end", "rule_allow"),
+    ]
+    ends = [
+        e.detail
+        for e in gate.events
+        if str(e.kind) == "connection_end" or str(e.reason) == "no_data"
+    ]
     assert len(ends) == 2 and all(detail.endswith("the gateway stopped") for detail in ends)
     assert gate.connections == {}
 
@@ -451,8 +476,10 @@ def test_a_hello_after_silence_is_decided_before_any_byte_reaches_the_server(gat
 
     run(scenario())
     assert received == [b""]
-    assert events(gate) == [("connection", "rule_allow", "ssh", "ssh.allowed.test", "tcp"),
-                            ("connection", "no_rule", "default:fallback", "evil.test", "tls")]
+    assert events(gate) == [
+        ("connection", "rule_allow", "ssh", "ssh.allowed.test", "tcp"),
+        ("connection", "no_rule", "default:fallback", "evil.test", "tls"),
+    ]
     assert gate.connections == {}
 
 

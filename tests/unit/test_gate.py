@@ -18,21 +18,51 @@ def connect(gate, dst: str, port: int, src: str = SANDBOX, key=("k", 1)):
 
 
 def summary(event) -> tuple:
-    return str(event.kind), str(event.verdict), str(event.reason), event.rule_id, event.name, event.protocol
+    return (
+        str(event.kind),
+        str(event.verdict),
+        str(event.reason),
+        event.rule_id,
+        event.name,
+        event.protocol,
+    )
 
 
 @pytest.mark.parametrize(
     "src, dst, port, reason, rule",
     [
-        pytest.param("10.213.9.9", "203.0.113.10", 443, "unknown_sandbox", "builtin:unknown-sandbox", id="unknown-source"),
-        pytest.param(SANDBOX, "169.254.169.254", 80, "private_address", "builtin:private-address", id="metadata"),
+        pytest.param(
+            "10.213.9.9",
+            "203.0.113.10",
+            443,
+            "unknown_sandbox",
+            "builtin:unknown-sandbox",
+            id="unknown-source",
+        ),
+        pytest.param(
+            SANDBOX,
+            "169.254.169.254",
+            80,
+            "private_address",
+            "builtin:private-address",
+            id="metadata",
+        ),
         pytest.param(SANDBOX, "203.0.113.99", 443, "rule_deny", "deny-ip", id="ip-deny-rule"),
-        pytest.param(SANDBOX, "not an ip", 443, "unknown_sandbox", "builtin:unknown-sandbox", id="bad-destination"),
+        pytest.param(
+            SANDBOX,
+            "not an ip",
+            443,
+            "unknown_sandbox",
+            "builtin:unknown-sandbox",
+            id="bad-destination",
+        ),
     ],
 )
 def test_hard_denials_at_connect(gate, src, dst, port, reason, rule):
     assert connect(gate, dst, port, src=src) is None
-    assert [(str(e.reason), e.rule_id, e.dst_ip, e.dst_port) for e in gate.events] == [(reason, rule, dst, port)]
+    assert [(str(e.reason), e.rule_id, e.dst_ip, e.dst_port) for e in gate.events] == [
+        (reason, rule, dst, port)
+    ]
     assert gate.connections == {}
 
 
@@ -45,31 +75,106 @@ def test_no_rule_yet_waits_for_the_bytes(gate):
 @pytest.mark.parametrize(
     "dst, port, data, outcome, event",
     [
-        pytest.param("203.0.113.10", 443, client_hello("allowed.test"), Outcome.PASSTHROUGH,
-                     ("connection", "allow", "rule_allow", "allowed", "allowed.test", "tls"), id="tls-allowed"),
-        pytest.param("203.0.113.11", 443, client_hello("api.allowed.test"), Outcome.INTERCEPT,
-                     ("connection", "allow", "rule_allow", "api-get", "api.allowed.test", "tls"), id="tls-inspected"),
-        pytest.param("203.0.113.66", 443, client_hello("allowed.test"), Outcome.REJECT,
-                     ("connection", "deny", "spoofed_destination", "builtin:spoofed-destination", "allowed.test",
-                      "tls"), id="tls-spoofed"),
-        pytest.param("203.0.113.66", 443, client_hello(None), Outcome.REJECT,
-                     ("connection", "deny", "missing_sni", "builtin:missing-sni", None, "tls"), id="tls-no-sni"),
-        pytest.param("203.0.113.10", 443, b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", Outcome.REJECT,
-                     ("connection", "deny", "malformed_tls", "builtin:malformed-tls", None, "tls"), id="tls-malformed"),
+        pytest.param(
+            "203.0.113.10",
+            443,
+            client_hello("allowed.test"),
+            Outcome.PASSTHROUGH,
+            ("connection", "allow", "rule_allow", "allowed", "allowed.test", "tls"),
+            id="tls-allowed",
+        ),
+        pytest.param(
+            "203.0.113.11",
+            443,
+            client_hello("api.allowed.test"),
+            Outcome.INTERCEPT,
+            ("connection", "allow", "rule_allow", "api-get", "api.allowed.test", "tls"),
+            id="tls-inspected",
+        ),
+        pytest.param(
+            "203.0.113.66",
+            443,
+            client_hello("allowed.test"),
+            Outcome.REJECT,
+            (
+                "connection",
+                "deny",
+                "spoofed_destination",
+                "builtin:spoofed-destination",
+                "allowed.test",
+                "tls",
+            ),
+            id="tls-spoofed",
+        ),
+        pytest.param(
+            "203.0.113.66",
+            443,
+            client_hello(None),
+            Outcome.REJECT,
+            ("connection", "deny", "missing_sni", "builtin:missing-sni", None, "tls"),
+            id="tls-no-sni",
+        ),
+        pytest.param(
+            "203.0.113.10",
+            443,
+            b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",
+            Outcome.REJECT,
+            ("connection", "deny", "malformed_tls", "builtin:malformed-tls", None, "tls"),
+            id="tls-malformed",
+        ),
         pytest.param("203.0.113.10", 80, b"GET / HTTP/1.1\r\n", Outcome.HTTP, None, id="http"),
-        pytest.param("203.0.113.10", 22, b"SSH-2.0-x\r\n", Outcome.PASSTHROUGH,
-                     ("connection", "allow", "rule_allow", "ssh", "ssh.allowed.test", "tcp"), id="raw-by-binding"),
-        pytest.param("203.0.113.66", 22, b"SSH-2.0-x\r\n", Outcome.REJECT,
-                     ("connection", "deny", "no_rule", "default:fallback", None, "tcp"), id="raw-unknown"),
-        pytest.param("203.0.113.10", 443, b"SSH-2.0-tunnel\r\n", Outcome.REJECT,
-                     ("connection", "deny", "not_http", "builtin:not-http", None, "tcp"), id="not-http-on-443"),
-        pytest.param("203.0.113.12", 5432, b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Outcome.REJECT,
-                     ("connection", "deny", "not_http", "builtin:not-http", "db.allowed.test", "tcp"),
-                     id="raw-where-a-rule-needs-http"),
+        pytest.param(
+            "203.0.113.10",
+            22,
+            b"SSH-2.0-x\r\n",
+            Outcome.PASSTHROUGH,
+            ("connection", "allow", "rule_allow", "ssh", "ssh.allowed.test", "tcp"),
+            id="raw-by-binding",
+        ),
+        pytest.param(
+            "203.0.113.66",
+            22,
+            b"SSH-2.0-x\r\n",
+            Outcome.REJECT,
+            ("connection", "deny", "no_rule", "default:fallback", None, "tcp"),
+            id="raw-unknown",
+        ),
+        pytest.param(
+            "203.0.113.10",
+            443,
+            b"SSH-2.0-tunnel\r\n",
+            Outcome.REJECT,
+            ("connection", "deny", "not_http", "builtin:not-http", None, "tcp"),
+            id="not-http-on-443",
+        ),
+        pytest.param(
+            "203.0.113.12",
+            5432,
+            b"\x00\x00\x00\x08\x04\xd2\x16\x2f",
+            Outcome.REJECT,
+            ("connection", "deny", "not_http", "builtin:not-http", "db.allowed.test", "tcp"),
+            id="raw-where-a-rule-needs-http",
+        ),
         pytest.param("203.0.113.10", 443, b"\x16\x03", Outcome.WAIT, None, id="two-bytes"),
-        pytest.param("203.0.113.10", 22, b"GET", Outcome.WAIT, None, id="a-method-alone-waits-for-its-request"),
-        pytest.param("203.0.113.10", 22, b"GET / HTTP/1.1\r\n", Outcome.HTTP, None, id="http-on-a-raw-port"),
-        pytest.param("203.0.113.10", 443, client_hello("allowed.test")[:40], Outcome.WAIT, None, id="half-hello"),
+        pytest.param(
+            "203.0.113.10",
+            22,
+            b"GET",
+            Outcome.WAIT,
+            None,
+            id="a-method-alone-waits-for-its-request",
+        ),
+        pytest.param(
+            "203.0.113.10", 22, b"GET / HTTP/1.1\r\n", Outcome.HTTP, None, id="http-on-a-raw-port"
+        ),
+        pytest.param(
+            "203.0.113.10",
+            443,
+            client_hello("allowed.test")[:40],
+            Outcome.WAIT,
+            None,
+            id="half-hello",
+        ),
     ],
 )
 def test_first_bytes(gate, dst, port, data, outcome, event):
@@ -121,7 +226,12 @@ def test_allowed_connection_end_reports_bytes_and_what_ended_it(gate):
     state.bytes_up, state.bytes_down = 517, 0
     gate.on_close(state, "upstream connect failed: Connection refused")
     allow, end = gate.events
-    assert (str(end.kind), end.rule_id, end.bytes_up, end.bytes_down) == ("connection_end", "allowed", 517, 0)
+    assert (str(end.kind), end.rule_id, end.bytes_up, end.bytes_down) == (
+        "connection_end",
+        "allowed",
+        517,
+        0,
+    )
     assert end.detail == f"{allow.detail}; upstream connect failed: Connection refused"
     gate.on_close(state)  # a second close reports nothing more
     assert len(gate.events) == 2
@@ -165,7 +275,12 @@ def test_requests(gate, host, method, path, reason, name):
     assert str(decision.reason) == reason
     (event,) = gate.events
     assert (str(event.kind), str(event.reason), event.name, event.method, event.protocol) == (
-        "request", reason, name, method, "http")
+        "request",
+        reason,
+        name,
+        method,
+        "http",
+    )
 
 
 def test_every_decision_fails_closed(gate, monkeypatch):
@@ -187,21 +302,35 @@ def test_every_decision_fails_closed(gate, monkeypatch):
     assert gate.on_silence(silent) is Outcome.REJECT
     assert not gate.on_request(state, "allowed.test", "GET", "/", tls=False).allowed
     assert [(str(e.kind), str(e.reason)) for e in gate.events] == [
-        ("connection", "internal_error"), ("connection", "internal_error"), ("connection", "internal_error"),
-        ("request", "internal_error")]
-    assert gate.fail(None, RuntimeError("adapter bug"), {"source": "x:1"}).reason == "internal_error"
+        ("connection", "internal_error"),
+        ("connection", "internal_error"),
+        ("connection", "internal_error"),
+        ("request", "internal_error"),
+    ]
+    assert (
+        gate.fail(None, RuntimeError("adapter bug"), {"source": "x:1"}).reason == "internal_error"
+    )
 
 
 @pytest.mark.parametrize(
     "data, outcome, second_event",
     [
         pytest.param(b"PING\r\n", Outcome.PASSTHROUGH, None, id="raw-bytes-are-what-was-allowed"),
-        pytest.param(client_hello("allowed.test"), Outcome.REJECT,
-                     ("connection", "deny", "port_not_allowed", "default:fallback", "allowed.test", "tls"),
-                     id="a-hello-gets-its-own-decision"),
-        pytest.param(client_hello("evil.test"), Outcome.REJECT,
-                     ("connection", "deny", "no_rule", "default:fallback", "evil.test", "tls"), id="fronting"),
-        pytest.param(b"GET / HTTP/1.1\r\n", Outcome.HTTP, None, id="http-goes-to-per-request-decisions"),
+        pytest.param(
+            client_hello("allowed.test"),
+            Outcome.REJECT,
+            ("connection", "deny", "port_not_allowed", "default:fallback", "allowed.test", "tls"),
+            id="a-hello-gets-its-own-decision",
+        ),
+        pytest.param(
+            client_hello("evil.test"),
+            Outcome.REJECT,
+            ("connection", "deny", "no_rule", "default:fallback", "evil.test", "tls"),
+            id="fronting",
+        ),
+        pytest.param(
+            b"GET / HTTP/1.1\r\n", Outcome.HTTP, None, id="http-goes-to-per-request-decisions"
+        ),
         pytest.param(b"PUT", Outcome.WAIT, None, id="a-method-alone-waits"),
     ],
 )
@@ -210,7 +339,8 @@ def test_a_client_that_speaks_after_a_silence_decision(gate, data, outcome, seco
     assert gate.on_silence(state) is Outcome.PASSTHROUGH
     assert gate.on_first_bytes(state, data) is outcome
     assert [summary(e) for e in gate.events] == [
-        ("connection", "allow", "rule_allow", "ssh", "ssh.allowed.test", "tcp")] + ([second_event] if second_event else [])
+        ("connection", "allow", "rule_allow", "ssh", "ssh.allowed.test", "tcp")
+    ] + ([second_event] if second_event else [])
     assert state.silent == (outcome is Outcome.WAIT)
     assert (state.allowed is not None) == (outcome in (Outcome.PASSTHROUGH, Outcome.WAIT))
 
@@ -220,6 +350,11 @@ def test_half_a_hello_after_a_silence_decision_waits_under_it(gate):
     gate.on_silence(state)
     hello = client_hello("ssh.allowed.test")
     assert gate.on_first_bytes(state, hello[:40]) is Outcome.WAIT
-    assert state.outcome is Outcome.PASSTHROUGH and state.silent and state.name == "ssh.allowed.test"
+    assert (
+        state.outcome is Outcome.PASSTHROUGH and state.silent and state.name == "ssh.allowed.test"
+    )
     assert gate.on_first_bytes(state, hello) is Outcome.PASSTHROUGH
-    assert [(str(e.reason), e.protocol) for e in gate.events] == [("rule_allow", "tcp"), ("rule_allow", "tls")]
+    assert [(str(e.reason), e.protocol) for e in gate.events] == [
+        ("rule_allow", "tcp"),
+        ("rule_allow", "tls"),
+    ]

@@ -67,27 +67,35 @@ def test_abi_of_this_kernel() -> None:
 
 
 def test_writes_beneath_writable_path(tree: Path) -> None:
-    assert run_forked(restricted, [str(tree / "a")], work_in, str(tree / "a")).value == (min(ABI, 7), 0)
+    assert run_forked(restricted, [str(tree / "a")], work_in, str(tree / "a")).value == (
+        min(ABI, 7),
+        0,
+    )
     assert (tree / "a" / "renamed").read_bytes() == b""
     assert not (tree / "a" / "sub").exists()
 
 
-@pytest.mark.parametrize(("action", "relative_args"), [
-    pytest.param(write_file, ("b/new",), id="create-file"),
-    pytest.param(write_file, ("b/existing",), id="overwrite-file"),
-    pytest.param(write_file, ("b/existing", b"more", "ab"), id="append-file"),
-    pytest.param(truncate, ("b/existing",), id="truncate"),
-    pytest.param(os.mkdir, ("b/new",), id="mkdir"),
-    pytest.param(os.mkfifo, ("b/new",), id="mkfifo"),
-    pytest.param(os.symlink, ("existing", "b/new"), id="symlink"),
-    pytest.param(os.unlink, ("b/existing",), id="remove-file"),
-    pytest.param(os.rename, ("b/existing", "b/new"), id="rename-in-b"),
-    pytest.param(os.rename, ("a/movable", "b/new"), id="move-a-to-b"),
-    pytest.param(os.rename, ("b/existing", "a/new"), id="move-b-to-a"),
-    pytest.param(os.link, ("b/existing", "b/new"), id="hardlink-in-b"),
-])
+@pytest.mark.parametrize(
+    ("action", "relative_args"),
+    [
+        pytest.param(write_file, ("b/new",), id="create-file"),
+        pytest.param(write_file, ("b/existing",), id="overwrite-file"),
+        pytest.param(write_file, ("b/existing", b"more", "ab"), id="append-file"),
+        pytest.param(truncate, ("b/existing",), id="truncate"),
+        pytest.param(os.mkdir, ("b/new",), id="mkdir"),
+        pytest.param(os.mkfifo, ("b/new",), id="mkfifo"),
+        pytest.param(os.symlink, ("existing", "b/new"), id="symlink"),
+        pytest.param(os.unlink, ("b/existing",), id="remove-file"),
+        pytest.param(os.rename, ("b/existing", "b/new"), id="rename-in-b"),
+        pytest.param(os.rename, ("a/movable", "b/new"), id="move-a-to-b"),
+        pytest.param(os.rename, ("b/existing", "a/new"), id="move-b-to-a"),
+        pytest.param(os.link, ("b/existing", "b/new"), id="hardlink-in-b"),
+    ],
+)
 def test_writes_elsewhere_refused_without_effect(tree: Path, action, relative_args: tuple) -> None:
-    args = [str(tree / arg) if isinstance(arg, str) and "/" in arg else arg for arg in relative_args]
+    args = [
+        str(tree / arg) if isinstance(arg, str) and "/" in arg else arg for arg in relative_args
+    ]
     applied, code = run_forked(restricted, [str(tree / "a")], action, *args).value
     assert applied >= 1
     assert code == errno.EACCES, os.strerror(code)
@@ -97,10 +105,13 @@ def test_writes_elsewhere_refused_without_effect(tree: Path, action, relative_ar
     assert not (tree / "a" / "new").exists()
 
 
-@pytest.mark.parametrize(("writable", "expected"), [
-    pytest.param(["/dev/null"], 0, id="listed"),
-    pytest.param([], errno.EACCES, id="not-listed"),
-])
+@pytest.mark.parametrize(
+    ("writable", "expected"),
+    [
+        pytest.param(["/dev/null"], 0, id="listed"),
+        pytest.param([], errno.EACCES, id="not-listed"),
+    ],
+)
 def test_dev_null(tree: Path, writable: list[str], expected: int) -> None:
     assert run_forked(restricted, writable, write_file, "/dev/null").value[1] == expected
 
@@ -115,7 +126,10 @@ def test_regular_file_path_gets_file_rights_only(tree: Path) -> None:
 
 def test_missing_paths_are_skipped(tree: Path) -> None:
     writable = [str(tree / "absent"), str(tree / "a")]
-    assert run_forked(restricted, writable, write_file, str(tree / "a" / "new")).value == (min(ABI, 7), 0)
+    assert run_forked(restricted, writable, write_file, str(tree / "a" / "new")).value == (
+        min(ABI, 7),
+        0,
+    )
     assert not (tree / "absent").exists()
 
 
@@ -152,7 +166,9 @@ def test_abstract_socket_of_outside_not_connectable() -> None:
 def test_process_outside_not_signalled() -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
-        assert run_forked(restricted, [], os.kill, sleeper.pid, signal.SIGTERM).value[1] == errno.EPERM
+        assert (
+            run_forked(restricted, [], os.kill, sleeper.pid, signal.SIGTERM).value[1] == errno.EPERM
+        )
         assert sleeper.poll() is None
     finally:
         sleeper.kill()

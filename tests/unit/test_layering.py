@@ -26,8 +26,11 @@ PURE_MODULES = [
 IMPURE_IMPORTS = {"socket", "asyncio", "mitmproxy", "pyroute2", "subprocess", "threading"}
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE_DIRS = {"sandgate.proxy": ROOT / "proxy", "sandgate.enforcer": ROOT / "enforcer",
-                "sandgate.rules": ROOT / "rules"}  # as [tool.setuptools] package-dir
+PACKAGE_DIRS = {
+    "sandgate.proxy": ROOT / "proxy",
+    "sandgate.enforcer": ROOT / "enforcer",
+    "sandgate.rules": ROOT / "rules",
+}  # as [tool.setuptools] package-dir
 
 
 def module_index(package_dirs: dict[str, Path]) -> dict[str, Path]:
@@ -62,7 +65,9 @@ def imports_of(name: str, path: Path, index: dict[str, Path]) -> set[str]:
                 base = f"{anchor}.{base}" if base else anchor
             found.add(base)
             # `from pkg import mod` imports the module pkg.mod
-            found.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in index)
+            found.update(
+                f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in index
+            )
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -98,7 +103,11 @@ def expand(patterns: list[str], index: dict[str, Path]) -> list[str]:
     names = []
     for pattern in patterns:
         prefix = pattern.removesuffix(".*")
-        matched = [n for n in index if n == prefix or (pattern.endswith(".*") and n.startswith(prefix + "."))]
+        matched = [
+            n
+            for n in index
+            if n == prefix or (pattern.endswith(".*") and n.startswith(prefix + "."))
+        ]
         assert matched, f"PURE_MODULES names {pattern}, which does not exist"
         names += matched
     return sorted(names)
@@ -109,8 +118,11 @@ INDEX = module_index(PACKAGE_DIRS)
 
 @pytest.mark.parametrize("name", sorted(n for n in INDEX if n.startswith("sandgate.proxy")))
 def test_proxy_never_imports_enforcer(name):
-    enforcer = {i for i in imports_of(name, INDEX[name], INDEX)
-                if i == "sandgate.enforcer" or i.startswith("sandgate.enforcer.")}
+    enforcer = {
+        i
+        for i in imports_of(name, INDEX[name], INDEX)
+        if i == "sandgate.enforcer" or i.startswith("sandgate.enforcer.")
+    }
     assert not enforcer, f"{name} imports {enforcer}: proxy must not depend on enforcer"
 
 
@@ -126,14 +138,24 @@ def test_the_checks_see_relative_transitive_and_lazy_imports(tmp_path):
     (tmp_path / "core" / "calc.py").write_text("from . import helper\ndef add(): return 1\n")
     (tmp_path / "core" / "helper.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import asyncio\n"
-        "def f():\n    from sandgate.edge import io\n")
+        "def f():\n    from sandgate.edge import io\n"
+    )
     (tmp_path / "edge").mkdir()
     (tmp_path / "edge" / "__init__.py").write_text("")
     (tmp_path / "edge" / "io.py").write_text("import socket\n")
     index = module_index({"sandgate.core": tmp_path / "core", "sandgate.edge": tmp_path / "edge"})
 
     assert impure_imports("sandgate.edge.io", index) == {"socket": "sandgate.edge.io -> socket"}
-    assert impure_imports("sandgate.core", index) == {"socket": (
-        "sandgate.core -> sandgate.core.calc -> sandgate.core.helper -> sandgate.edge.io -> socket")}
-    assert "sandgate.edge.io" in imports_of("sandgate.core.helper", index["sandgate.core.helper"], index)
-    assert expand(["sandgate.core.*"], index) == ["sandgate.core", "sandgate.core.calc", "sandgate.core.helper"]
+    assert impure_imports("sandgate.core", index) == {
+        "socket": (
+            "sandgate.core -> sandgate.core.calc -> sandgate.core.helper -> sandgate.edge.io -> socket"
+        )
+    }
+    assert "sandgate.edge.io" in imports_of(
+        "sandgate.core.helper", index["sandgate.core.helper"], index
+    )
+    assert expand(["sandgate.core.*"], index) == [
+        "sandgate.core",
+        "sandgate.core.calc",
+        "sandgate.core.helper",
+    ]

@@ -39,8 +39,12 @@ IP = ipaddress.ip_address
         pytest.param("xn--bcher-kva.example", "xn--bcher-kva.example", id="punycode-stays"),
         pytest.param("XN--BCHER-KVA.Example", "xn--bcher-kva.example", id="punycode-upper-case"),
         pytest.param("BÜCHER.example.", "xn--bcher-kva.example", id="idna-upper-case-trailing-dot"),
-        pytest.param("g\u0456thub.com", "xn--gthub-n2e.com", id="cyrillic-i-lookalike-is-not-github"),
-        pytest.param("\uff27\uff29\uff34\uff28\uff35\uff22.com", "github.com", id="fullwidth-maps-to-ascii"),
+        pytest.param(
+            "g\u0456thub.com", "xn--gthub-n2e.com", id="cyrillic-i-lookalike-is-not-github"
+        ),
+        pytest.param(
+            "\uff27\uff29\uff34\uff28\uff35\uff22.com", "github.com", id="fullwidth-maps-to-ascii"
+        ),
         pytest.param("github\u3002com", "github.com", id="ideographic-full-stop-is-a-dot"),
         pytest.param("github\uff0ecom", "github.com", id="fullwidth-full-stop-is-a-dot"),
         pytest.param("_dmarc.example.com", "_dmarc.example.com", id="underscore-label"),
@@ -283,8 +287,12 @@ def test_parse_network_rejects(text):
     ("text", "expected"),
     [
         pytest.param("example.com", DomainPattern("example.com", False), id="exact"),
-        pytest.param("*.Example.COM.", DomainPattern("example.com", True), id="wildcard-normalised"),
-        pytest.param("*.Bücher.example", DomainPattern("xn--bcher-kva.example", True), id="wildcard-idna"),
+        pytest.param(
+            "*.Example.COM.", DomainPattern("example.com", True), id="wildcard-normalised"
+        ),
+        pytest.param(
+            "*.Bücher.example", DomainPattern("xn--bcher-kva.example", True), id="wildcard-idna"
+        ),
     ],
 )
 def test_parse_domain_pattern(text, expected):
@@ -336,7 +344,9 @@ def test_parse_path(text, expected):
 # --- properties -------------------------------------------------------------------------
 
 _label = st.from_regex(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,20}[A-Za-z0-9_])?", fullmatch=True)
-_unicode_label = st.text(st.characters(min_codepoint=0xA1, max_codepoint=0x2FFF), min_size=1, max_size=10)
+_unicode_label = st.text(
+    st.characters(min_codepoint=0xA1, max_codepoint=0x2FFF), min_size=1, max_size=10
+)
 _names = st.lists(st.one_of(_label, _unicode_label), min_size=1, max_size=5).map(".".join)
 
 
@@ -366,7 +376,9 @@ def _ipv4_spellings(number: int) -> st.SearchStrategy[str]:
     b = number.to_bytes(4, "big")
 
     def part(value: int) -> st.SearchStrategy[str]:
-        return st.sampled_from([str(value), hex(value), hex(value).upper().replace("X", "x"), "0" + oct(value)[2:]])
+        return st.sampled_from(
+            [str(value), hex(value), hex(value).upper().replace("X", "x"), "0" + oct(value)[2:]]
+        )
 
     forms = [
         st.tuples(*(part(x) for x in b)).map(".".join),
@@ -419,12 +431,23 @@ def test_a_wildcard_never_matches_its_apex(text):
 # special_range() runs on integer tables built from this list: check it against the
 # list itself, read the slow and obvious way.
 _REFERENCE_RANGES = [
-    ("0.0.0.0/8", "unspecified"), ("10.0.0.0/8", "private"), ("100.64.0.0/10", "cgnat"),
-    ("127.0.0.0/8", "loopback"), ("169.254.0.0/16", "link-local"), ("172.16.0.0/12", "private"),
-    ("192.0.0.0/24", "private"), ("192.168.0.0/16", "private"), ("198.18.0.0/15", "private"),
-    ("224.0.0.0/4", "multicast"), ("240.0.0.0/4", "reserved"), ("::/128", "unspecified"),
-    ("::1/128", "loopback"), ("fc00::/7", "private"), ("fe80::/10", "link-local"),
-    ("fec0::/10", "private"), ("ff00::/8", "multicast"),
+    ("0.0.0.0/8", "unspecified"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "cgnat"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "private"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "private"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("fc00::/7", "private"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "private"),
+    ("ff00::/8", "multicast"),
 ]
 
 
@@ -433,9 +456,12 @@ def _reference_special_range(ip):
         ip = ip.ipv4_mapped
     if ip.version == 6:
         n = int(ip)
-        inner = (ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-                 or (ipaddress.IPv4Address(n & 0xFFFFFFFF) if (n >> 32 == 0 and n > 1) else None)
-                 or (ipaddress.IPv4Address(n & 0xFFFFFFFF) if n >> 32 == 0x64FF9B << 64 else None))
+        inner = (
+            ip.sixtofour
+            or (ip.teredo[1] if ip.teredo else None)
+            or (ipaddress.IPv4Address(n & 0xFFFFFFFF) if (n >> 32 == 0 and n > 1) else None)
+            or (ipaddress.IPv4Address(n & 0xFFFFFFFF) if n >> 32 == 0x64FF9B << 64 else None)
+        )
         if inner is not None and _reference_special_range(inner):
             return _reference_special_range(inner)
     for net, kind in _REFERENCE_RANGES:
@@ -445,12 +471,24 @@ def _reference_special_range(ip):
     return None
 
 
-_special_addresses = st.sampled_from([ipaddress.ip_network(n) for n, _ in _REFERENCE_RANGES]).flatmap(
-    lambda net: st.integers(0, net.num_addresses - 1).map(lambda i: net.network_address + i))
-_v4_in_v6 = st.tuples(st.sampled_from([0xFFFF << 32, 0x2002 << 112, 0x20010000 << 96, 0, 0x64FF9B << 96]),
-                      st.ip_addresses(v=4)).map(
-    lambda t: ipaddress.IPv6Address(t[0] | (int(t[1]) << 80 if t[0] == 0x2002 << 112 else
-                                            (~int(t[1]) & 0xFFFFFFFF) if t[0] == 0x20010000 << 96 else int(t[1]))))
+_special_addresses = st.sampled_from(
+    [ipaddress.ip_network(n) for n, _ in _REFERENCE_RANGES]
+).flatmap(lambda net: st.integers(0, net.num_addresses - 1).map(lambda i: net.network_address + i))
+_v4_in_v6 = st.tuples(
+    st.sampled_from([0xFFFF << 32, 0x2002 << 112, 0x20010000 << 96, 0, 0x64FF9B << 96]),
+    st.ip_addresses(v=4),
+).map(
+    lambda t: ipaddress.IPv6Address(
+        t[0]
+        | (
+            int(t[1]) << 80
+            if t[0] == 0x2002 << 112
+            else (~int(t[1]) & 0xFFFFFFFF)
+            if t[0] == 0x20010000 << 96
+            else int(t[1])
+        )
+    )
+)
 
 
 @given(st.one_of(st.ip_addresses(), _special_addresses, _v4_in_v6))
@@ -462,6 +500,7 @@ def test_special_range_agrees_with_the_reference(ip):
 def test_parse_domain_fast_path_agrees_with_the_full_checks(text):
     """Plain ASCII names take a fast path; the same name spelled with an ideographic
     full stop takes the full checks. Both must agree."""
+
     def outcome(t):
         try:
             return parse_domain(t)
@@ -474,34 +513,42 @@ def test_parse_domain_fast_path_agrees_with_the_full_checks(text):
 # --- host:port --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, default_port, expected", [
-    pytest.param("example.com:8080", None, ("example.com", 8080), id="name"),
-    pytest.param("127.0.0.1:9464", None, ("127.0.0.1", 9464), id="v4"),
-    pytest.param("[::1]:9464", None, ("::1", 9464), id="v6-bracketed"),
-    pytest.param("example.com", 443, ("example.com", 443), id="default-port"),
-    pytest.param("[2001:db8::1]", 443, ("2001:db8::1", 443), id="v6-bracketed-default"),
-    pytest.param("2001:db8::1", 443, ("2001:db8::1", 443), id="v6-bare-is-an-address"),
-    pytest.param("h:65535", None, ("h", 65535), id="highest-port"),
-])
+@pytest.mark.parametrize(
+    "text, default_port, expected",
+    [
+        pytest.param("example.com:8080", None, ("example.com", 8080), id="name"),
+        pytest.param("127.0.0.1:9464", None, ("127.0.0.1", 9464), id="v4"),
+        pytest.param("[::1]:9464", None, ("::1", 9464), id="v6-bracketed"),
+        pytest.param("example.com", 443, ("example.com", 443), id="default-port"),
+        pytest.param("[2001:db8::1]", 443, ("2001:db8::1", 443), id="v6-bracketed-default"),
+        pytest.param("2001:db8::1", 443, ("2001:db8::1", 443), id="v6-bare-is-an-address"),
+        pytest.param("h:65535", None, ("h", 65535), id="highest-port"),
+    ],
+)
 def test_parse_host_port(text, default_port, expected):
     assert parse_host_port(text, default_port) == expected
     host, port = expected
-    assert parse_host_port(format_host_port(host, port)) == expected  # the formatter's output reads back
+    assert (
+        parse_host_port(format_host_port(host, port)) == expected
+    )  # the formatter's output reads back
 
 
-@pytest.mark.parametrize("text, message", [
-    pytest.param("example.com", "has no port", id="no-port"),
-    pytest.param(":80", "names no host", id="no-host"),
-    pytest.param("[]:80", "names no host", id="empty-brackets"),
-    pytest.param("host:", "from 1 to 65535", id="empty-port"),
-    pytest.param("host:http", "from 1 to 65535", id="named-port"),
-    pytest.param("host:0", "from 1 to 65535", id="zero"),
-    pytest.param("host:65536", "from 1 to 65535", id="too-big"),
-    pytest.param("host:\u00b2", "from 1 to 65535", id="unicode-digit"),
-    pytest.param("host:-1", "from 1 to 65535", id="negative"),
-    pytest.param("[::1", "expected \\[IPV6\\]:PORT", id="unclosed-bracket"),
-    pytest.param("[::1]x80", "expected \\[IPV6\\]:PORT", id="junk-after-bracket"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        pytest.param("example.com", "has no port", id="no-port"),
+        pytest.param(":80", "names no host", id="no-host"),
+        pytest.param("[]:80", "names no host", id="empty-brackets"),
+        pytest.param("host:", "from 1 to 65535", id="empty-port"),
+        pytest.param("host:http", "from 1 to 65535", id="named-port"),
+        pytest.param("host:0", "from 1 to 65535", id="zero"),
+        pytest.param("host:65536", "from 1 to 65535", id="too-big"),
+        pytest.param("host:\u00b2", "from 1 to 65535", id="unicode-digit"),
+        pytest.param("host:-1", "from 1 to 65535", id="negative"),
+        pytest.param("[::1", "expected \\[IPV6\\]:PORT", id="unclosed-bracket"),
+        pytest.param("[::1]x80", "expected \\[IPV6\\]:PORT", id="junk-after-bracket"),
+    ],
+)
 def test_parse_host_port_rejects(text, message):
     with pytest.raises(ValueError, match=message):
         parse_host_port(text)
@@ -509,4 +556,7 @@ def test_parse_host_port_rejects(text, message):
 
 def test_port_zero_only_when_allowed():
     assert parse_host_port("localhost:0", allow_zero=True) == ("localhost", 0)
-    assert format_host_port("::1", 80) == "[::1]:80" and format_host_port("10.0.0.1", 80) == "10.0.0.1:80"
+    assert (
+        format_host_port("::1", 80) == "[::1]:80"
+        and format_host_port("10.0.0.1", 80) == "10.0.0.1:80"
+    )

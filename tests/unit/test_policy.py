@@ -40,6 +40,7 @@ def write(directory: Path, name: str, text: str) -> Path:
     path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
     return path
 
+
 POLICY = """\
 version: 1
 profiles:
@@ -120,20 +121,37 @@ def policy(tmp_path_factory):
     return load_policy(path, today=datetime.date(2026, 1, 1))
 
 
-def connect(target: str, port: int = 443, *, ip: str | None = None, resolved: bool | None = None,
-            profile: str = "default") -> ConnectFacts:
+def connect(
+    target: str,
+    port: int = 443,
+    *,
+    ip: str | None = None,
+    resolved: bool | None = None,
+    profile: str = "default",
+) -> ConnectFacts:
     """Facts as the gateway builds them: every spelling through the canonicaliser."""
     address = parse_ip(target)
     name = None if address is not None else parse_domain(target)
     if ip is not None:
         address = parse_ip(ip)
-    return ConnectFacts(profile=profile, port=port, ip=address, name=name, name_resolved_to_ip=resolved)
+    return ConnectFacts(
+        profile=profile, port=port, ip=address, name=name, name_resolved_to_ip=resolved
+    )
 
 
-def request(target: str, method: str, path: str, port: int = 443, profile: str = "default", **kw) -> RequestFacts:
+def request(
+    target: str, method: str, path: str, port: int = 443, profile: str = "default", **kw
+) -> RequestFacts:
     c = connect(target, port, profile=profile, **kw)
-    return RequestFacts(profile=c.profile, port=c.port, method=method, path=path, ip=c.ip, name=c.name,
-                        name_resolved_to_ip=c.name_resolved_to_ip)
+    return RequestFacts(
+        profile=c.profile,
+        port=c.port,
+        method=method,
+        path=path,
+        ip=c.ip,
+        name=c.name,
+        name_resolved_to_ip=c.name_resolved_to_ip,
+    )
 
 
 FALLBACK = "default:fallback"
@@ -143,131 +161,412 @@ SPOOFED = "builtin:spoofed-destination"
 CASES = [
     # --- names: exact, wildcard, apex, suffix confusion
     pytest.param(connect("github.com"), ALLOW, Reason.RULE_ALLOW, "github", id="exact"),
-    pytest.param(connect("GitHub.COM."), ALLOW, Reason.RULE_ALLOW, "github", id="case-and-trailing-dot"),
-    pytest.param(connect("evilgithub.com"), DENY, Reason.NO_RULE, FALLBACK, id="prefix-glued-is-another-name"),
-    pytest.param(connect("github.com.evil.test"), DENY, Reason.NO_RULE, FALLBACK, id="name-as-a-subdomain-elsewhere"),
-    pytest.param(connect("www.github.com"), DENY, Reason.NO_RULE, FALLBACK, id="exact-does-not-cover-subdomains"),
-    pytest.param(connect("g\u0456thub.com"), DENY, Reason.NO_RULE, FALLBACK, id="cyrillic-i-lookalike"),
-    pytest.param(connect("xn--gthub-n2e.com"), DENY, Reason.NO_RULE, FALLBACK, id="lookalike-as-punycode"),
-    pytest.param(connect("\uff47\uff49\uff54\uff48\uff55\uff42.com"), ALLOW, Reason.RULE_ALLOW, "github",
-                 id="fullwidth-is-the-same-name"),
-    pytest.param(connect("raw.githubusercontent.com"), ALLOW, Reason.RULE_ALLOW, "gh-content", id="wildcard"),
-    pytest.param(connect("a.b.githubusercontent.com"), ALLOW, Reason.RULE_ALLOW, "gh-content", id="wildcard-deep"),
-    pytest.param(connect("githubusercontent.com"), DENY, Reason.NO_RULE, FALLBACK, id="wildcard-not-apex"),
-    pytest.param(connect("evilgithubusercontent.com"), DENY, Reason.NO_RULE, FALLBACK, id="wildcard-not-glued"),
-    pytest.param(connect("githubusercontent.com.evil.test"), DENY, Reason.NO_RULE, FALLBACK,
-                 id="wildcard-base-as-a-subdomain-elsewhere"),
-    pytest.param(connect("xn--bcher-kva.example"), ALLOW, Reason.RULE_ALLOW, "idn", id="idn-rule-punycode-name"),
-    pytest.param(connect("BÜCHER.example"), ALLOW, Reason.RULE_ALLOW, "idn", id="idn-rule-unicode-name"),
+    pytest.param(
+        connect("GitHub.COM."), ALLOW, Reason.RULE_ALLOW, "github", id="case-and-trailing-dot"
+    ),
+    pytest.param(
+        connect("evilgithub.com"), DENY, Reason.NO_RULE, FALLBACK, id="prefix-glued-is-another-name"
+    ),
+    pytest.param(
+        connect("github.com.evil.test"),
+        DENY,
+        Reason.NO_RULE,
+        FALLBACK,
+        id="name-as-a-subdomain-elsewhere",
+    ),
+    pytest.param(
+        connect("www.github.com"),
+        DENY,
+        Reason.NO_RULE,
+        FALLBACK,
+        id="exact-does-not-cover-subdomains",
+    ),
+    pytest.param(
+        connect("g\u0456thub.com"), DENY, Reason.NO_RULE, FALLBACK, id="cyrillic-i-lookalike"
+    ),
+    pytest.param(
+        connect("xn--gthub-n2e.com"), DENY, Reason.NO_RULE, FALLBACK, id="lookalike-as-punycode"
+    ),
+    pytest.param(
+        connect("\uff47\uff49\uff54\uff48\uff55\uff42.com"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "github",
+        id="fullwidth-is-the-same-name",
+    ),
+    pytest.param(
+        connect("raw.githubusercontent.com"), ALLOW, Reason.RULE_ALLOW, "gh-content", id="wildcard"
+    ),
+    pytest.param(
+        connect("a.b.githubusercontent.com"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "gh-content",
+        id="wildcard-deep",
+    ),
+    pytest.param(
+        connect("githubusercontent.com"), DENY, Reason.NO_RULE, FALLBACK, id="wildcard-not-apex"
+    ),
+    pytest.param(
+        connect("evilgithubusercontent.com"),
+        DENY,
+        Reason.NO_RULE,
+        FALLBACK,
+        id="wildcard-not-glued",
+    ),
+    pytest.param(
+        connect("githubusercontent.com.evil.test"),
+        DENY,
+        Reason.NO_RULE,
+        FALLBACK,
+        id="wildcard-base-as-a-subdomain-elsewhere",
+    ),
+    pytest.param(
+        connect("xn--bcher-kva.example"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "idn",
+        id="idn-rule-punycode-name",
+    ),
+    pytest.param(
+        connect("BÜCHER.example"), ALLOW, Reason.RULE_ALLOW, "idn", id="idn-rule-unicode-name"
+    ),
     # --- deny wins
     pytest.param(connect("gist.github.com"), DENY, Reason.RULE_DENY, "no-gists", id="deny-exact"),
-    pytest.param(connect("www.example.org"), ALLOW, Reason.RULE_ALLOW, "example-org-below", id="wildcard-allow"),
-    pytest.param(connect("secret.example.org"), DENY, Reason.RULE_DENY, "no-secret", id="deny-inside-wildcard"),
-    pytest.param(connect("203.0.113.66"), DENY, Reason.RULE_DENY, "bad-host", id="deny-ip-inside-allowed-cidr"),
-    pytest.param(connect("pypi.org", ip="203.0.113.66"), DENY, Reason.RULE_DENY, "bad-host",
-                 id="deny-ip-beats-allowed-name"),
-    pytest.param(connect("gist.github.com", ip="203.0.113.5", resolved=False), DENY, Reason.RULE_DENY, "no-gists",
-                 id="deny-name-beats-allowed-ip"),
+    pytest.param(
+        connect("www.example.org"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "example-org-below",
+        id="wildcard-allow",
+    ),
+    pytest.param(
+        connect("secret.example.org"),
+        DENY,
+        Reason.RULE_DENY,
+        "no-secret",
+        id="deny-inside-wildcard",
+    ),
+    pytest.param(
+        connect("203.0.113.66"),
+        DENY,
+        Reason.RULE_DENY,
+        "bad-host",
+        id="deny-ip-inside-allowed-cidr",
+    ),
+    pytest.param(
+        connect("pypi.org", ip="203.0.113.66"),
+        DENY,
+        Reason.RULE_DENY,
+        "bad-host",
+        id="deny-ip-beats-allowed-name",
+    ),
+    pytest.param(
+        connect("gist.github.com", ip="203.0.113.5", resolved=False),
+        DENY,
+        Reason.RULE_DENY,
+        "no-gists",
+        id="deny-name-beats-allowed-ip",
+    ),
     # --- ports
     pytest.param(connect("pypi.org", 80), ALLOW, Reason.RULE_ALLOW, "pypi", id="default-port-80"),
     pytest.param(connect("pypi.org", 443), ALLOW, Reason.RULE_ALLOW, "pypi", id="default-port-443"),
-    pytest.param(connect("pypi.org", 8443), DENY, Reason.PORT_NOT_ALLOWED, FALLBACK, id="default-ports-only"),
+    pytest.param(
+        connect("pypi.org", 8443), DENY, Reason.PORT_NOT_ALLOWED, FALLBACK, id="default-ports-only"
+    ),
     pytest.param(connect("github.com", 22), ALLOW, Reason.RULE_ALLOW, "github", id="explicit-port"),
-    pytest.param(connect("github.com", 80), DENY, Reason.PORT_NOT_ALLOWED, FALLBACK,
-                 id="explicit-ports-replace-defaults"),
+    pytest.param(
+        connect("github.com", 80),
+        DENY,
+        Reason.PORT_NOT_ALLOWED,
+        FALLBACK,
+        id="explicit-ports-replace-defaults",
+    ),
     # --- CIDR, IPv4 and IPv6, every spelling
     pytest.param(connect("203.0.113.5"), ALLOW, Reason.RULE_ALLOW, "doc-net", id="cidr-v4"),
-    pytest.param(connect("3405803781"), ALLOW, Reason.RULE_ALLOW, "doc-net", id="cidr-v4-decimal-spelling"),
-    pytest.param(connect("0xcb.0.0x71.5"), ALLOW, Reason.RULE_ALLOW, "doc-net", id="cidr-v4-hex-spelling"),
-    pytest.param(connect("::ffff:203.0.113.5"), ALLOW, Reason.RULE_ALLOW, "doc-net", id="cidr-v4-mapped-v6"),
-    pytest.param(connect("203.0.113.5", 80), DENY, Reason.PORT_NOT_ALLOWED, FALLBACK, id="cidr-port"),
+    pytest.param(
+        connect("3405803781"), ALLOW, Reason.RULE_ALLOW, "doc-net", id="cidr-v4-decimal-spelling"
+    ),
+    pytest.param(
+        connect("0xcb.0.0x71.5"), ALLOW, Reason.RULE_ALLOW, "doc-net", id="cidr-v4-hex-spelling"
+    ),
+    pytest.param(
+        connect("::ffff:203.0.113.5"), ALLOW, Reason.RULE_ALLOW, "doc-net", id="cidr-v4-mapped-v6"
+    ),
+    pytest.param(
+        connect("203.0.113.5", 80), DENY, Reason.PORT_NOT_ALLOWED, FALLBACK, id="cidr-port"
+    ),
     pytest.param(connect("203.0.114.1"), DENY, Reason.NO_RULE, FALLBACK, id="outside-cidr-v4"),
     pytest.param(connect("2001:db8:1:ffff::1"), ALLOW, Reason.RULE_ALLOW, "doc-net6", id="cidr-v6"),
-    pytest.param(connect("[2001:DB8:1::]"), ALLOW, Reason.RULE_ALLOW, "doc-net6", id="cidr-v6-spelling"),
+    pytest.param(
+        connect("[2001:DB8:1::]"), ALLOW, Reason.RULE_ALLOW, "doc-net6", id="cidr-v6-spelling"
+    ),
     pytest.param(connect("2001:db8:2::1"), DENY, Reason.NO_RULE, FALLBACK, id="outside-cidr-v6"),
     # --- private ranges: a name rule never opens them, a CIDR inside them does
-    pytest.param(connect("internal.example.com", ip="10.1.2.3"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="allowed-name-resolving-to-private"),
-    pytest.param(connect("internal.example.com", ip="169.254.169.254"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="allowed-name-resolving-to-metadata"),
-    pytest.param(connect("internal.example.com", ip="::ffff:169.254.169.254"), DENY, Reason.PRIVATE_ADDRESS,
-                 PRIVATE, id="allowed-name-resolving-to-mapped-metadata"),
-    pytest.param(connect("internal.example.com", ip="2002:a9fe:a9fe::1"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="allowed-name-resolving-to-6to4-metadata"),
-    pytest.param(connect("internal.example.com", ip="64:ff9b::a9fe:a9fe"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="allowed-name-resolving-to-nat64-metadata"),
-    pytest.param(connect("internal.example.com", ip="100.64.0.1"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="allowed-name-resolving-to-cgnat"),
-    pytest.param(connect("internal.example.com", ip="127.0.0.1"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="allowed-name-resolving-to-loopback"),
-    pytest.param(connect("internal.example.com", ip="::1"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="allowed-name-resolving-to-v6-loopback"),
-    pytest.param(connect("internal.example.com", ip="8.8.8.8"), ALLOW, Reason.RULE_ALLOW, "internal-name",
-                 id="allowed-name-resolving-to-public"),
-    pytest.param(connect("0251.0376.0251.0376"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="metadata-octal"),
+    pytest.param(
+        connect("internal.example.com", ip="10.1.2.3"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="allowed-name-resolving-to-private",
+    ),
+    pytest.param(
+        connect("internal.example.com", ip="169.254.169.254"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="allowed-name-resolving-to-metadata",
+    ),
+    pytest.param(
+        connect("internal.example.com", ip="::ffff:169.254.169.254"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="allowed-name-resolving-to-mapped-metadata",
+    ),
+    pytest.param(
+        connect("internal.example.com", ip="2002:a9fe:a9fe::1"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="allowed-name-resolving-to-6to4-metadata",
+    ),
+    pytest.param(
+        connect("internal.example.com", ip="64:ff9b::a9fe:a9fe"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="allowed-name-resolving-to-nat64-metadata",
+    ),
+    pytest.param(
+        connect("internal.example.com", ip="100.64.0.1"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="allowed-name-resolving-to-cgnat",
+    ),
+    pytest.param(
+        connect("internal.example.com", ip="127.0.0.1"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="allowed-name-resolving-to-loopback",
+    ),
+    pytest.param(
+        connect("internal.example.com", ip="::1"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="allowed-name-resolving-to-v6-loopback",
+    ),
+    pytest.param(
+        connect("internal.example.com", ip="8.8.8.8"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "internal-name",
+        id="allowed-name-resolving-to-public",
+    ),
+    pytest.param(
+        connect("0251.0376.0251.0376"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="metadata-octal"
+    ),
     pytest.param(connect("0x7f.1"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="loopback-hex-short"),
     pytest.param(connect("0.0.0.0"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="unspecified"),
     pytest.param(connect("224.0.0.1"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="multicast"),
-    pytest.param(connect("10.20.1.1", 8080), ALLOW, Reason.RULE_ALLOW, "lab", id="cidr-inside-10/8-opens-it"),
-    pytest.param(connect("::ffff:10.20.1.1", 8080), ALLOW, Reason.RULE_ALLOW, "lab", id="opened-range-mapped"),
-    pytest.param(connect("10.20.1.1", 443), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="opened-range-other-port"),
-    pytest.param(connect("10.21.0.1", 8080), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="outside-opened-range"),
-    pytest.param(connect("fd00:20::1"), ALLOW, Reason.RULE_ALLOW, "lab6", id="cidr-inside-ula-opens-it"),
-    pytest.param(connect("fd00:21::1"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="outside-opened-ula"),
-    pytest.param(connect("169.254.169.254", profile="open-world"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="0.0.0.0/0-does-not-open-metadata"),
-    pytest.param(connect("10.0.0.1", profile="open-world"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="0.0.0.0/0-does-not-open-10/8"),
-    pytest.param(connect("::1", profile="open-world"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="::/0-does-not-open-loopback"),
-    pytest.param(connect("::ffff:169.254.169.254", profile="open-world"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="::/0-does-not-open-mapped-metadata"),
-    pytest.param(connect("fe80::1", profile="open-world"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="::/0-does-not-open-link-local"),
-    pytest.param(connect("8.8.8.8", profile="open-world"), ALLOW, Reason.RULE_ALLOW, "everything",
-                 id="0.0.0.0/0-opens-public"),
-    pytest.param(connect("10.1.1.1", profile="mixed"), ALLOW, Reason.RULE_ALLOW, "ten-and-world",
-                 id="multi-network-rule-opens-its-private-network"),
-    pytest.param(connect("169.254.169.254", profile="mixed"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="multi-network-rule-does-not-open-metadata-through-0/0"),
-    pytest.param(connect("169.254.169.254", 80, profile="metadata"), ALLOW, Reason.RULE_ALLOW, "metadata",
-                 id="metadata-opened-explicitly"),
-    pytest.param(connect("::ffff:169.254.169.254", 80, profile="metadata"), ALLOW, Reason.RULE_ALLOW, "metadata",
-                 id="metadata-opened-explicitly-mapped-spelling"),
+    pytest.param(
+        connect("10.20.1.1", 8080), ALLOW, Reason.RULE_ALLOW, "lab", id="cidr-inside-10/8-opens-it"
+    ),
+    pytest.param(
+        connect("::ffff:10.20.1.1", 8080), ALLOW, Reason.RULE_ALLOW, "lab", id="opened-range-mapped"
+    ),
+    pytest.param(
+        connect("10.20.1.1", 443),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="opened-range-other-port",
+    ),
+    pytest.param(
+        connect("10.21.0.1", 8080), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="outside-opened-range"
+    ),
+    pytest.param(
+        connect("fd00:20::1"), ALLOW, Reason.RULE_ALLOW, "lab6", id="cidr-inside-ula-opens-it"
+    ),
+    pytest.param(
+        connect("fd00:21::1"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE, id="outside-opened-ula"
+    ),
+    pytest.param(
+        connect("169.254.169.254", profile="open-world"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="0.0.0.0/0-does-not-open-metadata",
+    ),
+    pytest.param(
+        connect("10.0.0.1", profile="open-world"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="0.0.0.0/0-does-not-open-10/8",
+    ),
+    pytest.param(
+        connect("::1", profile="open-world"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="::/0-does-not-open-loopback",
+    ),
+    pytest.param(
+        connect("::ffff:169.254.169.254", profile="open-world"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="::/0-does-not-open-mapped-metadata",
+    ),
+    pytest.param(
+        connect("fe80::1", profile="open-world"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="::/0-does-not-open-link-local",
+    ),
+    pytest.param(
+        connect("8.8.8.8", profile="open-world"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "everything",
+        id="0.0.0.0/0-opens-public",
+    ),
+    pytest.param(
+        connect("10.1.1.1", profile="mixed"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "ten-and-world",
+        id="multi-network-rule-opens-its-private-network",
+    ),
+    pytest.param(
+        connect("169.254.169.254", profile="mixed"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="multi-network-rule-does-not-open-metadata-through-0/0",
+    ),
+    pytest.param(
+        connect("169.254.169.254", 80, profile="metadata"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "metadata",
+        id="metadata-opened-explicitly",
+    ),
+    pytest.param(
+        connect("::ffff:169.254.169.254", 80, profile="metadata"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "metadata",
+        id="metadata-opened-explicitly-mapped-spelling",
+    ),
     # --- spoofed destination: the name never resolved to this address
-    pytest.param(connect("github.com", ip="140.82.112.3", resolved=False), DENY, Reason.SPOOFED_DESTINATION,
-                 SPOOFED, id="spoofed"),
-    pytest.param(connect("github.com", ip="140.82.112.3", resolved=True), ALLOW, Reason.RULE_ALLOW, "github",
-                 id="resolved"),
-    pytest.param(connect("github.com", ip="140.82.112.3", resolved=None), ALLOW, Reason.RULE_ALLOW, "github",
-                 id="not-checked"),
-    pytest.param(connect("github.com", ip="203.0.113.5", resolved=False), ALLOW, Reason.RULE_ALLOW, "doc-net",
-                 id="unresolved-but-ip-rule-allows"),
-    pytest.param(connect("unknown.test", ip="140.82.112.3", resolved=False), DENY, Reason.NO_RULE, FALLBACK,
-                 id="unresolved-and-no-rule"),
+    pytest.param(
+        connect("github.com", ip="140.82.112.3", resolved=False),
+        DENY,
+        Reason.SPOOFED_DESTINATION,
+        SPOOFED,
+        id="spoofed",
+    ),
+    pytest.param(
+        connect("github.com", ip="140.82.112.3", resolved=True),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "github",
+        id="resolved",
+    ),
+    pytest.param(
+        connect("github.com", ip="140.82.112.3", resolved=None),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "github",
+        id="not-checked",
+    ),
+    pytest.param(
+        connect("github.com", ip="203.0.113.5", resolved=False),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "doc-net",
+        id="unresolved-but-ip-rule-allows",
+    ),
+    pytest.param(
+        connect("unknown.test", ip="140.82.112.3", resolved=False),
+        DENY,
+        Reason.NO_RULE,
+        FALLBACK,
+        id="unresolved-and-no-rule",
+    ),
     # --- fallbacks
-    pytest.param(connect("unknown.test", profile="ask"), ASK, Reason.NO_RULE, "ask:fallback", id="fallback-ask"),
-    pytest.param(connect("pypi.org", 8443, profile="ask"), ASK, Reason.PORT_NOT_ALLOWED, "ask:fallback",
-                 id="fallback-ask-port"),
-    pytest.param(connect("pypi.org", profile="ask"), ALLOW, Reason.RULE_ALLOW, "ask-pypi", id="ask-profile-allow"),
-    pytest.param(connect("unknown.test", profile="audit"), AUDIT, Reason.NO_RULE, "audit:fallback",
-                 id="fallback-audit"),
-    pytest.param(connect("evil.test", profile="audit"), DENY, Reason.RULE_DENY, "audit-no-evil",
-                 id="audit-still-denies-deny-rules"),
-    pytest.param(connect("169.254.169.254", profile="audit"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="audit-never-opens-private"),
-    pytest.param(connect("10.0.0.1", profile="ask"), DENY, Reason.PRIVATE_ADDRESS, PRIVATE,
-                 id="ask-never-asks-for-private"),
+    pytest.param(
+        connect("unknown.test", profile="ask"),
+        ASK,
+        Reason.NO_RULE,
+        "ask:fallback",
+        id="fallback-ask",
+    ),
+    pytest.param(
+        connect("pypi.org", 8443, profile="ask"),
+        ASK,
+        Reason.PORT_NOT_ALLOWED,
+        "ask:fallback",
+        id="fallback-ask-port",
+    ),
+    pytest.param(
+        connect("pypi.org", profile="ask"),
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "ask-pypi",
+        id="ask-profile-allow",
+    ),
+    pytest.param(
+        connect("unknown.test", profile="audit"),
+        AUDIT,
+        Reason.NO_RULE,
+        "audit:fallback",
+        id="fallback-audit",
+    ),
+    pytest.param(
+        connect("evil.test", profile="audit"),
+        DENY,
+        Reason.RULE_DENY,
+        "audit-no-evil",
+        id="audit-still-denies-deny-rules",
+    ),
+    pytest.param(
+        connect("169.254.169.254", profile="audit"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="audit-never-opens-private",
+    ),
+    pytest.param(
+        connect("10.0.0.1", profile="ask"),
+        DENY,
+        Reason.PRIVATE_ADDRESS,
+        PRIVATE,
+        id="ask-never-asks-for-private",
+    ),
     # --- unknown profile
-    pytest.param(connect("pypi.org", profile="nope"), DENY, Reason.UNKNOWN_PROFILE, "builtin:unknown-profile",
-                 id="unknown-profile"),
+    pytest.param(
+        connect("pypi.org", profile="nope"),
+        DENY,
+        Reason.UNKNOWN_PROFILE,
+        "builtin:unknown-profile",
+        id="unknown-profile",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("facts", "verdict", "reason", "rule"), CASES)
 def test_connection_decisions(policy, facts, verdict, reason, rule):
     decision = decide(policy, facts)
-    assert (decision.verdict, decision.reason, decision.rule_id) == (verdict, reason, rule), decision.detail
+    assert (decision.verdict, decision.reason, decision.rule_id) == (verdict, reason, rule), (
+        decision.detail
+    )
 
 
 # --- methods and paths: inspection at connection time, the rule at request time ----------
@@ -276,79 +575,231 @@ def test_connection_decisions(policy, facts, verdict, reason, rule):
 @pytest.mark.parametrize(
     ("facts", "verdict", "reason", "rule", "inspect"),
     [
-        pytest.param(connect("api.github.com"), ALLOW, Reason.RULE_ALLOW, "gh-api", True,
-                     id="connection-allowed-with-inspection"),
-        pytest.param(connect("api.github.com", 80), ALLOW, Reason.RULE_ALLOW, "gh-api", True,
-                     id="connection-allowed-with-inspection-port-80"),
-        pytest.param(connect("example.net"), ALLOW, Reason.RULE_ALLOW, "example-net", True,
-                     id="deny-with-paths-needs-inspection"),
-        pytest.param(connect("pypi.org"), ALLOW, Reason.RULE_ALLOW, "pypi", False, id="no-inspection"),
-        pytest.param(connect("github.com"), ALLOW, Reason.RULE_ALLOW, "github", False,
-                     id="no-inspection-for-sibling-of-inspected-name"),
+        pytest.param(
+            connect("api.github.com"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-api",
+            True,
+            id="connection-allowed-with-inspection",
+        ),
+        pytest.param(
+            connect("api.github.com", 80),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-api",
+            True,
+            id="connection-allowed-with-inspection-port-80",
+        ),
+        pytest.param(
+            connect("example.net"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "example-net",
+            True,
+            id="deny-with-paths-needs-inspection",
+        ),
+        pytest.param(
+            connect("pypi.org"), ALLOW, Reason.RULE_ALLOW, "pypi", False, id="no-inspection"
+        ),
+        pytest.param(
+            connect("github.com"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "github",
+            False,
+            id="no-inspection-for-sibling-of-inspected-name",
+        ),
     ],
 )
 def test_connection_inspection(policy, facts, verdict, reason, rule, inspect):
     decision = decide(policy, facts)
     assert (decision.verdict, decision.reason, decision.rule_id, decision.inspect) == (
-        verdict, reason, rule, inspect), decision.detail
+        verdict,
+        reason,
+        rule,
+        inspect,
+    ), decision.detail
 
 
 @pytest.mark.parametrize(
     ("facts", "verdict", "reason", "rule"),
     [
-        pytest.param(request("api.github.com", "GET", "/repos/x/y"), ALLOW, Reason.RULE_ALLOW, "gh-api",
-                     id="double-star-crosses-slash"),
-        pytest.param(request("api.github.com", "GET", "/repos/x/y/z/pulls"), ALLOW, Reason.RULE_ALLOW, "gh-api",
-                     id="double-star-deep"),
-        pytest.param(request("api.github.com", "GET", "/repos"), ALLOW, Reason.RULE_ALLOW, "gh-api",
-                     id="double-star-matches-the-directory-itself"),
-        pytest.param(request("api.github.com", "HEAD", "/repos/x"), ALLOW, Reason.RULE_ALLOW, "gh-api",
-                     id="second-method"),
-        pytest.param(request("api.github.com", "head", "/repos/x"), ALLOW, Reason.RULE_ALLOW, "gh-api",
-                     id="method-case"),
-        pytest.param(request("api.github.com", "GET", "/users/octocat"), ALLOW, Reason.RULE_ALLOW, "gh-api",
-                     id="single-star-one-segment"),
-        pytest.param(request("api.github.com", "GET", "/users/octocat/keys"), DENY, Reason.PATH_NOT_ALLOWED,
-                     FALLBACK, id="single-star-does-not-cross-slash"),
-        pytest.param(request("api.github.com", "GET", "/reposx"), DENY, Reason.PATH_NOT_ALLOWED, FALLBACK,
-                     id="double-star-needs-a-segment-break"),
-        pytest.param(request("api.github.com", "GET", "/user/keys"), DENY, Reason.PATH_NOT_ALLOWED, FALLBACK,
-                     id="other-path"),
-        pytest.param(request("api.github.com", "GET", "/repos/../user/keys"), DENY, Reason.PATH_NOT_ALLOWED,
-                     FALLBACK, id="dot-dot-escapes-the-glob"),
-        pytest.param(request("api.github.com", "GET", "/repos/%2e%2e/user/keys"), DENY, Reason.PATH_NOT_ALLOWED,
-                     FALLBACK, id="encoded-dot-dot-escapes-the-glob"),
-        pytest.param(request("api.github.com", "POST", "/repos/x/y"), DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK,
-                     id="method-not-allowed"),
-        pytest.param(request("example.net", "GET", "/index.html"), ALLOW, Reason.RULE_ALLOW, "example-net",
-                     id="allow-around-a-path-deny"),
-        pytest.param(request("example.net", "GET", "/admin/users"), DENY, Reason.RULE_DENY, "example-net-no-admin",
-                     id="path-deny"),
-        pytest.param(request("example.net", "GET", "/admin"), DENY, Reason.RULE_DENY, "example-net-no-admin",
-                     id="path-deny-directory"),
-        pytest.param(request("example.net", "GET", "//admin/users"), DENY, Reason.RULE_DENY, "example-net-no-admin",
-                     id="path-deny-double-slash"),
-        pytest.param(request("example.net", "GET", "/%61dmin/users"), DENY, Reason.RULE_DENY, "example-net-no-admin",
-                     id="path-deny-escaped-letter"),
-        pytest.param(request("example.net", "GET", "/public/../admin"), DENY, Reason.RULE_DENY,
-                     "example-net-no-admin", id="path-deny-dot-dot"),
-        pytest.param(request("example.net", "DELETE", "/x"), DENY, Reason.RULE_DENY, "example-net-no-delete",
-                     id="method-deny"),
-        pytest.param(request("example.net", "delete", "/x"), DENY, Reason.RULE_DENY, "example-net-no-delete",
-                     id="method-deny-lower-case"),
-        pytest.param(request("pypi.org", "POST", "/anything"), ALLOW, Reason.RULE_ALLOW, "pypi",
-                     id="rule-without-methods-allows-every-request"),
-        pytest.param(request("gist.github.com", "GET", "/"), DENY, Reason.RULE_DENY, "no-gists",
-                     id="plain-deny-at-request-time"),
-        pytest.param(request("internal.example.com", "GET", "/", ip="10.0.0.1"), DENY, Reason.PRIVATE_ADDRESS,
-                     PRIVATE, id="private-at-request-time"),
-        pytest.param(request("github.com", "GET", "/", ip="140.82.112.3", resolved=False), DENY,
-                     Reason.SPOOFED_DESTINATION, SPOOFED, id="spoofed-at-request-time"),
+        pytest.param(
+            request("api.github.com", "GET", "/repos/x/y"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-api",
+            id="double-star-crosses-slash",
+        ),
+        pytest.param(
+            request("api.github.com", "GET", "/repos/x/y/z/pulls"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-api",
+            id="double-star-deep",
+        ),
+        pytest.param(
+            request("api.github.com", "GET", "/repos"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-api",
+            id="double-star-matches-the-directory-itself",
+        ),
+        pytest.param(
+            request("api.github.com", "HEAD", "/repos/x"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-api",
+            id="second-method",
+        ),
+        pytest.param(
+            request("api.github.com", "head", "/repos/x"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-api",
+            id="method-case",
+        ),
+        pytest.param(
+            request("api.github.com", "GET", "/users/octocat"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-api",
+            id="single-star-one-segment",
+        ),
+        pytest.param(
+            request("api.github.com", "GET", "/users/octocat/keys"),
+            DENY,
+            Reason.PATH_NOT_ALLOWED,
+            FALLBACK,
+            id="single-star-does-not-cross-slash",
+        ),
+        pytest.param(
+            request("api.github.com", "GET", "/reposx"),
+            DENY,
+            Reason.PATH_NOT_ALLOWED,
+            FALLBACK,
+            id="double-star-needs-a-segment-break",
+        ),
+        pytest.param(
+            request("api.github.com", "GET", "/user/keys"),
+            DENY,
+            Reason.PATH_NOT_ALLOWED,
+            FALLBACK,
+            id="other-path",
+        ),
+        pytest.param(
+            request("api.github.com", "GET", "/repos/../user/keys"),
+            DENY,
+            Reason.PATH_NOT_ALLOWED,
+            FALLBACK,
+            id="dot-dot-escapes-the-glob",
+        ),
+        pytest.param(
+            request("api.github.com", "GET", "/repos/%2e%2e/user/keys"),
+            DENY,
+            Reason.PATH_NOT_ALLOWED,
+            FALLBACK,
+            id="encoded-dot-dot-escapes-the-glob",
+        ),
+        pytest.param(
+            request("api.github.com", "POST", "/repos/x/y"),
+            DENY,
+            Reason.METHOD_NOT_ALLOWED,
+            FALLBACK,
+            id="method-not-allowed",
+        ),
+        pytest.param(
+            request("example.net", "GET", "/index.html"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "example-net",
+            id="allow-around-a-path-deny",
+        ),
+        pytest.param(
+            request("example.net", "GET", "/admin/users"),
+            DENY,
+            Reason.RULE_DENY,
+            "example-net-no-admin",
+            id="path-deny",
+        ),
+        pytest.param(
+            request("example.net", "GET", "/admin"),
+            DENY,
+            Reason.RULE_DENY,
+            "example-net-no-admin",
+            id="path-deny-directory",
+        ),
+        pytest.param(
+            request("example.net", "GET", "//admin/users"),
+            DENY,
+            Reason.RULE_DENY,
+            "example-net-no-admin",
+            id="path-deny-double-slash",
+        ),
+        pytest.param(
+            request("example.net", "GET", "/%61dmin/users"),
+            DENY,
+            Reason.RULE_DENY,
+            "example-net-no-admin",
+            id="path-deny-escaped-letter",
+        ),
+        pytest.param(
+            request("example.net", "GET", "/public/../admin"),
+            DENY,
+            Reason.RULE_DENY,
+            "example-net-no-admin",
+            id="path-deny-dot-dot",
+        ),
+        pytest.param(
+            request("example.net", "DELETE", "/x"),
+            DENY,
+            Reason.RULE_DENY,
+            "example-net-no-delete",
+            id="method-deny",
+        ),
+        pytest.param(
+            request("example.net", "delete", "/x"),
+            DENY,
+            Reason.RULE_DENY,
+            "example-net-no-delete",
+            id="method-deny-lower-case",
+        ),
+        pytest.param(
+            request("pypi.org", "POST", "/anything"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "pypi",
+            id="rule-without-methods-allows-every-request",
+        ),
+        pytest.param(
+            request("gist.github.com", "GET", "/"),
+            DENY,
+            Reason.RULE_DENY,
+            "no-gists",
+            id="plain-deny-at-request-time",
+        ),
+        pytest.param(
+            request("internal.example.com", "GET", "/", ip="10.0.0.1"),
+            DENY,
+            Reason.PRIVATE_ADDRESS,
+            PRIVATE,
+            id="private-at-request-time",
+        ),
+        pytest.param(
+            request("github.com", "GET", "/", ip="140.82.112.3", resolved=False),
+            DENY,
+            Reason.SPOOFED_DESTINATION,
+            SPOOFED,
+            id="spoofed-at-request-time",
+        ),
     ],
 )
 def test_request_decisions(policy, facts, verdict, reason, rule):
     decision = decide(policy, facts)
-    assert (decision.verdict, decision.reason, decision.rule_id) == (verdict, reason, rule), decision.detail
+    assert (decision.verdict, decision.reason, decision.rule_id) == (verdict, reason, rule), (
+        decision.detail
+    )
     assert decision.inspect is False  # the request is the inspection
 
 
@@ -359,21 +810,58 @@ def test_request_decisions(policy, facts, verdict, reason, rule):
     ("name", "profile", "verdict", "reason", "rule"),
     [
         pytest.param("github.com", "default", ALLOW, Reason.RULE_ALLOW, "github", id="allowed"),
-        pytest.param("api.github.com", "default", ALLOW, Reason.RULE_ALLOW, "gh-api", id="inspected-rule-resolves"),
-        pytest.param("raw.githubusercontent.com", "default", ALLOW, Reason.RULE_ALLOW, "gh-content", id="wildcard"),
-        pytest.param("githubusercontent.com", "default", DENY, Reason.NO_RULE, FALLBACK, id="wildcard-apex"),
+        pytest.param(
+            "api.github.com",
+            "default",
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-api",
+            id="inspected-rule-resolves",
+        ),
+        pytest.param(
+            "raw.githubusercontent.com",
+            "default",
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "gh-content",
+            id="wildcard",
+        ),
+        pytest.param(
+            "githubusercontent.com", "default", DENY, Reason.NO_RULE, FALLBACK, id="wildcard-apex"
+        ),
         pytest.param("gist.github.com", "default", DENY, Reason.RULE_DENY, "no-gists", id="denied"),
-        pytest.param("secret.example.org", "default", DENY, Reason.RULE_DENY, "no-secret", id="deny-under-wildcard"),
-        pytest.param("example.net", "default", ALLOW, Reason.RULE_ALLOW, "example-net",
-                     id="inspected-deny-does-not-block-the-name"),
+        pytest.param(
+            "secret.example.org",
+            "default",
+            DENY,
+            Reason.RULE_DENY,
+            "no-secret",
+            id="deny-under-wildcard",
+        ),
+        pytest.param(
+            "example.net",
+            "default",
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "example-net",
+            id="inspected-deny-does-not-block-the-name",
+        ),
         pytest.param("unknown.test", "ask", ASK, Reason.NO_RULE, "ask:fallback", id="fallback-ask"),
-        pytest.param("unknown.test", "nope", DENY, Reason.UNKNOWN_PROFILE, "builtin:unknown-profile",
-                     id="unknown-profile"),
+        pytest.param(
+            "unknown.test",
+            "nope",
+            DENY,
+            Reason.UNKNOWN_PROFILE,
+            "builtin:unknown-profile",
+            id="unknown-profile",
+        ),
     ],
 )
 def test_dns_question_decisions(policy, name, profile, verdict, reason, rule):
     decision = decide(policy, NameFacts(profile, parse_domain(name)))
-    assert (decision.verdict, decision.reason, decision.rule_id) == (verdict, reason, rule), decision.detail
+    assert (decision.verdict, decision.reason, decision.rule_id) == (verdict, reason, rule), (
+        decision.detail
+    )
 
 
 def test_decision_names_the_rule_origin(policy):
@@ -384,13 +872,17 @@ def test_decision_names_the_rule_origin(policy):
 
 
 def test_fallback_detail_does_not_repeat_a_default_id(tmp_path):
-    path = write(tmp_path, "p.yaml", """
+    path = write(
+        tmp_path,
+        "p.yaml",
+        """
         version: 1
         profiles:
           default:
             rules:
               - allow: pypi.org
-    """)
+    """,
+    )
     decision = decide(load_policy(path), connect("pypi.org", 8443))
     assert decision.reason is Reason.PORT_NOT_ALLOWED
     origin = decision.detail.split("rule ", 1)[1].split(" ", 1)[0]
@@ -405,8 +897,11 @@ def test_unknown_profile_is_denied_and_explained(policy):
 def test_internal_error_fails_closed(policy):
     broken = ConnectFacts(profile="default", port=443, ip="not-an-address", name=None)  # type: ignore[arg-type]
     decision = decide(policy, broken)
-    assert (decision.verdict, decision.reason, decision.rule_id) == (DENY, Reason.INTERNAL_ERROR,
-                                                                     "builtin:internal-error")
+    assert (decision.verdict, decision.reason, decision.rule_id) == (
+        DENY,
+        Reason.INTERNAL_ERROR,
+        "builtin:internal-error",
+    )
 
 
 # --- expiry ----------------------------------------------------------------------------------
@@ -430,14 +925,38 @@ EXPIRY = """
 @pytest.mark.parametrize(
     ("today", "name", "verdict", "reason", "rule"),
     [
-        pytest.param(datetime.date(2026, 6, 30), "temp.example", ALLOW, Reason.RULE_ALLOW, "temporary",
-                     id="allow-on-its-last-day"),
-        pytest.param(datetime.date(2026, 7, 1), "temp.example", DENY, Reason.NO_RULE, FALLBACK,
-                     id="allow-expired"),
-        pytest.param(datetime.date(2027, 1, 1), "gist.github.com", DENY, Reason.RULE_DENY, "no-gists",
-                     id="deny-on-its-last-day"),
-        pytest.param(datetime.date(2027, 1, 2), "gist.github.com", ALLOW, Reason.RULE_ALLOW, "github-below",
-                     id="deny-expired"),
+        pytest.param(
+            datetime.date(2026, 6, 30),
+            "temp.example",
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "temporary",
+            id="allow-on-its-last-day",
+        ),
+        pytest.param(
+            datetime.date(2026, 7, 1),
+            "temp.example",
+            DENY,
+            Reason.NO_RULE,
+            FALLBACK,
+            id="allow-expired",
+        ),
+        pytest.param(
+            datetime.date(2027, 1, 1),
+            "gist.github.com",
+            DENY,
+            Reason.RULE_DENY,
+            "no-gists",
+            id="deny-on-its-last-day",
+        ),
+        pytest.param(
+            datetime.date(2027, 1, 2),
+            "gist.github.com",
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "github-below",
+            id="deny-expired",
+        ),
     ],
 )
 def test_expired_rules_do_not_match(tmp_path, today, name, verdict, reason, rule):
@@ -449,11 +968,15 @@ def test_expired_rules_do_not_match(tmp_path, today, name, verdict, reason, rule
 def test_expired_rules_are_reported(tmp_path):
     path = write(tmp_path, "p.yaml", EXPIRY)
     assert load_policy(path, today=datetime.date(2026, 1, 1)).expired == []
-    assert [r.id for r in load_policy(path, today=datetime.date(2026, 7, 1)).expired] == ["temporary"]
+    assert [r.id for r in load_policy(path, today=datetime.date(2026, 7, 1)).expired] == [
+        "temporary"
+    ]
     later = load_policy(path, today=datetime.date(2027, 1, 2))
     assert sorted(r.id for r in later.expired) == ["no-gists", "temporary"]
     assert [r.id for r in later.profiles["default"].rules] == ["github-below"]
-    assert load_policy(path, today=datetime.date(2026, 1, 1)).next_expiry == datetime.date(2026, 7, 1)
+    assert load_policy(path, today=datetime.date(2026, 1, 1)).next_expiry == datetime.date(
+        2026, 7, 1
+    )
     assert later.next_expiry is None
 
 
@@ -461,14 +984,21 @@ def test_expired_rules_are_reported(tmp_path):
 
 
 def test_extends_and_include(tmp_path):
-    write(tmp_path, "shared/internal.yaml", """
+    write(
+        tmp_path,
+        "shared/internal.yaml",
+        """
         version: 1
         description: an included file, relative to the including file
         rules:
           - allow: internal.example.com
             id: internal
-    """)
-    path = write(tmp_path, "team.yaml", """
+    """,
+    )
+    path = write(
+        tmp_path,
+        "team.yaml",
+        """
         version: 1
         profiles:
           base:
@@ -489,11 +1019,18 @@ def test_extends_and_include(tmp_path):
           grandchild:
             extends: child
             include: [shared/internal.yaml, github]
-    """)
+    """,
+    )
     policy = load_policy(path)
     ids = {name: [r.id for r in p.rules] for name, p in policy.profiles.items()}
     assert ids["base"] == ["internal", "base-pypi"]
-    assert ids["child"] == ["internal", "base-pypi", "preset:github-git", "preset:github-content", "child-no-pypi"]
+    assert ids["child"] == [
+        "internal",
+        "base-pypi",
+        "preset:github-git",
+        "preset:github-content",
+        "child-no-pypi",
+    ]
     assert ids["grandchild"] == ids["child"]  # an include seen twice counts once
     assert ids["strict"] == ids["child"]
     # the fallback is inherited through extends, and a child may override it
@@ -508,7 +1045,10 @@ def test_extends_and_include(tmp_path):
         return d.verdict, d.rule_id
 
     assert verdict("base", "pypi.org") == (ALLOW, "base-pypi")
-    assert verdict("child", "pypi.org") == (DENY, "child-no-pypi")  # deny wins over the inherited allow
+    assert verdict("child", "pypi.org") == (
+        DENY,
+        "child-no-pypi",
+    )  # deny wins over the inherited allow
     assert verdict("base", "github.com") == (ASK, "base:fallback")
     assert verdict("child", "github.com") == (ALLOW, "preset:github-git")
     assert verdict("child", "internal.example.com") == (ALLOW, "internal")
@@ -536,7 +1076,11 @@ def test_shipped_example_rules_load():
 # --- properties -------------------------------------------------------------------------------
 
 _label = st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True)
-_domain = st.lists(_label, min_size=2, max_size=4).map(".".join).filter(lambda d: d not in _PUBLIC_SUFFIXES)
+_domain = (
+    st.lists(_label, min_size=2, max_size=4)
+    .map(".".join)
+    .filter(lambda d: d not in _PUBLIC_SUFFIXES)
+)
 
 
 def _load_text(text: str, today: datetime.date | None = None):
@@ -564,13 +1108,19 @@ def test_deny_wins_in_any_order(name, deny_first, allow_wildcard, deny_ports, su
         if isinstance(facts, NameFacts) and deny_ports and set(deny_ports) != {80, 443}:
             continue  # the name stays resolvable for the ports the deny leaves open
         decision = decide(policy, facts)
-        assert (decision.verdict, decision.reason, decision.rule_id) == (DENY, Reason.RULE_DENY, "the-deny")
+        assert (decision.verdict, decision.reason, decision.rule_id) == (
+            DENY,
+            Reason.RULE_DENY,
+            "the-deny",
+        )
 
 
 @settings(max_examples=60, deadline=None)
 @given(base=_domain, below=st.lists(_label, min_size=1, max_size=3).map(".".join))
 def test_wildcard_never_matches_its_apex(base, below):
-    policy = _load_text(f'version: 1\nprofiles:\n  default:\n    rules:\n      - allow: "*.{base}"\n        id: w\n')
+    policy = _load_text(
+        f'version: 1\nprofiles:\n  default:\n    rules:\n      - allow: "*.{base}"\n        id: w\n'
+    )
     assert decide(policy, connect(base)).reason is Reason.NO_RULE
     assert decide(policy, NameFacts("default", base)).reason is Reason.NO_RULE
     assert decide(policy, connect(f"{below}.{base}")).rule_id == "w"
@@ -609,7 +1159,9 @@ def _documented_reasons() -> list[str]:
 
 @pytest.mark.parametrize("reason", list(Reason), ids=str)
 def test_every_reason_is_documented(reason):
-    assert str(reason) in _documented_reasons(), f"docs/rules.md has no table row for reason {reason}"
+    assert str(reason) in _documented_reasons(), (
+        f"docs/rules.md has no table row for reason {reason}"
+    )
 
 
 def test_the_docs_list_no_reason_that_does_not_exist():
@@ -620,10 +1172,17 @@ def test_the_docs_list_no_reason_that_does_not_exist():
 
 def _documented_builtins() -> dict[str, tuple[list[str], str]]:
     """rule id -> (reasons, meaning), from the table under '## Built-in rules' in docs/rules.md."""
-    section = DOCS.read_text(encoding="utf-8").split("\n## Built-in rules\n", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\|\s*`(builtin:[a-z-]+)`\s*\|([^|]*)\|([^|]*)\|\s*$", section, re.MULTILINE)
+    section = (
+        DOCS.read_text(encoding="utf-8").split("\n## Built-in rules\n", 1)[1].split("\n## ", 1)[0]
+    )
+    rows = re.findall(
+        r"^\|\s*`(builtin:[a-z-]+)`\s*\|([^|]*)\|([^|]*)\|\s*$", section, re.MULTILINE
+    )
     assert len(rows) == len({rule for rule, _, _ in rows}), "a built-in rule is listed twice"
-    return {rule: (re.findall(r"`([a-z_]+)`", reasons), meaning.strip()) for rule, reasons, meaning in rows}
+    return {
+        rule: (re.findall(r"`([a-z_]+)`", reasons), meaning.strip())
+        for rule, reasons, meaning in rows
+    }
 
 
 @pytest.mark.parametrize("name", list(BUILTINS))
@@ -644,13 +1203,22 @@ def test_an_unknown_builtin_rule_is_an_error():
     with pytest.raises(ValueError, match="does not give reason rule_allow"):
         deny_by("malformed-tls", "x", reason=Reason.RULE_ALLOW)
     decision = deny_by("malformed-tls", "SNI: bad", reason=Reason.INVALID_NAME)
-    assert (decision.verdict, decision.reason, decision.rule_id) == (Verdict.DENY, Reason.INVALID_NAME,
-                                                                     "builtin:malformed-tls")
-
+    assert (decision.verdict, decision.reason, decision.rule_id) == (
+        Verdict.DENY,
+        Reason.INVALID_NAME,
+        "builtin:malformed-tls",
+    )
 
 
 def test_ipv4_spellings_decide_alike(policy):
-    spellings = ["203.0.113.5", "3405803781", "0xcb007105", "0313.0.0161.05", "203.0.28933", "::ffff:203.0.113.5"]
+    spellings = [
+        "203.0.113.5",
+        "3405803781",
+        "0xcb007105",
+        "0313.0.0161.05",
+        "203.0.28933",
+        "::ffff:203.0.113.5",
+    ]
     decisions = {(d.verdict, d.rule_id) for d in (decide(policy, connect(s)) for s in spellings)}
     assert decisions == {(ALLOW, "doc-net")}
     assert all(parse_ip(s) == ipaddress.IPv4Address("203.0.113.5") for s in spellings)
@@ -665,15 +1233,28 @@ _bases = st.lists(_label, min_size=1, max_size=3).map(lambda ls: ".".join([*ls, 
 @given(
     exact=st.lists(_bases, max_size=6),
     wildcards=st.lists(_bases.filter(lambda b: b.count(".") >= 1), max_size=6),
-    networks=st.lists(st.one_of(st.ip_addresses(v=4).flatmap(lambda a: st.integers(8, 32).map(
-        lambda p: ipaddress.ip_network((int(a) >> (32 - p) << (32 - p), p)))),
-        st.ip_addresses(v=6).flatmap(lambda a: st.integers(16, 128).map(
-            lambda p: ipaddress.ip_network((int(a) >> (128 - p) << (128 - p), p))))), max_size=8),
+    networks=st.lists(
+        st.one_of(
+            st.ip_addresses(v=4).flatmap(
+                lambda a: st.integers(8, 32).map(
+                    lambda p: ipaddress.ip_network((int(a) >> (32 - p) << (32 - p), p))
+                )
+            ),
+            st.ip_addresses(v=6).flatmap(
+                lambda a: st.integers(16, 128).map(
+                    lambda p: ipaddress.ip_network((int(a) >> (128 - p) << (128 - p), p))
+                )
+            ),
+        ),
+        max_size=8,
+    ),
     probes=st.lists(st.one_of(_bases, st.ip_addresses()), max_size=12),
 )
 def test_index_finds_what_a_naive_scan_finds(exact, wildcards, networks, probes):
     targets = [*exact, *(f"*.{w}" for w in wildcards), *map(str, networks)]
-    rules = "".join(f'\n      - allow: "{t}"\n        id: r{i}' for i, t in enumerate(targets)) or " []"
+    rules = (
+        "".join(f'\n      - allow: "{t}"\n        id: r{i}' for i, t in enumerate(targets)) or " []"
+    )
     policy = _load_text(f"version: 1\nprofiles:\n  default:\n    rules:{rules}\n")
     profile = policy.profiles["default"]
     # probe the rules' own names and addresses, their neighbours and random ones
@@ -687,13 +1268,19 @@ def test_index_finds_what_a_naive_scan_finds(exact, wildcards, networks, probes)
     for probe in probes:
         if isinstance(probe, str):
             found = {r.id for r in profile.rules_for_name(probe)}
-            naive = {f"r{i}" for i, t in enumerate(targets)
-                     if t == probe or (t.startswith("*.") and probe.endswith("." + t[2:]))}
+            naive = {
+                f"r{i}"
+                for i, t in enumerate(targets)
+                if t == probe or (t.startswith("*.") and probe.endswith("." + t[2:]))
+            }
         else:
             ip = parse_ip(str(probe))
             found = {r.id for r in profile.rules_for_ip(ip)}
-            naive = {f"r{i}" for i, t in enumerate(targets) if "/" in t
-                     and parse_network(t).version == ip.version and ip in parse_network(t)}
+            naive = {
+                f"r{i}"
+                for i, t in enumerate(targets)
+                if "/" in t and parse_network(t).version == ip.version and ip in parse_network(t)
+            }
         assert found == naive, probe
 
 
@@ -727,7 +1314,10 @@ def test_policy_hash_names_the_bytes_loaded(tmp_path):
     ],
 )
 def test_path_globs(tmp_path, glob, path, matches):
-    rules = write(tmp_path, "p.yaml", f"""
+    rules = write(
+        tmp_path,
+        "p.yaml",
+        f"""
         version: 1
         profiles:
           default:
@@ -735,6 +1325,7 @@ def test_path_globs(tmp_path, glob, path, matches):
               - allow: example.com
                 id: globbed
                 paths: ["{glob}"]
-    """)
+    """,
+    )
     decision = decide(load_policy(rules), request("example.com", "GET", path))
     assert (decision.rule_id == "globbed") is matches, decision.detail

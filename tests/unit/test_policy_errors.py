@@ -40,10 +40,27 @@ def expectations(case: Path) -> list[tuple[Path, int, str]]:
 def test_the_fixture_folder_has_the_cases_it_should():
     names = {c.stem for c in CASES}
     required = {
-        "unknown_key", "both_allow_and_deny", "neither_allow_nor_deny", "bare_star", "public_suffix_wildcard",
-        "middle_wildcard", "bad_cidr", "port_out_of_range", "unknown_method", "unknown_fallback",
-        "missing_include", "circular_include", "circular_extends", "unknown_extends", "duplicate_id",
-        "invalid_date", "yaml_syntax_error", "wrong_version", "duplicate_key", "empty_file", "ip_literal_as_domain",
+        "unknown_key",
+        "both_allow_and_deny",
+        "neither_allow_nor_deny",
+        "bare_star",
+        "public_suffix_wildcard",
+        "middle_wildcard",
+        "bad_cidr",
+        "port_out_of_range",
+        "unknown_method",
+        "unknown_fallback",
+        "missing_include",
+        "circular_include",
+        "circular_extends",
+        "unknown_extends",
+        "duplicate_id",
+        "invalid_date",
+        "yaml_syntax_error",
+        "wrong_version",
+        "duplicate_key",
+        "empty_file",
+        "ip_literal_as_domain",
     }
     assert required <= names, sorted(required - names)
     for case in CASES:
@@ -56,8 +73,12 @@ def test_broken_file_reports_exactly_its_problems(case):
         load_policy(case)
     unmatched = [(Path(p.file).resolve(), p.line, p.message) for p in error.value.problems]
     for file, line, substring in expectations(case):
-        hit = next((u for u in unmatched if u[0] == file and u[1] == line and substring in u[2]), None)
-        assert hit is not None, f"expected {file.name}:{line}: {substring!r}; got {error.value.problems}"
+        hit = next(
+            (u for u in unmatched if u[0] == file and u[1] == line and substring in u[2]), None
+        )
+        assert hit is not None, (
+            f"expected {file.name}:{line}: {substring!r}; got {error.value.problems}"
+        )
         unmatched.remove(hit)
     assert not unmatched, f"problems nobody expected: {unmatched}"
 
@@ -75,7 +96,10 @@ def test_lint_exits_2_and_prints_file_line_col(case, capsys):
         assert int(match["col"]) >= 1
     for file, line, substring in expected:
         assert any(
-            Path(e.split(":")[0]).resolve() == file and e.split(":")[1] == str(line) and substring in e for e in err
+            Path(e.split(":")[0]).resolve() == file
+            and e.split(":")[1] == str(line)
+            and substring in e
+            for e in err
         ), (file, line, substring, err)
 
 
@@ -92,22 +116,22 @@ def test_all_problems_of_a_file_are_reported_at_once(tmp_path):
     """Shape, rule, include and extends problems together, across profiles: one pass."""
     path = tmp_path / "many.yaml"
     path.write_text(
-        "version: 1\n"                      # 1
-        "profiles:\n"                       # 2
-        "  a:\n"                            # 3
-        "    extends: missing\n"            # 4  unknown extends
-        "    include: [nope]\n"             # 5  unknown preset
-        "    fallback: allow\n"             # 6  unknown fallback
-        "    rules:\n"                      # 7
-        "      - allow: '*'\n"              # 8  bare star
-        "      - allow: a.*.b.example\n"    # 9  middle wildcard
-        "        ports: [0]\n"              # 10 port
-        "  b:\n"                            # 11
-        "    rules:\n"                      # 12
-        "      - deny: 10.0.0.1/8\n"        # 13 bad CIDR
-        "        methods: [FETCH]\n"        # 14 unknown method
-        "        expires: 2027-13-01\n"     # 15 invalid date
-        "        colour: red\n",            # 16 unknown key
+        "version: 1\n"  # 1
+        "profiles:\n"  # 2
+        "  a:\n"  # 3
+        "    extends: missing\n"  # 4  unknown extends
+        "    include: [nope]\n"  # 5  unknown preset
+        "    fallback: allow\n"  # 6  unknown fallback
+        "    rules:\n"  # 7
+        "      - allow: '*'\n"  # 8  bare star
+        "      - allow: a.*.b.example\n"  # 9  middle wildcard
+        "        ports: [0]\n"  # 10 port
+        "  b:\n"  # 11
+        "    rules:\n"  # 12
+        "      - deny: 10.0.0.1/8\n"  # 13 bad CIDR
+        "        methods: [FETCH]\n"  # 14 unknown method
+        "        expires: 2027-13-01\n"  # 15 invalid date
+        "        colour: red\n",  # 16 unknown key
         encoding="utf-8",
     )
     with pytest.raises(PolicyError) as error:
@@ -122,7 +146,10 @@ def test_errors_in_several_files_are_reported_together(tmp_path):
     two.write_text("version: 2\nprofiles:\n  b: {}\n", encoding="utf-8")
     with pytest.raises(PolicyError) as error:
         load_policy([one, two])
-    assert {(Path(p.file).name, p.line) for p in error.value.problems} == {("one.yaml", 4), ("two.yaml", 1)}
+    assert {(Path(p.file).name, p.line) for p in error.value.problems} == {
+        ("one.yaml", 4),
+        ("two.yaml", 1),
+    }
 
 
 def test_a_profile_defined_in_two_files_is_an_error(tmp_path):
@@ -141,8 +168,11 @@ def test_a_missing_rule_file_is_a_problem_not_a_crash(tmp_path):
 def test_nothing_is_half_loaded(tmp_path):
     """One bad rule among good ones: no policy at all, never a policy without it."""
     path = tmp_path / "p.yaml"
-    path.write_text("version: 1\nprofiles:\n  default:\n    rules:\n"
-                    "      - allow: pypi.org\n      - deny: evil..test\n", encoding="utf-8")
+    path.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        "      - allow: pypi.org\n      - deny: evil..test\n",
+        encoding="utf-8",
+    )
     with pytest.raises(PolicyError) as error:
         load_policy(path)
     assert [(p.line, p.column) for p in error.value.problems] == [(6, 15)]
@@ -170,12 +200,17 @@ def test_every_ipv4_spelling_in_a_rule_is_read_as_an_address(case):
     number, text = case
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.yaml"
-        path.write_text(f'version: 1\nprofiles:\n  default:\n    rules:\n      - allow: "{text}"\n', encoding="utf-8")
+        path.write_text(
+            f'version: 1\nprofiles:\n  default:\n    rules:\n      - allow: "{text}"\n',
+            encoding="utf-8",
+        )
         try:
             policy = load_policy(path)
         except PolicyError as error:
             plain = ipaddress.IPv4Address(number)
-            assert [p.message for p in error.problems] == [f"write the address {text!r} plainly, as {plain}"]
+            assert [p.message for p in error.problems] == [
+                f"write the address {text!r} plainly, as {plain}"
+            ]
         else:
             assert text == str(ipaddress.IPv4Address(number))
             assert policy.profiles["default"].rules[0].networks == (ipaddress.ip_network(text),)

@@ -23,8 +23,9 @@ import pytest
 from forked import ChildRaised, run_forked
 from sandgate.enforcer.sandbox import seccomp
 
-pytestmark = pytest.mark.skipif(seccomp.available() is not None,
-                                reason=f"kernel without seccomp filters: {seccomp.available()}")
+pytestmark = pytest.mark.skipif(
+    seccomp.available() is not None, reason=f"kernel without seccomp filters: {seccomp.available()}"
+)
 
 libc = ctypes.CDLL(None, use_errno=True)
 IS_X86_64 = os.uname().machine == "x86_64"
@@ -74,7 +75,9 @@ HARMLESS_ARGS = {
 }
 UNCONDITIONAL = [
     pytest.param(name, denial.errno, id=name)
-    for denial in seccomp.DENIED if not denial.when for name in denial.syscalls
+    for denial in seccomp.DENIED
+    if not denial.when
+    for name in denial.syscalls
     if syscall_number(name) >= 0  # i386-only names (none today) have no native number
 ]
 
@@ -109,14 +112,23 @@ READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE = 0x0400000, 0x0040000
 
 
 def probe_add_key(description: str) -> int:
-    key_type, name, payload = (ctypes.create_string_buffer(text) for text in
-                               (b"user", description.encode(), b"secret"))
-    return raw_syscall("add_key", ctypes.addressof(key_type), ctypes.addressof(name),
-                       ctypes.addressof(payload), len(payload.value), KEY_SPEC_USER_KEYRING)
+    key_type, name, payload = (
+        ctypes.create_string_buffer(text) for text in (b"user", description.encode(), b"secret")
+    )
+    return raw_syscall(
+        "add_key",
+        ctypes.addressof(key_type),
+        ctypes.addressof(name),
+        ctypes.addressof(payload),
+        len(payload.value),
+        KEY_SPEC_USER_KEYRING,
+    )
 
 
 def probe_bpf_map_create() -> int:
-    attr = (ctypes.c_uint32 * 30)(BPF_MAP_TYPE_ARRAY, 4, 4, 1)  # type, key size, value size, entries
+    attr = (ctypes.c_uint32 * 30)(
+        BPF_MAP_TYPE_ARRAY, 4, 4, 1
+    )  # type, key size, value size, entries
     return raw_syscall("bpf", BPF_MAP_CREATE, ctypes.addressof(attr), ctypes.sizeof(attr))
 
 
@@ -193,8 +205,12 @@ def our_namespaces() -> tuple[int, int]:
 @pytest.mark.parametrize(
     ("probe", "args", "expected"),
     [
-        pytest.param(raw_syscall, ("keyctl", KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 1),
-                     errno.EPERM, id="keyctl"),
+        pytest.param(
+            raw_syscall,
+            ("keyctl", KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 1),
+            errno.EPERM,
+            id="keyctl",
+        ),
         pytest.param(probe_bpf_map_create, (), errno.EPERM, id="bpf-map-create"),
         pytest.param(probe_perf_event_open, (), errno.EPERM, id="perf_event_open"),
         pytest.param(raw_syscall, ("userfaultfd", O_CLOEXEC), errno.EPERM, id="userfaultfd"),
@@ -202,24 +218,53 @@ def our_namespaces() -> tuple[int, int]:
         pytest.param(probe_clone, (seccomp.CLONE_NEWUSER,), errno.EPERM, id="clone-newuser"),
         pytest.param(probe_clone, (seccomp.CLONE_NEWNET,), errno.EPERM, id="clone-newnet"),
         pytest.param(probe_clone3, (), errno.ENOSYS, id="clone3-enosys"),
-        pytest.param(probe_socket, (AF_PACKET, socket.SOCK_RAW, ETH_P_ALL_BE), errno.EAFNOSUPPORT,
-                     id="af-packet-raw"),
-        pytest.param(probe_socket, (AF_PACKET | HIGH_JUNK, socket.SOCK_RAW, ETH_P_ALL_BE),
-                     errno.EAFNOSUPPORT, id="af-packet-high-junk"),
-        pytest.param(probe_socket, (socket.AF_INET, seccomp.SOCK_PACKET, ETH_P_ALL_BE),
-                     errno.EAFNOSUPPORT, id="af-inet-sock-packet"),
-        pytest.param(probe_socket, (AF_BLUETOOTH, socket.SOCK_STREAM), errno.EAFNOSUPPORT,
-                     id="af-bluetooth"),
-        pytest.param(probe_socket, (AF_VSOCK, socket.SOCK_STREAM), errno.EAFNOSUPPORT, id="af-vsock"),
-        pytest.param(probe_socket, (AF_ALG, socket.SOCK_SEQPACKET), errno.EAFNOSUPPORT, id="af-alg"),
+        pytest.param(
+            probe_socket,
+            (AF_PACKET, socket.SOCK_RAW, ETH_P_ALL_BE),
+            errno.EAFNOSUPPORT,
+            id="af-packet-raw",
+        ),
+        pytest.param(
+            probe_socket,
+            (AF_PACKET | HIGH_JUNK, socket.SOCK_RAW, ETH_P_ALL_BE),
+            errno.EAFNOSUPPORT,
+            id="af-packet-high-junk",
+        ),
+        pytest.param(
+            probe_socket,
+            (socket.AF_INET, seccomp.SOCK_PACKET, ETH_P_ALL_BE),
+            errno.EAFNOSUPPORT,
+            id="af-inet-sock-packet",
+        ),
+        pytest.param(
+            probe_socket, (AF_BLUETOOTH, socket.SOCK_STREAM), errno.EAFNOSUPPORT, id="af-bluetooth"
+        ),
+        pytest.param(
+            probe_socket, (AF_VSOCK, socket.SOCK_STREAM), errno.EAFNOSUPPORT, id="af-vsock"
+        ),
+        pytest.param(
+            probe_socket, (AF_ALG, socket.SOCK_SEQPACKET), errno.EAFNOSUPPORT, id="af-alg"
+        ),
         pytest.param(probe_socket, (0, socket.SOCK_STREAM), errno.EAFNOSUPPORT, id="af-unspec"),
         pytest.param(probe_socketpair, (AF_TIPC,), errno.EAFNOSUPPORT, id="socketpair-tipc"),
-        pytest.param(probe_socket, (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER),
-                     errno.EPROTONOSUPPORT, id="netlink-netfilter"),
-        pytest.param(probe_socket, (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG),
-                     errno.EPROTONOSUPPORT, id="netlink-sock-diag"),
-        pytest.param(probe_socket, (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_KOBJECT_UEVENT),
-                     errno.EPROTONOSUPPORT, id="netlink-uevent"),
+        pytest.param(
+            probe_socket,
+            (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER),
+            errno.EPROTONOSUPPORT,
+            id="netlink-netfilter",
+        ),
+        pytest.param(
+            probe_socket,
+            (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG),
+            errno.EPROTONOSUPPORT,
+            id="netlink-sock-diag",
+        ),
+        pytest.param(
+            probe_socket,
+            (socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_KOBJECT_UEVENT),
+            errno.EPROTONOSUPPORT,
+            id="netlink-uevent",
+        ),
     ],
 )
 def test_refused(program: bytes, probe, args: tuple, expected: int) -> None:
@@ -232,11 +277,14 @@ def test_add_key_refused_and_no_key_planted(program: bytes) -> None:
     assert description not in Path("/proc/keys").read_text()
 
 
-@pytest.mark.parametrize("flag", [
-    pytest.param(seccomp.CLONE_NEWUSER, id="user"),
-    pytest.param(seccomp.CLONE_NEWNET, id="net"),
-    pytest.param(seccomp.CLONE_NEWUSER | seccomp.CLONE_NEWNS, id="user+mount"),
-])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        pytest.param(seccomp.CLONE_NEWUSER, id="user"),
+        pytest.param(seccomp.CLONE_NEWNET, id="net"),
+        pytest.param(seccomp.CLONE_NEWUSER | seccomp.CLONE_NEWNS, id="user+mount"),
+    ],
+)
 def test_unshare_refused_namespaces_unchanged(program: bytes, flag: int) -> None:
     code, user_ns, net_ns = run_forked(filtered, program, probe_unshare, flag).value
     assert code == errno.EPERM
@@ -259,15 +307,21 @@ def test_mount_refused_nothing_mounted(program: bytes, tmp_path: Path) -> None:
             libc.umount2(str(target).encode(), 0)
 
 
-@pytest.mark.parametrize("request_code", [
-    pytest.param(seccomp.TIOCSTI, id="tiocsti"),
-    pytest.param(seccomp.TIOCSTI | HIGH_JUNK, id="tiocsti-high-junk"),
-])
+@pytest.mark.parametrize(
+    "request_code",
+    [
+        pytest.param(seccomp.TIOCSTI, id="tiocsti"),
+        pytest.param(seccomp.TIOCSTI | HIGH_JUNK, id="tiocsti-high-junk"),
+    ],
+)
 def test_tiocsti_refused_nothing_typed(program: bytes, request_code: int) -> None:
     controller, terminal = os.openpty()
     try:
         tty.setraw(terminal)
-        assert run_forked(filtered, program, probe_ioctl_tiocsti, terminal, request_code).value == errno.EPERM
+        assert (
+            run_forked(filtered, program, probe_ioctl_tiocsti, terminal, request_code).value
+            == errno.EPERM
+        )
         os.set_blocking(terminal, False)
         assert errno_of(os.read, terminal, 16) == errno.EAGAIN  # no "X" waiting to be read
     finally:
@@ -286,17 +340,27 @@ def test_tiocsti_probe_types_unfiltered() -> None:
         os.close(terminal)
 
 
-@pytest.mark.parametrize(("persona", "expected_errno", "expected_after"), [
-    pytest.param(READ_IMPLIES_EXEC, errno.EPERM, 0, id="read-implies-exec"),
-    pytest.param(ADDR_NO_RANDOMIZE, errno.EPERM, 0, id="addr-no-randomize"),
-    pytest.param(READ_IMPLIES_EXEC | seccomp.PERSONALITY_TOP_BIT, errno.EPERM, 0, id="top-bit-smuggle"),
-    pytest.param(HIGH_JUNK | READ_IMPLIES_EXEC, errno.EPERM, 0, id="high-junk"),
-    pytest.param(seccomp.PER_LINUX32, 0, seccomp.PER_LINUX32, id="linux32-allowed"),
-    pytest.param(seccomp.UNAME26, 0, seccomp.UNAME26, id="uname26-allowed"),
-    pytest.param(seccomp.PERSONALITY_QUERY, 0, 0, id="query-allowed"),
-])
-def test_personality(program: bytes, persona: int, expected_errno: int, expected_after: int) -> None:
-    assert run_forked(filtered, program, probe_personality, persona).value == (expected_errno, expected_after)
+@pytest.mark.parametrize(
+    ("persona", "expected_errno", "expected_after"),
+    [
+        pytest.param(READ_IMPLIES_EXEC, errno.EPERM, 0, id="read-implies-exec"),
+        pytest.param(ADDR_NO_RANDOMIZE, errno.EPERM, 0, id="addr-no-randomize"),
+        pytest.param(
+            READ_IMPLIES_EXEC | seccomp.PERSONALITY_TOP_BIT, errno.EPERM, 0, id="top-bit-smuggle"
+        ),
+        pytest.param(HIGH_JUNK | READ_IMPLIES_EXEC, errno.EPERM, 0, id="high-junk"),
+        pytest.param(seccomp.PER_LINUX32, 0, seccomp.PER_LINUX32, id="linux32-allowed"),
+        pytest.param(seccomp.UNAME26, 0, seccomp.UNAME26, id="uname26-allowed"),
+        pytest.param(seccomp.PERSONALITY_QUERY, 0, 0, id="query-allowed"),
+    ],
+)
+def test_personality(
+    program: bytes, persona: int, expected_errno: int, expected_after: int
+) -> None:
+    assert run_forked(filtered, program, probe_personality, persona).value == (
+        expected_errno,
+        expected_after,
+    )
 
 
 # --- other syscall ABIs: the filter kills, and the call had no effect ------------------
@@ -310,32 +374,52 @@ MAP_32BIT = 0x40
 def probe_i386_mkdir(path: str) -> int:
     """mkdir(path, 0755) through int 0x80, the i386 syscall table of an x86_64 kernel."""
     libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.mmap.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    )
     prot = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
-    page = libc.mmap(None, mmap.PAGESIZE, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_32BIT, -1, 0)
+    page = libc.mmap(
+        None, mmap.PAGESIZE, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_32BIT, -1, 0
+    )
     path_at = page + 64
     ctypes.memmove(path_at, path.encode() + b"\0", len(path) + 1)
-    code = (b"\x53"  # push rbx (callee-saved)
-            + b"\xb8" + I386_MKDIR.to_bytes(4, "little")  # mov eax, mkdir
-            + b"\xbb" + path_at.to_bytes(4, "little")  # mov ebx, path
-            + b"\xb9" + (0o755).to_bytes(4, "little")  # mov ecx, mode
-            + b"\xcd\x80"  # int 0x80
-            + b"\x5b\xc3")  # pop rbx; ret
+    code = (
+        b"\x53"  # push rbx (callee-saved)
+        + b"\xb8"
+        + I386_MKDIR.to_bytes(4, "little")  # mov eax, mkdir
+        + b"\xbb"
+        + path_at.to_bytes(4, "little")  # mov ebx, path
+        + b"\xb9"
+        + (0o755).to_bytes(4, "little")  # mov ecx, mode
+        + b"\xcd\x80"  # int 0x80
+        + b"\x5b\xc3"
+    )  # pop rbx; ret
     ctypes.memmove(page, code, len(code))
     return ctypes.CFUNCTYPE(ctypes.c_int)(page)()
 
 
 def probe_x32_mkdir(path: str) -> int:
-    result = libc.syscall(ctypes.c_long(X32_SYSCALL_BIT | X86_64_MKDIR),
-                          ctypes.c_char_p(path.encode()), ctypes.c_long(0o755))
+    result = libc.syscall(
+        ctypes.c_long(X32_SYSCALL_BIT | X86_64_MKDIR),
+        ctypes.c_char_p(path.encode()),
+        ctypes.c_long(0o755),
+    )
     return ctypes.get_errno() if result == -1 else 0
 
 
 @pytest.mark.skipif(not IS_X86_64, reason="int 0x80 and x32 are x86_64's other ABIs")
-@pytest.mark.parametrize("probe", [
-    pytest.param(probe_i386_mkdir, id="i386-int80"),
-    pytest.param(probe_x32_mkdir, id="x32"),
-])
+@pytest.mark.parametrize(
+    "probe",
+    [
+        pytest.param(probe_i386_mkdir, id="i386-int80"),
+        pytest.param(probe_x32_mkdir, id="x32"),
+    ],
+)
 def test_other_abi_killed_without_effect(program: bytes, tmp_path: Path, probe) -> None:
     canary = tmp_path / "canary"
     assert run_forked(filtered, program, probe, str(canary)).exit_code == -signal.SIGSYS
@@ -352,6 +436,7 @@ def test_i386_probe_works_unfiltered(tmp_path: Path) -> None:
 
 
 # --- what must keep working inside the filter ------------------------------------------
+
 
 def use_fork() -> int:
     pid = os.fork()
@@ -374,8 +459,12 @@ def use_posix_spawn() -> int:  # glibc tries clone3 first, then falls back to cl
 
 
 def use_sockets() -> list[str]:
-    kinds = [(socket.AF_INET, socket.SOCK_STREAM, 0), (socket.AF_INET6, socket.SOCK_DGRAM, 0),
-             (socket.AF_UNIX, socket.SOCK_STREAM, 0), (socket.AF_NETLINK, socket.SOCK_RAW, 0)]
+    kinds = [
+        (socket.AF_INET, socket.SOCK_STREAM, 0),
+        (socket.AF_INET6, socket.SOCK_DGRAM, 0),
+        (socket.AF_UNIX, socket.SOCK_STREAM, 0),
+        (socket.AF_NETLINK, socket.SOCK_RAW, 0),
+    ]
     opened = []
     for family, kind, protocol in kinds:
         with socket.socket(family, kind, protocol) as opened_socket:
@@ -396,19 +485,33 @@ def run_command(*argv: str) -> tuple[int, str]:
     return done.returncode, done.stderr[-500:]
 
 
-@pytest.mark.parametrize(("probe", "args", "expected"), [
-    pytest.param(use_fork, (), 7, id="fork"),
-    pytest.param(use_thread, (), "ran", id="thread"),
-    pytest.param(run_command, ("/bin/true",), (0, ""), id="execve-true"),
-    pytest.param(use_posix_spawn, (), 0, id="posix_spawn"),
-    pytest.param(use_sockets, (), ["AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"], id="sockets"),
-    pytest.param(use_terminal_ioctl, (), 0, id="terminal-ioctl"),
-    pytest.param(probe_personality, (seccomp.PER_LINUX,), (0, 0), id="personality-linux"),
-    pytest.param(run_command, ("/usr/bin/python3", "-c", "import socket; socket.getaddrinfo('localhost', 80)"),
-                 (0, ""), id="getaddrinfo"),
-    pytest.param(run_command, ("git", "--version"), (0, ""), id="git-version",
-                 marks=pytest.mark.skipif(not shutil.which("git"), reason="no git")),
-])
+@pytest.mark.parametrize(
+    ("probe", "args", "expected"),
+    [
+        pytest.param(use_fork, (), 7, id="fork"),
+        pytest.param(use_thread, (), "ran", id="thread"),
+        pytest.param(run_command, ("/bin/true",), (0, ""), id="execve-true"),
+        pytest.param(use_posix_spawn, (), 0, id="posix_spawn"),
+        pytest.param(
+            use_sockets, (), ["AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"], id="sockets"
+        ),
+        pytest.param(use_terminal_ioctl, (), 0, id="terminal-ioctl"),
+        pytest.param(probe_personality, (seccomp.PER_LINUX,), (0, 0), id="personality-linux"),
+        pytest.param(
+            run_command,
+            ("/usr/bin/python3", "-c", "import socket; socket.getaddrinfo('localhost', 80)"),
+            (0, ""),
+            id="getaddrinfo",
+        ),
+        pytest.param(
+            run_command,
+            ("git", "--version"),
+            (0, ""),
+            id="git-version",
+            marks=pytest.mark.skipif(not shutil.which("git"), reason="no git"),
+        ),
+    ],
+)
 def test_still_works(program: bytes, probe, args: tuple, expected) -> None:
     assert run_forked(filtered, program, probe, *args).value == expected
 
@@ -416,11 +519,14 @@ def test_still_works(program: bytes, probe, args: tuple, expected) -> None:
 @pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="no system python3")
 def test_venv_still_works(program: bytes, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    assert run_forked(filtered, program, run_command, "/usr/bin/python3", "-m", "venv", str(venv)).value == (0, "")
+    assert run_forked(
+        filtered, program, run_command, "/usr/bin/python3", "-m", "venv", str(venv)
+    ).value == (0, "")
     assert (venv / "bin" / "pip").exists()
 
 
 # --- build, cache, install errors --------------------------------------------------------
+
 
 def test_program_is_stable_and_small(program: bytes) -> None:
     assert seccomp.build_filter() == program
@@ -446,11 +552,14 @@ def test_cache_ignored_when_others_can_write(program: bytes, tmp_path: Path) -> 
     assert seccomp.build_filter(cache) == program
 
 
-@pytest.mark.parametrize("bad", [
-    pytest.param(b"", id="empty"),
-    pytest.param(b"\0" * 7, id="not-whole-instructions"),
-    pytest.param(b"\0" * 8 * (seccomp.BPF_MAXINSNS + 1), id="too-long"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\0" * 7, id="not-whole-instructions"),
+        pytest.param(b"\0" * 8 * (seccomp.BPF_MAXINSNS + 1), id="too-long"),
+    ],
+)
 def test_install_rejects_malformed_program(bad: bytes) -> None:
     with pytest.raises(OSError, match="seccomp: not a BPF program"):
         seccomp.install(bad)
@@ -458,11 +567,15 @@ def test_install_rejects_malformed_program(bad: bytes) -> None:
 
 def test_install_kernel_refusal_is_oserror() -> None:
     invalid_opcode = bytes([0xFF, 0xFF, 0, 0, 0, 0, 0, 0])
-    with pytest.raises(ChildRaised, match="OSError: .*seccomp: loading the filter failed: Invalid argument"):
+    with pytest.raises(
+        ChildRaised, match="OSError: .*seccomp: loading the filter failed: Invalid argument"
+    ):
         run_forked(seccomp.install, invalid_opcode)
 
 
-def test_available_names_the_missing_action(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_available_names_the_missing_action(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     actions = tmp_path / "actions_avail"
     actions.write_text("kill_thread trap errno allow\n")
     monkeypatch.setattr(seccomp, "ACTIONS_AVAIL", str(actions))
@@ -472,13 +585,53 @@ def test_available_names_the_missing_action(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 REQUIRED_BY_ISSUE_8 = {
-    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "bpf",
-    "perf_event_open", "keyctl", "add_key", "request_key", "userfaultfd", "open_by_handle_at",
-    "name_to_handle_at", "io_uring_setup", "io_uring_enter", "io_uring_register", "clone", "unshare",
-    "clone3", "setns", "mount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsmount",
-    "fsconfig", "fspick", "mount_setattr", "swapon", "swapoff", "reboot", "acct", "settimeofday",
-    "clock_settime", "adjtimex", "clock_adjtime", "syslog", "quotactl", "lookup_dcookie", "iopl",
-    "ioperm", "personality", "ioctl", "socket", "socketpair",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "bpf",
+    "perf_event_open",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "userfaultfd",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "clone",
+    "unshare",
+    "clone3",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "mount_setattr",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "acct",
+    "settimeofday",
+    "clock_settime",
+    "adjtimex",
+    "clock_adjtime",
+    "syslog",
+    "quotactl",
+    "lookup_dcookie",
+    "iopl",
+    "ioperm",
+    "personality",
+    "ioctl",
+    "socket",
+    "socketpair",
 }
 
 

@@ -23,7 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "containers" / "prometheus" / "sandgate-alerts.yml"
 ALERT_TESTS = ROOT / "containers" / "prometheus" / "sandgate-alerts.test.yml"
 DASHBOARD = ROOT / "containers" / "grafana" / "sandgate-dashboard.json"
-GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m", "$instance": ".*"}
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "5m",
+    "$__range": "1h",
+    "$__interval": "1m",
+    "$instance": ".*",
+}
 
 
 def in_ci() -> bool:
@@ -73,22 +78,37 @@ def test_alert_rules_pass_promtool_check(promtool):
 
 
 def test_alert_rules_fire_as_their_unit_tests_say(promtool):
-    result = subprocess.run([promtool, "test", "rules", ALERT_TESTS.name], capture_output=True, text=True,
-                            cwd=ALERT_TESTS.parent)
+    result = subprocess.run(
+        [promtool, "test", "rules", ALERT_TESTS.name],
+        capture_output=True,
+        text=True,
+        cwd=ALERT_TESTS.parent,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_alert_rules_cover_what_the_soc_asked_for():
-    names = {rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]}
-    assert {"SandgateBlockedRateSpike", "SandgateDnsDenialsSpike", "SandgateAuditEventsLost",
-            "SandgateAuditWriteErrors", "SandgatePolicyReloadFailed"} <= names
+    names = {
+        rule["alert"]
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+    }
+    assert {
+        "SandgateBlockedRateSpike",
+        "SandgateDnsDenialsSpike",
+        "SandgateAuditEventsLost",
+        "SandgateAuditWriteErrors",
+        "SandgatePolicyReloadFailed",
+    } <= names
 
 
 def test_alerts_and_dashboard_use_only_exported_metrics():
     exported = _exported_names()
     used = _referenced(ALERTS.read_text()) | _referenced("\n".join(_dashboard_exprs()))
     assert used, "no sandgate metric referenced at all?"
-    assert used <= exported, f"not exported by proxy/telemetry/metrics.py: {sorted(used - exported)}"
+    assert used <= exported, (
+        f"not exported by proxy/telemetry/metrics.py: {sorted(used - exported)}"
+    )
 
 
 def test_dashboard_promql_parses(promtool, tmp_path):

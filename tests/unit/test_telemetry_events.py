@@ -18,7 +18,12 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "telemetry.md"
 
 
 def event(**fields) -> Event:
-    base = dict(kind=EventKind.CONNECTION, verdict=Verdict.DENY, reason=Reason.NO_RULE, rule_id="default:fallback")
+    base = dict(
+        kind=EventKind.CONNECTION,
+        verdict=Verdict.DENY,
+        reason=Reason.NO_RULE,
+        rule_id="default:fallback",
+    )
     return Event(**{**base, **fields})
 
 
@@ -63,11 +68,20 @@ def test_fanout_survives_a_broken_sink():
 def test_summary_table_blocked_first_with_rule_and_where_the_audit_log_is():
     summary = TaskSummary()
     summary.task_started("t1", "default", "10.213.0.2", ["curl", "x"])
-    summary.emit(event(kind=EventKind.DNS, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW, rule_id="r1",
-                       name="ok.test"))
+    summary.emit(
+        event(
+            kind=EventKind.DNS,
+            verdict=Verdict.ALLOW,
+            reason=Reason.RULE_ALLOW,
+            rule_id="r1",
+            name="ok.test",
+        )
+    )
     summary.emit(event(name="evil.test"))
     summary.emit(event(name="evil.test"))
-    summary.telemetry.update(audit_log="/var/lib/sandgate/audit/t1.jsonl", metrics="http://127.0.0.1:9464/metrics")
+    summary.telemetry.update(
+        audit_log="/var/lib/sandgate/audit/t1.jsonl", metrics="http://127.0.0.1:9464/metrics"
+    )
     out = io.StringIO()
     summary.print_table(out)
     text = out.getvalue()
@@ -129,12 +143,16 @@ def docs() -> str:
 
 @pytest.mark.parametrize("reason", list(Reason), ids=str)
 def test_every_reason_is_documented(docs, reason):
-    assert re.search(rf"^\|\s*`{reason}`\s*\|", docs, re.MULTILINE), f"docs/telemetry.md: no row for {reason}"
+    assert re.search(rf"^\|\s*`{reason}`\s*\|", docs, re.MULTILINE), (
+        f"docs/telemetry.md: no row for {reason}"
+    )
 
 
 @pytest.mark.parametrize("field", FIELDS)
 def test_every_event_field_is_documented(docs, field):
-    assert re.search(rf"^\|\s*`{field}`\s*\|", docs, re.MULTILINE), f"docs/telemetry.md: no row for field {field}"
+    assert re.search(rf"^\|\s*`{field}`\s*\|", docs, re.MULTILINE), (
+        f"docs/telemetry.md: no row for field {field}"
+    )
 
 
 @pytest.mark.parametrize("value", [*map(str, EventKind), *map(str, Verdict)])
@@ -149,5 +167,9 @@ def test_every_metric_is_documented(docs):
 
 
 def test_ocsf_classes_are_mapped(docs):
-    for class_name, uid in (("Network Activity", 4001), ("HTTP Activity", 4002), ("DNS Activity", 4003)):
+    for class_name, uid in (
+        ("Network Activity", 4001),
+        ("HTTP Activity", 4002),
+        ("DNS Activity", 4003),
+    ):
         assert class_name in docs and str(uid) in docs

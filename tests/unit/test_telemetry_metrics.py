@@ -25,14 +25,22 @@ SANDBOX_IP = "10.213.0.2"
 
 
 def series(metrics: Metrics) -> list[tuple[str, dict[str, str], float]]:
-    return [(s.name, s.labels, s.value) for family in metrics.registry.collect() for s in family.samples]
+    return [
+        (s.name, s.labels, s.value) for family in metrics.registry.collect() for s in family.samples
+    ]
 
 
 def value(metrics: Metrics, name: str, **labels) -> float:
-    return sum(v for n, ls, v in series(metrics) if n == name and all(ls.get(k) == x for k, x in labels.items()))
+    return sum(
+        v
+        for n, ls, v in series(metrics)
+        if n == name and all(ls.get(k) == x for k, x in labels.items())
+    )
 
 
-def event(kind=EventKind.CONNECTION, verdict=Verdict.DENY, reason=Reason.NO_RULE, **fields) -> Event:
+def event(
+    kind=EventKind.CONNECTION, verdict=Verdict.DENY, reason=Reason.NO_RULE, **fields
+) -> Event:
     fields.setdefault("rule_id", "default:fallback")
     fields.setdefault("profile", "default")
     return Event(kind=kind, verdict=verdict, reason=reason, **fields)
@@ -43,8 +51,14 @@ def event(kind=EventKind.CONNECTION, verdict=Verdict.DENY, reason=Reason.NO_RULE
 
 def _random_name(rng: random.Random) -> str:
     label = "".join(rng.choices(string.ascii_lowercase + string.digits, k=rng.randint(5, 30)))
-    return rng.choice([f"{label}.evil.test", f"{label}.{label[:3]}.example", f"{label}.allowed.test.evil",
-                       f"x{label}.c2.invalid"])
+    return rng.choice(
+        [
+            f"{label}.evil.test",
+            f"{label}.{label[:3]}.example",
+            f"{label}.allowed.test.evil",
+            f"x{label}.c2.invalid",
+        ]
+    )
 
 
 def test_ten_thousand_denied_names_keep_the_series_bounded():
@@ -52,8 +66,13 @@ def test_ten_thousand_denied_names_keep_the_series_bounded():
     denied names are answered without an upstream, so no socket is needed."""
     policy = load_policy([DEMO])
     metrics = Metrics()
-    gateway = Gateway(GatewayConfig(listen_host="127.0.0.1", dns_upstreams=["127.0.0.1"], confdir=Path("/nonexistent")),
-                      policy, metrics)
+    gateway = Gateway(
+        GatewayConfig(
+            listen_host="127.0.0.1", dns_upstreams=["127.0.0.1"], confdir=Path("/nonexistent")
+        ),
+        policy,
+        metrics,
+    )
     gateway.add_sandbox(Sandbox(SANDBOX_IP, "task-1", "default"))
     metrics.watch_gateway(gateway)
     rng = random.Random(4)
@@ -65,7 +84,9 @@ def test_ten_thousand_denied_names_keep_the_series_bounded():
             await gateway.dns.handle(wire, (SANDBOX_IP, 40000 + i % 20000), udp=True)
         # Names that are no names at all: still a bounded label set.
         await gateway.dns.handle(b"\x00\x01garbage", (SANDBOX_IP, 1), udp=True)
-        await gateway.dns.handle(dns.message.make_query("evil.test", "A").to_wire(), ("10.9.9.9", 1), udp=True)
+        await gateway.dns.handle(
+            dns.message.make_query("evil.test", "A").to_wire(), ("10.9.9.9", 1), udp=True
+        )
 
     asyncio.run(ask(1000))
     after_1k = {(n, tuple(sorted(ls.items()))) for n, ls, _ in series(metrics)}
@@ -76,12 +97,19 @@ def test_ten_thousand_denied_names_keep_the_series_bounded():
     assert after_10k == after_1k, "new series appeared for new names"
     assert len(after_10k) < 120
     text = metrics.render().decode()
-    assert "evil" not in text and ".example" not in text and "10.9.9.9" not in text and SANDBOX_IP not in text
+    assert (
+        "evil" not in text
+        and ".example" not in text
+        and "10.9.9.9" not in text
+        and SANDBOX_IP not in text
+    )
     reasons = {ls["reason"] for n, ls, _ in series(metrics) if n == "sandgate_dns_queries_total"}
     assert reasons == {"no_rule", "dns_qtype_not_allowed", "dns_malformed", "unknown_sandbox"}
     started = time.perf_counter()
     metrics.render()
-    assert time.perf_counter() - started < 0.05, "a scrape of the bounded series should take milliseconds"
+    assert time.perf_counter() - started < 0.05, (
+        "a scrape of the bounded series should take milliseconds"
+    )
 
 
 def test_rule_ids_past_the_cap_fold_into_other_and_are_counted():
@@ -98,7 +126,9 @@ def test_rule_ids_past_the_cap_fold_into_other_and_are_counted():
 def test_profiles_protocols_and_methods_are_bounded_too():
     metrics = Metrics(max_profiles=2)
     for i in range(50):
-        metrics.emit(event(EventKind.REQUEST, profile=f"p{i}", protocol=f"proto{i}", method=f"M{i}"))
+        metrics.emit(
+            event(EventKind.REQUEST, profile=f"p{i}", protocol=f"proto{i}", method=f"M{i}")
+        )
     metrics.emit(event(EventKind.REQUEST, profile="p0", protocol="https", method="POST"))
     samples = [ls for n, ls, _ in series(metrics) if n == "sandgate_http_requests_total"]
     assert {ls["profile"] for ls in samples} == {"p0", "p1", OTHER}
@@ -106,22 +136,58 @@ def test_profiles_protocols_and_methods_are_bounded_too():
     assert {ls["method"] for ls in samples} == {OTHER, "POST"}
 
 
-@pytest.mark.parametrize(("kind", "metric", "labels"), [
-    pytest.param(EventKind.CONNECTION, "sandgate_connections_total", {"protocol": "tls"}, id="connection"),
-    pytest.param(EventKind.DNS, "sandgate_dns_queries_total", {}, id="dns"),
-    pytest.param(EventKind.REQUEST, "sandgate_http_requests_total", {"protocol": "tls", "method": "GET"},
-                 id="request"),
-    pytest.param(EventKind.APPROVAL, "sandgate_approvals_total", {}, id="approval"),
-])
+@pytest.mark.parametrize(
+    ("kind", "metric", "labels"),
+    [
+        pytest.param(
+            EventKind.CONNECTION, "sandgate_connections_total", {"protocol": "tls"}, id="connection"
+        ),
+        pytest.param(EventKind.DNS, "sandgate_dns_queries_total", {}, id="dns"),
+        pytest.param(
+            EventKind.REQUEST,
+            "sandgate_http_requests_total",
+            {"protocol": "tls", "method": "GET"},
+            id="request",
+        ),
+        pytest.param(EventKind.APPROVAL, "sandgate_approvals_total", {}, id="approval"),
+    ],
+)
 def test_each_decision_kind_has_its_counter_and_latency(kind, metric, labels):
     metrics = Metrics()
-    metrics.emit(event(kind, Verdict.ALLOW, Reason.RULE_ALLOW, rule_id="r1", protocol="tls", method="GET",
-                       latency=0.0003, name="secret.example", dst_ip="203.0.113.9"))
-    assert value(metrics, metric, verdict="allow", reason="rule_allow", rule="r1", profile="default", **labels) == 1
+    metrics.emit(
+        event(
+            kind,
+            Verdict.ALLOW,
+            Reason.RULE_ALLOW,
+            rule_id="r1",
+            protocol="tls",
+            method="GET",
+            latency=0.0003,
+            name="secret.example",
+            dst_ip="203.0.113.9",
+        )
+    )
+    assert (
+        value(
+            metrics,
+            metric,
+            verdict="allow",
+            reason="rule_allow",
+            rule="r1",
+            profile="default",
+            **labels,
+        )
+        == 1
+    )
     assert value(metrics, "sandgate_events_total", kind=str(kind), verdict="allow") == 1
     assert value(metrics, "sandgate_decision_latency_seconds_count", kind=str(kind)) == 1
-    assert value(metrics, "sandgate_decision_latency_seconds_bucket", kind=str(kind), le="0.0005") == 1
-    assert value(metrics, "sandgate_decision_latency_seconds_bucket", kind=str(kind), le="0.00025") == 0
+    assert (
+        value(metrics, "sandgate_decision_latency_seconds_bucket", kind=str(kind), le="0.0005") == 1
+    )
+    assert (
+        value(metrics, "sandgate_decision_latency_seconds_bucket", kind=str(kind), le="0.00025")
+        == 0
+    )
     text = metrics.render().decode()
     assert "secret.example" not in text and "203.0.113.9" not in text
 
@@ -129,7 +195,9 @@ def test_each_decision_kind_has_its_counter_and_latency(kind, metric, labels):
 def test_dns_latency_is_the_query_duration():
     metrics = Metrics()
     metrics.emit(event(EventKind.DNS, duration=0.02))
-    assert value(metrics, "sandgate_decision_latency_seconds_sum", kind="dns") == pytest.approx(0.02)
+    assert value(metrics, "sandgate_decision_latency_seconds_sum", kind="dns") == pytest.approx(
+        0.02
+    )
 
 
 def test_task_and_policy_events_count_as_events_only():
@@ -225,18 +293,26 @@ def test_sandgate_run_warns_and_goes_on_when_the_metrics_port_is_taken(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        run = TaskRun(RunOptions(command=["true"], policy=load_policy([DEMO]),
-                                 metrics_listen=("127.0.0.1", taken.getsockname()[1])))
+        run = TaskRun(
+            RunOptions(
+                command=["true"],
+                policy=load_policy([DEMO]),
+                metrics_listen=("127.0.0.1", taken.getsockname()[1]),
+            )
+        )
         run._start_metrics()  # no exception: the task would go on
     assert "warning: no metrics for this run" in capsys.readouterr().err
     assert "metrics" not in run.summary.telemetry
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    pytest.param("127.0.0.1:9464", ("127.0.0.1", 9464), id="v4"),
-    pytest.param("[::1]:9464", ("::1", 9464), id="v6"),
-    pytest.param("localhost:0", ("localhost", 0), id="any-port"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("127.0.0.1:9464", ("127.0.0.1", 9464), id="v4"),
+        pytest.param("[::1]:9464", ("::1", 9464), id="v6"),
+        pytest.param("localhost:0", ("localhost", 0), id="any-port"),
+    ],
+)
 def test_parse_listen(text, expected):
     assert parse_listen(text) == expected
 
