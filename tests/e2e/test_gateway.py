@@ -387,7 +387,7 @@ def test_root_in_the_sandbox_cannot_change_its_egress(net, tmp_path):
     host_links_before = _host_links(net)
     r = sandbox.run(net, tmp_path, {
         # The sandbox's own routes and nftables: enforcement does not live there, and
-        # without CAP_NET_ADMIN (enforcer/sandbox_init.py says why) root cannot touch them.
+        # with no capability in the initial user namespace (enforcer/sandbox/init.py) root cannot touch them.
         "route_default": "ip route replace default dev eth0",
         "route_direct": "ip route add 203.0.113.0/24 dev eth0",
         "nft_flush": "nft flush ruleset",

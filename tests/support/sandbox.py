@@ -464,7 +464,7 @@ def _result(
 
 def leftovers(fakenet, run_id: str) -> list[str]:
     """What of run `run_id` still exists: its netns, veth, nft table, state dir,
-    or a process (sandbox_init has the id in its argv, the task in its env)."""
+    or a process (the sandbox init has the id in its argv, the task in its env)."""
     found = []
     if (NETNS_DIR / f"sg-{run_id}").exists():
         found.append(f"netns sg-{run_id}")
