@@ -322,6 +322,19 @@ class TaskRun:
         limits_hit = []
         if self.sandbox is not None:
             self.sandbox.collect()
+            if self.sandbox.self_test and self.opts.probe is None:
+                held = sum(p["ok"] for p in self.sandbox.self_test)
+                self.summary.task["self_test"] = {
+                    "held": held,
+                    "probes": len(self.sandbox.self_test),
+                    "ms": self.sandbox.self_test_ms,
+                }
+                if not self.opts.quiet:
+                    print(
+                        f"sandgate: self-test: {held}/{len(self.sandbox.self_test)} probes held "
+                        f"({self.sandbox.self_test_ms} ms, before the task)",
+                        file=sys.stderr,
+                    )
             limits_hit = await asyncio.to_thread(self.sandbox.finish)
         if self.net is not None:
             await asyncio.to_thread(netns.destroy_sandbox_net, self.run_id)
