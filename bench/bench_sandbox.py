@@ -9,7 +9,8 @@ cgroup; nothing touches the root namespace's network.
 Variants, each the median wall time of N rounds of one process start to its exit:
 
 - netns exec      `ip netns exec NS true`: the floor (a netns join and an exec).
-- before          the old isolation, enforcer/sandbox_init.py (still in the tree):
+- before          the old isolation: bench/old_sandbox_init.py, the init sandgate ran before
+                  the task sandbox (kept here only as this baseline):
                   netns, mount/UTS/PID namespaces, resolv.conf bind, capability drop.
 - new, minimal    enforcer/sandbox/init.py with the least its spec can say: no user
                   namespace, no Landlock, no seccomp, no binds, no cgroups, one tmpfs
@@ -53,7 +54,7 @@ from sandgate.enforcer.sandbox import cgroup, seccomp, spec  # noqa: E402
 from sandgate.enforcer.sandbox import init as sandbox_init  # noqa: E402
 
 PY = sys.executable
-OLD_INIT = ROOT / "enforcer" / "sandbox_init.py"
+OLD_INIT = ROOT / "bench" / "old_sandbox_init.py"
 GOAL_MS = 20.0
 
 
@@ -62,7 +63,9 @@ def timed(argv: list[str], env: dict | None = None) -> float:
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
     ms = (time.perf_counter() - t0) * 1000
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}: {proc.stderr.strip()[-400:]}")
+        raise RuntimeError(
+            f"{' '.join(map(str, argv))} exited {proc.returncode}: {proc.stderr.strip()[-400:]}"
+        )
     return ms
 
 
@@ -71,26 +74,57 @@ def median_ms(argv: list[str], rounds: int, env: dict | None = None) -> float:
     return statistics.median(timed(argv, env) for _ in range(rounds))
 
 
-def write_spec(path: Path, netns: str, *, full: bool, workspace: Path | None = None,
-               program: Path | None = None, cgroup_procs: list[str] | None = None) -> Path:
+def write_spec(
+    path: Path,
+    netns: str,
+    *,
+    full: bool,
+    workspace: Path | None = None,
+    program: Path | None = None,
+    cgroup_procs: list[str] | None = None,
+) -> Path:
     resolv = path.parent / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.1\n")
     ids = spec.host_id_range()
     if full:
         opts = spec.SandboxOptions(workspace=workspace)
         protected = spec.protected_paths([])
-        view = spec.file_view(opts, protected=protected, hidden=[],
-                              file_binds=[(resolv, Path(os.path.realpath("/etc/resolv.conf")))])
+        view = spec.file_view(
+            opts,
+            protected=protected,
+            hidden=[],
+            file_binds=[(resolv, Path(os.path.realpath("/etc/resolv.conf")))],
+        )
     else:
         # One tmpfs for $HOME: the init chowns a home that is not its own tmpfs,
         # which the read-only host refuses.
-        view = {"home": "/root", "tmpfs": ["/root"], "binds": [], "writable": [], "hide": [], "cwd": "/"}
+        view = {
+            "home": "/root",
+            "tmpfs": ["/root"],
+            "binds": [],
+            "writable": [],
+            "hide": [],
+            "cwd": "/",
+        }
     document = spec.Spec(
-        netns=netns, hostname="sgbench", argv=["true"], ids=ids, uid=0, gid=0,
+        netns=netns,
+        hostname="sgbench",
+        argv=["true"],
+        ids=ids,
+        uid=0,
+        gid=0,
         env=spec.task_environment(dict(os.environ), {}, {}, uid=0, home=view["home"]),
-        home=view["home"], cwd=view["cwd"], tmpfs=view["tmpfs"], binds=view["binds"], hide=view["hide"],
-        writable=view["writable"], cgroup_procs=cgroup_procs or [],
-        seccomp=str(program) if full and program else None, landlock=full, userns=full).to_dict()
+        home=view["home"],
+        cwd=view["cwd"],
+        tmpfs=view["tmpfs"],
+        binds=view["binds"],
+        hide=view["hide"],
+        writable=view["writable"],
+        cgroup_procs=cgroup_procs or [],
+        seccomp=str(program) if full and program else None,
+        landlock=full,
+        userns=full,
+    ).to_dict()
     path.write_text(json.dumps(document))
     return path
 
@@ -117,8 +151,22 @@ def e2e(rounds: int, tag: str, extra: list[str]) -> float:
     try:
         subprocess.run(["ip", "-n", host_ns, "link", "set", "lo", "up"], check=True)
         sandgate = str(Path(PY).with_name("sandgate"))
-        argv = ["ip", "netns", "exec", host_ns, sandgate, "run", "--metrics-listen", "off",
-                "--dns-upstream", "127.0.0.1", "--no-workspace", *extra, "--", "true"]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            host_ns,
+            sandgate,
+            "run",
+            "--metrics-listen",
+            "off",
+            "--dns-upstream",
+            "127.0.0.1",
+            "--no-workspace",
+            *extra,
+            "--",
+            "true",
+        ]
         return median_ms(argv, rounds)
     finally:
         subprocess.run(["ip", "netns", "del", host_ns], check=False)
@@ -126,9 +174,15 @@ def e2e(rounds: int, tag: str, extra: list[str]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="rounds per init variant (default 15)")
-    parser.add_argument("--e2e-rounds", type=int, default=5, help="rounds per `sandgate run` variant (default 5)")
-    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end `sandgate run` timings")
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="rounds per init variant (default 15)"
+    )
+    parser.add_argument(
+        "--e2e-rounds", type=int, default=5, help="rounds per `sandgate run` variant (default 5)"
+    )
+    parser.add_argument(
+        "--no-e2e", action="store_true", help="skip the end-to-end `sandgate run` timings"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_sandbox: needs root (namespaces, mounts, cgroups)", file=sys.stderr)
@@ -148,22 +202,41 @@ def main() -> int:
         task_cgroup = cgroup.TaskCgroup.create(f"{cgroup.PREFIX}bench-{tag}", cgroup.Limits())
         minimal = write_spec(work / "minimal.json", netns_path, full=False)
         full = write_spec(work / "full.json", netns_path, full=True, program=program)
-        full_ws = write_spec(work / "full-ws.json", netns_path, full=True, program=program, workspace=workspace)
-        full_cg = write_spec(work / "full-cg.json", netns_path, full=True, program=program,
-                             cgroup_procs=task_cgroup.procs_files)
+        full_ws = write_spec(
+            work / "full-ws.json", netns_path, full=True, program=program, workspace=workspace
+        )
+        full_cg = write_spec(
+            work / "full-cg.json",
+            netns_path,
+            full=True,
+            program=program,
+            cgroup_procs=task_cgroup.procs_files,
+        )
         n = args.rounds
         variants = {
             "netns exec (floor)": ["ip", "netns", "exec", netns, "true"],
-            "before: old sandbox_init.py": [PY, "-I", "-S", str(OLD_INIT), "--netns", netns_path,
-                                            "--bind", f"{work / 'resolv.conf'}:{os.path.realpath('/etc/resolv.conf')}",
-                                            "--", "true"],
+            "before: old sandbox_init.py": [
+                PY,
+                "-I",
+                "-S",
+                str(OLD_INIT),
+                "--netns",
+                netns_path,
+                "--bind",
+                f"{work / 'resolv.conf'}:{os.path.realpath('/etc/resolv.conf')}",
+                "--",
+                "true",
+            ],
             "new init, minimal spec": new_init(minimal),
             "new init, full spec": new_init(full),
             "new init, full + workspace": new_init(full_ws),
             "new init, full + cgroup": new_init(full_cg),
         }
-        print(f"bench_sandbox: {n} rounds each, median; PYTHONDONTWRITEBYTECODE="
-              f"{os.environ.get('PYTHONDONTWRITEBYTECODE', '(unset)')}; cgroup dirs: {' '.join(task_cgroup.paths)}", flush=True)
+        print(
+            f"bench_sandbox: {n} rounds each, median; PYTHONDONTWRITEBYTECODE="
+            f"{os.environ.get('PYTHONDONTWRITEBYTECODE', '(unset)')}; cgroup dirs: {' '.join(task_cgroup.paths)}",
+            flush=True,
+        )
         # Interleaved rounds, so that load from others on the machine hits every variant alike.
         samples: dict[str, list[float]] = {name: [] for name in variants}
         for argv in variants.values():
@@ -177,7 +250,8 @@ def main() -> int:
             m = args.e2e_rounds
             results["sandgate run, default limits"] = e2e(m, tag, [])
             results["sandgate run, --allow-weaker-sandbox --memory none --pids none"] = e2e(
-                m, tag, ["--allow-weaker-sandbox", "--memory", "none", "--pids", "none"])
+                m, tag, ["--allow-weaker-sandbox", "--memory", "none", "--pids", "none"]
+            )
     finally:
         if task_cgroup is not None:
             task_cgroup.remove()
@@ -192,8 +266,10 @@ def main() -> int:
         print(f"{name:{width}}  {ms:9.1f}  {versus:>9}")
     after = results["new init, full + cgroup"] + results["cgroup create + remove (runner side)"]
     added = after - before
-    print(f"\nadded by the new isolation (full spec in a cgroup + cgroup create/remove, vs before): {added:+.1f} ms "
-          f"({after / before:.2f}x); goal <= +{GOAL_MS:.0f} ms: {'met' if added <= GOAL_MS else 'NOT met'}")
+    print(
+        f"\nadded by the new isolation (full spec in a cgroup + cgroup create/remove, vs before): {added:+.1f} ms "
+        f"({after / before:.2f}x); goal <= +{GOAL_MS:.0f} ms: {'met' if added <= GOAL_MS else 'NOT met'}"
+    )
     return 0
 
 
