@@ -332,13 +332,19 @@ class Started:
 
 
 def _argv(
-    fakenet, workdir: Path, command: list[str], rules: Path, extra: tuple[str, ...]
+    fakenet,
+    workdir: Path,
+    command: list[str],
+    rules: Path,
+    extra: tuple[str, ...],
+    fakenet_ca: bool = True,
 ) -> list[str]:
+    trust = ["--extra-ca", str(fakenet.ca_cert)] if fakenet_ca else []
     return [
         SANDGATE, "run",
         "--rules", str(rules),
         "--dns-upstream", fakenet.dns_ip,
-        "--extra-ca", str(fakenet.ca_cert),
+        *trust,
         "--audit-log", str(workdir / "audit.jsonl"),
         "--summary-json", str(workdir / "summary.json"),
         "--workspace", str(workdir / "steps"),  # the audit log and summary stay out of the task's reach
@@ -377,10 +383,13 @@ def run(
     timeout: float = 90.0,
     env: dict[str, str] | None = None,
     setup: Callable[[Path], None] | None = None,
+    fakenet_ca: bool = True,
 ) -> RunResult:
     """`sandgate run` of `steps` (labelled shell commands) or of `command`, in the
     fake internet's host netns (with sandgate's environment `env`, if given); asserts
-    that the run left nothing behind. `setup` gets the workspace before the run."""
+    that the run left nothing behind. `setup` gets the workspace before the run.
+    `fakenet_ca=False` leaves out `--extra-ca` with the fake internet's CA, so that a
+    pass-through run gets no CA bundle or variables from sandgate."""
     workdir = _workdir(tmp_path)
     if setup is not None:
         setup(workdir / "steps")
@@ -389,9 +398,8 @@ def run(
         steps_dir = workdir / "steps"
         command = ["sh", "-c", _script(steps, steps_dir)]
     assert command, "give steps or a command"
-    proc = fakenet.run_in_host(
-        _argv(fakenet, workdir, command, rules, extra), timeout=timeout, env=env
-    )
+    argv = _argv(fakenet, workdir, command, rules, extra, fakenet_ca)
+    proc = fakenet.run_in_host(argv, timeout=timeout, env=env)
     result = _result(proc.returncode, proc.stdout, proc.stderr, workdir, steps_dir)
     assert not (left := leftovers(fakenet, result.run_id)), f"{left}\n{result.describe()}"
     return result
