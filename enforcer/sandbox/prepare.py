@@ -130,7 +130,7 @@ def prepare(
         program_path = run_dir / "seccomp.bpf"
         program_path.write_bytes(seccomp.build_filter())
     task_cgroup = None
-    if "cgroup" not in missing:
+    if "cgroup" not in missing and limits.controllers():
         try:
             task_cgroup = cgroup.TaskCgroup.create(f"sandgate-{run_id}", limits)
         except cgroup.CgroupError as e:
