@@ -125,6 +125,28 @@ table inet {t} {{
 """
 
 
+def render_guard(table: str, proxy_port: int, dns_port: int, sandbox_ifaces: str = "sgh-*") -> str:
+    """The gateway service's own table: its listeners bind every address of the
+    namespace (one front door for all sandboxes), so whatever reaches their ports
+    from anywhere but a sandbox interface (the LAN, the host itself) is dropped
+    here. The sandboxes' own tables decide their traffic."""
+    RulesetConfig(
+        table=table, sandbox_ifaces=sandbox_ifaces, proxy_port=proxy_port, dns_port=dns_port
+    )
+    return f"""\
+table inet {table}
+delete table inet {table}
+table inet {table} {{
+\tchain input {{
+\t\ttype filter hook input priority filter - 10; policy accept;
+\t\tiifname "{sandbox_ifaces}" accept
+\t\ttcp dport {{ {proxy_port}, {dns_port} }} counter drop
+\t\tudp dport {dns_port} counter drop
+\t}}
+}}
+"""
+
+
 def apply_ruleset(text: str) -> None:
     """Load `text` with one `nft -f -` (one transaction: all of it or none)."""
     _run_nft(["-f", "-"], stdin=text)

@@ -462,7 +462,8 @@ def gc(dry_run: bool = False) -> list[str]:
     so a `sandgate_*` table here with no live run is this host's leftover too.
     """
     removed = []
-    runs = {d.name: _alive(d / "pid") for d in RUN_DIR.glob("*") if d.is_dir()}
+    # A sandbox of a live gateway service is the service's to remove, whatever its runner.
+    runs = {d.name: _alive(d / "pid") or _service_alive(d) for d in RUN_DIR.glob("*") if d.is_dir()}
     live = {run_id for run_id, alive in runs.items() if alive}
     for run_id in sorted(set(runs) - live):
         if run_id in netns.list_sandbox_nets():
@@ -485,6 +486,15 @@ def gc(dry_run: bool = False) -> list[str]:
             shutil.rmtree(RUN_DIR / run_id, ignore_errors=True)
         removed.append(f"state {RUN_DIR / run_id}")
     return removed
+
+
+def _service_alive(run_dir: Path) -> bool:
+    try:
+        pid = int(json.loads((run_dir / "service.json").read_text())["service_pid"])
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _alive(pid_file: Path) -> bool:

@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from sandgate.enforcer.cli.common import UsageError, load_rules, setup_errors
+from sandgate.enforcer.cli.common import SetupError, UsageError, load_rules, setup_errors
+from sandgate.enforcer.control import DEFAULT_SOCKET
 from sandgate.enforcer.sandbox import options as sandbox_options
 from sandgate.proxy.policy import DEFAULT_RULES
 
@@ -61,6 +62,14 @@ def register(sub) -> None:
     run.add_argument(
         "-v", "--verbose", action="store_true", help="log the gateway's steps on stderr"
     )
+    run.add_argument(
+        "--gateway",
+        nargs="?",
+        const=str(DEFAULT_SOCKET),
+        metavar="SOCKET",
+        help=f"attach to a running gateway service (default socket {DEFAULT_SOCKET}) instead of "
+        "embedding a gateway; put -- before CMD",
+    )
     sandbox_options.add_arguments(run)
     run.add_argument(
         "command", nargs="+", metavar="CMD", help="the command to run in the sandbox, after --"
@@ -69,6 +78,8 @@ def register(sub) -> None:
 
 
 def cmd_run(args) -> int:
+    if args.gateway is not None:
+        return _run_attached(args)
     import logging
 
     from sandgate.proxy.telemetry.metrics import parse_listen
@@ -117,3 +128,45 @@ def cmd_run(args) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# Options that belong to the gateway, which a service already has.
+SERVICE_OWNED = {
+    "rules": str(DEFAULT_RULES),
+    "dns_upstream": [],
+    "audit_log": None,
+    "metrics_listen": "127.0.0.1:9464",
+    "extra_ca": [],
+}
+
+
+def _run_attached(args) -> int:
+    """The task in a sandbox of a running service: no gateway (nor mitmproxy) here."""
+    given = [name for name, default in SERVICE_OWNED.items() if getattr(args, name) != default]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(
+            f"{flags}: set on the gateway service (sandgate gateway), not with --gateway"
+        )
+    if os.geteuid() != 0:
+        raise SetupError(
+            "sandgate run needs root (it builds the task's namespaces and cgroups); try: sudo sandgate run ..."
+        )
+    from sandgate.enforcer.attach import STATE_DIRS, AttachOptions, run_attached
+    from sandgate.enforcer.sandbox.spec import SandboxError
+
+    try:
+        sandbox, limits = sandbox_options.from_arguments(args, list(STATE_DIRS))
+    except SandboxError as e:
+        raise UsageError(str(e)) from None
+    return run_attached(
+        AttachOptions(
+            command=args.command,
+            control=Path(args.gateway),
+            profile=args.profile,
+            sandbox=sandbox,
+            limits=limits,
+            summary_json=args.summary_json,
+            quiet=args.quiet,
+        )
+    )

@@ -335,6 +335,20 @@ def _exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
+def _probe(spec: dict, report: Report, started: float) -> None:
+    """`sandgate selftest` (the probes are the task) or `run --self-test` (before it)."""
+    if spec.get("probe") == "all":
+        results = probes.run_all(spec)
+        report.send(self_test=results, ms=round((time.monotonic() - started) * 1000, 1))
+        os._exit(0 if all(r["ok"] for r in results) else 1)
+    if spec["self_test"]:
+        results = probes.run_cheap(spec)
+        report.send(self_test=results, ms=round((time.monotonic() - started) * 1000, 1))
+        failed = [f"{r['probe']} ({r['seen']})" for r in results if not r["ok"]]
+        if failed:
+            raise SetupError("the sandbox self-test failed: " + ", ".join(failed))
+
+
 def run_init(
     spec: dict, program: bytes | None, report: Report, mapped_r: int, unshared_w: int
 ) -> int:
@@ -348,34 +362,21 @@ def run_init(
             raise SetupError("the user namespace's id maps were not written")
     task = os.fork()
     if task == 0:
+        for signum in RELAYED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
         try:
-            for signum in RELAYED_SIGNALS:
-                signal.signal(signum, signal.SIG_DFL)
             started = time.monotonic()
             become_task(spec, program, report)
-            if spec.get("probe") == "all":  # `sandgate selftest`: the probes are the task
-                results = probes.run_all(spec)
-                report.send(self_test=results, ms=round((time.monotonic() - started) * 1000, 1))
-                os._exit(0 if all(r["ok"] for r in results) else 1)
-            if spec["self_test"]:
-                results = probes.run_cheap(spec)
-                report.send(self_test=results, ms=round((time.monotonic() - started) * 1000, 1))
-                if any(not r["ok"] for r in results):
-                    print(
-                        "sandgate: the sandbox self-test failed: "
-                        + ", ".join(f"{r['probe']} ({r['seen']})" for r in results if not r["ok"]),
-                        file=sys.stderr,
-                    )
-                    os._exit(EXIT_SETUP_FAILED)
-            report.close()
-            os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
-        except OSError as e:
-            name = spec["argv"][0]
-            if e.filename is not None or e.errno in (2, 13):
-                print(f"sandgate: cannot run {name!r}: {e.strerror}", file=sys.stderr)
-                os._exit(127 if e.errno == 2 else 126)
+            _probe(spec, report, started)
+        except (OSError, SetupError) as e:
             print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
             os._exit(EXIT_SETUP_FAILED)
+        report.close()
+        try:
+            os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
+        except OSError as e:
+            print(f"sandgate: cannot run {spec['argv'][0]!r}: {e.strerror}", file=sys.stderr)
+            os._exit(127 if e.errno == 2 else 126)
     report.close()
     _relay_signals_to(task)
     while True:

@@ -289,6 +289,9 @@ def file_view(
     ]
     for path in read_only:
         binds.append({"source": str(path), "target": str(path), "writable": False})
+    # Parents before children: a --ro directory must not cover a workspace inside it,
+    # and sandgate's own files inside a workspace go read-only over it.
+    binds.sort(key=lambda bind: len(Path(bind["target"]).parts))
     writable = [str(p) for p in writable_roots] + [*SANDBOX_TMPFS, "/dev", home]
     return {
         "home": home,

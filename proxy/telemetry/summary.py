@@ -78,6 +78,30 @@ class TaskSummary:
             **self.telemetry,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskSummary:
+        """The summary a gateway service sent back (to_dict's shape), to print it here."""
+        summary = cls()
+        keys = (
+            "task_id",
+            "profile",
+            "sandbox",
+            "command",
+            "duration",
+            "exit_code",
+            "limits_hit",
+            "self_test",
+        )
+        summary.task = {k: data[k] for k in keys if k in data}
+        for row in data.get("destinations", []):
+            key = (row["kind"], row["destination"], row["verdict"], row["reason"], row["rule"])
+            summary.rows[key] = row["count"]
+        summary.firewall = dict(data.get("firewall_drops", {}))
+        summary.telemetry = {
+            k: data[k] for k in ("audit_log", "audit_lost", "metrics") if k in data
+        }
+        return summary
+
     def print_table(self, out: TextIO) -> None:
         rows = sorted(self.rows.items(), key=_blocked_first)
         allowed = sum(n for (_, _, v, _, _), n in rows if v not in BLOCKED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -135,3 +136,26 @@ def test_delete_table_is_one_idempotent_transaction(monkeypatch: pytest.MonkeyPa
     ]
     with pytest.raises(ValueError):
         nft.delete_table("x; flush ruleset")
+
+
+def test_service_guard_matches_golden_file() -> None:
+    """The service's guard: its ports answer only sandbox interfaces."""
+    golden = GOLDEN.with_name("guard.golden").read_text()
+    assert nft.render_guard("sandgatesvc", 40000, 40001) == golden
+
+
+@pytest.mark.e2e
+def test_service_guard_loads_in_nft(tmp_path) -> None:
+    """nft itself accepts the guard (checked in a throwaway netns, never the host's)."""
+    name = f"sgtguard{os.getpid() % 10000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        check = subprocess.run(
+            ["ip", "netns", "exec", name, "nft", "-c", "-f", "-"],
+            input=nft.render_guard("sandgatesvc", 40000, 40001),
+            text=True,
+            capture_output=True,
+        )
+        assert check.returncode == 0, check.stderr
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)

@@ -1,0 +1,68 @@
+"""`sandgate status | sandboxes | reload`: ask a running gateway service."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from sandgate.enforcer.cli.common import EXIT_OK, SetupError
+from sandgate.enforcer.control import DEFAULT_SOCKET, ControlClient, ControlError
+
+
+def register(sub) -> None:
+    for name, help_text in (
+        ("status", "the gateway service's policy, sandboxes, connections and uptime"),
+        ("sandboxes", "the sandboxes attached to the gateway service"),
+        ("reload", "reload the gateway service's rules (a broken file changes nothing)"),
+    ):
+        parser = sub.add_parser(name, help=help_text)
+        parser.add_argument(
+            "--control",
+            type=Path,
+            default=DEFAULT_SOCKET,
+            metavar="SOCKET",
+            help=f"the service's control socket (default {DEFAULT_SOCKET})",
+        )
+        parser.add_argument(
+            "-j", "--json", action="store_true", help="print the service's reply as JSON"
+        )
+        parser.set_defaults(func=cmd_query, query=name)
+
+
+def ask(path: Path, cmd: str, **args) -> dict:
+    """One request to the service; a SetupError (exit 125) when none answers or it refuses."""
+    try:
+        client = ControlClient.connect(path)
+        try:
+            return client.request(cmd, **args)
+        finally:
+            client.close()
+    except ControlError as e:
+        raise SetupError(str(e)) from None
+
+
+def cmd_query(args) -> int:
+    reply = ask(args.control, args.query)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return EXIT_OK
+    if args.query == "status":
+        print(
+            f"gateway service pid {reply['pid']}: policy {reply['policy']} ({reply['rules']} rules from "
+            f"{', '.join(reply['rule_files'])}), {reply['sandboxes']} sandboxes, {reply['connections']} "
+            f"connections, up {reply['uptime_s']:g} s" + (", DRAINING" if reply["draining"] else "")
+        )
+    elif args.query == "sandboxes":
+        for s in reply["sandboxes"]:
+            age = time.time() - s["started"]
+            state = "" if s["connected"] else "  (runner reconnecting)"
+            print(
+                f"{s['task_id']}  {s['profile']:12} {s['address']:15} up {age:7.1f} s  runner {s['runner_pid']}  "
+                f"{' '.join(s['command'])[:60]}{state}"
+            )
+        if not reply["sandboxes"]:
+            print("no sandboxes attached")
+    else:
+        print(f"reloaded: policy {reply['policy']} ({reply['rules']} rules, {reply['ms']} ms)")
+    return EXIT_OK

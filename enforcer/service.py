@@ -1,0 +1,815 @@
+"""`sandgate gateway`: one long-lived gateway that many sandboxes attach to.
+
+The service owns what must be consistent across tasks: the compiled policy (reloaded
+in place), the gateway's listeners (the front door, mitmproxy, the DNS filter), the
+sandbox registry, the audit log and /metrics. A runner (`sandgate run --gateway`)
+asks it over the control socket (enforcer/control.py) for a sandbox network; the
+service creates the netns and veth, registers the address with the task's profile,
+loads the sandbox's own nftables table (redirecting to the service's ports), and
+hands back where things are. The runner builds the task sandbox itself and runs the
+task; when its connection closes (detach, or the runner died) the service removes
+the sandbox network and table.
+
+Fail closed: if the service dies, every sandbox's table still redirects to ports
+nobody listens on, so no sandbox has egress. A restarted service reads the state
+it left under RUN_DIR/<run id>/service.json: a sandbox whose runner still lives is
+re-adopted (registered again, its table pointed at the new ports), the others are
+removed; each with an event. The listeners bind every address of the namespace, so
+one more table (`sandgatesvc`) drops whatever reaches those ports from anywhere but
+a sandbox interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandgate.enforcer import control, netns, nft
+from sandgate.enforcer.run import (
+    AUDIT_DIR,
+    CA_ENV_VARS,
+    FIREWALL_RULE,
+    RUN_DIR,
+    STATE_DIR,
+    SYSTEM_CA_BUNDLE,
+    TABLE_PREFIX,
+    RunError,
+    _pick_addresses,
+    _write_ca_bundle,
+    default_dns_upstreams,
+)
+from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.policy import PolicyError, load_policy
+from sandgate.proxy.policy.builtin import builtin_rule
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError
+from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.metrics import Metrics
+from sandgate.proxy.telemetry.summary import TaskSummary
+
+log = logging.getLogger("sandgate.gateway")
+
+GUARD_TABLE = "sandgatesvc"  # not TABLE_PREFIX: `sandgate gc` must never take it for a run's
+STATE_FILE = "service.json"
+SERVICE_AUDIT_LOG = AUDIT_DIR / "gateway.jsonl"
+CONTROL_GROUP = "sandgate"
+ADOPTED_CHECK_S = 1.0
+
+
+@dataclass
+class ServiceOptions:
+    rules: Path
+    dns_upstreams: list[str] = field(default_factory=list)
+    extra_ca: list[Path] = field(default_factory=list)
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
+    control: Path = control.DEFAULT_SOCKET
+    audit_log: Path = SERVICE_AUDIT_LOG
+    grace: float = 30.0
+    pool: str = str(netns.DEFAULT_POOL)
+
+
+@dataclass
+class Attached:
+    """One sandbox the service wired: its network, table, run dir and task summary."""
+
+    run_id: str
+    profile: str
+    address: str
+    gateway_ip: str
+    runner_pid: int
+    command: list[str]
+    summary: TaskSummary
+    started: float = field(default_factory=time.time)
+    connected: bool = True  # False: re-adopted after a restart, until its runner resumes
+    rules_hash: str = ""
+
+    @property
+    def dir(self) -> Path:
+        return RUN_DIR / self.run_id
+
+    @property
+    def table(self) -> str:
+        return TABLE_PREFIX + self.run_id
+
+    def to_dict(self) -> dict:
+        return {
+            "task_id": self.run_id,
+            "profile": self.profile,
+            "address": self.address,
+            "runner_pid": self.runner_pid,
+            "rules_hash": self.rules_hash,
+            "connected": self.connected,
+            "started": round(self.started, 3),
+            "command": self.command,
+        }
+
+
+class GatewayService:
+    def __init__(self, opts: ServiceOptions):
+        self.opts = opts
+        self.sandboxes: dict[str, Attached] = {}
+        self.metrics = Metrics()
+        self.audit: AuditLog | None = None
+        self.gateway: Gateway | None = None
+        self.draining = False
+        self.started = time.monotonic()
+        self.stopped = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- life cycle -----------------------------------------------------------------
+
+    async def run(self) -> int:
+        try:
+            await self._start()
+        except (RunError, PolicyError, netns.SandboxNetError, nft.NftError, OSError) as e:
+            await self._shutdown()
+            raise RunError(str(e)) from None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._spawn, self.reload("SIGHUP"))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(
+                signum, self._spawn, self.drain(self.opts.grace, f"signal {signum}")
+            )
+        self._spawn(self._watch_adopted())
+        self._spawn(self._watch_rules())
+        print(
+            f"sandgate gateway: serving on {self.opts.control} (policy {self.gateway.policy.hash}, "
+            f"{len(self.sandboxes)} sandboxes re-adopted)",
+            file=sys.stderr,
+            flush=True,
+        )
+        await self.stopped.wait()
+        await self._shutdown()
+        return 0
+
+    async def _start(self) -> None:
+        opts = self.opts
+        policy = await asyncio.to_thread(load_policy, [opts.rules])
+        upstreams = opts.dns_upstreams or default_dns_upstreams()
+        if not upstreams:
+            raise RunError(
+                "no DNS upstream: pass --dns-upstream IP (none found in /etc/resolv.conf)"
+            )
+        try:
+            self.audit = AuditLog(opts.audit_log)
+        except AuditLogError as e:
+            raise RunError(f"{e} (--audit-log FILE picks another place)") from None
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        upstream_ca = RUN_DIR / "gateway-upstream-ca.pem"
+        _write_ca_bundle(upstream_ca, opts.extra_ca)
+        self.gateway = Gateway(
+            GatewayConfig(
+                listen_host="0.0.0.0",
+                dns_upstreams=upstreams,
+                confdir=STATE_DIR / "ca",
+                upstream_ca=upstream_ca,
+            ),
+            policy,
+            self.audit,
+            self.metrics,
+            self,
+        )
+        await self.gateway.start()
+        await asyncio.to_thread(
+            nft.apply_ruleset,
+            nft.render_guard(GUARD_TABLE, self.gateway.proxy_port, self.gateway.dns_port),
+        )
+        self._serve_metrics()
+        self.gateway.emit(
+            Event(
+                kind=EventKind.POLICY,
+                verdict=Verdict.ALLOW,
+                reason=Reason.POLICY_LOADED,
+                detail=f"gateway service started: {policy.rule_count} rules from "
+                f"{', '.join(policy.files)}"[:1000],
+            )
+        )
+        await self._readopt()
+        await self._listen_control()
+
+    def _serve_metrics(self) -> None:
+        self.metrics.watch_gateway(self.gateway)
+        self.metrics.watch_audit(self.audit)
+        if self.opts.metrics_listen is not None:
+            host, port = self.opts.metrics_listen
+            try:
+                self.metrics.serve(host, port)
+            except OSError as e:
+                print(
+                    f"sandgate gateway: warning: no metrics: cannot listen on {host}:{port}: "
+                    f"{e.strerror or e}",
+                    file=sys.stderr,
+                )
+
+    async def _listen_control(self) -> None:
+        path = self.opts.control
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            try:  # a live service answers; a stale socket of a dead one does not
+                control.ControlClient.connect(path, timeout=1).close()
+                raise RunError(f"another gateway service is running at {path}")
+            except control.ControlError:
+                path.unlink()
+        old_umask = os.umask(0o177)  # no moment in which others could connect
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve_client, str(path), limit=control.MAX_LINE
+            )
+        finally:
+            os.umask(old_umask)
+        group = _group_id(CONTROL_GROUP)
+        if group is not None:
+            os.chown(path, 0, group)
+        os.chmod(path, 0o660)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(OSError):
+                self.opts.control.unlink()
+        for attached in list(self.sandboxes.values()):
+            await self._remove(attached, "the gateway service stopped")
+        if self.gateway is not None:
+            with contextlib.suppress(nft.NftError):
+                await asyncio.to_thread(nft.delete_table, GUARD_TABLE)
+            await self.gateway.stop()
+        self.metrics.stop()
+        if self.audit is not None:
+            self.audit.close()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- events: the audit log and metrics get all; each task's summary its own --------
+
+    def emit(self, event: Event) -> None:
+        attached = self.sandboxes.get(event.task_id) if event.task_id else None
+        if attached is not None:
+            attached.summary.emit(event)
+
+    def _control_event(
+        self,
+        peer: str,
+        detail: str,
+        *,
+        kind=EventKind.TASK,
+        attached: Attached | None = None,
+        verdict=Verdict.ALLOW,
+        reason=Reason.RULE_ALLOW,
+        **fields,
+    ) -> None:
+        """Every control action goes to the audit log with who asked (SO_PEERCRED)."""
+        common = (
+            {"task_id": attached.run_id, "sandbox": attached.address, "profile": attached.profile}
+            if attached
+            else {}
+        )
+        self.gateway.emit(
+            Event(
+                kind=kind,
+                verdict=verdict,
+                reason=reason,
+                detail=f"{detail} (by {peer})"[:1000],
+                **common,
+                **fields,
+            )
+        )
+
+    # --- control connections ------------------------------------------------------------
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = _peer(writer)
+        mine: Attached | None = None  # the sandbox this connection holds, if any
+        detached = False
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await _reply(writer, {"ok": False, "error": "request too long"})
+                    break
+                if not line:
+                    break
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    await _reply(writer, {"ok": False, "error": "not a JSON object"})
+                    continue
+                cmd = request.get("cmd")
+                try:
+                    if cmd in ("attach", "resume") and mine is None:
+                        if cmd == "attach":
+                            mine = await self._attach(request, peer)
+                        else:
+                            mine = self._resume(request, peer)
+                        await _reply_with_netns(writer, self._attach_reply(mine), mine)
+                        continue
+                    elif cmd == "event" and mine is not None:
+                        reply = self._runner_event(mine, request)
+                    elif cmd == "detach" and mine is not None:
+                        reply = await self._detach(mine, request, peer)
+                        detached = True
+                    elif cmd in ("attach", "resume", "event", "detach"):
+                        reply = {"ok": False, "error": f"{cmd}: not on this connection"}
+                    else:
+                        reply = await self._query(cmd, request, peer)
+                except (RunError, netns.SandboxNetError, nft.NftError, OSError) as e:
+                    reply = {"ok": False, "error": f"{cmd}: {e}"}
+                except Exception as e:  # noqa: BLE001 - a control request never takes the service down
+                    log.exception("control request %r failed", cmd)
+                    reply = {
+                        "ok": False,
+                        "error": f"{cmd}: internal error ({type(e).__name__}); see the service's log",
+                    }
+                await _reply(writer, reply)
+                if detached:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if mine is not None and not detached and mine.run_id in self.sandboxes:
+                await self._remove(mine, "its runner went away")
+            writer.close()
+
+    async def _query(self, cmd, request: dict, peer: str) -> dict:
+        if cmd == "status":
+            policy = self.gateway.policy
+            return {
+                "ok": True,
+                "pid": os.getpid(),
+                "policy": policy.hash,
+                "rules": policy.rule_count,
+                "rule_files": list(policy.files),
+                "sandboxes": len(self.sandboxes),
+                "connections": self._open_connections(),
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "draining": self.draining,
+                "control": str(self.opts.control),
+            }
+        if cmd == "sandboxes":
+            return {"ok": True, "sandboxes": [a.to_dict() for a in self.sandboxes.values()]}
+        if cmd == "reload":
+            return await self.reload(f"control socket, {peer}")
+        if cmd == "stop":
+            grace = request.get("grace", self.opts.grace)
+            if not isinstance(grace, int | float) or grace < 0:
+                return {"ok": False, "error": "stop: grace must be a number of seconds >= 0"}
+            self._spawn(self.drain(float(grace), peer))
+            return {"ok": True, "draining": True, "sandboxes": len(self.sandboxes)}
+        return {
+            "ok": False,
+            "error": f"unknown command {str(cmd)[:40]!r} (status, sandboxes, reload, stop)",
+        }
+
+    def _open_connections(self) -> int:
+        counts = getattr(self.gateway.frontdoor, "open_connections", None)
+        return (
+            counts()
+            if callable(counts)
+            else len(getattr(self.gateway.frontdoor, "connections", ()))
+        )
+
+    # --- sandboxes --------------------------------------------------------------------------
+
+    async def _attach(self, request: dict, peer: str) -> Attached:
+        if self.draining:
+            raise RunError("the gateway service is stopping: no new sandboxes")
+        profile = request.get("profile", "default")
+        policy = self.gateway.policy
+        if not isinstance(profile, str) or profile not in policy.profiles:
+            raise RunError(
+                f"no profile {str(profile)[:60]!r} in the service's rules "
+                f"(profiles: {', '.join(policy.profiles)})"
+            )
+        command = [str(a)[:200] for a in request.get("command", [])][:50]
+        runner_pid = int(request.get("runner_pid", 0))
+        run_id = secrets.token_hex(4)
+        attached = Attached(
+            run_id, profile, "", "", runner_pid, command, TaskSummary(), rules_hash=policy.hash
+        )
+        attached.dir.mkdir(parents=True, mode=0o700)
+        (attached.dir / "pid").write_text(
+            str(runner_pid)
+        )  # `sandgate gc`: the run lives while this does
+        try:
+            gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, self.opts.pool)
+            attached.gateway_ip, attached.address = str(gateway_ip), str(sandbox_ip)
+            self._write_state(attached)
+            await asyncio.to_thread(netns.create_sandbox_net, run_id, gateway_ip, sandbox_ip)
+            self.sandboxes[run_id] = attached
+            self.gateway.add_sandbox(Sandbox(attached.address, run_id, profile))
+            await self._apply_table(attached)
+            self._write_task_files(attached)
+        except BaseException:
+            await self._remove(attached, "its setup failed")
+            raise
+        attached.summary.task_started(run_id, profile, attached.address, command)
+        self.gateway.emit(
+            attached.summary.start_event.with_fields(
+                detail=f"{attached.summary.start_event.detail} (attached by {peer}, runner pid {runner_pid})"[
+                    :1000
+                ]
+            )
+        )
+        return attached
+
+    def _attach_reply(self, attached: Attached) -> dict:
+        ca = attached.dir / "ca-bundle.pem"
+        return {
+            "ok": True,
+            "run_id": attached.run_id,
+            "dir": str(attached.dir),
+            "netns": f"/run/netns/{netns.netns_name(attached.run_id)}",
+            "sandbox_ip": attached.address,
+            "resolv_conf": str(attached.dir / "resolv.conf"),
+            "ca_bundle": str(ca) if ca.exists() else None,
+            "ca_env_vars": list(CA_ENV_VARS),
+            "system_ca_bundle": str(SYSTEM_CA_BUNDLE),
+            "hidden": [str(STATE_DIR), str(RUN_DIR), str(self.opts.audit_log)],
+            "audit_log": str(self.opts.audit_log),
+            "policy": self.gateway.policy.hash,
+        }
+
+    def _write_state(self, attached: Attached) -> None:
+        state = {
+            "run_id": attached.run_id,
+            "profile": attached.profile,
+            "address": attached.address,
+            "gateway_ip": attached.gateway_ip,
+            "runner_pid": attached.runner_pid,
+            "service_pid": os.getpid(),
+            "command": attached.command,
+            "started": attached.started,
+        }
+        (attached.dir / STATE_FILE).write_text(json.dumps(state))
+
+    def _write_task_files(self, attached: Attached) -> None:
+        (attached.dir / "resolv.conf").write_text(
+            f"# written by sandgate: the gateway's DNS filter\nnameserver {attached.gateway_ip}\noptions edns0\n"
+        )
+        inspects = any(r.inspects for r in self.gateway.policy.profiles[attached.profile].rules)
+        extra = self.opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspects else [])
+        if extra:
+            _write_ca_bundle(attached.dir / "ca-bundle.pem", extra)
+
+    async def _apply_table(self, attached: Attached) -> None:
+        ruleset = nft.render_ruleset(
+            nft.RulesetConfig(
+                table=attached.table,
+                sandbox_ifaces=netns.host_if_name(attached.run_id),
+                proxy_port=self.gateway.proxy_port,
+                dns_port=self.gateway.dns_port,
+            )
+        )
+        await asyncio.to_thread(nft.apply_ruleset, ruleset)
+
+    def _resume(self, request: dict, peer: str) -> Attached:
+        attached = self.sandboxes.get(str(request.get("run_id")))
+        if attached is None or attached.connected:
+            raise RunError(
+                f"resume: no sandbox {str(request.get('run_id'))[:20]!r} waits for its runner"
+            )
+        attached.connected = True
+        self._control_event(peer, "runner reconnected after a gateway restart", attached=attached)
+        return attached
+
+    def _runner_event(self, attached: Attached, request: dict) -> dict:
+        """What only the runner sees: a limit its task hit, a protection it went without."""
+        what = request.get("what")
+        name = str(request.get("name", ""))[:40]
+        detail = str(request.get("detail", ""))[:900]
+        if what == "limit" and name in ("memory", "pids", "cpus"):
+            reason, verdict, rule = Reason.TASK_LIMIT, Verdict.DENY, builtin_rule(f"limit-{name}")
+            attached.summary.task.setdefault("limits_hit", []).append(name)
+        elif what == "weakened" and name in (
+            "user-namespace",
+            "seccomp",
+            "cgroup",
+            "idmapped-mount",
+        ):
+            reason, verdict, rule = (
+                Reason.SANDBOX_WEAKENED,
+                Verdict.AUDIT,
+                builtin_rule(f"weakened-{name}"),
+            )
+        else:
+            return {"ok": False, "error": "event: unknown kind"}
+        self.gateway.emit(
+            Event(
+                kind=EventKind.TASK,
+                verdict=verdict,
+                reason=reason,
+                rule_id=rule.id,
+                rule_origin=rule.origin,
+                detail=detail,
+                task_id=attached.run_id,
+                sandbox=attached.address,
+                profile=attached.profile,
+            )
+        )
+        return {"ok": True}
+
+    async def _detach(self, attached: Attached, request: dict, peer: str) -> dict:
+        exit_code = request.get("exit_code")
+        attached.summary.task["exit_code"] = exit_code if isinstance(exit_code, int) else None
+        await self._remove(attached, f"exit code {exit_code}")
+        return {"ok": True, "summary": attached.summary.to_dict()}
+
+    async def _remove(self, attached: Attached, why: str) -> None:
+        """The reverse of _attach, each step on its own: a leftover never blocks the rest."""
+        self.sandboxes.pop(attached.run_id, None)
+        if attached.address:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(netns.destroy_sandbox_net, attached.run_id)
+        counters: dict[str, int] = {}
+        with contextlib.suppress(nft.NftError):
+            counters = await asyncio.to_thread(nft.read_counters, attached.table)
+        with contextlib.suppress(nft.NftError):
+            await asyncio.to_thread(nft.delete_table, attached.table)
+        if attached.address:
+            self.gateway.remove_sandbox(attached.address)
+        attached.summary.firewall_drops(counters)
+        duration = time.time() - attached.started
+        attached.summary.task_ended(attached.run_id, duration)
+        common = {
+            "task_id": attached.run_id,
+            "sandbox": attached.address or None,
+            "profile": attached.profile,
+        }
+        for name, packets in sorted(counters.items()):
+            if packets:
+                kind = name.removeprefix("dropped_")
+                self.gateway.emit(
+                    Event(
+                        kind=EventKind.TASK,
+                        verdict=Verdict.DENY,
+                        reason=Reason.DROPPED_BY_FIREWALL,
+                        rule_id=FIREWALL_RULE.id,
+                        rule_origin=FIREWALL_RULE.origin,
+                        protocol=kind if kind in ("udp", "icmp", "ipv6") else None,
+                        detail=f"the firewall dropped {packets} packets ({name})",
+                        **common,
+                    )
+                )
+        self.gateway.emit(
+            Event(
+                kind=EventKind.TASK,
+                verdict=Verdict.ALLOW,
+                reason=Reason.RULE_ALLOW,
+                detail=f"task ended: {why}",
+                duration=round(duration, 6),
+                **common,
+            )
+        )
+        shutil.rmtree(attached.dir, ignore_errors=True)
+
+    # --- restarts -----------------------------------------------------------------------------
+
+    async def _readopt(self) -> None:
+        """Sandboxes a previous service left: live runners keep theirs, the rest go."""
+        for state_file in sorted(RUN_DIR.glob(f"*/{STATE_FILE}")):
+            try:
+                state = json.loads(state_file.read_text())
+                attached = Attached(
+                    state["run_id"],
+                    state["profile"],
+                    state["address"],
+                    state["gateway_ip"],
+                    int(state["runner_pid"]),
+                    list(state.get("command", [])),
+                    TaskSummary(),
+                    started=float(state.get("started", time.time())),
+                    connected=False,
+                    rules_hash=self.gateway.policy.hash,
+                )
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring %s: %s", state_file, e)
+                continue
+            alive = _alive(attached.runner_pid) and attached.run_id in netns.list_sandbox_nets()
+            if alive and attached.profile in self.gateway.policy.profiles:
+                self.sandboxes[attached.run_id] = attached
+                self.gateway.add_sandbox(
+                    Sandbox(attached.address, attached.run_id, attached.profile)
+                )
+                await self._apply_table(attached)
+                self._write_state(attached)
+                attached.summary.task_started(
+                    attached.run_id, attached.profile, attached.address, attached.command
+                )
+                self._control_event(
+                    "the restarted gateway service",
+                    "sandbox re-adopted: its runner is alive",
+                    attached=attached,
+                )
+            else:
+                self._control_event(
+                    "the restarted gateway service",
+                    "leftover sandbox removed: "
+                    + ("its runner is gone" if not alive else "its profile is gone"),
+                    attached=attached,
+                    verdict=Verdict.DENY,
+                    reason=Reason.UNKNOWN_SANDBOX,
+                )
+                await self._remove(attached, "left over from a gateway service that died")
+
+    async def _watch_adopted(self) -> None:
+        """A re-adopted sandbox whose runner never comes back goes when the runner dies."""
+        while not self.stopped.is_set():
+            await asyncio.sleep(ADOPTED_CHECK_S)
+            for attached in list(self.sandboxes.values()):
+                if not attached.connected and not _alive(attached.runner_pid):
+                    await self._remove(
+                        attached, "its runner died while the gateway service was away"
+                    )
+
+    # --- reload and stop -----------------------------------------------------------------------
+
+    async def reload(self, actor: str) -> dict:
+        """Load the rules again; a broken file changes nothing (the last good policy stays)."""
+        async with self._reload_lock:
+            started = time.monotonic()
+            try:
+                policy = await asyncio.to_thread(load_policy, [self.opts.rules])
+            except PolicyError as e:
+                errors = [str(p) for p in e.problems]
+                log.error(
+                    "reload failed (%s), the running policy %s stays:\n%s",
+                    actor,
+                    self.gateway.policy.hash,
+                    "\n".join(errors),
+                )
+                self.gateway.emit(
+                    Event(
+                        kind=EventKind.POLICY,
+                        verdict=Verdict.DENY,
+                        reason=Reason.POLICY_INVALID,
+                        detail=f"reload failed ({actor}): {'; '.join(errors)}"[:1000],
+                    )
+                )
+                return {
+                    "ok": False,
+                    "error": "invalid rules, the running policy stays:\n" + "\n".join(errors),
+                    "errors": errors,
+                    "policy": self.gateway.policy.hash,
+                }
+            report = self._swap(policy)
+            self.gateway.emit(
+                Event(
+                    kind=EventKind.POLICY,
+                    verdict=Verdict.ALLOW,
+                    reason=Reason.POLICY_LOADED,
+                    detail=f"reloaded ({actor}): {policy.rule_count} rules, "
+                    f"{getattr(report, 'closed', 0)} connections closed"[:1000],
+                )
+            )
+            return {
+                "ok": True,
+                "policy": policy.hash,
+                "rules": policy.rule_count,
+                "ms": round((time.monotonic() - started) * 1000, 1),
+            }
+
+    def _swap(self, policy):
+        swap = getattr(self.gateway, "swap_policy", None)
+        if swap is not None:
+            return swap(policy)
+        self.gateway.policy = (
+            policy  # until the gateway swaps and re-decides open connections itself
+        )
+        self.gateway.gate.policy = policy
+        return None
+
+    async def _watch_rules(self, interval: float = 1.0) -> None:
+        """A change of any loaded rule file (includes and presets too) reloads."""
+        seen = _stamps(self.gateway.policy)
+        while not self.stopped.is_set():
+            await asyncio.sleep(interval)
+            if _stamps(self.gateway.policy) != seen:
+                await self.reload("a rule file changed")
+                seen = _stamps(
+                    self.gateway.policy
+                )  # a failed reload is not retried until the next change
+
+    async def drain(self, grace: float, actor: str) -> None:
+        """No new sandboxes; running tasks finish, or are stopped after `grace` seconds."""
+        if self.draining:
+            return
+        self.draining = True
+        self.gateway.emit(
+            Event(
+                kind=EventKind.POLICY,
+                verdict=Verdict.ALLOW,
+                reason=Reason.POLICY_LOADED,
+                detail=f"gateway service stopping ({actor}): {len(self.sandboxes)} sandboxes, "
+                f"grace {grace:g} s",
+            )
+        )
+        deadline = time.monotonic() + grace
+        while self.sandboxes and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for signum, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 1.0)):
+            for attached in list(self.sandboxes.values()):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if attached.runner_pid > 1:
+                        os.kill(attached.runner_pid, signum)
+            end = time.monotonic() + wait
+            while self.sandboxes and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+        self.stopped.set()
+
+
+def _stamps(policy) -> dict:
+    stamps = {}
+    for path in getattr(policy, "paths", ()) or [Path(f) for f in policy.files]:
+        try:
+            st = os.stat(path)
+            stamps[str(path)] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamps[str(path)] = None
+    return stamps
+
+
+async def _reply_with_netns(writer: asyncio.StreamWriter, reply: dict, attached: Attached) -> None:
+    """The reply, and the sandbox's network namespace as a descriptor (SCM_RIGHTS): the
+    runner joins it whatever mount namespace either side runs in (`ip netns exec`)."""
+    await writer.drain()  # nothing of ours may be queued ahead of the direct send
+    fd = os.open(f"/run/netns/{netns.netns_name(attached.run_id)}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # asyncio's TransportSocket has no sendmsg: a duplicate of the same socket does.
+        raw = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        data = json.dumps(reply).encode() + b"\n"
+        try:
+            sent = socket.send_fds(raw, [data], [fd])
+        finally:
+            raw.close()
+        if sent < len(data):
+            writer.write(data[sent:])
+            await writer.drain()
+    finally:
+        os.close(fd)
+
+
+async def _reply(writer: asyncio.StreamWriter, reply: dict) -> None:
+    writer.write(json.dumps(reply).encode() + b"\n")
+    await writer.drain()
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        )
+    except (OSError, AttributeError):
+        return "an unknown peer"
+    return f"uid {uid} (pid {pid})"
+
+
+def _group_id(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 1:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(opts: ServiceOptions) -> int:
+    try:
+        return asyncio.run(GatewayService(opts).run())
+    except RunError as e:
+        print(f"sandgate: {e}", file=sys.stderr)
+        return 125

@@ -1,0 +1,247 @@
+"""The gateway as a service (issue 9): many sandboxes, one gateway, in the fake internet.
+
+Each test starts its own `sandgate gateway` (tests/support/service.py) in the fake
+internet's host netns and attaches tasks with `sandgate run --gateway`. Tests assert
+what the task got, what the fake internet's servers saw, and the service's audit log.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from support import sandbox
+from support.sandbox import curl, eventually, python
+from support.service import GatewayProcess, attach, attach_argv
+
+pytestmark = pytest.mark.e2e
+
+ALLOWED_IP = "203.0.113.10"
+TWO_PROFILES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: web-allowed
+  api:
+    rules:
+      - allow: www.allowed.test
+        id: api-www
+"""
+
+
+@pytest.fixture
+def net(fakenet):
+    fakenet.clear_logs()
+    return fakenet
+
+
+@pytest.fixture
+def service(net, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_PROFILES)
+    gateway = GatewayProcess(net, tmp_path, rules).start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def _status(result, label: str) -> str:
+    return result[label].out.strip().splitlines()[-1] if result[label].out.strip() else ""
+
+
+def test_two_concurrent_tasks_are_each_held_to_their_own_profile(service, net, tmp_path):
+    steps = {"web": curl("https://allowed.test/"), "www": curl("https://www.allowed.test/")}
+    shared, rw = sandbox.shared_dir(tmp_path)
+    # One task holds its sandbox open while the other runs: both are attached at once.
+    holder_dir = sandbox._workdir(tmp_path)
+    holder = subprocess.Popen(
+        attach_argv(
+            service,
+            holder_dir,
+            ["sh", "-c", f"touch {shared}/up; sleep 5"],
+            profile="api",
+            extra=rw,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert eventually(lambda: (shared / "up").exists(), timeout=15), holder.stderr
+        assert service.status()["sandboxes"] == 1
+        default = attach(service, tmp_path, steps)
+        api = attach(service, tmp_path, steps, profile="api")
+        assert service.status()["sandboxes"] == 1  # the two finished; the holder is still there
+    finally:
+        holder.wait(30)
+    assert _status(default, "web") == "200" and _status(default, "www") != "200", default.describe()
+    assert _status(api, "web") != "200" and _status(api, "www") == "200", api.describe()
+    assert default.verdicts(kind="dns", name="www.allowed.test") == {
+        ("deny", "no_rule", "default:fallback")
+    }
+    assert api.verdicts(kind="dns", name="allowed.test") == {("deny", "no_rule", "api:fallback")}
+    assert {e["profile"] for e in default.audit} == {"default"} and {
+        e["profile"] for e in api.audit
+    } == {"api"}
+    assert default.run_id != api.run_id
+    assert service.status()["sandboxes"] == 0
+    assert not sandbox.leftovers(net, default.run_id) and not sandbox.leftovers(net, api.run_id)
+
+
+def test_without_a_service_gateway_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sandbox.SANDGATE, "run", "--gateway", str(tmp_path / "none.sock"), "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 125
+    assert (
+        proc.stderr.strip()
+        == f"sandgate: no gateway service at {tmp_path / 'none.sock'} (start one with: sandgate gateway)"
+    )
+    status = subprocess.run(
+        [sandbox.SANDGATE, "status", "--control", str(tmp_path / "none.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert status.returncode == 125 and "Traceback" not in status.stderr
+
+
+def test_a_broken_rule_edit_changes_nothing_and_a_good_one_takes_effect(service, net, tmp_path):
+    before = service.status()["policy"]
+    service.rules.write_text(TWO_PROFILES + "      - allow: [\n")  # a YAML syntax error
+    reload = service.ask("reload")
+    assert reload.returncode != 0 and "rules.yaml:" in reload.stderr, reload.stderr
+    assert service.status()["policy"] == before
+    r = attach(service, tmp_path, {"web": curl("https://allowed.test/")})
+    assert _status(r, "web") == "200", r.describe()
+    assert service.events(reason="policy_invalid"), "the failed reload is in the audit log"
+
+    service.rules.write_text(TWO_PROFILES.replace("allow: allowed.test", "deny: allowed.test"))
+    assert eventually(lambda: service.status()["policy"] != before, timeout=5), (
+        "the file change reloaded"
+    )
+    r = attach(service, tmp_path, {"web": curl("https://allowed.test/")})
+    assert _status(r, "web") != "200", r.describe()
+    assert (
+        net.requests_seen(ALLOWED_IP) and len(net.requests_seen(ALLOWED_IP)) == 1
+    )  # only the first task's
+
+
+def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
+    service, net, tmp_path
+):
+    shared, rw = sandbox.shared_dir(tmp_path)
+    results = shared / "loop.txt"
+    attempt = f"{curl('https://allowed.test/', timeout=1)} 2>/dev/null | tail -n1"
+    script = f'while [ ! -e {shared}/stop ]; do echo "$({attempt})" >> {results}; sleep 0.1; done'
+    workdir = sandbox._workdir(tmp_path)
+    runner = subprocess.Popen(
+        attach_argv(service, workdir, ["sh", "-c", script], extra=rw),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert eventually(lambda: results.exists() and "200" in results.read_text(), timeout=15)
+        run_id = service.events(reason="rule_allow", kind="task")[0]["task_id"]  # the task's start
+        service.kill()  # SIGKILL: no cleanup at all
+        time.sleep(1.5)
+        marker = len(results.read_text().splitlines())
+        time.sleep(1.5)
+        while_dead = results.read_text().splitlines()[marker:]
+        assert while_dead and "200" not in while_dead, while_dead  # no egress without the service
+        served_while_dead = len(net.requests_seen(ALLOWED_IP))
+
+        service.start()  # the same state dir, a new process: it re-adopts the live sandbox
+        assert eventually(lambda: results.read_text().splitlines()[-1:] == ["200"], timeout=15)
+        assert service.events(task_id=run_id, reason="rule_allow", kind="task")
+        assert any("re-adopted" in (e.get("detail") or "") for e in service.events(task_id=run_id))
+        assert len(net.requests_seen(ALLOWED_IP)) > served_while_dead
+        (shared / "stop").touch()
+        assert runner.wait(30) == 0, runner.stderr.read()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert eventually(lambda: service.status()["sandboxes"] == 0, timeout=10)
+    assert not sandbox.leftovers(net, run_id)
+
+
+def test_a_sandbox_cannot_reach_the_control_socket_nor_the_metrics(net, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_PROFILES)
+    metrics_port = 19464
+    # Metrics on every address of the host netns: the gateway's veth address too.
+    gateway = GatewayProcess(
+        net, tmp_path, rules, "--metrics-listen", f"0.0.0.0:{metrics_port}"
+    ).start()
+    try:
+        sock = gateway.control
+        connect = python(f"""
+            import socket
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect({str(sock)!r}); print("connected")
+            except OSError as e:
+                print(type(e).__name__)
+        """)
+        r = attach(
+            gateway,
+            tmp_path,
+            {
+                "default_socket": "ls -A /run/sandgate 2>&1; ls -A /run",
+                "visible_socket": connect,
+                "metrics": curl(f"http://{ALLOWED_IP}:{metrics_port}/metrics", timeout=3),
+                "metrics_gw": "gw=$(awk '/nameserver/{print $2}' /etc/resolv.conf); "
+                + curl(f"http://$gw:{metrics_port}/metrics", timeout=3)
+                .replace("'http://$gw", '"http://$gw')
+                .replace("/metrics'", '/metrics"'),
+            },
+            extra=("--ro", str(gateway.control.parent)),
+        )  # the test's dir, socket included, in the task's view
+        assert r.returncode == 0, r.describe()
+        assert r["default_socket"].out.strip() == "" or "No such file" in r["default_socket"].out
+        assert r["visible_socket"].out.strip() in ("PermissionError", "ConnectionRefusedError"), (
+            r.describe()
+        )
+        assert "sandgate_" not in r["metrics"].out and "sandgate_" not in r["metrics_gw"].out, (
+            r.describe()
+        )
+        assert r["metrics_gw"].out.strip().endswith("000"), (
+            r.describe()
+        )  # dropped: no answer at all
+        assert not [
+            e
+            for e in gateway.events()
+            if "by uid" in (e.get("detail") or "") and e.get("task_id") not in (None, r.run_id)
+        ]
+    finally:
+        gateway.stop()
+
+
+def test_gateway_stop_drains(service, net, tmp_path):
+    shared, rw = sandbox.shared_dir(tmp_path)
+    workdir = sandbox._workdir(tmp_path)
+    runner = subprocess.Popen(
+        attach_argv(service, workdir, ["sh", "-c", f"touch {shared}/up; sleep 60"], extra=rw),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert eventually(lambda: (shared / "up").exists(), timeout=15)
+        stop = service.ask("gateway", "stop", "--grace", "0.5")
+        assert stop.returncode == 0, stop.stderr
+        assert service.popen.wait(20) == 0
+        assert runner.wait(20) != 0  # stopped after the grace period
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert not service.control.exists()

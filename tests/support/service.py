@@ -1,0 +1,153 @@
+"""A `sandgate gateway` service in the fake internet's host netns, and tasks attached to it.
+
+`GatewayProcess` starts the service with a rule file and a control socket of the
+test's own (nothing under /run/sandgate is shared with other runs), waits until it
+answers, and stops it (or SIGKILLs it) by its pid. `attach` runs labelled steps in
+a sandbox of that service, like `sandbox.run` does for an embedded gateway, and
+returns the same RunResult, with the service's audit-log lines of that task.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from support import sandbox
+
+
+class GatewayProcess:
+    def __init__(self, fakenet, workdir: Path, rules: Path, *extra: str):
+        self.fakenet, self.workdir, self.rules = fakenet, workdir, rules
+        self.control = workdir / "control" / "gateway.sock"
+        self.control.parent.mkdir(mode=0o755, exist_ok=True)
+        self.audit = workdir / "gateway-audit.jsonl"
+        self.log = workdir / "gateway.log"
+        self.extra = extra
+        self.popen: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> GatewayProcess:
+        argv = [
+            sandbox.SANDGATE,
+            "gateway",
+            "--rules",
+            str(self.rules),
+            "--dns-upstream",
+            self.fakenet.dns_ip,
+            "--extra-ca",
+            str(self.fakenet.ca_cert),
+            "--control",
+            str(self.control),
+            "--audit-log",
+            str(self.audit),
+            "--metrics-listen",
+            "off",
+            *self.extra,
+        ]
+        # nsenter, not `ip netns exec`: in the test's mount namespace, as a service on a
+        # real host, so that the sandboxes' netns mounts outlive a killed service.
+        enter = ["nsenter", f"--net={sandbox.NETNS_DIR / self.fakenet.host_ns}", "--"]
+        self.popen = subprocess.Popen(
+            enter + argv,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("a"),
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"sandgate gateway exited with {self.popen.returncode}:\n{self.log.read_text()}"
+                )
+            if self.ask("status").returncode == 0:
+                return self
+            time.sleep(0.05)
+        raise AssertionError(
+            f"sandgate gateway did not answer within {timeout} s:\n{self.log.read_text()}"
+        )
+
+    def ask(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sandbox.SANDGATE, *argv, "--control", str(self.control)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def status(self) -> dict:
+        result = self.ask("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def events(self, **fields) -> list[dict]:
+        lines = self.audit.read_text().splitlines() if self.audit.exists() else []
+        records = [json.loads(line) for line in lines if line]
+        return [e for e in records if all(e.get(k) == v for k, v in fields.items())]
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.popen is None or self.popen.poll() is not None:
+            return self.popen.returncode if self.popen else 0
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def attach_argv(
+    service: GatewayProcess,
+    workdir: Path,
+    command: list[str],
+    *,
+    profile: str = "default",
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    return [
+        sandbox.SANDGATE,
+        "run",
+        "--gateway",
+        str(service.control),
+        "--profile",
+        profile,
+        "--summary-json",
+        str(workdir / "summary.json"),
+        "--workspace",
+        str(workdir / "steps"),
+        *extra,
+        "--",
+        *command,
+    ]
+
+
+def attach(
+    service: GatewayProcess,
+    tmp_path: Path,
+    steps: dict[str, str],
+    *,
+    profile: str = "default",
+    extra: tuple[str, ...] = (),
+    timeout: float = 90.0,
+) -> sandbox.RunResult:
+    """`sandgate run --gateway` of labelled steps; the result's audit is the service's
+    lines for this task."""
+    workdir = sandbox._workdir(tmp_path)
+    steps_dir = workdir / "steps"
+    command = ["sh", "-c", sandbox._script(steps, steps_dir)]
+    proc = subprocess.run(
+        attach_argv(service, workdir, command, profile=profile, extra=extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    result = sandbox._result(proc.returncode, proc.stdout, proc.stderr, workdir, steps_dir)
+    if result.summary:
+        result.audit = service.events(task_id=result.run_id)
+    return result
