@@ -21,6 +21,7 @@ import datetime
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .model import Rule
 from .names import IPAddress, IPNetwork, special_range_of
@@ -215,6 +216,9 @@ class CompiledPolicy:
     hash: str  # of the rule files' bytes: names the policy in every event
     rule_count: int
     loaded_on: datetime.date
+    # The real path of every file it was built from (top files, includes, presets):
+    # what a reloader watches for changes.
+    paths: tuple[Path, ...] = ()
 
     @property
     def expired(self) -> list:

@@ -102,10 +102,13 @@ class Problem:
 
 
 class PolicyError(Exception):
-    """One or more problems in the rule files; the running policy (if any) stays."""
+    """One or more problems in the rule files; the running policy (if any) stays.
+    `paths`: every file the failed load tried to read (a reloader watches them too,
+    so that fixing a newly included file is noticed)."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], paths: tuple[Path, ...] = ()):
         self.problems = sorted(problems)
+        self.paths = paths
         super().__init__("\n".join(map(str, self.problems)))
 
 
@@ -139,6 +142,7 @@ class _Loader:
         )
         self.problems: list[Problem] = []
         self.sources: dict[Path, _Source] = {}
+        self.tried: dict[Path, None] = {}  # every real path read or tried, in order
         self.preset_rules: dict[Path, list[Rule]] = {}
         self.rule_ids: dict[str, Rule] = {}
         # One object per distinct port set: 100k rules share a handful, and a shared
@@ -206,6 +210,7 @@ class _Loader:
         path = path.resolve()
         if path in self.sources:
             return self.sources[path]
+        self.tried[path] = None
         display = _display_path(path)
         try:
             data = path.read_bytes()
@@ -611,7 +616,7 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
     # are unknown, and every extends of them would be a false alarm.
     profiles = loader.resolve(raw) if all_read else {}
     if loader.problems:
-        raise PolicyError(loader.problems)
+        raise PolicyError(loader.problems, tuple(loader.tried))
     digest = hashlib.sha256()
     # What was parsed (not a second read that may differ), by stable name: the same
     # files give the same hash from any working directory.
@@ -623,6 +628,7 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
         hash=digest.hexdigest()[:16],
         rule_count=len(loader.rule_ids),
         loaded_on=loader.today,
+        paths=tuple(loader.tried),
     )
 
 
