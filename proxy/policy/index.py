@@ -228,6 +228,16 @@ class CompiledPolicy:
                 seen.setdefault(rule.id, rule)
         return list(seen.values())
 
+    def forget_decisions(self) -> None:
+        """Drop the decisions memoised on its rules (decide.py's `_shared`). Each refers
+        back to its rule: a cycle, and load_policy freezes a policy's objects, so the
+        cyclic GC would never free a replaced policy that has one. A reload calls this
+        on the policy it replaced; decisions already handed out stay valid."""
+        for profile in self.profiles.values():
+            for rule in (profile.fallback, *profile.rules):
+                object.__setattr__(rule, "decision", None)
+                object.__setattr__(rule, "inspected_decision", None)
+
     @property
     def next_expiry(self) -> datetime.date | None:
         """The first day on which an active rule will have expired (reload then)."""

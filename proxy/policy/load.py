@@ -582,10 +582,17 @@ def load_policy(
     # A load allocates a few objects per YAML node, in a tree without cycles. The
     # cyclic GC would rescan the growing tree again and again: at 100k rules that
     # costs several times the load itself. Paused for the load, then restored.
+    # Then the survivors are frozen (moved out of the collected generations): with gc
+    # re-enabled, the first collection would otherwise scan every object of a new
+    # policy at once, holding the GIL for about a second at 100k rules, which would
+    # stall the gateway's loop while a reload's worker thread does it
+    # (bench/bench_reload.py). A policy lives until replaced; refcounting frees it then.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _load(paths, today)
+        policy = _load(paths, today)
+        gc.freeze()
+        return policy
     finally:
         if collecting:
             gc.enable()

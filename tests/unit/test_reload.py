@@ -317,3 +317,16 @@ def test_policy_error_names_what_it_tried_to_read(tmp_path):
     with pytest.raises(PolicyError) as raised:
         load_policy([top])
     assert raised.value.paths == (top.resolve(), (tmp_path / "missing.yaml").resolve())
+
+
+def test_a_replaced_policy_lets_go_of_its_memoised_decisions(tmp_path):
+    """load_policy freezes a policy's objects (no GC pass scans them); a decision
+    memoised on a rule refers back to it, a cycle nothing would collect: a reload
+    breaks it, so that refcounting frees the replaced policy."""
+    gateway, path, _ = make_gateway(tmp_path)
+    decision = gateway.dns.decide_name("default", "allowed.test")
+    rule = decision.rule
+    assert rule.decision is decision  # memoised
+    assert run(PolicyReloader([path], gateway).reload("control")).ok
+    assert rule.decision is None and rule.inspected_decision is None
+    assert decision.allowed  # what was handed out stays valid
