@@ -33,6 +33,7 @@ no exception leaves the gate.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -105,12 +106,20 @@ class ConnState:
     protocol: str = "tcp"
     bytes_up: int = 0  # counted on pass-through connections only
     bytes_down: int = 0
+    facts: ConnectFacts | None = None  # of its latest connect decision: what a reload decides again
+    # How its adapter closes it, `abort(why)`; set by the adapter that owns it. A
+    # policy reload closes with it the connections the new policy denies.
+    abort: Callable[[str], None] | None = None
 
     @property
     def silent(self) -> bool:
         """Allowed on silence; the client has not spoken yet (see on_silence)."""
         return self.phase is Phase.SILENT
 
+
+# Where `revoke_denied` moves a connection (others: REJECTED). A handed-off one is in
+# transit: mitmproxy adopts it as it was handed off, then sees it closed from below.
+_REVOKED_PHASE = {Phase.HANDED_OFF: Phase.HANDED_OFF}
 
 # The phase a decided outcome puts a connection in.
 _PHASE_OF = {
@@ -466,19 +475,76 @@ class ConnectionGate:
         `fields` (source, dst_ip, dst_port) describe a connection that has no state."""
         return self._fail(state, error, self.clock(), fields)
 
+    # --- 5. a new policy ----------------------------------------------------------------
+
+    def revoke_denied(self) -> list[ConnState]:
+        """Decide every open connection again under `self.policy` (just swapped in),
+        on the facts it was decided on, and revoke those it denies: each gets a deny
+        event (reason policy_changed, naming the rule that denies it now) and moves to
+        REJECTED; they are returned for their adapters to close (`state.abort`).
+        Connections still allowed carry on under the new policy's hash and decision."""
+        revoked = []
+        for state in list(self.connections.values()):
+            started = self.clock()
+            try:
+                denial = self._denial_under_new_policy(state)
+                if denial is None:
+                    state.fields["policy_hash"] = self.policy.hash
+                    continue
+                self._step(state, Step.REVOKE, _REVOKED_PHASE.get(state.phase, Phase.REJECTED))
+                state.fields["policy_hash"] = self.policy.hash
+            except Exception as e:  # noqa: BLE001 - fail closed: revoke it, and say why
+                log.error("sandgate: deciding an open connection again failed", exc_info=e)
+                denial = deny("internal-error", detail=f"{type(e).__name__}: {e}")
+                with contextlib.suppress(IllegalTransition):
+                    self._step(state, Step.REVOKE, _REVOKED_PHASE.get(state.phase, Phase.REJECTED))
+            revoked_by = Decision(
+                Verdict.DENY,
+                Reason.POLICY_CHANGED,
+                denial.rule,
+                detail=f"closed by a policy reload ({denial.reason}): {denial.detail}",
+            )
+            self._emit_connection(revoked_by, state.fields, state.name, state.protocol, started)
+            revoked.append(state)
+        return revoked
+
+    def _denial_under_new_policy(self, state: ConnState) -> Decision | None:
+        """What the current policy says about an open connection, asked as it was
+        asked before: None if it may go on, else the denying decision."""
+        if state.phase in (Phase.NEW, Phase.REJECTED, Phase.CLOSED):
+            return None
+        if state.phase is Phase.OPEN or state.outcome is Outcome.HTTP:
+            # Nothing decided past connect (plain HTTP: each request is, and the next
+            # meets the new policy): only a denial final at connect ends it.
+            decision = self._decide_connect(state, name=None)
+            return decision if decision.reason in _FINAL_AT_CONNECT else None
+        facts = state.facts
+        if facts is None or facts.name != state.name:
+            self._decide_connect(state, state.name)  # records the facts
+            facts = state.facts
+        decision = _without_approver(decide(self.policy, facts))
+        if not decision.allowed:
+            return decision
+        if decision.inspect and state.outcome is Outcome.PASSTHROUGH:
+            return deny(
+                "policy-changed",
+                detail="a rule now checks HTTP methods or paths here, which a relayed "
+                "connection cannot be held to",
+            )
+        state.allowed = decision
+        return None
+
     # --- helpers ------------------------------------------------------------------------
 
     def _decide_connect(self, state: ConnState, name: str | None) -> Decision:
-        return decide(
-            self.policy,
-            ConnectFacts(
-                profile=state.sandbox.profile,
-                port=state.port,
-                ip=state.ip,
-                name=name,
-                name_resolved_to_ip=self._resolved(state, name),
-            ),
+        state.facts = ConnectFacts(
+            profile=state.sandbox.profile,
+            port=state.port,
+            ip=state.ip,
+            name=name,
+            name_resolved_to_ip=self._resolved(state, name),
         )
+        return decide(self.policy, state.facts)
 
     def _resolved(self, state: ConnState, name: str | None) -> bool | None:
         if name is None:

@@ -1,6 +1,8 @@
 """The gateway: one asyncio loop owning the state that must stay consistent.
 
-It holds the compiled policy, the sandbox registry, the DNS bindings, and runs the
+It holds the compiled policy (one reference, the gate's: everything that decides
+reads it, so `swap_policy` changes every decision at once), the sandbox registry,
+the DNS bindings, and runs the
 DNS filter, the front door (the transparent port: decides every connection through
 the gate, splices allowed pass-through itself) and mitmproxy (with the sandgate
 addon, for plain HTTP and inspected TLS, which the front door hands it) side by
@@ -11,6 +13,7 @@ id, so emitters only say what they saw.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +23,10 @@ from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
 from sandgate.proxy.frontdoor.door import FrontDoor
 from sandgate.proxy.gate import ConnectionGate
-from sandgate.proxy.policy import CompiledPolicy, NameFacts, decide
+from sandgate.proxy.policy import CompiledPolicy, NameFacts, Reason, Verdict, decide
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
-from sandgate.proxy.telemetry.event import Event, EventFanout, EventSink
+from sandgate.proxy.reload import SwapReport
+from sandgate.proxy.telemetry.event import Event, EventFanout, EventKind, EventSink
 
 log = logging.getLogger("sandgate.gateway")
 
@@ -41,7 +45,6 @@ class GatewayConfig:
 class Gateway:
     def __init__(self, config: GatewayConfig, policy: CompiledPolicy, *sinks: EventSink):
         self.config = config
-        self.policy = policy
         self.registry = SandboxRegistry()
         self.bindings = DnsBindings()
         self.events = EventFanout(*sinks)
@@ -83,6 +86,38 @@ class Gateway:
     def dns_port(self) -> int:
         return self.dns.port
 
+    @property
+    def policy(self) -> CompiledPolicy:
+        """The policy in force: the gate's, the one reference every decision reads."""
+        return self.gate.policy
+
+    def swap_policy(self, new: CompiledPolicy, *, cause: str = "") -> SwapReport:
+        """Put `new` in force for every decision at once (new connections, DNS
+        queries, HTTP requests), emit its `policy` event (`cause`, e.g. who asked,
+        goes into the detail), then close the open connections it denies (each with
+        a `policy_changed` deny event) and drop the DNS bindings whose names it no
+        longer allows. Runs on the loop, without awaiting: no decision sees half of it."""
+        old, self.gate.policy = self.gate.policy, new
+        self.emit(
+            Event(
+                kind=EventKind.POLICY,
+                verdict=Verdict.ALLOW,
+                reason=Reason.POLICY_LOADED,
+                detail=f"{new.rule_count} rules, hash {new.hash} (was {old.hash}), profiles "
+                f"{', '.join(new.profiles)}, from {', '.join(new.files)}"
+                + (f"; {cause}" if cause else ""),
+            )
+        )
+        closed = 0
+        for state in self.gate.revoke_denied():
+            if state.abort is None:
+                log.error("sandgate: cannot close %s: no adapter owns it", state.fields["source"])
+                continue
+            state.abort(f"the policy changed ({old.hash} -> {new.hash}): denied now")
+            closed += 1
+        dropped = self.bindings.drop(_no_longer_allowed(self.registry, old, new))
+        return SwapReport(old.hash, new.hash, new.rule_count, closed, dropped)
+
     def add_sandbox(self, sandbox: Sandbox) -> None:
         self.registry.add(sandbox)
 
@@ -108,3 +143,23 @@ class Gateway:
                 task_id=event.task_id or (sandbox.task_id if sandbox else None),
             )
         self.events.emit(event)
+
+
+def _no_longer_allowed(
+    registry: SandboxRegistry, old: CompiledPolicy, new: CompiledPolicy
+) -> Callable[[str, str], bool]:
+    """(sandbox, name) -> whether `old` let the sandbox's profile resolve the name and
+    `new` does not. Bindings of names neither allowed (a CNAME chain's) stay as they were."""
+    answers: dict[tuple[str, str], bool] = {}
+
+    def unwanted(sandbox: str, name: str) -> bool:
+        entry = registry.get(sandbox)
+        if entry is None:
+            return False  # forgotten with its sandbox
+        key = (entry.profile, name)
+        if key not in answers:
+            facts = NameFacts(entry.profile, name)
+            answers[key] = decide(old, facts).allowed and not decide(new, facts).allowed
+        return answers[key]
+
+    return unwanted

@@ -16,6 +16,8 @@ reason `internal_error` and its event: fail closed, still report.
     SILENT --first_bytes--> SILENT (wait) | PASSING (raw bytes) | HTTP | INTERCEPTING | REJECTED
     SILENT --server_spoke--> PASSING
     HTTP, INTERCEPTING --hand_off--> HANDED_OFF --adopt--> HTTP, INTERCEPTING
+    OPEN, SILENT, PASSING, HTTP, INTERCEPTING --revoke--> REJECTED (a new policy denies it)
+    HANDED_OFF --revoke--> HANDED_OFF (in transit to mitmproxy, which adopts it, then sees it close)
     any but NEW --close--> CLOSED (a second close is a no-op)
 """
 
@@ -47,6 +49,7 @@ class Step(Enum):
     ADOPT = "adopt"
     REQUEST = "request"
     FAIL = "fail"  # an adapter failed around the connection (denied with internal_error)
+    REVOKE = "revoke"  # a reloaded policy denies the open connection; its adapter closes it
     CLOSE = "close"
 
 
@@ -59,17 +62,20 @@ TRANSITIONS: dict[Phase, dict[Step, frozenset[Phase]]] = {
         Step.FIRST_BYTES: _DECIDED_ON_BYTES | {Phase.OPEN},
         Step.SILENCE: frozenset({Phase.OPEN, Phase.SILENT, Phase.REJECTED}),
         Step.FAIL: frozenset({Phase.REJECTED}),
+        Step.REVOKE: frozenset({Phase.REJECTED}),
         Step.CLOSE: frozenset({Phase.CLOSED}),
     },
     Phase.SILENT: {
         Step.FIRST_BYTES: _DECIDED_ON_BYTES | {Phase.SILENT},
         Step.SERVER_SPOKE: frozenset({Phase.PASSING}),
         Step.FAIL: frozenset({Phase.REJECTED}),
+        Step.REVOKE: frozenset({Phase.REJECTED}),
         Step.CLOSE: frozenset({Phase.CLOSED}),
     },
     Phase.PASSING: {
         Step.FIRST_BYTES: frozenset({Phase.PASSING}),
         Step.FAIL: frozenset({Phase.PASSING}),
+        Step.REVOKE: frozenset({Phase.REJECTED}),
         Step.CLOSE: frozenset({Phase.CLOSED}),
     },
     **{
@@ -78,12 +84,14 @@ TRANSITIONS: dict[Phase, dict[Step, frozenset[Phase]]] = {
             Step.REQUEST: frozenset({phase}),
             Step.HAND_OFF: frozenset({Phase.HANDED_OFF}),
             Step.FAIL: frozenset({phase}),
+            Step.REVOKE: frozenset({Phase.REJECTED}),
             Step.CLOSE: frozenset({Phase.CLOSED}),
         }
         for phase in (Phase.HTTP, Phase.INTERCEPTING)
     },
     Phase.HANDED_OFF: {
         Step.ADOPT: frozenset({Phase.HTTP, Phase.INTERCEPTING}),
+        Step.REVOKE: frozenset({Phase.HANDED_OFF}),
         Step.CLOSE: frozenset({Phase.CLOSED}),
     },
     Phase.REJECTED: {

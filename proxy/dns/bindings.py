@@ -109,6 +109,22 @@ class DnsBindings:
         names = table.by_ip.get(ip, {})
         return [name for name in reversed(names) if table.expiry[(name, ip)] >= now]
 
+    def drop(self, unwanted: Callable[[str, str], bool]) -> int:
+        """Remove every binding whose (sandbox, name) is `unwanted`; how many went.
+        (A reload drops the names its new policy no longer allows.)"""
+        dropped = 0
+        for sandbox, table in list(self._sandboxes.items()):
+            for name, ip in [key for key in table.expiry if unwanted(sandbox, key[0])]:
+                del table.expiry[(name, ip)]
+                names = table.by_ip[ip]
+                del names[name]
+                if not names:
+                    del table.by_ip[ip]
+                dropped += 1
+            if not table.expiry:
+                del self._sandboxes[sandbox]
+        return dropped
+
     def forget(self, sandbox: str) -> None:
         self._sandboxes.pop(sandbox, None)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -116,10 +117,7 @@ class FrontDoor:
             self.poller.close()
             self.poller = None
         for sock in self._handed_off.values():
-            # mitmproxy owns these: end them from below, so that it closes them its
-            # usual way (its client_disconnected hook reports their end).
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            _shut_down(sock)
         if self._handed_off:
             await asyncio.wait(list(self._handed_off), timeout=5)
 
@@ -175,6 +173,8 @@ class FrontDoor:
     def _hand_off(self, connection: Connection) -> None:
         self._live.discard(connection)
         self.poller.forget(connection.client_fd, unregister=True)
+        # mitmproxy owns it now: a policy reload ends it from below, as `stop` does.
+        connection.state.abort = functools.partial(_shut_down, connection.client)
         task = self.loop.create_task(self._serve_handed_off(connection.client, connection.state))
         self._handed_off[task] = connection.client
         task.add_done_callback(self._handed_off.pop)
@@ -266,6 +266,7 @@ class Connection:
         self.relay: Relay | None = None  # once relaying
         self.holding = False  # relaying only the server's bytes (see _relay)
         self.done = False
+        state.abort = functools.partial(self.finish, reset=True)  # a reload's revoke
 
     # --- first bytes ----------------------------------------------------------------------
 
@@ -507,3 +508,10 @@ class Connection:
                 sock.close()
         self.door._live.discard(self)
         self.door.gate.on_close(self.state, problem)
+
+
+def _shut_down(sock: socket.socket, why: str = "") -> None:
+    """End a socket mitmproxy owns from below, so that it closes it its usual way
+    (its client_disconnected hook reports the end)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)

@@ -62,6 +62,11 @@ BUILTINS: dict[str, Builtin] = _builtins(
     ),
     # The connection gate (proxy/gate.py).
     (
+        "policy-changed",
+        (R.POLICY_CHANGED,),
+        "an open connection that a reloaded policy no longer allows: the gateway closed it",
+    ),
+    (
         "unknown-sandbox",
         (R.UNKNOWN_SANDBOX,),
         "traffic (a connection or a DNS query) from an address no task owns",

@@ -21,6 +21,7 @@ import datetime
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .model import Rule
 from .names import IPAddress, IPNetwork, special_range_of
@@ -215,6 +216,9 @@ class CompiledPolicy:
     hash: str  # of the rule files' bytes: names the policy in every event
     rule_count: int
     loaded_on: datetime.date
+    # The real path of every file it was built from (top files, includes, presets):
+    # what a reloader watches for changes.
+    paths: tuple[Path, ...] = ()
 
     @property
     def expired(self) -> list:
@@ -223,6 +227,16 @@ class CompiledPolicy:
             for rule in profile.expired:
                 seen.setdefault(rule.id, rule)
         return list(seen.values())
+
+    def forget_decisions(self) -> None:
+        """Drop the decisions memoised on its rules (decide.py's `_shared`). Each refers
+        back to its rule: a cycle, and load_policy freezes a policy's objects, so the
+        cyclic GC would never free a replaced policy that has one. A reload calls this
+        on the policy it replaced; decisions already handed out stay valid."""
+        for profile in self.profiles.values():
+            for rule in (profile.fallback, *profile.rules):
+                object.__setattr__(rule, "decision", None)
+                object.__setattr__(rule, "inspected_decision", None)
 
     @property
     def next_expiry(self) -> datetime.date | None:

@@ -102,10 +102,13 @@ class Problem:
 
 
 class PolicyError(Exception):
-    """One or more problems in the rule files; the running policy (if any) stays."""
+    """One or more problems in the rule files; the running policy (if any) stays.
+    `paths`: every file the failed load tried to read (a reloader watches them too,
+    so that fixing a newly included file is noticed)."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], paths: tuple[Path, ...] = ()):
         self.problems = sorted(problems)
+        self.paths = paths
         super().__init__("\n".join(map(str, self.problems)))
 
 
@@ -139,6 +142,7 @@ class _Loader:
         )
         self.problems: list[Problem] = []
         self.sources: dict[Path, _Source] = {}
+        self.tried: dict[Path, None] = {}  # every real path read or tried, in order
         self.preset_rules: dict[Path, list[Rule]] = {}
         self.rule_ids: dict[str, Rule] = {}
         # One object per distinct port set: 100k rules share a handful, and a shared
@@ -206,6 +210,7 @@ class _Loader:
         path = path.resolve()
         if path in self.sources:
             return self.sources[path]
+        self.tried[path] = None
         display = _display_path(path)
         try:
             data = path.read_bytes()
@@ -577,10 +582,17 @@ def load_policy(
     # A load allocates a few objects per YAML node, in a tree without cycles. The
     # cyclic GC would rescan the growing tree again and again: at 100k rules that
     # costs several times the load itself. Paused for the load, then restored.
+    # Then the survivors are frozen (moved out of the collected generations): with gc
+    # re-enabled, the first collection would otherwise scan every object of a new
+    # policy at once, holding the GIL for about a second at 100k rules, which would
+    # stall the gateway's loop while a reload's worker thread does it
+    # (bench/bench_reload.py). A policy lives until replaced; refcounting frees it then.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _load(paths, today)
+        policy = _load(paths, today)
+        gc.freeze()
+        return policy
     finally:
         if collecting:
             gc.enable()
@@ -611,7 +623,7 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
     # are unknown, and every extends of them would be a false alarm.
     profiles = loader.resolve(raw) if all_read else {}
     if loader.problems:
-        raise PolicyError(loader.problems)
+        raise PolicyError(loader.problems, tuple(loader.tried))
     digest = hashlib.sha256()
     # What was parsed (not a second read that may differ), by stable name: the same
     # files give the same hash from any working directory.
@@ -623,6 +635,7 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
         hash=digest.hexdigest()[:16],
         rule_count=len(loader.rule_ids),
         loaded_on=loader.today,
+        paths=tuple(loader.tried),
     )
 
 

@@ -55,4 +55,5 @@ class Reason(StrEnum):
     UNKNOWN_PROFILE = "unknown_profile"
     POLICY_LOADED = "policy_loaded"
     POLICY_INVALID = "policy_invalid"  # a reload failed; the last good policy stays
+    POLICY_CHANGED = "policy_changed"  # an open connection the reloaded policy denies: closed
     INTERNAL_ERROR = "internal_error"  # anything unexpected: fail closed, still report
