@@ -22,7 +22,7 @@ from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .model import Rule
+from .model import DEFAULT_LIMITS, Limits, Rule
 from .names import IPAddress, IPNetwork, special_range_of
 from .reasons import Verdict
 
@@ -117,6 +117,7 @@ class CompiledProfile:
     fallback: Rule
     rules: tuple[Rule, ...]  # active rules, in file order (for `rules show`)
     expired: tuple[Rule, ...] = ()
+    limits: Limits = DEFAULT_LIMITS  # per-sandbox caps (`limits:`), inherited through extends
     exact: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     wildcard: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     wildcard_depths: tuple[int, int] = (0, 0)  # fewest and most labels of a wildcard's base
@@ -131,7 +132,12 @@ class CompiledProfile:
 
     @classmethod
     def build(
-        cls, name: str, rules: list[Rule], fallback: Rule, expired: list[Rule]
+        cls,
+        name: str,
+        rules: list[Rule],
+        fallback: Rule,
+        expired: list[Rule],
+        limits: Limits = DEFAULT_LIMITS,
     ) -> CompiledProfile:
         exact: dict[str, list[Rule]] = defaultdict(list)
         wildcard: dict[str, list[Rule]] = defaultdict(list)
@@ -149,6 +155,7 @@ class CompiledProfile:
             fallback=fallback,
             rules=tuple(rules),
             expired=tuple(expired),
+            limits=limits,
             exact={k: tuple(v) for k, v in exact.items()},
             wildcard={k: tuple(v) for k, v in wildcard.items()},
             wildcard_depths=(min(depths), max(depths))
@@ -215,6 +222,12 @@ class CompiledPolicy:
     hash: str  # of the rule files' bytes: names the policy in every event
     rule_count: int
     loaded_on: datetime.date
+
+    def limits_for(self, profile: str) -> Limits:
+        """The caps of `profile`; the defaults for a profile the policy lacks (its
+        connections are denied as `unknown_profile` anyway)."""
+        compiled = self.profiles.get(profile)
+        return compiled.limits if compiled is not None else DEFAULT_LIMITS
 
     @property
     def expired(self) -> list:
