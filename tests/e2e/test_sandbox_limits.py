@@ -51,12 +51,6 @@ time.sleep(0.5)  # the gateway sees the closes
 """
 
 
-@pytest.fixture
-def net(fakenet):
-    fakenet.clear_logs()
-    return fakenet
-
-
 def test_connections_over_the_sandboxes_limit_are_denied_and_released_after(net, tmp_path):
     rules = tmp_path / "limited.yaml"
     rules.write_text(LIMITED_RULES)
