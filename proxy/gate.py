@@ -7,7 +7,8 @@ connection moves through the phases of proxy/lifecycle.py, whose one table says
 which call may come when.
 Decision points, earliest first (see docs/architecture.md):
 
- 1. `on_connect`: sandbox known? original destination IP:port hard-denied (private
+ 1. `on_connect`: sandbox known? within its profile's caps on open and pending
+    connections (`sandbox_limit`)? original destination IP:port hard-denied (private
     range, IP deny rule, unknown profile)? -> None: close before any upstream work.
  2. `on_first_bytes`, until it stops saying WAIT: TLS -> ClientHello SNI, which
     must be a name the gateway resolved to this address; plain HTTP -> HTTP,
@@ -24,6 +25,11 @@ Decision points, earliest first (see docs/architecture.md):
  3. `on_request`: Host must agree with SNI and destination; method and path rules.
  4. `on_close`: an allowed connection's end (bytes, duration); a connection that
     closed before any decision gets its `no_data` denial.
+
+`counts` (proxy/limits.py) holds each sandbox's open connections (admitted by
+`on_connect`, until `on_close`) and pending ones (still in phase OPEN): the phase
+table lets a connection leave OPEN once and close once, so each count is released
+exactly once, whichever adapter holds the connection and however it ends.
 
 Each decision emits exactly one Event. Each public method fails closed: an
 unexpected exception, or a call its connection's phase does not take (an
@@ -44,6 +50,7 @@ from enum import Enum
 
 from sandgate.proxy.clienthello import parse_client_hello, starts_like_tls_record
 from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
+from sandgate.proxy.limits import ConnectionCounts
 from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.index import CompiledPolicy
@@ -149,6 +156,8 @@ class ConnectionGate:
         self.clock = clock
         # Every connection past connect and not yet closed, by its adapter's key.
         self.connections: dict[Hashable, ConnState] = {}
+        # What each sandbox holds, against its profile's limits (see the docstring).
+        self.counts = ConnectionCounts()
 
     # --- 1. TCP connect -------------------------------------------------------------
 
@@ -181,6 +190,10 @@ class ConnectionGate:
                 policy_hash=self.policy.hash,
                 task_id=sandbox.task_id,
             )
+            limited = self._over_sandbox_limit(sandbox)
+            if limited is not None:
+                self._emit_connection(limited, fields, None, "tcp", started)
+                return None
             state = ConnState(key, sandbox, ip, dst_port, fields, started, started)
             decision = self._decide_connect(state, name=None)
             if decision.reason in _FINAL_AT_CONNECT:
@@ -191,7 +204,25 @@ class ConnectionGate:
             self._internal_error(e, fields, started, None)
             return None
         self.connections[key] = state
+        self.counts.admit(sandbox.address)
         return state
+
+    def _over_sandbox_limit(self, sandbox: Sandbox) -> Decision | None:
+        """A `sandbox_limit` denial if `sandbox` holds as many open (or undecided)
+        connections as its profile allows, else None."""
+        limits = self.policy.limits_for(sandbox.profile)
+        full = self.counts.full(sandbox.address, limits)
+        if full is None:
+            return None
+        if full == "connections":
+            return deny(
+                "sandbox-connections",
+                detail=f"the sandbox holds {limits.connections} open connections, its limit",
+            )
+        return deny(
+            "sandbox-pending",
+            detail=f"the sandbox holds {limits.pending} connections not yet decided, its limit",
+        )
 
     def hand_off(self, state: ConnState) -> bool:
         """Mark a decided connection as given to another adapter, which `adopt`s it.
@@ -445,6 +476,7 @@ class ConnectionGate:
             return  # closed before: its end is reported
         if self.connections.get(state.key) is state:
             del self.connections[state.key]
+        self.counts.closed(state.sandbox.address)
         if state.allowed is not None:
             event = Event.from_decision(
                 EventKind.CONNECTION_END,
@@ -561,9 +593,11 @@ class ConnectionGate:
         if outcome is not Outcome.WAIT:
             state.outcome = outcome
 
-    @staticmethod
-    def _step(state: ConnState, step: Step, target: Phase) -> None:
-        state.phase = advance(state.phase, step, target)
+    def _step(self, state: ConnState, step: Step, target: Phase) -> None:
+        was = state.phase
+        state.phase = advance(was, step, target)
+        if was is Phase.OPEN and target is not Phase.OPEN:
+            self.counts.decided(state.sandbox.address)  # no longer pending: once, OPEN is never re-entered
 
     def _fail(
         self, state: ConnState | None, error: Exception, started: float, fields: dict | None = None

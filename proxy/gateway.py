@@ -58,6 +58,7 @@ class Gateway:
             upstream_port=config.dns_upstream_port,
             bindings=self.bindings,
             keep_special=self._keep_special,
+            limits_for=lambda profile: self.policy.limits_for(profile),
         )
         self.proxy = ProxyEngine(self.addon, config.confdir, upstream_ca=config.upstream_ca)
         self.frontdoor = FrontDoor(self.gate, self.proxy.serve)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -86,12 +87,14 @@ def cmd_rules_show(args) -> int:
             raise UsageError(
                 f"no profile {name!r} in {args.file} (profiles: {', '.join(policy.profiles)})"
             )
+        limits = dataclasses.asdict(profile.limits)
         if args.json:
             print(
                 json.dumps(
                     {
                         "profile": name,
                         "fallback": str(profile.fallback.action),
+                        "limits": limits,
                         "rules": [_rule_dict(r) for r in profile.rules],
                         "expired": [_rule_dict(r) for r in profile.expired],
                     },
@@ -100,6 +103,7 @@ def cmd_rules_show(args) -> int:
             )
             continue
         print(f"profile {name}  (fallback: {profile.fallback.action}, {profile.fallback.origin})")
+        print("  limits per sandbox: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
         for rule in profile.rules:
             print(f"  {_rule_line(rule)}")
         for rule in profile.expired:

@@ -39,7 +39,8 @@ name not a host name (IP literal, NUL, ...)     NXDOMAIN   INVALID_NAME
 name the profile may not reach                  NXDOMAIN   the policy's (RULE_DENY ..)
 source address of no sandbox                    REFUSED    UNKNOWN_SANDBOX
 upstream timeout, SERVFAIL, REFUSED, garbage    SERVFAIL   DNS_UPSTREAM_FAILURE
-too many of the sandbox's queries in flight     SERVFAIL   CONNECTION_LIMIT
+over the sandbox's dns_qps (queries a second)   REFUSED    SANDBOX_LIMIT
+too many of the sandbox's queries in flight     SERVFAIL   SANDBOX_LIMIT
 some addresses in the answer were private       NOERROR,   DNS_REBINDING
                                                 the rest
 every address in the answer was private         NOERROR,   DNS_REBINDING

@@ -167,6 +167,17 @@ def _answer(
     return QueryCheck(decision, query=query, response=wire, name=name, qtype=qtype)
 
 
+def refused(check: QueryCheck, wire: bytes) -> bytes | None:
+    """REFUSED for a query that `check` looked at but the gateway will not serve
+    after all (its sandbox is over its rate): with the question when there is one,
+    so that the stub takes it as the answer; None where nothing may be answered."""
+    query = check.query
+    if query is None:
+        return header_response(wire, dns.rcode.REFUSED)
+    one_question = len(query.question) == 1
+    return _answer(query, dns.rcode.REFUSED, check.decision, copy_question=one_question).response
+
+
 def _unparsable(wire: bytes, detail: str) -> QueryCheck:
     decision = deny("dns-malformed", detail)
     return QueryCheck(decision, response=header_response(wire, dns.rcode.FORMERR))

@@ -20,9 +20,16 @@ import dns.rcode
 import dns.rdatatype
 from sandgate.proxy.dns.answer import FilteredAnswer, filter_answer, render, upstream_failure
 from sandgate.proxy.dns.bindings import DnsBindings, canonical_address
-from sandgate.proxy.dns.query import DecideName, QueryCheck, check_query, header_response
+from sandgate.proxy.dns.query import (
+    DecideName,
+    QueryCheck,
+    check_query,
+    header_response,
+    refused,
+)
+from sandgate.proxy.limits import TokenBuckets
 from sandgate.proxy.policy.builtin import deny
-from sandgate.proxy.policy.model import Decision
+from sandgate.proxy.policy.model import DEFAULT_LIMITS, Decision, Limits
 from sandgate.proxy.policy.names import IPAddress, format_host_port
 from sandgate.proxy.telemetry.event import Event, EventKind, EventSink
 
@@ -57,7 +64,11 @@ class DnsFilter:
         max_tcp_connections: int = 256,
         max_tcp_queries: int = 100,
         max_pending_per_sandbox: int = 128,
+        limits_for: Callable[[str], Limits] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """`limits_for(profile)`: the profile's caps (its `dns_qps`); the defaults
+        when not given. `clock` (monotonic seconds) drives the rate buckets."""
         self.decide_name = decide_name
         self.sandbox_for = sandbox_for
         self.sink = sink
@@ -76,6 +87,8 @@ class DnsFilter:
         self._tasks: set[asyncio.Task] = set()
         self._tcp_connections = 0
         self._pending: dict[str, int] = {}
+        self.limits_for = limits_for or (lambda profile: DEFAULT_LIMITS)
+        self.rates = TokenBuckets(clock)  # queries a second, per sandbox
 
     async def start(self, listen_host: str, port: int) -> None:
         """Bind UDP and TCP on `listen_host:port` (port 0: any free port, the same
@@ -178,6 +191,9 @@ class DnsFilter:
         fields.update(sandbox=sandbox, profile=profile)
         check = check_query(wire, profile, self.decide_name)
         fields.update(name=check.name)
+        over = self._over_rate(sandbox, profile)
+        if over is not None:
+            return refused(check, wire), over, {"detail": _join(over.detail, check.qtype or "")}
         if check.action != "forward":
             detail = _join(check.decision.detail, check.qtype or "")
             return check.response, check.decision, {"detail": detail}
@@ -191,6 +207,14 @@ class DnsFilter:
         response = render(answer.response, check.query, udp=udp)
         return response, answer.decision or check.decision, {"detail": detail}
 
+    def _over_rate(self, sandbox: str, profile: str) -> Decision | None:
+        """A `sandbox_limit` denial when `sandbox` is over its profile's `dns_qps`,
+        else None. Every query counts, whatever its answer would have been."""
+        rate = self.limits_for(profile).dns_qps
+        if self.rates.take(sandbox, rate):
+            return None
+        return deny("sandbox-dns-rate", f"more than {rate} DNS queries a second")
+
     async def _resolve(self, check: QueryCheck, sandbox: str, profile: str) -> FilteredAnswer:
         """Forward an allowed query and filter the answer; at most
         `max_pending_per_sandbox` at a time per sandbox, so one sandbox cannot tie
@@ -199,7 +223,7 @@ class DnsFilter:
         if pending >= self.max_pending_per_sandbox:
             answer = upstream_failure(check.query, "too many queries in flight")
             limit = f"more than {self.max_pending_per_sandbox} DNS queries in flight"
-            return answer._replace(decision=deny("dns-pending-limit", limit))
+            return answer._replace(decision=deny("sandbox-dns-pending", limit))
         self._pending[sandbox] = pending + 1
         try:
             upstream, failure = await self._ask_upstream(check.forward)

@@ -164,9 +164,17 @@ class FrontDoor:
             # make this close a reset, as it was when mitmproxy closed it here.
             sock.close()
             return
-        connection = Connection(self, state, sock, dst)
+        try:
+            connection = Connection(self, state, sock, dst)
+        except Exception as e:  # noqa: BLE001 - admitted: the gate must hear of its end
+            self.gate.fail(state, e)
+            self.gate.on_close(state)
+            raise  # _accept logs it and closes the socket
         self._live.add(connection)
-        self.poller.watch(connection.client_fd, connection.on_waiting_event)
+        try:
+            self.poller.watch(connection.client_fd, connection.on_waiting_event)
+        except Exception as e:  # noqa: BLE001
+            connection.crash(e)
 
     # --- hand-off to mitmproxy ----------------------------------------------------------
 

@@ -92,6 +92,16 @@ BUILTINS: dict[str, Builtin] = _builtins(
         (R.NO_DATA,),
         "the connection ended, or timed out, before sending enough bytes to decide on",
     ),
+    (
+        "sandbox-connections",
+        (R.SANDBOX_LIMIT,),
+        "the sandbox already held as many open connections as its profile's limits: connections allow",
+    ),
+    (
+        "sandbox-pending",
+        (R.SANDBOX_LIMIT,),
+        "the sandbox already held as many undecided connections as its profile's limits: pending allow",
+    ),
     # The DNS filter (proxy/dns/).
     (
         "dns-malformed",
@@ -115,9 +125,15 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "addresses in private ranges were removed from an upstream DNS answer",
     ),
     (
-        "dns-pending-limit",
-        (R.CONNECTION_LIMIT,),
-        "too many of the sandbox's DNS queries were in flight",
+        "sandbox-dns-pending",
+        (R.SANDBOX_LIMIT,),
+        "too many of the sandbox's DNS queries were in flight (128): the query got SERVFAIL",
+    ),
+    (
+        "sandbox-dns-rate",
+        (R.SANDBOX_LIMIT,),
+        "the sandbox sent more DNS queries a second than its profile's limits: dns_qps allow; "
+        "the query got REFUSED, and nothing was forwarded",
     ),
     # The kernel (enforcer/nft.py), reported by the task runner.
     (

@@ -23,7 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import Rule
+from .model import DEFAULT_LIMITS, Limits, Rule
 from .names import IPAddress, IPNetwork, special_range_of
 from .reasons import Verdict
 
@@ -118,6 +118,7 @@ class CompiledProfile:
     fallback: Rule
     rules: tuple[Rule, ...]  # active rules, in file order (for `rules show`)
     expired: tuple[Rule, ...] = ()
+    limits: Limits = DEFAULT_LIMITS  # per-sandbox caps (`limits:`), inherited through extends
     exact: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     wildcard: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     wildcard_depths: tuple[int, int] = (0, 0)  # fewest and most labels of a wildcard's base
@@ -132,7 +133,12 @@ class CompiledProfile:
 
     @classmethod
     def build(
-        cls, name: str, rules: list[Rule], fallback: Rule, expired: list[Rule]
+        cls,
+        name: str,
+        rules: list[Rule],
+        fallback: Rule,
+        expired: list[Rule],
+        limits: Limits = DEFAULT_LIMITS,
     ) -> CompiledProfile:
         exact: dict[str, list[Rule]] = defaultdict(list)
         wildcard: dict[str, list[Rule]] = defaultdict(list)
@@ -150,6 +156,7 @@ class CompiledProfile:
             fallback=fallback,
             rules=tuple(rules),
             expired=tuple(expired),
+            limits=limits,
             exact={k: tuple(v) for k, v in exact.items()},
             wildcard={k: tuple(v) for k, v in wildcard.items()},
             wildcard_depths=(min(depths), max(depths))
@@ -219,6 +226,12 @@ class CompiledPolicy:
     # The real path of every file it was built from (top files, includes, presets):
     # what a reloader watches for changes.
     paths: tuple[Path, ...] = ()
+
+    def limits_for(self, profile: str) -> Limits:
+        """The caps of `profile`; the defaults for a profile the policy lacks (its
+        connections are denied as `unknown_profile` anyway)."""
+        compiled = self.profiles.get(profile)
+        return compiled.limits if compiled is not None else DEFAULT_LIMITS
 
     @property
     def expired(self) -> list:

@@ -11,6 +11,8 @@ include and profile is valid and a new CompiledPolicy exists, or nothing changes
         fallback: deny | ask | audit          (default deny; inherited through extends)
         extends: OTHER-PROFILE
         include: [PRESET-NAME | relative/path.yaml, ...]
+        limits: {connections: 512, pending: 64, dns_qps: 50}   (per sandbox; per key
+                                              inherited through extends)
         rules:
           - allow | deny: TARGET or [TARGET, ...]   domain, *.domain, IP or CIDR
             ports: [443, ...]                        default [80, 443]
@@ -24,6 +26,7 @@ A preset (rules/presets/NAME.yaml) is `version: 1`, optional `description`,
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import hashlib
@@ -36,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from .index import CompiledPolicy, CompiledProfile
-from .model import DEFAULT_PORTS, HTTP_METHODS, Rule
+from .model import DEFAULT_LIMITS, DEFAULT_PORTS, HTTP_METHODS, MAX_LIMITS, Limits, Rule
 from .names import (
     DomainPattern,
     InvalidAddress,
@@ -69,7 +72,8 @@ RULE_KEYS = {
     "ticket",
     "expires",
 }
-PROFILE_KEYS = {"fallback", "extends", "include", "rules", "description"}
+PROFILE_KEYS = {"fallback", "extends", "include", "rules", "limits", "description"}
+LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
 FALLBACKS = {"deny": Verdict.DENY, "ask": Verdict.ASK, "audit": Verdict.AUDIT}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _MAYBE_IPV4 = re.compile(r"[\s0-9a-fA-FxX.]+")  # every IPv4 spelling parse_ip reads fits this
@@ -132,6 +136,7 @@ class _RawProfile:
     extends: tuple[str, yaml.Node] | None = None
     includes: list[tuple[str, yaml.Node]] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
+    limits: dict[str, int] = field(default_factory=dict)  # only the caps the profile sets
 
 
 class _Loader:
@@ -440,6 +445,29 @@ class _Loader:
             self.problem(source, node, f"expires {text!r} is not a date; write YYYY-MM-DD")
             return None
 
+    def limits(self, source, node) -> dict[str, int]:
+        """`limits: {connections: N, ...}`: the caps given, each a whole number
+        from 1 to its maximum (MAX_LIMITS)."""
+        entries = self.mapping(source, node, "'limits'")
+        self.check_keys(source, entries, LIMIT_KEYS, "'limits'")
+        found = {}
+        for key, (_, value_node) in entries.items():
+            if key not in LIMIT_KEYS:
+                continue
+            text = self.scalar(source, value_node, f"'limits: {key}'")
+            if text is None:
+                continue
+            most = getattr(MAX_LIMITS, key)
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= most:
+                self.problem(
+                    source,
+                    value_node,
+                    f"limits: {key} {text!r} is not a whole number from 1 to {most}",
+                )
+            else:
+                found[key] = int(text)
+        return found
+
     # --- presets and profiles ---------------------------------------------------------
 
     def include(
@@ -522,13 +550,17 @@ class _Loader:
                 profile.includes = self.scalars(source, fields["include"][1], "'include'")
             if "rules" in fields:
                 profile.rules = self.rules(source, fields["rules"][1])
+            if "limits" in fields:
+                profile.limits = self.limits(source, fields["limits"][1])
             raw[name] = profile
         return raw
 
     def resolve(self, raw: dict[str, _RawProfile]) -> dict[str, CompiledProfile]:
-        done: dict[str, tuple[list[Rule], Rule]] = {}
+        done: dict[str, tuple[list[Rule], Rule, dict[str, int]]] = {}
 
-        def effective(name: str, chain: tuple[str, ...]) -> tuple[list[Rule], Rule]:
+        def effective(
+            name: str, chain: tuple[str, ...]
+        ) -> tuple[list[Rule], Rule, dict[str, int]]:
             # Memoised: each profile is resolved once, so a cycle is reported once
             # (at the extends that closes it), and an include's errors once per include.
             if name in done:
@@ -536,6 +568,7 @@ class _Loader:
             profile = raw[name]
             rules: list[Rule] = []
             fallback: Rule | None = None
+            limits: dict[str, int] = {}
             if profile.extends is not None:
                 parent, node = profile.extends
                 if parent not in raw:
@@ -548,7 +581,7 @@ class _Loader:
                     cycle = (*chain[chain.index(parent) :], parent)
                     self.problem(profile.source, node, f"circular extends: {' -> '.join(cycle)}")
                 else:
-                    inherited_rules, fallback = effective(parent, (*chain, parent))
+                    inherited_rules, fallback, limits = effective(parent, (*chain, parent))
                     rules = list(inherited_rules)
             for include, node in profile.includes:
                 rules += self.include(profile.source, node, include, (profile.source.path,))
@@ -558,16 +591,18 @@ class _Loader:
                 fallback = Rule(
                     id=f"{name}:fallback", action=verdict, file=profile.source.name, line=line
                 )
-            done[name] = (rules, fallback)
+            done[name] = (rules, fallback, {**limits, **profile.limits})
             return done[name]
 
         compiled: dict[str, CompiledProfile] = {}
         for name in raw:
-            rules, fallback = effective(name, (name,))
+            rules, fallback, limits = effective(name, (name,))
             rules = _unique(rules)
             active = [r for r in rules if r.expires is None or r.expires >= self.today]
             expired = [r for r in rules if r.expires is not None and r.expires < self.today]
-            compiled[name] = CompiledProfile.build(name, active, fallback, expired)
+            compiled[name] = CompiledProfile.build(
+                name, active, fallback, expired, dataclasses.replace(DEFAULT_LIMITS, **limits)
+            )
         return compiled
 
 

@@ -42,6 +42,24 @@ HTTP_METHODS = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """A profile's per-sandbox caps (`limits:` in a rule file): each sandbox running
+    under the profile may hold at most `connections` open TCP connections, of which
+    at most `pending` are not yet decided, and send `dns_qps` DNS queries a second
+    (bursts of as many). Over a cap the gateway denies with `sandbox_limit`."""
+
+    connections: int = 512
+    pending: int = 64
+    dns_qps: int = 50
+
+
+DEFAULT_LIMITS = Limits()
+# The largest value each cap takes: above these a typo (an extra zero) would turn
+# the cap off in practice; a sandbox that needs more is a case for two sandboxes.
+MAX_LIMITS = Limits(connections=65536, pending=65536, dns_qps=10000)
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """One compiled rule. `action` is ALLOW or DENY for rules from files; the
     profile's fallback and the gateway's built-in protections are Rules too, so a

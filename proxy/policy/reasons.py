@@ -35,7 +35,9 @@ class Reason(StrEnum):
     NO_DATA = "no_data"  # the client closed before sending enough bytes to decide on
     PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"  # e.g. an upgrade (WebSocket, h2c) not allowed
     BODY_TOO_LARGE = "body_too_large"
-    CONNECTION_LIMIT = "connection_limit"  # the sandbox has too many open connections
+    # A sandbox over a cap of its profile's `limits:` (open or undecided connections,
+    # DNS queries a second or in flight): one sandbox cannot starve the others.
+    SANDBOX_LIMIT = "sandbox_limit"
     # DNS filter.
     DNS_QTYPE_NOT_ALLOWED = "dns_qtype_not_allowed"  # only A, AAAA, CNAME, HTTPS are answered
     DNS_REBINDING = "dns_rebinding"  # an upstream answer pointed at a private address

@@ -100,6 +100,7 @@ class _Watched:
     policy: Callable[[], Any] | None = None  # -> CompiledPolicy (hash, rule_count)
     sandboxes: Callable[[], int] | None = None
     connections: Callable[[], int] | None = None
+    sandbox_connections: Any = None  # ConnectionCounts (proxy/limits.py): open, pending
     audit: Any = None  # AuditLog: written, lost, write_errors, queued
     firewall: Callable[[], dict[str, int]] | None = None
     firewall_min_interval: float = 1.0
@@ -294,6 +295,7 @@ class Metrics:
         self.watched.policy = lambda: gateway.policy
         self.watched.sandboxes = lambda: len(gateway.registry)
         self.watched.connections = lambda: len(getattr(gateway.addon, "connections", ()))
+        self.watched.sandbox_connections = getattr(getattr(gateway, "gate", None), "counts", None)
 
     def watch_audit(self, audit) -> None:
         """Export an `AuditLog`'s written/lost/error counters and queue length."""
@@ -396,6 +398,15 @@ class _StateCollector:
                 "Sandbox TCP connections the proxy holds open.",
                 value=w.connections(),
             )
+        if w.sandbox_connections is not None:
+            held = GaugeMetricFamily(
+                "sandgate_sandbox_connections",
+                "Connections counted against the sandboxes' limits, summed over sandboxes.",
+                labels=["state"],
+            )
+            held.add_metric(["open"], w.sandbox_connections.open)
+            held.add_metric(["pending"], w.sandbox_connections.pending)
+            yield held
         if w.audit is not None:
             audit = w.audit
             yield CounterMetricFamily(

@@ -23,3 +23,10 @@ def fakenet(tmp_path_factory: pytest.TempPathFactory):
             yield fn
     finally:
         cleanup_prefix(prefix)
+
+
+@pytest.fixture
+def net(fakenet):
+    """The session's fake internet, with its server logs read from here on."""
+    fakenet.clear_logs()
+    return fakenet

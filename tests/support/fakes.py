@@ -6,6 +6,7 @@ from sandgate.proxy.telemetry.metrics import Metrics
 def wired_metrics(firewall: dict[str, int] | None = None) -> Metrics:
     """A Metrics object with every watcher attached to fakes, so that it exports
     every series it can (for checking names against docs, dashboard and alerts)."""
+    from sandgate.proxy.limits import ConnectionCounts
 
     class Policy:
         hash, rule_count = "h", 1
@@ -16,6 +17,7 @@ def wired_metrics(firewall: dict[str, int] | None = None) -> Metrics:
     class Gateway:
         policy, registry = Policy(), []
         addon = type("Addon", (), {"connections": {}})()
+        gate = type("Gate", (), {"counts": ConnectionCounts()})()
 
     metrics = Metrics()
     metrics.watch_gateway(Gateway())
@@ -54,15 +56,15 @@ GATE_BINDINGS = {
 }
 
 
-def make_gate(tmp_path, sandbox: str = SANDBOX):
-    """A ConnectionGate over GATE_RULES for one sandbox; its events collect in `.events`."""
+def make_gate(tmp_path, sandbox: str = SANDBOX, rules: str = GATE_RULES):
+    """A ConnectionGate over `rules` (GATE_RULES) for one sandbox; its events collect in `.events`."""
     from sandgate.proxy.dns.bindings import DnsBindings
     from sandgate.proxy.gate import ConnectionGate
     from sandgate.proxy.policy import load_policy
     from sandgate.proxy.registry import Sandbox, SandboxRegistry
 
     path = tmp_path / "rules.yaml"
-    path.write_text(GATE_RULES)
+    path.write_text(rules)
     registry = SandboxRegistry()
     registry.add(Sandbox(sandbox, "task1", "default"))
     bindings = DnsBindings()

@@ -308,7 +308,10 @@ def test_rules_show_each_rule_with_its_origin(capsys):
         "profile default  (fallback: deny, team.yaml:5)",
         "profile ci  (fallback: deny, team.yaml:5)",
     ]
-    rules = [line for line in out.splitlines() if line.startswith("  ")]
+    limits = [line for line in out.splitlines() if line.startswith("  limits per sandbox: ")]
+    # team.yaml sets no limits: each profile shows the defaults.
+    assert limits == ["  limits per sandbox: connections 512, pending 64, dns_qps 50"] * 2
+    rules = [line for line in out.splitlines() if line.startswith("  ") and line not in limits]
     for line in rules:
         origin = re.search(r"\(([^()]+):(\d+)\)$", line)
         assert origin, f"no (FILE:LINE) at the end of {line!r}"
@@ -349,6 +352,7 @@ def test_rules_show_json(capsys):
     assert main(["rules", "show", "--json", "--profile", "ci", TEAM]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["profile"] == "ci" and shown["fallback"] == "deny"
+    assert shown["limits"] == {"connections": 512, "pending": 64, "dns_qps": 50}
     rule = next(r for r in shown["rules"] if r["origin"] == "team.yaml:12")
     assert rule == {
         "id": "team.yaml:12",

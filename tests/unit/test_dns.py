@@ -802,4 +802,5 @@ def test_handle_pending_limit():
     )
     reply = asyncio.run(server.handle(wire_query(), ("127.0.0.1", 5353), udp=True))
     assert parse(reply).rcode() == dns.rcode.SERVFAIL
-    assert sink.events[0].reason == Reason.CONNECTION_LIMIT
+    assert sink.events[0].reason == Reason.SANDBOX_LIMIT
+    assert sink.events[0].rule_id == "builtin:sandbox-dns-pending"

@@ -24,7 +24,11 @@ HELLO = client_hello("allowed.test")
 
 @pytest.fixture
 def gate(tmp_path):
-    return make_gate(tmp_path, sandbox=LOOPBACK)
+    gate = make_gate(tmp_path, sandbox=LOOPBACK)
+    yield gate
+    # Each test ends with its connections closed, however they ended: what the
+    # sandbox held (proxy/limits.py) is released, exactly once.
+    assert (gate.counts.open, gate.counts.pending, len(gate.counts)) == (0, 0, 0)
 
 
 class Upstream:
@@ -433,6 +437,37 @@ def test_a_failure_in_the_front_door_denies_and_closes(gate, monkeypatch):
 
     run(scenario())
     assert [e[1] for e in events(gate)] == ["internal_error"]
+
+
+@pytest.mark.parametrize("where", ["wait", "watch"])
+def test_a_failure_right_after_admission_still_ends_the_connection_at_the_gate(
+    gate, monkeypatch, where
+):
+    """The gate admitted the connection (it counts against the sandbox's limits);
+    the front door failed before it could serve it: denied, closed, released."""
+
+    async def scenario():
+        door = await started(gate, ALLOWED)
+
+        def boom(*args):
+            raise OSError("out of something")
+
+        if where == "wait":
+            monkeypatch.setattr(door, "wait", boom)
+        else:
+            monkeypatch.setattr(door.poller, "watch", boom)
+        try:
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(HELLO)
+            assert await read_all(reader) in (b"", b"<reset>")
+        except ConnectionResetError:
+            pass  # reset before the client's loop saw its connect complete
+        await until(lambda: gate.events)
+        await door.stop()
+
+    run(scenario())
+    assert [e[1] for e in events(gate)] == ["internal_error"]
+    assert gate.connections == {}
 
 
 # --- after a silence decision, the client speaks first --------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import socket
 import string
@@ -13,6 +14,7 @@ from pathlib import Path
 import dns.message
 import pytest
 from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.limits import ConnectionCounts
 from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.load import RULES_DIR
 from sandgate.proxy.policy.reasons import Reason, Verdict
@@ -75,6 +77,9 @@ def test_ten_thousand_denied_names_keep_the_series_bounded():
     )
     gateway.add_sandbox(Sandbox(SANDBOX_IP, "task-1", "default"))
     metrics.watch_gateway(gateway)
+    # One query a second by the rate buckets' clock: never over the sandbox's dns_qps,
+    # so every name reaches decide (the rate limit has its own tests).
+    gateway.dns.rates.clock = itertools.count().__next__
     rng = random.Random(4)
     qtypes = ["A", "AAAA", "TXT", "MX", "HTTPS"]
 
@@ -238,6 +243,10 @@ def test_scrape_time_state_gateway_audit_firewall():
     gateway = type("G", (), {})()
     gateway.policy, gateway.registry = Policy(), [1, 2]
     gateway.addon = type("A", (), {"connections": {"a": 1, "b": 2, "c": 3}})()
+    gateway.gate = type("Gate", (), {"counts": ConnectionCounts()})()
+    for sandbox in ("10.0.0.2", "10.0.0.2", "10.0.0.3"):
+        gateway.gate.counts.admit(sandbox)
+    gateway.gate.counts.decided("10.0.0.2")
     metrics = Metrics()
     metrics.watch_gateway(gateway)
     metrics.watch_audit(Audit())
@@ -246,6 +255,8 @@ def test_scrape_time_state_gateway_audit_firewall():
     assert value(metrics, "sandgate_policy_rules") == 14
     assert value(metrics, "sandgate_active_sandboxes") == 2
     assert value(metrics, "sandgate_active_connections") == 3
+    assert value(metrics, "sandgate_sandbox_connections", state="open") == 3
+    assert value(metrics, "sandgate_sandbox_connections", state="pending") == 2
     assert value(metrics, "sandgate_audit_events_written_total") == 7
     assert value(metrics, "sandgate_audit_events_lost_total") == 1
     assert value(metrics, "sandgate_audit_write_errors_total") == 2

@@ -1,0 +1,120 @@
+"""Per-sandbox fairness: what each sandbox holds at the gateway, against its
+profile's caps (`limits:` in the rule file, `policy.model.Limits`).
+
+Two pure bookkeepers, no sockets, no asyncio, a clock only where one is injected:
+
+- `ConnectionCounts`: open and pending (admitted, not yet decided) connections per
+  sandbox, kept by the connection gate (proxy/gate.py), which admits, decides and
+  closes every connection whichever adapter holds it;
+- `TokenBuckets`: DNS queries per second per sandbox, kept by the DNS filter
+  (proxy/dns/server.py).
+
+A sandbox over a cap is denied with reason `sandbox_limit`; other sandboxes are not
+touched, because nothing here is shared between sandboxes but the totals the
+metrics read. Memory is bounded by the sandboxes in use: an entry goes when its
+sandbox holds nothing (counts) or has been idle long enough to be full (buckets).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sandgate.proxy.policy.model import Limits
+
+
+@dataclass(slots=True)
+class Held:
+    """What one sandbox holds: open connections, and those of them not yet decided."""
+
+    open: int = 0
+    pending: int = 0
+
+
+class ConnectionCounts:
+    """Open and pending connections per sandbox address, and their totals.
+
+    The gate calls `admit` when it lets a connection past connect, `decided` once
+    when it leaves the undecided phase, and `closed` once when it ends: the phases
+    (proxy/lifecycle.py) make each happen at most once per connection."""
+
+    def __init__(self) -> None:
+        self._by_sandbox: dict[str, Held] = {}
+        self.open = 0  # over all sandboxes: the metrics' gauge
+        self.pending = 0
+
+    def of(self, sandbox: str) -> Held:
+        """A copy of what `sandbox` holds (zeros for one that holds nothing)."""
+        held = self._by_sandbox.get(sandbox)
+        return Held(held.open, held.pending) if held else Held()
+
+    def full(self, sandbox: str, limits: Limits) -> str | None:
+        """Which cap a new connection of `sandbox` would exceed ("connections" or
+        "pending"), or None if it may be admitted."""
+        held = self._by_sandbox.get(sandbox)
+        if held is None:
+            return None
+        if held.open >= limits.connections:
+            return "connections"
+        if held.pending >= limits.pending:
+            return "pending"
+        return None
+
+    def admit(self, sandbox: str) -> None:
+        held = self._by_sandbox.get(sandbox)
+        if held is None:
+            held = self._by_sandbox[sandbox] = Held()
+        held.open += 1
+        held.pending += 1
+        self.open += 1
+        self.pending += 1
+
+    def decided(self, sandbox: str) -> None:
+        self._by_sandbox[sandbox].pending -= 1
+        self.pending -= 1
+
+    def closed(self, sandbox: str) -> None:
+        held = self._by_sandbox[sandbox]
+        held.open -= 1
+        self.open -= 1
+        if held.open == 0:
+            del self._by_sandbox[sandbox]
+
+    def __len__(self) -> int:
+        """Sandboxes that hold at least one connection."""
+        return len(self._by_sandbox)
+
+
+class TokenBuckets:
+    """One token bucket per key (a sandbox address): `rate` tokens a second, at most
+    `rate` saved, so a sandbox may burst a second's worth after a quiet second.
+
+    `clock` (seconds, monotonic) is injectable for tests. Buckets idle for a second
+    or more are full, the same as no bucket: `take` drops them once there are more
+    than `max_keys`, so the table stays as small as the sandboxes in use."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 1024):
+        self.clock = clock
+        self.max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: str, rate: int) -> bool:
+        """Take one token from `key`'s bucket: False if it is empty (over the rate)."""
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (rate, now))
+        tokens = min(rate, tokens + (now - at) * rate)
+        allowed = tokens >= 1
+        if allowed:
+            tokens -= 1
+        if key not in self._buckets and len(self._buckets) >= self.max_keys:
+            self._forget_idle(now)
+        self._buckets[key] = (tokens, now)
+        return allowed
+
+    def _forget_idle(self, now: float) -> None:
+        for key in [k for k, (_, at) in self._buckets.items() if now - at >= 1.0]:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
