@@ -56,6 +56,7 @@ from sandgate.proxy.policy import PolicyError, load_policy
 from sandgate.proxy.policy.builtin import builtin_rule
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.reload import PolicyReloader
 from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.metrics import Metrics
@@ -129,7 +130,6 @@ class GatewayService:
         self.started = time.monotonic()
         self.stopped = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
-        self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
     # --- life cycle -----------------------------------------------------------------
@@ -141,13 +141,11 @@ class GatewayService:
             await self._shutdown()
             raise RunError(str(e)) from None
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._spawn, self.reload("SIGHUP"))
+        self.reloader.install_sighup(loop)
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(
-                signum, self._spawn, self.drain(self.opts.grace, f"signal {signum}")
-            )
+            loop.add_signal_handler(signum, self._on_stop_signal, signum)
         self._spawn(self._watch_adopted())
-        self._spawn(self._watch_rules())
+        self._spawn(self.reloader.watch())
         print(
             f"sandgate gateway: serving on {self.opts.control} (policy {self.gateway.policy.hash}, "
             f"{len(self.sandboxes)} sandboxes re-adopted)",
@@ -186,6 +184,7 @@ class GatewayService:
             self.metrics,
             self,
         )
+        self.reloader = PolicyReloader([opts.rules], self.gateway)
         await self.gateway.start()
         await asyncio.to_thread(
             nft.apply_ruleset,
@@ -253,6 +252,9 @@ class GatewayService:
         self.metrics.stop()
         if self.audit is not None:
             self.audit.close()
+
+    def _on_stop_signal(self, signum: int) -> None:
+        self._spawn(self.drain(self.opts.grace, f"signal {signal.Signals(signum).name}"))
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -372,7 +374,7 @@ class GatewayService:
         if cmd == "sandboxes":
             return {"ok": True, "sandboxes": [a.to_dict() for a in self.sandboxes.values()]}
         if cmd == "reload":
-            return await self.reload(f"control socket, {peer}")
+            return await self.reload("control socket", peer)
         if cmd == "stop":
             grace = request.get("grace", self.opts.grace)
             if not isinstance(grace, int | float) or grace < 0:
@@ -385,12 +387,7 @@ class GatewayService:
         }
 
     def _open_connections(self) -> int:
-        counts = getattr(self.gateway.frontdoor, "open_connections", None)
-        return (
-            counts()
-            if callable(counts)
-            else len(getattr(self.gateway.frontdoor, "connections", ()))
-        )
+        return self.gateway.gate.counts.open
 
     # --- sandboxes --------------------------------------------------------------------------
 
@@ -647,71 +644,14 @@ class GatewayService:
 
     # --- reload and stop -----------------------------------------------------------------------
 
-    async def reload(self, actor: str) -> dict:
-        """Load the rules again; a broken file changes nothing (the last good policy stays)."""
-        async with self._reload_lock:
-            started = time.monotonic()
-            try:
-                policy = await asyncio.to_thread(load_policy, [self.opts.rules])
-            except PolicyError as e:
-                errors = [str(p) for p in e.problems]
-                log.error(
-                    "reload failed (%s), the running policy %s stays:\n%s",
-                    actor,
-                    self.gateway.policy.hash,
-                    "\n".join(errors),
-                )
-                self.gateway.emit(
-                    Event(
-                        kind=EventKind.POLICY,
-                        verdict=Verdict.DENY,
-                        reason=Reason.POLICY_INVALID,
-                        detail=f"reload failed ({actor}): {'; '.join(errors)}"[:1000],
-                    )
-                )
-                return {
-                    "ok": False,
-                    "error": "invalid rules, the running policy stays:\n" + "\n".join(errors),
-                    "errors": errors,
-                    "policy": self.gateway.policy.hash,
-                }
-            report = self._swap(policy)
-            self.gateway.emit(
-                Event(
-                    kind=EventKind.POLICY,
-                    verdict=Verdict.ALLOW,
-                    reason=Reason.POLICY_LOADED,
-                    detail=f"reloaded ({actor}): {policy.rule_count} rules, "
-                    f"{getattr(report, 'closed', 0)} connections closed"[:1000],
-                )
-            )
-            return {
-                "ok": True,
-                "policy": policy.hash,
-                "rules": policy.rule_count,
-                "ms": round((time.monotonic() - started) * 1000, 1),
-            }
-
-    def _swap(self, policy):
-        swap = getattr(self.gateway, "swap_policy", None)
-        if swap is not None:
-            return swap(policy)
-        self.gateway.policy = (
-            policy  # until the gateway swaps and re-decides open connections itself
-        )
-        self.gateway.gate.policy = policy
-        return None
-
-    async def _watch_rules(self, interval: float = 1.0) -> None:
-        """A change of any loaded rule file (includes and presets too) reloads."""
-        seen = _stamps(self.gateway.policy)
-        while not self.stopped.is_set():
-            await asyncio.sleep(interval)
-            if _stamps(self.gateway.policy) != seen:
-                await self.reload("a rule file changed")
-                seen = _stamps(
-                    self.gateway.policy
-                )  # a failed reload is not retried until the next change
+    async def reload(self, trigger: str, actor: str | None = None) -> dict:
+        """Load the rules again (off the loop); a broken file changes nothing: the last
+        good policy stays and the reply carries the errors (FILE:LINE:COL)."""
+        result = await self.reloader.reload(trigger, actor)
+        reply = {**result.to_dict(), "policy": result.policy_hash, "rules": result.rule_count}
+        if not result.ok:
+            reply["error"] = "invalid rules, the running policy stays:\n" + "\n".join(result.errors)
+        return reply
 
     async def drain(self, grace: float, actor: str) -> None:
         """No new sandboxes; running tasks finish, or are stopped after `grace` seconds."""
@@ -739,17 +679,6 @@ class GatewayService:
             while self.sandboxes and time.monotonic() < end:
                 await asyncio.sleep(0.05)
         self.stopped.set()
-
-
-def _stamps(policy) -> dict:
-    stamps = {}
-    for path in getattr(policy, "paths", ()) or [Path(f) for f in policy.files]:
-        try:
-            st = os.stat(path)
-            stamps[str(path)] = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            stamps[str(path)] = None
-    return stamps
 
 
 async def _reply_with_netns(writer: asyncio.StreamWriter, reply: dict, attached: Attached) -> None:

@@ -597,7 +597,9 @@ class ConnectionGate:
         was = state.phase
         state.phase = advance(was, step, target)
         if was is Phase.OPEN and target is not Phase.OPEN:
-            self.counts.decided(state.sandbox.address)  # no longer pending: once, OPEN is never re-entered
+            self.counts.decided(
+                state.sandbox.address
+            )  # no longer pending: once, OPEN is never re-entered
 
     def _fail(
         self, state: ConnState | None, error: Exception, started: float, fields: dict | None = None

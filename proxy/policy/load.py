@@ -558,9 +558,7 @@ class _Loader:
     def resolve(self, raw: dict[str, _RawProfile]) -> dict[str, CompiledProfile]:
         done: dict[str, tuple[list[Rule], Rule, dict[str, int]]] = {}
 
-        def effective(
-            name: str, chain: tuple[str, ...]
-        ) -> tuple[list[Rule], Rule, dict[str, int]]:
+        def effective(name: str, chain: tuple[str, ...]) -> tuple[list[Rule], Rule, dict[str, int]]:
             # Memoised: each profile is resolved once, so a cycle is reported once
             # (at the extends that closes it), and an include's errors once per include.
             if name in done:

@@ -70,7 +70,9 @@ def test_connections_over_the_sandboxes_limit_are_denied_and_released_after(net,
     assert len(r.events(kind="connection", reason="no_data")) == 20, r.describe()
     # Once they are closed, the sandbox has its share back.
     assert (r["after"].rc, r["after"].status) == (0, 200), r.describe()
-    assert r.verdicts(kind="connection", name="allowed.test") == {("allow", "rule_allow", "allowed")}
+    assert r.verdicts(kind="connection", name="allowed.test") == {
+        ("allow", "rule_allow", "allowed")
+    }
     seen = eventually(lambda: net.requests_seen(ALLOWED_IP), timeout=2.0)
     assert [(e["sni"], e["uri"]) for e in seen] == [("allowed.test", "/after")]
     assert r.returncode == 0

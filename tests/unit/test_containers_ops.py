@@ -157,9 +157,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
 
 def test_env_file_documents_every_option_and_sets_none():
     text = ENV_FILE.read_text()
-    assert not [
-        line for line in text.splitlines() if line.strip() and not line.startswith("#")
-    ], "the example must only comment: the unit's defaults stay in force"
+    assert not [line for line in text.splitlines() if line.strip() and not line.startswith("#")], (
+        "the example must only comment: the unit's defaults stay in force"
+    )
     assert {f for f in re.findall(r"--[a-z-]+", text)} >= GATEWAY_FLAGS
     assigned = set(re.findall(r"^#(SANDGATE_\w+)=", text, re.MULTILINE))
     assert assigned == set(_unit_environment())

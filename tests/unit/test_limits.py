@@ -90,7 +90,9 @@ def test_bad_values_name_file_line_col(tmp_path, value):
 
 @pytest.fixture
 def gate(tmp_path):
-    rules = GATE_RULES.replace("  default:\n", "  default:\n    limits: {connections: 3, pending: 2}\n")
+    rules = GATE_RULES.replace(
+        "  default:\n", "  default:\n    limits: {connections: 3, pending: 2}\n"
+    )
     gate = make_gate(tmp_path, rules=rules)
     gate.registry.add(Sandbox(OTHER, "task2", "default"))
     return gate
@@ -174,7 +176,9 @@ def test_every_way_a_connection_ends_releases_it_once(gate):
     gate.on_close(failed)
     # Handed to mitmproxy and adopted: the count moves with it, released at its close.
     http = connect(gate, 4)
-    assert gate.on_first_bytes(http, b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n") is Outcome.HTTP
+    assert (
+        gate.on_first_bytes(http, b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n") is Outcome.HTTP
+    )
     assert gate.hand_off(http)
     assert gate.adopt(4, "mitm-1") is http
     assert held(gate) == (1, 0)
@@ -201,7 +205,9 @@ def test_a_profiles_limits_follow_the_policy_in_force(gate, tmp_path):
     connect(gate, 1), connect(gate, 2)
     assert connect(gate, 3) is None
     # A reload (Gateway.swap_policy) raises the cap: the next connection is admitted.
-    gate.policy = load(tmp_path, GATE_RULES.replace("  default:\n", "  default:\n    limits: {pending: 3}\n"))
+    gate.policy = load(
+        tmp_path, GATE_RULES.replace("  default:\n", "  default:\n    limits: {pending: 3}\n")
+    )
     assert connect(gate, 4) is not None
     assert held(gate) == (3, 3)
 

@@ -116,8 +116,9 @@ def test_swap_closes_a_relayed_connection_the_new_policy_denies_and_keeps_one_it
     async def scenario():
         upstream = await asyncio.start_server(echo, LOOPBACK, 0)
         port = upstream.sockets[0].getsockname()[1]
-        tls_door, ssh_door = await door_to(gateway, TLS_DST, port), await door_to(
-            gateway, SSH_DST, port
+        tls_door, ssh_door = (
+            await door_to(gateway, TLS_DST, port),
+            await door_to(gateway, SSH_DST, port),
         )
         tls_reader, _ = await relayed(tls_door, hello)
         ssh_reader, ssh_writer = await relayed(ssh_door, ssh)
