@@ -16,6 +16,7 @@ from sandgate.proxy.policy import (
     parse_ip,
 )
 from sandgate.proxy.policy.model import HTTP_METHODS
+from sandgate.proxy.policy.names import parse_host_port
 
 
 def register(sub) -> None:
@@ -83,7 +84,10 @@ def parse_target(text: str, method: str | None, profile: str = "default"):
         host, port = url.hostname or "", _url_port(url)
         path = url.path or "/"
     else:
-        host, port = _split_host_port(text)
+        try:
+            host, port = parse_host_port(text, default_port=443)
+        except ValueError as e:
+            raise UsageError(f"bad port or host: {e}") from None
     ip = parse_ip(host)
     name = None
     if ip is None:
@@ -110,19 +114,3 @@ def _url_port(url) -> int:
         return url.port or (443 if url.scheme == "https" else 80)
     except ValueError as e:
         raise UsageError(f"bad port in URL: {e}") from None
-
-
-def _split_host_port(text: str) -> tuple[str, int]:
-    # The proxy/ split brings one host:port parser; this one can become a call to it.
-    if text.startswith("["):  # [v6]:port
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:  # bare host, or a bare IPv6 address
-        host, port_text = text, ""
-    if not port_text:
-        return host, 443
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise UsageError(f"bad port {port_text!r} (1 to 65535)")
-    return host, int(port_text)
