@@ -245,3 +245,118 @@ def test_gateway_stop_drains(service, net, tmp_path):
         if runner.poll() is None:
             runner.kill()
     assert not service.control.exists()
+
+
+FAIRNESS_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: web-allowed
+  hog:
+    limits: {connections: 50, pending: 50}
+    rules:
+      - allow: allowed.test
+        id: hog-allowed
+"""
+
+# A thousand idle connections, held open (nothing sent: each waits undecided).
+HOG = """
+import socket, time
+address = socket.getaddrinfo("allowed.test", 443, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+held = []
+for _ in range(1000):
+    try:
+        held.append(socket.create_connection(address, timeout=2))
+    except OSError:
+        pass
+open("{up}", "w").write(str(len(held)))
+time.sleep(8)
+"""
+
+
+def test_one_sandbox_flooding_connections_does_not_slow_another(net, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(FAIRNESS_RULES)
+    gateway = GatewayProcess(net, tmp_path, rules).start()
+    shared, rw = sandbox.shared_dir(tmp_path)
+    hog_dir = sandbox._workdir(tmp_path)
+    hog = subprocess.Popen(
+        attach_argv(
+            gateway,
+            hog_dir,
+            ["python3", "-c", HOG.format(up=shared / "up")],
+            profile="hog",
+            extra=rw,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert eventually(lambda: (shared / "up").exists(), timeout=60), hog.stderr
+        # While the hog holds its share, the other sandbox gets every request through, quickly.
+        polite = attach(
+            gateway,
+            tmp_path,
+            {f"get{i}": curl("https://allowed.test/", timeout=5) for i in range(20)},
+        )
+        assert all(_status(polite, f"get{i}") == "200" for i in range(20)), polite.describe()
+        assert max(polite[f"get{i}"].ms for i in range(20)) < 2000, polite.describe()
+        assert not polite.events(reason="sandbox_limit")
+        hog_events = [
+            e for e in gateway.events(reason="sandbox_limit") if e.get("profile") == "hog"
+        ]
+        assert len(hog_events) >= 900, len(hog_events)  # the rest of its thousand, each recorded
+        assert {e["rule_id"] for e in hog_events} <= {
+            "builtin:sandbox-connections",
+            "builtin:sandbox-pending",
+        }
+    finally:
+        hog.wait(60)
+        gateway.stop()
+
+
+# One TLS connection to allowed.test, kept open; writes "closed" once the gateway ends it.
+HOLD_TLS = """
+import socket, ssl, time
+ctx = ssl.create_default_context()
+with socket.create_connection(("allowed.test", 443), timeout=30) as raw:
+    tls = ctx.wrap_socket(raw, server_hostname="allowed.test")
+    open("{up}", "w").write("up")
+    tls.settimeout(30)
+    try:
+        data = tls.recv(1)
+    except OSError as e:
+        data = b""
+    open("{done}", "w").write("closed" if not data else "data")
+"""
+
+
+def test_a_rule_edit_closes_an_open_connection_the_new_rules_deny(service, net, tmp_path):
+    shared, rw = sandbox.shared_dir(tmp_path)
+    up, done = shared / "up", shared / "done"
+    workdir = sandbox._workdir(tmp_path)
+    runner = subprocess.Popen(
+        attach_argv(
+            service, workdir, ["python3", "-c", HOLD_TLS.format(up=up, done=done)], extra=rw
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert eventually(up.exists, timeout=20), runner.stderr
+        assert not done.exists()
+        service.rules.write_text(TWO_PROFILES.replace("allow: allowed.test", "deny: allowed.test"))
+        assert eventually(done.exists, timeout=10), "the gateway did not close the connection"
+        assert done.read_text() == "closed"
+        # The audit writer is off the loop: give it a moment to write the line.
+        assert eventually(lambda: service.events(reason="policy_changed"), timeout=5), [
+            (e["kind"], e["reason"], e.get("name")) for e in service.events()
+        ]
+        changed = service.events(reason="policy_changed")
+        assert changed[0]["name"] == "allowed.test" and changed[0]["verdict"] == "deny", changed
+    finally:
+        runner.wait(30)
