@@ -142,6 +142,7 @@ def _prepare(
         file_binds=binds,
         hidden=hidden,
         protected=spec.protected_paths(list(STATE_DIRS)),
+        seccomp_cache=STATE_DIRS[0] / "cache",
     )
 
 

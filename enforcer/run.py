@@ -292,6 +292,7 @@ class TaskRun:
                 hidden=hidden,
                 protected=spec.protected_paths(state),
                 probe=opts.probe,
+                seccomp_cache=STATE_DIR / "cache",
             )
         except spec.SandboxError as e:
             raise RunError(str(e)) from None

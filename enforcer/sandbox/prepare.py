@@ -112,6 +112,7 @@ def prepare(
     hidden: list[Path],
     protected: list[Path],
     probe: str | None = None,
+    seccomp_cache: Path | None = None,  # root-only, out of the task's view (STATE_DIR/cache)
 ) -> PreparedSandbox:
     """Everything the sandbox init needs, in `run_dir` (root-only). Raises
     spec.SandboxError (with the fix) for a missing feature unless opts.allow_weaker."""
@@ -128,7 +129,8 @@ def prepare(
     program_path = None
     if "seccomp" not in missing:
         program_path = run_dir / "seccomp.bpf"
-        program_path.write_bytes(seccomp.build_filter())
+        # Cached beside sandgate's state (root-only, hidden from tasks): ~2 ms, not ~13.
+        program_path.write_bytes(seccomp.build_filter(cache_dir=seccomp_cache))
     task_cgroup = None
     if "cgroup" not in missing and limits.controllers():
         try:
