@@ -258,7 +258,7 @@ def parse_proc_cgroup(text: str) -> dict[str, str]:
     return paths
 
 
-PRIVATE_MOUNTS = "/run/sandgate/cgroupfs"
+PRIVATE_MOUNTS = "/run/sandgate-cgroupfs"  # not in RUN_DIR, where every folder is a run
 
 
 def _host_fs() -> CgroupFS:
