@@ -70,9 +70,16 @@ def run_attached(opts: AttachOptions) -> int:
     for gap in prepared.gaps:
         _warn_weakened(client, gap)
     gaps_sent = len(prepared.gaps)
-    child = subprocess.Popen(
-        prepared.argv(), pass_fds=(prepared.report_w, *client.fds), preexec_fn=_die_with_parent
-    )
+    try:
+        child = subprocess.Popen(
+            prepared.argv(), pass_fds=(prepared.report_w, *client.fds), preexec_fn=_die_with_parent
+        )
+    except OSError as e:
+        prepared.started()
+        prepared.finish()  # the cgroup goes with the run that never started
+        _detach(client, run_id, None, quiet=True)
+        print(f"sandgate: cannot start the sandbox: {e}", file=sys.stderr)
+        return EXIT_SETUP
     prepared.started()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda s, _f: child.poll() is None and child.send_signal(s))
@@ -205,7 +212,7 @@ def _warn_weakened(client, gap: prepare.Gap) -> None:
         "event",
         what="weakened",
         name=gap.feature,
-        detail=f"the sandbox runs without {gap.feature}: {gap.why}",
+        detail=gap.why,
     )
 
 

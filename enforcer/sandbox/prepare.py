@@ -72,10 +72,14 @@ class PreparedSandbox:
         """Which limits the task hit; the cgroup (and anything left in it) goes."""
         if self.cgroup is None:
             return []
+        hits = []
+        with contextlib.suppress(cgroup.CgroupError):  # unreadable counters: no limit to report
+            hits = self.cgroup.limits_hit()
         try:
-            return self.cgroup.limits_hit()
-        finally:
             self.cgroup.remove()
+        except cgroup.CgroupError as e:  # the task is gone either way; never stop the teardown
+            print(f"sandgate: warning: {e} (`sandgate gc` removes it later)", file=sys.stderr)
+        return hits
 
 
 def missing_features(limits: cgroup.Limits) -> list[Gap]:
@@ -131,14 +135,6 @@ def prepare(
         program_path = run_dir / "seccomp.bpf"
         # Cached beside sandgate's state (root-only, hidden from tasks): ~2 ms, not ~13.
         program_path.write_bytes(seccomp.build_filter(cache_dir=seccomp_cache))
-    task_cgroup = None
-    if "cgroup" not in missing and limits.controllers():
-        try:
-            task_cgroup = cgroup.TaskCgroup.create(f"sandgate-{run_id}", limits)
-        except cgroup.CgroupError as e:
-            if not opts.allow_weaker:
-                raise spec.SandboxError(f"cannot set the task's limits: {e}") from None
-            gaps.append(Gap("cgroup", str(e)))
     view = spec.file_view(opts, protected=protected, hidden=hidden, file_binds=file_binds)
     report_r, report_w = os.pipe()
     os.set_inheritable(report_w, True)
@@ -156,7 +152,7 @@ def prepare(
         binds=view["binds"],
         hide=view["hide"],
         writable=view["writable"],
-        cgroup_procs=task_cgroup.procs_files if task_cgroup else [],
+        cgroup_procs=[],  # below: the cgroup is made last, so nothing can fail and leave it
         seccomp=str(program_path) if program_path else None,
         userns="user-namespace" not in missing,
         allow_weaker=opts.allow_weaker,
@@ -169,6 +165,22 @@ def prepare(
     ).to_dict()
     if probe:
         document["probe"] = probe
-    spec_path = run_dir / "sandbox.json"
-    spec_path.write_text(json.dumps(document))
+    task_cgroup = None
+    try:
+        if "cgroup" not in missing and limits.controllers():
+            try:
+                task_cgroup = cgroup.TaskCgroup.create(f"sandgate-{run_id}", limits)
+            except cgroup.CgroupError as e:
+                if not opts.allow_weaker:
+                    raise spec.SandboxError(f"cannot set the task's limits: {e}") from None
+                gaps.append(Gap("cgroup", str(e)))
+        document["cgroup_procs"] = task_cgroup.procs_files if task_cgroup else []
+        spec_path = run_dir / "sandbox.json"
+        spec_path.write_text(json.dumps(document))
+    except BaseException:
+        os.close(report_r)
+        os.close(report_w)
+        if task_cgroup is not None:
+            task_cgroup.remove()
+        raise
     return PreparedSandbox(spec_path, report_r, report_w, task_cgroup, gaps)

@@ -318,3 +318,32 @@ def test_sandbox_leaves_no_process_mount_or_cgroup(net, tmp_path):
     assert _sandgate_mounts(r.run_id) == []
     assert not [p for p in Path("/sys/fs/cgroup").glob(f"*/**/sandgate-{r.run_id}")]
     assert not sandbox.processes_of(r.run_id)
+
+
+def _task_cgroups(run_id: str) -> list[Path]:
+    return [p for p in Path("/sys/fs/cgroup").glob(f"*/**/sandgate-{run_id}")]
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        pytest.param(["/nonexistent-sg-command"], 127, id="command-not-found"),
+        pytest.param(["sh", "-c", "kill -KILL $$"], 137, id="task-killed"),
+    ],
+)
+def test_a_failed_task_leaves_no_cgroup(net, tmp_path, command, code):
+    r = sandbox.run(net, tmp_path, command=command)
+    assert r.returncode == code, r.describe()
+    assert not _task_cgroups(r.run_id)
+
+
+def test_gc_removes_an_empty_task_cgroup_that_no_run_owns(net):
+    from sandgate.enforcer.sandbox.cgroup import Limits, TaskCgroup
+
+    orphan_id = secrets.token_hex(4)
+    TaskCgroup.create(f"sandgate-{orphan_id}", Limits(memory_bytes=64 << 20, pids=16))
+    assert _task_cgroups(orphan_id)
+    removed = sandbox.gc(net)
+    assert removed.returncode == 0, removed.stderr
+    assert f"sandgate-{orphan_id}" in removed.stdout
+    assert not _task_cgroups(orphan_id)
