@@ -28,10 +28,10 @@ from sandgate.enforcer import netns, nft
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
 from sandgate.proxy.gateway import Gateway, GatewayConfig
 from sandgate.proxy.policy import CompiledPolicy
-from sandgate.proxy.policy.builtin import builtin_rule
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.telemetry import task_events
 from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.metrics import Metrics
@@ -53,9 +53,6 @@ CA_ENV_VARS = (
     "CURL_CA_BUNDLE",
 )
 EXIT_SETUP = 125
-
-
-FIREWALL_RULE = builtin_rule("firewall")
 
 
 class RunError(Exception):
@@ -100,6 +97,21 @@ def default_dns_upstreams(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[
     return [
         parts[1] for line in lines if len(parts := line.split()) >= 2 and parts[0] == "nameserver"
     ]
+
+
+def dns_upstreams(given: list[str]) -> list[str]:
+    """The resolvers the DNS filter forwards to: as given, else the host's."""
+    upstreams = given or default_dns_upstreams()
+    if not upstreams:
+        raise RunError("no DNS upstream: pass --dns-upstream IP (none found in /etc/resolv.conf)")
+    return upstreams
+
+
+def open_audit_log(path: Path) -> AuditLog:
+    try:
+        return AuditLog(path)
+    except AuditLogError as e:
+        raise RunError(f"{e} (--audit-log FILE picks another place)") from None
 
 
 def _pick_addresses(pool_text: str):
@@ -166,15 +178,8 @@ class TaskRun:
             raise RunError(
                 f"no profile {opts.profile!r} in the rules (profiles: {', '.join(opts.policy.profiles)})"
             )
-        upstreams = opts.dns_upstreams or default_dns_upstreams()
-        if not upstreams:
-            raise RunError(
-                "no DNS upstream: pass --dns-upstream IP (none found in /etc/resolv.conf)"
-            )
-        try:
-            self.audit = AuditLog(self.audit_path)
-        except AuditLogError as e:
-            raise RunError(f"{e} (--audit-log FILE picks another place)") from None
+        upstreams = dns_upstreams(opts.dns_upstreams)
+        self.audit = open_audit_log(self.audit_path)
         self.summary.telemetry["audit_log"] = str(self.audit_path)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "pid").write_text(str(os.getpid()))
@@ -337,14 +342,10 @@ class TaskRun:
                         file=sys.stderr,
                     )
             limits_hit = await asyncio.to_thread(self.sandbox.finish)
-        if self.net is not None:
-            await asyncio.to_thread(netns.destroy_sandbox_net, self.run_id)
-        counters: dict[str, int] = {}
-        with contextlib.suppress(nft.NftError):
-            counters = await asyncio.to_thread(nft.read_counters, self.table)
-            self.summary.firewall_drops(counters)
-        with contextlib.suppress(nft.NftError):
-            await asyncio.to_thread(nft.delete_table, self.table)
+        counters = await asyncio.to_thread(
+            unwire, self.run_id, self.table, had_net=self.net is not None
+        )
+        self.summary.firewall_drops(counters)
         if self.gateway is not None:
             for gap in self.sandbox.gaps[self._gaps_reported :] if self.sandbox else []:
                 self._emit_weakened(gap)
@@ -365,63 +366,32 @@ class TaskRun:
         """A protection this run goes without (--allow-weaker-sandbox): said and recorded."""
         self._gaps_reported += 1
         print(f"sandgate: warning: weaker sandbox: no {gap.feature}: {gap.why}", file=sys.stderr)
-        rule = builtin_rule(f"weakened-{gap.feature}")
-        self.gateway.emit(
-            Event(
-                kind=EventKind.TASK,
-                verdict=Verdict.AUDIT,
-                reason=Reason.SANDBOX_WEAKENED,
-                rule_id=rule.id,
-                rule_origin=rule.origin,
-                detail=f"the sandbox runs without {gap.feature}: {gap.why}"[:1000],
-                **self._task_fields(),
-            )
-        )
+        self.gateway.emit(task_events.sandbox_weakened(gap.feature, gap.why, **self._task_fields()))
 
     def _emit_limit(self, hit) -> None:
-        rule = builtin_rule(f"limit-{hit.limit}")
         self.summary.task.setdefault("limits_hit", []).append(hit.limit)
-        self.gateway.emit(
-            Event(
-                kind=EventKind.TASK,
-                verdict=Verdict.DENY,
-                reason=Reason.TASK_LIMIT,
-                rule_id=rule.id,
-                rule_origin=rule.origin,
-                detail=f"the task hit its {hit.limit} limit {hit.count} times: {hit.detail}"[:1000],
-                **self._task_fields(),
-            )
-        )
+        detail = f"the task hit its {hit.limit} limit {hit.count} times: {hit.detail}"
+        self.gateway.emit(task_events.task_limit(hit.limit, detail, **self._task_fields()))
 
     def _emit_task_end(self, counters: dict[str, int], duration: float) -> None:
         """The kernel's drops (one event per counter that counted), then the task's end."""
-        common = self._task_fields()
-        for name, packets in sorted(counters.items()):
-            if packets:
-                kind = name.removeprefix("dropped_")
-                self.gateway.emit(
-                    Event(
-                        kind=EventKind.TASK,
-                        verdict=Verdict.DENY,
-                        reason=Reason.DROPPED_BY_FIREWALL,
-                        rule_id=FIREWALL_RULE.id,
-                        rule_origin=FIREWALL_RULE.origin,
-                        protocol=kind if kind in ("udp", "icmp", "ipv6") else None,
-                        detail=f"the firewall dropped {packets} packets ({name})",
-                        **common,
-                    )
-                )
+        for event in task_events.firewall_drops(counters, **self._task_fields()):
+            self.gateway.emit(event)
         ended = "was not started" if self.exit_code is None else f"exit code {self.exit_code}"
-        self.gateway.emit(
-            Event(
-                kind=EventKind.TASK,
-                verdict=Verdict.ALLOW,
-                reason=Reason.RULE_ALLOW,
-                detail=f"task ended: {ended}",
-                duration=round(duration, 6),
-                **common,
-            )
-        )
+        self.gateway.emit(task_events.task_ended(ended, duration, **self._task_fields()))
+
+
+def unwire(run_id: str, table: str, *, had_net: bool = True) -> dict[str, int]:
+    """A sandbox's network and table go, in that order (the sandbox never exists without
+    its table); returns the table's drop counters, read just before it goes."""
+    if had_net:
+        netns.destroy_sandbox_net(run_id)
+    counters: dict[str, int] = {}
+    with contextlib.suppress(nft.NftError):
+        counters = nft.read_counters(table)
+    with contextlib.suppress(nft.NftError):
+        nft.delete_table(table)
+    return counters
 
 
 def _die_with_parent() -> None:
@@ -463,30 +433,40 @@ def gc(dry_run: bool = False) -> list[str]:
     so a `sandgate_*` table here with no live run is this host's leftover too.
     """
     removed = []
+
+    def drop(what: str, action) -> None:
+        if not dry_run:
+            action()
+        removed.append(what)
+
     # A sandbox of a live gateway service is the service's to remove, whatever its runner.
     runs = {d.name: _alive(d / "pid") or _service_alive(d) for d in RUN_DIR.glob("*") if d.is_dir()}
     live = {run_id for run_id, alive in runs.items() if alive}
-    for run_id in sorted(set(runs) - live):
-        if run_id in netns.list_sandbox_nets():
-            if not dry_run:
-                netns.destroy_sandbox_net(run_id)
-            removed.append(f"netns {netns.netns_name(run_id)}")
+    dead = set(runs) - live
+    for run_id in sorted(dead & set(netns.list_sandbox_nets())):
+        drop(f"netns {netns.netns_name(run_id)}", lambda r=run_id: netns.destroy_sandbox_net(r))
     for table in nft.list_tables(TABLE_PREFIX):
         if table[len(TABLE_PREFIX) :] not in live:
-            if not dry_run:
-                nft.delete_table(table)
-            removed.append(f"nft table {table}")
-    # Only cgroups of runs proven dead: leftovers() also lists live runs' cgroups.
+            drop(f"nft table {table}", lambda t=table: nft.delete_table(t))
+    # leftovers() lists live runs' cgroups too: only a dead run's, or an empty one that no
+    # run owns (every run has its state dir for as long as its cgroup exists).
     for path in cgroup.leftovers():
-        if Path(path).name.removeprefix(cgroup.PREFIX) in set(runs) - live:
-            if not dry_run:
-                cgroup.remove_path(path)
-            removed.append(f"cgroup {path}")
-    for run_id in sorted(set(runs) - live):
-        if not dry_run:
-            shutil.rmtree(RUN_DIR / run_id, ignore_errors=True)
-        removed.append(f"state {RUN_DIR / run_id}")
+        run_id = Path(path).name.removeprefix(cgroup.PREFIX)
+        if run_id in dead or (run_id not in runs and _empty_cgroup(path)):
+            drop(f"cgroup {path}", lambda p=path: cgroup.remove_path(p))
+    for run_id in sorted(dead):
+        drop(
+            f"state {RUN_DIR / run_id}",
+            lambda r=run_id: shutil.rmtree(RUN_DIR / r, ignore_errors=True),
+        )
     return removed
+
+
+def _empty_cgroup(path: str) -> bool:
+    try:
+        return not Path(path, "cgroup.procs").read_text().strip()
+    except OSError:
+        return False
 
 
 def _service_alive(run_dir: Path) -> bool:

@@ -41,7 +41,6 @@ from sandgate.enforcer import control, netns, nft
 from sandgate.enforcer.run import (
     AUDIT_DIR,
     CA_ENV_VARS,
-    FIREWALL_RULE,
     RUN_DIR,
     STATE_DIR,
     SYSTEM_CA_BUNDLE,
@@ -49,15 +48,17 @@ from sandgate.enforcer.run import (
     RunError,
     _pick_addresses,
     _write_ca_bundle,
-    default_dns_upstreams,
+    dns_upstreams,
+    open_audit_log,
+    unwire,
 )
 from sandgate.proxy.gateway import Gateway, GatewayConfig
 from sandgate.proxy.policy import PolicyError, load_policy
-from sandgate.proxy.policy.builtin import builtin_rule
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import PolicyReloader
-from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError
+from sandgate.proxy.telemetry import task_events
+from sandgate.proxy.telemetry.audit import AuditLog
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.metrics import Metrics
 from sandgate.proxy.telemetry.summary import TaskSummary
@@ -159,18 +160,13 @@ class GatewayService:
     async def _start(self) -> None:
         opts = self.opts
         policy = await asyncio.to_thread(load_policy, [opts.rules])
-        upstreams = opts.dns_upstreams or default_dns_upstreams()
-        if not upstreams:
-            raise RunError(
-                "no DNS upstream: pass --dns-upstream IP (none found in /etc/resolv.conf)"
-            )
-        try:
-            self.audit = AuditLog(opts.audit_log)
-        except AuditLogError as e:
-            raise RunError(f"{e} (--audit-log FILE picks another place)") from None
+        upstreams = dns_upstreams(opts.dns_upstreams)
+        self.audit = open_audit_log(opts.audit_log)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         RUN_DIR.mkdir(parents=True, exist_ok=True)
-        upstream_ca = RUN_DIR / "gateway-upstream-ca.pem"
+        upstream_ca = (
+            STATE_DIR / "gateway-upstream-ca.pem"
+        )  # state, not a run: RUN_DIR holds runs only
         _write_ca_bundle(upstream_ca, opts.extra_ca)
         self.gateway = Gateway(
             GatewayConfig(
@@ -495,38 +491,20 @@ class GatewayService:
 
     def _runner_event(self, attached: Attached, request: dict) -> dict:
         """What only the runner sees: a limit its task hit, a protection it went without."""
-        what = request.get("what")
-        name = str(request.get("name", ""))[:40]
+        what, name = request.get("what"), str(request.get("name", ""))[:40]
         detail = str(request.get("detail", ""))[:900]
-        if what == "limit" and name in ("memory", "pids", "cpus"):
-            reason, verdict, rule = Reason.TASK_LIMIT, Verdict.DENY, builtin_rule(f"limit-{name}")
+        where = {
+            "task_id": attached.run_id,
+            "sandbox": attached.address,
+            "profile": attached.profile,
+        }
+        if what == "limit" and name in task_events.LIMITS:
             attached.summary.task.setdefault("limits_hit", []).append(name)
-        elif what == "weakened" and name in (
-            "user-namespace",
-            "seccomp",
-            "cgroup",
-            "idmapped-mount",
-        ):
-            reason, verdict, rule = (
-                Reason.SANDBOX_WEAKENED,
-                Verdict.AUDIT,
-                builtin_rule(f"weakened-{name}"),
-            )
+            self.gateway.emit(task_events.task_limit(name, detail, **where))
+        elif what == "weakened" and name in task_events.SANDBOX_FEATURES:
+            self.gateway.emit(task_events.sandbox_weakened(name, detail, **where))
         else:
             return {"ok": False, "error": "event: unknown kind"}
-        self.gateway.emit(
-            Event(
-                kind=EventKind.TASK,
-                verdict=verdict,
-                reason=reason,
-                rule_id=rule.id,
-                rule_origin=rule.origin,
-                detail=detail,
-                task_id=attached.run_id,
-                sandbox=attached.address,
-                profile=attached.profile,
-            )
-        )
         return {"ok": True}
 
     async def _detach(self, attached: Attached, request: dict, peer: str) -> dict:
@@ -538,49 +516,24 @@ class GatewayService:
     async def _remove(self, attached: Attached, why: str) -> None:
         """The reverse of _attach, each step on its own: a leftover never blocks the rest."""
         self.sandboxes.pop(attached.run_id, None)
-        if attached.address:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(netns.destroy_sandbox_net, attached.run_id)
         counters: dict[str, int] = {}
-        with contextlib.suppress(nft.NftError):
-            counters = await asyncio.to_thread(nft.read_counters, attached.table)
-        with contextlib.suppress(nft.NftError):
-            await asyncio.to_thread(nft.delete_table, attached.table)
+        with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
+            counters = await asyncio.to_thread(
+                unwire, attached.run_id, attached.table, had_net=bool(attached.address)
+            )
         if attached.address:
             self.gateway.remove_sandbox(attached.address)
         attached.summary.firewall_drops(counters)
         duration = time.time() - attached.started
         attached.summary.task_ended(attached.run_id, duration)
-        common = {
+        where = {
             "task_id": attached.run_id,
             "sandbox": attached.address or None,
             "profile": attached.profile,
         }
-        for name, packets in sorted(counters.items()):
-            if packets:
-                kind = name.removeprefix("dropped_")
-                self.gateway.emit(
-                    Event(
-                        kind=EventKind.TASK,
-                        verdict=Verdict.DENY,
-                        reason=Reason.DROPPED_BY_FIREWALL,
-                        rule_id=FIREWALL_RULE.id,
-                        rule_origin=FIREWALL_RULE.origin,
-                        protocol=kind if kind in ("udp", "icmp", "ipv6") else None,
-                        detail=f"the firewall dropped {packets} packets ({name})",
-                        **common,
-                    )
-                )
-        self.gateway.emit(
-            Event(
-                kind=EventKind.TASK,
-                verdict=Verdict.ALLOW,
-                reason=Reason.RULE_ALLOW,
-                detail=f"task ended: {why}",
-                duration=round(duration, 6),
-                **common,
-            )
-        )
+        for event in task_events.firewall_drops(counters, **where):
+            self.gateway.emit(event)
+        self.gateway.emit(task_events.task_ended(why, duration, **where))
         shutil.rmtree(attached.dir, ignore_errors=True)
 
     # --- restarts -----------------------------------------------------------------------------

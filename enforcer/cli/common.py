@@ -3,11 +3,12 @@ CLI prints as one line, and loading a rule file for a command."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from sandgate.proxy.policy import CompiledPolicy, PolicyError, load_policy
+from sandgate.proxy.policy import DEFAULT_RULES, CompiledPolicy, PolicyError, load_policy
 
 EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
 EXIT_SETUP = (
@@ -45,3 +46,65 @@ def load_rules(path: str | Path, consequence: str) -> CompiledPolicy:
         return load_policy([Path(path)])
     except PolicyError as e:
         raise UsageError(f"invalid rules, {consequence}:\n{e}") from None
+
+
+METRICS_DEFAULT = "127.0.0.1:9464"
+
+
+def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> None:
+    """The gateway's options, with the same names for an embedded gateway (`sandgate run`)
+    and the service (`sandgate gateway`)."""
+    parser.add_argument(
+        "--rules",
+        default=str(DEFAULT_RULES),
+        metavar="FILE",
+        help="rule file (default: the shipped default rules)",
+    )
+    parser.add_argument(
+        "--dns-upstream",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="resolver the DNS filter forwards to (default: the host's resolv.conf)",
+    )
+    parser.add_argument(
+        "--extra-ca",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="also trust this CA (PEM) in the sandboxes and for upstreams, e.g. a corporate CA",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default=METRICS_DEFAULT,
+        metavar="HOST:PORT",
+        help=f"serve Prometheus /metrics here (default {METRICS_DEFAULT}; 'off' for none). "
+        "A port in use is a warning, not an error",
+    )
+    parser.add_argument("--audit-log", type=Path, metavar="FILE", help=audit_help)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log the gateway's steps on stderr"
+    )
+
+
+def gateway_settings(args: argparse.Namespace, log_prefix: str) -> tuple[str, int] | None:
+    """Logging on stderr, the --extra-ca files checked, and --metrics-listen parsed
+    (None: no /metrics). UsageError names the option."""
+    import logging
+
+    from sandgate.proxy.telemetry.metrics import parse_listen
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format=f"{log_prefix}: %(levelname)s %(name)s: %(message)s",
+    )
+    for ca in args.extra_ca:
+        if not ca.is_file():
+            raise UsageError(f"--extra-ca {ca}: no such file")
+    if args.metrics_listen.lower() in ("off", "none", ""):
+        return None
+    try:
+        return parse_listen(args.metrics_listen)
+    except ValueError as e:
+        raise UsageError(f"--metrics-listen: {e}") from None

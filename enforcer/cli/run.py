@@ -9,7 +9,15 @@ import os
 import sys
 from pathlib import Path
 
-from sandgate.enforcer.cli.common import SetupError, UsageError, load_rules, setup_errors
+from sandgate.enforcer.cli.common import (
+    METRICS_DEFAULT,
+    SetupError,
+    UsageError,
+    add_gateway_options,
+    gateway_settings,
+    load_rules,
+    setup_errors,
+)
 from sandgate.enforcer.control import DEFAULT_SOCKET
 from sandgate.enforcer.sandbox import options as sandbox_options
 from sandgate.proxy.policy import DEFAULT_RULES
@@ -18,50 +26,17 @@ from sandgate.proxy.policy import DEFAULT_RULES
 def register(sub) -> None:
     run = sub.add_parser("run", help="run a command in a sandbox whose only way out is the gateway")
     run.add_argument(
-        "--rules",
-        default=str(DEFAULT_RULES),
-        metavar="FILE",
-        help="rule file (default: the shipped default rules)",
-    )
-    run.add_argument(
         "--profile", default="default", help="profile the sandbox is held to (default: default)"
     )
-    run.add_argument(
-        "--dns-upstream",
-        action="append",
-        default=[],
-        metavar="IP",
-        help="resolver the DNS filter forwards to (default: the host's resolv.conf)",
-    )
-    run.add_argument(
-        "--audit-log",
-        type=Path,
-        metavar="FILE",
-        help="append the run's events as hash-chained JSON lines to FILE "
+    add_gateway_options(
+        run,
+        audit_help="append the run's events as hash-chained JSON lines to FILE "
         "(default: $SANDGATE_STATE_DIR/audit/<run id>.jsonl, /var/lib/sandgate/audit/...)",
-    )
-    run.add_argument(
-        "--metrics-listen",
-        default="127.0.0.1:9464",
-        metavar="HOST:PORT",
-        help="serve Prometheus /metrics here while the task runs (default 127.0.0.1:9464; "
-        "'off' for none). A port in use is a warning, not an error",
     )
     run.add_argument(
         "--summary-json", type=Path, metavar="FILE", help="write the task summary as JSON to FILE"
     )
-    run.add_argument(
-        "--extra-ca",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="PEM",
-        help="also trust this CA (PEM) in the sandbox and for upstreams, e.g. a corporate CA",
-    )
     run.add_argument("-q", "--quiet", action="store_true", help="no summary table on stderr")
-    run.add_argument(
-        "-v", "--verbose", action="store_true", help="log the gateway's steps on stderr"
-    )
     run.add_argument(
         "--gateway",
         nargs="?",
@@ -80,24 +55,8 @@ def register(sub) -> None:
 def cmd_run(args) -> int:
     if args.gateway is not None:
         return _run_attached(args)
-    import logging
-
-    from sandgate.proxy.telemetry.metrics import parse_listen
-
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="sandgate: %(levelname)s %(name)s: %(message)s",
-    )
+    metrics_listen = gateway_settings(args, "sandgate")
     policy = load_rules(args.rules, "nothing was run")
-    for ca in args.extra_ca:
-        if not ca.is_file():
-            raise UsageError(f"--extra-ca {ca}: no such file")
-    metrics_listen = None
-    if args.metrics_listen.lower() not in ("off", "none", ""):
-        try:
-            metrics_listen = parse_listen(args.metrics_listen)
-        except ValueError as e:
-            raise UsageError(f"--metrics-listen: {e}") from None
     with setup_errors():
         from sandgate.enforcer.run import RUN_DIR, STATE_DIR, RunOptions, check_prerequisites, run
         from sandgate.enforcer.sandbox.spec import SandboxError
@@ -124,6 +83,8 @@ def cmd_run(args) -> int:
         )
     # Everything is torn down, written and closed by now. Skip the interpreter's
     # finalisation (~300 ms freeing mitmproxy's modules) at the end of every task.
+    import logging
+
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -135,7 +96,7 @@ SERVICE_OWNED = {
     "rules": str(DEFAULT_RULES),
     "dns_upstream": [],
     "audit_log": None,
-    "metrics_listen": "127.0.0.1:9464",
+    "metrics_listen": METRICS_DEFAULT,
     "extra_ca": [],
 }
 
