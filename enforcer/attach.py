@@ -14,12 +14,12 @@ runner's connection closes for good.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sandgate.enforcer import control
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
+from sandgate.enforcer.sandbox import init as sandbox_init
 
 STATE_DIRS = (
     Path(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate")),
@@ -71,15 +72,14 @@ def run_attached(opts: AttachOptions) -> int:
         _warn_weakened(client, gap)
     gaps_sent = len(prepared.gaps)
     try:
-        child = subprocess.Popen(
-            prepared.argv(), pass_fds=(prepared.report_w, *client.fds), preexec_fn=_die_with_parent
-        )
+        child = ForkedInit(prepared.spec_path, keep=(*prepared.init_fds, *client.fds))
     except OSError as e:
         prepared.started()
         prepared.finish()  # the cgroup goes with the run that never started
         _detach(client, run_id, None, quiet=True)
         print(f"sandgate: cannot start the sandbox: {e}", file=sys.stderr)
         return EXIT_SETUP
+    prepared.join(child.pid)
     prepared.started()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda s, _f: child.poll() is None and child.send_signal(s))
@@ -150,10 +150,11 @@ def _prepare(
         hidden=hidden,
         protected=spec.protected_paths(list(STATE_DIRS)),
         seccomp_cache=STATE_DIRS[0] / "cache",
+        runner_joins=True,
     )
 
 
-def _wait(child: subprocess.Popen, client, path: Path, run_id: str):
+def _wait(child: ForkedInit, client, path: Path, run_id: str):
     """Until the task ends; keeps (or regains) the service. Returns the client, or None."""
     pidfd = os.pidfd_open(child.pid)
     try:
@@ -241,5 +242,60 @@ def _print_summary(summary: dict, reply: dict) -> None:
     TaskSummary.from_dict(summary).print_table(sys.stderr)
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+class ForkedInit:
+    """The sandbox init (enforcer/sandbox/init.py) forked from this runner instead of
+    started as `python -I -S init.py SPEC` as the embedded run does: the runner is one
+    thread that has already imported init and its siblings (from the same root-owned
+    install), so a fork saves a whole interpreter start, the largest part of a warm
+    attach. The child keeps only stdio and `keep` (the report pipe, the netns), as
+    Popen's close_fds would, and never returns into the runner's code."""
+
+    def __init__(self, spec_path: Path, keep: tuple[int, ...]):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = EXIT_SETUP
+            try:
+                ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+                _close_all_but(keep)
+                code = sandbox_init.main([str(spec_path)])
+            except BaseException as e:  # noqa: BLE001 - the child must report, then go
+                print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        for fd in keep:  # as Popen: the parent keeps no inheritable copy to leak later
+            os.set_inheritable(fd, False)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        while self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except InterruptedError:
+                continue
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+
+def _close_all_but(keep: tuple[int, ...]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    for fd in keep:
+        os.set_inheritable(fd, True)

@@ -82,6 +82,7 @@ class ServiceOptions:
     audit_log: Path = SERVICE_AUDIT_LOG
     grace: float = 30.0
     pool: str = str(netns.DEFAULT_POOL)
+    warm: int = 2  # sandbox networks made ahead, so that an attach does not wait for one
 
 
 @dataclass
@@ -132,6 +133,11 @@ class GatewayService:
         self.stopped = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
+        # Warm spares: netns, veth and table made and loaded, no task and no profile yet
+        # (traffic from one is an unknown source until an attach registers it).
+        self.spares: list[Attached] = []
+        self._filling = False
+        self._unwiring: set[asyncio.Task] = set()  # removals still running after the reply
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -147,6 +153,7 @@ class GatewayService:
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         self._spawn(self._watch_adopted())
         self._spawn(self.reloader.watch())
+        self._refill()
         print(
             f"sandgate gateway: serving on {self.opts.control} (policy {self.gateway.policy.hash}, "
             f"{len(self.sandboxes)} sandboxes re-adopted)",
@@ -241,6 +248,13 @@ class GatewayService:
                 self.opts.control.unlink()
         for attached in list(self.sandboxes.values()):
             await self._remove(attached, "the gateway service stopped")
+        while self._filling:
+            await asyncio.sleep(0.01)
+        for spare in self.spares:
+            self._unwire_later(spare)
+        self.spares.clear()
+        if self._unwiring:
+            await asyncio.wait(self._unwiring)
         if self.gateway is not None:
             with contextlib.suppress(nft.NftError):
                 await asyncio.to_thread(nft.delete_table, GUARD_TABLE)
@@ -362,6 +376,7 @@ class GatewayService:
                 "rules": policy.rule_count,
                 "rule_files": list(policy.files),
                 "sandboxes": len(self.sandboxes),
+                "spares": len(self.spares),
                 "connections": self._open_connections(),
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "draining": self.draining,
@@ -397,37 +412,65 @@ class GatewayService:
                 f"no profile {str(profile)[:60]!r} in the service's rules "
                 f"(profiles: {', '.join(policy.profiles)})"
             )
-        command = [str(a)[:200] for a in request.get("command", [])][:50]
-        runner_pid = int(request.get("runner_pid", 0))
-        run_id = secrets.token_hex(4)
-        attached = Attached(
-            run_id, profile, "", "", runner_pid, command, TaskSummary(), rules_hash=policy.hash
-        )
-        attached.dir.mkdir(parents=True, mode=0o700)
-        (attached.dir / "pid").write_text(
-            str(runner_pid)
-        )  # `sandgate gc`: the run lives while this does
+        attached = self.spares.pop() if self.spares else await self._new_network()
+        self._refill()
+        attached.profile, attached.rules_hash = profile, policy.hash
+        attached.command = [str(a)[:200] for a in request.get("command", [])][:50]
+        attached.runner_pid = int(request.get("runner_pid", 0))
+        attached.started = time.time()
         try:
-            gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, self.opts.pool)
-            attached.gateway_ip, attached.address = str(gateway_ip), str(sandbox_ip)
+            # `sandgate gc`: the run lives while its runner does
+            (attached.dir / "pid").write_text(str(attached.runner_pid))
             self._write_state(attached)
-            await asyncio.to_thread(netns.create_sandbox_net, run_id, gateway_ip, sandbox_ip)
-            self.sandboxes[run_id] = attached
-            self.gateway.add_sandbox(Sandbox(attached.address, run_id, profile))
-            await self._apply_table(attached)
+            self.sandboxes[attached.run_id] = attached
+            self.gateway.add_sandbox(Sandbox(attached.address, attached.run_id, profile))
             self._write_task_files(attached)
         except BaseException:
             await self._remove(attached, "its setup failed")
             raise
-        attached.summary.task_started(run_id, profile, attached.address, command)
+        attached.summary.task_started(
+            attached.run_id, profile, attached.address, attached.command
+        )
         self.gateway.emit(
             attached.summary.start_event.with_fields(
-                detail=f"{attached.summary.start_event.detail} (attached by {peer}, runner pid {runner_pid})"[
-                    :1000
-                ]
+                detail=f"{attached.summary.start_event.detail} (attached by {peer}, "
+                f"runner pid {attached.runner_pid})"[:1000]
             )
         )
         return attached
+
+    async def _new_network(self) -> Attached:
+        """A sandbox network with its table loaded, owned by this service until a task
+        takes it (its state file names the service, so `gc` and a restart know it)."""
+        attached = Attached(secrets.token_hex(4), "", "", "", 0, [], TaskSummary())
+        attached.dir.mkdir(parents=True, mode=0o700)
+        try:
+            gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, self.opts.pool)
+            attached.gateway_ip, attached.address = str(gateway_ip), str(sandbox_ip)
+            self._write_state(attached)
+            await asyncio.to_thread(netns.create_sandbox_net, attached.run_id, gateway_ip, sandbox_ip)
+            await self._apply_table(attached)
+        except BaseException:
+            self._unwire_later(attached)
+            raise
+        return attached
+
+    def _refill(self) -> None:
+        """Keep `warm` spare networks, made one after another off the attach path."""
+        if self._filling or self.draining or len(self.spares) >= self.opts.warm:
+            return
+        self._filling = True
+
+        async def fill() -> None:
+            try:
+                while not self.draining and len(self.spares) < self.opts.warm:
+                    self.spares.append(await self._new_network())
+            except (RunError, netns.SandboxNetError, nft.NftError, OSError) as e:
+                log.warning("cannot make a spare sandbox network: %s", e)
+            finally:
+                self._filling = False
+
+        self._spawn(fill())
 
     def _attach_reply(self, attached: Attached) -> dict:
         ca = attached.dir / "ca-bundle.pem"
@@ -452,7 +495,7 @@ class GatewayService:
             "profile": attached.profile,
             "address": attached.address,
             "gateway_ip": attached.gateway_ip,
-            "runner_pid": attached.runner_pid,
+            "runner_pid": attached.runner_pid,  # 0: a spare no task has taken
             "service_pid": os.getpid(),
             "command": attached.command,
             "started": attached.started,
@@ -514,15 +557,15 @@ class GatewayService:
         return {"ok": True, "summary": attached.summary.to_dict()}
 
     async def _remove(self, attached: Attached, why: str) -> None:
-        """The reverse of _attach, each step on its own: a leftover never blocks the rest."""
+        """The sandbox's end: its events now, from the table's counters (its task is gone);
+        its network, table and run dir after the reply, in that order (`_unwire_later`)."""
         self.sandboxes.pop(attached.run_id, None)
-        counters: dict[str, int] = {}
-        with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
-            counters = await asyncio.to_thread(
-                unwire, attached.run_id, attached.table, had_net=bool(attached.address)
-            )
         if attached.address:
             self.gateway.remove_sandbox(attached.address)
+        counters: dict[str, int] = {}
+        with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
+            counters = await asyncio.to_thread(nft.read_counters, attached.table)
+        self._unwire_later(attached)
         attached.summary.firewall_drops(counters)
         duration = time.time() - attached.started
         attached.summary.task_ended(attached.run_id, duration)
@@ -534,7 +577,21 @@ class GatewayService:
         for event in task_events.firewall_drops(counters, **where):
             self.gateway.emit(event)
         self.gateway.emit(task_events.task_ended(why, duration, **where))
-        shutil.rmtree(attached.dir, ignore_errors=True)
+
+    def _unwire_later(self, attached: Attached) -> None:
+        """Netns and veth, then the table, then the run dir, off the loop; `_shutdown`
+        waits for every one still running."""
+
+        async def unwire_now() -> None:
+            with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
+                await asyncio.to_thread(
+                    unwire, attached.run_id, attached.table, had_net=bool(attached.address)
+                )
+            shutil.rmtree(attached.dir, ignore_errors=True)
+
+        task = asyncio.get_running_loop().create_task(unwire_now())
+        self._unwiring.add(task)
+        task.add_done_callback(self._unwiring.discard)
 
     # --- restarts -----------------------------------------------------------------------------
 
@@ -557,6 +614,9 @@ class GatewayService:
                 )
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring %s: %s", state_file, e)
+                continue
+            if attached.runner_pid == 0:  # a spare network no task took: nothing to tell
+                self._unwire_later(attached)
                 continue
             alive = _alive(attached.runner_pid) and attached.run_id in netns.list_sandbox_nets()
             if alive and attached.profile in self.gateway.policy.profiles:

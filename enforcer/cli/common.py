@@ -7,8 +7,12 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sandgate.proxy.policy import DEFAULT_RULES, CompiledPolicy, PolicyError, load_policy
+from sandgate.proxy.policy import DEFAULT_RULES
+
+if TYPE_CHECKING:
+    from sandgate.proxy.policy import CompiledPolicy
 
 EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
 EXIT_SETUP = (
@@ -42,6 +46,8 @@ def setup_errors() -> Iterator[None]:
 def load_rules(path: str | Path, consequence: str) -> CompiledPolicy:
     """The policy in `path`, or a UsageError that lists the problems after
     `invalid rules, <consequence>`."""
+    from sandgate.proxy.policy import PolicyError, load_policy
+
     try:
         return load_policy([Path(path)])
     except PolicyError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -45,7 +46,21 @@ def register(sub) -> None:
         metavar="SECONDS",
         help="on stop: how long running tasks may finish before they are stopped (default 30)",
     )
+    gateway.add_argument(
+        "--warm",
+        type=_spares,
+        default=2,
+        metavar="N",
+        help="sandbox networks kept ready, so that `run --gateway` does not wait for one "
+        "(default 2; 0: make each on attach)",
+    )
     gateway.set_defaults(func=cmd_gateway)
+
+
+def _spares(text: str) -> int:
+    if not text.isdigit() or int(text) > 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 64")
+    return int(text)
 
 
 def cmd_gateway(args) -> int:
@@ -73,6 +88,7 @@ def cmd_gateway(args) -> int:
                 control=args.control,
                 audit_log=args.audit_log or SERVICE_AUDIT_LOG,
                 grace=args.grace,
+                warm=args.warm,
             )
         )
     sys.stderr.flush()

@@ -54,7 +54,7 @@ def register(sub) -> None:
 
 def cmd_run(args) -> int:
     if args.gateway is not None:
-        return _run_attached(args)
+        _exit_now(_run_attached(args))
     metrics_listen = gateway_settings(args, "sandgate")
     policy = load_rules(args.rules, "nothing was run")
     with setup_errors():
@@ -81,11 +81,15 @@ def cmd_run(args) -> int:
                 quiet=args.quiet,
             )
         )
-    # Everything is torn down, written and closed by now. Skip the interpreter's
-    # finalisation (~300 ms freeing mitmproxy's modules) at the end of every task.
-    import logging
+    _exit_now(code)
 
-    logging.shutdown()
+
+def _exit_now(code: int) -> None:
+    """Everything is torn down, written and closed by now. Skip the interpreter's
+    finalisation (~300 ms freeing mitmproxy's modules, ~10 ms even for an attached run)
+    at the end of every task."""
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -97,7 +97,7 @@ def _sibling(name: str):
 mounts = _sibling("mounts")
 landlock = _sibling("landlock")
 seccomp = _sibling("seccomp")
-probes = _sibling("probes")
+probes = None  # loaded by main() only for a self-test: it imports ssl (~5 ms)
 
 
 class SetupError(Exception):
@@ -141,12 +141,26 @@ def join_cgroups(procs_files: list[str]) -> None:
             f.write("0")
 
 
+def wait_joined(fd: int) -> None:
+    """The runner moves this process into the task's cgroup while it builds the view
+    (the first move into a new memory cgroup waits ~15 ms for the kernel's RCU); one
+    byte says it is done, before anything forks the task."""
+    done = os.read(fd, 1)
+    os.close(fd)
+    if done != b"1":
+        raise SetupError("the runner could not move the sandbox into its cgroup")
+
+
 def enter_namespaces(netns_path: str, hostname: str) -> None:
     with open(netns_path) as f:
         _check(_libc.setns(f.fileno(), CLONE_NEWNET), f"setns {netns_path}")
+    if netns_path.startswith("/proc/self/fd/"):  # the runner's descriptor: not the task's
+        with contextlib.suppress(OSError, ValueError):
+            os.close(int(netns_path.rsplit("/", 1)[1]))
     # Not yet CLONE_NEWPID: the first child forked after it becomes that namespace's
-    # PID 1, and the helpers that build idmapped mounts fork too.
-    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP), "unshare")
+    # PID 1, and the helpers that build idmapped mounts fork too. Not yet CLONE_NEWCGROUP:
+    # its root is the cgroup we are in when it is made, which must be the task's.
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC), "unshare")
     mounts.make_private("/")
     socket.sethostname(hostname)
 
@@ -362,7 +376,9 @@ def run_init(
             raise SetupError("the user namespace's id maps were not written")
     task = os.fork()
     if task == 0:
-        for signum in RELAYED_SIGNALS:
+        # Python ignores SIGPIPE and SIGXFSZ at start, and an ignored signal stays
+        # ignored across exec: without this, `yes | head` would never end by SIGPIPE.
+        for signum in (*RELAYED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(signum, signal.SIG_DFL)
         try:
             started = time.monotonic()
@@ -397,6 +413,9 @@ def main(args: list[str] | None = None) -> int:
         return 2
     with open(args[0]) as f:
         spec = json.load(f)
+    if spec.get("probe") or spec.get("self_test"):
+        global probes  # noqa: PLW0603 - before the task's ids: the stdlib may be out of reach then
+        probes = _sibling("probes")
     report = Report(spec.get("report_fd"))
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -404,10 +423,15 @@ def main(args: list[str] | None = None) -> int:
         if spec.get("seccomp"):
             with open(spec["seccomp"], "rb") as f:
                 program = f.read()
-        join_cgroups(spec["cgroup_procs"])
+        joined_fd = spec.get("joined_fd")
+        if joined_fd is None:
+            join_cgroups(spec["cgroup_procs"])
         enter_namespaces(spec["netns"], spec["hostname"])
         build_view(spec, report)
-        _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        if joined_fd is not None:
+            wait_joined(joined_fd)
+        # After the join: the cgroup namespace's root is the task's own cgroup.
+        _check(_libc.unshare(CLONE_NEWCGROUP | CLONE_NEWPID), "unshare(CLONE_NEWCGROUP|NEWPID)")
     except (OSError, SetupError) as e:
         print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
         return EXIT_SETUP_FAILED

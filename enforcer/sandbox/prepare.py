@@ -38,6 +38,26 @@ class PreparedSandbox:
     gaps: list[Gap] = field(default_factory=list)
     self_test: list[dict] = field(default_factory=list)
     self_test_ms: float | None = None
+    joined_r: int | None = None  # the init's end of the joined pipe (runner_joins)
+    joined_w: int | None = None
+
+    @property
+    def init_fds(self) -> tuple[int, ...]:
+        """The descriptors the init must inherit."""
+        return (self.report_w,) + ((self.joined_r,) if self.joined_r is not None else ())
+
+    def join(self, pid: int) -> None:
+        """runner_joins: move the started init into the task's cgroup, then tell it.
+        A failure tells it nothing: it stops (exit 125) rather than run unlimited."""
+        try:
+            if self.cgroup is not None:
+                self.cgroup.attach(pid)
+            os.write(self.joined_w, b"1")
+        except (cgroup.CgroupError, OSError) as e:
+            print(f"sandgate: cannot move the sandbox into its cgroup: {e}", file=sys.stderr)
+        finally:
+            os.close(self.joined_w)
+            self.joined_w = None
 
     def argv(self) -> list[str]:
         # By file path, isolated and without site: it needs only the standard
@@ -45,9 +65,12 @@ class PreparedSandbox:
         return [sys.executable, "-I", "-S", sandbox_init.__file__, str(self.spec_path)]
 
     def started(self) -> None:
-        """The init has its copy of the report pipe; the runner keeps only the read end."""
-        with contextlib.suppress(OSError):
-            os.close(self.report_w)
+        """The init has its copies of the pipes; the runner keeps only its own ends."""
+        for fd in (self.report_w, self.joined_r, self.joined_w):  # joined_w: never started
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.joined_w = None
 
     def collect(self) -> None:
         """What the init and the task reported (they closed the pipe before exec)."""
@@ -117,6 +140,7 @@ def prepare(
     protected: list[Path],
     probe: str | None = None,
     seccomp_cache: Path | None = None,  # root-only, out of the task's view (STATE_DIR/cache)
+    runner_joins: bool = False,  # the runner calls join(pid) while the init builds the view
 ) -> PreparedSandbox:
     """Everything the sandbox init needs, in `run_dir` (root-only). Raises
     spec.SandboxError (with the fix) for a missing feature unless opts.allow_weaker."""
@@ -138,6 +162,10 @@ def prepare(
     view = spec.file_view(opts, protected=protected, hidden=hidden, file_binds=file_binds)
     report_r, report_w = os.pipe()
     os.set_inheritable(report_w, True)
+    joined_r = joined_w = None
+    if runner_joins:
+        joined_r, joined_w = os.pipe()
+        os.set_inheritable(joined_r, True)
     document = spec.Spec(
         netns=netns,
         hostname=f"sandbox-{run_id}",
@@ -158,6 +186,7 @@ def prepare(
         allow_weaker=opts.allow_weaker,
         self_test=opts.self_test,
         report_fd=report_w,
+        joined_fd=joined_r,
         probe_paths={
             "code": [str(p) for p in protected if p.is_dir()],
             "state": [str(p) for p in hidden],
@@ -178,9 +207,12 @@ def prepare(
         spec_path = run_dir / "sandbox.json"
         spec_path.write_text(json.dumps(document))
     except BaseException:
-        os.close(report_r)
-        os.close(report_w)
+        for fd in (report_r, report_w, joined_r, joined_w):
+            if fd is not None:
+                os.close(fd)
         if task_cgroup is not None:
             task_cgroup.remove()
         raise
-    return PreparedSandbox(spec_path, report_r, report_w, task_cgroup, gaps)
+    return PreparedSandbox(
+        spec_path, report_r, report_w, task_cgroup, gaps, joined_r=joined_r, joined_w=joined_w
+    )

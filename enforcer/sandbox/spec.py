@@ -260,6 +260,7 @@ class Spec:
     allow_weaker: bool = False
     self_test: bool = False
     report_fd: int | None = None
+    joined_fd: int | None = None  # the runner joins the cgroup for the init (runner_joins)
     probe_paths: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -33,11 +33,11 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 
 import yaml
 
+from .files import DEFAULT_RULES, PRESETS_DIR, RULES_DIR, SHIPPED_RULES_DIR  # noqa: F401 - re-exported
 from .index import CompiledPolicy, CompiledProfile
 from .model import DEFAULT_LIMITS, DEFAULT_PORTS, HTTP_METHODS, MAX_LIMITS, Limits, Rule
 from .names import (
@@ -52,13 +52,6 @@ from .names import (
     parse_path,
 )
 from .reasons import Verdict
-
-# The shipped rule files are package data (sandgate.rules): the same place in a
-# checkout, an editable install and a wheel.
-SHIPPED_RULES_DIR = Path(str(files("sandgate.rules"))).resolve()
-RULES_DIR = Path(os.environ.get("SANDGATE_RULES_DIR", SHIPPED_RULES_DIR))
-PRESETS_DIR = RULES_DIR / "presets"
-DEFAULT_RULES = RULES_DIR / "default.yaml"
 
 RULE_KEYS = {
     "allow",

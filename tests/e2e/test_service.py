@@ -7,6 +7,7 @@ what the task got, what the fake internet's servers saw, and the service's audit
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 
@@ -360,3 +361,45 @@ def test_a_rule_edit_closes_an_open_connection_the_new_rules_deny(service, net, 
         assert changed[0]["name"] == "allowed.test" and changed[0]["verdict"] == "deny", changed
     finally:
         runner.wait(30)
+
+
+def _spares(service) -> list[str]:
+    """The run ids of the networks this service keeps warm (a state file, no runner)."""
+    ids = []
+    for state_file in sandbox.RUN_DIR.glob("*/service.json"):
+        state = json.loads(state_file.read_text())
+        if state["service_pid"] == service.popen.pid and state["runner_pid"] == 0:
+            ids.append(state["run_id"])
+    return ids
+
+
+def test_an_attach_takes_a_warm_network_and_stop_leaves_none(service, net, tmp_path):
+    assert eventually(lambda: service.status()["spares"] == 2, timeout=15)
+    warm = set(_spares(service))
+    assert len(warm) == 2
+    result = attach(service, tmp_path, {"web": curl("https://allowed.test/")})
+    assert result.returncode == 0, result.stderr
+    assert _status(result, "web") == "200"
+    assert result.run_id in warm  # the task got a network made before it asked
+    assert not sandbox.leftovers(net, result.run_id)
+    assert eventually(lambda: service.status()["spares"] == 2, timeout=15)  # made again
+    warm = set(_spares(service))
+    assert service.stop() == 0
+    for run_id in warm:
+        assert not sandbox.leftovers(net, run_id), run_id
+
+
+def test_an_attached_task_inherits_nothing_of_its_runner(service, net, tmp_path):
+    """The attached runner forks the sandbox init (no second interpreter): the task still
+    gets only stdio, no ignored signals (SIGPIPE ends `yes | head`), and its own cgroup as its root."""
+    steps = {
+        "fds": "ls /proc/self/fd | sort -n | tr '\\n' ' '",
+        "ignored": "grep SigIgn /proc/self/status",
+        "cgroup": "cat /proc/self/cgroup",
+    }
+    result = attach(service, tmp_path, steps)
+    assert result.returncode == 0, result.stderr
+    # 0-2, and the descriptor `ls` opens on /proc/self/fd itself
+    assert result["fds"].out.split() == ["0", "1", "2", "3"], result["fds"].out
+    assert result["ignored"].out.split() == ["SigIgn:", "0000000000000000"]
+    assert all(line.endswith(":/") for line in result["cgroup"].out.split()), result["cgroup"].out
