@@ -1,8 +1,10 @@
 """The kernel half of enforcement: one nftables table of sandgate's own.
 
 `render_ruleset` is pure and golden-file tested; the helpers below it are thin
-wrappers around the `nft` command. Nothing outside the configured table is ever
-read or changed.
+wrappers around libnftables (the library behind the `nft` command, through ctypes:
+~0.3 ms a call instead of ~5 ms for starting `nft`, which was most of a detach from
+the gateway service), or the `nft` command where the library cannot be loaded. Nothing
+outside the configured table is ever read or changed.
 
 What the ruleset does to packets that arrive on a sandbox interface (the host's
 own traffic is not matched by any rule):
@@ -24,9 +26,11 @@ Each drop counts in a named counter (`read_counters`).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import subprocess
+import threading
 from dataclasses import dataclass
 
 NFT = "nft"
@@ -190,6 +194,9 @@ def _nft_json(args: list[str]) -> list[dict]:
 
 
 def _run_nft(args: list[str], stdin: str | None = None) -> str:
+    library = _libnftables()
+    if library is not None:
+        return _run_library(library, args, stdin)
     try:
         proc = subprocess.run(
             [NFT, *args],
@@ -206,3 +213,57 @@ def _run_nft(args: list[str], stdin: str | None = None) -> str:
     if proc.returncode != 0:
         raise NftError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
+
+
+# --- libnftables ---------------------------------------------------------------------
+
+_NFT_CTX_DEFAULT = 0
+_NFT_CTX_OUTPUT_JSON = 1 << 4
+_library_lock = threading.Lock()  # one command at a time, as `nft` processes would be
+_library: ctypes.CDLL | None | bool = False  # False: not tried yet
+
+
+def _libnftables() -> ctypes.CDLL | None:
+    global _library  # noqa: PLW0603 - loaded once, on first use
+    if _library is False:
+        try:
+            lib = ctypes.CDLL("libnftables.so.1", use_errno=True)
+        except OSError:
+            _library = None
+        else:
+            lib.nft_ctx_new.restype = ctypes.c_void_p
+            lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+            lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+            for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+                getattr(lib, name).argtypes = [ctypes.c_void_p]
+            for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+                getattr(lib, name).restype = ctypes.c_char_p
+                getattr(lib, name).argtypes = [ctypes.c_void_p]
+            lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            _library = lib
+    return _library
+
+
+def _run_library(lib: ctypes.CDLL, args: list[str], stdin: str | None) -> str:
+    """What `nft ARGS` would print, for the two forms used here: `-f -` with the
+    commands on stdin, and `[-j] COMMAND...`."""
+    as_json = args[:1] == ["-j"]
+    command = stdin if args[-2:] == ["-f", "-"] else " ".join(args[1:] if as_json else args)
+    with _library_lock:
+        ctx = lib.nft_ctx_new(_NFT_CTX_DEFAULT)
+        if not ctx:
+            raise NftError("libnftables: cannot create a context")
+        try:
+            if as_json:
+                lib.nft_ctx_output_set_flags(ctx, _NFT_CTX_OUTPUT_JSON)
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            failed = lib.nft_run_cmd_from_buffer(ctx, command.encode())
+            output = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
+            error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode()
+        finally:
+            lib.nft_ctx_free(ctx)
+    if failed:
+        raise NftError(f"nft {' '.join(args)} failed: {error.strip()}")
+    return output

@@ -428,9 +428,7 @@ class GatewayService:
         except BaseException:
             await self._remove(attached, "its setup failed")
             raise
-        attached.summary.task_started(
-            attached.run_id, profile, attached.address, attached.command
-        )
+        attached.summary.task_started(attached.run_id, profile, attached.address, attached.command)
         self.gateway.emit(
             attached.summary.start_event.with_fields(
                 detail=f"{attached.summary.start_event.detail} (attached by {peer}, "
@@ -448,7 +446,9 @@ class GatewayService:
             gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, self.opts.pool)
             attached.gateway_ip, attached.address = str(gateway_ip), str(sandbox_ip)
             self._write_state(attached)
-            await asyncio.to_thread(netns.create_sandbox_net, attached.run_id, gateway_ip, sandbox_ip)
+            await asyncio.to_thread(
+                netns.create_sandbox_net, attached.run_id, gateway_ip, sandbox_ip
+            )
             await self._apply_table(attached)
         except BaseException:
             self._unwire_later(attached)

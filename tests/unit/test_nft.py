@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,13 @@ from sandgate.enforcer.nft import NftError, RulesetConfig, render_ruleset
 
 GOLDEN = Path(__file__).parent.parent / "fixtures" / "nft" / "ruleset.golden"
 CONFIG = RulesetConfig(table="sandgate", sandbox_ifaces="sgh-*", proxy_port=8080, dns_port=5353)
+
+
+@pytest.fixture(autouse=True)
+def command_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `nft` command path, whose subprocess these tests fake. (libnftables would
+    act on this process's namespace, the host's: its test runs in a netns of its own.)"""
+    monkeypatch.setattr(nft, "_library", None)
 
 
 def test_ruleset_matches_golden_file() -> None:
@@ -159,3 +167,37 @@ def test_service_guard_loads_in_nft(tmp_path) -> None:
         assert check.returncode == 0, check.stderr
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+@pytest.mark.e2e
+def test_libnftables_path_loads_reads_and_deletes_like_nft() -> None:
+    """Through libnftables (no `nft` process), in a throwaway netns: the table loads,
+    its counters read, a syntax error carries nft's message, delete is idempotent."""
+    name = f"sgtlib{os.getpid() % 10000}"
+    script = """
+import sys
+from sandgate.enforcer import nft
+assert nft._libnftables() is not None
+nft.apply_ruleset(nft.render_ruleset(nft.RulesetConfig(
+    table="sandgate_lib", sandbox_ifaces="sgh-lib", proxy_port=8080, dns_port=5353)))
+assert nft.list_tables() == ["sandgate_lib"], nft.list_tables()
+assert set(nft.read_counters("sandgate_lib")) == set(nft.COUNTERS)
+try:
+    nft.apply_ruleset("table inet sandgate_x { chain c { bogus } }")
+    sys.exit("a broken ruleset loaded")
+except nft.NftError as e:
+    assert "syntax error" in str(e), e
+nft.delete_table("sandgate_lib")
+nft.delete_table("sandgate_lib")
+assert nft.list_tables() == [], nft.list_tables()
+"""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        run = subprocess.run(
+            ["ip", "netns", "exec", name, sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
