@@ -294,7 +294,7 @@ class Metrics:
         `proxy.gateway.Gateway` whenever Prometheus scrapes."""
         self.watched.policy = lambda: gateway.policy
         self.watched.sandboxes = lambda: len(gateway.registry)
-        self.watched.connections = lambda: len(getattr(gateway.addon, "connections", ()))
+        self.watched.connections = lambda: len(gateway.gate.connections)
         self.watched.sandbox_connections = getattr(getattr(gateway, "gate", None), "counts", None)
 
     def watch_audit(self, audit) -> None:
