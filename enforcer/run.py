@@ -119,7 +119,7 @@ def _pick_addresses(pool_text: str):
     against the host's addresses."""
     from ipaddress import IPv4Network
 
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     pool = IPv4Network(pool_text)
     with contextlib.closing(IPRoute()) as ipr:
