@@ -79,6 +79,7 @@ MEMORY_RULES = """version: 1
 profiles:
   default:
     fallback: deny
+    limits: {connections: 4096}
     rules:
       - allow: allowed.test
         id: bench-allowed
@@ -189,6 +190,7 @@ def measure_memory(work: Path, conns: int, env: dict) -> dict:
             argv,
             env=env,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)),
         )
@@ -207,7 +209,10 @@ def measure_memory(work: Path, conns: int, env: dict) -> dict:
                 gateway.terminate()
                 gateway.wait(timeout=30)
     if "held_kb" not in result:
-        raise RuntimeError(f"the memory task did not finish (exit {gateway.returncode})")
+        raise RuntimeError(
+            f"the memory task did not finish (exit {gateway.returncode}): "
+            f"{gateway.stderr.read()[-800:]}"
+        )
     result["per_conn_kb"] = (result["held_kb"] - result["idle_kb"]) / max(result["held"], 1)
     return result
 
