@@ -165,15 +165,17 @@ def tcp_load(source: str, port: int, name: str, inflight: int, seconds: float, o
     sel = selectors.DefaultSelector()
     wire = query_wire(name, 7)
     framed = len(wire).to_bytes(2, "big") + wire
-    socks = []
-    for _ in range(inflight):
+
+    def connect_and_ask() -> None:
         s = socket.socket()
         s.bind((source, 0))
         s.connect(("127.0.0.1", port))
         s.setblocking(False)
         s.send(framed)
-        sel.register(s, selectors.EVENT_READ, [b"", 0])
-        socks.append(s)
+        sel.register(s, selectors.EVENT_READ, [b""])
+
+    for _ in range(inflight):
+        connect_and_ask()
     answered, reconnects = 0, 0
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -186,12 +188,7 @@ def tcp_load(source: str, port: int, name: str, inflight: int, seconds: float, o
             if not data:  # the filter closes after max_tcp_queries: open another
                 sel.unregister(s)
                 s.close()
-                s = socket.socket()
-                s.bind((source, 0))
-                s.connect(("127.0.0.1", port))
-                s.setblocking(False)
-                s.send(framed)
-                sel.register(s, selectors.EVENT_READ, [b"", 0])
+                connect_and_ask()
                 reconnects += 1
                 continue
             buf = state[0] + data
