@@ -27,7 +27,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-from pyroute2 import IPRoute, netns
+import sandgate.enforcer.lean_pyroute2  # noqa: F401 - must come before any pyroute2 import
+from pyroute2 import netns
+from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 NETNS_PREFIX = "sg-"

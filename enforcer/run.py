@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sandgate.enforcer import netns, nft
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
-from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
@@ -119,7 +119,7 @@ def _pick_addresses(pool_text: str):
     against the host's addresses."""
     from ipaddress import IPv4Network
 
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     pool = IPv4Network(pool_text)
     with contextlib.closing(IPRoute()) as ipr:
@@ -188,7 +188,7 @@ class TaskRun:
             netns.create_sandbox_net, self.run_id, gateway_ip, sandbox_ip
         )
 
-        inspects = any(r.inspects for r in opts.policy.profiles[opts.profile].rules)
+        inspection = inspects(opts.policy, opts.profile)
         upstream_ca = self.dir / "upstream-ca.pem"
         _write_ca_bundle(upstream_ca, opts.extra_ca)
         self.gateway = Gateway(
@@ -203,7 +203,8 @@ class TaskRun:
             self.audit,
             self.metrics,
         )
-        await self.gateway.start()
+        # mitmproxy (and the CA the task trusts) only if this task's rules inspect.
+        await self.gateway.start(inspection=inspection)
         self._start_metrics()
         self.gateway.emit(
             Event(
@@ -230,7 +231,7 @@ class TaskRun:
             f"# written by sandgate: the gateway's DNS filter\n"
             f"nameserver {gateway_ip}\noptions edns0\n"
         )
-        self.sandbox = self._prepare_sandbox(inspects)
+        self.sandbox = self._prepare_sandbox(inspection)
         for gap in self.sandbox.gaps:
             self._emit_weakened(gap)
         self.summary.task_started(self.run_id, opts.profile, str(sandbox_ip), opts.command)
@@ -257,14 +258,14 @@ class TaskRun:
         self.summary.telemetry["metrics"] = f"http://{where}/metrics"
         log.info("metrics on http://%s/metrics", where)
 
-    def _prepare_sandbox(self, inspects: bool) -> prepare.PreparedSandbox:
+    def _prepare_sandbox(self, inspection: bool) -> prepare.PreparedSandbox:
         """The task's side of the sandbox. The CA bundle and its variables only where
         they change something (inspection, --extra-ca): set to the plain system bundle
         they would override a tool's own CA option (pip --cert, git http.sslCAInfo)."""
         opts = self.opts
         binds = [(self.dir / "resolv.conf", Path(os.path.realpath("/etc/resolv.conf")))]
         sandgate_env = {"SANDGATE_TASK_ID": self.run_id}
-        extra = opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspects else [])
+        extra = opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspection else [])
         if extra:
             ca_bundle = self.dir / "ca-bundle.pem"
             _write_ca_bundle(ca_bundle, extra)

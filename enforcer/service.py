@@ -52,7 +52,7 @@ from sandgate.enforcer.run import (
     open_audit_log,
     unwire,
 )
-from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
 from sandgate.proxy.policy import PolicyError, load_policy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
@@ -424,7 +424,7 @@ class GatewayService:
             self._write_state(attached)
             self.sandboxes[attached.run_id] = attached
             self.gateway.add_sandbox(Sandbox(attached.address, attached.run_id, profile))
-            self._write_task_files(attached)
+            await self._write_task_files(attached)
         except BaseException:
             await self._remove(attached, "its setup failed")
             raise
@@ -502,12 +502,14 @@ class GatewayService:
         }
         (attached.dir / STATE_FILE).write_text(json.dumps(state))
 
-    def _write_task_files(self, attached: Attached) -> None:
+    async def _write_task_files(self, attached: Attached) -> None:
         (attached.dir / "resolv.conf").write_text(
             f"# written by sandgate: the gateway's DNS filter\nnameserver {attached.gateway_ip}\noptions edns0\n"
         )
-        inspects = any(r.inspects for r in self.gateway.policy.profiles[attached.profile].rules)
-        extra = self.opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspects else [])
+        inspection = inspects(self.gateway.policy, attached.profile)
+        if inspection:
+            await self.gateway.proxy.started()  # it makes the CA (a reload may have added the rule)
+        extra = self.opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspection else [])
         if extra:
             _write_ca_bundle(attached.dir / "ca-bundle.pem", extra)
 

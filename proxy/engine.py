@@ -1,10 +1,17 @@
-"""mitmproxy embedded in the gateway's event loop, with only the addons sandgate needs.
+"""mitmproxy embedded in the gateway's event loop, with only the addons sandgate needs,
+imported and started only when something needs it.
 
 mitmproxy listens on no port: the front door (proxy/frontdoor/) accepts every
 sandbox connection and hands `serve` the sockets that need HTTP (plain HTTP, and
 TLS that a rule inspects). `serve` runs them through a transparent-mode server
 instance that is never started, so mitmproxy still reads the original destination
 from the socket (SO_ORIGINAL_DST) and builds the same layers as when it listened.
+
+Most tasks only ever pass TLS through, which the front door relays itself: for
+them mitmproxy is dead weight, about half of a task's start (importing it) and
+most of the gateway's memory. So nothing here imports mitmproxy at module level;
+`start` does, in a worker thread (the loop keeps relaying while the import runs),
+either up front, when the policy inspects, or on the first connection handed over.
 
 The default addon set dispatches every hook to ~30 addons; trimmed to what the
 transparent data path uses, the connection rate roughly doubles. Options exist only
@@ -13,33 +20,57 @@ once the addon that declares them is added, so options are set after `add`.
 
 from __future__ import annotations
 
-import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
 import asyncio
 import logging
 import socket
 from pathlib import Path
 
-from mitmproxy import options
-from mitmproxy.addons import core, disable_h2c, proxyserver, tlsconfig
-from mitmproxy.master import Master
-from mitmproxy.proxy.mode_servers import ServerInstance
-
 log = logging.getLogger("sandgate.engine")
 
 
-class ProxyEngine:
-    """One mitmproxy instance in transparent mode, serving the sockets it is handed."""
+def _import_mitmproxy():
+    """The mitmproxy pieces the engine uses, and sandgate's addon class (which
+    imports mitmproxy too)."""
+    import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
+    from mitmproxy import options
+    from mitmproxy.addons import core, disable_h2c, proxyserver, tlsconfig
+    from mitmproxy.master import Master
+    from mitmproxy.proxy.mode_servers import ServerInstance
 
-    def __init__(self, addon, confdir: Path, upstream_ca: Path | None = None):
-        self.addon = addon
+    from sandgate.proxy.addon import SandgateAddon
+
+    return options, (core, disable_h2c, proxyserver, tlsconfig), Master, ServerInstance, SandgateAddon
+
+
+class ProxyEngine:
+    """One mitmproxy instance in transparent mode, serving the sockets it is handed.
+
+    `gate` is what the addon applies (proxy/gate.py); `started()` imports and starts
+    mitmproxy once, whoever asks first; `serve` asks."""
+
+    def __init__(self, gate, confdir: Path, upstream_ca: Path | None = None):
+        self.gate = gate
         self.confdir = confdir
         self.upstream_ca = upstream_ca
-        self.master: Master | None = None
-        self._server: ServerInstance | None = None
+        self.addon = None  # the SandgateAddon, once started
+        self.master = None
+        self._server = None
         self._task: asyncio.Task | None = None
+        self._starting: asyncio.Future | None = None
 
-    async def start(self) -> None:
+    async def started(self) -> None:
+        """Import and start mitmproxy unless done already; raises what made it fail
+        (every later caller gets the same failure: it is not retried)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        options, (core, disable_h2c, proxyserver, tlsconfig), Master, ServerInstance, Addon = (
+            await asyncio.to_thread(_import_mitmproxy)
+        )
         self.confdir.mkdir(parents=True, exist_ok=True)
+        self.addon = Addon(self.gate)
         opts = options.Options()
         master = Master(opts)
         # No NextLayer addon: sandgate's addon is the only one that picks a layer, so
@@ -72,12 +103,14 @@ class ProxyEngine:
         while not ps.is_running and not self._task.done():
             await asyncio.sleep(0.005)
         if self._task.done():
-            await self.stop()
+            await self._shut_down()
             raise RuntimeError("mitmproxy did not start (see the log above)")
+        log.info("mitmproxy started")
 
     async def serve(self, sock: socket.socket) -> None:
         """Serve one accepted, redirected client socket to its end; takes it over."""
         try:
+            await self.started()
             reader, writer = await asyncio.open_connection(sock=sock)
         except BaseException:
             sock.close()
@@ -90,6 +123,12 @@ class ProxyEngine:
         return self.confdir / "mitmproxy-ca-cert.pem"
 
     async def stop(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            # An import cannot be interrupted; let it finish, then shut down.
+            await asyncio.wait([self._starting])
+        await self._shut_down()
+
+    async def _shut_down(self) -> None:
         if self.master is None:
             return
         self.master.shutdown()

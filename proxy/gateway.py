@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sandgate.proxy.addon import SandgateAddon
 from sandgate.proxy.dns.bindings import DnsBindings
 from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
@@ -49,7 +48,6 @@ class Gateway:
         self.bindings = DnsBindings()
         self.events = EventFanout(*sinks)
         self.gate = ConnectionGate(policy, self.registry, self.bindings, self.emit)
-        self.addon = SandgateAddon(self.gate)
         self.dns = DnsFilter(
             decide_name=lambda profile, name: decide(self.policy, NameFacts(profile, name)),
             sandbox_for=self._sandbox_for,
@@ -60,13 +58,20 @@ class Gateway:
             keep_special=self._keep_special,
             limits_for=lambda profile: self.policy.limits_for(profile),
         )
-        self.proxy = ProxyEngine(self.addon, config.confdir, upstream_ca=config.upstream_ca)
+        # mitmproxy, imported and started only when something needs it (see start).
+        self.proxy = ProxyEngine(self.gate, config.confdir, upstream_ca=config.upstream_ca)
         self.frontdoor = FrontDoor(self.gate, self.proxy.serve)
 
-    async def start(self) -> None:
+    async def start(self, *, inspection: bool | None = None) -> None:
+        """Listen. mitmproxy starts now if `inspection` (None: if any profile has a rule
+        that inspects), else with the first connection handed to it (plain HTTP, or a
+        rule that a reload added); pass-through never needs it."""
+        if inspection is None:
+            inspection = inspects(self.policy)
         await self.dns.start(self.config.listen_host, self.config.dns_port)
         try:
-            await self.proxy.start()
+            if inspection:
+                await self.proxy.started()
             await self.frontdoor.start(self.config.listen_host, self.config.proxy_port)
         except BaseException:
             await self.proxy.stop()
@@ -144,6 +149,13 @@ class Gateway:
                 task_id=event.task_id or (sandbox.task_id if sandbox else None),
             )
         self.events.emit(event)
+
+
+def inspects(policy: CompiledPolicy, profile: str | None = None) -> bool:
+    """Whether a rule of `profile` (None: of any profile) needs HTTP inspection of TLS,
+    and so mitmproxy and the gateway's CA."""
+    profiles = policy.profiles.values() if profile is None else [policy.profiles[profile]]
+    return any(rule.inspects for compiled in profiles for rule in compiled.rules)
 
 
 def _no_longer_allowed(

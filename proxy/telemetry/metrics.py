@@ -294,8 +294,9 @@ class Metrics:
         `proxy.gateway.Gateway` whenever Prometheus scrapes."""
         self.watched.policy = lambda: gateway.policy
         self.watched.sandboxes = lambda: len(gateway.registry)
-        self.watched.connections = lambda: len(getattr(gateway.addon, "connections", ()))
-        self.watched.sandbox_connections = getattr(getattr(gateway, "gate", None), "counts", None)
+        gate = getattr(gateway, "gate", None)
+        self.watched.connections = lambda: len(getattr(gate, "connections", ()))
+        self.watched.sandbox_connections = getattr(gate, "counts", None)
 
     def watch_audit(self, audit) -> None:
         """Export an `AuditLog`'s written/lost/error counters and queue length."""

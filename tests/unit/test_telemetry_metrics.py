@@ -242,8 +242,9 @@ def test_scrape_time_state_gateway_audit_firewall():
 
     gateway = type("G", (), {})()
     gateway.policy, gateway.registry = Policy(), [1, 2]
-    gateway.addon = type("A", (), {"connections": {"a": 1, "b": 2, "c": 3}})()
-    gateway.gate = type("Gate", (), {"counts": ConnectionCounts()})()
+    gateway.gate = type(
+        "Gate", (), {"counts": ConnectionCounts(), "connections": {"a": 1, "b": 2, "c": 3}}
+    )()
     for sandbox in ("10.0.0.2", "10.0.0.2", "10.0.0.3"):
         gateway.gate.counts.admit(sandbox)
     gateway.gate.counts.decided("10.0.0.2")

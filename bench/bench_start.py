@@ -1,0 +1,281 @@
+"""Task start and gateway memory of the embedded `sandgate run`, in one run.
+
+    sudo .venv/bin/python bench/bench_start.py [--rounds 10] [--idle-conns 1000] [--no-memory]
+
+Not a test: it prints numbers, it asserts nothing. Needs root, `ip`, `nft`, and for
+the memory part nginx and dnsmasq (the fake internet, enforcer/demo/fakenet.py).
+
+Start: the median wall time of `ip netns exec HOST sandgate run -q --dns-upstream
+127.0.0.1 --no-workspace -- true` (shipped default rules: nothing inspects, so no
+mitmproxy), inside a host-like netns of the bench's own (`sgbench-<hex>`), in two
+bytecode modes, rounds interleaved:
+
+- "no caches": the working tree as it is run here. This environment sets
+  PYTHONDONTWRITEBYTECODE=1 and sandgate is an editable install, so every start
+  compiles sandgate's own modules afresh (the dependencies and the standard
+  library have their caches, as pip and the interpreter's install wrote them).
+- "compiled": what a real install runs: the package copied into a temporary
+  directory laid out as installed (`sandgate/proxy`, `sandgate/enforcer`,
+  `sandgate/rules`), compiled once with `compileall`, and put first on PYTHONPATH.
+
+Then the wall-clock breakdown of the compiled start (bench_gateway.py's
+`--probe-start`, timers around each step) and `python -X importtime` self time per
+package, the fifteen largest.
+
+Memory: in a fake internet, `sandgate run` with a rule that allows allowed.test (TLS
+pass-through, nothing inspected) runs a task that resolves the name through the
+gateway, waits, then opens `--idle-conns` TLS connections to nginx through the
+gateway and holds them idle. The gateway's RSS (the `sandgate run` process, which
+is the gateway) is read from /proc before and after: idle RSS, and RSS per idle
+relayed connection.
+
+Safety: the namespaces are the bench's own (per-run names) and removed in
+`finally`; nothing is added to the root namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_gateway  # noqa: E402 - the start probe and its step labels
+
+PY = sys.executable
+SANDGATE = str(Path(PY).with_name("sandgate"))
+RUN_ARGS = ["run", "-q", "--dns-upstream", "127.0.0.1", "--no-workspace", "--", "true"]
+GOAL_START_MS, GOAL_IDLE_MB, GOAL_PER_CONN_KB = 300, 45, 30
+
+HOLDER = r"""
+import resource, socket, ssl, sys, time
+n = int(sys.argv[-1])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+ip = socket.gethostbyname("allowed.test")
+ctx = ssl.create_default_context()
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+print("idle", flush=True)
+time.sleep(2.5)
+held = [ctx.wrap_socket(socket.create_connection((ip, 443)), server_hostname="allowed.test")
+        for _ in range(n)]
+print("held", len(held), flush=True)
+time.sleep(2.5)
+"""
+
+MEMORY_RULES = """version: 1
+profiles:
+  default:
+    fallback: deny
+    limits: {connections: 4096}
+    rules:
+      - allow: allowed.test
+        id: bench-allowed
+"""
+
+
+def install_copy(site: Path) -> None:
+    """sandgate laid out as a wheel installs it, compiled once."""
+    for folder in ("proxy", "enforcer", "rules"):
+        shutil.copytree(
+            REPO / folder, site / "sandgate" / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    subprocess.run([PY, "-m", "compileall", "-q", str(site)], check=True)
+
+
+def timed_ms(argv: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    ms = (time.perf_counter() - t0) * 1000
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-500:]}")
+    return ms
+
+
+def measure_start(host_ns: str, rounds: int, envs: dict[str, dict]) -> dict[str, list[float]]:
+    argv = ["ip", "netns", "exec", host_ns, SANDGATE, *RUN_ARGS]
+    samples: dict[str, list[float]] = {mode: [] for mode in envs}
+    samples["ip netns exec true (floor)"] = []
+    for _ in range(rounds):  # interleaved: load from others hits every mode alike
+        for mode, env in envs.items():
+            samples[mode].append(timed_ms(argv, env))
+        samples["ip netns exec true (floor)"].append(
+            timed_ms(["ip", "netns", "exec", host_ns, "true"], os.environ.copy())
+        )
+    return samples
+
+
+def breakdown(host_ns: str, env: dict, work: Path, probes: int) -> dict[str, float]:
+    """Median over `probes` of bench_gateway's in-process timers, plus what lies outside."""
+    runs = []
+    for i in range(probes):
+        out = work / f"probe-{i}.json"
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            ["ip", "netns", "exec", host_ns, PY, bench_gateway.__file__, "--probe-start", str(out)]
+            + ["--", *RUN_ARGS],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        wall = (time.perf_counter() - t0) * 1000
+        t_done = time.time()
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"the start probe failed: {proc.stderr[-500:]}")
+        marks = json.loads(out.read_text())
+        marks[bench_gateway.STEP_WALL] = wall
+        marks[bench_gateway.STEP_EXIT] = (t_done - marks.pop("t_end_wall")) * 1000
+        marks[bench_gateway.STEP_OUTSIDE] = (
+            wall - marks[bench_gateway.STEP_INPROCESS] - marks[bench_gateway.STEP_EXIT]
+        )
+        runs.append(marks)
+    return {
+        label: statistics.median(m.get(label, 0.0) for m in runs)
+        for _, label in bench_gateway.BREAKDOWN
+    }
+
+
+def import_self_times(env: dict, top: int = 15) -> list[tuple[str, float]]:
+    """`-X importtime` self time of what `sandgate run` imports, by package (ms)."""
+    proc = subprocess.run(
+        [PY, "-X", "importtime", "-c"]
+        + ["import sandgate.enforcer.cli, sandgate.enforcer.run, sandgate.enforcer.cli.run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    groups: Counter[str] = Counter()
+    for line in proc.stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) != 3 or "self [us]" in parts[0]:
+            continue
+        name = parts[2].strip()
+        key = ".".join(name.split(".")[:3]) if name.startswith("sandgate.") else name.split(".")[0]
+        groups[key] += int(parts[0].split(":")[1]) / 1000
+    return [("(all)", sum(groups.values()))] + groups.most_common(top)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def measure_memory(work: Path, conns: int, env: dict) -> dict:
+    from sandgate.enforcer.demo.fakenet import FakeInternet, fresh_prefix
+
+    rules = work / "memory-rules.yaml"
+    rules.write_text(MEMORY_RULES)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with FakeInternet(fresh_prefix("sgbm"), work / "fakenet") as net:
+        argv = ["ip", "netns", "exec", net.host_ns, SANDGATE, "run", "-q", "--rules", str(rules)]
+        argv += ["--dns-upstream", net.dns_ip, "--metrics-listen", "off", "--no-workspace"]
+        # -c: the task's /tmp is its own (this bench's files are not in it).
+        argv += ["--", "/usr/bin/python3", "-c", HOLDER, str(conns)]
+        gateway = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)),
+        )
+        result = {}
+        try:
+            for line in gateway.stdout:
+                time.sleep(1.0)  # let the gateway settle (and the last handshakes end)
+                if line.startswith("idle"):
+                    result["idle_kb"] = rss_kb(gateway.pid)
+                elif line.startswith("held"):
+                    result["held"] = int(line.split()[1])
+                    result["held_kb"] = rss_kb(gateway.pid)
+            gateway.wait(timeout=60)
+        finally:
+            if gateway.poll() is None:
+                gateway.terminate()
+                gateway.wait(timeout=30)
+    if "held_kb" not in result:
+        raise RuntimeError(
+            f"the memory task did not finish (exit {gateway.returncode}): "
+            f"{gateway.stderr.read()[-800:]}"
+        )
+    result["per_conn_kb"] = (result["held_kb"] - result["idle_kb"]) / max(result["held"], 1)
+    return result
+
+
+def report(res: dict) -> str:
+    out = [f"machine: {os.cpu_count()} CPUs, {os.uname().release}; python {sys.version.split()[0]}"]
+    out.append(f"`sandgate {' '.join(RUN_ARGS)}`, median of {res['rounds']} (ms):")
+    for mode, samples in res["start"].items():
+        out.append(f"  {mode:<44} {statistics.median(samples):8.0f}   (min {min(samples):.0f})")
+    out.append(f"  goal: <= {GOAL_START_MS} ms (compiled)")
+    if res.get("breakdown"):
+        out.append("breakdown, compiled (median of probes; nested steps indented):")
+        for indent, label in bench_gateway.BREAKDOWN:
+            ms = res["breakdown"].get(label, 0.0)
+            if ms >= 0.05 or indent == 0:
+                out.append(f"  {'  ' * indent}{label:<{52 - 2 * indent}} {ms:8.1f}")
+    if res.get("imports"):
+        out.append("import self time by package, compiled (-X importtime, ms):")
+        out += [f"  {name:<40} {ms:8.1f}" for name, ms in res["imports"]]
+    mem = res.get("memory")
+    if mem:
+        out.append(
+            f"gateway RSS: idle {mem['idle_kb'] / 1024:.1f} MB (goal <= {GOAL_IDLE_MB}); "
+            f"{mem['held']} idle pass-through connections: {mem['held_kb'] / 1024:.1f} MB, "
+            f"{mem['per_conn_kb']:.1f} KB each (goal <= {GOAL_PER_CONN_KB})"
+        )
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10, help="starts per mode (default 10)")
+    parser.add_argument("--probes", type=int, default=3, help="breakdown probes (default 3)")
+    parser.add_argument("--idle-conns", type=int, default=1000, help="default 1000")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory part")
+    parser.add_argument("--json", type=Path, help="also write the raw numbers here")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_start: needs root", file=sys.stderr)
+        return 2
+    host_ns = f"sgbench-{secrets.token_hex(3)}"
+    res: dict = {"rounds": args.rounds}
+    with tempfile.TemporaryDirectory(prefix="sgbench-start-") as tmp:
+        work = Path(tmp)
+        install_copy(work / "site")
+        plain = os.environ.copy()
+        compiled = dict(plain, PYTHONPATH=str(work / "site"))
+        envs = {"no caches (editable, PYTHONDONTWRITEBYTECODE)": plain, "compiled": compiled}
+        subprocess.run(["ip", "netns", "add", host_ns], check=True)
+        try:
+            subprocess.run(["ip", "-n", host_ns, "link", "set", "lo", "up"], check=True)
+            res["start"] = measure_start(host_ns, args.rounds, envs)
+            res["breakdown"] = breakdown(host_ns, compiled, work, args.probes)
+            res["imports"] = import_self_times(compiled)
+        finally:
+            subprocess.run(["ip", "netns", "del", host_ns], check=False)
+        if not args.no_memory:
+            res["memory"] = measure_memory(work, args.idle_conns, compiled)
+    print(report(res))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""What a task's start does not import: a package's __init__ skipped by
+`lean_import.skip_init` (run later, when a name of it is asked for), and mitmproxy,
+which the gateway imports only when its rules inspect or a connection needs it.
+
+The gateway cases run in a fresh interpreter: this one has mitmproxy imported by
+other tests already."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from sandgate.proxy.lean_import import skip_init
+
+PACKAGE_INIT = """\
+import sys
+sys.lean_import_test_inits = getattr(sys, "lean_import_test_inits", 0) + 1
+from leanpkg.sub import VALUE as WHOLE
+"""
+
+
+@pytest.fixture
+def leanpkg(tmp_path, monkeypatch):
+    package = tmp_path / "leanpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(PACKAGE_INIT)
+    (package / "sub.py").write_text("VALUE = 42\n")
+    (package / "other.py").write_text("OTHER = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "lean_import_test_inits", 0, raising=False)
+    yield
+    for name in [m for m in sys.modules if m == "leanpkg" or m.startswith("leanpkg.")]:
+        del sys.modules[name]
+
+
+def test_submodules_load_without_the_package_init(leanpkg):
+    skip_init("leanpkg")
+    import leanpkg.sub
+    from leanpkg import other
+
+    assert (leanpkg.sub.VALUE, other.OTHER) == (42, 7)
+    assert sys.lean_import_test_inits == 0
+
+
+def test_a_name_of_the_init_runs_it_once_then(leanpkg):
+    skip_init("leanpkg")
+    import leanpkg.sub
+    from leanpkg import WHOLE
+
+    assert WHOLE == 42 and sys.lean_import_test_inits == 1
+    assert sys.modules["leanpkg.sub"] is leanpkg.sub  # not loaded a second time
+    assert leanpkg.WHOLE == 42 and sys.lean_import_test_inits == 1
+    with pytest.raises(ImportError):
+        from leanpkg import NOT_THERE  # noqa: F401
+
+
+def test_an_imported_package_is_left_as_it_is(leanpkg):
+    import leanpkg
+
+    skip_init("leanpkg")
+    assert sys.modules["leanpkg"] is leanpkg and sys.lean_import_test_inits == 1
+
+
+GATEWAY_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.policy import load_policy
+
+async def main(rules, confdir):
+    config = GatewayConfig("127.0.0.1", ["127.0.0.1"], Path(confdir), dns_upstream_port=9)
+    gateway = Gateway(config, load_policy([Path(rules)]))
+    await gateway.start()
+    print("started", "mitmproxy" in sys.modules, gateway.proxy.ca_cert.exists())
+    await gateway.proxy.started()  # what the first hand-off does
+    print("handed", "mitmproxy" in sys.modules, gateway.proxy.ca_cert.exists())
+    await gateway.stop()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+PASS_THROUGH_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+"""
+INSPECTING_RULES = PASS_THROUGH_RULES + "        methods: [GET]\n"
+
+
+def run_gateway(tmp_path, rules: str) -> list[str]:
+    path = tmp_path / "rules.yaml"
+    path.write_text(rules)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(GATEWAY_SCRIPT), str(path), str(tmp_path / "ca")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_a_pass_through_gateway_imports_mitmproxy_only_when_a_connection_needs_it(tmp_path):
+    assert run_gateway(tmp_path, PASS_THROUGH_RULES) == [
+        "started False False",
+        "handed True True",
+    ]
+
+
+def test_a_gateway_whose_rules_inspect_starts_mitmproxy_and_its_ca_up_front(tmp_path):
+    assert run_gateway(tmp_path, INSPECTING_RULES) == ["started True True", "handed True True"]
