@@ -300,7 +300,11 @@ def main() -> int:
     )
     for (proto, label), (qps, p50, p99) in results.items():
         direct = results[(proto, rows[0][0])]
-        added = "" if label == rows[0][0] else f"{(p50 - direct[1]) * 1e3:11.3f}{(p99 - direct[2]) * 1e3:11.3f}"
+        added = (
+            ""
+            if label == rows[0][0]
+            else f"{(p50 - direct[1]) * 1e3:11.3f}{(p99 - direct[2]) * 1e3:11.3f}"
+        )
         print(
             f"{proto:5}{label:<28}{qps:11,.0f}{p50 * 1e3:9.3f}{p99 * 1e3:9.3f}"
             f"{added or '':>22}{qps / direct[0]:14.2f}x"

@@ -39,7 +39,13 @@ def _import_mitmproxy():
 
     from sandgate.proxy.addon import SandgateAddon
 
-    return options, (core, disable_h2c, proxyserver, tlsconfig), Master, ServerInstance, SandgateAddon
+    return (
+        options,
+        (core, disable_h2c, proxyserver, tlsconfig),
+        Master,
+        ServerInstance,
+        SandgateAddon,
+    )
 
 
 class ProxyEngine:
@@ -66,9 +72,13 @@ class ProxyEngine:
         await asyncio.shield(self._starting)
 
     async def _start(self) -> None:
-        options, (core, disable_h2c, proxyserver, tlsconfig), Master, ServerInstance, Addon = (
-            await asyncio.to_thread(_import_mitmproxy)
-        )
+        (
+            options,
+            (core, disable_h2c, proxyserver, tlsconfig),
+            Master,
+            ServerInstance,
+            Addon,
+        ) = await asyncio.to_thread(_import_mitmproxy)
         self.confdir.mkdir(parents=True, exist_ok=True)
         self.addon = Addon(self.gate)
         opts = options.Options()
