@@ -419,7 +419,7 @@ class ConnectionGate:
                 protocol="https" if tls else "http",
                 name=name,
                 method=method,
-                path=path[:2048],
+                path=path,
                 latency=self.clock() - started,
             )
         )
