@@ -23,7 +23,8 @@ from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
 from sandgate.proxy.frontdoor.door import FrontDoor
 from sandgate.proxy.gate import ConnectionGate
-from sandgate.proxy.policy import CompiledPolicy, NameFacts, Reason, Verdict, decide
+from sandgate.proxy.policy import CompiledPolicy, Decision, NameFacts, Reason, Verdict, decide
+from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.event import Event, EventFanout, EventKind, EventSink
@@ -119,6 +120,11 @@ class Gateway:
         dropped = self.bindings.drop(_no_longer_allowed(self.registry, old, new))
         return SwapReport(old.hash, new.hash, new.rule_count, closed, dropped)
 
+    def guard_audit(self, audit) -> None:
+        """Refuse new connections (`audit_unavailable`) while `audit` (an AuditLog)
+        cannot write: `--on-audit-failure block`. Their denials wait in its queue."""
+        self.gate.hold_new = audit_hold(audit)
+
     def add_sandbox(self, sandbox: Sandbox) -> None:
         self.registry.add(sandbox)
 
@@ -144,6 +150,22 @@ class Gateway:
                 task_id=event.task_id or (sandbox.task_id if sandbox else None),
             )
         self.events.emit(event)
+
+
+def audit_hold(audit) -> Callable[[], Decision | None]:
+    """For `ConnectionGate.hold_new`: an `audit_unavailable` denial while `audit`
+    (anything with `writable` and `problem`, an AuditLog) cannot write, else None."""
+
+    def hold() -> Decision | None:
+        if audit.writable:
+            return None
+        return deny(
+            "audit-unavailable",
+            detail=f"the audit log cannot be written ({audit.problem}); "
+            "new connections are refused until it can",
+        )
+
+    return hold
 
 
 def _no_longer_allowed(
