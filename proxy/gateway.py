@@ -13,6 +13,7 @@ id, so emitters only say what they saw.
 from __future__ import annotations
 
 import logging
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ class Gateway:
         self.frontdoor = FrontDoor(self.gate, self.proxy.serve)
 
     async def start(self) -> None:
+        raise_descriptor_limit()
         await self.dns.start(self.config.listen_host, self.config.dns_port)
         try:
             await self.proxy.start()
@@ -150,6 +152,23 @@ class Gateway:
                 task_id=event.task_id or (sandbox.task_id if sandbox else None),
             )
         self.events.emit(event)
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, and return it.
+
+    Each relayed connection holds two descriptors; the default soft limit (often
+    1024) would let a few sandboxes' connection caps exhaust the gateway, and with
+    it the descriptors its audit log (rotation) and control socket need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, e)
+    return soft
 
 
 def audit_hold(audit) -> Callable[[], Decision | None]:
