@@ -40,6 +40,15 @@ def first_seq(path) -> int:
         return json.loads(f.readline())["seq"]
 
 
+def rotated_log(path, count: int, **options) -> list:
+    """`count` events written to a log at `path` rotating at 4000 bytes; its files."""
+    log = AuditLog(path, max_bytes=4000, **options)
+    for i in range(count):
+        log.emit(event(i))
+    log.close()
+    return log_files(path)
+
+
 def eventually(check, timeout: float = 5.0):
     deadline = time.monotonic() + timeout
     while not (value := check()):
@@ -72,11 +81,7 @@ def test_a_flood_of_events_cannot_push_the_first_line_out_of_existence(tmp_path)
 
 def test_verify_names_the_rotated_file_that_is_missing(tmp_path, capsys):
     path = tmp_path / "audit.jsonl"
-    log = AuditLog(path, max_bytes=4000)
-    for i in range(200):
-        log.emit(event(i))
-    log.close()
-    files = log_files(path)
+    files = rotated_log(path, 200)
     removed = files[3]
     removed.unlink()
     result = verify(*log_files(path))
@@ -90,10 +95,7 @@ def test_verify_names_the_rotated_file_that_is_missing(tmp_path, capsys):
 
 def test_verify_of_one_file_checks_its_rotated_set(tmp_path, capsys):
     path = tmp_path / "audit.jsonl"
-    log = AuditLog(path, max_bytes=4000)
-    for i in range(100):
-        log.emit(event(i))
-    log.close()
+    rotated_log(path, 100)
     assert main(["audit", "verify", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"{len(log_files(path))} files" in out and "100 lines, seq 1..100" in out
@@ -121,10 +123,7 @@ def test_an_existing_rotated_name_is_never_overwritten(tmp_path):
 
 def test_a_fresh_file_next_to_rotated_ones_continues_their_chain(tmp_path):
     path = tmp_path / "audit.jsonl"
-    log = AuditLog(path, max_bytes=4000)
-    for i in range(50):
-        log.emit(event(i))
-    log.close()
+    rotated_log(path, 50)
     path.rename(tmp_path / "shipped.jsonl")  # the live file went to the SIEM
     log = AuditLog(path, max_bytes=4000)
     for i in range(50, 100):
