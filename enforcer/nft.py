@@ -10,6 +10,7 @@ What the ruleset does to packets that arrive on a sandbox interface (the host's
 own traffic is not matched by any rule):
 
 1. chain `early` (prerouting, before NAT), in order:
+   the sandbox kernel's own multicast listener reports (MLD) -> drop uncounted;
    IPv6 -> drop; a source address that is not routed back through the interface
    it came in on (a sandbox posing as another) -> drop; DNS (53/udp, 53/tcp, to
    any address) -> on to NAT; any address of the gateway itself -> drop (its
@@ -47,6 +48,12 @@ COUNTERS = (
     "dropped_input",
     "dropped_forward",
 )
+
+# ICMPv6 the sandbox's kernel sends by itself when eth0 comes up (joining the
+# solicited-node groups of its link-local address): dropped like all IPv6, but not
+# counted, because the task sent nothing. The task cannot send these itself: it
+# has no raw sockets in the sandbox's netns (owned by the initial user namespace).
+_KERNEL_MLD = "mld-listener-report, mld-listener-done, mld2-listener-report"
 
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # An interface name (at most 15 characters), or a prefix of one followed by "*".
@@ -96,6 +103,7 @@ table inet {t} {{
 
 \tchain early {{
 \t\ttype filter hook prerouting priority mangle; policy accept;
+\t\t{sbx} icmpv6 type {{ {_KERNEL_MLD} }} drop
 \t\t{sbx} meta nfproto ipv6 counter name "dropped_ipv6" drop
 \t\t{sbx} fib saddr . iif oif missing counter name "dropped_spoofed" drop
 \t\t{sbx} udp dport 53 accept

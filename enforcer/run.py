@@ -66,6 +66,8 @@ class RunOptions:
     profile: str = "default"
     dns_upstreams: list[str] = field(default_factory=list)
     audit_log: Path | None = None  # None: AUDIT_DIR/<run id>.jsonl (kept after the run)
+    audit_budget: int | None = None  # bytes for the log and its rotated files; None: no cap
+    on_audit_failure: str = "block"  # or "continue": see --on-audit-failure
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)  # None: no /metrics
     summary_json: Path | None = None
     extra_ca: list[Path] = field(default_factory=list)
@@ -107,9 +109,9 @@ def dns_upstreams(given: list[str]) -> list[str]:
     return upstreams
 
 
-def open_audit_log(path: Path) -> AuditLog:
+def open_audit_log(path: Path, budget: int | None = None) -> AuditLog:
     try:
-        return AuditLog(path)
+        return AuditLog(path, max_total_bytes=budget)
     except AuditLogError as e:
         raise RunError(f"{e} (--audit-log FILE picks another place)") from None
 
@@ -179,7 +181,7 @@ class TaskRun:
                 f"no profile {opts.profile!r} in the rules (profiles: {', '.join(opts.policy.profiles)})"
             )
         upstreams = dns_upstreams(opts.dns_upstreams)
-        self.audit = open_audit_log(self.audit_path)
+        self.audit = open_audit_log(self.audit_path, opts.audit_budget)
         self.summary.telemetry["audit_log"] = str(self.audit_path)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "pid").write_text(str(os.getpid()))
@@ -203,6 +205,8 @@ class TaskRun:
             self.audit,
             self.metrics,
         )
+        if opts.on_audit_failure == "block":
+            self.gateway.guard_audit(self.audit)
         # mitmproxy (and the CA the task trusts) only if this task's rules inspect.
         await self.gateway.start(inspection=inspection)
         self._start_metrics()

@@ -80,6 +80,8 @@ class ServiceOptions:
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
     control: Path = control.DEFAULT_SOCKET
     audit_log: Path = SERVICE_AUDIT_LOG
+    audit_budget: int | None = None
+    on_audit_failure: str = "block"
     grace: float = 30.0
     pool: str = str(netns.DEFAULT_POOL)
     warm: int = 2  # sandbox networks made ahead, so that an attach does not wait for one
@@ -168,7 +170,7 @@ class GatewayService:
         opts = self.opts
         policy = await asyncio.to_thread(load_policy, [opts.rules])
         upstreams = dns_upstreams(opts.dns_upstreams)
-        self.audit = open_audit_log(opts.audit_log)
+        self.audit = open_audit_log(opts.audit_log, opts.audit_budget)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         upstream_ca = (
@@ -188,6 +190,8 @@ class GatewayService:
             self,
         )
         self.reloader = PolicyReloader([opts.rules], self.gateway)
+        if opts.on_audit_failure == "block":
+            self.gateway.guard_audit(self.audit)
         await self.gateway.start()
         await asyncio.to_thread(
             nft.apply_ruleset,

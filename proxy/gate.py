@@ -7,7 +7,8 @@ connection moves through the phases of proxy/lifecycle.py, whose one table says
 which call may come when.
 Decision points, earliest first (see docs/architecture.md):
 
- 1. `on_connect`: sandbox known? within its profile's caps on open and pending
+ 1. `on_connect`: sandbox known? new connections not held (`hold_new`: the audit
+    log cannot be written)? within its profile's caps on open and pending
     connections (`sandbox_limit`)? original destination IP:port hard-denied (private
     range, IP deny rule, unknown profile)? -> None: close before any upstream work.
  2. `on_first_bytes`, until it stops saying WAIT: TLS -> ClientHello SNI, which
@@ -158,6 +159,9 @@ class ConnectionGate:
         self.connections: dict[Hashable, ConnState] = {}
         # What each sandbox holds, against its profile's limits (see the docstring).
         self.counts = ConnectionCounts()
+        # A denial for every new connection while the gateway cannot take one on (its
+        # audit log cannot be written: Gateway.guard_audit), else None.
+        self.hold_new: Callable[[], Decision | None] = _no_hold
 
     # --- 1. TCP connect -------------------------------------------------------------
 
@@ -190,7 +194,7 @@ class ConnectionGate:
                 policy_hash=self.policy.hash,
                 task_id=sandbox.task_id,
             )
-            limited = self._over_sandbox_limit(sandbox)
+            limited = self.hold_new() or self._over_sandbox_limit(sandbox)
             if limited is not None:
                 self._emit_connection(limited, fields, None, "tcp", started)
                 return None
@@ -419,7 +423,7 @@ class ConnectionGate:
                 protocol="https" if tls else "http",
                 name=name,
                 method=method,
-                path=path[:2048],
+                path=path,
                 latency=self.clock() - started,
             )
         )
@@ -640,6 +644,10 @@ class ConnectionGate:
                 latency=self.clock() - started,
             )
         )
+
+
+def _no_hold() -> None:
+    return None
 
 
 def _without_approver(decision: Decision) -> Decision:

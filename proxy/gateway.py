@@ -13,6 +13,7 @@ id, so emitters only say what they saw.
 from __future__ import annotations
 
 import logging
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
 from sandgate.proxy.frontdoor.door import FrontDoor
 from sandgate.proxy.gate import ConnectionGate
-from sandgate.proxy.policy import CompiledPolicy, NameFacts, Reason, Verdict, decide
+from sandgate.proxy.policy import CompiledPolicy, Decision, NameFacts, Reason, Verdict, decide
+from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.event import Event, EventFanout, EventKind, EventSink
@@ -68,6 +70,7 @@ class Gateway:
         rule that a reload added); pass-through never needs it."""
         if inspection is None:
             inspection = inspects(self.policy)
+        raise_descriptor_limit()
         await self.dns.start(self.config.listen_host, self.config.dns_port)
         try:
             if inspection:
@@ -124,6 +127,11 @@ class Gateway:
         dropped = self.bindings.drop(_no_longer_allowed(self.registry, old, new))
         return SwapReport(old.hash, new.hash, new.rule_count, closed, dropped)
 
+    def guard_audit(self, audit) -> None:
+        """Refuse new connections (`audit_unavailable`) while `audit` (an AuditLog)
+        cannot write: `--on-audit-failure block`. Their denials wait in its queue."""
+        self.gate.hold_new = audit_hold(audit)
+
     def add_sandbox(self, sandbox: Sandbox) -> None:
         self.registry.add(sandbox)
 
@@ -156,6 +164,39 @@ def inspects(policy: CompiledPolicy, profile: str | None = None) -> bool:
     and so mitmproxy and the gateway's CA."""
     profiles = policy.profiles.values() if profile is None else [policy.profiles[profile]]
     return any(rule.inspects for compiled in profiles for rule in compiled.rules)
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, and return it.
+
+    Each relayed connection holds two descriptors; the default soft limit (often
+    1024) would let a few sandboxes' connection caps exhaust the gateway, and with
+    it the descriptors its audit log (rotation) and control socket need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, e)
+    return soft
+
+
+def audit_hold(audit) -> Callable[[], Decision | None]:
+    """For `ConnectionGate.hold_new`: an `audit_unavailable` denial while `audit`
+    (anything with `writable` and `problem`, an AuditLog) cannot write, else None."""
+
+    def hold() -> Decision | None:
+        if audit.writable:
+            return None
+        return deny(
+            "audit-unavailable",
+            detail=f"the audit log cannot be written ({audit.problem}); "
+            "new connections are refused until it can",
+        )
+
+    return hold
 
 
 def _no_longer_allowed(

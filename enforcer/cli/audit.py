@@ -19,19 +19,24 @@ def register(sub) -> None:
         nargs="+",
         type=Path,
         metavar="FILE",
-        help="one log, or a rotated series oldest first (FILE.2 FILE.1 FILE)",
+        help="a log: with its rotated files (FILE.<seq>) if there are any; or the files "
+        "of a series, oldest first",
     )
     verify.set_defaults(func=cmd_audit_verify)
 
 
 def cmd_audit_verify(args) -> int:
     """Exit 0 when the chain is intact, 1 at the first broken line (FILE:LINE: problem)."""
-    from sandgate.proxy.telemetry.audit import verify
+    from sandgate.proxy.telemetry.audit import log_files, verify
 
     for path in args.files:
         if not path.is_file():
             raise UsageError(f"{path}: no such file")
-    result = verify(*args.files)
+    files = args.files
+    if len(files) == 1 and len(whole := log_files(files[0])) > 1:
+        files = whole  # FILE and its rotated files, one chain
+        print(f"sandgate audit verify: {len(files)} files: {', '.join(map(str, files))}")
+    result = verify(*files)
     if not result.ok:
         print(f"{result.file}:{result.line}: {result.problem}")
         print(

@@ -90,6 +90,21 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
     )
     parser.add_argument("--audit-log", type=Path, metavar="FILE", help=audit_help)
     parser.add_argument(
+        "--audit-budget",
+        type=parse_size,
+        metavar="SIZE",
+        help="most disk the audit log and its rotated files may take (e.g. 20G); when it is "
+        "reached nothing is deleted: the log counts as unwritable (default: the disk's size)",
+    )
+    parser.add_argument(
+        "--on-audit-failure",
+        choices=("block", "continue"),
+        default="block",
+        help="while the audit log cannot be written: refuse new connections (block, the "
+        "default: reason audit_unavailable) or let them through and keep their events in "
+        "memory (continue)",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="log the gateway's steps on stderr"
     )
 
@@ -114,3 +129,16 @@ def gateway_settings(args: argparse.Namespace, log_prefix: str) -> tuple[str, in
         return parse_listen(args.metrics_listen)
     except ValueError as e:
         raise UsageError(f"--metrics-listen: {e}") from None
+
+
+def parse_size(text: str) -> int:
+    """`20G`, `512M`, `64K` or a number of bytes -> bytes (argparse type)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number, unit = (text[:-1], text[-1].upper()) if text[-1:].isalpha() else (text, "")
+    try:
+        size = int(float(number) * units.get(unit, 0 if unit else 1))
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 20G, 512M or 4096, got {text!r}")
+    return size

@@ -87,6 +87,8 @@ def cmd_gateway(args) -> int:
                 metrics_listen=metrics_listen,
                 control=args.control,
                 audit_log=args.audit_log or SERVICE_AUDIT_LOG,
+                audit_budget=args.audit_budget,
+                on_audit_failure=args.on_audit_failure,
                 grace=args.grace,
                 warm=args.warm,
             )

@@ -75,6 +75,8 @@ def cmd_run(args) -> int:
                 limits=limits,
                 dns_upstreams=args.dns_upstream,
                 audit_log=args.audit_log,
+                audit_budget=args.audit_budget,
+                on_audit_failure=args.on_audit_failure,
                 metrics_listen=metrics_listen,
                 summary_json=args.summary_json,
                 extra_ca=args.extra_ca,
@@ -100,6 +102,8 @@ SERVICE_OWNED = {
     "rules": str(DEFAULT_RULES),
     "dns_upstream": [],
     "audit_log": None,
+    "audit_budget": None,
+    "on_audit_failure": "block",
     "metrics_listen": METRICS_DEFAULT,
     "extra_ca": [],
 }

@@ -102,6 +102,12 @@ BUILTINS: dict[str, Builtin] = _builtins(
         (R.SANDBOX_LIMIT,),
         "the sandbox already held as many undecided connections as its profile's limits: pending allow",
     ),
+    (
+        "audit-unavailable",
+        (R.AUDIT_UNAVAILABLE,),
+        "the audit log could not be written (disk full, its budget reached, out of descriptors): "
+        "new connections are refused until it can (--on-audit-failure block)",
+    ),
     # The DNS filter (proxy/dns/).
     (
         "dns-malformed",

@@ -25,12 +25,22 @@ encoded; `lost` counts both and is exported as `sandgate_audit_events_lost_total
 A failed write (disk full, I/O error) is undone (truncated back), counted in
 `write_errors`, and retried with backoff: nothing is dropped while the queue has
 room. The file is locked (`flock`) so two writers never interleave their chains.
+
+Retention: nothing the log holds is ever deleted by sandgate. At `max_bytes` the
+file is rotated to `FILE.<seq of its first line>` (FILE.1, FILE.48213, ...: a
+name never reused, never renamed again, that says where in the chain the file
+starts), and every rotated file is kept. `max_total_bytes`, if set, is a budget
+over FILE and its rotated files: when the next write would exceed it the writer
+fails as on a full disk and retries, until an admin ships rotated files away.
+While the writer fails (`writable` False) the gateway refuses new connections
+(`--on-audit-failure block`); the events meanwhile wait in the queue.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -124,14 +134,14 @@ class AuditLog:
         path: Path,
         *,
         max_bytes: int = 100 * 2**20,
-        backups: int = 5,
+        max_total_bytes: int | None = None,
         queue_size: int = 100_000,
         batch_size: int = 128,
         flush_interval: float = 0.05,
         close_timeout: float = 5.0,
     ):
         self.path = Path(path)
-        self.max_bytes, self.backups = max_bytes, backups
+        self.max_bytes, self.max_total_bytes = max_bytes, max_total_bytes
         self.queue_size, self.batch_size = queue_size, batch_size
         self.flush_interval = flush_interval  # an idle writer looks at the queue this often
         self.close_timeout = close_timeout  # how long close() retries a failing disk
@@ -140,6 +150,9 @@ class AuditLog:
         self.dropped = 0  # events refused because the queue was full (loop thread)
         self.failed = 0  # events that could not be encoded or, at close, written (writer thread)
         self.write_errors = 0  # failed write attempts (each retried)
+        # Since when (time.monotonic) the writer has failed, and why; None: it writes.
+        self.failing_since: float | None = None
+        self.problem: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             self._fd = _open_locked(self.path)
@@ -147,6 +160,13 @@ class AuditLog:
             raise AuditLogError(f"cannot open audit log {self.path}: {e.strerror or e}") from None
         try:
             self.seq, self.prev, self.size = _continue_chain(self._fd, self.path)
+            self.file_first_seq = _first_seq(self._fd) if self.size else None
+            rotated = rotated_files(self.path)
+            if not self.size and rotated:
+                # A fresh FILE next to rotated ones (FILE was shipped away): the chain
+                # goes on from the newest, so seq numbers, and the names, stay unique.
+                self.seq, self.prev = _last_record(rotated[-1])
+            self.total = self.size + sum(_size(p) for p in rotated)  # the budget's count
         except BaseException:
             os.close(self._fd)
             raise
@@ -165,9 +185,21 @@ class AuditLog:
     def queued(self) -> int:
         return len(self._pending)
 
+    @property
+    def writable(self) -> bool:
+        """False while writes fail (or the budget is reached), until one succeeds."""
+        return self.failing_since is None
+
     def emit(self, event: Event) -> None:
         if len(self._pending) >= self.queue_size or self._stopping:
             self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                log.error(
+                    "audit log %s: %d events LOST so far (%s)",
+                    self.path,
+                    self.dropped,
+                    "the log is closed" if self._stopping else "the writer's queue is full",
+                )
             return
         self._pending.append(event)
         # Wake an idle writer only for a full batch: waking it per event costs more
@@ -253,11 +285,15 @@ class AuditLog:
             except OSError as e:
                 self.write_errors += 1
                 attempts += 1
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                self.problem = str(e.strerror or e)
                 if attempts == 1 or attempts % 100 == 0:
                     log.error(
-                        "audit log %s: write failed (%s); retrying, %d events waiting",
+                        "audit log %s: write failed (%s); retrying, %d events waiting; "
+                        "new connections are refused meanwhile unless --on-audit-failure continue",
                         self.path,
-                        e.strerror or e,
+                        self.problem,
                         len(lines) - i + len(self._pending),
                     )
                 if time.monotonic() >= self._give_up_at:
@@ -271,10 +307,30 @@ class AuditLog:
                 )
                 continue
             _, self.seq, self.prev = lines[j - 1]
+            if self.file_first_seq is None:
+                self.file_first_seq = lines[i][1]
             self.written += j - i
             i, attempts = j, 0
+            if self.failing_since is not None:
+                log.warning(
+                    "audit log %s: writable again after %.1f s (%s); the events held meanwhile "
+                    "are being written",
+                    self.path,
+                    time.monotonic() - self.failing_since,
+                    self.problem,
+                )
+                self.failing_since, self.problem = None, None
 
     def _write_all(self, data: bytes) -> None:
+        if self.max_total_bytes is not None and self.total + len(data) > self.max_total_bytes:
+            # Count again: an admin may have shipped rotated files away meanwhile.
+            self.total = self.size + sum(_size(p) for p in rotated_files(self.path))
+            if self.total + len(data) > self.max_total_bytes:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"the audit budget of {self.max_total_bytes} bytes is reached "
+                    f"({self.path} and its rotated files); move rotated files away",
+                )
         start = self.size
         view, done = memoryview(data), 0
         try:
@@ -286,21 +342,79 @@ class AuditLog:
                 os.ftruncate(self._fd, start)
             raise
         self.size = start + len(data)
+        self.total += len(data)
 
     def _rotate(self) -> None:
-        """FILE -> FILE.1 -> ... -> FILE.<backups>; the chain continues in the new FILE."""
-        for i in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{i}")
-            if older.exists():
-                older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
-        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        fd = _open_locked(self.path)
+        """FILE -> FILE.<its first seq>; the chain continues in a new FILE. Nothing is
+        overwritten or deleted: a rotated name that exists already is an error (retried,
+        and said). The new file is opened first, so a failed open (no descriptor left)
+        changes nothing on disk and is retried like a failed write."""
+        rotated = self.path.with_name(f"{self.path.name}.{self.file_first_seq}")
+        fresh = self.path.with_name(f"{self.path.name}.new")
+        fd = _open_locked(fresh, truncate=True)  # only ever empty: lines go to FILE
+        try:
+            try:
+                os.link(self.path, rotated)  # never replaces an existing file
+            except FileExistsError:
+                if not os.path.samestat(os.stat(rotated), os.fstat(self._fd)):
+                    raise OSError(
+                        errno.EEXIST, f"cannot rotate: {rotated} exists; move it away"
+                    ) from None
+            os.replace(fresh, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(self._fd)
-        self._fd, self.size = fd, 0
+        self._fd, self.size, self.file_first_seq = fd, 0, None
 
 
-def _open_locked(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+def rotated_files(path: Path | str) -> list[Path]:
+    """The rotated files of the log at `path` (`FILE.<first seq>`), oldest first."""
+    path = Path(path)
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            head, dot, number = entry.name.rpartition(".")
+            if dot and head == path.name and number.isdigit():
+                found.append((int(number), path.with_name(entry.name)))
+    return [p for _, p in sorted(found)]
+
+
+def log_files(path: Path | str) -> list[Path]:
+    """The whole log at `path`, oldest first: its rotated files, then FILE if it exists."""
+    path = Path(path)
+    return rotated_files(path) + ([path] if path.exists() else [])
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _first_seq(fd: int) -> int | None:
+    head = os.pread(fd, 65536, 0).split(b"\n", 1)[0]
+    try:
+        seq = json.loads(head)["seq"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return seq if isinstance(seq, int) else None
+
+
+def _last_record(path: Path) -> tuple[int, str]:
+    """(seq, hash) of the last line of a rotated file, to continue its chain."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        seq, digest, _ = _continue_chain(fd, path, repair=False)
+    finally:
+        os.close(fd)
+    return seq, digest
+
+
+def _open_locked(path: Path, truncate: bool = False) -> int:
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
+    fd = os.open(path, flags, 0o640)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -312,10 +426,10 @@ def _open_locked(path: Path) -> int:
     return fd
 
 
-def _continue_chain(fd: int, path: Path) -> tuple[int, str, int]:
+def _continue_chain(fd: int, path: Path, repair: bool = True) -> tuple[int, str, int]:
     """(seq, hash, size) to continue an existing log with. A torn last line (a
-    crash mid-write: no newline) is cut off; a file that is not a sandgate audit
-    log is refused rather than appended to."""
+    crash mid-write: no newline) is cut off (`repair`; else it is ignored); a file
+    that is not a sandgate audit log is refused rather than appended to."""
     size = os.fstat(fd).st_size
     if size == 0:
         return 0, GENESIS, 0
@@ -332,7 +446,8 @@ def _continue_chain(fd: int, path: Path) -> tuple[int, str, int]:
             path,
             len(tail) - cut,
         )
-        os.ftruncate(fd, tail_start + cut)
+        if repair:
+            os.ftruncate(fd, tail_start + cut)
         size, tail = tail_start + cut, tail[:cut]
         if size == 0:
             return 0, GENESIS, 0
@@ -384,6 +499,7 @@ def verify(*paths: Path | str) -> Verification:
     def broken(path, number, problem) -> Verification:
         return Verification(False, total, first_seq, seq, prev, str(path), number, problem)
 
+    previous_file: Path | str | None = None
     for path in paths:
         with Path(path).open("rb") as f:
             for number, raw in enumerate(f, start=1):
@@ -414,6 +530,14 @@ def verify(*paths: Path | str) -> Verification:
                 body = raw[: suffix.start()] + b"}"
                 if chain_hash(str(line_prev), body) != claimed:
                     return broken(path, number, "hash mismatch: the line was edited")
+                if number == 1 and seq is not None and line_seq > seq + 1:
+                    return broken(
+                        path,
+                        number,
+                        f"missing: seq {seq + 1}..{line_seq - 1} are in no file between "
+                        f"{previous_file} and this one (a rotated file, "
+                        f"{_rotated_name(path, seq + 1)}, was removed or not given)",
+                    )
                 if prev is not None and line_prev != prev:
                     return broken(
                         path,
@@ -430,4 +554,14 @@ def verify(*paths: Path | str) -> Verification:
                             path, number, "chain start forged: seq 1 must follow the genesis hash"
                         )
                 prev, seq = claimed, line_seq
+        previous_file = path
     return Verification(True, total, first_seq, seq, prev)
+
+
+def _rotated_name(path: Path | str, seq: int) -> str:
+    """The name a rotated file starting at `seq` has, next to `path` (a log or one of
+    its rotated files)."""
+    path = Path(path)
+    head, dot, number = path.name.rpartition(".")
+    base = head if dot and number.isdigit() else path.name
+    return f"{base}.{seq}"

@@ -2,6 +2,12 @@
 
 Every decision the gateway makes becomes exactly one `Event`. Fields that do not
 apply are None. docs/telemetry.md documents each field and its OCSF mapping.
+
+Text a sandbox controls (a method, a Host or SNI, a path, a DNS question, and the
+detail that may quote them) is bounded here, once, for every sink: an `Event` cannot
+hold more than `FIELD_BOUNDS` characters in those fields, so a 1 MB header costs the
+audit writer, the metrics and the summary no more than a short one. A cut value
+keeps its head and says how much was cut (`...[+N chars]`).
 """
 
 from __future__ import annotations
@@ -54,6 +60,12 @@ class Event:
     duration: float | None = None  # seconds; connections: open to close
     latency: float | None = None  # seconds the gateway took to decide (not upstream time)
 
+    def __post_init__(self) -> None:
+        for name, limit in _BOUNDED:
+            value = getattr(self, name)
+            if isinstance(value, str) and len(value) > limit:
+                _set(self, name, bound_text(value, limit))
+
     @classmethod
     def from_decision(cls, kind: EventKind, decision: Decision, **fields) -> Event:
         return cls(
@@ -75,6 +87,10 @@ class Event:
         new = object.__new__(Event)
         for name, value in zip(FIELDS, field_values(self), strict=True):
             _set(new, name, changes.get(name, value))
+        for name, limit in _BOUNDED:
+            value = changes.get(name)
+            if isinstance(value, str) and len(value) > limit:
+                _set(new, name, bound_text(value, limit))
         return new
 
     def to_dict(self) -> dict:
@@ -86,6 +102,21 @@ class Event:
             str(self.reason),
         )
         return record
+
+
+# The most characters each field that a sandbox's bytes can fill may hold (the other
+# fields come from sockets, the policy or the gateway itself): a DNS name has at most
+# 253, a method is a short token, a detail one sentence that may quote them.
+FIELD_BOUNDS = {"method": 32, "name": 300, "path": 2048, "detail": 1024}
+_BOUNDED = tuple(FIELD_BOUNDS.items())
+
+
+def bound_text(value: str, limit: int) -> str:
+    """`value` if it has at most `limit` characters, else its head and how much was cut
+    (the result has `limit` characters plus the marker, at most 20 more)."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}...[+{len(value) - limit} chars]"
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Event))

@@ -430,6 +430,12 @@ class _StateCollector:
                 "Events waiting for the audit writer.",
                 value=audit.queued,
             )
+            yield GaugeMetricFamily(
+                "sandgate_audit_writable",
+                "1 while the audit log can be written; 0 while writes fail or its budget is "
+                "reached (new connections are refused with --on-audit-failure block).",
+                value=1 if getattr(audit, "writable", True) else 0,
+            )
         if w.firewall is not None:
             dropped = CounterMetricFamily(
                 "sandgate_firewall_dropped_packets",
