@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
 import contextlib
+import json
 import logging
 
 from mitmproxy import connection, http
@@ -25,7 +26,7 @@ from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
-from sandgate.proxy.policy import Decision
+from sandgate.proxy.policy import Decision, Reason, Verdict
 from sandgate.proxy.policy.names import format_host_port
 
 log = logging.getLogger("sandgate.addon")
@@ -64,8 +65,9 @@ class SandgateAddon:
     # mitmproxy's proxyserver looks for an addon named "nextlayer"; this is it.
     name = "nextlayer"
 
-    def __init__(self, gate: ConnectionGate):
+    def __init__(self, gate: ConnectionGate, approvals=None):
         self.gate = gate
+        self.approvals = approvals  # proxy/approvals/holder.Approvals: holds asked requests
 
     @property
     def connections(self) -> dict:
@@ -86,9 +88,9 @@ class SandgateAddon:
         with self._fail_closed(nextlayer.context.client, nextlayer):
             nextlayer.layer = self._next_layer(nextlayer)
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         with self._fail_closed(flow.client_conn, flow):
-            self._requestheaders(flow)
+            await self._requestheaders(flow)
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.gate.connections.get(client.id)
@@ -113,24 +115,28 @@ class SandgateAddon:
             return CountingTCPLayer(context, state)
         if outcome is Outcome.INTERCEPT:
             context.client.sni = state.name
+            if state.upstream_ip is not None:  # a placeholder: the real address, resolved
+                context.server.address = (state.upstream_ip, state.port)
             server_tls = layers.ServerTLSLayer(context)
             server_tls.child_layer = layers.ClientTLSLayer(context)
             return server_tls
         return RejectLayer(context)
 
-    def _requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
         state = self.gate.connections.get(flow.client_conn.id)
         if state is None:
             flow.kill()
             return
         request = flow.request
-        decision = self.gate.on_request(
-            state,
-            request.host_header or "",
-            request.method,
-            request.path,
-            tls=bool(flow.client_conn.tls),
-        )
+        asked = (state, request.host_header or "", request.method, request.path)
+        tls = bool(flow.client_conn.tls)
+        decision = self.gate.on_request(*asked, tls=tls)
+        if decision.verdict is Verdict.ASK:  # a human decides: held up to the profile's hold
+            key = self.gate.request_ask_key(state, decision, *asked[1:], tls)
+            answer = await self.approvals.hold(key, decision.rule.id, state.fields)
+            decision = self.gate.on_request_answer(state, decision, answer, *asked[1:], tls)
+        if state.upstream_ip is not None:  # a placeholder: connect to the real address
+            request.data.host = state.upstream_ip
         if not decision.allowed:
             flow.response = http.Response.make(
                 403, _blocked_page(decision, flow), {"content-type": "text/plain"}
@@ -164,6 +170,8 @@ class SandgateAddon:
 
 
 def _blocked_page(decision: Decision, flow: http.HTTPFlow) -> str:
+    if decision.reason in _APPROVAL_REASONS:
+        return _approval_page(decision, flow)
     rule = decision.rule
     return (
         "Blocked by sandgate, the sandbox's egress gateway.\n\n"
@@ -176,3 +184,40 @@ def _blocked_page(decision: Decision, flow: http.HTTPFlow) -> str:
         "they can check it with: sandgate check --method "
         f"{flow.request.method} {flow.request.pretty_url[:300]}\n"
     )
+
+
+_APPROVAL_REASONS = frozenset(
+    {
+        Reason.APPROVAL_PENDING,
+        Reason.APPROVAL_DENIED,
+        Reason.APPROVAL_EXPIRED,
+        Reason.APPROVAL_QUEUE_FULL,
+    }
+)
+
+
+def _approval_page(decision: Decision, flow: http.HTTPFlow) -> str:
+    """A held request's 403: one line of text, then JSON naming the destination, the
+    pending approval and how to ask for it (docs/approvals.md)."""
+    request = flow.request
+    approval_id = decision.detail.split(" ", 2)[1].rstrip(":") if decision.detail.startswith(
+        "approval "
+    ) else None
+    ask = f"sandgate approvals approve {approval_id}" if approval_id else None
+    body = {
+        "error": "approval_required" if decision.reason is Reason.APPROVAL_PENDING else str(decision.reason),
+        "reason": str(decision.reason),
+        "destination": f"{request.method} {request.pretty_url[:300]}",
+        "approval_id": approval_id,
+        "rule": decision.rule.id,
+        "detail": decision.detail,
+        "ask_an_admin": ask,
+        "retry": decision.reason is Reason.APPROVAL_PENDING,
+    }
+    line = (
+        f"sandgate: {request.method} {request.pretty_url[:300]} needs a human's approval "
+        f"({decision.reason}); approval {approval_id}: ask an admin to run `{ask}`, then retry"
+        if decision.reason is Reason.APPROVAL_PENDING
+        else f"sandgate: {request.method} {request.pretty_url[:300]}: {decision.reason} ({decision.detail})"
+    )
+    return line + "\n" + json.dumps(body) + "\n"

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandgate.proxy.addon import SandgateAddon
+from sandgate.proxy.approvals.holder import Approvals
 from sandgate.proxy.dns.bindings import DnsBindings
+from sandgate.proxy.dns.placeholders import Placeholders
 from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
 from sandgate.proxy.frontdoor.door import FrontDoor
@@ -48,8 +50,18 @@ class Gateway:
         self.registry = SandboxRegistry()
         self.bindings = DnsBindings()
         self.events = EventFanout(*sinks)
-        self.gate = ConnectionGate(policy, self.registry, self.bindings, self.emit)
-        self.addon = SandgateAddon(self.gate)
+        self.placeholders = Placeholders()
+        # Pending approvals: held connections and requests, decided over the control socket.
+        self.approvals = Approvals(self.emit, lambda profile: self.policy.approval_for(profile))
+        self.gate = ConnectionGate(
+            policy,
+            self.registry,
+            self.bindings,
+            self.emit,
+            approvals=self.approvals.store,
+            placeholders=self.placeholders,
+        )
+        self.addon = SandgateAddon(self.gate, self.approvals)
         self.dns = DnsFilter(
             decide_name=lambda profile, name: decide(self.policy, NameFacts(profile, name)),
             sandbox_for=self._sandbox_for,
@@ -59,11 +71,15 @@ class Gateway:
             bindings=self.bindings,
             keep_special=self._keep_special,
             limits_for=lambda profile: self.policy.limits_for(profile),
+            placeholders=self.placeholders,
         )
         self.proxy = ProxyEngine(self.addon, config.confdir, upstream_ca=config.upstream_ca)
-        self.frontdoor = FrontDoor(self.gate, self.proxy.serve)
+        self.frontdoor = FrontDoor(
+            self.gate, self.proxy.serve, approvals=self.approvals, resolve=self._resolve_placeholder
+        )
 
     async def start(self) -> None:
+        self.approvals.start()
         await self.dns.start(self.config.listen_host, self.config.dns_port)
         try:
             await self.proxy.start()
@@ -74,6 +90,7 @@ class Gateway:
             raise
 
     async def stop(self) -> None:
+        await self.approvals.stop()
         await self.frontdoor.stop()
         await self.proxy.stop()
         await self.dns.stop()
@@ -123,8 +140,15 @@ class Gateway:
         self.registry.add(sandbox)
 
     def remove_sandbox(self, address: str) -> None:
+        sandbox = self.registry.get(address)
         self.registry.remove(address)
         self.bindings.forget(address)
+        self.placeholders.forget(address)
+        if sandbox is not None:
+            self.approvals.forget_task(sandbox.task_id or address)
+
+    async def _resolve_placeholder(self, state, name: str) -> str | None:
+        return await self.dns.resolve_address(state.sandbox.address, state.sandbox.profile, name)
 
     def _sandbox_for(self, source_ip: str) -> tuple[str, str] | None:
         sandbox = self.registry.get(source_ip)

@@ -75,7 +75,7 @@ class Approvals:
         self._expiry: asyncio.Task | None = None
         # Set by the gateway's owner: persist an `always` approval (approved.yaml) and
         # reload. An exception there is reported to the approver.
-        self.on_always: Callable[[Pending], Awaitable[None]] | None = None
+        self.on_always: Callable[[Pending, str], Awaitable[None]] | None = None
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -200,7 +200,8 @@ class Approvals:
             if found.state is State.PENDING and self.on_always is None:
                 raise ApprovalError("this gateway has no rule file to add to (--always needs --rules)")
             if found.state is State.PENDING:
-                await self.on_always(found)
+                found.ticket = ticket
+                await self.on_always(found, approver)
         found = self.store.approve(pending_id, approver, scope, duration=duration, ticket=ticket)
         what = f"for {duration:g} s" if scope is Scope.DURATION else str(scope)
         self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")
