@@ -88,9 +88,18 @@ class SandgateAddon:
         with self._fail_closed(nextlayer.context.client, nextlayer):
             nextlayer.layer = self._next_layer(nextlayer)
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
+        """Decides at once; a request a human must approve returns a coroutine that
+        holds it (mitmproxy awaits what a hook returns)."""
         with self._fail_closed(flow.client_conn, flow):
-            await self._requestheaders(flow)
+            return self._requestheaders(flow)
+
+    async def _held_request(self, flow: http.HTTPFlow, state, decision, asked, tls) -> None:
+        with self._fail_closed(flow.client_conn, flow):
+            key = self.gate.request_ask_key(state, decision, *asked[1:], tls)
+            answer = await self.approvals.hold(key, decision.rule.id, state.fields)
+            decision = self.gate.on_request_answer(state, decision, answer, *asked[1:], tls)
+            self._apply(flow, state, decision)
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.gate.connections.get(client.id)
@@ -122,19 +131,22 @@ class SandgateAddon:
             return server_tls
         return RejectLayer(context)
 
-    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
+    def _requestheaders(self, flow: http.HTTPFlow):
         state = self.gate.connections.get(flow.client_conn.id)
         if state is None:
             flow.kill()
-            return
+            return None
         request = flow.request
         asked = (state, request.host_header or "", request.method, request.path)
         tls = bool(flow.client_conn.tls)
         decision = self.gate.on_request(*asked, tls=tls)
         if decision.verdict is Verdict.ASK:  # a human decides: held up to the profile's hold
-            key = self.gate.request_ask_key(state, decision, *asked[1:], tls)
-            answer = await self.approvals.hold(key, decision.rule.id, state.fields)
-            decision = self.gate.on_request_answer(state, decision, answer, *asked[1:], tls)
+            return self._held_request(flow, state, decision, asked, tls)
+        self._apply(flow, state, decision)
+        return None
+
+    def _apply(self, flow: http.HTTPFlow, state, decision: Decision) -> None:
+        request = flow.request
         if state.upstream_ip is not None:  # a placeholder: connect to the real address
             request.data.host = state.upstream_ip
         if not decision.allowed:

@@ -16,10 +16,21 @@ import argparse
 import os
 import sys
 
-from sandgate.enforcer.cli import audit, check, demo, gateway, gc, rules, run, selftest, status
+from sandgate.enforcer.cli import (
+    approvals,
+    audit,
+    check,
+    demo,
+    gateway,
+    gc,
+    rules,
+    run,
+    selftest,
+    status,
+)
 from sandgate.enforcer.cli.common import EXIT_SETUP, EXIT_USAGE, SetupError, UsageError
 
-COMMAND_GROUPS = (rules, check, run, gateway, status, selftest, audit, gc, demo)
+COMMAND_GROUPS = (rules, check, run, gateway, status, approvals, selftest, audit, gc, demo)
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
 
 
