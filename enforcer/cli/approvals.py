@@ -32,9 +32,9 @@ def register(sub) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("list", help="pending approvals, oldest first")
     show = actions.add_parser("show", help="one approval")
-    show.add_argument("id")
+    show.add_argument("id", help="the approval's id (from: sandgate approvals list)")
     approve = actions.add_parser("approve", help="approve: once (default), --task, --for, --always")
-    approve.add_argument("id")
+    approve.add_argument("id", help="the approval's id (from: sandgate approvals list)")
     scope = approve.add_mutually_exclusive_group()
     scope.add_argument("--once", dest="scope", action="store_const", const="once",
                        help="this connection or request only (the default)")
@@ -46,7 +46,7 @@ def register(sub) -> None:
                        help="append an allow rule to approved.yaml next to the rules")
     approve.add_argument("--ticket", help="a ticket to record with the approval")
     deny = actions.add_parser("deny", help="deny (the task's retries are denied at once)")
-    deny.add_argument("id")
+    deny.add_argument("id", help="the approval's id (from: sandgate approvals list)")
     actions.add_parser("watch", help="print each new, decided or expired approval as it happens")
     parser.set_defaults(func=cmd_approvals)
 

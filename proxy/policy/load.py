@@ -757,10 +757,10 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
     # every problem at once; but not when a file could not be parsed: its profiles
     # are unknown, and every extends of them would be a false alarm.
     profiles = loader.resolve(raw) if all_read else {}
-    if overlay is not None:
-        loader.tried[overlay.resolve()] = None  # watched: its creation is a change too
     if loader.problems:
         raise PolicyError(loader.problems, tuple(loader.tried))
+    if overlay is not None:
+        loader.tried[overlay.resolve()] = None  # watched: its creation is a change too
     digest = hashlib.sha256()
     # What was parsed (not a second read that may differ), by stable name: the same
     # files give the same hash from any working directory.
