@@ -65,8 +65,9 @@ class SandgateAddon:
     # mitmproxy's proxyserver looks for an addon named "nextlayer"; this is it.
     name = "nextlayer"
 
-    def __init__(self, gate: ConnectionGate, approvals=None):
+    def __init__(self, gate: ConnectionGate, approvals=None, resolve=None):
         self.gate = gate
+        self.resolve = resolve  # a placeholder's name -> its real address (proxy/gateway.py)
         self.approvals = approvals  # proxy/approvals/holder.Approvals: holds asked requests
 
     @property
@@ -99,6 +100,8 @@ class SandgateAddon:
             key = self.gate.request_ask_key(state, decision, *asked[1:], tls)
             answer = await self.approvals.hold(key, decision.rule.id, state.fields)
             decision = self.gate.on_request_answer(state, decision, answer, *asked[1:], tls)
+            if decision.allowed and state.placeholder is not None and state.upstream_ip is None:
+                state.upstream_ip = await self.resolve(state, state.placeholder)
             self._apply(flow, state, decision)
 
     def client_disconnected(self, client: connection.Client) -> None:

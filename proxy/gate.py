@@ -311,14 +311,15 @@ class ConnectionGate:
         return self._raw_tcp(state)
 
     def _placeholder_http(self, state: ConnState) -> Outcome:
-        """Plain HTTP to a placeholder: its name is known, so it is decided (and asked
-        about) as a connection before any request; each request is decided after."""
+        """Plain HTTP to a placeholder: its name is known, so a denial is final now;
+        an ask is asked per request (held in the addon, then a 403 or allowed)."""
         state.name = state.placeholder
         decision = self._consult(state, self._decide_connect(state, state.name), "http")
-        if decision.verdict is Verdict.ASK:
-            return self._ask(state, decision, "http")
-        if not decision.allowed:
+        if not decision.allowed and decision.verdict is not Verdict.ASK:
             return self._reject(state, decision, "http")
+        if decision.verdict is Verdict.ASK:
+            state.asking = decision
+        # Allowed, or to be asked per request (a held request can get its 403).
         return Outcome.HTTP
 
     def _spoke_after_silence(self, state: ConnState, data: bytes) -> Outcome:

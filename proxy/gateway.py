@@ -61,7 +61,7 @@ class Gateway:
             approvals=self.approvals.store,
             placeholders=self.placeholders,
         )
-        self.addon = SandgateAddon(self.gate, self.approvals)
+        self.addon = SandgateAddon(self.gate, self.approvals, self._resolve_placeholder)
         self.dns = DnsFilter(
             decide_name=lambda profile, name: decide(self.policy, NameFacts(profile, name)),
             sandbox_for=self._sandbox_for,

@@ -3,6 +3,7 @@ for, over a control socket (the service's, or an embedded run's: docs/approvals.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -48,6 +49,13 @@ def register(sub) -> None:
     deny = actions.add_parser("deny", help="deny (the task's retries are denied at once)")
     deny.add_argument("id", help="the approval's id (from: sandgate approvals list)")
     actions.add_parser("watch", help="print each new, decided or expired approval as it happens")
+    for action in actions.choices.values():
+        # Also after the action (`approvals list --control S`); SUPPRESS keeps the
+        # group's value when not given here.
+        action.add_argument("--control", type=Path, default=argparse.SUPPRESS, metavar="SOCKET",
+                            help="the control socket (as before the action)")
+        action.add_argument("-j", "--json", action="store_true", default=argparse.SUPPRESS,
+                            help="print JSON")
     parser.set_defaults(func=cmd_approvals)
 
 

@@ -350,6 +350,9 @@ class Connection:
             outcome is not Outcome.REJECT
             and self.state.placeholder is not None
             and self.state.upstream_ip is None
+            # plain HTTP still to be asked about: the addon asks per request, and
+            # resolves the name once one is approved
+            and not (outcome is Outcome.HTTP and self.state.asking is not None)
         ):
             self._hold(outcome)
             return
