@@ -158,6 +158,7 @@ class TaskRun:
         self.sandbox_ip: str | None = None
         self.sandbox: prepare.PreparedSandbox | None = None
         self._gaps_reported = 0
+        self.control: asyncio.AbstractServer | None = None  # approvals (RUN_DIR/<id>/control.sock)
 
     async def run(self) -> int:
         started = time.monotonic()
@@ -209,6 +210,7 @@ class TaskRun:
             self.gateway.guard_audit(self.audit)
         # mitmproxy (and the CA the task trusts) only if this task's rules inspect.
         await self.gateway.start(inspection=inspection)
+        await self._serve_control()
         self._start_metrics()
         self.gateway.emit(
             Event(
@@ -240,6 +242,34 @@ class TaskRun:
             self._emit_weakened(gap)
         self.summary.task_started(self.run_id, opts.profile, str(sandbox_ip), opts.command)
         self.gateway.emit(self.summary.start_event)
+
+    async def _serve_control(self) -> None:
+        """The run's own control socket, for approvals from a second terminal."""
+        from sandgate.enforcer import approvals_control
+        from sandgate.proxy.policy import load_policy
+        from sandgate.proxy.policy.load import approved_overlay
+
+        policy = self.opts.policy
+        top = [policy.paths[0]] if policy.paths else []
+
+        async def reload(actor: str) -> list[str]:
+            try:
+                new = await asyncio.to_thread(load_policy, top)
+            except Exception as e:  # noqa: BLE001 - PolicyError: its problems, one line each
+                return str(e).splitlines() or [type(e).__name__]
+            self.gateway.swap_policy(new, cause=actor)
+            return []
+
+        self.gateway.approvals.on_always = approvals_control.always_writer(
+            approved_overlay(top), reload
+        )
+        self.control_path = self.dir / "control.sock"
+        self.control = await approvals_control.serve(self.control_path, self.gateway.approvals)
+        if not self.opts.quiet:
+            print(
+                f"sandgate: approvals for this run: sandgate approvals --control {self.control_path} list",
+                file=sys.stderr,
+            )
 
     def _start_metrics(self) -> None:
         """Serve /metrics; a port in use (another run, say) costs the metrics, never the task."""
@@ -351,6 +381,8 @@ class TaskRun:
             unwire, self.run_id, self.table, had_net=self.net is not None
         )
         self.summary.firewall_drops(counters)
+        if self.control is not None:
+            self.control.close()
         if self.gateway is not None:
             for gap in self.sandbox.gaps[self._gaps_reported :] if self.sandbox else []:
                 self._emit_weakened(gap)

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandgate.enforcer import control, netns, nft
+from sandgate.enforcer import approvals_control, control, netns, nft
 from sandgate.enforcer.run import (
     AUDIT_DIR,
     CA_ENV_VARS,
@@ -54,6 +54,7 @@ from sandgate.enforcer.run import (
 )
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
 from sandgate.proxy.policy import PolicyError, load_policy
+from sandgate.proxy.policy.load import approved_overlay
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import PolicyReloader
@@ -192,6 +193,9 @@ class GatewayService:
         self.reloader = PolicyReloader([opts.rules], self.gateway)
         if opts.on_audit_failure == "block":
             self.gateway.guard_audit(self.audit)
+        self.gateway.approvals.on_always = approvals_control.always_writer(
+            approved_overlay([opts.rules]), self._reload_for_approval
+        )
         await self.gateway.start()
         await asyncio.to_thread(
             nft.apply_ruleset,
@@ -350,6 +354,13 @@ class GatewayService:
                         detached = True
                     elif cmd in ("attach", "resume", "event", "detach"):
                         reply = {"ok": False, "error": f"{cmd}: not on this connection"}
+                    elif cmd == "watch":
+                        await approvals_control.watch(self.gateway.approvals, reader, writer)
+                        break
+                    elif cmd in approvals_control.COMMANDS:
+                        reply = await approvals_control.handle(
+                            self.gateway.approvals, request, approvals_control.peer_user(writer)
+                        )
                     else:
                         reply = await self._query(cmd, request, peer)
                 except (RunError, netns.SandboxNetError, nft.NftError, OSError) as e:
@@ -398,7 +409,8 @@ class GatewayService:
             return {"ok": True, "draining": True, "sandboxes": len(self.sandboxes)}
         return {
             "ok": False,
-            "error": f"unknown command {str(cmd)[:40]!r} (status, sandboxes, reload, stop)",
+            "error": f"unknown command {str(cmd)[:40]!r} (status, sandboxes, reload, stop, "
+            "approvals, approval, approve, deny, watch)",
         }
 
     def _open_connections(self) -> int:
@@ -671,6 +683,11 @@ class GatewayService:
         if not result.ok:
             reply["error"] = "invalid rules, the running policy stays:\n" + "\n".join(result.errors)
         return reply
+
+    async def _reload_for_approval(self, actor: str) -> list[str]:
+        """Reload after an `always` approval wrote approved.yaml: the errors, if any."""
+        result = await self.reloader.reload("approval", actor)
+        return [] if result.ok else list(result.errors)
 
     async def drain(self, grace: float, actor: str) -> None:
         """No new sandboxes; running tasks finish, or are stopped after `grace` seconds."""

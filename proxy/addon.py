@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
 import contextlib
+import json
 import logging
 
 from mitmproxy import connection, http
@@ -25,7 +26,7 @@ from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
-from sandgate.proxy.policy import Decision
+from sandgate.proxy.policy import Decision, Reason, Verdict
 from sandgate.proxy.policy.names import format_host_port
 
 log = logging.getLogger("sandgate.addon")
@@ -64,8 +65,10 @@ class SandgateAddon:
     # mitmproxy's proxyserver looks for an addon named "nextlayer"; this is it.
     name = "nextlayer"
 
-    def __init__(self, gate: ConnectionGate):
+    def __init__(self, gate: ConnectionGate, approvals=None, resolve=None):
         self.gate = gate
+        self.resolve = resolve  # a placeholder's name -> its real address (proxy/gateway.py)
+        self.approvals = approvals  # proxy/approvals/holder.Approvals: holds asked requests
 
     @property
     def connections(self) -> dict:
@@ -86,9 +89,20 @@ class SandgateAddon:
         with self._fail_closed(nextlayer.context.client, nextlayer):
             nextlayer.layer = self._next_layer(nextlayer)
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
+        """Decides at once; a request a human must approve returns a coroutine that
+        holds it (mitmproxy awaits what a hook returns)."""
         with self._fail_closed(flow.client_conn, flow):
-            self._requestheaders(flow)
+            return self._requestheaders(flow)
+
+    async def _held_request(self, flow: http.HTTPFlow, state, decision, asked, tls) -> None:
+        with self._fail_closed(flow.client_conn, flow):
+            key = self.gate.request_ask_key(state, decision, *asked[1:], tls)
+            answer = await self.approvals.hold(key, decision.rule.id, state.fields)
+            decision = self.gate.on_request_answer(state, decision, answer, *asked[1:], tls)
+            if decision.allowed and state.placeholder is not None and state.upstream_ip is None:
+                state.upstream_ip = await self.resolve(state, state.placeholder)
+            self._apply(flow, state, decision)
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.gate.connections.get(client.id)
@@ -113,24 +127,31 @@ class SandgateAddon:
             return CountingTCPLayer(context, state)
         if outcome is Outcome.INTERCEPT:
             context.client.sni = state.name
+            if state.upstream_ip is not None:  # a placeholder: the real address, resolved
+                context.server.address = (state.upstream_ip, state.port)
             server_tls = layers.ServerTLSLayer(context)
             server_tls.child_layer = layers.ClientTLSLayer(context)
             return server_tls
         return RejectLayer(context)
 
-    def _requestheaders(self, flow: http.HTTPFlow) -> None:
+    def _requestheaders(self, flow: http.HTTPFlow):
         state = self.gate.connections.get(flow.client_conn.id)
         if state is None:
             flow.kill()
-            return
+            return None
         request = flow.request
-        decision = self.gate.on_request(
-            state,
-            request.host_header or "",
-            request.method,
-            request.path,
-            tls=bool(flow.client_conn.tls),
-        )
+        asked = (state, request.host_header or "", request.method, request.path)
+        tls = bool(flow.client_conn.tls)
+        decision = self.gate.on_request(*asked, tls=tls)
+        if decision.verdict is Verdict.ASK:  # a human decides: held up to the profile's hold
+            return self._held_request(flow, state, decision, asked, tls)
+        self._apply(flow, state, decision)
+        return None
+
+    def _apply(self, flow: http.HTTPFlow, state, decision: Decision) -> None:
+        request = flow.request
+        if state.upstream_ip is not None:  # a placeholder: connect to the real address
+            request.data.host = state.upstream_ip
         if not decision.allowed:
             flow.response = http.Response.make(
                 403, _blocked_page(decision, flow), {"content-type": "text/plain"}
@@ -164,6 +185,8 @@ class SandgateAddon:
 
 
 def _blocked_page(decision: Decision, flow: http.HTTPFlow) -> str:
+    if decision.reason in _APPROVAL_REASONS:
+        return _approval_page(decision, flow)
     rule = decision.rule
     return (
         "Blocked by sandgate, the sandbox's egress gateway.\n\n"
@@ -176,3 +199,44 @@ def _blocked_page(decision: Decision, flow: http.HTTPFlow) -> str:
         "they can check it with: sandgate check --method "
         f"{flow.request.method} {flow.request.pretty_url[:300]}\n"
     )
+
+
+_APPROVAL_REASONS = frozenset(
+    {
+        Reason.APPROVAL_PENDING,
+        Reason.APPROVAL_DENIED,
+        Reason.APPROVAL_EXPIRED,
+        Reason.APPROVAL_QUEUE_FULL,
+    }
+)
+
+
+def _approval_page(decision: Decision, flow: http.HTTPFlow) -> str:
+    """A held request's 403: one line of text, then JSON naming the destination, the
+    pending approval and how to ask for it (docs/approvals.md)."""
+    request = flow.request
+    approval_id = (
+        decision.detail.split(" ", 2)[1].rstrip(":")
+        if decision.detail.startswith("approval ")
+        else None
+    )
+    ask = f"sandgate approvals approve {approval_id}" if approval_id else None
+    body = {
+        "error": "approval_required"
+        if decision.reason is Reason.APPROVAL_PENDING
+        else str(decision.reason),
+        "reason": str(decision.reason),
+        "destination": f"{request.method} {request.pretty_url[:300]}",
+        "approval_id": approval_id,
+        "rule": decision.rule.id,
+        "detail": decision.detail,
+        "ask_an_admin": ask,
+        "retry": decision.reason is Reason.APPROVAL_PENDING,
+    }
+    line = (
+        f"sandgate: {request.method} {request.pretty_url[:300]} needs a human's approval "
+        f"({decision.reason}); approval {approval_id}: ask an admin to run `{ask}`, then retry"
+        if decision.reason is Reason.APPROVAL_PENDING
+        else f"sandgate: {request.method} {request.pretty_url[:300]}: {decision.reason} ({decision.detail})"
+    )
+    return line + "\n" + json.dumps(body) + "\n"

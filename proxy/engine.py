@@ -54,8 +54,11 @@ class ProxyEngine:
     `gate` is what the addon applies (proxy/gate.py); `started()` imports and starts
     mitmproxy once, whoever asks first; `serve` asks."""
 
-    def __init__(self, gate, confdir: Path, upstream_ca: Path | None = None):
+    def __init__(
+        self, gate, confdir: Path, upstream_ca: Path | None = None, addon_args: tuple = ()
+    ):
         self.gate = gate
+        self.addon_args = addon_args  # SandgateAddon's after the gate: approvals, resolve
         self.confdir = confdir
         self.upstream_ca = upstream_ca
         self.addon = None  # the SandgateAddon, once started
@@ -80,7 +83,7 @@ class ProxyEngine:
             Addon,
         ) = await asyncio.to_thread(_import_mitmproxy)
         self.confdir.mkdir(parents=True, exist_ok=True)
-        self.addon = Addon(self.gate)
+        self.addon = Addon(self.gate, *self.addon_args)
         opts = options.Options()
         master = Master(opts)
         # No NextLayer addon: sandgate's addon is the only one that picks a layer, so

@@ -49,7 +49,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from enum import Enum
 
+from sandgate.proxy.approvals.pending import AskKey, Grant, PendingStore
 from sandgate.proxy.clienthello import parse_client_hello, starts_like_tls_record
+from sandgate.proxy.dns.placeholders import Placeholders, in_pool
 from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
 from sandgate.proxy.limits import ConnectionCounts
 from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
@@ -87,6 +89,7 @@ class Outcome(Enum):
     PASSTHROUGH = "passthrough"  # allowed by `state.allowed`: relay bytes untouched
     INTERCEPT = "intercept"  # allowed TLS whose rules need HTTP: terminate with the gateway CA
     HTTP = "http"  # plain HTTP: each request is decided by `on_request`
+    ASK = "ask"  # a human decides: hold it (`state.ask_key`), then `on_answer`
 
 
 class DnsBindingsView:
@@ -118,6 +121,12 @@ class ConnState:
     # How its adapter closes it, `abort(why)`; set by the adapter that owns it. A
     # policy reload closes with it the connections the new policy denies.
     abort: Callable[[str], None] | None = None
+    # A placeholder destination (proxy/dns/placeholders.py): the name it stands for.
+    # Decided by name alone; the adapter resolves it for real before connecting.
+    placeholder: str | None = None
+    upstream_ip: str | None = None  # the real address a placeholder's name resolved to
+    asking: Decision | None = None  # the ASK decision a held connection waits on
+    ask_key: AskKey | None = None
 
     @property
     def silent(self) -> bool:
@@ -131,6 +140,7 @@ _REVOKED_PHASE = {Phase.HANDED_OFF: Phase.HANDED_OFF}
 
 # The phase a decided outcome puts a connection in.
 _PHASE_OF = {
+    Outcome.ASK: Phase.ASKING,
     Outcome.PASSTHROUGH: Phase.PASSING,
     Outcome.INTERCEPT: Phase.INTERCEPTING,
     Outcome.HTTP: Phase.HTTP,
@@ -149,8 +159,13 @@ class ConnectionGate:
         bindings: DnsBindingsView,
         emit: Callable[[Event], None],
         clock: Callable[[], float] = time.monotonic,
+        approvals: PendingStore | None = None,
+        placeholders: Placeholders | None = None,
     ):
         self.policy = policy
+        # Earlier human decisions (proxy/approvals/); None: `ask` is denied.
+        self.approvals = approvals
+        self.placeholders = placeholders
         self.registry = registry
         self.bindings = bindings
         self.emit = emit
@@ -199,8 +214,25 @@ class ConnectionGate:
                 self._emit_connection(limited, fields, None, "tcp", started)
                 return None
             state = ConnState(key, sandbox, ip, dst_port, fields, started, started)
-            decision = self._decide_connect(state, name=None)
-            if decision.reason in _FINAL_AT_CONNECT:
+            if self.placeholders is not None and in_pool(ip):
+                # A name the DNS filter answered with a placeholder: decided by name.
+                state.placeholder = self.placeholders.name_for(sandbox.address, str(ip))
+                if state.placeholder is None:
+                    self._emit_connection(
+                        deny(
+                            "spoofed-destination",
+                            detail=f"{ip} is a placeholder the gateway never gave this sandbox",
+                        ),
+                        fields,
+                        None,
+                        "tcp",
+                        started,
+                    )
+                    return None
+                decision = None
+            else:
+                decision = self._decide_connect(state, name=None)
+            if decision is not None and decision.reason in _FINAL_AT_CONNECT:
                 self._emit_connection(decision, fields, None, "tcp", started)
                 return None
             self._step(state, Step.CONNECT, Phase.OPEN)
@@ -275,10 +307,24 @@ class ConnectionGate:
         if starts_like_tls_record(data):
             return self._tls(state, data)
         if _looks_like_http(data):
+            if state.placeholder is not None:
+                return self._placeholder_http(state)
             return Outcome.HTTP
         if _too_few_to_tell(data):
             return Outcome.WAIT
         return self._raw_tcp(state)
+
+    def _placeholder_http(self, state: ConnState) -> Outcome:
+        """Plain HTTP to a placeholder: its name is known, so a denial is final now;
+        an ask is asked per request (held in the addon, then a 403 or allowed)."""
+        state.name = state.placeholder
+        decision = self._consult(state, self._decide_connect(state, state.name), "http")
+        if not decision.allowed and decision.verdict is not Verdict.ASK:
+            return self._reject(state, decision, "http")
+        if decision.verdict is Verdict.ASK:
+            state.asking = decision
+        # Allowed, or to be asked per request (a held request can get its 403).
+        return Outcome.HTTP
 
     def _spoke_after_silence(self, state: ConnState, data: bytes) -> Outcome:
         if not (starts_like_tls_record(data) or _looks_like_http(data)):
@@ -363,8 +409,16 @@ class ConnectionGate:
                     deny("malformed-tls", reason=Reason.INVALID_NAME, detail=f"SNI: {e}"),
                     "tls",
                 )
+            if state.placeholder is not None and state.name != state.placeholder:
+                return self._reject(
+                    state,
+                    _mismatch(f"SNI {state.name} to the placeholder of {state.placeholder}"),
+                    "tls",
+                )
             decision = self._decide_connect(state, name=state.name)
-        decision = _without_approver(decision)
+        decision = self._consult(state, decision, "tls")
+        if decision.verdict is Verdict.ASK:
+            return self._ask(state, decision, "tls")
         self._emit_connection(decision, state.fields, state.name, "tls", state.started)
         if not decision.allowed:
             return Outcome.REJECT
@@ -378,13 +432,23 @@ class ConnectionGate:
             )
         else:
             # No name in the protocol: try the names this sandbox resolved to the address.
-            decision = self._decide_connect(state, name=None)
-            for name in self.bindings.names_for(state.sandbox.address, str(state.ip)):
-                candidate = self._decide_connect(state, name=name)
-                if candidate.allowed or candidate.reason is Reason.RULE_DENY:
-                    state.name, decision = name, candidate
-                    break
-            decision = _without_approver(decision)
+            if state.placeholder is not None:
+                state.name = state.placeholder
+                decision = self._decide_connect(state, name=state.name)
+            else:
+                decision = self._decide_connect(state, name=None)
+                for name in self.bindings.names_for(state.sandbox.address, str(state.ip)):
+                    candidate = self._decide_connect(state, name=name)
+                    if (
+                        candidate.allowed
+                        or candidate.verdict is Verdict.ASK
+                        or candidate.reason is Reason.RULE_DENY
+                    ):
+                        state.name, decision = name, candidate
+                        break
+            decision = self._consult(state, decision, "tcp")
+            if decision.verdict is Verdict.ASK:
+                return self._ask(state, decision, "tcp")
             if decision.allowed and decision.inspect:
                 # A rule here checks HTTP methods or paths: bytes that are not HTTP
                 # cannot be held to it, so they may not pass at all.
@@ -411,10 +475,52 @@ class ConnectionGate:
         try:
             self._step(state, Step.REQUEST, state.phase)
             decision, name = self._decide_request(state, host, method, path)
-            decision = _without_approver(decision)
+            protocol = "https" if tls else "http"
+            decision = self._consult(state, decision, protocol, name, method, path, request=True)
+            if decision.verdict is Verdict.ASK:
+                return decision  # the adapter holds the request, then `on_request_answer`
         except Exception as e:  # noqa: BLE001
             log.exception("request decision failed; denying")
             decision = deny("internal-error", detail=f"{type(e).__name__}: {e}")
+        self._emit_request(state, decision, name, method, path, tls, started)
+        return decision
+
+    def request_ask_key(
+        self, state: ConnState, decision: Decision, host: str, method: str, path: str, tls: bool
+    ) -> AskKey:
+        """What a held request (on_request said ASK) waits on."""
+        name = self._request_name(state, host)
+        return self._ask_key(state, decision, "https" if tls else "http", name, method, path)
+
+    def on_request_answer(
+        self,
+        state: ConnState,
+        asked: Decision,
+        answer,
+        host: str,
+        method: str,
+        path: str,
+        tls: bool,
+    ) -> Decision:
+        """A held request's end (`answer`: proxy/approvals/holder.HoldResult): the
+        final decision, emitted."""
+        started = self.clock()
+        decision = _answered(asked, answer)
+        self._emit_request(
+            state, decision, self._request_name(state, host), method, path, tls, started, answer
+        )
+        return decision
+
+    def _request_name(self, state: ConnState, host: str) -> str | None:
+        host_only = _host_of(host)
+        if not host_only or parse_ip(host_only) is not None:
+            return state.name
+        try:
+            return parse_domain(host_only)
+        except InvalidName:
+            return state.name
+
+    def _emit_request(self, state, decision, name, method, path, tls, started, answer=None) -> None:
         self.emit(
             Event.from_decision(
                 EventKind.REQUEST,
@@ -425,9 +531,9 @@ class ConnectionGate:
                 method=method,
                 path=path,
                 latency=self.clock() - started,
+                **_answer_fields(answer),
             )
         )
-        return decision
 
     def _decide_request(
         self, state: ConnState, host: str, method: str, path: str
@@ -455,7 +561,7 @@ class ConnectionGate:
             port=state.port,
             method=method,
             path=path.split("?", 1)[0],
-            ip=state.ip,
+            ip=None if state.placeholder is not None else state.ip,
             name=name,
             name_resolved_to_ip=self._resolved(state, name),
         )
@@ -558,7 +664,15 @@ class ConnectionGate:
         if facts is None or facts.name != state.name:
             self._decide_connect(state, state.name)  # records the facts
             facts = state.facts
-        decision = _without_approver(decide(self.policy, facts))
+        decision = decide(self.policy, facts)
+        if decision.verdict is Verdict.ASK and self.approvals is not None:
+            # Still a question for a human: one that is held waits for its answer; one
+            # a human answered keeps that answer (a grant, or a once approval used).
+            if state.phase is Phase.ASKING:
+                return None
+            if state.allowed is not None and state.allowed.reason is Reason.APPROVAL_GRANTED:
+                return None
+        decision = _without_approver(decision)
         if not decision.allowed:
             return decision
         if decision.inspect and state.outcome is Outcome.PASSTHROUGH:
@@ -572,19 +686,96 @@ class ConnectionGate:
 
     # --- helpers ------------------------------------------------------------------------
 
+    # --- approvals ---------------------------------------------------------------------
+
+    def _consult(
+        self,
+        state: ConnState,
+        decision: Decision,
+        protocol: str,
+        name: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        request: bool = False,
+    ) -> Decision:
+        """An ASK decision, answered by an earlier human decision when there is one
+        (a grant: allowed, approval_granted; a denial: approval_denied), else left
+        ASK for the adapter to hold. Without approvals: approval_unavailable."""
+        if decision.verdict is not Verdict.ASK:
+            return decision
+        if self.approvals is None:
+            return _without_approver(decision)
+        key = self._ask_key(
+            state, decision, protocol, name if request else state.name, method, path
+        )
+        grant = self.approvals.grant_for(key)
+        return _answered(decision, grant) if grant is not None else decision
+
+    def _ask_key(self, state, decision, protocol, name, method, path) -> AskKey:
+        """The ask's key: a request ask (a rule with methods or paths) includes
+        method and path; any other ask is about the destination."""
+        inspects = decision.rule.inspects
+        return AskKey.make(
+            task_id=state.sandbox.task_id or state.sandbox.address,
+            sandbox=state.sandbox.address,
+            profile=state.sandbox.profile,
+            name=name or str(state.ip),
+            port=state.port,
+            protocol=protocol,
+            method=method if inspects else None,
+            path=path if inspects else None,
+        )
+
+    def _ask(self, state: ConnState, decision: Decision, protocol: str) -> Outcome:
+        state.asking, state.protocol = decision, protocol
+        state.ask_key = self._ask_key(state, decision, protocol, state.name, None, None)
+        return Outcome.ASK
+
+    def on_answer(self, state: ConnState, answer) -> Outcome:
+        """A held connection's hold ended (`answer`: proxy/approvals/holder.HoldResult):
+        emit its decision and say what to do with it."""
+        started = self.clock()
+        try:
+            decision = _answered(state.asking, answer)
+            if decision.allowed:
+                state.allowed = decision
+                if state.protocol == "http":
+                    outcome = Outcome.HTTP
+                else:
+                    outcome = Outcome.INTERCEPT if decision.inspect else Outcome.PASSTHROUGH
+            else:
+                outcome = Outcome.REJECT
+            self._step(state, Step.ANSWER, _PHASE_OF[outcome])
+            state.outcome = outcome
+        except Exception as e:  # noqa: BLE001
+            self._fail(state, e, started)
+            return Outcome.REJECT
+        self.emit(
+            Event.from_decision(
+                EventKind.CONNECTION,
+                decision,
+                **state.fields,
+                protocol=state.protocol,
+                name=state.name,
+                latency=self.clock() - started,
+                **_answer_fields(answer),
+            )
+        )
+        return outcome
+
     def _decide_connect(self, state: ConnState, name: str | None) -> Decision:
         state.facts = ConnectFacts(
             profile=state.sandbox.profile,
             port=state.port,
-            ip=state.ip,
+            ip=None if state.placeholder is not None else state.ip,
             name=name,
             name_resolved_to_ip=self._resolved(state, name),
         )
         return decide(self.policy, state.facts)
 
     def _resolved(self, state: ConnState, name: str | None) -> bool | None:
-        if name is None:
-            return None
+        if name is None or state.placeholder is not None:
+            return None  # a placeholder's name: the gateway resolves it itself
         return self.bindings.resolved(state.sandbox.address, name, str(state.ip))
 
     def _reject(self, state: ConnState, decision: Decision, protocol: str) -> Outcome:
@@ -660,6 +851,55 @@ def _without_approver(decision: Decision) -> Decision:
             detail=f"{decision.detail}; the profile asks a human, and no approver is connected",
         )
     return decision
+
+
+_ANSWER_REASONS = {
+    "denied": (Reason.APPROVAL_DENIED, "a human denied it"),
+    "pending": (Reason.APPROVAL_PENDING, "no decision within the hold; still pending"),
+    "expired": (Reason.APPROVAL_EXPIRED, "nobody decided in time"),
+    "queue_full": (
+        Reason.APPROVAL_QUEUE_FULL,
+        "the sandbox has as many approvals pending as its profile allows",
+    ),
+}
+
+
+def _answered(asked: Decision, answer) -> Decision:
+    """The decision a human's answer (a Grant, or a HoldResult) makes of an ASK."""
+    if isinstance(answer, Grant):
+        word = "granted" if answer.approved else "denied"
+        found = answer.pending
+    else:
+        word, found = answer.answer.value, answer.pending
+    where = f"approval {found.id}" if found is not None else "no approval"
+    if word == "granted":
+        scope = found.scope or "once"
+        return Decision(
+            Verdict.ALLOW,
+            Reason.APPROVAL_GRANTED,
+            asked.rule,
+            inspect=asked.inspect,
+            detail=f"{where} granted ({scope}) by {found.approver}",
+        )
+    reason, why = _ANSWER_REASONS[word]
+    hint = (
+        f"; ask an admin: sandgate approvals approve {found.id}"
+        if word == "pending" and found is not None
+        else ""
+    )
+    return Decision(Verdict.DENY, reason, asked.rule, detail=f"{where}: {why}{hint}")
+
+
+def _answer_fields(answer) -> dict:
+    found = getattr(answer, "pending", None)
+    if found is None:
+        return {}
+    return {
+        "approval_id": found.id,
+        "approver": found.approver,
+        "scope": str(found.scope) if found.scope else None,
+        "wait": getattr(answer, "waited", None),
+    }
 
 
 def _mismatch(detail: str) -> Decision:

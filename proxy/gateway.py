@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandgate.proxy.approvals.holder import Approvals
 from sandgate.proxy.dns.bindings import DnsBindings
+from sandgate.proxy.dns.placeholders import Placeholders
 from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
 from sandgate.proxy.frontdoor.door import FrontDoor
@@ -49,7 +51,17 @@ class Gateway:
         self.registry = SandboxRegistry()
         self.bindings = DnsBindings()
         self.events = EventFanout(*sinks)
-        self.gate = ConnectionGate(policy, self.registry, self.bindings, self.emit)
+        self.placeholders = Placeholders()
+        # Pending approvals: held connections and requests, decided over the control socket.
+        self.approvals = Approvals(self.emit, lambda profile: self.policy.approval_for(profile))
+        self.gate = ConnectionGate(
+            policy,
+            self.registry,
+            self.bindings,
+            self.emit,
+            approvals=self.approvals.store,
+            placeholders=self.placeholders,
+        )
         self.dns = DnsFilter(
             decide_name=lambda profile, name: decide(self.policy, NameFacts(profile, name)),
             sandbox_for=self._sandbox_for,
@@ -59,10 +71,18 @@ class Gateway:
             bindings=self.bindings,
             keep_special=self._keep_special,
             limits_for=lambda profile: self.policy.limits_for(profile),
+            placeholders=self.placeholders,
         )
         # mitmproxy, imported and started only when something needs it (see start).
-        self.proxy = ProxyEngine(self.gate, config.confdir, upstream_ca=config.upstream_ca)
-        self.frontdoor = FrontDoor(self.gate, self.proxy.serve)
+        self.proxy = ProxyEngine(
+            self.gate,
+            config.confdir,
+            upstream_ca=config.upstream_ca,
+            addon_args=(self.approvals, self._resolve_placeholder),
+        )
+        self.frontdoor = FrontDoor(
+            self.gate, self.proxy.serve, approvals=self.approvals, resolve=self._resolve_placeholder
+        )
 
     async def start(self, *, inspection: bool | None = None) -> None:
         """Listen. mitmproxy starts now if `inspection` (None: if any profile has a rule
@@ -71,6 +91,7 @@ class Gateway:
         if inspection is None:
             inspection = inspects(self.policy)
         raise_descriptor_limit()
+        self.approvals.start()
         await self.dns.start(self.config.listen_host, self.config.dns_port)
         try:
             if inspection:
@@ -82,6 +103,7 @@ class Gateway:
             raise
 
     async def stop(self) -> None:
+        await self.approvals.stop()
         await self.frontdoor.stop()
         await self.proxy.stop()
         await self.dns.stop()
@@ -136,8 +158,15 @@ class Gateway:
         self.registry.add(sandbox)
 
     def remove_sandbox(self, address: str) -> None:
+        sandbox = self.registry.get(address)
         self.registry.remove(address)
         self.bindings.forget(address)
+        self.placeholders.forget(address)
+        if sandbox is not None:
+            self.approvals.forget_task(sandbox.task_id or address)
+
+    async def _resolve_placeholder(self, state, name: str) -> str | None:
+        return await self.dns.resolve_address(state.sandbox.address, state.sandbox.profile, name)
 
     def _sandbox_for(self, source_ip: str) -> tuple[str, str] | None:
         sandbox = self.registry.get(source_ip)

@@ -13,6 +13,8 @@ reason `internal_error` and its event: fail closed, still report.
     NEW --connect--> OPEN
     OPEN --first_bytes--> OPEN (wait) | PASSING | HTTP | INTERCEPTING | REJECTED
     OPEN --silence--> OPEN (web port) | SILENT (allowed) | REJECTED
+    OPEN, SILENT --first_bytes--> ASKING (a human must approve: the adapter holds it)
+    ASKING --answer--> PASSING | HTTP | INTERCEPTING | REJECTED
     SILENT --first_bytes--> SILENT (wait) | PASSING (raw bytes) | HTTP | INTERCEPTING | REJECTED
     SILENT --server_spoke--> PASSING
     HTTP, INTERCEPTING --hand_off--> HANDED_OFF --adopt--> HTTP, INTERCEPTING
@@ -35,6 +37,7 @@ class Phase(Enum):
     INTERCEPTING = (
         "intercepting"  # allowed TLS terminated with the gateway CA: each request is decided
     )
+    ASKING = "asking"  # held while a human decides (proxy/approvals/)
     HANDED_OFF = "handed_off"  # given by the front door to mitmproxy, which adopts it
     REJECTED = "rejected"  # denied: the adapter closes it
     CLOSED = "closed"  # gone; its end is reported
@@ -45,6 +48,7 @@ class Step(Enum):
     FIRST_BYTES = "first_bytes"  # decided once; asked again, the same answer
     SILENCE = "silence"
     SERVER_SPOKE = "server_spoke"  # the first bytes of a server allowed to speak first
+    ANSWER = "answer"  # a held connection's approval was decided, or the hold ran out
     HAND_OFF = "hand_off"
     ADOPT = "adopt"
     REQUEST = "request"
@@ -53,7 +57,9 @@ class Step(Enum):
     CLOSE = "close"
 
 
-_DECIDED_ON_BYTES = frozenset({Phase.PASSING, Phase.HTTP, Phase.INTERCEPTING, Phase.REJECTED})
+_DECIDED_ON_BYTES = frozenset(
+    {Phase.PASSING, Phase.HTTP, Phase.INTERCEPTING, Phase.REJECTED, Phase.ASKING}
+)
 
 # phase -> step -> the phases the step may lead to. The one table.
 TRANSITIONS: dict[Phase, dict[Step, frozenset[Phase]]] = {
@@ -68,6 +74,13 @@ TRANSITIONS: dict[Phase, dict[Step, frozenset[Phase]]] = {
     Phase.SILENT: {
         Step.FIRST_BYTES: _DECIDED_ON_BYTES | {Phase.SILENT},
         Step.SERVER_SPOKE: frozenset({Phase.PASSING}),
+        Step.FAIL: frozenset({Phase.REJECTED}),
+        Step.REVOKE: frozenset({Phase.REJECTED}),
+        Step.CLOSE: frozenset({Phase.CLOSED}),
+    },
+    Phase.ASKING: {
+        Step.FIRST_BYTES: frozenset({Phase.ASKING}),
+        Step.ANSWER: frozenset({Phase.PASSING, Phase.HTTP, Phase.INTERCEPTING, Phase.REJECTED}),
         Step.FAIL: frozenset({Phase.REJECTED}),
         Step.REVOKE: frozenset({Phase.REJECTED}),
         Step.CLOSE: frozenset({Phase.CLOSED}),

@@ -29,6 +29,7 @@ COMMANDS = {
     "status": "status",
     "sandboxes": "status",
     "reload": "status",
+    "approvals": "approvals",
     "selftest": "selftest",
     "audit": "audit",
     "gc": "gc",

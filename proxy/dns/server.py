@@ -18,19 +18,25 @@ import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 from sandgate.proxy.dns.answer import FilteredAnswer, filter_answer, render, upstream_failure
 from sandgate.proxy.dns.bindings import DnsBindings, canonical_address
+from sandgate.proxy.dns.placeholders import TTL as PLACEHOLDER_TTL
+from sandgate.proxy.dns.placeholders import Placeholders
 from sandgate.proxy.dns.query import (
+    OUR_PAYLOAD,
     DecideName,
     QueryCheck,
     check_query,
     header_response,
+    make_response,
     refused,
 )
 from sandgate.proxy.limits import TokenBuckets
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.model import DEFAULT_LIMITS, Decision, Limits
 from sandgate.proxy.policy.names import IPAddress, format_host_port
+from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import Event, EventKind, EventSink
 
 log = logging.getLogger("sandgate.dns")
@@ -66,8 +72,11 @@ class DnsFilter:
         max_pending_per_sandbox: int = 128,
         limits_for: Callable[[str], Limits] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        placeholders: Placeholders | None = None,
     ):
-        """`limits_for(profile)`: the profile's caps (its `dns_qps`); the defaults
+        """`placeholders`: answer names the policy asks a human about from the
+        placeholder pool (proxy/dns/placeholders.py), never from upstream.
+        `limits_for(profile)`: the profile's caps (its `dns_qps`); the defaults
         when not given. `clock` (monotonic seconds) drives the rate buckets."""
         self.decide_name = decide_name
         self.sandbox_for = sandbox_for
@@ -89,6 +98,7 @@ class DnsFilter:
         self._pending: dict[str, int] = {}
         self.limits_for = limits_for or (lambda profile: DEFAULT_LIMITS)
         self.rates = TokenBuckets(clock)  # queries a second, per sandbox
+        self.placeholders = placeholders
 
     async def start(self, listen_host: str, port: int) -> None:
         """Bind UDP and TCP on `listen_host:port` (port 0: any free port, the same
@@ -194,6 +204,8 @@ class DnsFilter:
         over = self._over_rate(sandbox, profile)
         if over is not None:
             return refused(check, wire), over, {"detail": _join(over.detail, check.qtype or "")}
+        if check.decision.verdict is Verdict.ASK and self.placeholders is not None:
+            return self._placeholder(check, sandbox, udp)
         if check.action != "forward":
             detail = _join(check.decision.detail, check.qtype or "")
             return check.response, check.decision, {"detail": detail}
@@ -206,6 +218,65 @@ class DnsFilter:
         detail = _join(check.decision.detail, extra, summary)
         response = render(answer.response, check.query, udp=udp)
         return response, answer.decision or check.decision, {"detail": detail}
+
+    def _placeholder(
+        self, check: QueryCheck, sandbox: str, udp: bool
+    ) -> tuple[bytes | None, Decision, dict]:
+        """A name a human must approve first: an A answer from the placeholder pool (no
+        data for other types), and not a byte to the upstream resolver."""
+        response = make_response(check.query)
+        answered = ""
+        if check.qtype == "A":
+            address = self.placeholders.address_for(sandbox, check.name)
+            response.answer.append(
+                dns.rrset.from_text(
+                    check.query.question[0].name, PLACEHOLDER_TTL, "IN", "A", address
+                )
+            )
+            answered = f"placeholder {address}"
+        detail = _join(
+            check.decision.detail,
+            f"{check.qtype} {answered or 'NOERROR, no data'}: answered from the placeholder "
+            "pool; resolved upstream only after approval",
+        )
+        return render(response, check.query, udp=udp), check.decision, {"detail": detail}
+
+    async def resolve_address(self, sandbox: str, profile: str, name: str) -> str | None:
+        """Resolve `name` upstream for `sandbox` (a placeholder's name, after approval):
+        its first usable IPv4 address, recorded as a binding; None if there is none.
+        The answer is filtered like any other (rebinding), and the query is an event."""
+        query = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=OUR_PAYLOAD)
+        started = time.perf_counter()
+        upstream, failure = await self._ask_upstream(query)
+        if upstream is None:
+            answer = upstream_failure(query, failure)
+        else:
+            keep = functools.partial(self.keep_special, profile) if self.keep_special else None
+            answer = filter_answer(query, upstream, keep_special=keep)
+        for bound, ip, ttl in answer.bindings:
+            self.bindings.record(sandbox, bound, ip, ttl)
+        addresses = [
+            rd.address
+            for rrset in answer.response.answer
+            if rrset.rdtype == dns.rdatatype.A
+            for rd in rrset
+        ]
+        decision = answer.decision or deny("dns-upstream", "no address") if not addresses else None
+        self._emit(
+            Event(
+                kind=EventKind.DNS,
+                verdict=Verdict.ALLOW if addresses else Verdict.DENY,
+                reason=Reason.APPROVAL_GRANTED if addresses else decision.reason,
+                detail=f"A {_describe(answer.response)}: resolved by the gateway for a "
+                "placeholder, after approval",
+                sandbox=sandbox,
+                profile=profile,
+                name=name,
+                protocol="dns",
+                duration=time.perf_counter() - started,
+            )
+        )
+        return addresses[0] if addresses else None
 
     def _over_rate(self, sandbox: str, profile: str) -> Decision | None:
         """A `sandbox_limit` denial when `sandbox` is over its profile's `dns_qps`,

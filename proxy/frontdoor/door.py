@@ -59,8 +59,15 @@ class FrontDoor:
         connect_timeout: float = 30.0,
         idle_timeout: float = 600.0,
         backlog: int = 1024,
+        approvals=None,
+        resolve: Callable[[ConnState, str], Awaitable[str | None]] | None = None,
     ):
+        """`approvals` (proxy/approvals/holder.Approvals) holds connections a human
+        must approve; `resolve(state, name)` finds the real address of a placeholder's
+        name (the DNS filter's upstream, after approval)."""
         self.gate = gate
+        self.approvals = approvals
+        self.resolve = resolve
         self.hand_off = hand_off
         self.original_dst = original_dst
         self.upstream_address = upstream_address
@@ -250,6 +257,7 @@ class Connection:
         "relay",
         "holding",
         "done",
+        "held",
     )
 
     def __init__(
@@ -274,6 +282,7 @@ class Connection:
         self.relay: Relay | None = None  # once relaying
         self.holding = False  # relaying only the server's bytes (see _relay)
         self.done = False
+        self.held: asyncio.Task | None = None  # waiting for a human, or for a placeholder's address
         state.abort = functools.partial(self.finish, reset=True)  # a reload's revoke
 
     # --- first bytes ----------------------------------------------------------------------
@@ -337,6 +346,16 @@ class Connection:
 
     def _decided(self, outcome: Outcome) -> None:
         self.door.unwait(self)
+        if outcome is Outcome.ASK or (
+            outcome is not Outcome.REJECT
+            and self.state.placeholder is not None
+            and self.state.upstream_ip is None
+            # plain HTTP still to be asked about: the addon asks per request, and
+            # resolves the name once one is approved
+            and not (outcome is Outcome.HTTP and self.state.asking is not None)
+        ):
+            self._hold(outcome)
+            return
         if outcome is Outcome.PASSTHROUGH:
             self._connect()
         elif outcome is Outcome.HTTP or outcome is Outcome.INTERCEPT:
@@ -347,6 +366,47 @@ class Connection:
             self.door._hand_off(self)
         else:  # REJECT: the gate emitted the denial
             self.finish(None, drain=True)
+
+    # --- held: a human decides, or a placeholder's name is resolved ----------------------
+
+    def _hold(self, outcome: Outcome) -> None:
+        """Read nothing meanwhile; a client that gives up ends the hold."""
+        self.door.poller.handlers[self.client_fd] = self._while_held
+        self.held = self.loop.create_task(self._held(outcome))
+
+    def _while_held(self, events: int) -> None:
+        if events & CLOSED and self.held is not None:
+            self.held.cancel()
+            self.finish("the client closed while held for approval")
+
+    async def _held(self, outcome: Outcome) -> None:
+        try:
+            if outcome is Outcome.ASK:
+                state = self.state
+                answer = await self.door.approvals.hold(
+                    state.ask_key, state.asking.rule.id, state.fields
+                )
+                if self.done:
+                    return
+                outcome = self.door.gate.on_answer(state, answer)
+            if outcome is not Outcome.REJECT and self.state.placeholder is not None:
+                ip = await self.door.resolve(self.state, self.state.placeholder)
+                if self.done:
+                    return
+                if ip is None:
+                    self.finish(
+                        f"{self.state.placeholder} did not resolve to a public address",
+                        reset=True,
+                    )
+                    return
+                self.state.upstream_ip, self.dst = ip, (ip, self.dst[1])
+            self.held = None
+            self.door.poller.handlers[self.client_fd] = self.on_waiting_event
+            self._decided(outcome)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self.crash(e)
 
     # --- upstream -------------------------------------------------------------------------
 
@@ -499,6 +559,8 @@ class Connection:
         if self.done:
             return
         self.done = True
+        if self.held is not None and self.held is not asyncio.current_task():
+            self.held.cancel()
         self.door.unwait(self)
         poller = self.door.poller
         for sock in (self.client, self.upstream):

@@ -9,11 +9,14 @@ Check order for a destination (connection or request), first answer wins:
     name, and no IP rule allows the address -> DENY spoofed_destination.
  4. an allow rule that matches -> ALLOW rule_allow (`inspect` set when any rule
     for this destination needs HTTP methods or paths to be checked).
- 5. the profile's fallback (deny, ask or audit) answers; the reason says how
+ 5. an ask rule that matches -> ASK rule_ask: a human decides (proxy/approvals/).
+    An allow written in advance needs no asking; a deny is never asked about.
+ 6. the profile's fallback (deny, ask or audit) answers; the reason says how
     near a rule came (port_not_allowed, method_not_allowed, path_not_allowed)
     or no_rule.
-At connection time (no method yet) rules with methods/paths cannot deny, and may
-allow only with inspection; the request decision then applies them, to the
+At connection time (no method yet) rules with methods/paths cannot deny or ask, and
+may allow only with inspection (an ask rule with methods/paths too: its requests
+are asked); the request decision then applies them, to the
 request's canonical path (names.parse_path) and upper-cased method.
 
 A DNS question (NameFacts) is allowed when some allow rule names the name on a
@@ -42,7 +45,7 @@ INTERNAL_ERROR_RULE = builtin_rule("internal-error")
 
 log = logging.getLogger("sandgate.policy")
 
-ALLOW, DENY = Verdict.ALLOW, Verdict.DENY
+ALLOW, DENY, ASK = Verdict.ALLOW, Verdict.DENY, Verdict.ASK
 _NO_RULES: tuple[Rule, ...] = ()
 
 
@@ -78,6 +81,13 @@ def _decide_name(profile: CompiledProfile, name: str) -> Decision:
         if rule.action is ALLOW and rule.ports - denied_ports:
             return _shared(profile, Reason.RULE_ALLOW, rule)
     for rule in rules:
+        if rule.action is ASK and rule.ports - denied_ports:
+            # An ask about requests (methods, paths) lets the name resolve: its
+            # connections are allowed with inspection, and each request is asked.
+            if rule.inspects:
+                return _shared(profile, Reason.RULE_ALLOW, rule, inspect=True)
+            return _shared(profile, Reason.RULE_ASK, rule)
+    for rule in rules:
         if rule.action is DENY and not rule.inspects:
             return _shared(profile, Reason.RULE_DENY, rule)
     return _shared(profile, Reason.NO_RULE, profile.fallback)
@@ -108,6 +118,7 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
     # 1. deny wins. One pass (the hot path): a deny that applies answers at once;
     # the allows that apply are kept, address rules first.
     allows: list[Rule] = []
+    asks: list[Rule] = []
     inspect = False  # some rule for this destination still depends on the request
     for rule in ip_rules + name_rules:
         if port not in rule.ports:
@@ -122,6 +133,9 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
                 continue
         if rule.action is DENY:
             return rule.decision or _shared(profile, Reason.RULE_DENY, rule)
+        if rule.action is ASK and (method is not None or not rule.inspects):
+            asks.append(rule)
+            continue
         allows.append(rule)
 
     # 2. private ranges, open only to a CIDR rule inside them
@@ -133,9 +147,9 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
 
     # 3. name-based allows need the address to be one the gateway resolved for the name
     if (
-        allows
+        (allows or asks)
         and facts.name_resolved_to_ip is False
-        and not any(r is a for a in allows for r in ip_rules)
+        and not any(r is a for a in allows + asks for r in ip_rules)
     ):
         return Decision(
             DENY,
@@ -153,7 +167,11 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
             return best.decision or _shared(profile, Reason.RULE_ALLOW, best)
         return _shared(profile, Reason.RULE_ALLOW, best, inspect=True)
 
-    # 5. fallback, saying how near a rule came
+    # 5. ask a human
+    if asks:
+        return asks[0].decision or _shared(profile, Reason.RULE_ASK, asks[0])
+
+    # 6. fallback, saying how near a rule came
     for rule in name_rules + ip_rules:
         if rule.action is not ALLOW:
             continue
@@ -189,6 +207,7 @@ def _shared(
     """The one Decision for this outcome, built on first use and then shared. The
     verdict is the rule's action (an allow or deny rule, or the fallback); `near` is
     the rule a fallback decision came close to (port, method or path not allowed).
+    An ask rule that allows a connection for its requests to be asked gives ALLOW.
 
     Kept on the rule when the outcome depends on the rule alone (the hot paths),
     where finding it touches no memory the decision has not just read; else on the
@@ -198,7 +217,7 @@ def _shared(
         found = rule.inspected_decision if inspect else rule.decision
         if found is None:
             found = Decision(
-                rule.action,
+                ALLOW if reason is Reason.RULE_ALLOW else rule.action,
                 reason,
                 rule,
                 inspect=inspect,
@@ -223,6 +242,8 @@ def _explain(reason: Reason, rule: Rule, inspect: bool, near: Rule | None) -> st
         )
     if reason is Reason.RULE_DENY:
         return f"denied by {_named(rule)}"
+    if reason is Reason.RULE_ASK:
+        return f"{_named(rule)} asks a human to approve this destination"
     answer = f"the fallback ({rule.action}, {rule.id}) answers"
     if near is None:
         return f"no rule names this destination; {answer}"

@@ -23,7 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import DEFAULT_LIMITS, Limits, Rule
+from .model import DEFAULT_APPROVAL, DEFAULT_LIMITS, ApprovalSettings, Limits, Rule
 from .names import IPAddress, IPNetwork, special_range_of
 from .reasons import Verdict
 
@@ -119,6 +119,7 @@ class CompiledProfile:
     rules: tuple[Rule, ...]  # active rules, in file order (for `rules show`)
     expired: tuple[Rule, ...] = ()
     limits: Limits = DEFAULT_LIMITS  # per-sandbox caps (`limits:`), inherited through extends
+    approval: ApprovalSettings = DEFAULT_APPROVAL  # `approval:`, inherited through extends
     exact: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     wildcard: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     wildcard_depths: tuple[int, int] = (0, 0)  # fewest and most labels of a wildcard's base
@@ -139,6 +140,7 @@ class CompiledProfile:
         fallback: Rule,
         expired: list[Rule],
         limits: Limits = DEFAULT_LIMITS,
+        approval: ApprovalSettings = DEFAULT_APPROVAL,
     ) -> CompiledProfile:
         exact: dict[str, list[Rule]] = defaultdict(list)
         wildcard: dict[str, list[Rule]] = defaultdict(list)
@@ -157,6 +159,7 @@ class CompiledProfile:
             rules=tuple(rules),
             expired=tuple(expired),
             limits=limits,
+            approval=approval,
             exact={k: tuple(v) for k, v in exact.items()},
             wildcard={k: tuple(v) for k, v in wildcard.items()},
             wildcard_depths=(min(depths), max(depths))
@@ -232,6 +235,11 @@ class CompiledPolicy:
         connections are denied as `unknown_profile` anyway)."""
         compiled = self.profiles.get(profile)
         return compiled.limits if compiled is not None else DEFAULT_LIMITS
+
+    def approval_for(self, profile: str) -> ApprovalSettings:
+        """The `approval:` settings of `profile` (the defaults for an unknown one)."""
+        compiled = self.profiles.get(profile)
+        return compiled.approval if compiled is not None else DEFAULT_APPROVAL
 
     @property
     def expired(self) -> list:

@@ -39,7 +39,18 @@ import yaml
 
 from .files import DEFAULT_RULES, PRESETS_DIR, RULES_DIR, SHIPPED_RULES_DIR  # noqa: F401 - re-exported
 from .index import CompiledPolicy, CompiledProfile
-from .model import DEFAULT_LIMITS, DEFAULT_PORTS, HTTP_METHODS, MAX_LIMITS, Limits, Rule
+from .model import (
+    DEFAULT_APPROVAL,
+    DEFAULT_LIMITS,
+    DEFAULT_PORTS,
+    HTTP_METHODS,
+    MAX_APPROVAL,
+    MAX_LIMITS,
+    ApprovalSettings,
+    Limits,
+    Rule,
+    parse_duration,
+)
 from .names import (
     DomainPattern,
     InvalidAddress,
@@ -56,6 +67,7 @@ from .reasons import Verdict
 RULE_KEYS = {
     "allow",
     "deny",
+    "ask",
     "ports",
     "methods",
     "paths",
@@ -65,7 +77,12 @@ RULE_KEYS = {
     "ticket",
     "expires",
 }
-PROFILE_KEYS = {"fallback", "extends", "include", "rules", "limits", "description"}
+PROFILE_KEYS = {"fallback", "extends", "include", "rules", "limits", "approval", "description"}
+APPROVAL_KEYS = {f.name for f in dataclasses.fields(ApprovalSettings)}
+ACTIONS = {"allow": Verdict.ALLOW, "deny": Verdict.DENY, "ask": Verdict.ASK}
+# The overlay of rules approved "always" (sandgate approvals approve --always): loaded
+# with the rules when it lies next to the first rule file (docs/approvals.md).
+APPROVED_FILE = "approved.yaml"
 LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
 FALLBACKS = {"deny": Verdict.DENY, "ask": Verdict.ASK, "audit": Verdict.AUDIT}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
@@ -130,6 +147,7 @@ class _RawProfile:
     includes: list[tuple[str, yaml.Node]] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     limits: dict[str, int] = field(default_factory=dict)  # only the caps the profile sets
+    approval: dict[str, float] = field(default_factory=dict)  # only the settings it sets
 
 
 class _Loader:
@@ -143,6 +161,8 @@ class _Loader:
         self.tried: dict[Path, None] = {}  # every real path read or tried, in order
         self.preset_rules: dict[Path, list[Rule]] = {}
         self.rule_ids: dict[str, Rule] = {}
+        # `approved:` sections (the overlay file): profile -> (rules, where named)
+        self.approved: dict[str, list[tuple[list[Rule], _Source, yaml.Node]]] = {}
         # One object per distinct port set: 100k rules share a handful, and a shared
         # set stays in the CPU cache while decide() reads it.
         self.port_sets: dict[frozenset[int], frozenset[int]] = {DEFAULT_PORTS: DEFAULT_PORTS}
@@ -286,13 +306,13 @@ class _Loader:
             return None  # reported by mapping(); `{}` goes on to "needs allow or deny"
         errors_before = len(self.problems)
         self.check_keys(source, entries, RULE_KEYS, "a rule")
-        actions = [k for k in ("allow", "deny") if k in entries]
+        actions = [k for k in ACTIONS if k in entries]
         if len(actions) != 1:
             self.problem(
                 source,
                 node,
-                "a rule needs exactly one of 'allow' or 'deny'"
-                + (" (it has both)" if actions else ""),
+                "a rule needs exactly one of 'allow', 'deny' or 'ask'"
+                + (f" (it has {' and '.join(actions)})" if actions else ""),
             )
             return None
         action = actions[0]
@@ -333,7 +353,7 @@ class _Loader:
             return None
         rule = Rule(
             id=rule_id,
-            action=Verdict.ALLOW if action == "allow" else Verdict.DENY,
+            action=ACTIONS[action],
             file=source.name,
             line=line,
             domains=tuple(domains),
@@ -461,6 +481,51 @@ class _Loader:
                 found[key] = int(text)
         return found
 
+    def approval(self, source, node) -> dict[str, float]:
+        """`approval: {hold: 30s, expire_pending: 24h, max_pending_per_sandbox: 20}`:
+        the settings given, durations from 1 s up to their maximum (MAX_APPROVAL)."""
+        entries = self.mapping(source, node, "'approval'")
+        self.check_keys(source, entries, APPROVAL_KEYS, "'approval'")
+        found: dict[str, float] = {}
+        for key, (_, value_node) in entries.items():
+            if key not in APPROVAL_KEYS:
+                continue
+            text = self.scalar(source, value_node, f"'approval: {key}'")
+            if text is None:
+                continue
+            most = getattr(MAX_APPROVAL, key)
+            if key == "max_pending_per_sandbox":
+                if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= most:
+                    self.problem(
+                        source,
+                        value_node,
+                        f"approval: {key} {text!r} is not a whole number from 1 to {most}",
+                    )
+                else:
+                    found[key] = int(text)
+                continue
+            try:
+                seconds = parse_duration(text)
+            except ValueError as e:
+                self.problem(source, value_node, f"approval: {key}: {e}")
+                continue
+            if not 1 <= seconds <= most:
+                self.problem(
+                    source,
+                    value_node,
+                    f"approval: {key} {text!r} must be from 1s to {int(most)}s",
+                )
+            else:
+                found[key] = seconds
+        return found
+
+    def approved_sections(self, source: _Source, node: yaml.Node) -> None:
+        """`approved: {PROFILE: [rules]}`: rules a human approved for a profile defined
+        in a loaded file (the overlay file approved.yaml); added to its own rules."""
+        for name, (key_node, rules_node) in self.mapping(source, node, "'approved'").items():
+            rules = self.rules(source, rules_node)
+            self.approved.setdefault(name, []).append((rules, source, key_node))
+
     # --- presets and profiles ---------------------------------------------------------
 
     def include(
@@ -510,7 +575,13 @@ class _Loader:
         if not isinstance(source.root, yaml.MappingNode):
             return {}  # reported; 'missing version' and the like would only be noise
         self.check_version(source, entries)
-        self.check_keys(source, entries, {"version", "profiles", "description"}, "the rule file")
+        self.check_keys(
+            source, entries, {"version", "profiles", "approved", "description"}, "the rule file"
+        )
+        if "approved" in entries:
+            self.approved_sections(source, entries["approved"][1])
+        if "profiles" not in entries and "approved" in entries:
+            return {}
         if "profiles" not in entries:
             self.problem(
                 source,
@@ -545,13 +616,25 @@ class _Loader:
                 profile.rules = self.rules(source, fields["rules"][1])
             if "limits" in fields:
                 profile.limits = self.limits(source, fields["limits"][1])
+            if "approval" in fields:
+                profile.approval = self.approval(source, fields["approval"][1])
             raw[name] = profile
         return raw
 
     def resolve(self, raw: dict[str, _RawProfile]) -> dict[str, CompiledProfile]:
-        done: dict[str, tuple[list[Rule], Rule, dict[str, int]]] = {}
+        for name, sections in self.approved.items():
+            for rules, source, node in sections:
+                if name in raw:
+                    raw[name].rules += rules
+                else:
+                    self.problem(
+                        source,
+                        node,
+                        f"approved rules for unknown profile {name!r} (known: {', '.join(sorted(raw))})",
+                    )
+        done: dict[str, tuple[list[Rule], Rule, dict[str, int], dict[str, float]]] = {}
 
-        def effective(name: str, chain: tuple[str, ...]) -> tuple[list[Rule], Rule, dict[str, int]]:
+        def effective(name: str, chain: tuple[str, ...]):
             # Memoised: each profile is resolved once, so a cycle is reported once
             # (at the extends that closes it), and an include's errors once per include.
             if name in done:
@@ -560,6 +643,7 @@ class _Loader:
             rules: list[Rule] = []
             fallback: Rule | None = None
             limits: dict[str, int] = {}
+            approval: dict[str, float] = {}
             if profile.extends is not None:
                 parent, node = profile.extends
                 if parent not in raw:
@@ -572,7 +656,9 @@ class _Loader:
                     cycle = (*chain[chain.index(parent) :], parent)
                     self.problem(profile.source, node, f"circular extends: {' -> '.join(cycle)}")
                 else:
-                    inherited_rules, fallback, limits = effective(parent, (*chain, parent))
+                    inherited_rules, fallback, limits, approval = effective(
+                        parent, (*chain, parent)
+                    )
                     rules = list(inherited_rules)
             for include, node in profile.includes:
                 rules += self.include(profile.source, node, include, (profile.source.path,))
@@ -582,17 +668,27 @@ class _Loader:
                 fallback = Rule(
                     id=f"{name}:fallback", action=verdict, file=profile.source.name, line=line
                 )
-            done[name] = (rules, fallback, {**limits, **profile.limits})
+            done[name] = (
+                rules,
+                fallback,
+                {**limits, **profile.limits},
+                {**approval, **profile.approval},
+            )
             return done[name]
 
         compiled: dict[str, CompiledProfile] = {}
         for name in raw:
-            rules, fallback, limits = effective(name, (name,))
+            rules, fallback, limits, approval = effective(name, (name,))
             rules = _unique(rules)
             active = [r for r in rules if r.expires is None or r.expires >= self.today]
             expired = [r for r in rules if r.expires is not None and r.expires < self.today]
             compiled[name] = CompiledProfile.build(
-                name, active, fallback, expired, dataclasses.replace(DEFAULT_LIMITS, **limits)
+                name,
+                active,
+                fallback,
+                expired,
+                dataclasses.replace(DEFAULT_LIMITS, **limits),
+                dataclasses.replace(DEFAULT_APPROVAL, **approval),
             )
         return compiled
 
@@ -630,6 +726,14 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
     loader = _Loader(today or datetime.date.today())
     raw: dict[str, _RawProfile] = {}
     all_read = True
+    paths = [Path(p) for p in paths]
+    overlay = approved_overlay(paths)
+    if (
+        overlay is not None
+        and overlay.exists()
+        and overlay.resolve() not in {p.resolve() for p in paths}
+    ):
+        paths.append(overlay)
     for path in paths:
         source = loader.read(Path(path))
         if source is None:
@@ -650,6 +754,8 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
     profiles = loader.resolve(raw) if all_read else {}
     if loader.problems:
         raise PolicyError(loader.problems, tuple(loader.tried))
+    if overlay is not None:
+        loader.tried[overlay.resolve()] = None  # watched: its creation is a change too
     digest = hashlib.sha256()
     # What was parsed (not a second read that may differ), by stable name: the same
     # files give the same hash from any working directory.
@@ -663,6 +769,17 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
         loaded_on=loader.today,
         paths=tuple(loader.tried),
     )
+
+
+def approved_overlay(paths: list[Path]) -> Path | None:
+    """Where `always` approvals go, and are loaded from: approved.yaml next to the
+    first rule file; None for the shipped rules (package data is no place to write)."""
+    if not paths:
+        return None
+    first = Path(paths[0]).resolve()
+    if first.name == APPROVED_FILE or first.parent == SHIPPED_RULES_DIR.resolve():
+        return None
+    return first.parent / APPROVED_FILE
 
 
 def _compile_paths(globs: tuple[str, ...]) -> re.Pattern[str]:

@@ -54,6 +54,49 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalSettings:
+    """A profile's `approval:` settings, for destinations an `ask` rule (or `fallback:
+    ask`) sends to a human: a connection or request is held up to `hold` seconds
+    for a decision; the pending approval stays open `expire_pending` seconds (so a
+    retry after the decision succeeds); a sandbox may have at most
+    `max_pending_per_sandbox` approvals pending at once (`approval_queue_full`)."""
+
+    hold: float = 30.0
+    expire_pending: float = 24 * 3600.0
+    max_pending_per_sandbox: int = 20
+
+
+DEFAULT_APPROVAL = ApprovalSettings()
+# Bounds: a hold longer than a client's patience is a hang; more pending than a
+# human can read is a flood.
+MAX_APPROVAL = ApprovalSettings(
+    hold=600.0, expire_pending=30 * 24 * 3600.0, max_pending_per_sandbox=1000
+)
+
+_DURATION = re.compile(r"([0-9]{1,7})(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """`30s`, `5m`, `24h`, `7d`, `500ms` -> seconds; ValueError naming the form."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration (write e.g. 30s, 5m, 24h or 7d)")
+    return int(match[1]) * _UNIT_SECONDS[match[2]]
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact form parse_duration reads back: 86400 -> `1d`."""
+    for unit in ("d", "h", "m", "s"):
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
 # The largest value each cap takes: above these a typo (an extra zero) would turn
 # the cap off in practice; a sandbox that needs more is a case for two sandboxes.
 MAX_LIMITS = Limits(connections=65536, pending=65536, dns_qps=10000)
@@ -61,7 +104,7 @@ MAX_LIMITS = Limits(connections=65536, pending=65536, dns_qps=10000)
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One compiled rule. `action` is ALLOW or DENY for rules from files; the
+    """One compiled rule. `action` is ALLOW, DENY or ASK for rules from files; the
     profile's fallback and the gateway's built-in protections are Rules too, so a
     Decision always names one (with `file`/`line` of where it was written, or
     `file="<builtin>"`)."""

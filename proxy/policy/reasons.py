@@ -11,7 +11,7 @@ from enum import StrEnum
 class Verdict(StrEnum):
     ALLOW = "allow"
     DENY = "deny"
-    ASK = "ask"  # hold and ask a human; without an approver the gateway denies
+    ASK = "ask"  # hold and ask a human (docs/approvals.md)
     AUDIT = "audit"  # allowed, but recorded as what a deny fallback would have blocked
 
 
@@ -19,6 +19,7 @@ class Reason(StrEnum):
     # Rule outcomes.
     RULE_ALLOW = "rule_allow"  # an allow rule matched
     RULE_DENY = "rule_deny"  # a deny rule matched (deny wins over allow)
+    RULE_ASK = "rule_ask"  # an ask rule matched: a human decides (held, then approved or not)
     NO_RULE = "no_rule"  # nothing matched: the profile's fallback answered
     PORT_NOT_ALLOWED = "port_not_allowed"  # a rule names the destination, not this port
     METHOD_NOT_ALLOWED = "method_not_allowed"  # a rule names the destination, not this method
@@ -46,7 +47,13 @@ class Reason(StrEnum):
     # Approvals.
     APPROVAL_GRANTED = "approval_granted"
     APPROVAL_DENIED = "approval_denied"
-    APPROVAL_UNAVAILABLE = "approval_unavailable"  # fallback ask, but no approver is connected
+    APPROVAL_UNAVAILABLE = "approval_unavailable"  # ask, but this gateway has no approvals
+    APPROVAL_REQUESTED = "approval_requested"  # a pending approval was opened (or joined)
+    APPROVAL_PENDING = (
+        "approval_pending"  # held for `hold` without a decision: 403/closed, still pending
+    )
+    APPROVAL_EXPIRED = "approval_expired"  # nobody decided within `expire_pending`
+    APPROVAL_QUEUE_FULL = "approval_queue_full"  # the sandbox has max_pending_per_sandbox pending
     # Kernel drops (counted by nftables, reported per task).
     DROPPED_BY_FIREWALL = "dropped_by_firewall"
     # The task sandbox.

@@ -59,6 +59,11 @@ class Event:
     bytes_down: int | None = None
     duration: float | None = None  # seconds; connections: open to close
     latency: float | None = None  # seconds the gateway took to decide (not upstream time)
+    # Approvals (kind `approval`, and the connection/request a human decided).
+    approval_id: str | None = None  # the pending approval's id
+    approver: str | None = None  # who decided: "uid 1000 (alice)", a web user, an API key's name
+    scope: str | None = None  # once, task, duration, always
+    wait: float | None = None  # seconds from the ask to the decision (or the hold's end)
 
     def __post_init__(self) -> None:
         for name, limit in _BOUNDED:

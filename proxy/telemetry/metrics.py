@@ -104,7 +104,17 @@ class _Watched:
     audit: Any = None  # AuditLog: written, lost, write_errors, queued
     firewall: Callable[[], dict[str, int]] | None = None
     firewall_min_interval: float = 1.0
+    approvals: Callable[[], list] | None = None  # -> the pending approvals (pending.Pending)
+    clock: Callable[[], float] = time.monotonic  # the approvals' clock, for their age
 
+
+APPROVAL_WAIT_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+_APPROVAL_OUTCOMES = {
+    Reason.APPROVAL_GRANTED: "granted",
+    Reason.APPROVAL_DENIED: "denied",
+    Reason.APPROVAL_EXPIRED: "expired",
+    Reason.APPROVAL_PENDING: "timeout",
+}
 
 _SANDBOX_RULE_PREFIX = {
     Reason.TASK_LIMIT: "builtin:limit-",
@@ -182,6 +192,19 @@ class Metrics:
             ["feature"],
             registry=r,
         )
+        self.approval_decisions = Counter(
+            "sandgate_approval_decisions",
+            "How approvals ended: outcome granted, denied, expired; timeout counts holds "
+            "that ran out (the approval stays pending). scope: once, task, duration, always.",
+            ["outcome", "scope"],
+            registry=r,
+        )
+        self.approval_wait = Histogram(
+            "sandgate_approval_wait_seconds",
+            "Seconds from an approval's ask to its decision (granted or denied).",
+            buckets=APPROVAL_WAIT_BUCKETS,
+            registry=r,
+        )
         self.label_overflow = Counter(
             "sandgate_metric_label_overflow",
             "Label values folded into 'other' because a label reached its cap of distinct values.",
@@ -235,6 +258,12 @@ class Metrics:
                 self.task_limits if event.reason is Reason.TASK_LIMIT else self.sandbox_weakened
             )
             counter.labels(self._rule((event.rule_id or "").removeprefix(prefix))).inc()
+        if kind is EventKind.APPROVAL and event.reason in _APPROVAL_OUTCOMES:
+            self.approval_decisions.labels(
+                _APPROVAL_OUTCOMES[event.reason], event.scope or ""
+            ).inc()
+            if event.reason in (Reason.APPROVAL_GRANTED, Reason.APPROVAL_DENIED) and event.wait:
+                self.approval_wait.observe(event.wait)
         if kind is EventKind.POLICY:
             if event.reason is Reason.POLICY_LOADED:
                 self.policy_reloads.labels("success").inc()
@@ -297,6 +326,10 @@ class Metrics:
         gate = getattr(gateway, "gate", None)
         self.watched.connections = lambda: len(getattr(gate, "connections", ()))
         self.watched.sandbox_connections = getattr(gate, "counts", None)
+        approvals = getattr(gateway, "approvals", None)
+        if approvals is not None:
+            self.watched.approvals = approvals.store.list
+            self.watched.clock = approvals.clock
 
     def watch_audit(self, audit) -> None:
         """Export an `AuditLog`'s written/lost/error counters and queue length."""
@@ -408,6 +441,19 @@ class _StateCollector:
             held.add_metric(["open"], w.sandbox_connections.open)
             held.add_metric(["pending"], w.sandbox_connections.pending)
             yield held
+        if w.approvals is not None:
+            pending = w.approvals()
+            yield GaugeMetricFamily(
+                "sandgate_approvals_pending",
+                "Approvals waiting for a human.",
+                value=len(pending),
+            )
+            now = w.clock()
+            yield GaugeMetricFamily(
+                "sandgate_approval_oldest_pending_seconds",
+                "Seconds the oldest pending approval has waited (0: none pending).",
+                value=max((now - p.created for p in pending), default=0.0),
+            )
         if w.audit is not None:
             audit = w.audit
             yield CounterMetricFamily(

@@ -6,6 +6,7 @@ from sandgate.proxy.telemetry.metrics import Metrics
 def wired_metrics(firewall: dict[str, int] | None = None) -> Metrics:
     """A Metrics object with every watcher attached to fakes, so that it exports
     every series it can (for checking names against docs, dashboard and alerts)."""
+    from sandgate.proxy.approvals.holder import Approvals
     from sandgate.proxy.limits import ConnectionCounts
 
     class Policy:
@@ -18,6 +19,7 @@ def wired_metrics(firewall: dict[str, int] | None = None) -> Metrics:
         policy, registry = Policy(), []
         addon = type("Addon", (), {"connections": {}})()
         gate = type("Gate", (), {"counts": ConnectionCounts()})()
+        approvals = Approvals(lambda event: None)
 
     metrics = Metrics()
     metrics.watch_gateway(Gateway())

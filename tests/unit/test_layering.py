@@ -21,6 +21,8 @@ PURE_MODULES = [
     "sandgate.proxy.dns.query",
     "sandgate.proxy.dns.answer",
     "sandgate.proxy.dns.bindings",
+    "sandgate.proxy.dns.placeholders",
+    "sandgate.proxy.approvals.pending",
     "sandgate.enforcer.sandbox.spec",
 ]
 IMPURE_IMPORTS = {"socket", "asyncio", "mitmproxy", "pyroute2", "subprocess", "threading"}

@@ -1,0 +1,181 @@
+"""The approvals commands of the control protocol (enforcer/control.py), for the
+gateway service's socket and for an embedded run's own socket (RUN_DIR/<id>/control.sock):
+
+    {"cmd": "approvals"}                                  pending approvals (and recent decisions)
+    {"cmd": "approval", "id": ID}                         one approval
+    {"cmd": "approve", "id": ID, "scope": "once|task|duration|always",
+     "duration": SECONDS, "ticket": T, "expires": "YYYY-MM-DD"}
+    {"cmd": "deny", "id": ID}
+    {"cmd": "watch"}                                      then one line per change, until closed
+
+Who decided is the socket's peer (SO_PEERCRED): `uid 1000 (alice)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from sandgate.proxy.approvals.holder import Approvals
+from sandgate.proxy.approvals.overlay import append_approved, restore
+from sandgate.proxy.approvals.pending import ApprovalError, Pending, Scope
+
+log = logging.getLogger("sandgate.approvals")
+
+COMMANDS = ("approvals", "approval", "approve", "deny", "watch")
+
+
+def peer_user(writer: asyncio.StreamWriter) -> str:
+    """`uid 1000 (alice)`: who is at the other end of a Unix socket."""
+    sock = writer.get_extra_info("socket")
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (OSError, AttributeError):
+        return "an unknown peer"
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+async def handle(approvals: Approvals, request: dict, approver: str) -> dict:
+    """One approvals command (not `watch`): the reply. A refusal is one line."""
+    cmd = request.get("cmd")
+    try:
+        if cmd == "approvals":
+            return {"ok": True, "approvals": approvals.list(), "recent": approvals.recent()[:50]}
+        pending_id = request.get("id")
+        if not isinstance(pending_id, str) or not pending_id:
+            return {
+                "ok": False,
+                "error": f"{cmd}: which approval? (an id from: sandgate approvals list)",
+            }
+        if cmd == "approval":
+            return {"ok": True, "approval": approvals.get(pending_id)}
+        if cmd == "deny":
+            return {"ok": True, "approval": approvals.deny(pending_id, approver)}
+        if cmd == "approve":
+            try:
+                scope = Scope(request.get("scope", "once"))
+            except ValueError:
+                return {
+                    "ok": False,
+                    "error": "approve: scope must be once, task, duration or always",
+                }
+            duration = request.get("duration")
+            if duration is not None and (not isinstance(duration, int | float) or duration <= 0):
+                return {"ok": False, "error": "approve: duration must be a number of seconds > 0"}
+            ticket = request.get("ticket")
+            ticket = str(ticket)[:100] if ticket else None
+            record = await approvals.approve(
+                pending_id, approver, scope, duration=duration, ticket=ticket
+            )
+            return {"ok": True, "approval": record}
+    except ApprovalError as e:
+        return {"ok": False, "error": f"{cmd}: {e}"}
+    return {"ok": False, "error": f"unknown approvals command {str(cmd)[:40]!r}"}
+
+
+async def watch(
+    approvals: Approvals, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Stream every change as a JSON line until the client goes away."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+
+    def enqueue(what: str, record: dict) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait({"ok": True, "change": what, "approval": record})
+
+    unsubscribe = approvals.subscribe(enqueue)
+    closed = asyncio.ensure_future(reader.read())  # EOF (or anything): the watcher left
+    try:
+        writer.write(
+            json.dumps({"ok": True, "watching": True, "approvals": approvals.list()}).encode()
+            + b"\n"
+        )
+        await writer.drain()
+        while True:
+            got = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({got, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if got not in done:
+                got.cancel()
+                return
+            writer.write(json.dumps(got.result()).encode() + b"\n")
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        unsubscribe()
+        closed.cancel()
+
+
+def always_writer(
+    overlay: Path | None, reload: Callable[[str], Awaitable[list[str]]]
+) -> Callable[[Pending, str], Awaitable[None]]:
+    """`Approvals.on_always` for a gateway whose rules are at `overlay`'s side:
+    append the rule, reload (`reload(actor)` returns the errors), and put the file
+    back if the reload fails, so that an `always` is either in force or not at all."""
+
+    async def persist(found: Pending, approver: str) -> None:
+        if overlay is None:
+            raise ApprovalError(
+                "--always needs a rule file of your own (--rules FILE): approved.yaml goes next to it"
+            )
+        previous = append_approved(overlay, found, approver)
+        errors = await reload(f"approval {found.id} (always)")
+        if errors:
+            restore(overlay, previous)
+            raise ApprovalError(f"the approved rule did not load: {'; '.join(errors)[:300]}")
+
+    return persist
+
+
+async def serve(path: Path, approvals: Approvals) -> asyncio.AbstractServer:
+    """An embedded run's control socket: the approvals commands only, root-only."""
+    path.unlink(missing_ok=True)
+    old_umask = os.umask(0o177)
+    try:
+        return await asyncio.start_unix_server(
+            lambda r, w: _serve_client(approvals, r, w), str(path)
+        )
+    finally:
+        os.umask(old_umask)
+
+
+async def _serve_client(approvals: Approvals, reader, writer) -> None:
+    approver = peer_user(writer)
+    try:
+        while line := await reader.readline():
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError
+            except ValueError:
+                reply = {"ok": False, "error": "not a JSON object"}
+            else:
+                if request.get("cmd") == "watch":
+                    await watch(approvals, reader, writer)
+                    return
+                if request.get("cmd") == "status":
+                    reply = {"ok": True, "embedded": True, "approvals": len(approvals.list())}
+                elif request.get("cmd") in COMMANDS:
+                    reply = await handle(approvals, request, approver)
+                else:
+                    reply = {
+                        "ok": False,
+                        "error": "an embedded run's socket answers the approvals commands only",
+                    }
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+    except (ConnectionError, ValueError):
+        pass
+    finally:
+        writer.close()

@@ -1,0 +1,190 @@
+"""`sandgate approvals list|show ID|approve ID|deny ID|watch`: decide what a task asked
+for, over a control socket (the service's, or an embedded run's: docs/approvals.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from sandgate.enforcer.cli.common import EXIT_OK, SetupError, UsageError
+from sandgate.enforcer.control import DEFAULT_SOCKET, ControlClient, ControlError
+
+SCOPE_WORDS = {
+    "once": "once (this connection or request)",
+    "task": "for this task",
+    "duration": "for a duration",
+    "always": "always (a rule in approved.yaml)",
+}
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("approvals", help="list and decide pending approvals (ask rules)")
+    parser.add_argument(
+        "--control",
+        type=Path,
+        default=None,
+        metavar="SOCKET",
+        help=f"the control socket (default {DEFAULT_SOCKET}, else the one running "
+        "`sandgate run`'s, when there is exactly one)",
+    )
+    parser.add_argument("-j", "--json", action="store_true", help="print JSON")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="pending approvals, oldest first")
+    show = actions.add_parser("show", help="one approval")
+    show.add_argument("id", help="the approval's id (from: sandgate approvals list)")
+    approve = actions.add_parser("approve", help="approve: once (default), --task, --for, --always")
+    approve.add_argument("id", help="the approval's id (from: sandgate approvals list)")
+    scope = approve.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--once",
+        dest="scope",
+        action="store_const",
+        const="once",
+        help="this connection or request only (the default)",
+    )
+    scope.add_argument(
+        "--task",
+        dest="scope",
+        action="store_const",
+        const="task",
+        help="this destination for the rest of this task",
+    )
+    scope.add_argument(
+        "--for",
+        dest="duration",
+        metavar="DURATION",
+        help="this destination for every task of the profile, for DURATION (30m, 1h, 7d)",
+    )
+    scope.add_argument(
+        "--always",
+        dest="scope",
+        action="store_const",
+        const="always",
+        help="append an allow rule to approved.yaml next to the rules",
+    )
+    approve.add_argument("--ticket", help="a ticket to record with the approval")
+    deny = actions.add_parser("deny", help="deny (the task's retries are denied at once)")
+    deny.add_argument("id", help="the approval's id (from: sandgate approvals list)")
+    actions.add_parser("watch", help="print each new, decided or expired approval as it happens")
+    for action in actions.choices.values():
+        # Also after the action (`approvals list --control S`); SUPPRESS keeps the
+        # group's value when not given here.
+        action.add_argument(
+            "--control",
+            type=Path,
+            default=argparse.SUPPRESS,
+            metavar="SOCKET",
+            help="the control socket (as before the action)",
+        )
+        action.add_argument(
+            "-j", "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+        )
+    parser.set_defaults(func=cmd_approvals)
+
+
+def control_socket(given: Path | None) -> Path:
+    """The socket to use: the one given; else the service's, if one runs; else the
+    single embedded run's (RUN_DIR/<id>/control.sock)."""
+    if given is not None:
+        return given
+    if DEFAULT_SOCKET.exists():
+        return DEFAULT_SOCKET
+    run_dir = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))
+    found = sorted(run_dir.glob("*/control.sock"))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise SetupError(
+            f"{len(found)} runs have a control socket; pick one with --control "
+            + " ".join(str(f) for f in found)
+        )
+    raise SetupError(f"no gateway service at {DEFAULT_SOCKET} and no running `sandgate run`")
+
+
+def cmd_approvals(args) -> int:
+    from sandgate.proxy.policy.model import parse_duration
+
+    request: dict = {}
+    if args.action == "list":
+        request = {"cmd": "approvals"}
+    elif args.action == "show":
+        request = {"cmd": "approval", "id": args.id}
+    elif args.action == "deny":
+        request = {"cmd": "deny", "id": args.id}
+    elif args.action == "approve":
+        request = {"cmd": "approve", "id": args.id, "scope": args.scope or "once"}
+        if args.duration is not None:
+            try:
+                request.update(scope="duration", duration=parse_duration(args.duration))
+            except ValueError as e:
+                raise UsageError(f"--for: {e}") from None
+        if args.ticket:
+            if request["scope"] != "always":
+                raise UsageError("--ticket goes with --always (it is recorded in the rule)")
+            request["ticket"] = args.ticket
+    path = control_socket(args.control)
+    try:
+        client = ControlClient.connect(path)
+    except ControlError as e:
+        raise SetupError(str(e)) from None
+    try:
+        if args.action == "watch":
+            return _watch(client, args.json)
+        reply = client.request(request.pop("cmd"), **request)
+    except ControlError as e:
+        raise SetupError(str(e)) from None
+    finally:
+        client.close()
+    if args.action == "list":
+        if args.json:
+            print(json.dumps(reply["approvals"], indent=2))
+        else:
+            for approval in reply["approvals"]:
+                print(_line(approval))
+            if not reply["approvals"]:
+                print("no approvals pending")
+        return EXIT_OK
+    approval = reply["approval"]
+    if args.json:
+        print(json.dumps(approval, indent=2))
+    elif args.action == "show":
+        for key, value in approval.items():
+            if value is not None:
+                print(f"{key + ':':14} {value}")
+    else:
+        scope = SCOPE_WORDS.get(approval.get("scope") or "", "")
+        print(f"{approval['state']}: {approval['id']} {_destination(approval)} {scope}".rstrip())
+    return EXIT_OK
+
+
+def _watch(client: ControlClient, as_json: bool) -> int:
+    client.sock.settimeout(None)
+    client.send("watch")
+    try:
+        while (reply := client.receive()) is not None:
+            if not reply.get("ok"):
+                raise SetupError(reply.get("error") or "refused")
+            if as_json:
+                print(json.dumps(reply), flush=True)
+            elif "change" in reply:
+                print(f"{reply['change']:9} {_line(reply['approval'])}", flush=True)
+            else:
+                for approval in reply.get("approvals", []):
+                    print(f"{'pending':9} {_line(approval)}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _destination(a: dict) -> str:
+    where = f"{a['name']}:{a['port']} ({a['protocol']})"
+    return f"{a['method']} {where}{a['path']}" if a.get("method") else where
+
+
+def _line(a: dict) -> str:
+    return (
+        f"{a['id']}  {a['state']:8} task {a['task_id']}  {a['profile']:10} {_destination(a)}  "
+        f"waiting {a['waiting_s']:g} s, {a['held']} held"
+    )

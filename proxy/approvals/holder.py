@@ -1,0 +1,284 @@
+"""Approvals on the gateway's loop: holds connections and requests (asyncio futures)
+for up to the profile's `hold` while a human decides, over the pure store
+(`pending.py`). One `Approvals` per gateway; the control socket (and later an
+HTTP admin server) use `list`, `get`, `approve`, `deny` and `subscribe` from the
+same loop.
+
+Every step is an `approval` event: a pending approval opened (`rule_ask`, verdict
+ask), approved (`approval_granted`) or denied (`approval_denied`) with approver,
+scope and wait; a held connection given up after `hold` (`approval_pending`); an
+approval expired (`approval_expired`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from sandgate.proxy.approvals.pending import (
+    ApprovalError,
+    AskKey,
+    Pending,
+    PendingStore,
+    Scope,
+    State,
+)
+from sandgate.proxy.policy.model import DEFAULT_APPROVAL, ApprovalSettings
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry.event import Event, EventKind
+
+log = logging.getLogger("sandgate.approvals")
+
+EXPIRY_CHECK_S = 1.0
+
+
+class Answer(Enum):
+    """How a hold ended."""
+
+    GRANTED = "granted"
+    DENIED = "denied"
+    PENDING = "pending"  # `hold` ran out; the approval stays open
+    EXPIRED = "expired"
+    QUEUE_FULL = "queue_full"
+
+
+@dataclass(frozen=True, slots=True)
+class HoldResult:
+    answer: Answer
+    pending: Pending | None  # None: queue full
+    waited: float = 0.0
+
+
+Subscriber = Callable[[str, dict], None]
+"""`subscriber(what, approval)`: what is `new`, `approved`, `denied` or `expired`;
+approval is `Pending.to_dict()`."""
+
+
+class Approvals:
+    def __init__(
+        self,
+        emit: Callable[[Event], None],
+        settings_for: Callable[[str], ApprovalSettings] = lambda profile: DEFAULT_APPROVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.emit = emit
+        self.settings_for = settings_for
+        self.clock = clock
+        self.store = PendingStore(clock)
+        self._waiters: dict[str, list[asyncio.Future]] = {}
+        self._subscribers: list[Subscriber] = []
+        self._expiry: asyncio.Task | None = None
+        # Set by the gateway's owner: persist an `always` approval (approved.yaml) and
+        # reload. An exception there is reported to the approver.
+        self.on_always: Callable[[Pending, str], Awaitable[None]] | None = None
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_loop())
+
+    async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(State.EXPIRED)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_S)
+            try:
+                for found in self.store.expire():
+                    self._decided(
+                        found, "expired", Reason.APPROVAL_EXPIRED, "nobody decided in time"
+                    )
+            except Exception:  # noqa: BLE001 - the loop must go on
+                log.exception("approval expiry failed")
+
+    def forget_task(self, task_id: str) -> None:
+        """The task ended: its pending approvals expire, its grants go."""
+        for found in self.store.forget_task(task_id):
+            self._decided(found, "expired", Reason.APPROVAL_EXPIRED, "the task ended")
+
+    # --- holding --------------------------------------------------------------------------
+
+    def granted(self, key: AskKey) -> HoldResult | None:
+        """An earlier decision for `key`, at once (no hold), or None."""
+        grant = self.store.grant_for(key)
+        if grant is None:
+            return None
+        return HoldResult(Answer.GRANTED if grant.approved else Answer.DENIED, grant.pending)
+
+    async def hold(self, key: AskKey, rule_id: str, fields: dict) -> HoldResult:
+        """Ask (or join the ask) and wait up to the profile's `hold` for a decision.
+        `fields`: event fields of the held connection (source, destination ...)."""
+        earlier = self.granted(key)
+        if earlier is not None:
+            return earlier
+        settings = self.settings_for(key.profile)
+        found, new = self.store.ask(
+            key,
+            expire_pending=settings.expire_pending,
+            max_pending=settings.max_pending_per_sandbox,
+            rule_id=rule_id,
+        )
+        if found is None:
+            return HoldResult(Answer.QUEUE_FULL, None)
+        if new:
+            self._event(
+                found,
+                Verdict.ASK,
+                Reason.RULE_ASK,
+                f"approval {found.id} asked for {key.describe()} (rule {rule_id}); "
+                f"held up to {settings.hold:g} s: sandgate approvals approve {found.id}",
+                fields,
+            )
+            self._notify("new", found)
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(found.id, []).append(future)
+        found.held += 1
+        started = self.clock()
+        try:
+            async with asyncio.timeout(settings.hold):
+                state = await future
+        except TimeoutError:
+            waited = self.clock() - started
+            self._event(
+                found,
+                Verdict.DENY,
+                Reason.APPROVAL_PENDING,
+                f"held {waited:.0f} s without a decision; approval {found.id} stays pending",
+                fields,
+                wait=waited,
+            )
+            return HoldResult(Answer.PENDING, found, waited)
+        finally:
+            found.held -= 1
+            waiters = self._waiters.get(found.id, [])
+            with contextlib.suppress(ValueError):
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(found.id, None)
+        answer = {State.APPROVED: Answer.GRANTED, State.DENIED: Answer.DENIED}.get(
+            state, Answer.EXPIRED
+        )
+        return HoldResult(answer, found, self.clock() - started)
+
+    # --- deciding (control socket, admin server) ----------------------------------------------
+
+    def list(self) -> list[dict]:
+        now = self.clock()
+        return [p.to_dict(now) for p in self.store.list()]
+
+    def recent(self) -> list[dict]:
+        now = self.clock()
+        return [p.to_dict(now) for p in reversed(self.store.recent)]
+
+    def get(self, pending_id: str) -> dict:
+        return self.store.get(pending_id).to_dict(self.clock())
+
+    async def approve(
+        self,
+        pending_id: str,
+        approver: str,
+        scope: Scope,
+        *,
+        duration: float | None = None,
+        ticket: str | None = None,
+    ) -> dict:
+        """Approve; ApprovalError (one line) if unknown or decided already. An `always`
+        approval is persisted (on_always) before anything is released: if that fails,
+        nothing is approved."""
+        found = self.store.get(pending_id)
+        if scope is Scope.ALWAYS:
+            if found.state is State.PENDING and self.on_always is None:
+                raise ApprovalError(
+                    "this gateway has no rule file to add to (--always needs --rules)"
+                )
+            if found.state is State.PENDING:
+                found.ticket = ticket
+                await self.on_always(found, approver)
+        found = self.store.approve(pending_id, approver, scope, duration=duration, ticket=ticket)
+        what = f"for {duration:g} s" if scope is Scope.DURATION else str(scope)
+        self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")
+        return found.to_dict(self.clock())
+
+    def deny(self, pending_id: str, approver: str) -> dict:
+        found = self.store.deny(pending_id, approver)
+        self._decided(found, "denied", Reason.APPROVAL_DENIED, "denied (for this task)")
+        return found.to_dict(self.clock())
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call `subscriber` on every change; returns the unsubscribe function."""
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _decided(self, found: Pending, what: str, reason: Reason, detail: str) -> None:
+        for future in self._waiters.get(found.id, []):
+            if not future.done():
+                future.set_result(found.state)
+        verdict = Verdict.ALLOW if found.state is State.APPROVED else Verdict.DENY
+        self._event(
+            found,
+            verdict,
+            reason,
+            f"approval {found.id} for {found.key.describe()} {detail}"
+            + (f" by {found.approver}" if found.approver else "")
+            + (f", ticket {found.ticket}" if found.ticket else ""),
+            {},
+            wait=(found.decided_at or self.clock()) - found.created,
+        )
+        self._notify(what, found)
+
+    def _notify(self, what: str, found: Pending) -> None:
+        record = found.to_dict(self.clock())
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber(what, record)
+            except Exception:  # noqa: BLE001 - one broken watcher must not stop the others
+                log.exception("approval subscriber failed")
+
+    def _event(
+        self,
+        found: Pending,
+        verdict: Verdict,
+        reason: Reason,
+        detail: str,
+        fields: dict,
+        wait: float | None = None,
+    ) -> None:
+        key = found.key
+        self.emit(
+            Event(
+                kind=EventKind.APPROVAL,
+                verdict=verdict,
+                reason=reason,
+                rule_id=found.rule_id or None,
+                detail=detail[:1000],
+                **{
+                    "task_id": key.task_id,
+                    "sandbox": key.sandbox,
+                    "profile": key.profile,
+                    **fields,
+                    "name": key.name,
+                    "dst_port": key.port,
+                    "protocol": key.protocol,
+                    "method": key.method,
+                    "path": key.path,
+                },
+                approval_id=found.id,
+                approver=found.approver,
+                scope=str(found.scope) if found.scope else None,
+                wait=wait,
+            )
+        )

@@ -1,0 +1,72 @@
+"""`always` approvals as rules: appended to approved.yaml next to the (first) rule
+file, a normal rule file (`approved: {PROFILE: [rules]}`) that the loader reads with
+the rules, `sandgate rules show` lists, and git reviews. One rule per approval, for
+exactly what was approved (name, port; method and path for a request ask): never a
+wildcard.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import yaml
+from sandgate.proxy.approvals.pending import Pending
+
+HEADER = (
+    "# Rules a human approved 'always' (sandgate approvals approve ID --always).\n"
+    "# Written by sandgate; loaded with the rules next to it. Review it like any rule file.\n"
+)
+
+
+def approved_rule(found: Pending, approver: str, today: datetime.date, expires: str | None) -> dict:
+    key = found.key
+    rule: dict = {"allow": key.name, "ports": [key.port]}
+    if key.method is not None:
+        rule["methods"] = [key.method]
+    if key.path is not None:
+        rule["paths"] = [key.path]
+    rule["id"] = f"approved:{found.id}"
+    rule["owner"] = approver
+    if found.ticket:
+        rule["ticket"] = found.ticket
+    if expires:
+        rule["expires"] = expires
+    rule["comment"] = (
+        f"approved {today.isoformat()} from approval {found.id} "
+        f"(task {key.task_id}, asked by rule {found.rule_id or '?'})"
+    )
+    return rule
+
+
+def append_approved(
+    path: Path, found: Pending, approver: str, *, expires: str | None = None
+) -> str | None:
+    """Append the rule for `found` to the overlay file `path` (created if missing),
+    atomically; returns the file's previous text (None: it did not exist), so that a
+    caller whose reload then fails can put it back with `restore`."""
+    previous = path.read_text(encoding="utf-8") if path.exists() else None
+    data = yaml.safe_load(previous) if previous else None
+    if not isinstance(data, dict):
+        data = {"version": 1}
+    sections = data.setdefault("approved", {}) or {}
+    data["approved"] = sections
+    rules = sections.setdefault(found.key.profile, []) or []
+    sections[found.key.profile] = rules
+    rules.append(approved_rule(found, approver, datetime.date.today(), expires))
+    _write(path, HEADER + yaml.safe_dump(data, sort_keys=False, allow_unicode=False))
+    return previous
+
+
+def restore(path: Path, previous: str | None) -> None:
+    if previous is None:
+        path.unlink(missing_ok=True)
+    else:
+        _write(path, previous)
+
+
+def _write(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)

@@ -1,0 +1,338 @@
+"""Pending approvals, pure: the state table, coalescing, scopes and grants. No
+asyncio, no sockets, no clock of its own (`clock` is injected).
+
+One approval per *ask*: a task's wish to reach one destination, keyed by
+
+    task + canonical name (or address) + port + protocol (+ method and path for a
+    request ask)
+
+so parallel asks of one task for the same destination share one pending approval
+(`EVIL.test.` and `evil.test` are one name). The states, one table:
+
+    PENDING --approve--> APPROVED     (scope: once, task, duration, always)
+    PENDING --deny-----> DENIED
+    PENDING --expire---> EXPIRED      (nobody decided within expire_pending)
+
+Any other step is refused with `ApprovalError`: an unknown id, or one decided
+before ("already approved by uid 0 (root)"), so two approvers racing learn that the
+first decision won.
+
+What an approval grants, by scope (`grant_for` answers for a new ask):
+- once:     the connections or requests held for it at the time; if none is held
+            (they gave up after `hold`), the next one of the same ask;
+- task:     every ask of that task with the same key, until the task ends;
+- duration: the same destination for every task of the profile, until the time
+            runs out (`--for 1h`);
+- always:   as task, until the policy (with the rule appended to approved.yaml by
+            the adapter) allows it by itself.
+A denial holds for the task: the same ask of the same task is denied at once,
+without asking again, until the task ends.
+Scope widening is never implicit: a grant is for its exact name, port, protocol
+(method and path), never a wildcard.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from sandgate.proxy.policy.names import InvalidName, parse_domain, parse_ip, parse_path
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+
+
+class Scope(StrEnum):
+    ONCE = "once"
+    TASK = "task"
+    DURATION = "duration"
+    ALWAYS = "always"
+
+
+# The one table: state -> step -> the state it leads to.
+TRANSITIONS: dict[State, dict[str, State]] = {
+    State.PENDING: {"approve": State.APPROVED, "deny": State.DENIED, "expire": State.EXPIRED},
+    State.APPROVED: {},
+    State.DENIED: {},
+    State.EXPIRED: {},
+}
+
+# How many decided approvals are kept for `recent` (the web page's history).
+RECENT = 200
+
+
+class ApprovalError(Exception):
+    """A decision that cannot be taken: unknown id, or decided already. One line."""
+
+
+@dataclass(frozen=True, slots=True)
+class AskKey:
+    """What an ask is about; build it with `AskKey.make`, which canonicalises."""
+
+    task_id: str
+    sandbox: str
+    profile: str
+    name: str  # canonical domain, or an address when no name is known
+    port: int
+    protocol: str  # tcp, tls, http ...: a grant for TLS is not one for plain HTTP
+    method: str | None = None  # request asks only
+    path: str | None = None
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        task_id: str,
+        sandbox: str,
+        profile: str,
+        name: str,
+        port: int,
+        protocol: str,
+        method: str | None = None,
+        path: str | None = None,
+    ) -> AskKey:
+        """Canonical: name lower-cased, no trailing dot, punycode (or the address in
+        its one spelling); method upper-cased; path canonical without the query.
+        ValueError for a name that is neither a host name nor an address."""
+        ip = parse_ip(name)
+        if ip is not None:
+            canonical = str(ip)
+        else:
+            try:
+                canonical = parse_domain(name)
+            except InvalidName as e:
+                raise ValueError(str(e)) from None
+        return cls(
+            task_id=task_id,
+            sandbox=sandbox,
+            profile=profile,
+            name=canonical,
+            port=int(port),
+            protocol=protocol,
+            method=method.upper() if method is not None else None,
+            path=parse_path(path.split("?", 1)[0]) if path is not None else None,
+        )
+
+    @property
+    def destination(self) -> tuple:
+        """The key without the task: what a duration grant covers for the profile."""
+        return (self.profile, self.name, self.port, self.protocol, self.method, self.path)
+
+    def describe(self) -> str:
+        where = f"{self.name}:{self.port} ({self.protocol})"
+        return f"{self.method} {where}{self.path}" if self.method else where
+
+
+@dataclass(slots=True)
+class Pending:
+    """One approval. `held`: connections or requests waiting on it right now."""
+
+    id: str
+    key: AskKey
+    created: float
+    expires: float  # created + expire_pending: EXPIRED after this
+    rule_id: str = ""  # the ask rule (or fallback) that asked
+    state: State = State.PENDING
+    held: int = 0
+    asks: int = 0  # how many asks joined it (the first included)
+    decided_at: float | None = None
+    approver: str | None = None
+    scope: Scope | None = None
+    until: float | None = None  # a duration grant's end
+    ticket: str | None = None
+
+    def to_dict(self, now: float) -> dict:
+        key = self.key
+        return {
+            "id": self.id,
+            "state": str(self.state),
+            "task_id": key.task_id,
+            "sandbox": key.sandbox,
+            "profile": key.profile,
+            "name": key.name,
+            "port": key.port,
+            "protocol": key.protocol,
+            "method": key.method,
+            "path": key.path,
+            "rule": self.rule_id,
+            "created": self.created,
+            "waiting_s": round((self.decided_at or now) - self.created, 1),
+            "held": self.held,
+            "asks": self.asks,
+            "expires_in_s": round(max(0.0, self.expires - now), 1)
+            if self.state is State.PENDING
+            else None,
+            "approver": self.approver,
+            "scope": str(self.scope) if self.scope else None,
+            "until": self.until,
+            "ticket": self.ticket,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What `grant_for` found for an ask: approved (with the approval that did it)
+    or denied."""
+
+    approved: bool
+    pending: Pending
+
+
+@dataclass
+class PendingStore:
+    """All approvals of one gateway. `clock`: seconds (monotonic or wall; the
+    adapter's choice, used for every time here)."""
+
+    clock: Callable[[], float]
+    new_id: Callable[[], str] = field(default=lambda: secrets.token_hex(4))
+    pending: dict[str, Pending] = field(default_factory=dict)  # by id: only PENDING ones
+    by_key: dict[AskKey, Pending] = field(default_factory=dict)  # PENDING, by what they ask
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # decided, newest last
+    # Grants and denials (see the module docstring).
+    once: dict[AskKey, Pending] = field(default_factory=dict)
+    task: dict[AskKey, Pending] = field(default_factory=dict)
+    denied: dict[AskKey, Pending] = field(default_factory=dict)
+    durations: dict[tuple, Pending] = field(default_factory=dict)
+    _all: dict[str, Pending] = field(default_factory=dict)  # every id still remembered
+
+    # --- asking ------------------------------------------------------------------------
+
+    def grant_for(self, key: AskKey, *, consume: bool = True) -> Grant | None:
+        """An earlier decision that answers `key` now, or None (a human must be asked).
+        A once grant is used up by the ask it answers (`consume`)."""
+        found = self.denied.get(key)
+        if found is not None:
+            return Grant(False, found)
+        found = self.task.get(key)
+        if found is not None:
+            return Grant(True, found)
+        found = self.durations.get(key.destination)
+        if found is not None:
+            if found.until is not None and found.until > self.clock():
+                return Grant(True, found)
+            del self.durations[key.destination]
+        found = self.once.get(key)
+        if found is not None:
+            if consume:
+                del self.once[key]
+            return Grant(True, found)
+        return None
+
+    def ask(
+        self, key: AskKey, *, expire_pending: float, max_pending: int, rule_id: str = ""
+    ) -> tuple[Pending | None, bool]:
+        """Open a pending approval for `key`, or join the one already open: (the
+        approval, whether it is new). (None, False) when the sandbox already has
+        `max_pending` pending: approval_queue_full."""
+        found = self.by_key.get(key)
+        if found is not None:
+            found.asks += 1
+            return found, False
+        if sum(1 for p in self.pending.values() if p.key.sandbox == key.sandbox) >= max_pending:
+            return None, False
+        now = self.clock()
+        pending_id = self.new_id()
+        while pending_id in self._all:
+            pending_id = self.new_id()
+        found = Pending(pending_id, key, now, now + expire_pending, rule_id=rule_id, asks=1)
+        self.pending[pending_id] = self.by_key[key] = self._all[pending_id] = found
+        return found, True
+
+    # --- deciding ------------------------------------------------------------------------
+
+    def get(self, pending_id: str) -> Pending:
+        found = self._all.get(pending_id)
+        if found is None:
+            raise ApprovalError(f"no approval {pending_id[:40]!r} (see: sandgate approvals list)")
+        return found
+
+    def approve(
+        self,
+        pending_id: str,
+        approver: str,
+        scope: Scope,
+        *,
+        duration: float | None = None,
+        ticket: str | None = None,
+    ) -> Pending:
+        if scope is Scope.DURATION and (duration is None or duration <= 0):
+            raise ApprovalError("a duration approval needs a duration (--for 1h)")
+        found = self._step(pending_id, "approve", approver)
+        found.scope, found.ticket = scope, ticket
+        key = found.key
+        if scope is Scope.ONCE:
+            if found.held == 0:
+                self.once[key] = found  # for the next ask: the held ones gave up
+        elif scope is Scope.DURATION:
+            found.until = found.decided_at + duration
+            self.durations[key.destination] = found
+        else:  # TASK, ALWAYS (the policy takes over once the rule is loaded)
+            self.task[key] = found
+        return found
+
+    def deny(self, pending_id: str, approver: str) -> Pending:
+        found = self._step(pending_id, "deny", approver)
+        self.denied[found.key] = found
+        return found
+
+    def expire(self) -> list[Pending]:
+        """Approvals nobody decided in time move to EXPIRED; returned for their events."""
+        now = self.clock()
+        gone = [p for p in self.pending.values() if p.expires <= now]
+        for found in gone:
+            self._step(found.id, "expire", None)
+        for destination, found in list(self.durations.items()):
+            if found.until is not None and found.until <= now:
+                del self.durations[destination]
+        return gone
+
+    def forget_task(self, task_id: str) -> list[Pending]:
+        """The task ended: its grants and denials go; its pending approvals expire
+        (returned). Duration grants stay: they are the profile's."""
+        for table in (self.once, self.task, self.denied):
+            for key in [k for k in table if k.task_id == task_id]:
+                del table[key]
+        gone = [p for p in self.pending.values() if p.key.task_id == task_id]
+        for found in gone:
+            self._step(found.id, "expire", None)
+        return gone
+
+    def list(self) -> list[Pending]:
+        """Pending approvals, oldest first."""
+        return sorted(self.pending.values(), key=lambda p: p.created)
+
+    def _step(self, pending_id: str, step: str, approver: str | None) -> Pending:
+        found = self.get(pending_id)
+        target = TRANSITIONS[found.state].get(step)
+        if target is None:
+            by = f" by {found.approver}" if found.approver else ""
+            scope = f" ({found.scope})" if found.scope else ""
+            raise ApprovalError(
+                f"approval {found.id} was already {found.state}{scope}{by}: the first decision stands"
+            )
+        found.state, found.decided_at, found.approver = target, self.clock(), approver
+        del self.pending[found.id]
+        if self.by_key.get(found.key) is found:
+            del self.by_key[found.key]
+        self.recent.append(found)
+        if len(self._all) > 4 * RECENT + len(self.pending):
+            self._forget_old()
+        return found
+
+    def _forget_old(self) -> None:
+        """Ids of long-decided approvals go (bounded memory); grants keep theirs."""
+        keep = {id(p) for p in self.recent} | {
+            id(p)
+            for table in (self.once, self.task, self.denied, self.durations)
+            for p in table.values()
+        }
+        self._all = {
+            i: p for i, p in self._all.items() if p.state is State.PENDING or id(p) in keep
+        }

@@ -1,0 +1,256 @@
+"""The approvals core: ask rules in the policy, the pending store's state table,
+coalescing, scopes, races and floods; the placeholder pool; the holder on a loop."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import textwrap
+
+import pytest
+from sandgate.proxy.approvals.holder import Answer, Approvals
+from sandgate.proxy.approvals.overlay import append_approved
+from sandgate.proxy.approvals.pending import ApprovalError, AskKey, PendingStore, Scope, State
+from sandgate.proxy.dns.placeholders import POOL, Placeholders, in_pool
+from sandgate.proxy.policy import (
+    ConnectFacts,
+    NameFacts,
+    Reason,
+    RequestFacts,
+    Verdict,
+    decide,
+    load_policy,
+)
+from sandgate.proxy.policy.model import ApprovalSettings, parse_duration
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key(name="api.example.test", task="t1", sandbox="10.213.0.2", port=443, **kw) -> AskKey:
+    return AskKey.make(
+        task_id=task, sandbox=sandbox, profile="p", name=name, port=port, protocol="tls", **kw
+    )
+
+
+def store() -> tuple[PendingStore, Clock]:
+    clock = Clock()
+    ids = iter(f"id{i}" for i in range(1000))
+    return PendingStore(clock, new_id=lambda: next(ids)), clock
+
+
+def ask(s: PendingStore, k: AskKey, max_pending=20):
+    return s.ask(k, expire_pending=3600, max_pending=max_pending)
+
+
+# --- the policy -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def policy(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            version: 1
+            profiles:
+              p:
+                approval: {hold: 2s, expire_pending: 1h, max_pending_per_sandbox: 3}
+                rules:
+                  - ask: ["*.example.test", pastebin.test]
+                  - allow: ok.example.test
+                  - deny: evil.example.test
+                  - ask: api.post.test
+                    methods: [POST]
+              q:
+                fallback: ask
+            """
+        )
+    )
+    return load_policy(path)
+
+
+@pytest.mark.parametrize(
+    "name, verdict, reason",
+    [
+        pytest.param("pastebin.test", Verdict.ASK, Reason.RULE_ASK, id="ask-rule"),
+        pytest.param("x.example.test", Verdict.ASK, Reason.RULE_ASK, id="ask-wildcard"),
+        pytest.param("ok.example.test", Verdict.ALLOW, Reason.RULE_ALLOW, id="allow-beats-ask"),
+        pytest.param("evil.example.test", Verdict.DENY, Reason.RULE_DENY, id="deny-beats-ask"),
+        pytest.param("example.test", Verdict.DENY, Reason.NO_RULE, id="wildcard-not-base"),
+    ],
+)
+def test_ask_rules_in_the_check_order(policy, name, verdict, reason):
+    decision = decide(policy, ConnectFacts(profile="p", port=443, name=name))
+    assert (decision.verdict, decision.reason) == (verdict, reason)
+    assert decide(policy, NameFacts("p", name)).verdict == verdict
+
+
+def test_request_ask_allows_the_connection_with_inspection_and_asks_the_request(policy):
+    connect = decide(policy, ConnectFacts(profile="p", port=443, name="api.post.test"))
+    assert (connect.verdict, connect.inspect) == (Verdict.ALLOW, True)
+    assert decide(policy, NameFacts("p", "api.post.test")).verdict is Verdict.ALLOW
+    post = RequestFacts(profile="p", port=443, method="post", path="/x", name="api.post.test")
+    assert decide(policy, post).verdict is Verdict.ASK
+    get = RequestFacts(profile="p", port=443, method="GET", path="/x", name="api.post.test")
+    assert decide(policy, get).verdict is Verdict.DENY
+
+
+def test_fallback_ask_and_approval_settings(policy):
+    assert decide(policy, ConnectFacts(profile="q", port=443, name="a.test")).verdict is Verdict.ASK
+    assert policy.approval_for("p") == ApprovalSettings(2.0, 3600.0, 3)
+    assert policy.approval_for("q") == ApprovalSettings()
+
+
+def test_durations():
+    assert [parse_duration(t) for t in ("30s", "5m", "24h", "7d", "500ms")] == [
+        30,
+        300,
+        86400,
+        604800,
+        0.5,
+    ]
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("soon")
+
+
+# --- the store ----------------------------------------------------------------------------
+
+
+def test_names_are_canonical_so_spellings_share_one_approval():
+    s, _ = store()
+    first, new = ask(s, key("EVIL.test."))
+    second, again = ask(s, key("evil.test"))
+    assert new and not again and first is second and first.asks == 2
+    assert key("EVIL.test.").name == "evil.test"
+
+
+def test_different_tasks_ports_protocols_are_different_asks():
+    s, _ = store()
+    ids = {
+        ask(s, k)[0].id for k in (key(), key(task="t2"), key(port=22), key(method="GET", path="/a"))
+    }
+    assert len(ids) == 4
+
+
+def test_state_table_first_decision_wins_and_the_second_is_told():
+    s, _ = store()
+    pending, _ = ask(s, key())
+    s.approve(pending.id, "uid 0 (root)", Scope.TASK)
+    with pytest.raises(ApprovalError, match="already approved \\(task\\) by uid 0 \\(root\\)"):
+        s.deny(pending.id, "uid 1000 (alice)")
+    assert pending.state is State.APPROVED and pending.approver == "uid 0 (root)"
+    with pytest.raises(ApprovalError, match="no approval 'nope'"):
+        s.approve("nope", "x", Scope.ONCE)
+
+
+def test_scopes():
+    s, clock = store()
+    # once, nobody held: the next ask is granted, then asks again
+    p, _ = ask(s, key("once.test"))
+    s.approve(p.id, "a", Scope.ONCE)
+    assert s.grant_for(key("once.test")).approved
+    assert s.grant_for(key("once.test")) is None
+    # task: the same task only
+    p, _ = ask(s, key("task.test"))
+    s.approve(p.id, "a", Scope.TASK)
+    assert s.grant_for(key("task.test")).approved and s.grant_for(key("task.test")).approved
+    assert s.grant_for(key("task.test", task="t2")) is None
+    # duration: every task of the profile, until it runs out
+    p, _ = ask(s, key("for.test"))
+    s.approve(p.id, "a", Scope.DURATION, duration=60)
+    assert s.grant_for(key("for.test", task="t9")).approved
+    clock.now += 61
+    assert s.grant_for(key("for.test", task="t9")) is None
+    # never wider than asked: the parent name and another port are not covered
+    assert s.grant_for(key("example.test")) is None
+    assert s.grant_for(key("task.test", port=80)) is None
+    # a denial answers the task's retries at once
+    p, _ = ask(s, key("no.test"))
+    s.deny(p.id, "a")
+    assert s.grant_for(key("no.test")).approved is False
+    s.forget_task("t1")
+    assert s.grant_for(key("no.test")) is None and s.grant_for(key("task.test")) is None
+
+
+def test_a_flood_hits_the_queue_cap_and_other_sandboxes_are_unaffected():
+    s, _ = store()
+    for i in range(3):
+        assert ask(s, key(f"n{i}.test"), max_pending=3)[0] is not None
+    assert ask(s, key("n9.test"), max_pending=3) == (None, False)
+    assert len(s.list()) == 3  # the refused one opened nothing
+    assert ask(s, key("n0.test"), max_pending=3)[0] is not None  # joining is no new one
+    assert ask(s, key("n9.test", sandbox="10.213.0.6"), max_pending=3)[0] is not None
+
+
+def test_expiry():
+    s, clock = store()
+    p, _ = ask(s, key())
+    clock.now += 3601
+    assert s.expire() == [p] and p.state is State.EXPIRED and s.list() == []
+    with pytest.raises(ApprovalError, match="already expired"):
+        s.approve(p.id, "a", Scope.ONCE)
+
+
+def test_always_overlay_is_a_rule_file_for_exactly_what_was_asked(tmp_path, policy):
+    rules = tmp_path / "rules.yaml"
+    s, _ = store()
+    p, _ = ask(s, key("pastebin.test"))
+    p.rule_id = "rules.yaml:6"
+    append_approved(tmp_path / "approved.yaml", p, "uid 0 (root)")
+    reloaded = load_policy(rules)
+    assert decide(reloaded, ConnectFacts(profile="p", port=443, name="pastebin.test")).allowed
+    assert not decide(reloaded, ConnectFacts(profile="p", port=80, name="pastebin.test")).allowed
+    assert (
+        decide(reloaded, ConnectFacts(profile="p", port=443, name="x.pastebin.test")).verdict
+        is not Verdict.ALLOW
+    )
+    rule = next(r for r in reloaded.profiles["p"].rules if r.id == f"approved:{p.id}")
+    assert rule.owner == "uid 0 (root)" and rule.file == "approved.yaml"
+
+
+def test_placeholders_per_sandbox():
+    pool = Placeholders(max_per_sandbox=2)
+    a = pool.address_for("s1", "a.test")
+    assert in_pool(ipaddress.ip_address(a)) and ipaddress.ip_address(a) in POOL
+    assert pool.address_for("s1", "a.test") == a
+    assert pool.name_for("s1", a) == "a.test" and pool.name_for("s2", a) is None
+    pool.address_for("s1", "b.test")
+    pool.address_for("s1", "c.test")  # over the cap: a.test, least recently used, goes
+    assert pool.name_for("s1", a) is None
+
+
+# --- the holder on a loop -------------------------------------------------------------------
+
+
+def test_hold_is_released_by_a_decision_and_times_out_otherwise():
+    events = []
+    settings = ApprovalSettings(hold=0.3, expire_pending=60, max_pending_per_sandbox=5)
+
+    async def scenario():
+        approvals = Approvals(events.append, lambda profile: settings)
+        held = asyncio.ensure_future(approvals.hold(key(), "r", {}))
+        await asyncio.sleep(0.05)
+        (pending,) = approvals.list()
+        assert pending["held"] == 1
+        await approvals.approve(pending["id"], "uid 0 (root)", Scope.ONCE)
+        first = await held
+        timed_out = await approvals.hold(key("other.test"), "r", {})
+        return first, timed_out, approvals
+
+    first, timed_out, approvals = asyncio.run(scenario())
+    assert first.answer is Answer.GRANTED
+    assert timed_out.answer is Answer.PENDING and timed_out.pending.state is State.PENDING
+    reasons = [e.reason for e in events]
+    assert reasons == [
+        Reason.RULE_ASK,
+        Reason.APPROVAL_GRANTED,
+        Reason.RULE_ASK,
+        Reason.APPROVAL_PENDING,
+    ]
+    assert events[1].approver == "uid 0 (root)" and events[1].scope == "once"
