@@ -40,6 +40,7 @@ no exception leaves the gate.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -139,7 +140,9 @@ _PHASE_OF = {
 
 class ConnectionGate:
     """`clock` (seconds, monotonic) times decisions and connections: inject one to
-    make latencies and durations deterministic in tests."""
+    make latencies and durations deterministic in tests. `wall_clock` (epoch seconds)
+    is the `now` of every decision's facts: a rule whose `expires` has passed stops
+    matching then, without a reload."""
 
     def __init__(
         self,
@@ -148,12 +151,14 @@ class ConnectionGate:
         bindings: DnsBindingsView,
         emit: Callable[[Event], None],
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ):
         self.policy = policy
         self.registry = registry
         self.bindings = bindings
         self.emit = emit
         self.clock = clock
+        self.wall_clock = wall_clock
         # Every connection past connect and not yet closed, by its adapter's key.
         self.connections: dict[Hashable, ConnState] = {}
         # What each sandbox holds, against its profile's limits (see the docstring).
@@ -454,6 +459,7 @@ class ConnectionGate:
             ip=state.ip,
             name=name,
             name_resolved_to_ip=self._resolved(state, name),
+            now=self.wall_clock(),
         )
         return decide(self.policy, facts), name
 
@@ -554,6 +560,7 @@ class ConnectionGate:
         if facts is None or facts.name != state.name:
             self._decide_connect(state, state.name)  # records the facts
             facts = state.facts
+        facts = dataclasses.replace(facts, now=self.wall_clock())
         decision = _without_approver(decide(self.policy, facts))
         if not decision.allowed:
             return decision
@@ -575,6 +582,7 @@ class ConnectionGate:
             ip=state.ip,
             name=name,
             name_resolved_to_ip=self._resolved(state, name),
+            now=self.wall_clock(),
         )
         return decide(self.policy, state.facts)
 

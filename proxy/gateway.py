@@ -13,6 +13,7 @@ id, so emitters only say what they saw.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,9 @@ class Gateway:
         self.gate = ConnectionGate(policy, self.registry, self.bindings, self.emit)
         self.addon = SandgateAddon(self.gate)
         self.dns = DnsFilter(
-            decide_name=lambda profile, name: decide(self.policy, NameFacts(profile, name)),
+            decide_name=lambda profile, name: decide(
+                self.policy, NameFacts(profile, name, now=time.time())
+            ),
             sandbox_for=self._sandbox_for,
             sink=self,
             upstreams=config.dns_upstreams,

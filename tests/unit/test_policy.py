@@ -3,6 +3,7 @@ properties (hypothesis) for the semantics in DESIGN.md "Policy semantics"."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import re
@@ -17,6 +18,7 @@ from sandgate.proxy.policy import (
     DEFAULT_RULES,
     ConnectFacts,
     NameFacts,
+    PolicyError,
     Reason,
     RequestFacts,
     Verdict,
@@ -978,6 +980,107 @@ def test_expired_rules_are_reported(tmp_path):
         2026, 7, 1
     )
     assert later.next_expiry is None
+
+
+# A rule that expires during a run: `now` in the facts, no reload.
+T0 = datetime.datetime(2026, 6, 30, 12, 0, tzinfo=datetime.UTC).timestamp()
+EXPIRING = """
+    version: 1
+    profiles:
+      default:
+        rules:
+          - allow: "*.github.com"
+            id: github-below
+          - deny: gist.github.com
+            id: no-gists-for-now
+            expires: 2026-06-30T12:00:10Z
+          - allow: temp.example
+            id: temporary
+            expires: 2026-06-30T14:00:05+02:00
+          - allow: 203.0.113.0/24
+            id: temp-net
+            expires: "2026-06-30 12:00:05Z"
+"""
+
+
+@pytest.mark.parametrize(
+    ("offset", "facts", "verdict", "reason", "rule"),
+    [
+        pytest.param(4.999, connect("temp.example"), ALLOW, Reason.RULE_ALLOW, "temporary", id="allow-before"),
+        pytest.param(5, connect("temp.example"), DENY, Reason.NO_RULE, FALLBACK, id="allow-at-its-instant"),
+        pytest.param(3600, connect("temp.example"), DENY, Reason.NO_RULE, FALLBACK, id="allow-after"),
+        pytest.param(
+            5, request("temp.example", "GET", "/"), DENY, Reason.NO_RULE, FALLBACK, id="request-after"
+        ),
+        pytest.param(
+            5, NameFacts("default", "temp.example"), DENY, Reason.NO_RULE, FALLBACK, id="dns-after"
+        ),
+        pytest.param(
+            4, NameFacts("default", "temp.example"), ALLOW, Reason.RULE_ALLOW, "temporary", id="dns-before"
+        ),
+        pytest.param(
+            4, connect("203.0.113.7"), ALLOW, Reason.RULE_ALLOW, "temp-net", id="cidr-before"
+        ),
+        pytest.param(6, connect("203.0.113.7"), DENY, Reason.NO_RULE, FALLBACK, id="cidr-after"),
+        pytest.param(
+            9, connect("gist.github.com"), DENY, Reason.RULE_DENY, "no-gists-for-now", id="deny-before"
+        ),
+        pytest.param(
+            10, connect("gist.github.com"), ALLOW, Reason.RULE_ALLOW, "github-below", id="deny-after"
+        ),
+    ],
+)
+def test_a_rule_stops_matching_at_its_instant_without_a_reload(
+    tmp_path, offset, facts, verdict, reason, rule
+):
+    policy = load_policy(write(tmp_path, "p.yaml", EXPIRING), now=T0)
+    assert [r.id for r in policy.expired] == []
+    decision = decide(policy, dataclasses.replace(facts, now=T0 + offset))
+    assert (decision.verdict, decision.reason, decision.rule_id) == (verdict, reason, rule)
+
+
+def test_without_a_clock_the_policy_answers_as_loaded(tmp_path):
+    policy = load_policy(write(tmp_path, "p.yaml", EXPIRING), now=T0)
+    assert decide(policy, connect("temp.example")).rule_id == "temporary"
+    assert decide(policy, connect("gist.github.com")).rule_id == "no-gists-for-now"
+
+
+def test_the_policy_records_its_first_expiry(tmp_path):
+    path = write(tmp_path, "p.yaml", EXPIRING)
+    policy = load_policy(path, now=T0)
+    assert policy.next_expiry_at == T0 + 5
+    assert policy.profiles["default"].first_expiry == T0 + 5
+    later = load_policy(path, now=T0 + 10)  # a load after them reports them as expired
+    assert sorted(r.id for r in later.expired) == ["no-gists-for-now", "temp-net", "temporary"]
+    assert later.next_expiry_at is None
+    assert [str(r.expires) for r in later.expired if r.id == "temporary"] == [
+        "2026-06-30 14:00:05+02:00"
+    ]
+
+
+def test_a_date_expires_at_the_end_of_that_local_day(tmp_path):
+    policy = load_policy(write(tmp_path, "p.yaml", EXPIRY), today=datetime.date(2026, 6, 30))
+    end = datetime.datetime(2026, 7, 1).timestamp()  # local midnight after the last day
+    assert policy.next_expiry_at == end
+    temp = connect("temp.example")
+    assert decide(policy, dataclasses.replace(temp, now=end - 1)).rule_id == "temporary"
+    assert decide(policy, dataclasses.replace(temp, now=end)).reason is Reason.NO_RULE
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("2026-06-30T12:00:00", "has no time zone; add one", id="naive-instant"),
+        pytest.param("2026-06-30T25:00:00Z", "is not a date or an instant", id="bad-hour"),
+        pytest.param("tomorrow", "is not a date or an instant", id="word"),
+    ],
+)
+def test_expires_must_be_a_date_or_an_instant_with_its_zone(tmp_path, value, message):
+    text = f"version: 1\nprofiles:\n  default:\n    rules:\n      - allow: a.example\n        expires: {value}\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write(tmp_path, "p.yaml", text))
+    [problem] = caught.value.problems
+    assert (problem.line, message in problem.message) == (6, True), problem
 
 
 # --- profiles: extends and include -----------------------------------------------------------
