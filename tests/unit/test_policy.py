@@ -29,7 +29,12 @@ from sandgate.proxy.policy import (
 )
 from sandgate.proxy.policy.builtin import BUILTINS, builtin_rule
 from sandgate.proxy.policy.builtin import deny as deny_by
-from sandgate.proxy.policy.names import _PUBLIC_SUFFIXES, parse_network, special_range
+from sandgate.proxy.policy.names import (
+    _PUBLIC_SUFFIXES,
+    CLOUD_INTERNAL_ADDRESSES,
+    parse_network,
+    special_range,
+)
 
 ALLOW, DENY, ASK, AUDIT = Verdict.ALLOW, Verdict.DENY, Verdict.ASK, Verdict.AUDIT
 ROOT = Path(__file__).resolve().parents[2]
@@ -1249,6 +1254,25 @@ profiles:
     rules:
       - allow: [0.0.0.0/0, "::/0", allowed.example]
 """)
+
+
+@pytest.mark.parametrize(("target", "who"), CLOUD_INTERNAL_ADDRESSES)
+def test_cloud_internal_addresses_are_closed_unless_a_cidr_rule_names_them(tmp_path, target, who):
+    address = target.split("/")[0]
+    ip = parse_ip(address)
+    named = ConnectFacts("default", 80, ip=ip, name="allowed.example", name_resolved_to_ip=True)
+    decision = decide(_WORLD_POLICY, named)
+    assert (decision.reason, decision.rule_id) == (Reason.PRIVATE_ADDRESS, PRIVATE), who
+    opened = _load_text(
+        f"version: 1\nprofiles:\n  default:\n    rules:\n      - allow: {target}\n        id: mine\n"
+    )
+    assert decide(opened, ConnectFacts("default", 80, ip=ip)).rule_id == "mine"
+
+
+def test_every_cloud_internal_address_is_documented():
+    section = DOCS.read_text(encoding="utf-8").split("**Cloud-internal addresses**", 1)[1]
+    listed = re.findall(r"^\|\s*`([0-9a-f.:/]+)`", section.split("\n\n", 2)[1], re.MULTILINE)
+    assert listed == [target for target, _ in CLOUD_INTERNAL_ADDRESSES]
 
 
 # --- docs --------------------------------------------------------------------------------------
