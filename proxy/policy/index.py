@@ -231,6 +231,15 @@ class CompiledPolicy:
     # The real path of every file it was built from (top files, includes, presets):
     # what a reloader watches for changes.
     paths: tuple[Path, ...] = ()
+    # Each included preset's `description`, by its file (as Rule.file names it).
+    preset_descriptions: dict[str, str] = field(default_factory=dict)
+
+    def presets_of(self, profile: str) -> list[tuple[str, str]]:
+        """(file, description) of each preset whose rules `profile` has, in rule order:
+        what `rules show` reports as in effect (e.g. download-only or pass-through)."""
+        compiled = self.profiles[profile]
+        files = dict.fromkeys(r.file for r in (*compiled.rules, *compiled.expired))
+        return [(f, self.preset_descriptions[f]) for f in files if f in self.preset_descriptions]
 
     def limits_for(self, profile: str) -> Limits:
         """The caps of `profile`; the defaults for a profile the policy lacks (its

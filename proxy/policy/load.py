@@ -151,6 +151,7 @@ class _Loader:
         self.sources: dict[Path, _Source] = {}
         self.tried: dict[Path, None] = {}  # every real path read or tried, in order
         self.preset_rules: dict[Path, list[Rule]] = {}
+        self.preset_descriptions: dict[str, str] = {}  # by the preset file's stable name
         self.rule_ids: dict[str, Rule] = {}
         # One object per distinct port set: 100k rules share a handful, and a shared
         # set stays in the CPU cache while decide() reads it.
@@ -531,6 +532,10 @@ class _Loader:
         self.check_keys(
             included, entries, {"version", "description", "include", "rules"}, "a preset file"
         )
+        description = entries.get("description", (None, None))[1]
+        self.preset_descriptions[included.name] = (
+            " ".join(description.value.split()) if isinstance(description, yaml.ScalarNode) else ""
+        )
         rules: list[Rule] = []
         if "include" in entries:
             for inner, item in self.scalars(included, entries["include"][1], "'include'"):
@@ -704,6 +709,7 @@ def _load(
         hash=digest.hexdigest()[:16],
         rule_count=len(loader.rule_ids),
         loaded_on=loader.today,
+        preset_descriptions=loader.preset_descriptions,
         paths=tuple(loader.tried),
     )
 

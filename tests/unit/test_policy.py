@@ -1117,7 +1117,7 @@ def test_extends_and_include(tmp_path):
                 id: base-pypi
           child:
             extends: base
-            include: [github]
+            include: [github-passthrough]
             rules:
               - deny: pypi.org
                 id: child-no-pypi
@@ -1126,7 +1126,7 @@ def test_extends_and_include(tmp_path):
             fallback: deny
           grandchild:
             extends: child
-            include: [shared/internal.yaml, github]
+            include: [shared/internal.yaml, github-passthrough]
     """,
     )
     policy = load_policy(path)
@@ -1136,7 +1136,7 @@ def test_extends_and_include(tmp_path):
         "internal",
         "base-pypi",
         "preset:github-git",
-        "preset:github-content",
+        "preset:github-content-passthrough",
         "child-no-pypi",
     ]
     assert ids["grandchild"] == ids["child"]  # an include seen twice counts once
@@ -1146,7 +1146,7 @@ def test_extends_and_include(tmp_path):
     assert policy.profiles["strict"].fallback.action is DENY
     # a preset's rules name their own file
     github = next(r for r in policy.profiles["child"].rules if r.id == "preset:github-git")
-    assert Path(github.file).name == "github.yaml"
+    assert Path(github.file).name == "github-passthrough.yaml"
 
     def verdict(profile, name):
         d = decide(policy, connect(name, profile=profile))
@@ -1171,8 +1171,120 @@ def test_shipped_default_rules():
     assert decide(policy, connect("files.pythonhosted.org")).verdict is ALLOW
     assert decide(policy, connect("registry.npmjs.org")).verdict is ALLOW
     assert decide(policy, connect("github.com")).verdict is DENY
-    assert decide(policy, connect("github.com", 22, profile="github")).verdict is ALLOW
     assert decide(policy, connect("169.254.169.254")).reason is Reason.PRIVATE_ADDRESS
+
+
+def _outcome(decision) -> tuple:
+    return decision.verdict, decision.reason, decision.rule_id, decision.inspect
+
+
+@pytest.mark.parametrize(
+    ("facts", "outcome"),
+    [
+        # package-registries: download-only, hence inspected
+        pytest.param(connect("pypi.org"), (ALLOW, Reason.RULE_ALLOW, "preset:pypi", True), id="pypi-connect"),
+        pytest.param(
+            request("files.pythonhosted.org", "GET", "/packages/x.whl"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:pypi", False),
+            id="pypi-download",
+        ),
+        pytest.param(
+            request("pypi.org", "POST", "/legacy/"),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="pypi-upload",
+        ),
+        pytest.param(
+            request("registry.npmjs.org", "PUT", "/sg-probe"),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="npm-publish",
+        ),
+        pytest.param(
+            request("crates.io", "PUT", "/api/v1/crates/new"),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="cargo-publish",
+        ),
+        pytest.param(
+            request("rubygems.org", "POST", "/api/v1/gems"),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="gem-push",
+        ),
+        pytest.param(
+            request("deb.debian.org", "GET", "/debian/dists/stable/InRelease", port=80),
+            (ALLOW, Reason.RULE_ALLOW, "preset:apt", False),
+            id="apt-over-http",
+        ),
+        # github: fetch-only
+        pytest.param(
+            connect("github.com", profile="github"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:github-fetch", True),
+            id="github-connect",
+        ),
+        pytest.param(
+            request("github.com", "GET", "/octo/hello.git/info/refs", profile="github"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:github-fetch", False),
+            id="git-fetch-refs",
+        ),
+        pytest.param(
+            request("github.com", "POST", "/octo/hello.git/git-upload-pack", profile="github"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:github-upload-pack", False),
+            id="git-fetch-pack",
+        ),
+        pytest.param(
+            request("github.com", "POST", "/octo/hello/git-upload-pack", profile="github"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:github-upload-pack", False),
+            id="git-fetch-pack-without-dot-git",
+        ),
+        pytest.param(
+            request("github.com", "POST", "/octo/hello.git/git-receive-pack", profile="github"),
+            (DENY, Reason.RULE_DENY, "preset:github-no-push", False),
+            id="git-push",
+        ),
+        pytest.param(
+            request("github.com", "post", "/octo/hello.git/%67it-receive-pack", profile="github"),
+            (DENY, Reason.RULE_DENY, "preset:github-no-push", False),
+            id="git-push-spelled-otherwise",
+        ),
+        pytest.param(
+            request("github.com", "POST", "/octo/hello.git/info/lfs/objects/batch", profile="github"),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="other-post",
+        ),
+        pytest.param(
+            connect("github.com", 22, profile="github"),
+            (DENY, Reason.PORT_NOT_ALLOWED, FALLBACK, False),
+            id="no-ssh",
+        ),
+    ],
+)
+def test_shipped_presets_download_and_fetch_only(facts, outcome):
+    assert _outcome(decide(_SHIPPED, facts)) == outcome
+
+
+def test_shipped_pass_through_presets_allow_any_method_uninspected(tmp_path):
+    policy = _load_text(
+        "version: 1\nprofiles:\n  default:\n"
+        "    include: [package-registries-passthrough, github-passthrough]\n"
+    )
+    assert _outcome(decide(policy, connect("pypi.org"))) == (
+        ALLOW, Reason.RULE_ALLOW, "preset:pypi-passthrough", False
+    )
+    assert _outcome(decide(policy, request("pypi.org", "POST", "/legacy/"))) == (
+        ALLOW, Reason.RULE_ALLOW, "preset:pypi-passthrough", False
+    )
+    assert _outcome(decide(policy, connect("github.com", 22))) == (
+        ALLOW, Reason.RULE_ALLOW, "preset:github-git", False
+    )
+    assert [d for _, d in policy.presets_of("default")][0].startswith("pass-through, any method")
+
+
+def test_the_policy_knows_which_preset_form_each_profile_has():
+    presets = _SHIPPED.presets_of("github")
+    assert [f for f, _ in presets] == ["presets/package-registries.yaml", "presets/github.yaml"]
+    assert presets[0][1].startswith("download-only (GET, HEAD)")
+    assert presets[1][1].startswith("fetch-only")
+
+
+_SHIPPED = load_policy(DEFAULT_RULES)
 
 
 def test_shipped_example_rules_load():
