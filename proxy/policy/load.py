@@ -246,10 +246,21 @@ class _Loader:
         source = _Source(path, display, None, name=self.stable_name(path), data=data)
         try:
             source.root = yaml.compose(text, Loader=_YamlLoader)
+        except yaml.reader.ReaderError as e:  # a character YAML does not allow; no mark
+            at = max(0, min(e.position, len(text)))
+            line = text.count("\n", 0, at) + 1
+            column = at - (text.rfind("\n", 0, at) + 1) + 1
+            what = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+            self.problems.append(
+                Problem(display, line, column, f"YAML syntax error: character {what}: {e.reason}")
+            )
+            return None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
             reason = getattr(e, "problem", None) or str(e)
+            # One line, as every problem is: FILE:LINE:COL: message.
+            reason = " ".join(reason.split())
             self.problems.append(Problem(display, line, col, f"YAML syntax error: {reason}"))
             return None
         self.sources[path] = source
