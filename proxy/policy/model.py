@@ -10,8 +10,9 @@ One facts type per decision point:
 
 Each carries `now`, the wall-clock time of the question (seconds since the epoch):
 a rule whose `expires` has passed by then does not match, so a rule expires during
-a run without a reload, and decide() stays a pure function of its arguments. None
-means "as of the policy's load" (what `sandgate check` and tests without a clock ask).
+a run without a reload, and decide() stays a pure function of its arguments. The
+gate, the DNS filter and `sandgate check` pass the wall clock; None means "as of the
+policy's load" (rules already expired then are gone; none expire later).
 """
 
 from __future__ import annotations

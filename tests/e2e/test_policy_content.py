@@ -17,7 +17,6 @@ dnsmasq of the test's own that gives those names its address.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import shutil
 import signal
 import subprocess
@@ -29,6 +28,8 @@ import pytest
 from sandgate.enforcer.demo import fakenet as fakenet_module
 from support import sandbox
 from support.sandbox import eventually
+from test_sandbox_clients import MARK, PROJECT, WHEEL, _git  # its private registry, served here
+from test_sandbox_clients import _serve_root as serve_private_registry
 
 pytestmark = pytest.mark.e2e
 
@@ -36,8 +37,6 @@ SERVER_IP = "203.0.113.80"  # not one of the fake internet's own: nginx does not
 DNS_IP = "198.51.100.54"
 NAMES = ("pypi.org", "files.pythonhosted.org", "registry.npmjs.org", "github.com")
 SHIPPED_RULES = sandbox.REPO / "rules" / "default.yaml"
-PROJECT, VERSION, MARK = "sg-probe", "1.0", "installed through the download-only preset"
-WHEEL = f"sg_probe-{VERSION}-py3-none-any.whl"
 REPO_PATH = "/octo/repo.git"
 SECRET = "the-task-would-like-to-publish-this"
 
@@ -115,11 +114,6 @@ server.serve_forever()
 """
 
 
-def _git(*args: str, cwd: Path) -> None:
-    identity = ["-c", "user.name=sandgate test", "-c", "user.email=test@sandgate.invalid"]
-    subprocess.run(["git", *identity, *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
 def _make_certs(directory: Path) -> tuple[Path, Path, Path]:
     """A CA of this test's own and a certificate for NAMES, made as the fake internet
     makes its own (fakenet._make_certs), with these names."""
@@ -133,28 +127,16 @@ def _make_certs(directory: Path) -> tuple[Path, Path, Path]:
 
 
 def _serve_root(root: Path) -> None:
-    """The PEP 503 index (its file on files.pythonhosted.org), the wheel, and a bare
-    repository that accepts pushes (so that only sandgate can refuse one)."""
-    from test_sandbox_clients import _write_wheel  # one wheel builder for the e2e tests
-
-    (root / "packages").mkdir(parents=True)
-    _write_wheel(root / "packages" / WHEEL)
-    digest = hashlib.sha256((root / "packages" / WHEEL).read_bytes()).hexdigest()
-    index = root / "simple" / PROJECT
-    index.mkdir(parents=True)
-    (index / "index.html").write_text(
-        f'<!DOCTYPE html><html><body><a href="https://files.pythonhosted.org/packages/'
-        f'{WHEEL}#sha256={digest}">{WHEEL}</a></body></html>\n'
-    )
-    work = root.parent / "repo-work"
-    work.mkdir()
-    _git("init", "-q", "-b", "main", cwd=work)
-    (work / "README.txt").write_text(f"{MARK}\n")
-    _git("add", "README.txt", cwd=work)
-    _git("commit", "-q", "-m", "first", cwd=work)
+    """The private registry of test_sandbox_clients (a PEP 503 index, its wheel, a bare
+    repository), laid out as PyPI and GitHub have them: the index links to
+    files.pythonhosted.org, the repository is OWNER/REPO.git and accepts pushes (so
+    that only sandgate can refuse one)."""
+    serve_private_registry(root)
+    index = root / "simple" / PROJECT / "index.html"
+    index.write_text(index.read_text().replace("../../files/", "https://files.pythonhosted.org/files/"))
     (root / "octo").mkdir()
-    _git("clone", "-q", "--bare", str(work), str(root / "octo" / "repo.git"), cwd=root)
-    _git("config", "http.receivepack", "true", cwd=root / "octo" / "repo.git")
+    (root / "repo.git").rename(root / REPO_PATH.lstrip("/"))
+    _git("config", "http.receivepack", "true", cwd=root / REPO_PATH.lstrip("/"))
 
 
 @pytest.fixture
@@ -241,13 +223,13 @@ def test_default_presets_download_and_fetch_but_never_publish_or_push(net, regis
         "github",
     )
     assert r["pip"].rc == 0, r.describe()
-    assert r["imported"].out.strip() == "installed from the private index", r.describe()
+    assert r["imported"].out.strip() == MARK, r.describe()
     assert r["clone"].rc == 0 and r["clone"].out.strip() == MARK, r.describe()
     assert r["upload"].status == 403 and r["publish"].status == 403, r.describe()
     assert r["push"].rc != 0 and "403" in r["push"].err, r.describe()
 
     seen = server_log()
-    assert f"GET /simple/{PROJECT}/ 200" in seen and f"GET /packages/{WHEEL} 200" in seen, seen
+    assert f"GET /simple/{PROJECT}/ 200" in seen and f"GET /files/{WHEEL} 200" in seen, seen
     assert any(line.startswith(f"POST {REPO_PATH}/git-upload-pack 200") for line in seen), seen
     # The forbidden requests never reached the server.
     assert not [line for line in seen if line.startswith(("POST /legacy", "PUT "))], seen
