@@ -41,6 +41,7 @@ no exception leaves the gate.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -150,7 +151,9 @@ _PHASE_OF = {
 
 class ConnectionGate:
     """`clock` (seconds, monotonic) times decisions and connections: inject one to
-    make latencies and durations deterministic in tests."""
+    make latencies and durations deterministic in tests. `wall_clock` (epoch seconds)
+    is the `now` of every decision's facts: a rule whose `expires` has passed stops
+    matching then, without a reload."""
 
     def __init__(
         self,
@@ -161,6 +164,7 @@ class ConnectionGate:
         clock: Callable[[], float] = time.monotonic,
         approvals: PendingStore | None = None,
         placeholders: Placeholders | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ):
         self.policy = policy
         # Earlier human decisions (proxy/approvals/); None: `ask` is denied.
@@ -170,6 +174,7 @@ class ConnectionGate:
         self.bindings = bindings
         self.emit = emit
         self.clock = clock
+        self.wall_clock = wall_clock
         # Every connection past connect and not yet closed, by its adapter's key.
         self.connections: dict[Hashable, ConnState] = {}
         # What each sandbox holds, against its profile's limits (see the docstring).
@@ -564,6 +569,7 @@ class ConnectionGate:
             ip=None if state.placeholder is not None else state.ip,
             name=name,
             name_resolved_to_ip=self._resolved(state, name),
+            now=self.wall_clock(),
         )
         return decide(self.policy, facts), name
 
@@ -664,6 +670,7 @@ class ConnectionGate:
         if facts is None or facts.name != state.name:
             self._decide_connect(state, state.name)  # records the facts
             facts = state.facts
+        facts = dataclasses.replace(facts, now=self.wall_clock())
         decision = decide(self.policy, facts)
         if decision.verdict is Verdict.ASK and self.approvals is not None:
             # Still a question for a human: one that is held waits for its answer; one
@@ -770,6 +777,7 @@ class ConnectionGate:
             ip=None if state.placeholder is not None else state.ip,
             name=name,
             name_resolved_to_ip=self._resolved(state, name),
+            now=self.wall_clock(),
         )
         return decide(self.policy, state.facts)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,9 @@ class Gateway:
             placeholders=self.placeholders,
         )
         self.dns = DnsFilter(
-            decide_name=lambda profile, name: decide(self.policy, NameFacts(profile, name)),
+            decide_name=lambda profile, name: decide(
+                self.policy, NameFacts(profile, name, now=time.time())
+            ),
             sandbox_for=self._sandbox_for,
             sink=self,
             upstreams=config.dns_upstreams,

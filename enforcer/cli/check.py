@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import urlsplit
 
 from sandgate.enforcer.cli.common import EXIT_DENIED, EXIT_OK, UsageError, load_rules
@@ -105,8 +106,9 @@ def parse_target(text: str, method: str | None, profile: str = "default"):
             path=path or "/",
             ip=ip,
             name=name,
+            now=time.time(),
         )
-    return ConnectFacts(profile=profile, port=port, ip=ip, name=name)
+    return ConnectFacts(profile=profile, port=port, ip=ip, name=name, now=time.time())
 
 
 def _url_port(url) -> int:

@@ -88,6 +88,8 @@ def cmd_rules_show(args) -> int:
                 f"no profile {name!r} in {args.file} (profiles: {', '.join(policy.profiles)})"
             )
         limits = dataclasses.asdict(profile.limits)
+        presets = policy.presets_of(name)
+        inspected = sum(r.inspects for r in profile.rules)
         if args.json:
             print(
                 json.dumps(
@@ -95,6 +97,11 @@ def cmd_rules_show(args) -> int:
                         "profile": name,
                         "fallback": str(profile.fallback.action),
                         "limits": limits,
+                        "presets": [
+                            {"name": _preset_name(f), "file": f, "description": d}
+                            for f, d in presets
+                        ],
+                        "inspects": inspected > 0,
                         "rules": [_rule_dict(r) for r in profile.rules],
                         "expired": [_rule_dict(r) for r in profile.expired],
                     },
@@ -104,11 +111,24 @@ def cmd_rules_show(args) -> int:
             continue
         print(f"profile {name}  (fallback: {profile.fallback.action}, {profile.fallback.origin})")
         print("  limits per sandbox: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+        for file, description in presets:
+            print(f"  preset {_preset_name(file)}: {description or '(no description)'}")
+        print(
+            f"  inspection: {inspected} rule(s) check HTTP methods or paths: TLS to their hosts "
+            "is intercepted with the gateway's CA, which `sandgate run` installs in the sandbox"
+            if inspected
+            else "  inspection: none (allowed TLS passes through untouched; no CA needed)"
+        )
         for rule in profile.rules:
             print(f"  {_rule_line(rule)}")
         for rule in profile.expired:
             print(f"  EXPIRED {rule.expires}: {_rule_line(rule)}")
     return EXIT_OK
+
+
+def _preset_name(file: str) -> str:
+    """`presets/github.yaml` -> `github`: the name an `include:` gives."""
+    return Path(file).stem if file.startswith("presets/") else file
 
 
 def _rule_dict(rule) -> dict:

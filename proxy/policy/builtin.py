@@ -46,7 +46,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "private-address",
         (R.PRIVATE_ADDRESS,),
-        "the destination is in a private, loopback, link-local, CGNAT, multicast, reserved or unspecified range "
+        "the destination is in a private, loopback, link-local, CGNAT, multicast, reserved, unspecified or "
+        "cloud-internal range "
         "that no CIDR rule opens",
     ),
     (

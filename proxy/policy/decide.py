@@ -22,6 +22,9 @@ request's canonical path (names.parse_path) and upper-cased method.
 A DNS question (NameFacts) is allowed when some allow rule names the name on a
 port no plain deny rule takes away. Anything unexpected -> DENY internal_error.
 
+Time is a fact: a rule whose `expires` instant is at or before `facts.now` is not
+there (allow or deny). Until the profile's first expiry that costs one comparison.
+
 A Decision's detail says why, not where: the destination is in the facts (and in
 every event), so one Decision per outcome (allowed by rule R, no rule, a link-local
 address, ...) is built once per profile and shared. That keeps a decision well
@@ -60,7 +63,7 @@ def decide(policy: CompiledPolicy, facts: Facts) -> Decision:
         )
     try:
         if isinstance(facts, NameFacts):
-            return _decide_name(profile, facts.name)
+            return _decide_name(profile, facts.name, facts.now)
         return _decide_destination(profile, facts)
     except Exception as e:  # noqa: BLE001 - fail closed, and say so
         log.exception("policy decision failed for %r", facts)
@@ -69,8 +72,10 @@ def decide(policy: CompiledPolicy, facts: Facts) -> Decision:
         )
 
 
-def _decide_name(profile: CompiledProfile, name: str) -> Decision:
+def _decide_name(profile: CompiledProfile, name: str, now: float | None) -> Decision:
     rules = profile.rules_for_name(name)
+    if now is not None and now >= profile.first_expiry:
+        rules = _live(rules, now)
     if not rules:
         return _shared(profile, Reason.NO_RULE, profile.fallback)
     denied_ports: set[int] = set()
@@ -109,6 +114,9 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
             special_range_of(number, version),
         )
     name_rules = profile.rules_for_name(name) if name is not None else _NO_RULES
+    now = facts.now
+    if now is not None and now >= profile.first_expiry:  # some rule has expired since the load
+        ip_rules, name_rules = _live(ip_rules, now), _live(name_rules, now)
     if not name_rules and not ip_rules:  # the common miss, answered without the checks below
         if kind is not None:
             return _private(profile, kind)
@@ -182,6 +190,11 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
         if method is not None:
             return _shared(profile, Reason.PATH_NOT_ALLOWED, profile.fallback, near=rule)
     return _shared(profile, Reason.NO_RULE, profile.fallback)
+
+
+def _live(rules: tuple[Rule, ...], now: float) -> tuple[Rule, ...]:
+    """`rules` without those expired at `now`."""
+    return tuple(rule for rule in rules if rule.live_at(now))
 
 
 def _private(profile: CompiledProfile, kind: str) -> Decision:

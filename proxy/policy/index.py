@@ -18,6 +18,7 @@ hit costs no copy.
 from __future__ import annotations
 
 import datetime
+import math
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ class CompiledProfile:
     v6: _AddressIndex = field(default_factory=lambda: _AddressIndex.build(128, 48, []))
     # Rule networks that lie wholly inside a private/loopback/... range.
     special_networks: frozenset = frozenset()
+    # The first instant (epoch seconds) at which one of `rules` expires: from then
+    # on decide() drops expired rules from what a lookup found (inf: none expires).
+    first_expiry: float = math.inf
     # decide()'s memo of Decisions that name no destination and depend on more than
     # one rule (a private address of some kind, a rule that came near): shared,
     # because a frozen Decision costs more to build than to look up.
@@ -168,6 +172,7 @@ class CompiledProfile:
             v4=_AddressIndex.build(32, 16, networks[4]),
             v6=_AddressIndex.build(128, 48, networks[6]),
             special_networks=frozenset(special_networks),
+            first_expiry=min((r.expires_at for r in rules if r.expires_at), default=math.inf),
         )
 
     def rules_for_name(self, name: str) -> tuple[Rule, ...]:
@@ -229,6 +234,15 @@ class CompiledPolicy:
     # The real path of every file it was built from (top files, includes, presets):
     # what a reloader watches for changes.
     paths: tuple[Path, ...] = ()
+    # Each included preset's `description`, by its file (as Rule.file names it).
+    preset_descriptions: dict[str, str] = field(default_factory=dict)
+
+    def presets_of(self, profile: str) -> list[tuple[str, str]]:
+        """(file, description) of each preset whose rules `profile` has, in rule order:
+        what `rules show` reports as in effect (e.g. download-only or pass-through)."""
+        compiled = self.profiles[profile]
+        files = dict.fromkeys(r.file for r in (*compiled.rules, *compiled.expired))
+        return [(f, self.preset_descriptions[f]) for f in files if f in self.preset_descriptions]
 
     def limits_for(self, profile: str) -> Limits:
         """The caps of `profile`; the defaults for a profile the policy lacks (its
@@ -260,7 +274,14 @@ class CompiledPolicy:
                 object.__setattr__(rule, "inspected_decision", None)
 
     @property
+    def next_expiry_at(self) -> float | None:
+        """The first instant (epoch seconds) at which an active rule stops matching;
+        decide() drops it from then on, given facts with `now`."""
+        first = min((p.first_expiry for p in self.profiles.values()), default=math.inf)
+        return None if first == math.inf else first
+
+    @property
     def next_expiry(self) -> datetime.date | None:
-        """The first day on which an active rule will have expired (reload then)."""
-        dates = [r.expires for p in self.profiles.values() for r in p.rules if r.expires]
-        return min(dates) + datetime.timedelta(days=1) if dates else None
+        """The (local) day of `next_expiry_at`: a load from then on reports the rule as expired."""
+        first = self.next_expiry_at
+        return None if first is None else datetime.date.fromtimestamp(first)

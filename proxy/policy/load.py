@@ -18,7 +18,7 @@ include and profile is valid and a new CompiledPolicy exists, or nothing changes
             ports: [443, ...]                        default [80, 443]
             methods: [GET, ...]                      needs HTTP inspection
             paths: ["/repos/**", ...]                needs HTTP inspection
-            id, comment, owner, ticket, expires: YYYY-MM-DD
+            id, comment, owner, ticket, expires: YYYY-MM-DD (or an instant with its zone)
 
 A preset (rules/presets/NAME.yaml) is `version: 1`, optional `description`,
 `include`, and `rules`.
@@ -32,6 +32,7 @@ import gc
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,8 +152,9 @@ class _RawProfile:
 
 
 class _Loader:
-    def __init__(self, today: datetime.date):
+    def __init__(self, today: datetime.date, now: float):
         self.today = today
+        self.now = now  # rules expired by then are kept aside
         self.root: Path | None = (
             None  # the directory of the first rule file: names are relative to it
         )
@@ -160,6 +162,7 @@ class _Loader:
         self.sources: dict[Path, _Source] = {}
         self.tried: dict[Path, None] = {}  # every real path read or tried, in order
         self.preset_rules: dict[Path, list[Rule]] = {}
+        self.preset_descriptions: dict[str, str] = {}  # by the preset file's stable name
         self.rule_ids: dict[str, Rule] = {}
         # `approved:` sections (the overlay file): profile -> (rules, where named)
         self.approved: dict[str, list[tuple[list[Rule], _Source, yaml.Node]]] = {}
@@ -256,10 +259,21 @@ class _Loader:
         source = _Source(path, display, None, name=self.stable_name(path), data=data)
         try:
             source.root = yaml.compose(text, Loader=_YamlLoader)
+        except yaml.reader.ReaderError as e:  # a character YAML does not allow; no mark
+            at = max(0, min(e.position, len(text)))
+            line = text.count("\n", 0, at) + 1
+            column = at - (text.rfind("\n", 0, at) + 1) + 1
+            what = f"U+{e.character:04X}" if isinstance(e.character, int) else repr(e.character)
+            self.problems.append(
+                Problem(display, line, column, f"YAML syntax error: character {what}: {e.reason}")
+            )
+            return None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
             line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
             reason = getattr(e, "problem", None) or str(e)
+            # One line, as every problem is: FILE:LINE:COL: message.
+            reason = " ".join(reason.split())
             self.problems.append(Problem(display, line, col, f"YAML syntax error: {reason}"))
             return None
         self.sources[path] = source
@@ -329,7 +343,9 @@ class _Loader:
             for k in ("comment", "owner", "ticket")
             if k in entries
         }
-        expires = self.expires(source, entries["expires"][1]) if "expires" in entries else None
+        expires, expires_at = (
+            self.expires(source, entries["expires"][1]) if "expires" in entries else None
+        ) or (None, None)
         line = node.start_mark.line + 1
         rule_id = f"{source.name}:{line}"
         if "id" in entries:
@@ -363,6 +379,7 @@ class _Loader:
             paths=paths,
             path_pattern=_compile_paths(paths) if paths else None,
             expires=expires,
+            expires_at=expires_at,
             **meta,
         )
         self.rule_ids[rule_id] = rule
@@ -448,15 +465,38 @@ class _Loader:
                 paths.append(text)
         return tuple(paths)
 
-    def expires(self, source, node) -> datetime.date | None:
+    def expires(self, source, node) -> tuple[datetime.date | datetime.datetime, float] | None:
+        """`expires:` as written, and the instant (epoch seconds) it stops matching: a
+        date is the last day the rule applies (to the end of that day, local time); an
+        instant needs its time zone (`2026-06-30T18:00:00Z`, `...+02:00`)."""
         text = self.scalar(source, node, "'expires'")
         if text is None:
             return None
+        if "T" not in text and " " not in text.strip():
+            try:
+                day = datetime.date.fromisoformat(text)
+            except ValueError:
+                pass
+            else:
+                return day, _start_of_day(day + datetime.timedelta(days=1))
         try:
-            return datetime.date.fromisoformat(text)
+            instant = datetime.datetime.fromisoformat(text)
         except ValueError:
-            self.problem(source, node, f"expires {text!r} is not a date; write YYYY-MM-DD")
+            self.problem(
+                source,
+                node,
+                f"expires {text!r} is not a date or an instant; write YYYY-MM-DD "
+                "or YYYY-MM-DDTHH:MM:SSZ",
+            )
             return None
+        if instant.tzinfo is None:
+            self.problem(
+                source,
+                node,
+                f"expires {text!r} has no time zone; add one ({text}Z for UTC, or +HH:MM)",
+            )
+            return None
+        return instant, instant.timestamp()
 
     def limits(self, source, node) -> dict[str, int]:
         """`limits: {connections: N, ...}`: the caps given, each a whole number
@@ -560,6 +600,10 @@ class _Loader:
         self.check_version(included, entries)
         self.check_keys(
             included, entries, {"version", "description", "include", "rules"}, "a preset file"
+        )
+        description = entries.get("description", (None, None))[1]
+        self.preset_descriptions[included.name] = (
+            " ".join(description.value.split()) if isinstance(description, yaml.ScalarNode) else ""
         )
         rules: list[Rule] = []
         if "include" in entries:
@@ -680,8 +724,8 @@ class _Loader:
         for name in raw:
             rules, fallback, limits, approval = effective(name, (name,))
             rules = _unique(rules)
-            active = [r for r in rules if r.expires is None or r.expires >= self.today]
-            expired = [r for r in rules if r.expires is not None and r.expires < self.today]
+            active = [r for r in rules if r.live_at(self.now)]
+            expired = [r for r in rules if not r.live_at(self.now)]
             compiled[name] = CompiledProfile.build(
                 name,
                 active,
@@ -694,12 +738,16 @@ class _Loader:
 
 
 def load_policy(
-    paths: list[Path] | Path | str, today: datetime.date | None = None
+    paths: list[Path] | Path | str,
+    today: datetime.date | None = None,
+    now: float | None = None,
 ) -> CompiledPolicy:
     """Read, validate and compile rule files. Raises PolicyError with every problem.
 
-    `today` decides which rules have expired (they are kept aside, reported, and
-    never match); a long-running caller loads again when `CompiledPolicy.next_expiry` comes.
+    `now` (epoch seconds; default: the clock, or the start of `today` when that is
+    given) decides which rules have already expired: they are kept aside, reported,
+    and never match. Rules that expire later stop matching at their instant, in
+    decide() (the facts carry the time); `CompiledPolicy.next_expiry_at` is the first.
     """
     # A load allocates a few objects per YAML node, in a tree without cycles. The
     # cyclic GC would rescan the growing tree again and again: at 100k rules that
@@ -712,7 +760,7 @@ def load_policy(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        policy = _load(paths, today)
+        policy = _load(paths, today, now)
         gc.freeze()
         return policy
     finally:
@@ -720,10 +768,14 @@ def load_policy(
             gc.enable()
 
 
-def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> CompiledPolicy:
+def _load(
+    paths: list[Path] | Path | str, today: datetime.date | None, now: float | None
+) -> CompiledPolicy:
     if isinstance(paths, (str, Path)):
         paths = [Path(paths)]
-    loader = _Loader(today or datetime.date.today())
+    if now is None:
+        now = _start_of_day(today) if today is not None else time.time()
+    loader = _Loader(today or datetime.date.fromtimestamp(now), now)
     raw: dict[str, _RawProfile] = {}
     all_read = True
     paths = [Path(p) for p in paths]
@@ -767,6 +819,7 @@ def _load(paths: list[Path] | Path | str, today: datetime.date | None) -> Compil
         hash=digest.hexdigest()[:16],
         rule_count=len(loader.rule_ids),
         loaded_on=loader.today,
+        preset_descriptions=loader.preset_descriptions,
         paths=tuple(loader.tried),
     )
 
@@ -797,6 +850,11 @@ def _compile_paths(globs: tuple[str, ...]) -> re.Pattern[str]:
                 pattern += re.escape(piece)
         parts.append(pattern)
     return re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
+
+
+def _start_of_day(day: datetime.date) -> float:
+    """Local midnight at the start of `day`, in epoch seconds."""
+    return datetime.datetime.combine(day, datetime.time()).timestamp()
 
 
 def _is_domain(text: str) -> bool:

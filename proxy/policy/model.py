@@ -7,6 +7,12 @@ One facts type per decision point:
 - `ConnectFacts` — a TCP connection (destination IP and port; the name from SNI or
                    the sandbox's DNS bindings when one is known);
 - `RequestFacts` — an HTTP request (adds method and path).
+
+Each carries `now`, the wall-clock time of the question (seconds since the epoch):
+a rule whose `expires` has passed by then does not match, so a rule expires during
+a run without a reload, and decide() stays a pure function of its arguments. The
+gate, the DNS filter and `sandgate check` pass the wall clock; None means "as of the
+policy's load" (rules already expired then are gone; none expire later).
 """
 
 from __future__ import annotations
@@ -118,7 +124,10 @@ class Rule:
     ports: frozenset[int] = DEFAULT_PORTS
     methods: frozenset[str] | None = None
     paths: tuple[str, ...] | None = None
-    expires: datetime.date | None = None
+    # `expires:` as written (a date: the last day it applies; or an instant), and the
+    # instant (seconds since the epoch) from which it no longer matches.
+    expires: datetime.date | datetime.datetime | None = None
+    expires_at: float | None = None
     comment: str | None = None
     owner: str | None = None
     ticket: str | None = None
@@ -143,6 +152,10 @@ class Rule:
     def targets(self) -> list[str]:
         return [str(d) for d in self.domains] + [str(n) for n in self.networks]
 
+    def live_at(self, now: float) -> bool:
+        """Whether the rule still matches at `now` (seconds since the epoch)."""
+        return self.expires_at is None or now < self.expires_at
+
     def matches_request(self, method: str, path: str) -> bool:
         if self.methods is not None and method not in self.methods:
             return False
@@ -155,6 +168,7 @@ class NameFacts:
 
     profile: str
     name: str
+    now: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +187,7 @@ class ConnectFacts:
     name: str | None = None
     name_resolved_to_ip: bool | None = None
     protocol: str = "tcp"
+    now: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +202,7 @@ class RequestFacts:
     name: str | None = None
     name_resolved_to_ip: bool | None = None
     protocol: str = "http"
+    now: float | None = None
 
 
 Facts = NameFacts | ConnectFacts | RequestFacts

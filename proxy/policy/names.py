@@ -174,6 +174,33 @@ def parse_network(text: str) -> IPNetwork:
     return network
 
 
+# Well-known addresses of clouds' own services (instance metadata, the host's agent,
+# DNS, NTP): reachable only from inside that cloud, and a credential store or control
+# channel when reached. Most lie in a range below (link-local, private, CGNAT); the
+# ones in public address space are special ranges of their own ("cloud-internal").
+# docs/rules.md lists each (a test checks).
+CLOUD_INTERNAL_ADDRESSES: tuple[tuple[str, str], ...] = (
+    (
+        "169.254.169.254",
+        "instance metadata: AWS, Azure, GCP, Oracle, IBM, DigitalOcean, OpenStack ...",
+    ),
+    ("169.254.169.253", "AWS VPC DNS resolver"),
+    ("169.254.169.123", "AWS Time Sync"),
+    ("169.254.170.2", "AWS ECS task metadata and credentials"),
+    ("169.254.170.23", "AWS EKS Pod Identity agent"),
+    ("fd00:ec2::254", "AWS instance metadata over IPv6"),
+    ("fd00:ec2::253", "AWS VPC DNS resolver over IPv6"),
+    ("fd00:ec2::23", "AWS EKS Pod Identity agent over IPv6"),
+    ("fd20:ce::254", "GCP metadata over IPv6 (metadata.google.internal is 169.254.169.254)"),
+    ("168.63.129.16", "Azure WireServer: host agent, DNS, health probes"),
+    ("100.100.100.200", "Alibaba Cloud instance metadata"),
+    ("192.0.0.192", "Oracle Cloud instance metadata (legacy address)"),
+    ("169.254.0.23", "Tencent Cloud instance metadata"),
+    ("169.254.42.42", "Scaleway instance metadata"),
+    ("161.26.0.0/16", "IBM Cloud service network (DNS, NTP, metadata, mirrors)"),
+    ("166.8.0.0/14", "IBM Cloud private service endpoints"),
+)
+
 _SPECIAL_RANGES: tuple[tuple[IPNetwork, str], ...] = tuple(
     (ipaddress.ip_network(net), kind)
     for net, kind in [
@@ -188,6 +215,10 @@ _SPECIAL_RANGES: tuple[tuple[IPNetwork, str], ...] = tuple(
         ("198.18.0.0/15", "private"),  # benchmarking, used inside data centres
         ("224.0.0.0/4", "multicast"),
         ("240.0.0.0/4", "reserved"),  # includes 255.255.255.255
+        # Cloud-internal addresses in public space (CLOUD_INTERNAL_ADDRESSES).
+        ("161.26.0.0/16", "cloud-internal"),
+        ("166.8.0.0/14", "cloud-internal"),
+        ("168.63.129.16/32", "cloud-internal"),
         ("::/128", "unspecified"),
         ("::1/128", "loopback"),
         ("fc00::/7", "private"),
@@ -246,7 +277,8 @@ def _embedded_ipv4(number: int) -> int | None:
 
 def special_range(ip: IPAddress) -> str | None:
     """The kind of non-public range `ip` is in ("private", "loopback", "link-local",
-    "cgnat", "multicast", "unspecified", "reserved"), or None for a public address.
+    "cgnat", "multicast", "unspecified", "reserved", "cloud-internal"), or None for a
+    public address.
 
     IPv4 carried inside IPv6 (mapped, compatible, 6to4, NAT64, Teredo) is checked as
     the IPv4 address it reaches.

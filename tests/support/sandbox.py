@@ -338,12 +338,13 @@ def _argv(
     rules: Path,
     extra: tuple[str, ...],
     fakenet_ca: bool = True,
+    dns_upstream: str | None = None,
 ) -> list[str]:
     trust = ["--extra-ca", str(fakenet.ca_cert)] if fakenet_ca else []
     return [
         SANDGATE, "run",
         "--rules", str(rules),
-        "--dns-upstream", fakenet.dns_ip,
+        "--dns-upstream", dns_upstream or fakenet.dns_ip,
         *trust,
         "--audit-log", str(workdir / "audit.jsonl"),
         "--summary-json", str(workdir / "summary.json"),
@@ -384,12 +385,14 @@ def run(
     env: dict[str, str] | None = None,
     setup: Callable[[Path], None] | None = None,
     fakenet_ca: bool = True,
+    dns_upstream: str | None = None,
 ) -> RunResult:
     """`sandgate run` of `steps` (labelled shell commands) or of `command`, in the
     fake internet's host netns (with sandgate's environment `env`, if given); asserts
     that the run left nothing behind. `setup` gets the workspace before the run.
     `fakenet_ca=False` leaves out `--extra-ca` with the fake internet's CA, so that a
-    pass-through run gets no CA bundle or variables from sandgate."""
+    pass-through run gets no CA bundle or variables from sandgate. `dns_upstream`
+    replaces the fake internet's DNS server (a test's own, for names outside .test)."""
     workdir = _workdir(tmp_path)
     if setup is not None:
         setup(workdir / "steps")
@@ -398,7 +401,7 @@ def run(
         steps_dir = workdir / "steps"
         command = ["sh", "-c", _script(steps, steps_dir)]
     assert command, "give steps or a command"
-    argv = _argv(fakenet, workdir, command, rules, extra, fakenet_ca)
+    argv = _argv(fakenet, workdir, command, rules, extra, fakenet_ca, dns_upstream)
     proc = fakenet.run_in_host(argv, timeout=timeout, env=env)
     result = _result(proc.returncode, proc.stdout, proc.stderr, workdir, steps_dir)
     assert not (left := leftovers(fakenet, result.run_id)), f"{left}\n{result.describe()}"

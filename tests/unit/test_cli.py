@@ -74,9 +74,39 @@ PRIVATE = ("deny", "private_address", "builtin:private-address")
         ),
         pytest.param(
             ["--profile", "github", "github.com:22"],
+            1,
+            ("deny", "port_not_allowed", "default:fallback"),
+            id="github-profile-no-ssh",
+        ),
+        pytest.param(
+            [
+                "--profile",
+                "github",
+                "--method",
+                "POST",
+                "https://github.com/o/r.git/git-upload-pack",
+            ],
             0,
-            ("allow", "rule_allow", "preset:github-git"),
-            id="github-profile-ssh",
+            ("allow", "rule_allow", "preset:github-upload-pack"),
+            id="github-profile-fetch",
+        ),
+        pytest.param(
+            [
+                "--profile",
+                "github",
+                "--method",
+                "POST",
+                "https://github.com/o/r.git/git-receive-pack",
+            ],
+            1,
+            ("deny", "rule_deny", "preset:github-no-push"),
+            id="github-profile-push",
+        ),
+        pytest.param(
+            ["--method", "POST", "https://pypi.org/legacy/"],
+            1,
+            ("deny", "method_not_allowed", "default:fallback"),
+            id="pypi-upload",
         ),
         pytest.param(
             ["evilpypi.org"], 1, ("deny", "no_rule", "default:fallback"), id="suffix-confusion"
@@ -205,8 +235,8 @@ def test_check_default_rules(capsys, argv, code, expected):
         pytest.param(
             ["--profile", "ci", "registry.npmjs.org"],
             0,
-            ("allow", "rule_allow", "preset:npm"),
-            False,
+            ("allow", "rule_allow", "ci-npm"),  # the rule that allows any method
+            True,  # the preset's download-only rule is inspected, so requests are too
             id="extends-include",
         ),
         pytest.param(
@@ -242,9 +272,9 @@ def test_check_human_output(capsys):
     assert out.splitlines()[0] == "ALLOW  api.github.com"
     assert "reason:  rule_allow" in out and "rule:    team.yaml:12" in out and "inspect: yes" in out
 
-    assert main(["check", "--rules", TEAM, "--profile", "ci", "registry.npmjs.org"]) == 0
+    assert main(["check", "--rules", TEAM, "crates.io"]) == 0
     out = capsys.readouterr().out
-    assert "rule:    preset:npm  (presets/package-registries.yaml:" in out
+    assert "rule:    preset:crates  (presets/package-registries.yaml:" in out
 
     assert main(["check", "169.254.169.254"]) == 1
     out = capsys.readouterr().out
@@ -311,7 +341,24 @@ def test_rules_show_each_rule_with_its_origin(capsys):
     limits = [line for line in out.splitlines() if line.startswith("  limits per sandbox: ")]
     # team.yaml sets no limits: each profile shows the defaults.
     assert limits == ["  limits per sandbox: connections 512, pending 64, dns_qps 50"] * 2
-    rules = [line for line in out.splitlines() if line.startswith("  ") and line not in limits]
+    presets = [line for line in out.splitlines() if line.startswith("  preset ")]
+    assert (
+        presets
+        == [
+            "  preset package-registries: download-only (GET, HEAD): PyPI, npm, crates.io, the Go "
+            "module proxy, Maven Central, RubyGems, Debian and Ubuntu archives; TLS to them is "
+            "inspected with the gateway's CA (installed in the sandbox), so publish requests "
+            "(POST, PUT ...) are refused"
+        ]
+        * 2
+    )
+    inspection = [line for line in out.splitlines() if line.startswith("  inspection: ")]
+    assert len(inspection) == 2 and all("gateway's CA" in line for line in inspection)
+    rules = [
+        line
+        for line in out.splitlines()
+        if line.startswith("  ") and line not in limits + presets + inspection
+    ]
     for line in rules:
         origin = re.search(r"\(([^()]+):(\d+)\)$", line)
         assert origin, f"no (FILE:LINE) at the end of {line!r}"
@@ -327,7 +374,7 @@ def test_rules_show_each_rule_with_its_origin(capsys):
         line.startswith("  EXPIRED 2027-01-01: deny  gist.github.com") for line in rules
     )
     assert any(
-        line.endswith("[preset:pypi]  (presets/package-registries.yaml:6)") for line in rules
+        line.endswith("[preset:pypi]  (presets/package-registries.yaml:19)") for line in rules
     )
 
 

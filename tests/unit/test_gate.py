@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from sandgate.proxy.gate import MAX_FIRST_BYTES, Outcome
-from support.fakes import SANDBOX, client_hello, make_gate
+from support.fakes import GATE_RULES, SANDBOX, client_hello, make_gate
 
 
 @pytest.fixture
@@ -358,3 +358,31 @@ def test_half_a_hello_after_a_silence_decision_waits_under_it(gate):
         ("rule_allow", "tcp"),
         ("rule_allow", "tls"),
     ]
+
+
+def test_a_rule_that_expires_stops_matching_at_its_instant_on_the_gates_wall_clock(tmp_path):
+    rules = GATE_RULES.replace(
+        "        id: allowed\n", "        id: allowed\n        expires: 2099-06-30T12:00:00Z\n"
+    )
+    gate = make_gate(tmp_path, rules=rules)
+    expiry = gate.policy.next_expiry_at
+    gate.wall_clock = lambda: expiry - 0.5
+    before = connect(gate, "203.0.113.10", 443, key=1)
+    assert gate.on_first_bytes(before, client_hello("allowed.test")) is Outcome.PASSTHROUGH
+    http = connect(gate, "203.0.113.10", 80, key=2)
+    assert gate.on_first_bytes(http, b"GET / HTTP/1.1\r\n") is Outcome.HTTP
+    assert gate.on_request(http, "allowed.test", "GET", "/", tls=False).rule_id == "allowed"
+
+    gate.wall_clock = lambda: expiry  # the same policy object: no reload
+    after = connect(gate, "203.0.113.10", 443, key=3)
+    assert gate.on_first_bytes(after, client_hello("allowed.test")) is Outcome.REJECT
+    late = gate.on_request(http, "allowed.test", "GET", "/", tls=False)  # same connection
+    assert (str(late.reason), late.rule_id) == ("no_rule", "default:fallback")
+    assert [(str(e.verdict), e.rule_id) for e in gate.events] == [
+        ("allow", "allowed"),
+        ("allow", "allowed"),
+        ("deny", "default:fallback"),
+        ("deny", "default:fallback"),
+    ]
+    # A reload re-decides open connections on the same clock: the relayed one ends.
+    assert [s.key for s in gate.revoke_denied()] == [1]

@@ -3,6 +3,7 @@ properties (hypothesis) for the semantics in DESIGN.md "Policy semantics"."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import re
@@ -17,6 +18,7 @@ from sandgate.proxy.policy import (
     DEFAULT_RULES,
     ConnectFacts,
     NameFacts,
+    PolicyError,
     Reason,
     RequestFacts,
     Verdict,
@@ -27,7 +29,12 @@ from sandgate.proxy.policy import (
 )
 from sandgate.proxy.policy.builtin import BUILTINS, builtin_rule
 from sandgate.proxy.policy.builtin import deny as deny_by
-from sandgate.proxy.policy.names import _PUBLIC_SUFFIXES, parse_network, special_range
+from sandgate.proxy.policy.names import (
+    _PUBLIC_SUFFIXES,
+    CLOUD_INTERNAL_ADDRESSES,
+    parse_network,
+    special_range,
+)
 
 ALLOW, DENY, ASK, AUDIT = Verdict.ALLOW, Verdict.DENY, Verdict.ASK, Verdict.AUDIT
 ROOT = Path(__file__).resolve().parents[2]
@@ -980,6 +987,133 @@ def test_expired_rules_are_reported(tmp_path):
     assert later.next_expiry is None
 
 
+# A rule that expires during a run: `now` in the facts, no reload.
+T0 = datetime.datetime(2026, 6, 30, 12, 0, tzinfo=datetime.UTC).timestamp()
+EXPIRING = """
+    version: 1
+    profiles:
+      default:
+        rules:
+          - allow: "*.github.com"
+            id: github-below
+          - deny: gist.github.com
+            id: no-gists-for-now
+            expires: 2026-06-30T12:00:10Z
+          - allow: temp.example
+            id: temporary
+            expires: 2026-06-30T14:00:05+02:00
+          - allow: 203.0.113.0/24
+            id: temp-net
+            expires: "2026-06-30 12:00:05Z"
+"""
+
+
+@pytest.mark.parametrize(
+    ("offset", "facts", "verdict", "reason", "rule"),
+    [
+        pytest.param(
+            4.999, connect("temp.example"), ALLOW, Reason.RULE_ALLOW, "temporary", id="allow-before"
+        ),
+        pytest.param(
+            5, connect("temp.example"), DENY, Reason.NO_RULE, FALLBACK, id="allow-at-its-instant"
+        ),
+        pytest.param(
+            3600, connect("temp.example"), DENY, Reason.NO_RULE, FALLBACK, id="allow-after"
+        ),
+        pytest.param(
+            5,
+            request("temp.example", "GET", "/"),
+            DENY,
+            Reason.NO_RULE,
+            FALLBACK,
+            id="request-after",
+        ),
+        pytest.param(
+            5, NameFacts("default", "temp.example"), DENY, Reason.NO_RULE, FALLBACK, id="dns-after"
+        ),
+        pytest.param(
+            4,
+            NameFacts("default", "temp.example"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "temporary",
+            id="dns-before",
+        ),
+        pytest.param(
+            4, connect("203.0.113.7"), ALLOW, Reason.RULE_ALLOW, "temp-net", id="cidr-before"
+        ),
+        pytest.param(6, connect("203.0.113.7"), DENY, Reason.NO_RULE, FALLBACK, id="cidr-after"),
+        pytest.param(
+            9,
+            connect("gist.github.com"),
+            DENY,
+            Reason.RULE_DENY,
+            "no-gists-for-now",
+            id="deny-before",
+        ),
+        pytest.param(
+            10,
+            connect("gist.github.com"),
+            ALLOW,
+            Reason.RULE_ALLOW,
+            "github-below",
+            id="deny-after",
+        ),
+    ],
+)
+def test_a_rule_stops_matching_at_its_instant_without_a_reload(
+    tmp_path, offset, facts, verdict, reason, rule
+):
+    policy = load_policy(write(tmp_path, "p.yaml", EXPIRING), now=T0)
+    assert [r.id for r in policy.expired] == []
+    decision = decide(policy, dataclasses.replace(facts, now=T0 + offset))
+    assert (decision.verdict, decision.reason, decision.rule_id) == (verdict, reason, rule)
+
+
+def test_without_a_clock_the_policy_answers_as_loaded(tmp_path):
+    policy = load_policy(write(tmp_path, "p.yaml", EXPIRING), now=T0)
+    assert decide(policy, connect("temp.example")).rule_id == "temporary"
+    assert decide(policy, connect("gist.github.com")).rule_id == "no-gists-for-now"
+
+
+def test_the_policy_records_its_first_expiry(tmp_path):
+    path = write(tmp_path, "p.yaml", EXPIRING)
+    policy = load_policy(path, now=T0)
+    assert policy.next_expiry_at == T0 + 5
+    assert policy.profiles["default"].first_expiry == T0 + 5
+    later = load_policy(path, now=T0 + 10)  # a load after them reports them as expired
+    assert sorted(r.id for r in later.expired) == ["no-gists-for-now", "temp-net", "temporary"]
+    assert later.next_expiry_at is None
+    assert [str(r.expires) for r in later.expired if r.id == "temporary"] == [
+        "2026-06-30 14:00:05+02:00"
+    ]
+
+
+def test_a_date_expires_at_the_end_of_that_local_day(tmp_path):
+    policy = load_policy(write(tmp_path, "p.yaml", EXPIRY), today=datetime.date(2026, 6, 30))
+    end = datetime.datetime(2026, 7, 1).timestamp()  # local midnight after the last day
+    assert policy.next_expiry_at == end
+    temp = connect("temp.example")
+    assert decide(policy, dataclasses.replace(temp, now=end - 1)).rule_id == "temporary"
+    assert decide(policy, dataclasses.replace(temp, now=end)).reason is Reason.NO_RULE
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("2026-06-30T12:00:00", "has no time zone; add one", id="naive-instant"),
+        pytest.param("2026-06-30T25:00:00Z", "is not a date or an instant", id="bad-hour"),
+        pytest.param("tomorrow", "is not a date or an instant", id="word"),
+    ],
+)
+def test_expires_must_be_a_date_or_an_instant_with_its_zone(tmp_path, value, message):
+    text = f"version: 1\nprofiles:\n  default:\n    rules:\n      - allow: a.example\n        expires: {value}\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write(tmp_path, "p.yaml", text))
+    [problem] = caught.value.problems
+    assert (problem.line, message in problem.message) == (6, True), problem
+
+
 # --- profiles: extends and include -----------------------------------------------------------
 
 
@@ -1009,7 +1143,7 @@ def test_extends_and_include(tmp_path):
                 id: base-pypi
           child:
             extends: base
-            include: [github]
+            include: [github-passthrough]
             rules:
               - deny: pypi.org
                 id: child-no-pypi
@@ -1018,7 +1152,7 @@ def test_extends_and_include(tmp_path):
             fallback: deny
           grandchild:
             extends: child
-            include: [shared/internal.yaml, github]
+            include: [shared/internal.yaml, github-passthrough]
     """,
     )
     policy = load_policy(path)
@@ -1028,7 +1162,7 @@ def test_extends_and_include(tmp_path):
         "internal",
         "base-pypi",
         "preset:github-git",
-        "preset:github-content",
+        "preset:github-content-passthrough",
         "child-no-pypi",
     ]
     assert ids["grandchild"] == ids["child"]  # an include seen twice counts once
@@ -1038,7 +1172,7 @@ def test_extends_and_include(tmp_path):
     assert policy.profiles["strict"].fallback.action is DENY
     # a preset's rules name their own file
     github = next(r for r in policy.profiles["child"].rules if r.id == "preset:github-git")
-    assert Path(github.file).name == "github.yaml"
+    assert Path(github.file).name == "github-passthrough.yaml"
 
     def verdict(profile, name):
         d = decide(policy, connect(name, profile=profile))
@@ -1063,8 +1197,133 @@ def test_shipped_default_rules():
     assert decide(policy, connect("files.pythonhosted.org")).verdict is ALLOW
     assert decide(policy, connect("registry.npmjs.org")).verdict is ALLOW
     assert decide(policy, connect("github.com")).verdict is DENY
-    assert decide(policy, connect("github.com", 22, profile="github")).verdict is ALLOW
     assert decide(policy, connect("169.254.169.254")).reason is Reason.PRIVATE_ADDRESS
+
+
+def _outcome(decision) -> tuple:
+    return decision.verdict, decision.reason, decision.rule_id, decision.inspect
+
+
+@pytest.mark.parametrize(
+    ("facts", "outcome"),
+    [
+        # package-registries: download-only, hence inspected
+        pytest.param(
+            connect("pypi.org"), (ALLOW, Reason.RULE_ALLOW, "preset:pypi", True), id="pypi-connect"
+        ),
+        pytest.param(
+            request("files.pythonhosted.org", "GET", "/packages/x.whl"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:pypi", False),
+            id="pypi-download",
+        ),
+        pytest.param(
+            request("pypi.org", "POST", "/legacy/"),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="pypi-upload",
+        ),
+        pytest.param(
+            request("registry.npmjs.org", "PUT", "/sg-probe"),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="npm-publish",
+        ),
+        pytest.param(
+            request("crates.io", "PUT", "/api/v1/crates/new"),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="cargo-publish",
+        ),
+        pytest.param(
+            request("rubygems.org", "POST", "/api/v1/gems"),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="gem-push",
+        ),
+        pytest.param(
+            request("deb.debian.org", "GET", "/debian/dists/stable/InRelease", port=80),
+            (ALLOW, Reason.RULE_ALLOW, "preset:apt", False),
+            id="apt-over-http",
+        ),
+        # github: fetch-only
+        pytest.param(
+            connect("github.com", profile="github"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:github-fetch", True),
+            id="github-connect",
+        ),
+        pytest.param(
+            request("github.com", "GET", "/octo/hello.git/info/refs", profile="github"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:github-fetch", False),
+            id="git-fetch-refs",
+        ),
+        pytest.param(
+            request("github.com", "POST", "/octo/hello.git/git-upload-pack", profile="github"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:github-upload-pack", False),
+            id="git-fetch-pack",
+        ),
+        pytest.param(
+            request("github.com", "POST", "/octo/hello/git-upload-pack", profile="github"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:github-upload-pack", False),
+            id="git-fetch-pack-without-dot-git",
+        ),
+        pytest.param(
+            request("github.com", "POST", "/octo/hello.git/git-receive-pack", profile="github"),
+            (DENY, Reason.RULE_DENY, "preset:github-no-push", False),
+            id="git-push",
+        ),
+        pytest.param(
+            request("github.com", "post", "/octo/hello.git/%67it-receive-pack", profile="github"),
+            (DENY, Reason.RULE_DENY, "preset:github-no-push", False),
+            id="git-push-spelled-otherwise",
+        ),
+        pytest.param(
+            request(
+                "github.com", "POST", "/octo/hello.git/info/lfs/objects/batch", profile="github"
+            ),
+            (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
+            id="other-post",
+        ),
+        pytest.param(
+            connect("github.com", 22, profile="github"),
+            (DENY, Reason.PORT_NOT_ALLOWED, FALLBACK, False),
+            id="no-ssh",
+        ),
+    ],
+)
+def test_shipped_presets_download_and_fetch_only(facts, outcome):
+    assert _outcome(decide(_SHIPPED, facts)) == outcome
+
+
+def test_shipped_pass_through_presets_allow_any_method_uninspected(tmp_path):
+    policy = _load_text(
+        "version: 1\nprofiles:\n  default:\n"
+        "    include: [package-registries-passthrough, github-passthrough]\n"
+    )
+    assert _outcome(decide(policy, connect("pypi.org"))) == (
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "preset:pypi-passthrough",
+        False,
+    )
+    assert _outcome(decide(policy, request("pypi.org", "POST", "/legacy/"))) == (
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "preset:pypi-passthrough",
+        False,
+    )
+    assert _outcome(decide(policy, connect("github.com", 22))) == (
+        ALLOW,
+        Reason.RULE_ALLOW,
+        "preset:github-git",
+        False,
+    )
+    assert [d for _, d in policy.presets_of("default")][0].startswith("pass-through, any method")
+
+
+def test_the_policy_knows_which_preset_form_each_profile_has():
+    presets = _SHIPPED.presets_of("github")
+    assert [f for f, _ in presets] == ["presets/package-registries.yaml", "presets/github.yaml"]
+    assert presets[0][1].startswith("download-only (GET, HEAD)")
+    assert presets[1][1].startswith("fetch-only")
+
+
+_SHIPPED = load_policy(DEFAULT_RULES)
 
 
 def test_shipped_example_rules_load():
@@ -1146,6 +1405,25 @@ profiles:
     rules:
       - allow: [0.0.0.0/0, "::/0", allowed.example]
 """)
+
+
+@pytest.mark.parametrize(("target", "who"), CLOUD_INTERNAL_ADDRESSES)
+def test_cloud_internal_addresses_are_closed_unless_a_cidr_rule_names_them(tmp_path, target, who):
+    address = target.split("/")[0]
+    ip = parse_ip(address)
+    named = ConnectFacts("default", 80, ip=ip, name="allowed.example", name_resolved_to_ip=True)
+    decision = decide(_WORLD_POLICY, named)
+    assert (decision.reason, decision.rule_id) == (Reason.PRIVATE_ADDRESS, PRIVATE), who
+    opened = _load_text(
+        f"version: 1\nprofiles:\n  default:\n    rules:\n      - allow: {target}\n        id: mine\n"
+    )
+    assert decide(opened, ConnectFacts("default", 80, ip=ip)).rule_id == "mine"
+
+
+def test_every_cloud_internal_address_is_documented():
+    section = DOCS.read_text(encoding="utf-8").split("**Cloud-internal addresses**", 1)[1]
+    listed = re.findall(r"^\|\s*`([0-9a-f.:/]+)`", section.split("\n\n", 2)[1], re.MULTILINE)
+    assert listed == [target for target, _ in CLOUD_INTERNAL_ADDRESSES]
 
 
 # --- docs --------------------------------------------------------------------------------------
