@@ -18,6 +18,7 @@ import asyncio
 import logging
 import socket
 from pathlib import Path
+from typing import Protocol
 
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, proxyserver, tlsconfig
@@ -25,6 +26,41 @@ from mitmproxy.master import Master
 from mitmproxy.proxy.mode_servers import ServerInstance
 
 log = logging.getLogger("sandgate.engine")
+
+
+class ByteCounts(Protocol):
+    bytes_up: int  # read from the client
+    bytes_down: int  # written to the client
+
+
+class _CountingReader:
+    """The client's StreamReader, adding what mitmproxy reads to `counts.bytes_up`;
+    anything else is the reader's own."""
+
+    def __init__(self, reader: asyncio.StreamReader, counts: ByteCounts):
+        self._reader, self._counts = reader, counts
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self._reader.read(n)
+        self._counts.bytes_up += len(data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._reader, name)
+
+
+class _CountingWriter:
+    """The client's StreamWriter, adding what mitmproxy writes to `counts.bytes_down`."""
+
+    def __init__(self, writer: asyncio.StreamWriter, counts: ByteCounts):
+        self._writer, self._counts = writer, counts
+
+    def write(self, data: bytes) -> None:
+        self._counts.bytes_down += len(data)
+        self._writer.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._writer, name)
 
 
 class ProxyEngine:
@@ -60,6 +96,9 @@ class ProxyEngine:
             "confdir": str(self.confdir),
             # Bodies of inspected requests stream through instead of being buffered.
             "stream_large_bodies": "1m",
+            # A 101 to a request no websocket rule allowed is cut by the addon; were
+            # it not, it must never become a raw TCP tunnel.
+            "rawtcp": False,
         }
         if self.upstream_ca is not None:
             update["ssl_verify_upstream_trusted_ca"] = str(self.upstream_ca)
@@ -75,13 +114,17 @@ class ProxyEngine:
             await self.stop()
             raise RuntimeError("mitmproxy did not start (see the log above)")
 
-    async def serve(self, sock: socket.socket) -> None:
-        """Serve one accepted, redirected client socket to its end; takes it over."""
+    async def serve(self, sock: socket.socket, counts: ByteCounts | None = None) -> None:
+        """Serve one accepted, redirected client socket to its end; takes it over.
+        The client's bytes are added to `counts` (its ConnState), as the front
+        door's relay counts pass-through ones."""
         try:
             reader, writer = await asyncio.open_connection(sock=sock)
         except BaseException:
             sock.close()
             raise
+        if counts is not None:
+            reader, writer = _CountingReader(reader, counts), _CountingWriter(writer, counts)
         await self._server.handle_stream(reader, writer)
 
     @property

@@ -56,6 +56,12 @@ from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.index import CompiledPolicy
 from sandgate.proxy.policy.names import InvalidName, format_host_port, parse_domain, parse_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.policy.request_head import (
+    CheckedHead,
+    RequestHead,
+    check_head,
+    starts_like_http,
+)
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.telemetry.event import Event, EventKind
 
@@ -111,8 +117,9 @@ class ConnState:
     outcome: Outcome | None = None  # what was decided, set once (kept through a hand-off)
     allowed: Decision | None = None  # the decision that let the connection through
     protocol: str = "tcp"
-    bytes_up: int = 0  # counted on pass-through connections only
+    bytes_up: int = 0  # from the client, by whichever adapter carries the connection
     bytes_down: int = 0
+    requests: int = 0  # HTTP requests decided on it (none at close: its own event)
     facts: ConnectFacts | None = None  # of its latest connect decision: what a reload decides again
     # How its adapter closes it, `abort(why)`; set by the adapter that owns it. A
     # policy reload closes with it the connections the new policy denies.
@@ -270,15 +277,17 @@ class ConnectionGate:
     def _decide_bytes(self, state: ConnState, data: bytes) -> Outcome:
         if starts_like_tls_record(data):
             return self._tls(state, data)
-        if _looks_like_http(data):
+        http = starts_like_http(data)
+        if http:
             return Outcome.HTTP
-        if _too_few_to_tell(data):
+        if http is None or _too_few_to_tell(data):
             return Outcome.WAIT
         return self._raw_tcp(state)
 
     def _spoke_after_silence(self, state: ConnState, data: bytes) -> Outcome:
-        if not (starts_like_tls_record(data) or _looks_like_http(data)):
-            if _too_few_to_tell(data):
+        http = starts_like_http(data)
+        if not (starts_like_tls_record(data) or http):
+            if http is None or _too_few_to_tell(data):
                 return Outcome.WAIT  # could still become a ClientHello or a request line
             return Outcome.PASSTHROUGH  # raw bytes: what the silence decision allowed
         # A name the silence decision could not see: the bytes get their own decision.
@@ -398,19 +407,40 @@ class ConnectionGate:
     # --- 3. HTTP requests -------------------------------------------------------------
 
     def on_request(
-        self, state: ConnState, host: str, method: str, path: str, tls: bool
-    ) -> Decision:
-        """Decide one HTTP request (plain, or inside intercepted TLS) and emit it.
-        `host` is the Host header (or :authority), "" if absent; `path` as sent."""
+        self, state: ConnState, head: RequestHead, tls: bool
+    ) -> tuple[Decision, CheckedHead | None]:
+        """Check (request_head.check_head) and decide one HTTP request (plain, or
+        inside intercepted TLS), and emit it. The CheckedHead is None when refused."""
         started = self.clock()
-        name = None
+        name = checked = None
         try:
             self._step(state, Step.REQUEST, state.phase)
-            decision, name = self._decide_request(state, host, method, path)
-            decision = _without_approver(decision)
+            refused = check_head(head, state.port)
+            if isinstance(refused, Decision):
+                decision = refused
+            else:
+                checked = refused
+                decision, name = self._decide_request(state, checked)
+                decision = _without_approver(decision)
         except Exception as e:  # noqa: BLE001
             log.exception("request decision failed; denying")
             decision = deny("internal-error", detail=f"{type(e).__name__}: {e}")
+        state.requests += 1
+        if decision.allowed and state.allowed is None:
+            # Plain HTTP: the connection's end reports bytes under its first allowed request.
+            state.allowed, state.protocol = decision, "http"
+        self._emit_request(state, decision, head, tls, name, started)
+        return decision, checked if decision.allowed else None
+
+    def _emit_request(
+        self,
+        state: ConnState,
+        decision: Decision,
+        head: RequestHead,
+        tls: bool,
+        name: str | None,
+        started: float,
+    ) -> None:
         self.emit(
             Event.from_decision(
                 EventKind.REQUEST,
@@ -418,22 +448,22 @@ class ConnectionGate:
                 **state.fields,
                 protocol="https" if tls else "http",
                 name=name,
-                method=method,
-                path=path[:2048],
+                method=head.text(head.method, 32),
+                path=head.text(head.target, 2048),
                 latency=self.clock() - started,
             )
         )
-        return decision
 
-    def _decide_request(
-        self, state: ConnState, host: str, method: str, path: str
-    ) -> tuple[Decision, str | None]:
+    def _decide_request(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
+        host = head.host
         host_only = _host_of(host)
         host_ip = parse_ip(host_only) if host_only else None
         name: str | None = None
         if host_ip is not None:
-            if host_ip != state.ip:
+            if host_ip != state.ip or host_only != str(host_ip):
                 return _mismatch(f"Host {host!r} is not the destination {state.ip}"), None
+            if state.name is not None:
+                return _mismatch(f"Host {host!r} is an address; TLS named {state.name}"), None
         elif host_only:
             try:
                 name = parse_domain(host_only)
@@ -449,11 +479,12 @@ class ConnectionGate:
         facts = RequestFacts(
             profile=state.sandbox.profile,
             port=state.port,
-            method=method,
-            path=path.split("?", 1)[0],
+            method=head.method,
+            path=head.path,
             ip=state.ip,
             name=name,
             name_resolved_to_ip=self._resolved(state, name),
+            websocket=head.websocket,
         )
         return decide(self.policy, facts), name
 
@@ -498,6 +529,41 @@ class ConnectionGate:
                 "tcp",
                 state.started,
             )
+        elif state.outcome is Outcome.HTTP and state.requests == 0:
+            # Plain HTTP whose head never reached a decision: the HTTP parser refused
+            # it (400) or it was cut short. Still one event, and never an allow.
+            self._emit_connection(
+                self._undecided_http(state, problem), state.fields, None, "http", state.started
+            )
+
+    @staticmethod
+    def _undecided_http(state: ConnState, problem: str | None) -> Decision:
+        sent = f"{state.bytes_up} bytes sent, no request decided"
+        if state.bytes_up:
+            return deny(
+                "malformed-request",
+                detail=f"{sent}: the gateway's HTTP parser refused the request head (400), "
+                "or it never ended" + (f"; {problem}" if problem else ""),
+            )
+        return deny("no-data", detail=problem or sent)
+
+    def on_refused_switch(self, state: ConnState, head: RequestHead, tls: bool) -> None:
+        """The server answered 101 to a request whose upgrade no rule allowed: the
+        adapter kills the exchange; this is its event."""
+        decision = deny(
+            "protocol-not-allowed",
+            detail="the server switched protocols (101), and no websocket rule allowed an upgrade",
+        )
+        self._emit_request(state, decision, head, tls, None, self.clock())
+
+    def on_tls_rejected(self, state: ConnState, error: str) -> None:
+        """Under inspection the client refused the gateway's certificate (pinned, or a
+        private CA): its own event, so that the summary can say so."""
+        decision = deny(
+            "tls-rejected-by-client",
+            detail=f"the client refused the gateway's certificate for {state.name}: {error[:300]}",
+        )
+        self._emit_connection(decision, state.fields, state.name, "tls", state.started)
 
     def fail(
         self, state: ConnState | None, error: Exception, fields: dict | None = None
@@ -658,21 +724,9 @@ def _mismatch(detail: str) -> Decision:
     return deny("host-mismatch", detail=detail)
 
 
-def _looks_like_http(data: bytes) -> bool:
-    """An HTTP/1 request line starts with a method token and a space."""
-    method, space, _ = data[:16].partition(b" ")
-    return bool(space) and method.isalpha() and method.isupper()
-
-
 def _too_few_to_tell(data: bytes) -> bool:
-    """Too few bytes to tell raw TCP from a ClientHello or a request line."""
-    return (len(data) < 3 and b"\n" not in data) or _may_become_http(data)
-
-
-def _may_become_http(data: bytes) -> bool:
-    """A method token still without its space (`GET` sent alone): wait for the rest.
-    Taken for raw TCP, it would let the request that follows skip the Host check."""
-    return len(data) < 16 and data.isalpha() and data.isupper()
+    """Too few bytes to tell raw TCP from a ClientHello (request lines: starts_like_http)."""
+    return len(data) < 3 and b"\n" not in data
 
 
 def _host_of(host_header: str) -> str:

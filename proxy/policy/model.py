@@ -75,6 +75,7 @@ class Rule:
     ports: frozenset[int] = DEFAULT_PORTS
     methods: frozenset[str] | None = None
     paths: tuple[str, ...] | None = None
+    websocket: bool = False  # allows WebSocket upgrades (HTTP requests with Upgrade: websocket)
     expires: datetime.date | None = None
     comment: str | None = None
     owner: str | None = None
@@ -144,6 +145,7 @@ class RequestFacts:
     name: str | None = None
     name_resolved_to_ip: bool | None = None
     protocol: str = "http"
+    websocket: bool = False  # asks for a WebSocket upgrade: only websocket rules allow it
 
 
 Facts = NameFacts | ConnectFacts | RequestFacts
