@@ -443,7 +443,7 @@ class _Loader:
 
     def websocket(self, source, node) -> bool:
         # A plain true or false only: 'yes', 'on' or "true" in quotes are not guessed at.
-        plain = isinstance(node, yaml.ScalarNode) and node.style is None
+        plain = isinstance(node, yaml.ScalarNode) and not node.style  # None or "": not quoted
         if not (plain and node.value in ("true", "false")):
             self.problem(source, node, "'websocket' must be true or false")
             return False
