@@ -33,34 +33,22 @@ class ByteCounts(Protocol):
     bytes_down: int  # written to the client
 
 
-class _CountingReader:
-    """The client's StreamReader, adding what mitmproxy reads to `counts.bytes_up`;
-    anything else is the reader's own."""
+def _count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: ByteCounts) -> None:
+    """Make what mitmproxy reads from the client add to `counts.bytes_up`, what it
+    writes to `counts.bytes_down`. The stream objects stay what they are (mitmproxy
+    checks their type): only these two methods of these two instances change."""
+    read, write = reader.read, writer.write
 
-    def __init__(self, reader: asyncio.StreamReader, counts: ByteCounts):
-        self._reader, self._counts = reader, counts
-
-    async def read(self, n: int = -1) -> bytes:
-        data = await self._reader.read(n)
-        self._counts.bytes_up += len(data)
+    async def counted_read(n: int = -1) -> bytes:
+        data = await read(n)
+        counts.bytes_up += len(data)
         return data
 
-    def __getattr__(self, name: str):
-        return getattr(self._reader, name)
+    def counted_write(data: bytes) -> None:
+        counts.bytes_down += len(data)
+        write(data)
 
-
-class _CountingWriter:
-    """The client's StreamWriter, adding what mitmproxy writes to `counts.bytes_down`."""
-
-    def __init__(self, writer: asyncio.StreamWriter, counts: ByteCounts):
-        self._writer, self._counts = writer, counts
-
-    def write(self, data: bytes) -> None:
-        self._counts.bytes_down += len(data)
-        self._writer.write(data)
-
-    def __getattr__(self, name: str):
-        return getattr(self._writer, name)
+    reader.read, writer.write = counted_read, counted_write
 
 
 class ProxyEngine:
@@ -124,7 +112,7 @@ class ProxyEngine:
             sock.close()
             raise
         if counts is not None:
-            reader, writer = _CountingReader(reader, counts), _CountingWriter(writer, counts)
+            _count(reader, writer, counts)
         await self._server.handle_stream(reader, writer)
 
     @property
