@@ -101,7 +101,9 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
         if not _TOKEN.fullmatch(name):
             return _malformed(f"header name {head.text(name, 40)!r} is not an HTTP token")
         if _FIELD_CONTROL.search(value):
-            return _malformed(f"control characters in header {head.text(name, 40)}")
+            return _malformed(
+                f"control characters in header {head.text(name, 40)}: {head.text(value, 200)!r}"
+            )
         by_name.setdefault(name.lower(), []).append(value)
     problem = _framing_problem(by_name, head.http2)
     if problem:
