@@ -8,9 +8,13 @@ reaches mitmproxy any other way is decided here from scratch, the same way.
  1. `client_connected`: adopt the front door's decision, or `gate.on_connect`.
  2. `next_layer`: the outcome -> a layer: pass-through (`TCPLayer(ignore=True)`, bytes
     counted), TLS interception with the gateway's CA, HTTP, or a layer that closes.
- 3. `requestheaders`: `gate.on_request`; a denial is a 403 that says why, before any
-    upstream connection (connection_strategy is lazy).
- 4. `client_disconnected`: `gate.on_close`.
+ 3. `requestheaders`: `gate.on_request` (the head checked by
+    policy/request_head.py, then decided); a refusal is a short plain-text answer
+    (400, 403 or 431) that says why, before any upstream connection
+    (connection_strategy is lazy). An Upgrade that no rule allows is removed.
+ 4. `responseheaders`: a 101 the gateway did not allow is refused (no tunnel).
+ 5. `tls_failed_client`: the client refused the gateway's certificate: its own event.
+ 6. `client_disconnected`: `gate.on_close`.
 The gate emits every event; hooks stay short: values in, gate, apply.
 """
 
@@ -21,15 +25,24 @@ import contextlib
 import json
 import logging
 
-from mitmproxy import connection, http
+from mitmproxy import connection, http, tls
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
 from sandgate.proxy.policy import Decision, Reason, Verdict
 from sandgate.proxy.policy.names import format_host_port
+from sandgate.proxy.policy.request_head import RequestHead, connection_without_upgrade
 
 log = logging.getLogger("sandgate.addon")
+
+# The status of a refused request, by reason; 403 for the others.
+_STATUS = {
+    Reason.MALFORMED_REQUEST: 400,
+    Reason.AMBIGUOUS_PATH: 400,
+    Reason.HEADERS_TOO_LARGE: 431,
+}
+_WEBSOCKET_ALLOWED = "sandgate.websocket"  # flow.metadata key: the request's upgrade was allowed
 
 
 class CountingTCPLayer(layers.TCPLayer):
@@ -95,14 +108,30 @@ class SandgateAddon:
         with self._fail_closed(flow.client_conn, flow):
             return self._requestheaders(flow)
 
-    async def _held_request(self, flow: http.HTTPFlow, state, decision, asked, tls) -> None:
+    async def _held_request(self, flow: http.HTTPFlow, state, decision, head, checked, tls) -> None:
         with self._fail_closed(flow.client_conn, flow):
-            key = self.gate.request_ask_key(state, decision, *asked[1:], tls)
+            key = self.gate.request_ask_key(state, decision, checked, tls)
             answer = await self.approvals.hold(key, decision.rule.id, state.fields)
-            decision = self.gate.on_request_answer(state, decision, answer, *asked[1:], tls)
+            decision, checked = self.gate.on_request_answer(
+                state, decision, answer, head, checked, tls
+            )
             if decision.allowed and state.placeholder is not None and state.upstream_ip is None:
                 state.upstream_ip = await self.resolve(state, state.placeholder)
-            self._apply(flow, state, decision)
+            self._apply(flow, state, decision, checked)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        with self._fail_closed(flow.client_conn, flow):
+            if flow.response.status_code == 101 and not flow.metadata.get(_WEBSOCKET_ALLOWED):
+                # Switching protocols would make the connection a tunnel nobody decided.
+                state = self.gate.connections.get(flow.client_conn.id)
+                if state is not None:
+                    self.gate.on_refused_switch(state, _head_of(flow.request), _tls(flow))
+                flow.kill()
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        state = self.gate.connections.get(data.conn.id)
+        if state is not None:
+            self.gate.on_tls_rejected(state, data.conn.error or "handshake failed")
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.gate.connections.get(client.id)
@@ -140,25 +169,29 @@ class SandgateAddon:
             flow.kill()
             return None
         request = flow.request
-        asked = (state, request.host_header or "", request.method, request.path)
-        tls = bool(flow.client_conn.tls)
-        decision = self.gate.on_request(*asked, tls=tls)
+        head, tls = _head_of(request), _tls(flow)
+        decision, checked = self.gate.on_request(state, head, tls)
         if decision.verdict is Verdict.ASK:  # a human decides: held up to the profile's hold
-            return self._held_request(flow, state, decision, asked, tls)
-        self._apply(flow, state, decision)
+            return self._held_request(flow, state, decision, head, checked, tls)
+        self._apply(flow, state, decision, checked)
         return None
 
-    def _apply(self, flow: http.HTTPFlow, state, decision: Decision) -> None:
+    def _apply(self, flow: http.HTTPFlow, state, decision: Decision, checked) -> None:
         request = flow.request
         if state.upstream_ip is not None:  # a placeholder: connect to the real address
             request.data.host = state.upstream_ip
-        if not decision.allowed:
-            flow.response = http.Response.make(
-                403, _blocked_page(decision, flow), {"content-type": "text/plain"}
-            )
-        elif request.headers.get("upgrade", "").lower() == "h2c":
-            # h2c would turn the connection into frames this hook no longer sees.
-            del request.headers["upgrade"]
+        if checked is None:
+            flow.response = _blocked(decision, flow)
+        elif checked.websocket:
+            flow.metadata[_WEBSOCKET_ALLOWED] = True  # a websocket rule allowed it
+        elif checked.strip_upgrade:
+            # h2c (or any other switch) would turn the connection into something this
+            # hook no longer sees: the request goes on as plain HTTP/1.1.
+            headers = request.headers
+            for name in ("upgrade", "http2-settings"):
+                headers.pop(name, None)
+            if "connection" in headers:
+                headers["connection"] = connection_without_upgrade(headers["connection"])
 
     @contextlib.contextmanager
     def _fail_closed(self, client: connection.Client, target):
@@ -177,27 +210,52 @@ class SandgateAddon:
                 },
             )
             if isinstance(target, http.HTTPFlow):
-                target.response = http.Response.make(403, _blocked_page(decision, target))
+                target.response = _blocked(decision, target)
             elif isinstance(target, layer.NextLayer):
                 target.layer = RejectLayer(target.context)
             else:
                 client.error = "sandgate internal error"
 
 
+def _tls(flow: http.HTTPFlow) -> bool:
+    return bool(flow.client_conn.tls)
+
+
+def _head_of(request: http.Request) -> RequestHead:
+    """The request head as sent, for request_head.check_head: mitmproxy keeps an
+    HTTP/1 absolute-form target apart (scheme, authority, path)."""
+    data = request.data
+    if request.is_http2 or request.is_http3:
+        return RequestHead(
+            data.method, data.path, tuple(data.headers.fields), data.authority or None, True
+        )
+    target = data.path
+    if data.authority:
+        target = data.scheme + b"://" + data.authority + data.path
+    return RequestHead(data.method, target, tuple(data.headers.fields))
+
+
+def _blocked(decision: Decision, flow: http.HTTPFlow) -> http.Response:
+    """A short plain-text answer: git prints each line of a text/plain error body
+    as `remote: ...`, curl and pip show it as it is."""
+    headers = {"content-type": "text/plain; charset=utf-8"}
+    if not (flow.request.is_http2 or flow.request.is_http3):
+        headers["connection"] = "close"  # a refused head may have framed its body wrongly
+    return http.Response.make(
+        _STATUS.get(decision.reason, 403), _blocked_page(decision, flow), headers
+    )
+
+
 def _blocked_page(decision: Decision, flow: http.HTTPFlow) -> str:
     if decision.reason in _APPROVAL_REASONS:
         return _approval_page(decision, flow)
     rule = decision.rule
+    url = _printable(flow.request.pretty_url[:300])
+    method = _printable(flow.request.data.method[:32].decode("latin-1"))
     return (
-        "Blocked by sandgate, the sandbox's egress gateway.\n\n"
-        f"request: {flow.request.method} {flow.request.pretty_url[:300]}\n"
-        f"verdict: {decision.verdict}\n"
-        f"reason:  {decision.reason}\n"
-        f"rule:    {rule.id} ({rule.origin})\n"
-        f"detail:  {decision.detail}\n\n"
-        "To ask for access, send this page to the network admins who keep the rule files;\n"
-        "they can check it with: sandgate check --method "
-        f"{flow.request.method} {flow.request.pretty_url[:300]}\n"
+        f"Blocked by sandgate: {decision.reason}, rule {rule.id} ({rule.origin})\n"
+        f"{_printable(decision.detail[:300])}\n"
+        f"Ask the network admins; they can check: sandgate check --method {method} {url}\n"
     )
 
 
@@ -240,3 +298,8 @@ def _approval_page(decision: Decision, flow: http.HTTPFlow) -> str:
         else f"sandgate: {request.method} {request.pretty_url[:300]}: {decision.reason} ({decision.detail})"
     )
     return line + "\n" + json.dumps(body) + "\n"
+
+
+def _printable(text: str) -> str:
+    """One line of ASCII: whatever the client sent in the URL stays on its line."""
+    return text.encode("ascii", "backslashreplace").decode().encode("unicode_escape").decode()

@@ -32,9 +32,12 @@ class ClientHello:
 
 
 def starts_like_tls_record(data: bytes) -> bool:
-    """Whether `data` may start a TLS handshake record (SSLv3 to TLS 1.3 record
-    versions); fewer than 3 bytes are not taken for TLS. As mitmproxy decides it."""
-    return len(data) > 2 and data[0] == _HANDSHAKE and data[1] == 0x03 and data[2] <= 0x03
+    """Whether `data` may start a TLS handshake record: type 22, major version 3, any
+    minor (0x0300 to 0x0304 are what clients send; servers such as OpenSSL do not
+    check it in a ClientHello, so no minor may make a hello pass for raw TCP and
+    skip the SNI decision). Fewer than 3 bytes are not taken for TLS. mitmproxy
+    takes minors up to 3 only: this is a superset."""
+    return len(data) > 2 and data[0] == _HANDSHAKE and data[1] == 0x03
 
 
 def parse_client_hello(data: bytes) -> ClientHello | None:

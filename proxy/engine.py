@@ -24,8 +24,32 @@ import asyncio
 import logging
 import socket
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger("sandgate.engine")
+
+
+class ByteCounts(Protocol):
+    bytes_up: int  # read from the client
+    bytes_down: int  # written to the client
+
+
+def _count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: ByteCounts) -> None:
+    """Make what mitmproxy reads from the client add to `counts.bytes_up`, what it
+    writes to `counts.bytes_down`. The stream objects stay what they are (mitmproxy
+    checks their type): only these two methods of these two instances change."""
+    read, write = reader.read, writer.write
+
+    async def counted_read(n: int = -1) -> bytes:
+        data = await read(n)
+        counts.bytes_up += len(data)
+        return data
+
+    def counted_write(data: bytes) -> None:
+        counts.bytes_down += len(data)
+        write(data)
+
+    reader.read, writer.write = counted_read, counted_write
 
 
 def _import_mitmproxy():
@@ -104,6 +128,9 @@ class ProxyEngine:
             "confdir": str(self.confdir),
             # Bodies of inspected requests stream through instead of being buffered.
             "stream_large_bodies": "1m",
+            # A 101 to a request no websocket rule allowed is cut by the addon; were
+            # it not, it must never become a raw TCP tunnel.
+            "rawtcp": False,
         }
         if self.upstream_ca is not None:
             update["ssl_verify_upstream_trusted_ca"] = str(self.upstream_ca)
@@ -120,14 +147,18 @@ class ProxyEngine:
             raise RuntimeError("mitmproxy did not start (see the log above)")
         log.info("mitmproxy started")
 
-    async def serve(self, sock: socket.socket) -> None:
-        """Serve one accepted, redirected client socket to its end; takes it over."""
+    async def serve(self, sock: socket.socket, counts: ByteCounts | None = None) -> None:
+        """Serve one accepted, redirected client socket to its end; takes it over.
+        The client's bytes are added to `counts` (its ConnState), as the front
+        door's relay counts pass-through ones."""
         try:
             await self.started()
             reader, writer = await asyncio.open_connection(sock=sock)
         except BaseException:
             sock.close()
             raise
+        if counts is not None:
+            _count(reader, writer, counts)
         await self._server.handle_stream(reader, writer)
 
     @property

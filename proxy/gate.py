@@ -60,6 +60,12 @@ from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.index import CompiledPolicy
 from sandgate.proxy.policy.names import InvalidName, format_host_port, parse_domain, parse_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.policy.request_head import (
+    CheckedHead,
+    RequestHead,
+    check_head,
+    starts_like_http,
+)
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.telemetry.event import Event, EventKind
 
@@ -116,8 +122,9 @@ class ConnState:
     outcome: Outcome | None = None  # what was decided, set once (kept through a hand-off)
     allowed: Decision | None = None  # the decision that let the connection through
     protocol: str = "tcp"
-    bytes_up: int = 0  # counted on pass-through connections only
+    bytes_up: int = 0  # from the client, by whichever adapter carries the connection
     bytes_down: int = 0
+    requests: int = 0  # HTTP requests decided on it (none at close: its own event)
     facts: ConnectFacts | None = None  # of its latest connect decision: what a reload decides again
     # How its adapter closes it, `abort(why)`; set by the adapter that owns it. A
     # policy reload closes with it the connections the new policy denies.
@@ -311,11 +318,12 @@ class ConnectionGate:
     def _decide_bytes(self, state: ConnState, data: bytes) -> Outcome:
         if starts_like_tls_record(data):
             return self._tls(state, data)
-        if _looks_like_http(data):
+        http = starts_like_http(data)
+        if http:
             if state.placeholder is not None:
                 return self._placeholder_http(state)
             return Outcome.HTTP
-        if _too_few_to_tell(data):
+        if http is None or _too_few_to_tell(data):
             return Outcome.WAIT
         return self._raw_tcp(state)
 
@@ -332,8 +340,9 @@ class ConnectionGate:
         return Outcome.HTTP
 
     def _spoke_after_silence(self, state: ConnState, data: bytes) -> Outcome:
-        if not (starts_like_tls_record(data) or _looks_like_http(data)):
-            if _too_few_to_tell(data):
+        http = starts_like_http(data)
+        if not (starts_like_tls_record(data) or http):
+            if http is None or _too_few_to_tell(data):
                 return Outcome.WAIT  # could still become a ClientHello or a request line
             return Outcome.PASSTHROUGH  # raw bytes: what the silence decision allowed
         # A name the silence decision could not see: the bytes get their own decision.
@@ -471,50 +480,65 @@ class ConnectionGate:
     # --- 3. HTTP requests -------------------------------------------------------------
 
     def on_request(
-        self, state: ConnState, host: str, method: str, path: str, tls: bool
-    ) -> Decision:
-        """Decide one HTTP request (plain, or inside intercepted TLS) and emit it.
-        `host` is the Host header (or :authority), "" if absent; `path` as sent."""
+        self, state: ConnState, head: RequestHead, tls: bool
+    ) -> tuple[Decision, CheckedHead | None]:
+        """Check (request_head.check_head) and decide one HTTP request (plain, or
+        inside intercepted TLS), and emit it. The CheckedHead is None when refused."""
         started = self.clock()
-        name = None
+        name = checked = None
         try:
             self._step(state, Step.REQUEST, state.phase)
-            decision, name = self._decide_request(state, host, method, path)
-            protocol = "https" if tls else "http"
-            decision = self._consult(state, decision, protocol, name, method, path, request=True)
-            if decision.verdict is Verdict.ASK:
-                return decision  # the adapter holds the request, then `on_request_answer`
+            refused = check_head(head, state.port)
+            if isinstance(refused, Decision):
+                decision = refused
+            else:
+                checked = refused
+                decision, name = self._decide_request(state, checked)
+                protocol = "https" if tls else "http"
+                decision = self._consult(
+                    state, decision, protocol, name, checked.method, checked.path, request=True
+                )
+                if decision.verdict is Verdict.ASK:
+                    # The adapter holds the request, then calls `on_request_answer`.
+                    return decision, checked
         except Exception as e:  # noqa: BLE001
             log.exception("request decision failed; denying")
             decision = deny("internal-error", detail=f"{type(e).__name__}: {e}")
-        self._emit_request(state, decision, name, method, path, tls, started)
-        return decision
+        return self._settle_request(state, decision, head, checked, tls, name, started)
 
     def request_ask_key(
-        self, state: ConnState, decision: Decision, host: str, method: str, path: str, tls: bool
+        self, state: ConnState, decision: Decision, checked: CheckedHead, tls: bool
     ) -> AskKey:
         """What a held request (on_request said ASK) waits on."""
-        name = self._request_name(state, host)
-        return self._ask_key(state, decision, "https" if tls else "http", name, method, path)
+        name = self._request_name(state, checked.host)
+        protocol = "https" if tls else "http"
+        return self._ask_key(state, decision, protocol, name, checked.method, checked.path)
 
     def on_request_answer(
         self,
         state: ConnState,
         asked: Decision,
         answer,
-        host: str,
-        method: str,
-        path: str,
+        head: RequestHead,
+        checked: CheckedHead,
         tls: bool,
-    ) -> Decision:
+    ) -> tuple[Decision, CheckedHead | None]:
         """A held request's end (`answer`: proxy/approvals/holder.HoldResult): the
-        final decision, emitted."""
+        final decision, emitted, as on_request returns it."""
         started = self.clock()
         decision = _answered(asked, answer)
-        self._emit_request(
-            state, decision, self._request_name(state, host), method, path, tls, started, answer
-        )
-        return decision
+        name = self._request_name(state, checked.host)
+        return self._settle_request(state, decision, head, checked, tls, name, started, answer)
+
+    def _settle_request(
+        self, state, decision, head, checked, tls, name, started, answer=None
+    ) -> tuple[Decision, CheckedHead | None]:
+        state.requests += 1
+        if decision.allowed and state.allowed is None:
+            # Plain HTTP: the connection's end reports bytes under its first allowed request.
+            state.allowed, state.protocol = decision, "http"
+        self._emit_request(state, decision, head, tls, name, started, answer)
+        return decision, checked if decision.allowed else None
 
     def _request_name(self, state: ConnState, host: str) -> str | None:
         host_only = _host_of(host)
@@ -525,7 +549,16 @@ class ConnectionGate:
         except InvalidName:
             return state.name
 
-    def _emit_request(self, state, decision, name, method, path, tls, started, answer=None) -> None:
+    def _emit_request(
+        self,
+        state: ConnState,
+        decision: Decision,
+        head: RequestHead,
+        tls: bool,
+        name: str | None,
+        started: float,
+        answer=None,
+    ) -> None:
         self.emit(
             Event.from_decision(
                 EventKind.REQUEST,
@@ -533,22 +566,23 @@ class ConnectionGate:
                 **state.fields,
                 protocol="https" if tls else "http",
                 name=name,
-                method=method,
-                path=path,
+                method=head.text(head.method, 32),
+                path=head.text(head.target, 2048),
                 latency=self.clock() - started,
                 **_answer_fields(answer),
             )
         )
 
-    def _decide_request(
-        self, state: ConnState, host: str, method: str, path: str
-    ) -> tuple[Decision, str | None]:
+    def _decide_request(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
+        host = head.host
         host_only = _host_of(host)
         host_ip = parse_ip(host_only) if host_only else None
         name: str | None = None
         if host_ip is not None:
-            if host_ip != state.ip:
+            if host_ip != state.ip or host_only != str(host_ip):
                 return _mismatch(f"Host {host!r} is not the destination {state.ip}"), None
+            if state.name is not None:
+                return _mismatch(f"Host {host!r} is an address; TLS named {state.name}"), None
         elif host_only:
             try:
                 name = parse_domain(host_only)
@@ -564,12 +598,13 @@ class ConnectionGate:
         facts = RequestFacts(
             profile=state.sandbox.profile,
             port=state.port,
-            method=method,
-            path=path.split("?", 1)[0],
+            method=head.method,
+            path=head.path,
             ip=None if state.placeholder is not None else state.ip,
             name=name,
             name_resolved_to_ip=self._resolved(state, name),
             now=self.wall_clock(),
+            websocket=head.websocket,
         )
         return decide(self.policy, facts), name
 
@@ -614,6 +649,41 @@ class ConnectionGate:
                 "tcp",
                 state.started,
             )
+        elif state.outcome is Outcome.HTTP and state.requests == 0:
+            # Plain HTTP whose head never reached a decision: the HTTP parser refused
+            # it (400) or it was cut short. Still one event, and never an allow.
+            self._emit_connection(
+                self._undecided_http(state, problem), state.fields, None, "http", state.started
+            )
+
+    @staticmethod
+    def _undecided_http(state: ConnState, problem: str | None) -> Decision:
+        sent = f"{state.bytes_up} bytes sent, no request decided"
+        if state.bytes_up:
+            return deny(
+                "malformed-request",
+                detail=f"{sent}: the gateway's HTTP parser refused the request head (400), "
+                "or it never ended" + (f"; {problem}" if problem else ""),
+            )
+        return deny("no-data", detail=problem or sent)
+
+    def on_refused_switch(self, state: ConnState, head: RequestHead, tls: bool) -> None:
+        """The server answered 101 to a request whose upgrade no rule allowed: the
+        adapter kills the exchange; this is its event."""
+        decision = deny(
+            "protocol-not-allowed",
+            detail="the server switched protocols (101), and no websocket rule allowed an upgrade",
+        )
+        self._emit_request(state, decision, head, tls, None, self.clock())
+
+    def on_tls_rejected(self, state: ConnState, error: str) -> None:
+        """Under inspection the client refused the gateway's certificate (pinned, or a
+        private CA): its own event, so that the summary can say so."""
+        decision = deny(
+            "tls-rejected-by-client",
+            detail=f"the client refused the gateway's certificate for {state.name}: {error[:300]}",
+        )
+        self._emit_connection(decision, state.fields, state.name, "tls", state.started)
 
     def fail(
         self, state: ConnState | None, error: Exception, fields: dict | None = None
@@ -914,21 +984,9 @@ def _mismatch(detail: str) -> Decision:
     return deny("host-mismatch", detail=detail)
 
 
-def _looks_like_http(data: bytes) -> bool:
-    """An HTTP/1 request line starts with a method token and a space."""
-    method, space, _ = data[:16].partition(b" ")
-    return bool(space) and method.isalpha() and method.isupper()
-
-
 def _too_few_to_tell(data: bytes) -> bool:
-    """Too few bytes to tell raw TCP from a ClientHello or a request line."""
-    return (len(data) < 3 and b"\n" not in data) or _may_become_http(data)
-
-
-def _may_become_http(data: bytes) -> bool:
-    """A method token still without its space (`GET` sent alone): wait for the rest.
-    Taken for raw TCP, it would let the request that follows skip the Host check."""
-    return len(data) < 16 and data.isalpha() and data.isupper()
+    """Too few bytes to tell raw TCP from a ClientHello (request lines: starts_like_http)."""
+    return len(data) < 3 and b"\n" not in data
 
 
 def _host_of(host_header: str) -> str:

@@ -434,6 +434,7 @@ def _nginx_conf(workdir: Path, cert: Path, key: Path) -> str:
         "protocol": "$server_protocol",
         "scheme": "$scheme",
         "body_bytes_sent": "$body_bytes_sent",
+        "upgrade": "$http_upgrade",  # what reached the server of a protocol switch
     }
     log_format = "{" + ",".join(f'"{k}":"{v}"' for k, v in fields.items()) + "}"
     # Ask for no more descriptors than the hard limit allows, or every worker logs
@@ -747,7 +748,7 @@ class FakeInternet:
 
         Fields: server_addr, server_port (int), host, method, uri, status (int),
         sni ("" for plain HTTP or no SNI), remote_addr, protocol, scheme,
-        body_bytes_sent (int). nginx logs after the response is sent, so a client
+        body_bytes_sent (int), upgrade (the Upgrade header, "" if none). nginx logs after the response is sent, so a client
         that just finished may, rarely, be a few microseconds ahead of the log.
         """
         want = ipaddress.ip_address(ip) if ip is not None else None

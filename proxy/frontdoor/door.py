@@ -42,15 +42,15 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
 class FrontDoor:
     """Listens on one IPv4 address; see the module docstring.
 
-    `hand_off(sock)` serves a socket to its end and owns it (mitmproxy's
-    transparent mode). `original_dst` and `upstream_address` (which address to
+    `hand_off(sock, state)` serves a socket to its end and owns it (mitmproxy's
+    transparent mode), counting its bytes in `state`. `original_dst` and `upstream_address` (which address to
     connect to for an original destination) are parameters so that tests can run
     on loopback, where nothing is redirected."""
 
     def __init__(
         self,
         gate: ConnectionGate,
-        hand_off: Callable[[socket.socket], Awaitable[None]],
+        hand_off: Callable[[socket.socket, ConnState], Awaitable[None]],
         *,
         original_dst: Callable[[socket.socket], tuple[str, int]] = original_dst,
         upstream_address: Callable[[str, int], tuple[str, int]] | None = None,
@@ -196,7 +196,7 @@ class FrontDoor:
 
     async def _serve_handed_off(self, sock: socket.socket, state: ConnState) -> None:
         try:
-            await self.hand_off(sock)
+            await self.hand_off(sock, state)
         except Exception:  # noqa: BLE001 - mitmproxy's failure ends this connection only
             log.exception("front door: mitmproxy failed on %s", state.fields["source"])
         finally:

@@ -86,7 +86,38 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "host-mismatch",
         (R.HOST_MISMATCH, R.INVALID_NAME),
-        "an HTTP Host that is missing, invalid, or disagrees with the SNI or the destination address",
+        "an HTTP Host that is missing, given twice, invalid, names another port, or disagrees with the SNI, "
+        "the destination address, :authority or an absolute-form target",
+    ),
+    (
+        "malformed-request",
+        (R.MALFORMED_REQUEST,),
+        "an HTTP request head that is not well-formed (a method that is not a token, control bytes in the "
+        "target or a header, a bad header name, conflicting Content-Length/Transfer-Encoding), or one the "
+        "gateway's HTTP parser refused with 400",
+    ),
+    (
+        "ambiguous-path",
+        (R.AMBIGUOUS_PATH,),
+        "a request path a server may read otherwise than the gateway decided it: '#', a backslash, "
+        "';', '//', dot segments, %2F %5C %2E %3B, encoded controls or invalid UTF-8, raw non-ASCII",
+    ),
+    (
+        "headers-too-large",
+        (R.HEADERS_TOO_LARGE,),
+        "a request head with more than 100 header fields or more than 64 KiB (answered 431)",
+    ),
+    (
+        "protocol-not-allowed",
+        (R.PROTOCOL_NOT_ALLOWED,),
+        "the server switched protocols (101) for a request no websocket rule allowed to upgrade: "
+        "the exchange is cut, no tunnel",
+    ),
+    (
+        "tls-rejected-by-client",
+        (R.TLS_REJECTED_BY_CLIENT,),
+        "under inspection the client refused the gateway's certificate: it pins its own or trusts "
+        "another CA; allow the name without methods/paths (pass-through) or give the client the gateway's CA",
     ),
     (
         "no-data",

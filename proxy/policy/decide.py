@@ -101,10 +101,12 @@ def _decide_name(profile: CompiledProfile, name: str, now: float | None) -> Deci
 def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestFacts) -> Decision:
     port, ip, name = facts.port, facts.ip, facts.name
     method = path = None
+    websocket = False
     if isinstance(facts, RequestFacts):
         # Match what the server will act on: `/repos/../user` is `/user`, `delete` is
         # DELETE to a lenient server. Either way a deny rule must still see it.
         method, path = facts.method.upper(), parse_path(facts.path)
+        websocket = facts.websocket
     if ip is None:
         ip_rules, kind = _NO_RULES, None
     else:
@@ -141,6 +143,8 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
                 continue
         if rule.action is DENY:
             return rule.decision or _shared(profile, Reason.RULE_DENY, rule)
+        if websocket and not rule.websocket:
+            continue  # a WebSocket upgrade needs a rule that says websocket: true
         if rule.action is ASK and (method is not None or not rule.inspects):
             asks.append(rule)
             continue
@@ -187,6 +191,8 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
             return _shared(profile, Reason.PORT_NOT_ALLOWED, profile.fallback, near=rule)
         if method is not None and rule.methods is not None and method not in rule.methods:
             return _shared(profile, Reason.METHOD_NOT_ALLOWED, profile.fallback, near=rule)
+        if websocket and not rule.websocket and rule.matches_request(method, path):
+            return _shared(profile, Reason.PROTOCOL_NOT_ALLOWED, profile.fallback, near=rule)
         if method is not None:
             return _shared(profile, Reason.PATH_NOT_ALLOWED, profile.fallback, near=rule)
     return _shared(profile, Reason.NO_RULE, profile.fallback)
@@ -264,6 +270,8 @@ def _explain(reason: Reason, rule: Rule, inspect: bool, near: Rule | None) -> st
         allowed = f"ports {', '.join(map(str, sorted(near.ports)))}"
     elif reason is Reason.METHOD_NOT_ALLOWED:
         allowed = f"methods {', '.join(sorted(near.methods or ()))}"
+    elif reason is Reason.PROTOCOL_NOT_ALLOWED:
+        allowed = "plain HTTP requests, no WebSocket upgrade (it has no websocket: true)"
     else:
         allowed = f"paths {', '.join(near.paths or ())}"
     return f"rule {_named(near)} allows only {allowed}; {answer}"

@@ -18,6 +18,7 @@ include and profile is valid and a new CompiledPolicy exists, or nothing changes
             ports: [443, ...]                        default [80, 443]
             methods: [GET, ...]                      needs HTTP inspection
             paths: ["/repos/**", ...]                needs HTTP inspection
+            websocket: true                          allows WebSocket upgrades (default false)
             id, comment, owner, ticket, expires: YYYY-MM-DD (or an instant with its zone)
 
 A preset (rules/presets/NAME.yaml) is `version: 1`, optional `description`,
@@ -72,6 +73,7 @@ RULE_KEYS = {
     "ports",
     "methods",
     "paths",
+    "websocket",
     "id",
     "comment",
     "owner",
@@ -338,6 +340,9 @@ class _Loader:
         ports = self.ports(source, entries["ports"][1]) if "ports" in entries else DEFAULT_PORTS
         methods = self.methods(source, entries["methods"][1]) if "methods" in entries else None
         paths = self.paths(source, entries["paths"][1]) if "paths" in entries else None
+        websocket = (
+            self.websocket(source, entries["websocket"][1]) if "websocket" in entries else False
+        )
         meta = {
             k: self.scalar(source, entries[k][1], f"'{k}'")
             for k in ("comment", "owner", "ticket")
@@ -377,7 +382,8 @@ class _Loader:
             ports=ports,
             methods=methods,
             paths=paths,
-            path_pattern=_compile_paths(paths) if paths else None,
+            websocket=websocket,
+            path_pattern=_compile_paths(paths, action == "deny") if paths else None,
             expires=expires,
             expires_at=expires_at,
             **meta,
@@ -464,6 +470,14 @@ class _Loader:
             else:
                 paths.append(text)
         return tuple(paths)
+
+    def websocket(self, source, node) -> bool:
+        # A plain true or false only: 'yes', 'on' or "true" in quotes are not guessed at.
+        plain = isinstance(node, yaml.ScalarNode) and not node.style  # None or "": not quoted
+        if not (plain and node.value in ("true", "false")):
+            self.problem(source, node, "'websocket' must be true or false")
+            return False
+        return node.value == "true"
 
     def expires(self, source, node) -> tuple[datetime.date | datetime.datetime, float] | None:
         """`expires:` as written, and the instant (epoch seconds) it stops matching: a
@@ -835,9 +849,10 @@ def approved_overlay(paths: list[Path]) -> Path | None:
     return first.parent / APPROVED_FILE
 
 
-def _compile_paths(globs: tuple[str, ...]) -> re.Pattern[str]:
+def _compile_paths(globs: tuple[str, ...], ignore_case: bool = False) -> re.Pattern[str]:
     """Path globs as one anchored regex: `*` stays inside a segment, `**` crosses '/'
-    (`/a/**` matches `/a` and everything below it). Compiled once, at load."""
+    (`/a/**` matches `/a` and everything below it). Compiled once, at load. Deny
+    rules ignore case: `/ADMIN` is `/admin` to some servers, and a deny must hold there."""
     parts = []
     for glob in globs:
         pattern = ""
@@ -849,7 +864,8 @@ def _compile_paths(globs: tuple[str, ...]) -> re.Pattern[str]:
             else:
                 pattern += re.escape(piece)
         parts.append(pattern)
-    return re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
+    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+    return re.compile("|".join(f"(?:{p})" for p in parts), flags)
 
 
 def _start_of_day(day: datetime.date) -> float:

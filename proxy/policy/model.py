@@ -128,6 +128,7 @@ class Rule:
     # instant (seconds since the epoch) from which it no longer matches.
     expires: datetime.date | datetime.datetime | None = None
     expires_at: float | None = None
+    websocket: bool = False  # allows WebSocket upgrades (HTTP requests with Upgrade: websocket)
     comment: str | None = None
     owner: str | None = None
     ticket: str | None = None
@@ -203,6 +204,7 @@ class RequestFacts:
     name_resolved_to_ip: bool | None = None
     protocol: str = "http"
     now: float | None = None
+    websocket: bool = False  # asks for a WebSocket upgrade: only websocket rules allow it
 
 
 Facts = NameFacts | ConnectFacts | RequestFacts

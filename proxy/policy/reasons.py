@@ -36,6 +36,12 @@ class Reason(StrEnum):
     NO_DATA = "no_data"  # the client closed before sending enough bytes to decide on
     PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"  # e.g. an upgrade (WebSocket, h2c) not allowed
     BODY_TOO_LARGE = "body_too_large"
+    # An HTTP request head sandgate will not forward (proxy/policy/request_head.py).
+    MALFORMED_REQUEST = "malformed_request"  # not a token method, control bytes, bad framing ...
+    AMBIGUOUS_PATH = "ambiguous_path"  # a path servers may read otherwise than it was decided
+    HEADERS_TOO_LARGE = "headers_too_large"  # too many header fields, or too many bytes (431)
+    # Under inspection the client refused the gateway's certificate (a pinned or private CA).
+    TLS_REJECTED_BY_CLIENT = "tls_rejected_by_client"
     # A sandbox over a cap of its profile's `limits:` (open or undecided connections,
     # DNS queries a second or in flight): one sandbox cannot starve the others.
     SANDBOX_LIMIT = "sandbox_limit"

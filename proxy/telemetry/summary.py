@@ -137,6 +137,13 @@ class TaskSummary:
                 "(sandgate check TARGET explains a verdict).",
                 file=out,
             )
+        if any(r == Reason.TLS_REJECTED_BY_CLIENT for (_, _, _, r, _), _ in rows):
+            print(
+                "  hint: a client refused the gateway's certificate (tls_rejected_by_client): it\n"
+                "  pins its own or trusts only its own CA bundle. Point it at the bundle sandgate\n"
+                "  sets (SSL_CERT_FILE), or ask for a rule without methods/paths (pass-through).",
+                file=out,
+            )
         if self.telemetry.get("audit_log"):
             lost = self.telemetry.get("audit_lost")
             print(

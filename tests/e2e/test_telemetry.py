@@ -87,7 +87,9 @@ EXPECTED = Counter(
             "169.254.169.254:80",
         ): 1,
         ("request", "allow", "rule_allow", "demo-allowed", "allowed.test"): 1,
-        ("request", "deny", "invalid_name", "builtin:host-mismatch", "203.0.113.10:80"): 2,
+        ("request", "deny", "invalid_name", "builtin:host-mismatch", "203.0.113.10:80"): 1,
+        # control bytes (ESC, DEL) in the raw one: refused before the name is looked at
+        ("request", "deny", "malformed_request", "builtin:malformed-request", "203.0.113.10:80"): 1,
     }
 )
 # (name, verdict, reason, rule id) of the DNS answers (curl asks A and AAAA, maybe twice).
@@ -325,10 +327,16 @@ def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, 
     dns = [r for r in records if r["kind"] == "dns"]
     assert {(r["name"], r["verdict"], r["reason"], r["rule_id"]) for r in dns} == EXPECTED_DNS
     assert Counter(r["verdict"] for r in dns) == dns_seen  # the same count Prometheus has
-    # Each allowed pass-through connection closes with its byte counts and lifetime.
+    # Each allowed connection (pass-through, or plain HTTP with an allowed request)
+    # closes with its byte counts and lifetime.
     ends = [r for r in records if r["kind"] == "connection_end"]
-    allowed = [r for r in records if r["kind"] == "connection" and r["verdict"] == "allow"]
-    assert sorted(r["source"] for r in ends) == sorted(r["source"] for r in allowed)
+    allowed = {
+        r["source"]
+        for r in records
+        if r["verdict"] == "allow"
+        and (r["kind"] == "connection" or (r["kind"] == "request" and r["protocol"] == "http"))
+    }
+    assert sorted(r["source"] for r in ends) == sorted(allowed)
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["duration"] >= 0 for r in ends)
     assert records[0]["kind"] == "policy" and records[0]["reason"] == "policy_loaded"
     assert records[1]["kind"] == "task" and records[1]["detail"].startswith("task started: env")
@@ -342,7 +350,7 @@ def test_prometheus_scrapes_a_task_and_the_audit_log_matches(fakenet, tmp_path, 
     forged = [
         (line, r)
         for line, r in zip(raw_lines, records, strict=False)
-        if r["reason"] == "invalid_name"
+        if r["reason"] in ("invalid_name", "malformed_request")
     ]
     assert len(forged) == 2
     for line, record in forged:

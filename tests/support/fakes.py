@@ -1,5 +1,6 @@
 """Stand-ins shared by unit tests."""
 
+from sandgate.proxy.policy.request_head import RequestHead
 from sandgate.proxy.telemetry.metrics import Metrics
 
 
@@ -91,3 +92,9 @@ def client_hello(sni: str | None) -> bytes:
     with pytest.raises(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
+
+
+def request_head(host: str, method: str = "GET", path: str = "/") -> RequestHead:
+    """An HTTP/1 request head with one Host header ("" for none)."""
+    fields = ((b"host", host.encode()),) if host else ()
+    return RequestHead(method.encode(), path.encode(), fields)

@@ -140,7 +140,9 @@ def request_flow(c, host: str, method: str = "GET", path: str = "/"):
         ),
         pytest.param("evil.test", "GET", 403, "no_rule", id="unknown-host"),
         pytest.param("203.0.113.66", "GET", 403, "host_mismatch", id="host-ip-differs"),
-        pytest.param('a"b\nc', "GET", 403, "invalid_name", id="forged-host"),
+        pytest.param('a"b', "GET", 403, "invalid_name", id="forged-host"),
+        pytest.param("a\nb", "GET", 400, "malformed_request", id="control-in-host"),
+        pytest.param("allowed.test", "G T", 400, "malformed_request", id="method-not-a-token"),
     ],
 )
 def test_plain_http_request(addon, host, method, status, reason):
@@ -151,7 +153,7 @@ def test_plain_http_request(addon, host, method, status, reason):
     addon.requestheaders(f)
     assert (f.response.status_code if f.response else None) == status
     assert addon.events[-1].reason == reason
-    if status == 403:
+    if status:
         assert reason in f.response.get_text()
 
 
@@ -233,3 +235,48 @@ def test_a_connection_the_front_door_decided_is_adopted_not_decided_again(
     addon.next_layer(nl)
     assert type(nl.layer).__name__ == layer
     assert addon.events == decided  # no second decision, no second event
+
+
+def plain_http_flow(addon, host="allowed.test", **headers):
+    c = client(("203.0.113.10", 80))
+    addon.client_connected(c)
+    addon.next_layer(next_layer_for(c, b"GET / HTTP/1.1\r\n"))
+    f = request_flow(c, host)
+    for name, value in headers.items():
+        f.request.headers[name.replace("_", "-")] = value
+    return f
+
+
+def test_an_upgrade_no_rule_allows_is_removed_with_its_connection_tokens(addon):
+    f = plain_http_flow(addon, upgrade="h2c, foo", connection="keep-alive, Upgrade, HTTP2-Settings")
+    f.request.headers["http2-settings"] = "AAMAAABkAARAAAAAAAIAAAAA"
+    addon.requestheaders(f)
+    assert f.response is None and addon.events[-1].reason == "rule_allow"
+    assert "upgrade" not in f.request.headers and "http2-settings" not in f.request.headers
+    assert f.request.headers["connection"] == "keep-alive"
+
+
+def test_a_101_nobody_allowed_is_cut_and_reported(addon):
+    f = plain_http_flow(addon)
+    addon.requestheaders(f)
+    f.response = tflow.tresp(status_code=101)
+    addon.responseheaders(f)
+    assert f.error is not None and "killed" in f.error.msg.lower()  # no tunnel follows
+    assert [(str(e.kind), str(e.reason)) for e in addon.events[-2:]] == [
+        ("request", "rule_allow"),
+        ("request", "protocol_not_allowed"),
+    ]
+
+
+def test_a_client_refusing_the_gateways_certificate_has_its_own_event(addon):
+    from mitmproxy import tls
+
+    c = client(("203.0.113.11", 443))
+    addon.client_connected(c)
+    addon.next_layer(next_layer_for(c, client_hello("api.allowed.test")))
+    c.error = "Client TLS handshake failed. The client does not trust the proxy's certificate"
+    addon.tls_failed_client(tls.TlsData(c, context.Context(c, options.Options())))
+    assert (str(addon.events[-1].reason), addon.events[-1].name) == (
+        "tls_rejected_by_client",
+        "api.allowed.test",
+    )

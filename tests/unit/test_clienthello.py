@@ -177,19 +177,20 @@ def test_malformed_hellos_are_errors(data, message):
         parse_client_hello(data)
 
 
-def test_starts_like_tls_record_as_mitmproxy():
+def test_starts_like_tls_record_takes_all_mitmproxy_does_and_every_minor_version():
     from mitmproxy.net.tls import starts_like_tls_record as theirs
 
-    for data in (
-        b"",
-        b"\x16",
-        b"\x16\x03",
-        b"\x16\x03\x01",
-        b"\x16\x03\x04",
-        b"\x16\x02\x01",
-        b"GET ",
-    ):
+    for data in (b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x02\x01", b"GET "):
         assert starts_like_tls_record(data) == theirs(data), data
+    for minor in range(256):  # 0x0304 and odder: still TLS, still decided by SNI
+        assert starts_like_tls_record(bytes([0x16, 0x03, minor]))
+
+
+@pytest.mark.parametrize("version", [0x0300, 0x0301, 0x0302, 0x0303, 0x0304])
+def test_a_hello_in_any_record_version_names_its_server(version):
+    hello = bytearray(client_hello("allowed.test"))
+    hello[1:3] = version.to_bytes(2, "big")
+    assert parse_client_hello(bytes(hello)).sni == "allowed.test"
 
 
 HELLO = client_hello("allowed.test")

@@ -56,7 +56,7 @@ class Upstream:
 
 
 async def started(gate, dst, upstream_port=1, hand_off=None, **options) -> FrontDoor:
-    async def refuse(sock):
+    async def refuse(sock, state):
         sock.close()
 
     door = FrontDoor(
@@ -377,7 +377,7 @@ def test_stop_closes_open_connections_and_reports_them(gate):
 def test_plain_http_goes_to_mitmproxy_untouched_and_is_adopted(gate):
     request = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
 
-    async def mitmproxy(sock):
+    async def mitmproxy(sock, state):
         # What the engine does: take the socket over, adopt the gate's decision.
         reader, writer = await asyncio.open_connection(sock=sock)
         peer = writer.get_extra_info("peername")
@@ -398,12 +398,14 @@ def test_plain_http_goes_to_mitmproxy_untouched_and_is_adopted(gate):
         await door.stop()
 
     run(scenario())
-    assert gate.events == []  # plain HTTP: the decisions are mitmproxy's, per request
+    # Plain HTTP is decided per request, in mitmproxy; this stand-in decides none,
+    # so the connection's end says so (no bytes counted: no_data).
+    assert [(str(e.kind), str(e.reason)) for e in gate.events] == [("connection", "no_data")]
     assert gate.connections == {}
 
 
 def test_a_hand_off_that_fails_before_adoption_still_ends_the_connection(gate):
-    async def broken(sock):
+    async def broken(sock, state):
         sock.close()
         raise RuntimeError("mitmproxy fell over")
 
@@ -522,7 +524,7 @@ def test_http_after_silence_goes_to_mitmproxy(gate):
     request = b"GET / HTTP/1.1\r\nHost: ssh.allowed.test\r\n\r\n"
     handed = []
 
-    async def mitmproxy(sock):
+    async def mitmproxy(sock, state):
         reader, writer = await asyncio.open_connection(sock=sock)
         handed.append(await reader.readexactly(len(request)))
         writer.close()

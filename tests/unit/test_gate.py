@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from sandgate.proxy.gate import MAX_FIRST_BYTES, Outcome
-from support.fakes import GATE_RULES, SANDBOX, client_hello, make_gate
+from support.fakes import GATE_RULES, SANDBOX, client_hello, make_gate, request_head
 
 
 @pytest.fixture
@@ -237,14 +237,24 @@ def test_allowed_connection_end_reports_bytes_and_what_ended_it(gate):
     assert len(gate.events) == 2
 
 
-def test_rejected_and_http_connections_end_without_an_event(gate):
+def test_a_rejected_connection_ends_without_another_event_an_undecided_http_one_with_its_own(
+    gate,
+):
     rejected = connect(gate, "203.0.113.66", 22, key=1)
     gate.on_first_bytes(rejected, b"SSH-2.0-x\r\n")
     http = connect(gate, "203.0.113.10", 80, key=2)
     gate.on_first_bytes(http, b"GET / HTTP/1.1\r\n")
-    gate.on_close(rejected)
-    gate.on_close(http)
-    assert [str(e.reason) for e in gate.events] == ["no_rule"]
+    refused = connect(gate, "203.0.113.10", 80, key=3)
+    gate.on_first_bytes(refused, b"GET /\x00 HTTP/1.1\r\n")
+    refused.bytes_up = 40  # what the engine counted before its parser answered 400
+    for state in (rejected, http, refused):
+        gate.on_close(state)
+    # No request was decided on either HTTP connection: never an allow, never silence.
+    assert [(str(e.reason), e.verdict) for e in gate.events] == [
+        ("no_rule", "deny"),
+        ("no_data", "deny"),
+        ("malformed_request", "deny"),
+    ]
     assert gate.connections == {}
 
 
@@ -271,7 +281,7 @@ def test_hand_off_and_adopt_keep_one_decision(gate):
 def test_requests(gate, host, method, path, reason, name):
     state = connect(gate, "203.0.113.10", 80)
     assert gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n") is Outcome.HTTP
-    decision = gate.on_request(state, host, method, path, tls=False)
+    decision, _ = gate.on_request(state, request_head(host, method, path), tls=False)
     assert str(decision.reason) == reason
     (event,) = gate.events
     assert (str(event.kind), str(event.reason), event.name, event.method, event.protocol) == (
@@ -300,7 +310,7 @@ def test_every_decision_fails_closed(gate, monkeypatch):
     monkeypatch.setattr(gate, "_decide_connect", boom)
     monkeypatch.setattr(gate, "_decide_request", boom)
     assert gate.on_silence(silent) is Outcome.REJECT
-    assert not gate.on_request(state, "allowed.test", "GET", "/", tls=False).allowed
+    assert not gate.on_request(state, request_head("allowed.test"), tls=False)[0].allowed
     assert [(str(e.kind), str(e.reason)) for e in gate.events] == [
         ("connection", "internal_error"),
         ("connection", "internal_error"),
@@ -371,12 +381,12 @@ def test_a_rule_that_expires_stops_matching_at_its_instant_on_the_gates_wall_clo
     assert gate.on_first_bytes(before, client_hello("allowed.test")) is Outcome.PASSTHROUGH
     http = connect(gate, "203.0.113.10", 80, key=2)
     assert gate.on_first_bytes(http, b"GET / HTTP/1.1\r\n") is Outcome.HTTP
-    assert gate.on_request(http, "allowed.test", "GET", "/", tls=False).rule_id == "allowed"
+    assert gate.on_request(http, request_head("allowed.test"), tls=False)[0].rule_id == "allowed"
 
     gate.wall_clock = lambda: expiry  # the same policy object: no reload
     after = connect(gate, "203.0.113.10", 443, key=3)
     assert gate.on_first_bytes(after, client_hello("allowed.test")) is Outcome.REJECT
-    late = gate.on_request(http, "allowed.test", "GET", "/", tls=False)  # same connection
+    late, _ = gate.on_request(http, request_head("allowed.test"), tls=False)  # same connection
     assert (str(late.reason), late.rule_id) == ("no_rule", "default:fallback")
     assert [(str(e.verdict), e.rule_id) for e in gate.events] == [
         ("allow", "allowed"),

@@ -8,7 +8,7 @@ import itertools
 import pytest
 from sandgate.proxy.gate import Outcome
 from sandgate.proxy.lifecycle import TRANSITIONS, IllegalTransition, Phase, Step, advance
-from support.fakes import SANDBOX, client_hello, make_gate
+from support.fakes import SANDBOX, client_hello, make_gate, request_head
 
 LEGAL = [
     (phase, step, target)
@@ -135,11 +135,13 @@ def test_hand_off_walk(gate):
     )
     assert gate.hand_off(state) and state.phase is Phase.HANDED_OFF
     assert gate.adopt((SANDBOX, 40000), "mitm-1") is state and state.phase is Phase.HTTP
-    assert gate.on_request(state, "allowed.test", "GET", "/", tls=False).allowed
+    assert gate.on_request(state, request_head("allowed.test"), tls=False)[0].allowed
     gate.on_close(state)
     gate.on_close(state)  # a second close is legal and reports nothing
     assert state.phase is Phase.CLOSED and gate.connections == {}
-    assert [str(e.reason) for e in gate.events] == ["rule_allow"]
+    # The request's allow, and the connection's end under it.
+    assert [str(e.reason) for e in gate.events] == ["rule_allow", "rule_allow"]
+    assert [str(e.kind) for e in gate.events] == ["request", "connection_end"]
 
 
 def _illegal(gate, call: str) -> tuple:
@@ -154,7 +156,7 @@ def _illegal(gate, call: str) -> tuple:
     if call == "silence_after_decision":
         return gate.on_silence(state), state
     if call == "request_on_relay":
-        return gate.on_request(state, "allowed.test", "GET", "/", tls=False).verdict, state
+        return gate.on_request(state, request_head("allowed.test"), tls=False)[0].verdict, state
     gate.on_close(state)
     return gate.on_first_bytes(state, b"more"), state
 

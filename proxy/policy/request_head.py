@@ -1,0 +1,305 @@
+"""One HTTP request head, checked before it is decided: pure, no mitmproxy, no I/O.
+
+`check_head(head, port)` takes what a client sent (method, request target, header
+fields, HTTP/2's :authority) as bytes and returns either a `CheckedHead` (the one
+host, the path and what to do about an upgrade) or a refusing `Decision`. The addon
+calls it through `gate.on_request` for every request on every path (plain HTTP/1,
+inspected HTTP/1.1 and HTTP/2); an HTTP/1 parser of sandgate's own would call it too.
+
+What is forwarded must be what was decided, so the check refuses what a server
+could read otherwise than the gateway does, instead of guessing which reading the
+server picks. Checks, first failure wins:
+
+ 1. size: more than MAX_FIELDS header fields or MAX_HEAD_BYTES -> headers_too_large (431);
+ 2. method: an RFC 9110 token -> else malformed_request;
+ 3. header names tokens, values free of control bytes (CR, LF, NUL, ... ; HTAB is
+    allowed), Content-Length digits and all equal, Transfer-Encoding only `chunked`
+    and never with Content-Length (none at all in HTTP/2), no Upgrade in HTTP/2
+    -> else malformed_request;
+ 4. authority: one Host (HTTP/1), or :authority and at most one Host equal to it
+    (HTTP/2); an absolute-form target names that same authority; a port, if given,
+    is the connection's -> else host_mismatch;
+ 5. path: `path_problem` (the canonical set, below) -> ambiguous_path; the query
+    only visible ASCII without `#` -> else ambiguous_path;
+ 6. upgrade: `Upgrade: websocket` alone is a WebSocket request (decided by rules
+    with `websocket: true`); any other token list (h2c, `h2c, foo`, websocket with
+    others) is removed before forwarding (`strip_upgrade`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .builtin import deny
+from .model import Decision
+from .names import parse_host_port
+from .reasons import Reason
+
+MAX_FIELDS = 100
+MAX_HEAD_BYTES = 64 * 1024
+
+# RFC 9110 5.6.2: token = 1*tchar
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Control bytes other than HTAB (RFC 9110 5.5: a field value is VCHAR, SP, HTAB, obs-text).
+_FIELD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Path bytes forwarded as they are: visible ASCII apart from the ones refused below.
+_PATH_BYTES = re.compile(r"[!$&'()*+,\-./0-9:=@A-Z_a-z~%]*")
+_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|%([0-9A-Fa-f]{2})")
+_QUERY_BYTES = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII without '#'
+# Escapes a server may decode before splitting or resolving the path: /, \, ., ;
+_STRUCTURAL_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
+_ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A request head as the client sent it. `target` is the HTTP/1 request target
+    or HTTP/2's :path; `authority` is HTTP/2's :authority (None in HTTP/1);
+    `fields` the header fields in order, names as sent."""
+
+    method: bytes
+    target: bytes
+    fields: tuple[tuple[bytes, bytes], ...]
+    authority: bytes | None = None
+    http2: bool = False
+
+    def text(self, value: bytes, limit: int) -> str:
+        """`value` for an event: decoded without failing, at most `limit` characters."""
+        return value[:limit].decode("utf-8", "backslashreplace")[:limit]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedHead:
+    """A head that may be decided: `host` is the one authority (`name[:port]`, as
+    sent), `path` the path without the query, exactly as it will be forwarded."""
+
+    method: str
+    host: str
+    path: str
+    websocket: bool = (
+        False  # asks for a WebSocket upgrade: only rules with websocket: true allow it
+    )
+    strip_upgrade: bool = False  # carries another Upgrade: removed before forwarding
+
+
+def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
+    """The checked head, or the Decision refusing it (see the module docstring)."""
+    fields = head.fields
+    size = len(head.method) + len(head.target) + len(head.authority or b"")
+    size += sum(len(name) + len(value) + 4 for name, value in fields)
+    if len(fields) > MAX_FIELDS or size > MAX_HEAD_BYTES:
+        return deny(
+            "headers-too-large",
+            detail=f"{len(fields)} header fields, {size} bytes; "
+            f"at most {MAX_FIELDS} fields and {MAX_HEAD_BYTES} bytes",
+        )
+    if not _TOKEN.fullmatch(head.method) or len(head.method) > 32:
+        return _malformed(f"method {head.text(head.method, 40)!r} is not an HTTP token")
+    by_name: dict[bytes, list[bytes]] = {}
+    for name, value in fields:
+        if not _TOKEN.fullmatch(name):
+            return _malformed(f"header name {head.text(name, 40)!r} is not an HTTP token")
+        if _FIELD_CONTROL.search(value):
+            return _malformed(
+                f"control characters in header {head.text(name, 40)}: {head.text(value, 200)!r}"
+            )
+        by_name.setdefault(name.lower(), []).append(value)
+    problem = _framing_problem(by_name, head.http2)
+    if problem:
+        return _malformed(problem)
+    if _FIELD_CONTROL.search(head.target) or (
+        head.authority is not None and _FIELD_CONTROL.search(head.authority)
+    ):
+        return _malformed("control characters in the request target or :authority")
+    try:
+        target = head.target.decode("ascii")
+    except UnicodeDecodeError:
+        return deny("ambiguous-path", detail="non-ASCII bytes in the request target")
+    try:
+        host = _authority(head, by_name.get(b"host", []))
+    except UnicodeDecodeError:
+        return deny("host-mismatch", reason=Reason.INVALID_NAME, detail="non-ASCII Host")
+    except ValueError as e:
+        return deny("host-mismatch", detail=str(e))
+    if not target.startswith("/"):
+        absolute = _ABSOLUTE.fullmatch(target) if not head.http2 else None
+        if absolute is None:
+            return deny("ambiguous-path", detail=f"request target {target[:80]!r} is not a path")
+        if absolute.group(2).lower() != host.lower():
+            return deny(
+                "host-mismatch",
+                detail=f"the request target names {absolute.group(2)[:80]!r}, Host {host[:80]!r}",
+            )
+        target = absolute.group(3) or "/"
+    error = _port_problem(host, port)
+    if error:
+        return deny("host-mismatch", detail=error)
+    path, question, query = target.partition("?")
+    why = path_problem(path)
+    if why is None and question and not _QUERY_BYTES.fullmatch(query):
+        why = "control, space, '#' or non-ASCII characters in the query"
+    if why is not None:
+        return deny("ambiguous-path", detail=f"{why}: {path[:200]!r}")
+    websocket, strip = _upgrade(by_name.get(b"upgrade"))
+    return CheckedHead(head.method.decode("ascii"), host, path, websocket, strip)
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` (no query) may mean something else to a server, or None: it is then
+    forwarded unchanged, and decided in names.parse_path's form (escapes of
+    unreserved characters decoded, hex upper-cased), which every server reads alike.
+
+    Refused: not starting with '/'; '#'; a backslash; ';' (path parameters); an
+    empty segment ('//') other than a trailing '/'; '.' or '..' segments; escapes
+    of '/', '\\', '.', ';' (%2F %5C %2E %3B, any case); escapes of control bytes;
+    escaped bytes that are not strict UTF-8 (overlong forms like %C0%AF); a '%'
+    without two hex digits; spaces, controls or raw non-ASCII characters."""
+    if not path.startswith("/"):
+        return "the path does not start with '/'"
+    if not _PATH_BYTES.fullmatch(path):
+        for char, why in (("#", "a fragment ('#')"), ("\\", "a backslash"), (";", "';'")):
+            if char in path:
+                return why
+        return "spaces, control or non-ASCII characters"
+    segments = path.split("/")[1:]
+    if any(s == "" for s in segments[:-1]):
+        return "an empty segment ('//')"
+    if any(s in (".", "..") for s in segments):
+        return "a dot segment"
+    if "%" in path:
+        return _escape_problem(path)
+    return None
+
+
+def _escape_problem(path: str) -> str | None:
+    run = bytearray()  # consecutive escaped bytes from 0x80: must be strict UTF-8
+    end = -1
+    for match in _ESCAPE.finditer(path):
+        if match.group(1) is None:
+            return "'%' without two hex digits"
+        byte = int(match.group(1), 16)
+        if run and match.start() != end:
+            if not _utf8(run):
+                return "escaped bytes that are not UTF-8 (an overlong form?)"
+            run.clear()
+        end = match.end()
+        if byte in _STRUCTURAL_ESCAPES:
+            return f"an encoded '/', '\\', '.' or ';' ({_STRUCTURAL_ESCAPES[byte]})"
+        if byte < 0x20 or byte == 0x7F:
+            return "an encoded control character"
+        if byte >= 0x80:
+            run.append(byte)
+        elif run:
+            if not _utf8(run):
+                return "escaped bytes that are not UTF-8 (an overlong form?)"
+            run.clear()
+    if run and not _utf8(run):
+        return "escaped bytes that are not UTF-8 (an overlong form?)"
+    return None
+
+
+def _utf8(data: bytearray) -> bool:
+    try:
+        data.decode("utf-8")  # strict: overlong forms and surrogates are errors
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _framing_problem(by_name: dict[bytes, list[bytes]], http2: bool) -> str | None:
+    lengths = by_name.get(b"content-length", [])
+    codings = by_name.get(b"transfer-encoding", [])
+    if any(not (v.strip().isdigit() and v.strip().isascii()) for v in lengths):
+        return "Content-Length is not a number"
+    if len({v.strip() for v in lengths}) > 1:
+        return "several different Content-Length values"
+    if codings and (http2 or lengths):
+        return "Transfer-Encoding " + ("in HTTP/2" if http2 else "with Content-Length")
+    if codings and b",".join(codings).strip().lower() != b"chunked":
+        return "a Transfer-Encoding other than chunked"
+    if http2 and b"upgrade" in by_name:
+        return "Upgrade in HTTP/2"
+    return None
+
+
+def _authority(head: RequestHead, hosts: list[bytes]) -> str:
+    """The one authority of the request; ValueError naming what disagrees."""
+    if len(hosts) > 1:
+        raise ValueError(f"{len(hosts)} Host headers")
+    host = hosts[0].decode("ascii").strip() if hosts else None
+    if head.authority is not None:
+        authority = head.authority.decode("ascii")
+        if host is not None and host.lower() != authority.lower():
+            raise ValueError(f"Host {host[:80]!r} differs from :authority {authority[:80]!r}")
+        host = authority
+    if not host:
+        raise ValueError("request without a Host header")
+    return host
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    try:
+        _, named = parse_host_port(host, default_port=0)
+    except ValueError as e:
+        return f"Host: {e}"
+    if named not in (0, port):
+        return f"Host {host[:80]!r} names port {named}; the connection goes to port {port}"
+    return None
+
+
+def _upgrade(values: list[bytes] | None) -> tuple[bool, bool]:
+    """(websocket, strip) for the Upgrade header values."""
+    if values is None:
+        return False, False
+    tokens = [t.strip().lower() for v in values for t in v.split(b",")]
+    if tokens == [b"websocket"]:
+        return True, False
+    return False, True
+
+
+def connection_without_upgrade(value: str) -> str:
+    """A Connection header's value without the tokens a removed upgrade needs."""
+    kept = [t.strip() for t in value.split(",")]
+    return ", ".join(t for t in kept if t and t.lower() not in ("upgrade", "http2-settings"))
+
+
+def _malformed(detail: str) -> Decision:
+    return deny("malformed-request", detail=detail)
+
+
+# --- first bytes --------------------------------------------------------------------
+
+# A lone CR separates too: lines end at LF, and the parser splits at any whitespace.
+_METHOD_AND_SPACE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}(?:[ \t\x0b\x0c]|\r(?!\n))+")
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*")
+MAX_UNDECIDED = 1024
+
+
+def starts_like_http(data: bytes) -> bool | None:
+    """Whether `data`, a connection's first bytes, may be an HTTP/1 request line:
+    True, False, or None (too few bytes to tell). Generous on purpose: anything an
+    HTTP parser (mitmproxy's splits the line at any whitespace) may read as a
+    request must be decided as one, else on a raw-TCP port it would skip the Host
+    check. A method token of any case, any run of whitespace, then a target
+    starting with '/', '*' or `scheme:`. Still undecided after MAX_UNDECIDED
+    bytes: HTTP (its parser refuses what is not)."""
+    start = _METHOD_AND_SPACE.match(data)
+    if start is None:
+        # All token bytes so far: the method may still be coming.
+        undecided = len(data) <= 32 and _TOKEN.fullmatch(data) is not None
+        return None if undecided or not data else False
+    rest = data[start.end() :]
+    if not rest:
+        return None if len(data) < MAX_UNDECIDED else True
+    if rest[:1] in (b"/", b"*"):
+        return True
+    scheme = _SCHEME.match(rest)
+    if scheme is None:
+        return False
+    after = rest[scheme.end() : scheme.end() + 1]
+    if after == b":":
+        return True
+    if after:
+        return False
+    return None if len(data) < MAX_UNDECIDED else True
