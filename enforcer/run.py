@@ -209,7 +209,9 @@ class TaskRun:
         if opts.on_audit_failure == "block":
             self.gateway.guard_audit(self.audit)
         # mitmproxy (and the CA the task trusts) only if this task's rules inspect.
-        await self.gateway.start(inspection=inspection)
+        # Up front only to make the CA the task must trust from its start; with a CA
+        # from an earlier run, mitmproxy waits for the first connection that needs it.
+        await self.gateway.start(inspection=inspection and not self.gateway.proxy.ca_ready)
         await self._serve_control()
         self._start_metrics()
         self.gateway.emit(

@@ -162,6 +162,12 @@ class ProxyEngine:
         await self._server.handle_stream(reader, writer)
 
     @property
+    def ca_ready(self) -> bool:
+        """The CA (key and certificate) exists from an earlier start: a task can be given
+        its certificate before mitmproxy runs, and mitmproxy will load the same one."""
+        return (self.confdir / "mitmproxy-ca.pem").is_file() and self.ca_cert.is_file()
+
+    @property
     def ca_cert(self) -> Path:
         """The gateway CA's certificate (PEM), generated in confdir on first start."""
         return self.confdir / "mitmproxy-ca-cert.pem"

@@ -61,6 +61,7 @@ from sandgate.proxy.policy.index import CompiledPolicy
 from sandgate.proxy.policy.names import InvalidName, format_host_port, parse_domain, parse_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.policy.request_head import (
+    MAX_HEAD_BYTES,
     CheckedHead,
     RequestHead,
     check_head,
@@ -566,8 +567,9 @@ class ConnectionGate:
                 **state.fields,
                 protocol="https" if tls else "http",
                 name=name,
-                method=head.text(head.method, 32),
-                path=head.text(head.target, 2048),
+                # Whole (a head is at most 64 KiB): Event bounds them, saying how much it cut.
+                method=head.text(head.method, MAX_HEAD_BYTES),
+                path=head.text(head.target, MAX_HEAD_BYTES),
                 latency=self.clock() - started,
                 **_answer_fields(answer),
             )

@@ -359,13 +359,10 @@ def _cache_key() -> str:
     """A hash of this file (the table and how it is compiled), libseccomp's version, the machine.
 
     Stricter than sandgate's version and cheaper: importlib.metadata alone costs ~17 ms."""
-    try:  # CPython's own sha256, not hashlib's: loading OpenSSL costs ~12 ms of a warm attach
-        from _sha256 import sha256  # 3.11
-    except ImportError:
-        try:
-            from _sha2 import sha256  # 3.12+
-        except ImportError:
-            from hashlib import sha256
+    try:  # CPython 3.11's own sha256, not hashlib's: loading OpenSSL costs ~12 ms of an attach
+        from _sha256 import sha256
+    except ImportError:  # another version: hashlib
+        from hashlib import sha256
 
     with open(__file__, "rb") as source:
         material = source.read()

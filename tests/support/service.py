@@ -149,5 +149,14 @@ def attach(
     )
     result = sandbox._result(proc.returncode, proc.stdout, proc.stderr, workdir, steps_dir)
     if result.summary:
+        # The service answers the detach before its audit writer (a thread) has written
+        # the task's last lines: wait for the task's end event.
+        sandbox.eventually(
+            lambda: any(
+                (e.get("detail") or "").startswith("task ended")
+                for e in service.events(task_id=result.run_id, kind="task")
+            ),
+            timeout=10,
+        )
         result.audit = service.events(task_id=result.run_id)
     return result
