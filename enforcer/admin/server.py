@@ -84,6 +84,7 @@ class AdminServer:
         self.server: asyncio.AbstractServer | None = None
         self.address: tuple[str, int] | None = None
         self.allowed_origins: set[str] = set()
+        self._any_host = False  # listening on every address: the Host the client used
         self._clients: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -93,6 +94,7 @@ class AdminServer:
         loopback = host in ("127.0.0.1", "::1", "localhost")
         names = {host, "localhost", "127.0.0.1", "::1"} if loopback else {host}
         self.allowed_origins = {f"http://{format_host_port(n, port)}" for n in names}
+        self._any_host = host in ("0.0.0.0", "::", "")
         return self.address
 
     async def stop(self) -> None:
@@ -108,6 +110,7 @@ class AdminServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._clients.add(task)
+        log.info("admin connection from %s", writer.get_extra_info("peername"))
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             while True:
@@ -177,6 +180,13 @@ class AdminServer:
 
     # --- routes ------------------------------------------------------------------------------
 
+    def _origins(self, headers: dict[str, str]) -> set[str]:
+        """Where a POST may come from: this server's own address (on a wildcard listen
+        address, as the client named it in Host)."""
+        if self._any_host and "host" in headers:
+            return self.allowed_origins | {f"http://{headers['host'].lower()}"}
+        return self.allowed_origins
+
     async def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Response:
         path = path.split("?", 1)[0]
         caller = self.sessions.caller(headers)
@@ -201,7 +211,7 @@ class AdminServer:
             if not isinstance(request, dict):
                 return error(400, "the body must be a JSON object")
             refusal = post_refusal(
-                caller, headers, self.allowed_origins, headers.get("x-csrf-token") or request.get("csrf")
+                caller, headers, self._origins(headers), headers.get("x-csrf-token") or request.get("csrf")
             )
             if refusal:
                 return error(403, refusal)
@@ -250,7 +260,7 @@ class AdminServer:
 
     def _login(self, path: str, caller: Caller | None, headers: dict, body: bytes) -> Response:
         form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
-        refusal = post_refusal(caller, headers, self.allowed_origins, form.get("csrf"))
+        refusal = post_refusal(caller, headers, self._origins(headers), form.get("csrf"))
         if refusal:
             return Response(403, _login_html(refusal), "text/html; charset=utf-8")
         if path == "/logout":
