@@ -294,14 +294,6 @@ class AdminServer:
         if caller is None:
             await self._send(conn, writer, error(401, "missing or wrong token"))
             return
-        queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
-
-        def enqueue(what: str, record: dict) -> None:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait((what, record))
-
-        unsubscribe = self.approvals.subscribe(enqueue)
-        closed = asyncio.ensure_future(reader.read())  # EOF: the page went away
         try:
             writer.write(
                 conn.send(
@@ -311,28 +303,17 @@ class AdminServer:
                     )
                 )
             )
-            writer.write(conn.send(h11.Data(data=b": connected\n\n")))
-            await writer.drain()
-            while True:
-                got = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({got, closed}, timeout=SSE_PING_S, return_when=asyncio.FIRST_COMPLETED)
-                if closed in done:
-                    got.cancel()
-                    return
-                if got in done:
-                    what, record = got.result()
-                    record = with_wall_time(record, self.approvals.clock())
-                    data = f"event: change\ndata: {json.dumps({'change': what, 'approval': record})}\n\n"
-                else:
-                    got.cancel()
+            async for change in approvals_control.changes(self.approvals, reader, SSE_PING_S):
+                if change is None:  # subscribed, or quiet for a while
                     data = ": ping\n\n"
+                else:
+                    record = with_wall_time(change[1], self.approvals.clock())
+                    document = json.dumps({"change": change[0], "approval": record})
+                    data = f"event: change\ndata: {document}\n\n"
                 writer.write(conn.send(h11.Data(data=data.encode())))
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
-        finally:
-            unsubscribe()
-            closed.cancel()
 
 
 def _redirect(cookie: str) -> Response:

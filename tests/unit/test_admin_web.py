@@ -123,7 +123,7 @@ def test_server_sent_events_push_a_new_approval():
         writer.write(
             f"GET /api/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {sessions.token}\r\n\r\n".encode()
         )
-        await reader.readuntil(b": connected")
+        await reader.readuntil(b": ping")
         hold = asyncio.ensure_future(approvals.hold(KEY, "ask-1", {}))
         chunk = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
         chunk += await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
