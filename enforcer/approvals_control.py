@@ -21,7 +21,7 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from sandgate.proxy.approvals.holder import Approvals
@@ -84,37 +84,52 @@ async def handle(approvals: Approvals, request: dict, approver: str) -> dict:
     return {"ok": False, "error": f"unknown approvals command {str(cmd)[:40]!r}"}
 
 
-async def watch(
-    approvals: Approvals, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    """Stream every change as a JSON line until the client goes away."""
+async def changes(
+    approvals: Approvals, reader: asyncio.StreamReader, ping: float | None = None
+) -> AsyncIterator[tuple[str, dict] | None]:
+    """Every change, `(what, approval)`, until the client at `reader` goes away (EOF or
+    anything it sends). Yields None first, once subscribed (nothing is missed after it:
+    the time to send the current list), then after every `ping` seconds without a
+    change. Shared by `watch` and the admin page's Server-Sent Events."""
     queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
 
     def enqueue(what: str, record: dict) -> None:
         with contextlib.suppress(asyncio.QueueFull):
-            queue.put_nowait({"ok": True, "change": what, "approval": record})
+            queue.put_nowait((what, record))
 
     unsubscribe = approvals.subscribe(enqueue)
-    closed = asyncio.ensure_future(reader.read())  # EOF (or anything): the watcher left
+    closed = asyncio.ensure_future(reader.read())
     try:
-        writer.write(
-            json.dumps({"ok": True, "watching": True, "approvals": approvals.list()}).encode()
-            + b"\n"
-        )
-        await writer.drain()
+        yield None
         while True:
             got = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({got, closed}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {got, closed}, timeout=ping, return_when=asyncio.FIRST_COMPLETED
+            )
             if got not in done:
                 got.cancel()
-                return
-            writer.write(json.dumps(got.result()).encode() + b"\n")
-            await writer.drain()
-    except (ConnectionError, asyncio.CancelledError):
-        pass
+                if closed in done:
+                    return
+            yield got.result() if got in done else None
     finally:
         unsubscribe()
         closed.cancel()
+
+
+async def watch(
+    approvals: Approvals, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Stream every change as a JSON line until the client goes away."""
+    try:
+        async for change in changes(approvals, reader):
+            if change is None:
+                reply = {"ok": True, "watching": True, "approvals": approvals.list()}
+            else:
+                reply = {"ok": True, "change": change[0], "approval": change[1]}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
 
 
 def always_writer(

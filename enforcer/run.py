@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandgate.enforcer import netns, nft
+from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
 from sandgate.proxy.policy import CompiledPolicy
@@ -69,6 +70,7 @@ class RunOptions:
     audit_budget: int | None = None  # bytes for the log and its rotated files; None: no cap
     on_audit_failure: str = "block"  # or "continue": see --on-audit-failure
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)  # None: no /metrics
+    admin: AdminOptions = field(default_factory=AdminOptions)  # the approvals page, webhooks
     summary_json: Path | None = None
     extra_ca: list[Path] = field(default_factory=list)
     pool: str = str(netns.DEFAULT_POOL)
@@ -159,6 +161,7 @@ class TaskRun:
         self.sandbox: prepare.PreparedSandbox | None = None
         self._gaps_reported = 0
         self.control: asyncio.AbstractServer | None = None  # approvals (RUN_DIR/<id>/control.sock)
+        self.admin: Admin | None = None  # the approvals page and webhooks
 
     async def run(self) -> int:
         started = time.monotonic()
@@ -214,6 +217,11 @@ class TaskRun:
         await self.gateway.start(inspection=inspection and not self.gateway.proxy.ca_ready)
         await self._serve_control()
         self._start_metrics()
+        if opts.probe is None:
+            self.admin = Admin(
+                opts.admin, self.gateway.approvals, self.metrics.approval_webhook_failures.inc
+            )
+            await self.admin.start(self.dir / "admin-token", "sandgate", opts.quiet)
         self.gateway.emit(
             Event(
                 kind=EventKind.POLICY,
@@ -385,6 +393,8 @@ class TaskRun:
         self.summary.firewall_drops(counters)
         if self.control is not None:
             self.control.close()
+        if self.admin is not None:
+            await self.admin.stop()
         if self.gateway is not None:
             for gap in self.sandbox.gaps[self._gaps_reported :] if self.sandbox else []:
                 self._emit_weakened(gap)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandgate.enforcer import approvals_control, control, netns, nft
+from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.run import (
     AUDIT_DIR,
     CA_ENV_VARS,
@@ -79,6 +80,7 @@ class ServiceOptions:
     dns_upstreams: list[str] = field(default_factory=list)
     extra_ca: list[Path] = field(default_factory=list)
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
+    admin: AdminOptions = field(default_factory=AdminOptions)
     control: Path = control.DEFAULT_SOCKET
     audit_log: Path = SERVICE_AUDIT_LOG
     audit_budget: int | None = None
@@ -135,6 +137,7 @@ class GatewayService:
         self.started = time.monotonic()
         self.stopped = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
+        self.admin: Admin | None = None
         self._tasks: set[asyncio.Task] = set()
         # Warm spares: netns, veth and table made and loaded, no task and no profile yet
         # (traffic from one is an unknown source until an attach registers it).
@@ -202,6 +205,10 @@ class GatewayService:
             nft.render_guard(GUARD_TABLE, self.gateway.proxy_port, self.gateway.dns_port),
         )
         self._serve_metrics()
+        self.admin = Admin(
+            opts.admin, self.gateway.approvals, self.metrics.approval_webhook_failures.inc
+        )
+        await self.admin.start(STATE_DIR / "admin-token", "sandgate gateway")
         self.gateway.emit(
             Event(
                 kind=EventKind.POLICY,
@@ -263,6 +270,8 @@ class GatewayService:
         self.spares.clear()
         if self._unwiring:
             await asyncio.wait(self._unwiring)
+        if self.admin is not None:
+            await self.admin.stop()
         if self.gateway is not None:
             with contextlib.suppress(nft.NftError):
                 await asyncio.to_thread(nft.delete_table, GUARD_TABLE)

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # and so do the wheel test and the sandbox tests, which make venvs of their own.
 packages=(nftables iproute2 nginx-light dnsmasq-base ca-certificates python3-venv)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(curl dnsutils socat iputils-ping prometheus)
+  packages+=(curl dnsutils socat iputils-ping prometheus chromium chromium-driver)  # chromium: the approvals page test (Selenium)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -55,6 +55,7 @@ def load_rules(path: str | Path, consequence: str) -> CompiledPolicy:
 
 
 METRICS_DEFAULT = "127.0.0.1:9464"
+ADMIN_DEFAULT = "127.0.0.1:9465"
 
 
 def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> None:
@@ -89,6 +90,34 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         "A port in use is a warning, not an error",
     )
     parser.add_argument("--audit-log", type=Path, metavar="FILE", help=audit_help)
+    parser.add_argument(
+        "--admin-listen",
+        default=ADMIN_DEFAULT,
+        metavar="HOST:PORT",
+        help=f"serve the approvals page and JSON API here (default {ADMIN_DEFAULT}; 'off' for "
+        "none); never reachable from a sandbox. The token is written root-only next to the "
+        "gateway's state; its path is printed at start",
+    )
+    parser.add_argument(
+        "--approval-webhook",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST each new pending approval here (repeatable), signed with "
+        "--approval-webhook-secret (X-Sandgate-Signature: sha256=HMAC)",
+    )
+    parser.add_argument(
+        "--approval-webhook-format",
+        choices=("json", "slack"),
+        default="json",
+        help="json (default): a JSON document; slack: a Slack-compatible {\"text\": ...}",
+    )
+    parser.add_argument(
+        "--approval-webhook-secret",
+        type=Path,
+        metavar="FILE",
+        help="the HMAC-SHA256 key for the webhook's signature (the file's content)",
+    )
     parser.add_argument(
         "--audit-budget",
         type=parse_size,
@@ -129,6 +158,39 @@ def gateway_settings(args: argparse.Namespace, log_prefix: str) -> tuple[str, in
         return parse_listen(args.metrics_listen)
     except ValueError as e:
         raise UsageError(f"--metrics-listen: {e}") from None
+
+
+def admin_settings(args: argparse.Namespace):
+    """--admin-listen and the --approval-webhook options, checked: an AdminOptions, or a
+    UsageError naming the option."""
+    from sandgate.enforcer.admin import AdminOptions
+    from sandgate.proxy.approvals.webhook import check_url
+    from sandgate.proxy.telemetry.metrics import parse_listen
+
+    listen = None
+    if args.admin_listen.lower() not in ("off", "none", ""):
+        try:
+            listen = parse_listen(args.admin_listen)
+        except ValueError as e:
+            raise UsageError(f"--admin-listen: {e}") from None
+    secret = b""
+    if args.approval_webhook:
+        for url in args.approval_webhook:
+            try:
+                check_url(url)
+            except ValueError as e:
+                raise UsageError(f"--approval-webhook: {e}") from None
+        if args.approval_webhook_secret is None:
+            raise UsageError("--approval-webhook needs --approval-webhook-secret FILE (the HMAC key)")
+        try:
+            secret = args.approval_webhook_secret.read_bytes().strip()
+        except OSError as e:
+            raise UsageError(f"--approval-webhook-secret {args.approval_webhook_secret}: {e.strerror or e}") from None
+        if len(secret) < 16:
+            raise UsageError("--approval-webhook-secret: the key must be at least 16 bytes")
+    elif args.approval_webhook_secret is not None:
+        raise UsageError("--approval-webhook-secret: no --approval-webhook to sign for")
+    return AdminOptions(listen, list(args.approval_webhook), args.approval_webhook_format, secret)
 
 
 def parse_size(text: str) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from sandgate.enforcer.cli.common import (
     EXIT_OK,
     add_gateway_options,
+    admin_settings,
     gateway_settings,
     load_rules,
     setup_errors,
@@ -73,6 +74,7 @@ def cmd_gateway(args) -> int:
         )
         return EXIT_OK
     metrics_listen = gateway_settings(args, "sandgate gateway")
+    admin = admin_settings(args)
     load_rules(args.rules, "the service was not started")  # a clear error before anything is set up
     with setup_errors():
         from sandgate.enforcer.run import check_prerequisites
@@ -85,6 +87,7 @@ def cmd_gateway(args) -> int:
                 dns_upstreams=args.dns_upstream,
                 extra_ca=args.extra_ca,
                 metrics_listen=metrics_listen,
+                admin=admin,
                 control=args.control,
                 audit_log=args.audit_log or SERVICE_AUDIT_LOG,
                 audit_budget=args.audit_budget,

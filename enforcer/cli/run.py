@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 from sandgate.enforcer.cli.common import (
+    ADMIN_DEFAULT,
     METRICS_DEFAULT,
     SetupError,
     UsageError,
     add_gateway_options,
+    admin_settings,
     gateway_settings,
     load_rules,
     setup_errors,
@@ -56,6 +58,7 @@ def cmd_run(args) -> int:
     if args.gateway is not None:
         _exit_now(_run_attached(args))
     metrics_listen = gateway_settings(args, "sandgate")
+    admin = admin_settings(args)
     policy = load_rules(args.rules, "nothing was run")
     with setup_errors():
         from sandgate.enforcer.run import RUN_DIR, STATE_DIR, RunOptions, check_prerequisites, run
@@ -78,6 +81,7 @@ def cmd_run(args) -> int:
                 audit_budget=args.audit_budget,
                 on_audit_failure=args.on_audit_failure,
                 metrics_listen=metrics_listen,
+                admin=admin,
                 summary_json=args.summary_json,
                 extra_ca=args.extra_ca,
                 quiet=args.quiet,
@@ -106,6 +110,10 @@ SERVICE_OWNED = {
     "on_audit_failure": "block",
     "metrics_listen": METRICS_DEFAULT,
     "extra_ca": [],
+    "admin_listen": ADMIN_DEFAULT,
+    "approval_webhook": [],
+    "approval_webhook_format": "json",
+    "approval_webhook_secret": None,
 }
 
 

@@ -205,6 +205,11 @@ class Metrics:
             buckets=APPROVAL_WAIT_BUCKETS,
             registry=r,
         )
+        self.approval_webhook_failures = Counter(
+            "sandgate_approval_webhook_failures",
+            "Approval webhook deliveries that failed every try (--approval-webhook).",
+            registry=r,
+        )
         self.label_overflow = Counter(
             "sandgate_metric_label_overflow",
             "Label values folded into 'other' because a label reached its cap of distinct values.",

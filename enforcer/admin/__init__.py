@@ -1,0 +1,88 @@
+"""The gateway's admin side for humans: the approvals page and JSON API (server.py,
+auth.py) and the approval webhooks (proxy/approvals/webhook.py), started together
+by `Admin.start` for a service or an embedded run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandgate.enforcer.admin.auth import Sessions
+from sandgate.enforcer.admin.server import AdminServer, with_wall_time
+from sandgate.proxy.approvals.holder import Approvals
+from sandgate.proxy.approvals.webhook import Webhooks
+from sandgate.proxy.policy.names import format_host_port
+
+ADMIN_DEFAULT = "127.0.0.1:9465"
+
+
+@dataclass
+class AdminOptions:
+    listen: tuple[str, int] | None = ("127.0.0.1", 9465)  # None: no page, no API
+    webhooks: list[str] = field(default_factory=list)
+    webhook_format: str = "json"
+    webhook_secret: bytes = b""
+
+
+def write_token(path: Path, token: str) -> None:
+    """Root-only (0600) from the first byte."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+
+class Admin:
+    def __init__(self, opts: AdminOptions, approvals: Approvals, on_webhook_failure=lambda: None):
+        self.opts = opts
+        self.approvals = approvals
+        self.sessions = Sessions()
+        self.server: AdminServer | None = None
+        self.url: str | None = None
+        self.webhooks: Webhooks | None = None
+        self.on_webhook_failure = on_webhook_failure
+
+    async def start(self, token_path: Path, who: str, quiet: bool = False) -> None:
+        """The page (a port in use is a warning: it costs the page, never the gateway),
+        then the webhooks. `who`: the stderr prefix (`sandgate`, `sandgate gateway`)."""
+        if self.opts.listen is not None:
+            host, port = self.opts.listen
+            try:
+                self.server = AdminServer(self.approvals, self.sessions)
+                host, port = await self.server.start(host, port)
+            except OSError as e:
+                self.server = None
+                print(
+                    f"{who}: warning: no approvals page: cannot listen on "
+                    f"{format_host_port(host, port)}: {e.strerror or e} (--admin-listen)",
+                    file=sys.stderr,
+                )
+            else:
+                write_token(token_path, self.sessions.token)
+                self.url = f"http://{format_host_port(host, port)}/"
+                if not quiet:
+                    print(
+                        f"{who}: approvals page on {self.url} (token in {token_path})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        if self.opts.webhooks:
+            self.webhooks = Webhooks(
+                self.opts.webhooks,
+                self.opts.webhook_secret,
+                self.opts.webhook_format,
+                self.url,
+                self.on_webhook_failure,
+            )
+            self.webhooks.start(
+                self.approvals, lambda record: with_wall_time(record, self.approvals.clock())
+            )
+
+    async def stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
+        if self.server is not None:
+            await self.server.stop()

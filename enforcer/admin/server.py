@@ -1,0 +1,335 @@
+"""The admin HTTP server on the gateway's loop (`--admin-listen`, default
+127.0.0.1:9465): the approvals page, its JSON API and its live updates (SSE).
+HTTP/1.1 with h11 (a protocol with no I/O) over asyncio streams.
+
+    GET  /                        the page (or the login form)
+    POST /login, /logout          the login form's token -> a session cookie
+    GET  /static/app.js, app.css  the page's script and style (CSP: default-src 'self')
+    GET  /api/approvals           pending approvals
+    GET  /api/approvals/recent    recent decisions
+    GET  /api/approvals/ID        one approval
+    POST /api/approvals/ID        {"decision": "approve"|"deny", "scope": "once"|"task"|"for"|"always",
+                                   "duration": "1h", "ticket": "..."}
+    GET  /api/events              Server-Sent Events: one `change` per new/decided/expired approval
+
+Decisions go through the control socket's code (enforcer/approvals_control.py), so the
+CLI, the page and the API behave the same. Authentication and CSRF: auth.py. A
+sandbox never reaches this server: its nftables table drops every packet to a local
+address of the gateway's host (enforcer/nft.py, `dropped_to_gateway`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from urllib.parse import parse_qs
+
+import h11
+from sandgate.enforcer import approvals_control
+from sandgate.enforcer.admin.auth import COOKIE, Caller, Sessions, post_refusal
+from sandgate.proxy.approvals.holder import Approvals
+from sandgate.proxy.approvals.pending import ApprovalError
+from sandgate.proxy.policy.model import parse_duration
+from sandgate.proxy.policy.names import format_host_port
+
+log = logging.getLogger("sandgate.admin")
+
+MAX_BODY = 64 * 1024
+MAX_HEAD = 16 * 1024
+IDLE_S = 60.0
+SSE_PING_S = 15.0
+SCOPES = {"once": "once", "task": "task", "for": "duration", "duration": "duration", "always": "always"}
+SECURITY_HEADERS = [
+    ("content-security-policy", "default-src 'self'; frame-ancestors 'none'; form-action 'self'"),
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "same-origin"),
+    ("cache-control", "no-store"),
+]
+STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_response(status: int, document) -> Response:
+    return Response(status, json.dumps(document).encode() + b"\n")
+
+
+def error(status: int, message: str) -> Response:
+    return json_response(status, {"error": message})
+
+
+def with_wall_time(record: dict, clock_now: float) -> dict:
+    """`first_seen` (ISO 8601, UTC) from the approvals' monotonic `created`."""
+    seen = time.time() - (clock_now - record["created"])
+    return {**record, "first_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seen))}
+
+
+class AdminServer:
+    def __init__(self, approvals: Approvals, sessions: Sessions):
+        self.approvals = approvals
+        self.sessions = sessions
+        self.server: asyncio.AbstractServer | None = None
+        self.address: tuple[str, int] | None = None
+        self.allowed_origins: set[str] = set()
+        self._any_host = False  # listening on every address: the Host the client used
+        self._clients: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await asyncio.start_server(self._client, host, port)
+        self.address = self.server.sockets[0].getsockname()[:2]
+        port = self.address[1]
+        loopback = host in ("127.0.0.1", "::1", "localhost")
+        names = {host, "localhost", "127.0.0.1", "::1"} if loopback else {host}
+        self.allowed_origins = {f"http://{format_host_port(n, port)}" for n in names}
+        self._any_host = host in ("0.0.0.0", "::", "")
+        return self.address
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self._clients):
+            task.cancel()
+        if self._clients:
+            await asyncio.wait(self._clients, timeout=2)
+
+    # --- HTTP/1.1 with h11 -------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._clients.add(task)
+        log.info("admin connection from %s", writer.get_extra_info("peername"))
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        try:
+            while True:
+                got = await self._read_request(conn, reader)
+                if got is None:
+                    return
+                request, body = got
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+                path = request.target.decode("latin-1")
+                if request.method == b"GET" and path == "/api/events":
+                    await self._events(conn, reader, writer, headers)
+                    return
+                try:
+                    response = await self.route(request.method.decode(), path, headers, body)
+                except Exception:  # noqa: BLE001 - one bad request never takes the server down
+                    log.exception("admin request %s %s failed", request.method, path[:100])
+                    response = error(500, "internal error (see the gateway's log)")
+                await self._send(conn, writer, response)
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (h11.RemoteProtocolError, h11.LocalProtocolError) as e:
+            status = getattr(e, "error_status_hint", 400)
+            with contextlib.suppress(Exception):
+                await self._send(conn, writer, error(status, f"bad request: {e}"))
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._clients.discard(task)
+            writer.close()
+
+    async def _read_request(self, conn: h11.Connection, reader) -> tuple[h11.Request, bytes] | None:
+        request, body = None, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                async with asyncio.timeout(IDLE_S):
+                    data = await reader.read(65536)
+                conn.receive_data(data)
+                if not data and conn.their_state is h11.IDLE:
+                    return None
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise h11.RemoteProtocolError("body too large", error_status_hint=413)
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+
+    async def _send(self, conn: h11.Connection, writer, response: Response) -> None:
+        headers = [
+            ("content-type", response.content_type),
+            ("content-length", str(len(response.body))),
+            *SECURITY_HEADERS,
+            *response.headers,
+        ]
+        if conn.our_state is not h11.SEND_RESPONSE:
+            return
+        writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)))
+        writer.write(conn.send(h11.Data(data=response.body)))
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+    # --- routes ------------------------------------------------------------------------------
+
+    def _origins(self, headers: dict[str, str]) -> set[str]:
+        """Where a POST may come from: this server's own address (on a wildcard listen
+        address, as the client named it in Host)."""
+        if self._any_host and "host" in headers:
+            return self.allowed_origins | {f"http://{headers['host'].lower()}"}
+        return self.allowed_origins
+
+    async def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Response:
+        path = path.split("?", 1)[0]
+        caller = self.sessions.caller(headers)
+        if path.startswith("/static/") and method == "GET":
+            return self._static(path.removeprefix("/static/"))
+        if path == "/" and method == "GET":
+            return self._page(caller)
+        if path in ("/login", "/logout") and method == "POST":
+            return self._login(path, caller, headers, body)
+        if not path.startswith("/api/approvals"):
+            return error(404, f"no such page {path[:100]!r}")
+        if caller is None:
+            return error(401, "missing or wrong token (Authorization: Bearer TOKEN, or log in)")
+        rest = path.removeprefix("/api/approvals").strip("/")
+        if method == "GET":
+            return self._get(rest)
+        if method == "POST" and rest and "/" not in rest:
+            try:
+                request = json.loads(body or b"{}")
+            except ValueError:
+                request = None
+            if not isinstance(request, dict):
+                return error(400, "the body must be a JSON object")
+            refusal = post_refusal(
+                caller, headers, self._origins(headers), headers.get("x-csrf-token") or request.get("csrf")
+            )
+            if refusal:
+                return error(403, refusal)
+            return await self.decide(rest, request, caller)
+        return error(405, f"{method} {path[:100]}: not here")
+
+    def _get(self, rest: str) -> Response:
+        now = self.approvals.clock()
+        if rest == "":
+            return json_response(200, {"approvals": [with_wall_time(a, now) for a in self.approvals.list()]})
+        if rest == "recent":
+            return json_response(200, {"recent": [with_wall_time(a, now) for a in self.approvals.recent()[:50]]})
+        try:
+            return json_response(200, {"approval": with_wall_time(self.approvals.get(rest), now)})
+        except ApprovalError as e:
+            return error(404, str(e))
+
+    async def decide(self, pending_id: str, request: dict, caller: Caller) -> Response:
+        """A decision, through the control socket's code path: 404 for an unknown id,
+        409 for one decided before, 400 for a bad request."""
+        decision = request.get("decision")
+        if decision not in ("approve", "deny"):
+            return error(400, 'decision must be "approve" or "deny"')
+        command: dict = {"cmd": decision, "id": pending_id}
+        if decision == "approve":
+            scope = SCOPES.get(str(request.get("scope", "once")))
+            if scope is None:
+                return error(400, 'scope must be "once", "task", "for" or "always"')
+            command["scope"] = scope
+            if scope == "duration":
+                try:
+                    command["duration"] = parse_duration(str(request.get("duration", "")))
+                except ValueError as e:
+                    return error(400, f"duration: {e}")
+            if request.get("ticket"):
+                command["ticket"] = str(request["ticket"])
+        try:
+            self.approvals.get(pending_id)
+        except ApprovalError as e:
+            return error(404, str(e))
+        reply = await approvals_control.handle(self.approvals, command, caller.approver)
+        if reply.get("ok"):
+            return json_response(200, {"approval": reply["approval"]})
+        status = 409 if "already" in reply["error"] else 400
+        return error(status, reply["error"])
+
+    def _login(self, path: str, caller: Caller | None, headers: dict, body: bytes) -> Response:
+        form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+        refusal = post_refusal(caller, headers, self._origins(headers), form.get("csrf"))
+        if refusal:
+            return Response(403, _login_html(refusal), "text/html; charset=utf-8")
+        if path == "/logout":
+            if caller is not None and caller.session:
+                self.sessions.logout(caller.session)
+            return _redirect(f"{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+        session = self.sessions.login(form.get("token", "").strip())
+        if session is None:
+            return Response(401, _login_html("wrong token"), "text/html; charset=utf-8")
+        return _redirect(f"{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict")
+
+    def _page(self, caller: Caller | None) -> Response:
+        if caller is None or caller.session is None:
+            return Response(200, _login_html(None), "text/html; charset=utf-8")
+        page = resources.files("sandgate.enforcer.admin").joinpath("static/index.html").read_text()
+        page = page.replace("{{csrf}}", html.escape(caller.csrf or "")).replace(
+            "{{user}}", html.escape(caller.approver)
+        )
+        return Response(200, page.encode(), "text/html; charset=utf-8")
+
+    def _static(self, name: str) -> Response:
+        if name not in STATIC:
+            return error(404, "no such file")
+        data = resources.files("sandgate.enforcer.admin").joinpath(f"static/{name}").read_bytes()
+        return Response(200, data, STATIC[name])
+
+    # --- live updates --------------------------------------------------------------------------
+
+    async def _events(self, conn: h11.Connection, reader, writer, headers: dict) -> None:
+        caller = self.sessions.caller(headers)
+        if caller is None:
+            await self._send(conn, writer, error(401, "missing or wrong token"))
+            return
+        try:
+            writer.write(
+                conn.send(
+                    h11.Response(
+                        status_code=200,
+                        headers=[("content-type", "text/event-stream"), *SECURITY_HEADERS],
+                    )
+                )
+            )
+            async for change in approvals_control.changes(self.approvals, reader, SSE_PING_S):
+                if change is None:  # subscribed, or quiet for a while
+                    data = ": ping\n\n"
+                else:
+                    record = with_wall_time(change[1], self.approvals.clock())
+                    document = json.dumps({"change": change[0], "approval": record})
+                    data = f"event: change\ndata: {document}\n\n"
+                writer.write(conn.send(h11.Data(data=data.encode())))
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+
+def _redirect(cookie: str) -> Response:
+    return Response(303, b"", "text/plain", (("location", "/"), ("set-cookie", cookie)))
+
+
+def _login_html(problem: str | None) -> bytes:
+    message = f'<p role="alert" class="problem">{html.escape(problem)}</p>' if problem else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sandgate approvals: log in</title>
+<link rel="stylesheet" href="/static/app.css"></head>
+<body><main><h1>sandgate approvals</h1>{message}
+<form method="post" action="/login">
+<label for="token">Admin token (the file whose path the gateway printed at start, e.g.
+/var/lib/sandgate/admin-token)</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required>
+<button type="submit">Log in</button>
+</form></main></body></html>
+""".encode()

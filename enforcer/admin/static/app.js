@@ -1,0 +1,122 @@
+// The approvals page: two tables from the JSON API, refreshed on every change the
+// server pushes (Server-Sent Events, /api/events). Data goes into the page with
+// textContent only; decisions POST JSON with the session's CSRF token.
+"use strict";
+
+const csrf = document.querySelector('meta[name="csrf-token"]').content;
+const status = document.getElementById("status");
+
+// The scopes in the words of the CLI (sandgate approvals approve --once/--task/--for/--always).
+const SCOPES = [
+  ["once", "Approve once"],
+  ["task", "Approve for this task"],
+  ["for", "Approve for DURATION"],
+  ["always", "Approve always"],
+];
+
+function destination(a) {
+  return `${a.name}:${a.port} (${a.protocol})`;
+}
+
+function cell(row, text) {
+  const td = row.insertCell();
+  td.textContent = text === null || text === undefined ? "—" : String(text);
+  return td;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { credentials: "same-origin", ...options });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    throw new Error(body.error || `${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+async function decide(approval, decision, scope) {
+  const body = { decision, scope };
+  if (scope === "for") body.duration = document.getElementById("duration").value;
+  if (scope === "always" && document.getElementById("ticket").value) {
+    body.ticket = document.getElementById("ticket").value;
+  }
+  try {
+    const result = await api(`/api/approvals/${encodeURIComponent(approval.id)}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      body: JSON.stringify(body),
+    });
+    const done = result.approval;
+    status.textContent = `Approval ${done.id} (${destination(done)}): ${done.state}` +
+      (done.scope ? ` (${done.scope})` : "") + ".";
+  } catch (e) {
+    status.textContent = `Approval ${approval.id}: ${e.message}`;
+  }
+  refresh();
+}
+
+function renderPending(approvals) {
+  const tbody = document.querySelector("#pending tbody");
+  tbody.replaceChildren();
+  for (const a of approvals) {
+    const row = tbody.insertRow();
+    row.dataset.id = a.id;
+    for (const value of [a.id, a.task_id, a.sandbox, a.profile, destination(a), a.method, a.path,
+                         a.first_seen, `${a.waiting_s} s`, a.held]) {
+      cell(row, value);
+    }
+    const td = cell(row, "");
+    td.className = "decide";
+    for (const [scope, words] of SCOPES) {
+      const button = document.createElement("button");
+      const label = scope === "for"
+        ? words.replace("DURATION", document.getElementById("duration").value)
+        : words;
+      button.textContent = label;
+      button.setAttribute("aria-label", `${label}: ${destination(a)}, task ${a.task_id}`);
+      button.dataset.scope = scope;
+      button.addEventListener("click", () => decide(a, "approve", scope));
+      td.append(button);
+    }
+    const deny = document.createElement("button");
+    deny.textContent = "Deny";
+    deny.className = "deny";
+    deny.dataset.scope = "deny";
+    deny.setAttribute("aria-label", `Deny: ${destination(a)}, task ${a.task_id}`);
+    deny.addEventListener("click", () => decide(a, "deny"));
+    td.append(deny);
+  }
+  if (!approvals.length) {
+    cell(tbody.insertRow(), "Nothing is waiting for a decision.").colSpan = 11;
+  }
+}
+
+function renderRecent(recent) {
+  const tbody = document.querySelector("#recent tbody");
+  tbody.replaceChildren();
+  for (const a of recent) {
+    const row = tbody.insertRow();
+    for (const value of [a.id, a.task_id, destination(a), a.method, a.path, a.state, a.scope,
+                         a.approver, `${a.waiting_s} s`]) {
+      cell(row, value);
+    }
+  }
+}
+
+async function refresh() {
+  try {
+    const [pending, recent] = await Promise.all([
+      api("/api/approvals"), api("/api/approvals/recent"),
+    ]);
+    renderPending(pending.approvals);
+    renderRecent(recent.recent);
+    if (status.textContent === "Loading…") status.textContent = "Up to date.";
+  } catch (e) {
+    status.textContent = `Could not load the approvals: ${e.message}`;
+  }
+}
+
+document.getElementById("duration").addEventListener("change", refresh);
+const events = new EventSource("/api/events");
+events.addEventListener("change", refresh);
+events.addEventListener("open", refresh);
+refresh();

@@ -1,0 +1,191 @@
+"""The admin server and the approval webhook on a real loop and loopback sockets:
+401 without the token, 403 for a cross-site or CSRF-less POST (and nothing decided),
+a decision through the API releases the hold, SSE pushes changes, the webhook is
+signed and retried, and its failures are counted."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+
+import pytest
+from sandgate.enforcer.admin.auth import COOKIE, Sessions
+from sandgate.enforcer.admin.server import AdminServer
+from sandgate.proxy.approvals.holder import Answer, Approvals
+from sandgate.proxy.approvals.pending import AskKey
+from sandgate.proxy.approvals.webhook import Webhooks, payload, sign
+from sandgate.proxy.policy.model import ApprovalSettings
+
+KEY = AskKey.make(
+    task_id="t1", sandbox="10.0.0.2", profile="default", name="API.example.test.", port=443,
+    protocol="tls",
+)
+
+
+def _approvals() -> Approvals:
+    settings = ApprovalSettings(hold=10.0, expire_pending=60.0, max_pending_per_sandbox=5)
+    return Approvals(lambda event: None, lambda profile: settings)
+
+
+async def _http(port: int, method: str, path: str, headers: dict | None = None, body: bytes = b""):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = f"{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head += f"content-length: {len(body)}\r\n\r\n"
+    writer.write(head.encode() + body)
+    data = await reader.read()
+    writer.close()
+    status = int(data.split(b" ", 2)[1])
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return status, head.decode(), rest
+
+
+async def _server():
+    approvals = _approvals()
+    sessions = Sessions()
+    server = AdminServer(approvals, sessions)
+    _, port = await server.start("127.0.0.1", 0)
+    return approvals, sessions, server, port
+
+
+def test_the_api_needs_the_token_and_refuses_cross_site_posts():
+    async def main():
+        approvals, sessions, server, port = await _server()
+        hold = asyncio.ensure_future(approvals.hold(KEY, "ask-1", {}))
+        await asyncio.sleep(0.05)
+        (pending,) = approvals.list()
+        assert (await _http(port, "GET", "/api/approvals"))[0] == 401
+        wrong = {"authorization": "Bearer nope"}
+        assert (await _http(port, "GET", "/api/approvals", wrong))[0] == 401
+        bearer = {"authorization": f"Bearer {sessions.token}", "content-type": "application/json"}
+        status, _, body = await _http(port, "GET", "/api/approvals", bearer)
+        listed = json.loads(body)["approvals"]
+        assert status == 200 and listed[0]["name"] == "api.example.test"
+        assert {"first_seen", "waiting_s", "held", "sandbox", "protocol"} <= listed[0].keys()
+        decision = json.dumps({"decision": "approve", "scope": "task"}).encode()
+        cross = {**bearer, "origin": "http://evil.test"}
+        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", cross, decision)
+        assert status == 403 and "cross-site" in json.loads(body)["error"]
+        # A logged-in browser session without the CSRF token: refused too.
+        session = sessions.login(sessions.token)
+        page = {"cookie": f"{COOKIE}={session}", "origin": f"http://127.0.0.1:{port}"}
+        status, _, _ = await _http(port, "POST", f"/api/approvals/{pending['id']}", page, decision)
+        assert status == 403
+        assert not hold.done() and approvals.list()  # nothing was decided
+        status, _, _ = await _http(port, "POST", "/api/approvals/nosuch", bearer, decision)
+        assert status == 404
+        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", bearer, decision)
+        assert status == 200 and json.loads(body)["approval"]["approver"] == "admin (api token)"
+        assert (await hold).answer is Answer.GRANTED
+        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", bearer, decision)
+        assert status == 409 and "first decision stands" in json.loads(body)["error"]
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def test_the_page_logs_in_with_a_cookie_and_posts_with_csrf():
+    async def main():
+        approvals, sessions, server, port = await _server()
+        status, _, body = await _http(port, "GET", "/")
+        assert status == 200 and b'name="token"' in body and sessions.token.encode() not in body
+        origin = {"origin": f"http://127.0.0.1:{port}", "content-type": "application/x-www-form-urlencoded"}
+        status, _, _ = await _http(port, "POST", "/login", origin, b"token=wrong")
+        assert status == 401
+        cross = {**origin, "origin": "http://evil.test"}
+        assert (await _http(port, "POST", "/login", cross, f"token={sessions.token}".encode()))[0] == 403
+        status, head, _ = await _http(port, "POST", "/login", origin, f"token={sessions.token}".encode())
+        assert status == 303 and "HttpOnly" in head and "SameSite=Strict" in head
+        cookie = head.split(f"{COOKIE}=", 1)[1].split(";", 1)[0]
+        status, head, body = await _http(port, "GET", "/", {"cookie": f"{COOKIE}={cookie}"})
+        assert status == 200 and b"Pending approvals" in body
+        assert "default-src 'self'" in head and b"<script>" not in body
+        csrf = body.split(b'name="csrf-token" content="', 1)[1].split(b'"', 1)[0].decode()
+        hold = asyncio.ensure_future(approvals.hold(KEY, "ask-1", {}))
+        await asyncio.sleep(0.05)
+        (pending,) = approvals.list()
+        headers = {"cookie": f"{COOKIE}={cookie}", "x-csrf-token": csrf, **origin}
+        decision = json.dumps({"decision": "deny"}).encode()
+        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", headers, decision)
+        assert status == 200 and json.loads(body)["approval"]["approver"] == "admin (web)"
+        assert (await hold).answer is Answer.DENIED
+        await server.stop()
+
+    asyncio.run(main())
+
+
+def test_server_sent_events_push_a_new_approval():
+    async def main():
+        approvals, sessions, server, port = await _server()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET /api/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {sessions.token}\r\n\r\n".encode()
+        )
+        await reader.readuntil(b": ping")
+        hold = asyncio.ensure_future(approvals.hold(KEY, "ask-1", {}))
+        chunk = await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        chunk += await asyncio.wait_for(reader.readuntil(b"\n\n"), 5)
+        assert b"event: change" in chunk and b'"change": "new"' in chunk
+        writer.close()
+        hold.cancel()
+        await server.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("fmt", ["json", "slack"])
+def test_the_webhook_is_signed_retried_and_counts_failures(fmt):
+    async def main():
+        got: list[tuple[dict, bytes]] = []
+        calls = 0
+
+        async def receiver(reader, writer):
+            nonlocal calls
+            calls += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            headers = dict(
+                line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line
+            )
+            body = await reader.readexactly(int(headers["content-length"]))
+            status = b"503 Busy" if calls == 1 else b"204 No Content"  # the first try fails
+            writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            got.append(({k.lower(): v for k, v in headers.items()}, body))
+
+        receiver_server = await asyncio.start_server(receiver, "127.0.0.1", 0)
+        port = receiver_server.sockets[0].getsockname()[1]
+        failures = []
+        approvals = _approvals()
+        hooks = Webhooks([f"http://127.0.0.1:{port}/hook"], b"k" * 32, fmt, None, lambda: failures.append(1), backoff=0.01)
+        hooks.start(approvals, lambda record: {**record, "first_seen": "now"})
+        hold = asyncio.ensure_future(approvals.hold(KEY, "ask-1", {}))
+        for _ in range(200):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+        (_, first), (headers, body) = got
+        assert calls == 2 and first == body and not failures
+        expected = "sha256=" + hmac.new(b"k" * 32, body, hashlib.sha256).hexdigest()
+        assert headers["x-sandgate-signature"] == expected
+        document = json.loads(body)
+        text = document["text"] if fmt == "slack" else document["approval"]["name"]
+        assert "api.example.test" in text
+        # A dead receiver: every try fails, the loop goes on, the failure is counted.
+        receiver_server.close()
+        await receiver_server.wait_closed()
+        assert not await hooks.deliver(f"http://127.0.0.1:{port}/hook", b"{}")
+        assert failures == [1]
+        hold.cancel()
+        await hooks.stop()
+
+    asyncio.run(main())
+
+
+def test_payload_and_signature_are_plain_functions():
+    record = {"id": "ab12", "task_id": "t", "profile": "p", "name": "x.test", "port": 80,
+              "protocol": "http", "method": "POST", "path": "/up", "rule": "r"}
+    assert json.loads(payload(record, "json"))["destination"] == "POST x.test:80 (http)/up"
+    assert sign(b"s", b"b") == "sha256=" + hmac.new(b"s", b"b", hashlib.sha256).hexdigest()
