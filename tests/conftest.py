@@ -22,6 +22,8 @@ E2E_TOOLS = {
     "curl": "curl",
     "dig": "dnsutils",
     "socat": "socat",
+    "chromium": "chromium",  # the approvals page's browser test
+    "chromedriver": "chromium-driver",
 }
 
 

@@ -90,7 +90,9 @@ def same_origin(headers: dict[str, str], allowed: set[str]) -> bool | None:
     return origin.lower() in allowed
 
 
-def post_refusal(caller: Caller | None, headers: dict[str, str], allowed: set[str], csrf: str | None) -> str | None:
+def post_refusal(
+    caller: Caller | None, headers: dict[str, str], allowed: set[str], csrf: str | None
+) -> str | None:
     """Why a POST must be refused (403), or None. `csrf`: the token the request
     carried (form field or header)."""
     origin = same_origin(headers, allowed)

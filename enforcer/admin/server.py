@@ -44,7 +44,13 @@ MAX_BODY = 64 * 1024
 MAX_HEAD = 16 * 1024
 IDLE_S = 60.0
 SSE_PING_S = 15.0
-SCOPES = {"once": "once", "task": "task", "for": "duration", "duration": "duration", "always": "always"}
+SCOPES = {
+    "once": "once",
+    "task": "task",
+    "for": "duration",
+    "duration": "duration",
+    "always": "always",
+}
 SECURITY_HEADERS = [
     ("content-security-policy", "default-src 'self'; frame-ancestors 'none'; form-action 'self'"),
     ("x-content-type-options", "nosniff"),
@@ -118,7 +124,9 @@ class AdminServer:
                 if got is None:
                     return
                 request, body = got
-                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+                headers = {
+                    k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers
+                }
                 path = request.target.decode("latin-1")
                 if request.method == b"GET" and path == "/api/events":
                     await self._events(conn, reader, writer, headers)
@@ -211,7 +219,10 @@ class AdminServer:
             if not isinstance(request, dict):
                 return error(400, "the body must be a JSON object")
             refusal = post_refusal(
-                caller, headers, self._origins(headers), headers.get("x-csrf-token") or request.get("csrf")
+                caller,
+                headers,
+                self._origins(headers),
+                headers.get("x-csrf-token") or request.get("csrf"),
             )
             if refusal:
                 return error(403, refusal)
@@ -221,9 +232,13 @@ class AdminServer:
     def _get(self, rest: str) -> Response:
         now = self.approvals.clock()
         if rest == "":
-            return json_response(200, {"approvals": [with_wall_time(a, now) for a in self.approvals.list()]})
+            return json_response(
+                200, {"approvals": [with_wall_time(a, now) for a in self.approvals.list()]}
+            )
         if rest == "recent":
-            return json_response(200, {"recent": [with_wall_time(a, now) for a in self.approvals.recent()[:50]]})
+            return json_response(
+                200, {"recent": [with_wall_time(a, now) for a in self.approvals.recent()[:50]]}
+            )
         try:
             return json_response(200, {"approval": with_wall_time(self.approvals.get(rest), now)})
         except ApprovalError as e:

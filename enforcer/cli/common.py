@@ -110,7 +110,7 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         "--approval-webhook-format",
         choices=("json", "slack"),
         default="json",
-        help="json (default): a JSON document; slack: a Slack-compatible {\"text\": ...}",
+        help='json (default): a JSON document; slack: a Slack-compatible {"text": ...}',
     )
     parser.add_argument(
         "--approval-webhook-secret",
@@ -181,11 +181,15 @@ def admin_settings(args: argparse.Namespace):
             except ValueError as e:
                 raise UsageError(f"--approval-webhook: {e}") from None
         if args.approval_webhook_secret is None:
-            raise UsageError("--approval-webhook needs --approval-webhook-secret FILE (the HMAC key)")
+            raise UsageError(
+                "--approval-webhook needs --approval-webhook-secret FILE (the HMAC key)"
+            )
         try:
             secret = args.approval_webhook_secret.read_bytes().strip()
         except OSError as e:
-            raise UsageError(f"--approval-webhook-secret {args.approval_webhook_secret}: {e.strerror or e}") from None
+            raise UsageError(
+                f"--approval-webhook-secret {args.approval_webhook_secret}: {e.strerror or e}"
+            ) from None
         if len(secret) < 16:
             raise UsageError("--approval-webhook-secret: the key must be at least 16 bytes")
     elif args.approval_webhook_secret is not None:

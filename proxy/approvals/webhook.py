@@ -64,7 +64,11 @@ def payload(record: dict, fmt: str, admin_url: str | None = None) -> bytes:
         "destination": where,
         "approval": record,
         "decide": {"cli": approve}
-        | ({"api": f"{admin_url}api/approvals/{record['id']}", "page": admin_url} if admin_url else {}),
+        | (
+            {"api": f"{admin_url}api/approvals/{record['id']}", "page": admin_url}
+            if admin_url
+            else {}
+        ),
     }
     return json.dumps(document).encode()
 

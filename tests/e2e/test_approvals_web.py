@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -124,8 +124,15 @@ def _token(service: GatewayProcess) -> tuple[str, str]:
 
 def _api(fakenet, method: str, url: str, headers: dict | None = None, body: dict | None = None):
     result = fakenet.run_in_host(
-        [sys.executable, "-c", CLIENT, method, url, json.dumps(headers or {}),
-         json.dumps(body) if body is not None else ""],
+        [
+            sys.executable,
+            "-c",
+            CLIENT,
+            method,
+            url,
+            json.dumps(headers or {}),
+            json.dumps(body) if body is not None else "",
+        ],
         timeout=30,
     )
     assert result.returncode == 0, result.stderr
@@ -155,8 +162,16 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
     received = tmp_path / "webhook.jsonl"
     receiver = fakenet.popen_in_host([sys.executable, "-c", RECEIVER, "8099", str(received)])
     service = GatewayProcess(
-        fakenet, tmp_path, rules, "-v", "--admin-listen", "0.0.0.0:9465",
-        "--approval-webhook", "http://127.0.0.1:8099/hook", "--approval-webhook-secret", str(secret),
+        fakenet,
+        tmp_path,
+        rules,
+        "-v",
+        "--admin-listen",
+        "0.0.0.0:9465",
+        "--approval-webhook",
+        "http://127.0.0.1:8099/hook",
+        "--approval-webhook-secret",
+        str(secret),
     ).start()
     task = None
     try:
@@ -184,15 +199,23 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
         # The webhook: signed with the secret over the exact body.
         (line,) = eventually(lambda: received.exists() and received.read_text().splitlines())
         hook = json.loads(line)
-        expected = hmac.new(b"s3cret-key-for-the-webhook-test", hook["body"].encode(), hashlib.sha256)
+        expected = hmac.new(
+            b"s3cret-key-for-the-webhook-test", hook["body"].encode(), hashlib.sha256
+        )
         assert hook["signature"] == "sha256=" + expected.hexdigest()
         assert json.loads(hook["body"])["approval"]["id"] == asked["id"]
 
         # Refused callers decide nothing.
         approve = {"decision": "approve", "scope": "once"}
         assert _api(fakenet, "GET", url + "api/approvals")["status"] == 401
-        assert _api(fakenet, "GET", url + "api/approvals", {"Authorization": "Bearer x"})["status"] == 401
-        assert _api(fakenet, "POST", path, {"Content-Type": "application/json"}, approve)["status"] == 401
+        assert (
+            _api(fakenet, "GET", url + "api/approvals", {"Authorization": "Bearer x"})["status"]
+            == 401
+        )
+        assert (
+            _api(fakenet, "POST", path, {"Content-Type": "application/json"}, approve)["status"]
+            == 401
+        )
         cross = _api(fakenet, "POST", path, {**bearer, "Origin": "https://evil.test"}, approve)
         assert cross["status"] == 403 and "cross-site" in cross["body"]["error"]
         assert _api(fakenet, "GET", path, bearer)["body"]["approval"]["state"] == "pending"
@@ -224,12 +247,10 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
         receiver.wait()
 
 
-@pytest.mark.skipif(
-    not (shutil.which("chromium") and shutil.which("chromedriver")),
-    reason="needs Debian's chromium and chromium-driver (scripts/install.sh --test)",
-)
 def test_the_page_in_a_real_browser_approves_a_held_request(fakenet, tmp_path):
-    pytest.importorskip("selenium")
+    """Screenshots go to tmp_path, or to docs/img with SANDGATE_SCREENSHOTS=1 (how the
+    ones in docs/approvals.md were taken): a test run leaves the checkout as it was."""
+    shots = DOCS_IMG if os.environ.get("SANDGATE_SCREENSHOTS") == "1" else tmp_path / "img"
     fakenet.clear_logs()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
@@ -240,10 +261,10 @@ def test_the_page_in_a_real_browser_approves_a_held_request(fakenet, tmp_path):
         task, result_of = _held_task(
             service, tmp_path, {"held": curl("http://allowed.test/", timeout=60)}
         )
-        DOCS_IMG.mkdir(exist_ok=True)
+        shots.mkdir(exist_ok=True)
         started = time.monotonic()
         browser = fakenet.run_in_host(
-            [sys.executable, "-c", BROWSER, url, token, "allowed.test", str(DOCS_IMG)],
+            [sys.executable, "-c", BROWSER, url, token, "allowed.test", str(shots)],
             timeout=90,
             env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
         )

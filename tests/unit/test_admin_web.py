@@ -19,7 +19,11 @@ from sandgate.proxy.approvals.webhook import Webhooks, payload, sign
 from sandgate.proxy.policy.model import ApprovalSettings
 
 KEY = AskKey.make(
-    task_id="t1", sandbox="10.0.0.2", profile="default", name="API.example.test.", port=443,
+    task_id="t1",
+    sandbox="10.0.0.2",
+    profile="default",
+    name="API.example.test.",
+    port=443,
     protocol="tls",
 )
 
@@ -66,7 +70,9 @@ def test_the_api_needs_the_token_and_refuses_cross_site_posts():
         assert {"first_seen", "waiting_s", "held", "sandbox", "protocol"} <= listed[0].keys()
         decision = json.dumps({"decision": "approve", "scope": "task"}).encode()
         cross = {**bearer, "origin": "http://evil.test"}
-        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", cross, decision)
+        status, _, body = await _http(
+            port, "POST", f"/api/approvals/{pending['id']}", cross, decision
+        )
         assert status == 403 and "cross-site" in json.loads(body)["error"]
         # A logged-in browser session without the CSRF token: refused too.
         session = sessions.login(sessions.token)
@@ -76,10 +82,14 @@ def test_the_api_needs_the_token_and_refuses_cross_site_posts():
         assert not hold.done() and approvals.list()  # nothing was decided
         status, _, _ = await _http(port, "POST", "/api/approvals/nosuch", bearer, decision)
         assert status == 404
-        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", bearer, decision)
+        status, _, body = await _http(
+            port, "POST", f"/api/approvals/{pending['id']}", bearer, decision
+        )
         assert status == 200 and json.loads(body)["approval"]["approver"] == "admin (api token)"
         assert (await hold).answer is Answer.GRANTED
-        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", bearer, decision)
+        status, _, body = await _http(
+            port, "POST", f"/api/approvals/{pending['id']}", bearer, decision
+        )
         assert status == 409 and "first decision stands" in json.loads(body)["error"]
         await server.stop()
 
@@ -91,12 +101,19 @@ def test_the_page_logs_in_with_a_cookie_and_posts_with_csrf():
         approvals, sessions, server, port = await _server()
         status, _, body = await _http(port, "GET", "/")
         assert status == 200 and b'name="token"' in body and sessions.token.encode() not in body
-        origin = {"origin": f"http://127.0.0.1:{port}", "content-type": "application/x-www-form-urlencoded"}
+        origin = {
+            "origin": f"http://127.0.0.1:{port}",
+            "content-type": "application/x-www-form-urlencoded",
+        }
         status, _, _ = await _http(port, "POST", "/login", origin, b"token=wrong")
         assert status == 401
         cross = {**origin, "origin": "http://evil.test"}
-        assert (await _http(port, "POST", "/login", cross, f"token={sessions.token}".encode()))[0] == 403
-        status, head, _ = await _http(port, "POST", "/login", origin, f"token={sessions.token}".encode())
+        assert (await _http(port, "POST", "/login", cross, f"token={sessions.token}".encode()))[
+            0
+        ] == 403
+        status, head, _ = await _http(
+            port, "POST", "/login", origin, f"token={sessions.token}".encode()
+        )
         assert status == 303 and "HttpOnly" in head and "SameSite=Strict" in head
         cookie = head.split(f"{COOKIE}=", 1)[1].split(";", 1)[0]
         status, head, body = await _http(port, "GET", "/", {"cookie": f"{COOKIE}={cookie}"})
@@ -108,7 +125,9 @@ def test_the_page_logs_in_with_a_cookie_and_posts_with_csrf():
         (pending,) = approvals.list()
         headers = {"cookie": f"{COOKIE}={cookie}", "x-csrf-token": csrf, **origin}
         decision = json.dumps({"decision": "deny"}).encode()
-        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", headers, decision)
+        status, _, body = await _http(
+            port, "POST", f"/api/approvals/{pending['id']}", headers, decision
+        )
         assert status == 200 and json.loads(body)["approval"]["approver"] == "admin (web)"
         assert (await hold).answer is Answer.DENIED
         await server.stop()
@@ -159,7 +178,14 @@ def test_the_webhook_is_signed_retried_and_counts_failures(fmt):
         port = receiver_server.sockets[0].getsockname()[1]
         failures = []
         approvals = _approvals()
-        hooks = Webhooks([f"http://127.0.0.1:{port}/hook"], b"k" * 32, fmt, None, lambda: failures.append(1), backoff=0.01)
+        hooks = Webhooks(
+            [f"http://127.0.0.1:{port}/hook"],
+            b"k" * 32,
+            fmt,
+            None,
+            lambda: failures.append(1),
+            backoff=0.01,
+        )
         hooks.start(approvals, lambda record: {**record, "first_seen": "now"})
         hold = asyncio.ensure_future(approvals.hold(KEY, "ask-1", {}))
         for _ in range(200):
@@ -185,7 +211,16 @@ def test_the_webhook_is_signed_retried_and_counts_failures(fmt):
 
 
 def test_payload_and_signature_are_plain_functions():
-    record = {"id": "ab12", "task_id": "t", "profile": "p", "name": "x.test", "port": 80,
-              "protocol": "http", "method": "POST", "path": "/up", "rule": "r"}
+    record = {
+        "id": "ab12",
+        "task_id": "t",
+        "profile": "p",
+        "name": "x.test",
+        "port": 80,
+        "protocol": "http",
+        "method": "POST",
+        "path": "/up",
+        "rule": "r",
+    }
     assert json.loads(payload(record, "json"))["destination"] == "POST x.test:80 (http)/up"
     assert sign(b"s", b"b") == "sha256=" + hmac.new(b"s", b"b", hashlib.sha256).hexdigest()
