@@ -39,6 +39,12 @@ def _pending(service: GatewayProcess) -> list[dict]:
     return json.loads(result.stdout)
 
 
+def _why_not_held(task: subprocess.Popen, service: GatewayProcess) -> str:
+    """What the task and the service said, for a task that ended instead of being held."""
+    out, err = task.communicate(timeout=30)
+    return f"task exited {task.returncode}:\n{out}\n{err}\nservice log:\n{service.log.read_text()}"
+
+
 def test_a_held_connection_completes_when_approved_and_dns_waits_for_it(fakenet, tmp_path):
     fakenet.clear_logs()
     service = _service(fakenet, tmp_path, "25s")
@@ -53,7 +59,9 @@ def test_a_held_connection_completes_when_approved_and_dns_waits_for_it(fakenet,
             text=True,
         )
         try:
-            (asked,) = eventually(lambda: _pending(service), timeout=20)
+            pending = eventually(lambda: _pending(service) or task.poll() is not None, timeout=45)
+            assert isinstance(pending, list), _why_not_held(task, service)
+            (asked,) = pending
             assert (asked["name"], asked["port"], asked["protocol"]) == ("allowed.test", 443, "tls")
             assert {"id", "task_id", "profile", "method", "path", "waiting_s"} <= asked.keys()
             # Held, and the upstream resolver has not heard of the name.
