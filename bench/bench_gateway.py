@@ -43,6 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 CLIENTS = REPO / "bench" / "clients.py"
 RULES = REPO / "rules" / "examples" / "demo.yaml"
 PY = sys.executable
+# The clients (stdlib only) run in every setup with the system Python: inside a
+# sandgate sandbox /root is a fresh tmpfs, so a venv built on pyenv is unreachable.
+CLIENT_PY = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else PY
 VENV_BIN = Path(PY).parent
 
 SQUID_HTTP_PORT, SQUID_HTTPS_PORT, SQUID_ADMIN_PORT = 3129, 3130, 3128
@@ -169,6 +172,20 @@ def probe_start(out: str, argv: list[str]) -> int:
     rc = main(argv)
     write_marks(rc)  # a command that returns instead
     return rc
+
+
+def run_without_telemetry(argv: list[str]) -> int:
+    """`sandgate ARGV` in this process with the audit log's and the metrics' `emit`
+    doing nothing: the writer thread idles, no line is encoded or hashed, no metric
+    moves. Setup T (`python bench_gateway.py --no-telemetry -- run ...`) against C
+    is what telemetry costs a connection."""
+    from sandgate.proxy.telemetry.audit import AuditLog
+    from sandgate.proxy.telemetry.metrics import Metrics
+
+    AuditLog.emit = Metrics.emit = lambda self, event: None
+    from sandgate.enforcer.cli import main
+
+    return main(argv)
 
 
 STEP_IMPORT_CLI = "import enforcer.cli (argparse, policy, yaml)"
@@ -366,7 +383,12 @@ def other_cpu_since(before: dict[int, tuple[int, str]], seconds: float) -> dict:
 
 PHASES = ("bulk", "tls_rate", "http_rate")
 PHASE_METRIC = {"bulk": "mb_per_s", "tls_rate": "per_s", "http_rate": "per_s"}
-SETUP_NAMES = {"A": "direct forwarding", "B": "squid intercept + splice", "C": "sandgate run"}
+SETUP_NAMES = {
+    "A": "direct forwarding",
+    "B": "squid intercept + splice",
+    "C": "sandgate run",
+    "T": "sandgate run, telemetry off",
+}
 
 
 def pick_best(res: dict) -> None:
@@ -405,7 +427,8 @@ class Bench:
         self.run_dir = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))
         self.env = dict(os.environ, SANDGATE_STATE_DIR=str(self.state_dir))
         self.env["PATH"] = f"{VENV_BIN}:{self.env.get('PATH', '')}:/usr/sbin:/sbin"
-        self.results: dict = {"A": {}, "B": {}, "C": {}, "start": {}, "notes": []}
+        self.results: dict = {key: {} for key in SETUP_NAMES}
+        self.results.update(start={}, notes=[])
 
     # -- plumbing
 
@@ -417,16 +440,18 @@ class Bench:
             )
         return proc
 
-    def client_argv(self, phases: list[str], resolve: bool) -> list[str]:
+    def client_argv(self, phases: list[str], resolve: bool, cacert=None) -> list[str]:
+        """The clients' command line; `cacert` None: the default, $SSL_CERT_FILE (in a
+        sandgate sandbox: the bundle `sandgate run` binds, with --extra-ca and, when
+        the rules inspect, the gateway's CA)."""
         a = self.args
         argv = [
-            PY,
+            CLIENT_PY,
             CLIENTS,
             *phases,
             "--host",
             "allowed.test",
-            "--cacert",
-            self.fn.ca_cert,
+            *(["--cacert", cacert] if cacert else []),
             "--bulk-seconds",
             a.bulk_seconds,
             "--rate-seconds",
@@ -440,9 +465,12 @@ class Bench:
             argv += ["--resolve", f"allowed.test:{self.fn.hosts['allowed.test']}"]
         return [str(x) for x in argv]
 
-    def sandgate_argv(self, *command) -> list[str]:
+    def sandgate_argv(self, *command, telemetry: bool = True) -> list[str]:
+        sandgate = [str(VENV_BIN / "sandgate")]
+        if not telemetry:
+            sandgate = [PY, __file__, "--no-telemetry", "--"]
         return [
-            str(VENV_BIN / "sandgate"),
+            *sandgate,
             "run",
             "--rules",
             str(RULES),
@@ -509,7 +537,10 @@ class Bench:
         ns = self.nets[key].netns
         out = self.workdir / f"clients-{key}.json"
         argv = ip_netns(
-            ns, *self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=True), "--out", out
+            ns,
+            *self.client_argv(["bulk", "tls_rate", "http_rate"], True, self.fn.ca_cert),
+            "--out",
+            out,
         )
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -665,8 +696,9 @@ table inet {self.table} {{
 
     # -- C: sandgate
 
-    def popen_sandgate(self, *command, **kw) -> subprocess.Popen:
-        proc = self.fn.popen_in_host(self.sandgate_argv(*command), env=self.env, **kw)
+    def popen_sandgate(self, *command, telemetry: bool = True, **kw) -> subprocess.Popen:
+        argv = self.sandgate_argv(*command, telemetry=telemetry)
+        proc = self.fn.popen_in_host(argv, env=self.env, **kw)
         self.gateways.append(proc)
         return proc
 
@@ -677,24 +709,23 @@ table inet {self.table} {{
             raise RuntimeError(f"sandgate run -- true failed: {proc.stderr.strip()}")
         self.results["start"]["first_run_ms"] = ms
 
-    def round_sandgate(self) -> dict:
-        out = self.workdir / "clients-C.json"
-        out.unlink(missing_ok=True)
+    def round_sandgate(self, phases=("bulk", "tls_rate", "http_rate"), telemetry=True) -> dict:
+        # The task's /tmp is its own: the clients' JSON comes back on stdout.
         gw = self.popen_sandgate(
-            *self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=False),
-            "--out",
-            out,
+            *self.client_argv(list(phases), resolve=False),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            telemetry=telemetry,
         )
         with Sampler(gw.pid) as sampler:
             stdout, stderr = gw.communicate(timeout=300)
-        if gw.returncode != 0 or not out.exists():
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        if gw.returncode != 0 or not lines:
             raise RuntimeError(
                 f"sandgate run with the clients failed ({gw.returncode}): {stderr[-2000:]}"
             )
-        res = json.loads(out.read_text())
+        res = json.loads(lines[-1])
         attach_usage(res, sampler)
         return res
 
@@ -709,6 +740,7 @@ table inet {self.table} {{
                 ("A", self.round_direct),
                 ("B", self.round_squid),
                 ("C", self.round_sandgate),
+                ("T", lambda: self.round_sandgate(("tls_rate", "http_rate"), telemetry=False)),
             )
             if k not in skip
         ]
@@ -1231,6 +1263,10 @@ def missing_tools() -> list[str]:
 
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--no-telemetry":
+        sys.path.insert(0, str(REPO))
+        rest = sys.argv[2:]
+        return run_without_telemetry(rest[1:] if rest[:1] == ["--"] else rest)
     if len(sys.argv) > 2 and sys.argv[1] == "--probe-start":
         sys.path.insert(0, str(REPO))
         rest = sys.argv[3:]
