@@ -524,6 +524,7 @@ class Bench:
             "--extra-ca",
             str(self.fn.ca_cert),
             "-q",
+            *self.args.sandgate_arg,
             "--",
             *map(str, command),
         ]
@@ -1376,6 +1377,13 @@ def main() -> int:
     parser.add_argument("--profile-seconds", type=int, default=4)
     parser.add_argument("--skip", default="", help="comma list of A,B,C,start to skip")
     parser.add_argument("--json", type=Path, help="write all results as JSON here")
+    parser.add_argument(
+        "--sandgate-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to every `sandgate run` (repeat: --sandgate-arg=--memory --sandgate-arg=none)",
+    )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, profiles)"
     )
