@@ -1,4 +1,5 @@
-"""sandgate vs direct kernel forwarding vs Squid, side by side on one fake internet.
+"""sandgate vs direct kernel forwarding vs Squid vs stock mitmdump, side by side on one
+fake internet.
 
     sudo .venv/bin/python bench/bench_gateway.py [--quick] [--profile] [--keep]
 
@@ -17,6 +18,13 @@ the same client script (bench/clients.py) in three setups:
   C  sandgate `ip netns exec HOST sandgate run --rules rules/examples/demo.yaml
               --dns-upstream 198.51.100.53 --extra-ca CA -q -- python clients.py`:
               the clients run inside sandgate's own sandbox.
+  T  sandgate C with telemetry off (audit log and metrics emit nothing).
+  I  sandgate with a method/path rule: inspected HTTPS (mitmproxy decrypts).
+  S  Squid with `ssl_bump bump all` (certificates generated per name).
+  M  stock `mitmdump --mode transparent` with an allow-all addon.
+
+One table: medians over rounds, columns direct / sandgate / Squid / mitmdump with
+sandgate's ratios, the machine and the versions (bench/README.md).
 
 Metrics: HTTPS bulk download MB/s, new HTTPS connections/s, new plain-HTTP
 connections/s (a new TCP connection per request), task start time, and the
