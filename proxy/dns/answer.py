@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import socket
 from collections.abc import Callable
 from typing import NamedTuple
 
 import dns.flags
+import dns.ipv4
+import dns.ipv6
 import dns.message
 import dns.name
 import dns.rcode
@@ -200,7 +201,7 @@ def filter_simple_answer(
             break
         seen.add(name)
     rdatas, ttl = scanned.records.get(name, ({}, 0))
-    family, version = (socket.AF_INET6, 6) if query.qtype == AAAA else (socket.AF_INET, 4)
+    version, to_text = (6, dns.ipv6.inet_ntoa) if query.qtype == AAAA else (4, dns.ipv4.inet_ntoa)
     addresses = []
     for rdata in rdatas:
         number = int.from_bytes(rdata, "big")
@@ -232,7 +233,7 @@ def filter_simple_answer(
         with contextlib.suppress(InvalidName):
             names.append(parse_domain(link_owner))
     bindings = [(n, str(address), ttl) for n in names for address in addresses]
-    texts = [socket.inet_ntop(family, rdata) for rdata in rdatas]
+    texts = [to_text(rdata) for rdata in rdatas]  # as dnspython's rdata.address
     summary = f"{RCODE_TEXT[scanned.rcode]} {', '.join(texts)}".strip()
     return SimpleAnswer(response, bindings, summary)
 

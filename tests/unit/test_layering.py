@@ -21,6 +21,7 @@ PURE_MODULES = [
     "sandgate.proxy.dns.query",
     "sandgate.proxy.dns.answer",
     "sandgate.proxy.dns.bindings",
+    "sandgate.proxy.dns.wire",
     "sandgate.enforcer.sandbox.spec",
 ]
 IMPURE_IMPORTS = {"socket", "asyncio", "mitmproxy", "pyroute2", "subprocess", "threading"}
