@@ -1,4 +1,5 @@
-"""sandgate vs direct kernel forwarding vs Squid, side by side on one fake internet.
+"""sandgate vs direct kernel forwarding vs Squid vs stock mitmdump, side by side on one
+fake internet.
 
     sudo .venv/bin/python bench/bench_gateway.py [--quick] [--profile] [--keep]
 
@@ -17,6 +18,13 @@ the same client script (bench/clients.py) in three setups:
   C  sandgate `ip netns exec HOST sandgate run --rules rules/examples/demo.yaml
               --dns-upstream 198.51.100.53 --extra-ca CA -q -- python clients.py`:
               the clients run inside sandgate's own sandbox.
+  T  sandgate C with telemetry off (audit log and metrics emit nothing).
+  I  sandgate with a method/path rule: inspected HTTPS (mitmproxy decrypts).
+  S  Squid with `ssl_bump bump all` (certificates generated per name).
+  M  stock `mitmdump --mode transparent` with an allow-all addon.
+
+One table: medians over rounds, columns direct / sandgate / Squid / mitmdump with
+sandgate's ratios, the machine and the versions (bench/README.md).
 
 Metrics: HTTPS bulk download MB/s, new HTTPS connections/s, new plain-HTTP
 connections/s (a new TCP connection per request), task start time, and the
@@ -43,9 +51,36 @@ REPO = Path(__file__).resolve().parent.parent
 CLIENTS = REPO / "bench" / "clients.py"
 RULES = REPO / "rules" / "examples" / "demo.yaml"
 PY = sys.executable
+# The clients (stdlib only) run in every setup with the system Python: inside a
+# sandgate sandbox /root is a fresh tmpfs, so a venv built on pyenv is unreachable.
+CLIENT_PY = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else PY
 VENV_BIN = Path(PY).parent
 
-SQUID_HTTP_PORT, SQUID_HTTPS_PORT, SQUID_ADMIN_PORT = 3129, 3130, 3128
+SQUID_PORTS = {"B": (3128, 3129, 3130), "S": (3133, 3134, 3135)}  # admin, http, https
+MITMDUMP_PORT = 8080
+ALLOW_ALL_ADDON = """\
+# Stock mitmdump's side of the inspected-HTTPS rows: an addon that looks at every
+# request and lets it pass, as a policy that allows everything would.
+class AllowAll:
+    def request(self, flow):
+        pass
+
+
+addons = [AllowAll()]
+"""
+INSPECT_RULES = """\
+# bench_gateway.py, setup I: allowed.test behind a method/path rule, so the gateway
+# decrypts it (mitmproxy) to check each request.
+version: 1
+profiles:
+  default:
+    fallback: deny
+    rules:
+      - allow: allowed.test
+        methods: [GET, HEAD]
+        paths: ["/**"]
+        id: bench-inspected
+"""
 
 
 # --- task start probe (runs as its own process: `--probe-start OUT -- ARGS`) ---------
@@ -169,6 +204,20 @@ def probe_start(out: str, argv: list[str]) -> int:
     rc = main(argv)
     write_marks(rc)  # a command that returns instead
     return rc
+
+
+def run_without_telemetry(argv: list[str]) -> int:
+    """`sandgate ARGV` in this process with the audit log's and the metrics' `emit`
+    doing nothing: the writer thread idles, no line is encoded or hashed, no metric
+    moves. Setup T (`python bench_gateway.py --no-telemetry -- run ...`) against C
+    is what telemetry costs a connection."""
+    from sandgate.proxy.telemetry.audit import AuditLog
+    from sandgate.proxy.telemetry.metrics import Metrics
+
+    AuditLog.emit = Metrics.emit = lambda self, event: None
+    from sandgate.enforcer.cli import main
+
+    return main(argv)
 
 
 STEP_IMPORT_CLI = "import enforcer.cli (argparse, policy, yaml)"
@@ -318,7 +367,10 @@ def attach_usage(res: dict, sampler: Sampler) -> None:
     """The proxy's RSS and CPU during each client phase of `res`."""
     for phase in PHASES:
         if "t_start" in res.get(phase, {}):
-            res[phase]["proxy"] = sampler.during(res[phase]["t_start"], res[phase]["t_end"])
+            usage = sampler.during(res[phase]["t_start"], res[phase]["t_end"])
+            if usage.get("cpu_s") and res[phase].get("requests"):
+                usage["cpu_us_per_request"] = 1e6 * usage["cpu_s"] / res[phase]["requests"]
+            res[phase]["proxy"] = usage
 
 
 def _proc_table() -> dict[int, tuple[int, int, str]]:
@@ -364,26 +416,48 @@ def other_cpu_since(before: dict[int, tuple[int, str]], seconds: float) -> dict:
     return {"cores": round(sum(per.values()), 2), "top": [f"{k} {v}" for v, k in top]}
 
 
-PHASES = ("bulk", "tls_rate", "http_rate")
-PHASE_METRIC = {"bulk": "mb_per_s", "tls_rate": "per_s", "http_rate": "per_s"}
-SETUP_NAMES = {"A": "direct forwarding", "B": "squid intercept + splice", "C": "sandgate run"}
+PHASES = ("bulk", "tls_rate", "http_rate", "tls_keep")
+PHASE_METRIC = {"bulk": "mb_per_s", "tls_rate": "per_s", "http_rate": "per_s", "tls_keep": "per_s"}
+SETUP_NAMES = {
+    "A": "direct forwarding",
+    "B": "squid intercept + splice",
+    "C": "sandgate run",
+    "T": "sandgate run, telemetry off",
+    "I": "sandgate run, inspecting (method/path rule)",
+    "S": "squid intercept + ssl_bump bump",
+    "M": "stock mitmdump, transparent, allow-all addon",
+}
+SETUP_PHASES = {
+    "A": ("bulk", "tls_rate", "http_rate", "tls_keep"),
+    "B": ("bulk", "tls_rate", "http_rate"),
+    "C": ("bulk", "tls_rate", "http_rate"),
+    "T": ("tls_rate", "http_rate"),
+    "I": ("bulk", "tls_rate", "tls_keep"),
+    "S": ("bulk", "tls_rate", "tls_keep"),
+    "M": ("bulk", "tls_rate", "tls_keep", "http_rate"),
+}
 
 
-def pick_best(res: dict) -> None:
-    """Per phase, the round with the best number becomes res[phase]."""
+def take_medians(res: dict) -> None:
+    """Per phase, the median over the rounds of every number becomes res[phase]."""
     rounds = res.get("rounds", [])
     for phase in PHASES:
-        good = [
-            (i, r[phase]) for i, r in enumerate(rounds) if PHASE_METRIC[phase] in r.get(phase, {})
-        ]
+        good = [r[phase] for r in rounds if PHASE_METRIC[phase] in r.get(phase, {})]
         if good:
-            i, best = max(good, key=lambda x: x[1][PHASE_METRIC[phase]])
-            res[phase] = dict(best, round=i + 1, other_cpu_cores=rounds[i].get("other_cpu_cores"))
-        elif rounds:
-            res[phase] = rounds[-1].get(phase, {})
+            res[phase] = dict(_medians(good), rounds=len(good))
 
 
-# --- the three setups -------------------------------------------------------------------
+def _medians(dicts: list[dict]) -> dict:
+    out = {}
+    for key, first in dicts[0].items():
+        values = [d.get(key) for d in dicts]
+        if all(isinstance(v, dict) for v in values):
+            out[key] = _medians(values)
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            out[key] = statistics.median(values)
+        else:
+            out[key] = first
+    return out
 
 
 class Bench:
@@ -393,10 +467,11 @@ class Bench:
         self.args, self.fn, self.workdir = args, fn, workdir
         self.netns = netns
         suffix = fn.prefix[3:]
-        self.sbx_ids = {"A": f"b{suffix}a", "B": f"b{suffix}s"}
+        # A sandbox netns per setup whose proxy (if any) the bench runs itself.
+        self.sbx_ids = {key: f"b{suffix}{key.lower()}" for key in ("A", "B", "S", "M")}
         self.nets = {}
         self.table = f"sgbench_{fn.prefix.replace('-', '_')}"
-        self.squid: subprocess.Popen | None = None
+        self.proxies: dict[str, subprocess.Popen] = {}  # B, S: squid; M: mitmdump
         self.gateways: list[subprocess.Popen] = []
         # The gateway CA and the audit logs go to the bench's work directory. The
         # run directory stays the default one: `sandgate gc` (run by anyone) spares
@@ -405,7 +480,8 @@ class Bench:
         self.run_dir = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))
         self.env = dict(os.environ, SANDGATE_STATE_DIR=str(self.state_dir))
         self.env["PATH"] = f"{VENV_BIN}:{self.env.get('PATH', '')}:/usr/sbin:/sbin"
-        self.results: dict = {"A": {}, "B": {}, "C": {}, "start": {}, "notes": []}
+        self.results: dict = {key: {} for key in SETUP_NAMES}
+        self.results.update(start={}, notes=[])
 
     # -- plumbing
 
@@ -417,16 +493,18 @@ class Bench:
             )
         return proc
 
-    def client_argv(self, phases: list[str], resolve: bool) -> list[str]:
+    def client_argv(self, phases: list[str], resolve: bool, cacert=None) -> list[str]:
+        """The clients' command line; `cacert` None: the default, $SSL_CERT_FILE (in a
+        sandgate sandbox: the bundle `sandgate run` binds, with --extra-ca and, when
+        the rules inspect, the gateway's CA)."""
         a = self.args
         argv = [
-            PY,
+            CLIENT_PY,
             CLIENTS,
             *phases,
             "--host",
             "allowed.test",
-            "--cacert",
-            self.fn.ca_cert,
+            *(["--cacert", cacert] if cacert else []),
             "--bulk-seconds",
             a.bulk_seconds,
             "--rate-seconds",
@@ -440,17 +518,21 @@ class Bench:
             argv += ["--resolve", f"allowed.test:{self.fn.hosts['allowed.test']}"]
         return [str(x) for x in argv]
 
-    def sandgate_argv(self, *command) -> list[str]:
+    def sandgate_argv(self, *command, telemetry: bool = True, rules: Path = RULES) -> list[str]:
+        sandgate = [str(VENV_BIN / "sandgate")]
+        if not telemetry:
+            sandgate = [PY, __file__, "--no-telemetry", "--"]
         return [
-            str(VENV_BIN / "sandgate"),
+            *sandgate,
             "run",
             "--rules",
-            str(RULES),
+            str(rules),
             "--dns-upstream",
             self.fn.dns_ip,
             "--extra-ca",
             str(self.fn.ca_cert),
             "-q",
+            *self.args.sandgate_arg,
             "--",
             *map(str, command),
         ]
@@ -469,11 +551,10 @@ class Bench:
 
     def cleanup(self) -> None:
         """Best effort, every step: our processes, sandboxes, nft table."""
-        import contextlib
         import signal
 
         ids = list(self.sbx_ids.values())
-        for proc in [self.squid, *self.gateways]:
+        for proc in [*self.proxies.values(), *self.gateways]:
             if proc is not None and proc.poll() is None:
                 # A sandgate run of ours that is still up: note its run id (its pid
                 # file names it), so that its sandbox goes even if it must be killed.
@@ -505,12 +586,11 @@ class Bench:
                 (self.run_dir / sid).rmdir()
         # The nft table lives in the host netns and goes with it (fakenet.close).
 
-    def run_clients_in(self, key: str) -> dict:
+    def run_clients_in(self, key: str, phases=SETUP_PHASES["A"], cacert=None) -> dict:
         ns = self.nets[key].netns
         out = self.workdir / f"clients-{key}.json"
-        argv = ip_netns(
-            ns, *self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=True), "--out", out
-        )
+        cacert = cacert or self.fn.ca_cert
+        argv = ip_netns(ns, *self.client_argv(list(phases), True, cacert), "--out", out)
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"clients in {key} failed: {proc.stderr[-2000:]}")
@@ -521,51 +601,60 @@ class Bench:
     def round_direct(self) -> dict:
         self.host("sysctl", "-w", "net.ipv4.ip_forward=1")
         try:
-            return self.run_clients_in("A")
+            return self.run_clients_in("A", SETUP_PHASES["A"])
         finally:
             self.host("sysctl", "-w", "net.ipv4.ip_forward=0")
 
     # -- B: Squid
 
-    def _squid_files(self) -> Path:
+    def _squid_files(self, key: str, bump: bool) -> Path:
+        """Squid's work directory for setup `key`: TLS spliced after a peek at the
+        SNI (B), or bumped (S: every connection decrypted with a certificate
+        generated for its name by `security_file_certgen`, signed by a CA of the
+        bench's own, EC P-256 like sandgate's)."""
         import pwd
 
-        d = self.workdir / "squid"
+        d = self.workdir / f"squid-{key}"
         d.mkdir(mode=0o755)
-        cert, key = d / "squid.pem", d / "squid.key"
+        cert, key_file = d / "squid.pem", d / "squid.key"
+        ca_ext = ["-addext", "basicConstraints=critical,CA:TRUE"]
+        ca_ext += ["-addext", "keyUsage=critical,keyCertSign,cRLSign"]
         subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=sandgate bench squid",
-                "-keyout",
-                key,
-                "-out",
-                cert,
-            ],
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+            + ["-nodes", "-days", "2", "-subj", f"/CN=sandgate bench squid {key}", *ca_ext]
+            + ["-keyout", key_file, "-out", cert],
             check=True,
             capture_output=True,
             timeout=30,
-        )
-        gw = self.nets["B"].gateway_ip
-        (d / "squid.conf").write_text(f"""\
-# Squid as an intercepting proxy for sandbox B; written by bench_gateway.py.
-http_port 127.0.0.1:{SQUID_ADMIN_PORT}
-http_port {gw}:{SQUID_HTTP_PORT} intercept
-https_port {gw}:{SQUID_HTTPS_PORT} intercept ssl-bump tls-cert={cert} tls-key={key} generate-host-certificates=off
+        )  # fmt: skip
+        gw = self.nets[key].gateway_ip
+        admin, http, https = SQUID_PORTS[key]
+        if bump:
+            certgen = "/usr/lib/squid/security_file_certgen"
+            subprocess.run(
+                [certgen, "-c", "-s", d / "ssl_db", "-M", "16MB"], check=True, capture_output=True
+            )
+            tls = f"""\
+https_port {gw}:{https} intercept ssl-bump tls-cert={cert} tls-key={key_file} generate-host-certificates=on dynamic_cert_mem_cache_size=16MB
+sslcrtd_program {certgen} -s {d}/ssl_db -M 16MB
+sslcrtd_children 4 startup=1 idle=1
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump bump all
+tls_outgoing_options cafile={self.fn.ca_cert}
+"""
+        else:
+            tls = f"""\
+https_port {gw}:{https} intercept ssl-bump tls-cert={cert} tls-key={key_file} generate-host-certificates=off
 acl step1 at_step SslBump1
 ssl_bump peek step1
 ssl_bump splice all
-http_access allow all
+"""
+        (d / "squid.conf").write_text(f"""\
+# Squid as an intercepting proxy for sandbox {key}; written by bench_gateway.py.
+http_port 127.0.0.1:{admin}
+http_port {gw}:{http} intercept
+{tls}http_access allow all
 # no cache_dir: no disk cache; and nothing cached in memory either
 cache deny all
 cache_mem 0 MB
@@ -587,86 +676,114 @@ visible_hostname sandgate-bench
 """)
         try:
             pw = pwd.getpwnam("proxy")
-            for path in (d, *d.iterdir()):
+            for path in (d, *d.rglob("*")):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
         except KeyError:
             os.chmod(d, 0o777)
         os.chmod(self.workdir, 0o755)
         return d
 
-    def start_squid(self) -> None:
+    def start_proxy(self, key: str) -> None:
+        """Start setup `key`'s proxy in the host netns (B, S: squid; M: mitmdump),
+        wait until it listens, and redirect the sandbox's TCP 80/443 to it."""
         from sandgate.enforcer.demo.fakenet import _proc_sockets
 
-        d = self._squid_files()
         t0 = time.perf_counter()
-        log = open(d / "squid.out", "wb")  # noqa: SIM115 - owned by the child
-        with log:
-            self.squid = self.fn.popen_in_host(
-                ["squid", "-N", "-f", d / "squid.conf"],
+        if key == "M":
+            d = self.workdir / "mitmdump"
+            d.mkdir()
+            (d / "allow_all.py").write_text(ALLOW_ALL_ADDON)
+            http = https = MITMDUMP_PORT
+            argv = [VENV_BIN / "mitmdump", "--mode", "transparent", "-q"]
+            argv += ["--listen-host", str(self.nets[key].gateway_ip), "--listen-port", http]
+            argv += [
+                "--set",
+                f"confdir={d}",
+                "--set",
+                f"ssl_verify_upstream_trusted_ca={self.fn.ca_cert}",
+            ]
+            argv += ["-s", d / "allow_all.py"]
+            log_file = d / "mitmdump.out"
+        else:
+            d = self._squid_files(key, bump=key == "S")
+            _, http, https = SQUID_PORTS[key]
+            argv = ["squid", "-N", "-f", d / "squid.conf"]
+            log_file = d / "squid.out"
+        with open(log_file, "wb") as log:  # the child has its own copy
+            proc = self.proxies[key] = self.fn.popen_in_host(
+                [str(a) for a in argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        gw = str(self.nets["B"].gateway_ip)
-        want = {(gw, SQUID_HTTP_PORT), (gw, SQUID_HTTPS_PORT)}
-        deadline = time.monotonic() + 15
+        gw = str(self.nets[key].gateway_ip)
+        want = {(gw, http), (gw, https)}
+        deadline = time.monotonic() + 30
         host_id = os.stat(f"/run/netns/{self.fn.host_ns}").st_ino
         while True:
-            if self.squid.poll() is not None:
+            if proc.poll() is not None:
                 cache_log = (
                     (d / "cache.log").read_text()[-2000:] if (d / "cache.log").exists() else ""
                 )
-                raise RuntimeError(
-                    "squid exited:\n" + (d / "squid.out").read_text()[-2000:] + cache_log
-                )
+                raise RuntimeError(f"{key} exited:\n" + log_file.read_text()[-2000:] + cache_log)
             try:
-                in_host = os.stat(f"/proc/{self.squid.pid}/ns/net").st_ino == host_id
+                in_host = os.stat(f"/proc/{proc.pid}/ns/net").st_ino == host_id
             except OSError:
                 in_host = False
-            if in_host and want <= _proc_sockets(self.squid.pid, "tcp"):
+            if in_host and want <= _proc_sockets(proc.pid, "tcp"):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    "squid not listening after 15 s:\n" + (d / "cache.log").read_text()[-2000:]
+                    f"{key} not listening after 30 s:\n" + log_file.read_text()[-2000:]
                 )
             time.sleep(0.01)
-        self.results["B"]["squid_start_ms"] = (time.perf_counter() - t0) * 1000
-        iface = self.nets["B"].host_if
+        self.results[key]["proxy_start_ms"] = (time.perf_counter() - t0) * 1000
+        iface = self.nets[key].host_if
         ruleset = f"""\
-table inet {self.table} {{
+table inet {self.table}_{key.lower()} {{
     chain nat_prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
-        iifname "{iface}" tcp dport 80 redirect to :{SQUID_HTTP_PORT}
-        iifname "{iface}" tcp dport 443 redirect to :{SQUID_HTTPS_PORT}
+        iifname "{iface}" tcp dport 80 redirect to :{http}
+        iifname "{iface}" tcp dport 443 redirect to :{https}
     }}
 }}
 """
         self.host("nft", "-f", "-", input=ruleset)
 
-    def stop_squid(self) -> None:
-        import contextlib
+    def stop_proxy(self, key: str) -> None:
 
         with contextlib.suppress(Exception):
-            self.host("nft", "delete", "table", "inet", self.table, check=False)
-        if self.squid is not None and self.squid.poll() is None:
-            self.squid.terminate()
+            self.host("nft", "delete", "table", "inet", f"{self.table}_{key.lower()}", check=False)
+        proc = self.proxies.get(key)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
             try:
-                self.squid.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.squid.kill()
-                self.squid.wait(timeout=5)
+                proc.kill()
+                proc.wait(timeout=5)
 
-    def round_squid(self) -> dict:
-        with Sampler(self.squid.pid) as sampler:
-            res = self.run_clients_in("B")
+    def round_proxy(self, key: str) -> dict:
+        cacert = self.workdir / "mitmdump" / "mitmproxy-ca-cert.pem" if key == "M" else None
+        if key == "S":
+            cacert = self._bundle(self.workdir / "squid-S" / "squid.pem")
+        with Sampler(self.proxies[key].pid) as sampler:
+            res = self.run_clients_in(key, SETUP_PHASES[key], cacert)
         attach_usage(res, sampler)
         return res
 
+    def _bundle(self, extra: Path) -> Path:
+        bundle = self.workdir / f"bundle-{extra.parent.name}.pem"
+        if not bundle.exists():
+            bundle.write_text(Path(self.fn.ca_cert).read_text() + extra.read_text())
+        return bundle
+
     # -- C: sandgate
 
-    def popen_sandgate(self, *command, **kw) -> subprocess.Popen:
-        proc = self.fn.popen_in_host(self.sandgate_argv(*command), env=self.env, **kw)
+    def popen_sandgate(self, *command, telemetry=True, rules=RULES, **kw) -> subprocess.Popen:
+        argv = self.sandgate_argv(*command, telemetry=telemetry, rules=rules)
+        proc = self.fn.popen_in_host(argv, env=self.env, **kw)
         self.gateways.append(proc)
         return proc
 
@@ -677,49 +794,51 @@ table inet {self.table} {{
             raise RuntimeError(f"sandgate run -- true failed: {proc.stderr.strip()}")
         self.results["start"]["first_run_ms"] = ms
 
-    def round_sandgate(self) -> dict:
-        out = self.workdir / "clients-C.json"
-        out.unlink(missing_ok=True)
+    def round_sandgate(self, phases, telemetry=True, rules=RULES) -> dict:
+        # The task's /tmp is its own: the clients' JSON comes back on stdout.
         gw = self.popen_sandgate(
-            *self.client_argv(["bulk", "tls_rate", "http_rate"], resolve=False),
-            "--out",
-            out,
+            *self.client_argv(list(phases), resolve=False),
+            rules=rules,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            telemetry=telemetry,
         )
         with Sampler(gw.pid) as sampler:
             stdout, stderr = gw.communicate(timeout=300)
-        if gw.returncode != 0 or not out.exists():
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        if gw.returncode != 0 or not lines:
             raise RuntimeError(
                 f"sandgate run with the clients failed ({gw.returncode}): {stderr[-2000:]}"
             )
-        res = json.loads(out.read_text())
+        res = json.loads(lines[-1])
         attach_usage(res, sampler)
         return res
 
     # -- the rounds
 
     def run_rounds(self, skip: set[str]) -> None:
-        """`--rounds` rounds of A, B, C in turn; per metric the best round counts
-        (other work on the machine only ever slows a round down)."""
-        setups = [
-            (k, fn)
-            for k, fn in (
-                ("A", self.round_direct),
-                ("B", self.round_squid),
-                ("C", self.round_sandgate),
-            )
-            if k not in skip
-        ]
+        """`--rounds` rounds of every setup in turn; per metric the median of the
+        rounds counts."""
+        rounds = {
+            "A": self.round_direct,
+            "B": lambda: self.round_proxy("B"),
+            "C": lambda: self.round_sandgate(SETUP_PHASES["C"]),
+            "T": lambda: self.round_sandgate(SETUP_PHASES["T"], telemetry=False),
+            "I": lambda: self.round_sandgate(SETUP_PHASES["I"], rules=self.inspect_rules()),
+            "S": lambda: self.round_proxy("S"),
+            "M": lambda: self.round_proxy("M"),
+        }
+        setups = [(k, fn) for k, fn in rounds.items() if k not in skip]
         keys = [k for k, _ in setups]
-        if "B" in keys:
-            try:
-                self.start_squid()
-            except Exception as e:  # noqa: BLE001
-                self.results["notes"].append(f"B skipped: squid did not start: {e}")
-                setups = [(k, fn) for k, fn in setups if k != "B"]
-        if "C" in keys:
+        for key in ("B", "S", "M"):
+            if key in keys:
+                try:
+                    self.start_proxy(key)
+                except Exception as e:  # noqa: BLE001
+                    self.results["notes"].append(f"{key} skipped: did not start: {e}")
+                    setups = [(k, fn) for k, fn in setups if k != key]
+        if {"C", "T", "I"} & set(keys):
             self.first_sandgate_run()
         try:
             for r in range(self.args.rounds):
@@ -740,14 +859,16 @@ table inet {self.table} {{
                     res["other_cpu_cores"] = other_cpu_since(before, time.monotonic() - t0)
                     self.results[key].setdefault("rounds", []).append(res)
         finally:
-            if self.squid is not None:
-                with contextlib.suppress(OSError):
-                    access = (self.workdir / "squid" / "access.log").read_text().splitlines()
-                    self.results["B"]["squid_log_lines"] = len(access)
-                    self.results["B"]["squid_log_sample"] = access[-1] if access else None
-                self.stop_squid()
+            for key in list(self.proxies):
+                self.stop_proxy(key)
         for key in keys:
-            pick_best(self.results[key])
+            take_medians(self.results[key])
+
+    def inspect_rules(self) -> Path:
+        """Rules that inspect allowed.test (a method/path rule: mitmproxy decrypts)."""
+        path = self.workdir / "inspect.yaml"
+        path.write_text(INSPECT_RULES)
+        return path
 
     # -- task start
 
@@ -957,6 +1078,42 @@ def _get(res: dict, *path):
     return res
 
 
+# The one table: (section, [(label, phase, metric path, format, {column: setup})]).
+# Columns: direct, sandgate, Squid, stock mitmdump; a cell without a setup is "-".
+TABLE = [
+    (
+        "allowed pass-through (sandgate: front door; Squid: peek + splice)",
+        [
+            ("HTTPS bulk, MB/s (10 MiB, new conn each)", "bulk", ("mb_per_s",), "{:,.0f}", "ACB"),
+            ("HTTPS new connections/s", "tls_rate", ("per_s",), "{:,.0f}", "ACB"),
+            ("HTTPS p50 latency, ms", "tls_rate", ("latency_ms_p50",), "{:.1f}", "ACB"),
+            ("HTTPS p99 latency, ms", "tls_rate", ("latency_ms_p99",), "{:.1f}", "ACB"),
+            ("HTTP new connections/s", "http_rate", ("per_s",), "{:,.0f}", "ACBM"),
+            ("HTTP p50 latency, ms", "http_rate", ("latency_ms_p50",), "{:.1f}", "ACBM"),
+            ("proxy CPU per HTTPS connection, us", "tls_rate", ("proxy", "cpu_us_per_request"), "{:,.0f}", "-CB"),
+            ("proxy CPU per HTTP connection, us", "http_rate", ("proxy", "cpu_us_per_request"), "{:,.0f}", "-CBM"),
+            ("proxy RSS idle (before bulk), MB", "bulk", ("proxy", "rss_start_mb"), "{:.1f}", "-CB"),
+        ],
+    ),
+    (
+        "inspected HTTPS (sandgate: method/path rule; Squid: ssl_bump bump; mitmdump: allow-all addon)",
+        [
+            ("new connections/s", "tls_rate", ("per_s",), "{:,.0f}", "AISM"),
+            ("new conn p50 latency, ms", "tls_rate", ("latency_ms_p50",), "{:.1f}", "AISM"),
+            ("new conn p99 latency, ms", "tls_rate", ("latency_ms_p99",), "{:.1f}", "AISM"),
+            ("keep-alive requests/s", "tls_keep", ("per_s",), "{:,.0f}", "AISM"),
+            ("keep-alive p50 latency, ms", "tls_keep", ("latency_ms_p50",), "{:.2f}", "AISM"),
+            ("keep-alive p99 latency, ms", "tls_keep", ("latency_ms_p99",), "{:.2f}", "AISM"),
+            ("bulk, MB/s (10 MiB, new conn each)", "bulk", ("mb_per_s",), "{:,.0f}", "AISM"),
+            ("proxy CPU per new connection, us", "tls_rate", ("proxy", "cpu_us_per_request"), "{:,.0f}", "-ISM"),
+            ("proxy CPU per keep-alive request, us", "tls_keep", ("proxy", "cpu_us_per_request"), "{:,.0f}", "-ISM"),
+            ("proxy RSS peak during bulk, MB", "bulk", ("proxy", "rss_peak_mb"), "{:.1f}", "-ISM"),
+        ],
+    ),
+]  # fmt: skip
+COLUMNS = ("direct", "sandgate", "Squid", "mitmdump")
+
+
 def report(results: dict) -> str:
     A, B, C, st = results["A"], results["B"], results["C"], results["start"]
 
@@ -966,102 +1123,42 @@ def report(results: dict) -> str:
     def ratio(x, y):
         return "-" if x is None or y in (None, 0) else f"{x / y:.2f}x"
 
-    rows = []
-
-    def row(name, a, b, c, f="{:,.0f}"):
-        rows.append((name, fmt(a, f), fmt(b, f), fmt(c, f), ratio(b, a), ratio(c, a), ratio(c, b)))
-
-    row(
-        "HTTPS bulk, MB/s (10 MiB, new conn each)",
-        _get(A, "bulk", "mb_per_s"),
-        _get(B, "bulk", "mb_per_s"),
-        _get(C, "bulk", "mb_per_s"),
-    )
-    row(
-        "HTTPS new connections/s",
-        _get(A, "tls_rate", "per_s"),
-        _get(B, "tls_rate", "per_s"),
-        _get(C, "tls_rate", "per_s"),
-    )
-    row(
-        "HTTP new connections/s",
-        _get(A, "http_rate", "per_s"),
-        _get(B, "http_rate", "per_s"),
-        _get(C, "http_rate", "per_s"),
-    )
-    row(
-        "HTTPS p50 latency, ms",
-        _get(A, "tls_rate", "latency_ms_p50"),
-        _get(B, "tls_rate", "latency_ms_p50"),
-        _get(C, "tls_rate", "latency_ms_p50"),
-        "{:.1f}",
-    )
-    row(
-        "HTTP p50 latency, ms",
-        _get(A, "http_rate", "latency_ms_p50"),
-        _get(B, "http_rate", "latency_ms_p50"),
-        _get(C, "http_rate", "latency_ms_p50"),
-        "{:.1f}",
-    )
-    row("task start, ms (median)", st.get("netns_exec_ms"), None, st.get("sandgate_run_ms"))
-    for phase, label in (
-        ("bulk", "bulk"),
-        ("tls_rate", "HTTPS conns"),
-        ("http_rate", "HTTP conns"),
+    head = ("metric (median of rounds)", *COLUMNS, "sg/direct", "sg/Squid", "sg/mitmdump")
+    rows: list[tuple[str, ...]] = []
+    for section, lines in TABLE:
+        rows.append((f"**{section}**",) + ("",) * (len(head) - 1))
+        for label, phase, metric, f, setups in lines:
+            values = [
+                None if key == "-" else _get(results.get(key, {}), phase, *metric)
+                for key in setups.ljust(4, "-")
+            ]
+            direct, sandgate, squid, mitmdump = values
+            rows.append(
+                (label, *(fmt(v, f) for v in values))
+                + (ratio(sandgate, direct), ratio(sandgate, squid), ratio(sandgate, mitmdump))
+            )
+    rows.append(("**telemetry (sandgate pass-through): on / off / on vs off**",) + ("",) * 7)
+    T = results.get("T", {})
+    for label, phase, metric in (
+        ("HTTPS new connections/s", "tls_rate", ("per_s",)),
+        ("HTTP new connections/s", "http_rate", ("per_s",)),
+        ("proxy CPU per HTTPS connection, us", "tls_rate", ("proxy", "cpu_us_per_request")),
+        ("proxy CPU per HTTP connection, us", "http_rate", ("proxy", "cpu_us_per_request")),
     ):
-        row(
-            f"proxy CPU (cores) during {label}",
-            None,
-            _get(B, phase, "proxy", "cpu_util"),
-            _get(C, phase, "proxy", "cpu_util"),
-            "{:.2f}",
+        on, off = _get(C, phase, *metric), _get(T, phase, *metric)
+        rows.append((label, "", fmt(on), fmt(off), ratio(on, off), "", "", ""))
+    rows.append(
+        (
+            "task start, ms (median)",
+            fmt(st.get("netns_exec_ms")),
+            fmt(st.get("sandgate_run_ms")),
+            "",
+            "",
+            "",
+            "",
+            "",
         )
-    for phase, label in (("tls_rate", "HTTPS"), ("http_rate", "HTTP")):
-        per = []
-        for res in (B, C):
-            cpu, n = _get(res, phase, "proxy", "cpu_s"), _get(res, phase, "requests")
-            per.append(None if not cpu or not n else 1e6 * cpu / n)
-        row(f"proxy CPU per {label} connection, us", None, *per)
-    for phase, label in (("tls_rate", "HTTPS"), ("http_rate", "HTTP")):
-        row(
-            f"  of which kernel (sys), % ({label} conns)",
-            None,
-            *[
-                None
-                if _get(r, phase, "proxy", "cpu_sys_share") is None
-                else 100 * _get(r, phase, "proxy", "cpu_sys_share")
-                for r in (B, C)
-            ],
-        )
-    row(
-        "proxy RSS before bulk (idle), MB",
-        None,
-        _get(B, "bulk", "proxy", "rss_start_mb"),
-        _get(C, "bulk", "proxy", "rss_start_mb"),
-        "{:.1f}",
     )
-    row(
-        "proxy RSS peak during bulk, MB",
-        None,
-        _get(B, "bulk", "proxy", "rss_peak_mb"),
-        _get(C, "bulk", "proxy", "rss_peak_mb"),
-        "{:.1f}",
-    )
-    row(
-        "proxy RSS peak during conn runs, MB",
-        None,
-        max(
-            filter(None, [_get(B, p, "proxy", "rss_peak_mb") for p in ("tls_rate", "http_rate")]),
-            default=None,
-        ),
-        max(
-            filter(None, [_get(C, p, "proxy", "rss_peak_mb") for p in ("tls_rate", "http_rate")]),
-            default=None,
-        ),
-        "{:.1f}",
-    )
-
-    head = ("metric", "A direct", "B squid", "C sandgate", "B/A", "C/A", "C/B")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def line(r):
@@ -1078,10 +1175,17 @@ def report(results: dict) -> str:
         + "|",
     ]
     out += [line(r) for r in rows]
+    machine = results.get("machine", {})
+    out.append("")
+    out.append(
+        f"machine: {machine.get('cpus')} CPUs, kernel {machine.get('kernel')}; "
+        + "; ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
+    )
 
     errs = []
-    for key, res in (("A", A), ("B", B), ("C", C)):
-        for phase in ("bulk", "tls_rate", "http_rate"):
+    for key in SETUP_NAMES:
+        res = results.get(key, {})
+        for phase in PHASES:
             p = res.get(phase, {})
             if p.get("error") or p.get("errors"):
                 errs.append(
@@ -1093,16 +1197,18 @@ def report(results: dict) -> str:
         f"request; bulk tool: {_get(A, 'bulk', 'tool')}; requests counted: "
         + ", ".join(
             f"{k} {_get(r, 'tls_rate', 'requests')}/{_get(r, 'http_rate', 'requests')}"
-            for k, r in (("A", A), ("B", B), ("C", C))
+            for k, r in results.items()
+            if k in SETUP_NAMES and r.get("rounds")
         )
     )
     if errs:
         out.append("ERRORS: " + "; ".join(errs))
     out.append(
-        "rounds (bulk MB/s, HTTPS conn/s, HTTP conn/s; CPU cores used meanwhile by other processes "
-        "on the machine); the table shows the best round:"
+        "rounds (bulk MB/s / HTTPS conn/s / HTTP conn/s / keep-alive req/s; CPU cores used "
+        "meanwhile by other processes on the machine); the table shows the medians:"
     )
-    for key, res in (("A", A), ("B", B), ("C", C)):
+    for key in SETUP_NAMES:
+        res = results.get(key, {})
         cells = []
         for i, r in enumerate(res.get("rounds", []), start=1):
             vals = " / ".join(fmt(_get(r, ph, PHASE_METRIC[ph])) for ph in PHASES)
@@ -1212,6 +1318,25 @@ def wait_quiet(max_wait: float, threshold: float = 0.15, quick: bool = False) ->
     return busy
 
 
+def versions() -> dict[str, str]:
+    """The versions the table was measured with."""
+    import importlib.metadata
+    import shutil
+
+    found = {"python": sys.version.split()[0]}
+    for package in ("mitmproxy", "dnspython"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[package] = importlib.metadata.version(package)
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    for tool, argv in (("squid", ["-v"]), ("nginx", ["-v"]), ("openssl", ["version"])):
+        exe = shutil.which(tool, path=path)
+        if exe:
+            out = subprocess.run([exe, *argv], capture_output=True, text=True, timeout=10)
+            text = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else ""
+            found[tool] = text.split("Version ")[-1].split("/")[-1].split(" (")[0].strip()
+    return found
+
+
 def missing_tools() -> list[str]:
     import shutil
 
@@ -1231,6 +1356,10 @@ def missing_tools() -> list[str]:
 
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--no-telemetry":
+        sys.path.insert(0, str(REPO))
+        rest = sys.argv[2:]
+        return run_without_telemetry(rest[1:] if rest[:1] == ["--"] else rest)
     if len(sys.argv) > 2 and sys.argv[1] == "--probe-start":
         sys.path.insert(0, str(REPO))
         rest = sys.argv[3:]
@@ -1256,6 +1385,13 @@ def main() -> int:
     parser.add_argument("--profile-seconds", type=int, default=4)
     parser.add_argument("--skip", default="", help="comma list of A,B,C,start to skip")
     parser.add_argument("--json", type=Path, help="write all results as JSON here")
+    parser.add_argument(
+        "--sandgate-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass ARG to every `sandgate run` (repeat: --sandgate-arg=--memory --sandgate-arg=none)",
+    )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, profiles)"
     )
@@ -1334,6 +1470,7 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "kernel": os.uname().release,
             "cpu_busy_before": busy_start,
+            "versions": versions(),
         }
         results["total_seconds"] = time.monotonic() - t_all
         print()

@@ -16,6 +16,9 @@ tls_rate   new TLS connection per request: connect, handshake (verifying the
            processes x --threads threads, for --rate-seconds (at most --rate-max
            requests in all). Reports completed requests/s and latency.
 http_rate  the same over plain HTTP on port 80.
+tls_keep   keep-alive HTTPS: each thread keeps one connection and sends `GET /`
+           after `GET /` on it (a new connection only when the server closes it).
+           Reports requests/s and latency per request.
 
 Each section carries `t_start`/`t_end` (wall clock, time.time()) so the caller can
 match its own samples (gateway RSS) to the phase.
@@ -149,19 +152,54 @@ def _one_request(ip: str, port: int, host: str, ctx: ssl.SSLContext | None) -> N
         raise RuntimeError(f"unexpected answer {first[:40]!r}")
 
 
-def _rate_worker(ip, port, host, cacert, threads, stop_at, max_requests, queue) -> None:
+class _KeepAlive:
+    """One HTTPS connection reused request after request (Content-Length bodies)."""
+
+    def __init__(self, ip: str, host: str, ctx: ssl.SSLContext):
+        self.ip, self.host, self.ctx, self.file = ip, host, ctx, None
+        self.request = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    def __call__(self, *_ignored) -> None:
+        if self.file is None:
+            raw = socket.create_connection((self.ip, 443), timeout=10)
+            self.sock = self.ctx.wrap_socket(raw, server_hostname=self.host)
+            self.file = self.sock.makefile("rb")
+        try:
+            self.sock.sendall(self.request)
+            status = self.file.readline()
+            length, close = 0, False
+            while (line := self.file.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+                elif name.lower() == b"connection" and b"close" in value.lower():
+                    close = True
+            if len(self.file.read(length)) != length or not status.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected answer {status[:40]!r}")
+        except BaseException:
+            close = True
+            raise
+        finally:
+            if close:
+                self.file.close()
+                self.sock.close()
+                self.file = None
+
+
+def _rate_worker(ip, port, host, cacert, threads, stop_at, max_requests, queue, keep=False) -> None:
     ctx = _context(cacert) if cacert else None
     lock = threading.Lock()
     state = {"ok": 0, "errors": 0, "first_error": None, "lat": []}
 
     def loop() -> None:
+        one_request = _KeepAlive(ip, host, ctx) if keep else _one_request
         while time.time() < stop_at:
             with lock:
                 if state["ok"] + state["errors"] >= max_requests:
                     return
             t0 = time.perf_counter()
             try:
-                _one_request(ip, port, host, ctx)
+                one_request(ip, port, host, ctx)
             except Exception as e:  # noqa: BLE001 - counted and reported
                 with lock:
                     state["errors"] += 1
@@ -182,7 +220,7 @@ def _rate_worker(ip, port, host, cacert, threads, stop_at, max_requests, queue) 
     queue.put(state)
 
 
-def rate(args, ip: str, tls: bool) -> dict:
+def rate(args, ip: str, tls: bool, keep: bool = False) -> dict:
     port = 443 if tls else 80
     cacert = args.cacert if tls else None
     # Warm-up: one request (ARP, the gateway's first-connection paths), not counted.
@@ -195,7 +233,7 @@ def rate(args, ip: str, tls: bool) -> dict:
     procs = [
         mp.Process(
             target=_rate_worker,
-            args=(ip, port, args.host, cacert, args.threads, stop_at, per_proc_max, queue),
+            args=(ip, port, args.host, cacert, args.threads, stop_at, per_proc_max, queue, keep),
         )
         for _ in range(args.procs)
     ]
@@ -229,11 +267,15 @@ def main() -> int:
         "phases",
         nargs="*",
         default=["bulk", "tls_rate", "http_rate"],
-        choices=["bulk", "tls_rate", "http_rate"],
+        choices=["bulk", "tls_rate", "http_rate", "tls_keep"],
     )
     parser.add_argument("--host", default="allowed.test")
     parser.add_argument("--resolve", help="NAME:IP, skip DNS (setups without a resolver)")
-    parser.add_argument("--cacert", required=True)
+    parser.add_argument(
+        "--cacert",
+        default=os.environ.get("SSL_CERT_FILE"),
+        help="CA bundle (default $SSL_CERT_FILE: what a sandgate sandbox trusts)",
+    )
     parser.add_argument("--bulk-path", default="/big")
     parser.add_argument("--bulk-seconds", type=float, default=2.0)
     parser.add_argument("--bulk-min", type=int, default=3)
@@ -253,7 +295,7 @@ def main() -> int:
             if phase == "bulk":
                 result[phase] = bulk(args, ip)
             else:
-                result[phase] = rate(args, ip, tls=(phase == "tls_rate"))
+                result[phase] = rate(args, ip, tls=phase != "http_rate", keep=phase == "tls_keep")
         except Exception as e:  # noqa: BLE001 - one failed phase must not hide the others
             result[phase] = {"error": repr(e)}
     text = json.dumps(result)

@@ -14,7 +14,12 @@ One module per layer, as dnspython itself splits them (`dns.message` vs
 - `query`: `check_query`, pure: wire bytes in, what to do and a `Decision` out.
 - `answer`: `filter_answer`, pure: the upstream's answer in, the edited response,
   a `Decision` and the bindings out.
+- `wire`: the fast path's reading and writing of the common query and answer as
+  bytes (`query.quick_check` and `answer.filter_simple_answer` use it, and hand
+  anything unusual to `check_query` / `filter_answer`).
 - `bindings`: `DnsBindings`, the state the connection checks read (O(1), bounded).
+- `upstream`: `UdpUpstream`, a few shared sockets to a resolver (random ids,
+  rotated source ports).
 - `server`: `DnsFilter`, the asyncio server: UDP and TCP listeners, upstream
   queries, one `Event` per query.
 

@@ -1,6 +1,8 @@
 """Filtering an upstream answer, pure: only the chain that answers the question,
 no addresses in private ranges (DNS rebinding), no ECH in HTTPS records. Edited as
-dnspython objects (`make_response`, `set_rcode`, rdata `replace`), never as bytes.
+dnspython objects (`make_response`, `set_rcode`, rdata `replace`), never as bytes;
+`filter_simple_answer` is the one exception: it passes the common answer, where
+nothing is to be edited, on the bytes (`wire`), and leaves the rest to `filter_answer`.
 
 Why an emptied answer is NOERROR without data: see the package docstring.
 """
@@ -8,10 +10,13 @@ Why an emptied answer is NOERROR without data: see the package docstring.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import Callable
 from typing import NamedTuple
 
 import dns.flags
+import dns.ipv4
+import dns.ipv6
 import dns.message
 import dns.name
 import dns.rcode
@@ -22,9 +27,27 @@ import dns.rrset
 from dns.rdtypes.svcbbase import IPv4HintParam, IPv6HintParam, ParamKey
 from sandgate.proxy.dns.bindings import Binding, canonical_address
 from sandgate.proxy.dns.query import OUR_PAYLOAD, make_response
+from sandgate.proxy.dns.wire import (
+    AAAA,
+    CNAME,
+    RCODE_TEXT,
+    SimpleQuery,
+    encode_name,
+    encode_record,
+    render_simple,
+    scan_answer,
+    size_limit,
+)
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.model import Decision
-from sandgate.proxy.policy.names import InvalidName, IPAddress, parse_domain, special_range
+from sandgate.proxy.policy.names import (
+    InvalidName,
+    IPAddress,
+    canonical_ip,
+    parse_domain,
+    special_range,
+    special_range_of,
+)
 
 KeepSpecial = Callable[[IPAddress], bool]
 """Whether a private/loopback/... address may stay in an answer: True only where a
@@ -139,6 +162,80 @@ def filter_answer(
         for address in addresses
     ]
     return FilteredAnswer(response, decision, bindings)
+
+
+class SimpleAnswer(NamedTuple):
+    """What `filter_simple_answer` sends: the `response` bytes, the `bindings` to
+    record, and `summary`, the rcode and addresses (as the event's detail has them)."""
+
+    response: bytes
+    bindings: list[Binding]
+    summary: str
+
+
+def filter_simple_answer(
+    query: SimpleQuery, qname: str, reply: bytes, *, udp: bool
+) -> SimpleAnswer | None:
+    """`filter_answer` on the bytes, for the answer where the filter removes nothing:
+    the same response (the chain from the question, the records of its type at the
+    chain's end, nothing else), bindings and summary. `qname` is the canonical name
+    that was forwarded; the caller has checked the reply's id and question.
+
+    None, so that `filter_answer` decides, for everything else: an answer not of
+    the common shape (`wire.scan_answer`: e.g. anything in the authority section,
+    such as a negative answer's SOA), truncated, an rcode other than NOERROR or
+    NXDOMAIN, any address in a special range (even one a CIDR rule keeps: `filter_answer`
+    asks), and a response too big for the client's transport (`render` truncates).
+    """
+    scanned = scan_answer(reply, query.qtype)
+    if scanned is None or scanned.truncated or scanned.rcode not in (0, 3):
+        return None
+    chain, name, seen = [], qname, {qname}
+    for _ in range(MAX_CHAIN):  # as _follow_cnames
+        link = scanned.cnames.get(name)
+        if link is None:
+            break
+        chain.append((name, *link))
+        name = link[0]
+        if name in seen:
+            break
+        seen.add(name)
+    rdatas, ttl = scanned.records.get(name, ({}, 0))
+    version, to_text = (6, dns.ipv6.inet_ntoa) if query.qtype == AAAA else (4, dns.ipv4.inet_ntoa)
+    addresses = []
+    for rdata in rdatas:
+        number = int.from_bytes(rdata, "big")
+        if special_range_of(number, version) is not None:
+            return None
+        addresses.append(canonical_ip(ipaddress.ip_address(number if version == 4 else rdata)))
+
+    # Owners are compressed to names already written: the question (offset 12, the
+    # client's spelling, as dnspython compresses), and each CNAME's target.
+    written, records, base = {qname: 12}, bytearray(), 12 + len(query.question)
+
+    def owner(name: str) -> bytes:
+        at = written.get(name)
+        return encode_name(name) if at is None else (0xC000 | at).to_bytes(2, "big")
+
+    for link_owner, target, link_ttl in chain:
+        record = encode_record(owner(link_owner), CNAME, link_ttl, encode_name(target))
+        if base + len(records) + len(record) < 0x3FFF:
+            written.setdefault(target, base + len(records) + len(record) - len(encode_name(target)))
+        records += record
+    for rdata in rdatas:
+        records += encode_record(owner(name), query.qtype, ttl, rdata)
+    response = render_simple(query, scanned.rcode, bytes(records), len(chain) + len(rdatas))
+    if len(response) > size_limit(query, udp=udp):
+        return None
+
+    names = []
+    for link_owner in [link[0] for link in chain] or [qname]:
+        with contextlib.suppress(InvalidName):
+            names.append(parse_domain(link_owner))
+    bindings = [(n, str(address), ttl) for n in names for address in addresses]
+    texts = [to_text(rdata) for rdata in rdatas]  # as dnspython's rdata.address
+    summary = f"{RCODE_TEXT[scanned.rcode]} {', '.join(texts)}".strip()
+    return SimpleAnswer(response, bindings, summary)
 
 
 def _follow_cnames(

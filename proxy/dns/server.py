@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -19,7 +20,12 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
-from sandgate.proxy.dns.answer import FilteredAnswer, filter_answer, render, upstream_failure
+from sandgate.proxy.dns.answer import (
+    filter_answer,
+    filter_simple_answer,
+    render,
+    upstream_failure,
+)
 from sandgate.proxy.dns.bindings import DnsBindings, canonical_address
 from sandgate.proxy.dns.placeholders import TTL as PLACEHOLDER_TTL
 from sandgate.proxy.dns.placeholders import Placeholders
@@ -27,11 +33,15 @@ from sandgate.proxy.dns.query import (
     OUR_PAYLOAD,
     DecideName,
     QueryCheck,
+    QuickCheck,
     check_query,
     header_response,
     make_response,
+    quick_check,
     refused,
 )
+from sandgate.proxy.dns.upstream import UdpUpstream
+from sandgate.proxy.dns.wire import render_simple
 from sandgate.proxy.limits import TokenBuckets
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.model import DEFAULT_LIMITS, Decision, Limits
@@ -96,6 +106,7 @@ class DnsFilter:
         self._tasks: set[asyncio.Task] = set()
         self._tcp_connections = 0
         self._pending: dict[str, int] = {}
+        self._udp_upstreams: dict[str, UdpUpstream] = {}
         self.limits_for = limits_for or (lambda profile: DEFAULT_LIMITS)
         self.rates = TokenBuckets(clock)  # queries a second, per sandbox
         self.placeholders = placeholders
@@ -125,6 +136,9 @@ class DnsFilter:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._tcp is not None:
             await self._tcp.wait_closed()
+        for upstream in self._udp_upstreams.values():
+            upstream.close()
+        self._udp_upstreams.clear()
         self._udp = self._tcp = None
 
     # UDP: one task per datagram, so a slow upstream never blocks other sandboxes.
@@ -199,6 +213,9 @@ class DnsFilter:
             return header_response(wire, dns.rcode.REFUSED), decision, {}
         sandbox, profile = who
         fields.update(sandbox=sandbox, profile=profile)
+        quick = quick_check(wire, profile, self.decide_name)
+        if quick is not None:
+            return await self._handle_quick(quick, wire, sandbox, profile, udp, fields)
         check = check_query(wire, profile, self.decide_name)
         fields.update(name=check.name)
         over = self._over_rate(sandbox, profile)
@@ -209,15 +226,68 @@ class DnsFilter:
         if check.action != "forward":
             detail = _join(check.decision.detail, check.qtype or "")
             return check.response, check.decision, {"detail": detail}
+        reply, failure = await self._forward(check.forward.to_wire(), sandbox)
+        return self._filter(
+            check.query, check.qtype, check.decision, reply, failure, sandbox, profile, udp
+        )
 
-        answer = await self._resolve(check, sandbox, profile)
+    async def _handle_quick(
+        self, quick: QuickCheck, wire: bytes, sandbox: str, profile: str, udp: bool, fields: dict
+    ) -> tuple[bytes | None, Decision, dict]:
+        """`_handle` for a query of the common shape: on the bytes (`wire.py`) as far
+        as the answer allows, through dnspython where the filter has work to do."""
+        fields.update(name=quick.name)
+        over = self._over_rate(sandbox, profile)
+        if over is not None:
+            response = render_simple(quick.query, dns.rcode.REFUSED)
+            return response, over, {"detail": _join(over.detail, quick.qtype)}
+        if quick.forward is None:
+            return (
+                quick.response,
+                quick.decision,
+                {"detail": _join(quick.decision.detail, quick.qtype)},
+            )
+        reply, failure = await self._forward(quick.forward, sandbox)
+        if isinstance(reply, bytes):
+            simple = filter_simple_answer(quick.query, quick.name, reply, udp=udp)
+            if simple is not None:
+                for name, ip, ttl in simple.bindings:
+                    self.bindings.record(sandbox, name, ip, ttl)
+                detail = _join(quick.decision.detail, f"{quick.qtype} {simple.summary}")
+                return simple.response, quick.decision, {"detail": detail}
+        query = dns.message.from_wire(wire)
+        return self._filter(
+            query, quick.qtype, quick.decision, reply, failure, sandbox, profile, udp
+        )
+
+    def _filter(
+        self,
+        query: dns.message.Message,
+        qtype: str,
+        decision: Decision,
+        reply: bytes | dns.message.Message | Decision | None,
+        failure: str,
+        sandbox: str,
+        profile: str,
+        udp: bool,
+    ) -> tuple[bytes, Decision, dict]:
+        """The response to the allowed `query` from the upstream's `reply` (None:
+        none came, `failure` says why; a Decision: the sandbox's limit refused to
+        forward), through `filter_answer`; records the bindings."""
+        if reply is None or isinstance(reply, Decision):
+            answer = upstream_failure(query, failure)
+            if isinstance(reply, Decision):
+                answer = answer._replace(decision=reply)
+        else:
+            keep = functools.partial(self.keep_special, profile) if self.keep_special else None
+            answer = filter_answer(query, reply, keep_special=keep)
         for name, ip, ttl in answer.bindings:
             self.bindings.record(sandbox, name, ip, ttl)
         extra = answer.decision.detail if answer.decision else ""
-        summary = f"{check.qtype} {_describe(answer.response)}"
-        detail = _join(check.decision.detail, extra, summary)
-        response = render(answer.response, check.query, udp=udp)
-        return response, answer.decision or check.decision, {"detail": detail}
+        summary = f"{qtype} {_describe(answer.response)}"
+        detail = _join(decision.detail, extra, summary)
+        response = render(answer.response, query, udp=udp)
+        return response, answer.decision or decision, {"detail": detail}
 
     def _placeholder(
         self, check: QueryCheck, sandbox: str, udp: bool
@@ -247,7 +317,7 @@ class DnsFilter:
         The answer is filtered like any other (rebinding), and the query is an event."""
         query = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=OUR_PAYLOAD)
         started = time.perf_counter()
-        upstream, failure = await self._ask_upstream(query)
+        upstream, failure = await self._ask_upstream(query.to_wire())
         if upstream is None:
             answer = upstream_failure(query, failure)
         else:
@@ -286,43 +356,41 @@ class DnsFilter:
             return None
         return deny("sandbox-dns-rate", f"more than {rate} DNS queries a second")
 
-    async def _resolve(self, check: QueryCheck, sandbox: str, profile: str) -> FilteredAnswer:
-        """Forward an allowed query and filter the answer; at most
-        `max_pending_per_sandbox` at a time per sandbox, so one sandbox cannot tie
-        up the upstream (or our memory) for the others."""
+    async def _forward(
+        self, wire: bytes, sandbox: str
+    ) -> tuple[bytes | dns.message.Message | Decision | None, str]:
+        """Forward the allowed query `wire`: (the upstream's reply, "") or (None, why
+        not); at most `max_pending_per_sandbox` at a time per sandbox (else a
+        `sandbox_limit` Decision), so one sandbox cannot tie up the upstream (or
+        our memory) for the others."""
         pending = self._pending.get(sandbox, 0)
         if pending >= self.max_pending_per_sandbox:
-            answer = upstream_failure(check.query, "too many queries in flight")
             limit = f"more than {self.max_pending_per_sandbox} DNS queries in flight"
-            return answer._replace(decision=deny("sandbox-dns-pending", limit))
+            return deny("sandbox-dns-pending", limit), "too many queries in flight"
         self._pending[sandbox] = pending + 1
         try:
-            upstream, failure = await self._ask_upstream(check.forward)
+            return await self._ask_upstream(wire)
         finally:
             self._pending[sandbox] -= 1
             if not self._pending[sandbox]:
                 del self._pending[sandbox]
-        if upstream is None:
-            return upstream_failure(check.query, failure)
-        keep = functools.partial(self.keep_special, profile) if self.keep_special else None
-        return filter_answer(check.query, upstream, keep_special=keep)
 
-    async def _ask_upstream(
-        self, query: dns.message.Message
-    ) -> tuple[dns.message.Message | None, str]:
-        """The first upstream's answer (UDP, TCP when truncated), or None and why not."""
+    async def _ask_upstream(self, wire: bytes) -> tuple[bytes | dns.message.Message | None, str]:
+        """The first upstream's answer to `wire` (UDP through the shared sockets,
+        wire bytes; again over TCP when truncated, a Message), or None and why not."""
         errors = []
         for server in self.upstreams:
             try:
-                response, _ = await dns.asyncquery.udp_with_fallback(
-                    query,
-                    server,
-                    timeout=self.timeout,
-                    port=self.upstream_port,
-                    # Keep waiting past stray or spoofed datagrams (wrong source, id or
-                    # question) instead of failing on the first one.
-                    ignore_unexpected=True,
-                    ignore_errors=True,
+                upstream = self._udp_upstreams.get(server)
+                if upstream is None:
+                    upstream = self._udp_upstreams[server] = UdpUpstream(server, self.upstream_port)
+                reply = await upstream.ask(wire, self.timeout)
+                if not reply[2] & 0x02:  # TC clear
+                    return reply, ""
+                query = dns.message.from_wire(wire)
+                query.id = secrets.randbits(16)
+                response = await dns.asyncquery.tcp(
+                    query, server, timeout=self.timeout, port=self.upstream_port
                 )
                 return response, ""
             except (dns.exception.DNSException, OSError, EOFError) as e:

@@ -25,10 +25,12 @@ import pytest
 from dns.rdtypes.svcbbase import ParamKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sandgate.proxy.dns.answer import filter_answer, render
+from sandgate.proxy.dns.answer import filter_answer, filter_simple_answer, render
 from sandgate.proxy.dns.bindings import DnsBindings
-from sandgate.proxy.dns.query import OUR_PAYLOAD, check_query, header_response
-from sandgate.proxy.dns.server import DnsFilter
+from sandgate.proxy.dns.query import OUR_PAYLOAD, check_query, header_response, quick_check
+from sandgate.proxy.dns.server import DnsFilter, _describe
+from sandgate.proxy.dns.upstream import UdpUpstream
+from sandgate.proxy.dns.wire import forward_query, scan_query
 from sandgate.proxy.policy.model import Decision, Rule
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import EventKind
@@ -804,3 +806,230 @@ def test_handle_pending_limit():
     assert parse(reply).rcode() == dns.rcode.SERVFAIL
     assert sink.events[0].reason == Reason.SANDBOX_LIMIT
     assert sink.events[0].rule_id == "builtin:sandbox-dns-pending"
+
+
+# --- the fast path on the bytes (wire.py, quick_check, filter_simple_answer) ------
+
+
+def _same_message(fast: bytes, slow: bytes) -> None:
+    """Two responses say the same: header, question spelling, records and TTLs, EDNS.
+    (Names in records are compared without case: dnspython compresses them to any
+    earlier spelling, e.g. `b.EXAMPLE.COM` after a question `WWW.EXAMPLE.COM`; and
+    records in an RRset in any order: dnspython shuffles them as it renders.)"""
+    a, b = parse(fast), parse(slow)
+    assert (a.id, a.flags, a.rcode(), a.edns, a.payload) == (
+        b.id,
+        b.flags,
+        b.rcode(),
+        b.edns,
+        b.payload,
+    )
+    assert [q.to_text() for q in a.question] == [q.to_text() for q in b.question]
+    for section in ("answer", "authority", "additional"):
+        mine, theirs = getattr(a, section), getattr(b, section)
+        assert [(sorted(r.to_text().lower().split("\n")), r.ttl) for r in mine] == [
+            (sorted(r.to_text().lower().split("\n")), r.ttl) for r in theirs
+        ]
+
+
+def _fast_or_none(query_wire: bytes, qname: str, reply: bytes, udp: bool = True):
+    """filter_simple_answer's result, checked against filter_answer's when not None."""
+    simple = scan_query(query_wire)
+    assert simple is not None
+    fast = filter_simple_answer(simple, qname, reply, udp=udp)
+    if fast is None:
+        return None
+    query = parse(query_wire)
+    slow = filter_answer(query, reply)
+    assert slow.decision is None  # the fast path never passes what the filter edits
+    _same_message(fast.response, render(slow.response, query, udp=udp))
+    assert fast.bindings == slow.bindings
+    assert fast.summary == _describe(slow.response)
+    return fast
+
+
+@pytest.mark.parametrize(
+    "qname, qtype, records, answer, reason, bindings",
+    [
+        pytest.param("example.com", *case.values, id=case.id)
+        for case in FILTER_CASES
+        if case.values[0] in ("A", "AAAA")
+    ]
+    + [
+        pytest.param("www.example.com", *case.values, id=case.id)
+        for case in CHAIN_CASES
+        if case.values[0] in ("A", "AAAA")
+    ],
+)
+def test_fast_path_agrees_with_filter_answer(qname, qtype, records, answer, reason, bindings):
+    """Where the fast path answers, it answers as filter_answer does; it leaves every
+    answer with something to remove to filter_answer."""
+    query = dns.message.make_query(qname.upper(), qtype, use_edns=0, payload=4096)
+    records = [r.replace("@", qname + ".", 1) for r in records]
+    fast = _fast_or_none(query.to_wire(), qname, upstream_answer(query, *records))
+    if reason is not None:
+        assert fast is None
+    elif "TXT" not in str(records):  # the common shape: only CNAMEs and the type asked
+        assert fast is not None and fast.bindings == bindings
+
+
+@pytest.mark.parametrize(
+    "records, authority, additional",
+    [
+        pytest.param([], [SOA], [], id="negative-with-soa"),
+        pytest.param(["example.com. 60 DNAME example.net."], [], [], id="dname"),
+        pytest.param(
+            [f"example.com. 60 A {PUBLIC}"],
+            ["example.com. 60 NS ns.example.com."],
+            [],
+            id="authority",
+        ),
+        pytest.param(
+            [f"example.com. 60 A {PUBLIC}"], [], ["ns.example.com. 60 A 198.51.100.53"], id="glue"
+        ),
+    ],
+)
+def test_fast_path_leaves_the_rest_to_the_full_filter(records, authority, additional):
+    query = dns.message.make_query("example.com", "A")
+    reply = upstream_answer(query, *records, authority=authority, additional=additional)
+    assert filter_simple_answer(scan_query(query.to_wire()), "example.com", reply, udp=True) is None
+
+
+def test_fast_path_truncates_through_the_full_filter():
+    """Too big for the client: None, so that render() sets TC as before."""
+    query = dns.message.make_query("big.example.com", "A")  # no EDNS: 512 bytes
+    reply = upstream_answer(query, *(line.replace(" ", ". ", 1) for line in BIG))
+    assert (
+        filter_simple_answer(scan_query(query.to_wire()), "big.example.com", reply, udp=True)
+        is None
+    )
+    assert _fast_or_none(query.to_wire(), "big.example.com", reply, udp=False) is not None
+
+
+def _mutated_a_answers():
+    query = dns.message.make_query("www.example.com", "A", use_edns=0)
+    base = upstream_answer(query, *CHAIN, f"edge.cdn.test. 30 A {PUBLIC}")
+    question_end = 12 + len(query.question[0].name.to_wire()) + 4
+    edits = st.lists(
+        st.tuples(st.integers(question_end, len(base) - 1), st.integers(0, 255)), max_size=4
+    )
+    return st.tuples(st.just(query), edits.map(lambda e: _apply(base, e)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(_mutated_a_answers())
+def test_fast_path_on_mangled_answers_agrees_or_declines(case):
+    """Whatever the upstream sends after the (checked) question, the fast path answers
+    exactly as filter_answer does, or leaves it to filter_answer."""
+    query, reply = case
+    _fast_or_none(query.to_wire(), "www.example.com", reply)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=600), _mutated_queries()))
+def test_quick_check_agrees_with_check_query(wire):
+    policy = FakePolicy({"www.example.com": Verdict.ALLOW})
+    quick = quick_check(wire, "dev", policy)
+    if quick is None:
+        return
+    check = check_query(wire, "dev", policy)
+    assert (quick.decision, quick.name, quick.qtype) == (check.decision, check.name, check.qtype)
+    if quick.forward is not None:
+        forward = parse(quick.forward)
+        forward.id = check.forward.id
+        assert forward == check.forward and forward.payload == check.forward.payload
+        assert forward.to_wire() == check.forward.to_wire()
+    else:
+        _same_message(quick.response, check.response)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pytest.param(wire_query("example.com", "TXT"), id="type"),
+        pytest.param(wire_query("exa\\.mple.com"), id="escaped-label"),
+        pytest.param(wire_query("example.com", use_edns=1), id="edns1"),
+        pytest.param(wire_query("example.com", "A") + b"\0", id="trailing-byte"),
+        pytest.param(with_opcode(dns.opcode.NOTIFY), id="opcode"),
+        pytest.param(wire_response(), id="response"),
+    ],
+)
+def test_quick_check_declines_the_unusual(wire):
+    assert quick_check(wire, "dev", FakePolicy()) is None
+
+
+class _Upstream(asyncio.DatagramProtocol):
+    """Answers each query with `reply(query)` (bytes, a list of datagrams, or None)."""
+
+    def __init__(self, reply):
+        self.reply, self.sources, self.ids = reply, [], []
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.sources.append(addr[1])
+        self.ids.append(data[:2])
+        replies = self.reply(data)
+        for reply in replies if isinstance(replies, list) else [replies] if replies else []:
+            self.transport.sendto(reply, addr)
+
+
+async def _with_upstream(reply, body):
+    loop = asyncio.get_running_loop()
+    transport, upstream = await loop.create_datagram_endpoint(
+        lambda: _Upstream(reply), local_addr=("127.0.0.1", 0)
+    )
+    pool = UdpUpstream("127.0.0.1", transport.get_extra_info("sockname")[1], max_uses=5)
+    try:
+        return await body(pool, upstream)
+    finally:
+        pool.close()
+        transport.close()
+
+
+def _answer_to(data: bytes, name="example.com", address=PUBLIC) -> bytes:
+    query = parse(data)
+    response = dns.message.make_response(query)
+    response.answer.append(dns.rrset.from_text(name + ".", 60, "IN", "A", address))
+    return response.to_wire()
+
+
+def test_upstream_socket_ignores_spoofed_replies():
+    """A reply with another id, or another question, is not taken: the query waits
+    for the real one; a query nobody answers times out."""
+
+    def spoofing(data):
+        wrong_id = bytes([data[0] ^ 1, data[1]]) + _answer_to(data, address="198.51.100.66")[2:]
+        other = parse(data)
+        other.question[0] = dns.rrset.RRset(dns.name.from_text("evil.test"), 1, 1)
+        wrong_question = _answer_to(other.to_wire(), "evil.test", "198.51.100.67")
+        return [wrong_id, wrong_question, _answer_to(data)]
+
+    async def body(pool, upstream):
+        reply = await pool.ask(forward_query("example.com", 1), timeout=2)
+        return parse(reply)
+
+    reply = asyncio.run(_with_upstream(spoofing, body))
+    assert answer_values(reply) == [f"example.com A {PUBLIC}"]
+
+    async def silent(pool, upstream):
+        with pytest.raises(TimeoutError):
+            await pool.ask(forward_query("example.com", 1), timeout=0.1)
+
+    asyncio.run(_with_upstream(lambda data: None, silent))
+
+
+def test_upstream_socket_ids_random_and_ports_rotated():
+    """Queries get fresh random ids, and no source port serves more than max_uses."""
+
+    async def body(pool, upstream):
+        for _ in range(40):
+            await pool.ask(forward_query("example.com", 1), timeout=2)
+        return upstream
+
+    upstream = asyncio.run(_with_upstream(_answer_to, body))
+    assert len(set(upstream.ids)) >= 35  # 40 random 16-bit ids: collisions are rare
+    assert b"\0\0" not in upstream.ids  # forward_query's placeholder never leaves
+    uses = {port: upstream.sources.count(port) for port in upstream.sources}
+    assert len(uses) >= 40 // 5 and max(uses.values()) <= 5

@@ -23,6 +23,7 @@ PURE_MODULES = [
     "sandgate.proxy.dns.bindings",
     "sandgate.proxy.dns.placeholders",
     "sandgate.proxy.approvals.pending",
+    "sandgate.proxy.dns.wire",
     "sandgate.enforcer.sandbox.spec",
 ]
 IMPURE_IMPORTS = {"socket", "asyncio", "mitmproxy", "pyroute2", "subprocess", "threading"}

@@ -1,0 +1,141 @@
+"""Asking an upstream resolver over UDP through a few shared sockets.
+
+`dns.asyncquery.udp` opens a socket and an asyncio endpoint for every query: about
+a sixth of an allowed query's time. `UdpUpstream` keeps a few connected sockets
+open instead and matches replies to queries by id, without giving up what makes
+a forwarder hard to poison (RFC 5452):
+
+- every query gets a random id (`secrets`), unique among those in flight on its
+  socket, on one of `size` sockets picked at random;
+- a socket is retired after `max_uses` queries or `max_age` seconds, so a source
+  port (the kernel picks it at random) is never used for long; a retired socket
+  closes once its last query is answered or has timed out;
+- a socket is connected, so the kernel drops datagrams from any other address;
+  a reply is taken only with the id of a query in flight, QR set and the same
+  question (name compared case-insensitively, type and class exactly); anything
+  else is ignored and the query keeps waiting, as `ignore_unexpected` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import socket
+import time
+
+from sandgate.proxy.dns.wire import end_of_question
+
+
+class _Socket:
+    __slots__ = ("sock", "pending", "uses", "born", "retired")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        # id (2 bytes) -> (future, question section as sent)
+        self.pending: dict[bytes, tuple[asyncio.Future, bytes]] = {}
+        self.uses = 0
+        self.born = time.monotonic()
+        self.retired = False
+
+
+class UdpUpstream:
+    """Connected UDP sockets to one resolver at (`host`, `port`), for one event loop."""
+
+    def __init__(
+        self, host: str, port: int = 53, *, size: int = 4, max_uses: int = 64, max_age: float = 1.0
+    ):
+        self.address = (host, port)
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.size, self.max_uses, self.max_age = size, max_uses, max_age
+        self._sockets: list[_Socket | None] = [None] * size
+        self._draining: set[_Socket] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def ask(self, wire: bytes, timeout: float) -> bytes:
+        """Send the query `wire` (its id replaced) and return the reply. Raises
+        TimeoutError, or OSError when the socket fails (e.g. ICMP unreachable)."""
+        entry = self._pick()
+        qid = secrets.randbits(16).to_bytes(2, "big")
+        while qid in entry.pending:
+            qid = secrets.randbits(16).to_bytes(2, "big")
+        future = asyncio.get_running_loop().create_future()
+        entry.pending[qid] = (future, wire[12 : end_of_question(wire)])
+        entry.uses += 1
+        try:
+            entry.sock.send(qid + wire[2:])
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            entry.pending.pop(qid, None)
+            if entry.retired and not entry.pending:
+                self._close(entry)
+
+    def close(self) -> None:
+        """Close every socket; queries still waiting fail with ConnectionAbortedError."""
+        for entry in [*filter(None, self._sockets), *self._draining]:
+            for future, _ in entry.pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionAbortedError("upstream closed"))
+            self._close(entry)
+        self._sockets = [None] * self.size
+
+    def _pick(self) -> _Socket:
+        slot = random.randrange(self.size)
+        entry = self._sockets[slot]
+        if entry is not None and (
+            entry.uses >= self.max_uses or time.monotonic() - entry.born > self.max_age
+        ):
+            entry.retired = True
+            if entry.pending:
+                self._draining.add(entry)
+            else:
+                self._close(entry)
+            entry = None
+        if entry is None:
+            entry = self._sockets[slot] = self._open()
+        return entry
+
+    def _open(self) -> _Socket:
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.address)  # an ephemeral port the kernel picks at random
+        except OSError:
+            sock.close()
+            raise
+        entry = _Socket(sock)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable, entry)
+        return entry
+
+    def _close(self, entry: _Socket) -> None:
+        self._draining.discard(entry)
+        if entry.sock.fileno() >= 0:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(entry.sock.fileno())
+            entry.sock.close()
+
+    def _readable(self, entry: _Socket) -> None:
+        while True:
+            try:
+                reply = entry.sock.recv(65535)
+            except BlockingIOError:
+                return
+            except OSError as e:  # ICMP port unreachable and the like: fail fast
+                for future, _ in entry.pending.values():
+                    if not future.done():
+                        future.set_exception(e)
+                return
+            waiting = entry.pending.get(reply[:2])
+            if waiting is None or len(reply) < 12 or not reply[2] & 0x80:
+                continue
+            future, question = waiting
+            asked = reply[12 : 12 + len(question)]
+            if (
+                reply[4:6] == b"\0\x01"
+                and asked[:-4].lower() == question[:-4].lower()
+                and asked[-4:] == question[-4:]
+                and not future.done()
+            ):
+                future.set_result(reply)
