@@ -1,0 +1,129 @@
+"""Bounds on what one hostile task can cost the gateway (issue 12, "Limits"), end to
+end in the fake internet: an HTTP request head that never ends, descriptors
+exhausted, inputs that would stall the event loop.
+
+Each test proves the effect did not happen: the server's own log shows it got
+nothing it should not have, and the gateway kept its promises (431s, events).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+from support import sandbox
+from support.sandbox import SYSTEM_BUNDLE_ONLY, curl, eventually, python
+
+pytestmark = pytest.mark.e2e
+
+RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: plain
+      - allow: api.allowed.test
+        methods: [GET, POST]
+        paths: ['/public/**']
+        id: api
+"""
+
+
+def endless_head(host: str, port: int, path: str, tls: bool, megabytes: int = 8) -> str:
+    """Send a request head that never ends (`X: ` then `megabytes` MB of 'a', never a
+    blank line), watching for an answer between chunks; print the answer's status
+    line ("closed" if none) and how many bytes went out."""
+    return python(
+        """
+        import select, socket, ssl, sys
+        host, port, path, tls, total = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]) << 20
+        s = socket.create_connection((host, port), timeout=10)
+        if tls:
+            context = ssl.create_default_context()
+            context.set_alpn_protocols(["http/1.1"])
+            s = context.wrap_socket(s, server_hostname=host)
+        s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nX: ".encode())
+        sent, chunk, answer = 0, b"a" * 16384, b""
+        try:
+            while sent < total:
+                if select.select([s], [], [], 0)[0] or (tls and s.pending()):
+                    break
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        try:
+            while b"\\r\\n" not in answer:
+                data = s.recv(4096)
+                if not data:
+                    break
+                answer += data
+        except OSError:
+            pass
+        print(answer.split(b"\\r\\n")[0].decode(errors="replace") or "closed", sent)
+        """,
+        host,
+        str(port),
+        path,
+        "1" if tls else "0",
+        str(megabytes),
+    )
+
+
+def two_on_one_connection(first: str, second: str, *first_args: str) -> str:
+    """curl: `first` (with `first_args`), then `second`, on one connection if the
+    gateway keeps it open; prints `STATUS CONNECTS` for each (CONNECTS 0: reused)."""
+    common = ["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code} %{num_connects}\\n"]
+    argv = ["curl", *common, *first_args, first, "--next", *common, second]
+    return f"{SYSTEM_BUNDLE_ONLY} " + " ".join(shlex.quote(a) for a in argv)
+
+
+def test_a_request_head_that_never_ends_is_cut_at_the_head_limit(net, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    # A whole head just under 64 KiB still passes the gateway (nginx, whose own limits
+    # are lower, refuses it itself: a 400, or a 502 from the gateway over HTTP/2).
+    near_limit = "X-Big: " + "a" * 60_000
+    r = sandbox.run(net, tmp_path, {
+        "plain": endless_head("allowed.test", 80, "/endless", tls=False),
+        "tls": endless_head("api.allowed.test", 443, "/public/endless", tls=True),
+        # keep-alive follow-ups, after a streamed body too, plain and inspected
+        "keepalive": two_on_one_connection("http://allowed.test/ka1", "http://allowed.test/ka2"),
+        "upload": two_on_one_connection("http://allowed.test/upload", "http://allowed.test/after-upload",
+                                        "--data-binary", "@body.bin"),
+        "tls_upload": two_on_one_connection("https://api.allowed.test/public/upload",
+                                            "https://api.allowed.test/public/after-upload",
+                                            "--data-binary", "@body.bin"),
+        "near_limit": curl("-H", near_limit, "http://allowed.test/near-limit"),
+        "tls_near_limit": curl("-H", near_limit, "https://api.allowed.test/public/near-limit"),
+    }, rules=rules, setup=lambda w: (w / "body.bin").write_bytes(b"b" * (3 << 20)))  # fmt: skip
+
+    for label in ("plain", "tls"):
+        status_line, sent = r[label].out.rsplit(" ", 1)
+        assert status_line.startswith("HTTP/1.1 431"), (label, r.describe())
+        # cut near the limit, not after the 8 MB the client had to send
+        assert int(sent) < 2 << 20, (label, r.describe())
+    for label in ("keepalive", "upload", "tls_upload"):
+        # both answered, the second on the first one's connection
+        assert r[label].out.split() == ["200", "1", "200", "0"], (label, r.describe())
+    for label in ("near_limit", "tls_near_limit"):
+        assert r[label].status in (400, 502), (label, r.describe())
+    assert {e["path"] for e in r.events(kind="request", verdict="allow")} >= {
+        "/near-limit", "/public/near-limit"
+    }, r.describe()
+    seen = eventually(lambda: len(net.requests_seen()) >= 7 and net.requests_seen())
+    assert {e["uri"] for e in seen} >= {
+        "/ka1", "/ka2", "/upload", "/after-upload", "/public/upload", "/public/after-upload",
+    }, seen
+    assert not [e for e in seen if "endless" in e["uri"]], seen
+    refused = {
+        (e["protocol"], e["path"], e["reason"], e["rule_id"])
+        for e in r.events(kind="request", verdict="deny")
+    }
+    assert refused == {
+        ("http", "/endless", "headers_too_large", "builtin:headers-too-large"),
+        ("https", "/public/endless", "headers_too_large", "builtin:headers-too-large"),
+    }, r.describe()
+    # one event each: the refused head is the connection's request, not also a 400
+    assert not r.events(kind="connection", reason="malformed_request"), r.describe()
