@@ -8,13 +8,18 @@ nothing it should not have, and the gateway kept its promises (431s, events).
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
 
 import pytest
 from support import sandbox
 from support.sandbox import SYSTEM_BUNDLE_ONLY, curl, eventually, python
+from support.service import GatewayProcess, attach, attach_argv
 
 pytestmark = pytest.mark.e2e
+
+ALLOWED_IP = "203.0.113.10"
 
 RULES = """\
 version: 1
@@ -127,3 +132,86 @@ def test_a_request_head_that_never_ends_is_cut_at_the_head_limit(net, tmp_path):
     }, r.describe()
     # one event each: the refused head is the connection's request, not also a 400
     assert not r.events(kind="connection", reason="malformed_request"), r.describe()
+
+
+# --- descriptors: a sandbox that takes them all --------------------------------------
+
+# Opens connections to allowed.test:443 and sends nothing: each waits undecided,
+# holding a descriptor of the gateway, until `go` exists (the first-bytes timeout
+# is 30 s). Says in `up` how many it opened.
+HOARD = """
+import os, socket, time
+up, go = "{up}", "{go}"
+address = socket.gethostbyname("allowed.test")
+held = []
+for _ in range({tries}):
+    try:
+        held.append(socket.create_connection((address, 443), timeout=2))
+    except OSError:
+        pass
+    time.sleep(0.003)
+open(up, "w").write(str(len(held)))
+deadline = time.time() + 25
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.05)
+"""
+HOARD_RULES = """\
+version: 1
+profiles:
+  default:
+    limits: {connections: 1000, pending: 1000}
+    rules:
+      - allow: allowed.test
+        id: web
+"""
+
+
+def test_a_sandbox_holding_every_descriptor_cannot_silence_the_audit_log_or_control_socket(
+    net, tmp_path
+):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(HOARD_RULES)
+    gateway = GatewayProcess(net, tmp_path, rules).start()
+    shared, rw = sandbox.shared_dir(tmp_path)
+    up, go = shared / "up", shared / "go"
+    hoard = None
+    try:
+        # Room for about 100 connections; the task opens 200.
+        pid = gateway.popen.pid
+        limit = len(os.listdir(f"/proc/{pid}/fd")) + 100
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:{limit}"], check=True)
+        code = HOARD.format(up=up, go=go, tries=200)
+        hoard = subprocess.Popen(
+            attach_argv(gateway, sandbox._workdir(tmp_path), ["python3", "-c", code], extra=rw),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert eventually(lambda: up.exists(), timeout=60), hoard.stderr
+        # The gateway is out of descriptors while the task holds them: the refusals
+        # are in the audit log, and the control socket answers.
+        status = eventually(lambda: gateway.ask("status").returncode == 0, timeout=5)
+        assert status, gateway.log.read_text()[-2000:]
+        refused = eventually(lambda: gateway.events(reason="descriptors_exhausted"))
+        assert refused and {e["rule_id"] for e in refused} == {"builtin:descriptors-exhausted"}
+        assert len(refused) >= 50, len(refused)  # of the 200, about 100 had no room
+        assert net.requests_seen() == []  # nothing was decided, nothing went upstream
+    finally:
+        go.write_text("go")
+        if hoard is not None:
+            hoard.wait(60)
+    try:
+        # Each of the task's connections was refused at connect or has ended.
+        opened = int(up.read_text())
+        ended = eventually(
+            lambda: len(gateway.events(reason="descriptors_exhausted"))
+            + len(gateway.events(kind="connection", reason="no_data"))
+            >= opened,
+            timeout=10,
+        )
+        assert ended, opened
+        # Once the task let go, the gateway accepts again.
+        after = attach(gateway, tmp_path, {"get": curl("http://allowed.test/after")})
+        assert after.steps and after["get"].status == 200, after.stderr + after.describe()
+    finally:
+        gateway.stop()
