@@ -215,3 +215,74 @@ def test_a_sandbox_holding_every_descriptor_cannot_silence_the_audit_log_or_cont
         assert after.steps and after["get"].status == 200, after.stderr + after.describe()
     finally:
         gateway.stop()
+
+
+# --- no single input stalls the event loop ------------------------------------------------
+
+# The worst input found: a 64 KiB DNS message over TCP of ~4,000 records whose names
+# chain compression pointers (dnspython took ~200 ms to parse one). Four
+# connections send them back to back while the main thread times plain DNS
+# queries over UDP; prints the slowest in ms, and how many queries were answered.
+STALL = r"""
+import socket, struct, threading, time
+server = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")][0]
+
+def hostile():
+    body = bytearray(b"\x01a\x00" + struct.pack("!HH", 1, 1))
+    rr = struct.pack("!HHIH", 1, 1, 0, 4) + b"\x01\x02\x03\x04"
+    prev, n = 12, 0
+    for _ in range(10):
+        start = 12 + len(body)
+        body += b"\x07abcdefg" + struct.pack("!H", 0xC000 | prev) + rr
+        prev, n = start, n + 1
+    while len(body) + 16 < 65500:
+        body += struct.pack("!H", 0xC000 | prev) + rr
+        n += 1
+    return struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, n) + bytes(body)
+
+wire = hostile()
+stop = time.time() + 3
+
+def flood():
+    while time.time() < stop:
+        try:
+            with socket.create_connection((server, 53), timeout=5) as s:
+                for _ in range(5):
+                    s.sendall(len(wire).to_bytes(2, "big") + wire)
+                    s.recv(2)  # the FORMERR's length; the rest is not read
+        except OSError:
+            pass
+
+threads = [threading.Thread(target=flood) for _ in range(4)]
+for t in threads:
+    t.start()
+time.sleep(0.3)
+slowest, answered = 0.0, 0
+query = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"\x07allowed\x04test\x00" + struct.pack("!HH", 1, 1)
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+    u.settimeout(3)
+    while time.time() < stop - 0.2:
+        started = time.monotonic()
+        u.sendto(query, (server, 53))
+        try:
+            u.recv(512)
+            answered += 1
+        except OSError:
+            pass
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.02)
+for t in threads:
+    t.join()
+print(int(slowest * 1000), answered)
+"""
+
+
+def test_a_hostile_dns_message_does_not_stall_another_connection(net, tmp_path):
+    r = sandbox.run(net, tmp_path, {"stall": python(STALL)})
+    slowest, answered = map(int, r["stall"].out.split())
+    assert answered >= 10, r.describe()
+    assert slowest < 200, r.describe()  # a correctness bound, not a benchmark
+    hostile = [e for e in r.events(kind="dns", reason="dns_malformed")]
+    assert hostile and all("at most 4096" in e["detail"] for e in hostile), r.describe()
+    # only the real queries reached the upstream resolver
+    assert set(net.dns_queries_seen()) <= {"allowed.test"}, net.dns_queries_seen()
