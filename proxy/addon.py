@@ -27,12 +27,18 @@ import logging
 
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.http._http1 import Http1Server
 
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
 from sandgate.proxy.policy import Decision, Reason, Verdict
 from sandgate.proxy.policy.names import format_host_port
-from sandgate.proxy.policy.request_head import RequestHead, connection_without_upgrade
+from sandgate.proxy.policy.request_head import (
+    MAX_HEAD_BYTES,
+    RequestHead,
+    connection_without_upgrade,
+)
 
 log = logging.getLogger("sandgate.addon")
 
@@ -42,6 +48,7 @@ _STATUS = {
     Reason.AMBIGUOUS_PATH: 400,
     Reason.HEADERS_TOO_LARGE: 431,
 }
+_REFUSAL_HEADERS = {"content-type": "text/plain; charset=utf-8", "connection": "close"}
 _WEBSOCKET_ALLOWED = "sandgate.websocket"  # flow.metadata key: the request's upgrade was allowed
 
 
@@ -60,6 +67,39 @@ class CountingTCPLayer(layers.TCPLayer):
             else:
                 self.state.bytes_down += len(event.data)
         yield from super().relay_messages(event)
+
+
+class HeadLimitedHttpLayer(layers.HttpLayer):
+    """mitmproxy's HTTP layer, with a bound on an unfinished HTTP/1 request head.
+
+    mitmproxy's HTTP/1 reader (`Http1Server`) buffers a request head until its
+    blank line, with no limit (its own FIXME in layers/http/_http1.py): a task that
+    sends `GET / HTTP/1.1\r\nX: ` and then megabytes without an end grows the
+    gateway's memory for as long as it likes, and the hooks, which run only on a
+    whole head, never see it. So after each event the reader's unparsed buffer is
+    looked at while it reads a head (or waits for a response, holding the next
+    one): more than MAX_HEAD_BYTES there is a head that check_head would refuse
+    anyway, refused now (431, `gate.on_unfinished_head`) and the connection closed.
+    A body being read (`read_body`) is consumed as it comes and never counts; a
+    keep-alive follow-up starts from what is left after the previous request. The
+    layer sees plaintext, so inspected TLS is bounded alike; HTTP/2 has h2's limits."""
+
+    def __init__(self, context, refuse):
+        super().__init__(context, HTTPMode.transparent)
+        self.refuse = refuse  # (first bytes, size) -> the 431's bytes, after the event
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super()._handle_event(event)
+        reader = self.connections.get(self.context.client)
+        if (
+            isinstance(reader, Http1Server)
+            and len(reader.buf) > MAX_HEAD_BYTES
+            and reader.state in (reader.read_headers, reader.wait)
+        ):
+            buffered, size = bytes(reader.buf)[:4096], len(reader.buf)
+            reader.buf, reader.state = type(reader.buf)(), reader.done  # memory back, no parse
+            yield commands.SendData(self.context.client, self.refuse(buffered, size))
+            yield commands.CloseConnection(self.context.client)
 
 
 class RejectLayer(layer.Layer):
@@ -146,12 +186,12 @@ class SandgateAddon:
             return RejectLayer(context)
         if len(context.layers) > 1:
             # Inside a TLS connection we chose to intercept: HTTP, checked per request.
-            return layers.HttpLayer(context, HTTPMode.transparent)
+            return self._http_layer(context, state)
         outcome = self.gate.on_first_bytes(state, nextlayer.data_client())
         if outcome is Outcome.WAIT:
             return None  # mitmproxy asks again when more bytes arrive
         if outcome is Outcome.HTTP:
-            return layers.HttpLayer(context, HTTPMode.transparent)
+            return self._http_layer(context, state)
         if outcome is Outcome.PASSTHROUGH:
             return CountingTCPLayer(context, state)
         if outcome is Outcome.INTERCEPT:
@@ -162,6 +202,15 @@ class SandgateAddon:
             server_tls.child_layer = layers.ClientTLSLayer(context)
             return server_tls
         return RejectLayer(context)
+
+    def _http_layer(self, context, state: ConnState) -> HeadLimitedHttpLayer:
+        def refuse(start: bytes, size: int) -> bytes:
+            tls = bool(context.client.tls)
+            decision = self.gate.on_unfinished_head(state, start, size, tls)
+            page = _refusal_text(decision, "A request head must end within its size limit.")
+            return assemble_response(http.Response.make(431, page, _REFUSAL_HEADERS))
+
+        return HeadLimitedHttpLayer(context, refuse)
 
     def _requestheaders(self, flow: http.HTTPFlow):
         state = self.gate.connections.get(flow.client_conn.id)
@@ -238,7 +287,7 @@ def _head_of(request: http.Request) -> RequestHead:
 def _blocked(decision: Decision, flow: http.HTTPFlow) -> http.Response:
     """A short plain-text answer: git prints each line of a text/plain error body
     as `remote: ...`, curl and pip show it as it is."""
-    headers = {"content-type": "text/plain; charset=utf-8"}
+    headers = {"content-type": _REFUSAL_HEADERS["content-type"]}
     if not (flow.request.is_http2 or flow.request.is_http3):
         headers["connection"] = "close"  # a refused head may have framed its body wrongly
     return http.Response.make(
@@ -249,13 +298,20 @@ def _blocked(decision: Decision, flow: http.HTTPFlow) -> http.Response:
 def _blocked_page(decision: Decision, flow: http.HTTPFlow) -> str:
     if decision.reason in _APPROVAL_REASONS:
         return _approval_page(decision, flow)
-    rule = decision.rule
     url = _printable(flow.request.pretty_url[:300])
     method = _printable(flow.request.data.method[:32].decode("latin-1"))
+    return _refusal_text(
+        decision,
+        f"Ask the network admins; they can check: sandgate check --method {method} {url}",
+    )
+
+
+def _refusal_text(decision: Decision, hint: str) -> str:
+    rule = decision.rule
     return (
         f"Blocked by sandgate: {decision.reason}, rule {rule.id} ({rule.origin})\n"
         f"{_printable(decision.detail[:300])}\n"
-        f"Ask the network admins; they can check: sandgate check --method {method} {url}\n"
+        f"{hint}\n"
     )
 
 

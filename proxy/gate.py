@@ -65,6 +65,7 @@ from sandgate.proxy.policy.request_head import (
     CheckedHead,
     RequestHead,
     check_head,
+    refuse_unfinished,
     starts_like_http,
 )
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
@@ -506,6 +507,18 @@ class ConnectionGate:
             log.exception("request decision failed; denying")
             decision = deny("internal-error", detail=f"{type(e).__name__}: {e}")
         return self._settle_request(state, decision, head, checked, tls, name, started)
+
+    def on_unfinished_head(self, state: ConnState, start: bytes, size: int, tls: bool) -> Decision:
+        """An HTTP/1 request head still unfinished after `size` (> MAX_HEAD_BYTES)
+        bytes, `start` its first bytes: refused (431, headers_too_large) and emitted
+        as a request, before it ends; the adapter answers and closes."""
+        started = self.clock()
+        head, decision = refuse_unfinished(start, size)
+        try:
+            self._step(state, Step.REQUEST, state.phase)
+        except IllegalTransition as e:  # the denial stands; the bug is logged
+            log.error("sandgate: %s", e)
+        return self._settle_request(state, decision, head, None, tls, state.name, started)[0]
 
     def request_ask_key(
         self, state: ConnState, decision: Decision, checked: CheckedHead, tls: bool

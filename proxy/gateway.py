@@ -12,6 +12,7 @@ id, so emitters only say what they saw.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sandgate.proxy.approvals.holder import Approvals
+from sandgate.proxy.descriptors import DescriptorReserve
 from sandgate.proxy.dns.bindings import DnsBindings
 from sandgate.proxy.dns.placeholders import Placeholders
 from sandgate.proxy.dns.server import DnsFilter
@@ -83,6 +85,10 @@ class Gateway:
             upstream_ca=config.upstream_ca,
             addon_args=(self.approvals, self._resolve_placeholder),
         )
+        # Taken when listening starts (after the descriptor limit is raised).
+        self.descriptors: DescriptorReserve | None = None
+        self._audit_hold: Callable[[], Decision | None] = lambda: None
+        self.gate.hold_new = self._hold_new
         self.frontdoor = FrontDoor(
             self.gate, self.proxy.serve, approvals=self.approvals, resolve=self._resolve_placeholder
         )
@@ -94,6 +100,8 @@ class Gateway:
         if inspection is None:
             inspection = inspects(self.policy)
         raise_descriptor_limit()
+        self.descriptors = self.frontdoor.descriptors = DescriptorReserve()
+        self.descriptors.start(asyncio.get_running_loop())
         self.approvals.start()
         await self.dns.start(self.config.listen_host, self.config.dns_port)
         try:
@@ -103,6 +111,7 @@ class Gateway:
         except BaseException:
             await self.proxy.stop()
             await self.dns.stop()
+            self.descriptors.stop()
             raise
 
     async def stop(self) -> None:
@@ -110,6 +119,8 @@ class Gateway:
         await self.frontdoor.stop()
         await self.proxy.stop()
         await self.dns.stop()
+        if self.descriptors is not None:
+            self.descriptors.stop()
 
     @property
     def proxy_port(self) -> int:
@@ -155,7 +166,11 @@ class Gateway:
     def guard_audit(self, audit) -> None:
         """Refuse new connections (`audit_unavailable`) while `audit` (an AuditLog)
         cannot write: `--on-audit-failure block`. Their denials wait in its queue."""
-        self.gate.hold_new = audit_hold(audit)
+        self._audit_hold = audit_hold(audit)
+
+    def _hold_new(self) -> Decision | None:
+        """The gate's `hold_new`: the audit log's denial, else the descriptors'."""
+        return self._audit_hold() or (self.descriptors and self.descriptors.hold())
 
     def add_sandbox(self, sandbox: Sandbox) -> None:
         self.registry.add(sandbox)

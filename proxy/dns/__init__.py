@@ -33,6 +33,7 @@ sandbox got no address):
 ==============================================  =========  ========================
 query                                           rcode      reason
 ==============================================  =========  ========================
+over 4 KiB, or records besides one OPT          FORMERR    DNS_MALFORMED
 unparsable, id readable                         FORMERR    DNS_MALFORMED
 unparsable, < 2 bytes; or a response (QR set)   (dropped)  DNS_MALFORMED
 opcode other than QUERY (NOTIFY, UPDATE, ...)   NOTIMP     DNS_QTYPE_NOT_ALLOWED

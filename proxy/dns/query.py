@@ -40,6 +40,11 @@ DecideName = Callable[[str, str], Decision]
 ALLOWED_QTYPES = frozenset(
     {dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME, dns.rdatatype.HTTPS}
 )
+# A stub resolver's query is one question and at most one OPT record, a few hundred
+# bytes. A bigger one, or one with records in its other sections, is refused before
+# dnspython parses it: 64 KiB (TCP, or a fragmented datagram) of thousands of records
+# whose names chain compression pointers costs ~200 ms of the event loop to parse.
+MAX_QUERY_BYTES = 4096
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -75,10 +80,13 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
     """Check one query from a sandbox of `profile`. Never raises.
 
     Checks in order, the first failing one answers (table in the package docstring):
-    1. parse; 2. it is a query (QR clear); 3. opcode QUERY; 4. one question;
+    0. the shape, from the header, before parsing (`_shape_problem`); 1. parse; 2. it is a query (QR clear); 3. opcode QUERY; 4. one question;
     5. EDNS version 0 or none; 6. class IN; 7. an allowed type; 8. a valid host
     name; 9. the policy allows the name for the profile.
     """
+    problem = _shape_problem(wire)
+    if problem is not None:
+        return _unparsable(wire, problem)
     try:
         query = dns.message.from_wire(wire)
     except Exception as e:  # noqa: BLE001 - dnspython raises many types here (FormError, BadPointer, ValueError ...): all mean "malformed"
@@ -219,6 +227,21 @@ def refused(check: QueryCheck, wire: bytes) -> bytes | None:
         return header_response(wire, dns.rcode.REFUSED)
     one_question = len(query.question) == 1
     return _answer(query, dns.rcode.REFUSED, check.decision, copy_question=one_question).response
+
+
+def _shape_problem(wire: bytes) -> str | None:
+    """Why `wire` is no query worth parsing (see MAX_QUERY_BYTES), or None."""
+    if len(wire) > MAX_QUERY_BYTES:
+        return f"{len(wire)} bytes; a query has at most {MAX_QUERY_BYTES}"
+    if len(wire) < 12 or wire[2] & 0x80:
+        return None  # the parser says what is wrong; a response is never answered
+    _, answers, authority, additional = struct.unpack_from("!HHHH", wire, 4)
+    if answers or authority or additional > 1:
+        return (
+            f"{answers} answer, {authority} authority, {additional} additional records "
+            "in a query; at most one (OPT) additional"
+        )
+    return None
 
 
 def _unparsable(wire: bytes, detail: str) -> QueryCheck:

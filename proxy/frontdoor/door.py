@@ -14,6 +14,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
+from sandgate.proxy.descriptors import OUT_OF_DESCRIPTORS, DescriptorReserve
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
 from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
@@ -61,6 +62,7 @@ class FrontDoor:
         backlog: int = 1024,
         approvals=None,
         resolve: Callable[[ConnState, str], Awaitable[str | None]] | None = None,
+        descriptors: DescriptorReserve | None = None,
     ):
         """`approvals` (proxy/approvals/holder.Approvals) holds connections a human
         must approve; `resolve(state, name)` finds the real address of a placeholder's
@@ -68,6 +70,7 @@ class FrontDoor:
         self.gate = gate
         self.approvals = approvals
         self.resolve = resolve
+        self.descriptors = descriptors  # released when accept finds none left
         self.hand_off = hand_off
         self.original_dst = original_dst
         self.upstream_address = upstream_address
@@ -131,12 +134,20 @@ class FrontDoor:
     # --- accept -----------------------------------------------------------------------
 
     def _accept(self) -> None:
+        released = False
         for _ in range(ACCEPTS_PER_WAKEUP):
             try:
                 sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
+                if e.errno in OUT_OF_DESCRIPTORS and self.descriptors and not released:
+                    # The reserve goes to the audit log and control socket; the gate
+                    # refuses new connections meanwhile: this one is accepted to be
+                    # refused (an event, then closed), not left to spin the listener.
+                    self.descriptors.exhausted(f"accept: {e.strerror}")
+                    released = True
+                    continue
                 if e.errno in _ACCEPT_RESOURCE_ERRORS:
                     log.error("front door: accept failed (%s); pausing for a second", e)
                     fd = self._listener.fileno()

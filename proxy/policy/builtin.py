@@ -140,6 +140,12 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "the audit log could not be written (disk full, its budget reached, out of descriptors): "
         "new connections are refused until it can (--on-audit-failure block)",
     ),
+    (
+        "descriptors-exhausted",
+        (R.DESCRIPTORS_EXHAUSTED,),
+        "the gateway had no file descriptor to spare: new connections are refused until open "
+        "ones close, so that the audit log and the control socket keep theirs",
+    ),
     # The DNS filter (proxy/dns/).
     (
         "dns-malformed",

@@ -74,4 +74,7 @@ class Reason(StrEnum):
     # The audit log cannot be written (disk full, its budget reached, no descriptor):
     # with --on-audit-failure block (the default) new connections are refused.
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    # The gateway process has no file descriptor to spare: new connections are refused
+    # until open ones close, so the audit log and control socket keep theirs.
+    DESCRIPTORS_EXHAUSTED = "descriptors_exhausted"
     INTERNAL_ERROR = "internal_error"  # anything unexpected: fail closed, still report

@@ -11,6 +11,8 @@ could read otherwise than the gateway does, instead of guessing which reading th
 server picks. Checks, first failure wins:
 
  1. size: more than MAX_FIELDS header fields or MAX_HEAD_BYTES -> headers_too_large (431);
+    a head still unfinished after MAX_HEAD_BYTES is refused so too, before it ends
+    (`refuse_unfinished`);
  2. method: an RFC 9110 token -> else malformed_request;
  3. header names tokens, values free of control bytes (CR, LF, NUL, ... ; HTAB is
     allowed), Content-Length digits and all equal, Transfer-Encoding only `chunked`
@@ -143,6 +145,21 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
         return deny("ambiguous-path", detail=f"{why}: {path[:200]!r}")
     websocket, strip = _upgrade(by_name.get(b"upgrade"))
     return CheckedHead(head.method.decode("ascii"), host, path, websocket, strip)
+
+
+def refuse_unfinished(start: bytes, size: int) -> tuple[RequestHead, Decision]:
+    """A head that has not ended after `size` (> MAX_HEAD_BYTES) bytes, `start` its
+    first bytes: its request line as far as it goes (for the event), and the
+    431 refusing it. Refused before its end, since an HTTP parser would buffer it
+    until then, however long that is."""
+    line = start.split(b"\n", 1)[0].rstrip(b"\r")
+    method, _, rest = line.partition(b" ")
+    target = rest.rsplit(b" ", 1)[0] if b" HTTP/" in rest else rest
+    decision = deny(
+        "headers-too-large",
+        detail=f"the request head has not ended after {size} bytes; at most {MAX_HEAD_BYTES}",
+    )
+    return RequestHead(method[:32], target[:2048], ()), decision
 
 
 def path_problem(path: str) -> str | None:

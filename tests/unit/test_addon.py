@@ -217,7 +217,9 @@ def test_allowed_connection_end_reports_bytes_and_duration(addon):
             "ServerTLSLayer",
             id="inspected-tls",
         ),
-        pytest.param(("203.0.113.10", 80), b"GET / HTTP/1.1\r\n", "HttpLayer", id="plain-http"),
+        pytest.param(
+            ("203.0.113.10", 80), b"GET / HTTP/1.1\r\n", "HeadLimitedHttpLayer", id="plain-http"
+        ),
     ],
 )
 def test_a_connection_the_front_door_decided_is_adopted_not_decided_again(

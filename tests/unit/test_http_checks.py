@@ -16,6 +16,7 @@ from sandgate.proxy.policy.request_head import (
     check_head,
     connection_without_upgrade,
     path_problem,
+    refuse_unfinished,
     starts_like_http,
 )
 from support.fakes import SANDBOX, make_gate
@@ -411,3 +412,18 @@ def test_an_accepted_path_is_its_own_canonical_form_up_to_escapes(path):
 @given(st.binary(max_size=80))
 def test_first_bytes_never_crash(data):
     assert starts_like_http(data) in (True, False, None)
+
+
+@pytest.mark.parametrize(
+    "start, method, target",
+    [
+        pytest.param(b"GET /endless HTTP/1.1\r\nX: aaaa", b"GET", b"/endless", id="headers"),
+        pytest.param(b"GET /" + b"a" * 5000, b"GET", b"/" + b"a" * 2047, id="endless-target"),
+        pytest.param(b"\x00\xff", b"\x00\xff", b"", id="no-request-line"),
+    ],
+)
+def test_an_unfinished_head_is_refused_431_naming_its_request_line(start, method, target):
+    head, decision = refuse_unfinished(start, 70_000)
+    assert (head.method, head.target, head.fields) == (method, target, ())
+    assert (decision.reason, decision.rule.id) == ("headers_too_large", "builtin:headers-too-large")
+    assert "70000 bytes" in decision.detail
