@@ -107,8 +107,9 @@ def test_a_request_head_that_never_ends_is_cut_at_the_head_limit(net, tmp_path):
     for label in ("plain", "tls"):
         status_line, sent = r[label].out.rsplit(" ", 1)
         assert status_line.startswith("HTTP/1.1 431"), (label, r.describe())
-        # cut near the limit, not after the 8 MB the client had to send
-        assert int(sent) < 2 << 20, (label, r.describe())
+        # cut near the limit, not after the 8 MB the client had to send (what it got
+        # out before the reset includes both ends' socket buffers: up to a few MB)
+        assert int(sent) < 4 << 20, (label, r.describe())
     for label in ("keepalive", "upload", "tls_upload"):
         # both answered, the second on the first one's connection
         assert r[label].out.split() == ["200", "1", "200", "0"], (label, r.describe())
