@@ -28,6 +28,7 @@ import pytest
 from sandgate.enforcer.demo import fakenet as fakenet_module
 from support import sandbox
 from support.sandbox import eventually
+from support.servers import start_https_server
 from test_sandbox_clients import MARK, PROJECT, WHEEL, _git  # its private registry, served here
 from test_sandbox_clients import _serve_root as serve_private_registry
 
@@ -45,72 +46,6 @@ version: 1
 profiles:
   default:
     include: [package-registries-passthrough, github-passthrough]
-"""
-
-# Static files, and git's smart HTTP through `git http-backend` (CGI) for /octo/.
-# Logs "METHOD PATH STATUS" for every request it gets, whatever it answers.
-SERVER = r"""
-import functools, http.server, os, ssl, subprocess, sys
-root, ip, port, cert, key, log_path = sys.argv[1:7]
-log = open(log_path, "a", buffering=1)
-
-class Handler(http.server.SimpleHTTPRequestHandler):
-    def log_request(self, code="-", size="-"):
-        log.write(f"{self.command} {self.path} {int(code)}\n")
-
-    def do_GET(self):
-        return self.git() if self.path.startswith("/octo/") else super().do_GET()
-
-    def do_POST(self):
-        return self.git() if self.path.startswith("/octo/") else self.send_error(405)
-
-    def do_PUT(self):
-        self.send_error(405)
-
-    def body(self):
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            data = b""
-            while size := int(self.rfile.readline().split(b";")[0], 16):
-                data += self.rfile.read(size)
-                self.rfile.readline()
-            self.rfile.readline()
-            return data
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def git(self):
-        path, _, query = self.path.partition("?")
-        body = self.body()
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "GIT_PROJECT_ROOT": root, "GIT_HTTP_EXPORT_ALL": "1", "REMOTE_USER": "tester",
-            "PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": self.command,
-            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
-            "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": self.client_address[0],
-            "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
-            "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
-        }
-        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
-        head, _, payload = out.partition(b"\r\n\r\n")
-        status, headers = 200, []
-        for line in head.decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.lower() == "status":
-                status = int(value.split()[0])
-            elif name:
-                headers.append((name, value.strip()))
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-server = http.server.ThreadingHTTPServer((ip, int(port)), functools.partial(Handler, directory=root))
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(cert, key)
-server.socket = context.wrap_socket(server.socket, server_side=True)
-print("ready", flush=True)
-server.serve_forever()
 """
 
 
@@ -157,12 +92,7 @@ def registry(net, tmp_path) -> Iterator[tuple[Path, Callable[[], list[str]]]]:
         for address in (SERVER_IP, DNS_IP):
             net.run_in_internet(["ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
             added.append(address)
-        server = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c", SERVER]
-        server += [str(root), SERVER_IP, "443", str(cert), str(key), str(log)]
-        procs.append(
-            subprocess.Popen(server, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        )
-        assert procs[0].stdout.readline().strip() == "ready", "no registry server"
+        procs.append(start_https_server(net, root, SERVER_IP, 443, cert, key, log))
         dnsmasq = [
             "ip", "netns", "exec", net.internet_ns, shutil.which("dnsmasq") or "/usr/sbin/dnsmasq",
             "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",

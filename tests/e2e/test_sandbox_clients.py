@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from sandgate.enforcer.demo.fakenet import _make_certs
 from support import sandbox
+from support.servers import start_https_server
 
 pytestmark = pytest.mark.e2e
 
@@ -51,22 +52,6 @@ profiles:
         ports: [{PORT}]
         id: private-registry
         comment: pass-through, no methods or paths
-"""
-
-# A static HTTPS file server that logs "METHOD PATH STATUS" for every request.
-SERVER = r"""
-import functools, http.server, ssl, sys
-root, ip, port, cert, key, log_path = sys.argv[1:7]
-log = open(log_path, "a", buffering=1)
-class Handler(http.server.SimpleHTTPRequestHandler):
-    def log_request(self, code="-", size="-"):
-        log.write(f"{self.command} {self.path} {int(code)}\n")
-server = http.server.ThreadingHTTPServer((ip, int(port)), functools.partial(Handler, directory=root))
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(cert, key)
-server.socket = context.wrap_socket(server.socket, server_side=True)
-print("ready", flush=True)
-server.serve_forever()
 """
 
 
@@ -132,11 +117,8 @@ def registry(net, tmp_path) -> Iterator[tuple[Path, Callable[[], list[str]]]]:
     root, log = tmp_path / "www", tmp_path / "server.log"
     _serve_root(root)
     log.touch()
-    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c", SERVER]
-    argv += [str(root), IP, str(PORT), str(cert), str(key), str(log)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    proc = start_https_server(net, root, IP, PORT, cert, key, log)
     try:
-        assert proc.stdout.readline().strip() == "ready", f"no server on {IP}:{PORT}"
         yield ca, lambda: log.read_text().splitlines()
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -1,0 +1,90 @@
+"""A logging HTTPS server for the fake internet, for tests that need a server of their
+own (another CA, another address): static files, and git's smart HTTP under /octo/."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from support import sandbox
+
+# Static files, and git's smart HTTP through `git http-backend` (CGI) for /octo/.
+# Logs "METHOD PATH STATUS" for every request it gets, whatever it answers.
+HTTPS_SERVER = r"""
+import functools, http.server, os, ssl, subprocess, sys
+root, ip, port, cert, key, log_path = sys.argv[1:7]
+log = open(log_path, "a", buffering=1)
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_request(self, code="-", size="-"):
+        log.write(f"{self.command} {self.path} {int(code)}\n")
+
+    def do_GET(self):
+        return self.git() if self.path.startswith("/octo/") else super().do_GET()
+
+    def do_POST(self):
+        return self.git() if self.path.startswith("/octo/") else self.send_error(405)
+
+    def do_PUT(self):
+        self.send_error(405)
+
+    def body(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                data += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return data
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def git(self):
+        path, _, query = self.path.partition("?")
+        body = self.body()
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "GIT_PROJECT_ROOT": root, "GIT_HTTP_EXPORT_ALL": "1", "REMOTE_USER": "tester",
+            "PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": self.command,
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": self.client_address[0],
+            "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
+            "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+        }
+        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        status, headers = 200, []
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name:
+                headers.append((name, value.strip()))
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+server = http.server.ThreadingHTTPServer((ip, int(port)), functools.partial(Handler, directory=root))
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
+def start_https_server(
+    net, root: Path, ip: str, port: int, cert: Path, key: Path, log: Path
+) -> subprocess.Popen:
+    """HTTPS_SERVER in the fake internet's namespace on ip:port, serving `root` and
+    logging to `log`; returns once it listens (the caller kills it)."""
+    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c", HTTPS_SERVER]
+    argv += [str(root), ip, str(port), str(cert), str(key), str(log)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"no HTTPS server on {ip}:{port}")
+    return proc
