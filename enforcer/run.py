@@ -430,14 +430,16 @@ class TaskRun:
         self.gateway.emit(task_events.task_ended(ended, duration, **self._task_fields()))
 
 
-def unwire(run_id: str, table: str, *, had_net: bool = True) -> dict[str, int]:
+def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True) -> dict[str, int]:
     """A sandbox's network and table go, in that order (the sandbox never exists without
-    its table); returns the table's drop counters, read just before it goes."""
+    its table); returns the table's drop counters, read just before it goes (unless
+    `count` is False: the caller read them already)."""
     if had_net:
         netns.destroy_sandbox_net(run_id)
     counters: dict[str, int] = {}
     with contextlib.suppress(nft.NftError):
-        counters = nft.read_counters(table)
+        if count:
+            counters = nft.read_counters(table)
     with contextlib.suppress(nft.NftError):
         nft.delete_table(table)
     return counters

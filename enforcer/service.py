@@ -612,7 +612,11 @@ class GatewayService:
         async def unwire_now() -> None:
             with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
                 await asyncio.to_thread(
-                    unwire, attached.run_id, attached.table, had_net=bool(attached.address)
+                    unwire,
+                    attached.run_id,
+                    attached.table,
+                    had_net=bool(attached.address),
+                    count=False,  # _remove read them before the reply
                 )
             shutil.rmtree(attached.dir, ignore_errors=True)
 
