@@ -33,16 +33,18 @@ PROMETHEUS = CONTAINERS / "prometheus" / "prometheus.yml"
 DATASOURCES = CONTAINERS / "grafana" / "provisioning" / "datasources" / "sandgate.yml"
 DASHBOARD_PROVIDER = CONTAINERS / "grafana" / "provisioning" / "dashboards" / "sandgate.yml"
 
+
 # `sandgate gateway`'s options as the service's interface documents them.
-GATEWAY_FLAGS = {
-    "--rules",
-    "--dns-upstream",
-    "--extra-ca",
-    "--metrics-listen",
-    "--control",
-    "--audit-log",
-    "--grace",
-}
+def _gateway_flags() -> set[str]:
+    """Every option `sandgate gateway` takes, from its parser."""
+    from sandgate.enforcer.cli import build_parser
+
+    gateway = build_parser("gateway")._subparsers._group_actions[0].choices["gateway"]
+    flags = {flag for action in gateway._actions for flag in action.option_strings}
+    return {flag for flag in flags if flag.startswith("--")} - {"--help"}
+
+
+GATEWAY_FLAGS = _gateway_flags()
 DEFAULT_CONTROL = "/run/sandgate/gateway.sock"
 DEFAULT_METRICS = "127.0.0.1:9464"
 
