@@ -54,37 +54,56 @@ async function decide(approval, decision, scope) {
   refresh();
 }
 
+// Rows are kept by approval id and only their text is updated, so a refresh (every
+// pushed change) never replaces the button under the admin's pointer or keyboard focus.
+function pendingValues(a) {
+  return [a.id, a.task_id, a.sandbox, a.profile, destination(a), a.method, a.path,
+          a.first_seen, `${a.waiting_s} s`, a.held];
+}
+
+function pendingRow(tbody, a) {
+  const row = tbody.insertRow();
+  row.dataset.id = a.id;
+  for (const value of pendingValues(a)) cell(row, value);
+  const td = cell(row, "");
+  td.className = "decide";
+  for (const [scope, words] of SCOPES) {
+    const button = document.createElement("button");
+    button.dataset.scope = scope;
+    button.addEventListener("click", () => decide(a, "approve", scope));
+    td.append(button);
+  }
+  const deny = document.createElement("button");
+  deny.textContent = "Deny";
+  deny.className = "deny";
+  deny.dataset.scope = "deny";
+  deny.setAttribute("aria-label", `Deny: ${destination(a)}, task ${a.task_id}`);
+  deny.addEventListener("click", () => decide(a, "deny"));
+  td.append(deny);
+  return row;
+}
+
 function renderPending(approvals) {
   const tbody = document.querySelector("#pending tbody");
-  tbody.replaceChildren();
+  const rows = new Map();
+  for (const row of tbody.querySelectorAll("tr[data-id]")) rows.set(row.dataset.id, row);
+  for (const row of tbody.querySelectorAll("tr:not([data-id])")) row.remove();
+  const duration = document.getElementById("duration").value;
   for (const a of approvals) {
-    const row = tbody.insertRow();
-    row.dataset.id = a.id;
-    for (const value of [a.id, a.task_id, a.sandbox, a.profile, destination(a), a.method, a.path,
-                         a.first_seen, `${a.waiting_s} s`, a.held]) {
-      cell(row, value);
-    }
-    const td = cell(row, "");
-    td.className = "decide";
+    const row = rows.get(a.id) || pendingRow(tbody, a);
+    rows.delete(a.id);
+    pendingValues(a).forEach((value, i) => {
+      row.cells[i].textContent = value === null || value === undefined ? "—" : String(value);
+    });
     for (const [scope, words] of SCOPES) {
-      const button = document.createElement("button");
-      const label = scope === "for"
-        ? words.replace("DURATION", document.getElementById("duration").value)
-        : words;
+      const button = row.querySelector(`button[data-scope="${scope}"]`);
+      const label = scope === "for" ? words.replace("DURATION", duration) : words;
       button.textContent = label;
       button.setAttribute("aria-label", `${label}: ${destination(a)}, task ${a.task_id}`);
-      button.dataset.scope = scope;
-      button.addEventListener("click", () => decide(a, "approve", scope));
-      td.append(button);
     }
-    const deny = document.createElement("button");
-    deny.textContent = "Deny";
-    deny.className = "deny";
-    deny.dataset.scope = "deny";
-    deny.setAttribute("aria-label", `Deny: ${destination(a)}, task ${a.task_id}`);
-    deny.addEventListener("click", () => decide(a, "deny"));
-    td.append(deny);
+    tbody.append(row); // keeps the server's order; moving a row keeps the element
   }
+  for (const row of rows.values()) row.remove();
   if (!approvals.length) {
     cell(tbody.insertRow(), "Nothing is waiting for a decision.").colSpan = 11;
   }
