@@ -185,7 +185,8 @@ def test_a_sandbox_holding_every_descriptor_cannot_silence_the_audit_log_or_cont
     try:
         # Room for about 100 connections; the task opens 200.
         pid = gateway.popen.pid
-        limit = len(os.listdir(f"/proc/{pid}/fd")) + 100
+        baseline = len(os.listdir(f"/proc/{pid}/fd"))
+        limit = baseline + 100
         subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:{limit}"], check=True)
         code = HOARD.format(up=up, go=go, tries=200)
         hoard = subprocess.Popen(
@@ -219,7 +220,12 @@ def test_a_sandbox_holding_every_descriptor_cannot_silence_the_audit_log_or_cont
             timeout=10,
         )
         assert ended, opened
-        # Once the task let go, the gateway accepts again.
+        # Once the task let go and the gateway closed its side, it accepts again. (The
+        # events are written before the sockets are closed: wait for the descriptors.)
+        released = eventually(
+            lambda: len(os.listdir(f"/proc/{pid}/fd")) <= baseline + 10, timeout=10
+        )
+        assert released, len(os.listdir(f"/proc/{pid}/fd"))
         after = attach(gateway, tmp_path, {"get": curl("http://allowed.test/after")})
         assert after.steps and after["get"].status == 200, after.stderr + after.describe()
     finally:
