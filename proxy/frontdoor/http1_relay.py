@@ -74,9 +74,9 @@ class Http1Relay:
             while moved and not connection.done:
                 moved = False
                 if session.to_client and self.client_writable:
-                    moved |= self._send_client()
+                    moved |= self._send(to_client=True)
                 if session.connected and session.to_upstream and self.upstream_writable:
-                    moved |= self._send_upstream()
+                    moved |= self._send(to_client=False)
                 if session.drop_upstream:
                     session.drop_upstream = False
                     self._drop_upstream()
@@ -121,35 +121,29 @@ class Http1Relay:
             session.upstream_data(data)
         return True
 
-    def _send_client(self) -> bool:
-        session, state = self.session, self.connection.state
+    def _send(self, to_client: bool) -> bool:
+        """Send what the session owes one side; False if nothing moved."""
+        connection, session = self.connection, self.session
+        sock, owed = (
+            (connection.client, session.to_client)
+            if to_client
+            else (connection.upstream, session.to_upstream)
+        )
         try:
-            sent = self.connection.client.send(session.to_client)
+            sent = sock.send(owed)
         except (BlockingIOError, InterruptedError):
-            self.client_writable = False
-            return False
+            sent = 0
         except OSError:
-            self.connection.finish(None, reset=True)
+            connection.finish(None if to_client else "the upstream reset the connection", reset=True)
             return False
-        state.bytes_down += sent
-        if sent < len(session.to_client):
-            self.client_writable = False
-        del session.to_client[:sent]
-        return sent > 0
-
-    def _send_upstream(self) -> bool:
-        session = self.session
-        try:
-            sent = self.connection.upstream.send(session.to_upstream)
-        except (BlockingIOError, InterruptedError):
-            self.upstream_writable = False
-            return False
-        except OSError:
-            self.connection.finish("the upstream reset the connection", reset=True)
-            return False
-        if sent < len(session.to_upstream):
-            self.upstream_writable = False
-        del session.to_upstream[:sent]
+        if sent < len(owed):
+            if to_client:
+                self.client_writable = False
+            else:
+                self.upstream_writable = False
+        if to_client:
+            connection.state.bytes_down += sent
+        del owed[:sent]
         return sent > 0
 
     def _connect(self) -> None:
