@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
 import contextlib
-import json
 import logging
 
 from mitmproxy import connection, http, tls
@@ -31,8 +30,9 @@ from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 
+from sandgate.proxy import refusal
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
-from sandgate.proxy.policy import Decision, Reason, Verdict
+from sandgate.proxy.policy import Decision, Verdict
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.request_head import (
     MAX_HEAD_BYTES,
@@ -42,13 +42,7 @@ from sandgate.proxy.policy.request_head import (
 
 log = logging.getLogger("sandgate.addon")
 
-# The status of a refused request, by reason; 403 for the others.
-_STATUS = {
-    Reason.MALFORMED_REQUEST: 400,
-    Reason.AMBIGUOUS_PATH: 400,
-    Reason.HEADERS_TOO_LARGE: 431,
-}
-_REFUSAL_HEADERS = {"content-type": "text/plain; charset=utf-8", "connection": "close"}
+_REFUSAL_HEADERS = {"content-type": refusal.CONTENT_TYPE, "connection": "close"}
 _WEBSOCKET_ALLOWED = "sandgate.websocket"  # flow.metadata key: the request's upgrade was allowed
 
 
@@ -207,7 +201,7 @@ class SandgateAddon:
         def refuse(start: bytes, size: int) -> bytes:
             tls = bool(context.client.tls)
             decision = self.gate.on_unfinished_head(state, start, size, tls)
-            page = _refusal_text(decision, "A request head must end within its size limit.")
+            page = refusal.refusal_text(decision, refusal.UNFINISHED_HEAD_HINT)
             return assemble_response(http.Response.make(431, page, _REFUSAL_HEADERS))
 
         return HeadLimitedHttpLayer(context, refuse)
@@ -285,77 +279,11 @@ def _head_of(request: http.Request) -> RequestHead:
 
 
 def _blocked(decision: Decision, flow: http.HTTPFlow) -> http.Response:
-    """A short plain-text answer: git prints each line of a text/plain error body
-    as `remote: ...`, curl and pip show it as it is."""
-    headers = {"content-type": _REFUSAL_HEADERS["content-type"]}
+    """A short plain-text answer (proxy/refusal.py)."""
+    headers = {"content-type": refusal.CONTENT_TYPE}
     if not (flow.request.is_http2 or flow.request.is_http3):
         headers["connection"] = "close"  # a refused head may have framed its body wrongly
-    return http.Response.make(
-        _STATUS.get(decision.reason, 403), _blocked_page(decision, flow), headers
-    )
-
-
-def _blocked_page(decision: Decision, flow: http.HTTPFlow) -> str:
-    if decision.reason in _APPROVAL_REASONS:
-        return _approval_page(decision, flow)
-    url = _printable(flow.request.pretty_url[:300])
-    method = _printable(flow.request.data.method[:32].decode("latin-1"))
-    return _refusal_text(
-        decision,
-        f"Ask the network admins; they can check: sandgate check --method {method} {url}",
-    )
-
-
-def _refusal_text(decision: Decision, hint: str) -> str:
-    rule = decision.rule
-    return (
-        f"Blocked by sandgate: {decision.reason}, rule {rule.id} ({rule.origin})\n"
-        f"{_printable(decision.detail[:300])}\n"
-        f"{hint}\n"
-    )
-
-
-_APPROVAL_REASONS = frozenset(
-    {
-        Reason.APPROVAL_PENDING,
-        Reason.APPROVAL_DENIED,
-        Reason.APPROVAL_EXPIRED,
-        Reason.APPROVAL_QUEUE_FULL,
-    }
-)
-
-
-def _approval_page(decision: Decision, flow: http.HTTPFlow) -> str:
-    """A held request's 403: one line of text, then JSON naming the destination, the
-    pending approval and how to ask for it (docs/approvals.md)."""
     request = flow.request
-    approval_id = (
-        decision.detail.split(" ", 2)[1].rstrip(":")
-        if decision.detail.startswith("approval ")
-        else None
-    )
-    ask = f"sandgate approvals approve {approval_id}" if approval_id else None
-    body = {
-        "error": "approval_required"
-        if decision.reason is Reason.APPROVAL_PENDING
-        else str(decision.reason),
-        "reason": str(decision.reason),
-        "destination": f"{request.method} {request.pretty_url[:300]}",
-        "approval_id": approval_id,
-        "rule": decision.rule.id,
-        "detail": decision.detail,
-        "ask_an_admin": ask,
-        "retry": decision.reason is Reason.APPROVAL_PENDING,
-    }
-    line = (
-        f"sandgate: {request.method} {request.pretty_url[:300]} needs a human's approval "
-        f"({decision.reason}); approval {approval_id}: ask an admin to run `{ask}`, then retry"
-        if decision.reason is Reason.APPROVAL_PENDING
-        else f"sandgate: {request.method} {request.pretty_url[:300]}: {decision.reason} ({decision.detail})"
-    )
-    return line + "\n" + json.dumps(body) + "\n"
-
-
-def _printable(text: str) -> str:
-    """One line of ASCII: whatever the client sent in the URL stays on its line."""
-    return text.encode("ascii", "backslashreplace").decode().encode("unicode_escape").decode()
+    method = request.data.method.decode("latin-1")
+    page = refusal.blocked_page(decision, method, request.pretty_url)
+    return http.Response.make(refusal.refusal_status(decision), page, headers)

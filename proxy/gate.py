@@ -689,7 +689,41 @@ class ConnectionGate:
             "protocol-not-allowed",
             detail="the server switched protocols (101), and no websocket rule allowed an upgrade",
         )
+        self.on_refused_response(state, head, decision, tls)
+
+    def on_refused_response(
+        self, state: ConnState, head: RequestHead, decision: Decision, tls: bool
+    ) -> None:
+        """The adapter cut the response to the allowed request `head` (`decision`
+        says why: a switch no rule allowed, a head over its limits); this is its event."""
         self._emit_request(state, decision, head, tls, None, self.clock())
+
+    def on_unparsed_request(
+        self, state: ConnState, head: RequestHead, problem: str, tls: bool
+    ) -> Decision:
+        """An HTTP/1 request head that the adapter's strict parser refused (`problem`),
+        read leniently as `head`: refused and emitted as a request, with check_head's
+        reason if it has one (the one the lenient parser's path gives), else
+        malformed_request naming the problem. The adapter answers and closes."""
+        refused = check_head(head, state.port)
+        if not isinstance(refused, Decision):
+            refused = deny(
+                "malformed-request",
+                detail=f"the gateway's HTTP/1 parser refused the request head: {problem}",
+            )
+        return self.on_refused_request(state, head, refused, tls)
+
+    def on_refused_request(
+        self, state: ConnState, head: RequestHead, decision: Decision, tls: bool
+    ) -> Decision:
+        """A request the adapter refuses with `decision` (a denial): emitted as a
+        request and returned; the adapter answers and closes."""
+        started = self.clock()
+        try:
+            self._step(state, Step.REQUEST, state.phase)
+        except IllegalTransition as e:  # the denial stands; the bug is logged
+            log.error("sandgate: %s", e)
+        return self._settle_request(state, decision, head, None, tls, state.name, started)[0]
 
     def on_tls_rejected(self, state: ConnState, error: str) -> None:
         """Under inspection the client refused the gateway's certificate (pinned, or a

@@ -27,6 +27,7 @@ from sandgate.proxy.dns.placeholders import Placeholders
 from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
 from sandgate.proxy.frontdoor.door import FrontDoor
+from sandgate.proxy.frontdoor.http1 import needs_engine
 from sandgate.proxy.gate import ConnectionGate
 from sandgate.proxy.policy import CompiledPolicy, Decision, NameFacts, Reason, Verdict, decide
 from sandgate.proxy.policy.builtin import deny
@@ -90,7 +91,12 @@ class Gateway:
         self._audit_hold: Callable[[], Decision | None] = lambda: None
         self.gate.hold_new = self._hold_new
         self.frontdoor = FrontDoor(
-            self.gate, self.proxy.serve, approvals=self.approvals, resolve=self._resolve_placeholder
+            self.gate,
+            self.proxy.serve,
+            approvals=self.approvals,
+            resolve=self._resolve_placeholder,
+            # Plain HTTP is decided in the front door unless a rule needs mitmproxy's path.
+            plain_http=lambda state: not needs_engine(self.policy, state.sandbox.profile),
         )
 
     async def start(self, *, inspection: bool | None = None) -> None:

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from sandgate.proxy.descriptors import OUT_OF_DESCRIPTORS, DescriptorReserve
+from sandgate.proxy.frontdoor.http1_relay import Http1Relay
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
 from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
@@ -63,15 +64,19 @@ class FrontDoor:
         approvals=None,
         resolve: Callable[[ConnState, str], Awaitable[str | None]] | None = None,
         descriptors: DescriptorReserve | None = None,
+        plain_http: Callable[[ConnState], bool] | None = None,
     ):
         """`approvals` (proxy/approvals/holder.Approvals) holds connections a human
         must approve; `resolve(state, name)` finds the real address of a placeholder's
-        name (the DNS filter's upstream, after approval)."""
+        name (the DNS filter's upstream, after approval). `plain_http(state)`: whether
+        a plain-HTTP connection is served here (frontdoor/http1.py) rather than
+        handed to mitmproxy; None: never."""
         self.gate = gate
         self.approvals = approvals
         self.resolve = resolve
         self.descriptors = descriptors  # released when accept finds none left
         self.hand_off = hand_off
+        self.plain_http = plain_http
         self.original_dst = original_dst
         self.upstream_address = upstream_address
         self.first_bytes_timeout = first_bytes_timeout
@@ -369,6 +374,8 @@ class Connection:
             return
         if outcome is Outcome.PASSTHROUGH:
             self._connect()
+        elif outcome is Outcome.HTTP and self.door.plain_http and self.door.plain_http(self.state):
+            Http1Relay(self)  # decided request by request here, without mitmproxy
         elif outcome is Outcome.HTTP or outcome is Outcome.INTERCEPT:
             if not self.door.gate.hand_off(self.state):
                 self.finish(None, reset=True)  # the gate denied it and said why

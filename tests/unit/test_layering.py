@@ -16,6 +16,8 @@ import pytest
 PURE_MODULES = [
     "sandgate.proxy.policy.*",
     "sandgate.proxy.clienthello",
+    "sandgate.proxy.refusal",
+    "sandgate.proxy.frontdoor.http1",
     "sandgate.proxy.gate",
     "sandgate.proxy.lifecycle",
     "sandgate.proxy.dns.query",

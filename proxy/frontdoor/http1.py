@@ -1,0 +1,422 @@
+"""Plain HTTP/1 decided by sandgate itself: one connection's requests and responses,
+sans-io (h11 and the gate; no sockets), request by request.
+
+The front door hands a connection the gate decided as plain HTTP to an
+`Http1Session` (through http1_relay.py, which owns the sockets) unless a rule of
+the sandbox's profile needs what only mitmproxy's path does (`needs_engine`).
+Bytes come in with `client_data` / `upstream_data`; what to send leaves in
+`to_client` / `to_upstream`; flags say what else the adapter must do.
+
+Per request, on a keep-alive connection as on its first:
+ 1. h11 (server side) reads the head, strictly: one framing, no obs-fold smuggling
+    past it, at most MAX_HEAD_BYTES buffered (an unfinished head past it: 431,
+    `gate.on_unfinished_head`).
+ 2. `gate.on_request` checks it (request_head.check_head) and decides it, one event
+    each. A head h11 refuses is read as mitmproxy's lenient parser would
+    (`read_head_leniently`) and refused with check_head's reason, else
+    malformed_request (`gate.on_unparsed_request`); one that does not even read so
+    gets a 400 and no request event (its connection event says so at close), as
+    mitmproxy's parser answered.
+ 3. Allowed: what goes upstream is the checked head re-serialised by h11 (client
+    side), origin-form, without an Upgrade no rule allowed; never the raw bytes.
+    Refused: the same status and page as mitmproxy's path (proxy/refusal.py), then
+    close.
+ 4. The response is read by h11 too, its head bounded as a request head is
+    (MAX_FIELDS, MAX_HEAD_BYTES: else cut, 502, an event); a 101 is never passed on
+    (no upgrade is allowed on this path: websocket rules go to mitmproxy). h11 frames
+    it again for the client (chunked, or close-delimited for HTTP/1.0).
+ 5. Bodies stream: each Data event goes on as it comes; the adapter reads a side
+    only while what it owes the other side is small (`wants_client_data`,
+    `wants_upstream_data`).
+All requests go to one upstream address, the connection's (the original
+destination, or a placeholder's resolved address), as mitmproxy's transparent mode
+connects: the Host was decided against that address.
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+import h11
+from sandgate.proxy import refusal
+from sandgate.proxy.gate import ConnectionGate, ConnState
+from sandgate.proxy.policy import Decision, Reason, Verdict
+from sandgate.proxy.policy.builtin import deny
+from sandgate.proxy.policy.index import CompiledPolicy
+from sandgate.proxy.policy.request_head import (
+    MAX_FIELDS,
+    MAX_HEAD_BYTES,
+    CheckedHead,
+    RequestHead,
+    connection_without_upgrade,
+)
+
+# What one side may owe the other before that other side is read again.
+MAX_OWED = 256 * 1024
+# h11's own cap on an unfinished event; the head limits here are checked first.
+_H11_BUFFER = MAX_HEAD_BYTES + MAX_OWED
+_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
+_OBS_FOLD = re.compile(rb"\n[ \t]")  # a continuation line, which h11 unfolds silently
+_UPGRADE_FIELDS = (b"upgrade", b"http2-settings")
+_ENDED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+_BOTH_DONE = {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}
+
+
+def needs_engine(policy: CompiledPolicy, profile: str) -> bool:
+    """Whether plain HTTP of `profile` goes to mitmproxy: a rule (or the fallback)
+    asks a human, whose answer holds a request (mitmproxy's addon does that), or a
+    rule allows WebSocket upgrades, which become tunnels (mitmproxy relays them)."""
+    compiled = policy.profiles.get(profile)
+    if compiled is None:
+        return True
+    rules = (compiled.fallback, *compiled.rules)
+    return any(rule.action is Verdict.ASK or rule.websocket for rule in rules)
+
+
+def read_head_leniently(raw: bytes) -> RequestHead | None:
+    """A request head (without its blank line) as mitmproxy's HTTP/1 reader reads it:
+    the request line split at any whitespace, fields split at their first colon,
+    values stripped, continuation lines joined with CRLF (so check_head refuses
+    them). None where that reader answers 400 without a request."""
+    lines = [line.rstrip(b"\r") for line in raw.split(b"\n")]
+    parts = lines[0].split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return None
+    fields: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                return None
+            name, value = fields[-1]
+            fields[-1] = (name, value + b"\r\n " + line.strip())
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name:
+            return None
+        fields.append((name, value.strip()))
+    return RequestHead(parts[0], parts[1], tuple(fields))
+
+
+def origin_form(target: bytes) -> bytes:
+    """The target to forward: absolute-form (`http://host/p?q`, checked to name the
+    decided authority) becomes its path and query."""
+    if target.startswith(b"/"):
+        return target
+    rest = target.split(b"://", 1)[1]
+    slash = rest.find(b"/")
+    query = rest.find(b"?")
+    if slash < 0 or 0 <= query < slash:
+        return b"/" + rest[query:] if query >= 0 else b"/"
+    return rest[slash:]
+
+
+def forwarded_fields(
+    fields: tuple[tuple[bytes, bytes], ...], checked: CheckedHead
+) -> list[tuple[bytes, bytes]]:
+    """The fields to send upstream: as sent, without an upgrade (h2c, or any other)
+    that would turn the connection into something no request decision sees."""
+    if not (checked.strip_upgrade or checked.websocket):
+        return list(fields)
+    kept = []
+    for name, value in fields:
+        lower = name.lower()
+        if lower in _UPGRADE_FIELDS:
+            continue
+        if lower == b"connection":
+            value = connection_without_upgrade(value.decode("latin-1")).encode("latin-1")
+            if not value:
+                continue
+        kept.append((name, value))
+    return kept
+
+
+def plain_response(status: int, text: str) -> bytes:
+    """A whole short text/plain response that closes the connection."""
+    body = text.encode()
+    phrase = HTTPStatus(status).phrase
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: {refusal.CONTENT_TYPE}\r\n"
+        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+class Http1Session:
+    """One plain-HTTP connection's protocol state. After each input the adapter
+    sends `to_client` / `to_upstream` (the latter once connected), then:
+    - `need_upstream`: connect to the connection's upstream, then `upstream_connected`;
+    - `drop_upstream`: close the upstream socket (set back to False by the adapter);
+    - `closing`: send what is left in `to_client`, then close (`problem`: what
+      ended it, for the connection's end event; `reset`: close with a reset)."""
+
+    def __init__(self, gate: ConnectionGate, state: ConnState):
+        self.gate, self.state = gate, state
+        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=_H11_BUFFER)
+        self.server: h11.Connection | None = None  # one per upstream connection
+        self.to_client = bytearray()
+        self.to_upstream = bytearray()
+        self.need_upstream = False
+        self.connected = False
+        self.drop_upstream = False
+        self.closing = False
+        self.reset = False
+        self.problem: str | None = None
+        self.head = bytearray()  # the bytes of the head being read, for refusals
+        self.head_seen = 0  # their count (the head may be longer than is kept)
+        self.response_seen = 0  # bytes of the response head being read
+        self.request: RequestHead | None = None  # being forwarded; None: refused or none
+        self.responding = False  # a response to the client has begun
+        self.response_done = False  # the upstream's response to `request` has ended
+
+    # --- inputs ---------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        """Bytes from the client; b"": it closed its side."""
+        if self.closing:
+            return
+        if self.client.their_state is h11.IDLE and self.head_seen <= MAX_HEAD_BYTES:
+            self.head += data
+            self.head_seen += len(data)
+        self.client.receive_data(data)
+        self._read_client()
+
+    def upstream_data(self, data: bytes) -> None:
+        """Bytes from the upstream; b"": it closed its side."""
+        if self.closing or self.server is None:
+            return
+        if self.server.their_state is h11.SEND_RESPONSE:
+            self.response_seen += len(data)
+        self.server.receive_data(data)
+        self._read_upstream()
+
+    def upstream_connected(self) -> None:
+        self.need_upstream, self.connected = False, True
+
+    def upstream_failed(self, why: str) -> None:
+        """The upstream could not be reached: 502, as mitmproxy answers."""
+        self.need_upstream = False
+        self._fail_exchange(502, f"upstream connect failed: {why}")
+
+    @property
+    def wants_client_data(self) -> bool:
+        return (
+            not self.closing
+            and len(self.to_upstream) < MAX_OWED
+            and self.client.their_state not in (h11.DONE, h11.CLOSED)
+        )
+
+    @property
+    def wants_upstream_data(self) -> bool:
+        return not self.closing and self.server is not None and len(self.to_client) < MAX_OWED
+
+    # --- the client's side ------------------------------------------------------------
+
+    def _read_client(self) -> None:
+        while not self.closing:
+            try:
+                event = self.client.next_event()
+            except h11.RemoteProtocolError as e:
+                self._client_error(e)
+                return
+            if event is h11.NEED_DATA:
+                if self.client.their_state is h11.IDLE and self.head_seen > MAX_HEAD_BYTES:
+                    self._unfinished_head()
+                return
+            if event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self._on_request(event)
+            elif isinstance(event, h11.Data):
+                if self.request is not None and self.server is not None:
+                    self._to_upstream(event)
+            elif isinstance(event, h11.EndOfMessage):
+                if self.request is not None and self.server is not None:
+                    self._to_upstream(h11.EndOfMessage())
+                self._next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                if not self.responding and self.request is None:
+                    self._close(None)  # between requests: the client is done
+                return
+
+    def _on_request(self, event: h11.Request) -> None:
+        raw = bytes(self.head)
+        end = _HEAD_END.search(raw)
+        self.head.clear()
+        if end is not None and _OBS_FOLD.search(raw, 0, end.start()):
+            self._refuse_unparsed(raw[: end.start()], "a folded header line (obs-fold)")
+            return
+        head = RequestHead(event.method, event.target, tuple(event.headers.raw_items()))
+        decision, checked = self.gate.on_request(self.state, head, False)
+        if decision.verdict is Verdict.ASK:
+            # Profiles that ask go to mitmproxy (needs_engine); one that asks now got
+            # an ask rule from a reload after this connection began.
+            unheld = Decision(
+                Verdict.DENY,
+                Reason.APPROVAL_UNAVAILABLE,
+                decision.rule,
+                detail=f"{decision.detail}; this connection cannot be held for approval",
+            )
+            decision, checked = self.gate.on_refused_request(self.state, head, unheld, False), None
+        if checked is None:
+            self._refuse(decision, head)
+            return
+        self.request = head
+        if self.server is None:
+            self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
+            self.need_upstream, self.connected = True, False
+        self.response_seen, self.response_done = 0, False
+        self._to_upstream(
+            h11.Request(
+                method=event.method,
+                target=origin_form(event.target),
+                headers=forwarded_fields(head.fields, checked),
+            )
+        )
+
+    def _client_error(self, error: h11.RemoteProtocolError) -> None:
+        if self.request is None:  # reading a head (a refused one closed the connection)
+            if self.head_seen > MAX_HEAD_BYTES:
+                self._unfinished_head()
+                return
+            raw = bytes(self.head)
+            end = _HEAD_END.search(raw)
+            if end is not None:
+                self._refuse_unparsed(raw[: end.start()], str(error))
+                return
+            self._fail_exchange(400, f"the request head could not be parsed: {error}")
+            return
+        # A body that broke its framing: the upstream got part of it; end both.
+        self._close(f"the client broke its request's framing: {error}", reset=True)
+
+    def _refuse_unparsed(self, raw: bytes, problem: str) -> None:
+        head = read_head_leniently(raw)
+        if head is None:
+            self._fail_exchange(400, f"the request head could not be parsed: {problem}")
+            return
+        self._refuse(self.gate.on_unparsed_request(self.state, head, problem, False), head)
+
+    def _unfinished_head(self) -> None:
+        decision = self.gate.on_unfinished_head(
+            self.state, bytes(self.head[:4096]), self.head_seen, False
+        )
+        self._answer(
+            refusal.refusal_status(decision),
+            refusal.refusal_text(decision, refusal.UNFINISHED_HEAD_HINT),
+        )
+
+    def _refuse(self, decision: Decision, head: RequestHead) -> None:
+        url = head.text(head.target, 2048)
+        if url.startswith("/"):
+            host = dict((n.lower(), v) for n, v in head.fields).get(b"host", b"")
+            url = f"http://{head.text(host, 300)}{url}"
+        method = head.text(head.method, 32)
+        self._answer(refusal.refusal_status(decision), refusal.blocked_page(decision, method, url))
+
+    def _answer(self, status: int, text: str) -> None:
+        """Answer this request with a short page and close (its body, if any, may be
+        framed wrongly: nothing after it is read as a request)."""
+        self.to_client += plain_response(status, text)
+        self._close(None)
+
+    def _fail_exchange(self, status: int, why: str) -> None:
+        """The exchange failed: `status` with `why` if no response has begun, else cut."""
+        if self.responding:
+            self._close(why, reset=True)
+            return
+        self.to_client += plain_response(status, f"sandgate: {why}\n")
+        self._close(why)
+
+    # --- the upstream's side ------------------------------------------------------------
+
+    def _read_upstream(self) -> None:
+        server = self.server
+        while not self.closing and server is self.server:
+            try:
+                event = server.next_event()
+            except h11.RemoteProtocolError as e:
+                self._fail_exchange(502, f"the upstream's response could not be parsed: {e}")
+                return
+            if event is h11.NEED_DATA:
+                if server.their_state is h11.SEND_RESPONSE and self.response_seen > MAX_HEAD_BYTES:
+                    self._cut_response(f"has not ended after {self.response_seen} bytes")
+                return
+            if event is h11.PAUSED:
+                return
+            if isinstance(event, h11.InformationalResponse | h11.Response):
+                self._on_response(event)
+            elif isinstance(event, h11.Data):
+                self._to_client(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self.response_done = True
+                self._to_client(h11.EndOfMessage())
+                self._next_cycle()
+            elif isinstance(event, h11.ConnectionClosed):
+                self._forget_upstream()
+                return
+
+    def _on_response(self, event: h11.InformationalResponse | h11.Response) -> None:
+        fields = event.headers.raw_items()
+        if len(fields) > MAX_FIELDS:
+            self._cut_response(f"has {len(fields)} header fields")
+            return
+        if event.status_code == 101:
+            self.gate.on_refused_switch(self.state, self.request, False)
+            self._close("the upstream switched protocols; no rule allowed it", reset=True)
+            return
+        self.response_seen = 0
+        kind = type(event)
+        self.responding = True
+        self._to_client(kind(status_code=event.status_code, headers=fields, reason=event.reason))
+
+    def _cut_response(self, why: str) -> None:
+        decision = deny(
+            "headers-too-large",
+            detail=f"the upstream's response head {why}; at most {MAX_FIELDS} fields "
+            f"and {MAX_HEAD_BYTES} bytes: cut, 502",
+        )
+        self.gate.on_refused_response(self.state, self.request, decision, False)
+        self._fail_exchange(502, decision.detail)
+
+    # --- both ---------------------------------------------------------------------------
+
+    def _to_upstream(self, event) -> None:
+        self.to_upstream += self.server.send(event)
+
+    def _to_client(self, event) -> None:
+        self.to_client += self.client.send(event)
+
+    def _next_cycle(self) -> None:
+        """After an EndOfMessage: once request and response are both done, start the
+        next request, or close where either side said so."""
+        client = self.client
+        if not (client.our_state in _ENDED and client.their_state in _ENDED):
+            return  # a side is still sending
+        if client.states != _BOTH_DONE:
+            self._close(None)  # a side said close (Connection: close, HTTP/1.0, EOF)
+            return
+        server = self.server
+        if server is not None:
+            if server.states == _BOTH_DONE:
+                server.start_next_cycle()
+            else:
+                self._forget_upstream()
+        client.start_next_cycle()
+        self.request, self.responding = None, False
+        leftover, _ = client.trailing_data
+        self.head[:] = leftover[: MAX_HEAD_BYTES + 1]
+        self.head_seen = len(leftover)
+        self._read_client()
+
+    def _forget_upstream(self) -> None:
+        """The upstream connection is done (closed, or will be): the next request
+        opens a new one. Mid-response, the client's response is cut."""
+        if self.request is not None and not self.response_done:
+            self._fail_exchange(502, "the upstream closed before its response ended")
+            return
+        self.server, self.connected, self.need_upstream = None, False, False
+        self.to_upstream.clear()
+        self.drop_upstream = True
+
+    def _close(self, problem: str | None, reset: bool = False) -> None:
+        if not self.closing:
+            self.closing, self.problem, self.reset = True, problem, reset

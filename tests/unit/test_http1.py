@@ -1,0 +1,284 @@
+"""The front door's own plain-HTTP/1 path (proxy/frontdoor/http1.py): the sans-io
+session against the real gate, byte transcripts in and out, then the whole path on
+loopback (http1_relay.py in the front door, mitmproxy never asked)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sandgate.proxy.frontdoor.http1 import (
+    Http1Session,
+    needs_engine,
+    origin_form,
+    read_head_leniently,
+)
+from sandgate.proxy.policy import load_policy
+from support.fakes import make_gate
+from test_frontdoor import LOOPBACK, Upstream, read_all, run, started, until
+
+ALLOWED = ("203.0.113.10", 80)
+H = b"Host: allowed.test\r\n"
+
+
+@pytest.fixture
+def gate(tmp_path):
+    gate = make_gate(tmp_path, sandbox=LOOPBACK)
+    yield gate
+    assert (gate.counts.open, gate.counts.pending) == (0, 0)
+
+
+def session_for(gate, dst=ALLOWED) -> Http1Session:
+    state = gate.on_connect("c1", LOOPBACK, 40000, *dst)
+    assert state is not None
+    outcome = gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n")
+    assert outcome.value == "http"
+    return Http1Session(gate, state)
+
+
+def requests(gate) -> list[tuple]:
+    return [
+        (e.verdict.value, e.reason.value, e.name, e.path)
+        for e in gate.events
+        if e.kind.value == "request"
+    ]
+
+
+def close(gate, session):
+    gate.on_close(session.state, session.problem)
+
+
+def answer(session) -> bytes:
+    out = bytes(session.to_client)
+    session.to_client.clear()
+    return out
+
+
+# --- sans-io: requests --------------------------------------------------------------------
+
+
+def test_an_allowed_request_goes_upstream_re_serialised_and_the_response_back(gate):
+    s = session_for(gate)
+    s.client_data(b"GET http://allowed.test/a?b=1 HTTP/1.1\r\n" + H + b"X-One:  1 \r\n\r\n")
+    assert s.need_upstream and not s.to_client
+    s.upstream_connected()
+    # origin-form, h11's serialisation, the fields as sent (values without padding)
+    assert bytes(s.to_upstream) == b"GET /a?b=1 HTTP/1.1\r\nHost: allowed.test\r\nX-One: 1\r\n\r\n"
+    s.to_upstream.clear()
+    s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert answer(s) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert requests(gate) == [("allow", "rule_allow", "allowed.test", "http://allowed.test/a?b=1")]
+    assert not s.closing
+    close(gate, s)
+
+
+def test_every_request_on_a_keep_alive_connection_is_decided_and_a_forbidden_one_never_sent(gate):
+    s = session_for(gate)
+    s.client_data(b"GET /1 HTTP/1.1\r\n" + H + b"\r\nGET /2 HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+    s.upstream_connected()
+    first = bytes(s.to_upstream)
+    s.to_upstream.clear()
+    assert first.startswith(b"GET /1 ") and b"/2" not in first  # the second waits (h11 pauses)
+    s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    out = answer(s)
+    assert out.startswith(b"HTTP/1.1 200 OK") and b"HTTP/1.1 403 Forbidden" in out
+    assert b"Blocked by sandgate: spoofed_destination" in out or b"no_rule" in out
+    assert not s.to_upstream and s.closing
+    assert [r[:2] for r in requests(gate)][0] == ("allow", "rule_allow")
+    assert requests(gate)[1][0] == "deny" and requests(gate)[1][3] == "/2"
+    close(gate, s)
+
+
+@pytest.mark.parametrize(
+    "head, status, reason",
+    [
+        pytest.param(b"GET /a HTTP/1.1\r\n" + H + b"X: a\x00b\r\n\r\n", 400, "malformed_request", id="nul"),
+        pytest.param(b"GET /b HTTP/1.1\r\n" + H + b"X: a\r\n GET /s HTTP/1.1\r\n\r\n", 400, "malformed_request", id="obs-fold"),
+        pytest.param(b"POST /len HTTP/1.1\r\n" + H + b"Content-Length: abc\r\n\r\n", 400, "malformed_request", id="bad-length"),
+        pytest.param(b"GET\t/ HTTP/1.1\r\n" + H + b"\r\n", 400, "malformed_request", id="tab-in-line"),
+        pytest.param(b"GET /public/../x HTTP/1.1\r\n" + H + b"\r\n", 400, "ambiguous_path", id="dots"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + H + b"Host: evil.test\r\n\r\n", 403, "host_mismatch", id="two-hosts"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + H + b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "malformed_request", id="cl-and-te"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + H + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n", 431, "headers_too_large", id="fields"),
+    ],
+)  # fmt: skip
+def test_refused_heads_get_their_status_and_event_and_nothing_goes_upstream(
+    gate, head, status, reason
+):
+    s = session_for(gate)
+    s.client_data(head)
+    out = answer(s)
+    assert out.startswith(b"HTTP/1.1 %d " % status), out
+    assert b"Blocked by sandgate: " + reason.encode() in out
+    assert s.closing and not s.need_upstream and not s.to_upstream
+    assert [(r[0], r[1]) for r in requests(gate)] == [("deny", reason)]
+    close(gate, s)
+
+
+def test_a_head_that_does_not_read_as_a_request_gets_400_and_a_connection_event(gate):
+    s = session_for(gate)
+    s.client_data(b"GET / HTTP/1.1\r\n" + H + b"no colon here\r\n\r\n")
+    assert answer(s).startswith(b"HTTP/1.1 400 ")
+    assert requests(gate) == [] and s.closing
+    s.state.bytes_up = 10
+    close(gate, s)
+    assert [(e.kind.value, e.reason.value) for e in gate.events] == [
+        ("connection", "malformed_request")
+    ]
+
+
+def test_an_unfinished_head_past_64_kib_is_cut_with_431_before_it_ends(gate):
+    s = session_for(gate)
+    s.client_data(b"GET /big HTTP/1.1\r\n" + H + b"X-Big: ")
+    for _ in range(5):
+        s.client_data(b"a" * 16384)
+    assert answer(s).startswith(b"HTTP/1.1 431 ")
+    assert requests(gate) == [("deny", "headers_too_large", None, "/big")]
+    assert s.closing and not s.need_upstream
+    close(gate, s)
+
+
+def test_h2c_upgrades_are_removed_before_forwarding(gate):
+    s = session_for(gate)
+    s.client_data(
+        b"GET / HTTP/1.1\r\n" + H + b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings, x\r\n"
+        b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+    )
+    s.upstream_connected()
+    sent = bytes(s.to_upstream).lower()
+    assert b"upgrade" not in sent.replace(b"connection: x", b"") and b"http2-settings" not in sent
+    assert b"connection: x\r\n" in sent
+    close(gate, s)
+
+
+# --- sans-io: responses and bodies -------------------------------------------------------
+
+
+def test_bodies_stream_in_pieces_and_chunked_responses_reach_http_1_0_clients_close_delimited(gate):
+    s = session_for(gate)
+    s.client_data(b"POST /up HTTP/1.0\r\n" + H + b"Content-Length: 6\r\n\r\nabc")
+    s.upstream_connected()
+    assert bytes(s.to_upstream).endswith(b"\r\n\r\nabc")
+    s.to_upstream.clear()
+    s.client_data(b"def")
+    assert bytes(s.to_upstream) == b"def"
+    s.upstream_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n")
+    out = answer(s)
+    assert out.endswith(b"\r\n\r\nxyz") and b"chunked" not in out.lower()
+    s.upstream_data(b"0\r\n\r\n")
+    assert s.closing and s.problem is None  # HTTP/1.0: the end is the close
+    close(gate, s)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n", id="fields"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000, id="unfinished"),
+    ],
+)  # fmt: skip
+def test_a_response_head_over_the_limits_is_cut_with_502_and_an_event(gate, response):
+    s = session_for(gate)
+    s.client_data(b"GET /r HTTP/1.1\r\n" + H + b"\r\n")
+    s.upstream_connected()
+    s.upstream_data(response)
+    out = answer(s)
+    assert out.startswith(b"HTTP/1.1 502 ") and b"X-1" not in out
+    assert [(r[0], r[1]) for r in requests(gate)] == [
+        ("allow", "rule_allow"),
+        ("deny", "headers_too_large"),
+    ]
+    close(gate, s)
+
+
+def test_a_101_is_never_passed_on(gate):
+    s = session_for(gate)
+    s.client_data(b"GET /ws HTTP/1.1\r\n" + H + b"\r\n")
+    s.upstream_connected()
+    s.upstream_data(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+    assert b"101" not in answer(s) and s.closing
+    close(gate, s)
+
+
+def test_an_unreachable_upstream_answers_502(gate):
+    s = session_for(gate)
+    s.client_data(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+    s.upstream_failed("Connection refused")
+    assert answer(s).startswith(b"HTTP/1.1 502 ") and s.closing
+    close(gate, s)
+    end = [e for e in gate.events if e.kind.value == "connection_end"]
+    assert end and "upstream connect failed: Connection refused" in end[0].detail
+
+
+# --- pure helpers --------------------------------------------------------------------------
+
+
+def test_lenient_reading_and_origin_form():
+    head = read_head_leniently(b"GET\t\t/ HTTP/1.1\r\nX: a\r\n b\r\nHost:  h ")
+    assert head.method == b"GET" and head.target == b"/"
+    assert head.fields == ((b"X", b"a\r\n b"), (b"Host", b"h"))
+    assert read_head_leniently(b"GET / HTTP/1.1\r\nno colon") is None
+    assert read_head_leniently(b"GET /\r\n") is None
+    assert origin_form(b"/a?b") == b"/a?b"
+    assert origin_form(b"http://h/a?b") == b"/a?b"
+    assert origin_form(b"http://h?q") == b"/?q"
+    assert origin_form(b"http://h") == b"/"
+
+
+def test_profiles_that_ask_or_allow_websockets_need_the_engine(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "version: 1\nprofiles:\n  plain:\n    rules:\n      - allow: a.test\n"
+        "  ws:\n    rules:\n      - allow: a.test\n        websocket: true\n"
+        "  asks:\n    fallback: ask\n    rules:\n      - allow: a.test\n"
+    )
+    policy = load_policy(path)
+    assert [needs_engine(policy, p) for p in ("plain", "ws", "asks", "nope")] == [
+        False,
+        True,
+        True,
+        True,
+    ]
+
+
+# --- on loopback: the front door serves it, mitmproxy never asked -------------------------
+
+
+async def never(sock, state):
+    raise AssertionError("plain HTTP was handed to mitmproxy")
+
+
+def test_plain_http_is_served_by_the_front_door_request_by_request(gate):
+    seen = []
+
+    async def server(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head)
+            body = b"x" * 100000
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(
+                gate, ALLOWED, upstream.port, hand_off=never, plain_http=lambda state: True
+            )
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(b"GET /1 HTTP/1.1\r\n" + H + b"\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK")
+            assert await reader.readexactly(100000) == b"x" * 100000
+            writer.write(b"GET /2 HTTP/1.1\r\n" + H + b"\r\nGET /3 HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+            rest = await read_all(reader)
+            assert rest.count(b"HTTP/1.1 200 OK") == 1 and b"HTTP/1.1 403 " in rest
+            writer.close()
+            await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+            await door.stop()
+            assert upstream.connections == 1
+
+    run(scenario())
+    assert [h.split(b"\r\n")[0] for h in seen] == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1"]
+    assert [(r[0], r[3]) for r in requests(gate)] == [("allow", "/1"), ("allow", "/2"), ("deny", "/3")]
+    end = [e for e in gate.events if e.kind.value == "connection_end"][0]
+    assert end.bytes_up > 0 and end.bytes_down > 200000
