@@ -646,6 +646,8 @@ class GatewayService:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring %s: %s", state_file, e)
                 continue
+            if _owned_by_other_service(state):  # another live service's (a shared RUN_DIR)
+                continue
             if attached.runner_pid == 0:  # a spare network no task took: nothing to tell
                 self._unwire_later(attached)
                 continue
@@ -771,6 +773,11 @@ def _group_id(name: str) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         return None
+
+
+def _owned_by_other_service(state: dict) -> bool:
+    service_pid = state.get("service_pid")
+    return isinstance(service_pid, int) and service_pid != os.getpid() and _alive(service_pid)
 
 
 def _alive(pid: int) -> bool:
