@@ -24,7 +24,8 @@ Variants, each the median wall time of one `sandgate ... -- true` process from s
 to exit, with a workspace (an idmapped bind of a fresh directory):
 
 - attached    `sandgate run --gateway SOCKET -- true` against a service that has been
-              up for a while (warm: its spare networks are made);
+              up for a while (warm: its spare networks are made, and its warm runners
+              wait: the command hands the run to one, enforcer/handoff.py);
 - embedded    `sandgate run -- true` (its own gateway, netns, veth and table).
 
 Bytecode: this machine sets PYTHONDONTWRITEBYTECODE=1, so nothing is ever cached
@@ -132,7 +133,8 @@ def start_service(sandgate: str, host_ns: str, work: Path) -> tuple[subprocess.P
             capture_output=True,
             text=True,
         )
-        if status.returncode == 0 and '"spares": 0' not in status.stdout:
+        warm = '"spares": 0' not in status.stdout and '"warm_runners": 0' not in status.stdout
+        if status.returncode == 0 and warm:
             return service, control
         if service.poll() is not None:
             break
