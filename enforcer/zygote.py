@@ -39,6 +39,7 @@ import sys
 from sandgate.enforcer import attach, handoff  # noqa: F401 - imported ahead: the point of a warm runner
 from sandgate.enforcer.cli import build_parser, run_command
 from sandgate.enforcer.cli import run as cli_run
+from sandgate.enforcer.sandbox import cgroup
 from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, printed at the end
 
 PR_SET_PDEATHSIG = 1
@@ -85,9 +86,14 @@ class Caller:
             self.conn.sendall(json.dumps(message).encode() + b"\n")
 
 
+def peer(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end (SO_PEERCRED, as of its connect)."""
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
 def refusal(conn: socket.socket) -> str | None:
     """Why this peer may not hand a run over, or None: root, in our mount namespace."""
-    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    pid, uid, _gid = peer(conn)
     if uid != 0:
         return f"uid {uid} (pid {pid}) is not root"
     try:
@@ -167,6 +173,7 @@ def become(conn: socket.socket, request: dict, fds: list[int], control: str) -> 
         return 0
     caller.send(taken=True)
     conn.setblocking(False)
+    cgroup.HOST.act_for(peer(conn)[0])  # the task's cgroup goes under the caller's, as before
     code = run_command(lambda a: cli_run._run_attached(a, caller), args)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -187,3 +187,35 @@ def test_without_warm_runners_the_run_goes_on_in_process(fakenet, tmp_path):
         assert any(f"runner pid {proc.pid})" in (e.get("detail") or "") for e in started), started
     finally:
         gateway.stop()
+
+
+def test_the_task_cgroup_is_made_under_the_callers_cgroup(service, tmp_path):
+    """As if the caller had run it: the host's accounting of whoever started `sandgate`
+    (a systemd scope, a CI job) still covers the task, not the service's."""
+    mount = Path("/sys/fs/cgroup/pids")
+    if not (mount / "cgroup.procs").exists():
+        pytest.skip("no cgroup v1 pids hierarchy at /sys/fs/cgroup/pids")
+    caller_cgroup = mount / f"sgtest-caller-{os.getpid()}"
+    caller_cgroup.mkdir()
+    try:
+        proc, _ = _start(
+            service,
+            tmp_path,
+            "sleep 30",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            # the caller joins its own cgroup before it execs sandgate
+            preexec_fn=lambda: (caller_cgroup / "cgroup.procs").write_text("0"),
+        )
+        try:
+            run_id = _the_sandbox(service)["task_id"]
+            task_cgroup = caller_cgroup / f"{cgroup.PREFIX}{run_id}"
+            assert eventually(task_cgroup.exists, timeout=10), sorted(caller_cgroup.iterdir())
+            assert not (mount / f"{cgroup.PREFIX}{run_id}").exists()
+        finally:
+            proc.kill()
+            proc.wait()
+        assert eventually(lambda: not task_cgroup.exists(), timeout=15)
+    finally:
+        assert eventually(lambda: not (caller_cgroup / "cgroup.procs").read_text(), timeout=10)
+        caller_cgroup.rmdir()
