@@ -91,11 +91,38 @@ def peer(conn: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
 
 
+def restrictions(pid: int | str = "self") -> tuple[int, int, int]:
+    """(capabilities NOT in the bounding set, no_new_privs, seccomp mode) of a process:
+    what a sandbox builder may lack (a systemd unit's CapabilityBoundingSet=,
+    NoNewPrivileges=, RestrictNamespaces= and SystemCallFilter= set them)."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        every = (1 << (int(f.read()) + 1)) - 1
+    missing = every & ~int(fields.get("CapBnd", "0"), 16)
+    return missing, int(fields.get("NoNewPrivs", "0")), int(fields.get("Seccomp", "0"))
+
+
+def _weaker(ours: tuple[int, int, int], theirs: tuple[int, int, int]) -> bool:
+    """Whether a process restricted as `ours` may not do all that one as `theirs` may."""
+    return bool(ours[0] & ~theirs[0]) or ours[1] > theirs[1] or ours[2] > theirs[2]
+
+
 def refusal(conn: socket.socket) -> str | None:
-    """Why this peer may not hand a run over, or None: root, in our mount namespace."""
+    """Why this peer may not hand a run over, or None: root, in our mount namespace,
+    and not able to do more than we can (then it runs the task itself)."""
     pid, uid, _gid = peer(conn)
     if uid != 0:
         return f"uid {uid} (pid {pid}) is not root"
+    try:
+        ours, theirs = restrictions(), restrictions(pid)
+    except (OSError, ValueError) as e:
+        return f"pid {pid}: cannot read its status: {e}"
+    if _weaker(ours, theirs):
+        return f"pid {pid} may do more than this runner (capabilities, no_new_privs, seccomp)"
     try:
         theirs, ours = os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")
     except OSError as e:
@@ -210,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != opts.service_pid:  # the service died before the line above
+        return 0
+    if _weaker(restrictions(), restrictions(1)):  # than the host's (or container's) init
+        print(
+            "sandgate zygote: no warm runners: the service runs with fewer capabilities, "
+            "no_new_privs or a seccomp filter (a hardened systemd unit?), with which a runner "
+            "could not build a sandbox; runs go on in their own process",
+            file=sys.stderr,
+            flush=True,
+        )
         return 0
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # runners are reaped by the kernel
