@@ -45,11 +45,14 @@ def _runner_sockets(service) -> list[str]:
     return sorted(str(folder / n) for n in os.listdir(folder) if handoff.SUFFIX in n)
 
 
-def _start(service, tmp_path, script: str, **popen) -> tuple[subprocess.Popen, os.PathLike]:
+def _start(service, tmp_path, script: str, **popen) -> tuple[subprocess.Popen, Path]:
+    """`sandgate run --gateway -- sh -c SCRIPT`, started (stdin and stdout /dev/null,
+    stderr a pipe, unless `popen` says otherwise); and the workspace."""
     workdir = tmp_path / f"handoff{time.monotonic_ns()}"
     (workdir / "steps").mkdir(parents=True)
     argv = attach_argv(service, workdir, ["sh", "-c", script])
-    return subprocess.Popen(argv, **popen), workdir / "steps"
+    streams = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+    return subprocess.Popen(argv, **{**streams, **popen}), workdir / "steps"
 
 
 def _the_sandbox(service) -> dict:
@@ -66,8 +69,6 @@ def test_a_handed_over_task_has_only_stdio_and_gets_the_callers_signals(service,
         "ls /proc/self/fd | sort -n | tr '\\n' ' '; echo; trap 'echo TERM; exit 7' TERM; "
         "sleep 30 & wait",
         stdout=write_end,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
     )
     os.close(write_end)
     try:
@@ -86,14 +87,7 @@ def test_a_handed_over_task_has_only_stdio_and_gets_the_callers_signals(service,
 
 
 def test_the_task_writes_to_the_callers_own_pipe(service, tmp_path):
-    proc, _ = _start(
-        service,
-        tmp_path,
-        "readlink /proc/self/fd/1",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
+    proc, _ = _start(service, tmp_path, "readlink /proc/self/fd/1", stdout=subprocess.PIPE)
     inode = os.fstat(proc.stdout.fileno()).st_ino
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -101,14 +95,7 @@ def test_the_task_writes_to_the_callers_own_pipe(service, tmp_path):
 
 
 def test_the_callers_death_kills_the_task_and_empties_its_cgroup(service, fakenet, tmp_path):
-    proc, steps = _start(
-        service,
-        tmp_path,
-        "while :; do date +%s%N >> beat; sleep 0.05; done",
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-    )
+    proc, steps = _start(service, tmp_path, "while :; do date +%s%N >> beat; sleep 0.05; done")
     beat = steps / "beat"
     try:
         run_id = _the_sandbox(service)["task_id"]
@@ -177,15 +164,16 @@ def test_without_warm_runners_the_run_goes_on_in_process(fakenet, tmp_path):
     rules.write_text(RULES)
     gateway = GatewayProcess(fakenet, tmp_path, rules, "--warm", "0").start()
     try:
-        proc, _ = _start(
-            gateway, tmp_path, "echo ran", stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        proc, _ = _start(gateway, tmp_path, "echo ran", stdout=subprocess.PIPE)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert out.decode().strip() == "ran"
         assert not _runner_sockets(gateway)
-        started = gateway.events(kind="task")
-        assert any(f"runner pid {proc.pid})" in (e.get("detail") or "") for e in started), started
+        mark = f"runner pid {proc.pid})"  # the run's own process was its runner
+        assert eventually(
+            lambda: any(mark in (e.get("detail") or "") for e in gateway.events(kind="task")),
+            timeout=10,
+        ), gateway.events(kind="task")
     finally:
         gateway.stop()
 
@@ -203,8 +191,6 @@ def test_the_task_cgroup_is_made_under_the_callers_cgroup(service, tmp_path):
             service,
             tmp_path,
             "sleep 30",
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
             # the caller joins its own cgroup before it execs sandgate
             preexec_fn=lambda: (caller_cgroup / "cgroup.procs").write_text("0"),
         )
