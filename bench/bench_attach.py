@@ -1,16 +1,31 @@
 """Task start: attached to a warm gateway service vs an embedded gateway, in one run.
 
-    .venv/bin/python bench/bench_attach.py [--rounds 30] [--embedded-rounds 7] [--as-is]
+    .venv/bin/python bench/bench_attach.py [--rounds 30] [--embedded-rounds 7]
+                                           [--install wheel|checkout] [--as-is]
 
 Needs root. Everything runs in a host-like network namespace this script creates
 (`sgbench-<hex>`) and deletes in `finally` with the service it starts there; nothing
-touches the root namespace's network.
+touches the root namespace's network. The service and the runs get a run directory
+of their own (SANDGATE_RUN_DIR under the bench's temporary directory), so services
+that other sessions run on this machine do not see this one's spare networks.
+
+What is measured (`--install`):
+
+- wheel (default): the `sandgate` a real user runs. The checkout is copied, built
+  into a wheel (`pip wheel --no-deps`) and installed into a throwaway venv under
+  /tmp whose dependencies come from this venv's site-packages through a plain path
+  line in a .pth file (as tests/e2e/test_wheel.py does: nothing is downloaded, and
+  that directory's own .pth files, the editable install's import finder among them,
+  are not run). The venv is removed at the end.
+- checkout: this venv's `sandgate`, an editable install whose import finder costs
+  ~10 ms of `site` at every start.
 
 Variants, each the median wall time of one `sandgate ... -- true` process from start
 to exit, with a workspace (an idmapped bind of a fresh directory):
 
 - attached    `sandgate run --gateway SOCKET -- true` against a service that has been
-              up for a while (warm: its spare networks are made);
+              up for a while (warm: its spare networks are made, and its warm runners
+              wait: the command hands the run to one, enforcer/handoff.py);
 - embedded    `sandgate run -- true` (its own gateway, netns, veth and table).
 
 Bytecode: this machine sets PYTHONDONTWRITEBYTECODE=1, so nothing is ever cached
@@ -45,12 +60,39 @@ GOAL_MS = 50.0
 SANDBOX_RUNTIME_MS = 290.0
 
 
-def compile_everything() -> str:
-    paths = [ROOT / "proxy", ROOT / "enforcer", sysconfig.get_paths()["purelib"]]
+def compile_everything(extra: list[Path]) -> str:
+    paths = [ROOT / "proxy", ROOT / "enforcer", sysconfig.get_paths()["purelib"], *extra]
     paths.append(sysconfig.get_paths()["stdlib"])
     for path in paths:
         compileall.compile_dir(str(path), quiet=2, workers=0)
     return "bytecode compiled first (as an installed package has it)"
+
+
+def install_wheel(work: Path) -> tuple[str, Path]:
+    """A wheel of the checkout in a fresh venv: (its `sandgate`, its site-packages)."""
+    src = work / "src"  # a copy: the build's scratch files stay out of the checkout
+    for name in ("pyproject.toml", "README.md", "proxy", "enforcer", "rules"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            src.mkdir(exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    _check([PY, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "dist"), str(src)])
+    (wheel,) = (work / "dist").glob("sandgate-*.whl")
+    venv = work / "venv"
+    _check([PY, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    site = Path(_check([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]))
+    (site / "bench-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _check([PY, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)])
+    return str(venv / "bin" / "sandgate"), site
+
+
+def _check(argv: list) -> str:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_attach: {' '.join(map(str, argv))} failed:\n{proc.stderr}")
+    return proc.stdout.strip()
 
 
 def median_ms(argv: list[str], rounds: int, cwd: Path) -> tuple[float, float]:
@@ -64,13 +106,13 @@ def median_ms(argv: list[str], rounds: int, cwd: Path) -> tuple[float, float]:
     return statistics.median(samples), min(samples)
 
 
-def start_service(host_ns: str, work: Path) -> tuple[subprocess.Popen, Path]:
+def start_service(sandgate: str, host_ns: str, work: Path) -> tuple[subprocess.Popen, Path]:
     control = work / "gateway.sock"
     argv = [
         "nsenter",
         f"--net=/run/netns/{host_ns}",
         "--",
-        SANDGATE,
+        sandgate,
         "gateway",
         "--control",
         str(control),
@@ -87,11 +129,12 @@ def start_service(host_ns: str, work: Path) -> tuple[subprocess.Popen, Path]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         status = subprocess.run(
-            [SANDGATE, "status", "--json", "--control", str(control)],
+            [sandgate, "status", "--json", "--control", str(control)],
             capture_output=True,
             text=True,
         )
-        if status.returncode == 0 and '"spares": 0' not in status.stdout:
+        warm = '"spares": 0' not in status.stdout and '"warm_runners": 0' not in status.stdout
+        if status.returncode == 0 and warm:
             return service, control
         if service.poll() is not None:
             break
@@ -108,26 +151,45 @@ def main() -> int:
         "--embedded-rounds", type=int, default=7, help="embedded rounds (default 7)"
     )
     parser.add_argument("--as-is", action="store_true", help="do not compile bytecode first")
+    parser.add_argument(
+        "--install",
+        choices=("wheel", "checkout"),
+        default="wheel",
+        help="wheel: a wheel of the checkout in a throwaway venv, as a user installs it "
+        "(default); checkout: this venv's editable install",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_attach: needs root (namespaces, nftables, cgroups)", file=sys.stderr)
         return 2
-    bytecode = "bytecode as found (--as-is)" if args.as_is else compile_everything()
     host_ns = f"sgbench-{secrets.token_hex(3)}"
     work = Path(tempfile.mkdtemp(prefix="sgbench-"))
     os.chmod(work, 0o755)
     workspace = work / "workspace"
     workspace.mkdir()
+    os.environ["SANDGATE_RUN_DIR"] = str(work / "run")
     service = None
     try:
+        if args.install == "wheel":
+            sandgate, site = install_wheel(work)
+            measured = "a wheel of the checkout installed in a fresh venv"
+        else:
+            sandgate, site = SANDGATE, None
+            measured = "this venv's editable install of the checkout"
+        bytecode = (
+            "bytecode as found (--as-is)"
+            if args.as_is
+            else compile_everything([site] if site else [])
+        )
         subprocess.run(["ip", "netns", "add", host_ns], check=True)
         subprocess.run(["ip", "-n", host_ns, "link", "set", "lo", "up"], check=True)
-        service, control = start_service(host_ns, work)
-        attach = [SANDGATE, "run", "--gateway", str(control), "--", "true"]
+        service, control = start_service(sandgate, host_ns, work)
+        attach = [sandgate, "run", "--gateway", str(control), "--", "true"]
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         median_ms(attach, 3, workspace)  # warm the page cache and the service's spares
         attached, attached_min = median_ms(attach, args.rounds, workspace)
         embedded_argv = [
-            "ip", "netns", "exec", host_ns, SANDGATE, "run", "--metrics-listen", "off",
+            "ip", "netns", "exec", host_ns, sandgate, "run", "--metrics-listen", "off",
             "--dns-upstream", "127.0.0.1", "--audit-log", str(work / "embedded-audit.jsonl"),
             "--", "true",
         ]  # fmt: skip
@@ -142,7 +204,8 @@ def main() -> int:
                 service.wait()
         subprocess.run(["ip", "netns", "del", host_ns], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"sandgate run -- true, median wall time; {bytecode}; {os.cpu_count()} cores")
+    print(f"sandgate run -- true, median wall time; {measured}; {bytecode}; {os.cpu_count()} cores")
+    print(f"load average before the runs: {load}")
     print(f"{'variant':<12} {'median ms':>10} {'min ms':>8} {'rounds':>7}")
     print(f"{'attached':<12} {attached:>10.1f} {attached_min:>8.1f} {args.rounds:>7}")
     print(f"{'embedded':<12} {embedded:>10.1f} {embedded_min:>8.1f} {args.embedded_rounds:>7}")

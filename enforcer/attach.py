@@ -24,10 +24,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandgate.enforcer import control
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
 from sandgate.enforcer.sandbox import init as sandbox_init
+
+if TYPE_CHECKING:
+    from sandgate.enforcer import zygote
 
 STATE_DIRS = (
     Path(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate")),
@@ -50,6 +54,7 @@ class AttachOptions:
     limits: cgroup.Limits = field(default_factory=cgroup.Limits)
     summary_json: Path | None = None
     quiet: bool = False
+    caller: zygote.Caller | None = None  # the handed-over run's `sandgate` process
 
 
 def run_attached(opts: AttachOptions) -> int:
@@ -83,7 +88,7 @@ def run_attached(opts: AttachOptions) -> int:
     prepared.started()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda s, _f: child.poll() is None and child.send_signal(s))
-    client = _wait(child, client, opts.control, run_id)
+    client = _wait(child, client, opts.control, run_id, opts.caller)
     code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     prepared.collect()
     hits = prepared.finish()
@@ -154,18 +159,27 @@ def _prepare(
     )
 
 
-def _wait(child: ForkedInit, client, path: Path, run_id: str):
-    """Until the task ends; keeps (or regains) the service. Returns the client, or None."""
+def _wait(child: ForkedInit, client, path: Path, run_id: str, caller=None):
+    """Until the task ends; keeps (or regains) the service. Returns the client, or None.
+    A `caller` (a handed-over run) has its signals forwarded; when it is gone, the
+    task is killed, as a runner's death kills it."""
     pidfd = os.pidfd_open(child.pid)
     try:
         next_try = 0.0
         while child.poll() is None:
             watched = [pidfd] + ([client.sock] if client is not None else [])
+            watched += [caller] if caller is not None else []
             timeout = None if client is not None else max(0.0, next_try - time.monotonic())
             try:
                 ready, _, _ = select.select(watched, [], [], timeout)
             except InterruptedError:
                 continue
+            if caller is not None and caller in ready:
+                signals = caller.signals()
+                for signum in signals if signals is not None else [signal.SIGKILL]:
+                    child.send_signal(signum)
+                if signals is None:
+                    caller = None
             if client is not None and client.sock in ready:
                 try:
                     lost = client.receive() is None

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandgate.enforcer import approvals_control, control, netns, nft
+from sandgate.enforcer import approvals_control, control, handoff, netns, nft
 from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.run import (
     AUDIT_DIR,
@@ -87,7 +87,9 @@ class ServiceOptions:
     on_audit_failure: str = "block"
     grace: float = 30.0
     pool: str = str(netns.DEFAULT_POOL)
-    warm: int = 2  # sandbox networks made ahead, so that an attach does not wait for one
+    warm: int = 2  # sandbox networks made ahead, so that an attach does not wait for one;
+    # as many runners started ahead (enforcer/zygote.py), so that a run does not wait
+    # for an interpreter and its imports
 
 
 @dataclass
@@ -144,6 +146,8 @@ class GatewayService:
         self.spares: list[Attached] = []
         self._filling = False
         self._unwiring: set[asyncio.Task] = set()  # removals still running after the reply
+        self.runners: set[str] = set()  # the sockets of warm runners (enforcer/zygote.py)
+        self._zygote: asyncio.subprocess.Process | None = None
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -160,6 +164,8 @@ class GatewayService:
         self._spawn(self._watch_adopted())
         self._spawn(self.reloader.watch())
         self._refill()
+        if self.opts.warm:
+            self._spawn(self._keep_runners())
         print(
             f"sandgate gateway: serving on {self.opts.control} (policy {self.gateway.policy.hash}, "
             f"{len(self.sandboxes)} sandboxes re-adopted)",
@@ -244,6 +250,9 @@ class GatewayService:
                 raise RunError(f"another gateway service is running at {path}")
             except control.ControlError:
                 path.unlink()
+        for stale in path.parent.glob(f"{path.name}{handoff.SUFFIX}*"):  # a dead service's runners
+            with contextlib.suppress(OSError):
+                stale.unlink()
         old_umask = os.umask(0o177)  # no moment in which others could connect
         try:
             self._server = await asyncio.start_unix_server(
@@ -268,6 +277,13 @@ class GatewayService:
         for spare in self.spares:
             self._unwire_later(spare)
         self.spares.clear()
+        if self._zygote is not None:  # its waiting runners die with it: no run is theirs
+            with contextlib.suppress(ProcessLookupError):
+                self._zygote.kill()
+            await self._zygote.wait()
+        for path in self.runners:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if self._unwiring:
             await asyncio.wait(self._unwiring)
         if self.admin is not None:
@@ -401,6 +417,7 @@ class GatewayService:
                 "rule_files": list(policy.files),
                 "sandboxes": len(self.sandboxes),
                 "spares": len(self.spares),
+                "warm_runners": len(self.runners),
                 "connections": self._open_connections(),
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "draining": self.draining,
@@ -496,6 +513,33 @@ class GatewayService:
                 self._filling = False
 
         self._spawn(fill())
+
+    async def _keep_runners(self) -> None:
+        """`warm` runners waiting, forked by one zygote (enforcer/zygote.py); the next
+        one is asked for as soon as a run takes one. Without the zygote, runs start
+        their own runner, in the `sandgate` process (slower, nothing else changes)."""
+        try:
+            zygote = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-m", "sandgate.enforcer.zygote",
+                "--control", str(self.opts.control), "--service-pid", str(os.getpid()),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+        except OSError as e:
+            log.warning("no warm runners: cannot start the zygote: %s", e)
+            return
+        self._zygote = zygote
+        zygote.stdin.write(b"fork\n" * self.opts.warm)
+        while line := await zygote.stdout.readline():
+            word, _, path = line.decode(errors="replace").strip().partition(" ")
+            if word == "ready":
+                self.runners.add(path)
+            elif word == "taken" and path in self.runners:
+                self.runners.discard(path)
+                if not (self.draining or self.stopped.is_set()):
+                    zygote.stdin.write(b"fork\n")
+        code = await zygote.wait()
+        if not self.stopped.is_set():
+            log.warning("no warm runners: the zygote exited with %s", code)
 
     def _attach_reply(self, attached: Attached) -> dict:
         ca = attached.dir / "ca-bundle.pem"
@@ -646,6 +690,8 @@ class GatewayService:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring %s: %s", state_file, e)
                 continue
+            if _owned_by_other_service(state):  # another live service's (a shared RUN_DIR)
+                continue
             if attached.runner_pid == 0:  # a spare network no task took: nothing to tell
                 self._unwire_later(attached)
                 continue
@@ -771,6 +817,11 @@ def _group_id(name: str) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         return None
+
+
+def _owned_by_other_service(state: dict) -> bool:
+    service_pid = state.get("service_pid")
+    return isinstance(service_pid, int) and service_pid != os.getpid() and _alive(service_pid)
 
 
 def _alive(pid: int) -> bool:

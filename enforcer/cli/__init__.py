@@ -12,12 +12,12 @@ Errors go to stderr as one line `sandgate: ...`, never a traceback.
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from sandgate.enforcer.cli.common import EXIT_SETUP, EXIT_USAGE, SetupError, UsageError
+if TYPE_CHECKING:
+    import argparse
 
 # Each command → the module that registers it, in the order `sandgate --help` lists them.
 # Only the module of the command being run is imported: `run --gateway` is timed in ms.
@@ -48,21 +48,23 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-class _VersionAction(argparse.Action):
-    """`--version`, reading the distribution's metadata only when asked."""
-
-    def __init__(
-        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
-    ):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"sandgate {version()}")
-        parser.exit()
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser for every command, or for `command` alone when it is one of ours."""
+    import argparse
+    import importlib
+
+    class _VersionAction(argparse.Action):
+        """`--version`, reading the distribution's metadata only when asked."""
+
+        def __init__(
+            self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+        ):
+            super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"sandgate {version()}")
+            parser.exit()
+
     parser = argparse.ArgumentParser(
         prog="sandgate", description="Egress gateway for sandboxed coding agents."
     )
@@ -78,9 +80,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # before argparse: a warm runner of the service may take it
+        from sandgate.enforcer import handoff
+
+        handoff.hand_off(argv)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
+    return run_command(args.func, args)
+
+
+def run_command(func, args: argparse.Namespace) -> int:
+    """`func(args)`, its errors as one line on stderr and an exit code (also for a
+    run a warm runner took over: enforcer/zygote.py)."""
+    from sandgate.enforcer.cli.common import EXIT_SETUP, EXIT_USAGE, SetupError, UsageError
+
     try:
-        return args.func(args)
+        return func(args)
     except UsageError as e:
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -117,8 +117,10 @@ SERVICE_OWNED = {
 }
 
 
-def _run_attached(args) -> int:
-    """The task in a sandbox of a running service: no gateway (nor mitmproxy) here."""
+def _run_attached(args, caller=None) -> int:
+    """The task in a sandbox of a running service: no gateway (nor mitmproxy) here.
+    `caller`: the `sandgate` process that handed this run to a warm runner
+    (enforcer/zygote.py), whose signals are forwarded and whose end kills the task."""
     given = [name for name, default in SERVICE_OWNED.items() if getattr(args, name) != default]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -145,5 +147,6 @@ def _run_attached(args) -> int:
             limits=limits,
             summary_json=args.summary_json,
             quiet=args.quiet,
+            caller=caller,
         )
     )

@@ -152,6 +152,13 @@ class CgroupFS:
     def __init__(self, root: str = "/", mountinfo: str = "/proc/self/mountinfo"):
         self.root = root
         self.mountinfo = mountinfo
+        self.own_cgroup = "/proc/self/cgroup"  # whose cgroups a run's are made under
+
+    def act_for(self, pid: int) -> None:
+        """Make runs' cgroups under `pid`'s cgroups, not ours: a warm runner that took
+        over the run of `sandgate` process `pid` (enforcer/zygote.py), so the task is
+        accounted where its caller is, as if the caller had run it itself."""
+        self.own_cgroup = f"/proc/{pid}/cgroup"
 
     def path(self, absolute: str) -> str:
         return os.path.join(self.root, absolute.lstrip("/"))
@@ -327,7 +334,7 @@ def _parent_override(parent: str | None) -> str | None:
 
 def _locate(fs: CgroupFS, override: str | None) -> dict[str, Hierarchy]:
     """{controller: its hierarchy} for memory, pids and cpu, those this host has."""
-    own = parse_proc_cgroup(fs.read(fs.path("/proc/self/cgroup")))
+    own = parse_proc_cgroup(fs.read(fs.path(fs.own_cgroup)))
     located: dict[str, Hierarchy] = {}
     for mount in parse_mountinfo(fs.read(fs.path(fs.mountinfo))):
         mountpoint = fs.path(mount.mountpoint)

@@ -1,0 +1,138 @@
+"""`sandgate run --gateway ...` handed to a warm runner of the gateway service.
+
+The service keeps `--warm N` runners started (enforcer/zygote.py): processes that
+have imported everything an attached run needs and wait on a root-only socket
+beside the control socket, `<control>.z-<hex>`. Run as root, `sandgate run
+--gateway` finds one before it imports anything else (argparse, the sandbox's
+modules), sends it its arguments, environment and working directory with its
+stdin, stdout and stderr (SCM_RIGHTS), then only forwards SIGINT, SIGTERM and
+SIGHUP and waits for the exit code. The runner's interpreter start and imports
+are off the task's start; the runner is the same code as before, in another
+process. With no warm runner, or none that takes the run, nothing has happened
+yet and the command runs as before, in this process.
+
+This module imports os, socket, sys and json only. The protocol, JSON lines:
+
+    client -> runner   {"argv": [...], "env": {...}, "cwd": "..."} + fds 0, 1, 2
+    runner -> client   {"taken": true}, or {"refused": why}: the client runs it itself
+    client -> runner   {"signal": N}, any number
+    runner -> client   {"exit": N}, the task's exit code (or sandgate's: 2, 125)
+
+The runner kills the task when this connection ends (this process died), as a
+runner's death kills it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+SUFFIX = ".z-"  # <control socket><SUFFIX><hex>: one warm runner's socket
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+DEFAULT_CONTROL = "/run/sandgate/gateway.sock"  # as control.DEFAULT_SOCKET
+MAX_LINE = 1 << 20
+EXIT_SETUP = 125
+
+
+def hand_off(argv: list[str]) -> None:
+    """Exit with the code of the run a warm runner took; return when none took it
+    (not root, not `run --gateway`, no warm runner, or a refusal)."""
+    if argv[:1] != ["run"] or os.geteuid() != 0:
+        return
+    control = control_path(argv[1:])
+    if control is None:
+        return
+    folder, name = os.path.split(control)
+    try:
+        entries = os.listdir(folder or ".")
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(name + SUFFIX):
+            conn = _offer(os.path.join(folder, entry), argv)
+            if conn is not None:
+                code = _follow(conn)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+
+
+def control_path(args: list[str]) -> str | None:
+    """The control socket `--gateway` names, as argparse reads it (nargs="?"), or
+    None when the options before `--` have none (or ask for help)."""
+    for i, arg in enumerate(args):
+        if arg == "--" or arg in ("-h", "--help"):
+            return None
+        if arg.startswith("--gateway="):
+            return arg.partition("=")[2]
+        if arg == "--gateway":
+            value = args[i + 1] if i + 1 < len(args) else None
+            if value is not None and not value.startswith("-"):
+                return value
+            return os.environ.get("SANDGATE_CONTROL", DEFAULT_CONTROL)
+    return None
+
+
+def _offer(path: str, argv: list[str]) -> socket.socket | None:
+    """A connection to the runner at `path` that took the run, or None."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(5)
+        conn.connect(path)
+        request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        reply = _Lines(conn).next()
+        if reply is not None and reply.get("taken"):
+            conn.settimeout(None)
+            return conn
+    except (OSError, ValueError):  # no runner there (any more), or a broken one
+        pass
+    conn.close()
+    return None
+
+
+def _follow(conn: socket.socket) -> int:
+    def forward(signum, _frame) -> None:
+        try:  # noqa: SIM105 - contextlib is one import more on the timed path
+            conn.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+        except OSError:
+            pass
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    lines = _Lines(conn)
+    while True:
+        try:
+            message = lines.next()
+        except (OSError, ValueError):
+            message = None
+        if message is None:
+            print("sandgate: the gateway service's runner went away", file=sys.stderr)
+            return EXIT_SETUP
+        if isinstance(message.get("exit"), int):
+            return message["exit"]
+
+
+class _Lines:
+    """JSON objects, one a line, from a socket."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn, self.buffer = conn, b""
+
+    def next(self) -> dict | None:
+        """The next object, None at the end; ValueError for anything else."""
+        while b"\n" not in self.buffer:
+            chunk = self.conn.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+            if len(self.buffer) > MAX_LINE:
+                raise ValueError("over-long line")
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise ValueError("not an object")
+        return message
