@@ -114,7 +114,7 @@ def probe_start(out: str, argv: list[str]) -> int:
         importlib.import_module(module)
         add(label, t0)
 
-    import sandgate.enforcer.cli.common as cli_common
+    import sandgate.enforcer.cli.run as cli_run
     import sandgate.enforcer.run as run
     from sandgate.enforcer import netns, nft
     from sandgate.proxy.dns.server import DnsFilter
@@ -157,7 +157,7 @@ def probe_start(out: str, argv: list[str]) -> int:
     from sandgate.proxy.gateway import Gateway
 
     # Labels are (indent level, text): nested steps are part of the step above them.
-    wrap_sync(cli_common, "load_policy", STEP_LOAD)
+    wrap_sync(cli_run, "load_rules", STEP_LOAD)  # where cmd_run looks it up
     wrap_sync(asyncio, "run", STEP_ASYNCIO)
     wrap_sync(run, "_pick_addresses", STEP_PICK)
     wrap_sync(netns, "create_sandbox_net", STEP_NETNS)
@@ -242,8 +242,8 @@ STEP_GWSTOP = "gateway stop"
 STEP_METRICS_START = "metrics server start"
 STEP_METRICS_STOP = "metrics server stop"
 STEP_INPROCESS = "in-process total (imports + main)"
-STEP_WALL = "wall: ip netns exec ... until exit"
-STEP_OUTSIDE = "interpreter start (+ ip netns exec)"
+STEP_WALL = "wall: netns enter ... until exit"
+STEP_OUTSIDE = "interpreter start (+ netns enter, the probe's own imports)"
 STEP_EXIT = "interpreter exit (finalization, thread joins)"
 BREAKDOWN = [  # (indent, label) in print order
     (0, STEP_IMPORT_CLI),
