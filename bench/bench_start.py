@@ -46,6 +46,7 @@ import json
 import os
 import resource
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -107,7 +108,14 @@ def install_venv(venv: Path) -> Path:
     # The same dependencies as this venv: its site-packages on sys.path (not a site
     # dir there, so its .pth files, the editable finder among them, are not run).
     Path(site, "sandgate-bench-deps.pth").write_text(purelib(PY) + "\n")
-    pip = [PY, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(REPO)]
+    # From a copy: setuptools builds in the source tree (build/, *.egg-info).
+    source = venv.parent / "source"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests"),
+    )
+    pip = [PY, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(source)]
     proc = subprocess.run(pip, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"pip install of the checkout failed: {proc.stderr[-800:]}")
