@@ -195,9 +195,11 @@ def probe_start(out: str, argv: list[str]) -> int:
     # `sandgate run` ends with os._exit (no interpreter finalisation): write the
     # timings on the way out, then leave the way the product does.
     real_exit = os._exit
+    probe_pid = os.getpid()
 
     def exit_with_marks(code: int) -> None:
-        write_marks(code)
+        if os.getpid() == probe_pid:  # not in a child forked from it (the sandbox init)
+            write_marks(code)
         real_exit(code)
 
     os._exit = exit_with_marks
