@@ -961,17 +961,23 @@ table inet {self.table}_{key.lower()} {{
             )
             return
         secs = int(self.args.profile_seconds)
-        for phase in ("tls_rate", "http_rate"):
-            print(f"profiling sandgate during {phase} ...", flush=True)
+        runs = [  # (label, client phase, rules): pass-through, then inspected (setup I)
+            ("tls_rate", "tls_rate", RULES),
+            ("http_rate", "http_rate", RULES),
+            ("inspected_tls_rate", "tls_rate", self.inspect_rules()),
+            ("inspected_tls_keep", "tls_keep", self.inspect_rules()),
+        ]
+        for label, phase, rules in runs:
+            print(f"profiling sandgate during {label} ...", flush=True)
             argv = self.client_argv([phase], resolve=False)
             argv[argv.index("--rate-seconds") + 1] = str(2 * secs + 3)
             gw = self.popen_sandgate(
-                *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                *argv, rules=rules, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
             time.sleep(2.0)  # sandgate setup + client warm-up
             prof: dict = {}
             for kind, flags in (("on_cpu", ["--gil"]), ("wall", [])):
-                raw = self.workdir / f"profile-{phase}-{kind}.txt"
+                raw = self.workdir / f"profile-{label}-{kind}.txt"
                 spy_proc = subprocess.run(
                     [
                         spy,
@@ -1001,7 +1007,7 @@ table inet {self.table}_{key.lower()} {{
             stdout, stderr = gw.communicate(timeout=120)
             client = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {}
             prof["rate_under_profiler"] = client.get(phase, {}).get("per_s")
-            self.results.setdefault("profile", {})[phase] = prof
+            self.results.setdefault("profile", {})[label] = prof
 
 
 def import_profile(top: int = 12) -> dict[str, float]:
