@@ -114,7 +114,7 @@ def probe_start(out: str, argv: list[str]) -> int:
         importlib.import_module(module)
         add(label, t0)
 
-    import sandgate.enforcer.cli.common as cli_common
+    import sandgate.enforcer.cli.run as cli_run
     import sandgate.enforcer.run as run
     from sandgate.enforcer import netns, nft
     from sandgate.proxy.dns.server import DnsFilter
@@ -157,7 +157,7 @@ def probe_start(out: str, argv: list[str]) -> int:
     from sandgate.proxy.gateway import Gateway
 
     # Labels are (indent level, text): nested steps are part of the step above them.
-    wrap_sync(cli_common, "load_policy", STEP_LOAD)
+    wrap_sync(cli_run, "load_rules", STEP_LOAD)  # where cmd_run looks it up
     wrap_sync(asyncio, "run", STEP_ASYNCIO)
     wrap_sync(run, "_pick_addresses", STEP_PICK)
     wrap_sync(netns, "create_sandbox_net", STEP_NETNS)
@@ -195,9 +195,11 @@ def probe_start(out: str, argv: list[str]) -> int:
     # `sandgate run` ends with os._exit (no interpreter finalisation): write the
     # timings on the way out, then leave the way the product does.
     real_exit = os._exit
+    probe_pid = os.getpid()
 
     def exit_with_marks(code: int) -> None:
-        write_marks(code)
+        if os.getpid() == probe_pid:  # not in a child forked from it (the sandbox init)
+            write_marks(code)
         real_exit(code)
 
     os._exit = exit_with_marks
@@ -242,8 +244,8 @@ STEP_GWSTOP = "gateway stop"
 STEP_METRICS_START = "metrics server start"
 STEP_METRICS_STOP = "metrics server stop"
 STEP_INPROCESS = "in-process total (imports + main)"
-STEP_WALL = "wall: ip netns exec ... until exit"
-STEP_OUTSIDE = "interpreter start (+ ip netns exec)"
+STEP_WALL = "wall: netns enter ... until exit"
+STEP_OUTSIDE = "interpreter start (+ netns enter, the probe's own imports)"
 STEP_EXIT = "interpreter exit (finalization, thread joins)"
 BREAKDOWN = [  # (indent, label) in print order
     (0, STEP_IMPORT_CLI),
@@ -959,17 +961,23 @@ table inet {self.table}_{key.lower()} {{
             )
             return
         secs = int(self.args.profile_seconds)
-        for phase in ("tls_rate", "http_rate"):
-            print(f"profiling sandgate during {phase} ...", flush=True)
+        runs = [  # (label, client phase, rules): pass-through, then inspected (setup I)
+            ("tls_rate", "tls_rate", RULES),
+            ("http_rate", "http_rate", RULES),
+            ("inspected_tls_rate", "tls_rate", self.inspect_rules()),
+            ("inspected_tls_keep", "tls_keep", self.inspect_rules()),
+        ]
+        for label, phase, rules in runs:
+            print(f"profiling sandgate during {label} ...", flush=True)
             argv = self.client_argv([phase], resolve=False)
             argv[argv.index("--rate-seconds") + 1] = str(2 * secs + 3)
             gw = self.popen_sandgate(
-                *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                *argv, rules=rules, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
             time.sleep(2.0)  # sandgate setup + client warm-up
             prof: dict = {}
             for kind, flags in (("on_cpu", ["--gil"]), ("wall", [])):
-                raw = self.workdir / f"profile-{phase}-{kind}.txt"
+                raw = self.workdir / f"profile-{label}-{kind}.txt"
                 spy_proc = subprocess.run(
                     [
                         spy,
@@ -999,7 +1007,7 @@ table inet {self.table}_{key.lower()} {{
             stdout, stderr = gw.communicate(timeout=120)
             client = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {}
             prof["rate_under_profiler"] = client.get(phase, {}).get("per_s")
-            self.results.setdefault("profile", {})[phase] = prof
+            self.results.setdefault("profile", {})[label] = prof
 
 
 def import_profile(top: int = 12) -> dict[str, float]:

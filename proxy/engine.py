@@ -62,7 +62,9 @@ def _import_mitmproxy():
     from mitmproxy.proxy.mode_servers import ServerInstance
 
     from sandgate.proxy.addon import SandgateAddon
+    from sandgate.proxy.lean_mitmproxy import drop_per_request_checks
 
+    drop_per_request_checks()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),

@@ -1,12 +1,69 @@
-"""Import mitmproxy's addon modules one by one, not its whole addon package.
+"""A leaner mitmproxy: its addon package without its __init__, and three per-request
+costs that buy sandgate nothing taken out.
 
-`mitmproxy/addons/__init__.py` imports all ~30 default addons (a Flask app for
-onboarding, ldap3 for proxy auth, ...): about 270 ms of the ~740 ms that importing
-the gateway takes, for addons sandgate never loads. With the package registered
-without its __init__ (proxy/lean_import.py), `import mitmproxy.addons.core` loads
-just that module. Import this before anything that imports `mitmproxy.addons`.
+Import this before any mitmproxy module. `mitmproxy/addons/__init__.py` imports all
+~30 default addons (a Flask app for onboarding, ldap3 for proxy auth, ...): about
+270 ms of the ~740 ms that importing the gateway takes, for addons sandgate never
+loads. With the package registered without its __init__ (proxy/lean_import.py),
+`import mitmproxy.addons.core` loads just that module.
+
+`drop_per_request_checks()` (called by the engine once mitmproxy is imported) takes
+out what py-spy showed on the gateway's event loop under bench_gateway.py's
+inspected rows, ~10-15 % of its Python time per keep-alive request (on-CPU profile;
+docs/performance.md has the numbers):
+
+- `MessageData.__post_init__` (mitmproxy/http.py, defined only `if __debug__`)
+  type-checks every field of every Request and Response with `typing`
+  introspection. They come from mitmproxy's own HTTP/1 parser, whose types are
+  right; the check catches addon authors' mistakes, and sandgate's addon builds no
+  message. (`python -O` drops it too, but with every assert in every package.)
+- `asyncio_utils.set_task_debug_info` looks up PYTEST_CURRENT_TEST in os.environ
+  for every task mitmproxy starts (a failed lookup, so a KeyError raised and
+  caught inside `Mapping.get`), to put a test's name into the task's name.
+- `Hook.args` calls `dataclasses.fields()` for every hook it dispatches; a hook
+  class's fields never change, so their names are cached per class.
+
+docs/mitmproxy-internals.md lists these for the upgrade checklist.
 """
+
+from __future__ import annotations
+
+import time
 
 from sandgate.proxy.lean_import import skip_init
 
 skip_init("mitmproxy.addons")
+
+_HOOK_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def drop_per_request_checks() -> None:
+    """Patch the three costs above out of the imported mitmproxy (idempotent)."""
+    from mitmproxy import hooks, http
+    from mitmproxy.utils import asyncio_utils
+
+    http.MessageData.__post_init__ = _no_type_check
+    asyncio_utils.set_task_debug_info = _set_task_name
+    hooks.Hook.args = _hook_args
+
+
+def _no_type_check(self) -> None:
+    """The dataclass __init__ of Request/ResponseData calls this: nothing to check."""
+
+
+def _set_task_name(task, *, name: str, client: tuple | None = None) -> None:
+    """`asyncio_utils.set_task_debug_info` without the environment lookup."""
+    task.created = time.time()
+    task.set_name(name)
+    if client:
+        task.client = client
+
+
+def _hook_args(self) -> list:
+    """`Hook.args`: the hook's field values in order, field names cached per class."""
+    names = _HOOK_FIELDS.get(type(self))
+    if names is None:
+        import dataclasses
+
+        names = _HOOK_FIELDS[type(self)] = tuple(f.name for f in dataclasses.fields(self))
+    return [getattr(self, name) for name in names]

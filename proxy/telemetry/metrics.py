@@ -18,28 +18,27 @@ drop counters — is read when Prometheus scrapes, by `_StateCollector`.
 `/metrics` is served by prometheus_client's WSGI server in a daemon thread, not on
 the event loop: a scrape costs the proxy only the GIL time of rendering a few
 hundred series (see `serve`).
+
+Start time: the exposition side (rendering, the WSGI server) is imported by the
+server thread, off the start (lean_prometheus.py says why).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+import sandgate.proxy.telemetry.lean_prometheus  # noqa: F401 - before any prometheus_client import
+from prometheus_client.metrics import Counter, Histogram, disable_created_metrics
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import CollectorRegistry
 from sandgate.proxy.policy.model import HTTP_METHODS
 from sandgate.proxy.policy.names import parse_host_port
 from sandgate.proxy.policy.reasons import Reason
@@ -222,8 +221,8 @@ class Metrics:
         self._bytes_children: dict[tuple, Any] = {}
         self.watched = _Watched()
         r.register(_StateCollector(self.watched))
-        self._server = None
         self._server_thread: threading.Thread | None = None
+        self._wake_w: int | None = None  # written by stop(): the server thread returns
 
     # --- the sink ------------------------------------------------------------------
 
@@ -352,42 +351,72 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition text, as a scrape gets it."""
+        from prometheus_client.exposition import generate_latest
+
         return generate_latest(self.registry)
 
     def serve(self, host: str, port: int) -> tuple[str, int]:
         """Serve /metrics on host:port from a daemon thread; returns the bound
-        address (port 0 picks a free one). Raises OSError if it cannot listen."""
-        server_class = type(
-            "MetricsServer",
-            (ThreadingWSGIServer,),
-            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET},
-        )
-        self._server = make_server(
-            host, port, make_wsgi_app(self.registry), server_class, _QuietHandler
-        )
-        # A short poll interval: shutdown() waits for one, and `sandgate run` stops
-        # the server at the end of every task (the default 0.5 s showed in start time).
+        address (port 0 picks a free one). Raises OSError if it cannot listen.
+
+        The socket is bound here, so a port in use fails the call; the WSGI server
+        (and its imports) comes up in the thread, which accepts from the backlog."""
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HTTPServer
+            listener.bind((host, port))
+            listener.listen(16)
+        except OSError:
+            listener.close()
+            raise
+        wake_r, self._wake_w = os.pipe()
         self._server_thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.02},
+            target=self._serve_forever,
+            args=(listener, wake_r),
             name="sandgate-metrics",
             daemon=True,
         )
         self._server_thread.start()
-        return host, self._server.server_port
+        return host, listener.getsockname()[1]
+
+    def _serve_forever(self, listener: socket.socket, wake_r: int) -> None:
+        """Until stop(): `serve_forever` without its poll interval, which stop() would
+        wait out at the end of every `sandgate run` (up to 20 ms here, 0.5 s by default)."""
+        from wsgiref.simple_server import WSGIRequestHandler
+
+        from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+
+        class QuietHandler(WSGIRequestHandler):
+            """No access log line per scrape on stderr."""
+
+            def log_message(self, format, *args) -> None:  # noqa: A002 - the base's name
+                pass
+
+        server_class = type(
+            "MetricsServer", (ThreadingWSGIServer,), {"address_family": listener.family}
+        )
+        server = server_class(listener.getsockname(), QuietHandler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = listener
+        server.server_name, server.server_port = socket.getfqdn(), listener.getsockname()[1]
+        server.setup_environ()
+        server.set_app(make_wsgi_app(self.registry))
+        with selectors.DefaultSelector() as selector:
+            selector.register(listener, selectors.EVENT_READ)
+            selector.register(wake_r, selectors.EVENT_READ)
+            try:
+                while all(key.fd != wake_r for key, _ in selector.select()):
+                    server._handle_request_noblock()  # accept + a thread (ThreadingMixIn)
+            finally:
+                server.server_close()
+                os.close(wake_r)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """No access log line per scrape on stderr."""
-
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
-        pass
+        if self._server_thread is not None:
+            os.write(self._wake_w, b"x")
+            self._server_thread.join()
+            os.close(self._wake_w)
+            self._server_thread = self._wake_w = None
 
 
 def parse_listen(text: str) -> tuple[str, int]:
