@@ -25,6 +25,7 @@ import contextlib
 import logging
 
 from mitmproxy import connection, http, tls
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import HTTPMode
@@ -63,6 +64,12 @@ class CountingTCPLayer(layers.TCPLayer):
         yield from super().relay_messages(event)
 
 
+# The lingering close after a 431 (HeadLimitedHttpLayer): how long, and how much of
+# what the client still sends is read and dropped, before the connection is closed.
+LINGER_S = 2.0
+LINGER_BYTES = 1 << 20
+
+
 class HeadLimitedHttpLayer(layers.HttpLayer):
     """mitmproxy's HTTP layer, with a bound on an unfinished HTTP/1 request head.
 
@@ -81,8 +88,13 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
     def __init__(self, context, refuse):
         super().__init__(context, HTTPMode.transparent)
         self.refuse = refuse  # (first bytes, size) -> the 431's bytes, after the event
+        self.linger: commands.RequestWakeup | None = None  # set once the 431 is out
+        self.linger_left = 0
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.linger is not None:
+            yield from self._lingering(event)
+            return
         yield from super()._handle_event(event)
         reader = self.connections.get(self.context.client)
         if (
@@ -93,7 +105,27 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             buffered, size = bytes(reader.buf)[:4096], len(reader.buf)
             reader.buf, reader.state = type(reader.buf)(), reader.done  # memory back, no parse
             yield commands.SendData(self.context.client, self.refuse(buffered, size))
-            yield commands.CloseConnection(self.context.client)
+            # A lingering close, as nginx's: the 431 and a FIN first, then what the
+            # client is still sending is read and dropped for a moment. Closing at
+            # once would reset a client that is mid-send, which often loses the 431
+            # (a TLS client whose write failed cannot read any more).
+            yield commands.CloseTcpConnection(self.context.client, half_close=True)
+            self.linger, self.linger_left = commands.RequestWakeup(LINGER_S), LINGER_BYTES
+            yield self.linger
+
+    def _lingering(self, event: events.Event) -> layer.CommandGenerator[None]:
+        """Drop what the client still sends; close after LINGER_BYTES, LINGER_S, or
+        the client's own close."""
+        client = self.context.client
+        if isinstance(event, events.DataReceived) and event.connection == client:
+            self.linger_left -= len(event.data)
+            done = self.linger_left <= 0
+        elif isinstance(event, events.Wakeup):
+            done = event.command is self.linger
+        else:
+            done = isinstance(event, events.ConnectionClosed) and event.connection == client
+        if done and client.state is not ConnectionState.CLOSED:
+            yield commands.CloseConnection(client)
 
 
 class RejectLayer(layer.Layer):
