@@ -334,23 +334,23 @@ def _approval_page(decision: Decision, flow: http.HTTPFlow) -> str:
         if decision.detail.startswith("approval ")
         else None
     )
-    ask = f"sandgate approvals approve {approval_id}" if approval_id else None
+    pending = decision.reason is Reason.APPROVAL_PENDING
+    # Only a pending approval can still be approved; a decided one is final for the task.
+    ask = f"sandgate approvals approve {approval_id}" if approval_id and pending else None
     body = {
-        "error": "approval_required"
-        if decision.reason is Reason.APPROVAL_PENDING
-        else str(decision.reason),
+        "error": "approval_required" if pending else str(decision.reason),
         "reason": str(decision.reason),
         "destination": f"{request.method} {request.pretty_url[:300]}",
         "approval_id": approval_id,
         "rule": decision.rule.id,
         "detail": decision.detail,
         "ask_an_admin": ask,
-        "retry": decision.reason is Reason.APPROVAL_PENDING,
+        "retry": pending,
     }
     line = (
         f"sandgate: {request.method} {request.pretty_url[:300]} needs a human's approval "
         f"({decision.reason}); approval {approval_id}: ask an admin to run `{ask}`, then retry"
-        if decision.reason is Reason.APPROVAL_PENDING
+        if pending
         else f"sandgate: {request.method} {request.pretty_url[:300]}: {decision.reason} ({decision.detail})"
     )
     return line + "\n" + json.dumps(body) + "\n"
