@@ -6,6 +6,7 @@ the pending approval; `always` is a rule in approved.yaml that survives a restar
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -267,3 +268,65 @@ def test_an_approval_for_a_duration_runs_out_and_the_next_request_is_asked_again
         assert asked == [first["id"], again["id"]]
     finally:
         service.stop()
+
+
+def test_an_embedded_run_is_approved_from_a_second_process_through_its_own_socket(
+    fakenet, tmp_path
+):
+    """A developer's `sandgate run` (no service) holds the task's request; a second
+    `sandgate approvals` process, given no --control, finds the run's own socket
+    (RUN_DIR/<id>/control.sock), lists and approves it, and the task's curl completes."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("HOLD", "25s"))
+    # A run directory and service socket of this test's own: "the single run" is ours.
+    env = {
+        **os.environ,
+        "SANDGATE_RUN_DIR": str(tmp_path / "run-dir"),
+        "SANDGATE_CONTROL": str(tmp_path / "no-service.sock"),
+    }
+    workdir = sandbox._workdir(tmp_path)
+    steps_dir = workdir / "steps"
+    script = sandbox._script({"held": curl("https://allowed.test/", timeout=40)}, steps_dir)
+    argv = sandbox._argv(fakenet, workdir, ["sh", "-c", script], rules, ("--admin-listen", "off"))
+    run = fakenet.popen_in_host(
+        argv, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+    def approvals(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sandbox.SANDGATE, "approvals", *args], capture_output=True, text=True, env=env
+        )
+
+    def listed() -> list[dict] | bool:
+        result = approvals("--json", "list")
+        return (json.loads(result.stdout) if result.returncode == 0 else []) or (
+            run.poll() is not None
+        )
+
+    try:
+        pending = eventually(listed, timeout=45)
+        assert isinstance(pending, list), run.communicate(timeout=30)
+        (asked,) = pending
+        assert (asked["name"], asked["protocol"]) == ("allowed.test", "tls")
+        assert fakenet.requests_seen() == []
+        approved = approvals("approve", asked["id"])
+        assert approved.returncode == 0, approved.stderr
+        assert approved.stdout.startswith(f"approved: {asked['id']} allowed.test:443")
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    result = sandbox._result(run.returncode, out, err, workdir, steps_dir)
+    assert result["held"].status == 200, result.describe()
+    assert "control.sock list" in err  # the run told the developer where its socket is
+    assert [r["host"] for r in fakenet.requests_seen()] == ["allowed.test"]
+    granted = [e for e in result.events(kind="approval") if e["reason"] == "approval_granted"]
+    assert [(e["approval_id"], e["scope"]) for e in granted] == [(asked["id"], "once")]
+    assert granted[0]["approver"].startswith("uid 0")
+    # The run is gone, and so is its socket: nothing left to find.
+    assert not sandbox.leftovers(fakenet, result.run_id)
+    assert not (tmp_path / "run-dir" / result.run_id).exists()
+    gone = approvals("list")
+    assert gone.returncode == 125 and "no running `sandgate run`" in gone.stderr
