@@ -74,8 +74,9 @@ class Approvals:
         self._subscribers: list[Subscriber] = []
         self._expiry: asyncio.Task | None = None
         # Set by the gateway's owner: persist an `always` approval (approved.yaml) and
-        # reload. An exception there is reported to the approver.
-        self.on_always: Callable[[Pending, str], Awaitable[None]] | None = None
+        # reload: on_always(approval, approver, expires). An exception there is
+        # reported to the approver.
+        self.on_always: Callable[[Pending, str, str | None], Awaitable[None]] | None = None
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -193,11 +194,14 @@ class Approvals:
         *,
         duration: float | None = None,
         ticket: str | None = None,
+        expires: str | None = None,
     ) -> dict:
         """Approve; ApprovalError (one line) if unknown or decided already. An `always`
-        approval is persisted (on_always) before anything is released: if that fails,
-        nothing is approved."""
+        approval is persisted (on_always, with the rule's `expires` if given) before
+        anything is released: if that fails, nothing is approved."""
         found = self.store.get(pending_id)
+        if expires is not None and scope is not Scope.ALWAYS:
+            raise ApprovalError("expires goes with always (it is written into the rule)")
         if scope is Scope.ALWAYS:
             if found.state is State.PENDING and self.on_always is None:
                 raise ApprovalError(
@@ -205,7 +209,7 @@ class Approvals:
                 )
             if found.state is State.PENDING:
                 found.ticket = ticket
-                await self.on_always(found, approver)
+                await self.on_always(found, approver, expires)
         found = self.store.approve(pending_id, approver, scope, duration=duration, ticket=ticket)
         what = f"for {duration:g} s" if scope is Scope.DURATION else str(scope)
         self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")

@@ -139,7 +139,9 @@ def test_a_hold_that_runs_out_is_a_403_then_always_survives_a_restart(fakenet, t
         )
         try:
             asked = task.held(timeout=20)
-            done = service.ask("approvals", "approve", asked["id"], "--always", "--ticket", "T-1")
+            done = service.ask(
+                "approvals", "approve", asked["id"], "--always", "--ticket", "T-1", "--expires", "2099-12-31"
+            )
             assert done.returncode == 0, done.stderr
         finally:
             result = task.finish()
@@ -156,7 +158,7 @@ def test_a_hold_that_runs_out_is_a_403_then_always_survives_a_restart(fakenet, t
             capture_output=True,
             text=True,
         )
-        assert f"approved:{asked['id']}" in shown.stdout, shown.stdout + shown.stderr
+        assert f"expires 2099-12-31 [approved:{asked['id']}]" in shown.stdout, shown.stdout + shown.stderr
         later = attach(service, tmp_path, {"http": curl("http://allowed.test/")})
         assert later["http"].out.strip().splitlines()[-1] == "200", later.describe()
         assert _pending(service) == []

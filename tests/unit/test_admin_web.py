@@ -79,6 +79,10 @@ def test_the_api_needs_the_token_and_refuses_cross_site_posts():
         page = {"cookie": f"{COOKIE}={session}", "origin": f"http://127.0.0.1:{port}"}
         status, _, _ = await _http(port, "POST", f"/api/approvals/{pending['id']}", page, decision)
         assert status == 403
+        # An always rule's expiry that is no date: 400, one line.
+        bad = json.dumps({"decision": "approve", "scope": "always", "expires": "soon"}).encode()
+        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", bearer, bad)
+        assert status == 400 and "expires 'soon' is not a date" in json.loads(body)["error"]
         assert not hold.done() and approvals.list()  # nothing was decided
         status, _, _ = await _http(port, "POST", "/api/approvals/nosuch", bearer, decision)
         assert status == 404
