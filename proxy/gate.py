@@ -550,11 +550,20 @@ class ConnectionGate:
         head: RequestHead,
         checked: CheckedHead,
         tls: bool,
+        unresolved: bool = False,
     ) -> tuple[Decision, CheckedHead | None]:
         """A held request's end (`answer`: proxy/approvals/holder.HoldResult): the
-        final decision, emitted, as on_request returns it."""
+        final decision, emitted, as on_request returns it. `unresolved`: approved, but
+        the placeholder's name then had no public address upstream (denied,
+        dns_upstream_failure: the adapter answers 502 and connects nowhere)."""
         started = self.clock()
         decision = _answered(asked, answer)
+        if decision.allowed and unresolved:
+            decision = deny(
+                "dns-upstream",
+                detail=f"{decision.detail}, but {state.placeholder} has no public address "
+                f"upstream; nothing was sent (its placeholder {state.ip} is not a server)",
+            )
         name = self._request_name(state, checked.host)
         return self._settle_request(state, decision, head, checked, tls, name, started, answer)
 

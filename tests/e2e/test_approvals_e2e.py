@@ -332,3 +332,35 @@ def test_an_embedded_run_is_approved_from_a_second_process_through_its_own_socke
     assert not (tmp_path / "run-dir" / result.run_id).exists()
     gone = approvals("list")
     assert gone.returncode == 125 and "no running `sandgate run`" in gone.stderr
+
+
+def test_an_approved_name_that_does_not_resolve_is_a_502_and_goes_nowhere(fakenet, tmp_path):
+    """Plain HTTP to the placeholder of a name with no address upstream: approved, the
+    gateway resolves it, finds nothing, and answers 502 itself (naming the name and
+    the reason) instead of sending the request on to the placeholder."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("HOLD", "25s").replace("allowed.test", "nowhere.test"))
+    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    try:
+        task = Task(service, tmp_path, {"held": curl("http://nowhere.test/x", timeout=40)})
+        try:
+            asked = task.held()
+            assert "nowhere.test" not in fakenet.dns_queries_seen()
+            assert service.ask("approvals", "approve", asked["id"]).returncode == 0
+        finally:
+            result = task.finish()
+        step = result["held"]
+        assert step.status == 502, result.describe()
+        # sandgate's own answer (mitmproxy's, after a failed connect, would not say this).
+        assert "Blocked by sandgate: dns_upstream_failure" in step.body
+        assert "nowhere.test has no public address upstream" in step.body
+        assert fakenet.dns_queries_seen().count("nowhere.test") == 1  # only after approval
+        assert fakenet.requests_seen() == []
+        (event,) = service.events(kind="request", name="nowhere.test")
+        assert (event["verdict"], event["reason"]) == ("deny", "dns_upstream_failure")
+        assert event["approval_id"] == asked["id"] and event["dst_ip"].startswith("198.18.")
+        # Nothing was forwarded, so no upstream connection and no bytes from one.
+        assert not event.get("bytes_down")
+    finally:
+        service.stop()
