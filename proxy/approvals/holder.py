@@ -4,8 +4,8 @@ for up to the profile's `hold` while a human decides, over the pure store
 HTTP admin server) use `list`, `get`, `approve`, `deny` and `subscribe` from the
 same loop.
 
-Every step is an `approval` event: a pending approval opened (`rule_ask`, verdict
-ask), approved (`approval_granted`) or denied (`approval_denied`) with approver,
+Every step is an `approval` event: a pending approval opened (`approval_requested`,
+verdict ask), approved (`approval_granted`) or denied (`approval_denied`) with approver,
 scope and wait; a held connection given up after `hold` (`approval_pending`); an
 approval expired (`approval_expired`).
 """
@@ -137,7 +137,7 @@ class Approvals:
             self._event(
                 found,
                 Verdict.ASK,
-                Reason.RULE_ASK,
+                Reason.APPROVAL_REQUESTED,
                 f"approval {found.id} asked for {key.describe()} (rule {rule_id}); "
                 f"held up to {settings.hold:g} s: sandgate approvals approve {found.id}",
                 fields,

@@ -107,7 +107,7 @@ def test_a_held_connection_completes_when_approved_and_dns_waits_for_it(fakenet,
         assert result["held"].out.strip().splitlines()[-1] == "200", result.describe()
         assert "allowed.test" in fakenet.dns_queries_seen()  # resolved after approval
         events = service.events(kind="approval")
-        assert [e["reason"] for e in events][:2] == ["rule_ask", "approval_granted"]
+        assert [e["reason"] for e in events][:2] == ["approval_requested", "approval_granted"]
         assert events[1]["approver"].startswith("uid 0") and events[1]["scope"] == "task"
         unknown = service.ask("approvals", "approve", "nosuchid")
         assert unknown.returncode == 125 and "no approval 'nosuchid'" in unknown.stderr
@@ -266,7 +266,9 @@ def test_an_approval_for_a_duration_runs_out_and_the_next_request_is_asked_again
             ("/held", "duration", first["id"]),
             ("/inside", "duration", first["id"]),
         ]
-        asked = [e["approval_id"] for e in service.events(kind="approval", reason="rule_ask")]
+        asked = [
+            e["approval_id"] for e in service.events(kind="approval", reason="approval_requested")
+        ]
         assert asked == [first["id"], again["id"]]
     finally:
         service.stop()

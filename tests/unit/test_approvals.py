@@ -253,9 +253,9 @@ def test_hold_is_released_by_a_decision_and_times_out_otherwise():
     assert timed_out.answer is Answer.PENDING and timed_out.pending.state is State.PENDING
     reasons = [e.reason for e in events]
     assert reasons == [
-        Reason.RULE_ASK,
+        Reason.APPROVAL_REQUESTED,
         Reason.APPROVAL_GRANTED,
-        Reason.RULE_ASK,
+        Reason.APPROVAL_REQUESTED,
         Reason.APPROVAL_PENDING,
     ]
     assert events[1].approver == "uid 0 (root)" and events[1].scope == "once"
