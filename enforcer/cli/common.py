@@ -94,9 +94,10 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         "--admin-listen",
         default=ADMIN_DEFAULT,
         metavar="HOST:PORT",
-        help=f"serve the approvals page and JSON API here (default {ADMIN_DEFAULT}; 'off' for "
-        "none); never reachable from a sandbox. The token is written root-only next to the "
-        "gateway's state; its path is printed at start",
+        help=f"serve the approvals page and JSON API here (default {ADMIN_DEFAULT}, or for "
+        "`sandgate run` any free port if that one is taken; 'off' for none); never reachable "
+        "from a sandbox. The token is written root-only next to the gateway's state; its path "
+        "is printed at start",
     )
     parser.add_argument(
         "--approval-webhook",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -366,3 +367,26 @@ def test_an_approved_name_that_does_not_resolve_is_a_502_and_goes_nowhere(fakene
         assert not event.get("bytes_down")
     finally:
         service.stop()
+
+
+def test_a_second_concurrent_embedded_run_gets_its_own_approvals_page(fakenet, tmp_path):
+    """Two developers' `sandgate run`s at once: the first has the page on the default
+    127.0.0.1:9465, the second (9465 taken) on a free port it prints, without a warning."""
+    shared, rw = sandbox.shared_dir(tmp_path)
+    first = sandbox.start(
+        fakenet, tmp_path, f"until [ -e {shared}/go ]; do sleep 0.1; done", extra=rw
+    )
+    try:
+        said = ""
+        while "approvals page" not in said and (line := first.popen.stderr.readline()):
+            said += line
+        assert "sandgate: approvals page on http://127.0.0.1:9465/" in said, said
+        second = sandbox.run(fakenet, tmp_path, {"ok": "true"})
+        page = re.search(r"approvals page on http://127\.0\.0\.1:(\d+)/ \(token in (\S+)\)", second.stderr)
+        assert page and int(page[1]) != 9465, second.describe()
+        assert "no approvals page" not in second.stderr and page[2].endswith("/admin-token")
+        assert second["ok"].rc == 0
+    finally:
+        (shared / "go").touch()
+        done = first.finish()
+    assert done.returncode == 0, done.describe()
