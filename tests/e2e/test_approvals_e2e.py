@@ -120,7 +120,15 @@ def test_a_hold_that_runs_out_is_a_403_then_always_survives_a_restart(fakenet, t
     fakenet.clear_logs()
     service = _service(fakenet, tmp_path, "1s")
     try:
-        first = attach(service, tmp_path, {"http": curl("http://allowed.test/")})
+        first = attach(
+            service,
+            tmp_path,
+            {"http": curl("http://allowed.test/"), "tls": curl("https://allowed.test/")},
+        )
+        # Pass-through TLS held for the hold, then closed: no response, the approval stays.
+        assert first["tls"].status == 0 and first["tls"].rc != 0, first.describe()
+        (timed_out,) = first.events(kind="connection", reason="approval_pending")
+        assert timed_out["protocol"] == "tls" and timed_out["approval_id"]
         body = first["http"].out
         assert body.strip().splitlines()[-1] == "403", first.describe()
         document = json.loads(body.splitlines()[1])
