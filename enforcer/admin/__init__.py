@@ -22,13 +22,13 @@ ADMIN_DEFAULT = "127.0.0.1:9465"
 @dataclass
 class AdminOptions:
     listen: tuple[str, int] | None = ("127.0.0.1", 9465)  # None: no page, no API
+    webhooks: list[str] = field(default_factory=list)
+    webhook_format: str = "json"
+    webhook_secret: bytes = b""
     # `listen`'s port in use: take any free port on its address instead (and print it).
     # Embedded runs without --admin-listen: a developer's second concurrent run gets
     # its page too. A service, or an address given explicitly, warns instead.
     any_port_if_taken: bool = False
-    webhooks: list[str] = field(default_factory=list)
-    webhook_format: str = "json"
-    webhook_secret: bytes = b""
 
 
 def write_token(path: Path, token: str) -> None:

@@ -195,7 +195,12 @@ def admin_settings(args: argparse.Namespace):
             raise UsageError("--approval-webhook-secret: the key must be at least 16 bytes")
     elif args.approval_webhook_secret is not None:
         raise UsageError("--approval-webhook-secret: no --approval-webhook to sign for")
-    return AdminOptions(listen, list(args.approval_webhook), args.approval_webhook_format, secret)
+    return AdminOptions(
+        listen=listen,
+        webhooks=list(args.approval_webhook),
+        webhook_format=args.approval_webhook_format,
+        webhook_secret=secret,
+    )
 
 
 def parse_size(text: str) -> int:
