@@ -4,7 +4,7 @@ gateway service's socket and for an embedded run's own socket (RUN_DIR/<id>/cont
     {"cmd": "approvals"}                                  pending approvals (and recent decisions)
     {"cmd": "approval", "id": ID}                         one approval
     {"cmd": "approve", "id": ID, "scope": "once|task|duration|always",
-     "duration": SECONDS, "ticket": T, "expires": "YYYY-MM-DD"}
+     "duration": SECONDS, "ticket": T, "expires": "YYYY-MM-DD|INSTANT|DURATION"}
     {"cmd": "deny", "id": ID}
     {"cmd": "watch"}                                      then one line per change, until closed
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from sandgate.proxy.approvals.holder import Approvals
-from sandgate.proxy.approvals.overlay import append_approved, restore
+from sandgate.proxy.approvals.overlay import append_approved, restore, rule_expiry
 from sandgate.proxy.approvals.pending import ApprovalError, Pending, Scope
 
 log = logging.getLogger("sandgate.approvals")
@@ -75,8 +76,14 @@ async def handle(approvals: Approvals, request: dict, approver: str) -> dict:
                 return {"ok": False, "error": "approve: duration must be a number of seconds > 0"}
             ticket = request.get("ticket")
             ticket = str(ticket)[:100] if ticket else None
+            expires = request.get("expires")
+            if expires is not None:
+                try:
+                    expires = rule_expiry(str(expires), datetime.datetime.now().astimezone())
+                except ValueError as e:
+                    return {"ok": False, "error": f"approve: {e}"}
             record = await approvals.approve(
-                pending_id, approver, scope, duration=duration, ticket=ticket
+                pending_id, approver, scope, duration=duration, ticket=ticket, expires=expires
             )
             return {"ok": True, "approval": record}
     except ApprovalError as e:
@@ -134,17 +141,17 @@ async def watch(
 
 def always_writer(
     overlay: Path | None, reload: Callable[[str], Awaitable[list[str]]]
-) -> Callable[[Pending, str], Awaitable[None]]:
+) -> Callable[[Pending, str, str | None], Awaitable[None]]:
     """`Approvals.on_always` for a gateway whose rules are at `overlay`'s side:
     append the rule, reload (`reload(actor)` returns the errors), and put the file
     back if the reload fails, so that an `always` is either in force or not at all."""
 
-    async def persist(found: Pending, approver: str) -> None:
+    async def persist(found: Pending, approver: str, expires: str | None = None) -> None:
         if overlay is None:
             raise ApprovalError(
                 "--always needs a rule file of your own (--rules FILE): approved.yaml goes next to it"
             )
-        previous = append_approved(overlay, found, approver)
+        previous = append_approved(overlay, found, approver, expires=expires)
         errors = await reload(f"approval {found.id} (always)")
         if errors:
             restore(overlay, previous)

@@ -32,6 +32,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 
 from sandgate.proxy import refusal
+from sandgate.proxy.approvals.holder import Answer
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
 from sandgate.proxy.policy import Decision, Verdict
 from sandgate.proxy.policy.names import format_host_port
@@ -178,11 +179,19 @@ class SandgateAddon:
         with self._fail_closed(flow.client_conn, flow):
             key = self.gate.request_ask_key(state, decision, checked, tls)
             answer = await self.approvals.hold(key, decision.rule.id, state.fields)
-            decision, checked = self.gate.on_request_answer(
-                state, decision, answer, head, checked, tls
-            )
-            if decision.allowed and state.placeholder is not None and state.upstream_ip is None:
+            unresolved = False
+            if (
+                answer.answer is Answer.GRANTED
+                and state.placeholder is not None
+                and state.upstream_ip is None
+            ):
+                # Resolved only now, after the approval; without an address the request
+                # is answered here (502), never sent on to the placeholder.
                 state.upstream_ip = await self.resolve(state, state.placeholder)
+                unresolved = state.upstream_ip is None
+            decision, checked = self.gate.on_request_answer(
+                state, decision, answer, head, checked, tls, unresolved=unresolved
+            )
             self._apply(flow, state, decision, checked)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

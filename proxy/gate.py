@@ -137,6 +137,9 @@ class ConnState:
     upstream_ip: str | None = None  # the real address a placeholder's name resolved to
     asking: Decision | None = None  # the ASK decision a held connection waits on
     ask_key: AskKey | None = None
+    # The earlier human decision that answered its latest ask without a hold (_consult):
+    # the event of what it decided names that approval.
+    answered: Grant | None = None
 
     @property
     def silent(self) -> bool:
@@ -331,15 +334,20 @@ class ConnectionGate:
 
     def _placeholder_http(self, state: ConnState) -> Outcome:
         """Plain HTTP to a placeholder: its name is known, so a denial is final now;
-        an ask is asked per request (held in the addon, then a 403 or allowed)."""
+        an ask is asked per request (held in the addon, then a 403 or allowed). A
+        human's denial is answered per request too: the task's retry gets the same
+        403 naming the approval as the held request did, not a bare close."""
         state.name = state.placeholder
-        decision = self._consult(state, self._decide_connect(state, state.name), "http")
-        if not decision.allowed and decision.verdict is not Verdict.ASK:
-            return self._reject(state, decision, "http")
-        if decision.verdict is Verdict.ASK:
-            state.asking = decision
-        # Allowed, or to be asked per request (a held request can get its 403).
-        return Outcome.HTTP
+        asked = self._decide_connect(state, state.name)
+        decision = self._consult(state, asked, "http")
+        if decision.allowed:
+            return Outcome.HTTP
+        if decision.verdict is Verdict.ASK or decision.reason is Reason.APPROVAL_DENIED:
+            # Asked per request (held in the addon), or answered per request from the
+            # human's denial; either way the name is not resolved upstream.
+            state.asking = asked
+            return Outcome.HTTP
+        return self._reject(state, decision, "http")
 
     def _spoke_after_silence(self, state: ConnState, data: bytes) -> Outcome:
         http = starts_like_http(data)
@@ -435,7 +443,9 @@ class ConnectionGate:
         decision = self._consult(state, decision, "tls")
         if decision.verdict is Verdict.ASK:
             return self._ask(state, decision, "tls")
-        self._emit_connection(decision, state.fields, state.name, "tls", state.started)
+        self._emit_connection(
+            decision, state.fields, state.name, "tls", state.started, state.answered
+        )
         if not decision.allowed:
             return Outcome.REJECT
         state.allowed, state.protocol = decision, "tls"
@@ -473,7 +483,9 @@ class ConnectionGate:
                     detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
                     "and these bytes are not HTTP",
                 )
-        self._emit_connection(decision, state.fields, state.name, "tcp", state.started)
+        self._emit_connection(
+            decision, state.fields, state.name, "tcp", state.started, state.answered
+        )
         if not decision.allowed:
             return Outcome.REJECT
         state.allowed = decision
@@ -487,7 +499,7 @@ class ConnectionGate:
         """Check (request_head.check_head) and decide one HTTP request (plain, or
         inside intercepted TLS), and emit it. The CheckedHead is None when refused."""
         started = self.clock()
-        name = checked = None
+        name = checked = state.answered = None
         try:
             self._step(state, Step.REQUEST, state.phase)
             refused = check_head(head, state.port)
@@ -506,7 +518,9 @@ class ConnectionGate:
         except Exception as e:  # noqa: BLE001
             log.exception("request decision failed; denying")
             decision = deny("internal-error", detail=f"{type(e).__name__}: {e}")
-        return self._settle_request(state, decision, head, checked, tls, name, started)
+        return self._settle_request(
+            state, decision, head, checked, tls, name, started, state.answered
+        )
 
     def on_unfinished_head(self, state: ConnState, start: bytes, size: int, tls: bool) -> Decision:
         """An HTTP/1 request head still unfinished after `size` (> MAX_HEAD_BYTES)
@@ -536,11 +550,20 @@ class ConnectionGate:
         head: RequestHead,
         checked: CheckedHead,
         tls: bool,
+        unresolved: bool = False,
     ) -> tuple[Decision, CheckedHead | None]:
         """A held request's end (`answer`: proxy/approvals/holder.HoldResult): the
-        final decision, emitted, as on_request returns it."""
+        final decision, emitted, as on_request returns it. `unresolved`: approved, but
+        the placeholder's name then had no public address upstream (denied,
+        dns_upstream_failure: the adapter answers 502 and connects nowhere)."""
         started = self.clock()
         decision = _answered(asked, answer)
+        if decision.allowed and unresolved:
+            decision = deny(
+                "dns-upstream",
+                detail=f"{decision.detail}, but {state.placeholder} has no public address "
+                f"upstream; nothing was sent (its placeholder {state.ip} is not a server)",
+            )
         name = self._request_name(state, checked.host)
         return self._settle_request(state, decision, head, checked, tls, name, started, answer)
 
@@ -827,6 +850,7 @@ class ConnectionGate:
         """An ASK decision, answered by an earlier human decision when there is one
         (a grant: allowed, approval_granted; a denial: approval_denied), else left
         ASK for the adapter to hold. Without approvals: approval_unavailable."""
+        state.answered = None
         if decision.verdict is not Verdict.ASK:
             return decision
         if self.approvals is None:
@@ -834,7 +858,7 @@ class ConnectionGate:
         key = self._ask_key(
             state, decision, protocol, name if request else state.name, method, path
         )
-        grant = self.approvals.grant_for(key)
+        grant = state.answered = self.approvals.grant_for(key)
         return _answered(decision, grant) if grant is not None else decision
 
     def _ask_key(self, state, decision, protocol, name, method, path) -> AskKey:
@@ -906,7 +930,9 @@ class ConnectionGate:
         return self.bindings.resolved(state.sandbox.address, name, str(state.ip))
 
     def _reject(self, state: ConnState, decision: Decision, protocol: str) -> Outcome:
-        self._emit_connection(decision, state.fields, state.name, protocol, state.started)
+        self._emit_connection(
+            decision, state.fields, state.name, protocol, state.started, state.answered
+        )
         return Outcome.REJECT
 
     def _settle(self, state: ConnState, step: Step, outcome: Outcome) -> None:
@@ -949,7 +975,13 @@ class ConnectionGate:
         return decision
 
     def _emit_connection(
-        self, decision: Decision, fields: dict, name: str | None, protocol: str, started: float
+        self,
+        decision: Decision,
+        fields: dict,
+        name: str | None,
+        protocol: str,
+        started: float,
+        answer=None,
     ) -> None:
         # The gateway stamps policy hash and task id on every event.
         self.emit(
@@ -960,6 +992,7 @@ class ConnectionGate:
                 protocol=protocol,
                 name=name,
                 latency=self.clock() - started,
+                **_answer_fields(answer),
             )
         )
 

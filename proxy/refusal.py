@@ -21,6 +21,8 @@ _STATUS = {
     Reason.MALFORMED_REQUEST: 400,
     Reason.AMBIGUOUS_PATH: 400,
     Reason.HEADERS_TOO_LARGE: 431,
+    # An approved placeholder's name with no public address upstream: a gateway error.
+    Reason.DNS_UPSTREAM_FAILURE: 502,
 }
 
 _APPROVAL_REASONS = frozenset(
@@ -65,23 +67,23 @@ def approval_page(decision: Decision, method: str, url: str) -> str:
         if decision.detail.startswith("approval ")
         else None
     )
-    ask = f"sandgate approvals approve {approval_id}" if approval_id else None
+    pending = decision.reason is Reason.APPROVAL_PENDING
+    # Only a pending approval can still be approved; a decided one is final for the task.
+    ask = f"sandgate approvals approve {approval_id}" if approval_id and pending else None
     body = {
-        "error": "approval_required"
-        if decision.reason is Reason.APPROVAL_PENDING
-        else str(decision.reason),
+        "error": "approval_required" if pending else str(decision.reason),
         "reason": str(decision.reason),
         "destination": f"{method} {url[:300]}",
         "approval_id": approval_id,
         "rule": decision.rule.id,
         "detail": decision.detail,
         "ask_an_admin": ask,
-        "retry": decision.reason is Reason.APPROVAL_PENDING,
+        "retry": pending,
     }
     line = (
         f"sandgate: {method} {url[:300]} needs a human's approval "
         f"({decision.reason}); approval {approval_id}: ask an admin to run `{ask}`, then retry"
-        if decision.reason is Reason.APPROVAL_PENDING
+        if pending
         else f"sandgate: {method} {url[:300]}: {decision.reason} ({decision.detail})"
     )
     return line + "\n" + json.dumps(body) + "\n"

@@ -4,6 +4,7 @@ by `Admin.start` for a service or an embedded run."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ class AdminOptions:
     webhooks: list[str] = field(default_factory=list)
     webhook_format: str = "json"
     webhook_secret: bytes = b""
+    # `listen`'s port in use: take any free port on its address instead (and print it).
+    # Embedded runs without --admin-listen: a developer's second concurrent run gets
+    # its page too. A service, or an address given explicitly, warns instead.
+    any_port_if_taken: bool = False
 
 
 def write_token(path: Path, token: str) -> None:
@@ -52,7 +57,12 @@ class Admin:
             host, port = self.opts.listen
             try:
                 self.server = AdminServer(self.approvals, self.sessions)
-                host, port = await self.server.start(host, port)
+                try:
+                    host, port = await self.server.start(host, port)
+                except OSError as e:
+                    if not (self.opts.any_port_if_taken and e.errno == errno.EADDRINUSE):
+                        raise
+                    host, port = await self.server.start(host, 0)
             except OSError as e:
                 self.server = None
                 print(

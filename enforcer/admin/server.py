@@ -9,7 +9,7 @@ HTTP/1.1 with h11 (a protocol with no I/O) over asyncio streams.
     GET  /api/approvals/recent    recent decisions
     GET  /api/approvals/ID        one approval
     POST /api/approvals/ID        {"decision": "approve"|"deny", "scope": "once"|"task"|"for"|"always",
-                                   "duration": "1h", "ticket": "..."}
+                                   "duration": "1h", "ticket": "...", "expires": "2026-06-30"|"30d"}
     GET  /api/events              Server-Sent Events: one `change` per new/decided/expired approval
 
 Decisions go through the control socket's code (enforcer/approvals_control.py), so the
@@ -261,8 +261,9 @@ class AdminServer:
                     command["duration"] = parse_duration(str(request.get("duration", "")))
                 except ValueError as e:
                     return error(400, f"duration: {e}")
-            if request.get("ticket"):
-                command["ticket"] = str(request["ticket"])
+            for field in ("ticket", "expires"):  # with "always"; handle() checks both
+                if request.get(field):
+                    command[field] = str(request[field])
         try:
             self.approvals.get(pending_id)
         except ApprovalError as e:

@@ -4,6 +4,7 @@ for, over a control socket (the service's, or an embedded run's: docs/approvals.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 from pathlib import Path
@@ -65,6 +66,12 @@ def register(sub) -> None:
         help="append an allow rule to approved.yaml next to the rules",
     )
     approve.add_argument("--ticket", help="a ticket to record with the approval")
+    approve.add_argument(
+        "--expires",
+        metavar="DATE|DURATION",
+        help="with --always: the rule's last day (2026-06-30), an instant with its zone "
+        "(2026-06-30T18:00:00Z), or a time from now (30d, 12h)",
+    )
     deny = actions.add_parser("deny", help="deny (the task's retries are denied at once)")
     deny.add_argument("id", help="the approval's id (from: sandgate approvals list)")
     actions.add_parser("watch", help="print each new, decided or expired approval as it happens")
@@ -104,6 +111,7 @@ def control_socket(given: Path | None) -> Path:
 
 
 def cmd_approvals(args) -> int:
+    from sandgate.proxy.approvals.overlay import rule_expiry
     from sandgate.proxy.policy.model import parse_duration
 
     request: dict = {}
@@ -120,10 +128,17 @@ def cmd_approvals(args) -> int:
                 request.update(scope="duration", duration=parse_duration(args.duration))
             except ValueError as e:
                 raise UsageError(f"--for: {e}") from None
-        if args.ticket:
+        for option, value in (("ticket", args.ticket), ("expires", args.expires)):
+            if value is None:
+                continue
             if request["scope"] != "always":
-                raise UsageError("--ticket goes with --always (it is recorded in the rule)")
-            request["ticket"] = args.ticket
+                raise UsageError(f"--{option} goes with --always (it is written into the rule)")
+            request[option] = value
+        if args.expires is not None:
+            try:  # checked here too, so that a typo needs no gateway to be told
+                rule_expiry(args.expires, datetime.datetime.now().astimezone())
+            except ValueError as e:
+                raise UsageError(f"--{e}") from None
     path = control_socket(args.control)
     try:
         client = ControlClient.connect(path)

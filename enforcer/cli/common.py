@@ -94,9 +94,10 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         "--admin-listen",
         default=ADMIN_DEFAULT,
         metavar="HOST:PORT",
-        help=f"serve the approvals page and JSON API here (default {ADMIN_DEFAULT}; 'off' for "
-        "none); never reachable from a sandbox. The token is written root-only next to the "
-        "gateway's state; its path is printed at start",
+        help=f"serve the approvals page and JSON API here (default {ADMIN_DEFAULT}, or for "
+        "`sandgate run` any free port if that one is taken; 'off' for none); never reachable "
+        "from a sandbox. The token is written root-only next to the gateway's state; its path "
+        "is printed at start",
     )
     parser.add_argument(
         "--approval-webhook",
@@ -194,7 +195,12 @@ def admin_settings(args: argparse.Namespace):
             raise UsageError("--approval-webhook-secret: the key must be at least 16 bytes")
     elif args.approval_webhook_secret is not None:
         raise UsageError("--approval-webhook-secret: no --approval-webhook to sign for")
-    return AdminOptions(listen, list(args.approval_webhook), args.approval_webhook_format, secret)
+    return AdminOptions(
+        listen=listen,
+        webhooks=list(args.approval_webhook),
+        webhook_format=args.approval_webhook_format,
+        webhook_secret=secret,
+    )
 
 
 def parse_size(text: str) -> int:

@@ -120,7 +120,7 @@ def cmd_rules_show(args) -> int:
             else "  inspection: none (allowed TLS passes through untouched; no CA needed)"
         )
         for rule in profile.rules:
-            print(f"  {_rule_line(rule)}")
+            print(f"  {_rule_line(rule, until=True)}")
         for rule in profile.expired:
             print(f"  EXPIRED {rule.expires}: {_rule_line(rule)}")
     return EXIT_OK
@@ -147,11 +147,15 @@ def _rule_dict(rule) -> dict:
     }
 
 
-def _rule_line(rule) -> str:
+def _rule_line(rule, until: bool = False) -> str:
+    """One rule; `until`: with its expiry, if it has one (an expired rule's line
+    starts with it instead)."""
     extra = f" ports {','.join(map(str, sorted(rule.ports)))}"
     if rule.methods:
         extra += f" methods {','.join(sorted(rule.methods))}"
     if rule.paths:
         extra += f" paths {','.join(rule.paths)}"
+    if until and rule.expires:
+        extra += f" expires {rule.expires}"
     label = "" if rule.id == rule.origin else f" [{rule.id}]"
     return f"{rule.action:5} {', '.join(rule.targets())}{extra}{label}  ({rule.origin})"

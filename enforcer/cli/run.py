@@ -59,6 +59,9 @@ def cmd_run(args) -> int:
         _exit_now(_run_attached(args))
     metrics_listen = gateway_settings(args, "sandgate")
     admin = admin_settings(args)
+    if admin.listen is not None and args.admin_listen == ADMIN_DEFAULT:
+        # The default port taken (most often by another run): any free one, printed.
+        admin.any_port_if_taken = True
     policy = load_rules(args.rules, "nothing was run")
     with setup_errors():
         from sandgate.enforcer.run import RUN_DIR, STATE_DIR, RunOptions, check_prerequisites, run

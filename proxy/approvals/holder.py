@@ -4,8 +4,8 @@ for up to the profile's `hold` while a human decides, over the pure store
 HTTP admin server) use `list`, `get`, `approve`, `deny` and `subscribe` from the
 same loop.
 
-Every step is an `approval` event: a pending approval opened (`rule_ask`, verdict
-ask), approved (`approval_granted`) or denied (`approval_denied`) with approver,
+Every step is an `approval` event: a pending approval opened (`approval_requested`,
+verdict ask), approved (`approval_granted`) or denied (`approval_denied`) with approver,
 scope and wait; a held connection given up after `hold` (`approval_pending`); an
 approval expired (`approval_expired`).
 """
@@ -74,8 +74,9 @@ class Approvals:
         self._subscribers: list[Subscriber] = []
         self._expiry: asyncio.Task | None = None
         # Set by the gateway's owner: persist an `always` approval (approved.yaml) and
-        # reload. An exception there is reported to the approver.
-        self.on_always: Callable[[Pending, str], Awaitable[None]] | None = None
+        # reload: on_always(approval, approver, expires). An exception there is
+        # reported to the approver.
+        self.on_always: Callable[[Pending, str, str | None], Awaitable[None]] | None = None
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -136,7 +137,7 @@ class Approvals:
             self._event(
                 found,
                 Verdict.ASK,
-                Reason.RULE_ASK,
+                Reason.APPROVAL_REQUESTED,
                 f"approval {found.id} asked for {key.describe()} (rule {rule_id}); "
                 f"held up to {settings.hold:g} s: sandgate approvals approve {found.id}",
                 fields,
@@ -193,11 +194,14 @@ class Approvals:
         *,
         duration: float | None = None,
         ticket: str | None = None,
+        expires: str | None = None,
     ) -> dict:
         """Approve; ApprovalError (one line) if unknown or decided already. An `always`
-        approval is persisted (on_always) before anything is released: if that fails,
-        nothing is approved."""
+        approval is persisted (on_always, with the rule's `expires` if given) before
+        anything is released: if that fails, nothing is approved."""
         found = self.store.get(pending_id)
+        if expires is not None and scope is not Scope.ALWAYS:
+            raise ApprovalError("expires goes with always (it is written into the rule)")
         if scope is Scope.ALWAYS:
             if found.state is State.PENDING and self.on_always is None:
                 raise ApprovalError(
@@ -205,7 +209,7 @@ class Approvals:
                 )
             if found.state is State.PENDING:
                 found.ticket = ticket
-                await self.on_always(found, approver)
+                await self.on_always(found, approver, expires)
         found = self.store.approve(pending_id, approver, scope, duration=duration, ticket=ticket)
         what = f"for {duration:g} s" if scope is Scope.DURATION else str(scope)
         self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")

@@ -9,15 +9,47 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from pathlib import Path
 
 import yaml
 from sandgate.proxy.approvals.pending import Pending
+from sandgate.proxy.policy.load import parse_expires
+from sandgate.proxy.policy.model import parse_duration
+
+# A duration, not a date: digits and a unit (parse_duration says what is valid).
+_DURATION_LIKE = re.compile(r"[0-9]+[a-z]+")
 
 HEADER = (
     "# Rules a human approved 'always' (sandgate approvals approve ID --always).\n"
     "# Written by sandgate; loaded with the rules next to it. Review it like any rule file.\n"
 )
+
+
+def rule_expiry(text: str, now: datetime.datetime) -> str:
+    """What an `always` approval's `--expires` writes as the rule's `expires:`: a date
+    (the last day the rule applies) or an instant with its zone (ISO 8601); a duration
+    (`30d`, `12h`) from `now` (aware), as a UTC instant. ValueError, one line, for
+    anything else or a time already past."""
+    text = text.strip()
+    if _DURATION_LIKE.fullmatch(text):
+        try:
+            seconds = parse_duration(text)
+            ends = now.astimezone(datetime.UTC) + datetime.timedelta(seconds=seconds)
+        except ValueError as e:
+            raise ValueError(f"expires: {e}") from None
+        except OverflowError:
+            raise ValueError(f"expires {text[:40]} is too far off") from None
+        if seconds <= 0:
+            raise ValueError(f"expires {text} is no time at all")
+        return ends.replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        written, ends_at = parse_expires(text)
+    except ValueError as e:
+        raise ValueError(f"{e}; or a time from now (30d, 12h)") from None
+    if ends_at <= now.timestamp():
+        raise ValueError(f"expires {text[:40]} has already passed")
+    return written.isoformat()
 
 
 def approved_rule(found: Pending, approver: str, today: datetime.date, expires: str | None) -> dict:

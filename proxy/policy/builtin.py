@@ -161,7 +161,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "dns-upstream",
         (R.DNS_UPSTREAM_FAILURE,),
-        "the upstream resolver failed, timed out or answered nonsense",
+        "the upstream resolver failed, timed out or answered nonsense, or had no public "
+        "address for a placeholder's name after approval (a 502 to the held request)",
     ),
     (
         "dns-rebinding",

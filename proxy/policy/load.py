@@ -480,37 +480,15 @@ class _Loader:
         return node.value == "true"
 
     def expires(self, source, node) -> tuple[datetime.date | datetime.datetime, float] | None:
-        """`expires:` as written, and the instant (epoch seconds) it stops matching: a
-        date is the last day the rule applies (to the end of that day, local time); an
-        instant needs its time zone (`2026-06-30T18:00:00Z`, `...+02:00`)."""
+        """`expires:` as written, and the instant it stops matching (parse_expires)."""
         text = self.scalar(source, node, "'expires'")
         if text is None:
             return None
-        if "T" not in text and " " not in text.strip():
-            try:
-                day = datetime.date.fromisoformat(text)
-            except ValueError:
-                pass
-            else:
-                return day, _start_of_day(day + datetime.timedelta(days=1))
         try:
-            instant = datetime.datetime.fromisoformat(text)
-        except ValueError:
-            self.problem(
-                source,
-                node,
-                f"expires {text!r} is not a date or an instant; write YYYY-MM-DD "
-                "or YYYY-MM-DDTHH:MM:SSZ",
-            )
+            return parse_expires(text)
+        except ValueError as e:
+            self.problem(source, node, str(e))
             return None
-        if instant.tzinfo is None:
-            self.problem(
-                source,
-                node,
-                f"expires {text!r} has no time zone; add one ({text}Z for UTC, or +HH:MM)",
-            )
-            return None
-        return instant, instant.timestamp()
 
     def limits(self, source, node) -> dict[str, int]:
         """`limits: {connections: N, ...}`: the caps given, each a whole number
@@ -866,6 +844,30 @@ def _compile_paths(globs: tuple[str, ...], ignore_case: bool = False) -> re.Patt
         parts.append(pattern)
     flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
     return re.compile("|".join(f"(?:{p})" for p in parts), flags)
+
+
+def parse_expires(text: str) -> tuple[datetime.date | datetime.datetime, float]:
+    """A rule's `expires:` as written, and the instant (epoch seconds) it stops
+    matching: a date is the last day the rule applies (to the end of that day, local
+    time); an instant needs its time zone (`2026-06-30T18:00:00Z`, `...+02:00`).
+    ValueError, one line, naming the forms."""
+    if "T" not in text and " " not in text.strip():
+        try:
+            day = datetime.date.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            return day, _start_of_day(day + datetime.timedelta(days=1))
+    try:
+        instant = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"expires {text!r} is not a date or an instant; write YYYY-MM-DD "
+            "or YYYY-MM-DDTHH:MM:SSZ"
+        ) from None
+    if instant.tzinfo is None:
+        raise ValueError(f"expires {text!r} has no time zone; add one ({text}Z for UTC, or +HH:MM)")
+    return instant, instant.timestamp()
 
 
 def _start_of_day(day: datetime.date) -> float:

@@ -54,7 +54,7 @@ class Reason(StrEnum):
     APPROVAL_GRANTED = "approval_granted"
     APPROVAL_DENIED = "approval_denied"
     APPROVAL_UNAVAILABLE = "approval_unavailable"  # ask, but this gateway has no approvals
-    APPROVAL_REQUESTED = "approval_requested"  # a pending approval was opened (or joined)
+    APPROVAL_REQUESTED = "approval_requested"  # a pending approval was opened (kind approval)
     APPROVAL_PENDING = (
         "approval_pending"  # held for `hold` without a decision: 403/closed, still pending
     )

@@ -86,6 +86,17 @@ class GatewayProcess:
         records = [json.loads(line) for line in lines if line]
         return [e for e in records if all(e.get(k) == v for k, v in fields.items())]
 
+    def wait_task_ended(self, task_id: str) -> None:
+        """The service answers a detach before its audit writer (a thread) has written
+        the task's last lines: wait for the task's end event."""
+        sandbox.eventually(
+            lambda: any(
+                (e.get("detail") or "").startswith("task ended")
+                for e in self.events(task_id=task_id, kind="task")
+            ),
+            timeout=10,
+        )
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.popen is None or self.popen.poll() is not None:
             return self.popen.returncode if self.popen else 0
@@ -149,14 +160,6 @@ def attach(
     )
     result = sandbox._result(proc.returncode, proc.stdout, proc.stderr, workdir, steps_dir)
     if result.summary:
-        # The service answers the detach before its audit writer (a thread) has written
-        # the task's last lines: wait for the task's end event.
-        sandbox.eventually(
-            lambda: any(
-                (e.get("detail") or "").startswith("task ended")
-                for e in service.events(task_id=result.run_id, kind="task")
-            ),
-            timeout=10,
-        )
+        service.wait_task_ended(result.run_id)
         result.audit = service.events(task_id=result.run_id)
     return result

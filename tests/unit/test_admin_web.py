@@ -9,8 +9,10 @@ import asyncio
 import hashlib
 import hmac
 import json
+import socket
 
 import pytest
+from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.admin.auth import COOKIE, Sessions
 from sandgate.enforcer.admin.server import AdminServer
 from sandgate.proxy.approvals.holder import Answer, Approvals
@@ -79,6 +81,10 @@ def test_the_api_needs_the_token_and_refuses_cross_site_posts():
         page = {"cookie": f"{COOKIE}={session}", "origin": f"http://127.0.0.1:{port}"}
         status, _, _ = await _http(port, "POST", f"/api/approvals/{pending['id']}", page, decision)
         assert status == 403
+        # An always rule's expiry that is no date: 400, one line.
+        bad = json.dumps({"decision": "approve", "scope": "always", "expires": "soon"}).encode()
+        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", bearer, bad)
+        assert status == 400 and "expires 'soon' is not a date" in json.loads(body)["error"]
         assert not hold.done() and approvals.list()  # nothing was decided
         status, _, _ = await _http(port, "POST", "/api/approvals/nosuch", bearer, decision)
         assert status == 404
@@ -224,3 +230,39 @@ def test_payload_and_signature_are_plain_functions():
     }
     assert json.loads(payload(record, "json"))["destination"] == "POST x.test:80 (http)/up"
     assert sign(b"s", b"b") == "sha256=" + hmac.new(b"s", b"b", hashlib.sha256).hexdigest()
+
+
+@pytest.mark.parametrize("any_port", [True, False])
+def test_a_taken_admin_port_means_another_port_or_a_warning(any_port, tmp_path, capsys):
+    """An embedded run's default port in use (another run has it): any free port, the
+    URL printed, and the page answers there. Otherwise (a service, an address given
+    explicitly): a warning, no page, no token written."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+
+    async def main():
+        options = AdminOptions(listen=("127.0.0.1", port), any_port_if_taken=any_port)
+        admin = Admin(options, _approvals())
+        await admin.start(tmp_path / "admin-token", "sandgate")
+        try:
+            if admin.url is None:
+                return None, None
+            bound = int(admin.url.rsplit(":", 1)[1].rstrip("/"))
+            return bound, (await _http(bound, "GET", "/api/approvals"))[0]
+        finally:
+            await admin.stop()
+
+    try:
+        bound, status = asyncio.run(main())
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    if any_port:
+        assert bound not in (None, port) and status == 401
+        assert f"approvals page on http://127.0.0.1:{bound}/" in err and "warning" not in err
+        assert (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
+    else:
+        assert bound is None and not (tmp_path / "admin-token").exists()
+        assert f"warning: no approvals page: cannot listen on 127.0.0.1:{port}" in err

@@ -4,12 +4,17 @@ coalescing, scopes, races and floods; the placeholder pool; the holder on a loop
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
+import re
 import textwrap
 
 import pytest
+import yaml
+from sandgate.enforcer.approvals_control import always_writer, handle
+from sandgate.enforcer.cli import main
 from sandgate.proxy.approvals.holder import Answer, Approvals
-from sandgate.proxy.approvals.overlay import append_approved
+from sandgate.proxy.approvals.overlay import append_approved, rule_expiry
 from sandgate.proxy.approvals.pending import ApprovalError, AskKey, PendingStore, Scope, State
 from sandgate.proxy.dns.placeholders import POOL, Placeholders, in_pool
 from sandgate.proxy.policy import (
@@ -248,9 +253,104 @@ def test_hold_is_released_by_a_decision_and_times_out_otherwise():
     assert timed_out.answer is Answer.PENDING and timed_out.pending.state is State.PENDING
     reasons = [e.reason for e in events]
     assert reasons == [
-        Reason.RULE_ASK,
+        Reason.APPROVAL_REQUESTED,
         Reason.APPROVAL_GRANTED,
-        Reason.RULE_ASK,
+        Reason.APPROVAL_REQUESTED,
         Reason.APPROVAL_PENDING,
     ]
     assert events[1].approver == "uid 0 (root)" and events[1].scope == "once"
+
+
+# --- always with an expiry ------------------------------------------------------------------
+
+NOON = datetime.datetime(2026, 3, 1, 12, 0, 0, tzinfo=datetime.UTC)
+
+
+@pytest.mark.parametrize(
+    "given, written",
+    [
+        ("2026-06-30", "2026-06-30"),
+        ("2026-03-01", "2026-03-01"),  # today: the rule's last day
+        ("2026-06-30T18:00:00Z", "2026-06-30T18:00:00+00:00"),
+        ("2026-06-30T18:00:00+02:00", "2026-06-30T18:00:00+02:00"),
+        ("30d", "2026-03-31T12:00:00Z"),
+        (" 12h ", "2026-03-02T00:00:00Z"),
+    ],
+)
+def test_an_always_expiry_is_a_date_an_instant_or_a_time_from_now(given, written):
+    assert rule_expiry(given, NOON) == written
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ("tomorrow", "is not a date or an instant; write YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ;"),
+        ("2026-02-30", "is not a date"),
+        ("2026-06-30T18:00:00", "has no time zone"),
+        ("2026-02-28", "has already passed"),
+        ("2026-03-01T11:59:59Z", "has already passed"),
+        ("0d", "is no time at all"),
+        ("5x", "'5x' is not a duration"),
+        ("9999999d", "is too far off"),
+        ("", "is not a date"),
+    ],
+)
+def test_a_bad_always_expiry_is_one_line(given, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        rule_expiry(given, NOON)
+    assert "\n" not in str(e.value)
+
+
+def test_always_with_an_expiry_is_written_into_the_rule_and_shown(tmp_path, policy, capsys):
+    """Through the control command, as the CLI and the API send it: the rule in
+    approved.yaml expires when asked; a bad expiry or one without `always` decides
+    nothing."""
+    rules = tmp_path / "rules.yaml"
+    overlay = tmp_path / "approved.yaml"
+
+    async def scenario():
+        approvals = Approvals(lambda event: None)
+
+        async def reload(actor: str) -> list[str]:
+            load_policy(rules)
+            return []
+
+        approvals.on_always = always_writer(overlay, reload)
+        held = asyncio.ensure_future(approvals.hold(key("pastebin.test"), "r", {}))
+        await asyncio.sleep(0.01)
+        (pending,) = approvals.list()
+        ask = {"cmd": "approve", "id": pending["id"]}
+        bad = await handle(approvals, {**ask, "scope": "always", "expires": "soon"}, "uid 0")
+        not_always = await handle(approvals, {**ask, "scope": "task", "expires": "1d"}, "uid 0")
+        assert approvals.list() and not overlay.exists()
+        good = await handle(approvals, {**ask, "scope": "always", "expires": "2099-12-31"}, "uid 0")
+        await held
+        return bad, not_always, good
+
+    bad, not_always, good = asyncio.run(scenario())
+    assert bad == {"ok": False, "error": bad["error"]} and "'soon' is not a date" in bad["error"]
+    assert "expires goes with always" in not_always["error"]
+    assert good["ok"] and good["approval"]["scope"] == "always"
+    (rule,) = yaml.safe_load(overlay.read_text())["approved"]["p"]
+    assert rule["expires"] == "2099-12-31" and rule["allow"] == "pastebin.test"
+    loaded = next(
+        r for r in load_policy(rules).profiles["p"].rules if r.id.startswith("approved:")
+    )
+    assert str(loaded.expires) == "2099-12-31"
+    assert main(["rules", "show", str(rules)]) == 0
+    assert "allow pastebin.test ports 443 expires 2099-12-31 [approved:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--always", "--expires", "2001-01-01"], "--expires 2001-01-01 has already passed"),
+        (["--always", "--expires", "soon"], "--expires 'soon' is not a date or an instant"),
+        (["--task", "--expires", "30d"], "--expires goes with --always"),
+        (["--for", "1h", "--ticket", "T-1"], "--ticket goes with --always"),
+    ],
+)
+def test_cli_bad_expiry_is_a_usage_error_before_any_socket(argv, message, tmp_path, capsys):
+    code = main(["approvals", "approve", "someid", *argv, "--control", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -36,8 +36,11 @@ async function api(path, options = {}) {
 async function decide(approval, decision, scope) {
   const body = { decision, scope };
   if (scope === "for") body.duration = document.getElementById("duration").value;
-  if (scope === "always" && document.getElementById("ticket").value) {
-    body.ticket = document.getElementById("ticket").value;
+  if (scope === "always") {
+    for (const field of ["ticket", "expires"]) {
+      const value = document.getElementById(field).value.trim();
+      if (value) body[field] = value;
+    }
   }
   try {
     const result = await api(`/api/approvals/${encodeURIComponent(approval.id)}`, {
