@@ -199,7 +199,8 @@ def _destination(a: dict) -> str:
 
 
 def _line(a: dict) -> str:
+    ended = " (task ended)" if a.get("task_ended") else ""
     return (
-        f"{a['id']}  {a['state']:8} task {a['task_id']}  {a['profile']:10} {_destination(a)}  "
-        f"waiting {a['waiting_s']:g} s, {a['held']} held"
+        f"{a['id']}  {a['state']:8} task {a['task_id']}{ended}  {a['profile']:10} "
+        f"{_destination(a)}  waiting {a['waiting_s']:g} s, {a['held']} held"
     )

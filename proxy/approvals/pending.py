@@ -27,6 +27,12 @@ What an approval grants, by scope (`grant_for` answers for a new ask):
             the adapter) allows it by itself.
 A denial holds for the task: the same ask of the same task is denied at once,
 without asking again, until the task ends.
+
+A task that ends takes its grants and denials with it, but not its pending
+approvals: they stay pending until `expire_pending` (marked `task_ended`), so a
+decision read the next morning still counts. Only the profile-wide scopes
+(duration, always) or a denial can decide them then; once or task would grant
+nothing, and is refused with a message saying so.
 Scope widening is never implicit: a grant is for its exact name, port, protocol
 (method and path), never a wildcard.
 """
@@ -147,6 +153,7 @@ class Pending:
     scope: Scope | None = None
     until: float | None = None  # a duration grant's end
     ticket: str | None = None
+    task_ended: bool = False  # its task is gone: only duration, always or deny decide it
 
     def to_dict(self, now: float) -> dict:
         key = self.key
@@ -173,6 +180,7 @@ class Pending:
             "scope": str(self.scope) if self.scope else None,
             "until": self.until,
             "ticket": self.ticket,
+            "task_ended": self.task_ended,
         }
 
 
@@ -235,7 +243,9 @@ class PendingStore:
         if found is not None:
             found.asks += 1
             return found, False
-        if sum(1 for p in self.pending.values() if p.key.sandbox == key.sandbox) >= max_pending:
+        # Approvals of ended tasks do not count: the sandbox's address may be a new task's.
+        mine = (p for p in self.pending.values() if not p.task_ended)
+        if sum(1 for p in mine if p.key.sandbox == key.sandbox) >= max_pending:
             return None, False
         now = self.clock()
         pending_id = self.new_id()
@@ -264,22 +274,35 @@ class PendingStore:
     ) -> Pending:
         if scope is Scope.DURATION and (duration is None or duration <= 0):
             raise ApprovalError("a duration approval needs a duration (--for 1h)")
+        self.check_scope(pending_id, scope)
         found = self._step(pending_id, "approve", approver)
         found.scope, found.ticket = scope, ticket
         key = found.key
-        if scope is Scope.ONCE:
-            if found.held == 0:
-                self.once[key] = found  # for the next ask: the held ones gave up
-        elif scope is Scope.DURATION:
+        if scope is Scope.DURATION:
             found.until = found.decided_at + duration
             self.durations[key.destination] = found
+        elif found.task_ended:
+            pass  # always, with no task left to grant: the policy's new rule covers it
+        elif scope is Scope.ONCE:
+            if found.held == 0:
+                self.once[key] = found  # for the next ask: the held ones gave up
         else:  # TASK, ALWAYS (the policy takes over once the rule is loaded)
             self.task[key] = found
         return found
 
+    def check_scope(self, pending_id: str, scope: Scope) -> None:
+        """ApprovalError if `scope` cannot decide this pending approval: once or task
+        for a task that has ended (nothing would be granted)."""
+        found = self.get(pending_id)
+        if found.state is State.PENDING and found.task_ended and scope in (Scope.ONCE, Scope.TASK):
+            raise ApprovalError(
+                f"approval {found.id}: the task has ended; approve --for or --always, or deny"
+            )
+
     def deny(self, pending_id: str, approver: str) -> Pending:
         found = self._step(pending_id, "deny", approver)
-        self.denied[found.key] = found
+        if not found.task_ended:
+            self.denied[found.key] = found
         return found
 
     def expire(self) -> list[Pending]:
@@ -294,15 +317,16 @@ class PendingStore:
         return gone
 
     def forget_task(self, task_id: str) -> list[Pending]:
-        """The task ended: its grants and denials go; its pending approvals expire
-        (returned). Duration grants stay: they are the profile's."""
+        """The task ended: its grants and denials go (duration grants stay: they are
+        the profile's); its pending approvals stay pending until `expire_pending`,
+        marked `task_ended` (returned, for their events)."""
         for table in (self.once, self.task, self.denied):
             for key in [k for k in table if k.task_id == task_id]:
                 del table[key]
-        gone = [p for p in self.pending.values() if p.key.task_id == task_id]
-        for found in gone:
-            self._step(found.id, "expire", None)
-        return gone
+        ended = [p for p in self.pending.values() if p.key.task_id == task_id and not p.task_ended]
+        for found in ended:
+            found.task_ended = True
+        return ended
 
     def list(self) -> list[Pending]:
         """Pending approvals, oldest first."""

@@ -116,7 +116,7 @@ def test_a_held_connection_completes_when_approved_and_dns_waits_for_it(fakenet,
         service.stop()
 
 
-def test_a_hold_that_runs_out_is_a_403_then_always_survives_a_restart(fakenet, tmp_path):
+def test_a_hold_that_runs_out_is_a_403_stays_pending_after_the_task_and_always_survives_a_restart(fakenet, tmp_path):
     fakenet.clear_logs()
     service = _service(fakenet, tmp_path, "1s")
     try:
@@ -137,24 +137,34 @@ def test_a_hold_that_runs_out_is_a_403_then_always_survives_a_restart(fakenet, t
         assert f"sandgate approvals approve {approval_id}" in body.splitlines()[0]
         assert fakenet.requests_seen() == []
         assert "allowed.test" not in fakenet.dns_queries_seen()
-        # Still pending after the task gave up? No: the task ended, so it expired.
-        approve = service.ask("approvals", "approve", approval_id, "--always")
-        assert approve.returncode == 125 and "already expired" in approve.stderr
-        # A task that is still running gets its approval; always writes the overlay.
-        task = Task(
-            service,
-            tmp_path,
-            {"retry": f"{curl('http://allowed.test/')}; sleep 4; {curl('http://allowed.test/')}"},
+        # The task has ended; its approval stays pending (a decision read the next
+        # morning still counts), but only for the profile: once/task are refused.
+        line = eventually(
+            lambda: [x for x in service.ask("approvals", "list").stdout.splitlines()
+                     if approval_id in x and "(task ended)" in x]
         )
-        try:
-            asked = task.held(timeout=20)
-            done = service.ask(
-                "approvals", "approve", asked["id"], "--always", "--ticket", "T-1", "--expires", "2099-12-31"
+        assert line and "allowed.test:80 (http)" in line[0], _pending(service)
+        once = service.ask("approvals", "approve", approval_id, "--task")
+        assert once.returncode == 125, once.stderr
+        assert "the task has ended; approve --for or --always, or deny" in once.stderr
+        ended = eventually(
+            lambda: service.events(
+                kind="approval", approval_id=approval_id, reason="approval_pending", verdict="ask"
             )
-            assert done.returncode == 0, done.stderr
-        finally:
-            result = task.finish()
-        assert result["retry"].out.strip().splitlines()[-1] == "200", result.describe()
+        )
+        assert len(ended) == 1 and "the task has ended" in ended[0]["detail"], ended
+        done = service.ask(
+            "approvals", "approve", approval_id, "--always", "--ticket", "T-1", "--expires", "2099-12-31"
+        )
+        assert done.returncode == 0, done.stderr
+        granted = eventually(
+            lambda: service.events(kind="approval", approval_id=approval_id, reason="approval_granted")
+        )
+        assert granted[0]["scope"] == "always" and "its task had ended" in granted[0]["detail"]
+        # A later task: the rule is in force, nothing is held or asked.
+        retry = attach(service, tmp_path, {"retry": curl("http://allowed.test/")})
+        assert retry["retry"].status == 200, retry.describe()
+        assert [r["uri"] for r in fakenet.requests_seen()] == ["/"]
         overlay = (tmp_path / "approved.yaml").read_text()
         assert "allowed.test" in overlay and "T-1" in overlay and "uid 0" in overlay
     finally:
@@ -167,7 +177,7 @@ def test_a_hold_that_runs_out_is_a_403_then_always_survives_a_restart(fakenet, t
             capture_output=True,
             text=True,
         )
-        assert f"expires 2099-12-31 [approved:{asked['id']}]" in shown.stdout, shown.stdout + shown.stderr
+        assert f"expires 2099-12-31 [approved:{approval_id}]" in shown.stdout, shown.stdout + shown.stderr
         later = attach(service, tmp_path, {"http": curl("http://allowed.test/")})
         assert later["http"].out.strip().splitlines()[-1] == "200", later.describe()
         assert _pending(service) == []

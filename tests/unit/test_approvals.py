@@ -202,6 +202,64 @@ def test_expiry():
         s.approve(p.id, "a", Scope.ONCE)
 
 
+def test_a_pending_approval_outlives_its_task_for_the_profile_wide_scopes():
+    s, clock = store()
+    (a, _), (b, _), (c, _), (d, _) = (ask(s, key(f"{n}.test"), max_pending=4) for n in "abcd")
+    assert ask(s, key("e.test"), max_pending=4) == (None, False)
+    assert s.forget_task("t1") == [a, b, c, d]
+    assert all(p.state is State.PENDING and p.task_ended for p in (a, b, c, d))
+    assert [p["task_ended"] for p in (x.to_dict(clock.now) for x in s.list())] == [True] * 4
+    # once or task would grant nothing: refused, and still pending
+    for scope in (Scope.ONCE, Scope.TASK):
+        with pytest.raises(ApprovalError, match="the task has ended; approve --for or --always, or deny"):
+            s.approve(a.id, "uid 0 (root)", scope)
+    assert a.state is State.PENDING and a.approver is None
+    # the profile-wide scopes still apply: a later task of the profile is granted
+    s.approve(a.id, "uid 0 (root)", Scope.DURATION, duration=60)
+    assert s.grant_for(key("a.test", task="t2")).approved
+    s.approve(b.id, "uid 0 (root)", Scope.ALWAYS)
+    s.deny(c.id, "uid 0 (root)")
+    # nothing is kept for the task that is gone
+    assert not s.task and not s.denied and s.grant_for(key("c.test", task="t2")) is None
+    # a new task at the same address has its own cap: the ended task's approval is not counted
+    assert all(ask(s, key(f"n{i}.test", task="t2"), max_pending=4)[0] for i in range(4))
+    assert ask(s, key("n9.test", task="t2"), max_pending=4) == (None, False)
+    # and what nobody decides expires after expire_pending, as before
+    clock.now += 3601
+    assert d in s.expire() and d.state is State.EXPIRED
+
+
+def test_the_holder_says_a_task_ended_and_refuses_once_with_a_clear_message():
+    events, changes = [], []
+    settings = ApprovalSettings(hold=0.1, expire_pending=60, max_pending_per_sandbox=5)
+
+    async def scenario():
+        approvals = Approvals(events.append, lambda profile: settings)
+        approvals.subscribe(lambda what, record: changes.append((what, record["task_ended"])))
+        held = await approvals.hold(key(), "r", {})
+        approvals.forget_task("t1")
+        refused = await handle(approvals, {"cmd": "approve", "id": held.pending.id}, "uid 0 (root)")
+        listed = approvals.list()
+        denied = await handle(approvals, {"cmd": "deny", "id": held.pending.id}, "uid 0 (root)")
+        return held, refused, listed, denied
+
+    held, refused, listed, denied = asyncio.run(scenario())
+    assert held.answer is Answer.PENDING
+    assert refused == {
+        "ok": False,
+        "error": f"approve: approval {held.pending.id}: the task has ended; "
+        "approve --for or --always, or deny",
+    }
+    assert [(a["state"], a["task_ended"]) for a in listed] == [("pending", True)]
+    assert denied["ok"] and denied["approval"]["state"] == "denied"
+    ended = [e for e in events if "the task has ended" in e.detail]
+    assert [(e.verdict, e.reason, e.approval_id) for e in ended] == [
+        (Verdict.ASK, Reason.APPROVAL_PENDING, held.pending.id)
+    ]
+    assert events[-1].reason is Reason.APPROVAL_DENIED and "its task had ended" in events[-1].detail
+    assert changes == [("new", False), ("task_ended", True), ("denied", True)]
+
+
 def test_always_overlay_is_a_rule_file_for_exactly_what_was_asked(tmp_path, policy):
     rules = tmp_path / "rules.yaml"
     s, _ = store()

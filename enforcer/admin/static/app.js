@@ -14,6 +14,9 @@ const SCOPES = [
   ["always", "Approve always"],
 ];
 
+// The scopes that grant the task itself: nothing to grant once it has ended.
+const TASK_SCOPES = new Set(["once", "task"]);
+
 function destination(a) {
   return `${a.name}:${a.port} (${a.protocol})`;
 }
@@ -60,7 +63,8 @@ async function decide(approval, decision, scope) {
 // Rows are kept by approval id and only their text is updated, so a refresh (every
 // pushed change) never replaces the button under the admin's pointer or keyboard focus.
 function pendingValues(a) {
-  return [a.id, a.task_id, a.sandbox, a.profile, destination(a), a.method, a.path,
+  const task = a.task_ended ? `${a.task_id} (task ended)` : a.task_id;
+  return [a.id, task, a.sandbox, a.profile, destination(a), a.method, a.path,
           a.first_seen, `${a.waiting_s} s`, a.held];
 }
 
@@ -103,6 +107,9 @@ function renderPending(approvals) {
       const label = scope === "for" ? words.replace("DURATION", duration) : words;
       button.textContent = label;
       button.setAttribute("aria-label", `${label}: ${destination(a)}, task ${a.task_id}`);
+      // A task that has ended can only be decided for the profile (for, always) or denied.
+      button.disabled = a.task_ended && TASK_SCOPES.has(scope);
+      button.title = button.disabled ? "the task has ended: approve for a duration or always, or deny" : "";
     }
     tbody.append(row); // keeps the server's order; moving a row keeps the element
   }
