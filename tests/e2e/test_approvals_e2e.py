@@ -408,3 +408,44 @@ def test_a_second_concurrent_embedded_run_gets_its_own_approvals_page(fakenet, t
         (shared / "go").touch()
         done = first.finish()
     assert done.returncode == 0, done.describe()
+
+
+def test_a_sandbox_flooding_asks_gets_approval_queue_full_and_the_server_nothing(
+    fakenet, tmp_path
+):
+    """max_pending_per_sandbox 2: the task's first two asks stay pending (held, then a
+    403 approval_pending); the third gets approval_queue_full at once and opens no
+    approval; no name was resolved and no server got a request."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        RULES.replace("HOLD", "1s, max_pending_per_sandbox: 2").replace(
+            "ask: allowed.test", 'ask: [allowed.test, "*.allowed.test"]'
+        )
+    )
+    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    try:
+        names = ("allowed.test", "www.allowed.test", "api.allowed.test")
+        # The fake internet's own link is 198.18.0.0/30, inside the placeholder pool:
+        # 198.18.0.2 is its gateway host's address (dropped_to_gateway), so a name the
+        # task never connects to takes that placeholder first.
+        steps = {"skip": "getent ahostsv4 allowed.test skip.allowed.test"}
+        steps.update({f"ask{i}": curl(f"http://{n}/") for i, n in enumerate(names)})
+        result = attach(service, tmp_path, steps)
+        first, second, third = (result[f"ask{i}"] for i in range(3))
+        for step in (first, second):
+            assert step.status == 403, result.describe()
+            assert json.loads(step.body.splitlines()[1])["reason"] == "approval_pending"
+        assert third.status == 403 and third.ms < 1000, result.describe()
+        document = json.loads(third.body.splitlines()[1])
+        assert document["reason"] == "approval_queue_full" and document["approval_id"] is None
+        # Nothing went anywhere: no request, no upstream query for any of the names.
+        assert fakenet.requests_seen() == []
+        assert not set(names) & set(fakenet.dns_queries_seen())
+        (full,) = service.events(kind="request", reason="approval_queue_full")
+        assert full["name"] == "api.allowed.test" and full["verdict"] == "deny"
+        asked = service.events(kind="approval", reason="approval_requested")
+        assert [e["name"] for e in asked] == ["allowed.test", "www.allowed.test"]
+        assert sorted(a["name"] for a in _pending(service)) == ["allowed.test", "www.allowed.test"]
+    finally:
+        service.stop()
