@@ -72,6 +72,12 @@ def register(sub) -> None:
         help="with --always: the rule's last day (2026-06-30), an instant with its zone "
         "(2026-06-30T18:00:00Z), or a time from now (30d, 12h)",
     )
+    approve.add_argument(
+        "--widen",
+        metavar="'*.DOMAIN'",
+        help="with --for or --always: approve every name under DOMAIN, not just the asked "
+        "one (a wildcard that covers it; never '*' or a public suffix)",
+    )
     deny = actions.add_parser("deny", help="deny (the task's retries are denied at once)")
     deny.add_argument("id", help="the approval's id (from: sandgate approvals list)")
     actions.add_parser("watch", help="print each new, decided or expired approval as it happens")
@@ -134,6 +140,10 @@ def cmd_approvals(args) -> int:
             if request["scope"] != "always":
                 raise UsageError(f"--{option} goes with --always (it is written into the rule)")
             request[option] = value
+        if args.widen is not None:
+            if request["scope"] not in ("duration", "always"):
+                raise UsageError("--widen goes with --for or --always (a wider grant for the profile)")
+            request["widen"] = args.widen
         if args.expires is not None:
             try:  # checked here too, so that a typo needs no gateway to be told
                 rule_expiry(args.expires, datetime.datetime.now().astimezone())
@@ -170,6 +180,8 @@ def cmd_approvals(args) -> int:
                 print(f"{key + ':':14} {value}")
     else:
         scope = SCOPE_WORDS.get(approval.get("scope") or "", "")
+        if approval.get("widened"):
+            scope += f", widened to {approval['widened']}"
         print(f"{approval['state']}: {approval['id']} {_destination(approval)} {scope}".rstrip())
     return EXIT_OK
 

@@ -206,12 +206,15 @@ class Approvals:
         duration: float | None = None,
         ticket: str | None = None,
         expires: str | None = None,
+        widen: str | None = None,
     ) -> dict:
-        """Approve; ApprovalError (one line) if unknown or decided already. An `always`
-        approval is persisted (on_always, with the rule's `expires` if given) before
-        anything is released: if that fails, nothing is approved."""
+        """Approve; ApprovalError (one line) if unknown or decided already, or if the
+        scope or `widen` (a wildcard, with duration or always) cannot apply. An `always`
+        approval is persisted (on_always, with the rule's `expires` if given, for the
+        wildcard if widened) before anything is released: if that fails, nothing is
+        approved."""
         found = self.store.get(pending_id)
-        self.store.check_scope(pending_id, scope)
+        widened = self.store.check_scope(pending_id, scope, widen)
         if expires is not None and scope is not Scope.ALWAYS:
             raise ApprovalError("expires goes with always (it is written into the rule)")
         if scope is Scope.ALWAYS:
@@ -220,10 +223,14 @@ class Approvals:
                     "this gateway has no rule file to add to (--always needs --rules)"
                 )
             if found.state is State.PENDING:
-                found.ticket = ticket
+                found.ticket, found.widened = ticket, widened
                 await self.on_always(found, approver, expires)
-        found = self.store.approve(pending_id, approver, scope, duration=duration, ticket=ticket)
+        found = self.store.approve(
+            pending_id, approver, scope, duration=duration, ticket=ticket, widen=widened
+        )
         what = f"for {duration:g} s" if scope is Scope.DURATION else str(scope)
+        if widened:
+            what += f", widened to {widened}"
         self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")
         return found.to_dict(self.clock())
 
@@ -296,6 +303,7 @@ class Approvals:
                 approval_id=found.id,
                 approver=found.approver,
                 scope=str(found.scope) if found.scope else None,
+                widened=found.widened,
                 wait=wait,
             )
         )

@@ -449,3 +449,67 @@ def test_a_sandbox_flooding_asks_gets_approval_queue_full_and_the_server_nothing
         assert sorted(a["name"] for a in _pending(service)) == ["allowed.test", "www.allowed.test"]
     finally:
         service.stop()
+
+
+def test_a_widened_approval_lets_a_sibling_through_and_a_plain_one_does_not(fakenet, tmp_path):
+    """`*.allowed.test` is asked about. www approved `--for 1m`: api (a sibling) is
+    still asked. api approved `--for 1m --widen '*.allowed.test'` (after a refused
+    `*.test`, a public suffix): ssh, another sibling, goes through without asking."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("HOLD", "25s").replace("ask: allowed.test", 'ask: "*.allowed.test"'))
+    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    try:
+        task = Task(
+            service,
+            tmp_path,
+            {
+                # 198.18.0.2 is the fake host's own address (see the flooding test).
+                "skip": "getent ahostsv4 www.allowed.test skip.allowed.test",
+                "www": curl("http://www.allowed.test/", timeout=40),
+                "wait1": "until [ -e go1 ]; do sleep 0.1; done",
+                "api": curl("http://api.allowed.test/", timeout=40),
+                "wait2": "until [ -e go2 ]; do sleep 0.1; done",
+                "ssh": curl("http://ssh.allowed.test/", timeout=40),
+            },
+        )
+        try:
+            www = task.held()
+            assert www["name"] == "www.allowed.test"
+            plain = service.ask("approvals", "approve", www["id"], "--for", "1m")
+            assert plain.returncode == 0 and "widened" not in plain.stdout, plain.stderr
+            (task.steps_dir / "go1").touch()
+            api = task.held(seen={www["id"]})  # the plain approval did not cover it
+            assert api["name"] == "api.allowed.test"
+            bad = service.ask("approvals", "approve", api["id"], "--for", "1m", "--widen", "*.test")
+            assert bad.returncode == 125 and "public suffix 'test'" in bad.stderr, bad.stderr
+            assert len(bad.stderr.strip().splitlines()) == 1
+            wide = service.ask(
+                "approvals", "approve", api["id"], "--for", "1m", "--widen", "*.Allowed.test"
+            )
+            assert wide.returncode == 0, wide.stderr
+            assert "widened to *.allowed.test" in wide.stdout
+            (task.steps_dir / "go2").touch()
+        finally:
+            result = task.finish()
+        for step in ("www", "api", "ssh"):
+            assert result[step].status == 200, result.describe()
+        assert result["ssh"].ms < 5000, result.describe()  # not held
+        assert [r["host"] for r in fakenet.requests_seen()] == [
+            "www.allowed.test",
+            "api.allowed.test",
+            "ssh.allowed.test",
+        ]
+        asked = service.events(kind="approval", reason="approval_requested")
+        assert [e["name"] for e in asked] == ["www.allowed.test", "api.allowed.test"]
+        granted = {e["approval_id"]: e for e in service.events(kind="approval", reason="approval_granted")}
+        assert granted[www["id"]].get("widened") is None
+        assert granted[api["id"]]["widened"] == "*.allowed.test"
+        (ssh,) = service.events(kind="request", name="ssh.allowed.test")
+        assert (ssh["reason"], ssh["approval_id"], ssh["widened"]) == (
+            "approval_granted",
+            api["id"],
+            "*.allowed.test",
+        )
+    finally:
+        service.stop()

@@ -15,7 +15,14 @@ from sandgate.enforcer.approvals_control import always_writer, handle
 from sandgate.enforcer.cli import main
 from sandgate.proxy.approvals.holder import Answer, Approvals
 from sandgate.proxy.approvals.overlay import append_approved, rule_expiry
-from sandgate.proxy.approvals.pending import ApprovalError, AskKey, PendingStore, Scope, State
+from sandgate.proxy.approvals.pending import (
+    ApprovalError,
+    AskKey,
+    PendingStore,
+    Scope,
+    State,
+    widen_pattern,
+)
 from sandgate.proxy.dns.placeholders import POOL, Placeholders, in_pool
 from sandgate.proxy.policy import (
     ConnectFacts,
@@ -260,6 +267,84 @@ def test_the_holder_says_a_task_ended_and_refuses_once_with_a_clear_message():
     assert changes == [("new", False), ("task_ended", True), ("denied", True)]
 
 
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        pytest.param("*", "'\\*' would allow everything", id="bare-star"),
+        pytest.param("*.test", "public suffix 'test'", id="single-label-suffix"),
+        pytest.param("*.co.uk", "public suffix 'co.uk'", id="public-suffix"),
+        pytest.param("example.test", "not a wildcard", id="no-wildcard"),
+        pytest.param("*.other.test", "does not cover the asked name api.example.test", id="elsewhere"),
+        pytest.param("*.api.example.test", "does not cover", id="the-name-itself-is-not-below"),
+        pytest.param("a.*.example.test", "only one leading|whole leftmost label", id="mid-star"),
+        pytest.param("*.exa mple.test", "control character or space", id="bad-label"),
+    ],
+)
+def test_a_widening_must_be_a_wildcard_that_covers_the_asked_name(given, message):
+    with pytest.raises(ApprovalError, match=message):
+        widen_pattern(key(), given)
+
+
+def test_an_explicit_widening_covers_siblings_and_a_plain_approval_does_not():
+    s, clock = store()
+    assert widen_pattern(key(), " *.EXAMPLE.test. ") == "*.example.test"
+    plain, _ = ask(s, key("www.plain.test"))
+    s.approve(plain.id, "a", Scope.DURATION, duration=60)
+    assert s.grant_for(key("api.plain.test")) is None
+    wide, _ = ask(s, key())
+    # only with the profile-wide scopes, and refused before anything is decided
+    for scope in (Scope.ONCE, Scope.TASK):
+        with pytest.raises(ApprovalError, match="--widen goes with --for or --always"):
+            s.approve(wide.id, "a", scope, widen="*.example.test")
+    with pytest.raises(ApprovalError, match="does not cover"):
+        s.approve(wide.id, "a", Scope.DURATION, duration=60, widen="*.other.test")
+    assert wide.state is State.PENDING
+    s.approve(wide.id, "a", Scope.DURATION, duration=60, widen="*.Example.test")
+    assert wide.widened == "*.example.test" and wide.to_dict(clock.now)["widened"] == "*.example.test"
+    for name in ("api.example.test", "www.example.test", "a.b.example.test"):
+        grant = s.grant_for(key(name, task="t2"))
+        assert grant.approved and grant.pending is wide, name
+    # never the wildcard's own domain, another port or protocol, or another profile
+    assert s.grant_for(key("example.test")) is None
+    assert s.grant_for(key("www.example.test", port=80)) is None
+    other = AskKey.make(
+        task_id="t1", sandbox="s", profile="q", name="www.example.test", port=443, protocol="tls"
+    )
+    assert s.grant_for(other) is None
+    clock.now += 61
+    assert s.grant_for(key("www.example.test")) is None
+    s.expire()
+    assert not s.widened_durations
+
+
+def test_a_widened_always_writes_the_wildcard_rule_and_the_event_records_it(tmp_path, policy):
+    events = []
+    settings = ApprovalSettings(hold=0.1, expire_pending=60, max_pending_per_sandbox=5)
+    rules = tmp_path / "rules.yaml"
+
+    async def scenario():
+        approvals = Approvals(events.append, lambda profile: settings)
+
+        async def reload(actor):
+            return []
+
+        approvals.on_always = always_writer(tmp_path / "approved.yaml", reload)
+        held = await approvals.hold(key("www.example.test"), "r", {})
+        request = {"cmd": "approve", "id": held.pending.id, "scope": "always", "widen": "*.example.test"}
+        return await handle(approvals, request, "uid 0 (root)")
+
+    reply = asyncio.run(scenario())
+    assert reply["ok"] and reply["approval"]["widened"] == "*.example.test", reply
+    approved = yaml.safe_load((tmp_path / "approved.yaml").read_text())["approved"]["p"]
+    assert [r["allow"] for r in approved] == ["*.example.test"]
+    reloaded = load_policy(rules)
+    for name in ("www.example.test", "sibling.example.test"):
+        assert decide(reloaded, ConnectFacts(profile="p", port=443, name=name)).allowed, name
+    assert not decide(reloaded, ConnectFacts(profile="p", port=80, name="sibling.example.test")).allowed
+    (granted,) = [e for e in events if e.reason is Reason.APPROVAL_GRANTED]
+    assert granted.widened == "*.example.test" and "widened to *.example.test" in granted.detail
+
+
 def test_always_overlay_is_a_rule_file_for_exactly_what_was_asked(tmp_path, policy):
     rules = tmp_path / "rules.yaml"
     s, _ = store()
@@ -406,6 +491,8 @@ def test_always_with_an_expiry_is_written_into_the_rule_and_shown(tmp_path, poli
         (["--always", "--expires", "soon"], "--expires 'soon' is not a date or an instant"),
         (["--task", "--expires", "30d"], "--expires goes with --always"),
         (["--for", "1h", "--ticket", "T-1"], "--ticket goes with --always"),
+        (["--widen", "*.example.test"], "--widen goes with --for or --always"),
+        (["--task", "--widen", "*.example.test"], "--widen goes with --for or --always"),
     ],
 )
 def test_cli_bad_expiry_is_a_usage_error_before_any_socket(argv, message, tmp_path, capsys):

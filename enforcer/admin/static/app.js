@@ -39,6 +39,10 @@ async function api(path, options = {}) {
 async function decide(approval, decision, scope) {
   const body = { decision, scope };
   if (scope === "for") body.duration = document.getElementById("duration").value;
+  if (scope === "for" || scope === "always") {
+    const widen = document.getElementById("widen").value.trim();
+    if (widen) body.widen = widen;
+  }
   if (scope === "always") {
     for (const field of ["ticket", "expires"]) {
       const value = document.getElementById(field).value.trim();
@@ -53,7 +57,8 @@ async function decide(approval, decision, scope) {
     });
     const done = result.approval;
     status.textContent = `Approval ${done.id} (${destination(done)}): ${done.state}` +
-      (done.scope ? ` (${done.scope})` : "") + ".";
+      (done.scope ? ` (${done.scope})` : "") +
+      (done.widened ? `, widened to ${done.widened}` : "") + ".";
   } catch (e) {
     status.textContent = `Approval ${approval.id}: ${e.message}`;
   }
@@ -124,7 +129,8 @@ function renderRecent(recent) {
   tbody.replaceChildren();
   for (const a of recent) {
     const row = tbody.insertRow();
-    for (const value of [a.id, a.task_id, destination(a), a.method, a.path, a.state, a.scope,
+    const scope = a.widened ? `${a.scope}, widened to ${a.widened}` : a.scope;
+    for (const value of [a.id, a.task_id, destination(a), a.method, a.path, a.state, scope,
                          a.approver, `${a.waiting_s} s`]) {
       cell(row, value);
     }
