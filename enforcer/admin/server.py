@@ -345,7 +345,7 @@ def _login_html(problem: str | None) -> bytes:
 <body><main><h1>sandgate approvals</h1>{message}
 <form method="post" action="/login">
 <label for="token">Admin token (the file whose path the gateway printed at start, e.g.
-/var/lib/sandgate/admin-token)</label>
+/var/lib/sandgate/admin-token) or your key (sandgate approvals keys add NAME)</label>
 <input id="token" name="token" type="password" autocomplete="current-password" required>
 <button type="submit">Log in</button>
 </form></main></body></html>

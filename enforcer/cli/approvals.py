@@ -1,5 +1,6 @@
 """`sandgate approvals list|show ID|approve ID|deny ID|watch`: decide what a task asked
-for, over a control socket (the service's, or an embedded run's: docs/approvals.md)."""
+for, over a control socket (the service's, or an embedded run's: docs/approvals.md);
+`sandgate approvals keys add NAME|list|revoke NAME`: the named keys of the page and API."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 from pathlib import Path
 
 from sandgate.enforcer.cli.common import EXIT_OK, SetupError, UsageError
@@ -81,6 +83,24 @@ def register(sub) -> None:
     deny = actions.add_parser("deny", help="deny (the task's retries are denied at once)")
     deny.add_argument("id", help="the approval's id (from: sandgate approvals list)")
     actions.add_parser("watch", help="print each new, decided or expired approval as it happens")
+    keys = actions.add_parser(
+        "keys", help="named keys for the approvals page and API (who decided, by name)"
+    )
+    key_actions = keys.add_subparsers(dest="keys_action", required=True, metavar="KEYS_ACTION")
+    add = key_actions.add_parser("add", help="add a key; its token is printed once")
+    add.add_argument("name", help="who holds it: recorded as `NAME (api key)` / `NAME (web)`")
+    key_actions.add_parser("list", help="the keys' names")
+    revoke = key_actions.add_parser("revoke", help="remove a key: refused at once (401)")
+    revoke.add_argument("name")
+    for action in key_actions.choices.values():
+        action.add_argument(
+            "--file",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help="the keys file (default $SANDGATE_STATE_DIR/admin-keys: the gateway's "
+            "--admin-keys)",
+        )
     for action in actions.choices.values():
         # Also after the action (`approvals list --control S`); SUPPRESS keeps the
         # group's value when not given here.
@@ -120,6 +140,8 @@ def cmd_approvals(args) -> int:
     from sandgate.proxy.approvals.overlay import rule_expiry
     from sandgate.proxy.policy.model import parse_duration
 
+    if args.action == "keys":
+        return _keys(args)
     request: dict = {}
     if args.action == "list":
         request = {"cmd": "approvals"}
@@ -184,6 +206,56 @@ def cmd_approvals(args) -> int:
             scope += f", widened to {approval['widened']}"
         print(f"{approval['state']}: {approval['id']} {_destination(approval)} {scope}".rstrip())
     return EXIT_OK
+
+
+def _keys(args) -> int:
+    """`keys add|list|revoke`: the keys file itself (the gateway re-reads it on change)."""
+    from sandgate.enforcer.admin.keys import (
+        ADMIN,
+        DEFAULT_KEYS,
+        KeyFileError,
+        check_name,
+        digest,
+        new_token,
+        read_keys,
+        write_keys,
+    )
+
+    path = args.file or DEFAULT_KEYS
+    try:
+        keys = read_keys(path)
+        if args.keys_action == "list":
+            names = [ADMIN, *keys]
+            if args.json:
+                print(json.dumps(names))
+            else:
+                print(f"{ADMIN}  (the token generated at each start: the admin-token file)")
+                for name in keys:
+                    print(name)
+            return EXIT_OK
+        name = check_name(args.name)
+        if args.keys_action == "add":
+            if name in keys:
+                raise KeyFileError(f"a key named {name!r} exists: revoke it first")
+            token = new_token()
+            write_keys(path, {**keys, name: digest(token)})
+            print(token)
+            print(
+                f"sandgate: key {name!r} added to {path}; its token, printed above, is not "
+                f"stored (only its hash): give it to {name} now",
+                file=sys.stderr,
+            )
+            return EXIT_OK
+        if name not in keys:
+            raise KeyFileError(f"no key named {name!r} in {path} (see: sandgate approvals keys list)")
+        del keys[name]
+        write_keys(path, keys)
+        print(f"revoked: {name}")
+        return EXIT_OK
+    except KeyFileError as e:
+        raise SetupError(str(e)) from None
+    except OSError as e:
+        raise SetupError(f"{path}: {e.strerror or e}") from None
 
 
 def _watch(client: ControlClient, as_json: bool) -> int:

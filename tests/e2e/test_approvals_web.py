@@ -229,7 +229,7 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
 
         decided = _api(fakenet, "POST", path, bearer, approve)
         assert decided["status"] == 200, decided
-        assert decided["body"]["approval"]["approver"] == "admin (api token)"
+        assert decided["body"]["approval"]["approver"] == "admin (api key)"
         again = _api(fakenet, "POST", path, bearer, {"decision": "deny"})
         assert again["status"] == 409 and "first decision stands" in again["body"]["error"]
         out, err = task.communicate(timeout=90)
@@ -241,7 +241,7 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
         assert "admin connection from" in service.log.read_text()  # the test's own calls
         assert f"admin connection from ('{sandbox_ip}'" not in service.log.read_text()
         events = service.events(kind="approval", reason="approval_granted")
-        assert events and events[0]["approver"] == "admin (api token)"
+        assert events and events[0]["approver"] == "admin (api key)"
     finally:
         if task is not None and task.poll() is None:
             task.kill()
