@@ -91,7 +91,7 @@ def register(sub) -> None:
     add.add_argument("name", help="who holds it: recorded as `NAME (api key)` / `NAME (web)`")
     key_actions.add_parser("list", help="the keys' names")
     revoke = key_actions.add_parser("revoke", help="remove a key: refused at once (401)")
-    revoke.add_argument("name")
+    revoke.add_argument("name", help="the key to revoke (from: sandgate approvals keys list)")
     for action in key_actions.choices.values():
         action.add_argument(
             "--file",
