@@ -34,6 +34,7 @@ from sandgate.proxy.policy import (
     load_policy,
 )
 from sandgate.proxy.policy.model import ApprovalSettings, parse_duration
+from sandgate.proxy.telemetry.metrics import Metrics
 
 
 class Clock:
@@ -265,6 +266,25 @@ def test_the_holder_says_a_task_ended_and_refuses_once_with_a_clear_message():
     ]
     assert events[-1].reason is Reason.APPROVAL_DENIED and "its task had ended" in events[-1].detail
     assert changes == [("new", False), ("task_ended", True), ("denied", True)]
+
+
+def test_a_task_ending_is_no_decision_in_the_metrics():
+    metrics = Metrics()
+    settings = ApprovalSettings(hold=0.05, expire_pending=60, max_pending_per_sandbox=5)
+
+    async def scenario():
+        approvals = Approvals(metrics.emit, lambda profile: settings)
+        await approvals.hold(key(), "r", {})
+        approvals.forget_task("t1")
+
+    asyncio.run(scenario())
+    outcomes = {
+        s.labels["outcome"]: s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == "sandgate_approval_decisions_total"
+    }
+    assert outcomes == {"timeout": 1.0}  # the hold's end; the task's end decided nothing
 
 
 @pytest.mark.parametrize(
