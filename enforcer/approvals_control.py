@@ -4,7 +4,8 @@ gateway service's socket and for an embedded run's own socket (RUN_DIR/<id>/cont
     {"cmd": "approvals"}                                  pending approvals (and recent decisions)
     {"cmd": "approval", "id": ID}                         one approval
     {"cmd": "approve", "id": ID, "scope": "once|task|duration|always",
-     "duration": SECONDS, "ticket": T, "expires": "YYYY-MM-DD|INSTANT|DURATION"}
+     "duration": SECONDS, "ticket": T, "expires": "YYYY-MM-DD|INSTANT|DURATION",
+     "widen": "*.DOMAIN"}                                 (widen: with duration or always)
     {"cmd": "deny", "id": ID}
     {"cmd": "watch"}                                      then one line per change, until closed
 
@@ -82,8 +83,15 @@ async def handle(approvals: Approvals, request: dict, approver: str) -> dict:
                     expires = rule_expiry(str(expires), datetime.datetime.now().astimezone())
                 except ValueError as e:
                     return {"ok": False, "error": f"approve: {e}"}
+            widen = request.get("widen")
             record = await approvals.approve(
-                pending_id, approver, scope, duration=duration, ticket=ticket, expires=expires
+                pending_id,
+                approver,
+                scope,
+                duration=duration,
+                ticket=ticket,
+                expires=expires,
+                widen=str(widen)[:300] if widen else None,
             )
             return {"ok": True, "approval": record}
     except ApprovalError as e:

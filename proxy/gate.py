@@ -1058,6 +1058,7 @@ def _answer_fields(answer) -> dict:
         "approval_id": found.id,
         "approver": found.approver,
         "scope": str(found.scope) if found.scope else None,
+        "widened": found.widened,
         "wait": getattr(answer, "waited", None),
     }
 

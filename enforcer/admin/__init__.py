@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandgate.enforcer.admin.auth import Sessions
+from sandgate.enforcer.admin.keys import DEFAULT_KEYS, KeyFile
 from sandgate.enforcer.admin.server import AdminServer, with_wall_time
 from sandgate.proxy.approvals.holder import Approvals
 from sandgate.proxy.approvals.webhook import Webhooks
@@ -29,6 +30,8 @@ class AdminOptions:
     # Embedded runs without --admin-listen: a developer's second concurrent run gets
     # its page too. A service, or an address given explicitly, warns instead.
     any_port_if_taken: bool = False
+    # The named keys (keys.py), besides the generated admin token; re-read on change.
+    keys_file: Path = DEFAULT_KEYS
 
 
 def write_token(path: Path, token: str) -> None:
@@ -44,7 +47,7 @@ class Admin:
     def __init__(self, opts: AdminOptions, approvals: Approvals, on_webhook_failure=lambda: None):
         self.opts = opts
         self.approvals = approvals
-        self.sessions = Sessions()
+        self.sessions = Sessions(keys=KeyFile(opts.keys_file).keys)
         self.server: AdminServer | None = None
         self.url: str | None = None
         self.webhooks: Webhooks | None = None
@@ -71,6 +74,7 @@ class Admin:
                     file=sys.stderr,
                 )
             else:
+                self.sessions.keys()  # read now: an unusable keys file is a warning at start
                 write_token(token_path, self.sessions.token)
                 self.url = f"http://{format_host_port(host, port)}/"
                 if not quiet:

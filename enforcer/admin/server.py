@@ -9,7 +9,8 @@ HTTP/1.1 with h11 (a protocol with no I/O) over asyncio streams.
     GET  /api/approvals/recent    recent decisions
     GET  /api/approvals/ID        one approval
     POST /api/approvals/ID        {"decision": "approve"|"deny", "scope": "once"|"task"|"for"|"always",
-                                   "duration": "1h", "ticket": "...", "expires": "2026-06-30"|"30d"}
+                                   "duration": "1h", "ticket": "...", "expires": "2026-06-30"|"30d",
+                                   "widen": "*.example.com"}
     GET  /api/events              Server-Sent Events: one `change` per new/decided/expired approval
 
 Decisions go through the control socket's code (enforcer/approvals_control.py), so the
@@ -261,7 +262,7 @@ class AdminServer:
                     command["duration"] = parse_duration(str(request.get("duration", "")))
                 except ValueError as e:
                     return error(400, f"duration: {e}")
-            for field in ("ticket", "expires"):  # with "always"; handle() checks both
+            for field in ("ticket", "expires", "widen"):  # handle() checks each's scope
                 if request.get(field):
                     command[field] = str(request[field])
         try:
@@ -344,7 +345,7 @@ def _login_html(problem: str | None) -> bytes:
 <body><main><h1>sandgate approvals</h1>{message}
 <form method="post" action="/login">
 <label for="token">Admin token (the file whose path the gateway printed at start, e.g.
-/var/lib/sandgate/admin-token)</label>
+/var/lib/sandgate/admin-token) or your key (sandgate approvals keys add NAME)</label>
 <input id="token" name="token" type="password" autocomplete="current-password" required>
 <button type="submit">Log in</button>
 </form></main></body></html>

@@ -1,5 +1,6 @@
 """`sandgate approvals list|show ID|approve ID|deny ID|watch`: decide what a task asked
-for, over a control socket (the service's, or an embedded run's: docs/approvals.md)."""
+for, over a control socket (the service's, or an embedded run's: docs/approvals.md);
+`sandgate approvals keys add NAME|list|revoke NAME`: the named keys of the page and API."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 from pathlib import Path
 
 from sandgate.enforcer.cli.common import EXIT_OK, SetupError, UsageError
@@ -72,9 +74,33 @@ def register(sub) -> None:
         help="with --always: the rule's last day (2026-06-30), an instant with its zone "
         "(2026-06-30T18:00:00Z), or a time from now (30d, 12h)",
     )
+    approve.add_argument(
+        "--widen",
+        metavar="'*.DOMAIN'",
+        help="with --for or --always: approve every name under DOMAIN, not just the asked "
+        "one (a wildcard that covers it; never '*' or a public suffix)",
+    )
     deny = actions.add_parser("deny", help="deny (the task's retries are denied at once)")
     deny.add_argument("id", help="the approval's id (from: sandgate approvals list)")
     actions.add_parser("watch", help="print each new, decided or expired approval as it happens")
+    keys = actions.add_parser(
+        "keys", help="named keys for the approvals page and API (who decided, by name)"
+    )
+    key_actions = keys.add_subparsers(dest="keys_action", required=True, metavar="KEYS_ACTION")
+    add = key_actions.add_parser("add", help="add a key; its token is printed once")
+    add.add_argument("name", help="who holds it: recorded as `NAME (api key)` / `NAME (web)`")
+    key_actions.add_parser("list", help="the keys' names")
+    revoke = key_actions.add_parser("revoke", help="remove a key: refused at once (401)")
+    revoke.add_argument("name", help="the key to revoke (from: sandgate approvals keys list)")
+    for action in key_actions.choices.values():
+        action.add_argument(
+            "--file",
+            type=Path,
+            default=None,
+            metavar="FILE",
+            help="the keys file (default $SANDGATE_STATE_DIR/admin-keys: the gateway's "
+            "--admin-keys)",
+        )
     for action in actions.choices.values():
         # Also after the action (`approvals list --control S`); SUPPRESS keeps the
         # group's value when not given here.
@@ -114,6 +140,8 @@ def cmd_approvals(args) -> int:
     from sandgate.proxy.approvals.overlay import rule_expiry
     from sandgate.proxy.policy.model import parse_duration
 
+    if args.action == "keys":
+        return _keys(args)
     request: dict = {}
     if args.action == "list":
         request = {"cmd": "approvals"}
@@ -134,6 +162,10 @@ def cmd_approvals(args) -> int:
             if request["scope"] != "always":
                 raise UsageError(f"--{option} goes with --always (it is written into the rule)")
             request[option] = value
+        if args.widen is not None:
+            if request["scope"] not in ("duration", "always"):
+                raise UsageError("--widen goes with --for or --always (a wider grant for the profile)")
+            request["widen"] = args.widen
         if args.expires is not None:
             try:  # checked here too, so that a typo needs no gateway to be told
                 rule_expiry(args.expires, datetime.datetime.now().astimezone())
@@ -170,8 +202,60 @@ def cmd_approvals(args) -> int:
                 print(f"{key + ':':14} {value}")
     else:
         scope = SCOPE_WORDS.get(approval.get("scope") or "", "")
+        if approval.get("widened"):
+            scope += f", widened to {approval['widened']}"
         print(f"{approval['state']}: {approval['id']} {_destination(approval)} {scope}".rstrip())
     return EXIT_OK
+
+
+def _keys(args) -> int:
+    """`keys add|list|revoke`: the keys file itself (the gateway re-reads it on change)."""
+    from sandgate.enforcer.admin.keys import (
+        ADMIN,
+        DEFAULT_KEYS,
+        KeyFileError,
+        check_name,
+        digest,
+        new_token,
+        read_keys,
+        write_keys,
+    )
+
+    path = args.file or DEFAULT_KEYS
+    try:
+        keys = read_keys(path)
+        if args.keys_action == "list":
+            names = [ADMIN, *keys]
+            if args.json:
+                print(json.dumps(names))
+            else:
+                print(f"{ADMIN}  (the token generated at each start: the admin-token file)")
+                for name in keys:
+                    print(name)
+            return EXIT_OK
+        name = check_name(args.name)
+        if args.keys_action == "add":
+            if name in keys:
+                raise KeyFileError(f"a key named {name!r} exists: revoke it first")
+            token = new_token()
+            write_keys(path, {**keys, name: digest(token)})
+            print(token)
+            print(
+                f"sandgate: key {name!r} added to {path}; its token, printed above, is not "
+                f"stored (only its hash): give it to {name} now",
+                file=sys.stderr,
+            )
+            return EXIT_OK
+        if name not in keys:
+            raise KeyFileError(f"no key named {name!r} in {path} (see: sandgate approvals keys list)")
+        del keys[name]
+        write_keys(path, keys)
+        print(f"revoked: {name}")
+        return EXIT_OK
+    except KeyFileError as e:
+        raise SetupError(str(e)) from None
+    except OSError as e:
+        raise SetupError(f"{path}: {e.strerror or e}") from None
 
 
 def _watch(client: ControlClient, as_json: bool) -> int:
@@ -199,7 +283,8 @@ def _destination(a: dict) -> str:
 
 
 def _line(a: dict) -> str:
+    ended = " (task ended)" if a.get("task_ended") else ""
     return (
-        f"{a['id']}  {a['state']:8} task {a['task_id']}  {a['profile']:10} {_destination(a)}  "
-        f"waiting {a['waiting_s']:g} s, {a['held']} held"
+        f"{a['id']}  {a['state']:8} task {a['task_id']}{ended}  {a['profile']:10} "
+        f"{_destination(a)}  waiting {a['waiting_s']:g} s, {a['held']} held"
     )

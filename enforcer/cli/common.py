@@ -100,6 +100,14 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         "is printed at start",
     )
     parser.add_argument(
+        "--admin-keys",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="named keys for the approvals page and API, besides the generated token "
+        "(default $SANDGATE_STATE_DIR/admin-keys; managed with `sandgate approvals keys`)",
+    )
+    parser.add_argument(
         "--approval-webhook",
         action="append",
         default=[],
@@ -195,12 +203,15 @@ def admin_settings(args: argparse.Namespace):
             raise UsageError("--approval-webhook-secret: the key must be at least 16 bytes")
     elif args.approval_webhook_secret is not None:
         raise UsageError("--approval-webhook-secret: no --approval-webhook to sign for")
-    return AdminOptions(
+    options = AdminOptions(
         listen=listen,
         webhooks=list(args.approval_webhook),
         webhook_format=args.approval_webhook_format,
         webhook_secret=secret,
     )
+    if args.admin_keys is not None:
+        options.keys_file = args.admin_keys
+    return options
 
 
 def parse_size(text: str) -> int:

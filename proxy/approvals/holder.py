@@ -6,8 +6,9 @@ same loop.
 
 Every step is an `approval` event: a pending approval opened (`approval_requested`,
 verdict ask), approved (`approval_granted`) or denied (`approval_denied`) with approver,
-scope and wait; a held connection given up after `hold` (`approval_pending`); an
-approval expired (`approval_expired`).
+scope and wait; a held connection given up after `hold` (`approval_pending`); the
+task of a pending approval ended (`approval_pending`, verdict ask: it stays pending);
+an approval expired (`approval_expired`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class HoldResult:
 
 
 Subscriber = Callable[[str, dict], None]
-"""`subscriber(what, approval)`: what is `new`, `approved`, `denied` or `expired`;
+"""`subscriber(what, approval)`: what is `new`, `approved`, `denied`, `expired` or
+`task_ended` (still pending);
 approval is `Pending.to_dict()`."""
 
 
@@ -105,9 +107,18 @@ class Approvals:
                 log.exception("approval expiry failed")
 
     def forget_task(self, task_id: str) -> None:
-        """The task ended: its pending approvals expire, its grants go."""
+        """The task ended: its grants go; its pending approvals stay pending until
+        `expire_pending`, which only --for, --always or a denial can now decide."""
         for found in self.store.forget_task(task_id):
-            self._decided(found, "expired", Reason.APPROVAL_EXPIRED, "the task ended")
+            self._event(
+                found,
+                Verdict.ASK,
+                Reason.APPROVAL_PENDING,
+                f"approval {found.id} for {found.key.describe()}: the task has ended; it stays "
+                f"pending for --for or --always (or deny) until it expires",
+                {},
+            )
+            self._notify("task_ended", found)
 
     # --- holding --------------------------------------------------------------------------
 
@@ -195,11 +206,15 @@ class Approvals:
         duration: float | None = None,
         ticket: str | None = None,
         expires: str | None = None,
+        widen: str | None = None,
     ) -> dict:
-        """Approve; ApprovalError (one line) if unknown or decided already. An `always`
-        approval is persisted (on_always, with the rule's `expires` if given) before
-        anything is released: if that fails, nothing is approved."""
+        """Approve; ApprovalError (one line) if unknown or decided already, or if the
+        scope or `widen` (a wildcard, with duration or always) cannot apply. An `always`
+        approval is persisted (on_always, with the rule's `expires` if given, for the
+        wildcard if widened) before anything is released: if that fails, nothing is
+        approved."""
         found = self.store.get(pending_id)
+        widened = self.store.check_scope(pending_id, scope, widen)
         if expires is not None and scope is not Scope.ALWAYS:
             raise ApprovalError("expires goes with always (it is written into the rule)")
         if scope is Scope.ALWAYS:
@@ -208,10 +223,14 @@ class Approvals:
                     "this gateway has no rule file to add to (--always needs --rules)"
                 )
             if found.state is State.PENDING:
-                found.ticket = ticket
+                found.ticket, found.widened = ticket, widened
                 await self.on_always(found, approver, expires)
-        found = self.store.approve(pending_id, approver, scope, duration=duration, ticket=ticket)
+        found = self.store.approve(
+            pending_id, approver, scope, duration=duration, ticket=ticket, widen=widened
+        )
         what = f"for {duration:g} s" if scope is Scope.DURATION else str(scope)
+        if widened:
+            what += f", widened to {widened}"
         self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")
         return found.to_dict(self.clock())
 
@@ -238,7 +257,8 @@ class Approvals:
             reason,
             f"approval {found.id} for {found.key.describe()} {detail}"
             + (f" by {found.approver}" if found.approver else "")
-            + (f", ticket {found.ticket}" if found.ticket else ""),
+            + (f", ticket {found.ticket}" if found.ticket else "")
+            + (" (its task had ended)" if found.task_ended else ""),
             {},
             wait=(found.decided_at or self.clock()) - found.created,
         )
@@ -283,6 +303,7 @@ class Approvals:
                 approval_id=found.id,
                 approver=found.approver,
                 scope=str(found.scope) if found.scope else None,
+                widened=found.widened,
                 wait=wait,
             )
         )

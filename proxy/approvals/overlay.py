@@ -2,7 +2,7 @@
 file, a normal rule file (`approved: {PROFILE: [rules]}`) that the loader reads with
 the rules, `sandgate rules show` lists, and git reviews. One rule per approval, for
 exactly what was approved (name, port; method and path for a request ask): never a
-wildcard.
+wildcard, unless the approver chose one (`--widen '*.example.com'`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def rule_expiry(text: str, now: datetime.datetime) -> str:
 
 def approved_rule(found: Pending, approver: str, today: datetime.date, expires: str | None) -> dict:
     key = found.key
-    rule: dict = {"allow": key.name, "ports": [key.port]}
+    rule: dict = {"allow": found.widened or key.name, "ports": [key.port]}
     if key.method is not None:
         rule["methods"] = [key.method]
     if key.path is not None:

@@ -27,8 +27,16 @@ What an approval grants, by scope (`grant_for` answers for a new ask):
             the adapter) allows it by itself.
 A denial holds for the task: the same ask of the same task is denied at once,
 without asking again, until the task ends.
+
+A task that ends takes its grants and denials with it, but not its pending
+approvals: they stay pending until `expire_pending` (marked `task_ended`), so a
+decision read the next morning still counts. Only the profile-wide scopes
+(duration, always) or a denial can decide them then; once or task would grant
+nothing, and is refused with a message saying so.
 Scope widening is never implicit: a grant is for its exact name, port, protocol
-(method and path), never a wildcard.
+(method and path), never a wildcard, unless the approver chose one (`--widen
+'*.example.com'`, with duration or always only): a wildcard in the policy's own
+syntax that covers the asked name, never `*` or a public suffix (`widen_pattern`).
 """
 
 from __future__ import annotations
@@ -39,7 +47,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sandgate.proxy.policy.names import InvalidName, parse_domain, parse_ip, parse_path
+from sandgate.proxy.policy.names import (
+    InvalidName,
+    parent_domains,
+    parse_domain,
+    parse_domain_pattern,
+    parse_ip,
+    parse_path,
+)
 
 
 class State(StrEnum):
@@ -129,6 +144,32 @@ class AskKey:
         where = f"{self.name}:{self.port} ({self.protocol})"
         return f"{self.method} {where}{self.path}" if self.method else where
 
+    def widened(self, domain: str) -> tuple:
+        """`destination` with the name replaced by a wildcard's domain (`*.DOMAIN`)."""
+        return (self.profile, domain, self.port, self.protocol, self.method, self.path)
+
+
+def widen_pattern(key: AskKey, text: str) -> str:
+    """The canonical wildcard (`*.example.com`) an approval of `key` may be widened to,
+    parsed like a rule's: it must cover the asked name (a name strictly below its
+    domain), and `*` or a public suffix (`*.com`, `*.co.uk`) is refused.
+    ApprovalError, one line, for anything else."""
+    try:
+        pattern = parse_domain_pattern(text.strip())
+    except InvalidName as e:
+        raise ApprovalError(f"--widen: {e}") from None
+    if not pattern.wildcard:
+        raise ApprovalError(
+            f"--widen {str(pattern)[:80]!r}: not a wildcard; widen to '*.DOMAIN' (the asked "
+            "name is approved without --widen)"
+        )
+    if parse_ip(key.name) is not None or not key.name.endswith("." + pattern.domain):
+        raise ApprovalError(
+            f"--widen {pattern}: does not cover the asked name {key.name} (a wildcard "
+            "matches only names below its domain)"
+        )
+    return str(pattern)
+
 
 @dataclass(slots=True)
 class Pending:
@@ -147,6 +188,8 @@ class Pending:
     scope: Scope | None = None
     until: float | None = None  # a duration grant's end
     ticket: str | None = None
+    widened: str | None = None  # the wildcard the approver widened it to (`*.example.com`)
+    task_ended: bool = False  # its task is gone: only duration, always or deny decide it
 
     def to_dict(self, now: float) -> dict:
         key = self.key
@@ -173,6 +216,8 @@ class Pending:
             "scope": str(self.scope) if self.scope else None,
             "until": self.until,
             "ticket": self.ticket,
+            "widened": self.widened,
+            "task_ended": self.task_ended,
         }
 
 
@@ -200,6 +245,7 @@ class PendingStore:
     task: dict[AskKey, Pending] = field(default_factory=dict)
     denied: dict[AskKey, Pending] = field(default_factory=dict)
     durations: dict[tuple, Pending] = field(default_factory=dict)
+    widened_durations: dict[tuple, Pending] = field(default_factory=dict)  # by key.widened()
     _all: dict[str, Pending] = field(default_factory=dict)  # every id still remembered
 
     # --- asking ------------------------------------------------------------------------
@@ -218,6 +264,11 @@ class PendingStore:
             if found.until is not None and found.until > self.clock():
                 return Grant(True, found)
             del self.durations[key.destination]
+        if self.widened_durations and parse_ip(key.name) is None:
+            for domain in parent_domains(key.name):
+                found = self.widened_durations.get(key.widened(domain))
+                if found is not None and found.until is not None and found.until > self.clock():
+                    return Grant(True, found)
         found = self.once.get(key)
         if found is not None:
             if consume:
@@ -235,7 +286,9 @@ class PendingStore:
         if found is not None:
             found.asks += 1
             return found, False
-        if sum(1 for p in self.pending.values() if p.key.sandbox == key.sandbox) >= max_pending:
+        # Approvals of ended tasks do not count: the sandbox's address may be a new task's.
+        mine = (p for p in self.pending.values() if not p.task_ended)
+        if sum(1 for p in mine if p.key.sandbox == key.sandbox) >= max_pending:
             return None, False
         now = self.clock()
         pending_id = self.new_id()
@@ -261,25 +314,51 @@ class PendingStore:
         *,
         duration: float | None = None,
         ticket: str | None = None,
+        widen: str | None = None,
     ) -> Pending:
         if scope is Scope.DURATION and (duration is None or duration <= 0):
             raise ApprovalError("a duration approval needs a duration (--for 1h)")
+        widened = self.check_scope(pending_id, scope, widen)
         found = self._step(pending_id, "approve", approver)
-        found.scope, found.ticket = scope, ticket
+        found.scope, found.ticket, found.widened = scope, ticket, widened
         key = found.key
-        if scope is Scope.ONCE:
+        if scope is Scope.DURATION:
+            found.until = found.decided_at + duration
+            if widened:
+                self.widened_durations[key.widened(widened.removeprefix("*."))] = found
+            else:
+                self.durations[key.destination] = found
+        elif found.task_ended:
+            pass  # always, with no task left to grant: the policy's new rule covers it
+        elif scope is Scope.ONCE:
             if found.held == 0:
                 self.once[key] = found  # for the next ask: the held ones gave up
-        elif scope is Scope.DURATION:
-            found.until = found.decided_at + duration
-            self.durations[key.destination] = found
         else:  # TASK, ALWAYS (the policy takes over once the rule is loaded)
             self.task[key] = found
         return found
 
+    def check_scope(self, pending_id: str, scope: Scope, widen: str | None = None) -> str | None:
+        """ApprovalError if `scope` (and `widen`) cannot decide this pending approval:
+        once or task for a task that has ended (nothing would be granted); a widening
+        with a scope other than duration or always, or one `widen_pattern` refuses.
+        Returns the canonical wildcard (None: not widened)."""
+        found = self.get(pending_id)
+        if found.state is not State.PENDING:
+            return None  # _step says it was decided before
+        if found.task_ended and scope in (Scope.ONCE, Scope.TASK):
+            raise ApprovalError(
+                f"approval {found.id}: the task has ended; approve --for or --always, or deny"
+            )
+        if widen is None:
+            return None
+        if scope not in (Scope.DURATION, Scope.ALWAYS):
+            raise ApprovalError("--widen goes with --for or --always (a wider grant for the profile)")
+        return widen_pattern(found.key, widen)
+
     def deny(self, pending_id: str, approver: str) -> Pending:
         found = self._step(pending_id, "deny", approver)
-        self.denied[found.key] = found
+        if not found.task_ended:
+            self.denied[found.key] = found
         return found
 
     def expire(self) -> list[Pending]:
@@ -288,21 +367,23 @@ class PendingStore:
         gone = [p for p in self.pending.values() if p.expires <= now]
         for found in gone:
             self._step(found.id, "expire", None)
-        for destination, found in list(self.durations.items()):
-            if found.until is not None and found.until <= now:
-                del self.durations[destination]
+        for table in (self.durations, self.widened_durations):
+            for destination, found in list(table.items()):
+                if found.until is not None and found.until <= now:
+                    del table[destination]
         return gone
 
     def forget_task(self, task_id: str) -> list[Pending]:
-        """The task ended: its grants and denials go; its pending approvals expire
-        (returned). Duration grants stay: they are the profile's."""
+        """The task ended: its grants and denials go (duration grants stay: they are
+        the profile's); its pending approvals stay pending until `expire_pending`,
+        marked `task_ended` (returned, for their events)."""
         for table in (self.once, self.task, self.denied):
             for key in [k for k in table if k.task_id == task_id]:
                 del table[key]
-        gone = [p for p in self.pending.values() if p.key.task_id == task_id]
-        for found in gone:
-            self._step(found.id, "expire", None)
-        return gone
+        ended = [p for p in self.pending.values() if p.key.task_id == task_id and not p.task_ended]
+        for found in ended:
+            found.task_ended = True
+        return ended
 
     def list(self) -> list[Pending]:
         """Pending approvals, oldest first."""
@@ -330,7 +411,13 @@ class PendingStore:
         """Ids of long-decided approvals go (bounded memory); grants keep theirs."""
         keep = {id(p) for p in self.recent} | {
             id(p)
-            for table in (self.once, self.task, self.denied, self.durations)
+            for table in (
+                self.once,
+                self.task,
+                self.denied,
+                self.durations,
+                self.widened_durations,
+            )
             for p in table.values()
         }
         self._all = {

@@ -63,6 +63,7 @@ class Event:
     approval_id: str | None = None  # the pending approval's id
     approver: str | None = None  # who decided: "uid 1000 (alice)", a web user, an API key's name
     scope: str | None = None  # once, task, duration, always
+    widened: str | None = None  # the wildcard an approval was explicitly widened to (--widen)
     wait: float | None = None  # seconds from the ask to the decision (or the hold's end)
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import CollectorRegistry
 from sandgate.proxy.policy.model import HTTP_METHODS
 from sandgate.proxy.policy.names import parse_host_port
-from sandgate.proxy.policy.reasons import Reason
+from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import Event, EventKind
 
 log = logging.getLogger("sandgate.metrics")
@@ -262,7 +262,12 @@ class Metrics:
                 self.task_limits if event.reason is Reason.TASK_LIMIT else self.sandbox_weakened
             )
             counter.labels(self._rule((event.rule_id or "").removeprefix(prefix))).inc()
-        if kind is EventKind.APPROVAL and event.reason in _APPROVAL_OUTCOMES:
+        # Verdict ask: a step that decides nothing (opened; its task ended, still pending).
+        if (
+            kind is EventKind.APPROVAL
+            and event.reason in _APPROVAL_OUTCOMES
+            and event.verdict is not Verdict.ASK
+        ):
             self.approval_decisions.labels(
                 _APPROVAL_OUTCOMES[event.reason], event.scope or ""
             ).inc()

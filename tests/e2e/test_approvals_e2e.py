@@ -116,7 +116,7 @@ def test_a_held_connection_completes_when_approved_and_dns_waits_for_it(fakenet,
         service.stop()
 
 
-def test_a_hold_that_runs_out_is_a_403_then_always_survives_a_restart(fakenet, tmp_path):
+def test_a_hold_that_runs_out_is_a_403_stays_pending_after_the_task_and_always_survives_a_restart(fakenet, tmp_path):
     fakenet.clear_logs()
     service = _service(fakenet, tmp_path, "1s")
     try:
@@ -137,24 +137,34 @@ def test_a_hold_that_runs_out_is_a_403_then_always_survives_a_restart(fakenet, t
         assert f"sandgate approvals approve {approval_id}" in body.splitlines()[0]
         assert fakenet.requests_seen() == []
         assert "allowed.test" not in fakenet.dns_queries_seen()
-        # Still pending after the task gave up? No: the task ended, so it expired.
-        approve = service.ask("approvals", "approve", approval_id, "--always")
-        assert approve.returncode == 125 and "already expired" in approve.stderr
-        # A task that is still running gets its approval; always writes the overlay.
-        task = Task(
-            service,
-            tmp_path,
-            {"retry": f"{curl('http://allowed.test/')}; sleep 4; {curl('http://allowed.test/')}"},
+        # The task has ended; its approval stays pending (a decision read the next
+        # morning still counts), but only for the profile: once/task are refused.
+        line = eventually(
+            lambda: [x for x in service.ask("approvals", "list").stdout.splitlines()
+                     if approval_id in x and "(task ended)" in x]
         )
-        try:
-            asked = task.held(timeout=20)
-            done = service.ask(
-                "approvals", "approve", asked["id"], "--always", "--ticket", "T-1", "--expires", "2099-12-31"
+        assert line and "allowed.test:80 (http)" in line[0], _pending(service)
+        once = service.ask("approvals", "approve", approval_id, "--task")
+        assert once.returncode == 125, once.stderr
+        assert "the task has ended; approve --for or --always, or deny" in once.stderr
+        ended = eventually(
+            lambda: service.events(
+                kind="approval", approval_id=approval_id, reason="approval_pending", verdict="ask"
             )
-            assert done.returncode == 0, done.stderr
-        finally:
-            result = task.finish()
-        assert result["retry"].out.strip().splitlines()[-1] == "200", result.describe()
+        )
+        assert len(ended) == 1 and "the task has ended" in ended[0]["detail"], ended
+        done = service.ask(
+            "approvals", "approve", approval_id, "--always", "--ticket", "T-1", "--expires", "2099-12-31"
+        )
+        assert done.returncode == 0, done.stderr
+        granted = eventually(
+            lambda: service.events(kind="approval", approval_id=approval_id, reason="approval_granted")
+        )
+        assert granted[0]["scope"] == "always" and "its task had ended" in granted[0]["detail"]
+        # A later task: the rule is in force, nothing is held or asked.
+        retry = attach(service, tmp_path, {"retry": curl("http://allowed.test/")})
+        assert retry["retry"].status == 200, retry.describe()
+        assert [r["uri"] for r in fakenet.requests_seen()] == ["/"]
         overlay = (tmp_path / "approved.yaml").read_text()
         assert "allowed.test" in overlay and "T-1" in overlay and "uid 0" in overlay
     finally:
@@ -167,7 +177,7 @@ def test_a_hold_that_runs_out_is_a_403_then_always_survives_a_restart(fakenet, t
             capture_output=True,
             text=True,
         )
-        assert f"expires 2099-12-31 [approved:{asked['id']}]" in shown.stdout, shown.stdout + shown.stderr
+        assert f"expires 2099-12-31 [approved:{approval_id}]" in shown.stdout, shown.stdout + shown.stderr
         later = attach(service, tmp_path, {"http": curl("http://allowed.test/")})
         assert later["http"].out.strip().splitlines()[-1] == "200", later.describe()
         assert _pending(service) == []
@@ -398,3 +408,108 @@ def test_a_second_concurrent_embedded_run_gets_its_own_approvals_page(fakenet, t
         (shared / "go").touch()
         done = first.finish()
     assert done.returncode == 0, done.describe()
+
+
+def test_a_sandbox_flooding_asks_gets_approval_queue_full_and_the_server_nothing(
+    fakenet, tmp_path
+):
+    """max_pending_per_sandbox 2: the task's first two asks stay pending (held, then a
+    403 approval_pending); the third gets approval_queue_full at once and opens no
+    approval; no name was resolved and no server got a request."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        RULES.replace("HOLD", "1s, max_pending_per_sandbox: 2").replace(
+            "ask: allowed.test", 'ask: [allowed.test, "*.allowed.test"]'
+        )
+    )
+    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    try:
+        names = ("allowed.test", "www.allowed.test", "api.allowed.test")
+        # The fake internet's own link is 198.18.0.0/30, inside the placeholder pool:
+        # 198.18.0.2 is its gateway host's address (dropped_to_gateway), so a name the
+        # task never connects to takes that placeholder first.
+        steps = {"skip": "getent ahostsv4 allowed.test skip.allowed.test"}
+        steps.update({f"ask{i}": curl(f"http://{n}/") for i, n in enumerate(names)})
+        result = attach(service, tmp_path, steps)
+        first, second, third = (result[f"ask{i}"] for i in range(3))
+        for step in (first, second):
+            assert step.status == 403, result.describe()
+            assert json.loads(step.body.splitlines()[1])["reason"] == "approval_pending"
+        assert third.status == 403 and third.ms < 1000, result.describe()
+        document = json.loads(third.body.splitlines()[1])
+        assert document["reason"] == "approval_queue_full" and document["approval_id"] is None
+        # Nothing went anywhere: no request, no upstream query for any of the names.
+        assert fakenet.requests_seen() == []
+        assert not set(names) & set(fakenet.dns_queries_seen())
+        (full,) = service.events(kind="request", reason="approval_queue_full")
+        assert full["name"] == "api.allowed.test" and full["verdict"] == "deny"
+        asked = service.events(kind="approval", reason="approval_requested")
+        assert [e["name"] for e in asked] == ["allowed.test", "www.allowed.test"]
+        assert sorted(a["name"] for a in _pending(service)) == ["allowed.test", "www.allowed.test"]
+    finally:
+        service.stop()
+
+
+def test_a_widened_approval_lets_a_sibling_through_and_a_plain_one_does_not(fakenet, tmp_path):
+    """`*.allowed.test` is asked about. www approved `--for 1m`: api (a sibling) is
+    still asked. api approved `--for 1m --widen '*.allowed.test'` (after a refused
+    `*.test`, a public suffix): ssh, another sibling, goes through without asking."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("HOLD", "25s").replace("ask: allowed.test", 'ask: "*.allowed.test"'))
+    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    try:
+        task = Task(
+            service,
+            tmp_path,
+            {
+                # 198.18.0.2 is the fake host's own address (see the flooding test).
+                "skip": "getent ahostsv4 www.allowed.test skip.allowed.test",
+                "www": curl("http://www.allowed.test/", timeout=40),
+                "wait1": "until [ -e go1 ]; do sleep 0.1; done",
+                "api": curl("http://api.allowed.test/", timeout=40),
+                "wait2": "until [ -e go2 ]; do sleep 0.1; done",
+                "ssh": curl("http://ssh.allowed.test/", timeout=40),
+            },
+        )
+        try:
+            www = task.held()
+            assert www["name"] == "www.allowed.test"
+            plain = service.ask("approvals", "approve", www["id"], "--for", "1m")
+            assert plain.returncode == 0 and "widened" not in plain.stdout, plain.stderr
+            (task.steps_dir / "go1").touch()
+            api = task.held(seen={www["id"]})  # the plain approval did not cover it
+            assert api["name"] == "api.allowed.test"
+            bad = service.ask("approvals", "approve", api["id"], "--for", "1m", "--widen", "*.test")
+            assert bad.returncode == 125 and "public suffix 'test'" in bad.stderr, bad.stderr
+            assert len(bad.stderr.strip().splitlines()) == 1
+            wide = service.ask(
+                "approvals", "approve", api["id"], "--for", "1m", "--widen", "*.Allowed.test"
+            )
+            assert wide.returncode == 0, wide.stderr
+            assert "widened to *.allowed.test" in wide.stdout
+            (task.steps_dir / "go2").touch()
+        finally:
+            result = task.finish()
+        for step in ("www", "api", "ssh"):
+            assert result[step].status == 200, result.describe()
+        assert result["ssh"].ms < 5000, result.describe()  # not held
+        assert [r["host"] for r in fakenet.requests_seen()] == [
+            "www.allowed.test",
+            "api.allowed.test",
+            "ssh.allowed.test",
+        ]
+        asked = service.events(kind="approval", reason="approval_requested")
+        assert [e["name"] for e in asked] == ["www.allowed.test", "api.allowed.test"]
+        granted = {e["approval_id"]: e for e in service.events(kind="approval", reason="approval_granted")}
+        assert granted[www["id"]].get("widened") is None
+        assert granted[api["id"]]["widened"] == "*.allowed.test"
+        (ssh,) = service.events(kind="request", name="ssh.allowed.test")
+        assert (ssh["reason"], ssh["approval_id"], ssh["widened"]) == (
+            "approval_granted",
+            api["id"],
+            "*.allowed.test",
+        )
+    finally:
+        service.stop()

@@ -229,7 +229,7 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
 
         decided = _api(fakenet, "POST", path, bearer, approve)
         assert decided["status"] == 200, decided
-        assert decided["body"]["approval"]["approver"] == "admin (api token)"
+        assert decided["body"]["approval"]["approver"] == "admin (api key)"
         again = _api(fakenet, "POST", path, bearer, {"decision": "deny"})
         assert again["status"] == 409 and "first decision stands" in again["body"]["error"]
         out, err = task.communicate(timeout=90)
@@ -241,7 +241,7 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
         assert "admin connection from" in service.log.read_text()  # the test's own calls
         assert f"admin connection from ('{sandbox_ip}'" not in service.log.read_text()
         events = service.events(kind="approval", reason="approval_granted")
-        assert events and events[0]["approver"] == "admin (api token)"
+        assert events and events[0]["approver"] == "admin (api key)"
     finally:
         if task is not None and task.poll() is None:
             task.kill()
@@ -280,6 +280,64 @@ def test_the_page_in_a_real_browser_approves_a_held_request(fakenet, tmp_path):
         assert time.monotonic() - started < 60  # released by the click, not by the hold
         events = service.events(kind="approval", reason="approval_granted")
         assert events[0]["approver"] == "admin (web)" and events[0]["scope"] == "once"
+    finally:
+        if task is not None and task.poll() is None:
+            task.kill()
+            task.wait()
+        service.stop()
+
+
+def test_a_named_key_decides_as_its_name_and_is_refused_once_revoked(fakenet, tmp_path):
+    """`sandgate approvals keys add chatbot` (the webhook's bot, say): its token
+    approves through the API, the approval event and `approvals show` name it;
+    revoked, the same token is refused (401) at the next request."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    keys = tmp_path / "admin-keys"
+
+    def keys_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sandbox.SANDGATE, "approvals", "keys", *args, "--file", str(keys)],
+            capture_output=True,
+            text=True,
+        )
+
+    added = keys_cli("add", "chatbot")
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    service = GatewayProcess(fakenet, tmp_path, rules, "--admin-keys", str(keys)).start()
+    task = None
+    try:
+        url, _ = _token(service)
+        task, result_of = _held_task(
+            service, tmp_path, {"held": curl("http://allowed.test/", timeout=60)}
+        )
+        bearer = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        listed = eventually(
+            lambda: _api(fakenet, "GET", url + "api/approvals", bearer)["body"]["approvals"],
+            timeout=30,
+        )
+        (asked,) = listed
+        decided = _api(
+            fakenet, "POST", url + f"api/approvals/{asked['id']}", bearer, {"decision": "approve"}
+        )
+        assert decided["status"] == 200, decided
+        assert decided["body"]["approval"]["approver"] == "chatbot (api key)"
+        out, err = task.communicate(timeout=90)
+        result = result_of(out, err)
+        assert result["held"].status == 200, result.describe()
+        assert [r["host"] for r in fakenet.requests_seen()] == ["allowed.test"]
+        (granted,) = eventually(
+            lambda: service.events(kind="approval", reason="approval_granted"), timeout=10
+        )
+        assert granted["approver"] == "chatbot (api key)" and granted["approval_id"] == asked["id"]
+        shown = service.ask("approvals", "show", asked["id"])
+        assert re.search(r"^approver:\s+chatbot \(api key\)$", shown.stdout, re.M), shown.stdout
+        # Revoked: the next request with the same token is refused.
+        assert keys_cli("revoke", "chatbot").returncode == 0
+        refused = _api(fakenet, "GET", url + "api/approvals", bearer)
+        assert refused["status"] == 401, refused
     finally:
         if task is not None and task.poll() is None:
             task.kill()

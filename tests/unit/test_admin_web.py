@@ -91,7 +91,7 @@ def test_the_api_needs_the_token_and_refuses_cross_site_posts():
         status, _, body = await _http(
             port, "POST", f"/api/approvals/{pending['id']}", bearer, decision
         )
-        assert status == 200 and json.loads(body)["approval"]["approver"] == "admin (api token)"
+        assert status == 200 and json.loads(body)["approval"]["approver"] == "admin (api key)"
         assert (await hold).answer is Answer.GRANTED
         status, _, body = await _http(
             port, "POST", f"/api/approvals/{pending['id']}", bearer, decision

@@ -15,7 +15,14 @@ from sandgate.enforcer.approvals_control import always_writer, handle
 from sandgate.enforcer.cli import main
 from sandgate.proxy.approvals.holder import Answer, Approvals
 from sandgate.proxy.approvals.overlay import append_approved, rule_expiry
-from sandgate.proxy.approvals.pending import ApprovalError, AskKey, PendingStore, Scope, State
+from sandgate.proxy.approvals.pending import (
+    ApprovalError,
+    AskKey,
+    PendingStore,
+    Scope,
+    State,
+    widen_pattern,
+)
 from sandgate.proxy.dns.placeholders import POOL, Placeholders, in_pool
 from sandgate.proxy.policy import (
     ConnectFacts,
@@ -27,6 +34,7 @@ from sandgate.proxy.policy import (
     load_policy,
 )
 from sandgate.proxy.policy.model import ApprovalSettings, parse_duration
+from sandgate.proxy.telemetry.metrics import Metrics
 
 
 class Clock:
@@ -202,6 +210,161 @@ def test_expiry():
         s.approve(p.id, "a", Scope.ONCE)
 
 
+def test_a_pending_approval_outlives_its_task_for_the_profile_wide_scopes():
+    s, clock = store()
+    (a, _), (b, _), (c, _), (d, _) = (ask(s, key(f"{n}.test"), max_pending=4) for n in "abcd")
+    assert ask(s, key("e.test"), max_pending=4) == (None, False)
+    assert s.forget_task("t1") == [a, b, c, d]
+    assert all(p.state is State.PENDING and p.task_ended for p in (a, b, c, d))
+    assert [p["task_ended"] for p in (x.to_dict(clock.now) for x in s.list())] == [True] * 4
+    # once or task would grant nothing: refused, and still pending
+    for scope in (Scope.ONCE, Scope.TASK):
+        with pytest.raises(ApprovalError, match="the task has ended; approve --for or --always, or deny"):
+            s.approve(a.id, "uid 0 (root)", scope)
+    assert a.state is State.PENDING and a.approver is None
+    # the profile-wide scopes still apply: a later task of the profile is granted
+    s.approve(a.id, "uid 0 (root)", Scope.DURATION, duration=60)
+    assert s.grant_for(key("a.test", task="t2")).approved
+    s.approve(b.id, "uid 0 (root)", Scope.ALWAYS)
+    s.deny(c.id, "uid 0 (root)")
+    # nothing is kept for the task that is gone
+    assert not s.task and not s.denied and s.grant_for(key("c.test", task="t2")) is None
+    # a new task at the same address has its own cap: the ended task's approval is not counted
+    assert all(ask(s, key(f"n{i}.test", task="t2"), max_pending=4)[0] for i in range(4))
+    assert ask(s, key("n9.test", task="t2"), max_pending=4) == (None, False)
+    # and what nobody decides expires after expire_pending, as before
+    clock.now += 3601
+    assert d in s.expire() and d.state is State.EXPIRED
+
+
+def test_the_holder_says_a_task_ended_and_refuses_once_with_a_clear_message():
+    events, changes = [], []
+    settings = ApprovalSettings(hold=0.1, expire_pending=60, max_pending_per_sandbox=5)
+
+    async def scenario():
+        approvals = Approvals(events.append, lambda profile: settings)
+        approvals.subscribe(lambda what, record: changes.append((what, record["task_ended"])))
+        held = await approvals.hold(key(), "r", {})
+        approvals.forget_task("t1")
+        refused = await handle(approvals, {"cmd": "approve", "id": held.pending.id}, "uid 0 (root)")
+        listed = approvals.list()
+        denied = await handle(approvals, {"cmd": "deny", "id": held.pending.id}, "uid 0 (root)")
+        return held, refused, listed, denied
+
+    held, refused, listed, denied = asyncio.run(scenario())
+    assert held.answer is Answer.PENDING
+    assert refused == {
+        "ok": False,
+        "error": f"approve: approval {held.pending.id}: the task has ended; "
+        "approve --for or --always, or deny",
+    }
+    assert [(a["state"], a["task_ended"]) for a in listed] == [("pending", True)]
+    assert denied["ok"] and denied["approval"]["state"] == "denied"
+    ended = [e for e in events if "the task has ended" in e.detail]
+    assert [(e.verdict, e.reason, e.approval_id) for e in ended] == [
+        (Verdict.ASK, Reason.APPROVAL_PENDING, held.pending.id)
+    ]
+    assert events[-1].reason is Reason.APPROVAL_DENIED and "its task had ended" in events[-1].detail
+    assert changes == [("new", False), ("task_ended", True), ("denied", True)]
+
+
+def test_a_task_ending_is_no_decision_in_the_metrics():
+    metrics = Metrics()
+    settings = ApprovalSettings(hold=0.05, expire_pending=60, max_pending_per_sandbox=5)
+
+    async def scenario():
+        approvals = Approvals(metrics.emit, lambda profile: settings)
+        await approvals.hold(key(), "r", {})
+        approvals.forget_task("t1")
+
+    asyncio.run(scenario())
+    outcomes = {
+        s.labels["outcome"]: s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+        if s.name == "sandgate_approval_decisions_total"
+    }
+    assert outcomes == {"timeout": 1.0}  # the hold's end; the task's end decided nothing
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        pytest.param("*", "'\\*' would allow everything", id="bare-star"),
+        pytest.param("*.test", "public suffix 'test'", id="single-label-suffix"),
+        pytest.param("*.co.uk", "public suffix 'co.uk'", id="public-suffix"),
+        pytest.param("example.test", "not a wildcard", id="no-wildcard"),
+        pytest.param("*.other.test", "does not cover the asked name api.example.test", id="elsewhere"),
+        pytest.param("*.api.example.test", "does not cover", id="the-name-itself-is-not-below"),
+        pytest.param("a.*.example.test", "only one leading|whole leftmost label", id="mid-star"),
+        pytest.param("*.exa mple.test", "control character or space", id="bad-label"),
+    ],
+)
+def test_a_widening_must_be_a_wildcard_that_covers_the_asked_name(given, message):
+    with pytest.raises(ApprovalError, match=message):
+        widen_pattern(key(), given)
+
+
+def test_an_explicit_widening_covers_siblings_and_a_plain_approval_does_not():
+    s, clock = store()
+    assert widen_pattern(key(), " *.EXAMPLE.test. ") == "*.example.test"
+    plain, _ = ask(s, key("www.plain.test"))
+    s.approve(plain.id, "a", Scope.DURATION, duration=60)
+    assert s.grant_for(key("api.plain.test")) is None
+    wide, _ = ask(s, key())
+    # only with the profile-wide scopes, and refused before anything is decided
+    for scope in (Scope.ONCE, Scope.TASK):
+        with pytest.raises(ApprovalError, match="--widen goes with --for or --always"):
+            s.approve(wide.id, "a", scope, widen="*.example.test")
+    with pytest.raises(ApprovalError, match="does not cover"):
+        s.approve(wide.id, "a", Scope.DURATION, duration=60, widen="*.other.test")
+    assert wide.state is State.PENDING
+    s.approve(wide.id, "a", Scope.DURATION, duration=60, widen="*.Example.test")
+    assert wide.widened == "*.example.test" and wide.to_dict(clock.now)["widened"] == "*.example.test"
+    for name in ("api.example.test", "www.example.test", "a.b.example.test"):
+        grant = s.grant_for(key(name, task="t2"))
+        assert grant.approved and grant.pending is wide, name
+    # never the wildcard's own domain, another port or protocol, or another profile
+    assert s.grant_for(key("example.test")) is None
+    assert s.grant_for(key("www.example.test", port=80)) is None
+    other = AskKey.make(
+        task_id="t1", sandbox="s", profile="q", name="www.example.test", port=443, protocol="tls"
+    )
+    assert s.grant_for(other) is None
+    clock.now += 61
+    assert s.grant_for(key("www.example.test")) is None
+    s.expire()
+    assert not s.widened_durations
+
+
+def test_a_widened_always_writes_the_wildcard_rule_and_the_event_records_it(tmp_path, policy):
+    events = []
+    settings = ApprovalSettings(hold=0.1, expire_pending=60, max_pending_per_sandbox=5)
+    rules = tmp_path / "rules.yaml"
+
+    async def scenario():
+        approvals = Approvals(events.append, lambda profile: settings)
+
+        async def reload(actor):
+            return []
+
+        approvals.on_always = always_writer(tmp_path / "approved.yaml", reload)
+        held = await approvals.hold(key("www.example.test"), "r", {})
+        request = {"cmd": "approve", "id": held.pending.id, "scope": "always", "widen": "*.example.test"}
+        return await handle(approvals, request, "uid 0 (root)")
+
+    reply = asyncio.run(scenario())
+    assert reply["ok"] and reply["approval"]["widened"] == "*.example.test", reply
+    approved = yaml.safe_load((tmp_path / "approved.yaml").read_text())["approved"]["p"]
+    assert [r["allow"] for r in approved] == ["*.example.test"]
+    reloaded = load_policy(rules)
+    for name in ("www.example.test", "sibling.example.test"):
+        assert decide(reloaded, ConnectFacts(profile="p", port=443, name=name)).allowed, name
+    assert not decide(reloaded, ConnectFacts(profile="p", port=80, name="sibling.example.test")).allowed
+    (granted,) = [e for e in events if e.reason is Reason.APPROVAL_GRANTED]
+    assert granted.widened == "*.example.test" and "widened to *.example.test" in granted.detail
+
+
 def test_always_overlay_is_a_rule_file_for_exactly_what_was_asked(tmp_path, policy):
     rules = tmp_path / "rules.yaml"
     s, _ = store()
@@ -348,6 +511,8 @@ def test_always_with_an_expiry_is_written_into_the_rule_and_shown(tmp_path, poli
         (["--always", "--expires", "soon"], "--expires 'soon' is not a date or an instant"),
         (["--task", "--expires", "30d"], "--expires goes with --always"),
         (["--for", "1h", "--ticket", "T-1"], "--ticket goes with --always"),
+        (["--widen", "*.example.test"], "--widen goes with --for or --always"),
+        (["--task", "--widen", "*.example.test"], "--widen goes with --for or --always"),
     ],
 )
 def test_cli_bad_expiry_is_a_usage_error_before_any_socket(argv, message, tmp_path, capsys):

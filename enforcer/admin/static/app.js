@@ -14,6 +14,9 @@ const SCOPES = [
   ["always", "Approve always"],
 ];
 
+// The scopes that grant the task itself: nothing to grant once it has ended.
+const TASK_SCOPES = new Set(["once", "task"]);
+
 function destination(a) {
   return `${a.name}:${a.port} (${a.protocol})`;
 }
@@ -36,6 +39,10 @@ async function api(path, options = {}) {
 async function decide(approval, decision, scope) {
   const body = { decision, scope };
   if (scope === "for") body.duration = document.getElementById("duration").value;
+  if (scope === "for" || scope === "always") {
+    const widen = document.getElementById("widen").value.trim();
+    if (widen) body.widen = widen;
+  }
   if (scope === "always") {
     for (const field of ["ticket", "expires"]) {
       const value = document.getElementById(field).value.trim();
@@ -50,7 +57,8 @@ async function decide(approval, decision, scope) {
     });
     const done = result.approval;
     status.textContent = `Approval ${done.id} (${destination(done)}): ${done.state}` +
-      (done.scope ? ` (${done.scope})` : "") + ".";
+      (done.scope ? ` (${done.scope})` : "") +
+      (done.widened ? `, widened to ${done.widened}` : "") + ".";
   } catch (e) {
     status.textContent = `Approval ${approval.id}: ${e.message}`;
   }
@@ -60,7 +68,8 @@ async function decide(approval, decision, scope) {
 // Rows are kept by approval id and only their text is updated, so a refresh (every
 // pushed change) never replaces the button under the admin's pointer or keyboard focus.
 function pendingValues(a) {
-  return [a.id, a.task_id, a.sandbox, a.profile, destination(a), a.method, a.path,
+  const task = a.task_ended ? `${a.task_id} (task ended)` : a.task_id;
+  return [a.id, task, a.sandbox, a.profile, destination(a), a.method, a.path,
           a.first_seen, `${a.waiting_s} s`, a.held];
 }
 
@@ -103,6 +112,9 @@ function renderPending(approvals) {
       const label = scope === "for" ? words.replace("DURATION", duration) : words;
       button.textContent = label;
       button.setAttribute("aria-label", `${label}: ${destination(a)}, task ${a.task_id}`);
+      // A task that has ended can only be decided for the profile (for, always) or denied.
+      button.disabled = a.task_ended && TASK_SCOPES.has(scope);
+      button.title = button.disabled ? "the task has ended: approve for a duration or always, or deny" : "";
     }
     tbody.append(row); // keeps the server's order; moving a row keeps the element
   }
@@ -117,7 +129,8 @@ function renderRecent(recent) {
   tbody.replaceChildren();
   for (const a of recent) {
     const row = tbody.insertRow();
-    for (const value of [a.id, a.task_id, destination(a), a.method, a.path, a.state, a.scope,
+    const scope = a.widened ? `${a.scope}, widened to ${a.widened}` : a.scope;
+    for (const value of [a.id, a.task_id, destination(a), a.method, a.path, a.state, scope,
                          a.approver, `${a.waiting_s} s`]) {
       cell(row, value);
     }
