@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class Gateway:
         self.registry = SandboxRegistry()
         self.bindings = DnsBindings()
         self.events = EventFanout(*sinks)
-        self.placeholders = Placeholders()
+        self.placeholders = Placeholders(taken=is_local_address)
         # Pending approvals: held connections and requests, decided over the control socket.
         self.approvals = Approvals(self.emit, lambda profile: self.policy.approval_for(profile))
         self.gate = ConnectionGate(
@@ -210,6 +211,19 @@ class Gateway:
                 task_id=event.task_id or (sandbox.task_id if sandbox else None),
             )
         self.events.emit(event)
+
+
+def is_local_address(address: str) -> bool:
+    """Whether `address` is one of this network namespace's own (binding to any other
+    fails): such an address cannot stand for a name, the sandbox's table drops it."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.bind((address, 0))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def inspects(policy: CompiledPolicy, profile: str | None = None) -> bool:

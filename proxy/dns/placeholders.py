@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Callable
 
 POOL = ipaddress.IPv4Network("198.18.0.0/15")
 TTL = 5  # seconds: an approved name resolves for real soon after
@@ -26,8 +27,15 @@ MAX_PER_SANDBOX = 4096  # names; the least recently used goes first beyond
 class Placeholders:
     """Per sandbox: name <-> placeholder address, bounded (LRU)."""
 
-    def __init__(self, max_per_sandbox: int = MAX_PER_SANDBOX):
+    def __init__(
+        self,
+        max_per_sandbox: int = MAX_PER_SANDBOX,
+        taken: Callable[[str], bool] = lambda address: False,
+    ):
         self.max_per_sandbox = max_per_sandbox
+        # Addresses of the pool the gateway's host uses itself (its table drops what a
+        # sandbox sends to them): never handed out. Some networks do use this range.
+        self.taken = taken
         self._names: dict[str, OrderedDict[str, str]] = {}  # sandbox -> name -> address
         self._addresses: dict[str, dict[str, str]] = {}  # sandbox -> address -> name
         self._next: dict[str, int] = {}
@@ -44,7 +52,7 @@ class Placeholders:
             _, oldest = names.popitem(last=False)
             del addresses[oldest]
         index = self._next.get(sandbox, 1)
-        while str(POOL[index]) in addresses:
+        while str(POOL[index]) in addresses or self.taken(str(POOL[index])):
             index = index % (POOL.num_addresses - 2) + 1
         self._next[sandbox] = index % (POOL.num_addresses - 2) + 1
         address = str(POOL[index])

@@ -382,6 +382,20 @@ def test_always_overlay_is_a_rule_file_for_exactly_what_was_asked(tmp_path, poli
     assert rule.owner == "uid 0 (root)" and rule.file == "approved.yaml"
 
 
+def test_a_placeholder_is_never_an_address_the_host_uses():
+    used = {str(POOL[1]), str(POOL[3])}
+    pool = Placeholders(taken=used.__contains__)
+    handed = {pool.address_for("10.0.0.2", f"n{i}.test") for i in range(4)}
+    assert handed == {str(POOL[i]) for i in (2, 4, 5, 6)}
+
+
+def test_loopback_is_local_and_a_placeholder_is_not():
+    from sandgate.proxy.gateway import is_local_address
+
+    assert is_local_address("127.0.0.1")
+    assert not is_local_address(str(POOL[7]))
+
+
 def test_placeholders_per_sandbox():
     pool = Placeholders(max_per_sandbox=2)
     a = pool.address_for("s1", "a.test")
