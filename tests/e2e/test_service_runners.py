@@ -225,3 +225,33 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_the_pool_replaces_runners_that_die_or_lose_their_socket_and_cleans_up(tmp_path, started):
+    """No service needed: the pool alone, its runners, their sockets and its lock."""
+    control = tmp_path / "control" / "gateway.sock"
+    control.parent.mkdir(mode=0o755)
+    runners = started(RunnersProcess(control, tmp_path / "runners.log"))
+    first = runners.sockets()
+    assert all(os.stat(path).st_mode & 0o777 == 0o600 for path in first)
+    assert Path(f"{control}{handoff.LOCK_SUFFIX}").read_text().strip() == str(runners.popen.pid)
+    # a runner killed while it waits: another takes its place, its socket goes
+    victim = runners.children()[0]
+    os.kill(victim, signal.SIGKILL)
+    assert eventually(lambda: victim not in runners.children() and len(runners.listening()) == 2)
+    assert len(runners.sockets()) == 2
+    # a socket somebody removed: its runner waits for nobody, and is replaced (<= 5 s)
+    before = runners.sockets()
+    os.unlink(before[0])
+    assert eventually(
+        lambda: len(runners.listening()) == 2 and before[0] not in runners.sockets(), timeout=15
+    ), runners.log.read_text()
+    assert before[1] in runners.sockets()  # the other one was left alone
+    assert len(runners.children()) == 2
+    # a stop takes the waiting runners and their sockets with it
+    waiting = runners.children()
+    runners.stop()
+    assert runners.popen.returncode == 0
+    assert eventually(lambda: not [p for p in waiting if _parent(p) is not None], timeout=10)
+    assert runners.sockets() == []
+    assert "Traceback" not in runners.log.read_text()
