@@ -363,6 +363,8 @@ class Pool:
                 chunk = os.read(self._reports, 65536)
             except BlockingIOError:
                 break
+            if not chunk:  # cannot be while the pool holds the write end; never spin
+                break
             self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
