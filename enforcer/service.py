@@ -546,6 +546,8 @@ class GatewayService:
         pool (`sandgate runners`), counted by their sockets."""
         if self._zygote is not None and self._zygote.returncode is None:
             return len(self.runners)
+        if _pool_pid(str(self.opts.control)) is None:  # sockets with no pool: a dead one's
+            return 0
         return len(handoff.runner_sockets(str(self.opts.control)))
 
     def _attach_reply(self, attached: Attached) -> dict:

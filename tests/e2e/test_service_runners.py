@@ -192,6 +192,8 @@ def test_a_dead_pool_keeps_no_run_waiting_and_a_new_one_replaces_it(
     runners.popen.wait()
     assert eventually(lambda: not [p for p in waiting if _parent(p) is not None], timeout=10)
     assert runners.sockets() == stale  # left behind, refusing connects
+    status = gateway.status()
+    assert status["warm_runners"] == 0 and status["runners_pid"] is None  # no pool holds them
     argv = ["run", "--gateway", str(gateway.control), "--", "true"]
     for path in stale:
         began = time.monotonic()
