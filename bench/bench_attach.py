@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_attach.py [--rounds 30] [--embedded-rounds 7]
                                            [--install wheel|checkout] [--as-is]
+                                           [--runners service|external|none]
 
 Needs root. Everything runs in a host-like network namespace this script creates
 (`sgbench-<hex>`) and deletes in `finally` with the service it starts there; nothing
@@ -27,6 +28,12 @@ to exit, with a workspace (an idmapped bind of a fresh directory):
               up for a while (warm: its spare networks are made, and its warm runners
               wait: the command hands the run to one, enforcer/handoff.py);
 - embedded    `sandgate run -- true` (its own gateway, netns, veth and table).
+
+Warm runners (`--runners`): service (default) the service forks them itself;
+external: the service runs with no_new_privs, as under the shipped hardened unit,
+so it forks none, and a `sandgate runners` started apart keeps them (the shipped
+sandgate-runners.service); none: that service alone (the shipped unit without the
+runners unit: every run in its own process).
 
 Bytecode: this machine sets PYTHONDONTWRITEBYTECODE=1, so nothing is ever cached
 and every start compiles sandgate's modules again, which no real install does. By
@@ -106,12 +113,17 @@ def median_ms(argv: list[str], rounds: int, cwd: Path) -> tuple[float, float]:
     return statistics.median(samples), min(samples)
 
 
-def start_service(sandgate: str, host_ns: str, work: Path) -> tuple[subprocess.Popen, Path]:
+def start_service(
+    sandgate: str, host_ns: str, work: Path, runners: str
+) -> tuple[list[subprocess.Popen], Path]:
+    """The service (and a `sandgate runners`, for `runners` external), warm."""
     control = work / "gateway.sock"
+    hardened = ["setpriv", "--no-new-privs"] if runners != "service" else []
     argv = [
         "nsenter",
         f"--net=/run/netns/{host_ns}",
         "--",
+        *hardened,
         sandgate,
         "gateway",
         "--control",
@@ -123,9 +135,13 @@ def start_service(sandgate: str, host_ns: str, work: Path) -> tuple[subprocess.P
         "--dns-upstream",
         "127.0.0.1",
     ]
-    service = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=(work / "gateway.log").open("w")
-    )
+    started = [
+        subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=(work / "gateway.log").open("w"))
+    ]
+    if runners == "external":
+        runners_argv = [sandgate, "runners", "--control", str(control)]
+        log = (work / "runners.log").open("w")
+        started.append(subprocess.Popen(runners_argv, stdout=subprocess.DEVNULL, stderr=log))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         status = subprocess.run(
@@ -133,10 +149,12 @@ def start_service(sandgate: str, host_ns: str, work: Path) -> tuple[subprocess.P
             capture_output=True,
             text=True,
         )
-        warm = '"spares": 0' not in status.stdout and '"warm_runners": 0' not in status.stdout
+        warm = '"spares": 0' not in status.stdout and (
+            runners == "none" or '"warm_runners": 0' not in status.stdout
+        )
         if status.returncode == 0 and warm:
-            return service, control
-        if service.poll() is not None:
+            return started, control
+        if any(process.poll() is not None for process in started):
             break
         time.sleep(0.1)
     raise SystemExit(
@@ -151,6 +169,13 @@ def main() -> int:
         "--embedded-rounds", type=int, default=7, help="embedded rounds (default 7)"
     )
     parser.add_argument("--as-is", action="store_true", help="do not compile bytecode first")
+    parser.add_argument(
+        "--runners",
+        choices=("service", "external", "none"),
+        default="service",
+        help="who keeps the warm runners: the service (default), a `sandgate runners` "
+        "apart from a no_new_privs service, or nobody (that service alone)",
+    )
     parser.add_argument(
         "--install",
         choices=("wheel", "checkout"),
@@ -168,7 +193,7 @@ def main() -> int:
     workspace = work / "workspace"
     workspace.mkdir()
     os.environ["SANDGATE_RUN_DIR"] = str(work / "run")
-    service = None
+    started = []
     try:
         if args.install == "wheel":
             sandgate, site = install_wheel(work)
@@ -183,7 +208,7 @@ def main() -> int:
         )
         subprocess.run(["ip", "netns", "add", host_ns], check=True)
         subprocess.run(["ip", "-n", host_ns, "link", "set", "lo", "up"], check=True)
-        service, control = start_service(sandgate, host_ns, work)
+        started, control = start_service(sandgate, host_ns, work, args.runners)
         attach = [sandgate, "run", "--gateway", str(control), "--", "true"]
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         median_ms(attach, 3, workspace)  # warm the page cache and the service's spares
@@ -195,17 +220,17 @@ def main() -> int:
         ]  # fmt: skip
         embedded, embedded_min = median_ms(embedded_argv, args.embedded_rounds, workspace)
     finally:
-        if service is not None:
-            service.terminate()
+        for process in reversed(started):
+            process.terminate()
             try:
-                service.wait(30)
+                process.wait(30)
             except subprocess.TimeoutExpired:
-                service.kill()
-                service.wait()
+                process.kill()
+                process.wait()
         subprocess.run(["ip", "netns", "del", host_ns], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
     print(f"sandgate run -- true, median wall time; {measured}; {bytecode}; {os.cpu_count()} cores")
-    print(f"load average before the runs: {load}")
+    print(f"load average before the runs: {load}; warm runners: {args.runners}")
     print(f"{'variant':<12} {'median ms':>10} {'min ms':>8} {'rounds':>7}")
     print(f"{'attached':<12} {attached:>10.1f} {attached_min:>8.1f} {args.rounds:>7}")
     print(f"{'embedded':<12} {embedded:>10.1f} {embedded_min:>8.1f} {args.embedded_rounds:>7}")

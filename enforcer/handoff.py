@@ -31,6 +31,7 @@ import socket
 import sys
 
 SUFFIX = ".z-"  # <control socket><SUFFIX><hex>: one warm runner's socket
+LOCK_SUFFIX = ".runners"  # <control socket><LOCK_SUFFIX>: held (flock) by the one pool
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 DEFAULT_CONTROL = "/run/sandgate/gateway.sock"  # as control.DEFAULT_SOCKET
 MAX_LINE = 1 << 20
@@ -45,19 +46,24 @@ def hand_off(argv: list[str]) -> None:
     control = control_path(argv[1:])
     if control is None:
         return
+    for path in runner_sockets(control):
+        conn = _offer(path, argv)
+        if conn is not None:
+            code = _follow(conn)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def runner_sockets(control: str) -> list[str]:
+    """The sockets of the runners waiting for runs on `control` (`<control>.z-<hex>`);
+    a stale one (its runner died) refuses a connect at once."""
     folder, name = os.path.split(control)
     try:
         entries = os.listdir(folder or ".")
     except OSError:
-        return
-    for entry in entries:
-        if entry.startswith(name + SUFFIX):
-            conn = _offer(os.path.join(folder, entry), argv)
-            if conn is not None:
-                code = _follow(conn)
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        return []
+    return [os.path.join(folder, e) for e in entries if e.startswith(name + SUFFIX)]
 
 
 def control_path(args: list[str]) -> str | None:

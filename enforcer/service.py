@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import grp
 import json
 import logging
@@ -90,6 +91,7 @@ class ServiceOptions:
     warm: int = 2  # sandbox networks made ahead, so that an attach does not wait for one;
     # as many runners started ahead (enforcer/zygote.py), so that a run does not wait
     # for an interpreter and its imports
+    runners: str = "service"  # "external": a `sandgate runners` of its own keeps them
 
 
 @dataclass
@@ -164,7 +166,7 @@ class GatewayService:
         self._spawn(self._watch_adopted())
         self._spawn(self.reloader.watch())
         self._refill()
-        if self.opts.warm:
+        if self.opts.warm and self.opts.runners == "service":
             self._spawn(self._keep_runners())
         print(
             f"sandgate gateway: serving on {self.opts.control} (policy {self.gateway.policy.hash}, "
@@ -250,9 +252,6 @@ class GatewayService:
                 raise RunError(f"another gateway service is running at {path}")
             except control.ControlError:
                 path.unlink()
-        for stale in path.parent.glob(f"{path.name}{handoff.SUFFIX}*"):  # a dead service's runners
-            with contextlib.suppress(OSError):
-                stale.unlink()
         old_umask = os.umask(0o177)  # no moment in which others could connect
         try:
             self._server = await asyncio.start_unix_server(
@@ -417,7 +416,8 @@ class GatewayService:
                 "rule_files": list(policy.files),
                 "sandboxes": len(self.sandboxes),
                 "spares": len(self.spares),
-                "warm_runners": len(self.runners),
+                "warm_runners": self._warm_runners(),
+                "runners_pid": _pool_pid(str(self.opts.control)),
                 "connections": self._open_connections(),
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "draining": self.draining,
@@ -515,31 +515,40 @@ class GatewayService:
         self._spawn(fill())
 
     async def _keep_runners(self) -> None:
-        """`warm` runners waiting, forked by one zygote (enforcer/zygote.py); the next
-        one is asked for as soon as a run takes one. Without the zygote, runs start
-        their own runner, in the `sandgate` process (slower, nothing else changes)."""
+        """`warm` runners waiting, kept by one zygote (enforcer/zygote.py), which tells
+        which ones wait. It starts none when this service may not build sandboxes (a
+        hardened unit) or a `sandgate runners` already serves the control socket;
+        without warm runners, runs start their own runner, in the `sandgate` process
+        (slower, nothing else changes)."""
         try:
             zygote = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-m", "sandgate.enforcer.zygote",
                 "--control", str(self.opts.control), "--service-pid", str(os.getpid()),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                "--warm", str(self.opts.warm),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
         except OSError as e:
             log.warning("no warm runners: cannot start the zygote: %s", e)
             return
         self._zygote = zygote
-        zygote.stdin.write(b"fork\n" * self.opts.warm)
         while line := await zygote.stdout.readline():
             word, _, path = line.decode(errors="replace").strip().partition(" ")
             if word == "ready":
                 self.runners.add(path)
-            elif word == "taken" and path in self.runners:
+            elif word in ("taken", "gone"):
                 self.runners.discard(path)
-                if not (self.draining or self.stopped.is_set()):
-                    zygote.stdin.write(b"fork\n")
         code = await zygote.wait()
-        if not self.stopped.is_set():
+        if code and not self.stopped.is_set():
             log.warning("no warm runners: the zygote exited with %s", code)
+
+    def _warm_runners(self) -> int:
+        """Runners waiting for a run: the embedded zygote's, else those of a separate
+        pool (`sandgate runners`), counted by their sockets."""
+        if self._zygote is not None and self._zygote.returncode is None:
+            return len(self.runners)
+        if _pool_pid(str(self.opts.control)) is None:  # sockets with no pool: a dead one's
+            return 0
+        return len(handoff.runner_sockets(str(self.opts.control)))
 
     def _attach_reply(self, attached: Attached) -> dict:
         ca = attached.dir / "ca-bundle.pem"
@@ -810,6 +819,22 @@ def _peer(writer: asyncio.StreamWriter) -> str:
     except (OSError, AttributeError):
         return "an unknown peer"
     return f"uid {uid} (pid {pid})"
+
+
+def _pool_pid(control: str) -> int | None:
+    """The pid of the pool that serves `control`, or None when none holds its lock."""
+    try:
+        fd = os.open(control + handoff.LOCK_SUFFIX, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # nobody holds it
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else None
+    finally:
+        os.close(fd)
 
 
 def _group_id(name: str) -> int | None:

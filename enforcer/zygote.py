@@ -1,26 +1,31 @@
-"""Warm runners for `sandgate run --gateway`, forked by a zygote the gateway service starts.
+"""Warm runners for `sandgate run --gateway`: a pool of processes forked from one zygote.
 
-    python -I -m sandgate.enforcer.zygote --control SOCKET --service-pid PID
+    sandgate runners --control SOCKET --warm N        a pool of its own (its own unit)
+    python -I -m sandgate.enforcer.zygote --control SOCKET --service-pid PID --warm N
+                                                      the pool a gateway service embeds
 
 The zygote imports the whole attached-run path (argparse, `sandgate run`'s parser,
-the sandbox's modules) once, then forks a runner for each `fork` line the service
-writes to its stdin (a fork costs about a millisecond, a fresh interpreter with
-these imports a few hundred under load). A runner listens on `<control>.z-<hex>`
-(mode 0600, root only), tells the service `ready PATH`, and waits for one
+the sandbox's modules) once, then keeps N runners forked (a fork costs about a
+millisecond, a fresh interpreter with these imports a few hundred under load). A
+runner listens on `<control>.z-<hex>` (mode 0600, root only) and waits for one
 `sandgate run --gateway` to hand it a run (enforcer/handoff.py has the protocol). It takes the first caller that is root
 (SO_PEERCRED) and in its own mount namespace (the paths the caller names must mean
 the same files here); anyone else is refused and it waits on. Then it becomes that
 caller: its stdin, stdout, stderr, environment and working directory, and runs
 exactly what `sandgate run --gateway` runs in-process (enforcer/attach.py: the
 attach request, the sandbox, detach). The caller's end kills the task (attach's
-`caller`); its signals are forwarded to it.
+`caller`); its signals are forwarded to it. The pool forks the next runner as soon
+as one is taken, dies, or loses its socket.
 
-Lifetimes: the zygote dies with its service and a waiting runner with the zygote
-(PR_SET_PDEATHSIG); once a runner has taken a run (it tells the service `taken
-PATH`, and the service asks for the next one) it is that run's runner, and like
-any runner outlives a restart of the service (it asks the new one to `resume`).
-The zygote leaves the service's session and process group, so a ^C at the
-service's terminal never reaches a task.
+One pool per control socket: it holds `<control>.runners` (flock, its pid inside),
+so the service's embedded zygote steps aside for a `sandgate runners` that serves
+its socket, and a pool removes the sockets a dead one left only while it holds it.
+
+Lifetimes: the waiting runners die with the zygote, and the embedded zygote with its
+service (PR_SET_PDEATHSIG); once a runner has taken a run it is that run's runner,
+outlives its pool, and like any runner outlives a restart of the service (it asks
+the new one to `resume`). Each runner is in a session of its own, so a ^C at the
+terminal of the pool (or of the service) never reaches a task.
 """
 
 from __future__ import annotations
@@ -28,13 +33,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import secrets
+import selectors
 import signal
 import socket
 import struct
 import sys
+import time
+from dataclasses import dataclass
 
 from sandgate.enforcer import attach, handoff  # noqa: F401 - imported ahead: the point of a warm runner
 from sandgate.enforcer.cli import build_parser, run_command
@@ -44,6 +53,8 @@ from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, 
 
 PR_SET_PDEATHSIG = 1
 REQUEST_TIMEOUT_S = 5.0
+CHECK_S = 5.0  # how often a pool looks whether its runners' sockets are still there
+RESPAWN_DELAY_S = 1.0  # after a runner that died within this long of its fork
 _libc = ctypes.CDLL(None)
 
 
@@ -210,74 +221,276 @@ def become(conn: socket.socket, request: dict, fds: list[int], control: str) -> 
 
 def runner(listener: socket.socket, path: str, control: str) -> int:
     """In a child of the zygote: wait for a caller, then be its runner."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote's auto-reaping is not ours
     try:
         listener.listen(8)
         _tell(f"ready {path}")
         conn, request, fds = take(listener)
+        # "taken" before the socket goes: the pool reads a missing socket as one
+        # somebody removed (Pool._check_sockets), unless this line came first
+        _tell(f"taken {path}")
     finally:
         listener.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
-    _tell(f"taken {path}")
-    _libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)  # the run's now: it outlives a service restart
+    _libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)  # the run's now: it outlives the pool
+    os.close(_report_fd)
     return become(conn, request, fds, control)
 
 
+_report_fd = -1  # a runner's end of its pool's report pipe (set in the child)
+
+
 def _tell(line: str) -> None:
-    """One line to the service (a pipe: short writes are atomic, children share it)."""
-    os.write(1, line.encode() + b"\n")
+    """One line to the pool (a pipe: short writes are atomic, runners share it)."""
+    os.write(_report_fd, line.encode() + b"\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The zygote: for each `fork` line on stdin, a child that waits for one run."""
-    parser = argparse.ArgumentParser(prog="sandgate zygote", description=__doc__.splitlines()[0])
-    parser.add_argument("--control", required=True)
-    parser.add_argument("--service-pid", type=int, required=True)
-    opts = parser.parse_args(argv)
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != opts.service_pid:  # the service died before the line above
-        return 0
-    if _weaker(restrictions(), restrictions(1)):  # than the host's (or container's) init
-        print(
-            "sandgate zygote: no warm runners: the service runs with fewer capabilities, "
-            "no_new_privs or a seccomp filter (a hardened systemd unit?), with which a runner "
-            "could not build a sandbox; runs go on in their own process",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 0
-    os.setsid()
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # runners are reaped by the kernel
-    control, me = os.path.abspath(opts.control), os.getpid()
-    for line in sys.stdin:
-        if line.strip() != "fork":
-            continue
-        path = f"{control}{handoff.SUFFIX}{secrets.token_hex(4)}"
+class PoolError(Exception):
+    """Why this process cannot keep warm runners (the one line a caller prints)."""
+
+
+@dataclass
+class _Waiting:
+    pidfd: int
+    inode: int  # of its socket: a socket removed, or replaced, is one nobody reaches
+    born: float
+
+
+class Pool:
+    """`warm` runners waiting on `<control>.z-<hex>`, each forked from this process;
+    one more as soon as a run takes one, one dies, or its socket is removed. Each
+    runner reports `ready PATH` and `taken PATH` on a pipe; the pool passes them on,
+    and `gone PATH` for one that died waiting, to `report` (the service's stdout for
+    an embedded pool, nothing for `sandgate runners`)."""
+
+    def __init__(self, control: str, warm: int, report=None):
+        self.control, self.warm, self.report = control, warm, report
+        self.waiting: dict[str, _Waiting] = {}
+        self._reports, self._writer = os.pipe()
+        os.set_blocking(self._reports, False)
+        self._buffer = b""
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._reports, selectors.EVENT_READ)
+        self._not_before = 0.0  # a runner that died young: wait before the next fork
+
+    def serve(self) -> None:
+        """Forever (until a signal's exception): keep `warm` runners waiting."""
+        checked = time.monotonic()
+        while True:
+            delay = self._fill()
+            ready = self._selector.select(min(CHECK_S, delay) if delay else CHECK_S)
+            self._read_reports()  # first: a runner that reported `taken` is not gone
+            for key, _ in ready:
+                if key.data is not None:
+                    self._died(key.data)
+            if time.monotonic() - checked >= CHECK_S:
+                self._check_sockets()
+                checked = time.monotonic()
+
+    def close(self) -> None:
+        """The waiting runners go (they would with this process: PR_SET_PDEATHSIG),
+        and their sockets with them; runners with a run go on."""
+        for path, waiting in self.waiting.items():
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(waiting.pidfd, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(waiting.pidfd)
+        self.waiting.clear()
+
+    def _fill(self) -> float:
+        """Fork runners up to `warm`; the seconds to wait before the next may be
+        forked, or 0."""
+        while len(self.waiting) < self.warm:
+            delay = self._not_before - time.monotonic()
+            if delay > 0:
+                return delay
+            self._fork()
+        return 0.0
+
+    def _fork(self) -> None:
+        path = f"{self.control}{handoff.SUFFIX}{secrets.token_hex(4)}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # 0600 from the start: no moment others could connect
         try:
             listener.bind(path)
+            inode = os.stat(path).st_ino
         except OSError as e:
-            print(f"sandgate zygote: cannot listen on {path}: {e}", file=sys.stderr, flush=True)
+            print(f"sandgate runners: cannot listen on {path}: {e}", file=sys.stderr, flush=True)
             listener.close()
-            continue
+            self._not_before = time.monotonic() + RESPAWN_DELAY_S
+            return
         finally:
             os.umask(old_umask)
-        if os.fork() == 0:
-            code = 125
-            try:
-                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-                if os.getppid() == me:
-                    code = runner(listener, path, control)
-            except BaseException as e:  # noqa: BLE001 - a runner must go, never return here
-                print(f"sandgate runner: {e}", file=sys.stderr)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        me = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            self._be_runner(listener, path, me)
         listener.close()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # already died (and reaped: SIGCHLD is ignored)
+            self._gone(path, time.monotonic())
+            return
+        self.waiting[path] = _Waiting(pidfd, inode, time.monotonic())
+        self._selector.register(pidfd, selectors.EVENT_READ, path)
+
+    def _be_runner(self, listener: socket.socket, path: str, pool: int) -> None:
+        """In the child: never returns."""
+        global _report_fd
+        code = 125
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)  # the pool's handlers are not ours
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            os.setsid()  # a ^C at the pool's terminal never reaches a run
+            if os.getppid() == pool:
+                self._selector.close()
+                for fd in (self._reports, *(w.pidfd for w in self.waiting.values()), *_inherited):
+                    os.close(fd)  # the lock, above all: a run may outlive the pool
+                _report_fd = self._writer
+                code = runner(listener, path, self.control)
+        except BaseException as e:  # noqa: BLE001 - a runner must go, never return here
+            print(f"sandgate runner: {e}", file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def _read_reports(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._reports, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:  # cannot be while the pool holds the write end; never spin
+                break
+            self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            word, _, path = line.decode(errors="replace").partition(" ")
+            if word == "taken" and path in self.waiting:
+                waiting = self.waiting.pop(path)  # the run's now: its end is not ours to see
+                self._selector.unregister(waiting.pidfd)
+                os.close(waiting.pidfd)
+            if word in ("ready", "taken"):
+                self._report(f"{word} {path}")
+
+    def _died(self, path: str) -> None:
+        """A runner died before a run took it."""
+        waiting = self.waiting.pop(path, None)
+        if waiting is not None:
+            self._selector.unregister(waiting.pidfd)
+            os.close(waiting.pidfd)
+            self._gone(path, waiting.born)
+
+    def _gone(self, path: str, born: float) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        self._report(f"gone {path}")
+        if time.monotonic() - born < RESPAWN_DELAY_S:  # not a fork a second
+            self._not_before = time.monotonic() + RESPAWN_DELAY_S
+
+    def _check_sockets(self) -> None:
+        """A runner whose socket somebody removed waits for nobody: it goes, and
+        the next fork replaces it."""
+        lost = []
+        for path, waiting in self.waiting.items():
+            try:
+                if os.stat(path).st_ino == waiting.inode:
+                    continue
+            except OSError:
+                pass
+            lost.append(path)
+        self._read_reports()  # after the stat: a `taken` the runner told before its unlink
+        for path in lost:
+            if path in self.waiting:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(self.waiting[path].pidfd, signal.SIGKILL)
+
+    def _report(self, line: str) -> None:
+        if self.report is not None:
+            self.report(line)
+
+
+_inherited: list[int] = []  # descriptors of the pool a runner closes: its lock
+
+
+def claim(control: str) -> int:
+    """The lock `<control>.runners` that one pool per control socket holds (its
+    pid inside); PoolError naming the holder when another pool has it."""
+    path = control + handoff.LOCK_SUFFIX
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise PoolError(f"another pool of warm runners serves {control}: pid {holder}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def serve(control: str, warm: int, report=None) -> int:
+    """Keep `warm` runners for the service at `control` until SIGTERM or SIGINT.
+    PoolError when this process could not build sandboxes, or another pool serves."""
+    if _weaker(restrictions(), restrictions(1)):  # than the host's (or container's) init
+        raise PoolError(
+            "no warm runners: this process runs with fewer capabilities, no_new_privs or a "
+            "seccomp filter than PID 1 (a hardened systemd unit?), with which a runner could "
+            "not build a sandbox; runs go on in their own process. Run `sandgate runners` "
+            "without them (containers/systemd/sandgate-runners.service)"
+        )
+    folder = os.path.dirname(control)
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    lock = claim(control)
+    _inherited[:] = [lock]
+    name = os.path.basename(control) + handoff.SUFFIX
+    for entry in os.listdir(folder):  # a dead pool's runners: the lock says none lives
+        if entry.startswith(name):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, entry))
+
+    def stop(signum, _frame):
+        raise SystemExit(0)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # runners are reaped by the kernel
+    pool = Pool(control, warm, report)
+    try:
+        pool.serve()
+    except SystemExit:
+        pass
+    finally:
+        pool.close()
+        os.close(lock)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The service's zygote: a pool of `--warm` runners that dies with the service
+    and tells it (stdout) which runners wait."""
+    parser = argparse.ArgumentParser(prog="sandgate zygote", description=__doc__.splitlines()[0])
+    parser.add_argument("--control", required=True)
+    parser.add_argument("--service-pid", type=int, required=True)
+    parser.add_argument("--warm", type=int, default=2)
+    opts = parser.parse_args(argv)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != opts.service_pid:  # the service died before the line above
+        return 0
+    with contextlib.suppress(PermissionError):
+        os.setsid()  # out of the service's process group: its ^C is not the pool's
+
+    def report(line: str) -> None:
+        os.write(1, line.encode() + b"\n")
+
+    try:
+        return serve(os.path.abspath(opts.control), opts.warm, report)
+    except PoolError as e:
+        print(f"sandgate zygote: {e}", file=sys.stderr, flush=True)
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ COMMANDS = {
     "check": "check",
     "run": "run",
     "gateway": "gateway",
+    "runners": "runners",
     "status": "status",
     "sandboxes": "status",
     "reload": "status",

@@ -55,6 +55,15 @@ def register(sub) -> None:
         help="sandbox networks kept ready, so that `run --gateway` does not wait for one "
         "(default 2; 0: make each on attach)",
     )
+    gateway.add_argument(
+        "--runners",
+        choices=("service", "external"),
+        default="service",
+        help="who keeps the warm runners `run --gateway` hands its run to: service (default: "
+        "this process forks --warm of them, unless its unit restricts it or a `sandgate "
+        "runners` already serves the socket) or external (a `sandgate runners` process: "
+        "start none here)",
+    )
     gateway.set_defaults(func=cmd_gateway)
 
 
@@ -94,6 +103,7 @@ def cmd_gateway(args) -> int:
                 on_audit_failure=args.on_audit_failure,
                 grace=args.grace,
                 warm=args.warm,
+                runners=args.runners,
             )
         )
     sys.stderr.flush()

@@ -141,7 +141,7 @@ def test_a_non_root_caller_is_refused_and_the_runner_waits_on(service, tmp_path)
             conn.connect(str(reachable))
             socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
             os.write(reply_w, b"reply:" + conn.recv(4096))
-        except (ConnectionResetError, BrokenPipeError):  # closed, the request unread
+        except (ConnectionResetError, BrokenPipeError):  # closed before or with the request unread
             os.write(reply_w, b"reply:")
         except OSError as e:
             os.write(reply_w, f"error: {e}".encode())

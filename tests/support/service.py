@@ -19,8 +19,9 @@ from support import sandbox
 
 
 class GatewayProcess:
-    def __init__(self, fakenet, workdir: Path, rules: Path, *extra: str):
-        self.fakenet, self.workdir, self.rules = fakenet, workdir, rules
+    def __init__(self, fakenet, workdir: Path, rules: Path, *extra: str, wrap: tuple = ()):
+        """`wrap`: a command the service runs under, e.g. ("setpriv", "--no-new-privs")."""
+        self.fakenet, self.workdir, self.rules, self.wrap = fakenet, workdir, rules, wrap
         self.control = workdir / "control" / "gateway.sock"
         self.control.parent.mkdir(mode=0o755, exist_ok=True)
         self.audit = workdir / "gateway-audit.jsonl"
@@ -30,6 +31,7 @@ class GatewayProcess:
 
     def start(self, timeout: float = 20.0) -> GatewayProcess:
         argv = [
+            *self.wrap,
             sandbox.SANDGATE,
             "gateway",
             "--rules",

@@ -27,6 +27,7 @@ from test_telemetry_containers import DASHBOARD, in_ci, promtool  # noqa: F401 (
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERS = ROOT / "containers"
 UNIT = CONTAINERS / "systemd" / "sandgate-gateway.service"
+RUNNERS_UNIT = CONTAINERS / "systemd" / "sandgate-runners.service"
 ENV_FILE = CONTAINERS / "systemd" / "sandgate.env"
 COMPOSE = CONTAINERS / "compose.yaml"
 PROMETHEUS = CONTAINERS / "prometheus" / "prometheus.yml"
@@ -35,24 +36,25 @@ DASHBOARD_PROVIDER = CONTAINERS / "grafana" / "provisioning" / "dashboards" / "s
 
 
 # `sandgate gateway`'s options as the service's interface documents them.
-def _gateway_flags() -> set[str]:
-    """Every option `sandgate gateway` takes, from its parser."""
+def _command_flags(command: str) -> set[str]:
+    """Every option `sandgate COMMAND` takes, from its parser."""
     from sandgate.enforcer.cli import build_parser
 
-    gateway = build_parser("gateway")._subparsers._group_actions[0].choices["gateway"]
-    flags = {flag for action in gateway._actions for flag in action.option_strings}
+    parser = build_parser(command)._subparsers._group_actions[0].choices[command]
+    flags = {flag for action in parser._actions for flag in action.option_strings}
     return {flag for flag in flags if flag.startswith("--")} - {"--help"}
 
 
-GATEWAY_FLAGS = _gateway_flags()
+GATEWAY_FLAGS = _command_flags("gateway")
+RUNNERS_FLAGS = _command_flags("runners")
 DEFAULT_CONTROL = "/run/sandgate/gateway.sock"
 DEFAULT_METRICS = "127.0.0.1:9464"
 
 
-def _unit() -> configparser.ConfigParser:
+def _unit(path: Path = UNIT) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
     parser.optionxform = str  # systemd keys are case-sensitive
-    parser.read_string(UNIT.read_text())
+    parser.read_string(path.read_text())
     return parser
 
 
@@ -60,9 +62,9 @@ def _flags(argv: list[str]) -> set[str]:
     return {arg for arg in argv if arg.startswith("--")}
 
 
-def _unit_environment() -> dict[str, str]:
-    """Environment= defaults of the unit (one assignment per line, as written there)."""
-    found = re.findall(r"^Environment=(\w+)=(.*)$", UNIT.read_text(), re.MULTILINE)
+def _unit_environment(path: Path = UNIT) -> dict[str, str]:
+    """Environment= defaults of a unit (one assignment per line, as written there)."""
+    found = re.findall(r"^Environment=(\w+)=(.*)$", path.read_text(), re.MULTILINE)
     return dict(found)
 
 
@@ -139,15 +141,16 @@ def test_unit_leaves_out_what_breaks_the_gateway(setting):
     assert setting not in _unit()["Service"]
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path):
+@pytest.mark.parametrize("shipped", [UNIT, RUNNERS_UNIT], ids=lambda p: p.name)
+def test_unit_passes_systemd_analyze_verify(tmp_path, shipped):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is missing (Debian package systemd)")
     sandgate = shutil.which("sandgate") or str(Path(sys.executable).with_name("sandgate"))
     assert os.access(sandgate, os.X_OK), sandgate
     # The command path is the only part that depends on where sandgate is installed.
-    unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/sandgate", sandgate))
+    unit = tmp_path / shipped.name
+    unit.write_text(shipped.read_text().replace("/usr/local/bin/sandgate", sandgate))
     result = subprocess.run(
         [analyze, "verify", "--man=no", unit], capture_output=True, text=True, timeout=60
     )
@@ -164,7 +167,69 @@ def test_env_file_documents_every_option_and_sets_none():
     )
     assert {f for f in re.findall(r"--[a-z-]+", text)} >= GATEWAY_FLAGS
     assigned = set(re.findall(r"^#(SANDGATE_\w+)=", text, re.MULTILINE))
-    assert assigned == set(_unit_environment())
+    assert assigned == set(_unit_environment()) | set(_unit_environment(RUNNERS_UNIT))
+    for unit in (UNIT, RUNNERS_UNIT):  # one file, read by both units
+        assert _unit(unit)["Service"]["EnvironmentFile"] == "-/etc/sandgate/sandgate.env"
+
+
+# --- the runners unit: warm runners the hardened gateway unit cannot fork ---
+
+
+def test_gateway_unit_leaves_the_warm_runners_to_the_runners_unit():
+    argv = shlex.split(_unit()["Service"]["ExecStart"])
+    assert argv[argv.index("--runners") + 1] == "${SANDGATE_RUNNERS}"
+    assert _unit_environment()["SANDGATE_RUNNERS"] == "external"
+
+
+def test_runners_unit_runs_the_pool_for_the_gateways_socket():
+    unit = _unit(RUNNERS_UNIT)
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert Path(argv[0]).name == "sandgate" and argv[1] == "runners"
+    assert _flags(argv) <= RUNNERS_FLAGS, _flags(argv) - RUNNERS_FLAGS
+    environment = _unit_environment(RUNNERS_UNIT)
+    used = set(re.findall(r"\$\{?(\w+)\}?", unit["Service"]["ExecStart"]))
+    assert used <= set(environment), used - set(environment)
+    # the same control socket as the gateway's: the runners listen next to it
+    assert argv[argv.index("--control") + 1] == "${SANDGATE_CONTROL}"
+    assert environment["SANDGATE_CONTROL"] == _unit_environment()["SANDGATE_CONTROL"]
+    assert "sandgate-gateway.service" in unit["Unit"]["After"].split()
+    assert unit["Service"]["Restart"] == "always"  # a dead pool is started again
+    # SIGTERM to the pool only: a runner with a run keeps its task, as `sandgate run` would
+    assert unit["Service"]["KillMode"] == "process"
+    assert unit["Service"]["RuntimeDirectoryPreserve"] == "yes"
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        # inherited by every task, and a runner refuses callers that may do more
+        "CapabilityBoundingSet",
+        "NoNewPrivileges",
+        "SystemCallFilter",
+        "RestrictNamespaces",
+        "RestrictAddressFamilies",
+        "SystemCallArchitectures",
+        "LockPersonality",
+        "RestrictRealtime",
+        "RestrictSUIDSGID",
+        "ProtectClock",
+        "ProtectHostname",
+        "MemoryDenyWriteExecute",
+        # a mount namespace of its own: no caller is in it, none is handed over
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "PrivateMounts",
+        "ProtectControlGroups",
+        "ProtectProc",
+        "User",
+        "DynamicUser",
+        "PrivateUsers",
+    ],
+)
+def test_runners_unit_has_none_of_what_would_stop_its_runners(setting):
+    assert setting not in _unit(RUNNERS_UNIT)["Service"]
 
 
 # --- why MemoryDenyWriteExecute stays off ---
@@ -277,6 +342,20 @@ def test_compose_task_attaches_to_the_gateways_socket():
     socket = dict(zip(gateway["command"][1::2], gateway["command"][2::2], strict=False))
     assert task["command"][:3] == ["run", "--gateway", socket["--control"]]
     assert task.get("profiles"), "`docker compose up` must not start the example task"
+
+
+def test_compose_runners_serve_the_gateways_socket_and_the_gateway_forks_none():
+    services = _compose()["services"]
+    gateway, runners = services["gateway"]["command"], services["runners"]["command"]
+    gateway_options = dict(zip(gateway[1::2], gateway[2::2], strict=False))
+    runners_options = dict(zip(runners[1::2], runners[2::2], strict=False))
+    assert runners[0] == "runners" and _flags(runners) <= RUNNERS_FLAGS
+    assert runners_options["--control"] == gateway_options["--control"]
+    assert gateway_options["--runners"] == "external"  # else two pools claim one socket
+    targets = {t for _, t in _bind_mounts(services["runners"])}
+    assert {"/run/sandgate", "/run/netns", "/var/lib/sandgate"} <= targets
+    assert services["runners"]["privileged"] is True
+    assert not services["runners"].get("profiles"), "`up` starts the runners"
 
 
 def _mounted_targets(service: str) -> dict[str, Path]:
