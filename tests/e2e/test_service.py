@@ -356,8 +356,9 @@ def test_a_rule_edit_closes_an_open_connection_the_new_rules_deny(service, net, 
         assert eventually(up.exists, timeout=20), runner.stderr
         assert not done.exists()
         service.rules.write_text(TWO_PROFILES.replace("allow: allowed.test", "deny: allowed.test"))
-        assert eventually(done.exists, timeout=10), "the gateway did not close the connection"
-        assert done.read_text() == "closed"
+        # (the file is made, then written: wait for its word)
+        ended = eventually(lambda: done.exists() and done.read_text(), timeout=10)
+        assert ended == "closed", "the gateway did not close the connection"
         # The audit writer is off the loop: give it a moment to write the line.
         assert eventually(lambda: service.events(reason="policy_changed"), timeout=5), [
             (e["kind"], e["reason"], e.get("name")) for e in service.events()
