@@ -265,12 +265,15 @@ class Http1Session:
             self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
             self.need_upstream, self.connected = True, False
         self.response_seen, self.response_done = 0, False
+        # h11 takes a parsed Headers object as it is (validated when read); a list
+        # of fields is validated again.
+        headers = (
+            forwarded_fields(head.fields, checked)
+            if checked.strip_upgrade or checked.websocket
+            else event.headers
+        )
         self._to_upstream(
-            h11.Request(
-                method=event.method,
-                target=origin_form(event.target),
-                headers=forwarded_fields(head.fields, checked),
-            )
+            h11.Request(method=event.method, target=origin_form(event.target), headers=headers)
         )
 
     def _client_error(self, error: h11.RemoteProtocolError) -> None:
@@ -345,7 +348,7 @@ class Http1Session:
             if isinstance(event, h11.InformationalResponse | h11.Response):
                 self._on_response(event)
             elif isinstance(event, h11.Data):
-                self._to_client(h11.Data(data=event.data))
+                self._to_client(event)
             elif isinstance(event, h11.EndOfMessage):
                 self.response_done = True
                 self._to_client(h11.EndOfMessage())
@@ -355,18 +358,20 @@ class Http1Session:
                 return
 
     def _on_response(self, event: h11.InformationalResponse | h11.Response) -> None:
-        fields = event.headers.raw_items()
-        if len(fields) > MAX_FIELDS:
-            self._cut_response(f"has {len(fields)} header fields")
+        if len(event.headers) > MAX_FIELDS:
+            self._cut_response(f"has {len(event.headers)} header fields")
             return
         if event.status_code == 101:
             self.gate.on_refused_switch(self.state, self.request, False)
             self._close("the upstream switched protocols; no rule allowed it", reset=True)
             return
         self.response_seen = 0
-        kind = type(event)
         self.responding = True
-        self._to_client(kind(status_code=event.status_code, headers=fields, reason=event.reason))
+        if event.http_version != b"1.1":  # h11 sends HTTP/1.1 only: the same response as 1.1
+            event = type(event)(
+                status_code=event.status_code, headers=event.headers, reason=event.reason
+            )
+        self._to_client(event)
 
     def _cut_response(self, why: str) -> None:
         decision = deny(
