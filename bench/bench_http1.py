@@ -105,7 +105,7 @@ def gateway_main(work: str, upstream_port: int, ready, control) -> None:
         await gateway.start(inspection=False)
         ready.send(gateway.proxy_port)
         loop = asyncio.get_running_loop()
-        profiler = None
+        profiler, phase = None, ""
         while True:
             command = await loop.run_in_executor(None, control.recv)
             if profiler is not None:
