@@ -369,7 +369,9 @@ class Http1Session:
             try:
                 event = server.next_event()
             except h11.RemoteProtocolError as e:
-                self._fail_exchange(502, f"the upstream's response could not be parsed: {e}")
+                # A reused connection closed without a byte (_replay), else a bad answer.
+                if not self._replay():
+                    self._fail_exchange(502, f"the upstream's response could not be parsed: {e}")
                 return
             if event is h11.NEED_DATA:
                 if server.their_state is h11.SEND_RESPONSE and self.response_seen > MAX_HEAD_BYTES:
