@@ -20,7 +20,9 @@ Per request, on a keep-alive connection as on its first:
  3. Allowed: what goes upstream is the checked head re-serialised by h11 (client
     side), origin-form, without an Upgrade no rule allowed; never the raw bytes.
     Refused: the same status and page as mitmproxy's path (proxy/refusal.py), then
-    close.
+    close. A `close` in Connection is not forwarded (hop by hop: the client's own
+    connection closes after its response; the upstream one may serve the task's
+    next connection, see http1_relay.UpstreamPool).
  4. The response is read by h11 too, its head bounded as a request head is
     (MAX_FIELDS, MAX_HEAD_BYTES: else cut, 502, an event); a 101 is never passed on
     (no upgrade is allowed on this path: websocket rules go to mitmproxy). h11 frames

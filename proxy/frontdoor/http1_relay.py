@@ -7,10 +7,10 @@ its end (`finish`: both sockets closed, `gate.on_close` once), its upstream
 connect deadline (`door.wait`) and its idle sweep (`last_active`).
 
 An upstream connection left idle when its client connection ends goes to the
-door's `UpstreamPool`, from which the same sandbox's next plain-HTTP connection
-to the same address takes it (as Squid keeps server connections): connecting is
-about a fifth of a short exchange's cost. Every request on it is decided as on a
-new one; connections are never shared between sandboxes."""
+door's `UpstreamPool`, from which the same task's next plain-HTTP connection to
+the same address takes it (as Squid keeps server connections): connecting is a
+large part of a short exchange's cost. Every request on it is decided as on a
+new one; connections are never shared between tasks or sandboxes."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ from sandgate.proxy.frontdoor.relay import RELAY_CHUNK
 # timeout servers commonly use (Apache's 5 s), so that the server rarely closes
 # one as it is taken (_replay in http1.py covers that race).
 POOL_IDLE = 4.0
-POOL_PER_KEY = 8  # idle connections per (sandbox, address, port)
+POOL_PER_KEY = 8  # idle connections per (task, sandbox, address, port)
 POOL_TOTAL = 256  # idle connections in all
 
 
 class UpstreamPool:
-    """Idle upstream connections of plain HTTP by (sandbox, address, port), newest
+    """Idle upstream connections of plain HTTP by (task, sandbox, address, port), newest
     last. An idle one is dropped on any sign from its server (bytes, FIN, reset),
     after POOL_IDLE seconds, and when taken finds it closed."""
 
@@ -246,12 +246,15 @@ class Http1Relay:
         del owed[:sent]
         return sent > 0
 
-    def _pool_key(self) -> tuple[str, str, int]:
+    def _pool_key(self) -> tuple[str | None, str, str, int]:
+        """Whose idle connections this one may take: the same task's (a sandbox's
+        address is given to another task later), to the same address."""
         connection = self.connection
         ip, port = connection.dst
         if connection.door.upstream_address is not None:
             ip, port = connection.door.upstream_address(ip, port)
-        return connection.state.sandbox.address, ip, port
+        sandbox = connection.state.sandbox
+        return sandbox.task_id, sandbox.address, ip, port
 
     def _pool_upstream(self) -> None:
         """Leave the idle upstream connection to the pool instead of closing it."""
@@ -265,7 +268,7 @@ class Http1Relay:
         connection = self.connection
         door = connection.door
         key = self._pool_key()
-        _, ip, port = key
+        *_, ip, port = key
         if self.session.may_reuse:
             upstream = door.upstream_pool.take(key)
             if upstream is not None:
