@@ -140,6 +140,10 @@ def forwarded_fields(
     return kept
 
 
+def _names_connection(fields: tuple[tuple[bytes, bytes], ...]) -> bool:
+    return any(name.lower() == b"connection" for name, _ in fields)
+
+
 def plain_response(status: int, text: str) -> bytes:
     """A whole short text/plain response that closes the connection."""
     body = text.encode()
@@ -304,7 +308,7 @@ class Http1Session:
         # h11 takes a parsed Headers object as it is (validated when read); a list
         # of fields is validated again.
         headers = event.headers
-        if checked.strip_upgrade or checked.websocket or any(n == b"connection" for n, _ in headers):
+        if checked.strip_upgrade or checked.websocket or _names_connection(head.fields):
             headers = forwarded_fields(head.fields, checked)
         forwarded = h11.Request(method=event.method, target=origin_form(event.target), headers=headers)
         self.replayable = forwarded

@@ -119,6 +119,7 @@ class Http1Relay:
         "client_writable",
         "upstream_readable",
         "upstream_writable",
+        "upstream_ending",
         "last_active",
     )
 
@@ -128,6 +129,7 @@ class Http1Relay:
         # The peeked bytes are unread and, edge-triggered, will not be reported again.
         self.client_readable, self.client_writable = True, True
         self.upstream_readable = self.upstream_writable = False
+        self.upstream_ending = False  # its server closed or reset it (the event said so)
         self.last_active = connection.loop.time()
         connection.relay = self  # the door's idle sweep reads `last_active`
         connection.door.poller.handlers[connection.client_fd] = self._on_client_event
@@ -156,6 +158,8 @@ class Http1Relay:
             self.upstream_readable = True
         if events & (OUT | CLOSED):
             self.upstream_writable = True
+        if events & CLOSED:
+            self.upstream_ending = True
         self._step()
 
     def _step(self) -> None:
@@ -174,7 +178,7 @@ class Http1Relay:
                     self._drop_upstream()
                 if session.closing:
                     if not session.to_client or session.reset:
-                        if not session.reset and session.upstream_idle:
+                        if not (session.reset or self.upstream_ending) and session.upstream_idle:
                             self._pool_upstream()
                         connection.finish(session.problem, reset=session.reset, drain=True)
                     return
@@ -276,9 +280,10 @@ class Http1Relay:
                 door.poller.handlers[upstream.fileno()] = self._on_upstream_event
                 # Idle means drained and writable; a later arrival raises an event.
                 self.upstream_readable, self.upstream_writable = False, True
+                self.upstream_ending = False
                 self.session.upstream_connected(reused=True)
                 return
-        self.upstream_readable = self.upstream_writable = False
+        self.upstream_readable = self.upstream_writable = self.upstream_ending = False
         try:
             upstream = socket.socket(
                 socket.AF_INET6 if ":" in ip else socket.AF_INET,

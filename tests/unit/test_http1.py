@@ -5,6 +5,7 @@ loopback (http1_relay.py in the front door, mitmproxy never asked)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 from sandgate.proxy.frontdoor.http1 import (
@@ -435,3 +436,35 @@ def test_an_idle_upstream_the_server_closed_is_not_reused_and_a_dropped_request_
 
     run(scenario())
     assert [r[0] for r in requests(gate)] == ["allow", "allow", "allow"]
+
+
+def test_the_pool_drops_an_idle_connection_its_server_closes_and_keeps_tasks_apart():
+    from sandgate.proxy.frontdoor.http1_relay import UpstreamPool
+    from sandgate.proxy.frontdoor.poller import Poller
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        poller = Poller(loop)
+        pool = UpstreamPool(poller, loop)
+        pairs = [socket.socketpair() for _ in range(3)]
+        for ours, _ in pairs:
+            ours.setblocking(False)
+            poller.watch(ours.fileno(), lambda events: None)
+        a, b = ("task-a", LOOPBACK, LOOPBACK, 80), ("task-b", LOOPBACK, LOOPBACK, 80)
+        pool.give(a, pairs[0][0])
+        pool.give(a, pairs[1][0])
+        pool.give(b, pairs[2][0])
+        pairs[1][1].close()  # its server closes the newest of task a's: dropped at its event
+        await until(lambda: pool.count == 2)
+        assert pairs[1][0].fileno() == -1
+        assert pool.take(a) is pairs[0][0] and pool.take(a) is None  # never task b's
+        pairs[2][1].send(b"HTTP/1.1 200 OK")  # an idle server that speaks: unusable
+        await until(lambda: pool.count == 0)
+        assert pool.take(b) is None
+        pool.close()
+        poller.close()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+    run(scenario())
