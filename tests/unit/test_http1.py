@@ -369,6 +369,19 @@ def test_plain_http_is_served_by_the_front_door_request_by_request(gate):
     assert end.bytes_up > 0 and end.bytes_down > 200000
 
 
+async def plain_http_door(gate, upstream):
+    return await started(gate, ALLOWED, upstream.port, hand_off=never, plain_http=lambda state: True)
+
+
+async def exchange(port, host=b"allowed.test") -> bytes:
+    """One request on a new connection that the client closes after it."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    answer = await read_all(reader)
+    writer.close()
+    return answer
+
+
 def test_the_next_connection_of_the_sandbox_reuses_the_idle_upstream_and_is_decided_anew(gate):
     async def server(reader, writer):
         while True:
@@ -376,18 +389,9 @@ def test_the_next_connection_of_the_sandbox_reuses_the_idle_upstream_and_is_deci
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             await writer.drain()
 
-    async def exchange(port, host=b"allowed.test") -> bytes:
-        reader, writer = await asyncio.open_connection(LOOPBACK, port)
-        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
-        answer = await read_all(reader)
-        writer.close()
-        return answer
-
     async def scenario():
         async with Upstream(server) as upstream:
-            door = await started(
-                gate, ALLOWED, upstream.port, hand_off=never, plain_http=lambda state: True
-            )
+            door = await plain_http_door(gate, upstream)
             for _ in range(3):
                 assert (await exchange(door.port)).startswith(b"HTTP/1.1 200 OK")
             assert (await exchange(door.port, b"evil.test")).startswith(b"HTTP/1.1 403 ")
@@ -415,18 +419,9 @@ def test_an_idle_upstream_the_server_closed_is_not_reused_and_a_dropped_request_
         if n == 1:
             await reader.readuntil(b"\r\n\r\n")  # then closes, unanswered
 
-    async def exchange(port) -> bytes:
-        reader, writer = await asyncio.open_connection(LOOPBACK, port)
-        writer.write(b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n")
-        answer = await read_all(reader)
-        writer.close()
-        return answer
-
     async def scenario():
         async with Upstream(server) as upstream:
-            door = await started(
-                gate, ALLOWED, upstream.port, hand_off=never, plain_http=lambda state: True
-            )
+            door = await plain_http_door(gate, upstream)
             assert (await exchange(door.port)).startswith(b"HTTP/1.1 200 OK")
             await until(lambda: door.upstream_pool.count == 0)  # its FIN dropped it
             for _ in range(2):
