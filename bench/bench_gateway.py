@@ -27,7 +27,8 @@ One table: medians over rounds, columns direct / sandgate / Squid / mitmdump wit
 sandgate's ratios, the machine and the versions (bench/README.md).
 
 Metrics: HTTPS bulk download MB/s, new HTTPS connections/s, new plain-HTTP
-connections/s (a new TCP connection per request), task start time, and the
+connections/s (a new TCP connection per request), keep-alive requests/s (HTTPS and
+plain HTTP: one connection per client thread, request after request), task start time, and the
 gateway's RSS and CPU. `--profile` adds py-spy profiles of the gateway during the
 connection-rate runs (`.venv/bin/pip install py-spy`).
 
@@ -418,8 +419,8 @@ def other_cpu_since(before: dict[int, tuple[int, str]], seconds: float) -> dict:
     return {"cores": round(sum(per.values()), 2), "top": [f"{k} {v}" for v, k in top]}
 
 
-PHASES = ("bulk", "tls_rate", "http_rate", "tls_keep")
-PHASE_METRIC = {"bulk": "mb_per_s", "tls_rate": "per_s", "http_rate": "per_s", "tls_keep": "per_s"}
+PHASES = ("bulk", "tls_rate", "http_rate", "tls_keep", "http_keep")
+PHASE_METRIC = dict.fromkeys(PHASES, "per_s") | {"bulk": "mb_per_s"}
 SETUP_NAMES = {
     "A": "direct forwarding",
     "B": "squid intercept + splice",
@@ -430,13 +431,13 @@ SETUP_NAMES = {
     "M": "stock mitmdump, transparent, allow-all addon",
 }
 SETUP_PHASES = {
-    "A": ("bulk", "tls_rate", "http_rate", "tls_keep"),
-    "B": ("bulk", "tls_rate", "http_rate"),
-    "C": ("bulk", "tls_rate", "http_rate"),
+    "A": ("bulk", "tls_rate", "http_rate", "tls_keep", "http_keep"),
+    "B": ("bulk", "tls_rate", "http_rate", "http_keep"),
+    "C": ("bulk", "tls_rate", "http_rate", "http_keep"),
     "T": ("tls_rate", "http_rate"),
     "I": ("bulk", "tls_rate", "tls_keep"),
     "S": ("bulk", "tls_rate", "tls_keep"),
-    "M": ("bulk", "tls_rate", "tls_keep", "http_rate"),
+    "M": ("bulk", "tls_rate", "tls_keep", "http_rate", "http_keep"),
 }
 
 
@@ -964,6 +965,7 @@ table inet {self.table}_{key.lower()} {{
         runs = [  # (label, client phase, rules): pass-through, then inspected (setup I)
             ("tls_rate", "tls_rate", RULES),
             ("http_rate", "http_rate", RULES),
+            ("http_keep", "http_keep", RULES),
             ("inspected_tls_rate", "tls_rate", self.inspect_rules()),
             ("inspected_tls_keep", "tls_keep", self.inspect_rules()),
         ]
@@ -1100,6 +1102,9 @@ TABLE = [
             ("HTTP p50 latency, ms", "http_rate", ("latency_ms_p50",), "{:.1f}", "ACBM"),
             ("proxy CPU per HTTPS connection, us", "tls_rate", ("proxy", "cpu_us_per_request"), "{:,.0f}", "-CB"),
             ("proxy CPU per HTTP connection, us", "http_rate", ("proxy", "cpu_us_per_request"), "{:,.0f}", "-CBM"),
+            ("HTTP keep-alive requests/s", "http_keep", ("per_s",), "{:,.0f}", "ACBM"),
+            ("HTTP keep-alive p50 latency, ms", "http_keep", ("latency_ms_p50",), "{:.2f}", "ACBM"),
+            ("proxy CPU per HTTP keep-alive request, us", "http_keep", ("proxy", "cpu_us_per_request"), "{:,.0f}", "-CBM"),
             ("proxy RSS idle (before bulk), MB", "bulk", ("proxy", "rss_start_mb"), "{:.1f}", "-CB"),
         ],
     ),
@@ -1212,7 +1217,8 @@ def report(results: dict) -> str:
     if errs:
         out.append("ERRORS: " + "; ".join(errs))
     out.append(
-        "rounds (bulk MB/s / HTTPS conn/s / HTTP conn/s / keep-alive req/s; CPU cores used "
+        "rounds (bulk MB/s / HTTPS conn/s / HTTP conn/s / HTTPS keep-alive req/s / HTTP "
+        "keep-alive req/s; CPU cores used "
         "meanwhile by other processes on the machine); the table shows the medians:"
     )
     for key in SETUP_NAMES:

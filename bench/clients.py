@@ -19,6 +19,7 @@ http_rate  the same over plain HTTP on port 80.
 tls_keep   keep-alive HTTPS: each thread keeps one connection and sends `GET /`
            after `GET /` on it (a new connection only when the server closes it).
            Reports requests/s and latency per request.
+http_keep  the same over plain HTTP on port 80.
 
 Each section carries `t_start`/`t_end` (wall clock, time.time()) so the caller can
 match its own samples (gateway RSS) to the phase.
@@ -153,16 +154,17 @@ def _one_request(ip: str, port: int, host: str, ctx: ssl.SSLContext | None) -> N
 
 
 class _KeepAlive:
-    """One HTTPS connection reused request after request (Content-Length bodies)."""
+    """One HTTPS (or, without ctx, plain HTTP) connection reused request after
+    request (Content-Length bodies)."""
 
-    def __init__(self, ip: str, host: str, ctx: ssl.SSLContext):
+    def __init__(self, ip: str, host: str, ctx: ssl.SSLContext | None):
         self.ip, self.host, self.ctx, self.file = ip, host, ctx, None
         self.request = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
 
     def __call__(self, *_ignored) -> None:
         if self.file is None:
-            raw = socket.create_connection((self.ip, 443), timeout=10)
-            self.sock = self.ctx.wrap_socket(raw, server_hostname=self.host)
+            raw = socket.create_connection((self.ip, 443 if self.ctx else 80), timeout=10)
+            self.sock = self.ctx.wrap_socket(raw, server_hostname=self.host) if self.ctx else raw
             self.file = self.sock.makefile("rb")
         try:
             self.sock.sendall(self.request)
@@ -267,7 +269,7 @@ def main() -> int:
         "phases",
         nargs="*",
         default=["bulk", "tls_rate", "http_rate"],
-        choices=["bulk", "tls_rate", "http_rate", "tls_keep"],
+        choices=["bulk", "tls_rate", "http_rate", "tls_keep", "http_keep"],
     )
     parser.add_argument("--host", default="allowed.test")
     parser.add_argument("--resolve", help="NAME:IP, skip DNS (setups without a resolver)")
@@ -295,7 +297,8 @@ def main() -> int:
             if phase == "bulk":
                 result[phase] = bulk(args, ip)
             else:
-                result[phase] = rate(args, ip, tls=phase != "http_rate", keep=phase == "tls_keep")
+                tls = phase not in ("http_rate", "http_keep")
+                result[phase] = rate(args, ip, tls=tls, keep=phase.endswith("_keep"))
         except Exception as e:  # noqa: BLE001 - one failed phase must not hide the others
             result[phase] = {"error": repr(e)}
     text = json.dumps(result)

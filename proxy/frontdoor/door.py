@@ -15,7 +15,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from sandgate.proxy.descriptors import OUT_OF_DESCRIPTORS, DescriptorReserve
-from sandgate.proxy.frontdoor.http1_relay import Http1Relay
+from sandgate.proxy.frontdoor.http1_relay import Http1Relay, UpstreamPool
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
 from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
@@ -87,6 +87,7 @@ class FrontDoor:
         self.port: int | None = None  # where it listens, once started
         self.loop: asyncio.AbstractEventLoop | None = None
         self.poller: Poller | None = None
+        self.upstream_pool: UpstreamPool | None = None  # plain HTTP's idle upstreams
         self._listener: socket.socket | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._ticker: asyncio.TimerHandle | None = None
@@ -112,6 +113,7 @@ class FrontDoor:
         self._listener = listener
         self.port = listener.getsockname()[1]
         self.poller = Poller(self.loop)
+        self.upstream_pool = UpstreamPool(self.poller, self.loop)
         self.loop.add_reader(listener.fileno(), self._accept)
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
@@ -128,6 +130,8 @@ class FrontDoor:
             self._ticker = None
         for connection in list(self._live):
             connection.finish("the gateway stopped", reset=True)
+        if self.upstream_pool is not None:
+            self.upstream_pool.close()
         if self.poller is not None:
             self.poller.close()
             self.poller = None

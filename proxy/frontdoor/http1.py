@@ -20,7 +20,9 @@ Per request, on a keep-alive connection as on its first:
  3. Allowed: what goes upstream is the checked head re-serialised by h11 (client
     side), origin-form, without an Upgrade no rule allowed; never the raw bytes.
     Refused: the same status and page as mitmproxy's path (proxy/refusal.py), then
-    close.
+    close. A `close` in Connection is not forwarded (hop by hop: the client's own
+    connection closes after its response; the upstream one may serve the task's
+    next connection, see http1_relay.UpstreamPool).
  4. The response is read by h11 too, its head bounded as a request head is
     (MAX_FIELDS, MAX_HEAD_BYTES: else cut, 502, an event); a 101 is never passed on
     (no upgrade is allowed on this path: websocket rules go to mitmproxy). h11 frames
@@ -61,6 +63,7 @@ _OBS_FOLD = re.compile(rb"\n[ \t]")  # a continuation line, which h11 unfolds si
 _UPGRADE_FIELDS = (b"upgrade", b"http2-settings")
 _ENDED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 _BOTH_DONE = {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}
+_BOTH_IDLE = {h11.CLIENT: h11.IDLE, h11.SERVER: h11.IDLE}
 
 
 def needs_engine(policy: CompiledPolicy, profile: str) -> bool:
@@ -115,20 +118,30 @@ def forwarded_fields(
     fields: tuple[tuple[bytes, bytes], ...], checked: CheckedHead
 ) -> list[tuple[bytes, bytes]]:
     """The fields to send upstream: as sent, without an upgrade (h2c, or any other)
-    that would turn the connection into something no request decision sees."""
-    if not (checked.strip_upgrade or checked.websocket):
-        return list(fields)
+    that would turn the connection into something no request decision sees, and
+    without a `close` in Connection: that word is about the client's connection
+    (hop by hop), and the upstream one may serve the sandbox's next connection
+    (UpstreamPool in http1_relay.py), as Squid keeps its server connections."""
+    strip = checked.strip_upgrade or checked.websocket
     kept = []
     for name, value in fields:
         lower = name.lower()
-        if lower in _UPGRADE_FIELDS:
+        if strip and lower in _UPGRADE_FIELDS:
             continue
         if lower == b"connection":
-            value = connection_without_upgrade(value.decode("latin-1")).encode("latin-1")
-            if not value:
+            text = value.decode("latin-1")
+            if strip:
+                text = connection_without_upgrade(text)
+            text = ", ".join(t for t in map(str.strip, text.split(",")) if t and t.lower() != "close")
+            if not text:
                 continue
+            value = text.encode("latin-1")
         kept.append((name, value))
     return kept
+
+
+def _names_connection(fields: tuple[tuple[bytes, bytes], ...]) -> bool:
+    return any(name.lower() == b"connection" for name, _ in fields)
 
 
 def plain_response(status: int, text: str) -> bytes:
@@ -167,6 +180,13 @@ class Http1Session:
         self.request: RequestHead | None = None  # being forwarded; None: refused or none
         self.responding = False  # a response to the client has begun
         self.response_done = False  # the upstream's response to `request` has ended
+        # The upstream connection served an earlier connection (the adapter's pool):
+        # it may have been closed by the server just as `request` was sent.
+        self.reused = False
+        # `request` as sent upstream, while it can be sent again on a new upstream
+        # connection (it has no body): see _replay.
+        self.replayable: h11.Request | None = None
+        self.may_reuse = True  # False: the next upstream connection must be a new one
 
     # --- inputs ---------------------------------------------------------------------
 
@@ -189,8 +209,27 @@ class Http1Session:
         self.server.receive_data(data)
         self._read_upstream()
 
-    def upstream_connected(self) -> None:
-        self.need_upstream, self.connected = False, True
+    def upstream_connected(self, reused: bool = False) -> None:
+        self.need_upstream, self.connected, self.reused = False, True, reused
+
+    def upstream_lost(self, why: str) -> None:
+        """The upstream socket failed (a reset): a request sent on a reused connection
+        that got no answer goes again on a new one, else the connection ends with a
+        reset, the upstream's."""
+        if not self._replay():
+            self._close(why, reset=True)
+
+    @property
+    def upstream_idle(self) -> bool:
+        """The upstream connection is between exchanges, with nothing unread or owed:
+        another connection of the sandbox may send its next request on it."""
+        server = self.server
+        if server is None or not self.connected or self.to_upstream:
+            return False
+        if server.states not in (_BOTH_DONE, _BOTH_IDLE):
+            return False
+        unread, closed = server.trailing_data
+        return not unread and not closed
 
     def upstream_failed(self, why: str) -> None:
         """The upstream could not be reached: 502, as mitmproxy answers."""
@@ -228,6 +267,7 @@ class Http1Session:
                 self._on_request(event)
             elif isinstance(event, h11.Data):
                 if self.request is not None and self.server is not None:
+                    self.replayable = None  # a body is not kept to be sent again
                     self._to_upstream(event)
             elif isinstance(event, h11.EndOfMessage):
                 if self.request is not None and self.server is not None:
@@ -265,13 +305,14 @@ class Http1Session:
             self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
             self.need_upstream, self.connected = True, False
         self.response_seen, self.response_done = 0, False
-        self._to_upstream(
-            h11.Request(
-                method=event.method,
-                target=origin_form(event.target),
-                headers=forwarded_fields(head.fields, checked),
-            )
-        )
+        # h11 takes a parsed Headers object as it is (validated when read); a list
+        # of fields is validated again.
+        headers = event.headers
+        if checked.strip_upgrade or checked.websocket or _names_connection(head.fields):
+            headers = forwarded_fields(head.fields, checked)
+        forwarded = h11.Request(method=event.method, target=origin_form(event.target), headers=headers)
+        self.replayable = forwarded
+        self._to_upstream(forwarded)
 
     def _client_error(self, error: h11.RemoteProtocolError) -> None:
         if self.request is None:  # reading a head (a refused one closed the connection)
@@ -334,7 +375,9 @@ class Http1Session:
             try:
                 event = server.next_event()
             except h11.RemoteProtocolError as e:
-                self._fail_exchange(502, f"the upstream's response could not be parsed: {e}")
+                # A reused connection closed without a byte (_replay), else a bad answer.
+                if not self._replay():
+                    self._fail_exchange(502, f"the upstream's response could not be parsed: {e}")
                 return
             if event is h11.NEED_DATA:
                 if server.their_state is h11.SEND_RESPONSE and self.response_seen > MAX_HEAD_BYTES:
@@ -345,7 +388,7 @@ class Http1Session:
             if isinstance(event, h11.InformationalResponse | h11.Response):
                 self._on_response(event)
             elif isinstance(event, h11.Data):
-                self._to_client(h11.Data(data=event.data))
+                self._to_client(event)
             elif isinstance(event, h11.EndOfMessage):
                 self.response_done = True
                 self._to_client(h11.EndOfMessage())
@@ -355,18 +398,20 @@ class Http1Session:
                 return
 
     def _on_response(self, event: h11.InformationalResponse | h11.Response) -> None:
-        fields = event.headers.raw_items()
-        if len(fields) > MAX_FIELDS:
-            self._cut_response(f"has {len(fields)} header fields")
+        if len(event.headers) > MAX_FIELDS:
+            self._cut_response(f"has {len(event.headers)} header fields")
             return
         if event.status_code == 101:
             self.gate.on_refused_switch(self.state, self.request, False)
             self._close("the upstream switched protocols; no rule allowed it", reset=True)
             return
         self.response_seen = 0
-        kind = type(event)
         self.responding = True
-        self._to_client(kind(status_code=event.status_code, headers=fields, reason=event.reason))
+        if event.http_version != b"1.1":  # h11 sends HTTP/1.1 only: the same response as 1.1
+            event = type(event)(
+                status_code=event.status_code, headers=event.headers, reason=event.reason
+            )
+        self._to_client(event)
 
     def _cut_response(self, why: str) -> None:
         decision = deny(
@@ -411,11 +456,34 @@ class Http1Session:
         """The upstream connection is done (closed, or will be): the next request
         opens a new one. Mid-response, the client's response is cut."""
         if self.request is not None and not self.response_done:
-            self._fail_exchange(502, "the upstream closed before its response ended")
+            if not self._replay():
+                self._fail_exchange(502, "the upstream closed before its response ended")
             return
         self.server, self.connected, self.need_upstream = None, False, False
         self.to_upstream.clear()
         self.drop_upstream = True
+
+    def _replay(self) -> bool:
+        """Send the request again on a new upstream connection, if the one it went on
+        was reused and closed before a byte of the answer (an idle connection the
+        server closed as it was taken): as a browser or Squid retries then. Only a
+        request without a body, and once."""
+        if not (
+            self.reused
+            and self.request is not None
+            and self.replayable is not None
+            and not self.responding
+            and self.response_seen == 0
+        ):
+            return False
+        self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
+        self.to_upstream.clear()
+        self.reused, self.may_reuse = False, False
+        self.connected, self.need_upstream, self.drop_upstream = False, True, True
+        self._to_upstream(self.replayable)
+        if self.client.their_state in _ENDED:
+            self._to_upstream(h11.EndOfMessage())
+        return True
 
     def _close(self, problem: str | None, reset: bool = False) -> None:
         if not self.closing:

@@ -4,17 +4,109 @@ the front door's edge-triggered epoll set, with its one read buffer.
 
 It takes over a door `Connection` the gate decided as HTTP: the connection keeps
 its end (`finish`: both sockets closed, `gate.on_close` once), its upstream
-connect deadline (`door.wait`) and its idle sweep (`last_active`)."""
+connect deadline (`door.wait`) and its idle sweep (`last_active`).
+
+An upstream connection left idle when its client connection ends goes to the
+door's `UpstreamPool`, from which the same task's next plain-HTTP connection to
+the same address takes it (as Squid keeps server connections): connecting is a
+large part of a short exchange's cost. Every request on it is decided as on a
+new one; connections are never shared between tasks or sandboxes."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
+from collections.abc import Hashable
 
 from sandgate.proxy.frontdoor.http1 import Http1Session
-from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
+from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
 from sandgate.proxy.frontdoor.relay import RELAY_CHUNK
+
+# How long an idle upstream connection is kept: below the shortest keep-alive
+# timeout servers commonly use (Apache's 5 s), so that the server rarely closes
+# one as it is taken (_replay in http1.py covers that race).
+POOL_IDLE = 4.0
+POOL_PER_KEY = 8  # idle connections per (task, sandbox, address, port)
+POOL_TOTAL = 256  # idle connections in all
+
+
+class UpstreamPool:
+    """Idle upstream connections of plain HTTP by (task, sandbox, address, port), newest
+    last. An idle one is dropped on any sign from its server (bytes, FIN, reset),
+    after POOL_IDLE seconds, and when taken finds it closed."""
+
+    def __init__(self, poller: Poller, loop: asyncio.AbstractEventLoop):
+        self.poller, self.loop = poller, loop
+        self.idle: dict[Hashable, list[tuple[float, socket.socket]]] = {}
+        self.count = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def give(self, key: Hashable, sock: socket.socket) -> None:
+        kept = self.idle.setdefault(key, [])
+        if len(kept) >= POOL_PER_KEY or self.count >= POOL_TOTAL:
+            self._close(sock)
+            return
+        kept.append((self.loop.time(), sock))
+        self.count += 1
+        fd = sock.fileno()
+        self.poller.handlers[fd] = lambda events: self._on_idle_event(key, sock, events)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(POOL_IDLE / 2, self._sweep)
+
+    def take(self, key: Hashable) -> socket.socket | None:
+        """An idle connection for `key` that is still open, or None. Its epoll
+        handler is the caller's to set."""
+        kept = self.idle.get(key)
+        while kept:
+            _, sock = kept.pop()
+            self.count -= 1
+            try:
+                sock.recv(1, socket.MSG_PEEK)  # anything but "nothing yet": unusable
+            except (BlockingIOError, InterruptedError):
+                return sock
+            except OSError:
+                pass
+            self._close(sock)
+        return None
+
+    def close(self) -> None:
+        for kept in self.idle.values():
+            for _, sock in kept:
+                self._close(sock)
+        self.idle.clear()
+        self.count = 0
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _on_idle_event(self, key: Hashable, sock: socket.socket, events: int) -> None:
+        if events & (IN | CLOSED):  # an idle server has nothing to say: it closed, or broke
+            self._forget(key, sock)
+
+    def _forget(self, key: Hashable, sock: socket.socket) -> None:
+        kept = self.idle.get(key, [])
+        for i, (_, held) in enumerate(kept):
+            if held is sock:
+                del kept[i]
+                self.count -= 1
+                self._close(sock)
+                return
+
+    def _sweep(self) -> None:
+        deadline = self.loop.time() - POOL_IDLE
+        for key, kept in list(self.idle.items()):
+            while kept and kept[0][0] < deadline:
+                self.count -= 1
+                self._close(kept.pop(0)[1])
+            if not kept:
+                del self.idle[key]
+        self._sweeper = self.loop.call_later(POOL_IDLE / 2, self._sweep) if self.count else None
+
+    def _close(self, sock: socket.socket) -> None:
+        self.poller.forget(sock.fileno())
+        sock.close()
 
 
 class Http1Relay:
@@ -27,6 +119,7 @@ class Http1Relay:
         "client_writable",
         "upstream_readable",
         "upstream_writable",
+        "upstream_ending",
         "last_active",
     )
 
@@ -36,6 +129,7 @@ class Http1Relay:
         # The peeked bytes are unread and, edge-triggered, will not be reported again.
         self.client_readable, self.client_writable = True, True
         self.upstream_readable = self.upstream_writable = False
+        self.upstream_ending = False  # its server closed or reset it (the event said so)
         self.last_active = connection.loop.time()
         connection.relay = self  # the door's idle sweep reads `last_active`
         connection.door.poller.handlers[connection.client_fd] = self._on_client_event
@@ -64,6 +158,8 @@ class Http1Relay:
             self.upstream_readable = True
         if events & (OUT | CLOSED):
             self.upstream_writable = True
+        if events & CLOSED:
+            self.upstream_ending = True
         self._step()
 
     def _step(self) -> None:
@@ -82,6 +178,8 @@ class Http1Relay:
                     self._drop_upstream()
                 if session.closing:
                     if not session.to_client or session.reset:
+                        if not (session.reset or self.upstream_ending) and session.upstream_idle:
+                            self._pool_upstream()
                         connection.finish(session.problem, reset=session.reset, drain=True)
                     return
                 if session.need_upstream and connection.upstream is None:
@@ -103,8 +201,11 @@ class Http1Relay:
         except (BlockingIOError, InterruptedError):
             n = -1
         except OSError:  # reset
-            connection.finish(None if up else "the upstream reset the connection", reset=True)
-            return False
+            if up:
+                connection.finish(None, reset=True)
+            else:
+                session.upstream_lost("the upstream reset the connection")
+            return True
         if n < RELAY_CHUNK:  # drained (or ended): a later arrival raises a new event
             if up:
                 self.client_readable = False
@@ -134,8 +235,11 @@ class Http1Relay:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            connection.finish(None if to_client else "the upstream reset the connection", reset=True)
-            return False
+            if to_client:
+                connection.finish(None, reset=True)
+            else:
+                session.upstream_lost("the upstream reset the connection")
+            return True
         if sent < len(owed):
             if to_client:
                 self.client_writable = False
@@ -146,14 +250,40 @@ class Http1Relay:
         del owed[:sent]
         return sent > 0
 
+    def _pool_key(self) -> tuple[str | None, str, str, int]:
+        """Whose idle connections this one may take: the same task's (a sandbox's
+        address is given to another task later), to the same address."""
+        connection = self.connection
+        ip, port = connection.dst
+        if connection.door.upstream_address is not None:
+            ip, port = connection.door.upstream_address(ip, port)
+        sandbox = connection.state.sandbox
+        return sandbox.task_id, sandbox.address, ip, port
+
+    def _pool_upstream(self) -> None:
+        """Leave the idle upstream connection to the pool instead of closing it."""
+        connection = self.connection
+        upstream, connection.upstream = connection.upstream, None
+        connection.door.upstream_pool.give(self._pool_key(), upstream)
+
     def _connect(self) -> None:
-        """Connect to the connection's upstream address, as the door's relay does."""
+        """Take an idle connection to the upstream address from the pool, else
+        connect to it, as the door's relay does."""
         connection = self.connection
         door = connection.door
-        ip, port = connection.dst
-        if door.upstream_address is not None:
-            ip, port = door.upstream_address(ip, port)
-        self.upstream_readable = self.upstream_writable = False
+        key = self._pool_key()
+        *_, ip, port = key
+        if self.session.may_reuse:
+            upstream = door.upstream_pool.take(key)
+            if upstream is not None:
+                connection.upstream = upstream
+                door.poller.handlers[upstream.fileno()] = self._on_upstream_event
+                # Idle means drained and writable; a later arrival raises an event.
+                self.upstream_readable, self.upstream_writable = False, True
+                self.upstream_ending = False
+                self.session.upstream_connected(reused=True)
+                return
+        self.upstream_readable = self.upstream_writable = self.upstream_ending = False
         try:
             upstream = socket.socket(
                 socket.AF_INET6 if ":" in ip else socket.AF_INET,

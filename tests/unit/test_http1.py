@@ -5,6 +5,7 @@ loopback (http1_relay.py in the front door, mitmproxy never asked)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 from sandgate.proxy.frontdoor.http1 import (
@@ -86,6 +87,90 @@ def test_every_request_on_a_keep_alive_connection_is_decided_and_a_forbidden_one
     assert not s.to_upstream and s.closing
     assert [r[:2] for r in requests(gate)][0] == ("allow", "rule_allow")
     assert requests(gate)[1][0] == "deny" and requests(gate)[1][3] == "/2"
+    close(gate, s)
+
+
+def test_connection_close_is_the_clients_alone_and_the_idle_upstream_can_serve_again(gate):
+    s = session_for(gate)
+    s.client_data(b"GET /a HTTP/1.1\r\n" + H + b"Connection: close, X-Trace\r\nX-Trace: 1\r\n\r\n")
+    s.upstream_connected()
+    # hop by hop: the client's `close` stays on its own connection
+    assert bytes(s.to_upstream) == (
+        b"GET /a HTTP/1.1\r\nHost: allowed.test\r\nConnection: X-Trace\r\nX-Trace: 1\r\n\r\n"
+    )
+    s.to_upstream.clear()
+    assert not s.upstream_idle  # waiting for the response
+    s.upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert answer(s).startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n")
+    assert s.closing and s.problem is None and s.upstream_idle
+    close(gate, s)
+
+
+@pytest.mark.parametrize(
+    "upstream_says",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", id="close"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK", id="bytes-after"),
+        pytest.param(b"HTTP/1.1 200 OK\r\n\r\nbody until EOF", id="close-delimited"),
+    ],
+)  # fmt: skip
+def test_an_upstream_that_closes_or_says_more_is_not_kept(gate, upstream_says):
+    s = session_for(gate)
+    s.client_data(b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n")
+    s.upstream_connected()
+    s.upstream_data(upstream_says)
+    assert not s.upstream_idle
+    close(gate, s)
+
+
+def test_a_reused_upstream_that_closes_unanswered_gets_the_request_again_on_a_new_one(gate):
+    s = session_for(gate)
+    s.client_data(b"GET /a HTTP/1.1\r\n" + H + b"\r\n")
+    s.upstream_connected(reused=True)
+    sent = bytes(s.to_upstream)
+    s.to_upstream.clear()
+    s.upstream_data(b"")  # the server had closed it as it was taken
+    assert s.drop_upstream and s.need_upstream and not s.may_reuse and not s.closing
+    s.drop_upstream = False
+    s.upstream_connected()
+    assert bytes(s.to_upstream) == sent  # the same request, once more
+    s.to_upstream.clear()
+    s.upstream_data(b"")  # a new connection that fails too: no second try
+    assert s.closing and answer(s).startswith(b"HTTP/1.1 502 ")
+    assert [r[0] for r in requests(gate)] == ["allow"]  # one request, one decision
+    close(gate, s)
+
+
+@pytest.mark.parametrize(
+    "why",
+    [
+        pytest.param("body", id="a-body-is-not-kept"),
+        pytest.param("answered", id="after-a-byte-of-the-answer"),
+        pytest.param("new", id="a-new-connection"),
+    ],
+)
+def test_requests_are_not_sent_again_unless_safe(gate, why):
+    s = session_for(gate)
+    body = why == "body"
+    s.client_data(b"POST /a HTTP/1.1\r\n" + H + (b"Content-Length: 2\r\n\r\nab" if body else b"\r\n"))
+    s.upstream_connected(reused=why != "new")
+    if why == "answered":
+        s.upstream_data(b"HTTP/1.1 200")
+    s.upstream_data(b"")
+    assert s.closing and not s.need_upstream
+    assert answer(s).startswith(b"HTTP/1.1 502 ")
+    close(gate, s)
+
+
+def test_a_reset_of_a_reused_upstream_before_any_answer_is_retried_and_otherwise_passed_on(gate):
+    s = session_for(gate)
+    s.client_data(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+    s.upstream_connected(reused=True)
+    s.upstream_lost("the upstream reset the connection")
+    assert s.need_upstream and not s.closing
+    s.upstream_connected()
+    s.upstream_lost("the upstream reset the connection")
+    assert s.closing and s.reset and s.problem == "the upstream reset the connection"
     close(gate, s)
 
 
@@ -282,3 +367,99 @@ def test_plain_http_is_served_by_the_front_door_request_by_request(gate):
     assert [(r[0], r[3]) for r in requests(gate)] == [("allow", "/1"), ("allow", "/2"), ("deny", "/3")]
     end = [e for e in gate.events if e.kind.value == "connection_end"][0]
     assert end.bytes_up > 0 and end.bytes_down > 200000
+
+
+async def plain_http_door(gate, upstream):
+    return await started(gate, ALLOWED, upstream.port, hand_off=never, plain_http=lambda state: True)
+
+
+async def exchange(port, host=b"allowed.test") -> bytes:
+    """One request on a new connection that the client closes after it."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+    answer = await read_all(reader)
+    writer.close()
+    return answer
+
+
+def test_the_next_connection_of_the_sandbox_reuses_the_idle_upstream_and_is_decided_anew(gate):
+    async def server(reader, writer):
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await plain_http_door(gate, upstream)
+            for _ in range(3):
+                assert (await exchange(door.port)).startswith(b"HTTP/1.1 200 OK")
+            assert (await exchange(door.port, b"evil.test")).startswith(b"HTTP/1.1 403 ")
+            await until(lambda: len([e for e in gate.events if e.kind.value == "connection_end"]) == 3)
+            assert upstream.connections == 1 and door.upstream_pool.count == 1
+            await door.stop()
+            assert door.upstream_pool.count == 0
+
+    run(scenario())
+    assert [r[0] for r in requests(gate)] == ["allow", "allow", "allow", "deny"]
+
+
+def test_an_idle_upstream_the_server_closed_is_not_reused_and_a_dropped_request_goes_again(gate):
+    """The server closes the first connection at once after its answer (seen while
+    idle: dropped), and the second without answering its second request (the race
+    a pool has: the request goes again on a new connection)."""
+    answered = []
+
+    async def server(reader, writer):
+        n = len(answered)
+        await reader.readuntil(b"\r\n\r\n")
+        answered.append(n)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        if n == 1:
+            await reader.readuntil(b"\r\n\r\n")  # then closes, unanswered
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await plain_http_door(gate, upstream)
+            assert (await exchange(door.port)).startswith(b"HTTP/1.1 200 OK")
+            await until(lambda: door.upstream_pool.count == 0)  # its FIN dropped it
+            for _ in range(2):
+                assert (await exchange(door.port)).startswith(b"HTTP/1.1 200 OK")
+            assert upstream.connections == 3 and answered == [0, 1, 2]
+            await door.stop()
+
+    run(scenario())
+    assert [r[0] for r in requests(gate)] == ["allow", "allow", "allow"]
+
+
+def test_the_pool_drops_an_idle_connection_its_server_closes_and_keeps_tasks_apart():
+    from sandgate.proxy.frontdoor.http1_relay import UpstreamPool
+    from sandgate.proxy.frontdoor.poller import Poller
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        poller = Poller(loop)
+        pool = UpstreamPool(poller, loop)
+        pairs = [socket.socketpair() for _ in range(3)]
+        for ours, _ in pairs:
+            ours.setblocking(False)
+            poller.watch(ours.fileno(), lambda events: None)
+        a, b = ("task-a", LOOPBACK, LOOPBACK, 80), ("task-b", LOOPBACK, LOOPBACK, 80)
+        pool.give(a, pairs[0][0])
+        pool.give(a, pairs[1][0])
+        pool.give(b, pairs[2][0])
+        pairs[1][1].close()  # its server closes the newest of task a's: dropped at its event
+        await until(lambda: pool.count == 2)
+        assert pairs[1][0].fileno() == -1
+        assert pool.take(a) is pairs[0][0] and pool.take(a) is None  # never task b's
+        pairs[2][1].send(b"HTTP/1.1 200 OK")  # an idle server that speaks: unusable
+        await until(lambda: pool.count == 0)
+        assert pool.take(b) is None
+        pool.close()
+        poller.close()
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+    run(scenario())

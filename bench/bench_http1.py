@@ -1,0 +1,275 @@
+"""The front door's plain-HTTP path alone, on loopback: the gateway's CPU per new
+connection and per keep-alive request, optionally under cProfile.
+
+    .venv/bin/python bench/bench_http1.py [--seconds 3] [--conns 16] [--profile OUT]
+
+Not a test and not the side-by-side table (bench_gateway.py is): a quick loop for
+working on proxy/frontdoor/http1*.py. nginx answers on 127.0.0.1 (one worker, no
+log); a real `Gateway` (audit log and metrics as sinks, as in `sandgate run`) runs
+in a child process whose front door takes 127.0.0.1 as its sandbox and the
+connection's original destination as 203.0.113.10:80 (allowed.test), connecting
+to nginx instead; a client process keeps `--conns` exchanges in flight with one
+selector. Nothing leaves loopback; the children are stopped at the end.
+
+Reported per phase: requests/s, and the gateway's CPU (user + system, from
+/proc/PID/stat) per request. `--profile OUT` runs the gateway under cProfile and
+writes OUT.<phase>.pstats (and prints the top of each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DESTINATION = ("203.0.113.10", 80)
+RULES = """\
+version: 1
+profiles:
+  default:
+    fallback: deny
+    rules:
+      - allow: allowed.test
+        id: bench-allowed
+"""
+NGINX = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {w}/nginx.pid;
+error_log {w}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {w}/body;
+    proxy_temp_path {w}/proxy;
+    fastcgi_temp_path {w}/fastcgi;
+    uwsgi_temp_path {w}/uwsgi;
+    scgi_temp_path {w}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "hello from the bench upstream\\n"; }}
+    }}
+}}
+"""
+REQUEST_CLOSE = b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n"
+REQUEST_KEEP = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- the gateway (child process) -----------------------------------------------------------
+
+
+def gateway_main(work: str, upstream_port: int, ready, control) -> None:
+    """A Gateway whose front door listens on loopback; `control` says when to start
+    and stop a profile (phase names), and "exit"."""
+    from sandgate.proxy.gateway import Gateway, GatewayConfig
+    from sandgate.proxy.policy import load_policy
+    from sandgate.proxy.registry import Sandbox
+    from sandgate.proxy.telemetry.audit import AuditLog
+    from sandgate.proxy.telemetry.metrics import Metrics
+
+    profile_to = os.environ.get("BENCH_HTTP1_PROFILE")
+
+    async def serve() -> None:
+        rules = Path(work, "rules.yaml")
+        rules.write_text(RULES)
+        audit = AuditLog(Path(work, "audit.jsonl"))
+        config = GatewayConfig("127.0.0.1", ["127.0.0.1"], Path(work, "ca"), dns_port=0)
+        gateway = Gateway(config, load_policy([rules]), audit, Metrics())
+        gateway.add_sandbox(Sandbox("127.0.0.1", "bench", "default"))
+        # As if the sandbox had resolved the name through the DNS filter.
+        gateway.bindings.record("127.0.0.1", "allowed.test", DESTINATION[0], 10**6)
+        gateway.frontdoor.original_dst = lambda sock: DESTINATION
+        gateway.frontdoor.upstream_address = lambda ip, port: ("127.0.0.1", upstream_port)
+        await gateway.start(inspection=False)
+        ready.send(gateway.proxy_port)
+        loop = asyncio.get_running_loop()
+        profiler, phase = None, ""
+        while True:
+            command = await loop.run_in_executor(None, control.recv)
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(f"{profile_to}.{phase}.pstats")
+                profiler = None
+            if command == "exit":
+                break
+            phase = command
+            if profile_to:
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+            control.send("started")
+        await gateway.stop()
+        audit.close()
+
+    asyncio.run(serve())
+
+
+# --- the client (child process) ----------------------------------------------------------
+
+
+def client_main(port: int, conns: int, seconds: float, keep: bool, out) -> None:
+    """`conns` exchanges in flight; a new connection per request, or (keep) one per
+    slot reused. Counts complete 200 responses."""
+    sel = selectors.DefaultSelector()
+    done = errors = 0
+    response_size: int | None = None  # learnt from the first keep-alive response
+
+    def open_one() -> None:
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        sel.register(s, selectors.EVENT_WRITE, [bytearray(), False])
+
+    for _ in range(conns):
+        open_one()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for key, events in sel.select(0.5):
+            s, (got, sent) = key.fileobj, key.data
+            if events & selectors.EVENT_WRITE and not sent:
+                s.send(REQUEST_KEEP if keep else REQUEST_CLOSE)
+                key.data[1] = True
+                sel.modify(s, selectors.EVENT_READ, key.data)
+                continue
+            try:
+                data = s.recv(65536)
+            except OSError:
+                data = b""
+            got += data
+            if keep and data:
+                if response_size is None and b"\r\n\r\n" in got:
+                    head, _, _ = got.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    response_size = len(head) + 4 + length
+                if response_size is not None and len(got) >= response_size:
+                    done += got.startswith(b"HTTP/1.1 200")
+                    got.clear()
+                    s.send(REQUEST_KEEP)
+                continue
+            if data:
+                continue
+            sel.unregister(s)
+            s.close()
+            if got.startswith(b"HTTP/1.1 200"):
+                done += 1
+            else:
+                errors += 1
+            open_one()
+    out.put((done, errors))
+
+
+def run_phase(port: int, conns: int, seconds: float, keep: bool, procs: int) -> tuple[int, int]:
+    mp = multiprocessing.get_context("fork")
+    queue = mp.Queue()
+    children = [
+        mp.Process(target=client_main, args=(port, conns, seconds, keep, queue))
+        for _ in range(procs)
+    ]
+    for c in children:
+        c.start()
+    results = [queue.get(timeout=seconds + 30) for _ in children]
+    for c in children:
+        c.join(timeout=10)
+    return sum(r[0] for r in results), sum(r[1] for r in results)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--conns", type=int, default=16, help="exchanges in flight per client")
+    parser.add_argument("--procs", type=int, default=1, help="client processes")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--phases", default="new,keep")
+    parser.add_argument("--profile", metavar="OUT", help="cProfile the gateway; OUT.<phase>.pstats")
+    args = parser.parse_args()
+    nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
+    if nginx is None:
+        print("bench_http1: nginx missing (apt-get install -y nginx-light)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="sg-bench-http1-"))
+    upstream_port = free_port()
+    (work / "nginx.conf").write_text(NGINX.format(w=work, port=upstream_port))
+    upstream = subprocess.Popen(
+        [nginx, "-p", work, "-c", work / "nginx.conf", "-e", work / "nginx-error.log"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if args.profile:
+        os.environ["BENCH_HTTP1_PROFILE"] = str(Path(args.profile).resolve())
+    mp = multiprocessing.get_context("spawn")
+    ready_r, ready_w = mp.Pipe(duplex=False)
+    control, control_child = mp.Pipe()
+    gateway = mp.Process(target=gateway_main, args=(str(work), upstream_port, ready_w, control_child))
+    gateway.start()
+    try:
+        if not ready_r.poll(30):
+            raise SystemExit("bench_http1: the gateway did not start")
+        port = ready_r.recv()
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", upstream_port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit("bench_http1: nginx did not start")
+            time.sleep(0.05)
+        run_phase(port, 2, 0.3, False, 1)  # warm-up
+        for r in range(args.rounds):
+            for phase in args.phases.split(","):
+                control.send(phase)
+                control.recv()
+                cpu0, t0 = cpu_seconds(gateway.pid), time.perf_counter()
+                done, errors = run_phase(port, args.conns, args.seconds, phase == "keep", args.procs)
+                wall, cpu = time.perf_counter() - t0, cpu_seconds(gateway.pid) - cpu0
+                print(
+                    f"round {r + 1} {phase:4s}: {done / wall:8,.0f} requests/s, "
+                    f"gateway CPU {1e6 * cpu / max(done, 1):6,.0f} us per request "
+                    f"({cpu / wall:.2f} cores), errors {errors}",
+                    flush=True,
+                )
+        control.send("exit")
+        gateway.join(timeout=15)
+        if args.profile:
+            import pstats
+
+            for phase in args.phases.split(","):
+                path = f"{args.profile}.{phase}.pstats"
+                print(f"\n--- {path}")
+                pstats.Stats(path).sort_stats("tottime").print_stats(25)
+    finally:
+        if gateway.is_alive():
+            gateway.terminate()
+            gateway.join(timeout=5)
+        upstream.terminate()
+        upstream.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
