@@ -59,6 +59,7 @@ MAX_OWED = 256 * 1024
 # h11's own cap on an unfinished event; the head limits here are checked first.
 _H11_BUFFER = MAX_HEAD_BYTES + MAX_OWED
 _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _OBS_FOLD = re.compile(rb"\n[ \t]")  # a continuation line, which h11 unfolds silently
 _UPGRADE_FIELDS = (b"upgrade", b"http2-settings")
 _ENDED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
@@ -467,11 +468,13 @@ class Http1Session:
         """Send the request again on a new upstream connection, if the one it went on
         was reused and closed before a byte of the answer (an idle connection the
         server closed as it was taken): as a browser or Squid retries then. Only a
-        request without a body, and once."""
+        request without a body, of an idempotent method (RFC 9110 9.2.2: a POST may have
+        had its effect), and once."""
         if not (
             self.reused
             and self.request is not None
             and self.replayable is not None
+            and self.replayable.method in _IDEMPOTENT
             and not self.responding
             and self.response_seen == 0
         ):

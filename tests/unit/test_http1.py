@@ -147,12 +147,14 @@ def test_a_reused_upstream_that_closes_unanswered_gets_the_request_again_on_a_ne
         pytest.param("body", id="a-body-is-not-kept"),
         pytest.param("answered", id="after-a-byte-of-the-answer"),
         pytest.param("new", id="a-new-connection"),
+        pytest.param("post", id="not-idempotent"),
     ],
 )
 def test_requests_are_not_sent_again_unless_safe(gate, why):
     s = session_for(gate)
     body = why == "body"
-    s.client_data(b"POST /a HTTP/1.1\r\n" + H + (b"Content-Length: 2\r\n\r\nab" if body else b"\r\n"))
+    method = b"POST" if why in ("body", "post") else b"GET"
+    s.client_data(method + b" /a HTTP/1.1\r\n" + H + (b"Content-Length: 2\r\n\r\nab" if body else b"\r\n"))
     s.upstream_connected(reused=why != "new")
     if why == "answered":
         s.upstream_data(b"HTTP/1.1 200")
