@@ -295,3 +295,112 @@ def test_a_hostile_dns_message_does_not_stall_another_connection(net, tmp_path):
     assert hostile and all("at most 4096" in e["detail"] for e in hostile), r.describe()
     # only the real queries reached the upstream resolver
     assert set(net.dns_queries_seen()) <= {"allowed.test"}, net.dns_queries_seen()
+
+
+# A resolver in the fake internet that answers too much: `big.test` with ~4.9 KB of
+# well-formed A records over UDP, `prefix.test` truncated over UDP and then, over TCP,
+# a length prefix announcing 64 KiB (the body only if the gateway waits for it);
+# `fine.test` normally. Logs what it answered and whether the gateway hung up.
+HOSTILE_RESOLVER = r"""
+import socket, struct, sys, threading
+ip, log = sys.argv[1], open(sys.argv[2], "a", buffering=1)
+
+def name_of(q):
+    labels, o = [], 12
+    while q[o]:
+        labels.append(q[o + 1 : o + 1 + q[o]].decode().lower()); o += 1 + q[o]
+    return ".".join(labels), o + 5
+
+def answer(q, count, tc=False):
+    name, end = name_of(q)
+    rr = lambda a: b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes(a)
+    records = [rr((203, 0, 113, 10))] + [rr((198, 51, i // 250, i % 250 + 1)) for i in range(count - 1)]
+    flags = 0x8580 | (0x0200 if tc else 0)
+    return struct.pack("!HHHHHH", int.from_bytes(q[:2], "big"), flags, 1, count, 0, 0) + q[12:end] + b"".join(records)
+
+def serve_udp(u):
+    while True:
+        q, peer = u.recvfrom(4096)
+        name, _ = name_of(q)
+        reply = answer(q, 300) if name == "big.test" else answer(q, 0, tc=True) if name == "prefix.test" else answer(q, 1)
+        log.write(f"udp {name} {len(reply)}\n"); u.sendto(reply, peer)
+
+def serve_tcp(t):
+    while True:
+        c, _ = t.accept()
+        q = c.recv(4096)[2:]
+        name, _ = name_of(q)
+        c.sendall(b"\xff\xff"); c.settimeout(3)
+        try:
+            hung_up = c.recv(1) == b""
+        except OSError:
+            hung_up = False
+        if not hung_up:
+            c.sendall(answer(q, 4000)[:65535])
+        log.write(f"tcp {name} {'hung-up' if hung_up else 'body-sent'}\n"); c.close()
+
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((ip, 53))
+t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind((ip, 53)); t.listen(8)
+threading.Thread(target=serve_udp, args=(u,), daemon=True).start()
+threading.Thread(target=serve_tcp, args=(t,), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+HOSTILE_RESOLVER_IP = "203.0.113.153"
+
+
+@pytest.fixture
+def hostile_resolver(net, tmp_path):
+    """HOSTILE_RESOLVER on its own address in the fake internet; yields its log lines."""
+    log = tmp_path / "resolver.log"
+    log.touch()
+    net.run_in_internet(["ip", "addr", "add", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"], check=True)
+    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c"]
+    proc = subprocess.Popen(
+        [*argv, HOSTILE_RESOLVER, HOSTILE_RESOLVER_IP, str(log)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield lambda: log.read_text().splitlines()
+    finally:
+        proc.kill()
+        proc.wait()
+        net.run_in_internet(["ip", "addr", "del", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"])
+
+
+def test_an_oversized_upstream_dns_answer_is_servfail_never_a_partial_allow(
+    net, tmp_path, hostile_resolver
+):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        + "".join(f"      - allow: {name}\n" for name in ("big.test", "prefix.test", "fine.test"))
+    )
+    r = sandbox.run(net, tmp_path, {
+        "big": sandbox.dig("big.test"),
+        "prefix": sandbox.dig("prefix.test"),
+        "fine": sandbox.dig("fine.test"),
+        # the address the oversized answer offered was never bound to the name
+        "spoofed": curl("--resolve", f"big.test:80:{ALLOWED_IP}", "http://big.test/after-servfail"),
+    }, rules=rules, dns_upstream=HOSTILE_RESOLVER_IP)  # fmt: skip
+
+    assert r["big"].dns_status == "SERVFAIL" and r["big"].dns_answers == [], r.describe()
+    assert r["prefix"].dns_status == "SERVFAIL", r.describe()
+    assert r["prefix"].ms < 1500, r.describe()  # on the prefix, not after a timeout
+    assert r["fine"].dns_answers == [ALLOWED_IP], r.describe()  # the filter kept serving
+    for name in ("big.test", "prefix.test"):
+        (event,) = r.events(kind="dns", name=name)
+        assert (event["verdict"], event["reason"]) == ("deny", "dns_upstream_failure"), event
+        assert "at most 4096" in event["detail"], event
+    spoofed = r.events(kind="connect", name="big.test") + r.events(kind="request", name="big.test")
+    assert spoofed and all(e["verdict"] == "deny" for e in spoofed), r.describe()
+    assert r["spoofed"].status != 200, r.describe()
+    assert not [e for e in net.requests_seen() if e["host"] == "big.test"], net.requests_seen()
+    # the hostile resolver was asked, answered big, and was hung up on over TCP
+    log = hostile_resolver()
+    assert any(line.startswith("udp big.test ") and int(line.split()[2]) > 4096 for line in log)
+    assert "tcp prefix.test hung-up" in log, log
