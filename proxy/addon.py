@@ -28,8 +28,8 @@ import logging
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.net.http.http1 import assemble_response
-from mitmproxy.proxy.layers.http import HTTPMode
-from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http import HTTPMode, ResponseProtocolError
+from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
 from sandgate.proxy.policy import Decision, Reason, Verdict
@@ -70,7 +70,8 @@ class CountingTCPLayer(layers.TCPLayer):
 
 
 class HeadLimitedHttpLayer(layers.HttpLayer):
-    """mitmproxy's HTTP layer, with a bound on an unfinished HTTP/1 request head.
+    """mitmproxy's HTTP layer, with a bound on an unfinished HTTP/1 head, the
+    request's and the upstream response's.
 
     mitmproxy's HTTP/1 reader (`Http1Server`) buffers a request head until its
     blank line, with no limit (its own FIXME in layers/http/_http1.py): a task that
@@ -82,14 +83,35 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
     anyway, refused now (431, `gate.on_unfinished_head`) and the connection closed.
     A body being read (`read_body`) is consumed as it comes and never counts; a
     keep-alive follow-up starts from what is left after the previous request. The
-    layer sees plaintext, so inspected TLS is bounded alike; HTTP/2 has h2's limits."""
+    layer sees plaintext, so inspected TLS is bounded alike; HTTP/2 has h2's limits.
 
-    def __init__(self, context, refuse):
+    The upstream's response head (`Http1Client`, the same FIXME) is bounded alike:
+    past MAX_HEAD_BYTES unfinished, the server connection is closed and the stream
+    gets a ResponseProtocolError, which mitmproxy answers with a 502 to the client
+    (`refuse_response(flow, size)` emits the event and gives the 502's text)."""
+
+    def __init__(self, context, refuse, refuse_response):
         super().__init__(context, HTTPMode.transparent)
         self.refuse = refuse  # (first bytes, size) -> the 431's bytes, after the event
+        self.refuse_response = refuse_response  # (flow, size) -> the 502's message
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from super()._handle_event(event)
+        for top in list(self.connections.values()):
+            upstream = _http1_client(top)
+            if (
+                upstream is not None
+                and len(upstream.buf) > MAX_HEAD_BYTES
+                and upstream.state == upstream.read_headers
+                and upstream.stream_id is not None
+            ):
+                size, stream = len(upstream.buf), self.streams.get(upstream.stream_id)
+                upstream.buf, upstream.state = type(upstream.buf)(), upstream.done
+                yield commands.CloseConnection(upstream.conn)
+                if stream is not None:
+                    message = self.refuse_response(stream.flow, size)
+                    error = ResponseProtocolError(upstream.stream_id, message)
+                    yield from self.event_to_child(stream, error)
         reader = self.connections.get(self.context.client)
         if (
             isinstance(reader, Http1Server)
@@ -100,6 +122,14 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             reader.buf, reader.state = type(reader.buf)(), reader.done  # memory back, no parse
             yield commands.SendData(self.context.client, self.refuse(buffered, size))
             yield commands.CloseConnection(self.context.client)
+
+
+def _http1_client(top: layer.Layer) -> Http1Client | None:
+    """The Http1Client under `top`, an upstream connection's stack in
+    `HttpLayer.connections` (`HttpClient`, maybe under TLS layers), once it has one."""
+    while top is not None and not isinstance(top, Http1Client):
+        top = getattr(top, "child_layer", None)
+    return top
 
 
 class RejectLayer(layer.Layer):
@@ -210,7 +240,12 @@ class SandgateAddon:
             page = _refusal_text(decision, "A request head must end within its size limit.")
             return assemble_response(http.Response.make(431, page, _REFUSAL_HEADERS))
 
-        return HeadLimitedHttpLayer(context, refuse)
+        def refuse_response(flow: http.HTTPFlow, size: int) -> str:
+            tls = bool(context.client.tls)
+            decision = self.gate.on_response_head_too_large(state, _head_of(flow.request), size, tls)
+            return f"sandgate: {decision.reason.value}: {decision.detail}"
+
+        return HeadLimitedHttpLayer(context, refuse, refuse_response)
 
     def _requestheaders(self, flow: http.HTTPFlow):
         state = self.gate.connections.get(flow.client_conn.id)

@@ -691,6 +691,20 @@ class ConnectionGate:
         )
         self._emit_request(state, decision, head, tls, None, self.clock())
 
+    def on_response_head_too_large(
+        self, state: ConnState, head: RequestHead, size: int, tls: bool
+    ) -> Decision:
+        """The upstream's HTTP/1 response head to `head` has not ended after `size`
+        (> MAX_HEAD_BYTES) bytes: the adapter cuts it and answers 502; this is its
+        event (headers_too_large, like a request head's)."""
+        decision = deny(
+            "headers-too-large",
+            detail=f"the upstream's response head has not ended after {size} bytes; "
+            f"at most {MAX_HEAD_BYTES}: cut, 502 to the client",
+        )
+        self._emit_request(state, decision, head, tls, state.name, self.clock())
+        return decision
+
     def on_tls_rejected(self, state: ConnState, error: str) -> None:
         """Under inspection the client refused the gateway's certificate (pinned, or a
         private CA): its own event, so that the summary can say so."""

@@ -105,7 +105,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "headers-too-large",
         (R.HEADERS_TOO_LARGE,),
-        "a request head with more than 100 header fields or more than 64 KiB (answered 431)",
+        "a request head with more than 100 header fields or more than 64 KiB (answered 431), "
+        "or an upstream response head unfinished after 64 KiB (cut, 502)",
     ),
     (
         "protocol-not-allowed",

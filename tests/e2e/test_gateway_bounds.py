@@ -404,3 +404,75 @@ def test_an_oversized_upstream_dns_answer_is_servfail_never_a_partial_allow(
     log = hostile_resolver()
     assert any(line.startswith("udp big.test ") and int(line.split()[2]) > 4096 for line in log)
     assert "tcp prefix.test hung-up" in log, log
+
+
+# --- an upstream whose response head never ends -------------------------------------
+
+# An HTTP server in the fake internet that answers every request with
+# `HTTP/1.1 200 OK\r\nX: ` and then up to 8 MB of 'a', never a blank line; logs the
+# request line and how many bytes it got out before the gateway cut it.
+ENDLESS_RESPONSE_SERVER = r"""
+import socket, sys, threading
+ip, port, log = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], "a", buffering=1)
+listener = socket.socket(); listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((ip, port)); listener.listen(8)
+
+def serve(c):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = c.recv(4096)
+        if not data:
+            return
+        head += data
+    sent, chunk = 0, b"a" * 16384
+    try:
+        c.sendall(b"HTTP/1.1 200 OK\r\nX: ")
+        while sent < 8 << 20:
+            c.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass
+    log.write(f"{head.split(b' ')[1].decode()} {sent}\n"); c.close()
+
+print("ready", flush=True)
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+"""
+ENDLESS_RESPONSE_PORT = 8081
+
+
+def test_an_upstream_response_head_that_never_ends_is_cut_with_a_502(net, tmp_path):
+    log = tmp_path / "endless.log"
+    log.touch()
+    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c"]
+    argv += [ENDLESS_RESPONSE_SERVER, "203.0.113.66", str(ENDLESS_RESPONSE_PORT), str(log)]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        f"      - allow: evil.test\n        ports: [{ENDLESS_RESPONSE_PORT}]\n        id: hostile\n"
+        "      - allow: allowed.test\n        id: plain\n"
+    )
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        url = f"http://evil.test:{ENDLESS_RESPONSE_PORT}/endless-response"
+        r = sandbox.run(net, tmp_path, {
+            "endless": curl(url, timeout=20),
+            "after": curl("http://allowed.test/after-endless-response"),
+        }, rules=rules)  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+
+    assert r["endless"].status == 502, r.describe()
+    assert "200 OK" not in r["endless"].out and "aaaa" not in r["endless"].out, r.describe()
+    assert "headers_too_large" in r["endless"].body, r.describe()
+    assert r["after"].status == 200, r.describe()  # the gateway kept serving
+    cut = r.events(kind="request", reason="headers_too_large")
+    assert len(cut) == 1 and cut[0]["path"] == "/endless-response", r.describe()
+    assert "response head has not ended" in cut[0]["detail"], cut
+    # the server was cut near the limit: it got out far less than the 8 MB it tried
+    # (what it sent before the close includes both ends' socket buffers)
+    (line,) = eventually(lambda: log.read_text().splitlines())
+    path, sent = line.split()
+    assert path == "/endless-response" and int(sent) < 4 << 20, line
