@@ -192,7 +192,7 @@ class Gateway:
 
     def _keep_special(self, profile: str, ip) -> bool:
         compiled = self.policy.profiles.get(profile)
-        return compiled is not None and compiled.opens_special_address(ip)
+        return compiled is not None and compiled.opens_special_address(ip, time.time())
 
     def emit(self, event: Event) -> None:
         if event.policy_hash != self.policy.hash or event.task_id is None:

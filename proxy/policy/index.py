@@ -216,11 +216,15 @@ class CompiledProfile:
             for network in rule.networks
         )
 
-    def opens_special_address(self, ip: IPAddress) -> bool:
-        """Whether an allow rule opens the private/loopback/... address `ip`: then a
-        DNS answer with `ip` is intended, not rebinding."""
+    def opens_special_address(self, ip: IPAddress, now: float | None = None) -> bool:
+        """Whether an allow rule live at `now` (epoch seconds; None: any rule loaded)
+        opens the private/loopback/... address `ip`: then a DNS answer with `ip` is
+        intended, not rebinding. An expired rule opens nothing, as in decide()."""
         return any(
-            r.action is Verdict.ALLOW and self.opens_special(r, ip) for r in self.rules_for_ip(ip)
+            r.action is Verdict.ALLOW
+            and (now is None or r.live_at(now))
+            and self.opens_special(r, ip)
+            for r in self.rules_for_ip(ip)
         )
 
 
