@@ -724,12 +724,14 @@ class ConnectionGate:
 
     # --- 5. a new policy ----------------------------------------------------------------
 
-    def revoke_denied(self) -> list[ConnState]:
-        """Decide every open connection again under `self.policy` (just swapped in),
-        on the facts it was decided on, and revoke those it denies: each gets a deny
-        event (reason policy_changed, naming the rule that denies it now) and moves to
-        REJECTED; they are returned for their adapters to close (`state.abort`).
-        Connections still allowed carry on under the new policy's hash and decision."""
+    def revoke_denied(self, why: str = "a policy reload") -> list[ConnState]:
+        """Decide every open connection again under `self.policy` (just swapped in,
+        or with a rule just expired: the facts get the current time), on the facts it
+        was decided on, and revoke those it denies: each gets a deny event (reason
+        policy_changed, naming the rule that denies it now; the detail says `why`) and
+        moves to REJECTED; they are returned for their adapters to close
+        (`state.abort`). Connections still allowed carry on under the policy's hash
+        and decision."""
         revoked = []
         for state in list(self.connections.values()):
             started = self.clock()
@@ -749,7 +751,7 @@ class ConnectionGate:
                 Verdict.DENY,
                 Reason.POLICY_CHANGED,
                 denial.rule,
-                detail=f"closed by a policy reload ({denial.reason}): {denial.detail}",
+                detail=f"closed by {why} ({denial.reason}): {denial.detail}",
             )
             self._emit_connection(revoked_by, state.fields, state.name, state.protocol, started)
             revoked.append(state)

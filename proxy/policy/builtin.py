@@ -65,7 +65,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "policy-changed",
         (R.POLICY_CHANGED,),
-        "an open connection that a reloaded policy no longer allows: the gateway closed it",
+        "an open connection that a reloaded policy no longer allows (or one an expired rule allowed): "
+        "the gateway closed it",
     ),
     (
         "unknown-sandbox",

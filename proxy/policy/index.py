@@ -284,6 +284,29 @@ class CompiledPolicy:
         first = min((p.first_expiry for p in self.profiles.values()), default=math.inf)
         return None if first == math.inf else first
 
+    def expiring(self, after: float, until: float) -> list[Rule]:
+        """The active rules whose `expires` instant falls in (after, until], once each
+        (a profile that extends another shares its rules), earliest first."""
+        found = {
+            id(rule): rule
+            for profile in self.profiles.values()
+            for rule in profile.rules
+            if rule.expires_at is not None and after < rule.expires_at <= until
+        }
+        return sorted(found.values(), key=lambda rule: rule.expires_at)
+
+    def next_expiry_after(self, now: float) -> float | None:
+        """The first instant after `now` at which an active rule stops matching."""
+        return min(
+            (
+                rule.expires_at
+                for profile in self.profiles.values()
+                for rule in profile.rules
+                if rule.expires_at is not None and rule.expires_at > now
+            ),
+            default=None,
+        )
+
     @property
     def next_expiry(self) -> datetime.date | None:
         """The (local) day of `next_expiry_at`: a load from then on reports the rule as expired."""

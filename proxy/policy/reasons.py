@@ -70,7 +70,7 @@ class Reason(StrEnum):
     UNKNOWN_PROFILE = "unknown_profile"
     POLICY_LOADED = "policy_loaded"
     POLICY_INVALID = "policy_invalid"  # a reload failed; the last good policy stays
-    POLICY_CHANGED = "policy_changed"  # an open connection the reloaded policy denies: closed
+    POLICY_CHANGED = "policy_changed"  # an open connection the reloaded policy (or an expiry) denies: closed
     # The audit log cannot be written (disk full, its budget reached, no descriptor):
     # with --on-audit-failure block (the default) new connections are refused.
     AUDIT_UNAVAILABLE = "audit_unavailable"

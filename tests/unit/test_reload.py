@@ -156,6 +156,55 @@ def test_swap_closes_a_relayed_connection_the_new_policy_denies_and_keeps_one_it
     assert [e for e in events if e.verdict == "deny"] == [revoked]
 
 
+def test_an_expiring_rule_closes_the_connections_it_allowed_at_its_instant(tmp_path):
+    """`expires:` passes during the run, no reload: the relay the rule allowed is
+    closed at that instant with a policy_changed event naming the expiry; a relay
+    another rule allowed carries on; the next connection is denied."""
+    expires = time.time() + 1.5
+    instant = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(expires)) + f".{int(expires % 1 * 1000):03d}Z"
+    rules = GATE_RULES.replace(
+        "        id: allowed\n", f"        id: allowed\n        expires: {instant}\n"
+    )
+    gateway, _, events = make_gateway(tmp_path, rules)
+    hello, ssh = client_hello("allowed.test"), b"SSH-2.0-client\r\n"
+
+    async def scenario():
+        upstream = await asyncio.start_server(echo, LOOPBACK, 0)
+        port = upstream.sockets[0].getsockname()[1]
+        tls_door, ssh_door = (
+            await door_to(gateway, TLS_DST, port),
+            await door_to(gateway, SSH_DST, port),
+        )
+        gateway.watch_expiry()  # as Gateway.start does
+        tls_reader, _ = await relayed(tls_door, hello)
+        ssh_reader, ssh_writer = await relayed(ssh_door, ssh)
+        assert time.time() < expires  # both were allowed before the instant
+        assert await closed(tls_reader)  # ... and the expired rule's is gone after it
+        closed_at = time.time()
+        ssh_writer.write(b"still here")
+        assert await asyncio.wait_for(ssh_reader.readexactly(10), 5) == b"still here"
+        late_reader, late_writer = await asyncio.open_connection(LOOPBACK, tls_door.port)
+        late_writer.write(hello)
+        assert await closed(late_reader)  # a new connection under the expired rule
+        ssh_writer.close()
+        await until(lambda: not gateway.gate.connections)
+        for door in (tls_door, ssh_door):
+            await door.stop()
+        upstream.close()
+        return closed_at
+
+    closed_at = run(scenario())
+    assert expires <= closed_at < expires + 2
+    [revoked] = events.of("policy_changed")
+    assert (revoked.kind, revoked.verdict, revoked.name) == ("connection", "deny", "allowed.test")
+    assert "closed by the expiry of allowed (no_rule)" in revoked.detail
+    ends = {e.name: e for e in events if e.kind == "connection_end"}
+    assert "allowed expired" in ends["allowed.test"].detail
+    assert ends["ssh.allowed.test"].bytes_up == len(ssh) + 10
+    late = [e for e in events if e.kind == "connection" and e.reason == "no_rule"]
+    assert [(e.name, e.verdict) for e in late] == [("allowed.test", "deny")]
+
+
 def test_swap_drops_the_bindings_the_new_policy_no_longer_allows(tmp_path):
     gateway, _, _ = make_gateway(tmp_path)
     report = gateway.swap_policy(load_policy_text(tmp_path, REVOKING_RULES))
