@@ -28,7 +28,7 @@ import logging
 from mitmproxy import connection, http, tls
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.net.http.http1 import assemble_response
-from mitmproxy.proxy.layers.http import HTTPMode, ResponseProtocolError
+from mitmproxy.proxy.layers.http import HttpStream, HTTPMode, RequestData, ResponseProtocolError
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
@@ -50,6 +50,10 @@ _STATUS = {
 }
 _REFUSAL_HEADERS = {"content-type": "text/plain; charset=utf-8", "connection": "close"}
 _WEBSOCKET_ALLOWED = "sandgate.websocket"  # flow.metadata key: the request's upgrade was allowed
+_HELD = "sandgate.held"  # flow.metadata key: held for a human's decision
+_HELD_BODY_REFUSED = "sandgate.held_body_refused"  # flow.metadata key: refused while held (413)
+# Body bytes buffered for a request held for approval (mitmproxy reads on meanwhile).
+MAX_HELD_BODY = 1 << 20
 
 
 class CountingTCPLayer(layers.TCPLayer):
@@ -90,10 +94,42 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
     gets a ResponseProtocolError, which mitmproxy answers with a 502 to the client
     (`refuse_response(flow, size)` emits the event and gives the 502's text)."""
 
-    def __init__(self, context, refuse, refuse_response):
+    def __init__(self, context, refuse, refuse_response, refuse_held_body):
         super().__init__(context, HTTPMode.transparent)
         self.refuse = refuse  # (first bytes, size) -> the 431's bytes, after the event
         self.refuse_response = refuse_response  # (flow, size) -> the 502's message
+        self.refuse_held_body = refuse_held_body  # (flow, size) -> the 413's message
+        self._held_bytes: dict[int, int] = {}  # body bytes queued per held stream
+
+    def event_to_child(self, child, event: events.Event) -> layer.CommandGenerator[None]:
+        # A request held for approval is a stream paused in its requestheaders hook:
+        # mitmproxy goes on reading the client and queues the body's events in the
+        # stream (`_paused_event_queue`) until the hook returns. Past MAX_HELD_BODY
+        # bytes the request is refused (413) and the queue let go.
+        if (
+            isinstance(event, RequestData)
+            and isinstance(child, HttpStream)
+            and child._paused
+            and child.flow.metadata.get(_HELD)
+        ):
+            if child.flow.metadata.get(_HELD_BODY_REFUSED):
+                return  # refused already: what was in flight before the close is dropped
+            held = self._held_bytes.get(event.stream_id, 0) + len(event.data)
+            self._held_bytes[event.stream_id] = held
+            if held > MAX_HELD_BODY:
+                yield from self._refuse_held_body(child, held)
+                return
+        elif isinstance(child, HttpStream) and not child._paused:
+            self._held_bytes.pop(getattr(child, "stream_id", None), None)
+        yield from super().event_to_child(child, event)
+
+    def _refuse_held_body(self, stream: HttpStream, size: int) -> layer.CommandGenerator[None]:
+        stream._paused_event_queue.clear()  # the body so far: memory back
+        stream.flow.metadata[_HELD_BODY_REFUSED] = True  # the hook must not forward it
+        message = self.refuse_held_body(stream.flow, size)
+        client = self.connections[self.context.client]
+        error = ResponseProtocolError(stream.stream_id, message, 413)
+        yield from super().event_to_child(client, error)  # 413, then the client is closed
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         yield from super()._handle_event(event)
@@ -180,8 +216,12 @@ class SandgateAddon:
 
     async def _held_request(self, flow: http.HTTPFlow, state, decision, head, checked, tls) -> None:
         with self._fail_closed(flow.client_conn, flow):
+            flow.metadata[_HELD] = True  # its body is bounded meanwhile (HeadLimitedHttpLayer)
             key = self.gate.request_ask_key(state, decision, checked, tls)
             answer = await self.approvals.hold(key, decision.rule.id, state.fields)
+            if flow.metadata.get(_HELD_BODY_REFUSED):  # refused meanwhile (413): never forwarded
+                flow.kill()
+                return
             decision, checked = self.gate.on_request_answer(
                 state, decision, answer, head, checked, tls
             )
@@ -245,7 +285,13 @@ class SandgateAddon:
             decision = self.gate.on_response_head_too_large(state, _head_of(flow.request), size, tls)
             return f"sandgate: {decision.reason.value}: {decision.detail}"
 
-        return HeadLimitedHttpLayer(context, refuse, refuse_response)
+        def refuse_held_body(flow: http.HTTPFlow, size: int) -> str:
+            tls = bool(context.client.tls)
+            head = _head_of(flow.request)
+            decision = self.gate.on_held_body_too_large(state, head, size, MAX_HELD_BODY, tls)
+            return f"sandgate: {decision.reason.value}: {decision.detail}"
+
+        return HeadLimitedHttpLayer(context, refuse, refuse_response, refuse_held_body)
 
     def _requestheaders(self, flow: http.HTTPFlow):
         state = self.gate.connections.get(flow.client_conn.id)

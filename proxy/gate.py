@@ -691,6 +691,21 @@ class ConnectionGate:
         )
         self._emit_request(state, decision, head, tls, None, self.clock())
 
+    def on_held_body_too_large(
+        self, state: ConnState, head: RequestHead, size: int, limit: int, tls: bool
+    ) -> Decision:
+        """`size` (> `limit`) bytes of a request's body arrived while the request was
+        held for a human's decision: the adapter refuses it (413) instead of buffering
+        more; this is its event (body_too_large)."""
+        decision = deny(
+            "body-too-large",
+            detail=f"{size} bytes of body arrived while the request was held for approval; "
+            f"at most {limit} are buffered meanwhile",
+        )
+        state.requests += 1  # decided: the connection's end is not `malformed_request`
+        self._emit_request(state, decision, head, tls, state.name, self.clock())
+        return decision
+
     def on_response_head_too_large(
         self, state: ConnState, head: RequestHead, size: int, tls: bool
     ) -> Decision:

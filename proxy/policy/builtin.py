@@ -110,6 +110,12 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "or an upstream response head unfinished after 64 KiB (cut, 502)",
     ),
     (
+        "body-too-large",
+        (R.BODY_TOO_LARGE,),
+        "more than 1 MiB of a request's body arrived while the request was held for approval "
+        "(answered 413)",
+    ),
+    (
         "protocol-not-allowed",
         (R.PROTOCOL_NOT_ALLOWED,),
         "the server switched protocols (101) for a request no websocket rule allowed to upgrade: "

@@ -476,3 +476,56 @@ def test_an_upstream_response_head_that_never_ends_is_cut_with_a_502(net, tmp_pa
     (line,) = eventually(lambda: log.read_text().splitlines())
     path, sent = line.split()
     assert path == "/endless-response" and int(sent) < 4 << 20, line
+
+
+# --- a body that arrives while its request is held for approval ----------------------
+
+# POSTs a Content-Length of 64 MB and streams it in 64 KiB chunks, watching for an
+# answer between chunks; prints the answer's status line ("closed" if none) and how
+# many body bytes went out.
+HELD_UPLOAD = """
+import select, socket, sys
+s = socket.create_connection(("allowed.test", 80), timeout=20)
+total = 64 << 20
+s.sendall(f"POST /held-upload HTTP/1.1\\r\\nHost: allowed.test\\r\\nContent-Length: {total}\\r\\n\\r\\n".encode())
+sent, chunk, answer = 0, b"b" * 65536, b""
+try:
+    while sent < total:
+        if select.select([s], [], [], 0)[0]:
+            break
+        s.sendall(chunk)
+        sent += len(chunk)
+except OSError:
+    pass
+try:
+    while b"\\r\\n" not in answer:
+        data = s.recv(4096)
+        if not data:
+            break
+        answer += data
+except OSError:
+    pass
+print(answer.split(b"\\r\\n")[0].decode(errors="replace") or "closed", sent)
+"""
+
+
+def test_a_body_sent_while_its_request_is_held_is_refused_not_buffered(net, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    approval: {hold: 20s}\n    rules:\n"
+        "      - ask: allowed.test\n        methods: [POST]\n        id: ask-upload\n"
+    )
+    r = sandbox.run(net, tmp_path, {"upload": python(HELD_UPLOAD)}, rules=rules)
+    status_line, sent = r["upload"].out.rsplit(" ", 1)
+    assert status_line.startswith("HTTP/1.1 413"), r.describe()
+    # Refused near the 1 MiB bound, long before the hold ran out: the client could not
+    # push the 64 MB into the gateway (what it got out includes both ends' socket
+    # buffers, autotuned up to ~10 MB; without the bound all 64 MB went out).
+    assert int(sent) < 16 << 20, r.describe()
+    assert r["upload"].ms < 15_000, r.describe()
+    (refused,) = r.events(kind="request", reason="body_too_large")
+    assert refused["path"] == "/held-upload" and "held for approval" in refused["detail"], refused
+    assert refused["rule_id"] == "builtin:body-too-large", refused
+    assert not r.events(kind="request", verdict="allow"), r.describe()
+    assert not r.events(kind="connection", reason="malformed_request"), r.describe()
+    assert not [e for e in net.requests_seen() if "held-upload" in e["uri"]], net.requests_seen()
