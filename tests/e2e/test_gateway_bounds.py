@@ -35,20 +35,20 @@ profiles:
 """
 
 
-def endless_head(host: str, port: int, path: str, tls: bool, megabytes: int = 8) -> str:
-    """Send a request head that never ends (`X: ` then `megabytes` MB of 'a', never a
-    blank line), watching for an answer between chunks; print the answer's status
-    line ("closed" if none) and how many bytes went out."""
+def stream_until_answered(host: str, port: int, prefix: str, tls: bool, megabytes: int) -> str:
+    """Send `prefix`, then `megabytes` MB of 'a' (a head that never ends, or a body),
+    watching for an answer between chunks; print the answer's status line ("closed"
+    if none) and how many bytes after the prefix went out."""
     return python(
         """
         import select, socket, ssl, sys
-        host, port, path, tls, total = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]) << 20
-        s = socket.create_connection((host, port), timeout=10)
+        host, port, prefix, tls, total = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]) << 20
+        s = socket.create_connection((host, port), timeout=20)
         if tls:
             context = ssl.create_default_context()
             context.set_alpn_protocols(["http/1.1"])
             s = context.wrap_socket(s, server_hostname=host)
-        s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nX: ".encode())
+        s.sendall(prefix.encode())
         sent, chunk, answer = 0, b"a" * 16384, b""
         try:
             while sent < total:
@@ -70,10 +70,16 @@ def endless_head(host: str, port: int, path: str, tls: bool, megabytes: int = 8)
         """,
         host,
         str(port),
-        path,
+        prefix,
         "1" if tls else "0",
         str(megabytes),
     )
+
+
+def endless_head(host: str, port: int, path: str, tls: bool, megabytes: int = 8) -> str:
+    """A request head that never ends: `X: ` then `megabytes` MB, never a blank line."""
+    prefix = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nX: "
+    return stream_until_answered(host, port, prefix, tls, megabytes)
 
 
 def two_on_one_connection(first: str, second: str, *first_args: str) -> str:
@@ -480,33 +486,14 @@ def test_an_upstream_response_head_that_never_ends_is_cut_with_a_502(net, tmp_pa
 
 # --- a body that arrives while its request is held for approval ----------------------
 
-# POSTs a Content-Length of 64 MB and streams it in 64 KiB chunks, watching for an
-# answer between chunks; prints the answer's status line ("closed" if none) and how
-# many body bytes went out.
-HELD_UPLOAD = """
-import select, socket, sys
-s = socket.create_connection(("allowed.test", 80), timeout=20)
-total = 64 << 20
-s.sendall(f"POST /held-upload HTTP/1.1\\r\\nHost: allowed.test\\r\\nContent-Length: {total}\\r\\n\\r\\n".encode())
-sent, chunk, answer = 0, b"b" * 65536, b""
-try:
-    while sent < total:
-        if select.select([s], [], [], 0)[0]:
-            break
-        s.sendall(chunk)
-        sent += len(chunk)
-except OSError:
-    pass
-try:
-    while b"\\r\\n" not in answer:
-        data = s.recv(4096)
-        if not data:
-            break
-        answer += data
-except OSError:
-    pass
-print(answer.split(b"\\r\\n")[0].decode(errors="replace") or "closed", sent)
-"""
+# A POST announcing 64 MB of body, streamed while the request is held.
+HELD_UPLOAD = stream_until_answered(
+    "allowed.test",
+    80,
+    f"POST /held-upload HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: {64 << 20}\r\n\r\n",
+    tls=False,
+    megabytes=64,
+)
 
 
 def test_a_body_sent_while_its_request_is_held_is_refused_not_buffered(net, tmp_path):
@@ -515,7 +502,7 @@ def test_a_body_sent_while_its_request_is_held_is_refused_not_buffered(net, tmp_
         "version: 1\nprofiles:\n  default:\n    approval: {hold: 20s}\n    rules:\n"
         "      - ask: allowed.test\n        methods: [POST]\n        id: ask-upload\n"
     )
-    r = sandbox.run(net, tmp_path, {"upload": python(HELD_UPLOAD)}, rules=rules)
+    r = sandbox.run(net, tmp_path, {"upload": HELD_UPLOAD}, rules=rules)
     status_line, sent = r["upload"].out.rsplit(" ", 1)
     assert status_line.startswith("HTTP/1.1 413"), r.describe()
     # Refused near the 1 MiB bound, long before the hold ran out: the client could not
