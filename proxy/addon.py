@@ -28,8 +28,8 @@ from mitmproxy import connection, http, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.net.http.http1 import assemble_response
-from mitmproxy.proxy.layers.http import HTTPMode
-from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http import HttpStream, HTTPMode, RequestData, ResponseProtocolError
+from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from sandgate.proxy import refusal
 from sandgate.proxy.approvals.holder import Answer
@@ -46,6 +46,10 @@ log = logging.getLogger("sandgate.addon")
 
 _REFUSAL_HEADERS = {"content-type": refusal.CONTENT_TYPE, "connection": "close"}
 _WEBSOCKET_ALLOWED = "sandgate.websocket"  # flow.metadata key: the request's upgrade was allowed
+_HELD = "sandgate.held"  # flow.metadata key: held for a human's decision
+_HELD_BODY_REFUSED = "sandgate.held_body_refused"  # flow.metadata key: refused while held (413)
+# Body bytes buffered for a request held for approval (mitmproxy reads on meanwhile).
+MAX_HELD_BODY = 1 << 20
 
 
 class CountingTCPLayer(layers.TCPLayer):
@@ -72,7 +76,8 @@ LINGER_BYTES = 1 << 20
 
 
 class HeadLimitedHttpLayer(layers.HttpLayer):
-    """mitmproxy's HTTP layer, with a bound on an unfinished HTTP/1 request head.
+    """mitmproxy's HTTP layer, with a bound on an unfinished HTTP/1 head, the
+    request's and the upstream response's.
 
     mitmproxy's HTTP/1 reader (`Http1Server`) buffers a request head until its
     blank line, with no limit (its own FIXME in layers/http/_http1.py): a task that
@@ -84,19 +89,72 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
     anyway, refused now (431, `gate.on_unfinished_head`) and the connection closed.
     A body being read (`read_body`) is consumed as it comes and never counts; a
     keep-alive follow-up starts from what is left after the previous request. The
-    layer sees plaintext, so inspected TLS is bounded alike; HTTP/2 has h2's limits."""
+    layer sees plaintext, so inspected TLS is bounded alike; HTTP/2 has h2's limits.
 
-    def __init__(self, context, refuse):
+    The upstream's response head (`Http1Client`, the same FIXME) is bounded alike:
+    past MAX_HEAD_BYTES unfinished, the server connection is closed and the stream
+    gets a ResponseProtocolError, which mitmproxy answers with a 502 to the client
+    (`refuse_response(flow, size)` emits the event and gives the 502's text)."""
+
+    def __init__(self, context, refuse, refuse_response, refuse_held_body):
         super().__init__(context, HTTPMode.transparent)
         self.refuse = refuse  # (first bytes, size) -> the 431's bytes, after the event
         self.linger: commands.RequestWakeup | None = None  # set once the 431 is out
         self.linger_left = 0
+        self.refuse_response = refuse_response  # (flow, size) -> the 502's message
+        self.refuse_held_body = refuse_held_body  # (flow, size) -> the 413's message
+        self._held_bytes: dict[int, int] = {}  # body bytes queued per held stream
+
+    def event_to_child(self, child, event: events.Event) -> layer.CommandGenerator[None]:
+        # A request held for approval is a stream paused in its requestheaders hook:
+        # mitmproxy goes on reading the client and queues the body's events in the
+        # stream (`_paused_event_queue`) until the hook returns. Past MAX_HELD_BODY
+        # bytes the request is refused (413) and the queue let go.
+        if (
+            isinstance(event, RequestData)
+            and isinstance(child, HttpStream)
+            and child._paused
+            and child.flow.metadata.get(_HELD)
+        ):
+            if child.flow.metadata.get(_HELD_BODY_REFUSED):
+                return  # refused already: what was in flight before the close is dropped
+            held = self._held_bytes.get(event.stream_id, 0) + len(event.data)
+            self._held_bytes[event.stream_id] = held
+            if held > MAX_HELD_BODY:
+                yield from self._refuse_held_body(child, held)
+                return
+        elif isinstance(child, HttpStream) and not child._paused:
+            self._held_bytes.pop(getattr(child, "stream_id", None), None)
+        yield from super().event_to_child(child, event)
+
+    def _refuse_held_body(self, stream: HttpStream, size: int) -> layer.CommandGenerator[None]:
+        stream._paused_event_queue.clear()  # the body so far: memory back
+        stream.flow.metadata[_HELD_BODY_REFUSED] = True  # the hook must not forward it
+        message = self.refuse_held_body(stream.flow, size)
+        client = self.connections[self.context.client]
+        error = ResponseProtocolError(stream.stream_id, message, 413)
+        yield from super().event_to_child(client, error)  # 413, then the client is closed
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if self.linger is not None:
             yield from self._lingering(event)
             return
         yield from super()._handle_event(event)
+        for top in list(self.connections.values()):
+            upstream = _http1_client(top)
+            if (
+                upstream is not None
+                and len(upstream.buf) > MAX_HEAD_BYTES
+                and upstream.state == upstream.read_headers
+                and upstream.stream_id is not None
+            ):
+                size, stream = len(upstream.buf), self.streams.get(upstream.stream_id)
+                upstream.buf, upstream.state = type(upstream.buf)(), upstream.done
+                yield commands.CloseConnection(upstream.conn)
+                if stream is not None:
+                    message = self.refuse_response(stream.flow, size)
+                    error = ResponseProtocolError(upstream.stream_id, message)
+                    yield from self.event_to_child(stream, error)
         reader = self.connections.get(self.context.client)
         if (
             isinstance(reader, Http1Server)
@@ -127,6 +185,14 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             done = isinstance(event, events.ConnectionClosed) and event.connection == client
         if done and client.state is not ConnectionState.CLOSED:
             yield commands.CloseConnection(client)
+
+
+def _http1_client(top: layer.Layer) -> Http1Client | None:
+    """The Http1Client under `top`, an upstream connection's stack in
+    `HttpLayer.connections` (`HttpClient`, maybe under TLS layers), once it has one."""
+    while top is not None and not isinstance(top, Http1Client):
+        top = getattr(top, "child_layer", None)
+    return top
 
 
 class RejectLayer(layer.Layer):
@@ -177,8 +243,12 @@ class SandgateAddon:
 
     async def _held_request(self, flow: http.HTTPFlow, state, decision, head, checked, tls) -> None:
         with self._fail_closed(flow.client_conn, flow):
+            flow.metadata[_HELD] = True  # its body is bounded meanwhile (HeadLimitedHttpLayer)
             key = self.gate.request_ask_key(state, decision, checked, tls)
             answer = await self.approvals.hold(key, decision.rule.id, state.fields)
+            if flow.metadata.get(_HELD_BODY_REFUSED):  # refused meanwhile (413): never forwarded
+                flow.kill()
+                return
             unresolved = False
             if (
                 answer.answer is Answer.GRANTED
@@ -245,7 +315,20 @@ class SandgateAddon:
             page = refusal.refusal_text(decision, refusal.UNFINISHED_HEAD_HINT)
             return assemble_response(http.Response.make(431, page, _REFUSAL_HEADERS))
 
-        return HeadLimitedHttpLayer(context, refuse)
+        def refuse_response(flow: http.HTTPFlow, size: int) -> str:
+            tls = bool(context.client.tls)
+            head = _head_of(flow.request)
+            problem = f"has not ended after {size} bytes"
+            decision = self.gate.on_response_head_too_large(state, head, problem, tls)
+            return f"sandgate: {decision.reason.value}: {decision.detail}"
+
+        def refuse_held_body(flow: http.HTTPFlow, size: int) -> str:
+            tls = bool(context.client.tls)
+            head = _head_of(flow.request)
+            decision = self.gate.on_held_body_too_large(state, head, size, MAX_HELD_BODY, tls)
+            return f"sandgate: {decision.reason.value}: {decision.detail}"
+
+        return HeadLimitedHttpLayer(context, refuse, refuse_response, refuse_held_body)
 
     def _requestheaders(self, flow: http.HTTPFlow):
         state = self.gate.connections.get(flow.client_conn.id)

@@ -61,6 +61,7 @@ from sandgate.proxy.policy.index import CompiledPolicy
 from sandgate.proxy.policy.names import InvalidName, format_host_port, parse_domain, parse_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.policy.request_head import (
+    MAX_FIELDS,
     MAX_HEAD_BYTES,
     CheckedHead,
     RequestHead,
@@ -748,6 +749,35 @@ class ConnectionGate:
             log.error("sandgate: %s", e)
         return self._settle_request(state, decision, head, None, tls, state.name, started)[0]
 
+    def on_held_body_too_large(
+        self, state: ConnState, head: RequestHead, size: int, limit: int, tls: bool
+    ) -> Decision:
+        """`size` (> `limit`) bytes of a request's body arrived while the request was
+        held for a human's decision: the adapter refuses it (413) instead of buffering
+        more; this is its event (body_too_large)."""
+        decision = deny(
+            "body-too-large",
+            detail=f"{size} bytes of body arrived while the request was held for approval; "
+            f"at most {limit} are buffered meanwhile",
+        )
+        state.requests += 1  # decided: the connection's end is not `malformed_request`
+        self._emit_request(state, decision, head, tls, state.name, self.clock())
+        return decision
+
+    def on_response_head_too_large(
+        self, state: ConnState, head: RequestHead, problem: str, tls: bool
+    ) -> Decision:
+        """The upstream's HTTP/1 response head to `head` is over its limits (`problem`
+        says how): the adapter cuts it and answers 502; this is its event
+        (headers_too_large, like a request head's)."""
+        decision = deny(
+            "headers-too-large",
+            detail=f"the upstream's response head {problem}; at most {MAX_FIELDS} fields "
+            f"and {MAX_HEAD_BYTES} bytes: cut, 502 to the client",
+        )
+        self.on_refused_response(state, head, decision, tls)
+        return decision
+
     def on_tls_rejected(self, state: ConnState, error: str) -> None:
         """Under inspection the client refused the gateway's certificate (pinned, or a
         private CA): its own event, so that the summary can say so."""
@@ -767,12 +797,14 @@ class ConnectionGate:
 
     # --- 5. a new policy ----------------------------------------------------------------
 
-    def revoke_denied(self) -> list[ConnState]:
-        """Decide every open connection again under `self.policy` (just swapped in),
-        on the facts it was decided on, and revoke those it denies: each gets a deny
-        event (reason policy_changed, naming the rule that denies it now) and moves to
-        REJECTED; they are returned for their adapters to close (`state.abort`).
-        Connections still allowed carry on under the new policy's hash and decision."""
+    def revoke_denied(self, why: str = "a policy reload") -> list[ConnState]:
+        """Decide every open connection again under `self.policy` (just swapped in,
+        or with a rule just expired: the facts get the current time), on the facts it
+        was decided on, and revoke those it denies: each gets a deny event (reason
+        policy_changed, naming the rule that denies it now; the detail says `why`) and
+        moves to REJECTED; they are returned for their adapters to close
+        (`state.abort`). Connections still allowed carry on under the policy's hash
+        and decision."""
         revoked = []
         for state in list(self.connections.values()):
             started = self.clock()
@@ -792,7 +824,7 @@ class ConnectionGate:
                 Verdict.DENY,
                 Reason.POLICY_CHANGED,
                 denial.rule,
-                detail=f"closed by a policy reload ({denial.reason}): {denial.detail}",
+                detail=f"closed by {why} ({denial.reason}): {denial.detail}",
             )
             self._emit_connection(revoked_by, state.fields, state.name, state.protocol, started)
             revoked.append(state)

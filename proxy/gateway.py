@@ -90,6 +90,8 @@ class Gateway:
         # Taken when listening starts (after the descriptor limit is raised).
         self.descriptors: DescriptorReserve | None = None
         self._audit_hold: Callable[[], Decision | None] = lambda: None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry_checked = time.time()  # expiries up to here are handled
         self.gate.hold_new = self._hold_new
         self.frontdoor = FrontDoor(
             self.gate,
@@ -115,6 +117,7 @@ class Gateway:
             if inspection:
                 await self.proxy.started()
             await self.frontdoor.start(self.config.listen_host, self.config.proxy_port)
+            self.watch_expiry()
         except BaseException:
             await self.proxy.stop()
             await self.dns.stop()
@@ -122,6 +125,9 @@ class Gateway:
             raise
 
     async def stop(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         await self.approvals.stop()
         await self.frontdoor.stop()
         await self.proxy.stop()
@@ -160,15 +166,54 @@ class Gateway:
                 + (f"; {cause}" if cause else ""),
             )
         )
+        closed = self._close_revoked(
+            "a policy reload", f"the policy changed ({old.hash} -> {new.hash}): denied now"
+        )
+        dropped = self.bindings.drop(_no_longer_allowed(self.registry, old, new))
+        self.watch_expiry()
+        return SwapReport(old.hash, new.hash, new.rule_count, closed, dropped)
+
+    def _close_revoked(self, why: str, problem: str) -> int:
+        """Close the open connections the policy denies now (`gate.revoke_denied`,
+        `why` in their events, `problem` in their ends); how many were closed."""
         closed = 0
-        for state in self.gate.revoke_denied():
+        for state in self.gate.revoke_denied(why):
             if state.abort is None:
                 log.error("sandgate: cannot close %s: no adapter owns it", state.fields["source"])
                 continue
-            state.abort(f"the policy changed ({old.hash} -> {new.hash}): denied now")
+            state.abort(problem)
             closed += 1
-        dropped = self.bindings.drop(_no_longer_allowed(self.registry, old, new))
-        return SwapReport(old.hash, new.hash, new.rule_count, closed, dropped)
+        return closed
+
+    # A rule's `expires` instant: decide() stops matching it then (time is a fact),
+    # and a timer closes the open connections it allowed, as a reload would.
+    # Timers run on the loop's monotonic clock and `expires` is wall-clock time: a
+    # timer that fires early (the clocks drifted) is set again for what is left.
+
+    def watch_expiry(self) -> None:
+        """(Re)arm the timer for the policy's next rule expiry; on the loop."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        now = time.time()
+        at = self.policy.next_expiry_after(self._expiry_checked)
+        if at is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not serving (a test's swap): nothing open to close
+            return
+        self._expiry_timer = loop.call_later(max(0.0, at - now) + 0.005, self._on_expiry)
+
+    def _on_expiry(self) -> None:
+        self._expiry_timer = None
+        now = time.time()
+        expired = self.policy.expiring(self._expiry_checked, now)
+        if expired:
+            self._expiry_checked = expired[-1].expires_at
+            ids = ", ".join(rule.id for rule in expired)
+            self._close_revoked(f"the expiry of {ids}", f"{ids} expired: denied now")
+        self.watch_expiry()
 
     def guard_audit(self, audit) -> None:
         """Refuse new connections (`audit_unavailable`) while `audit` (an AuditLog)
@@ -199,7 +244,7 @@ class Gateway:
 
     def _keep_special(self, profile: str, ip) -> bool:
         compiled = self.policy.profiles.get(profile)
-        return compiled is not None and compiled.opens_special_address(ip)
+        return compiled is not None and compiled.opens_special_address(ip, time.time())
 
     def emit(self, event: Event) -> None:
         if event.policy_hash != self.policy.hash or event.task_id is None:

@@ -9,12 +9,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import secrets
 import time
 from collections.abc import Callable
 
-import dns.asyncquery
-import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
@@ -40,7 +37,7 @@ from sandgate.proxy.dns.query import (
     quick_check,
     refused,
 )
-from sandgate.proxy.dns.upstream import UdpUpstream
+from sandgate.proxy.dns.upstream import AnswerTooLarge, UdpUpstream, tcp_ask
 from sandgate.proxy.dns.wire import render_simple
 from sandgate.proxy.limits import TokenBuckets
 from sandgate.proxy.policy.builtin import deny
@@ -265,7 +262,7 @@ class DnsFilter:
         query: dns.message.Message,
         qtype: str,
         decision: Decision,
-        reply: bytes | dns.message.Message | Decision | None,
+        reply: bytes | Decision | None,
         failure: str,
         sandbox: str,
         profile: str,
@@ -358,7 +355,7 @@ class DnsFilter:
 
     async def _forward(
         self, wire: bytes, sandbox: str
-    ) -> tuple[bytes | dns.message.Message | Decision | None, str]:
+    ) -> tuple[bytes | Decision | None, str]:
         """Forward the allowed query `wire`: (the upstream's reply, "") or (None, why
         not); at most `max_pending_per_sandbox` at a time per sandbox (else a
         `sandbox_limit` Decision), so one sandbox cannot tie up the upstream (or
@@ -375,9 +372,10 @@ class DnsFilter:
             if not self._pending[sandbox]:
                 del self._pending[sandbox]
 
-    async def _ask_upstream(self, wire: bytes) -> tuple[bytes | dns.message.Message | None, str]:
-        """The first upstream's answer to `wire` (UDP through the shared sockets,
-        wire bytes; again over TCP when truncated, a Message), or None and why not."""
+    async def _ask_upstream(self, wire: bytes) -> tuple[bytes | None, str]:
+        """The first upstream's answer to `wire` (UDP through the shared sockets; again
+        over TCP when truncated), or None and why not: an answer over
+        `MAX_ANSWER_BYTES` is no answer (`upstream.AnswerTooLarge`), never parsed."""
         errors = []
         for server in self.upstreams:
             try:
@@ -387,13 +385,10 @@ class DnsFilter:
                 reply = await upstream.ask(wire, self.timeout)
                 if not reply[2] & 0x02:  # TC clear
                     return reply, ""
-                query = dns.message.from_wire(wire)
-                query.id = secrets.randbits(16)
-                response = await dns.asyncquery.tcp(
-                    query, server, timeout=self.timeout, port=self.upstream_port
-                )
-                return response, ""
-            except (dns.exception.DNSException, OSError, EOFError) as e:
+                return await tcp_ask(wire, server, self.upstream_port, self.timeout), ""
+            except AnswerTooLarge as e:
+                errors.append(f"{server}: {e}")
+            except (OSError, EOFError, ValueError) as e:  # TimeoutError is an OSError
                 errors.append(f"{server}: {type(e).__name__}")
         return None, "upstream: " + ("; ".join(errors) or "none configured")
 

@@ -14,6 +14,15 @@ a forwarder hard to poison (RFC 5452):
   a reply is taken only with the id of a query in flight, QR set and the same
   question (name compared case-insensitively, type and class exactly); anything
   else is ignored and the query keeps waiting, as `ignore_unexpected` does.
+
+`tcp_ask` asks over TCP (after a truncated UDP answer) with the same checks.
+
+An answer is size-checked before anything parses it (`MAX_ANSWER_BYTES`): the
+answers the filter passes on (address records, CNAME chains, HTTPS) fit in a few
+hundred bytes, but a hostile resolver's 64 KiB of pointer-chained names costs
+dnspython tens of ms of the event loop to parse. A bigger answer fails the query
+with `AnswerTooLarge` (the filter answers SERVFAIL and says why in the event);
+over TCP the length prefix is enough, the body is never read.
 """
 
 from __future__ import annotations
@@ -25,6 +34,20 @@ import socket
 import time
 
 from sandgate.proxy.dns.wire import end_of_question
+
+# The largest upstream answer parsed, UDP or TCP (we advertise 1232 bytes over UDP;
+# a resolver that sends more is tolerated up to here). The same bound as a query's
+# (query.MAX_QUERY_BYTES): about 8 ms of dnspython for the worst-shaped message.
+MAX_ANSWER_BYTES = 4096
+
+
+class AnswerTooLarge(Exception):
+    """The upstream's answer to a query in flight is over MAX_ANSWER_BYTES; the
+    message says how big it was (or announced itself, over TCP)."""
+
+    def __init__(self, size: int):
+        super().__init__(f"an answer of {size} bytes; at most {MAX_ANSWER_BYTES} are taken")
+        self.size = size
 
 
 class _Socket:
@@ -128,14 +151,48 @@ class UdpUpstream:
                         future.set_exception(e)
                 return
             waiting = entry.pending.get(reply[:2])
-            if waiting is None or len(reply) < 12 or not reply[2] & 0x80:
+            if waiting is None:
                 continue
             future, question = waiting
-            asked = reply[12 : 12 + len(question)]
-            if (
-                reply[4:6] == b"\0\x01"
-                and asked[:-4].lower() == question[:-4].lower()
-                and asked[-4:] == question[-4:]
-                and not future.done()
-            ):
+            if future.done() or not answers(reply, question):
+                continue
+            if len(reply) > MAX_ANSWER_BYTES:
+                future.set_exception(AnswerTooLarge(len(reply)))
+            else:
                 future.set_result(reply)
+
+
+def answers(reply: bytes, question: bytes) -> bool:
+    """Whether `reply` (its id already matched) is a response with one question,
+    the question section `question` as sent (name compared case-insensitively,
+    type and class exactly). Reads only the header and the question."""
+    if len(reply) < 12 + len(question) or not reply[2] & 0x80 or reply[4:6] != b"\0\x01":
+        return False
+    asked = reply[12 : 12 + len(question)]
+    return asked[:-4].lower() == question[:-4].lower() and asked[-4:] == question[-4:]
+
+
+async def tcp_ask(wire: bytes, host: str, port: int, timeout: float) -> bytes:
+    """Send the query `wire` (its id replaced by a random one) over a new TCP
+    connection and return the answer. Raises TimeoutError, OSError, EOFError
+    (the connection ended early), AnswerTooLarge (announced by the length prefix:
+    the body is not read), or ValueError (a reply to another id or question)."""
+    qid = secrets.randbits(16).to_bytes(2, "big")
+    question = wire[12 : end_of_question(wire)]
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(len(wire).to_bytes(2, "big") + qid + wire[2:])
+            await writer.drain()
+            try:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                if size > MAX_ANSWER_BYTES:
+                    raise AnswerTooLarge(size)
+                reply = await reader.readexactly(size)
+            except asyncio.IncompleteReadError as e:
+                raise EOFError("the upstream closed the connection mid-answer") from e
+        finally:
+            writer.close()
+    if reply[:2] != qid or not answers(reply, question):
+        raise ValueError("the upstream answered another query over TCP")
+    return reply

@@ -487,7 +487,13 @@ class Connection:
             self.upstream, readable=upstream_readable, writable=True, closing=upstream_closing
         )
         self.relay = Relay(
-            client, upstream, self.state, self.door.buffer, self.loop.time, self.finish
+            client,
+            upstream,
+            self.state,
+            self.door.buffer,
+            self.loop.time,
+            self.finish,
+            functools.partial(self.loop.call_soon, self._resume),
         )
         # Allowed on silence: the server is to speak first. Until it does, the client
         # is not read; should it speak first, its bytes are decided (_client_spoke).
@@ -544,6 +550,11 @@ class Connection:
     def _on_upstream_event(self, events: int) -> None:
         note(self.relay.upstream, events)
         self._pump()
+
+    def _resume(self) -> None:
+        """The relay's deferred pump (it stopped on its wakeup budget)."""
+        if self.relay is not None and not self.done:
+            self._pump()
 
     def _pump(self) -> None:
         try:

@@ -44,7 +44,6 @@ import h11
 from sandgate.proxy import refusal
 from sandgate.proxy.gate import ConnectionGate, ConnState
 from sandgate.proxy.policy import Decision, Reason, Verdict
-from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.index import CompiledPolicy
 from sandgate.proxy.policy.request_head import (
     MAX_FIELDS,
@@ -415,12 +414,7 @@ class Http1Session:
         self._to_client(event)
 
     def _cut_response(self, why: str) -> None:
-        decision = deny(
-            "headers-too-large",
-            detail=f"the upstream's response head {why}; at most {MAX_FIELDS} fields "
-            f"and {MAX_HEAD_BYTES} bytes: cut, 502",
-        )
-        self.gate.on_refused_response(self.state, self.request, decision, False)
+        decision = self.gate.on_response_head_too_large(self.state, self.request, why, False)
         self._fail_exchange(502, decision.detail)
 
     # --- both ---------------------------------------------------------------------------

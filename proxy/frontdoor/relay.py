@@ -3,7 +3,15 @@ non-blocking sockets as their epoll events say they can, with back-pressure (the
 other side is not read while bytes wait to be written), half-close (a FIN goes on
 as a write shutdown), a reset passed on as a reset, and the bytes counted for the
 connection's end event. One read buffer, the door's, serves every relay: handlers
-run one at a time, and what a reader cannot take at once is copied out of it."""
+run one at a time, and what a reader cannot take at once is copied out of it.
+
+Fairness: a relay moves at most `WAKEUP_BUDGET` bytes per wakeup. Reading on while
+reads come back full would let one fast connection (both its ends keeping up) hold
+the event loop for as long as it likes; past the budget the relay stops with the
+socket still marked readable and asks its owner (`defer`) to pump again on a later
+loop iteration, behind whatever else became ready meanwhile. Edge-triggered epoll
+would not report those unread bytes again, so the deferred pump is what resumes
+them."""
 
 from __future__ import annotations
 
@@ -16,6 +24,9 @@ from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
 from sandgate.proxy.gate import ConnState
 
 RELAY_CHUNK = 256 * 1024  # bytes per recv, as asyncio's transports read
+# Bytes one relay moves per wakeup, both directions together: about a ms of copying,
+# so a bulk transfer takes turns with every other connection instead of a loop.
+WAKEUP_BUDGET = 4 * RELAY_CHUNK
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
@@ -48,9 +59,22 @@ def note(end: End, events: int) -> None:
 class Relay:
     """Both directions between `client` and `upstream`. `finish(problem, reset=...)`
     ends the connection (its owner's); `clock` stamps `last_active` for the idle
-    timeout."""
+    timeout; `defer()` asks the owner to call `pump` again soon (a later loop
+    iteration): the relay stopped on its `WAKEUP_BUDGET` with bytes left to read."""
 
-    __slots__ = ("client", "upstream", "state", "buffer", "view", "clock", "finish", "last_active")
+    __slots__ = (
+        "client",
+        "upstream",
+        "state",
+        "buffer",
+        "view",
+        "clock",
+        "finish",
+        "defer",
+        "last_active",
+        "budget",
+        "deferred",
+    )
 
     def __init__(
         self,
@@ -60,14 +84,19 @@ class Relay:
         buffer: bytearray,
         clock: Callable[[], float],
         finish: Callable[..., None],
+        defer: Callable[[], None],
     ):
         self.client, self.upstream, self.state = client, upstream, state
         self.buffer, self.view = buffer, memoryview(buffer)
-        self.clock, self.finish = clock, finish
+        self.clock, self.finish, self.defer = clock, finish, defer
         self.last_active = clock()
+        self.budget = WAKEUP_BUDGET  # bytes left to read in this wakeup
+        self.deferred = False  # a pump is asked for already
 
     def pump(self) -> None:
-        """Move what either side has; finish once both directions ended cleanly."""
+        """Move what either side has, up to the budget; finish once both directions
+        ended cleanly."""
+        self.budget, self.deferred = WAKEUP_BUDGET, False
         c, u = self.client, self.upstream
         if (
             self.move(c, u, up=True)
@@ -102,6 +131,11 @@ class Relay:
                     return self.shut(dst)
             if not src.readable or src.eof:
                 return True
+            if self.budget <= 0:  # this wakeup's share is used: later, after the others
+                if not self.deferred:
+                    self.deferred = True
+                    self.defer()
+                return True
             try:
                 n = src.sock.recv_into(self.buffer)
             except (BlockingIOError, InterruptedError):
@@ -113,6 +147,7 @@ class Relay:
             if n == 0:
                 src.eof, src.readable = True, False
                 return self.shut(dst)
+            self.budget -= n
             if up:
                 self.state.bytes_up += n
             else:

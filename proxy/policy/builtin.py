@@ -65,7 +65,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "policy-changed",
         (R.POLICY_CHANGED,),
-        "an open connection that a reloaded policy no longer allows: the gateway closed it",
+        "an open connection that a reloaded policy no longer allows (or one an expired rule allowed): "
+        "the gateway closed it",
     ),
     (
         "unknown-sandbox",
@@ -105,7 +106,14 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "headers-too-large",
         (R.HEADERS_TOO_LARGE,),
-        "a request head with more than 100 header fields or more than 64 KiB (answered 431)",
+        "a request head with more than 100 header fields or more than 64 KiB (answered 431), "
+        "or an upstream response head unfinished after 64 KiB (cut, 502)",
+    ),
+    (
+        "body-too-large",
+        (R.BODY_TOO_LARGE,),
+        "more than 1 MiB of a request's body arrived while the request was held for approval "
+        "(answered 413)",
     ),
     (
         "protocol-not-allowed",

@@ -216,11 +216,15 @@ class CompiledProfile:
             for network in rule.networks
         )
 
-    def opens_special_address(self, ip: IPAddress) -> bool:
-        """Whether an allow rule opens the private/loopback/... address `ip`: then a
-        DNS answer with `ip` is intended, not rebinding."""
+    def opens_special_address(self, ip: IPAddress, now: float | None = None) -> bool:
+        """Whether an allow rule live at `now` (epoch seconds; None: any rule loaded)
+        opens the private/loopback/... address `ip`: then a DNS answer with `ip` is
+        intended, not rebinding. An expired rule opens nothing, as in decide()."""
         return any(
-            r.action is Verdict.ALLOW and self.opens_special(r, ip) for r in self.rules_for_ip(ip)
+            r.action is Verdict.ALLOW
+            and (now is None or r.live_at(now))
+            and self.opens_special(r, ip)
+            for r in self.rules_for_ip(ip)
         )
 
 
@@ -279,6 +283,29 @@ class CompiledPolicy:
         decide() drops it from then on, given facts with `now`."""
         first = min((p.first_expiry for p in self.profiles.values()), default=math.inf)
         return None if first == math.inf else first
+
+    def expiring(self, after: float, until: float) -> list[Rule]:
+        """The active rules whose `expires` instant falls in (after, until], once each
+        (a profile that extends another shares its rules), earliest first."""
+        found = {
+            id(rule): rule
+            for profile in self.profiles.values()
+            for rule in profile.rules
+            if rule.expires_at is not None and after < rule.expires_at <= until
+        }
+        return sorted(found.values(), key=lambda rule: rule.expires_at)
+
+    def next_expiry_after(self, now: float) -> float | None:
+        """The first instant after `now` at which an active rule stops matching."""
+        return min(
+            (
+                rule.expires_at
+                for profile in self.profiles.values()
+                for rule in profile.rules
+                if rule.expires_at is not None and rule.expires_at > now
+            ),
+            default=None,
+        )
 
     @property
     def next_expiry(self) -> datetime.date | None:

@@ -197,7 +197,14 @@ CLOUD_INTERNAL_ADDRESSES: tuple[tuple[str, str], ...] = (
     ("192.0.0.192", "Oracle Cloud instance metadata (legacy address)"),
     ("169.254.0.23", "Tencent Cloud instance metadata"),
     ("169.254.42.42", "Scaleway instance metadata"),
-    ("161.26.0.0/16", "IBM Cloud service network (DNS, NTP, metadata, mirrors)"),
+    # IBM: both ranges are reserved in IBM's VPC API ("161.26.0.0/16 (IBM services)",
+    # "166.8.0.0/14 (Cloud Service Endpoints)": the VPN server client_ip_pool text in
+    # github.com/IBM-Cloud/terraform-provider-ibm, ibm/service/vpc/resource_ibm_is_vpn_server.go),
+    # and IBM's docs list 161.26.0.0/16 in the "infrastructure services network" (DNS,
+    # NTP, mirrors, storage) and 166.8.0.0/14 as the "endpoint service network"
+    # (cloud.ibm.com/docs/vmwaresolutions, ports for deployment; cloud.ibm.com/docs/
+    # security-groups?topic=security-groups-ibm-cloud-ip-ranges). Checked 2026-11.
+    ("161.26.0.0/16", "IBM Cloud infrastructure service network (DNS, NTP, mirrors, storage)"),
     ("166.8.0.0/14", "IBM Cloud private service endpoints"),
 )
 

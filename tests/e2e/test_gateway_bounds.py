@@ -35,20 +35,20 @@ profiles:
 """
 
 
-def endless_head(host: str, port: int, path: str, tls: bool, megabytes: int = 8) -> str:
-    """Send a request head that never ends (`X: ` then `megabytes` MB of 'a', never a
-    blank line), watching for an answer between chunks; print the answer's status
-    line ("closed" if none) and how many bytes went out."""
+def stream_until_answered(host: str, port: int, prefix: str, tls: bool, megabytes: int) -> str:
+    """Send `prefix`, then `megabytes` MB of 'a' (a head that never ends, or a body),
+    watching for an answer between chunks; print the answer's status line ("closed"
+    if none) and how many bytes after the prefix went out."""
     return python(
         """
         import select, socket, ssl, sys
-        host, port, path, tls, total = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]) << 20
-        s = socket.create_connection((host, port), timeout=10)
+        host, port, prefix, tls, total = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", int(sys.argv[5]) << 20
+        s = socket.create_connection((host, port), timeout=20)
         if tls:
             context = ssl.create_default_context()
             context.set_alpn_protocols(["http/1.1"])
             s = context.wrap_socket(s, server_hostname=host)
-        s.sendall(f"GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nX: ".encode())
+        s.sendall(prefix.encode())
         sent, chunk, answer = 0, b"a" * 16384, b""
         try:
             while sent < total:
@@ -70,10 +70,16 @@ def endless_head(host: str, port: int, path: str, tls: bool, megabytes: int = 8)
         """,
         host,
         str(port),
-        path,
+        prefix,
         "1" if tls else "0",
         str(megabytes),
     )
+
+
+def endless_head(host: str, port: int, path: str, tls: bool, megabytes: int = 8) -> str:
+    """A request head that never ends: `X: ` then `megabytes` MB, never a blank line."""
+    prefix = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nX: "
+    return stream_until_answered(host, port, prefix, tls, megabytes)
 
 
 def two_on_one_connection(first: str, second: str, *first_args: str) -> str:
@@ -301,3 +307,218 @@ def test_a_hostile_dns_message_does_not_stall_another_connection(net, tmp_path):
     assert hostile and all("at most 4096" in e["detail"] for e in hostile), r.describe()
     # only the real queries reached the upstream resolver
     assert set(net.dns_queries_seen()) <= {"allowed.test"}, net.dns_queries_seen()
+
+
+# A resolver in the fake internet that answers too much: `big.test` with ~4.9 KB of
+# well-formed A records over UDP, `prefix.test` truncated over UDP and then, over TCP,
+# a length prefix announcing 64 KiB (the body only if the gateway waits for it);
+# `fine.test` normally. Logs what it answered and whether the gateway hung up.
+HOSTILE_RESOLVER = r"""
+import socket, struct, sys, threading
+ip, log = sys.argv[1], open(sys.argv[2], "a", buffering=1)
+
+def name_of(q):
+    labels, o = [], 12
+    while q[o]:
+        labels.append(q[o + 1 : o + 1 + q[o]].decode().lower()); o += 1 + q[o]
+    return ".".join(labels), o + 5
+
+def answer(q, count, tc=False):
+    name, end = name_of(q)
+    rr = lambda a: b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes(a)
+    records = [rr((203, 0, 113, 10))] + [rr((198, 51, i // 250, i % 250 + 1)) for i in range(count - 1)]
+    flags = 0x8580 | (0x0200 if tc else 0)
+    return struct.pack("!HHHHHH", int.from_bytes(q[:2], "big"), flags, 1, count, 0, 0) + q[12:end] + b"".join(records)
+
+def serve_udp(u):
+    while True:
+        q, peer = u.recvfrom(4096)
+        name, _ = name_of(q)
+        reply = answer(q, 300) if name == "big.test" else answer(q, 0, tc=True) if name == "prefix.test" else answer(q, 1)
+        log.write(f"udp {name} {len(reply)}\n"); u.sendto(reply, peer)
+
+def serve_tcp(t):
+    while True:
+        c, _ = t.accept()
+        q = c.recv(4096)[2:]
+        name, _ = name_of(q)
+        c.sendall(b"\xff\xff"); c.settimeout(3)
+        try:
+            hung_up = c.recv(1) == b""
+        except OSError:
+            hung_up = False
+        if not hung_up:
+            c.sendall(answer(q, 4000)[:65535])
+        log.write(f"tcp {name} {'hung-up' if hung_up else 'body-sent'}\n"); c.close()
+
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((ip, 53))
+t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind((ip, 53)); t.listen(8)
+threading.Thread(target=serve_udp, args=(u,), daemon=True).start()
+threading.Thread(target=serve_tcp, args=(t,), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+HOSTILE_RESOLVER_IP = "203.0.113.153"
+
+
+@pytest.fixture
+def hostile_resolver(net, tmp_path):
+    """HOSTILE_RESOLVER on its own address in the fake internet; yields its log lines."""
+    log = tmp_path / "resolver.log"
+    log.touch()
+    net.run_in_internet(["ip", "addr", "add", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"], check=True)
+    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c"]
+    proc = subprocess.Popen(
+        [*argv, HOSTILE_RESOLVER, HOSTILE_RESOLVER_IP, str(log)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield lambda: log.read_text().splitlines()
+    finally:
+        proc.kill()
+        proc.wait()
+        net.run_in_internet(["ip", "addr", "del", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"])
+
+
+def test_an_oversized_upstream_dns_answer_is_servfail_never_a_partial_allow(
+    net, tmp_path, hostile_resolver
+):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        + "".join(f"      - allow: {name}\n" for name in ("big.test", "prefix.test", "fine.test"))
+    )
+    r = sandbox.run(net, tmp_path, {
+        "big": sandbox.dig("big.test"),
+        "prefix": sandbox.dig("prefix.test"),
+        "fine": sandbox.dig("fine.test"),
+        # the address the oversized answer offered was never bound to the name
+        "spoofed": curl("--resolve", f"big.test:80:{ALLOWED_IP}", "http://big.test/after-servfail"),
+    }, rules=rules, dns_upstream=HOSTILE_RESOLVER_IP)  # fmt: skip
+
+    assert r["big"].dns_status == "SERVFAIL" and r["big"].dns_answers == [], r.describe()
+    assert r["prefix"].dns_status == "SERVFAIL", r.describe()
+    assert r["prefix"].ms < 1500, r.describe()  # on the prefix, not after a timeout
+    assert r["fine"].dns_answers == [ALLOWED_IP], r.describe()  # the filter kept serving
+    for name in ("big.test", "prefix.test"):
+        (event,) = r.events(kind="dns", name=name)
+        assert (event["verdict"], event["reason"]) == ("deny", "dns_upstream_failure"), event
+        assert "at most 4096" in event["detail"], event
+    spoofed = r.events(kind="connect", name="big.test") + r.events(kind="request", name="big.test")
+    assert spoofed and all(e["verdict"] == "deny" for e in spoofed), r.describe()
+    assert r["spoofed"].status != 200, r.describe()
+    assert not [e for e in net.requests_seen() if e["host"] == "big.test"], net.requests_seen()
+    # the hostile resolver was asked, answered big, and was hung up on over TCP
+    log = hostile_resolver()
+    assert any(line.startswith("udp big.test ") and int(line.split()[2]) > 4096 for line in log)
+    assert "tcp prefix.test hung-up" in log, log
+
+
+# --- an upstream whose response head never ends -------------------------------------
+
+# An HTTP server in the fake internet that answers every request with
+# `HTTP/1.1 200 OK\r\nX: ` and then up to 8 MB of 'a', never a blank line; logs the
+# request line and how many bytes it got out before the gateway cut it.
+ENDLESS_RESPONSE_SERVER = r"""
+import socket, sys, threading
+ip, port, log = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], "a", buffering=1)
+listener = socket.socket(); listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((ip, port)); listener.listen(8)
+
+def serve(c):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = c.recv(4096)
+        if not data:
+            return
+        head += data
+    sent, chunk = 0, b"a" * 16384
+    try:
+        c.sendall(b"HTTP/1.1 200 OK\r\nX: ")
+        while sent < 8 << 20:
+            c.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass
+    log.write(f"{head.split(b' ')[1].decode()} {sent}\n"); c.close()
+
+print("ready", flush=True)
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+"""
+ENDLESS_RESPONSE_PORT = 8081
+
+
+def test_an_upstream_response_head_that_never_ends_is_cut_with_a_502(net, tmp_path):
+    log = tmp_path / "endless.log"
+    log.touch()
+    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c"]
+    argv += [ENDLESS_RESPONSE_SERVER, "203.0.113.66", str(ENDLESS_RESPONSE_PORT), str(log)]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        f"      - allow: evil.test\n        ports: [{ENDLESS_RESPONSE_PORT}]\n        id: hostile\n"
+        "      - allow: allowed.test\n        id: plain\n"
+    )
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        url = f"http://evil.test:{ENDLESS_RESPONSE_PORT}/endless-response"
+        r = sandbox.run(net, tmp_path, {
+            "endless": curl(url, timeout=20),
+            "after": curl("http://allowed.test/after-endless-response"),
+        }, rules=rules)  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+
+    assert r["endless"].status == 502, r.describe()
+    assert "200 OK" not in r["endless"].out and "aaaa" not in r["endless"].out, r.describe()
+    assert "headers_too_large" in r["endless"].body, r.describe()
+    assert r["after"].status == 200, r.describe()  # the gateway kept serving
+    cut = r.events(kind="request", reason="headers_too_large")
+    assert len(cut) == 1 and cut[0]["path"] == "/endless-response", r.describe()
+    assert "response head has not ended" in cut[0]["detail"], cut
+    # the server was cut near the limit: it got out far less than the 8 MB it tried
+    # (what it sent before the close includes both ends' socket buffers)
+    (line,) = eventually(lambda: log.read_text().splitlines())
+    path, sent = line.split()
+    assert path == "/endless-response" and int(sent) < 4 << 20, line
+
+
+# --- a body that arrives while its request is held for approval ----------------------
+
+# A POST announcing 64 MB of body, streamed while the request is held.
+HELD_UPLOAD = stream_until_answered(
+    "allowed.test",
+    80,
+    f"POST /held-upload HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: {64 << 20}\r\n\r\n",
+    tls=False,
+    megabytes=64,
+)
+
+
+def test_a_body_sent_while_its_request_is_held_is_refused_not_buffered(net, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    approval: {hold: 20s}\n    rules:\n"
+        "      - ask: allowed.test\n        methods: [POST]\n        id: ask-upload\n"
+    )
+    r = sandbox.run(net, tmp_path, {"upload": HELD_UPLOAD}, rules=rules)
+    status_line, sent = r["upload"].out.rsplit(" ", 1)
+    assert status_line.startswith("HTTP/1.1 413"), r.describe()
+    # Refused near the 1 MiB bound, long before the hold ran out: the client could not
+    # push the 64 MB into the gateway (what it got out includes both ends' socket
+    # buffers, autotuned up to ~10 MB; without the bound all 64 MB went out).
+    assert int(sent) < 16 << 20, r.describe()
+    assert r["upload"].ms < 15_000, r.describe()
+    (refused,) = r.events(kind="request", reason="body_too_large")
+    assert refused["path"] == "/held-upload" and "held for approval" in refused["detail"], refused
+    assert refused["rule_id"] == "builtin:body-too-large", refused
+    assert not r.events(kind="request", verdict="allow"), r.describe()
+    assert not r.events(kind="connection", reason="malformed_request"), r.describe()
+    assert not [e for e in net.requests_seen() if "held-upload" in e["uri"]], net.requests_seen()

@@ -1033,3 +1033,144 @@ def test_upstream_socket_ids_random_and_ports_rotated():
     assert b"\0\0" not in upstream.ids  # forward_query's placeholder never leaves
     uses = {port: upstream.sources.count(port) for port in upstream.sources}
     assert len(uses) >= 40 // 5 and max(uses.values()) <= 5
+
+
+# --- upstream answers are size-checked before parsing ------------------------------
+
+
+def _many_addresses(data: bytes, count: int, *, truncated: bool = False) -> bytes:
+    """A well-formed answer to `data` with `count` public A records (~16 bytes each):
+    what the filter would pass on, were it not for its size."""
+    response = dns.message.make_response(parse(data))
+    rrset = dns.rrset.from_text(
+        "example.com.", 60, "IN", "A", *(f"198.51.{i // 250}.{i % 250 + 1}" for i in range(count))
+    )
+    if truncated:
+        response.flags |= dns.flags.TC
+    else:
+        response.answer.append(rrset)
+    return response.to_wire(max_size=65535)
+
+
+class _HostileTcp:
+    """A TCP resolver on loopback that answers with `reply(query)` written after a
+    length prefix of `announce(reply)`, then the answer unless the gateway hung up on
+    the prefix (`hung_up`, one entry per query)."""
+
+    def __init__(self, reply, announce=len):
+        self.reply, self.announce, self.hung_up = reply, announce, []
+
+    async def start(self, port: int):
+        async def serve(reader, writer):
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            reply = self.reply(await reader.readexactly(size))
+            writer.write(self.announce(reply).to_bytes(2, "big"))
+            await writer.drain()
+            try:  # the gateway decides on the prefix alone and hangs up
+                self.hung_up.append(await asyncio.wait_for(reader.read(), 1) == b"")
+            except (TimeoutError, ConnectionError):
+                self.hung_up.append(False)
+            if not self.hung_up[-1]:
+                writer.write(reply)
+                await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", port)
+
+
+async def _ask_hostile(udp_reply, tcp: _HostileTcp | None = None, *, client_tcp=False):
+    """One allowed A query for example.com (over TCP if `client_tcp`) through a
+    DnsFilter whose upstream answers UDP with `udp_reply` (and TCP with `tcp`):
+    (response, events, bindings)."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _Upstream(udp_reply), local_addr=("127.0.0.1", 0)
+    )
+    upstream_port = transport.get_extra_info("sockname")[1]
+    if tcp is not None:
+        await tcp.start(upstream_port)
+    sink, bindings = ListSink(), DnsBindings()
+    server = DnsFilter(
+        decide_name=FakePolicy({"example.com": Verdict.ALLOW}),
+        sandbox_for=lambda ip: ("sbx-1", "dev"),
+        sink=sink,
+        upstreams=["127.0.0.1"],
+        upstream_port=upstream_port,
+        bindings=bindings,
+        timeout=2,
+    )
+    await server.start("127.0.0.1", 0)
+    try:
+        query = dns.message.make_query("example.com", "A", use_edns=0, payload=4096)
+        ask = dns.asyncquery.tcp if client_tcp else dns.asyncquery.udp
+        response = await ask(query, "127.0.0.1", timeout=3, port=server.port)
+        return response, sink.events, bindings
+    finally:
+        await server.stop()
+        transport.close()
+        if tcp is not None:
+            tcp.server.close()
+
+
+def test_oversized_udp_answer_is_servfail_and_never_parsed(monkeypatch):
+    """A UDP answer over MAX_ANSWER_BYTES (300 public A records, well formed) is not
+    parsed: SERVFAIL, a dns_upstream_failure event naming the size, no binding."""
+    parsed = []
+    real_from_wire = dns.message.from_wire
+    monkeypatch.setattr(
+        dns.message, "from_wire", lambda wire, *a, **k: parsed.append(len(wire)) or real_from_wire(wire, *a, **k)
+    )
+    response, events, bindings = asyncio.run(_ask_hostile(lambda data: _many_addresses(data, 300)))
+    assert response.rcode() == dns.rcode.SERVFAIL and response.answer == []
+    (event,) = events
+    assert event.verdict is Verdict.DENY and event.reason == Reason.DNS_UPSTREAM_FAILURE
+    assert "an answer of 4" in event.detail and "at most 4096" in event.detail
+    assert bindings.count("sbx-1") == 0
+    assert all(size <= 4096 for size in parsed)  # nothing the upstream sent was parsed
+
+
+def test_answer_just_under_the_bound_still_resolves():
+    """The bound is no lower than it says: 200 records (~3.3 KB) pass over UDP (the
+    sandbox asks over TCP, as it would after our truncated answer)."""
+    response, events, bindings = asyncio.run(
+        _ask_hostile(lambda data: _many_addresses(data, 200), client_tcp=True)
+    )
+    assert response.rcode() == dns.rcode.NOERROR and len(response.answer[0]) == 200
+    assert events[0].verdict is Verdict.ALLOW and bindings.count("sbx-1") == 200
+
+
+@pytest.mark.parametrize(
+    "announce",
+    [
+        pytest.param(lambda reply: 65535, id="prefix-announces-64k"),
+        pytest.param(len, id="whole-6k-answer"),
+    ],
+)
+def test_oversized_tcp_answer_refused_on_its_length_prefix(announce):
+    """Truncated over UDP, then a TCP answer announcing more than MAX_ANSWER_BYTES:
+    SERVFAIL at once (not after the timeout), the body never read, no binding."""
+    tcp = _HostileTcp(lambda data: _many_addresses(data, 400), announce)
+    response, events, bindings = asyncio.run(
+        _ask_hostile(lambda data: _many_addresses(data, 0, truncated=True), tcp)
+    )
+    assert response.rcode() == dns.rcode.SERVFAIL and response.answer == []
+    (event,) = events
+    assert event.reason == Reason.DNS_UPSTREAM_FAILURE
+    assert "at most 4096" in event.detail and event.duration < 1.5
+    assert bindings.count("sbx-1") == 0
+    assert tcp.hung_up == [True]  # the body was never read
+
+
+def test_tcp_answer_to_another_query_is_refused():
+    """Over TCP, too, a reply must carry the query's id and question."""
+
+    def other_id(data):
+        reply = _many_addresses(data, 3)
+        return bytes([reply[0] ^ 0xFF]) + reply[1:]
+
+    tcp = _HostileTcp(other_id)
+    response, events, bindings = asyncio.run(
+        _ask_hostile(lambda data: _many_addresses(data, 0, truncated=True), tcp)
+    )
+    assert response.rcode() == dns.rcode.SERVFAIL
+    assert "ValueError" in events[0].detail and bindings.count("sbx-1") == 0

@@ -1070,6 +1070,25 @@ def test_a_rule_stops_matching_at_its_instant_without_a_reload(
     assert (decision.verdict, decision.reason, decision.rule_id) == (verdict, reason, rule)
 
 
+def test_an_expiring_cidr_rule_stops_keeping_special_dns_answers_at_its_instant(tmp_path):
+    """The DNS filter keeps a private address in an answer only while an allow rule
+    opens it (rebinding otherwise): an expired rule opens nothing, as in decide()."""
+    text = """
+    version: 1
+    profiles:
+      default:
+        rules:
+          - allow: 10.20.0.0/16
+            id: temp-internal
+            expires: 2026-06-30T12:00:05Z
+    """
+    profile = load_policy(write(tmp_path, "p.yaml", text), now=T0).profiles["default"]
+    inside = ipaddress.ip_address("10.20.1.2")
+    assert profile.opens_special_address(inside, T0 + 4.999)
+    assert not profile.opens_special_address(inside, T0 + 5)
+    assert not profile.opens_special_address(inside, T0 + 3600)
+
+
 def test_without_a_clock_the_policy_answers_as_loaded(tmp_path):
     policy = load_policy(write(tmp_path, "p.yaml", EXPIRING), now=T0)
     assert decide(policy, connect("temp.example")).rule_id == "temporary"

@@ -103,6 +103,24 @@ async def closed(reader) -> bool:
         return True
 
 
+async def tls_and_ssh_doors(gateway):
+    """An echoing upstream, and front doors to it for allowed.test:443 and :22."""
+    upstream = await asyncio.start_server(echo, LOOPBACK, 0)
+    port = upstream.sockets[0].getsockname()[1]
+    return upstream, await door_to(gateway, TLS_DST, port), await door_to(gateway, SSH_DST, port)
+
+
+async def still_relays_then_stop(gateway, reader, writer, upstream, *doors) -> None:
+    """The relay of `reader`/`writer` still echoes; then close it and stop everything."""
+    writer.write(b"still here")
+    assert await asyncio.wait_for(reader.readexactly(10), 5) == b"still here"
+    writer.close()
+    await until(lambda: not gateway.gate.connections)
+    for door in doors:
+        await door.stop()
+    upstream.close()
+
+
 # --- swap_policy ----------------------------------------------------------------------
 
 
@@ -114,12 +132,7 @@ def test_swap_closes_a_relayed_connection_the_new_policy_denies_and_keeps_one_it
     old_hash = gateway.policy.hash
 
     async def scenario():
-        upstream = await asyncio.start_server(echo, LOOPBACK, 0)
-        port = upstream.sockets[0].getsockname()[1]
-        tls_door, ssh_door = (
-            await door_to(gateway, TLS_DST, port),
-            await door_to(gateway, SSH_DST, port),
-        )
+        upstream, tls_door, ssh_door = await tls_and_ssh_doors(gateway)
         tls_reader, _ = await relayed(tls_door, hello)
         ssh_reader, ssh_writer = await relayed(ssh_door, ssh)
         assert len(gateway.gate.connections) == 2
@@ -127,13 +140,7 @@ def test_swap_closes_a_relayed_connection_the_new_policy_denies_and_keeps_one_it
         report = gateway.swap_policy(load_policy_text(tmp_path, REVOKING_RULES), cause="test")
 
         assert await closed(tls_reader)  # the relay to allowed.test is gone
-        ssh_writer.write(b"still here")  # the ssh relay is not
-        assert await asyncio.wait_for(ssh_reader.readexactly(10), 5) == b"still here"
-        ssh_writer.close()
-        await until(lambda: not gateway.gate.connections)
-        for door in (tls_door, ssh_door):
-            await door.stop()
-        upstream.close()
+        await still_relays_then_stop(gateway, ssh_reader, ssh_writer, upstream, tls_door, ssh_door)
         return report
 
     report = run(scenario())
@@ -154,6 +161,44 @@ def test_swap_closes_a_relayed_connection_the_new_policy_denies_and_keeps_one_it
     assert ends["ssh.allowed.test"].bytes_up == len(ssh) + 10
     assert ends["ssh.allowed.test"].policy_hash == report.new_hash
     assert [e for e in events if e.verdict == "deny"] == [revoked]
+
+
+def test_an_expiring_rule_closes_the_connections_it_allowed_at_its_instant(tmp_path):
+    """`expires:` passes during the run, no reload: the relay the rule allowed is
+    closed at that instant with a policy_changed event naming the expiry; a relay
+    another rule allowed carries on; the next connection is denied."""
+    expires = time.time() + 1.5
+    instant = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(expires)) + f".{int(expires % 1 * 1000):03d}Z"
+    rules = GATE_RULES.replace(
+        "        id: allowed\n", f"        id: allowed\n        expires: {instant}\n"
+    )
+    gateway, _, events = make_gateway(tmp_path, rules)
+    hello, ssh = client_hello("allowed.test"), b"SSH-2.0-client\r\n"
+
+    async def scenario():
+        upstream, tls_door, ssh_door = await tls_and_ssh_doors(gateway)
+        gateway.watch_expiry()  # as Gateway.start does
+        tls_reader, _ = await relayed(tls_door, hello)
+        ssh_reader, ssh_writer = await relayed(ssh_door, ssh)
+        assert time.time() < expires  # both were allowed before the instant
+        assert await closed(tls_reader)  # ... and the expired rule's is gone after it
+        closed_at = time.time()
+        late_reader, late_writer = await asyncio.open_connection(LOOPBACK, tls_door.port)
+        late_writer.write(hello)
+        assert await closed(late_reader)  # a new connection under the expired rule
+        await still_relays_then_stop(gateway, ssh_reader, ssh_writer, upstream, tls_door, ssh_door)
+        return closed_at
+
+    closed_at = run(scenario())
+    assert expires <= closed_at < expires + 2
+    [revoked] = events.of("policy_changed")
+    assert (revoked.kind, revoked.verdict, revoked.name) == ("connection", "deny", "allowed.test")
+    assert "closed by the expiry of allowed (no_rule)" in revoked.detail
+    ends = {e.name: e for e in events if e.kind == "connection_end"}
+    assert "allowed expired" in ends["allowed.test"].detail
+    assert ends["ssh.allowed.test"].bytes_up == len(ssh) + 10
+    late = [e for e in events if e.kind == "connection" and e.reason == "no_rule"]
+    assert [(e.name, e.verdict) for e in late] == [("allowed.test", "deny")]
 
 
 def test_swap_drops_the_bindings_the_new_policy_no_longer_allows(tmp_path):
