@@ -415,7 +415,7 @@ class Http1Session:
 
     def _cut_response(self, why: str) -> None:
         decision = self.gate.on_response_head_too_large(self.state, self.request, why, False)
-        self._fail_exchange(502, decision.detail)
+        self._fail_exchange(502, f"{decision.reason}: {decision.detail}")
 
     # --- both ---------------------------------------------------------------------------
 
