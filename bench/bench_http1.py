@@ -224,7 +224,9 @@ def main() -> int:
     mp = multiprocessing.get_context("spawn")
     ready_r, ready_w = mp.Pipe(duplex=False)
     control, control_child = mp.Pipe()
-    gateway = mp.Process(target=gateway_main, args=(str(work), upstream_port, ready_w, control_child))
+    gateway = mp.Process(
+        target=gateway_main, args=(str(work), upstream_port, ready_w, control_child)
+    )
     gateway.start()
     try:
         if not ready_r.poll(30):
@@ -244,7 +246,9 @@ def main() -> int:
                 control.send(phase)
                 control.recv()
                 cpu0, t0 = cpu_seconds(gateway.pid), time.perf_counter()
-                done, errors = run_phase(port, args.conns, args.seconds, phase == "keep", args.procs)
+                done, errors = run_phase(
+                    port, args.conns, args.seconds, phase == "keep", args.procs
+                )
                 wall, cpu = time.perf_counter() - t0, cpu_seconds(gateway.pid) - cpu0
                 print(
                     f"round {r + 1} {phase:4s}: {done / wall:8,.0f} requests/s, "

@@ -115,8 +115,7 @@ def read_keys(path: Path) -> dict[str, str]:
         st = os.fstat(f.fileno())
         if st.st_mode & 0o022 or st.st_uid != os.geteuid():
             raise KeyFileError(
-                f"{path}: must be owned by uid {os.geteuid()} and writable by it only "
-                "(chmod 600)"
+                f"{path}: must be owned by uid {os.geteuid()} and writable by it only (chmod 600)"
             )
         return parse_keys(f.read(), str(path))
 

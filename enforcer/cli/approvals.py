@@ -164,7 +164,9 @@ def cmd_approvals(args) -> int:
             request[option] = value
         if args.widen is not None:
             if request["scope"] not in ("duration", "always"):
-                raise UsageError("--widen goes with --for or --always (a wider grant for the profile)")
+                raise UsageError(
+                    "--widen goes with --for or --always (a wider grant for the profile)"
+                )
             request["widen"] = args.widen
         if args.expires is not None:
             try:  # checked here too, so that a typo needs no gateway to be told
@@ -247,7 +249,9 @@ def _keys(args) -> int:
             )
             return EXIT_OK
         if name not in keys:
-            raise KeyFileError(f"no key named {name!r} in {path} (see: sandgate approvals keys list)")
+            raise KeyFileError(
+                f"no key named {name!r} in {path} (see: sandgate approvals keys list)"
+            )
         del keys[name]
         write_keys(path, keys)
         print(f"revoked: {name}")

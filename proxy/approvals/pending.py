@@ -352,7 +352,9 @@ class PendingStore:
         if widen is None:
             return None
         if scope not in (Scope.DURATION, Scope.ALWAYS):
-            raise ApprovalError("--widen goes with --for or --always (a wider grant for the profile)")
+            raise ApprovalError(
+                "--widen goes with --for or --always (a wider grant for the profile)"
+            )
         return widen_pattern(found.key, widen)
 
     def deny(self, pending_id: str, approver: str) -> Pending:

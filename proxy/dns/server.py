@@ -353,9 +353,7 @@ class DnsFilter:
             return None
         return deny("sandbox-dns-rate", f"more than {rate} DNS queries a second")
 
-    async def _forward(
-        self, wire: bytes, sandbox: str
-    ) -> tuple[bytes | Decision | None, str]:
+    async def _forward(self, wire: bytes, sandbox: str) -> tuple[bytes | Decision | None, str]:
         """Forward the allowed query `wire`: (the upstream's reply, "") or (None, why
         not); at most `max_pending_per_sandbox` at a time per sandbox (else a
         `sandbox_limit` Decision), so one sandbox cannot tie up the upstream (or

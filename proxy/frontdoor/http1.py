@@ -132,7 +132,9 @@ def forwarded_fields(
             text = value.decode("latin-1")
             if strip:
                 text = connection_without_upgrade(text)
-            text = ", ".join(t for t in map(str.strip, text.split(",")) if t and t.lower() != "close")
+            text = ", ".join(
+                t for t in map(str.strip, text.split(",")) if t and t.lower() != "close"
+            )
             if not text:
                 continue
             value = text.encode("latin-1")
@@ -310,7 +312,9 @@ class Http1Session:
         headers = event.headers
         if checked.strip_upgrade or checked.websocket or _names_connection(head.fields):
             headers = forwarded_fields(head.fields, checked)
-        forwarded = h11.Request(method=event.method, target=origin_form(event.target), headers=headers)
+        forwarded = h11.Request(
+            method=event.method, target=origin_form(event.target), headers=headers
+        )
         self.replayable = forwarded
         self._to_upstream(forwarded)
 

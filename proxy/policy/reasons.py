@@ -39,7 +39,9 @@ class Reason(StrEnum):
     # An HTTP request head sandgate will not forward (proxy/policy/request_head.py).
     MALFORMED_REQUEST = "malformed_request"  # not a token method, control bytes, bad framing ...
     AMBIGUOUS_PATH = "ambiguous_path"  # a path servers may read otherwise than it was decided
-    HEADERS_TOO_LARGE = "headers_too_large"  # too many header fields or bytes (431); a response head too (502)
+    HEADERS_TOO_LARGE = (
+        "headers_too_large"  # too many header fields or bytes (431); a response head too (502)
+    )
     # Under inspection the client refused the gateway's certificate (a pinned or private CA).
     TLS_REJECTED_BY_CLIENT = "tls_rejected_by_client"
     # A sandbox over a cap of its profile's `limits:` (open or undecided connections,
@@ -70,7 +72,9 @@ class Reason(StrEnum):
     UNKNOWN_PROFILE = "unknown_profile"
     POLICY_LOADED = "policy_loaded"
     POLICY_INVALID = "policy_invalid"  # a reload failed; the last good policy stays
-    POLICY_CHANGED = "policy_changed"  # an open connection the reloaded policy (or an expiry) denies: closed
+    POLICY_CHANGED = (
+        "policy_changed"  # an open connection the reloaded policy (or an expiry) denies: closed
+    )
     # The audit log cannot be written (disk full, its budget reached, no descriptor):
     # with --on-audit-failure block (the default) new connections are refused.
     AUDIT_UNAVAILABLE = "audit_unavailable"

@@ -56,7 +56,9 @@ class Task:
         self.workdir = sandbox._workdir(tmp_path)
         self.steps_dir = self.workdir / "steps"
         self.popen = subprocess.Popen(
-            attach_argv(service, self.workdir, ["sh", "-c", sandbox._script(steps, self.steps_dir)]),
+            attach_argv(
+                service, self.workdir, ["sh", "-c", sandbox._script(steps, self.steps_dir)]
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -116,7 +118,9 @@ def test_a_held_connection_completes_when_approved_and_dns_waits_for_it(fakenet,
         service.stop()
 
 
-def test_a_hold_that_runs_out_is_a_403_stays_pending_after_the_task_and_always_survives_a_restart(fakenet, tmp_path):
+def test_a_hold_that_runs_out_is_a_403_stays_pending_after_the_task_and_always_survives_a_restart(
+    fakenet, tmp_path
+):
     fakenet.clear_logs()
     service = _service(fakenet, tmp_path, "1s")
     try:
@@ -140,8 +144,11 @@ def test_a_hold_that_runs_out_is_a_403_stays_pending_after_the_task_and_always_s
         # The task has ended; its approval stays pending (a decision read the next
         # morning still counts), but only for the profile: once/task are refused.
         line = eventually(
-            lambda: [x for x in service.ask("approvals", "list").stdout.splitlines()
-                     if approval_id in x and "(task ended)" in x]
+            lambda: [
+                x
+                for x in service.ask("approvals", "list").stdout.splitlines()
+                if approval_id in x and "(task ended)" in x
+            ]
         )
         assert line and "allowed.test:80 (http)" in line[0], _pending(service)
         once = service.ask("approvals", "approve", approval_id, "--task")
@@ -154,11 +161,20 @@ def test_a_hold_that_runs_out_is_a_403_stays_pending_after_the_task_and_always_s
         )
         assert len(ended) == 1 and "the task has ended" in ended[0]["detail"], ended
         done = service.ask(
-            "approvals", "approve", approval_id, "--always", "--ticket", "T-1", "--expires", "2099-12-31"
+            "approvals",
+            "approve",
+            approval_id,
+            "--always",
+            "--ticket",
+            "T-1",
+            "--expires",
+            "2099-12-31",
         )
         assert done.returncode == 0, done.stderr
         granted = eventually(
-            lambda: service.events(kind="approval", approval_id=approval_id, reason="approval_granted")
+            lambda: service.events(
+                kind="approval", approval_id=approval_id, reason="approval_granted"
+            )
         )
         assert granted[0]["scope"] == "always" and "its task had ended" in granted[0]["detail"]
         # A later task: the rule is in force, nothing is held or asked.
@@ -177,7 +193,9 @@ def test_a_hold_that_runs_out_is_a_403_stays_pending_after_the_task_and_always_s
             capture_output=True,
             text=True,
         )
-        assert f"expires 2099-12-31 [approved:{approval_id}]" in shown.stdout, shown.stdout + shown.stderr
+        assert f"expires 2099-12-31 [approved:{approval_id}]" in shown.stdout, (
+            shown.stdout + shown.stderr
+        )
         later = attach(service, tmp_path, {"http": curl("http://allowed.test/")})
         assert later["http"].out.strip().splitlines()[-1] == "200", later.describe()
         assert _pending(service) == []
@@ -227,8 +245,11 @@ def test_a_denial_is_a_403_naming_the_approval_or_a_closed_connection(fakenet, t
         assert json.loads(result["again"].body.splitlines()[1])["approval_id"] == http["id"]
         assert fakenet.requests_seen() == []
         assert "allowed.test" not in fakenet.dns_queries_seen()
-        decided = {e["approval_id"]: e for e in service.events(reason="approval_denied")
-                   if e["kind"] == "approval"}
+        decided = {
+            e["approval_id"]: e
+            for e in service.events(reason="approval_denied")
+            if e["kind"] == "approval"
+        }
         assert decided.keys() == {http["id"], tls["id"]}
         assert all(e["approver"].startswith("uid 0") for e in decided.values())
         assert all(e["name"] == "allowed.test" and e["verdict"] == "deny" for e in decided.values())
@@ -241,9 +262,7 @@ def test_a_denial_is_a_403_naming_the_approval_or_a_closed_connection(fakenet, t
         service.stop()
 
 
-def test_an_approval_for_a_duration_runs_out_and_the_next_request_is_asked_again(
-    fakenet, tmp_path
-):
+def test_an_approval_for_a_duration_runs_out_and_the_next_request_is_asked_again(fakenet, tmp_path):
     """`approve --for 8s`: the held request and one inside the window go through;
     after the window a request opens a new pending approval (denied here), and the
     server saw exactly the two allowed requests."""
@@ -266,7 +285,9 @@ def test_an_approval_for_a_duration_runs_out_and_the_next_request_is_asked_again
             approved = service.ask("approvals", "approve", first["id"], "--for", "8s")
             assert approved.returncode == 0, approved.stderr
             assert "for a duration" in approved.stdout
-            decided_by = time.monotonic()  # the grant runs out 8 s after the decision, before this + 8 s
+            decided_by = (
+                time.monotonic()
+            )  # the grant runs out 8 s after the decision, before this + 8 s
             inside = eventually(lambda: (task.steps_dir / "inside.rc").exists(), timeout=20)
             assert inside, "the request inside the window did not finish"
             time.sleep(max(0.0, decided_by + 8.5 - time.monotonic()))
@@ -400,7 +421,9 @@ def test_a_second_concurrent_embedded_run_gets_its_own_approvals_page(fakenet, t
             said += line
         assert "sandgate: approvals page on http://127.0.0.1:9465/" in said, said
         second = sandbox.run(fakenet, tmp_path, {"ok": "true"})
-        page = re.search(r"approvals page on http://127\.0\.0\.1:(\d+)/ \(token in (\S+)\)", second.stderr)
+        page = re.search(
+            r"approvals page on http://127\.0\.0\.1:(\d+)/ \(token in (\S+)\)", second.stderr
+        )
         assert page and int(page[1]) != 9465, second.describe()
         assert "no approvals page" not in second.stderr and page[2].endswith("/admin-token")
         assert second["ok"].rc == 0
@@ -410,9 +433,7 @@ def test_a_second_concurrent_embedded_run_gets_its_own_approvals_page(fakenet, t
     assert done.returncode == 0, done.describe()
 
 
-def test_a_sandbox_flooding_asks_gets_approval_queue_full_and_the_server_nothing(
-    fakenet, tmp_path
-):
+def test_a_sandbox_flooding_asks_gets_approval_queue_full_and_the_server_nothing(fakenet, tmp_path):
     """max_pending_per_sandbox 2: the task's first two asks stay pending (held, then a
     403 approval_pending); the third gets approval_queue_full at once and opens no
     approval; no name was resolved and no server got a request."""
@@ -455,7 +476,9 @@ def test_a_widened_approval_lets_a_sibling_through_and_a_plain_one_does_not(fake
     `*.test`, a public suffix): ssh, another sibling, goes through without asking."""
     fakenet.clear_logs()
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES.replace("HOLD", "25s").replace("ask: allowed.test", 'ask: "*.allowed.test"'))
+    rules.write_text(
+        RULES.replace("HOLD", "25s").replace("ask: allowed.test", 'ask: "*.allowed.test"')
+    )
     service = GatewayProcess(fakenet, tmp_path, rules).start()
     try:
         task = Task(
@@ -498,7 +521,9 @@ def test_a_widened_approval_lets_a_sibling_through_and_a_plain_one_does_not(fake
         ]
         asked = service.events(kind="approval", reason="approval_requested")
         assert [e["name"] for e in asked] == ["www.allowed.test", "api.allowed.test"]
-        granted = {e["approval_id"]: e for e in service.events(kind="approval", reason="approval_granted")}
+        granted = {
+            e["approval_id"]: e for e in service.events(kind="approval", reason="approval_granted")
+        }
         assert granted[www["id"]].get("widened") is None
         assert granted[api["id"]]["widened"] == "*.allowed.test"
         (ssh,) = service.events(kind="request", name="ssh.allowed.test")

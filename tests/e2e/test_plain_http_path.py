@@ -13,7 +13,9 @@ from support.sandbox import SYSTEM_BUNDLE_ONLY, curl, eventually
 
 pytestmark = pytest.mark.e2e
 
-PLAIN_RULES = "version: 1\nprofiles:\n  default:\n    rules:\n      - allow: allowed.test\n        id: web\n"
+PLAIN_RULES = (
+    "version: 1\nprofiles:\n  default:\n    rules:\n      - allow: allowed.test\n        id: web\n"
+)
 
 
 def keep_alive(*urls: str, host: str | None = None) -> str:

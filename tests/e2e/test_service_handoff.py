@@ -104,8 +104,8 @@ def test_the_callers_death_kills_the_task_and_empties_its_cgroup(service, fakene
     finally:
         proc.kill()
         proc.wait()
-    assert eventually(lambda: not sandbox.processes_of(run_id), timeout=15), (
-        sandbox.processes_of(run_id)
+    assert eventually(lambda: not sandbox.processes_of(run_id), timeout=15), sandbox.processes_of(
+        run_id
     )
     assert eventually(lambda: not sandbox.leftovers(fakenet, run_id), timeout=15)
     assert not [p for p in cgroup.leftovers() if p.endswith(f"{cgroup.PREFIX}{run_id}")]

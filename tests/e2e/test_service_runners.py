@@ -50,7 +50,9 @@ class RunnersProcess:
         """The runner sockets someone listens on (/proc/net/unix: __SO_ACCEPTCON)."""
         with open("/proc/net/unix") as f:
             listening = {
-                fields[7] for line in f if len(fields := line.split()) == 8 and fields[3] == "00010000"
+                fields[7]
+                for line in f
+                if len(fields := line.split()) == 8 and fields[3] == "00010000"
             }
         return [path for path in self.sockets() if path in listening]
 
@@ -165,12 +167,12 @@ def test_a_service_that_may_not_build_sandboxes_gets_warm_runs_from_separate_run
     fakenet, tmp_path, rules, started
 ):
     """As under the shipped hardened unit: no_new_privs, so the service forks no runners."""
-    gateway = started(
-        GatewayProcess(fakenet, tmp_path, rules, wrap=("setpriv", "--no-new-privs"))
-    )
+    gateway = started(GatewayProcess(fakenet, tmp_path, rules, wrap=("setpriv", "--no-new-privs")))
     assert eventually(
-        lambda: "no warm runners: this process runs with fewer capabilities, no_new_privs"
-        in gateway.log.read_text(),
+        lambda: (
+            "no warm runners: this process runs with fewer capabilities, no_new_privs"
+            in gateway.log.read_text()
+        ),
         timeout=20,
     ), gateway.log.read_text()
     assert gateway.status()["warm_runners"] == 0

@@ -124,7 +124,9 @@ def test_a_named_key_decides_as_its_name_and_is_refused_once_revoked(tmp_path, c
         (pending,) = approvals.list()
         bearer = {"authorization": f"Bearer {alice}", "content-type": "application/json"}
         decision = json.dumps({"decision": "approve", "scope": "task"}).encode()
-        status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", bearer, decision)
+        status, _, body = await _http(
+            port, "POST", f"/api/approvals/{pending['id']}", bearer, decision
+        )
         assert status == 200 and json.loads(body)["approval"]["approver"] == "alice (api key)"
         assert (await hold).answer is Answer.GRANTED
         # Revoked: refused at the very next request, the bearer and bob's page session.

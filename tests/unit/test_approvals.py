@@ -219,7 +219,9 @@ def test_a_pending_approval_outlives_its_task_for_the_profile_wide_scopes():
     assert [p["task_ended"] for p in (x.to_dict(clock.now) for x in s.list())] == [True] * 4
     # once or task would grant nothing: refused, and still pending
     for scope in (Scope.ONCE, Scope.TASK):
-        with pytest.raises(ApprovalError, match="the task has ended; approve --for or --always, or deny"):
+        with pytest.raises(
+            ApprovalError, match="the task has ended; approve --for or --always, or deny"
+        ):
             s.approve(a.id, "uid 0 (root)", scope)
     assert a.state is State.PENDING and a.approver is None
     # the profile-wide scopes still apply: a later task of the profile is granted
@@ -294,7 +296,9 @@ def test_a_task_ending_is_no_decision_in_the_metrics():
         pytest.param("*.test", "public suffix 'test'", id="single-label-suffix"),
         pytest.param("*.co.uk", "public suffix 'co.uk'", id="public-suffix"),
         pytest.param("example.test", "not a wildcard", id="no-wildcard"),
-        pytest.param("*.other.test", "does not cover the asked name api.example.test", id="elsewhere"),
+        pytest.param(
+            "*.other.test", "does not cover the asked name api.example.test", id="elsewhere"
+        ),
         pytest.param("*.api.example.test", "does not cover", id="the-name-itself-is-not-below"),
         pytest.param("a.*.example.test", "only one leading|whole leftmost label", id="mid-star"),
         pytest.param("*.exa mple.test", "control character or space", id="bad-label"),
@@ -320,7 +324,9 @@ def test_an_explicit_widening_covers_siblings_and_a_plain_approval_does_not():
         s.approve(wide.id, "a", Scope.DURATION, duration=60, widen="*.other.test")
     assert wide.state is State.PENDING
     s.approve(wide.id, "a", Scope.DURATION, duration=60, widen="*.Example.test")
-    assert wide.widened == "*.example.test" and wide.to_dict(clock.now)["widened"] == "*.example.test"
+    assert (
+        wide.widened == "*.example.test" and wide.to_dict(clock.now)["widened"] == "*.example.test"
+    )
     for name in ("api.example.test", "www.example.test", "a.b.example.test"):
         grant = s.grant_for(key(name, task="t2"))
         assert grant.approved and grant.pending is wide, name
@@ -350,7 +356,12 @@ def test_a_widened_always_writes_the_wildcard_rule_and_the_event_records_it(tmp_
 
         approvals.on_always = always_writer(tmp_path / "approved.yaml", reload)
         held = await approvals.hold(key("www.example.test"), "r", {})
-        request = {"cmd": "approve", "id": held.pending.id, "scope": "always", "widen": "*.example.test"}
+        request = {
+            "cmd": "approve",
+            "id": held.pending.id,
+            "scope": "always",
+            "widen": "*.example.test",
+        }
         return await handle(approvals, request, "uid 0 (root)")
 
     reply = asyncio.run(scenario())
@@ -360,7 +371,9 @@ def test_a_widened_always_writes_the_wildcard_rule_and_the_event_records_it(tmp_
     reloaded = load_policy(rules)
     for name in ("www.example.test", "sibling.example.test"):
         assert decide(reloaded, ConnectFacts(profile="p", port=443, name=name)).allowed, name
-    assert not decide(reloaded, ConnectFacts(profile="p", port=80, name="sibling.example.test")).allowed
+    assert not decide(
+        reloaded, ConnectFacts(profile="p", port=80, name="sibling.example.test")
+    ).allowed
     (granted,) = [e for e in events if e.reason is Reason.APPROVAL_GRANTED]
     assert granted.widened == "*.example.test" and "widened to *.example.test" in granted.detail
 
@@ -510,9 +523,7 @@ def test_always_with_an_expiry_is_written_into_the_rule_and_shown(tmp_path, poli
     assert good["ok"] and good["approval"]["scope"] == "always"
     (rule,) = yaml.safe_load(overlay.read_text())["approved"]["p"]
     assert rule["expires"] == "2099-12-31" and rule["allow"] == "pastebin.test"
-    loaded = next(
-        r for r in load_policy(rules).profiles["p"].rules if r.id.startswith("approved:")
-    )
+    loaded = next(r for r in load_policy(rules).profiles["p"].rules if r.id.startswith("approved:"))
     assert str(loaded.expires) == "2099-12-31"
     assert main(["rules", "show", str(rules)]) == 0
     assert "allow pastebin.test ports 443 expires 2099-12-31 [approved:" in capsys.readouterr().out

@@ -1118,7 +1118,9 @@ def test_oversized_udp_answer_is_servfail_and_never_parsed(monkeypatch):
     parsed = []
     real_from_wire = dns.message.from_wire
     monkeypatch.setattr(
-        dns.message, "from_wire", lambda wire, *a, **k: parsed.append(len(wire)) or real_from_wire(wire, *a, **k)
+        dns.message,
+        "from_wire",
+        lambda wire, *a, **k: parsed.append(len(wire)) or real_from_wire(wire, *a, **k),
     )
     response, events, bindings = asyncio.run(_ask_hostile(lambda data: _many_addresses(data, 300)))
     assert response.rcode() == dns.rcode.SERVFAIL and response.answer == []

@@ -17,7 +17,9 @@ from sandgate.enforcer import handoff
         pytest.param(["--gateway=/s.sock", "--", "true"], "/s.sock", id="equals"),
         pytest.param(["--gateway", "--", "true"], handoff.DEFAULT_CONTROL, id="default"),
         pytest.param(["-q", "--gateway", "-q", "--", "x"], handoff.DEFAULT_CONTROL, id="flag-next"),
-        pytest.param(["--profile", "p", "--gateway", "rel.sock", "--", "x"], "rel.sock", id="later"),
+        pytest.param(
+            ["--profile", "p", "--gateway", "rel.sock", "--", "x"], "rel.sock", id="later"
+        ),
         pytest.param(["--", "x", "--gateway", "/s.sock"], None, id="in-the-command"),
         pytest.param(["--gateway", "/s.sock", "--help"], "/s.sock", id="help-after"),
         pytest.param(["--help", "--gateway", "/s.sock"], None, id="help-first"),

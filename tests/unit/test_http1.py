@@ -154,7 +154,9 @@ def test_requests_are_not_sent_again_unless_safe(gate, why):
     s = session_for(gate)
     body = why == "body"
     method = b"POST" if why in ("body", "post") else b"GET"
-    s.client_data(method + b" /a HTTP/1.1\r\n" + H + (b"Content-Length: 2\r\n\r\nab" if body else b"\r\n"))
+    s.client_data(
+        method + b" /a HTTP/1.1\r\n" + H + (b"Content-Length: 2\r\n\r\nab" if body else b"\r\n")
+    )
     s.upstream_connected(reused=why != "new")
     if why == "answered":
         s.upstream_data(b"HTTP/1.1 200")
@@ -356,7 +358,9 @@ def test_plain_http_is_served_by_the_front_door_request_by_request(gate):
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 OK")
             assert await reader.readexactly(100000) == b"x" * 100000
-            writer.write(b"GET /2 HTTP/1.1\r\n" + H + b"\r\nGET /3 HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+            writer.write(
+                b"GET /2 HTTP/1.1\r\n" + H + b"\r\nGET /3 HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+            )
             rest = await read_all(reader)
             assert rest.count(b"HTTP/1.1 200 OK") == 1 and b"HTTP/1.1 403 " in rest
             writer.close()
@@ -366,13 +370,19 @@ def test_plain_http_is_served_by_the_front_door_request_by_request(gate):
 
     run(scenario())
     assert [h.split(b"\r\n")[0] for h in seen] == [b"GET /1 HTTP/1.1", b"GET /2 HTTP/1.1"]
-    assert [(r[0], r[3]) for r in requests(gate)] == [("allow", "/1"), ("allow", "/2"), ("deny", "/3")]
+    assert [(r[0], r[3]) for r in requests(gate)] == [
+        ("allow", "/1"),
+        ("allow", "/2"),
+        ("deny", "/3"),
+    ]
     end = [e for e in gate.events if e.kind.value == "connection_end"][0]
     assert end.bytes_up > 0 and end.bytes_down > 200000
 
 
 async def plain_http_door(gate, upstream):
-    return await started(gate, ALLOWED, upstream.port, hand_off=never, plain_http=lambda state: True)
+    return await started(
+        gate, ALLOWED, upstream.port, hand_off=never, plain_http=lambda state: True
+    )
 
 
 async def exchange(port, host=b"allowed.test") -> bytes:
@@ -397,7 +407,9 @@ def test_the_next_connection_of_the_sandbox_reuses_the_idle_upstream_and_is_deci
             for _ in range(3):
                 assert (await exchange(door.port)).startswith(b"HTTP/1.1 200 OK")
             assert (await exchange(door.port, b"evil.test")).startswith(b"HTTP/1.1 403 ")
-            await until(lambda: len([e for e in gate.events if e.kind.value == "connection_end"]) == 3)
+            await until(
+                lambda: len([e for e in gate.events if e.kind.value == "connection_end"]) == 3
+            )
             assert upstream.connections == 1 and door.upstream_pool.count == 1
             await door.stop()
             assert door.upstream_pool.count == 0

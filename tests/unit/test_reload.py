@@ -168,7 +168,10 @@ def test_an_expiring_rule_closes_the_connections_it_allowed_at_its_instant(tmp_p
     closed at that instant with a policy_changed event naming the expiry; a relay
     another rule allowed carries on; the next connection is denied."""
     expires = time.time() + 1.5
-    instant = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(expires)) + f".{int(expires % 1 * 1000):03d}Z"
+    instant = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(expires))
+        + f".{int(expires % 1 * 1000):03d}Z"
+    )
     rules = GATE_RULES.replace(
         "        id: allowed\n", f"        id: allowed\n        expires: {instant}\n"
     )
