@@ -35,6 +35,7 @@ from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.event import Event, EventFanout, EventKind, EventSink
+from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 
 log = logging.getLogger("sandgate.gateway")
 
@@ -118,6 +119,8 @@ class Gateway:
                 await self.proxy.started()
             await self.frontdoor.start(self.config.listen_host, self.config.proxy_port)
             self.watch_expiry()
+            for sink in self._rate_limited():
+                sink.start(asyncio.get_running_loop())
         except BaseException:
             await self.proxy.stop()
             await self.dns.stop()
@@ -134,6 +137,11 @@ class Gateway:
         await self.dns.stop()
         if self.descriptors is not None:
             self.descriptors.stop()
+        for sink in self._rate_limited():
+            sink.stop()  # what the audit rate limit holds is written before the log closes
+
+    def _rate_limited(self) -> list[RateLimitedAudit]:
+        return [sink for sink in self.events.sinks if isinstance(sink, RateLimitedAudit)]
 
     @property
     def proxy_port(self) -> int:

@@ -65,6 +65,11 @@ class Event:
     scope: str | None = None  # once, task, duration, always
     widened: str | None = None  # the wildcard an approval was explicitly widened to (--widen)
     wait: float | None = None  # seconds from the ask to the decision (or the hold's end)
+    # An aggregate record of the audit rate limit (proxy/telemetry/flood.py): it stands
+    # for `suppressed` events of this kind, verdict, reason and rule, made from
+    # `first_time` to `time`, that the audit log did not get one line each for.
+    suppressed: int | None = None
+    first_time: float | None = None
 
     def __post_init__(self) -> None:
         for name, limit in _BOUNDED:

@@ -209,6 +209,13 @@ class Metrics:
             "Approval webhook deliveries that failed every try (--approval-webhook).",
             registry=r,
         )
+        self.audit_suppressed = Counter(
+            "sandgate_audit_events_suppressed",
+            "Events the audit rate limit (--audit-rate, --audit-burst) wrote as part of an "
+            "aggregate record ('N similar events suppressed') instead of a line each.",
+            ["kind", "verdict", "reason"],
+            registry=r,
+        )
         self.label_overflow = Counter(
             "sandgate_metric_label_overflow",
             "Label values folded into 'other' because a label reached its cap of distinct values.",
@@ -278,6 +285,10 @@ class Metrics:
                 self.policy_reloads.labels("success").inc()
             elif event.reason is Reason.POLICY_INVALID:
                 self.policy_reloads.labels("failure").inc()
+
+    def count_suppressed(self, event: Event) -> None:
+        """The audit rate limit held `event` back (RateLimitedAudit's on_suppressed)."""
+        self.audit_suppressed.labels(str(event.kind), str(event.verdict), str(event.reason)).inc()
 
     def _resolve(self, key: tuple) -> tuple:
         kind, verdict, reason, rule_id, profile, protocol, method = key

@@ -19,6 +19,7 @@ from sandgate.proxy.telemetry.event import Event, EventKind
 
 BLOCKED = (Verdict.DENY, Verdict.ASK)
 OTHER_DESTINATIONS = "(other destinations)"
+SUPPRESSED_DESTINATIONS = "(suppressed in the audit log)"
 
 
 class TaskSummary:
@@ -43,9 +44,14 @@ class TaskSummary:
             str(event.reason),
             event.rule_id or "",
         )
-        if key not in self.rows and len(self.rows) >= self.max_rows:
+        if event.suppressed:
+            # An aggregate record of the audit rate limit: it stands for N events
+            # (the summary of a run gets each event itself; one built from an audit
+            # log gets these).
+            key = (key[0], SUPPRESSED_DESTINATIONS, *key[2:])
+        elif key not in self.rows and len(self.rows) >= self.max_rows:
             key = (key[0], OTHER_DESTINATIONS, *key[2:])
-        self.rows[key] += 1
+        self.rows[key] += event.suppressed or 1
 
     def task_started(self, task_id: str, profile: str, sandbox: str, command: list[str]) -> None:
         self.task = {"task_id": task_id, "profile": profile, "sandbox": sandbox, "command": command}

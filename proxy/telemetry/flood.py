@@ -1,0 +1,210 @@
+"""The audit rate limit: a flood from one task is aggregated, never silently lost.
+
+A task can make thousands of denied connections or DNS queries a second; one audit
+line each would let it fill the disk (and the SIEM) with noise and push the lines
+that matter out of sight. So, per task (its task_id, else its sandbox address), a
+token bucket (`rate` events a second, `burst` at once) stands in front of the AUDIT
+log only; the metrics and the task summary still see every event.
+
+- Within the budget an event is written as it is.
+- Past it, the event is counted into an aggregate keyed by what makes events
+  "similar": (kind, verdict, reason, rule_id) of that task. The aggregate keeps the
+  count, the first and last time, a few destinations (at most MAX_SAMPLES, each at
+  most SAMPLE_CHARS characters, plus how many others) and the bytes, and becomes ONE
+  record of the same kind with `suppressed: N` and the detail "N similar events
+  suppressed ...": the one event schema, the one reason vocabulary.
+- An aggregate is written when it is `interval` old (on the task's next event, or
+  by `due`, which the adapter calls from a timer), when an event of its task passes
+  with room left in the bucket (the flood is over), before an event that is never
+  suppressed (below) of its task, and by `drain` (task end, gateway stop).
+- Never suppressed: kinds task, policy and approval. They are rare, and the admin
+  needs each one (a task's end, a reload, who approved what).
+- Allowed connections and requests are aggregated too (else a flood of allowed
+  connections would flood the log just the same), but never anonymously: their
+  aggregate names the rule that allowed them, counts them, samples their
+  destinations, and carries the summed bytes of `connection_end` events.
+
+Nothing is lost: every event admitted is either returned as it is or counted in
+exactly one aggregate that `admit`, `due` or `drain` returns. Pure: no I/O, the
+clock is injected (monotonic seconds for the bucket; events keep their own time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sandgate.proxy.policy.names import format_host_port
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry.event import Event, EventKind, bound_text
+
+NEVER_SUPPRESSED = frozenset({EventKind.TASK, EventKind.POLICY, EventKind.APPROVAL})
+DEFAULT_RATE = 500.0  # events a second, per task
+DEFAULT_BURST = 5000
+FLUSH_INTERVAL = 1.0  # seconds: the longest an aggregate waits to be written
+MAX_SAMPLES = 5
+SAMPLE_CHARS = 120
+
+SimilarKey = tuple[EventKind, Verdict, Reason, str | None]
+
+
+@dataclass(frozen=True)
+class FloodLimits:
+    rate: float = DEFAULT_RATE
+    burst: int = DEFAULT_BURST
+    interval: float = FLUSH_INTERVAL
+
+    def __post_init__(self) -> None:
+        if not self.rate > 0 or self.burst < 1 or not self.interval > 0:
+            raise ValueError("the audit rate and interval must be > 0 and the burst >= 1")
+
+
+@dataclass
+class _Aggregate:
+    """The suppressed events of one task and one similar-key, not yet written."""
+
+    template: Event  # the first one: the identity fields of the record
+    since: float  # clock time of the first (for `interval`)
+    count: int = 0
+    last_time: float = 0.0
+    samples: list[str] = field(default_factory=list)
+    others: int = 0  # events whose destination is not among the samples
+    bytes_up: int = 0
+    bytes_down: int = 0
+    protocols: set[str | None] = field(default_factory=set)
+
+    def add(self, event: Event) -> None:
+        self.count += 1
+        self.last_time = event.time
+        self.bytes_up += event.bytes_up or 0
+        self.bytes_down += event.bytes_down or 0
+        if len(self.protocols) < 2:
+            self.protocols.add(event.protocol)
+        destination = _destination(event)
+        if destination is None:
+            return
+        if destination in self.samples:
+            return
+        if len(self.samples) < MAX_SAMPLES:
+            self.samples.append(destination)
+        else:
+            self.others += 1
+
+    def record(self, limits: FloodLimits) -> Event:
+        t = self.template
+        destinations = ", ".join(self.samples) or "none named"
+        if self.others:
+            destinations += f" and {self.others} more"
+        return Event(
+            kind=t.kind,
+            verdict=t.verdict,
+            reason=t.reason,
+            rule_id=t.rule_id,
+            rule_origin=t.rule_origin,
+            detail=f"{self.count} similar events suppressed by the audit rate limit "
+            f"({limits.rate:g}/s, burst {limits.burst}); destinations: {destinations}",
+            time=self.last_time,
+            first_time=t.time,
+            suppressed=self.count,
+            policy_hash=t.policy_hash,
+            task_id=t.task_id,
+            sandbox=t.sandbox,
+            profile=t.profile,
+            protocol=t.protocol if len(self.protocols) == 1 else None,
+            bytes_up=self.bytes_up or None,
+            bytes_down=self.bytes_down or None,
+        )
+
+
+def _destination(event: Event) -> str | None:
+    if event.name:
+        host = event.name
+    elif event.dst_ip:
+        host = event.dst_ip
+    else:
+        return None
+    text = format_host_port(host, event.dst_port) if event.dst_port else host
+    return bound_text(text, SAMPLE_CHARS)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float  # clock time of the last refill
+    pending: dict[SimilarKey, _Aggregate] = field(default_factory=dict)
+
+
+class FloodControl:
+    """Per-task token buckets and aggregates; see the module's docstring."""
+
+    def __init__(self, limits: FloodLimits, clock: Callable[[], float] = time.monotonic):
+        self.limits = limits
+        self.clock = clock
+        self.buckets: dict[str, _Bucket] = {}
+
+    @property
+    def held(self) -> int:
+        """Events counted into aggregates not yet returned."""
+        return sum(a.count for b in self.buckets.values() for a in b.pending.values())
+
+    def admit(self, event: Event) -> tuple[list[Event], bool]:
+        """What to write now for `event`, in order (aggregates first: they are older),
+        and whether `event` itself was suppressed (counted into an aggregate)."""
+        task = event.task_id or event.sandbox or ""
+        now = self.clock()
+        bucket = self._refilled(task, now)
+        if event.kind in NEVER_SUPPRESSED:
+            return [*self._flush(bucket), event], False
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            # Room left after this one: the flood is over, its aggregates go out now.
+            out = self._flush(bucket) if bucket.tokens >= 1 and bucket.pending else []
+            out.append(event)
+            return out, False
+        key = (event.kind, event.verdict, event.reason, event.rule_id)
+        out = []
+        aggregate = bucket.pending.get(key)
+        if aggregate is not None and now - aggregate.since >= self.limits.interval:
+            out.append(bucket.pending.pop(key).record(self.limits))
+            aggregate = None
+        if aggregate is None:
+            aggregate = bucket.pending[key] = _Aggregate(event, now)
+        aggregate.add(event)
+        return out, True
+
+    def due(self) -> list[Event]:
+        """The aggregates at least `interval` old (for a timer), and forget the buckets
+        that are full and hold nothing (idle tasks cost no memory)."""
+        now = self.clock()
+        out = []
+        for task in list(self.buckets):
+            bucket = self._refilled(task, now)
+            for key, aggregate in list(bucket.pending.items()):
+                if now - aggregate.since >= self.limits.interval:
+                    out.append(bucket.pending.pop(key).record(self.limits))
+            if not bucket.pending and bucket.tokens >= self.limits.burst:
+                del self.buckets[task]
+        return out
+
+    def drain(self, task: str | None = None) -> list[Event]:
+        """Every aggregate held (of `task` only, if given): a task ended, or the
+        gateway stops."""
+        tasks = list(self.buckets) if task is None else [task]
+        return [e for t in tasks if t in self.buckets for e in self._flush(self.buckets[t])]
+
+    def _refilled(self, task: str, now: float) -> _Bucket:
+        bucket = self.buckets.get(task)
+        if bucket is None:
+            bucket = self.buckets[task] = _Bucket(float(self.limits.burst), now)
+        elif now > bucket.at:
+            bucket.tokens = min(
+                float(self.limits.burst), bucket.tokens + (now - bucket.at) * self.limits.rate
+            )
+            bucket.at = now
+        return bucket
+
+    def _flush(self, bucket: _Bucket) -> list[Event]:
+        out = [aggregate.record(self.limits) for aggregate in bucket.pending.values()]
+        bucket.pending.clear()
+        return out
