@@ -36,6 +36,8 @@ from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.telemetry import task_events
 from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError
 from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.flood import FloodLimits
+from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.telemetry.metrics import Metrics
 from sandgate.proxy.telemetry.summary import TaskSummary
 
@@ -70,6 +72,7 @@ class RunOptions:
     audit_log: Path | None = None  # None: AUDIT_DIR/<run id>.jsonl (kept after the run)
     audit_budget: int | None = None  # bytes for the log and its rotated files; None: no cap
     on_audit_failure: str = "block"  # or "continue": see --on-audit-failure
+    audit_limits: FloodLimits = field(default_factory=FloodLimits)  # --audit-rate, --audit-burst
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)  # None: no /metrics
     admin: AdminOptions = field(default_factory=AdminOptions)  # the approvals page, webhooks
     summary_json: Path | None = None
@@ -207,7 +210,7 @@ class TaskRun:
             ),
             opts.policy,
             self.summary,
-            self.audit,
+            RateLimitedAudit(self.audit, opts.audit_limits, self.metrics.count_suppressed),
             self.metrics,
         )
         if opts.on_audit_failure == "block":

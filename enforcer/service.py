@@ -63,6 +63,8 @@ from sandgate.proxy.reload import PolicyReloader
 from sandgate.proxy.telemetry import task_events
 from sandgate.proxy.telemetry.audit import AuditLog
 from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.flood import FloodLimits
+from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.telemetry.metrics import Metrics
 from sandgate.proxy.telemetry.summary import TaskSummary
 
@@ -86,6 +88,7 @@ class ServiceOptions:
     audit_log: Path = SERVICE_AUDIT_LOG
     audit_budget: int | None = None
     on_audit_failure: str = "block"
+    audit_limits: FloodLimits = field(default_factory=FloodLimits)  # --audit-rate, --audit-burst
     grace: float = 30.0
     pool: str = str(netns.DEFAULT_POOL)
     warm: int = 2  # sandbox networks made ahead, so that an attach does not wait for one;
@@ -197,7 +200,7 @@ class GatewayService:
                 upstream_ca=upstream_ca,
             ),
             policy,
-            self.audit,
+            RateLimitedAudit(self.audit, opts.audit_limits, self.metrics.count_suppressed),
             self.metrics,
             self,
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandgate.proxy.policy import DEFAULT_RULES
+from sandgate.proxy.telemetry.flood import DEFAULT_BURST, DEFAULT_RATE, FloodLimits
 
 if TYPE_CHECKING:
     from sandgate.proxy.policy import CompiledPolicy
@@ -143,8 +144,45 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         "memory (continue)",
     )
     parser.add_argument(
+        "--audit-rate",
+        type=_positive_rate,
+        default=DEFAULT_RATE,
+        metavar="R",
+        help="audit lines a second per task before a flood is aggregated into "
+        f"'N similar events suppressed' records (default {DEFAULT_RATE:g}; the metrics "
+        "and the summary still count every event)",
+    )
+    parser.add_argument(
+        "--audit-burst",
+        type=_positive_count,
+        default=DEFAULT_BURST,
+        metavar="B",
+        help=f"audit lines a task may write at once before --audit-rate applies (default {DEFAULT_BURST})",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="log the gateway's steps on stderr"
     )
+
+
+def audit_limits(args: argparse.Namespace) -> FloodLimits:
+    """--audit-rate and --audit-burst as the audit rate limit's FloodLimits."""
+    return FloodLimits(rate=args.audit_rate, burst=args.audit_burst)
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _positive_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def gateway_settings(args: argparse.Namespace, log_prefix: str) -> tuple[str, int] | None:

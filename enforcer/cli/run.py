@@ -16,6 +16,7 @@ from sandgate.enforcer.cli.common import (
     UsageError,
     add_gateway_options,
     admin_settings,
+    audit_limits,
     gateway_settings,
     load_rules,
     setup_errors,
@@ -23,6 +24,7 @@ from sandgate.enforcer.cli.common import (
 from sandgate.enforcer.control import DEFAULT_SOCKET
 from sandgate.enforcer.sandbox import options as sandbox_options
 from sandgate.proxy.policy import DEFAULT_RULES
+from sandgate.proxy.telemetry.flood import DEFAULT_BURST, DEFAULT_RATE
 
 
 def register(sub) -> None:
@@ -83,6 +85,7 @@ def cmd_run(args) -> int:
                 audit_log=args.audit_log,
                 audit_budget=args.audit_budget,
                 on_audit_failure=args.on_audit_failure,
+                audit_limits=audit_limits(args),
                 metrics_listen=metrics_listen,
                 admin=admin,
                 summary_json=args.summary_json,
@@ -111,6 +114,8 @@ SERVICE_OWNED = {
     "audit_log": None,
     "audit_budget": None,
     "on_audit_failure": "block",
+    "audit_rate": DEFAULT_RATE,
+    "audit_burst": DEFAULT_BURST,
     "metrics_listen": METRICS_DEFAULT,
     "extra_ca": [],
     "admin_listen": ADMIN_DEFAULT,

@@ -7,7 +7,6 @@ import asyncio
 import json
 
 import pytest
-
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.audit import AuditLog, verify
 from sandgate.proxy.telemetry.event import Event, EventKind
