@@ -45,9 +45,9 @@ class TaskSummary:
             event.rule_id or "",
         )
         if event.suppressed:
-            # An aggregate record of the audit rate limit: it stands for N events
-            # (the summary of a run gets each event itself; one built from an audit
-            # log gets these).
+            # An aggregate record of the audit rate limit stands for N events. A
+            # run's summary sees each event itself (the limit is in front of the
+            # audit log only); a summary fed audit lines must count N, not 1.
             key = (key[0], SUPPRESSED_DESTINATIONS, *key[2:])
         elif key not in self.rows and len(self.rows) >= self.max_rows:
             key = (key[0], OTHER_DESTINATIONS, *key[2:])
