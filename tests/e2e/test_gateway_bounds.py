@@ -303,8 +303,10 @@ def test_a_hostile_dns_message_does_not_stall_another_connection(net, tmp_path):
     slowest, answered = map(int, r["stall"].out.split())
     assert answered >= 10, r.describe()
     assert slowest < 200, r.describe()  # a correctness bound, not a benchmark
-    hostile = [e for e in r.events(kind="dns", reason="dns_malformed")]
-    assert hostile and all("at most 4096" in e["detail"] for e in hostile), r.describe()
+    hostile = r.events(kind="dns", reason="dns_malformed")
+    # (past the audit rate limit the flood's refusals are aggregated: their own detail)
+    one_by_one = [e for e in hostile if not e.get("suppressed")]
+    assert one_by_one and all("at most 4096" in e["detail"] for e in one_by_one), r.describe()
     # only the real queries reached the upstream resolver
     assert set(net.dns_queries_seen()) <= {"allowed.test"}, net.dns_queries_seen()
 
