@@ -100,8 +100,10 @@ class Gateway:
             approvals=self.approvals,
             resolve=self._resolve_placeholder,
             # Plain HTTP is decided in the front door unless a rule needs mitmproxy's path.
-            plain_http=lambda state: not needs_engine(self.policy, state.sandbox.profile),
+            plain_http=self._plain_http,
         )
+        self._plain_for: CompiledPolicy | None = None  # the policy `_plain` was made for
+        self._plain: dict[str, bool] = {}
 
     async def start(self, *, inspection: bool | None = None) -> None:
         """Listen. mitmproxy starts now if `inspection` (None: if any profile has a rule
@@ -139,6 +141,17 @@ class Gateway:
             self.descriptors.stop()
         for sink in self._rate_limited():
             sink.stop()  # what the audit rate limit holds is written before the log closes
+
+    def _plain_http(self, state) -> bool:
+        """Whether the front door serves this plain-HTTP connection itself: once per
+        policy and profile (`needs_engine` reads every rule), not per connection."""
+        policy, profile = self.policy, state.sandbox.profile
+        if self._plain_for is not policy:
+            self._plain_for, self._plain = policy, {}
+        plain = self._plain.get(profile)
+        if plain is None:
+            plain = self._plain[profile] = not needs_engine(policy, profile)
+        return plain
 
     def _rate_limited(self) -> list[RateLimitedAudit]:
         return [sink for sink in self.events.sinks if isinstance(sink, RateLimitedAudit)]

@@ -187,11 +187,10 @@ class FloodControl:
                 del self.buckets[task]
         return out
 
-    def drain(self, task: str | None = None) -> list[Event]:
-        """Every aggregate held (of `task` only, if given): a task ended, or the
-        gateway stops."""
-        tasks = list(self.buckets) if task is None else [task]
-        return [e for t in tasks if t in self.buckets for e in self._flush(self.buckets[t])]
+    def drain(self) -> list[Event]:
+        """Every aggregate held: the gateway stops. (A task's own end is a `task`
+        event, which flushes its bucket in `admit`.)"""
+        return [e for bucket in self.buckets.values() for e in self._flush(bucket)]
 
     def _refilled(self, task: str, now: float) -> _Bucket:
         bucket = self.buckets.get(task)
