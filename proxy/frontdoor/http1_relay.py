@@ -22,7 +22,7 @@ from collections.abc import Hashable
 
 from sandgate.proxy.frontdoor.http1 import Http1Session
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
-from sandgate.proxy.frontdoor.relay import RELAY_CHUNK
+from sandgate.proxy.frontdoor.relay import RELAY_CHUNK, WAKEUP_BUDGET
 
 # How long an idle upstream connection is kept: below the shortest keep-alive
 # timeout servers commonly use (Apache's 5 s), so that the server rarely closes
@@ -121,6 +121,8 @@ class Http1Relay:
         "upstream_writable",
         "upstream_ending",
         "last_active",
+        "read_now",
+        "deferred",
     )
 
     def __init__(self, connection):
@@ -131,6 +133,8 @@ class Http1Relay:
         self.upstream_readable = self.upstream_writable = False
         self.upstream_ending = False  # its server closed or reset it (the event said so)
         self.last_active = connection.loop.time()
+        self.read_now = 0  # bytes read in this step: at most WAKEUP_BUDGET (relay.py)
+        self.deferred = False  # a later step is asked for already
         connection.relay = self  # the door's idle sweep reads `last_active`
         connection.door.poller.handlers[connection.client_fd] = self._on_client_event
         self._step()
@@ -163,8 +167,10 @@ class Http1Relay:
         self._step()
 
     def _step(self) -> None:
-        """Send what is owed, read what may be read, until nothing moves."""
+        """Send what is owed, read what may be read, until nothing moves or the
+        wakeup budget is spent (then again on a later loop iteration, as relay.py)."""
         connection, session = self.connection, self.session
+        self.read_now, self.deferred = 0, False
         try:
             moved = True
             while moved and not connection.done:
@@ -186,12 +192,24 @@ class Http1Relay:
                     self._connect()
                     moved = True
                     continue
+                if self.read_now >= WAKEUP_BUDGET:
+                    self._defer()
+                    return
                 if self.client_readable and session.wants_client_data:
                     moved |= self._read(connection.client, up=True)
                 if self.upstream_readable and session.connected and session.wants_upstream_data:
                     moved |= self._read(connection.upstream, up=False)
         except Exception as e:  # noqa: BLE001 - fails closed: the door's crash reports it
             connection.crash(e)
+
+    def _defer(self) -> None:
+        if not self.deferred:
+            self.deferred = True
+            self.connection.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if not self.connection.done:
+            self._step()
 
     def _read(self, sock: socket.socket, up: bool) -> bool:
         connection, session = self.connection, self.session
@@ -214,6 +232,7 @@ class Http1Relay:
         if n < 0:
             return False
         self.last_active = connection.loop.time()
+        self.read_now += n
         data = bytes(memoryview(buffer)[:n])
         if up:
             connection.state.bytes_up += n

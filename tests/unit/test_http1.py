@@ -14,6 +14,8 @@ from sandgate.proxy.frontdoor.http1 import (
     origin_form,
     read_head_leniently,
 )
+from sandgate.proxy.frontdoor.http1_relay import Http1Relay
+from sandgate.proxy.frontdoor.relay import RELAY_CHUNK, WAKEUP_BUDGET
 from sandgate.proxy.policy import load_policy
 from support.fakes import make_gate
 from test_frontdoor import LOOPBACK, Upstream, read_all, run, started, until
@@ -477,3 +479,35 @@ def test_the_pool_drops_an_idle_connection_its_server_closes_and_keeps_tasks_apa
             theirs.close()
 
     run(scenario())
+
+
+def test_a_plain_http_download_takes_turns_at_the_wakeup_budget(gate, monkeypatch):
+    """As relay.py's pass-through: one step of the plain-HTTP path reads at most about
+    WAKEUP_BUDGET, then resumes on a later loop iteration; the body arrives whole."""
+    body = b"x" * (16 << 20)
+    most = []
+    step = Http1Relay._step
+
+    def counted(self):
+        step(self)
+        most.append(self.read_now)
+
+    monkeypatch.setattr(Http1Relay, "_step", counted)
+
+    async def server(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await plain_http_door(gate, upstream)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(len(body)) == body
+            writer.close()
+            await door.stop()
+
+    run(scenario())
+    assert max(most) <= WAKEUP_BUDGET + RELAY_CHUNK
