@@ -527,13 +527,8 @@ class ConnectionGate:
         """An HTTP/1 request head still unfinished after `size` (> MAX_HEAD_BYTES)
         bytes, `start` its first bytes: refused (431, headers_too_large) and emitted
         as a request, before it ends; the adapter answers and closes."""
-        started = self.clock()
         head, decision = refuse_unfinished(start, size)
-        try:
-            self._step(state, Step.REQUEST, state.phase)
-        except IllegalTransition as e:  # the denial stands; the bug is logged
-            log.error("sandgate: %s", e)
-        return self._settle_request(state, decision, head, None, tls, state.name, started)[0]
+        return self.on_refused_request(state, head, decision, tls)
 
     def request_ask_key(
         self, state: ConnState, decision: Decision, checked: CheckedHead, tls: bool
