@@ -49,6 +49,19 @@ class GatewayConfig:
     dns_port: int = 0
     upstream_ca: Path | None = None  # CA bundle for verifying upstreams of inspected TLS
     dns_upstream_port: int = 53
+    # Listening sockets someone else made (a worker's, which the service owns and
+    # keeps open across the worker's restarts): then listen_host and the ports are unused.
+    listeners: Listeners | None = None
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """A gateway's listening sockets, made ready by its owner: the front door's TCP
+    socket (bound, listening) and the DNS filter's UDP and TCP sockets (one port)."""
+
+    frontdoor: socket.socket
+    dns_udp: socket.socket
+    dns_tcp: socket.socket
 
 
 class Gateway:
@@ -115,11 +128,18 @@ class Gateway:
         self.descriptors = self.frontdoor.descriptors = DescriptorReserve()
         self.descriptors.start(asyncio.get_running_loop())
         self.approvals.start()
-        await self.dns.start(self.config.listen_host, self.config.dns_port)
+        ready = self.config.listeners
+        if ready is not None:
+            await self.dns.start(sockets=(ready.dns_udp, ready.dns_tcp))
+        else:
+            await self.dns.start(self.config.listen_host, self.config.dns_port)
         try:
             if inspection:
                 await self.proxy.started()
-            await self.frontdoor.start(self.config.listen_host, self.config.proxy_port)
+            if ready is not None:
+                await self.frontdoor.start(listener=ready.frontdoor)
+            else:
+                await self.frontdoor.start(self.config.listen_host, self.config.proxy_port)
             self.watch_expiry()
             for sink in self._rate_limited():
                 sink.start(asyncio.get_running_loop())

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import socket
 import time
 from collections.abc import Callable
 
@@ -108,20 +109,37 @@ class DnsFilter:
         self.rates = TokenBuckets(clock)  # queries a second, per sandbox
         self.placeholders = placeholders
 
-    async def start(self, listen_host: str, port: int) -> None:
+    async def start(
+        self,
+        listen_host: str = "",
+        port: int = 0,
+        *,
+        sockets: tuple[socket.socket, socket.socket] | None = None,
+    ) -> None:
         """Bind UDP and TCP on `listen_host:port` (port 0: any free port, the same
-        for both; see `self.port`)."""
+        for both; see `self.port`), or serve `sockets`: a bound UDP socket and a
+        bound, listening TCP socket someone else made (a worker's, which the service
+        owns: see enforcer/workers.py)."""
         loop = asyncio.get_running_loop()
-        self._udp, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(listen_host, port)
-        )
+        if sockets is not None:
+            udp_sock, tcp_sock = sockets
+            self._udp, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), sock=udp_sock
+            )
+        else:
+            self._udp, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(listen_host, port)
+            )
         self.port = self._udp.get_extra_info("sockname")[1]
         try:
-            self._tcp = await asyncio.start_server(self._serve_tcp, listen_host, self.port)
+            if sockets is not None:
+                self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp_sock)
+            else:
+                self._tcp = await asyncio.start_server(self._serve_tcp, listen_host, self.port)
         except OSError:
             self._udp.close()
             raise
-        log.info("DNS filter listening on %s:%d (udp, tcp)", listen_host, self.port)
+        log.info("DNS filter listening on %s:%d (udp, tcp)", listen_host or "*", self.port)
 
     async def stop(self) -> None:
         if self._udp is not None:

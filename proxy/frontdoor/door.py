@@ -96,20 +96,26 @@ class FrontDoor:
         self._handed_off: dict[asyncio.Task, socket.socket] = {}
         self.buffer = bytearray(RELAY_CHUNK)  # one read buffer for every relay (relay.py)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(
+        self, host: str = "", port: int = 0, *, listener: socket.socket | None = None
+    ) -> None:
+        """Listen on host:port, or accept from `listener`, a bound and listening TCP
+        socket someone else made (a worker's, which the service owns: see
+        enforcer/workers.py)."""
         self.loop = asyncio.get_running_loop()
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            # Accepted sockets inherit it: small writes go out at once, as they
-            # would between the two ends directly (asyncio's transports set it too).
-            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            listener.bind((host, port))
-            listener.listen(self.backlog)
-            listener.setblocking(False)
-        except BaseException:
-            listener.close()
-            raise
+        if listener is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # Accepted sockets inherit it: small writes go out at once, as they
+                # would between the two ends directly (asyncio's transports set it too).
+                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                listener.bind((host, port))
+                listener.listen(self.backlog)
+            except BaseException:
+                listener.close()
+                raise
+        listener.setblocking(False)
         self._listener = listener
         self.port = listener.getsockname()[1]
         self.poller = Poller(self.loop)

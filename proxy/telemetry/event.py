@@ -114,6 +114,42 @@ class Event:
         )
         return record
 
+    @classmethod
+    def from_dict(cls, record: dict) -> Event:
+        """The event `to_dict` made (absent fields are None). Raises ValueError for an
+        unknown kind, verdict or reason, TypeError for an unknown field."""
+        return cls(
+            **{
+                **record,
+                "kind": EventKind(record["kind"]),
+                "verdict": Verdict(record["verdict"]),
+                "reason": Reason(record["reason"]),
+            }
+        )
+
+    def to_values(self) -> list:
+        """The compact form: every field's value in `FIELDS` order, JSON-ready as it is
+        (the enums are strings). What a worker sends the service (proxy/worker.py)."""
+        return list(field_values(self))
+
+    @classmethod
+    def from_values(cls, values: list) -> Event:
+        """The event `to_values` made. Raises ValueError for a wrong length or an
+        unknown kind, verdict or reason."""
+        if len(values) != len(FIELDS):
+            raise ValueError(f"an event has {len(FIELDS)} fields, not {len(values)}")
+        new = object.__new__(cls)
+        for name, value in zip(FIELDS, values, strict=True):
+            _set(new, name, value)
+        _set(new, "kind", EventKind(new.kind))
+        _set(new, "verdict", Verdict(new.verdict))
+        _set(new, "reason", Reason(new.reason))
+        for name, limit in _BOUNDED:  # a worker is trusted, its bounds are kept anyway
+            value = getattr(new, name)
+            if isinstance(value, str) and len(value) > limit:
+                _set(new, name, bound_text(value, limit))
+        return new
+
 
 # The most characters each field that a sandbox's bytes can fill may hold (the other
 # fields come from sockets, the policy or the gateway itself): a DNS name has at most

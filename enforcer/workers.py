@@ -1,0 +1,532 @@
+"""`sandgate gateway --workers N` (N > 1): the data path in N worker processes.
+
+The service keeps the control plane (control socket, sandbox networks and tables,
+the audit log, /metrics, reloads) and hands each sandbox to one worker
+(proxy/worker.py), which runs a whole `Gateway` for the sandboxes it was given:
+their TCP and DNS go to that worker's ports, so a sandbox's DNS bindings and its
+connections stay together.
+
+- **Listeners are the service's.** `WorkerPool` makes each worker's listening
+  sockets (front door TCP, DNS UDP and TCP; every address of the namespace, as the
+  in-process gateway's) and passes them to the worker it spawns. A worker that dies
+  leaves them open here: connections wait in the listen queue (no egress meanwhile:
+  fail closed) and its restarted successor accepts them.
+- **Sandbox -> worker when its network is made.** `assign` picks the worker with the
+  fewest sandboxes and spares; the sandbox's nftables table is rendered with that
+  worker's ports (warm spares too, so an attach re-points nothing); `add_sandbox`
+  registers the task with the worker and waits for its ack.
+- **Events** come back in batches (`events` notifications), in order, and go to the
+  service's one fanout: one hash-chained audit log, the metrics, the task summaries,
+  flood control, as with one process. A worker's link is read to its end before the
+  worker is taken for dead: what it flushed is never lost.
+- **Policy**: each worker loads the rule files itself; the service's reload (its own
+  load, then `swap_policy` here) tells every worker to reload and checks the hash it
+  reports, asking once more when it differs (a file changed in between).
+- **A worker that dies** is started again on the same sockets, its sandboxes are
+  registered with the new one, and each gets a `worker_restarted` event; the other
+  workers' sandboxes see nothing. One that keeps dying is restarted ever more slowly.
+- Approvals are not spread over workers yet: the service runs one worker (in
+  process) when the policy asks a human, and a reload that would add an `ask` to a
+  service with more workers fails (`refuse_asking`), so a held request is never one
+  nobody can approve.
+
+The pool stands in for the in-process `Gateway` where the service reads or tells
+one (`policy`, `emit`, `swap_policy`, `registry`, `gate.counts`, `approvals`, `proxy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandgate.proxy.approvals.holder import Approvals
+from sandgate.proxy.engine import CA_BASENAME
+from sandgate.proxy.gateway import Listeners
+from sandgate.proxy.policy import CompiledPolicy, PolicyError
+from sandgate.proxy.policy.load import Problem
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.reload import SwapReport
+from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.worker_link import Link, LinkClosed
+
+log = logging.getLogger("sandgate.gateway")
+
+BACKLOG = 1024  # the front door's own default
+READY_TIMEOUT = 120.0  # a worker loads the rules (100k rules: seconds) and may start mitmproxy
+STEADY_S = 10.0  # a worker that lived this long died once: restart at once
+BACKOFF_MAX = 30.0
+RELOAD_TRIES = 3
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def asks(policy: CompiledPolicy) -> bool:
+    """Whether any profile may hold a connection for a human (an `ask` rule or fallback)."""
+    return any(
+        rule.action is Verdict.ASK
+        for compiled in policy.profiles.values()
+        for rule in (compiled.fallback, *compiled.rules)
+    )
+
+
+def refuse_asking(load: Callable[[list[Path]], CompiledPolicy]):
+    """`load`, failing (a PolicyError naming the first file) on a policy that asks: the
+    reloader of a service with several workers, which cannot yet route approvals."""
+
+    def load_without_ask(paths: list[Path]) -> CompiledPolicy:
+        policy = load(paths)
+        if asks(policy):
+            raise PolicyError(
+                [
+                    Problem(
+                        str(paths[0]),
+                        1,
+                        1,
+                        "an `ask` rule or fallback needs `sandgate gateway --workers 1` "
+                        "(approvals are not spread over workers yet); restart the service "
+                        "with --workers 1 to use it",
+                    )
+                ],
+                tuple(policy.paths),
+            )
+        return policy
+
+    return load_without_ask
+
+
+def make_listeners(host: str = "0.0.0.0") -> Listeners:
+    """A worker's listening sockets, bound as the in-process gateway binds its own:
+    the front door on a free TCP port, the DNS filter on one free port, UDP and TCP."""
+    made: list[socket.socket] = []
+    try:
+        frontdoor = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        made.append(frontdoor)
+        frontdoor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        frontdoor.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        frontdoor.bind((host, 0))
+        frontdoor.listen(BACKLOG)
+        for _ in range(20):  # a free UDP port whose TCP twin is free too
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            made.append(udp)
+            udp.bind((host, 0))
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            made.append(tcp)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((host, udp.getsockname()[1]))
+            except OSError:
+                continue
+            tcp.listen(BACKLOG)
+            for sock in made:
+                if sock not in (frontdoor, udp, tcp):
+                    sock.close()
+            return Listeners(frontdoor=frontdoor, dns_udp=udp, dns_tcp=tcp)
+        raise OSError("no free port for the DNS filter's UDP and TCP")
+    except BaseException:
+        for sock in made:
+            sock.close()
+        raise
+
+
+@dataclass
+class WorkerProcess:
+    """One worker: its sockets (for good), its current process and link, its sandboxes."""
+
+    index: int
+    listeners: Listeners
+    process: asyncio.subprocess.Process | None = None
+    link: Link | None = None
+    pid: int = 0
+    sandboxes: dict[str, Sandbox] = field(default_factory=dict)
+    assigned: int = 0  # sandboxes and spares whose tables point here
+    restarts: int = 0
+    stats: dict = field(default_factory=dict)
+    up: asyncio.Event = field(default_factory=asyncio.Event)  # serving, sandboxes registered
+    policy: str = ""
+
+    @property
+    def proxy_port(self) -> int:
+        return self.listeners.frontdoor.getsockname()[1]
+
+    @property
+    def dns_port(self) -> int:
+        return self.listeners.dns_udp.getsockname()[1]
+
+    def describe(self) -> dict:
+        return {
+            "index": self.index,
+            "pid": self.pid if self.up.is_set() else None,
+            "sandboxes": len(self.sandboxes),
+            "connections": self.stats.get("connections", 0),
+            "restarts": self.restarts,
+            "policy": self.policy,
+            "proxy_port": self.proxy_port,
+            "dns_port": self.dns_port,
+        }
+
+
+class _Totals:
+    """What Metrics.watch_gateway and the status read of the gate: summed over the
+    workers' last stats (pushed every second)."""
+
+    def __init__(self, workers: list[WorkerProcess]):
+        self.workers = workers
+        self.counts = self
+
+    def _sum(self, key: str) -> int:
+        return sum(int(w.stats.get(key, 0)) for w in self.workers if w.up.is_set())
+
+    @property
+    def connections(self) -> range:  # sized: len() is the open connections
+        return range(self._sum("connections"))
+
+    @property
+    def open(self) -> int:
+        return self._sum("open")
+
+    @property
+    def pending(self) -> int:
+        return self._sum("pending")
+
+
+class _SharedCA:
+    """The gateway CA: the workers share the confdir; the one that serves an inspecting
+    sandbox has made it before it acks `add_sandbox`."""
+
+    def __init__(self, confdir: Path):
+        self.ca_cert = confdir / f"{CA_BASENAME}-ca-cert.pem"
+
+    async def started(self) -> None:
+        return None
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        count: int,
+        config: dict,
+        policy: CompiledPolicy,
+        sink: Callable[[Event], None],
+    ):
+        """`config`: what each worker needs (proxy/worker.py: rules, dns_upstreams,
+        dns_upstream_port, confdir, upstream_ca); `sink`: the service's event fanout."""
+        self.config = {**config, "service_pid": os.getpid()}
+        self.policy = policy
+        self.sink = sink
+        self.workers: list[WorkerProcess] = []
+        self._count = count
+        self.by_address: dict[str, int] = {}  # sandbox address -> worker index
+        self.registry = self.by_address  # len(): the sandboxes, as the metrics read it
+        self.gate = _Totals(self.workers)
+        self.proxy = _SharedCA(Path(config["confdir"]))
+        # Nothing is ever held here (a policy that asks runs one worker): the empty
+        # store answers the control socket's and the admin's approvals commands.
+        self.approvals = Approvals(self.emit, lambda profile: self.policy.approval_for(profile))
+        self.audit_problem: str | None = None
+        self.stopping = False
+        self.pushing: asyncio.Task | None = None  # the last reload sent to the workers
+        self.on_restart: Callable[[WorkerProcess, int, str], None] | None = None
+        self._supervisors: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Make every worker's sockets, start the workers, wait until each serves."""
+        for index in range(self._count):
+            self.workers.append(WorkerProcess(index, make_listeners()))
+        self.approvals.start()
+        first: list[asyncio.Future] = []
+        for worker in self.workers:
+            started = asyncio.get_running_loop().create_future()
+            first.append(started)
+            self._supervisors.append(
+                asyncio.get_running_loop().create_task(self._supervise(worker, started))
+            )
+        for started in first:
+            await started  # raises when a first start failed
+
+    async def stop(self) -> None:
+        """Stop every worker (each closes its connections, their end events come back
+        and are handed on), then close the listening sockets."""
+        self.stopping = True
+        for worker in self.workers:
+            if worker.link is not None and not worker.link.closed:
+                with contextlib.suppress(LinkClosed, RuntimeError, TimeoutError):
+                    await worker.link.request("stop", timeout=10)
+        for worker in self.workers:
+            if worker.link is not None:
+                worker.link.close()
+        if self._supervisors:
+            await asyncio.wait(self._supervisors, timeout=10)
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
+                await worker.process.wait()
+            for sock in (worker.listeners.frontdoor, worker.listeners.dns_udp,
+                         worker.listeners.dns_tcp):  # fmt: skip
+                sock.close()
+        await self.approvals.stop()
+
+    async def _supervise(self, worker: WorkerProcess, started: asyncio.Future) -> None:
+        """Start the worker; each time it dies, start it again (at once after a steady
+        run, else ever more slowly) and tell `on_restart` once the new one serves."""
+        backoff = 0.0
+        replaced: tuple[int, str] | None = None  # the dead worker's pid and exit
+        while not self.stopping:
+            began = time.monotonic()
+            reading = None
+            try:
+                reading = await self._spawn(worker)
+            except Exception as e:  # noqa: BLE001 - a failed restart is tried again
+                if not started.done():
+                    started.set_exception(RuntimeError(f"gateway worker {worker.index}: {e}"))
+                    return
+                log.error("gateway worker %d did not start: %s", worker.index, e)
+            else:
+                if not started.done():
+                    started.set_result(None)
+                if replaced is not None and self.on_restart is not None:
+                    self.on_restart(worker, *replaced)
+                await reading  # everything it sent is handled before it counts as dead
+            code = await worker.process.wait() if worker.process is not None else None
+            worker.up.clear()
+            if self.stopping:
+                return
+            if reading is not None and worker.pid:
+                replaced = (worker.pid, _exit_text(code))
+            worker.restarts += 1
+            lived = time.monotonic() - began
+            backoff = 0.0 if lived >= STEADY_S else min(max(backoff * 2, 0.5), BACKOFF_MAX)
+            log.error(
+                "gateway worker %d (pid %d) exited with %s after %.1f s; restarting it%s",
+                worker.index, worker.pid, _exit_text(code), lived,
+                f" in {backoff:g} s" if backoff else "",
+            )  # fmt: skip
+            await asyncio.sleep(backoff)
+
+    async def _spawn(self, worker: WorkerProcess) -> asyncio.Task:
+        """Start worker's process on its sockets, wait until it is ready, register its
+        sandboxes with it: then it is up. Returns the task reading its link."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno(), *(s.fileno() for s in _sockets(worker.listeners))]
+        try:
+            worker.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-m", "sandgate.proxy.worker",
+                "--index", str(worker.index), "--link", str(fds[0]),
+                "--frontdoor", str(fds[1]), "--dns-udp", str(fds[2]), "--dns-tcp", str(fds[3]),
+                "--config", json.dumps(self.config),
+                pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ready = asyncio.get_running_loop().create_future()
+        worker.link = await Link.over(ours, lambda message: self._handle(worker, message, ready))
+        reading = asyncio.get_running_loop().create_task(worker.link.run())
+        waiting = asyncio.ensure_future(worker.process.wait())
+        done, _ = await asyncio.wait(
+            [ready, waiting], timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        if ready not in done:
+            waiting.cancel()
+            if worker.process.returncode is None:
+                worker.process.kill()
+            await reading
+            await worker.process.wait()
+            raise RuntimeError(
+                f"exited with {_exit_text(worker.process.returncode)} before it served"
+                if waiting in done
+                else f"not ready within {READY_TIMEOUT:g} s"
+            )
+        waiting.cancel()
+        message = ready.result()
+        worker.pid, worker.policy = int(message["pid"]), str(message["policy"])
+        if worker.policy != self.policy.hash:  # the files changed since the service loaded
+            await self._reload_one(worker, "the worker's start")
+        if self.audit_problem is not None:
+            await worker.link.request("audit_hold", problem=self.audit_problem)
+        for sandbox in list(worker.sandboxes.values()):
+            try:
+                await worker.link.request("add_sandbox", **_sandbox_fields(sandbox))
+            except (RuntimeError, TimeoutError) as e:
+                log.error("gateway worker %d: cannot take %s back: %s", worker.index,
+                          sandbox.address, e)  # fmt: skip
+        worker.up.set()
+        return reading
+
+    def _handle(self, worker: WorkerProcess, message: dict, ready: asyncio.Future):
+        op = message.get("op")
+        if op == "events":
+            for values in message["events"]:
+                try:
+                    event = Event.from_values(values)
+                except (ValueError, TypeError) as e:
+                    log.error("gateway worker %d sent a bad event: %s", worker.index, e)
+                    continue
+                self.sink(event)
+        elif op == "stats":
+            worker.stats = message
+        elif op == "ready" and not ready.done():
+            ready.set_result(message)
+        elif "id" in message:
+            raise ValueError(f"the service takes no {str(op)[:40]!r} requests")
+        return None
+
+    # --- sandboxes ----------------------------------------------------------------------
+
+    def assign(self) -> int:
+        """The worker a new sandbox network goes to: the one with the fewest."""
+        worker = min(self.workers, key=lambda w: (w.assigned, w.index))
+        worker.assigned += 1
+        return worker.index
+
+    def release(self, index: int) -> None:
+        if 0 <= index < len(self.workers):
+            self.workers[index].assigned = max(0, self.workers[index].assigned - 1)
+
+    def ports(self, index: int) -> tuple[int, int]:
+        worker = self.workers[index]
+        return worker.proxy_port, worker.dns_port
+
+    def all_ports(self) -> tuple[list[int], list[int]]:
+        return [w.proxy_port for w in self.workers], [w.dns_port for w in self.workers]
+
+    async def add_sandbox(self, index: int, sandbox: Sandbox) -> None:
+        """Register `sandbox` with worker `index` and wait for its ack (a worker being
+        restarted takes it when it comes up)."""
+        worker = self.workers[index]
+        worker.sandboxes[sandbox.address] = sandbox
+        self.by_address[sandbox.address] = index
+        await asyncio.wait_for(worker.up.wait(), READY_TIMEOUT)
+        try:
+            await worker.link.request("add_sandbox", **_sandbox_fields(sandbox))
+        except LinkClosed:  # died meanwhile: its successor registers it as it starts
+            await asyncio.wait_for(worker.up.wait(), READY_TIMEOUT)
+        except RuntimeError:
+            self.remove_sandbox(sandbox.address)
+            raise
+
+    def remove_sandbox(self, address: str) -> None:
+        """Forget `address` here and in its worker (the request goes out now; its
+        answer is not waited for)."""
+        index = self.by_address.pop(address, None)
+        if index is None:
+            return
+        worker = self.workers[index]
+        worker.sandboxes.pop(address, None)
+        if worker.up.is_set() and worker.link is not None:
+            self._spawn_task(self._request_quietly(worker, "remove_sandbox", address=address))
+
+    def worker_of(self, address: str) -> int | None:
+        return self.by_address.get(address)
+
+    # --- what the service reads and tells, as it would of one Gateway ---------------------
+
+    def emit(self, event: Event) -> None:
+        """The service's own events (control actions, task start and end): stamped as
+        `Gateway.emit` stamps them, then into the same fanout as the workers'."""
+        if event.policy_hash != self.policy.hash or event.task_id is None:
+            index = self.by_address.get(event.sandbox) if event.sandbox else None
+            sandbox = self.workers[index].sandboxes.get(event.sandbox) if index is not None else None
+            event = event.with_fields(
+                policy_hash=self.policy.hash,
+                task_id=event.task_id or (sandbox.task_id if sandbox else None),
+            )
+        self.sink(event)
+
+    def swap_policy(self, new: CompiledPolicy, *, cause: str = "") -> SwapReport:
+        """The reloader's swap: the service's policy now, one `policy_loaded` event for
+        the whole service, and every worker told to reload (`pushing`; each closes the
+        connections the new policy denies, with their events)."""
+        old, self.policy = self.policy, new
+        self.emit(
+            Event(
+                kind=EventKind.POLICY,
+                verdict=Verdict.ALLOW,
+                reason=Reason.POLICY_LOADED,
+                detail=f"{new.rule_count} rules, hash {new.hash} (was {old.hash}), profiles "
+                f"{', '.join(new.profiles)}, from {', '.join(new.files)}; "
+                f"{len(self.workers)} workers" + (f"; {cause}" if cause else ""),
+            )
+        )
+        self.pushing = asyncio.get_running_loop().create_task(self.push_policy(cause))
+        return SwapReport(old.hash, new.hash, new.rule_count, 0, 0)
+
+    async def push_policy(self, cause: str) -> list[dict]:
+        """Every worker reloads and reports; one whose hash differs from the service's
+        is asked again. One entry per worker."""
+        return list(await asyncio.gather(*(self._reload_one(w, cause) for w in self.workers)))
+
+    async def _reload_one(self, worker: WorkerProcess, cause: str) -> dict:
+        entry = {"index": worker.index, "pid": worker.pid, "closed": 0, "errors": []}
+        if not worker.up.is_set() and worker.link is None:
+            return {**entry, "ok": False, "policy": None, "errors": ["not running"]}
+        for _ in range(RELOAD_TRIES):
+            try:
+                reply = await worker.link.request("reload", timeout=READY_TIMEOUT, actor=cause)
+            except (LinkClosed, RuntimeError, TimeoutError) as e:
+                # a restarted worker loads the files as they are when it starts
+                return {**entry, "ok": False, "policy": None, "errors": [f"{e}"[:500]]}
+            worker.policy = reply["policy"]
+            entry["closed"] += int(reply.get("closed", 0))
+            entry["errors"] = reply.get("errors", [])
+            if worker.policy == self.policy.hash:
+                return {**entry, "ok": True, "policy": worker.policy}
+        return {**entry, "ok": False, "policy": worker.policy}
+
+    async def hold_audit(self, problem: str | None) -> None:
+        """The service's audit log cannot be written (`problem`), or can again (None):
+        every worker refuses new connections meanwhile (--on-audit-failure block)."""
+        self.audit_problem = problem
+        for worker in self.workers:
+            if worker.up.is_set():
+                await self._request_quietly(worker, "audit_hold", problem=problem)
+
+    def describe(self) -> list[dict]:
+        return [w.describe() for w in self.workers]
+
+    # --- helpers ------------------------------------------------------------------------
+
+    async def _request_quietly(self, worker: WorkerProcess, op: str, **fields) -> None:
+        try:
+            await worker.link.request(op, timeout=30, **fields)
+        except (LinkClosed, RuntimeError, TimeoutError) as e:
+            log.warning("gateway worker %d: %s: %s", worker.index, op, e)
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _sockets(listeners: Listeners) -> tuple[socket.socket, ...]:
+    return listeners.frontdoor, listeners.dns_udp, listeners.dns_tcp
+
+
+def _sandbox_fields(sandbox: Sandbox) -> dict:
+    return {"address": sandbox.address, "task_id": sandbox.task_id, "profile": sandbox.profile}
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"

@@ -1,0 +1,264 @@
+"""A gateway worker: the data path for some of the service's sandboxes, in its own
+process (`sandgate gateway --workers N`, N > 1; enforcer/workers.py starts them).
+
+    python -I -m sandgate.proxy.worker --index I --link FD --frontdoor FD \\
+        --dns-udp FD --dns-tcp FD --config JSON
+
+It runs one `Gateway` (DNS filter, front door, mitmproxy when needed, the gate, DNS
+bindings, per-sandbox limits, held approvals) on listening sockets the service made
+and keeps: if this process dies, connections wait in their listen queues (no egress
+meanwhile: fail closed) until the service's next worker accepts them.
+
+The service talks to it over `--link` (proxy/worker_link.py). Requests it answers:
+`add_sandbox` {address, task_id, profile} (starts mitmproxy first when the profile
+inspects: the service then hands the task the CA), `remove_sandbox` {address},
+`reload` {expect} (loads the rule files itself, off the loop, and swaps; replies
+with the hash in force), `audit_hold` {problem} (the service's audit log cannot be
+written: refuse new connections as the in-process gateway would), `stats`, `stop`.
+Notifications it sends: `ready` {pid, proxy_port, dns_port, policy} once, `events`
+{events: [Event.to_values(), ...]} once per loop iteration that made any, `stats`
+every STATS_INTERVAL seconds.
+
+It imports nothing of enforcer/, and dies with the service (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from sandgate.proxy.gateway import Gateway, GatewayConfig, Listeners, inspects
+from sandgate.proxy.policy import load_policy
+from sandgate.proxy.policy.reasons import Reason
+from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.reload import PolicyReloader
+from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.worker_link import Link, LinkClosed
+
+log = logging.getLogger("sandgate.worker")
+
+STATS_INTERVAL = 1.0
+MAX_BATCH = 2000  # events per `events` line
+PR_SET_PDEATHSIG = 1
+
+
+class EventBatcher:
+    """The worker gateway's one sink: events go to the service in batches, one write
+    per loop iteration that emitted any, not one per event.
+
+    The worker's own `policy_loaded` events are left out: a reload is the service's,
+    which records it once (the connections each worker closes are events of their own)."""
+
+    def __init__(self, link: Link):
+        self.link = link
+        self.pending: list[list] = []
+        self._scheduled = False
+
+    def emit(self, event: Event) -> None:
+        if event.kind is EventKind.POLICY and event.reason is Reason.POLICY_LOADED:
+            return
+        self.pending.append(event.to_values())
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        while self.pending:
+            batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+            try:
+                self.link.send({"op": "events", "events": batch})
+            except LinkClosed:
+                log.error("sandgate worker: the service went away; %d events lost", len(batch))
+                self.pending.clear()
+
+
+class RemoteAudit:
+    """What `Gateway.guard_audit` reads, as the service last said it (`audit_hold`)."""
+
+    writable = True
+    problem: str | None = None
+
+
+class Worker:
+    def __init__(self, index: int, config: dict, listeners: Listeners, link_sock: socket.socket):
+        self.index = index
+        self.config = config
+        self.listeners = listeners
+        self.link_sock = link_sock
+        self.rules = [Path(p) for p in config["rules"]]
+        self.audit = RemoteAudit()
+        self.stopped = asyncio.Event()
+        self.gateway: Gateway | None = None
+        self.link: Link | None = None
+        self.reloader: PolicyReloader | None = None
+
+    async def run(self) -> int:
+        self.link = await Link.over(self.link_sock, self.handle)
+        reading = asyncio.get_running_loop().create_task(self.link.run())
+        policy = await asyncio.to_thread(load_policy, self.rules)
+        self.gateway = Gateway(
+            GatewayConfig(
+                listen_host="",
+                dns_upstreams=list(self.config["dns_upstreams"]),
+                dns_upstream_port=int(self.config.get("dns_upstream_port", 53)),
+                confdir=Path(self.config["confdir"]),
+                upstream_ca=Path(self.config["upstream_ca"])
+                if self.config.get("upstream_ca")
+                else None,
+                listeners=self.listeners,
+            ),
+            policy,
+            EventBatcher(self.link),
+        )
+        self.gateway.guard_audit(self.audit)
+        self.reloader = PolicyReloader(self.rules, self.gateway)
+        inspection = inspects(policy)
+        if inspection:
+            await self._ca_ready()
+        await self.gateway.start(inspection=inspection)
+        self.link.send(
+            {
+                "op": "ready",
+                "pid": os.getpid(),
+                "proxy_port": self.gateway.proxy_port,
+                "dns_port": self.gateway.dns_port,
+                "policy": policy.hash,
+            }
+        )
+        stats = asyncio.get_running_loop().create_task(self._push_stats())
+        done, _ = await asyncio.wait(
+            [reading, asyncio.ensure_future(self.stopped.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        stats.cancel()
+        if reading in done:  # the service closed the link: it is gone or stopping us
+            await self.gateway.stop()
+            return 0
+        await reading
+        return 0
+
+    # --- requests --------------------------------------------------------------------
+
+    def handle(self, message: dict):
+        op = message.get("op")
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            raise ValueError(f"unknown op {str(op)[:40]!r}")
+        return handler(message)
+
+    async def op_add_sandbox(self, message: dict) -> dict:
+        profile = str(message["profile"])
+        if profile not in self.gateway.policy.profiles:
+            raise ValueError(f"no profile {profile[:60]!r} in this worker's policy")
+        self.gateway.add_sandbox(Sandbox(str(message["address"]), message.get("task_id"), profile))
+        if inspects(self.gateway.policy, profile):
+            await self._ca_ready()  # the task must trust the CA: it exists before the reply
+        return {}
+
+    async def op_remove_sandbox(self, message: dict) -> dict:
+        self.gateway.remove_sandbox(str(message["address"]))
+        return {}
+
+    async def op_reload(self, message: dict) -> dict:
+        result = await self.reloader.reload("service", message.get("actor"))
+        return {
+            "ok": True,
+            "loaded": result.ok,
+            "policy": result.policy_hash,
+            "errors": list(result.errors),
+            "closed": result.swap.connections_closed if result.swap else 0,
+        }
+
+    async def op_audit_hold(self, message: dict) -> dict:
+        problem = message.get("problem")
+        self.audit.writable, self.audit.problem = problem is None, problem
+        return {}
+
+    async def op_stats(self, message: dict) -> dict:
+        return self.stats()
+
+    async def op_stop(self, message: dict) -> dict:
+        await self.gateway.stop()  # connection ends are emitted and batched
+        self.gateway.events.sinks[0].flush()
+        self.stopped.set()
+        return {}
+
+    def stats(self) -> dict:
+        gate = self.gateway.gate
+        return {
+            "pid": os.getpid(),
+            "policy": self.gateway.policy.hash,
+            "sandboxes": len(self.gateway.registry),
+            "connections": len(gate.connections),
+            "open": gate.counts.open,
+            "pending": gate.counts.pending,
+        }
+
+    async def _push_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            with contextlib.suppress(LinkClosed):
+                self.link.send({"op": "stats", **self.stats()})
+
+    async def _ca_ready(self) -> None:
+        """Start mitmproxy, which makes the CA in the shared confdir if there is none:
+        one worker at a time (a lock file), so that two workers never make two CAs."""
+        confdir = Path(self.config["confdir"])
+        confdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(confdir / ".ca.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            await self.gateway.proxy.started()
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the service dies, so no orphan keeps serving."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sandgate.proxy.worker")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--link", type=int, required=True)
+    parser.add_argument("--frontdoor", type=int, required=True)
+    parser.add_argument("--dns-udp", type=int, required=True)
+    parser.add_argument("--dns-tcp", type=int, required=True)
+    parser.add_argument("--config", required=True, help="JSON: rules, dns_upstreams, confdir ...")
+    args = parser.parse_args(argv)
+    config = json.loads(args.config)
+    _die_with_parent(int(config["service_pid"]))
+    # The service stops its workers over the link; a signal to the whole group (a
+    # terminal's Ctrl-C, systemd's stop) is the service's to act on.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.WARNING, format=f"sandgate worker {args.index}: %(message)s", stream=sys.stderr
+    )
+    listeners = Listeners(
+        frontdoor=socket.socket(fileno=args.frontdoor),
+        dns_udp=socket.socket(fileno=args.dns_udp),
+        dns_tcp=socket.socket(fileno=args.dns_tcp),
+    )
+    worker = Worker(args.index, config, listeners, socket.socket(fileno=args.link))
+    return asyncio.run(worker.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

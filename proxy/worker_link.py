@@ -1,0 +1,135 @@
+"""The control connection between the gateway service and one of its workers.
+
+One stream socket (a socketpair the service makes), JSON objects one per line, both
+ways, three shapes:
+
+- a request: `{"id": N, "op": OP, ...}`; the other side answers it once;
+- a reply: `{"re": N, "ok": true|false, "error": "...", ...}`;
+- a notification: `{"op": OP, ...}` without an id; nobody answers it.
+
+Notifications are handled inline, in the order they arrive (a worker's `events`
+batches must reach the audit log in order); requests each run as a task (an
+`add_sandbox` may wait for mitmproxy to start, a `reload` for the rules to load),
+so one slow request never holds up events. The ops themselves are the worker's
+(proxy/worker.py) and the service's (enforcer/workers.py). Nothing here imports
+mitmproxy or anything of enforcer/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger("sandgate.worker")
+
+# One line holds at most one batch of events (MAX_BATCH of them, each under ~5 KB
+# with its bounded fields): far below this.
+MAX_LINE = 64 << 20
+
+Handler = Callable[[dict], Awaitable[dict] | None]
+"""Takes a request or a notification. For a request it returns an awaitable of the
+reply's fields (`ok` defaults to true; an exception becomes `ok: false` with its
+text); for a notification its result is ignored."""
+
+
+class LinkClosed(ConnectionError):
+    """The other side went away before it answered."""
+
+
+class Link:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler
+    ):
+        self.reader, self.writer, self.handle = reader, writer, handle
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.closed = False
+
+    @classmethod
+    async def over(cls, sock, handle: Handler) -> Link:
+        """A link over `sock`, a connected stream socket (one end of a socketpair)."""
+        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
+        return cls(reader, writer, handle)
+
+    def send(self, message: dict) -> None:
+        """Queue one message; the transport writes it as soon as the socket takes it."""
+        if self.closed or self.writer.is_closing():
+            raise LinkClosed("the link is closed")
+        self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    async def drain(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    async def request(self, op: str, timeout: float | None = 60.0, **fields) -> dict:
+        """Send a request and wait for its reply (`ok` false raises RuntimeError with
+        the error text). Raises LinkClosed when the other side goes away first."""
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        try:
+            self.send({"id": request_id, "op": op, **fields})
+            reply = await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiting.pop(request_id, None)
+        if not reply.get("ok", False):
+            raise RuntimeError(str(reply.get("error", "failed"))[:2000])
+        return reply
+
+    async def run(self) -> None:
+        """Read until the other side closes; then every request still waiting fails
+        with LinkClosed. Everything the other side sent before it closed is handled
+        first: nothing it flushed is lost."""
+        try:
+            while line := await self.reader.readline():
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    log.error("worker link: not JSON: %r", line[:200])
+                    continue
+                self._dispatch(message)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as e:
+            log.warning("worker link: %s", e)
+        finally:
+            self.closed = True
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(LinkClosed("the other side went away"))
+            self.writer.close()
+
+    def _dispatch(self, message: dict) -> None:
+        reply_to = message.get("re")
+        if reply_to is not None:
+            future = self._waiting.get(reply_to)
+            if future is not None and not future.done():
+                future.set_result(message)
+            return
+        request_id = message.get("id")
+        if request_id is None:
+            try:
+                self.handle(message)
+            except Exception:  # noqa: BLE001 - one bad notification must not end the link
+                log.exception("worker link: handling %r failed", message.get("op"))
+            return
+        task = asyncio.get_running_loop().create_task(self._answer(request_id, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, request_id: int, message: dict) -> None:
+        try:
+            reply = {"ok": True, **(await self.handle(message) or {})}
+        except Exception as e:  # noqa: BLE001 - the requester gets the error, not a hang
+            if not isinstance(e, ValueError | RuntimeError | OSError):
+                log.exception("worker link: %r failed", message.get("op"))
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+        with contextlib.suppress(LinkClosed):
+            self.send({"re": request_id, **reply})
+
+    def close(self) -> None:
+        self.closed = True
+        self.writer.close()
