@@ -32,6 +32,7 @@ import json
 import re
 import subprocess
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 NFT = "nft"
@@ -137,14 +138,24 @@ table inet {t} {{
 """
 
 
-def render_guard(table: str, proxy_port: int, dns_port: int, sandbox_ifaces: str = "sgh-*") -> str:
+def render_guard(
+    table: str,
+    proxy_port: int | Sequence[int],
+    dns_port: int | Sequence[int],
+    sandbox_ifaces: str = "sgh-*",
+) -> str:
     """The gateway service's own table: its listeners bind every address of the
     namespace (one front door for all sandboxes), so whatever reaches their ports
     from anywhere but a sandbox interface (the LAN, the host itself) is dropped
-    here. The sandboxes' own tables decide their traffic."""
-    RulesetConfig(
-        table=table, sandbox_ifaces=sandbox_ifaces, proxy_port=proxy_port, dns_port=dns_port
-    )
+    here. The sandboxes' own tables decide their traffic. With workers, each has
+    its own two ports: pass every worker's."""
+    proxy_ports = [proxy_port] if isinstance(proxy_port, int) else list(proxy_port)
+    dns_ports = [dns_port] if isinstance(dns_port, int) else list(dns_port)
+    for proxy, dns in zip(proxy_ports, dns_ports, strict=True):
+        RulesetConfig(table=table, sandbox_ifaces=sandbox_ifaces, proxy_port=proxy, dns_port=dns)
+    tcp = ", ".join(map(str, [*proxy_ports, *dns_ports]))
+    udp = ", ".join(map(str, dns_ports))
+    udp = f"{{ {udp} }}" if len(dns_ports) > 1 else udp
     return f"""\
 table inet {table}
 delete table inet {table}
@@ -152,8 +163,8 @@ table inet {table} {{
 \tchain input {{
 \t\ttype filter hook input priority filter - 10; policy accept;
 \t\tiifname "{sandbox_ifaces}" accept
-\t\ttcp dport {{ {proxy_port}, {dns_port} }} counter drop
-\t\tudp dport {dns_port} counter drop
+\t\ttcp dport {{ {tcp} }} counter drop
+\t\tudp dport {udp} counter drop
 \t}}
 }}
 """

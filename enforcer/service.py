@@ -54,6 +54,7 @@ from sandgate.enforcer.run import (
     open_audit_log,
     unwire,
 )
+from sandgate.enforcer.workers import WorkerPool, asks, refuse_asking
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
 from sandgate.proxy.policy import PolicyError, load_policy
 from sandgate.proxy.policy.load import approved_overlay
@@ -62,7 +63,7 @@ from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import PolicyReloader
 from sandgate.proxy.telemetry import task_events
 from sandgate.proxy.telemetry.audit import AuditLog
-from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.event import Event, EventFanout, EventKind
 from sandgate.proxy.telemetry.flood import FloodLimits
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.telemetry.metrics import Metrics
@@ -75,6 +76,7 @@ STATE_FILE = "service.json"
 SERVICE_AUDIT_LOG = AUDIT_DIR / "gateway.jsonl"
 CONTROL_GROUP = "sandgate"
 ADOPTED_CHECK_S = 1.0
+AUDIT_CHECK_S = 0.25  # with workers: how often the audit log's writability is passed on
 
 
 @dataclass
@@ -95,6 +97,7 @@ class ServiceOptions:
     # as many runners started ahead (enforcer/zygote.py), so that a run does not wait
     # for an interpreter and its imports
     runners: str = "service"  # "external": a `sandgate runners` of its own keeps them
+    workers: int = 1  # data path processes (enforcer/workers.py); 1: in this process
 
 
 @dataclass
@@ -111,6 +114,7 @@ class Attached:
     started: float = field(default_factory=time.time)
     connected: bool = True  # False: re-adopted after a restart, until its runner resumes
     rules_hash: str = ""
+    worker: int = -1  # the worker process its table points at (--workers N > 1)
 
     @property
     def dir(self) -> Path:
@@ -128,6 +132,7 @@ class Attached:
             "runner_pid": self.runner_pid,
             "rules_hash": self.rules_hash,
             "connected": self.connected,
+            "worker": self.worker,
             "started": round(self.started, 3),
             "command": self.command,
         }
@@ -139,7 +144,8 @@ class GatewayService:
         self.sandboxes: dict[str, Attached] = {}
         self.metrics = Metrics()
         self.audit: AuditLog | None = None
-        self.gateway: Gateway | None = None
+        self.gateway: Gateway | WorkerPool | None = None
+        self.pool: WorkerPool | None = None  # the same object as gateway, with --workers N > 1
         self.draining = False
         self.started = time.monotonic()
         self.stopped = asyncio.Event()
@@ -153,6 +159,7 @@ class GatewayService:
         self._unwiring: set[asyncio.Task] = set()  # removals still running after the reply
         self.runners: set[str] = set()  # the sockets of warm runners (enforcer/zygote.py)
         self._zygote: asyncio.subprocess.Process | None = None
+        self._audit_sink: RateLimitedAudit | None = None  # with workers: started and stopped here
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -192,28 +199,59 @@ class GatewayService:
             STATE_DIR / "gateway-upstream-ca.pem"
         )  # state, not a run: RUN_DIR holds runs only
         _write_ca_bundle(upstream_ca, opts.extra_ca)
-        self.gateway = Gateway(
-            GatewayConfig(
-                listen_host="0.0.0.0",
-                dns_upstreams=upstreams,
-                confdir=STATE_DIR / "ca",
-                upstream_ca=upstream_ca,
-            ),
-            policy,
-            RateLimitedAudit(self.audit, opts.audit_limits, self.metrics.count_suppressed),
-            self.metrics,
-            self,
-        )
-        self.reloader = PolicyReloader([opts.rules], self.gateway)
-        if opts.on_audit_failure == "block":
-            self.gateway.guard_audit(self.audit)
-        self.gateway.approvals.on_always = approvals_control.always_writer(
-            approved_overlay([opts.rules]), self._reload_for_approval
-        )
-        await self.gateway.start()
+        audit = RateLimitedAudit(self.audit, opts.audit_limits, self.metrics.count_suppressed)
+        workers = opts.workers
+        if workers > 1 and asks(policy):
+            log.warning(
+                "sandgate gateway: one worker, not %d: the policy asks a human, and approvals "
+                "are not spread over workers yet",
+                workers,
+            )
+            workers = 1
+        if workers > 1:
+            self._audit_sink = audit
+            fanout = EventFanout(audit, self.metrics, self)
+            self.gateway = self.pool = WorkerPool(
+                workers,
+                {
+                    "rules": [str(opts.rules)],
+                    "dns_upstreams": upstreams,
+                    "confdir": str(STATE_DIR / "ca"),
+                    "upstream_ca": str(upstream_ca),
+                },
+                policy,
+                fanout.emit,
+            )
+            self.pool.on_restart = self._worker_restarted
+            self.reloader = PolicyReloader([opts.rules], self.pool, load=refuse_asking(load_policy))
+            audit.start(asyncio.get_running_loop())
+            await self.pool.start()
+            if opts.on_audit_failure == "block":
+                self._spawn(self._watch_audit())
+            proxy_ports, dns_ports = self.pool.all_ports()
+        else:
+            self.gateway = Gateway(
+                GatewayConfig(
+                    listen_host="0.0.0.0",
+                    dns_upstreams=upstreams,
+                    confdir=STATE_DIR / "ca",
+                    upstream_ca=upstream_ca,
+                ),
+                policy,
+                audit,
+                self.metrics,
+                self,
+            )
+            self.reloader = PolicyReloader([opts.rules], self.gateway)
+            if opts.on_audit_failure == "block":
+                self.gateway.guard_audit(self.audit)
+            self.gateway.approvals.on_always = approvals_control.always_writer(
+                approved_overlay([opts.rules]), self._reload_for_approval
+            )
+            await self.gateway.start()
+            proxy_ports, dns_ports = [self.gateway.proxy_port], [self.gateway.dns_port]
         await asyncio.to_thread(
-            nft.apply_ruleset,
-            nft.render_guard(GUARD_TABLE, self.gateway.proxy_port, self.gateway.dns_port),
+            nft.apply_ruleset, nft.render_guard(GUARD_TABLE, proxy_ports, dns_ports)
         )
         self._serve_metrics()
         self.admin = Admin(
@@ -294,6 +332,8 @@ class GatewayService:
             with contextlib.suppress(nft.NftError):
                 await asyncio.to_thread(nft.delete_table, GUARD_TABLE)
             await self.gateway.stop()
+        if self._audit_sink is not None:
+            self._audit_sink.stop()  # what the rate limit holds is written before the log closes
         self.metrics.stop()
         if self.audit is not None:
             self.audit.close()
@@ -425,6 +465,7 @@ class GatewayService:
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "draining": self.draining,
                 "control": str(self.opts.control),
+                "workers": self._workers(),
             }
         if cmd == "sandboxes":
             return {"ok": True, "sandboxes": [a.to_dict() for a in self.sandboxes.values()]}
@@ -444,6 +485,21 @@ class GatewayService:
 
     def _open_connections(self) -> int:
         return self.gateway.gate.counts.open
+
+    def _workers(self) -> list[dict]:
+        """One entry per data path process: the workers, or this process (--workers 1)."""
+        if self.pool is not None:
+            return self.pool.describe()
+        return [
+            {
+                "index": 0,
+                "pid": os.getpid(),
+                "sandboxes": len(self.sandboxes),
+                "connections": len(self.gateway.gate.connections),
+                "restarts": 0,
+                "in_process": True,
+            }
+        ]
 
     # --- sandboxes --------------------------------------------------------------------------
 
@@ -468,7 +524,7 @@ class GatewayService:
             (attached.dir / "pid").write_text(str(attached.runner_pid))
             self._write_state(attached)
             self.sandboxes[attached.run_id] = attached
-            self.gateway.add_sandbox(Sandbox(attached.address, attached.run_id, profile))
+            await self._register(attached)
             await self._write_task_files(attached)
         except BaseException:
             await self._remove(attached, "its setup failed")
@@ -482,10 +538,50 @@ class GatewayService:
         )
         return attached
 
+    async def _register(self, attached: Attached) -> None:
+        """The gateway (with workers: the sandbox's worker, which acks) serves it now."""
+        sandbox = Sandbox(attached.address, attached.run_id, attached.profile)
+        if self.pool is not None:
+            await self.pool.add_sandbox(attached.worker, sandbox)
+        else:
+            self.gateway.add_sandbox(sandbox)
+
+    def _worker_restarted(self, worker, dead_pid: int, how: str) -> None:
+        """A worker died and its successor serves: one event for each of its sandboxes
+        (the others saw nothing)."""
+        for attached in self.sandboxes.values():
+            if attached.worker == worker.index:
+                self.gateway.emit(
+                    Event(
+                        kind=EventKind.TASK,
+                        verdict=Verdict.DENY,
+                        reason=Reason.WORKER_RESTARTED,
+                        task_id=attached.run_id,
+                        sandbox=attached.address,
+                        profile=attached.profile,
+                        detail=f"gateway worker {worker.index} (pid {dead_pid}) died ({how}): "
+                        f"the sandbox's open connections were cut and new ones waited; "
+                        f"restarted as pid {worker.pid} ({worker.restarts} restarts)",
+                    )
+                )
+
+    async def _watch_audit(self) -> None:
+        """--on-audit-failure block with workers: tell them when the audit log stops (or
+        starts again) being writable; they refuse new connections meanwhile."""
+        told: str | None = None
+        while not self.stopped.is_set():
+            problem = None if self.audit.writable else (self.audit.problem or "not writable")
+            if problem != told:
+                told = problem
+                await self.pool.hold_audit(problem)
+            await asyncio.sleep(AUDIT_CHECK_S)
+
     async def _new_network(self) -> Attached:
         """A sandbox network with its table loaded, owned by this service until a task
         takes it (its state file names the service, so `gc` and a restart know it)."""
         attached = Attached(secrets.token_hex(4), "", "", "", 0, [], TaskSummary())
+        if self.pool is not None:
+            attached.worker = self.pool.assign()
         attached.dir.mkdir(parents=True, mode=0o700)
         try:
             gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, self.opts.pool)
@@ -589,18 +685,23 @@ class GatewayService:
         )
         inspection = inspects(self.gateway.policy, attached.profile)
         if inspection:
-            await self.gateway.proxy.started()  # it makes the CA (a reload may have added the rule)
+            # it makes the CA (a reload may have added the rule); a worker has, before its ack
+            await self.gateway.proxy.started()
         extra = self.opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspection else [])
         if extra:
             _write_ca_bundle(attached.dir / "ca-bundle.pem", extra)
 
     async def _apply_table(self, attached: Attached) -> None:
+        if self.pool is not None:
+            proxy_port, dns_port = self.pool.ports(attached.worker)
+        else:
+            proxy_port, dns_port = self.gateway.proxy_port, self.gateway.dns_port
         ruleset = nft.render_ruleset(
             nft.RulesetConfig(
                 table=attached.table,
                 sandbox_ifaces=netns.host_if_name(attached.run_id),
-                proxy_port=self.gateway.proxy_port,
-                dns_port=self.gateway.dns_port,
+                proxy_port=proxy_port,
+                dns_port=dns_port,
             )
         )
         await asyncio.to_thread(nft.apply_ruleset, ruleset)
@@ -664,6 +765,9 @@ class GatewayService:
     def _unwire_later(self, attached: Attached) -> None:
         """Netns and veth, then the table, then the run dir, off the loop; `_shutdown`
         waits for every one still running."""
+        if self.pool is not None:
+            self.pool.release(attached.worker)
+            attached.worker = -1
 
         async def unwire_now() -> None:
             with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
@@ -710,9 +814,9 @@ class GatewayService:
             alive = _alive(attached.runner_pid) and attached.run_id in netns.list_sandbox_nets()
             if alive and attached.profile in self.gateway.policy.profiles:
                 self.sandboxes[attached.run_id] = attached
-                self.gateway.add_sandbox(
-                    Sandbox(attached.address, attached.run_id, attached.profile)
-                )
+                if self.pool is not None:
+                    attached.worker = self.pool.assign()
+                await self._register(attached)
                 await self._apply_table(attached)
                 self._write_state(attached)
                 attached.summary.task_started(
@@ -753,6 +857,18 @@ class GatewayService:
         reply = {**result.to_dict(), "policy": result.policy_hash, "rules": result.rule_count}
         if not result.ok:
             reply["error"] = "invalid rules, the running policy stays:\n" + "\n".join(result.errors)
+        elif self.pool is not None and self.pool.pushing is not None:
+            workers = await self.pool.pushing
+            reply["workers"] = workers
+            reply["swap"]["connections_closed"] = sum(w["closed"] for w in workers)
+            behind = [w for w in workers if not w["ok"]]
+            if behind:
+                reply["ok"] = False
+                reply["error"] = "; ".join(
+                    f"worker {w['index']} (pid {w['pid']}) did not take policy {result.policy_hash}: "
+                    f"{'; '.join(w['errors']) or 'it has ' + str(w['policy'])}"
+                    for w in behind
+                )
         return reply
 
     async def _reload_for_approval(self, actor: str) -> list[str]:

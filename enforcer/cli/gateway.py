@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -65,7 +66,21 @@ def register(sub) -> None:
         "runners` already serves the socket) or external (a `sandgate runners` process: "
         "start none here)",
     )
+    gateway.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        metavar="N",
+        help="data path processes, each serving whole sandboxes (default: one per usable "
+        "core; 1: in the service process). A policy that asks a human runs one",
+    )
     gateway.set_defaults(func=cmd_gateway)
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number from 1 to 256")
+    return int(text)
 
 
 def _spares(text: str) -> int:
@@ -106,6 +121,7 @@ def cmd_gateway(args) -> int:
                 grace=args.grace,
                 warm=args.warm,
                 runners=args.runners,
+                workers=args.workers or len(os.sched_getaffinity(0)),
             )
         )
     sys.stderr.flush()

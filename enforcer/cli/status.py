@@ -51,7 +51,9 @@ def cmd_query(args) -> int:
         print(
             f"gateway service pid {reply['pid']}: policy {reply['policy']} ({reply['rules']} rules from "
             f"{', '.join(reply['rule_files'])}), {reply['sandboxes']} sandboxes, {reply['connections']} "
-            f"connections, up {reply['uptime_s']:g} s" + (", DRAINING" if reply["draining"] else "")
+            f"connections, up {reply['uptime_s']:g} s"
+            + (f", {len(reply['workers'])} workers" if len(reply.get("workers", ())) > 1 else "")
+            + (", DRAINING" if reply["draining"] else "")
         )
     elif args.query == "sandboxes":
         for s in reply["sandboxes"]:

@@ -67,6 +67,9 @@ class Reason(StrEnum):
     # The task sandbox.
     TASK_LIMIT = "task_limit"  # the task hit a cgroup limit (memory: OOM kill, pids: fork refused)
     SANDBOX_WEAKENED = "sandbox_weakened"  # --allow-weaker-sandbox: a kernel feature was missing
+    # The gateway worker serving the sandbox died (`gateway --workers N`): its open
+    # connections were cut, new ones waited in the listen queue until the restart.
+    WORKER_RESTARTED = "worker_restarted"
     # The gateway itself.
     UNKNOWN_SANDBOX = "unknown_sandbox"  # traffic from an address no task owns
     UNKNOWN_PROFILE = "unknown_profile"
