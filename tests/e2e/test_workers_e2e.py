@@ -1,0 +1,278 @@
+"""`sandgate gateway --workers 2` in the fake internet (issue 11, "Every core").
+
+Each test starts its own service with two workers and attaches tasks that hold their
+sandboxes open (files in a shared directory say how far each got), so that the test
+can look at the service (status --json, /metrics, the audit log) while both run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+
+import pytest
+from support import sandbox
+from support.sandbox import eventually
+from support.service import GatewayProcess, attach_argv
+
+pytestmark = pytest.mark.e2e
+
+TWO_PROFILES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: web-allowed
+  api:
+    rules:
+      - allow: www.allowed.test
+        id: api-www
+"""
+
+# Fetches both names ({name}-web, {name}-www: the status or the error), opens a TLS
+# connection to argv[1], says so ({name}-up), then waits until the gateway closes it
+# ({name}-done: closed) or the test says go; until go, fetches argv[1] again whenever
+# the test asks ({name}-retry -> {name}-retried).
+HOLD_TLS = """
+import os, socket, ssl, sys, time
+host, shared, name = sys.argv[1], sys.argv[2], sys.argv[3]
+def status(url):
+    import urllib.request
+    try:
+        return str(urllib.request.urlopen(url, timeout=10).status)
+    except Exception as e:
+        return type(e).__name__
+for label, url in (("web", "https://allowed.test/"), ("www", "https://www.allowed.test/")):
+    open(f"{shared}/{name}-{label}", "w").write(status(url))
+raw = socket.create_connection((host, 443), timeout=30)
+tls = ssl.create_default_context().wrap_socket(raw, server_hostname=host)
+open(f"{shared}/{name}-up", "w").write("up")
+tls.settimeout(0.2)
+how = "go"
+while not os.path.exists(f"{shared}/go"):
+    try:
+        data = tls.recv(1)
+    except socket.timeout:
+        continue
+    except OSError:
+        data = b""
+    how = "closed" if not data else "data"
+    break
+open(f"{shared}/{name}-done", "w").write(how)
+while not os.path.exists(f"{shared}/go"):
+    if os.path.exists(f"{shared}/{name}-retry"):
+        os.unlink(f"{shared}/{name}-retry")
+        open(f"{shared}/{name}-retried", "w").write(status(f"https://{host}/"))
+    time.sleep(0.05)
+"""
+
+# Downloads /big over TLS slowly (argv[3] bytes a second), then writes how many bytes.
+SLOW_DOWNLOAD = """
+import socket, ssl, sys, time
+shared, rate = sys.argv[1], float(sys.argv[2])
+raw = socket.create_connection(("allowed.test", 443), timeout=30)
+tls = ssl.create_default_context().wrap_socket(raw, server_hostname="allowed.test")
+tls.sendall(b"GET /big HTTP/1.1\\r\\nHost: allowed.test\\r\\nConnection: close\\r\\n\\r\\n")
+open(f"{shared}/slow-up", "w").write("up")
+got, start = 0, time.monotonic()
+while chunk := tls.recv(65536):
+    got += len(chunk)
+    time.sleep(max(0.0, start + got / rate - time.monotonic()))
+open(f"{shared}/slow-done", "w").write(str(got))
+"""
+
+
+@pytest.fixture
+def net(fakenet):
+    fakenet.clear_logs()
+    return fakenet
+
+
+@pytest.fixture
+def rules(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(TWO_PROFILES)
+    return path
+
+
+@pytest.fixture
+def metrics_port():
+    return random.randrange(20000, 30000)
+
+
+@pytest.fixture
+def service(net, tmp_path, rules, metrics_port):
+    gateway = GatewayProcess(
+        net, tmp_path, rules, "--workers", "2", "--metrics-listen", f"127.0.0.1:{metrics_port}"
+    ).start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def _task(service, tmp_path, code: str, *args: str, profile: str = "default"):
+    shared, rw = sandbox.shared_dir(tmp_path)
+    command = [sandbox.SANDBOX_PYTHON, "-c", code, *args]
+    return subprocess.Popen(
+        attach_argv(service, sandbox._workdir(tmp_path), command, profile=profile, extra=rw),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _read(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _metric(net, port: int, name: str) -> float | None:
+    text = net.run_in_host(["curl", "-s", f"http://127.0.0.1:{port}/metrics"]).stdout
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_two_workers_hold_each_sandbox_to_its_profile_sum_their_metrics_and_reload_each(
+    service, net, tmp_path, metrics_port
+):
+    shared, _ = sandbox.shared_dir(tmp_path)
+    tasks = {
+        "web": _task(service, tmp_path, HOLD_TLS, "allowed.test", str(shared), "web"),
+        "api": _task(
+            service, tmp_path, HOLD_TLS, "www.allowed.test", str(shared), "api", profile="api"
+        ),
+    }
+    try:
+        for name, task in tasks.items():
+            assert eventually((shared / f"{name}-up").exists, timeout=30), task.stderr
+        status = service.status()
+        by_profile = {s["profile"]: s for s in json.loads(service.ask("sandboxes", "--json").stdout)[
+            "sandboxes"
+        ]}
+        # One sandbox in each worker: the one with the fewest gets the next network.
+        assert {by_profile["default"]["worker"], by_profile["api"]["worker"]} == {0, 1}
+        assert [w["sandboxes"] for w in status["workers"]] == [1, 1], status["workers"]
+        pids = [w["pid"] for w in status["workers"]]
+        assert len(set(pids)) == 2 and os.getpid() not in pids and status["pid"] not in pids
+        # Each held to its own profile.
+        assert (_read(shared / "web-web"), _read(shared / "web-www")) == ("200", "URLError")
+        assert (_read(shared / "api-web"), _read(shared / "api-www")) == ("URLError", "200")
+        # The open connections are each worker's (pushed every second): summed.
+        assert eventually(
+            lambda: [w["connections"] for w in service.status()["workers"]] == [1, 1], timeout=5
+        ), service.status()
+        assert service.status()["connections"] == 2
+        assert eventually(
+            lambda: _metric(net, metrics_port, "sandgate_active_connections") == 2.0, timeout=5
+        )
+        assert _metric(net, metrics_port, "sandgate_active_sandboxes") == 2.0
+
+        # A rule edit that denies both: each worker closes its own sandbox's connection.
+        service.rules.write_text(
+            TWO_PROFILES.replace("allow: allowed.test", "deny: allowed.test").replace(
+                "allow: www.allowed.test", "deny: www.allowed.test"
+            )
+        )
+        reply = json.loads(service.ask("reload", "--json").stdout)
+        assert reply["ok"], reply
+        assert eventually(
+            lambda: _read(shared / "web-done") and _read(shared / "api-done"), timeout=10
+        )
+        assert (_read(shared / "web-done"), _read(shared / "api-done")) == ("closed", "closed")
+        changed = service.events(reason="policy_changed")
+        assert eventually(lambda: len(service.events(reason="policy_changed")) == 2, timeout=5)
+        changed = service.events(reason="policy_changed")
+        assert {e["profile"] for e in changed} == {"default", "api"}
+        assert {e["task_id"] for e in changed} == {
+            by_profile["default"]["task_id"],
+            by_profile["api"]["task_id"],
+        }
+        # One policy_loaded per reload, however many workers: the service's.
+        loads = service.events(kind="policy", reason="policy_loaded")
+        assert sum("workers" in e["detail"] for e in loads) >= 1
+        assert len({e["detail"] for e in loads}) == len(loads)
+    finally:
+        (shared / "go").write_text("go")
+        for task in tasks.values():
+            task.wait(30)
+    for entry in by_profile.values():
+        service.wait_task_ended(entry["task_id"])
+        # The task's DNS (its worker's) and the service's own start and end events.
+        kinds = {e["kind"] for e in service.events(task_id=entry["task_id"])}
+        assert {"dns", "connection", "task"} <= kinds, kinds
+    assert service.stop() == 0
+    verify = subprocess.run(
+        [sandbox.SANDGATE, "audit", "verify", str(service.audit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert not [pid for pid in pids if _alive(pid)], "a worker outlived the service's stop"
+
+
+def test_a_killed_worker_cuts_only_its_sandboxes_and_comes_back(service, net, tmp_path):
+    shared, _ = sandbox.shared_dir(tmp_path)
+    held = _task(service, tmp_path, HOLD_TLS, "allowed.test", str(shared), "held")
+    assert eventually((shared / "held-up").exists, timeout=30), held.stderr
+    # About 5 s for the 10 MiB: it runs across the other worker's death and restart.
+    slow = _task(service, tmp_path, SLOW_DOWNLOAD, str(shared), str(net.big_size / 5))
+    try:
+        assert eventually((shared / "slow-up").exists, timeout=30), slow.stderr
+        sandboxes = json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"]
+        assert len(sandboxes) == 2
+        held_box = next(s for s in sandboxes if s["command"][-1] == "held")
+        slow_box = next(s for s in sandboxes if s["command"][-1] != "held")
+        assert held_box["worker"] != slow_box["worker"]
+        workers = service.status()["workers"]
+        victim = workers[held_box["worker"]]["pid"]
+        other = workers[slow_box["worker"]]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        # The held connection was the dead worker's: cut.
+        assert eventually(lambda: _read(shared / "held-done"), timeout=10) == "closed"
+        # A new worker serves the same ports and takes the sandbox back, with an event.
+        assert eventually(
+            lambda: service.status()["workers"][held_box["worker"]]["pid"] not in (None, victim),
+            timeout=20,
+        ), service.status()
+        restarted = eventually(lambda: service.events(reason="worker_restarted"), timeout=5)
+        assert [e["task_id"] for e in restarted] == [held_box["task_id"]], restarted
+        assert f"pid {victim}" in restarted[0]["detail"], restarted[0]
+        assert not (shared / "slow-done").exists(), "the transfer did not span the restart"
+        status = service.status()
+        assert status["workers"][held_box["worker"]]["restarts"] == 1
+        assert status["workers"][slow_box["worker"]]["restarts"] == 0
+        assert status["workers"][slow_box["worker"]]["pid"] == other
+        # The other worker's transfer went on untouched: every byte, one connection.
+        assert eventually(lambda: _read(shared / "slow-done"), timeout=30)
+        body = int(_read(shared / "slow-done"))
+        assert body > net.big_size, body  # the whole body plus the response head
+        # The restarted worker's sandbox has egress again, through the same table.
+        (shared / "held-retry").write_text("")
+        assert eventually(lambda: _read(shared / "held-retried"), timeout=20) == "200"
+    finally:
+        (shared / "go").write_text("go")
+        held.wait(30)
+        slow.wait(30)
+    ends = service.events(task_id=slow_box["task_id"], kind="connection_end")
+    assert [e["bytes_down"] > body for e in ends] == [True], ends  # TLS records: a bit more
+    assert not service.events(task_id=slow_box["task_id"], reason="worker_restarted")
+    pids = [w["pid"] for w in service.status()["workers"]]
+    service.kill()  # SIGKILL: the workers die with it (PR_SET_PDEATHSIG)
+    assert eventually(lambda: not [pid for pid in pids if _alive(pid)], timeout=5), pids
+    # What it left behind goes with a restart (as in test_service's killed-service test).
+    GatewayProcess(net, tmp_path, service.rules, "--workers", "1").start().stop()
