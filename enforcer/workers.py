@@ -220,9 +220,13 @@ class WorkerPool:
         config: dict,
         policy: CompiledPolicy,
         sink: Callable[[Event], None],
+        *,
+        listen_host: str = "0.0.0.0",
     ):
         """`config`: what each worker needs (proxy/worker.py: rules, dns_upstreams,
-        dns_upstream_port, confdir, upstream_ca); `sink`: the service's event fanout."""
+        dns_upstream_port, confdir, upstream_ca); `sink`: the service's event fanout;
+        `listen_host`: where the workers' sockets bind (every address, as one gateway's)."""
+        self.listen_host = listen_host
         self.config = {**config, "service_pid": os.getpid()}
         self.policy = policy
         self.sink = sink
@@ -247,7 +251,7 @@ class WorkerPool:
     async def start(self) -> None:
         """Make every worker's sockets, start the workers, wait until each serves."""
         for index in range(self._count):
-            self.workers.append(WorkerProcess(index, make_listeners()))
+            self.workers.append(WorkerProcess(index, make_listeners(self.listen_host)))
         self.approvals.start()
         first: list[asyncio.Future] = []
         for worker in self.workers:

@@ -118,14 +118,10 @@ class Event:
     def from_dict(cls, record: dict) -> Event:
         """The event `to_dict` made (absent fields are None). Raises ValueError for an
         unknown kind, verdict or reason, TypeError for an unknown field."""
-        return cls(
-            **{
-                **record,
-                "kind": EventKind(record["kind"]),
-                "verdict": Verdict(record["verdict"]),
-                "reason": Reason(record["reason"]),
-            }
-        )
+        unknown = record.keys() - _FIELD_SET
+        if unknown:
+            raise TypeError(f"Event has no field {', '.join(sorted(unknown))}")
+        return cls.from_values([record.get(name, _DEFAULTS.get(name)) for name in FIELDS])
 
     def to_values(self) -> list:
         """The compact form: every field's value in `FIELDS` order, JSON-ready as it is
@@ -135,7 +131,8 @@ class Event:
     @classmethod
     def from_values(cls, values: list) -> Event:
         """The event `to_values` made. Raises ValueError for a wrong length or an
-        unknown kind, verdict or reason."""
+        unknown kind, verdict or reason. A text field longer than its bound and the
+        cut marker is cut (one already cut stays as it is)."""
         if len(values) != len(FIELDS):
             raise ValueError(f"an event has {len(FIELDS)} fields, not {len(values)}")
         new = object.__new__(cls)
@@ -144,9 +141,9 @@ class Event:
         _set(new, "kind", EventKind(new.kind))
         _set(new, "verdict", Verdict(new.verdict))
         _set(new, "reason", Reason(new.reason))
-        for name, limit in _BOUNDED:  # a worker is trusted, its bounds are kept anyway
+        for name, limit in _BOUNDED:
             value = getattr(new, name)
-            if isinstance(value, str) and len(value) > limit:
+            if isinstance(value, str) and len(value) > limit + CUT_MARKER_MAX:
                 _set(new, name, bound_text(value, limit))
         return new
 
@@ -167,6 +164,8 @@ def bound_text(value: str, limit: int) -> str:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Event))
+_DEFAULTS = {"detail": ""}  # from_dict: an absent field is None, but these
+CUT_MARKER_MAX = 20  # what bound_text adds at most: "...[+N chars]"
 _FIELD_SET = frozenset(FIELDS)
 field_values = operator.attrgetter(*FIELDS)
 _set = object.__setattr__

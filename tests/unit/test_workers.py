@@ -1,0 +1,234 @@
+"""`sandgate gateway --workers N`: the event wire form, the worker link, and a pool of
+two real worker processes on loopback (DNS only: no sandbox network, no nftables)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+
+import dns.message
+import dns.rcode
+import pytest
+from sandgate.enforcer import nft
+from sandgate.enforcer.workers import WorkerPool, asks, refuse_asking
+from sandgate.proxy.policy import PolicyError, load_policy
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.telemetry.event import FIELD_BOUNDS, Event, EventKind
+from sandgate.proxy.worker_link import Link, LinkClosed
+
+FULL = Event(
+    kind=EventKind.CONNECTION_END,
+    verdict=Verdict.ALLOW,
+    reason=Reason.RULE_ALLOW,
+    rule_id="web",
+    rule_origin="rules.yaml:4",
+    detail='a "quoted"\nline',
+    time=1700000000.25,
+    policy_hash="abc",
+    task_id="t1",
+    sandbox="10.0.0.2",
+    profile="default",
+    source="10.0.0.2:5000",
+    dst_ip="203.0.113.10",
+    dst_port=443,
+    name="allowed.test",
+    protocol="tls",
+    bytes_up=10,
+    bytes_down=20,
+    duration=1.5,
+    latency=0.001,
+    suppressed=3,
+    first_time=1699999999.0,
+)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        pytest.param(FULL, id="every-field"),
+        pytest.param(Event(kind=EventKind.DNS, verdict=Verdict.DENY, reason=Reason.NO_RULE), id="bare"),
+        pytest.param(FULL.with_fields(path="/" + "x" * 5000), id="cut-path"),
+    ],
+)
+def test_an_event_survives_both_wire_forms(event):
+    assert Event.from_dict(json.loads(json.dumps(event.to_dict()))) == event
+    back = Event.from_values(json.loads(json.dumps(event.to_values())))
+    assert back == event
+    assert type(back.kind) is EventKind and type(back.reason) is Reason
+
+
+def test_a_bad_wire_event_is_an_error_not_an_event():
+    values = FULL.to_values()
+    with pytest.raises(ValueError, match="fields"):
+        Event.from_values(values[:-1])
+    with pytest.raises(ValueError):
+        Event.from_values(["connection", "allow", "no_such_reason", *values[3:]])
+    with pytest.raises(TypeError):
+        Event.from_dict({**FULL.to_dict(), "no_such_field": 1})
+    long = Event.from_values([*values[:5], "d" * 9000, *values[6:]])
+    assert len(long.detail) < FIELD_BOUNDS["detail"] + 30  # bounded on the way in too
+
+
+async def _linked(handle_a, handle_b):
+    a, b = socket.socketpair()
+    left, right = await Link.over(a, handle_a), await Link.over(b, handle_b)
+    tasks = [asyncio.create_task(left.run()), asyncio.create_task(right.run())]
+    return left, right, tasks
+
+
+def test_the_link_answers_requests_and_keeps_notifications_in_order():
+    async def main():
+        seen = []
+
+        def worker_side(message):
+            if "id" not in message:
+                seen.append(message["n"])
+                return None
+
+            async def answer():
+                if message["op"] == "fail":
+                    raise ValueError("no such thing")
+                await asyncio.sleep(0.01)
+                return {"echo": message["x"]}
+
+            return answer()
+
+        service, worker, tasks = await _linked(lambda m: None, worker_side)
+        for n in range(100):
+            service.send({"op": "note", "n": n})
+        replies = await asyncio.gather(*(service.request("echo", x=i) for i in range(5)))
+        assert [r["echo"] for r in replies] == list(range(5))
+        with pytest.raises(RuntimeError, match="ValueError: no such thing"):
+            await service.request("fail")
+        assert seen == list(range(100))
+        # The other side goes away: a request still waiting fails, it does not hang.
+        hanging = asyncio.create_task(service.request("echo", x=1, timeout=5))
+        worker.close()
+        with pytest.raises(LinkClosed):
+            await hanging
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def test_the_guard_table_covers_every_workers_ports():
+    text = nft.render_guard("sandgatesvc", [40000, 40002], [40001, 40003])
+    assert "tcp dport { 40000, 40002, 40001, 40003 } counter drop" in text
+    assert "udp dport { 40001, 40003 } counter drop" in text
+    with pytest.raises(ValueError):
+        nft.render_guard("sandgatesvc", [40000], [40001, 40003])
+
+
+ASKING = """\
+version: 1
+profiles:
+  default:
+    fallback: ask
+    rules:
+      - allow: allowed.test
+"""
+PLAIN = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: web
+"""
+
+
+def test_a_policy_that_asks_is_refused_where_approvals_cannot_be_routed(tmp_path):
+    asking, plain = tmp_path / "asking.yaml", tmp_path / "plain.yaml"
+    asking.write_text(ASKING)
+    plain.write_text(PLAIN)
+    assert asks(load_policy([asking])) and not asks(load_policy([plain]))
+    load = refuse_asking(load_policy)
+    assert load([plain]).rule_count == load_policy([plain]).rule_count
+    with pytest.raises(PolicyError, match=r"asking.yaml:1:1: an `ask` rule .* --workers 1"):
+        load([asking])
+
+
+def _ask_dns(port: int, name: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(dns.message.make_query(name, "A").to_wire(), ("127.0.0.1", port))
+        return dns.message.from_wire(sock.recv(4096)).rcode()
+
+
+def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_a_kill(tmp_path):
+    """Loopback stands for a sandbox: registered with worker 0, its DNS to worker 0's
+    port is decided there (a denied name: no upstream needed) and the event reaches the
+    service's sink with its task; after SIGKILL the new worker answers on the same port."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(PLAIN)
+    events: list[Event] = []
+    restarted = []
+
+    async def main():
+        pool = WorkerPool(
+            2,
+            {"rules": [str(rules)], "dns_upstreams": ["127.0.0.1"], "confdir": str(tmp_path)},
+            load_policy([rules]),
+            events.append,
+            listen_host="127.0.0.1",
+        )
+        pool.on_restart = lambda worker, pid, how: restarted.append((worker.index, pid, how))
+        await pool.start()
+        try:
+            index = pool.assign()
+            assert index == 0 and pool.assign() == 1  # the fewest first
+            await pool.add_sandbox(index, Sandbox("127.0.0.1", "task-1", "default"))
+            proxy_port, dns_port = pool.ports(0)
+            assert pool.ports(1) != (proxy_port, dns_port)
+            rcode = await asyncio.to_thread(_ask_dns, dns_port, "denied.test")
+            assert rcode == dns.rcode.NXDOMAIN
+            # From worker 1, which does not know the address: an unknown sandbox.
+            rcode = await asyncio.to_thread(_ask_dns, pool.ports(1)[1], "denied.test")
+            assert rcode == dns.rcode.REFUSED
+            await _until(lambda: len(events) >= 2)
+            by_reason = {e.reason: e for e in events}
+            assert by_reason[Reason.NO_RULE].task_id == "task-1"
+            assert by_reason[Reason.NO_RULE].policy_hash == pool.policy.hash
+            assert Reason.UNKNOWN_SANDBOX in by_reason
+            # Stats come every second, summed over workers.
+            await _until(lambda: all(w.stats for w in pool.workers), timeout=5)
+            assert pool.gate.counts.open == 0 and len(pool.gate.connections) == 0
+
+            victim = pool.workers[0].pid
+            os.kill(victim, signal.SIGKILL)
+            await _until(lambda: restarted, timeout=20)
+            assert restarted == [(0, victim, "signal SIGKILL")]
+            assert pool.workers[0].pid != victim and pool.workers[0].restarts == 1
+            assert pool.workers[1].restarts == 0
+            events.clear()
+            rcode = await asyncio.to_thread(_ask_dns, dns_port, "denied.test")
+            assert rcode == dns.rcode.NXDOMAIN  # the same port, the sandbox taken back
+            await _until(lambda: events)
+            assert events[0].task_id == "task-1" and events[0].reason is Reason.NO_RULE
+
+            # A reload reaches every worker, and each reports the service's hash.
+            rules.write_text(PLAIN.replace("allowed.test", "other.test"))
+            new = load_policy([rules])
+            pool.swap_policy(new)
+            report = await pool.pushing
+            assert [(w["ok"], w["policy"]) for w in report] == [(True, new.hash)] * 2
+        finally:
+            pids = [w.pid for w in pool.workers]
+            await pool.stop()
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    asyncio.run(main())
+
+
+async def _until(probe, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
