@@ -1,0 +1,218 @@
+"""`sandgate gateway --workers N`: connections/s and the gateway's CPU per connection at
+1 and 2 workers, in one run (issue 11, "Every core").
+
+    .venv/bin/python bench/bench_workers.py [--sandboxes 4] [--seconds 5] [--rounds 3]
+                                            [--workers 1,2] [--phase tls_rate|http_rate]
+
+Needs root. Runs in the fake internet (enforcer/demo/fakenet.py: its own namespaces,
+removed at the end; nothing touches the root namespace's network), with a run
+directory of its own (SANDGATE_RUN_DIR). For each worker count, per round: a fresh
+service in the fake internet's host netns; K sandboxes attached at once
+(`sandgate run --gateway`), each running the connection-rate client of
+bench_gateway.py (bench/clients.py: a new TLS connection per `GET /`, allowed
+pass-through) for the same seconds; connections/s is the sum over sandboxes of
+completed requests over the phase's seconds; the gateway's CPU is the service's and
+its workers' utime+stime from /proc over the same phase (the clients, nginx and the
+runners are not counted). Medians over rounds, and the ratios 2w/1w.
+
+Goal: the gateway's CPU per connection at 2 workers <= 1.1x that at 1 (on this 2-core
+machine the clients share the cores with the gateway, so connections/s says less than
+CPU per connection). The machine's other load skews both: run it quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENTS = REPO / "bench" / "clients.py"
+SANDGATE = str(Path(sys.executable).parent / "sandgate")  # this venv's: the checkout
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: web
+        ports: [80, 443]
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (threads included), 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class Service:
+    def __init__(self, fn, work: Path, workers: int):
+        self.fn, self.work = fn, work
+        self.control = work / "gateway.sock"
+        rules = work / "rules.yaml"
+        rules.write_text(RULES)
+        argv = [
+            "nsenter", f"--net=/run/netns/{fn.host_ns}", "--",
+            SANDGATE, "gateway", "--rules", str(rules), "--dns-upstream", fn.dns_ip,
+            "--extra-ca", str(fn.ca_cert), "--control", str(self.control),
+            "--audit-log", str(work / "audit.jsonl"), "--metrics-listen", "off",
+            "--admin-listen", "off", "--workers", str(workers), "--warm", "4",
+        ]  # fmt: skip
+        self.popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=(work / "gateway.log").open("a"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while self.ask("status") is None:
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not start:\n{(work / 'gateway.log').read_text()}")
+            time.sleep(0.1)
+
+    def ask(self, what: str) -> dict | None:
+        proc = subprocess.run(
+            [SANDGATE, what, "--json", "--control", str(self.control)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def pids(self) -> list[int]:
+        status = self.ask("status") or {}
+        workers = [w["pid"] for w in status.get("workers", []) if w.get("pid")]
+        return sorted({self.popen.pid, *workers})
+
+    def stop(self) -> None:
+        subprocess.run([SANDGATE, "gateway", "stop", "--grace", "5", "--control",
+                        str(self.control)], capture_output=True, timeout=30)  # fmt: skip
+        try:
+            self.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def one_round(fn, work: Path, workers: int, args) -> dict:
+    service = Service(fn, work, workers)
+    try:
+        deadline = time.monotonic() + 30
+        while (service.ask("status") or {}).get("spares", 0) < min(4, args.sandboxes):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        pids = service.pids()
+        argv = [
+            [SANDGATE, "run", "--gateway", str(service.control), "--", "/usr/bin/python3",
+             str(CLIENTS), args.phase, "--rate-seconds", str(args.seconds), "--procs", "1",
+             "--threads", str(args.threads)]
+            for _ in range(args.sandboxes)
+        ]  # fmt: skip
+        procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for a in argv]  # fmt: skip
+        # The CPU window: from when the first client's phase can start to the last's end.
+        samples: dict[str, float] = {}
+
+        def sample() -> None:
+            time.sleep(1.0)  # the runs attach and warm up first
+            samples["cpu0"] = sum(cpu_seconds(p) for p in pids)
+            samples["service0"] = cpu_seconds(service.popen.pid)
+            samples["t0"] = time.time()
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        outputs = [proc.communicate(timeout=args.seconds + 120) for proc in procs]
+        cpu1, t1 = sum(cpu_seconds(p) for p in pids), time.time()
+        service_cpu = cpu_seconds(service.popen.pid) - samples.get("service0", 0.0)
+        sampler.join()
+        results = [json.loads(out.splitlines()[-1]) for out, _ in outputs if out.strip()]
+        if len(results) != len(procs):
+            errors = [e[-500:] for p, (_, e) in zip(procs, outputs, strict=True) if p.returncode]
+            raise RuntimeError(f"{len(procs) - len(results)} clients gave no result: {errors}")
+        phases = [r[args.phase] for r in results]
+        requests = sum(p.get("requests", 0) for p in phases)
+        seconds = statistics.median(p["seconds"] for p in phases)
+        # The CPU window is a little wider than the phase (attach, warm-up, exit):
+        # the requests of that window are the phase's, so this overstates CPU/conn a
+        # little, the same way at every worker count.
+        cpu = cpu1 - samples["cpu0"]
+        return {
+            "workers": workers,
+            "connections_per_s": requests / seconds,
+            "requests": requests,
+            "errors": sum(p.get("errors", 0) for p in phases),
+            "gateway_cpu_s": cpu,
+            "window_s": t1 - samples["t0"],
+            "cpu_us_per_connection": 1e6 * cpu / requests if requests else None,
+            # with workers: the control plane's part (events in, audit log, metrics)
+            "service_us_per_connection": 1e6 * service_cpu / requests if requests else None,
+            "processes": len(pids),
+        }
+    finally:
+        service.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sandboxes", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--phase", default="tls_rate", choices=["tls_rate", "http_rate"])
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_workers: needs root (namespaces, nftables)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    from sandgate.enforcer.demo.fakenet import FakeInternet, fresh_prefix
+
+    counts = [int(n) for n in args.workers.split(",")]
+    prefix = fresh_prefix("sgw")
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    os.environ["SANDGATE_RUN_DIR"] = str(work / "run")
+    rows: dict[int, list[dict]] = {n: [] for n in counts}
+    try:
+        with FakeInternet(prefix, work / "net") as fn:
+            for round_no in range(args.rounds):
+                for n in counts:  # interleaved: drifting load hits both alike
+                    where = work / f"r{round_no}-w{n}"
+                    where.mkdir()
+                    row = one_round(fn, where, n, args)
+                    rows[n].append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{args.sandboxes} sandboxes x {args.phase} ({args.threads} threads each), "
+          f"{args.seconds:g} s, median of {args.rounds} rounds; gateway CPU = service + "
+          f"workers")  # fmt: skip
+    print(f"{'workers':>8} {'conn/s':>10} {'CPU us/conn':>12} {'of it service':>14} {'errors':>7}")
+    medians = {}
+    for n in counts:
+        rate = statistics.median(r["connections_per_s"] for r in rows[n])
+        cpu = statistics.median(r["cpu_us_per_connection"] or 0 for r in rows[n])
+        service = statistics.median(r["service_us_per_connection"] or 0 for r in rows[n])
+        errors = sum(r["errors"] for r in rows[n])
+        medians[n] = (rate, cpu)
+        print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {errors:>7}")
+    if 1 in medians and 2 in medians and medians[1][0] and medians[1][1]:
+        print(f"ratio 2w/1w: connections/s {medians[2][0] / medians[1][0]:.2f}x, "
+              f"gateway CPU per connection {medians[2][1] / medians[1][1]:.2f}x "
+              f"(goal <= 1.10x)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
