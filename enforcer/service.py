@@ -202,10 +202,10 @@ class GatewayService:
         audit = RateLimitedAudit(self.audit, opts.audit_limits, self.metrics.count_suppressed)
         workers = opts.workers
         if workers > 1 and asks(policy):
-            log.warning(
-                "sandgate gateway: one worker, not %d: the policy asks a human, and approvals "
-                "are not spread over workers yet",
-                workers,
+            print(
+                f"sandgate gateway: warning: one worker, not {workers}: the policy asks a human, "
+                "and approvals are not spread over workers yet",
+                file=sys.stderr,
             )
             workers = 1
         if workers > 1:
