@@ -51,13 +51,13 @@ from pathlib import Path
 
 from sandgate.proxy.approvals.holder import Approvals
 from sandgate.proxy.engine import CA_BASENAME
-from sandgate.proxy.gateway import Listeners
+from sandgate.proxy.gateway import Listeners, policy_loaded
 from sandgate.proxy.policy import CompiledPolicy, PolicyError
 from sandgate.proxy.policy.load import Problem
-from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.policy.reasons import Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
-from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.event import Event
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 log = logging.getLogger("sandgate.gateway")
@@ -460,16 +460,8 @@ class WorkerPool:
         the whole service, and every worker told to reload (`pushing`; each closes the
         connections the new policy denies, with their events)."""
         old, self.policy = self.policy, new
-        self.emit(
-            Event(
-                kind=EventKind.POLICY,
-                verdict=Verdict.ALLOW,
-                reason=Reason.POLICY_LOADED,
-                detail=f"{new.rule_count} rules, hash {new.hash} (was {old.hash}), profiles "
-                f"{', '.join(new.profiles)}, from {', '.join(new.files)}; "
-                f"{len(self.workers)} workers" + (f"; {cause}" if cause else ""),
-            )
-        )
+        workers = f"{len(self.workers)} workers"
+        self.emit(policy_loaded(old, new, f"{workers}; {cause}" if cause else workers))
         self.pushing = asyncio.get_running_loop().create_task(self.push_policy(cause))
         return SwapReport(old.hash, new.hash, new.rule_count, 0, 0)
 

@@ -197,16 +197,7 @@ class Gateway:
         a `policy_changed` deny event) and drop the DNS bindings whose names it no
         longer allows. Runs on the loop, without awaiting: no decision sees half of it."""
         old, self.gate.policy = self.gate.policy, new
-        self.emit(
-            Event(
-                kind=EventKind.POLICY,
-                verdict=Verdict.ALLOW,
-                reason=Reason.POLICY_LOADED,
-                detail=f"{new.rule_count} rules, hash {new.hash} (was {old.hash}), profiles "
-                f"{', '.join(new.profiles)}, from {', '.join(new.files)}"
-                + (f"; {cause}" if cause else ""),
-            )
-        )
+        self.emit(policy_loaded(old, new, cause))
         closed = self._close_revoked(
             "a policy reload", f"the policy changed ({old.hash} -> {new.hash}): denied now"
         )
@@ -297,6 +288,17 @@ class Gateway:
                 task_id=event.task_id or (sandbox.task_id if sandbox else None),
             )
         self.events.emit(event)
+
+
+def policy_loaded(old: CompiledPolicy, new: CompiledPolicy, cause: str = "") -> Event:
+    """The `policy_loaded` event of a swap from `old` to `new` (`cause`: who asked)."""
+    return Event(
+        kind=EventKind.POLICY,
+        verdict=Verdict.ALLOW,
+        reason=Reason.POLICY_LOADED,
+        detail=f"{new.rule_count} rules, hash {new.hash} (was {old.hash}), profiles "
+        f"{', '.join(new.profiles)}, from {', '.join(new.files)}" + (f"; {cause}" if cause else ""),
+    )
 
 
 def is_local_address(address: str) -> bool:
