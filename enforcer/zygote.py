@@ -188,8 +188,11 @@ def take(listener: socket.socket) -> tuple[socket.socket, dict, list[int]]:
         conn.close()
 
 
-def become(conn: socket.socket, request: dict, fds: list[int], control: str) -> int:
-    """Run the caller's `sandgate run --gateway` as the caller would have."""
+def become(
+    conn: socket.socket, request: dict, fds: list[int], control: str, seed=None
+) -> int:
+    """Run the caller's `sandgate run --gateway` as the caller would have; `seed`
+    (attach.InitSeed) is the init this runner forked ahead, in the task's cgroup."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -211,8 +214,7 @@ def become(conn: socket.socket, request: dict, fds: list[int], control: str) -> 
         return 0
     caller.send(taken=True)
     conn.setblocking(False)
-    cgroup.HOST.act_for(peer(conn)[0])  # the task's cgroup goes under the caller's, as before
-    code = run_command(lambda a: cli_run._run_attached(a, caller), args)
+    code = run_command(lambda a: cli_run._run_attached(a, caller, seed), args)
     sys.stdout.flush()
     sys.stderr.flush()
     caller.send(exit=code)
@@ -221,7 +223,9 @@ def become(conn: socket.socket, request: dict, fds: list[int], control: str) -> 
 
 def runner(listener: socket.socket, path: str, control: str) -> int:
     """In a child of the zygote: wait for a caller, then be its runner."""
+    seed = None
     try:
+        seed = _seed(path)
         listener.listen(8)
         _tell(f"ready {path}")
         conn, request, fds = take(listener)
@@ -234,7 +238,33 @@ def runner(listener: socket.socket, path: str, control: str) -> int:
             os.unlink(path)
     _libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)  # the run's now: it outlives the pool
     os.close(_report_fd)
-    return become(conn, request, fds, control)
+    try:
+        return become(conn, request, fds, control, seed)
+    finally:
+        if seed is not None:
+            seed.discard()  # unless the run made it its init (then its cgroup went with the run)
+
+
+def _seed(path: str):
+    """The init of this runner's run, forked now into a task cgroup made now
+    (attach.InitSeed), named for the runner's socket; None (one line on the pool's
+    stderr) where none can be made: the run then makes and joins its own."""
+    try:
+        made = cgroup.TaskCgroup.ahead(ahead_name(path))
+    except cgroup.CgroupError as e:
+        print(f"sandgate runner: no task cgroup made ahead: {e}", file=sys.stderr, flush=True)
+        return None
+    try:
+        return attach.InitSeed(made)
+    except OSError as e:
+        print(f"sandgate runner: cannot fork the next init: {e}", file=sys.stderr, flush=True)
+        made.remove()
+        return None
+
+
+def ahead_name(path: str) -> str:
+    """The cgroup a waiting runner made ahead, named for its socket `<control>.z-<hex>`."""
+    return cgroup.AHEAD_PREFIX + path.rpartition(handoff.SUFFIX)[2]
 
 
 _report_fd = -1  # a runner's end of its pool's report pipe (set in the child)
@@ -296,6 +326,7 @@ class Pool:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             os.close(waiting.pidfd)
+            _remove_ahead(path)
         self.waiting.clear()
 
     def _fill(self) -> float:
@@ -387,6 +418,7 @@ class Pool:
     def _gone(self, path: str, born: float) -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
+        _remove_ahead(path)
         self._report(f"gone {path}")
         if time.monotonic() - born < RESPAWN_DELAY_S:  # not a fork a second
             self._not_before = time.monotonic() + RESPAWN_DELAY_S
@@ -411,6 +443,14 @@ class Pool:
     def _report(self, line: str) -> None:
         if self.report is not None:
             self.report(line)
+
+
+def _remove_ahead(path: str) -> None:
+    """The cgroup of a runner that died waiting (its seed went with it: PDEATHSIG)."""
+    try:
+        cgroup.remove_ahead(ahead_name(path))
+    except (cgroup.CgroupError, OSError) as e:
+        print(f"sandgate runners: {e} (`sandgate gc` removes it later)", file=sys.stderr, flush=True)
 
 
 _inherited: list[int] = []  # descriptors of the pool a runner closes: its lock
@@ -451,6 +491,8 @@ def serve(control: str, warm: int, report=None) -> int:
         if entry.startswith(name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, entry))
+    with contextlib.suppress(cgroup.CgroupError, OSError):
+        cgroup.remove_empty_ahead()  # and their cgroups (a SIGKILLed pool removed none)
 
     def stop(signum, _frame):
         raise SystemExit(0)
