@@ -13,7 +13,9 @@ runner listens on `<control>.z-<hex>` (mode 0600, root only) and waits for one
 the same files here); anyone else is refused and it waits on. Then it becomes that
 caller: its stdin, stdout, stderr, environment and working directory, and runs
 exactly what `sandgate run --gateway` runs in-process (enforcer/attach.py: the
-attach request, the sandbox, detach). The caller's end kills the task (attach's
+attach request, the sandbox, detach). While it waits, a runner makes its task's
+cgroup (`sandgate-warm-<hex>`, under the pool's) and forks its init's process into
+it (attach.InitSeed): a run then writes its limits there, and migrates nothing. The caller's end kills the task (attach's
 `caller`); its signals are forwarded to it. The pool forks the next runner as soon
 as one is taken, dies, or loses its socket.
 

@@ -12,6 +12,9 @@ Where: a child `sandgate-<run>` of the calling process's own cgroup in each
 hierarchy (/proc/self/cgroup), so the host's accounting of whoever started sandgate
 (a systemd unit, a container) still covers the task; or of SANDGATE_CGROUP_PARENT
 (a cgroup path such as `/sandgate`, taken in every hierarchy), created if missing.
+A warm runner makes its next task's cgroup before the run is known
+(`TaskCgroup.ahead`, `sandgate-warm-<hex>`, under the runner pool's cgroup), and
+its init's process waits in it; the run's limits are written when it comes.
 
 cgroup v2's no-internal-processes rule: a cgroup that holds processes cannot enable
 controllers for its children (writing `cgroup.subtree_control` fails with EBUSY).
