@@ -203,7 +203,7 @@ def become(
     caller = Caller(conn)
     try:
         os.chdir(request["cwd"])
-        args = build_parser("run").parse_args(request["argv"])
+        args = (_run_parser or build_parser("run")).parse_args(request["argv"])
     except OSError as e:
         caller.send(refused=f"cannot enter {request['cwd']}: {e.strerror}")
         return 0
@@ -456,6 +456,27 @@ def _remove_ahead(path: str) -> None:
 
 
 _inherited: list[int] = []  # descriptors of the pool a runner closes: its lock
+_run_parser = None  # `sandgate run`'s parser, built once by the pool (see _warm_up)
+
+
+def _warm_up() -> None:
+    """What every run would otherwise do first, done once by the pool for all its
+    runners (each inherits it with the fork): build `sandgate run`'s parser (argparse
+    looks up translations and the terminal's size per option: ~3 ms), hash the seccomp
+    program's cache key (reads the table's source, loads libseccomp), and load the
+    name service modules that the check of the task's host ids enumerates accounts
+    with (pwd.getpwall: libnss_* are loaded on the first call). A run still checks
+    and reads all of it itself; only the loading is shared."""
+    global _run_parser  # noqa: PLW0603 - once per pool, before its first fork
+    import pwd
+
+    from sandgate.enforcer.sandbox import seccomp
+
+    _run_parser = build_parser("run")
+    with contextlib.suppress(OSError):
+        seccomp.cache_key()
+    with contextlib.suppress(OSError):
+        pwd.getpwall()
 
 
 def claim(control: str) -> int:
@@ -502,6 +523,7 @@ def serve(control: str, warm: int, report=None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # runners are reaped by the kernel
+    _warm_up()
     pool = Pool(control, warm, report)
     try:
         pool.serve()
