@@ -272,28 +272,10 @@ def test_limits_bite_on_the_warm_path(service, tmp_path):
     """The limits written into a cgroup made ahead hold the task as those of one made
     for the run: a fork bomb gets EAGAIN, a memory hog the OOM killer, both reported."""
     waiting = _waiting(service)
-    bomb = sandbox.python("""
-        import os, time
-        children = 0
-        try:
-            for _ in range(10_000):
-                if os.fork() == 0:
-                    time.sleep(3)
-                    os._exit(0)
-                children += 1
-        except OSError as e:
-            print("refused", e.errno, children)
-    """)
-    hog = sandbox.python("""
-        blocks = []
-        for _ in range(64):
-            blocks.append(bytearray(16 << 20))
-        print("survived")
-    """)
     r = attach(
         service,
         tmp_path,
-        {"bomb": bomb, "hog": hog, "after": "echo still-here"},
+        {"bomb": sandbox.fork_bomb(), "hog": sandbox.memory_hog(), "after": "echo still-here"},
         extra=("--pids", "48", "--memory", "128M"),
     )
     refused, errno_, children = r["bomb"].out.split()
