@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import select
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ class AttachOptions:
     summary_json: Path | None = None
     quiet: bool = False
     caller: zygote.Caller | None = None  # the handed-over run's `sandgate` process
+    seed: InitSeed | None = None  # a warm runner's init, waiting in a cgroup made ahead
 
 
 def run_attached(opts: AttachOptions) -> int:
@@ -67,8 +70,11 @@ def run_attached(opts: AttachOptions) -> int:
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_SETUP
     run_id = reply["run_id"]
+    seed = opts.seed if opts.seed is not None and opts.seed.usable() else None
+    if seed is None and opts.seed is not None:
+        opts.seed.discard()  # the run goes on as without it: a cgroup of its own, joined
     try:
-        prepared = _prepare(opts, reply, client)
+        prepared = _prepare(opts, reply, client, seed)
     except (spec.SandboxError, OSError) as e:
         _detach(client, run_id, None, quiet=True)
         print(f"sandgate: {e}", file=sys.stderr)
@@ -77,14 +83,15 @@ def run_attached(opts: AttachOptions) -> int:
         _warn_weakened(client, gap)
     gaps_sent = len(prepared.gaps)
     try:
-        child = ForkedInit(prepared.spec_path, keep=(*prepared.init_fds, *client.fds))
+        child = ForkedInit(prepared.spec_path, (*prepared.init_fds, *client.fds), seed)
     except OSError as e:
         prepared.started()
         prepared.finish()  # the cgroup goes with the run that never started
         _detach(client, run_id, None, quiet=True)
         print(f"sandgate: cannot start the sandbox: {e}", file=sys.stderr)
         return EXIT_SETUP
-    prepared.join(child.pid)
+    if seed is None:
+        prepared.join(child.pid)  # while the init builds its file view (a seed is in already)
     prepared.started()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda s, _f: child.poll() is None and child.send_signal(s))
@@ -120,7 +127,7 @@ def run_attached(opts: AttachOptions) -> int:
 
 
 def _prepare(
-    opts: AttachOptions, reply: dict, client: control.ControlClient
+    opts: AttachOptions, reply: dict, client: control.ControlClient, seed: InitSeed | None
 ) -> prepare.PreparedSandbox:
     run_dir = Path(reply["dir"])
     audit = Path(reply["audit_log"])
@@ -156,6 +163,7 @@ def _prepare(
         protected=spec.protected_paths(list(STATE_DIRS)),
         seccomp_cache=STATE_DIRS[0] / "cache",
         runner_joins=True,
+        cgroup_ahead=seed.cgroup if seed is not None else None,
     )
 
 
@@ -264,10 +272,13 @@ class ForkedInit:
     attach. The child keeps only stdio and `keep` (the report pipe, the netns), as
     Popen's close_fds would, and never returns into the runner's code."""
 
-    def __init__(self, spec_path: Path, keep: tuple[int, ...]):
+    def __init__(self, spec_path: Path, keep: tuple[int, ...], seed: InitSeed | None = None):
         sys.stdout.flush()
         sys.stderr.flush()
         self.returncode: int | None = None
+        if seed is not None:  # forked already, and waiting in the task's cgroup
+            self.pid = seed.start(spec_path, keep)
+            return
         self.pid = os.fork()
         if self.pid == 0:
             code = EXIT_SETUP
@@ -313,3 +324,119 @@ def _close_all_but(keep: tuple[int, ...]) -> None:
                 os.close(fd)
     for fd in keep:
         os.set_inheritable(fd, True)
+
+
+SEED_JOIN_TIMEOUT_S = 2.0
+
+
+class InitSeed:
+    """A warm runner's next sandbox init, forked while the runner waits for a run
+    (enforcer/zygote.py) and moved at once into a task cgroup made ahead
+    (cgroup.TaskCgroup.ahead). When the run comes, its limits are written into that
+    cgroup and this process becomes the init (a ForkedInit's child): the init is in
+    its cgroup from its first instruction of the run, so no process migrates then,
+    and no run waits for the kernel's RCU grace period (8-16 ms) that a move into a
+    cgroup costs (cgroup_attach_task takes cgroup_threadgroup_rwsem for writing).
+
+    Why not the runner itself in the cgroup, to fork the init there: the runner would
+    count against the task's pids and memory limits, be the OOM killer's first pick
+    at the memory limit, and have to move out again (another grace period) before it
+    may remove the cgroup. The seed is the process the init would be anyway.
+
+    It keeps nothing of the runner's but stdio until `start` sends it the spec's path
+    with the caller's stdio and the descriptors the init keeps (SCM_RIGHTS on a
+    socket pair), which it puts at the numbers the spec names. It dies with the
+    runner (PR_SET_PDEATHSIG); `discard` ends it and removes the cgroup."""
+
+    def __init__(self, task_cgroup: cgroup.TaskCgroup):
+        self.cgroup = task_cgroup
+        self._joined: bool | None = None
+        self._used = False
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = EXIT_SETUP
+            try:
+                ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+                self._sock.close()
+                code = _be_seed(theirs, task_cgroup.procs_files)
+            except BaseException as e:  # noqa: BLE001 - the child must report, then go
+                print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+
+    def usable(self, timeout: float = SEED_JOIN_TIMEOUT_S) -> bool:
+        """In its cgroup (its word waited for, at most `timeout`: a move takes a grace
+        period), and that cgroup is where this run's belongs: made under the parent
+        $SANDGATE_CGROUP_PARENT names now (the caller's environment, by then)."""
+        if self._joined is None:
+            self._sock.settimeout(timeout)
+            try:
+                self._joined = self._sock.recv(16) == b"joined"
+            except OSError:
+                self._joined = False
+        return self._joined and not self._used and self.cgroup.made_under()
+
+    def start(self, spec_path: Path, keep: tuple[int, ...]) -> int:
+        """Make it the init of the run in `spec_path`, with stdio and `keep` at the
+        numbers they have here; its pid. OSError if it is gone."""
+        self._used = True
+        fds = [0, 1, 2, *keep]
+        message = json.dumps({"spec": str(spec_path), "fds": fds}).encode()
+        try:
+            socket.send_fds(self._sock, [message], fds)
+        finally:
+            self._sock.close()
+        for fd in keep:  # as Popen: the runner keeps no inheritable copy to leak later
+            os.set_inheritable(fd, False)
+        return self.pid
+
+    def discard(self) -> None:
+        """Unless it became an init: it goes, and its cgroup with it."""
+        if self._used:
+            return
+        self._used = True
+        self._sock.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        try:
+            self.cgroup.remove()
+        except cgroup.CgroupError as e:
+            print(f"sandgate: warning: {e} (`sandgate gc` removes it later)", file=sys.stderr)
+
+
+def _be_seed(sock: socket.socket, procs_files: list[str]) -> int:
+    """In the seed: join the cgroup, say so, wait for the run, be its init."""
+    _close_all_but((sock.fileno(),))
+    try:
+        for path in procs_files:
+            with open(path, "w") as f:
+                f.write("0")
+    except OSError as e:
+        sock.send(b"failed")
+        print(f"sandgate runner: cannot join {path}: {e.strerror}", file=sys.stderr)
+        return EXIT_SETUP
+    sock.send(b"joined")
+    message, fds, _flags, _addr = socket.recv_fds(sock, 65536, 64)
+    if not message:  # the runner went, or gave up on us
+        return 0
+    request = json.loads(message)
+    targets = request["fds"]
+    if len(targets) != len(fds):
+        return EXIT_SETUP
+    # Above every number in play first, so that no dup2 below lands on one still needed.
+    base = max([*targets, *fds, sock.fileno()]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, base) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    sock.close()
+    for target, fd in zip(targets, moved, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    return sandbox_init.main([request["spec"]])

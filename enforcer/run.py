@@ -528,7 +528,8 @@ def gc(dry_run: bool = False) -> list[str]:
         if table[len(TABLE_PREFIX) :] not in live:
             drop(f"nft table {table}", lambda t=table: nft.delete_table(t))
     # leftovers() lists live runs' cgroups too: only a dead run's, or an empty one that no
-    # run owns (every run has its state dir for as long as its cgroup exists).
+    # run owns (every run has its state dir for as long as its cgroup exists; a warm
+    # runner's `sandgate-warm-*` holds its init-to-be while the runner lives).
     for path in cgroup.leftovers():
         run_id = Path(path).name.removeprefix(cgroup.PREFIX)
         if run_id in dead or (run_id not in runs and _empty_cgroup(path)):

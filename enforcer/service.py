@@ -319,8 +319,13 @@ class GatewayService:
         self.spares.clear()
         if self._zygote is not None:  # its waiting runners die with it: no run is theirs
             with contextlib.suppress(ProcessLookupError):
-                self._zygote.kill()
-            await self._zygote.wait()
+                self._zygote.terminate()  # not kill: it removes their cgroups made ahead
+            try:
+                await asyncio.wait_for(self._zygote.wait(), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self._zygote.kill()
+                await self._zygote.wait()
         for path in self.runners:
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -13,7 +13,9 @@ runner listens on `<control>.z-<hex>` (mode 0600, root only) and waits for one
 the same files here); anyone else is refused and it waits on. Then it becomes that
 caller: its stdin, stdout, stderr, environment and working directory, and runs
 exactly what `sandgate run --gateway` runs in-process (enforcer/attach.py: the
-attach request, the sandbox, detach). The caller's end kills the task (attach's
+attach request, the sandbox, detach). While it waits, a runner makes its task's
+cgroup (`sandgate-warm-<hex>`, under the pool's) and forks its init's process into
+it (attach.InitSeed): a run then writes its limits there, and migrates nothing. The caller's end kills the task (attach's
 `caller`); its signals are forwarded to it. The pool forks the next runner as soon
 as one is taken, dies, or loses its socket.
 
@@ -188,8 +190,11 @@ def take(listener: socket.socket) -> tuple[socket.socket, dict, list[int]]:
         conn.close()
 
 
-def become(conn: socket.socket, request: dict, fds: list[int], control: str) -> int:
-    """Run the caller's `sandgate run --gateway` as the caller would have."""
+def become(
+    conn: socket.socket, request: dict, fds: list[int], control: str, seed=None
+) -> int:
+    """Run the caller's `sandgate run --gateway` as the caller would have; `seed`
+    (attach.InitSeed) is the init this runner forked ahead, in the task's cgroup."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -198,7 +203,7 @@ def become(conn: socket.socket, request: dict, fds: list[int], control: str) -> 
     caller = Caller(conn)
     try:
         os.chdir(request["cwd"])
-        args = build_parser("run").parse_args(request["argv"])
+        args = (_run_parser or build_parser("run")).parse_args(request["argv"])
     except OSError as e:
         caller.send(refused=f"cannot enter {request['cwd']}: {e.strerror}")
         return 0
@@ -211,8 +216,7 @@ def become(conn: socket.socket, request: dict, fds: list[int], control: str) -> 
         return 0
     caller.send(taken=True)
     conn.setblocking(False)
-    cgroup.HOST.act_for(peer(conn)[0])  # the task's cgroup goes under the caller's, as before
-    code = run_command(lambda a: cli_run._run_attached(a, caller), args)
+    code = run_command(lambda a: cli_run._run_attached(a, caller, seed), args)
     sys.stdout.flush()
     sys.stderr.flush()
     caller.send(exit=code)
@@ -221,7 +225,9 @@ def become(conn: socket.socket, request: dict, fds: list[int], control: str) -> 
 
 def runner(listener: socket.socket, path: str, control: str) -> int:
     """In a child of the zygote: wait for a caller, then be its runner."""
+    seed = None
     try:
+        seed = _seed(path)
         listener.listen(8)
         _tell(f"ready {path}")
         conn, request, fds = take(listener)
@@ -234,7 +240,33 @@ def runner(listener: socket.socket, path: str, control: str) -> int:
             os.unlink(path)
     _libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)  # the run's now: it outlives the pool
     os.close(_report_fd)
-    return become(conn, request, fds, control)
+    try:
+        return become(conn, request, fds, control, seed)
+    finally:
+        if seed is not None:
+            seed.discard()  # unless the run made it its init (then its cgroup went with the run)
+
+
+def _seed(path: str):
+    """The init of this runner's run, forked now into a task cgroup made now
+    (attach.InitSeed), named for the runner's socket; None (one line on the pool's
+    stderr) where none can be made: the run then makes and joins its own."""
+    try:
+        made = cgroup.TaskCgroup.ahead(ahead_name(path))
+    except cgroup.CgroupError as e:
+        print(f"sandgate runner: no task cgroup made ahead: {e}", file=sys.stderr, flush=True)
+        return None
+    try:
+        return attach.InitSeed(made)
+    except OSError as e:
+        print(f"sandgate runner: cannot fork the next init: {e}", file=sys.stderr, flush=True)
+        made.remove()
+        return None
+
+
+def ahead_name(path: str) -> str:
+    """The cgroup a waiting runner made ahead, named for its socket `<control>.z-<hex>`."""
+    return cgroup.AHEAD_PREFIX + path.rpartition(handoff.SUFFIX)[2]
 
 
 _report_fd = -1  # a runner's end of its pool's report pipe (set in the child)
@@ -296,6 +328,7 @@ class Pool:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             os.close(waiting.pidfd)
+            _remove_ahead(path)
         self.waiting.clear()
 
     def _fill(self) -> float:
@@ -387,6 +420,7 @@ class Pool:
     def _gone(self, path: str, born: float) -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
+        _remove_ahead(path)
         self._report(f"gone {path}")
         if time.monotonic() - born < RESPAWN_DELAY_S:  # not a fork a second
             self._not_before = time.monotonic() + RESPAWN_DELAY_S
@@ -413,7 +447,36 @@ class Pool:
             self.report(line)
 
 
+def _remove_ahead(path: str) -> None:
+    """The cgroup of a runner that died waiting (its seed went with it: PDEATHSIG)."""
+    try:
+        cgroup.remove_ahead(ahead_name(path))
+    except (cgroup.CgroupError, OSError) as e:
+        print(f"sandgate runners: {e} (`sandgate gc` removes it later)", file=sys.stderr, flush=True)
+
+
 _inherited: list[int] = []  # descriptors of the pool a runner closes: its lock
+_run_parser = None  # `sandgate run`'s parser, built once by the pool (see _warm_up)
+
+
+def _warm_up() -> None:
+    """What every run would otherwise do first, done once by the pool for all its
+    runners (each inherits it with the fork): build `sandgate run`'s parser (argparse
+    looks up translations and the terminal's size per option: ~3 ms), hash the seccomp
+    program's cache key (reads the table's source, loads libseccomp), and load the
+    name service modules that the check of the task's host ids enumerates accounts
+    with (pwd.getpwall: libnss_* are loaded on the first call). A run still checks
+    and reads all of it itself; only the loading is shared."""
+    global _run_parser  # noqa: PLW0603 - once per pool, before its first fork
+    import pwd
+
+    from sandgate.enforcer.sandbox import seccomp
+
+    _run_parser = build_parser("run")
+    with contextlib.suppress(OSError):
+        seccomp.cache_key()
+    with contextlib.suppress(OSError):
+        pwd.getpwall()
 
 
 def claim(control: str) -> int:
@@ -451,6 +514,8 @@ def serve(control: str, warm: int, report=None) -> int:
         if entry.startswith(name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, entry))
+    with contextlib.suppress(cgroup.CgroupError, OSError):
+        cgroup.remove_empty_ahead()  # and their cgroups (a SIGKILLed pool removed none)
 
     def stop(signum, _frame):
         raise SystemExit(0)
@@ -458,6 +523,7 @@ def serve(control: str, warm: int, report=None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # runners are reaped by the kernel
+    _warm_up()
     pool = Pool(control, warm, report)
     try:
         pool.serve()

@@ -125,10 +125,11 @@ SERVICE_OWNED = {
 }
 
 
-def _run_attached(args, caller=None) -> int:
+def _run_attached(args, caller=None, seed=None) -> int:
     """The task in a sandbox of a running service: no gateway (nor mitmproxy) here.
     `caller`: the `sandgate` process that handed this run to a warm runner
-    (enforcer/zygote.py), whose signals are forwarded and whose end kills the task."""
+    (enforcer/zygote.py), whose signals are forwarded and whose end kills the task;
+    `seed`: that runner's init, forked ahead in a task cgroup (attach.InitSeed)."""
     given = [name for name, default in SERVICE_OWNED.items() if getattr(args, name) != default]
     if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -156,5 +157,6 @@ def _run_attached(args, caller=None) -> int:
             summary_json=args.summary_json,
             quiet=args.quiet,
             caller=caller,
+            seed=seed,
         )
     )

@@ -12,6 +12,9 @@ Where: a child `sandgate-<run>` of the calling process's own cgroup in each
 hierarchy (/proc/self/cgroup), so the host's accounting of whoever started sandgate
 (a systemd unit, a container) still covers the task; or of SANDGATE_CGROUP_PARENT
 (a cgroup path such as `/sandgate`, taken in every hierarchy), created if missing.
+A warm runner makes its next task's cgroup before the run is known
+(`TaskCgroup.ahead`, `sandgate-warm-<hex>`, under the runner pool's cgroup), and
+its init's process waits in it; the run's limits are written when it comes.
 
 cgroup v2's no-internal-processes rule: a cgroup that holds processes cannot enable
 controllers for its children (writing `cgroup.subtree_control` fails with EBUSY).
@@ -46,6 +49,7 @@ MIN_MEMORY_BYTES = 1 << 20
 MIN_CPUS = 0.01  # the kernel's smallest quota is 1 ms per 100 ms period
 CPU_PERIOD_US = 100_000
 PREFIX = "sandgate-"
+AHEAD_PREFIX = PREFIX + "warm-"  # a cgroup a warm runner made before its run (TaskCgroup.ahead)
 SELF_LEAF = "sandgate.self"
 PARENT_ENV = "SANDGATE_CGROUP_PARENT"
 REMOVE_TIMEOUT_S = 5.0
@@ -153,12 +157,6 @@ class CgroupFS:
         self.root = root
         self.mountinfo = mountinfo
         self.own_cgroup = "/proc/self/cgroup"  # whose cgroups a run's are made under
-
-    def act_for(self, pid: int) -> None:
-        """Make runs' cgroups under `pid`'s cgroups, not ours: a warm runner that took
-        over the run of `sandgate` process `pid` (enforcer/zygote.py), so the task is
-        accounted where its caller is, as if the caller had run it itself."""
-        self.own_cgroup = f"/proc/{pid}/cgroup"
 
     def path(self, absolute: str) -> str:
         return os.path.join(self.root, absolute.lstrip("/"))
@@ -475,6 +473,7 @@ class TaskCgroup:
 
     def __init__(self, name: str, limits: Limits, dirs: list[_Dir], fs: CgroupFS):
         self.name, self.limits, self._dirs, self._fs = name, limits, dirs, fs
+        self.parent: str | None = None  # the parent override it was made under, if any
 
     @classmethod
     def create(
@@ -499,6 +498,7 @@ class TaskCgroup:
         needed = set(limits.controllers())
         hierarchies = {located[c]: None for c in limits.controllers()}  # in order, once each
         cgroup = cls(name, limits, [], fs)
+        cgroup.parent = override
         try:
             for hierarchy in hierarchies:
                 made = _make_dir(
@@ -511,6 +511,53 @@ class TaskCgroup:
                 cgroup.remove()
             raise
         return cgroup
+
+    @classmethod
+    def ahead(cls, name: str, *, fs: CgroupFS = HOST) -> TaskCgroup:
+        """A task cgroup made before its run is known (a warm runner's, enforcer/zygote.py):
+        `name` in every hierarchy of memory, pids and cpu this host has, under the same
+        parent as create()'s, with no limit yet. A process joins it while the runner
+        waits; set_limits() writes the run's limits when the run comes, and the init is
+        forked in it. Raises CgroupError; what was created by then is removed."""
+        if not _NAME.fullmatch(name):
+            raise CgroupError(f"invalid cgroup name {name!r}: expected {PREFIX}<name>")
+        override = _parent_override(None)
+        located = _locate(fs, override)
+        if not located:
+            raise CgroupError("this host has no cgroup hierarchy with memory, pids or cpu")
+        cgroup = cls(name, Limits(memory_bytes=None, pids=None), [], fs)
+        cgroup.parent = override
+        try:
+            for hierarchy in dict.fromkeys(located.values()):
+                cgroup._dirs.append(_make_dir(fs, hierarchy, name))
+        except BaseException:
+            with contextlib.suppress(CgroupError):
+                cgroup.remove()
+            raise
+        return cgroup
+
+    def made_under(self, parent: str | None = None) -> bool:
+        """Whether it was made where create(parent=parent) would make one now
+        (SANDGATE_CGROUP_PARENT is read from the environment of the moment)."""
+        try:
+            return _parent_override(parent) == self.parent
+        except CgroupError:
+            return False
+
+    def set_limits(self, limits: Limits) -> None:
+        """Write `limits` into a cgroup made ahead, before the task is forked in it.
+        The directories of controllers no limit needs stay, without a limit."""
+        needed = set(limits.controllers())
+        missing = needed - {c for d in self._dirs for c in d.hierarchy.controllers}
+        if missing:
+            raise CgroupError(f"{self.name} has no {' or '.join(sorted(missing))} controller")
+        dirs = [
+            replace(d, hierarchy=replace(d.hierarchy, controllers=d.hierarchy.controllers & needed))
+            for d in self._dirs
+        ]
+        for d in dirs:
+            _configure(self._fs, d, limits)
+        self._dirs, self.limits = dirs, limits
 
     @property
     def paths(self) -> list[str]:
@@ -744,6 +791,33 @@ def leftovers(prefix: str = PREFIX, *, fs: CgroupFS = HOST) -> list[str]:
             found += [os.path.join(dirpath, d) for d in ours]
             dirnames[:] = [d for d in dirnames if d not in ours]
     return sorted(found)
+
+
+def remove_ahead(name: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = HOST) -> None:
+    """Remove the cgroup `name` that TaskCgroup.ahead made in this process's place (a
+    waiting runner's, when the runner died or its pool stops), killing what is in it."""
+    if not name.startswith(AHEAD_PREFIX) or not _NAME.fullmatch(name):
+        raise CgroupError(f"{name!r} is not the name of a cgroup made ahead ({AHEAD_PREFIX}*)")
+    located = _locate(fs, _parent_override(None))
+    paths = sorted({os.path.join(h.parent, name) for h in located.values()})
+    _remove_dirs(fs, [p for p in paths if os.path.isdir(p)], timeout)
+
+
+def remove_empty_ahead(*, fs: CgroupFS = HOST) -> list[str]:
+    """Remove the empty cgroups made ahead in this process's place (a dead pool's
+    runners left them: their seeds died with them); those removed. A live runner's
+    holds its seed, so it is not empty (and a removal between its mkdir and its seed's
+    move only sends that one run down the path without a cgroup made ahead)."""
+    removed = []
+    for hierarchy in set(_locate(fs, _parent_override(None)).values()):
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(hierarchy.parent):
+                path = os.path.join(hierarchy.parent, entry)
+                if entry.startswith(AHEAD_PREFIX) and not _pids(fs, f"{path}/cgroup.procs"):
+                    with contextlib.suppress(OSError):
+                        fs.rmdir(path)
+                        removed.append(path)
+    return sorted(removed)
 
 
 def remove_path(path: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = HOST) -> None:

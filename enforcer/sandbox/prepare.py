@@ -141,9 +141,13 @@ def prepare(
     probe: str | None = None,
     seccomp_cache: Path | None = None,  # root-only, out of the task's view (STATE_DIR/cache)
     runner_joins: bool = False,  # the runner calls join(pid) while the init builds the view
+    cgroup_ahead: cgroup.TaskCgroup | None = None,  # the init is forked in it: no join
 ) -> PreparedSandbox:
     """Everything the sandbox init needs, in `run_dir` (root-only). Raises
-    spec.SandboxError (with the fix) for a missing feature unless opts.allow_weaker."""
+    spec.SandboxError (with the fix) for a missing feature unless opts.allow_weaker.
+    With `cgroup_ahead` (a warm runner's, made before the run) the run's limits are
+    written into it and it is the task's cgroup, which nobody joins: the init is
+    forked in it (attach.InitSeed)."""
     gaps = missing_features(limits)
     if gaps and not opts.allow_weaker:
         raise spec.SandboxError(
@@ -163,7 +167,7 @@ def prepare(
     report_r, report_w = os.pipe()
     os.set_inheritable(report_w, True)
     joined_r = joined_w = None
-    if runner_joins:
+    if runner_joins and cgroup_ahead is None:
         joined_r, joined_w = os.pipe()
         os.set_inheritable(joined_r, True)
     document = spec.Spec(
@@ -196,14 +200,19 @@ def prepare(
         document["probe"] = probe
     task_cgroup = None
     try:
-        if "cgroup" not in missing and limits.controllers():
+        if "cgroup" not in missing and (limits.controllers() or cgroup_ahead is not None):
             try:
-                task_cgroup = cgroup.TaskCgroup.create(f"sandgate-{run_id}", limits)
+                if cgroup_ahead is None:
+                    task_cgroup = cgroup.TaskCgroup.create(f"sandgate-{run_id}", limits)
+                else:
+                    cgroup_ahead.set_limits(limits)
             except cgroup.CgroupError as e:
                 if not opts.allow_weaker:
                     raise spec.SandboxError(f"cannot set the task's limits: {e}") from None
                 gaps.append(Gap("cgroup", str(e)))
-        document["cgroup_procs"] = task_cgroup.procs_files if task_cgroup else []
+        task_cgroup = cgroup_ahead or task_cgroup  # made ahead, it goes with the run
+        joins = task_cgroup is not None and cgroup_ahead is None
+        document["cgroup_procs"] = task_cgroup.procs_files if joins else []
         spec_path = run_dir / "sandbox.json"
         spec_path.write_text(json.dumps(document))
     except BaseException:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import stat
 from collections import namedtuple
@@ -296,7 +297,7 @@ def build_filter(cache_dir: str | os.PathLike[str] | None = None) -> bytes:
     Raises OSError when libseccomp is missing or refuses the table."""
     cache_file = None
     if cache_dir is not None:
-        cache_file = os.path.join(cache_dir, f"seccomp-{_cache_key()}.bpf")
+        cache_file = os.path.join(cache_dir, f"seccomp-{cache_key()}.bpf")
         program = _read_cache(cache_file)
         if program is not None:
             return program
@@ -355,10 +356,13 @@ def _compile() -> bytes:
         return exported.read()
 
 
-def _cache_key() -> str:
+@functools.cache
+def cache_key() -> str:
     """A hash of this file (the table and how it is compiled), libseccomp's version, the machine.
 
-    Stricter than sandgate's version and cheaper: importlib.metadata alone costs ~17 ms."""
+    Stricter than sandgate's version and cheaper: importlib.metadata alone costs ~17 ms.
+    Once per process (the code that runs is the code that was loaded): a warm
+    runner's pool computes it before it forks them (enforcer/zygote.py)."""
     try:  # CPython 3.11's own sha256, not hashlib's: loading OpenSSL costs ~12 ms of an attach
         from _sha256 import sha256
     except ImportError:  # another version: hashlib

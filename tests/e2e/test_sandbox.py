@@ -205,19 +205,7 @@ def test_dangerous_workspaces_are_refused(net, workspace, message):
 
 
 def test_a_fork_bomb_hits_the_pids_limit(net, tmp_path):
-    bomb = python("""
-        import os, time
-        children = 0
-        try:
-            for _ in range(10_000):
-                if os.fork() == 0:
-                    time.sleep(3)
-                    os._exit(0)
-                children += 1
-        except OSError as e:
-            print("refused", e.errno, children)
-    """)
-    r = sandbox.run(net, tmp_path, {"bomb": bomb}, extra=("--pids", "64"))
+    r = sandbox.run(net, tmp_path, {"bomb": sandbox.fork_bomb()}, extra=("--pids", "64"))
     refused, errno_, children = r["bomb"].out.split()
     assert refused == "refused" and errno_ == "11" and int(children) < 64, r.describe()
     hits = r.events(reason="task_limit")
@@ -225,14 +213,11 @@ def test_a_fork_bomb_hits_the_pids_limit(net, tmp_path):
 
 
 def test_a_memory_hog_is_killed_at_its_limit(net, tmp_path):
-    hog = python("""
-        blocks = []
-        for _ in range(64):
-            blocks.append(bytearray(16 << 20))
-        print("survived")
-    """)
     r = sandbox.run(
-        net, tmp_path, {"hog": hog, "after": "echo still-here"}, extra=("--memory", "128M")
+        net,
+        tmp_path,
+        {"hog": sandbox.memory_hog(), "after": "echo still-here"},
+        extra=("--memory", "128M"),
     )
     assert r["hog"].rc == 137 and "survived" not in r["hog"].out, (
         r.describe()

@@ -7,6 +7,7 @@ the run names a runner pid that is not the `sandgate` process the test started).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from sandgate.enforcer import handoff
 from sandgate.enforcer.sandbox import cgroup
 from support import sandbox
 from support.sandbox import eventually
-from support.service import GatewayProcess, attach_argv
+from support.service import GatewayProcess, attach, attach_argv
 
 pytestmark = pytest.mark.e2e
 
@@ -45,14 +46,53 @@ def _runner_sockets(service) -> list[str]:
     return sorted(str(folder / n) for n in os.listdir(folder) if handoff.SUFFIX in n)
 
 
-def _start(service, tmp_path, script: str, **popen) -> tuple[subprocess.Popen, Path]:
-    """`sandgate run --gateway -- sh -c SCRIPT`, started (stdin and stdout /dev/null,
-    stderr a pipe, unless `popen` says otherwise); and the workspace."""
+def _start(
+    service, tmp_path, script: str, extra: tuple[str, ...] = (), **popen
+) -> tuple[subprocess.Popen, Path]:
+    """`sandgate run --gateway [EXTRA] -- sh -c SCRIPT`, started (stdin and stdout
+    /dev/null, stderr a pipe, unless `popen` says otherwise); and the workspace."""
     workdir = tmp_path / f"handoff{time.monotonic_ns()}"
     (workdir / "steps").mkdir(parents=True)
-    argv = attach_argv(service, workdir, ["sh", "-c", script])
+    argv = attach_argv(service, workdir, ["sh", "-c", script], extra=extra)
     streams = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
     return subprocess.Popen(argv, **{**streams, **popen}), workdir / "steps"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _pids_cgroup(pid: int) -> str:
+    """The process's cgroup in the pids hierarchy (v1), or in the v2 one."""
+    paths = cgroup.parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
+    return paths.get("pids", paths[""])
+
+
+def _waiting(service) -> dict[int, tuple[int, str]]:
+    """{runner pid: (its seed's pid, the seed's pids cgroup)} of the runners waiting,
+    once each has its seed in a cgroup made ahead (attach.InitSeed)."""
+
+    def seeds() -> dict[int, tuple[int, str]]:
+        found = {}
+        for zygote in _children(service.popen.pid):
+            for runner in _children(zygote):
+                for seed in _children(runner):
+                    with contextlib.suppress(OSError, KeyError):
+                        path = _pids_cgroup(seed)
+                        if path.rpartition("/")[2].startswith(cgroup.AHEAD_PREFIX):
+                            found[runner] = (seed, path)
+        return found
+
+    assert eventually(lambda: len(seeds()) == 2, timeout=20), seeds()
+    return seeds()
 
 
 def _the_sandbox(service) -> dict:
@@ -94,11 +134,13 @@ def test_the_task_writes_to_the_callers_own_pipe(service, tmp_path):
     assert out.decode().strip() == f"pipe:[{inode}]"
 
 
-def test_the_callers_death_kills_the_task_and_empties_its_cgroup(service, fakenet, tmp_path):
+def test_the_callers_death_kills_the_task_and_removes_its_cgroup(service, fakenet, tmp_path):
+    waiting = _waiting(service)
     proc, steps = _start(service, tmp_path, "while :; do date +%s%N >> beat; sleep 0.05; done")
     beat = steps / "beat"
     try:
-        run_id = _the_sandbox(service)["task_id"]
+        box = _the_sandbox(service)
+        run_id, (_seed, task_cgroup) = box["task_id"], waiting[box["runner_pid"]]
         assert eventually(lambda: beat.exists() and len(beat.read_text().split()) > 3, timeout=20)
         assert sandbox.processes_of(run_id)  # the task runs
     finally:
@@ -108,7 +150,7 @@ def test_the_callers_death_kills_the_task_and_empties_its_cgroup(service, fakene
         run_id
     )
     assert eventually(lambda: not sandbox.leftovers(fakenet, run_id), timeout=15)
-    assert not [p for p in cgroup.leftovers() if p.endswith(f"{cgroup.PREFIX}{run_id}")]
+    assert not [p for p in cgroup.leftovers() if p.endswith(task_cgroup)]
     beats = len(beat.read_text().split())
     time.sleep(0.5)
     assert len(beat.read_text().split()) == beats  # nothing of the task runs any more
@@ -178,27 +220,45 @@ def test_without_warm_runners_the_run_goes_on_in_process(fakenet, tmp_path):
         gateway.stop()
 
 
-def test_the_task_cgroup_is_made_under_the_callers_cgroup(service, tmp_path):
-    """As if the caller had run it: the host's accounting of whoever started `sandgate`
-    (a systemd scope, a CI job) still covers the task, not the service's."""
+def test_the_init_is_forked_ahead_in_a_task_cgroup_under_the_pools_not_the_callers(
+    service, tmp_path
+):
+    """Nothing migrates at run time: the runner forked the init's process and moved it
+    into a cgroup of its own before any run came (attach.InitSeed); the run's limits
+    are written there and the task is forked from it. That cgroup is under the runner
+    pool's (here the service's), not the caller's: as a container's under its daemon's."""
     mount = Path("/sys/fs/cgroup/pids")
     if not (mount / "cgroup.procs").exists():
         pytest.skip("no cgroup v1 pids hierarchy at /sys/fs/cgroup/pids")
+    waiting = _waiting(service)
     caller_cgroup = mount / f"sgtest-caller-{os.getpid()}"
     caller_cgroup.mkdir()
     try:
         proc, _ = _start(
             service,
             tmp_path,
-            "sleep 30",
+            "exec sleep 30",
+            ("--pids", "77"),
             # the caller joins its own cgroup before it execs sandgate
             preexec_fn=lambda: (caller_cgroup / "cgroup.procs").write_text("0"),
         )
         try:
-            run_id = _the_sandbox(service)["task_id"]
-            task_cgroup = caller_cgroup / f"{cgroup.PREFIX}{run_id}"
-            assert eventually(task_cgroup.exists, timeout=10), sorted(caller_cgroup.iterdir())
-            assert not (mount / f"{cgroup.PREFIX}{run_id}").exists()
+            box = _the_sandbox(service)
+            seed, path = waiting[box["runner_pid"]]  # the run went to a runner that waited
+            task_cgroup = mount / path.lstrip("/")
+            assert eventually(lambda: len(sandbox.processes_of(box["task_id"])) > 0, timeout=20)
+            [(task, _)] = sandbox.processes_of(box["task_id"])
+            assert _pids_cgroup(task) == path
+            assert _pids_cgroup(seed) == path  # the seed is the task's outer init
+            ancestors, pid = [], task
+            while pid > 1:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+                ancestors.append(pid)
+            assert seed in ancestors
+            assert (task_cgroup / "pids.max").read_text().strip() == "77"
+            under = _pids_cgroup(service.popen.pid).rstrip("/")
+            assert path.startswith(f"{under}/{cgroup.AHEAD_PREFIX}")
+            assert not list(caller_cgroup.glob(f"{cgroup.PREFIX}*"))
         finally:
             proc.kill()
             proc.wait()
@@ -206,3 +266,58 @@ def test_the_task_cgroup_is_made_under_the_callers_cgroup(service, tmp_path):
     finally:
         assert eventually(lambda: not (caller_cgroup / "cgroup.procs").read_text(), timeout=10)
         caller_cgroup.rmdir()
+
+
+def test_limits_bite_on_the_warm_path(service, tmp_path):
+    """The limits written into a cgroup made ahead hold the task as those of one made
+    for the run: a fork bomb gets EAGAIN, a memory hog the OOM killer, both reported."""
+    waiting = _waiting(service)
+    r = attach(
+        service,
+        tmp_path,
+        {"bomb": sandbox.fork_bomb(), "hog": sandbox.memory_hog(), "after": "echo still-here"},
+        extra=("--pids", "48", "--memory", "128M"),
+    )
+    refused, errno_, children = r["bomb"].out.split()
+    assert refused == "refused" and errno_ == "11" and int(children) < 48, r.describe()
+    assert r["hog"].rc == 137 and "survived" not in r["hog"].out, r.describe()
+    assert r["after"].out.strip() == "still-here"
+    assert {e["rule_id"] for e in r.events(reason="task_limit")} == {
+        "builtin:limit-pids",
+        "builtin:limit-memory",
+    }, r.describe()
+    started = [e.get("detail") or "" for e in r.audit if e.get("kind") == "task"]
+    assert any(f"runner pid {runner})" in d for d in started for runner in waiting), started
+
+
+def test_a_stopped_pool_removes_its_cgroups_and_a_killed_ones_go_at_the_next_start(
+    fakenet, tmp_path
+):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    first = GatewayProcess(fakenet, tmp_path, rules).start()
+    try:
+        made = [path for _seed, path in _waiting(first).values()]
+    finally:
+        first.stop()
+    leftovers = cgroup.leftovers(cgroup.AHEAD_PREFIX)
+    assert not [p for p in leftovers for m in made if p.endswith(m)], leftovers
+
+    second = GatewayProcess(fakenet, tmp_path, rules).start()
+    try:
+        [zygote] = _children(second.popen.pid)
+        made = [path for _seed, path in _waiting(second).values()]
+        os.kill(zygote, signal.SIGKILL)  # its runners die, their seeds with them: nobody rmdirs
+        assert eventually(lambda: not _children(zygote) and not _children(second.popen.pid))
+        left = [p for p in cgroup.leftovers(cgroup.AHEAD_PREFIX) for m in made if p.endswith(m)]
+        assert left, "the killed pool's cgroups stay until somebody removes them"
+        gc = subprocess.run([sandbox.SANDGATE, "gc", "--dry-run"], capture_output=True, text=True)
+        assert all(f"would remove cgroup {p}" in gc.stdout for p in left), gc.stdout
+    finally:
+        second.stop()
+    third = GatewayProcess(fakenet, tmp_path, rules).start()  # its pool removes them at start
+    try:
+        _waiting(third)
+        assert not [p for p in left if os.path.exists(p)]
+    finally:
+        third.stop()

@@ -61,6 +61,32 @@ def python(code: str, *args: str) -> str:
     return f"{SYSTEM_BUNDLE_ONLY} " + " ".join(shlex.quote(a) for a in argv)
 
 
+def fork_bomb() -> str:
+    """Forks until refused; prints `refused ERRNO CHILDREN` (the pids limit's EAGAIN is 11)."""
+    return python("""
+        import os, time
+        children = 0
+        try:
+            for _ in range(10_000):
+                if os.fork() == 0:
+                    time.sleep(3)
+                    os._exit(0)
+                children += 1
+        except OSError as e:
+            print("refused", e.errno, children)
+    """)
+
+
+def memory_hog() -> str:
+    """Takes 1 GiB in 16 MiB blocks, then prints `survived` (it should not, at a lower limit)."""
+    return python("""
+        blocks = []
+        for _ in range(64):
+            blocks.append(bytearray(16 << 20))
+        print("survived")
+    """)
+
+
 def py_get(url: str, method: str = "GET") -> str:
     """urllib with ssl's default context: the body, then the status on a last line."""
     return python(

@@ -659,3 +659,83 @@ def test_remove_path_refuses_what_is_not_ours(hybrid, path):
 def test_leftovers_prefix_must_be_ours(hybrid):
     with pytest.raises(CgroupError, match="must start with 'sandgate-'"):
         cgroup.leftovers("", fs=hybrid)
+
+
+# --- cgroups made ahead (a warm runner's) --------------------------------------------
+
+
+def test_ahead_hybrid_makes_every_hierarchy_then_the_run_writes_only_its_limits(hybrid):
+    task = TaskCgroup.ahead("sandgate-warm-ab12", fs=hybrid)
+
+    cpu = hybrid.path("/sys/fs/cgroup/cpu/sandgate-warm-ab12")
+    memory = hybrid.path("/sys/fs/cgroup/memory/process_api/abc/sandgate-warm-ab12")
+    pids = hybrid.path("/sys/fs/cgroup/pids/sandgate-warm-ab12")
+    assert task.paths == [cpu, memory, pids]  # no limit needed yet: every hierarchy
+    assert hybrid.get(pids, "pids.max") == "max" and hybrid.get(cpu, "cpu.cfs_quota_us") == "-1"
+    task.attach(501)  # the seed, while the runner waits
+
+    task.set_limits(Limits(memory_bytes=64 << 20, pids=32))
+
+    assert hybrid.get(memory, "memory.limit_in_bytes") == str(64 << 20)
+    assert hybrid.get(pids, "pids.max") == "32"
+    assert hybrid.get(cpu, "cpu.cfs_quota_us") == "-1"  # no cpus limit: none written
+    assert [p for p in task.paths] == [cpu, memory, pids]  # the task is in all three
+    assert [hybrid.procs(p) for p in task.paths] == [[501]] * 3
+    hybrid.put(pids, "pids.events", "max 3\n")
+    assert [hit.limit for hit in task.limits_hit()] == ["pids"]
+    task.remove()
+    assert cgroup.leftovers(fs=hybrid) == []
+
+
+def test_ahead_v2_is_one_directory_under_the_processes_own(v2):
+    service = v2.path("/sys/fs/cgroup" + V2_SERVICE)
+    task = TaskCgroup.ahead("sandgate-warm-ab12", fs=v2)
+    assert task.paths == [service + "/sandgate-warm-ab12"]
+    assert v2.procs(service + "/sandgate.self") == [100, SELF_PID]
+
+    task.set_limits(LIMITS)
+
+    assert v2.get(task.paths[0], "cpu.max") == "150000 100000"
+    assert v2.get(task.paths[0], "memory.swap.max") == "0"
+
+
+def test_set_limits_needs_the_controllers(tmp_path):
+    kernel = FakeKernel(tmp_path, V1_MOUNTINFO, V1_CGROUP)  # memory and cpu, no pids
+    task = TaskCgroup.ahead("sandgate-warm-ab12", fs=kernel)
+    with pytest.raises(CgroupError, match="sandgate-warm-ab12 has no pids controller"):
+        task.set_limits(Limits(pids=32))
+    assert kernel.get(task.paths[1], "memory.limit_in_bytes") != str(4 << 30)  # nothing written
+
+
+def test_ahead_rejects_a_bad_name_and_rolls_back(hybrid):
+    with pytest.raises(CgroupError, match="invalid cgroup name"):
+        TaskCgroup.ahead("warm-ab12", fs=hybrid)
+    hybrid.makedirs(hybrid.path("/sys/fs/cgroup/pids/sandgate-warm-ab12"))
+    with pytest.raises(CgroupError, match="already exists"):
+        TaskCgroup.ahead("sandgate-warm-ab12", fs=hybrid)
+    assert cgroup.leftovers(fs=hybrid) == [hybrid.path("/sys/fs/cgroup/pids/sandgate-warm-ab12")]
+
+
+def test_made_under_compares_the_parent_of_the_moment(hybrid, monkeypatch):
+    task = TaskCgroup.ahead("sandgate-warm-ab12", fs=hybrid)
+    assert task.made_under()
+    monkeypatch.setenv(cgroup.PARENT_ENV, "/sandgate")  # the caller's environment asks elsewhere
+    assert not task.made_under()
+    monkeypatch.setenv(cgroup.PARENT_ENV, "../bad")
+    assert not task.made_under()
+
+
+def test_remove_ahead_and_remove_empty_ahead(hybrid):
+    live = TaskCgroup.ahead("sandgate-warm-aaaa", fs=hybrid)
+    live.attach(501)  # a waiting runner's seed
+    dead = TaskCgroup.ahead("sandgate-warm-bbbb", fs=hybrid)  # its seed died with its pool
+    run = TaskCgroup.create("sandgate-r1", Limits(), fs=hybrid)  # a run's: not ours to remove
+
+    assert cgroup.remove_empty_ahead(fs=hybrid) == sorted(dead.paths)
+    assert all(os.path.isdir(p) for p in live.paths + run.paths)
+
+    cgroup.remove_ahead("sandgate-warm-aaaa", fs=hybrid)
+    assert 501 in hybrid.killed and not any(os.path.exists(p) for p in live.paths)
+    assert cgroup.leftovers(fs=hybrid) == sorted(run.paths)
+    with pytest.raises(CgroupError, match="not the name of a cgroup made ahead"):
+        cgroup.remove_ahead("sandgate-r1", fs=hybrid)

@@ -197,6 +197,8 @@ def test_runners_unit_runs_the_pool_for_the_gateways_socket():
     # SIGTERM to the pool only: a runner with a run keeps its task, as `sandgate run` would
     assert unit["Service"]["KillMode"] == "process"
     assert unit["Service"]["RuntimeDirectoryPreserve"] == "yes"
+    # the tasks' cgroups are made under the unit's, ahead of their runs (attach.InitSeed)
+    assert unit["Service"]["Delegate"] == "yes"
 
 
 @pytest.mark.parametrize(

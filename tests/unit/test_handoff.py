@@ -55,5 +55,5 @@ def test_the_client_path_imports_no_argparse_nor_dataclasses():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.split()
     assert "sandgate.enforcer.handoff" in new
-    for heavy in ("argparse", "dataclasses", "pathlib", "sandgate.enforcer.attach"):
+    for heavy in ("argparse", "dataclasses", "pathlib", "typing", "sandgate.enforcer.attach"):
         assert heavy not in new, heavy
