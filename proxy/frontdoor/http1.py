@@ -307,14 +307,22 @@ class Http1Session:
             self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
             self.need_upstream, self.connected = True, False
         self.response_seen, self.response_done = 0, False
-        # h11 takes a parsed Headers object as it is (validated when read); a list
-        # of fields is validated again.
-        headers = event.headers
+        target = origin_form(event.target)
         if checked.strip_upgrade or checked.websocket or _names_connection(head.fields):
-            headers = forwarded_fields(head.fields, checked)
-        forwarded = h11.Request(
-            method=event.method, target=origin_form(event.target), headers=headers
-        )
+            # h11's own parse less some fields (and tokens of a valid Connection value):
+            # valid already, so h11 is told not to check each field again
+            # (`_parsed`); it still checks the method and the target.
+            forwarded = h11.Request(
+                method=event.method,
+                target=target,
+                headers=forwarded_fields(head.fields, checked),
+                _parsed=True,
+            )
+        elif target is event.target and event.http_version == b"1.1":
+            forwarded = event  # unchanged: the parsed event goes on as it is
+        else:
+            # h11 takes a parsed Headers object as it is (validated when read).
+            forwarded = h11.Request(method=event.method, target=target, headers=event.headers)
         self.replayable = forwarded
         self._to_upstream(forwarded)
 
