@@ -186,7 +186,11 @@ class Http1Relay:
                     if not session.to_client or session.reset:
                         if not (session.reset or self.upstream_ending) and session.upstream_idle:
                             self._pool_upstream()
-                        connection.finish(session.problem, reset=session.reset, drain=True)
+                        # Closing with unread bytes would send a reset instead of a FIN;
+                        # a client that said all it sends and whose last read drained
+                        # the socket has none to read (close_read's recv is spared).
+                        drain = self.client_readable or not session.client_said_all
+                        connection.finish(session.problem, reset=session.reset, drain=drain)
                     return
                 if session.need_upstream and connection.upstream is None:
                     self._connect()
