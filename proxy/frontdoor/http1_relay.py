@@ -21,7 +21,7 @@ import socket
 from collections.abc import Hashable
 
 from sandgate.proxy.frontdoor.http1 import Http1Session
-from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
+from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
 from sandgate.proxy.frontdoor.relay import RELAY_CHUNK, WAKEUP_BUDGET
 
 # How long an idle upstream connection is kept: below the shortest keep-alive
@@ -151,7 +151,7 @@ class Http1Relay:
         if not self.session.connected:
             if not events & (OUT | CLOSED):
                 return
-            error = connection.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            error = upstream_error(connection.upstream, events)
             connection.door.unwait(connection)
             if error:
                 self._drop_upstream()

@@ -429,6 +429,30 @@ async def exchange(port, host=b"allowed.test") -> bytes:
     return answer
 
 
+def test_a_refused_upstream_answers_502_naming_the_refusal(gate):
+    """A connect that failed is told from one that succeeded by its epoll events
+    (SO_ERROR is read only for a failed one): the refusal still says why."""
+    with socket.socket() as closed:
+        closed.bind((LOOPBACK, 0))  # bound, never listening: connections are refused
+
+        async def scenario():
+            door = await started(
+                gate, ALLOWED, closed.getsockname()[1], hand_off=never, plain_http=lambda s: True
+            )
+            answers.append(await exchange(door.port))
+            await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+            await door.stop()
+
+        answers: list[bytes] = []
+        run(scenario())
+    [answer] = answers
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert answer.endswith(b"sandgate: upstream connect failed: Connection refused\n")
+    end = [e for e in gate.events if e.kind.value == "connection_end"][0]
+    assert end.bytes_down == len(answer)
+    assert end.detail.endswith("; upstream connect failed: Connection refused")
+
+
 def test_the_next_connection_of_the_sandbox_reuses_the_idle_upstream_and_is_decided_anew(gate):
     async def server(reader, writer):
         while True:
