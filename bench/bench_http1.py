@@ -72,9 +72,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of `pid`, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 # --- the gateway (child process) -----------------------------------------------------------
@@ -245,15 +247,19 @@ def main() -> int:
             for phase in args.phases.split(","):
                 control.send(phase)
                 control.recv()
-                cpu0, t0 = cpu_seconds(gateway.pid), time.perf_counter()
+                (user0, system0), t0 = cpu_seconds(gateway.pid), time.perf_counter()
                 done, errors = run_phase(
                     port, args.conns, args.seconds, phase == "keep", args.procs
                 )
-                wall, cpu = time.perf_counter() - t0, cpu_seconds(gateway.pid) - cpu0
+                wall = time.perf_counter() - t0
+                user, system = cpu_seconds(gateway.pid)
+                user, system = user - user0, system - system0
+                cpu, per = user + system, 1e6 / max(done, 1)
                 print(
                     f"round {r + 1} {phase:4s}: {done / wall:8,.0f} requests/s, "
-                    f"gateway CPU {1e6 * cpu / max(done, 1):6,.0f} us per request "
-                    f"({cpu / wall:.2f} cores), errors {errors}",
+                    f"gateway CPU {cpu * per:6,.0f} us per request "
+                    f"(user {user * per:,.0f}, system {system * per:,.0f}; "
+                    f"{cpu / wall:.2f} cores), errors {errors}",
                     flush=True,
                 )
         control.send("exit")

@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from sandgate.proxy.approvals.pending import AskKey, Grant, PendingStore
 from sandgate.proxy.clienthello import parse_client_hello, starts_like_tls_record
@@ -58,7 +59,13 @@ from sandgate.proxy.limits import ConnectionCounts
 from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.index import CompiledPolicy
-from sandgate.proxy.policy.names import InvalidName, format_host_port, parse_domain, parse_host_port
+from sandgate.proxy.policy.names import (
+    InvalidName,
+    IPAddress,
+    format_host_port,
+    parse_domain,
+    parse_host_port,
+)
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.policy.request_head import (
     MAX_FIELDS,
@@ -85,6 +92,10 @@ MAX_FIRST_BYTES = 16 * 1024
 # Destinations repeat (a task talks to a few hosts): parse each address once. parse_ip
 # is pure and its results immutable.
 _parse_destination = functools.lru_cache(maxsize=4096)(parse_ip)
+# Host headers repeat too (every request of a task names the same few): read each
+# short one once. Longer ones (a Host may be up to a head's 64 KiB) are read every
+# time, so that the cache stays small.
+_HOST_CACHED_LENGTH = 300
 
 # Without a name only these denials are final at connect: a later SNI, Host or DNS
 # binding may still find a rule, so "no rule matched" waits for the bytes.
@@ -105,7 +116,7 @@ class Outcome(Enum):
 class DnsBindingsView:
     """What the gate needs from the DNS filter's bindings (proxy/dns/bindings.py)."""
 
-    def resolved(self, sandbox: str, name: str, ip: str) -> bool: ...
+    def resolved(self, sandbox: str, name: str, ip: str | IPAddress) -> bool: ...
     def names_for(self, sandbox: str, ip: str) -> list[str]: ...
 
 
@@ -574,13 +585,7 @@ class ConnectionGate:
         return decision, checked if decision.allowed else None
 
     def _request_name(self, state: ConnState, host: str) -> str | None:
-        host_only = _host_of(host)
-        if not host_only or parse_ip(host_only) is not None:
-            return state.name
-        try:
-            return parse_domain(host_only)
-        except InvalidName:
-            return state.name
+        return _read_host(host).name or state.name
 
     def _emit_request(
         self,
@@ -609,20 +614,19 @@ class ConnectionGate:
 
     def _decide_request(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
         host = head.host
-        host_only = _host_of(host)
-        host_ip = parse_ip(host_only) if host_only else None
-        name: str | None = None
-        if host_ip is not None:
-            if host_ip != state.ip or host_only != str(host_ip):
+        read = _read_host(host)
+        name = read.name
+        if read.ip is not None:
+            if read.ip != state.ip or read.host != str(read.ip):
                 return _mismatch(f"Host {host!r} is not the destination {state.ip}"), None
             if state.name is not None:
                 return _mismatch(f"Host {host!r} is an address; TLS named {state.name}"), None
-        elif host_only:
-            try:
-                name = parse_domain(host_only)
-            except InvalidName as e:
+        elif read.host:
+            if read.invalid is not None:
                 return deny(
-                    "host-mismatch", reason=Reason.INVALID_NAME, detail=f"Host header: {e}"
+                    "host-mismatch",
+                    reason=Reason.INVALID_NAME,
+                    detail=f"Host header: {read.invalid}",
                 ), None
             if state.name is not None and name != state.name:
                 return _mismatch(f"Host {name} differs from TLS SNI {state.name}"), name
@@ -954,7 +958,8 @@ class ConnectionGate:
     def _resolved(self, state: ConnState, name: str | None) -> bool | None:
         if name is None or state.placeholder is not None:
             return None  # a placeholder's name: the gateway resolves it itself
-        return self.bindings.resolved(state.sandbox.address, name, str(state.ip))
+        # The parsed address, not its text: the bindings would parse that again.
+        return self.bindings.resolved(state.sandbox.address, name, state.ip)
 
     def _reject(self, state: ConnState, decision: Decision, protocol: str) -> Outcome:
         self._emit_connection(
@@ -1097,6 +1102,39 @@ def _mismatch(detail: str) -> Decision:
 def _too_few_to_tell(data: bytes) -> bool:
     """Too few bytes to tell raw TCP from a ClientHello (request lines: starts_like_http)."""
     return len(data) < 3 and b"\n" not in data
+
+
+class HostRead(NamedTuple):
+    """A Host header's authority, read: `host` without the port; `ip` if it is an
+    address, else `name` (canonical) if it is a name, else `invalid` says why not."""
+
+    host: str
+    ip: IPAddress | None
+    name: str | None
+    invalid: str | None
+
+
+def _read_host(host_header: str) -> HostRead:
+    if len(host_header) <= _HOST_CACHED_LENGTH:
+        return _read_short_host(host_header)
+    return _read_host_uncached(host_header)
+
+
+def _read_host_uncached(host_header: str) -> HostRead:
+    host = _host_of(host_header)
+    if not host:
+        return HostRead(host, None, None, None)
+    ip = parse_ip(host)
+    if ip is not None:
+        return HostRead(host, ip, None, None)
+    try:
+        return HostRead(host, None, parse_domain(host), None)
+    except InvalidName as e:
+        return HostRead(host, None, None, str(e))
+
+
+# Pure, its results immutable (an InvalidName is kept as its text).
+_read_short_host = functools.lru_cache(maxsize=4096)(_read_host_uncached)
 
 
 def _host_of(host_header: str) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from sandgate.proxy.descriptors import OUT_OF_DESCRIPTORS, DescriptorReserve
 from sandgate.proxy.frontdoor.http1_relay import Http1Relay, UpstreamPool
-from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
+from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
 from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 
@@ -470,7 +470,7 @@ class Connection:
         try:
             if not events & (OUT | CLOSED):
                 return
-            error = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            error = upstream_error(self.upstream, events)
             if error:
                 self._connect_failed(os.strerror(error))
                 return

@@ -142,8 +142,13 @@ def forwarded_fields(
     return kept
 
 
-def _names_connection(fields: tuple[tuple[bytes, bytes], ...]) -> bool:
-    return any(name.lower() == b"connection" for name, _ in fields)
+def _connection_tokens(fields: tuple[tuple[bytes, bytes], ...]) -> list[bytes] | None:
+    """The tokens of the Connection fields, lower case; None without such a field."""
+    tokens = None
+    for name, value in fields:
+        if name.lower() == b"connection":
+            tokens = (tokens or []) + [t.strip().lower() for t in value.split(b",")]
+    return tokens
 
 
 def plain_response(status: int, text: str) -> bytes:
@@ -189,6 +194,7 @@ class Http1Session:
         # connection (it has no body): see _replay.
         self.replayable: h11.Request | None = None
         self.may_reuse = True  # False: the next upstream connection must be a new one
+        self.client_closes = False  # its latest request said close (or was HTTP/1.0)
 
     # --- inputs ---------------------------------------------------------------------
 
@@ -237,6 +243,14 @@ class Http1Session:
         """The upstream could not be reached: 502, as mitmproxy answers."""
         self.need_upstream = False
         self._fail_exchange(502, f"upstream connect failed: {why}")
+
+    @property
+    def client_said_all(self) -> bool:
+        """The client said it sends nothing more (a FIN, or a request with `Connection:
+        close` or of HTTP/1.0, read to its end): a byte after that would break its
+        own framing. (h11's MUST_CLOSE alone may be the server's close.)"""
+        state = self.client.their_state
+        return state is h11.CLOSED or (state is h11.MUST_CLOSE and self.client_closes)
 
     @property
     def wants_client_data(self) -> bool:
@@ -307,14 +321,24 @@ class Http1Session:
             self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
             self.need_upstream, self.connected = True, False
         self.response_seen, self.response_done = 0, False
-        # h11 takes a parsed Headers object as it is (validated when read); a list
-        # of fields is validated again.
-        headers = event.headers
-        if checked.strip_upgrade or checked.websocket or _names_connection(head.fields):
-            headers = forwarded_fields(head.fields, checked)
-        forwarded = h11.Request(
-            method=event.method, target=origin_form(event.target), headers=headers
-        )
+        target = origin_form(event.target)
+        connection_field = _connection_tokens(head.fields)
+        self.client_closes = event.http_version != b"1.1" or b"close" in (connection_field or ())
+        if checked.strip_upgrade or checked.websocket or connection_field is not None:
+            # h11's own parse less some fields (and tokens of a valid Connection value):
+            # valid already, so h11 is told not to check each field again
+            # (`_parsed`); it still checks the method and the target.
+            forwarded = h11.Request(
+                method=event.method,
+                target=target,
+                headers=forwarded_fields(head.fields, checked),
+                _parsed=True,
+            )
+        elif target is event.target and event.http_version == b"1.1":
+            forwarded = event  # unchanged: the parsed event goes on as it is
+        else:
+            # h11 takes a parsed Headers object as it is (validated when read).
+            forwarded = h11.Request(method=event.method, target=target, headers=event.headers)
         self.replayable = forwarded
         self._to_upstream(forwarded)
 

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Hashable
 
 from sandgate.proxy.frontdoor.http1 import Http1Session
-from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller
+from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
 from sandgate.proxy.frontdoor.relay import RELAY_CHUNK, WAKEUP_BUDGET
 
 # How long an idle upstream connection is kept: below the shortest keep-alive
@@ -151,7 +151,7 @@ class Http1Relay:
         if not self.session.connected:
             if not events & (OUT | CLOSED):
                 return
-            error = connection.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            error = upstream_error(connection.upstream, events)
             connection.door.unwait(connection)
             if error:
                 self._drop_upstream()
@@ -186,7 +186,11 @@ class Http1Relay:
                     if not session.to_client or session.reset:
                         if not (session.reset or self.upstream_ending) and session.upstream_idle:
                             self._pool_upstream()
-                        connection.finish(session.problem, reset=session.reset, drain=True)
+                        # Closing with unread bytes would send a reset instead of a FIN;
+                        # a client that said all it sends and whose last read drained
+                        # the socket has none to read (close_read's recv is spared).
+                        drain = self.client_readable or not session.client_said_all
+                        connection.finish(session.problem, reset=session.reset, drain=drain)
                     return
                 if session.need_upstream and connection.upstream is None:
                     self._connect()

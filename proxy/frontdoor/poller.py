@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import select
+import socket
 from collections.abc import Callable
 
 log = logging.getLogger("sandgate.frontdoor")
@@ -15,6 +16,9 @@ IN, OUT = select.EPOLLIN, select.EPOLLOUT
 CLOSED = (
     select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 )  # the peer shut down, reset, or failed
+# A non-blocking connect that failed (refused, unreachable) reports these; one that
+# succeeded never does: only then is SO_ERROR worth a syscall.
+FAILED = select.EPOLLHUP | select.EPOLLERR
 # Every socket of the front door is watched for all of these, edge-triggered, from
 # the start: an event means "something changed since you last looked".
 _WATCH = IN | OUT | select.EPOLLRDHUP | select.EPOLLET
@@ -71,3 +75,9 @@ class Poller:
     def close(self) -> None:
         self.loop.remove_reader(self.epoll.fileno())
         self.epoll.close()
+
+
+def upstream_error(sock: socket.socket, events: int) -> int:
+    """The errno of a non-blocking connect that `events` (its first OUT or CLOSED)
+    answered; 0: connected."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & FAILED else 0

@@ -109,6 +109,39 @@ def test_connection_close_is_the_clients_alone_and_the_idle_upstream_can_serve_a
 
 
 @pytest.mark.parametrize(
+    ("request_head", "response", "said_all"),
+    [
+        pytest.param(b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n", b"", True, id="client-close"),
+        pytest.param(b"GET / HTTP/1.0\r\n" + H + b"\r\n", b"", True, id="http-1.0"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + H + b"\r\n", b"Connection: close\r\n", False, id="server-close"),
+    ],
+)  # fmt: skip
+def test_a_client_that_said_all_it_sends_is_closed_without_draining(
+    gate, request_head, response, said_all
+):
+    """The relay spares the drain (a recv) only where the client itself said it sends
+    nothing more; a keep-alive client whose server closed may have sent more, and a
+    close with unread bytes would reset the response it has not read yet."""
+    s = session_for(gate)
+    s.client_data(request_head)
+    s.upstream_connected()
+    s.upstream_data(b"HTTP/1.1 200 OK\r\n" + response + b"Content-Length: 2\r\n\r\nok")
+    assert s.closing and s.problem is None
+    assert s.client_said_all is said_all
+    close(gate, s)
+
+
+def test_a_client_refused_mid_body_is_drained(gate):
+    s = session_for(gate)
+    s.client_data(
+        b"POST / HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\nContent-Length: 9\r\n\r\nbo"
+    )
+    assert s.closing and answer(s).startswith(b"HTTP/1.1 403")
+    assert not s.client_said_all  # the rest of its body may be on its way
+    close(gate, s)
+
+
+@pytest.mark.parametrize(
     "upstream_says",
     [
         pytest.param(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", id="close"),
@@ -394,6 +427,30 @@ async def exchange(port, host=b"allowed.test") -> bytes:
     answer = await read_all(reader)
     writer.close()
     return answer
+
+
+def test_a_refused_upstream_answers_502_naming_the_refusal(gate):
+    """A connect that failed is told from one that succeeded by its epoll events
+    (SO_ERROR is read only for a failed one): the refusal still says why."""
+    with socket.socket() as closed:
+        closed.bind((LOOPBACK, 0))  # bound, never listening: connections are refused
+
+        async def scenario():
+            door = await started(
+                gate, ALLOWED, closed.getsockname()[1], hand_off=never, plain_http=lambda s: True
+            )
+            answers.append(await exchange(door.port))
+            await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+            await door.stop()
+
+        answers: list[bytes] = []
+        run(scenario())
+    [answer] = answers
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert answer.endswith(b"sandgate: upstream connect failed: Connection refused\n")
+    end = [e for e in gate.events if e.kind.value == "connection_end"][0]
+    assert end.bytes_down == len(answer)
+    assert end.detail.endswith("; upstream connect failed: Connection refused")
 
 
 def test_the_next_connection_of_the_sandbox_reuses_the_idle_upstream_and_is_decided_anew(gate):
