@@ -62,10 +62,11 @@ def _import_mitmproxy():
     from mitmproxy.proxy.mode_servers import ServerInstance
 
     from sandgate.proxy.addon import SandgateAddon
-    from sandgate.proxy.lean_mitmproxy import drop_per_request_checks
+    from sandgate.proxy.lean_mitmproxy import dispatch_hooks_directly, drop_per_request_checks
     from sandgate.proxy.upstream_sessions import UpstreamSessionResumption
 
     drop_per_request_checks()
+    dispatch_hooks_directly()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),
