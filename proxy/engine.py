@@ -62,17 +62,15 @@ def _import_mitmproxy():
     from mitmproxy.proxy.mode_servers import ServerInstance
 
     from sandgate.proxy.addon import SandgateAddon
-    from sandgate.proxy.lean_mitmproxy import dispatch_hooks_directly, drop_per_request_checks
-    from sandgate.proxy.upstream_sessions import UpstreamSessionResumption
+    from sandgate.proxy.lean_mitmproxy import drop_per_request_checks
 
     drop_per_request_checks()
-    dispatch_hooks_directly()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),
         Master,
         ServerInstance,
-        (SandgateAddon, UpstreamSessionResumption),
+        SandgateAddon,
     )
 
 
@@ -180,7 +178,7 @@ class ProxyEngine:
             (core, disable_h2c, proxyserver, tlsconfig),
             Master,
             ServerInstance,
-            (Addon, UpstreamSessions),
+            Addon,
         ) = await asyncio.to_thread(_import_mitmproxy)
         await asyncio.to_thread(ensure_ec_ca, self.confdir)
         self.addon = Addon(self.gate, *self.addon_args)
@@ -194,9 +192,6 @@ class ProxyEngine:
             proxyserver.Proxyserver(),
             self.addon,
             tlsconfig.TlsConfig(),
-            # After TlsConfig: it offers a cached session to the upstream connection
-            # TlsConfig has just made (proxy/upstream_sessions.py).
-            UpstreamSessions(),
             disable_h2c.DisableH2C(),
         )
         update = {
