@@ -62,7 +62,11 @@ def _import_mitmproxy():
     from mitmproxy.proxy.mode_servers import ServerInstance
 
     from sandgate.proxy.addon import SandgateAddon
-    from sandgate.proxy.lean_mitmproxy import dispatch_hooks_directly, drop_per_request_checks
+    from sandgate.proxy.lean_mitmproxy import (
+        dispatch_hooks_directly,
+        drop_per_request_checks,
+        unblock_unhandled_hooks,
+    )
     from sandgate.proxy.upstream_sessions import UpstreamSessionResumption
 
     drop_per_request_checks()
@@ -73,6 +77,7 @@ def _import_mitmproxy():
         Master,
         ServerInstance,
         (SandgateAddon, UpstreamSessionResumption),
+        unblock_unhandled_hooks,
     )
 
 
@@ -181,6 +186,7 @@ class ProxyEngine:
             Master,
             ServerInstance,
             (Addon, UpstreamSessions),
+            unblock_unhandled_hooks,
         ) = await asyncio.to_thread(_import_mitmproxy)
         await asyncio.to_thread(ensure_ec_ca, self.confdir)
         self.addon = Addon(self.gate, *self.addon_args)
@@ -199,6 +205,7 @@ class ProxyEngine:
             UpstreamSessions(),
             disable_h2c.DisableH2C(),
         )
+        unblock_unhandled_hooks(master.addons)  # the addon set is final
         update = {
             # No listener: connections come from the front door, through `serve`.
             "mode": [],

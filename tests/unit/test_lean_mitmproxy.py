@@ -12,10 +12,14 @@ import sandgate.proxy.lean_mitmproxy  # noqa: F401 - before any mitmproxy import
 from mitmproxy import addonmanager, exceptions, hooks, http, options
 from mitmproxy.master import Master
 from mitmproxy.net.http.http1 import read
-from mitmproxy.proxy import layers
+from mitmproxy.proxy import commands, context, events, layer, layers
 from mitmproxy.test import tflow
 from mitmproxy.utils import asyncio_utils
-from sandgate.proxy.lean_mitmproxy import dispatch_hooks_directly, drop_per_request_checks
+from sandgate.proxy.lean_mitmproxy import (
+    dispatch_hooks_directly,
+    drop_per_request_checks,
+    unblock_unhandled_hooks,
+)
 
 drop_per_request_checks()
 
@@ -160,3 +164,48 @@ def test_an_addon_added_or_removed_later_is_seen(both_dispatchers):
         ("b", "requestheaders"),
         ("late", "requestheaders"),
     ]
+
+
+@pytest.fixture
+def hook_classes_restored():
+    """unblock_unhandled_hooks changes hook classes: put them back afterwards."""
+    saved = {cls: cls.__dict__.get("blocking") for cls in hooks.all_hooks.values()}
+    yield
+    for cls, blocking in saved.items():
+        if blocking is not None:
+            cls.blocking = blocking
+        elif "blocking" in cls.__dict__:
+            delattr(cls, "blocking")
+
+
+class HookThenLog(layer.Layer):
+    """Yields the response hook, then a log line."""
+
+    def _handle_event(self, event):
+        yield layers.http.HttpResponseHook(tflow.tflow(resp=True))
+        yield commands.Log("after the hook")
+
+
+def commands_on_start() -> list[str]:
+    ctx = context.Context(tflow.tclient_conn(), options.Options())
+    return [type(c).__name__ for c in HookThenLog(ctx).handle_event(events.Start())]
+
+
+def test_hooks_no_addon_has_no_longer_pause_the_layer(hook_classes_restored):
+    assert commands_on_start() == ["HttpResponseHook"]  # paused until HookCompleted
+    log: list = []
+
+    async def main():
+        master = Master(options.Options())
+        try:
+            master.addons.add(Recorder("a", log, {"requestheaders": "ok"}))
+            return unblock_unhandled_hooks(master.addons)
+        finally:
+            master._legacy_log_events.uninstall()
+
+    unblocked = asyncio.run(main())
+    assert "response" in unblocked and "tls_established_server" in unblocked
+    assert "requestheaders" not in unblocked
+    assert layers.http.HttpRequestHeadersHook.blocking is True  # an addon has it: waits
+    assert layers.http.HttpResponseHook.blocking is False
+    assert commands_on_start() == ["HttpResponseHook", "Log"]  # goes on at once
