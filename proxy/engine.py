@@ -62,15 +62,22 @@ def _import_mitmproxy():
     from mitmproxy.proxy.mode_servers import ServerInstance
 
     from sandgate.proxy.addon import SandgateAddon
-    from sandgate.proxy.lean_mitmproxy import drop_per_request_checks
+    from sandgate.proxy.lean_mitmproxy import (
+        dispatch_hooks_directly,
+        drop_per_request_checks,
+        unblock_unhandled_hooks,
+    )
+    from sandgate.proxy.upstream_sessions import UpstreamSessionResumption
 
     drop_per_request_checks()
+    dispatch_hooks_directly()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),
         Master,
         ServerInstance,
-        SandgateAddon,
+        (SandgateAddon, UpstreamSessionResumption),
+        unblock_unhandled_hooks,
     )
 
 
@@ -178,7 +185,8 @@ class ProxyEngine:
             (core, disable_h2c, proxyserver, tlsconfig),
             Master,
             ServerInstance,
-            Addon,
+            (Addon, UpstreamSessions),
+            unblock_unhandled_hooks,
         ) = await asyncio.to_thread(_import_mitmproxy)
         await asyncio.to_thread(ensure_ec_ca, self.confdir)
         self.addon = Addon(self.gate, *self.addon_args)
@@ -192,8 +200,12 @@ class ProxyEngine:
             proxyserver.Proxyserver(),
             self.addon,
             tlsconfig.TlsConfig(),
+            # After TlsConfig: it offers a cached session to the upstream connection
+            # TlsConfig has just made (proxy/upstream_sessions.py).
+            UpstreamSessions(),
             disable_h2c.DisableH2C(),
         )
+        unblock_unhandled_hooks(master.addons)  # the addon set is final
         update = {
             # No listener: connections come from the front door, through `serve`.
             "mode": [],

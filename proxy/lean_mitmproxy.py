@@ -1,5 +1,5 @@
-"""A leaner mitmproxy: its addon package without its __init__, and three per-request
-costs that buy sandgate nothing taken out.
+"""A leaner mitmproxy: its addon package without its __init__, per-request costs that
+buy sandgate nothing taken out, and hooks dispatched only to the addons that have them.
 
 Import this before any mitmproxy module. `mitmproxy/addons/__init__.py` imports all
 ~30 default addons (a Flask app for onboarding, ldap3 for proxy auth, ...): about
@@ -23,12 +23,32 @@ docs/performance.md has the numbers):
 - `Hook.args` calls `dataclasses.fields()` for every hook it dispatches; a hook
   class's fields never change, so their names are cached per class.
 
+`dispatch_hooks_directly()` replaces `AddonManager.handle_lifecycle`, through which
+every hook of every connection goes (about 20 per inspected connection, 4 per
+request): mitmproxy walks the whole addon chain for each (a generator per addon, a
+`safecall` context manager, a coroutine, `getattr`), then does it all again with an
+`update` hook for every flow hook, which none of the gateway's addons has. The
+replacement keeps, per hook name, the addons that have it (until the chain
+changes), calls each in chain order with the same error handling (an exception
+logged and the next addon called, AddonHalt stops), and skips `update` when no
+addon has it.
+
+`unblock_unhandled_hooks(addons)` (called by the engine once its addons are added):
+a layer that yields a hook (`StartHook`, blocking) pauses until the hook has run:
+the connection handler starts a task for it, dispatches it, and sends a
+`HookCompleted` event back down the layer stack, which resumes the layer. For hooks
+none of the gateway's addons has (`response`, `tls_established_client`/`_server`,
+`error`, ...) all of that is for nothing: made non-blocking, the layer goes on at
+once (the task still runs and finds no addon).
+
 docs/mitmproxy-internals.md lists these for the upgrade checklist.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
+import types
 
 from sandgate.proxy.lean_import import skip_init
 
@@ -67,3 +87,63 @@ def _hook_args(self) -> list:
 
         names = _HOOK_FIELDS[type(self)] = tuple(f.name for f in dataclasses.fields(self))
     return [getattr(self, name) for name in names]
+
+
+def dispatch_hooks_directly() -> None:
+    """Replace `AddonManager.handle_lifecycle` (see the module docstring; idempotent)."""
+    from mitmproxy import addonmanager, exceptions, flow
+
+    async def trigger(manager, name: str, args: list) -> None:
+        for addon in hook_handlers(manager, name):
+            try:
+                result = getattr(addon, name)(*args)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except exceptions.AddonHalt:
+                return
+            except exceptions.OptionsError:
+                raise
+            except Exception as e:  # noqa: BLE001 - as mitmproxy's safecall: log, go on
+                addonmanager.logger.error(f"Addon error: {e}", exc_info=True)
+
+    async def handle_lifecycle(self, event) -> None:
+        args = event.args()
+        await trigger(self, event.name, args)
+        if isinstance(args[0], flow.Flow) and hook_handlers(self, "update"):
+            await trigger(self, "update", [[args[0]]])
+
+    addonmanager.AddonManager.handle_lifecycle = handle_lifecycle
+
+
+def hook_handlers(manager, name: str) -> tuple:
+    """The addons of an AddonManager (children included, in mitmproxy's order) with a
+    callable hook `name`, cached until the chain changes (`add` appends to the list,
+    `remove` and `clear` replace it)."""
+    cache = manager.__dict__.get("_sandgate_hook_handlers")
+    if cache is None or cache[0] is not manager.chain or cache[1] != len(manager.chain):
+        cache = manager._sandgate_hook_handlers = (manager.chain, len(manager.chain), {})
+    found = cache[2].get(name)
+    if found is None:
+        from mitmproxy.addonmanager import traverse
+
+        found = cache[2][name] = tuple(
+            addon
+            for addon in traverse(manager.chain)
+            if callable(hook := getattr(addon, name, None))
+            and not isinstance(hook, types.ModuleType)
+        )
+    return found
+
+
+def unblock_unhandled_hooks(manager) -> list[str]:
+    """Make each layer hook that no addon of `manager` (the AddonManager, its addon
+    set final) has non-blocking; returns their names (see the module docstring)."""
+    from mitmproxy import hooks
+    from mitmproxy.proxy import commands
+
+    unblocked = []
+    for name, hook_class in hooks.all_hooks.items():
+        if issubclass(hook_class, commands.StartHook) and not hook_handlers(manager, name):
+            hook_class.blocking = False
+            unblocked.append(name)
+    return unblocked
