@@ -58,6 +58,16 @@ def _start(
     return subprocess.Popen(argv, **{**streams, **popen}), workdir / "steps"
 
 
+def _zygotes(service_pid: int) -> list[int]:
+    """The service's zygote: its one child that is not a gateway worker."""
+    found = []
+    for pid in _children(service_pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if b"sandgate.enforcer.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -82,7 +92,7 @@ def _waiting(service) -> dict[int, tuple[int, str]]:
 
     def seeds() -> dict[int, tuple[int, str]]:
         found = {}
-        for zygote in _children(service.popen.pid):
+        for zygote in _zygotes(service.popen.pid):
             for runner in _children(zygote):
                 for seed in _children(runner):
                     with contextlib.suppress(OSError, KeyError):
@@ -305,10 +315,10 @@ def test_a_stopped_pool_removes_its_cgroups_and_a_killed_ones_go_at_the_next_sta
 
     second = GatewayProcess(fakenet, tmp_path, rules).start()
     try:
-        [zygote] = _children(second.popen.pid)
+        [zygote] = _zygotes(second.popen.pid)
         made = [path for _seed, path in _waiting(second).values()]
         os.kill(zygote, signal.SIGKILL)  # its runners die, their seeds with them: nobody rmdirs
-        assert eventually(lambda: not _children(zygote) and not _children(second.popen.pid))
+        assert eventually(lambda: not _children(zygote) and not _zygotes(second.popen.pid))
         left = [p for p in cgroup.leftovers(cgroup.AHEAD_PREFIX) for m in made if p.endswith(m)]
         assert left, "the killed pool's cgroups stay until somebody removes them"
         gc = subprocess.run([sandbox.SANDGATE, "gc", "--dry-run"], capture_output=True, text=True)
