@@ -51,6 +51,7 @@ from sandgate.enforcer import attach, handoff  # noqa: F401 - imported ahead: th
 from sandgate.enforcer.cli import build_parser, run_command
 from sandgate.enforcer.cli import run as cli_run
 from sandgate.enforcer.sandbox import cgroup
+from sandgate.enforcer.sandbox.inherit import Inherited
 from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, printed at the end
 
 PR_SET_PDEATHSIG = 1
@@ -146,12 +147,12 @@ def refusal(conn: socket.socket) -> str | None:
 
 
 def _request(conn: socket.socket) -> tuple[dict, list[int]]:
-    """The caller's request and its three descriptors, or ValueError."""
+    """The caller's request and its four descriptors (stdio, the token), or ValueError."""
     conn.settimeout(REQUEST_TIMEOUT_S)
     data, fds = b"", []
     try:
         while b"\n" not in data:
-            chunk, received, _flags, _addr = socket.recv_fds(conn, 65536, 3)
+            chunk, received, _flags, _addr = socket.recv_fds(conn, 65536, 4)
             fds += received
             if not chunk or len(data) + len(chunk) > handoff.MAX_LINE:
                 raise ValueError("no complete request")
@@ -165,7 +166,7 @@ def _request(conn: socket.socket) -> tuple[dict, list[int]]:
             and isinstance(env, dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
             and isinstance(cwd, str)
-            and len(fds) == 3
+            and len(fds) == 4
         ):
             raise ValueError("a malformed request")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -176,18 +177,37 @@ def _request(conn: socket.socket) -> tuple[dict, list[int]]:
 
 
 def take(listener: socket.socket) -> tuple[socket.socket, dict, list[int]]:
-    """The first caller that may hand a run over, with its request and descriptors."""
+    """The first caller that may hand a run over and has not given up on this runner,
+    with its request and its stdio."""
     while True:
         conn, _ = listener.accept()
         why = refusal(conn)
         if why is None:
             try:
                 request, fds = _request(conn)
-                return conn, request, fds
             except ValueError as e:
                 why = str(e)
+            else:
+                if claim_run(fds.pop()):
+                    return conn, request, fds
+                for fd in fds:  # it runs elsewhere, having waited for us too long
+                    os.close(fd)
+                conn.close()
+                continue
         print(f"sandgate runner: refused a caller: {why}", file=sys.stderr, flush=True)
         conn.close()
+
+
+def claim_run(token: int) -> bool:
+    """Whether this runner, not its caller, took the one byte of the caller's token
+    (enforcer/handoff.py): then the run is ours, and the caller waits for our answer."""
+    try:
+        os.set_blocking(token, False)  # a caller's pipe it kept writable never holds us
+        return os.read(token, 1) != b""
+    except OSError:
+        return False
+    finally:
+        os.close(token)
 
 
 def become(
@@ -203,10 +223,16 @@ def become(
     caller = Caller(conn)
     try:
         os.chdir(request["cwd"])
-        args = (_run_parser or build_parser("run")).parse_args(request["argv"])
     except OSError as e:
         caller.send(refused=f"cannot enter {request['cwd']}: {e.strerror}")
         return 0
+    try:  # its umask and limits too: the spec's (options.from_arguments reads them here)
+        Inherited.of_process(peer(conn)[0]).apply()
+    except (OSError, ValueError) as e:  # e.g. a hard limit above ours, and no CAP_SYS_RESOURCE
+        caller.send(refused=f"cannot take the caller's umask and resource limits: {e}")
+        return 0
+    try:
+        args = (_run_parser or build_parser("run")).parse_args(request["argv"])
     except SystemExit as e:  # a usage error, printed on the caller's stderr: its answer
         caller.send(taken=True)
         caller.send(exit=e.code if isinstance(e.code, int) else 2)
