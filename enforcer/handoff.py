@@ -13,24 +13,26 @@ yet and the command runs as before, in this process.
 
 This module imports os, socket, sys and json only. The protocol, JSON lines:
 
-    client -> runner   {"argv": [...], "env": {...}, "cwd": "..."} + fds 0, 1, 2 and a token
+    client -> runner   {"argv": [...], "env": {...}, "cwd": "..."} + a token (fd)
+    runner -> client   {"claimed": true}: this runner, and no other, may run it
+    client -> runner   {"stdio": [0, 1, 2]} + fds 0, 1, 2
     runner -> client   {"taken": true}, or {"refused": why}: the client runs it itself
     client -> runner   {"signal": N}, any number
     runner -> client   {"exit": N}, the task's exit code (or sandgate's: 2, 125)
 
 The token decides who runs the task when a runner is slow to answer (stopped,
 wedged): the read end of a pipe that holds one byte. A runner claims the run by
-reading that byte before it does anything else; a client that has waited
-CLAIM_TIMEOUT_S reads it back itself and goes on to the next runner, or runs the
-task in-process. Exactly one of them gets the byte, so a runner that comes to the
-request after its client gave up finds the pipe empty and runs nothing; a client
-that finds it empty waits for that runner's answer, however long it takes (a
-refusal, or the runner's end without a word, means nothing ran: it goes on).
+reading that byte before anything else; a client that has waited CLAIM_TIMEOUT_S
+reads it back itself and goes on to the next runner, or runs the task in-process.
+Exactly one of them gets the byte, so a runner that comes to the request after its
+client gave up finds the pipe empty and runs nothing; a client that finds it empty
+waits for that runner's answer, however long it takes (a refusal, or the runner's
+end without a word, means nothing ran: it goes on). Stdio goes only to a runner
+that claimed the run: one that never reads its socket holds no copy of the
+caller's stdout open (a pipe's reader would wait for an EOF that never comes).
 
 The runner kills the task when this connection ends (this process died), as a
-runner's death kills it. Job control: a SIGTSTP, SIGTTIN or SIGTTOU that stops this
-process is sent on first (the runner stops the task's process group with it), and
-so is the SIGCONT that resumes it.
+runner's death kills it.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def _offer(path: str, argv: list[str]) -> socket.socket | None:
         os.write(filled, b"!")
         os.close(filled)
         request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
-        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2, token])
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [token])
         lines = _Lines(conn)
         try:
             reply = lines.next()
@@ -116,8 +118,11 @@ def _offer(path: str, argv: list[str]) -> socket.socket | None:
                 raise
             conn.settimeout(None)  # it claimed the run in time: its answer is coming
             reply = lines.next()
+        conn.settimeout(None)
+        if reply is not None and reply.get("claimed"):
+            socket.send_fds(conn, [b'{"stdio": [0, 1, 2]}\n'], [0, 1, 2])
+            reply = lines.next()
         if reply is not None and reply.get("taken"):
-            conn.settimeout(None)
             return conn
     except (OSError, ValueError):  # no runner there (any more), a slow or a broken one
         pass

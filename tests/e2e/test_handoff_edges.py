@@ -9,9 +9,12 @@ run in its own process, the embedded gateway), which must agree:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
 import shlex
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -138,3 +141,67 @@ def test_the_embedded_run_gives_the_task_the_callers_limits_not_the_gateways(fak
     proc = fakenet.run_in_host(_shell(CALLER, argv), timeout=90)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == EXPECTED
+
+
+def _waiting_runners(service) -> list[int]:
+    """The pids of the warm runners waiting for a run (children of the service's zygote)."""
+
+    def children(pid: int) -> list[int]:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return [int(p) for p in text.split()]
+
+    [zygote] = [
+        p
+        for p in children(service.popen.pid)
+        if b"sandgate.enforcer.zygote" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
+    return children(zygote)
+
+
+def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, tmp_path):
+    """Every waiting runner SIGSTOPped: the run tries each for CLAIM_TIMEOUT_S, takes
+    its token back, and goes on in its own process. Continued, the runners find the
+    request of a caller that gave up on them, run nothing, and wait on."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    runners = []
+    try:
+        assert eventually(lambda: service.status()["warm_runners"] == 2, timeout=20)
+        runners = _waiting_runners(service)
+        assert len(runners) == 2
+        for pid in runners:
+            os.kill(pid, signal.SIGSTOP)
+        workdir = _workdir(tmp_path)
+        argv = attach_argv(service, workdir, ["sh", "-c", "echo ran >> runs"], extra=("-q",))
+        started = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - started
+        assert proc.returncode == 0, proc.stderr
+        runs = workdir / "steps" / "runs"
+        assert runs.read_text() == "ran\n"
+        summary = json.loads((workdir / "summary.json").read_text())
+        assert _runner_pid(service, summary["task_id"]) not in runners  # in its own process
+        assert took < 1.2, took  # 2 x CLAIM_TIMEOUT_S and the run (~0.5 s here), not 2 x 5 s
+        for pid in runners:
+            os.kill(pid, signal.SIGCONT)
+        assert eventually(lambda: all(_state(pid) == "S" for pid in runners), timeout=10)
+        time.sleep(0.5)
+        assert runs.read_text() == "ran\n"  # once: the runners that came late ran nothing
+        assert sorted(_waiting_runners(service)) == sorted(runners)  # and wait on
+        assert service.status()["warm_runners"] == 2
+        again = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert runs.read_text() == "ran\nran\n"
+        summary = json.loads((workdir / "summary.json").read_text())
+        assert _runner_pid(service, summary["task_id"]) in runners  # a runner took this one
+    finally:
+        for pid in runners:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        service.stop()
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (R, S, T for stopped, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
