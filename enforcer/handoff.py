@@ -32,7 +32,11 @@ that claimed the run: one that never reads its socket holds no copy of the
 caller's stdout open (a pipe's reader would wait for an EOF that never comes).
 
 The runner kills the task when this connection ends (this process died), as a
-runner's death kills it.
+runner's death kills it. Job control: the task is not in this terminal's session
+(it runs in the runner's), so the terminal's ^Z stops this process alone; this
+process first sends the SIGTSTP (SIGTTIN, SIGTTOU) on, and the runner stops the
+task's process group with it, as the terminal stops the task of a run in-process;
+the SIGCONT that resumes this process goes on too.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import sys
 SUFFIX = ".z-"  # <control socket><SUFFIX><hex>: one warm runner's socket
 LOCK_SUFFIX = ".runners"  # <control socket><LOCK_SUFFIX>: held (flock) by the one pool
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOPS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)  # and SIGCONT: the task's process group's
 # A live runner claims a run within a few ms, tens under load (docs/operations.md,
 # "Warm runners"); past this, it is stopped or wedged and the next one is tried.
 CLAIM_TIMEOUT_S = 0.2
@@ -140,8 +145,17 @@ def _follow(conn: socket.socket) -> int:
         except OSError:
             pass
 
-    for signum in FORWARDED:
+    def stop(signum, _frame) -> None:
+        forward(signum, None)  # the task first: stopped while this process is
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # stops here, until SIGCONT (not at all in an orphaned group)
+        signal.signal(signum, stop)
+        forward(signal.SIGCONT, None)
+
+    for signum in (*FORWARDED, signal.SIGCONT):
         signal.signal(signum, forward)
+    for signum in STOPS:
+        signal.signal(signum, stop)
     lines = _Lines(conn)
     while True:
         try:

@@ -91,7 +91,7 @@ class Caller:
                 signum = json.loads(line).get("signal")
             except (ValueError, AttributeError):
                 return None
-            if signum in handoff.FORWARDED:
+            if signum in (*handoff.FORWARDED, *handoff.STOPS, signal.SIGCONT):
                 forwarded.append(signum)
         return forwarded
 

@@ -16,6 +16,7 @@ import resource
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -205,3 +206,127 @@ def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, 
 def _state(pid: int) -> str:
     """The process's state letter in /proc (R, S, T for stopped, ...)."""
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+# A shell's job control, in small: on a pty of its own, it runs argv as the
+# foreground job (a process group of its own, whose parent is in the session: a
+# ^Z stops it), and writes what happens to it ("stopped N", "continued", "exited N")
+# to the descriptor in $REPORT_FD.
+JOB_SHELL = """
+import fcntl, os, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+report = int(os.environ.pop("REPORT_FD"))
+job = os.fork()
+if job == 0:
+    os.setpgid(0, 0)
+    os.execvp(sys.argv[1], sys.argv[1:])
+os.setpgid(job, job)
+os.tcsetpgrp(0, job)
+os.write(report, f"job {job}\\n".encode())
+while True:
+    _, status = os.waitpid(job, os.WUNTRACED | os.WCONTINUED)
+    if os.WIFSTOPPED(status):
+        os.write(report, f"stopped {os.WSTOPSIG(status)}\\n".encode())
+    elif os.WIFCONTINUED(status):
+        os.write(report, b"continued\\n")
+    else:
+        os.write(report, f"exited {os.waitstatus_to_exitcode(status)}\\n".encode())
+        break
+"""
+BEATING = "while [ ! -e done ]; do echo >> beat; sleep 0.05; done; exit 7"
+
+
+class Job:
+    """`argv` as the foreground job of a terminal (JOB_SHELL), and what became of it."""
+
+    def __init__(self, argv: list[str]):
+        self.master, slave = os.openpty()
+        report_r, report_w = os.pipe()
+        self.shell = subprocess.Popen(
+            [sys.executable, "-c", JOB_SHELL, *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            pass_fds=(report_w,),
+            env={**os.environ, "REPORT_FD": str(report_w)},
+        )
+        os.close(slave)
+        os.close(report_w)
+        self.reports = os.fdopen(report_r)
+        self.pid = int(self.next_report().split()[1])  # and its process group's
+
+    def next_report(self) -> str:
+        return self.reports.readline().strip()
+
+    def press(self, key: bytes) -> None:
+        os.write(self.master, key)
+
+    def close(self) -> None:
+        if self.shell.poll() is None:
+            os.killpg(self.shell.pid, signal.SIGKILL)  # its session's leader: the shell
+            self.shell.wait()
+        self.reports.close()
+        os.close(self.master)
+
+
+def _beats(path: Path) -> int:
+    return len(path.read_text()) if path.exists() else 0
+
+
+def _working_in(workspace: Path) -> list[int]:
+    """The processes whose working directory is `workspace`: the task's (it starts
+    there, and the path is the same inside)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{entry}/cwd") == str(workspace):
+                found.append(int(entry))
+    return found
+
+
+def _states(pids: list[int]) -> list[str]:
+    """The state letters of those of `pids` that still exist."""
+    states = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            states.append(_state(pid))
+    return states
+
+
+def _all_stopped(pids: list[int]) -> bool:
+    states = _states(pids)
+    return bool(states) and set(states) == {"T"}
+
+
+@pytest.mark.parametrize("embedded", [False, True], ids=["attached", "embedded"])
+def test_ctrl_z_stops_the_task_and_fg_resumes_it(service, fakenet, tmp_path, embedded):
+    """^Z at the terminal stops the `sandgate` command and the task; SIGCONT (what
+    `fg` sends) resumes both; the task's exit code comes back at the end. Handed to a
+    warm runner, or run in the caller's process (attached, or embedded) alike."""
+    if embedded and service.warm:
+        pytest.skip("the embedded run has no runner")
+    workdir = _workdir(tmp_path)
+    if embedded:
+        argv = sandbox._argv(fakenet, workdir, ["sh", "-c", BEATING], service.rules, ("-q",))
+        argv = ["ip", "netns", "exec", fakenet.host_ns, *argv]
+    else:
+        argv = attach_argv(service, workdir, ["sh", "-c", BEATING], extra=("-q",))
+    workspace = workdir / "steps"
+    beat, job = workspace / "beat", Job(argv)
+    try:
+        assert eventually(lambda: _beats(beat) > 3, timeout=30)
+        job.press(b"\x1a")  # ^Z
+        assert job.next_report() == f"stopped {signal.SIGTSTP}"
+        assert eventually(lambda: _all_stopped(_working_in(workspace)), timeout=5)
+        stopped_at = _beats(beat)
+        time.sleep(0.5)
+        assert _beats(beat) == stopped_at  # nothing of the task runs
+        os.killpg(job.pid, signal.SIGCONT)  # `fg`
+        assert job.next_report() == "continued"
+        assert eventually(lambda: _beats(beat) > stopped_at + 3, timeout=10)
+        assert "T" not in _states(_working_in(workspace))
+        (workspace / "done").touch()
+        assert job.next_report() == "exited 7"
+    finally:
+        job.close()
