@@ -76,6 +76,12 @@ EXPECTED = ["0077", "100", str(resource.getrlimit(resource.RLIMIT_NOFILE)[1]), "
 def test_the_task_gets_the_callers_umask_and_limits(service, tmp_path):
     """The runner's are 022 and as many descriptors as its hard limit allows (the
     service raised its soft limit to it), an 8 MB stack."""
+    assert _show_as_caller(service, tmp_path) == bool(service.warm)  # or run by the caller
+
+
+def _show_as_caller(service, tmp_path: Path) -> bool:
+    """Run SHOW attached, from a shell that set CALLER's umask and limits; assert the
+    task saw them; whether a warm runner ran it (not the caller's own process)."""
     workdir = _workdir(tmp_path)
     argv = attach_argv(service, workdir, ["sh", "-c", SHOW], extra=("-q",))
     proc = subprocess.run(
@@ -87,9 +93,7 @@ def test_the_task_gets_the_callers_umask_and_limits(service, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == EXPECTED
     summary = json.loads((workdir / "summary.json").read_text())
-    runner = _runner_pid(service, summary["task_id"])
-    caller = int((workdir / "caller").read_text())
-    assert (runner != caller) == bool(service.warm)  # handed over, or run by the caller itself
+    return _runner_pid(service, summary["task_id"]) != int((workdir / "caller").read_text())
 
 
 def test_the_task_cannot_get_more_than_its_caller_had(service, tmp_path):
@@ -113,21 +117,8 @@ def test_a_caller_with_a_higher_hard_limit_than_the_runners_gets_it(fakenet, tmp
     service = GatewayProcess(fakenet, tmp_path, rules, wrap=low).start()
     try:
         assert eventually(lambda: service.status()["warm_runners"] == 2, timeout=20)
-        workdir = _workdir(tmp_path)
-        argv = attach_argv(service, workdir, ["sh", "-c", SHOW], extra=("-q",))
-        proc = subprocess.run(
-            _shell(f"{CALLER}; echo $$ > {workdir}/caller", argv),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.split() == EXPECTED
-        summary = json.loads((workdir / "summary.json").read_text())
-        runner = _runner_pid(service, summary["task_id"])
         may_raise = int(Path("/proc/self/status").read_text().split("CapEff:")[1].split()[0], 16)
-        handed_over = runner != int((workdir / "caller").read_text())
-        assert handed_over == bool(may_raise & (1 << 24))  # CAP_SYS_RESOURCE
+        assert _show_as_caller(service, tmp_path) == bool(may_raise & (1 << 24))  # CAP_SYS_RESOURCE
     finally:
         service.stop()
 
