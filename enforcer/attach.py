@@ -41,6 +41,7 @@ STATE_DIRS = (
 )
 EXIT_SETUP = 125
 RESUME_EVERY_S = 0.5
+JOB_CONTROL = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCONT)
 
 
 class AttachError(Exception):
@@ -83,7 +84,12 @@ def run_attached(opts: AttachOptions) -> int:
         _warn_weakened(client, gap)
     gaps_sent = len(prepared.gaps)
     try:
-        child = ForkedInit(prepared.spec_path, (*prepared.init_fds, *client.fds), seed)
+        child = ForkedInit(
+            prepared.spec_path,
+            (*prepared.init_fds, *client.fds),
+            seed,
+            own_group=opts.caller is not None,
+        )
     except OSError as e:
         prepared.started()
         prepared.finish()  # the cgroup goes with the run that never started
@@ -185,7 +191,10 @@ def _wait(child: ForkedInit, client, path: Path, run_id: str, caller=None):
             if caller is not None and caller in ready:
                 signals = caller.signals()
                 for signum in signals if signals is not None else [signal.SIGKILL]:
-                    child.send_signal(signum)
+                    if signum in JOB_CONTROL:  # as a terminal stops (continues) a foreground job
+                        child.signal_group(signum)
+                    else:
+                        child.send_signal(signum)
                 if signals is None:
                     caller = None
             if client is not None and client.sock in ready:
@@ -272,17 +281,29 @@ class ForkedInit:
     attach. The child keeps only stdio and `keep` (the report pipe, the netns), as
     Popen's close_fds would, and never returns into the runner's code."""
 
-    def __init__(self, spec_path: Path, keep: tuple[int, ...], seed: InitSeed | None = None):
+    def __init__(
+        self,
+        spec_path: Path,
+        keep: tuple[int, ...],
+        seed: InitSeed | None = None,
+        own_group: bool = False,
+    ):
+        """`own_group`: the sandbox (this init and all the task does not move) is a
+        process group of its own, which `signal_group` stops and continues: a warm
+        runner's, whose process group is the runner's; else it stays in this one (the
+        terminal's foreground job, for a run in the caller's own process)."""
         sys.stdout.flush()
         sys.stderr.flush()
         self.returncode: int | None = None
-        if seed is not None:  # forked already, and waiting in the task's cgroup
+        if seed is not None:  # forked already (in a group of its own), in the task's cgroup
             self.pid = seed.start(spec_path, keep)
             return
         self.pid = os.fork()
         if self.pid == 0:
             code = EXIT_SETUP
             try:
+                if own_group:
+                    os.setpgid(0, 0)
                 ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
                 _close_all_but(keep)
                 code = sandbox_init.main([str(spec_path)])
@@ -291,6 +312,9 @@ class ForkedInit:
             finally:
                 sys.stderr.flush()
                 os._exit(code)
+        if own_group:
+            with contextlib.suppress(OSError):  # both sides: either may come first
+                os.setpgid(self.pid, self.pid)
         for fd in keep:  # as Popen: the parent keeps no inheritable copy to leak later
             os.set_inheritable(fd, False)
 
@@ -314,6 +338,13 @@ class ForkedInit:
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
+
+    def signal_group(self, signum: int) -> None:
+        """To the init's process group (own_group, or a seed's): the sandbox and every
+        task process that kept it, as a terminal signals its foreground job."""
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signum)
 
 
 def _close_all_but(keep: tuple[int, ...]) -> None:
@@ -359,6 +390,7 @@ class InitSeed:
         if self.pid == 0:
             code = EXIT_SETUP
             try:
+                os.setpgid(0, 0)  # the run's process group (ForkedInit.signal_group)
                 ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
                 self._sock.close()
                 code = _be_seed(theirs, task_cgroup.procs_files)
@@ -368,6 +400,8 @@ class InitSeed:
                 sys.stderr.flush()
                 os._exit(code)
         theirs.close()
+        with contextlib.suppress(OSError):  # both sides: either may come first
+            os.setpgid(self.pid, self.pid)
 
     def usable(self, timeout: float = SEED_JOIN_TIMEOUT_S) -> bool:
         """In its cgroup (its word waited for, at most `timeout`: a move takes a grace

@@ -13,13 +13,30 @@ yet and the command runs as before, in this process.
 
 This module imports os, socket, sys and json only. The protocol, JSON lines:
 
-    client -> runner   {"argv": [...], "env": {...}, "cwd": "..."} + fds 0, 1, 2
+    client -> runner   {"argv": [...], "env": {...}, "cwd": "..."} + a token (fd)
+    runner -> client   {"claimed": true}: this runner, and no other, may run it
+    client -> runner   {"stdio": [0, 1, 2]} + fds 0, 1, 2
     runner -> client   {"taken": true}, or {"refused": why}: the client runs it itself
     client -> runner   {"signal": N}, any number
     runner -> client   {"exit": N}, the task's exit code (or sandgate's: 2, 125)
 
+The token decides who runs the task when a runner is slow to answer (stopped,
+wedged): the read end of a pipe that holds one byte. A runner claims the run by
+reading that byte before anything else; a client that has waited CLAIM_TIMEOUT_S
+reads it back itself and goes on to the next runner, or runs the task in-process.
+Exactly one of them gets the byte, so a runner that comes to the request after its
+client gave up finds the pipe empty and runs nothing; a client that finds it empty
+waits for that runner's answer, however long it takes (a refusal, or the runner's
+end without a word, means nothing ran: it goes on). Stdio goes only to a runner
+that claimed the run: one that never reads its socket holds no copy of the
+caller's stdout open (a pipe's reader would wait for an EOF that never comes).
+
 The runner kills the task when this connection ends (this process died), as a
-runner's death kills it.
+runner's death kills it. Job control: the task is not in this terminal's session
+(it runs in the runner's), so the terminal's ^Z stops this process alone; this
+process first sends the SIGTSTP (SIGTTIN, SIGTTOU) on, and the runner stops the
+task's process group with it, as the terminal stops the task of a run in-process;
+the SIGCONT that resumes this process goes on too.
 """
 
 from __future__ import annotations
@@ -33,6 +50,10 @@ import sys
 SUFFIX = ".z-"  # <control socket><SUFFIX><hex>: one warm runner's socket
 LOCK_SUFFIX = ".runners"  # <control socket><LOCK_SUFFIX>: held (flock) by the one pool
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOPS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)  # and SIGCONT: the task's process group's
+# A live runner claims a run within a few ms, tens under load (docs/operations.md,
+# "Warm runners"); past this, it is stopped or wedged and the next one is tried.
+CLAIM_TIMEOUT_S = 0.2
 DEFAULT_CONTROL = "/run/sandgate/gateway.sock"  # as control.DEFAULT_SOCKET
 MAX_LINE = 1 << 20
 EXIT_SETUP = 125
@@ -85,17 +106,34 @@ def control_path(args: list[str]) -> str | None:
 def _offer(path: str, argv: list[str]) -> socket.socket | None:
     """A connection to the runner at `path` that took the run, or None."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    token = -1
     try:
-        conn.settimeout(5)
+        conn.settimeout(CLAIM_TIMEOUT_S)
         conn.connect(path)
+        token, filled = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        os.write(filled, b"!")
+        os.close(filled)
         request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
-        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
-        reply = _Lines(conn).next()
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [token])
+        lines = _Lines(conn)
+        try:
+            reply = lines.next()
+        except TimeoutError:
+            if os.read(token, 1):  # taken back: that runner can never run it
+                raise
+            conn.settimeout(None)  # it claimed the run in time: its answer is coming
+            reply = lines.next()
+        conn.settimeout(None)
+        if reply is not None and reply.get("claimed"):
+            socket.send_fds(conn, [b'{"stdio": [0, 1, 2]}\n'], [0, 1, 2])
+            reply = lines.next()
         if reply is not None and reply.get("taken"):
-            conn.settimeout(None)
             return conn
-    except (OSError, ValueError):  # no runner there (any more), or a broken one
+    except (OSError, ValueError):  # no runner there (any more), a slow or a broken one
         pass
+    finally:
+        if token >= 0:
+            os.close(token)
     conn.close()
     return None
 
@@ -107,8 +145,17 @@ def _follow(conn: socket.socket) -> int:
         except OSError:
             pass
 
-    for signum in FORWARDED:
+    def stop(signum, _frame) -> None:
+        forward(signum, None)  # the task first: stopped while this process is
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # stops here, until SIGCONT (not at all in an orphaned group)
+        signal.signal(signum, stop)
+        forward(signal.SIGCONT, None)
+
+    for signum in (*FORWARDED, signal.SIGCONT):
         signal.signal(signum, forward)
+    for signum in STOPS:
+        signal.signal(signum, stop)
     lines = _Lines(conn)
     while True:
         try:

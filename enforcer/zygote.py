@@ -51,6 +51,7 @@ from sandgate.enforcer import attach, handoff  # noqa: F401 - imported ahead: th
 from sandgate.enforcer.cli import build_parser, run_command
 from sandgate.enforcer.cli import run as cli_run
 from sandgate.enforcer.sandbox import cgroup
+from sandgate.enforcer.sandbox.inherit import Inherited
 from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, printed at the end
 
 PR_SET_PDEATHSIG = 1
@@ -90,7 +91,7 @@ class Caller:
                 signum = json.loads(line).get("signal")
             except (ValueError, AttributeError):
                 return None
-            if signum in handoff.FORWARDED:
+            if signum in (*handoff.FORWARDED, *handoff.STOPS, signal.SIGCONT):
                 forwarded.append(signum)
         return forwarded
 
@@ -145,18 +146,19 @@ def refusal(conn: socket.socket) -> str | None:
     return None
 
 
-def _request(conn: socket.socket) -> tuple[dict, list[int]]:
-    """The caller's request and its three descriptors, or ValueError."""
+def _request(conn: socket.socket) -> tuple[dict, int]:
+    """The caller's request and its token (enforcer/handoff.py), or ValueError."""
     conn.settimeout(REQUEST_TIMEOUT_S)
     data, fds = b"", []
     try:
         while b"\n" not in data:
-            chunk, received, _flags, _addr = socket.recv_fds(conn, 65536, 3)
+            chunk, received, _flags, _addr = socket.recv_fds(conn, 65536, 1)
             fds += received
             if not chunk or len(data) + len(chunk) > handoff.MAX_LINE:
                 raise ValueError("no complete request")
             data += chunk
-        request = json.loads(data.partition(b"\n")[0])
+        line, _, rest = data.partition(b"\n")
+        request = json.loads(line)
         argv, env, cwd = request["argv"], request["env"], request["cwd"]
         if not (
             isinstance(argv, list)
@@ -165,48 +167,92 @@ def _request(conn: socket.socket) -> tuple[dict, list[int]]:
             and isinstance(env, dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
             and isinstance(cwd, str)
-            and len(fds) == 3
+            and len(fds) == 1
+            and not rest  # nothing before our answer
         ):
             raise ValueError("a malformed request")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         for fd in fds:
             os.close(fd)
         raise ValueError(str(e) or type(e).__name__) from None
-    return request, fds
+    return request, fds[0]
 
 
-def take(listener: socket.socket) -> tuple[socket.socket, dict, list[int]]:
-    """The first caller that may hand a run over, with its request and descriptors."""
+def _stdio(conn: socket.socket) -> list[int]:
+    """The caller's stdin, stdout and stderr, which it sends once we claimed the run;
+    ValueError if it does not (in REQUEST_TIMEOUT_S)."""
+    conn.settimeout(REQUEST_TIMEOUT_S)
+    fds = []
+    try:
+        message, fds, _flags, _addr = socket.recv_fds(conn, len(b'{"stdio": [0, 1, 2]}\n'), 3)
+        if json.loads(message) != {"stdio": [0, 1, 2]} or len(fds) != 3:
+            raise ValueError("no stdio")
+    except (OSError, ValueError) as e:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(str(e) or type(e).__name__) from None
+    return fds
+
+
+def take(listener: socket.socket) -> tuple[socket.socket, dict]:
+    """The first caller that may hand a run over and has not given up on this runner
+    (its run is claimed: told so), with its request."""
     while True:
         conn, _ = listener.accept()
         why = refusal(conn)
         if why is None:
             try:
-                request, fds = _request(conn)
-                return conn, request, fds
+                request, token = _request(conn)
             except ValueError as e:
                 why = str(e)
+            else:
+                if claim_run(token):
+                    Caller(conn).send(claimed=True)
+                    return conn, request
+                conn.close()  # it runs elsewhere, having waited for us too long
+                continue
         print(f"sandgate runner: refused a caller: {why}", file=sys.stderr, flush=True)
         conn.close()
 
 
-def become(
-    conn: socket.socket, request: dict, fds: list[int], control: str, seed=None
-) -> int:
+def claim_run(token: int) -> bool:
+    """Whether this runner, not its caller, took the one byte of the caller's token
+    (enforcer/handoff.py): then the run is ours, and the caller waits for our answer."""
+    try:
+        os.set_blocking(token, False)  # a caller's pipe it kept writable never holds us
+        return os.read(token, 1) != b""
+    except OSError:
+        return False
+    finally:
+        os.close(token)
+
+
+def become(conn: socket.socket, request: dict, control: str, seed=None) -> int:
     """Run the caller's `sandgate run --gateway` as the caller would have; `seed`
     (attach.InitSeed) is the init this runner forked ahead, in the task's cgroup."""
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
     os.environ.clear()
     os.environ.update(request["env"])
     caller = Caller(conn)
     try:
         os.chdir(request["cwd"])
-        args = (_run_parser or build_parser("run")).parse_args(request["argv"])
     except OSError as e:
         caller.send(refused=f"cannot enter {request['cwd']}: {e.strerror}")
         return 0
+    try:  # its umask and limits too: the spec's (options.from_arguments reads them here)
+        Inherited.of_process(peer(conn)[0]).apply()
+    except (OSError, ValueError) as e:  # e.g. a hard limit above ours, and no CAP_SYS_RESOURCE
+        caller.send(refused=f"cannot take the caller's umask and resource limits: {e}")
+        return 0
+    try:  # sent since our claim (while we did the above)
+        fds = _stdio(conn)
+    except ValueError as e:
+        caller.send(refused=f"no stdio: {e}")
+        return 0
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    try:
+        args = (_run_parser or build_parser("run")).parse_args(request["argv"])
     except SystemExit as e:  # a usage error, printed on the caller's stderr: its answer
         caller.send(taken=True)
         caller.send(exit=e.code if isinstance(e.code, int) else 2)
@@ -230,7 +276,7 @@ def runner(listener: socket.socket, path: str, control: str) -> int:
         seed = _seed(path)
         listener.listen(8)
         _tell(f"ready {path}")
-        conn, request, fds = take(listener)
+        conn, request = take(listener)
         # "taken" before the socket goes: the pool reads a missing socket as one
         # somebody removed (Pool._check_sockets), unless this line came first
         _tell(f"taken {path}")
@@ -241,7 +287,7 @@ def runner(listener: socket.socket, path: str, control: str) -> int:
     _libc.prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)  # the run's now: it outlives the pool
     os.close(_report_fd)
     try:
-        return become(conn, request, fds, control, seed)
+        return become(conn, request, control, seed)
     finally:
         if seed is not None:
             seed.discard()  # unless the run made it its init (then its cgroup went with the run)

@@ -38,6 +38,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -133,6 +134,17 @@ class Report:
 
 
 # --- outer: namespaces and the file view ---------------------------------------------
+
+
+def take_limits(rlimits: list[list[int]]) -> None:
+    """The caller's resource limits (enforcer/sandbox/inherit.py), set here, in the
+    initial user namespace, where a hard limit may still rise back to the caller's
+    (a runner's may be lower): init and the task inherit them."""
+    for number, soft, hard in rlimits:
+        try:
+            resource.setrlimit(number, (soft, hard))
+        except (OSError, ValueError) as e:
+            raise SetupError(f"cannot set the task's resource limit {number} to {soft}/{hard}: {e}") from None
 
 
 def join_cgroups(procs_files: list[str]) -> None:
@@ -380,6 +392,7 @@ def run_init(
         # ignored across exec: without this, `yes | head` would never end by SIGPIPE.
         for signum in (*RELAYED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(signum, signal.SIG_DFL)
+        os.umask(spec.get("umask", 0o022))
         try:
             started = time.monotonic()
             become_task(spec, program, report)
@@ -419,6 +432,8 @@ def main(args: list[str] | None = None) -> int:
     report = Report(spec.get("report_fd"))
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        take_limits(spec.get("rlimits", []))
+        os.umask(0o022)  # the sandbox's own files and mount points; the task's is the caller's
         program = None
         if spec.get("seccomp"):
             with open(spec["seccomp"], "rb") as f:

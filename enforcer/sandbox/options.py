@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from sandgate.enforcer.sandbox import cgroup, spec
+from sandgate.enforcer.sandbox.inherit import Inherited
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,4 +121,5 @@ def from_arguments(
         env=spec.parse_env(args.env, args.env_file, dict(os.environ)),
         allow_weaker=args.allow_weaker_sandbox,
         self_test=args.self_test,
+        inherited=Inherited.of_this_process(),  # before an embedded gateway raises its own
     ), limits

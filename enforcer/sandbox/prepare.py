@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sandgate.enforcer.sandbox import cgroup, seccomp, spec
 from sandgate.enforcer.sandbox import init as sandbox_init
+from sandgate.enforcer.sandbox.inherit import Inherited
 
 
 @dataclass
@@ -195,6 +196,7 @@ def prepare(
             "code": [str(p) for p in protected if p.is_dir()],
             "state": [str(p) for p in hidden],
         },
+        **(opts.inherited or Inherited.of_this_process()).to_spec(),
     ).to_dict()
     if probe:
         document["probe"] = probe

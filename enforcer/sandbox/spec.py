@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandgate.enforcer.sandbox.inherit import Inherited
+
 # The task's ids 0..ID_COUNT-1 map to host ids ID_BASE.. that own nothing: no
 # account, no file, no process of the host. An /etc/subuid and /etc/subgid entry
 # for a `sandgate` user overrides the range (as for rootless containers).
@@ -73,6 +75,9 @@ class SandboxOptions:
     env: dict[str, str] = field(default_factory=dict)  # what --env / --env-file gave, resolved
     allow_weaker: bool = False
     self_test: bool = False
+    # The umask and limits of whoever ran `sandgate run` (a warm runner's caller);
+    # None: this process's when the spec is written.
+    inherited: Inherited | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,8 @@ class Spec:
     self_test: bool = False
     report_fd: int | None = None
     joined_fd: int | None = None  # the runner joins the cgroup for the init (runner_joins)
+    umask: int = 0o022  # the task's (enforcer/sandbox/inherit.py)
+    rlimits: list[list[int]] = field(default_factory=list)  # [RLIMIT_*, soft, hard]: every process's
     probe_paths: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
