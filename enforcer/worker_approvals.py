@@ -186,21 +186,10 @@ class WorkerApprovals:
             return self.decided[pending_id]
         raise self._not_pending(pending_id)
 
-    async def approve(
-        self,
-        pending_id: str,
-        approver: str,
-        scope: Scope,
-        *,
-        duration: float | None = None,
-        ticket: str | None = None,
-        expires: str | None = None,
-        widen: str | None = None,
-    ) -> dict:
-        """As `Approvals.approve`, in the worker that holds the approval."""
-        fields = {"scope": str(scope), "duration": duration, "ticket": ticket}
-        fields |= {"expires": expires, "widen": widen}
-        return await self._decide(pending_id, "approve", approver, fields)
+    async def approve(self, pending_id: str, approver: str, scope: Scope, **options) -> dict:
+        """As `Approvals.approve` (options: duration, ticket, expires, widen), in the
+        worker that holds the approval."""
+        return await self._decide(pending_id, "approve", approver, {"scope": str(scope), **options})
 
     async def deny(self, pending_id: str, approver: str) -> dict:
         return await self._decide(pending_id, "deny", approver, {})

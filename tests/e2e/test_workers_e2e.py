@@ -334,14 +334,17 @@ def test_approvals_over_two_workers_list_both_and_each_decision_reaches_its_own_
         task_of = {b["command"][-1]: b["task_id"] for b in boxes}
         assert {b["worker"] for b in boxes} == {0, 1}, boxes
 
-        def listed() -> list[dict]:
+        def pending_now() -> list[dict]:
             result = service.ask("approvals", "list", "--json")
             assert result.returncode == 0, result.stderr
-            found = json.loads(result.stdout)
+            return json.loads(result.stdout)
+
+        def both_held() -> list[dict]:
+            found = pending_now()
             return found if len(found) == 2 and all(a["held"] == 1 for a in found) else []
 
-        pending = eventually(listed, timeout=30)
-        assert pending, (service.ask("approvals", "list", "--json").stdout, service.log.read_text())
+        pending = eventually(both_held, timeout=30)
+        assert pending, (pending_now(), service.log.read_text())
         id_of = {name: next(a["id"] for a in pending if a["task_id"] == task_of[name])
                  for name in ("one", "two")}  # fmt: skip
         assert len(set(id_of.values())) == 2
@@ -375,7 +378,24 @@ def test_approvals_over_two_workers_list_both_and_each_decision_reaches_its_own_
 
         again = service.ask("approvals", "deny", id_of["one"])
         assert again.returncode == 125 and "already approved (once)" in again.stderr
-        assert json.loads(service.ask("approvals", "list", "--json").stdout) == []
+        assert pending_now() == []
+
+        # A worker that dies takes its held request: the approval leaves the list, and
+        # deciding it is a clear error.
+        tasks["three"] = _task(service, tmp_path, FETCH_ASKED, str(shared), "three")
+        held = eventually(lambda: [a for a in pending_now() if a["held"]], timeout=30)
+        assert held, service.log.read_text()
+        (third,) = held
+        boxes = json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"]
+        (worker,) = [b["worker"] for b in boxes if b["task_id"] == third["task_id"]]
+        victim = service.status()["workers"][worker]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        assert eventually(lambda: pending_now() == [], timeout=20)
+        late = service.ask("approvals", "approve", third["id"])
+        assert late.returncode == 125, late
+        assert f"approval {third['id']} is gone: gateway worker {worker} (pid {victim})" in late.stderr
+        assert eventually(lambda: _read(shared / "three-got"), timeout=20) != "200"
+        assert "/three" not in [r["uri"] for r in net.requests_seen()]
     finally:
         (shared / "go").write_text("go")
         for task in tasks.values():
