@@ -28,7 +28,9 @@ connections stay together.
 - **Approvals**: a worker holds its sandboxes' asked connections and requests and
   reports each change; `approvals` (enforcer/worker_approvals.py) is the one list
   over all workers that the control socket, the admin page and the metrics read, and
-  routes each decision to the worker that holds it.
+  routes each decision to the worker that holds it. A `--for` grant is passed to
+  every worker (and to a restarted one); an `always` is the service's (approved.yaml,
+  then a reload of every worker); a dead worker's approvals leave the list.
 
 The pool stands in for the in-process `Gateway` where the service reads or tells
 one (`policy`, `emit`, `swap_policy`, `registry`, `gate.counts`, `approvals`, `proxy`).
