@@ -63,7 +63,7 @@ async def handle(approvals: Approvals, request: dict, approver: str) -> dict:
         if cmd == "approval":
             return {"ok": True, "approval": approvals.get(pending_id)}
         if cmd == "deny":
-            return {"ok": True, "approval": approvals.deny(pending_id, approver)}
+            return {"ok": True, "approval": await approvals.deny(pending_id, approver)}
         if cmd == "approve":
             try:
                 scope = Scope(request.get("scope", "once"))

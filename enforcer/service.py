@@ -54,7 +54,7 @@ from sandgate.enforcer.run import (
     open_audit_log,
     unwire,
 )
-from sandgate.enforcer.workers import WorkerPool, asks, refuse_asking
+from sandgate.enforcer.workers import WorkerPool
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
 from sandgate.proxy.policy import PolicyError, load_policy
 from sandgate.proxy.policy.load import approved_overlay
@@ -201,13 +201,6 @@ class GatewayService:
         _write_ca_bundle(upstream_ca, opts.extra_ca)
         audit = RateLimitedAudit(self.audit, opts.audit_limits, self.metrics.count_suppressed)
         workers = opts.workers
-        if workers > 1 and asks(policy):
-            print(
-                f"sandgate gateway: warning: one worker, not {workers}: the policy asks a human, "
-                "and approvals are not spread over workers yet",
-                file=sys.stderr,
-            )
-            workers = 1
         if workers > 1:
             self._audit_sink = audit
             fanout = EventFanout(audit, self.metrics, self)
@@ -223,7 +216,7 @@ class GatewayService:
                 fanout.emit,
             )
             self.pool.on_restart = self._worker_restarted
-            self.reloader = PolicyReloader([opts.rules], self.pool, load=refuse_asking(load_policy))
+            self.reloader = PolicyReloader([opts.rules], self.pool)
             audit.start(asyncio.get_running_loop())
             await self.pool.start()
             if opts.on_audit_failure == "block":
@@ -245,11 +238,12 @@ class GatewayService:
             self.reloader = PolicyReloader([opts.rules], self.gateway)
             if opts.on_audit_failure == "block":
                 self.gateway.guard_audit(self.audit)
-            self.gateway.approvals.on_always = approvals_control.always_writer(
-                approved_overlay([opts.rules]), self._reload_for_approval
-            )
             await self.gateway.start()
             proxy_ports, dns_ports = [self.gateway.proxy_port], [self.gateway.dns_port]
+        # `always` approvals (with workers: asked by the worker that holds the approval)
+        self.gateway.approvals.on_always = approvals_control.always_writer(
+            approved_overlay([opts.rules]), self._reload_for_approval
+        )
         await asyncio.to_thread(
             nft.apply_ruleset, nft.render_guard(GUARD_TABLE, proxy_ports, dns_ports)
         )
@@ -877,9 +871,10 @@ class GatewayService:
         return reply
 
     async def _reload_for_approval(self, actor: str) -> list[str]:
-        """Reload after an `always` approval wrote approved.yaml: the errors, if any."""
-        result = await self.reloader.reload("approval", actor)
-        return [] if result.ok else list(result.errors)
+        """Reload after an `always` approval wrote approved.yaml: the errors, if any (with
+        workers: also a worker that did not take the new policy)."""
+        reply = await self.reload("approval", actor)
+        return [] if reply["ok"] else (reply["errors"] or [reply["error"]])
 
     async def drain(self, grace: float, actor: str) -> None:
         """No new sandboxes; running tasks finish, or are stopped after `grace` seconds."""

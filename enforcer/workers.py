@@ -25,10 +25,12 @@ connections stay together.
 - **A worker that dies** is started again on the same sockets, its sandboxes are
   registered with the new one, and each gets a `worker_restarted` event; the other
   workers' sandboxes see nothing. One that keeps dying is restarted ever more slowly.
-- Approvals are not spread over workers yet: the service runs one worker (in
-  process) when the policy asks a human, and a reload that would add an `ask` to a
-  service with more workers fails (`refuse_asking`), so a held request is never one
-  nobody can approve.
+- **Approvals**: a worker holds its sandboxes' asked connections and requests and
+  reports each change; `approvals` (enforcer/worker_approvals.py) is the one list
+  over all workers that the control socket, the admin page and the metrics read, and
+  routes each decision to the worker that holds it. A `--for` grant is passed to
+  every worker (and to a restarted one); an `always` is the service's (approved.yaml,
+  then a reload of every worker); a dead worker's approvals leave the list.
 
 The pool stands in for the in-process `Gateway` where the service reads or tells
 one (`policy`, `emit`, `swap_policy`, `registry`, `gate.counts`, `approvals`, `proxy`).
@@ -49,12 +51,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandgate.proxy.approvals.holder import Approvals
+from sandgate.enforcer.worker_approvals import WorkerApprovals
 from sandgate.proxy.engine import CA_BASENAME
 from sandgate.proxy.gateway import Listeners, policy_loaded
-from sandgate.proxy.policy import CompiledPolicy, PolicyError
-from sandgate.proxy.policy.load import Problem
-from sandgate.proxy.policy.reasons import Verdict
+from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.event import Event
@@ -71,40 +71,6 @@ RELOAD_TRIES = 3
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
-
-
-def asks(policy: CompiledPolicy) -> bool:
-    """Whether any profile may hold a connection for a human (an `ask` rule or fallback)."""
-    return any(
-        rule.action is Verdict.ASK
-        for compiled in policy.profiles.values()
-        for rule in (compiled.fallback, *compiled.rules)
-    )
-
-
-def refuse_asking(load: Callable[[list[Path]], CompiledPolicy]):
-    """`load`, failing (a PolicyError naming the first file) on a policy that asks: the
-    reloader of a service with several workers, which cannot yet route approvals."""
-
-    def load_without_ask(paths: list[Path]) -> CompiledPolicy:
-        policy = load(paths)
-        if asks(policy):
-            raise PolicyError(
-                [
-                    Problem(
-                        str(paths[0]),
-                        1,
-                        1,
-                        "an `ask` rule or fallback needs `sandgate gateway --workers 1` "
-                        "(approvals are not spread over workers yet); restart the service "
-                        "with --workers 1 to use it",
-                    )
-                ],
-                tuple(policy.paths),
-            )
-        return policy
-
-    return load_without_ask
 
 
 def make_listeners(host: str = "0.0.0.0") -> Listeners:
@@ -227,7 +193,7 @@ class WorkerPool:
         dns_upstream_port, confdir, upstream_ca); `sink`: the service's event fanout;
         `listen_host`: where the workers' sockets bind (every address, as one gateway's)."""
         self.listen_host = listen_host
-        self.config = {**config, "service_pid": os.getpid()}
+        self.config = {**config, "service_pid": os.getpid(), "workers": count}
         self.policy = policy
         self.sink = sink
         self.workers: list[WorkerProcess] = []
@@ -236,9 +202,7 @@ class WorkerPool:
         self.registry = self.by_address  # len(): the sandboxes, as the metrics read it
         self.gate = _Totals(self.workers)
         self.proxy = _SharedCA(Path(config["confdir"]))
-        # Nothing is ever held here (a policy that asks runs one worker): the empty
-        # store answers the control socket's and the admin's approvals commands.
-        self.approvals = Approvals(self.emit, lambda profile: self.policy.approval_for(profile))
+        self.approvals = WorkerApprovals(self._ask, count)
         self.audit_problem: str | None = None
         self.stopping = False
         self.pushing: asyncio.Task | None = None  # the last reload sent to the workers
@@ -309,6 +273,12 @@ class WorkerPool:
                 await reading  # everything it sent is handled before it counts as dead
             code = await worker.process.wait() if worker.process is not None else None
             worker.up.clear()
+            self.approvals.worker_gone(
+                worker.index,
+                f"gateway worker {worker.index} (pid {worker.pid}), which held it, exited with "
+                f"{_exit_text(code)}; its held connections went with it (the task asks again "
+                "if it retries)",
+            )
             if self.stopping:
                 return
             if reading is not None and worker.pid:
@@ -372,6 +342,8 @@ class WorkerPool:
             except (RuntimeError, TimeoutError) as e:
                 log.error("gateway worker %d: cannot take %s back: %s", worker.index,
                           sandbox.address, e)  # fmt: skip
+        for grant in self.approvals.live_grants():  # `--for` approvals of the other workers
+            await self._request_quietly(worker, "grant", approval=grant)
         worker.up.set()
         return reading
 
@@ -385,10 +357,14 @@ class WorkerPool:
                     log.error("gateway worker %d sent a bad event: %s", worker.index, e)
                     continue
                 self.sink(event)
+        elif op == "approval":
+            self.approvals.changed(worker.index, str(message["what"]), message["approval"])
         elif op == "stats":
             worker.stats = message
         elif op == "ready" and not ready.done():
             ready.set_result(message)
+        elif op == "always" and "id" in message:
+            return self.approvals.persist_always(message)
         elif "id" in message:
             raise ValueError(f"the service takes no {str(op)[:40]!r} requests")
         return None
@@ -499,6 +475,13 @@ class WorkerPool:
         return [w.describe() for w in self.workers]
 
     # --- helpers ------------------------------------------------------------------------
+
+    async def _ask(self, index: int, op: str, fields: dict) -> dict:
+        """A request to worker `index` (the approvals' route); LinkClosed if it is down."""
+        worker = self.workers[index]
+        if worker.link is None or worker.link.closed:
+            raise LinkClosed(f"gateway worker {index} is not running")
+        return await worker.link.request(op, timeout=None, **fields)
 
     async def _request_quietly(self, worker: WorkerProcess, op: str, **fields) -> None:
         try:

@@ -14,10 +14,12 @@ The service talks to it over `--link` (proxy/worker_link.py). Requests it answer
 inspects: the service then hands the task the CA), `remove_sandbox` {address},
 `reload` {expect} (loads the rule files itself, off the loop, and swaps; replies
 with the hash in force), `audit_hold` {problem} (the service's audit log cannot be
-written: refuse new connections as the in-process gateway would), `stats`, `stop`.
+written: refuse new connections as the in-process gateway would), `stats`, `stop`,
+and the approvals ops `approve`, `deny`, `grant` (proxy/approvals/remote.py).
 Notifications it sends: `ready` {pid, proxy_port, dns_port, policy} once, `events`
 {events: [Event.to_values(), ...]} at most FLUSH_DELAY after an event, `stats`
-every STATS_INTERVAL seconds.
+every STATS_INTERVAL seconds, `approval` {what, approval} on every change of its
+approvals. It asks the service `always` (append an approved rule, reload).
 
 It imports nothing of enforcer/, and dies with the service (PR_SET_PDEATHSIG).
 """
@@ -37,6 +39,7 @@ import socket
 import sys
 from pathlib import Path
 
+from sandgate.proxy.approvals.remote import ApprovalsOverLink
 from sandgate.proxy.gateway import Gateway, GatewayConfig, Listeners, inspects
 from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason
@@ -111,11 +114,13 @@ class Worker:
         self.gateway: Gateway | None = None
         self.link: Link | None = None
         self.reloader: PolicyReloader | None = None
+        self.approvals: ApprovalsOverLink | None = None
 
     async def run(self) -> int:
         self.link = await Link.over(self.link_sock, self.handle)
         reading = asyncio.get_running_loop().create_task(self.link.run())
         policy = await asyncio.to_thread(load_policy, self.rules)
+        batcher = EventBatcher(self.link)
         self.gateway = Gateway(
             GatewayConfig(
                 listen_host="",
@@ -128,7 +133,14 @@ class Worker:
                 listeners=self.listeners,
             ),
             policy,
-            EventBatcher(self.link),
+            batcher,
+        )
+        self.approvals = ApprovalsOverLink(
+            self.gateway.approvals,
+            self.link,
+            index=self.index,
+            count=int(self.config.get("workers", 1)),
+            before_send=batcher.flush,
         )
         self.gateway.guard_audit(self.audit)
         self.reloader = PolicyReloader(self.rules, self.gateway)
@@ -193,6 +205,15 @@ class Worker:
         problem = message.get("problem")
         self.audit.writable, self.audit.problem = problem is None, problem
         return {}
+
+    async def op_approve(self, message: dict) -> dict:
+        return await self.approvals.op_approve(message)
+
+    async def op_deny(self, message: dict) -> dict:
+        return await self.approvals.op_deny(message)
+
+    async def op_grant(self, message: dict) -> dict:
+        return await self.approvals.op_grant(message)
 
     async def op_stats(self, message: dict) -> dict:
         return self.stats()

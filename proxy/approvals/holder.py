@@ -79,6 +79,10 @@ class Approvals:
         # reload: on_always(approval, approver, expires). An exception there is
         # reported to the approver.
         self.on_always: Callable[[Pending, str, str | None], Awaitable[None]] | None = None
+        # Called whenever a connection starts or stops waiting on an approval (`held`,
+        # `asks`), which subscribers are not told: a gateway worker passes the counts on
+        # to the service's list (proxy/approvals/remote.py).
+        self.on_held: Callable[[Pending], None] | None = None
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -157,6 +161,7 @@ class Approvals:
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(found.id, []).append(future)
         found.held += 1
+        self._held_changed(found)
         started = self.clock()
         try:
             async with asyncio.timeout(settings.hold):
@@ -174,6 +179,7 @@ class Approvals:
             return HoldResult(Answer.PENDING, found, waited)
         finally:
             found.held -= 1
+            self._held_changed(found)
             waiters = self._waiters.get(found.id, [])
             with contextlib.suppress(ValueError):
                 waiters.remove(future)
@@ -234,7 +240,9 @@ class Approvals:
         self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")
         return found.to_dict(self.clock())
 
-    def deny(self, pending_id: str, approver: str) -> dict:
+    async def deny(self, pending_id: str, approver: str) -> dict:
+        """Deny; ApprovalError (one line) if unknown or decided already. A coroutine as
+        `approve` is: the service's approvals with workers route it to one."""
         found = self.store.deny(pending_id, approver)
         self._decided(found, "denied", Reason.APPROVAL_DENIED, "denied (for this task)")
         return found.to_dict(self.clock())
@@ -245,6 +253,13 @@ class Approvals:
         return lambda: self._subscribers.remove(subscriber)
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _held_changed(self, found: Pending) -> None:
+        if self.on_held is not None:
+            try:
+                self.on_held(found)
+            except Exception:  # noqa: BLE001 - a count that cannot be passed on never fails a hold
+                log.exception("approval held-count hook failed")
 
     def _decided(self, found: Pending, what: str, reason: Reason, detail: str) -> None:
         for future in self._waiters.get(found.id, []):

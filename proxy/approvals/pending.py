@@ -87,6 +87,33 @@ class ApprovalError(Exception):
     """A decision that cannot be taken: unknown id, or decided already. One line."""
 
 
+def unknown(pending_id: str) -> ApprovalError:
+    return ApprovalError(f"no approval {pending_id[:40]!r} (see: sandgate approvals list)")
+
+
+def decided_before(record: dict) -> ApprovalError:
+    """The refusal of a second decision (`record`: the approval's `to_dict`): the first stands."""
+    by = f" by {record['approver']}" if record.get("approver") else ""
+    scope = f" ({record['scope']})" if record.get("scope") else ""
+    return ApprovalError(
+        f"approval {record['id']} was already {record['state']}{scope}{by}: the first decision stands"
+    )
+
+
+def spread_ids(index: int, count: int) -> Callable[[], str]:
+    """`PendingStore.new_id` for gateway worker `index` of `count`: random ids of the usual
+    form (8 hex digits) whose value is `index` modulo `count`, so that no two workers ever
+    hand out the same id and an id stays as hard to guess (32 - log2(count) random bits)."""
+
+    def new_id() -> str:
+        while True:
+            candidate = secrets.token_hex(4)
+            if int(candidate, 16) % count == index:
+                return candidate
+
+    return new_id
+
+
 @dataclass(frozen=True, slots=True)
 class AskKey:
     """What an ask is about; build it with `AskKey.make`, which canonicalises."""
@@ -220,6 +247,42 @@ class Pending:
             "task_ended": self.task_ended,
         }
 
+    @classmethod
+    def from_dict(cls, record: dict, now: float) -> Pending:
+        """The approval `to_dict(now)` described (what a gateway worker sends the service,
+        and the service a worker): KeyError, TypeError or ValueError if malformed."""
+        key = AskKey(
+            task_id=str(record["task_id"]),
+            sandbox=str(record["sandbox"]),
+            profile=str(record["profile"]),
+            name=str(record["name"]),
+            port=int(record["port"]),
+            protocol=str(record["protocol"]),
+            method=record.get("method"),
+            path=record.get("path"),
+        )
+        created = float(record["created"])
+        scope = record.get("scope")
+        return cls(
+            id=str(record["id"]),
+            key=key,
+            created=created,
+            expires=now + float(record.get("expires_in_s") or 0.0),
+            rule_id=str(record.get("rule") or ""),
+            state=State(record.get("state", State.PENDING)),
+            held=int(record.get("held", 0)),
+            asks=int(record.get("asks", 0)),
+            decided_at=created + float(record["waiting_s"])
+            if record.get("state", State.PENDING) != State.PENDING
+            else None,
+            approver=record.get("approver"),
+            scope=Scope(scope) if scope else None,
+            until=record.get("until"),
+            ticket=record.get("ticket"),
+            widened=record.get("widened"),
+            task_ended=bool(record.get("task_ended", False)),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Grant:
@@ -303,7 +366,7 @@ class PendingStore:
     def get(self, pending_id: str) -> Pending:
         found = self._all.get(pending_id)
         if found is None:
-            raise ApprovalError(f"no approval {pending_id[:40]!r} (see: sandgate approvals list)")
+            raise unknown(pending_id)
         return found
 
     def approve(
@@ -324,10 +387,7 @@ class PendingStore:
         key = found.key
         if scope is Scope.DURATION:
             found.until = found.decided_at + duration
-            if widened:
-                self.widened_durations[key.widened(widened.removeprefix("*."))] = found
-            else:
-                self.durations[key.destination] = found
+            self.adopt_grant(found)
         elif found.task_ended:
             pass  # always, with no task left to grant: the policy's new rule covers it
         elif scope is Scope.ONCE:
@@ -336,6 +396,15 @@ class PendingStore:
         else:  # TASK, ALWAYS (the policy takes over once the rule is loaded)
             self.task[key] = found
         return found
+
+    def adopt_grant(self, found: Pending) -> None:
+        """File a duration approval (`until` set) as a grant for every task of its profile:
+        one decided here, or in another gateway worker (the service passes it on, so that
+        `--for 1h` holds for the profile whichever worker serves the task)."""
+        if found.widened:
+            self.widened_durations[found.key.widened(found.widened.removeprefix("*."))] = found
+        else:
+            self.durations[found.key.destination] = found
 
     def check_scope(self, pending_id: str, scope: Scope, widen: str | None = None) -> str | None:
         """ApprovalError if `scope` (and `widen`) cannot decide this pending approval:
@@ -395,11 +464,7 @@ class PendingStore:
         found = self.get(pending_id)
         target = TRANSITIONS[found.state].get(step)
         if target is None:
-            by = f" by {found.approver}" if found.approver else ""
-            scope = f" ({found.scope})" if found.scope else ""
-            raise ApprovalError(
-                f"approval {found.id} was already {found.state}{scope}{by}: the first decision stands"
-            )
+            raise decided_before(found.to_dict(self.clock()))
         found.state, found.decided_at, found.approver = target, self.clock(), approver
         del self.pending[found.id]
         if self.by_key.get(found.key) is found:

@@ -276,3 +276,134 @@ def test_a_killed_worker_cuts_only_its_sandboxes_and_comes_back(service, net, tm
     assert eventually(lambda: not [pid for pid in pids if _alive(pid)], timeout=5), pids
     # What it left behind goes with a restart (as in test_service's killed-service test).
     GatewayProcess(net, tmp_path, service.rules, "--workers", "1").start().stop()
+
+
+# TWO_PROFILES with an ask for default's www.allowed.test, held up to 60 s.
+ASKING = TWO_PROFILES.replace(
+    "  default:\n    rules:\n",
+    "  default:\n    approval: {hold: 60s}\n    rules:\n"
+    "      - ask: www.allowed.test\n        id: ask-www\n",
+)
+assert "ask-www" in ASKING
+
+# Fetches http://www.allowed.test/<name> (held for a human) and writes the status and
+# the body of a refusal to {name}-got.
+FETCH_ASKED = """
+import sys, urllib.request, urllib.error
+shared, name = sys.argv[1], sys.argv[2]
+open(f"{shared}/{name}-up", "w").write("up")
+try:
+    out = str(urllib.request.urlopen(f"http://www.allowed.test/{name}", timeout=90).status)
+except urllib.error.HTTPError as e:
+    out = f"{e.code} {e.read().decode(errors='replace')}"
+except Exception as e:
+    out = type(e).__name__
+open(f"{shared}/{name}-got", "w").write(out)
+"""
+
+
+def test_approvals_over_two_workers_list_both_and_each_decision_reaches_its_own_request(
+    net, tmp_path, rules
+):
+    """A reload adds an ask to a running two-worker service; a sandbox in each worker is
+    held; the CLI and the API list both; approving one lets exactly that request
+    through, denying the other gives its task the refusal and nginx never sees it."""
+    keys = tmp_path / "admin-keys"
+    added = subprocess.run(
+        [sandbox.SANDGATE, "approvals", "keys", "add", "tester", "--file", str(keys)],
+        capture_output=True,
+        text=True,
+    )
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    service = GatewayProcess(
+        net, tmp_path, rules, "--workers", "2", "--admin-keys", str(keys)
+    ).start()
+    shared, _ = sandbox.shared_dir(tmp_path)
+    tasks = {}
+    try:
+        rules.write_text(ASKING)
+        reply = json.loads(service.ask("reload", "--json").stdout)
+        assert reply["ok"], reply
+        assert [w["ok"] for w in reply["workers"]] == [True, True], reply
+
+        for name in ("one", "two"):
+            tasks[name] = _task(service, tmp_path, FETCH_ASKED, str(shared), name)
+            assert eventually((shared / f"{name}-up").exists, timeout=30), tasks[name].stderr
+        boxes = json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"]
+        task_of = {b["command"][-1]: b["task_id"] for b in boxes}
+        assert {b["worker"] for b in boxes} == {0, 1}, boxes
+
+        def pending_now() -> list[dict]:
+            result = service.ask("approvals", "list", "--json")
+            assert result.returncode == 0, result.stderr
+            return json.loads(result.stdout)
+
+        def both_held() -> list[dict]:
+            found = pending_now()
+            return found if len(found) == 2 and all(a["held"] == 1 for a in found) else []
+
+        pending = eventually(both_held, timeout=30)
+        assert pending, (pending_now(), service.log.read_text())
+        id_of = {name: next(a["id"] for a in pending if a["task_id"] == task_of[name])
+                 for name in ("one", "two")}  # fmt: skip
+        assert len(set(id_of.values())) == 2
+        assert all(
+            (a["name"], a["port"], a["rule"]) == ("www.allowed.test", 80, "ask-www") for a in pending
+        )
+        # The admin API sees both too.
+        api = net.run_in_host(
+            ["curl", "-s", "-H", f"Authorization: Bearer {token}",
+             "http://127.0.0.1:9465/api/approvals"],
+            timeout=30,
+        )  # fmt: skip
+        assert {a["id"] for a in json.loads(api.stdout)["approvals"]} == set(id_of.values()), api
+
+        approved = service.ask("approvals", "approve", id_of["one"])
+        assert approved.returncode == 0, approved.stderr
+        assert eventually(lambda: _read(shared / "one-got"), timeout=20) == "200"
+        assert not (shared / "two-got").exists()  # the other worker's request is still held
+        assert [r["uri"] for r in net.requests_seen()] == ["/one"]
+
+        denied = net.run_in_host(
+            ["curl", "-s", "-H", f"Authorization: Bearer {token}",
+             "-H", "Content-Type: application/json", "-d", '{"decision": "deny"}',
+             f"http://127.0.0.1:9465/api/approvals/{id_of['two']}"],
+            timeout=30,
+        )  # fmt: skip
+        assert json.loads(denied.stdout)["approval"]["approver"] == "tester (api key)", denied
+        got = eventually(lambda: _read(shared / "two-got"), timeout=20)
+        assert got.startswith("403 ") and "approval_denied" in got and id_of["two"] in got, got
+        assert [r["uri"] for r in net.requests_seen()] == ["/one"]  # /two never reached nginx
+
+        again = service.ask("approvals", "deny", id_of["one"])
+        assert again.returncode == 125 and "already approved (once)" in again.stderr
+        assert pending_now() == []
+
+        # A worker that dies takes its held request: the approval leaves the list, and
+        # deciding it is a clear error.
+        tasks["three"] = _task(service, tmp_path, FETCH_ASKED, str(shared), "three")
+        held = eventually(lambda: [a for a in pending_now() if a["held"]], timeout=30)
+        assert held, service.log.read_text()
+        (third,) = held
+        boxes = json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"]
+        (worker,) = [b["worker"] for b in boxes if b["task_id"] == third["task_id"]]
+        victim = service.status()["workers"][worker]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        assert eventually(lambda: pending_now() == [], timeout=20)
+        late = service.ask("approvals", "approve", third["id"])
+        assert late.returncode == 125, late
+        assert f"approval {third['id']} is gone: gateway worker {worker} (pid {victim})" in late.stderr
+        assert eventually(lambda: _read(shared / "three-got"), timeout=20) != "200"
+        assert "/three" not in [r["uri"] for r in net.requests_seen()]
+    finally:
+        (shared / "go").write_text("go")
+        for task in tasks.values():
+            task.wait(60)
+        service.stop()
+    decisions = {
+        e["approval_id"]: e["reason"]
+        for e in service.events(kind="approval")
+        if e["reason"] in ("approval_granted", "approval_denied")
+    }
+    assert decisions == {id_of["one"]: "approval_granted", id_of["two"]: "approval_denied"}

@@ -14,8 +14,8 @@ import dns.message
 import dns.rcode
 import pytest
 from sandgate.enforcer import nft
-from sandgate.enforcer.workers import WorkerPool, asks, refuse_asking
-from sandgate.proxy.policy import PolicyError, load_policy
+from sandgate.enforcer.workers import WorkerPool
+from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.telemetry.event import FIELD_BOUNDS, Event, EventKind
@@ -124,14 +124,6 @@ def test_the_guard_table_covers_every_workers_ports():
         nft.render_guard("sandgatesvc", [40000], [40001, 40003])
 
 
-ASKING = """\
-version: 1
-profiles:
-  default:
-    fallback: ask
-    rules:
-      - allow: allowed.test
-"""
 PLAIN = """\
 version: 1
 profiles:
@@ -140,17 +132,6 @@ profiles:
       - allow: allowed.test
         id: web
 """
-
-
-def test_a_policy_that_asks_is_refused_where_approvals_cannot_be_routed(tmp_path):
-    asking, plain = tmp_path / "asking.yaml", tmp_path / "plain.yaml"
-    asking.write_text(ASKING)
-    plain.write_text(PLAIN)
-    assert asks(load_policy([asking])) and not asks(load_policy([plain]))
-    load = refuse_asking(load_policy)
-    assert load([plain]).rule_count == load_policy([plain]).rule_count
-    with pytest.raises(PolicyError, match=r"asking.yaml:1:1: an `ask` rule .* --workers 1"):
-        load([asking])
 
 
 def _ask_dns(port: int, name: str) -> int:
