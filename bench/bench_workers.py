@@ -78,7 +78,9 @@ class Service:
         deadline = time.monotonic() + 60
         while self.ask("status") is None:
             if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not start:\n{(work / 'gateway.log').read_text()}")
+                raise RuntimeError(
+                    f"the service did not start:\n{(work / 'gateway.log').read_text()}"
+                )
             time.sleep(0.1)
 
     def ask(self, what: str) -> dict | None:

@@ -424,7 +424,9 @@ class WorkerPool:
         `Gateway.emit` stamps them, then into the same fanout as the workers'."""
         if event.policy_hash != self.policy.hash or event.task_id is None:
             index = self.by_address.get(event.sandbox) if event.sandbox else None
-            sandbox = self.workers[index].sandboxes.get(event.sandbox) if index is not None else None
+            sandbox = (
+                self.workers[index].sandboxes.get(event.sandbox) if index is not None else None
+            )
             event = event.with_fields(
                 policy_hash=self.policy.hash,
                 task_id=event.task_id or (sandbox.task_id if sandbox else None),

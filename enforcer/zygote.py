@@ -498,7 +498,9 @@ def _remove_ahead(path: str) -> None:
     try:
         cgroup.remove_ahead(ahead_name(path))
     except (cgroup.CgroupError, OSError) as e:
-        print(f"sandgate runners: {e} (`sandgate gc` removes it later)", file=sys.stderr, flush=True)
+        print(
+            f"sandgate runners: {e} (`sandgate gc` removes it later)", file=sys.stderr, flush=True
+        )
 
 
 _inherited: list[int] = []  # descriptors of the pool a runner closes: its lock

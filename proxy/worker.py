@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
-        level=logging.WARNING, format=f"sandgate worker {args.index}: %(message)s", stream=sys.stderr
+        level=logging.WARNING,
+        format=f"sandgate worker {args.index}: %(message)s",
+        stream=sys.stderr,
     )
     listeners = Listeners(
         frontdoor=socket.socket(fileno=args.frontdoor),

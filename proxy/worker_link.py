@@ -41,9 +41,7 @@ class LinkClosed(ConnectionError):
 
 
 class Link:
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler
-    ):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler):
         self.reader, self.writer, self.handle = reader, writer, handle
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}

@@ -144,7 +144,9 @@ def take_limits(rlimits: list[list[int]]) -> None:
         try:
             resource.setrlimit(number, (soft, hard))
         except (OSError, ValueError) as e:
-            raise SetupError(f"cannot set the task's resource limit {number} to {soft}/{hard}: {e}") from None
+            raise SetupError(
+                f"cannot set the task's resource limit {number} to {soft}/{hard}: {e}"
+            ) from None
 
 
 def join_cgroups(procs_files: list[str]) -> None:

@@ -267,7 +267,9 @@ class Spec:
     report_fd: int | None = None
     joined_fd: int | None = None  # the runner joins the cgroup for the init (runner_joins)
     umask: int = 0o022  # the task's (enforcer/sandbox/inherit.py)
-    rlimits: list[list[int]] = field(default_factory=list)  # [RLIMIT_*, soft, hard]: every process's
+    rlimits: list[list[int]] = field(
+        default_factory=list
+    )  # [RLIMIT_*, soft, hard]: every process's
     probe_paths: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:

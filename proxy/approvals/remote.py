@@ -93,7 +93,11 @@ class ApprovalsOverLink:
 
     async def op_deny(self, message: dict) -> dict:
         try:
-            return {"approval": await self.approvals.deny(str(message["approval_id"]), str(message["approver"]))}
+            return {
+                "approval": await self.approvals.deny(
+                    str(message["approval_id"]), str(message["approver"])
+                )
+            }
         except ApprovalError as e:
             return {"refused": str(e)}
 

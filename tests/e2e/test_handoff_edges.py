@@ -102,7 +102,9 @@ def test_the_task_cannot_get_more_than_its_caller_had(service, tmp_path):
     argv = attach_argv(
         service, workdir, ["sh", "-c", "ulimit -Hn; ulimit -n 2000 || echo refused"], extra=("-q",)
     )
-    proc = subprocess.run(_shell("ulimit -n 1000", argv), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        _shell("ulimit -n 1000", argv), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1000", "refused"]
 

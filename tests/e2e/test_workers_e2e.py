@@ -160,9 +160,10 @@ def test_two_workers_hold_each_sandbox_to_its_profile_sum_their_metrics_and_relo
         for name, task in tasks.items():
             assert eventually((shared / f"{name}-up").exists, timeout=30), task.stderr
         status = service.status()
-        by_profile = {s["profile"]: s for s in json.loads(service.ask("sandboxes", "--json").stdout)[
-            "sandboxes"
-        ]}
+        by_profile = {
+            s["profile"]: s
+            for s in json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"]
+        }
         # One sandbox in each worker: the one with the fewest gets the next network.
         assert {by_profile["default"]["worker"], by_profile["api"]["worker"]} == {0, 1}
         assert [w["sandboxes"] for w in status["workers"]] == [1, 1], status["workers"]
@@ -349,7 +350,8 @@ def test_approvals_over_two_workers_list_both_and_each_decision_reaches_its_own_
                  for name in ("one", "two")}  # fmt: skip
         assert len(set(id_of.values())) == 2
         assert all(
-            (a["name"], a["port"], a["rule"]) == ("www.allowed.test", 80, "ask-www") for a in pending
+            (a["name"], a["port"], a["rule"]) == ("www.allowed.test", 80, "ask-www")
+            for a in pending
         )
         # The admin API sees both too.
         api = net.run_in_host(
@@ -393,7 +395,9 @@ def test_approvals_over_two_workers_list_both_and_each_decision_reaches_its_own_
         assert eventually(lambda: pending_now() == [], timeout=20)
         late = service.ask("approvals", "approve", third["id"])
         assert late.returncode == 125, late
-        assert f"approval {third['id']} is gone: gateway worker {worker} (pid {victim})" in late.stderr
+        assert (
+            f"approval {third['id']} is gone: gateway worker {worker} (pid {victim})" in late.stderr
+        )
         assert eventually(lambda: _read(shared / "three-got"), timeout=20) != "200"
         assert "/three" not in [r["uri"] for r in net.requests_seen()]
     finally:

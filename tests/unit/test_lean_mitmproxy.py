@@ -158,12 +158,16 @@ def test_an_addon_added_or_removed_later_is_seen(both_dispatchers):
 
     addons = {"a": {"requestheaders": "ok"}, "b": {"requestheaders": "ok"}}
     before, after = both_dispatchers(lambda: dispatched(addons, request_hook, change))
-    assert after == before == [
-        ("a", "requestheaders"),
-        ("b", "requestheaders"),
-        ("b", "requestheaders"),
-        ("late", "requestheaders"),
-    ]
+    assert (
+        after
+        == before
+        == [
+            ("a", "requestheaders"),
+            ("b", "requestheaders"),
+            ("b", "requestheaders"),
+            ("late", "requestheaders"),
+        ]
+    )
 
 
 @pytest.fixture

@@ -110,9 +110,11 @@ def test_one_list_over_two_workers_each_decision_reaches_the_worker_that_holds_i
             service.workers[1].hold(key("t2", sandbox="10.0.0.3"), "ask-web", {})
         )
         listed = await _until(
-            lambda: len(service.mirror.list()) == 2
-            and all(a["held"] == 1 for a in service.mirror.list())
-            and service.mirror.list()
+            lambda: (
+                len(service.mirror.list()) == 2
+                and all(a["held"] == 1 for a in service.mirror.list())
+                and service.mirror.list()
+            )
         )
         assert {a["task_id"] for a in listed} == {"t1", "t2"}
         one = next(a["id"] for a in listed if a["task_id"] == "t1")

@@ -51,7 +51,9 @@ FULL = Event(
     "event",
     [
         pytest.param(FULL, id="every-field"),
-        pytest.param(Event(kind=EventKind.DNS, verdict=Verdict.DENY, reason=Reason.NO_RULE), id="bare"),
+        pytest.param(
+            Event(kind=EventKind.DNS, verdict=Verdict.DENY, reason=Reason.NO_RULE), id="bare"
+        ),
         pytest.param(FULL.with_fields(path="/" + "x" * 5000), id="cut-path"),
     ],
 )
