@@ -12,7 +12,7 @@ service in the fake internet's host netns; K sandboxes attached at once
 bench_gateway.py (bench/clients.py: a new TLS connection per `GET /`, allowed
 pass-through) for the same seconds; connections/s is the sum over sandboxes of
 completed requests over the phase's seconds; the gateway's CPU is the service's and
-its workers' utime+stime from /proc over the same phase (the clients, nginx and the
+its workers' utime+stime from /proc over the steady middle of the phase (the clients, nginx and the
 runners are not counted). Medians over rounds, and the ratios 2w/1w.
 
 Goal: the gateway's CPU per connection at 2 workers <= 1.1x that at 1 (on this 2-core
@@ -122,20 +122,26 @@ def one_round(fn, work: Path, workers: int, args) -> dict:
         ]  # fmt: skip
         procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for a in argv]  # fmt: skip
-        # The CPU window: from when the first client's phase can start to the last's end.
+        # The CPU window: the steady middle of the phase, from 1 s after the start
+        # (the runs attach and warm up) to 0.5 s before its end (before any run
+        # detaches: a sandbox's teardown is not a connection's cost). Connections in
+        # it: the phase's rate times its length.
         samples: dict[str, float] = {}
 
-        def sample() -> None:
-            time.sleep(1.0)  # the runs attach and warm up first
-            samples["cpu0"] = sum(cpu_seconds(p) for p in pids)
-            samples["service0"] = cpu_seconds(service.popen.pid)
-            samples["t0"] = time.time()
+        def sample(suffix: str) -> None:
+            samples["cpu" + suffix] = sum(cpu_seconds(p) for p in pids)
+            samples["service" + suffix] = cpu_seconds(service.popen.pid)
+            samples["t" + suffix] = time.time()
 
-        sampler = threading.Thread(target=sample)
+        def sampler_run() -> None:
+            time.sleep(1.0)
+            sample("0")
+            time.sleep(max(0.5, args.seconds - 1.5))
+            sample("1")
+
+        sampler = threading.Thread(target=sampler_run)
         sampler.start()
         outputs = [proc.communicate(timeout=args.seconds + 120) for proc in procs]
-        cpu1, t1 = sum(cpu_seconds(p) for p in pids), time.time()
-        service_cpu = cpu_seconds(service.popen.pid) - samples.get("service0", 0.0)
         sampler.join()
         results = [json.loads(out.splitlines()[-1]) for out, _ in outputs if out.strip()]
         if len(results) != len(procs):
@@ -144,20 +150,20 @@ def one_round(fn, work: Path, workers: int, args) -> dict:
         phases = [r[args.phase] for r in results]
         requests = sum(p.get("requests", 0) for p in phases)
         seconds = statistics.median(p["seconds"] for p in phases)
-        # The CPU window is a little wider than the phase (attach, warm-up, exit):
-        # the requests of that window are the phase's, so this overstates CPU/conn a
-        # little, the same way at every worker count.
-        cpu = cpu1 - samples["cpu0"]
+        window = samples["t1"] - samples["t0"]
+        in_window = requests / seconds * window
+        cpu = samples["cpu1"] - samples["cpu0"]
+        service_cpu = samples["service1"] - samples["service0"]
         return {
             "workers": workers,
             "connections_per_s": requests / seconds,
             "requests": requests,
             "errors": sum(p.get("errors", 0) for p in phases),
             "gateway_cpu_s": cpu,
-            "window_s": t1 - samples["t0"],
-            "cpu_us_per_connection": 1e6 * cpu / requests if requests else None,
+            "window_s": window,
+            "cpu_us_per_connection": 1e6 * cpu / in_window if requests else None,
             # with workers: the control plane's part (events in, audit log, metrics)
-            "service_us_per_connection": 1e6 * service_cpu / requests if requests else None,
+            "service_us_per_connection": 1e6 * service_cpu / in_window if requests else None,
             "processes": len(pids),
         }
     finally:
