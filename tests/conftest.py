@@ -3,7 +3,8 @@
 e2e tests need root (namespaces, nftables) and real tools. On a developer machine
 without them the tests are skipped, so the unit tests stay usable; in CI (env CI
 set) they fail instead, because a CI run that silently skips the end-to-end tests
-would report green without testing the data path (see DESIGN.md, Testing).
+would report green without testing the data path (see DESIGN.md, Testing). In
+CI any other skip fails too (`pytest_runtest_makereport`).
 """
 
 from __future__ import annotations
@@ -53,3 +54,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if in_ci():
         pytest.fail(message + " -- CI must run e2e tests, so this is a failure", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """In CI a skip anywhere is a failure: a test that skipped itself (a
+    parametrisation that does not apply, a missing tool) would report green
+    without running, and the machine CI runs on has everything."""
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, which must run every test: {report.longrepr}"

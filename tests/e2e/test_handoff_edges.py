@@ -292,13 +292,16 @@ def _all_stopped(pids: list[int]) -> bool:
     return bool(states) and set(states) == {"T"}
 
 
-@pytest.mark.parametrize("embedded", [False, True], ids=["attached", "embedded"])
+@pytest.mark.parametrize(
+    ("service", "embedded"),
+    [("warm", False), ("in-process", False), ("in-process", True)],
+    ids=["warm", "in-process", "embedded"],
+    indirect=["service"],  # the embedded run uses only the rules: no runner to vary
+)
 def test_ctrl_z_stops_the_task_and_fg_resumes_it(service, fakenet, tmp_path, embedded):
     """^Z at the terminal stops the `sandgate` command and the task; SIGCONT (what
     `fg` sends) resumes both; the task's exit code comes back at the end. Handed to a
     warm runner, or run in the caller's process (attached, or embedded) alike."""
-    if embedded and service.warm:
-        pytest.skip("the embedded run has no runner")
     workdir = _workdir(tmp_path)
     if embedded:
         argv = sandbox._argv(fakenet, workdir, ["sh", "-c", BEATING], service.rules, ("-q",))
