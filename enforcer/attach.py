@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -292,29 +293,16 @@ class ForkedInit:
         process group of its own, which `signal_group` stops and continues: a warm
         runner's, whose process group is the runner's; else it stays in this one (the
         terminal's foreground job, for a run in the caller's own process)."""
-        sys.stdout.flush()
-        sys.stderr.flush()
         self.returncode: int | None = None
         if seed is not None:  # forked already (in a group of its own), in the task's cgroup
             self.pid = seed.start(spec_path, keep)
-            return
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = EXIT_SETUP
-            try:
-                if own_group:
-                    os.setpgid(0, 0)
-                ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        else:
+
+            def be_init() -> int:
                 _close_all_but(keep)
-                code = sandbox_init.main([str(spec_path)])
-            except BaseException as e:  # noqa: BLE001 - the child must report, then go
-                print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-        if own_group:
-            with contextlib.suppress(OSError):  # both sides: either may come first
-                os.setpgid(self.pid, self.pid)
+                return sandbox_init.main([str(spec_path)])
+
+            self.pid = _fork(be_init, own_group=own_group)
         for fd in keep:  # as Popen: the parent keeps no inheritable copy to leak later
             os.set_inheritable(fd, False)
 
@@ -345,6 +333,31 @@ class ForkedInit:
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signum)
+
+
+def _fork(body: Callable[[], int], *, own_group: bool) -> int:
+    """A child that runs `body` and exits with its code (EXIT_SETUP after a one-line
+    report if it raises), never returning into the runner's code; it dies with this
+    process (PR_SET_PDEATHSIG) and, with `own_group`, leads a process group of its own."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = EXIT_SETUP
+        try:
+            if own_group:
+                os.setpgid(0, 0)
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+            code = body()
+        except BaseException as e:  # noqa: BLE001 - the child must report, then go
+            print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    if own_group:
+        with contextlib.suppress(OSError):  # both sides: either may come first
+            os.setpgid(pid, pid)
+    return pid
 
 
 def _close_all_but(keep: tuple[int, ...]) -> None:
@@ -384,24 +397,14 @@ class InitSeed:
         self._joined: bool | None = None
         self._used = False
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = EXIT_SETUP
-            try:
-                os.setpgid(0, 0)  # the run's process group (ForkedInit.signal_group)
-                ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-                self._sock.close()
-                code = _be_seed(theirs, task_cgroup.procs_files)
-            except BaseException as e:  # noqa: BLE001 - the child must report, then go
-                print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
+
+        def be_seed() -> int:
+            self._sock.close()
+            return _be_seed(theirs, task_cgroup.procs_files)
+
+        # its own process group: the run's (ForkedInit.signal_group)
+        self.pid = _fork(be_seed, own_group=True)
         theirs.close()
-        with contextlib.suppress(OSError):  # both sides: either may come first
-            os.setpgid(self.pid, self.pid)
 
     def usable(self, timeout: float = SEED_JOIN_TIMEOUT_S) -> bool:
         """In its cgroup (its word waited for, at most `timeout`: a move takes a grace
@@ -425,8 +428,6 @@ class InitSeed:
             socket.send_fds(self._sock, [message], fds)
         finally:
             self._sock.close()
-        for fd in keep:  # as Popen: the runner keeps no inheritable copy to leak later
-            os.set_inheritable(fd, False)
         return self.pid
 
     def discard(self) -> None:

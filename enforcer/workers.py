@@ -53,7 +53,7 @@ from pathlib import Path
 
 from sandgate.enforcer.worker_approvals import WorkerApprovals
 from sandgate.proxy.engine import CA_BASENAME
-from sandgate.proxy.gateway import Listeners, policy_loaded
+from sandgate.proxy.gateway import Listeners, policy_loaded, stamped
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
@@ -245,8 +245,7 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()
                 await worker.process.wait()
-            for sock in (worker.listeners.frontdoor, worker.listeners.dns_udp,
-                         worker.listeners.dns_tcp):  # fmt: skip
+            for sock in _sockets(worker.listeners):
                 sock.close()
         await self.approvals.stop()
 
@@ -422,16 +421,11 @@ class WorkerPool:
     def emit(self, event: Event) -> None:
         """The service's own events (control actions, task start and end): stamped as
         `Gateway.emit` stamps them, then into the same fanout as the workers'."""
-        if event.policy_hash != self.policy.hash or event.task_id is None:
-            index = self.by_address.get(event.sandbox) if event.sandbox else None
-            sandbox = (
-                self.workers[index].sandboxes.get(event.sandbox) if index is not None else None
-            )
-            event = event.with_fields(
-                policy_hash=self.policy.hash,
-                task_id=event.task_id or (sandbox.task_id if sandbox else None),
-            )
-        self.sink(event)
+        self.sink(stamped(event, self.policy.hash, self._sandbox_at))
+
+    def _sandbox_at(self, address: str) -> Sandbox | None:
+        index = self.by_address.get(address)
+        return None if index is None else self.workers[index].sandboxes.get(address)
 
     def swap_policy(self, new: CompiledPolicy, *, cause: str = "") -> SwapReport:
         """The reloader's swap: the service's policy now, one `policy_loaded` event for

@@ -15,8 +15,9 @@ caller: its stdin, stdout, stderr, environment and working directory, and runs
 exactly what `sandgate run --gateway` runs in-process (enforcer/attach.py: the
 attach request, the sandbox, detach). While it waits, a runner makes its task's
 cgroup (`sandgate-warm-<hex>`, under the pool's) and forks its init's process into
-it (attach.InitSeed): a run then writes its limits there, and migrates nothing. The caller's end kills the task (attach's
-`caller`); its signals are forwarded to it. The pool forks the next runner as soon
+it (attach.InitSeed): a run then writes its limits there, and migrates nothing.
+The caller's end kills the task (attach's `caller`); its signals are forwarded to
+it. The pool forks the next runner as soon
 as one is taken, dies, or loses its socket.
 
 One pool per control socket: it holds `<control>.runners` (flock, its pid inside),

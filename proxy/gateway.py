@@ -128,18 +128,16 @@ class Gateway:
         self.descriptors = self.frontdoor.descriptors = DescriptorReserve()
         self.descriptors.start(asyncio.get_running_loop())
         self.approvals.start()
-        ready = self.config.listeners
-        if ready is not None:
-            await self.dns.start(sockets=(ready.dns_udp, ready.dns_tcp))
-        else:
-            await self.dns.start(self.config.listen_host, self.config.dns_port)
+        config, ready = self.config, self.config.listeners
+        await self.dns.start(
+            config.listen_host, config.dns_port, sockets=ready and (ready.dns_udp, ready.dns_tcp)
+        )
         try:
             if inspection:
                 await self.proxy.started()
-            if ready is not None:
-                await self.frontdoor.start(listener=ready.frontdoor)
-            else:
-                await self.frontdoor.start(self.config.listen_host, self.config.proxy_port)
+            await self.frontdoor.start(
+                config.listen_host, config.proxy_port, listener=ready and ready.frontdoor
+            )
             self.watch_expiry()
             for sink in self._rate_limited():
                 sink.start(asyncio.get_running_loop())
@@ -279,15 +277,20 @@ class Gateway:
         return compiled is not None and compiled.opens_special_address(ip, time.time())
 
     def emit(self, event: Event) -> None:
-        if event.policy_hash != self.policy.hash or event.task_id is None:
-            # The gate stamps its connection events itself (two per connection, so
-            # the copy is worth saving); others leave it to here.
-            sandbox = self.registry.get(event.sandbox) if event.sandbox else None
-            event = event.with_fields(
-                policy_hash=self.policy.hash,
-                task_id=event.task_id or (sandbox.task_id if sandbox else None),
-            )
-        self.events.emit(event)
+        self.events.emit(stamped(event, self.policy.hash, self.registry.get))
+
+
+def stamped(event: Event, policy_hash: str, sandbox_at: Callable[[str], Sandbox | None]) -> Event:
+    """`event` with the policy in force and its task (the sandbox's, `sandbox_at` its
+    address), unless it has both. The gate stamps its connection events itself (two per
+    connection, so the copy is worth saving); others leave it to the gateway's emit."""
+    if event.policy_hash == policy_hash and event.task_id is not None:
+        return event
+    sandbox = sandbox_at(event.sandbox) if event.sandbox else None
+    return event.with_fields(
+        policy_hash=policy_hash,
+        task_id=event.task_id or (sandbox.task_id if sandbox else None),
+    )
 
 
 def policy_loaded(old: CompiledPolicy, new: CompiledPolicy, cause: str = "") -> Event:

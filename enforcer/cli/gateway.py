@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def register(sub) -> None:
         default=None,
         metavar="N",
         help="data path processes, each serving whole sandboxes (default: one per usable "
-        "core; 1: in the service process). A policy that asks a human runs one",
+        "core; 1: in the service process)",
     )
     gateway.set_defaults(func=cmd_gateway)
 
@@ -104,6 +103,7 @@ def cmd_gateway(args) -> int:
     with setup_errors():
         from sandgate.enforcer.run import check_prerequisites
         from sandgate.enforcer.service import SERVICE_AUDIT_LOG, ServiceOptions, serve
+        from sandgate.enforcer.workers import usable_cores
 
         check_prerequisites()
         code = serve(
@@ -121,7 +121,7 @@ def cmd_gateway(args) -> int:
                 grace=args.grace,
                 warm=args.warm,
                 runners=args.runners,
-                workers=args.workers or len(os.sched_getaffinity(0)),
+                workers=args.workers or usable_cores(),
             )
         )
     sys.stderr.flush()

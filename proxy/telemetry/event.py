@@ -114,15 +114,6 @@ class Event:
         )
         return record
 
-    @classmethod
-    def from_dict(cls, record: dict) -> Event:
-        """The event `to_dict` made (absent fields are None). Raises ValueError for an
-        unknown kind, verdict or reason, TypeError for an unknown field."""
-        unknown = record.keys() - _FIELD_SET
-        if unknown:
-            raise TypeError(f"Event has no field {', '.join(sorted(unknown))}")
-        return cls.from_values([record.get(name, _DEFAULTS.get(name)) for name in FIELDS])
-
     def to_values(self) -> list:
         """The compact form: every field's value in `FIELDS` order, JSON-ready as it is
         (the enums are strings). What a worker sends the service (proxy/worker.py)."""
@@ -164,7 +155,6 @@ def bound_text(value: str, limit: int) -> str:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Event))
-_DEFAULTS = {"detail": ""}  # from_dict: an absent field is None, but these
 CUT_MARKER_MAX = 20  # what bound_text adds at most: "...[+N chars]"
 _FIELD_SET = frozenset(FIELDS)
 field_values = operator.attrgetter(*FIELDS)
