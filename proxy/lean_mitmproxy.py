@@ -49,6 +49,7 @@ from __future__ import annotations
 import inspect
 import time
 import types
+from collections import deque
 
 from sandgate.proxy.lean_import import skip_init
 
@@ -91,28 +92,35 @@ def _hook_args(self) -> list:
 
 def dispatch_hooks_directly() -> None:
     """Replace `AddonManager.handle_lifecycle` (see the module docstring; idempotent)."""
-    from mitmproxy import addonmanager, exceptions, flow
-
-    async def trigger(manager, name: str, args: list) -> None:
-        for addon in hook_handlers(manager, name):
-            try:
-                result = getattr(addon, name)(*args)
-                if result is not None and inspect.isawaitable(result):
-                    await result
-            except exceptions.AddonHalt:
-                return
-            except exceptions.OptionsError:
-                raise
-            except Exception as e:  # noqa: BLE001 - as mitmproxy's safecall: log, go on
-                addonmanager.logger.error(f"Addon error: {e}", exc_info=True)
+    from mitmproxy import addonmanager, flow
 
     async def handle_lifecycle(self, event) -> None:
         args = event.args()
-        await trigger(self, event.name, args)
+        await _trigger(hook_handlers(self, event.name), event.name, args)
         if isinstance(args[0], flow.Flow) and hook_handlers(self, "update"):
-            await trigger(self, "update", [[args[0]]])
+            await _trigger(hook_handlers(self, "update"), "update", [[args[0]]])
 
     addonmanager.AddonManager.handle_lifecycle = handle_lifecycle
+
+
+async def _trigger(addons, name: str, args: list, pending=None) -> None:
+    """Call hook `name` on `addons` in order, awaiting what they return, with
+    mitmproxy's error handling (`safecall`): an exception is logged and the next addon
+    called, AddonHalt stops, OptionsError is raised. `pending`: an awaitable the
+    addon before `addons` returned, awaited first (`run_hooks_inline`)."""
+    from mitmproxy import addonmanager, exceptions
+
+    for addon in addons if pending is None else (None, *addons):
+        try:
+            result = pending if addon is None else getattr(addon, name)(*args)
+            if result is not None and inspect.isawaitable(result):
+                await result
+        except exceptions.AddonHalt:
+            return
+        except exceptions.OptionsError:
+            raise
+        except Exception as e:  # noqa: BLE001 - as mitmproxy's safecall: log, go on
+            addonmanager.logger.error(f"Addon error: {e}", exc_info=True)
 
 
 def hook_handlers(manager, name: str) -> tuple:
@@ -147,3 +155,275 @@ def unblock_unhandled_hooks(manager) -> list[str]:
             hook_class.blocking = False
             unblocked.append(name)
     return unblocked
+
+
+def lighter_lookups() -> None:
+    """Header lookups and option reads without their detours (idempotent; see
+    docs/mitmproxy-internals.md 7f). Same results:
+
+    - `Headers.get` and `in` went through `Mapping.get`/`__contains__`, which call
+      `headers[key]`, which raises KeyError for a missing header (most lookups:
+      `expect`, `transfer-encoding`, `connection` on every message), and `get_all`
+      lowered the key once per field through two method calls;
+    - `ctx.options.X` deep-copied the option's value twice per read; the HTTP layer
+      reads a few per message. A deep copy of str, bytes, int, float, bool or None
+      is the value itself, so those are returned as they are."""
+    from mitmproxy import http, optmanager
+
+    native, always_bytes = http._native, http._always_bytes
+
+    def get_all(self, name) -> list[str]:
+        key = always_bytes(name).lower()
+        return [native(value) for field, value in self.fields if field.lower() == key]
+
+    def get(self, name, default=None):
+        values = get_all(self, name)
+        return ", ".join(values) if values else default
+
+    def contains(self, name) -> bool:
+        key = always_bytes(name).lower()
+        return any(field.lower() == key for field, _ in self.fields)
+
+    http.Headers.get_all, http.Headers.get, http.Headers.__contains__ = get_all, get, contains
+
+    unset, deepcopy = optmanager.unset, optmanager.copy.deepcopy
+    immutable = (str, bytes, int, float, bool, type(None))
+
+    def current(self):
+        value = self._default if self.value is unset else self.value
+        return value if type(value) in immutable else deepcopy(value)
+
+    optmanager._Option.current = current
+
+
+def reuse_leaf_objects() -> None:
+    """Convert each leaf certificate and key to pyOpenSSL once, not per connection
+    (idempotent; docs/mitmproxy-internals.md 7g).
+
+    `TlsConfig.tls_start_client` gets the leaf from mitmproxy's CertStore cache (as
+    `cryptography` objects) and converts both to pyOpenSSL for every inspected
+    connection, each a serialisation and a parse: `Cert.to_pyopenssl` and
+    `PKey.from_cryptography_key`. The certificate's is kept on the Cert object (the
+    CertStore keeps those), the key's per key object (mitmproxy signs every leaf
+    with the CA's key and serves that key with it: one entry). OpenSSL only reads
+    them (`SSL_use_certificate` and `SSL_use_PrivateKey` take a reference)."""
+    from mitmproxy import certs
+    from OpenSSL import crypto
+
+    if getattr(certs.Cert.to_pyopenssl, "_sandgate", False):
+        return
+    to_pyopenssl = certs.Cert.to_pyopenssl
+    from_key = crypto.PKey.from_cryptography_key.__func__
+
+    def cert_to_pyopenssl(self):
+        cached = self.__dict__.get("_sandgate_pyopenssl")
+        if cached is None:
+            cached = self._sandgate_pyopenssl = to_pyopenssl(self)
+        return cached
+
+    keys: dict[int, tuple] = {}  # id(key) -> (key, PKey): the key kept, so the id stays its
+
+    def key_from_cryptography(cls, key):
+        cached = keys.get(id(key))
+        if cached is None or cached[0] is not key or cls is not crypto.PKey:
+            pkey = from_key(cls, key)
+            if cls is not crypto.PKey or not hasattr(key, "private_bytes"):
+                return pkey  # a subclass's, or a public key: as before
+            if len(keys) >= MAX_CACHED_KEYS:
+                keys.clear()
+            cached = keys[id(key)] = (key, pkey)
+        return cached[1]
+
+    cert_to_pyopenssl._sandgate = True
+    certs.Cert.to_pyopenssl = cert_to_pyopenssl
+    crypto.PKey.from_cryptography_key = classmethod(key_from_cryptography)
+
+
+MAX_CACHED_KEYS = 16  # private keys converted to pyOpenSSL kept (mitmproxy uses one)
+
+
+# sha256 of the source of what `run_hooks_inline` replaces or relies on, as in
+# mitmproxy 11.0.2; another source leaves mitmproxy's own in place (and says so).
+HOOK_PATH_SOURCES = {
+    "server.ConnectionHandler.server_event": (
+        "11ba8b6ed84f07444dfd1a50e5c375f3905c514242a073471d220faa18be3ff6"
+    ),
+    "server.ConnectionHandler.hook_task": (
+        "9ac79701605262685df6bc57fdba46bc84894961665e5b32d90defebd0780092"
+    ),
+    "mode_servers.ProxyConnectionHandler.handle_hook": (
+        "9f8b52fd798203c9d2401c3e5d8c7f9976c490ac124b17cd55d8afce73b66acf"
+    ),
+}
+
+
+def _source_digest(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+
+
+def hook_path_changes() -> list[str]:
+    """The names in HOOK_PATH_SOURCES whose source is not the one recorded there."""
+    from mitmproxy.proxy import mode_servers, server
+
+    modules = {"server": server, "mode_servers": mode_servers}
+    changed = []
+    for name, digest in HOOK_PATH_SOURCES.items():
+        module, *path = name.split(".")
+        obj = modules[module]
+        for part in path:
+            obj = getattr(obj, part)
+        if _source_digest(obj) != digest:
+            changed.append(name)
+    return changed
+
+
+def run_hooks_inline() -> bool:
+    """Run the hooks a layer yields in `server_event` itself, no task per hook
+    (docs/mitmproxy-internals.md 7h). False, and mitmproxy's own path kept, when
+    its source is not the one this was written against.
+
+    mitmproxy's `ConnectionHandler.server_event` feeds an event to the layer stack
+    and carries out the commands it yields; for each hook (`StartHook`) it starts a
+    task, which dispatches the hook to the addons and then, for a blocking hook, feeds
+    `HookCompleted` back through `server_event`: ~16 tasks per new inspected
+    connection, 4 per request. The gateway's addons answer every hook at once (a
+    coroutine only for a request held for approval), so here the hooks of one event
+    run after its commands, in the order yielded, each followed at once by its
+    `HookCompleted`, as the tasks would have run them. A hook an addon answers with
+    an awaitable, a flow hook when an addon has `update` or the flow is intercepted,
+    and any other connection handler, go on in a task as before. A hook no addon
+    has and that does not block is dropped: its task would have found no addon."""
+    from mitmproxy import flow
+    from mitmproxy.proxy import commands, events, mode_servers, server
+    from mitmproxy.utils import asyncio_utils
+
+    if server.ConnectionHandler.server_event.__name__ == "server_event_inline":
+        return True
+    changed = hook_path_changes()
+    if changed:
+        import logging
+
+        logging.getLogger("sandgate.engine").warning(
+            "mitmproxy's %s changed: hooks keep a task each", ", ".join(changed)
+        )
+        return False
+    log_error = server.logging.ERROR
+
+    def carry_out(self, event, hooks: deque) -> None:
+        """mitmproxy's command loop (server_event), hooks queued instead of tasks."""
+        try:
+            for command in self.layer.handle_event(event):
+                if isinstance(command, commands.OpenConnection):
+                    assert command.connection not in self.transports
+                    handler = asyncio_utils.create_task(
+                        self.open_connection(command),
+                        name=f"server connection handler {command.connection.address}",
+                        client=self.client.peername,
+                    )
+                    self.transports[command.connection] = server.ConnectionIO(handler=handler)
+                elif isinstance(command, commands.RequestWakeup):
+                    task = asyncio_utils.create_task(
+                        self.wakeup(command),
+                        name=f"wakeup timer ({command.delay:.1f}s)",
+                        client=self.client.peername,
+                    )
+                    assert task is not None
+                    self.wakeup_timer.add(task)
+                elif (
+                    isinstance(command, commands.ConnectionCommand)
+                    and command.connection not in self.transports
+                ):
+                    pass  # The connection has already been closed.
+                elif isinstance(command, commands.SendData):
+                    writer = self.transports[command.connection].writer
+                    assert writer
+                    if not writer.is_closing():
+                        writer.write(command.data)
+                elif isinstance(command, commands.CloseTcpConnection):
+                    self.close_connection(command.connection, command.half_close)
+                elif isinstance(command, commands.CloseConnection):
+                    self.close_connection(command.connection, False)
+                elif isinstance(command, commands.StartHook):
+                    hooks.append(command)
+                elif isinstance(command, commands.Log):
+                    self.log(command.message, command.level)
+                else:
+                    raise RuntimeError(f"Unexpected command: {command}")
+        except Exception:
+            self.log("mitmproxy has crashed!", log_error, exc_info=True)
+
+    def in_task(self, hook, coroutine) -> None:
+        task = asyncio_utils.create_task(
+            coroutine, name=f"handle_hook({hook.name})", client=self.client.peername
+        )
+        self.hook_tasks.add(task)
+        task.add_done_callback(self.hook_tasks.remove)
+
+    async def finish(self, hook, data, pending, rest: tuple) -> None:
+        """The rest of a hook an addon answered with `pending`, then as hook_task."""
+        with self.timeout_watchdog.disarm():
+            await _trigger(rest, hook.name, [data], pending)
+            if isinstance(data, flow.Flow):
+                await data.wait_for_resume()
+        if hook.blocking:
+            await self.server_event(events.HookCompleted(hook))
+
+    def run_hook(self, hook) -> bool:
+        """Dispatch `hook` now; True if done, False if it goes on in a task."""
+        if not isinstance(self, mode_servers.ProxyConnectionHandler):
+            in_task(self, hook, self.hook_task(hook))
+            return False
+        manager = self.master.addons
+        (data,) = hook.args()
+        if isinstance(data, flow.Flow) and (hook_handlers(manager, "update") or data.intercepted):
+            in_task(self, hook, self.hook_task(hook))
+            return False
+        addons = hook_handlers(manager, hook.name)
+        for i, addon in enumerate(addons):
+            result = _call_now(addon, hook.name, data)
+            if result is _HALT:
+                break
+            if result is not None and inspect.isawaitable(result):
+                in_task(self, hook, finish(self, hook, data, result, addons[i + 1 :]))
+                return False
+        return True
+
+    async def server_event_inline(self, event) -> None:
+        async with self._server_event_lock:
+            # No `await` beyond this point (as in mitmproxy's).
+            self.timeout_watchdog.register_activity()
+            hooks: deque = deque()
+            carry_out(self, event, hooks)
+            while hooks:
+                hook = hooks.popleft()
+                try:
+                    done = run_hook(self, hook)
+                except Exception:
+                    self.log("mitmproxy has crashed!", log_error, exc_info=True)
+                    continue
+                if done and hook.blocking:
+                    carry_out(self, events.HookCompleted(hook), hooks)
+
+    server.ConnectionHandler.server_event = server_event_inline
+    return True
+
+
+_HALT = object()  # _call_now: the addon raised AddonHalt
+
+
+def _call_now(addon, name: str, data):
+    """One addon's hook, with mitmproxy's error handling (see _trigger): its result,
+    None after a logged exception, _HALT for AddonHalt."""
+    from mitmproxy import addonmanager, exceptions
+
+    try:
+        return getattr(addon, name)(data)
+    except exceptions.AddonHalt:
+        return _HALT
+    except exceptions.OptionsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - as mitmproxy's safecall: log, go on
+        addonmanager.logger.error(f"Addon error: {e}", exc_info=True)
+        return None
