@@ -186,12 +186,12 @@ def lighter_lookups() -> None:
 
     http.Headers.get_all, http.Headers.get, http.Headers.__contains__ = get_all, get, contains
 
-    unset, deepcopy = optmanager.unset, optmanager.copy.deepcopy
+    unset, copy = optmanager.unset, optmanager.copy
     immutable = (str, bytes, int, float, bool, type(None))
 
     def current(self):
         value = self._default if self.value is unset else self.value
-        return value if type(value) in immutable else deepcopy(value)
+        return value if type(value) in immutable else copy.deepcopy(value)
 
     optmanager._Option.current = current
 

@@ -4,6 +4,7 @@ result, and hooks dispatched directly reach the same addons in the same order.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 
@@ -18,6 +19,8 @@ from mitmproxy.utils import asyncio_utils
 from sandgate.proxy.lean_mitmproxy import (
     dispatch_hooks_directly,
     drop_per_request_checks,
+    lighter_lookups,
+    run_hooks_inline,
     unblock_unhandled_hooks,
 )
 
@@ -213,3 +216,199 @@ def test_hooks_no_addon_has_no_longer_pause_the_layer(hook_classes_restored):
     assert layers.http.HttpRequestHeadersHook.blocking is True  # an addon has it: waits
     assert layers.http.HttpResponseHook.blocking is False
     assert commands_on_start() == ["HttpResponseHook", "Log"]  # goes on at once
+
+
+# --- hooks run inline (run_hooks_inline) -------------------------------------------
+
+
+class TwoHooks(layer.Layer):
+    """Yields requestheaders (an addon has it: blocks) and response, logging around them."""
+
+    def __init__(self, context, flow):
+        super().__init__(context)
+        self.flow = flow
+
+    def _handle_event(self, event):
+        if isinstance(event, events.Start):
+            yield commands.Log("start")
+            yield layers.http.HttpRequestHeadersHook(self.flow)
+            yield commands.Log("after requestheaders")
+            yield layers.http.HttpResponseHook(self.flow)
+            yield commands.Log("after response")
+
+
+class Watchdog:
+    def register_activity(self):
+        pass
+
+    def disarm(self):
+        return contextlib.nullcontext()
+
+
+def served(addon_hooks: dict, monkeypatch) -> tuple[list, list[str]]:
+    """What a connection handler does with TwoHooks' Start: the addons' calls and the
+    handler's log lines in one list, and the names of the tasks it started."""
+    from mitmproxy.proxy import mode_servers
+
+    log: list = []
+    tasks: list[str] = []
+    create_task = asyncio_utils.create_task
+
+    def counted(coro, *, name, **kw):
+        tasks.append(name)
+        return create_task(coro, name=name, **kw)
+
+    monkeypatch.setattr(asyncio_utils, "create_task", counted)
+
+    async def main():
+        master = Master(options.Options())
+        try:
+            master.addons.add(*(Recorder(n, log, h) for n, h in addon_hooks.items()))
+            handler = mode_servers.ProxyConnectionHandler.__new__(mode_servers.ProxyConnectionHandler)
+            handler.master, handler.transports, handler.hook_tasks = master, {}, set()
+            handler.client = tflow.tclient_conn()
+            handler.timeout_watchdog, handler._server_event_lock = Watchdog(), asyncio.Lock()
+            handler.log = lambda message, *a, **k: log.append(message)
+            ctx = context.Context(handler.client, master.options)
+            handler.layer = TwoHooks(ctx, tflow.tflow())
+            await handler.server_event(events.Start())
+            while handler.hook_tasks:
+                await asyncio.sleep(0)
+        finally:
+            master._legacy_log_events.uninstall()
+
+    asyncio.run(main())
+    return log, tasks
+
+
+@pytest.fixture
+def both_event_paths(monkeypatch):
+    """Runs a function with mitmproxy's server_event, then with hooks inline."""
+    from mitmproxy.proxy import server
+
+    original = server.ConnectionHandler.server_event
+
+    def run(fn):
+        monkeypatch.setattr(server.ConnectionHandler, "server_event", original)
+        before = fn()
+        assert run_hooks_inline()  # restored by monkeypatch at the end
+        assert server.ConnectionHandler.server_event is not original
+        return before, fn()
+
+    return run
+
+
+ADDONS = {"a": {"requestheaders": "ok", "response": "ok"}, "b": {"requestheaders": "ok"}}
+IN_ORDER = [
+    "start",
+    ("a", "requestheaders"),
+    ("b", "requestheaders"),
+    "after requestheaders",
+    ("a", "response"),
+    "after response",
+]
+
+
+def test_inline_hooks_reach_the_same_addons_in_the_same_order_without_tasks(
+    both_event_paths, monkeypatch
+):
+    (log_before, tasks_before), (log_after, tasks_after) = both_event_paths(
+        lambda: served(ADDONS, monkeypatch)
+    )
+    assert log_before == log_after == IN_ORDER
+    assert tasks_before == ["handle_hook(requestheaders)", "handle_hook(response)"]
+    assert tasks_after == []
+
+
+@pytest.mark.parametrize(
+    "behaviour, logged",
+    [
+        pytest.param("async", IN_ORDER, id="awaitable-goes-on-in-a-task"),
+        pytest.param("raise", IN_ORDER, id="exception-logged-next-addon-called"),
+        pytest.param("halt", IN_ORDER[:2] + IN_ORDER[3:], id="halt-stops-the-hook"),
+    ],
+)
+def test_inline_hooks_keep_mitmproxys_handling(both_event_paths, monkeypatch, behaviour, logged):
+    addons = {"a": {"requestheaders": behaviour, "response": "ok"}, "b": {"requestheaders": "ok"}}
+    (log_before, _), (log_after, tasks_after) = both_event_paths(
+        lambda: served(addons, monkeypatch)
+    )
+    strip = [entry for entry in log_after if not str(entry).startswith("Addon error")]
+    assert log_before == log_after
+    assert strip == logged
+    assert tasks_after == (["handle_hook(requestheaders)"] if behaviour == "async" else [])
+
+
+def test_a_changed_mitmproxy_keeps_its_own_hook_path(monkeypatch):
+    from mitmproxy.proxy import server
+    from sandgate.proxy import lean_mitmproxy
+
+    original = server.ConnectionHandler.server_event
+    monkeypatch.setattr(server.ConnectionHandler, "server_event", original)
+    assert lean_mitmproxy.hook_path_changes() == []  # recorded for the installed mitmproxy
+    monkeypatch.setitem(
+        lean_mitmproxy.HOOK_PATH_SOURCES, "server.ConnectionHandler.hook_task", "0" * 64
+    )
+    assert lean_mitmproxy.hook_path_changes() == ["server.ConnectionHandler.hook_task"]
+    assert run_hooks_inline() is False
+    assert server.ConnectionHandler.server_event is original
+
+
+# --- lighter lookups, leaf objects reused -------------------------------------------
+
+
+def test_header_lookups_give_what_they_gave_without_raising_inside(monkeypatch):
+    from mitmproxy.coretypes import multidict
+
+    lighter_lookups()
+    headers = http.Headers(
+        fields=((b"Host", b"a"), (b"X-Y", b"1"), (b"x-y", b"2"), (b"\xff", b"\xfe"))
+    )
+
+    def no_getitem(self, key):
+        raise AssertionError("went through __getitem__ and a KeyError")
+
+    monkeypatch.setattr(multidict._MultiDict, "__getitem__", no_getitem)
+    assert headers.get("X-y") == "1, 2" and headers.get(b"HOST") == "a"
+    assert headers.get("missing") is None and headers.get("missing", "d") == "d"
+    assert headers.get_all("x-Y") == ["1", "2"] and headers.get_all("missing") == []
+    assert headers.get("\udcff") == "\udcfe"  # surrogateescape both ways, as before
+    assert ("host" in headers, b"X-Y" in headers, "missing" in headers) == (True, True, False)
+
+
+def test_option_reads_copy_only_what_is_mutable(monkeypatch):
+    from mitmproxy import optmanager
+
+    lighter_lookups()
+    opts = options.Options()
+    opts.update(mode=["transparent"])
+    copied: list = []
+    deepcopy = optmanager.copy.deepcopy
+    monkeypatch.setattr(optmanager.copy, "deepcopy", lambda v: copied.append(v) or deepcopy(v))
+    assert (opts.listen_port, opts.listen_host, opts.ssl_insecure) == (None, "", False)
+    assert copied == []
+    modes = opts.mode
+    modes.append("changed")  # a list is still a copy: the option is untouched
+    assert opts.mode == ["transparent"] and copied == [["transparent"], ["transparent"]]
+
+
+def test_leaf_certificate_and_key_are_converted_once(tmp_path):
+    from cryptography import x509
+    from mitmproxy.certs import CertStore
+    from OpenSSL import crypto
+    from sandgate.proxy.engine import ensure_ec_ca
+    from sandgate.proxy.lean_mitmproxy import reuse_leaf_objects
+
+    reuse_leaf_objects()
+    ensure_ec_ca(tmp_path)
+    store = CertStore.from_store(tmp_path, "mitmproxy", 2048)
+    entry = store.get_cert("a.test", [x509.DNSName("a.test")])
+    assert store.get_cert("a.test", [x509.DNSName("a.test")]) is entry  # mitmproxy's cache
+    cert = entry.cert.to_pyopenssl()
+    assert entry.cert.to_pyopenssl() is cert
+    assert cert.to_cryptography() == entry.cert._cert
+    key = crypto.PKey.from_cryptography_key(entry.privatekey)
+    assert crypto.PKey.from_cryptography_key(entry.privatekey) is key
+    assert key.to_cryptography_key().private_numbers() == entry.privatekey.private_numbers()
+    public = crypto.PKey.from_cryptography_key(entry.privatekey.public_key())
+    assert public is not crypto.PKey.from_cryptography_key(entry.privatekey.public_key())
