@@ -22,6 +22,7 @@ from dataclasses import dataclass
 _HANDSHAKE = 0x16
 _CLIENT_HELLO = 0x01
 _SERVER_NAME = 0x0000
+_ALPN = 0x0010
 _HOST_NAME = 0x00
 _MAX_RECORD = 1 << 14  # RFC 8446 5.1: a plaintext record carries at most 2^14 bytes
 
@@ -45,7 +46,26 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     body = _first_handshake_message(data)
     if body is None:
         return None
-    return ClientHello(sni=_server_name(body))
+    return ClientHello(sni=_extensions(body)[0])
+
+
+def server_name_and_alpn(body: bytes) -> tuple[str | None, list[bytes]]:
+    """The SNI and the ALPN protocols offered (RFC 7301 3.1) of a ClientHello's body
+    (the handshake message after its 4-byte header); ValueError if malformed. For
+    mitmproxy's ClientHello (proxy/lean_mitmproxy.py: `parse_client_hellos_lean`)."""
+    sni, alpn = _extensions(body)
+    if alpn is None:
+        return sni, []
+    if len(alpn) < 2 or ((alpn[0] << 8) | alpn[1]) != len(alpn) - 2:
+        raise ValueError("ALPN extension is not one protocol list")
+    protocols, at = [], 2
+    while at < len(alpn):
+        end = at + 1 + alpn[at]
+        if end > len(alpn) or end == at + 1:
+            raise ValueError("ALPN protocol empty or overrunning its list")
+        protocols.append(alpn[at + 1 : end])
+        at = end
+    return sni, protocols
 
 
 def _first_handshake_message(data: bytes) -> bytes | None:
@@ -75,9 +95,10 @@ def _first_handshake_message(data: bytes) -> bytes | None:
                 return message[4:end]
 
 
-def _server_name(body: bytes) -> str | None:
-    """The SNI of a ClientHello body (RFC 8446 4.1.2), checking the framing on the way.
-    Indexing past the end raises IndexError: the body was cut short."""
+def _extensions(body: bytes) -> tuple[str | None, bytes | None]:
+    """The SNI of a ClientHello body (RFC 8446 4.1.2), checking the framing on the way,
+    and the ALPN extension's bytes if there is one. Indexing past the end raises
+    IndexError: the body was cut short."""
     try:
         at = 2 + 32  # legacy_version, random
         size = body[at]
@@ -93,13 +114,13 @@ def _server_name(body: bytes) -> str | None:
             raise ValueError("no compression method")
         at += 1 + size
         if at == len(body):
-            return None  # no extensions at all (allowed before TLS 1.3)
+            return None, None  # no extensions at all (allowed before TLS 1.3)
         end = at + 2 + ((body[at] << 8) | body[at + 1])
         if end != len(body):
             raise ValueError("extensions block does not end with the ClientHello")
         at += 2
         seen: set[int] = set()
-        sni = None
+        sni = alpn = None
         while at < end:
             kind = (body[at] << 8) | body[at + 1]
             start = at + 4
@@ -111,7 +132,9 @@ def _server_name(body: bytes) -> str | None:
             seen.add(kind)
             if kind == _SERVER_NAME:
                 sni = _host_name(body[start:at])
-        return sni
+            elif kind == _ALPN:
+                alpn = body[start:at]
+        return sni, alpn
     except IndexError:
         raise ValueError("ClientHello cut short") from None
 

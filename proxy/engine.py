@@ -66,6 +66,7 @@ def _import_mitmproxy():
         dispatch_hooks_directly,
         drop_per_request_checks,
         lighter_lookups,
+        parse_client_hellos_lean,
         reuse_leaf_objects,
         run_hooks_inline,
         unblock_unhandled_hooks,
@@ -83,6 +84,8 @@ def _import_mitmproxy():
         reuse_leaf_objects()
     if "inline" not in off:
         run_hooks_inline()
+    if "hello" not in off:
+        parse_client_hellos_lean()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),

@@ -427,3 +427,61 @@ def _call_now(addon, name: str, data):
     except Exception as e:  # noqa: BLE001 - as mitmproxy's safecall: log, go on
         addonmanager.logger.error(f"Addon error: {e}", exc_info=True)
         return None
+
+
+def parse_client_hellos_lean() -> None:
+    """mitmproxy's ClientHello read by sandgate's parser (idempotent;
+    docs/mitmproxy-internals.md 7i).
+
+    `ClientTLSLayer` parses each intercepted ClientHello with a Kaitai Struct parser
+    (`tls.ClientHello.__init__`), ~7 % of the gateway's CPU per new inspected
+    connection, to read two things: the SNI and the ALPN offers. The front door has
+    read that same ClientHello with proxy/clienthello.py already (its decision);
+    here `layers.tls.parse_client_hello` gives a ClientHello whose `sni` and
+    `alpn_protocols` come from that parser, with mitmproxy's rules (the SNI only if
+    it is one valid host name, else None), and that runs the Kaitai parser only
+    when something else is asked for (`cipher_suites`, `extensions`: no gateway
+    addon does). Bytes sandgate's parser refuses go to mitmproxy's own, as before."""
+    from mitmproxy import tls
+    from mitmproxy.net import check
+    from mitmproxy.proxy.layers import tls as tls_layer
+    from sandgate.proxy.clienthello import server_name_and_alpn
+
+    if getattr(tls_layer.parse_client_hello, "_sandgate", False):
+        return
+    kaitai_init = tls.ClientHello.__init__
+
+    class LeanClientHello(tls.ClientHello):
+        def __init__(self, raw: bytes, sni: str | None, alpn: list[bytes]):
+            self._raw_bytes = raw
+            self._sni = sni if sni is not None and check.is_valid_host(sni.encode()) else None
+            self._alpn = alpn
+
+        def __getattr__(self, name):
+            if name != "_client_hello":
+                raise AttributeError(name)
+            kaitai_init(self, self._raw_bytes)  # sets _client_hello
+            return self._client_hello
+
+        @property
+        def sni(self) -> str | None:
+            return self._sni
+
+        @property
+        def alpn_protocols(self) -> list[bytes]:
+            return list(self._alpn)
+
+    original = tls_layer.parse_client_hello
+
+    def parse_client_hello(data: bytes):
+        message = tls_layer.get_client_hello(data)
+        if not message:
+            return None
+        try:
+            sni, alpn = server_name_and_alpn(message[4:])
+        except ValueError:
+            return original(data)
+        return LeanClientHello(message[4:], sni, alpn)
+
+    parse_client_hello._sandgate = True
+    tls_layer.parse_client_hello = parse_client_hello
