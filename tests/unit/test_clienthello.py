@@ -217,3 +217,35 @@ def test_any_bytes_give_a_hello_none_or_value_error_and_never_another_name(data)
         return
     if ours is not None and ours.sni is not None and theirs is not None and theirs.sni is not None:
         assert ours.sni == theirs.sni
+
+
+def test_alpn_is_read_with_the_name():
+    from sandgate.proxy.clienthello import server_name_and_alpn
+
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="allowed.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    body = handshake_of(outgoing.read())[4:]
+    assert server_name_and_alpn(body) == ("allowed.test", [b"h2", b"http/1.1"])
+    hello = client_hello("allowed.test")
+    assert server_name_and_alpn(handshake_of(hello)[4:]) == ("allowed.test", [])
+
+
+@pytest.mark.parametrize(
+    "alpn",
+    [
+        pytest.param(b"\x00\x04\x02h2", id="list-length-wrong"),
+        pytest.param(b"\x00\x03\x00h2", id="empty-protocol"),
+        pytest.param(b"\x00\x03\x05h2", id="protocol-overruns"),
+        pytest.param(b"\x00", id="cut-short"),
+    ],
+)
+def test_a_malformed_alpn_is_an_error(alpn):
+    from sandgate.proxy.clienthello import server_name_and_alpn
+
+    hello = hello_with_extensions(server_name((0, b"allowed.test")) + extension(0x10, alpn))
+    with pytest.raises(ValueError):
+        server_name_and_alpn(handshake_of(hello)[4:])

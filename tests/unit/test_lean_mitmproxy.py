@@ -412,3 +412,75 @@ def test_leaf_certificate_and_key_are_converted_once(tmp_path):
     assert key.to_cryptography_key().private_numbers() == entry.privatekey.private_numbers()
     public = crypto.PKey.from_cryptography_key(entry.privatekey.public_key())
     assert public is not crypto.PKey.from_cryptography_key(entry.privatekey.public_key())
+
+
+# --- ClientHellos read by sandgate's parser (parse_client_hellos_lean) ---------------
+
+
+def tls_hello(sni: str | None, alpn: list[str] | None = None) -> bytes:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def two_names_hello() -> bytes:
+    """A minimal hello whose server_name lists two names: sandgate's parser refuses it."""
+    names = b"\x00\x00\x06a.test" + b"\x00\x00\x06b.test"
+    server_name = b"\x00\x00" + (len(names) + 2).to_bytes(2, "big") + len(names).to_bytes(2, "big")
+    extensions = server_name + names
+    body = b"\x03\x03" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    body += len(extensions).to_bytes(2, "big") + extensions
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+
+
+@pytest.fixture
+def lean_hellos(monkeypatch):
+    from mitmproxy.proxy.layers import tls as tls_layer
+    from sandgate.proxy.lean_mitmproxy import parse_client_hellos_lean
+
+    original = tls_layer.parse_client_hello
+    monkeypatch.setattr(tls_layer, "parse_client_hello", original)
+    parse_client_hellos_lean()
+    assert tls_layer.parse_client_hello is not original
+    return original, tls_layer.parse_client_hello
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        pytest.param(tls_hello("a.test", ["h2", "http/1.1"]), id="sni-alpn"),
+        pytest.param(tls_hello("b.test"), id="sni"),
+        pytest.param(tls_hello(None, ["http/1.1"]), id="alpn-no-sni"),
+        pytest.param(tls_hello("under_score.test"), id="sni-mitmproxy-takes-as-host"),
+        pytest.param(tls_hello("-bad-.test"), id="sni-not-a-host-name-is-none"),
+    ],
+)
+def test_lean_hello_reads_as_mitmproxys(lean_hellos, hello):
+    kaitai, lean = lean_hellos
+    expected, got = kaitai(hello), lean(hello)
+    assert type(got).__name__ == "LeanClientHello"
+    assert got.__dict__.get("_client_hello") is None  # not parsed by Kaitai
+    assert (got.sni, got.alpn_protocols) == (expected.sni, expected.alpn_protocols)
+    assert got.raw_bytes() == expected.raw_bytes()
+    # What no gateway addon reads is still there, from Kaitai on demand.
+    assert (got.cipher_suites, got.extensions) == (expected.cipher_suites, expected.extensions)
+    assert lean(hello[:40]) is None and lean(hello + b"\x17\x03\x03\x00\x01x").sni == got.sni
+
+
+def test_hellos_sandgate_refuses_are_mitmproxys_to_read(lean_hellos):
+    kaitai, lean = lean_hellos
+    hello = two_names_hello()
+    got = lean(hello)
+    assert type(got).__name__ == "ClientHello"
+    assert got.sni == kaitai(hello).sni
+    with pytest.raises(ValueError):
+        lean(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00")  # not a ClientHello, as before
