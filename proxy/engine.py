@@ -73,19 +73,12 @@ def _import_mitmproxy():
     )
     from sandgate.proxy.upstream_sessions import UpstreamSessionResumption
 
-    import os
-
-    off = os.environ.get("SANDGATE_DEV_OFF", "").split("+")  # DEV ONLY: A/B, remove
     drop_per_request_checks()
     dispatch_hooks_directly()
-    if "look" not in off:
-        lighter_lookups()
-    if "leaf" not in off:
-        reuse_leaf_objects()
-    if "inline" not in off:
-        run_hooks_inline()
-    if "hello" not in off:
-        parse_client_hellos_lean()
+    lighter_lookups()
+    reuse_leaf_objects()
+    run_hooks_inline()
+    parse_client_hellos_lean()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),
