@@ -41,6 +41,13 @@ none of the gateway's addons has (`response`, `tls_established_client`/`_server`
 `error`, ...) all of that is for nothing: made non-blocking, the layer goes on at
 once (the task still runs and finds no addon).
 
+Sixth session (docs/performance.md, "Inspected HTTPS, sixth session"):
+`run_hooks_inline()` runs the hooks a layer yields in `server_event` itself, with
+no task per hook; `lighter_lookups()` takes the KeyError out of header lookups and
+the deep copies out of option reads; `reuse_leaf_objects()` converts the leaf
+certificate and key to pyOpenSSL once, not per connection; `parse_client_hellos_lean()`
+reads mitmproxy's ClientHello with sandgate's parser. Each says why in its docstring.
+
 docs/mitmproxy-internals.md lists these for the upgrade checklist.
 """
 
