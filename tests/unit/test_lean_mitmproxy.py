@@ -110,19 +110,27 @@ def dispatched(addon_hooks: dict, hook_factory, change=None) -> list:
     return log
 
 
-@pytest.fixture
-def both_dispatchers(monkeypatch):
-    """Runs a function with mitmproxy's dispatch, then with the direct one."""
-    original = addonmanager.AddonManager.handle_lifecycle
+def before_and_after(monkeypatch, owner, name: str, patch):
+    """A runner of a function with mitmproxy's `owner.name`, then with `patch()`
+    applied (restored by monkeypatch at the end): (result before, result after)."""
+    original = getattr(owner, name)
 
     def run(fn):
-        monkeypatch.setattr(addonmanager.AddonManager, "handle_lifecycle", original)
+        monkeypatch.setattr(owner, name, original)
         before = fn()
-        dispatch_hooks_directly()  # restored by monkeypatch at the end
-        assert addonmanager.AddonManager.handle_lifecycle is not original
+        assert patch() is not False
+        assert getattr(owner, name) is not original
         return before, fn()
 
     return run
+
+
+@pytest.fixture
+def both_dispatchers(monkeypatch):
+    """Runs a function with mitmproxy's dispatch, then with the direct one."""
+    return before_and_after(
+        monkeypatch, addonmanager.AddonManager, "handle_lifecycle", dispatch_hooks_directly
+    )
 
 
 def request_hook():
@@ -286,16 +294,7 @@ def both_event_paths(monkeypatch):
     """Runs a function with mitmproxy's server_event, then with hooks inline."""
     from mitmproxy.proxy import server
 
-    original = server.ConnectionHandler.server_event
-
-    def run(fn):
-        monkeypatch.setattr(server.ConnectionHandler, "server_event", original)
-        before = fn()
-        assert run_hooks_inline()  # restored by monkeypatch at the end
-        assert server.ConnectionHandler.server_event is not original
-        return before, fn()
-
-    return run
+    return before_and_after(monkeypatch, server.ConnectionHandler, "server_event", run_hooks_inline)
 
 
 ADDONS = {"a": {"requestheaders": "ok", "response": "ok"}, "b": {"requestheaders": "ok"}}
