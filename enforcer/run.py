@@ -243,7 +243,8 @@ class TaskRun:
                 sandbox_ifaces=self.net.host_if,
                 proxy_port=self.gateway.proxy_port,
                 dns_port=self.gateway.dns_port,
-            )
+            ),
+            new=True,  # this run's own id: created, not replaced (nft.render_ruleset says why)
         )
         await asyncio.to_thread(nft.apply_ruleset, ruleset)
 

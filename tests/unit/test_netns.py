@@ -79,3 +79,48 @@ def test_calls_from_a_running_event_loop_are_refused(monkeypatch: pytest.MonkeyP
             netns.destroy_sandbox_net("ab12")
 
     asyncio.run(call_in_loop())
+
+
+NO_LDCONFIG_SCRIPT = """
+import ctypes.util, os, subprocess, sys
+from sandgate.enforcer import netns
+
+def refuse(*args, **kwargs):
+    raise AssertionError(f"a process or a library search: {args}")
+
+ctypes.util.find_library = refuse  # pyroute2 would run `ldconfig -p` through it
+subprocess.Popen = refuse
+run_id = sys.argv[1]
+net = netns.create_sandbox_net(run_id, "10.213.0.1", "10.213.0.2")
+assert os.path.exists(f"/run/netns/{net.netns}")
+with netns.entered_netns(net.netns):  # a setns through pyroute2
+    with open("/proc/thread-self/net/dev") as dev:
+        assert net.sandbox_if in dev.read(), "not in the sandbox's netns"
+netns.destroy_sandbox_net(run_id)
+assert not os.path.exists(f"/run/netns/{net.netns}")
+"""
+
+
+@pytest.mark.e2e
+def test_a_sandbox_net_comes_and_goes_without_starting_a_process() -> None:
+    """Create, enter and destroy a sandbox net (in a throwaway host netns) with library
+    searches and subprocesses refused: pyroute2 is given libc, it runs no `ldconfig -p`."""
+    import os
+    import subprocess
+    import sys
+
+    host, run_id = f"sgtnl{os.getpid() % 10000}", f"nl{os.getpid() % 10000}"
+    subprocess.run(["ip", "netns", "add", host], check=True)
+    try:
+        proc = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-c", NO_LDCONFIG_SCRIPT]
+            + [run_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert not os.path.exists(f"/run/netns/sg-{run_id}")
+    finally:
+        subprocess.run(["ip", "netns", "del", f"sg-{run_id}"], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", host], check=False)
