@@ -155,6 +155,25 @@ def test_delete_table_is_one_idempotent_transaction(monkeypatch: pytest.MonkeyPa
         nft.delete_table("x; flush ruleset")
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["deleted", "failed"])
+def test_delete_table_runs_meanwhile_only_after_the_deletion(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append("nft")
+        return subprocess.CompletedProcess(argv, int(fails), "", "Error: no" if fails else "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    if fails:
+        with pytest.raises(NftError):
+            nft.delete_table("sandgate_ab12", meanwhile=lambda: calls.append("meanwhile"))
+    else:
+        nft.delete_table("sandgate_ab12", meanwhile=lambda: calls.append("meanwhile"))
+    assert calls == (["nft"] if fails else ["nft", "meanwhile"])
+
+
 def test_service_guard_matches_golden_file() -> None:
     """The service's guard: its ports answer only sandbox interfaces."""
     golden = GOLDEN.with_name("guard.golden").read_text()
@@ -212,7 +231,10 @@ except nft.NftError as e:
     assert "exist" in str(e).lower(), e
 listed = nft._run_nft(["list", "table", "inet", "sandgate_new"])
 assert "sgh-new" in listed and "sgh-other" not in listed, listed
-nft.delete_table("sandgate_new")
+# meanwhile: the deletion is committed (the table is gone) and the library free to use.
+seen = []
+nft.delete_table("sandgate_new", meanwhile=lambda: seen.append(nft.list_tables()))
+assert seen == [[]], seen
 """
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
