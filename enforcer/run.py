@@ -220,7 +220,6 @@ class TaskRun:
         # from an earlier run, mitmproxy waits for the first connection that needs it.
         await self.gateway.start(inspection=inspection and not self.gateway.proxy.ca_ready)
         await self._serve_control()
-        self._start_metrics()
         if opts.probe is None:
             self.admin = Admin(
                 opts.admin, self.gateway.approvals, self.metrics.approval_webhook_failures.inc
@@ -371,6 +370,10 @@ class TaskRun:
         # (the first cgroup write after an idle spell waits out an RCU grace period).
         await asyncio.to_thread(sandbox.join, self.child.pid)
         sandbox.started()
+        # /metrics from here, not before the task: its server thread imports the WSGI
+        # side (wsgiref, http.server, email, ...: ~10 ms of CPU, holding the GIL) as it
+        # starts, which now overlaps the task instead of delaying its start.
+        self._start_metrics()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, self._forward_signal, signum)
