@@ -169,6 +169,7 @@ def probe_start(out: str, argv: list[str]) -> int:
     wrap_sync(nft, "apply_ruleset", STEP_NFT)
     wrap_async(run.TaskRun, "_run_task", STEP_TASK)
     wrap_async(run.TaskRun, "_teardown", STEP_TEARDOWN)
+    wrap_sync(netns, "cut_off", STEP_CUTOFF)
     wrap_sync(netns, "destroy_sandbox_net", STEP_DESTROY)
     wrap_sync(nft, "read_counters", STEP_COUNTERS)
     wrap_sync(nft, "delete_table", STEP_DELTABLE)
@@ -238,9 +239,10 @@ STEP_CA = "write CA bundles (x2)"
 STEP_NFT = "nft -f (ruleset)"
 STEP_TASK = "task: sandbox init + CMD"
 STEP_TEARDOWN = "teardown"
+STEP_CUTOFF = "cut off (host veth down)"
 STEP_DESTROY = "destroy netns + veth"
 STEP_COUNTERS = "nft -j list (counters)"
-STEP_DELTABLE = "nft delete table"
+STEP_DELTABLE = "nft delete table (+ destroy, meanwhile)"
 STEP_GWSTOP = "gateway stop"
 STEP_METRICS_START = "metrics server start"
 STEP_METRICS_STOP = "metrics server stop"
@@ -265,9 +267,10 @@ BREAKDOWN = [  # (indent, label) in print order
     (2, STEP_NFT),
     (2, STEP_TASK),
     (2, STEP_TEARDOWN),
-    (3, STEP_DESTROY),
+    (3, STEP_CUTOFF),
     (3, STEP_COUNTERS),
     (3, STEP_DELTABLE),
+    (4, STEP_DESTROY),
     (3, STEP_GWSTOP),
     (3, STEP_METRICS_STOP),
     (0, STEP_INPROCESS),

@@ -32,7 +32,7 @@ import json
 import re
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 NFT = "nft"
@@ -88,18 +88,23 @@ class RulesetConfig:
             raise ValueError("proxy_port and dns_port must differ")
 
 
-def render_ruleset(cfg: RulesetConfig) -> str:
-    """Text for `nft -f -` that atomically replaces table `inet <cfg.table>`.
+def render_ruleset(cfg: RulesetConfig, *, new: bool = False) -> str:
+    """Text for `nft -f -` that atomically replaces table `inet <cfg.table>`, or with
+    `new`, creates it (the load fails if a table of that name exists: never a merge
+    into a table that is not this sandbox's).
 
     The leading `table` + `delete table` pair makes the load work whether or not
-    the table exists, in one transaction (nft 1.0.6 has no `destroy`).
+    the table exists, in one transaction (nft 1.0.6 has no `destroy`). A table made
+    for a fresh sandbox id does without it: a transaction that deletes anything
+    leaves work for the kernel's destroy worker, and closing the netlink socket
+    waits for that worker, an RCU grace period (10-15 ms of every `sandgate run`
+    here, against ~1 ms for a transaction that only adds).
     """
     t, sbx = cfg.table, f'iifname "{cfg.sandbox_ifaces}"'
     counters = "\n".join(f"\tcounter {name} {{\n\t}}" for name in COUNTERS)
+    head = f"create table inet {t}\n" if new else f"table inet {t}\ndelete table inet {t}\n"
     return f"""\
-table inet {t}
-delete table inet {t}
-table inet {t} {{
+{head}table inet {t} {{
 {counters}
 
 \tchain early {{
@@ -175,11 +180,19 @@ def apply_ruleset(text: str) -> None:
     _run_nft(["-f", "-"], stdin=text)
 
 
-def delete_table(table: str) -> None:
-    """Delete table `inet <table>`; a missing table is fine."""
+def delete_table(table: str, *, meanwhile: Callable[[], object] | None = None) -> None:
+    """Delete table `inet <table>`; a missing table is fine.
+
+    `meanwhile` runs once the deletion is committed (the table filters nothing any
+    more) and before the netlink socket closes. Closing it waits until the kernel
+    has freed what the transaction deleted, an RCU grace period (~10 ms); work that
+    waits for a grace period itself (deleting a veth) shares it instead of taking a
+    second one after. It does not run if the deletion fails."""
     if not _TABLE.fullmatch(table):
         raise ValueError(f"bad nft table name {table!r}")
-    _run_nft(["-f", "-"], stdin=f"table inet {table}\ndelete table inet {table}\n")
+    _run_nft(
+        ["-f", "-"], stdin=f"table inet {table}\ndelete table inet {table}\n", meanwhile=meanwhile
+    )
 
 
 def list_tables(prefix: str = "sandgate") -> list[str]:
@@ -212,10 +225,12 @@ def _nft_json(args: list[str]) -> list[dict]:
         raise NftError(f"nft -j {' '.join(args)}: unexpected output: {e}") from e
 
 
-def _run_nft(args: list[str], stdin: str | None = None) -> str:
+def _run_nft(
+    args: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None
+) -> str:
     library = _libnftables()
     if library is not None:
-        return _run_library(library, args, stdin)
+        return _run_library(library, args, stdin, meanwhile)
     try:
         proc = subprocess.run(
             [NFT, *args],
@@ -231,6 +246,8 @@ def _run_nft(args: list[str], stdin: str | None = None) -> str:
         raise NftError(f"nft {' '.join(args)}: no answer after {_TIMEOUT_S} s") from e
     if proc.returncode != 0:
         raise NftError(f"nft {' '.join(args)} failed: {proc.stderr.strip()}")
+    if meanwhile is not None:
+        meanwhile()  # `nft` has closed its socket by now: nothing to overlap
     return proc.stdout
 
 
@@ -264,16 +281,20 @@ def _libnftables() -> ctypes.CDLL | None:
     return _library
 
 
-def _run_library(lib: ctypes.CDLL, args: list[str], stdin: str | None) -> str:
+def _run_library(
+    lib: ctypes.CDLL, args: list[str], stdin: str | None, meanwhile: Callable[[], object] | None
+) -> str:
     """What `nft ARGS` would print, for the two forms used here: `-f -` with the
-    commands on stdin, and `[-j] COMMAND...`."""
+    commands on stdin, and `[-j] COMMAND...`; `meanwhile` as `delete_table` says,
+    with the context (its netlink socket) still open and the lock released."""
     as_json = args[:1] == ["-j"]
     command = stdin if args[-2:] == ["-f", "-"] else " ".join(args[1:] if as_json else args)
-    with _library_lock:
-        ctx = lib.nft_ctx_new(_NFT_CTX_DEFAULT)
-        if not ctx:
-            raise NftError("libnftables: cannot create a context")
-        try:
+    ctx = None
+    try:
+        with _library_lock:
+            ctx = lib.nft_ctx_new(_NFT_CTX_DEFAULT)
+            if not ctx:
+                raise NftError("libnftables: cannot create a context")
             if as_json:
                 lib.nft_ctx_output_set_flags(ctx, _NFT_CTX_OUTPUT_JSON)
             lib.nft_ctx_buffer_output(ctx)
@@ -281,8 +302,12 @@ def _run_library(lib: ctypes.CDLL, args: list[str], stdin: str | None) -> str:
             failed = lib.nft_run_cmd_from_buffer(ctx, command.encode())
             output = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
             error = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode()
-        finally:
-            lib.nft_ctx_free(ctx)
-    if failed:
-        raise NftError(f"nft {' '.join(args)} failed: {error.strip()}")
+        if failed:
+            raise NftError(f"nft {' '.join(args)} failed: {error.strip()}")
+        if meanwhile is not None:
+            meanwhile()
+    finally:
+        if ctx:
+            with _library_lock:
+                lib.nft_ctx_free(ctx)  # closes its socket: waits for the kernel's freeing
     return output

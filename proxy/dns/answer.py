@@ -14,17 +14,11 @@ import ipaddress
 from collections.abc import Callable
 from typing import NamedTuple
 
-import dns.flags
 import dns.ipv4
 import dns.ipv6
-import dns.message
-import dns.name
 import dns.rcode
-import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.rrset
-from dns.rdtypes.svcbbase import IPv4HintParam, IPv6HintParam, ParamKey
 from sandgate.proxy.dns.bindings import Binding, canonical_address
 from sandgate.proxy.dns.query import OUR_PAYLOAD, make_response
 from sandgate.proxy.dns.wire import (
@@ -98,6 +92,9 @@ def filter_answer(
     client asked for, or was told are aliases of it) with each address it may use,
     but not the chain's final target, which the client never asked for.
     """
+    import dns.message  # the slow path's (package docstring, "Imports")
+    import dns.rrset
+
     question = query.question[0]
     if upstream is None:
         return upstream_failure(query, "no answer from the upstream resolvers")
@@ -270,6 +267,8 @@ def _filter_https(
 ) -> tuple[list[dns.rdata.Rdata], list[str], list[str]]:
     """HTTPS records without ech and without special-range hints: (kept records,
     hint addresses kept, descriptions of addresses removed)."""
+    from dns.rdtypes.svcbbase import IPv4HintParam, IPv6HintParam, ParamKey
+
     kept, addresses, removed = [], [], []
     for rd in records:
         params = dict(rd.params)

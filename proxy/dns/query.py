@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Literal
 
 import dns.flags
-import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdataclass
@@ -84,6 +83,8 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
     5. EDNS version 0 or none; 6. class IN; 7. an allowed type; 8. a valid host
     name; 9. the policy allows the name for the profile.
     """
+    import dns.message  # the slow path's (package docstring, "Imports")
+
     problem = _shape_problem(wire)
     if problem is not None:
         return _unparsable(wire, problem)
@@ -266,6 +267,8 @@ def header_response(wire: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
 def make_response(query: dns.message.Message, *, copy_question: bool = True) -> dns.message.Message:
     """`dns.message.make_response` with the gateway's flags: RA set (we resolve),
     our EDNS payload size."""
+    import dns.message
+
     return dns.message.make_response(
         query,
         recursion_available=True,

@@ -14,10 +14,8 @@ import time
 from collections.abc import Callable
 
 import dns.flags
-import dns.message
 import dns.rcode
 import dns.rdatatype
-import dns.rrset
 from sandgate.proxy.dns.answer import (
     filter_answer,
     filter_simple_answer,
@@ -270,7 +268,9 @@ class DnsFilter:
                     self.bindings.record(sandbox, name, ip, ttl)
                 detail = _join(quick.decision.detail, f"{quick.qtype} {simple.summary}")
                 return simple.response, quick.decision, {"detail": detail}
-        query = dns.message.from_wire(wire)
+        from dns.message import from_wire  # the slow path's (package docstring, "Imports")
+
+        query = from_wire(wire)
         return self._filter(
             query, quick.qtype, quick.decision, reply, failure, sandbox, profile, udp
         )
@@ -309,6 +309,8 @@ class DnsFilter:
     ) -> tuple[bytes | None, Decision, dict]:
         """A name a human must approve first: an A answer from the placeholder pool (no
         data for other types), and not a byte to the upstream resolver."""
+        import dns.rrset
+
         response = make_response(check.query)
         answered = ""
         if check.qtype == "A":
@@ -330,6 +332,8 @@ class DnsFilter:
         """Resolve `name` upstream for `sandbox` (a placeholder's name, after approval):
         its first usable IPv4 address, recorded as a binding; None if there is none.
         The answer is filtered like any other (rebinding), and the query is an event."""
+        import dns.message
+
         query = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=OUR_PAYLOAD)
         started = time.perf_counter()
         upstream, failure = await self._ask_upstream(query.to_wire())

@@ -1,6 +1,7 @@
 """What a task's start does not import: a package's __init__ skipped by
-`lean_import.skip_init` (run later, when a name of it is asked for), and mitmproxy,
-which the gateway imports only when its rules inspect or a connection needs it.
+`lean_import.skip_init` (run later, when a name of it is asked for), mitmproxy,
+which the gateway imports only when its rules inspect or a connection needs it, and
+dnspython's message machinery, which only the DNS filter's slow path uses.
 
 The gateway cases run in a fresh interpreter: this one has mitmproxy imported by
 other tests already."""
@@ -113,3 +114,42 @@ def test_a_pass_through_gateway_imports_mitmproxy_only_when_a_connection_needs_i
 
 def test_a_gateway_whose_rules_inspect_starts_mitmproxy_and_its_ca_up_front(tmp_path):
     assert run_gateway(tmp_path, INSPECTING_RULES) == ["started True True", "handed True True"]
+
+
+DNS_SCRIPT = """
+import sys
+import sandgate.enforcer.run  # what an embedded `sandgate run` imports, the gateway with it
+from sandgate.proxy.dns.query import check_query, quick_check
+from sandgate.proxy.policy.builtin import deny
+
+def heavy():
+    return sorted(m for m in ("dns.message", "dns.name", "dns.rrset", "importlib.metadata")
+                  if m in sys.modules)
+
+print("imported", heavy())
+decide = lambda profile, name: deny("unknown-profile", name)  # NXDOMAIN
+def query(qtype):
+    header = bytes.fromhex("1234 0100 0001 0000 0000 0000")  # id, RD, one question
+    return header + b"\\x07allowed\\x04test\\x00" + qtype.to_bytes(2, "big") + b"\\x00\\x01"
+
+assert quick_check(query(1), "default", decide) is not None  # one A question: the fast path
+print("fast path", heavy())
+txt = query(16)  # TXT: the slow path
+assert quick_check(txt, "default", decide) is None
+assert check_query(txt, "default", decide).response is not None
+print("slow path", heavy()[:3])
+"""
+
+
+def test_dnspython_message_machinery_loads_with_the_first_query_off_the_fast_path():
+    """dns.message (dns.name, dns.rrset; importlib.metadata through dns._features) is
+    the DNS filter's slow path's: not imported by a run's start, nor by a fast-path query."""
+    proc = subprocess.run(
+        [sys.executable, "-c", DNS_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "imported []",
+        "fast path []",
+        "slow path ['dns.message', 'dns.name', 'dns.rrset']",
+    ]

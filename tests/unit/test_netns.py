@@ -79,3 +79,157 @@ def test_calls_from_a_running_event_loop_are_refused(monkeypatch: pytest.MonkeyP
             netns.destroy_sandbox_net("ab12")
 
     asyncio.run(call_in_loop())
+
+
+NO_LDCONFIG_SCRIPT = """
+import ctypes.util, os, subprocess, sys
+from sandgate.enforcer import netns
+
+def refuse(*args, **kwargs):
+    raise AssertionError(f"a process or a library search: {args}")
+
+ctypes.util.find_library = refuse  # pyroute2 would run `ldconfig -p` through it
+subprocess.Popen = refuse
+run_id = sys.argv[1]
+net = netns.create_sandbox_net(run_id, "10.213.0.1", "10.213.0.2")
+assert os.path.exists(f"/run/netns/{net.netns}")
+with netns.entered_netns(net.netns):  # a setns through pyroute2
+    with open("/proc/thread-self/net/dev") as dev:
+        assert net.sandbox_if in dev.read(), "not in the sandbox's netns"
+netns.destroy_sandbox_net(run_id)
+assert not os.path.exists(f"/run/netns/{net.netns}")
+"""
+
+
+@pytest.mark.e2e
+def test_a_sandbox_net_comes_and_goes_without_starting_a_process() -> None:
+    """Create, enter and destroy a sandbox net (in a throwaway host netns) with library
+    searches and subprocesses refused: pyroute2 is given libc, it runs no `ldconfig -p`."""
+    import os
+    import subprocess
+    import sys
+
+    host, run_id = f"sgtnl{os.getpid() % 10000}", f"nl{os.getpid() % 10000}"
+    subprocess.run(["ip", "netns", "add", host], check=True)
+    try:
+        proc = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-c", NO_LDCONFIG_SCRIPT]
+            + [run_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert not os.path.exists(f"/run/netns/sg-{run_id}")
+    finally:
+        subprocess.run(["ip", "netns", "del", f"sg-{run_id}"], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", host], check=False)
+
+
+@pytest.mark.parametrize(
+    ("link", "delete_fails", "expected"),
+    [
+        pytest.param(
+            True,
+            False,
+            ["cut off", "counters", "delete table", "destroy net", "socket closed"],
+            id="cut-off-then-table-with-net-meanwhile",
+        ),
+        pytest.param(
+            False,
+            False,
+            ["cut off", "destroy net", "counters", "delete table", "socket closed"],
+            id="no-link-net-first",
+        ),
+        pytest.param(
+            True, True, ["cut off", "counters", "delete table", "destroy net"], id="delete-fails"
+        ),
+    ],
+)
+def test_unwire_never_leaves_a_path_without_the_table(
+    monkeypatch: pytest.MonkeyPatch, link: bool, delete_fails: bool, expected: list[str]
+) -> None:
+    """The table goes only after the sandbox is cut off (or its network is gone), and
+    the network goes in every case, also when deleting the table fails."""
+    from sandgate.enforcer import nft
+    from sandgate.enforcer.run import unwire
+
+    calls: list[str] = []
+
+    def cut_off(run_id: str) -> bool:
+        calls.append("cut off")
+        return link
+
+    def delete_table(table: str, *, meanwhile=None) -> None:
+        calls.append("delete table")
+        if delete_fails:
+            raise nft.NftError("nft failed")
+        if meanwhile is not None:
+            meanwhile()
+        calls.append("socket closed")
+
+    monkeypatch.setattr(netns, "cut_off", cut_off)
+    monkeypatch.setattr(netns, "destroy_sandbox_net", lambda run_id: calls.append("destroy net"))
+    monkeypatch.setattr(nft, "read_counters", lambda table: calls.append("counters") or {"x": 1})
+    monkeypatch.setattr(nft, "delete_table", delete_table)
+    assert unwire("ab12", "sandgate_ab12") == {"x": 1}
+    assert calls == expected
+
+
+CUT_OFF_SCRIPT = """
+import socket, sys
+from sandgate.enforcer import netns
+
+run_id = sys.argv[1]
+net = netns.create_sandbox_net(run_id, "10.213.0.1", "10.213.0.2")
+try:
+    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    host.bind(("10.213.0.1", 5999))
+    host.settimeout(0.5)
+    with netns.entered_netns(net.netns):
+        sandbox = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def arrives(payload):
+        sandbox.sendto(payload, ("10.213.0.1", 5999))
+        try:
+            return host.recv(100) == payload
+        except TimeoutError:
+            return False
+
+    print("before", arrives(b"before"))
+    print("cut off", netns.cut_off(run_id))
+    print("after", arrives(b"after"), arrives(b"again"))
+    print("missing", netns.cut_off("nosuch0"))
+finally:
+    netns.destroy_sandbox_net(run_id)
+"""
+
+
+@pytest.mark.e2e
+def test_a_cut_off_sandbox_reaches_nothing() -> None:
+    """`cut_off` (the host end of the veth down) is what lets `unwire` delete the table
+    before the veth: a packet the sandbox sends after it never arrives (in a throwaway
+    host netns with no table at all, so nothing else could drop it), one before does."""
+    import os
+    import subprocess
+    import sys
+
+    host, run_id = f"sgtcut{os.getpid() % 10000}", f"cut{os.getpid() % 10000}"
+    subprocess.run(["ip", "netns", "add", host], check=True)
+    try:
+        proc = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-c", CUT_OFF_SCRIPT, run_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == [
+            "before True",
+            "cut off True",
+            "after False False",
+            "missing False",
+        ]
+    finally:
+        subprocess.run(["ip", "netns", "del", f"sg-{run_id}"], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", host], check=False)

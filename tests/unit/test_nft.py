@@ -38,6 +38,15 @@ def test_ruleset_replaces_only_its_own_table() -> None:
     assert text.startswith("table inet sandgate_ab12\ndelete table inet sandgate_ab12\n")
 
 
+def test_a_new_table_is_created_not_replaced() -> None:
+    """`new`: the same ruleset, headed by `create table` (no delete in the transaction)."""
+    replacing = render_ruleset(CONFIG)
+    created = render_ruleset(CONFIG, new=True)
+    assert created.startswith("create table inet sandgate\ntable inet sandgate {\n")
+    assert "delete" not in created
+    assert created.split("\n", 1)[1] == replacing.split("\n", 2)[2]
+
+
 def test_every_rule_matches_sandbox_interfaces_only() -> None:
     text = render_ruleset(CONFIG)
     rules = [
@@ -146,6 +155,25 @@ def test_delete_table_is_one_idempotent_transaction(monkeypatch: pytest.MonkeyPa
         nft.delete_table("x; flush ruleset")
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["deleted", "failed"])
+def test_delete_table_runs_meanwhile_only_after_the_deletion(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append("nft")
+        return subprocess.CompletedProcess(argv, int(fails), "", "Error: no" if fails else "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    if fails:
+        with pytest.raises(NftError):
+            nft.delete_table("sandgate_ab12", meanwhile=lambda: calls.append("meanwhile"))
+    else:
+        nft.delete_table("sandgate_ab12", meanwhile=lambda: calls.append("meanwhile"))
+    assert calls == (["nft"] if fails else ["nft", "meanwhile"])
+
+
 def test_service_guard_matches_golden_file() -> None:
     """The service's guard: its ports answer only sandbox interfaces."""
     golden = GOLDEN.with_name("guard.golden").read_text()
@@ -172,7 +200,8 @@ def test_service_guard_loads_in_nft(tmp_path) -> None:
 @pytest.mark.e2e
 def test_libnftables_path_loads_reads_and_deletes_like_nft() -> None:
     """Through libnftables (no `nft` process), in a throwaway netns: the table loads,
-    its counters read, a syntax error carries nft's message, delete is idempotent."""
+    its counters read, a syntax error carries nft's message, delete is idempotent; a
+    `new` table loads, and a second `new` load of its name fails and changes nothing."""
     name = f"sgtlib{os.getpid() % 10000}"
     script = """
 import sys
@@ -190,6 +219,22 @@ except nft.NftError as e:
 nft.delete_table("sandgate_lib")
 nft.delete_table("sandgate_lib")
 assert nft.list_tables() == [], nft.list_tables()
+# A new table: created, then a second `new` load of that name fails, leaving the first.
+fresh = nft.RulesetConfig(table="sandgate_new", sandbox_ifaces="sgh-new", proxy_port=1, dns_port=2)
+nft.apply_ruleset(nft.render_ruleset(fresh, new=True))
+assert nft.list_tables() == ["sandgate_new"], nft.list_tables()
+other = nft.RulesetConfig(table="sandgate_new", sandbox_ifaces="sgh-other", proxy_port=3, dns_port=4)
+try:
+    nft.apply_ruleset(nft.render_ruleset(other, new=True))
+    sys.exit("a new table replaced or merged into one that existed")
+except nft.NftError as e:
+    assert "exist" in str(e).lower(), e
+listed = nft._run_nft(["list", "table", "inet", "sandgate_new"])
+assert "sgh-new" in listed and "sgh-other" not in listed, listed
+# meanwhile: the deletion is committed (the table is gone) and the library free to use.
+seen = []
+nft.delete_table("sandgate_new", meanwhile=lambda: seen.append(nft.list_tables()))
+assert seen == [[]], seen
 """
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
