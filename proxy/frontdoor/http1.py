@@ -162,6 +162,26 @@ def plain_response(status: int, text: str) -> bytes:
     ).encode() + body
 
 
+def _past_exchange(conn: h11.Connection, method: bytes) -> None:
+    """Take a new `conn` through one exchange of `method` and on to the next: what
+    h11 keeps of the fast path's past exchanges is their HTTP version (1.1) and the
+    last method (which frames a response sent before a request, as h11 allows)."""
+    request = b"%s / HTTP/1.1\r\nHost: x\r\n\r\n" % method
+    if conn.our_role is h11.CLIENT:
+        conn.send(h11.Request(method=method, target=b"/", headers=[(b"Host", b"x")]))
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(b"HTTP/1.1 204 \r\n\r\n")
+        conn.next_event()
+    else:
+        conn.receive_data(request)
+        conn.next_event()
+        conn.send(h11.Response(status_code=204, headers=[]))
+    conn.next_event()  # EndOfMessage
+    if conn.our_role is h11.SERVER:
+        conn.send(h11.EndOfMessage())
+    conn.start_next_cycle()
+
+
 class Http1Session:
     """One plain-HTTP connection's protocol state. After each input the adapter
     sends `to_client` / `to_upstream` (the latter once connected), then:
@@ -214,6 +234,8 @@ class Http1Session:
         self.fast_length = self.fast_remaining = 0
         self.fast_close = False  # the response said close
         self.fast_idle = False
+        self.fast_method: bytes | None = None  # the method of its last exchange
+        self.fast_client_closed = False  # the client's EOF, read during a fast response
 
     # --- inputs ---------------------------------------------------------------------
 
@@ -227,10 +249,13 @@ class Http1Session:
                 self.head_seen += len(data)
                 self._fast_read_client(len(self.head) - len(data))
                 return
-            if data:  # after a request h11 would only buffer them (pipelined)
+            if self.responding:  # (the fast path ends its own responses)
+                self._fast_client_while_responding(data)
+                return
+            if data and not self.client_closes:  # h11 would buffer them (pipelined)
                 self.fast_pending += data
                 return
-            self._leave_fast()
+            self._leave_fast()  # an EOF, or bytes after a close: h11 says what they are
         if self.client.their_state is h11.IDLE and self.head_seen <= MAX_HEAD_BYTES:
             self.head += data
             self.head_seen += len(data)
@@ -299,7 +324,8 @@ class Http1Session:
         close` or of HTTP/1.0, read to its end): a byte after that would break its
         own framing. (h11's MUST_CLOSE alone may be the server's close.)"""
         if self.fast:  # its bodiless request read, as h11's MUST_CLOSE
-            return self.request is not None and self.client_closes
+            closed = self.fast_client_closed and not self.fast_pending
+            return closed or (self.request is not None and self.client_closes)
         state = self.client.their_state
         return state is h11.CLOSED or (state is h11.MUST_CLOSE and self.client_closes)
 
@@ -307,8 +333,8 @@ class Http1Session:
     def wants_client_data(self) -> bool:
         if self.closing or len(self.to_upstream) >= MAX_OWED:
             return False
-        if self.fast:
-            return self.request is None  # a fast request has no body
+        if self.fast:  # a fast request has no body; where h11 must close, it reads on (EOF)
+            return not self.fast_client_closed and (self.request is None or self._fast_must_close)
         return self.client.their_state not in (h11.DONE, h11.CLOSED)
 
     @property
@@ -521,6 +547,8 @@ class Http1Session:
                 self.fast_pending[:] = head[end:]
                 head.clear()
                 self._on_fast_request(request)
+                if self.client_closes and self.fast_pending and not self.closing:
+                    self._leave_fast()  # bytes after a close: h11 says what they are
                 return
         self._leave_fast()
 
@@ -579,8 +607,11 @@ class Http1Session:
         the client's next request (the bytes after the upstream's response stay in
         `fast_response`: the next request's response, or h11's error)."""
         self.response_done = True
+        self.fast_method = self.request.method
         idle = not self.fast_close and not self.fast_response
-        if self.client_closes or self.fast_close:
+        if self.client_closes or self.fast_close or (
+            self.fast_client_closed and not self.fast_pending
+        ):
             self.fast_idle = idle
             self._close(None)
             return
@@ -588,8 +619,25 @@ class Http1Session:
         self.head[:] = self.fast_pending
         self.head_seen = len(self.head)
         self.fast_pending.clear()
-        if self.head:
+        if self.fast_client_closed:  # pipelined bytes, then the client's EOF: h11's
+            self._leave_fast()
+            self.client_data(b"")
+        elif self.head:
             self._fast_read_client(0)
+
+    @property
+    def _fast_must_close(self) -> bool:
+        """h11's MUST_CLOSE for the client: its request, or the response sent, said close."""
+        return self.client_closes or (self.responding and self.fast_close)
+
+    def _fast_client_while_responding(self, data: bytes) -> None:
+        """The client's bytes or EOF while a fast response goes to it: as h11 takes them."""
+        if self._fast_must_close and (data or self.fast_pending):
+            self._close("the client broke its request's framing: Got data when expecting EOF", True)
+        elif data:
+            self.fast_pending += data  # pipelined: h11 reads them after this exchange
+        else:
+            self.fast_client_closed = True  # h11: after the pipelined bytes, if any
 
     def _fast_cut_body(self) -> None:
         """The upstream closed within a fast response's body: cut, as h11 says it."""
@@ -606,6 +654,8 @@ class Http1Session:
         before a response to the client has begun (the fast path ends its own)."""
         self.fast = False
         client = self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=_H11_BUFFER)
+        if self.fast_method is not None:  # what h11 keeps of past exchanges
+            _past_exchange(client, self.fast_method)
         # (receive_data(b"") would say the peer closed: empty buffers are not given)
         if self.request is None:
             if self.head:
@@ -617,6 +667,8 @@ class Http1Session:
         self.fast_pending.clear()
         if self.fast_upstream:
             server = self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
+            if self.fast_method is not None:
+                _past_exchange(server, self.fast_method)
             if self.request is not None and not self.response_done:
                 method, target, fields = self.fast_forwarded
                 self.replayable = h11.Request(
