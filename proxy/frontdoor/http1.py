@@ -7,10 +7,17 @@ the sandbox's profile needs what only mitmproxy's path does (`needs_engine`).
 Bytes come in with `client_data` / `upstream_data`; what to send leaves in
 `to_client` / `to_upstream`; flags say what else the adapter must do.
 
+The common exchange (a bodiless HTTP/1.1 request, a response with a Content-Length
+or no body) is read and written by the fast path (http1_fast.py: a strict reader
+of that shape, h11's bytes out); the first input it does not take makes the h11
+connections it stood for, fed every byte it holds (`_leave_fast`), and h11 reads
+on from there for the rest of the connection. tests/unit/test_http1_fast.py checks
+that both ways give the same bytes, flags and events.
+
 Per request, on a keep-alive connection as on its first:
  1. h11 (server side) reads the head, strictly: one framing, no obs-fold smuggling
     past it, at most MAX_HEAD_BYTES buffered (an unfinished head past it: 431,
-    `gate.on_unfinished_head`).
+    `gate.on_unfinished_head`); the fast path reads only heads h11 reads alike.
  2. `gate.on_request` checks it (request_head.check_head) and decides it, one event
     each. A head h11 refuses is read as mitmproxy's lenient parser would
     (`read_head_leniently`) and refused with check_head's reason, else
