@@ -172,12 +172,11 @@ def scan_response(head: bytes, method: bytes) -> SimpleResponse | None:
 
 def _write_fields(out: list[bytes], fields) -> bytes:
     """h11's write_headers: Host first, then the others in order, then the blank line."""
+    rest = []
     for name, value in fields:
-        if name.lower() == b"host":
-            out.append(b"%s: %s\r\n" % (name, value))
-    for name, value in fields:
-        if name.lower() != b"host":
-            out.append(b"%s: %s\r\n" % (name, value))
+        line = b"%s: %s\r\n" % (name, value)
+        (out if name.lower() == b"host" else rest).append(line)
+    out += rest
     out.append(b"\r\n")
     return b"".join(out)
 
