@@ -173,18 +173,17 @@ def _past_exchange(conn: h11.Connection, method: bytes) -> None:
     """Take a new `conn` through one exchange of `method` and on to the next: what
     h11 keeps of the fast path's past exchanges is their HTTP version (1.1) and the
     last method (which frames a response sent before a request, as h11 allows)."""
-    request = b"%s / HTTP/1.1\r\nHost: x\r\n\r\n" % method
     if conn.our_role is h11.CLIENT:
         conn.send(h11.Request(method=method, target=b"/", headers=[(b"Host", b"x")]))
         conn.send(h11.EndOfMessage())
         conn.receive_data(b"HTTP/1.1 204 \r\n\r\n")
-        conn.next_event()
+        conn.next_event()  # the Response
+        conn.next_event()  # its EndOfMessage
     else:
-        conn.receive_data(request)
-        conn.next_event()
+        conn.receive_data(b"%s / HTTP/1.1\r\nHost: x\r\n\r\n" % method)
+        conn.next_event()  # the Request
+        conn.next_event()  # its EndOfMessage
         conn.send(h11.Response(status_code=204, headers=[]))
-    conn.next_event()  # EndOfMessage
-    if conn.our_role is h11.SERVER:
         conn.send(h11.EndOfMessage())
     conn.start_next_cycle()
 
