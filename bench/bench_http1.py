@@ -1,7 +1,7 @@
 """The front door's plain-HTTP path alone, on loopback: the gateway's CPU per new
 connection and per keep-alive request, optionally under cProfile.
 
-    .venv/bin/python bench/bench_http1.py [--seconds 3] [--conns 16] [--profile OUT]
+    .venv/bin/python bench/bench_http1.py [--seconds 3] [--conns 16] [--profile OUT] [--h11]
 
 Not a test and not the side-by-side table (bench_gateway.py is): a quick loop for
 working on proxy/frontdoor/http1*.py. nginx answers on 127.0.0.1 (one worker, no
@@ -13,7 +13,8 @@ selector. Nothing leaves loopback; the children are stopped at the end.
 
 Reported per phase: requests/s, and the gateway's CPU (user + system, from
 /proc/PID/stat) per request. `--profile OUT` runs the gateway under cProfile and
-writes OUT.<phase>.pstats (and prints the top of each).
+writes OUT.<phase>.pstats (and prints the top of each). `--h11` turns the fast
+path off (proxy/frontdoor/http1_fast.py): every exchange through h11, for an A/B.
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def gateway_main(work: str, upstream_port: int, ready, control) -> None:
     from sandgate.proxy.telemetry.metrics import Metrics
 
     profile_to = os.environ.get("BENCH_HTTP1_PROFILE")
+    if os.environ.get("BENCH_HTTP1_H11"):
+        import functools
+
+        from sandgate.proxy.frontdoor import http1_relay
+
+        http1_relay.Http1Session = functools.partial(http1_relay.Http1Session, fast=False)
 
     async def serve() -> None:
         rules = Path(work, "rules.yaml")
@@ -208,6 +215,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--phases", default="new,keep")
     parser.add_argument("--profile", metavar="OUT", help="cProfile the gateway; OUT.<phase>.pstats")
+    parser.add_argument("--h11", action="store_true", help="no fast path: h11 reads everything")
     args = parser.parse_args()
     nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
     if nginx is None:
@@ -221,6 +229,8 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    if args.h11:
+        os.environ["BENCH_HTTP1_H11"] = "1"
     if args.profile:
         os.environ["BENCH_HTTP1_PROFILE"] = str(Path(args.profile).resolve())
     mp = multiprocessing.get_context("spawn")

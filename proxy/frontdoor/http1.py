@@ -7,10 +7,17 @@ the sandbox's profile needs what only mitmproxy's path does (`needs_engine`).
 Bytes come in with `client_data` / `upstream_data`; what to send leaves in
 `to_client` / `to_upstream`; flags say what else the adapter must do.
 
+The common exchange (a bodiless HTTP/1.1 request, a response with a Content-Length
+or no body) is read and written by the fast path (http1_fast.py: a strict reader
+of that shape, h11's bytes out); the first input it does not take makes the h11
+connections it stood for, fed every byte it holds (`_leave_fast`), and h11 reads
+on from there for the rest of the connection. tests/unit/test_http1_fast.py checks
+that both ways give the same bytes, flags and events.
+
 Per request, on a keep-alive connection as on its first:
  1. h11 (server side) reads the head, strictly: one framing, no obs-fold smuggling
     past it, at most MAX_HEAD_BYTES buffered (an unfinished head past it: 431,
-    `gate.on_unfinished_head`).
+    `gate.on_unfinished_head`); the fast path reads only heads h11 reads alike.
  2. `gate.on_request` checks it (request_head.check_head) and decides it, one event
     each. A head h11 refuses is read as mitmproxy's lenient parser would
     (`read_head_leniently`) and refused with check_head's reason, else
@@ -42,6 +49,7 @@ from http import HTTPStatus
 
 import h11
 from sandgate.proxy import refusal
+from sandgate.proxy.frontdoor import http1_fast
 from sandgate.proxy.gate import ConnectionGate, ConnState
 from sandgate.proxy.policy import Decision, Reason, Verdict
 from sandgate.proxy.policy.index import CompiledPolicy
@@ -161,6 +169,25 @@ def plain_response(status: int, text: str) -> bytes:
     ).encode() + body
 
 
+def _past_exchange(conn: h11.Connection, method: bytes) -> None:
+    """Take a new `conn` through one exchange of `method` and on to the next: what
+    h11 keeps of the fast path's past exchanges is their HTTP version (1.1) and the
+    last method (which frames a response sent before a request, as h11 allows)."""
+    if conn.our_role is h11.CLIENT:
+        conn.send(h11.Request(method=method, target=b"/", headers=[(b"Host", b"x")]))
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(b"HTTP/1.1 204 \r\n\r\n")
+        conn.next_event()  # the Response
+        conn.next_event()  # its EndOfMessage
+    else:
+        conn.receive_data(b"%s / HTTP/1.1\r\nHost: x\r\n\r\n" % method)
+        conn.next_event()  # the Request
+        conn.next_event()  # its EndOfMessage
+        conn.send(h11.Response(status_code=204, headers=[]))
+        conn.send(h11.EndOfMessage())
+    conn.start_next_cycle()
+
+
 class Http1Session:
     """One plain-HTTP connection's protocol state. After each input the adapter
     sends `to_client` / `to_upstream` (the latter once connected), then:
@@ -169,9 +196,15 @@ class Http1Session:
     - `closing`: send what is left in `to_client`, then close (`problem`: what
       ended it, for the connection's end event; `reset`: close with a reset)."""
 
-    def __init__(self, gate: ConnectionGate, state: ConnState):
+    def __init__(self, gate: ConnectionGate, state: ConnState, fast: bool = True):
         self.gate, self.state = gate, state
-        self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=_H11_BUFFER)
+        # The fast path (http1_fast.py) reads and writes the common exchanges itself;
+        # the first input it does not take makes the h11 connections from what it
+        # holds (`_leave_fast`), and h11 reads on from there, as if it had read all.
+        self.fast = fast
+        self.client: h11.Connection | None = None  # made by _leave_fast, or now
+        if not fast:
+            self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=_H11_BUFFER)
         self.server: h11.Connection | None = None  # one per upstream connection
         self.to_client = bytearray()
         self.to_upstream = bytearray()
@@ -195,6 +228,20 @@ class Http1Session:
         self.replayable: h11.Request | None = None
         self.may_reuse = True  # False: the next upstream connection must be a new one
         self.client_closes = False  # its latest request said close (or was HTTP/1.0)
+        # The fast path's own state: there is an upstream connection (h11's
+        # `server`); the request head forwarded and its forwarded form; the client's
+        # bytes after that head, and the upstream's not yet read; the body bytes of
+        # the response still to come; the upstream connection may serve again.
+        self.fast_upstream = False
+        self.fast_request = b""
+        self.fast_forwarded: tuple[bytes, bytes, tuple] | None = None
+        self.fast_pending = bytearray()
+        self.fast_response = bytearray()
+        self.fast_length = self.fast_remaining = 0
+        self.fast_close = False  # the response said close
+        self.fast_idle = False
+        self.fast_method: bytes | None = None  # the method of its last exchange
+        self.fast_client_closed = False  # the client's EOF, read during a fast response
 
     # --- inputs ---------------------------------------------------------------------
 
@@ -202,6 +249,19 @@ class Http1Session:
         """Bytes from the client; b"": it closed its side."""
         if self.closing:
             return
+        if self.fast:
+            if data and self.request is None:
+                self.head += data
+                self.head_seen += len(data)
+                self._fast_read_client(len(self.head) - len(data))
+                return
+            if self.responding:  # (the fast path ends its own responses)
+                self._fast_client_while_responding(data)
+                return
+            if data and not self.client_closes:  # h11 would buffer them (pipelined)
+                self.fast_pending += data
+                return
+            self._leave_fast()  # an EOF, or bytes after a close: h11 says what they are
         if self.client.their_state is h11.IDLE and self.head_seen <= MAX_HEAD_BYTES:
             self.head += data
             self.head_seen += len(data)
@@ -210,7 +270,32 @@ class Http1Session:
 
     def upstream_data(self, data: bytes) -> None:
         """Bytes from the upstream; b"": it closed its side."""
-        if self.closing or self.server is None:
+        if self.closing:
+            return
+        if self.fast:
+            if not self.fast_upstream:
+                return
+            if data:
+                if self.request is not None and not self.responding:
+                    self.response_seen += len(data)
+                if self.responding and not self.fast_response:
+                    # The body's bytes go on as they came, not through a buffer: for a
+                    # 256 KiB read, ~2.5 us against ~450 us with the buffer's copies.
+                    data = self._fast_body(data)
+                    if self.fast_remaining:
+                        return
+                    self.fast_response += data  # after the body: the next response, or h11's
+                    self._fast_exchange_done()
+                else:
+                    self.fast_response += data
+                if not self._fast_read_upstream():
+                    self._leave_fast()  # h11 reads them, from the response's start
+                return
+            if self.responding:
+                self._fast_cut_body()
+                return
+            self._leave_fast()
+        if self.server is None:
             return
         if self.server.their_state is h11.SEND_RESPONSE:
             self.response_seen += len(data)
@@ -224,6 +309,8 @@ class Http1Session:
         """The upstream socket failed (a reset): a request sent on a reused connection
         that got no answer goes again on a new one, else the connection ends with a
         reset, the upstream's."""
+        if self.fast and not self.responding:
+            self._leave_fast()
         if not self._replay():
             self._close(why, reset=True)
 
@@ -231,6 +318,8 @@ class Http1Session:
     def upstream_idle(self) -> bool:
         """The upstream connection is between exchanges, with nothing unread or owed:
         another connection of the sandbox may send its next request on it."""
+        if self.fast:
+            return self.fast_upstream and self.connected and self.fast_idle and not self.to_upstream
         server = self.server
         if server is None or not self.connected or self.to_upstream:
             return False
@@ -249,20 +338,24 @@ class Http1Session:
         """The client said it sends nothing more (a FIN, or a request with `Connection:
         close` or of HTTP/1.0, read to its end): a byte after that would break its
         own framing. (h11's MUST_CLOSE alone may be the server's close.)"""
+        if self.fast:  # its bodiless request read, as h11's MUST_CLOSE
+            closed = self.fast_client_closed and not self.fast_pending
+            return closed or (self.request is not None and self.client_closes)
         state = self.client.their_state
         return state is h11.CLOSED or (state is h11.MUST_CLOSE and self.client_closes)
 
     @property
     def wants_client_data(self) -> bool:
-        return (
-            not self.closing
-            and len(self.to_upstream) < MAX_OWED
-            and self.client.their_state not in (h11.DONE, h11.CLOSED)
-        )
+        if self.closing or len(self.to_upstream) >= MAX_OWED:
+            return False
+        if self.fast:  # a fast request has no body; where h11 must close, it reads on (EOF)
+            return not self.fast_client_closed and (self.request is None or self._fast_must_close)
+        return self.client.their_state not in (h11.DONE, h11.CLOSED)
 
     @property
     def wants_upstream_data(self) -> bool:
-        return not self.closing and self.server is not None and len(self.to_client) < MAX_OWED
+        upstream = self.fast_upstream if self.fast else self.server is not None
+        return not self.closing and upstream and len(self.to_client) < MAX_OWED
 
     # --- the client's side ------------------------------------------------------------
 
@@ -302,25 +395,12 @@ class Http1Session:
             self._refuse_unparsed(raw[: end.start()], "a folded header line (obs-fold)")
             return
         head = RequestHead(event.method, event.target, tuple(event.headers.raw_items()))
-        decision, checked = self.gate.on_request(self.state, head, False)
-        if decision.verdict is Verdict.ASK:
-            # Profiles that ask go to mitmproxy (needs_engine); one that asks now got
-            # an ask rule from a reload after this connection began.
-            unheld = Decision(
-                Verdict.DENY,
-                Reason.APPROVAL_UNAVAILABLE,
-                decision.rule,
-                detail=f"{decision.detail}; this connection cannot be held for approval",
-            )
-            decision, checked = self.gate.on_refused_request(self.state, head, unheld, False), None
+        checked = self._decide(head)
         if checked is None:
-            self._refuse(decision, head)
             return
-        self.request = head
         if self.server is None:
             self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
             self.need_upstream, self.connected = True, False
-        self.response_seen, self.response_done = 0, False
         target = origin_form(event.target)
         connection_field = _connection_tokens(head.fields)
         self.client_closes = event.http_version != b"1.1" or b"close" in (connection_field or ())
@@ -341,6 +421,27 @@ class Http1Session:
             forwarded = h11.Request(method=event.method, target=target, headers=event.headers)
         self.replayable = forwarded
         self._to_upstream(forwarded)
+
+    def _decide(self, head: RequestHead) -> CheckedHead | None:
+        """Check and decide `head` (one event); refused, answer it and close (None).
+        Allowed, it is the exchange's request from here on."""
+        decision, checked = self.gate.on_request(self.state, head, False)
+        if decision.verdict is Verdict.ASK:
+            # Profiles that ask go to mitmproxy (needs_engine); one that asks now got
+            # an ask rule from a reload after this connection began.
+            unheld = Decision(
+                Verdict.DENY,
+                Reason.APPROVAL_UNAVAILABLE,
+                decision.rule,
+                detail=f"{decision.detail}; this connection cannot be held for approval",
+            )
+            decision, checked = self.gate.on_refused_request(self.state, head, unheld, False), None
+        if checked is None:
+            self._refuse(decision, head)
+            return None
+        self.request = head
+        self.response_seen, self.response_done = 0, False
+        return checked
 
     def _client_error(self, error: h11.RemoteProtocolError) -> None:
         if self.request is None:  # reading a head (a refused one closed the connection)
@@ -444,6 +545,167 @@ class Http1Session:
     def _cut_response(self, why: str) -> None:
         decision = self.gate.on_response_head_too_large(self.state, self.request, why, False)
         self._fail_exchange(502, f"{decision.reason}: {decision.detail}")
+
+    # --- the fast path (http1_fast.py) -------------------------------------------------
+
+    def _fast_read_client(self, searched: int) -> None:
+        """Read the request head in `self.head` (its first `searched` bytes looked at
+        before) if it has the fast shape; else h11 reads it."""
+        head = self.head
+        end = http1_fast.head_end(head, searched)
+        if len(head) <= MAX_HEAD_BYTES:
+            if end == 0 and head[0] > 0x20:  # h11 refuses a head starting so at once
+                return
+            request = http1_fast.scan_request(bytes(head[: end - 4])) if end > 0 else None
+            if request is not None:
+                self.fast_request = bytes(head[:end])
+                self.fast_pending[:] = head[end:]
+                head.clear()
+                self._on_fast_request(request)
+                if self.client_closes and self.fast_pending and not self.closing:
+                    self._leave_fast()  # bytes after a close: h11 says what they are
+                return
+        self._leave_fast()
+
+    def _on_fast_request(self, request: http1_fast.SimpleRequest) -> None:
+        """As _on_request, for a head of the fast shape (no body, no upgrade)."""
+        head = RequestHead(request.method, request.target, request.fields)
+        checked = self._decide(head)
+        if checked is None:
+            return
+        if not self.fast_upstream:
+            self.fast_upstream, self.need_upstream, self.connected = True, True, False
+        self.fast_idle = False
+        self.client_closes = b"close" in (request.connection or ())
+        target = origin_form(request.target)
+        fields = head.fields
+        if request.connection is not None or checked.strip_upgrade or checked.websocket:
+            fields = tuple(forwarded_fields(fields, checked))
+        self.fast_forwarded = (request.method, target, fields)
+        self.to_upstream += http1_fast.write_request(request.method, target, fields)
+
+    def _fast_read_upstream(self) -> bool:
+        """Read the response in `fast_response` (head, then its body) and pass it on;
+        False when it is not of the fast shape (before a byte of it went on)."""
+        buffer = self.fast_response
+        while buffer and self.fast and not self.closing:
+            if self.request is None:
+                return False  # bytes no request asked for
+            if not self.responding:
+                end = http1_fast.head_end(buffer)
+                if end == 0:
+                    return buffer[0] > 0x20 and self.response_seen <= MAX_HEAD_BYTES
+                response = (
+                    http1_fast.scan_response(bytes(buffer[: end - 4]), self.request.method)
+                    if end > 0
+                    else None
+                )
+                if response is None or len(response.fields) > MAX_FIELDS:
+                    return False
+                del buffer[:end]
+                self.response_seen, self.responding = 0, True
+                self.fast_close = response.close
+                self.fast_length = self.fast_remaining = response.length
+                self.to_client += http1_fast.write_response(response, self.client_closes)
+            if buffer:
+                buffer[:] = self._fast_body(bytes(buffer))
+            if self.fast_remaining:
+                return True
+            self._fast_exchange_done()
+        return True
+
+    def _fast_body(self, data: bytes) -> bytes:
+        """Pass on what of `data` belongs to the response's body; the rest, if any
+        (the body ended), is returned."""
+        remaining = self.fast_remaining
+        if len(data) <= remaining:
+            self.to_client += data
+            self.fast_remaining = remaining - len(data)
+            return b""
+        self.to_client += data[:remaining]
+        self.fast_remaining = 0
+        return data[remaining:]
+
+    def _fast_exchange_done(self) -> None:
+        """As _next_cycle after a fast exchange: close where a side said so, else read
+        the client's next request (the bytes after the upstream's response stay in
+        `fast_response`: the next request's response, or h11's error)."""
+        self.response_done = True
+        self.fast_method = self.request.method
+        idle = not self.fast_close and not self.fast_response
+        if self.client_closes or self.fast_close or (
+            self.fast_client_closed and not self.fast_pending
+        ):
+            self.fast_idle = idle
+            self._close(None)
+            return
+        self.request, self.responding, self.fast_idle = None, False, idle
+        self.head[:] = self.fast_pending
+        self.head_seen = len(self.head)
+        self.fast_pending.clear()
+        if self.fast_client_closed:  # pipelined bytes, then the client's EOF: h11's
+            self._leave_fast()
+            self.client_data(b"")
+        elif self.head:
+            self._fast_read_client(0)
+
+    @property
+    def _fast_must_close(self) -> bool:
+        """h11's MUST_CLOSE for the client: its request, or the response sent, said close."""
+        return self.client_closes or (self.responding and self.fast_close)
+
+    def _fast_client_while_responding(self, data: bytes) -> None:
+        """The client's bytes or EOF while a fast response goes to it: as h11 takes them."""
+        if self._fast_must_close and (data or self.fast_pending):
+            self._close("the client broke its request's framing: Got data when expecting EOF", True)
+        elif data:
+            self.fast_pending += data  # pipelined: h11 reads them after this exchange
+        else:
+            self.fast_client_closed = True  # h11: after the pipelined bytes, if any
+
+    def _fast_cut_body(self) -> None:
+        """The upstream closed within a fast response's body: cut, as h11 says it."""
+        got = self.fast_length - self.fast_remaining
+        self._fail_exchange(
+            502,
+            "the upstream's response could not be parsed: peer closed connection without "
+            f"sending complete message body (received {got} bytes, expected {self.fast_length})",
+        )
+
+    def _leave_fast(self) -> None:
+        """Make the h11 connections the fast path stands for, give them every byte it
+        holds, as they would have had them, and let h11 read on from there. Only
+        before a response to the client has begun (the fast path ends its own)."""
+        self.fast = False
+        client = self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=_H11_BUFFER)
+        if self.fast_method is not None:  # what h11 keeps of past exchanges
+            _past_exchange(client, self.fast_method)
+        # (receive_data(b"") would say the peer closed: empty buffers are not given)
+        if self.request is None:
+            if self.head:
+                client.receive_data(bytes(self.head))
+        else:  # its request was read: a bodiless one, h11 reads the same
+            client.receive_data(self.fast_request + bytes(self.fast_pending))
+            client.next_event()
+            client.next_event()
+        self.fast_pending.clear()
+        if self.fast_upstream:
+            server = self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
+            if self.fast_method is not None:
+                _past_exchange(server, self.fast_method)
+            if self.request is not None and not self.response_done:
+                method, target, fields = self.fast_forwarded
+                self.replayable = h11.Request(
+                    method=method, target=target, headers=list(fields), _parsed=True
+                )
+                server.send(self.replayable)
+                server.send(h11.EndOfMessage())
+            if self.fast_response:
+                server.receive_data(bytes(self.fast_response))
+                self.fast_response.clear()
+        self._read_client()
+        if self.server is not None and not self.closing:
+            self._read_upstream()
 
     # --- both ---------------------------------------------------------------------------
 

@@ -1,0 +1,462 @@
+"""The plain-HTTP fast path (proxy/frontdoor/http1_fast.py) against h11, which it
+stands in for: the security property is that whatever the fast path takes, h11 takes
+and reads, frames and writes the same; everything else is h11's, as before.
+
+Three layers, each differential: the head readers against h11's reader (a corpus
+with the smuggling shapes of the e2e tests, then generated heads); the writers
+against h11's writer; whole sessions (`Http1Session` with and without the fast
+path, the real gate) fed the same bytes in the same pieces, compared after every
+step: bytes out, flags, and the gate's events."""
+
+from __future__ import annotations
+
+import random
+
+import h11
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sandgate.proxy.frontdoor import http1_fast
+from sandgate.proxy.frontdoor.http1 import Http1Session
+from support.fakes import make_gate
+from test_frontdoor import LOOPBACK
+
+H = b"Host: allowed.test\r\n"
+
+# Request heads (without the blank line): the e2e tests' smuggling and spoofing
+# shapes (test_http_hardening.py, test_plain_http_path.py) and their neighbours.
+REQUEST_HEADS = [
+    b"GET / HTTP/1.1\r\n" + H[:-2],
+    b"GET /a?b=1 HTTP/1.1\r\nHost: allowed.test\r\nUser-Agent: x\r\nAccept: */*",
+    b"GET http://allowed.test/x HTTP/1.1\r\n" + H[:-2],
+    b"GET http://evil.test/ HTTP/1.1\r\n" + H[:-2],  # absolute-form naming another host
+    b"GET / HTTP/1.1\r\n" + H + b"Host: evil.test",  # two Hosts
+    b"GET / HTTP/1.1",  # no Host
+    b"GET / HTTP/1.1\r\nHost: allowed.test:8080",
+    b"GET / HTTP/1.1\r\nHost: 0xcb.0.113.10",
+    b"GET / HTTP/1.1\r\nHost : allowed.test",  # a blank before the colon
+    b"GET / HTTP/1.1\r\nHost:\tallowed.test\t",
+    b"GET / HTTP/1.1\r\nHost:allowed.test",
+    b"GET / HTTP/1.1\r\n" + H + b"X: a\x00b",  # NUL
+    b"GET / HTTP/1.1\r\n" + H + b"X: a\x01b",
+    b"GET / HTTP/1.1\r\n" + H + b"X: a\rb",  # bare CR
+    b"GET / HTTP/1.1\r\n" + H + b"X: a\nGET /smuggled HTTP/1.1",  # bare LF
+    b"GET / HTTP/1.1\n" + H[:-2],
+    b"GET /b HTTP/1.1\r\n" + H + b"X: a\r\n GET /smuggled HTTP/1.1",  # obs-fold
+    b"GET /b HTTP/1.1\r\n" + H + b"X: a\r\n\tPOST /private",
+    b"G\x00ET /c HTTP/1.1\r\n" + H[:-2],
+    b"GET(x) /d HTTP/1.1\r\n" + H[:-2],
+    b"get / HTTP/1.1\r\nHost: evil.test",
+    b"GET\t\t/ HTTP/1.1\r\nHost: evil.test",
+    b"GET  / HTTP/1.1\r\n" + H[:-2],
+    b"GET / HTTP/1.1 \r\n" + H[:-2],
+    b"GET / HTTP/1.0\r\n" + H[:-2],
+    b"GET / HTTP/2.0\r\n" + H[:-2],
+    b"GET / http/1.1\r\n" + H[:-2],
+    b" GET / HTTP/1.1\r\n" + H[:-2],
+    b"\r\nGET / HTTP/1.1\r\n" + H[:-2],
+    b"CONNECT allowed.test:80 HTTP/1.1\r\n" + H[:-2],
+    b"GET / HTTP/1.1\r\n" + H + b"no colon here",
+    b"GET / HTTP/1.1\r\n" + H + b": empty name",
+    b"POST /len HTTP/1.1\r\n" + H + b"Content-Length: abc",
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 5",
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0",
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 000",
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0\r\nContent-Length: 0",  # two CL
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0\r\nContent-Length: 5",
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0, 0",
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: +0",
+    b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0\r\nTransfer-Encoding: chunked",  # CL+TE
+    b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked",
+    b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: Chunked",
+    b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, identity",
+    b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: xchunked",
+    b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding : chunked",
+    b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+    b"GET / HTTP/1.1\r\n" + H + b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings",
+    b"GET / HTTP/1.1\r\n" + H + b"Upgrade: websocket\r\nConnection: Upgrade",
+    b"GET / HTTP/1.1\r\n" + H + b"Expect: 100-continue",
+    b"GET / HTTP/1.1\r\n" + H + b"Connection: close",
+    b"GET / HTTP/1.1\r\n" + H + b"Connection: keep-alive, close , X-Trace\r\nX-Trace: 1",
+    b"GET / HTTP/1.1\r\n" + H + b"Connection: ,,",
+    b"GET / HTTP/1.1\r\n" + H + b"X-Empty:\r\nX-Blank:   ",
+    b"GET / HTTP/1.1\r\n" + H + b"X-Obs: caf\xc3\xa9 \xff",
+    b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * 70_000,
+    b"GET /%2e%2e/x HTTP/1.1\r\n" + H[:-2],
+    b"GET * HTTP/1.1\r\n" + H[:-2],
+    b"GET /\x7f HTTP/1.1\r\n" + H[:-2],
+    b"GET /\xff HTTP/1.1\r\n" + H[:-2],
+    b"HEAD / HTTP/1.1\r\nhOsT: allowed.test",
+]
+
+RESPONSE_HEADS = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2",
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 30\r\n"
+    b"Connection: keep-alive",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: Keep-Alive, X-A\r\nConnection: Close",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked",  # CL+TE
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3",
+    b"HTTP/1.1 200 OK",  # close-delimited
+    b"HTTP/1.1 204 No Content",
+    b"HTTP/1.1 304 Not Modified\r\nETag: x",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10",
+    b"HTTP/1.1 100 Continue",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2",
+    b"HTTP/1.1 200\r\nContent-Length: 2",
+    b"HTTP/1.1 200 \r\nContent-Length: 2",
+    b"HTTP/1.1 200  odd\treason\r\nContent-Length: 2",
+    b"HTTP/1.1 099 Low\r\nContent-Length: 2",
+    b"HTTP/1.1 200 OK\r\nHost: evil.test\r\nContent-Length: 2",
+    b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\nContent-Length: 2",
+    b"HTTP/1.1 200 OK\nContent-Length: 2",
+    b"HTTP/1.1 200 OK\r\nX : y\r\nContent-Length: 2",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + b"X-F: 1\r\n" * 120,
+]
+
+
+# --- h11, the reference --------------------------------------------------------------
+
+
+def h11_read_request(buffer: bytes):
+    """What h11 reads from `buffer` (a server's first bytes): (Request, the event after
+    it, what is left), or "refused", or None (it waits for more)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(buffer)
+    try:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            return None
+        after = conn.next_event()
+    except h11.RemoteProtocolError:
+        return "refused"
+    return event, after, conn.trailing_data[0], conn.their_state
+
+
+def h11_read_response(method: bytes, head: bytes, body: bytes):
+    """What h11 (client side, a `method` request sent) reads from the response: the
+    event, its body as h11 frames it, and whether the server then must close."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(head + b"\r\n\r\n" + body)
+    try:
+        event = conn.next_event()
+        read = b""
+        while True:
+            part = conn.next_event()
+            if isinstance(part, h11.Data):
+                read += part.data
+            else:
+                break
+    except h11.RemoteProtocolError:
+        return "refused"
+    return event, read, part, conn.their_state
+
+
+def h11_response_head(method: bytes, event, client_closes: bool) -> bytes:
+    """The head h11 (server side) writes for the parsed `event` after a `method`
+    request that said close or not."""
+    conn = h11.Connection(h11.SERVER)
+    close = b"Connection: close\r\n" if client_closes else b""
+    conn.receive_data(method + b" / HTTP/1.1\r\nHost: x\r\n" + close + b"\r\n")
+    conn.next_event()
+    conn.next_event()
+    return conn.send(event)
+
+
+# --- the readers and writers ---------------------------------------------------------------
+
+
+def check_request(head: bytes, rest: bytes = b"") -> http1_fast.SimpleRequest | None:
+    """The property for one request head: fast is None, or exactly h11's reading of a
+    bodiless request, ending where h11 ends it."""
+    buffer = head + b"\r\n\r\n" + rest
+    end = http1_fast.head_end(buffer)
+    fast = http1_fast.scan_request(buffer[: end - 4]) if end > 0 else None
+    if fast is None:
+        return None
+    reference = h11_read_request(buffer)
+    assert reference not in (None, "refused"), f"fast took what h11 refuses: {head!r}"
+    event, after, left, state = reference
+    assert isinstance(event, h11.Request) and isinstance(after, h11.EndOfMessage)
+    assert state in (h11.DONE, h11.MUST_CLOSE)  # no protocol switch pending
+    assert (fast.method, fast.target, b"1.1") == (event.method, event.target, event.http_version)
+    assert fast.fields == tuple(event.headers.raw_items())
+    assert left == rest and buffer[end:] == rest
+    tokens = h11._headers.get_comma_header(event.headers, b"connection")
+    assert (b"close" in (fast.connection or ())) == (b"close" in tokens)
+    assert fast.connection is None or fast.connection == tokens
+    written = h11.Connection(h11.CLIENT).send(
+        h11.Request(method=fast.method, target=b"/x", headers=list(fast.fields), _parsed=True)
+    )
+    assert http1_fast.write_request(fast.method, b"/x", fast.fields) == written
+    return fast
+
+
+def check_response(head: bytes, method: bytes = b"GET") -> http1_fast.SimpleResponse | None:
+    """The property for one response head: fast is None, or h11 reads the same
+    response and frames the same body, and writes the same head to the client."""
+    fast = http1_fast.scan_response(head, method)
+    if fast is None:
+        return None
+    body = b"b" * fast.length
+    reference = h11_read_response(method, head, body + b"EXTRA")
+    assert reference != "refused", f"fast took what h11 refuses: {head!r}"
+    event, read, end, state = reference
+    assert isinstance(event, h11.Response) and event.http_version == b"1.1"
+    assert (fast.status, fast.reason) == (event.status_code, event.reason)
+    assert fast.fields == tuple(event.headers.raw_items())
+    assert read == body and isinstance(end, h11.EndOfMessage)
+    assert fast.close == (state is h11.MUST_CLOSE)
+    for closes in (False, True):
+        assert http1_fast.write_response(fast, closes) == h11_response_head(method, event, closes)
+    return fast
+
+
+@pytest.mark.parametrize("head", REQUEST_HEADS)
+def test_request_heads_are_fast_only_as_h11_reads_them(head):
+    check_request(head)
+    check_request(head, rest=b"GET /next HTTP/1.1\r\n")
+
+
+def test_the_common_request_shapes_are_fast():
+    fast = [head for head in REQUEST_HEADS if check_request(head) is not None]
+    assert b"GET / HTTP/1.1\r\n" + H[:-2] in fast
+    assert b"GET http://evil.test/ HTTP/1.1\r\n" + H[:-2] in fast  # the gate refuses it
+    assert not [h for h in fast if b"Transfer-Encoding" in h or b"Content-Length: 5" in h]
+    assert not [h for h in fast if b"Upgrade" in h or b"\r\n " in h or b"\r\n\t" in h]
+
+
+@pytest.mark.parametrize("head", RESPONSE_HEADS)
+@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"POST"])
+def test_response_heads_are_fast_only_as_h11_reads_and_writes_them(head, method):
+    check_response(head, method)
+
+
+def test_the_common_response_shapes_are_fast_and_the_rest_not():
+    assert check_response(RESPONSE_HEADS[1]) is not None
+    assert check_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked") is None
+    assert check_response(b"HTTP/1.1 200 OK") is None  # close-delimited: h11's
+    assert check_response(b"HTTP/1.1 200 OK", b"HEAD") is None  # h11 adds chunked
+    assert check_response(b"HTTP/1.1 204 No Content").length == 0
+
+
+@pytest.mark.parametrize(
+    ("buffer", "end"),
+    [
+        pytest.param(b"GET / HTTP/1.1\r\n" + H, 0, id="unfinished"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + H + b"\r\nrest", 38, id="crlf"),
+        pytest.param(b"GET / HTTP/1.1\r\n" + H + b"\n", -1, id="bare-lf-end"),
+        pytest.param(b"GET / HTTP/1.1\n\r\n" + H + b"\r\n", -1, id="lf-crlf"),
+    ],
+)
+def test_a_head_ends_where_h11_ends_it_or_is_not_fast(buffer, end):
+    assert http1_fast.head_end(buffer) == end
+    for start in range(len(buffer)):  # looked at in pieces: the same answer
+        if http1_fast.head_end(buffer[:start]) == 0:
+            assert http1_fast.head_end(buffer, start) == end
+
+
+# Pieces the generated heads are made of: valid ones and each way of breaking them.
+METHODS = [b"GET", b"HEAD", b"POST", b"DELETE", b"OPTIONS", b"CONNECT", b"get", b"G T", b"GET\t", b""]
+TARGETS = [b"/", b"/a?b=1", b"http://allowed.test/x", b"http://evil.test/", b"*", b"/a b", b"/\x7f", b""]
+VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 ", b"http/1.1", b"HTTP/1.10"]
+NAMES = [b"Host", b"host", b"Content-Length", b"Transfer-Encoding", b"Connection", b"Upgrade",
+         b"Expect", b"X-A", b"X A", b"", b"X:A", b"Host ", b"\tHost", b"X\x00"]  # fmt: skip
+VALUES = [b"allowed.test", b"evil.test", b"0", b"5", b"00", b"0, 0", b"+0", b"-0", b"chunked",
+          b"Chunked", b"chunked, identity", b"close", b"keep-alive, close", b"Upgrade", b"h2c",
+          b"100-continue", b"", b"  padded  ", b"a\tb", b"a\x00b", b"a\x01b", b"a\rb", b"a\nb",
+          b"\xff\xfe", b"a\r\n b"]  # fmt: skip
+EOLS = [b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"]
+
+
+@st.composite
+def request_heads(draw) -> bytes:
+    line = b"%s %s %s" % (
+        draw(st.sampled_from(METHODS)),
+        draw(st.sampled_from(TARGETS)),
+        draw(st.sampled_from(VERSIONS)),
+    )
+    fields = draw(
+        st.lists(
+            st.tuples(st.sampled_from(NAMES), st.sampled_from([b":", b": ", b" : ", b":\t"]),
+                      st.sampled_from(VALUES), st.sampled_from(EOLS)),
+            max_size=6,
+        )
+    )  # fmt: skip
+    head = line
+    for name, colon, value, eol in fields:
+        head += eol + name + colon + value
+    return head
+
+
+@settings(max_examples=600, deadline=None)
+@given(request_heads(), st.sampled_from([b"", b"GET / HTTP/1.1\r\n", b"\r\n"]))
+def test_generated_request_heads_are_fast_only_as_h11_reads_them(head, rest):
+    check_request(head, rest)
+
+
+STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 304 NM", b"HTTP/1.1 101 S",
+                b"HTTP/1.1 100 C", b"HTTP/1.0 200 OK", b"HTTP/1.1 200", b"HTTP/1.1 404 ", b"HTTP/1.1 2000 X",
+                b"HTTP/1.1 500 a\tb", b"HTTP/1.1 200 \xff", b" HTTP/1.1 200 OK"]  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.sampled_from(STATUS_LINES),
+    st.lists(
+        st.tuples(st.sampled_from(NAMES), st.sampled_from([b":", b": ", b" : "]),
+                  st.sampled_from(VALUES + [b"2", b"17"]), st.sampled_from(EOLS)),
+        max_size=5,
+    ),
+    st.sampled_from([b"GET", b"HEAD", b"POST"]),
+)  # fmt: skip
+def test_generated_response_heads_are_fast_only_as_h11_reads_and_writes_them(line, fields, method):
+    head = line
+    for name, colon, value, eol in fields:
+        head += eol + name + colon + value
+    check_response(head, method)
+
+
+# --- whole sessions: with the fast path and without, the same bytes in the same pieces ------
+
+
+def session(gate, fast: bool) -> Http1Session:
+    gate.events.clear()
+    state = gate.on_connect("c1", LOOPBACK, 40000, "203.0.113.10", 80)
+    assert gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n").value == "http"
+    return Http1Session(gate, state, fast=fast)
+
+
+def snapshot(s: Http1Session, step: str) -> tuple:
+    out = (step, bytes(s.to_client), bytes(s.to_upstream), s.need_upstream, s.connected,
+           s.drop_upstream, s.closing, s.reset, s.problem, s.upstream_idle,
+           s.client_said_all, s.wants_client_data, s.wants_upstream_data)  # fmt: skip
+    s.to_client.clear()
+    if s.connected:
+        s.to_upstream.clear()
+    s.drop_upstream = False
+    return out
+
+
+def events(s: Http1Session) -> list[tuple]:
+    s.gate.on_close(s.state, s.problem)
+    return [
+        (e.kind, e.verdict, e.reason, e.rule_id, e.name, e.method, e.path, e.detail, e.bytes_up)
+        for e in s.gate.events
+    ]
+
+
+def drive(s: Http1Session, client: list[bytes], upstream: list[bytes], reused: bool) -> list:
+    """As http1_relay does: connect when asked (a pooled connection first, if `reused`),
+    read a side while the session wants it, until nothing moves."""
+    client, upstream, seen = list(client), list(upstream), []
+    while not s.closing:
+        if s.need_upstream:
+            s.upstream_connected(reused=reused)
+            reused = False
+            seen.append(snapshot(s, "connected"))
+        elif client and s.wants_client_data:
+            s.client_data(client.pop(0))
+            seen.append(snapshot(s, "client"))
+        elif upstream and s.wants_upstream_data:
+            s.upstream_data(upstream.pop(0))
+            seen.append(snapshot(s, "upstream"))
+        else:
+            break
+    return seen
+
+
+def first_difference(runs: dict) -> tuple:
+    """The first step (or event) where the two runs part, for the failure message."""
+    for part in (0, 1):
+        for fast, slow in zip(runs[True][part], runs[False][part], strict=False):
+            if fast != slow:
+                return ("fast", fast, "h11", slow)
+    return ("fast", len(runs[True][0]), "h11", len(runs[False][0]))
+
+
+def pieces(data: bytes, rng: random.Random) -> list[bytes]:
+    if len(data) < 2:
+        return [data]
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 4))))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\nclose-delimited",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA",  # bytes no request asked for
+    b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",  # cut, then the upstream's EOF
+    b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    b"HTTP/1.1 200 OK\r\nX: " + b"x" * 70_000 + b"\r\n\r\n",
+    b"",  # the upstream closes unanswered
+    b" HTTP/1.1 200 OK\r\n",
+]
+CLIENTS = [
+    b"GET / HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /a HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+    b"GET http://allowed.test/abs HTTP/1.1\r\n" + H + b"Connection: X-T, keep-alive\r\nX-T: 1\r\n\r\n",
+    b"HEAD /h HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+    b"GET http://evil.test/ HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"X: a\r\n GET /smuggled HTTP/1.1\r\n\r\n",
+    b"POST /p HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc",
+    b"POST /p HTTP/1.1\r\n" + H + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /p HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"Upgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    b"GET / HTTP/1.0\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\n" + H + b"\n",
+    b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"X: " + b"a" * 70_000,  # never ends
+    b"GET / HTTP/1.1\r\n" + H,  # then the client closes
+    b"\x16\x03\x01\x02\x00",
+]
+
+
+def test_whole_sessions_go_as_h11_alone_would_take_them(tmp_path):
+    """Seeded: keep-alive sequences of requests and responses, each cut in random
+    pieces, some pipelined, EOFs where a list ends in b"": the fast session's every
+    output, flag and event equals the h11 session's."""
+    rng = random.Random(11)
+    gates = {}
+    for fast in (False, True):
+        (tmp_path / str(fast)).mkdir()
+        gates[fast] = make_gate(tmp_path / str(fast), sandbox=LOOPBACK)
+    fast_taken = 0
+    for case in range(400):
+        requests = [rng.choice(CLIENTS) for _ in range(rng.randint(1, 3))]
+        responses = [rng.choice(RESPONSES[:5] * 4 + RESPONSES) for _ in requests]
+        pipelined = rng.random() < 0.3
+        client = pieces(b"".join(requests), rng) if pipelined else []
+        if not pipelined:
+            for request in requests:
+                client += pieces(request, rng)
+        upstream = [p for response in responses for p in pieces(response, rng) if p]
+        if rng.random() < 0.3:
+            upstream.append(b"")
+        if rng.random() < 0.2:
+            client.append(b"")
+        reused = rng.random() < 0.3
+        runs = {}
+        for fast in (False, True):
+            s = session(gates[fast], fast)
+            runs[fast] = (drive(s, client, upstream, reused), events(s))
+            fast_taken += fast and s.fast
+        assert runs[True] == runs[False], (case, client, upstream, first_difference(runs))
+    assert fast_taken > 50  # the fast path did carry whole connections
