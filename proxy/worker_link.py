@@ -5,7 +5,10 @@ ways, three shapes:
 
 - a request: `{"id": N, "op": OP, ...}`; the other side answers it once;
 - a reply: `{"re": N, "ok": true|false, "error": "...", ...}`;
-- a notification: `{"op": OP, ...}` without an id; nobody answers it.
+- a notification: `{"op": OP, ...}` without an id; nobody answers it. One may carry
+  raw bytes: `"payload": N` in the line, then N bytes (a worker's audit lines, which
+  as a JSON string would be escaped and unescaped again); the handler finds them in
+  the message's `payload`.
 
 Notifications are handled inline, in the order they arrive (a worker's `events`
 batches must reach the audit log in order); requests each run as a task (an
@@ -54,11 +57,15 @@ class Link:
         reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
         return cls(reader, writer, handle)
 
-    def send(self, message: dict) -> None:
-        """Queue one message; the transport writes it as soon as the socket takes it."""
+    def send(self, message: dict, payload: bytes = b"") -> None:
+        """Queue one message (a notification: with `payload`, if any); the transport
+        writes it as soon as the socket takes it."""
         if self.closed or self.writer.is_closing():
             raise LinkClosed("the link is closed")
-        self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        if payload:
+            message = {**message, "payload": len(payload)}
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        self.writer.write(line + payload if payload else line)
 
     async def drain(self) -> None:
         with contextlib.suppress(ConnectionError):
@@ -90,6 +97,11 @@ class Link:
                 except ValueError:
                     log.error("worker link: not JSON: %r", line[:200])
                     continue
+                size = message.get("payload") if isinstance(message, dict) else None
+                if size is not None:
+                    if not isinstance(size, int) or not 0 < size <= MAX_LINE:
+                        raise ValueError(f"a payload of {size!r} bytes")  # out of step: end
+                    message["payload"] = await self.reader.readexactly(size)
                 self._dispatch(message)
         except (ConnectionError, asyncio.IncompleteReadError, ValueError) as e:
             log.warning("worker link: %s", e)

@@ -18,7 +18,7 @@ from sandgate.enforcer.workers import WorkerPool
 from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
-from sandgate.proxy.telemetry.event import FIELD_BOUNDS, Event, EventKind
+from sandgate.proxy.telemetry.event import FIELD_BOUNDS, EncodedEvent, Event, EventKind
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 FULL = Event(
@@ -147,6 +147,7 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
     rules = tmp_path / "rules.yaml"
     rules.write_text(PLAIN)
     events: list[Event] = []
+    tallies: list[list] = []
     restarted = []
 
     async def main():
@@ -154,7 +155,9 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
             2,
             {"rules": [str(rules)], "dns_upstreams": ["127.0.0.1"], "confdir": str(tmp_path)},
             load_policy([rules]),
-            events.append,
+            # the workers' events come encoded; the pool's own (a reload) as they are
+            lambda e: events.append(e.decoded() if isinstance(e, EncodedEvent) else e),
+            tally=tallies.extend,
             listen_host="127.0.0.1",
         )
         pool.on_restart = lambda worker, pid, how: restarted.append((worker.index, pid, how))
@@ -175,6 +178,10 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
             assert by_reason[Reason.NO_RULE].task_id == "task-1"
             assert by_reason[Reason.NO_RULE].policy_hash == pool.policy.hash
             assert Reason.UNKNOWN_SANDBOX in by_reason
+            # Their metrics came counted: one DNS query each, with its latency.
+            counted = {(row[2], row[7]) for row in tallies if row[0] == "dns"}
+            assert counted == {("no_rule", 1), ("unknown_sandbox", 1)}
+            assert all(row[9] for row in tallies)
             # Stats come every second, summed over workers.
             await _until(lambda: all(w.stats for w in pool.workers), timeout=5)
             assert pool.gate.counts.open == 0 and len(pool.gate.connections) == 0
