@@ -192,7 +192,7 @@ def test_a_notification_carries_its_payload_in_order_and_a_bad_size_ends_the_lin
             await asyncio.sleep(0.01)
         assert [(m["n"], m.get("payload")) for m in seen] == [(1, blob), (2, None), (3, b"x")]
         # A size that is no size: the stream is out of step, the link ends.
-        sender.writer.write(b'{"op":"events","payload":-5}\n')
+        sender.transport.write(b'{"op":"events","payload":-5}\n')
         await asyncio.wait_for(reading, 5)
         assert receiver.closed
         with pytest.raises(LinkClosed):
