@@ -16,7 +16,8 @@ someone who recomputes every later hash: ship the lines to the SIEM as they are
 written (they carry their hashes) to anchor the chain off the machine.
 
 Writing: `emit` runs on the gateway's event loop and only appends to a bounded
-deque (~0.1 µs); a writer thread serialises, hashes and writes batches with one
+deque (~0.1 µs); a writer thread serialises (an `EncodedEvent` of a gateway worker
+comes serialised: only its chain is added), hashes and writes batches with one
 `write` each (which also hands the GIL back to the loop between batches), so a
 slow or failing disk never blocks the proxy. Lines reach the file within
 `flush_interval` (50 ms). An event is lost
