@@ -125,10 +125,9 @@ def encode_line(event: Event | EncodedEvent, seq: int, prev: str) -> tuple[bytes
     """One audit line for `event` (with its newline) and its hash. An `EncodedEvent`
     brings its members encoded: only the chain is added here."""
     if event.__class__ is EncodedEvent:
-        members = event.members
+        body = b'{%b,"seq":%d,"prev":"%b"}' % (event.members, seq, prev.encode("ascii"))
     else:
-        members = audit_members(event).encode("ascii")
-    body = b"{%b,\"seq\":%d,\"prev\":\"%b\"}" % (members, seq, prev.encode("ascii"))
+        body = f'{{{audit_members(event)},"seq":{seq},"prev":"{prev}"}}'.encode("ascii")
     digest = chain_hash(prev, body)
     return body[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n', digest
 
