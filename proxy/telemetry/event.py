@@ -115,14 +115,10 @@ class Event:
         )
         return record
 
-    def to_values(self) -> list:
-        """The compact form: every field's value in `FIELDS` order, JSON-ready as it is
-        (the enums are strings). What a worker sends the service (proxy/worker.py)."""
-        return list(field_values(self))
-
     @classmethod
     def from_values(cls, values: list) -> Event:
-        """The event `to_values` made. Raises ValueError for a wrong length or an
+        """The event with these field values, in `FIELDS` order (what
+        `EncodedEvent.decoded` reads back). Raises ValueError for a wrong length or an
         unknown kind, verdict or reason. A text field longer than its bound and the
         cut marker is cut (one already cut stays as it is)."""
         if len(values) != len(FIELDS):
@@ -198,9 +194,7 @@ class EncodedEvent:
 
     def decoded(self) -> Event:
         """The `Event` these members encode (ValueError if they encode none)."""
-        record = json.loads(b"{" + self.members + b"}")
-        if not isinstance(record, dict):
-            raise ValueError("the members are no JSON object")
+        record = json.loads(b"{" + self.members + b"}")  # an object, or ValueError
         return Event.from_values([record.get(name) for name in FIELDS])
 
 
