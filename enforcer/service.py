@@ -63,7 +63,7 @@ from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import PolicyReloader
 from sandgate.proxy.telemetry import task_events
 from sandgate.proxy.telemetry.audit import AuditLog
-from sandgate.proxy.telemetry.event import Event, EventFanout, EventKind
+from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventFanout, EventKind
 from sandgate.proxy.telemetry.flood import FloodLimits
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.telemetry.metrics import Metrics
@@ -214,6 +214,7 @@ class GatewayService:
                 },
                 policy,
                 fanout.emit,
+                tally=self.metrics.add_tally,
             )
             self.pool.on_restart = self._worker_restarted
             self.reloader = PolicyReloader([opts.rules], self.pool)
@@ -347,7 +348,7 @@ class GatewayService:
 
     # --- events: the audit log and metrics get all; each task's summary its own --------
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event | EncodedEvent) -> None:
         attached = self.sandboxes.get(event.task_id) if event.task_id else None
         if attached is not None:
             attached.summary.emit(event)

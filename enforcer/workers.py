@@ -17,8 +17,11 @@ connections stay together.
   registers the task with the worker and waits for its ack.
 - **Events** come back in batches (`events` notifications), in order, and go to the
   service's one fanout: one hash-chained audit log, the metrics, the task summaries,
-  flood control, as with one process. A worker's link is read to its end before the
-  worker is taken for dead: what it flushed is never lost.
+  flood control, as with one process. Each comes as an `EncodedEvent` (its audit line
+  encoded by the worker: the service only chains it; the fields flood control and the
+  summary read) and the batch's metrics counted by the worker (`tally`). A worker's
+  link is read to its end before the worker is taken for dead: what it flushed is
+  never lost.
 - **Policy**: each worker loads the rule files itself; the service's reload (its own
   load, then `swap_policy` here) tells every worker to reload and checks the hash it
   reports, asking once more when it differs (a file changed in between).
@@ -57,7 +60,7 @@ from sandgate.proxy.gateway import Listeners, policy_loaded, stamped
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
-from sandgate.proxy.telemetry.event import Event
+from sandgate.proxy.telemetry.event import EncodedEvent, Event
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 log = logging.getLogger("sandgate.gateway")
@@ -185,17 +188,21 @@ class WorkerPool:
         count: int,
         config: dict,
         policy: CompiledPolicy,
-        sink: Callable[[Event], None],
+        sink: Callable[[Event | EncodedEvent], None],
         *,
+        tally: Callable[[list], None] = lambda rows: None,
         listen_host: str = "0.0.0.0",
     ):
         """`config`: what each worker needs (proxy/worker.py: rules, dns_upstreams,
-        dns_upstream_port, confdir, upstream_ca); `sink`: the service's event fanout;
-        `listen_host`: where the workers' sockets bind (every address, as one gateway's)."""
+        dns_upstream_port, confdir, upstream_ca); `sink`: the service's event fanout
+        (the workers' events come as `EncodedEvent`s); `tally`: takes the metrics the
+        workers counted (`Metrics.add_tally`); `listen_host`: where the workers' sockets
+        bind (every address, as one gateway's)."""
         self.listen_host = listen_host
         self.config = {**config, "service_pid": os.getpid(), "workers": count}
         self.policy = policy
         self.sink = sink
+        self.tally = tally
         self.workers: list[WorkerProcess] = []
         self._count = count
         self.by_address: dict[str, int] = {}  # sandbox address -> worker index
@@ -349,13 +356,7 @@ class WorkerPool:
     def _handle(self, worker: WorkerProcess, message: dict, ready: asyncio.Future):
         op = message.get("op")
         if op == "events":
-            for values in message["events"]:
-                try:
-                    event = Event.from_values(values)
-                except (ValueError, TypeError) as e:
-                    log.error("gateway worker %d sent a bad event: %s", worker.index, e)
-                    continue
-                self.sink(event)
+            self._take_events(worker, message)
         elif op == "approval":
             self.approvals.changed(worker.index, str(message["what"]), message["approval"])
         elif op == "stats":
@@ -367,6 +368,25 @@ class WorkerPool:
         elif "id" in message:
             raise ValueError(f"the service takes no {str(op)[:40]!r} requests")
         return None
+
+    def _take_events(self, worker: WorkerProcess, message: dict) -> None:
+        """One `events` batch (proxy/worker.py, EventBatcher) into the sink, in order."""
+        rows, members = message["events"], message.get("payload", b"").split(b"\n")
+        if len(rows) != len(members):
+            log.error("gateway worker %d sent %d events with %d audit lines; dropped",
+                      worker.index, len(rows), len(members))  # fmt: skip
+            return
+        for row, line in zip(rows, members, strict=True):
+            try:
+                event = EncodedEvent(line, *row)
+            except (ValueError, TypeError) as e:
+                log.error("gateway worker %d sent a bad event: %s", worker.index, e)
+                continue
+            self.sink(event)
+        try:
+            self.tally(message.get("metrics", []))
+        except (ValueError, TypeError) as e:
+            log.error("gateway worker %d sent bad metrics: %s", worker.index, e)
 
     # --- sandboxes ----------------------------------------------------------------------
 

@@ -17,8 +17,7 @@ with the hash in force), `audit_hold` {problem} (the service's audit log cannot 
 written: refuse new connections as the in-process gateway would), `stats`, `stop`,
 and the approvals ops `approve`, `deny`, `grant` (proxy/approvals/remote.py).
 Notifications it sends: `ready` {pid, proxy_port, dns_port, policy} once, `events`
-{events: [Event.to_values(), ...]} at most FLUSH_DELAY after an event, `stats`
-every STATS_INTERVAL seconds, `approval` {what, approval} on every change of its
+at most FLUSH_DELAY after an event (`EventBatcher`), `stats` every STATS_INTERVAL seconds, `approval` {what, approval} on every change of its
 approvals. It asks the service `always` (append an approved rule, reload).
 
 It imports nothing of enforcer/, and dies with the service (PR_SET_PDEATHSIG).
@@ -45,7 +44,10 @@ from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import PolicyReloader
+from sandgate.proxy.telemetry.audit import audit_members
 from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.metrics import MetricsTally
+from sandgate.proxy.telemetry.summary import row_destination
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 log = logging.getLogger("sandgate.worker")
@@ -65,19 +67,37 @@ class EventBatcher:
     """The worker gateway's one sink: events go to the service in batches, at most
     FLUSH_DELAY after the first of them, not one write per event.
 
+    The service only chains and writes each event's audit line, counts it into its
+    task's summary and its audit rate limit, and adds up the metrics, so what it needs
+    is made here, where the event was made (decoding one JSON object per event, then
+    encoding it again for the log, cost the service more than the event had cost the
+    worker). One `events` notification holds, in order:
+    - `events`: per event [task_id, sandbox, kind, verdict, reason, rule_id,
+      destination] (`EncodedEvent`'s fields; destination: its summary row's);
+    - `metrics`: the batch's `MetricsTally` rows;
+    - the payload: each event's audit members (`audit_members`), one per line (ASCII
+      JSON escapes every control character: a value cannot hold a newline).
+
     The worker's own `policy_loaded` events are left out: a reload is the service's,
     which records it once (the connections each worker closes are events of their own)."""
 
     def __init__(self, link: Link):
         self.link = link
-        self.pending: list[list] = []
+        self.rows: list[tuple] = []
+        self.members: list[str] = []
+        self.tally = MetricsTally()
         self._timer: asyncio.TimerHandle | None = None
 
     def emit(self, event: Event) -> None:
         if event.kind is EventKind.POLICY and event.reason is Reason.POLICY_LOADED:
             return
-        self.pending.append(event.to_values())
-        if len(self.pending) >= FLUSH_COUNT:
+        self.members.append(audit_members(event))
+        self.rows.append(
+            (event.task_id, event.sandbox, event.kind, event.verdict, event.reason,
+             event.rule_id, row_destination(event))
+        )  # fmt: skip
+        self.tally.emit(event)
+        if len(self.rows) >= FLUSH_COUNT:
             self.flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
@@ -86,13 +106,20 @@ class EventBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self.pending:
-            batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+        metrics = self.tally.take()  # with the first batch: the service adds them up at once
+        while self.rows:
+            rows, self.rows = self.rows[:MAX_BATCH], self.rows[MAX_BATCH:]
+            members, self.members = self.members[:MAX_BATCH], self.members[MAX_BATCH:]
             try:
-                self.link.send({"op": "events", "events": batch})
+                self.link.send(
+                    {"op": "events", "events": rows, "metrics": metrics},
+                    "\n".join(members).encode("ascii"),
+                )
             except LinkClosed:
-                log.error("sandgate worker: the service went away; %d events lost", len(batch))
-                self.pending.clear()
+                log.error("sandgate worker: the service went away; %d events lost", len(rows))
+                self.rows.clear()
+                self.members.clear()
+            metrics = []
 
 
 class RemoteAudit:

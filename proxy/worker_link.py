@@ -5,7 +5,10 @@ ways, three shapes:
 
 - a request: `{"id": N, "op": OP, ...}`; the other side answers it once;
 - a reply: `{"re": N, "ok": true|false, "error": "...", ...}`;
-- a notification: `{"op": OP, ...}` without an id; nobody answers it.
+- a notification: `{"op": OP, ...}` without an id; nobody answers it. One may carry
+  raw bytes: `"payload": N` in the line, then N bytes (a worker's audit lines, which
+  as a JSON string would be escaped and unescaped again); the handler finds them in
+  the message's `payload`.
 
 Notifications are handled inline, in the order they arrive (a worker's `events`
 batches must reach the audit log in order); requests each run as a task (an
@@ -40,29 +43,40 @@ class LinkClosed(ConnectionError):
     """The other side went away before it answered."""
 
 
-class Link:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler):
-        self.reader, self.writer, self.handle = reader, writer, handle
+class Link(asyncio.Protocol):
+    """One end of the link. Messages are read and dispatched as their bytes arrive
+    (`data_received`), not by a reading task: an `events` batch comes every few
+    milliseconds, and a stream reader's wake-ups per line cost the service about as
+    much again as handling the batch."""
+
+    def __init__(self, handle: Handler):
+        self.handle = handle
+        self.transport: asyncio.Transport | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._buffer = bytearray()
+        self._head: dict | None = None  # a notification whose payload has not all come
+        self._ended: asyncio.Future = asyncio.get_running_loop().create_future()
         self.closed = False
 
     @classmethod
     async def over(cls, sock, handle: Handler) -> Link:
         """A link over `sock`, a connected stream socket (one end of a socketpair)."""
-        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_LINE)
-        return cls(reader, writer, handle)
+        _, link = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: cls(handle), sock
+        )
+        return link
 
-    def send(self, message: dict) -> None:
-        """Queue one message; the transport writes it as soon as the socket takes it."""
-        if self.closed or self.writer.is_closing():
+    def send(self, message: dict, payload: bytes = b"") -> None:
+        """Queue one message (a notification: with `payload`, if any); the transport
+        writes it as soon as the socket takes it."""
+        if self.closed or self.transport is None or self.transport.is_closing():
             raise LinkClosed("the link is closed")
-        self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-
-    async def drain(self) -> None:
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
+        if payload:
+            message = {**message, "payload": len(payload)}
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        self.transport.write(line + payload if payload else line)
 
     async def request(self, op: str, timeout: float | None = 60.0, **fields) -> dict:
         """Send a request and wait for its reply (`ok` false raises RuntimeError with
@@ -80,25 +94,67 @@ class Link:
         return reply
 
     async def run(self) -> None:
-        """Read until the other side closes; then every request still waiting fails
-        with LinkClosed. Everything the other side sent before it closed is handled
-        first: nothing it flushed is lost."""
+        """Wait until the other side closes (or `close`); then every request still
+        waiting fails with LinkClosed. Everything the other side sent before it closed
+        has been handled by then: nothing it flushed is lost."""
+        await asyncio.shield(self._ended)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
         try:
-            while line := await self.reader.readline():
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    log.error("worker link: not JSON: %r", line[:200])
-                    continue
+            while True:
+                if self._head is None:
+                    end = buffer.find(b"\n")
+                    if end < 0:
+                        if len(buffer) > MAX_LINE:
+                            raise ValueError(f"a line of more than {MAX_LINE} bytes")
+                        return
+                    line = bytes(buffer[:end])
+                    del buffer[: end + 1]
+                    try:
+                        message = json.loads(line)
+                    except ValueError:
+                        log.error("worker link: not JSON: %r", line[:200])
+                        continue
+                    if not isinstance(message, dict):
+                        log.error("worker link: not an object: %r", line[:200])
+                        continue
+                    size = message.get("payload")
+                    if size is not None and (not isinstance(size, int) or not 0 < size <= MAX_LINE):
+                        raise ValueError(f"a payload of {size!r} bytes")  # out of step: end
+                    self._head = message
+                size = self._head.get("payload")
+                if size is not None:
+                    if len(buffer) < size:
+                        return
+                    self._head["payload"] = bytes(buffer[:size])
+                    del buffer[:size]
+                message, self._head = self._head, None
                 self._dispatch(message)
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as e:
+        except ValueError as e:
             log.warning("worker link: %s", e)
-        finally:
-            self.closed = True
-            for future in self._waiting.values():
-                if not future.done():
-                    future.set_exception(LinkClosed("the other side went away"))
-            self.writer.close()
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.warning("worker link: %s", exc)
+        self.closed = True
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(LinkClosed("the other side went away"))
+        if not self._ended.done():
+            self._ended.set_result(None)
 
     def _dispatch(self, message: dict) -> None:
         reply_to = message.get("re")
@@ -128,6 +184,4 @@ class Link:
         with contextlib.suppress(LinkClosed):
             self.send({"re": request_id, **reply})
 
-    def close(self) -> None:
-        self.closed = True
-        self.writer.close()
+

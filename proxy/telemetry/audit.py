@@ -16,7 +16,8 @@ someone who recomputes every later hash: ship the lines to the SIEM as they are
 written (they carry their hashes) to anchor the chain off the machine.
 
 Writing: `emit` runs on the gateway's event loop and only appends to a bounded
-deque (~0.1 µs); a writer thread serialises, hashes and writes batches with one
+deque (~0.1 µs); a writer thread serialises (an `EncodedEvent` of a gateway worker
+comes serialised: only its chain is added), hashes and writes batches with one
 `write` each (which also hands the GIL back to the loop between batches), so a
 slow or failing disk never blocks the proxy. Lines reach the file within
 `flush_interval` (50 ms). An event is lost
@@ -54,7 +55,7 @@ from dataclasses import dataclass
 from json.encoder import c_make_encoder, encode_basestring_ascii
 from pathlib import Path
 
-from sandgate.proxy.telemetry.event import FIELDS, Event, field_values
+from sandgate.proxy.telemetry.event import FIELDS, EncodedEvent, Event, field_values
 
 log = logging.getLogger("sandgate.audit")
 
@@ -97,10 +98,11 @@ def chain_hash(prev: str, body: str | bytes) -> str:
 _KEYS = tuple(_encode(name) + ":" for name in FIELDS)
 
 
-def _event_json(event: Event) -> str:
+def audit_members(event: Event) -> str:
     """The event's members as JSON text (`"kind":"dns","verdict":...`), None fields
     left out: what `_encode(event.to_dict())` gives, without building the dict
-    (a third of the writer's time). Strings go through the C escaper; ints and
+    (a third of the writer's time; a gateway worker calls it for the service's
+    writer, which then only chains: `EncodedEvent`). Strings go through the C escaper; ints and
     finite floats are their repr; anything else through the full encoder, which
     raises for what JSON cannot hold (NaN, objects) instead of writing it."""
     parts = []
@@ -119,9 +121,13 @@ def _event_json(event: Event) -> str:
     return ",".join(parts)
 
 
-def encode_line(event: Event, seq: int, prev: str) -> tuple[bytes, str]:
-    """One audit line for `event` (with its newline) and its hash."""
-    body = f'{{{_event_json(event)},"seq":{seq},"prev":"{prev}"}}'.encode("ascii")
+def encode_line(event: Event | EncodedEvent, seq: int, prev: str) -> tuple[bytes, str]:
+    """One audit line for `event` (with its newline) and its hash. An `EncodedEvent`
+    brings its members encoded: only the chain is added here."""
+    if event.__class__ is EncodedEvent:
+        body = b'{%b,"seq":%d,"prev":"%b"}' % (event.members, seq, prev.encode("ascii"))
+    else:
+        body = f'{{{audit_members(event)},"seq":{seq},"prev":"{prev}"}}'.encode("ascii")
     digest = chain_hash(prev, body)
     return body[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n', digest
 
@@ -170,7 +176,7 @@ class AuditLog:
         except BaseException:
             os.close(self._fd)
             raise
-        self._pending: collections.deque[Event] = collections.deque()
+        self._pending: collections.deque[Event | EncodedEvent] = collections.deque()
         self._wake = threading.Event()
         self._idle = False
         self._stopping = False
@@ -190,7 +196,7 @@ class AuditLog:
         """False while writes fail (or the budget is reached), until one succeeds."""
         return self.failing_since is None
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event | EncodedEvent) -> None:
         if len(self._pending) >= self.queue_size or self._stopping:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
@@ -255,7 +261,7 @@ class AuditLog:
                 self._wake.wait(self.flush_interval)
             self._idle = False
 
-    def _write_batch(self, batch: list[Event]) -> None:
+    def _write_batch(self, batch: list[Event | EncodedEvent]) -> None:
         lines: list[tuple[bytes, int, str]] = []
         seq, prev = self.seq, self.prev
         for event in batch:

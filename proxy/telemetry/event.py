@@ -12,6 +12,7 @@ keeps its head and says how much was cut (`...[+N chars]`).
 
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import time
@@ -114,14 +115,10 @@ class Event:
         )
         return record
 
-    def to_values(self) -> list:
-        """The compact form: every field's value in `FIELDS` order, JSON-ready as it is
-        (the enums are strings). What a worker sends the service (proxy/worker.py)."""
-        return list(field_values(self))
-
     @classmethod
     def from_values(cls, values: list) -> Event:
-        """The event `to_values` made. Raises ValueError for a wrong length or an
+        """The event with these field values, in `FIELDS` order (what
+        `EncodedEvent.decoded` reads back). Raises ValueError for a wrong length or an
         unknown kind, verdict or reason. A text field longer than its bound and the
         cut marker is cut (one already cut stays as it is)."""
         if len(values) != len(FIELDS):
@@ -159,6 +156,51 @@ CUT_MARKER_MAX = 20  # what bound_text adds at most: "...[+N chars]"
 _FIELD_SET = frozenset(FIELDS)
 field_values = operator.attrgetter(*FIELDS)
 _set = object.__setattr__
+
+
+class EncodedEvent:
+    """An event a gateway worker made, as the service takes it in (proxy/worker.py,
+    enforcer/workers.py): its audit-log members already encoded there (`members`:
+    `"kind":"dns",...`, what `audit.audit_members` gives; the service only chains them)
+    and the few fields the service reads of every event: flood control's key
+    (task_id, sandbox, kind, verdict, reason, rule_id) and the task summary's row
+    (`destination`, None: no row). `decoded()` is the whole `Event`, for the rare
+    reader that needs more (an aggregate of the audit rate limit, the metrics of an
+    approval or task event). Raises ValueError for an unknown kind, verdict or reason."""
+
+    __slots__ = ("members", "task_id", "sandbox", "kind", "verdict", "reason", "rule_id",
+                 "destination")  # fmt: skip
+    suppressed = None  # workers never aggregate: the audit rate limit is the service's
+
+    def __init__(
+        self,
+        members: bytes,
+        task_id: str | None,
+        sandbox: str | None,
+        kind: str,
+        verdict: str,
+        reason: str,
+        rule_id: str | None,
+        destination: str | None,
+    ):
+        self.members, self.task_id, self.sandbox = members, task_id, sandbox
+        try:
+            self.kind, self.verdict = _KINDS[kind], _VERDICTS[verdict]
+            self.reason = _REASONS[reason]
+        except (KeyError, TypeError):
+            raise ValueError(f"not an event: kind {kind!r}, verdict {verdict!r}, "
+                             f"reason {reason!r}") from None  # fmt: skip
+        self.rule_id, self.destination = rule_id, destination
+
+    def decoded(self) -> Event:
+        """The `Event` these members encode (ValueError if they encode none)."""
+        record = json.loads(b"{" + self.members + b"}")  # an object, or ValueError
+        return Event.from_values([record.get(name) for name in FIELDS])
+
+
+_KINDS = {str(k): k for k in EventKind}
+_VERDICTS = {str(v): v for v in Verdict}
+_REASONS = {str(r): r for r in Reason}
 
 
 class EventSink(Protocol):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
-from sandgate.proxy.telemetry.event import Event, EventKind, bound_text
+from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, bound_text
 
 NEVER_SUPPRESSED = frozenset({EventKind.TASK, EventKind.POLICY, EventKind.APPROVAL})
 DEFAULT_RATE = 500.0  # events a second, per task
@@ -148,9 +148,10 @@ class FloodControl:
         """Events counted into aggregates not yet returned."""
         return sum(a.count for b in self.buckets.values() for a in b.pending.values())
 
-    def admit(self, event: Event) -> tuple[list[Event], bool]:
+    def admit(self, event: Event | EncodedEvent) -> tuple[list[Event | EncodedEvent], bool]:
         """What to write now for `event`, in order (aggregates first: they are older),
-        and whether `event` itself was suppressed (counted into an aggregate)."""
+        and whether `event` itself was suppressed (counted into an aggregate). A
+        worker's `EncodedEvent` is decoded only to be aggregated."""
         task = event.task_id or event.sandbox or ""
         now = self.clock()
         bucket = self._refilled(task, now)
@@ -162,6 +163,8 @@ class FloodControl:
             out = self._flush(bucket) if bucket.tokens >= 1 and bucket.pending else []
             out.append(event)
             return out, False
+        if event.__class__ is EncodedEvent:
+            event = event.decoded()
         key = (event.kind, event.verdict, event.reason, event.rule_id)
         out = []
         aggregate = bucket.pending.get(key)

@@ -25,7 +25,9 @@ server thread, off the start (lean_prometheus.py says why).
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import os
 import selectors
 import socket
@@ -42,7 +44,7 @@ from prometheus_client.registry import CollectorRegistry
 from sandgate.proxy.policy.model import HTTP_METHODS
 from sandgate.proxy.policy.names import parse_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
-from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
 
 log = logging.getLogger("sandgate.metrics")
 
@@ -69,6 +71,12 @@ LATENCY_BUCKETS = (
 )
 DEFAULT_LISTEN = "127.0.0.1:9464"
 _DECISION_LABELS = ("verdict", "reason", "rule", "profile")
+# The kinds that are decisions (a latency each) and the kinds a gateway worker counts
+# itself (`MetricsTally`): all but the rare task, policy and approval events, whose
+# metrics the service counts from the events (their series need more than the key).
+_DECIDING = frozenset({EventKind.CONNECTION, EventKind.DNS, EventKind.REQUEST, EventKind.APPROVAL})
+TALLIED = frozenset({EventKind.CONNECTION, EventKind.CONNECTION_END, EventKind.DNS,
+                     EventKind.REQUEST})  # fmt: skip
 _MAX_CACHED_CHILDREN = 50_000  # a guard on memory; label caps already bound the series
 
 
@@ -233,7 +241,11 @@ class Metrics:
 
     # --- the sink ------------------------------------------------------------------
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event | EncodedEvent) -> None:
+        if event.__class__ is EncodedEvent:
+            if event.kind in TALLIED:
+                return  # counted in its worker: add_tally
+            event = event.decoded()
         kind = event.kind
         key = (
             kind,
@@ -251,17 +263,11 @@ class Metrics:
         events.inc()
         if counter is not None:
             counter.inc()
-        seconds = (
-            event.latency
-            if event.latency is not None
-            else event.duration
-            if kind is EventKind.DNS
-            else None
-        )
+        seconds = _latency_of(event)
         if seconds is not None and latency is not None:
             latency.observe(seconds)
         if event.bytes_up or event.bytes_down:
-            self._count_bytes(event)
+            self._count_bytes(kind, event.profile, event.bytes_up, event.bytes_down)
         if kind is EventKind.TASK and event.reason in _SANDBOX_RULE_PREFIX:
             # The rule id names the limit or feature: builtin:limit-memory -> memory.
             prefix = _SANDBOX_RULE_PREFIX[event.reason]
@@ -286,6 +292,26 @@ class Metrics:
             elif event.reason is Reason.POLICY_INVALID:
                 self.policy_reloads.labels("failure").inc()
 
+    def add_tally(self, rows: list) -> None:
+        """Add what a gateway worker counted (`MetricsTally.take`, one batch of its
+        events): the same series as `emit` of each of them. Raises ValueError (or
+        TypeError) for a row that is not one."""
+        for row in rows:
+            key, (n, seconds, buckets, up, down) = tuple(row[:7]), row[7:]
+            children = self._children.get(key)  # the enums' strings find their entries
+            if children is None:
+                kind, verdict, reason, *labels = key
+                children = self._resolve((EventKind(kind), Verdict(verdict), Reason(reason),
+                                          *labels))  # fmt: skip
+            counter, events, latency = children
+            events.inc(n)
+            if counter is not None:
+                counter.inc(n)
+            if buckets and latency is not None:
+                _observe_many(latency, buckets, seconds)
+            if up or down:
+                self._count_bytes(EventKind(key[0]), key[4], up, down)
+
     def count_suppressed(self, event: Event) -> None:
         """The audit rate limit held `event` back (RateLimitedAudit's on_suppressed)."""
         self.audit_suppressed.labels(str(event.kind), str(event.verdict), str(event.reason)).inc()
@@ -305,36 +331,32 @@ class Metrics:
             )
         elif kind is EventKind.APPROVAL:
             counter = self.approvals.labels(*decision)
-        decides = kind in (
-            EventKind.CONNECTION,
-            EventKind.DNS,
-            EventKind.REQUEST,
-            EventKind.APPROVAL,
-        )
         children = (
             counter,
             self.events.labels(str(kind), str(verdict)),
-            self.latency.labels(str(kind)) if decides else None,
+            self.latency.labels(str(kind)) if kind in _DECIDING else None,
         )
         if len(self._children) < _MAX_CACHED_CHILDREN:
             self._children[key] = children
         return children
 
-    def _count_bytes(self, event: Event) -> None:
-        key = (event.kind, event.profile)
+    def _count_bytes(
+        self, kind: EventKind, profile: str | None, up: int | None, down: int | None
+    ) -> None:
+        key = (kind, profile)
         children = self._bytes_children.get(key)
         if children is None:
-            profile = self._profile(event.profile)
+            label = self._profile(profile)
             children = (
-                self.bytes.labels("up", str(event.kind), profile),
-                self.bytes.labels("down", str(event.kind), profile),
+                self.bytes.labels("up", str(kind), label),
+                self.bytes.labels("down", str(kind), label),
             )
             if len(self._bytes_children) < _MAX_CACHED_CHILDREN:
                 self._bytes_children[key] = children
-        if event.bytes_up:
-            children[0].inc(event.bytes_up)
-        if event.bytes_down:
-            children[1].inc(event.bytes_down)
+        if up:
+            children[0].inc(up)
+        if down:
+            children[1].inc(down)
 
     # --- what is read at scrape time -------------------------------------------------
 
@@ -433,6 +455,69 @@ class Metrics:
             self._server_thread.join()
             os.close(self._wake_w)
             self._server_thread = self._wake_w = None
+
+
+def _latency_of(event: Event) -> float | None:
+    """The seconds the latency histogram observes: the decision's latency; for DNS,
+    which records the upstream's answer as its duration, that."""
+    if event.latency is not None:
+        return event.latency
+    return event.duration if event.kind is EventKind.DNS else None
+
+
+def _observe_many(child, buckets: list[int], total: float) -> None:
+    """What `observe` of each of some values does to a histogram child, at once:
+    `buckets` is [bucket index, count, ...] (the index as `observe` finds it),
+    `total` the values' sum. prometheus_client has no call for it: this adds to the
+    child's buckets and sum as `observe` does (pinned version; a unit test compares
+    the two)."""
+    child._sum.inc(total)
+    for i in range(0, len(buckets), 2):
+        child._buckets[buckets[i]].inc(buckets[i + 1])
+
+
+class MetricsTally:
+    """A gateway worker's metrics (proxy/worker.py): its events of the `TALLIED` kinds
+    counted by label key, as `Metrics.emit` would count them, and taken with each batch
+    of events it sends (`take`) for the service's `Metrics.add_tally`: one row per key
+    and batch, not one update per event. The other kinds are left to the service,
+    which gets each such event anyway."""
+
+    def __init__(self):
+        self._rows: dict[tuple, list] = {}
+        self._bounds = (*LATENCY_BUCKETS, math.inf)
+
+    def emit(self, event: Event) -> None:
+        kind = event.kind
+        if kind not in TALLIED:
+            return
+        key = (kind, event.verdict, event.reason, event.rule_id, event.profile,
+               event.protocol, event.method)  # fmt: skip
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = [0, 0.0, {}, 0, 0]  # n, seconds, bucket -> n, up, down
+        row[0] += 1
+        if kind in _DECIDING:
+            seconds = _latency_of(event)
+            if seconds is not None and not math.isnan(seconds):
+                row[1] += seconds
+                bucket = bisect.bisect_left(self._bounds, seconds)
+                row[2][bucket] = row[2].get(bucket, 0) + 1
+        if event.bytes_up:
+            row[3] += event.bytes_up
+        if event.bytes_down:
+            row[4] += event.bytes_down
+
+    def take(self) -> list[list]:
+        """The rows counted since the last `take` (JSON-ready), and start afresh:
+        [kind, verdict, reason, rule_id, profile, protocol, method, n, seconds,
+        [bucket, n, ...], bytes up, bytes down]."""
+        rows = [
+            [*key, n, seconds, [x for item in buckets.items() for x in item], up, down]
+            for key, (n, seconds, buckets, up, down) in self._rows.items()
+        ]
+        self._rows = {}
+        return rows
 
 
 def parse_listen(text: str) -> tuple[str, int]:

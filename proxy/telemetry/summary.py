@@ -15,11 +15,21 @@ from typing import TextIO
 
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
-from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
 
 BLOCKED = (Verdict.DENY, Verdict.ASK)
 OTHER_DESTINATIONS = "(other destinations)"
 SUPPRESSED_DESTINATIONS = "(suppressed in the audit log)"
+_NO_ROW = (EventKind.TASK, EventKind.POLICY, EventKind.CONNECTION_END)
+
+
+def row_destination(event: Event) -> str | None:
+    """The destination of `event`'s row in a task summary: the name, else IP:port;
+    None for the kinds that get no row (task, policy, connection_end). A gateway
+    worker sends it with each event (`EncodedEvent.destination`)."""
+    if event.kind in _NO_ROW:
+        return None
+    return event.name or (format_host_port(event.dst_ip, event.dst_port) if event.dst_ip else "?")
 
 
 class TaskSummary:
@@ -31,12 +41,13 @@ class TaskSummary:
         self.start_event: Event | None = None
         self.max_rows, self.max_printed = max_rows, max_printed
 
-    def emit(self, event: Event) -> None:
-        if event.kind in (EventKind.TASK, EventKind.POLICY, EventKind.CONNECTION_END):
+    def emit(self, event: Event | EncodedEvent) -> None:
+        if event.__class__ is EncodedEvent:
+            destination = event.destination
+        else:
+            destination = row_destination(event)
+        if destination is None:
             return
-        destination = event.name or (
-            format_host_port(event.dst_ip, event.dst_port) if event.dst_ip else "?"
-        )
         key = (
             str(event.kind),
             destination,

@@ -138,6 +138,16 @@ def _metric(net, port: int, name: str) -> float | None:
     return None
 
 
+def _metric_total(net, port: int, name: str) -> float:
+    """The sum of every series of `name` (all its labels)."""
+    text = net.run_in_host(["curl", "-s", f"http://127.0.0.1:{port}/metrics"]).stdout
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " "))
+    )
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -181,6 +191,15 @@ def test_two_workers_hold_each_sandbox_to_its_profile_sum_their_metrics_and_relo
             lambda: _metric(net, metrics_port, "sandgate_active_connections") == 2.0, timeout=5
         )
         assert _metric(net, metrics_port, "sandgate_active_sandboxes") == 2.0
+        # The decision counters: each worker counts its own, the service adds them up;
+        # they agree with the one audit log, which has both workers' events.
+        tasks_of = {by_profile["default"]["task_id"], by_profile["api"]["task_id"]}
+        assert {e["task_id"] for e in service.events(kind="dns")} == tasks_of
+        def agree(kind: str, metric: str) -> bool:
+            return _metric_total(net, metrics_port, metric) == len(service.events(kind=kind)) > 0
+
+        assert eventually(lambda: agree("dns", "sandgate_dns_queries_total"), timeout=5)
+        assert eventually(lambda: agree("connection", "sandgate_connections_total"), timeout=5)
 
         # A rule edit that denies both: each worker closes its own sandbox's connection.
         service.rules.write_text(
@@ -253,6 +272,14 @@ def test_a_killed_worker_cuts_only_its_sandboxes_and_comes_back(service, net, tm
         restarted = eventually(lambda: service.events(reason="worker_restarted"), timeout=5)
         assert [e["task_id"] for e in restarted] == [held_box["task_id"]], restarted
         assert f"pid {victim}" in restarted[0]["detail"], restarted[0]
+        # What the dead worker had sent before it died is all in the log: the allowed
+        # fetch (its connection and its end) and the held connection, whose end died
+        # with the worker.
+        before = service.events(task_id=held_box["task_id"])
+        allowed = [e for e in before if e["kind"] == "connection" and e["verdict"] == "allow"]
+        assert {e["name"] for e in allowed} == {"allowed.test"} and len(allowed) >= 2, before
+        assert len([e for e in before if e["kind"] == "connection_end"]) == 1, before
+        assert [e for e in before if e["kind"] == "dns"], before
         assert not (shared / "slow-done").exists(), "the transfer did not span the restart"
         status = service.status()
         assert status["workers"][held_box["worker"]]["restarts"] == 1

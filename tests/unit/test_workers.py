@@ -4,7 +4,6 @@ two real worker processes on loopback (DNS only: no sandbox network, no nftables
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -18,7 +17,9 @@ from sandgate.enforcer.workers import WorkerPool
 from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
-from sandgate.proxy.telemetry.event import FIELD_BOUNDS, Event, EventKind
+from sandgate.proxy.telemetry.audit import audit_members
+from sandgate.proxy.telemetry.event import FIELD_BOUNDS, FIELDS, EncodedEvent, Event, EventKind
+from sandgate.proxy.telemetry.summary import row_destination
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 FULL = Event(
@@ -47,6 +48,14 @@ FULL = Event(
 )
 
 
+def _encoded(event: Event) -> EncodedEvent:
+    """`event` as a worker sends it (proxy/worker.py, EventBatcher)."""
+    return EncodedEvent(
+        audit_members(event).encode("ascii"), event.task_id, event.sandbox, event.kind,
+        event.verdict, event.reason, event.rule_id, row_destination(event),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "event",
     [
@@ -58,17 +67,23 @@ FULL = Event(
     ],
 )
 def test_an_event_survives_the_wire_form(event):
-    back = Event.from_values(json.loads(json.dumps(event.to_values())))
+    back = _encoded(event).decoded()
     assert back == event
     assert type(back.kind) is EventKind and type(back.reason) is Reason
 
 
 def test_a_bad_wire_event_is_an_error_not_an_event():
-    values = FULL.to_values()
+    row = ["t1", "10.0.0.2", "connection", "allow", "no_such_reason", "web", None]
+    with pytest.raises(ValueError, match="no_such_reason"):
+        EncodedEvent(b'"kind":"connection"', *row)
+    # Members that are no whole event, or no JSON: decoding them says so.
+    good_row = [*row[:4], "rule_allow", "web", None]
+    for members in (b'"kind":"connection"', b'"kind":', b'1]'):
+        with pytest.raises(ValueError):
+            EncodedEvent(members, *good_row).decoded()
+    values = [getattr(FULL, name) for name in FIELDS]
     with pytest.raises(ValueError, match="fields"):
         Event.from_values(values[:-1])
-    with pytest.raises(ValueError):
-        Event.from_values(["connection", "allow", "no_such_reason", *values[3:]])
     long = Event.from_values([*values[:5], "d" * 9000, *values[6:]])
     assert len(long.detail) < FIELD_BOUNDS["detail"] + 30  # bounded on the way in too
 
@@ -147,6 +162,7 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
     rules = tmp_path / "rules.yaml"
     rules.write_text(PLAIN)
     events: list[Event] = []
+    tallies: list[list] = []
     restarted = []
 
     async def main():
@@ -154,7 +170,9 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
             2,
             {"rules": [str(rules)], "dns_upstreams": ["127.0.0.1"], "confdir": str(tmp_path)},
             load_policy([rules]),
-            events.append,
+            # the workers' events come encoded; the pool's own (a reload) as they are
+            lambda e: events.append(e.decoded() if isinstance(e, EncodedEvent) else e),
+            tally=tallies.extend,
             listen_host="127.0.0.1",
         )
         pool.on_restart = lambda worker, pid, how: restarted.append((worker.index, pid, how))
@@ -175,6 +193,10 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
             assert by_reason[Reason.NO_RULE].task_id == "task-1"
             assert by_reason[Reason.NO_RULE].policy_hash == pool.policy.hash
             assert Reason.UNKNOWN_SANDBOX in by_reason
+            # Their metrics came counted: one DNS query each, with its latency.
+            counted = {(row[2], row[7]) for row in tallies if row[0] == "dns"}
+            assert counted == {("no_rule", 1), ("unknown_sandbox", 1)}
+            assert all(row[9] for row in tallies)
             # Stats come every second, summed over workers.
             await _until(lambda: all(w.stats for w in pool.workers), timeout=5)
             assert pool.gate.counts.open == 0 and len(pool.gate.connections) == 0

@@ -1,0 +1,202 @@
+"""A gateway worker's events on their way to the service (proxy/worker.py EventBatcher ->
+enforcer/workers.py): what the service makes of them is what it makes of the same
+events in process: the same audit lines, the same metrics, the same summary rows, the
+same flood control."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from types import SimpleNamespace
+
+import pytest
+from sandgate.enforcer.workers import WorkerPool
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry.audit import GENESIS, AuditLog, encode_line, verify
+from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
+from sandgate.proxy.telemetry.flood import FloodControl, FloodLimits
+from sandgate.proxy.telemetry.metrics import Metrics
+from sandgate.proxy.telemetry.summary import TaskSummary
+from sandgate.proxy.worker import EventBatcher
+from sandgate.proxy.worker_link import Link, LinkClosed
+
+
+def ev(kind=EventKind.CONNECTION, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW, **fields):
+    fields.setdefault("task_id", "t1")
+    fields.setdefault("sandbox", "10.0.0.2")
+    fields.setdefault("profile", "default")
+    fields.setdefault("rule_id", "web")
+    fields.setdefault("time", 1700000000.5)
+    return Event(kind=kind, verdict=verdict, reason=reason, **fields)
+
+
+MIX = [
+    ev(protocol="tls", name="allowed.test", dst_ip="203.0.113.10", dst_port=443, latency=0.0003),
+    ev(protocol="tls", name="allowed.test", dst_ip="203.0.113.10", dst_port=443, latency=0.02),
+    ev(EventKind.CONNECTION_END, protocol="tls", name="allowed.test", bytes_up=517,
+       bytes_down=4096, duration=0.2, latency=None),  # fmt: skip
+    ev(EventKind.CONNECTION, Verdict.DENY, Reason.NO_RULE, rule_id="default:fallback",
+       protocol="tcp", dst_ip="198.51.100.7", dst_port=22, latency=7.0),  # past every bucket
+    ev(EventKind.DNS, Verdict.DENY, Reason.NO_RULE, rule_id="default:fallback",
+       name='evil"\n\u2603.test', duration=0.004),  # fmt: skip
+    ev(EventKind.DNS, name="allowed.test", duration=0.0001),
+    ev(EventKind.REQUEST, Verdict.DENY, Reason.METHOD_NOT_ALLOWED, protocol="https",
+       method="DELETE", path="/x" * 3000, name="allowed.test", latency=0.00005),  # fmt: skip
+    ev(EventKind.REQUEST, protocol="http", method="BREW", name="allowed.test", latency=0.001),
+    ev(EventKind.APPROVAL, Verdict.ALLOW, Reason.APPROVAL_GRANTED, scope="task", wait=12.5,
+       approval_id="a1", approver="uid 0 (root)", name="asked.test", latency=0.002),  # fmt: skip
+    ev(EventKind.TASK, Verdict.DENY, Reason.TASK_LIMIT, rule_id="builtin:limit-memory",
+       detail="memory limit"),  # fmt: skip
+    ev(EventKind.CONNECTION, Verdict.DENY, Reason.PRIVATE_ADDRESS, task_id=None,
+       sandbox="10.0.0.9", profile=None, rule_id=None, dst_ip="10.1.1.1", dst_port=80),  # fmt: skip
+]
+
+
+class _Sent:
+    """Stands for the worker's link: keeps what the batcher sends, as the wire carries it."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+
+    def send(self, message: dict, payload: bytes = b"") -> None:
+        message = json.loads(json.dumps(message))  # what the other side parses
+        message["payload"] = payload
+        self.messages.append(message)
+
+
+def through_a_worker(events: list[Event], batches: int = 2) -> tuple[list, list]:
+    """`events` sent as a worker sends them (in `batches` flushes) and taken in as the
+    service takes them: (what its sink got, what its tally got)."""
+    sent, got, tallies = _Sent(), [], []
+
+    async def send():
+        batcher = EventBatcher(sent)
+        step = max(1, len(events) // batches)
+        for i, event in enumerate(events, start=1):
+            batcher.emit(event)
+            if i % step == 0:
+                batcher.flush()
+        batcher.flush()
+
+    asyncio.run(send())
+    pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append, tally=tallies.extend)
+    for message in sent.messages:
+        pool._take_events(SimpleNamespace(index=0), message)
+    return got, tallies
+
+
+def test_the_service_writes_the_same_audit_lines_it_would_have_encoded_itself(tmp_path):
+    got, _ = through_a_worker(MIX)
+    assert all(type(e) is EncodedEvent for e in got) and len(got) == len(MIX)
+    prev = GENESIS
+    for seq, (event, encoded) in enumerate(zip(MIX, got, strict=True), start=1):
+        assert encode_line(encoded, seq, prev) == encode_line(event, seq, prev)
+        assert encoded.decoded() == event
+        prev = encode_line(event, seq, prev)[1]
+    # Written by the writer thread, the chain verifies.
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for encoded in got:
+        log.emit(encoded)
+    log.close()
+    assert log.written == len(MIX)
+    assert verify(tmp_path / "audit.jsonl").ok
+    lines = (tmp_path / "audit.jsonl").read_bytes().splitlines()
+    assert json.loads(lines[4])["name"] == 'evil"\n\u2603.test'
+
+
+def _series(metrics: Metrics) -> list:
+    return sorted(
+        (s.name, sorted(s.labels.items()), s.value)
+        for family in metrics.registry.collect()
+        for s in family.samples
+    )
+
+
+@pytest.mark.parametrize("batches", [1, 3, len(MIX)])
+def test_the_metrics_a_worker_counts_are_those_the_events_make_in_process(batches):
+    in_process = Metrics()
+    for event in MIX * 3:
+        in_process.emit(event)
+    summed = Metrics()
+    got, tallies = through_a_worker(MIX * 3, batches)
+    for encoded in got:
+        summed.emit(encoded)  # only the rare kinds: approval, task
+    summed.add_tally(tallies)
+    expected = _series(in_process)
+    assert [s[:2] for s in _series(summed)] == [s[:2] for s in expected]
+    # The same values; sums of seconds only up to the order of their additions.
+    assert [s[2] for s in _series(summed)] == pytest.approx([s[2] for s in expected])
+    # Not vacuous: the histogram, the bytes and the approvals' own series are there.
+    names = {name for name, _, value in _series(summed) if value}
+    assert {"sandgate_decision_latency_seconds_bucket", "sandgate_bytes_total",
+            "sandgate_approval_decisions_total", "sandgate_task_limits_total",
+            "sandgate_http_requests_total", "sandgate_dns_queries_total"} <= names  # fmt: skip
+
+
+def test_a_flood_of_worker_events_is_aggregated_as_one_of_events():
+    flood = [
+        ev(EventKind.CONNECTION, Verdict.DENY, Reason.NO_RULE, rule_id="default:fallback",
+           dst_ip="198.51.100.7", dst_port=1000 + i, time=1700000000.0 + i)  # fmt: skip
+        for i in range(12)
+    ]
+    got, _ = through_a_worker(flood)
+    results = []
+    for events in (flood, got):
+        control = FloodControl(FloodLimits(rate=1.0, burst=3), clock=lambda: 0.0)
+        out = []
+        for event in events:
+            lines, _ = control.admit(event)
+            out.extend(lines)
+        out.extend(control.drain())
+        results.append([e.decoded() if type(e) is EncodedEvent else e for e in out])
+    assert results[0] == results[1]
+    assert [e.suppressed for e in results[1]] == [None, None, None, 9]
+
+
+def test_a_task_summary_counts_worker_events_as_events():
+    got, _ = through_a_worker(MIX)
+    summaries = [TaskSummary(), TaskSummary()]
+    for event, encoded in zip(MIX, got, strict=True):
+        summaries[0].emit(event)
+        summaries[1].emit(encoded)
+    assert summaries[0].to_dict() == summaries[1].to_dict()
+    assert len(summaries[1].rows) == 8  # connection_end and task events have no row
+
+
+def test_a_bad_batch_is_refused_and_said_a_bad_event_skipped(caplog):
+    got, tallies = [], []
+    pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append, tally=tallies.extend)
+    good = ["t1", "10.0.0.2", "dns", "deny", "no_rule", "default:fallback", "x.test"]
+    worker = SimpleNamespace(index=1)
+    with caplog.at_level(logging.ERROR):
+        pool._take_events(worker, {"events": [good, good], "payload": b'"kind":"dns"'})
+        assert got == [] and "2 events with 1 audit lines" in caplog.text
+        bad = [*good[:4], "no_such_reason", *good[5:]]
+        pool._take_events(worker, {"events": [bad, good], "payload": b"a\nb", "metrics": []})
+    assert [e.members for e in got] == [b"b"] and "bad event" in caplog.text
+
+
+def test_a_notification_carries_its_payload_in_order_and_a_bad_size_ends_the_link():
+    async def main():
+        seen = []
+        a, b = socket.socketpair()
+        sender, receiver = await Link.over(a, lambda m: None), await Link.over(b, seen.append)
+        reading = asyncio.create_task(receiver.run())
+        blob = bytes(range(256)) * 300  # newlines and all
+        sender.send({"op": "events", "n": 1}, blob)
+        sender.send({"op": "note", "n": 2})
+        sender.send({"op": "events", "n": 3}, b"x")
+        while len(seen) < 3:
+            await asyncio.sleep(0.01)
+        assert [(m["n"], m.get("payload")) for m in seen] == [(1, blob), (2, None), (3, b"x")]
+        # A size that is no size: the stream is out of step, the link ends.
+        sender.transport.write(b'{"op":"events","payload":-5}\n')
+        await asyncio.wait_for(reading, 5)
+        assert receiver.closed
+        with pytest.raises(LinkClosed):
+            receiver.send({"op": "note"})
+        sender.close()
+
+    asyncio.run(main())
