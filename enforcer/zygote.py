@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from sandgate.enforcer import attach, handoff  # noqa: F401 - imported ahead: the point of a warm runner
 from sandgate.enforcer.cli import build_parser, run_command
 from sandgate.enforcer.cli import run as cli_run
-from sandgate.enforcer.sandbox import cgroup
+from sandgate.enforcer.sandbox import cgroup, spec
 from sandgate.enforcer.sandbox.inherit import Inherited
 from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, printed at the end
 
@@ -68,6 +68,8 @@ class Caller:
     def __init__(self, conn: socket.socket):
         self.conn = conn
         self._buffer = b""
+        self.exited = False
+        self._own_stderr = -1  # the pool's, while the caller's is fd 2 (take_stdio)
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -99,6 +101,28 @@ class Caller:
     def send(self, **message) -> None:
         with contextlib.suppress(OSError):
             self.conn.sendall(json.dumps(message).encode() + b"\n")
+
+    def take_stdio(self, fds: list[int]) -> None:
+        """Make the caller's stdin, stdout and stderr ours (0, 1, 2)."""
+        self._own_stderr = os.dup(2)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+
+    def exit(self, code: int) -> None:
+        """Tell the caller its exit code, and let go of its stdio: what this runner does
+        after (the task cgroup's removal) is nobody's wait, neither the caller's nor a
+        reader of its output waiting for the end of it (`$(sandgate run ...)`). A later
+        warning goes to the pool's stderr."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.send(exit=code)
+        self.exited = True
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(self._own_stderr if self._own_stderr >= 0 else null, 2)
+        os.close(null)
 
 
 def peer(conn: socket.socket) -> tuple[int, int, int]:
@@ -249,14 +273,12 @@ def become(conn: socket.socket, request: dict, control: str, seed=None) -> int:
     except ValueError as e:
         caller.send(refused=f"no stdio: {e}")
         return 0
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
+    caller.take_stdio(fds)
     try:
         args = (_run_parser or build_parser("run")).parse_args(request["argv"])
     except SystemExit as e:  # a usage error, printed on the caller's stderr: its answer
         caller.send(taken=True)
-        caller.send(exit=e.code if isinstance(e.code, int) else 2)
+        caller.exit(e.code if isinstance(e.code, int) else 2)
         return 0
     if args.gateway is None or os.path.abspath(args.gateway) != control:
         caller.send(refused="another gateway service")
@@ -264,9 +286,8 @@ def become(conn: socket.socket, request: dict, control: str, seed=None) -> int:
     caller.send(taken=True)
     conn.setblocking(False)
     code = run_command(lambda a: cli_run._run_attached(a, caller, seed), args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    caller.send(exit=code)
+    if not caller.exited:  # a usage or setup error, or a run that never started
+        caller.exit(code)
     return 0
 
 
@@ -514,14 +535,17 @@ def _warm_up() -> None:
     looks up translations and the terminal's size per option: ~3 ms), hash the seccomp
     program's cache key (reads the table's source, loads libseccomp), and load the
     name service modules that the check of the task's host ids enumerates accounts
-    with (pwd.getpwall: libnss_* are loaded on the first call). A run still checks
-    and reads all of it itself; only the loading is shared."""
+    with (pwd.getpwall: libnss_* are loaded on the first call), and resolve where
+    sandgate's code and Python are (the paths no --workspace may be in: ~0.3 ms a run,
+    twice). A run still checks and reads all of it itself (its state directories
+    too); only the loading is shared."""
     global _run_parser  # noqa: PLW0603 - once per pool, before its first fork
     import pwd
 
     from sandgate.enforcer.sandbox import seccomp
 
     _run_parser = build_parser("run")
+    spec.protected_paths([])
     with contextlib.suppress(OSError):
         seccomp.cache_key()
     with contextlib.suppress(OSError):
