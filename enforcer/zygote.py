@@ -56,6 +56,7 @@ from sandgate.enforcer.sandbox.inherit import Inherited
 from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, printed at the end
 
 PR_SET_PDEATHSIG = 1
+SO_PEERPIDFD = 77  # <asm-generic/socket.h> (Linux 6.5); Python has no name for it
 REQUEST_TIMEOUT_S = 5.0
 CHECK_S = 5.0  # how often a pool looks whether its runners' sockets are still there
 RESPAWN_DELAY_S = 1.0  # after a runner that died within this long of its fork
@@ -130,6 +131,33 @@ def peer(conn: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
 
 
+def of_peer(conn: socket.socket, read):
+    """`read(pid)` of the process at the other end, which connected: by the pid of its
+    pidfd (SO_PEERPIDFD, taken at its connect), and only if that process is still
+    there after the read. A pid alone may be another process's by the time /proc is
+    read (the caller died, its pid was reused); a pid is not reused while its process
+    (or its zombie) is there. ProcessLookupError when it went away; OSError when the
+    kernel has no SO_PEERPIDFD (< 6.5): the caller is refused, and runs the task itself."""
+    pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    try:
+        pid = _pidfd_pid(pidfd)
+        if pid <= 0:  # -1: it has exited; 0: in a PID namespace this one cannot see
+            raise ProcessLookupError(f"the caller's process is gone (pidfd pid {pid})")
+        value = read(pid)
+        signal.pidfd_send_signal(pidfd, 0)  # ProcessLookupError: gone meanwhile
+        return value
+    finally:
+        os.close(pidfd)
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError(f"fd {pidfd} is not a pidfd")
+
+
 def restrictions(pid: int | str = "self") -> tuple[int, int, int]:
     """(capabilities NOT in the bounding set, no_new_privs, seccomp mode) of a process:
     what a sandbox builder may lack (a systemd unit's CapabilityBoundingSet=,
@@ -157,16 +185,15 @@ def refusal(conn: socket.socket) -> str | None:
     if uid != 0:
         return f"uid {uid} (pid {pid}) is not root"
     try:
-        ours, theirs = restrictions(), restrictions(pid)
+        theirs, their_mnt = of_peer(conn, lambda p: (restrictions(p), os.stat(f"/proc/{p}/ns/mnt")))
+        ours, our_mnt = restrictions(), os.stat("/proc/self/ns/mnt")
+    except ProcessLookupError:
+        return f"pid {pid} went away"
     except (OSError, ValueError) as e:
-        return f"pid {pid}: cannot read its status: {e}"
+        return f"pid {pid}: cannot read its status and mount namespace: {e}"
     if _weaker(ours, theirs):
         return f"pid {pid} may do more than this runner (capabilities, no_new_privs, seccomp)"
-    try:
-        theirs, ours = os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")
-    except OSError as e:
-        return f"pid {pid}: cannot read its mount namespace: {e.strerror}"
-    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+    if (their_mnt.st_dev, their_mnt.st_ino) != (our_mnt.st_dev, our_mnt.st_ino):
         return f"pid {pid} is in another mount namespace"
     return None
 
@@ -264,7 +291,7 @@ def become(conn: socket.socket, request: dict, control: str, seed=None) -> int:
         caller.send(refused=f"cannot enter {request['cwd']}: {e.strerror}")
         return 0
     try:  # its umask and limits too: the spec's (options.from_arguments reads them here)
-        Inherited.of_process(peer(conn)[0]).apply()
+        of_peer(conn, Inherited.of_process).apply()
     except (OSError, ValueError) as e:  # e.g. a hard limit above ours, and no CAP_SYS_RESOURCE
         caller.send(refused=f"cannot take the caller's umask and resource limits: {e}")
         return 0
