@@ -154,10 +154,9 @@ def _waiting_runners(service) -> list[int]:
     return children(zygote)
 
 
-def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, tmp_path):
-    """Every waiting runner SIGSTOPped: the run tries each for CLAIM_TIMEOUT_S, takes
-    its token back, and goes on in its own process. Continued, the runners find the
-    request of a caller that gave up on them, run nothing, and wait on."""
+@contextlib.contextmanager
+def _stopped_runners(fakenet, tmp_path: Path):
+    """(a service, its two waiting runners, SIGSTOPped); they are continued at the end."""
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     service = GatewayProcess(fakenet, tmp_path, rules).start()
@@ -168,6 +167,19 @@ def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, 
         assert len(runners) == 2
         for pid in runners:
             os.kill(pid, signal.SIGSTOP)
+        yield service, runners
+    finally:
+        for pid in runners:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        service.stop()
+
+
+def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, tmp_path):
+    """Every waiting runner SIGSTOPped: the run tries each for CLAIM_TIMEOUT_S, takes
+    its token back, and goes on in its own process. Continued, the runners find the
+    request of a caller that gave up on them, run nothing, and wait on."""
+    with _stopped_runners(fakenet, tmp_path) as (service, runners):
         workdir = _workdir(tmp_path)
         argv = attach_argv(service, workdir, ["sh", "-c", "echo ran >> runs"], extra=("-q",))
         started = time.monotonic()
@@ -191,11 +203,6 @@ def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, 
         assert runs.read_text() == "ran\nran\n"
         summary = json.loads((workdir / "summary.json").read_text())
         assert _runner_pid(service, summary["task_id"]) in runners  # a runner took this one
-    finally:
-        for pid in runners:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        service.stop()
 
 
 def test_a_caller_gone_before_its_runner_reads_it_is_refused_and_the_runner_waits_on(
@@ -205,15 +212,7 @@ def test_a_caller_gone_before_its_runner_reads_it_is_refused_and_the_runner_wait
     a pid that may be another process's by then: a caller that connected and died
     before the runner came to it (the runners stopped meanwhile) is refused as gone,
     and the runner takes the next run."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    service = GatewayProcess(fakenet, tmp_path, rules).start()
-    runners = []
-    try:
-        assert eventually(lambda: service.status()["warm_runners"] == 2, timeout=20)
-        runners = _waiting_runners(service)
-        for pid in runners:
-            os.kill(pid, signal.SIGSTOP)
+    with _stopped_runners(fakenet, tmp_path) as (service, runners):
         dead = []
         for path in handoff.runner_sockets(str(service.control)):
             connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
@@ -233,11 +232,6 @@ def test_a_caller_gone_before_its_runner_reads_it_is_refused_and_the_runner_wait
         assert (workdir / "steps" / "runs").read_text() == "ran\n"
         summary = json.loads((workdir / "summary.json").read_text())
         assert _runner_pid(service, summary["task_id"]) in runners  # a runner took this one
-    finally:
-        for pid in runners:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        service.stop()
 
 
 def _state(pid: int) -> str:
