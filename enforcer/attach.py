@@ -105,7 +105,7 @@ def run_attached(opts: AttachOptions) -> int:
     client = _wait(child, client, opts.control, run_id, opts.caller)
     code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     prepared.collect()
-    hits = prepared.finish()
+    hits = prepared.limits_hit()
     if client is not None:
         for gap in prepared.gaps[gaps_sent:]:  # what the init reported
             _warn_weakened(client, gap)
@@ -130,6 +130,9 @@ def run_attached(opts: AttachOptions) -> int:
             opts.summary_json.write_text(json.dumps(summary, indent=2))
         if not opts.quiet:
             _print_summary(summary, reply)
+    if opts.caller is not None:  # the caller's wait ends here, not after the teardown
+        opts.caller.exit(code)
+    prepared.remove()
     return code
 
 

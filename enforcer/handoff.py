@@ -11,7 +11,11 @@ are off the task's start; the runner is the same code as before, in another
 process. With no warm runner, or none that takes the run, nothing has happened
 yet and the command runs as before, in this process.
 
-This module imports os, socket, sys and json only. The protocol, JSON lines:
+This module imports only what the interpreter has loaded at its start (os, sys)
+and three C modules: _socket, _signal and _json, not their Python wrappers. socket,
+signal and json import enum, re, selectors and functools with them: ~4 ms of a
+client's start on a quiet machine, more than the hand-over itself. The protocol,
+JSON lines (the same bytes json.dumps writes):
 
     client -> runner   {"argv": [...], "env": {...}, "cwd": "..."} + a token (fd)
     runner -> client   {"claimed": true}: this runner, and no other, may run it
@@ -39,18 +43,17 @@ task's process group with it, as the terminal stops the task of a run in-process
 the SIGCONT that resumes this process goes on too.
 """
 
-from __future__ import annotations
-
-import json
+import _json
+import _signal
+import _socket
 import os
-import signal
-import socket
 import sys
 
 SUFFIX = ".z-"  # <control socket><SUFFIX><hex>: one warm runner's socket
 LOCK_SUFFIX = ".runners"  # <control socket><LOCK_SUFFIX>: held (flock) by the one pool
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-STOPS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)  # and SIGCONT: the task's process group's
+FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
+# and SIGCONT: the task's process group's
+STOPS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
 # A live runner claims a run within a few ms, tens under load (docs/operations.md,
 # "Warm runners"); past this, it is stopped or wedged and the next one is tried.
 CLAIM_TIMEOUT_S = 0.2
@@ -103,9 +106,9 @@ def control_path(args: list[str]) -> str | None:
     return None
 
 
-def _offer(path: str, argv: list[str]) -> socket.socket | None:
+def _offer(path: str, argv: list[str]) -> _socket.socket | None:
     """A connection to the runner at `path` that took the run, or None."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     token = -1
     try:
         conn.settimeout(CLAIM_TIMEOUT_S)
@@ -114,7 +117,7 @@ def _offer(path: str, argv: list[str]) -> socket.socket | None:
         os.write(filled, b"!")
         os.close(filled)
         request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}
-        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [token])
+        _send_fds(conn, encode(request).encode() + b"\n", [token])
         lines = _Lines(conn)
         try:
             reply = lines.next()
@@ -125,7 +128,7 @@ def _offer(path: str, argv: list[str]) -> socket.socket | None:
             reply = lines.next()
         conn.settimeout(None)
         if reply is not None and reply.get("claimed"):
-            socket.send_fds(conn, [b'{"stdio": [0, 1, 2]}\n'], [0, 1, 2])
+            _send_fds(conn, b'{"stdio": [0, 1, 2]}\n', [0, 1, 2])
             reply = lines.next()
         if reply is not None and reply.get("taken"):
             return conn
@@ -138,24 +141,24 @@ def _offer(path: str, argv: list[str]) -> socket.socket | None:
     return None
 
 
-def _follow(conn: socket.socket) -> int:
+def _follow(conn: _socket.socket) -> int:
     def forward(signum, _frame) -> None:
         try:  # noqa: SIM105 - contextlib is one import more on the timed path
-            conn.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+            conn.sendall(encode({"signal": int(signum)}).encode() + b"\n")
         except OSError:
             pass
 
     def stop(signum, _frame) -> None:
         forward(signum, None)  # the task first: stopped while this process is
-        signal.signal(signum, signal.SIG_DFL)
+        _signal.signal(signum, _signal.SIG_DFL)
         os.kill(os.getpid(), signum)  # stops here, until SIGCONT (not at all in an orphaned group)
-        signal.signal(signum, stop)
-        forward(signal.SIGCONT, None)
+        _signal.signal(signum, stop)
+        forward(_signal.SIGCONT, None)
 
-    for signum in (*FORWARDED, signal.SIGCONT):
-        signal.signal(signum, forward)
+    for signum in (*FORWARDED, _signal.SIGCONT):
+        _signal.signal(signum, forward)
     for signum in STOPS:
-        signal.signal(signum, stop)
+        _signal.signal(signum, stop)
     lines = _Lines(conn)
     while True:
         try:
@@ -169,10 +172,55 @@ def _follow(conn: socket.socket) -> int:
             return message["exit"]
 
 
+def _send_fds(conn: _socket.socket, data: bytes, fds: list[int]) -> None:
+    """socket.send_fds: `data` with copies of `fds` (SCM_RIGHTS, C ints)."""
+    rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+    conn.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+
+
+# json.dumps and json.loads are these two C functions once json is imported (json
+# sets them up so, with these arguments), without importing json.
+_encoder = _json.make_encoder(
+    None, None, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
+)
+
+
+class _DecodeAs:
+    """What json.JSONDecoder() passes _json.make_scanner: strict, no hooks."""
+
+    strict = True
+    object_hook = object_pairs_hook = None
+    parse_float, parse_int = float, int
+
+    @staticmethod
+    def parse_constant(name: str):  # NaN, Infinity: json.loads takes them; no message has one
+        raise ValueError(f"not JSON: {name}")
+
+
+_scanner = _json.make_scanner(_DecodeAs())
+
+
+def encode(value) -> str:
+    """json.dumps(value)."""
+    return "".join(_encoder(value, 0))
+
+
+def decode(text: str):
+    """json.loads(text) for a message (ValueError if it is not one JSON value)."""
+    start = len(text) - len(text.lstrip(" \t\r\n"))
+    try:
+        value, end = _scanner(text, start)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if text[end:].strip(" \t\r\n"):
+        raise ValueError("extra data after the JSON value")
+    return value
+
+
 class _Lines:
     """JSON objects, one a line, from a socket."""
 
-    def __init__(self, conn: socket.socket):
+    def __init__(self, conn: _socket.socket):
         self.conn, self.buffer = conn, b""
 
     def next(self) -> dict | None:
@@ -185,7 +233,7 @@ class _Lines:
             if len(self.buffer) > MAX_LINE:
                 raise ValueError("over-long line")
         line, _, self.buffer = self.buffer.partition(b"\n")
-        message = json.loads(line)
+        message = decode(line.decode())
         if not isinstance(message, dict):
             raise ValueError("not an object")
         return message

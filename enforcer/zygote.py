@@ -51,11 +51,12 @@ from dataclasses import dataclass
 from sandgate.enforcer import attach, handoff  # noqa: F401 - imported ahead: the point of a warm runner
 from sandgate.enforcer.cli import build_parser, run_command
 from sandgate.enforcer.cli import run as cli_run
-from sandgate.enforcer.sandbox import cgroup
+from sandgate.enforcer.sandbox import cgroup, spec
 from sandgate.enforcer.sandbox.inherit import Inherited
 from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, printed at the end
 
 PR_SET_PDEATHSIG = 1
+SO_PEERPIDFD = 77  # <asm-generic/socket.h> (Linux 6.5); Python has no name for it
 REQUEST_TIMEOUT_S = 5.0
 CHECK_S = 5.0  # how often a pool looks whether its runners' sockets are still there
 RESPAWN_DELAY_S = 1.0  # after a runner that died within this long of its fork
@@ -68,6 +69,8 @@ class Caller:
     def __init__(self, conn: socket.socket):
         self.conn = conn
         self._buffer = b""
+        self.exited = False
+        self._own_stderr = -1  # the pool's, while the caller's is fd 2 (take_stdio)
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -100,10 +103,59 @@ class Caller:
         with contextlib.suppress(OSError):
             self.conn.sendall(json.dumps(message).encode() + b"\n")
 
+    def take_stdio(self, fds: list[int]) -> None:
+        """Make the caller's stdin, stdout and stderr ours (0, 1, 2)."""
+        self._own_stderr = os.dup(2)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+
+    def exit(self, code: int) -> None:
+        """Tell the caller its exit code, and let go of its stdio: what this runner does
+        after (the task cgroup's removal) is nobody's wait, neither the caller's nor a
+        reader of its output waiting for the end of it (`$(sandgate run ...)`). A later
+        warning goes to the pool's stderr."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.send(exit=code)
+        self.exited = True
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(self._own_stderr if self._own_stderr >= 0 else null, 2)
+        os.close(null)
+
 
 def peer(conn: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end (SO_PEERCRED, as of its connect)."""
     return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+
+
+def of_peer(conn: socket.socket, read):
+    """`read(pid)` of the process at the other end, which connected: by the pid of its
+    pidfd (SO_PEERPIDFD, taken at its connect), and only if that process is still
+    there after the read. A pid alone may be another process's by the time /proc is
+    read (the caller died, its pid was reused); a pid is not reused while its process
+    (or its zombie) is there. ProcessLookupError when it went away; OSError when the
+    kernel has no SO_PEERPIDFD (< 6.5): the caller is refused, and runs the task itself."""
+    pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    try:
+        pid = _pidfd_pid(pidfd)
+        if pid <= 0:  # -1: it has exited; 0: in a PID namespace this one cannot see
+            raise ProcessLookupError(f"the caller's process is gone (pidfd pid {pid})")
+        value = read(pid)
+        signal.pidfd_send_signal(pidfd, 0)  # ProcessLookupError: gone meanwhile
+        return value
+    finally:
+        os.close(pidfd)
+
+
+def _pidfd_pid(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    raise OSError(f"fd {pidfd} is not a pidfd")
 
 
 def restrictions(pid: int | str = "self") -> tuple[int, int, int]:
@@ -133,16 +185,15 @@ def refusal(conn: socket.socket) -> str | None:
     if uid != 0:
         return f"uid {uid} (pid {pid}) is not root"
     try:
-        ours, theirs = restrictions(), restrictions(pid)
+        theirs, their_mnt = of_peer(conn, lambda p: (restrictions(p), os.stat(f"/proc/{p}/ns/mnt")))
+        ours, our_mnt = restrictions(), os.stat("/proc/self/ns/mnt")
+    except ProcessLookupError:
+        return f"pid {pid} went away"
     except (OSError, ValueError) as e:
-        return f"pid {pid}: cannot read its status: {e}"
+        return f"pid {pid}: cannot read its status and mount namespace: {e}"
     if _weaker(ours, theirs):
         return f"pid {pid} may do more than this runner (capabilities, no_new_privs, seccomp)"
-    try:
-        theirs, ours = os.stat(f"/proc/{pid}/ns/mnt"), os.stat("/proc/self/ns/mnt")
-    except OSError as e:
-        return f"pid {pid}: cannot read its mount namespace: {e.strerror}"
-    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+    if (their_mnt.st_dev, their_mnt.st_ino) != (our_mnt.st_dev, our_mnt.st_ino):
         return f"pid {pid} is in another mount namespace"
     return None
 
@@ -240,7 +291,7 @@ def become(conn: socket.socket, request: dict, control: str, seed=None) -> int:
         caller.send(refused=f"cannot enter {request['cwd']}: {e.strerror}")
         return 0
     try:  # its umask and limits too: the spec's (options.from_arguments reads them here)
-        Inherited.of_process(peer(conn)[0]).apply()
+        of_peer(conn, Inherited.of_process).apply()
     except (OSError, ValueError) as e:  # e.g. a hard limit above ours, and no CAP_SYS_RESOURCE
         caller.send(refused=f"cannot take the caller's umask and resource limits: {e}")
         return 0
@@ -249,14 +300,12 @@ def become(conn: socket.socket, request: dict, control: str, seed=None) -> int:
     except ValueError as e:
         caller.send(refused=f"no stdio: {e}")
         return 0
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
+    caller.take_stdio(fds)
     try:
         args = (_run_parser or build_parser("run")).parse_args(request["argv"])
     except SystemExit as e:  # a usage error, printed on the caller's stderr: its answer
         caller.send(taken=True)
-        caller.send(exit=e.code if isinstance(e.code, int) else 2)
+        caller.exit(e.code if isinstance(e.code, int) else 2)
         return 0
     if args.gateway is None or os.path.abspath(args.gateway) != control:
         caller.send(refused="another gateway service")
@@ -264,9 +313,8 @@ def become(conn: socket.socket, request: dict, control: str, seed=None) -> int:
     caller.send(taken=True)
     conn.setblocking(False)
     code = run_command(lambda a: cli_run._run_attached(a, caller, seed), args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    caller.send(exit=code)
+    if not caller.exited:  # a usage or setup error, or a run that never started
+        caller.exit(code)
     return 0
 
 
@@ -514,14 +562,17 @@ def _warm_up() -> None:
     looks up translations and the terminal's size per option: ~3 ms), hash the seccomp
     program's cache key (reads the table's source, loads libseccomp), and load the
     name service modules that the check of the task's host ids enumerates accounts
-    with (pwd.getpwall: libnss_* are loaded on the first call). A run still checks
-    and reads all of it itself; only the loading is shared."""
+    with (pwd.getpwall: libnss_* are loaded on the first call), and resolve where
+    sandgate's code and Python are (the paths no --workspace may be in: ~0.3 ms a run,
+    twice). A run still checks and reads all of it itself (its state directories
+    too); only the loading is shared."""
     global _run_parser  # noqa: PLW0603 - once per pool, before its first fork
     import pwd
 
     from sandgate.enforcer.sandbox import seccomp
 
     _run_parser = build_parser("run")
+    spec.protected_paths([])
     with contextlib.suppress(OSError):
         seccomp.cache_key()
     with contextlib.suppress(OSError):

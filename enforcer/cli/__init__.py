@@ -10,12 +10,13 @@ do it (not root, `nft` missing, ...); `sandgate run` returns the task's own.
 Errors go to stderr as one line `sandgate: ...`, never a traceback.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (~2 ms of `run --gateway`)
+# typing.TYPE_CHECKING without importing typing (~2 ms of `run --gateway`); no
+# `from __future__ import annotations` either (one import more): argparse's names
+# in annotations are quoted.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 
@@ -49,7 +50,7 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> "argparse.ArgumentParser":
     """The parser for every command, or for `command` alone when it is one of ours."""
     import argparse
     import importlib
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args.func, args)
 
 
-def run_command(func, args: argparse.Namespace) -> int:
+def run_command(func, args: "argparse.Namespace") -> int:
     """`func(args)`, its errors as one line on stderr and an exit code (also for a
     run a warm runner took over: enforcer/zygote.py)."""
     from sandgate.enforcer.cli.common import EXIT_SETUP, EXIT_USAGE, SetupError, UsageError

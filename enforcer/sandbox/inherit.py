@@ -4,7 +4,8 @@ left them.
 
 They are read when the run starts (`of_this_process`, before an embedded gateway
 raises its own descriptor limit), or by a warm runner from its caller (`of_process`:
-the kernel's record of that process, not a claim of the caller's), and go into the
+the kernel's record of that process, not a claim of the caller's, read by the pid of
+the caller's pidfd and kept only if it is still there after: zygote.of_peer), and go into the
 sandbox's spec; the sandbox init applies them (enforcer/sandbox/init.py): the limits
 to itself before anything else, so that the task gets exactly these, never more than
 its caller had; the umask to the task alone, right before it starts (the init builds

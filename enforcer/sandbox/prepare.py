@@ -94,16 +94,26 @@ class PreparedSandbox:
 
     def finish(self) -> list[cgroup.LimitHit]:
         """Which limits the task hit; the cgroup (and anything left in it) goes."""
+        hits = self.limits_hit()
+        self.remove()
+        return hits
+
+    def limits_hit(self) -> list[cgroup.LimitHit]:
+        """Which limits the task hit (none when the counters cannot be read)."""
         if self.cgroup is None:
             return []
-        hits = []
-        with contextlib.suppress(cgroup.CgroupError):  # unreadable counters: no limit to report
-            hits = self.cgroup.limits_hit()
+        with contextlib.suppress(cgroup.CgroupError):
+            return self.cgroup.limits_hit()
+        return []
+
+    def remove(self) -> None:
+        """The cgroup (and anything left in it) goes."""
+        if self.cgroup is None:
+            return
         try:
             self.cgroup.remove()
         except cgroup.CgroupError as e:  # the task is gone either way; never stop the teardown
             print(f"sandgate: warning: {e} (`sandgate gc` removes it later)", file=sys.stderr)
-        return hits
 
 
 def missing_features(limits: cgroup.Limits) -> list[Gap]:

@@ -8,6 +8,7 @@ to tear down. docs/sandbox.md describes the result for admins.
 
 from __future__ import annotations
 
+import functools
 import pwd
 import sys
 from dataclasses import dataclass, field
@@ -228,6 +229,14 @@ def check_writable(option: str, path: Path, protected: list[Path]) -> Path:
 
 def protected_paths(state_dirs: list[Path]) -> list[Path]:
     """sandgate's code, its Python environment and its state: never writable by a task."""
+    paths = [*_code_paths(), *(p.resolve() for p in state_dirs)]
+    return list(dict.fromkeys(paths))
+
+
+@functools.cache
+def _code_paths() -> tuple[Path, ...]:
+    """Where this process's sandgate and Python are: resolved once a process (a warm
+    runner inherits them from its pool): they are what it has imported already."""
     import sandgate.enforcer
     import sandgate.proxy
     import sandgate.rules
@@ -236,9 +245,7 @@ def protected_paths(state_dirs: list[Path]) -> list[Path]:
         Path(m.__file__).resolve().parent
         for m in (sandgate.proxy, sandgate.enforcer, sandgate.rules)
     ]
-    paths = [*code, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()]
-    paths += [p.resolve() for p in state_dirs]
-    return list(dict.fromkeys(paths))
+    return (*code, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve())
 
 
 @dataclass

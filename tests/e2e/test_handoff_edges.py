@@ -5,6 +5,7 @@ run in its own process, the embedded gateway), which must agree:
 - the task gets its caller's umask and resource limits, not the runner's;
 - ^Z at the terminal stops the task, and `fg` resumes it;
 - a stopped runner costs a run a short wait, not five seconds, and never runs it late.
+- a caller gone before its runner reads it is refused as gone (its pid may be reused).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sandgate.enforcer import handoff
 from support import sandbox
 from support.sandbox import eventually
 from support.service import GatewayProcess, attach_argv
@@ -152,10 +154,9 @@ def _waiting_runners(service) -> list[int]:
     return children(zygote)
 
 
-def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, tmp_path):
-    """Every waiting runner SIGSTOPped: the run tries each for CLAIM_TIMEOUT_S, takes
-    its token back, and goes on in its own process. Continued, the runners find the
-    request of a caller that gave up on them, run nothing, and wait on."""
+@contextlib.contextmanager
+def _stopped_runners(fakenet, tmp_path: Path):
+    """(a service, its two waiting runners, SIGSTOPped); they are continued at the end."""
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     service = GatewayProcess(fakenet, tmp_path, rules).start()
@@ -166,6 +167,19 @@ def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, 
         assert len(runners) == 2
         for pid in runners:
             os.kill(pid, signal.SIGSTOP)
+        yield service, runners
+    finally:
+        for pid in runners:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        service.stop()
+
+
+def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, tmp_path):
+    """Every waiting runner SIGSTOPped: the run tries each for CLAIM_TIMEOUT_S, takes
+    its token back, and goes on in its own process. Continued, the runners find the
+    request of a caller that gave up on them, run nothing, and wait on."""
+    with _stopped_runners(fakenet, tmp_path) as (service, runners):
         workdir = _workdir(tmp_path)
         argv = attach_argv(service, workdir, ["sh", "-c", "echo ran >> runs"], extra=("-q",))
         started = time.monotonic()
@@ -189,11 +203,35 @@ def test_stopped_runners_cost_a_run_a_short_wait_and_never_run_it_late(fakenet, 
         assert runs.read_text() == "ran\nran\n"
         summary = json.loads((workdir / "summary.json").read_text())
         assert _runner_pid(service, summary["task_id"]) in runners  # a runner took this one
-    finally:
+
+
+def test_a_caller_gone_before_its_runner_reads_it_is_refused_and_the_runner_waits_on(
+    fakenet, tmp_path
+):
+    """A runner reads its caller's /proc by the caller's pidfd (zygote.of_peer), never by
+    a pid that may be another process's by then: a caller that connected and died
+    before the runner came to it (the runners stopped meanwhile) is refused as gone,
+    and the runner takes the next run."""
+    with _stopped_runners(fakenet, tmp_path) as (service, runners):
+        dead = []
+        for path in handoff.runner_sockets(str(service.control)):
+            connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+            caller = subprocess.run([sys.executable, "-c", connect, path], timeout=30)
+            assert caller.returncode == 0  # connected, and gone (reaped) before any read
+            dead.append(caller)
+        assert len(dead) == 2
         for pid in runners:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        service.stop()
+            os.kill(pid, signal.SIGCONT)
+        assert eventually(lambda: service.log.read_text().count("went away") == 2, timeout=10)
+        assert "refused a caller: pid " in service.log.read_text()
+        assert sorted(_waiting_runners(service)) == sorted(runners)  # they wait on
+        workdir = _workdir(tmp_path)
+        argv = attach_argv(service, workdir, ["sh", "-c", "echo ran >> runs"], extra=("-q",))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert (workdir / "steps" / "runs").read_text() == "ran\n"
+        summary = json.loads((workdir / "summary.json").read_text())
+        assert _runner_pid(service, summary["task_id"]) in runners  # a runner took this one
 
 
 def _state(pid: int) -> str:

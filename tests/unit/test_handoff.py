@@ -3,8 +3,11 @@ which socket the client reads from its arguments, and what it imports."""
 
 from __future__ import annotations
 
+import ast
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from sandgate.enforcer import handoff
@@ -55,5 +58,56 @@ def test_the_client_path_imports_no_argparse_nor_dataclasses():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.split()
     assert "sandgate.enforcer.handoff" in new
-    for heavy in ("argparse", "dataclasses", "pathlib", "typing", "sandgate.enforcer.attach"):
-        assert heavy not in new, heavy
+    heavy = ("argparse", "dataclasses", "pathlib", "typing", "sandgate.enforcer.attach")
+    # the Python wrappers of _socket, _signal and _json, and what they pull in
+    wrappers = ("socket", "signal", "json", "re", "enum", "selectors", "functools", "__future__")
+    for name in heavy + wrappers:
+        assert name not in new, name
+
+
+def test_the_sandgate_command_imports_only_the_cli_before_main():
+    """The installed `sandgate` is enforcer/cli/sandgate (pyproject's script-files), not
+    pip's entry-point script, which imports `re` first."""
+    script = Path(sys.executable).with_name("sandgate").read_text()
+    first_line = script.split("\n", 1)[0]
+    assert first_line.startswith("#!/") and "python" in first_line  # the installer's
+    tree = ast.parse(script)
+    imported = [
+        alias.name if isinstance(node, ast.Import) else node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    ]
+    assert imported == ["sys", "sandgate.enforcer.cli"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"argv": ["run", "--gateway", "/s", "--", "echo", "\u00e9t\u00e9", 'a"b\\c\n']},
+        {"env": {"LANG": "C.UTF-8", "ODD": "\udcff\x00\t", "EMOJI": "\U0001f600"}, "cwd": "/"},
+        {"signal": 20},
+        {"exit": 0},
+        {"refused": "why", "nested": [1, 2.5, True, False, None, {"a": []}]},
+    ],
+)
+def test_encode_and_decode_are_json_dumps_and_loads(value):
+    assert handoff.encode(value) == json.dumps(value)
+    assert handoff.decode(json.dumps(value)) == json.loads(json.dumps(value)) == value
+    assert handoff.decode(f"  {json.dumps(value)}\r\n") == value
+
+
+@pytest.mark.parametrize(
+    "text", ["", "{", '{"exit": }', '{"exit": 1} x', "[1, 2", "nul", '{"a": 1}}', '"\\ud8"']
+)
+def test_decode_refuses_what_is_not_one_json_value(text):
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        handoff.decode(text)
+
+
+def test_decode_refuses_nan_which_json_loads_takes():
+    assert json.loads('{"exit": NaN}')["exit"] != 0
+    with pytest.raises(ValueError, match="NaN"):
+        handoff.decode('{"exit": NaN}')
