@@ -590,7 +590,7 @@ class GatewayService:
             await asyncio.to_thread(
                 netns.create_sandbox_net, attached.run_id, gateway_ip, sandbox_ip
             )
-            await self._apply_table(attached)
+            await self._apply_table(attached, new=True)
         except BaseException:
             self._unwire_later(attached)
             raise
@@ -691,7 +691,9 @@ class GatewayService:
         if extra:
             _write_ca_bundle(attached.dir / "ca-bundle.pem", extra)
 
-    async def _apply_table(self, attached: Attached) -> None:
+    async def _apply_table(self, attached: Attached, *, new: bool = False) -> None:
+        """Load the sandbox's table: `new` for a network just made (created, not
+        replaced: nft.render_ruleset says why), else replaced (a re-adopted sandbox)."""
         if self.pool is not None:
             proxy_port, dns_port = self.pool.ports(attached.worker)
         else:
@@ -702,7 +704,8 @@ class GatewayService:
                 sandbox_ifaces=netns.host_if_name(attached.run_id),
                 proxy_port=proxy_port,
                 dns_port=dns_port,
-            )
+            ),
+            new=new,
         )
         await asyncio.to_thread(nft.apply_ruleset, ruleset)
 
