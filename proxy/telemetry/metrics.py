@@ -469,8 +469,9 @@ def _observe_many(child, buckets: list[int], total: float) -> None:
     """What `observe` of each of some values does to a histogram child, at once:
     `buckets` is [bucket index, count, ...] (the index as `observe` finds it),
     `total` the values' sum. prometheus_client has no call for it: this adds to the
-    child's buckets and sum as `observe` does (pinned version; a unit test compares
-    the two)."""
+    child's buckets and sum as `observe` does, through its private `_sum` and
+    `_buckets` (unchanged across prometheus-client 0.x; a unit test compares the two,
+    so a release that changes them fails it)."""
     child._sum.inc(total)
     for i in range(0, len(buckets), 2):
         child._buckets[buckets[i]].inc(buckets[i + 1])
