@@ -317,47 +317,64 @@ def run_hooks_inline() -> bool:
         )
         return False
     log_error = server.logging.ERROR
+    import os
+
+    coalesce = "coalesce" not in os.environ.get("SANDGATE_DEV_OFF", "")  # DEV ONLY: A/B, remove
 
     def carry_out(self, event, hooks: deque) -> None:
-        """mitmproxy's command loop (server_event), hooks queued instead of tasks."""
+        """mitmproxy's command loop (server_event), hooks queued instead of tasks, and
+        the data for each connection written once, after the commands (`coalesce`)."""
+        pending: dict = {}  # connection -> (writer, [data, ...]) not written yet
         try:
-            for command in self.layer.handle_event(event):
-                if isinstance(command, commands.OpenConnection):
-                    assert command.connection not in self.transports
-                    handler = asyncio_utils.create_task(
-                        self.open_connection(command),
-                        name=f"server connection handler {command.connection.address}",
-                        client=self.client.peername,
-                    )
-                    self.transports[command.connection] = server.ConnectionIO(handler=handler)
-                elif isinstance(command, commands.RequestWakeup):
-                    task = asyncio_utils.create_task(
-                        self.wakeup(command),
-                        name=f"wakeup timer ({command.delay:.1f}s)",
-                        client=self.client.peername,
-                    )
-                    assert task is not None
-                    self.wakeup_timer.add(task)
-                elif (
-                    isinstance(command, commands.ConnectionCommand)
-                    and command.connection not in self.transports
-                ):
-                    pass  # The connection has already been closed.
-                elif isinstance(command, commands.SendData):
-                    writer = self.transports[command.connection].writer
-                    assert writer
-                    if not writer.is_closing():
-                        writer.write(command.data)
-                elif isinstance(command, commands.CloseTcpConnection):
-                    self.close_connection(command.connection, command.half_close)
-                elif isinstance(command, commands.CloseConnection):
-                    self.close_connection(command.connection, False)
-                elif isinstance(command, commands.StartHook):
-                    hooks.append(command)
-                elif isinstance(command, commands.Log):
-                    self.log(command.message, command.level)
-                else:
-                    raise RuntimeError(f"Unexpected command: {command}")
+            try:
+                for command in self.layer.handle_event(event):
+                    if isinstance(command, commands.OpenConnection):
+                        assert command.connection not in self.transports
+                        handler = asyncio_utils.create_task(
+                            self.open_connection(command),
+                            name=f"server connection handler {command.connection.address}",
+                            client=self.client.peername,
+                        )
+                        self.transports[command.connection] = server.ConnectionIO(
+                            handler=handler
+                        )
+                    elif isinstance(command, commands.RequestWakeup):
+                        task = asyncio_utils.create_task(
+                            self.wakeup(command),
+                            name=f"wakeup timer ({command.delay:.1f}s)",
+                            client=self.client.peername,
+                        )
+                        assert task is not None
+                        self.wakeup_timer.add(task)
+                    elif (
+                        isinstance(command, commands.ConnectionCommand)
+                        and command.connection not in self.transports
+                    ):
+                        pass  # The connection has already been closed.
+                    elif isinstance(command, commands.SendData):
+                        writer = self.transports[command.connection].writer
+                        assert writer
+                        if not coalesce:
+                            if not writer.is_closing():
+                                writer.write(command.data)
+                        elif (queued := pending.get(command.connection)) is None:
+                            pending[command.connection] = (writer, [command.data])
+                        else:
+                            queued[1].append(command.data)
+                    elif isinstance(command, commands.CloseTcpConnection):
+                        write_pending(pending, command.connection)
+                        self.close_connection(command.connection, command.half_close)
+                    elif isinstance(command, commands.CloseConnection):
+                        write_pending(pending, command.connection)
+                        self.close_connection(command.connection, False)
+                    elif isinstance(command, commands.StartHook):
+                        hooks.append(command)
+                    elif isinstance(command, commands.Log):
+                        self.log(command.message, command.level)
+                    else:
+                        raise RuntimeError(f"Unexpected command: {command}")
+            finally:
+                write_pending(pending)
         except Exception:
             self.log("mitmproxy has crashed!", log_error, exc_info=True)
 
@@ -415,6 +432,16 @@ def run_hooks_inline() -> bool:
 
     server.ConnectionHandler.server_event = server_event_inline
     return True
+
+
+def write_pending(pending: dict, connection=None) -> None:
+    """Write what `carry_out` queued, for `connection` or for all: one write per
+    connection, the pieces in the order the layers sent them (see coalesce_writes)."""
+    for conn in list(pending) if connection is None else (connection,):
+        queued = pending.pop(conn, None)
+        if queued is not None and not queued[0].is_closing():
+            chunks = queued[1]
+            queued[0].write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
 
 _HALT = object()  # _call_now: the addon raised AddonHalt
