@@ -65,6 +65,7 @@ def _import_mitmproxy():
     from sandgate.proxy.lean_mitmproxy import (
         dispatch_hooks_directly,
         drop_per_request_checks,
+        lighter_forks,
         lighter_lookups,
         parse_client_hellos_lean,
         reuse_leaf_objects,
@@ -79,6 +80,7 @@ def _import_mitmproxy():
     reuse_leaf_objects()
     run_hooks_inline()
     parse_client_hellos_lean()
+    lighter_forks()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),
@@ -161,32 +163,20 @@ def ensure_ec_ca(confdir: Path) -> bool:
     return True
 
 
-# The cyclic GC's first-generation threshold once mitmproxy runs (Python's default: 700).
-GC_THRESHOLD_0 = 10_000
-
-
 def settle_gc() -> None:
-    """Once mitmproxy is imported and started: its objects (and everything else alive)
-    are moved out of the collected generations, and the youngest generation is
-    collected less often.
+    """Once mitmproxy is imported and started, everything alive (its ~200k import-time
+    objects above all) is moved out of the generations the cyclic GC collects.
 
     Every inspected connection leaves its layers, flows and generators behind as
-    cycles (a layer and its context point at each other), so the cyclic GC runs
-    every few connections; each full collection walked mitmproxy's ~200k import-time
-    objects again, and each young one came while a connection's objects were still
-    alive, moving them on to be scanned once more later. Frozen, a full collection
-    scans only what came after; at 10,000 a young collection comes every ~20 connections
-    and finds most of them dead. What cycles hold waits a little longer for the
-    collector (a few MB at most). policy/load.py freezes a loaded policy alike."""
+    cycles (a layer and its context point at each other), so the collector runs
+    every few connections, and each full collection walked all of mitmproxy's
+    objects again (in-process: 30-60 us per connection, ~10 after). Frozen objects
+    are never collected; these live as long as the process. policy/load.py freezes
+    a loaded policy alike. (A higher threshold for the young generation was measured
+    too and gave nothing: most of the GC's time is freeing the connections' cycles.)"""
     import gc
-    import os
 
-    off = os.environ.get("SANDGATE_DEV_OFF", "")  # DEV ONLY: A/B, remove
-    if "freeze" not in off:
-        gc.freeze()
-    if "gcth" not in off:
-        _, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(max(GC_THRESHOLD_0, gc.get_threshold()[0]), gen1, gen2)
+    gc.freeze()
 
 
 class ProxyEngine:

@@ -47,6 +47,9 @@ no task per hook; `lighter_lookups()` takes the KeyError out of header lookups a
 the deep copies out of option reads; `reuse_leaf_objects()` converts the leaf
 certificate and key to pyOpenSSL once, not per connection; `parse_client_hellos_lean()`
 reads mitmproxy's ClientHello with sandgate's parser. Each says why in its docstring.
+Its second pass: `run_hooks_inline`'s command loop also writes each event's data
+once per connection (`write_pending`); `lighter_forks()` forks a layer's Context
+without making a Server it throws away.
 
 docs/mitmproxy-internals.md lists these for the upgrade checklist.
 """
@@ -246,6 +249,45 @@ def reuse_leaf_objects() -> None:
     crypto.PKey.from_cryptography_key = classmethod(key_from_cryptography)
 
 
+def lighter_forks() -> bool:
+    """`Context.fork` without a Server it throws away (idempotent; docs/mitmproxy-internals.md
+    7j). False, and mitmproxy's kept, when a Context holds anything else.
+
+    mitmproxy's `fork` calls `Context(client, options)`, whose `__init__` makes a new
+    `connection.Server` (a uuid4, a dataclass `__init__` of ~25 fields, each through
+    `Server.__setattr__`'s guard), and then replaces it with the parent's server. The
+    HTTP layer forks three times per inspected connection (its start, each request's
+    stream, the upstream connection) and once per keep-alive request. Here the copy
+    is made without `__init__`: the same four attributes, the server shared, the
+    layer list copied."""
+    from mitmproxy import options
+    from mitmproxy.proxy import context
+
+    if getattr(context.Context.fork, "_sandgate", False):
+        return True
+    probe = context.Context(connection_for_probe(), options.Options())
+    if set(vars(probe)) != {"client", "options", "server", "layers"}:
+        return False
+    new = object.__new__
+    Context = context.Context
+
+    def fork(self):
+        forked = new(Context)
+        forked.client, forked.options, forked.server = self.client, self.options, self.server
+        forked.layers = self.layers.copy()
+        return forked
+
+    fork._sandgate = True
+    context.Context.fork = fork
+    return True
+
+
+def connection_for_probe():
+    from mitmproxy import connection
+
+    return connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)
+
+
 MAX_CACHED_KEYS = 16  # private keys converted to pyOpenSSL kept (mitmproxy uses one)
 
 
@@ -317,13 +359,11 @@ def run_hooks_inline() -> bool:
         )
         return False
     log_error = server.logging.ERROR
-    import os
-
-    coalesce = "coalesce" not in os.environ.get("SANDGATE_DEV_OFF", "")  # DEV ONLY: A/B, remove
 
     def carry_out(self, event, hooks: deque) -> None:
         """mitmproxy's command loop (server_event), hooks queued instead of tasks, and
-        the data for each connection written once, after the commands (`coalesce`)."""
+        what the layers send to each connection written once, after the commands
+        (before a close of that connection): see write_pending."""
         pending: dict = {}  # connection -> (writer, [data, ...]) not written yet
         try:
             try:
@@ -354,10 +394,7 @@ def run_hooks_inline() -> bool:
                     elif isinstance(command, commands.SendData):
                         writer = self.transports[command.connection].writer
                         assert writer
-                        if not coalesce:
-                            if not writer.is_closing():
-                                writer.write(command.data)
-                        elif (queued := pending.get(command.connection)) is None:
+                        if (queued := pending.get(command.connection)) is None:
                             pending[command.connection] = (writer, [command.data])
                         else:
                             queued[1].append(command.data)
@@ -436,7 +473,15 @@ def run_hooks_inline() -> bool:
 
 def write_pending(pending: dict, connection=None) -> None:
     """Write what `carry_out` queued, for `connection` or for all: one write per
-    connection, the pieces in the order the layers sent them (see coalesce_writes)."""
+    connection, the pieces in the order the layers sent them.
+
+    mitmproxy wrote each `SendData` at once: one send(2) per TLS record, so the
+    upstream handshake's Finished and the request went out in two, as did a
+    response's head and body (every keep-alive request). One write per connection
+    and event is one send per flight: 5 instead of 7 per new inspected connection,
+    and a client whose socket lacks TCP_NODELAY no longer waits out its delayed
+    ACK (~40 ms) between a head and its body. Nothing waits: the data goes when the
+    event's commands are done, before any hook of the event runs."""
     for conn in list(pending) if connection is None else (connection,):
         queued = pending.pop(conn, None)
         if queued is not None and not queued[0].is_closing():
