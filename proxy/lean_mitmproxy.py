@@ -265,7 +265,7 @@ def lighter_forks() -> bool:
 
     if getattr(context.Context.fork, "_sandgate", False):
         return True
-    probe = context.Context(connection_for_probe(), options.Options())
+    probe = context.Context(_probe_client(), options.Options())
     if set(vars(probe)) != {"client", "options", "server", "layers"}:
         return False
     new = object.__new__
@@ -282,7 +282,7 @@ def lighter_forks() -> bool:
     return True
 
 
-def connection_for_probe():
+def _probe_client():
     from mitmproxy import connection
 
     return connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)

@@ -597,3 +597,16 @@ def test_the_engine_freezes_what_lives_once_mitmproxy_runs():
         assert gc.get_freeze_count() > 10_000  # this process's modules, mitmproxy's among them
     finally:
         gc.unfreeze()
+
+
+def test_a_context_with_more_to_copy_keeps_mitmproxys_fork(monkeypatch):
+    init, original = context.Context.__init__, context.Context.fork
+
+    def init_with_more(self, *a, **kw):
+        init(self, *a, **kw)
+        self.extra = "state a plain copy would lose"
+
+    monkeypatch.setattr(context.Context, "__init__", init_with_more)
+    monkeypatch.setattr(context.Context, "fork", original)
+    assert lighter_forks() is False
+    assert context.Context.fork is original
