@@ -47,6 +47,9 @@ no task per hook; `lighter_lookups()` takes the KeyError out of header lookups a
 the deep copies out of option reads; `reuse_leaf_objects()` converts the leaf
 certificate and key to pyOpenSSL once, not per connection; `parse_client_hellos_lean()`
 reads mitmproxy's ClientHello with sandgate's parser. Each says why in its docstring.
+Its second pass: `run_hooks_inline`'s command loop also writes each event's data
+once per connection (`write_pending`); `lighter_forks()` forks a layer's Context
+without making a Server it throws away.
 
 docs/mitmproxy-internals.md lists these for the upgrade checklist.
 """
@@ -246,6 +249,45 @@ def reuse_leaf_objects() -> None:
     crypto.PKey.from_cryptography_key = classmethod(key_from_cryptography)
 
 
+def lighter_forks() -> bool:
+    """`Context.fork` without a Server it throws away (idempotent; docs/mitmproxy-internals.md
+    7j). False, and mitmproxy's kept, when a Context holds anything else.
+
+    mitmproxy's `fork` calls `Context(client, options)`, whose `__init__` makes a new
+    `connection.Server` (a uuid4, a dataclass `__init__` of ~25 fields, each through
+    `Server.__setattr__`'s guard), and then replaces it with the parent's server. The
+    HTTP layer forks three times per inspected connection (its start, each request's
+    stream, the upstream connection) and once per keep-alive request. Here the copy
+    is made without `__init__`: the same four attributes, the server shared, the
+    layer list copied."""
+    from mitmproxy import options
+    from mitmproxy.proxy import context
+
+    if getattr(context.Context.fork, "_sandgate", False):
+        return True
+    probe = context.Context(_probe_client(), options.Options())
+    if set(vars(probe)) != {"client", "options", "server", "layers"}:
+        return False
+    new = object.__new__
+    Context = context.Context
+
+    def fork(self):
+        forked = new(Context)
+        forked.client, forked.options, forked.server = self.client, self.options, self.server
+        forked.layers = self.layers.copy()
+        return forked
+
+    fork._sandgate = True
+    context.Context.fork = fork
+    return True
+
+
+def _probe_client():
+    from mitmproxy import connection
+
+    return connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)
+
+
 MAX_CACHED_KEYS = 16  # private keys converted to pyOpenSSL kept (mitmproxy uses one)
 
 
@@ -319,45 +361,57 @@ def run_hooks_inline() -> bool:
     log_error = server.logging.ERROR
 
     def carry_out(self, event, hooks: deque) -> None:
-        """mitmproxy's command loop (server_event), hooks queued instead of tasks."""
+        """mitmproxy's command loop (server_event), hooks queued instead of tasks, and
+        what the layers send to each connection written once, after the commands
+        (before a close of that connection): see write_pending."""
+        pending: dict = {}  # connection -> (writer, [data, ...]) not written yet
         try:
-            for command in self.layer.handle_event(event):
-                if isinstance(command, commands.OpenConnection):
-                    assert command.connection not in self.transports
-                    handler = asyncio_utils.create_task(
-                        self.open_connection(command),
-                        name=f"server connection handler {command.connection.address}",
-                        client=self.client.peername,
-                    )
-                    self.transports[command.connection] = server.ConnectionIO(handler=handler)
-                elif isinstance(command, commands.RequestWakeup):
-                    task = asyncio_utils.create_task(
-                        self.wakeup(command),
-                        name=f"wakeup timer ({command.delay:.1f}s)",
-                        client=self.client.peername,
-                    )
-                    assert task is not None
-                    self.wakeup_timer.add(task)
-                elif (
-                    isinstance(command, commands.ConnectionCommand)
-                    and command.connection not in self.transports
-                ):
-                    pass  # The connection has already been closed.
-                elif isinstance(command, commands.SendData):
-                    writer = self.transports[command.connection].writer
-                    assert writer
-                    if not writer.is_closing():
-                        writer.write(command.data)
-                elif isinstance(command, commands.CloseTcpConnection):
-                    self.close_connection(command.connection, command.half_close)
-                elif isinstance(command, commands.CloseConnection):
-                    self.close_connection(command.connection, False)
-                elif isinstance(command, commands.StartHook):
-                    hooks.append(command)
-                elif isinstance(command, commands.Log):
-                    self.log(command.message, command.level)
-                else:
-                    raise RuntimeError(f"Unexpected command: {command}")
+            try:
+                for command in self.layer.handle_event(event):
+                    if isinstance(command, commands.OpenConnection):
+                        assert command.connection not in self.transports
+                        handler = asyncio_utils.create_task(
+                            self.open_connection(command),
+                            name=f"server connection handler {command.connection.address}",
+                            client=self.client.peername,
+                        )
+                        self.transports[command.connection] = server.ConnectionIO(
+                            handler=handler
+                        )
+                    elif isinstance(command, commands.RequestWakeup):
+                        task = asyncio_utils.create_task(
+                            self.wakeup(command),
+                            name=f"wakeup timer ({command.delay:.1f}s)",
+                            client=self.client.peername,
+                        )
+                        assert task is not None
+                        self.wakeup_timer.add(task)
+                    elif (
+                        isinstance(command, commands.ConnectionCommand)
+                        and command.connection not in self.transports
+                    ):
+                        pass  # The connection has already been closed.
+                    elif isinstance(command, commands.SendData):
+                        writer = self.transports[command.connection].writer
+                        assert writer
+                        if (queued := pending.get(command.connection)) is None:
+                            pending[command.connection] = (writer, [command.data])
+                        else:
+                            queued[1].append(command.data)
+                    elif isinstance(command, commands.CloseTcpConnection):
+                        write_pending(pending, command.connection)
+                        self.close_connection(command.connection, command.half_close)
+                    elif isinstance(command, commands.CloseConnection):
+                        write_pending(pending, command.connection)
+                        self.close_connection(command.connection, False)
+                    elif isinstance(command, commands.StartHook):
+                        hooks.append(command)
+                    elif isinstance(command, commands.Log):
+                        self.log(command.message, command.level)
+                    else:
+                        raise RuntimeError(f"Unexpected command: {command}")
+            finally:
+                write_pending(pending)
         except Exception:
             self.log("mitmproxy has crashed!", log_error, exc_info=True)
 
@@ -415,6 +469,24 @@ def run_hooks_inline() -> bool:
 
     server.ConnectionHandler.server_event = server_event_inline
     return True
+
+
+def write_pending(pending: dict, connection=None) -> None:
+    """Write what `carry_out` queued, for `connection` or for all: one write per
+    connection, the pieces in the order the layers sent them.
+
+    mitmproxy wrote each `SendData` at once: one send(2) per TLS record, so the
+    upstream handshake's Finished and the request went out in two, as did a
+    response's head and body (every keep-alive request). One write per connection
+    and event is one send per flight: 5 instead of 7 per new inspected connection,
+    and a client whose socket lacks TCP_NODELAY no longer waits out its delayed
+    ACK (~40 ms) between a head and its body. Nothing waits: the data goes when the
+    event's commands are done, before any hook of the event runs."""
+    for conn in list(pending) if connection is None else (connection,):
+        queued = pending.pop(conn, None)
+        if queued is not None and not queued[0].is_closing():
+            chunks = queued[1]
+            queued[0].write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
 
 _HALT = object()  # _call_now: the addon raised AddonHalt

@@ -19,6 +19,7 @@ from mitmproxy.utils import asyncio_utils
 from sandgate.proxy.lean_mitmproxy import (
     dispatch_hooks_directly,
     drop_per_request_checks,
+    lighter_forks,
     lighter_lookups,
     run_hooks_inline,
     unblock_unhandled_hooks,
@@ -353,6 +354,80 @@ def test_a_changed_mitmproxy_keeps_its_own_hook_path(monkeypatch):
     assert server.ConnectionHandler.server_event is original
 
 
+class SendsInPieces(layer.Layer):
+    """On Start: a head and a body to the client, as two SendData (two TLS records),
+    then `then` (e.g. a half-close)."""
+
+    def __init__(self, context, then=()):
+        super().__init__(context)
+        self.then = then
+
+    def _handle_event(self, event):
+        if isinstance(event, events.Start):
+            yield commands.SendData(self.context.client, b"head|")
+            yield commands.Log("between")
+            yield commands.SendData(self.context.client, b"body")
+            yield from self.then
+
+
+class RecordingWriter:
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(data)
+
+    def write_eof(self) -> None:
+        self.calls.append("EOF")
+
+
+def written(then=()) -> list:
+    """What a connection handler writes to the client for SendsInPieces' Start."""
+    from mitmproxy.proxy import mode_servers, server
+
+    calls: list = []
+
+    async def main():
+        master = Master(options.Options())
+        try:
+            handler = mode_servers.ProxyConnectionHandler.__new__(mode_servers.ProxyConnectionHandler)
+            handler.master, handler.hook_tasks = master, set()
+            handler.client = tflow.tclient_conn()
+            handler.transports = {
+                handler.client: server.ConnectionIO(writer=RecordingWriter(calls))
+            }
+            handler.timeout_watchdog, handler._server_event_lock = Watchdog(), asyncio.Lock()
+            handler.log = lambda message, *a, **k: None
+            ctx = context.Context(handler.client, master.options)
+            handler.layer = SendsInPieces(ctx, [c(ctx.client) for c in then])
+            await handler.server_event(events.Start())
+        finally:
+            master._legacy_log_events.uninstall()
+
+    asyncio.run(main())
+    return calls
+
+
+def half_close(client):
+    return commands.CloseTcpConnection(client, half_close=True)
+
+
+@pytest.mark.parametrize(
+    "then, before, after",
+    [
+        pytest.param((), [b"head|", b"body"], [b"head|body"], id="one-write-per-event"),
+        pytest.param(
+            (half_close,), [b"head|", b"body", "EOF"], [b"head|body", "EOF"], id="before-a-close"
+        ),
+    ],
+)
+def test_each_events_data_goes_out_in_one_write(both_event_paths, then, before, after):
+    assert both_event_paths(lambda: written(then)) == (before, after)
+
+
 # --- lighter lookups, leaf objects reused -------------------------------------------
 
 
@@ -483,3 +558,55 @@ def test_hellos_sandgate_refuses_are_mitmproxys_to_read(lean_hellos):
     assert got.sni == kaitai(hello).sni
     with pytest.raises(ValueError):
         lean(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00")  # not a ClientHello, as before
+
+
+# --- forks, gc ----------------------------------------------------------------------
+
+
+def test_a_forked_context_is_the_same_without_a_server_made(monkeypatch):
+    import uuid
+
+    made = []
+    uuid4 = uuid.uuid4
+    monkeypatch.setattr(uuid, "uuid4", lambda: made.append(1) or uuid4())
+    parent = context.Context(tflow.tclient_conn(), options.Options())
+    parent.server.address = ("203.0.113.10", 443)
+    parent.layers = ["a", "b"]
+
+    def fork():
+        made.clear()
+        child = parent.fork()
+        child.layers.append("c")  # the child's own list
+        return (vars(child).keys(), child.server is parent.server, child.client is parent.client,
+                child.options is parent.options, child.layers, parent.layers, len(made))
+
+    before, after = before_and_after(monkeypatch, context.Context, "fork", lighter_forks)(fork)
+    assert before[:-1] == after[:-1]
+    assert after[3:6] == (True, ["a", "b", "c"], ["a", "b"])
+    assert (before[-1], after[-1]) == (1, 0)  # mitmproxy's made (and dropped) a Server
+
+
+def test_the_engine_freezes_what_lives_once_mitmproxy_runs():
+    import gc
+
+    from sandgate.proxy.engine import settle_gc
+
+    gc.unfreeze()
+    try:
+        settle_gc()
+        assert gc.get_freeze_count() > 10_000  # this process's modules, mitmproxy's among them
+    finally:
+        gc.unfreeze()
+
+
+def test_a_context_with_more_to_copy_keeps_mitmproxys_fork(monkeypatch):
+    init, original = context.Context.__init__, context.Context.fork
+
+    def init_with_more(self, *a, **kw):
+        init(self, *a, **kw)
+        self.extra = "state a plain copy would lose"
+
+    monkeypatch.setattr(context.Context, "__init__", init_with_more)
+    monkeypatch.setattr(context.Context, "fork", original)
+    assert lighter_forks() is False
+    assert context.Context.fork is original
