@@ -21,12 +21,15 @@ from collections.abc import Sized
 from pathlib import Path
 from typing import Protocol
 
-from sandgate.proxy.gateway import Gateway
+from sandgate.enforcer.workers import WorkerPool
+from sandgate.proxy.gateway import Gateway, GatewayConfig
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.audit import AuditLog
-from sandgate.proxy.telemetry.event import Event
+from sandgate.proxy.telemetry.event import Event, EventFanout, EventSink
+from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
+from sandgate.proxy.telemetry.metrics import Metrics
 
 
 class DataPlane(Protocol):
@@ -144,3 +147,31 @@ class InProcessGateway:
             }
         ]
 
+
+def open_data_plane(
+    workers: int,
+    config: GatewayConfig,
+    rules: Path,
+    policy: CompiledPolicy,
+    audit: RateLimitedAudit,
+    metrics: Metrics,
+    summaries: EventSink,
+) -> DataPlane:
+    """`workers` > 1: a `WorkerPool`, else an `InProcessGateway`; not started. Every
+    event goes to `audit`, `metrics` and `summaries` (the service's task summaries)."""
+    if workers > 1:
+        return WorkerPool(
+            workers,
+            {
+                "rules": [str(rules)],
+                "dns_upstreams": config.dns_upstreams,
+                "confdir": str(config.confdir),
+                "upstream_ca": str(config.upstream_ca),
+            },
+            policy,
+            EventFanout(audit, metrics, summaries).emit,
+            tally=metrics.add_tally,
+            audit=audit,
+            listen_host=config.listen_host,
+        )
+    return InProcessGateway(Gateway(config, policy, audit, metrics, summaries))
