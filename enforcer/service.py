@@ -40,6 +40,7 @@ from pathlib import Path
 
 from sandgate.enforcer import approvals_control, control, handoff, netns, nft
 from sandgate.enforcer.admin import Admin, AdminOptions
+from sandgate.enforcer.dataplane import DataPlane, open_data_plane
 from sandgate.enforcer.run import (
     AUDIT_DIR,
     CA_ENV_VARS,
@@ -54,8 +55,7 @@ from sandgate.enforcer.run import (
     open_audit_log,
     unwire,
 )
-from sandgate.enforcer.workers import WorkerPool
-from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
+from sandgate.proxy.gateway import GatewayConfig, inspects
 from sandgate.proxy.policy import PolicyError, load_policy
 from sandgate.proxy.policy.load import approved_overlay
 from sandgate.proxy.policy.reasons import Reason, Verdict
@@ -63,7 +63,7 @@ from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import PolicyReloader
 from sandgate.proxy.telemetry import task_events
 from sandgate.proxy.telemetry.audit import AuditLog
-from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventFanout, EventKind
+from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
 from sandgate.proxy.telemetry.flood import FloodLimits
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.telemetry.metrics import Metrics
@@ -76,7 +76,6 @@ STATE_FILE = "service.json"
 SERVICE_AUDIT_LOG = AUDIT_DIR / "gateway.jsonl"
 CONTROL_GROUP = "sandgate"
 ADOPTED_CHECK_S = 1.0
-AUDIT_CHECK_S = 0.25  # with workers: how often the audit log's writability is passed on
 
 
 @dataclass
@@ -114,7 +113,7 @@ class Attached:
     started: float = field(default_factory=time.time)
     connected: bool = True  # False: re-adopted after a restart, until its runner resumes
     rules_hash: str = ""
-    worker: int = -1  # the worker process its table points at (--workers N > 1)
+    worker: int = -1  # its data plane slot: the worker its table points at (--workers N > 1)
 
     @property
     def dir(self) -> Path:
@@ -144,8 +143,7 @@ class GatewayService:
         self.sandboxes: dict[str, Attached] = {}
         self.metrics = Metrics()
         self.audit: AuditLog | None = None
-        self.gateway: Gateway | WorkerPool | None = None
-        self.pool: WorkerPool | None = None  # the same object as gateway, with --workers N > 1
+        self.data_plane: DataPlane | None = None  # the in-process gateway or the workers
         self.draining = False
         self.started = time.monotonic()
         self.stopped = asyncio.Event()
@@ -159,7 +157,6 @@ class GatewayService:
         self._unwiring: set[asyncio.Task] = set()  # removals still running after the reply
         self.runners: set[str] = set()  # the sockets of warm runners (enforcer/zygote.py)
         self._zygote: asyncio.subprocess.Process | None = None
-        self._audit_sink: RateLimitedAudit | None = None  # with workers: started and stopped here
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -179,8 +176,8 @@ class GatewayService:
         if self.opts.warm and self.opts.runners == "service":
             self._spawn(self._keep_runners())
         print(
-            f"sandgate gateway: serving on {self.opts.control} (policy {self.gateway.policy.hash}, "
-            f"{len(self.sandboxes)} sandboxes re-adopted)",
+            f"sandgate gateway: serving on {self.opts.control} "
+            f"(policy {self.data_plane.policy.hash}, {len(self.sandboxes)} sandboxes re-adopted)",
             file=sys.stderr,
             flush=True,
         )
@@ -199,61 +196,32 @@ class GatewayService:
             STATE_DIR / "gateway-upstream-ca.pem"
         )  # state, not a run: RUN_DIR holds runs only
         _write_ca_bundle(upstream_ca, opts.extra_ca)
+        config = GatewayConfig(
+            listen_host="0.0.0.0",
+            dns_upstreams=upstreams,
+            confdir=STATE_DIR / "ca",
+            upstream_ca=upstream_ca,
+        )
         audit = RateLimitedAudit(self.audit, opts.audit_limits, self.metrics.count_suppressed)
-        workers = opts.workers
-        if workers > 1:
-            self._audit_sink = audit
-            fanout = EventFanout(audit, self.metrics, self)
-            self.gateway = self.pool = WorkerPool(
-                workers,
-                {
-                    "rules": [str(opts.rules)],
-                    "dns_upstreams": upstreams,
-                    "confdir": str(STATE_DIR / "ca"),
-                    "upstream_ca": str(upstream_ca),
-                },
-                policy,
-                fanout.emit,
-                tally=self.metrics.add_tally,
-            )
-            self.pool.on_restart = self._worker_restarted
-            self.reloader = PolicyReloader([opts.rules], self.pool)
-            audit.start(asyncio.get_running_loop())
-            await self.pool.start()
-            if opts.on_audit_failure == "block":
-                self._spawn(self._watch_audit())
-            proxy_ports, dns_ports = self.pool.all_ports()
-        else:
-            self.gateway = Gateway(
-                GatewayConfig(
-                    listen_host="0.0.0.0",
-                    dns_upstreams=upstreams,
-                    confdir=STATE_DIR / "ca",
-                    upstream_ca=upstream_ca,
-                ),
-                policy,
-                audit,
-                self.metrics,
-                self,
-            )
-            self.reloader = PolicyReloader([opts.rules], self.gateway)
-            if opts.on_audit_failure == "block":
-                self.gateway.guard_audit(self.audit)
-            await self.gateway.start()
-            proxy_ports, dns_ports = [self.gateway.proxy_port], [self.gateway.dns_port]
+        data_plane = self.data_plane = open_data_plane(
+            opts.workers, config, opts.rules, policy, audit, self.metrics, self
+        )
+        self.reloader = PolicyReloader([opts.rules], data_plane)
+        await data_plane.start()
+        if opts.on_audit_failure == "block":
+            data_plane.guard_audit(self.audit)
         # `always` approvals (with workers: asked by the worker that holds the approval)
-        self.gateway.approvals.on_always = approvals_control.always_writer(
+        data_plane.approvals.on_always = approvals_control.always_writer(
             approved_overlay([opts.rules]), self._reload_for_approval
         )
-        await asyncio.to_thread(
-            nft.apply_ruleset, nft.render_guard(GUARD_TABLE, proxy_ports, dns_ports)
-        )
+        guard = nft.render_guard(GUARD_TABLE, *data_plane.all_ports())
+        await asyncio.to_thread(nft.apply_ruleset, guard)
         self._serve_metrics()
         self.admin = Admin(
-            opts.admin, self.gateway.approvals, self.metrics.approval_webhook_failures.inc
+            opts.admin, data_plane.approvals, self.metrics.approval_webhook_failures.inc
         )
         await self.admin.start(STATE_DIR / "admin-token", "sandgate gateway")
-        self.gateway.emit(
+        data_plane.emit(
             Event(
                 kind=EventKind.POLICY,
                 verdict=Verdict.ALLOW,
@@ -266,7 +234,7 @@ class GatewayService:
         await self._listen_control()
 
     def _serve_metrics(self) -> None:
-        self.metrics.watch_gateway(self.gateway)
+        self.metrics.watch_gateway(self.data_plane)
         self.metrics.watch_audit(self.audit)
         if self.opts.metrics_listen is not None:
             host, port = self.opts.metrics_listen
@@ -328,12 +296,10 @@ class GatewayService:
             await asyncio.wait(self._unwiring)
         if self.admin is not None:
             await self.admin.stop()
-        if self.gateway is not None:
+        if self.data_plane is not None:
             with contextlib.suppress(nft.NftError):
                 await asyncio.to_thread(nft.delete_table, GUARD_TABLE)
-            await self.gateway.stop()
-        if self._audit_sink is not None:
-            self._audit_sink.stop()  # what the rate limit holds is written before the log closes
+            await self.data_plane.stop()
         self.metrics.stop()
         if self.audit is not None:
             self.audit.close()
@@ -370,7 +336,7 @@ class GatewayService:
             if attached
             else {}
         )
-        self.gateway.emit(
+        self.data_plane.emit(
             Event(
                 kind=kind,
                 verdict=verdict,
@@ -422,11 +388,11 @@ class GatewayService:
                     elif cmd in ("attach", "resume", "event", "detach"):
                         reply = {"ok": False, "error": f"{cmd}: not on this connection"}
                     elif cmd == "watch":
-                        await approvals_control.watch(self.gateway.approvals, reader, writer)
+                        await approvals_control.watch(self.data_plane.approvals, reader, writer)
                         break
                     elif cmd in approvals_control.COMMANDS:
                         reply = await approvals_control.handle(
-                            self.gateway.approvals, request, approvals_control.peer_user(writer)
+                            self.data_plane.approvals, request, approvals_control.peer_user(writer)
                         )
                     else:
                         reply = await self._query(cmd, request, peer)
@@ -450,7 +416,7 @@ class GatewayService:
 
     async def _query(self, cmd, request: dict, peer: str) -> dict:
         if cmd == "status":
-            policy = self.gateway.policy
+            policy = self.data_plane.policy
             return {
                 "ok": True,
                 "pid": os.getpid(),
@@ -461,11 +427,11 @@ class GatewayService:
                 "spares": len(self.spares),
                 "warm_runners": self._warm_runners(),
                 "runners_pid": _pool_pid(str(self.opts.control)),
-                "connections": self._open_connections(),
+                "connections": self.data_plane.gate.counts.open,
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "draining": self.draining,
                 "control": str(self.opts.control),
-                "workers": self._workers(),
+                "workers": self.data_plane.describe(),
             }
         if cmd == "sandboxes":
             return {"ok": True, "sandboxes": [a.to_dict() for a in self.sandboxes.values()]}
@@ -483,31 +449,13 @@ class GatewayService:
             "approvals, approval, approve, deny, watch)",
         }
 
-    def _open_connections(self) -> int:
-        return self.gateway.gate.counts.open
-
-    def _workers(self) -> list[dict]:
-        """One entry per data path process: the workers, or this process (--workers 1)."""
-        if self.pool is not None:
-            return self.pool.describe()
-        return [
-            {
-                "index": 0,
-                "pid": os.getpid(),
-                "sandboxes": len(self.sandboxes),
-                "connections": len(self.gateway.gate.connections),
-                "restarts": 0,
-                "in_process": True,
-            }
-        ]
-
     # --- sandboxes --------------------------------------------------------------------------
 
     async def _attach(self, request: dict, peer: str) -> Attached:
         if self.draining:
             raise RunError("the gateway service is stopping: no new sandboxes")
         profile = request.get("profile", "default")
-        policy = self.gateway.policy
+        policy = self.data_plane.policy
         if not isinstance(profile, str) or profile not in policy.profiles:
             raise RunError(
                 f"no profile {str(profile)[:60]!r} in the service's rules "
@@ -530,7 +478,7 @@ class GatewayService:
             await self._remove(attached, "its setup failed")
             raise
         attached.summary.task_started(attached.run_id, profile, attached.address, attached.command)
-        self.gateway.emit(
+        self.data_plane.emit(
             attached.summary.start_event.with_fields(
                 detail=f"{attached.summary.start_event.detail} (attached by {peer}, "
                 f"runner pid {attached.runner_pid})"[:1000]
@@ -539,49 +487,15 @@ class GatewayService:
         return attached
 
     async def _register(self, attached: Attached) -> None:
-        """The gateway (with workers: the sandbox's worker, which acks) serves it now."""
+        """The data plane serves it now (with workers: the sandbox's worker has acked)."""
         sandbox = Sandbox(attached.address, attached.run_id, attached.profile)
-        if self.pool is not None:
-            await self.pool.add_sandbox(attached.worker, sandbox)
-        else:
-            self.gateway.add_sandbox(sandbox)
-
-    def _worker_restarted(self, worker, dead_pid: int, how: str) -> None:
-        """A worker died and its successor serves: one event for each of its sandboxes
-        (the others saw nothing)."""
-        for attached in self.sandboxes.values():
-            if attached.worker == worker.index:
-                self.gateway.emit(
-                    Event(
-                        kind=EventKind.TASK,
-                        verdict=Verdict.DENY,
-                        reason=Reason.WORKER_RESTARTED,
-                        task_id=attached.run_id,
-                        sandbox=attached.address,
-                        profile=attached.profile,
-                        detail=f"gateway worker {worker.index} (pid {dead_pid}) died ({how}): "
-                        f"the sandbox's open connections were cut and new ones waited; "
-                        f"restarted as pid {worker.pid} ({worker.restarts} restarts)",
-                    )
-                )
-
-    async def _watch_audit(self) -> None:
-        """--on-audit-failure block with workers: tell them when the audit log stops (or
-        starts again) being writable; they refuse new connections meanwhile."""
-        told: str | None = None
-        while not self.stopped.is_set():
-            problem = None if self.audit.writable else (self.audit.problem or "not writable")
-            if problem != told:
-                told = problem
-                await self.pool.hold_audit(problem)
-            await asyncio.sleep(AUDIT_CHECK_S)
+        await self.data_plane.add_sandbox(attached.worker, sandbox)
 
     async def _new_network(self) -> Attached:
         """A sandbox network with its table loaded, owned by this service until a task
         takes it (its state file names the service, so `gc` and a restart know it)."""
         attached = Attached(secrets.token_hex(4), "", "", "", 0, [], TaskSummary())
-        if self.pool is not None:
-            attached.worker = self.pool.assign()
+        attached.worker = self.data_plane.assign()
         attached.dir.mkdir(parents=True, mode=0o700)
         try:
             gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, self.opts.pool)
@@ -663,7 +577,7 @@ class GatewayService:
             "system_ca_bundle": str(SYSTEM_CA_BUNDLE),
             "hidden": [str(STATE_DIR), str(RUN_DIR), str(self.opts.audit_log)],
             "audit_log": str(self.opts.audit_log),
-            "policy": self.gateway.policy.hash,
+            "policy": self.data_plane.policy.hash,
         }
 
     def _write_state(self, attached: Attached) -> None:
@@ -683,21 +597,16 @@ class GatewayService:
         (attached.dir / "resolv.conf").write_text(
             f"# written by sandgate: the gateway's DNS filter\nnameserver {attached.gateway_ip}\noptions edns0\n"
         )
-        inspection = inspects(self.gateway.policy, attached.profile)
-        if inspection:
-            # it makes the CA (a reload may have added the rule); a worker has, before its ack
-            await self.gateway.proxy.started()
-        extra = self.opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspection else [])
+        extra = list(self.opts.extra_ca)
+        if inspects(self.data_plane.policy, attached.profile):
+            extra.append(await self.data_plane.gateway_ca())
         if extra:
             _write_ca_bundle(attached.dir / "ca-bundle.pem", extra)
 
     async def _apply_table(self, attached: Attached, *, new: bool = False) -> None:
         """Load the sandbox's table: `new` for a network just made (created, not
         replaced: nft.render_ruleset says why), else replaced (a re-adopted sandbox)."""
-        if self.pool is not None:
-            proxy_port, dns_port = self.pool.ports(attached.worker)
-        else:
-            proxy_port, dns_port = self.gateway.proxy_port, self.gateway.dns_port
+        proxy_port, dns_port = self.data_plane.ports(attached.worker)
         ruleset = nft.render_ruleset(
             nft.RulesetConfig(
                 table=attached.table,
@@ -730,9 +639,9 @@ class GatewayService:
         }
         if what == "limit" and name in task_events.LIMITS:
             attached.summary.task.setdefault("limits_hit", []).append(name)
-            self.gateway.emit(task_events.task_limit(name, detail, **where))
+            self.data_plane.emit(task_events.task_limit(name, detail, **where))
         elif what == "weakened" and name in task_events.SANDBOX_FEATURES:
-            self.gateway.emit(task_events.sandbox_weakened(name, detail, **where))
+            self.data_plane.emit(task_events.sandbox_weakened(name, detail, **where))
         else:
             return {"ok": False, "error": "event: unknown kind"}
         return {"ok": True}
@@ -748,7 +657,7 @@ class GatewayService:
         its network, table and run dir after the reply, in that order (`_unwire_later`)."""
         self.sandboxes.pop(attached.run_id, None)
         if attached.address:
-            self.gateway.remove_sandbox(attached.address)
+            self.data_plane.remove_sandbox(attached.address)
         counters: dict[str, int] = {}
         with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
             counters = await asyncio.to_thread(nft.read_counters, attached.table)
@@ -762,15 +671,14 @@ class GatewayService:
             "profile": attached.profile,
         }
         for event in task_events.firewall_drops(counters, **where):
-            self.gateway.emit(event)
-        self.gateway.emit(task_events.task_ended(why, duration, **where))
+            self.data_plane.emit(event)
+        self.data_plane.emit(task_events.task_ended(why, duration, **where))
 
     def _unwire_later(self, attached: Attached) -> None:
         """Netns and veth, then the table, then the run dir, off the loop; `_shutdown`
         waits for every one still running."""
-        if self.pool is not None:
-            self.pool.release(attached.worker)
-            attached.worker = -1
+        self.data_plane.release(attached.worker)
+        attached.worker = -1
 
         async def unwire_now() -> None:
             with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
@@ -804,7 +712,7 @@ class GatewayService:
                     TaskSummary(),
                     started=float(state.get("started", time.time())),
                     connected=False,
-                    rules_hash=self.gateway.policy.hash,
+                    rules_hash=self.data_plane.policy.hash,
                 )
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring %s: %s", state_file, e)
@@ -815,10 +723,9 @@ class GatewayService:
                 self._unwire_later(attached)
                 continue
             alive = _alive(attached.runner_pid) and attached.run_id in netns.list_sandbox_nets()
-            if alive and attached.profile in self.gateway.policy.profiles:
+            if alive and attached.profile in self.data_plane.policy.profiles:
                 self.sandboxes[attached.run_id] = attached
-                if self.pool is not None:
-                    attached.worker = self.pool.assign()
+                attached.worker = self.data_plane.assign()
                 await self._register(attached)
                 await self._apply_table(attached)
                 self._write_state(attached)
@@ -860,18 +767,8 @@ class GatewayService:
         reply = {**result.to_dict(), "policy": result.policy_hash, "rules": result.rule_count}
         if not result.ok:
             reply["error"] = "invalid rules, the running policy stays:\n" + "\n".join(result.errors)
-        elif self.pool is not None and self.pool.pushing is not None:
-            workers = await self.pool.pushing
-            reply["workers"] = workers
-            reply["swap"]["connections_closed"] = sum(w["closed"] for w in workers)
-            behind = [w for w in workers if not w["ok"]]
-            if behind:
-                reply["ok"] = False
-                reply["error"] = "; ".join(
-                    f"worker {w['index']} (pid {w['pid']}) did not take policy {result.policy_hash}: "
-                    f"{'; '.join(w['errors']) or 'it has ' + str(w['policy'])}"
-                    for w in behind
-                )
+        else:
+            await self.data_plane.reloaded(reply)
         return reply
 
     async def _reload_for_approval(self, actor: str) -> list[str]:
@@ -885,7 +782,7 @@ class GatewayService:
         if self.draining:
             return
         self.draining = True
-        self.gateway.emit(
+        self.data_plane.emit(
             Event(
                 kind=EventKind.POLICY,
                 verdict=Verdict.ALLOW,

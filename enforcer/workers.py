@@ -35,8 +35,8 @@ connections stay together.
   every worker (and to a restarted one); an `always` is the service's (approved.yaml,
   then a reload of every worker); a dead worker's approvals leave the list.
 
-The pool stands in for the in-process `Gateway` where the service reads or tells
-one (`policy`, `emit`, `swap_policy`, `registry`, `gate.counts`, `approvals`, `proxy`).
+The pool is one of the service's two data planes (enforcer/dataplane.py `DataPlane`;
+the other is the in-process gateway): a slot is a worker's index.
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ from sandgate.enforcer.worker_approvals import WorkerApprovals
 from sandgate.proxy.engine import CA_BASENAME
 from sandgate.proxy.gateway import Listeners, policy_loaded, stamped
 from sandgate.proxy.policy import CompiledPolicy
+from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
-from sandgate.proxy.telemetry.event import EncodedEvent, Event
+from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
+from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 log = logging.getLogger("sandgate.gateway")
@@ -70,6 +72,7 @@ READY_TIMEOUT = 120.0  # a worker loads the rules (100k rules: seconds) and may 
 STEADY_S = 10.0  # a worker that lived this long died once: restart at once
 BACKOFF_MAX = 30.0
 RELOAD_TRIES = 3
+AUDIT_CHECK_S = 0.25  # how often the audit log's writability is passed on (guard_audit)
 
 
 def usable_cores() -> int:
@@ -171,17 +174,6 @@ class _Totals:
         return self._sum("pending")
 
 
-class _SharedCA:
-    """The gateway CA: the workers share the confdir; the one that serves an inspecting
-    sandbox has made it before it acks `add_sandbox`."""
-
-    def __init__(self, confdir: Path):
-        self.ca_cert = confdir / f"{CA_BASENAME}-ca-cert.pem"
-
-    async def started(self) -> None:
-        return None
-
-
 class WorkerPool:
     def __init__(
         self,
@@ -191,36 +183,45 @@ class WorkerPool:
         sink: Callable[[Event | EncodedEvent], None],
         *,
         tally: Callable[[list], None] = lambda rows: None,
+        audit: RateLimitedAudit | None = None,
         listen_host: str = "0.0.0.0",
     ):
         """`config`: what each worker needs (proxy/worker.py: rules, dns_upstreams,
         dns_upstream_port, confdir, upstream_ca); `sink`: the service's event fanout
         (the workers' events come as `EncodedEvent`s); `tally`: takes the metrics the
-        workers counted (`Metrics.add_tally`); `listen_host`: where the workers' sockets
-        bind (every address, as one gateway's)."""
+        workers counted (`Metrics.add_tally`); `audit`: the audit rate limit in `sink`,
+        started and stopped with the pool (as a Gateway does its own); `listen_host`:
+        where the workers' sockets bind (every address, as one gateway's)."""
         self.listen_host = listen_host
         self.config = {**config, "service_pid": os.getpid(), "workers": count}
         self.policy = policy
         self.sink = sink
         self.tally = tally
+        self.audit = audit
         self.workers: list[WorkerProcess] = []
         self._count = count
         self.by_address: dict[str, int] = {}  # sandbox address -> worker index
         self.registry = self.by_address  # len(): the sandboxes, as the metrics read it
         self.gate = _Totals(self.workers)
-        self.proxy = _SharedCA(Path(config["confdir"]))
+        # The workers share the confdir: the one that serves an inspecting sandbox has
+        # made the CA before it acks `add_sandbox`.
+        self.ca_cert = Path(config["confdir"]) / f"{CA_BASENAME}-ca-cert.pem"
         self.approvals = WorkerApprovals(self._ask, count)
         self.audit_problem: str | None = None
         self.stopping = False
         self.pushing: asyncio.Task | None = None  # the last reload sent to the workers
+        # Told once a dead worker's successor serves (after its sandboxes' events).
         self.on_restart: Callable[[WorkerProcess, int, str], None] | None = None
         self._supervisors: list[asyncio.Task] = []
         self._tasks: set[asyncio.Task] = set()
+        self._audit_watch: asyncio.Task | None = None
 
     # --- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Make every worker's sockets, start the workers, wait until each serves."""
+        if self.audit is not None:
+            self.audit.start(asyncio.get_running_loop())
         for index in range(self._count):
             self.workers.append(WorkerProcess(index, make_listeners(self.listen_host)))
         self.approvals.start()
@@ -238,6 +239,8 @@ class WorkerPool:
         """Stop every worker (each closes its connections, their end events come back
         and are handed on), then close the listening sockets."""
         self.stopping = True
+        if self._audit_watch is not None:
+            self._audit_watch.cancel()
         for worker in self.workers:
             if worker.link is not None and not worker.link.closed:
                 with contextlib.suppress(LinkClosed, RuntimeError, TimeoutError):
@@ -255,10 +258,13 @@ class WorkerPool:
             for sock in _sockets(worker.listeners):
                 sock.close()
         await self.approvals.stop()
+        if self.audit is not None:
+            self.audit.stop()  # what the rate limit holds is written before the log closes
 
     async def _supervise(self, worker: WorkerProcess, started: asyncio.Future) -> None:
         """Start the worker; each time it dies, start it again (at once after a steady
-        run, else ever more slowly) and tell `on_restart` once the new one serves."""
+        run, else ever more slowly); once the new one serves, a `worker_restarted`
+        event for each of its sandboxes (the others saw nothing), and `on_restart`."""
         backoff = 0.0
         replaced: tuple[int, str] | None = None  # the dead worker's pid and exit
         while not self.stopping:
@@ -274,8 +280,8 @@ class WorkerPool:
             else:
                 if not started.done():
                     started.set_result(None)
-                if replaced is not None and self.on_restart is not None:
-                    self.on_restart(worker, *replaced)
+                if replaced is not None:
+                    self._restarted(worker, *replaced)
                 await reading  # everything it sent is handled before it counts as dead
             code = await worker.process.wait() if worker.process is not None else None
             worker.up.clear()
@@ -369,6 +375,24 @@ class WorkerPool:
             raise ValueError(f"the service takes no {str(op)[:40]!r} requests")
         return None
 
+    def _restarted(self, worker: WorkerProcess, dead_pid: int, how: str) -> None:
+        for sandbox in list(worker.sandboxes.values()):
+            self.emit(
+                Event(
+                    kind=EventKind.TASK,
+                    verdict=Verdict.DENY,
+                    reason=Reason.WORKER_RESTARTED,
+                    task_id=sandbox.task_id,
+                    sandbox=sandbox.address,
+                    profile=sandbox.profile,
+                    detail=f"gateway worker {worker.index} (pid {dead_pid}) died ({how}): "
+                    f"the sandbox's open connections were cut and new ones waited; "
+                    f"restarted as pid {worker.pid} ({worker.restarts} restarts)",
+                )
+            )
+        if self.on_restart is not None:
+            self.on_restart(worker, dead_pid, how)
+
     def _take_events(self, worker: WorkerProcess, message: dict) -> None:
         """One `events` batch (proxy/worker.py, EventBatcher) into the sink, in order."""
         rows, members = message["events"], message.get("payload", b"").split(b"\n")
@@ -433,8 +457,8 @@ class WorkerPool:
         if worker.up.is_set() and worker.link is not None:
             self._spawn_task(self._request_quietly(worker, "remove_sandbox", address=address))
 
-    def worker_of(self, address: str) -> int | None:
-        return self.by_address.get(address)
+    async def gateway_ca(self) -> Path:
+        return self.ca_cert
 
     # --- what the service reads and tells, as it would of one Gateway ---------------------
 
@@ -479,9 +503,39 @@ class WorkerPool:
                 return {**entry, "ok": True, "policy": worker.policy}
         return {**entry, "ok": False, "policy": worker.policy}
 
-    async def hold_audit(self, problem: str | None) -> None:
+    async def reloaded(self, reply: dict) -> None:
+        """The service's reload `reply`, with each worker's report of the push; not ok
+        when a worker did not take the policy."""
+        if self.pushing is None:
+            return
+        workers = reply["workers"] = await self.pushing
+        reply["swap"]["connections_closed"] = sum(w["closed"] for w in workers)
+        behind = [w for w in workers if not w["ok"]]
+        if behind:
+            reply["ok"] = False
+            reply["error"] = "; ".join(
+                f"worker {w['index']} (pid {w['pid']}) did not take policy {reply['policy']}: "
+                f"{'; '.join(w['errors']) or 'it has ' + str(w['policy'])}"
+                for w in behind
+            )
+
+    def guard_audit(self, audit) -> None:
+        """--on-audit-failure block: tell the workers when `audit` (an AuditLog) stops (or
+        starts again) being writable; they refuse new connections meanwhile."""
+        self._audit_watch = asyncio.get_running_loop().create_task(self._watch_audit(audit))
+
+    async def _watch_audit(self, audit) -> None:
+        told: str | None = None
+        while not self.stopping:
+            problem = None if audit.writable else (audit.problem or "not writable")
+            if problem != told:
+                told = problem
+                await self._hold_audit(problem)
+            await asyncio.sleep(AUDIT_CHECK_S)
+
+    async def _hold_audit(self, problem: str | None) -> None:
         """The service's audit log cannot be written (`problem`), or can again (None):
-        every worker refuses new connections meanwhile (--on-audit-failure block)."""
+        every worker refuses new connections meanwhile."""
         self.audit_problem = problem
         for worker in self.workers:
             if worker.up.is_set():
