@@ -39,11 +39,14 @@ def net(fakenet):
     return fakenet
 
 
-@pytest.fixture
-def service(net, tmp_path):
+# Each test with `service` runs against both data planes: the default (one worker per
+# core: two here and in CI) and `--workers 1` (the gateway in the service process,
+# what a one-core host gets by default).
+@pytest.fixture(params=[(), ("--workers", "1")], ids=["workers", "in-process"])
+def service(net, tmp_path, request):
     rules = tmp_path / "rules.yaml"
     rules.write_text(TWO_PROFILES)
-    gateway = GatewayProcess(net, tmp_path, rules).start()
+    gateway = GatewayProcess(net, tmp_path, rules, *request.param).start()
     try:
         yield gateway
     finally:
@@ -166,7 +169,13 @@ def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
         served_while_dead = len(net.requests_seen(ALLOWED_IP))
 
         service.start()  # the same state dir, a new process: it re-adopts the live sandbox
-        assert eventually(lambda: results.read_text().splitlines()[-1:] == ["200"], timeout=15)
+        ok = eventually(lambda: results.read_text().splitlines()[-1:] == ["200"], timeout=15)
+        assert ok, (
+            results.read_text().splitlines()[-5:],
+            [(e.get("task_id"), e.get("detail")) for e in service.events() if e.get("detail")][
+                -12:
+            ],
+        )
         assert service.events(task_id=run_id, reason="rule_allow", kind="task")
         assert any("re-adopted" in (e.get("detail") or "") for e in service.events(task_id=run_id))
         assert len(net.requests_seen(ALLOWED_IP)) > served_while_dead
