@@ -47,7 +47,6 @@ from __future__ import annotations
 import re
 from http import HTTPStatus
 
-import h11
 from sandgate.proxy import refusal
 from sandgate.proxy.frontdoor import http1_fast
 from sandgate.proxy.gate import ConnectionGate, ConnState
@@ -69,9 +68,24 @@ _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _OBS_FOLD = re.compile(rb"\n[ \t]")  # a continuation line, which h11 unfolds silently
 _UPGRADE_FIELDS = (b"upgrade", b"http2-settings")
-_ENDED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
-_BOTH_DONE = {h11.CLIENT: h11.DONE, h11.SERVER: h11.DONE}
-_BOTH_IDLE = {h11.CLIENT: h11.IDLE, h11.SERVER: h11.IDLE}
+
+# h11 is imported by the first connection the fast path does not serve whole
+# (`_load_h11`), not with this module: a gateway whose plain HTTP is all of the fast
+# shape, or that has none, never pays its ~5 ms of import nor its memory.
+h11 = None
+_ENDED = _BOTH_DONE = _BOTH_IDLE = None
+
+
+def _load_h11() -> None:
+    global h11, _ENDED, _BOTH_DONE, _BOTH_IDLE
+    if h11 is not None:
+        return
+    import h11 as module
+
+    _ENDED = (module.DONE, module.MUST_CLOSE, module.CLOSED)
+    _BOTH_DONE = {module.CLIENT: module.DONE, module.SERVER: module.DONE}
+    _BOTH_IDLE = {module.CLIENT: module.IDLE, module.SERVER: module.IDLE}
+    h11 = module
 
 
 def needs_engine(policy: CompiledPolicy, profile: str) -> bool:
@@ -204,6 +218,7 @@ class Http1Session:
         self.fast = fast
         self.client: h11.Connection | None = None  # made by _leave_fast, or now
         if not fast:
+            _load_h11()
             self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=_H11_BUFFER)
         self.server: h11.Connection | None = None  # one per upstream connection
         self.to_client = bytearray()
@@ -677,6 +692,7 @@ class Http1Session:
         holds, as they would have had them, and let h11 read on from there. Only
         before a response to the client has begun (the fast path ends its own)."""
         self.fast = False
+        _load_h11()
         client = self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=_H11_BUFFER)
         if self.fast_method is not None:  # what h11 keeps of past exchanges
             _past_exchange(client, self.fast_method)
