@@ -96,6 +96,12 @@ RESPONSE_HEADS = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: Keep-Alive, X-A\r\nConnection: Close",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\nX-A: 1",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: CHUNKED",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+    b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked",  # CL+TE
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2",
@@ -206,7 +212,10 @@ def check_response(head: bytes, method: bytes = b"GET") -> http1_fast.SimpleResp
     if fast is None:
         return None
     body = b"b" * fast.length
-    reference = h11_read_response(method, head, body + b"EXTRA")
+    framed = b"%x\r\n%s\r\n0\r\n\r\n" % (2, b"bb") if fast.chunked else body
+    if fast.chunked:
+        body = b"bb"
+    reference = h11_read_response(method, head, framed + b"EXTRA")
     assert reference != "refused", f"fast took what h11 refuses: {head!r}"
     event, read, end, state = reference
     assert isinstance(event, h11.Response) and event.http_version == b"1.1"
@@ -241,7 +250,9 @@ def test_response_heads_are_fast_only_as_h11_reads_and_writes_them(head, method)
 
 def test_the_common_response_shapes_are_fast_and_the_rest_not():
     assert check_response(RESPONSE_HEADS[1]) is not None
-    assert check_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked") is None
+    assert check_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked").chunked
+    assert check_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked") is None
+    assert check_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", b"HEAD") is None
     assert check_response(b"HTTP/1.1 200 OK") is None  # close-delimited: h11's
     assert check_response(b"HTTP/1.1 200 OK", b"HEAD") is None  # h11 adds chunked
     assert check_response(b"HTTP/1.1 204 No Content").length == 0
