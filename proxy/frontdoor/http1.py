@@ -7,8 +7,8 @@ the sandbox's profile needs what only mitmproxy's path does (`needs_engine`).
 Bytes come in with `client_data` / `upstream_data`; what to send leaves in
 `to_client` / `to_upstream`; flags say what else the adapter must do.
 
-The common exchange (a bodiless HTTP/1.1 request, a response with a Content-Length
-or no body) is read and written by the fast path (http1_fast.py: a strict reader
+The common exchange (a bodiless HTTP/1.1 request, a response with a Content-Length,
+a chunked body or no body) is read and written by the fast path (http1_fast.py: a strict reader
 of that shape, h11's bytes out); the first input it does not take makes the h11
 connections it stood for, fed every byte it holds (`_leave_fast`), and h11 reads
 on from there for the rest of the connection. tests/unit/test_http1_fast.py checks
