@@ -32,7 +32,7 @@ POOL_IDLE = 4.0
 # in flight to one server (npm 15 sockets, pip's pool 10, a browser 6) with room to
 # spare, since they all come back idle together. At 8, 16 clients in flight lost
 # ~40 % of their upstreams to the cap and paid a connect (~40 us, loopback) each.
-# Squid caps none per server; POOL_TOTAL bounds the descriptors.
+# POOL_TOTAL bounds the descriptors.
 POOL_PER_KEY = 32
 POOL_TOTAL = 256  # idle connections in all
 
