@@ -143,14 +143,19 @@ print("slow path", heavy()[:3])
 """
 
 
+def run_script(script: str, *args: str) -> list[str]:
+    """The lines `script` prints in a fresh interpreter (it must succeed)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
 def test_dnspython_message_machinery_loads_with_the_first_query_off_the_fast_path():
     """dns.message (dns.name, dns.rrset; importlib.metadata through dns._features) is
     the DNS filter's slow path's: not imported by a run's start, nor by a fast-path query."""
-    proc = subprocess.run(
-        [sys.executable, "-c", DNS_SCRIPT], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
+    assert run_script(DNS_SCRIPT) == [
         "imported []",
         "fast path []",
         "slow path ['dns.message', 'dns.name', 'dns.rrset']",
@@ -184,14 +189,7 @@ def test_h11_loads_with_the_first_exchange_the_fast_path_does_not_take(tmp_path)
     fast path (http1_fast.py): a gateway whose plain HTTP is all of the common shape,
     or that has none, never imports it (a worker's start and idle memory)."""
     tests = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run(
-        [sys.executable, "-c", H11_SCRIPT, tests, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
+    assert run_script(H11_SCRIPT, tests, str(tmp_path)) == [
         "imported False",
         "fast exchange False True",
         "a body True True",
