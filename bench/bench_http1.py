@@ -2,6 +2,7 @@
 connection and per keep-alive request, optionally under cProfile.
 
     .venv/bin/python bench/bench_http1.py [--seconds 3] [--conns 16] [--profile OUT] [--h11]
+                                          [--chunked]
 
 Not a test and not the side-by-side table (bench_gateway.py is): a quick loop for
 working on proxy/frontdoor/http1*.py. nginx answers on 127.0.0.1 (one worker, no
@@ -15,6 +16,8 @@ Reported per phase: requests/s, and the gateway's CPU (user + system, from
 /proc/PID/stat) per request. `--profile OUT` runs the gateway under cProfile and
 writes OUT.<phase>.pstats (and prints the top of each). `--h11` turns the fast
 path off (proxy/frontdoor/http1_fast.py): every exchange through h11, for an A/B.
+`--chunked`: nginx answers with a chunked body (an SSI page, as a dynamic page or a
+git smart-HTTP answer comes) instead of a Content-Length.
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         location / {{ return 200 "hello from the bench upstream\\n"; }}
+        location = /chunked {{ root {w}; default_type text/html; ssi on; }}
     }}
 }}
 """
-REQUEST_CLOSE = b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n"
-REQUEST_KEEP = b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+REQUEST_CLOSE = b"GET %s HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n"
+REQUEST_KEEP = b"GET %s HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+CHUNKED_PATH = b"/chunked"  # nginx's SSI: a chunked body
+CHUNKED_END = b"\r\n0\r\n\r\n"
 
 
 def free_port() -> int:
@@ -139,9 +145,11 @@ def gateway_main(work: str, upstream_port: int, ready, control) -> None:
 # --- the client (child process) ----------------------------------------------------------
 
 
-def client_main(port: int, conns: int, seconds: float, keep: bool, out) -> None:
+def client_main(port: int, conns: int, seconds: float, keep: bool, path: bytes, out) -> None:
     """`conns` exchanges in flight; a new connection per request, or (keep) one per
     slot reused. Counts complete 200 responses."""
+    request_close, request_keep = REQUEST_CLOSE % path, REQUEST_KEEP % path
+    chunked = path == CHUNKED_PATH
     sel = selectors.DefaultSelector()
     done = errors = 0
     response_size: int | None = None  # learnt from the first keep-alive response
@@ -159,7 +167,7 @@ def client_main(port: int, conns: int, seconds: float, keep: bool, out) -> None:
         for key, events in sel.select(0.5):
             s, (got, sent) = key.fileobj, key.data
             if events & selectors.EVENT_WRITE and not sent:
-                s.send(REQUEST_KEEP if keep else REQUEST_CLOSE)
+                s.send(request_keep if keep else request_close)
                 key.data[1] = True
                 sel.modify(s, selectors.EVENT_READ, key.data)
                 continue
@@ -169,14 +177,18 @@ def client_main(port: int, conns: int, seconds: float, keep: bool, out) -> None:
                 data = b""
             got += data
             if keep and data:
-                if response_size is None and b"\r\n\r\n" in got:
-                    head, _, _ = got.partition(b"\r\n\r\n")
-                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                    response_size = len(head) + 4 + length
-                if response_size is not None and len(got) >= response_size:
+                if chunked:  # one chunked response ends with the last chunk
+                    ended = got.endswith(CHUNKED_END)
+                else:
+                    if response_size is None and b"\r\n\r\n" in got:
+                        head, _, _ = got.partition(b"\r\n\r\n")
+                        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                        response_size = len(head) + 4 + length
+                    ended = response_size is not None and len(got) >= response_size
+                if ended:
                     done += got.startswith(b"HTTP/1.1 200")
                     got.clear()
-                    s.send(REQUEST_KEEP)
+                    s.send(request_keep)
                 continue
             if data:
                 continue
@@ -190,11 +202,13 @@ def client_main(port: int, conns: int, seconds: float, keep: bool, out) -> None:
     out.put((done, errors))
 
 
-def run_phase(port: int, conns: int, seconds: float, keep: bool, procs: int) -> tuple[int, int]:
+def run_phase(
+    port: int, conns: int, seconds: float, keep: bool, procs: int, path: bytes = b"/"
+) -> tuple[int, int]:
     mp = multiprocessing.get_context("fork")
     queue = mp.Queue()
     children = [
-        mp.Process(target=client_main, args=(port, conns, seconds, keep, queue))
+        mp.Process(target=client_main, args=(port, conns, seconds, keep, path, queue))
         for _ in range(procs)
     ]
     for c in children:
@@ -216,6 +230,7 @@ def main() -> int:
     parser.add_argument("--phases", default="new,keep")
     parser.add_argument("--profile", metavar="OUT", help="cProfile the gateway; OUT.<phase>.pstats")
     parser.add_argument("--h11", action="store_true", help="no fast path: h11 reads everything")
+    parser.add_argument("--chunked", action="store_true", help="chunked responses from nginx")
     args = parser.parse_args()
     nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
     if nginx is None:
@@ -224,6 +239,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sg-bench-http1-"))
     upstream_port = free_port()
     (work / "nginx.conf").write_text(NGINX.format(w=work, port=upstream_port))
+    (work / "chunked").write_text("hello from the bench upstream\n")
+    path = CHUNKED_PATH if args.chunked else b"/"
     upstream = subprocess.Popen(
         [nginx, "-p", work, "-c", work / "nginx.conf", "-e", work / "nginx-error.log"],
         stdout=subprocess.DEVNULL,
@@ -259,7 +276,7 @@ def main() -> int:
                 control.recv()
                 (user0, system0), t0 = cpu_seconds(gateway.pid), time.perf_counter()
                 done, errors = run_phase(
-                    port, args.conns, args.seconds, phase == "keep", args.procs
+                    port, args.conns, args.seconds, phase == "keep", args.procs, path
                 )
                 wall = time.perf_counter() - t0
                 user, system = cpu_seconds(gateway.pid)

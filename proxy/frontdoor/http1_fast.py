@@ -19,9 +19,14 @@ What is fast, else None ("ask h11", as dns/wire.py says "ask dnspython"):
   (no Transfer-Encoding; at most one Content-Length, all digits, of 0), no Upgrade
   (h11 pauses for a protocol switch), no Expect, not CONNECT;
 - `scan_response`: `HTTP/1.1 SP [2-9]xx SP reason` (visible ASCII and spaces), h11's
-  fields, no Transfer-Encoding, at most one Content-Length (digits), which must be
-  there unless the status or the method (204, 304, HEAD) says there is no body:
-  chunked and close-delimited bodies, 1xx and HTTP/1.0 go to h11;
+  fields, and either one `Transfer-Encoding: chunked` without Content-Length, or at
+  most one Content-Length (digits), which must be there unless the status or the
+  method (204, 304, HEAD) says there is no body: close-delimited bodies, 1xx and
+  HTTP/1.0 go to h11;
+- `ChunkedBody`: a chunked body, read as h11 reads it and written again as h11
+  writes what it read (one chunk per piece read); trailers, a chunk-size line h11
+  would refuse or that has not ended within MAX_CHUNK_LINE bytes, and a chunk's data
+  not followed by CRLF are h11's, from the start of that chunk on;
 - `head_end`: where the head ends, if it ends in CRLF CRLF where h11 would end it.
 `write_request` / `write_response` give h11's bytes for the same event (Host first,
 a response to a client that said close with h11's `Connection: close` rewrite).
@@ -47,6 +52,10 @@ _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1")
 # A subset of h11's status line: a final status, a reason of visible ASCII and spaces.
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-9][0-9][0-9]) ([\x20-\x7e]*)")
 _DIGITS = re.compile(rb"[0-9]+")
+# h11's chunk header (h11/_abnf.py chunk_header): size, an extension it ignores,
+# blanks, CRLF; the line is what comes before the first CRLF.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
+MAX_CHUNK_LINE = 1024  # an unfinished chunk-size line longer than this is h11's
 _H11_HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head (h11/_receivebuffer.py)
 # Fields that make a request something other than one bodiless exchange.
 _NOT_FAST_REQUEST = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
@@ -67,13 +76,15 @@ class SimpleRequest(NamedTuple):
 
 class SimpleResponse(NamedTuple):
     """An HTTP/1.1 response with a known body length (`length`, 0 where its status or
-    the request's method says it has none); `close`: its Connection says close."""
+    the request's method says it has none), or a chunked body (`chunked`, `length`
+    0); `close`: its Connection says close."""
 
     status: int
     reason: bytes
     fields: Fields
     length: int
     close: bool
+    chunked: bool = False
 
 
 def head_end(buffer: bytes | bytearray, start: int = 0) -> int:
@@ -149,6 +160,7 @@ def scan_response(head: bytes, method: bytes) -> SimpleResponse | None:
     if fields is None:
         return None
     length = None
+    chunked = False
     connection = []
     for name, value in fields:
         lower = name.lower()
@@ -157,17 +169,24 @@ def scan_response(head: bytes, method: bytes) -> SimpleResponse | None:
                 return None
             length = int(value)
         elif lower == b"transfer-encoding":
-            return None
+            # (h11 keeps the value lower-cased: only the form it keeps is fast)
+            if chunked or value != b"chunked":
+                return None
+            chunked = True
         elif lower == b"connection":
             connection.append(value)
     if status in _NO_BODY_STATUS or method == b"HEAD":
-        if length is None and status not in _NO_BODY_STATUS:
-            return None  # h11 would add Transfer-Encoding: chunked for the client
+        if chunked or (length is None and status not in _NO_BODY_STATUS):
+            return None  # h11 would add (or keep) Transfer-Encoding: chunked for the client
+        length = 0
+    elif chunked:
+        if length is not None:
+            return None  # both: h11 reads it chunked and drops the Content-Length
         length = 0
     elif length is None:
         return None  # delimited by the server's close
     close = b"close" in _connection_tokens(connection)
-    return SimpleResponse(status, line.group(2), tuple(fields), length, close)
+    return SimpleResponse(status, line.group(2), tuple(fields), length, close, chunked)
 
 
 def _write_fields(out: list[bytes], fields) -> bytes:
@@ -187,10 +206,14 @@ def write_request(method: bytes, target: bytes, fields) -> bytes:
 
 
 def write_response(response: SimpleResponse, client_closes: bool) -> bytes:
-    """The response head h11 (server side) writes for `response`; to a client that
-    said close, h11's rewrite: the Connection fields go, their tokens less
-    keep-alive, plus close, sorted, follow the other fields one a line."""
+    """The response head h11 (server side) writes for `response`; a chunked one with
+    h11's `Transfer-Encoding: chunked` moved last; to a client that said close, h11's
+    rewrite: the Connection fields go, their tokens less keep-alive, plus close,
+    sorted, follow the other fields one a line."""
     fields = response.fields
+    if response.chunked:
+        fields = [(n, v) for n, v in fields if n.lower() != b"transfer-encoding"]
+        fields.append((b"Transfer-Encoding", b"chunked"))
     if client_closes:
         tokens = {b"close"}
         tokens.update(
@@ -200,3 +223,68 @@ def write_response(response: SimpleResponse, client_closes: bool) -> bytes:
         fields = [(n, v) for n, v in fields if n.lower() != b"connection"]
         fields += [(b"Connection", t) for t in sorted(tokens)]
     return _write_fields([b"HTTP/1.1 %d %s\r\n" % (response.status, response.reason)], fields)
+
+
+# What `ChunkedBody.read` says: wait for more bytes; the body ended; h11 reads on
+# from here (the start of a chunk: its size line, or the last chunk and trailers).
+WAIT, DONE, ASK_H11 = "wait", "done", "h11"
+
+
+class ChunkedBody:
+    """One chunked body as h11 (0.14) reads it, written again as h11 writes what it
+    read: each piece of a chunk's data that arrives becomes a chunk of its own
+    (`%x CRLF data CRLF`), the last chunk `0 CRLF CRLF` (trailers are not passed on).
+    It takes only well-formed bodies without trailers; at anything else it stops at
+    the start of a chunk and h11 reads on from there, as it would have read it."""
+
+    __slots__ = ("remaining", "crlf")
+
+    def __init__(self) -> None:
+        self.remaining = 0  # bytes of the current chunk's data still to come
+        self.crlf = False  # the CRLF after a chunk's data comes next
+
+    @property
+    def at_chunk_start(self) -> bool:
+        return not self.remaining and not self.crlf
+
+    def read(self, buffer: bytearray, out: bytearray) -> tuple[str, int]:
+        """Read the body's bytes at the start of `buffer`, writing them again to `out`:
+        (WAIT, DONE or ASK_H11, how many bytes of `buffer` were read). After DONE the
+        rest of `buffer` is not the body's; after ASK_H11 it starts with a chunk."""
+        pos, size = 0, len(buffer)
+        while True:
+            if self.remaining:
+                if pos == size:
+                    return WAIT, pos
+                take = min(self.remaining, size - pos)
+                out += b"%x\r\n" % take
+                out += memoryview(buffer)[pos : pos + take]
+                out += b"\r\n"
+                pos += take
+                self.remaining -= take
+                if self.remaining:
+                    return WAIT, pos
+                self.crlf = True
+            if self.crlf:
+                if size - pos < 2:
+                    return WAIT, pos
+                self.crlf = False
+                pos += 2
+                if buffer[pos - 2 : pos] != b"\r\n":
+                    return ASK_H11, pos  # (h11 0.14 drops any two bytes there)
+            end = buffer.find(b"\r\n", pos)
+            if end < 0:
+                return (ASK_H11 if size - pos > MAX_CHUNK_LINE else WAIT), pos
+            line = _CHUNK_LINE.fullmatch(buffer, pos, end + 2)
+            if line is None:
+                return ASK_H11, pos  # h11 refuses it, and says why
+            chunk = int(line.group(1), 16)
+            if chunk:
+                self.remaining = chunk
+                pos = end + 2
+                continue
+            after = buffer[end + 2 : end + 4]  # an empty trailer section, else h11's
+            if after[:2] == b"\r\n" or after[:1] == b"\n":
+                out += b"0\r\n\r\n"
+                return DONE, end + 3 + (after[:1] == b"\r")
+            return (WAIT if after in (b"", b"\r") else ASK_H11), pos

@@ -28,7 +28,12 @@ from sandgate.proxy.frontdoor.relay import RELAY_CHUNK, WAKEUP_BUDGET
 # timeout servers commonly use (Apache's 5 s), so that the server rarely closes
 # one as it is taken (_replay in http1.py covers that race).
 POOL_IDLE = 4.0
-POOL_PER_KEY = 8  # idle connections per (task, sandbox, address, port)
+# Idle connections per (task, sandbox, address, port): as many as one client keeps
+# in flight to one server (npm 15 sockets, pip's pool 10, a browser 6) with room to
+# spare, since they all come back idle together. At 8, 16 clients in flight lost
+# ~40 % of their upstreams to the cap and paid a connect (~40 us, loopback) each.
+# POOL_TOTAL bounds the descriptors.
+POOL_PER_KEY = 32
 POOL_TOTAL = 256  # idle connections in all
 
 

@@ -52,6 +52,8 @@ _QUERY_BYTES = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII without '#'
 # Escapes a server may decode before splitting or resolving the path: /, \, ., ;
 _STRUCTURAL_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
 _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
+# The fields check_head reads by name (lower case); others are only checked as fields.
+_READ_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"upgrade"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,7 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
         )
     if not _TOKEN.fullmatch(head.method) or len(head.method) > 32:
         return _malformed(f"method {head.text(head.method, 40)!r} is not an HTTP token")
-    by_name: dict[bytes, list[bytes]] = {}
+    by_name: dict[bytes, list[bytes]] = {}  # of the fields the checks below read
     for name, value in fields:
         if not _TOKEN.fullmatch(name):
             return _malformed(f"header name {head.text(name, 40)!r} is not an HTTP token")
@@ -106,7 +108,9 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
             return _malformed(
                 f"control characters in header {head.text(name, 40)}: {head.text(value, 200)!r}"
             )
-        by_name.setdefault(name.lower(), []).append(value)
+        lower = name.lower()
+        if lower in _READ_FIELDS:
+            by_name.setdefault(lower, []).append(value)
     problem = _framing_problem(by_name, head.http2)
     if problem:
         return _malformed(problem)
@@ -179,10 +183,10 @@ def path_problem(path: str) -> str | None:
             if char in path:
                 return why
         return "spaces, control or non-ASCII characters"
-    segments = path.split("/")[1:]
-    if any(s == "" for s in segments[:-1]):
+    # (Substring tests first: most paths have neither, and splitting costs more.)
+    if "//" in path:  # an empty segment, other than a trailing '/'
         return "an empty segment ('//')"
-    if any(s in (".", "..") for s in segments):
+    if "/." in path and any(s in (".", "..") for s in path.split("/")):
         return "a dot segment"
     if "%" in path:
         return _escape_problem(path)

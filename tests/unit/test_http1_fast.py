@@ -2,9 +2,11 @@
 stands in for: the security property is that whatever the fast path takes, h11 takes
 and reads, frames and writes the same; everything else is h11's, as before.
 
-Three layers, each differential: the head readers against h11's reader (a corpus
+Four layers, each differential: the head readers against h11's reader (a corpus
 with the smuggling shapes of the e2e tests, then generated heads); the writers
-against h11's writer; whole sessions (`Http1Session` with and without the fast
+against h11's writer; chunked bodies (size-line edge cases, trailers, bare LF, a
+missing CRLF, generated bodies) read in pieces against h11's reading and writing;
+whole sessions (`Http1Session` with and without the fast
 path, the real gate) fed the same bytes in the same pieces, compared after every
 step: bytes out, flags, and the gate's events."""
 
@@ -96,6 +98,12 @@ RESPONSE_HEADS = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: Keep-Alive, X-A\r\nConnection: Close",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\nX-A: 1",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: CHUNKED",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+    b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked",  # CL+TE
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2",
@@ -206,7 +214,10 @@ def check_response(head: bytes, method: bytes = b"GET") -> http1_fast.SimpleResp
     if fast is None:
         return None
     body = b"b" * fast.length
-    reference = h11_read_response(method, head, body + b"EXTRA")
+    framed = b"%x\r\n%s\r\n0\r\n\r\n" % (2, b"bb") if fast.chunked else body
+    if fast.chunked:
+        body = b"bb"
+    reference = h11_read_response(method, head, framed + b"EXTRA")
     assert reference != "refused", f"fast took what h11 refuses: {head!r}"
     event, read, end, state = reference
     assert isinstance(event, h11.Response) and event.http_version == b"1.1"
@@ -241,7 +252,9 @@ def test_response_heads_are_fast_only_as_h11_reads_and_writes_them(head, method)
 
 def test_the_common_response_shapes_are_fast_and_the_rest_not():
     assert check_response(RESPONSE_HEADS[1]) is not None
-    assert check_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked") is None
+    assert check_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked").chunked
+    assert check_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked") is None
+    assert check_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", b"HEAD") is None
     assert check_response(b"HTTP/1.1 200 OK") is None  # close-delimited: h11's
     assert check_response(b"HTTP/1.1 200 OK", b"HEAD") is None  # h11 adds chunked
     assert check_response(b"HTTP/1.1 204 No Content").length == 0
@@ -324,6 +337,134 @@ def test_generated_response_heads_are_fast_only_as_h11_reads_and_writes_them(lin
     check_response(head, method)
 
 
+# --- chunked bodies ------------------------------------------------------------------------
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+CHUNKED_BODIES = [
+    b"2\r\nok\r\n0\r\n\r\n",
+    b"A\r\n0123456789\r\na\r\n0123456789\r\n0\r\n\r\n",  # hex case
+    b"0002\r\nok\r\n0000\r\n\r\n",  # leading zeros
+    b"00000000000000000002\r\nok\r\n0\r\n\r\n",  # 20 digits: h11's most
+    b"000000000000000000002\r\nok\r\n0\r\n\r\n",  # 21: overlong, refused
+    b"FFFFFFFFFFFFFFFFFFFF\r\nabc",  # a huge size, then cut
+    b"2;name=value\r\nok\r\n0;last\r\n\r\n",  # extensions (dropped, as h11 drops them)
+    b"2;a=\"b;c\"\r\nok\r\n0\r\n\r\n",
+    b"2 \t\r\nok\r\n0 \r\n\r\n",  # blanks before the CRLF
+    b"2 ;x\r\nok\r\n0\r\n\r\n",  # a blank before the extension
+    b"2\r\nok\r\n0\r\nX-Trailer: 1\r\n\r\n",  # trailers
+    b"2\r\nok\r\n0\r\nX-Trailer: 1\r\n folded\r\n\r\n",
+    b"2\r\nok\r\n0\r\nbad trailer\r\n\r\n",
+    b"2\r\nok\r\n0\r\n\n",  # bare LF ends the trailers
+    b"2\nok\r\n0\r\n\r\n",  # bare LF after the size
+    b"2\r\nok\n0\r\n\r\n",  # bare LF after the data
+    b"2\r\nokXX0\r\n\r\n",  # no CRLF after the data: h11 0.14 drops any two bytes
+    b"2\r\nok0\r\n\r\n",
+    b"2\r\nokabc\r\n0\r\n\r\n",  # more data than the size said
+    b"-1\r\nx\r\n0\r\n\r\n",
+    b"+2\r\nok\r\n0\r\n\r\n",
+    b"0x2\r\nok\r\n0\r\n\r\n",
+    b"\r\n2\r\nok\r\n0\r\n\r\n",  # an empty size line
+    b" 2\r\nok\r\n0\r\n\r\n",
+    b"2\r\r\nok\r\n0\r\n\r\n",
+    b"2;" + b"x" * 2000 + b"\r\nok\r\n0\r\n\r\n",  # a size line past MAX_CHUNK_LINE
+    b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n",  # the next response's bytes after it
+    b"2\r\nok\r\n",  # cut at a chunk's start
+    b"2\r\no",  # cut in a chunk's data
+    b"2\r\nok\r",  # cut in its CRLF
+]
+
+
+def h11_chunked(pieces: list[bytes]) -> list:
+    """What h11 reads and writes of a chunked body arriving in `pieces`: per piece,
+    the bytes it writes to the client, then "end" with what follows the body,
+    "refused", or nothing (it waits). An empty piece: nothing new arrived."""
+    reader = h11.Connection(h11.CLIENT)
+    reader.send(h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"x")]))
+    reader.send(h11.EndOfMessage())
+    writer = h11.Connection(h11.SERVER)
+    writer.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.next_event()
+    writer.next_event()
+    reader.receive_data(CHUNKED_HEAD)
+    writer.send(reader.next_event())
+    out = []
+    for piece in pieces:
+        if piece:  # (b"" would be an EOF)
+            reader.receive_data(piece)
+        written = b""
+        try:
+            while (event := reader.next_event()) is not h11.NEED_DATA:
+                written += writer.send(h11.EndOfMessage() if type(event) is h11.EndOfMessage else event)
+                if type(event) is h11.EndOfMessage:
+                    out.append((written, "end", reader.trailing_data[0]))
+                    return out
+        except h11.RemoteProtocolError:
+            out.append((written, "refused"))
+            return out
+        out.append((written,))
+    return out
+
+
+def check_chunked(body: bytes, pieces: list[bytes]) -> str:
+    """The property: piece by piece, what the fast reader writes is what h11 writes;
+    where it asks h11, h11 has not refused nor ended before that piece, and reads on
+    from where it stopped as it would have read it all."""
+    reference = h11_chunked(pieces)
+    chunks, buffer = http1_fast.ChunkedBody(), bytearray()
+    for i, piece in enumerate(pieces):
+        buffer += piece
+        out = bytearray()
+        status, read = chunks.read(buffer, out)
+        del buffer[:read]
+        if status == http1_fast.ASK_H11:
+            assert chunks.at_chunk_start
+            # h11 from the chunk's start: the rest of its writing for this piece
+            rest = h11_chunked([bytes(buffer), *pieces[i + 1 :]])
+            assert [(bytes(out) + rest[0][0], *rest[0][1:]), *rest[1:]] == reference[i:], body
+            return "h11"
+        assert reference[i][0] == bytes(out), (body, pieces, i)
+        if status == http1_fast.DONE:
+            assert reference[i][1:] == ("end", bytes(buffer)), (body, pieces)
+            return "done"
+        assert len(reference[i]) == 1, (body, pieces, i, reference[i])  # h11 waits too
+    return "wait"
+
+
+@pytest.mark.parametrize("body", CHUNKED_BODIES)
+def test_chunked_bodies_are_read_and_written_as_h11_does(body):
+    outcomes = {check_chunked(body, [body])}
+    rng = random.Random(body)
+    for _ in range(30):
+        outcomes.add(check_chunked(body, pieces(body, rng)))
+    outcomes.add(check_chunked(body, [body[i : i + 1] for i in range(len(body))]))
+    assert outcomes  # (which ones: see the next test)
+
+
+def test_the_common_chunked_bodies_are_fast_and_the_rest_h11s():
+    taken = {body: check_chunked(body, [body]) for body in CHUNKED_BODIES}
+    assert taken[b"2\r\nok\r\n0\r\n\r\n"] == "done"
+    assert taken[b"0002\r\nok\r\n0000\r\n\r\n"] == "done"
+    assert taken[b"2;name=value\r\nok\r\n0;last\r\n\r\n"] == "done"
+    assert taken[b"2\r\nok\r\n0\r\nX-Trailer: 1\r\n\r\n"] == "h11"
+    assert taken[b"2\r\nokXX0\r\n\r\n"] == "h11"
+    assert taken[b"000000000000000000002\r\nok\r\n0\r\n\r\n"] == "h11"
+    assert taken[b"2\r\nok\r\n"] == taken[b"2\r\no"] == taken[b"2\r\nok\r"] == "wait"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(max_size=40), max_size=5),
+    st.sampled_from([b"%x", b"%X", b"%04x", b"%x;e=1", b"%x ", b"%x\t;", b" %x", b"%x\n"]),
+    st.sampled_from([b"\r\n", b"\r\n", b"\n", b"XY", b""]),
+    st.sampled_from([b"0\r\n\r\n", b"0\r\n\n", b"000\r\n\r\n", b"0\r\nT: 1\r\n\r\n", b"0\r\n"]),
+    st.randoms(use_true_random=False),
+)
+def test_generated_chunked_bodies_are_read_and_written_as_h11_does(datas, size, end, last, rng):
+    body = b"".join((size % len(d)) + b"\r\n" + d + end for d in datas if d) + last
+    check_chunked(body, [body])
+    check_chunked(body, pieces(body, rng))
+
+
 # --- whole sessions: with the fast path and without, the same bytes in the same pieces ------
 
 
@@ -391,12 +532,20 @@ def pieces(data: bytes, rng: random.Random) -> list[bytes]:
 
 RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3;x\r\n!!!\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\nhello",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
     b"HTTP/1.1 204 No Content\r\n\r\n",
     b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n\r\nclose-delimited",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nZ\r\n",  # refused mid-body
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nshort",  # cut, then EOF
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",  # cut at a chunk
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nEXTRA",
     b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
     b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
@@ -441,7 +590,7 @@ def test_whole_sessions_go_as_h11_alone_would_take_them(tmp_path):
     fast_taken = 0
     for case in range(400):
         requests = [rng.choice(CLIENTS) for _ in range(rng.randint(1, 3))]
-        responses = [rng.choice(RESPONSES[:5] * 4 + RESPONSES) for _ in requests]
+        responses = [rng.choice(RESPONSES[:6] * 4 + RESPONSES) for _ in requests]
         pipelined = rng.random() < 0.3
         client = pieces(b"".join(requests), rng) if pipelined else []
         if not pipelined:

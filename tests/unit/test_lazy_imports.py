@@ -1,7 +1,8 @@
 """What a task's start does not import: a package's __init__ skipped by
 `lean_import.skip_init` (run later, when a name of it is asked for), mitmproxy,
-which the gateway imports only when its rules inspect or a connection needs it, and
-dnspython's message machinery, which only the DNS filter's slow path uses.
+which the gateway imports only when its rules inspect or a connection needs it,
+dnspython's message machinery, which only the DNS filter's slow path uses, and h11,
+which only plain HTTP off the front door's fast path uses.
 
 The gateway cases run in a fresh interpreter: this one has mitmproxy imported by
 other tests already."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from sandgate.proxy.lean_import import skip_init
@@ -141,15 +143,54 @@ print("slow path", heavy()[:3])
 """
 
 
+def run_script(script: str, *args: str) -> list[str]:
+    """The lines `script` prints in a fresh interpreter (it must succeed)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
 def test_dnspython_message_machinery_loads_with_the_first_query_off_the_fast_path():
     """dns.message (dns.name, dns.rrset; importlib.metadata through dns._features) is
     the DNS filter's slow path's: not imported by a run's start, nor by a fast-path query."""
-    proc = subprocess.run(
-        [sys.executable, "-c", DNS_SCRIPT], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
+    assert run_script(DNS_SCRIPT) == [
         "imported []",
         "fast path []",
         "slow path ['dns.message', 'dns.name', 'dns.rrset']",
+    ]
+
+
+H11_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import sandgate.proxy.gateway  # the front door and its plain-HTTP path with it
+from sandgate.proxy.frontdoor.http1 import Http1Session
+from support.fakes import make_gate
+from pathlib import Path
+
+print("imported", "h11" in sys.modules)
+gate = make_gate(Path(sys.argv[2]), sandbox="127.0.0.1")
+state = gate.on_connect("c1", "127.0.0.1", 40000, "203.0.113.10", 80)
+gate.on_first_bytes(state, b"GET / HTTP/1.1\\r\\n")
+session = Http1Session(gate, state)
+session.client_data(b"GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\n\\r\\n")
+session.upstream_connected()
+session.upstream_data(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+print("fast exchange", "h11" in sys.modules, bytes(session.to_client).endswith(b"\\r\\n\\r\\nok"))
+session.client_data(b"POST / HTTP/1.1\\r\\nHost: allowed.test\\r\\nContent-Length: 1\\r\\n\\r\\nx")
+print("a body", "h11" in sys.modules, session.request is not None and not session.closing)
+"""
+
+
+def test_h11_loads_with_the_first_exchange_the_fast_path_does_not_take(tmp_path):
+    """The front door's plain-HTTP path imports h11 only when an exchange leaves its
+    fast path (http1_fast.py): a gateway whose plain HTTP is all of the common shape,
+    or that has none, never imports it (a worker's start and idle memory)."""
+    tests = str(Path(__file__).resolve().parents[1])
+    assert run_script(H11_SCRIPT, tests, str(tmp_path)) == [
+        "imported False",
+        "fast exchange False True",
+        "a body True True",
     ]
