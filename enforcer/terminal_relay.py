@@ -67,8 +67,10 @@ class TerminalRelay:
             return False
 
     def raw(self) -> None:
-        """Raw mode, in the foreground only (a background tcsetattr stops us)."""
-        if self.saved is not None or not self.in_foreground():
+        """Raw mode, in the foreground only (a background tcsetattr stops us), and
+        once the pty is here: the runner read the terminal's modes for it before, and
+        must not read raw ones."""
+        if self.master is None or self.saved is not None or not self.in_foreground():
             return
         with contextlib.suppress(termios.error, OSError):
             modes = termios.tcgetattr(self.tty_in)
@@ -98,7 +100,6 @@ class TerminalRelay:
         """Relay until the runner sends the exit code (returned); `lines` is the
         runner's connection (handoff._Lines), `stop(signum)` stops this process as
         a terminal's stop signal would (handoff's, which forwards it first)."""
-        self.raw()
         while True:
             reading = [lines.conn]
             if self.master is not None:
@@ -145,6 +146,7 @@ class TerminalRelay:
         self.master = master
         os.set_blocking(master, False)
         self.resize()
+        self.raw()
 
     def _output(self) -> bool:
         """What the task wrote, to the caller's terminal; whether there was any."""
