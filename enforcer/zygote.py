@@ -51,7 +51,11 @@ from dataclasses import dataclass
 from sandgate.enforcer import attach, handoff  # noqa: F401 - imported ahead: the point of a warm runner
 from sandgate.enforcer.cli import build_parser, run_command
 from sandgate.enforcer.cli import run as cli_run
-from sandgate.enforcer.sandbox import cgroup, spec
+from sandgate.enforcer.sandbox import (
+    cgroup,
+    spec,
+    terminal,  # noqa: F401 - a run on a terminal: its PID 1's
+)
 from sandgate.enforcer.sandbox.inherit import Inherited
 from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, printed at the end
 
