@@ -155,7 +155,10 @@ def test_a_window_size_change_reaches_the_task(way, tmp_path):
         assert eventually(lambda: (workspace / "ready").exists(), timeout=30), job.output
         job.resize(40, 100)
         size = workspace / "size"
-        assert eventually(lambda: size.exists() and size.read_text() == "100 40", timeout=10)
+        assert eventually(lambda: size.exists() and size.read_text() == "100 40", timeout=20), (
+            size.exists() and size.read_text(),
+            job.output,
+        )
         (workspace / "done").touch()
         assert job.next_report() == "exited 0", job.output
     finally:
