@@ -19,9 +19,14 @@ JSON lines (the same bytes json.dumps writes):
 
     client -> runner   {"argv": [...], "env": {...}, "cwd": "..."} + a token (fd)
     runner -> client   {"claimed": true}: this runner, and no other, may run it
-    client -> runner   {"stdio": [0, 1, 2]} + fds 0, 1, 2
+    client -> runner   {"stdio": [0, 1, 2]} + fds 0, 1, 2; with, when some of them is
+                       the client's controlling terminal, "terminal": [which] and
+                       "foreground": whether the client is its foreground job
     runner -> client   {"taken": true}, or {"refused": why}: the client runs it itself
-    client -> runner   {"signal": N}, any number
+    client -> runner   {"signal": N}, any number ({"signal": SIGCONT, "foreground": F}
+                       on a terminal)
+    runner -> client   on a terminal: {"terminal": true} + the task's pty (to relay),
+                       then {"stopped": N} whenever the task stopped (the client stops)
     runner -> client   {"exit": N}, the task's exit code (or sandgate's: 2, 125)
 
 The token decides who runs the task when a runner is slow to answer (stopped,
@@ -40,7 +45,10 @@ runner's death kills it. Job control: the task is not in this terminal's session
 (it runs in the runner's), so the terminal's ^Z stops this process alone; this
 process first sends the SIGTSTP (SIGTTIN, SIGTTOU) on, and the runner stops the
 task's process group with it, as the terminal stops the task of a run in-process;
-the SIGCONT that resumes this process goes on too.
+the SIGCONT that resumes this process goes on too. When this process's stdio has
+its controlling terminal, the task gets a pty of its own that this process relays
+(enforcer/terminal_relay.py; docs/sandbox.md, "The terminal", has why and what
+differs from a run in-process).
 """
 
 import _json
