@@ -208,14 +208,12 @@ def _follow(conn: _socket.socket) -> int:
     if relay is not None:
         _signal.signal(_signal.SIGWINCH, lambda _s, _f: relay.resize())
         try:
-            return relay.serve(lines, lambda signum: stop(signum, None))
+            code = relay.serve(lines, lambda signum: stop(signum, None))
         finally:
             relay.restore()
+        return _runner_gone() if code is None else code
     while True:
-        try:
-            message = lines.next()
-        except (OSError, ValueError):
-            message = None
+        message = lines.next_or_none()
         if message is None:
             return _runner_gone()
         if isinstance(message.get("exit"), int):
@@ -282,6 +280,13 @@ class _Lines:
     def ready(self) -> bool:
         """Whether a whole line is here already (next() does not wait)."""
         return b"\n" in self.buffer
+
+    def next_or_none(self) -> dict | None:
+        """The next object; None at the end, or for anything else (the runner's gone)."""
+        try:
+            return self.next()
+        except (OSError, ValueError):
+            return None
 
     def next(self) -> dict | None:
         """The next object, None at the end; ValueError for anything else."""

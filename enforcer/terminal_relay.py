@@ -96,8 +96,9 @@ class TerminalRelay:
             size = fcntl.ioctl(self.tty_out, termios.TIOCGWINSZ, bytes(8))
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
 
-    def serve(self, lines, stop) -> int:
-        """Relay until the runner sends the exit code (returned); `lines` is the
+    def serve(self, lines, stop) -> int | None:
+        """Relay until the runner sends the exit code (returned; None if the runner
+        went away or said something else); `lines` is the
         runner's connection (handoff._Lines), `stop(signum)` stops this process as
         a terminal's stop signal would (handoff's, which forwards it first)."""
         while True:
@@ -112,14 +113,9 @@ class TerminalRelay:
             except InterruptedError:
                 continue
             if lines.conn in ready or lines.ready():
-                try:
-                    message = lines.next()
-                except (OSError, ValueError):
-                    message = None
+                message = lines.next_or_none()
                 if message is None:
-                    from sandgate.enforcer.handoff import _runner_gone
-
-                    return _runner_gone()
+                    return None
                 if message.get("terminal") and lines.fds:
                     self._attach(lines.fds.pop())
                 elif isinstance(message.get("stopped"), int):
