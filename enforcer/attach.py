@@ -75,9 +75,12 @@ def run_attached(opts: AttachOptions) -> int:
     seed = opts.seed if opts.seed is not None and opts.seed.usable() else None
     if seed is None and opts.seed is not None:
         opts.seed.discard()  # the run goes on as without it: a cgroup of its own, joined
+    terminal = TaskTerminal.of(opts.caller)
     try:
-        prepared = _prepare(opts, reply, client, seed)
+        prepared = _prepare(opts, reply, client, seed, terminal)
     except (spec.SandboxError, OSError) as e:
+        if terminal is not None:
+            terminal.close()
         _detach(client, run_id, None, quiet=True)
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_SETUP
@@ -87,11 +90,13 @@ def run_attached(opts: AttachOptions) -> int:
     try:
         child = ForkedInit(
             prepared.spec_path,
-            (*prepared.init_fds, *client.fds),
+            (*prepared.init_fds, *client.fds, *(terminal.init_fds if terminal else ())),
             seed,
             own_group=opts.caller is not None,
         )
     except OSError as e:
+        if terminal is not None:
+            terminal.close()
         prepared.started()
         prepared.finish()  # the cgroup goes with the run that never started
         _detach(client, run_id, None, quiet=True)
@@ -100,9 +105,13 @@ def run_attached(opts: AttachOptions) -> int:
     if seed is None:
         prepared.join(child.pid)  # while the init builds its file view (a seed is in already)
     prepared.started()
+    if terminal is not None:
+        terminal.started()
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda s, _f: child.poll() is None and child.send_signal(s))
-    client = _wait(child, client, opts.control, run_id, opts.caller)
+    client = _wait(child, client, opts.control, run_id, opts.caller, terminal)
+    if terminal is not None:
+        terminal.close()
     code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     prepared.collect()
     hits = prepared.limits_hit()
@@ -137,7 +146,11 @@ def run_attached(opts: AttachOptions) -> int:
 
 
 def _prepare(
-    opts: AttachOptions, reply: dict, client: control.ControlClient, seed: InitSeed | None
+    opts: AttachOptions,
+    reply: dict,
+    client: control.ControlClient,
+    seed: InitSeed | None,
+    terminal: TaskTerminal | None = None,
 ) -> prepare.PreparedSandbox:
     run_dir = Path(reply["dir"])
     audit = Path(reply["audit_log"])
@@ -174,19 +187,22 @@ def _prepare(
         seccomp_cache=STATE_DIRS[0] / "cache",
         runner_joins=True,
         cgroup_ahead=seed.cgroup if seed is not None else None,
+        terminal=terminal.settings if terminal is not None else None,
     )
 
 
-def _wait(child: ForkedInit, client, path: Path, run_id: str, caller=None):
+def _wait(child: ForkedInit, client, path: Path, run_id: str, caller=None, terminal=None):
     """Until the task ends; keeps (or regains) the service. Returns the client, or None.
     A `caller` (a handed-over run) has its signals forwarded; when it is gone, the
-    task is killed, as a runner's death kills it."""
+    task is killed, as a runner's death kills it. With a `terminal` (the task's pty),
+    job control goes through the sandbox's PID 1, and its reports back to the caller."""
     pidfd = os.pidfd_open(child.pid)
     try:
         next_try = 0.0
         while child.poll() is None:
             watched = [pidfd] + ([client.sock] if client is not None else [])
             watched += [caller] if caller is not None else []
+            watched += [terminal] if terminal is not None and terminal.open else []
             timeout = None if client is not None else max(0.0, next_try - time.monotonic())
             try:
                 ready, _, _ = select.select(watched, [], [], timeout)
@@ -195,12 +211,16 @@ def _wait(child: ForkedInit, client, path: Path, run_id: str, caller=None):
             if caller is not None and caller in ready:
                 signals = caller.signals()
                 for signum in signals if signals is not None else [signal.SIGKILL]:
-                    if signum in JOB_CONTROL:  # as a terminal stops (continues) a foreground job
+                    if signum in JOB_CONTROL and terminal is not None:
+                        terminal.forward(signum)
+                    elif signum in JOB_CONTROL:  # as a terminal stops (continues) a foreground job
                         child.signal_group(signum)
                     else:
                         child.send_signal(signum)
                 if signals is None:
                     caller = None
+            if terminal is not None and terminal in ready:
+                terminal.receive()
             if client is not None and client.sock in ready:
                 try:
                     lost = client.receive() is None
@@ -275,6 +295,101 @@ def _print_summary(summary: dict, reply: dict) -> None:
 
     summary = {**summary, "audit_log": f"{reply['audit_log']} (the gateway service's)"}
     TaskSummary.from_dict(summary).print_table(sys.stderr)
+
+
+class TaskTerminal:
+    """The runner's side of a handed-over run's pty (sandbox/terminal.py has the
+    why): a socket to the sandbox's PID 1, which sends the pty's master once (passed
+    on to the caller, who relays it) and then the task's stops (passed on, once
+    each: the caller stops with them); the caller's job control goes to PID 1."""
+
+    def __init__(self, caller: zygote.Caller, settings: dict):
+        self.caller = caller
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._theirs: int | None = theirs.detach()
+        self.settings = {**settings, "job_fd": self._theirs}
+        self.open = True
+        self.epoch = 0  # continues sent to PID 1: a stop it reports from before is old
+        self.held = False  # stopped, by the caller or by a stop passed on to it
+        self._buffer = b""
+
+    @classmethod
+    def of(cls, caller: zygote.Caller | None) -> TaskTerminal | None:
+        """For a caller whose stdio has its controlling terminal; None otherwise (or
+        when that terminal's modes cannot be read: the task then gets the descriptors)."""
+        if caller is None or not caller.terminal:
+            return None
+        import struct
+        import termios
+
+        fd = caller.terminal[0]
+        try:
+            modes = termios.tcgetattr(fd)
+            size = struct.unpack("4H", fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8)))
+        except (termios.error, OSError):
+            return None
+        modes[6] = [c if isinstance(c, int) else ord(c) for c in modes[6]]
+        return cls(
+            caller,
+            {"fds": caller.terminal, "foreground": caller.foreground, "termios": modes, "winsize": size},
+        )
+
+    @property
+    def init_fds(self) -> tuple[int, ...]:
+        return (self._theirs,) if self._theirs is not None else ()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def started(self) -> None:
+        """The init has its end."""
+        if self._theirs is not None:
+            os.close(self._theirs)
+            self._theirs = None
+
+    def close(self) -> None:
+        self.started()
+        self.open = False
+        self.sock.close()
+
+    def forward(self, signum: int) -> None:
+        """A job control signal of the caller's, to the task's process group."""
+        if signum == signal.SIGCONT:
+            self.epoch += 1
+            self.held = False
+            self._send({"continue": self.epoch, "foreground": self.caller.foreground})
+        else:
+            self.held = True
+            self._send({"signal": signum})
+
+    def _send(self, message: dict) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def receive(self) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 4096, 1)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self.open = False
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("terminal") and fds:
+                self.caller.send_fd(fds.pop(), terminal=True)
+            elif (
+                isinstance(message.get("stopped"), int)
+                and not self.held
+                and message.get("epoch") == self.epoch  # not one from before a continue
+            ):
+                self.held = True
+                self.caller.send(stopped=message["stopped"])
+        for fd in fds:
+            os.close(fd)
 
 
 class ForkedInit:

@@ -19,9 +19,14 @@ JSON lines (the same bytes json.dumps writes):
 
     client -> runner   {"argv": [...], "env": {...}, "cwd": "..."} + a token (fd)
     runner -> client   {"claimed": true}: this runner, and no other, may run it
-    client -> runner   {"stdio": [0, 1, 2]} + fds 0, 1, 2
+    client -> runner   {"stdio": [0, 1, 2]} + fds 0, 1, 2; with, when some of them is
+                       the client's controlling terminal, "terminal": [which] and
+                       "foreground": whether the client is its foreground job
     runner -> client   {"taken": true}, or {"refused": why}: the client runs it itself
-    client -> runner   {"signal": N}, any number
+    client -> runner   {"signal": N}, any number ({"signal": SIGCONT, "foreground": F}
+                       on a terminal)
+    runner -> client   on a terminal: {"terminal": true} + the task's pty (to relay),
+                       then {"stopped": N} whenever the task stopped (the client stops)
     runner -> client   {"exit": N}, the task's exit code (or sandgate's: 2, 125)
 
 The token decides who runs the task when a runner is slow to answer (stopped,
@@ -40,7 +45,10 @@ runner's death kills it. Job control: the task is not in this terminal's session
 (it runs in the runner's), so the terminal's ^Z stops this process alone; this
 process first sends the SIGTSTP (SIGTTIN, SIGTTOU) on, and the runner stops the
 task's process group with it, as the terminal stops the task of a run in-process;
-the SIGCONT that resumes this process goes on too.
+the SIGCONT that resumes this process goes on too. When this process's stdio has
+its controlling terminal, the task gets a pty of its own that this process relays
+(enforcer/terminal_relay.py; docs/sandbox.md, "The terminal", has why and what
+differs from a run in-process).
 """
 
 import _json
@@ -59,6 +67,8 @@ STOPS = (_signal.SIGTSTP, _signal.SIGTTIN, _signal.SIGTTOU)
 CLAIM_TIMEOUT_S = 0.2
 DEFAULT_CONTROL = "/run/sandgate/gateway.sock"  # as control.DEFAULT_SOCKET
 MAX_LINE = 1 << 20
+STDIO_LINE_MAX = 256  # {"stdio": [0, 1, 2], "terminal": [...], "foreground": ...}
+_FD_SPACE = _socket.CMSG_SPACE(4)  # one descriptor: the task's pty (only ever that)
 EXIT_SETUP = 125
 
 
@@ -128,7 +138,7 @@ def _offer(path: str, argv: list[str]) -> _socket.socket | None:
             reply = lines.next()
         conn.settimeout(None)
         if reply is not None and reply.get("claimed"):
-            _send_fds(conn, b'{"stdio": [0, 1, 2]}\n', [0, 1, 2])
+            _send_fds(conn, _stdio_line(), [0, 1, 2])
             reply = lines.next()
         if reply is not None and reply.get("taken"):
             return conn
@@ -141,15 +151,50 @@ def _offer(path: str, argv: list[str]) -> _socket.socket | None:
     return None
 
 
+def _controlling_terminal() -> tuple[list[int], bool]:
+    """Which of stdin, stdout and stderr is this process's controlling terminal
+    (tcgetpgrp answers only for that one), and whether this process's group is its
+    foreground job. Three ioctls: ENOTTY at once for a pipe or a file."""
+    terminal, foreground = [], True
+    for fd in (0, 1, 2):
+        try:
+            group = os.tcgetpgrp(fd)
+        except OSError:
+            continue
+        terminal.append(fd)
+        foreground = group == os.getpgrp()
+    return terminal, foreground
+
+
+def _stdio_line() -> bytes:
+    terminal, foreground = _controlling_terminal()
+    if not terminal:
+        return b'{"stdio": [0, 1, 2]}\n'
+    return encode({"stdio": [0, 1, 2], "terminal": terminal, "foreground": foreground}).encode() + b"\n"
+
+
 def _follow(conn: _socket.socket) -> int:
+    terminal, _ = _controlling_terminal()
+    relay = None
+    if terminal:  # the task has a pty of its own, which this process relays
+        from sandgate.enforcer.terminal_relay import TerminalRelay
+
+        relay = TerminalRelay(terminal)
+
     def forward(signum, _frame) -> None:
+        message = {"signal": int(signum)}
+        if signum == _signal.SIGCONT and relay is not None:
+            relay.resumed()  # raw again, if in the foreground
+            message["foreground"] = relay.in_foreground()
         try:  # noqa: SIM105 - contextlib is one import more on the timed path
-            conn.sendall(encode({"signal": int(signum)}).encode() + b"\n")
+            conn.sendall(encode(message).encode() + b"\n")
         except OSError:
             pass
 
     def stop(signum, _frame) -> None:
         forward(signum, None)  # the task first: stopped while this process is
+        if relay is not None:
+            relay.restore()  # the shell gets its terminal as it left it
         _signal.signal(signum, _signal.SIG_DFL)
         os.kill(os.getpid(), signum)  # stops here, until SIGCONT (not at all in an orphaned group)
         _signal.signal(signum, stop)
@@ -160,16 +205,24 @@ def _follow(conn: _socket.socket) -> int:
     for signum in STOPS:
         _signal.signal(signum, stop)
     lines = _Lines(conn)
-    while True:
+    if relay is not None:
+        _signal.signal(_signal.SIGWINCH, lambda _s, _f: relay.resize())
         try:
-            message = lines.next()
-        except (OSError, ValueError):
-            message = None
+            code = relay.serve(lines, lambda signum: stop(signum, None))
+        finally:
+            relay.restore()
+        return _runner_gone() if code is None else code
+    while True:
+        message = lines.next_or_none()
         if message is None:
-            print("sandgate: the gateway service's runner went away", file=sys.stderr)
-            return EXIT_SETUP
+            return _runner_gone()
         if isinstance(message.get("exit"), int):
             return message["exit"]
+
+
+def _runner_gone() -> int:
+    print("sandgate: the gateway service's runner went away", file=sys.stderr)
+    return EXIT_SETUP
 
 
 def _send_fds(conn: _socket.socket, data: bytes, fds: list[int]) -> None:
@@ -218,15 +271,30 @@ def decode(text: str):
 
 
 class _Lines:
-    """JSON objects, one a line, from a socket."""
+    """JSON objects, one a line, from a socket, and the descriptors sent with them."""
 
     def __init__(self, conn: _socket.socket):
         self.conn, self.buffer = conn, b""
+        self.fds: list[int] = []
+
+    def ready(self) -> bool:
+        """Whether a whole line is here already (next() does not wait)."""
+        return b"\n" in self.buffer
+
+    def next_or_none(self) -> dict | None:
+        """The next object; None at the end, or for anything else (the runner's gone)."""
+        try:
+            return self.next()
+        except (OSError, ValueError):
+            return None
 
     def next(self) -> dict | None:
         """The next object, None at the end; ValueError for anything else."""
         while b"\n" not in self.buffer:
-            chunk = self.conn.recv(65536)
+            chunk, ancillary, _flags, _addr = self.conn.recvmsg(65536, _FD_SPACE)
+            for level, kind, data in ancillary:
+                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                    self.fds += [int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, len(data) - 3, 4)]
             if not chunk:
                 return None
             self.buffer += chunk

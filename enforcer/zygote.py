@@ -51,7 +51,11 @@ from dataclasses import dataclass
 from sandgate.enforcer import attach, handoff  # noqa: F401 - imported ahead: the point of a warm runner
 from sandgate.enforcer.cli import build_parser, run_command
 from sandgate.enforcer.cli import run as cli_run
-from sandgate.enforcer.sandbox import cgroup, spec
+from sandgate.enforcer.sandbox import (
+    cgroup,
+    spec,
+    terminal,  # noqa: F401 - a run on a terminal: its PID 1's
+)
 from sandgate.enforcer.sandbox.inherit import Inherited
 from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, printed at the end
 
@@ -71,6 +75,8 @@ class Caller:
         self._buffer = b""
         self.exited = False
         self._own_stderr = -1  # the pool's, while the caller's is fd 2 (take_stdio)
+        self.terminal: list[int] = []  # which of its stdio is its controlling terminal
+        self.foreground = True  # whether it is that terminal's foreground job (its last word)
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -92,9 +98,12 @@ class Caller:
         forwarded = []
         for line in lines:
             try:
-                signum = json.loads(line).get("signal")
+                message = json.loads(line)
+                signum = message.get("signal")
             except (ValueError, AttributeError):
                 return None
+            if isinstance(message.get("foreground"), bool):  # with a SIGCONT: where it resumed
+                self.foreground = message["foreground"]
             if signum in (*handoff.FORWARDED, *handoff.STOPS, signal.SIGCONT):
                 forwarded.append(signum)
         return forwarded
@@ -102,6 +111,15 @@ class Caller:
     def send(self, **message) -> None:
         with contextlib.suppress(OSError):
             self.conn.sendall(json.dumps(message).encode() + b"\n")
+
+    def send_fd(self, fd: int, **message) -> None:
+        """`message` with `fd` (which is closed here): the task's pty, to relay."""
+        try:
+            socket.send_fds(self.conn, [json.dumps(message).encode() + b"\n"], [fd])
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def take_stdio(self, fds: list[int]) -> None:
         """Make the caller's stdin, stdout and stderr ours (0, 1, 2)."""
@@ -230,20 +248,32 @@ def _request(conn: socket.socket) -> tuple[dict, int]:
     return request, fds[0]
 
 
-def _stdio(conn: socket.socket) -> list[int]:
-    """The caller's stdin, stdout and stderr, which it sends once we claimed the run;
-    ValueError if it does not (in REQUEST_TIMEOUT_S)."""
+def _stdio(conn: socket.socket) -> tuple[list[int], list[int], bool]:
+    """The caller's stdin, stdout and stderr, which it sends once we claimed the run,
+    which of them is its controlling terminal, and whether it is that terminal's
+    foreground job (handoff.py); ValueError if it does not (in REQUEST_TIMEOUT_S)."""
     conn.settimeout(REQUEST_TIMEOUT_S)
     fds = []
     try:
-        message, fds, _flags, _addr = socket.recv_fds(conn, len(b'{"stdio": [0, 1, 2]}\n'), 3)
-        if json.loads(message) != {"stdio": [0, 1, 2]} or len(fds) != 3:
+        line, fds, _flags, _addr = socket.recv_fds(conn, handoff.STDIO_LINE_MAX, 3)
+        message = json.loads(line)
+        terminal = message.get("terminal", [])
+        foreground = message.get("foreground", True)
+        if (
+            message.get("stdio") != [0, 1, 2]
+            or len(fds) != 3
+            or not line.endswith(b"\n")
+            or set(message) - {"stdio", "terminal", "foreground"}
+            or not isinstance(terminal, list)
+            or not set(terminal) <= {0, 1, 2}
+            or not isinstance(foreground, bool)
+        ):
             raise ValueError("no stdio")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError, TypeError) as e:
         for fd in fds:
             os.close(fd)
         raise ValueError(str(e) or type(e).__name__) from None
-    return fds
+    return fds, sorted(set(terminal)), foreground
 
 
 def take(listener: socket.socket) -> tuple[socket.socket, dict]:
@@ -296,7 +326,7 @@ def become(conn: socket.socket, request: dict, control: str, seed=None) -> int:
         caller.send(refused=f"cannot take the caller's umask and resource limits: {e}")
         return 0
     try:  # sent since our claim (while we did the above)
-        fds = _stdio(conn)
+        fds, caller.terminal, caller.foreground = _stdio(conn)
     except ValueError as e:
         caller.send(refused=f"no stdio: {e}")
         return 0

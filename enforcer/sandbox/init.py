@@ -99,6 +99,7 @@ mounts = _sibling("mounts")
 landlock = _sibling("landlock")
 seccomp = _sibling("seccomp")
 probes = None  # loaded by main() only for a self-test: it imports ssl (~5 ms)
+terminal = None  # loaded by main() only for a task with a pty of its own (a warm run's)
 
 
 class SetupError(Exception):
@@ -380,9 +381,15 @@ def _probe(spec: dict, report: Report, started: float) -> None:
 def run_init(
     spec: dict, program: bytes | None, report: Report, mapped_r: int, unshared_w: int
 ) -> int:
-    """PID 1: /proc, the user namespace, then the task; relay signals, reap everything."""
+    """PID 1: /proc, the user namespace, then the task; relay signals, reap everything.
+    With a `terminal` in the spec: a session and a pty of the sandbox's own first
+    (sandbox/terminal.py), whose foreground job the task is."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+    pty = None
+    if spec.get("terminal"):
+        pty = terminal.Terminal(spec["terminal"])
+        pty.open()  # still host root: its devpts is the initial user namespace's
     if spec["userns"]:
         _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
         os.write(unshared_w, b"1")
@@ -390,6 +397,8 @@ def run_init(
             raise SetupError("the user namespace's id maps were not written")
     task = os.fork()
     if task == 0:
+        if pty is not None:
+            pty.take()
         # Python ignores SIGPIPE and SIGXFSZ at start, and an ignored signal stays
         # ignored across exec: without this, `yes | head` would never end by SIGPIPE.
         for signum in (*RELAYED_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
@@ -410,6 +419,8 @@ def run_init(
             os._exit(127 if e.errno == 2 else 126)
     report.close()
     _relay_signals_to(task)
+    if pty is not None:
+        return pty.serve(task, _exit_code)
     while True:
         try:
             pid, status = os.wait()
@@ -431,6 +442,9 @@ def main(args: list[str] | None = None) -> int:
     if spec.get("probe") or spec.get("self_test"):
         global probes  # noqa: PLW0603 - before the task's ids: the stdlib may be out of reach then
         probes = _sibling("probes")
+    if spec.get("terminal"):
+        global terminal  # noqa: PLW0603 - as probes
+        terminal = _sibling("terminal")
     report = Report(spec.get("report_fd"))
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -153,6 +153,7 @@ def prepare(
     seccomp_cache: Path | None = None,  # root-only, out of the task's view (STATE_DIR/cache)
     runner_joins: bool = False,  # the runner calls join(pid) while the init builds the view
     cgroup_ahead: cgroup.TaskCgroup | None = None,  # the init is forked in it: no join
+    terminal: dict | None = None,  # a pty of the sandbox's own (sandbox/terminal.py)
 ) -> PreparedSandbox:
     """Everything the sandbox init needs, in `run_dir` (root-only). Raises
     spec.SandboxError (with the fix) for a missing feature unless opts.allow_weaker.
@@ -210,6 +211,8 @@ def prepare(
     ).to_dict()
     if probe:
         document["probe"] = probe
+    if terminal:
+        document["terminal"] = terminal
     task_cgroup = None
     try:
         if "cgroup" not in missing and (limits.controllers() or cgroup_ahead is not None):

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from sandgate.enforcer import handoff
 from support import sandbox
+from support.job import Job
 from support.sandbox import eventually
 from support.service import GatewayProcess, attach_argv
 
@@ -239,66 +240,7 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
-# A shell's job control, in small: on a pty of its own, it runs argv as the
-# foreground job (a process group of its own, whose parent is in the session: a
-# ^Z stops it), and writes what happens to it ("stopped N", "continued", "exited N")
-# to the descriptor in $REPORT_FD.
-JOB_SHELL = """
-import fcntl, os, sys, termios
-os.setsid()
-fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-report = int(os.environ.pop("REPORT_FD"))
-job = os.fork()
-if job == 0:
-    os.setpgid(0, 0)
-    os.execvp(sys.argv[1], sys.argv[1:])
-os.setpgid(job, job)
-os.tcsetpgrp(0, job)
-os.write(report, f"job {job}\\n".encode())
-while True:
-    _, status = os.waitpid(job, os.WUNTRACED | os.WCONTINUED)
-    if os.WIFSTOPPED(status):
-        os.write(report, f"stopped {os.WSTOPSIG(status)}\\n".encode())
-    elif os.WIFCONTINUED(status):
-        os.write(report, b"continued\\n")
-    else:
-        os.write(report, f"exited {os.waitstatus_to_exitcode(status)}\\n".encode())
-        break
-"""
 BEATING = "while [ ! -e done ]; do echo >> beat; sleep 0.05; done; exit 7"
-
-
-class Job:
-    """`argv` as the foreground job of a terminal (JOB_SHELL), and what became of it."""
-
-    def __init__(self, argv: list[str]):
-        self.master, slave = os.openpty()
-        report_r, report_w = os.pipe()
-        self.shell = subprocess.Popen(
-            [sys.executable, "-c", JOB_SHELL, *argv],
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            pass_fds=(report_w,),
-            env={**os.environ, "REPORT_FD": str(report_w)},
-        )
-        os.close(slave)
-        os.close(report_w)
-        self.reports = os.fdopen(report_r)
-        self.pid = int(self.next_report().split()[1])  # and its process group's
-
-    def next_report(self) -> str:
-        return self.reports.readline().strip()
-
-    def press(self, key: bytes) -> None:
-        os.write(self.master, key)
-
-    def close(self) -> None:
-        if self.shell.poll() is None:
-            os.killpg(self.shell.pid, signal.SIGKILL)  # its session's leader: the shell
-            self.shell.wait()
-        self.reports.close()
-        os.close(self.master)
 
 
 def _beats(path: Path) -> int:

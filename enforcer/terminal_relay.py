@@ -1,0 +1,178 @@
+"""The caller's side of a warm run's terminal: `sandgate run --gateway` relays the
+task's pty (enforcer/sandbox/terminal.py has the why) to and from its own terminal.
+
+Only when the caller's stdio has its controlling terminal (handoff.py decides, and
+imports this module only then: a run on pipes pays nothing). As `sudo` (use_pty)
+and `ssh -t` do:
+- while this process is its terminal's foreground job, the terminal is in raw mode
+  and every key goes to the pty, whose own modes (the task's: the caller's, copied
+  at the start, then whatever the task sets, e.g. `less` going raw) decide what a key
+  does: ^C is SIGINT to the task's foreground job, ^Z stops it. In the background it
+  reads nothing (the task's read then stops it, as the caller's terminal would);
+- what the task writes to the pty goes to the caller's terminal;
+- a change of the terminal's size (SIGWINCH) goes to the pty (the task gets its
+  SIGWINCH from there);
+- a stop of the task (the runner says so: {"stopped": N}) stops this process with
+  the same signal once its terminal is back as it was, so the shell sees its job
+  stopped; `fg` or `bg` resumes both (handoff.py forwards SIGCONT with whether this
+  process is then in the foreground).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import termios
+
+_RAW_IFLAG_OFF = (
+    termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+    | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON
+)  # fmt: skip
+_RAW_LFLAG_OFF = termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN
+
+
+def raw_modes(modes: list) -> list:
+    """cfmakeraw(3) of termios.tcgetattr's list (a copy)."""
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = modes
+    cc = list(cc)
+    cc[termios.VMIN], cc[termios.VTIME] = 1, 0
+    return [
+        iflag & ~_RAW_IFLAG_OFF,
+        oflag & ~termios.OPOST,
+        (cflag & ~(termios.CSIZE | termios.PARENB)) | termios.CS8,
+        lflag & ~_RAW_LFLAG_OFF,
+        ispeed,
+        ospeed,
+        cc,
+    ]
+
+
+class TerminalRelay:
+    """Bytes between the caller's terminal and the task's pty (the module's doc)."""
+
+    def __init__(self, terminal: list[int]):
+        """`terminal`: which of this process's stdio is its controlling terminal."""
+        self.tty_in = terminal[0]
+        self.tty_out = next(fd for fd in (1, 2, 0) if fd in terminal)
+        self.master: int | None = None
+        self.saved: list | None = None  # the terminal's modes before raw, while raw
+        self.pending = b""  # keys the pty has not taken yet
+
+    def in_foreground(self) -> bool:
+        try:
+            return os.tcgetpgrp(self.tty_in) == os.getpgrp()
+        except OSError:
+            return False
+
+    def raw(self) -> None:
+        """Raw mode, in the foreground only (a background tcsetattr stops us), and
+        once the pty is here: the runner read the terminal's modes for it before, and
+        must not read raw ones."""
+        if self.master is None or self.saved is not None or not self.in_foreground():
+            return
+        with contextlib.suppress(termios.error, OSError):
+            modes = termios.tcgetattr(self.tty_in)
+            termios.tcsetattr(self.tty_in, termios.TCSANOW, raw_modes(modes))
+            self.saved = modes
+
+    def restore(self) -> None:
+        """The terminal as it was (before a stop, and at the end)."""
+        if self.saved is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(self.tty_in, termios.TCSADRAIN, self.saved)
+            self.saved = None
+
+    def resumed(self) -> None:
+        self.raw()
+        self.resize()  # it may have changed while stopped
+
+    def resize(self) -> None:
+        """The terminal's size to the pty (which signals its foreground job)."""
+        if self.master is None:
+            return
+        with contextlib.suppress(OSError):
+            size = fcntl.ioctl(self.tty_out, termios.TIOCGWINSZ, bytes(8))
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
+
+    def serve(self, lines, stop) -> int | None:
+        """Relay until the runner sends the exit code (returned; None if the runner
+        went away or said something else); `lines` is the
+        runner's connection (handoff._Lines), `stop(signum)` stops this process as
+        a terminal's stop signal would (handoff's, which forwards it first)."""
+        while True:
+            reading = [lines.conn]
+            if self.master is not None:
+                reading.append(self.master)
+                if not self.pending and self.saved is not None:  # raw: in the foreground
+                    reading.append(self.tty_in)
+            writing = [self.master] if self.pending else []
+            try:
+                ready, writable, _ = select.select(reading, writing, [], 0 if lines.ready() else None)
+            except InterruptedError:
+                continue
+            if lines.conn in ready or lines.ready():
+                message = lines.next_or_none()
+                if message is None:
+                    return None
+                if message.get("terminal") and lines.fds:
+                    self._attach(lines.fds.pop())
+                elif isinstance(message.get("stopped"), int):
+                    stop(message["stopped"])
+                elif isinstance(message.get("exit"), int):
+                    self._drain()
+                    return message["exit"]
+                continue
+            if self.master in ready:
+                self._output()
+            if self.tty_in in ready:
+                try:
+                    self.pending = os.read(self.tty_in, 4096)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:  # the terminal hung up: the task gets no more keys
+                    self.saved = None
+            if self.master in writable:
+                self._input()
+
+    def _attach(self, master: int) -> None:
+        for fd in [self.master] if self.master is not None else []:
+            os.close(fd)
+        self.master = master
+        os.set_blocking(master, False)
+        self.resize()
+        self.raw()
+
+    def _output(self) -> bool:
+        """What the task wrote, to the caller's terminal; whether there was any."""
+        try:
+            data = os.read(self.master, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:  # EIO: every process of the sandbox closed its end
+            data = b""
+        if not data:
+            os.close(self.master)
+            self.master = None
+            return False
+        view = memoryview(data)
+        with contextlib.suppress(OSError):  # a hung-up terminal: the output goes nowhere
+            while view:
+                view = view[os.write(self.tty_out, view) :]
+        return True
+
+    def _input(self) -> None:
+        try:
+            written = os.write(self.master, self.pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self.pending)
+        self.pending = self.pending[written:]
+
+    def _drain(self) -> None:
+        """The task's last output (the sandbox has ended: the pty reads to its end)."""
+        while self.master is not None and self._output():
+            pass
+
