@@ -588,6 +588,7 @@ class GatewayService:
             "gateway_ip": attached.gateway_ip,
             "runner_pid": attached.runner_pid,  # 0: a spare no task has taken
             "service_pid": os.getpid(),
+            "control": str(self.opts.control),  # whose it is, when services share RUN_DIR
             "command": attached.command,
             "started": attached.started,
         }
@@ -697,6 +698,16 @@ class GatewayService:
 
     # --- restarts -----------------------------------------------------------------------------
 
+    def _ours(self, state: dict) -> bool:
+        """Whether a sandbox's state file is this service's to take back: not a live
+        service's, and written by a service on this control socket. Services can share
+        RUN_DIR; one that (re)starts while another is down must not adopt the other's
+        sandboxes, which run under the other's rules (a profile of the same name is not
+        the same policy): they wait for their own service, or `sandgate gc`. A state
+        without `control` (written before it was recorded) counts as ours, as before."""
+        control = str(self.opts.control)
+        return not _owned_by_other_service(state) and state.get("control", control) == control
+
     async def _readopt(self) -> None:
         """Sandboxes a previous service left: live runners keep theirs, the rest go."""
         for state_file in sorted(RUN_DIR.glob(f"*/{STATE_FILE}")):
@@ -717,7 +728,7 @@ class GatewayService:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 log.warning("ignoring %s: %s", state_file, e)
                 continue
-            if _owned_by_other_service(state):  # another live service's (a shared RUN_DIR)
+            if not self._ours(state):
                 continue
             if attached.runner_pid == 0:  # a spare network no task took: nothing to tell
                 self._unwire_later(attached)

@@ -189,6 +189,58 @@ def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
     assert eventually(lambda: not sandbox.leftovers(net, run_id))
 
 
+def test_a_service_that_starts_while_another_is_down_leaves_it_its_sandboxes(net, tmp_path):
+    """Services on one host share RUN_DIR. Another service (its own control socket and
+    rules) that starts while the first is dead must not adopt the first's sandbox: the
+    task stays without egress until its own service is back, and then has it again."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_PROFILES)
+    first = GatewayProcess(net, tmp_path, rules).start()
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other_rules = other_dir / "rules.yaml"
+    other_rules.write_text(TWO_PROFILES.replace("allow: allowed.test", "allow: '*.allowed.test'"))
+    other = GatewayProcess(net, other_dir, other_rules)
+    shared, rw = sandbox.shared_dir(tmp_path)
+    results = shared / "loop.txt"
+    attempt = f"{curl('https://allowed.test/', timeout=1)} 2>/dev/null | tail -n1"
+    script = f'while [ ! -e {shared}/stop ]; do echo "$({attempt})" >> {results}; sleep 0.1; done'
+    runner = subprocess.Popen(
+        attach_argv(first, sandbox._workdir(tmp_path), ["sh", "-c", script], extra=rw),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert eventually(lambda: results.exists() and "200" in results.read_text(), timeout=15)
+        run_id = first.events(reason="rule_allow", kind="task")[0]["task_id"]
+        first.kill()
+        other.start()
+        assert other.status()["sandboxes"] == 0
+        assert not other.events(task_id=run_id)  # neither adopted nor removed
+        time.sleep(1.5)
+        marker = len(results.read_text().splitlines())
+        time.sleep(1.5)
+        while_other = results.read_text().splitlines()[marker:]
+        assert while_other and "200" not in while_other, while_other
+        other.stop()
+        assert not other.events(task_id=run_id)
+
+        first.start()
+        ok = eventually(lambda: results.read_text().splitlines()[-1:] == ["200"], timeout=15)
+        assert ok, results.read_text().splitlines()[-5:]
+        assert any("re-adopted" in (e.get("detail") or "") for e in first.events(task_id=run_id))
+        (shared / "stop").touch()
+        assert runner.wait(30) == 0, runner.stderr.read()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        other.stop()
+        first.stop()
+    assert eventually(lambda: not sandbox.leftovers(net, run_id))
+
+
 def test_a_sandbox_cannot_reach_the_control_socket_nor_the_metrics(net, tmp_path):
     rules = tmp_path / "rules.yaml"
     rules.write_text(TWO_PROFILES)
