@@ -143,20 +143,26 @@ def test_a_broken_rule_edit_changes_nothing_and_a_good_one_takes_effect(service,
     )  # only the first task's
 
 
-def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
-    service, net, tmp_path
-):
+def _fetch_in_a_loop(service, tmp_path):
+    """An attached task fetching https://allowed.test/ every 0.1 s, each status (000:
+    no answer) a line of `results`, until `shared`/stop exists."""
     shared, rw = sandbox.shared_dir(tmp_path)
     results = shared / "loop.txt"
     attempt = f"{curl('https://allowed.test/', timeout=1)} 2>/dev/null | tail -n1"
     script = f'while [ ! -e {shared}/stop ]; do echo "$({attempt})" >> {results}; sleep 0.1; done'
-    workdir = sandbox._workdir(tmp_path)
     runner = subprocess.Popen(
-        attach_argv(service, workdir, ["sh", "-c", script], extra=rw),
+        attach_argv(service, sandbox._workdir(tmp_path), ["sh", "-c", script], extra=rw),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    return runner, results, shared
+
+
+def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
+    service, net, tmp_path
+):
+    runner, results, shared = _fetch_in_a_loop(service, tmp_path)
     try:
         assert eventually(lambda: results.exists() and "200" in results.read_text(), timeout=15)
         run_id = service.events(reason="rule_allow", kind="task")[0]["task_id"]  # the task's start
@@ -201,16 +207,7 @@ def test_a_service_that_starts_while_another_is_down_leaves_it_its_sandboxes(net
     other_rules = other_dir / "rules.yaml"
     other_rules.write_text(TWO_PROFILES.replace("allow: allowed.test", "allow: '*.allowed.test'"))
     other = GatewayProcess(net, other_dir, other_rules)
-    shared, rw = sandbox.shared_dir(tmp_path)
-    results = shared / "loop.txt"
-    attempt = f"{curl('https://allowed.test/', timeout=1)} 2>/dev/null | tail -n1"
-    script = f'while [ ! -e {shared}/stop ]; do echo "$({attempt})" >> {results}; sleep 0.1; done'
-    runner = subprocess.Popen(
-        attach_argv(first, sandbox._workdir(tmp_path), ["sh", "-c", script], extra=rw),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    runner, results, shared = _fetch_in_a_loop(first, tmp_path)
     try:
         assert eventually(lambda: results.exists() and "200" in results.read_text(), timeout=15)
         run_id = first.events(reason="rule_allow", kind="task")[0]["task_id"]
