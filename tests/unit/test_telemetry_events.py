@@ -9,8 +9,18 @@ import re
 from pathlib import Path
 
 import pytest
+from sandgate.proxy.policy.model import Decision, Rule
 from sandgate.proxy.policy.reasons import Reason, Verdict
-from sandgate.proxy.telemetry.event import FIELDS, Event, EventFanout, EventKind
+from sandgate.proxy.telemetry.audit import audit_members, encode_line
+from sandgate.proxy.telemetry.event import (
+    CUT_MARKER_MAX,
+    FIELD_BOUNDS,
+    FIELDS,
+    Event,
+    EventFanout,
+    EventKind,
+    bound_text,
+)
 from sandgate.proxy.telemetry.summary import OTHER_DESTINATIONS, TaskSummary
 from support.fakes import wired_metrics
 
@@ -36,6 +46,57 @@ def test_with_fields_is_dataclasses_replace():
     assert e.with_fields() == e
     with pytest.raises(TypeError, match="no field nmae"):
         e.with_fields(nmae="x")
+
+
+def _same_event(fast: Event, slow: Event) -> None:
+    """The same fields, the same order, the same audit bytes (time aside)."""
+    assert fast.time == pytest.approx(slow.time, abs=5)
+    fast, slow = fast.with_fields(time=1.0), slow.with_fields(time=1.0)
+    assert fast == slow and list(vars(fast)) == list(vars(slow)) == list(FIELDS)
+    assert audit_members(fast) == audit_members(slow)
+    assert encode_line(fast, 7, "0" * 64) == encode_line(slow, 7, "0" * 64)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"name": "a.test", "method": "GET", "path": "/", "latency": 0.25, "dst_port": 80},
+        {"name": "n" * 5000, "method": "M" * 40, "path": "/" * 3000, "bytes_up": 0, "time": 5.0},
+    ],
+)
+def test_from_decision_makes_what_the_constructor_makes(fields):
+    rule = Rule(id="r1", action=Verdict.ALLOW, file="rules.yaml", line=3)
+    long_detail = Decision(Verdict.DENY, Reason.RULE_DENY, rule, detail="d" * 3000)
+    for decision in (Decision(Verdict.ALLOW, Reason.RULE_ALLOW, rule, detail="ok"), long_detail):
+        fast = Event.from_decision(EventKind.REQUEST, decision, **fields)
+        slow = Event(
+            kind=EventKind.REQUEST,
+            verdict=decision.verdict,
+            reason=decision.reason,
+            rule_id="r1",
+            rule_origin="rules.yaml:3",
+            detail=decision.detail,
+            **fields,
+        )
+        _same_event(fast, slow)
+        assert len(fast.detail) <= FIELD_BOUNDS["detail"] + CUT_MARKER_MAX
+        # A copy bounds what it is given, and keeps what it had as it was (a cut
+        # value is not cut again, where dataclasses.replace would).
+        changes = {"detail": "x" * 2000, "task_id": "t"}
+        copy = fast.with_fields(**changes)
+        assert list(vars(copy)) == list(FIELDS)
+        for name in FIELDS:
+            expected = getattr(fast, name)
+            if name in changes:
+                expected = bound_text(changes[name], FIELD_BOUNDS.get(name, 10**9))
+            assert getattr(copy, name) == expected, name
+    with pytest.raises(TypeError, match="nmae"):
+        Event.from_decision(EventKind.REQUEST, decision, nmae="x")
+    with pytest.raises(TypeError, match="detail"):
+        Event.from_decision(EventKind.REQUEST, decision, detail="twice")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.name = "changed"
 
 
 def test_to_dict_is_json_ready_in_field_order_without_nones():
