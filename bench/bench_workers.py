@@ -2,7 +2,8 @@
 1 and 2 workers, in one run (issue 11, "Every core").
 
     .venv/bin/python bench/bench_workers.py [--sandboxes 4] [--seconds 5] [--rounds 3]
-                                            [--workers 1,2] [--phase tls_rate|http_rate]
+                                            [--workers 1,2[,2pin][,loop]]
+                                            [--phase tls_rate|http_rate]
 
 Needs root. Runs in the fake internet (enforcer/demo/fakenet.py: its own namespaces,
 removed at the end; nothing touches the root namespace's network), with a run
@@ -14,6 +15,15 @@ pass-through) for the same seconds; connections/s is the sum over sandboxes of
 completed requests over the phase's seconds; the gateway's CPU is the service's and
 its workers' utime+stime from /proc over the steady middle of the phase (the clients, nginx and the
 runners are not counted). Medians over rounds, and the ratios 2w/1w.
+
+Control runs (issue 11's "where the physical limit is"), as more --workers entries:
+- `2pin`: 2 workers, every sandbox on worker 0 (the other idle; the pool's test-only
+  PIN_ENV): the cost of the worker process, the link and the service's intake
+  without two busy gateway processes on the cores at once;
+- `loop`: a 1-worker round in which, with the clients running, the same pure-Python
+  busy loop (fixed work) runs alone, then as two copies at once, several times:
+  the CPU per unit of work of one vs two is the machine's tax for two busy
+  processes (caches, scheduler), which the gateway code cannot remove.
 
 Goal: the gateway's CPU per connection at 2 workers <= 1.1x that at 1 (on this 2-core
 machine the clients share the cores with the gateway, so connections/s says less than
@@ -59,7 +69,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Service:
-    def __init__(self, fn, work: Path, workers: int):
+    def __init__(self, fn, work: Path, workers: int, env: dict | None = None):
         self.fn, self.work = fn, work
         self.control = work / "gateway.sock"
         rules = work / "rules.yaml"
@@ -73,7 +83,7 @@ class Service:
         ]  # fmt: skip
         self.popen = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(work / "gateway.log").open("a"),
+            stderr=(work / "gateway.log").open("a"), env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while self.ask("status") is None:
@@ -105,8 +115,31 @@ class Service:
             self.popen.wait()
 
 
-def one_round(fn, work: Path, workers: int, args) -> dict:
-    service = Service(fn, work, workers)
+# The control loop: pure Python of the kinds a gateway does per event (dicts,
+# strings, JSON, a hash); prints the CPU seconds its fixed work took.
+BUSY_LOOP = """
+import hashlib, json, time
+t = time.process_time()
+for i in range(40000):
+    d = {"task": "t%d" % i, "verdict": "allow", "n": i, "dest": "allowed.test:443"}
+    hashlib.sha256(json.dumps(d).encode()).hexdigest()
+print(time.process_time() - t)
+"""
+LOOP_REPEATS = 3
+
+
+def busy_loops(copies: int) -> list[float]:
+    """CPU seconds of each of `copies` busy loops run at once."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdout=subprocess.PIPE,
+                              text=True) for _ in range(copies)]  # fmt: skip
+    return [float(p.communicate()[0]) for p in procs]
+
+
+def one_round(fn, work: Path, label: str, args) -> dict:
+    workers = int(label.rstrip("pinlo") or 1)
+    pinned = label.endswith("pin")
+    env = {**os.environ, "SANDGATE_BENCH_PIN_WORKER": "0"} if pinned else None
+    service = Service(fn, work, workers, env)
     try:
         deadline = time.monotonic() + 30
         while (service.ask("status") or {}).get("spares", 0) < min(4, args.sandboxes):
@@ -127,16 +160,23 @@ def one_round(fn, work: Path, workers: int, args) -> dict:
         # detaches: a sandbox's teardown is not a connection's cost). Connections in
         # it: the phase's rate times its length.
         samples: dict[str, float] = {}
+        loops: dict[int, list[float]] = {1: [], 2: []}
 
         def sample(suffix: str) -> None:
             samples["cpu" + suffix] = sum(cpu_seconds(p) for p in pids)
             samples["service" + suffix] = cpu_seconds(service.popen.pid)
+            for pid in pids:
+                samples[f"p{pid}{suffix}"] = cpu_seconds(pid)
             samples["t" + suffix] = time.time()
 
         def sampler_run() -> None:
             time.sleep(1.0)
             sample("0")
-            time.sleep(max(0.5, args.seconds - 1.5))
+            if label == "loop":
+                for _ in range(LOOP_REPEATS):
+                    loops[1] += busy_loops(1)
+                    loops[2] += busy_loops(2)
+            time.sleep(max(0.5, args.seconds - 1.5 - (time.time() - samples["t0"])))
             sample("1")
 
         sampler = threading.Thread(target=sampler_run)
@@ -154,8 +194,17 @@ def one_round(fn, work: Path, workers: int, args) -> dict:
         in_window = requests / seconds * window
         cpu = samples["cpu1"] - samples["cpu0"]
         service_cpu = samples["service1"] - samples["service0"]
+        if label == "loop":
+            return {"workers": label, "loop_alone_s": statistics.median(loops[1]),
+                    "loop_two_s": statistics.median(loops[2]),
+                    "two_vs_alone": statistics.median(loops[2]) / statistics.median(loops[1])}
         return {
-            "workers": workers,
+            "workers": label,
+            # each process's share (the service first): where a 2-worker run's CPU went
+            "per_process_us": [
+                round(1e6 * (samples[f"p{p}1"] - samples[f"p{p}0"]) / in_window)
+                for p in [service.popen.pid, *(p for p in pids if p != service.popen.pid)]
+            ] if requests else None,
             "connections_per_s": requests / seconds,
             "requests": requests,
             "errors": sum(p.get("errors", 0) for p in phases),
@@ -187,11 +236,13 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from sandgate.enforcer.demo.fakenet import FakeInternet, fresh_prefix
 
-    counts = [int(n) for n in args.workers.split(",")]
+    counts = args.workers.split(",")
+    if any(not (c.isdigit() or c in ("2pin", "loop")) for c in counts):
+        parser.error("--workers: numbers, 2pin or loop, comma-separated")
     prefix = fresh_prefix("sgw")
     work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     os.environ["SANDGATE_RUN_DIR"] = str(work / "run")
-    rows: dict[int, list[dict]] = {n: [] for n in counts}
+    rows: dict[str, list[dict]] = {n: [] for n in counts}
     try:
         with FakeInternet(prefix, work / "net") as fn:
             for round_no in range(args.rounds):
@@ -209,16 +260,24 @@ def main() -> int:
     print(f"{'workers':>8} {'conn/s':>10} {'CPU us/conn':>12} {'of it service':>14} {'errors':>7}")
     medians = {}
     for n in counts:
+        if n == "loop":
+            alone = statistics.median(r["loop_alone_s"] for r in rows[n])
+            two = statistics.median(r["loop_two_s"] for r in rows[n])
+            print(f"{'loop':>8} busy loop CPU alone {1e3 * alone:.0f} ms, two at once "
+                  f"{1e3 * two:.0f} ms each: {two / alone:.2f}x (the machine's tax)")  # fmt: skip
+            continue
         rate = statistics.median(r["connections_per_s"] for r in rows[n])
         cpu = statistics.median(r["cpu_us_per_connection"] or 0 for r in rows[n])
         service = statistics.median(r["service_us_per_connection"] or 0 for r in rows[n])
         errors = sum(r["errors"] for r in rows[n])
         medians[n] = (rate, cpu)
         print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {errors:>7}")
-    if 1 in medians and 2 in medians and medians[1][0] and medians[1][1]:
-        print(f"ratio 2w/1w: connections/s {medians[2][0] / medians[1][0]:.2f}x, "
-              f"gateway CPU per connection {medians[2][1] / medians[1][1]:.2f}x "
-              f"(goal <= 1.10x)")  # fmt: skip
+    base = medians.get("1")
+    for n in ("2", "2pin"):
+        if base and base[0] and base[1] and n in medians:
+            print(f"ratio {n}/1: connections/s {medians[n][0] / base[0]:.2f}x, "
+                  f"gateway CPU per connection {medians[n][1] / base[1]:.2f}x "
+                  f"(goal for 2: <= 1.10x)")  # fmt: skip
     return 0
 
 
