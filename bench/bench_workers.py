@@ -116,22 +116,42 @@ class Service:
 
 
 # The control loop: pure Python of the kinds a gateway does per event (dicts,
-# strings, JSON, a hash); prints the CPU seconds its fixed work took.
+# strings, JSON, a hash); prints the CPU seconds its fixed work took. With NAP set
+# it sleeps NAP seconds after every 8 iterations (~20 us of work), as a gateway
+# process blocks in epoll between bursts: then it also pays for its wake-ups.
 BUSY_LOOP = """
-import hashlib, json, time
+import hashlib, json, sys, time
+nap = float(sys.argv[1])
 t = time.process_time()
 for i in range(40000):
     d = {"task": "t%d" % i, "verdict": "allow", "n": i, "dest": "allowed.test:443"}
     hashlib.sha256(json.dumps(d).encode()).hexdigest()
+    if nap and i % 8 == 0:
+        time.sleep(nap)
 print(time.process_time() - t)
 """
 LOOP_REPEATS = 3
+NAP = 0.0002
 
 
-def busy_loops(copies: int) -> list[float]:
+def switches(pid: int) -> int:
+    """Context switches of `pid`'s threads so far (voluntary: it blocked and was woken)."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
+
+
+def busy_loops(copies: int, nap: float = 0.0) -> list[float]:
     """CPU seconds of each of `copies` busy loops run at once."""
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdout=subprocess.PIPE,
-                              text=True) for _ in range(copies)]  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(nap)],
+                              stdout=subprocess.PIPE, text=True)
+             for _ in range(copies)]  # fmt: skip
     return [float(p.communicate()[0]) for p in procs]
 
 
@@ -160,11 +180,12 @@ def one_round(fn, work: Path, label: str, args) -> dict:
         # detaches: a sandbox's teardown is not a connection's cost). Connections in
         # it: the phase's rate times its length.
         samples: dict[str, float] = {}
-        loops: dict[int, list[float]] = {1: [], 2: []}
+        loops: dict[str, list[float]] = {"1": [], "2": [], "1nap": [], "2nap": []}
 
         def sample(suffix: str) -> None:
             samples["cpu" + suffix] = sum(cpu_seconds(p) for p in pids)
             samples["service" + suffix] = cpu_seconds(service.popen.pid)
+            samples["switches" + suffix] = sum(switches(p) for p in pids)
             for pid in pids:
                 samples[f"p{pid}{suffix}"] = cpu_seconds(pid)
             samples["t" + suffix] = time.time()
@@ -174,8 +195,10 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             sample("0")
             if label == "loop":
                 for _ in range(LOOP_REPEATS):
-                    loops[1] += busy_loops(1)
-                    loops[2] += busy_loops(2)
+                    loops["1"] += busy_loops(1)
+                    loops["2"] += busy_loops(2)
+                    loops["1nap"] += busy_loops(1, NAP)
+                    loops["2nap"] += busy_loops(2, NAP)
             time.sleep(max(0.5, args.seconds - 1.5 - (time.time() - samples["t0"])))
             sample("1")
 
@@ -195,9 +218,8 @@ def one_round(fn, work: Path, label: str, args) -> dict:
         cpu = samples["cpu1"] - samples["cpu0"]
         service_cpu = samples["service1"] - samples["service0"]
         if label == "loop":
-            return {"workers": label, "loop_alone_s": statistics.median(loops[1]),
-                    "loop_two_s": statistics.median(loops[2]),
-                    "two_vs_alone": statistics.median(loops[2]) / statistics.median(loops[1])}
+            return {"workers": label, **{f"loop{k}_s": statistics.median(v)
+                                         for k, v in loops.items()}}  # fmt: skip
         return {
             "workers": label,
             # each process's share (the service first): where a 2-worker run's CPU went
@@ -214,6 +236,8 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             # with workers: the control plane's part (events in, audit log, metrics)
             "service_us_per_connection": 1e6 * service_cpu / in_window if requests else None,
             "processes": len(pids),
+            "wakeups_per_connection": (samples["switches1"] - samples["switches0"]) / in_window
+            if requests else None,
         }
     finally:
         service.stop()
@@ -257,21 +281,26 @@ def main() -> int:
     print(f"{args.sandboxes} sandboxes x {args.phase} ({args.threads} threads each), "
           f"{args.seconds:g} s, median of {args.rounds} rounds; gateway CPU = service + "
           f"workers")  # fmt: skip
-    print(f"{'workers':>8} {'conn/s':>10} {'CPU us/conn':>12} {'of it service':>14} {'errors':>7}")
+    print(f"{'workers':>8} {'conn/s':>10} {'CPU us/conn':>12} {'of it service':>14} "
+          f"{'wakeups/conn':>13} {'errors':>7}")  # fmt: skip
     medians = {}
     for n in counts:
         if n == "loop":
-            alone = statistics.median(r["loop_alone_s"] for r in rows[n])
-            two = statistics.median(r["loop_two_s"] for r in rows[n])
-            print(f"{'loop':>8} busy loop CPU alone {1e3 * alone:.0f} ms, two at once "
-                  f"{1e3 * two:.0f} ms each: {two / alone:.2f}x (the machine's tax)")  # fmt: skip
+            m = {k: statistics.median(r[f"loop{k}_s"] for r in rows[n])
+                 for k in ("1", "2", "1nap", "2nap")}  # fmt: skip
+            print(f"{'loop':>8} busy loop CPU alone {1e3 * m['1']:.0f} ms, two at once "
+                  f"{1e3 * m['2']:.0f} ms each ({m['2'] / m['1']:.2f}x); napping "
+                  f"{1e6 * NAP:g} us every ~20 us of work: {1e3 * m['1nap']:.0f} / "
+                  f"{1e3 * m['2nap']:.0f} ms ({m['2nap'] / m['1nap']:.2f}x)")  # fmt: skip
             continue
         rate = statistics.median(r["connections_per_s"] for r in rows[n])
         cpu = statistics.median(r["cpu_us_per_connection"] or 0 for r in rows[n])
         service = statistics.median(r["service_us_per_connection"] or 0 for r in rows[n])
         errors = sum(r["errors"] for r in rows[n])
         medians[n] = (rate, cpu)
-        print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {errors:>7}")
+        wakeups = statistics.median(r["wakeups_per_connection"] or 0 for r in rows[n])
+        print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {wakeups:>13.2f} "
+              f"{errors:>7}")  # fmt: skip
     base = medians.get("1")
     for n in ("2", "2pin"):
         if base and base[0] and base[1] and n in medians:
