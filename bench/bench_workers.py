@@ -119,12 +119,16 @@ class Service:
 # strings, JSON, a hash); prints the CPU seconds its fixed work took. With NAP set
 # it sleeps NAP seconds after every 8 iterations (~20 us of work), as a gateway
 # process blocks in epoll between bursts: then it also pays for its wake-ups.
+# With BIG it also reads a random one of 200,000 dicts (~40 MB, far more than a
+# core's 2 MB L2) per iteration, as a gateway touches its connections' objects.
 BUSY_LOOP = """
-import hashlib, json, sys, time
-nap = float(sys.argv[1])
+import hashlib, json, random, sys, time
+nap, big = float(sys.argv[1]), sys.argv[2] == "big"
+table = [{"n": n, "s": str(n) * 8} for n in range(200000 if big else 1)]
+picks = [random.randrange(len(table)) for _ in range(40000)]
 t = time.process_time()
 for i in range(40000):
-    d = {"task": "t%d" % i, "verdict": "allow", "n": i, "dest": "allowed.test:443"}
+    d = {"task": "t%d" % i, "verdict": "allow", "n": table[picks[i]]["n"], "dest": "a:443"}
     hashlib.sha256(json.dumps(d).encode()).hexdigest()
     if nap and i % 8 == 0:
         time.sleep(nap)
@@ -132,6 +136,7 @@ print(time.process_time() - t)
 """
 LOOP_REPEATS = 3
 NAP = 0.0002
+LOOP_KINDS = ("1", "2", "1nap", "2nap", "1big", "2big")
 
 
 def switches(pid: int) -> int:
@@ -147,9 +152,9 @@ def switches(pid: int) -> int:
     return total
 
 
-def busy_loops(copies: int, nap: float = 0.0) -> list[float]:
+def busy_loops(copies: int, nap: float = 0.0, big: bool = False) -> list[float]:
     """CPU seconds of each of `copies` busy loops run at once."""
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(nap)],
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(nap), "big" if big else ""],
                               stdout=subprocess.PIPE, text=True)
              for _ in range(copies)]  # fmt: skip
     return [float(p.communicate()[0]) for p in procs]
@@ -180,7 +185,7 @@ def one_round(fn, work: Path, label: str, args) -> dict:
         # detaches: a sandbox's teardown is not a connection's cost). Connections in
         # it: the phase's rate times its length.
         samples: dict[str, float] = {}
-        loops: dict[str, list[float]] = {"1": [], "2": [], "1nap": [], "2nap": []}
+        loops: dict[str, list[float]] = {k: [] for k in LOOP_KINDS}
 
         def sample(suffix: str) -> None:
             samples["cpu" + suffix] = sum(cpu_seconds(p) for p in pids)
@@ -199,6 +204,8 @@ def one_round(fn, work: Path, label: str, args) -> dict:
                     loops["2"] += busy_loops(2)
                     loops["1nap"] += busy_loops(1, NAP)
                     loops["2nap"] += busy_loops(2, NAP)
+                    loops["1big"] += busy_loops(1, big=True)
+                    loops["2big"] += busy_loops(2, big=True)
             time.sleep(max(0.5, args.seconds - 1.5 - (time.time() - samples["t0"])))
             sample("1")
 
@@ -287,11 +294,13 @@ def main() -> int:
     for n in counts:
         if n == "loop":
             m = {k: statistics.median(r[f"loop{k}_s"] for r in rows[n])
-                 for k in ("1", "2", "1nap", "2nap")}  # fmt: skip
+                 for k in LOOP_KINDS}  # fmt: skip
             print(f"{'loop':>8} busy loop CPU alone {1e3 * m['1']:.0f} ms, two at once "
                   f"{1e3 * m['2']:.0f} ms each ({m['2'] / m['1']:.2f}x); napping "
                   f"{1e6 * NAP:g} us every ~20 us of work: {1e3 * m['1nap']:.0f} / "
-                  f"{1e3 * m['2nap']:.0f} ms ({m['2nap'] / m['1nap']:.2f}x)")  # fmt: skip
+                  f"{1e3 * m['2nap']:.0f} ms ({m['2nap'] / m['1nap']:.2f}x); over 40 MB: "
+                  f"{1e3 * m['1big']:.0f} / {1e3 * m['2big']:.0f} ms "
+                  f"({m['2big'] / m['1big']:.2f}x)")  # fmt: skip
             continue
         rate = statistics.median(r["connections_per_s"] for r in rows[n])
         cpu = statistics.median(r["cpu_us_per_connection"] or 0 for r in rows[n])
