@@ -59,13 +59,15 @@ profiles:
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (threads included), 0 when it is gone."""
+def cpu_seconds(pid: int, which: str = "both") -> float:
+    """utime + stime of `pid` (threads included; or `which`: "user", "system" alone),
+    0 when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    user, system = int(fields[11]), int(fields[12])
+    return {"both": user + system, "user": user, "system": system}[which] / CLOCK_TICKS
 
 
 class Service:
@@ -191,6 +193,7 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             samples["cpu" + suffix] = sum(cpu_seconds(p) for p in pids)
             samples["service" + suffix] = cpu_seconds(service.popen.pid)
             samples["switches" + suffix] = sum(switches(p) for p in pids)
+            samples["system" + suffix] = sum(cpu_seconds(p, "system") for p in pids)
             for pid in pids:
                 samples[f"p{pid}{suffix}"] = cpu_seconds(pid)
             samples["t" + suffix] = time.time()
@@ -243,6 +246,8 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             # with workers: the control plane's part (events in, audit log, metrics)
             "service_us_per_connection": 1e6 * service_cpu / in_window if requests else None,
             "processes": len(pids),
+            "system_us_per_connection":
+            1e6 * (samples["system1"] - samples["system0"]) / in_window if requests else None,
             "wakeups_per_connection": (samples["switches1"] - samples["switches0"]) / in_window
             if requests else None,
         }
@@ -289,7 +294,7 @@ def main() -> int:
           f"{args.seconds:g} s, median of {args.rounds} rounds; gateway CPU = service + "
           f"workers")  # fmt: skip
     print(f"{'workers':>8} {'conn/s':>10} {'CPU us/conn':>12} {'of it service':>14} "
-          f"{'wakeups/conn':>13} {'errors':>7}")  # fmt: skip
+          f"{'of it kernel':>10} {'wakeups/conn':>13} {'errors':>7}")  # fmt: skip
     medians = {}
     for n in counts:
         if n == "loop":
@@ -308,8 +313,9 @@ def main() -> int:
         errors = sum(r["errors"] for r in rows[n])
         medians[n] = (rate, cpu)
         wakeups = statistics.median(r["wakeups_per_connection"] or 0 for r in rows[n])
-        print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {wakeups:>13.2f} "
-              f"{errors:>7}")  # fmt: skip
+        system = statistics.median(r["system_us_per_connection"] or 0 for r in rows[n])
+        print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {system:>10.0f} "
+              f"{wakeups:>13.2f} {errors:>7}")  # fmt: skip
     base = medians.get("1")
     for n in ("2", "2pin"):
         if base and base[0] and base[1] and n in medians:
