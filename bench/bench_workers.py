@@ -2,7 +2,8 @@
 1 and 2 workers, in one run (issue 11, "Every core").
 
     .venv/bin/python bench/bench_workers.py [--sandboxes 4] [--seconds 5] [--rounds 3]
-                                            [--workers 1,2] [--phase tls_rate|http_rate]
+                                            [--workers 1,2[,2pin][,loop]]
+                                            [--phase tls_rate|http_rate]
 
 Needs root. Runs in the fake internet (enforcer/demo/fakenet.py: its own namespaces,
 removed at the end; nothing touches the root namespace's network), with a run
@@ -14,6 +15,15 @@ pass-through) for the same seconds; connections/s is the sum over sandboxes of
 completed requests over the phase's seconds; the gateway's CPU is the service's and
 its workers' utime+stime from /proc over the steady middle of the phase (the clients, nginx and the
 runners are not counted). Medians over rounds, and the ratios 2w/1w.
+
+Control runs (issue 11's "where the physical limit is"), as more --workers entries:
+- `2pin`: 2 workers, every sandbox on worker 0 (the other idle; the pool's test-only
+  PIN_ENV): the cost of the worker process, the link and the service's intake
+  without two busy gateway processes on the cores at once;
+- `loop`: a 1-worker round in which, with the clients running, the same pure-Python
+  busy loop (fixed work) runs alone, then as two copies at once, several times:
+  the CPU per unit of work of one vs two is the machine's tax for two busy
+  processes (caches, scheduler), which the gateway code cannot remove.
 
 Goal: the gateway's CPU per connection at 2 workers <= 1.1x that at 1 (on this 2-core
 machine the clients share the cores with the gateway, so connections/s says less than
@@ -49,17 +59,19 @@ profiles:
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` (threads included), 0 when it is gone."""
+def cpu_seconds(pid: int, which: str = "both") -> float:
+    """utime + stime of `pid` (threads included; or `which`: "user", "system" alone),
+    0 when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    user, system = int(fields[11]), int(fields[12])
+    return {"both": user + system, "user": user, "system": system}[which] / CLOCK_TICKS
 
 
 class Service:
-    def __init__(self, fn, work: Path, workers: int):
+    def __init__(self, fn, work: Path, workers: int, env: dict | None = None):
         self.fn, self.work = fn, work
         self.control = work / "gateway.sock"
         rules = work / "rules.yaml"
@@ -73,7 +85,7 @@ class Service:
         ]  # fmt: skip
         self.popen = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(work / "gateway.log").open("a"),
+            stderr=(work / "gateway.log").open("a"), env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 60
         while self.ask("status") is None:
@@ -105,8 +117,56 @@ class Service:
             self.popen.wait()
 
 
-def one_round(fn, work: Path, workers: int, args) -> dict:
-    service = Service(fn, work, workers)
+# The control loop: pure Python of the kinds a gateway does per event (dicts,
+# strings, JSON, a hash); prints the CPU seconds its fixed work took. With NAP set
+# it sleeps NAP seconds after every 8 iterations (~20 us of work), as a gateway
+# process blocks in epoll between bursts: then it also pays for its wake-ups.
+# With BIG it also reads a random one of 200,000 dicts (~40 MB, far more than a
+# core's 2 MB L2) per iteration, as a gateway touches its connections' objects.
+BUSY_LOOP = """
+import hashlib, json, random, sys, time
+nap, big = float(sys.argv[1]), sys.argv[2] == "big"
+table = [{"n": n, "s": str(n) * 8} for n in range(200000 if big else 1)]
+picks = [random.randrange(len(table)) for _ in range(40000)]
+t = time.process_time()
+for i in range(40000):
+    d = {"task": "t%d" % i, "verdict": "allow", "n": table[picks[i]]["n"], "dest": "a:443"}
+    hashlib.sha256(json.dumps(d).encode()).hexdigest()
+    if nap and i % 8 == 0:
+        time.sleep(nap)
+print(time.process_time() - t)
+"""
+LOOP_REPEATS = 3
+NAP = 0.0002
+LOOP_KINDS = ("1", "2", "1nap", "2nap", "1big", "2big")
+
+
+def switches(pid: int) -> int:
+    """Context switches of `pid`'s threads so far (voluntary: it blocked and was woken)."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    total += int(line.split()[1])
+    except OSError:
+        pass
+    return total
+
+
+def busy_loops(copies: int, nap: float = 0.0, big: bool = False) -> list[float]:
+    """CPU seconds of each of `copies` busy loops run at once."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(nap), "big" if big else ""],
+                              stdout=subprocess.PIPE, text=True)
+             for _ in range(copies)]  # fmt: skip
+    return [float(p.communicate()[0]) for p in procs]
+
+
+def one_round(fn, work: Path, label: str, args) -> dict:
+    workers = int(label.rstrip("pinlo") or 1)
+    pinned = label.endswith("pin")
+    env = {**os.environ, "SANDGATE_BENCH_PIN_WORKER": "0"} if pinned else None
+    service = Service(fn, work, workers, env)
     try:
         deadline = time.monotonic() + 30
         while (service.ask("status") or {}).get("spares", 0) < min(4, args.sandboxes):
@@ -127,16 +187,29 @@ def one_round(fn, work: Path, workers: int, args) -> dict:
         # detaches: a sandbox's teardown is not a connection's cost). Connections in
         # it: the phase's rate times its length.
         samples: dict[str, float] = {}
+        loops: dict[str, list[float]] = {k: [] for k in LOOP_KINDS}
 
         def sample(suffix: str) -> None:
             samples["cpu" + suffix] = sum(cpu_seconds(p) for p in pids)
             samples["service" + suffix] = cpu_seconds(service.popen.pid)
+            samples["switches" + suffix] = sum(switches(p) for p in pids)
+            samples["system" + suffix] = sum(cpu_seconds(p, "system") for p in pids)
+            for pid in pids:
+                samples[f"p{pid}{suffix}"] = cpu_seconds(pid)
             samples["t" + suffix] = time.time()
 
         def sampler_run() -> None:
             time.sleep(1.0)
             sample("0")
-            time.sleep(max(0.5, args.seconds - 1.5))
+            if label == "loop":
+                for _ in range(LOOP_REPEATS):
+                    loops["1"] += busy_loops(1)
+                    loops["2"] += busy_loops(2)
+                    loops["1nap"] += busy_loops(1, NAP)
+                    loops["2nap"] += busy_loops(2, NAP)
+                    loops["1big"] += busy_loops(1, big=True)
+                    loops["2big"] += busy_loops(2, big=True)
+            time.sleep(max(0.5, args.seconds - 1.5 - (time.time() - samples["t0"])))
             sample("1")
 
         sampler = threading.Thread(target=sampler_run)
@@ -154,8 +227,16 @@ def one_round(fn, work: Path, workers: int, args) -> dict:
         in_window = requests / seconds * window
         cpu = samples["cpu1"] - samples["cpu0"]
         service_cpu = samples["service1"] - samples["service0"]
+        if label == "loop":
+            return {"workers": label, **{f"loop{k}_s": statistics.median(v)
+                                         for k, v in loops.items()}}  # fmt: skip
         return {
-            "workers": workers,
+            "workers": label,
+            # each process's share (the service first): where a 2-worker run's CPU went
+            "per_process_us": [
+                round(1e6 * (samples[f"p{p}1"] - samples[f"p{p}0"]) / in_window)
+                for p in [service.popen.pid, *(p for p in pids if p != service.popen.pid)]
+            ] if requests else None,
             "connections_per_s": requests / seconds,
             "requests": requests,
             "errors": sum(p.get("errors", 0) for p in phases),
@@ -165,6 +246,10 @@ def one_round(fn, work: Path, workers: int, args) -> dict:
             # with workers: the control plane's part (events in, audit log, metrics)
             "service_us_per_connection": 1e6 * service_cpu / in_window if requests else None,
             "processes": len(pids),
+            "system_us_per_connection":
+            1e6 * (samples["system1"] - samples["system0"]) / in_window if requests else None,
+            "wakeups_per_connection": (samples["switches1"] - samples["switches0"]) / in_window
+            if requests else None,
         }
     finally:
         service.stop()
@@ -187,11 +272,13 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from sandgate.enforcer.demo.fakenet import FakeInternet, fresh_prefix
 
-    counts = [int(n) for n in args.workers.split(",")]
+    counts = args.workers.split(",")
+    if any(not (c.isdigit() or c in ("2pin", "loop")) for c in counts):
+        parser.error("--workers: numbers, 2pin or loop, comma-separated")
     prefix = fresh_prefix("sgw")
     work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     os.environ["SANDGATE_RUN_DIR"] = str(work / "run")
-    rows: dict[int, list[dict]] = {n: [] for n in counts}
+    rows: dict[str, list[dict]] = {n: [] for n in counts}
     try:
         with FakeInternet(prefix, work / "net") as fn:
             for round_no in range(args.rounds):
@@ -206,19 +293,35 @@ def main() -> int:
     print(f"{args.sandboxes} sandboxes x {args.phase} ({args.threads} threads each), "
           f"{args.seconds:g} s, median of {args.rounds} rounds; gateway CPU = service + "
           f"workers")  # fmt: skip
-    print(f"{'workers':>8} {'conn/s':>10} {'CPU us/conn':>12} {'of it service':>14} {'errors':>7}")
+    print(f"{'workers':>8} {'conn/s':>10} {'CPU us/conn':>12} {'of it service':>14} "
+          f"{'of it kernel':>10} {'wakeups/conn':>13} {'errors':>7}")  # fmt: skip
     medians = {}
     for n in counts:
+        if n == "loop":
+            m = {k: statistics.median(r[f"loop{k}_s"] for r in rows[n])
+                 for k in LOOP_KINDS}  # fmt: skip
+            print(f"{'loop':>8} busy loop CPU alone {1e3 * m['1']:.0f} ms, two at once "
+                  f"{1e3 * m['2']:.0f} ms each ({m['2'] / m['1']:.2f}x); napping "
+                  f"{1e6 * NAP:g} us every ~20 us of work: {1e3 * m['1nap']:.0f} / "
+                  f"{1e3 * m['2nap']:.0f} ms ({m['2nap'] / m['1nap']:.2f}x); over 40 MB: "
+                  f"{1e3 * m['1big']:.0f} / {1e3 * m['2big']:.0f} ms "
+                  f"({m['2big'] / m['1big']:.2f}x)")  # fmt: skip
+            continue
         rate = statistics.median(r["connections_per_s"] for r in rows[n])
         cpu = statistics.median(r["cpu_us_per_connection"] or 0 for r in rows[n])
         service = statistics.median(r["service_us_per_connection"] or 0 for r in rows[n])
         errors = sum(r["errors"] for r in rows[n])
         medians[n] = (rate, cpu)
-        print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {errors:>7}")
-    if 1 in medians and 2 in medians and medians[1][0] and medians[1][1]:
-        print(f"ratio 2w/1w: connections/s {medians[2][0] / medians[1][0]:.2f}x, "
-              f"gateway CPU per connection {medians[2][1] / medians[1][1]:.2f}x "
-              f"(goal <= 1.10x)")  # fmt: skip
+        wakeups = statistics.median(r["wakeups_per_connection"] or 0 for r in rows[n])
+        system = statistics.median(r["system_us_per_connection"] or 0 for r in rows[n])
+        print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {system:>10.0f} "
+              f"{wakeups:>13.2f} {errors:>7}")  # fmt: skip
+    base = medians.get("1")
+    for n in ("2", "2pin"):
+        if base and base[0] and base[1] and n in medians:
+            print(f"ratio {n}/1: connections/s {medians[n][0] / base[0]:.2f}x, "
+                  f"gateway CPU per connection {medians[n][1] / base[1]:.2f}x "
+                  f"(goal for 2: <= 1.10x)")  # fmt: skip
     return 0
 
 

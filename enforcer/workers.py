@@ -73,6 +73,9 @@ STEADY_S = 10.0  # a worker that lived this long died once: restart at once
 BACKOFF_MAX = 30.0
 RELOAD_TRIES = 3
 AUDIT_CHECK_S = 0.25  # how often the audit log's writability is passed on (guard_audit)
+# Bench only: every sandbox to this worker index (the others idle), to tell the cost
+# of a worker process apart from that of two busy processes on the cores at once.
+PIN_ENV = "SANDGATE_BENCH_PIN_WORKER"
 
 
 def usable_cores() -> int:
@@ -415,8 +418,13 @@ class WorkerPool:
     # --- sandboxes ----------------------------------------------------------------------
 
     def assign(self) -> int:
-        """The worker a new sandbox network goes to: the one with the fewest."""
-        worker = min(self.workers, key=lambda w: (w.assigned, w.index))
+        """The worker a new sandbox network goes to: the one with the fewest (or, for
+        bench/bench_workers.py's control run only, the one PIN_ENV names)."""
+        pinned = os.environ.get(PIN_ENV, "")
+        if pinned.isdigit() and int(pinned) < len(self.workers):
+            worker = self.workers[int(pinned)]
+        else:
+            worker = min(self.workers, key=lambda w: (w.assigned, w.index))
         worker.assigned += 1
         return worker.index
 

@@ -13,7 +13,7 @@ import dns.message
 import dns.rcode
 import pytest
 from sandgate.enforcer import nft
-from sandgate.enforcer.workers import WorkerPool
+from sandgate.enforcer.workers import PIN_ENV, WorkerPool, WorkerProcess
 from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
@@ -136,6 +136,18 @@ def test_the_guard_table_covers_every_workers_ports():
     assert "udp dport { 40001, 40003 } counter drop" in text
     with pytest.raises(ValueError):
         nft.render_guard("sandgatesvc", [40000], [40001, 40003])
+
+
+def test_the_bench_pin_puts_every_sandbox_on_one_worker_and_is_off_by_default(monkeypatch):
+    pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, lambda event: None)
+    pool.workers += [WorkerProcess(i, None) for i in range(2)]
+    monkeypatch.delenv(PIN_ENV, raising=False)
+    assert [pool.assign() for _ in range(4)] == [0, 1, 0, 1]  # the fewest first
+    monkeypatch.setenv(PIN_ENV, "1")
+    assert [pool.assign() for _ in range(3)] == [1, 1, 1]
+    assert [w.assigned for w in pool.workers] == [2, 5]
+    monkeypatch.setenv(PIN_ENV, "7")  # no such worker: ignored
+    assert pool.assign() == 0
 
 
 PLAIN = """\
