@@ -236,7 +236,9 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             "per_process_us": [
                 round(1e6 * (samples[f"p{p}1"] - samples[f"p{p}0"]) / in_window)
                 for p in [service.popen.pid, *(p for p in pids if p != service.popen.pid)]
-            ] if requests else None,
+            ]
+            if requests
+            else None,
             "connections_per_s": requests / seconds,
             "requests": requests,
             "errors": sum(p.get("errors", 0) for p in phases),
@@ -246,10 +248,12 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             # with workers: the control plane's part (events in, audit log, metrics)
             "service_us_per_connection": 1e6 * service_cpu / in_window if requests else None,
             "processes": len(pids),
-            "system_us_per_connection":
-            1e6 * (samples["system1"] - samples["system0"]) / in_window if requests else None,
+            "system_us_per_connection": 1e6 * (samples["system1"] - samples["system0"]) / in_window
+            if requests
+            else None,
             "wakeups_per_connection": (samples["switches1"] - samples["switches0"]) / in_window
-            if requests else None,
+            if requests
+            else None,
         }
     finally:
         service.stop()

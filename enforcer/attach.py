@@ -331,7 +331,12 @@ class TaskTerminal:
         modes[6] = [c if isinstance(c, int) else ord(c) for c in modes[6]]
         return cls(
             caller,
-            {"fds": caller.terminal, "foreground": caller.foreground, "termios": modes, "winsize": size},
+            {
+                "fds": caller.terminal,
+                "foreground": caller.foreground,
+                "termios": modes,
+                "winsize": size,
+            },
         )
 
     @property

@@ -170,7 +170,10 @@ def _stdio_line() -> bytes:
     terminal, foreground = _controlling_terminal()
     if not terminal:
         return b'{"stdio": [0, 1, 2]}\n'
-    return encode({"stdio": [0, 1, 2], "terminal": terminal, "foreground": foreground}).encode() + b"\n"
+    return (
+        encode({"stdio": [0, 1, 2], "terminal": terminal, "foreground": foreground}).encode()
+        + b"\n"
+    )
 
 
 def _follow(conn: _socket.socket) -> int:
@@ -294,7 +297,10 @@ class _Lines:
             chunk, ancillary, _flags, _addr = self.conn.recvmsg(65536, _FD_SPACE)
             for level, kind, data in ancillary:
                 if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                    self.fds += [int.from_bytes(data[i : i + 4], sys.byteorder) for i in range(0, len(data) - 3, 4)]
+                    self.fds += [
+                        int.from_bytes(data[i : i + 4], sys.byteorder)
+                        for i in range(0, len(data) - 3, 4)
+                    ]
             if not chunk:
                 return None
             self.buffer += chunk

@@ -109,7 +109,9 @@ class TerminalRelay:
                     reading.append(self.tty_in)
             writing = [self.master] if self.pending else []
             try:
-                ready, writable, _ = select.select(reading, writing, [], 0 if lines.ready() else None)
+                ready, writable, _ = select.select(
+                    reading, writing, [], 0 if lines.ready() else None
+                )
             except InterruptedError:
                 continue
             if lines.conn in ready or lines.ready():
@@ -175,4 +177,3 @@ class TerminalRelay:
         """The task's last output (the sandbox has ended: the pty reads to its end)."""
         while self.master is not None and self._output():
             pass
-

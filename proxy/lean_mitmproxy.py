@@ -285,7 +285,9 @@ def lighter_forks() -> bool:
 def _probe_client():
     from mitmproxy import connection
 
-    return connection.Client(peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0)
+    return connection.Client(
+        peername=("127.0.0.1", 1), sockname=("127.0.0.1", 2), timestamp_start=0
+    )
 
 
 MAX_CACHED_KEYS = 16  # private keys converted to pyOpenSSL kept (mitmproxy uses one)
@@ -375,9 +377,7 @@ def run_hooks_inline() -> bool:
                             name=f"server connection handler {command.connection.address}",
                             client=self.client.peername,
                         )
-                        self.transports[command.connection] = server.ConnectionIO(
-                            handler=handler
-                        )
+                        self.transports[command.connection] = server.ConnectionIO(handler=handler)
                     elif isinstance(command, commands.RequestWakeup):
                         task = asyncio_utils.create_task(
                             self.wakeup(command),

@@ -183,5 +183,3 @@ class Link(asyncio.Protocol):
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
         with contextlib.suppress(LinkClosed):
             self.send({"re": request_id, **reply})
-
-

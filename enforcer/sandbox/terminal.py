@@ -74,7 +74,9 @@ class Terminal:
         try:
             fcntl.ioctl(self.slave, termios.TIOCSCTTY, 0)
             termios.tcsetattr(self.slave, termios.TCSANOW, self.settings["termios"])
-            fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("4H", *self.settings["winsize"]))
+            fcntl.ioctl(
+                self.slave, termios.TIOCSWINSZ, struct.pack("4H", *self.settings["winsize"])
+            )
             socket.send_fds(self.job, [b'{"terminal": true}\n'], [master])
         finally:
             os.close(master)

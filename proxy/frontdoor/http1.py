@@ -665,8 +665,10 @@ class Http1Session:
         self.response_done = True
         self.fast_method = self.request.method
         idle = not self.fast_close and not self.fast_response
-        if self.client_closes or self.fast_close or (
-            self.fast_client_closed and not self.fast_pending
+        if (
+            self.client_closes
+            or self.fast_close
+            or (self.fast_client_closed and not self.fast_pending)
         ):
             self.fast_idle = idle
             self._close(None)

@@ -46,7 +46,13 @@ from typing import NamedTuple
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _FIELD_CHAR = rb"[^\x00\s]"  # h11's vchar_or_obs_text
 _FIELD = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*((?:" + _FIELD_CHAR + rb"+(?:[ \t]+" + _FIELD_CHAR + rb"+)*)?)[ \t]*"
+    rb"("
+    + _TOKEN
+    + rb"):[ \t]*((?:"
+    + _FIELD_CHAR
+    + rb"+(?:[ \t]+"
+    + _FIELD_CHAR
+    + rb"+)*)?)[ \t]*"
 )
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/1\.1")
 # A subset of h11's status line: a final status, a reason of visible ASCII and spaces.
@@ -216,9 +222,7 @@ def write_response(response: SimpleResponse, client_closes: bool) -> bytes:
         fields.append((b"Transfer-Encoding", b"chunked"))
     if client_closes:
         tokens = {b"close"}
-        tokens.update(
-            _connection_tokens([v for n, v in fields if n.lower() == b"connection"])
-        )
+        tokens.update(_connection_tokens([v for n, v in fields if n.lower() == b"connection"]))
         tokens.discard(b"keep-alive")
         fields = [(n, v) for n, v in fields if n.lower() != b"connection"]
         fields += [(b"Connection", t) for t in sorted(tokens)]

@@ -88,7 +88,9 @@ class Event:
         again), filled in one update: the gate makes two per connection."""
         unknown = fields.keys() - _OPEN_FIELDS
         if unknown:
-            raise TypeError(f"Event has no field (or one the decision gives) {', '.join(sorted(unknown))}")
+            raise TypeError(
+                f"Event has no field (or one the decision gives) {', '.join(sorted(unknown))}"
+            )
         rule = decision.rule
         values = {
             **_BLANK,

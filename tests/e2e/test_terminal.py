@@ -101,7 +101,7 @@ def test_the_task_has_a_controlling_terminal_of_the_callers_size(way, tmp_path):
     assert seen["tty"] == ("/dev/pts/0" if way.name == "warm" else "not a tty")
 
 
-READ = "echo > started; read line; echo \"$line\" > got; exit 3"
+READ = 'echo > started; read line; echo "$line" > got; exit 3'
 
 
 def test_a_foreground_read_reads_the_keys(way, tmp_path):

@@ -195,6 +195,7 @@ def test_two_workers_hold_each_sandbox_to_its_profile_sum_their_metrics_and_relo
         # they agree with the one audit log, which has both workers' events.
         tasks_of = {by_profile["default"]["task_id"], by_profile["api"]["task_id"]}
         assert {e["task_id"] for e in service.events(kind="dns")} == tasks_of
+
         def agree(kind: str, metric: str) -> bool:
             return _metric_total(net, metrics_port, metric) == len(service.events(kind=kind)) > 0
 

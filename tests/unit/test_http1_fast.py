@@ -277,8 +277,28 @@ def test_a_head_ends_where_h11_ends_it_or_is_not_fast(buffer, end):
 
 
 # Pieces the generated heads are made of: valid ones and each way of breaking them.
-METHODS = [b"GET", b"HEAD", b"POST", b"DELETE", b"OPTIONS", b"CONNECT", b"get", b"G T", b"GET\t", b""]
-TARGETS = [b"/", b"/a?b=1", b"http://allowed.test/x", b"http://evil.test/", b"*", b"/a b", b"/\x7f", b""]
+METHODS = [
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"DELETE",
+    b"OPTIONS",
+    b"CONNECT",
+    b"get",
+    b"G T",
+    b"GET\t",
+    b"",
+]
+TARGETS = [
+    b"/",
+    b"/a?b=1",
+    b"http://allowed.test/x",
+    b"http://evil.test/",
+    b"*",
+    b"/a b",
+    b"/\x7f",
+    b"",
+]
 VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 ", b"http/1.1", b"HTTP/1.10"]
 NAMES = [b"Host", b"host", b"Content-Length", b"Transfer-Encoding", b"Connection", b"Upgrade",
          b"Expect", b"X-A", b"X A", b"", b"X:A", b"Host ", b"\tHost", b"X\x00"]  # fmt: skip
@@ -348,7 +368,7 @@ CHUNKED_BODIES = [
     b"000000000000000000002\r\nok\r\n0\r\n\r\n",  # 21: overlong, refused
     b"FFFFFFFFFFFFFFFFFFFF\r\nabc",  # a huge size, then cut
     b"2;name=value\r\nok\r\n0;last\r\n\r\n",  # extensions (dropped, as h11 drops them)
-    b"2;a=\"b;c\"\r\nok\r\n0\r\n\r\n",
+    b'2;a="b;c"\r\nok\r\n0\r\n\r\n',
     b"2 \t\r\nok\r\n0 \r\n\r\n",  # blanks before the CRLF
     b"2 ;x\r\nok\r\n0\r\n\r\n",  # a blank before the extension
     b"2\r\nok\r\n0\r\nX-Trailer: 1\r\n\r\n",  # trailers
@@ -394,7 +414,9 @@ def h11_chunked(pieces: list[bytes]) -> list:
         written = b""
         try:
             while (event := reader.next_event()) is not h11.NEED_DATA:
-                written += writer.send(h11.EndOfMessage() if type(event) is h11.EndOfMessage else event)
+                written += writer.send(
+                    h11.EndOfMessage() if type(event) is h11.EndOfMessage else event
+                )
                 if type(event) is h11.EndOfMessage:
                     out.append((written, "end", reader.trailing_data[0]))
                     return out
@@ -560,13 +582,17 @@ RESPONSES = [
 CLIENTS = [
     b"GET / HTTP/1.1\r\n" + H + b"\r\n",
     b"GET /a HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
-    b"GET http://allowed.test/abs HTTP/1.1\r\n" + H + b"Connection: X-T, keep-alive\r\nX-T: 1\r\n\r\n",
+    b"GET http://allowed.test/abs HTTP/1.1\r\n"
+    + H
+    + b"Connection: X-T, keep-alive\r\nX-T: 1\r\n\r\n",
     b"HEAD /h HTTP/1.1\r\n" + H + b"\r\n",
     b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n",
     b"GET http://evil.test/ HTTP/1.1\r\n" + H + b"\r\n",
     b"GET / HTTP/1.1\r\n" + H + b"X: a\r\n GET /smuggled HTTP/1.1\r\n\r\n",
     b"POST /p HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc",
-    b"POST /p HTTP/1.1\r\n" + H + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /p HTTP/1.1\r\n"
+    + H
+    + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"POST /p HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     b"GET / HTTP/1.1\r\n" + H + b"Upgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
     b"GET / HTTP/1.0\r\n" + H + b"\r\n",

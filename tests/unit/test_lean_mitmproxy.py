@@ -273,7 +273,9 @@ def served(addon_hooks: dict, monkeypatch) -> tuple[list, list[str]]:
         master = Master(options.Options())
         try:
             master.addons.add(*(Recorder(n, log, h) for n, h in addon_hooks.items()))
-            handler = mode_servers.ProxyConnectionHandler.__new__(mode_servers.ProxyConnectionHandler)
+            handler = mode_servers.ProxyConnectionHandler.__new__(
+                mode_servers.ProxyConnectionHandler
+            )
             handler.master, handler.transports, handler.hook_tasks = master, {}, set()
             handler.client = tflow.tclient_conn()
             handler.timeout_watchdog, handler._server_event_lock = Watchdog(), asyncio.Lock()
@@ -393,7 +395,9 @@ def written(then=()) -> list:
     async def main():
         master = Master(options.Options())
         try:
-            handler = mode_servers.ProxyConnectionHandler.__new__(mode_servers.ProxyConnectionHandler)
+            handler = mode_servers.ProxyConnectionHandler.__new__(
+                mode_servers.ProxyConnectionHandler
+            )
             handler.master, handler.hook_tasks = master, set()
             handler.client = tflow.tclient_conn()
             handler.transports = {
@@ -577,8 +581,15 @@ def test_a_forked_context_is_the_same_without_a_server_made(monkeypatch):
         made.clear()
         child = parent.fork()
         child.layers.append("c")  # the child's own list
-        return (vars(child).keys(), child.server is parent.server, child.client is parent.client,
-                child.options is parent.options, child.layers, parent.layers, len(made))
+        return (
+            vars(child).keys(),
+            child.server is parent.server,
+            child.client is parent.client,
+            child.options is parent.options,
+            child.layers,
+            parent.layers,
+            len(made),
+        )
 
     before, after = before_and_after(monkeypatch, context.Context, "fork", lighter_forks)(fork)
     assert before[:-1] == after[:-1]

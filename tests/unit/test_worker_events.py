@@ -35,22 +35,74 @@ def ev(kind=EventKind.CONNECTION, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLO
 MIX = [
     ev(protocol="tls", name="allowed.test", dst_ip="203.0.113.10", dst_port=443, latency=0.0003),
     ev(protocol="tls", name="allowed.test", dst_ip="203.0.113.10", dst_port=443, latency=0.02),
-    ev(EventKind.CONNECTION_END, protocol="tls", name="allowed.test", bytes_up=517,
-       bytes_down=4096, duration=0.2, latency=None),  # fmt: skip
-    ev(EventKind.CONNECTION, Verdict.DENY, Reason.NO_RULE, rule_id="default:fallback",
-       protocol="tcp", dst_ip="198.51.100.7", dst_port=22, latency=7.0),  # past every bucket
-    ev(EventKind.DNS, Verdict.DENY, Reason.NO_RULE, rule_id="default:fallback",
-       name='evil"\n\u2603.test', duration=0.004),  # fmt: skip
+    ev(
+        EventKind.CONNECTION_END,
+        protocol="tls",
+        name="allowed.test",
+        bytes_up=517,
+        bytes_down=4096,
+        duration=0.2,
+        latency=None,
+    ),  # fmt: skip
+    ev(
+        EventKind.CONNECTION,
+        Verdict.DENY,
+        Reason.NO_RULE,
+        rule_id="default:fallback",
+        protocol="tcp",
+        dst_ip="198.51.100.7",
+        dst_port=22,
+        latency=7.0,
+    ),  # past every bucket
+    ev(
+        EventKind.DNS,
+        Verdict.DENY,
+        Reason.NO_RULE,
+        rule_id="default:fallback",
+        name='evil"\n\u2603.test',
+        duration=0.004,
+    ),  # fmt: skip
     ev(EventKind.DNS, name="allowed.test", duration=0.0001),
-    ev(EventKind.REQUEST, Verdict.DENY, Reason.METHOD_NOT_ALLOWED, protocol="https",
-       method="DELETE", path="/x" * 3000, name="allowed.test", latency=0.00005),  # fmt: skip
+    ev(
+        EventKind.REQUEST,
+        Verdict.DENY,
+        Reason.METHOD_NOT_ALLOWED,
+        protocol="https",
+        method="DELETE",
+        path="/x" * 3000,
+        name="allowed.test",
+        latency=0.00005,
+    ),  # fmt: skip
     ev(EventKind.REQUEST, protocol="http", method="BREW", name="allowed.test", latency=0.001),
-    ev(EventKind.APPROVAL, Verdict.ALLOW, Reason.APPROVAL_GRANTED, scope="task", wait=12.5,
-       approval_id="a1", approver="uid 0 (root)", name="asked.test", latency=0.002),  # fmt: skip
-    ev(EventKind.TASK, Verdict.DENY, Reason.TASK_LIMIT, rule_id="builtin:limit-memory",
-       detail="memory limit"),  # fmt: skip
-    ev(EventKind.CONNECTION, Verdict.DENY, Reason.PRIVATE_ADDRESS, task_id=None,
-       sandbox="10.0.0.9", profile=None, rule_id=None, dst_ip="10.1.1.1", dst_port=80),  # fmt: skip
+    ev(
+        EventKind.APPROVAL,
+        Verdict.ALLOW,
+        Reason.APPROVAL_GRANTED,
+        scope="task",
+        wait=12.5,
+        approval_id="a1",
+        approver="uid 0 (root)",
+        name="asked.test",
+        latency=0.002,
+    ),  # fmt: skip
+    ev(
+        EventKind.TASK,
+        Verdict.DENY,
+        Reason.TASK_LIMIT,
+        rule_id="builtin:limit-memory",
+        detail="memory limit",
+    ),  # fmt: skip
+    ev(
+        EventKind.CONNECTION,
+        Verdict.DENY,
+        Reason.PRIVATE_ADDRESS,
+        task_id=None,
+        sandbox="10.0.0.9",
+        profile=None,
+        rule_id=None,
+        dst_ip="10.1.1.1",
+        dst_port=80,
+    ),  # fmt: skip
 ]
 
 
@@ -137,8 +189,15 @@ def test_the_metrics_a_worker_counts_are_those_the_events_make_in_process(batche
 
 def test_a_flood_of_worker_events_is_aggregated_as_one_of_events():
     flood = [
-        ev(EventKind.CONNECTION, Verdict.DENY, Reason.NO_RULE, rule_id="default:fallback",
-           dst_ip="198.51.100.7", dst_port=1000 + i, time=1700000000.0 + i)  # fmt: skip
+        ev(
+            EventKind.CONNECTION,
+            Verdict.DENY,
+            Reason.NO_RULE,
+            rule_id="default:fallback",
+            dst_ip="198.51.100.7",
+            dst_port=1000 + i,
+            time=1700000000.0 + i,
+        )  # fmt: skip
         for i in range(12)
     ]
     got, _ = through_a_worker(flood)

@@ -78,7 +78,7 @@ def test_a_bad_wire_event_is_an_error_not_an_event():
         EncodedEvent(b'"kind":"connection"', *row)
     # Members that are no whole event, or no JSON: decoding them says so.
     good_row = [*row[:4], "rule_allow", "web", None]
-    for members in (b'"kind":"connection"', b'"kind":', b'1]'):
+    for members in (b'"kind":"connection"', b'"kind":', b"1]"):
         with pytest.raises(ValueError):
             EncodedEvent(members, *good_row).decoded()
     values = [getattr(FULL, name) for name in FIELDS]
