@@ -59,6 +59,11 @@ def _run_demo() -> int:
             )
         workspace = Path(work) / "workspace"
         workspace.mkdir()
+        # The task sees the host read-only but not all of it (a fresh /tmp and /root,
+        # sandgate's own files hidden): where sandgate is installed may be out of its
+        # view, so the agent runs from a copy in its workspace.
+        agent = workspace / AGENT.name
+        shutil.copyfile(AGENT, agent)
         print(
             f"  host namespace {net.host_ns}; servers: allowed.test, api.allowed.test, evil.test (203.0.113.66)\n"
             f"  rules: {DEMO_RULES}\n\nsandgate run -- python3 {AGENT.name}\n",
@@ -81,7 +86,7 @@ def _run_demo() -> int:
                 "--",
                 python,
                 "-I",
-                str(AGENT),
+                str(agent),
             ],
             capture_output=False,
             text=True,
