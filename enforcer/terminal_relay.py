@@ -107,7 +107,8 @@ class TerminalRelay:
                 reading.append(self.master)
                 if not self.pending and self.saved is not None:  # raw: in the foreground
                     reading.append(self.tty_in)
-            writing = [self.master] if self.pending else []
+            # Keys read as the pty hung up (the sandbox ended) have nowhere to go.
+            writing = [self.master] if self.pending and self.master is not None else []
             try:
                 ready, writable, _ = select.select(
                     reading, writing, [], 0 if lines.ready() else None

@@ -1,0 +1,38 @@
+"""TerminalRelay.serve at the end of a run: the pty hung up (the sandbox ended) while
+a key was on its way to it, and the runner's exit code comes after."""
+
+from __future__ import annotations
+
+import os
+import socket
+import termios
+import threading
+
+from sandgate.enforcer import handoff
+from sandgate.enforcer.terminal_relay import TerminalRelay, raw_modes
+
+
+def test_a_key_typed_as_the_pty_hangs_up_does_not_lose_the_exit_code():
+    caller_master, caller_tty = os.openpty()  # the caller's terminal
+    task_master, task_slave = os.openpty()  # the task's pty
+    os.close(task_slave)  # every process of the sandbox has closed it: reads give EIO
+    termios.tcsetattr(caller_tty, termios.TCSANOW, raw_modes(termios.tcgetattr(caller_tty)))
+    os.write(caller_master, b"k")  # a key, typed just then
+    runner, ours = socket.socketpair()
+    relay = TerminalRelay([0, 1, 2])
+    relay.tty_in = relay.tty_out = caller_tty
+    relay.master = task_master
+    os.set_blocking(task_master, False)
+    relay.saved = termios.tcgetattr(caller_tty)  # raw, in the foreground
+    # The exit code comes once the relay has seen the hang-up and read the key.
+    later = threading.Timer(0.3, lambda: runner.sendall(b'{"exit": 3}\n'))
+    later.start()
+    try:
+        assert relay.serve(handoff._Lines(ours), lambda _signum: None) == 3
+        assert relay.master is None  # the pty was closed on its hang-up
+    finally:
+        later.join()
+        for fd in (caller_master, caller_tty):
+            os.close(fd)
+        runner.close()
+        ours.close()
