@@ -432,6 +432,71 @@ def test_each_events_data_goes_out_in_one_write(both_event_paths, then, before, 
     assert both_event_paths(lambda: written(then)) == (before, after)
 
 
+class HeldThenSends(layer.Layer):
+    """requestheaders (blocking), then what the layer sends once it was decided."""
+
+    def __init__(self, context, flow):
+        super().__init__(context)
+        self.flow = flow
+
+    def _handle_event(self, event):
+        if isinstance(event, events.Start):
+            yield layers.http.HttpRequestHeadersHook(self.flow)
+            yield commands.SendData(self.context.client, b"forwarded")
+
+
+class Holds:
+    """An addon that holds every request until `release` is set (an approval)."""
+
+    def __init__(self):
+        self.release = asyncio.get_running_loop().create_future()
+
+    def requestheaders(self, flow):
+        return self.release
+
+
+def held() -> tuple[list, list]:
+    """What is written while the hook holds the request, and after it is released."""
+    from mitmproxy.proxy import mode_servers, server
+
+    calls: list = []
+
+    async def main():
+        master = Master(options.Options())
+        try:
+            holder = Holds()
+            master.addons.add(holder)
+            handler = mode_servers.ProxyConnectionHandler.__new__(
+                mode_servers.ProxyConnectionHandler
+            )
+            handler.master, handler.hook_tasks = master, set()
+            handler.client = tflow.tclient_conn()
+            handler.transports = {
+                handler.client: server.ConnectionIO(writer=RecordingWriter(calls))
+            }
+            handler.timeout_watchdog, handler._server_event_lock = Watchdog(), asyncio.Lock()
+            handler.log = lambda message, *a, **k: None
+            handler.layer = HeldThenSends(
+                context.Context(handler.client, master.options), tflow.tflow()
+            )
+            await handler.server_event(events.Start())
+            for _ in range(20):
+                await asyncio.sleep(0)
+            while_held = list(calls)
+            holder.release.set_result(None)
+            while handler.hook_tasks:
+                await asyncio.sleep(0)
+            return while_held, calls
+        finally:
+            master._legacy_log_events.uninstall()
+
+    return asyncio.run(main())
+
+
+def test_a_held_request_goes_on_only_once_released(both_event_paths):
+    assert both_event_paths(held) == (([], [b"forwarded"]), ([], [b"forwarded"]))
+
+
 # --- lighter lookups, leaf objects reused -------------------------------------------
 
 
