@@ -10,6 +10,8 @@ import logging
 
 import pytest
 import sandgate.proxy.lean_mitmproxy  # noqa: F401 - before any mitmproxy import
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from mitmproxy import addonmanager, exceptions, hooks, http, options
 from mitmproxy.master import Master
 from mitmproxy.net.http.http1 import read
@@ -627,6 +629,73 @@ def test_hellos_sandgate_refuses_are_mitmproxys_to_read(lean_hellos):
     assert got.sni == kaitai(hello).sni
     with pytest.raises(ValueError):
         lean(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00")  # not a ClientHello, as before
+
+
+def _u16(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data
+
+
+def _ext(kind: int, data: bytes) -> bytes:
+    return kind.to_bytes(2, "big") + _u16(data)
+
+
+_NAMES = [b"a.test", b"b.test", b"", b"A.TEST", b"a.test.", b"x_y.test", b"\xff", b"a..b", b"1.2.3.4"]
+_EXTENSIONS = st.one_of(
+    st.lists(st.tuples(st.sampled_from([0, 0, 1]), st.sampled_from(_NAMES)), max_size=3).map(
+        lambda names: _ext(0, _u16(b"".join(bytes([t]) + _u16(n) for t, n in names)))
+    ),
+    st.lists(st.sampled_from([b"h2", b"", b"http/1.1", b"x"]), max_size=3).map(
+        lambda protocols: _ext(0x10, _u16(b"".join(bytes([len(p)]) + p for p in protocols)))
+    ),
+    st.builds(_ext, st.sampled_from([0, 0x10, 0x2B]), st.binary(max_size=12)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@example([_ext(0, _u16(b"\x00" + _u16(b"a..b")))], b"")  # not a host name to mitmproxy
+@example([_ext(0x10, _u16(b"\x02h2\x00"))], b"")  # an empty ALPN name
+@given(st.lists(_EXTENSIONS, max_size=4), st.sampled_from([b"", b"\x00", b"\x00\x00\x00\x00"]))
+def test_generated_hellos_the_gate_takes_read_as_mitmproxys(extensions, trailing):
+    """Duplicate extensions, two names, empty ALPN names, trailing bytes: when the front
+    door's parser takes a hello, mitmproxy's layer (lean) reads the SNI and ALPN Kaitai
+    reads, and the SNI is the gate's (or None, where mitmproxy takes no host name)."""
+    from mitmproxy.proxy.layers import tls as tls_layer
+    from sandgate.proxy import clienthello
+
+    kaitai = tls_layer.parse_client_hello
+    lean = _lean_parser()
+    block = b"".join(extensions)
+    body = b"\x03\x03" + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
+    body += _u16(block) + trailing
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    hello = b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+    try:
+        gate = clienthello.parse_client_hello(hello)
+    except ValueError:
+        return  # refused at the front door: never reaches mitmproxy
+
+    def read(parse):
+        try:
+            parsed = parse(hello)
+        except ValueError:
+            return "refused"
+        return parsed.sni, parsed.alpn_protocols
+
+    theirs, ours = read(kaitai), read(lean)
+    assert ours == theirs
+    assert ours == "refused" or ours[0] in (None, gate.sni)
+
+
+def _lean_parser():
+    from mitmproxy.proxy.layers import tls as tls_layer
+    from sandgate.proxy.lean_mitmproxy import parse_client_hellos_lean
+
+    original = tls_layer.parse_client_hello
+    try:
+        parse_client_hellos_lean()
+        return tls_layer.parse_client_hello
+    finally:
+        tls_layer.parse_client_hello = original
 
 
 # --- forks, gc ----------------------------------------------------------------------
