@@ -388,25 +388,28 @@ class RecordingWriter:
         self.calls.append("EOF")
 
 
+def writing_handler(master, calls: list):
+    """A ProxyConnectionHandler, no layer yet, whose client's writes go to `calls`."""
+    from mitmproxy.proxy import mode_servers, server
+
+    handler = mode_servers.ProxyConnectionHandler.__new__(mode_servers.ProxyConnectionHandler)
+    handler.master, handler.hook_tasks = master, set()
+    handler.client = tflow.tclient_conn()
+    handler.transports = {handler.client: server.ConnectionIO(writer=RecordingWriter(calls))}
+    handler.timeout_watchdog, handler._server_event_lock = Watchdog(), asyncio.Lock()
+    handler.log = lambda message, *a, **k: None
+    return handler
+
+
 def written(then=()) -> list:
     """What a connection handler writes to the client for SendsInPieces' Start."""
-    from mitmproxy.proxy import mode_servers, server
 
     calls: list = []
 
     async def main():
         master = Master(options.Options())
         try:
-            handler = mode_servers.ProxyConnectionHandler.__new__(
-                mode_servers.ProxyConnectionHandler
-            )
-            handler.master, handler.hook_tasks = master, set()
-            handler.client = tflow.tclient_conn()
-            handler.transports = {
-                handler.client: server.ConnectionIO(writer=RecordingWriter(calls))
-            }
-            handler.timeout_watchdog, handler._server_event_lock = Watchdog(), asyncio.Lock()
-            handler.log = lambda message, *a, **k: None
+            handler = writing_handler(master, calls)
             ctx = context.Context(handler.client, master.options)
             handler.layer = SendsInPieces(ctx, [c(ctx.client) for c in then])
             await handler.server_event(events.Start())
@@ -459,7 +462,6 @@ class Holds:
 
 def held() -> tuple[list, list]:
     """What is written while the hook holds the request, and after it is released."""
-    from mitmproxy.proxy import mode_servers, server
 
     calls: list = []
 
@@ -468,16 +470,7 @@ def held() -> tuple[list, list]:
         try:
             holder = Holds()
             master.addons.add(holder)
-            handler = mode_servers.ProxyConnectionHandler.__new__(
-                mode_servers.ProxyConnectionHandler
-            )
-            handler.master, handler.hook_tasks = master, set()
-            handler.client = tflow.tclient_conn()
-            handler.transports = {
-                handler.client: server.ConnectionIO(writer=RecordingWriter(calls))
-            }
-            handler.timeout_watchdog, handler._server_event_lock = Watchdog(), asyncio.Lock()
-            handler.log = lambda message, *a, **k: None
+            handler = writing_handler(master, calls)
             handler.layer = HeldThenSends(
                 context.Context(handler.client, master.options), tflow.tflow()
             )
