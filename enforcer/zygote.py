@@ -172,7 +172,10 @@ def _pidfd_pid(pidfd: int) -> int:
     with open(f"/proc/self/fdinfo/{pidfd}") as f:
         for line in f:
             if line.startswith("Pid:"):
-                return int(line.split()[1])
+                value = line[4:].strip()
+                if not value.lstrip("-").isdigit():
+                    break
+                return int(value)  # -1: the process has exited (the caller refuses it)
     raise OSError(f"fd {pidfd} is not a pidfd")
 
 
@@ -265,7 +268,7 @@ def _stdio(conn: socket.socket) -> tuple[list[int], list[int], bool]:
             or not line.endswith(b"\n")
             or set(message) - {"stdio", "terminal", "foreground"}
             or not isinstance(terminal, list)
-            or not set(terminal) <= {0, 1, 2}
+            or not all(type(fd) is int and fd in (0, 1, 2) for fd in terminal)
             or not isinstance(foreground, bool)
         ):
             raise ValueError("no stdio")

@@ -3,6 +3,7 @@ reads of its caller in /proc is that process's, never another's that took its pi
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -61,3 +62,26 @@ def test_a_caller_gone_during_the_read_is_refused(caller):
 
     with pytest.raises(ProcessLookupError):
         zygote.of_peer(conn, read_while_it_dies)
+
+
+@pytest.mark.parametrize("line", ["Pid:\n", "Pid:\tx\n", "Flags:\t02\n"])
+def test_a_pidfd_info_without_a_pid_is_refused_not_a_crash(caller, monkeypatch, line):
+    """An fdinfo the runner cannot read a pid from is an OSError (refusal's), never
+    an IndexError or a read of some other pid."""
+    conn, process = caller
+    real_open = open
+    monkeypatch.setattr(
+        zygote,
+        "open",
+        lambda path, *a, **k: (
+            io.StringIO(line)
+            if str(path).startswith("/proc/self/fdinfo/")
+            else real_open(path, *a, **k)
+        ),
+        raising=False,
+    )
+    read = []
+    with pytest.raises(OSError):
+        zygote.of_peer(conn, read.append)
+    assert read == []
+    assert zygote.refusal(conn).startswith(f"pid {process.pid}: cannot read")

@@ -55,6 +55,8 @@ def test_the_runner_reads_which_stdio_is_the_terminal():
     [
         pytest.param({"stdio": [0, 1, 2], "terminal": [3]}, id="not-stdio"),
         pytest.param({"stdio": [0, 1, 2], "terminal": "0"}, id="not-a-list"),
+        pytest.param({"stdio": [0, 1, 2], "terminal": [True]}, id="bool-not-fd"),
+        pytest.param({"stdio": [0, 1, 2], "terminal": [0.0]}, id="float-not-fd"),
         pytest.param({"stdio": [0, 1, 2], "foreground": 1}, id="foreground-not-bool"),
         pytest.param({"stdio": [0, 1, 2], "more": 1}, id="unknown-key"),
         pytest.param({"stdio": [0, 1]}, id="two-fds"),
