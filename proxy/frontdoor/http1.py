@@ -749,7 +749,11 @@ class Http1Session:
             if self.fast_response:
                 server.receive_data(bytes(self.fast_response))
                 self.fast_response.clear()
-        self._read_client()
+        # Mid-response h11 alone last read the client when its bytes came (before the
+        # response said close, or it would have closed): reading the pipelined bytes
+        # now, after a close, would be its "Got data when expecting EOF" too early.
+        if not self.responding:
+            self._read_client()
         if self.server is not None and not self.closing:
             self._read_upstream()
 

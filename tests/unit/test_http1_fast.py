@@ -635,3 +635,29 @@ def test_whole_sessions_go_as_h11_alone_would_take_them(tmp_path):
             fast_taken += fast and s.fast
         assert runs[True] == runs[False], (case, client, upstream, first_difference(runs))
     assert fast_taken > 50  # the fast path did carry whole connections
+
+
+def run_both(tmp_path, client: list[bytes], upstream: list[bytes], reused: bool = False) -> dict:
+    """One connection through a session with the fast path and one without."""
+    runs = {}
+    for fast in (False, True):
+        (tmp_path / str(fast)).mkdir(exist_ok=True)
+        s = session(make_gate(tmp_path / str(fast), sandbox=LOOPBACK), fast)
+        runs[fast] = (drive(s, client, upstream, reused), events(s))
+    return runs
+
+
+def test_a_pipelined_request_does_not_cut_a_closing_chunked_response_at_the_hand_over(tmp_path):
+    """The client pipelines a second request; the response says close and is chunked,
+    with a trailer (h11's to read). h11 alone keeps the pipelined bytes unread and
+    ends the response whole, then closes; the hand-over to h11 mid-body must not
+    read them early (that was "Got data when expecting EOF": a reset, the body cut)."""
+    client = [b"GET / HTTP/1.1\r\n" + H + b"\r\nGET /2 HTTP/1.1\r\n" + H + b"\r\n"]
+    upstream = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nok\r\n",
+        b"0\r\nX-Trailer: 1\r\n\r\n",
+    ]
+    runs = run_both(tmp_path, client, upstream)
+    assert runs[True] == runs[False], first_difference(runs)
+    last = runs[True][0][-1]
+    assert last[1].endswith(b"0\r\n\r\n") and last[6:9] == (True, False, None)  # whole, a FIN
