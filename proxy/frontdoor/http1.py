@@ -532,6 +532,12 @@ class Http1Session:
             if event is h11.PAUSED:
                 return
             if isinstance(event, h11.InformationalResponse | h11.Response):
+                if self.request is None:
+                    # h11 frames it as the answer to a request not yet made (the
+                    # client would take it as its next request's), then fails on
+                    # that request: the upstream broke the exchange, end it here.
+                    self._close("the upstream sent a response no request asked for")
+                    return
                 self._on_response(event)
             elif isinstance(event, h11.Data):
                 self._to_client(event)

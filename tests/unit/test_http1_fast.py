@@ -661,3 +661,20 @@ def test_a_pipelined_request_does_not_cut_a_closing_chunked_response_at_the_hand
     assert runs[True] == runs[False], first_difference(runs)
     last = runs[True][0][-1]
     assert last[1].endswith(b"0\r\n\r\n") and last[6:9] == (True, False, None)  # whole, a FIN
+
+
+def test_a_response_no_request_asked_for_is_not_passed_on(tmp_path):
+    """The upstream sends a second response after the first, before the client's next
+    request: h11 would frame it as the answer to a request not yet made (and h11's
+    state machine then failed on that request with an AttributeError). Neither way
+    passes it on: the connection closes after the first response."""
+    client = [b"GET / HTTP/1.1\r\n" + H + b"\r\n", b"GET /2 HTTP/1.1\r\n" + H + b"\r\n"]
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    upstream = [first + b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"]
+    runs = run_both(tmp_path, client, upstream)
+    assert runs[True] == runs[False], first_difference(runs)
+    steps, seen = runs[True]
+    assert b"".join(step[1] for step in steps) == first  # the client got the first only
+    assert not [step for step in steps if b"GET /2" in step[2]]  # never went upstream
+    assert steps[-1][6:10] == (True, False, "the upstream sent a response no request asked for", False)  # not pooled
+    assert [e[0] for e in seen].count("request") == 1
