@@ -500,7 +500,8 @@ def session(gate, fast: bool) -> Http1Session:
 def snapshot(s: Http1Session, step: str) -> tuple:
     out = (step, bytes(s.to_client), bytes(s.to_upstream), s.need_upstream, s.connected,
            s.drop_upstream, s.closing, s.reset, s.problem, s.upstream_idle,
-           s.client_said_all, s.wants_client_data, s.wants_upstream_data)  # fmt: skip
+           s.client_said_all and not (s.closing and s.reset),  # (a reset: not read)
+           s.wants_client_data, s.wants_upstream_data)  # fmt: skip
     s.to_client.clear()
     if s.connected:
         s.to_upstream.clear()
