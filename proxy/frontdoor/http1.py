@@ -532,6 +532,12 @@ class Http1Session:
             if event is h11.PAUSED:
                 return
             if isinstance(event, h11.InformationalResponse | h11.Response):
+                if self.request is None:
+                    # h11 frames it as the answer to a request not yet made (the
+                    # client would take it as its next request's), then fails on
+                    # that request: the upstream broke the exchange, end it here.
+                    self._close("the upstream sent a response no request asked for")
+                    return
                 self._on_response(event)
             elif isinstance(event, h11.Data):
                 self._to_client(event)
@@ -749,7 +755,11 @@ class Http1Session:
             if self.fast_response:
                 server.receive_data(bytes(self.fast_response))
                 self.fast_response.clear()
-        self._read_client()
+        # Mid-response h11 alone last read the client when its bytes came (before the
+        # response said close, or it would have closed): reading the pipelined bytes
+        # now, after a close, would be its "Got data when expecting EOF" too early.
+        if not self.responding:
+            self._read_client()
         if self.server is not None and not self.closing:
             self._read_upstream()
 
