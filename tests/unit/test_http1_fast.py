@@ -693,7 +693,12 @@ def test_a_response_no_request_asked_for_is_not_passed_on(tmp_path):
     steps, seen = runs[True]
     assert b"".join(step[1] for step in steps) == first  # the client got the first only
     assert not [step for step in steps if b"GET /2" in step[2]]  # never went upstream
-    assert steps[-1][6:10] == (True, False, "the upstream sent a response no request asked for", False)  # not pooled
+    assert steps[-1][6:10] == (
+        True,
+        False,
+        "the upstream sent a response no request asked for",
+        False,
+    )  # not pooled
     assert [e[0] for e in seen].count("request") == 1
 
 
@@ -734,7 +739,9 @@ def generated_response(rng: random.Random) -> bytes:
     if framing == "lengths":
         fields.append(rng.choice([b"Content-Length: %d" % size, b"Content-Length: 7"]))
     if framing in ("chunked", "both"):
-        fields.append(rng.choice([b"Transfer-Encoding: chunked"] * 3 + [b"Transfer-Encoding: Chunked"]))
+        fields.append(
+            rng.choice([b"Transfer-Encoding: chunked"] * 3 + [b"Transfer-Encoding: Chunked"])
+        )
     for _ in range(rng.randint(0, 2)):
         fields.append(rng.choice([b"Connection: close", b"Connection: keep-alive", b"X-A: 1",
                                   b"Connection: Close, X-A"]))  # fmt: skip
@@ -772,7 +779,9 @@ def test_interleaved_generated_sessions_go_as_h11_alone_would_take_them(tmp_path
                 return [data[i : i + 1] for i in range(len(data))]
             return pieces(data, rng)
 
-        client = cut(b"".join(requests)) if rng.random() < 0.3 else [p for r in requests for p in cut(r)]
+        client = (
+            cut(b"".join(requests)) if rng.random() < 0.3 else [p for r in requests for p in cut(r)]
+        )
         upstream: list[bytes | None] = [p for r in responses for p in cut(r) if p]
         for pieces_of, end in ((client, b""), (upstream, b""), (upstream, LOST)):
             if rng.random() < 0.15:  # (nothing comes after it)

@@ -632,7 +632,17 @@ def _ext(kind: int, data: bytes) -> bytes:
     return kind.to_bytes(2, "big") + _u16(data)
 
 
-_NAMES = [b"a.test", b"b.test", b"", b"A.TEST", b"a.test.", b"x_y.test", b"\xff", b"a..b", b"1.2.3.4"]
+_NAMES = [
+    b"a.test",
+    b"b.test",
+    b"",
+    b"A.TEST",
+    b"a.test.",
+    b"x_y.test",
+    b"\xff",
+    b"a..b",
+    b"1.2.3.4",
+]
 _EXTENSIONS = st.one_of(
     st.lists(st.tuples(st.sampled_from([0, 0, 1]), st.sampled_from(_NAMES)), max_size=3).map(
         lambda names: _ext(0, _u16(b"".join(bytes([t]) + _u16(n) for t, n in names)))
