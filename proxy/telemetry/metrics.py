@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import operator
 import os
 import selectors
 import socket
@@ -77,6 +78,11 @@ _DECISION_LABELS = ("verdict", "reason", "rule", "profile")
 _DECIDING = frozenset({EventKind.CONNECTION, EventKind.DNS, EventKind.REQUEST, EventKind.APPROVAL})
 TALLIED = frozenset({EventKind.CONNECTION, EventKind.CONNECTION_END, EventKind.DNS,
                      EventKind.REQUEST})  # fmt: skip
+# What an event's series depend on: the key of `Metrics`' child cache and of a
+# worker's tally rows (`_resolve` turns it into labels).
+_label_key = operator.attrgetter(
+    "kind", "verdict", "reason", "rule_id", "profile", "protocol", "method"
+)
 _MAX_CACHED_CHILDREN = 50_000  # a guard on memory; label caps already bound the series
 
 
@@ -247,15 +253,7 @@ class Metrics:
                 return  # counted in its worker: add_tally
             event = event.decoded()
         kind = event.kind
-        key = (
-            kind,
-            event.verdict,
-            event.reason,
-            event.rule_id,
-            event.profile,
-            event.protocol,
-            event.method,
-        )
+        key = _label_key(event)
         children = self._children.get(key)
         if children is None:
             children = self._resolve(key)
@@ -492,8 +490,7 @@ class MetricsTally:
         kind = event.kind
         if kind not in TALLIED:
             return
-        key = (kind, event.verdict, event.reason, event.rule_id, event.profile,
-               event.protocol, event.method)  # fmt: skip
+        key = _label_key(event)
         row = self._rows.get(key)
         if row is None:
             row = self._rows[key] = [0, 0.0, {}, 0, 0]  # n, seconds, bucket -> n, up, down

@@ -14,23 +14,11 @@ import time
 import pytest
 from support import sandbox
 from support.sandbox import curl, eventually, python
-from support.service import GatewayProcess, attach, attach_argv
+from support.service import TWO_PROFILES, GatewayProcess, attach, attach_argv
 
 pytestmark = pytest.mark.e2e
 
 ALLOWED_IP = "203.0.113.10"
-TWO_PROFILES = """\
-version: 1
-profiles:
-  default:
-    rules:
-      - allow: allowed.test
-        id: web-allowed
-  api:
-    rules:
-      - allow: www.allowed.test
-        id: api-www
-"""
 
 
 @pytest.fixture
@@ -159,6 +147,15 @@ def _fetch_in_a_loop(service, tmp_path):
     return runner, results, shared
 
 
+def _statuses_a_while_later(results):
+    """The statuses `_fetch_in_a_loop` writes in 1.5 s, from 1.5 s on (the attempts
+    under way when the test acted have ended by then)."""
+    time.sleep(1.5)
+    marker = len(results.read_text().splitlines())
+    time.sleep(1.5)
+    return results.read_text().splitlines()[marker:]
+
+
 def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
     service, net, tmp_path
 ):
@@ -167,10 +164,7 @@ def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
         assert eventually(lambda: results.exists() and "200" in results.read_text(), timeout=15)
         run_id = service.events(reason="rule_allow", kind="task")[0]["task_id"]  # the task's start
         service.kill()  # SIGKILL: no cleanup at all
-        time.sleep(1.5)
-        marker = len(results.read_text().splitlines())
-        time.sleep(1.5)
-        while_dead = results.read_text().splitlines()[marker:]
+        while_dead = _statuses_a_while_later(results)
         assert while_dead and "200" not in while_dead, while_dead  # no egress without the service
         served_while_dead = len(net.requests_seen(ALLOWED_IP))
 
@@ -215,10 +209,7 @@ def test_a_service_that_starts_while_another_is_down_leaves_it_its_sandboxes(net
         other.start()
         assert other.status()["sandboxes"] == 0
         assert not other.events(task_id=run_id)  # neither adopted nor removed
-        time.sleep(1.5)
-        marker = len(results.read_text().splitlines())
-        time.sleep(1.5)
-        while_other = results.read_text().splitlines()[marker:]
+        while_other = _statuses_a_while_later(results)
         assert while_other and "200" not in while_other, while_other
         other.stop()
         assert not other.events(task_id=run_id)

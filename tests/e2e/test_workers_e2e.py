@@ -16,22 +16,10 @@ import subprocess
 import pytest
 from support import sandbox
 from support.sandbox import eventually
-from support.service import GatewayProcess, attach_argv
+from support.service import TWO_PROFILES, GatewayProcess, attach_argv
 
 pytestmark = pytest.mark.e2e
 
-TWO_PROFILES = """\
-version: 1
-profiles:
-  default:
-    rules:
-      - allow: allowed.test
-        id: web-allowed
-  api:
-    rules:
-      - allow: www.allowed.test
-        id: api-www
-"""
 
 # Fetches both names ({name}-web, {name}-www: the status or the error), opens a TLS
 # connection to argv[1], says so ({name}-up), then waits until the gateway closes it

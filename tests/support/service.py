@@ -1,8 +1,8 @@
 """A `sandgate gateway` service in the fake internet's host netns, and tasks attached to it.
 
 `GatewayProcess` starts the service with a rule file and a control socket of the
-test's own (nothing under /run/sandgate is shared with other runs), waits until it
-answers, and stops it (or SIGKILLs it) by its pid. `attach` runs labelled steps in
+test's own (its sandboxes' state under /run/sandgate sits beside other services', as
+on a host with several), waits until it answers, and stops it (or SIGKILLs it) by its pid. `attach` runs labelled steps in
 a sandbox of that service, like `sandbox.run` does for an embedded gateway, and
 returns the same RunResult, with the service's audit-log lines of that task.
 """
@@ -16,6 +16,21 @@ import time
 from pathlib import Path
 
 from support import sandbox
+
+# Two profiles for the service tests: `default` may reach allowed.test and below it,
+# `api` only www.allowed.test.
+TWO_PROFILES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        id: web-allowed
+  api:
+    rules:
+      - allow: www.allowed.test
+        id: api-www
+"""
 
 
 class GatewayProcess:
