@@ -6,10 +6,11 @@ A profile that allows websockets still goes to mitmproxy."""
 from __future__ import annotations
 
 import shlex
+import subprocess
 
 import pytest
 from support import sandbox
-from support.sandbox import SYSTEM_BUNDLE_ONLY, curl, eventually
+from support.sandbox import SYSTEM_BUNDLE_ONLY, curl, eventually, python
 
 pytestmark = pytest.mark.e2e
 
@@ -61,3 +62,108 @@ def test_a_profile_with_a_websocket_rule_still_goes_to_mitmproxy(net, tmp_path):
                     rules=rules, extra=("-v",))  # fmt: skip
     assert r["get"].status == 200, r.describe()
     assert "mitmproxy started" in r.stderr, r.describe()
+
+
+# A server that answers a request for /twice with its response and, in the same
+# write, a second response no request asked for; every other request plainly. Logs
+# "CONNECTION PATH" for every request it reads (connections numbered from 1).
+TWICE_SERVER = r"""
+import itertools, socket, sys, threading
+ip, port, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+log = open(log_path, "a", buffering=1)
+listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((ip, port)); listener.listen(16)
+
+def answer(body):
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+def serve(c, number):
+    data = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = c.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            path = head.split(b" ")[1]
+            log.write(f"{number} {path.decode()}\n")
+            extra = answer(b"forged") if path == b"/twice" else b""
+            c.sendall(answer(b"answer:" + path) + extra)
+    except OSError:
+        pass
+    finally:
+        c.close()
+
+print("ready", flush=True)
+for number in itertools.count(1):
+    threading.Thread(target=serve, args=(listener.accept()[0], number), daemon=True).start()
+"""
+TWICE_PORT = 8082
+
+
+def test_a_response_no_request_asked_for_closes_the_client_connection(net, tmp_path):
+    """The upstream answers a request twice: the second answer is never passed on (the
+    client would take it as its next request's), the client's connection is closed
+    with a reason in its end event, and the next request gets its own decision and
+    its own answer, on a new upstream connection."""
+    log = tmp_path / "twice.log"
+    log.touch()
+    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c"]
+    argv += [TWICE_SERVER, "203.0.113.66", str(TWICE_PORT), str(log)]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        f"      - allow: evil.test\n        ports: [{TWICE_PORT}]\n        id: twice\n"
+    )
+    # the client reads the first answer, gives the forged one time to arrive, then asks
+    # again on the same connection: it must find the connection closed, not "forged"
+    same_connection = python(
+        """
+        import socket, sys, time
+        s = socket.create_connection(("evil.test", int(sys.argv[1])), timeout=5)
+        s.sendall(b"GET /twice HTTP/1.1\\r\\nHost: evil.test\\r\\n\\r\\n")
+        data = b""
+        while not data.endswith(b"answer:/twice"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        print(data.split(b"\\r\\n\\r\\n")[-1].decode())
+        time.sleep(0.5)
+        rest = b""
+        try:
+            s.sendall(b"GET /next HTTP/1.1\\r\\nHost: evil.test\\r\\n\\r\\n")
+            while chunk := s.recv(4096):
+                rest += chunk
+        except OSError:
+            pass
+        print(rest.decode(errors="replace").replace("\\r\\n", " ") or "closed")
+        """,
+        str(TWICE_PORT),
+    )
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        r = sandbox.run(net, tmp_path, {
+            "same_connection": same_connection,
+            "next": curl(f"http://evil.test:{TWICE_PORT}/next"),
+        }, rules=rules)  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+
+    # the forged answer was never taken for the next request's: the connection closed
+    assert r["same_connection"].out.splitlines() == ["answer:/twice", "closed"], r.describe()
+    assert r["next"].out.split() == ["answer:/next", "200"], r.describe()
+    # /next went on a new upstream connection: the one with the forged bytes was not kept
+    seen = eventually(lambda: (lines := log.read_text().split()) and len(lines) >= 4 and lines)
+    assert seen == ["1", "/twice", "2", "/next"], seen
+    decided = r.events(kind="request", verdict="allow", rule_id="twice")
+    assert [e["path"] for e in decided] == ["/twice", "/next"], r.describe()
+    ended = [e for e in r.events(kind="connection_end") if e.get("dst_port") == TWICE_PORT]
+    assert len(ended) == 2, ended
+    cut = [e for e in ended if "a response no request asked for" in (e.get("detail") or "")]
+    assert len(cut) == 1, ended
