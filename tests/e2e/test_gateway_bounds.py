@@ -15,6 +15,7 @@ import subprocess
 import pytest
 from support import sandbox
 from support.sandbox import SYSTEM_BUNDLE_ONLY, curl, eventually, python
+from support.servers import script_server
 from support.service import GatewayProcess, attach, attach_argv
 
 pytestmark = pytest.mark.e2e
@@ -475,25 +476,19 @@ ENDLESS_RESPONSE_PORT = 8081
 def test_an_upstream_response_head_that_never_ends_is_cut_with_a_502(net, tmp_path):
     log = tmp_path / "endless.log"
     log.touch()
-    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c"]
-    argv += [ENDLESS_RESPONSE_SERVER, "203.0.113.66", str(ENDLESS_RESPONSE_PORT), str(log)]
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     rules = tmp_path / "rules.yaml"
     rules.write_text(
         "version: 1\nprofiles:\n  default:\n    rules:\n"
         f"      - allow: evil.test\n        ports: [{ENDLESS_RESPONSE_PORT}]\n        id: hostile\n"
         "      - allow: allowed.test\n        id: plain\n"
     )
-    try:
-        assert server.stdout.readline().strip() == "ready"
+    address = ("203.0.113.66", str(ENDLESS_RESPONSE_PORT))
+    with script_server(net, ENDLESS_RESPONSE_SERVER, *address, str(log)):
         url = f"http://evil.test:{ENDLESS_RESPONSE_PORT}/endless-response"
         r = sandbox.run(net, tmp_path, {
             "endless": curl(url, timeout=20),
             "after": curl("http://allowed.test/after-endless-response"),
         }, rules=rules)  # fmt: skip
-    finally:
-        server.kill()
-        server.wait()
 
     assert r["endless"].status == 502, r.describe()
     assert "200 OK" not in r["endless"].out and "aaaa" not in r["endless"].out, r.describe()

@@ -6,11 +6,11 @@ A profile that allows websockets still goes to mitmproxy."""
 from __future__ import annotations
 
 import shlex
-import subprocess
 
 import pytest
 from support import sandbox
 from support.sandbox import SYSTEM_BUNDLE_ONLY, curl, eventually, python
+from support.servers import script_server
 
 pytestmark = pytest.mark.e2e
 
@@ -111,9 +111,6 @@ def test_a_response_no_request_asked_for_closes_the_client_connection(net, tmp_p
     its own answer, on a new upstream connection."""
     log = tmp_path / "twice.log"
     log.touch()
-    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c"]
-    argv += [TWICE_SERVER, "203.0.113.66", str(TWICE_PORT), str(log)]
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     rules = tmp_path / "rules.yaml"
     rules.write_text(
         "version: 1\nprofiles:\n  default:\n    rules:\n"
@@ -145,15 +142,11 @@ def test_a_response_no_request_asked_for_closes_the_client_connection(net, tmp_p
         """,
         str(TWICE_PORT),
     )
-    try:
-        assert server.stdout.readline().strip() == "ready"
+    with script_server(net, TWICE_SERVER, "203.0.113.66", str(TWICE_PORT), str(log)):
         r = sandbox.run(net, tmp_path, {
             "same_connection": same_connection,
             "next": curl(f"http://evil.test:{TWICE_PORT}/next"),
         }, rules=rules)  # fmt: skip
-    finally:
-        server.kill()
-        server.wait()
 
     # the forged answer was never taken for the next request's: the connection closed
     assert r["same_connection"].out.splitlines() == ["answer:/twice", "closed"], r.describe()

@@ -3,7 +3,9 @@ own (another CA, another address): static files, and git's smart HTTP under /oct
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from support import sandbox
@@ -88,3 +90,20 @@ def start_https_server(
         proc.wait()
         raise AssertionError(f"no HTTPS server on {ip}:{port}")
     return proc
+
+
+@contextlib.contextmanager
+def script_server(net, script: str, *args: str) -> Iterator[subprocess.Popen]:
+    """`script` (Python source that prints "ready" once it listens) run with `args` in
+    the fake internet's namespace, for a server that misbehaves on purpose; killed
+    when the block ends."""
+    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c", script]
+    proc = subprocess.Popen(
+        [*argv, *args], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready", "the test's server did not start"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
