@@ -196,6 +196,7 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             samples["system" + suffix] = sum(cpu_seconds(p, "system") for p in pids)
             for pid in pids:
                 samples[f"p{pid}{suffix}"] = cpu_seconds(pid)
+                samples[f"w{pid}{suffix}"] = switches(pid)
             samples["t" + suffix] = time.time()
 
         def sampler_run() -> None:
@@ -235,6 +236,13 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             # each process's share (the service first): where a 2-worker run's CPU went
             "per_process_us": [
                 round(1e6 * (samples[f"p{p}1"] - samples[f"p{p}0"]) / in_window)
+                for p in [service.popen.pid, *(p for p in pids if p != service.popen.pid)]
+            ]
+            if requests
+            else None,
+            # and its wake-ups: the service's fall with fewer, fuller event batches
+            "per_process_wakeups": [
+                round((samples[f"w{p}1"] - samples[f"w{p}0"]) / in_window, 3)
                 for p in [service.popen.pid, *(p for p in pids if p != service.popen.pid)]
             ]
             if requests

@@ -68,6 +68,10 @@ class DataPlane(Protocol):
         """Serve `sandbox` from now on (returns once it does)."""
 
     def remove_sandbox(self, address: str) -> None: ...
+    async def settle(self, address: str) -> None:
+        """Returns once the events made so far for `address` have reached the sinks
+        (a worker holds them for its next flush tick): before a task's summary."""
+
     async def gateway_ca(self) -> Path:
         """The gateway CA's certificate, made before this returns: what a task whose
         profile inspects TLS must trust."""
@@ -127,6 +131,9 @@ class InProcessGateway:
 
     def remove_sandbox(self, address: str) -> None:
         self.gateway.remove_sandbox(address)
+
+    async def settle(self, address: str) -> None:
+        """Nothing to wait for: the gateway emits into the sinks as it goes."""
 
     async def gateway_ca(self) -> Path:
         await self.gateway.proxy.started()  # it makes the CA (a reload may have added the rule)

@@ -72,6 +72,7 @@ READY_TIMEOUT = 120.0  # a worker loads the rules (100k rules: seconds) and may 
 STEADY_S = 10.0  # a worker that lived this long died once: restart at once
 BACKOFF_MAX = 30.0
 RELOAD_TRIES = 3
+SETTLE_TIMEOUT = 2.0  # a detach waits this long at most for a worker's last events
 AUDIT_CHECK_S = 0.25  # how often the audit log's writability is passed on (guard_audit)
 # Bench only: every sandbox to this worker index (the others idle), to tell the cost
 # of a worker process apart from that of two busy processes on the cores at once.
@@ -464,6 +465,16 @@ class WorkerPool:
         worker.sandboxes.pop(address, None)
         if worker.up.is_set() and worker.link is not None:
             self._spawn_task(self._request_quietly(worker, "remove_sandbox", address=address))
+
+    async def settle(self, address: str) -> None:
+        """Once this returns, the events `address`'s worker made before it was asked
+        are in the sink: it sends what it holds for its next tick, then answers."""
+        index = self.by_address.get(address)
+        worker = None if index is None else self.workers[index]
+        if worker is None or not worker.up.is_set() or worker.link is None:
+            return  # none, or dead: what it held is lost, `worker_restarted` says so
+        with contextlib.suppress(LinkClosed, RuntimeError, TimeoutError):
+            await worker.link.request("flush", timeout=SETTLE_TIMEOUT)
 
     async def gateway_ca(self) -> Path:
         return self.ca_cert

@@ -14,10 +14,11 @@ The service talks to it over `--link` (proxy/worker_link.py). Requests it answer
 inspects: the service then hands the task the CA), `remove_sandbox` {address},
 `reload` {expect} (loads the rule files itself, off the loop, and swaps; replies
 with the hash in force), `audit_hold` {problem} (the service's audit log cannot be
-written: refuse new connections as the in-process gateway would), `stats`, `stop`,
+written: refuse new connections as the in-process gateway would), `flush` (send the
+events held for the next tick now), `stats`, `stop`,
 and the approvals ops `approve`, `deny`, `grant` (proxy/approvals/remote.py).
 Notifications it sends: `ready` {pid, proxy_port, dns_port, policy} once, `events`
-at most FLUSH_DELAY after an event (`EventBatcher`), `stats` every STATS_INTERVAL seconds, `approval` {what, approval} on every change of its
+at the next FLUSH_PERIOD tick after an event (`EventBatcher`), `stats` every STATS_INTERVAL seconds, `approval` {what, approval} on every change of its
 approvals. It asks the service `always` (append an approved rule, reload).
 
 It imports nothing of enforcer/, and dies with the service (PR_SET_PDEATHSIG).
@@ -32,6 +33,7 @@ import ctypes
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -54,18 +56,28 @@ log = logging.getLogger("sandgate.worker")
 
 STATS_INTERVAL = 1.0
 MAX_BATCH = 2000  # events per `events` line
-# Events wait up to FLUSH_DELAY (or until FLUSH_COUNT are pending) before they go: one
-# line per loop iteration woke the service for every connection or two, and the
-# wake-up, not the event, was most of what the service spent on it. The audit
-# writer itself batches over 50 ms, so the log sees no difference.
-FLUSH_DELAY = 0.005
+# Events wait for the next tick of a FLUSH_PERIOD clock (or until FLUSH_COUNT are
+# pending) before they go. Each batch wakes the service (and, when the worker has
+# nothing else to do, the worker's own timer wakes it): at 5 ms after the first event,
+# a batch held 3-6 events and the wake-ups, not the events, were most of the link's
+# cost. The ticks are multiples of FLUSH_PERIOD on CLOCK_MONOTONIC (the loop's clock,
+# one for every process of the machine), so every worker sends at the same instants
+# and the service wakes once for all of them, not once per worker. The audit writer
+# itself batches over 50 ms, so the log sees no difference; a worker that is killed
+# loses at most its last FLUSH_PERIOD of events.
+FLUSH_PERIOD = 0.02
 FLUSH_COUNT = 256
 PR_SET_PDEATHSIG = 1
 
 
+def next_tick(now: float, period: float = FLUSH_PERIOD) -> float:
+    """The first multiple of `period` after `now` (seconds of the loop's clock)."""
+    return (math.floor(now / period) + 1) * period
+
+
 class EventBatcher:
-    """The worker gateway's one sink: events go to the service in batches, at most
-    FLUSH_DELAY after the first of them, not one write per event.
+    """The worker gateway's one sink: events go to the service in batches, at the next
+    tick of the FLUSH_PERIOD clock (`next_tick`), not one write per event.
 
     The service only chains and writes each event's audit line, counts it into its
     task's summary and its audit rate limit, and adds up the metrics, so what it needs
@@ -100,7 +112,8 @@ class EventBatcher:
         if len(self.rows) >= FLUSH_COUNT:
             self.flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(next_tick(loop.time()), self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -142,12 +155,13 @@ class Worker:
         self.link: Link | None = None
         self.reloader: PolicyReloader | None = None
         self.approvals: ApprovalsOverLink | None = None
+        self.batcher: EventBatcher | None = None
 
     async def run(self) -> int:
         self.link = await Link.over(self.link_sock, self.handle)
         reading = asyncio.get_running_loop().create_task(self.link.run())
         policy = await asyncio.to_thread(load_policy, self.rules)
-        batcher = EventBatcher(self.link)
+        self.batcher = batcher = EventBatcher(self.link)
         self.gateway = Gateway(
             GatewayConfig(
                 listen_host="",
@@ -245,9 +259,15 @@ class Worker:
     async def op_stats(self, message: dict) -> dict:
         return self.stats()
 
+    async def op_flush(self, message: dict) -> dict:
+        """Send the events held for the next tick now: they are on the link before the
+        reply (the service's detach waits for them, for the task's summary)."""
+        self.batcher.flush()
+        return {}
+
     async def op_stop(self, message: dict) -> dict:
         await self.gateway.stop()  # connection ends are emitted and batched
-        self.gateway.events.sinks[0].flush()
+        self.batcher.flush()
         self.stopped.set()
         return {}
 

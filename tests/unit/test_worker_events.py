@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from sandgate.enforcer.workers import WorkerPool
 from sandgate.proxy.policy.reasons import Reason, Verdict
-from sandgate.proxy.telemetry.audit import GENESIS, AuditLog, encode_line, verify
+from sandgate.proxy.telemetry.audit import GENESIS, AuditLog, audit_members, encode_line, verify
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
 from sandgate.proxy.telemetry.flood import FloodControl, FloodLimits
 from sandgate.proxy.telemetry.metrics import Metrics
@@ -259,3 +259,105 @@ def test_a_notification_carries_its_payload_in_order_and_a_bad_size_ends_the_lin
         sender.close()
 
     asyncio.run(main())
+
+
+class _Writes(_Sent):
+    """_Sent that also notes the loop's time of each write."""
+
+    def __init__(self):
+        super().__init__()
+        self.at: list[float] = []
+
+    def send(self, message: dict, payload: bytes = b"") -> None:
+        super().send(message, payload)
+        self.at.append(asyncio.get_running_loop().time())
+
+
+def test_events_spread_over_a_tick_go_in_one_write_in_order_at_the_tick():
+    """Events made over ~8 ms (each in a loop iteration of its own) go in one write per
+    FLUSH_PERIOD tick they fall in, at the tick: not one per 5 ms after the first."""
+    from sandgate.proxy.worker import FLUSH_PERIOD, next_tick
+
+    async def main():
+        sent = _Writes()
+        batcher = EventBatcher(sent)
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(next_tick(loop.time()) - loop.time() + 0.0005)
+        made, ticks = [], set()
+        began = loop.time()
+        for i in range(8):
+            event = ev(dst_port=1000 + i)
+            ticks.add(next_tick(loop.time()))
+            batcher.emit(event)
+            made.append(event)
+            await asyncio.sleep(0.001)
+        spread = loop.time() - began
+        await asyncio.sleep(FLUSH_PERIOD + 0.01)
+        return sent, made, ticks, spread
+
+    sent, made, ticks, spread = asyncio.run(main())
+    assert spread > 0.005  # longer than the old 5 ms window: that sent 2+ writes
+    assert len(sent.messages) == len(ticks) < len(made)
+    rows = [row for m in sent.messages for row in m["events"]]
+    assert [b for m in sent.messages for b in m["payload"].split(b"\n")] == [
+        audit_members(e).encode() for e in made
+    ]
+    assert len(rows) == len(made)
+    # Each write at (just after) its tick: a multiple of FLUSH_PERIOD.
+    for at in sent.at:
+        assert 0 <= at - round(at / FLUSH_PERIOD) * FLUSH_PERIOD < 0.01
+
+
+def test_two_workers_batchers_flush_at_the_same_instant():
+    """Batchers whose first events come at different moments of one period flush at the
+    same tick: the service wakes once for both."""
+    from sandgate.proxy.worker import FLUSH_PERIOD, next_tick
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(next_tick(loop.time()) - loop.time() + 0.001)
+        one, two = EventBatcher(_Sent()), EventBatcher(_Sent())
+        one.emit(ev())
+        await asyncio.sleep(0.006)
+        two.emit(ev())
+        whens = one._timer.when(), two._timer.when()
+        one.flush()
+        two.flush()
+        return whens
+
+    first, second = asyncio.run(main())
+    assert first == second
+    assert abs(first / FLUSH_PERIOD - round(first / FLUSH_PERIOD)) < 1e-6
+    assert next_tick(0.0) == FLUSH_PERIOD and next_tick(FLUSH_PERIOD * 3) == FLUSH_PERIOD * 4
+
+
+def test_settle_returns_once_the_workers_held_events_are_in_the_sink():
+    """A detach asks the worker to `flush` (pool.settle): the events it held for its next
+    tick reach the service's sink, all and in order, before settle returns."""
+    from sandgate.proxy.worker import Worker
+
+    async def main():
+        got, tallies = [], []
+        pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append, tally=tallies.extend)
+        a, b = socket.socketpair()
+        worker = Worker(0, {"rules": []}, None, None)
+        worker.link = await Link.over(a, worker.handle)
+        worker.batcher = EventBatcher(worker.link)
+        up = asyncio.Event()
+        up.set()
+        held = SimpleNamespace(index=0, up=up, link=None)
+        held.link = await Link.over(b, lambda m: pool._handle(held, m, None))
+        pool.workers.append(held)
+        pool.by_address["10.0.0.2"] = 0
+        for event in MIX:
+            worker.batcher.emit(event)
+        assert worker.batcher._timer is not None and got == []  # held for the tick
+        await pool.settle("10.0.0.2")
+        assert worker.batcher.rows == []
+        await pool.settle("10.9.9.9")  # no such sandbox: nothing to wait for
+        worker.link.close()
+        held.link.close()
+        return got
+
+    got = asyncio.run(main())
+    assert [e.decoded() for e in got] == MIX
