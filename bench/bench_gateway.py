@@ -376,6 +376,9 @@ def attach_usage(res: dict, sampler: Sampler) -> None:
             usage = sampler.during(res[phase]["t_start"], res[phase]["t_end"])
             if usage.get("cpu_s") and res[phase].get("requests"):
                 usage["cpu_us_per_request"] = 1e6 * usage["cpu_s"] / res[phase]["requests"]
+            if usage.get("cpu_s") and res[phase].get("downloads"):
+                mb = res[phase]["downloads"] * res[phase]["bytes_each"] / 1e6
+                usage["cpu_ms_per_mb"] = 1e3 * usage["cpu_s"] / mb
             res[phase]["proxy"] = usage
 
 
@@ -483,6 +486,8 @@ class Bench:
         # run directory stays the default one: `sandgate gc` (run by anyone) spares
         # the sandboxes of runs whose pid file it finds there, and only there.
         self.state_dir = workdir / "sandgate-state"
+        self.trust_dir = workdir / "trust"  # bound into sandgate's sandboxes (sandbox_cacert)
+        self.trust_dir.mkdir()
         self.run_dir = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))
         self.env = dict(os.environ, SANDGATE_STATE_DIR=str(self.state_dir))
         self.env["PATH"] = f"{VENV_BIN}:{self.env.get('PATH', '')}:/usr/sbin:/sbin"
@@ -501,8 +506,8 @@ class Bench:
 
     def client_argv(self, phases: list[str], resolve: bool, cacert=None) -> list[str]:
         """The clients' command line; `cacert` None: the default, $SSL_CERT_FILE (in a
-        sandgate sandbox: the bundle `sandgate run` binds, with --extra-ca and, when
-        the rules inspect, the gateway's CA)."""
+        sandgate sandbox: the bundle `sandgate run` binds, the system's CAs with
+        --extra-ca and, when the rules inspect, the gateway's CA; see sandbox_cacert)."""
         a = self.args
         argv = [
             CLIENT_PY,
@@ -538,6 +543,8 @@ class Bench:
             "--extra-ca",
             str(self.fn.ca_cert),
             "-q",
+            "--ro",  # the clients' CA file (sandbox_cacert)
+            str(self.trust_dir),
             *self.args.sandgate_arg,
             "--",
             *map(str, command),
@@ -592,6 +599,11 @@ class Bench:
                 (self.run_dir / sid).rmdir()
         # The nft table lives in the host netns and goes with it (fakenet.close).
 
+    def phases(self, key: str) -> tuple[str, ...]:
+        """Setup `key`'s client phases, less those `--phases` leaves out."""
+        wanted = self.args.phases
+        return tuple(p for p in SETUP_PHASES[key] if wanted is None or p in wanted)
+
     def run_clients_in(self, key: str, phases=SETUP_PHASES["A"], cacert=None) -> dict:
         ns = self.nets[key].netns
         out = self.workdir / f"clients-{key}.json"
@@ -607,7 +619,7 @@ class Bench:
     def round_direct(self) -> dict:
         self.host("sysctl", "-w", "net.ipv4.ip_forward=1")
         try:
-            return self.run_clients_in("A", SETUP_PHASES["A"])
+            return self.run_clients_in("A", self.phases("A"))
         finally:
             self.host("sysctl", "-w", "net.ipv4.ip_forward=0")
 
@@ -775,7 +787,7 @@ table inet {self.table}_{key.lower()} {{
         if key == "S":
             cacert = self._bundle(self.workdir / "squid-S" / "squid.pem")
         with Sampler(self.proxies[key].pid) as sampler:
-            res = self.run_clients_in(key, SETUP_PHASES[key], cacert)
+            res = self.run_clients_in(key, self.phases(key), cacert)
         attach_usage(res, sampler)
         return res
 
@@ -800,10 +812,26 @@ table inet {self.table}_{key.lower()} {{
             raise RuntimeError(f"sandgate run -- true failed: {proc.stderr.strip()}")
         self.results["start"]["first_run_ms"] = ms
 
+    def sandbox_cacert(self, inspecting: bool) -> Path:
+        """What the clients in a sandgate sandbox trust: the fake internet's CA, and
+        the gateway's when it inspects; the file is bound read-only into the sandbox
+        (`sandgate_argv`). Not $SSL_CERT_FILE, the bundle `sandgate run` binds: that
+        holds the system's ~145 CAs too, and curl parses them all on every download
+        (~15 ms a download here, as long as a 10 MiB transfer), where the other
+        setups' clients trust one or two CAs (issue 11: that was most of sandgate's
+        gap in the bulk row)."""
+        parts = [Path(self.fn.ca_cert)]
+        if inspecting:
+            parts.append(self.state_dir / "ca" / "mitmproxy-ca-cert.pem")
+        path = self.trust_dir / ("inspecting.pem" if inspecting else "passthrough.pem")
+        path.write_text("".join(p.read_text() for p in parts))
+        return path
+
     def round_sandgate(self, phases, telemetry=True, rules=RULES) -> dict:
+        cacert = self.sandbox_cacert(inspecting=rules != RULES)
         # The task's /tmp is its own: the clients' JSON comes back on stdout.
         gw = self.popen_sandgate(
-            *self.client_argv(list(phases), resolve=False),
+            *self.client_argv(list(phases), resolve=False, cacert=cacert),
             rules=rules,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -829,9 +857,9 @@ table inet {self.table}_{key.lower()} {{
         rounds = {
             "A": self.round_direct,
             "B": lambda: self.round_proxy("B"),
-            "C": lambda: self.round_sandgate(SETUP_PHASES["C"]),
-            "T": lambda: self.round_sandgate(SETUP_PHASES["T"], telemetry=False),
-            "I": lambda: self.round_sandgate(SETUP_PHASES["I"], rules=self.inspect_rules()),
+            "C": lambda: self.round_sandgate(self.phases("C")),
+            "T": lambda: self.round_sandgate(self.phases("T"), telemetry=False),
+            "I": lambda: self.round_sandgate(self.phases("I"), rules=self.inspect_rules()),
             "S": lambda: self.round_proxy("S"),
             "M": lambda: self.round_proxy("M"),
         }
@@ -1108,6 +1136,8 @@ TABLE = [
             ("HTTP keep-alive requests/s", "http_keep", ("per_s",), "{:,.0f}", "ACBM"),
             ("HTTP keep-alive p50 latency, ms", "http_keep", ("latency_ms_p50",), "{:.2f}", "ACBM"),
             ("proxy CPU per HTTP keep-alive request, us", "http_keep", ("proxy", "cpu_us_per_request"), "{:,.0f}", "-CBM"),
+            ("proxy CPU (cores) during HTTPS bulk", "bulk", ("proxy", "cpu_util"), "{:.2f}", "-CB"),
+            ("proxy CPU per MB of HTTPS bulk, ms", "bulk", ("proxy", "cpu_ms_per_mb"), "{:.2f}", "-CB"),
             ("proxy RSS idle (before bulk), MB", "bulk", ("proxy", "rss_start_mb"), "{:.1f}", "-CB"),
         ],
     ),
@@ -1401,6 +1431,11 @@ def main() -> int:
     )
     parser.add_argument("--profile-seconds", type=int, default=4)
     parser.add_argument("--skip", default="", help="comma list of A,B,C,start to skip")
+    parser.add_argument(
+        "--phases",
+        type=lambda v: {p.strip() for p in v.split(",") if p.strip()},
+        help=f"comma list of client phases to run (of {','.join(PHASES)}; default: each setup's all)",
+    )
     parser.add_argument("--json", type=Path, help="write all results as JSON here")
     parser.add_argument(
         "--sandgate-arg",
