@@ -132,14 +132,14 @@ class TlsHttp1Relay(Http1Relay):
 
     __slots__ = (
         "hello",
-        "ended",  # sockets whose end was read after data: the next read says it
+        "ended",  # sockets (not descriptors: reused) whose end came after data
         "read_waits_out",  # sockets whose read waits for their OUT edge
         "write_waits_in",  # sockets whose write waits for their IN edge
     )
 
     def __init__(self, connection, hello: Hello):
         self.hello = hello
-        self.ended: set[int] = set()
+        self.ended: set[ssl.SSLSocket] = set()
         self.read_waits_out: set[int] = set()
         self.write_waits_in: set[int] = set()
         super().__init__(connection, tls=True)
@@ -169,9 +169,8 @@ class TlsHttp1Relay(Http1Relay):
     # --- reads and writes ---------------------------------------------------------------
 
     def _receive(self, sock: ssl.SSLSocket, buffer: bytearray) -> int:
-        fd = sock.fileno()
-        if fd in self.ended:
-            self.ended.discard(fd)
+        if sock in self.ended:
+            self.ended.discard(sock)
             return 0
         view, n, size = memoryview(buffer), 0, len(buffer)
         try:
@@ -181,14 +180,14 @@ class TlsHttp1Relay(Http1Relay):
                 except ssl.SSLWantReadError:
                     break  # drained: the socket's next IN edge says more came
                 except ssl.SSLWantWriteError:
-                    self.read_waits_out.add(fd)
+                    self.read_waits_out.add(sock.fileno())
                     break
                 except ssl.SSLZeroReturnError:
                     got = 0
                 if got == 0:
                     if n:  # the end, after data: the data now, the end next
-                        self.ended.add(fd)
-                        self.connection.loop.call_soon(self._read_end, fd)
+                        self.ended.add(sock)
+                        self.connection.loop.call_soon(self._read_end, sock)
                         return n
                     return 0
                 n += got
@@ -196,12 +195,24 @@ class TlsHttp1Relay(Http1Relay):
             view.release()
         return n if n else -1
 
-    def _read_end(self, fd: int) -> None:
-        if fd in self.ended and not self.connection.done:
-            if fd == self.connection.client_fd:
+    def _read_end(self, sock: ssl.SSLSocket) -> None:
+        connection = self.connection
+        if sock in self.ended and not connection.done:
+            if sock is connection.client:
                 self._on_client_event(IN)
-            elif self.connection.upstream is not None:
+            elif sock is connection.upstream:
                 self._on_upstream_event(IN)
+            else:
+                self.ended.discard(sock)  # dropped meanwhile
+
+    def _drop_upstream(self) -> None:
+        # Its descriptor may come back with the next upstream connection.
+        upstream = self.connection.upstream
+        if upstream is not None:
+            self.ended.discard(upstream)
+            self.read_waits_out.discard(upstream.fileno())
+            self.write_waits_in.discard(upstream.fileno())
+        super()._drop_upstream()
 
     def _transmit(self, sock: ssl.SSLSocket, data: bytearray) -> int:
         """Writes of at most WRITE_MAX until all went or the socket is full (a count

@@ -88,6 +88,22 @@ def tls(tmp_path):
     return contexts, servers, client
 
 
+async def tls_upstream(handler, context) -> Upstream:
+    """test_frontdoor's Upstream, speaking TLS with `context`; the caller closes it."""
+    upstream = Upstream(handler)
+
+    async def serve(reader, writer):
+        upstream.connections += 1
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    upstream.server = await asyncio.start_server(serve, LOOPBACK, 0, ssl=context)
+    upstream.port = upstream.server.sockets[0].getsockname()[1]
+    return upstream
+
+
 async def never(sock, state):
     raise AssertionError("inspected HTTPS/1.1 was handed to mitmproxy")
 
@@ -124,11 +140,7 @@ def test_inspected_https_is_decided_request_by_request_in_the_front_door(gate, t
             await writer.drain()
 
     async def scenario():
-        upstream = Upstream(server)
-        upstream.server = await asyncio.start_server(
-            upstream.handler, LOOPBACK, 0, ssl=servers["good"]
-        )
-        upstream.port = upstream.server.sockets[0].getsockname()[1]
+        upstream = await tls_upstream(server, servers["good"])
         door = await tls_door(gate, upstream, contexts)
         reader, writer = await asyncio.open_connection(
             LOOPBACK, door.port, ssl=client, server_hostname=NAME
@@ -156,6 +168,52 @@ def test_inspected_https_is_decided_request_by_request_in_the_front_door(gate, t
     ]
 
 
+def test_an_upstream_that_closes_after_each_response_serves_the_next_request_anew(gate, tls):
+    """HTTP/1.0 answers and the server's close in the same read as the data (as
+    Python's http.server, git's smart HTTP in test_policy_content): the next request,
+    one with a body, goes on a new upstream connection, which may get the closed
+    one's descriptor; the old end must not be read as the new one's."""
+    contexts, servers, client = tls
+
+    async def server(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"Content-Length: 4" in head:
+            await reader.readexactly(4)
+        line = head.split(b"\r\n")[0]
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(line) + line)
+        await writer.drain()
+
+    async def scenario():
+        upstream = await tls_upstream(server, servers["good"])
+        door = await tls_door(gate, upstream, contexts)
+        reader, writer = await asyncio.open_connection(
+            LOOPBACK, door.port, ssl=client, server_hostname=NAME
+        )
+        host = b"Host: api.allowed.test\r\n"
+        answers = []
+        for _ in range(3):
+            writer.write(b"GET /public HTTP/1.1\r\n" + host + b"Content-Length: 4\r\n\r\nbody")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answers.append((head.split(b"\r\n")[0], await reader.readexactly(length)))
+        writer.close()
+        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+        await door.stop()
+        upstream.server.close()
+        assert upstream.connections == 3
+        return answers
+
+    answers = []
+
+    async def collect():
+        answers.extend(await scenario())
+
+    run(collect())
+    assert answers == [(b"HTTP/1.1 200 OK", b"GET /public HTTP/1.1")] * 3
+    end = [e for e in gate.events if e.kind.value == "connection_end"][0]
+    assert "could not be parsed" not in (end.detail or "")
+
+
 def test_an_upstream_with_a_wrong_certificate_gets_no_request_and_the_client_a_502(gate, tls):
     contexts, servers, client = tls
     got = []
@@ -164,11 +222,7 @@ def test_an_upstream_with_a_wrong_certificate_gets_no_request_and_the_client_a_5
         got.append(await reader.read(1000))
 
     async def scenario():
-        upstream = Upstream(server)
-        upstream.server = await asyncio.start_server(
-            upstream.handler, LOOPBACK, 0, ssl=servers["wrong"]
-        )
-        upstream.port = upstream.server.sockets[0].getsockname()[1]
+        upstream = await tls_upstream(server, servers["wrong"])
         door = await tls_door(gate, upstream, contexts)
         reader, writer = await asyncio.open_connection(
             LOOPBACK, door.port, ssl=client, server_hostname=NAME
