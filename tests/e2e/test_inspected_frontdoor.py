@@ -92,7 +92,9 @@ def test_a_client_offering_only_h2_is_served_by_mitmproxy(net, tmp_path):
 
 
 def test_smuggling_shaped_requests_over_tls_are_refused_as_in_plain_http(net, tmp_path):
-    te_cl = b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /private HTTP/1.1\r\n"
+    te_cl = (
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /private HTTP/1.1\r\n"
+    )
     r = sandbox.run(net, tmp_path, {
         "te_cl": raw("api.allowed.test", 443, b"GET /public/a HTTP/1.1\r\n" + API + te_cl, tls=True),
         "two_lengths": raw("api.allowed.test", 443, b"GET /public/b HTTP/1.1\r\n" + API + b"Content-Length: 0\r\nContent-Length: 5\r\n\r\n", tls=True),
