@@ -119,6 +119,18 @@ async def tls_door(gate, upstream, contexts):
     )
 
 
+async def through_door(gate, tls, server, certificate: str):
+    """A TLS upstream playing `server` with the `certificate` context of `tls`, a
+    door before it and a client connected through it (offering h2 and http/1.1)."""
+    contexts, servers, client = tls
+    upstream = await tls_upstream(server, servers[certificate])
+    door = await tls_door(gate, upstream, contexts)
+    reader, writer = await asyncio.open_connection(
+        LOOPBACK, door.port, ssl=client, server_hostname=NAME
+    )
+    return upstream, door, reader, writer
+
+
 def requests(gate) -> list[tuple]:
     return [
         (e.verdict.value, e.reason.value, e.protocol, e.method, e.path)
@@ -128,7 +140,6 @@ def requests(gate) -> list[tuple]:
 
 
 def test_inspected_https_is_decided_request_by_request_in_the_front_door(gate, tls):
-    contexts, servers, client = tls
     seen = []
 
     async def server(reader, writer):
@@ -140,11 +151,7 @@ def test_inspected_https_is_decided_request_by_request_in_the_front_door(gate, t
             await writer.drain()
 
     async def scenario():
-        upstream = await tls_upstream(server, servers["good"])
-        door = await tls_door(gate, upstream, contexts)
-        reader, writer = await asyncio.open_connection(
-            LOOPBACK, door.port, ssl=client, server_hostname=NAME
-        )
+        upstream, door, reader, writer = await through_door(gate, tls, server, "good")
         # Offered h2 and http/1.1: HTTP/1.1 here (mitmproxy would pick h2).
         assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
         host = b"Host: api.allowed.test\r\n"
@@ -173,7 +180,6 @@ def test_an_upstream_that_closes_after_each_response_serves_the_next_request_ane
     Python's http.server, git's smart HTTP in test_policy_content): the next request,
     one with a body, goes on a new upstream connection, which may get the closed
     one's descriptor; the old end must not be read as the new one's."""
-    contexts, servers, client = tls
 
     async def server(reader, writer):
         head = await reader.readuntil(b"\r\n\r\n")
@@ -184,11 +190,7 @@ def test_an_upstream_that_closes_after_each_response_serves_the_next_request_ane
         await writer.drain()
 
     async def scenario():
-        upstream = await tls_upstream(server, servers["good"])
-        door = await tls_door(gate, upstream, contexts)
-        reader, writer = await asyncio.open_connection(
-            LOOPBACK, door.port, ssl=client, server_hostname=NAME
-        )
+        upstream, door, reader, writer = await through_door(gate, tls, server, "good")
         host = b"Host: api.allowed.test\r\n"
         answers = []
         for _ in range(3):
@@ -215,18 +217,13 @@ def test_an_upstream_that_closes_after_each_response_serves_the_next_request_ane
 
 
 def test_an_upstream_with_a_wrong_certificate_gets_no_request_and_the_client_a_502(gate, tls):
-    contexts, servers, client = tls
     got = []
 
     async def server(reader, writer):
         got.append(await reader.read(1000))
 
     async def scenario():
-        upstream = await tls_upstream(server, servers["wrong"])
-        door = await tls_door(gate, upstream, contexts)
-        reader, writer = await asyncio.open_connection(
-            LOOPBACK, door.port, ssl=client, server_hostname=NAME
-        )
+        upstream, door, reader, writer = await through_door(gate, tls, server, "wrong")
         writer.write(b"GET /secret HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n")
         answer = await read_all(reader)
         writer.close()
