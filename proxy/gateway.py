@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import socket
 import time
@@ -29,6 +30,7 @@ from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.engine import ProxyEngine
 from sandgate.proxy.frontdoor.door import FrontDoor
 from sandgate.proxy.frontdoor.http1 import needs_engine
+from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
 from sandgate.proxy.gate import ConnectionGate
 from sandgate.proxy.policy import CompiledPolicy, Decision, NameFacts, Reason, Verdict, decide
 from sandgate.proxy.policy.builtin import deny
@@ -114,6 +116,11 @@ class Gateway:
             resolve=self._resolve_placeholder,
             # Plain HTTP is decided in the front door unless a rule needs mitmproxy's path.
             plain_http=self._plain_http,
+            # Inspected HTTPS/1.1 too, with the CA mitmproxy uses (tls_relay.py);
+            # SANDGATE_INSPECT_ENGINE=mitmproxy hands it all to mitmproxy (A/B).
+            tls_contexts=None
+            if os.environ.get("SANDGATE_INSPECT_ENGINE") == "mitmproxy"
+            else TlsContexts(config.confdir, config.upstream_ca),
         )
         self._plain_for: CompiledPolicy | None = None  # the policy `_plain` was made for
         self._plain: dict[str, bool] = {}

@@ -18,6 +18,8 @@ from sandgate.proxy.descriptors import OUT_OF_DESCRIPTORS, DescriptorReserve
 from sandgate.proxy.frontdoor.http1_relay import Http1Relay, UpstreamPool
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
 from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
+from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
+from sandgate.proxy.frontdoor.tls_relay import Hello, http1_hello, serve_inspected
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 
 log = logging.getLogger("sandgate.frontdoor")
@@ -65,18 +67,22 @@ class FrontDoor:
         resolve: Callable[[ConnState, str], Awaitable[str | None]] | None = None,
         descriptors: DescriptorReserve | None = None,
         plain_http: Callable[[ConnState], bool] | None = None,
+        tls_contexts: TlsContexts | None = None,
     ):
         """`approvals` (proxy/approvals/holder.Approvals) holds connections a human
         must approve; `resolve(state, name)` finds the real address of a placeholder's
         name (the DNS filter's upstream, after approval). `plain_http(state)`: whether
         a plain-HTTP connection is served here (frontdoor/http1.py) rather than
-        handed to mitmproxy; None: never."""
+        handed to mitmproxy; None: never. `tls_contexts`: inspected TLS whose client
+        speaks HTTP/1.1 is terminated here too (tls_relay.py), where `plain_http`
+        says the profile needs nothing of mitmproxy's; None: never."""
         self.gate = gate
         self.approvals = approvals
         self.resolve = resolve
         self.descriptors = descriptors  # released when accept finds none left
         self.hand_off = hand_off
         self.plain_http = plain_http
+        self.tls_contexts = tls_contexts
         self.original_dst = original_dst
         self.upstream_address = upstream_address
         self.first_bytes_timeout = first_bytes_timeout
@@ -391,6 +397,8 @@ class Connection:
             self._connect()
         elif outcome is Outcome.HTTP and self.door.plain_http and self.door.plain_http(self.state):
             Http1Relay(self)  # decided request by request here, without mitmproxy
+        elif outcome is Outcome.INTERCEPT and (hello := self._inspected_here()) is not None:
+            serve_inspected(self, hello)  # TLS terminated here, then as plain HTTP
         elif outcome is Outcome.HTTP or outcome is Outcome.INTERCEPT:
             if not self.door.gate.hand_off(self.state):
                 self.finish(None, reset=True)  # the gate denied it and said why
@@ -399,6 +407,13 @@ class Connection:
             self.door._hand_off(self)
         else:  # REJECT: the gate emitted the denial
             self.finish(None, drain=True)
+
+    def _inspected_here(self) -> Hello | None:
+        """The ClientHello, if this inspected connection is served by the door."""
+        door = self.door
+        if door.tls_contexts is None or not (door.plain_http and door.plain_http(self.state)):
+            return None
+        return http1_hello(self.client)
 
     # --- held: a human decides, or a placeholder's name is resolved ----------------------
 

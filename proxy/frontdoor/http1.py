@@ -210,8 +210,12 @@ class Http1Session:
     - `closing`: send what is left in `to_client`, then close (`problem`: what
       ended it, for the connection's end event; `reset`: close with a reset)."""
 
-    def __init__(self, gate: ConnectionGate, state: ConnState, fast: bool = True):
-        self.gate, self.state = gate, state
+    def __init__(
+        self, gate: ConnectionGate, state: ConnState, fast: bool = True, tls: bool = False
+    ):
+        # `tls`: inside TLS the front door terminated (frontdoor/tls_relay.py): the
+        # gate decides and reports it as https, as it does mitmproxy's.
+        self.gate, self.state, self.tls = gate, state, tls
         # The fast path (http1_fast.py) reads and writes the common exchanges itself;
         # the first input it does not take makes the h11 connections from what it
         # holds (`_leave_fast`), and h11 reads on from there, as if it had read all.
@@ -442,7 +446,7 @@ class Http1Session:
     def _decide(self, head: RequestHead) -> CheckedHead | None:
         """Check and decide `head` (one event); refused, answer it and close (None).
         Allowed, it is the exchange's request from here on."""
-        decision, checked = self.gate.on_request(self.state, head, False)
+        decision, checked = self.gate.on_request(self.state, head, self.tls)
         if decision.verdict is Verdict.ASK:
             # Profiles that ask go to mitmproxy (needs_engine); one that asks now got
             # an ask rule from a reload after this connection began.
@@ -452,7 +456,8 @@ class Http1Session:
                 decision.rule,
                 detail=f"{decision.detail}; this connection cannot be held for approval",
             )
-            decision, checked = self.gate.on_refused_request(self.state, head, unheld, False), None
+            decision = self.gate.on_refused_request(self.state, head, unheld, self.tls)
+            checked = None
         if checked is None:
             self._refuse(decision, head)
             return None
@@ -480,11 +485,11 @@ class Http1Session:
         if head is None:
             self._fail_exchange(400, f"the request head could not be parsed: {problem}")
             return
-        self._refuse(self.gate.on_unparsed_request(self.state, head, problem, False), head)
+        self._refuse(self.gate.on_unparsed_request(self.state, head, problem, self.tls), head)
 
     def _unfinished_head(self) -> None:
         decision = self.gate.on_unfinished_head(
-            self.state, bytes(self.head[:4096]), self.head_seen, False
+            self.state, bytes(self.head[:4096]), self.head_seen, self.tls
         )
         self._answer(
             refusal.refusal_status(decision),
@@ -495,7 +500,8 @@ class Http1Session:
         url = head.text(head.target, 2048)
         if url.startswith("/"):
             host = dict((n.lower(), v) for n, v in head.fields).get(b"host", b"")
-            url = f"http://{head.text(host, 300)}{url}"
+            scheme = "https" if self.tls else "http"
+            url = f"{scheme}://{head.text(host, 300)}{url}"
         method = head.text(head.method, 32)
         self._answer(refusal.refusal_status(decision), refusal.blocked_page(decision, method, url))
 
@@ -554,7 +560,7 @@ class Http1Session:
             self._cut_response(f"has {len(event.headers)} header fields")
             return
         if event.status_code == 101:
-            self.gate.on_refused_switch(self.state, self.request, False)
+            self.gate.on_refused_switch(self.state, self.request, self.tls)
             self._close("the upstream switched protocols; no rule allowed it", reset=True)
             return
         self.response_seen = 0
@@ -566,7 +572,7 @@ class Http1Session:
         self._to_client(event)
 
     def _cut_response(self, why: str) -> None:
-        decision = self.gate.on_response_head_too_large(self.state, self.request, why, False)
+        decision = self.gate.on_response_head_too_large(self.state, self.request, why, self.tls)
         self._fail_exchange(502, f"{decision.reason}: {decision.detail}")
 
     # --- the fast path (http1_fast.py) -------------------------------------------------

@@ -68,7 +68,8 @@ class UpstreamPool:
             _, sock = kept.pop()
             self.count -= 1
             try:
-                sock.recv(1, socket.MSG_PEEK)  # anything but "nothing yet": unusable
+                # (the socket's own recv: a TLS one's would decrypt, and takes no flags)
+                socket.socket.recv(sock, 1, socket.MSG_PEEK)  # anything but "nothing yet": unusable
             except (BlockingIOError, InterruptedError):
                 return sock
             except OSError:
@@ -130,9 +131,10 @@ class Http1Relay:
         "deferred",
     )
 
-    def __init__(self, connection):
+    def __init__(self, connection, tls: bool = False):
+        """`tls`: the sockets are the front door's TLS ends (tls_relay.py's subclass)."""
         self.connection = connection
-        self.session = Http1Session(connection.door.gate, connection.state)
+        self.session = Http1Session(connection.door.gate, connection.state, tls=tls)
         # The peeked bytes are unread and, edge-triggered, will not be reported again.
         self.client_readable, self.client_writable = True, True
         self.upstream_readable = self.upstream_writable = False
@@ -162,7 +164,7 @@ class Http1Relay:
                 self._drop_upstream()
                 self.session.upstream_failed(os.strerror(error))
             else:
-                self.session.upstream_connected()
+                self._upstream_ready()
         if events & (IN | CLOSED):
             self.upstream_readable = True
         if events & (OUT | CLOSED):
@@ -220,13 +222,32 @@ class Http1Relay:
         if not self.connection.done:
             self._step()
 
+    # --- the seams a TLS relay overrides (tls_relay.py) ---------------------------------
+
+    def _upstream_ready(self) -> None:
+        """The upstream's TCP connection is made."""
+        self.session.upstream_connected()
+
+    def _receive(self, sock: socket.socket, buffer: bytearray) -> int:
+        """Read into `buffer`: the count (under its size: drained, a later arrival
+        raises an event), 0 at the end, -1 for nothing yet; OSError: a reset."""
+        try:
+            return sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return -1
+
+    def _transmit(self, sock: socket.socket, data: bytearray) -> int:
+        """Send from the start of `data`: the count sent (0: blocked); OSError: a reset."""
+        try:
+            return sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
     def _read(self, sock: socket.socket, up: bool) -> bool:
         connection, session = self.connection, self.session
         buffer = connection.door.buffer
         try:
-            n = sock.recv_into(buffer)
-        except (BlockingIOError, InterruptedError):
-            n = -1
+            n = self._receive(sock, buffer)
         except OSError:  # reset
             if up:
                 connection.finish(None, reset=True)
@@ -259,9 +280,7 @@ class Http1Relay:
             else (connection.upstream, session.to_upstream)
         )
         try:
-            sent = sock.send(owed)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            sent = self._transmit(sock, owed)
         except OSError:
             if to_client:
                 connection.finish(None, reset=True)
@@ -300,7 +319,7 @@ class Http1Relay:
         connection = self.connection
         door = connection.door
         key = self._pool_key()
-        *_, ip, port = key
+        ip, port = key[2], key[3]
         if self.session.may_reuse:
             upstream = door.upstream_pool.take(key)
             if upstream is not None:

@@ -79,14 +79,17 @@ def make_gate(tmp_path, sandbox: str = SANDBOX, rules: str = GATE_RULES):
     return gate
 
 
-def client_hello(sni: str | None) -> bytes:
-    """A real ClientHello, from Python's own TLS stack (no SNI when `sni` is None)."""
+def client_hello(sni: str | None, alpn: list[str] | None = None) -> bytes:
+    """A real ClientHello, from Python's own TLS stack (no SNI when `sni` is None),
+    offering the ALPN protocols `alpn` (None: no ALPN extension)."""
     import ssl
 
     import pytest
 
     context = ssl.create_default_context()
     context.check_hostname = sni is not None
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname=sni)
     with pytest.raises(ssl.SSLWantReadError):

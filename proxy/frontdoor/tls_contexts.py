@@ -1,0 +1,147 @@
+"""The TLS contexts of inspected HTTPS/1.1 the front door terminates itself
+(tls_relay.py): one server-side context per leaf certificate, signed by the gateway
+CA in confdir (the CA mitmproxy uses), and the context that verifies upstreams.
+
+Leaves are made as mitmproxy's `certs.dummy_cert` makes them: the CA's own key is
+the leaf's key (so the key type, EC P-256 for a CA of engine.ensure_ec_ca, is what
+each handshake signs with), the names are the SNI (else the address the client
+reached the gateway at) and the original destination's address, valid two days back
+and a year on. The upstream is verified as mitmproxy's `tls_start_server` does:
+the configured upstream CA bundle (else certifi's, mitmproxy's default), the
+hostname (the client's SNI, else the destination's address) checked against the
+subjectAltName only, no partial wildcards.
+
+cryptography and certifi are imported by the first such connection, not with this
+module; mitmproxy only if confdir has no CA yet (engine.ensure_ec_ca makes it)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+from collections import OrderedDict
+from pathlib import Path
+
+# Server-side contexts kept, least recently used out first: one per leaf's names
+# (a sandbox reaches few names; a context with its leaf is a few KB).
+MAX_LEAF_CONTEXTS = 512
+LEAF_DAYS_BEFORE, LEAF_DAYS_AFTER = 2, 365  # mitmproxy's dummy_cert, CERT_EXPIRY
+HTTP1 = "http/1.1"
+
+
+class TlsContexts:
+    """Contexts for the front door's inspected TLS; `confdir` holds the gateway CA
+    (mitmproxy-ca.pem: key and certificate), `upstream_ca` the bundle upstreams are
+    verified with (None: certifi's, as mitmproxy)."""
+
+    def __init__(self, confdir: Path, upstream_ca: Path | None = None):
+        self.confdir, self.upstream_ca = confdir, upstream_ca
+        self._ca = None  # (key, certificate, its PEM), loaded by the first leaf
+        self._leaves: OrderedDict[tuple[str, ...], ssl.SSLContext] = OrderedDict()
+        self._upstream: dict[bool, ssl.SSLContext] = {}
+
+    def for_client(self, names: tuple[str, ...]) -> ssl.SSLContext:
+        """The server-side context whose leaf names `names` (the first is its CN)."""
+        context = self._leaves.get(names)
+        if context is not None:
+            self._leaves.move_to_end(names)
+            return context
+        context = self._leaves[names] = self._leaf_context(names)
+        if len(self._leaves) > MAX_LEAF_CONTEXTS:
+            self._leaves.popitem(last=False)
+        return context
+
+    def for_upstream(self, alpn: bool) -> ssl.SSLContext:
+        """The verifying client context; `alpn`: offer http/1.1 (the client offered
+        ALPN: mitmproxy mirrors the client's offers, of which HTTP/1.1 is spoken here)."""
+        context = self._upstream.get(alpn)
+        if context is None:
+            if self.upstream_ca is not None:
+                bundle = str(self.upstream_ca)
+            else:
+                import certifi
+
+                bundle = certifi.where()
+            context = ssl.create_default_context(cafile=bundle)
+            # mitmproxy's DEFAULT_HOSTFLAGS: the subject's CN is never a hostname.
+            context.hostname_checks_common_name = False
+            context.minimum_version = ssl.TLSVersion.TLSv1_2  # tls_version_server_min
+            if alpn:
+                context.set_alpn_protocols([HTTP1])
+            self._upstream[alpn] = context
+        return context
+
+    def _leaf_context(self, names: tuple[str, ...]) -> ssl.SSLContext:
+        key, ca_cert, ca_pem = self._load_ca()
+        leaf = _leaf_certificate(key, ca_cert, names)
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # tls_version_client_min
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
+        context.set_alpn_protocols([HTTP1])  # chosen only where the client offers it
+        # load_cert_chain reads files only: the chain from a memfd, the key from the
+        # CA's own file (0600 in confdir), never written anywhere else.
+        fd = os.memfd_create("sandgate-leaf", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, leaf.public_bytes(Encoding.PEM) + ca_pem)
+            context.load_cert_chain(f"/proc/self/fd/{fd}", self._ca_file)
+        finally:
+            os.close(fd)
+        return context
+
+    @property
+    def _ca_file(self) -> str:
+        return str(self.confdir / "mitmproxy-ca.pem")
+
+    def _load_ca(self):
+        if self._ca is None:
+            from cryptography import x509
+            from cryptography.hazmat.primitives import serialization
+
+            if not os.path.exists(self._ca_file):
+                from sandgate.proxy.engine import ensure_ec_ca
+
+                ensure_ec_ca(self.confdir)
+            with open(self._ca_file, "rb") as f:
+                pem = f.read()
+            key = serialization.load_pem_private_key(pem, None)
+            cert = x509.load_pem_x509_certificate(pem)
+            self._ca = key, cert, cert.public_bytes(serialization.Encoding.PEM)
+        return self._ca
+
+
+def _leaf_certificate(key, ca_cert, names: tuple[str, ...]):
+    """mitmproxy's `certs.dummy_cert` for `names`, without an organization."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    sans = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name.encode("idna").decode()))
+    common_name = names[0] if names and len(names[0]) < 64 else None
+    subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .issuer_name(ca_cert.subject)
+        .subject_name(x509.Name(subject))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .public_key(ca_cert.public_key())
+        .not_valid_before(now - datetime.timedelta(days=LEAF_DAYS_BEFORE))
+        .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS_AFTER))
+        .serial_number(x509.random_serial_number())
+        # RFC 5280 4.2.1.6: critical when the subject is empty.
+        .add_extension(x509.SubjectAlternativeName(sans), critical=common_name is None)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
+            critical=False,
+        )
+    )
+    return builder.sign(private_key=key, algorithm=hashes.SHA256())

@@ -1,0 +1,356 @@
+"""Inspected HTTPS/1.1 in the front door (proxy/frontdoor/tls_relay.py,
+tls_contexts.py): on loopback with a TLS upstream of a test CA, mitmproxy never
+asked; and the TLS adapter's want-read / want-write handling against a fake socket."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ssl
+
+import pytest
+from sandgate.proxy.frontdoor.relay import RELAY_CHUNK
+from sandgate.proxy.frontdoor.tls_contexts import TlsContexts, _leaf_certificate
+from sandgate.proxy.frontdoor.tls_relay import WRITE_MAX, TlsHttp1Relay, http1_hello
+from support.fakes import client_hello, make_gate
+from test_frontdoor import LOOPBACK, Upstream, read_all, run, started, until
+
+API = ("203.0.113.11", 443)  # api.allowed.test: GET only (inspected)
+NAME = "api.allowed.test"
+
+
+@pytest.fixture
+def gate(tmp_path):
+    gate = make_gate(tmp_path, sandbox=LOOPBACK)
+    yield gate
+    assert (gate.counts.open, gate.counts.pending) == (0, 0)
+
+
+def _ca(name: str):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _pem(key, cert) -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+
+    return (
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        cert.public_bytes(serialization.Encoding.PEM),
+    )
+
+
+@pytest.fixture
+def tls(tmp_path):
+    """The upstream's CA (trusted by the gateway), a server context for NAME signed
+    by it, one signed by another CA (a wrong certificate), and the gateway's
+    contexts; `client` trusts the gateway CA."""
+    trusted_key, trusted = _ca("upstream test CA")
+    other_key, other = _ca("nobody's CA")
+    upstream_ca = tmp_path / "upstream-ca.pem"
+    upstream_ca.write_bytes(_pem(trusted_key, trusted)[1])
+    servers = {}
+    for label, (key, ca) in {"good": (trusted_key, trusted), "wrong": (other_key, other)}.items():
+        # A leaf with the CA's own key, as mitmproxy's: enough for a test server.
+        leaf = _leaf_certificate(key, ca, (NAME,))
+        key_pem, leaf_pem = _pem(key, leaf)
+        path = tmp_path / f"{label}.pem"
+        path.write_bytes(key_pem + leaf_pem)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(path)
+        servers[label] = context
+    contexts = TlsContexts(tmp_path / "confdir", upstream_ca)
+    contexts.for_client(("warm.test",))  # makes the gateway CA (engine.ensure_ec_ca)
+    client = ssl.create_default_context(cafile=str(tmp_path / "confdir" / "mitmproxy-ca-cert.pem"))
+    client.set_alpn_protocols(["h2", "http/1.1"])
+    return contexts, servers, client
+
+
+async def tls_upstream(handler, context) -> Upstream:
+    """test_frontdoor's Upstream, speaking TLS with `context`; the caller closes it."""
+    upstream = Upstream(handler)
+
+    async def serve(reader, writer):
+        upstream.connections += 1
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    upstream.server = await asyncio.start_server(serve, LOOPBACK, 0, ssl=context)
+    upstream.port = upstream.server.sockets[0].getsockname()[1]
+    return upstream
+
+
+async def never(sock, state):
+    raise AssertionError("inspected HTTPS/1.1 was handed to mitmproxy")
+
+
+async def tls_door(gate, upstream, contexts):
+    return await started(
+        gate,
+        API,
+        upstream.port,
+        hand_off=never,
+        plain_http=lambda state: True,
+        tls_contexts=contexts,
+    )
+
+
+async def through_door(gate, tls, server, certificate: str):
+    """A TLS upstream playing `server` with the `certificate` context of `tls`, a
+    door before it and a client connected through it (offering h2 and http/1.1)."""
+    contexts, servers, client = tls
+    upstream = await tls_upstream(server, servers[certificate])
+    door = await tls_door(gate, upstream, contexts)
+    reader, writer = await asyncio.open_connection(
+        LOOPBACK, door.port, ssl=client, server_hostname=NAME
+    )
+    return upstream, door, reader, writer
+
+
+def requests(gate) -> list[tuple]:
+    return [
+        (e.verdict.value, e.reason.value, e.protocol, e.method, e.path)
+        for e in gate.events
+        if e.kind.value == "request"
+    ]
+
+
+def test_inspected_https_is_decided_request_by_request_in_the_front_door(gate, tls):
+    seen = []
+
+    async def server(reader, writer):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head.split(b"\r\n")[0])
+            body = b"x" * 100000
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+
+    async def scenario():
+        upstream, door, reader, writer = await through_door(gate, tls, server, "good")
+        # Offered h2 and http/1.1: HTTP/1.1 here (mitmproxy would pick h2).
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+        host = b"Host: api.allowed.test\r\n"
+        writer.write(b"GET /1 HTTP/1.1\r\n" + host + b"\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 OK")
+        assert await reader.readexactly(100000) == b"x" * 100000
+        writer.write(b"POST /2 HTTP/1.1\r\n" + host + b"Content-Length: 0\r\n\r\n")
+        rest = await read_all(reader)
+        assert rest.startswith(b"HTTP/1.1 403 "), rest[:200]
+        assert b"https://api.allowed.test/2" in rest
+        writer.close()
+        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+        await door.stop()
+        upstream.server.close()
+
+    run(scenario())
+    assert seen == [b"GET /1 HTTP/1.1"]  # the POST never went upstream
+    assert requests(gate) == [
+        ("allow", "rule_allow", "https", "GET", "/1"),
+        ("deny", "method_not_allowed", "https", "POST", "/2"),
+    ]
+
+
+def test_an_upstream_that_closes_after_each_response_serves_the_next_request_anew(gate, tls):
+    """HTTP/1.0 answers and the server's close in the same read as the data (as
+    Python's http.server, git's smart HTTP in test_policy_content): the next request,
+    one with a body, goes on a new upstream connection, which may get the closed
+    one's descriptor; the old end must not be read as the new one's."""
+
+    async def server(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"Content-Length: 4" in head:
+            await reader.readexactly(4)
+        line = head.split(b"\r\n")[0]
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(line) + line)
+        await writer.drain()
+
+    async def scenario():
+        upstream, door, reader, writer = await through_door(gate, tls, server, "good")
+        host = b"Host: api.allowed.test\r\n"
+        answers = []
+        for _ in range(3):
+            writer.write(b"GET /public HTTP/1.1\r\n" + host + b"Content-Length: 4\r\n\r\nbody")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answers.append((head.split(b"\r\n")[0], await reader.readexactly(length)))
+        writer.close()
+        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+        await door.stop()
+        upstream.server.close()
+        assert upstream.connections == 3
+        return answers
+
+    answers = []
+
+    async def collect():
+        answers.extend(await scenario())
+
+    run(collect())
+    assert answers == [(b"HTTP/1.1 200 OK", b"GET /public HTTP/1.1")] * 3
+    end = [e for e in gate.events if e.kind.value == "connection_end"][0]
+    assert "could not be parsed" not in (end.detail or "")
+
+
+def test_an_upstream_with_a_wrong_certificate_gets_no_request_and_the_client_a_502(gate, tls):
+    got = []
+
+    async def server(reader, writer):
+        got.append(await reader.read(1000))
+
+    async def scenario():
+        upstream, door, reader, writer = await through_door(gate, tls, server, "wrong")
+        writer.write(b"GET /secret HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n")
+        answer = await read_all(reader)
+        writer.close()
+        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+        await door.stop()
+        upstream.server.close()
+        return answer
+
+    answers = []
+
+    async def collect():
+        answers.append(await scenario())
+
+    run(collect())
+    [answer] = answers
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer[:300]
+    assert b"certificate verify failed" in answer
+    assert b"/secret" not in b"".join(got)  # the handshake failed: no request reached it
+    end = [e for e in gate.events if e.kind.value == "connection_end"][0]
+    assert "certificate verify failed" in end.detail
+
+
+def test_a_client_that_refuses_the_gateways_certificate_is_a_tls_rejected_event(gate, tls):
+    contexts, servers, _ = tls
+    distrusting = ssl.create_default_context()  # the system's CAs: not the gateway's
+
+    async def scenario():
+        async with Upstream(lambda r, w: asyncio.sleep(0)) as upstream:
+            door = await tls_door(gate, upstream, contexts)
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await asyncio.open_connection(
+                    LOOPBACK, door.port, ssl=distrusting, server_hostname=NAME
+                )
+            await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+            await door.stop()
+            assert upstream.connections == 0
+
+    run(scenario())
+    rejected = [e for e in gate.events if e.reason.value == "tls_rejected_by_client"]
+    assert len(rejected) == 1 and NAME in rejected[0].detail
+
+
+def test_only_clients_that_can_speak_http_1_1_are_served_here():
+    def hello(alpn):
+        return client_hello(NAME, alpn=alpn)
+
+    class Peeked:
+        def __init__(self, data):
+            self.data = data
+
+        def recv(self, n, flags):
+            return self.data[:n]
+
+    assert http1_hello(Peeked(hello(None))).sni == NAME
+    assert http1_hello(Peeked(hello(["h2", "http/1.1"]))).alpn == (b"h2", b"http/1.1")
+    assert http1_hello(Peeked(hello(["h2"]))) is None  # to mitmproxy
+    assert http1_hello(Peeked(b"\x16\x03\x01\x00")) is None  # not even a whole hello
+
+
+# --- the adapter's reads and writes, against a scripted TLS socket ------------------------
+
+
+class ScriptedTls:
+    """Plays an SSLSocket: each recv_into / send takes the next scripted answer."""
+
+    def __init__(self, reads=(), sends=()):
+        self.reads, self.sends, self.sent = list(reads), list(sends), []
+
+    def fileno(self):
+        return 7
+
+    def recv_into(self, view):
+        step = self.reads.pop(0)
+        if isinstance(step, type) and issubclass(step, Exception):
+            raise step()
+        view[: len(step)] = step
+        return len(step)
+
+    def send(self, data):
+        step = self.sends.pop(0)
+        if isinstance(step, type) and issubclass(step, Exception):
+            self.sent.append(bytes(data))
+            raise step()
+        self.sent.append(bytes(data))
+        return step
+
+
+def relay_without_connection():
+    relay = TlsHttp1Relay.__new__(TlsHttp1Relay)
+    relay.ended, relay.read_waits_out, relay.write_waits_in = set(), set(), set()
+    relay.connection = type("C", (), {"loop": asyncio.new_event_loop(), "done": False})()
+    return relay
+
+
+def test_a_read_drains_every_decrypted_record_until_openssl_wants_the_socket():
+    relay = relay_without_connection()
+    sock = ScriptedTls(reads=[b"ab", b"cd", ssl.SSLWantReadError])
+    assert relay._receive(sock, bytearray(RELAY_CHUNK)) == 4
+    assert relay._receive(ScriptedTls(reads=[ssl.SSLWantReadError]), bytearray(8)) == -1
+    relay.connection.loop.close()
+
+
+def test_a_read_that_wants_to_write_waits_for_the_out_edge_and_a_write_that_wants_to_read_for_in():
+    relay = relay_without_connection()
+    sock = ScriptedTls(reads=[ssl.SSLWantWriteError], sends=[ssl.SSLWantReadError])
+    assert relay._receive(sock, bytearray(8)) == -1
+    assert relay._translated(7, 0x4) & 0x1  # OUT now means: read again
+    assert relay._translated(7, 0x4) == 0x4  # once
+    assert relay._transmit(sock, bytearray(b"abc")) == 0
+    assert relay._translated(7, 0x1) & 0x4  # IN now means: write again
+    relay.connection.loop.close()
+
+
+def test_a_write_that_did_not_finish_is_retried_with_the_same_bytes_first():
+    relay = relay_without_connection()
+    owed = bytearray(b"a" * WRITE_MAX + b"b" * 10)
+    sock = ScriptedTls(sends=[ssl.SSLWantWriteError, WRITE_MAX, ssl.SSLWantWriteError])
+    assert relay._transmit(sock, owed) == 0
+    owed += b"more"
+    assert relay._transmit(sock, owed) == WRITE_MAX  # then full again: the relay waits
+    assert sock.sent == [b"a" * WRITE_MAX, b"a" * WRITE_MAX, b"b" * 10 + b"more"]
+    relay.connection.loop.close()
+
+
+def test_the_end_read_after_data_is_the_next_reads_answer():
+    relay = relay_without_connection()
+    sock = ScriptedTls(reads=[b"last", ssl.SSLZeroReturnError])
+    assert relay._receive(sock, bytearray(64)) == 4
+    assert relay._receive(sock, bytearray(64)) == 0  # no socket edge needed for it
+    relay.connection.loop.close()
