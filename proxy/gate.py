@@ -671,11 +671,8 @@ class ConnectionGate:
                 return _mismatch(f"Host {host!r} is an address; TLS named {state.name}"), None, None
         elif read.host:
             if read.invalid is not None:
-                return deny(
-                    "host-mismatch",
-                    reason=Reason.INVALID_NAME,
-                    detail=f"Host header: {read.invalid}",
-                ), None, None
+                invalid = f"Host header: {read.invalid}"
+                return deny("host-mismatch", reason=Reason.INVALID_NAME, detail=invalid), None, None
             if state.name is not None and name != state.name:
                 return _mismatch(f"Host {name} differs from TLS SNI {state.name}"), name, None
         elif state.name is None:
