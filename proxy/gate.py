@@ -171,14 +171,17 @@ class _RequestMemo(NamedTuple):
     it), the Host as sent (hence the name), WebSocket or not, whether the DNS
     binding still holds (asked again each request: an expired or evicted binding
     ends the reuse), the time before the profile's first rule expiry, and the
-    method and path, which `depends_on_request` says the decision does not read."""
+    method and path, which `depends_on_request` says the decision does not read.
+    When it says they are read (`decision` None), the memo only saves asking that
+    again for the next request to the same Host under the same policy: the answer
+    depends on the profile, the name and the address, nothing a request changes."""
 
     policy: CompiledPolicy
     host: str
     websocket: bool
     resolved: bool | None
     until: float  # wall clock: the profile's first rule expiry (inf: none expires)
-    decision: Decision
+    decision: Decision | None  # None: each request's method and path must be decided
     name: str | None
 
 
@@ -637,22 +640,28 @@ class ConnectionGate:
 
     def _decide_request(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
         memo = state.request_memo
-        if (
-            memo is not None
-            and memo.policy is self.policy
-            and memo.host == head.host
-            and memo.websocket is head.websocket
-            and self.wall_clock() < memo.until
-            and self._resolved(state, memo.name) == memo.resolved
-        ):
-            return memo.decision, memo.name
+        if memo is not None and memo.policy is self.policy and memo.host == head.host:
+            if memo.decision is None:  # its rules read the method or path: decide each
+                decision, name, _ = self._decide_request_anew(state, head)
+                return decision, name
+            if (
+                memo.websocket is head.websocket
+                and self.wall_clock() < memo.until
+                and self._resolved(state, memo.name) == memo.resolved
+            ):
+                return memo.decision, memo.name
         state.request_memo = None
         decision, name, facts = self._decide_request_anew(state, head)
-        if facts is not None and not depends_on_request(self.policy, facts):
-            until = self.policy.profiles[facts.profile].first_expiry
-            resolved = facts.name_resolved_to_ip
+        if facts is not None:
+            reusable = not depends_on_request(self.policy, facts)
             state.request_memo = _RequestMemo(
-                self.policy, head.host, head.websocket, resolved, until, decision, name
+                self.policy,
+                head.host,
+                head.websocket,
+                facts.name_resolved_to_ip,
+                self.policy.profiles[facts.profile].first_expiry if reusable else 0.0,
+                decision if reusable else None,
+                name,
             )
         return decision, name
 

@@ -113,7 +113,11 @@ def test_a_websocket_request_is_decided_anew(gate):
     assert ask(gate, state, websocket=True) == ("protocol_not_allowed", "default:fallback")
 
 
-def test_requests_to_a_destination_with_method_rules_are_each_decided(gate):
+def test_requests_to_a_destination_with_method_rules_are_each_decided(gate, monkeypatch):
+    depends = []
+    monkeypatch.setattr(
+        gate_module, "depends_on_request", lambda *a: depends.append(a) or depends_on_request(*a)
+    )
     state = http_connection(gate, dst="203.0.113.11")
     asked_at_connect = len(gate.asked)
     assert ask(gate, state, host="api.allowed.test") == ("rule_allow", "api-get")
@@ -123,7 +127,8 @@ def test_requests_to_a_destination_with_method_rules_are_each_decided(gate):
     )
     assert ask(gate, state, host="api.allowed.test") == ("rule_allow", "api-get")
     assert len(gate.asked) == asked_at_connect + 3
-    assert state.request_memo is None
+    assert state.request_memo.decision is None  # remembered: no decision to reuse here
+    assert len(depends) == 1  # and that is asked once for the Host, not per request
 
 
 def test_reuse_stops_at_a_rule_expiry(tmp_path):
