@@ -1,7 +1,8 @@
 """The gate reuses a request's decision for the next request on the same keep-alive
 connection (gate._RequestMemo), and only while every fact it rests on holds: the
 policy object, the Host, WebSocket or not, the DNS binding, the time before a rule
-expiry; never when a rule for the destination checks methods or paths."""
+expiry (test_gate's rule-expiry test asks twice on one connection); never when a
+rule for the destination checks methods or paths."""
 
 from __future__ import annotations
 
@@ -129,20 +130,6 @@ def test_requests_to_a_destination_with_method_rules_are_each_decided(gate, monk
     assert len(gate.asked) == asked_at_connect + 3
     assert state.request_memo.decision is None  # remembered: no decision to reuse here
     assert len(depends) == 1  # and that is asked once for the Host, not per request
-
-
-def test_reuse_stops_at_a_rule_expiry(tmp_path):
-    rules = GATE_RULES.replace(
-        "        id: allowed\n", "        id: allowed\n        expires: 2099-06-30T12:00:00Z\n"
-    )
-    gate = make_gate(tmp_path, rules=rules)
-    expiry = gate.policy.next_expiry_at
-    gate.wall_clock = lambda: expiry - 0.5
-    state = http_connection(gate)
-    assert ask(gate, state) == ("rule_allow", "allowed")
-    assert state.request_memo.until == expiry
-    gate.wall_clock = lambda: expiry
-    assert ask(gate, state) == ("no_rule", "default:fallback")
 
 
 @pytest.mark.parametrize(
