@@ -58,6 +58,7 @@ from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
 from sandgate.proxy.limits import ConnectionCounts
 from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
 from sandgate.proxy.policy.builtin import deny
+from sandgate.proxy.policy.decide import depends_on_request
 from sandgate.proxy.policy.index import CompiledPolicy
 from sandgate.proxy.policy.names import (
     InvalidName,
@@ -152,11 +153,36 @@ class ConnState:
     # The earlier human decision that answered its latest ask without a hold (_consult):
     # the event of what it decided names that approval.
     answered: Grant | None = None
+    # The last request decision, for the next request on this keep-alive connection:
+    # a _RequestMemo, or None (see ConnectionGate._decide_request).
+    request_memo: _RequestMemo | None = None
 
     @property
     def silent(self) -> bool:
         """Allowed on silence; the client has not spoken yet (see on_silence)."""
         return self.phase is Phase.SILENT
+
+
+class _RequestMemo(NamedTuple):
+    """A request decision that the next request on the same connection gets again
+    when every fact it depended on is the same. Sound because decide() is pure and
+    each of its inputs is either constant on a connection (profile, port, address,
+    placeholder, the TLS name) or checked here: the policy object (a reload swaps
+    it), the Host as sent (hence the name), WebSocket or not, whether the DNS
+    binding still holds (asked again each request: an expired or evicted binding
+    ends the reuse), the time before the profile's first rule expiry, and the
+    method and path, which `depends_on_request` says the decision does not read.
+    When it says they are read (`decision` None), the memo only saves asking that
+    again for the next request to the same Host under the same policy: the answer
+    depends on the profile, the name and the address, nothing a request changes."""
+
+    policy: CompiledPolicy
+    host: str
+    websocket: bool
+    resolved: bool | None
+    until: float  # wall clock: the profile's first rule expiry (inf: none expires)
+    decision: Decision | None  # None: each request's method and path must be decided
+    name: str | None
 
 
 # Where `revoke_denied` moves a connection (others: REJECTED). A handed-off one is in
@@ -613,25 +639,53 @@ class ConnectionGate:
         )
 
     def _decide_request(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
+        memo = state.request_memo
+        if memo is not None and memo.policy is self.policy and memo.host == head.host:
+            if memo.decision is None:  # its rules read the method or path: decide each
+                decision, name, _ = self._decide_request_anew(state, head)
+                return decision, name
+            if (
+                memo.websocket is head.websocket
+                and self.wall_clock() < memo.until
+                and self._resolved(state, memo.name) == memo.resolved
+            ):
+                return memo.decision, memo.name
+        state.request_memo = None
+        decision, name, facts = self._decide_request_anew(state, head)
+        if facts is not None:
+            reusable = not depends_on_request(self.policy, facts)
+            state.request_memo = _RequestMemo(
+                self.policy,
+                head.host,
+                head.websocket,
+                facts.name_resolved_to_ip,
+                self.policy.profiles[facts.profile].first_expiry if reusable else 0.0,
+                decision if reusable else None,
+                name,
+            )
+        return decision, name
+
+    def _decide_request_anew(
+        self, state: ConnState, head: CheckedHead
+    ) -> tuple[Decision, str | None, RequestFacts | None]:
+        """The request's decision, its name and the facts decided on (None: refused
+        before the policy was asked, by the Host alone)."""
         host = head.host
         read = _read_host(host)
         name = read.name
         if read.ip is not None:
             if read.ip != state.ip or read.host != str(read.ip):
-                return _mismatch(f"Host {host!r} is not the destination {state.ip}"), None
+                return _mismatch(f"Host {host!r} is not the destination {state.ip}"), None, None
             if state.name is not None:
-                return _mismatch(f"Host {host!r} is an address; TLS named {state.name}"), None
+                return _mismatch(f"Host {host!r} is an address; TLS named {state.name}"), None, None
         elif read.host:
             if read.invalid is not None:
-                return deny(
-                    "host-mismatch",
-                    reason=Reason.INVALID_NAME,
-                    detail=f"Host header: {read.invalid}",
-                ), None
+                invalid = f"Host header: {read.invalid}"
+                return deny("host-mismatch", reason=Reason.INVALID_NAME, detail=invalid), None, None
             if state.name is not None and name != state.name:
-                return _mismatch(f"Host {name} differs from TLS SNI {state.name}"), name
+                return _mismatch(f"Host {name} differs from TLS SNI {state.name}"), name, None
         elif state.name is None:
-            return _mismatch("request without a Host header"), None
+            return _mismatch("request without a Host header"), None, None
         name = name or state.name
         facts = RequestFacts(
             profile=state.sandbox.profile,
@@ -644,7 +698,7 @@ class ConnectionGate:
             now=self.wall_clock(),
             websocket=head.websocket,
         )
-        return decide(self.policy, facts), name
+        return decide(self.policy, facts), name, facts
 
     # --- 4. close ---------------------------------------------------------------------
 
@@ -807,6 +861,7 @@ class ConnectionGate:
         revoked = []
         for state in list(self.connections.values()):
             started = self.clock()
+            state.request_memo = None  # made under the old policy: it would keep that alive
             try:
                 denial = self._denial_under_new_policy(state)
                 if denial is None:

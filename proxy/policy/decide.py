@@ -72,6 +72,24 @@ def decide(policy: CompiledPolicy, facts: Facts) -> Decision:
         )
 
 
+def depends_on_request(policy: CompiledPolicy, facts: RequestFacts) -> bool:
+    """Whether decide(policy, facts) may change with the request's method or path:
+    some rule naming its destination (its name, its address) checks methods or
+    paths, or the profile is unknown. False: every request with the same
+    other facts (profile, port, address, name, whether the name resolved to it,
+    WebSocket or not) gets the same Decision until `profile.first_expiry` (the gate
+    reuses it for the next request on a keep-alive connection). Asked of the rules
+    the lookups find, expired or not: a superset, so a False is never wrong."""
+    profile = policy.profiles.get(facts.profile)
+    if profile is None:
+        return True
+    ip, name = facts.ip, facts.name
+    rules = profile.rules_for_name(name) if name is not None else _NO_RULES
+    if ip is not None:
+        rules = rules + profile.rules_for_address(int(ip), ip.version)
+    return any(rule.inspects for rule in rules)
+
+
 def _decide_name(profile: CompiledProfile, name: str, now: float | None) -> Decision:
     rules = profile.rules_for_name(name)
     if now is not None and now >= profile.first_expiry:

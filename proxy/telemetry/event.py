@@ -86,24 +86,26 @@ class Event:
         """What `cls(kind=kind, verdict=..., detail=decision.detail, **fields)` makes
         (the same TypeError for a field it does not have or a decision's field given
         again), filled in one update: the gate makes two per connection."""
-        unknown = fields.keys() - _OPEN_FIELDS
-        if unknown:
+        if not _OPEN_FIELDS.issuperset(fields):
+            unknown = fields.keys() - _OPEN_FIELDS
             raise TypeError(
                 f"Event has no field (or one the decision gives) {', '.join(sorted(unknown))}"
             )
         rule = decision.rule
-        values = {
-            **_BLANK,
-            "time": time.time(),
-            **fields,
-            "kind": kind,
-            "verdict": decision.verdict,
-            "reason": decision.reason,
-            "rule_id": rule.id,
-            "rule_origin": rule.origin,
-            "detail": decision.detail,
-        }
-        return _filled(cls, values, values)
+        # Filled in place, in field order (_BLANK's): no dict of all fields to copy.
+        new = object.__new__(cls)
+        values = new.__dict__
+        values.update(_BLANK)
+        values["time"] = time.time()
+        values.update(fields)
+        values["kind"], values["verdict"] = kind, decision.verdict
+        values["reason"], values["rule_id"] = decision.reason, rule.id
+        values["rule_origin"], values["detail"] = rule.origin, decision.detail
+        for name, limit in _BOUNDED:
+            value = values[name]
+            if isinstance(value, str) and len(value) > limit:
+                values[name] = bound_text(value, limit)
+        return new
 
     def with_fields(self, **changes) -> Event:
         """A copy with `changes` applied (what `dataclasses.replace` does, at a

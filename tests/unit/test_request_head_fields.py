@@ -1,0 +1,92 @@
+"""check_head's one-pass field check (request_head._read_fields: known names, one
+search over all values) refuses exactly what the field-by-field check refused, with
+the same first failure, and its memo of names stays bounded."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sandgate.proxy.policy import request_head
+from sandgate.proxy.policy.request_head import Decision, RequestHead, check_head
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def field_by_field(fields) -> str | None:
+    """The detail of the first field a strict field-by-field check refuses, or None."""
+    for name, value in fields:
+        if not _TOKEN.fullmatch(name):
+            return "is not an HTTP token"
+        if _CONTROL.search(value):
+            return f"control characters in header {name.decode('utf-8', 'backslashreplace')}"
+    return None
+
+
+_names = st.sampled_from([b"Host", b"Accept", b"X-A", b"", b"Bad Name", b"a:b", b"\xff", b"x\r"])
+_values = st.sampled_from([b"allowed.test", b"*/*", b"", b"a\rb", b"\x00", b"tab\tok", b"\x7f"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(_names, _values), max_size=6))
+def test_the_first_bad_field_is_the_one_refused(fields):
+    fields = ((b"Host", b"allowed.test"), *fields)
+    result = check_head(RequestHead(b"GET", b"/", tuple(fields)), 80)
+    expected = field_by_field(fields)
+    if expected is None:
+        assert not (isinstance(result, Decision) and str(result.reason) == "malformed_request")
+    else:
+        assert isinstance(result, Decision) and str(result.reason) == "malformed_request"
+        assert expected in result.detail
+
+
+def test_a_control_byte_split_over_two_values_is_not_one():
+    # The values are searched as one string: a CR ending one and an LF starting the
+    # next are each a control byte; and two harmless values never join into one.
+    head = RequestHead(b"GET", b"/", ((b"Host", b"allowed.test"), (b"A", b"x\r"), (b"B", b"\ny")))
+    refused = check_head(head, 80)
+    assert isinstance(refused, Decision) and refused.detail.startswith(
+        "control characters in header A"
+    )
+    ok = RequestHead(b"GET", b"/", ((b"Host", b"allowed.test"), (b"A", b"x"), (b"B", b"y")))
+    assert not isinstance(check_head(ok, 80), Decision)
+
+
+def test_known_names_are_remembered_and_bounded(monkeypatch):
+    monkeypatch.setattr(request_head, "_KNOWN_NAMES", {})
+    monkeypatch.setattr(request_head, "_MAX_KNOWN_NAMES", 3)
+    fields = [(b"Host", b"allowed.test")] + [(b"X-%d" % i, b"v") for i in range(5)]
+    assert not isinstance(check_head(RequestHead(b"GET", b"/", tuple(fields)), 80), Decision)
+    assert request_head._KNOWN_NAMES == {b"Host": b"host", b"X-0": b"x-0", b"X-1": b"x-1"}
+    # A name that is not a token is never remembered, and is refused every time.
+    bad = RequestHead(b"GET", b"/", ((b"Host", b"allowed.test"), (b"Bad Name", b"v")))
+    for _ in range(2):
+        assert str(check_head(bad, 80).reason) == "malformed_request"
+    assert b"Bad Name" not in request_head._KNOWN_NAMES
+
+
+@pytest.mark.parametrize(
+    "fields, detail",
+    [
+        pytest.param(
+            ((b"Host", b"a.test"), (b"Content-Length", b"1"), (b"Transfer-Encoding", b"chunked")),
+            "Transfer-Encoding with Content-Length",
+            id="te-and-cl",
+        ),
+        pytest.param(
+            ((b"Host", b"a.test"), (b"content-length", b"1"), (b"Content-Length", b"2")),
+            "several different Content-Length values",
+            id="two-lengths",
+        ),
+        pytest.param(((b"Host", b"a.test"), (b"Upgrade", b"h2c")), None, id="upgrade-alone"),
+    ],
+)
+def test_framing_is_still_checked_when_more_than_host_is_read(fields, detail):
+    result = check_head(RequestHead(b"GET", b"/", fields), 80)
+    if detail is None:
+        assert result.strip_upgrade
+    else:
+        assert isinstance(result, Decision) and result.detail == detail
