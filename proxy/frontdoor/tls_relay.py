@@ -68,6 +68,12 @@ def serve_inspected(connection, hello: Hello) -> None:
     """Take over `connection` (the door's, decided INTERCEPT): the client's TLS
     handshake, then `TlsHttp1Relay`."""
     door, state = connection.door, connection.state
+    # The name the gate decided (parse_domain: lower case, no trailing dot) is the one
+    # used from here on, as mitmproxy's path sets `client.sni = state.name`: the raw
+    # SNI named the upstream otherwise (sent, verified, pooled) in a spelling the
+    # decision did not see, and a trailing dot failed verification.
+    if hello.sni:
+        hello = hello._replace(sni=state.name)
     # The leaf's names, as mitmproxy's `TlsConfig.get_cert` picks them (SNI, else the
     # address the client reached; then the destination's address).
     first = hello.sni or connection.client.getsockname()[0]

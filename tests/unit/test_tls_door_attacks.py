@@ -1,0 +1,157 @@
+"""Adversarial review of inspected HTTPS/1.1 in the front door (tls_relay.py,
+tls_contexts.py), on loopback: handshake abuse, names, truncation, resources.
+Each attack also proves its effect did not happen (what the upstream got)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import threading
+
+import pytest
+from support.fakes import client_hello
+from test_frontdoor import LOOPBACK, Upstream, read_all, run, until
+from test_tls_relay import API, NAME, gate, tls, tls_door, tls_upstream  # noqa: F401
+
+HOST = b"Host: api.allowed.test\r\n"
+
+
+def ends(gate_) -> list:
+    return [e for e in gate_.events if e.kind.value == "connection_end"]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def blocking_client(port: int, context: ssl.SSLContext, sni: str | None) -> ssl.SSLSocket:
+    sock = socket.create_connection((LOOPBACK, port), timeout=5)
+    return context.wrap_socket(sock, server_hostname=sni)
+
+
+def test_a_client_stalling_mid_handshake_is_closed_at_the_deadline_with_its_end(gate, tls):  # noqa: F811 (fixtures)
+    contexts, _, _ = tls
+
+    async def scenario():
+        async with Upstream(lambda r, w: asyncio.sleep(0)) as upstream:
+            door = await tls_door(gate, upstream, contexts)
+            door.first_bytes_timeout = 0.5
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(client_hello(NAME, ["http/1.1"]))  # then nothing: no Finished
+            await until(lambda: ends(gate), timeout=5)
+            # Closed by the gateway: the read ends (the server's flight, then EOF).
+            assert (await read_all(reader))[:1] in (b"\x16", b"<")
+            writer.close()
+            await door.stop()
+            assert upstream.connections == 0
+
+    run(scenario())
+    [end] = ends(gate)
+    assert "within 0.5 s" in end.detail
+
+
+def test_a_thousand_aborted_handshakes_leave_no_descriptor_or_connection_behind(gate, tls):  # noqa: F811 (fixtures)
+    contexts, _, _ = tls
+    hello = client_hello(NAME, ["http/1.1"])
+
+    async def scenario():
+        async with Upstream(lambda r, w: asyncio.sleep(0)) as upstream:
+            door = await tls_door(gate, upstream, contexts)
+            baseline = open_fds()
+            for i in range(1000):
+                reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+                # Half send a ClientHello and vanish; half add garbage first.
+                writer.write(hello if i % 2 else hello + b"\x17\x03\x03\x00\x05junk!")
+                await writer.drain()
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                writer.close()
+            await until(lambda: len(ends(gate)) == 1000, timeout=30)
+            await until(lambda: open_fds() <= baseline, timeout=5)
+            await door.stop()
+            assert upstream.connections == 0
+
+    run(scenario())
+    assert (gate.counts.open, gate.counts.pending) == (0, 0)
+
+
+@pytest.mark.parametrize("sni", ["API.Allowed.Test", "api.allowed.test."])
+def test_the_upstream_is_named_and_verified_as_the_decided_name(gate, tls, sni):  # noqa: F811 (fixtures)
+    """mitmproxy's path sends the gate's normalised name (addon: client.sni = state.name)
+    as SNI and verifies the upstream for it; so must this path."""
+    contexts, servers, _ = tls
+    seen_sni = []
+    server = servers["good"]
+    server.sni_callback = lambda sock, name, ctx: seen_sni.append(name)
+
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+
+    def talk(port):
+        with blocking_client(port, client, sni) as s:
+            s.sendall(b"GET /x HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            return data
+
+    async def scenario():
+        upstream = await tls_upstream(handler, server)
+        door = await tls_door(gate, upstream, contexts)
+        answer = await asyncio.to_thread(talk, door.port)
+        await until(lambda: ends(gate))
+        await door.stop()
+        upstream.server.close()
+        return answer
+
+    answers = []
+
+    async def collect():
+        answers.append(await scenario())
+
+    run(collect())
+    assert answers[0].startswith(b"HTTP/1.1 200 OK"), answers[0][:300]
+    assert seen_sni == [NAME]
+
+
+def test_a_client_cut_mid_body_without_close_notify_never_completes_the_body_upstream(gate, tls):  # noqa: F811 (fixtures)
+    """A chunked body cut by a TCP close (no close_notify): the upstream must not get
+    a body that reads as whole (no last chunk), nor a request that answers."""
+    contexts, servers, client = tls
+    got = bytearray()
+
+    async def handler(reader, writer):
+        try:
+            while chunk := await reader.read(65536):
+                got.extend(chunk)
+        except (ConnectionError, ssl.SSLError):
+            got.extend(b"<reset>")
+
+    client = ssl.create_default_context(cafile=contexts.confdir / "mitmproxy-ca-cert.pem")
+
+    def talk(port, body):
+        s = blocking_client(port, client, NAME)
+        s.sendall(b"GET /x HTTP/1.1\r\n" + HOST + body)
+        threading.Event().wait(0.3)
+        s.shutdown(socket.SHUT_RDWR)  # SSLSocket.shutdown: no close_notify
+        s.close()
+
+    async def scenario():
+        upstream = await tls_upstream(handler, servers["good"])
+        door = await tls_door(gate, upstream, contexts)
+        await asyncio.to_thread(talk, door.port, b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await until(lambda: ends(gate))
+        await asyncio.sleep(0.3)
+        await door.stop()
+        upstream.server.close()
+
+    run(scenario())
+    assert b"hello" in got  # it was relayed as it came ...
+    assert not got.rstrip(b"<reset>").endswith(b"0\r\n\r\n")  # ... never completed
