@@ -11,9 +11,12 @@ import ssl
 import threading
 
 import pytest
+import test_tls_relay
 from support.fakes import client_hello
 from test_frontdoor import LOOPBACK, Upstream, read_all, run, until
-from test_tls_relay import API, NAME, gate, tls, tls_door, tls_upstream  # noqa: F401
+from test_tls_relay import NAME, tls_door, tls_upstream
+
+gate, tls = test_tls_relay.gate, test_tls_relay.tls  # its fixtures
 
 HOST = b"Host: api.allowed.test\r\n"
 
@@ -31,7 +34,7 @@ def blocking_client(port: int, context: ssl.SSLContext, sni: str | None) -> ssl.
     return context.wrap_socket(sock, server_hostname=sni)
 
 
-def test_a_client_stalling_mid_handshake_is_closed_at_the_deadline_with_its_end(gate, tls):  # noqa: F811 (fixtures)
+def test_a_client_stalling_mid_handshake_is_closed_at_the_deadline_with_its_end(gate, tls):
     contexts, _, _ = tls
 
     async def scenario():
@@ -52,7 +55,7 @@ def test_a_client_stalling_mid_handshake_is_closed_at_the_deadline_with_its_end(
     assert "within 0.5 s" in end.detail
 
 
-def test_a_thousand_aborted_handshakes_leave_no_descriptor_or_connection_behind(gate, tls):  # noqa: F811 (fixtures)
+def test_a_thousand_aborted_handshakes_leave_no_descriptor_or_connection_behind(gate, tls):
     contexts, _, _ = tls
     hello = client_hello(NAME, ["http/1.1"])
 
@@ -78,7 +81,7 @@ def test_a_thousand_aborted_handshakes_leave_no_descriptor_or_connection_behind(
 
 
 @pytest.mark.parametrize("sni", ["API.Allowed.Test", "api.allowed.test."])
-def test_the_upstream_is_named_and_verified_as_the_decided_name(gate, tls, sni):  # noqa: F811 (fixtures)
+def test_the_upstream_is_named_and_verified_as_the_decided_name(gate, tls, sni):
     """mitmproxy's path sends the gate's normalised name (addon: client.sni = state.name)
     as SNI and verifies the upstream for it; so must this path."""
     contexts, servers, _ = tls
@@ -121,7 +124,7 @@ def test_the_upstream_is_named_and_verified_as_the_decided_name(gate, tls, sni):
     assert seen_sni == [NAME]
 
 
-def test_a_client_cut_mid_body_without_close_notify_never_completes_the_body_upstream(gate, tls):  # noqa: F811 (fixtures)
+def test_a_client_cut_mid_body_without_close_notify_never_completes_the_body_upstream(gate, tls):
     """A chunked body cut by a TCP close (no close_notify): the upstream must not get
     a body that reads as whole (no last chunk), nor a request that answers."""
     contexts, servers, client = tls
@@ -155,3 +158,125 @@ def test_a_client_cut_mid_body_without_close_notify_never_completes_the_body_ups
     run(scenario())
     assert b"hello" in got  # it was relayed as it came ...
     assert not got.rstrip(b"<reset>").endswith(b"0\r\n\r\n")  # ... never completed
+
+
+def _server_context(tmp_path, key, issuer, names, days=(1, 30), label="leaf"):
+    """A server context whose leaf (with `key`) names `names`, issued by `issuer`
+    (key, cert; the leaf's own subject when None: self-signed), valid `days`
+    (before, after) around now; negative `after`: expired."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+    from test_tls_relay import _pem
+
+    now = datetime.datetime.now(datetime.UTC)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    issuer_key, issuer_cert = issuer if issuer else (key, None)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=days[0]))
+        .not_valid_after(now + datetime.timedelta(days=days[1]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    path = tmp_path / f"{label}.pem"
+    path.write_bytes(b"".join(_pem(key, leaf)))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(path)
+    return context
+
+
+@pytest.mark.parametrize(
+    "case", ["valid", "wrong_name", "self_signed", "expired", "not_yet_valid", "unknown_ca", "no_sni_to_ip"]
+)
+def test_an_upstream_that_fails_verification_never_gets_the_request_nor_the_client_its_bytes(
+    gate, tls, tmp_path, case
+):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from test_tls_relay import _ca
+
+    contexts, _, _ = tls
+    trusted_key, trusted = _ca("trusted")
+    contexts.upstream_ca.write_bytes(_pem_cert(trusted))
+    contexts._upstream.clear()
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer, names, days, sni = (trusted_key, trusted), (NAME,), (1, 30), NAME
+    if case == "wrong_name":
+        names = ("other.allowed.test",)
+    elif case == "self_signed":
+        issuer = None
+    elif case == "expired":
+        days = (30, -1)
+    elif case == "not_yet_valid":
+        days = (-1, 30)
+    elif case == "unknown_ca":
+        issuer = _ca("nobody's")
+    elif case == "no_sni_to_ip":
+        sni = None  # verified against the destination's address: a name-only leaf fails
+    server = _server_context(tmp_path, key, issuer, names, days)
+    got = []
+
+    async def handler(reader, writer):
+        got.append(await reader.read(1000))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nSECRET")
+        await writer.drain()
+
+    client = ssl.create_default_context(cafile=contexts.confdir / "mitmproxy-ca-cert.pem")
+    client.check_hostname = sni is not None
+
+    def talk(port):
+        with blocking_client(port, client, sni) as s:
+            s.sendall(b"GET /x HTTP/1.1\r\n" + HOST + b"\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            return data
+
+    answers = []
+
+    async def scenario():
+        upstream = await tls_upstream(handler, server)
+        door = await tls_door(gate, upstream, contexts)
+        answers.append(await asyncio.to_thread(talk, door.port))
+        await until(lambda: ends(gate))
+        await door.stop()
+        upstream.server.close()
+
+    if sni is None:
+        # No SNI: the gate allows it only by an IP rule, as inspected.
+        from support.fakes import make_gate
+
+        gate.policy = make_gate(tmp_path, rules=_IP_RULES, sandbox=LOOPBACK).policy
+    run(scenario())
+    [answer] = answers
+    if case == "valid":  # the control: the same server with a good certificate answers
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"SECRET"), answer
+        return
+    assert answer.startswith(b"HTTP/1.1 502 "), answer[:300]
+    assert b"SECRET" not in answer
+    assert not any(b"/x" in g for g in got)  # the request never reached it
+    [end] = ends(gate)
+    assert "TLS handshake failed" in end.detail, end.detail
+
+
+_IP_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: 203.0.113.11
+        methods: [GET]
+        id: api-ip-get
+"""
+
+
+def _pem_cert(cert) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
