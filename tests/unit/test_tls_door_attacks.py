@@ -280,3 +280,35 @@ def _pem_cert(cert) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+def test_a_client_offering_only_tls_1_0_or_1_1_is_refused_before_any_upstream(gate, tls, version):
+    contexts, _, _ = tls
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    try:
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+        old.minimum_version = old.maximum_version = getattr(ssl.TLSVersion, version)
+    except (ssl.SSLError, ValueError):
+        pytest.skip(f"this OpenSSL cannot offer {version}")
+    failed = []
+
+    def talk(port):
+        try:
+            blocking_client(port, old, NAME).close()
+        except (ssl.SSLError, OSError) as e:
+            failed.append(e)
+
+    async def scenario():
+        async with Upstream(lambda r, w: asyncio.sleep(0)) as upstream:
+            door = await tls_door(gate, upstream, contexts)
+            await asyncio.to_thread(talk, door.port)
+            await until(lambda: ends(gate))
+            await door.stop()
+            assert upstream.connections == 0
+
+    run(scenario())
+    assert failed, "the handshake succeeded"
+    rejected = [e for e in gate.events if e.reason.value == "tls_rejected_by_client"]
+    assert len(rejected) == 1, [(e.kind.value, e.reason.value, e.detail) for e in gate.events]
