@@ -126,6 +126,8 @@ def test_the_front_door_and_mitmproxy_decide_and_answer_alike(net, tmp_path):
         run["upstream"] = [u for u in run["upstream"] if u[1] != "/public/scd"]
         # The event's path is the target as sent here, mitmproxy's URL there (which
         # says https for an `http://` absolute-form target inside TLS).
-        run["requests"] = [(m, p.replace("http://", "https://"), *rest) for m, p, *rest in run["requests"]]
+        run["requests"] = [
+            (m, p.replace("http://", "https://"), *rest) for m, p, *rest in run["requests"]
+        ]
     for key in ("status", "requests", "connections", "upstream"):
         assert door[key] == oracle[key], (key, door[key], oracle[key], door_run.describe())

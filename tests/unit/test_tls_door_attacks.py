@@ -69,7 +69,9 @@ def test_a_thousand_aborted_handshakes_leave_no_descriptor_or_connection_behind(
                 writer.write(hello if i % 2 else hello + b"\x17\x03\x03\x00\x05junk!")
                 await writer.drain()
                 sock = writer.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
                 writer.close()
             await until(lambda: len(ends(gate)) == 1000, timeout=30)
             await until(lambda: open_fds() <= baseline, timeout=5)
@@ -149,7 +151,9 @@ def test_a_client_cut_mid_body_without_close_notify_never_completes_the_body_ups
     async def scenario():
         upstream = await tls_upstream(handler, servers["good"])
         door = await tls_door(gate, upstream, contexts)
-        await asyncio.to_thread(talk, door.port, b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await asyncio.to_thread(
+            talk, door.port, b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
         await until(lambda: ends(gate))
         await asyncio.sleep(0.3)
         await door.stop()
@@ -193,7 +197,16 @@ def _server_context(tmp_path, key, issuer, names, days=(1, 30), label="leaf"):
 
 
 @pytest.mark.parametrize(
-    "case", ["valid", "wrong_name", "self_signed", "expired", "not_yet_valid", "unknown_ca", "no_sni_to_ip"]
+    "case",
+    [
+        "valid",
+        "wrong_name",
+        "self_signed",
+        "expired",
+        "not_yet_valid",
+        "unknown_ca",
+        "no_sni_to_ip",
+    ],
 )
 def test_an_upstream_that_fails_verification_never_gets_the_request_nor_the_client_its_bytes(
     gate, tls, tmp_path, case
@@ -312,3 +325,45 @@ def test_a_client_offering_only_tls_1_0_or_1_1_is_refused_before_any_upstream(ga
     assert failed, "the handshake succeeded"
     rejected = [e for e in gate.events if e.reason.value == "tls_rejected_by_client"]
     assert len(rejected) == 1, [(e.kind.value, e.reason.value, e.detail) for e in gate.events]
+
+
+def test_a_close_delimited_body_cut_without_close_notify_never_looks_complete(gate, tls):
+    """An HTTP/1.0 body ends with the connection; only close_notify says it is whole.
+    An upstream connection cut by a bare TCP close (an on-path FIN, a crash) must not
+    become a complete response (here: re-framed chunked, with its last chunk)."""
+    contexts, servers, _ = tls
+
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + b"first half of the body")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.transport.abort()  # TCP closed, no close_notify
+
+    client = ssl.create_default_context(cafile=contexts.confdir / "mitmproxy-ca-cert.pem")
+    got = []
+
+    def talk(port):
+        with blocking_client(port, client, NAME) as s:
+            s.sendall(b"GET /x HTTP/1.1\r\n" + HOST + b"\r\n")
+            data = b""
+            try:
+                while chunk := s.recv(4096):
+                    data += chunk
+                    if data.endswith(b"0\r\n\r\n"):
+                        break
+            except OSError:
+                pass
+            got.append(data)
+
+    async def scenario():
+        upstream = await tls_upstream(handler, servers["good"])
+        door = await tls_door(gate, upstream, contexts)
+        await asyncio.to_thread(talk, door.port)
+        await door.stop()
+        upstream.server.close()
+
+    run(scenario())
+    [data] = got
+    assert b"first half of the body" in data  # relayed as it came ...
+    assert not data.endswith(b"0\r\n\r\n"), data  # ... never completed
