@@ -34,6 +34,33 @@ def blocking_client(port: int, context: ssl.SSLContext, sni: str | None) -> ssl.
     return context.wrap_socket(sock, server_hostname=sni)
 
 
+def fetch(port: int, context: ssl.SSLContext, sni: str | None, request: bytes) -> bytes:
+    """`request` through the door; all the answer until the door closes."""
+    with blocking_client(port, context, sni) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        return data
+
+
+def exchange(gate_, contexts, handler, server: ssl.SSLContext, talk):
+    """A TLS upstream (`handler`, `server`), the door before it, `talk(port)` in a
+    thread; its answer once the connection's end is reported."""
+    answers = []
+
+    async def scenario():
+        upstream = await tls_upstream(handler, server)
+        door = await tls_door(gate_, upstream, contexts)
+        answers.append(await asyncio.to_thread(talk, door.port))
+        await until(lambda: ends(gate_))
+        await door.stop()
+        upstream.server.close()
+
+    run(scenario())
+    return answers[0]
+
+
 def test_a_client_stalling_mid_handshake_is_closed_at_the_deadline_with_its_end(gate, tls):
     contexts, _, _ = tls
 
@@ -99,30 +126,11 @@ def test_the_upstream_is_named_and_verified_as_the_decided_name(gate, tls, sni):
     client = ssl.create_default_context()
     client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
 
-    def talk(port):
-        with blocking_client(port, client, sni) as s:
-            s.sendall(b"GET /x HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-            return data
-
-    async def scenario():
-        upstream = await tls_upstream(handler, server)
-        door = await tls_door(gate, upstream, contexts)
-        answer = await asyncio.to_thread(talk, door.port)
-        await until(lambda: ends(gate))
-        await door.stop()
-        upstream.server.close()
-        return answer
-
-    answers = []
-
-    async def collect():
-        answers.append(await scenario())
-
-    run(collect())
-    assert answers[0].startswith(b"HTTP/1.1 200 OK"), answers[0][:300]
+    request = b"GET /x HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n"
+    answer = exchange(
+        gate, contexts, handler, server, lambda port: fetch(port, client, sni, request)
+    )
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:300]
     assert seen_sni == [NAME]
 
 
@@ -243,31 +251,15 @@ def test_an_upstream_that_fails_verification_never_gets_the_request_nor_the_clie
     client = ssl.create_default_context(cafile=contexts.confdir / "mitmproxy-ca-cert.pem")
     client.check_hostname = sni is not None
 
-    def talk(port):
-        with blocking_client(port, client, sni) as s:
-            s.sendall(b"GET /x HTTP/1.1\r\n" + HOST + b"\r\n")
-            data = b""
-            while chunk := s.recv(4096):
-                data += chunk
-            return data
-
-    answers = []
-
-    async def scenario():
-        upstream = await tls_upstream(handler, server)
-        door = await tls_door(gate, upstream, contexts)
-        answers.append(await asyncio.to_thread(talk, door.port))
-        await until(lambda: ends(gate))
-        await door.stop()
-        upstream.server.close()
-
     if sni is None:
         # No SNI: the gate allows it only by an IP rule, as inspected.
         from support.fakes import make_gate
 
         gate.policy = make_gate(tmp_path, rules=_IP_RULES, sandbox=LOOPBACK).policy
-    run(scenario())
-    [answer] = answers
+    request = b"GET /x HTTP/1.1\r\n" + HOST + b"\r\n"
+    answer = exchange(
+        gate, contexts, handler, server, lambda port: fetch(port, client, sni, request)
+    )
     if case == "valid":  # the control: the same server with a good certificate answers
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"SECRET"), answer
         return
