@@ -68,6 +68,12 @@ def serve_inspected(connection, hello: Hello) -> None:
     """Take over `connection` (the door's, decided INTERCEPT): the client's TLS
     handshake, then `TlsHttp1Relay`."""
     door, state = connection.door, connection.state
+    # The name the gate decided (parse_domain: lower case, no trailing dot) is the one
+    # used from here on, as mitmproxy's path sets `client.sni = state.name`: the raw
+    # SNI named the upstream otherwise (sent, verified, pooled) in a spelling the
+    # decision did not see, and a trailing dot failed verification.
+    if hello.sni:
+        hello = hello._replace(sni=state.name)
     # The leaf's names, as mitmproxy's `TlsConfig.get_cert` picks them (SNI, else the
     # address the client reached; then the destination's address).
     first = hello.sni or connection.client.getsockname()[0]
@@ -133,6 +139,7 @@ class TlsHttp1Relay(Http1Relay):
     __slots__ = (
         "hello",
         "ended",  # sockets (not descriptors: reused) whose end came after data
+        "cut",  # upstream sockets whose end without close_notify came after data
         "read_waits_out",  # sockets whose read waits for their OUT edge
         "write_waits_in",  # sockets whose write waits for their IN edge
     )
@@ -140,6 +147,7 @@ class TlsHttp1Relay(Http1Relay):
     def __init__(self, connection, hello: Hello):
         self.hello = hello
         self.ended: set[ssl.SSLSocket] = set()
+        self.cut: set[ssl.SSLSocket] = set()
         self.read_waits_out: set[int] = set()
         self.write_waits_in: set[int] = set()
         super().__init__(connection, tls=True)
@@ -172,6 +180,9 @@ class TlsHttp1Relay(Http1Relay):
         if sock in self.ended:
             self.ended.discard(sock)
             return 0
+        if sock in self.cut:
+            self.cut.discard(sock)
+            raise ConnectionResetError("the upstream closed without close_notify")
         view, n, size = memoryview(buffer), 0, len(buffer)
         try:
             while n < size:
@@ -184,6 +195,17 @@ class TlsHttp1Relay(Http1Relay):
                     break
                 except ssl.SSLZeroReturnError:
                     got = 0
+                except ssl.SSLEOFError:
+                    # An upstream's TCP end without close_notify (its sockets do not
+                    # suppress it): a cut, not an end, or a close-delimited body
+                    # would be completed for the client. A reset, after the data.
+                    if not n:
+                        raise ConnectionResetError(
+                            "the upstream closed without close_notify"
+                        ) from None
+                    self.cut.add(sock)
+                    self.connection.loop.call_soon(self._read_end, sock)
+                    return n
                 if got == 0:
                     if n:  # the end, after data: the data now, the end next
                         self.ended.add(sock)
@@ -197,19 +219,21 @@ class TlsHttp1Relay(Http1Relay):
 
     def _read_end(self, sock: ssl.SSLSocket) -> None:
         connection = self.connection
-        if sock in self.ended and not connection.done:
+        if (sock in self.ended or sock in self.cut) and not connection.done:
             if sock is connection.client:
                 self._on_client_event(IN)
             elif sock is connection.upstream:
                 self._on_upstream_event(IN)
-            else:
-                self.ended.discard(sock)  # dropped meanwhile
+            else:  # dropped meanwhile
+                self.ended.discard(sock)
+                self.cut.discard(sock)
 
     def _drop_upstream(self) -> None:
         # Its descriptor may come back with the next upstream connection.
         upstream = self.connection.upstream
         if upstream is not None:
             self.ended.discard(upstream)
+            self.cut.discard(upstream)
             self.read_waits_out.discard(upstream.fileno())
             self.write_waits_in.discard(upstream.fileno())
         super()._drop_upstream()
@@ -245,7 +269,10 @@ class TlsHttp1Relay(Http1Relay):
         # (checked against the certificate's IP addresses; no SNI is sent then).
         name = self.hello.sni or str(connection.state.ip)
         connection.upstream = context.wrap_socket(
-            connection.upstream, server_hostname=name, do_handshake_on_connect=False
+            connection.upstream,
+            server_hostname=name,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=False,  # a truncation is not an end (_receive)
         )
         connection.wake_at = connection.loop.time() + door.connect_timeout
         door.wait(connection)

@@ -313,7 +313,7 @@ class ScriptedTls:
 
 def relay_without_connection():
     relay = TlsHttp1Relay.__new__(TlsHttp1Relay)
-    relay.ended, relay.read_waits_out, relay.write_waits_in = set(), set(), set()
+    relay.ended, relay.cut, relay.read_waits_out, relay.write_waits_in = set(), set(), set(), set()
     relay.connection = type("C", (), {"loop": asyncio.new_event_loop(), "done": False})()
     return relay
 
