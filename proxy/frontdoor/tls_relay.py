@@ -9,16 +9,11 @@ held for approval, WebSocket tunnels) and its ClientHello offers no ALPN or offe
 http/1.1; a client offering h2 and http/1.1 gets http/1.1 (mitmproxy gave it h2).
 Everything else is still handed to mitmproxy.
 
-The sockets are the stdlib's non-blocking `ssl.SSLSocket`s in the door's
+The sockets are `tls_io.TlsSocket`s (a TCP socket with an `SSLObject` over memory
+BIOs: one recv per read, one send per flight; see tls_io.py) in the door's
 edge-triggered epoll set; `TlsHttp1Relay` is `Http1Relay` with TLS reads and writes
-(its seams `_receive`, `_transmit`, `_upstream_ready`):
-- a read drains OpenSSL until it wants the socket again (SSLWantReadError): a
-  record already decrypted raises no socket edge. The end of the stream read after
-  data in one go is reported by the next read (`_ended`);
-- a read that wants to write (a TLS 1.3 KeyUpdate's answer did not fit the socket)
-  waits for the socket's OUT edge, a write that wants to read for its IN edge;
-- a write that did not finish is retried with the same bytes first (OpenSSL's
-  rule); `owed` only loses bytes a write took, and a write is at most WRITE_MAX.
+(its seams `_receive`, `_transmit`, `_upstream_ready`). The end of the stream read
+after data in one go is reported by the next read (`ended`).
 Upstream TLS connections go to the door's UpstreamPool as plain ones do, keyed by
 the SNI too: a pooled connection was verified for exactly that name.
 
@@ -36,11 +31,10 @@ from typing import NamedTuple
 from sandgate.proxy.clienthello import _first_handshake_message, server_name_and_alpn
 from sandgate.proxy.frontdoor.http1_relay import Http1Relay
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
+from sandgate.proxy.frontdoor.tls_io import TlsSocket
 from sandgate.proxy.gate import MAX_FIRST_BYTES
 
-WRITE_MAX = 64 * 1024  # bytes given to one SSL write (records of 16 KiB)
 _HTTP1 = b"http/1.1"
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Hello(NamedTuple):
@@ -73,8 +67,8 @@ def serve_inspected(connection, hello: Hello) -> None:
     first = hello.sni or connection.client.getsockname()[0]
     names = tuple(dict.fromkeys((first, str(state.ip))))
     context = door.tls_contexts.for_client(names)
-    client = context.wrap_socket(connection.client, server_side=True, do_handshake_on_connect=False)
-    connection.client = client  # the same descriptor: its epoll entry stays
+    # The same descriptor: its epoll entry stays.
+    connection.client = TlsSocket.wrap(connection.client, context, server_side=True)
     ClientHandshake(connection, hello)
 
 
@@ -96,12 +90,11 @@ class ClientHandshake:
     def on_event(self, events: int) -> None:
         connection = self.connection
         try:
-            connection.client.do_handshake()
-        except _WANT:
-            if events & CLOSED:
-                self._failed("the client closed the connection during the handshake")
-            return
-        except (ssl.SSLError, OSError) as e:
+            if not connection.client.handshake():
+                if events & CLOSED:
+                    self._failed("the client closed the connection during the handshake")
+                return
+        except OSError as e:  # ssl.SSLError among them
             self._failed(_why(e))
             return
         except Exception as e:  # noqa: BLE001
@@ -133,69 +126,31 @@ class TlsHttp1Relay(Http1Relay):
     __slots__ = (
         "hello",
         "ended",  # sockets (not descriptors: reused) whose end came after data
-        "read_waits_out",  # sockets whose read waits for their OUT edge
-        "write_waits_in",  # sockets whose write waits for their IN edge
     )
 
     def __init__(self, connection, hello: Hello):
         self.hello = hello
-        self.ended: set[ssl.SSLSocket] = set()
-        self.read_waits_out: set[int] = set()
-        self.write_waits_in: set[int] = set()
+        self.ended: set[TlsSocket] = set()
         super().__init__(connection, tls=True)
-
-    # --- edges ----------------------------------------------------------------------
-
-    def _on_client_event(self, events: int) -> None:
-        super()._on_client_event(self._translated(self.connection.client_fd, events))
-
-    def _on_upstream_event(self, events: int) -> None:
-        upstream = self.connection.upstream
-        if upstream is not None and self.session.connected:
-            events = self._translated(upstream.fileno(), events)
-        super()._on_upstream_event(events)
-
-    def _translated(self, fd: int, events: int) -> int:
-        """An OUT edge lets a read that wanted to write go on (IN), an IN edge a
-        write that wanted to read (OUT)."""
-        if events & OUT and fd in self.read_waits_out:
-            self.read_waits_out.discard(fd)
-            events |= IN
-        if events & IN and fd in self.write_waits_in:
-            self.write_waits_in.discard(fd)
-            events |= OUT
-        return events
 
     # --- reads and writes ---------------------------------------------------------------
 
-    def _receive(self, sock: ssl.SSLSocket, buffer: bytearray) -> int:
+    def _receive(self, sock: TlsSocket, buffer: bytearray) -> int:
         if sock in self.ended:
             self.ended.discard(sock)
             return 0
-        view, n, size = memoryview(buffer), 0, len(buffer)
+        view = memoryview(buffer)
         try:
-            while n < size:
-                try:
-                    got = sock.recv_into(view[n:])
-                except ssl.SSLWantReadError:
-                    break  # drained: the socket's next IN edge says more came
-                except ssl.SSLWantWriteError:
-                    self.read_waits_out.add(sock.fileno())
-                    break
-                except ssl.SSLZeroReturnError:
-                    got = 0
-                if got == 0:
-                    if n:  # the end, after data: the data now, the end next
-                        self.ended.add(sock)
-                        self.connection.loop.call_soon(self._read_end, sock)
-                        return n
-                    return 0
-                n += got
+            n = sock.read_into(view)
         finally:
             view.release()
-        return n if n else -1
+        if 0 < n < len(buffer) and sock.eof:
+            # The end, after data: the data now, the end next (no socket edge will come).
+            self.ended.add(sock)
+            self.connection.loop.call_soon(self._read_end, sock)
+        return n
 
-    def _read_end(self, sock: ssl.SSLSocket) -> None:
+    def _read_end(self, sock: TlsSocket) -> None:
         connection = self.connection
         if sock in self.ended and not connection.done:
             if sock is connection.client:
@@ -210,24 +165,10 @@ class TlsHttp1Relay(Http1Relay):
         upstream = self.connection.upstream
         if upstream is not None:
             self.ended.discard(upstream)
-            self.read_waits_out.discard(upstream.fileno())
-            self.write_waits_in.discard(upstream.fileno())
         super()._drop_upstream()
 
-    def _transmit(self, sock: ssl.SSLSocket, data: bytearray) -> int:
-        """Writes of at most WRITE_MAX until all went or the socket is full (a count
-        under len(data) says so to the relay)."""
-        sent, size = 0, len(data)
-        while sent < size:
-            piece = data if size <= WRITE_MAX else data[sent : sent + WRITE_MAX]
-            try:
-                sent += sock.send(piece)
-            except ssl.SSLWantWriteError:
-                break
-            except ssl.SSLWantReadError:
-                self.write_waits_in.add(sock.fileno())
-                break
-        return sent
+    def _transmit(self, sock: TlsSocket, data: bytearray) -> int:
+        return sock.write_from(data)
 
     # --- the upstream ---------------------------------------------------------------------
 
@@ -244,8 +185,8 @@ class TlsHttp1Relay(Http1Relay):
         # mitmproxy's server.sni: the client's SNI, else the destination's address
         # (checked against the certificate's IP addresses; no SNI is sent then).
         name = self.hello.sni or str(connection.state.ip)
-        connection.upstream = context.wrap_socket(
-            connection.upstream, server_hostname=name, do_handshake_on_connect=False
+        connection.upstream = TlsSocket.wrap(
+            connection.upstream, context, server_side=False, server_hostname=name
         )
         connection.wake_at = connection.loop.time() + door.connect_timeout
         door.wait(connection)
@@ -256,22 +197,23 @@ class TlsHttp1Relay(Http1Relay):
         connection = self.connection
         try:
             try:
-                connection.upstream.do_handshake()
-            except _WANT:
-                if not events & CLOSED:
-                    return
-                why = "the upstream closed the connection during the handshake"
-            except (ssl.SSLError, OSError) as e:
+                done = connection.upstream.handshake()
+            except OSError as e:  # ssl.SSLError (verification above all) among them
                 why = _why(e)
             else:
-                connection.door.unwait(connection)
-                connection.door.poller.handlers[connection.upstream.fileno()] = (
-                    self._on_upstream_event
-                )
-                self.upstream_readable = self.upstream_writable = True
-                self.session.upstream_connected()
-                self._step()
-                return
+                if not done:
+                    if not events & CLOSED:
+                        return
+                    why = "the upstream closed the connection during the handshake"
+                else:
+                    connection.door.unwait(connection)
+                    connection.door.poller.handlers[connection.upstream.fileno()] = (
+                        self._on_upstream_event
+                    )
+                    self.upstream_readable = self.upstream_writable = True
+                    self.session.upstream_connected()
+                    self._step()
+                    return
             connection.door.unwait(connection)
             self._drop_upstream()
             self.session.upstream_failed(f"TLS handshake failed: {why}")

@@ -9,9 +9,8 @@ import datetime
 import ssl
 
 import pytest
-from sandgate.proxy.frontdoor.relay import RELAY_CHUNK
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts, _leaf_certificate
-from sandgate.proxy.frontdoor.tls_relay import WRITE_MAX, TlsHttp1Relay, http1_hello
+from sandgate.proxy.frontdoor.tls_relay import http1_hello
 from support.fakes import client_hello, make_gate
 from test_frontdoor import LOOPBACK, Upstream, read_all, run, started, until
 
@@ -281,76 +280,3 @@ def test_only_clients_that_can_speak_http_1_1_are_served_here():
     assert http1_hello(Peeked(hello(["h2", "http/1.1"]))).alpn == (b"h2", b"http/1.1")
     assert http1_hello(Peeked(hello(["h2"]))) is None  # to mitmproxy
     assert http1_hello(Peeked(b"\x16\x03\x01\x00")) is None  # not even a whole hello
-
-
-# --- the adapter's reads and writes, against a scripted TLS socket ------------------------
-
-
-class ScriptedTls:
-    """Plays an SSLSocket: each recv_into / send takes the next scripted answer."""
-
-    def __init__(self, reads=(), sends=()):
-        self.reads, self.sends, self.sent = list(reads), list(sends), []
-
-    def fileno(self):
-        return 7
-
-    def recv_into(self, view):
-        step = self.reads.pop(0)
-        if isinstance(step, type) and issubclass(step, Exception):
-            raise step()
-        view[: len(step)] = step
-        return len(step)
-
-    def send(self, data):
-        step = self.sends.pop(0)
-        if isinstance(step, type) and issubclass(step, Exception):
-            self.sent.append(bytes(data))
-            raise step()
-        self.sent.append(bytes(data))
-        return step
-
-
-def relay_without_connection():
-    relay = TlsHttp1Relay.__new__(TlsHttp1Relay)
-    relay.ended, relay.read_waits_out, relay.write_waits_in = set(), set(), set()
-    relay.connection = type("C", (), {"loop": asyncio.new_event_loop(), "done": False})()
-    return relay
-
-
-def test_a_read_drains_every_decrypted_record_until_openssl_wants_the_socket():
-    relay = relay_without_connection()
-    sock = ScriptedTls(reads=[b"ab", b"cd", ssl.SSLWantReadError])
-    assert relay._receive(sock, bytearray(RELAY_CHUNK)) == 4
-    assert relay._receive(ScriptedTls(reads=[ssl.SSLWantReadError]), bytearray(8)) == -1
-    relay.connection.loop.close()
-
-
-def test_a_read_that_wants_to_write_waits_for_the_out_edge_and_a_write_that_wants_to_read_for_in():
-    relay = relay_without_connection()
-    sock = ScriptedTls(reads=[ssl.SSLWantWriteError], sends=[ssl.SSLWantReadError])
-    assert relay._receive(sock, bytearray(8)) == -1
-    assert relay._translated(7, 0x4) & 0x1  # OUT now means: read again
-    assert relay._translated(7, 0x4) == 0x4  # once
-    assert relay._transmit(sock, bytearray(b"abc")) == 0
-    assert relay._translated(7, 0x1) & 0x4  # IN now means: write again
-    relay.connection.loop.close()
-
-
-def test_a_write_that_did_not_finish_is_retried_with_the_same_bytes_first():
-    relay = relay_without_connection()
-    owed = bytearray(b"a" * WRITE_MAX + b"b" * 10)
-    sock = ScriptedTls(sends=[ssl.SSLWantWriteError, WRITE_MAX, ssl.SSLWantWriteError])
-    assert relay._transmit(sock, owed) == 0
-    owed += b"more"
-    assert relay._transmit(sock, owed) == WRITE_MAX  # then full again: the relay waits
-    assert sock.sent == [b"a" * WRITE_MAX, b"a" * WRITE_MAX, b"b" * 10 + b"more"]
-    relay.connection.loop.close()
-
-
-def test_the_end_read_after_data_is_the_next_reads_answer():
-    relay = relay_without_connection()
-    sock = ScriptedTls(reads=[b"last", ssl.SSLZeroReturnError])
-    assert relay._receive(sock, bytearray(64)) == 4
-    assert relay._receive(sock, bytearray(64)) == 0  # no socket edge needed for it
-    relay.connection.loop.close()
