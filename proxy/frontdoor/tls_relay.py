@@ -74,7 +74,9 @@ def serve_inspected(connection, hello: Hello) -> None:
 
 class ClientHandshake:
     """The client's handshake, on its socket's edges, within the door's first-bytes
-    deadline; done, the connection becomes a `TlsHttp1Relay`."""
+    deadline; done, the connection becomes a `TlsHttp1Relay`. A handshake not done by
+    the deadline is a failed one (the client may have stopped at the gateway's
+    certificate without an alert): its event names the stall."""
 
     __slots__ = ("connection", "hello")
 
@@ -83,6 +85,7 @@ class ClientHandshake:
         door = connection.door
         connection.silent_until = None
         connection.wake_at = connection.deadline = connection.loop.time() + door.first_bytes_timeout
+        connection.on_deadline = self._stalled
         door.wait(connection)
         door.poller.handlers[connection.client_fd] = self.on_event
         self.on_event(IN | OUT)
@@ -101,13 +104,19 @@ class ClientHandshake:
             connection.crash(e)
             return
         connection.door.unwait(connection)
+        connection.on_deadline = None
         try:
             TlsHttp1Relay(connection, self.hello)
         except Exception as e:  # noqa: BLE001
             connection.crash(e)
 
+    def _stalled(self) -> None:
+        timeout = self.connection.door.first_bytes_timeout
+        self._failed(f"the handshake stalled: not finished within {timeout:g} s")
+
     def _failed(self, why: str) -> None:
         connection = self.connection
+        connection.on_deadline = None
         connection.door.gate.on_tls_rejected(connection.state, why)
         connection.finish(f"the client's TLS handshake failed: {why}", reset=True)
 

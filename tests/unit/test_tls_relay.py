@@ -107,7 +107,7 @@ async def never(sock, state):
     raise AssertionError("inspected HTTPS/1.1 was handed to mitmproxy")
 
 
-async def tls_door(gate, upstream, contexts):
+async def tls_door(gate, upstream, contexts, **options):
     return await started(
         gate,
         API,
@@ -115,6 +115,7 @@ async def tls_door(gate, upstream, contexts):
         hand_off=never,
         plain_http=lambda state: True,
         tls_contexts=contexts,
+        **options,
     )
 
 
@@ -280,3 +281,39 @@ def test_only_clients_that_can_speak_http_1_1_are_served_here():
     assert http1_hello(Peeked(hello(["h2", "http/1.1"]))).alpn == (b"h2", b"http/1.1")
     assert http1_hello(Peeked(hello(["h2"]))) is None  # to mitmproxy
     assert http1_hello(Peeked(b"\x16\x03\x01\x00")) is None  # not even a whole hello
+
+
+def test_a_client_whose_handshake_stalls_is_a_tls_rejected_event_naming_the_stall(gate, tls):
+    """The ClientHello, then nothing (a client that stopped at the gateway's
+    certificate without an alert): closed at the first-bytes deadline with its own
+    event, not the generic "nothing decidable"; the upstream never hears of it."""
+    contexts, _, _ = tls
+
+    async def scenario():
+        async with Upstream(lambda r, w: asyncio.sleep(0)) as upstream:
+            door = await tls_door(gate, upstream, contexts, first_bytes_timeout=0.3)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(client_hello(NAME, alpn=["http/1.1"]))
+            flight = await reader.read(1)  # the gateway's ServerHello began: it decided
+            await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+            rest = await read_all(reader)
+            writer.close()
+            await door.stop()
+            assert upstream.connections == 0
+            return flight, rest
+
+    answers = []
+
+    async def collect():
+        answers.append(await scenario())
+
+    run(collect())
+    [(flight, rest)] = answers
+    assert flight == b"\x16"  # a handshake record
+    assert rest in (b"<reset>", b"") or rest.startswith(b"\x14") or rest[:1] in (b"\x16", b"\x17")
+    rejected = [e for e in gate.events if e.reason.value == "tls_rejected_by_client"]
+    assert len(rejected) == 1, [(e.kind.value, e.reason.value, e.detail) for e in gate.events]
+    assert "the handshake stalled: not finished within 0.3 s" in rejected[0].detail
+    end = [e for e in gate.events if e.kind.value == "connection_end"][0]
+    assert "stalled" in end.detail and "nothing decidable" not in end.detail
+    assert requests(gate) == []
