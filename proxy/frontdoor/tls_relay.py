@@ -174,7 +174,12 @@ class TlsHttp1Relay(Http1Relay):
         upstream = self.connection.upstream
         if upstream is not None:
             self.ended.discard(upstream)
+            self._keep_session(upstream)
         super()._drop_upstream()
+
+    def _pool_upstream(self) -> None:
+        self._keep_session(self.connection.upstream)
+        super()._pool_upstream()
 
     def _transmit(self, sock: TlsSocket, data: bytearray) -> int:
         return sock.write_from(data)
@@ -185,17 +190,36 @@ class TlsHttp1Relay(Http1Relay):
         """A pooled TLS connection was verified for one name: the key carries it."""
         return (*super()._pool_key(), "tls", self.hello.sni)
 
+    def _upstream_name(self) -> str:
+        """mitmproxy's server.sni: the client's SNI, else the destination's address
+        (checked against the certificate's IP addresses; no SNI is sent then)."""
+        return self.hello.sni or str(self.connection.state.ip)
+
+    def _session_key(self) -> tuple:
+        """What a kept upstream session was verified for (tls_contexts.py): this
+        task's upstream address, the name checked, the context (ALPN offered or not)."""
+        return (*self._pool_key(), self._upstream_name(), bool(self.hello.alpn))
+
+    def _keep_session(self, upstream: TlsSocket) -> None:
+        # Verified only: a failed handshake (or a TCP connect that failed) keeps nothing.
+        if isinstance(upstream, TlsSocket) and upstream.handshaken:
+            self.connection.door.tls_contexts.keep_upstream_session(
+                self._session_key(), upstream.tls.session
+            )
+
     def _upstream_ready(self) -> None:
-        """The TCP connection is made: TLS with the upstream, verified, within the
-        door's connect deadline."""
+        """The TCP connection is made: TLS with the upstream, verified (or resumed from
+        a verified session of the same name and address), within the door's connect
+        deadline."""
         connection = self.connection
         door = connection.door
-        context = door.tls_contexts.for_upstream(alpn=bool(self.hello.alpn))
-        # mitmproxy's server.sni: the client's SNI, else the destination's address
-        # (checked against the certificate's IP addresses; no SNI is sent then).
-        name = self.hello.sni or str(connection.state.ip)
+        contexts = door.tls_contexts
         connection.upstream = TlsSocket.wrap(
-            connection.upstream, context, server_side=False, server_hostname=name
+            connection.upstream,
+            contexts.for_upstream(alpn=bool(self.hello.alpn)),
+            server_side=False,
+            server_hostname=self._upstream_name(),
+            session=contexts.upstream_session(self._session_key()),
         )
         connection.wake_at = connection.loop.time() + door.connect_timeout
         door.wait(connection)

@@ -317,3 +317,49 @@ def test_a_client_whose_handshake_stalls_is_a_tls_rejected_event_naming_the_stal
     end = [e for e in gate.events if e.kind.value == "connection_end"][0]
     assert "stalled" in end.detail and "nothing decidable" not in end.detail
     assert requests(gate) == []
+
+
+def test_a_new_upstream_connection_resumes_the_verified_session_of_the_same_name_and_address(
+    gate, tls
+):
+    """The upstream closes after each answer, so each request needs a new upstream
+    TLS connection: the second resumes the first's session (no certificate sent
+    again; it was verified when made). A handshake that failed verification keeps
+    no session."""
+    contexts = tls[0]
+    reused = []
+
+    async def server(reader, writer):
+        reused.append(writer.get_extra_info("ssl_object").session_reused)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async def scenario(certificate):
+        upstream, door, reader, writer = await through_door(gate, tls, server, certificate)
+        answers = []
+        for _ in range(2):
+            writer.write(b"GET /public HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            answers.append(head.split(b"\r\n")[0])
+            if not head.startswith(b"HTTP/1.1 200"):
+                break
+            await reader.readexactly(2)
+        writer.close()
+        await door.stop()
+        upstream.server.close()
+        return answers
+
+    results = []
+
+    async def collect():
+        results.append(await scenario("wrong"))
+        results.append(len(contexts._sessions))
+        results.append(await scenario("good"))
+
+    run(collect())
+    wrong, kept_after_failure, good = results
+    assert wrong == [b"HTTP/1.1 502 Bad Gateway"]
+    assert kept_after_failure == 0
+    assert good == [b"HTTP/1.1 200 OK"] * 2
+    assert reused[-2:] == [False, True]
