@@ -14,7 +14,9 @@ writable, a write never for it to be readable (the BIOs always take the bytes).
 Contract with the relay (http1_relay.py's `_receive` / `_transmit` seams):
 - `read_into(view)`: plaintext bytes put into `view`; fewer than it holds only once
   the socket was drained (a short read or EAGAIN: edge-triggered epoll reports the
-  next arrival), so a full answer means "call again". `-1`: nothing yet. `ENDED`
+  next arrival), so a full answer means "call again". A FIN raises no edge of its
+  own after the data it came with: once an event said the peer is closing (RDHUP,
+  `peer_closing`, set by the relay) reads go on to EAGAIN or the end. `-1`: nothing yet. `ENDED`
   (0): the peer's end (FIN, close_notify) with nothing before it. A TLS error
   (`ssl.SSLError`, an OSError) propagates: the relay treats it as a reset.
 - `write_from(data)`: plaintext taken from the start of `data`, counted only once its
@@ -43,7 +45,16 @@ _RAW_VIEW = memoryview(_RAW)
 class TlsSocket(socket.socket):
     """A non-blocking TCP socket that carries its TLS connection (`tls`)."""
 
-    __slots__ = ("tls", "incoming", "outgoing", "unsent", "ahead", "eof", "handshaken")
+    __slots__ = (
+        "tls",
+        "incoming",
+        "outgoing",
+        "unsent",
+        "ahead",
+        "eof",
+        "peer_closing",
+        "handshaken",
+    )
 
     @classmethod
     def wrap(
@@ -68,6 +79,7 @@ class TlsSocket(socket.socket):
         tls_sock.unsent = b""  # ciphertext the socket has not taken yet
         tls_sock.ahead = 0  # plaintext bytes whose ciphertext is in `unsent`
         tls_sock.eof = False  # the peer's FIN was read
+        tls_sock.peer_closing = False  # an event said its FIN (or reset) came: read to it
         tls_sock.handshaken = False
         return tls_sock
 
@@ -139,7 +151,7 @@ class TlsSocket(socket.socket):
             self.eof = True
             return True
         self.incoming.write(_RAW_VIEW[:n])
-        return n < RELAY_CHUNK
+        return n < RELAY_CHUNK and not self.peer_closing
 
     def _fill(self) -> None:
         """Everything the socket holds into the incoming BIO (handshakes: small)."""

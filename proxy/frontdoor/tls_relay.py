@@ -142,6 +142,19 @@ class TlsHttp1Relay(Http1Relay):
         self.ended: set[TlsSocket] = set()
         super().__init__(connection, tls=True)
 
+    # --- edges -------------------------------------------------------------------------
+
+    def _on_client_event(self, events: int) -> None:
+        if events & CLOSED:
+            self.connection.client.peer_closing = True
+        super()._on_client_event(events)
+
+    def _on_upstream_event(self, events: int) -> None:
+        upstream = self.connection.upstream
+        if events & CLOSED and isinstance(upstream, TlsSocket):
+            upstream.peer_closing = True
+        super()._on_upstream_event(events)
+
     # --- reads and writes ---------------------------------------------------------------
 
     def _receive(self, sock: TlsSocket, buffer: bytearray) -> int:

@@ -363,3 +363,40 @@ def test_a_new_upstream_connection_resumes_the_verified_session_of_the_same_name
     assert kept_after_failure == 0
     assert good == [b"HTTP/1.1 200 OK"] * 2
     assert reused[-2:] == [False, True]
+
+
+def test_a_response_that_ends_with_the_upstreams_close_reaches_the_client_whole(gate, tls):
+    """No length: the body ends where the server closes (its close_notify, read as
+    the end by the TLS core; a bare FIN after data is test_tls_io's)."""
+
+    async def server(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + b"until-close " * 1000)
+        await writer.drain()
+
+    async def scenario():
+        upstream, door, reader, writer = await through_door(gate, tls, server, "good")
+        writer.write(b"GET /public HTTP/1.1\r\nHost: api.allowed.test\r\nConnection: close\r\n\r\n")
+        answer = await read_all(reader)
+        writer.close()
+        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+        await door.stop()
+        upstream.server.close()
+        return answer
+
+    answers = []
+
+    async def collect():
+        answers.append(await scenario())
+
+    run(collect())
+    [answer] = answers
+    head, _, chunked = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"chunked" in head, answer[:200]
+    body = b""
+    while True:  # h11 framed the close-delimited body in chunks for the client
+        size, _, chunked = chunked.partition(b"\r\n")
+        if int(size, 16) == 0:
+            break
+        body, chunked = body + chunked[: int(size, 16)], chunked[int(size, 16) + 2 :]
+    assert body == b"until-close " * 1000 and chunked == b"\r\n"
