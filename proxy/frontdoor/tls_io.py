@@ -54,6 +54,7 @@ class TlsSocket(socket.socket):
         "eof",
         "peer_closing",
         "handshaken",
+        "session_kept",
     )
 
     @classmethod
@@ -81,6 +82,7 @@ class TlsSocket(socket.socket):
         tls_sock.eof = False  # the peer's FIN was read
         tls_sock.peer_closing = False  # an event said its FIN (or reset) came: read to it
         tls_sock.handshaken = False
+        tls_sock.session_kept = False  # its session was given to be resumed (tls_relay.py)
         return tls_sock
 
     # --- the handshake ---------------------------------------------------------------

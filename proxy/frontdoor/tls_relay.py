@@ -214,8 +214,17 @@ class TlsHttp1Relay(Http1Relay):
         return (*self._pool_key(), self._upstream_name(), bool(self.hello.alpn))
 
     def _keep_session(self, upstream: TlsSocket) -> None:
-        # Verified only: a failed handshake (or a TCP connect that failed) keeps nothing.
-        if isinstance(upstream, TlsSocket) and upstream.handshaken:
+        """Keep the session of a full, verified handshake (a failed one, or a TCP
+        connect that failed, keeps nothing). Once per connection, and not after a
+        resumption (the kept session still serves): reading a session from OpenSSL
+        copies it whole, certificates parsed again, ~200 us."""
+        if (
+            isinstance(upstream, TlsSocket)
+            and upstream.handshaken
+            and not upstream.session_kept
+            and not upstream.tls.session_reused
+        ):
+            upstream.session_kept = True
             self.connection.door.tls_contexts.keep_upstream_session(
                 self._session_key(), upstream.tls.session
             )
