@@ -28,21 +28,29 @@ class Counting(TlsSocket):
         return super().send(*args)
 
 
-@pytest.fixture
-def pair(tmp_path):
-    """A handshaken (server, client) pair of Counting sockets, counts reset."""
+def unshaken_pair(tmp_path, trusted: bool = True, cls=TlsSocket):
+    """(server, client) over a socketpair, before their handshake: the server has a
+    leaf for NAME of a test CA, the client trusts that CA (else another)."""
     key, ca = _ca("test CA")
     key_pem, leaf_pem = _pem(key, _leaf_certificate(key, ca, (NAME,)))
     (tmp_path / "server.pem").write_bytes(key_pem + leaf_pem)
-    (tmp_path / "ca.pem").write_bytes(_pem(key, ca)[1])
+    trusted_key, trusted_ca = (key, ca) if trusted else _ca("another CA")
+    (tmp_path / "ca.pem").write_bytes(_pem(trusted_key, trusted_ca)[1])
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(tmp_path / "server.pem")
     client_context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     a, b = socket.socketpair()
     a.setblocking(False)
     b.setblocking(False)
-    server = Counting.wrap(a, server_context, server_side=True)
-    client = Counting.wrap(b, client_context, server_side=False, server_hostname=NAME)
+    server = cls.wrap(a, server_context, server_side=True)
+    client = cls.wrap(b, client_context, server_side=False, server_hostname=NAME)
+    return server, client
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A handshaken (server, client) pair of Counting sockets, counts reset."""
+    server, client = unshaken_pair(tmp_path, cls=Counting)
     for _ in range(10):
         if server.handshaken and client.handshaken:
             break
@@ -133,19 +141,7 @@ def test_the_peers_end_after_data_is_read_with_the_data_then_is_the_next_answer(
 
 
 def test_a_failed_verification_is_an_ssl_error_from_the_handshake(tmp_path):
-    key, ca = _ca("test CA")
-    other_key, other = _ca("another CA")
-    key_pem, leaf_pem = _pem(key, _leaf_certificate(key, ca, (NAME,)))
-    (tmp_path / "server.pem").write_bytes(key_pem + leaf_pem)
-    (tmp_path / "other.pem").write_bytes(_pem(other_key, other)[1])
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(tmp_path / "server.pem")
-    distrusting = ssl.create_default_context(cafile=str(tmp_path / "other.pem"))
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    server = TlsSocket.wrap(a, server_context, server_side=True)
-    client = TlsSocket.wrap(b, distrusting, server_side=False, server_hostname=NAME)
+    server, client = unshaken_pair(tmp_path, trusted=False)
     with pytest.raises(ssl.SSLCertVerificationError):
         for _ in range(10):
             client.handshake()

@@ -131,6 +131,24 @@ async def through_door(gate, tls, server, certificate: str):
     return upstream, door, reader, writer
 
 
+def one_answer(gate, tls, server, certificate: str, request: bytes) -> bytes:
+    """What the client gets for `request` through the door (see `through_door`),
+    read to the end, once the connection's end event is out."""
+    answers = []
+
+    async def scenario():
+        upstream, door, reader, writer = await through_door(gate, tls, server, certificate)
+        writer.write(request)
+        answers.append(await read_all(reader))
+        writer.close()
+        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+        await door.stop()
+        upstream.server.close()
+
+    run(scenario())
+    return answers[0]
+
+
 def requests(gate) -> list[tuple]:
     return [
         (e.verdict.value, e.reason.value, e.protocol, e.method, e.path)
@@ -222,23 +240,8 @@ def test_an_upstream_with_a_wrong_certificate_gets_no_request_and_the_client_a_5
     async def server(reader, writer):
         got.append(await reader.read(1000))
 
-    async def scenario():
-        upstream, door, reader, writer = await through_door(gate, tls, server, "wrong")
-        writer.write(b"GET /secret HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n")
-        answer = await read_all(reader)
-        writer.close()
-        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
-        await door.stop()
-        upstream.server.close()
-        return answer
-
-    answers = []
-
-    async def collect():
-        answers.append(await scenario())
-
-    run(collect())
-    [answer] = answers
+    request = b"GET /secret HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n"
+    answer = one_answer(gate, tls, server, "wrong", request)
     assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer[:300]
     assert b"certificate verify failed" in answer
     assert b"/secret" not in b"".join(got)  # the handshake failed: no request reached it
@@ -374,23 +377,8 @@ def test_a_response_that_ends_with_the_upstreams_close_reaches_the_client_whole(
         writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + b"until-close " * 1000)
         await writer.drain()
 
-    async def scenario():
-        upstream, door, reader, writer = await through_door(gate, tls, server, "good")
-        writer.write(b"GET /public HTTP/1.1\r\nHost: api.allowed.test\r\nConnection: close\r\n\r\n")
-        answer = await read_all(reader)
-        writer.close()
-        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
-        await door.stop()
-        upstream.server.close()
-        return answer
-
-    answers = []
-
-    async def collect():
-        answers.append(await scenario())
-
-    run(collect())
-    [answer] = answers
+    request = b"GET /public HTTP/1.1\r\nHost: api.allowed.test\r\nConnection: close\r\n\r\n"
+    answer = one_answer(gate, tls, server, "good", request)
     head, _, chunked = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"chunked" in head, answer[:200]
     body = b""
