@@ -10,7 +10,7 @@ import ssl
 import pytest
 from sandgate.proxy.frontdoor.relay import RELAY_CHUNK
 from sandgate.proxy.frontdoor.tls_contexts import _leaf_certificate
-from sandgate.proxy.frontdoor.tls_io import ENDED, WRITE_MAX, TlsSocket
+from sandgate.proxy.frontdoor.tls_io import ENDED, TlsSocket
 from test_tls_relay import NAME, _ca, _pem
 
 
@@ -150,6 +150,3 @@ def test_a_failed_verification_is_an_ssl_error_from_the_handshake(tmp_path):
     server.close()
     client.close()
 
-
-def test_writes_are_cut_into_write_max_pieces():
-    assert WRITE_MAX % (16 * 1024) == 0  # whole records per piece
