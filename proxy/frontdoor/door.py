@@ -295,6 +295,7 @@ class Connection:
         "holding",
         "done",
         "held",
+        "on_deadline",
     )
 
     def __init__(
@@ -320,6 +321,9 @@ class Connection:
         self.holding = False  # relaying only the server's bytes (see _relay)
         self.done = False
         self.held: asyncio.Task | None = None  # waiting for a human, or for a placeholder's address
+        # Answers the first-bytes deadline instead of "nothing decidable" once a
+        # later stage has taken the connection over (a client's TLS handshake).
+        self.on_deadline: Callable[[], None] | None = None
         state.abort = functools.partial(self.finish, reset=True)  # a reload's revoke
 
     # --- first bytes ----------------------------------------------------------------------
@@ -361,6 +365,9 @@ class Connection:
             self._connect_failed("timed out")
             return
         try:
+            if self.on_deadline is not None:
+                self.on_deadline()
+                return
             now = self.loop.time()
             if self.silent_until is not None and now >= self.silent_until:
                 self.silent_until = None

@@ -6,10 +6,17 @@ Leaves are made as mitmproxy's `certs.dummy_cert` makes them: the CA's own key i
 the leaf's key (so the key type, EC P-256 for a CA of engine.ensure_ec_ca, is what
 each handshake signs with), the names are the SNI (else the address the client
 reached the gateway at) and the original destination's address, valid two days back
-and a year on. The upstream is verified as mitmproxy's `tls_start_server` does:
+and a year on. A leaf context issues one TLS 1.3 session ticket per connection, not
+OpenSSL's two (each costs ~15 us of the handshake; one lets a client resume). The upstream is verified as mitmproxy's `tls_start_server` does:
 the configured upstream CA bundle (else certifi's, mitmproxy's default), the
 hostname (the client's SNI, else the destination's address) checked against the
 subjectAltName only, no partial wildcards.
+
+Upstream sessions are kept for resumption (`upstream_session`): only a session of a
+handshake that was verified, and only offered to the same upstream again (the key
+carries the task, the address, the name verified and the context): a resumed
+handshake skips the certificate, so what it relies on is that this exact name at
+this exact address was verified when the session was made.
 
 cryptography and certifi are imported by the first such connection, not with this
 module; mitmproxy only if confdir has no CA yet (engine.ensure_ec_ca makes it)."""
@@ -25,6 +32,8 @@ from pathlib import Path
 # Server-side contexts kept, least recently used out first: one per leaf's names
 # (a sandbox reaches few names; a context with its leaf is a few KB).
 MAX_LEAF_CONTEXTS = 512
+MAX_UPSTREAM_SESSIONS = 1024  # resumable upstream sessions kept, least recently made out first
+LEAF_TICKETS = 1
 LEAF_DAYS_BEFORE, LEAF_DAYS_AFTER = 2, 365  # mitmproxy's dummy_cert, CERT_EXPIRY
 HTTP1 = "http/1.1"
 
@@ -39,6 +48,7 @@ class TlsContexts:
         self._ca = None  # (key, certificate, its PEM), loaded by the first leaf
         self._leaves: OrderedDict[tuple[str, ...], ssl.SSLContext] = OrderedDict()
         self._upstream: dict[bool, ssl.SSLContext] = {}
+        self._sessions: OrderedDict[tuple, ssl.SSLSession] = OrderedDict()
 
     def for_client(self, names: tuple[str, ...]) -> ssl.SSLContext:
         """The server-side context whose leaf names `names` (the first is its CN)."""
@@ -71,6 +81,21 @@ class TlsContexts:
             self._upstream[alpn] = context
         return context
 
+    def upstream_session(self, key: tuple) -> ssl.SSLSession | None:
+        """The session kept for `key` (see `keep_upstream_session`), or None."""
+        return self._sessions.get(key)
+
+    def keep_upstream_session(self, key: tuple, session: ssl.SSLSession | None) -> None:
+        """Keep `session` of a verified upstream handshake for resumption by the next
+        connection with the same `key`, which must name everything the verification
+        covered: the context (`alpn`), the name, the address (tls_relay.py builds it)."""
+        if session is None or not session.has_ticket:
+            return
+        self._sessions[key] = session
+        self._sessions.move_to_end(key)
+        if len(self._sessions) > MAX_UPSTREAM_SESSIONS:
+            self._sessions.popitem(last=False)
+
     def _leaf_context(self, names: tuple[str, ...]) -> ssl.SSLContext:
         key, ca_cert, ca_pem = self._load_ca()
         leaf = _leaf_certificate(key, ca_cert, names)
@@ -80,6 +105,7 @@ class TlsContexts:
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # tls_version_client_min
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
         context.set_alpn_protocols([HTTP1])  # chosen only where the client offers it
+        context.num_tickets = LEAF_TICKETS
         # load_cert_chain reads files only: the chain from a memfd, the key from the
         # CA's own file (0600 in confdir), never written anywhere else.
         fd = os.memfd_create("sandgate-leaf", os.MFD_CLOEXEC)

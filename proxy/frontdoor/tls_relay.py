@@ -9,16 +9,11 @@ held for approval, WebSocket tunnels) and its ClientHello offers no ALPN or offe
 http/1.1; a client offering h2 and http/1.1 gets http/1.1 (mitmproxy gave it h2).
 Everything else is still handed to mitmproxy.
 
-The sockets are the stdlib's non-blocking `ssl.SSLSocket`s in the door's
+The sockets are `tls_io.TlsSocket`s (a TCP socket with an `SSLObject` over memory
+BIOs: one recv per read, one send per flight; see tls_io.py) in the door's
 edge-triggered epoll set; `TlsHttp1Relay` is `Http1Relay` with TLS reads and writes
-(its seams `_receive`, `_transmit`, `_upstream_ready`):
-- a read drains OpenSSL until it wants the socket again (SSLWantReadError): a
-  record already decrypted raises no socket edge. The end of the stream read after
-  data in one go is reported by the next read (`_ended`);
-- a read that wants to write (a TLS 1.3 KeyUpdate's answer did not fit the socket)
-  waits for the socket's OUT edge, a write that wants to read for its IN edge;
-- a write that did not finish is retried with the same bytes first (OpenSSL's
-  rule); `owed` only loses bytes a write took, and a write is at most WRITE_MAX.
+(its seams `_receive`, `_transmit`, `_upstream_ready`). The end of the stream read
+after data in one go is reported by the next read (`ended`).
 Upstream TLS connections go to the door's UpstreamPool as plain ones do, keyed by
 the SNI too: a pooled connection was verified for exactly that name.
 
@@ -36,11 +31,10 @@ from typing import NamedTuple
 from sandgate.proxy.clienthello import _first_handshake_message, server_name_and_alpn
 from sandgate.proxy.frontdoor.http1_relay import Http1Relay
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
+from sandgate.proxy.frontdoor.tls_io import TlsSocket
 from sandgate.proxy.gate import MAX_FIRST_BYTES
 
-WRITE_MAX = 64 * 1024  # bytes given to one SSL write (records of 16 KiB)
 _HTTP1 = b"http/1.1"
-_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class Hello(NamedTuple):
@@ -79,14 +73,16 @@ def serve_inspected(connection, hello: Hello) -> None:
     first = hello.sni or connection.client.getsockname()[0]
     names = tuple(dict.fromkeys((first, str(state.ip))))
     context = door.tls_contexts.for_client(names)
-    client = context.wrap_socket(connection.client, server_side=True, do_handshake_on_connect=False)
-    connection.client = client  # the same descriptor: its epoll entry stays
+    # The same descriptor: its epoll entry stays.
+    connection.client = TlsSocket.wrap(connection.client, context, server_side=True)
     ClientHandshake(connection, hello)
 
 
 class ClientHandshake:
     """The client's handshake, on its socket's edges, within the door's first-bytes
-    deadline; done, the connection becomes a `TlsHttp1Relay`."""
+    deadline; done, the connection becomes a `TlsHttp1Relay`. A handshake not done by
+    the deadline is a failed one (the client may have stopped at the gateway's
+    certificate without an alert): its event names the stall."""
 
     __slots__ = ("connection", "hello")
 
@@ -95,6 +91,7 @@ class ClientHandshake:
         door = connection.door
         connection.silent_until = None
         connection.wake_at = connection.deadline = connection.loop.time() + door.first_bytes_timeout
+        connection.on_deadline = self._stalled
         door.wait(connection)
         door.poller.handlers[connection.client_fd] = self.on_event
         self.on_event(IN | OUT)
@@ -102,25 +99,30 @@ class ClientHandshake:
     def on_event(self, events: int) -> None:
         connection = self.connection
         try:
-            connection.client.do_handshake()
-        except _WANT:
-            if events & CLOSED:
-                self._failed("the client closed the connection during the handshake")
-            return
-        except (ssl.SSLError, OSError) as e:
+            if not connection.client.handshake():
+                if events & CLOSED:
+                    self._failed("the client closed the connection during the handshake")
+                return
+        except OSError as e:  # ssl.SSLError among them
             self._failed(_why(e))
             return
         except Exception as e:  # noqa: BLE001
             connection.crash(e)
             return
         connection.door.unwait(connection)
+        connection.on_deadline = None
         try:
             TlsHttp1Relay(connection, self.hello)
         except Exception as e:  # noqa: BLE001
             connection.crash(e)
 
+    def _stalled(self) -> None:
+        timeout = self.connection.door.first_bytes_timeout
+        self._failed(f"the handshake stalled: not finished within {timeout:g} s")
+
     def _failed(self, why: str) -> None:
         connection = self.connection
+        connection.on_deadline = None
         connection.door.gate.on_tls_rejected(connection.state, why)
         connection.finish(f"the client's TLS handshake failed: {why}", reset=True)
 
@@ -139,119 +141,69 @@ class TlsHttp1Relay(Http1Relay):
     __slots__ = (
         "hello",
         "ended",  # sockets (not descriptors: reused) whose end came after data
-        "cut",  # upstream sockets whose end without close_notify came after data
-        "read_waits_out",  # sockets whose read waits for their OUT edge
-        "write_waits_in",  # sockets whose write waits for their IN edge
     )
 
     def __init__(self, connection, hello: Hello):
         self.hello = hello
-        self.ended: set[ssl.SSLSocket] = set()
-        self.cut: set[ssl.SSLSocket] = set()
-        self.read_waits_out: set[int] = set()
-        self.write_waits_in: set[int] = set()
+        self.ended: set[TlsSocket] = set()
         super().__init__(connection, tls=True)
 
-    # --- edges ----------------------------------------------------------------------
+    # --- edges -------------------------------------------------------------------------
 
     def _on_client_event(self, events: int) -> None:
-        super()._on_client_event(self._translated(self.connection.client_fd, events))
+        if events & CLOSED:
+            self.connection.client.peer_closing = True
+        super()._on_client_event(events)
 
     def _on_upstream_event(self, events: int) -> None:
         upstream = self.connection.upstream
-        if upstream is not None and self.session.connected:
-            events = self._translated(upstream.fileno(), events)
+        if events & CLOSED and isinstance(upstream, TlsSocket):
+            upstream.peer_closing = True
         super()._on_upstream_event(events)
-
-    def _translated(self, fd: int, events: int) -> int:
-        """An OUT edge lets a read that wanted to write go on (IN), an IN edge a
-        write that wanted to read (OUT)."""
-        if events & OUT and fd in self.read_waits_out:
-            self.read_waits_out.discard(fd)
-            events |= IN
-        if events & IN and fd in self.write_waits_in:
-            self.write_waits_in.discard(fd)
-            events |= OUT
-        return events
 
     # --- reads and writes ---------------------------------------------------------------
 
-    def _receive(self, sock: ssl.SSLSocket, buffer: bytearray) -> int:
+    def _receive(self, sock: TlsSocket, buffer: bytearray) -> int:
         if sock in self.ended:
             self.ended.discard(sock)
+            if sock.truncated:
+                raise ConnectionResetError(sock.truncated)
             return 0
-        if sock in self.cut:
-            self.cut.discard(sock)
-            raise ConnectionResetError("the upstream closed without close_notify")
-        view, n, size = memoryview(buffer), 0, len(buffer)
+        view = memoryview(buffer)
         try:
-            while n < size:
-                try:
-                    got = sock.recv_into(view[n:])
-                except ssl.SSLWantReadError:
-                    break  # drained: the socket's next IN edge says more came
-                except ssl.SSLWantWriteError:
-                    self.read_waits_out.add(sock.fileno())
-                    break
-                except ssl.SSLZeroReturnError:
-                    got = 0
-                except ssl.SSLEOFError:
-                    # An upstream's TCP end without close_notify (its sockets do not
-                    # suppress it): a cut, not an end, or a close-delimited body
-                    # would be completed for the client. A reset, after the data.
-                    if not n:
-                        raise ConnectionResetError(
-                            "the upstream closed without close_notify"
-                        ) from None
-                    self.cut.add(sock)
-                    self.connection.loop.call_soon(self._read_end, sock)
-                    return n
-                if got == 0:
-                    if n:  # the end, after data: the data now, the end next
-                        self.ended.add(sock)
-                        self.connection.loop.call_soon(self._read_end, sock)
-                        return n
-                    return 0
-                n += got
+            n = sock.read_into(view)
         finally:
             view.release()
-        return n if n else -1
+        if 0 < n < len(buffer) and sock.eof:
+            # The end, after data: the data now, the end next (no socket edge will come).
+            self.ended.add(sock)
+            self.connection.loop.call_soon(self._read_end, sock)
+        return n
 
-    def _read_end(self, sock: ssl.SSLSocket) -> None:
+    def _read_end(self, sock: TlsSocket) -> None:
         connection = self.connection
-        if (sock in self.ended or sock in self.cut) and not connection.done:
+        if sock in self.ended and not connection.done:
             if sock is connection.client:
                 self._on_client_event(IN)
             elif sock is connection.upstream:
                 self._on_upstream_event(IN)
-            else:  # dropped meanwhile
-                self.ended.discard(sock)
-                self.cut.discard(sock)
+            else:
+                self.ended.discard(sock)  # dropped meanwhile
 
     def _drop_upstream(self) -> None:
         # Its descriptor may come back with the next upstream connection.
         upstream = self.connection.upstream
         if upstream is not None:
             self.ended.discard(upstream)
-            self.cut.discard(upstream)
-            self.read_waits_out.discard(upstream.fileno())
-            self.write_waits_in.discard(upstream.fileno())
+            self._keep_session(upstream)
         super()._drop_upstream()
 
-    def _transmit(self, sock: ssl.SSLSocket, data: bytearray) -> int:
-        """Writes of at most WRITE_MAX until all went or the socket is full (a count
-        under len(data) says so to the relay)."""
-        sent, size = 0, len(data)
-        while sent < size:
-            piece = data if size <= WRITE_MAX else data[sent : sent + WRITE_MAX]
-            try:
-                sent += sock.send(piece)
-            except ssl.SSLWantWriteError:
-                break
-            except ssl.SSLWantReadError:
-                self.write_waits_in.add(sock.fileno())
-                break
-        return sent
+    def _pool_upstream(self) -> None:
+        self._keep_session(self.connection.upstream)
+        super()._pool_upstream()
+
+    def _transmit(self, sock: TlsSocket, data: bytearray) -> int:
+        return sock.write_from(data)
 
     # --- the upstream ---------------------------------------------------------------------
 
@@ -259,20 +211,46 @@ class TlsHttp1Relay(Http1Relay):
         """A pooled TLS connection was verified for one name: the key carries it."""
         return (*super()._pool_key(), "tls", self.hello.sni)
 
+    def _upstream_name(self) -> str:
+        """mitmproxy's server.sni: the client's SNI, else the destination's address
+        (checked against the certificate's IP addresses; no SNI is sent then)."""
+        return self.hello.sni or str(self.connection.state.ip)
+
+    def _session_key(self) -> tuple:
+        """What a kept upstream session was verified for (tls_contexts.py): this
+        task's upstream address, the name checked, the context (ALPN offered or not)."""
+        return (*self._pool_key(), self._upstream_name(), bool(self.hello.alpn))
+
+    def _keep_session(self, upstream: TlsSocket) -> None:
+        """Keep the session of a full, verified handshake (a failed one, or a TCP
+        connect that failed, keeps nothing). Once per connection, and not after a
+        resumption (the kept session still serves): reading a session from OpenSSL
+        copies it whole, certificates parsed again, ~200 us."""
+        if (
+            isinstance(upstream, TlsSocket)
+            and upstream.handshaken
+            and not upstream.session_kept
+            and not upstream.tls.session_reused
+        ):
+            upstream.session_kept = True
+            self.connection.door.tls_contexts.keep_upstream_session(
+                self._session_key(), upstream.tls.session
+            )
+
     def _upstream_ready(self) -> None:
-        """The TCP connection is made: TLS with the upstream, verified, within the
-        door's connect deadline."""
+        """The TCP connection is made: TLS with the upstream, verified (or resumed from
+        a verified session of the same name and address), within the door's connect
+        deadline."""
         connection = self.connection
         door = connection.door
-        context = door.tls_contexts.for_upstream(alpn=bool(self.hello.alpn))
-        # mitmproxy's server.sni: the client's SNI, else the destination's address
-        # (checked against the certificate's IP addresses; no SNI is sent then).
-        name = self.hello.sni or str(connection.state.ip)
-        connection.upstream = context.wrap_socket(
+        contexts = door.tls_contexts
+        connection.upstream = TlsSocket.wrap(
             connection.upstream,
-            server_hostname=name,
-            do_handshake_on_connect=False,
-            suppress_ragged_eofs=False,  # a truncation is not an end (_receive)
+            contexts.for_upstream(alpn=bool(self.hello.alpn)),
+            server_side=False,
+            server_hostname=self._upstream_name(),
+            session=contexts.upstream_session(self._session_key()),
+            truncation_is_reset=True,
         )
         connection.wake_at = connection.loop.time() + door.connect_timeout
         door.wait(connection)
@@ -283,22 +261,23 @@ class TlsHttp1Relay(Http1Relay):
         connection = self.connection
         try:
             try:
-                connection.upstream.do_handshake()
-            except _WANT:
-                if not events & CLOSED:
-                    return
-                why = "the upstream closed the connection during the handshake"
-            except (ssl.SSLError, OSError) as e:
+                done = connection.upstream.handshake()
+            except OSError as e:  # ssl.SSLError (verification above all) among them
                 why = _why(e)
             else:
-                connection.door.unwait(connection)
-                connection.door.poller.handlers[connection.upstream.fileno()] = (
-                    self._on_upstream_event
-                )
-                self.upstream_readable = self.upstream_writable = True
-                self.session.upstream_connected()
-                self._step()
-                return
+                if not done:
+                    if not events & CLOSED:
+                        return
+                    why = "the upstream closed the connection during the handshake"
+                else:
+                    connection.door.unwait(connection)
+                    connection.door.poller.handlers[connection.upstream.fileno()] = (
+                        self._on_upstream_event
+                    )
+                    self.upstream_readable = self.upstream_writable = True
+                    self.session.upstream_connected()
+                    self._step()
+                    return
             connection.door.unwait(connection)
             self._drop_upstream()
             self.session.upstream_failed(f"TLS handshake failed: {why}")

@@ -9,9 +9,8 @@ import datetime
 import ssl
 
 import pytest
-from sandgate.proxy.frontdoor.relay import RELAY_CHUNK
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts, _leaf_certificate
-from sandgate.proxy.frontdoor.tls_relay import WRITE_MAX, TlsHttp1Relay, http1_hello
+from sandgate.proxy.frontdoor.tls_relay import http1_hello
 from support.fakes import client_hello, make_gate
 from test_frontdoor import LOOPBACK, Upstream, read_all, run, started, until
 
@@ -108,7 +107,7 @@ async def never(sock, state):
     raise AssertionError("inspected HTTPS/1.1 was handed to mitmproxy")
 
 
-async def tls_door(gate, upstream, contexts):
+async def tls_door(gate, upstream, contexts, **options):
     return await started(
         gate,
         API,
@@ -116,6 +115,7 @@ async def tls_door(gate, upstream, contexts):
         hand_off=never,
         plain_http=lambda state: True,
         tls_contexts=contexts,
+        **options,
     )
 
 
@@ -129,6 +129,24 @@ async def through_door(gate, tls, server, certificate: str):
         LOOPBACK, door.port, ssl=client, server_hostname=NAME
     )
     return upstream, door, reader, writer
+
+
+def one_answer(gate, tls, server, certificate: str, request: bytes) -> bytes:
+    """What the client gets for `request` through the door (see `through_door`),
+    read to the end, once the connection's end event is out."""
+    answers = []
+
+    async def scenario():
+        upstream, door, reader, writer = await through_door(gate, tls, server, certificate)
+        writer.write(request)
+        answers.append(await read_all(reader))
+        writer.close()
+        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+        await door.stop()
+        upstream.server.close()
+
+    run(scenario())
+    return answers[0]
 
 
 def requests(gate) -> list[tuple]:
@@ -222,23 +240,8 @@ def test_an_upstream_with_a_wrong_certificate_gets_no_request_and_the_client_a_5
     async def server(reader, writer):
         got.append(await reader.read(1000))
 
-    async def scenario():
-        upstream, door, reader, writer = await through_door(gate, tls, server, "wrong")
-        writer.write(b"GET /secret HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n")
-        answer = await read_all(reader)
-        writer.close()
-        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
-        await door.stop()
-        upstream.server.close()
-        return answer
-
-    answers = []
-
-    async def collect():
-        answers.append(await scenario())
-
-    run(collect())
-    [answer] = answers
+    request = b"GET /secret HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n"
+    answer = one_answer(gate, tls, server, "wrong", request)
     assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer[:300]
     assert b"certificate verify failed" in answer
     assert b"/secret" not in b"".join(got)  # the handshake failed: no request reached it
@@ -283,74 +286,105 @@ def test_only_clients_that_can_speak_http_1_1_are_served_here():
     assert http1_hello(Peeked(b"\x16\x03\x01\x00")) is None  # not even a whole hello
 
 
-# --- the adapter's reads and writes, against a scripted TLS socket ------------------------
+def test_a_client_whose_handshake_stalls_is_a_tls_rejected_event_naming_the_stall(gate, tls):
+    """The ClientHello, then nothing (a client that stopped at the gateway's
+    certificate without an alert): closed at the first-bytes deadline with its own
+    event, not the generic "nothing decidable"; the upstream never hears of it."""
+    contexts, _, _ = tls
+
+    async def scenario():
+        async with Upstream(lambda r, w: asyncio.sleep(0)) as upstream:
+            door = await tls_door(gate, upstream, contexts, first_bytes_timeout=0.3)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(client_hello(NAME, alpn=["http/1.1"]))
+            flight = await reader.read(1)  # the gateway's ServerHello began: it decided
+            await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+            rest = await read_all(reader)
+            writer.close()
+            await door.stop()
+            assert upstream.connections == 0
+            return flight, rest
+
+    answers = []
+
+    async def collect():
+        answers.append(await scenario())
+
+    run(collect())
+    [(flight, rest)] = answers
+    assert flight == b"\x16"  # a handshake record
+    assert rest in (b"<reset>", b"") or rest.startswith(b"\x14") or rest[:1] in (b"\x16", b"\x17")
+    rejected = [e for e in gate.events if e.reason.value == "tls_rejected_by_client"]
+    assert len(rejected) == 1, [(e.kind.value, e.reason.value, e.detail) for e in gate.events]
+    assert "the handshake stalled: not finished within 0.3 s" in rejected[0].detail
+    end = [e for e in gate.events if e.kind.value == "connection_end"][0]
+    assert "stalled" in end.detail and "nothing decidable" not in end.detail
+    assert requests(gate) == []
 
 
-class ScriptedTls:
-    """Plays an SSLSocket: each recv_into / send takes the next scripted answer."""
+def test_a_new_upstream_connection_resumes_the_verified_session_of_the_same_name_and_address(
+    gate, tls
+):
+    """The upstream closes after each answer, so each request needs a new upstream
+    TLS connection: the second resumes the first's session (no certificate sent
+    again; it was verified when made). A handshake that failed verification keeps
+    no session."""
+    contexts = tls[0]
+    reused = []
 
-    def __init__(self, reads=(), sends=()):
-        self.reads, self.sends, self.sent = list(reads), list(sends), []
+    async def server(reader, writer):
+        reused.append(writer.get_extra_info("ssl_object").session_reused)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
 
-    def fileno(self):
-        return 7
+    async def scenario(certificate):
+        upstream, door, reader, writer = await through_door(gate, tls, server, certificate)
+        answers = []
+        for _ in range(2):
+            writer.write(b"GET /public HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            answers.append(head.split(b"\r\n")[0])
+            if not head.startswith(b"HTTP/1.1 200"):
+                break
+            await reader.readexactly(2)
+        writer.close()
+        await door.stop()
+        upstream.server.close()
+        return answers
 
-    def recv_into(self, view):
-        step = self.reads.pop(0)
-        if isinstance(step, type) and issubclass(step, Exception):
-            raise step()
-        view[: len(step)] = step
-        return len(step)
+    results = []
 
-    def send(self, data):
-        step = self.sends.pop(0)
-        if isinstance(step, type) and issubclass(step, Exception):
-            self.sent.append(bytes(data))
-            raise step()
-        self.sent.append(bytes(data))
-        return step
+    async def collect():
+        results.append(await scenario("wrong"))
+        results.append(len(contexts._sessions))
+        results.append(await scenario("good"))
 
-
-def relay_without_connection():
-    relay = TlsHttp1Relay.__new__(TlsHttp1Relay)
-    relay.ended, relay.cut, relay.read_waits_out, relay.write_waits_in = set(), set(), set(), set()
-    relay.connection = type("C", (), {"loop": asyncio.new_event_loop(), "done": False})()
-    return relay
-
-
-def test_a_read_drains_every_decrypted_record_until_openssl_wants_the_socket():
-    relay = relay_without_connection()
-    sock = ScriptedTls(reads=[b"ab", b"cd", ssl.SSLWantReadError])
-    assert relay._receive(sock, bytearray(RELAY_CHUNK)) == 4
-    assert relay._receive(ScriptedTls(reads=[ssl.SSLWantReadError]), bytearray(8)) == -1
-    relay.connection.loop.close()
-
-
-def test_a_read_that_wants_to_write_waits_for_the_out_edge_and_a_write_that_wants_to_read_for_in():
-    relay = relay_without_connection()
-    sock = ScriptedTls(reads=[ssl.SSLWantWriteError], sends=[ssl.SSLWantReadError])
-    assert relay._receive(sock, bytearray(8)) == -1
-    assert relay._translated(7, 0x4) & 0x1  # OUT now means: read again
-    assert relay._translated(7, 0x4) == 0x4  # once
-    assert relay._transmit(sock, bytearray(b"abc")) == 0
-    assert relay._translated(7, 0x1) & 0x4  # IN now means: write again
-    relay.connection.loop.close()
+    run(collect())
+    wrong, kept_after_failure, good = results
+    assert wrong == [b"HTTP/1.1 502 Bad Gateway"]
+    assert kept_after_failure == 0
+    assert good == [b"HTTP/1.1 200 OK"] * 2
+    assert reused[-2:] == [False, True]
 
 
-def test_a_write_that_did_not_finish_is_retried_with_the_same_bytes_first():
-    relay = relay_without_connection()
-    owed = bytearray(b"a" * WRITE_MAX + b"b" * 10)
-    sock = ScriptedTls(sends=[ssl.SSLWantWriteError, WRITE_MAX, ssl.SSLWantWriteError])
-    assert relay._transmit(sock, owed) == 0
-    owed += b"more"
-    assert relay._transmit(sock, owed) == WRITE_MAX  # then full again: the relay waits
-    assert sock.sent == [b"a" * WRITE_MAX, b"a" * WRITE_MAX, b"b" * 10 + b"more"]
-    relay.connection.loop.close()
+def test_a_response_that_ends_with_the_upstreams_close_reaches_the_client_whole(gate, tls):
+    """No length: the body ends where the server closes (its close_notify, read as
+    the end by the TLS core; a bare FIN after data is test_tls_io's)."""
 
+    async def server(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + b"until-close " * 1000)
+        await writer.drain()
 
-def test_the_end_read_after_data_is_the_next_reads_answer():
-    relay = relay_without_connection()
-    sock = ScriptedTls(reads=[b"last", ssl.SSLZeroReturnError])
-    assert relay._receive(sock, bytearray(64)) == 4
-    assert relay._receive(sock, bytearray(64)) == 0  # no socket edge needed for it
-    relay.connection.loop.close()
+    request = b"GET /public HTTP/1.1\r\nHost: api.allowed.test\r\nConnection: close\r\n\r\n"
+    answer = one_answer(gate, tls, server, "good", request)
+    head, _, chunked = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"chunked" in head, answer[:200]
+    body = b""
+    while True:  # h11 framed the close-delimited body in chunks for the client
+        size, _, chunked = chunked.partition(b"\r\n")
+        if int(size, 16) == 0:
+            break
+        body, chunked = body + chunked[: int(size, 16)], chunked[int(size, 16) + 2 :]
+    assert body == b"until-close " * 1000 and chunked == b"\r\n"
