@@ -201,7 +201,9 @@ class TlsSocket(socket.socket):
         """Send the ciphertext waiting, in one send; True if the socket took it all.
         OSError: a reset."""
         if self.outgoing.pending:
-            self.unsent = self.unsent + self.outgoing.read() if self.unsent else self.outgoing.read()
+            self.unsent = (
+                self.unsent + self.outgoing.read() if self.unsent else self.outgoing.read()
+            )
         if not self.unsent:
             return True
         try:

@@ -149,4 +149,3 @@ def test_a_failed_verification_is_an_ssl_error_from_the_handshake(tmp_path):
     assert not client.handshaken
     server.close()
     client.close()
-
