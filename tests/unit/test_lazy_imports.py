@@ -114,8 +114,16 @@ def test_a_pass_through_gateway_imports_mitmproxy_only_when_a_connection_needs_i
     ]
 
 
-def test_a_gateway_whose_rules_inspect_starts_mitmproxy_and_its_ca_up_front(tmp_path):
-    assert run_gateway(tmp_path, INSPECTING_RULES) == ["started True True", "handed True True"]
+def test_a_gateway_whose_rules_inspect_makes_its_ca_up_front_and_mitmproxy_when_handed(tmp_path):
+    """Inspected HTTPS/1.1 is the front door's: the CA exists from the start (cryptography
+    alone), mitmproxy only once a connection (an h2-only client) is handed to it."""
+    assert run_gateway(tmp_path, INSPECTING_RULES) == ["started False True", "handed True True"]
+
+
+def test_a_gateway_whose_rules_ask_starts_mitmproxy_up_front(tmp_path):
+    """A held request must not wait for mitmproxy's import."""
+    asking = PASS_THROUGH_RULES + "      - ask: api.allowed.test\n"
+    assert run_gateway(tmp_path, asking) == ["started True True", "handed True True"]
 
 
 DNS_SCRIPT = """
