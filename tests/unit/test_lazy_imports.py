@@ -202,3 +202,36 @@ def test_h11_loads_with_the_first_exchange_the_fast_path_does_not_take(tmp_path)
         "fast exchange False True",
         "a body True True",
     ]
+
+
+RELOAD_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.policy import load_policy
+
+async def main(rules, asking, confdir):
+    config = GatewayConfig("127.0.0.1", ["127.0.0.1"], Path(confdir), dns_upstream_port=9)
+    gateway = Gateway(config, load_policy([Path(rules)]))
+    await gateway.start()
+    print("started", "mitmproxy" in sys.modules)
+    gateway.swap_policy(load_policy([Path(asking)]))
+    for _ in range(2000):
+        if gateway.proxy.master is not None:
+            break
+        await asyncio.sleep(0.01)
+    print("reloaded", gateway.proxy.master is not None)
+    await gateway.stop()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_a_reload_that_adds_an_ask_rule_starts_mitmproxy(tmp_path):
+    (tmp_path / "rules.yaml").write_text(PASS_THROUGH_RULES)
+    (tmp_path / "asking.yaml").write_text(PASS_THROUGH_RULES + "      - ask: api.allowed.test\n")
+    argv = [sys.executable, "-c", textwrap.dedent(RELOAD_SCRIPT)]
+    argv += [str(tmp_path / name) for name in ("rules.yaml", "asking.yaml", "ca")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["started False", "reloaded True"], proc.stderr
