@@ -121,7 +121,7 @@ def gateway_main(work: str, upstream_port: int, port: int) -> None:
         gateway = Gateway(config, load_policy([rules]), audit, Metrics())
         for i, address in enumerate(SANDBOXES):
             gateway.add_sandbox(Sandbox(address, f"bench{i}", "default"))
-        await gateway.start(inspection=False)
+        await gateway.start()
         await asyncio.Event().wait()
 
     asyncio.run(serve())

@@ -117,7 +117,7 @@ def gateway_main(work: str, upstream_port: int, ready, control) -> None:
         gateway.bindings.record("127.0.0.1", "allowed.test", DESTINATION[0], 10**6)
         gateway.frontdoor.original_dst = lambda sock: DESTINATION
         gateway.frontdoor.upstream_address = lambda ip, port: ("127.0.0.1", upstream_port)
-        await gateway.start(inspection=False)
+        await gateway.start()
         ready.send(gateway.proxy_port)
         loop = asyncio.get_running_loop()
         profiler, phase = None, ""

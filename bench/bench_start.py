@@ -35,6 +35,12 @@ gateway and holds them idle. The gateway's RSS (the `sandgate run` process, whic
 is the gateway) is read from /proc before and after: idle RSS, and RSS per idle
 relayed connection.
 
+`--inspect`: both parts with a rule that checks methods (`methods: [GET]`: HTTP
+inspection of TLS) and a fresh SANDGATE_STATE_DIR for every `sandgate run`, so each
+makes the gateway CA at its start, as a first run (or a new state dir) does; the
+held connections of the memory part are then inspected ones (TLS terminated by the
+front door), not pass-through.
+
 Safety: the namespaces are the bench's own (per-run names) and removed in
 `finally`; nothing is added to the root namespace.
 """
@@ -125,6 +131,24 @@ def install_venv(venv: Path) -> Path:
     return python
 
 
+INSPECT_LINE = "        methods: [GET]\n"  # appended to the allow rule: inspected TLS
+INSPECT_START_RULES = """version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+""" + INSPECT_LINE
+
+
+def run_env(work: Path | None) -> dict:
+    """The environment of one `sandgate run`: with `work`, a state dir of its own
+    under it (no CA yet: the run makes it), else the usual one."""
+    env = os.environ.copy()
+    if work is not None:
+        env["SANDGATE_STATE_DIR"] = tempfile.mkdtemp(prefix="state-", dir=work)
+    return env
+
+
 def timed_ms(argv: list[str], env: dict) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -143,29 +167,35 @@ def sandgate_of(python: Path) -> str:
     return str(python.with_name("sandgate"))
 
 
-def measure_start(host_ns: str, rounds: int, pythons: dict[str, Path]) -> dict[str, list[float]]:
-    env = os.environ.copy()
+def measure_start(
+    host_ns: str, rounds: int, pythons: dict[str, Path], run_args: list[str], fresh: Path | None
+) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {mode: [] for mode in pythons}
     samples[FLOOR] = []
     for _ in range(rounds):  # interleaved: load from others hits every mode alike
         for mode, python in pythons.items():
-            argv = [*in_netns(host_ns), sandgate_of(python), *RUN_ARGS]
-            samples[mode].append(timed_ms(argv, env))
+            argv = [*in_netns(host_ns), sandgate_of(python), *run_args]
+            samples[mode].append(timed_ms(argv, run_env(fresh)))
         samples[FLOOR].append(timed_ms([*in_netns(host_ns), "true"], os.environ.copy()))
     return samples
 
 
-def breakdown(host_ns: str, python: Path, work: Path, probes: int) -> dict[str, float]:
+def breakdown(
+    host_ns: str, python: Path, work: Path, probes: int, run_args: list[str], fresh: Path | None
+) -> dict[str, float]:
     """Median over `probes` of bench_gateway's in-process timers, plus what lies outside."""
     runs = []
+    if not probes:
+        return {}
     for i in range(probes):
         out = work / f"probe-{i}.json"
         t0 = time.perf_counter()
         proc = subprocess.run(
             [*in_netns(host_ns), python, bench_gateway.__file__, "--probe-start", str(out)]
-            + ["--", *RUN_ARGS],
+            + ["--", *run_args],
             capture_output=True,
             text=True,
+            env=run_env(fresh),
         )
         wall = (time.perf_counter() - t0) * 1000
         t_done = time.time()
@@ -211,11 +241,11 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def measure_memory(work: Path, conns: int, python: Path) -> dict:
+def measure_memory(work: Path, conns: int, python: Path, inspect: bool) -> dict:
     from sandgate.enforcer.demo.fakenet import FakeInternet, fresh_prefix
 
     rules = work / "memory-rules.yaml"
-    rules.write_text(MEMORY_RULES)
+    rules.write_text(MEMORY_RULES + (INSPECT_LINE if inspect else ""))
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     with FakeInternet(fresh_prefix("sgbm"), work / "fakenet") as net:
         argv = [*in_netns(net.host_ns), sandgate_of(python), "run", "-q", "--rules", str(rules)]
@@ -227,6 +257,7 @@ def measure_memory(work: Path, conns: int, python: Path) -> dict:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=run_env(work if inspect else None),
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard)),
         )
         result = {}
@@ -254,7 +285,7 @@ def measure_memory(work: Path, conns: int, python: Path) -> dict:
 
 def report(res: dict) -> str:
     out = [f"machine: {os.cpu_count()} CPUs, {os.uname().release}; python {sys.version.split()[0]}"]
-    out.append(f"`sandgate {' '.join(RUN_ARGS)}`, median of {res['rounds']} (ms):")
+    out.append(f"`sandgate {' '.join(res['run_args'])}`, median of {res['rounds']} (ms):")
     for mode, samples in res["start"].items():
         out.append(f"  {mode:<44} {statistics.median(samples):8.0f}   (min {min(samples):.0f})")
     out.append(f"  goal: <= {GOAL_START_MS} ms ({INSTALLED})")
@@ -271,7 +302,7 @@ def report(res: dict) -> str:
     if mem:
         out.append(
             f"gateway RSS: idle {mem['idle_kb'] / 1024:.1f} MB (goal <= {GOAL_IDLE_MB}); "
-            f"{mem['held']} idle pass-through connections: {mem['held_kb'] / 1024:.1f} MB, "
+            f"{mem['held']} idle {res['held_kind']} connections: {mem['held_kb'] / 1024:.1f} MB, "
             f"{mem['per_conn_kb']:.1f} KB each (goal <= {GOAL_PER_CONN_KB})"
         )
     return "\n".join(out)
@@ -288,15 +319,25 @@ def main() -> int:
         action="store_true",
         help="also time this checkout's editable install without bytecode caches",
     )
+    parser.add_argument(
+        "--inspect",
+        action="store_true",
+        help="a rule that inspects TLS (methods), a fresh state dir (no CA yet) for every run",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_start: needs root", file=sys.stderr)
         return 2
     host_ns = f"sgbench-{secrets.token_hex(3)}"
-    res: dict = {"rounds": args.rounds}
+    res: dict = {"rounds": args.rounds, "run_args": RUN_ARGS, "held_kind": "pass-through"}
     with tempfile.TemporaryDirectory(prefix="sgbench-start-") as tmp:
         work = Path(tmp)
+        run_args, fresh = RUN_ARGS, None
+        if args.inspect:
+            (work / "inspect.yaml").write_text(INSPECT_START_RULES)
+            run_args, fresh = ["run", "--rules", str(work / "inspect.yaml"), *RUN_ARGS[1:]], work
+            res.update(run_args=run_args, held_kind="inspected (idle, handshake done)")
         installed = install_venv(work / "venv")
         pythons = {INSTALLED: installed}
         if args.editable:
@@ -304,13 +345,13 @@ def main() -> int:
         subprocess.run(["ip", "netns", "add", host_ns], check=True)
         try:
             subprocess.run(["ip", "-n", host_ns, "link", "set", "lo", "up"], check=True)
-            res["start"] = measure_start(host_ns, args.rounds, pythons)
-            res["breakdown"] = breakdown(host_ns, installed, work, args.probes)
+            res["start"] = measure_start(host_ns, args.rounds, pythons, run_args, fresh)
+            res["breakdown"] = breakdown(host_ns, installed, work, args.probes, run_args, fresh)
             res["imports"] = import_self_times(installed)
         finally:
             subprocess.run(["ip", "netns", "del", host_ns], check=False)
         if not args.no_memory:
-            res["memory"] = measure_memory(work, args.idle_conns, installed)
+            res["memory"] = measure_memory(work, args.idle_conns, installed, args.inspect)
     print(report(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))

@@ -136,8 +136,7 @@ class InProcessGateway:
         """Nothing to wait for: the gateway emits into the sinks as it goes."""
 
     async def gateway_ca(self) -> Path:
-        await self.gateway.proxy.started()  # it makes the CA (a reload may have added the rule)
-        return self.gateway.proxy.ca_cert
+        return await self.gateway.gateway_ca()  # made now if a reload added the first such rule
 
     async def reloaded(self, reply: dict) -> None:
         """The swap was the whole reload: nothing to add."""

@@ -215,10 +215,10 @@ class TaskRun:
         )
         if opts.on_audit_failure == "block":
             self.gateway.guard_audit(self.audit)
-        # mitmproxy (and the CA the task trusts) only if this task's rules inspect.
-        # Up front only to make the CA the task must trust from its start; with a CA
-        # from an earlier run, mitmproxy waits for the first connection that needs it.
-        await self.gateway.start(inspection=inspection and not self.gateway.proxy.ca_ready)
+        # The CA the task trusts is made now if its rules inspect; mitmproxy starts
+        # only if they ask or allow websockets, else with the first connection that
+        # needs it (an h2-only client): inspected HTTPS/1.1 is the front door's.
+        await self.gateway.start(profile=opts.profile)
         await self._serve_control()
         if opts.probe is None:
             self.admin = Admin(

@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandgate.enforcer.worker_approvals import WorkerApprovals
-from sandgate.proxy.engine import CA_BASENAME
 from sandgate.proxy.gateway import Listeners, policy_loaded, stamped
+from sandgate.proxy.gateway_ca import ca_cert_file
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
@@ -209,7 +209,7 @@ class WorkerPool:
         self.gate = _Totals(self.workers)
         # The workers share the confdir: the one that serves an inspecting sandbox has
         # made the CA before it acks `add_sandbox`.
-        self.ca_cert = Path(config["confdir"]) / f"{CA_BASENAME}-ca-cert.pem"
+        self.ca_cert = ca_cert_file(Path(config["confdir"]))
         self.approvals = WorkerApprovals(self._ask, count)
         self.audit_problem: str | None = None
         self.stopping = False

@@ -7,11 +7,14 @@ TLS that a rule inspects). `serve` runs them through a transparent-mode server
 instance that is never started, so mitmproxy still reads the original destination
 from the socket (SO_ORIGINAL_DST) and builds the same layers as when it listened.
 
-Most tasks only ever pass TLS through, which the front door relays itself: for
-them mitmproxy is dead weight, about half of a task's start (importing it) and
-most of the gateway's memory. So nothing here imports mitmproxy at module level;
-`start` does, in a worker thread (the loop keeps relaying while the import runs),
-either up front, when the policy inspects, or on the first connection handed over.
+Most tasks only ever pass TLS through, which the front door relays itself, and
+most that inspect only speak HTTP/1.1, which it terminates itself too: for them
+mitmproxy is dead weight, about half of a task's start (importing it) and most of
+the gateway's memory. So nothing here imports mitmproxy at module level; `started`
+does, in a worker thread (the loop keeps relaying while the import runs), either up
+front, when a profile needs it for whole connections (the gateway decides), or on
+the first connection handed over. The CA it loads is made without it
+(gateway_ca.py), so a task can trust it before mitmproxy exists.
 
 The default addon set dispatches every hook to ~30 addons; trimmed to what the
 transparent data path uses, the connection rate roughly doubles. Options exist only
@@ -25,6 +28,8 @@ import logging
 import socket
 from pathlib import Path
 from typing import Protocol
+
+from sandgate.proxy.gateway_ca import ca_cert_file, ensure_ec_ca
 
 log = logging.getLogger("sandgate.engine")
 
@@ -91,78 +96,6 @@ def _import_mitmproxy():
     )
 
 
-CA_BASENAME = "mitmproxy"  # mitmproxy's file names in confdir: mitmproxy-ca.pem, ...
-
-
-def ensure_ec_ca(confdir: Path) -> bool:
-    """Make the gateway's CA with an EC P-256 key, unless confdir has a CA already
-    (an older RSA one is kept: sandboxes and admins may trust it). True if made.
-
-    mitmproxy signs every leaf certificate with the CA's key and serves it as the
-    leaf's key too, so the key type is what each intercepted handshake signs with:
-    ECDSA P-256 takes ~0.05 ms where mitmproxy's default RSA-2048 takes ~1 ms, and
-    its certificates are smaller. Files as mitmproxy's `CertStore.create_store`
-    writes them (key + certificate; the certificate alone for the sandboxes)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    from mitmproxy.certs import CA_EXPIRY, CertStore
-
-    ca_file = confdir / f"{CA_BASENAME}-ca.pem"
-    if ca_file.exists():
-        return False
-    confdir.mkdir(parents=True, exist_ok=True)
-    # mitmproxy's `create_ca`, with an EC key.
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, CA_BASENAME),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, CA_BASENAME),
-        ]
-    )
-    now = datetime.datetime.now(datetime.UTC)
-    usage = x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .serial_number(x509.random_serial_number())
-        .subject_name(name)
-        .issuer_name(name)
-        .not_valid_before(now - datetime.timedelta(days=2))
-        .not_valid_after(now + CA_EXPIRY)
-        .public_key(key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(usage, critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    pem_cert = cert.public_bytes(serialization.Encoding.PEM)
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    with CertStore.umask_secret():
-        partial = ca_file.with_suffix(".pem.partial")
-        partial.write_bytes(pem_key + pem_cert)
-        (confdir / f"{CA_BASENAME}-ca-cert.pem").write_bytes(pem_cert)
-        partial.rename(ca_file)  # last: a half-written CA is never taken for one
-    return True
-
-
 def settle_gc() -> None:
     """Once mitmproxy is imported and started, everything alive (its ~200k import-time
     objects above all) is moved out of the generations the cyclic GC collects.
@@ -198,10 +131,12 @@ class ProxyEngine:
         self._task: asyncio.Task | None = None
         self._starting: asyncio.Future | None = None
 
-    async def started(self) -> None:
+    async def started(self, why: str = "the first connection handed to it") -> None:
         """Import and start mitmproxy unless done already; raises what made it fail
-        (every later caller gets the same failure: it is not retried)."""
+        (every later caller gets the same failure: it is not retried). `why`: what
+        asks for it, logged by the first caller."""
         if self._starting is None:
+            log.info("starting mitmproxy for %s", why)
             self._starting = asyncio.ensure_future(self._start())
         await asyncio.shield(self._starting)
 
@@ -275,15 +210,15 @@ class ProxyEngine:
         await self._server.handle_stream(reader, writer)
 
     @property
-    def ca_ready(self) -> bool:
-        """The CA (key and certificate) exists from an earlier start: a task can be given
-        its certificate before mitmproxy runs, and mitmproxy will load the same one."""
-        return (self.confdir / "mitmproxy-ca.pem").is_file() and self.ca_cert.is_file()
+    def ca_cert(self) -> Path:
+        """The gateway CA's certificate (PEM) in confdir (gateway_ca.py makes it), which
+        mitmproxy loads when it starts, whenever that is."""
+        return ca_cert_file(self.confdir)
 
     @property
-    def ca_cert(self) -> Path:
-        """The gateway CA's certificate (PEM), generated in confdir on first start."""
-        return self.confdir / "mitmproxy-ca-cert.pem"
+    def requested(self) -> bool:
+        """Whether mitmproxy was asked to start (it may still be importing)."""
+        return self._starting is not None
 
     async def stop(self) -> None:
         if self._starting is not None and not self._starting.done():

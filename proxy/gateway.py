@@ -32,6 +32,7 @@ from sandgate.proxy.frontdoor.door import FrontDoor
 from sandgate.proxy.frontdoor.http1 import needs_engine
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
 from sandgate.proxy.gate import ConnectionGate
+from sandgate.proxy.gateway_ca import ensure_ec_ca
 from sandgate.proxy.policy import CompiledPolicy, Decision, NameFacts, Reason, Verdict, decide
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
@@ -122,15 +123,19 @@ class Gateway:
             if os.environ.get("SANDGATE_INSPECT_ENGINE") == "mitmproxy"
             else TlsContexts(config.confdir, config.upstream_ca),
         )
+        self._profile: str | None = None  # the one profile served (start), None: any
         self._plain_for: CompiledPolicy | None = None  # the policy `_plain` was made for
         self._plain: dict[str, bool] = {}
 
-    async def start(self, *, inspection: bool | None = None) -> None:
-        """Listen. mitmproxy starts now if `inspection` (None: if any profile has a rule
-        that inspects), else with the first connection handed to it (plain HTTP, or a
-        rule that a reload added); pass-through never needs it."""
-        if inspection is None:
-            inspection = inspects(self.policy)
+    async def start(self, *, profile: str | None = None) -> None:
+        """Listen. `profile`: the one profile this gateway serves (a run's), None: any
+        of the policy's. If such a profile inspects TLS, the gateway CA is made now
+        (its tasks must trust it from their start; cryptography only). mitmproxy is
+        started now only if such a profile needs it for whole connections
+        (`wants_engine`: ask rules, websockets), so that the first held request does
+        not wait for its import; else with the first connection handed to it (an
+        h2-only client of inspected TLS), or when a reload adds such a rule."""
+        self._profile = profile
         raise_descriptor_limit()
         self.descriptors = self.frontdoor.descriptors = DescriptorReserve()
         self.descriptors.start(asyncio.get_running_loop())
@@ -140,8 +145,10 @@ class Gateway:
             config.listen_host, config.dns_port, sockets=ready and (ready.dns_udp, ready.dns_tcp)
         )
         try:
-            if inspection:
-                await self.proxy.started()
+            if inspects(self.policy, profile):
+                await self.gateway_ca()
+            if self.wants_engine(self.policy):
+                await self.proxy.started("the policy, which asks or allows websockets")
             await self.frontdoor.start(
                 config.listen_host, config.proxy_port, listener=ready and ready.frontdoor
             )
@@ -166,6 +173,33 @@ class Gateway:
             self.descriptors.stop()
         for sink in self._rate_limited():
             sink.stop()  # what the audit rate limit holds is written before the log closes
+
+    async def gateway_ca(self) -> Path:
+        """The gateway CA's certificate, made (once, off the loop) if confdir has none:
+        what a task whose profile inspects TLS must trust."""
+        await asyncio.to_thread(ensure_ec_ca, self.config.confdir)
+        return self.proxy.ca_cert
+
+    def wants_engine(self, policy: CompiledPolicy) -> bool:
+        """Whether mitmproxy should run from the start under `policy`: a profile served
+        (see `start`) hands it whole connections (`needs_engine`), or inspected TLS is
+        all handed to it (SANDGATE_INSPECT_ENGINE=mitmproxy: no TLS contexts)."""
+        served = [p for p in policy.profiles if self._profile in (None, p)]
+        if any(needs_engine(policy, profile) for profile in served):
+            return True
+        return self.frontdoor.tls_contexts is None and any(inspects(policy, p) for p in served)
+
+    def _start_engine_for(self, policy: CompiledPolicy) -> None:
+        """After a swap to `policy`: start mitmproxy in the background if it wants it
+        (a failure is logged; the first connection handed over gets it again)."""
+        if self.proxy.requested or not self.wants_engine(policy):
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not serving (a test's swap): the first hand-off starts it
+            return
+        starting = asyncio.ensure_future(self.proxy.started("a reloaded policy that needs it"))
+        starting.add_done_callback(_log_failure)
 
     def _plain_http(self, state) -> bool:
         """Whether the front door serves this plain-HTTP connection itself: once per
@@ -208,6 +242,7 @@ class Gateway:
         )
         dropped = self.bindings.drop(_no_longer_allowed(self.registry, old, new))
         self.watch_expiry()
+        self._start_engine_for(new)
         return SwapReport(old.hash, new.hash, new.rule_count, closed, dropped)
 
     def _close_revoked(self, why: str, problem: str) -> int:
@@ -324,9 +359,14 @@ def is_local_address(address: str) -> bool:
     return True
 
 
+def _log_failure(starting: asyncio.Future) -> None:
+    if not starting.cancelled() and starting.exception() is not None:
+        log.error("sandgate: mitmproxy did not start: %s", starting.exception())
+
+
 def inspects(policy: CompiledPolicy, profile: str | None = None) -> bool:
     """Whether a rule of `profile` (None: of any profile) needs HTTP inspection of TLS,
-    and so mitmproxy and the gateway's CA."""
+    and so the gateway's CA (and mitmproxy, for clients that offer only h2)."""
     profiles = policy.profiles.values() if profile is None else [policy.profiles[profile]]
     return any(rule.inspects for compiled in profiles for rule in compiled.rules)
 

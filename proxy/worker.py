@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import json
 import logging
 import math
@@ -185,10 +184,7 @@ class Worker:
         )
         self.gateway.guard_audit(self.audit)
         self.reloader = PolicyReloader(self.rules, self.gateway)
-        inspection = inspects(policy)
-        if inspection:
-            await self._ca_ready()
-        await self.gateway.start(inspection=inspection)
+        await self.gateway.start()  # the CA if a profile inspects; mitmproxy if one needs it
         self.link.send(
             {
                 "op": "ready",
@@ -225,7 +221,7 @@ class Worker:
             raise ValueError(f"no profile {profile[:60]!r} in this worker's policy")
         self.gateway.add_sandbox(Sandbox(str(message["address"]), message.get("task_id"), profile))
         if inspects(self.gateway.policy, profile):
-            await self._ca_ready()  # the task must trust the CA: it exists before the reply
+            await self.gateway.gateway_ca()  # the task must trust it: it exists before the reply
         return {}
 
     async def op_remove_sandbox(self, message: dict) -> dict:
@@ -287,18 +283,6 @@ class Worker:
             await asyncio.sleep(STATS_INTERVAL)
             with contextlib.suppress(LinkClosed):
                 self.link.send({"op": "stats", **self.stats()})
-
-    async def _ca_ready(self) -> None:
-        """Start mitmproxy, which makes the CA in the shared confdir if there is none:
-        one worker at a time (a lock file), so that two workers never make two CAs."""
-        confdir = Path(self.config["confdir"])
-        confdir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(confdir / ".ca.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-            await self.gateway.proxy.started()
-        finally:
-            os.close(fd)  # closing releases the lock
 
 
 def _die_with_parent(parent: int) -> None:

@@ -3,7 +3,7 @@
 CA in confdir (the CA mitmproxy uses), and the context that verifies upstreams.
 
 Leaves are made as mitmproxy's `certs.dummy_cert` makes them: the CA's own key is
-the leaf's key (so the key type, EC P-256 for a CA of engine.ensure_ec_ca, is what
+the leaf's key (so the key type, EC P-256 for a CA of gateway_ca.ensure_ec_ca, is what
 each handshake signs with), the names are the SNI (else the address the client
 reached the gateway at) and the original destination's address, valid two days back
 and a year on. A leaf context issues one TLS 1.3 session ticket per connection, not
@@ -19,7 +19,7 @@ handshake skips the certificate, so what it relies on is that this exact name at
 this exact address was verified when the session was made.
 
 cryptography and certifi are imported by the first such connection, not with this
-module; mitmproxy only if confdir has no CA yet (engine.ensure_ec_ca makes it)."""
+module, and the gateway CA made (gateway_ca.py) if confdir has none yet."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ class TlsContexts:
             from cryptography.hazmat.primitives import serialization
 
             if not os.path.exists(self._ca_file):
-                from sandgate.proxy.engine import ensure_ec_ca
+                from sandgate.proxy.gateway_ca import ensure_ec_ca
 
                 ensure_ec_ca(self.confdir)
             with open(self._ca_file, "rb") as f:

@@ -437,11 +437,14 @@ def run(
 def start(
     fakenet,
     tmp_path: Path,
-    script: str,
+    script: str | None = None,
     *,
+    steps: dict[str, str] | None = None,
     rules: Path = DEMO_RULES,
     host_mounts: bool = False,
     extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    setup: Callable[[Path], None] | None = None,
 ) -> Started:
     """`sandgate run -- sh -c script` in the background; the caller finishes or kills it.
 
@@ -449,16 +452,24 @@ def start(
     that keeps /run/netns/sg-<id> alive lives and dies with it. `host_mounts` starts
     it with `nsenter --net` instead, in the test's mount namespace, as on a real
     host: then a SIGKILLed run leaves its netns behind, which is what gc is for.
+    `steps`, `env` and `setup` as for `run` (`finish` reads the steps' results).
     """
     workdir = _workdir(tmp_path)
+    if setup is not None:
+        setup(workdir / "steps")
+    steps_dir = None
+    if steps is not None:
+        steps_dir = workdir / "steps"
+        script = _script(steps, steps_dir)
+    assert script, "give a script or steps"
     argv = _argv(fakenet, workdir, ["sh", "-c", script], rules, extra)
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "stdin": subprocess.DEVNULL}
     if host_mounts:
         enter = ["nsenter", f"--net={NETNS_DIR / fakenet.host_ns}", "--"]
-        popen = subprocess.Popen(enter + argv, text=True, **pipes)
+        popen = subprocess.Popen(enter + argv, text=True, env=env, **pipes)
     else:
-        popen = fakenet.popen_in_host(argv, text=True, **pipes)
-    return Started(popen, fakenet, workdir)
+        popen = fakenet.popen_in_host(argv, text=True, env=env, **pipes)
+    return Started(popen, fakenet, workdir, steps_dir)
 
 
 def shared_dir(tmp_path: Path) -> tuple[Path, tuple[str, ...]]:

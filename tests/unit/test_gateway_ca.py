@@ -7,7 +7,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from mitmproxy.certs import CertStore
-from sandgate.proxy.engine import ensure_ec_ca
+from sandgate.proxy.gateway_ca import ensure_ec_ca
 
 
 def test_new_ca_is_ec_p256_and_mitmproxy_issues_ec_leaves(tmp_path):

@@ -114,8 +114,16 @@ def test_a_pass_through_gateway_imports_mitmproxy_only_when_a_connection_needs_i
     ]
 
 
-def test_a_gateway_whose_rules_inspect_starts_mitmproxy_and_its_ca_up_front(tmp_path):
-    assert run_gateway(tmp_path, INSPECTING_RULES) == ["started True True", "handed True True"]
+def test_a_gateway_whose_rules_inspect_makes_its_ca_up_front_and_mitmproxy_when_handed(tmp_path):
+    """Inspected HTTPS/1.1 is the front door's: the CA exists from the start (cryptography
+    alone), mitmproxy only once a connection (an h2-only client) is handed to it."""
+    assert run_gateway(tmp_path, INSPECTING_RULES) == ["started False True", "handed True True"]
+
+
+def test_a_gateway_whose_rules_ask_starts_mitmproxy_up_front(tmp_path):
+    """A held request must not wait for mitmproxy's import."""
+    asking = PASS_THROUGH_RULES + "      - ask: api.allowed.test\n"
+    assert run_gateway(tmp_path, asking) == ["started True True", "handed True True"]
 
 
 DNS_SCRIPT = """
@@ -194,3 +202,36 @@ def test_h11_loads_with_the_first_exchange_the_fast_path_does_not_take(tmp_path)
         "fast exchange False True",
         "a body True True",
     ]
+
+
+RELOAD_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.policy import load_policy
+
+async def main(rules, asking, confdir):
+    config = GatewayConfig("127.0.0.1", ["127.0.0.1"], Path(confdir), dns_upstream_port=9)
+    gateway = Gateway(config, load_policy([Path(rules)]))
+    await gateway.start()
+    print("started", "mitmproxy" in sys.modules)
+    gateway.swap_policy(load_policy([Path(asking)]))
+    for _ in range(2000):
+        if gateway.proxy.master is not None:
+            break
+        await asyncio.sleep(0.01)
+    print("reloaded", gateway.proxy.master is not None)
+    await gateway.stop()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_a_reload_that_adds_an_ask_rule_starts_mitmproxy(tmp_path):
+    (tmp_path / "rules.yaml").write_text(PASS_THROUGH_RULES)
+    (tmp_path / "asking.yaml").write_text(PASS_THROUGH_RULES + "      - ask: api.allowed.test\n")
+    argv = [sys.executable, "-c", textwrap.dedent(RELOAD_SCRIPT)]
+    argv += [str(tmp_path / name) for name in ("rules.yaml", "asking.yaml", "ca")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["started False", "reloaded True"], proc.stderr

@@ -534,7 +534,7 @@ def test_leaf_certificate_and_key_are_converted_once(tmp_path):
     from cryptography import x509
     from mitmproxy.certs import CertStore
     from OpenSSL import crypto
-    from sandgate.proxy.engine import ensure_ec_ca
+    from sandgate.proxy.gateway_ca import ensure_ec_ca
     from sandgate.proxy.lean_mitmproxy import reuse_leaf_objects
 
     reuse_leaf_objects()

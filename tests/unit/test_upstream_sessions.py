@@ -23,7 +23,7 @@ from mitmproxy.proxy import context
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.test import taddons
 from OpenSSL import SSL
-from sandgate.proxy.engine import ensure_ec_ca
+from sandgate.proxy.gateway_ca import ensure_ec_ca
 from sandgate.proxy.upstream_sessions import UpstreamSessionCache, UpstreamSessionResumption
 from support.sandbox import eventually
 
