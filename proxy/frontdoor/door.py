@@ -19,6 +19,7 @@ from sandgate.proxy.frontdoor.http1_relay import Http1Relay, UpstreamPool
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
 from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
+from sandgate.proxy.frontdoor.tls_io import TlsSocket
 from sandgate.proxy.frontdoor.tls_relay import Hello, http1_hello, serve_inspected
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 
@@ -638,7 +639,10 @@ class Connection:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
                 sock.close()
-            elif drain:
+                continue
+            if isinstance(sock, TlsSocket):
+                sock.notify_close()  # a clean end: the peer can tell it from a cut
+            if drain:
                 close_read(sock)
             else:
                 sock.close()

@@ -23,6 +23,7 @@ from collections.abc import Hashable
 from sandgate.proxy.frontdoor.http1 import Http1Session
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
 from sandgate.proxy.frontdoor.relay import RELAY_CHUNK, WAKEUP_BUDGET
+from sandgate.proxy.frontdoor.tls_io import TlsSocket
 
 # How long an idle upstream connection is kept: below the shortest keep-alive
 # timeout servers commonly use (Apache's 5 s), so that the server rarely closes
@@ -112,6 +113,8 @@ class UpstreamPool:
 
     def _close(self, sock: socket.socket) -> None:
         self.poller.forget(sock.fileno())
+        if isinstance(sock, TlsSocket):
+            sock.notify_close()  # dropped idle: a clean end for its server
         sock.close()
 
 

@@ -196,6 +196,8 @@ class TlsHttp1Relay(Http1Relay):
         if upstream is not None:
             self.ended.discard(upstream)
             self._keep_session(upstream)
+            if isinstance(upstream, TlsSocket):
+                upstream.notify_close()  # done with it (not pooled): a clean end
         super()._drop_upstream()
 
     def _pool_upstream(self) -> None:
