@@ -322,8 +322,9 @@ class Connection:
         self.holding = False  # relaying only the server's bytes (see _relay)
         self.done = False
         self.held: asyncio.Task | None = None  # waiting for a human, or for a placeholder's address
-        # Answers the first-bytes deadline instead of "nothing decidable" once a
-        # later stage has taken the connection over (a client's TLS handshake).
+        # Answers the deadline instead of "nothing decidable" or a pass-through's failed
+        # connect once a later stage has taken the connection over (a client's TLS
+        # handshake; an HTTP relay's upstream connect and TLS handshake: a 502).
         self.on_deadline: Callable[[], None] | None = None
         state.abort = functools.partial(self.finish, reset=True)  # a reload's revoke
 
@@ -362,8 +363,8 @@ class Connection:
 
     def timed_out(self) -> None:
         """`wake_at` has come: silence, no decision in time, or no upstream in time."""
-        if self.upstream is not None:
-            self._connect_failed("timed out")
+        if self.upstream is not None and self.on_deadline is None:
+            self._connect_failed("timed out")  # pass-through: a reset, as the server's own
             return
         try:
             if self.on_deadline is not None:

@@ -255,6 +255,7 @@ class TlsHttp1Relay(Http1Relay):
             truncation_is_reset=True,
         )
         connection.wake_at = connection.loop.time() + door.connect_timeout
+        connection.on_deadline = self._upstream_timed_out  # a 502, as a failed handshake
         door.wait(connection)
         door.poller.handlers[connection.upstream.fileno()] = self._on_upstream_handshake
         self._on_upstream_handshake(IN | OUT)
@@ -273,6 +274,7 @@ class TlsHttp1Relay(Http1Relay):
                     why = "the upstream closed the connection during the handshake"
                 else:
                     connection.door.unwait(connection)
+                    connection.on_deadline = None
                     connection.door.poller.handlers[connection.upstream.fileno()] = (
                         self._on_upstream_event
                     )
@@ -281,8 +283,14 @@ class TlsHttp1Relay(Http1Relay):
                     self._step()
                     return
             connection.door.unwait(connection)
-            self._drop_upstream()
-            self.session.upstream_failed(f"TLS handshake failed: {why}")
-            self._step()
+            self._upstream_failed(f"TLS handshake failed: {why}")
         except Exception as e:  # noqa: BLE001
             connection.crash(e)
+
+    def _pending_upstream_why(self) -> str:
+        """The connect deadline covers the TLS handshake too (`_upstream_ready`)."""
+        upstream = self.connection.upstream
+        if isinstance(upstream, TlsSocket):
+            timeout = self.connection.door.connect_timeout
+            return f"TLS handshake failed: not finished within {timeout:g} s"
+        return super()._pending_upstream_why()

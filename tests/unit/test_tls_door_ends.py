@@ -1,8 +1,10 @@
-"""Clean TLS ends in the front door (tls_io.TlsSocket.notify_close): close_notify on
-every clean end of a connection the door terminates, to the client after its last
-response and to an upstream the door closes or the pool drops; none on a reset (a
-cut stays a cut). On loopback, with strict peers (`suppress_ragged_eofs=False`: a
-FIN without close_notify raises, where a clean end reads b"")."""
+"""How the front door's inspected TLS connections end (tls_relay.py, tls_io.py), on
+loopback. Clean ends (TlsSocket.notify_close): close_notify on every clean end of a
+connection the door terminates, to the client after its last response and to an
+upstream the door closes or the pool drops; none on a reset (a cut stays a cut);
+the peers are strict (`suppress_ragged_eofs=False`: a FIN without close_notify
+raises, where a clean end reads b""). Failed ends: an upstream handshake that hits
+the connect deadline is a 502 as a failed handshake is."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import socket
 import ssl
 import threading
+from types import SimpleNamespace
 
 import test_tls_relay
 from test_frontdoor import LOOPBACK, run, until
@@ -208,3 +211,40 @@ def test_an_idle_upstream_the_pool_drops_gets_close_notify(gate, tls):
 
     run(scenario())
     assert upstream.ends == ["close_notify"]
+
+
+def test_an_upstream_that_never_answers_the_client_hello_is_a_502_at_the_connect_deadline(
+    gate, tls
+):
+    """TCP accepted, the ClientHello never answered: a failed handshake (502 naming
+    the timeout, the end event saying it), not a reset of the client."""
+    got = []
+    listener = socket.create_server((LOOPBACK, 0))
+
+    def mute_server():
+        sock, _ = listener.accept()
+        with sock:
+            sock.settimeout(5)
+            try:
+                while chunk := sock.recv(65536):
+                    got.append(chunk)
+            except OSError:
+                pass
+
+    threading.Thread(target=mute_server, daemon=True).start()
+    upstream = SimpleNamespace(port=listener.getsockname()[1], close=listener.close)
+
+    def talk(port, client):
+        with connect(port, client) as sock:
+            sock.sendall(b"GET /public HTTP/1.1\r\n" + HOST + b"\r\n")
+            return read_to_end(sock)
+
+    answer, end = through(gate, tls, upstream, talk, connect_timeout=0.3)
+    why = b"TLS handshake failed: not finished within 0.3 s"
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n") and why in answer, answer
+    assert end == "close_notify"  # the 502 is a clean answer
+    [connection_end] = [e for e in gate.events if e.kind.value == "connection_end"]
+    assert why.decode() in connection_end.detail
+    # The upstream got a ClientHello and nothing after it (no request went).
+    sent = b"".join(got)
+    assert sent[:1] == b"\x16" and b"\x17\x03\x03" not in sent
