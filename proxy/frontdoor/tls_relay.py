@@ -18,7 +18,7 @@ Upstream TLS connections go to the door's UpstreamPool as plain ones do, keyed b
 the SNI too: a pooled connection was verified for exactly that name.
 
 Failures: a client handshake that fails is `gate.on_tls_rejected` (as mitmproxy's
-`tls_failed_client`), then closed; an upstream handshake that fails (verification
+`tls_failed_client`: policy/client_tls.py says what it was), then reset; an upstream handshake that fails (verification
 above all) is a 502 naming why, and the connection's end event says it; an
 exception anywhere ends the connection through `Connection.crash`."""
 
@@ -130,8 +130,8 @@ class ClientHandshake:
 def _why(error: BaseException) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {error.verify_message}"
-    if isinstance(error, ssl.SSLError):
-        return error.reason or str(error)
+    if isinstance(error, ssl.SSLError):  # OpenSSL's reason as its message says it
+        return error.reason.lower().replace("_", " ") if error.reason else str(error)
     return error.strerror or str(error)
 
 
