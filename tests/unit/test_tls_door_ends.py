@@ -15,8 +15,9 @@ import threading
 from types import SimpleNamespace
 
 import test_tls_relay
-from test_frontdoor import LOOPBACK, run, until
-from test_tls_relay import NAME, tls_door
+from support.fakes import client_hello
+from test_frontdoor import LOOPBACK, read_all, run, until
+from test_tls_relay import NAME, requests, tls_door
 
 gate, tls = test_tls_relay.gate, test_tls_relay.tls  # its fixtures
 
@@ -248,3 +249,31 @@ def test_an_upstream_that_never_answers_the_client_hello_is_a_502_at_the_connect
     # The upstream got a ClientHello and nothing after it (no request went).
     sent = b"".join(got)
     assert sent[:1] == b"\x16" and b"\x17\x03\x03" not in sent
+
+
+def test_plain_http_after_a_client_hello_is_malformed_tls_not_a_certificate_refusal(gate, tls):
+    """The ClientHello decided the connection; what follows it is not TLS: the event
+    says so (malformed_tls), not "the client refused the gateway's certificate";
+    the upstream never hears of it."""
+    contexts = tls[0]
+    upstream = StrictUpstream(tls[1]["good"], b"", "listen")
+
+    async def scenario():
+        door = await tls_door(gate, upstream, contexts)
+        reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+        writer.write(client_hello(NAME, alpn=["http/1.1"]))
+        assert await reader.read(1) == b"\x16"  # the gateway's flight began
+        writer.write(b"GET /public HTTP/1.1\r\n" + HOST + b"\r\n")
+        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+        await read_all(reader)
+        writer.close()
+        await door.stop()
+        upstream.close()
+
+    run(scenario())
+    denied = [e for e in gate.events if e.kind.value == "connection" and e.verdict.value == "deny"]
+    assert [(e.reason.value, e.rule_id) for e in denied] == [
+        ("malformed_tls", "builtin:tls-handshake-failed")
+    ], [(e.reason.value, e.detail) for e in gate.events]
+    assert "is not TLS" in denied[0].detail and "refused" not in denied[0].detail
+    assert upstream.heads == [] and requests(gate) == []
