@@ -19,8 +19,10 @@ the SNI too: a pooled connection was verified for exactly that name.
 
 Failures: a client handshake that fails is `gate.on_tls_rejected` (as mitmproxy's
 `tls_failed_client`: policy/client_tls.py says what it was), then reset; an upstream handshake that fails (verification
-above all) is a 502 naming why, and the connection's end event says it; an
-exception anywhere ends the connection through `Connection.crash`."""
+above all), or not done by the door's connect deadline, is a 502 naming why, and
+the connection's end event says it; an exception anywhere ends the connection
+through `Connection.crash`. Clean ends send close_notify (tls_io.notify_close),
+resets do not."""
 
 from __future__ import annotations
 
