@@ -48,25 +48,26 @@ _NOT_TLS = (
 _STOPPED = ("stalled", "closed", "disconnected", "reset", "eof")
 
 
+# The failures that are not about the certificate: (markers, reason, what happened).
+_HANDSHAKE_FAILURES = (
+    (
+        _NO_COMMON_VERSION,
+        Reason.PROTOCOL_NOT_ALLOWED,
+        "no TLS version or cipher in common with the gateway's (TLS 1.2 and 1.3)",
+    ),
+    (_NOT_TLS, Reason.MALFORMED_TLS, "what followed its ClientHello is not TLS the gateway can read"),
+)
+
+
 def client_tls_failure(name: str, error: str) -> Decision:
     """The deny for a client's failed handshake for `name`, `error` saying how it
     failed (cut to 300 characters in the detail)."""
     error = error[:300]
     text = error.lower().replace("_", " ")
-    if any(marker in text for marker in _NO_COMMON_VERSION):
-        return deny(
-            "tls-handshake-failed",
-            detail=f"the client's TLS handshake for {name} failed: no TLS version or cipher "
-            f"in common with the gateway's (TLS 1.2 and 1.3): {error}",
-            reason=Reason.PROTOCOL_NOT_ALLOWED,
-        )
-    if any(marker in text for marker in _NOT_TLS):
-        return deny(
-            "tls-handshake-failed",
-            detail=f"the client's TLS handshake for {name} failed: what followed its "
-            f"ClientHello is not TLS the gateway can read: {error}",
-            reason=Reason.MALFORMED_TLS,
-        )
+    for markers, reason, what in _HANDSHAKE_FAILURES:
+        if any(marker in text for marker in markers):
+            detail = f"the client's TLS handshake for {name} failed: {what}: {error}"
+            return deny("tls-handshake-failed", detail=detail, reason=reason)
     if any(marker in text for marker in _STOPPED):
         return deny(
             "tls-rejected-by-client",
