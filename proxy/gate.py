@@ -58,6 +58,7 @@ from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
 from sandgate.proxy.limits import ConnectionCounts
 from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
 from sandgate.proxy.policy.builtin import deny
+from sandgate.proxy.policy.client_tls import client_tls_failure
 from sandgate.proxy.policy.decide import depends_on_request
 from sandgate.proxy.policy.index import CompiledPolicy
 from sandgate.proxy.policy.names import (
@@ -832,12 +833,11 @@ class ConnectionGate:
         return decision
 
     def on_tls_rejected(self, state: ConnState, error: str) -> None:
-        """Under inspection the client refused the gateway's certificate (pinned, or a
-        private CA): its own event, so that the summary can say so."""
-        decision = deny(
-            "tls-rejected-by-client",
-            detail=f"the client refused the gateway's certificate for {state.name}: {error[:300]}",
-        )
+        """Under inspection the client's TLS handshake with the gateway failed: its own
+        event, saying what happened where `error` tells (policy/client_tls.py): the
+        client refused the certificate (pinned, or a private CA: the summary says so),
+        stopped, or has no TLS version in common, or sent what is not TLS."""
+        decision = client_tls_failure(state.name, error)
         self._emit_connection(decision, state.fields, state.name, "tls", state.started)
 
     def fail(

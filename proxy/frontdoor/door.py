@@ -19,6 +19,7 @@ from sandgate.proxy.frontdoor.http1_relay import Http1Relay, UpstreamPool
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
 from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
+from sandgate.proxy.frontdoor.tls_io import TlsSocket
 from sandgate.proxy.frontdoor.tls_relay import Hello, http1_hello, serve_inspected
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 
@@ -321,8 +322,9 @@ class Connection:
         self.holding = False  # relaying only the server's bytes (see _relay)
         self.done = False
         self.held: asyncio.Task | None = None  # waiting for a human, or for a placeholder's address
-        # Answers the first-bytes deadline instead of "nothing decidable" once a
-        # later stage has taken the connection over (a client's TLS handshake).
+        # Answers the deadline instead of "nothing decidable" or a pass-through's failed
+        # connect once a later stage has taken the connection over (a client's TLS
+        # handshake; an HTTP relay's upstream connect and TLS handshake: a 502).
         self.on_deadline: Callable[[], None] | None = None
         state.abort = functools.partial(self.finish, reset=True)  # a reload's revoke
 
@@ -361,8 +363,8 @@ class Connection:
 
     def timed_out(self) -> None:
         """`wake_at` has come: silence, no decision in time, or no upstream in time."""
-        if self.upstream is not None:
-            self._connect_failed("timed out")
+        if self.upstream is not None and self.on_deadline is None:
+            self._connect_failed("timed out")  # pass-through: a reset, as the server's own
             return
         try:
             if self.on_deadline is not None:
@@ -638,7 +640,10 @@ class Connection:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
                 sock.close()
-            elif drain:
+                continue
+            if isinstance(sock, TlsSocket):
+                sock.notify_close()  # a clean end: the peer can tell it from a cut
+            if drain:
                 close_read(sock)
             else:
                 sock.close()

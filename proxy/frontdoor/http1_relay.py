@@ -23,6 +23,7 @@ from collections.abc import Hashable
 from sandgate.proxy.frontdoor.http1 import Http1Session
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
 from sandgate.proxy.frontdoor.relay import RELAY_CHUNK, WAKEUP_BUDGET
+from sandgate.proxy.frontdoor.tls_io import TlsSocket
 
 # How long an idle upstream connection is kept: below the shortest keep-alive
 # timeout servers commonly use (Apache's 5 s), so that the server rarely closes
@@ -112,6 +113,8 @@ class UpstreamPool:
 
     def _close(self, sock: socket.socket) -> None:
         self.poller.forget(sock.fileno())
+        if isinstance(sock, TlsSocket):
+            sock.notify_close()  # dropped idle: a clean end for its server
         sock.close()
 
 
@@ -160,6 +163,7 @@ class Http1Relay:
                 return
             error = upstream_error(connection.upstream, events)
             connection.door.unwait(connection)
+            connection.on_deadline = None
             if error:
                 self._drop_upstream()
                 self.session.upstream_failed(os.strerror(error))
@@ -346,10 +350,31 @@ class Http1Relay:
             self._drop_upstream()
             self.session.upstream_failed(os.strerror(error))
             return
-        # The door's deadline: `timed_out` fails a connection whose upstream is pending.
+        # The door's deadline: `timed_out` calls `on_deadline` while the upstream is pending.
         connection.wake_at = connection.loop.time() + door.connect_timeout
+        connection.on_deadline = self._upstream_timed_out
         door.wait(connection)
         door.poller.watch(upstream.fileno(), self._on_upstream_event)
+
+    def _upstream_timed_out(self) -> None:
+        """The door's connect deadline came with the upstream still pending: a failed
+        connect (502 naming it), as a refused one is, not the client's reset."""
+        self._upstream_failed(self._pending_upstream_why())
+
+    def _pending_upstream_why(self) -> str:
+        """Why a pending upstream failed at the connect deadline."""
+        return "timed out"
+
+    def _upstream_failed(self, why: str) -> None:
+        """The pending upstream failed (`why`): dropped, and the session answers 502."""
+        connection = self.connection
+        connection.on_deadline = None
+        try:
+            self._drop_upstream()
+            self.session.upstream_failed(why)
+            self._step()
+        except Exception as e:  # noqa: BLE001
+            connection.crash(e)
 
     def _drop_upstream(self) -> None:
         connection = self.connection

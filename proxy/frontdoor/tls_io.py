@@ -28,12 +28,16 @@ Contract with the relay (http1_relay.py's `_receive` / `_transmit` seams):
   ciphertext is all in the socket; ciphertext the socket did not take is kept
   (`unsent`) and goes first with the next call, whose `data` must start with the same
   plaintext (the relay only deletes what was counted), which is then skipped.
+- `notify_close()`: the clean end, close_notify sent best effort (the door's
+  `finish` when it is not a reset, the upstream pool when it drops an idle one, the
+  TLS relay when it drops an upstream); the socket is closed by the caller.
 
 The socket is a `socket.socket` (the same descriptor, so its epoll entry stays): the
 door closes it, the upstream pool peeks at it and keeps it with its TLS state."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 
@@ -62,6 +66,7 @@ class TlsSocket(socket.socket):
         "session_kept",
         "truncation_is_reset",
         "notified",
+        "notify_sent",
         "truncated",
     )
 
@@ -94,6 +99,7 @@ class TlsSocket(socket.socket):
         tls_sock.session_kept = False  # its session was given to be resumed (tls_relay.py)
         tls_sock.truncation_is_reset = truncation_is_reset
         tls_sock.notified = False  # its close_notify was read
+        tls_sock.notify_sent = False  # ours was written (`notify_close`)
         tls_sock.truncated = ""  # why its end is a cut (a FIN without close_notify)
         return tls_sock
 
@@ -177,6 +183,24 @@ class TlsSocket(socket.socket):
         """Everything the socket holds into the incoming BIO (handshakes: small)."""
         while not self.eof and not self._read_socket():
             pass
+
+    # --- the clean end -------------------------------------------------------------------
+
+    def notify_close(self) -> None:
+        """Send close_notify, best effort and without waiting: the peer can tell this
+        clean end from a cut (a close-delimited body ends only so). Call it only on a
+        clean end, never before a reset: a cut must stay a cut. `SSLObject.unwrap`
+        writes the alert into the outgoing BIO and, the peer's close_notify not read
+        yet, raises SSLWantReadError; what it wrote goes out with what is unsent, in
+        one send if the socket takes it. Nothing before the handshake is done (OpenSSL
+        refuses a shutdown in its middle), and once."""
+        if not self.handshaken or self.notify_sent:
+            return
+        self.notify_sent = True
+        with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: the peer's is unread
+            self.tls.unwrap()
+        with contextlib.suppress(OSError):  # the peer is gone: nobody to tell
+            self._flush()
 
     # --- writes -------------------------------------------------------------------------
 

@@ -18,9 +18,11 @@ Upstream TLS connections go to the door's UpstreamPool as plain ones do, keyed b
 the SNI too: a pooled connection was verified for exactly that name.
 
 Failures: a client handshake that fails is `gate.on_tls_rejected` (as mitmproxy's
-`tls_failed_client`), then closed; an upstream handshake that fails (verification
-above all) is a 502 naming why, and the connection's end event says it; an
-exception anywhere ends the connection through `Connection.crash`."""
+`tls_failed_client`: policy/client_tls.py says what it was), then reset; an upstream handshake that fails (verification
+above all), or not done by the door's connect deadline, is a 502 naming why, and
+the connection's end event says it; an exception anywhere ends the connection
+through `Connection.crash`. Clean ends send close_notify (tls_io.notify_close),
+resets do not."""
 
 from __future__ import annotations
 
@@ -130,8 +132,8 @@ class ClientHandshake:
 def _why(error: BaseException) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {error.verify_message}"
-    if isinstance(error, ssl.SSLError):
-        return error.reason or str(error)
+    if isinstance(error, ssl.SSLError):  # OpenSSL's reason as its message says it
+        return error.reason.lower().replace("_", " ") if error.reason else str(error)
     return error.strerror or str(error)
 
 
@@ -196,6 +198,8 @@ class TlsHttp1Relay(Http1Relay):
         if upstream is not None:
             self.ended.discard(upstream)
             self._keep_session(upstream)
+            if isinstance(upstream, TlsSocket):
+                upstream.notify_close()  # done with it (not pooled): a clean end
         super()._drop_upstream()
 
     def _pool_upstream(self) -> None:
@@ -253,6 +257,7 @@ class TlsHttp1Relay(Http1Relay):
             truncation_is_reset=True,
         )
         connection.wake_at = connection.loop.time() + door.connect_timeout
+        connection.on_deadline = self._upstream_timed_out  # a 502, as a failed handshake
         door.wait(connection)
         door.poller.handlers[connection.upstream.fileno()] = self._on_upstream_handshake
         self._on_upstream_handshake(IN | OUT)
@@ -271,6 +276,7 @@ class TlsHttp1Relay(Http1Relay):
                     why = "the upstream closed the connection during the handshake"
                 else:
                     connection.door.unwait(connection)
+                    connection.on_deadline = None
                     connection.door.poller.handlers[connection.upstream.fileno()] = (
                         self._on_upstream_event
                     )
@@ -279,8 +285,14 @@ class TlsHttp1Relay(Http1Relay):
                     self._step()
                     return
             connection.door.unwait(connection)
-            self._drop_upstream()
-            self.session.upstream_failed(f"TLS handshake failed: {why}")
-            self._step()
+            self._upstream_failed(f"TLS handshake failed: {why}")
         except Exception as e:  # noqa: BLE001
             connection.crash(e)
+
+    def _pending_upstream_why(self) -> str:
+        """The connect deadline covers the TLS handshake too (`_upstream_ready`)."""
+        upstream = self.connection.upstream
+        if isinstance(upstream, TlsSocket):
+            timeout = self.connection.door.connect_timeout
+            return f"TLS handshake failed: not finished within {timeout:g} s"
+        return super()._pending_upstream_why()

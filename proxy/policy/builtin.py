@@ -128,6 +128,13 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "another CA; allow the name without methods/paths (pass-through) or give the client the gateway's CA",
     ),
     (
+        "tls-handshake-failed",
+        (R.PROTOCOL_NOT_ALLOWED, R.MALFORMED_TLS),
+        "under inspection the client's TLS handshake with the gateway failed for another reason than "
+        "its certificate: no TLS version or cipher in common (the gateway speaks TLS 1.2 and 1.3), or "
+        "what followed the ClientHello is not TLS the gateway can read",
+    ),
+    (
         "no-data",
         (R.NO_DATA,),
         "the connection ended, or timed out, before sending enough bytes to decide on",

@@ -149,3 +149,26 @@ def test_a_failed_verification_is_an_ssl_error_from_the_handshake(tmp_path):
     assert not client.handshaken
     server.close()
     client.close()
+
+
+def test_notify_close_sends_close_notify_once_without_waiting_and_the_peer_reads_an_end(pair):
+    server, client = pair
+    server.write_from(bytearray(b"the body"))
+    server.notify_close()  # the peer's close_notify has not come: no wait for it
+    server.notify_close()
+    assert server.sends == 2 and not server.unsent  # the data, then the alert once
+    client.truncation_is_reset = True  # a strict reader: a bare FIN would be a cut
+    server.shutdown(socket.SHUT_WR)
+    buffer = bytearray(64)
+    view = memoryview(buffer)
+    assert client.read_into(view) == len(b"the body")
+    assert client.read_into(view) == ENDED and client.notified and not client.truncated
+    view.release()
+
+
+def test_notify_close_before_the_handshake_sends_nothing(tmp_path):
+    server, client = unshaken_pair(tmp_path, cls=Counting)
+    client.notify_close()
+    assert getattr(client, "sends", 0) == 0 and not client.outgoing.pending
+    server.close()
+    client.close()
