@@ -141,13 +141,14 @@ NAP = 0.0002
 LOOP_KINDS = ("1", "2", "1nap", "2nap", "1big", "2big")
 
 
-def switches(pid: int) -> int:
-    """Context switches of `pid`'s threads so far (voluntary: it blocked and was woken)."""
+def switches(pid: int, kind: str = "voluntary") -> int:
+    """Context switches of `pid`'s threads so far: voluntary (it blocked and was
+    woken), or "nonvoluntary" (preempted: another process took its core)."""
     total = 0
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
             for line in (task / "status").read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches"):
+                if line.startswith(f"{kind}_ctxt_switches"):
                     total += int(line.split()[1])
     except OSError:
         pass
@@ -197,6 +198,7 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             for pid in pids:
                 samples[f"p{pid}{suffix}"] = cpu_seconds(pid)
                 samples[f"w{pid}{suffix}"] = switches(pid)
+                samples[f"n{pid}{suffix}"] = switches(pid, "nonvoluntary")
             samples["t" + suffix] = time.time()
 
         def sampler_run() -> None:
@@ -243,6 +245,14 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             # and its wake-ups: the service's fall with fewer, fuller event batches
             "per_process_wakeups": [
                 round((samples[f"w{p}1"] - samples[f"w{p}0"]) / in_window, 3)
+                for p in [service.popen.pid, *(p for p in pids if p != service.popen.pid)]
+            ]
+            if requests
+            else None,
+            # and how often it was preempted: two workers are, per connection, far
+            # more often than one process (docs/performance.md, session 7, second pass)
+            "per_process_preemptions": [
+                round((samples[f"n{p}1"] - samples[f"n{p}0"]) / in_window, 3)
                 for p in [service.popen.pid, *(p for p in pids if p != service.popen.pid)]
             ]
             if requests

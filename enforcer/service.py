@@ -55,6 +55,7 @@ from sandgate.enforcer.run import (
     open_audit_log,
     unwire,
 )
+from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import GatewayConfig, inspects
 from sandgate.proxy.policy import PolicyError, load_policy
 from sandgate.proxy.policy.load import approved_overlay
@@ -896,7 +897,9 @@ def _alive(pid: int) -> bool:
 
 def serve(opts: ServiceOptions) -> int:
     try:
-        return asyncio.run(GatewayService(opts).run())
+        # The front door shares the loop's epoll set (proxy/frontdoor/poller.py).
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(GatewayService(opts).run())
     except RunError as e:
         print(f"sandgate: {e}", file=sys.stderr)
         return 125

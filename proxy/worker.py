@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 
 from sandgate.proxy.approvals.remote import ApprovalsOverLink
+from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import Gateway, GatewayConfig, Listeners, inspects
 from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason
@@ -320,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         dns_tcp=socket.socket(fileno=args.dns_tcp),
     )
     worker = Worker(args.index, config, listeners, socket.socket(fileno=args.link))
-    return asyncio.run(worker.run())
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the door shares its epoll set
+        return runner.run(worker.run())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import hashlib
 import socket
 
 import pytest
+from sandgate.proxy.frontdoor import poller
 from sandgate.proxy.frontdoor.door import FrontDoor
 from support.fakes import client_hello, make_gate
 
@@ -20,6 +21,23 @@ SSH = ("203.0.113.10", 22)
 
 
 HELLO = client_hello("allowed.test")
+
+
+class SharedSetPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return poller.new_event_loop()
+
+
+@pytest.fixture(autouse=True, params=["own epoll set", "the loop's epoll set"])
+def loop_kind(request):
+    """Every test runs on a plain asyncio loop (the door's own epoll set, watched as
+    one descriptor) and on the gateway processes' loop, whose epoll set the door
+    shares (poller.SharedEpollSelector)."""
+    shared = request.param != "own epoll set"
+    if shared:
+        asyncio.set_event_loop_policy(SharedSetPolicy())
+    yield shared
+    asyncio.set_event_loop_policy(None)
 
 
 @pytest.fixture
@@ -543,3 +561,50 @@ def test_http_after_silence_goes_to_mitmproxy(gate):
 
     run(scenario())
     assert handed == [request]
+
+
+# --- the shared epoll set ----------------------------------------------------------------
+
+
+def test_the_door_shares_the_loops_epoll_set_one_door_only(gate, loop_kind):
+    """On the gateway's loop the first door's sockets are in the loop's own epoll set
+    (no second epoll_wait per wake-up); a second door on that loop keeps a set of its
+    own. Both relay; stopping them leaves the loop selecting alone, serving its own
+    sockets."""
+    async def server(reader, writer):
+        writer.write(await reader.readexactly(len(HELLO)))
+        await writer.drain()
+
+    async def exchange(door) -> bytes:
+        reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+        writer.write(HELLO)
+        echoed = await reader.readexactly(len(HELLO))
+        writer.close()
+        return echoed
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        selector = loop._selector
+        async with Upstream(server) as upstream:
+            first = await started(gate, ALLOWED, upstream.port)
+            second = await started(gate, ALLOWED, upstream.port)
+            if loop_kind:
+                assert selector.poller is first.poller
+                assert first.poller.epoll is selector._selector
+            else:
+                assert first.poller.shared is None
+            assert second.poller.shared is None and second.poller.epoll is not selector._selector
+            assert await exchange(first) == HELLO and await exchange(second) == HELLO
+            await until(lambda: len(gate.events) == 4)
+            await first.stop()
+            await second.stop()
+            assert getattr(selector, "poller", None) is None
+            third = await started(gate, ALLOWED, upstream.port)
+            assert third.poller.shared is (selector if loop_kind else None)
+            assert await exchange(third) == HELLO
+            await until(lambda: len(gate.events) == 6)
+            await third.stop()
+        assert upstream.connections == 3
+
+    run(scenario())
+    assert [str(e.kind) for e in gate.events] == ["connection", "connection_end"] * 3
