@@ -159,7 +159,7 @@ def probe_start(out: str, argv: list[str]) -> int:
 
     # Labels are (indent level, text): nested steps are part of the step above them.
     wrap_sync(cli_run, "load_rules", STEP_LOAD)  # where cmd_run looks it up
-    wrap_sync(asyncio, "run", STEP_ASYNCIO)
+    wrap_sync(asyncio.Runner, "run", STEP_ASYNCIO)  # run.py runs its loop with a Runner
     wrap_sync(run, "_pick_addresses", STEP_PICK)
     wrap_sync(netns, "create_sandbox_net", STEP_NETNS)
     wrap_sync(netns, "_wait_until_up", STEP_LINKUP)
@@ -229,7 +229,7 @@ STEP_IMPORT_RUN = "import enforcer.run (pyroute2, dnspython, ...)"
 STEP_IMPORT_REST = "import enforcer.cli.run"
 STEP_MAIN = "cli main()"
 STEP_LOAD = "load rules"
-STEP_ASYNCIO = "asyncio.run(TaskRun.run())"
+STEP_ASYNCIO = "asyncio.Runner.run(TaskRun.run())"
 STEP_PICK = "pick address (netlink dump)"
 STEP_NETNS = "create netns + veth"
 STEP_LINKUP = "wait for links up"

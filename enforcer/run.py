@@ -28,6 +28,7 @@ from pathlib import Path
 from sandgate.enforcer import netns, nft
 from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
+from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.names import format_host_port
@@ -500,10 +501,17 @@ def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True)
     return counters
 
 
+def _run_loop(main):
+    """asyncio.run on a loop whose epoll set the front door shares (one epoll_wait per
+    loop pass for asyncio's descriptors and the door's: proxy/frontdoor/poller.py)."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
+
+
 def run(opts: RunOptions) -> int:
     check_prerequisites()
     try:
-        return asyncio.run(TaskRun(opts).run())
+        return _run_loop(TaskRun(opts).run())
     except (RunError, netns.SandboxNetError, nft.NftError) as e:
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_SETUP
@@ -515,7 +523,7 @@ def selftest(opts: RunOptions) -> tuple[int, list[dict]]:
     check_prerequisites()
     run = TaskRun(dataclasses.replace(opts, probe="all", command=["sandgate-selftest"], quiet=True))
     try:
-        code = asyncio.run(run.run())
+        code = _run_loop(run.run())
     except (RunError, netns.SandboxNetError, nft.NftError) as e:
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_SETUP, []
