@@ -132,12 +132,15 @@ def install_venv(venv: Path) -> Path:
 
 
 INSPECT_LINE = "        methods: [GET]\n"  # appended to the allow rule: inspected TLS
-INSPECT_START_RULES = """version: 1
+INSPECT_START_RULES = (
+    """version: 1
 profiles:
   default:
     rules:
       - allow: allowed.test
-""" + INSPECT_LINE
+"""
+    + INSPECT_LINE
+)
 
 
 def run_env(work: Path | None) -> dict:

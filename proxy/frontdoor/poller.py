@@ -55,9 +55,7 @@ class SharedEpollSelector(selectors.EpollSelector):
             timeout = math.ceil(timeout * 1e3) * 1e-3
         fd_to_key = self._fd_to_key
         try:
-            fd_events = self._selector.poll(
-                timeout, max(len(fd_to_key) + len(poller.handlers), 1)
-            )
+            fd_events = self._selector.poll(timeout, max(len(fd_to_key) + len(poller.handlers), 1))
         except InterruptedError:
             return []
         ready, door = [], []

@@ -55,7 +55,11 @@ _HANDSHAKE_FAILURES = (
         Reason.PROTOCOL_NOT_ALLOWED,
         "no TLS version or cipher in common with the gateway's (TLS 1.2 and 1.3)",
     ),
-    (_NOT_TLS, Reason.MALFORMED_TLS, "what followed its ClientHello is not TLS the gateway can read"),
+    (
+        _NOT_TLS,
+        Reason.MALFORMED_TLS,
+        "what followed its ClientHello is not TLS the gateway can read",
+    ),
 )
 
 

@@ -571,6 +571,7 @@ def test_the_door_shares_the_loops_epoll_set_one_door_only(gate, loop_kind):
     (no second epoll_wait per wake-up); a second door on that loop keeps a set of its
     own. Both relay; stopping them leaves the loop selecting alone, serving its own
     sockets."""
+
     async def server(reader, writer):
         writer.write(await reader.readexactly(len(HELLO)))
         await writer.drain()

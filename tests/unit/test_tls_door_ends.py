@@ -60,9 +60,7 @@ class StrictUpstream:
 
     def _serve(self, raw: socket.socket) -> None:
         raw.settimeout(10)
-        with self.context.wrap_socket(
-            raw, server_side=True, suppress_ragged_eofs=False
-        ) as sock:
+        with self.context.wrap_socket(raw, server_side=True, suppress_ragged_eofs=False) as sock:
             head = b""
             while b"\r\n\r\n" not in head:
                 head += sock.recv(4096)
