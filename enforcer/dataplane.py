@@ -166,6 +166,7 @@ def open_data_plane(
     """`workers` > 1: a `WorkerPool`, else an `InProcessGateway`; not started. Every
     event goes to `audit`, `metrics` and `summaries` (the service's task summaries)."""
     if workers > 1:
+        fanout = EventFanout(audit, metrics, summaries)
         return WorkerPool(
             workers,
             {
@@ -175,7 +176,8 @@ def open_data_plane(
                 "upstream_ca": str(config.upstream_ca),
             },
             policy,
-            EventFanout(audit, metrics, summaries).emit,
+            fanout.emit,
+            sink_batch=fanout.emit_batch,
             tally=metrics.add_tally,
             audit=audit,
             listen_host=config.listen_host,

@@ -320,6 +320,17 @@ class GatewayService:
         if attached is not None:
             attached.summary.emit(event)
 
+    def emit_batch(self, events: list[Event | EncodedEvent]) -> None:
+        """A worker's batch: each task's events to its summary in one call."""
+        by_task: dict[str, list[Event | EncodedEvent]] = {}
+        for event in events:
+            if event.task_id:
+                by_task.setdefault(event.task_id, []).append(event)
+        for task_id, own in by_task.items():
+            attached = self.sandboxes.get(task_id)
+            if attached is not None:
+                attached.summary.emit_batch(own)
+
     def _control_event(
         self,
         peer: str,

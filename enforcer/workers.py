@@ -187,12 +187,15 @@ class WorkerPool:
         sink: Callable[[Event | EncodedEvent], None],
         *,
         tally: Callable[[list], None] = lambda rows: None,
+        sink_batch: Callable[[list[EncodedEvent]], None] | None = None,
         audit: RateLimitedAudit | None = None,
         listen_host: str = "0.0.0.0",
     ):
         """`config`: what each worker needs (proxy/worker.py: rules, dns_upstreams,
         dns_upstream_port, confdir, upstream_ca); `sink`: the service's event fanout
-        (the workers' events come as `EncodedEvent`s); `tally`: takes the metrics the
+        (the workers' events come as `EncodedEvent`s); `sink_batch`, if given, takes
+        each worker batch's events in one call instead (`EventFanout.emit_batch`: the
+        same fanout, its per-event work done per batch); `tally`: takes the metrics the
         workers counted (`Metrics.add_tally`); `audit`: the audit rate limit in `sink`,
         started and stopped with the pool (as a Gateway does its own); `listen_host`:
         where the workers' sockets bind (every address, as one gateway's)."""
@@ -200,6 +203,7 @@ class WorkerPool:
         self.config = {**config, "service_pid": os.getpid(), "workers": count}
         self.policy = policy
         self.sink = sink
+        self.sink_batch = sink_batch
         self.tally = tally
         self.audit = audit
         self.workers: list[WorkerProcess] = []
@@ -404,13 +408,17 @@ class WorkerPool:
             log.error("gateway worker %d sent %d events with %d audit lines; dropped",
                       worker.index, len(rows), len(members))  # fmt: skip
             return
+        events = []
         for row, line in zip(rows, members, strict=True):
             try:
-                event = EncodedEvent(line, *row)
+                events.append(EncodedEvent(line, *row))
             except (ValueError, TypeError) as e:
                 log.error("gateway worker %d sent a bad event: %s", worker.index, e)
-                continue
-            self.sink(event)
+        if self.sink_batch is not None:
+            self.sink_batch(events)
+        else:
+            for event in events:
+                self.sink(event)
         try:
             self.tally(message.get("metrics", []))
         except (ValueError, TypeError) as e:

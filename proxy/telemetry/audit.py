@@ -214,6 +214,16 @@ class AuditLog:
         if self._idle and len(self._pending) >= self.batch_size:
             self._wake.set()
 
+    def emit_batch(self, events: list[Event | EncodedEvent]) -> None:
+        """`emit` for each of `events`, with one check of the queue's room."""
+        if len(self._pending) + len(events) > self.queue_size or self._stopping:
+            for event in events:  # the queue's edge (or a closed log): count each loss
+                self.emit(event)
+            return
+        self._pending.extend(events)
+        if self._idle and len(self._pending) >= self.batch_size:
+            self._wake.set()
+
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written (or given up); True if so."""
         deadline = time.monotonic() + timeout

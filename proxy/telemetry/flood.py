@@ -152,9 +152,12 @@ class FloodControl:
         """What to write now for `event`, in order (aggregates first: they are older),
         and whether `event` itself was suppressed (counted into an aggregate). A
         worker's `EncodedEvent` is decoded only to be aggregated."""
-        task = event.task_id or event.sandbox or ""
         now = self.clock()
-        bucket = self._refilled(task, now)
+        return self._admit(event, self._refilled(event.task_id or event.sandbox or "", now), now)
+
+    def _admit(
+        self, event: Event | EncodedEvent, bucket: _Bucket, now: float
+    ) -> tuple[list[Event | EncodedEvent], bool]:
         if event.kind in NEVER_SUPPRESSED:
             return [*self._flush(bucket), event], False
         if bucket.tokens >= 1:
@@ -175,6 +178,33 @@ class FloodControl:
             aggregate = bucket.pending[key] = _Aggregate(event, now)
         aggregate.add(event)
         return out, True
+
+    def admit_batch(
+        self, events: list[Event | EncodedEvent]
+    ) -> tuple[list[Event | EncodedEvent], list[Event | EncodedEvent]]:
+        """`admit` for each of `events` in order, at one clock reading (a gateway
+        worker's batch: its events were made within one flush tick): what to write
+        now, in order, and the events suppressed. The same result as `admit` one by
+        one with a clock that stands still; the common case (a bucket with room and
+        nothing pending) costs a dict lookup and a subtraction per event."""
+        now = self.clock()
+        out: list[Event | EncodedEvent] = []
+        suppressed: list[Event | EncodedEvent] = []
+        buckets: dict[str, _Bucket] = {}  # refilled once per task and batch
+        for event in events:
+            task = event.task_id or event.sandbox or ""
+            bucket = buckets.get(task)
+            if bucket is None:
+                bucket = buckets[task] = self._refilled(task, now)
+            if not bucket.pending and bucket.tokens >= 1 and event.kind not in NEVER_SUPPRESSED:
+                bucket.tokens -= 1
+                out.append(event)
+                continue
+            lines, held = self._admit(event, bucket, now)
+            out.extend(lines)
+            if held:
+                suppressed.append(event)
+        return out, suppressed
 
     def due(self) -> list[Event]:
         """The aggregates at least `interval` old (for a timer), and forget the buckets

@@ -64,6 +64,30 @@ class TaskSummary:
             key = (key[0], OTHER_DESTINATIONS, *key[2:])
         self.rows[key] += event.suppressed or 1
 
+    def emit_batch(self, events: list[Event | EncodedEvent]) -> None:
+        """`emit` for each of `events`: the batch's rows counted first, then each
+        distinct row added once (in the order first seen: the same rows, and the same
+        `max_rows` overflow, as one by one)."""
+        counts: Counter[tuple] = Counter()
+        for event in events:
+            if event.__class__ is EncodedEvent:
+                if event.destination is not None:
+                    counts[(event.kind, event.destination, event.verdict, event.reason,
+                            event.rule_id)] += 1  # fmt: skip
+                continue
+            self._add_counts(counts)  # an `Event` (one of the service's): in its place
+            counts.clear()
+            self.emit(event)
+        self._add_counts(counts)
+
+    def _add_counts(self, counts: Counter[tuple]) -> None:
+        rows = self.rows
+        for (kind, destination, verdict, reason, rule_id), n in counts.items():
+            key = (str(kind), destination, str(verdict), str(reason), rule_id or "")
+            if key not in rows and len(rows) >= self.max_rows:
+                key = (key[0], OTHER_DESTINATIONS, *key[2:])
+            rows[key] += n
+
     def task_started(self, task_id: str, profile: str, sandbox: str, command: list[str]) -> None:
         self.task = {"task_id": task_id, "profile": profile, "sandbox": sandbox, "command": command}
         self.start_event = Event(
