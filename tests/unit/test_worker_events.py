@@ -386,7 +386,7 @@ def test_flood_control_per_batch_is_flood_control_per_event():
     results = []
     for batch in (False, True):
         now = [0.0]
-        control = FloodControl(FloodLimits(rate=2.0, burst=4), clock=lambda: now[0])
+        control = FloodControl(FloodLimits(rate=2.0, burst=4), clock=lambda now=now: now[0])
         out, held = [], 0
         for start in range(0, len(got), 7):  # batches of 7, the clock moving between them
             chunk = got[start : start + 7]
