@@ -351,9 +351,10 @@ class Metrics:
     def _arm_tick(self) -> None:
         """Flush `TALLY_INTERVAL` seconds after the first event tallied since the last
         tick, on the loop that emits (none running: reads and `stop` still flush)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        # `_get_running_loop`: None where `get_running_loop` would raise, which would
+        # cost an exception per event emitted off a loop (tests, benchmarks).
+        loop = asyncio._get_running_loop()
+        if loop is None:
             return
         loop.call_later(TALLY_INTERVAL, self._on_tick)
         self._tick_loop = loop
