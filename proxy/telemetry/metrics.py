@@ -531,11 +531,12 @@ def _observe_many(child, buckets: list[int], total: float) -> None:
 
 
 class MetricsTally:
-    """A gateway worker's metrics (proxy/worker.py): its events of the `TALLIED` kinds
-    counted by label key, as `Metrics.emit` would count them, and taken with each batch
-    of events it sends (`take`) for the service's `Metrics.add_tally`: one row per key
-    and batch, not one update per event. The other kinds are left to the service,
-    which gets each such event anyway."""
+    """Events of the `TALLIED` kinds counted by label key, as `Metrics._count` would
+    count them, one row per key: a gateway worker's (proxy/worker.py), taken with
+    each batch of events it sends for the service's `Metrics.add_tally`, and the
+    in-process gateway's, which `Metrics.emit` holds until its next `flush`. One
+    row per key and batch, not one update per event. The other kinds are left to
+    `Metrics`, which gets each such event anyway."""
 
     def __init__(self):
         self._rows: dict[tuple, list] = {}
