@@ -27,6 +27,11 @@ log = logging.getLogger("sandgate.frontdoor")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; Python's socket module lacks it
 ACCEPTS_PER_WAKEUP = 64
+# tcp_info's tcpi_unacked (bytes 24-27): on a listening socket, the length of its
+# accept queue (sk_ack_backlog), so a wake-up accepts what is queued and stops
+# without the accept that fails with EAGAIN (see `FrontDoor._accept`).
+_TCP_INFO_QUEUED = struct.Struct("=I")
+_TCP_INFO_LENGTH = 32
 # How often deadlines (first bytes, silence, upstream connect) are looked at: one
 # timer for all connections instead of one each, which would cost more than the
 # decisions they guard. Deadlines are met to within this.
@@ -157,11 +162,23 @@ class FrontDoor:
 
     def _accept(self) -> None:
         released = False
+        listener = self._listener
         # `_socket.socket._accept` and the socket made here with the listener's family
         # are what `socket.accept` does, without its Python-level checks and the
         # enum lookups of `self.family` and `self.type` per call (~1.3 us a connection).
-        accept, family = self._listener._accept, self._listener.family
-        for _ in range(ACCEPTS_PER_WAKEUP):
+        accept, family = listener._accept, listener.family
+        # As many accepts as the queue holds, not until one fails with EAGAIN: the
+        # failing accept and its exception cost ~3.9 us, the queue's length ~0.6 us,
+        # and a wake-up finds one or two connections. The listener is watched
+        # level-triggered (add_reader): what arrives after the count, or is left past
+        # ACCEPTS_PER_WAKEUP, wakes the loop again. Another process accepting from the
+        # same listener only makes an accept fail with EAGAIN, as before.
+        try:
+            info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+            queued = min(_TCP_INFO_QUEUED.unpack_from(info, 24)[0], ACCEPTS_PER_WAKEUP)
+        except (OSError, struct.error):  # not TCP, or a kernel without it: until EAGAIN
+            queued = ACCEPTS_PER_WAKEUP
+        for _ in range(queued):
             try:
                 fd, peer = accept()
                 sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)

@@ -9,9 +9,13 @@ or a huge policy lets many through: rule ids and profiles keep their first
 `sandgate_metric_label_overflow_total`); protocol and method are checked against
 fixed sets.
 
-`emit` runs on the gateway's event loop: it looks the event's label tuple up in a
-dict of cached children (`labels(...)` costs ~1 µs, an `inc()` on a cached child
-~0.25 µs) and does no I/O. State that is cheaper to read than to track — the
+`emit` runs on the gateway's event loop. The events a connection makes (the
+`TALLIED` kinds) are counted into a `MetricsTally` (one dict row per label key, one
+lock: ~0.6 µs) and added to the registry on a short tick, before every read of the
+registry (a scrape, `get_sample_value`) and at `stop`: three prometheus-client
+children per event, each behind its own lock, cost ~1.7 µs. Other events, and a
+flush's rows, look the label tuple up in a dict of cached children (`labels(...)`
+costs ~1 µs, an `inc()` on a cached child ~0.25 µs). `emit` does no I/O. State that is cheaper to read than to track — the
 policy, open connections and sandboxes, the audit writer's counters, the nftables
 drop counters — is read when Prometheus scrapes, by `_StateCollector`.
 
@@ -25,6 +29,7 @@ server thread, off the start (lean_prometheus.py says why).
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 import math
@@ -84,6 +89,9 @@ _label_key = operator.attrgetter(
     "kind", "verdict", "reason", "rule_id", "profile", "protocol", "method"
 )
 _MAX_CACHED_CHILDREN = 50_000  # a guard on memory; label caps already bound the series
+# Seconds from the first event tallied to its flush into the registry: reads flush
+# anyway, so this only bounds how stale a child read directly can be.
+TALLY_INTERVAL = 1.0
 
 
 class _Cap:
@@ -142,7 +150,14 @@ class Metrics:
         # No `*_created` series: they double the series count and no dashboard reads them.
         # (A process-wide switch of prometheus_client; sandgate has no other registry.)
         disable_created_metrics()
-        self.registry = CollectorRegistry(auto_describe=True)
+        # What `emit` tallied, added by `flush`; `_tally_lock` guards the rows against a
+        # flush from the scrape thread, `_flush_lock` makes a read wait for a flush
+        # under way (its rows are taken but not yet added).
+        self._tally = MetricsTally()
+        self._tally_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._tick_loop: asyncio.AbstractEventLoop | None = None  # a tick is pending on it
+        self.registry = _FlushingRegistry(self.flush)
         r = self.registry
         self.connections = Counter(
             "sandgate_connections",
@@ -248,10 +263,21 @@ class Metrics:
     # --- the sink ------------------------------------------------------------------
 
     def emit(self, event: Event | EncodedEvent) -> None:
+        kind = event.kind
         if event.__class__ is EncodedEvent:
-            if event.kind in TALLIED:
+            if kind in TALLIED:
                 return  # counted in its worker: add_tally
             event = event.decoded()
+        elif kind in TALLIED:
+            with self._tally_lock:
+                self._tally.emit(event)
+            if self._tick_loop is None:
+                self._arm_tick()
+            return
+        self._count(event)
+
+    def _count(self, event: Event) -> None:
+        """An event's series, updated now (what a flush's `add_tally` does per row)."""
         kind = event.kind
         key = _label_key(event)
         children = self._children.get(key)
@@ -309,6 +335,33 @@ class Metrics:
                 _observe_many(latency, buckets, seconds)
             if up or down:
                 self._count_bytes(EventKind(key[0]), key[4], up, down)
+
+    def flush(self) -> None:
+        """Add what `emit` tallied to the registry. Every read of the registry calls
+        this first (`_FlushingRegistry`), and so does `stop`; any thread may."""
+        with self._flush_lock:
+            with self._tally_lock:
+                rows = self._tally.take()
+            if rows:
+                self.add_tally(rows)
+            loop = self._tick_loop
+            if loop is not None and loop.is_closed():
+                self._tick_loop = None  # it closed before the tick: the next loop arms one
+
+    def _arm_tick(self) -> None:
+        """Flush `TALLY_INTERVAL` seconds after the first event tallied since the last
+        tick, on the loop that emits (none running: reads and `stop` still flush)."""
+        # `_get_running_loop`: None where `get_running_loop` would raise, which would
+        # cost an exception per event emitted off a loop (tests, benchmarks).
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            return
+        loop.call_later(TALLY_INTERVAL, self._on_tick)
+        self._tick_loop = loop
+
+    def _on_tick(self) -> None:
+        self._tick_loop = None
+        self.flush()
 
     def count_suppressed(self, event: Event) -> None:
         """The audit rate limit held `event` back (RateLimitedAudit's on_suppressed)."""
@@ -448,6 +501,8 @@ class Metrics:
                 os.close(wake_r)
 
     def stop(self) -> None:
+        """Add what is tallied (nothing counted is lost at exit) and stop serving."""
+        self.flush()
         if self._server_thread is not None:
             os.write(self._wake_w, b"x")
             self._server_thread.join()
@@ -476,11 +531,12 @@ def _observe_many(child, buckets: list[int], total: float) -> None:
 
 
 class MetricsTally:
-    """A gateway worker's metrics (proxy/worker.py): its events of the `TALLIED` kinds
-    counted by label key, as `Metrics.emit` would count them, and taken with each batch
-    of events it sends (`take`) for the service's `Metrics.add_tally`: one row per key
-    and batch, not one update per event. The other kinds are left to the service,
-    which gets each such event anyway."""
+    """Events of the `TALLIED` kinds counted by label key, as `Metrics._count` would
+    count them, one row per key: a gateway worker's (proxy/worker.py), taken with
+    each batch of events it sends for the service's `Metrics.add_tally`, and the
+    in-process gateway's, which `Metrics.emit` holds until its next `flush`. One
+    row per key and batch, not one update per event. The other kinds are left to
+    `Metrics`, which gets each such event anyway."""
 
     def __init__(self):
         self._rows: dict[tuple, list] = {}
@@ -525,6 +581,24 @@ def parse_listen(text: str) -> tuple[str, int]:
         return parse_host_port(text, allow_zero=True)
     except ValueError as e:
         raise ValueError(f"expected HOST:PORT (e.g. {DEFAULT_LISTEN}), got {text!r}: {e}") from None
+
+
+class _FlushingRegistry(CollectorRegistry):
+    """A registry that calls `flush` before it is read: a scrape, a filtered scrape
+    (`?name[]=`: `restricted_registry`) and `get_sample_value` all see every event
+    emitted before them."""
+
+    def __init__(self, flush: Callable[[], None]):
+        super().__init__(auto_describe=True)
+        self._flush = flush
+
+    def collect(self):
+        self._flush()
+        yield from super().collect()
+
+    def restricted_registry(self, names):
+        self._flush()
+        return super().restricted_registry(names)
 
 
 class _StateCollector:

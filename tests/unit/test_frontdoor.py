@@ -6,6 +6,7 @@ injected (`original_dst`) and the relay connects to the fake upstream in its pla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 
@@ -609,3 +610,55 @@ def test_the_door_shares_the_loops_epoll_set_one_door_only(gate, loop_kind):
 
     run(scenario())
     assert [str(e.kind) for e in gate.events] == ["connection", "connection_end"] * 3
+
+
+# --- accept ---------------------------------------------------------------------------
+
+
+class CountingListener:
+    """The door's listener, with its accepts counted: the ones that returned a
+    connection and the ones that failed because the queue was empty."""
+
+    def __init__(self, listener: socket.socket):
+        self._listener = listener
+        self.family = listener.family
+        self.accepted = self.empty = 0
+
+    def _accept(self):
+        try:
+            accepted = self._listener._accept()
+        except BlockingIOError:
+            self.empty += 1
+            raise
+        self.accepted += 1
+        return accepted
+
+    def __getattr__(self, name):
+        return getattr(self._listener, name)
+
+
+def test_a_burst_of_connections_is_all_accepted_without_an_accept_that_fails(gate):
+    """More connections queued at once than one wake-up accepts (ACCEPTS_PER_WAKEUP):
+    each is accepted and decided, and no accept runs into an empty queue."""
+    burst = 150  # > 2 * ACCEPTS_PER_WAKEUP
+
+    async def scenario():
+        door = await started(gate, ("169.254.169.254", 80))  # denied at connect
+        counting = door._listener = CountingListener(door._listener)
+        # Connected before the loop runs again: the whole burst waits in the queue.
+        clients = [socket.create_connection((LOOPBACK, door.port)) for _ in range(burst)]
+        try:
+            await until(lambda: len(gate.events) == burst)
+            for client in clients:  # each one was served: closed by the door
+                client.settimeout(5)
+                with contextlib.suppress(ConnectionResetError):
+                    assert client.recv(1) == b""
+        finally:
+            for client in clients:
+                client.close()
+            await door.stop()
+        return counting
+
+    counting = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert (counting.accepted, counting.empty) == (burst, 0)
+    assert {e[1] for e in events(gate)} == {"private_address"}

@@ -9,6 +9,7 @@ import socket
 import string
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,7 @@ from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.load import RULES_DIR
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.telemetry import metrics as metrics_module
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.metrics import OTHER, Metrics, parse_listen
 
@@ -369,5 +371,139 @@ def test_emit_cost_is_cached_children():
     for _ in range(20_000):
         metrics.emit(e)
     per_event = (time.perf_counter() - started) / 20_000
+    metrics.flush()
     assert len(metrics._children) == 1
+    assert value(metrics, "sandgate_connections_total") == 20_001
     assert per_event < 50e-6  # ~2 µs here; generous for slow CI machines
+
+
+# --- the tally: a connection's events counted off the connection path ------------------
+
+
+def _mix() -> list[Event]:
+    """Events of every tallied kind, with latencies in several buckets (one past the
+    last), DNS durations, bytes and methods, plus kinds that are not tallied."""
+    out = []
+    for i in range(40):
+        kind = (EventKind.CONNECTION, EventKind.CONNECTION_END, EventKind.DNS,
+                EventKind.REQUEST, EventKind.TASK)[i % 5]  # fmt: skip
+        verdict, reason = ((Verdict.ALLOW, Reason.RULE_ALLOW), (Verdict.DENY, Reason.NO_RULE))[i % 2]
+        fields = {"rule_id": f"r{i % 3}", "protocol": ("tls", "http")[i % 2], "method": "GET"}
+        if kind is EventKind.DNS:
+            fields["duration"] = 0.0004 * i
+        elif kind is EventKind.CONNECTION_END:
+            fields.update(bytes_up=i, bytes_down=100 * i)
+        else:
+            fields["latency"] = (0.00003, 0.0002, 0.004, 9.0)[i % 4]
+        out.append(event(kind, verdict, reason, **fields))
+    return out
+
+
+def _sorted_series(metrics: Metrics) -> list:
+    return sorted((n, sorted(ls.items()), v) for n, ls, v in series(metrics))
+
+
+def test_tallied_events_make_the_series_each_event_makes():
+    per_event, tallied = Metrics(), Metrics()
+    for e in _mix() * 3:
+        per_event._count(e)  # prometheus-client per event, as before the tally
+        tallied.emit(e)
+    expected, got = _sorted_series(per_event), _sorted_series(tallied)
+    assert [s[:2] for s in got] == [s[:2] for s in expected]
+    assert [s[2] for s in got] == pytest.approx([s[2] for s in expected])
+    assert value(tallied, "sandgate_events_total") == 120  # not vacuous
+    assert value(tallied, "sandgate_decision_latency_seconds_bucket", le="+Inf") == 72
+
+
+def _counted(counter) -> float:
+    """A counter's total read from the counter itself, not through the registry
+    (whose reads flush the tally first)."""
+    return sum(s.value for family in counter.collect() for s in family.samples
+               if s.name.endswith("_total"))  # fmt: skip
+
+
+def test_tallied_events_reach_the_registry_only_when_flushed():
+    metrics = Metrics()
+    metrics.emit(event(protocol="tls", latency=0.0001))
+    assert _counted(metrics.connections) == 0  # held in the tally: not on the event's path
+    assert value(metrics, "sandgate_connections_total", protocol="tls") == 1  # a read flushes
+    assert _counted(metrics.connections) == 1
+
+
+def test_every_scrape_sees_every_event_emitted_before_it():
+    metrics = Metrics()
+    for n in range(1, 4):
+        metrics.emit(event(protocol="tls", latency=0.0001))
+        text = metrics.render().decode()
+        assert f'sandgate_events_total{{kind="connection",verdict="deny"}} {n}.0' in text
+    # A filtered scrape (/metrics?name[]=...) reads a restricted registry: it flushes too.
+    metrics.emit(event(protocol="tls"))
+    restricted = metrics.registry.restricted_registry(["sandgate_events_total"])
+    assert [s.value for family in restricted.collect() for s in family.samples] == [4.0]
+
+
+def test_served_metrics_are_exact_at_every_scrape():
+    metrics = Metrics()
+    host, port = metrics.serve("127.0.0.1", 0)
+    try:
+        for _ in range(5):
+            metrics.emit(event(EventKind.DNS, Verdict.ALLOW, Reason.RULE_ALLOW, duration=0.001))
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        metrics.stop()
+    assert 'sandgate_dns_queries_total{profile="default",reason="rule_allow",rule="default:fallback",verdict="allow"} 5.0' in text
+
+
+def test_nothing_tallied_is_lost_at_stop():
+    metrics = Metrics()
+    for _ in range(7):
+        metrics.emit(event(EventKind.REQUEST, protocol="http", method="GET", latency=0.0001))
+    metrics.emit(event(EventKind.CONNECTION_END, bytes_up=10, bytes_down=20))
+    assert _counted(metrics.http_requests) == 0
+    metrics.stop()
+    assert _counted(metrics.http_requests) == 7
+    assert _counted(metrics.events) == 8
+    assert _counted(metrics.bytes) == 30
+
+
+def test_the_loop_flushes_the_tally_on_a_tick(monkeypatch):
+    monkeypatch.setattr(metrics_module, "TALLY_INTERVAL", 0.01)
+    metrics = Metrics()
+
+    async def emit_and_wait(wait: float) -> list[float]:
+        seen = []
+        for _ in range(2):  # the second tick is armed by the first event after the first
+            metrics.emit(event(protocol="tls"))
+            seen.append(_counted(metrics.connections))
+            await asyncio.sleep(wait)
+            seen.append(_counted(metrics.connections))
+        return seen
+
+    assert asyncio.run(emit_and_wait(0.2)) == [0, 1, 1, 2]
+    # A loop that closes before its tick: a read flushes, and the next loop ticks.
+    assert asyncio.run(emit_and_wait(0)) == [2, 2, 2, 2]
+    assert value(metrics, "sandgate_connections_total") == 4
+    assert asyncio.run(emit_and_wait(0.2)) == [4, 5, 5, 6]
+
+
+def test_flushes_from_another_thread_lose_no_event():
+    """The scrape thread flushes while the loop's thread tallies: every event is
+    counted exactly once."""
+    metrics = Metrics()
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            metrics.flush()
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for i in range(20_000):
+            metrics.emit(event(protocol="tls", rule_id=f"r{i % 7}", latency=0.0001))
+    finally:
+        stop.set()
+        scraper.join()
+    assert value(metrics, "sandgate_connections_total") == 20_000
+    assert value(metrics, "sandgate_decision_latency_seconds_count") == 20_000
