@@ -46,10 +46,22 @@ def connection_events(task: str, sandbox: str, i: int) -> list[Event]:
               "policy_hash": "ab" * 8, "time": 1.7e9 + i, "protocol": "tls",
               "name": "allowed.test", "dst_ip": "203.0.113.10", "dst_port": 443}  # fmt: skip
     return [
-        Event(kind=EventKind.CONNECTION, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW,
-              latency=0.0003, **common),  # fmt: skip
-        Event(kind=EventKind.CONNECTION_END, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW,
-              bytes_up=517, bytes_down=4096, duration=0.004, **common),  # fmt: skip
+        Event(
+            kind=EventKind.CONNECTION,
+            verdict=Verdict.ALLOW,
+            reason=Reason.RULE_ALLOW,
+            latency=0.0003,
+            **common,
+        ),  # fmt: skip
+        Event(
+            kind=EventKind.CONNECTION_END,
+            verdict=Verdict.ALLOW,
+            reason=Reason.RULE_ALLOW,
+            bytes_up=517,
+            bytes_down=4096,
+            duration=0.004,
+            **common,
+        ),  # fmt: skip
     ]
 
 

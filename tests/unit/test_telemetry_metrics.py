@@ -387,7 +387,9 @@ def _mix() -> list[Event]:
     for i in range(40):
         kind = (EventKind.CONNECTION, EventKind.CONNECTION_END, EventKind.DNS,
                 EventKind.REQUEST, EventKind.TASK)[i % 5]  # fmt: skip
-        verdict, reason = ((Verdict.ALLOW, Reason.RULE_ALLOW), (Verdict.DENY, Reason.NO_RULE))[i % 2]
+        verdict, reason = ((Verdict.ALLOW, Reason.RULE_ALLOW), (Verdict.DENY, Reason.NO_RULE))[
+            i % 2
+        ]
         fields = {"rule_id": f"r{i % 3}", "protocol": ("tls", "http")[i % 2], "method": "GET"}
         if kind is EventKind.DNS:
             fields["duration"] = 0.0004 * i
@@ -452,7 +454,10 @@ def test_served_metrics_are_exact_at_every_scrape():
             text = response.read().decode()
     finally:
         metrics.stop()
-    assert 'sandgate_dns_queries_total{profile="default",reason="rule_allow",rule="default:fallback",verdict="allow"} 5.0' in text
+    assert (
+        'sandgate_dns_queries_total{profile="default",reason="rule_allow",rule="default:fallback",verdict="allow"} 5.0'
+        in text
+    )
 
 
 def test_nothing_tallied_is_lost_at_stop():
