@@ -175,7 +175,11 @@ class FrontDoor:
         # same listener only makes an accept fail with EAGAIN, as before.
         try:
             info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
-            queued = min(_TCP_INFO_QUEUED.unpack_from(info, 24)[0], ACCEPTS_PER_WAKEUP)
+            queued = _TCP_INFO_QUEUED.unpack_from(info, 24)[0]
+            # At least one: woken with a count of 0 (a moment's mismatch between the
+            # queue and its count), an accept that fails ends the wake-up, where
+            # accepting none would leave a readable listener waking the loop again.
+            queued = max(1, min(queued, ACCEPTS_PER_WAKEUP))
         except (OSError, struct.error):  # not TCP, or a kernel without it: until EAGAIN
             queued = ACCEPTS_PER_WAKEUP
         for _ in range(queued):
