@@ -30,6 +30,9 @@ _MAX_RECORD = 1 << 14  # RFC 8446 5.1: a plaintext record carries at most 2^14 b
 @dataclass(frozen=True, slots=True)
 class ClientHello:
     sni: str | None  # the host_name the client asked for, as sent (not yet normalised)
+    # The ALPN extension's data as sent (None: none), read by `alpn_protocols` only
+    # where the protocols matter (the front door's inspected TLS), not per connection.
+    alpn: bytes | None = None
 
 
 def starts_like_tls_record(data: bytes) -> bool:
@@ -46,7 +49,7 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     body = _first_handshake_message(data)
     if body is None:
         return None
-    return ClientHello(sni=_extensions(body)[0])
+    return ClientHello(*_extensions(body))
 
 
 def server_name_and_alpn(body: bytes) -> tuple[str | None, list[bytes]]:
@@ -54,8 +57,14 @@ def server_name_and_alpn(body: bytes) -> tuple[str | None, list[bytes]]:
     (the handshake message after its 4-byte header); ValueError if malformed. For
     mitmproxy's ClientHello (proxy/lean_mitmproxy.py: `parse_client_hellos_lean`)."""
     sni, alpn = _extensions(body)
+    return sni, alpn_protocols(alpn)
+
+
+def alpn_protocols(alpn: bytes | None) -> list[bytes]:
+    """The protocols of an ALPN extension's data (RFC 7301 3.1), [] for none;
+    ValueError if malformed."""
     if alpn is None:
-        return sni, []
+        return []
     if len(alpn) < 2 or ((alpn[0] << 8) | alpn[1]) != len(alpn) - 2:
         raise ValueError("ALPN extension is not one protocol list")
     protocols, at = [], 2
@@ -65,7 +74,7 @@ def server_name_and_alpn(body: bytes) -> tuple[str | None, list[bytes]]:
             raise ValueError("ALPN protocol empty or overrunning its list")
         protocols.append(alpn[at + 1 : end])
         at = end
-    return sni, protocols
+    return protocols
 
 
 def _first_handshake_message(data: bytes) -> bytes | None:

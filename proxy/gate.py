@@ -52,7 +52,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from sandgate.proxy.approvals.pending import AskKey, Grant, PendingStore
-from sandgate.proxy.clienthello import parse_client_hello, starts_like_tls_record
+from sandgate.proxy.clienthello import ClientHello, parse_client_hello, starts_like_tls_record
 from sandgate.proxy.dns.placeholders import Placeholders, in_pool
 from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
 from sandgate.proxy.limits import ConnectionCounts
@@ -157,6 +157,7 @@ class ConnState:
     # The last request decision, for the next request on this keep-alive connection:
     # a _RequestMemo, or None (see ConnectionGate._decide_request).
     request_memo: _RequestMemo | None = None
+    client_hello: ClientHello | None = None  # TLS: what its first bytes said (the door reads ALPN)
 
     @property
     def silent(self) -> bool:
@@ -456,6 +457,7 @@ class ConnectionGate:
                 deny("malformed-tls", detail=f"ClientHello longer than {MAX_FIRST_BYTES} bytes"),
                 "tls",
             )
+        state.client_hello = hello
         if not hello.sni:
             decision = self._decide_connect(state, name=None)
             if not decision.allowed:

@@ -443,7 +443,7 @@ class Connection:
         door = self.door
         if door.tls_contexts is None or not (door.plain_http and door.plain_http(self.state)):
             return None
-        return http1_hello(self.client)
+        return http1_hello(self.state)
 
     # --- held: a human decides, or a placeholder's name is resolved ----------------------
 

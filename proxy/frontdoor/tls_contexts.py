@@ -29,6 +29,8 @@ import ssl
 from collections import OrderedDict
 from pathlib import Path
 
+from sandgate.proxy.gateway_ca import ca_key_file, ensure_ec_ca
+
 # Server-side contexts kept, least recently used out first: one per leaf's names
 # (a sandbox reaches few names; a context with its leaf is a few KB).
 MAX_LEAF_CONTEXTS = 512
@@ -111,26 +113,18 @@ class TlsContexts:
         fd = os.memfd_create("sandgate-leaf", os.MFD_CLOEXEC)
         try:
             os.write(fd, leaf.public_bytes(Encoding.PEM) + ca_pem)
-            context.load_cert_chain(f"/proc/self/fd/{fd}", self._ca_file)
+            context.load_cert_chain(f"/proc/self/fd/{fd}", ca_key_file(self.confdir))
         finally:
             os.close(fd)
         return context
-
-    @property
-    def _ca_file(self) -> str:
-        return str(self.confdir / "mitmproxy-ca.pem")
 
     def _load_ca(self):
         if self._ca is None:
             from cryptography import x509
             from cryptography.hazmat.primitives import serialization
 
-            if not os.path.exists(self._ca_file):
-                from sandgate.proxy.gateway_ca import ensure_ec_ca
-
-                ensure_ec_ca(self.confdir)
-            with open(self._ca_file, "rb") as f:
-                pem = f.read()
+            ensure_ec_ca(self.confdir)  # made already, as a rule: then a stat, nothing more
+            pem = ca_key_file(self.confdir).read_bytes()
             key = serialization.load_pem_private_key(pem, None)
             cert = x509.load_pem_x509_certificate(pem)
             self._ca = key, cert, cert.public_bytes(serialization.Encoding.PEM)

@@ -26,15 +26,13 @@ resets do not."""
 
 from __future__ import annotations
 
-import socket
 import ssl
 from typing import NamedTuple
 
-from sandgate.proxy.clienthello import _first_handshake_message, server_name_and_alpn
+from sandgate.proxy.clienthello import alpn_protocols
 from sandgate.proxy.frontdoor.http1_relay import Http1Relay
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
 from sandgate.proxy.frontdoor.tls_io import TlsSocket
-from sandgate.proxy.gate import MAX_FIRST_BYTES
 
 _HTTP1 = b"http/1.1"
 
@@ -44,32 +42,29 @@ class Hello(NamedTuple):
     alpn: tuple[bytes, ...]
 
 
-def http1_hello(client: socket.socket) -> Hello | None:
-    """The client's ClientHello (still unread in its socket) if it may be served as
-    HTTP/1.1: no ALPN, or http/1.1 among its offers; None otherwise."""
+def http1_hello(state) -> Hello | None:
+    """What the door needs of the ClientHello the gate decided on (`state`'s) if the
+    connection may be served as HTTP/1.1: no ALPN, or http/1.1 among its offers;
+    None otherwise. The SNI is the name the gate decided (parse_domain: lower case,
+    no trailing dot), as mitmproxy's path sets `client.sni = state.name`: the raw SNI
+    would name the upstream (sent, verified, pooled) in a spelling the decision did
+    not see, and a trailing dot failed verification."""
+    hello = state.client_hello
+    if hello is None:
+        return None
     try:
-        data = client.recv(MAX_FIRST_BYTES, socket.MSG_PEEK)
-        body = _first_handshake_message(data)
-        if body is None:
-            return None
-        sni, alpn = server_name_and_alpn(body)
-    except (OSError, ValueError):
+        alpn = alpn_protocols(hello.alpn)
+    except ValueError:
         return None  # mitmproxy's path says what it is
     if alpn and _HTTP1 not in alpn:
         return None
-    return Hello(sni, tuple(alpn))
+    return Hello(state.name if hello.sni else None, tuple(alpn))
 
 
 def serve_inspected(connection, hello: Hello) -> None:
     """Take over `connection` (the door's, decided INTERCEPT): the client's TLS
     handshake, then `TlsHttp1Relay`."""
     door, state = connection.door, connection.state
-    # The name the gate decided (parse_domain: lower case, no trailing dot) is the one
-    # used from here on, as mitmproxy's path sets `client.sni = state.name`: the raw
-    # SNI named the upstream otherwise (sent, verified, pooled) in a spelling the
-    # decision did not see, and a trailing dot failed verification.
-    if hello.sni:
-        hello = hello._replace(sni=state.name)
     # The leaf's names, as mitmproxy's `TlsConfig.get_cert` picks them (SNI, else the
     # address the client reached; then the destination's address).
     first = hello.sni or connection.client.getsockname()[0]

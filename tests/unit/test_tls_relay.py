@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ssl
+from types import SimpleNamespace
 
 import pytest
+from sandgate.proxy.clienthello import parse_client_hello
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts, _leaf_certificate
 from sandgate.proxy.frontdoor.tls_relay import http1_hello
 from support.fakes import client_hello, make_gate
@@ -270,20 +272,18 @@ def test_a_client_that_refuses_the_gateways_certificate_is_a_tls_rejected_event(
 
 
 def test_only_clients_that_can_speak_http_1_1_are_served_here():
+    def decided(data):
+        """A connection state as the gate leaves it after these first bytes."""
+        hello = parse_client_hello(data) if len(data) > 5 else None
+        return SimpleNamespace(client_hello=hello, name=NAME)
+
     def hello(alpn):
         return client_hello(NAME, alpn=alpn)
 
-    class Peeked:
-        def __init__(self, data):
-            self.data = data
-
-        def recv(self, n, flags):
-            return self.data[:n]
-
-    assert http1_hello(Peeked(hello(None))).sni == NAME
-    assert http1_hello(Peeked(hello(["h2", "http/1.1"]))).alpn == (b"h2", b"http/1.1")
-    assert http1_hello(Peeked(hello(["h2"]))) is None  # to mitmproxy
-    assert http1_hello(Peeked(b"\x16\x03\x01\x00")) is None  # not even a whole hello
+    assert http1_hello(decided(hello(None))).sni == NAME
+    assert http1_hello(decided(hello(["h2", "http/1.1"]))).alpn == (b"h2", b"http/1.1")
+    assert http1_hello(decided(hello(["h2"]))) is None  # to mitmproxy
+    assert http1_hello(decided(b"\x16\x03\x01\x00")) is None  # not even a whole hello
 
 
 def test_a_client_whose_handshake_stalls_is_a_tls_rejected_event_naming_the_stall(gate, tls):
