@@ -73,6 +73,11 @@ STEADY_S = 10.0  # a worker that lived this long died once: restart at once
 BACKOFF_MAX = 30.0
 RELOAD_TRIES = 3
 SETTLE_TIMEOUT = 2.0  # a detach waits this long at most for a worker's last events
+# The service reads its workers' links on this clock, not as each 20 ms batch comes
+# (proxy/worker_link.py, `read_every`): a wake-up of the service per batch cost more
+# than the batch at half load. Events reach the audit writer up to this much later; a
+# reply, a worker's death and a detach's `settle` are read at once.
+INTAKE_PERIOD = 0.1
 AUDIT_CHECK_S = 0.25  # how often the audit log's writability is passed on (guard_audit)
 # Bench only: every sandbox to this worker index (the others idle), to tell the cost
 # of a worker process apart from that of two busy processes on the cores at once.
@@ -332,9 +337,14 @@ class WorkerPool:
         finally:
             theirs.close()
         ready = asyncio.get_running_loop().create_future()
-        worker.link = await Link.over(ours, lambda message: self._handle(worker, message, ready))
-        reading = asyncio.get_running_loop().create_task(worker.link.run())
-        waiting = asyncio.ensure_future(worker.process.wait())
+        worker.link = link = await Link.over(
+            ours, lambda message: self._handle(worker, message, ready), INTAKE_PERIOD
+        )
+        reading = asyncio.get_running_loop().create_task(link.run())
+        # Its death is read at once: the batches it sent last, then the end of the link.
+        died = asyncio.ensure_future(worker.process.wait())
+        died.add_done_callback(lambda _: link.wake())
+        waiting = asyncio.shield(died)
         done, _ = await asyncio.wait(
             [ready, waiting], timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
         )

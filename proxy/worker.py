@@ -32,7 +32,6 @@ import contextlib
 import ctypes
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -50,29 +49,22 @@ from sandgate.proxy.telemetry.audit import audit_members
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.metrics import MetricsTally
 from sandgate.proxy.telemetry.summary import row_destination
-from sandgate.proxy.worker_link import Link, LinkClosed
+from sandgate.proxy.worker_link import Link, LinkClosed, next_tick
 
 log = logging.getLogger("sandgate.worker")
 
 STATS_INTERVAL = 1.0
 MAX_BATCH = 2000  # events per `events` line
 # Events wait for the next tick of a FLUSH_PERIOD clock (or until FLUSH_COUNT are
-# pending) before they go. Each batch wakes the service (and, when the worker has
-# nothing else to do, the worker's own timer wakes it): at 5 ms after the first event,
-# a batch held 3-6 events and the wake-ups, not the events, were most of the link's
-# cost. The ticks are multiples of FLUSH_PERIOD on CLOCK_MONOTONIC (the loop's clock,
-# one for every process of the machine), so every worker sends at the same instants
-# and the service wakes once for all of them, not once per worker. The audit writer
-# itself batches over 50 ms, so the log sees no difference; a worker that is killed
+# pending) before they go: at 5 ms after the first event, a batch held 3-6 events and
+# the wake-ups, not the events, were most of the link's cost. The ticks are multiples
+# of FLUSH_PERIOD on CLOCK_MONOTONIC (`next_tick`), so every worker sends at the same
+# instants. The service reads them on a slower clock of its own (enforcer/workers.py,
+# INTAKE_PERIOD): what a worker sent is safe in the socket, and a worker that is killed
 # loses at most its last FLUSH_PERIOD of events.
 FLUSH_PERIOD = 0.02
 FLUSH_COUNT = 256
 PR_SET_PDEATHSIG = 1
-
-
-def next_tick(now: float, period: float = FLUSH_PERIOD) -> float:
-    """The first multiple of `period` after `now` (seconds of the loop's clock)."""
-    return (math.floor(now / period) + 1) * period
 
 
 class EventBatcher:
@@ -113,7 +105,7 @@ class EventBatcher:
             self.flush()
         elif self._timer is None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(next_tick(loop.time()), self.flush)
+            self._timer = loop.call_at(next_tick(loop.time(), FLUSH_PERIOD), self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:

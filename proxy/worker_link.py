@@ -13,7 +13,14 @@ ways, three shapes:
 Notifications are handled inline, in the order they arrive (a worker's `events`
 batches must reach the audit log in order); requests each run as a task (an
 `add_sandbox` may wait for mitmproxy to start, a `reload` for the rules to load),
-so one slow request never holds up events. The ops themselves are the worker's
+so one slow request never holds up events.
+
+The service reads its end on a clock of its own (`read_every`): after each read it
+stops reading until the next tick, unless it waits for a reply. The workers' event
+batches come every 20 ms (proxy/worker.py); each read woke the service, and at half
+load a wake-up cost more than the events it brought (bench/bench_workers.py). What
+was sent waits in the socket, in order, and a dead worker's last batches are read
+after it died as before. The ops themselves are the worker's
 (proxy/worker.py) and the service's (enforcer/workers.py). Nothing here imports
 mitmproxy or anything of enforcer/.
 """
@@ -25,6 +32,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("sandgate.worker")
@@ -39,6 +47,13 @@ reply's fields (`ok` defaults to true; an exception becomes `ok: false` with its
 text); for a notification its result is ignored."""
 
 
+def next_tick(now: float, period: float) -> float:
+    """The first multiple of `period` after `now` (seconds of the loop's clock:
+    CLOCK_MONOTONIC, one for every process of the machine, so processes that use the
+    same period tick at the same instants)."""
+    return (math.floor(now / period) + 1) * period
+
+
 class LinkClosed(ConnectionError):
     """The other side went away before it answered."""
 
@@ -49,8 +64,10 @@ class Link(asyncio.Protocol):
     milliseconds, and a stream reader's wake-ups per line cost the service about as
     much again as handling the batch."""
 
-    def __init__(self, handle: Handler):
+    def __init__(self, handle: Handler, read_every: float | None = None):
         self.handle = handle
+        self.read_every = read_every
+        self._resume: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
@@ -61,10 +78,11 @@ class Link(asyncio.Protocol):
         self.closed = False
 
     @classmethod
-    async def over(cls, sock, handle: Handler) -> Link:
-        """A link over `sock`, a connected stream socket (one end of a socketpair)."""
+    async def over(cls, sock, handle: Handler, read_every: float | None = None) -> Link:
+        """A link over `sock`, a connected stream socket (one end of a socketpair);
+        with `read_every` (seconds), read on that clock (the module's docstring)."""
         _, link = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: cls(handle), sock
+            lambda: cls(handle, read_every), sock
         )
         return link
 
@@ -84,6 +102,7 @@ class Link(asyncio.Protocol):
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
+        self.wake()  # the reply is read as it comes
         try:
             self.send({"id": request_id, "op": op, **fields})
             reply = await asyncio.wait_for(future, timeout)
@@ -104,12 +123,33 @@ class Link(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def wake(self) -> None:
+        """Read now, not at the next tick: a request waits for its reply, or the other
+        side died and what it sent last should be handled at once."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _rest(self) -> None:
+        """With `read_every`: read again at the next tick of that clock."""
+        if self.read_every is None or self._resume is not None or self._waiting or self.closed:
+            return
+        self.transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        self._resume = loop.call_at(next_tick(loop.time(), self.read_every), self.wake)
+
     # --- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self._take(data)
+        self._rest()
+
+    def _take(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
         try:
@@ -150,6 +190,9 @@ class Link(asyncio.Protocol):
         if exc is not None:
             log.warning("worker link: %s", exc)
         self.closed = True
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(LinkClosed("the other side went away"))

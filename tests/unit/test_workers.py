@@ -20,7 +20,7 @@ from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.telemetry.audit import audit_members
 from sandgate.proxy.telemetry.event import FIELD_BOUNDS, FIELDS, EncodedEvent, Event, EventKind
 from sandgate.proxy.telemetry.summary import row_destination
-from sandgate.proxy.worker_link import Link, LinkClosed
+from sandgate.proxy.worker_link import Link, LinkClosed, next_tick
 
 FULL = Event(
     kind=EventKind.CONNECTION_END,
@@ -126,6 +126,63 @@ def test_the_link_answers_requests_and_keeps_notifications_in_order():
         with pytest.raises(LinkClosed):
             await hanging
         await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def test_a_link_read_on_a_clock_takes_notifications_at_its_ticks_and_replies_at_once():
+    """The service's end (`read_every`): after a read it rests until the next tick,
+    and what was sent meanwhile is handled then, in order; a reply is read as it
+    comes; woken (a worker died), it reads at once what was sent before the end."""
+    period = 0.3
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen: list[tuple[int, float]] = []
+
+        def worker_side(message):
+            async def answer():
+                return {"echo": message["x"]}
+
+            return answer()
+
+        a, b = socket.socketpair()
+        service = await Link.over(a, lambda m: seen.append((m["n"], loop.time())), period)
+        worker = await Link.over(b, worker_side)
+        tasks = [asyncio.create_task(service.run()), asyncio.create_task(worker.run())]
+
+        async def note(n: int) -> None:
+            worker.send({"op": "note", "n": n})
+            await asyncio.sleep(0.01)
+
+        async def just_past_a_tick() -> float:
+            tick = next_tick(loop.time(), period)
+            await asyncio.sleep(tick - loop.time() + 0.01)
+            return tick
+
+        tick = await just_past_a_tick()
+        await note(0)  # read at once; then the link rests until the next tick
+        for n in range(1, 6):
+            await note(n)
+        await asyncio.sleep(tick + period - 0.05 - loop.time())
+        assert [n for n, _ in seen] == [0]
+        while len(seen) < 6:
+            await asyncio.sleep(0.005)
+        assert [n for n, _ in seen] == list(range(6))
+        assert all(at >= tick + period for _, at in seen[1:])
+        # Resting again (it read at that tick): a reply does not wait for the next one.
+        began = loop.time()
+        assert (await service.request("echo", x=7))["echo"] == 7
+        assert loop.time() - began < period / 3
+        # Sent, then gone, while the link rests: read at once when woken.
+        await just_past_a_tick()
+        await note(7)  # read at once (nothing came since the reply): rests from here
+        await note(8)
+        worker.close()
+        gone = loop.time()
+        service.wake()
+        await asyncio.wait_for(asyncio.gather(*tasks), period)
+        assert [n for n, _ in seen[-2:]] == [7, 8] and seen[-1][1] - gone < period / 3
 
     asyncio.run(main())
 
