@@ -5,6 +5,7 @@ loopback (http1_relay.py in the front door, mitmproxy never asked)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
@@ -451,6 +452,55 @@ def test_a_refused_upstream_answers_502_naming_the_refusal(gate):
     end = [e for e in gate.events if e.kind.value == "connection_end"][0]
     assert end.bytes_down == len(answer)
     assert end.detail.endswith("; upstream connect failed: Connection refused")
+
+
+def test_an_upstream_that_never_completes_the_connect_is_a_502_at_the_connect_deadline(gate):
+    """The upstream's accept queue is full, so the kernel drops the gateway's SYN: the
+    connect stays pending until the door's deadline, then the client gets a 502 naming
+    it and the end event says so (not a reset, not a hang); the request never went."""
+    with socket.create_server((LOOPBACK, 0), backlog=0) as full:
+        fillers = []
+        for _ in range(2):  # a backlog of 0 holds one: the second fills it
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+            fillers.append(filler)
+
+        async def scenario():
+            door = await started(
+                gate, ALLOWED, full.getsockname()[1], hand_off=never,
+                plain_http=lambda s: True, connect_timeout=0.3,
+            )  # fmt: skip
+            began = asyncio.get_running_loop().time()
+            answers.append((await exchange(door.port), asyncio.get_running_loop().time() - began))
+            await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+            await door.stop()
+
+        answers: list[tuple[bytes, float]] = []
+        run(scenario())
+        full.setblocking(False)
+        queued = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                queued.append(full.accept()[0])
+        received = b"".join(_drain(sock) for sock in queued)
+        for sock in [*queued, *fillers]:
+            sock.close()
+    [(answer, waited)] = answers
+    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer
+    assert answer.endswith(b"sandgate: upstream connect failed: timed out\n")
+    assert 0.25 < waited < 3
+    end = [e for e in gate.events if e.kind.value == "connection_end"][0]
+    assert end.detail.endswith("; upstream connect failed: timed out")
+    assert b"GET" not in received and len(queued) <= len(fillers)  # nothing of ours got in
+
+
+def _drain(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return b""
 
 
 def test_the_next_connection_of_the_sandbox_reuses_the_idle_upstream_and_is_decided_anew(gate):
