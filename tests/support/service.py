@@ -99,7 +99,11 @@ class GatewayProcess:
         return json.loads(result.stdout)
 
     def events(self, **fields) -> list[dict]:
-        lines = self.audit.read_text().splitlines() if self.audit.exists() else []
+        """The audit log's records so far; a last line without its newline is being
+        written by the audit thread at this moment (a batch is one write, which a
+        reader can see half done): it is left for the next look."""
+        text = self.audit.read_text() if self.audit.exists() else ""
+        lines = text[: text.rfind("\n") + 1].splitlines()
         records = [json.loads(line) for line in lines if line]
         return [e for e in records if all(e.get(k) == v for k, v in fields.items())]
 
