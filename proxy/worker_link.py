@@ -15,8 +15,8 @@ batches must reach the audit log in order); requests each run as a task (an
 `add_sandbox` may wait for mitmproxy to start, a `reload` for the rules to load),
 so one slow request never holds up events.
 
-The service reads its end on a clock of its own (`read_every`): after each read it
-stops reading until the next tick, unless it waits for a reply. The workers' event
+The service reads its end on a clock of its own (`read_every`): once a read has
+emptied the socket it stops reading until the next tick, unless it waits for a reply. The workers' event
 batches come every 20 ms (proxy/worker.py); each read woke the service, and at half
 load a wake-up cost more than the events it brought (bench/bench_workers.py). What
 was sent waits in the socket, in order, and a dead worker's last batches are read
@@ -147,7 +147,10 @@ class Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._take(data)
-        self._rest()
+        # A full read (asyncio's recv size) may have left more in the socket: go on
+        # reading until a short one, so a tick takes everything sent since the last.
+        if len(data) < getattr(self.transport, "max_size", 256 * 1024):
+            self._rest()
 
     def _take(self, data: bytes) -> None:
         buffer = self._buffer

@@ -13,7 +13,7 @@ import dns.message
 import dns.rcode
 import pytest
 from sandgate.enforcer import nft
-from sandgate.enforcer.workers import PIN_ENV, WorkerPool, WorkerProcess
+from sandgate.enforcer.workers import PIN_ENV, WorkerPool, WorkerProcess, room_for_a_burst
 from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
@@ -183,6 +183,37 @@ def test_a_link_read_on_a_clock_takes_notifications_at_its_ticks_and_replies_at_
         service.wake()
         await asyncio.wait_for(asyncio.gather(*tasks), period)
         assert [n for n, _ in seen[-2:]] == [7, 8] and seen[-1][1] - gone < period / 3
+
+    asyncio.run(main())
+
+
+def test_a_link_read_on_a_clock_takes_all_that_was_sent_at_one_tick_not_one_read():
+    """Megabytes of batches sent while the link rests (a busy worker's 100 ms) are
+    all taken at the next tick: not one recv's worth per tick, which would let the
+    backlog grow without end."""
+    period = 0.3
+    payload = b"x" * 60_000
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seen: list[float] = []
+        a, b = socket.socketpair()
+        room_for_a_burst(b)  # as the pool gives a worker's end of its link
+        service = await Link.over(a, lambda m: seen.append(loop.time()), period)
+        worker = await Link.over(b, lambda m: None)
+        tasks = [asyncio.create_task(service.run()), asyncio.create_task(worker.run())]
+        tick = next_tick(loop.time(), period)
+        await asyncio.sleep(tick - loop.time() + 0.01)
+        worker.send({"op": "events"}, payload)  # read at once: the link rests from here
+        while not seen:
+            await asyncio.sleep(0.005)
+        for _ in range(50):  # 3 MB, over ten asyncio reads
+            worker.send({"op": "events"}, payload)
+        await asyncio.sleep(tick + period - loop.time() + 0.1)  # just past the next tick
+        assert len(seen) == 51, f"{len(seen) - 1} of 50 batches taken at the tick"
+        assert all(at >= tick + period for at in seen[1:])
+        worker.close()
+        await asyncio.gather(*tasks)
 
     asyncio.run(main())
 
