@@ -16,13 +16,14 @@ batches must reach the audit log in order); requests each run as a task (an
 so one slow request never holds up events.
 
 The service reads its end on a clock of its own (`read_every`): once a read has
-emptied the socket it stops reading until the next tick, unless it waits for a reply. The workers' event
-batches come every 20 ms (proxy/worker.py); each read woke the service, and at half
-load a wake-up cost more than the events it brought (bench/bench_workers.py). What
-was sent waits in the socket, in order, and a dead worker's last batches are read
-after it died as before. The ops themselves are the worker's
-(proxy/worker.py) and the service's (enforcer/workers.py). Nothing here imports
-mitmproxy or anything of enforcer/.
+emptied the socket it stops reading until the next tick, unless it waits for a
+reply. The workers' event batches come every 20 ms (proxy/worker.py); each read woke
+the service, and at half load a wake-up cost more than the events it brought
+(bench/bench_workers.py). What was sent waits in the socket, in order, and a dead
+worker's last batches are read after it died as before.
+
+The ops themselves are the worker's (proxy/worker.py) and the service's
+(enforcer/workers.py). Nothing here imports mitmproxy or anything of enforcer/.
 """
 
 from __future__ import annotations
