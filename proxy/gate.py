@@ -187,6 +187,30 @@ class _RequestMemo(NamedTuple):
     name: str | None
 
 
+# Request memos kept for later connections (ConnectionGate._request_memos): a task
+# talks to a few hosts; past this many the dict starts again.
+_REQUEST_MEMOS = 4096
+
+
+def _memo_key(state: ConnState, host: str) -> tuple:
+    """What a request memo rests on that is constant on a connection (see
+    _RequestMemo), with the Host as sent: two connections with the same key decide
+    a request alike under the same policy, when the memo's own checks (WebSocket,
+    the DNS binding asked again, the rule expiry) hold. The sandbox is in it so that
+    tasks never share one; the destination by its text (`dst_ip`, which `ip` is
+    parsed from), whose hash is cached where an address object's is a Python call."""
+    sandbox = state.sandbox
+    return (
+        sandbox.address,
+        sandbox.profile,
+        state.fields["dst_ip"],
+        state.port,
+        state.placeholder,
+        state.name,
+        host,
+    )
+
+
 # Where `revoke_denied` moves a connection (others: REJECTED). A handed-off one is in
 # transit: mitmproxy adopts it as it was handed off, then sees it closed from below.
 _REVOKED_PHASE = {Phase.HANDED_OFF: Phase.HANDED_OFF}
@@ -234,6 +258,9 @@ class ConnectionGate:
         # A denial for every new connection while the gateway cannot take one on (its
         # audit log cannot be written: Gateway.guard_audit), else None.
         self.hold_new: Callable[[], Decision | None] = _no_hold
+        # The latest request memo (_RequestMemo) by _memo_key, for the next connection's
+        # first request; emptied by revoke_denied (a reload) and when full.
+        self._request_memos: dict[tuple, _RequestMemo] = {}
 
     # --- 1. TCP connect -------------------------------------------------------------
 
@@ -643,7 +670,15 @@ class ConnectionGate:
 
     def _decide_request(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
         memo = state.request_memo
+        key = None
+        if memo is None or memo.host != head.host:
+            # The first request on a connection (most plain-HTTP connections have only
+            # one) takes the memo of an earlier connection with the same facts that are
+            # constant on a connection (_memo_key): 15.4 -> 10.8 us an on_request.
+            key = _memo_key(state, head.host)
+            memo = self._request_memos.get(key)
         if memo is not None and memo.policy is self.policy and memo.host == head.host:
+            state.request_memo = memo
             if memo.decision is None:  # its rules read the method or path: decide each
                 decision, name, _ = self._decide_request_anew(state, head)
                 return decision, name
@@ -657,7 +692,7 @@ class ConnectionGate:
         decision, name, facts = self._decide_request_anew(state, head)
         if facts is not None:
             reusable = not depends_on_request(self.policy, facts)
-            state.request_memo = _RequestMemo(
+            memo = state.request_memo = _RequestMemo(
                 self.policy,
                 head.host,
                 head.websocket,
@@ -666,6 +701,10 @@ class ConnectionGate:
                 decision if reusable else None,
                 name,
             )
+            memos = self._request_memos
+            if len(memos) >= _REQUEST_MEMOS:
+                memos.clear()
+            memos[key or _memo_key(state, head.host)] = memo
         return decision, name
 
     def _decide_request_anew(
@@ -861,6 +900,7 @@ class ConnectionGate:
         (`state.abort`). Connections still allowed carry on under the policy's hash
         and decision."""
         revoked = []
+        self._request_memos.clear()  # made under the old policy: they would keep that alive
         for state in list(self.connections.values()):
             started = self.clock()
             state.request_memo = None  # made under the old policy: it would keep that alive
