@@ -176,7 +176,9 @@ class _RequestMemo(NamedTuple):
     method and path, which `depends_on_request` says the decision does not read.
     When it says they are read (`decision` None), the memo only saves asking that
     again for the next request to the same Host under the same policy: the answer
-    depends on the profile, the name and the address, nothing a request changes."""
+    depends on the profile, the name and the address, nothing a request changes.
+    The gate keeps the latest memo per _memo_key (those constant facts and the Host)
+    for the first request of the sandbox's next connection, under the same checks."""
 
     policy: CompiledPolicy
     host: str
