@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -263,6 +264,8 @@ class ConnectionGate:
         # The latest request memo (_RequestMemo) by _memo_key, for the next connection's
         # first request; emptied by revoke_denied (a reload) and when full.
         self._request_memos: dict[tuple, _RequestMemo] = {}
+        # Decisions by address at connect (_decide_at_connect), emptied as those.
+        self._connect_memos: dict[tuple, tuple[CompiledPolicy, float, Decision]] = {}
 
     # --- 1. TCP connect -------------------------------------------------------------
 
@@ -317,7 +320,7 @@ class ConnectionGate:
                     return None
                 decision = None
             else:
-                decision = self._decide_connect(state, name=None)
+                decision = self._decide_at_connect(state)
             if decision is not None and decision.reason in _FINAL_AT_CONNECT:
                 self._emit_connection(decision, fields, None, "tcp", started)
                 return None
@@ -328,6 +331,26 @@ class ConnectionGate:
         self.connections[key] = state
         self.counts.admit(sandbox.address)
         return state
+
+    def _decide_at_connect(self, state: ConnState) -> Decision:
+        """The decision by address alone (no name yet). It rests on the profile, the
+        address and the port only, so it is kept per those for later connections
+        under the same policy until the profile's first rule expiry (1.45 -> ~0.4 us
+        a connection). A kept one leaves `state.facts` None: a reload decides it
+        again from the state (_denial_under_new_policy), as from facts without a name."""
+        profile, policy = state.sandbox.profile, self.policy
+        key = (profile, state.fields["dst_ip"], state.port)
+        kept = self._connect_memos.get(key)
+        if kept is not None and kept[0] is policy and self.wall_clock() < kept[1]:
+            return kept[2]
+        decision = self._decide_connect(state, name=None)
+        compiled = policy.profiles.get(profile)
+        memos = self._connect_memos
+        if len(memos) >= _REQUEST_MEMOS:
+            memos.clear()
+        # (an unknown profile is denied without a clock)
+        memos[key] = (policy, compiled.first_expiry if compiled else math.inf, decision)
+        return decision
 
     def _over_sandbox_limit(self, sandbox: Sandbox) -> Decision | None:
         """A `sandbox_limit` denial if `sandbox` holds as many open (or undecided)
@@ -903,6 +926,7 @@ class ConnectionGate:
         and decision."""
         revoked = []
         self._request_memos.clear()  # made under the old policy: they would keep that alive
+        self._connect_memos.clear()
         for state in list(self.connections.values()):
             started = self.clock()
             state.request_memo = None  # made under the old policy: it would keep that alive

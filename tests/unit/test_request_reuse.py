@@ -203,3 +203,39 @@ def test_an_unknown_profile_depends_on_everything(tmp_path):
     path.write_text(GATE_RULES)
     facts = RequestFacts("nobody", 80, "GET", "/", name="allowed.test")
     assert depends_on_request(load_policy(path), facts) is True
+
+
+# The decision by address at connect (gate._decide_at_connect), kept the same way.
+
+
+def test_the_next_connection_to_the_same_address_reuses_the_connect_decision(gate):
+    http_connection(gate, key=1)
+    asked = len(gate.asked)
+    assert gate.on_connect(2, SANDBOX, 40001, "203.0.113.10", 80) is not None
+    assert len(gate.asked) == asked  # not asked again
+    # Another port is its own question.
+    assert gate.on_connect(3, SANDBOX, 40002, "203.0.113.10", 8080) is not None
+    assert len(gate.asked) == asked + 1
+
+
+def test_a_reload_that_denies_the_address_refuses_the_next_connection(gate, tmp_path):
+    http_connection(gate, key=1)
+    new = tmp_path / "new.yaml"
+    new.write_text(GATE_RULES + "      - deny: 203.0.113.10\n        id: now-denied\n")
+    gate.policy = load_policy(new)
+    assert gate.on_connect(2, SANDBOX, 40001, "203.0.113.10", 80) is None
+    assert (str(gate.events[-1].reason), gate.events[-1].rule_id) == ("rule_deny", "now-denied")
+    gate.revoke_denied()
+    assert gate._connect_memos == {}
+
+
+def test_an_expired_address_rule_stops_refusing_at_connect(tmp_path):
+    rules = GATE_RULES.replace(
+        "        id: deny-ip\n", "        id: deny-ip\n        expires: 2099-06-30T12:00:00Z\n"
+    )
+    gate = make_gate(tmp_path, rules=rules)
+    expiry = gate.policy.next_expiry_at
+    gate.wall_clock = lambda: expiry - 0.5
+    assert gate.on_connect(1, SANDBOX, 40000, "203.0.113.99", 80) is None
+    gate.wall_clock = lambda: expiry  # the same policy object: no reload
+    assert gate.on_connect(2, SANDBOX, 40001, "203.0.113.99", 80) is not None
