@@ -230,12 +230,10 @@ def test_a_reload_that_denies_the_address_refuses_the_next_connection(gate, tmp_
 
 
 def test_an_expired_address_rule_stops_refusing_at_connect(tmp_path):
-    rules = GATE_RULES.replace(
-        "        id: deny-ip\n", "        id: deny-ip\n        expires: 2099-06-30T12:00:00Z\n"
-    )
-    gate = make_gate(tmp_path, rules=rules)
-    expiry = gate.policy.next_expiry_at
-    gate.wall_clock = lambda: expiry - 0.5
+    expiring = "        id: deny-ip\n        expires: 2099-06-30T12:00:00Z\n"
+    gate = make_gate(tmp_path, rules=GATE_RULES.replace("        id: deny-ip\n", expiring))
+    now = [gate.policy.next_expiry_at - 0.5]
+    gate.wall_clock = lambda: now[0]
     assert gate.on_connect(1, SANDBOX, 40000, "203.0.113.99", 80) is None
-    gate.wall_clock = lambda: expiry  # the same policy object: no reload
+    now[0] += 0.5  # the rule's instant, under the same policy object: no reload
     assert gate.on_connect(2, SANDBOX, 40001, "203.0.113.99", 80) is not None
