@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -176,7 +177,9 @@ class _RequestMemo(NamedTuple):
     method and path, which `depends_on_request` says the decision does not read.
     When it says they are read (`decision` None), the memo only saves asking that
     again for the next request to the same Host under the same policy: the answer
-    depends on the profile, the name and the address, nothing a request changes."""
+    depends on the profile, the name and the address, nothing a request changes.
+    The gate keeps the latest memo per _memo_key (those constant facts and the Host)
+    for the first request of the sandbox's next connection, under the same checks."""
 
     policy: CompiledPolicy
     host: str
@@ -185,6 +188,30 @@ class _RequestMemo(NamedTuple):
     until: float  # wall clock: the profile's first rule expiry (inf: none expires)
     decision: Decision | None  # None: each request's method and path must be decided
     name: str | None
+
+
+# Request memos kept for later connections (ConnectionGate._request_memos): a task
+# talks to a few hosts; past this many the dict starts again.
+_REQUEST_MEMOS = 4096
+
+
+def _memo_key(state: ConnState, host: str) -> tuple:
+    """What a request memo rests on that is constant on a connection (see
+    _RequestMemo), with the Host as sent: two connections with the same key decide
+    a request alike under the same policy, when the memo's own checks (WebSocket,
+    the DNS binding asked again, the rule expiry) hold. The sandbox is in it so that
+    tasks never share one; the destination by its text (`dst_ip`, which `ip` is
+    parsed from), whose hash is cached where an address object's is a Python call."""
+    sandbox = state.sandbox
+    return (
+        sandbox.address,
+        sandbox.profile,
+        state.fields["dst_ip"],
+        state.port,
+        state.placeholder,
+        state.name,
+        host,
+    )
 
 
 # Where `revoke_denied` moves a connection (others: REJECTED). A handed-off one is in
@@ -234,6 +261,11 @@ class ConnectionGate:
         # A denial for every new connection while the gateway cannot take one on (its
         # audit log cannot be written: Gateway.guard_audit), else None.
         self.hold_new: Callable[[], Decision | None] = _no_hold
+        # The latest request memo (_RequestMemo) by _memo_key, for the next connection's
+        # first request; emptied by revoke_denied (a reload) and when full.
+        self._request_memos: dict[tuple, _RequestMemo] = {}
+        # Decisions by address at connect (_decide_at_connect), emptied as those.
+        self._connect_memos: dict[tuple, tuple[CompiledPolicy, float, Decision]] = {}
 
     # --- 1. TCP connect -------------------------------------------------------------
 
@@ -288,7 +320,7 @@ class ConnectionGate:
                     return None
                 decision = None
             else:
-                decision = self._decide_connect(state, name=None)
+                decision = self._decide_at_connect(state)
             if decision is not None and decision.reason in _FINAL_AT_CONNECT:
                 self._emit_connection(decision, fields, None, "tcp", started)
                 return None
@@ -299,6 +331,26 @@ class ConnectionGate:
         self.connections[key] = state
         self.counts.admit(sandbox.address)
         return state
+
+    def _decide_at_connect(self, state: ConnState) -> Decision:
+        """The decision by address alone (no name yet). It rests on the profile, the
+        address and the port only, so it is kept per those for later connections
+        under the same policy until the profile's first rule expiry (1.45 -> ~0.4 us
+        a connection). A kept one leaves `state.facts` None: a reload decides it
+        again from the state (_denial_under_new_policy), as from facts without a name."""
+        profile, policy = state.sandbox.profile, self.policy
+        key = (profile, state.fields["dst_ip"], state.port)
+        kept = self._connect_memos.get(key)
+        if kept is not None and kept[0] is policy and self.wall_clock() < kept[1]:
+            return kept[2]
+        decision = self._decide_connect(state, name=None)
+        compiled = policy.profiles.get(profile)
+        memos = self._connect_memos
+        if len(memos) >= _REQUEST_MEMOS:
+            memos.clear()
+        # (an unknown profile is denied without a clock)
+        memos[key] = (policy, compiled.first_expiry if compiled else math.inf, decision)
+        return decision
 
     def _over_sandbox_limit(self, sandbox: Sandbox) -> Decision | None:
         """A `sandbox_limit` denial if `sandbox` holds as many open (or undecided)
@@ -643,7 +695,15 @@ class ConnectionGate:
 
     def _decide_request(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
         memo = state.request_memo
+        key = None
+        if memo is None or memo.host != head.host:
+            # The first request on a connection (most plain-HTTP connections have only
+            # one) takes the memo of an earlier connection with the same facts that are
+            # constant on a connection (_memo_key): 15.4 -> 10.8 us an on_request.
+            key = _memo_key(state, head.host)
+            memo = self._request_memos.get(key)
         if memo is not None and memo.policy is self.policy and memo.host == head.host:
+            state.request_memo = memo
             if memo.decision is None:  # its rules read the method or path: decide each
                 decision, name, _ = self._decide_request_anew(state, head)
                 return decision, name
@@ -657,7 +717,7 @@ class ConnectionGate:
         decision, name, facts = self._decide_request_anew(state, head)
         if facts is not None:
             reusable = not depends_on_request(self.policy, facts)
-            state.request_memo = _RequestMemo(
+            memo = state.request_memo = _RequestMemo(
                 self.policy,
                 head.host,
                 head.websocket,
@@ -666,6 +726,10 @@ class ConnectionGate:
                 decision if reusable else None,
                 name,
             )
+            memos = self._request_memos
+            if len(memos) >= _REQUEST_MEMOS:
+                memos.clear()
+            memos[key or _memo_key(state, head.host)] = memo
         return decision, name
 
     def _decide_request_anew(
@@ -861,6 +925,8 @@ class ConnectionGate:
         (`state.abort`). Connections still allowed carry on under the policy's hash
         and decision."""
         revoked = []
+        self._request_memos.clear()  # made under the old policy: they would keep that alive
+        self._connect_memos.clear()
         for state in list(self.connections.values()):
             started = self.clock()
             state.request_memo = None  # made under the old policy: it would keep that alive

@@ -2,7 +2,9 @@
 connection (gate._RequestMemo), and only while every fact it rests on holds: the
 policy object, the Host, WebSocket or not, the DNS binding, the time before a rule
 expiry (test_gate's rule-expiry test asks twice on one connection); never when a
-rule for the destination checks methods or paths."""
+rule for the destination checks methods or paths. The next connection's first
+request takes the memo of an earlier connection with the same connection facts
+(gate._memo_key), under the same checks."""
 
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def gate(tmp_path, monkeypatch):
     return gate
 
 
-def http_connection(gate, dst: str = "203.0.113.10", key=1):
-    state = gate.on_connect(key, SANDBOX, 40000, dst, 80)
+def http_connection(gate, dst: str = "203.0.113.10", key=1, port=80):
+    state = gate.on_connect(key, SANDBOX, 40000, dst, port)
     assert gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n") is Outcome.HTTP
     return state
 
@@ -60,6 +62,53 @@ def test_the_next_request_to_the_same_host_reuses_the_decision(gate):
         ("allow", "rule_allow", "allowed", "allowed.test", "/a"),
         ("allow", "rule_allow", "allowed", "allowed.test", "/b"),
     ]
+
+
+def test_the_next_connection_to_the_same_host_reuses_the_decision(gate):
+    first = http_connection(gate, key=1)
+    assert ask(gate, first, path="/a") == ("rule_allow", "allowed")
+    second = http_connection(gate, key=2)
+    asked = len(gate.asked)
+    assert ask(gate, second, path="/b") == ("rule_allow", "allowed")
+    assert len(gate.asked) == asked  # the request was not decided again
+    assert rows(gate)[-2:] == [
+        ("allow", "rule_allow", "allowed", "allowed.test", "/a"),
+        ("allow", "rule_allow", "allowed", "allowed.test", "/b"),
+    ]
+
+
+def test_a_connection_to_another_destination_does_not_take_the_memo(gate):
+    assert ask(gate, http_connection(gate, key=1)) == ("rule_allow", "allowed")
+    # The same Host to an address allowed.test never resolved to: its own decision.
+    other = http_connection(gate, dst="203.0.113.11", key=2)
+    assert ask(gate, other) == ("spoofed_destination", "builtin:spoofed-destination")
+    # The same Host and address on a port its rule does not open.
+    other_port = http_connection(gate, key=3, port=8080)
+    assert ask(gate, other_port) == ("port_not_allowed", "default:fallback")
+
+
+def test_a_reload_ends_the_reuse_for_later_connections(gate, tmp_path):
+    assert ask(gate, http_connection(gate, key=1)) == ("rule_allow", "allowed")
+    new = tmp_path / "new.yaml"
+    new.write_text(GATE_RULES + "      - deny: allowed.test\n        id: now-denied\n")
+    gate.policy = load_policy(new)
+    assert ask(gate, http_connection(gate, key=2)) == ("rule_deny", "now-denied")
+    gate.revoke_denied()
+    assert gate._request_memos == {}  # the old policy is not kept alive by them
+
+
+def test_a_forgotten_binding_ends_the_reuse_for_later_connections(gate):
+    assert ask(gate, http_connection(gate, key=1)) == ("rule_allow", "allowed")
+    gate.bindings.forget(SANDBOX)
+    second = http_connection(gate, key=2)
+    assert ask(gate, second) == ("spoofed_destination", "builtin:spoofed-destination")
+
+
+def test_the_memos_kept_for_later_connections_are_bounded(gate, monkeypatch):
+    monkeypatch.setattr(gate_module, "_REQUEST_MEMOS", 2)
+    for key, host in enumerate(["allowed.test", "ssh.allowed.test", "x.test", "allowed.test"]):
+        ask(gate, http_connection(gate, key=key), host=host)
+        assert len(gate._request_memos) <= 2
 
 
 def test_a_reload_ends_the_reuse(gate, tmp_path):
@@ -154,3 +203,37 @@ def test_an_unknown_profile_depends_on_everything(tmp_path):
     path.write_text(GATE_RULES)
     facts = RequestFacts("nobody", 80, "GET", "/", name="allowed.test")
     assert depends_on_request(load_policy(path), facts) is True
+
+
+# The decision by address at connect (gate._decide_at_connect), kept the same way.
+
+
+def test_the_next_connection_to_the_same_address_reuses_the_connect_decision(gate):
+    http_connection(gate, key=1)
+    asked = len(gate.asked)
+    assert gate.on_connect(2, SANDBOX, 40001, "203.0.113.10", 80) is not None
+    assert len(gate.asked) == asked  # not asked again
+    # Another port is its own question.
+    assert gate.on_connect(3, SANDBOX, 40002, "203.0.113.10", 8080) is not None
+    assert len(gate.asked) == asked + 1
+
+
+def test_a_reload_that_denies_the_address_refuses_the_next_connection(gate, tmp_path):
+    http_connection(gate, key=1)
+    new = tmp_path / "new.yaml"
+    new.write_text(GATE_RULES + "      - deny: 203.0.113.10\n        id: now-denied\n")
+    gate.policy = load_policy(new)
+    assert gate.on_connect(2, SANDBOX, 40001, "203.0.113.10", 80) is None
+    assert (str(gate.events[-1].reason), gate.events[-1].rule_id) == ("rule_deny", "now-denied")
+    gate.revoke_denied()
+    assert gate._connect_memos == {}
+
+
+def test_an_expired_address_rule_stops_refusing_at_connect(tmp_path):
+    expiring = "        id: deny-ip\n        expires: 2099-06-30T12:00:00Z\n"
+    gate = make_gate(tmp_path, rules=GATE_RULES.replace("        id: deny-ip\n", expiring))
+    now = [gate.policy.next_expiry_at - 0.5]
+    gate.wall_clock = lambda: now[0]
+    assert gate.on_connect(1, SANDBOX, 40000, "203.0.113.99", 80) is None
+    now[0] += 0.5  # the rule's instant, under the same policy object: no reload
+    assert gate.on_connect(2, SANDBOX, 40001, "203.0.113.99", 80) is not None
