@@ -237,3 +237,29 @@ def test_an_expired_address_rule_stops_refusing_at_connect(tmp_path):
     assert gate.on_connect(1, SANDBOX, 40000, "203.0.113.99", 80) is None
     now[0] += 0.5  # the rule's instant, under the same policy object: no reload
     assert gate.on_connect(2, SANDBOX, 40001, "203.0.113.99", 80) is not None
+
+
+def test_another_sandbox_or_profile_never_takes_the_memo(tmp_path):
+    """The memos are per sandbox and profile: a sandbox whose profile denies the
+    host is refused after another's allowed request to the same address and Host,
+    and so is a new task on the first sandbox's address under that profile."""
+    from sandgate.proxy.registry import Sandbox
+
+    locked = "  locked:\n    rules:\n      - deny: allowed.test\n        id: locked-out\n"
+    gate = make_gate(tmp_path, rules=GATE_RULES + locked)
+    other = "10.200.9.2"
+    gate.registry.add(Sandbox(other, "task2", "locked"))
+    gate.bindings.record(other, "allowed.test", "203.0.113.10", 60)
+    assert ask(gate, http_connection(gate, key=1)) == ("rule_allow", "allowed")
+    state = gate.on_connect(2, other, 40000, "203.0.113.10", 80)
+    assert gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n") is Outcome.HTTP
+    assert ask(gate, state) == ("rule_deny", "locked-out")
+    # The first sandbox's address, now a task under the locked profile.
+    gate.registry.remove(SANDBOX)
+    gate.registry.add(Sandbox(SANDBOX, "task3", "locked"))
+    assert ask(gate, http_connection(gate, key=3)) == ("rule_deny", "locked-out")
+    assert [e.task_id for e in gate.events if e.kind.value == "request"] == [
+        "task1",
+        "task2",
+        "task3",
+    ]
