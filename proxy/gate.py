@@ -214,6 +214,13 @@ def _memo_key(state: ConnState, host: str) -> tuple:
     )
 
 
+def _keep(memos: dict, key: tuple, value) -> None:
+    """`memos[key] = value`, the dict started again past _REQUEST_MEMOS entries."""
+    if len(memos) >= _REQUEST_MEMOS:
+        memos.clear()
+    memos[key] = value
+
+
 # Where `revoke_denied` moves a connection (others: REJECTED). A handed-off one is in
 # transit: mitmproxy adopts it as it was handed off, then sees it closed from below.
 _REVOKED_PHASE = {Phase.HANDED_OFF: Phase.HANDED_OFF}
@@ -345,11 +352,9 @@ class ConnectionGate:
             return kept[2]
         decision = self._decide_connect(state, name=None)
         compiled = policy.profiles.get(profile)
-        memos = self._connect_memos
-        if len(memos) >= _REQUEST_MEMOS:
-            memos.clear()
         # (an unknown profile is denied without a clock)
-        memos[key] = (policy, compiled.first_expiry if compiled else math.inf, decision)
+        until = compiled.first_expiry if compiled else math.inf
+        _keep(self._connect_memos, key, (policy, until, decision))
         return decision
 
     def _over_sandbox_limit(self, sandbox: Sandbox) -> Decision | None:
@@ -702,7 +707,7 @@ class ConnectionGate:
             # constant on a connection (_memo_key): 15.4 -> 10.8 us an on_request.
             key = _memo_key(state, head.host)
             memo = self._request_memos.get(key)
-        if memo is not None and memo.policy is self.policy and memo.host == head.host:
+        if memo is not None and memo.policy is self.policy:  # its Host is head's (the key's)
             state.request_memo = memo
             if memo.decision is None:  # its rules read the method or path: decide each
                 decision, name, _ = self._decide_request_anew(state, head)
@@ -726,10 +731,7 @@ class ConnectionGate:
                 decision if reusable else None,
                 name,
             )
-            memos = self._request_memos
-            if len(memos) >= _REQUEST_MEMOS:
-                memos.clear()
-            memos[key or _memo_key(state, head.host)] = memo
+            _keep(self._request_memos, key or _memo_key(state, head.host), memo)
         return decision, name
 
     def _decide_request_anew(

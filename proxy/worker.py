@@ -18,8 +18,8 @@ written: refuse new connections as the in-process gateway would), `flush` (send 
 events held for the next tick now), `stats`, `stop`,
 and the approvals ops `approve`, `deny`, `grant` (proxy/approvals/remote.py).
 Notifications it sends: `ready` {pid, proxy_port, dns_port, policy} once, `events`
-at the next FLUSH_PERIOD tick after an event (`EventBatcher`), `stats` every STATS_INTERVAL seconds, `approval` {what, approval} on every change of its
-approvals. It asks the service `always` (append an approved rule, reload).
+at the next FLUSH_PERIOD tick after an event (`EventBatcher`), `stats` every
+STATS_INTERVAL seconds, `approval` {what, approval} on every change of its approvals. It asks the service `always` (append an approved rule, reload).
 
 It imports nothing of enforcer/, and dies with the service (PR_SET_PDEATHSIG).
 """

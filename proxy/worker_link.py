@@ -194,9 +194,7 @@ class Link(asyncio.Protocol):
         if exc is not None:
             log.warning("worker link: %s", exc)
         self.closed = True
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
+        self.wake()  # no tick left pending (the transport is closed: nothing resumes)
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(LinkClosed("the other side went away"))

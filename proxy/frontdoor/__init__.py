@@ -36,8 +36,9 @@ callback, an epoll_ctl for each reader added or removed). The front door keeps
 its sockets in an epoll set, edge-triggered: each socket is added once and never
 modified. In the gateway's processes the set is the asyncio loop's own (a loop made
 by `poller.new_event_loop`: one epoll_wait per loop iteration); on any other loop
-it is a set of its own, which the loop watches as one descriptor (`poller.Poller`). One read buffer serves every relay; only bytes that a slow reader
-has not taken yet are kept per connection.
+it is a set of its own, which the loop watches as one descriptor (`poller.Poller`).
+One read buffer serves every relay; only bytes that a slow reader has not taken yet
+are kept per connection.
 
 Modules: `poller` (the edge-triggered epoll set), `relay` (moving the bytes of
 allowed pass-through, with back-pressure, half-close and byte counts), `door`

@@ -7,8 +7,8 @@ the leaf's key (so the key type, EC P-256 for a CA of gateway_ca.ensure_ec_ca, i
 each handshake signs with), the names are the SNI (else the address the client
 reached the gateway at) and the original destination's address, valid two days back
 and a year on. A leaf context issues one TLS 1.3 session ticket per connection, not
-OpenSSL's two (each costs ~15 us of the handshake; one lets a client resume). The upstream is verified as mitmproxy's `tls_start_server` does:
-the configured upstream CA bundle (else certifi's, mitmproxy's default), the
+OpenSSL's two (each costs ~15 us of the handshake; one lets a client resume). The
+upstream is verified as mitmproxy's `tls_start_server` does: the configured upstream CA bundle (else certifi's, mitmproxy's default), the
 hostname (the client's SNI, else the destination's address) checked against the
 subjectAltName only, no partial wildcards.
 

@@ -18,8 +18,8 @@ Upstream TLS connections go to the door's UpstreamPool as plain ones do, keyed b
 the SNI too: a pooled connection was verified for exactly that name.
 
 Failures: a client handshake that fails is `gate.on_tls_rejected` (as mitmproxy's
-`tls_failed_client`: policy/client_tls.py says what it was), then reset; an upstream handshake that fails (verification
-above all), or not done by the door's connect deadline, is a 502 naming why, and
+`tls_failed_client`: policy/client_tls.py says what it was), then reset; an upstream
+handshake that fails (verification above all), or not done by the door's connect deadline, is a 502 naming why, and
 the connection's end event says it; an exception anywhere ends the connection
 through `Connection.crash`. Clean ends send close_notify (tls_io.notify_close),
 resets do not."""

@@ -15,8 +15,8 @@ lock: ~0.6 µs) and added to the registry on a short tick, before every read of 
 registry (a scrape, `get_sample_value`) and at `stop`: three prometheus-client
 children per event, each behind its own lock, cost ~1.7 µs. Other events, and a
 flush's rows, look the label tuple up in a dict of cached children (`labels(...)`
-costs ~1 µs, an `inc()` on a cached child ~0.25 µs). `emit` does no I/O. State that is cheaper to read than to track — the
-policy, open connections and sandboxes, the audit writer's counters, the nftables
+costs ~1 µs, an `inc()` on a cached child ~0.25 µs). `emit` does no I/O. State
+that is cheaper to read than to track — the policy, open connections and sandboxes, the audit writer's counters, the nftables
 drop counters — is read when Prometheus scrapes, by `_StateCollector`.
 
 `/metrics` is served by prometheus_client's WSGI server in a daemon thread, not on

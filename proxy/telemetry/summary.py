@@ -55,14 +55,11 @@ class TaskSummary:
             str(event.reason),
             event.rule_id or "",
         )
-        if event.suppressed:
-            # An aggregate record of the audit rate limit stands for N events. A
-            # run's summary sees each event itself (the limit is in front of the
-            # audit log only); a summary fed audit lines must count N, not 1.
-            key = (key[0], SUPPRESSED_DESTINATIONS, *key[2:])
-        elif key not in self.rows and len(self.rows) >= self.max_rows:
-            key = (key[0], OTHER_DESTINATIONS, *key[2:])
-        self.rows[key] += event.suppressed or 1
+        # An aggregate record of the audit rate limit stands for N events. A run's
+        # summary sees each event itself (the limit is in front of the audit log
+        # only); a summary fed audit lines must count N, not 1.
+        suppressed = (key[0], SUPPRESSED_DESTINATIONS, *key[2:]) if event.suppressed else None
+        self.rows[suppressed or self._kept(key)] += event.suppressed or 1
 
     def emit_batch(self, events: list[Event | EncodedEvent]) -> None:
         """`emit` for each of `events`: the batch's rows counted first, then each
@@ -83,10 +80,15 @@ class TaskSummary:
     def _add_counts(self, counts: Counter[tuple]) -> None:
         rows = self.rows
         for (kind, destination, verdict, reason, rule_id), n in counts.items():
-            key = (str(kind), destination, str(verdict), str(reason), rule_id or "")
-            if key not in rows and len(rows) >= self.max_rows:
-                key = (key[0], OTHER_DESTINATIONS, *key[2:])
-            rows[key] += n
+            rows[
+                self._kept((str(kind), destination, str(verdict), str(reason), rule_id or ""))
+            ] += n
+
+    def _kept(self, key: tuple) -> tuple:
+        """`key`, or its "other destinations" row once `max_rows` rows are kept."""
+        if key not in self.rows and len(self.rows) >= self.max_rows:
+            return (key[0], OTHER_DESTINATIONS, *key[2:])
+        return key
 
     def task_started(self, task_id: str, profile: str, sandbox: str, command: list[str]) -> None:
         self.task = {"task_id": task_id, "profile": profile, "sandbox": sandbox, "command": command}
