@@ -2,8 +2,8 @@
 1 and 2 workers, in one run (issue 11, "Every core").
 
     .venv/bin/python bench/bench_workers.py [--sandboxes 4] [--seconds 5] [--rounds 3]
-                                            [--workers 1,2[,2pin][,loop]]
-                                            [--phase tls_rate|http_rate]
+                                            [--workers 1,2[,2pin][,squid1,squid2][,loop]]
+                                            [--phase tls_rate|http_rate] [--pace N]
 
 Needs root. Runs in the fake internet (enforcer/demo/fakenet.py: its own namespaces,
 removed at the end; nothing touches the root namespace's network), with a run
@@ -20,6 +20,13 @@ Control runs (issue 11's "where the physical limit is"), as more --workers entri
 - `2pin`: 2 workers, every sandbox on worker 0 (the other idle; the pool's test-only
   PIN_ENV): the cost of the worker process, the link and the service's intake
   without two busy gateway processes on the cores at once;
+- `squid1`, `squid2`: the peer's own split: Squid (peek at the SNI, then splice, as
+  bench_gateway.py's setup B) with `workers 1` and `workers 2` (SMP, each kid its
+  own accept queue: `worker-queues`), intercepting the same clients (one plain
+  network namespace, --sandboxes processes of --threads threads); its CPU is its
+  whole process tree's. Squid's 2 / 1 beside sandgate's says how much of the
+  growth is the machine's (any event loop split over two processes at half load)
+  and how much sandgate's own;
 - `loop`: a 1-worker round in which, with the clients running, the same pure-Python
   busy loop (fixed work) runs alone, then as two copies at once, several times:
   the CPU per unit of work of one vs two is the machine's tax for two busy
@@ -70,6 +77,15 @@ def cpu_seconds(pid: int, which: str = "both") -> float:
     return {"both": user + system, "user": user, "system": system}[which] / CLOCK_TICKS
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of `pid` so far (pages the kernel mapped in: a heap that
+    gives memory back and takes it again pays one per page), 0 when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return 0
+
+
 class Service:
     def __init__(self, fn, work: Path, workers: int, env: dict | None = None):
         self.fn, self.work = fn, work
@@ -102,6 +118,21 @@ class Service:
         )  # fmt: skip
         return json.loads(proc.stdout) if proc.returncode == 0 else None
 
+    def client_argvs(self, args) -> list[list[str]]:
+        """One `sandgate run` of the clients per sandbox, once the spare sandboxes are
+        ready (a warm attach each)."""
+        deadline = time.monotonic() + 30
+        while (self.ask("status") or {}).get("spares", 0) < min(4, args.sandboxes):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return [
+            [SANDGATE, "run", "--gateway", str(self.control), "--", "/usr/bin/python3",
+             str(CLIENTS), args.phase, "--rate-seconds", str(args.seconds), "--procs", "1",
+             "--threads", str(args.threads), "--pace", str(args.pace / args.sandboxes)]
+            for _ in range(args.sandboxes)
+        ]  # fmt: skip
+
     def pids(self) -> list[int]:
         status = self.ask("status") or {}
         workers = [w["pid"] for w in status.get("workers", []) if w.get("pid")]
@@ -115,6 +146,130 @@ class Service:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+
+
+class SquidPeer:
+    """Squid intercepting a plain netns of clients, TLS peeked then spliced (the
+    peer's pass-through, bench_gateway.py's setup B) with `workers` kids; in the fake
+    internet's host netns, its own netns and nft table removed by `stop`."""
+
+    POOL = "10.214.0.0/16"  # not the service's sandbox pool: no address shared
+
+    def __init__(self, fn, work: Path, workers: int, index: int):
+        import pwd
+        from ipaddress import IPv4Network
+
+        from sandgate.enforcer import netns
+
+        self.fn, self.work, self.netns = fn, work, netns
+        self.sid = f"{fn.prefix[3:]}q{index}"
+        self.table = f"sgbench_{self.sid}"
+        gw, sbx = netns.allocate_addresses(IPv4Network(self.POOL), 1)
+        with netns.entered_netns(fn.host_ns):
+            self.net = netns.create_sandbox_net(self.sid, gw, sbx)
+        cert, key = work / "squid.pem", work / "squid.key"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "2", "-subj", "/CN=bench squid", "-keyout", key, "-out", cert],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
+        (work / "squid.conf").write_text(f"""\
+workers {workers}
+http_port 127.0.0.1:3128 worker-queues
+http_port {gw}:3129 intercept worker-queues
+https_port {gw}:3130 intercept ssl-bump tls-cert={cert} tls-key={key} generate-host-certificates=off worker-queues
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump splice all
+http_access allow all
+cache deny all
+cache_mem 0 MB
+dns_nameservers {fn.dns_ip}
+hosts_file none
+pid_filename {work}/squid.pid
+cache_log {work}/cache.log
+access_log none
+cache_store_log none
+netdb_filename none
+pinger_enable off
+logfile_rotate 0
+coredump_dir {work}
+shutdown_lifetime 0 seconds
+max_filedescriptors 65536
+visible_hostname sandgate-bench
+""")
+        pw = pwd.getpwnam("proxy")  # squid's kids run as proxy: its files, and a way in
+        for path in (work, *work.iterdir()):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+        os.chmod(work.parent, 0o755)
+        self.popen = fn.popen_in_host(
+            ["squid", "--foreground", "-f", work / "squid.conf"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=(work / "squid.out").open("a"), start_new_session=True,
+        )  # fmt: skip
+        try:
+            self._wait_listening(workers)
+            fn.run_in_host(["nft", "-f", "-"], check=True, input=f"""\
+table inet {self.table} {{
+    chain nat_prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "{self.net.host_if}" tcp dport 80 redirect to :3129
+        iifname "{self.net.host_if}" tcp dport 443 redirect to :3130
+    }}
+}}
+""")  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_listening(self, workers: int) -> None:
+        log, deadline = self.work / "cache.log", time.monotonic() + 30
+        while _text(log).count("SSL bumped HTTPS Socket") < workers:
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"squid did not start:\n{_text(log)[-2000:]}")
+            time.sleep(0.1)
+
+    def pids(self) -> list[int]:
+        """The master and its kids (the coordinator too, with workers > 1)."""
+        tree, grew = {self.popen.pid}, True
+        while grew:
+            grew = False
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit() and int(entry.name) not in tree:
+                    try:
+                        ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    except (OSError, IndexError, ValueError):
+                        continue
+                    if ppid in tree:
+                        tree.add(int(entry.name))
+                        grew = True
+        return sorted(tree)
+
+    def client_argvs(self, args) -> list[list[str]]:
+        """The same clients in one netns: --sandboxes processes of --threads threads."""
+        return [[
+            "ip", "netns", "exec", self.net.netns, "/usr/bin/python3", str(CLIENTS), args.phase,
+            "--resolve", f"allowed.test:{self.fn.hosts['allowed.test']}",
+            "--cacert", str(self.fn.ca_cert), "--rate-seconds", str(args.seconds),
+            "--procs", str(args.sandboxes), "--threads", str(args.threads),
+            "--pace", str(args.pace),
+        ]]  # fmt: skip
+
+    def stop(self) -> None:
+        self.fn.run_in_host(["nft", "delete", "table", "inet", self.table])  # if it is there
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, 9)
+                self.popen.wait()
+        with self.netns.entered_netns(self.fn.host_ns):
+            self.netns.destroy_sandbox_net(self.sid)
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 # The control loop: pure Python of the kinds a gateway does per event (dicts,
@@ -163,24 +318,17 @@ def busy_loops(copies: int, nap: float = 0.0, big: bool = False) -> list[float]:
     return [float(p.communicate()[0]) for p in procs]
 
 
-def one_round(fn, work: Path, label: str, args) -> dict:
-    workers = int(label.rstrip("pinlo") or 1)
-    pinned = label.endswith("pin")
-    env = {**os.environ, "SANDGATE_BENCH_PIN_WORKER": "0"} if pinned else None
-    service = Service(fn, work, workers, env)
+def one_round(fn, work: Path, label: str, args, index: int = 0) -> dict:
+    workers = int("".join(c for c in label if c.isdigit()) or 1)
+    if label.startswith("squid"):
+        service = SquidPeer(fn, work, workers, index)
+    else:
+        pinned = label.endswith("pin")
+        env = {**os.environ, "SANDGATE_BENCH_PIN_WORKER": "0"} if pinned else None
+        service = Service(fn, work, workers, env)
     try:
-        deadline = time.monotonic() + 30
-        while (service.ask("status") or {}).get("spares", 0) < min(4, args.sandboxes):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        argv = service.client_argvs(args)
         pids = service.pids()
-        argv = [
-            [SANDGATE, "run", "--gateway", str(service.control), "--", "/usr/bin/python3",
-             str(CLIENTS), args.phase, "--rate-seconds", str(args.seconds), "--procs", "1",
-             "--threads", str(args.threads)]
-            for _ in range(args.sandboxes)
-        ]  # fmt: skip
         procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for a in argv]  # fmt: skip
         # The CPU window: the steady middle of the phase, from 1 s after the start
@@ -195,6 +343,7 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             samples["service" + suffix] = cpu_seconds(service.popen.pid)
             samples["switches" + suffix] = sum(switches(p) for p in pids)
             samples["system" + suffix] = sum(cpu_seconds(p, "system") for p in pids)
+            samples["faults" + suffix] = sum(minor_faults(p) for p in pids)
             for pid in pids:
                 samples[f"p{pid}{suffix}"] = cpu_seconds(pid)
                 samples[f"w{pid}{suffix}"] = switches(pid)
@@ -272,6 +421,9 @@ def one_round(fn, work: Path, label: str, args) -> dict:
             "wakeups_per_connection": (samples["switches1"] - samples["switches0"]) / in_window
             if requests
             else None,
+            "faults_per_connection": (samples["faults1"] - samples["faults0"]) / in_window
+            if requests
+            else None,
         }
     finally:
         service.stop()
@@ -286,6 +438,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument(
+        "--pace", type=float, default=0.0,
+        help="connections/s offered in all (0: as many as the clients get through)",
+    )  # fmt: skip
     parser.add_argument("--phase", default="tls_rate", choices=["tls_rate", "http_rate"])
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -295,8 +451,8 @@ def main() -> int:
     from sandgate.enforcer.demo.fakenet import FakeInternet, fresh_prefix
 
     counts = args.workers.split(",")
-    if any(not (c.isdigit() or c in ("2pin", "loop")) for c in counts):
-        parser.error("--workers: numbers, 2pin or loop, comma-separated")
+    if any(not (c.isdigit() or c in ("2pin", "loop", "squid1", "squid2")) for c in counts):
+        parser.error("--workers: numbers, 2pin, squid1, squid2 or loop, comma-separated")
     prefix = fresh_prefix("sgw")
     work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     os.environ["SANDGATE_RUN_DIR"] = str(work / "run")
@@ -307,12 +463,13 @@ def main() -> int:
                 for n in counts:  # interleaved: drifting load hits both alike
                     where = work / f"r{round_no}-w{n}"
                     where.mkdir()
-                    row = one_round(fn, where, n, args)
+                    row = one_round(fn, where, n, args, round_no)
                     rows[n].append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{args.sandboxes} sandboxes x {args.phase} ({args.threads} threads each), "
+    pace = f", paced at {args.pace:g}/s in all" if args.pace else ""
+    print(f"{args.sandboxes} sandboxes x {args.phase} ({args.threads} threads each{pace}), "
           f"{args.seconds:g} s, median of {args.rounds} rounds; gateway CPU = service + "
           f"workers")  # fmt: skip
     print(f"{'workers':>8} {'conn/s':>10} {'CPU us/conn':>12} {'of it service':>14} "
@@ -338,12 +495,12 @@ def main() -> int:
         system = statistics.median(r["system_us_per_connection"] or 0 for r in rows[n])
         print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {system:>10.0f} "
               f"{wakeups:>13.2f} {errors:>7}")  # fmt: skip
-    base = medians.get("1")
-    for n in ("2", "2pin"):
+    for n, one in (("2", "1"), ("2pin", "1"), ("squid2", "squid1")):
+        base = medians.get(one)
         if base and base[0] and base[1] and n in medians:
-            print(f"ratio {n}/1: connections/s {medians[n][0] / base[0]:.2f}x, "
-                  f"gateway CPU per connection {medians[n][1] / base[1]:.2f}x "
-                  f"(goal for 2: <= 1.10x)")  # fmt: skip
+            print(f"ratio {n}/{one}: connections/s {medians[n][0] / base[0]:.2f}x, "
+                  f"CPU per connection {medians[n][1] / base[1]:.2f}x"
+                  + (" (goal for 2: <= 1.10x)" if n == "2" else ""))  # fmt: skip
     return 0
 
 

@@ -21,6 +21,10 @@ tls_keep   keep-alive HTTPS: each thread keeps one connection and sends `GET /`
            Reports requests/s and latency per request.
 http_keep  the same over plain HTTP on port 80.
 
+--pace N caps a rate phase at N requests/s in all (each thread on a fixed schedule
+of its share; one that falls behind does not catch up in a burst): the same offered
+load in setups that could each take more (bench_workers.py --pace).
+
 Each section carries `t_start`/`t_end` (wall clock, time.time()) so the caller can
 match its own samples (gateway RSS) to the phase.
 """
@@ -31,6 +35,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -188,14 +193,22 @@ class _KeepAlive:
                 self.file = None
 
 
-def _rate_worker(ip, port, host, cacert, threads, stop_at, max_requests, queue, keep=False) -> None:
+def _rate_worker(
+    ip, port, host, cacert, threads, stop_at, max_requests, queue, keep=False, interval=0.0
+) -> None:
     ctx = _context(cacert) if cacert else None
     lock = threading.Lock()
     state = {"ok": 0, "errors": 0, "first_error": None, "lat": []}
 
     def loop() -> None:
         one_request = _KeepAlive(ip, host, ctx) if keep else _one_request
+        due = time.monotonic() + random.uniform(0, interval)  # threads out of step
         while time.time() < stop_at:
+            if interval:
+                now = time.monotonic()
+                if due > now:
+                    time.sleep(due - now)
+                due = max(due + interval, now)  # behind: no catching up in a burst
             with lock:
                 if state["ok"] + state["errors"] >= max_requests:
                     return
@@ -232,10 +245,23 @@ def rate(args, ip: str, tls: bool, keep: bool = False) -> dict:
     t_start = time.time()
     stop_at = t_start + args.rate_seconds
     per_proc_max = max(1, args.rate_max // args.procs)
+    # --pace: each thread's share of the rate, as the time between its requests
+    interval = args.procs * args.threads / args.pace if args.pace else 0.0
     procs = [
         mp.Process(
             target=_rate_worker,
-            args=(ip, port, args.host, cacert, args.threads, stop_at, per_proc_max, queue, keep),
+            args=(
+                ip,
+                port,
+                args.host,
+                cacert,
+                args.threads,
+                stop_at,
+                per_proc_max,
+                queue,
+                keep,
+                interval,
+            ),  # fmt: skip
         )
         for _ in range(args.procs)
     ]
@@ -286,6 +312,7 @@ def main() -> int:
     parser.add_argument("--rate-max", type=int, default=200_000)
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--pace", type=float, default=0.0, help="requests/s in all (0: no cap)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
