@@ -261,7 +261,7 @@ def rate(args, ip: str, tls: bool, keep: bool = False) -> dict:
                 queue,
                 keep,
                 interval,
-            ),  # fmt: skip
+            ),
         )
         for _ in range(args.procs)
     ]
