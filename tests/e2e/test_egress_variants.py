@@ -332,3 +332,53 @@ def test_tls_dns_and_address_tricks_reach_nothing_they_should_not(net, tmp_path)
     for label in ("sctp", "dccp", "raw_tcp", "packet"):
         assert r[label].out.startswith("refused"), (label, r.describe())
     assert settled_requests(net) == []
+
+
+# Fifty connections that hold the gateway without ever being decided, for 3 s: 20
+# slowloris request heads (a byte every 100 ms), 10 ClientHellos cut by a RST, 10
+# half ClientHellos then a FIN (half-open), 10 that never send a byte.
+HOG = """
+import socket, struct, time
+socket.gethostbyname("allowed.test")
+half_hello = bytes.fromhex("160301020001") + bytes(100)
+held = []
+def connect(port):
+    s = socket.create_connection(("203.0.113.10", port), timeout=2)
+    held.append(s)
+    return s
+slow = [connect(80) for _ in range(20)]
+for s in slow:
+    s.sendall(b"GET /slowloris HTTP/1.1\\r\\nHost: allowed.test\\r\\nX-Slow: ")
+for _ in range(10):
+    s = connect(443)
+    s.sendall(half_hello)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+for _ in range(10):
+    connect(443).sendall(half_hello)
+    held[-1].shutdown(socket.SHUT_WR)
+for _ in range(10):
+    connect(443)
+print("holding", flush=True)
+for _ in range(30):
+    for s in slow:
+        s.send(b"a")
+    time.sleep(0.1)
+"""
+
+
+def test_connections_that_never_decide_do_not_delay_an_allowed_one(net, tmp_path):
+    schemes = ["https", "http"] * 3
+    gets = {f"get{i}": curl(f"{scheme}://allowed.test/after{i}") for i, scheme in enumerate(schemes)}
+    r = sandbox.run(net, tmp_path, {
+        "hog": f"( {python(HOG)} >hog.log 2>&1 & ) ; sleep 0.5; cat hog.log",
+        **gets,
+        "wait": "sleep 3",
+    })  # fmt: skip
+
+    assert r["hog"].out.strip() == "holding", r.describe()
+    for label in gets:
+        assert r[label].status == 200 and r[label].ms < 1000, (label, r.describe())
+    seen = {e["uri"] for e in settled_requests(net)}
+    assert seen == {f"/after{i}" for i in range(6)}, seen  # and no /slowloris
+    assert not r.events(reason="sandbox_limit"), r.describe()
