@@ -24,6 +24,10 @@ _CLIENT_HELLO = 0x01
 _SERVER_NAME = 0x0000
 _ALPN = 0x0010
 _HOST_NAME = 0x00
+# Extensions that carry a server name the gateway cannot read: encrypted_client_hello
+# (0xfe0d, RFC 9849; 0xfe08-0xfe0c and 0xff02 its drafts) and encrypted_server_name
+# (0xffce, the ESNI drafts). A server that decrypts one routes by the hidden name.
+_HIDDEN_NAME = frozenset({0xFE0D, 0xFE0C, 0xFE0B, 0xFE0A, 0xFE09, 0xFE08, 0xFF02, 0xFFCE})
 _MAX_RECORD = 1 << 14  # RFC 8446 5.1: a plaintext record carries at most 2^14 bytes
 
 
@@ -33,6 +37,9 @@ class ClientHello:
     # The ALPN extension's data as sent (None: none), read by `alpn_protocols` only
     # where the protocols matter (the front door's inspected TLS), not per connection.
     alpn: bytes | None = None
+    # It carries an encrypted ClientHello (ECH, or the ESNI drafts): the SNI above is
+    # then the outer, public name, and the server may serve the hidden one.
+    hidden_name: bool = False
 
 
 def starts_like_tls_record(data: bytes) -> bool:
@@ -56,7 +63,7 @@ def server_name_and_alpn(body: bytes) -> tuple[str | None, list[bytes]]:
     """The SNI and the ALPN protocols offered (RFC 7301 3.1) of a ClientHello's body
     (the handshake message after its 4-byte header); ValueError if malformed. For
     mitmproxy's ClientHello (proxy/lean_mitmproxy.py: `parse_client_hellos_lean`)."""
-    sni, alpn = _extensions(body)
+    sni, alpn, _ = _extensions(body)
     return sni, alpn_protocols(alpn)
 
 
@@ -104,10 +111,10 @@ def _first_handshake_message(data: bytes) -> bytes | None:
                 return message[4:end]
 
 
-def _extensions(body: bytes) -> tuple[str | None, bytes | None]:
+def _extensions(body: bytes) -> tuple[str | None, bytes | None, bool]:
     """The SNI of a ClientHello body (RFC 8446 4.1.2), checking the framing on the way,
-    and the ALPN extension's bytes if there is one. Indexing past the end raises
-    IndexError: the body was cut short."""
+    the ALPN extension's bytes if there is one, and whether it hides a name (ECH).
+    Indexing past the end raises IndexError: the body was cut short."""
     try:
         at = 2 + 32  # legacy_version, random
         size = body[at]
@@ -123,13 +130,14 @@ def _extensions(body: bytes) -> tuple[str | None, bytes | None]:
             raise ValueError("no compression method")
         at += 1 + size
         if at == len(body):
-            return None, None  # no extensions at all (allowed before TLS 1.3)
+            return None, None, False  # no extensions at all (allowed before TLS 1.3)
         end = at + 2 + ((body[at] << 8) | body[at + 1])
         if end != len(body):
             raise ValueError("extensions block does not end with the ClientHello")
         at += 2
         seen: set[int] = set()
         sni = alpn = None
+        hidden = False
         while at < end:
             kind = (body[at] << 8) | body[at + 1]
             start = at + 4
@@ -143,7 +151,9 @@ def _extensions(body: bytes) -> tuple[str | None, bytes | None]:
                 sni = _host_name(body[start:at])
             elif kind == _ALPN:
                 alpn = body[start:at]
-        return sni, alpn
+            elif kind in _HIDDEN_NAME:
+                hidden = True
+        return sni, alpn, hidden
     except IndexError:
         raise ValueError("ClientHello cut short") from None
 

@@ -538,6 +538,13 @@ class ConnectionGate:
                     "tls",
                 )
             decision = self._decide_connect(state, name=state.name)
+        if hello.hidden_name and decision.verdict is not Verdict.DENY and not decision.inspect:
+            # Passed through, the hello would reach a server that may serve the
+            # name it hides; inspected, the gateway's own TLS ignores it.
+            decision = deny(
+                "encrypted-client-hello",
+                detail=f"ClientHello to {state.name or state.ip} hides its server name (ECH)",
+            )
         decision = self._consult(state, decision, "tls")
         if decision.verdict is Verdict.ASK:
             return self._ask(state, decision, "tls")

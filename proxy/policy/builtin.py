@@ -80,6 +80,12 @@ BUILTINS: dict[str, Builtin] = _builtins(
     ),
     ("missing-sni", (R.MISSING_SNI,), "TLS without SNI to an address no IP rule allows"),
     (
+        "encrypted-client-hello",
+        (R.PROTOCOL_NOT_ALLOWED,),
+        "a ClientHello carrying encrypted_client_hello (ECH, or ESNI) that would pass through: its SNI is "
+        "only the outer name, and the server may serve the one it hides; inspected names are unaffected",
+    ),
+    (
         "not-http",
         (R.NOT_HTTP,),
         "bytes that are neither TLS nor HTTP on a web port, or where a rule checks methods or paths",

@@ -249,3 +249,20 @@ def test_a_malformed_alpn_is_an_error(alpn):
     hello = hello_with_extensions(server_name((0, b"allowed.test")) + extension(0x10, alpn))
     with pytest.raises(ValueError):
         server_name_and_alpn(handshake_of(hello)[4:])
+
+
+@pytest.mark.parametrize(
+    "kind, hidden",
+    [
+        pytest.param(0xFE0D, True, id="ech"),
+        pytest.param(0xFE0A, True, id="ech-draft-10"),
+        pytest.param(0xFFCE, True, id="esni"),
+        pytest.param(0xFE0E, False, id="unrelated-neighbour"),
+        pytest.param(0x0A0A, False, id="grease-value"),
+    ],
+)
+def test_a_hello_carrying_an_encrypted_client_hello_says_it_hides_a_name(kind, hidden):
+    ech = extension(kind, b"\x00\x00\x01\x00\x01\x07" + bytes(40))
+    hello = parse_client_hello(hello_with_extensions(server_name((0, b"allowed.test")) + ech))
+    assert hello == ClientHello("allowed.test", hidden_name=hidden)
+    assert parse_client_hello(client_hello("allowed.test")).hidden_name is False
