@@ -538,9 +538,16 @@ class ConnectionGate:
                     "tls",
                 )
             decision = self._decide_connect(state, name=state.name)
-        if hello.hidden_name and decision.verdict is not Verdict.DENY and not decision.inspect:
-            # Passed through, the hello would reach a server that may serve the
-            # name it hides; inspected, the gateway's own TLS ignores it.
+        if (
+            hello.hidden_name
+            and decision.verdict is not Verdict.DENY
+            and not decision.inspect
+            and decision.rule.domains
+        ):
+            # Passed through, the hello would reach a server that may serve the name it
+            # hides, where the decision rested on the name it shows. Inspected, the
+            # gateway's own TLS ignores it; allowed by address (an IP rule, an open
+            # fallback), any name at that address was allowed anyway.
             decision = deny(
                 "encrypted-client-hello",
                 detail=f"ClientHello to {state.name or state.ip} hides its server name (ECH)",

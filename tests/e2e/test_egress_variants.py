@@ -151,7 +151,13 @@ print(" ".join(l.split()[1].decode() for l in lines) or "closed")
 """
 
 
-def exchange(payload: bytes, resolve: str = "allowed.test", host: str = ALLOWED_IP, port: int = 80, wait: float = 0.3) -> str:
+def exchange(
+    payload: bytes,
+    resolve: str = "allowed.test",
+    host: str = ALLOWED_IP,
+    port: int = 80,
+    wait: float = 0.3,
+) -> str:
     return python(EXCHANGE, host, str(port), payload.hex(), str(wait), resolve)
 
 
@@ -228,9 +234,15 @@ def test_plain_http_reaches_only_the_requests_that_were_decided(net, tmp_path):
         for e in r.events(kind="request", verdict="deny")
     }
     assert {
-        ("/userinfo", "invalid_name"), ("/percent", "invalid_name"), ("/unicode", "invalid_name"),
-        ("/abs1", "host_mismatch"), ("/abs2", "no_rule"), ("/p2", "port_not_allowed"),
-        ("/p4", "no_rule"), ("/smuggled", "no_rule"), ("/e1", "port_not_allowed"),
+        ("/userinfo", "invalid_name"),
+        ("/percent", "invalid_name"),
+        ("/unicode", "invalid_name"),
+        ("/abs1", "host_mismatch"),
+        ("/abs2", "no_rule"),
+        ("/p2", "port_not_allowed"),
+        ("/p4", "no_rule"),
+        ("/smuggled", "no_rule"),
+        ("/e1", "port_not_allowed"),
         ("/h10", "host_mismatch"),
     } <= denied, sorted(denied, key=str)
     reasons = {e["reason"] for e in r.events(kind="request", verdict="deny")}
@@ -293,7 +305,15 @@ def test_tls_dns_and_address_tricks_reach_nothing_they_should_not(net, tmp_path)
 
     spoke = {label for label, step in r.steps.items() if step.out.strip() == "server spoke"}
     assert spoke == {"sni_upper_dot", "bytes_ok"}, r.describe()
-    for label in ("sni_evil_at_allowed", "sni_port", "sni_allowed_at_evil", "no_sni", "bytes_denied", "early_data", "dot"):
+    for label in (
+        "sni_evil_at_allowed",
+        "sni_port",
+        "sni_allowed_at_evil",
+        "no_sni",
+        "bytes_denied",
+        "early_data",
+        "dot",
+    ):
         assert r[label].out.strip() == "closed", (label, r.describe())
     assert statuses(r["sslv2"]) == "closed" and r["doh_ip"].rc == 35, r.describe()
 
@@ -302,8 +322,12 @@ def test_tls_dns_and_address_tricks_reach_nothing_they_should_not(net, tmp_path)
 
     assert tls("evil.test", ALLOWED_IP) == {("deny", "no_rule", "default:fallback")}
     assert tls("ssh.allowed.test", ALLOWED_IP) == {("deny", "port_not_allowed", "default:fallback")}
-    assert tls("allowed.test", ALLOWED_IP, 853) == {("deny", "port_not_allowed", "default:fallback")}
-    assert tls("allowed.test", EVIL_IP) == {("deny", "spoofed_destination", "builtin:spoofed-destination")}
+    assert tls("allowed.test", ALLOWED_IP, 853) == {
+        ("deny", "port_not_allowed", "default:fallback")
+    }
+    assert tls("allowed.test", EVIL_IP) == {
+        ("deny", "spoofed_destination", "builtin:spoofed-destination")
+    }
     assert tls(None, ALLOWED_IP) == {
         ("deny", "missing_sni", "builtin:missing-sni"),
         ("deny", "not_http", "builtin:not-http"),  # the SSLv2 hello
@@ -369,7 +393,9 @@ for _ in range(30):
 
 def test_connections_that_never_decide_do_not_delay_an_allowed_one(net, tmp_path):
     schemes = ["https", "http"] * 3
-    gets = {f"get{i}": curl(f"{scheme}://allowed.test/after{i}") for i, scheme in enumerate(schemes)}
+    gets = {
+        f"get{i}": curl(f"{scheme}://allowed.test/after{i}") for i, scheme in enumerate(schemes)
+    }
     r = sandbox.run(net, tmp_path, {
         "hog": f"( {python(HOG)} >hog.log 2>&1 & ) ; sleep 0.5; cat hog.log",
         **gets,

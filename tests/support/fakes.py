@@ -101,3 +101,35 @@ def request_head(host: str, method: str = "GET", path: str = "/") -> RequestHead
     """An HTTP/1 request head with one Host header ("" for none)."""
     fields = ((b"host", host.encode()),) if host else ()
     return RequestHead(method.encode(), path.encode(), fields)
+
+
+# Hand-made TLS records, for what no TLS stack sends (malformed, or extensions such as
+# encrypted_client_hello that Python's ssl cannot add).
+
+
+def record(body: bytes, kind: int = 0x16, version: bytes = b"\x03\x01") -> bytes:
+    return bytes([kind]) + version + len(body).to_bytes(2, "big") + body
+
+
+def hello_with_extensions(extensions: bytes, trailing: bytes = b"") -> bytes:
+    """A minimal ClientHello record with the given raw extensions block content."""
+    body = (
+        b"\x03\x03"
+        + b"\x00" * 32
+        + b"\x00"
+        + b"\x00\x02\x13\x01"
+        + b"\x01\x00"
+        + len(extensions).to_bytes(2, "big")
+        + extensions
+        + trailing
+    )
+    return record(b"\x01" + len(body).to_bytes(3, "big") + body)
+
+
+def extension(kind: int, data: bytes) -> bytes:
+    return kind.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+
+
+def server_name(*names: tuple[int, bytes]) -> bytes:
+    entries = b"".join(bytes([kind]) + len(name).to_bytes(2, "big") + name for kind, name in names)
+    return extension(0, len(entries).to_bytes(2, "big") + entries)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
 from sandgate.proxy.clienthello import ClientHello, parse_client_hello, starts_like_tls_record
+from support.fakes import extension, hello_with_extensions, record, server_name
 
 
 def client_hello(sni: str | None, version: ssl.TLSVersion | None = None) -> bytes:
@@ -32,38 +33,10 @@ def handshake_of(record: bytes) -> bytes:
     return record[5:]
 
 
-def record(body: bytes, kind: int = 0x16, version: bytes = b"\x03\x01") -> bytes:
-    return bytes([kind]) + version + len(body).to_bytes(2, "big") + body
-
-
 def rechunked(hello: bytes, size: int) -> bytes:
     """The same handshake message split into records of `size` bytes."""
     message = handshake_of(hello)
     return b"".join(record(message[i : i + size]) for i in range(0, len(message), size))
-
-
-def hello_with_extensions(extensions: bytes, trailing: bytes = b"") -> bytes:
-    """A minimal ClientHello record with the given raw extensions block content."""
-    body = (
-        b"\x03\x03"
-        + b"\x00" * 32
-        + b"\x00"
-        + b"\x00\x02\x13\x01"
-        + b"\x01\x00"
-        + len(extensions).to_bytes(2, "big")
-        + extensions
-        + trailing
-    )
-    return record(b"\x01" + len(body).to_bytes(3, "big") + body)
-
-
-def extension(kind: int, data: bytes) -> bytes:
-    return kind.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
-
-
-def server_name(*names: tuple[int, bytes]) -> bytes:
-    entries = b"".join(bytes([kind]) + len(name).to_bytes(2, "big") + name for kind, name in names)
-    return extension(0, len(entries).to_bytes(2, "big") + entries)
 
 
 HELLOS = [

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 from sandgate.proxy.gate import MAX_FIRST_BYTES, Outcome
-from support.fakes import GATE_RULES, SANDBOX, client_hello, make_gate, request_head
+from support.fakes import (
+    GATE_RULES,
+    SANDBOX,
+    client_hello,
+    extension,
+    hello_with_extensions,
+    make_gate,
+    request_head,
+    server_name,
+)
 
 
 @pytest.fixture
@@ -396,3 +405,44 @@ def test_a_rule_that_expires_stops_matching_at_its_instant_on_the_gates_wall_clo
     ]
     # A reload re-decides open connections on the same clock: the relayed one ends.
     assert [s.key for s in gate.revoke_denied()] == [1]
+
+
+def hello_hiding_a_name(sni: str) -> bytes:
+    """A ClientHello whose SNI is `sni`, carrying an encrypted_client_hello extension (a
+    client that brought an ECH config, or a browser's GREASE one: alike on the wire)."""
+    ech = extension(0xFE0D, b"\x00\x00\x01\x00\x01\x07" + bytes(40))
+    return hello_with_extensions(server_name((0, sni.encode())) + ech)
+
+
+@pytest.mark.parametrize(
+    "dst, sni, outcome, reason, rule",
+    [
+        pytest.param(
+            "203.0.113.10", "allowed.test", Outcome.REJECT, "protocol_not_allowed",
+            "builtin:encrypted-client-hello", id="allowed-by-name-passed-through",
+        ),
+        pytest.param(
+            "203.0.113.11", "api.allowed.test", Outcome.INTERCEPT, "rule_allow", "api-get",
+            id="inspected",
+        ),
+        pytest.param(
+            "203.0.113.20", "anything.test", Outcome.PASSTHROUGH, "rule_allow", "by-address",
+            id="allowed-by-address",
+        ),
+        pytest.param(
+            "203.0.113.10", "evil.test", Outcome.REJECT, "no_rule", "default:fallback",
+            id="denied-anyway",
+        ),
+    ],
+)  # fmt: skip
+def test_a_hello_hiding_its_name_passes_through_only_where_the_name_did_not_decide(
+    tmp_path, dst, sni, outcome, reason, rule
+):
+    # ECH: the SNI is only the outer name; a server fronting many names serves the hidden one.
+    gate = make_gate(
+        tmp_path, rules=GATE_RULES + "      - allow: 203.0.113.20\n        id: by-address\n"
+    )
+    state = connect(gate, dst, 443)
+    assert gate.on_first_bytes(state, hello_hiding_a_name(sni)) is outcome
+    (event,) = gate.events[-1:]
+    assert (str(event.reason), event.rule_id) == (reason, rule)
