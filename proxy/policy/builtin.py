@@ -82,8 +82,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "encrypted-client-hello",
         (R.PROTOCOL_NOT_ALLOWED,),
-        "a ClientHello carrying encrypted_client_hello (ECH, or ESNI) that would pass through: its SNI is "
-        "only the outer name, and the server may serve the one it hides; inspected names are unaffected",
+        "a ClientHello carrying encrypted_client_hello (ECH, or ESNI) that an allow by name would pass "
+        "through: its SNI is only the outer name, and the server may serve the one it hides",
     ),
     (
         "not-http",
