@@ -1,0 +1,124 @@
+"""A hostile task trying to reach past its sandbox: what tests/e2e/test_sandbox.py does
+not already try (docs/sandbox.md). One sandbox per test, several probes per sandbox;
+each probe prints what the task saw, and the test checks on the host that the effect
+did not happen.
+
+The first test is a leak that was found and closed: through the idmapped workspace, a
+file the task makes is owned on the host by the directory's owner (root, here), so a
+set-uid bit, a set-gid bit or a file capability the task sets there is root's power
+for any host user who runs the file (`getcap` showed `cap_setuid=ep`). The seccomp
+filter refuses set-id modes and root of the task no longer holds CAP_SETFCAP or
+CAP_FSETID (enforcer/sandbox/seccomp.py, init.py `KEPT_CAPS`).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from support import sandbox
+from support.sandbox import python
+
+pytestmark = pytest.mark.e2e
+
+SET_ID = stat.S_ISUID | stat.S_ISGID
+# A v2 file capability (VFS_CAP_REVISION_2 | effective) holding CAP_SETUID.
+CAP_SETUID_XATTR = bytes.fromhex("0000000280000000000000000000000000000000")
+
+# Each probe prints "NAME ok" or "NAME errno E" (the errno's name); the host side
+# decides what the effect would have been.
+SET_ID_PROBES = r"""
+import ctypes, errno, os, stat, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+os.umask(0)
+def report(name, call):
+    try:
+        call()
+        print(name, "ok")
+    except OSError as e:
+        print(name, "errno", errno.errorcode.get(e.errno, e.errno))
+def raw(number, *args):
+    if libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args)) < 0:
+        raise OSError(ctypes.get_errno(), "syscall")
+def touched(name):
+    with open(name, "w") as f:
+        f.write("#!/bin/sh\nid -u\n")
+    return name
+def linked_tmpfile(name, mode):
+    fd = os.open(".", os.O_WRONLY | os.O_TMPFILE, mode)
+    os.link(f"/proc/self/fd/{fd}", name)
+def openat2(name, mode):
+    how = (ctypes.c_uint64 * 3)(os.O_WRONLY | os.O_CREAT, mode, 0)
+    path = ctypes.create_string_buffer(name.encode())
+    raw(437, -100, ctypes.addressof(path), ctypes.addressof(how), ctypes.sizeof(how))
+def fchmodat2(name, mode):
+    path = ctypes.create_string_buffer(name.encode())
+    raw(452, -100, ctypes.addressof(path), mode, 0)
+report("chmod_suid", lambda: os.chmod(touched("chmod_suid"), 0o4755))
+report("chmod_sgid", lambda: os.chmod(touched("chmod_sgid"), 0o2755))
+report("fchmodat2_suid", lambda: fchmodat2(touched("fchmodat2_suid"), 0o4755))
+report("open_suid", lambda: os.close(os.open("open_suid", os.O_WRONLY | os.O_CREAT, 0o4755)))
+report("tmpfile_suid", lambda: linked_tmpfile("tmpfile_suid", 0o4755))
+report("mknod_suid", lambda: os.mknod("mknod_suid", stat.S_IFREG | 0o4755))
+report("openat2_suid", lambda: openat2("openat2_suid", 0o4755))
+report("file_cap", lambda: os.setxattr(touched("file_cap"), "security.capability", bytes.fromhex(sys.argv[1])))
+with open("kept_suid", "a") as f:  # a set-uid file already there, rewritten by the task
+    f.write("echo planted\n")
+print("kept_suid ok")
+"""
+
+
+def _probe_lines(out: str) -> dict[str, str]:
+    return {
+        line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.splitlines() if " " in line
+    }
+
+
+def _plant_set_uid_file(workspace: Path) -> None:
+    kept = workspace / "kept_suid"
+    kept.write_text("#!/bin/sh\n")
+    kept.chmod(0o4755)  # root's, as a build run by root on the host could leave it
+
+
+def test_no_set_id_bit_or_file_capability_reaches_the_host_through_the_workspace(net, tmp_path):
+    r = sandbox.run(
+        net,
+        tmp_path,
+        {"set_id": python(SET_ID_PROBES, CAP_SETUID_XATTR.hex()), "whoami": "id -u"},
+        setup=_plant_set_uid_file,
+    )
+    assert r["set_id"].rc == 0 and r["whoami"].out.strip() == "0", r.describe()
+    seen = _probe_lines(r["set_id"].out)
+    assert set(seen) == {
+        "chmod_suid",
+        "chmod_sgid",
+        "fchmodat2_suid",
+        "open_suid",
+        "tmpfile_suid",
+        "mknod_suid",
+        "openat2_suid",
+        "file_cap",
+        "kept_suid",
+    }, r.describe()
+    assert seen["openat2_suid"] == "errno ENOSYS"  # callers fall back to openat
+    assert seen["kept_suid"] == "ok"  # writing a file is not refused: its bit goes
+    for name in seen.keys() - {"openat2_suid", "kept_suid"}:
+        assert seen[name] == "errno EPERM", r.describe()
+    # On the host: the workspace is root's, so any set-id bit would be root's power.
+    assert r.steps_dir.stat().st_uid == 0
+    for path in r.steps_dir.iterdir():
+        info = path.lstat()
+        assert not info.st_mode & SET_ID, f"{path.name}: {oct(info.st_mode)} on the host"
+        with pytest.raises(OSError) as no_capability:
+            os.getxattr(path, "security.capability", follow_symlinks=False)
+        assert no_capability.value.errno == errno.ENODATA, path.name
+    assert (r.steps_dir / "kept_suid").read_text().endswith("echo planted\n")
+
+
+def _json(step) -> dict:
+    return json.loads(step.out)
