@@ -102,6 +102,11 @@ def from_arguments(
     if not args.no_workspace:
         workspace = spec.check_writable("--workspace", args.workspace or Path.cwd(), protected)
     rw = tuple(spec.check_writable("--rw", p, protected) for p in args.rw)
+    writable = ([workspace] if workspace else []) + list(rw)
+    for option in ("--summary-json", "--audit-log"):  # `sandgate run`'s; not selftest's
+        path = getattr(args, option[2:].replace("-", "_"), None)
+        if path is not None:
+            spec.check_out_of_reach(option, path, writable)
     uid, gid = spec.parse_user(args.user)
     try:
         limits = cgroup.Limits(

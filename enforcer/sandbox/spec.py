@@ -9,6 +9,7 @@ to tear down. docs/sandbox.md describes the result for admins.
 from __future__ import annotations
 
 import functools
+import os
 import pwd
 import sys
 from dataclasses import dataclass, field
@@ -225,6 +226,23 @@ def check_writable(option: str, path: Path, protected: list[Path]) -> Path:
         if _under(real, own):
             raise SandboxError(f"{option} {real}: it is inside sandgate's own files ({own}){hint}")
     return real
+
+
+def check_out_of_reach(option: str, path: Path, writable: list[Path]) -> Path:
+    """A file that sandgate writes as root (--summary-json, --audit-log), or SandboxError
+    when it lies where the task can write: there the task (or an earlier one) can make
+    the file, or a directory on its way, a link to any host file, which sandgate would
+    then overwrite, and could rewrite the audit log's record of what it did. Checked
+    as given and as resolved; `writable` are the task's resolved writable roots."""
+    given = Path(os.path.abspath(path))
+    real = path.resolve()
+    for root in writable:
+        if _under(given, root) or _under(real, root):
+            raise SandboxError(
+                f"{option} {path}: inside {root}, which the task can write (it could make "
+                "this a link to any host file); write it outside the workspace and --rw paths"
+            )
+    return path
 
 
 def protected_paths(state_dirs: list[Path]) -> list[Path]:

@@ -122,3 +122,55 @@ def test_no_set_id_bit_or_file_capability_reaches_the_host_through_the_workspace
 
 def _json(step) -> dict:
     return json.loads(step.out)
+
+
+@pytest.mark.parametrize(
+    ("option", "where"),
+    [
+        pytest.param("--summary-json", "workspace", id="summary-in-workspace"),
+        pytest.param("--summary-json", "link-to-workspace", id="summary-via-link"),
+        pytest.param("--audit-log", "rw", id="audit-log-in-rw"),
+    ],
+)
+def test_sandgate_writes_no_file_the_task_can_turn_into_a_link(net, tmp_path, option, where):
+    """Found and closed: with --summary-json in the workspace the task replaced the file
+    with a link to a host file it cannot write, and sandgate, as root, wrote the summary
+    there at the end. Now a file sandgate writes is refused where the task can write."""
+    canary = tmp_path / "host-file"
+    canary.write_text("the host's\n")
+    canary.chmod(0o600)
+    workspace, rw = tmp_path / "ws", tmp_path / "rw"
+    workspace.mkdir()
+    rw.mkdir()
+    (tmp_path / "ws-link").symlink_to(workspace)
+    target = {
+        "workspace": workspace / "out.json",
+        "link-to-workspace": tmp_path / "ws-link" / "out.json",
+        "rw": rw / "audit.jsonl",
+    }[where]
+    plant = f"touch ran; ln -sf {canary} {target.parent.resolve() / target.name}"
+    proc = net.run_in_host(
+        [
+            sandbox.SANDGATE,
+            "run",
+            "--rules",
+            str(sandbox.DEMO_RULES),
+            "--dns-upstream",
+            net.dns_ip,
+            "--workspace",
+            str(workspace),
+            "--rw",
+            str(rw),
+            option,
+            str(target),
+            "--",
+            "sh",
+            "-c",
+            plant,
+        ]  # fmt: skip
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"{option} {target}: inside" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (workspace / "ran").exists()  # refused before anything ran
+    assert canary.read_text() == "the host's\n"
