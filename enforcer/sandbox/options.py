@@ -107,6 +107,12 @@ def from_arguments(
         path = getattr(args, option[2:].replace("-", "_"), None)
         if path is not None:
             spec.check_out_of_reach(option, path, writable)
+    for option, paths in (
+        ("--env-file", args.env_file),
+        ("--extra-ca", getattr(args, "extra_ca", [])),
+    ):
+        for path in paths:
+            spec.check_no_link_out(option, path, writable)
     uid, gid = spec.parse_user(args.user)
     try:
         limits = cgroup.Limits(

@@ -245,6 +245,22 @@ def check_out_of_reach(option: str, path: Path, writable: list[Path]) -> Path:
     return path
 
 
+def check_no_link_out(option: str, path: Path, writable: list[Path]) -> Path:
+    """A file that sandgate reads as root for the task (--env-file, --extra-ca), or
+    SandboxError when it lies where the task can write but resolves elsewhere: the task
+    (of an earlier run) made it a link to a host file that root may read and the task
+    may not, whose content would reach the task's environment or CA bundle."""
+    given = Path(os.path.abspath(path))
+    real = path.resolve()
+    for root in writable:
+        if _under(given, root) and not _under(real, root):
+            raise SandboxError(
+                f"{option} {path}: a link from {root}, which the task can write, to {real}; "
+                "give the file's own path"
+            )
+    return path
+
+
 def protected_paths(state_dirs: list[Path]) -> list[Path]:
     """sandgate's code, its Python environment and its state: never writable by a task."""
     paths = [*_code_paths(), *(p.resolve() for p in state_dirs)]

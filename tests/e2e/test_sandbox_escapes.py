@@ -174,3 +174,39 @@ def test_sandgate_writes_no_file_the_task_can_turn_into_a_link(net, tmp_path, op
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (workspace / "ran").exists()  # refused before anything ran
     assert canary.read_text() == "the host's\n"
+
+
+@pytest.mark.parametrize("option", ["--env-file", "--extra-ca"])
+def test_a_link_planted_by_an_earlier_task_reads_no_host_file_for_the_next(net, tmp_path, option):
+    """Found and closed: a task replaced the workspace's `.env` (or a CA file given with
+    --extra-ca) with a link to a host file only root may read; the next run, reading it
+    as root, put that file's lines in the task's environment (or its CA bundle)."""
+    secret = tmp_path / "host-secret"
+    secret.write_text("STOLEN=sg-host-secret\n")
+    secret.chmod(0o600)
+    first = sandbox.run(net, tmp_path, {"plant": f"ln -s {secret} planted && cat {secret}"})
+    assert first["plant"].rc != 0 and "sg-host-secret" not in first["plant"].out  # not readable
+    planted = first.steps_dir / "planted"
+    assert planted.is_symlink()
+    proc = net.run_in_host(
+        [
+            sandbox.SANDGATE,
+            "run",
+            "--rules",
+            str(sandbox.DEMO_RULES),
+            "--dns-upstream",
+            net.dns_ip,
+            "--workspace",
+            str(first.steps_dir),
+            option,
+            str(planted),
+            "--",
+            "sh",
+            "-c",
+            "env; cat /etc/ssl/certs/ca-certificates.crt",
+        ]  # fmt: skip
+    )
+    assert "sg-host-secret" not in proc.stdout
+    assert proc.returncode == 2, proc.stdout[-500:] + proc.stderr
+    assert f"{option} {planted}: a link from" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
