@@ -16,9 +16,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -306,3 +308,29 @@ def test_host_processes_ipc_and_kernel_stay_out_of_reach(net, tmp_path):
         victim.kill()
         victim.wait()
         listener.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def test_a_sandbox_init_killed_by_a_signal_exits_as_a_shell_would(net, tmp_path):
+    """Found and fixed: when the sandbox's init was killed (the OOM killer picks it when
+    a task fills a tmpfs up to its memory limit), an embedded run exited with 247 (the
+    low byte of -9), not 137 as an attached run and a shell report."""
+    started = sandbox.start(net, tmp_path, "echo up > up; exec sleep 30")
+    run_id = started.run_id()
+    up = started.workdir / "steps" / "up"
+    deadline = time.monotonic() + 20
+    while not up.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (init,) = _children(started.pid)
+    os.kill(init, signal.SIGKILL)
+    result = started.finish()
+    assert result.returncode == 137, result.describe()
+    assert result.summary["exit_code"] == 137, result.summary
+    assert not sandbox.processes_of(run_id)
