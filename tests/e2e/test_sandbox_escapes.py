@@ -128,6 +128,28 @@ def _json(step) -> dict:
     return json.loads(step.out)
 
 
+def _run_refusable(net, workspace: Path, options: tuple[str, ...], script: str):
+    """`sandgate run` with `options` that it may refuse (so not `sandbox.run`, which
+    expects a run to have happened and its summary written)."""
+    return net.run_in_host(
+        [
+            sandbox.SANDGATE,
+            "run",
+            "--rules",
+            str(sandbox.DEMO_RULES),
+            "--dns-upstream",
+            net.dns_ip,
+            "--workspace",
+            str(workspace),
+            *options,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]  # fmt: skip
+    )
+
+
 @pytest.mark.parametrize(
     ("option", "where"),
     [
@@ -153,26 +175,7 @@ def test_sandgate_writes_no_file_the_task_can_turn_into_a_link(net, tmp_path, op
         "rw": rw / "audit.jsonl",
     }[where]
     plant = f"touch ran; ln -sf {canary} {target.parent.resolve() / target.name}"
-    proc = net.run_in_host(
-        [
-            sandbox.SANDGATE,
-            "run",
-            "--rules",
-            str(sandbox.DEMO_RULES),
-            "--dns-upstream",
-            net.dns_ip,
-            "--workspace",
-            str(workspace),
-            "--rw",
-            str(rw),
-            option,
-            str(target),
-            "--",
-            "sh",
-            "-c",
-            plant,
-        ]  # fmt: skip
-    )
+    proc = _run_refusable(net, workspace, ("--rw", str(rw), option, str(target)), plant)
     assert proc.returncode == 2, proc.stderr
     assert f"{option} {target}: inside" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -192,24 +195,8 @@ def test_a_link_planted_by_an_earlier_task_reads_no_host_file_for_the_next(net, 
     assert first["plant"].rc != 0 and "sg-host-secret" not in first["plant"].out  # not readable
     planted = first.steps_dir / "planted"
     assert planted.is_symlink()
-    proc = net.run_in_host(
-        [
-            sandbox.SANDGATE,
-            "run",
-            "--rules",
-            str(sandbox.DEMO_RULES),
-            "--dns-upstream",
-            net.dns_ip,
-            "--workspace",
-            str(first.steps_dir),
-            option,
-            str(planted),
-            "--",
-            "sh",
-            "-c",
-            "env; cat /etc/ssl/certs/ca-certificates.crt",
-        ]  # fmt: skip
-    )
+    script = "env; cat /etc/ssl/certs/ca-certificates.crt"
+    proc = _run_refusable(net, first.steps_dir, (option, str(planted)), script)
     assert "sg-host-secret" not in proc.stdout
     assert proc.returncode == 2, proc.stdout[-500:] + proc.stderr
     assert f"{option} {planted}: a link from" in proc.stderr and "Traceback" not in proc.stderr
