@@ -173,7 +173,10 @@ class TaskRun:
         try:
             await self._setup()
             log.info("sandbox ready in %.0f ms", (time.monotonic() - started) * 1000)
-            self.exit_code = await self._run_task()
+            code = await self._run_task()
+            # The init killed by a signal (the OOM killer often picks it, the largest
+            # process): a shell's 128+N, as an attached run reports, not -N's low byte.
+            self.exit_code = code if code >= 0 else 128 - code
             return self.exit_code
         finally:
             await self._teardown(time.monotonic() - started)

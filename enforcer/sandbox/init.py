@@ -54,21 +54,23 @@ CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 CAP_LAST = 63
 # What root of the task keeps inside its own user namespace: Docker's default set
-# without NET_RAW, MKNOD and AUDIT_WRITE. Each acts only on what that user namespace
-# owns (its own files in the workspace and tmpfs, its own processes); none reaches
-# the network, the mounts or the host, which the initial user namespace owns.
+# without NET_RAW, MKNOD, AUDIT_WRITE, FSETID and SETFCAP. Each acts only on what that
+# user namespace owns (its own files in the workspace and tmpfs, its own processes);
+# none reaches the network, the mounts or the host, which the initial user namespace
+# owns. Not SETFCAP: through the idmapped workspace a file capability the task sets is
+# stored for the directory's host owner, and one for root is a plain capability on the
+# host (`getcap` shows cap_setuid=ep). Not FSETID: it keeps set-id bits across writes
+# and sets a set-gid bit for any group; the seccomp filter refuses set-id modes.
 KEPT_CAPS = {
     "CAP_CHOWN": 0,
     "CAP_DAC_OVERRIDE": 1,
     "CAP_FOWNER": 3,
-    "CAP_FSETID": 4,
     "CAP_KILL": 5,
     "CAP_SETGID": 6,
     "CAP_SETUID": 7,
     "CAP_SETPCAP": 8,
     "CAP_NET_BIND_SERVICE": 10,
     "CAP_SYS_CHROOT": 18,
-    "CAP_SETFCAP": 31,
 }
 RELAYED_SIGNALS = (
     signal.SIGINT,

@@ -102,6 +102,17 @@ def from_arguments(
     if not args.no_workspace:
         workspace = spec.check_writable("--workspace", args.workspace or Path.cwd(), protected)
     rw = tuple(spec.check_writable("--rw", p, protected) for p in args.rw)
+    writable = ([workspace] if workspace else []) + list(rw)
+    for option in ("--summary-json", "--audit-log"):  # `sandgate run`'s; not selftest's
+        path = getattr(args, option[2:].replace("-", "_"), None)
+        if path is not None:
+            spec.check_out_of_reach(option, path, writable)
+    for option, paths in (
+        ("--env-file", args.env_file),
+        ("--extra-ca", getattr(args, "extra_ca", [])),
+    ):
+        for path in paths:
+            spec.check_no_link_out(option, path, writable)
     uid, gid = spec.parse_user(args.user)
     try:
         limits = cgroup.Limits(

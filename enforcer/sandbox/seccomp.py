@@ -8,7 +8,8 @@ races), io_uring (its own escalations, and its requests bypass this filter),
 file handles that open inodes past every mount (the "Shocker" escape), new
 namespaces (a fresh user or network namespace hands the task CAP_NET_ADMIN /
 CAP_SYS_ADMIN over objects it creates, which is how most unprivileged nf_tables
-and mount exploits start), remounting its view of the host, the host clock,
+and mount exploits start), remounting its view of the host, set-id bits on
+files (which the idmapped workspace would leave on the host as its owner's), the host clock,
 packet sockets and exotic protocol families, and typing into the caller's
 terminal (TIOCSTI). Capabilities and namespaces already forbid much of this;
 the filter makes the refusal independent of them and shrinks what a kernel bug
@@ -83,6 +84,16 @@ TIOCSTI = 0x5412  # push bytes into the terminal's input: run commands in the ca
 TIOCLINUX = 0x541C  # virtual-console tricks, including pasting the selection as input
 IOCTL_REQUEST_MASK = 0xFFFFFFFF  # the kernel reads ioctl's request as unsigned int
 
+# Mode bits that give whoever runs a file its owner's or group's ids. Through the
+# idmapped workspace the task's files are the directory owner's on the host (root's,
+# for a workspace root owns), so a set-id bit there is that owner's power for every
+# host user who can run the file; no_new_privs only disarms it inside the sandbox.
+S_ISUID = 0o4000
+S_ISGID = 0o2000
+SET_ID_BITS = (S_ISUID, S_ISGID)
+# open flags under which the mode argument is used: a new file gets it.
+CREATING_FLAGS = (os.O_CREAT, os.O_TMPFILE)
+
 # personality(2) values a task may set: plain Linux, `linux32`/`uname26`
 # emulations of the version string, and the query.
 PER_LINUX = 0x0000000
@@ -97,7 +108,7 @@ CLONE_FLAGS_ARG = 1 if os.uname().machine.startswith("s390") else 0
 
 # Syscalls newer than some libseccomp releases, by their number in the unified
 # table (x86_64, aarch64, riscv64 and the other asm-generic arches share it).
-UNIFIED_SYSCALL_NUMBERS = {"open_tree_attr": 467}
+UNIFIED_SYSCALL_NUMBERS = {"fchmodat2": 452, "open_tree_attr": 467}
 UNIFIED_TABLE_MACHINES = ("x86_64", "aarch64", "riscv64")
 
 # SCMP_ACT_KILL_PROCESS for a syscall of another ABI: SIGSYS to the whole process,
@@ -149,6 +160,22 @@ def _personality_not_allowed() -> tuple[tuple[ArgTest, ...], ...]:
         *(((0, "masked_eq", top, top | (1 << bit)),) for bit in range(31)),
     )
 
+
+def _creates_with_set_id(flags_arg: int, mode_arg: int) -> tuple[tuple[ArgTest, ...], ...]:
+    """open/openat creating a file (O_CREAT or O_TMPFILE) whose mode has a set-id bit.
+
+    Only when creating: the mode argument means nothing otherwise. Masks cover the
+    low bits only, so junk above 32 bits cannot hide a bit the kernel would keep."""
+    return tuple(
+        ((flags_arg, "masked_eq", flag, flag), (mode_arg, "masked_eq", bit, bit))
+        for flag in CREATING_FLAGS
+        for bit in SET_ID_BITS
+    )
+
+
+_WHY_NO_SET_ID = (
+    "set-id bits on a workspace file are its host owner's power (root's) for any host user"
+)
 
 _CLONE_CREATES_NAMESPACE = _any_bit_set(CLONE_FLAGS_ARG, CLONE_NAMESPACE_FLAGS)
 _UNSHARE_CREATES_NAMESPACE = _any_bit_set(0, (*CLONE_NAMESPACE_FLAGS, CLONE_NEWTIME))
@@ -222,6 +249,25 @@ DENIED: tuple[Denial, ...] = (
         ),
         errno.EPERM,
         "the task's view of the host is fixed: no remount, unmount of a hiding mount, new fs",
+    ),
+    Denial(
+        ("chmod", "fchmod", "creat", "mknod"),
+        errno.EPERM,
+        _WHY_NO_SET_ID,
+        _any_bit_set(1, SET_ID_BITS),
+    ),
+    Denial(
+        ("fchmodat", "fchmodat2", "mknodat"),
+        errno.EPERM,
+        _WHY_NO_SET_ID,
+        _any_bit_set(2, SET_ID_BITS),
+    ),
+    Denial(("open",), errno.EPERM, _WHY_NO_SET_ID, _creates_with_set_id(1, 2)),
+    Denial(("openat",), errno.EPERM, _WHY_NO_SET_ID, _creates_with_set_id(2, 3)),
+    Denial(
+        ("openat2",),
+        errno.ENOSYS,
+        "its mode sits in memory seccomp cannot read; ENOSYS makes callers fall back to openat",
     ),
     Denial(("swapon", "swapoff"), errno.EPERM, "host memory configuration"),
     Denial(

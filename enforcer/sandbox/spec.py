@@ -9,6 +9,7 @@ to tear down. docs/sandbox.md describes the result for admins.
 from __future__ import annotations
 
 import functools
+import os
 import pwd
 import sys
 from dataclasses import dataclass, field
@@ -225,6 +226,39 @@ def check_writable(option: str, path: Path, protected: list[Path]) -> Path:
         if _under(real, own):
             raise SandboxError(f"{option} {real}: it is inside sandgate's own files ({own}){hint}")
     return real
+
+
+def check_out_of_reach(option: str, path: Path, writable: list[Path]) -> Path:
+    """A file that sandgate writes as root (--summary-json, --audit-log), or SandboxError
+    when it lies where the task can write: there the task (or an earlier one) can make
+    the file, or a directory on its way, a link to any host file, which sandgate would
+    then overwrite, and could rewrite the audit log's record of what it did. Checked
+    as given and as resolved; `writable` are the task's resolved writable roots."""
+    given = Path(os.path.abspath(path))
+    real = path.resolve()
+    for root in writable:
+        if _under(given, root) or _under(real, root):
+            raise SandboxError(
+                f"{option} {path}: inside {root}, which the task can write (it could make "
+                "this a link to any host file); write it outside the workspace and --rw paths"
+            )
+    return path
+
+
+def check_no_link_out(option: str, path: Path, writable: list[Path]) -> Path:
+    """A file that sandgate reads as root for the task (--env-file, --extra-ca), or
+    SandboxError when it lies where the task can write but resolves elsewhere: the task
+    (of an earlier run) made it a link to a host file that root may read and the task
+    may not, whose content would reach the task's environment or CA bundle."""
+    given = Path(os.path.abspath(path))
+    real = path.resolve()
+    for root in writable:
+        if _under(given, root) and not _under(real, root):
+            raise SandboxError(
+                f"{option} {path}: a link from {root}, which the task can write, to {real}; "
+                "give the file's own path"
+            )
+    return path
 
 
 def protected_paths(state_dirs: list[Path]) -> list[Path]:

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import tty
@@ -305,6 +306,95 @@ def test_mount_refused_nothing_mounted(program: bytes, tmp_path: Path) -> None:
     finally:
         if os.path.ismount(target):
             libc.umount2(str(target).encode(), 0)
+
+
+SET_ID_MODE = 0o4755
+AT_FDCWD = -100
+
+
+def probe_set_id(call: str, path: str, mode: int) -> tuple[int, int | None]:
+    """(errno of giving `path` `mode` through `call`, the file's mode bits afterwards;
+    None: no file). `path` exists (mode 0644) for the chmod calls, not for the others."""
+    name = ctypes.create_string_buffer(path.encode())
+    address = ctypes.addressof(name)
+    if call == "chmod":
+        code = raw_syscall("chmod", address, mode)
+    elif call == "fchmod":
+        fd = os.open(path, os.O_RDONLY)
+        code = raw_syscall("fchmod", fd, mode)
+        os.close(fd)
+    elif call in ("fchmodat", "fchmodat2"):
+        code = raw_syscall(call, AT_FDCWD, address, mode, 0)
+    elif call == "openat":
+        code = raw_syscall("openat", AT_FDCWD, address, os.O_WRONLY | os.O_CREAT, mode)
+    elif call == "openat-tmpfile":  # an unnamed file, then linked in with its mode
+        directory = ctypes.create_string_buffer(os.path.dirname(path).encode())
+        code = raw_syscall(
+            "openat", AT_FDCWD, ctypes.addressof(directory), os.O_WRONLY | os.O_TMPFILE, mode
+        )
+    elif call == "creat":
+        code = raw_syscall("creat", address, mode)
+    else:  # mknodat of a regular file
+        code = raw_syscall("mknodat", AT_FDCWD, address, stat.S_IFREG | mode, 0)
+    try:
+        return code, stat.S_IMODE(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return code, None
+
+
+@pytest.mark.parametrize(
+    ("call", "existing"),
+    [
+        pytest.param("chmod", True, id="chmod"),
+        pytest.param("fchmod", True, id="fchmod"),
+        pytest.param("fchmodat", True, id="fchmodat"),
+        pytest.param("fchmodat2", True, id="fchmodat2"),
+        pytest.param("openat", False, id="openat-creat"),
+        pytest.param("openat-tmpfile", False, id="openat-tmpfile"),
+        pytest.param("creat", False, id="creat"),
+        pytest.param("mknodat", False, id="mknodat"),
+    ],
+)
+@pytest.mark.parametrize(
+    "mode", [SET_ID_MODE, 0o2755, SET_ID_MODE | HIGH_JUNK], ids=["suid", "sgid", "high-junk"]
+)
+def test_set_id_modes_refused_no_set_id_file(
+    program: bytes, tmp_path: Path, call: str, existing: bool, mode: int
+) -> None:
+    target = tmp_path / "target"
+    if existing:
+        target.write_text("x")
+        target.chmod(0o644)
+    code, after = run_forked(filtered, program, probe_set_id, call, str(target), mode).value
+    assert code == errno.EPERM
+    assert after == (0o644 if existing else None)
+
+
+@pytest.mark.parametrize("call", ["chmod", "openat", "mknodat"])
+def test_set_id_probe_works_unfiltered(tmp_path: Path, call: str) -> None:
+    target = tmp_path / "target"
+    if call == "chmod":
+        target.write_text("x")
+    old = os.umask(0)
+    try:
+        code, after = run_forked(probe_set_id, call, str(target), SET_ID_MODE).value
+    finally:
+        os.umask(old)
+    assert code == 0 and after == SET_ID_MODE
+
+
+def test_plain_modes_and_opens_still_work(program: bytes, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    assert run_forked(filtered, program, probe_set_id, "openat", str(target), 0o755).value[0] == 0
+    assert run_forked(filtered, program, probe_set_id, "chmod", str(target), 0o1777).value == (
+        0,
+        0o1777,
+    )
+    # The mode of an open that creates nothing is not looked at.
+    opened = run_forked(
+        filtered, program, raw_syscall, "openat", AT_FDCWD, 0, os.O_RDONLY, SET_ID_MODE
+    )
+    assert opened.value == errno.EFAULT
 
 
 @pytest.mark.parametrize(
