@@ -107,6 +107,13 @@ def from_arguments(
         path = getattr(args, option[2:].replace("-", "_"), None)
         if path is not None:
             spec.check_out_of_reach(option, path, writable)
+    if getattr(args, "rules", None) is not None:
+        # An `always` approval appends to approved.yaml next to it and reloads both
+        # mid-run, and the next run loads them: the task must not be their author.
+        spec.check_out_of_reach(
+            "--rules", Path(args.rules), writable,
+            why="it could rewrite its own policy, which an `always` approval reloads",
+        )  # fmt: skip
     for option, paths in (
         ("--env-file", args.env_file),
         ("--extra-ca", getattr(args, "extra_ca", [])),

@@ -228,19 +228,26 @@ def check_writable(option: str, path: Path, protected: list[Path]) -> Path:
     return real
 
 
-def check_out_of_reach(option: str, path: Path, writable: list[Path]) -> Path:
-    """A file that sandgate writes as root (--summary-json, --audit-log), or SandboxError
-    when it lies where the task can write: there the task (or an earlier one) can make
-    the file, or a directory on its way, a link to any host file, which sandgate would
-    then overwrite, and could rewrite the audit log's record of what it did. Checked
-    as given and as resolved; `writable` are the task's resolved writable roots."""
+# Why a file sandgate writes as root must be out of the task's reach.
+LINK_TO_HOST_FILE = "it could make this a link to any host file"
+
+
+def check_out_of_reach(
+    option: str, path: Path, writable: list[Path], why: str = LINK_TO_HOST_FILE
+) -> Path:
+    """A file that sandgate writes as root (--summary-json, --audit-log) or whose
+    content must stay the admin's (--rules), or SandboxError when it lies where the task
+    can write: there the task (or an earlier one) can make the file, or a directory on
+    its way, a link to any host file, which sandgate would then overwrite, and could
+    rewrite the audit log's record of what it did or its own policy. Checked as given
+    and as resolved; `writable` are the task's resolved writable roots."""
     given = Path(os.path.abspath(path))
     real = path.resolve()
     for root in writable:
         if _under(given, root) or _under(real, root):
             raise SandboxError(
-                f"{option} {path}: inside {root}, which the task can write (it could make "
-                "this a link to any host file); write it outside the workspace and --rw paths"
+                f"{option} {path}: inside {root}, which the task can write ({why}); "
+                "keep it outside the workspace and --rw paths"
             )
     return path
 

@@ -183,6 +183,27 @@ def test_sandgate_writes_no_file_the_task_can_turn_into_a_link(net, tmp_path, op
     assert canary.read_text() == "the host's\n"
 
 
+def test_a_task_cannot_author_its_own_rules(net, tmp_path):
+    """Found and closed: a --rules file in the workspace was the task's to edit, and an
+    `always` approval reloads it (and approved.yaml next to it) mid-run: a task that
+    rewrote it to allow everything got that policy the moment a human approved any of
+    its requests for good, and the next run started with it. Refused where the task can
+    write; the same file elsewhere runs."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    inside, outside = workspace / "rules.yaml", tmp_path / "rules.yaml"
+    for path in (inside, outside):
+        path.write_text(sandbox.DEMO_RULES.read_text())
+    proc = _run_refusable(net, workspace, ("--rules", str(inside)), "touch ran")
+    assert proc.returncode == 2, proc.stderr
+    assert f"--rules {inside}: inside {workspace}" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (workspace / "ran").exists()  # refused before anything ran
+    proc = _run_refusable(net, workspace, ("--rules", str(outside)), "touch ran")
+    assert proc.returncode == 0, proc.stderr
+    assert (workspace / "ran").exists()
+
+
 @pytest.mark.parametrize("option", ["--env-file", "--extra-ca"])
 def test_a_link_planted_by_an_earlier_task_reads_no_host_file_for_the_next(net, tmp_path, option):
     """Found and closed: a task replaced the workspace's `.env` (or a CA file given with
