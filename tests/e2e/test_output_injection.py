@@ -8,19 +8,39 @@ the "slack" format posts to, `*`, `_`, `~` restyle the text. The request is held
 approval, so it reaches the approval webhook, and the approvals CLI lists it. The
 chat text must carry none of that syntax (the path percent-encoded), while the JSON
 format and the CLI keep the exact path.
+
+The task's own output goes to the caller's terminal, and the summary of `sandgate
+run` follows it there: a task that leaves the terminal concealing text, drawing
+letters as lines, or scrolling only two lines must not hide the summary. A real
+terminal emulator (tmux) runs `sandgate run`; what it shows is read back.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
+import subprocess
 import sys
+import time
 
 import pytest
 from support import sandbox
 from support.service import GatewayProcess, attach
 
 pytestmark = pytest.mark.e2e
+
+# What the task leaves its terminal in, after a forged summary line; whether that line
+# stays on the screen (the summary writes over it when the cursor was left above it).
+TERMINAL_STATES = [
+    pytest.param(r"\033[8m", True, id="concealed"),
+    pytest.param(r"\033[30;40m", True, id="black-on-black"),
+    pytest.param(r"\033(0", True, id="line-drawing-letters"),
+    pytest.param(r"\033[1;2r\033[2;1H", False, id="two-line-scroll-region"),
+]
+FORGED = "sandgate: task 00000000 (profile default): 0 allowed, 0 blocked"
+# What tmux's `capture-pane -e` writes for plain text: the default colours, G0.
+PLAIN = re.compile(r"\x1b\[(0|39|49)m|\x0f")
 
 RULES = """\
 version: 1
@@ -115,3 +135,41 @@ def test_a_path_held_for_approval_is_no_markup_in_the_webhook_or_the_cli(
 def document_id(line: str) -> str:
     """The approval id, first on a line of `sandgate approvals list`."""
     return line.split()[0]
+
+
+@pytest.mark.parametrize(("leaves", "forged_stays"), TERMINAL_STATES)
+def test_the_summary_after_the_tasks_output_shows_on_a_real_terminal(
+    fakenet, tmp_path, leaves, forged_stays
+):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\nprofiles:\n  default:\n    rules: []\n")
+    workdir = sandbox._workdir(tmp_path)
+    task = f"printf '{FORGED}\\n{leaves}'; exit 3"
+    argv = sandbox._argv(fakenet, workdir, ["sh", "-c", task], rules, ())
+    done = tmp_path / "done"
+    command = shlex.join(["ip", "netns", "exec", fakenet.host_ns, *argv])
+    socket = tmp_path / "tmux.sock"
+    tmux = ["tmux", "-S", str(socket), "-f", "/dev/null"]
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-x", "120", "-y", "40", "--", "sh", "-c",
+         f"{command}; echo $? > {done}; sleep 600"],
+        check=True,
+    )  # fmt: skip
+    try:
+        assert sandbox.eventually(done.exists, timeout=60)
+        assert done.read_text().strip() == "3"  # the task ran, and its exit code is the run's
+        time.sleep(0.2)  # tmux has drawn what it read
+        shown = subprocess.run(
+            [*tmux, "capture-pane", "-p", "-e"], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    summary = json.loads((workdir / "summary.json").read_text())
+    header = f"sandgate: task {summary['task_id']} (profile default): 0 allowed, 0 blocked"
+    lines = [PLAIN.sub("", line) for line in shown.splitlines()]
+    assert (FORGED in shown) is forged_stays  # the task's output was shown
+    # The summary, every line of it on the screen, in plain text.
+    at = lines.index(header) if header in lines else None
+    assert at is not None, shown
+    assert lines[at + 1].startswith("  audit log: "), shown
+    assert not re.search(r"[\x00-\x1f]", lines[at] + lines[at + 1]), shown
