@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import h11
 from sandgate.proxy.approvals.holder import Approvals
@@ -47,13 +47,11 @@ def check_url(url: str) -> str:
 
 def payload(record: dict, fmt: str, admin_url: str | None = None) -> bytes:
     """The body for one new approval (`Pending.to_dict()`, with `first_seen`)."""
-    where = f"{record['name']}:{record['port']} ({record['protocol']})"
-    if record.get("method"):
-        where = f"{record['method']} {where}{record.get('path') or ''}"
     approve = f"sandgate approvals approve {record['id']}"
     if fmt == "slack":
         text = (
-            f"sandgate: task {record['task_id']} (profile {record['profile']}) asks for {where}; "
+            f"sandgate: task {record['task_id']} (profile {record['profile']}) asks for "
+            f"{destination(record, chat_inert)}; "
             f"approval {record['id']}, rule {record.get('rule') or '-'}. Decide: `{approve}`"
             + (f" or {admin_url}" if admin_url else "")
         )
@@ -61,7 +59,7 @@ def payload(record: dict, fmt: str, admin_url: str | None = None) -> bytes:
     document = {
         "event": "approval_pending",
         "sent_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "destination": where,
+        "destination": destination(record),
         "approval": record,
         "decide": {"cli": approve}
         | (
@@ -71,6 +69,24 @@ def payload(record: dict, fmt: str, admin_url: str | None = None) -> bytes:
         ),
     }
     return json.dumps(document).encode()
+
+
+def destination(record: dict, shown: Callable[[str], str] = str) -> str:
+    """`METHOD name:port (protocol)/path` of an approval record, method and path (the
+    task's choice) through `shown`."""
+    where = f"{record['name']}:{record['port']} ({record['protocol']})"
+    if record.get("method"):
+        where = f"{shown(record['method'])} {where}{shown(record.get('path') or '')}"
+    return where
+
+
+def chat_inert(text: str) -> str:
+    """`text` (a method or path the task chose) percent-encoded but for letters, digits,
+    `-._~`, `/` and `%`, for a chat message: Slack reads `<!channel>` as a mention of
+    everyone and `<URL|words>` as a link showing only the words; Mattermost and Teams
+    read `@channel` and `[words](URL)`; a backtick would end the command's code span.
+    The name needs none of this (canonical: letters, digits, `-` and `.`)."""
+    return quote(text, safe="/%")
 
 
 def sign(secret: bytes, body: bytes) -> str:

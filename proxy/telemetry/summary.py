@@ -21,6 +21,15 @@ BLOCKED = (Verdict.DENY, Verdict.ASK)
 OTHER_DESTINATIONS = "(other destinations)"
 SUPPRESSED_DESTINATIONS = "(suppressed in the audit log)"
 _NO_ROW = (EventKind.TASK, EventKind.POLICY, EventKind.CONNECTION_END)
+# The summary follows the task's own output on the same terminal, which the task may
+# have left hiding or garbling what comes next. Undone first, where it is a terminal:
+TERMINAL_RESET = (
+    "\x1b7\x1b[r\x1b8"  # a scroll region of a few lines: the whole screen again (DECSTBM),
+    # the cursor where it was (DECSC/DECRC)
+    "\x1b[0m"  # concealed, black-on-black or blinking text: plain again (SGR 0)
+    "\x1b(B\x0f"  # line-drawing glyphs for letters: ASCII in G0, G0 in use (SCS, SI)
+    "\x1b]8;;\x1b\\"  # an open hyperlink the rows would be the text of: closed (OSC 8)
+)
 
 
 def row_destination(event: Event) -> str | None:
@@ -146,6 +155,8 @@ class TaskSummary:
         return summary
 
     def print_table(self, out: TextIO) -> None:
+        if out.isatty():
+            out.write(TERMINAL_RESET)
         rows = sorted(self.rows.items(), key=_blocked_first)
         allowed = sum(n for (_, _, v, _, _), n in rows if v not in BLOCKED)
         blocked = sum(n for (_, _, v, _, _), n in rows if v in BLOCKED)
