@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from support import sandbox
 from support.sandbox import curl, eventually
-from support.service import GatewayProcess, attach_argv
+from support.service import WEBHOOK_SECRET, GatewayProcess, WebhookReceiver, attach_argv
 
 pytestmark = pytest.mark.e2e
 
@@ -56,24 +56,6 @@ try:
 except urllib.error.HTTPError as e:
     status, data = e.code, e.read()
 print(json.dumps({"status": status, "body": json.loads(data or b"null")}))
-"""
-
-# The webhook's receiver: each POST's signature header and body as one JSON line.
-RECEIVER = r"""
-import json, sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
-log = open(sys.argv[2], "a")
-class Handler(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["content-length"]))
-        log.write(json.dumps({"signature": self.headers.get("x-sandgate-signature"),
-                              "body": body.decode()}) + "\n")
-        log.flush()
-        self.send_response(204)
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
 
 # The page in headless Chromium: log in, see the request, approve it, see the decision.
@@ -161,10 +143,7 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
     fakenet.clear_logs()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    secret = tmp_path / "webhook.key"
-    secret.write_text("s3cret-key-for-the-webhook-test\n")
-    received = tmp_path / "webhook.jsonl"
-    receiver = fakenet.popen_in_host([sys.executable, "-c", RECEIVER, "8099", str(received)])
+    receiver = WebhookReceiver(fakenet, tmp_path, 8099)
     service = GatewayProcess(
         fakenet,
         tmp_path,
@@ -172,10 +151,7 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
         "-v",
         "--admin-listen",
         "0.0.0.0:9465",
-        "--approval-webhook",
-        "http://127.0.0.1:8099/hook",
-        "--approval-webhook-secret",
-        str(secret),
+        *receiver.options,
     ).start()
     task = None
     try:
@@ -201,11 +177,8 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
         path = url + f"api/approvals/{asked['id']}"
 
         # The webhook: signed with the secret over the exact body.
-        (line,) = eventually(lambda: received.exists() and received.read_text().splitlines())
-        hook = json.loads(line)
-        expected = hmac.new(
-            b"s3cret-key-for-the-webhook-test", hook["body"].encode(), hashlib.sha256
-        )
+        (hook,) = receiver.posts()
+        expected = hmac.new(WEBHOOK_SECRET.encode(), hook["body"].encode(), hashlib.sha256)
         assert hook["signature"] == "sha256=" + expected.hexdigest()
         assert json.loads(hook["body"])["approval"]["id"] == asked["id"]
 
@@ -247,8 +220,7 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
             task.kill()
             task.wait()
         service.stop()
-        receiver.kill()
-        receiver.wait()
+        receiver.stop()
 
 
 def test_the_page_in_a_real_browser_approves_a_held_request(fakenet, tmp_path):

@@ -21,12 +21,11 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 import time
 
 import pytest
 from support import sandbox
-from support.service import GatewayProcess, attach
+from support.service import GatewayProcess, WebhookReceiver, attach
 
 pytestmark = pytest.mark.e2e
 
@@ -57,42 +56,18 @@ profiles:
 # message: mentions of everyone, emphasis, a mail link's address.
 HOSTILE_PATH = "/@channel/@all/@here/*Approved*/_by_/~admin~/mailto:x@evil.test"
 
-# The webhook's receiver: each POST's body as one line.
-RECEIVER = r"""
-import sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
-log = open(sys.argv[2], "a")
-class Handler(BaseHTTPRequestHandler):
-    def do_POST(self):
-        log.write(self.rfile.read(int(self.headers["content-length"])).decode() + "\n")
-        log.flush()
-        self.send_response(204)
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-"""
-
 
 @pytest.mark.parametrize("fmt", ["slack", "json"])
-def test_a_path_held_for_approval_is_no_markup_in_the_webhook_or_the_cli(
-    fakenet, tmp_path, fmt
-):
+def test_a_path_held_for_approval_is_no_markup_in_the_webhook_or_the_cli(fakenet, tmp_path, fmt):
     fakenet.clear_logs()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    secret = tmp_path / "webhook.key"
-    secret.write_text("s3cret-key-for-the-webhook-test\n")
-    received = tmp_path / "webhook.jsonl"
-    receiver = fakenet.popen_in_host([sys.executable, "-c", RECEIVER, "8098", str(received)])
+    receiver = WebhookReceiver(fakenet, tmp_path, 8098)
     service = GatewayProcess(
         fakenet,
         tmp_path,
         rules,
-        "--approval-webhook",
-        "http://127.0.0.1:8098/hook",
-        "--approval-webhook-secret",
-        str(secret),
+        *receiver.options,
         "--approval-webhook-format",
         fmt,
     ).start()
@@ -100,18 +75,18 @@ def test_a_path_held_for_approval_is_no_markup_in_the_webhook_or_the_cli(
         result = attach(
             service,
             tmp_path,
-            {"held": f"curl -sS -g --path-as-is --max-time 10 -w '\\n%{{http_code}}' "
-                     f"'http://allowed.test{HOSTILE_PATH}'"},  # fmt: skip
+            {
+                "held": f"curl -sS -g --path-as-is --max-time 10 -w '\\n%{{http_code}}' "
+                f"'http://allowed.test{HOSTILE_PATH}'"
+            },  # fmt: skip
         )
         assert result["held"].out.strip().splitlines()[-1] == "403", result.describe()
         assert "needs a human's approval" in result["held"].out, result.describe()
         # Held, never forwarded: the server got nothing.
         assert fakenet.requests_seen() == []
 
-        (body,) = sandbox.eventually(
-            lambda: received.exists() and received.read_text().splitlines(), timeout=10
-        )
-        document = json.loads(body)
+        (post,) = receiver.posts()
+        document = json.loads(post["body"])
         listed = service.ask("approvals", "list")
         assert listed.returncode == 0, listed.stderr
         (line,) = listed.stdout.splitlines()  # one approval, one line
@@ -128,8 +103,7 @@ def test_a_path_held_for_approval_is_no_markup_in_the_webhook_or_the_cli(
         assert re.findall("`[^`]*`", text) == [f"`sandgate approvals approve {document_id(line)}`"]
     finally:
         service.stop()
-        receiver.kill()
-        receiver.wait()
+        receiver.stop()
 
 
 def document_id(line: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -184,3 +185,52 @@ def attach(
         service.wait_task_ended(result.run_id)
         result.audit = service.events(task_id=result.run_id)
     return result
+
+
+# The approval webhook's receiver: each POST's signature header and body as one JSON line.
+_RECEIVER = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+log = open(sys.argv[2], "a")
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        log.write(json.dumps({"signature": self.headers.get("x-sandgate-signature"),
+                              "body": body.decode()}) + "\n")
+        log.flush()
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+WEBHOOK_SECRET = "s3cret-key-for-the-webhook-test"
+
+
+class WebhookReceiver:
+    """An approval webhook's receiver on 127.0.0.1:`port` of the fake internet's host
+    netns (where the service runs); `options` are the service's flags for it."""
+
+    def __init__(self, fakenet, tmp_path: Path, port: int):
+        secret = tmp_path / "webhook.key"
+        secret.write_text(WEBHOOK_SECRET + "\n")
+        self.received = tmp_path / "webhook.jsonl"
+        self.proc = fakenet.popen_in_host(
+            [sys.executable, "-c", _RECEIVER, str(port), str(self.received)]
+        )
+        self.options = (
+            "--approval-webhook", f"http://127.0.0.1:{port}/hook",
+            "--approval-webhook-secret", str(secret),
+        )  # fmt: skip
+
+    def posts(self, timeout: float = 10.0) -> list[dict]:
+        """What it got once it got something: each POST's signature and body."""
+        lines = sandbox.eventually(
+            lambda: self.received.exists() and self.received.read_text().splitlines(),
+            timeout=timeout,
+        )
+        return [json.loads(line) for line in lines]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
