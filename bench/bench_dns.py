@@ -51,7 +51,7 @@ RULES = """version: 1
 profiles:
   default:
     fallback: deny
-    limits: {dns_qps: 10000, connections: 4096}
+    limits: {dns_qps: 1000, connections: 4096}
     rules:
       - allow: allowed.test
         id: bench-allowed

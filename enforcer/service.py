@@ -665,7 +665,9 @@ class GatewayService:
         if attached.address:  # a worker's last events of the task, into its summary
             await self.data_plane.settle(attached.address)
         await self._remove(attached, f"exit code {exit_code}")
-        return {"ok": True, "summary": attached.summary.to_dict()}
+        # One line of the control socket: the runner refuses a longer one.
+        summary = attached.summary.to_dict(max_bytes=control.MAX_LINE - 1024)
+        return {"ok": True, "summary": summary}
 
     async def _remove(self, attached: Attached, why: str) -> None:
         """The sandbox's end: its events now, from the table's counters (its task is gone);

@@ -45,6 +45,10 @@ from sandgate.proxy.policy.names import IPAddress, format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import Event, EventKind, EventSink
 
+# What the UDP socket's receive queue may hold (`_room_for_bursts`).
+DNS_RECEIVE_QUEUE = 8 << 20
+SO_RCVBUFFORCE = 33  # Linux (socket(7)); Python's socket module has no name for it
+
 log = logging.getLogger("sandgate.dns")
 
 SandboxFor = Callable[[str], "tuple[str, str] | None"]
@@ -128,6 +132,7 @@ class DnsFilter:
             self._udp, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpProtocol(self), local_addr=(listen_host, port)
             )
+        _room_for_bursts(self._udp.get_extra_info("socket"))
         self.port = self._udp.get_extra_info("sockname")[1]
         try:
             if sockets is not None:
@@ -451,3 +456,14 @@ def _describe(response: dns.message.Message) -> str:
 
 def _join(*parts: str) -> str:
     return "; ".join(part for part in parts if part)
+
+
+def _room_for_bursts(sock) -> None:
+    """A receive queue that holds a burst of every sandbox at once: each may send
+    nft.DNS_PACKETS_PER_S queries in a burst (its table drops the rest), and a datagram
+    costs about 1 KiB of the queue, so the default (~200 KiB, ~200 queries) was full
+    after one task's burst and the kernel dropped the others' queries."""
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):  # FORCE: past rmem_max, as root
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, DNS_RECEIVE_QUEUE)
+            return

@@ -10,6 +10,7 @@ a million random names cannot grow the gateway's memory.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import TextIO
 
@@ -119,16 +120,19 @@ class TaskSummary:
     def firewall_drops(self, counters: dict[str, int]) -> None:
         self.firewall = {name: n for name, n in counters.items() if n}
 
-    def to_dict(self) -> dict:
-        return {
-            **self.task,
-            "destinations": [
-                {"kind": k, "destination": d, "verdict": v, "reason": r, "rule": rule, "count": n}
-                for (k, d, v, r, rule), n in sorted(self.rows.items(), key=_blocked_first)
-            ],
-            "firewall_drops": self.firewall,
-            **self.telemetry,
-        }
+    def to_dict(self, max_bytes: int | None = None) -> dict:
+        """The summary as JSON-ready data. `max_bytes`: its JSON stays within that many
+        bytes (a gateway service's detach reply is one line of the control socket,
+        which the runner refuses past control.MAX_LINE: a task that resolved thousands
+        of names would lose its whole summary): the rows that do not fit are folded
+        into "(other destinations)" rows, one per kind, verdict, reason and rule, their
+        counts kept."""
+        rows = sorted(self.rows.items(), key=_blocked_first)
+        data = {**self.task, "destinations": [], "firewall_drops": self.firewall, **self.telemetry}
+        if max_bytes is not None:
+            rows = _fitted(rows, max_bytes - len(json.dumps(data)))
+        data["destinations"] = [_row_dict(key, n) for key, n in rows]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskSummary:
@@ -207,6 +211,32 @@ class TaskSummary:
             )
         if self.telemetry.get("metrics"):
             print(f"  metrics: {self.telemetry['metrics']}", file=out)
+
+
+def _row_dict(key: tuple, n: int) -> dict:
+    kind, destination, verdict, reason, rule = key
+    return {"kind": kind, "destination": destination, "verdict": verdict, "reason": reason,
+            "rule": rule, "count": n}  # fmt: skip
+
+
+def _fitted(rows: list[tuple[tuple, int]], budget: int) -> list[tuple[tuple, int]]:
+    """`rows` (in order) whose JSON list fits in `budget` bytes: the first ones as they
+    are, the rest folded into OTHER_DESTINATIONS rows (room for those is kept first:
+    at most one per kind, verdict, reason and rule)."""
+    sizes = [len(json.dumps(_row_dict(key, n))) + 2 for key, n in rows]
+    if sum(sizes) <= budget:
+        return rows
+    folded_keys = {(k[0], OTHER_DESTINATIONS, *k[2:]) for k, _ in rows}
+    room = budget - sum(len(json.dumps(_row_dict(k, 10**12))) + 2 for k in folded_keys)
+    kept: list[tuple[tuple, int]] = []
+    folded: Counter[tuple] = Counter()
+    for (key, n), size in zip(rows, sizes, strict=True):
+        if size <= room and key[1] != OTHER_DESTINATIONS:
+            kept.append((key, n))
+            room -= size
+        else:
+            folded[(key[0], OTHER_DESTINATIONS, *key[2:])] += n
+    return kept + list(folded.items())
 
 
 def _blocked_first(item) -> tuple:

@@ -246,3 +246,12 @@ assert seen == [[]], seen
         assert run.returncode == 0, run.stderr
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_the_kernels_dns_rate_never_drops_what_a_profile_may_send() -> None:
+    """The table's per-sandbox DNS packet rate is a flood guard, not a policy: no
+    profile's dns_qps may exceed it."""
+    from sandgate.proxy.policy.model import MAX_LIMITS
+
+    assert MAX_LIMITS.dns_qps <= nft.DNS_PACKETS_PER_S
+    assert f"limit rate over {nft.DNS_PACKETS_PER_S}/second" in render_ruleset(CONFIG)

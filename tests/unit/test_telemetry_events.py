@@ -153,6 +153,24 @@ def test_summary_table_blocked_first_with_rule_and_where_the_audit_log_is():
     assert summary.to_dict()["audit_log"] == "/var/lib/sandgate/audit/t1.jsonl"
 
 
+def test_a_summary_sent_over_the_control_socket_folds_rows_to_fit_and_keeps_every_count():
+    summary = TaskSummary()  # 10,000 rows: ~1.5 MB of JSON, over control.MAX_LINE
+    for i in range(12_000):
+        summary.emit(event(kind=EventKind.DNS, name=f"n{i:05}.{'x' * 60}.evil.test"))
+    summary.emit(event(kind=EventKind.CONNECTION, verdict=Verdict.ALLOW, name="ok.test"))
+    whole = summary.to_dict()
+    assert len(json.dumps(whole)) > 1 << 20
+    fitted = summary.to_dict(max_bytes=100_000)
+    assert len(json.dumps(fitted)) <= 100_000
+    rows = fitted["destinations"]
+    assert 100 < len(rows) < 1000
+    assert sum(r["count"] for r in rows) == sum(r["count"] for r in whole["destinations"])
+    assert sum(r["count"] for r in rows if r["kind"] == "dns") == 12_000
+    (allowed,) = [r for r in rows if r["verdict"] == "allow"]  # folded, still counted
+    assert (allowed["destination"], allowed["count"]) == (OTHER_DESTINATIONS, 1)
+    assert summary.to_dict(max_bytes=10 << 20) == whole  # room enough: unchanged
+
+
 def test_summary_memory_and_table_stay_short_under_many_names():
     summary = TaskSummary(max_rows=100, max_printed=10)
     for i in range(10_000):
