@@ -11,8 +11,10 @@ in `finally`.
 - sandgate: a real `Gateway` (proxy/gateway.py) in a child process, listening on
   127.0.0.1, with the audit log (a file in a temporary directory) and the metrics as
   event sinks, as `sandgate run` has them, and rules that allow `allowed.test` and
-  deny everything else. Its sandboxes are 127.0.0.2..127.0.0.9 (one per client
-  process, so the per-sandbox rate cap, `dns_qps`, set to its maximum, is per client).
+  deny everything else. Its sandboxes are 127.0.0.2..127.0.0.33, spread over the
+  client processes (each query socket or connection from one of them), so that the
+  per-sandbox rate cap, `dns_qps` (set to its maximum, 1,000/s), stays far above
+  what each is asked: the rows measure the filter, not the cap.
 
 Rows, UDP and TCP:
 - allowed name, direct: the clients ask dnsmasq;
@@ -46,7 +48,7 @@ import time
 from pathlib import Path
 
 ALLOWED, DENIED = "allowed.test", "denied.test"
-SANDBOXES = [f"127.0.0.{i}" for i in range(2, 10)]
+SANDBOXES = [f"127.0.0.{i}" for i in range(2, 34)]
 RULES = """version: 1
 profiles:
   default:
@@ -130,45 +132,57 @@ def gateway_main(work: str, upstream_port: int, port: int) -> None:
 # --- the clients -----------------------------------------------------------------------
 
 
-def udp_load(source: str, port: int, name: str, inflight: int, seconds: float, out) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((source, 0))
-    sock.setblocking(False)
-    sock.connect(("127.0.0.1", port))
+def udp_load(sources: list[str], port: int, name: str, inflight: int, seconds: float, out) -> None:
+    """`inflight` queries in flight, over one socket per sandbox address in `sources`."""
+    socks = []
+    sel = selectors.DefaultSelector()
+    for source in sources:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", port))
+        sel.register(sock, selectors.EVENT_READ)
+        socks.append(sock)
     wires = [query_wire(name, i) for i in range(65536)]
     qid, answered, lost = 0, 0, 0
-    sel = selectors.DefaultSelector()
-    sel.register(sock, selectors.EVENT_READ)
-    for _ in range(inflight):
-        sock.send(wires[qid])
-        qid = (qid + 1) & 0xFFFF
+
+    def start_all() -> None:
+        nonlocal qid
+        for i in range(inflight):
+            socks[i % len(socks)].send(wires[qid])
+            qid = (qid + 1) & 0xFFFF
+
+    start_all()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        if not sel.select(0.2):
+        ready = sel.select(0.2)
+        if not ready:
             lost += inflight  # all in flight went missing: start again
-            for _ in range(inflight):
+            start_all()
+            continue
+        for key, _ in ready:
+            sock = key.fileobj
+            while True:
+                try:
+                    sock.recv(4096)
+                except BlockingIOError:
+                    break
+                answered += 1
                 sock.send(wires[qid])
                 qid = (qid + 1) & 0xFFFF
-            continue
-        while True:
-            try:
-                sock.recv(4096)
-            except BlockingIOError:
-                break
-            answered += 1
-            sock.send(wires[qid])
-            qid = (qid + 1) & 0xFFFF
     out.put((answered, lost))
 
 
-def tcp_load(source: str, port: int, name: str, inflight: int, seconds: float, out) -> None:
+def tcp_load(sources: list[str], port: int, name: str, inflight: int, seconds: float, out) -> None:
+    """`inflight` connections, each from the next sandbox address in `sources`."""
     sel = selectors.DefaultSelector()
     wire = query_wire(name, 7)
     framed = len(wire).to_bytes(2, "big") + wire
+    turn = iter(range(1 << 62))
 
     def connect_and_ask() -> None:
         s = socket.socket()
-        s.bind((source, 0))
+        s.bind((sources[next(turn) % len(sources)], 0))
         s.connect(("127.0.0.1", port))
         s.setblocking(False)
         s.send(framed)
@@ -205,7 +219,7 @@ def rate(port: int, name: str, tcp: bool, procs: int, inflight: int, seconds: fl
     target = tcp_load if tcp else udp_load
     workers = [
         multiprocessing.Process(
-            target=target, args=(SANDBOXES[i % len(SANDBOXES)], port, name, inflight, seconds, out)
+            target=target, args=(SANDBOXES[i::procs], port, name, inflight, seconds, out)
         )
         for i in range(procs)
     ]
