@@ -63,6 +63,7 @@ from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
+from sandgate.proxy.worker import FLUSH_PERIOD
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 log = logging.getLogger("sandgate.gateway")
@@ -410,7 +411,9 @@ class WorkerPool:
                     sandbox=sandbox.address,
                     profile=sandbox.profile,
                     detail=f"gateway worker {worker.index} (pid {dead_pid}) died ({how}): "
-                    f"the sandbox's open connections were cut and new ones waited; "
+                    f"the sandbox's open connections were cut and new ones waited, and "
+                    f"the events it had made but not yet sent (at most its last "
+                    f"{1000 * FLUSH_PERIOD:.0f} ms) are lost; "
                     f"restarted as pid {worker.pid} ({worker.restarts} restarts)",
                 )
             )

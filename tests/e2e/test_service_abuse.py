@@ -149,9 +149,10 @@ def test_a_flood_neither_slows_nor_hides_another_task_and_is_summarised_not_lost
         assert eventually((shared / "flood-up").exists, timeout=30), hostile.popen.stderr
         polite = [Task(service, tmp_path, POLITE, str(shared), f"p{i}", "20") for i in range(2)]
         boxes = eventually(
-            lambda: len(s := json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"])
-            == 3
-            and s,
+            lambda: (
+                len(s := json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"]) == 3
+                and s
+            ),
             timeout=30,
         )
         workers = {s["command"][-2] if s["profile"] == "default" else "hostile": s["worker"]
