@@ -67,3 +67,56 @@ def test_always_for_a_path_with_a_star_is_refused_as_it_would_be_a_glob(fakenet,
         assert [r["uri"] for r in fakenet.requests_seen()] == ["/up/**"]
     finally:
         service.stop()
+
+
+def test_a_held_request_approved_after_a_reload_that_denies_it_is_denied(fakenet, tmp_path):
+    """The admin sees GET /up/x held and reloads with `deny: allowed.test`; a second
+    human, looking at the still-pending approval, approves it. A deny wins over any
+    approval (docs/approvals.md): the held request is answered 403 under the new
+    policy, and the server got nothing."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    try:
+        task = Task(service, tmp_path, {"held": curl("http://allowed.test/up/x", timeout=40)})
+        try:
+            asked = task.held()
+            rules.write_text(RULES.replace("deny: evil.test", "deny: [evil.test, allowed.test]"))
+            reload = service.ask("reload")
+            assert reload.returncode == 0, reload.stderr
+            approved = service.ask("approvals", "approve", asked["id"])
+            assert approved.returncode == 0, approved.stderr
+        finally:
+            result = task.finish()
+        assert result["held"].status == 403, result.describe()
+        assert fakenet.requests_seen() == []
+        (request,) = service.events(kind="request", path="/up/x")
+        assert (request["verdict"], request["reason"]) == ("deny", "policy_changed"), request
+    finally:
+        service.stop()
+
+
+def test_a_held_tls_connection_approved_after_a_reload_that_denies_it_is_closed(
+    fakenet, tmp_path
+):
+    """As above for a connection held at its ClientHello (pass-through TLS): the reload
+    revokes it, the late approval does not bring it back, the server got nothing."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace('        paths: ["/up/**"]\n', ""))
+    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    try:
+        task = Task(service, tmp_path, {"held": curl("https://allowed.test/", timeout=40)})
+        try:
+            asked = task.held()
+            assert asked["protocol"] == "tls", asked
+            rules.write_text(rules.read_text().replace("deny: evil.test", "deny: allowed.test"))
+            assert service.ask("reload").returncode == 0
+            service.ask("approvals", "approve", asked["id"])
+        finally:
+            result = task.finish()
+        assert result["held"].status == 0 and result["held"].rc != 0, result.describe()
+        assert fakenet.requests_seen() == []
+    finally:
+        service.stop()
