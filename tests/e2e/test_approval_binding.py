@@ -4,6 +4,8 @@ proves the forbidden request never reached the fake internet's server."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from support.sandbox import curl
 from support.service import GatewayProcess
@@ -24,16 +26,21 @@ profiles:
 """
 
 
+def _service(fakenet, tmp_path, rules_text: str) -> tuple[GatewayProcess, Path]:
+    """A gateway service on `rules_text` (its rules file, for a reload), logs cleared."""
+    fakenet.clear_logs()
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(rules_text)
+    return GatewayProcess(fakenet, tmp_path, rules).start(), rules
+
+
 def test_always_for_a_path_with_a_star_is_refused_as_it_would_be_a_glob(fakenet, tmp_path):
     """The task asks for GET /up/** (a legal path: '*' is a plain character in a URL).
     Written into approved.yaml as asked, `paths: ["/up/**"]` would allow every path
     under /up for every task. `--always` is refused (one line, nothing written); the
     exact path approved `--task` goes through, and /up/secret is asked again (denied
     here): the server saw only the approved path."""
-    fakenet.clear_logs()
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    service, _ = _service(fakenet, tmp_path, RULES)
     try:
         task = Task(
             service,
@@ -74,10 +81,7 @@ def test_a_held_request_approved_after_a_reload_that_denies_it_is_denied(fakenet
     human, looking at the still-pending approval, approves it. A deny wins over any
     approval (docs/approvals.md): the held request is answered 403 under the new
     policy, and the server got nothing."""
-    fakenet.clear_logs()
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    service, rules = _service(fakenet, tmp_path, RULES)
     try:
         task = Task(service, tmp_path, {"held": curl("http://allowed.test/up/x", timeout=40)})
         try:
@@ -102,10 +106,7 @@ def test_a_held_tls_connection_approved_after_a_reload_that_denies_it_is_closed(
 ):
     """As above for a connection held at its ClientHello (pass-through TLS): the reload
     revokes it, the late approval does not bring it back, the server got nothing."""
-    fakenet.clear_logs()
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES.replace('        paths: ["/up/**"]\n', ""))
-    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    service, rules = _service(fakenet, tmp_path, RULES.replace('        paths: ["/up/**"]\n', ""))
     try:
         task = Task(service, tmp_path, {"held": curl("https://allowed.test/", timeout=40)})
         try:
