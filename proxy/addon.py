@@ -249,9 +249,12 @@ class SandgateAddon:
             if flow.metadata.get(_HELD_BODY_REFUSED):  # refused meanwhile (413): never forwarded
                 flow.kill()
                 return
+            granted = answer.answer is Answer.GRANTED
+            revoked = self.gate.held_request_revoked(state, checked) if granted else None
             unresolved = False
             if (
-                answer.answer is Answer.GRANTED
+                granted
+                and revoked is None
                 and state.placeholder is not None
                 and state.upstream_ip is None
             ):
@@ -260,7 +263,7 @@ class SandgateAddon:
                 state.upstream_ip = await self.resolve(state, state.placeholder)
                 unresolved = state.upstream_ip is None
             decision, checked = self.gate.on_request_answer(
-                state, decision, answer, head, checked, tls, unresolved=unresolved
+                state, decision, answer, head, checked, tls, unresolved=unresolved, revoked=revoked
             )
             self._apply(flow, state, decision, checked)
 

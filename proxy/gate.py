@@ -658,14 +658,18 @@ class ConnectionGate:
         checked: CheckedHead,
         tls: bool,
         unresolved: bool = False,
+        revoked: Decision | None = None,
     ) -> tuple[Decision, CheckedHead | None]:
         """A held request's end (`answer`: proxy/approvals/holder.HoldResult): the
         final decision, emitted, as on_request returns it. `unresolved`: approved, but
         the placeholder's name then had no public address upstream (denied,
-        dns_upstream_failure: the adapter answers 502 and connects nowhere)."""
+        dns_upstream_failure: the adapter answers 502 and connects nowhere).
+        `revoked`: approved, but `held_request_revoked` found the policy denies it now."""
         started = self.clock()
         decision = _answered(asked, answer)
-        if decision.allowed and unresolved:
+        if decision.allowed and revoked is not None:
+            decision = revoked
+        elif decision.allowed and unresolved:
             decision = deny(
                 "dns-upstream",
                 detail=f"{decision.detail}, but {state.placeholder} has no public address "
@@ -673,6 +677,23 @@ class ConnectionGate:
             )
         name = self._request_name(state, checked.host)
         return self._settle_request(state, decision, head, checked, tls, name, started, answer)
+
+    def held_request_revoked(self, state: ConnState, checked: CheckedHead) -> Decision | None:
+        """A held request a human approved, decided again under the current policy: a
+        reload while it was held may deny it now, and a deny wins over any approval.
+        None if the approval stands (the policy still asks, or allows), else the
+        denial (policy_changed) for `on_request_answer`. The adapter asks before it
+        resolves a placeholder's name, so a name denied meanwhile is not resolved."""
+        decision, _, _ = self._decide_request_anew(state, checked)
+        if decision.verdict is Verdict.ASK or decision.allowed:
+            return None
+        return Decision(
+            Verdict.DENY,
+            Reason.POLICY_CHANGED,
+            decision.rule,
+            detail=f"approved, but a policy reload while it was held denies it "
+            f"({decision.reason}): {decision.detail}",
+        )
 
     def _settle_request(
         self, state, decision, head, checked, tls, name, started, answer=None

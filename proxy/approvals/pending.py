@@ -408,7 +408,8 @@ class PendingStore:
 
     def check_scope(self, pending_id: str, scope: Scope, widen: str | None = None) -> str | None:
         """ApprovalError if `scope` (and `widen`) cannot decide this pending approval:
-        once or task for a task that has ended (nothing would be granted); a widening
+        once or task for a task that has ended (nothing would be granted); always for a
+        path with '*' (approved.yaml's rule would read it as a glob); a widening
         with a scope other than duration or always, or one `widen_pattern` refuses.
         Returns the canonical wildcard (None: not widened)."""
         found = self.get(pending_id)
@@ -417,6 +418,13 @@ class PendingStore:
         if found.task_ended and scope in (Scope.ONCE, Scope.TASK):
             raise ApprovalError(
                 f"approval {found.id}: the task has ended; approve --for or --always, or deny"
+            )
+        if scope is Scope.ALWAYS and found.key.path is not None and "*" in found.key.path:
+            # The rule's `paths:` reads '*' as a wildcard (and '/**' as everything below):
+            # written as asked, it would allow paths nobody was shown.
+            raise ApprovalError(
+                f"approval {found.id}: the asked path {found.key.path[:80]!r} holds '*', "
+                "which a rule reads as a wildcard; approve --once, --task or --for"
             )
         if widen is None:
             return None
