@@ -101,9 +101,7 @@ def test_a_held_request_approved_after_a_reload_that_denies_it_is_denied(fakenet
         service.stop()
 
 
-def test_a_held_tls_connection_approved_after_a_reload_that_denies_it_is_closed(
-    fakenet, tmp_path
-):
+def test_a_held_tls_connection_approved_after_a_reload_that_denies_it_is_closed(fakenet, tmp_path):
     """As above for a connection held at its ClientHello (pass-through TLS): the reload
     revokes it, the late approval does not bring it back, the server got nothing."""
     service, rules = _service(fakenet, tmp_path, RULES.replace('        paths: ["/up/**"]\n', ""))
