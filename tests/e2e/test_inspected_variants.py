@@ -3,7 +3,8 @@
 other :authority values on one connection, :path forms, CONNECT and extended
 CONNECT, pseudo-header games, header-name case, rapid reset, CONTINUATION and HPACK
 abuse), method spellings and ALPN/TLS-version games on the front door's HTTP/1.1,
-and upstreams the gateway must not trust. Every probe checks what the client got,
+and upstreams the gateway must not trust (another name, expired, self-signed,
+signed by the gateway's own CA). Every probe checks what the client got,
 and nginx's access log (or the probe server's own log) proves that only the
 requests the rules allow reached a server.
 
@@ -26,8 +27,6 @@ from test_http_hardening import copy_h2, settled_requests
 
 pytestmark = pytest.mark.e2e
 
-API_IP = "203.0.113.11"  # api.allowed.test
-EVIL_IP = "203.0.113.66"
 
 # api.allowed.test inspected, GET only (not HEAD), on /public/** only.
 GET_ONLY = """\
