@@ -13,7 +13,7 @@ server picks. Checks, first failure wins:
  1. size: more than MAX_FIELDS header fields or MAX_HEAD_BYTES -> headers_too_large (431);
     a head still unfinished after MAX_HEAD_BYTES is refused so too, before it ends
     (`refuse_unfinished`);
- 2. method: an RFC 9110 token -> else malformed_request;
+ 2. method: an RFC 9110 token in upper case -> else malformed_request;
  3. header names tokens, values free of control bytes (CR, LF, NUL, ... ; HTAB is
     allowed), Content-Length digits and all equal, Transfer-Encoding only `chunked`
     and never with Content-Length (none at all in HTTP/2), no Upgrade in HTTP/2
@@ -44,6 +44,7 @@ MAX_HEAD_BYTES = 64 * 1024
 
 # RFC 9110 5.6.2: token = 1*tchar
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_LOWER = re.compile(rb"[a-z]")
 # Control bytes other than HTAB (RFC 9110 5.5: a field value is VCHAR, SP, HTAB, obs-text).
 _FIELD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Path bytes forwarded as they are: visible ASCII apart from the ones refused below.
@@ -100,6 +101,11 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
         )
     if not _TOKEN.fullmatch(head.method) or len(head.method) > 32:
         return _malformed(f"method {head.text(head.method, 40)!r} is not an HTTP token")
+    if _LOWER.search(head.method):
+        # Rules match methods upper-cased, but methods are case-sensitive (RFC 9110
+        # 9.1): `get` is GET to a lenient server and some other method to a strict one,
+        # so a `methods: [GET]` rule would let through a method it never named.
+        return _malformed(f"method {head.text(head.method, 40)!r} is not upper case")
     by_name = _read_fields(fields)
     if by_name is None:
         return _field_problem(head)

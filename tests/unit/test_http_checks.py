@@ -43,6 +43,8 @@ CASES = [
     pytest.param(head(method=b"GET /x"), "malformed_request", id="space-in-method"),
     pytest.param(head(method=b""), "malformed_request", id="empty-method"),
     pytest.param(head(method=b"G(T"), "malformed_request", id="separator-in-method"),
+    pytest.param(head(method=b"get"), "malformed_request", id="lower-case-method"),
+    pytest.param(head(method=b"DELETe"), "malformed_request", id="mixed-case-method"),
     # header fields
     pytest.param(
         head(fields=HOST + ((b"x", b"a\r\nGET /evil HTTP/1.1"),)),
