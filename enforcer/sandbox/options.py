@@ -107,12 +107,14 @@ def from_arguments(
         path = getattr(args, option[2:].replace("-", "_"), None)
         if path is not None:
             spec.check_out_of_reach(option, path, writable)
-    if getattr(args, "rules", None) is not None:
-        # An `always` approval appends to approved.yaml next to it and reloads both
-        # mid-run, and the next run loads them: the task must not be their author.
+    if getattr(args, "rules", None) is not None and getattr(args, "gateway", None) is None:
+        # An embedded run's: an `always` approval appends to approved.yaml next to it
+        # and reloads both mid-run, and the next run loads them: the task must not be
+        # their author. (Attached, the service's rules apply.)
         spec.check_out_of_reach(
             "--rules", Path(args.rules), writable,
             why="it could rewrite its own policy, which an `always` approval reloads",
+            read_only=protected,
         )  # fmt: skip
     for option, paths in (
         ("--env-file", args.env_file),

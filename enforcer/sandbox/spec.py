@@ -233,16 +233,24 @@ LINK_TO_HOST_FILE = "it could make this a link to any host file"
 
 
 def check_out_of_reach(
-    option: str, path: Path, writable: list[Path], why: str = LINK_TO_HOST_FILE
+    option: str,
+    path: Path,
+    writable: list[Path],
+    why: str = LINK_TO_HOST_FILE,
+    read_only: list[Path] = (),
 ) -> Path:
     """A file that sandgate writes as root (--summary-json, --audit-log) or whose
     content must stay the admin's (--rules), or SandboxError when it lies where the task
     can write: there the task (or an earlier one) can make the file, or a directory on
     its way, a link to any host file, which sandgate would then overwrite, and could
     rewrite the audit log's record of what it did or its own policy. Checked as given
-    and as resolved; `writable` are the task's resolved writable roots."""
+    and as resolved; `writable` are the task's resolved writable roots, `read_only`
+    what is bound read-only again inside them (sandgate's own code: its shipped rules
+    in a development checkout that is the workspace)."""
     given = Path(os.path.abspath(path))
     real = path.resolve()
+    if any(_under(real, own) for own in read_only):
+        return path
     for root in writable:
         if _under(given, root) or _under(real, root):
             raise SandboxError(

@@ -124,7 +124,9 @@ def continuation_flood(count: int) -> str:
 
 
 # An HPACK dynamic table size update to 2^31 - 1, past the 4096 the server allows.
-HUGE_TABLE = frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\x3f\xe1\xff\xff\xff\x07" + block("GET", "/public/ht")).hex()
+HUGE_TABLE = frame(
+    HEADERS, END_HEADERS | END_STREAM, 1, b"\x3f\xe1\xff\xff\xff\x07" + block("GET", "/public/ht")
+).hex()
 
 
 def with_h2_probes(probes: dict):
@@ -253,7 +255,14 @@ def test_inspected_http1_methods_alpn_and_tls_versions(net, tmp_path):
 
     # `get` and `Get` are not GET (methods are case-sensitive): refused by the
     # gateway, not forwarded for the server to read one way or the other.
-    for label in ("lower_get", "mixed_get", "double_space", "trailing_space", "hello_inside", "star"):
+    for label in (
+        "lower_get",
+        "mixed_get",
+        "double_space",
+        "trailing_space",
+        "hello_inside",
+        "star",
+    ):
         assert got[label] == "400 http/1.1", (label, r.describe())
     for label in ("unknown", "head", "expect_denied", "expect_denied_path", "tls12"):
         assert got[label] == "403 http/1.1", (label, r.describe())
@@ -358,7 +367,11 @@ def certificate(directory, label, name, issuer=None, expired=False):
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     signer_key, issuer_name = (key, subject) if issuer is None else (issuer[0], issuer[1].subject)
-    start, end = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired else (now - datetime.timedelta(days=1), now + datetime.timedelta(days=1))
+    start, end = (
+        (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1))
+        if expired
+        else (now - datetime.timedelta(days=1), now + datetime.timedelta(days=1))
+    )
     builder = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
