@@ -26,6 +26,9 @@ encoded; `lost` counts both and is exported as `sandgate_audit_events_lost_total
 A failed write (disk full, I/O error) is undone (truncated back), counted in
 `write_errors`, and retried with backoff: nothing is dropped while the queue has
 room. The file is locked (`flock`) so two writers never interleave their chains.
+FILE moved away or deleted under the writer (logrotate without copytruncate, `rm`)
+is seen at the next batch: the chain goes on in a new FILE, never in a file that
+no reader of FILE sees (a batch written into a file deleted meanwhile is written again).
 
 Retention: nothing the log holds is ever deleted by sandgate. At `max_bytes` the
 file is rotated to `FILE.<seq of its first line>` (FILE.1, FILE.48213, ...: a
@@ -291,6 +294,8 @@ class AuditLog:
         i, attempts = 0, 0
         while i < len(lines):
             try:
+                if not self._path_names_our_file():
+                    self._reopen()
                 if self.size > 0 and self.size + len(lines[i][0]) > self.max_bytes:
                     self._rotate()
                 j, room = i, self.max_bytes - self.size
@@ -298,6 +303,10 @@ class AuditLog:
                     room -= len(lines[j][0])
                     j += 1
                 self._write_all(b"".join(line for line, _, _ in lines[i:j]))
+                if os.fstat(self._fd).st_nlink == 0:
+                    # Deleted before this write: these lines went nowhere. Not
+                    # counted as written; the retry reopens FILE and writes them there.
+                    raise OSError(errno.ENOENT, f"{self.path} was deleted while being written")
             except OSError as e:
                 self.write_errors += 1
                 attempts += 1
@@ -336,6 +345,45 @@ class AuditLog:
                     self.problem,
                 )
                 self.failing_since, self.problem = None, None
+
+    def _path_names_our_file(self) -> bool:
+        """Whether FILE is still the file this writer appends to: an operator's
+        `mv` (logrotate without copytruncate) or `rm` leaves the descriptor writing
+        to a file no reader of FILE sees, or to none at all."""
+        try:
+            return os.path.samestat(os.stat(self.path), os.fstat(self._fd))
+        except FileNotFoundError:
+            return False
+
+    def _reopen(self) -> None:
+        """FILE was moved away or deleted under the writer: continue the chain in a
+        new, empty FILE (its first line says the seq it goes on from). A FILE that
+        someone else put there with lines in it is not appended to: that is a
+        failure, retried until it is moved away, and new connections are refused."""
+        deleted = os.fstat(self._fd).st_nlink == 0
+        try:
+            fd = _open_locked(self.path)
+        except AuditLogError as e:  # another process holds the new FILE: retried
+            raise OSError(errno.EBUSY, str(e)) from None
+        if os.fstat(fd).st_size:
+            os.close(fd)
+            raise OSError(
+                errno.EEXIST,
+                f"{self.path} was replaced by another file while being written; move it away",
+            )
+        log.error(
+            "audit log %s was %s while being written; lines of seq %s..%d %s; the chain "
+            "goes on in a new %s from seq %d",
+            self.path,
+            "deleted" if deleted else "moved away",
+            self.file_first_seq,
+            self.seq,
+            "are lost with it" if deleted else "are in the moved file",
+            self.path.name,
+            self.seq + 1,
+        )
+        os.close(self._fd)
+        self._fd, self.size, self.file_first_seq = fd, 0, None
 
     def _write_all(self, data: bytes) -> None:
         if self.max_total_bytes is not None and self.total + len(data) > self.max_total_bytes:
