@@ -10,7 +10,7 @@ quotes and newlines, say — can end a line or forge another one.
 
 `verify` checks a log (or a rotated series, oldest first) line by line from the
 bytes on disk: an edited line fails its own hash, a removed, inserted or reordered
-line breaks the link to its neighbour. What a hash chain cannot show on its own
+line breaks the link to its neighbour; it names every broken line, going on after each. What a hash chain cannot show on its own
 is a log cut short at the end, or one rewritten wholesale from some line on by
 someone who recomputes every later hash: ship the lines to the SIEM as they are
 written (they carry their hashes) to anchor the chain off the machine.
@@ -26,6 +26,9 @@ encoded; `lost` counts both and is exported as `sandgate_audit_events_lost_total
 A failed write (disk full, I/O error) is undone (truncated back), counted in
 `write_errors`, and retried with backoff: nothing is dropped while the queue has
 room. The file is locked (`flock`) so two writers never interleave their chains.
+FILE moved away or deleted under the writer (logrotate without copytruncate, `rm`)
+is seen at the next batch: the chain goes on in a new FILE, never in a file that
+no reader of FILE sees (a batch written into a file deleted meanwhile is written again).
 
 Retention: nothing the log holds is ever deleted by sandgate. At `max_bytes` the
 file is rotated to `FILE.<seq of its first line>` (FILE.1, FILE.48213, ...: a
@@ -291,6 +294,8 @@ class AuditLog:
         i, attempts = 0, 0
         while i < len(lines):
             try:
+                if not self._path_names_our_file():
+                    self._reopen()
                 if self.size > 0 and self.size + len(lines[i][0]) > self.max_bytes:
                     self._rotate()
                 j, room = i, self.max_bytes - self.size
@@ -298,6 +303,10 @@ class AuditLog:
                     room -= len(lines[j][0])
                     j += 1
                 self._write_all(b"".join(line for line, _, _ in lines[i:j]))
+                if os.fstat(self._fd).st_nlink == 0:
+                    # Deleted before this write: these lines went nowhere. Not
+                    # counted as written; the retry reopens FILE and writes them there.
+                    raise OSError(errno.ENOENT, f"{self.path} was deleted while being written")
             except OSError as e:
                 self.write_errors += 1
                 attempts += 1
@@ -336,6 +345,45 @@ class AuditLog:
                     self.problem,
                 )
                 self.failing_since, self.problem = None, None
+
+    def _path_names_our_file(self) -> bool:
+        """Whether FILE is still the file this writer appends to: an operator's
+        `mv` (logrotate without copytruncate) or `rm` leaves the descriptor writing
+        to a file no reader of FILE sees, or to none at all."""
+        try:
+            return os.path.samestat(os.stat(self.path), os.fstat(self._fd))
+        except FileNotFoundError:
+            return False
+
+    def _reopen(self) -> None:
+        """FILE was moved away or deleted under the writer: continue the chain in a
+        new, empty FILE (its first line says the seq it goes on from). A FILE that
+        someone else put there with lines in it is not appended to: that is a
+        failure, retried until it is moved away, and new connections are refused."""
+        deleted = os.fstat(self._fd).st_nlink == 0
+        try:
+            fd = _open_locked(self.path)
+        except AuditLogError as e:  # another process holds the new FILE: retried
+            raise OSError(errno.EBUSY, str(e)) from None
+        if os.fstat(fd).st_size:
+            os.close(fd)
+            raise OSError(
+                errno.EEXIST,
+                f"{self.path} was replaced by another file while being written; move it away",
+            )
+        log.error(
+            "audit log %s was %s while being written; lines of seq %s..%d %s; the chain "
+            "goes on in a new %s from seq %d",
+            self.path,
+            "deleted" if deleted else "moved away",
+            self.file_first_seq,
+            self.seq,
+            "are lost with it" if deleted else "are in the moved file",
+            self.path.name,
+            self.seq + 1,
+        )
+        os.close(self._fd)
+        self._fd, self.size, self.file_first_seq = fd, 0, None
 
     def _write_all(self, data: bytes) -> None:
         if self.max_total_bytes is not None and self.total + len(data) > self.max_total_bytes:
@@ -485,9 +533,19 @@ def _continue_chain(fd: int, path: Path, repair: bool = True) -> tuple[int, str,
 
 
 @dataclass(frozen=True)
+class Break:
+    """One broken place in a log: `line` (1-based) of `file`, and what is wrong."""
+
+    file: str
+    line: int
+    problem: str
+
+
+@dataclass(frozen=True)
 class Verification:
-    """What `verify` found. `ok` is False at the first broken line: `file`,
-    `line` (1-based, within that file) and `problem` say where and what."""
+    """What `verify` found. `ok` is False if any line is broken: `file`, `line` and
+    `problem` say where the first break is and what; `breaks` lists every break
+    (the check goes on after each, so one bad line does not hide the rest)."""
 
     ok: bool
     lines: int  # lines checked, over all files
@@ -497,6 +555,8 @@ class Verification:
     file: str | None = None
     line: int | None = None
     problem: str | None = None
+    breaks: tuple[Break, ...] = ()
+    intact_lines: int = 0  # lines before the first break (all of them when ok)
 
     @property
     def starts_fresh(self) -> bool:
@@ -506,72 +566,89 @@ class Verification:
 
 def verify(*paths: Path | str) -> Verification:
     """Check the hash chain over `paths`, taken as one log in the given order
-    (rotated files oldest first: FILE.2 FILE.1 FILE)."""
+    (rotated files oldest first: FILE.2 FILE.1 FILE). After a broken line the check
+    goes on: from that line's own hash and seq when it has them (an edited line, a
+    removed one before it), else from the next line as a new start."""
     prev: str | None = None
     seq: int | None = None
     first_seq: int | None = None
-    total = 0
-
-    def broken(path, number, problem) -> Verification:
-        return Verification(False, total, first_seq, seq, prev, str(path), number, problem)
-
+    last: tuple[str | None, int | None] = (None, None)  # the last line with a hash and seq
+    total, intact = 0, 0
+    breaks: list[Break] = []
     previous_file: Path | str | None = None
     for path in paths:
         with Path(path).open("rb") as f:
             for number, raw in enumerate(f, start=1):
                 total += 1
-                if not raw.endswith(b"\n"):
-                    return broken(
-                        path,
-                        number,
-                        "incomplete last line (no newline): torn write or truncated file",
-                    )
-                try:
-                    raw.decode("ascii")
-                    record = json.loads(raw)
-                    claimed, line_prev, line_seq = record["hash"], record["prev"], record["seq"]
-                except (ValueError, KeyError, TypeError):
-                    return broken(
-                        path, number, "not an audit record (not ASCII JSON with seq, prev and hash)"
-                    )
-                suffix = _HASH_SUFFIX.search(raw)
-                if (
-                    suffix is None
-                    or suffix.group(1).decode() != claimed
-                    or not isinstance(line_seq, int)
-                ):
-                    return broken(
-                        path, number, "not an audit record (hash is not the line's last member)"
-                    )
-                body = raw[: suffix.start()] + b"}"
-                if chain_hash(str(line_prev), body) != claimed:
-                    return broken(path, number, "hash mismatch: the line was edited")
-                if number == 1 and seq is not None and line_seq > seq + 1:
-                    return broken(
-                        path,
-                        number,
-                        f"missing: seq {seq + 1}..{line_seq - 1} are in no file between "
-                        f"{previous_file} and this one (a rotated file, "
-                        f"{_rotated_name(path, seq + 1)}, was removed or not given)",
-                    )
-                if prev is not None and line_prev != prev:
-                    return broken(
-                        path,
-                        number,
-                        "chain broken: 'prev' is not the previous line's hash "
-                        "(a line before this one was removed, inserted or reordered)",
-                    )
-                if seq is not None and line_seq != seq + 1:
-                    return broken(path, number, f"sequence gap: seq {line_seq} follows {seq}")
-                if first_seq is None:
-                    first_seq = line_seq
-                    if (line_seq == 1) != (line_prev == GENESIS):
-                        return broken(
-                            path, number, "chain start forged: seq 1 must follow the genesis hash"
-                        )
-                prev, seq = claimed, line_seq
+                chain = None if prev is None or seq is None else (prev, seq)
+                here, problem = _check_line(raw, number, chain, path, previous_file)
+                if problem:
+                    breaks.append(Break(str(path), number, problem))
+                elif not breaks:
+                    intact += 1
+                if here is not None:
+                    first_seq = here[1] if first_seq is None else first_seq
+                    last = here
+                prev, seq = here if here is not None else (None, None)
         previous_file = path
-    return Verification(True, total, first_seq, seq, prev)
+    first = breaks[0] if breaks else None
+    return Verification(
+        not breaks,
+        total,
+        first_seq,
+        last[1],
+        last[0],
+        first and first.file,
+        first and first.line,
+        first and first.problem,
+        tuple(breaks),
+        intact,
+    )
+
+
+def _check_line(
+    raw: bytes,
+    number: int,
+    chain: tuple[str, int] | None,
+    path: Path | str,
+    previous_file: Path | str | None,
+) -> tuple[tuple[str, int] | None, str | None]:
+    """Line `number` of `path` against the chain so far (`chain`: the last good
+    line's (hash, seq); None at a start): (this line's (hash, seq), or None if it
+    has none to go on from; the problem, or None)."""
+    if not raw.endswith(b"\n"):
+        return None, "incomplete last line (no newline): torn write or truncated file"
+    try:
+        raw.decode("ascii")
+        record = json.loads(raw)
+        claimed, line_prev, line_seq = record["hash"], record["prev"], record["seq"]
+    except (ValueError, KeyError, TypeError):
+        return None, "not an audit record (not ASCII JSON with seq, prev and hash)"
+    suffix = _HASH_SUFFIX.search(raw)
+    if suffix is None or suffix.group(1).decode() != claimed or not isinstance(line_seq, int):
+        return None, "not an audit record (hash is not the line's last member)"
+    here = (claimed, line_seq)
+    if chain_hash(str(line_prev), raw[: suffix.start()] + b"}") != claimed:
+        return here, "hash mismatch: the line was edited"
+    if chain is None:
+        if (line_seq == 1) != (line_prev == GENESIS):
+            return here, "chain start forged: seq 1 must follow the genesis hash"
+        return here, None
+    prev, seq = chain
+    if number == 1 and line_seq > seq + 1:
+        return here, (
+            f"missing: seq {seq + 1}..{line_seq - 1} are in no file between "
+            f"{previous_file} and this one (a rotated file, "
+            f"{_rotated_name(path, seq + 1)}, was removed or not given)"
+        )
+    if line_prev != prev:
+        return here, (
+            "chain broken: 'prev' is not the previous line's hash "
+            "(a line before this one was removed, inserted or reordered)"
+        )
+    if line_seq != seq + 1:
+        return here, f"sequence gap: seq {line_seq} follows {seq}"
+    return here, None
 
 
 def _rotated_name(path: Path | str, seq: int) -> str:

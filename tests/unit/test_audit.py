@@ -215,6 +215,33 @@ def test_verify_flags_a_rehashed_edit_at_the_next_line(log10):
     assert (result.ok, result.line) == (False, 4)
 
 
+def test_verify_goes_on_after_a_broken_line_and_names_every_one(log10, capsys):
+    """One corrupt line in the middle does not leave the rest unchecked: each break is
+    named, and what is intact around it is known (an edit after it is found too)."""
+    _rewrite(
+        log10,
+        lambda r: r[:2]
+        + [r[2].replace(b'"deny"', b'"allow"')]  # edited: its own hash fails, its link holds
+        + r[3:5]
+        + [b"\x00\x00 a bad disk block\n"]  # line 6: garbage in place of a record
+        + r[6:8]
+        + [r[8].replace(b'"t1"', b'"t2"')]  # line 9: a second edit, after the garbage
+        + r[9:],
+    )
+    result = verify(log10)
+    assert not result.ok and (result.line, result.intact_lines, result.lines) == (3, 2, 10)
+    assert [(b.line, b.problem.split(":")[0]) for b in result.breaks] == [
+        (3, "hash mismatch"),
+        (6, "not an audit record (not ASCII JSON with seq, prev and hash)"),
+        (9, "hash mismatch"),
+    ]
+    assert result.last_seq == 10  # checked to the end
+    assert main(["audit", "verify", str(log10)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in out[:3]] == [f"{log10}:{n}" for n in (3, 6, 9)]
+    assert "BROKEN at line 3" in out[3] and "3 broken place(s) in 10 lines" in out[3]
+
+
 def test_cutting_the_head_is_visible_as_a_chain_that_does_not_start_fresh(log10):
     _rewrite(log10, lambda r: r[3:])
     result = verify(log10)

@@ -249,6 +249,79 @@ class FakeAudit:
     problem: str | None = None
 
 
+# --- FILE moved or deleted under the writer (logrotate without copytruncate, rm) -------------
+
+
+def write_some(log: AuditLog, numbers) -> None:
+    for i in numbers:
+        log.emit(event(i))
+    assert log.drain()
+
+
+def test_a_log_moved_away_while_written_goes_on_in_a_new_file(tmp_path):
+    path, moved = tmp_path / "audit.jsonl", tmp_path / "audit.jsonl-20260101"
+    log = AuditLog(path)
+    write_some(log, range(5))
+    os.rename(path, moved)  # logrotate's rename; the writer still holds the old file
+    write_some(log, range(5, 9))
+    log.close()
+    # Before: the 4 later lines went into the moved file and no FILE existed.
+    assert len(moved.read_bytes().splitlines()) == 5
+    assert first_seq(path) == 6 and verify(path).ok and verify(path).lines == 4
+    whole = verify(moved, path)
+    assert whole.ok and whole.lines == 9 and whole.starts_fresh and log.lost == 0
+
+
+def test_a_log_deleted_while_written_loses_only_what_was_in_it(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    write_some(log, range(5))
+    os.unlink(path)  # the writer's descriptor now appends to a file nobody can read
+    write_some(log, range(5, 9))
+    log.close()
+    result = verify(path)
+    assert result.ok and result.lines == 4 and (result.first_seq, result.last_seq) == (6, 9)
+    assert not result.starts_fresh  # verify says earlier lines are elsewhere, or were removed
+
+
+def test_a_log_deleted_just_before_a_write_has_that_batch_written_again(tmp_path, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    write_some(log, range(2))
+    real_write_all, deletions = log._write_all, []
+
+    def deleted_first(data):
+        if not deletions:
+            deletions.append(1)
+            os.unlink(path)  # between the writer's look at FILE and its write
+        real_write_all(data)
+
+    monkeypatch.setattr(log, "_write_all", deleted_first)
+    write_some(log, range(2, 5))
+    log.close()
+    result = verify(path)
+    assert result.ok and (result.first_seq, result.last_seq, result.lines) == (3, 5, 3)
+    assert log.write_errors == 1 and log.lost == 0
+
+
+def test_a_foreign_file_put_in_place_of_the_log_is_not_appended_to(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    write_some(log, range(2))
+    os.unlink(path)
+    path.write_text("someone else's file\n")
+    for i in range(2, 4):
+        log.emit(event(i))
+    eventually(lambda: not log.writable)  # so new connections are refused meanwhile
+    assert "replaced by another file" in log.problem
+    assert path.read_text() == "someone else's file\n"
+    path.unlink()  # moved away: the held events are written
+    eventually(lambda: log.writable and log.written == 4)
+    log.close()
+    result = verify(path)
+    assert result.ok and (result.first_seq, result.last_seq) == (3, 4) and log.lost == 0
+
+
 def test_new_connections_are_refused_while_the_audit_log_cannot_be_written(tmp_path):
     gate = make_gate(tmp_path)
     audit = FakeAudit()
