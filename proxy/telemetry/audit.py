@@ -10,10 +10,11 @@ quotes and newlines, say — can end a line or forge another one.
 
 `verify` checks a log (or a rotated series, oldest first) line by line from the
 bytes on disk: an edited line fails its own hash, a removed, inserted or reordered
-line breaks the link to its neighbour; it names every broken line, going on after each. What a hash chain cannot show on its own
-is a log cut short at the end, or one rewritten wholesale from some line on by
-someone who recomputes every later hash: ship the lines to the SIEM as they are
-written (they carry their hashes) to anchor the chain off the machine.
+line breaks the link to its neighbour; it names every broken line, going on after
+each. What a hash chain cannot show on its own is a log cut short at the end, or one
+rewritten wholesale from some line on by someone who recomputes every later hash:
+ship the lines to the SIEM as they are written (they carry their hashes) to anchor
+the chain off the machine.
 
 Writing: `emit` runs on the gateway's event loop and only appends to a bounded
 deque (~0.1 µs); a writer thread serialises (an `EncodedEvent` of a gateway worker
@@ -27,8 +28,8 @@ A failed write (disk full, I/O error) is undone (truncated back), counted in
 `write_errors`, and retried with backoff: nothing is dropped while the queue has
 room. The file is locked (`flock`) so two writers never interleave their chains.
 FILE moved away or deleted under the writer (logrotate without copytruncate, `rm`)
-is seen at the next batch: the chain goes on in a new FILE, never in a file that
-no reader of FILE sees (a batch written into a file deleted meanwhile is written again).
+is seen at the next batch: the chain goes on in a new FILE, never in a file that no
+reader of FILE sees (a batch written into a file deleted meanwhile is written again).
 
 Retention: nothing the log holds is ever deleted by sandgate. At `max_bytes` the
 file is rotated to `FILE.<seq of its first line>` (FILE.1, FILE.48213, ...: a

@@ -220,13 +220,15 @@ def test_verify_goes_on_after_a_broken_line_and_names_every_one(log10, capsys):
     named, and what is intact around it is known (an edit after it is found too)."""
     _rewrite(
         log10,
-        lambda r: r[:2]
-        + [r[2].replace(b'"deny"', b'"allow"')]  # edited: its own hash fails, its link holds
-        + r[3:5]
-        + [b"\x00\x00 a bad disk block\n"]  # line 6: garbage in place of a record
-        + r[6:8]
-        + [r[8].replace(b'"t1"', b'"t2"')]  # line 9: a second edit, after the garbage
-        + r[9:],
+        lambda r: (
+            r[:2]
+            + [r[2].replace(b'"deny"', b'"allow"')]  # edited: its own hash fails, its link holds
+            + r[3:5]
+            + [b"\x00\x00 a bad disk block\n"]  # line 6: garbage in place of a record
+            + r[6:8]
+            + [r[8].replace(b'"t1"', b'"t2"')]  # line 9: a second edit, after the garbage
+            + r[9:]
+        ),
     )
     result = verify(log10)
     assert not result.ok and (result.line, result.intact_lines, result.lines) == (3, 2, 10)
