@@ -504,6 +504,11 @@ class Verification:
         return self.first_seq == 1
 
 
+# Far above any event the gateway writes (a record is a few hundred bytes; a long URL
+# a few kB): a longer line is damage, and verify does not hold it in memory whole.
+MAX_RECORD_BYTES = 16 * 2**20
+
+
 def verify(*paths: Path | str) -> Verification:
     """Check the hash chain over `paths`, taken as one log in the given order
     (rotated files oldest first: FILE.2 FILE.1 FILE)."""
@@ -518,8 +523,14 @@ def verify(*paths: Path | str) -> Verification:
     previous_file: Path | str | None = None
     for path in paths:
         with Path(path).open("rb") as f:
-            for number, raw in enumerate(f, start=1):
+            # Read in bounded pieces: a damaged or hostile file may have one 1 GB "line".
+            pieces = iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b"")
+            for number, raw in enumerate(pieces, start=1):
                 total += 1
+                if len(raw) > MAX_RECORD_BYTES:
+                    return broken(
+                        path, number, f"not an audit record (longer than {MAX_RECORD_BYTES} bytes)"
+                    )
                 if not raw.endswith(b"\n"):
                     return broken(
                         path,
@@ -530,7 +541,7 @@ def verify(*paths: Path | str) -> Verification:
                     raw.decode("ascii")
                     record = json.loads(raw)
                     claimed, line_prev, line_seq = record["hash"], record["prev"], record["seq"]
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, RecursionError):  # [[[[... too deep
                     return broken(
                         path, number, "not an audit record (not ASCII JSON with seq, prev and hash)"
                     )
