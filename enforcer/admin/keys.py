@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 log = logging.getLogger("sandgate.admin")
@@ -106,13 +107,17 @@ def read_keys(path: Path) -> dict[str, str]:
     or writable by anyone but its owner, or owned by another user than this one (who
     could then add keys)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO in its place would block the open (and the gateway's start).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return {}
     except OSError as e:
         raise KeyFileError(f"{path}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise KeyFileError(f"{path}: not a regular file")
     with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
-        st = os.fstat(f.fileno())
         if st.st_mode & 0o022 or st.st_uid != os.geteuid():
             raise KeyFileError(
                 f"{path}: must be owned by uid {os.geteuid()} and writable by it only (chmod 600)"

@@ -32,8 +32,8 @@ def cmd_audit_verify(args) -> int:
     from sandgate.proxy.telemetry.audit import log_files, verify
 
     for path in args.files:
-        if not path.is_file():
-            raise UsageError(f"{path}: no such file")
+        if not path.is_file():  # a directory or a FIFO too: verify would fail or wait
+            raise UsageError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     files = args.files
     if len(files) == 1 and len(whole := log_files(files[0])) > 1:
         files = whole  # FILE and its rotated files, one chain

@@ -33,6 +33,7 @@ import gc
 import hashlib
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,10 @@ LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
 FALLBACKS = {"deny": Verdict.DENY, "ask": Verdict.ASK, "audit": Verdict.AUDIT}
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _MAYBE_IPV4 = re.compile(r"[\s0-9a-fA-FxX.]+")  # every IPv4 spelling parse_ip reads fits this
+# A rule file nests about 6 deep (file > profiles > profile > rules > rule > list). libyaml
+# composes by recursion in C: some 30,000 levels (`[[[[...`, `- - - ...`: a 100 kB file)
+# overflow the stack and kill the process. Deeper than this is refused before composing.
+MAX_NESTING = 100
 
 
 class _YamlLoader(
@@ -230,13 +235,13 @@ class _Loader:
     # --- files ------------------------------------------------------------------------
 
     def read(self, path: Path, referrer: tuple[_Source, yaml.Node] | None = None) -> _Source | None:
-        path = path.resolve()
+        path = _resolve(path)
         if path in self.sources:
             return self.sources[path]
         self.tried[path] = None
         display = _display_path(path)
         try:
-            data = path.read_bytes()
+            data = _read_regular_file(path)
         except OSError as e:
             message = f"cannot read rule file {display}: {e.strerror or e}"
             if referrer:
@@ -260,6 +265,10 @@ class _Loader:
             return None
         source = _Source(path, display, None, name=self.stable_name(path), data=data)
         try:
+            if mark := _too_deep(text):
+                message = f"nested more than {MAX_NESTING} levels deep (a rule file needs about 6)"
+                self.problems.append(Problem(display, mark.line + 1, mark.column + 1, message))
+                return None
             source.root = yaml.compose(text, Loader=_YamlLoader)
         except yaml.reader.ReaderError as e:  # a character YAML does not allow; no mark
             at = max(0, min(e.position, len(text)))
@@ -565,9 +574,9 @@ class _Loader:
     ) -> list[Rule]:
         """The rules of a preset or included file (recursively), cycle-checked."""
         if "/" in name or name.endswith((".yaml", ".yml")):
-            path = (source.path.parent / name).resolve()
+            path = _resolve(source.path.parent / name)
         else:
-            path = (PRESETS_DIR / f"{name}.yaml").resolve()
+            path = _resolve(PRESETS_DIR / f"{name}.yaml")
             if not path.exists():
                 known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
                 self.problem(
@@ -626,9 +635,11 @@ class _Loader:
             )
             return {}
         raw: dict[str, _RawProfile] = {}
-        for name, (key_node, node) in self.mapping(
-            source, entries["profiles"][1], "'profiles'"
-        ).items():
+        defined = self.mapping(source, entries["profiles"][1], "'profiles'")
+        if not defined and isinstance(entries["profiles"][1], yaml.MappingNode):
+            # Would load as a policy no task can use: every run fails on its profile.
+            self.problem(source, entries["profiles"][1], "'profiles' defines no profile")
+        for name, (key_node, node) in defined.items():
             profile = _RawProfile(name, source, key_node)
             fields = self.mapping(source, node, f"profile {name!r}")
             self.check_keys(source, fields, PROFILE_KEYS, f"profile {name!r}")
@@ -775,7 +786,7 @@ def _load(
     if (
         overlay is not None
         and overlay.exists()
-        and overlay.resolve() not in {p.resolve() for p in paths}
+        and _resolve(overlay) not in {_resolve(p) for p in paths}
     ):
         paths.append(overlay)
     for path in paths:
@@ -799,7 +810,7 @@ def _load(
     if loader.problems:
         raise PolicyError(loader.problems, tuple(loader.tried))
     if overlay is not None:
-        loader.tried[overlay.resolve()] = None  # watched: its creation is a change too
+        loader.tried[_resolve(overlay)] = None  # watched: its creation is a change too
     digest = hashlib.sha256()
     # What was parsed (not a second read that may differ), by stable name: the same
     # files give the same hash from any working directory.
@@ -821,7 +832,7 @@ def approved_overlay(paths: list[Path]) -> Path | None:
     first rule file; None for the shipped rules (package data is no place to write)."""
     if not paths:
         return None
-    first = Path(paths[0]).resolve()
+    first = _resolve(Path(paths[0]))
     if first.name == APPROVED_FILE or first.parent == SHIPPED_RULES_DIR.resolve():
         return None
     return first.parent / APPROVED_FILE
@@ -887,6 +898,50 @@ def _unique(rules: list[Rule]) -> list[Rule]:
     """Rules in first-seen order, each once (a preset may be included twice)."""
     seen: set[str] = set()
     return [r for r in rules if not (r.id in seen or seen.add(r.id))]
+
+
+def _resolve(path: Path) -> Path:
+    """`path` made absolute, its symlinks resolved where they can be: a symlink loop
+    stays as given, and reading it reports the loop (Path.resolve raises RuntimeError)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file. A FIFO or a device would block or never end: it
+    is refused after opening without blocking, checked on the opened file (no race)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory")
+        if not stat.S_ISREG(mode):
+            raise OSError(0, "not a regular file")
+        return file.read()
+
+
+def _too_deep(text: str) -> yaml.Mark | None:
+    """Where `text` nests deeper than MAX_NESTING, or None. Nesting needs an opening
+    bracket or an indicator per level, within a line or by indenting further, so a
+    file with few brackets and short lines is passed without parsing; otherwise the
+    parser's events are counted (no recursion), which costs about a seventh of a compose."""
+    bound = text.count("[") + text.count("{") + 2 * max(map(len, text.splitlines()), default=0)
+    if bound <= MAX_NESTING:
+        return None
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_YamlLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_NESTING:
+                    return event.start_mark
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        return None  # compose reports it, with its mark
+    return None
 
 
 def _display_path(path: Path) -> str:

@@ -565,6 +565,11 @@ class Verification:
         return self.first_seq == 1
 
 
+# Far above any event the gateway writes (a record is a few hundred bytes; a long URL
+# a few kB): a longer line is damage, and verify does not hold it in memory whole.
+MAX_RECORD_BYTES = 16 * 2**20
+
+
 def verify(*paths: Path | str) -> Verification:
     """Check the hash chain over `paths`, taken as one log in the given order
     (rotated files oldest first: FILE.2 FILE.1 FILE). After a broken line the check
@@ -579,8 +584,17 @@ def verify(*paths: Path | str) -> Verification:
     previous_file: Path | str | None = None
     for path in paths:
         with Path(path).open("rb") as f:
-            for number, raw in enumerate(f, start=1):
+            # Read in bounded pieces: a damaged or hostile file may have one 1 GB "line".
+            pieces = iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b"")
+            for number, raw in enumerate(pieces, start=1):
                 total += 1
+                if len(raw) > MAX_RECORD_BYTES:  # the rest of that line: skipped, not held
+                    while raw and not raw.endswith(b"\n"):
+                        raw = f.readline(MAX_RECORD_BYTES + 1)
+                    problem = f"not an audit record (longer than {MAX_RECORD_BYTES} bytes)"
+                    breaks.append(Break(str(path), number, problem))
+                    prev, seq = None, None
+                    continue
                 chain = None if prev is None or seq is None else (prev, seq)
                 here, problem = _check_line(raw, number, chain, path, previous_file)
                 if problem:
@@ -623,7 +637,7 @@ def _check_line(
         raw.decode("ascii")
         record = json.loads(raw)
         claimed, line_prev, line_seq = record["hash"], record["prev"], record["seq"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # [[[[... too deep
         return None, "not an audit record (not ASCII JSON with seq, prev and hash)"
     suffix = _HASH_SUFFIX.search(raw)
     if suffix is None or suffix.group(1).decode() != claimed or not isinstance(line_seq, int):

@@ -145,3 +145,12 @@ def test_a_named_key_decides_as_its_name_and_is_refused_once_revoked(tmp_path, c
 
     refused, still = asyncio.run(scenario())
     assert refused == [401, 401, 401] and still == 200
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_keys_file_that_is_not_a_regular_file_is_an_error_not_a_wait(tmp_path, kind):
+    """A FIFO would block the open, and the gateway's start, forever."""
+    path = tmp_path / "admin-keys"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    with pytest.raises(KeyFileError, match=f"^{path}: not a regular file$"):
+        read_keys(path)

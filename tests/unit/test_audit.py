@@ -191,6 +191,19 @@ def test_intact_log_verifies(log10):
             "not an audit record",
             id="hash-not-last",
         ),
+        # Hostile lines: a RecursionError traceback, a whole 1 GB line read into memory.
+        pytest.param(
+            lambda r: r[:5] + [b"[" * 100_000 + b"\n"] + r[5:],
+            6,
+            "not an audit record",
+            id="deeply-nested-json",
+        ),
+        pytest.param(
+            lambda r: r[:5] + [b'{"x":"' + b"a" * audit_module.MAX_RECORD_BYTES + b'"}\n'] + r[5:],
+            6,
+            "not an audit record (longer than",
+            id="over-long-line",
+        ),
     ],
 )
 def test_verify_reports_the_first_broken_line(log10, transform, line, problem):
@@ -199,6 +212,19 @@ def test_verify_reports_the_first_broken_line(log10, transform, line, problem):
     assert not result.ok
     assert (result.line, result.file) == (line, str(log10))
     assert result.problem.startswith(problem), result.problem
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "absent"])
+def test_verify_of_what_is_not_a_file_is_one_line_exit_2(tmp_path, kind, capsys):
+    """Not a wait on a FIFO, not a traceback on a directory."""
+    path = tmp_path / "audit.log"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    assert main(["audit", "verify", str(path)]) == 2
+    expected = "no such file" if kind == "absent" else "not a regular file"
+    assert capsys.readouterr().err == f"sandgate: {path}: {expected}\n"
 
 
 def test_verify_flags_a_rehashed_edit_at_the_next_line(log10):

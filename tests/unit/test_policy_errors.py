@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -214,3 +215,45 @@ def test_every_ipv4_spelling_in_a_rule_is_read_as_an_address(case):
         else:
             assert text == str(ipaddress.IPv4Address(number))
             assert policy.profiles["default"].rules[0].networks == (ipaddress.ip_network(text),)
+
+
+def _unreadable(tmp_path: Path, kind: str) -> Path:
+    """A rule file path that is not a file one can read as rules."""
+    path = tmp_path / f"{kind}.yaml"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # reading would wait for a writer forever
+    elif kind == "symlink-loop":
+        path.symlink_to(tmp_path / "other.yaml")
+        (tmp_path / "other.yaml").symlink_to(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")  # reading would never end
+    return path
+
+
+UNREADABLE = {
+    "directory": "Is a directory",
+    "fifo": "not a regular file",
+    "symlink-loop": "Too many levels of symbolic links",
+    "device": "not a regular file",
+}
+
+
+@pytest.mark.parametrize("included", [False, True], ids=["given", "included"])
+@pytest.mark.parametrize("kind", sorted(UNREADABLE))
+def test_a_rule_file_that_is_not_a_regular_file_is_a_problem(tmp_path, kind, included):
+    """Not a hang (FIFO, device), not a traceback (symlink loop): FILE:LINE:COL."""
+    path = _unreadable(tmp_path, kind)
+    if included:
+        top = tmp_path / "top.yaml"
+        top.write_text(
+            f"version: 1\nprofiles:\n  default:\n    include: [./{path.name}]\n", encoding="utf-8"
+        )
+        path = top
+    with pytest.raises(PolicyError) as error:
+        load_policy(path)
+    [problem] = error.value.problems
+    assert problem.message.startswith("cannot read rule file ")
+    assert problem.message.endswith(UNREADABLE[kind])
+    assert problem.line == (4 if included else 1)
