@@ -231,8 +231,10 @@ def admin_settings(args: argparse.Namespace):
             raise UsageError(
                 "--approval-webhook needs --approval-webhook-secret FILE (the HMAC key)"
             )
-        try:
-            secret = args.approval_webhook_secret.read_bytes().strip()
+        from sandgate.proxy.policy.load import read_regular_file
+
+        try:  # a FIFO in its place would hang the gateway's start
+            secret = read_regular_file(args.approval_webhook_secret).strip()
         except OSError as e:
             raise UsageError(
                 f"--approval-webhook-secret {args.approval_webhook_secret}: {e.strerror or e}"

@@ -241,7 +241,7 @@ class _Loader:
         self.tried[path] = None
         display = _display_path(path)
         try:
-            data = _read_regular_file(path)
+            data = read_regular_file(path)
         except OSError as e:
             message = f"cannot read rule file {display}: {e.strerror or e}"
             if referrer:
@@ -909,7 +909,7 @@ def _resolve(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
-def _read_regular_file(path: Path) -> bytes:
+def read_regular_file(path: Path) -> bytes:
     """The bytes of a regular file. A FIFO or a device would block or never end: it
     is refused after opening without blocking, checked on the opened file (no race)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -154,3 +154,23 @@ def test_a_keys_file_that_is_not_a_regular_file_is_an_error_not_a_wait(tmp_path,
     os.mkfifo(path) if kind == "fifo" else path.mkdir()
     with pytest.raises(KeyFileError, match=f"^{path}: not a regular file$"):
         read_keys(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_webhook_secret_that_is_not_a_regular_file_is_an_error_not_a_wait(tmp_path, kind):
+    """The same for --approval-webhook-secret: the gateway reads it as it starts."""
+    import argparse
+
+    from sandgate.enforcer.cli.common import UsageError, admin_settings
+
+    path = tmp_path / "webhook.key"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    args = argparse.Namespace(
+        admin_listen="off",
+        approval_webhook=["http://127.0.0.1:9/hook"],
+        approval_webhook_secret=path,
+        approval_webhook_format="json",
+        admin_keys=None,
+    )
+    with pytest.raises(UsageError, match=f"^--approval-webhook-secret {path}: "):
+        admin_settings(args)
