@@ -83,7 +83,9 @@ def test_a_second_signal_kills_the_task_at_once(net, tmp_path):
 
 def test_a_task_that_stops_within_the_grace_keeps_its_own_exit_code(net, tmp_path):
     started, run_id = _started(
-        net, tmp_path, "trap 'echo stopping >&2; exit 3' TERM; echo ready; while :; do sleep 0.05; done"
+        net,
+        tmp_path,
+        "trap 'echo stopping >&2; exit 3' TERM; echo ready; while :; do sleep 0.05; done",
     )
     started.popen.send_signal(signal.SIGTERM)
     code, stderr, _ = _ended(net, started, run_id, timeout=15)
