@@ -26,12 +26,6 @@ pytestmark = pytest.mark.e2e
 STUBBORN = "trap '' TERM INT HUP; echo ready; sleep 1000"
 
 
-@pytest.fixture
-def net(fakenet):
-    fakenet.clear_logs()
-    return fakenet
-
-
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
