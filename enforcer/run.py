@@ -58,6 +58,11 @@ CA_ENV_VARS = (
     "CURL_CA_BUNDLE",
 )
 EXIT_SETUP = 125
+# Seconds a task has to end after a SIGTERM, SIGINT or SIGHUP is forwarded to it, before
+# it is killed (as `docker stop` waits 10 s): a task that ignores them cannot hold this
+# process, its gateway and its network up until someone SIGKILLs it (which leaves them
+# for `sandgate gc`). A second signal meanwhile kills it at once.
+STOP_GRACE = 10.0
 
 
 class RunError(Exception):
@@ -83,6 +88,7 @@ class RunOptions:
     sandbox: spec.SandboxOptions = field(default_factory=spec.SandboxOptions)
     limits: cgroup.Limits = field(default_factory=cgroup.Limits)
     probe: str | None = None  # "all": `sandgate selftest`, the probes are the task
+    stop_grace: float = STOP_GRACE  # --stop-grace
 
 
 def check_prerequisites() -> None:
@@ -167,6 +173,7 @@ class TaskRun:
         self._gaps_reported = 0
         self.control: asyncio.AbstractServer | None = None  # approvals (RUN_DIR/<id>/control.sock)
         self.admin: Admin | None = None  # the approvals page and webhooks
+        self._stop_timer: asyncio.TimerHandle | None = None  # armed by the first signal
 
     async def run(self) -> int:
         started = time.monotonic()
@@ -384,6 +391,8 @@ class TaskRun:
         try:
             return await self._child_exit()
         finally:
+            if self._stop_timer is not None:
+                self._stop_timer.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
 
@@ -405,8 +414,26 @@ class TaskRun:
         return child.returncode
 
     def _forward_signal(self, signum: int) -> None:
-        if self.child is not None and self.child.returncode is None:
-            self.child.send_signal(signum)
+        """The first stop signal goes to the task, with `stop_grace` seconds to end;
+        a second one, or the grace's end, kills it (its init: the PID namespace goes)."""
+        if self.child is None or self.child.returncode is not None:
+            return
+        name = signal.Signals(signum).name
+        if self._stop_timer is not None:
+            self._stop_timer.cancel()
+            self._kill_task(f"a second signal ({name})")
+            return
+        self.child.send_signal(signum)
+        self._stop_timer = asyncio.get_running_loop().call_later(
+            self.opts.stop_grace,
+            self._kill_task,
+            f"it did not end within {self.opts.stop_grace:g} s of {name} (--stop-grace)",
+        )
+
+    def _kill_task(self, why: str) -> None:
+        if self.child is not None and self.child.poll() is None:
+            print(f"sandgate: killing the task: {why}", file=sys.stderr)
+            self.child.send_signal(signal.SIGKILL)
 
     async def _teardown(self, duration: float) -> None:
         if self.child is not None and self.child.poll() is None:

@@ -5,6 +5,7 @@ other commands stay quick."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,15 @@ def register(sub) -> None:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no summary table on stderr")
     run.add_argument(
+        "--stop-grace",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="after a SIGTERM, SIGINT or SIGHUP is passed on to the task, how long it may take "
+        "to end before it is killed; a second signal kills it at once (default 10; "
+        "embedded gateway only)",
+    )
+    run.add_argument(
         "--gateway",
         nargs="?",
         const=str(DEFAULT_SOCKET),
@@ -56,8 +66,20 @@ def register(sub) -> None:
     run.set_defaults(func=cmd_run)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 86400")
+    return value
+
+
 def cmd_run(args) -> int:
     if args.gateway is not None:
+        if args.stop_grace is not None:
+            raise UsageError("--stop-grace: for a run with an embedded gateway, not with --gateway")
         _exit_now(_run_attached(args))
     metrics_listen = gateway_settings(args, "sandgate")
     admin = admin_settings(args)
@@ -91,6 +113,7 @@ def cmd_run(args) -> int:
                 summary_json=args.summary_json,
                 extra_ca=args.extra_ca,
                 quiet=args.quiet,
+                **({} if args.stop_grace is None else {"stop_grace": args.stop_grace}),
             )
         )
     _exit_now(code)
