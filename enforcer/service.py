@@ -188,6 +188,10 @@ class GatewayService:
 
     async def _start(self) -> None:
         opts = self.opts
+        # Before anything is set up: a second service would replace the first's guard
+        # table and, failing later on the socket, delete it (the sandboxes would reach
+        # the gateway's own ports) and write into its audit log.
+        _refuse_if_served(opts.control)
         policy = await asyncio.to_thread(load_policy, [opts.rules])
         upstreams = dns_upstreams(opts.dns_upstreams)
         self.audit = open_audit_log(opts.audit_log, opts.audit_budget)
@@ -251,12 +255,7 @@ class GatewayService:
     async def _listen_control(self) -> None:
         path = self.opts.control
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            try:  # a live service answers; a stale socket of a dead one does not
-                control.ControlClient.connect(path, timeout=1).close()
-                raise RunError(f"another gateway service is running at {path}")
-            except control.ControlError:
-                path.unlink()
+        _refuse_if_served(path)  # again: one may have started since _start's look
         old_umask = os.umask(0o177)  # no moment in which others could connect
         try:
             self._server = await asyncio.start_unix_server(
@@ -906,6 +905,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _refuse_if_served(path: Path) -> None:
+    """RunError when a live service answers on the control socket `path`; the stale
+    socket of a dead one is removed."""
+    if path.exists() or path.is_symlink():
+        if not (path.is_socket() or path.is_symlink()):  # connect() would be refused: kept
+            raise RunError(f"--control {path}: exists and is not a socket (left as it is)")
+        try:  # a live service answers; a stale socket of a dead one does not
+            control.ControlClient.connect(path, timeout=1).close()
+        except control.ControlError:
+            path.unlink()
+        else:
+            raise RunError(f"another gateway service is running at {path}")
 
 
 def serve(opts: ServiceOptions) -> int:
