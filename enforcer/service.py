@@ -52,7 +52,9 @@ from sandgate.enforcer.run import (
     _pick_addresses,
     _write_ca_bundle,
     dns_upstreams,
+    make_dir,
     open_audit_log,
+    os_error_text,
     unwire,
 )
 from sandgate.proxy.frontdoor.poller import new_event_loop
@@ -166,7 +168,7 @@ class GatewayService:
             await self._start()
         except (RunError, PolicyError, netns.SandboxNetError, nft.NftError, OSError) as e:
             await self._shutdown()
-            raise RunError(str(e)) from None
+            raise RunError(os_error_text(e) if isinstance(e, OSError) else str(e)) from None
         loop = asyncio.get_running_loop()
         self.reloader.install_sighup(loop)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -195,8 +197,8 @@ class GatewayService:
         policy = await asyncio.to_thread(load_policy, [opts.rules])
         upstreams = dns_upstreams(opts.dns_upstreams)
         self.audit = open_audit_log(opts.audit_log, opts.audit_budget)
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        make_dir(STATE_DIR, "SANDGATE_STATE_DIR")
+        make_dir(RUN_DIR, "SANDGATE_RUN_DIR")
         upstream_ca = (
             STATE_DIR / "gateway-upstream-ca.pem"
         )  # state, not a run: RUN_DIR holds runs only
@@ -254,13 +256,15 @@ class GatewayService:
 
     async def _listen_control(self) -> None:
         path = self.opts.control
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(path.parent, "--control")
         _refuse_if_served(path)  # again: one may have started since _start's look
         old_umask = os.umask(0o177)  # no moment in which others could connect
         try:
             self._server = await asyncio.start_unix_server(
                 self._serve_client, str(path), limit=control.MAX_LINE
             )
+        except OSError as e:
+            raise RunError(f"--control {path}: cannot listen: {e.strerror or e}") from None
         finally:
             os.umask(old_umask)
         group = _group_id(CONTROL_GROUP)

@@ -213,7 +213,6 @@ def check_extra_ca(path: Path) -> None:
     is copied into every sandbox, so a private key in it would be handed to the task, and
     an empty or garbled one would trust nothing while the run looked configured."""
     from cryptography import x509
-
     from sandgate.proxy.policy.load import read_regular_file
 
     try:
