@@ -197,7 +197,8 @@ def gateway_settings(args: argparse.Namespace, log_prefix: str) -> tuple[str, in
         format=f"{log_prefix}: %(levelname)s %(name)s: %(message)s",
     )
     for ca in args.extra_ca:
-        check_extra_ca(ca)
+        if not ca.is_file():
+            raise UsageError(f"--extra-ca {ca}: no such file")
     for upstream in args.dns_upstream:
         check_dns_upstream(upstream)
     if args.metrics_listen.lower() in ("off", "none", ""):
@@ -208,10 +209,17 @@ def gateway_settings(args: argparse.Namespace, log_prefix: str) -> tuple[str, in
         raise UsageError(f"--metrics-listen: {e}") from None
 
 
-def check_extra_ca(path: Path) -> None:
-    """UsageError unless `path` is a regular file of PEM certificates and nothing else: it
-    is copied into every sandbox, so a private key in it would be handed to the task, and
-    an empty or garbled one would trust nothing while the run looked configured."""
+def check_extra_cas(paths: list[Path]) -> None:
+    """UsageError unless each of `paths` is a regular file of PEM certificates and nothing
+    else: it is copied into every sandbox, so a private key in it would be handed to the
+    task, and an empty or garbled one would trust nothing while the run looked configured.
+    For `sandgate run`, called after the sandbox's check that no path is a link the task
+    planted (enforcer/sandbox/spec.py): such a file is not read at all."""
+    for path in paths:
+        _check_extra_ca(path)
+
+
+def _check_extra_ca(path: Path) -> None:
     from cryptography import x509
     from sandgate.proxy.policy.load import read_regular_file
 
