@@ -122,6 +122,23 @@ def dns_upstreams(given: list[str]) -> list[str]:
     return upstreams
 
 
+def os_error_text(e: OSError) -> str:
+    """`PATH: why` for an OSError, without Python's `[Errno N]`."""
+    why = e.strerror or str(e)
+    return f"{e.filename}: {why}" if e.filename else why
+
+
+def make_dir(path: Path, what: str) -> None:
+    """`path` and its parents made unless they are there, or a RunError naming `what`
+    (the variable or option that picked it): a file in its place, a read-only or full
+    file system is the machine's state, not a bug."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is in its place" if isinstance(e, FileExistsError) else os_error_text(e)
+        raise RunError(f"cannot make the directory {path} ({what}): {why}") from None
+
+
 def open_audit_log(path: Path, budget: int | None = None) -> AuditLog:
     try:
         return AuditLog(path, max_total_bytes=budget)
@@ -202,7 +219,7 @@ class TaskRun:
         upstreams = dns_upstreams(opts.dns_upstreams)
         self.audit = open_audit_log(self.audit_path, opts.audit_budget)
         self.summary.telemetry["audit_log"] = str(self.audit_path)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir, "SANDGATE_RUN_DIR")
         (self.dir / "pid").write_text(str(os.getpid()))
         gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, opts.pool)
         self.net = await asyncio.to_thread(

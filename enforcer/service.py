@@ -52,7 +52,9 @@ from sandgate.enforcer.run import (
     _pick_addresses,
     _write_ca_bundle,
     dns_upstreams,
+    make_dir,
     open_audit_log,
+    os_error_text,
     unwire,
 )
 from sandgate.proxy.frontdoor.poller import new_event_loop
@@ -166,7 +168,7 @@ class GatewayService:
             await self._start()
         except (RunError, PolicyError, netns.SandboxNetError, nft.NftError, OSError) as e:
             await self._shutdown()
-            raise RunError(str(e)) from None
+            raise RunError(os_error_text(e) if isinstance(e, OSError) else str(e)) from None
         loop = asyncio.get_running_loop()
         self.reloader.install_sighup(loop)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -188,11 +190,15 @@ class GatewayService:
 
     async def _start(self) -> None:
         opts = self.opts
+        # Before anything is set up: a second service would replace the first's guard
+        # table and, failing later on the socket, delete it (the sandboxes would reach
+        # the gateway's own ports) and write into its audit log.
+        _refuse_if_served(opts.control)
         policy = await asyncio.to_thread(load_policy, [opts.rules])
         upstreams = dns_upstreams(opts.dns_upstreams)
         self.audit = open_audit_log(opts.audit_log, opts.audit_budget)
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        make_dir(STATE_DIR, "SANDGATE_STATE_DIR")
+        make_dir(RUN_DIR, "SANDGATE_RUN_DIR")
         upstream_ca = (
             STATE_DIR / "gateway-upstream-ca.pem"
         )  # state, not a run: RUN_DIR holds runs only
@@ -250,18 +256,15 @@ class GatewayService:
 
     async def _listen_control(self) -> None:
         path = self.opts.control
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
-            try:  # a live service answers; a stale socket of a dead one does not
-                control.ControlClient.connect(path, timeout=1).close()
-                raise RunError(f"another gateway service is running at {path}")
-            except control.ControlError:
-                path.unlink()
+        make_dir(path.parent, "--control")
+        _refuse_if_served(path)  # again: one may have started since _start's look
         old_umask = os.umask(0o177)  # no moment in which others could connect
         try:
             self._server = await asyncio.start_unix_server(
                 self._serve_client, str(path), limit=control.MAX_LINE
             )
+        except OSError as e:
+            raise RunError(f"--control {path}: cannot listen: {e.strerror or e}") from None
         finally:
             os.umask(old_umask)
         group = _group_id(CONTROL_GROUP)
@@ -906,6 +909,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _refuse_if_served(path: Path) -> None:
+    """RunError when a live service answers on the control socket `path`; the stale
+    socket of a dead one is removed."""
+    if path.exists() or path.is_symlink():
+        if not (path.is_socket() or path.is_symlink()):  # connect() would be refused: kept
+            raise RunError(f"--control {path}: exists and is not a socket (left as it is)")
+        try:  # a live service answers; a stale socket of a dead one does not
+            control.ControlClient.connect(path, timeout=1).close()
+        except control.ControlError:
+            path.unlink()
+        else:
+            raise RunError(f"another gateway service is running at {path}")
 
 
 def serve(opts: ServiceOptions) -> int:

@@ -199,12 +199,56 @@ def gateway_settings(args: argparse.Namespace, log_prefix: str) -> tuple[str, in
     for ca in args.extra_ca:
         if not ca.is_file():
             raise UsageError(f"--extra-ca {ca}: no such file")
+    for upstream in args.dns_upstream:
+        check_dns_upstream(upstream)
     if args.metrics_listen.lower() in ("off", "none", ""):
         return None
     try:
         return parse_listen(args.metrics_listen)
     except ValueError as e:
         raise UsageError(f"--metrics-listen: {e}") from None
+
+
+def check_extra_cas(paths: list[Path]) -> None:
+    """UsageError unless each of `paths` is a regular file of PEM certificates and nothing
+    else: it is copied into every sandbox, so a private key in it would be handed to the
+    task, and an empty or garbled one would trust nothing while the run looked configured.
+    For `sandgate run`, called after the sandbox's check that no path is a link the task
+    planted (enforcer/sandbox/spec.py): such a file is not read at all."""
+    for path in paths:
+        _check_extra_ca(path)
+
+
+def _check_extra_ca(path: Path) -> None:
+    from cryptography import x509
+    from sandgate.proxy.policy.load import read_regular_file
+
+    try:
+        data = read_regular_file(path)
+    except OSError as e:
+        raise UsageError(f"--extra-ca {path}: {e.strerror or e}") from None
+    if b"PRIVATE KEY-----" in data:
+        raise UsageError(
+            f"--extra-ca {path}: holds a private key; pass the CA's certificate only "
+            "(the file is copied into every sandbox)"
+        )
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise UsageError(
+            f"--extra-ca {path}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)"
+        ) from None
+
+
+def check_dns_upstream(text: str) -> None:
+    """UsageError unless `text` is an IP address: the DNS filter asks it on port 53, and
+    a name or a garbled address would fail every query of every task."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise UsageError(f"--dns-upstream {text!r}: not an IP address (e.g. 192.0.2.53)") from None
 
 
 def admin_settings(args: argparse.Namespace):

@@ -11,6 +11,7 @@ from sandgate.enforcer.cli.common import (
     add_gateway_options,
     admin_settings,
     audit_limits,
+    check_extra_cas,
     gateway_settings,
     load_rules,
     setup_errors,
@@ -98,6 +99,7 @@ def cmd_gateway(args) -> int:
         )
         return EXIT_OK
     metrics_listen = gateway_settings(args, "sandgate gateway")
+    check_extra_cas(args.extra_ca)
     admin = admin_settings(args)
     load_rules(args.rules, "the service was not started")  # a clear error before anything is set up
     with setup_errors():

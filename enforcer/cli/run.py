@@ -18,6 +18,7 @@ from sandgate.enforcer.cli.common import (
     add_gateway_options,
     admin_settings,
     audit_limits,
+    check_extra_cas,
     gateway_settings,
     load_rules,
     setup_errors,
@@ -96,6 +97,7 @@ def cmd_run(args) -> int:
             sandbox, limits = sandbox_options.from_arguments(args, [STATE_DIR, RUN_DIR])
         except SandboxError as e:
             raise UsageError(str(e)) from None
+        check_extra_cas(args.extra_ca)
         code = run(
             RunOptions(
                 command=args.command,
