@@ -38,7 +38,10 @@ def test_a_second_service_on_a_live_socket_is_refused_and_changes_nothing(net, t
         ]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 125, proc.stderr
-        assert proc.stderr.strip() == f"sandgate: another gateway service is running at {first.control}"
+        assert (
+            proc.stderr.strip()
+            == f"sandgate: another gateway service is running at {first.control}"
+        )
         assert _guard(net) == guard_before  # the first's guard table is still there, unchanged
         assert first.audit.read_text().startswith(lines_before)
         assert first.audit.read_text().count("gateway service started") == 1  # not the second's

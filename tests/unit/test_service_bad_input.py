@@ -101,8 +101,12 @@ def test_dns_upstream_ip_is_taken(upstream):
 @pytest.mark.parametrize(
     "command, argv, message",
     [
-        pytest.param("gateway", ["--dns-upstream", "garbage"], "--dns-upstream 'garbage'", id="g-dns"),
-        pytest.param("run", ["--dns-upstream", "1.2.3.4:53"], "--dns-upstream '1.2.3.4:53'", id="r-dns"),
+        pytest.param(
+            "gateway", ["--dns-upstream", "garbage"], "--dns-upstream 'garbage'", id="g-dns"
+        ),
+        pytest.param(
+            "run", ["--dns-upstream", "1.2.3.4:53"], "--dns-upstream '1.2.3.4:53'", id="r-dns"
+        ),
         pytest.param("gateway", ["--extra-ca", "KEY"], "holds a private key", id="g-key-as-ca"),
         pytest.param("gateway", ["--extra-ca", "EMPTY"], "no PEM certificate", id="g-empty-ca"),
     ],
