@@ -60,6 +60,7 @@ class AttachOptions:
     quiet: bool = False
     caller: zygote.Caller | None = None  # the handed-over run's `sandgate` process
     seed: InitSeed | None = None  # a warm runner's init, waiting in a cgroup made ahead
+    stop_grace: float = spec.STOP_GRACE  # --stop-grace
 
 
 def run_attached(opts: AttachOptions) -> int:
@@ -107,9 +108,10 @@ def run_attached(opts: AttachOptions) -> int:
     prepared.started()
     if terminal is not None:
         terminal.started()
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda s, _f: child.poll() is None and child.send_signal(s))
-    client = _wait(child, client, opts.control, run_id, opts.caller, terminal)
+    stopping = StopGrace(child, opts.stop_grace)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda s, _f: stopping.signal(s))
+    client = _wait(child, client, opts.control, run_id, opts.caller, terminal, stopping)
     if terminal is not None:
         terminal.close()
     code = child.returncode if child.returncode >= 0 else 128 - child.returncode
@@ -191,23 +193,37 @@ def _prepare(
     )
 
 
-def _wait(child: ForkedInit, client, path: Path, run_id: str, caller=None, terminal=None):
+def _wait(
+    child: ForkedInit, client, path: Path, run_id: str, caller=None, terminal=None, stopping=None
+):
     """Until the task ends; keeps (or regains) the service. Returns the client, or None.
     A `caller` (a handed-over run) has its signals forwarded; when it is gone, the
     task is killed, as a runner's death kills it. With a `terminal` (the task's pty),
-    job control goes through the sandbox's PID 1, and its reports back to the caller."""
+    job control goes through the sandbox's PID 1, and its reports back to the caller.
+    `stopping` (StopGrace): the stop signals' grace, whose end this loop looks at."""
+    stopping = stopping or StopGrace(child, spec.STOP_GRACE)
     pidfd = os.pidfd_open(child.pid)
+    woken, wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    previous_wakeup = signal.set_wakeup_fd(wake)  # a signal ends the select: a grace begins
     try:
         next_try = 0.0
         while child.poll() is None:
-            watched = [pidfd] + ([client.sock] if client is not None else [])
+            watched = [pidfd, woken] + ([client.sock] if client is not None else [])
             watched += [caller] if caller is not None else []
             watched += [terminal] if terminal is not None and terminal.open else []
-            timeout = None if client is not None else max(0.0, next_try - time.monotonic())
+            now = time.monotonic()
+            timeout = None if client is not None else max(0.0, next_try - now)
+            if stopping.deadline is not None:
+                left = stopping.left(now)
+                timeout = left if timeout is None else min(timeout, left)
             try:
                 ready, _, _ = select.select(watched, [], [], timeout)
             except InterruptedError:
                 continue
+            if woken in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(woken, 512)
+            stopping.check(time.monotonic())
             if caller is not None and caller in ready:
                 signals = caller.signals()
                 for signum in signals if signals is not None else [signal.SIGKILL]:
@@ -215,6 +231,8 @@ def _wait(child: ForkedInit, client, path: Path, run_id: str, caller=None, termi
                         terminal.forward(signum)
                     elif signum in JOB_CONTROL:  # as a terminal stops (continues) a foreground job
                         child.signal_group(signum)
+                    elif signum in STOP_SIGNALS:
+                        stopping.signal(signum)
                     else:
                         child.send_signal(signum)
                 if signals is None:
@@ -240,6 +258,9 @@ def _wait(child: ForkedInit, client, path: Path, run_id: str, caller=None, termi
         return client if client is not None else _resume(path, run_id)
     finally:
         os.close(pidfd)
+        signal.set_wakeup_fd(previous_wakeup)
+        os.close(woken)
+        os.close(wake)
 
 
 def _resume(path: Path, run_id: str):
@@ -395,6 +416,47 @@ class TaskTerminal:
                 self.caller.send(stopped=message["stopped"])
         for fd in fds:
             os.close(fd)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopGrace:
+    """The first stop signal goes to the task with `grace` seconds to end; a second
+    one, or the grace's end (`check`, which `_wait` calls as its loop turns), kills its
+    init, and the PID namespace with it: a task that ignores the signals cannot hold
+    the run (and its sandbox) forever. As the embedded run does (run.TaskRun)."""
+
+    def __init__(self, child: ForkedInit, grace: float):
+        self.child, self.grace = child, grace
+        self.deadline: float | None = None  # while a grace runs
+        self.killed = False
+        self._why = ""
+
+    def signal(self, signum: int) -> None:
+        if self.child.returncode is not None or self.killed:
+            return
+        name = signal.Signals(signum).name
+        if self.deadline is not None:
+            self._kill(f"a second signal ({name})")
+            return
+        self.child.send_signal(signum)
+        self.deadline = time.monotonic() + self.grace
+        self._why = f"it did not end within {self.grace:g} s of {name} (--stop-grace)"
+
+    def left(self, now: float) -> float:
+        """Seconds until the grace ends (while one runs)."""
+        return max(0.0, self.deadline - now)
+
+    def check(self, now: float) -> None:
+        if self.deadline is not None and now >= self.deadline:
+            self._kill(self._why)
+
+    def _kill(self, why: str) -> None:
+        self.deadline, self.killed = None, True  # once
+        if self.child.returncode is None:
+            print(f"sandgate: killing the task: {why}", file=sys.stderr)
+            self.child.send_signal(signal.SIGKILL)
 
 
 class ForkedInit:

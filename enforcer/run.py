@@ -58,11 +58,10 @@ CA_ENV_VARS = (
     "CURL_CA_BUNDLE",
 )
 EXIT_SETUP = 125
-# Seconds a task has to end after a SIGTERM, SIGINT or SIGHUP is forwarded to it, before
-# it is killed (as `docker stop` waits 10 s): a task that ignores them cannot hold this
-# process, its gateway and its network up until someone SIGKILLs it (which leaves them
-# for `sandgate gc`). A second signal meanwhile kills it at once.
-STOP_GRACE = 10.0
+# A task that ignores the stop signals cannot hold this process, its gateway and its
+# network up until someone SIGKILLs it (which leaves them for `sandgate gc`): after
+# spec.STOP_GRACE seconds, or a second signal, it is killed (an attached run alike).
+STOP_GRACE = spec.STOP_GRACE
 
 
 class RunError(Exception):

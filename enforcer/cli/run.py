@@ -49,8 +49,7 @@ def register(sub) -> None:
         default=None,
         metavar="SECONDS",
         help="after a SIGTERM, SIGINT or SIGHUP is passed on to the task, how long it may take "
-        "to end before it is killed; a second signal kills it at once (default 10; "
-        "embedded gateway only)",
+        "to end before it is killed; a second signal kills it at once (default 10)",
     )
     run.add_argument(
         "--gateway",
@@ -79,8 +78,6 @@ def _seconds(text: str) -> float:
 
 def cmd_run(args) -> int:
     if args.gateway is not None:
-        if args.stop_grace is not None:
-            raise UsageError("--stop-grace: for a run with an embedded gateway, not with --gateway")
         _exit_now(_run_attached(args))
     metrics_listen = gateway_settings(args, "sandgate")
     admin = admin_settings(args)
@@ -183,5 +180,6 @@ def _run_attached(args, caller=None, seed=None) -> int:
             quiet=args.quiet,
             caller=caller,
             seed=seed,
+            **({} if args.stop_grace is None else {"stop_grace": args.stop_grace}),
         )
     )

@@ -228,6 +228,11 @@ def check_writable(option: str, path: Path, protected: list[Path]) -> Path:
     return real
 
 
+# Seconds a task has to end after the first stop signal (TERM, INT, HUP) is forwarded
+# to it before its init is killed (--stop-grace; `docker stop` waits 10 s too).
+STOP_GRACE = 10.0
+
+
 # Why a file sandgate writes as root must be out of the task's reach.
 LINK_TO_HOST_FILE = "it could make this a link to any host file"
 

@@ -162,3 +162,45 @@ def test_the_gateway_answers_while_the_task_fork_bombs_its_pids_limit(net, tmp_p
     status, errno_, children = r["bomb"].out.split()
     assert (status, errno_) == ("200", "11") and int(children) < 32, r.describe()
     assert r.events(reason="task_limit", rule_id="builtin:limit-pids"), r.describe()
+
+
+@pytest.mark.parametrize("second_signal", [False, True], ids=["grace-ends", "second-signal"])
+def test_an_attached_task_that_ignores_sigterm_is_killed_too(net, tmp_path, second_signal):
+    """The same for `run --gateway` (a warm runner of the service runs the task, the
+    signals come from the caller): the grace, or a second signal, ends it; the service
+    lets the sandbox go."""
+    from support.service import GatewayProcess, attach_argv
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(sandbox.DEMO_RULES.read_text())
+    service = GatewayProcess(net, tmp_path, rules).start()
+    workdir = sandbox._workdir(tmp_path)
+    try:
+        task = subprocess.Popen(
+            attach_argv(service, workdir, ["sh", "-c", STUBBORN], extra=("--stop-grace", "1")),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert task.stdout.readline().strip() == "ready"
+        began = time.monotonic()
+        task.send_signal(signal.SIGTERM)
+        if second_signal:
+            time.sleep(0.2)
+            task.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = task.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            task.kill()
+            raise AssertionError("sandgate run --gateway still ran 15 s after SIGTERM") from None
+        took = time.monotonic() - began
+        assert task.returncode == 137, stderr
+        if second_signal:
+            assert "killing the task: a second signal (SIGTERM)" in stderr and took < 1, took
+        else:
+            assert "killing the task: it did not end within 1 s of SIGTERM" in stderr
+            assert 1 <= took < 8, took
+        assert "Traceback" not in stderr
+        sandbox.eventually(lambda: not service.status()["sandboxes"], timeout=10)
+    finally:
+        service.stop()
