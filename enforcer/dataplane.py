@@ -68,9 +68,11 @@ class DataPlane(Protocol):
         """Serve `sandbox` from now on (returns once it does)."""
 
     def remove_sandbox(self, address: str) -> None: ...
-    async def settle(self, address: str) -> None:
-        """Returns once the events made so far for `address` have reached the sinks
-        (a worker holds them for its next flush tick): before a task's summary."""
+    async def retire(self, address: str) -> None:
+        """Stop serving `address`, then return once every event made for it has reached
+        the sinks (a worker holds them for its next flush tick): before a task's
+        summary, which then counts what the audit log holds of the task (what comes
+        from the address afterwards is no task's: `unknown_sandbox`)."""
 
     async def gateway_ca(self) -> Path:
         """The gateway CA's certificate, made before this returns: what a task whose
@@ -132,8 +134,9 @@ class InProcessGateway:
     def remove_sandbox(self, address: str) -> None:
         self.gateway.remove_sandbox(address)
 
-    async def settle(self, address: str) -> None:
-        """Nothing to wait for: the gateway emits into the sinks as it goes."""
+    async def retire(self, address: str) -> None:
+        """The gateway emits into the sinks as it goes: nothing to wait for."""
+        self.gateway.remove_sandbox(address)
 
     async def gateway_ca(self) -> Path:
         return await self.gateway.gateway_ca()  # made now if a reload added the first such rule

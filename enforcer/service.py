@@ -665,8 +665,8 @@ class GatewayService:
     async def _detach(self, attached: Attached, request: dict, peer: str) -> dict:
         exit_code = request.get("exit_code")
         attached.summary.task["exit_code"] = exit_code if isinstance(exit_code, int) else None
-        if attached.address:  # a worker's last events of the task, into its summary
-            await self.data_plane.settle(attached.address)
+        if attached.address:  # the task's last events from its worker, into its summary
+            await self.data_plane.retire(attached.address)
         await self._remove(attached, f"exit code {exit_code}")
         # One line of the control socket: the runner refuses a longer one.
         summary = attached.summary.to_dict(max_bytes=control.MAX_LINE - 1024)

@@ -493,15 +493,20 @@ class WorkerPool:
         if worker.up.is_set() and worker.link is not None:
             self._spawn_task(self._request_quietly(worker, "remove_sandbox", address=address))
 
-    async def settle(self, address: str) -> None:
-        """Once this returns, the events `address`'s worker made before it was asked
-        are in the sink: it sends what it holds for its next tick, then answers."""
-        index = self.by_address.get(address)
+    async def retire(self, address: str) -> None:
+        """`address` forgotten by its worker, then the events it made for it before
+        in the sink: the worker answers the removal, then sends what it holds for its
+        next tick and answers the flush (a link's requests are handled in order)."""
+        index = self.by_address.pop(address, None)
         worker = None if index is None else self.workers[index]
-        if worker is None or not worker.up.is_set() or worker.link is None:
-            return  # none, or dead: what it held is lost, `worker_restarted` says so
-        with contextlib.suppress(LinkClosed, RuntimeError, TimeoutError):
-            await worker.link.request("flush", timeout=SETTLE_TIMEOUT)
+        if worker is None:
+            return
+        worker.sandboxes.pop(address, None)
+        if not worker.up.is_set() or worker.link is None:
+            return  # dead: what it held is lost, `worker_restarted` says so
+        for op, fields in (("remove_sandbox", {"address": address}), ("flush", {})):
+            with contextlib.suppress(LinkClosed, RuntimeError, TimeoutError):
+                await worker.link.request(op, timeout=SETTLE_TIMEOUT, **fields)
 
     async def gateway_ca(self) -> Path:
         return self.ca_cert

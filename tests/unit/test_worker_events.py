@@ -335,9 +335,10 @@ def test_two_workers_batchers_flush_at_the_same_instant():
     assert next_tick(FLUSH_PERIOD * 3, FLUSH_PERIOD) == FLUSH_PERIOD * 4
 
 
-def test_settle_returns_once_the_workers_held_events_are_in_the_sink():
-    """A detach asks the worker to `flush` (pool.settle): the events it held for its next
-    tick reach the service's sink, all and in order, before settle returns."""
+def test_retire_returns_once_the_workers_held_events_are_in_the_sink():
+    """A detach has the worker forget the sandbox, then `flush` (pool.retire): the events
+    it held for its next tick reach the service's sink, all and in order, before retire
+    returns; what the worker reads from the address afterwards is no task's."""
     from sandgate.proxy.worker import Worker
 
     async def main():
@@ -345,20 +346,23 @@ def test_settle_returns_once_the_workers_held_events_are_in_the_sink():
         pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append, tally=tallies.extend)
         a, b = socket.socketpair()
         worker = Worker(0, {"rules": []}, None, None)
+        removed = []
+        worker.gateway = SimpleNamespace(remove_sandbox=removed.append)
         worker.link = await Link.over(a, worker.handle)
         worker.batcher = EventBatcher(worker.link)
         up = asyncio.Event()
         up.set()
-        held = SimpleNamespace(index=0, up=up, link=None)
+        held = SimpleNamespace(index=0, up=up, link=None, sandboxes={})
         held.link = await Link.over(b, lambda m: pool._handle(held, m, None))
         pool.workers.append(held)
         pool.by_address["10.0.0.2"] = 0
         for event in MIX:
             worker.batcher.emit(event)
         assert worker.batcher._timer is not None and got == []  # held for the tick
-        await pool.settle("10.0.0.2")
-        assert worker.batcher.rows == []
-        await pool.settle("10.9.9.9")  # no such sandbox: nothing to wait for
+        await pool.retire("10.0.0.2")
+        assert worker.batcher.rows == [] and removed == ["10.0.0.2"]
+        assert "10.0.0.2" not in pool.by_address
+        await pool.retire("10.9.9.9")  # no such sandbox: nothing to wait for
         worker.link.close()
         held.link.close()
         return got
