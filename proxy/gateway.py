@@ -13,13 +13,14 @@ id, so emitters only say what they saw.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import resource
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sandgate.proxy.approvals.holder import Approvals
@@ -33,7 +34,15 @@ from sandgate.proxy.frontdoor.http1 import needs_engine
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
 from sandgate.proxy.gate import ConnectionGate
 from sandgate.proxy.gateway_ca import ensure_ec_ca
-from sandgate.proxy.policy import CompiledPolicy, Decision, NameFacts, Reason, Verdict, decide
+from sandgate.proxy.policy import (
+    CompiledPolicy,
+    ConnectFacts,
+    Decision,
+    NameFacts,
+    Reason,
+    Verdict,
+    decide,
+)
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.reload import SwapReport
@@ -308,7 +317,43 @@ class Gateway:
             self.approvals.forget_task(sandbox.task_id or address)
 
     async def _resolve_placeholder(self, state, name: str) -> str | None:
-        return await self.dns.resolve_address(state.sandbox.address, state.sandbox.profile, name)
+        """The address an approved placeholder's `name` resolves to, or None. The name
+        alone was decided (and approved); the address must still pass what a direct
+        connection to it meets (an IP deny rule, a private range opened only on other
+        ports) and not be the gateway host's own, which the kernel drops only for the
+        addresses a sandbox aims at, not for those the gateway finds itself."""
+        sandbox = state.sandbox
+        ip = await self.dns.resolve_address(sandbox.address, sandbox.profile, name)
+        if ip is None:
+            return None
+        refusal = self._refuse_resolved(sandbox.profile, state.port, name, ip)
+        if refusal is None:
+            return ip
+        self.emit(
+            Event.from_decision(
+                EventKind.DNS,
+                refusal,
+                sandbox=sandbox.address,
+                profile=sandbox.profile,
+                name=name,
+                dst_ip=ip,
+                dst_port=state.port,
+                protocol="dns",
+            )
+        )
+        return None
+
+    def _refuse_resolved(self, profile: str, port: int, name: str, ip: str) -> Decision | None:
+        """A deny if a connection to `ip`:`port` for `name` may not go upstream."""
+        if is_local_address(ip):
+            return deny("private-address", f"{name} resolved to {ip}, the gateway host's own")
+        facts = ConnectFacts(
+            profile, port, ipaddress.ip_address(ip), name, name_resolved_to_ip=True, now=time.time()
+        )
+        decision = decide(self.policy, facts)
+        if decision.verdict is not Verdict.DENY:
+            return None
+        return replace(decision, detail=f"{name} resolved to {ip}: {decision.detail}")
 
     def _sandbox_for(self, source_ip: str) -> tuple[str, str] | None:
         sandbox = self.registry.get(source_ip)

@@ -534,3 +534,50 @@ def test_a_widened_approval_lets_a_sibling_through_and_a_plain_one_does_not(fake
         )
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize(
+    ("rules", "name", "address"),
+    [
+        pytest.param(
+            "      - ask: allowed.test\n      - deny: 203.0.113.10\n",
+            "allowed.test",
+            "203.0.113.10",
+            id="an-ip-deny-rule",
+        ),
+        pytest.param(
+            "      - ask: internal.test\n      - allow: 10.99.0.0/16\n        ports: [8080]\n",
+            "internal.test",
+            "10.99.0.10",
+            id="a-private-range-opened-on-another-port",
+        ),
+    ],
+)
+def test_an_approved_name_is_decided_again_on_the_address_it_resolves_to(
+    fakenet, tmp_path, rules, name, address
+):
+    """A placeholder is decided by its name alone; after approval the gateway resolves
+    the name itself. The address it finds must still pass the rules a direct connect
+    to it would meet: an IP deny rule, a private range opened only on another port.
+    Before the fix the request reached the server at `address` (its nginx log)."""
+    fakenet.clear_logs()
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        "version: 1\nprofiles:\n  default:\n    approval: {hold: 25s}\n    rules:\n" + rules
+    )
+    service = GatewayProcess(fakenet, tmp_path, path).start()
+    try:
+        task = Task(service, tmp_path, {"held": curl(f"http://{name}/x", timeout=40)})
+        try:
+            asked = task.held()
+            assert service.ask("approvals", "approve", asked["id"]).returncode == 0
+        finally:
+            result = task.finish()
+        step = result["held"]
+        assert step.status in (0, 403, 502), result.describe()
+        assert fakenet.dns_queries_seen().count(name) == 1  # resolved, after approval
+        assert fakenet.requests_seen(address) == [], result.describe()
+        (refused,) = service.events(kind="dns", name=name, verdict="deny")
+        assert address in refused["detail"], refused
+    finally:
+        service.stop()
