@@ -58,6 +58,8 @@ HOSTILE_PATHS = [
     "/c%22%3E%3Cscript%3Ewindow.__pwned=3%3C/script%3E",
     "/d%3C/title%3E%3Cimg%20src=x%20onerror=" + quote(APPROVE_JS, safe="()'=+,:/."),
     "/e%E2%80%AEgnp.exe%E2%80%8B",
+    # &lt without its ";" is still "<" to an HTML parser: shows up if a cell is ever innerHTML.
+    "/i&ltscript&gtwindow.__pwned=7&lt/script&gt",
 ]
 # Raw markup and non-ASCII in a path: denied at the gate (ambiguous_path), never asked.
 REFUSED_PATHS = [
