@@ -181,11 +181,14 @@ def _deny_all(fakenet, url: str, bearer: dict) -> None:
         _api(fakenet, "POST", url + f"api/approvals/{a['id']}", bearer, {"decision": "deny"})
 
 
-def test_hostile_task_strings_stay_inert_text_on_the_page(fakenet, tmp_path):
+def _service(fakenet, tmp_path: Path, rules: str, *extra: str) -> GatewayProcess:
     fakenet.clear_logs()
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    service = GatewayProcess(fakenet, tmp_path, rules).start()
+    (tmp_path / "rules.yaml").write_text(rules)
+    return GatewayProcess(fakenet, tmp_path, tmp_path / "rules.yaml", *extra).start()
+
+
+def test_hostile_task_strings_stay_inert_text_on_the_page(fakenet, tmp_path):
+    service = _service(fakenet, tmp_path, RULES)
     task = None
     try:
         url, token = _token(service)
@@ -336,12 +339,9 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_metrics_parse_and_stay_bounded_after_a_flood_of_hostile_distinct_values(fakenet, tmp_path):
-    fakenet.clear_logs()
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(METRICS_RULES)
-    service = GatewayProcess(
-        fakenet, tmp_path, rules, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"
-    ).start()
+    service = _service(
+        fakenet, tmp_path, METRICS_RULES, "--metrics-listen", f"127.0.0.1:{METRICS_PORT}"
+    )
     try:
         warm = _flood(service, tmp_path, 200)
         series_warm, _, counted_warm = _scrape(fakenet)
