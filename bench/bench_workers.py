@@ -156,7 +156,6 @@ class SquidPeer:
     POOL = "10.214.0.0/16"  # not the service's sandbox pool: no address shared
 
     def __init__(self, fn, work: Path, workers: int, index: int):
-        import pwd
         from ipaddress import IPv4Network
 
         from sandgate.enforcer import netns
@@ -167,6 +166,17 @@ class SquidPeer:
         gw, sbx = netns.allocate_addresses(IPv4Network(self.POOL), 1)
         with netns.entered_netns(fn.host_ns):
             self.net = netns.create_sandbox_net(self.sid, gw, sbx)
+        self.popen = None
+        try:  # from here on, whatever fails: its netns (and squid, and table) go
+            self._serve(workers, gw)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _serve(self, workers: int, gw) -> None:
+        import pwd
+
+        fn, work = self.fn, self.work
         cert, key = work / "squid.pem", work / "squid.key"
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
@@ -207,9 +217,8 @@ visible_hostname sandgate-bench
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=(work / "squid.out").open("a"), start_new_session=True,
         )  # fmt: skip
-        try:
-            self._wait_listening(workers)
-            fn.run_in_host(["nft", "-f", "-"], check=True, input=f"""\
+        self._wait_listening(workers)
+        fn.run_in_host(["nft", "-f", "-"], check=True, input=f"""\
 table inet {self.table} {{
     chain nat_prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
@@ -218,9 +227,6 @@ table inet {self.table} {{
     }}
 }}
 """)  # fmt: skip
-        except BaseException:
-            self.stop()
-            raise
 
     def _wait_listening(self, workers: int) -> None:
         log, deadline = self.work / "cache.log", time.monotonic() + 30
@@ -257,7 +263,7 @@ table inet {self.table} {{
 
     def stop(self) -> None:
         self.fn.run_in_host(["nft", "delete", "table", "inet", self.table])  # if it is there
-        if self.popen.poll() is None:
+        if self.popen is not None and self.popen.poll() is None:
             self.popen.terminate()
             try:
                 self.popen.wait(15)
