@@ -485,25 +485,26 @@ class WorkerPool:
     def remove_sandbox(self, address: str) -> None:
         """Forget `address` here and in its worker (the request goes out now; its
         answer is not waited for)."""
+        worker = self._forget(address)
+        if worker is not None and worker.up.is_set() and worker.link is not None:
+            self._spawn_task(self._request_quietly(worker, "remove_sandbox", address=address))
+
+    def _forget(self, address: str) -> WorkerProcess | None:
+        """`address` no longer here: the worker that served it, if one did."""
         index = self.by_address.pop(address, None)
         if index is None:
-            return
+            return None
         worker = self.workers[index]
         worker.sandboxes.pop(address, None)
-        if worker.up.is_set() and worker.link is not None:
-            self._spawn_task(self._request_quietly(worker, "remove_sandbox", address=address))
+        return worker
 
     async def retire(self, address: str) -> None:
         """`address` forgotten by its worker, then the events it made for it before
         in the sink: the worker answers the removal, then sends what it holds for its
         next tick and answers the flush (a link's requests are handled in order)."""
-        index = self.by_address.pop(address, None)
-        worker = None if index is None else self.workers[index]
-        if worker is None:
-            return
-        worker.sandboxes.pop(address, None)
-        if not worker.up.is_set() or worker.link is None:
-            return  # dead: what it held is lost, `worker_restarted` says so
+        worker = self._forget(address)
+        if worker is None or not worker.up.is_set() or worker.link is None:
+            return  # none, or dead: what it held is lost, `worker_restarted` says so
         for op, fields in (("remove_sandbox", {"address": address}), ("flush", {})):
             with contextlib.suppress(LinkClosed, RuntimeError, TimeoutError):
                 await worker.link.request(op, timeout=SETTLE_TIMEOUT, **fields)

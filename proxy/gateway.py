@@ -347,9 +347,10 @@ class Gateway:
         """A deny if a connection to `ip`:`port` for `name` may not go upstream."""
         if is_local_address(ip):
             return deny("private-address", f"{name} resolved to {ip}, the gateway host's own")
-        facts = ConnectFacts(
-            profile, port, ipaddress.ip_address(ip), name, name_resolved_to_ip=True, now=time.time()
-        )
+        facts = ConnectFacts(  # on the gate's clock, as its own decisions (rule expiry)
+            profile, port, ipaddress.ip_address(ip), name,
+            name_resolved_to_ip=True, now=self.gate.wall_clock(),
+        )  # fmt: skip
         decision = decide(self.policy, facts)
         if decision.verdict is not Verdict.DENY:
             return None
