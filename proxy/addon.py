@@ -251,17 +251,20 @@ class SandgateAddon:
                 return
             granted = answer.answer is Answer.GRANTED
             revoked = self.gate.held_request_revoked(state, checked) if granted else None
-            unresolved = False
+            unresolved = None
             if (
                 granted
                 and revoked is None
                 and state.placeholder is not None
                 and state.upstream_ip is None
             ):
-                # Resolved only now, after the approval; without an address the request
-                # is answered here (502), never sent on to the placeholder.
-                state.upstream_ip = await self.resolve(state, state.placeholder)
-                unresolved = state.upstream_ip is None
+                # Resolved only now, after the approval; without an address it may reach
+                # the request is answered here, never sent on to the placeholder.
+                resolved = await self.resolve(state, state.placeholder)
+                if isinstance(resolved, Decision):
+                    unresolved = resolved
+                else:
+                    state.upstream_ip = resolved
             decision, checked = self.gate.on_request_answer(
                 state, decision, answer, head, checked, tls, unresolved=unresolved, revoked=revoked
             )

@@ -657,23 +657,24 @@ class ConnectionGate:
         head: RequestHead,
         checked: CheckedHead,
         tls: bool,
-        unresolved: bool = False,
+        unresolved: Decision | None = None,
         revoked: Decision | None = None,
     ) -> tuple[Decision, CheckedHead | None]:
         """A held request's end (`answer`: proxy/approvals/holder.HoldResult): the
         final decision, emitted, as on_request returns it. `unresolved`: approved, but
-        the placeholder's name then had no public address upstream (denied,
-        dns_upstream_failure: the adapter answers 502 and connects nowhere).
-        `revoked`: approved, but `held_request_revoked` found the policy denies it now."""
+        the placeholder's name then had no address it may reach (the resolver's denial:
+        no public address, dns_upstream_failure, or one a rule refuses; the adapter
+        answers and connects nowhere). `revoked`: approved, but
+        `held_request_revoked` found the policy denies it now."""
         started = self.clock()
         decision = _answered(asked, answer)
         if decision.allowed and revoked is not None:
             decision = revoked
-        elif decision.allowed and unresolved:
-            decision = deny(
-                "dns-upstream",
-                detail=f"{decision.detail}, but {state.placeholder} has no public address "
-                f"upstream; nothing was sent (its placeholder {state.ip} is not a server)",
+        elif decision.allowed and unresolved is not None:
+            decision = dataclasses.replace(
+                unresolved,
+                detail=f"{decision.detail}, but {unresolved.detail}; nothing was sent "
+                f"(its placeholder {state.ip} is not a server)",
             )
         name = self._request_name(state, checked.host)
         return self._settle_request(state, decision, head, checked, tls, name, started, answer)

@@ -316,16 +316,18 @@ class Gateway:
         if sandbox is not None:
             self.approvals.forget_task(sandbox.task_id or address)
 
-    async def _resolve_placeholder(self, state, name: str) -> str | None:
-        """The address an approved placeholder's `name` resolves to, or None. The name
-        alone was decided (and approved); the address must still pass what a direct
-        connection to it meets (an IP deny rule, a private range opened only on other
-        ports) and not be the gateway host's own, which the kernel drops only for the
-        addresses a sandbox aims at, not for those the gateway finds itself."""
+    async def _resolve_placeholder(self, state, name: str) -> str | Decision:
+        """The address an approved placeholder's `name` resolves to, or the denial
+        that keeps the request from going anywhere: no address upstream
+        (dns_upstream_failure), or one a direct connection could not reach either (an
+        IP deny rule, a private range opened only on other ports, the gateway host's
+        own addresses, which the kernel drops only for the addresses a sandbox aims at,
+        not for those the gateway finds itself). The name alone was decided (and
+        approved); a refused address has its own `dns` event."""
         sandbox = state.sandbox
         ip = await self.dns.resolve_address(sandbox.address, sandbox.profile, name)
         if ip is None:
-            return None
+            return deny("dns-upstream", f"{name} has no public address upstream")
         refusal = self._refuse_resolved(sandbox.profile, state.port, name, ip)
         if refusal is None:
             return ip
@@ -341,7 +343,7 @@ class Gateway:
                 protocol="dns",
             )
         )
-        return None
+        return refusal
 
     def _refuse_resolved(self, profile: str, port: int, name: str, ip: str) -> Decision | None:
         """A deny if a connection to `ip`:`port` for `name` may not go upstream."""

@@ -22,6 +22,7 @@ from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
 from sandgate.proxy.frontdoor.tls_io import TlsSocket
 from sandgate.proxy.frontdoor.tls_relay import Hello, http1_hello, serve_inspected
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
+from sandgate.proxy.policy import Decision
 
 log = logging.getLogger("sandgate.frontdoor")
 
@@ -70,14 +71,15 @@ class FrontDoor:
         idle_timeout: float = 600.0,
         backlog: int = 1024,
         approvals=None,
-        resolve: Callable[[ConnState, str], Awaitable[str | None]] | None = None,
+        resolve: Callable[[ConnState, str], Awaitable[str | Decision]] | None = None,
         descriptors: DescriptorReserve | None = None,
         plain_http: Callable[[ConnState], bool] | None = None,
         tls_contexts: TlsContexts | None = None,
     ):
         """`approvals` (proxy/approvals/holder.Approvals) holds connections a human
         must approve; `resolve(state, name)` finds the real address of a placeholder's
-        name (the DNS filter's upstream, after approval). `plain_http(state)`: whether
+        name (the DNS filter's upstream, after approval), or the denial that keeps
+        it from connecting. `plain_http(state)`: whether
         a plain-HTTP connection is served here (frontdoor/http1.py) rather than
         handed to mitmproxy; None: never. `tls_contexts`: inspected TLS whose client
         speaks HTTP/1.1 is terminated here too (tls_relay.py), where `plain_http`
@@ -471,11 +473,8 @@ class Connection:
                 ip = await self.door.resolve(self.state, self.state.placeholder)
                 if self.done:
                     return
-                if ip is None:
-                    self.finish(
-                        f"{self.state.placeholder} did not resolve to a public address",
-                        reset=True,
-                    )
+                if isinstance(ip, Decision):  # no address it may reach: its `dns` event says why
+                    self.finish(ip.detail, reset=True)
                     return
                 self.state.upstream_ip, self.dst = ip, (ip, self.dst[1])
             self.held = None

@@ -574,10 +574,21 @@ def test_an_approved_name_is_decided_again_on_the_address_it_resolves_to(
         finally:
             result = task.finish()
         step = result["held"]
-        assert step.status in (0, 403, 502), result.describe()
         assert fakenet.dns_queries_seen().count(name) == 1  # resolved, after approval
         assert fakenet.requests_seen(address) == [], result.describe()
         (refused,) = service.events(kind="dns", name=name, verdict="deny")
         assert address in refused["detail"], refused
+        # The task and the request event are told the refusal (a 403 with its rule),
+        # not that the name had no address.
+        assert step.status == 403, result.describe()
+        assert f"Blocked by sandgate: {refused['reason']}, rule {refused['rule_id']}" in step.body
+        assert f"{name} resolved to {address}" in step.body, step.body
+        (event,) = service.events(kind="request", name=name)
+        assert (event["verdict"], event["reason"], event["rule_id"]) == (
+            "deny",
+            refused["reason"],
+            refused["rule_id"],
+        ), event
+        assert event["approval_id"] == asked["id"]
     finally:
         service.stop()
