@@ -15,8 +15,8 @@ nobody listens on, so no sandbox has egress. A restarted service reads the state
 it left under RUN_DIR/<run id>/service.json: a sandbox whose runner still lives is
 re-adopted (registered again, its table pointed at the new ports), the others are
 removed; each with an event. The listeners bind every address of the namespace, so
-one more table (`sandgatesvc`) drops whatever reaches those ports from anywhere but
-a sandbox interface.
+one more table (`sandgatesvc_<hash of the control socket's path>`) drops whatever
+reaches those ports from anywhere but a sandbox interface.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import fcntl
 import grp
+import hashlib
 import json
 import logging
 import os
@@ -74,7 +75,9 @@ from sandgate.proxy.telemetry.summary import TaskSummary
 
 log = logging.getLogger("sandgate.gateway")
 
-GUARD_TABLE = "sandgatesvc"  # not TABLE_PREFIX: `sandgate gc` must never take it for a run's
+GUARD_TABLE_PREFIX = (
+    "sandgatesvc_"  # not TABLE_PREFIX: `sandgate gc` must never take it for a run's
+)
 STATE_FILE = "service.json"
 SERVICE_AUDIT_LOG = AUDIT_DIR / "gateway.jsonl"
 CONTROL_GROUP = "sandgate"
@@ -221,7 +224,7 @@ class GatewayService:
         data_plane.approvals.on_always = approvals_control.always_writer(
             approved_overlay([opts.rules]), self._reload_for_approval
         )
-        guard = nft.render_guard(GUARD_TABLE, *data_plane.all_ports())
+        guard = nft.render_guard(guard_table(opts.control), *data_plane.all_ports())
         await asyncio.to_thread(nft.apply_ruleset, guard)
         self._serve_metrics()
         self.admin = Admin(
@@ -302,7 +305,7 @@ class GatewayService:
             await self.admin.stop()
         if self.data_plane is not None:
             with contextlib.suppress(nft.NftError):
-                await asyncio.to_thread(nft.delete_table, GUARD_TABLE)
+                await asyncio.to_thread(nft.delete_table, guard_table(self.opts.control))
             await self.data_plane.stop()
         self.metrics.stop()
         if self.audit is not None:
@@ -897,6 +900,14 @@ def _group_id(name: str) -> int | None:
 def _owned_by_other_service(state: dict) -> bool:
     service_pid = state.get("service_pid")
     return isinstance(service_pid, int) and service_pid != os.getpid() and _alive(service_pid)
+
+
+def guard_table(control: Path) -> str:
+    """The guard table of the service on `control`. One per service: services with
+    their own control sockets may share a host, and one replacing (or, stopping,
+    deleting) the other's table would open the other's ports to the LAN."""
+    digest = hashlib.sha256(str(control.absolute()).encode()).hexdigest()
+    return GUARD_TABLE_PREFIX + digest[:12]
 
 
 def _alive(pid: int) -> bool:

@@ -13,11 +13,14 @@ import pytest
 from support import sandbox
 from support.service import TWO_PROFILES, GatewayProcess
 
+from sandgate.enforcer.service import guard_table
+
 pytestmark = pytest.mark.e2e
 
 
-def _guard(net) -> str:
-    return net.run_in_host(["nft", "list", "table", "inet", "sandgatesvc"]).stdout
+def _guard(net, service: GatewayProcess) -> str:
+    table = guard_table(service.control)
+    return net.run_in_host(["nft", "list", "table", "inet", table], check=False).stdout
 
 
 @pytest.mark.parametrize("audit", ["its-own-audit-log", "the-same-audit-log"])
@@ -26,8 +29,8 @@ def test_a_second_service_on_a_live_socket_is_refused_and_changes_nothing(net, t
     rules.write_text(TWO_PROFILES)
     first = GatewayProcess(net, tmp_path, rules, "--workers", "1").start()
     try:
-        guard_before = _guard(net)
-        assert "sandgatesvc" in guard_before
+        guard_before = _guard(net, first)
+        assert "drop" in guard_before
         lines_before = first.audit.read_text()
         second_audit = first.audit if audit == "the-same-audit-log" else tmp_path / "second.jsonl"
         argv = [
@@ -42,7 +45,9 @@ def test_a_second_service_on_a_live_socket_is_refused_and_changes_nothing(net, t
             proc.stderr.strip()
             == f"sandgate: another gateway service is running at {first.control}"
         )
-        assert _guard(net) == guard_before  # the first's guard table is still there, unchanged
+        assert (
+            _guard(net, first) == guard_before
+        )  # the first's guard table is still there, unchanged
         assert first.audit.read_text().startswith(lines_before)
         assert first.audit.read_text().count("gateway service started") == 1  # not the second's
         if audit == "its-own-audit-log":
@@ -50,3 +55,29 @@ def test_a_second_service_on_a_live_socket_is_refused_and_changes_nothing(net, t
         assert first.status()["policy"]  # the first still answers
     finally:
         first.stop()
+
+
+def test_services_on_other_control_sockets_keep_their_own_guard_tables(net, tmp_path):
+    """Two services on one host, each on its own control socket: they shared one guard
+    table name, so the second replaced the first's table (the first's ports were open
+    to the LAN from then on) and, stopping, deleted it."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_PROFILES)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = GatewayProcess(net, tmp_path / "a", rules, "--workers", "1").start()
+    try:
+        guard_before = _guard(net, first)
+        second = GatewayProcess(net, tmp_path / "b", rules, "--workers", "1").start()
+        try:
+            assert guard_table(first.control) != guard_table(second.control)
+            assert _guard(net, first) == guard_before
+            assert "drop" in _guard(net, second)
+        finally:
+            second.stop()
+        assert _guard(net, second) == ""  # the second took its own table with it
+        assert _guard(net, first) == guard_before  # and left the first's as it was
+        assert first.status()["policy"]
+    finally:
+        first.stop()
+    assert _guard(net, first) == ""
