@@ -10,10 +10,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from sandgate.enforcer.service import guard_table
 from support import sandbox
 from support.service import TWO_PROFILES, GatewayProcess
-
-from sandgate.enforcer.service import guard_table
 
 pytestmark = pytest.mark.e2e
 
