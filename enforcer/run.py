@@ -81,7 +81,7 @@ class RunOptions:
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)  # None: no /metrics
     admin: AdminOptions = field(default_factory=AdminOptions)  # the approvals page, webhooks
     summary_json: Path | None = None
-    extra_ca: list[Path] = field(default_factory=list)
+    extra_ca: list[str] = field(default_factory=list)  # --extra-ca's PEM, read once (cli/common.py)
     pool: str = str(netns.DEFAULT_POOL)
     quiet: bool = False
     sandbox: spec.SandboxOptions = field(default_factory=spec.SandboxOptions)
@@ -164,9 +164,10 @@ def _pick_addresses(pool_text: str):
     raise RunError(f"no free /30 found in sandbox pool {pool}")
 
 
-def _write_ca_bundle(path: Path, extra: list[Path]) -> None:
+def _write_ca_bundle(path: Path, extra: list[str]) -> None:
+    """The system's bundle and the PEM certificates in `extra`, at `path`."""
     parts = [SYSTEM_CA_BUNDLE.read_text()] if SYSTEM_CA_BUNDLE.exists() else []
-    parts += [p.read_text() for p in extra]
+    parts += extra
     path.write_text("\n".join(part.rstrip() + "\n" for part in parts))
 
 
@@ -340,7 +341,7 @@ class TaskRun:
         opts = self.opts
         binds = [(self.dir / "resolv.conf", Path(os.path.realpath("/etc/resolv.conf")))]
         sandgate_env = {"SANDGATE_TASK_ID": self.run_id}
-        extra = opts.extra_ca + ([self.gateway.proxy.ca_cert] if inspection else [])
+        extra = opts.extra_ca + ([self.gateway.proxy.ca_cert.read_text()] if inspection else [])
         if extra:
             ca_bundle = self.dir / "ca-bundle.pem"
             _write_ca_bundle(ca_bundle, extra)

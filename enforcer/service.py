@@ -88,7 +88,7 @@ ADOPTED_CHECK_S = 1.0
 class ServiceOptions:
     rules: Path
     dns_upstreams: list[str] = field(default_factory=list)
-    extra_ca: list[Path] = field(default_factory=list)
+    extra_ca: list[str] = field(default_factory=list)  # --extra-ca's PEM, read once (cli/common.py)
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)
     admin: AdminOptions = field(default_factory=AdminOptions)
     control: Path = control.DEFAULT_SOCKET
@@ -618,7 +618,7 @@ class GatewayService:
         )
         extra = list(self.opts.extra_ca)
         if inspects(self.data_plane.policy, attached.profile):
-            extra.append(await self.data_plane.gateway_ca())
+            extra.append((await self.data_plane.gateway_ca()).read_text())
         if extra:
             _write_ca_bundle(attached.dir / "ca-bundle.pem", extra)
 

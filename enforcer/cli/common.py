@@ -209,24 +209,24 @@ def gateway_settings(args: argparse.Namespace, log_prefix: str) -> tuple[str, in
         raise UsageError(f"--metrics-listen: {e}") from None
 
 
-def check_extra_cas(paths: list[Path]) -> None:
-    """UsageError unless each of `paths` is a regular file of PEM certificates and nothing
-    else: it is copied into every sandbox, so a private key in it would be handed to the
-    task, and an empty or garbled one would trust nothing while the run looked configured.
-    For `sandgate run`, called after the sandbox's check that no path is a link the task
-    planted (enforcer/sandbox/spec.py): such a file is not read at all."""
-    for path in paths:
-        _check_extra_ca(path)
+def read_extra_cas(paths: list[Path], writable: list[Path] = ()) -> list[str]:
+    """The PEM text of each of `paths`, read once (what every sandbox's bundle is made
+    of from then on), or UsageError unless each is a regular file of PEM certificates
+    and nothing else: it is copied into every sandbox, so a private key in it would be
+    handed to the task, and an empty or garbled one would trust nothing while the run
+    looked configured. `writable`: where `sandgate run`'s task can write; a file found
+    through there that lies elsewhere is not read (enforcer/sandbox/spec.read_for_task)."""
+    return [_read_extra_ca(path, list(writable)) for path in paths]
 
 
-def _check_extra_ca(path: Path) -> None:
+def _read_extra_ca(path: Path, writable: list[Path]) -> str:
     from cryptography import x509
-    from sandgate.proxy.policy.load import read_regular_file
+    from sandgate.enforcer.sandbox.spec import SandboxError, read_for_task
 
     try:
-        data = read_regular_file(path)
-    except OSError as e:
-        raise UsageError(f"--extra-ca {path}: {e.strerror or e}") from None
+        data = read_for_task("--extra-ca", path, writable)
+    except SandboxError as e:
+        raise UsageError(str(e)) from None
     if b"PRIVATE KEY-----" in data:
         raise UsageError(
             f"--extra-ca {path}: holds a private key; pass the CA's certificate only "
@@ -238,6 +238,7 @@ def _check_extra_ca(path: Path) -> None:
         raise UsageError(
             f"--extra-ca {path}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)"
         ) from None
+    return data.decode("ascii", errors="replace")
 
 
 def check_dns_upstream(text: str) -> None:

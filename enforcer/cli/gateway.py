@@ -11,9 +11,9 @@ from sandgate.enforcer.cli.common import (
     add_gateway_options,
     admin_settings,
     audit_limits,
-    check_extra_cas,
     gateway_settings,
     load_rules,
+    read_extra_cas,
     setup_errors,
 )
 from sandgate.enforcer.control import DEFAULT_SOCKET
@@ -99,7 +99,7 @@ def cmd_gateway(args) -> int:
         )
         return EXIT_OK
     metrics_listen = gateway_settings(args, "sandgate gateway")
-    check_extra_cas(args.extra_ca)
+    extra_ca = read_extra_cas(args.extra_ca)
     admin = admin_settings(args)
     load_rules(args.rules, "the service was not started")  # a clear error before anything is set up
     with setup_errors():
@@ -112,7 +112,7 @@ def cmd_gateway(args) -> int:
             ServiceOptions(
                 rules=Path(args.rules),
                 dns_upstreams=args.dns_upstream,
-                extra_ca=args.extra_ca,
+                extra_ca=extra_ca,
                 metrics_listen=metrics_listen,
                 admin=admin,
                 control=args.control,

@@ -18,9 +18,9 @@ from sandgate.enforcer.cli.common import (
     add_gateway_options,
     admin_settings,
     audit_limits,
-    check_extra_cas,
     gateway_settings,
     load_rules,
+    read_extra_cas,
     setup_errors,
 )
 from sandgate.enforcer.control import DEFAULT_SOCKET
@@ -94,7 +94,7 @@ def cmd_run(args) -> int:
             sandbox, limits = sandbox_options.from_arguments(args, [STATE_DIR, RUN_DIR])
         except SandboxError as e:
             raise UsageError(str(e)) from None
-        check_extra_cas(args.extra_ca)
+        extra_ca = read_extra_cas(args.extra_ca, sandbox.writable)
         code = run(
             RunOptions(
                 command=args.command,
@@ -110,7 +110,7 @@ def cmd_run(args) -> int:
                 metrics_listen=metrics_listen,
                 admin=admin,
                 summary_json=args.summary_json,
-                extra_ca=args.extra_ca,
+                extra_ca=extra_ca,
                 quiet=args.quiet,
                 **({} if args.stop_grace is None else {"stop_grace": args.stop_grace}),
             )

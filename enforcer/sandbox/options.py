@@ -116,12 +116,6 @@ def from_arguments(
             why="it could rewrite its own policy, which an `always` approval reloads",
             read_only=protected,
         )  # fmt: skip
-    for option, paths in (
-        ("--env-file", args.env_file),
-        ("--extra-ca", getattr(args, "extra_ca", [])),
-    ):
-        for path in paths:
-            spec.check_no_link_out(option, path, writable)
     uid, gid = spec.parse_user(args.user)
     try:
         limits = cgroup.Limits(
@@ -138,7 +132,7 @@ def from_arguments(
         ro=spec.check_paths("--ro", args.ro),
         rw=rw,
         hide=spec.check_paths("--hide", args.hide),
-        env=spec.parse_env(args.env, args.env_file, dict(os.environ)),
+        env=spec.parse_env(args.env, args.env_file, dict(os.environ), writable),
         allow_weaker=args.allow_weaker_sandbox,
         self_test=args.self_test,
         inherited=Inherited.of_this_process(),  # before an embedded gateway raises its own

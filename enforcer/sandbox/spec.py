@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,11 @@ class SandboxOptions:
     # None: this process's when the spec is written.
     inherited: Inherited | None = None
 
+    @property
+    def writable(self) -> list[Path]:
+        """Where the task can write: its workspace and the --rw paths."""
+        return ([self.workspace] if self.workspace else []) + list(self.rw)
+
 
 @dataclass(frozen=True)
 class IdRange:
@@ -103,15 +109,18 @@ def parse_user(text: str) -> tuple[int, int]:
     return uid, gid
 
 
-def parse_env(items: list[str], env_files: list[Path], caller: dict[str, str]) -> dict[str, str]:
+def parse_env(
+    items: list[str], env_files: list[Path], caller: dict[str, str], writable: list[Path]
+) -> dict[str, str]:
     """--env NAME (the caller's value), --env NAME=VALUE, --env-file FILE (NAME=VALUE
-    lines, # comments); later ones win."""
+    lines, # comments); later ones win. `writable`: where the task can write
+    (`read_for_task`)."""
     result: dict[str, str] = {}
     for path in env_files:
         try:
-            lines = path.read_text().splitlines()
-        except OSError as e:
-            raise SandboxError(f"--env-file {path}: {e.strerror}") from None
+            lines = read_for_task("--env-file", path, writable).decode().splitlines()
+        except UnicodeDecodeError:
+            raise SandboxError(f"--env-file {path}: not UTF-8 text") from None
         for number, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -265,20 +274,58 @@ def check_out_of_reach(
     return path
 
 
-def check_no_link_out(option: str, path: Path, writable: list[Path]) -> Path:
-    """A file that sandgate reads as root for the task (--env-file, --extra-ca), or
-    SandboxError when it lies where the task can write but resolves elsewhere: the task
-    (of an earlier run) made it a link to a host file that root may read and the task
-    may not, whose content would reach the task's environment or CA bundle."""
-    given = Path(os.path.abspath(path))
-    real = path.resolve()
-    for root in writable:
-        if _under(given, root) and not _under(real, root):
+def read_for_task(option: str, path: Path, writable: list[Path]) -> bytes:
+    """The bytes of a file that sandgate reads as root for the task (--env-file,
+    --extra-ca), or SandboxError: when finding it passes through a place the task can
+    write and the file opened lies elsewhere (the task, of this or a concurrent run,
+    made it or a directory on its way a link to a host file that root may read and
+    the task may not, whose content would reach the task's environment or CA bundle),
+    or when it is not a regular file (a FIFO would block the run). Read once, through
+    the descriptor that was checked: a link swapped in after the check is not followed."""
+    visits = _visits_writable(path, writable)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise SandboxError(f"{option} {path}: {e.strerror}") from None
+    try:
+        real = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if visits and not any(_under(real, root) for root in writable):
             raise SandboxError(
-                f"{option} {path}: a link from {root}, which the task can write, to {real}; "
-                "give the file's own path"
+                f"{option} {path}: a link from {visits}, which the task can write, to "
+                f"{real}; give the file's own path"
             )
-    return path
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SandboxError(f"{option} {path}: not a regular file")
+        with open(fd, "rb", closefd=False) as file:
+            return file.read()
+    except OSError as e:
+        raise SandboxError(f"{option} {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _visits_writable(path: Path, writable: list[Path]) -> Path | None:
+    """The first place under `writable` that finding `path` passes through (a
+    directory or a link on its way, links followed as the kernel does), or None."""
+    pending = list(reversed(Path(os.path.abspath(path)).parts[1:]))
+    current, hops = Path("/"), 0
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            current = current.parent
+            continue
+        current = current / part
+        for root in writable:
+            if _under(current, root):
+                return root
+        if current.is_symlink():
+            hops += 1
+            if hops > 40:  # the kernel gives up too (ELOOP): the open fails
+                return None
+            target = os.readlink(current)
+            pending.extend(reversed([p for p in Path(target).parts if p not in ("/", ".")]))
+            current = Path("/") if os.path.isabs(target) else current.parent
+    return None
 
 
 def protected_paths(state_dirs: list[Path]) -> list[Path]:

@@ -458,3 +458,23 @@ def test_an_attached_task_inherits_nothing_of_its_runner(service, net, tmp_path)
     assert result["fds"].out.split() == ["0", "1", "2", "3"], result["fds"].out
     assert result["ignored"].out.split() == ["SigIgn:", "0000000000000000"]
     assert all(line.endswith(":/") for line in result["cgroup"].out.split()), result["cgroup"].out
+
+
+def test_the_service_reads_its_extra_ca_once(net, tmp_path):
+    """`--extra-ca` was checked at start (certificates only, a regular file) and read
+    again for every sandbox: a key written into it later (or a FIFO or a link put in
+    its place) reached every new task's CA bundle unchecked (or hung the attach)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_PROFILES)
+    ca = tmp_path / "extra-ca.pem"
+    ca.write_text(net.ca_cert.read_text())
+    service = GatewayProcess(net, tmp_path, rules, "--workers", "1", "--extra-ca", str(ca))
+    service.start()
+    try:
+        ca.write_text("-----BEGIN PRIVATE KEY-----\nsg-not-for-tasks\n-----END PRIVATE KEY-----\n")
+        result = attach(service, tmp_path, {"bundle": "cat /etc/ssl/certs/ca-certificates.crt"})
+        assert result.returncode == 0, result.describe()
+        assert net.ca_cert.read_text().strip() in result["bundle"].out  # what start read
+        assert "sg-not-for-tasks" not in result["bundle"].out
+    finally:
+        service.stop()

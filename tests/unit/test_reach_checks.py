@@ -1,11 +1,14 @@
 """The files sandgate opens as root for a run, against the task's writable roots
 (enforcer/sandbox/spec.py): refused where the task can write, unless bound read-only
-again there."""
+again there; files it reads for the task, refused where finding them passes through
+the task's reach to a file outside it."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
-from sandgate.enforcer.sandbox.spec import SandboxError, check_out_of_reach
+from sandgate.enforcer.sandbox.spec import SandboxError, check_out_of_reach, read_for_task
 
 
 def test_a_file_in_the_tasks_reach_is_refused_unless_it_is_bound_read_only(tmp_path):
@@ -26,3 +29,40 @@ def test_a_file_in_the_tasks_reach_is_refused_unless_it_is_bound_read_only(tmp_p
             check_out_of_reach("--rules", path, [workspace], read_only=read_only)
     with pytest.raises(SandboxError):  # nothing bound read-only: the shipped file too
         check_out_of_reach("--rules", shipped, [workspace])
+
+
+def _reach(tmp_path):
+    workspace, host = tmp_path / "ws", tmp_path / "host"
+    workspace.mkdir()
+    host.mkdir()
+    (host / "secret").write_text("STOLEN=1\n")
+    return workspace, host
+
+
+def test_a_file_read_for_the_task_through_its_reach_must_lie_in_it(tmp_path):
+    workspace, host = _reach(tmp_path)
+    (workspace / "own.env").write_text("A=1\n")
+    (workspace / "link").symlink_to(host / "secret")  # a planted file link
+    (workspace / "dir").symlink_to(host)  # a planted directory link on the way
+    (workspace / "inner").symlink_to(workspace / "own.env")  # a link within: fine
+    admin = tmp_path / "admin"
+    admin.mkdir()
+    (admin / "via-workspace").symlink_to(workspace / "link")  # given outside, passing inside
+    (admin / "to-workspace").symlink_to(workspace / "own.env")
+
+    assert read_for_task("--env-file", workspace / "own.env", [workspace]) == b"A=1\n"
+    assert read_for_task("--env-file", workspace / "inner", [workspace]) == b"A=1\n"
+    assert read_for_task("--env-file", admin / "to-workspace", [workspace]) == b"A=1\n"
+    assert read_for_task("--env-file", host / "secret", [workspace]) == b"STOLEN=1\n"
+    for path in (workspace / "link", workspace / "dir" / "secret", admin / "via-workspace"):
+        with pytest.raises(SandboxError, match=f"a link from {workspace}, which the task can"):
+            read_for_task("--env-file", path, [workspace])
+
+
+def test_a_fifo_or_directory_read_for_the_task_is_refused_without_blocking(tmp_path):
+    workspace, _ = _reach(tmp_path)
+    os.mkfifo(workspace / "fifo")  # a planted FIFO: reading it would hold the run forever
+    (workspace / "directory").mkdir()
+    for name in ("fifo", "directory"):
+        with pytest.raises(SandboxError, match=f"--env-file {workspace / name}: "):
+            read_for_task("--env-file", workspace / name, [workspace])

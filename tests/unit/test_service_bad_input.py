@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from sandgate.enforcer.cli import main
-from sandgate.enforcer.cli.common import UsageError, check_dns_upstream, check_extra_cas
+from sandgate.enforcer.cli.common import UsageError, check_dns_upstream, read_extra_cas
 from sandgate.enforcer.run import RunError, make_dir
 from sandgate.enforcer.service import _refuse_if_served
 
@@ -68,7 +68,7 @@ def test_extra_ca_must_be_certificates_only(tmp_path, content, message):
     ca = tmp_path / "ca.pem"
     ca.write_bytes(content)
     with pytest.raises(UsageError, match=message) as raised:
-        check_extra_cas([ca])
+        read_extra_cas([ca])
     assert str(ca) in str(raised.value) and "\n" not in str(raised.value)
     assert b"PRIVATE" not in str(raised.value).encode()  # the key's text is not echoed
 
@@ -78,13 +78,13 @@ def test_extra_ca_that_is_no_regular_file_is_refused_without_blocking(tmp_path, 
     ca = tmp_path / "ca.pem"
     ca.mkdir() if kind == "directory" else os.mkfifo(ca)  # a FIFO's open would wait
     with pytest.raises(UsageError, match=f"--extra-ca {ca}: "):
-        check_extra_cas([ca])
+        read_extra_cas([ca])
 
 
 def test_extra_ca_of_certificates_is_taken(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_bytes(CERT_PEM + CERT_PEM)
-    check_extra_cas([ca])
+    assert read_extra_cas([ca]) == [(CERT_PEM + CERT_PEM).decode()]
 
 
 @pytest.mark.parametrize("upstream", ["garbage", "999.1.1.1", "1.1.1.1:53", "dns.google", ""])
