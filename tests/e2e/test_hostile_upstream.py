@@ -13,8 +13,6 @@ the gateway cannot verify: test_inspected_frontdoor.py).
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from support import sandbox
 from support.sandbox import curl, dig, eventually, python
@@ -123,22 +121,14 @@ print(int((time.monotonic() - started) * 1000), data[3] & 0x0F)
 
 @pytest.fixture
 def hostile_resolver(net, tmp_path):
+    """HOSTILE_RESOLVER on an address of its own in the fake internet; yields its log."""
     log = tmp_path / "resolver.log"
     log.touch()
     net.run_in_internet(["ip", "addr", "add", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"], check=True)
-    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c"]
-    proc = subprocess.Popen(
-        [*argv, HOSTILE_RESOLVER, HOSTILE_RESOLVER_IP, str(log)],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
     try:
-        assert proc.stdout.readline().strip() == "ready"
-        yield lambda: log.read_text().splitlines()
+        with script_server(net, HOSTILE_RESOLVER, HOSTILE_RESOLVER_IP, str(log)):
+            yield lambda: log.read_text().splitlines()
     finally:
-        proc.kill()
-        proc.wait()
         net.run_in_internet(["ip", "addr", "del", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"])
 
 
