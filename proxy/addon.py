@@ -24,6 +24,7 @@ import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmpr
 import contextlib
 import logging
 
+from h11._receivebuffer import ReceiveBuffer  # mitmproxy's Http1Client.buf
 from mitmproxy import connection, http, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer, layers
@@ -69,6 +70,33 @@ class CountingTCPLayer(layers.TCPLayer):
         yield from super().relay_messages(event)
 
 
+class FinalResponseBuffer(ReceiveBuffer):
+    """An upstream connection's receive buffer (`Http1Client.buf`) that hands its
+    reader only final response heads: interim ones (1xx other than 101) are read
+    and dropped, as an intermediary may drop them (RFC 8297, section 2).
+
+    mitmproxy's `Http1Client` takes the first head it reads for the response
+    (mitmproxy issue 2229): after a `103 Early Hints` or an unasked `100 Continue`
+    the client got the interim head as its answer, waited for a final one that never
+    came, and the real response was dropped as unexpected data. `maybe_extract_lines`
+    is what that reader reads a head with, and only a head."""
+
+    def maybe_extract_lines(self):
+        while True:
+            lines = super().maybe_extract_lines()
+            if not lines or not _interim(lines[0]):
+                return lines
+
+
+def _interim(status_line: bytes | bytearray) -> bool:
+    """Whether an HTTP/1 status line is a 1xx's other than 101 (which the addon
+    refuses in `responseheaders`)."""
+    parts = bytes(status_line).split(None, 2)
+    if len(parts) < 2 or len(parts[1]) != 3 or not parts[1].isdigit():
+        return False
+    return parts[1][:1] == b"1" and parts[1] != b"101"
+
+
 # The lingering close after a 431 (HeadLimitedHttpLayer): how long, and how much of
 # what the client still sends is read and dropped, before the connection is closed.
 LINGER_S = 2.0
@@ -94,7 +122,8 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
     The upstream's response head (`Http1Client`, the same FIXME) is bounded alike:
     past MAX_HEAD_BYTES unfinished, the server connection is closed and the stream
     gets a ResponseProtocolError, which mitmproxy answers with a 502 to the client
-    (`refuse_response(flow, size)` emits the event and gives the 502's text)."""
+    (`refuse_response(flow, size)` emits the event and gives the 502's text).
+    Its reader reads heads from a `FinalResponseBuffer`: interim responses dropped."""
 
     def __init__(self, context, refuse, refuse_response, refuse_held_body):
         super().__init__(context, HTTPMode.transparent)
@@ -142,6 +171,11 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
         yield from super()._handle_event(event)
         for top in list(self.connections.values()):
             upstream = _http1_client(top)
+            if upstream is not None and type(upstream.buf) is ReceiveBuffer:
+                # (made with its connection, before any response byte can arrive)
+                buffered, upstream.buf = upstream.buf, FinalResponseBuffer()
+                if buffered:
+                    upstream.buf += bytes(buffered)
             if (
                 upstream is not None
                 and len(upstream.buf) > MAX_HEAD_BYTES

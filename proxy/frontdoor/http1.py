@@ -68,6 +68,11 @@ _HEAD_END = re.compile(rb"\n\r?\n")  # where h11 ends a head
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _OBS_FOLD = re.compile(rb"\n[ \t]")  # a continuation line, which h11 unfolds silently
 _UPGRADE_FIELDS = (b"upgrade", b"http2-settings")
+# How h11 refuses a 101 that the request did not propose: every 101 here, since no
+# request forwarded on this path proposes an upgrade (they are removed; websocket
+# rules send the profile to mitmproxy). Without this, the switch was only "a response
+# that could not be parsed", with no event of its own.
+_UNASKED_SWITCH = "_SWITCH_UPGRADE event without a pending proposal"
 
 # h11 is imported by the first connection the fast path does not serve whole
 # (`_load_h11`), not with this module: a gateway whose plain HTTP is all of the fast
@@ -527,6 +532,9 @@ class Http1Session:
             try:
                 event = server.next_event()
             except h11.RemoteProtocolError as e:
+                if _UNASKED_SWITCH in str(e) and self.request is not None:
+                    self._refuse_switch()
+                    return
                 # A reused connection closed without a byte (_replay), else a bad answer.
                 if not self._replay():
                     self._fail_exchange(502, f"the upstream's response could not be parsed: {e}")
@@ -560,8 +568,7 @@ class Http1Session:
             self._cut_response(f"has {len(event.headers)} header fields")
             return
         if event.status_code == 101:
-            self.gate.on_refused_switch(self.state, self.request, self.tls)
-            self._close("the upstream switched protocols; no rule allowed it", reset=True)
+            self._refuse_switch()
             return
         self.response_seen = 0
         self.responding = True
@@ -570,6 +577,13 @@ class Http1Session:
                 status_code=event.status_code, headers=event.headers, reason=event.reason
             )
         self._to_client(event)
+
+    def _refuse_switch(self) -> None:
+        """The upstream answered 101: never passed on (no upgrade is allowed on this
+        path), its own event, and a 502 to the client, whose next request must not
+        ride what the server now takes for a tunnel."""
+        self.gate.on_refused_switch(self.state, self.request, self.tls)
+        self._fail_exchange(502, "the upstream switched protocols; no rule allowed it")
 
     def _cut_response(self, why: str) -> None:
         decision = self.gate.on_response_head_too_large(self.state, self.request, why, self.tls)

@@ -282,3 +282,32 @@ def test_a_client_refusing_the_gateways_certificate_has_its_own_event(addon):
         "tls_rejected_by_client",
         "api.allowed.test",
     )
+
+
+# --- interim responses from the upstream (FinalResponseBuffer) ---------------------------
+
+
+def test_the_upstream_reader_gets_only_final_response_heads():
+    """mitmproxy's Http1Client took a 103 or an unasked 100 for the response (its
+    client then waited for a final one forever): those heads are dropped, a 101 and
+    final heads are read as they are, and a head still arriving is waited for."""
+    from sandgate.proxy.addon import FinalResponseBuffer
+
+    buf = FinalResponseBuffer()
+    buf += b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" * 3
+    buf += b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert [bytes(line) for line in buf.maybe_extract_lines()] == [
+        b"HTTP/1.1 200 OK",
+        b"Content-Length: 2",
+    ]
+    assert bytes(buf) == b"ok"
+
+    switching = FinalResponseBuffer()
+    switching += b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"
+    assert bytes(switching.maybe_extract_lines()[0]) == b"HTTP/1.1 101 Switching Protocols"
+
+    partial = FinalResponseBuffer()
+    partial += b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 OK\r\n"
+    assert partial.maybe_extract_lines() is None
+    partial += b"\r\n"
+    assert [bytes(line) for line in partial.maybe_extract_lines()] == [b"HTTP/1.1 200 OK"]

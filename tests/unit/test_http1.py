@@ -32,12 +32,12 @@ def gate(tmp_path):
     assert (gate.counts.open, gate.counts.pending) == (0, 0)
 
 
-def session_for(gate, dst=ALLOWED) -> Http1Session:
+def session_for(gate, dst=ALLOWED, fast=True) -> Http1Session:
     state = gate.on_connect("c1", LOOPBACK, 40000, *dst)
     assert state is not None
     outcome = gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n")
     assert outcome.value == "http"
-    return Http1Session(gate, state)
+    return Http1Session(gate, state, fast=fast)
 
 
 def requests(gate) -> list[tuple]:
@@ -316,12 +316,25 @@ def test_a_response_head_over_the_limits_is_cut_with_502_and_an_event(gate, resp
     close(gate, s)
 
 
-def test_a_101_is_never_passed_on(gate):
-    s = session_for(gate)
-    s.client_data(b"GET /ws HTTP/1.1\r\n" + H + b"\r\n")
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    "upgrade", [b"", b"Upgrade: h2c\r\nConnection: upgrade\r\n"], ids=["unasked", "stripped"]
+)
+def test_a_101_is_never_passed_on_and_has_its_own_event(gate, fast, upgrade):
+    """No request forwarded here proposes an upgrade, so h11 refuses every 101; that
+    refusal is the switch's own event (protocol_not_allowed), not a parse failure."""
+    s = session_for(gate, fast=fast)
+    s.client_data(b"GET /ws HTTP/1.1\r\n" + H + upgrade + b"\r\n")
     s.upstream_connected()
+    assert b"upgrade" not in bytes(s.to_upstream).lower()
     s.upstream_data(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
-    assert b"101" not in answer(s) and s.closing
+    out = answer(s)
+    assert out.startswith(b"HTTP/1.1 502 ") and b"switched protocols" in out, out
+    assert b"101" not in out and s.closing
+    assert [(r[0], r[1]) for r in requests(gate)] == [
+        ("allow", "rule_allow"),
+        ("deny", "protocol_not_allowed"),
+    ]
     close(gate, s)
 
 
