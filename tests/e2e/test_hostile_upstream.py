@@ -178,9 +178,9 @@ def test_a_hostile_resolver_binds_no_other_name_and_stalls_no_other_query(
     assert rcode == 0 and ms < 1000, r.describe()
     seen = hostile_resolver()
     assert "slow.test" in seen and "fast.test" in seen, seen
-    assert not [
-        e for e in net.requests_seen(EVIL_IP) if e["host"] == "victim.test"
-    ], net.requests_seen(EVIL_IP)
+    assert not [e for e in net.requests_seen(EVIL_IP) if e["host"] == "victim.test"], (
+        net.requests_seen(EVIL_IP)
+    )
 
 
 # --- a hostile HTTP server -------------------------------------------------------------
@@ -271,7 +271,9 @@ def test_an_unasked_101_and_a_1xx_flood_leave_every_request_decided(net, tmp_pat
     log = tmp_path / "hostile_http.log"
     log.touch()
     rules = tmp_path / "rules.yaml"
-    websocket = "      - allow: allowed.test\n        websocket: true\n" if engine == "mitmproxy" else ""
+    websocket = (
+        "      - allow: allowed.test\n        websocket: true\n" if engine == "mitmproxy" else ""
+    )
     rules.write_text(
         "version: 1\nprofiles:\n  default:\n    rules:\n"
         f"      - allow: evil.test\n        ports: [{HOSTILE_HTTP_PORT}]\n"
@@ -284,7 +286,9 @@ def test_an_unasked_101_and_a_1xx_flood_leave_every_request_decided(net, tmp_pat
             "flood": curl(f"{base}/flood"),
             "after": curl(f"{base}/fine"),
         }, rules=rules)  # fmt: skip
-        seen = eventually(lambda: (lines := log.read_text().splitlines()) and len(lines) >= 3 and lines)
+        seen = eventually(
+            lambda: (lines := log.read_text().splitlines()) and len(lines) >= 3 and lines
+        )
     assert_no_traceback(r)
 
     # the switch was never passed on, and /denied never reached the server: not as a
@@ -370,14 +374,21 @@ def test_an_upstream_tls_that_fails_is_a_502_and_an_event_never_the_request(net,
     )
     workdir = net.workdir
     with script_server(
-        net, HOSTILE_TLS, EVIL_IP, str(workdir / "server.pem"), str(workdir / "server.key"), str(log)
+        net,
+        HOSTILE_TLS,
+        EVIL_IP,
+        str(workdir / "server.pem"),
+        str(workdir / "server.key"),
+        str(log),
     ):
         r = sandbox.run(net, tmp_path, {
             "old": curl("https://evil.test:9443/old"),
             "reset": curl("https://evil.test:9444/reset"),
             "fine": curl("-o", "/dev/null", "https://allowed.test/"),
         }, rules=rules)  # fmt: skip
-        seen = eventually(lambda: (lines := log.read_text().splitlines()) and len(lines) >= 2 and lines)
+        seen = eventually(
+            lambda: (lines := log.read_text().splitlines()) and len(lines) >= 2 and lines
+        )
     assert_no_traceback(r)
 
     for step in ("old", "reset"):
