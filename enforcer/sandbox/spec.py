@@ -307,7 +307,7 @@ def read_for_task(option: str, path: Path, writable: list[Path]) -> bytes:
 def _visits_writable(path: Path, writable: list[Path]) -> Path | None:
     """The first place under `writable` that finding `path` passes through (a
     directory or a link on its way, links followed as the kernel does), or None."""
-    pending = list(reversed(Path(os.path.abspath(path)).parts[1:]))
+    pending = list(reversed(Path(path).absolute().parts[1:]))  # `..` kept: the kernel's, below
     current, hops = Path("/"), 0
     while pending:
         part = pending.pop()

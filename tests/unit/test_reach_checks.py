@@ -49,12 +49,21 @@ def test_a_file_read_for_the_task_through_its_reach_must_lie_in_it(tmp_path):
     admin.mkdir()
     (admin / "via-workspace").symlink_to(workspace / "link")  # given outside, passing inside
     (admin / "to-workspace").symlink_to(workspace / "own.env")
+    (workspace / "sub").mkdir()
+    (admin / "into").symlink_to(workspace / "sub")  # `into/..` is the workspace, not admin/
 
     assert read_for_task("--env-file", workspace / "own.env", [workspace]) == b"A=1\n"
     assert read_for_task("--env-file", workspace / "inner", [workspace]) == b"A=1\n"
     assert read_for_task("--env-file", admin / "to-workspace", [workspace]) == b"A=1\n"
     assert read_for_task("--env-file", host / "secret", [workspace]) == b"STOLEN=1\n"
-    for path in (workspace / "link", workspace / "dir" / "secret", admin / "via-workspace"):
+    (workspace / "secret").symlink_to(host / "secret")
+    through_dotdot = admin / "into" / ".." / "secret"  # lexically admin/secret
+    for path in (
+        workspace / "link",
+        workspace / "dir" / "secret",
+        admin / "via-workspace",
+        through_dotdot,
+    ):
         with pytest.raises(SandboxError, match=f"a link from {workspace}, which the task can"):
             read_for_task("--env-file", path, [workspace])
 
