@@ -272,6 +272,7 @@ class AuditLog:
             # written; say so rather than hang the run's exit. The descriptor stays
             # open (the thread still uses it); the process is about to end.
             lost = len(self._pending)
+            self._pending.clear()
             self.failed += lost
             log.error(
                 "audit log %s: gave up at close: a write has been blocked for %.0f s; "
