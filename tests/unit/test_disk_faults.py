@@ -1,10 +1,12 @@
-"""The audit writer against a misbehaving file, where the fault can be injected in
-process: a FIFO or device given as the log, the live file truncated under the writer
-(logrotate's copytruncate), a write that blocks. The end-to-end side (real full and
+"""The audit writer and the state files against a misbehaving disk, where the fault
+can be injected in process: a FIFO or device given as the log, the live file
+truncated under the writer (logrotate's copytruncate), a write that blocks, an
+`always` approval whose rule cannot be written. The end-to-end side (real full and
 read-only file systems under `sandgate run`) is tests/e2e/test_audit_disk.py."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
@@ -12,6 +14,10 @@ import threading
 import time
 
 import pytest
+from sandgate.enforcer.approvals_control import always_writer, handle
+from sandgate.proxy.approvals import overlay as overlay_module
+from sandgate.proxy.approvals.holder import Approvals
+from sandgate.proxy.approvals.pending import AskKey
 from sandgate.proxy.gateway import audit_hold
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry import audit as audit_module
@@ -177,3 +183,66 @@ def test_close_does_not_hang_on_a_write_that_never_returns(tmp_path, monkeypatch
         assert log.failed == 4  # the queued ones, counted as lost (and said)
     finally:
         release.set()
+
+
+def always_approval(overlay, break_disk) -> tuple[dict, list, list]:
+    """Ask, break the disk (`break_disk()`), then `approve --always` through the
+    control command: (the reply, the approvals still pending, the reloads done)."""
+    reloads: list[str] = []
+
+    async def scenario():
+        approvals = Approvals(lambda event: None)
+
+        async def reload(actor: str) -> list[str]:
+            reloads.append(actor)
+            return []
+
+        approvals.on_always = always_writer(overlay, reload)
+        ask = AskKey.make(
+            task_id="t1", sandbox="10.213.0.2", profile="p", name="pastebin.test", port=443,
+            protocol="tls",
+        )  # fmt: skip
+        held = asyncio.ensure_future(approvals.hold(ask, "r", {}))
+        await asyncio.sleep(0.01)
+        (pending,) = approvals.list()
+        break_disk()
+        request = {"cmd": "approve", "id": pending["id"], "scope": "always"}
+        reply = await handle(approvals, request, "uid 0 (root)")
+        still = approvals.list()
+        held.cancel()
+        return reply, still
+
+    reply, still = asyncio.run(scenario())
+    return reply, still, reloads
+
+
+def test_an_always_whose_rule_cannot_be_written_is_refused_in_one_line(tmp_path):
+    """approved.yaml's temporary file cannot be made (here: a directory is in its
+    place; on a full or read-only disk the same OSError): the approver is told that
+    nothing was approved, instead of the control connection dying with a traceback."""
+    overlay = tmp_path / "approved.yaml"
+    reply, still, reloads = always_approval(
+        overlay, lambda: (tmp_path / ".approved.yaml.tmp").mkdir()
+    )
+    assert reply["ok"] is False and "nothing was approved" in reply["error"]
+    assert "\n" not in reply["error"]
+    assert len(still) == 1 and still[0]["state"] == "pending"  # not released
+    assert not overlay.exists() and not reloads
+
+
+def test_an_always_whose_rule_cannot_be_flushed_leaves_the_old_file(tmp_path, monkeypatch):
+    """EIO at fsync: the rule may never reach the disk, so it is not in force either
+    (no reload), the old approved.yaml stays as it was and no temporary file is left."""
+    overlay = tmp_path / "approved.yaml"
+    overlay.write_text("version: 1\n")
+
+    def eio(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    reply, still, reloads = always_approval(
+        overlay, lambda: monkeypatch.setattr(overlay_module.os, "fsync", eio)
+    )
+    assert reply["ok"] is False and "Input/output error" in reply["error"]
+    assert len(still) == 1 and not reloads
+    assert overlay.read_text() == "version: 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["approved.yaml"]
