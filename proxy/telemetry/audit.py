@@ -567,8 +567,7 @@ def _open_locked(path: Path, truncate: bool = False) -> int:
         # the log as writable (and `close` waits forever); /dev/null keeps nothing.
         os.close(fd)
         raise AuditLogError(
-            f"audit log {path} is not a regular file (a FIFO, device or socket); "
-            "give --audit-log a file path"
+            f"audit log {path} is not a regular file (a FIFO, device or socket)"
         )
     os.set_blocking(fd, True)
     try:
