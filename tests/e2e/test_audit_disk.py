@@ -17,6 +17,7 @@ import subprocess
 
 import pytest
 from support import sandbox
+from support.service import GatewayProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -166,6 +167,24 @@ def test_a_fifo_or_device_as_the_log_stops_the_run_before_the_task(net, tmp_path
             assert os.read(reader, 1) == b""  # nothing was written into it
         finally:
             os.close(reader)
+
+
+def test_the_service_with_workers_refuses_a_fifo_as_its_log(net, tmp_path):
+    """`sandgate gateway --workers 2`, whose workers' events all go to the service's
+    one writer: a FIFO as that log stops the service at start, in one line."""
+    fifo = tmp_path / "gateway-audit.fifo"
+    os.mkfifo(fifo)
+    gateway = GatewayProcess(net, tmp_path, sandbox.DEMO_RULES, "--workers", "2")
+    gateway.audit = fifo
+    try:
+        with pytest.raises(AssertionError, match="exited with 125"):
+            gateway.start()
+    finally:
+        if gateway.popen is not None and gateway.popen.poll() is None:
+            gateway.popen.kill()
+            gateway.popen.wait()
+    log = gateway.log.read_text()
+    assert "not a regular file" in log and "Traceback" not in log, log
 
 
 def test_a_summary_that_cannot_be_written_is_one_line_and_keeps_the_audit(net, tmp_path):
