@@ -23,6 +23,7 @@ from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry import audit as audit_module
 from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError, log_files, verify
 from sandgate.proxy.telemetry.event import Event, EventKind
+from support.sandbox import eventually
 
 
 def event(i: int) -> Event:
@@ -41,15 +42,6 @@ def event(i: int) -> Event:
 def emit(log: AuditLog, first: int, count: int) -> None:
     for i in range(first, first + count):
         log.emit(event(i))
-
-
-def eventually(check, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {check}")
-        time.sleep(0.01)
-    return value
 
 
 def test_a_fifo_as_the_log_is_refused_and_gets_no_byte(tmp_path):
