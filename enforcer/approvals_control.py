@@ -159,10 +159,21 @@ def always_writer(
             raise ApprovalError(
                 "--always needs a rule file of your own (--rules FILE): approved.yaml goes next to it"
             )
-        previous = append_approved(overlay, found, approver, expires=expires)
+        try:
+            previous = append_approved(overlay, found, approver, expires=expires)
+        except OSError as e:  # disk full, read-only, I/O error: nothing written, nothing approved
+            raise ApprovalError(
+                f"cannot write {overlay} ({e.strerror or e}); nothing was approved"
+            ) from None
         errors = await reload(f"approval {found.id} (always)")
         if errors:
-            restore(overlay, previous)
+            try:
+                restore(overlay, previous)
+            except OSError as e:
+                raise ApprovalError(
+                    f"the approved rule did not load ({'; '.join(errors)[:300]}) and "
+                    f"{overlay} could not be put back ({e.strerror or e}): fix it by hand"
+                ) from None
             raise ApprovalError(f"the approved rule did not load: {'; '.join(errors)[:300]}")
 
     return persist

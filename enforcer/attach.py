@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from sandgate.enforcer import control
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
 from sandgate.enforcer.sandbox import init as sandbox_init
+from sandgate.enforcer.summary_file import write_summary_json
 
 if TYPE_CHECKING:
     from sandgate.enforcer import zygote
@@ -137,8 +138,8 @@ def run_attached(opts: AttachOptions) -> int:
                 "probes": len(prepared.self_test),
                 "ms": prepared.self_test_ms,
             }
-        if opts.summary_json:
-            opts.summary_json.write_text(json.dumps(summary, indent=2))
+        if opts.summary_json and not write_summary_json(opts.summary_json, summary, code):
+            code = EXIT_SETUP
         if not opts.quiet:
             _print_summary(summary, reply)
     if opts.caller is not None:  # the caller's wait ends here, not after the teardown

@@ -28,6 +28,7 @@ from pathlib import Path
 from sandgate.enforcer import netns, nft
 from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
+from sandgate.enforcer.summary_file import write_summary_json
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
 from sandgate.proxy.policy import CompiledPolicy
@@ -201,14 +202,15 @@ class TaskRun:
             # The init killed by a signal (the OOM killer often picks it, the largest
             # process): a shell's 128+N, as an attached run reports, not -N's low byte.
             self.exit_code = code if code >= 0 else 128 - code
-            return self.exit_code
         finally:
             await self._teardown(time.monotonic() - started)
             self.summary.task_ended(self.run_id, time.monotonic() - started, self.exit_code)
             if not self.opts.quiet:
                 self.summary.print_table(sys.stderr)
-            if self.opts.summary_json:
-                self.opts.summary_json.write_text(json.dumps(self.summary.to_dict(), indent=2))
+            summary_written = not self.opts.summary_json or write_summary_json(
+                self.opts.summary_json, self.summary.to_dict(), self.exit_code
+            )
+        return self.exit_code if summary_written else EXIT_SETUP
 
     async def _setup(self) -> None:
         opts = self.opts

@@ -7,6 +7,7 @@ wildcard, unless the approver chose one (`--widen '*.example.com'`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -99,6 +100,18 @@ def restore(path: Path, previous: str | None) -> None:
 
 
 def _write(path: Path, text: str) -> None:
+    """Replace `path` by `text`, durably: flushed to disk (fsync) before the rename, so
+    a crash leaves the old file or the new one, never an empty one. An OSError (disk
+    full, read-only, I/O error; also at fsync) leaves `path` as it was and no
+    temporary file behind."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        with temporary.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise

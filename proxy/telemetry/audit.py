@@ -53,6 +53,7 @@ import logging
 import math
 import os
 import re
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -149,12 +150,17 @@ class AuditLog:
         batch_size: int = 128,
         flush_interval: float = 0.05,
         close_timeout: float = 5.0,
+        stall_timeout: float = 5.0,
     ):
         self.path = Path(path)
         self.max_bytes, self.max_total_bytes = max_bytes, max_total_bytes
         self.queue_size, self.batch_size = queue_size, batch_size
         self.flush_interval = flush_interval  # an idle writer looks at the queue this often
         self.close_timeout = close_timeout  # how long close() retries a failing disk
+        # A write blocked this long (a hung disk or network file system) counts as
+        # failing: nothing says the lines will ever land, so new connections wait.
+        self.stall_timeout = stall_timeout
+        self._write_started: float | None = None  # when the write under way began
         self._give_up_at = float("inf")
         self.written = 0  # events on disk
         self.dropped = 0  # events refused because the queue was full (loop thread)
@@ -162,7 +168,7 @@ class AuditLog:
         self.write_errors = 0  # failed write attempts (each retried)
         # Since when (time.monotonic) the writer has failed, and why; None: it writes.
         self.failing_since: float | None = None
-        self.problem: str | None = None
+        self._problem: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             self._fd = _open_locked(self.path)
@@ -197,8 +203,23 @@ class AuditLog:
 
     @property
     def writable(self) -> bool:
-        """False while writes fail (or the budget is reached), until one succeeds."""
-        return self.failing_since is None
+        """False while writes fail (or the budget is reached), until one succeeds, and
+        while a write has been blocked for `stall_timeout`."""
+        return self.failing_since is None and self._stalled_for() is None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the log is not writable; None while it is."""
+        stalled = self._stalled_for()
+        if stalled is not None:
+            return f"a write has been blocked for {stalled:.0f} s (a hung disk?)"
+        return self._problem
+
+    def _stalled_for(self) -> float | None:
+        started = self._write_started
+        if started is None or time.monotonic() - started < self.stall_timeout:
+            return None
+        return time.monotonic() - started
 
     def emit(self, event: Event | EncodedEvent) -> None:
         if len(self._pending) >= self.queue_size or self._stopping:
@@ -245,7 +266,22 @@ class AuditLog:
         self._give_up_at = time.monotonic() + self.close_timeout
         self._stopping = True
         self._wake.set()
-        self._thread.join()
+        self._thread.join(self.close_timeout + self.stall_timeout)
+        if self._thread.is_alive():
+            # Blocked in a write that does not return: the queued events cannot be
+            # written; say so rather than hang the run's exit. The descriptor stays
+            # open (the thread still uses it); the process is about to end.
+            lost = len(self._pending)
+            self._pending.clear()
+            self.failed += lost
+            log.error(
+                "audit log %s: gave up at close: a write has been blocked for %.0f s; "
+                "%d queued events and the batch being written are not in the log",
+                self.path,
+                self._stalled_for() or 0.0,
+                lost,
+            )
+            return
         os.close(self._fd)
         self._fd = -1
 
@@ -295,31 +331,41 @@ class AuditLog:
         i, attempts = 0, 0
         while i < len(lines):
             try:
-                if not self._path_names_our_file():
-                    self._reopen()
+                self._follow_file()
                 if self.size > 0 and self.size + len(lines[i][0]) > self.max_bytes:
                     self._rotate()
                 j, room = i, self.max_bytes - self.size
                 while j < len(lines) and (j == i or len(lines[j][0]) <= room):
                     room -= len(lines[j][0])
                     j += 1
-                self._write_all(b"".join(line for line, _, _ in lines[i:j]))
+                self._write_started = time.monotonic()
+                try:
+                    self._write_all(b"".join(line for line, _, _ in lines[i:j]))
+                finally:
+                    took, self._write_started = time.monotonic() - self._write_started, None
+                if took >= self.stall_timeout:
+                    log.error(
+                        "audit log %s: a write was blocked for %.1f s (new connections "
+                        "were refused meanwhile)",
+                        self.path,
+                        took,
+                    )
                 if os.fstat(self._fd).st_nlink == 0:
                     # Deleted before this write: these lines went nowhere. Not
                     # counted as written; the retry reopens FILE and writes them there.
                     raise OSError(errno.ENOENT, f"{self.path} was deleted while being written")
-            except OSError as e:
+            except (OSError, AuditLogError) as e:  # AuditLogError: FILE.new taken, at rotation
                 self.write_errors += 1
                 attempts += 1
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
-                self.problem = str(e.strerror or e)
+                self._problem = str(getattr(e, "strerror", None) or e)
                 if attempts == 1 or attempts % 100 == 0:
                     log.error(
                         "audit log %s: write failed (%s); retrying, %d events waiting; "
                         "new connections are refused meanwhile unless --on-audit-failure continue",
                         self.path,
-                        self.problem,
+                        self._problem,
                         len(lines) - i + len(self._pending),
                     )
                 if time.monotonic() >= self._give_up_at:
@@ -343,9 +389,45 @@ class AuditLog:
                     "are being written",
                     self.path,
                     time.monotonic() - self.failing_since,
-                    self.problem,
+                    self._problem,
                 )
-                self.failing_since, self.problem = None, None
+                self.failing_since, self._problem = None, None
+
+    def _follow_file(self) -> None:
+        """Before a write, make the writer's idea of FILE the one on disk: FILE moved
+        away or deleted goes on in a new FILE (`_reopen`); FILE cut short under the
+        writer (logrotate's `copytruncate`, `: > FILE`) or appended to by someone else
+        has its size taken again, so that rotation, the budget and the undo of a
+        failed write start from the real end (an undo from the old size would fill
+        the file with a hole of NUL bytes up to it and glue the next line to them)."""
+        if not self._path_names_our_file():
+            self._reopen()
+            return
+        size = os.fstat(self._fd).st_size
+        if size == self.size:
+            return
+        if size < self.size:
+            log.error(
+                "audit log %s was truncated from %d to %d bytes while being written "
+                "(copytruncate?); lines of seq %s..%d are only where it was copied to, "
+                "if anywhere; the chain goes on from seq %d",
+                self.path,
+                self.size,
+                size,
+                self.file_first_seq,
+                self.seq,
+                self.seq + 1,
+            )
+        else:
+            log.error(
+                "audit log %s: %d bytes were appended by another process; "
+                "`sandgate audit verify` will name them",
+                self.path,
+                size - self.size,
+            )
+        self.total += size - self.size
+        self.size = size
+        self.file_first_seq = _first_seq(self._fd) if size else None
 
     def _path_names_our_file(self) -> bool:
         """Whether FILE is still the file this writer appends to: an operator's
@@ -403,8 +485,8 @@ class AuditLog:
                 done += os.write(self._fd, view[done:])
         except OSError:
             # Undo a partial line, so a retry (or the next event) starts clean.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, start)
+            with contextlib.suppress(OSError):  # never past the end: that would be a hole
+                os.ftruncate(self._fd, min(start, os.fstat(self._fd).st_size))
             raise
         self.size = start + len(data)
         self.total += len(data)
@@ -479,7 +561,15 @@ def _last_record(path: Path) -> tuple[int, str]:
 
 def _open_locked(path: Path, truncate: bool = False) -> int:
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
-    fd = os.open(path, flags, 0o640)
+    fd = os.open(path, flags | os.O_NONBLOCK, 0o640)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        # A FIFO nobody reads blocks the writer for good while the gateway counts
+        # the log as writable (and `close` waits forever); /dev/null keeps nothing.
+        os.close(fd)
+        raise AuditLogError(
+            f"audit log {path} is not a regular file (a FIFO, device or socket)"
+        )
+    os.set_blocking(fd, True)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
