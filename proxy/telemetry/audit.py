@@ -566,9 +566,7 @@ def _open_locked(path: Path, truncate: bool = False) -> int:
         # A FIFO nobody reads blocks the writer for good while the gateway counts
         # the log as writable (and `close` waits forever); /dev/null keeps nothing.
         os.close(fd)
-        raise AuditLogError(
-            f"audit log {path} is not a regular file (a FIFO, device or socket)"
-        )
+        raise AuditLogError(f"audit log {path} is not a regular file (a FIFO, device or socket)")
     os.set_blocking(fd, True)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -67,9 +67,7 @@ def test_a_device_as_the_log_is_refused(device):
     assert "\n" not in str(caught.value)
 
 
-def test_a_log_truncated_under_the_writer_then_a_failed_write_leaves_no_hole(
-    tmp_path, monkeypatch
-):
+def test_a_log_truncated_under_the_writer_then_a_failed_write_leaves_no_hole(tmp_path, monkeypatch):
     """copytruncate: the live file copied, then cut to 0 under the writer. The writer's
     undo of a failed write used to truncate back to its old idea of the size, which
     extends the file with NUL bytes up to it and glues the next line to them: that
