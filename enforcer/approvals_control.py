@@ -152,18 +152,22 @@ def always_writer(
 ) -> Callable[[Pending, str, str | None], Awaitable[None]]:
     """`Approvals.on_always` for a gateway whose rules are at `overlay`'s side:
     append the rule, reload (`reload(actor)` returns the errors), and put the file
-    back if the reload fails, so that an `always` is either in force or not at all."""
+    back if the reload fails, so that an `always` is either in force or not at all.
+    One at a time: a second approver's rule appended while the first one's reload runs
+    would be taken out again when that reload fails and the file is put back."""
+    one_at_a_time = asyncio.Lock()
 
     async def persist(found: Pending, approver: str, expires: str | None = None) -> None:
         if overlay is None:
             raise ApprovalError(
                 "--always needs a rule file of your own (--rules FILE): approved.yaml goes next to it"
             )
-        previous = append_approved(overlay, found, approver, expires=expires)
-        errors = await reload(f"approval {found.id} (always)")
-        if errors:
-            restore(overlay, previous)
-            raise ApprovalError(f"the approved rule did not load: {'; '.join(errors)[:300]}")
+        async with one_at_a_time:
+            previous = append_approved(overlay, found, approver, expires=expires)
+            errors = await reload(f"approval {found.id} (always)")
+            if errors:
+                restore(overlay, previous)
+                raise ApprovalError(f"the approved rule did not load: {'; '.join(errors)[:300]}")
 
     return persist
 
