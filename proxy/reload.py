@@ -233,8 +233,11 @@ class PolicyReloader:
     def watched_paths(self) -> list[Path]:
         """The files a change of which reloads: the top files, every file the policy in
         force was built from, and those a failed load tried (so that fixing a newly
-        included file is noticed too)."""
-        paths = [p.resolve() for p in self.rule_files]
+        included file is noticed too). A top file is watched by the name it was given
+        too: when that is a symlink swapped to another file (`ln -sfn`, a Kubernetes
+        ConfigMap), its resolved target is unchanged, but the name's inode is not."""
+        paths = [Path(os.path.abspath(p)) for p in self.rule_files]
+        paths += [p.resolve() for p in self.rule_files]
         paths += self.gateway.policy.paths + self._failed_paths
         return list(dict.fromkeys(paths))
 

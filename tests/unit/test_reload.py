@@ -464,3 +464,32 @@ def test_a_modification_time_in_the_future_settles_by_comparison(tmp_path):
     result = run(PolicyReloader([path], gateway, settle=0.2, settle_max=5).reload("control"))
     assert result.ok and 200 <= result.ms < 2000, result
     assert not gateway.dns.decide_name("default", "bad.allowed.test").allowed
+
+
+def test_the_watcher_follows_a_symlinked_rule_file_whose_target_is_swapped(tmp_path):
+    """`ln -sfn rules-v2.yaml rules.yaml` (a deploy that swaps a link, the old target
+    kept): nothing the watcher looked at changed but the link, which must reload."""
+    gateway, _, events = make_gateway(tmp_path, WILDCARD_RULES)
+    v1, v2, link = tmp_path / "v1.yaml", tmp_path / "v2.yaml", tmp_path / "live.yaml"
+    v1.write_text(WILDCARD_RULES)
+    v2.write_text(WILDCARD_RULES.replace("deny: evil.allowed.test", "deny: www.allowed.test"))
+    old = time.time() - 60
+    for path in (v1, v2):
+        os.utime(path, (old, old))
+    link.symlink_to(v1.name)
+    reloader = PolicyReloader([link], gateway, settle=0.05)
+    run(reloader.reload("control"))
+    assert gateway.dns.decide_name("default", "www.allowed.test").allowed
+
+    async def scenario():
+        watcher = asyncio.create_task(reloader.watch(interval=0.02))
+        await asyncio.sleep(0.1)
+        swapped = tmp_path / "swapped"
+        swapped.symlink_to(v2.name)
+        os.replace(swapped, link)
+        await until(lambda: len(events.of("policy_loaded")) == 2)
+        watcher.cancel()
+
+    run(scenario())
+    assert not gateway.dns.decide_name("default", "www.allowed.test").allowed
+    assert gateway.dns.decide_name("default", "evil.allowed.test").allowed
