@@ -26,6 +26,7 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import yaml
 from sandgate.proxy.approvals.holder import Approvals
 from sandgate.proxy.approvals.overlay import append_approved, restore, rule_expiry
 from sandgate.proxy.approvals.pending import ApprovalError, Pending, Scope
@@ -163,7 +164,13 @@ def always_writer(
                 "--always needs a rule file of your own (--rules FILE): approved.yaml goes next to it"
             )
         async with one_at_a_time:
-            previous = append_approved(overlay, found, approver, expires=expires)
+            try:
+                previous = append_approved(overlay, found, approver, expires=expires)
+            except (OSError, yaml.YAMLError) as e:  # edited by hand: a directory, bad YAML
+                why = (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[0]
+                raise ApprovalError(
+                    f"{overlay} cannot be updated ({why}): fix or remove it; nothing was approved"
+                ) from None
             errors = await reload(f"approval {found.id} (always)")
             if errors:
                 restore(overlay, previous)

@@ -579,3 +579,37 @@ def test_two_always_approvals_at_once_keep_each_others_rule(tmp_path, policy):
     assert second["ok"], second
     approved = yaml.safe_load(overlay.read_text())["approved"]["p"]
     assert [r["allow"] for r in approved] == ["b.example.test"]
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda p: p.write_text("approved: {p: [\n"), id="corrupted"),
+        pytest.param(lambda p: p.mkdir(), id="a-directory"),
+    ],
+)
+def test_always_into_a_spoiled_approved_yaml_is_one_line_and_changes_nothing(
+    tmp_path, policy, spoil
+):
+    settings = ApprovalSettings(hold=5, expire_pending=60, max_pending_per_sandbox=5)
+    overlay = tmp_path / "approved.yaml"
+    spoil(overlay)
+    reloads = []
+
+    async def scenario():
+        approvals = Approvals(lambda event: None, lambda profile: settings)
+
+        async def reload(actor):
+            reloads.append(actor)
+            return []
+
+        approvals.on_always = always_writer(overlay, reload)
+        held = await approvals.hold(key("a.example.test"), "r", {})
+        request = {"cmd": "approve", "id": held.pending.id, "scope": "always"}
+        reply = await handle(approvals, request, "uid 0")
+        return reply, approvals.get(held.pending.id)
+
+    reply, still = asyncio.run(scenario())
+    assert not reply["ok"] and reply["error"].startswith(f"approve: {overlay} cannot be"), reply
+    assert "\n" not in reply["error"] and still["state"] == "pending", still
+    assert reloads == []
