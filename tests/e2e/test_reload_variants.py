@@ -94,16 +94,6 @@ def _one_policy_everywhere(service) -> str:
     return status["policy"]
 
 
-def _verify_audit(service) -> None:
-    verify = subprocess.run(
-        [sandbox.SANDGATE, "audit", "verify", str(service.audit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert verify.returncode == 0, verify.stdout + verify.stderr
-
-
 def test_a_rule_file_written_in_place_is_never_in_force_half_written(service, tmp_path):
     """The admin rewrites rules.yaml in place (`cat > rules.yaml`): truncated, the first
     half written, a pause, the rest. A SIGHUP in the pause, and the file watcher, must
@@ -137,7 +127,7 @@ def test_a_rule_file_written_in_place_is_never_in_force_half_written(service, tm
     assert len(probes) >= 10 and "200" not in probes, probes
     assert service.fakenet.requests_seen(FORBIDDEN_IP) == []
     assert service.stop() == 0
-    _verify_audit(service)
+    service.verify_audit()
 
 
 def test_a_reload_storm_over_two_workers_ends_on_one_policy_and_loses_no_event(
@@ -184,4 +174,4 @@ def test_a_reload_storm_over_two_workers_ends_on_one_policy_and_loses_no_event(
     denied = service.events(kind="dns", name="api.allowed.test", verdict="deny")
     assert len(denied) >= len(probes), (len(denied), len(probes))
     assert service.stop() == 0
-    _verify_audit(service)
+    service.verify_audit()
