@@ -26,6 +26,7 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import yaml
 from sandgate.proxy.approvals.holder import Approvals
 from sandgate.proxy.approvals.overlay import append_approved, restore, rule_expiry
 from sandgate.proxy.approvals.pending import ApprovalError, Pending, Scope
@@ -152,29 +153,34 @@ def always_writer(
 ) -> Callable[[Pending, str, str | None], Awaitable[None]]:
     """`Approvals.on_always` for a gateway whose rules are at `overlay`'s side:
     append the rule, reload (`reload(actor)` returns the errors), and put the file
-    back if the reload fails, so that an `always` is either in force or not at all."""
+    back if the reload fails, so that an `always` is either in force or not at all.
+    One at a time: a second approver's rule appended while the first one's reload runs
+    would be taken out again when that reload fails and the file is put back."""
+    one_at_a_time = asyncio.Lock()
 
     async def persist(found: Pending, approver: str, expires: str | None = None) -> None:
         if overlay is None:
             raise ApprovalError(
                 "--always needs a rule file of your own (--rules FILE): approved.yaml goes next to it"
             )
-        try:
-            previous = append_approved(overlay, found, approver, expires=expires)
-        except OSError as e:  # disk full, read-only, I/O error: nothing written, nothing approved
-            raise ApprovalError(
-                f"cannot write {overlay} ({e.strerror or e}); nothing was approved"
-            ) from None
-        errors = await reload(f"approval {found.id} (always)")
-        if errors:
+        async with one_at_a_time:
             try:
-                restore(overlay, previous)
-            except OSError as e:
+                previous = append_approved(overlay, found, approver, expires=expires)
+            except (OSError, yaml.YAMLError) as e:  # disk full, I/O error; edited by hand
+                why = (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[0]
                 raise ApprovalError(
-                    f"the approved rule did not load ({'; '.join(errors)[:300]}) and "
-                    f"{overlay} could not be put back ({e.strerror or e}): fix it by hand"
+                    f"{overlay} cannot be updated ({why}): fix or remove it; nothing was approved"
                 ) from None
-            raise ApprovalError(f"the approved rule did not load: {'; '.join(errors)[:300]}")
+            errors = await reload(f"approval {found.id} (always)")
+            if errors:
+                try:
+                    restore(overlay, previous)
+                except OSError as e:
+                    raise ApprovalError(
+                        f"the approved rule did not load ({'; '.join(errors)[:300]}) and "
+                        f"{overlay} could not be put back ({e.strerror or e}): fix it by hand"
+                    ) from None
+                raise ApprovalError(f"the approved rule did not load: {'; '.join(errors)[:300]}")
 
     return persist
 

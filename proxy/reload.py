@@ -17,6 +17,15 @@ rename-over is seen as well as an edit in place). Each reload:
    result and a `policy_invalid` event (which the metrics count as
    `sandgate_policy_reloads_total{result="failure"}`).
 
+Every reload first waits until the watched files have been quiet for SETTLE_S: a
+file written in place (`cat > rules.yaml`, an editor that rewrites the file, a
+config tool) passes through truncated and half-written states, and half a rule file
+is often a valid one (an `allow: "*.example.com"` whose `deny: evil.example.com` is
+not written yet). A file still changing after SETTLE_MAX_S, or one that changed
+while it was being loaded, fails the reload: the last good policy stays. A writer
+that pauses longer than SETTLE_S mid-file can still be read half-way: write rule
+files by rename (docs/operations.md).
+
 Reloads are serialised (one lock): two admins reloading at once get two complete
 reloads, one after the other, never two swaps racing. Nothing here imports
 mitmproxy: the gateway is anything with `policy`, `swap_policy` and `emit`.
@@ -34,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from sandgate.proxy.policy import CompiledPolicy, PolicyError, load_policy
+from sandgate.proxy.policy import CompiledPolicy, PolicyError, Problem, load_policy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import Event, EventKind
 
@@ -42,6 +51,10 @@ log = logging.getLogger("sandgate.reload")
 
 # An event's detail is one line for a human; a hundred errors stay in the result and log.
 MAX_DETAIL = 2000
+# A rule file changed less than this long ago may be half-written: wait until it is not.
+SETTLE_S = 0.5
+# ... but not for ever: a file that keeps changing this long is not loaded.
+SETTLE_MAX_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -102,10 +115,13 @@ class PolicyReloader:
         gateway: ReloadTarget,
         *,
         load: Callable[[list[Path]], CompiledPolicy] = load_policy,
+        settle: float = SETTLE_S,
+        settle_max: float = SETTLE_MAX_S,
     ):
         self.rule_files = [Path(p) for p in rule_files]
         self.gateway = gateway
         self.load = load
+        self.settle, self.settle_max = settle, settle_max
         self.last: ReloadResult | None = None
         self._lock = asyncio.Lock()
         self._failed_paths: tuple[Path, ...] = ()  # what the last failed load tried to read
@@ -119,7 +135,7 @@ class PolicyReloader:
             started = time.perf_counter()
             cause = f"reload on {trigger}" + (f" by {actor}" if actor else "")
             try:
-                new = await asyncio.to_thread(self.load, list(self.rule_files))
+                new = await self._load_settled()
             except PolicyError as e:
                 self._failed_paths = e.paths
                 errors = tuple(map(str, e.problems))
@@ -149,6 +165,46 @@ class PolicyReloader:
             self.last = self._failed(trigger, cause, errors, started)
             return self.last
 
+    async def _load_settled(self) -> CompiledPolicy:
+        """The policy of the files once none of them has changed for `settle` seconds,
+        and none changed while they were loaded; PolicyError naming the files that
+        would not stay still for `settle_max` seconds."""
+        deadline = time.monotonic() + self.settle_max
+        while True:
+            before = await self._quiet_signatures(deadline)
+            new = await asyncio.to_thread(self.load, list(self.rule_files))
+            changed = [p for p in dict.fromkeys([*before, *new.paths]) if p in before]
+            changed = [p for p in changed if before[p] != file_signature(p)]
+            if not changed:
+                return new
+            if time.monotonic() >= deadline:
+                raise _still_changing(changed, self.settle_max)
+
+    async def _quiet_signatures(self, deadline: float) -> dict[Path, Signature]:
+        """The watched files' signatures once they have not changed for `settle`
+        seconds: at once when each was last modified longer ago than that (by the
+        wall clock, as the file system stamps it); else when two looks `settle`
+        seconds apart agree (which also covers a modification time in the future,
+        after the clock was set back)."""
+        current = self._signatures()
+        while True:
+            recent = [
+                path
+                for path, sig in current.items()
+                if sig and time.time_ns() - sig[0] < self.settle * 1e9
+            ]
+            if not recent:
+                return current
+            if time.monotonic() >= deadline:
+                raise _still_changing(recent, self.settle_max)
+            await asyncio.sleep(self.settle)
+            previous, current = current, self._signatures()
+            if current == previous:
+                return current
+
+    def _signatures(self) -> dict[Path, Signature]:
+        return {path: file_signature(path) for path in self.watched_paths()}
+
     def _failed(
         self, trigger: str, cause: str, errors: tuple[str, ...], started: float
     ) -> ReloadResult:
@@ -177,8 +233,11 @@ class PolicyReloader:
     def watched_paths(self) -> list[Path]:
         """The files a change of which reloads: the top files, every file the policy in
         force was built from, and those a failed load tried (so that fixing a newly
-        included file is noticed too)."""
-        paths = [p.resolve() for p in self.rule_files]
+        included file is noticed too). A top file is watched by the name it was given
+        too: when that is a symlink swapped to another file (`ln -sfn`, a Kubernetes
+        ConfigMap), its resolved target is unchanged, but the name's inode is not."""
+        paths = [Path(os.path.abspath(p)) for p in self.rule_files]
+        paths += [p.resolve() for p in self.rule_files]
         paths += self.gateway.policy.paths + self._failed_paths
         return list(dict.fromkeys(paths))
 
@@ -211,6 +270,22 @@ class PolicyReloader:
         task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _still_changing(changing: list[Path], settle_max: float) -> PolicyError:
+    return PolicyError(
+        [
+            Problem(
+                str(path),
+                1,
+                1,
+                f"still being written: it kept changing for {settle_max:g} s; "
+                "the file was not loaded (write rule files by rename)",
+            )
+            for path in changing
+        ],
+        tuple(changing),
+    )
 
 
 def _ms_since(started: float) -> float:

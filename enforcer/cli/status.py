@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from sandgate.enforcer.cli.common import EXIT_OK, SetupError
+from sandgate.enforcer.cli.common import EXIT_OK, SetupError, UsageError
 from sandgate.enforcer.control import DEFAULT_SOCKET, ControlClient, ControlError
 
 
@@ -43,6 +43,8 @@ def ask(path: Path, cmd: str, **args) -> dict:
 
 
 def cmd_query(args) -> int:
+    if args.query == "reload":
+        return cmd_reload(args)
     reply = ask(args.control, args.query)
     if args.json:
         print(json.dumps(reply, indent=2))
@@ -65,6 +67,31 @@ def cmd_query(args) -> int:
             )
         if not reply["sandboxes"]:
             print("no sandboxes attached")
-    else:
-        print(f"reloaded: policy {reply['policy']} ({reply['rules']} rules, {reply['ms']} ms)")
     return EXIT_OK
+
+
+def cmd_reload(args) -> int:
+    """As the other queries, but a reload refused for its rule files (FILE:LINE:COL on
+    stderr) is a UsageError (exit 2), as `sandgate rules lint` and `sandgate run` do on the same file; a
+    service that cannot apply good rules (a worker that did not take them) stays 125."""
+    try:
+        client = ControlClient.connect(args.control)
+        try:
+            client.send("reload")
+            reply = client.receive()
+        finally:
+            client.close()
+    except ControlError as e:
+        raise SetupError(str(e)) from None
+    if reply is None:
+        raise SetupError(f"the gateway service at {args.control} closed the connection")
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    if reply.get("ok"):
+        if not args.json:
+            print(f"reloaded: policy {reply['policy']} ({reply['rules']} rules, {reply['ms']} ms)")
+        return EXIT_OK
+    error = reply.get("error") or "the gateway service refused the request"
+    if reply.get("errors") and not reply.get("swap"):
+        raise UsageError(error)
+    raise SetupError(error)

@@ -224,13 +224,7 @@ def test_two_workers_hold_each_sandbox_to_its_profile_sum_their_metrics_and_relo
         kinds = {e["kind"] for e in service.events(task_id=entry["task_id"])}
         assert {"dns", "connection", "task"} <= kinds, kinds
     assert service.stop() == 0
-    verify = subprocess.run(
-        [sandbox.SANDGATE, "audit", "verify", str(service.audit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    service.verify_audit()
     assert not [pid for pid in pids if _alive(pid)], "a worker outlived the service's stop"
 
 

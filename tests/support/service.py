@@ -108,6 +108,16 @@ class GatewayProcess:
         records = [json.loads(line) for line in lines if line]
         return [e for e in records if all(e.get(k) == v for k, v in fields.items())]
 
+    def verify_audit(self) -> None:
+        """`sandgate audit verify` of the service's audit log passes (its hash chain)."""
+        verify = subprocess.run(
+            [sandbox.SANDGATE, "audit", "verify", str(self.audit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+
     def wait_task_ended(self, task_id: str) -> None:
         """The service answers a detach before its audit writer (a thread) has written
         the task's last lines: wait for the task's end event."""

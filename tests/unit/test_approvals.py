@@ -544,3 +544,72 @@ def test_cli_bad_expiry_is_a_usage_error_before_any_socket(argv, message, tmp_pa
     code = main(["approvals", "approve", "someid", *argv, "--control", str(tmp_path / "none")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_two_always_approvals_at_once_keep_each_others_rule(tmp_path, policy):
+    """Approver A's rule is appended and its reload fails (the main rules are broken at
+    that moment), approver B's is appended meanwhile and its reload succeeds: putting
+    A's file back must not take B's rule with it (B's request went on as `always`)."""
+    settings = ApprovalSettings(hold=5, expire_pending=60, max_pending_per_sandbox=5)
+    overlay = tmp_path / "approved.yaml"
+
+    async def scenario():
+        approvals = Approvals(lambda event: None, lambda profile: settings)
+        first_reload = asyncio.Event()
+
+        async def reload(actor):
+            if not first_reload.is_set():
+                first_reload.set()
+                await asyncio.sleep(0.2)  # the second approval arrives meanwhile
+                return ["rules.yaml:3:5: broken for a moment"]
+            return []
+
+        approvals.on_always = always_writer(overlay, reload)
+        a = await approvals.hold(key("a.example.test"), "r", {})
+        b = await approvals.hold(key("b.example.test", task="t2"), "r", {})
+        return await asyncio.gather(
+            *(
+                handle(approvals, {"cmd": "approve", "id": held.pending.id, "scope": "always"}, who)
+                for held, who in ((a, "uid 1"), (b, "uid 2"))
+            )
+        )
+
+    first, second = asyncio.run(scenario())
+    assert not first["ok"] and "did not load" in first["error"], first
+    assert second["ok"], second
+    approved = yaml.safe_load(overlay.read_text())["approved"]["p"]
+    assert [r["allow"] for r in approved] == ["b.example.test"]
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda p: p.write_text("approved: {p: [\n"), id="corrupted"),
+        pytest.param(lambda p: p.mkdir(), id="a-directory"),
+    ],
+)
+def test_always_into_a_spoiled_approved_yaml_is_one_line_and_changes_nothing(
+    tmp_path, policy, spoil
+):
+    settings = ApprovalSettings(hold=5, expire_pending=60, max_pending_per_sandbox=5)
+    overlay = tmp_path / "approved.yaml"
+    spoil(overlay)
+    reloads = []
+
+    async def scenario():
+        approvals = Approvals(lambda event: None, lambda profile: settings)
+
+        async def reload(actor):
+            reloads.append(actor)
+            return []
+
+        approvals.on_always = always_writer(overlay, reload)
+        held = await approvals.hold(key("a.example.test"), "r", {})
+        request = {"cmd": "approve", "id": held.pending.id, "scope": "always"}
+        reply = await handle(approvals, request, "uid 0")
+        return reply, approvals.get(held.pending.id)
+
+    reply, still = asyncio.run(scenario())
+    assert not reply["ok"] and reply["error"].startswith(f"approve: {overlay} cannot be"), reply
+    assert "\n" not in reply["error"] and still["state"] == "pending", still
+    assert reloads == []

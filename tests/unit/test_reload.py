@@ -6,6 +6,7 @@ injected and the relay connects to a fake upstream on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -379,3 +380,116 @@ def test_a_replaced_policy_lets_go_of_its_memoised_decisions(tmp_path):
     assert run(PolicyReloader([path], gateway).reload("control")).ok
     assert rule.decision is None and rule.inspected_decision is None
     assert decision.allowed  # what was handed out stays valid
+
+
+# --- a file written in place: never loaded half-way -----------------------------------
+
+# Half of it is a valid file: the wildcard without the deny under it.
+WILDCARD_RULES = (
+    "version: 1\nprofiles:\n  default:\n    rules:\n"
+    '      - allow: "*.allowed.test"\n'
+    "      - deny: evil.allowed.test\n"
+)
+HALF = WILDCARD_RULES[: WILDCARD_RULES.index("      - deny")]
+
+
+def test_a_reload_while_the_file_is_written_in_place_waits_for_the_whole_file(tmp_path):
+    """`cat > rules.yaml`: truncated, half written, a pause, the rest. A reload (SIGHUP,
+    the watcher, `sandgate reload`) that starts in the pause must not load the half, in
+    which evil.allowed.test is allowed: it loads the whole file once it is quiet."""
+    gateway, path, events = make_gateway(tmp_path, WILDCARD_RULES)
+    # The half is a valid file that allows evil.allowed.test.
+    (tmp_path / "half").mkdir()
+    half = load_policy_text(tmp_path / "half", HALF)
+    assert half.rule_count == 1 and "evil.allowed.test" not in WILDCARD_RULES[: len(HALF)]
+    assert not gateway.dns.decide_name("default", "evil.allowed.test").allowed
+    reloader = PolicyReloader([path], gateway, settle=0.3)
+    swapped_in: list[bool] = []
+    swap = gateway.swap_policy
+
+    def recording_swap(new, *, cause=""):
+        report = swap(new, cause=cause)
+        swapped_in.append(gateway.dns.decide_name("default", "evil.allowed.test").allowed)
+        return report
+
+    gateway.swap_policy = recording_swap
+
+    async def scenario():
+        with path.open("w") as writer:  # truncates
+            writer.write(HALF)
+            writer.flush()
+            reload = asyncio.create_task(reloader.reload("SIGHUP"))
+            await asyncio.sleep(0.2)  # less than the settle time
+            assert not reload.done()
+            writer.write(WILDCARD_RULES[len(HALF) :])
+        return await reload
+
+    result = run(scenario())
+    assert result.ok and swapped_in == [False], swapped_in
+    assert not gateway.dns.decide_name("default", "evil.allowed.test").allowed
+    assert gateway.dns.decide_name("default", "www.allowed.test").allowed
+    assert result.ms >= 300
+
+
+def test_a_file_that_keeps_changing_is_not_loaded_and_the_old_policy_stays(tmp_path):
+    gateway, path, events = make_gateway(tmp_path, WILDCARD_RULES)
+    old_hash = gateway.policy.hash
+    reloader = PolicyReloader([path], gateway, settle=0.2, settle_max=0.8)
+
+    async def scenario():
+        async def keep_writing():
+            for i in range(40):
+                path.write_text(HALF + f"# {i}\n")
+                await asyncio.sleep(0.05)
+
+        writer = asyncio.create_task(keep_writing())
+        result = await reloader.reload("control")
+        writer.cancel()
+        return result
+
+    result = run(scenario())
+    assert not result.ok and gateway.policy.hash == old_hash
+    [error] = result.errors
+    assert error.startswith(f"{path.resolve()}:1:1: still being written: it kept changing for 0.8 s")
+    assert events.of("policy_invalid") and not events.of("policy_loaded")
+
+
+def test_a_modification_time_in_the_future_settles_by_comparison(tmp_path):
+    """The clock was set back after the file was written: its mtime is ahead of now.
+    Two looks a settle time apart that agree load it (no wait for the clock to catch up)."""
+    gateway, path, _ = make_gateway(tmp_path, WILDCARD_RULES)
+    path.write_text(WILDCARD_RULES.replace("evil.allowed.test", "bad.allowed.test"))
+    ahead = time.time() + 3600
+    os.utime(path, (ahead, ahead))
+    result = run(PolicyReloader([path], gateway, settle=0.2, settle_max=5).reload("control"))
+    assert result.ok and 200 <= result.ms < 2000, result
+    assert not gateway.dns.decide_name("default", "bad.allowed.test").allowed
+
+
+def test_the_watcher_follows_a_symlinked_rule_file_whose_target_is_swapped(tmp_path):
+    """`ln -sfn rules-v2.yaml rules.yaml` (a deploy that swaps a link, the old target
+    kept): nothing the watcher looked at changed but the link, which must reload."""
+    gateway, _, events = make_gateway(tmp_path, WILDCARD_RULES)
+    v1, v2, link = tmp_path / "v1.yaml", tmp_path / "v2.yaml", tmp_path / "live.yaml"
+    v1.write_text(WILDCARD_RULES)
+    v2.write_text(WILDCARD_RULES.replace("deny: evil.allowed.test", "deny: www.allowed.test"))
+    old = time.time() - 60
+    for path in (v1, v2):
+        os.utime(path, (old, old))
+    link.symlink_to(v1.name)
+    reloader = PolicyReloader([link], gateway, settle=0.05)
+    run(reloader.reload("control"))
+    assert gateway.dns.decide_name("default", "www.allowed.test").allowed
+
+    async def scenario():
+        watcher = asyncio.create_task(reloader.watch(interval=0.02))
+        await asyncio.sleep(0.1)
+        swapped = tmp_path / "swapped"
+        swapped.symlink_to(v2.name)
+        os.replace(swapped, link)
+        await until(lambda: len(events.of("policy_loaded")) == 2)
+        watcher.cancel()
+
+    run(scenario())
+    assert not gateway.dns.decide_name("default", "www.allowed.test").allowed
+    assert gateway.dns.decide_name("default", "evil.allowed.test").allowed
