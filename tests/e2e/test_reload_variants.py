@@ -130,9 +130,7 @@ def test_a_rule_file_written_in_place_is_never_in_force_half_written(service, tm
     service.verify_audit()
 
 
-def test_a_reload_storm_over_two_workers_ends_on_one_policy_and_loses_no_event(
-    service, tmp_path
-):
+def test_a_reload_storm_over_two_workers_ends_on_one_policy_and_loses_no_event(service, tmp_path):
     """A hundred SIGHUPs and four `sandgate reload`s at once, with a rule edit in the
     middle, while a task probes the denied name: every reload answers, both workers end
     on the service's policy without a restart, the audit log's chain verifies, and
@@ -157,8 +155,10 @@ def test_a_reload_storm_over_two_workers_ends_on_one_policy_and_loses_no_event(
             out, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, out + err
         assert eventually(
-            lambda: service.events(kind="policy", reason="policy_loaded")
-            and _one_policy_everywhere(service) != "",
+            lambda: (
+                service.events(kind="policy", reason="policy_loaded")
+                and _one_policy_everywhere(service) != ""
+            ),
             timeout=10,
         )
         # The file change is in force everywhere once the storm is over.

@@ -450,7 +450,9 @@ def test_a_file_that_keeps_changing_is_not_loaded_and_the_old_policy_stays(tmp_p
     result = run(scenario())
     assert not result.ok and gateway.policy.hash == old_hash
     [error] = result.errors
-    assert error.startswith(f"{path.resolve()}:1:1: still being written: it kept changing for 0.8 s")
+    assert error.startswith(
+        f"{path.resolve()}:1:1: still being written: it kept changing for 0.8 s"
+    )
     assert events.of("policy_invalid") and not events.of("policy_loaded")
 
 
