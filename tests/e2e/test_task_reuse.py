@@ -50,6 +50,10 @@ print("sent")
 """
 
 
+# B's listener by its text ([A]: not the probe's own text).
+_B_PROCESS = "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | grep -c 'SO_REUSE[A]DDR'"
+
+
 @pytest.fixture
 def slow_dns(fakenet, tmp_path):
     log = tmp_path / "slow-dns.log"
@@ -128,7 +132,8 @@ def test_a_dns_answer_that_comes_after_its_task_ended_is_that_tasks_not_nobodys(
 def test_a_task_next_to_another_neither_reaches_nor_becomes_it(service, tmp_path):
     """A and B at once: A knows B's address and listening port. Connecting to it is a
     denied private destination, taking B's address on its own eth0 or opening a raw
-    socket to forge B's source is refused, and B's listener accepts nothing."""
+    socket to forge B's source is refused, B's abstract unix socket is not A's to
+    reach, A sees only its own few processes, and B's listeners accept nothing."""
     b_dir = sandbox._workdir(tmp_path)
     b_steps = b_dir / "steps"
     listener = r"""
@@ -136,15 +141,17 @@ import os, socket, subprocess, time
 addr = subprocess.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"], capture_output=True,
                       text=True).stdout.split()[3].split("/")[0]
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 7777)); s.listen(8); s.settimeout(0.1)
+s.bind(("0.0.0.0", 7777)); s.listen(8); s.settimeout(0.05)
+u = socket.socket(socket.AF_UNIX); u.bind("\0sgreuse-b"); u.listen(8); u.settimeout(0.05)
 open("addr.tmp", "w").write(addr); os.rename("addr.tmp", "addr")
 deadline = time.monotonic() + 40
 while not os.path.exists("done") and time.monotonic() < deadline:
-    try:
-        peer = s.accept()[1]
-        open("accepted", "a").write(f"{peer}\n")
-    except socket.timeout:
-        pass
+    for listener in (s, u):
+        try:
+            peer = listener.accept()[1]
+            open("accepted", "a").write(f"{peer!r}\n")
+        except socket.timeout:
+            pass
 """
     b = subprocess.Popen(
         attach_argv(
@@ -161,6 +168,9 @@ while not os.path.exists("done") and time.monotonic() < deadline:
             b.stderr.read() if b.poll() is not None else "",
         )
         b_ip = (b_steps / "addr").read_text()
+        # The process probe below finds B's listener where it can be seen: on the host.
+        seen = subprocess.run(["sh", "-c", _B_PROCESS], capture_output=True, text=True)
+        assert int(seen.stdout) >= 1, seen
         steps = {
             # The gateway's front door takes every connection: the decision is its close.
             "connect": f"python3 -c 'import socket; c = socket.create_connection((\"{b_ip}\", 7777), 3);"
@@ -169,6 +179,9 @@ while not os.path.exists("done") and time.monotonic() < deadline:
             "raw": "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)'"
             " 2>&1; echo rc=$?",
             "addresses": "ip -4 -o addr show dev eth0",
+            "abstract": "python3 -c 'import socket; socket.socket(socket.AF_UNIX)"
+            ".connect(\"\\0sgreuse-b\")' 2>&1; echo rc=$?",
+            "processes": _B_PROCESS,
         }
         a = attach(service, tmp_path, steps)
     finally:
@@ -179,10 +192,11 @@ while not os.path.exists("done") and time.monotonic() < deadline:
             b.kill()
             b.wait()
     assert a.returncode == 0, a.stderr
-    for label in ("take_address", "raw"):
+    for label in ("take_address", "raw", "abstract"):
         assert a[label].out.strip().splitlines()[-1] != "rc=0", (label, a[label].out)
     assert "rc=0" not in a["connect"].out or "b''" in a["connect"].out, a["connect"].out
     assert b_ip not in a["addresses"].out, a["addresses"].out
+    assert a["processes"].out.strip() == "0", a["processes"].out
     assert not (b_steps / "accepted").exists(), (b_steps / "accepted").read_text()
     denied = [
         e for e in a.audit if e.get("kind") == "connection" and e.get("dst_ip") == b_ip
