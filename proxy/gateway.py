@@ -325,7 +325,7 @@ class Gateway:
         not for those the gateway finds itself). The name alone was decided (and
         approved); a refused address has its own `dns` event."""
         sandbox = state.sandbox
-        ip = await self.dns.resolve_address(sandbox.address, sandbox.profile, name)
+        ip = await self.dns.resolve_address(_asker(sandbox), name)
         if ip is None:
             return deny("dns-upstream", f"{name} has no public address upstream")
         refusal = self._refuse_resolved(sandbox.profile, state.port, name, ip)
@@ -358,9 +358,9 @@ class Gateway:
             return None
         return replace(decision, detail=f"{name} resolved to {ip}: {decision.detail}")
 
-    def _sandbox_for(self, source_ip: str) -> tuple[str, str] | None:
+    def _sandbox_for(self, source_ip: str) -> tuple[str, str, str | None] | None:
         sandbox = self.registry.get(source_ip)
-        return (sandbox.address, sandbox.profile) if sandbox else None
+        return _asker(sandbox) if sandbox else None
 
     def _keep_special(self, profile: str, ip) -> bool:
         compiled = self.policy.profiles.get(profile)
@@ -368,6 +368,11 @@ class Gateway:
 
     def emit(self, event: Event) -> None:
         self.events.emit(stamped(event, self.policy.hash, self.registry.get))
+
+
+def _asker(sandbox: Sandbox) -> tuple[str, str, str | None]:
+    """The DNS filter's view of a registered sandbox (dns.server.SandboxFor)."""
+    return (sandbox.address, sandbox.profile, sandbox.task_id or None)
 
 
 def stamped(event: Event, policy_hash: str, sandbox_at: Callable[[str], Sandbox | None]) -> Event:

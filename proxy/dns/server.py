@@ -51,8 +51,10 @@ SO_RCVBUFFORCE = 33  # Linux (socket(7)); Python's socket module has no name for
 
 log = logging.getLogger("sandgate.dns")
 
-SandboxFor = Callable[[str], "tuple[str, str] | None"]
-"""`sandbox_for(source_ip) -> (sandbox_id, profile)`, or None for a stranger."""
+SandboxFor = Callable[[str], "tuple[str, str, str | None] | None"]
+"""`sandbox_for(source_ip) -> (sandbox_id, profile, task_id)`, or None for a stranger.
+The task is the asker: a sandbox address outlives its task and may become another's
+while an upstream answer is awaited (`DnsFilter._still_asking`)."""
 
 
 class DnsFilter:
@@ -225,15 +227,18 @@ class DnsFilter:
         self, wire: bytes, source_ip: str, udp: bool, fields: dict
     ) -> tuple[bytes | None, Decision, dict]:
         """`handle` without the safety net: (response, decision, event fields)."""
-        who = self.sandbox_for(canonical_address(source_ip).compressed)
+        source_ip = canonical_address(source_ip).compressed
+        who = self.sandbox_for(source_ip)
         if who is None:
             decision = deny("unknown-sandbox", "source is no sandbox")
             return header_response(wire, dns.rcode.REFUSED), decision, {}
-        sandbox, profile = who
-        fields.update(sandbox=sandbox, profile=profile)
+        sandbox, profile, task_id = who
+        # The asker's task, now: the event is stamped after the upstream's answer, when
+        # the address may be no task's or a later one's.
+        fields.update(sandbox=sandbox, profile=profile, task_id=task_id)
         quick = quick_check(wire, profile, self.decide_name)
         if quick is not None:
-            return await self._handle_quick(quick, wire, sandbox, profile, udp, fields)
+            return await self._handle_quick(quick, wire, who, source_ip, udp, fields)
         check = check_query(wire, profile, self.decide_name)
         fields.update(name=check.name)
         over = self._over_rate(sandbox, profile)
@@ -246,14 +251,15 @@ class DnsFilter:
             return check.response, check.decision, {"detail": detail}
         reply, failure = await self._forward(check.forward.to_wire(), sandbox)
         return self._filter(
-            check.query, check.qtype, check.decision, reply, failure, sandbox, profile, udp
+            check.query, check.qtype, check.decision, reply, failure, who, source_ip, udp
         )
 
     async def _handle_quick(
-        self, quick: QuickCheck, wire: bytes, sandbox: str, profile: str, udp: bool, fields: dict
+        self, quick: QuickCheck, wire: bytes, who: tuple, source_ip: str, udp: bool, fields: dict
     ) -> tuple[bytes | None, Decision, dict]:
         """`_handle` for a query of the common shape: on the bytes (`wire.py`) as far
         as the answer allows, through dnspython where the filter has work to do."""
+        sandbox, profile, _ = who
         fields.update(name=quick.name)
         over = self._over_rate(sandbox, profile)
         if over is not None:
@@ -269,15 +275,14 @@ class DnsFilter:
         if isinstance(reply, bytes):
             simple = filter_simple_answer(quick.query, quick.name, reply, udp=udp)
             if simple is not None:
-                for name, ip, ttl in simple.bindings:
-                    self.bindings.record(sandbox, name, ip, ttl)
+                self._bind(who, source_ip, simple.bindings)
                 detail = _join(quick.decision.detail, f"{quick.qtype} {simple.summary}")
                 return simple.response, quick.decision, {"detail": detail}
         from dns.message import from_wire  # the slow path's (package docstring, "Imports")
 
         query = from_wire(wire)
         return self._filter(
-            query, quick.qtype, quick.decision, reply, failure, sandbox, profile, udp
+            query, quick.qtype, quick.decision, reply, failure, who, source_ip, udp
         )
 
     def _filter(
@@ -287,13 +292,14 @@ class DnsFilter:
         decision: Decision,
         reply: bytes | Decision | None,
         failure: str,
-        sandbox: str,
-        profile: str,
+        who: tuple,
+        source_ip: str,
         udp: bool,
     ) -> tuple[bytes, Decision, dict]:
         """The response to the allowed `query` from the upstream's `reply` (None:
         none came, `failure` says why; a Decision: the sandbox's limit refused to
-        forward), through `filter_answer`; records the bindings."""
+        forward), through `filter_answer`; records the bindings (`_bind`)."""
+        profile = who[1]
         if reply is None or isinstance(reply, Decision):
             answer = upstream_failure(query, failure)
             if isinstance(reply, Decision):
@@ -301,13 +307,22 @@ class DnsFilter:
         else:
             keep = functools.partial(self.keep_special, profile) if self.keep_special else None
             answer = filter_answer(query, reply, keep_special=keep)
-        for name, ip, ttl in answer.bindings:
-            self.bindings.record(sandbox, name, ip, ttl)
+        self._bind(who, source_ip, answer.bindings)
         extra = answer.decision.detail if answer.decision else ""
         summary = f"{qtype} {_describe(answer.response)}"
         detail = _join(decision.detail, extra, summary)
         response = render(answer.response, query, udp=udp)
         return response, answer.decision or decision, {"detail": detail}
+
+    def _bind(self, who: tuple, source_ip: str, bindings) -> None:
+        """Record `bindings` for the sandbox of `who` (`sandbox_for`'s answer when the
+        query came) if that task still holds `source_ip`: an answer that arrives after
+        its task ended binds nothing, so no later task given the address inherits names
+        that only the earlier one's profile could resolve."""
+        if self.sandbox_for(source_ip) != who:
+            return
+        for name, ip, ttl in bindings:
+            self.bindings.record(who[0], name, ip, ttl)
 
     def _placeholder(
         self, check: QueryCheck, sandbox: str, udp: bool
@@ -333,12 +348,14 @@ class DnsFilter:
         )
         return render(response, check.query, udp=udp), check.decision, {"detail": detail}
 
-    async def resolve_address(self, sandbox: str, profile: str, name: str) -> str | None:
-        """Resolve `name` upstream for `sandbox` (a placeholder's name, after approval):
-        its first usable IPv4 address, recorded as a binding; None if there is none.
-        The answer is filtered like any other (rebinding), and the query is an event."""
+    async def resolve_address(self, who: tuple, name: str) -> str | None:
+        """Resolve `name` upstream for the sandbox of `who` (`sandbox_for`'s answer: a
+        placeholder's name, after approval): its first usable IPv4 address, recorded
+        as a binding; None if there is none. The answer is filtered like any other
+        (rebinding), and the query is an event."""
         import dns.message
 
+        sandbox, profile, task_id = who
         query = dns.message.make_query(name, dns.rdatatype.A, use_edns=0, payload=OUR_PAYLOAD)
         started = time.perf_counter()
         upstream, failure = await self._ask_upstream(query.to_wire())
@@ -347,8 +364,7 @@ class DnsFilter:
         else:
             keep = functools.partial(self.keep_special, profile) if self.keep_special else None
             answer = filter_answer(query, upstream, keep_special=keep)
-        for bound, ip, ttl in answer.bindings:
-            self.bindings.record(sandbox, bound, ip, ttl)
+        self._bind(who, sandbox, answer.bindings)
         addresses = [
             rd.address
             for rrset in answer.response.answer
@@ -365,6 +381,7 @@ class DnsFilter:
                 "placeholder, after approval",
                 sandbox=sandbox,
                 profile=profile,
+                task_id=task_id,
                 name=name,
                 protocol="dns",
                 duration=time.perf_counter() - started,

@@ -652,7 +652,7 @@ async def _end_to_end():
     bindings = DnsBindings()
     server = DnsFilter(
         decide_name=FakePolicy(ALLOWED),
-        sandbox_for=lambda ip: ("sbx-1", "dev") if ip == "127.0.0.1" else None,
+        sandbox_for=lambda ip: ("sbx-1", "dev", "t1") if ip == "127.0.0.1" else None,
         sink=sink,
         upstreams=["127.0.0.1"],
         upstream_port=upstream.port,
@@ -797,7 +797,7 @@ def test_handle_pending_limit():
     sink = ListSink()
     server = DnsFilter(
         decide_name=FakePolicy(),
-        sandbox_for=lambda ip: ("sbx-1", "dev"),
+        sandbox_for=lambda ip: ("sbx-1", "dev", "t1"),
         sink=sink,
         upstreams=[],
         max_pending_per_sandbox=0,
@@ -1092,7 +1092,7 @@ async def _ask_hostile(udp_reply, tcp: _HostileTcp | None = None, *, client_tcp=
     sink, bindings = ListSink(), DnsBindings()
     server = DnsFilter(
         decide_name=FakePolicy({"example.com": Verdict.ALLOW}),
-        sandbox_for=lambda ip: ("sbx-1", "dev"),
+        sandbox_for=lambda ip: ("sbx-1", "dev", "t1"),
         sink=sink,
         upstreams=["127.0.0.1"],
         upstream_port=upstream_port,
@@ -1176,3 +1176,100 @@ def test_tcp_answer_to_another_query_is_refused():
     )
     assert response.rcode() == dns.rcode.SERVFAIL
     assert "ValueError" in events[0].detail and bindings.count("sbx-1") == 0
+
+
+class HandoverUpstream(FakeUpstream):
+    """Answers like FakeUpstream, after `handover()` ran: what happens to a sandbox
+    address while its query is upstream (its task ends, another task is given it)."""
+
+    def __init__(self, zone, handover):
+        super().__init__(zone)
+        self.handover = handover
+
+    def answer(self, wire: bytes, udp: bool) -> bytes | None:
+        self.handover()
+        return super().answer(wire, udp)
+
+
+@pytest.mark.parametrize(
+    "successor",
+    [
+        pytest.param(None, id="address-freed"),
+        pytest.param(("sbx-1", "dev", "task-b"), id="address-given-to-another-task"),
+        pytest.param(("sbx-1", "strict", "task-b"), id="another-task-stricter-profile"),
+    ],
+)
+def test_an_answer_that_comes_after_its_task_ended_binds_nothing_and_stays_its_tasks(
+    successor,
+):
+    """A task's query still upstream when the task ends: the answer may not bind the
+    name to the address (a later task given it would inherit a name only the earlier
+    one resolved), and the event is the asking task's, not nobody's or the next's."""
+    registry = {"127.0.0.1": ("sbx-1", "dev", "task-a")}
+
+    def handover():  # (twice for big.example.com: over UDP, then over TCP)
+        registry.pop("127.0.0.1", None)
+        if successor is not None:
+            registry["127.0.0.1"] = successor
+
+    async def scenario():
+        upstream = HandoverUpstream(ZONE, handover)
+        await upstream.start()
+        sink, bindings = ListSink(), DnsBindings()
+        server = DnsFilter(
+            decide_name=FakePolicy(ALLOWED),
+            sandbox_for=registry.get,
+            sink=sink,
+            upstreams=["127.0.0.1"],
+            upstream_port=upstream.port,
+            bindings=bindings,
+            timeout=1,
+        )
+        try:
+            # example.com takes the quick path; big.example.com (over 512 bytes) dnspython's.
+            for name in ("example.com", "big.example.com"):
+                registry["127.0.0.1"] = ("sbx-1", "dev", "task-a")
+                wire = wire_query(name, use_edns=0, payload=4096)
+                reply = await server.handle(wire, ("127.0.0.1", 5353), udp=True)
+                assert parse(reply).rcode() == dns.rcode.NOERROR  # task A still gets it
+        finally:
+            upstream.stop()
+        return sink.events, bindings
+
+    events, bindings = asyncio.run(scenario())
+    assert bindings.count("sbx-1") == 0
+    assert not bindings.names_for("sbx-1", "93.184.216.34")
+    assert [(e.name, e.task_id) for e in events] == [
+        ("example.com", "task-a"),
+        ("big.example.com", "task-a"),
+    ]
+
+
+def test_an_answer_for_a_task_that_still_holds_its_address_is_bound():
+    """The control of the test above: the same queries with no handover are bound."""
+    registry = {"127.0.0.1": ("sbx-1", "dev", "task-a")}
+
+    async def scenario():
+        upstream = HandoverUpstream(ZONE, lambda: None)
+        await upstream.start()
+        bindings = DnsBindings()
+        server = DnsFilter(
+            decide_name=FakePolicy(ALLOWED),
+            sandbox_for=registry.get,
+            sink=ListSink(),
+            upstreams=["127.0.0.1"],
+            upstream_port=upstream.port,
+            bindings=bindings,
+            timeout=1,
+        )
+        try:
+            for name in ("example.com", "big.example.com"):
+                wire = wire_query(name, use_edns=0, payload=4096)
+                await server.handle(wire, ("127.0.0.1", 5353), udp=True)
+        finally:
+            upstream.stop()
+        return bindings
+
+    bindings = asyncio.run(scenario())
+    assert bindings.resolved("sbx-1", "example.com", "93.184.216.34")
+    assert bindings.resolved("sbx-1", "big.example.com", "198.51.0.1")

@@ -265,7 +265,7 @@ def test_token_buckets_forget_idle_keys_past_the_cap():
 def test_dns_over_the_rate_is_refused_with_an_event_and_never_forwarded():
     events, upstream = [], []
     clock = Clock()
-    sources = {"10.0.0.2": ("sbx-a", "dev"), "10.0.0.3": ("sbx-b", "dev")}
+    sources = {"10.0.0.2": ("sbx-a", "dev", "ta"), "10.0.0.3": ("sbx-b", "dev", "tb")}
     server = DnsFilter(
         decide_name=lambda profile, name: Decision(Verdict.ALLOW, Reason.RULE_ALLOW, ALLOW_ALL),
         sandbox_for=sources.get,
