@@ -281,9 +281,7 @@ class DnsFilter:
         from dns.message import from_wire  # the slow path's (package docstring, "Imports")
 
         query = from_wire(wire)
-        return self._filter(
-            query, quick.qtype, quick.decision, reply, failure, who, source_ip, udp
-        )
+        return self._filter(query, quick.qtype, quick.decision, reply, failure, who, source_ip, udp)
 
     def _filter(
         self,

@@ -154,9 +154,7 @@ while not os.path.exists("done") and time.monotonic() < deadline:
             pass
 """
     b = subprocess.Popen(
-        attach_argv(
-            service, b_dir, ["python3", "-c", listener], profile="api"
-        ),
+        attach_argv(service, b_dir, ["python3", "-c", listener], profile="api"),
         cwd=b_steps,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -173,14 +171,14 @@ while not os.path.exists("done") and time.monotonic() < deadline:
         assert int(seen.stdout) >= 1, seen
         steps = {
             # The gateway's front door takes every connection: the decision is its close.
-            "connect": f"python3 -c 'import socket; c = socket.create_connection((\"{b_ip}\", 7777), 3);"
-            " c.sendall(b\"hello\"); print(c.recv(10))' 2>&1; echo rc=$?",
+            "connect": f'python3 -c \'import socket; c = socket.create_connection(("{b_ip}", 7777), 3);'
+            ' c.sendall(b"hello"); print(c.recv(10))\' 2>&1; echo rc=$?',
             "take_address": f"ip addr add {b_ip}/32 dev eth0 2>&1; echo rc=$?",
             "raw": "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)'"
             " 2>&1; echo rc=$?",
             "addresses": "ip -4 -o addr show dev eth0",
             "abstract": "python3 -c 'import socket; socket.socket(socket.AF_UNIX)"
-            ".connect(\"\\0sgreuse-b\")' 2>&1; echo rc=$?",
+            '.connect("\\0sgreuse-b")\' 2>&1; echo rc=$?',
             "processes": _B_PROCESS,
         }
         a = attach(service, tmp_path, steps)
@@ -198,16 +196,12 @@ while not os.path.exists("done") and time.monotonic() < deadline:
     assert b_ip not in a["addresses"].out, a["addresses"].out
     assert a["processes"].out.strip() == "0", a["processes"].out
     assert not (b_steps / "accepted").exists(), (b_steps / "accepted").read_text()
-    denied = [
-        e for e in a.audit if e.get("kind") == "connection" and e.get("dst_ip") == b_ip
-    ]
+    denied = [e for e in a.audit if e.get("kind") == "connection" and e.get("dst_ip") == b_ip]
     assert denied and all(e["verdict"] == "deny" for e in denied), denied
     assert b.returncode == 0, b.stderr.read()
 
 
-def test_what_a_task_leaves_in_its_sandbox_is_gone_for_the_next_on_a_warm_runner(
-    service, tmp_path
-):
+def test_what_a_task_leaves_in_its_sandbox_is_gone_for_the_next_on_a_warm_runner(service, tmp_path):
     """A plants files in /tmp, /dev/shm and $HOME, a SysV shared-memory segment, and a
     process that left its session (setsid, double fork); the next task, on another
     warm runner of the same service, sees none of them, and A's process is gone."""
@@ -216,7 +210,7 @@ def test_what_a_task_leaves_in_its_sandbox_is_gone_for_the_next_on_a_warm_runner
         "plant": f"for d in /tmp /dev/shm $HOME; do echo x > $d/{marker}; done; "
         "python3 -c 'import ctypes; l=ctypes.CDLL(None); print(l.shmget(0x5157, 4096, 0o1666))'; "
         "python3 -c 'import os, sys; os.fork() and sys.exit(); os.setsid(); os.fork() and sys.exit();"
-        f" os.execvp(\"sleep\", [\"{marker}\", \"300\"])' </dev/null >/dev/null 2>&1; sleep 0.2; "
+        f' os.execvp("sleep", ["{marker}", "300"])\' </dev/null >/dev/null 2>&1; sleep 0.2; '
         f"pgrep -f ^{marker} >/dev/null && echo alive",  # argv[0]: not this shell's text
     }
     a = attach(service, tmp_path, planted)
