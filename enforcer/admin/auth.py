@@ -1,18 +1,21 @@
 """Who may use the admin page and API, pure: the keys (the generated admin token and
-the named keys, keys.py), login sessions, CSRF tokens and the same-origin check. No
-sockets, no files (the server writes the token; `keys` is a callable).
+the named keys, keys.py), login sessions and the same-origin check. No sockets, no
+files (the server writes the token; `keys` is a callable).
 
 - The API takes `Authorization: Bearer TOKEN`; the page logs in with the same token
-  once and then carries a session cookie (HttpOnly, SameSite=Strict). No secret is
-  ever in a URL. The approver recorded is the key's name: `alice (api key)` for a
-  bearer token, `alice (web)` for the page; the generated token is the key `admin`.
-  A key revoked (gone from `keys()`) is refused at once, its sessions too.
+  once and then sends its session id in the `X-Sandgate-Session` header, kept in the
+  page's sessionStorage. No cookie: a browser attaches a cookie of 127.0.0.1:9465 to
+  every port of 127.0.0.1 (cookies ignore ports, and SameSite counts another port as
+  the same site), so another web server on the admin's host would get the session.
+  Storage is the origin's own (scheme, host and port), a header is never attached by
+  the browser itself, and with no credential the browser sends on its own there is
+  nothing a cross-site request could ride on. No secret is ever in a URL. The
+  approver recorded is the key's name: `alice (api key)` for a bearer token,
+  `alice (web)` for the page; the generated token is the key `admin`. A key revoked
+  (gone from `keys()`) is refused at once, its sessions too.
 - Every POST is refused (403) when its Origin (or, without one, its Referer) is not
-  the admin address itself: a cross-site form or fetch cannot decide anything.
-  A POST authenticated by the cookie must also carry the session's CSRF token (the
-  page's hidden field / `X-CSRF-Token` header) and an Origin or Referer; a bearer
-  POST may come without either (a script, curl), since browsers never attach a
-  bearer token on their own.
+  the admin address itself: a cross-site form or fetch is turned away before its
+  body is read (and the page's own POSTs always send one).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from urllib.parse import urlsplit
 
 from sandgate.enforcer.admin.keys import ADMIN, digest, find
 
-COOKIE = "sandgate_session"
+SESSION_HEADER = "x-sandgate-session"
 MAX_SESSIONS = 100  # the oldest go first: a login loop cannot grow memory
 
 
@@ -34,15 +37,13 @@ class Caller:
     """An authenticated request: who (recorded as the approver) and how."""
 
     approver: str
-    session: str | None  # the cookie's session id; None for a bearer token
-    csrf: str | None
+    session: str | None  # the page's session id; None for a bearer token
 
 
 @dataclass(frozen=True, slots=True)
 class _Session:
     key: str  # the name of the key it logged in with
     key_digest: str  # that key's digest then: a key revoked or replaced ends the session
-    csrf: str
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Sessions:
         while len(self._sessions) >= MAX_SESSIONS:
             del self._sessions[next(iter(self._sessions))]
         session = secrets.token_urlsafe(32)
-        self._sessions[session] = _Session(name, digest(given), secrets.token_urlsafe(24))
+        self._sessions[session] = _Session(name, digest(given))
         return session
 
     def logout(self, session: str) -> None:
@@ -80,8 +81,8 @@ class Sessions:
         scheme, _, value = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and value:
             name = self.key_for(value)
-            return Caller(f"{name} (api key)", None, None) if name is not None else None
-        given = cookies(headers.get("cookie", "")).get(COOKIE)
+            return Caller(f"{name} (api key)", None) if name is not None else None
+        given = headers.get(SESSION_HEADER)
         if not given:
             return None
         for session_id, session in list(self._sessions.items()):
@@ -89,17 +90,8 @@ class Sessions:
                 if self.all_keys().get(session.key) != session.key_digest:
                     del self._sessions[session_id]  # its key was revoked
                     return None
-                return Caller(f"{session.key} (web)", session_id, session.csrf)
+                return Caller(f"{session.key} (web)", session_id)
         return None
-
-
-def cookies(header: str) -> dict[str, str]:
-    found = {}
-    for part in header.split(";"):
-        name, eq, value = part.strip().partition("=")
-        if eq:
-            found.setdefault(name, value)
-    return found
 
 
 def same_origin(headers: dict[str, str], allowed: set[str]) -> bool | None:
@@ -114,17 +106,8 @@ def same_origin(headers: dict[str, str], allowed: set[str]) -> bool | None:
     return origin.lower() in allowed
 
 
-def post_refusal(
-    caller: Caller | None, headers: dict[str, str], allowed: set[str], csrf: str | None
-) -> str | None:
-    """Why a POST must be refused (403), or None. `csrf`: the token the request
-    carried (form field or header)."""
-    origin = same_origin(headers, allowed)
-    if origin is False:
+def post_refusal(headers: dict[str, str], allowed: set[str]) -> str | None:
+    """Why a POST must be refused (403), or None."""
+    if same_origin(headers, allowed) is False:
         return "cross-site request refused (Origin/Referer is not this admin address)"
-    if caller is not None and caller.session is not None:
-        if origin is None:
-            return "a request from the page must carry an Origin or Referer header"
-        if not csrf or not hmac.compare_digest(csrf.encode(), (caller.csrf or "").encode()):
-            return "missing or wrong CSRF token"
     return None

@@ -2,8 +2,9 @@
 127.0.0.1:9465): the approvals page, its JSON API and its live updates (SSE).
 HTTP/1.1 with h11 (a protocol with no I/O) over asyncio streams.
 
-    GET  /                        the page (or the login form)
-    POST /login, /logout          the login form's token -> a session cookie
+    GET  /                        the page (its login form, or the approvals once logged in)
+    POST /login                   {"token": "..."} -> {"session": ID, "approver": "alice (web)"}
+    POST /logout                  ends the session in X-Sandgate-Session
     GET  /static/app.js, app.css  the page's script and style (CSP: default-src 'self')
     GET  /api/approvals           pending approvals
     GET  /api/approvals/recent    recent decisions
@@ -14,7 +15,8 @@ HTTP/1.1 with h11 (a protocol with no I/O) over asyncio streams.
     GET  /api/events              Server-Sent Events: one `change` per new/decided/expired approval
 
 Decisions go through the control socket's code (enforcer/approvals_control.py), so the
-CLI, the page and the API behave the same. Authentication and CSRF: auth.py. A
+CLI, the page and the API behave the same. Authentication (bearer keys, the page's
+session header, no cookies) and the same-origin check: auth.py. A
 sandbox never reaches this server: its nftables table drops every packet to a local
 address of the gateway's host (enforcer/nft.py, `dropped_to_gateway`).
 """
@@ -23,17 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import json
 import logging
 import time
 from dataclasses import dataclass
 from importlib import resources
-from urllib.parse import parse_qs
 
 import h11
 from sandgate.enforcer import approvals_control
-from sandgate.enforcer.admin.auth import COOKIE, Caller, Sessions, post_refusal
+from sandgate.enforcer.admin.auth import SESSION_HEADER, Caller, Sessions, post_refusal
 from sandgate.proxy.approvals.holder import Approvals
 from sandgate.proxy.approvals.pending import ApprovalError
 from sandgate.proxy.policy.model import parse_duration
@@ -202,9 +202,12 @@ class AdminServer:
         if path.startswith("/static/") and method == "GET":
             return self._static(path.removeprefix("/static/"))
         if path == "/" and method == "GET":
-            return self._page(caller)
+            return self._page()
         if path in ("/login", "/logout") and method == "POST":
-            return self._login(path, caller, headers, body)
+            refusal = post_refusal(headers, self._origins(headers))
+            if refusal:
+                return error(403, refusal)
+            return self._login(path, caller, body)
         if not path.startswith("/api/approvals"):
             return error(404, f"no such page {path[:100]!r}")
         if caller is None:
@@ -219,12 +222,7 @@ class AdminServer:
                 request = None
             if not isinstance(request, dict):
                 return error(400, "the body must be a JSON object")
-            refusal = post_refusal(
-                caller,
-                headers,
-                self._origins(headers),
-                headers.get("x-csrf-token") or request.get("csrf"),
-            )
+            refusal = post_refusal(headers, self._origins(headers))
             if refusal:
                 return error(403, refusal)
             return await self.decide(rest, request, caller)
@@ -275,28 +273,29 @@ class AdminServer:
         status = 409 if "already" in reply["error"] else 400
         return error(status, reply["error"])
 
-    def _login(self, path: str, caller: Caller | None, headers: dict, body: bytes) -> Response:
-        form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
-        refusal = post_refusal(caller, headers, self._origins(headers), form.get("csrf"))
-        if refusal:
-            return Response(403, _login_html(refusal), "text/html; charset=utf-8")
+    def _login(self, path: str, caller: Caller | None, body: bytes) -> Response:
         if path == "/logout":
             if caller is not None and caller.session:
                 self.sessions.logout(caller.session)
-            return _redirect(f"{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
-        session = self.sessions.login(form.get("token", "").strip())
+            return json_response(200, {})
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError:
+            request = None
+        token = request.get("token") if isinstance(request, dict) else None
+        if not isinstance(token, str):
+            return error(400, 'the body must be {"token": "..."}')
+        session = self.sessions.login(token.strip())
         if session is None:
-            return Response(401, _login_html("wrong token"), "text/html; charset=utf-8")
-        return _redirect(f"{COOKIE}={session}; Path=/; HttpOnly; SameSite=Strict")
+            return error(401, "wrong token")
+        approver = self.sessions.caller({SESSION_HEADER: session}).approver
+        return json_response(200, {"session": session, "approver": approver})
 
-    def _page(self, caller: Caller | None) -> Response:
-        if caller is None or caller.session is None:
-            return Response(200, _login_html(None), "text/html; charset=utf-8")
-        page = resources.files("sandgate.enforcer.admin").joinpath("static/index.html").read_text()
-        page = page.replace("{{csrf}}", html.escape(caller.csrf or "")).replace(
-            "{{user}}", html.escape(caller.approver)
-        )
-        return Response(200, page.encode(), "text/html; charset=utf-8")
+    def _page(self) -> Response:
+        """The same page for everyone: what it shows comes from the API, with the
+        session its script keeps (auth.py)."""
+        page = resources.files("sandgate.enforcer.admin").joinpath("static/index.html").read_bytes()
+        return Response(200, page, "text/html; charset=utf-8")
 
     def _static(self, name: str) -> Response:
         if name not in STATIC:
@@ -331,22 +330,3 @@ class AdminServer:
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
-
-
-def _redirect(cookie: str) -> Response:
-    return Response(303, b"", "text/plain", (("location", "/"), ("set-cookie", cookie)))
-
-
-def _login_html(problem: str | None) -> bytes:
-    message = f'<p role="alert" class="problem">{html.escape(problem)}</p>' if problem else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>sandgate approvals: log in</title>
-<link rel="stylesheet" href="/static/app.css"></head>
-<body><main><h1>sandgate approvals</h1>{message}
-<form method="post" action="/login">
-<label for="token">Admin token (the file whose path the gateway printed at start, e.g.
-/var/lib/sandgate/admin-token) or your key (sandgate approvals keys add NAME)</label>
-<input id="token" name="token" type="password" autocomplete="current-password" required>
-<button type="submit">Log in</button>
-</form></main></body></html>
-""".encode()

@@ -9,7 +9,7 @@ import json
 import os
 
 import pytest
-from sandgate.enforcer.admin.auth import COOKIE, Sessions
+from sandgate.enforcer.admin.auth import SESSION_HEADER, Sessions
 from sandgate.enforcer.admin.keys import (
     KeyFile,
     KeyFileError,
@@ -114,11 +114,12 @@ def test_a_named_key_decides_as_its_name_and_is_refused_once_revoked(tmp_path, c
         server = AdminServer(approvals, sessions)
         _, port = await server.start("127.0.0.1", 0)
         origin = {"origin": f"http://127.0.0.1:{port}"}
-        form = {**origin, "content-type": "application/x-www-form-urlencoded"}
-        status, head, _ = await _http(port, "POST", "/login", form, f"token={bob}".encode())
-        cookie = {"cookie": f"{COOKIE}={head.split(f'{COOKIE}=', 1)[1].split(';', 1)[0]}"}
-        status, _, page = await _http(port, "GET", "/", cookie)
-        assert status == 200 and b"Logged in as bob (web)" in page
+        form = {**origin, "content-type": "application/json"}
+        login = json.dumps({"token": bob}).encode()
+        status, _, body = await _http(port, "POST", "/login", form, login)
+        assert status == 200 and json.loads(body)["approver"] == "bob (web)"
+        session = {SESSION_HEADER: json.loads(body)["session"]}
+        assert (await _http(port, "GET", "/api/approvals", session))[0] == 200
         hold = asyncio.ensure_future(approvals.hold(KEY, "ask-1", {}))
         await asyncio.sleep(0.05)
         (pending,) = approvals.list()
@@ -134,8 +135,8 @@ def test_a_named_key_decides_as_its_name_and_is_refused_once_revoked(tmp_path, c
         assert main(["approvals", "keys", "revoke", "bob", "--file", str(path)]) == 0
         refused = [
             (await _http(port, "GET", "/api/approvals", bearer))[0],
-            (await _http(port, "GET", "/api/approvals", cookie))[0],
-            (await _http(port, "POST", "/login", form, f"token={bob}".encode()))[0],
+            (await _http(port, "GET", "/api/approvals", session))[0],
+            (await _http(port, "POST", "/login", form, login))[0],
         ]
         # the generated token still works: it is the key `admin`
         admin = {"authorization": f"Bearer {sessions.token}"}

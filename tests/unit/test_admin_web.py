@@ -1,5 +1,6 @@
 """The admin server and the approval webhook on a real loop and loopback sockets:
-401 without the token, 403 for a cross-site or CSRF-less POST (and nothing decided),
+401 without the token, 403 for a cross-site POST (and nothing decided), the page's
+session is a header and never a cookie,
 a decision through the API releases the hold, SSE pushes changes, the webhook is
 signed and retried, and its failures are counted."""
 
@@ -13,7 +14,7 @@ import socket
 
 import pytest
 from sandgate.enforcer.admin import Admin, AdminOptions
-from sandgate.enforcer.admin.auth import COOKIE, Sessions
+from sandgate.enforcer.admin.auth import SESSION_HEADER, Sessions
 from sandgate.enforcer.admin.server import AdminServer
 from sandgate.proxy.approvals.holder import Answer, Approvals
 from sandgate.proxy.approvals.pending import AskKey
@@ -76,11 +77,12 @@ def test_the_api_needs_the_token_and_refuses_cross_site_posts():
             port, "POST", f"/api/approvals/{pending['id']}", cross, decision
         )
         assert status == 403 and "cross-site" in json.loads(body)["error"]
-        # A logged-in browser session without the CSRF token: refused too.
+        # A logged-in page's session id sent as a cookie (how a browser would attach it
+        # on its own, to every port of this host): not a credential.
         session = sessions.login(sessions.token)
-        page = {"cookie": f"{COOKIE}={session}", "origin": f"http://127.0.0.1:{port}"}
+        page = {"cookie": f"sandgate_session={session}", "origin": f"http://127.0.0.1:{port}"}
         status, _, _ = await _http(port, "POST", f"/api/approvals/{pending['id']}", page, decision)
-        assert status == 403
+        assert status == 401
         # An always rule's expiry that is no date: 400, one line.
         bad = json.dumps({"decision": "approve", "scope": "always", "expires": "soon"}).encode()
         status, _, body = await _http(port, "POST", f"/api/approvals/{pending['id']}", bearer, bad)
@@ -102,40 +104,39 @@ def test_the_api_needs_the_token_and_refuses_cross_site_posts():
     asyncio.run(main())
 
 
-def test_the_page_logs_in_with_a_cookie_and_posts_with_csrf():
+def test_the_page_logs_in_to_a_session_header_and_sets_no_cookie():
     async def main():
         approvals, sessions, server, port = await _server()
-        status, _, body = await _http(port, "GET", "/")
-        assert status == 200 and b'name="token"' in body and sessions.token.encode() not in body
-        origin = {
-            "origin": f"http://127.0.0.1:{port}",
-            "content-type": "application/x-www-form-urlencoded",
-        }
-        status, _, _ = await _http(port, "POST", "/login", origin, b"token=wrong")
-        assert status == 401
-        cross = {**origin, "origin": "http://evil.test"}
-        assert (await _http(port, "POST", "/login", cross, f"token={sessions.token}".encode()))[
-            0
-        ] == 403
-        status, head, _ = await _http(
-            port, "POST", "/login", origin, f"token={sessions.token}".encode()
-        )
-        assert status == 303 and "HttpOnly" in head and "SameSite=Strict" in head
-        cookie = head.split(f"{COOKIE}=", 1)[1].split(";", 1)[0]
-        status, head, body = await _http(port, "GET", "/", {"cookie": f"{COOKIE}={cookie}"})
-        assert status == 200 and b"Pending approvals" in body
+        status, head, body = await _http(port, "GET", "/")
+        assert status == 200 and b'id="token"' in body and b"Pending approvals" in body
         assert "default-src 'self'" in head and b"<script>" not in body
-        csrf = body.split(b'name="csrf-token" content="', 1)[1].split(b'"', 1)[0].decode()
+        origin = {"origin": f"http://127.0.0.1:{port}", "content-type": "application/json"}
+        login = json.dumps({"token": sessions.token}).encode()
+        status, _, body = await _http(port, "POST", "/login", origin, b'{"token": "wrong"}')
+        assert status == 401 and json.loads(body)["error"] == "wrong token"
+        assert (await _http(port, "POST", "/login", origin, b"token=x"))[0] == 400
+        cross = {**origin, "origin": "http://evil.test"}
+        assert (await _http(port, "POST", "/login", cross, login))[0] == 403
+        status, head, body = await _http(port, "POST", "/login", origin, login)
+        assert status == 200 and "set-cookie" not in head.lower()
+        answer = json.loads(body)
+        assert answer["approver"] == "admin (web)"
+        session = {SESSION_HEADER: answer["session"]}
+        # The page is the same with or without a session: it holds no secret.
+        assert (await _http(port, "GET", "/", session))[2] == (await _http(port, "GET", "/"))[2]
         hold = asyncio.ensure_future(approvals.hold(KEY, "ask-1", {}))
         await asyncio.sleep(0.05)
         (pending,) = approvals.list()
-        headers = {"cookie": f"{COOKIE}={cookie}", "x-csrf-token": csrf, **origin}
         decision = json.dumps({"decision": "deny"}).encode()
-        status, _, body = await _http(
-            port, "POST", f"/api/approvals/{pending['id']}", headers, decision
-        )
+        target = f"/api/approvals/{pending['id']}"
+        status, _, body = await _http(port, "POST", target, {**session, **cross}, decision)
+        assert status == 403 and not hold.done()
+        status, _, body = await _http(port, "POST", target, {**session, **origin}, decision)
         assert status == 200 and json.loads(body)["approval"]["approver"] == "admin (web)"
         assert (await hold).answer is Answer.DENIED
+        # Logged out: the session is refused from then on.
+        assert (await _http(port, "POST", "/logout", {**session, **origin}))[0] == 200
+        assert (await _http(port, "GET", "/api/approvals", session))[0] == 401
         await server.stop()
 
     asyncio.run(main())

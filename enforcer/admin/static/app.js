@@ -1,10 +1,13 @@
-// The approvals page: two tables from the JSON API, refreshed on every change the
-// server pushes (Server-Sent Events, /api/events). Data goes into the page with
-// textContent only; decisions POST JSON with the session's CSRF token.
+// The approvals page: a login form, then two tables from the JSON API, refreshed on
+// every change the server pushes (Server-Sent Events, /api/events). Data goes into the
+// page with textContent only. The session is a header from this origin's
+// sessionStorage, never a cookie (see enforcer/admin/auth.py): the browser attaches
+// nothing on its own, to this server or to another port of its host.
 "use strict";
 
-const csrf = document.querySelector('meta[name="csrf-token"]').content;
 const status = document.getElementById("status");
+const SESSION = "sandgate-session";
+const USER = "sandgate-user";
 
 // The scopes in the words of the CLI (sandgate approvals approve --once/--task/--for/--always).
 const SCOPES = [
@@ -27,9 +30,16 @@ function cell(row, text) {
   return td;
 }
 
+function sessionHeaders(extra = {}) {
+  return { "X-Sandgate-Session": sessionStorage.getItem(SESSION) || "", ...extra };
+}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { credentials: "same-origin", ...options });
+  const response = await fetch(path, { credentials: "omit", headers: sessionHeaders(), ...options });
   const body = await response.json().catch(() => ({}));
+  if (response.status === 401 && path !== "/login") {
+    showLogin("The session ended (logged out, or the key was revoked): log in again.");
+  }
   if (!response.ok) {
     throw new Error(body.error || `${response.status} ${response.statusText}`);
   }
@@ -52,7 +62,7 @@ async function decide(approval, decision, scope) {
   try {
     const result = await api(`/api/approvals/${encodeURIComponent(approval.id)}`, {
       method: "POST",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      headers: sessionHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify(body),
     });
     const done = result.approval;
@@ -150,8 +160,79 @@ async function refresh() {
   }
 }
 
+// Server-Sent Events read with fetch (EventSource cannot send the session header):
+// a refresh when the stream opens and on every `change`, a new stream after a break.
+let listening = false;
+
+async function listen() {
+  if (listening) return;
+  listening = true;
+  while (sessionStorage.getItem(SESSION)) {
+    try {
+      const response = await fetch("/api/events", { credentials: "omit", headers: sessionHeaders() });
+      if (response.status === 401) {
+        showLogin("The session ended (logged out, or the key was revoked): log in again.");
+        break;
+      }
+      refresh();
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffered = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        const messages = (buffered + value).split("\n\n");
+        buffered = messages.pop();
+        if (messages.some((m) => m.startsWith("event: change"))) refresh();
+      }
+    } catch (e) {
+      status.textContent = `Live updates interrupted: ${e.message}`;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+  }
+  listening = false;
+}
+
+function showLogin(problem) {
+  sessionStorage.removeItem(SESSION);
+  sessionStorage.removeItem(USER);
+  document.getElementById("approvals").hidden = true;
+  document.getElementById("session").hidden = true;
+  document.getElementById("login").hidden = false;
+  status.textContent = problem || "Log in to see and decide pending approvals.";
+}
+
+function showApprovals() {
+  document.getElementById("login").hidden = true;
+  document.getElementById("user").textContent = sessionStorage.getItem(USER);
+  document.getElementById("session").hidden = false;
+  document.getElementById("approvals").hidden = false;
+  status.textContent = "Loading…";
+  listen();
+}
+
+document.getElementById("login").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const token = document.getElementById("token");
+  try {
+    const session = await api("/login", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ token: token.value }),
+    });
+    token.value = "";
+    sessionStorage.setItem(SESSION, session.session);
+    sessionStorage.setItem(USER, session.approver);
+    showApprovals();
+  } catch (e) {
+    status.textContent = `Log in: ${e.message}`;
+  }
+});
+
+document.getElementById("logout").addEventListener("click", async () => {
+  await api("/logout", { method: "POST" }).catch(() => {});
+  showLogin("Logged out.");
+});
+
 document.getElementById("duration").addEventListener("change", refresh);
-const events = new EventSource("/api/events");
-events.addEventListener("change", refresh);
-events.addEventListener("open", refresh);
-refresh();
+if (sessionStorage.getItem(SESSION)) showApprovals();
+else showLogin();
