@@ -51,7 +51,7 @@ profiles:
 # Would mark the page or approve through the API if the page ever ran them.
 APPROVE_JS = (
     "fetch('/api/approvals/'+document.querySelector('tr[data-id]').dataset.id,"
-    "{method:'POST',headers:{'X-CSRF-Token':document.querySelector('meta').content},"
+    "{method:'POST',headers:{'X-Sandgate-Session':sessionStorage.getItem('sandgate-session')},"
     'body:\'{"decision":"approve"}\'})'
 )
 # Paths the gate lets through to an ask (RFC 3986 characters: quotes, parentheses and
