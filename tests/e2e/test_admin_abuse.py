@@ -4,8 +4,8 @@ credential the browser gave away, with a request rebound to the admin's address,
 with an approver name of their choosing, or by stalling the webhook. The service,
 the approver's headless Chromium and the attacker's web server all run in the fake
 internet's host netns (its loopback is the admin's): nothing leaves the test's
-namespaces. Every variant ends with the approval still pending and allowed.test's
-server having seen nothing.
+namespaces. Every variant leaves the approval pending and allowed.test's server
+untouched, until the real approver decides.
 
 - Another web server on the admin's host (another port of 127.0.0.1: a developer's
   dev server, another user's process) that the approver's browser visits. Cookies are
@@ -16,13 +16,16 @@ server having seen nothing.
   posts (Origin or `Origin: null`) are refused, and replaying whatever the browser
   sent it decides nothing.
 - A request whose Host names another site (DNS rebinding), a forged `approver`
-  field, a caller's `Origin: null`, a webhook receiver that accepts and never answers.
+  field, a caller's `Origin: null`, a webhook receiver that accepts and never answers,
+  and the control socket's mode (root and the `sandgate` group only: the CLI's way in).
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -159,6 +162,13 @@ while True:
     held.append(conn)
     open(sys.argv[2], "a").write("accepted\n")
 """
+
+
+def _group_ids(name: str) -> list[int]:
+    try:
+        return [grp.getgrnam(name).gr_gid]
+    except KeyError:
+        return []
 
 
 def _call(fakenet, method: str, url: str, headers: dict, body: str = "") -> dict:
@@ -331,6 +341,11 @@ def test_rebound_host_forged_approver_null_origin_and_a_silent_webhook_decide_no
         spoof = json.dumps({"decision": "approve", "scope": "task", "approver": "root"})
         wrong = {**bearer, "Authorization": "Bearer " + token[:-1] + "x"}
         assert _call(fakenet, "POST", path, wrong, spoof)["status"] == 401
+
+        # The control socket (the CLI's way to decide): root and the sandgate group only.
+        st = service.control.stat()
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660, oct(st.st_mode)
+        assert st.st_uid == 0 and st.st_gid in {0, *_group_ids("sandgate")}
 
         # The silent webhook receiver stalls nothing: the pending list and a decision
         # answer at once. The decision by a key records the key's name, not the body's.
