@@ -32,23 +32,15 @@ import time
 from pathlib import Path
 
 import pytest
-from support import sandbox
 from support.sandbox import curl, eventually
-from support.service import GatewayProcess, attach_argv
+from support.service import GatewayProcess
+from test_approvals_web import RULES, _held_task, _token
 
 pytestmark = pytest.mark.e2e
 
-RULES = """\
-version: 1
-profiles:
-  default:
-    approval: {hold: 60s}
-    rules:
-      - ask: allowed.test
-        id: ask-allowed
-"""
 ADMIN = "http://127.0.0.1:9465/"
 OTHER_SITE = "http://127.0.0.1:8000/"  # the attacker's server, on the admin's host
+HELD = {"held": curl("http://allowed.test/", timeout=60)}  # waits for a decision
 
 # The attacker's web server: logs every request it gets (what the approver's browser
 # attaches for 127.0.0.1 included) and serves a page that tries to decide from the
@@ -179,28 +171,14 @@ def _call(fakenet, method: str, url: str, headers: dict, body: str = "") -> dict
     return json.loads(result.stdout)
 
 
-def _token(service: GatewayProcess) -> str:
-    match = eventually(
-        lambda: re.search(r"approvals page on (\S+) \(token in (\S+)\)", service.log.read_text()),
-        timeout=10,
-    )
-    assert match[1] == ADMIN, match[0]
-    return Path(match[2]).read_text().strip()
-
-
-def _held_task(service: GatewayProcess, tmp_path: Path):
-    """A task whose request to allowed.test waits for a decision."""
-    workdir = sandbox._workdir(tmp_path)
-    steps = {"held": curl("http://allowed.test/", timeout=60)}
-    task = subprocess.Popen(
-        attach_argv(service, workdir, ["sh", "-c", sandbox._script(steps, workdir / "steps")]),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return task, lambda out, err: sandbox._result(
-        task.returncode, out, err, workdir, workdir / "steps"
-    )
+def _service(fakenet, tmp_path: Path, *extra: str) -> tuple[GatewayProcess, str, dict]:
+    """The service (its page on ADMIN), its token and the API's headers with it."""
+    fakenet.clear_logs()
+    (tmp_path / "rules.yaml").write_text(RULES)
+    service = GatewayProcess(fakenet, tmp_path, tmp_path / "rules.yaml", *extra).start()
+    url, token = _token(service)
+    assert url == ADMIN, url
+    return service, token, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
 
 def _pending(fakenet, bearer: dict) -> dict:
@@ -242,20 +220,16 @@ def _stop(service, task, *procs) -> None:
 def test_a_site_on_another_port_of_the_admin_host_gets_no_credential_and_decides_nothing(
     fakenet, tmp_path
 ):
-    fakenet.clear_logs()
-    (tmp_path / "rules.yaml").write_text(RULES)
     seen_log = tmp_path / "attacker.jsonl"
     attacker = fakenet.popen_in_host(
         [sys.executable, "-c", ATTACKER, OTHER_SITE.rsplit(":", 1)[1].strip("/"), str(seen_log),
          ADMIN]
     )  # fmt: skip
     procs = [attacker]
-    service = GatewayProcess(fakenet, tmp_path, tmp_path / "rules.yaml").start()
+    service, token, bearer = _service(fakenet, tmp_path)
     task = None
     try:
-        token = _token(service)
-        bearer = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        task, result_of = _held_task(service, tmp_path)
+        task, result_of = _held_task(service, tmp_path, HELD)
         asked = _pending(fakenet, bearer)
         browser = fakenet.popen_in_host(
             [sys.executable, "-c", APPROVER, ADMIN, token, OTHER_SITE],
@@ -280,7 +254,9 @@ def test_a_site_on_another_port_of_the_admin_host_gets_no_credential_and_decides
         # decides nothing.
         for request in seen:
             stolen = {
-                k: v for k, v in request["headers"].items() if k.lower() in ("cookie", "authorization")
+                k: v
+                for k, v in request["headers"].items()
+                if k.lower() in ("cookie", "authorization")
             }
             page = _call(fakenet, "GET", ADMIN, stolen)["body"]
             csrf = re.search(r'name="csrf-token" content="([^"]+)"', str(page))
@@ -306,20 +282,15 @@ def test_a_site_on_another_port_of_the_admin_host_gets_no_credential_and_decides
 def test_rebound_host_forged_approver_null_origin_and_a_silent_webhook_decide_nothing(
     fakenet, tmp_path
 ):
-    fakenet.clear_logs()
-    (tmp_path / "rules.yaml").write_text(RULES)
     accepted = tmp_path / "silent.log"
     silent = fakenet.popen_in_host([sys.executable, "-c", SILENT, "8098", str(accepted)])
     secret = tmp_path / "webhook.key"
     secret.write_text("a-webhook-secret-of-enough-bytes\n")
     hook = ("--approval-webhook", "http://127.0.0.1:8098/hook", "--approval-webhook-secret")
-    service = GatewayProcess(fakenet, tmp_path, tmp_path / "rules.yaml", *hook, str(secret))
-    service.start()
+    service, token, bearer = _service(fakenet, tmp_path, *hook, str(secret))
     task = None
     try:
-        token = _token(service)
-        bearer = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        task, result_of = _held_task(service, tmp_path)
+        task, result_of = _held_task(service, tmp_path, HELD)
         asked = _pending(fakenet, bearer)
         path = ADMIN + f"api/approvals/{asked['id']}"
         approve = json.dumps({"decision": "approve", "scope": "task"})
