@@ -53,11 +53,3 @@ def read_stamp(text: str) -> tuple[int, int | None]:
         raise ValueError(f"not a pid stamp: {text[:40]!r}")
     return int(parts[0]), (int(parts[1]) if len(parts) == 2 else None)
 
-
-def stamp_alive(text: str) -> bool:
-    """Whether a pid file's writer (or the process it names) still lives."""
-    try:
-        pid, start = read_stamp(text)
-    except ValueError:
-        return False
-    return alive(pid, start)

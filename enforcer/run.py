@@ -640,9 +640,9 @@ def _owned(run_dir: Path) -> bool:
         service = process_stamp.alive(int(state["service_pid"]), state.get("service_start"))
     except (OSError, ValueError, KeyError, TypeError):
         service = None
-    try:
-        runner = process_stamp.stamp_alive((run_dir / "pid").read_text())
-    except OSError:
+    try:  # a pid file being written (empty, half) names no one yet either
+        runner = process_stamp.alive(*process_stamp.read_stamp((run_dir / "pid").read_text()))
+    except (OSError, ValueError):
         runner = None
     if service or runner:
         return True
