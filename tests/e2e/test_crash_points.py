@@ -121,6 +121,8 @@ def test_a_run_killed_before_its_table_leaves_a_netns_that_reaches_nothing(
         assert routed, leftovers(net, run_id)
         assert f"nft table sandgate_{run_id}" not in leftovers(net, run_id)  # before the table
         os.kill(pid, 9)
+        tracer.kill()  # the run's parent: its zombie goes to init, which reaps it
+        tracer.wait()
         assert eventually(lambda: _gone(pid), timeout=10)
         left = leftovers(net, run_id)
         assert f"netns {netns}" in left and f"veth sgh-{run_id}" in left, left
