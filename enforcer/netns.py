@@ -135,6 +135,14 @@ def create_sandbox_net(
             step = "set host ipv6 sysctls"
             for key in _HOST_IF_IPV6_SYSCTLS:
                 _write_ipv6_conf(f"{net.host_if}/{key}", "0")
+            # The host never routes what comes from a sandbox, even where it forwards
+            # (a Docker or Kubernetes node): until the table is loaded, and after a
+            # run SIGKILLed before it (a netns and veth left, no table), nothing else
+            # stops a packet from the netns from being forwarded out. (Switching the
+            # host's net.ipv4.ip_forward on later sets it again on every interface.)
+            step = "stop forwarding from the host end"
+            with open(f"/proc/sys/net/ipv4/conf/{net.host_if}/forwarding", "w") as f:
+                f.write("0")
 
             step = "configure host end"
             host_idx = _link_index(host, net.host_if)

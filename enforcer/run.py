@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandgate.enforcer import netns, nft
+from sandgate.enforcer import netns, nft, process_stamp
 from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.sandbox import cgroup, prepare, spec
 from sandgate.enforcer.summary_file import write_summary_json
@@ -46,6 +46,8 @@ from sandgate.proxy.telemetry.summary import TaskSummary
 log = logging.getLogger("sandgate.run")
 
 RUN_DIR = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))
+# A state dir naming no owner yet is taken for a run setting up for this long (gc).
+SETUP_GRACE_S = 60.0
 STATE_DIR = Path(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate"))
 AUDIT_DIR = STATE_DIR / "audit"  # a run's audit log when --audit-log is not given: <run id>.jsonl
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -222,7 +224,7 @@ class TaskRun:
         self.audit = open_audit_log(self.audit_path, opts.audit_budget)
         self.summary.telemetry["audit_log"] = str(self.audit_path)
         make_dir(self.dir, "SANDGATE_RUN_DIR")
-        (self.dir / "pid").write_text(str(os.getpid()))
+        (self.dir / "pid").write_text(process_stamp.stamp(os.getpid()))  # pid and start: gc
         gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, opts.pool)
         self.net = await asyncio.to_thread(
             netns.create_sandbox_net, self.run_id, gateway_ip, sandbox_ip
@@ -597,7 +599,7 @@ def gc(dry_run: bool = False) -> list[str]:
         removed.append(what)
 
     # A sandbox of a live gateway service is the service's to remove, whatever its runner.
-    runs = {d.name: _alive(d / "pid") or _service_alive(d) for d in RUN_DIR.glob("*") if d.is_dir()}
+    runs = {d.name: _owned(d) for d in RUN_DIR.glob("*") if d.is_dir()}
     live = {run_id for run_id, alive in runs.items() if alive}
     dead = set(runs) - live
     for run_id in sorted(dead & set(netns.list_sandbox_nets())):
@@ -627,18 +629,24 @@ def _empty_cgroup(path: str) -> bool:
         return False
 
 
-def _service_alive(run_dir: Path) -> bool:
+def _owned(run_dir: Path) -> bool:
+    """Whether a run's state dir has a live owner: the run (or the attached runner)
+    its pid file names, or the gateway service of its service.json; each recorded
+    with its start time (`process_stamp`), so a pid the kernel gave to another
+    process since does not count. A dir that names no owner yet is a run setting up
+    (between its mkdir and its pid file), for `SETUP_GRACE_S`."""
     try:
-        pid = int(json.loads((run_dir / "service.json").read_text())["service_pid"])
-        os.kill(pid, 0)
-        return True
+        state = json.loads((run_dir / "service.json").read_text())
+        service = process_stamp.alive(int(state["service_pid"]), state.get("service_start"))
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _alive(pid_file: Path) -> bool:
-    try:
-        os.kill(int(pid_file.read_text()), 0)
-        return True
+        service = None
+    try:  # a pid file being written (empty, half) names no one yet either
+        runner = process_stamp.alive(*process_stamp.read_stamp((run_dir / "pid").read_text()))
     except (OSError, ValueError):
-        return False
+        runner = None
+    if service or runner:
+        return True
+    if service is None and runner is None:
+        with contextlib.suppress(OSError):
+            return time.time() - run_dir.stat().st_mtime < SETUP_GRACE_S
+    return False

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandgate.enforcer import approvals_control, control, handoff, netns, nft
+from sandgate.enforcer import approvals_control, control, handoff, netns, nft, process_stamp
 from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.dataplane import DataPlane, open_data_plane
 from sandgate.enforcer.run import (
@@ -117,6 +117,7 @@ class Attached:
     command: list[str]
     summary: TaskSummary
     started: float = field(default_factory=time.time)
+    runner_start: int | None = None  # the runner's start time: its pid may be reused
     connected: bool = True  # False: re-adopted after a restart, until its runner resumes
     rules_hash: str = ""
     worker: int = -1  # its data plane slot: the worker its table points at (--workers N > 1)
@@ -484,10 +485,11 @@ class GatewayService:
         attached.profile, attached.rules_hash = profile, policy.hash
         attached.command = [str(a)[:200] for a in request.get("command", [])][:50]
         attached.runner_pid = int(request.get("runner_pid", 0))
+        attached.runner_start = process_stamp.start_time(attached.runner_pid)
         attached.started = time.time()
         try:
             # `sandgate gc`: the run lives while its runner does
-            (attached.dir / "pid").write_text(str(attached.runner_pid))
+            (attached.dir / "pid").write_text(process_stamp.stamp(attached.runner_pid))
             self._write_state(attached)
             self.sandboxes[attached.run_id] = attached
             await self._register(attached)
@@ -605,7 +607,9 @@ class GatewayService:
             "address": attached.address,
             "gateway_ip": attached.gateway_ip,
             "runner_pid": attached.runner_pid,  # 0: a spare no task has taken
+            "runner_start": attached.runner_start,  # with the pid: that process (process_stamp)
             "service_pid": os.getpid(),
+            "service_start": process_stamp.start_time(os.getpid()),
             "control": str(self.opts.control),  # whose it is, when services share RUN_DIR
             "command": attached.command,
             "started": attached.started,
@@ -744,6 +748,7 @@ class GatewayService:
                     list(state.get("command", [])),
                     TaskSummary(),
                     started=float(state.get("started", time.time())),
+                    runner_start=_start_field(state, "runner_start"),
                     connected=False,
                     rules_hash=self.data_plane.policy.hash,
                 )
@@ -755,7 +760,7 @@ class GatewayService:
             if attached.runner_pid == 0:  # a spare network no task took: nothing to tell
                 self._unwire_later(attached)
                 continue
-            alive = _alive(attached.runner_pid) and attached.run_id in netns.list_sandbox_nets()
+            alive = _runner_alive(attached) and attached.run_id in netns.list_sandbox_nets()
             if alive and attached.profile in self.data_plane.policy.profiles:
                 self.sandboxes[attached.run_id] = attached
                 attached.worker = self.data_plane.assign()
@@ -786,7 +791,7 @@ class GatewayService:
         while not self.stopped.is_set():
             await asyncio.sleep(ADOPTED_CHECK_S)
             for attached in list(self.sandboxes.values()):
-                if not attached.connected and not _alive(attached.runner_pid):
+                if not attached.connected and not _runner_alive(attached):
                     await self._remove(
                         attached, "its runner died while the gateway service was away"
                     )
@@ -830,7 +835,7 @@ class GatewayService:
         for signum, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 1.0)):
             for attached in list(self.sandboxes.values()):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    if attached.runner_pid > 1:
+                    if attached.runner_pid > 1 and _runner_alive(attached):  # not a reused pid
                         os.kill(attached.runner_pid, signum)
             end = time.monotonic() + wait
             while self.sandboxes and time.monotonic() < end:
@@ -899,7 +904,24 @@ def _group_id(name: str) -> int | None:
 
 def _owned_by_other_service(state: dict) -> bool:
     service_pid = state.get("service_pid")
-    return isinstance(service_pid, int) and service_pid != os.getpid() and _alive(service_pid)
+    return (
+        isinstance(service_pid, int)
+        and service_pid != os.getpid()
+        and service_pid > 1
+        and process_stamp.alive(service_pid, _start_field(state, "service_start"))
+    )
+
+
+def _start_field(state: dict, key: str) -> int | None:
+    """A start time of a state file (None when absent: a file of an older sandgate)."""
+    value = state.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _runner_alive(attached: Attached) -> bool:
+    return attached.runner_pid > 1 and process_stamp.alive(
+        attached.runner_pid, attached.runner_start
+    )
 
 
 def guard_table(control: Path) -> str:
@@ -908,18 +930,6 @@ def guard_table(control: Path) -> str:
     deleting) the other's table would open the other's ports to the LAN."""
     digest = hashlib.sha256(str(control.absolute()).encode()).hexdigest()
     return GUARD_TABLE_PREFIX + digest[:12]
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 1:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _refuse_if_served(path: Path) -> None:

@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 packages=(nftables iproute2 nginx-light dnsmasq-base ca-certificates python3-venv)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(curl dnsutils socat iputils-ping prometheus chromium chromium-driver)  # chromium: the approvals page test (Selenium)
+  packages+=(strace)  # a kill at a chosen step of a run (test_crash_points: a delay injected on a syscall)
   packages+=(tmux)  # a real terminal emulator: what the task summary looks like after a hostile task (test_output_injection)
 fi
 missing=()

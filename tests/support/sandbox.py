@@ -332,8 +332,8 @@ class Started:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for pid_file in RUN_DIR.glob("*/pid"):
-                with contextlib.suppress(OSError, ValueError):
-                    if int(pid_file.read_text()) == self.pid:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    if int(pid_file.read_text().split()[0]) == self.pid:  # `PID START`
                         return pid_file.parent.name
             if self.popen.poll() is not None:
                 raise AssertionError(
