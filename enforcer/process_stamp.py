@@ -52,4 +52,3 @@ def read_stamp(text: str) -> tuple[int, int | None]:
     if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
         raise ValueError(f"not a pid stamp: {text[:40]!r}")
     return int(parts[0]), (int(parts[1]) if len(parts) == 2 else None)
-

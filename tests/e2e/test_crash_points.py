@@ -163,7 +163,11 @@ def test_gc_removes_a_killed_runs_leftovers_though_its_pid_is_reused(net, tmp_pa
         assert f"nft table sandgate_{run_id}" in leftovers(net, run_id)
 
         out = _gc_output(net)
-        for what in (f"netns sg-{run_id}", f"nft table sandgate_{run_id}", f"state {RUN_DIR / run_id}"):
+        for what in (
+            f"netns sg-{run_id}",
+            f"nft table sandgate_{run_id}",
+            f"state {RUN_DIR / run_id}",
+        ):
             assert what in out, out
         assert leftovers(net, run_id) == []
         assert sleeper.poll() is None  # the process with the reused pid was not touched
@@ -249,7 +253,11 @@ def test_gc_removes_a_dead_services_sandbox_though_its_pids_are_reused(net, tmp_
         assert f"netns sg-{run_id}" in leftovers(net, run_id)
 
         out = _gc_output(net)
-        for what in (f"netns sg-{run_id}", f"nft table sandgate_{run_id}", f"state {RUN_DIR / run_id}"):
+        for what in (
+            f"netns sg-{run_id}",
+            f"nft table sandgate_{run_id}",
+            f"state {RUN_DIR / run_id}",
+        ):
             assert what in out, out
         assert leftovers(net, run_id) == []
         assert all(s.poll() is None for s in sleepers)
