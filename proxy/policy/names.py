@@ -358,21 +358,62 @@ def _canonical_label(label: str, whole: str) -> str:
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in label):
         raise InvalidName(f"{whole!r} contains a control character or space")
     if not label.isascii():
+        deviation = next((c for c in label if c in _IDNA_DEVIATIONS), None)
+        if deviation is not None:
+            read_as = repr(_IDNA_DEVIATIONS[deviation]) if _IDNA_DEVIATIONS[deviation] else "nothing"
+            raise InvalidName(
+                f"{whole!r}: {deviation!r} is {read_as} to some clients "
+                "(IDNA 2003) and kept by others (IDNA 2008), so the name is two names; "
+                f"write the punycode of the one you mean ('xn--{_punycode(label)}')"
+            )
         try:
             label = label.encode("idna").decode("ascii")
         except UnicodeError as e:
             raise InvalidName(f"{whole!r}: label {label!r} is not valid IDNA ({e})") from None
     label = label.lower()
-    if label.startswith("xn--"):
-        try:
-            label.encode("ascii").decode("idna")
-        except UnicodeError:
-            raise InvalidName(f"{whole!r}: label {label!r} is not valid punycode") from None
+    if label.startswith("xn--") and not _valid_punycode(label):
+        raise InvalidName(f"{whole!r}: label {label!r} is not valid punycode")
     if len(label) > MAX_LABEL_LENGTH:
         raise InvalidName(f"{whole!r}: label {label[:20]!r}... is longer than 63 characters")
     if not _LABEL.fullmatch(label):
         raise InvalidName(f"{whole!r}: label {label!r} has characters a host name cannot have")
     return label
+
+
+# IDNA 2003 (Python's "idna" codec, so Python clients) maps these away; IDNA 2008 /
+# UTS 46 non-transitional (browsers, curl, the `idna` package) keeps them: `faß.de`
+# is `fass.de` to one client and `xn--fa-hia.de` to another, two registrable names.
+# In Unicode form such a name is refused; its punycode is one name and is accepted.
+_IDNA_DEVIATIONS = {"\u00df": "ss", "\u03c2": "\u03c3", "\u200c": "", "\u200d": ""}
+
+
+def _punycode(label: str) -> str:
+    try:
+        return label.lower().encode("punycode").decode("ascii")
+    except UnicodeError:
+        return "..."
+
+
+def _valid_punycode(label: str) -> bool:
+    """Whether an `xn--` label is the punycode of a valid IDNA label: one IDNA 2003
+    reads back unchanged, or one that differs from that only by a deviation
+    character (`xn--fa-hia` is `faß`), which IDNA 2008 clients send as is."""
+    try:
+        label.encode("ascii").decode("idna")
+        return True
+    except UnicodeError:
+        pass
+    try:
+        text = label[4:].encode("ascii").decode("punycode")
+    except UnicodeError:
+        return False
+    if text.isascii() or not any(c in _IDNA_DEVIATIONS for c in text):
+        return False
+    try:
+        "".join(_IDNA_DEVIATIONS.get(c, c) for c in text).encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 class DomainPattern(NamedTuple):

@@ -613,3 +613,152 @@ def test_found_cases(tmp_path, ip, name, resolved, method, expected):
         q.update(method=method, path="/latest")
     got = ask_gateway(policy, "default", q)
     assert (str(got.verdict), str(got.reason), got.rule_id) == expected
+
+
+# --- one name, every layer: rules file, DNS question, SNI, Host, `sandgate check`, AskKey
+
+
+# Each spelling, and the one canonical name every layer must read it as (None: no
+# layer may read it as a name). A DNS question carries labels as bytes, so the
+# Unicode spellings reach the DNS layer as raw UTF-8 and must be refused there.
+SPELLINGS = [
+    ("github.test", "github.test"),
+    ("GitHub.TEST", "github.test"),
+    ("github.test.", "github.test"),
+    ("Bücher.example.com", "xn--bcher-kva.example.com"),
+    ("xn--bcher-kva.example.com", "xn--bcher-kva.example.com"),
+    ("XN--BCHER-KVA.example.com", "xn--bcher-kva.example.com"),
+    ("ＧＩＴＨＵＢ.test", "github.test"),
+    ("github\u3002test", "github.test"),
+    ("github\uff0etest", "github.test"),
+    ("github\uff61test", "github.test"),
+    ("gіthub.test", "xn--gthub-n2e.test"),  # Cyrillic і: another name
+    # IDNA 2003 and 2008 read these as two different names: refused in Unicode form,
+    # accepted as the punycode clients that keep them send.
+    ("faß.example.com", None),
+    ("ςa.example.com", None),
+    ("a\u200db.example.com", None),
+    ("xn--fa-hia.example.com", "xn--fa-hia.example.com"),
+    ("fass.example.com", "fass.example.com"),
+    ("evil\\.com.github.test", None),
+    ("github..test", None),
+    (".github.test", None),
+    ("a" * 64 + ".test", None),
+    (".".join(["a" * 63] * 4) + ".test", None),  # 261 characters
+    ("github%2etest", None),
+    ("github.test%00", None),
+    ("github .test", None),
+    ("xn--ab.test", None),
+    ("example.123", None),
+    ("example.0x1f", None),
+]
+IP_SPELLINGS = [
+    ("127.0.0.1", "127.0.0.1"),
+    ("127.1", "127.0.0.1"),
+    ("2130706433", "127.0.0.1"),
+    ("0x7f000001", "127.0.0.1"),
+    ("0x7f.1", "127.0.0.1"),
+    ("0177.0.0.1", "127.0.0.1"),
+    ("10.1", "10.0.0.1"),
+    ("::ffff:127.0.0.1", "127.0.0.1"),
+    ("[::ffff:169.254.169.254]", "169.254.169.254"),
+    ("[::1]", "::1"),
+    ("fe80::1%eth0", None),
+    ("[fe80::1%25eth0]", None),
+]
+# Every canonical name allowed, so that the DNS layers forward what they read.
+SPELLING_RULES = (
+    "version: 1\nprofiles:\n  default:\n    rules:\n      - allow: "
+    + repr(sorted({c for _, c in SPELLINGS if c and not c.endswith(".example.com")}))
+    + '\n      - allow: "*.example.com"\n'
+)
+
+
+def _wire_question(spelling: str) -> bytes:
+    """A client's A query for `spelling`, its labels as raw UTF-8 bytes, with
+    `\\.` inside a label as a dot in that label (what dnspython escapes so)."""
+    import struct
+
+    labels = [part.replace("\0", ".") for part in spelling.replace("\\.", "\0").rstrip(".").split(".")]
+    qname = b"".join(bytes([len(b)]) + b for b in (label.encode() for label in labels)) + b"\0"
+    return struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+
+
+def _layers(spelling: str, policy) -> dict[str, str | None]:
+    """What each layer reads `spelling` as: a canonical name, `ip:ADDRESS`, or None."""
+    from sandgate.enforcer.cli.check import parse_target
+    from sandgate.enforcer.cli.common import UsageError
+    from sandgate.proxy import gate
+    from sandgate.proxy.approvals.pending import AskKey
+    from sandgate.proxy.dns.query import check_query, quick_check
+    from sandgate.proxy.policy.names import InvalidName, parse_domain, parse_domain_pattern
+
+    read: dict[str, str | None] = {}
+    try:
+        read["rules"] = str(parse_domain_pattern(spelling))
+    except InvalidName:
+        read["rules"] = None
+
+    def decide_name(profile, name):
+        return decide(policy, NameFacts(profile, name))
+
+    if len(spelling.encode()) < 250 and all(len(p.encode()) < 64 for p in spelling.split(".")):
+        wire = _wire_question(spelling)
+        full = check_query(wire, "default", decide_name)
+        read["dns"] = full.name if full.action == "forward" else None
+        quick = quick_check(wire, "default", decide_name)
+        if quick is not None:
+            read["dns-quick"] = quick.name if quick.forward else None
+    try:
+        read["sni"] = parse_domain(spelling) if spelling.isascii() else None
+    except InvalidName:
+        read["sni"] = None
+    host = gate._read_host(spelling)
+    read["host"] = f"ip:{host.ip}" if host.ip is not None else host.name
+    try:
+        facts = parse_target(spelling, None)
+        read["check"] = f"ip:{facts.ip}" if facts.ip is not None else facts.name
+    except UsageError:
+        read["check"] = None
+    try:
+        key = AskKey.make(
+            task_id="t", sandbox="s", profile="default", name=spelling, port=443, protocol="tls"
+        )
+        read["ask"] = key.name if ":" not in key.name and not key.name[-1].isdigit() else f"ip:{key.name}"
+    except ValueError:
+        read["ask"] = None
+    return read
+
+
+@pytest.mark.parametrize("spelling, canonical", SPELLINGS, ids=[repr(s)[:40] for s, _ in SPELLINGS])
+def test_every_layer_reads_a_name_spelling_as_one_name(tmp_path, spelling, canonical):
+    path = tmp_path / "p.yaml"
+    path.write_text(SPELLING_RULES)
+    policy = load_policy(path)
+    read = _layers(spelling, policy)
+    # DNS carries bytes (Unicode arrives as raw UTF-8) and an SNI is ASCII
+    # (RFC 6066): both refuse a Unicode spelling that the text layers map.
+    bytes_only = not spelling.isascii()
+    for layer, name in read.items():
+        expected = None if layer in ("dns", "dns-quick", "sni") and bytes_only else canonical
+        assert name == expected, f"{layer} reads {spelling!r} as {name!r}, not {expected!r}"
+
+
+@pytest.mark.parametrize("spelling, address", IP_SPELLINGS, ids=[s for s, _ in IP_SPELLINGS])
+def test_every_layer_reads_an_address_spelling_as_one_address(tmp_path, spelling, address):
+    from sandgate.enforcer.cli.check import parse_target
+    from sandgate.enforcer.cli.common import UsageError
+    from sandgate.proxy import gate
+    from sandgate.proxy.policy.names import InvalidName, parse_domain
+
+    # Never a domain, in any layer.
+    with pytest.raises(InvalidName):
+        parse_domain(spelling)
+    host = gate._read_host(spelling)
+    assert host.name is None
+    assert (str(host.ip) if host.ip else None) == address
+    try:
+        facts = parse_target(spelling, None)
+        assert facts.name is None and str(facts.ip) == address
+    except UsageError:
+        assert address is None
