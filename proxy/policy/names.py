@@ -21,6 +21,7 @@ _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
 _PLAIN_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # up to 63 characters
 _PLAIN_NAME = re.compile(rf"(?:{_PLAIN_LABEL}\.)*{_PLAIN_LABEL}")
 _HEX = re.compile(r"0x[0-9a-f]*")
+_PREFIX = re.compile(r"0|[1-9][0-9]{0,2}")
 _IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 
 # Multi-label public suffixes common enough that `*.co.uk` is surely a mistake.
@@ -163,6 +164,13 @@ def parse_network(text: str) -> IPNetwork:
     a rule is for people to read.
     """
     address, _, prefix = text.strip().partition("/")
+    # ipaddress takes zone ids (`fe80::1%eth0`, which no traffic address carries:
+    # parse_ip refuses them), netmasks and host masks (`/255.0.0.0`, `/0.255.255.255`)
+    # and `/08`. One spelling per network, as `rules show` prints it.
+    if "%" in address:
+        raise InvalidAddress(f"{text!r}: an address in a rule has no zone id ('%...')")
+    if prefix and not _PREFIX.fullmatch(prefix):
+        raise InvalidAddress(f"{text!r}: write the prefix length as a plain number, e.g. /8")
     try:
         network = ipaddress.ip_network(f"{address}/{prefix}" if prefix else address, strict=True)
     except ValueError as e:
