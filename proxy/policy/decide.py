@@ -4,9 +4,9 @@ Check order for a destination (connection or request), first answer wins:
  1. a deny rule that matches (name or address, port, and for requests method
     and path) -> DENY rule_deny. Deny wins over any allow, in any order.
  2. a private/loopback/link-local/CGNAT/multicast/unspecified address -> DENY
-    private_address, unless an allow rule's CIDR lies inside that range.
- 3. allow rules for the name whose address the gateway never resolved for that
-    name, and no IP rule allows the address -> DENY spoofed_destination.
+    private_address, unless an allow rule that applies has a CIDR inside that range.
+ 3. allow (or ask) rules for the name whose address the gateway never resolved for
+    that name, and no IP allow rule applies to the address -> DENY spoofed_destination.
  4. an allow rule that matches -> ALLOW rule_allow (`inspect` set when any rule
     for this destination needs HTTP methods or paths to be checked).
  5. an ask rule that matches -> ASK rule_ask: a human decides (proxy/approvals/).
@@ -168,19 +168,19 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
             continue
         allows.append(rule)
 
-    # 2. private ranges, open only to a CIDR rule inside them
+    # 2. private ranges, open only to an allow rule's CIDR inside them (an ask rule
+    # for requests is in `allows` before the request, but opens nothing: its
+    # requests could never be asked there)
     if kind is not None:
         for rule in allows:
-            if profile.opens_special(rule, ip):
+            if rule.action is ALLOW and profile.opens_special(rule, ip):
                 return _shared(profile, Reason.RULE_ALLOW, rule, inspect=inspect)
         return _private(profile, kind)
 
-    # 3. name-based allows need the address to be one the gateway resolved for the name
-    if (
-        (allows or asks)
-        and facts.name_resolved_to_ip is False
-        and not any(r is a for a in allows + asks for r in ip_rules)
-    ):
+    # 3. name-based allows (and asks) need the address to be one the gateway resolved
+    # for the name, unless an IP rule *allows* the address: one that only asks about
+    # it must not let an allowed name through to it unasked
+    if facts.name_resolved_to_ip is False and _spoofed(allows + asks, ip_rules):
         return Decision(
             DENY,
             Reason.SPOOFED_DESTINATION,
@@ -214,6 +214,19 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
         if method is not None:
             return _shared(profile, Reason.PATH_NOT_ALLOWED, profile.fallback, near=rule)
     return _shared(profile, Reason.NO_RULE, profile.fallback)
+
+
+def _spoofed(applying: list[Rule], ip_rules: tuple[Rule, ...]) -> bool:
+    """Whether a rule that applies does so by the name alone, and no IP allow rule
+    applies: the name was not resolved to the address, so only an IP rule that
+    allows may vouch for it."""
+    by_name = by_ip_allow = False
+    for rule in applying:
+        if any(rule is r for r in ip_rules):
+            by_ip_allow = by_ip_allow or rule.action is ALLOW
+        else:
+            by_name = True
+    return by_name and not by_ip_allow
 
 
 def _live(rules: tuple[Rule, ...], now: float) -> tuple[Rule, ...]:

@@ -438,6 +438,11 @@ class _Loader:
             # isascii: str.isdigit() also takes other scripts' digits ('８０').
             if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
                 self.problem(source, item, f"port {text!r} is not a number from 1 to 65535")
+            elif text.startswith("0"):
+                # YAML 1.1 readers (PyYAML, yamllint) take 0443 as octal 291.
+                self.problem(
+                    source, item, f"port {text!r} has a leading zero (octal to YAML 1.1); write {int(text)}"
+                )
             else:
                 ports.add(int(text))
         found = frozenset(ports)

@@ -21,6 +21,7 @@ _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
 _PLAIN_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"  # up to 63 characters
 _PLAIN_NAME = re.compile(rf"(?:{_PLAIN_LABEL}\.)*{_PLAIN_LABEL}")
 _HEX = re.compile(r"0x[0-9a-f]*")
+_PREFIX = re.compile(r"0|[1-9][0-9]{0,2}")
 _IPV4_PART = re.compile(r"0[xX][0-9a-fA-F]*|0[0-7]*|[1-9][0-9]*")
 
 # Multi-label public suffixes common enough that `*.co.uk` is surely a mistake.
@@ -163,6 +164,13 @@ def parse_network(text: str) -> IPNetwork:
     a rule is for people to read.
     """
     address, _, prefix = text.strip().partition("/")
+    # ipaddress takes zone ids (`fe80::1%eth0`, which no traffic address carries:
+    # parse_ip refuses them), netmasks and host masks (`/255.0.0.0`, `/0.255.255.255`)
+    # and `/08`. One spelling per network, as `rules show` prints it.
+    if "%" in address:
+        raise InvalidAddress(f"{text!r}: an address in a rule has no zone id ('%...')")
+    if prefix and not _PREFIX.fullmatch(prefix):
+        raise InvalidAddress(f"{text!r}: write the prefix length as a plain number, e.g. /8")
     try:
         network = ipaddress.ip_network(f"{address}/{prefix}" if prefix else address, strict=True)
     except ValueError as e:
@@ -358,21 +366,62 @@ def _canonical_label(label: str, whole: str) -> str:
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in label):
         raise InvalidName(f"{whole!r} contains a control character or space")
     if not label.isascii():
+        deviation = next((c for c in label if c in _IDNA_DEVIATIONS), None)
+        if deviation is not None:
+            read_as = repr(_IDNA_DEVIATIONS[deviation]) if _IDNA_DEVIATIONS[deviation] else "nothing"
+            raise InvalidName(
+                f"{whole!r}: {deviation!r} is {read_as} to some clients "
+                "(IDNA 2003) and kept by others (IDNA 2008), so the name is two names; "
+                f"write the punycode of the one you mean ('xn--{_punycode(label)}')"
+            )
         try:
             label = label.encode("idna").decode("ascii")
         except UnicodeError as e:
             raise InvalidName(f"{whole!r}: label {label!r} is not valid IDNA ({e})") from None
     label = label.lower()
-    if label.startswith("xn--"):
-        try:
-            label.encode("ascii").decode("idna")
-        except UnicodeError:
-            raise InvalidName(f"{whole!r}: label {label!r} is not valid punycode") from None
+    if label.startswith("xn--") and not _valid_punycode(label):
+        raise InvalidName(f"{whole!r}: label {label!r} is not valid punycode")
     if len(label) > MAX_LABEL_LENGTH:
         raise InvalidName(f"{whole!r}: label {label[:20]!r}... is longer than 63 characters")
     if not _LABEL.fullmatch(label):
         raise InvalidName(f"{whole!r}: label {label!r} has characters a host name cannot have")
     return label
+
+
+# IDNA 2003 (Python's "idna" codec, so Python clients) maps these away; IDNA 2008 /
+# UTS 46 non-transitional (browsers, curl, the `idna` package) keeps them: `faß.de`
+# is `fass.de` to one client and `xn--fa-hia.de` to another, two registrable names.
+# In Unicode form such a name is refused; its punycode is one name and is accepted.
+_IDNA_DEVIATIONS = {"\u00df": "ss", "\u03c2": "\u03c3", "\u200c": "", "\u200d": ""}
+
+
+def _punycode(label: str) -> str:
+    try:
+        return label.lower().encode("punycode").decode("ascii")
+    except UnicodeError:
+        return "..."
+
+
+def _valid_punycode(label: str) -> bool:
+    """Whether an `xn--` label is the punycode of a valid IDNA label: one IDNA 2003
+    reads back unchanged, or one that differs from that only by a deviation
+    character (`xn--fa-hia` is `faß`), which IDNA 2008 clients send as is."""
+    try:
+        label.encode("ascii").decode("idna")
+        return True
+    except UnicodeError:
+        pass
+    try:
+        text = label[4:].encode("ascii").decode("punycode")
+    except UnicodeError:
+        return False
+    if text.isascii() or not any(c in _IDNA_DEVIATIONS for c in text):
+        return False
+    try:
+        "".join(_IDNA_DEVIATIONS.get(c, c) for c in text).encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 class DomainPattern(NamedTuple):
