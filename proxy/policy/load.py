@@ -441,7 +441,9 @@ class _Loader:
             elif text.startswith("0"):
                 # YAML 1.1 readers (PyYAML, yamllint) take 0443 as octal 291.
                 self.problem(
-                    source, item, f"port {text!r} has a leading zero (octal to YAML 1.1); write {int(text)}"
+                    source,
+                    item,
+                    f"port {text!r} has a leading zero (octal to YAML 1.1); write {int(text)}",
                 )
             else:
                 ports.add(int(text))

@@ -368,7 +368,9 @@ def _canonical_label(label: str, whole: str) -> str:
     if not label.isascii():
         deviation = next((c for c in label if c in _IDNA_DEVIATIONS), None)
         if deviation is not None:
-            read_as = repr(_IDNA_DEVIATIONS[deviation]) if _IDNA_DEVIATIONS[deviation] else "nothing"
+            read_as = (
+                repr(_IDNA_DEVIATIONS[deviation]) if _IDNA_DEVIATIONS[deviation] else "nothing"
+            )
             raise InvalidName(
                 f"{whole!r}: {deviation!r} is {read_as} to some clients "
                 "(IDNA 2003) and kept by others (IDNA 2008), so the name is two names; "

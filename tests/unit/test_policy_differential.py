@@ -215,9 +215,7 @@ def as_v4(value):
         and value.network_address.ipv4_mapped is not None
         and value.subnet_of(ipaddress.IPv6Network("::ffff:0:0/96"))
     ):
-        return ipaddress.IPv4Network(
-            f"{value.network_address.ipv4_mapped}/{value.prefixlen - 96}"
-        )
+        return ipaddress.IPv4Network(f"{value.network_address.ipv4_mapped}/{value.prefixlen - 96}")
     return value
 
 
@@ -289,7 +287,8 @@ class Reference:
         allows = [
             r
             for r in rules
-            if applies(r) and (r.action == "allow" or (r.action == "ask" and not request and r.inspects))
+            if applies(r)
+            and (r.action == "allow" or (r.action == "ask" and not request and r.inspects))
         ]
         # 2. private address, unless an allow rule that applies opens it with a CIDR
         # inside its range ("a wider network does not open what it happens to contain").
@@ -330,7 +329,9 @@ class Reference:
                 # can show): passing TLS through would skip that rule.
                 needs = any(r.inspects for r in rules if targets(r) and r.covers_port(port))
                 inspect = frozenset({needs})
-            return Answer("allow", frozenset({"rule_allow"}), frozenset(r.id for r in allows), inspect)
+            return Answer(
+                "allow", frozenset({"rule_allow"}), frozenset(r.id for r in allows), inspect
+            )
         # 4b. ask (docs/approvals.md: deny > private/spoofed > allow > ask > fallback)
         if asks:
             return Answer("ask", frozenset({"rule_ask"}), frozenset(r.id for r in asks))
@@ -447,7 +448,10 @@ def random_case(rnd: random.Random, index: int) -> Case:
         ]
     )
     preset_text = "version: 1\nrules:\n" + "\n".join(r.yaml() for r in preset) if preset else ""
-    files = {"main.yaml": main + "\n", "preset.yaml": (preset_text or "version: 1\nrules: []") + "\n"}
+    files = {
+        "main.yaml": main + "\n",
+        "preset.yaml": (preset_text or "version: 1\nrules: []") + "\n",
+    }
     base_all = base_rules + (preset if base_inc else [])
     child_all = base_all + (preset if child_inc and not base_inc else []) + child_rules
     base_ref = Reference("base", base_all, base_fallback or "deny", "base:fallback")
@@ -527,8 +531,10 @@ def run_differential(tmp_path: Path, seed: int, cases: int, questions: int) -> l
             got = ask_gateway(policy, profile, q)
             problem = disagreement(expected, got)
             if problem:
-                found.append(f"{problem}\n  profile {profile} {q}\n{case.files['main.yaml']}"
-                             f"preset:\n{case.files['preset.yaml']}")
+                found.append(
+                    f"{problem}\n  profile {profile} {q}\n{case.files['main.yaml']}"
+                    f"preset:\n{case.files['preset.yaml']}"
+                )
     return found
 
 
@@ -565,40 +571,68 @@ profiles:
         # An ask rule for an address used to vouch for an allowed name at an address
         # the gateway never resolved it to: SNI github.test to 8.8.8.8 passed unasked.
         pytest.param(
-            "8.8.8.8", "github.test", False, None,
+            "8.8.8.8",
+            "github.test",
+            False,
+            None,
             ("deny", "spoofed_destination", "builtin:spoofed-destination"),
             id="ask-ip-rule-does-not-vouch-for-an-allowed-name",
         ),
         pytest.param(
-            "8.8.8.8", "github.test", False, "GET",
+            "8.8.8.8",
+            "github.test",
+            False,
+            "GET",
             ("deny", "spoofed_destination", "builtin:spoofed-destination"),
             id="ask-ip-rule-does-not-vouch-for-an-allowed-name-request",
         ),
         pytest.param(
-            "8.8.8.8", "github.test", True, None, ("allow", "rule_allow", "allow-name"),
+            "8.8.8.8",
+            "github.test",
+            True,
+            None,
+            ("allow", "rule_allow", "allow-name"),
             id="resolved-allowed-name-at-an-asked-address",
         ),
         pytest.param(
-            "8.8.8.8", None, None, None, ("ask", "rule_ask", "ask-range"),
+            "8.8.8.8",
+            None,
+            None,
+            None,
+            ("ask", "rule_ask", "ask-range"),
             id="asked-address-without-a-name-is-asked",
         ),
         pytest.param(
-            "203.0.113.9", "github.test", False, None, ("allow", "rule_allow", "allow-range"),
+            "203.0.113.9",
+            "github.test",
+            False,
+            None,
+            ("allow", "rule_allow", "allow-range"),
             id="ip-allow-rule-vouches-for-any-name",
         ),
         pytest.param(
-            "9.9.9.9", "asked.test", False, None, ("ask", "rule_ask", "ask-both"),
+            "9.9.9.9",
+            "asked.test",
+            False,
+            None,
+            ("ask", "rule_ask", "ask-both"),
             id="ask-rule-naming-the-address-itself-asks",
         ),
         # An ask about requests to a private address let the connection through
         # (allow, inspect) although every request on it was then denied.
         pytest.param(
-            "169.254.169.254", None, None, None,
+            "169.254.169.254",
+            None,
+            None,
+            None,
             ("deny", "private_address", "builtin:private-address"),
             id="request-ask-does-not-open-a-private-address",
         ),
         pytest.param(
-            "169.254.169.254", None, None, "GET",
+            "169.254.169.254",
+            None,
+            None,
+            "GET",
             ("deny", "private_address", "builtin:private-address"),
             id="request-ask-does-not-open-a-private-address-request",
         ),
@@ -679,7 +713,9 @@ def _wire_question(spelling: str) -> bytes:
     `\\.` inside a label as a dot in that label (what dnspython escapes so)."""
     import struct
 
-    labels = [part.replace("\0", ".") for part in spelling.replace("\\.", "\0").rstrip(".").split(".")]
+    labels = [
+        part.replace("\0", ".") for part in spelling.replace("\\.", "\0").rstrip(".").split(".")
+    ]
     qname = b"".join(bytes([len(b)]) + b for b in (label.encode() for label in labels)) + b"\0"
     return struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
 
@@ -724,7 +760,9 @@ def _layers(spelling: str, policy) -> dict[str, str | None]:
         key = AskKey.make(
             task_id="t", sandbox="s", profile="default", name=spelling, port=443, protocol="tls"
         )
-        read["ask"] = key.name if ":" not in key.name and not key.name[-1].isdigit() else f"ip:{key.name}"
+        read["ask"] = (
+            key.name if ":" not in key.name and not key.name[-1].isdigit() else f"ip:{key.name}"
+        )
     except ValueError:
         read["ask"] = None
     return read
