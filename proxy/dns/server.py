@@ -51,6 +51,7 @@ DNS_RECEIVE_QUEUE = 8 << 20
 # Datagrams read per wakeup of the UDP socket (`_UdpIntake`): enough that a flood is
 # read faster than it arrives, few enough that the loop's other work gets its turn.
 INTAKE_BATCH = 256
+MAX_SOURCES = 4096  # datagram sources remembered as `sandbox_for` takes them
 MAX_DATAGRAM = 65535
 SO_RCVBUFFORCE = 33  # Linux (socket(7)); Python's socket module has no name for it
 
@@ -116,6 +117,8 @@ class DnsFilter:
         self._udp_upstreams: dict[str, UdpUpstream] = {}
         self.limits_for = limits_for or (lambda profile: DEFAULT_LIMITS)
         self.rates = TokenBuckets(clock)  # queries a second, per sandbox
+        self.refusals = TokenBuckets(clock)  # REFUSED replies to over-rate queries, per sandbox
+        self._source_ips: dict[str, str | None] = {}  # a datagram's source -> `_source_ip`
         self.placeholders = placeholders
 
     async def start(
@@ -174,7 +177,11 @@ class DnsFilter:
         sandbox's, however many they sent."""
         admitted: dict[str | None, list[tuple[bytes, tuple]]] = {}
         for wire, addr in datagrams:
-            source_ip = _source_ip(addr[0])
+            source_ip = self._source_ips.get(addr[0], False)
+            if source_ip is False:
+                if len(self._source_ips) >= MAX_SOURCES:
+                    self._source_ips.clear()
+                source_ip = self._source_ips[addr[0]] = _source_ip(addr[0])
             who = self.sandbox_for(source_ip) if source_ip else None
             if who is None:  # `handle` says why (unknown-sandbox, or a bug's SERVFAIL)
                 admitted.setdefault(None, []).append((wire, addr))
@@ -191,21 +198,28 @@ class DnsFilter:
 
     def _shed(self, wire: bytes, addr: tuple, who: tuple, over: Decision) -> None:
         """Refuse the query `wire` of the sandbox `who`, over its rate (`over`): the
-        event `handle` would emit for it, on the bytes (`wire.scan_query`) alone."""
+        event `handle` would emit for it, on the bytes (`wire.scan_query`) alone. At
+        most `dns_qps` REFUSED replies a second: past that the query is dropped (its
+        event says so), so a flood costs the gateway no reply, and its sandbox's
+        stub, which ignores REFUSED anyway, no more than the wait it chose."""
         started = time.perf_counter()
+        sandbox, profile, task_id = who
         query = scan_query(wire)
         if query is None:  # not of the common shape: no question to echo, none named
             response, name, qtype = header_response(wire, dns.rcode.REFUSED), None, ""
         else:  # the name as asked, lower case: it was never checked, so not parsed
             response = render_simple(query, dns.rcode.REFUSED)
             name, qtype = query.name.lower(), QTYPE_TEXT[query.qtype]
+        detail = _join(over.detail, qtype)
         if response is not None:
-            self._udp.sendto(response, addr)
-        sandbox, profile, task_id = who
+            if self.refusals.take(sandbox, self.limits_for(profile).dns_qps):
+                self._udp.sendto(response, addr)
+            else:
+                detail = _join(detail, "dropped, no reply: too many refused this second")
         self._emit(
             Event.from_decision(
                 EventKind.DNS,
-                dataclasses.replace(over, detail=_join(over.detail, qtype)),
+                dataclasses.replace(over, detail=detail),
                 protocol="dns",
                 source=format_host_port(addr[0], addr[1]),
                 sandbox=sandbox,
