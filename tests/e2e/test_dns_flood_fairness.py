@@ -30,7 +30,7 @@ import subprocess
 import pytest
 from support import sandbox
 from support.sandbox import eventually
-from support.service import GatewayProcess, attach_argv
+from support.service import TWO_PROFILES, attach_argv, counted, running
 
 pytestmark = pytest.mark.e2e
 
@@ -38,18 +38,7 @@ FLOODERS = int(os.environ.get("SANDGATE_FLOOD_N", "16"))
 FLOOD_QPS = 1200  # a little over the table's cap, so that it is the kernel that caps
 LOOKUPS = 20
 
-RULES = """\
-version: 1
-profiles:
-  default:
-    rules:
-      - allow: allowed.test
-        id: web-allowed
-  flooder:
-    rules:
-      - allow: allowed.test
-        id: flooder-allowed
-"""
+FLOODER_PROFILE = "api"  # TWO_PROFILES': the honest sandbox's is `default`
 
 # Until the file `stop` appears (or 60 s): about FLOOD_QPS UDP queries a second for
 # fresh names, in bursts of a hundredth of a second. Writes `up-I` when it starts and
@@ -110,13 +99,8 @@ open(f"{shared}/honest-times", "w").write(repr(times))
 
 @pytest.fixture
 def service(net, tmp_path):
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    gateway = GatewayProcess(net, tmp_path, rules, "--workers", "1", "--warm", "0").start()
-    try:
+    with running(net, tmp_path, TWO_PROFILES, "--workers", "1", "--warm", "0") as gateway:
         yield gateway
-    finally:
-        gateway.stop()
 
 
 def _start(service, tmp_path, code: str, *args: str, profile: str) -> tuple:
@@ -142,18 +126,13 @@ def _finish(popen: subprocess.Popen, timeout: float = 60) -> str:
     return err
 
 
-def _counted(events: list[dict]) -> int:
-    """Events the audit records stand for: an aggregate stands for `suppressed` of them."""
-    return sum(e.get("suppressed") or 1 for e in events)
-
-
 def _dns_events(service, task_id: str, *, until: int) -> list[dict]:
     """The task's DNS events in the audit log, once they count `until` (or 10 s on)."""
 
     def dns() -> list[dict]:
         return [e for e in service.events(task_id=task_id) if e["kind"] == "dns"]
 
-    eventually(lambda: _counted(dns()) >= until, timeout=10)
+    eventually(lambda: counted(dns()) >= until, timeout=10)
     return dns()
 
 
@@ -162,7 +141,7 @@ def test_an_honest_sandbox_resolves_fast_beside_many_flooders_and_the_flood_is_c
 ):
     shared, _ = sandbox.shared_dir(tmp_path)
     flooders = [
-        _start(service, tmp_path, FLOOD, str(shared), str(i), str(FLOOD_QPS), profile="flooder")
+        _start(service, tmp_path, FLOOD, str(shared), str(i), str(FLOOD_QPS), profile=FLOODER_PROFILE)
         for i in range(FLOODERS)
     ]
     honest = None
@@ -198,6 +177,6 @@ def test_an_honest_sandbox_resolves_fast_beside_many_flooders_and_the_flood_is_c
         service.wait_task_ended(summary["task_id"])
         dropped = summary.get("firewall_drops", {}).get("dropped_dns_flood", 0)
         dns = _dns_events(service, summary["task_id"], until=sent - dropped)
-        assert _counted(dns) + dropped == sent, (i, sent, _counted(dns), dropped, errs[i][-1000:])
+        assert counted(dns) + dropped == sent, (i, sent, counted(dns), dropped, errs[i][-1000:])
         assert [e for e in dns if e["reason"] == "sandbox_limit"], (i, sent, dropped)
     service.verify_audit()
