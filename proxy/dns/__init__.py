@@ -54,6 +54,7 @@ name the profile may not reach                  NXDOMAIN   the policy's (RULE_DE
 source address of no sandbox                    REFUSED    UNKNOWN_SANDBOX
 upstream timeout, SERVFAIL, REFUSED, garbage    SERVFAIL   DNS_UPSTREAM_FAILURE
 over the sandbox's dns_qps (queries a second)   REFUSED    SANDBOX_LIMIT
+... and past dns_qps REFUSED a second           (dropped)  SANDBOX_LIMIT
 too many of the sandbox's queries in flight     SERVFAIL   SANDBOX_LIMIT
 some addresses in the answer were private       NOERROR,   DNS_REBINDING
                                                 the rest

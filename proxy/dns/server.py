@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import socket
 import time
@@ -37,7 +38,7 @@ from sandgate.proxy.dns.query import (
     refused,
 )
 from sandgate.proxy.dns.upstream import AnswerTooLarge, UdpUpstream, tcp_ask
-from sandgate.proxy.dns.wire import render_simple
+from sandgate.proxy.dns.wire import QTYPE_TEXT, render_simple, scan_query
 from sandgate.proxy.limits import TokenBuckets
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.model import DEFAULT_LIMITS, Decision, Limits
@@ -47,6 +48,11 @@ from sandgate.proxy.telemetry.event import Event, EventKind, EventSink
 
 # What the UDP socket's receive queue may hold (`_room_for_bursts`).
 DNS_RECEIVE_QUEUE = 8 << 20
+# Datagrams read per wakeup of the UDP socket (`_UdpIntake`): enough that a flood is
+# read faster than it arrives, few enough that the loop's other work gets its turn.
+INTAKE_BATCH = 256
+MAX_SOURCES = 4096  # datagram sources remembered as `sandbox_for` takes them
+MAX_DATAGRAM = 65535
 SO_RCVBUFFORCE = 33  # Linux (socket(7)); Python's socket module has no name for it
 
 log = logging.getLogger("sandgate.dns")
@@ -103,7 +109,7 @@ class DnsFilter:
         self.max_tcp_queries = max_tcp_queries
         self.max_pending_per_sandbox = max_pending_per_sandbox
         self.port: int | None = None
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: _UdpIntake | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._tcp_connections = 0
@@ -111,6 +117,8 @@ class DnsFilter:
         self._udp_upstreams: dict[str, UdpUpstream] = {}
         self.limits_for = limits_for or (lambda profile: DEFAULT_LIMITS)
         self.rates = TokenBuckets(clock)  # queries a second, per sandbox
+        self.refusals = TokenBuckets(clock)  # REFUSED replies to over-rate queries, per sandbox
+        self._source_ips: dict[str, str | None] = {}  # a datagram's source -> `_source_ip`
         self.placeholders = placeholders
 
     async def start(
@@ -127,15 +135,11 @@ class DnsFilter:
         loop = asyncio.get_running_loop()
         if sockets is not None:
             udp_sock, tcp_sock = sockets
-            self._udp, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), sock=udp_sock
-            )
         else:
-            self._udp, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), local_addr=(listen_host, port)
-            )
-        _room_for_bursts(self._udp.get_extra_info("socket"))
-        self.port = self._udp.get_extra_info("sockname")[1]
+            udp_sock = await _bound_udp(loop, listen_host, port)
+        _room_for_bursts(udp_sock)
+        self._udp = _UdpIntake(self, udp_sock, loop)
+        self.port = udp_sock.getsockname()[1]
         try:
             if sockets is not None:
                 self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp_sock)
@@ -161,17 +165,81 @@ class DnsFilter:
         self._udp_upstreams.clear()
         self._udp = self._tcp = None
 
-    # UDP: one task per datagram, so a slow upstream never blocks other sandboxes.
+    # UDP: a query within its sandbox's rate gets a task of its own, so a slow upstream
+    # never blocks other sandboxes; one over it is refused at intake, without a task.
+
+    def _take_in(self, datagrams: list[tuple[bytes, tuple]]) -> None:
+        """Serve the `datagrams` one read of the UDP socket got, in its order per
+        sandbox: each sandbox's queries over its `dns_qps` are refused here (`_shed`:
+        no task, no parsing beyond the question, still one event each), and the rest
+        are served round-robin over the sandboxes (a task each, started in that
+        order), so that a sandbox's query waits behind at most one of each other
+        sandbox's, however many they sent."""
+        admitted: dict[str | None, list[tuple[bytes, tuple]]] = {}
+        for wire, addr in datagrams:
+            source_ip = self._source_ips.get(addr[0], False)
+            if source_ip is False:
+                if len(self._source_ips) >= MAX_SOURCES:
+                    self._source_ips.clear()
+                source_ip = self._source_ips[addr[0]] = _source_ip(addr[0])
+            who = self.sandbox_for(source_ip) if source_ip else None
+            if who is None:  # `handle` says why (unknown-sandbox, or a bug's SERVFAIL)
+                admitted.setdefault(None, []).append((wire, addr))
+                continue
+            over = self._over_rate(who[0], who[1])
+            if over is None:
+                admitted.setdefault(who[0], []).append((wire, addr))
+            else:
+                self._shed(wire, addr, who, over)
+        for round_ in itertools.zip_longest(*admitted.values()):
+            for datagram in round_:
+                if datagram is not None:
+                    self._spawn(self._serve_udp(*datagram))
+
+    def _shed(self, wire: bytes, addr: tuple, who: tuple, over: Decision) -> None:
+        """Refuse the query `wire` of the sandbox `who`, over its rate (`over`): the
+        event `handle` would emit for it, on the bytes (`wire.scan_query`) alone. At
+        most `dns_qps` REFUSED replies a second: past that the query is dropped (its
+        event says so), so a flood costs the gateway no reply, and its sandbox's
+        stub, which ignores REFUSED anyway, no more than the wait it chose."""
+        started = time.perf_counter()
+        sandbox, profile, task_id = who
+        query = scan_query(wire)
+        if query is None:  # not of the common shape: no question to echo, none named
+            response, name, qtype = header_response(wire, dns.rcode.REFUSED), None, ""
+        else:  # the name as asked, lower case: it was never checked, so not parsed
+            response = render_simple(query, dns.rcode.REFUSED)
+            name, qtype = query.name.lower(), QTYPE_TEXT[query.qtype]
+        detail = _join(over.detail, qtype)
+        if response is not None:
+            if self.refusals.take(sandbox, self.limits_for(profile).dns_qps):
+                self._udp.sendto(response, addr)
+            else:
+                detail = _join(detail, "dropped, no reply: too many refused this second")
+        self._emit(
+            Event.from_decision(
+                EventKind.DNS,
+                dataclasses.replace(over, detail=detail),
+                protocol="dns",
+                source=format_host_port(addr[0], addr[1]),
+                sandbox=sandbox,
+                profile=profile,
+                task_id=task_id,
+                name=name,
+                duration=time.perf_counter() - started,
+            )
+        )
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve_udp(self, transport: asyncio.DatagramTransport, wire: bytes, addr) -> None:
-        response = await self.handle(wire, addr, udp=True)
-        if response is not None and not transport.is_closing():
-            transport.sendto(response, addr)
+    async def _serve_udp(self, wire: bytes, addr) -> None:
+        """A UDP query that `_take_in` admitted (its rate token taken there)."""
+        response = await self.handle(wire, addr, udp=True, rated=True)
+        if response is not None and self._udp is not None:
+            self._udp.sendto(response, addr)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -205,13 +273,16 @@ class DnsFilter:
 
     # One query.
 
-    async def handle(self, wire: bytes, source: tuple, *, udp: bool) -> bytes | None:
+    async def handle(
+        self, wire: bytes, source: tuple, *, udp: bool, rated: bool = False
+    ) -> bytes | None:
         """Answer one query from `source` ((ip, port, ...)): the bytes to send back,
-        or None to send nothing. Emits exactly one event. Never raises."""
+        or None to send nothing. Emits exactly one event. Never raises. `rated`: the
+        query's token of its sandbox's rate was taken already (`_take_in`)."""
         started = time.perf_counter()
         fields = {"protocol": "dns", "source": format_host_port(source[0], source[1])}
         try:
-            response, decision, more = await self._handle(wire, source[0], udp, fields)
+            response, decision, more = await self._handle(wire, source[0], udp, rated, fields)
             fields.update(more)
         except Exception:  # noqa: BLE001 - one query must never take the server down
             log.exception("DNS query from %s failed", fields["source"])
@@ -224,7 +295,7 @@ class DnsFilter:
         return response
 
     async def _handle(
-        self, wire: bytes, source_ip: str, udp: bool, fields: dict
+        self, wire: bytes, source_ip: str, udp: bool, rated: bool, fields: dict
     ) -> tuple[bytes | None, Decision, dict]:
         """`handle` without the safety net: (response, decision, event fields)."""
         source_ip = canonical_address(source_ip).compressed
@@ -238,10 +309,10 @@ class DnsFilter:
         fields.update(sandbox=sandbox, profile=profile, task_id=task_id)
         quick = quick_check(wire, profile, self.decide_name)
         if quick is not None:
-            return await self._handle_quick(quick, wire, who, source_ip, udp, fields)
+            return await self._handle_quick(quick, wire, who, source_ip, udp, rated, fields)
         check = check_query(wire, profile, self.decide_name)
         fields.update(name=check.name)
-        over = self._over_rate(sandbox, profile)
+        over = None if rated else self._over_rate(sandbox, profile)
         if over is not None:
             return refused(check, wire), over, {"detail": _join(over.detail, check.qtype or "")}
         if check.decision.verdict is Verdict.ASK and self.placeholders is not None:
@@ -255,13 +326,20 @@ class DnsFilter:
         )
 
     async def _handle_quick(
-        self, quick: QuickCheck, wire: bytes, who: tuple, source_ip: str, udp: bool, fields: dict
+        self,
+        quick: QuickCheck,
+        wire: bytes,
+        who: tuple,
+        source_ip: str,
+        udp: bool,
+        rated: bool,
+        fields: dict,
     ) -> tuple[bytes | None, Decision, dict]:
         """`_handle` for a query of the common shape: on the bytes (`wire.py`) as far
         as the answer allows, through dnspython where the filter has work to do."""
         sandbox, profile, _ = who
         fields.update(name=quick.name)
-        over = self._over_rate(sandbox, profile)
+        over = None if rated else self._over_rate(sandbox, profile)
         if over is not None:
             response = render_simple(quick.query, dns.rcode.REFUSED)
             return response, over, {"detail": _join(over.detail, quick.qtype)}
@@ -439,20 +517,66 @@ class DnsFilter:
             log.exception("event sink failed")
 
 
-class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, owner: DnsFilter):
-        self.owner = owner
-        self.transport: asyncio.DatagramTransport | None = None
+class _UdpIntake:
+    """The UDP socket, read in batches: at each wakeup up to INTAKE_BATCH datagrams,
+    handed to `DnsFilter._take_in` at once (asyncio's datagram transport reads one per
+    wakeup and the server then spent a task on each: a flood of many sandboxes, each
+    within its kernel cap, queued the others' queries for seconds). Replies are sent
+    at once; one the socket has no room for is dropped (UDP: the client asks again)."""
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def __init__(self, owner: DnsFilter, sock: socket.socket, loop: asyncio.AbstractEventLoop):
+        self.owner, self.sock, self.loop = owner, sock, loop
+        self.buffer = bytearray(MAX_DATAGRAM)
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self.read)
 
-    def datagram_received(self, data: bytes, addr) -> None:
-        self.owner._spawn(self.owner._serve_udp(self.transport, data, addr))
+    def read(self) -> None:
+        datagrams = []
+        view = memoryview(self.buffer)
+        for _ in range(INTAKE_BATCH):
+            try:
+                size, addr = self.sock.recvfrom_into(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # an ICMP error for an earlier reply: nothing to do
+                log.debug("DNS UDP socket error: %s", e)
+                continue
+            datagrams.append((bytes(view[:size]), addr))
+        if datagrams:
+            self.owner._take_in(datagrams)
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors for earlier replies (a client that went away): nothing to do.
-        log.debug("DNS UDP socket error: %s", exc)
+    def sendto(self, data: bytes, addr: tuple) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError as e:  # a full send queue, or a client that went away
+            log.debug("DNS UDP reply to %s not sent: %s", addr[0], e)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def _bound_udp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A UDP socket bound to `host:port` (the first address `host` has; "": any)."""
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE
+    )
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _source_ip(text: str) -> str | None:
+    """`text` (a datagram's source) as `sandbox_for` takes it; None if it is none."""
+    try:
+        return canonical_address(text).compressed
+    except ValueError:
+        return None
 
 
 def _describe(response: dns.message.Message) -> str:

@@ -18,7 +18,7 @@ import subprocess
 import pytest
 from support import sandbox
 from support.sandbox import eventually
-from support.service import GatewayProcess, attach_argv
+from support.service import attach_argv, counted, running
 
 pytestmark = pytest.mark.e2e
 
@@ -93,15 +93,10 @@ open(f"{shared}/{name}-times", "w").write(repr(times))
 
 @pytest.fixture
 def service(net, tmp_path):
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
     # No warm networks: each attach goes to the worker with the fewest sandboxes, so
     # the hostile task (first) shares worker 0 with the second polite one.
-    gateway = GatewayProcess(net, tmp_path, rules, "--workers", "2", "--warm", "0").start()
-    try:
+    with running(net, tmp_path, RULES, "--workers", "2", "--warm", "0") as gateway:
         yield gateway
-    finally:
-        gateway.stop()
 
 
 class Task:
@@ -132,11 +127,6 @@ class Task:
 
 def _read(path) -> str:
     return path.read_text() if path.exists() else ""
-
-
-def _counted(events: list[dict]) -> int:
-    """Events the audit records stand for: an aggregate stands for `suppressed` of them."""
-    return sum(e.get("suppressed") or 1 for e in events)
 
 
 def test_a_flood_neither_slows_nor_hides_another_task_and_is_summarised_not_lost(
@@ -190,7 +180,7 @@ def test_a_flood_neither_slows_nor_hides_another_task_and_is_summarised_not_lost
     rows = summary["destinations"]
     assert any(r["destination"] == "(other destinations)" for r in rows), len(rows)
     for kind in ("dns", "request"):
-        logged = _counted([e for e in theirs if e["kind"] == kind])
+        logged = counted([e for e in theirs if e["kind"] == kind])
         summed = sum(r["count"] for r in rows if r["kind"] == kind)
         assert logged == summed > 1000, (kind, logged, summed, flood)
     verify = subprocess.run(

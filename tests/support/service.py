@@ -9,6 +9,7 @@ returns the same RunResult, with the service's audit-log lines of that task.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -143,6 +144,23 @@ class GatewayProcess:
         if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait()
+
+
+@contextlib.contextmanager
+def running(fakenet, tmp_path: Path, rules_text: str, *extra: str):
+    """A started `GatewayProcess` with the rule file `rules_text`, stopped after."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(rules_text)
+    gateway = GatewayProcess(fakenet, tmp_path, rules, *extra).start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def counted(events: list[dict]) -> int:
+    """Events the audit records stand for: an aggregate stands for `suppressed` of them."""
+    return sum(e.get("suppressed") or 1 for e in events)
 
 
 def attach_argv(

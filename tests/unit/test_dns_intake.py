@@ -1,0 +1,141 @@
+"""The DNS filter's UDP intake (proxy/dns/server.py, `_UdpIntake`, `DnsFilter._take_in`):
+a burst read at once, each sandbox's queries over its rate refused there with an event
+each and never forwarded, the rest served round-robin over the sandboxes. On loopback:
+127.0.0.2 and 127.0.0.3 play two sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import dns.message
+import dns.rcode
+from sandgate.proxy.dns.server import DnsFilter
+from sandgate.proxy.policy import Decision, Reason, Verdict
+from sandgate.proxy.policy.model import Limits
+
+FLOODER, HONEST = "127.0.0.2", "127.0.0.3"
+SANDBOXES = {FLOODER: ("sbx-flood", "dev", "t-flood"), HONEST: ("sbx-honest", "dev", "t-honest")}
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _server(events: list, asked: list) -> DnsFilter:
+    server = DnsFilter(
+        decide_name=lambda profile, name: Decision(Verdict.ALLOW, Reason.RULE_ALLOW, "all"),
+        sandbox_for=SANDBOXES.get,
+        sink=type("Sink", (), {"emit": staticmethod(events.append)})(),
+        upstreams=["192.0.2.1"],
+        limits_for=lambda profile: Limits(dns_qps=3),
+        clock=Clock(),  # stands still: no token comes back during the test
+    )
+
+    async def ask_upstream(wire):  # the order the queries were served in
+        asked.append(dns.message.from_wire(wire).question[0].name.to_text(omit_final_dot=True))
+        return None, "test: no upstream"
+
+    server._ask_upstream = ask_upstream
+    return server
+
+
+def _client(source: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((source, 0))
+    sock.settimeout(5)
+    return sock
+
+
+def _replies(sock: socket.socket) -> list[dns.message.Message]:
+    """What `sock` got until nothing more came for half a second."""
+    replies = []
+    sock.settimeout(0.5)
+    try:
+        while True:
+            replies.append(dns.message.from_wire(sock.recv(4096)))
+    except TimeoutError:
+        return replies
+
+
+def test_a_burst_is_refused_then_dropped_at_intake_and_the_other_sandbox_is_served_first():
+    events, asked = [], []
+
+    async def scenario():
+        server = _server(events, asked)
+        await server.start("127.0.0.1", 0)
+        spawned = []
+        spawn = server._spawn
+        server._spawn = lambda coro: (spawned.append(1), spawn(coro))
+        flooder, honest = _client(FLOODER), _client(HONEST)
+        try:
+            # All in the socket's queue before the server reads any: one read takes them.
+            for i in range(20):
+                query = dns.message.make_query(f"f{i}.example.com", "A").to_wire()
+                flooder.sendto(query, ("127.0.0.1", server.port))
+            honest.sendto(
+                dns.message.make_query("h.example.com", "A").to_wire(), ("127.0.0.1", server.port)
+            )
+            for _ in range(200):
+                if len(events) == 21:
+                    break
+                await asyncio.sleep(0.01)
+            return (
+                await asyncio.to_thread(_replies, flooder),
+                await asyncio.to_thread(_replies, honest),
+                len(spawned),
+            )
+        finally:
+            flooder.close()
+            honest.close()
+            await server.stop()
+
+    flood_replies, honest_replies, spawned = asyncio.run(scenario())
+    # The flooder's three within its rate and the honest query were served, round-robin:
+    # the honest one second, not behind the flooder's three.
+    assert asked == ["f0.example.com", "h.example.com", "f1.example.com", "f2.example.com"]
+    assert spawned == 4  # the 17 over the rate cost no task
+    # Of the 17 over the rate, the first 3 (its dns_qps) got REFUSED, the rest nothing.
+    rcodes = sorted(r.rcode() for r in flood_replies)
+    assert rcodes == [dns.rcode.SERVFAIL] * 3 + [dns.rcode.REFUSED] * 3  # SERVFAIL: no upstream
+    refused = [r for r in flood_replies if r.rcode() == dns.rcode.REFUSED]
+    # Each REFUSED carries its question, so a stub takes it as the answer.
+    assert sorted(str(r.question[0].name) for r in refused) == [
+        f"f{i}.example.com." for i in range(3, 6)
+    ]
+    assert [r.rcode() for r in honest_replies] == [dns.rcode.SERVFAIL]  # no upstream here
+    # One event per query, the refused ones too, named and attributed.
+    assert len(events) == 21
+    over = [e for e in events if e.reason is Reason.SANDBOX_LIMIT]
+    assert len(over) == 17
+    assert {(e.sandbox, e.task_id, e.verdict, e.rule_id) for e in over} == {
+        ("sbx-flood", "t-flood", Verdict.DENY, "builtin:sandbox-dns-rate")
+    }
+    assert {e.name for e in over} == {f"f{i}.example.com" for i in range(3, 20)}
+    assert [e.detail for e in over] == ["more than 3 DNS queries a second; A"] * 3 + [
+        "more than 3 DNS queries a second; A; dropped, no reply: too many refused this second"
+    ] * 14
+
+
+def test_a_query_of_no_sandbox_is_refused_and_never_forwarded():
+    events, asked = [], []
+
+    async def scenario():
+        server = _server(events, asked)
+        await server.start("127.0.0.1", 0)
+        stranger = _client("127.0.0.4")
+        try:
+            stranger.sendto(
+                dns.message.make_query("x.example.com", "A").to_wire(), ("127.0.0.1", server.port)
+            )
+            return await asyncio.to_thread(_replies, stranger)
+        finally:
+            stranger.close()
+            await server.stop()
+
+    (reply,) = asyncio.run(scenario())
+    assert reply.rcode() == dns.rcode.REFUSED and asked == []
+    assert [e.reason for e in events] == [Reason.UNKNOWN_SANDBOX]
