@@ -141,7 +141,9 @@ def test_an_honest_sandbox_resolves_fast_beside_many_flooders_and_the_flood_is_c
 ):
     shared, _ = sandbox.shared_dir(tmp_path)
     flooders = [
-        _start(service, tmp_path, FLOOD, str(shared), str(i), str(FLOOD_QPS), profile=FLOODER_PROFILE)
+        _start(
+            service, tmp_path, FLOOD, str(shared), str(i), str(FLOOD_QPS), profile=FLOODER_PROFILE
+        )
         for i in range(FLOODERS)
     ]
     honest = None
