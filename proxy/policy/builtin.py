@@ -199,7 +199,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "sandbox-dns-rate",
         (R.SANDBOX_LIMIT,),
         "the sandbox sent more DNS queries a second than its profile's limits: dns_qps allow; "
-        "the query got REFUSED, and nothing was forwarded",
+        "the query got REFUSED (dropped unanswered past `dns_qps` REFUSED a second), and "
+        "nothing was forwarded",
     ),
     # The kernel (enforcer/nft.py), reported by the task runner.
     (
