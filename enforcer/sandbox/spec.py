@@ -282,8 +282,8 @@ def read_for_task(option: str, path: Path, writable: list[Path]) -> bytes:
     the task may not, whose content would reach the task's environment or CA bundle),
     or when it is not a regular file (a FIFO would block the run). Read once, through
     the descriptor that was checked: a link swapped in after the check is not followed."""
-    visits = _visits_writable(path, writable)
     try:
+        visits = _visits_writable(path, writable)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise SandboxError(f"{option} {path}: {e.strerror}") from None

@@ -67,6 +67,14 @@ def _gc_output(net) -> str:
     return cleaned.stdout
 
 
+def _gc_removes_all_of(net, run_id: str) -> None:
+    """`sandgate gc` names and removes the run's netns, table and state: nothing left."""
+    out = _gc_output(net)
+    for what in (f"netns sg-{run_id}", f"nft table sandgate_{run_id}", f"state {RUN_DIR / run_id}"):
+        assert what in out, out
+    assert leftovers(net, run_id) == []
+
+
 @pytest.fixture
 def forwarding_host(net):
     """The fake host namespace forwards IPv4, as a Docker or Kubernetes node does."""
@@ -162,14 +170,7 @@ def test_gc_removes_a_killed_runs_leftovers_though_its_pid_is_reused(net, tmp_pa
         sleeper = _process_at(pid)
         assert f"nft table sandgate_{run_id}" in leftovers(net, run_id)
 
-        out = _gc_output(net)
-        for what in (
-            f"netns sg-{run_id}",
-            f"nft table sandgate_{run_id}",
-            f"state {RUN_DIR / run_id}",
-        ):
-            assert what in out, out
-        assert leftovers(net, run_id) == []
+        _gc_removes_all_of(net, run_id)
         assert sleeper.poll() is None  # the process with the reused pid was not touched
     finally:
         started.kill()
@@ -252,14 +253,7 @@ def test_gc_removes_a_dead_services_sandbox_though_its_pids_are_reused(net, tmp_
             sleepers.append(_process_at(pid))
         assert f"netns sg-{run_id}" in leftovers(net, run_id)
 
-        out = _gc_output(net)
-        for what in (
-            f"netns sg-{run_id}",
-            f"nft table sandgate_{run_id}",
-            f"state {RUN_DIR / run_id}",
-        ):
-            assert what in out, out
-        assert leftovers(net, run_id) == []
+        _gc_removes_all_of(net, run_id)
         assert all(s.poll() is None for s in sleepers)
     finally:
         for proc in (runner, *sleepers):
