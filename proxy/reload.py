@@ -173,8 +173,7 @@ class PolicyReloader:
         while True:
             before = await self._quiet_signatures(deadline)
             new = await asyncio.to_thread(self.load, list(self.rule_files))
-            changed = [p for p in dict.fromkeys([*before, *new.paths]) if p in before]
-            changed = [p for p in changed if before[p] != file_signature(p)]
+            changed = [path for path, sig in before.items() if file_signature(path) != sig]
             if not changed:
                 return new
             if time.monotonic() >= deadline:
