@@ -371,7 +371,7 @@ class GatewayService:
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        peer = _peer(writer)
+        peer, peer_pid = _peer(writer)
         mine: Attached | None = None  # the sandbox this connection holds, if any
         detached = False
         try:
@@ -394,7 +394,7 @@ class GatewayService:
                 try:
                     if cmd in ("attach", "resume") and mine is None:
                         if cmd == "attach":
-                            mine = await self._attach(request, peer)
+                            mine = await self._attach(request, peer, peer_pid)
                         else:
                             mine = self._resume(request, peer)
                         await _reply_with_netns(writer, self._attach_reply(mine), mine)
@@ -470,7 +470,15 @@ class GatewayService:
 
     # --- sandboxes --------------------------------------------------------------------------
 
-    async def _attach(self, request: dict, peer: str) -> Attached:
+    async def _attach(self, request: dict, peer: str, peer_pid: int) -> Attached:
+        """A sandbox network for the runner at the other end. Its pid is the
+        connection's (SO_PEERCRED), never one the request names: the service signals
+        the runner at its stop and `sandgate gc` keeps the run while it lives, so a
+        named pid would let any member of the socket's group have root kill, or keep
+        alive, a process of its choosing."""
+        claimed = request.get("runner_pid")
+        if claimed is not None and claimed != peer_pid:
+            raise RunError(f"runner_pid {str(claimed)[:20]} is not the connecting process")
         if self.draining:
             raise RunError("the gateway service is stopping: no new sandboxes")
         profile = request.get("profile", "default")
@@ -484,7 +492,7 @@ class GatewayService:
         self._refill()
         attached.profile, attached.rules_hash = profile, policy.hash
         attached.command = [str(a)[:200] for a in request.get("command", [])][:50]
-        attached.runner_pid = int(request.get("runner_pid", 0))
+        attached.runner_pid = peer_pid
         attached.runner_start = process_stamp.start_time(attached.runner_pid)
         attached.started = time.time()
         try:
@@ -868,15 +876,17 @@ async def _reply(writer: asyncio.StreamWriter, reply: dict) -> None:
     await writer.drain()
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
+def _peer(writer: asyncio.StreamWriter) -> tuple[str, int]:
+    """Who is at the other end of a control connection (SO_PEERCRED, as of its
+    connect): `uid U (pid P)` for the audit, and the pid (0: unknown)."""
     sock = writer.get_extra_info("socket")
     try:
         pid, uid, gid = struct.unpack(
             "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         )
     except (OSError, AttributeError):
-        return "an unknown peer"
-    return f"uid {uid} (pid {pid})"
+        return "an unknown peer", 0
+    return f"uid {uid} (pid {pid})", pid
 
 
 def _pool_pid(control: str) -> int | None:

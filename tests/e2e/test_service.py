@@ -478,3 +478,33 @@ def test_the_service_reads_its_extra_ca_once(net, tmp_path):
         assert "sg-not-for-tasks" not in result["bundle"].out
     finally:
         service.stop()
+
+
+def test_an_attach_cannot_name_another_process_as_its_runner(net, tmp_path):
+    """The service signals a sandbox's runner when it stops (TERM, then KILL) and gc
+    keeps a run while its runner lives. The runner's pid came from the request, so a
+    member of the socket's group could have root kill a process of its choosing at the
+    next `gateway stop`: now the pid is the connection's own (SO_PEERCRED). Before,
+    the attach was granted and the stop killed the bystander."""
+    from sandgate.enforcer import control
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_PROFILES)
+    service = GatewayProcess(net, tmp_path, rules, "--workers", "1", "--grace", "0").start()
+    bystander = subprocess.Popen(["sleep", "60"])
+    client = control.ControlClient.connect(service.control)
+    try:
+        try:  # the connection stays open through the stop, as a runner's would
+            client.request("attach", profile="default", runner_pid=bystander.pid)
+            granted = True
+        except control.ControlError as e:
+            assert "is not the connecting process" in str(e), e
+            granted = False
+        assert service.stop() == 0
+        assert bystander.poll() is None, "the stop killed a process it was never given"
+        assert not granted
+    finally:
+        client.sock.close()
+        service.stop()
+        bystander.kill()
+        bystander.wait()
