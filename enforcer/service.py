@@ -396,7 +396,7 @@ class GatewayService:
                         if cmd == "attach":
                             mine = await self._attach(request, peer, peer_pid)
                         else:
-                            mine = self._resume(request, peer)
+                            mine = self._resume(request, peer, peer_pid)
                         await _reply_with_netns(writer, self._attach_reply(mine), mine)
                         continue
                     elif cmd == "event" and mine is not None:
@@ -649,12 +649,17 @@ class GatewayService:
         )
         await asyncio.to_thread(nft.apply_ruleset, ruleset)
 
-    def _resume(self, request: dict, peer: str) -> Attached:
+    def _resume(self, request: dict, peer: str, peer_pid: int) -> Attached:
+        """A re-adopted sandbox taken back by its runner: only by that process (its pid
+        and start time), not by whoever on the socket names its run id (`sandgate
+        sandboxes` lists them), who could detach it under the task or write its summary."""
         attached = self.sandboxes.get(str(request.get("run_id")))
         if attached is None or attached.connected:
             raise RunError(
                 f"resume: no sandbox {str(request.get('run_id'))[:20]!r} waits for its runner"
             )
+        if peer_pid != attached.runner_pid or not _runner_alive(attached):
+            raise RunError(f"resume: only the runner of {attached.run_id} may take it back")
         attached.connected = True
         self._control_event(peer, "runner reconnected after a gateway restart", attached=attached)
         return attached

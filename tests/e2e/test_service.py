@@ -8,10 +8,12 @@ what the task got, what the fake internet's servers saw, and the service's audit
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 
 import pytest
+from sandgate.enforcer import control
 from support import sandbox
 from support.sandbox import curl, eventually, python
 from support.service import TWO_PROFILES, GatewayProcess, attach, attach_argv
@@ -168,7 +170,17 @@ def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
         assert while_dead and "200" not in while_dead, while_dead  # no egress without the service
         served_while_dead = len(net.requests_seen(ALLOWED_IP))
 
-        service.start()  # the same state dir, a new process: it re-adopts the live sandbox
+        runner.send_signal(signal.SIGSTOP)  # it cannot take its sandbox back yet: others try
+        try:
+            service.start()  # the same state dir, a new process: it re-adopts the live sandbox
+            intruder = control.ControlClient.connect(service.control)
+            try:
+                with pytest.raises(control.ControlError, match="only the runner of"):
+                    intruder.request("resume", run_id=run_id)
+            finally:
+                intruder.sock.close()
+        finally:
+            runner.send_signal(signal.SIGCONT)
         ok = eventually(lambda: results.read_text().splitlines()[-1:] == ["200"], timeout=15)
         assert ok, (
             results.read_text().splitlines()[-5:],
@@ -486,8 +498,6 @@ def test_an_attach_cannot_name_another_process_as_its_runner(net, tmp_path):
     member of the socket's group could have root kill a process of its choosing at the
     next `gateway stop`: now the pid is the connection's own (SO_PEERCRED). Before,
     the attach was granted and the stop killed the bystander."""
-    from sandgate.enforcer import control
-
     rules = tmp_path / "rules.yaml"
     rules.write_text(TWO_PROFILES)
     service = GatewayProcess(net, tmp_path, rules, "--workers", "1", "--grace", "0").start()
