@@ -17,8 +17,15 @@ can be reached through. Each entry of `DENIED` says why, in one line.
 
 The model is Docker's default profile (moby profiles/seccomp/default.json),
 turned into a deny list: the default action is ALLOW, so a program that works
-outside the sandbox keeps working, and a syscall newer than libseccomp stays
-allowed unless listed here by number (`UNIFIED_SYSCALL_NUMBERS`).
+outside the sandbox keeps working; a syscall newer than libseccomp is listed
+here by number (`UNIFIED_SYSCALL_NUMBERS`).
+
+Syscalls newer than the table fail closed: every native number above
+`NEWEST_REVIEWED_SYSCALL` gets ENOSYS (`newer_syscalls_fence`, runc's trick for
+profiles older than the kernel), so a kernel upgrade cannot hand the task an
+interface nobody has reviewed; ENOSYS is what a program sees on an older
+kernel, so callers fall back. Raising the number means reviewing what the
+kernel added in between (docs/sandbox.md lists the last review).
 
 Architectures: the filter is for the native ABI only. Any other ABI reaching
 the kernel (int 0x80 into the i386 table on x86_64, x32 numbers with bit 30
@@ -47,6 +54,7 @@ import errno
 import functools
 import os
 import stat
+import sys
 from collections import namedtuple
 
 # clone(2)/unshare(2) flags that create a namespace. CLONE_NEWTIME shares its
@@ -82,6 +90,8 @@ SOCK_TYPE_MASK = 0xF
 # Terminal ioctls that act on the caller's terminal when the task inherits it.
 TIOCSTI = 0x5412  # push bytes into the terminal's input: run commands in the caller's shell
 TIOCLINUX = 0x541C  # virtual-console tricks, including pasting the selection as input
+TIOCCONS = 0x541D  # redirect the host console's output to the task's terminal
+TIOCSETD = 0x5423  # attach a line discipline: loads and runs rarely used tty drivers
 IOCTL_REQUEST_MASK = 0xFFFFFFFF  # the kernel reads ioctl's request as unsigned int
 
 # Mode bits that give whoever runs a file its owner's or group's ids. Through the
@@ -110,6 +120,14 @@ CLONE_FLAGS_ARG = 1 if os.uname().machine.startswith("s390") else 0
 # table (x86_64, aarch64, riscv64 and the other asm-generic arches share it).
 UNIFIED_SYSCALL_NUMBERS = {"fchmodat2": 452, "open_tree_attr": 467}
 UNIFIED_TABLE_MACHINES = ("x86_64", "aarch64", "riscv64")
+
+# The newest syscall number of the unified table this filter was reviewed
+# against: file_setattr (Linux 6.17; 6.18 added none). Above it: ENOSYS.
+NEWEST_REVIEWED_SYSCALL = 469
+# struct seccomp_data's arch for each UNIFIED_TABLE_MACHINES (linux/audit.h).
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7, "riscv64": 0xC00000F3}
+# x86_64's x32 ABI sets this bit; libseccomp's program kills those (BAD_ARCH_ACTION).
+X32_SYSCALL_BIT = 0x40000000
 
 # SCMP_ACT_KILL_PROCESS for a syscall of another ABI: SIGSYS to the whole process,
 # so no thread is left half-alive (libseccomp's default kills the thread only).
@@ -171,6 +189,10 @@ def _creates_with_set_id(flags_arg: int, mode_arg: int) -> tuple[tuple[ArgTest, 
         for flag in CREATING_FLAGS
         for bit in SET_ID_BITS
     )
+
+
+def _ioctl_request_in(requests: tuple[int, ...]) -> tuple[tuple[ArgTest, ...], ...]:
+    return tuple(((1, "masked_eq", request, IOCTL_REQUEST_MASK),) for request in requests)
 
 
 _WHY_NO_SET_ID = (
@@ -305,10 +327,21 @@ DENIED: tuple[Denial, ...] = (
         _personality_not_allowed(),
     ),
     Denial(
+        ("modify_ldt",),
+        errno.EPERM,
+        "per-process segment tables: 16-bit code only, a record of kernel bugs (Docker refuses it)",
+    ),
+    Denial(
         ("ioctl",),
         errno.EPERM,
         "TIOCSTI/TIOCLINUX type commands into the caller's terminal after the task ends",
-        tuple(((1, "masked_eq", request, IOCTL_REQUEST_MASK),) for request in (TIOCSTI, TIOCLINUX)),
+        _ioctl_request_in((TIOCSTI, TIOCLINUX)),
+    ),
+    Denial(
+        ("ioctl",),
+        errno.EPERM,
+        "TIOCSETD autoloads and runs tty line disciplines (n_hdlc, n_gsm...); TIOCCONS the console",
+        _ioctl_request_in((TIOCSETD, TIOCCONS)),
     ),
     Denial(
         ("socket", "socketpair"),
@@ -399,7 +432,39 @@ def _compile() -> bytes:
     with os.fdopen(os.memfd_create("sandgate-seccomp-bpf"), "w+b") as exported:
         syscall_filter.export_bpf(exported)
         exported.seek(0)
-        return exported.read()
+        return newer_syscalls_fence(machine, NEWEST_REVIEWED_SYSCALL) + exported.read()
+
+
+# Classic BPF: struct sock_filter's codes, and struct seccomp_data's offsets.
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K, BPF_JGT_K, BPF_JGE_K = 0x15, 0x25, 0x35
+BPF_RET_K = 0x06
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_DATA_NR, SECCOMP_DATA_ARCH = 0, 4
+
+
+def newer_syscalls_fence(machine: str, newest: int) -> bytes:
+    """BPF that answers ENOSYS to a native syscall numbered above `newest`, and
+    otherwise falls through to the program placed after it (libseccomp's).
+
+    Another ABI's arch and numbers with the x32 bit (or -1) fall through too:
+    libseccomp's program kills those, and must keep doing so. Empty for a machine
+    whose table is not the unified one (numbers would mean something else there).
+    Jumps are relative, so the program after it runs unchanged."""
+    if machine not in AUDIT_ARCH:
+        return b""
+    instructions = (
+        (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_ARCH),
+        (BPF_JEQ_K, 0, 4, AUDIT_ARCH[machine]),  # another ABI: to the program after
+        (BPF_LD_W_ABS, 0, 0, SECCOMP_DATA_NR),
+        (BPF_JGE_K, 2, 0, X32_SYSCALL_BIT),  # x32, -1: to the program after
+        (BPF_JGT_K, 0, 1, newest),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+    )
+    return b"".join(
+        code.to_bytes(2, sys.byteorder) + bytes((jump_true, jump_false)) + k.to_bytes(4, sys.byteorder)
+        for code, jump_true, jump_false, k in instructions
+    )
 
 
 @functools.cache
