@@ -730,3 +730,83 @@ def test_table_documented_and_complete() -> None:
     assert REQUIRED_BY_ISSUE_8 - listed == set()
     for denial in seccomp.DENIED:
         assert denial.errno > 0 and denial.why and "\n" not in denial.why and len(denial.why) <= 100
+
+
+# --- line disciplines, and syscalls newer than the table ---------------------------------
+
+N_NULL = 27  # a line discipline built into most kernels (this one's /proc/tty/ldiscs)
+TIOCGETD = 0x5424
+
+
+def probe_set_line_discipline(terminal: int, discipline: int) -> tuple[int, int]:
+    """(errno of TIOCSETD, the terminal's discipline after it: TIOCGETD)."""
+    chosen, current = ctypes.c_int(discipline), ctypes.c_int(-1)
+    result = libc.ioctl(terminal, ctypes.c_ulong(seccomp.TIOCSETD), ctypes.byref(chosen))
+    failure = ctypes.get_errno() if result == -1 else 0
+    libc.ioctl(terminal, ctypes.c_ulong(TIOCGETD), ctypes.byref(current))
+    return failure, current.value
+
+
+def test_line_discipline_refused_terminal_unchanged(program: bytes) -> None:
+    controller, terminal = os.openpty()
+    try:
+        refused = run_forked(filtered, program, probe_set_line_discipline, terminal, N_NULL)
+        assert refused.value == (errno.EPERM, 0)  # still N_TTY
+        unfiltered = run_forked(probe_set_line_discipline, terminal, N_NULL)
+        if unfiltered.value[0] == errno.EINVAL:
+            pytest.skip("kernel without n_null: the control cannot show the discipline change")
+        assert unfiltered.value == (0, N_NULL)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+
+MSEAL, FILE_GETATTR = 462, 468  # implemented here (Linux >= 6.17) and above the fence below
+
+
+def raw_numbers(*numbers: int) -> list[int]:
+    """The errno of each syscall number called with harmless arguments (0 if it succeeded)."""
+    found = []
+    for number in numbers:
+        result = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(0) for _ in range(5)))
+        found.append(ctypes.get_errno() if result == -1 else 0)
+    return found
+
+
+def test_syscalls_above_the_fence_get_enosys_below_reach_the_kernel(program: bytes) -> None:
+    """The mechanism, shown with a fence lowered to 461 on top of the real program:
+    mseal and file_getattr exist on this kernel (no ENOSYS unfiltered) and get
+    ENOSYS above the fence; 461 and the filter's own refusals still work."""
+    machine = os.uname().machine
+    if machine not in seccomp.AUDIT_ARCH:
+        assert seccomp.newer_syscalls_fence(machine, 461) == b""
+        pytest.skip(f"no fence on {machine}")
+    unfiltered = run_forked(raw_numbers, MSEAL, FILE_GETATTR).value
+    if errno.ENOSYS in unfiltered:
+        pytest.skip("kernel older than 6.17: the control calls do not exist")
+    lowered = seccomp.newer_syscalls_fence(machine, MSEAL - 1) + program
+    assert run_forked(filtered, lowered, raw_numbers, MSEAL, FILE_GETATTR).value == [
+        errno.ENOSYS,
+        errno.ENOSYS,
+    ]
+    assert run_forked(filtered, lowered, raw_syscall, "bpf", 1, 1, 1).value == errno.EPERM
+    assert run_forked(filtered, lowered, use_fork).value == 7
+
+
+def test_real_fence_sits_at_the_newest_reviewed_syscall(program: bytes) -> None:
+    newest = seccomp.NEWEST_REVIEWED_SYSCALL
+    above = (newest + 1, 1000, seccomp.X32_SYSCALL_BIT - 1)
+    if os.uname().machine not in seccomp.AUDIT_ARCH:
+        pytest.skip("no fence here")
+    assert program.startswith(seccomp.newer_syscalls_fence(os.uname().machine, newest))
+    assert run_forked(filtered, program, raw_numbers, *above).value == [errno.ENOSYS] * 3
+    reviewed = run_forked(filtered, program, raw_numbers, newest, FILE_GETATTR).value
+    if run_forked(raw_numbers, newest).value != [errno.ENOSYS]:  # the kernel has it
+        assert errno.ENOSYS not in reviewed
+
+
+@pytest.mark.skipif(not IS_X86_64, reason="x32 is x86_64's")
+def test_x32_numbers_above_the_fence_still_kill(program: bytes) -> None:
+    """The fence hands x32 numbers (bit 30) to libseccomp's program: killed, not ENOSYS."""
+    outcome = run_forked(filtered, program, raw_numbers, seccomp.X32_SYSCALL_BIT | 470)
+    assert outcome.exit_code == -signal.SIGSYS
