@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import subprocess
 import time
 
 import pytest
 from support import sandbox
 from support.sandbox import eventually, python
 from support.servers import script_server
-from support.service import attach, running
+from support.service import attach, attach_argv, running
 
 pytestmark = pytest.mark.e2e
 
@@ -198,3 +199,37 @@ def test_a_websocket_tunnel_is_closed_by_a_reload_that_removes_its_rule(net, tmp
         _assert_cut_at(r, log, reloaded)
     (closed,) = r.events(kind="connection", reason="policy_changed")
     assert "closed by a policy reload" in closed["detail"], closed
+
+
+def test_a_tunnel_of_a_task_whose_runner_was_killed_is_closed_upstream(net, tmp_path):
+    """The runner of an attached task is SIGKILLed while its WebSocket is open: the
+    sandbox is removed, and the gateway's upstream connection is closed with it (not
+    left open for the server to go on sending into), its end under the task."""
+    log = tmp_path / "ws.log"
+    log.touch()
+    with (
+        script_server(net, WS_SERVER, WS_IP, str(WS_PORT), str(log)),
+        running(net, tmp_path, _rules()) as service,
+    ):
+        workdir = sandbox._workdir(tmp_path)
+        client = ["/usr/bin/python3", "-c", WS_CLIENT, str(time.time() + 60)]
+        argv = attach_argv(service, workdir, client)
+        runner = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert eventually(
+                lambda: [e for e in _seen(log) if e.get("frame") == "before"], timeout=15
+            ), _seen(log)
+            task_id = service.events(kind="task", reason="rule_allow")[0]["task_id"]
+            runner.kill()
+            killed = time.time()
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+            runner.wait()
+        closed = eventually(lambda: [e for e in _seen(log) if "closed" in e], timeout=10)
+        assert closed and closed[0]["time"] - killed < 10, _seen(log)
+        ends = eventually(
+            lambda: service.events(kind="connection_end", dst_port=WS_PORT), timeout=5
+        )
+        assert [e["task_id"] for e in ends] == [task_id], ends
+        assert [e["frame"] for e in _seen(log) if "frame" in e] == ["before"], _seen(log)
