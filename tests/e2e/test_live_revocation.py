@@ -233,3 +233,73 @@ def test_a_tunnel_of_a_task_whose_runner_was_killed_is_closed_upstream(net, tmp_
         )
         assert [e["task_id"] for e in ends] == [task_id], ends
         assert [e["frame"] for e in _seen(log) if "frame" in e] == ["before"], _seen(log)
+
+
+# In the sandbox: one HTTP/2 connection (inspected TLS, through mitmproxy) to
+# allowed.test; GET /before-expiry, a wait until argv[1], then GET /after-expiry on the
+# same connection. Frames by hand (HPACK literals, no Huffman): the sandbox's python
+# has no h2 library. Prints one line per request: its :status, or "closed".
+H2_CLIENT = """
+import socket, ssl, struct, sys, time
+until = float(sys.argv[1])
+context = ssl.create_default_context()
+context.set_alpn_protocols(["h2"])
+s = context.wrap_socket(socket.create_connection(("allowed.test", 443), timeout=5), server_hostname="allowed.test")
+assert s.selected_alpn_protocol() == "h2", s.selected_alpn_protocol()
+
+def frame(kind, flags, stream, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+def literal(name, value):
+    return b"\\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+s.sendall(b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + frame(4, 0, 0))
+buffer = b""
+
+def status(stream, path):
+    global buffer
+    block = b"".join(literal(n, v) for n, v in ((b":method", b"GET"), (b":scheme", b"https"),
+        (b":authority", b"allowed.test"), (b":path", path)))
+    try:
+        s.sendall(frame(1, 0x5, stream, block))  # END_STREAM | END_HEADERS
+        while True:
+            while len(buffer) < 9 or len(buffer) < 9 + int.from_bytes(buffer[:3], "big"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    return "closed"
+                buffer += chunk
+            size, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+            sid = struct.unpack(">I", buffer[5:9])[0] & 0x7FFFFFFF
+            payload, buffer = buffer[9:9 + size], buffer[9 + size:]
+            if kind == 4 and not flags & 1:
+                s.sendall(frame(4, 1, 0))  # SETTINGS ACK
+            elif kind == 7:
+                return "goaway"
+            elif kind == 1 and sid == stream:
+                return "answered"  # HPACK-coded; that it came is enough
+    except OSError as e:
+        return type(e).__name__
+
+print("before", status(1, b"/before-expiry"), flush=True)
+time.sleep(max(0.0, until - time.time()))
+print("after", status(3, b"/after-expiry"))
+"""
+
+
+def test_an_inspected_http2_connection_is_closed_when_its_rule_expires(net, tmp_path):
+    instant = float(int(time.time()) + 6)
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(instant))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(  # paths: inspected, and h2 is mitmproxy's
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        "      - allow: allowed.test\n        paths: ['/*']\n        id: temporary\n"
+        f"        expires: {expires}\n"
+    )
+    r = sandbox.run(net, tmp_path, {"h2": python(H2_CLIENT, str(instant + 1.5))}, rules=rules)
+    assert r["h2"].out.splitlines()[0] == "before answered", r.describe()
+    assert r["h2"].out.splitlines()[1] in ("after closed", "after goaway"), r.describe()
+    (closed,) = r.events(kind="connection", reason="policy_changed")
+    assert "closed by the expiry of temporary" in closed["detail"], closed
+    assert closed["time"] >= instant, closed
+    uris = [e["uri"] for e in net.requests_seen() if e["protocol"] == "HTTP/2.0"]
+    assert "/before-expiry" in uris and "/after-expiry" not in uris, net.requests_seen()
