@@ -306,12 +306,17 @@ class SandgateAddon:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         with self._fail_closed(flow.client_conn, flow):
-            if flow.response.status_code == 101 and not flow.metadata.get(_WEBSOCKET_ALLOWED):
-                # Switching protocols would make the connection a tunnel nobody decided.
-                state = self.gate.connections.get(flow.client_conn.id)
-                if state is not None:
-                    self.gate.on_refused_switch(state, _head_of(flow.request), _tls(flow))
-                flow.kill()
+            if flow.response.status_code != 101:
+                return
+            state = self.gate.connections.get(flow.client_conn.id)
+            upgrade = flow.metadata.get(_WEBSOCKET_ALLOWED)
+            if upgrade is not None and state is not None:
+                self.gate.on_tunnel(state, upgrade)  # what a reload decides again
+                return
+            # Switching protocols would make the connection a tunnel nobody decided.
+            if state is not None:
+                self.gate.on_refused_switch(state, _head_of(flow.request), _tls(flow))
+            flow.kill()
 
     def tls_failed_client(self, data: tls.TlsData) -> None:
         state = self.gate.connections.get(data.conn.id)
@@ -390,7 +395,7 @@ class SandgateAddon:
         if checked is None:
             flow.response = _blocked(decision, flow)
         elif checked.websocket:
-            flow.metadata[_WEBSOCKET_ALLOWED] = True  # a websocket rule allowed it
+            flow.metadata[_WEBSOCKET_ALLOWED] = checked  # a websocket rule allowed it
         elif checked.strip_upgrade:
             # h2c (or any other switch) would turn the connection into something this
             # hook no longer sees: the request goes on as plain HTTP/1.1.

@@ -159,6 +159,10 @@ class ConnState:
     # a _RequestMemo, or None (see ConnectionGate._decide_request).
     request_memo: _RequestMemo | None = None
     client_hello: ClientHello | None = None  # TLS: what its first bytes said (the door reads ALPN)
+    # The request whose allowed WebSocket upgrade the server accepted (101): the
+    # connection is a tunnel since, with no more requests to decide, so a reload or
+    # a rule's expiry decides this one again (on_tunnel).
+    tunnel: CheckedHead | None = None
 
     @property
     def silent(self) -> bool:
@@ -864,6 +868,11 @@ class ConnectionGate:
             )
         return deny("no-data", detail=problem or sent)
 
+    def on_tunnel(self, state: ConnState, upgrade: CheckedHead) -> None:
+        """The server accepted an allowed WebSocket `upgrade` (101): the connection is
+        a tunnel now, which a reload or an expiry closes once that request is denied."""
+        state.tunnel = upgrade
+
     def on_refused_switch(self, state: ConnState, head: RequestHead, tls: bool) -> None:
         """The server answered 101 to a request whose upgrade no rule allowed: the
         adapter kills the exchange; this is its event."""
@@ -999,7 +1008,9 @@ class ConnectionGate:
             # Nothing decided past connect (plain HTTP: each request is, and the next
             # meets the new policy): only a denial final at connect ends it.
             decision = self._decide_connect(state, name=None)
-            return decision if decision.reason in _FINAL_AT_CONNECT else None
+            if decision.reason in _FINAL_AT_CONNECT:
+                return decision
+            return self._tunnel_denial(state)
         facts = state.facts
         if facts is None or facts.name != state.name:
             self._decide_connect(state, state.name)  # records the facts
@@ -1023,7 +1034,18 @@ class ConnectionGate:
                 "connection cannot be held to",
             )
         state.allowed = decision
-        return None
+        return self._tunnel_denial(state)
+
+    def _tunnel_denial(self, state: ConnState) -> Decision | None:
+        """A WebSocket tunnel lives only while its upgrade request is allowed: that
+        request decided again, None if it still is, else the denial."""
+        if state.tunnel is None:
+            return None
+        decision, _, _ = self._decide_request_anew(state, state.tunnel)
+        if decision.verdict is Verdict.ASK and self.approvals is not None:
+            return None  # a human answered it (the upgrade went through): that stands
+        decision = _without_approver(decision)
+        return None if decision.allowed else decision
 
     # --- helpers ------------------------------------------------------------------------
 

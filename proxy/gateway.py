@@ -309,8 +309,14 @@ class Gateway:
         self.registry.add(sandbox)
 
     def remove_sandbox(self, address: str) -> None:
+        """The sandbox's end: its open connections are closed (its network goes next,
+        so nothing would end them: an upstream left open could go on sending, and a
+        later task at the address would meet them), their ends under its task."""
         sandbox = self.registry.get(address)
         self.registry.remove(address)
+        for state in [s for s in self.gate.connections.values() if s.sandbox.address == address]:
+            if state.abort is not None:
+                state.abort("its sandbox was removed: the task has ended")
         self.bindings.forget(address)
         self.placeholders.forget(address)
         if sandbox is not None:

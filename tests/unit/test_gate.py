@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from sandgate.proxy.gate import MAX_FIRST_BYTES, Outcome
+from sandgate.proxy.policy.request_head import RequestHead
 from support.fakes import (
     GATE_RULES,
     SANDBOX,
@@ -405,6 +406,31 @@ def test_a_rule_that_expires_stops_matching_at_its_instant_on_the_gates_wall_clo
     ]
     # A reload re-decides open connections on the same clock: the relayed one ends.
     assert [s.key for s in gate.revoke_denied()] == [1]
+
+
+def test_a_websocket_tunnel_is_revoked_with_the_rule_that_allowed_its_upgrade(tmp_path):
+    rules = GATE_RULES.replace(
+        "        id: allowed\n",
+        "        id: allowed\n        websocket: true\n        expires: 2099-06-30T12:00:00Z\n",
+    )
+    gate = make_gate(tmp_path, rules=rules)
+    expiry = gate.policy.next_expiry_at
+    gate.wall_clock = lambda: expiry - 0.5
+    upgrade = RequestHead(b"GET", b"/ws", ((b"host", b"allowed.test"), (b"upgrade", b"websocket")))
+    opened = {}
+    for key in ("tunnel", "plain"):
+        state = opened[key] = connect(gate, "203.0.113.10", 80, key=key)
+        assert gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n") is Outcome.HTTP
+        decision, checked = gate.on_request(state, upgrade, tls=False)
+        assert decision.allowed and checked.websocket, decision
+    gate.on_tunnel(opened["tunnel"], checked)  # the server answered 101 on this one
+    assert gate.revoke_denied() == []  # still allowed: carries on
+    # At the instant, the tunnel has no next request to be decided on: it is closed.
+    # The connection still speaking HTTP is not (its next request is decided).
+    gate.wall_clock = lambda: expiry
+    assert [s.key for s in gate.revoke_denied()] == ["tunnel"]
+    (revoked,) = [e for e in gate.events if str(e.reason) == "policy_changed"]
+    assert revoked.rule_id == "default:fallback", revoked
 
 
 def hello_hiding_a_name(sni: str) -> bytes:

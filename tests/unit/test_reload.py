@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from sandgate.proxy.frontdoor.door import FrontDoor
+from sandgate.proxy.gate import Outcome
 from sandgate.proxy.gateway import Gateway, GatewayConfig
 from sandgate.proxy.policy import PolicyError, load_policy
 from sandgate.proxy.registry import Sandbox
@@ -203,6 +204,21 @@ def test_an_expiring_rule_closes_the_connections_it_allowed_at_its_instant(tmp_p
     assert ends["ssh.allowed.test"].bytes_up == len(ssh) + 10
     late = [e for e in events if e.kind == "connection" and e.reason == "no_rule"]
     assert [(e.name, e.verdict) for e in late] == [("allowed.test", "deny")]
+
+
+def test_a_removed_sandbox_s_open_connections_are_closed_with_it(tmp_path):
+    """Its network goes next, so nothing else would end them; another sandbox's stay."""
+    gateway, _, _ = make_gateway(tmp_path)
+    gateway.add_sandbox(Sandbox("127.0.0.2", "task-2", "default"))
+    gateway.bindings.record("127.0.0.2", "allowed.test", TLS_DST[0], 60)
+    aborted = []
+    for key, source in (("mine", LOOPBACK), ("other", "127.0.0.2")):
+        state = gateway.gate.on_connect(key, source, 40000, *TLS_DST)
+        hello = client_hello("allowed.test")
+        assert gateway.gate.on_first_bytes(state, hello) is Outcome.PASSTHROUGH
+        state.abort = lambda why, key=key: aborted.append((key, why))
+    gateway.remove_sandbox(LOOPBACK)
+    assert aborted == [("mine", "its sandbox was removed: the task has ended")]
 
 
 def test_swap_drops_the_bindings_the_new_policy_no_longer_allows(tmp_path):
