@@ -462,7 +462,9 @@ def newer_syscalls_fence(machine: str, newest: int) -> bytes:
         (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
     )
     return b"".join(
-        code.to_bytes(2, sys.byteorder) + bytes((jump_true, jump_false)) + k.to_bytes(4, sys.byteorder)
+        code.to_bytes(2, sys.byteorder)
+        + bytes((jump_true, jump_false))
+        + k.to_bytes(4, sys.byteorder)
         for code, jump_true, jump_false, k in instructions
     )
 
