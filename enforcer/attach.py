@@ -131,6 +131,15 @@ def run_attached(opts: AttachOptions) -> int:
             )
     summary = _detach(client, run_id, code, quiet=opts.quiet)
     if summary is not None:
+        # What this runner measured itself, not the service's copy: an event the service
+        # did not take (a timeout, a restart) must not drop a limit from the summary.
+        for key, values in (
+            ("limits_hit", [hit.limit for hit in hits]),
+            ("sandbox_weakened", [gap.feature for gap in prepared.gaps]),
+        ):
+            summary.pop(key, None)
+            if values:
+                summary[key] = values
         if prepared.self_test:
             held = sum(p["ok"] for p in prepared.self_test)
             summary["self_test"] = {
