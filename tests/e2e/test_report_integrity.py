@@ -23,6 +23,7 @@ of those facts, and the summary JSON carries `sandbox_weakened`.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from support import sandbox
@@ -71,6 +72,11 @@ print("cgroup-files", found)
 """
 
 
+# Processes that try to outlive the task's end (PID 1's), one of them in a session of
+# its own, to write after the run has reported.
+OUTLIVER = "(sleep 0.4; echo late > late) & setsid sh -c 'sleep 0.4; echo late > late2' &"
+
+
 def probe_results(out: str) -> dict[str, str]:
     return dict(line.rsplit(" ", 1) for line in out.splitlines() if " " in line)
 
@@ -83,7 +89,7 @@ def test_a_task_reaches_nothing_that_reports_on_it(net, tmp_path):
     result = sandbox.run(
         net,
         tmp_path,
-        command=["sh", "-c", f"{python(PROBES)} > probes.out 2>&1; exit 7"],
+        command=["sh", "-c", f"{python(PROBES)} > probes.out 2>&1; {OUTLIVER} exit 7"],
         extra=("--memory", "256M", "--pids", "64"),
     )
     out = (result.steps_dir / "probes.out").read_text()
@@ -108,6 +114,8 @@ def test_a_task_reaches_nothing_that_reports_on_it(net, tmp_path):
     )
     assert {e.get("task_id") for e in result.audit if e["kind"] != "policy"} == {result.run_id}
     assert last_line(result.stderr) == "  task: exit code 7", result.stderr
+    time.sleep(0.5)  # past the outlivers' sleep: they died with PID 1
+    assert not list(result.steps_dir.glob("late*"))
 
 
 @pytest.mark.parametrize(
