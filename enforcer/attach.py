@@ -151,6 +151,15 @@ def run_attached(opts: AttachOptions) -> int:
             code = EXIT_SETUP
         if not opts.quiet:
             _print_summary(summary, reply)
+    elif opts.summary_json:
+        # As a summary that cannot be written (summary_file.py): exit 125, so that the
+        # caller does not read what is at that path (a run's before) as this run's.
+        print(
+            f"sandgate: no summary for {opts.summary_json}: the gateway service sent none "
+            f"(the task exited {code})",
+            file=sys.stderr,
+        )
+        code = EXIT_SETUP
     if opts.caller is not None:  # the caller's wait ends here, not after the teardown
         opts.caller.exit(code)
     prepared.remove()

@@ -17,18 +17,21 @@ and a weaker sandbox not even in `--summary-json`; the one sign of a weaker sand
 the terminal was a warning printed before the task ran, on the terminal the task then
 owns: it clears the screen and its scrollback, and prints sandgate-like lines of its
 own ("sandgate: sandbox setup failed", exit 125). The table now ends with a `task:` line
-of those facts, and the summary JSON carries `sandbox_weakened`.
+of those facts, and the summary JSON carries `sandbox_weakened`. An attached run whose
+service died for good exited with the task's code and left an earlier run's
+`--summary-json` to be read as its own: it now exits 125 and says so.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 import pytest
 from support import sandbox
 from support.sandbox import python
-from support.service import TWO_PROFILES, attach, running
+from support.service import TWO_PROFILES, attach, attach_argv, running
 
 pytestmark = pytest.mark.e2e
 
@@ -216,3 +219,37 @@ def test_an_attached_task_cannot_reach_the_control_socket(fakenet, tmp_path):
         assert result.summary["limits_hit"] == ["pids"]
         assert len([e for e in result.audit if e["reason"] == "task_limit"]) == 1
         assert last_line(result.stderr) == "  task: exit code 0; limits hit: pids"
+
+
+def test_an_attached_run_without_its_summary_does_not_pass_for_a_finished_one(fakenet, tmp_path):
+    """Found and fixed: when the gateway service died during the task and did not come
+    back, the runner exited with the task's code and left `--summary-json` as it was: a
+    summary of an earlier run at that path (here: no limit, nothing blocked) was read as
+    this run's. Now it says so and exits 125, as an embedded run does when it cannot
+    write the summary."""
+    with running(fakenet, tmp_path, TWO_PROFILES) as service:
+        workdir = sandbox._workdir(tmp_path)
+        earlier = '{"task_id": "00000000", "exit_code": 0, "destinations": []}'
+        (workdir / "summary.json").write_text(earlier)
+        steps = workdir / "steps"
+        script = "touch ready; while [ ! -e stop ]; do sleep 0.05; done; exit 4"
+        runner = subprocess.Popen(
+            attach_argv(service, workdir, ["sh", "-c", script]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert sandbox.eventually((steps / "ready").exists, timeout=20)
+            service.kill()  # SIGKILL, and no restart
+            (steps / "stop").touch()
+            _, stderr = runner.communicate(timeout=30)
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+                runner.wait()
+            sandbox.gc(fakenet)  # what the killed service left of the sandbox
+    assert runner.returncode == 125, stderr
+    assert "sandgate: no summary for" in stderr and "(the task exited 4)" in stderr, stderr
+    assert (workdir / "summary.json").read_text() == earlier  # untouched, and said so
