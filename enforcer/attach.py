@@ -131,6 +131,15 @@ def run_attached(opts: AttachOptions) -> int:
             )
     summary = _detach(client, run_id, code, quiet=opts.quiet)
     if summary is not None:
+        # What this runner measured itself, not the service's copy: an event the service
+        # did not take (a timeout, a restart) must not drop a limit from the summary.
+        for key, values in (
+            ("limits_hit", [hit.limit for hit in hits]),
+            ("sandbox_weakened", [gap.feature for gap in prepared.gaps]),
+        ):
+            summary.pop(key, None)
+            if values:
+                summary[key] = values
         if prepared.self_test:
             held = sum(p["ok"] for p in prepared.self_test)
             summary["self_test"] = {
@@ -142,6 +151,15 @@ def run_attached(opts: AttachOptions) -> int:
             code = EXIT_SETUP
         if not opts.quiet:
             _print_summary(summary, reply)
+    elif opts.summary_json:
+        # As a summary that cannot be written (summary_file.py): exit 125, so that the
+        # caller does not read what is at that path (a run's before) as this run's.
+        print(
+            f"sandgate: no summary for {opts.summary_json}: the gateway service sent none "
+            f"(the task exited {code})",
+            file=sys.stderr,
+        )
+        code = EXIT_SETUP
     if opts.caller is not None:  # the caller's wait ends here, not after the teardown
         opts.caller.exit(code)
     prepared.remove()

@@ -284,9 +284,9 @@ class TaskRun:
             f"nameserver {gateway_ip}\noptions edns0\n"
         )
         self.sandbox = self._prepare_sandbox(inspection)
-        for gap in self.sandbox.gaps:
-            self._emit_weakened(gap)
         self.summary.task_started(self.run_id, opts.profile, str(sandbox_ip), opts.command)
+        for gap in self.sandbox.gaps:  # into the summary, which task_started begins
+            self._emit_weakened(gap)
         self.gateway.emit(self.summary.start_event)
 
     async def _serve_control(self) -> None:
@@ -504,6 +504,7 @@ class TaskRun:
     def _emit_weakened(self, gap: prepare.Gap) -> None:
         """A protection this run goes without (--allow-weaker-sandbox): said and recorded."""
         self._gaps_reported += 1
+        self.summary.task.setdefault("sandbox_weakened", []).append(gap.feature)
         print(f"sandgate: warning: weaker sandbox: no {gap.feature}: {gap.why}", file=sys.stderr)
         self.gateway.emit(task_events.sandbox_weakened(gap.feature, gap.why, **self._task_fields()))
 

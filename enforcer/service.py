@@ -677,6 +677,7 @@ class GatewayService:
             attached.summary.task.setdefault("limits_hit", []).append(name)
             self.data_plane.emit(task_events.task_limit(name, detail, **where))
         elif what == "weakened" and name in task_events.SANDBOX_FEATURES:
+            attached.summary.task.setdefault("sandbox_weakened", []).append(name)
             self.data_plane.emit(task_events.sandbox_weakened(name, detail, **where))
         else:
             return {"ok": False, "error": "event: unknown kind"}

@@ -146,6 +146,7 @@ class TaskSummary:
             "duration",
             "exit_code",
             "limits_hit",
+            "sandbox_weakened",
             "self_test",
         )
         summary.task = {k: data[k] for k in keys if k in data}
@@ -211,6 +212,25 @@ class TaskSummary:
             )
         if self.telemetry.get("metrics"):
             print(f"  metrics: {self.telemetry['metrics']}", file=out)
+        if outcome := task_outcome(self.task):
+            print(f"  task: {outcome}", file=out)
+
+
+def task_outcome(task: dict) -> str:
+    """What sandgate itself established about the task: its exit code, the limits it
+    hit, the protections it ran without. The table's last line, because it is the one
+    line the task cannot have written: sandgate's earlier warnings went to the same
+    terminal before or during the task, which may have erased them (a clear screen
+    and scrollback) or printed look-alikes ("sandgate: ...", exit 125)."""
+    parts = []
+    if task.get("exit_code") is not None:
+        parts.append(f"exit code {task['exit_code']}")
+    if task.get("limits_hit"):
+        parts.append("limits hit: " + ", ".join(map(str, task["limits_hit"])))
+    if task.get("sandbox_weakened"):
+        features = ", ".join(map(str, task["sandbox_weakened"]))
+        parts.append(f"WEAKER SANDBOX (--allow-weaker-sandbox): no {features}")
+    return _printable("; ".join(parts))
 
 
 def _row_dict(key: tuple, n: int) -> dict:
