@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
-from sandgate.proxy.approvals.pending import AskKey, Grant, PendingStore
+from sandgate.proxy.approvals.pending import AskKey, Grant, Pending, PendingStore
 from sandgate.proxy.clienthello import ClientHello, parse_client_hello, starts_like_tls_record
 from sandgate.proxy.dns.placeholders import Placeholders, in_pool
 from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
@@ -163,6 +163,9 @@ class ConnState:
     # connection is a tunnel since, with no more requests to decide, so a reload or
     # a rule's expiry decides this one again (on_tunnel).
     tunnel: CheckedHead | None = None
+    # The approval with an end (`--for`) that let it through: it closes when that ends,
+    # as one a rule's `expires` let through closes then (_grant_ended).
+    grant: Pending | None = None
 
     @property
     def silent(self) -> bool:
@@ -272,6 +275,9 @@ class ConnectionGate:
         # A denial for every new connection while the gateway cannot take one on (its
         # audit log cannot be written: Gateway.guard_audit), else None.
         self.hold_new: Callable[[], Decision | None] = _no_hold
+        # `on_grant(approval)`: a connection now rests on an approval that ends (`--for`);
+        # the gateway closes what it let through at its end (Gateway._watch_grant).
+        self.on_grant: Callable[[Pending], None] | None = None
         # The latest request memo (_RequestMemo) by _memo_key, for the next connection's
         # first request; emptied by revoke_denied (a reload) and when full.
         self._request_memos: dict[tuple, _RequestMemo] = {}
@@ -1023,7 +1029,7 @@ class ConnectionGate:
             if state.phase is Phase.ASKING:
                 return None
             if state.allowed is not None and state.allowed.reason is Reason.APPROVAL_GRANTED:
-                return None
+                return self._grant_ended(state)
         decision = _without_approver(decision)
         if not decision.allowed:
             return decision
@@ -1035,6 +1041,26 @@ class ConnectionGate:
             )
         state.allowed = decision
         return self._tunnel_denial(state)
+
+    def _grant_ended(self, state: ConnState) -> Decision | None:
+        """A connection a human's answer let through stays, unless that answer had an
+        end (`--for`) that has passed: then the denial that closes it."""
+        grant = state.grant
+        if grant is None or grant.until is None or grant.until > self.approvals.clock():
+            return None
+        return Decision(
+            Verdict.DENY,
+            Reason.APPROVAL_EXPIRED,
+            state.allowed.rule,
+            detail=f"approval {grant.id} ({grant.scope}) has ended",
+        )
+
+    def _rests_on(self, state: ConnState, approval: Pending | None) -> None:
+        """`state` was let through by `approval`: one with an end is watched."""
+        if approval is not None and approval.until is not None:
+            state.grant = approval
+            if self.on_grant is not None:
+                self.on_grant(approval)
 
     def _tunnel_denial(self, state: ConnState) -> Decision | None:
         """A WebSocket tunnel lives only while its upgrade request is allowed: that
@@ -1073,7 +1099,11 @@ class ConnectionGate:
             state, decision, protocol, name if request else state.name, method, path
         )
         grant = state.answered = self.approvals.grant_for(key)
-        return _answered(decision, grant) if grant is not None else decision
+        if grant is None:
+            return decision
+        if grant.approved and not request:
+            self._rests_on(state, grant.pending)
+        return _answered(decision, grant)
 
     def _ask_key(self, state, decision, protocol, name, method, path) -> AskKey:
         """The ask's key: a request ask (a rule with methods or paths) includes
@@ -1103,6 +1133,7 @@ class ConnectionGate:
             decision = _answered(state.asking, answer)
             if decision.allowed:
                 state.allowed = decision
+                self._rests_on(state, answer.pending)
                 if state.protocol == "http":
                     outcome = Outcome.HTTP
                 else:

@@ -118,7 +118,9 @@ class Gateway:
         self._audit_hold: Callable[[], Decision | None] = lambda: None
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._expiry_checked = time.time()  # expiries up to here are handled
+        self._grant_timers: dict[str, asyncio.TimerHandle] = {}  # by approval id
         self.gate.hold_new = self._hold_new
+        self.gate.on_grant = self._watch_grant
         self.frontdoor = FrontDoor(
             self.gate,
             self.proxy.serve,
@@ -174,6 +176,9 @@ class Gateway:
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None
+        for timer in self._grant_timers.values():
+            timer.cancel()
+        self._grant_timers.clear()
         await self.approvals.stop()
         await self.frontdoor.stop()
         await self.proxy.stop()
@@ -295,6 +300,26 @@ class Gateway:
             ids = ", ".join(rule.id for rule in expired)
             self._close_revoked(f"the expiry of {ids}", f"{ids} expired: denied now")
         self.watch_expiry()
+
+    # An approval `--for` a while: its connections close when it ends, as a rule's
+    # `expires` closes its own (the grant's end is on the approvals' monotonic clock).
+
+    def _watch_grant(self, approval) -> None:
+        """A timer for the end of `approval` (a Pending with `until`), once per approval."""
+        if approval.id in self._grant_timers:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not serving: nothing open to close
+            return
+        delay = max(0.0, approval.until - self.approvals.clock()) + 0.005
+        self._grant_timers[approval.id] = loop.call_later(delay, self._on_grant_end, approval)
+
+    def _on_grant_end(self, approval) -> None:
+        del self._grant_timers[approval.id]
+        self._close_revoked(
+            f"the end of approval {approval.id}", f"approval {approval.id} has ended: denied now"
+        )
 
     def guard_audit(self, audit) -> None:
         """Refuse new connections (`audit_unavailable`) while `audit` (an AuditLog)

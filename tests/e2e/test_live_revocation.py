@@ -303,3 +303,62 @@ def test_an_inspected_http2_connection_is_closed_when_its_rule_expires(net, tmp_
     assert closed["time"] >= instant, closed
     uris = [e["uri"] for e in net.requests_seen() if e["protocol"] == "HTTP/2.0"]
     assert "/before-expiry" in uris and "/after-expiry" not in uris, net.requests_seen()
+
+
+# A task that holds one TLS connection (pass-through) open and sends a request on it
+# every 0.3 s until the connection ends or `stop` appears in its workspace.
+TICKER = r"""
+import os, socket, ssl, sys
+context = ssl._create_unverified_context()
+raw = socket.create_connection(("allowed.test", 443), timeout=40)
+conn = context.wrap_socket(raw, server_hostname="allowed.test")
+n = 0
+while not os.path.exists("stop"):
+    n += 1
+    try:
+        conn.sendall(f"GET /tick{n} HTTP/1.1\r\nHost: allowed.test\r\n\r\n".encode())
+        if not conn.recv(65536):
+            print("closed", n, flush=True)
+            break
+    except OSError as e:
+        print("ended", n, type(e).__name__, flush=True)
+        break
+    print("ok", n, flush=True)
+    __import__("time").sleep(0.3)
+"""
+
+
+def test_a_connection_an_approval_for_a_while_let_through_ends_with_it(fakenet, tmp_path):
+    """`approve --for 4s` on a held pass-through TLS connection: the connection is
+    closed when the approval ends, as one a rule's `expires` let through is at its
+    instant. Before, it lived on for as long as the task kept it (the grant was only
+    asked by new connections and requests)."""
+    from test_approvals_e2e import Task, _service  # ask allowed.test, held 25 s
+
+    fakenet.clear_logs()
+    service = _service(fakenet, tmp_path, "25s")
+    try:
+        task = Task(service, tmp_path, {"ticks": python(TICKER)})
+        try:
+            asked = task.held()
+            approved = service.ask("approvals", "approve", asked["id"], "--for", "4s")
+            assert approved.returncode == 0, approved.stderr
+            decided = time.monotonic()
+            assert eventually(lambda: _ticks(fakenet), timeout=10), "no request went through"
+            time.sleep(max(0.0, decided + 6.0 - time.monotonic()))  # the grant ended at +4 s
+            after_end = _ticks(fakenet)
+            time.sleep(2.0)
+            assert _ticks(fakenet) == after_end, "requests still went through after the end"
+            (task.steps_dir / "stop").touch()
+        finally:
+            result = task.finish()
+        assert "closed" in result["ticks"].out or "ended" in result["ticks"].out, result.describe()
+        (closed,) = service.events(kind="connection", reason="policy_changed")
+        assert f"the end of approval {asked['id']}" in closed["detail"], closed
+        assert "approval_expired" in closed["detail"], closed
+    finally:
+        service.stop()
+
+
+def _ticks(fakenet) -> int:
+    return sum(r["uri"].startswith("/tick") for r in fakenet.requests_seen())
