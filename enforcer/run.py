@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -288,6 +289,10 @@ class TaskRun:
         for gap in self.sandbox.gaps:  # into the summary, which task_started begins
             self._emit_weakened(gap)
         self.gateway.emit(self.summary.start_event)
+        # On disk before the task runs: a log that cannot be written (a full disk from
+        # the start) then refuses the task's first connection, not only those after the
+        # writer's first failed write (its thread writes every 50 ms).
+        await asyncio.to_thread(functools.partial(self.audit.drain, 2.0, while_writable=True))
 
     async def _serve_control(self) -> None:
         """The run's own control socket, for approvals from a second terminal."""

@@ -249,12 +249,16 @@ class AuditLog:
         if self._idle and len(self._pending) >= self.batch_size:
             self._wake.set()
 
-    def drain(self, timeout: float = 10.0) -> bool:
-        """Wait until everything queued so far is written (or given up); True if so."""
+    def drain(self, timeout: float = 10.0, *, while_writable: bool = False) -> bool:
+        """Wait until everything queued so far is written (or given up); True if so.
+        `while_writable`: give up (False) as soon as a write fails, rather than wait
+        through the writer's retries."""
         deadline = time.monotonic() + timeout
         self._wake.set()
         while self._pending or self._busy:
             if time.monotonic() > deadline or not self._thread.is_alive():
+                return False
+            if while_writable and not self.writable:
                 return False
             time.sleep(0.001)
         return True
