@@ -219,7 +219,9 @@ def test_a_tunnel_of_a_task_whose_runner_was_killed_is_closed_upstream(net, tmp_
             assert eventually(
                 lambda: [e for e in _seen(log) if e.get("frame") == "before"], timeout=15
             ), _seen(log)
-            task_id = service.events(kind="task", reason="rule_allow")[0]["task_id"]
+            # (the audit writer is a thread: the start event may still be on its way)
+            started = eventually(lambda: service.events(kind="task", reason="rule_allow"))
+            task_id = started[0]["task_id"]
             runner.kill()
             killed = time.time()
         finally:
