@@ -194,7 +194,8 @@ class TaskRun:
         self._gaps_reported = 0
         self.control: asyncio.AbstractServer | None = None  # approvals (RUN_DIR/<id>/control.sock)
         self.admin: Admin | None = None  # the approvals page and webhooks
-        self._stop_timer: asyncio.TimerHandle | None = None  # armed by the first signal
+        self._stopping = None  # attach.StopGrace, once the task runs
+        self._stop_timer: asyncio.TimerHandle | None = None  # the grace's end, on the loop
 
     async def run(self) -> int:
         started = time.monotonic()
@@ -397,12 +398,13 @@ class TaskRun:
         metrics server, asyncio's executor); the child touches none of their state:
         it closes every descriptor but the init's, runs init.main and leaves with
         os._exit, and the modules it uses are imported before the fork."""
-        from sandgate.enforcer.attach import ForkedInit
+        from sandgate.enforcer.attach import ForkedInit, StopGrace
 
         sandbox = self.sandbox
         with warnings.catch_warnings():  # Python 3.12+ warns of any fork in a threaded process
             warnings.simplefilter("ignore", DeprecationWarning)
             self.child = ForkedInit(sandbox.spec_path, keep=sandbox.init_fds)
+        self._stopping = StopGrace(self.child, self.opts.stop_grace)
         # The init builds its file view while this joins it to the task's cgroup
         # (the first cgroup write after an idle spell waits out an RCU grace period).
         await asyncio.to_thread(sandbox.join, self.child.pid)
@@ -441,25 +443,17 @@ class TaskRun:
 
     def _forward_signal(self, signum: int) -> None:
         """The first stop signal goes to the task, with `stop_grace` seconds to end;
-        a second one, or the grace's end, kills it (its init: the PID namespace goes)."""
-        if self.child is None or self.child.returncode is not None:
-            return
-        name = signal.Signals(signum).name
-        if self._stop_timer is not None:
-            self._stop_timer.cancel()
-            self._kill_task(f"a second signal ({name})")
-            return
-        self.child.send_signal(signum)
-        self._stop_timer = asyncio.get_running_loop().call_later(
-            self.opts.stop_grace,
-            self._kill_task,
-            f"it did not end within {self.opts.stop_grace:g} s of {name} (--stop-grace)",
-        )
-
-    def _kill_task(self, why: str) -> None:
-        if self.child is not None and self.child.poll() is None:
-            print(f"sandgate: killing the task: {why}", file=sys.stderr)
-            self.child.send_signal(signal.SIGKILL)
+        a second one, or the grace's end, kills it (its init: the PID namespace goes).
+        As an attached run (attach.StopGrace), the grace's end a timer of the loop."""
+        stopping = self._stopping
+        stopping.signal(signum)
+        if stopping.deadline is not None and self._stop_timer is None:
+            # (a hair past the deadline: the loop may run a timer up to its clock's
+            # resolution early, and `check` kills only from the deadline on)
+            self._stop_timer = asyncio.get_running_loop().call_later(
+                stopping.left(time.monotonic()) + 0.01,
+                lambda: stopping.check(time.monotonic()),
+            )
 
     async def _teardown(self, duration: float) -> None:
         if self.child is not None and self.child.poll() is None:

@@ -75,9 +75,8 @@ from sandgate.proxy.telemetry.summary import TaskSummary
 
 log = logging.getLogger("sandgate.gateway")
 
-GUARD_TABLE_PREFIX = (
-    "sandgatesvc_"  # not TABLE_PREFIX: `sandgate gc` must never take it for a run's
-)
+# Not TABLE_PREFIX: `sandgate gc` must never take a guard table for a run's.
+GUARD_TABLE_PREFIX = "sandgatesvc_"
 STATE_FILE = "service.json"
 SERVICE_AUDIT_LOG = AUDIT_DIR / "gateway.jsonl"
 CONTROL_GROUP = "sandgate"
@@ -849,7 +848,7 @@ class GatewayService:
         for signum, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 1.0)):
             for attached in list(self.sandboxes.values()):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    if attached.runner_pid > 1 and _runner_alive(attached):  # not a reused pid
+                    if _runner_alive(attached):  # not a pid reused by another process
                         os.kill(attached.runner_pid, signum)
             end = time.monotonic() + wait
             while self.sandboxes and time.monotonic() < end:

@@ -695,15 +695,15 @@ class ConnectionGate:
         None if the approval stands (the policy still asks, or allows), else the
         denial (policy_changed) for `on_request_answer`. The adapter asks before it
         resolves a placeholder's name, so a name denied meanwhile is not resolved."""
-        decision, _, _ = self._decide_request_anew(state, checked)
-        if decision.verdict is Verdict.ASK or decision.allowed:
+        denial = self._request_denial_now(state, checked)
+        if denial is None:
             return None
         return Decision(
             Verdict.DENY,
             Reason.POLICY_CHANGED,
-            decision.rule,
+            denial.rule,
             detail=f"approved, but a policy reload while it was held denies it "
-            f"({decision.reason}): {decision.detail}",
+            f"({denial.reason}): {denial.detail}",
         )
 
     def _settle_request(
@@ -1065,11 +1065,15 @@ class ConnectionGate:
     def _tunnel_denial(self, state: ConnState) -> Decision | None:
         """A WebSocket tunnel lives only while its upgrade request is allowed: that
         request decided again, None if it still is, else the denial."""
-        if state.tunnel is None:
-            return None
-        decision, _, _ = self._decide_request_anew(state, state.tunnel)
+        return None if state.tunnel is None else self._request_denial_now(state, state.tunnel)
+
+    def _request_denial_now(self, state: ConnState, checked: CheckedHead) -> Decision | None:
+        """A request a human answered or the policy allowed, decided again under the
+        current policy: None while it still asks (the human's answer stands) or allows,
+        else the denial."""
+        decision, _, _ = self._decide_request_anew(state, checked)
         if decision.verdict is Verdict.ASK and self.approvals is not None:
-            return None  # a human answered it (the upgrade went through): that stands
+            return None
         decision = _without_approver(decision)
         return None if decision.allowed else decision
 

@@ -32,14 +32,27 @@ def register(sub) -> None:
 
 def ask(path: Path, cmd: str, **args) -> dict:
     """One request to the service; a SetupError (exit 125) when none answers or it refuses."""
+    reply = _exchange(path, cmd, **args)
+    if not reply.get("ok"):
+        raise SetupError(reply.get("error") or "the gateway service refused the request")
+    return reply
+
+
+def _exchange(path: Path, cmd: str, **args) -> dict:
+    """One request to the service and its reply, a refusal too; a SetupError when
+    none answers."""
     try:
         client = ControlClient.connect(path)
         try:
-            return client.request(cmd, **args)
+            client.send(cmd, **args)
+            reply = client.receive()
         finally:
             client.close()
     except ControlError as e:
         raise SetupError(str(e)) from None
+    if reply is None:
+        raise SetupError(f"the gateway service at {path} closed the connection")
+    return reply
 
 
 def cmd_query(args) -> int:
@@ -74,17 +87,7 @@ def cmd_reload(args) -> int:
     """As the other queries, but a reload refused for its rule files (FILE:LINE:COL on
     stderr) is a UsageError (exit 2), as `sandgate rules lint` and `sandgate run` do on the same file; a
     service that cannot apply good rules (a worker that did not take them) stays 125."""
-    try:
-        client = ControlClient.connect(args.control)
-        try:
-            client.send("reload")
-            reply = client.receive()
-        finally:
-            client.close()
-    except ControlError as e:
-        raise SetupError(str(e)) from None
-    if reply is None:
-        raise SetupError(f"the gateway service at {args.control} closed the connection")
+    reply = _exchange(args.control, "reload")
     if args.json:
         print(json.dumps(reply, indent=2))
     if reply.get("ok"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import pwd
-import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,26 +281,21 @@ def read_for_task(option: str, path: Path, writable: list[Path]) -> bytes:
     the task may not, whose content would reach the task's environment or CA bundle),
     or when it is not a regular file (a FIFO would block the run). Read once, through
     the descriptor that was checked: a link swapped in after the check is not followed."""
-    try:
-        visits = _visits_writable(path, writable)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise SandboxError(f"{option} {path}: {e.strerror}") from None
-    try:
+    from sandgate.proxy.policy.load import read_regular_file
+
+    def lies_within_reach(fd: int) -> None:
         real = Path(os.readlink(f"/proc/self/fd/{fd}"))
         if visits and not any(_under(real, root) for root in writable):
             raise SandboxError(
                 f"{option} {path}: a link from {visits}, which the task can write, to "
                 f"{real}; give the file's own path"
             )
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SandboxError(f"{option} {path}: not a regular file")
-        with open(fd, "rb", closefd=False) as file:
-            return file.read()
+
+    try:
+        visits = _visits_writable(path, writable)
+        return read_regular_file(path, opened=lies_within_reach)
     except OSError as e:
         raise SandboxError(f"{option} {path}: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
 
 
 def _visits_writable(path: Path, writable: list[Path]) -> Path | None:

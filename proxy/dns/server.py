@@ -60,7 +60,7 @@ log = logging.getLogger("sandgate.dns")
 SandboxFor = Callable[[str], "tuple[str, str, str | None] | None"]
 """`sandbox_for(source_ip) -> (sandbox_id, profile, task_id)`, or None for a stranger.
 The task is the asker: a sandbox address outlives its task and may become another's
-while an upstream answer is awaited (`DnsFilter._still_asking`)."""
+while an upstream answer is awaited (`DnsFilter._bind`)."""
 
 
 class DnsFilter:

@@ -35,6 +35,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -916,11 +917,15 @@ def _resolve(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
-def read_regular_file(path: Path) -> bytes:
+def read_regular_file(path: Path, opened: Callable[[int], None] | None = None) -> bytes:
     """The bytes of a regular file. A FIFO or a device would block or never end: it
-    is refused after opening without blocking, checked on the opened file (no race)."""
+    is refused after opening without blocking, checked on the opened file (no race).
+    `opened(fd)`: a check of the opened file of the caller's own, before anything
+    is read (it raises to refuse)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with open(fd, "rb") as file:
+        if opened is not None:
+            opened(fd)
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(21, "Is a directory")

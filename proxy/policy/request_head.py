@@ -44,7 +44,7 @@ MAX_HEAD_BYTES = 64 * 1024
 
 # RFC 9110 5.6.2: token = 1*tchar
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_LOWER = re.compile(rb"[a-z]")
+_UPPER_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Z-]+")  # a method: one match per request
 # Control bytes other than HTAB (RFC 9110 5.5: a field value is VCHAR, SP, HTAB, obs-text).
 _FIELD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Path bytes forwarded as they are: visible ASCII apart from the ones refused below.
@@ -99,9 +99,9 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
             detail=f"{len(fields)} header fields, {size} bytes; "
             f"at most {MAX_FIELDS} fields and {MAX_HEAD_BYTES} bytes",
         )
-    if not _TOKEN.fullmatch(head.method) or len(head.method) > 32:
-        return _malformed(f"method {head.text(head.method, 40)!r} is not an HTTP token")
-    if _LOWER.search(head.method):
+    if not _UPPER_TOKEN.fullmatch(head.method) or len(head.method) > 32:
+        if len(head.method) > 32 or not _TOKEN.fullmatch(head.method):
+            return _malformed(f"method {head.text(head.method, 40)!r} is not an HTTP token")
         # Rules match methods upper-cased, but methods are case-sensitive (RFC 9110
         # 9.1): `get` is GET to a lenient server and some other method to a strict one,
         # so a `methods: [GET]` rule would let through a method it never named.
