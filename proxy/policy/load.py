@@ -236,6 +236,9 @@ class _Loader:
     # --- files ------------------------------------------------------------------------
 
     def read(self, path: Path, referrer: tuple[_Source, yaml.Node] | None = None) -> _Source | None:
+        # Watched by the name it was given too: a symlink swapped to another file
+        # (`ln -sfn`) changes that name's target, not the old target's stamp.
+        self.tried[Path(os.path.abspath(path))] = None
         path = _resolve(path)
         if path in self.sources:
             return self.sources[path]
@@ -582,6 +585,7 @@ class _Loader:
     ) -> list[Rule]:
         """The rules of a preset or included file (recursively), cycle-checked."""
         if "/" in name or name.endswith((".yaml", ".yml")):
+            self.tried[Path(os.path.abspath(source.path.parent / name))] = None  # see read
             path = _resolve(source.path.parent / name)
         else:
             path = _resolve(PRESETS_DIR / f"{name}.yaml")
@@ -818,7 +822,9 @@ def _load(
     if loader.problems:
         raise PolicyError(loader.problems, tuple(loader.tried))
     if overlay is not None:
-        loader.tried[_resolve(overlay)] = None  # watched: its creation is a change too
+        # Watched (by both names, see read): its creation is a change too.
+        loader.tried[Path(os.path.abspath(overlay))] = None
+        loader.tried[_resolve(overlay)] = None
     digest = hashlib.sha256()
     # What was parsed (not a second read that may differ), by stable name: the same
     # files give the same hash from any working directory.

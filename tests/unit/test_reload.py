@@ -511,3 +511,34 @@ def test_the_watcher_follows_a_symlinked_rule_file_whose_target_is_swapped(tmp_p
     run(scenario())
     assert not gateway.dns.decide_name("default", "www.allowed.test").allowed
     assert gateway.dns.decide_name("default", "evil.allowed.test").allowed
+
+
+def test_the_watcher_follows_a_symlinked_include_whose_target_is_swapped(tmp_path):
+    """The same deploy for an included file: the loader reads the link's target, so the
+    watcher must look at the include's own name too."""
+    team = "version: 1\nrules:\n" + WILDCARD_RULES.split("rules:\n", 1)[1]
+    v1, v2, link = tmp_path / "team-v1.yaml", tmp_path / "team-v2.yaml", tmp_path / "team.yaml"
+    v1.write_text(team)
+    v2.write_text(team.replace("deny: evil.allowed.test", "deny: www.allowed.test"))
+    link.symlink_to(v1.name)
+    gateway, path, events = make_gateway(
+        tmp_path, "version: 1\nprofiles:\n  default:\n    include: [team.yaml]\n"
+    )
+    old = time.time() - 60
+    for file in (v1, v2, path):
+        os.utime(file, (old, old))
+    reloader = PolicyReloader([path], gateway, settle=0.05)
+    assert gateway.dns.decide_name("default", "www.allowed.test").allowed
+
+    async def scenario():
+        watcher = asyncio.create_task(reloader.watch(interval=0.02))
+        await asyncio.sleep(0.1)
+        swapped = tmp_path / "swapped"
+        swapped.symlink_to(v2.name)
+        os.replace(swapped, link)
+        await until(lambda: events.of("policy_loaded"))
+        watcher.cancel()
+
+    run(scenario())
+    assert not gateway.dns.decide_name("default", "www.allowed.test").allowed
+    assert gateway.dns.decide_name("default", "evil.allowed.test").allowed
