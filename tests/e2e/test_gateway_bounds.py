@@ -15,7 +15,7 @@ import subprocess
 import pytest
 from support import sandbox
 from support.sandbox import SYSTEM_BUNDLE_ONLY, curl, eventually, python
-from support.servers import script_server
+from support.servers import resolver_server, script_server
 from support.service import GatewayProcess, attach, attach_argv
 
 pytestmark = pytest.mark.e2e
@@ -334,14 +334,6 @@ def test_a_hostile_dns_message_does_not_stall_another_connection(net, tmp_path):
 # a length prefix announcing 64 KiB (the body only if the gateway waits for it);
 # `fine.test` normally. Logs what it answered and whether the gateway hung up.
 HOSTILE_RESOLVER = r"""
-import socket, struct, sys, threading
-ip, log = sys.argv[1], open(sys.argv[2], "a", buffering=1)
-
-def name_of(q):
-    labels, o = [], 12
-    while q[o]:
-        labels.append(q[o + 1 : o + 1 + q[o]].decode().lower()); o += 1 + q[o]
-    return ".".join(labels), o + 5
 
 def answer(q, count, tc=False):
     name, end = name_of(q)
@@ -385,23 +377,8 @@ HOSTILE_RESOLVER_IP = "203.0.113.153"
 @pytest.fixture
 def hostile_resolver(net, tmp_path):
     """HOSTILE_RESOLVER on its own address in the fake internet; yields its log lines."""
-    log = tmp_path / "resolver.log"
-    log.touch()
-    net.run_in_internet(["ip", "addr", "add", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"], check=True)
-    argv = ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-I", "-S", "-c"]
-    proc = subprocess.Popen(
-        [*argv, HOSTILE_RESOLVER, HOSTILE_RESOLVER_IP, str(log)],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        yield lambda: log.read_text().splitlines()
-    finally:
-        proc.kill()
-        proc.wait()
-        net.run_in_internet(["ip", "addr", "del", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"])
+    with resolver_server(net, HOSTILE_RESOLVER, HOSTILE_RESOLVER_IP, tmp_path / "r.log") as lines:
+        yield lines
 
 
 def test_an_oversized_upstream_dns_answer_is_servfail_never_a_partial_allow(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 from support import sandbox
 from support.sandbox import curl, dig, eventually, python
-from support.servers import script_server
+from support.servers import resolver_server, script_server
 
 pytestmark = pytest.mark.e2e
 
@@ -43,14 +43,6 @@ def assert_no_traceback(r) -> None:
 #   anything else: A ALLOWED_IP.
 # Logs "NAME" for every query it gets.
 HOSTILE_RESOLVER = r"""
-import socket, struct, sys, threading
-ip, log = sys.argv[1], open(sys.argv[2], "a", buffering=1)
-
-def name_of(q):
-    labels, o = [], 12
-    while q[o]:
-        labels.append(q[o + 1 : o + 1 + q[o]].decode().lower()); o += 1 + q[o]
-    return ".".join(labels), o + 5
 
 def wire(name):
     return b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
@@ -122,14 +114,8 @@ print(int((time.monotonic() - started) * 1000), data[3] & 0x0F)
 @pytest.fixture
 def hostile_resolver(net, tmp_path):
     """HOSTILE_RESOLVER on an address of its own in the fake internet; yields its log."""
-    log = tmp_path / "resolver.log"
-    log.touch()
-    net.run_in_internet(["ip", "addr", "add", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"], check=True)
-    try:
-        with script_server(net, HOSTILE_RESOLVER, HOSTILE_RESOLVER_IP, str(log)):
-            yield lambda: log.read_text().splitlines()
-    finally:
-        net.run_in_internet(["ip", "addr", "del", f"{HOSTILE_RESOLVER_IP}/32", "dev", "lo"])
+    with resolver_server(net, HOSTILE_RESOLVER, HOSTILE_RESOLVER_IP, tmp_path / "r.log") as lines:
+        yield lines
 
 
 def test_a_hostile_resolver_binds_no_other_name_and_stalls_no_other_query(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from support import sandbox
@@ -107,3 +107,31 @@ def script_server(net, script: str, *args: str) -> Iterator[subprocess.Popen]:
     finally:
         proc.kill()
         proc.wait()
+
+
+# The start of a resolver script for the fake internet (resolver_server): its address
+# and log from argv, and the question's name and where the question ends in a query.
+RESOLVER_PRELUDE = r"""
+import socket, struct, sys, threading
+ip, log = sys.argv[1], open(sys.argv[2], "a", buffering=1)
+
+def name_of(q):
+    labels, o = [], 12
+    while q[o]:
+        labels.append(q[o + 1 : o + 1 + q[o]].decode().lower()); o += 1 + q[o]
+    return ".".join(labels), o + 5
+"""
+
+
+@contextlib.contextmanager
+def resolver_server(net, script: str, ip: str, log: Path) -> Iterator[Callable[[], list[str]]]:
+    """RESOLVER_PRELUDE + `script` (it prints "ready" once it listens) on `ip`, an
+    address of its own in the fake internet, logging to `log`; yields a reader of the
+    log's lines. The address is removed when the block ends."""
+    log.touch()
+    net.run_in_internet(["ip", "addr", "add", f"{ip}/32", "dev", "lo"], check=True)
+    try:
+        with script_server(net, RESOLVER_PRELUDE + script, ip, str(log)):
+            yield lambda: log.read_text().splitlines()
+    finally:
+        net.run_in_internet(["ip", "addr", "del", f"{ip}/32", "dev", "lo"])
