@@ -2,7 +2,7 @@
 1 and 2 workers, in one run (issue 11, "Every core").
 
     .venv/bin/python bench/bench_workers.py [--sandboxes 4] [--seconds 5] [--rounds 3]
-                                            [--workers 1,2[,2pin][,squid1,squid2][,loop]]
+                                            [--workers 1,2[,2pin][,1o,2o][,squid1,squid2][,loop]]
                                             [--phase tls_rate|http_rate] [--pace N]
 
 Needs root. Runs in the fake internet (enforcer/demo/fakenet.py: its own namespaces,
@@ -27,6 +27,8 @@ Control runs (issue 11's "where the physical limit is"), as more --workers entri
   whole process tree's. Squid's 2 / 1 beside sandgate's says how much of the
   growth is the machine's (any event loop split over two processes at half load)
   and how much sandgate's own;
+- `1o`, `2o`: 1 and 2 workers with the clients back under SCHED_OTHER (`chrt -o 0`
+  in the sandbox): what the task's SCHED_BATCH (sandbox/init.py) gives the gateway;
 - `loop`: a 1-worker round in which, with the clients running, the same pure-Python
   busy loop (fixed work) runs alone, then as two copies at once, several times:
   the CPU per unit of work of one vs two is the machine's tax for two busy
@@ -334,6 +336,9 @@ def one_round(fn, work: Path, label: str, args, index: int = 0) -> dict:
         service = Service(fn, work, workers, env)
     try:
         argv = service.client_argvs(args)
+        if label.endswith("o"):  # the task back to SCHED_OTHER (sandbox/init.py)
+            argv = [[*a[: a.index("--") + 1], "/usr/bin/chrt", "-o", "0", *a[a.index("--") + 1 :]]
+                    for a in argv]  # fmt: skip
         pids = service.pids()
         procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for a in argv]  # fmt: skip
@@ -457,8 +462,10 @@ def main() -> int:
     from sandgate.enforcer.demo.fakenet import FakeInternet, fresh_prefix
 
     counts = args.workers.split(",")
-    if any(not (c.isdigit() or c in ("2pin", "loop", "squid1", "squid2")) for c in counts):
-        parser.error("--workers: numbers, 2pin, squid1, squid2 or loop, comma-separated")
+    if any(
+        not (c.isdigit() or c in ("2pin", "loop", "squid1", "squid2", "1o", "2o")) for c in counts
+    ):
+        parser.error("--workers: numbers, 2pin, 1o, 2o, squid1, squid2 or loop, comma-separated")
     prefix = fresh_prefix("sgw")
     work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     os.environ["SANDGATE_RUN_DIR"] = str(work / "run")
@@ -501,7 +508,14 @@ def main() -> int:
         system = statistics.median(r["system_us_per_connection"] or 0 for r in rows[n])
         print(f"{n:>8} {rate:>10.0f} {cpu:>12.0f} {service:>14.0f} {system:>10.0f} "
               f"{wakeups:>13.2f} {errors:>7}")  # fmt: skip
-    for n, one in (("2", "1"), ("2pin", "1"), ("squid2", "squid1")):
+    for n, one in (
+        ("2", "1"),
+        ("2pin", "1"),
+        ("squid2", "squid1"),
+        ("2o", "1o"),
+        ("1", "1o"),
+        ("2", "2o"),
+    ):
         base = medians.get(one)
         if base and base[0] and base[1] and n in medians:
             print(f"ratio {n}/{one}: connections/s {medians[n][0] / base[0]:.2f}x, "

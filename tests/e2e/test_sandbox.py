@@ -119,6 +119,7 @@ def test_the_task_holds_no_privilege_on_the_host(net, tmp_path):
             "ip_link": "ip link set lo mtu 1400",
             "chown_host_file": "chown 0 /etc/hostname",
             "processes": "ps -e -o pid= | wc -l",
+            "scheduling": "chrt -p $$",
         },
     )
     base, count = r["uid_map"].out.split()[1:3]
@@ -137,6 +138,8 @@ def test_the_task_holds_no_privilege_on_the_host(net, tmp_path):
         assert r[label].rc != 0, f"{label}: {r.describe()}"
     assert r["keyctl"].out.split() == ["-1", "1"]  # EPERM from the seccomp filter
     assert int(r["processes"].out) <= 5  # its own PID namespace: init, sh, ps (and wc)
+    # batch work: its wake-ups do not preempt the gateway (sandbox/init.py)
+    assert "policy: SCHED_BATCH" in r["scheduling"].out, r.describe()
     assert not (r.steps_dir / "hostname").exists()
 
 
