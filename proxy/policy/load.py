@@ -584,6 +584,9 @@ class _Loader:
         self, source: _Source, node: yaml.Node, name: str, stack: tuple[Path, ...]
     ) -> list[Rule]:
         """The rules of a preset or included file (recursively), cycle-checked."""
+        if "\0" in name:  # no file has such a name; the path calls would raise
+            self.problem(source, node, f"no such file or preset {name!r}: a NUL character")
+            return []
         if "/" in name or name.endswith((".yaml", ".yml")):
             self.tried[Path(os.path.abspath(source.path.parent / name))] = None  # see read
             path = _resolve(source.path.parent / name)

@@ -257,3 +257,15 @@ def test_a_rule_file_that_is_not_a_regular_file_is_a_problem(tmp_path, kind, inc
     assert problem.message.startswith("cannot read rule file ")
     assert problem.message.endswith(UNREADABLE[kind])
     assert problem.line == (4 if included else 1)
+
+
+@pytest.mark.parametrize("name", ["a\\0b.yaml", "preset\\0"])
+def test_an_include_with_a_nul_character_is_a_problem(tmp_path, name):
+    """Not a ValueError from the path calls (hypothesis found it): FILE:LINE:COL."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(f'version: 1\nprofiles:\n  default:\n    include: ["{name}"]\n')
+    with pytest.raises(PolicyError) as error:
+        load_policy(path)
+    [problem] = error.value.problems
+    assert (problem.line, problem.column) == (4, 15)
+    assert "a NUL character" in problem.message
