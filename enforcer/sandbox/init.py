@@ -311,11 +311,7 @@ def mount_cgroups(own_cgroups: str, name: str | None) -> None:
     other task's cgroup is in view. Not the caller's other hierarchies: their root would
     be the caller's cgroup, with other runs below it. cgroup v2 alone: on /sys/fs/cgroup
     itself; v1 or hybrid: each hierarchy in a directory named by its controllers."""
-    hierarchies = [
-        controllers
-        for _, controllers, path in (line.split(":", 2) for line in own_cgroups.splitlines())
-        if name and path.rsplit("/", 1)[-1] == name
-    ]
+    hierarchies = own_hierarchies(own_cgroups, name)
     top = "/sys/fs/cgroup"
     if hierarchies == [""]:
         mounts.mount("cgroup2", top, "cgroup2", mounts.READ_ONLY)
@@ -329,6 +325,18 @@ def mount_cgroups(own_cgroups: str, name: str | None) -> None:
             for controller in controllers.split(",") if "," in controllers else ():
                 os.symlink(controllers, f"{top}/{controller}")  # cpu -> cpu,cpuacct
         mounts.set_attr(top, mounts.LOCKED_DOWN | mounts.MOUNT_ATTR_NOEXEC, recursive=False)
+
+
+def own_hierarchies(own_cgroups: str, name: str | None) -> list[str]:
+    """The hierarchies of a /proc/<pid>/cgroup text in which the process is in a cgroup
+    named `name`, each as its controllers ("memory", "cpu,cpuacct"; "" for cgroup v2):
+    what mounts it again."""
+    lines = (line.split(":", 2) for line in own_cgroups.splitlines())
+    return [
+        controllers
+        for controllers, path in ((parts[1], parts[2]) for parts in lines if len(parts) == 3)
+        if name and path.rsplit("/", 1)[-1] == name
+    ]
 
 
 def _ensure_mountpoint(target: str, tree_fd: int) -> None:
