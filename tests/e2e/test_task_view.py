@@ -22,7 +22,7 @@ import json
 import secrets
 
 import pytest
-from sandgate.enforcer.sandbox import cgroup
+from sandgate.enforcer.sandbox import cgroup, init
 from support import sandbox
 from support.sandbox import dig, eventually, python
 
@@ -94,6 +94,10 @@ LOOK_FOR_MARKERS = """
         except OSError:
             return "denied"
     masked = {p: shown(p) for p in sys.argv[1:] if p.startswith("/")}
+    for m in markers:  # B's abstract socket: another network namespace's
+        with socket.socket(socket.AF_UNIX) as s:
+            if s.connect_ex(b"\\0" + m) == 0:
+                found.append(f"abstract socket @{m.decode()} reached")
     def ifindex(name):
         with open(f"/sys/class/net/{name}/ifindex") as f:
             return int(f.read())
@@ -106,7 +110,7 @@ LOOK_FOR_MARKERS = """
 
 # A's own view: its cgroup, its memory limit where tools look for it, CPU and memory.
 OWN_VIEW = """
-    import json, os, subprocess
+    import json, os, subprocess, sys
     def read(path):
         try:
             with open(path) as f:
@@ -116,13 +120,9 @@ OWN_VIEW = """
     limit = read("/sys/fs/cgroup/memory.max")
     if limit.startswith("error"):
         limit = read("/sys/fs/cgroup/memory/memory.limit_in_bytes")
-    writable = []
-    for path in ("/proc/sys/kernel/hostname", "/proc/sysrq-trigger", "/sys/kernel/mm"):
-        try:
-            os.open(path, os.O_WRONLY).close()
-            writable.append(path)
-        except OSError:
-            pass
+    # Docker's ReadonlyPaths (argv): on a read-only mount, not only refused by owner.
+    read_write = [p for p in sys.argv[1:]
+                  if os.path.exists(p) and not os.statvfs(p).f_flag & os.ST_RDONLY]
     print(json.dumps({
         "cgroup": read("/proc/self/cgroup"),
         "memory_limit": limit,
@@ -130,26 +130,12 @@ OWN_VIEW = """
         "nproc": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
         "free": subprocess.run(["free", "-b"], capture_output=True, text=True).stdout,
         "net_dev": read("/proc/self/net/dev"),
-        "writable": writable,
+        "read_write": read_write,
     }))
 """
 
-# docker's MaskedPaths (moby oci/defaults.go, plus /proc/interrupts as in `docker
-# inspect` of current releases) and what the sandbox makes read-only like its ReadonlyPaths.
-DOCKER_MASKED = (
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/interrupts",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/sched_debug",
-    "/proc/scsi",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/sys/devices/virtual/powercap",
-    "/sys/firmware",
-)
+# Docker's MaskedPaths as the sandbox lists them (its ReadonlyPaths: `read_write` above).
+DOCKER_MASKED = init.PROC_MASKED + init.SYS_MASKED
 
 
 def _marker() -> str:
@@ -176,7 +162,10 @@ def _start_b(net, tmp_path, marker: str) -> tuple[sandbox.Started, str]:
 
 
 def _look(net, tmp_path, markers: list[str]) -> sandbox.RunResult:
-    steps = {"look": python(LOOK_FOR_MARKERS, *markers, *DOCKER_MASKED), "own": python(OWN_VIEW)}
+    steps = {
+        "look": python(LOOK_FOR_MARKERS, *markers, *DOCKER_MASKED),
+        "own": python(OWN_VIEW, *init.PROC_READ_ONLY),
+    }
     a = sandbox.start(
         net, tmp_path, steps=steps, extra=("--memory", str(A_MEMORY)), host_mounts=True
     )
@@ -197,12 +186,14 @@ def test_a_task_sees_nothing_of_another_task_and_its_own_view_works(net, tmp_pat
         b_result = b.finish()
     assert b_result.returncode == 0, b_result.describe()
     assert b_result["hold"].rc == 0, b_result.describe()
+    assert b_result.events(kind="dns", name=f"{marker}.allowed.test"), b_result.describe()
 
     look = json.loads(a["look"].out)
     assert look["found"] == [], "\n".join(look["found"])
     # sysfs shows its own network devices (as netlink does), no host veth (sgh-...).
     assert look["sysfs"] == look["netlink"]
     assert sorted(name for _, name in look["sysfs"]) == ["eth0", "lo"]
+    assert {"/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"} <= set(DOCKER_MASKED)
     exposed = {path: shown for path, shown in look["masked"].items() if shown == "content"}
     assert exposed == {}
 
@@ -213,7 +204,7 @@ def test_a_task_sees_nothing_of_another_task_and_its_own_view_works(net, tmp_pat
     assert own["cpu_count"] >= 1 and own["nproc"] == str(own["cpu_count"])
     assert own["free"].splitlines()[1].split()[1].isdigit(), own["free"]
     assert "eth0:" in own["net_dev"] and "sgh-" not in own["net_dev"]
-    assert own["writable"] == []
+    assert own["read_write"] == []
 
 
 def test_an_ended_task_leaves_nothing_for_the_next(net, tmp_path):
