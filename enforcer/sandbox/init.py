@@ -81,6 +81,24 @@ RELAYED_SIGNALS = (
     signal.SIGUSR2,
 )
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# Docker's MaskedPaths and ReadonlyPaths (moby oci/defaults.go, and /proc/interrupts
+# and /sys/devices/virtual/powercap of its current releases): the kernel's key list,
+# timers and scheduler state name other tasks' processes, the interrupt and RAPL energy
+# counters are side channels, /proc/sys and the others are the host's knobs.
+PROC_MASKED = (
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+)
+PROC_READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+SYS_MASKED = ("/sys/firmware", "/sys/devices/virtual/powercap")
 EXIT_SETUP_FAILED = 125  # like `env`/`unshare`: the sandbox could not be set up
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -251,8 +269,10 @@ def build_view(spec: dict, report: Report) -> None:
 
     mounts.set_attr("/", mounts.LOCKED_DOWN, recursive=True)
 
+    mount_sys()
     for path in spec["tmpfs"]:
         os.makedirs(path, exist_ok=True)  # only ever below another tmpfs of ours
+        mounts.detach_tree(path)  # the host's /run/netns/sg-<id> of every other sandbox
         sticky = path in ("/tmp", "/var/tmp")
         mounts.tmpfs(
             path,
@@ -269,15 +289,54 @@ def build_view(spec: dict, report: Report) -> None:
         _ensure_mountpoint(target, fd)
         mounts.attach(fd, target)
     for path in spec["hide"]:
-        if os.path.isdir(path):
-            mounts.tmpfs(
-                path,
-                mode=0o000,
-                flags=mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
-            )
-        elif os.path.exists(path):
-            mounts.mount("/dev/null", path, None, mounts.MS_BIND)
-            mounts.set_attr(path, mounts.LOCKED_DOWN, recursive=False)
+        mounts.mask(path)
+
+
+def mount_sys() -> None:
+    """A fresh sysfs, read-only: the sandbox's network namespace's, so /sys/class/net
+    lists its own interfaces and not the host's (the veth of every other sandbox);
+    without the host's cgroup, debugfs and tracefs mounts below it (the task's own
+    cgroups come back in mount_cgroups); Docker's masked sysfs paths masked."""
+    mounts.detach_tree("/sys")
+    mounts.mount("sysfs", "/sys", "sysfs", mounts.READ_ONLY)
+    for path in SYS_MASKED:
+        mounts.mask(path)
+
+
+def mount_cgroups(own_cgroups: str, name: str | None) -> None:
+    """/sys/fs/cgroup with the task's own cgroup as the root of each hierarchy it has
+    one in (`own_cgroups`: /proc/self/cgroup read before the cgroup namespace; `name`:
+    the task cgroup's), mounted again from inside the namespace, read-only: tools that
+    size themselves by their limits (a JVM, Go, Node) find them where they look, and no
+    other task's cgroup is in view. Not the caller's other hierarchies: their root would
+    be the caller's cgroup, with other runs below it. cgroup v2 alone: on /sys/fs/cgroup
+    itself; v1 or hybrid: each hierarchy in a directory named by its controllers."""
+    hierarchies = own_hierarchies(own_cgroups, name)
+    top = "/sys/fs/cgroup"
+    if hierarchies == [""]:
+        mounts.mount("cgroup2", top, "cgroup2", mounts.READ_ONLY)
+    elif hierarchies:
+        mounts.tmpfs(top, mode=0o755, flags=mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+        for controllers in hierarchies:
+            where = f"{top}/{controllers or 'unified'}"
+            os.mkdir(where)
+            fstype = "cgroup" if controllers else "cgroup2"
+            mounts.mount(fstype, where, fstype, mounts.READ_ONLY, controllers or None)
+            for controller in controllers.split(",") if "," in controllers else ():
+                os.symlink(controllers, f"{top}/{controller}")  # cpu -> cpu,cpuacct
+        mounts.set_attr(top, mounts.LOCKED_DOWN | mounts.MOUNT_ATTR_NOEXEC, recursive=False)
+
+
+def own_hierarchies(own_cgroups: str, name: str | None) -> list[str]:
+    """The hierarchies of a /proc/<pid>/cgroup text in which the process is in a cgroup
+    named `name`, each as its controllers ("memory", "cpu,cpuacct"; "" for cgroup v2):
+    what mounts it again."""
+    lines = (line.split(":", 2) for line in own_cgroups.splitlines())
+    return [
+        controllers
+        for controllers, path in ((parts[1], parts[2]) for parts in lines if len(parts) == 3)
+        if name and path.rsplit("/", 1)[-1] == name
+    ]
 
 
 def _ensure_mountpoint(target: str, tree_fd: int) -> None:
@@ -294,6 +353,7 @@ def _ensure_mountpoint(target: str, tree_fd: int) -> None:
 def build_dev(devices: dict[str, int]) -> None:
     """A minimal /dev: the harmless character devices, a private devpts, /dev/shm,
     and the fd links; no disks, no raw memory, no kernel message buffer."""
+    mounts.detach_tree("/dev")
     mounts.tmpfs("/dev", mode=0o755, flags=mounts.MS_NOSUID | mounts.MS_NOEXEC)
     for name, fd in devices.items():
         open(f"/dev/{name}", "w").close()
@@ -393,7 +453,12 @@ def run_init(
     With a `terminal` in the spec: a session and a pty of the sandbox's own first
     (sandbox/terminal.py), whose foreground job the task is."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    mounts.detach_tree("/proc")  # the host's, and what is mounted below it
     mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
+    for path in PROC_MASKED:
+        mounts.mask(path)
+    for path in PROC_READ_ONLY:
+        mounts.make_read_only(path)
     pty = None
     if spec.get("terminal"):
         pty = terminal.Terminal(spec["terminal"])
@@ -470,7 +535,10 @@ def main(args: list[str] | None = None) -> int:
         if joined_fd is not None:
             wait_joined(joined_fd)
         # After the join: the cgroup namespace's root is the task's own cgroup.
+        with open("/proc/self/cgroup") as f:
+            own_cgroups = f.read()
         _check(_libc.unshare(CLONE_NEWCGROUP | CLONE_NEWPID), "unshare(CLONE_NEWCGROUP|NEWPID)")
+        mount_cgroups(own_cgroups, spec.get("cgroup_name"))
     except (OSError, SetupError) as e:
         print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
         return EXIT_SETUP_FAILED

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 
 # x86_64 and the asm-generic table (arm64, riscv) share these numbers since 5.2.
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
@@ -37,6 +38,9 @@ LOCKED_DOWN = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+READ_ONLY = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC  # flags of a fresh mount
+MNT_DETACH = 0x2
+EINVAL = 22
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -75,6 +79,41 @@ def mount(
 def make_private(path: str = "/") -> None:
     """Nothing mounted below here propagates to the host, nor from it."""
     mount(None, path, None, MS_REC | MS_PRIVATE)
+
+
+def detach_tree(path: str) -> None:
+    """Unmount everything at and below `path`, deepest first (lazily: nothing open
+    there is disturbed). A mount that a later one covers still shows in
+    /proc/self/mountinfo, with the names below it: a fresh /run over the host's would
+    still list every other sandbox's /run/netns/sg-<id>."""
+    below = path.rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [_unescape(line.split()[4]) for line in f if len(line.split()) > 4]
+    for point in sorted((p for p in points if p == path or p.startswith(below)), key=len, reverse=True):
+        # EINVAL: already gone with a mount it was under, or not a mount point any more.
+        if _libc.umount2(point.encode(), MNT_DETACH) != 0 and ctypes.get_errno() != EINVAL:
+            raise _fail(f"umount {point}")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def mask(path: str) -> None:
+    """An empty read-only directory, or /dev/null, over `path` (if it exists)."""
+    if os.path.isdir(path):
+        tmpfs(path, mode=0o000, flags=READ_ONLY)
+    elif os.path.exists(path):
+        mount("/dev/null", path, None, MS_BIND)
+        set_attr(path, LOCKED_DOWN, recursive=False)
+
+
+def make_read_only(path: str) -> None:
+    """`path` (a directory with what is mounted below it, or a file) read-only, if it exists."""
+    if os.path.lexists(path):
+        mount(path, path, None, MS_BIND | MS_REC)
+        set_attr(path, LOCKED_DOWN | MOUNT_ATTR_NOEXEC, recursive=True)
 
 
 def clone_tree(path: str) -> int:

@@ -228,6 +228,8 @@ def prepare(
         task_cgroup = cgroup_ahead or task_cgroup  # made ahead, it goes with the run
         joins = task_cgroup is not None and cgroup_ahead is None
         document["cgroup_procs"] = task_cgroup.procs_files if joins else []
+        # The init mounts the hierarchies it is in this cgroup in (init.mount_cgroups).
+        document["cgroup_name"] = task_cgroup.name if task_cgroup is not None else None
         spec_path = run_dir / "sandbox.json"
         spec_path.write_text(json.dumps(document))
     except BaseException:
