@@ -89,7 +89,9 @@ def detach_tree(path: str) -> None:
     below = path.rstrip("/") + "/"
     with open("/proc/self/mountinfo") as f:
         points = [_unescape(line.split()[4]) for line in f if len(line.split()) > 4]
-    for point in sorted((p for p in points if p == path or p.startswith(below)), key=len, reverse=True):
+    for point in sorted(
+        (p for p in points if p == path or p.startswith(below)), key=len, reverse=True
+    ):
         # EINVAL: already gone with a mount it was under, or not a mount point any more.
         if _libc.umount2(point.encode(), MNT_DETACH) != 0 and ctypes.get_errno() != EINVAL:
             raise _fail(f"umount {point}")

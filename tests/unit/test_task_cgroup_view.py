@@ -26,7 +26,9 @@ HYBRID = """\
             "0::/system.slice/sandgate-warm-9f\n", "sandgate-warm-9f", [""], id="warm-runner"
         ),
         # A cgroup of another run whose name starts like ours, or ours as a parent.
-        pytest.param("0::/sandgate-ab123\n4:memory:/sandgate-ab12/x\n", "sandgate-ab12", [], id="not-ours"),
+        pytest.param(
+            "0::/sandgate-ab123\n4:memory:/sandgate-ab12/x\n", "sandgate-ab12", [], id="not-ours"
+        ),
         pytest.param(HYBRID, None, [], id="no-task-cgroup"),
         pytest.param("garbage\n\n", "sandgate-ab12", [], id="malformed"),
     ],
