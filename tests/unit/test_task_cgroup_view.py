@@ -1,11 +1,12 @@
-"""Which of its cgroup hierarchies the sandbox init mounts again inside the task's
-cgroup namespace (init.own_hierarchies): those where the task is in its own cgroup,
-never the caller's others, whose root would show other runs (test_task_view.py)."""
+"""What the sandbox init mounts again for the task's view: the cgroup hierarchies
+where the task is in its own cgroup (init.own_hierarchies), never the caller's others,
+whose root would show other runs (test_task_view.py); and where it unmounts the host's
+trees (mounts.outermost_points)."""
 
 from __future__ import annotations
 
 import pytest
-from sandgate.enforcer.sandbox import init
+from sandgate.enforcer.sandbox import init, mounts
 
 HYBRID = """\
 9:name=systemd:/user.slice
@@ -35,3 +36,13 @@ HYBRID = """\
 )
 def test_own_hierarchies(own_cgroups, name, expected):
     assert init.own_hierarchies(own_cgroups, name) == expected
+
+
+def test_a_tree_is_detached_at_its_outermost_mount_points():
+    """One lazy unmount per outermost point takes the mounts below it along (a host's
+    /run/netns holds one mount per sandbox: one call, not hundreds)."""
+    points = ["/", "/run", "/run/netns", "/run/netns/sg-1", "/run/user/0", "/run-x", "/runner"]
+    assert mounts.outermost_points(points, "/run") == ["/run"]
+    assert mounts.outermost_points(points[2:], "/run") == ["/run/netns", "/run/user/0"]
+    assert mounts.outermost_points(["/tmp/a b", "/tmp/a b/c"], "/tmp") == ["/tmp/a b"]
+    assert mounts.outermost_points(points, "/tmp") == []
