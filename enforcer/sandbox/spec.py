@@ -404,7 +404,9 @@ def file_view(
     writable_roots = [p for p in ([opts.workspace] if opts.workspace else []) + list(opts.rw)]
     for path in [*writable_roots, *pinned]:
         binds.append({"source": str(path), "target": str(path), "writable": True})
-    read_only = list(opts.ro) + list(guarded) + [
+    for path in guarded:
+        binds.append({"source": str(path), "target": str(path), "writable": False, "idmapped": True})
+    read_only = list(opts.ro) + [
         p for p in protected if any(_under(p, w) for w in writable_roots) and p.exists()
     ]
     for path in read_only:
