@@ -517,7 +517,7 @@ class TaskRun:
 
     def _emit_planted(self, item: planting.Planted) -> None:
         """Code the task left for the host in its workspace: said, recorded, renamed aside."""
-        self.summary.task.setdefault("workspace_planted", []).append(str(item.path))
+        self.summary.task.setdefault("workspace_planted", []).append(str(item.path)[:300])
         print(f"sandgate: warning: the task planted {item.describe()}", file=sys.stderr)
         self.gateway.emit(task_events.workspace_planted(item.describe(), **self._task_fields()))
 

@@ -665,7 +665,7 @@ class GatewayService:
 
     def _runner_event(self, attached: Attached, request: dict) -> dict:
         """What only the runner sees: a limit its task hit, a protection it went without."""
-        what, name = request.get("what"), str(request.get("name", ""))[:1000]
+        what, name = request.get("what"), str(request.get("name", ""))[:300]
         detail = str(request.get("detail", ""))[:900]
         where = {
             "task_id": attached.run_id,
