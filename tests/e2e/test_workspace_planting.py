@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import sandbox
+from support import sandbox, service
 
 pytestmark = pytest.mark.e2e
 
@@ -331,3 +331,84 @@ def test_without_the_guard_every_payload_runs_on_the_host(net, tmp_path):
     assert [e["rule_id"] for e in weakened] == ["builtin:weakened-workspace-guard"], weakened
     assert result.summary["sandbox_weakened"] == ["workspace-guard"]
     assert not result.events(reason="workspace_planted")
+
+
+GIT_SERVER_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        ports: [8080]
+        id: git-server
+"""
+
+
+def test_git_fetch_through_the_gateway_into_a_guarded_repository(net, tmp_path):
+    """A repository made before the run fetches and fast-forwards from a git server
+    in the fake internet (dumb HTTP) through the gateway; nothing is planted."""
+    env = _git_env(tmp_path)
+    origin = tmp_path / "srv" / "origin.git"
+    origin.parent.mkdir()
+    seed = tmp_path / "seed"
+    _make_repo(seed, env)
+    assert _sh(f"git clone -q --bare . {origin}", seed, env).returncode == 0
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(GIT_SERVER_RULES)
+
+    def setup(workspace: Path) -> None:
+        repo = workspace / "repo"
+        done = _sh(
+            f"git clone -q {origin} {repo} && cd {repo} && "
+            "git remote set-url origin http://allowed.test:8080/origin.git && "
+            f"cd {seed} && echo two >> a && git commit -qam two && git push -q {origin} main && "
+            f"git -C {origin} update-server-info",
+            tmp_path,
+            env,
+        )
+        assert done.returncode == 0, done.stderr
+
+    server = sandbox.subprocess.Popen(
+        ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-u", "-m", "http.server",
+         "8080", "--bind", "203.0.113.10", "--directory", str(origin.parent)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert "Serving HTTP" in server.stdout.readline()
+        fetch = (
+            "cd repo && git fetch -q origin && git merge -q --ff-only origin/main && "
+            "git log --oneline | wc -l"
+        )
+        result = sandbox.run(net, tmp_path, {"fetch": fetch}, rules=rules, setup=setup)
+    finally:
+        server.kill()
+        server.wait()
+    assert result["fetch"].rc == 0 and result["fetch"].out.strip() == "2", result.describe()
+    assert result.verdicts(kind="request", reason="rule_allow") == {
+        ("allow", "rule_allow", "git-server")
+    }, result.describe()
+    assert "workspace_planted" not in result.summary
+
+
+def test_a_run_attached_to_the_gateway_service_is_checked_too(net, tmp_path):
+    """`sandgate run --gateway` (the lean runner, in-process or a warm one): the same
+    check after the run, its event in the service's audit log and summary."""
+    variant = next(v for v in VARIANTS if v.name == "git_init")
+    tag = secrets.token_hex(3)
+    steps = {"git_init": f"mkdir git_init && {steps_for(tag)['git_init']}"}
+    try:
+        with service.running(net, tmp_path, service.TWO_PROFILES) as gw:
+            result = service.attach(gw, tmp_path, steps)
+        layout = Layout(result.steps_dir, _git_env(tmp_path), tag, [])
+        layout.run_on_host(variant)
+        assert not layout.appeared(), result.describe()
+    finally:
+        canary(variant, tag).unlink(missing_ok=True)
+    assert result.returncode == 0, result.describe()
+    hook = result.steps_dir / "git_init" / ".git" / "hooks" / "pre-commit"
+    assert not hook.exists() and hook.with_name("pre-commit.sandgate-planted").exists()
+    assert result.summary["workspace_planted"] == [str(hook)], result.summary
+    planted = result.events(reason="workspace_planted")
+    assert [e["rule_id"] for e in planted] == ["builtin:workspace-planted"], result.describe()
+    assert str(hook) in planted[0]["detail"]
+    assert "PLANTED for the host" in result.stdout + result.stderr
