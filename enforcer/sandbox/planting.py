@@ -232,12 +232,13 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
         return "git attributes in info/ (they choose filter and diff drivers)"
     if role == "editor":
         return "an editor's workspace settings (editors run the tasks and tools named there)"
+    limit = gitconfig.MAX_CONFIG_BYTES if role == "config" else MAX_POINTER_BYTES
     try:
-        data = _read_small(control.path, gitconfig.MAX_CONFIG_BYTES)
+        data = _read_small(control.path, limit)
     except OSError as e:
         return f"an unreadable {_ROLE_NAMES[role]} ({e.strerror})"
     if data is None:
-        return f"a {_ROLE_NAMES[role]} over {gitconfig.MAX_CONFIG_BYTES} bytes"
+        return f"a {_ROLE_NAMES[role]} over {limit} bytes"
     text = data.decode("utf-8", "replace")
     if role == "config":
         keys = gitconfig.code_keys(text)
