@@ -118,6 +118,7 @@ def run_attached(opts: AttachOptions) -> int:
     code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     prepared.collect()
     hits = prepared.limits_hit()
+    planted = prepared.check_workspace()
     if client is not None:
         for gap in prepared.gaps[gaps_sent:]:  # what the init reported
             _warn_weakened(client, gap)
@@ -129,6 +130,10 @@ def run_attached(opts: AttachOptions) -> int:
                 name=hit.limit,
                 detail=f"the task hit its {hit.limit} limit {hit.count} times: {hit.detail}",
             )
+    for item in planted:
+        print(f"sandgate: warning: the task planted {item.describe()}", file=sys.stderr)
+        if client is not None:
+            _send(client, "event", what="planted", name=str(item.path)[:300], detail=item.describe())
     summary = _detach(client, run_id, code, quiet=opts.quiet)
     if summary is not None:
         # What this runner measured itself, not the service's copy: an event the service
@@ -136,6 +141,7 @@ def run_attached(opts: AttachOptions) -> int:
         for key, values in (
             ("limits_hit", [hit.limit for hit in hits]),
             ("sandbox_weakened", [gap.feature for gap in prepared.gaps]),
+            ("workspace_planted", [str(item.path)[:300] for item in planted]),
         ):
             summary.pop(key, None)
             if values:

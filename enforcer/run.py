@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sandgate.enforcer import netns, nft, process_stamp
 from sandgate.enforcer.admin import Admin, AdminOptions
-from sandgate.enforcer.sandbox import cgroup, prepare, spec
+from sandgate.enforcer.sandbox import cgroup, planting, prepare, spec
 from sandgate.enforcer.summary_file import write_summary_json
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
@@ -459,7 +459,7 @@ class TaskRun:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGKILL)
             await self._child_exit()
-        limits_hit = []
+        limits_hit, planted = [], []
         if self.sandbox is not None:
             self.sandbox.collect()
             if self.sandbox.self_test and self.opts.probe is None:
@@ -475,6 +475,7 @@ class TaskRun:
                         f"({self.sandbox.self_test_ms} ms, before the task)",
                         file=sys.stderr,
                     )
+            planted = await asyncio.to_thread(self.sandbox.check_workspace)
             limits_hit = await asyncio.to_thread(self.sandbox.finish)
         counters = await asyncio.to_thread(
             unwire, self.run_id, self.table, had_net=self.net is not None
@@ -489,6 +490,8 @@ class TaskRun:
                 self._emit_weakened(gap)
             for hit in limits_hit:
                 self._emit_limit(hit)
+            for item in planted:
+                self._emit_planted(item)
             self._emit_task_end(counters, duration)
             await self.gateway.stop()
         self.metrics.stop()
@@ -511,6 +514,12 @@ class TaskRun:
         self.summary.task.setdefault("limits_hit", []).append(hit.limit)
         detail = f"the task hit its {hit.limit} limit {hit.count} times: {hit.detail}"
         self.gateway.emit(task_events.task_limit(hit.limit, detail, **self._task_fields()))
+
+    def _emit_planted(self, item: planting.Planted) -> None:
+        """Code the task left for the host in its workspace: said, recorded, renamed aside."""
+        self.summary.task.setdefault("workspace_planted", []).append(str(item.path)[:300])
+        print(f"sandgate: warning: the task planted {item.describe()}", file=sys.stderr)
+        self.gateway.emit(task_events.workspace_planted(item.describe(), **self._task_fields()))
 
     def _emit_task_end(self, counters: dict[str, int], duration: float) -> None:
         """The kernel's drops (one event per counter that counted), then the task's end."""

@@ -665,14 +665,17 @@ class GatewayService:
 
     def _runner_event(self, attached: Attached, request: dict) -> dict:
         """What only the runner sees: a limit its task hit, a protection it went without."""
-        what, name = request.get("what"), str(request.get("name", ""))[:40]
+        what, name = request.get("what"), str(request.get("name", ""))[:300]
         detail = str(request.get("detail", ""))[:900]
         where = {
             "task_id": attached.run_id,
             "sandbox": attached.address,
             "profile": attached.profile,
         }
-        if what == "limit" and name in task_events.LIMITS:
+        if what == "planted":  # a path the runner found and renamed aside
+            attached.summary.task.setdefault("workspace_planted", []).append(name)
+            self.data_plane.emit(task_events.workspace_planted(detail, **where))
+        elif what == "limit" and name in task_events.LIMITS:
             attached.summary.task.setdefault("limits_hit", []).append(name)
             self.data_plane.emit(task_events.task_limit(name, detail, **where))
         elif what == "weakened" and name in task_events.SANDBOX_FEATURES:

@@ -241,7 +241,9 @@ def build_view(spec: dict, report: Report) -> None:
     for bind in spec["binds"]:
         fd = mounts.clone_tree(bind["source"])
         idmap = None
-        if bind["writable"]:
+        # A read-only bind in the workspace (a git control file) is idmapped like the
+        # workspace: git refuses a repository whose `.git` file looks someone else's.
+        if bind["writable"] or bind.get("idmapped"):
             st = os.stat(bind["source"])
             try:
                 idmap = idmap_userns(st.st_uid, host_uid, st.st_gid, host_gid)
@@ -258,7 +260,7 @@ def build_view(spec: dict, report: Report) -> None:
             finally:
                 if idmap is not None:
                     os.close(idmap)
-        else:
+        if not bind["writable"]:
             mounts.set_attr(fd, mounts.LOCKED_DOWN)
         clones.append((fd, bind["target"]))
     devices = {

@@ -87,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and a sandbox_weakened event",
     )
     group.add_argument(
+        "--no-workspace-guard",
+        action="store_true",
+        help="let the task change git hooks and config in the workspace, unchecked (by "
+        "default they are read-only, and what it plants for the host's git is renamed aside "
+        "after the run); recorded as a sandbox_weakened event",
+    )
+    group.add_argument(
         "--self-test",
         action="store_true",
         help="check the sandbox from inside before the task starts (a few ms)",
@@ -135,5 +142,6 @@ def from_arguments(
         env=spec.parse_env(args.env, args.env_file, dict(os.environ), writable),
         allow_weaker=args.allow_weaker_sandbox,
         self_test=args.self_test,
+        workspace_guard=not getattr(args, "no_workspace_guard", False),
         inherited=Inherited.of_this_process(),  # before an embedded gateway raises its own
     ), limits

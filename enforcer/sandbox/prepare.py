@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandgate.enforcer.sandbox import cgroup, seccomp, spec
+from sandgate.enforcer.sandbox import cgroup, planting, seccomp, spec
 from sandgate.enforcer.sandbox import init as sandbox_init
 from sandgate.enforcer.sandbox.inherit import Inherited
 
@@ -41,6 +41,8 @@ class PreparedSandbox:
     self_test_ms: float | None = None
     joined_r: int | None = None  # the init's end of the joined pipe (runner_joins)
     joined_w: int | None = None
+    # The workspace's git control files before the task (None: --no-workspace-guard)
+    workspace: planting.Survey | None = None
 
     @property
     def init_fds(self) -> tuple[int, ...]:
@@ -91,6 +93,14 @@ class PreparedSandbox:
                 self.gaps.append(Gap(record["weakened"], record.get("why", "")))
             if "self_test" in record:
                 self.self_test, self.self_test_ms = record["self_test"], record.get("ms")
+
+    def check_workspace(self) -> list[planting.Planted]:
+        """What the task left in its writable roots for the host's git or editor to run,
+        each renamed aside (planting.py), at most planting.MAX_REPORTED of them to report;
+        call once the task has ended."""
+        if self.workspace is None:
+            return []
+        return planting.summarised(planting.disarm(planting.find_planted(self.workspace)))
 
     def finish(self) -> list[cgroup.LimitHit]:
         """Which limits the task hit; the cgroup (and anything left in it) goes."""
@@ -175,7 +185,25 @@ def prepare(
         program_path = run_dir / "seccomp.bpf"
         # Cached beside sandgate's state (root-only, hidden from tasks): ~2 ms, not ~13.
         program_path.write_bytes(seccomp.build_filter(cache_dir=seccomp_cache))
-    view = spec.file_view(opts, protected=protected, hidden=hidden, file_binds=file_binds)
+    workspace = None
+    if not opts.workspace_guard:
+        gaps.append(
+            Gap(
+                "workspace-guard",
+                "--no-workspace-guard: the task may write git hooks and config in the "
+                "workspace, which the host's git runs",
+            )
+        )
+    elif opts.writable:
+        workspace = planting.survey(opts.writable)
+    view = spec.file_view(
+        opts,
+        protected=protected,
+        hidden=hidden,
+        file_binds=file_binds,
+        pinned=planting.pinned_dirs(workspace) if workspace else [],
+        guarded=planting.read_only_binds(workspace) if workspace else [],
+    )
     report_r, report_w = os.pipe()
     os.set_inheritable(report_w, True)
     joined_r = joined_w = None
@@ -240,5 +268,12 @@ def prepare(
             task_cgroup.remove()
         raise
     return PreparedSandbox(
-        spec_path, report_r, report_w, task_cgroup, gaps, joined_r=joined_r, joined_w=joined_w
+        spec_path,
+        report_r,
+        report_w,
+        task_cgroup,
+        gaps,
+        joined_r=joined_r,
+        joined_w=joined_w,
+        workspace=workspace,
     )

@@ -77,6 +77,9 @@ class SandboxOptions:
     env: dict[str, str] = field(default_factory=dict)  # what --env / --env-file gave, resolved
     allow_weaker: bool = False
     self_test: bool = False
+    # Git control files in the workspace read-only during the run and checked after it
+    # (sandbox/planting.py); off: --no-workspace-guard, a sandbox_weakened gap.
+    workspace_guard: bool = True
     # The umask and limits of whoever ran `sandgate run` (a warm runner's caller);
     # None: this process's when the spec is written.
     inherited: Inherited | None = None
@@ -386,16 +389,23 @@ def file_view(
     protected: list[Path],
     hidden: list[Path],
     file_binds: list[tuple[Path, Path]],
+    pinned: list[Path] = (),
+    guarded: list[Path] = (),
 ) -> dict:
     """Binds, tmpfs, hidden paths and writable roots for the spec. Read-only binds of
-    sandgate's own files go after the workspace and --rw binds they may lie in."""
+    sandgate's own files go after the workspace and --rw binds they may lie in.
+    `pinned`: git directories in the workspace bound over themselves, writable (a
+    mount point cannot be renamed away); `guarded`: their control files, read-only
+    (sandbox/planting.py)."""
     uid = opts.uid
     home = "/root" if uid == 0 else "/home/sandbox"
     tmpfs = [*SANDBOX_TMPFS, "/root"] + ([] if uid == 0 else ["/home"])
     binds = [{"source": str(src), "target": str(dst), "writable": False} for src, dst in file_binds]
     writable_roots = [p for p in ([opts.workspace] if opts.workspace else []) + list(opts.rw)]
-    for path in writable_roots:
+    for path in [*writable_roots, *pinned]:
         binds.append({"source": str(path), "target": str(path), "writable": True})
+    for path in guarded:
+        binds.append({"source": str(path), "target": str(path), "writable": False, "idmapped": True})
     read_only = list(opts.ro) + [
         p for p in protected if any(_under(p, w) for w in writable_roots) and p.exists()
     ]

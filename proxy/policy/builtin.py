@@ -232,6 +232,19 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "--allow-weaker-sandbox: no cgroup limits (memory, pids, cpus)",
     ),
     (
+        "weakened-workspace-guard",
+        (R.SANDBOX_WEAKENED,),
+        "--no-workspace-guard: git control files in the workspace were writable and not "
+        "checked after the run",
+    ),
+    (
+        "workspace-planted",
+        (R.WORKSPACE_PLANTED,),
+        "the task left something in its workspace that the host's git or editor would run "
+        "(a hook, config naming a program, a `.git` file pointing elsewhere); renamed to "
+        "NAME.sandgate-planted after the run",
+    ),
+    (
         "weakened-idmapped-mount",
         (R.SANDBOX_WEAKENED,),
         "--allow-weaker-sandbox: a writable path without an idmapped mount; files there belong to the task's host id",

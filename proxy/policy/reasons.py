@@ -67,6 +67,9 @@ class Reason(StrEnum):
     # The task sandbox.
     TASK_LIMIT = "task_limit"  # the task hit a cgroup limit (memory: OOM kill, pids: fork refused)
     SANDBOX_WEAKENED = "sandbox_weakened"  # --allow-weaker-sandbox: a kernel feature was missing
+    # The task left a git hook or config (or editor settings) in its workspace that
+    # would run code on the host; renamed aside after the run (docs/sandbox.md).
+    WORKSPACE_PLANTED = "workspace_planted"
     # The gateway worker serving the sandbox died (`gateway --workers N`): its open
     # connections were cut, new ones waited in the listen queue until the restart.
     WORKER_RESTARTED = "worker_restarted"

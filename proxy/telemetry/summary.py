@@ -147,6 +147,7 @@ class TaskSummary:
             "exit_code",
             "limits_hit",
             "sandbox_weakened",
+            "workspace_planted",
             "self_test",
         )
         summary.task = {k: data[k] for k in keys if k in data}
@@ -230,6 +231,11 @@ def task_outcome(task: dict) -> str:
     if task.get("sandbox_weakened"):
         features = ", ".join(map(str, task["sandbox_weakened"]))
         parts.append(f"WEAKER SANDBOX (--allow-weaker-sandbox): no {features}")
+    if planted := task.get("workspace_planted"):
+        parts.append(
+            f"PLANTED for the host's git or editor, renamed to *.sandgate-planted: "
+            f"{len(planted)} path(s), first {str(planted[0])[:200]}"
+        )
     return _printable("; ".join(parts))
 
 

@@ -13,7 +13,7 @@ from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import Event, EventKind
 
 LIMITS = ("memory", "pids", "cpus")
-SANDBOX_FEATURES = ("user-namespace", "seccomp", "cgroup", "idmapped-mount")
+SANDBOX_FEATURES = ("user-namespace", "seccomp", "cgroup", "idmapped-mount", "workspace-guard")
 
 
 def _by_rule(name: str, verdict: Verdict, reason: Reason, detail: str, **where) -> Event:
@@ -62,6 +62,12 @@ def sandbox_weakened(feature: str, why: str, **where) -> Event:
         f"the sandbox runs without {feature}: {why}",
         **where,
     )
+
+
+def workspace_planted(detail: str, **where) -> Event:
+    """The task left code for the host in its workspace (enforcer/sandbox/planting.py);
+    `detail` names the path, why, and what was done with it."""
+    return _by_rule("workspace-planted", Verdict.DENY, Reason.WORKSPACE_PLANTED, detail, **where)
 
 
 def task_ended(why: str, duration: float, **where) -> Event:

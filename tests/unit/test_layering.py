@@ -27,6 +27,7 @@ PURE_MODULES = [
     "sandgate.proxy.approvals.pending",
     "sandgate.proxy.dns.wire",
     "sandgate.enforcer.sandbox.spec",
+    "sandgate.enforcer.sandbox.gitconfig",
 ]
 IMPURE_IMPORTS = {"socket", "asyncio", "mitmproxy", "pyroute2", "subprocess", "threading"}
 

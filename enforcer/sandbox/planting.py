@@ -1,0 +1,361 @@
+"""What a task plants in its workspace for the host to run later, found and disarmed.
+
+The workspace is the task's output and read-write by design. The user then runs
+`git status`, `git commit` or opens the folder in an editor on the HOST, as
+themselves, and git runs what a repository's control files name: hooks, and
+programs in its config (`core.fsmonitor`, `core.hooksPath`, filter and diff drivers,
+`include.path`...). A task that writes those has escaped the sandbox, with a delay.
+
+Two layers (docs/sandbox.md, "What the task leaves for the host"):
+
+1. During the run (`read_only_binds`, `pinned_dirs`): each repository's git
+   directory found in the workspace at the start is bound over itself (a mount
+   point cannot be renamed or removed: `mv .git .git.old && mkdir .git` fails with
+   EBUSY), and its `config`, `config.worktree`, `hooks` and `info` read-only. Git
+   keeps working on objects, refs, the index and HEAD.
+2. After the run (`survey` before, `find_planted` after, `disarm`): mounts can only
+   cover what exists, so a repository the task makes (`git init`, a nested one, a
+   bare one, a `.git` file pointing elsewhere, a renamed `.git` replaced) is found
+   by walking every writable root when the task has ended, before `sandgate run`
+   returns. Each control path that is new or changed is judged; what would run code
+   on the host is renamed to NAME.sandgate-planted (git never runs that name) and
+   reported. Every process of the sandbox is gone by then (its PID namespace with
+   its init), so nothing changes the tree under the walk; the walk opens each
+   directory by descriptor relative to its parent with O_NOFOLLOW, never a path.
+
+Control paths, in any directory that git would take for a git directory (one
+named `.git`, or one with HEAD and objects and refs, or HEAD and commondir, as a
+bare repository or a worktree's or submodule's git dir): `config`,
+`config.worktree`, `commondir`, `info/attributes`, everything in `hooks/`; anywhere:
+an entry named `.git` that is not a directory (a `gitdir:` file, a link), and every
+file in a `.vscode` or `.idea` directory (editors run tasks and tools named there).
+A new or changed one is harmless only when it is a regular file with one link and:
+a config whose keys are all data (gitconfig.code_keys), a hook named *.sample (git
+runs only the exact hook names), or a `gitdir:`/commondir pointing at a git
+directory of the same survey inside the writable roots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandgate.enforcer.sandbox import gitconfig
+
+SUFFIX = ".sandgate-planted"
+EDITOR_DIRS = frozenset({".vscode", ".idea"})
+CONFIG_FILES = frozenset({"config", "config.worktree"})
+READ_ONLY_IN_GITDIR = ("config", "config.worktree", "hooks", "info")
+MAX_POINTER_BYTES = 4096
+MAX_PINNED = 64  # git directories bound during the run; more are checked afterwards only
+MAX_DEPTH = 256  # directories deeper are not walked: reported (one descriptor per level)
+MAX_REPORTED = 50  # planted paths reported one by one; the rest in one line
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies a file's content without reading it: the task can set mtime
+    but not ctime, which any change (write, chmod, rename in) moves to now."""
+
+    mode: int
+    dev: int
+    ino: int
+    size: int
+    ctime_ns: int
+    nlink: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Fingerprint:
+        return cls(st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns, st.st_nlink)
+
+
+@dataclass(frozen=True)
+class ControlPath:
+    root: Path
+    relative: str  # below root, '/'-separated
+    role: str  # "config", "hook", "attributes", "commondir", "gitfile", "editor"
+    fingerprint: Fingerprint
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.relative
+
+
+@dataclass
+class Survey:
+    """The control paths and git directories of the writable roots at one moment."""
+
+    roots: tuple[Path, ...]
+    controls: dict[Path, ControlPath] = field(default_factory=dict)
+    git_dirs: set[Path] = field(default_factory=set)
+    too_deep: list[Path] = field(default_factory=list)  # not walked (MAX_DEPTH)
+
+
+@dataclass(frozen=True)
+class Planted:
+    """A control path the task left that would run code on the host."""
+
+    path: Path
+    why: str
+    disarmed_as: Path | None = None  # where disarm() moved it; None: not moved
+
+    def describe(self) -> str:
+        done = f"; renamed to {self.disarmed_as.name}" if self.disarmed_as else "; NOT renamed"
+        return f"{self.path}: {self.why}{done}"
+
+
+def survey(roots: list[Path]) -> Survey:
+    """Walk each root (never following links) for git directories and control paths."""
+    result = Survey(tuple(roots))
+    for root in roots:
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        _walk(result, root, fd, "", "plain")
+    return result
+
+
+def _walk(result: Survey, root: Path, fd: int, relative: str, context: str) -> None:
+    """Walk one directory (its fd is closed here) and everything below it. `context`:
+    "plain", "git" (a git directory), "hooks" or "info" (in one), "editor"."""
+    try:
+        entries = {e.name: e for e in os.scandir(fd)}
+    except OSError:
+        os.close(fd)
+        return
+    try:
+        if context == "plain" and _looks_like_git_dir(relative, entries):
+            context = "git"
+        if context == "git":
+            result.git_dirs.add(root / relative if relative else root)
+        for name, entry in entries.items():
+            child = f"{relative}/{name}" if relative else name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            role = _role(name, is_dir, context)
+            if role is not None:
+                result.controls[root / child] = ControlPath(root, child, role, Fingerprint.of(st))
+            if not is_dir or (context == "git" and name == "objects"):
+                continue
+            if child.count("/") >= MAX_DEPTH:
+                result.too_deep.append(root / child)
+                continue
+            try:
+                sub = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError:
+                continue
+            _walk(result, root, sub, child, _context_below(name, context))
+    finally:
+        os.close(fd)
+
+
+def _context_below(name: str, context: str) -> str:
+    if context == "editor" or name.lower() in EDITOR_DIRS:
+        return "editor"
+    if context == "git" and name in ("hooks", "info"):
+        return name
+    return "plain"
+
+
+def _looks_like_git_dir(relative: str, entries: dict[str, os.DirEntry]) -> bool:
+    """As git's is_git_directory would, loosely: a `.git` directory, or HEAD with
+    objects and refs (a bare repository), or HEAD with commondir (a worktree's)."""
+    if relative.rsplit("/", 1)[-1].lower() == ".git":
+        return True
+    return "HEAD" in entries and (
+        ("objects" in entries and "refs" in entries) or "commondir" in entries
+    )
+
+
+def _role(name: str, is_dir: bool, context: str) -> str | None:
+    """What a directory entry is to git or an editor; None: nothing that runs code."""
+    if context == "editor":
+        return None if is_dir else "editor"
+    if context == "hooks":
+        return None if is_dir else "hook"
+    if context == "info":
+        return "attributes" if name == "attributes" else None
+    if name.lower() == ".git" and not is_dir:
+        return "gitfile"  # a `gitdir:` file, or a link
+    if context == "git":
+        if name in CONFIG_FILES or name == "commondir":
+            return "config" if name in CONFIG_FILES else "commondir"
+        if name in ("hooks", "info") and not is_dir:
+            return "hook" if name == "hooks" else "attributes"  # a link where git looks
+    return None
+
+
+def find_planted(before: Survey) -> list[Planted]:
+    """What the task left that would run code on the host: control paths that are new
+    or changed since `before`, judged; from a fresh survey of the same roots."""
+    after = survey(list(before.roots))
+    old_deep = set(before.too_deep)
+    planted = [
+        Planted(path, f"deeper than {MAX_DEPTH} directories: not checked")
+        for path in after.too_deep
+        if path not in old_deep
+    ]
+    for path, control in sorted(after.controls.items()):
+        old = before.controls.get(path)
+        if old is not None and old.fingerprint == control.fingerprint or SUFFIX in path.name:
+            continue  # unchanged, or renamed aside by an earlier run: no name git reads
+        why = _judge(control, after)
+        if why is not None:
+            planted.append(Planted(path, why))
+    return planted
+
+
+def _judge(control: ControlPath, after: Survey) -> str | None:
+    """Why a new or changed control path would run code on the host; None: harmless."""
+    mode = control.fingerprint.mode
+    role = control.role
+    if role == "hook" and stat.S_ISREG(mode) and control.relative.endswith(".sample"):
+        return None
+    kind = _kind(mode)
+    if not stat.S_ISREG(mode):
+        return f"a {kind} where git reads a {_ROLE_NAMES[role]}"
+    if control.fingerprint.nlink > 1:
+        return f"a {_ROLE_NAMES[role]} hard-linked to another file"
+    if role == "hook":
+        return "a git hook (git runs it on the host)"
+    if role == "attributes":
+        return "git attributes in info/ (they choose filter and diff drivers)"
+    if role == "editor":
+        return "an editor's workspace settings (editors run the tasks and tools named there)"
+    limit = gitconfig.MAX_CONFIG_BYTES if role == "config" else MAX_POINTER_BYTES
+    try:
+        data = _read_small(control.path, limit)
+    except OSError as e:
+        return f"an unreadable {_ROLE_NAMES[role]} ({e.strerror})"
+    if data is None:
+        return f"a {_ROLE_NAMES[role]} over {limit} bytes"
+    text = data.decode("utf-8", "replace")
+    if role == "config":
+        keys = gitconfig.code_keys(text)
+        return f"git config that runs code: {', '.join(keys)[:300]}" if keys else None
+    target = _pointer_target(control, text)
+    if target is None or target not in after.git_dirs:
+        return f"a {_ROLE_NAMES[role]} pointing outside the workspace's repositories"
+    return None
+
+
+_ROLE_NAMES = {
+    "config": "git config",
+    "hook": "git hook",
+    "attributes": "git attributes file",
+    "commondir": "git commondir file",
+    "gitfile": "`.git` file",
+    "editor": "editor settings file",
+}
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symbolic link"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "regular file" if stat.S_ISREG(mode) else "special file"
+
+
+def _read_small(path: Path, limit: int) -> bytes | None:
+    """The file's bytes (opened without following a link), None when over `limit`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+    return None if len(data) > limit else data
+
+
+def _pointer_target(control: ControlPath, text: str) -> Path | None:
+    """The git directory a `gitdir:` file or commondir names, normalised (no links
+    followed: a target reached through one is not one the survey found)."""
+    line = text.split("\n", 1)[0].strip()
+    if control.role == "gitfile":
+        if not line.startswith("gitdir:"):
+            return None
+        line = line.removeprefix("gitdir:").strip()
+    if not line or "\0" in line:
+        return None
+    return Path(os.path.normpath(control.path.parent / line))
+
+
+def disarm(planted: list[Planted]) -> list[Planted]:
+    """Rename each planted path to NAME.sandgate-planted (NAME.sandgate-planted-2...)
+    beside it, so that git and editors never find it by its name; the evidence stays
+    for the user. The rename is relative to a descriptor of the parent directory
+    opened without following links."""
+    done = []
+    for item in planted:
+        done.append(Planted(item.path, item.why, _rename_aside(item.path)))
+    return done
+
+
+def _rename_aside(path: Path) -> Path | None:
+    try:
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for n in range(1, 100):
+            name = f"{path.name}{SUFFIX}" + (f"-{n}" if n > 1 else "")
+            try:
+                os.stat(name, dir_fd=parent, follow_symlinks=False)
+                continue
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(path.name, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except OSError:
+                return None
+            return path.parent / name
+        return None
+    finally:
+        os.close(parent)
+
+
+def summarised(planted: list[Planted], limit: int = MAX_REPORTED) -> list[Planted]:
+    """At most `limit` items to report one by one, then one that counts the rest."""
+    if len(planted) <= limit:
+        return planted
+    rest = planted[limit - 1 :]
+    renamed = sum(item.disarmed_as is not None for item in rest)
+    first = rest[0]
+    why = f"and {len(rest) - 1} more planted paths like it ({renamed} of {len(rest)} renamed)"
+    return [*planted[: limit - 1], Planted(first.path, f"{first.why}; {why}", first.disarmed_as)]
+
+
+def pinned_dirs(before: Survey, limit: int = MAX_PINNED) -> list[Path]:
+    """The git directories to bind over themselves for the run (writable, idmapped
+    like the workspace): a mount point cannot be renamed or removed."""
+    return sorted(d for d in before.git_dirs if d not in before.roots)[:limit]
+
+
+def read_only_binds(before: Survey, limit: int = MAX_PINNED) -> list[Path]:
+    """What of each pinned git directory the task may read but not change, and every
+    `.git` file (a worktree's or submodule's pointer to its git directory)."""
+    paths = [
+        c.path
+        for c in before.controls.values()
+        if c.role == "gitfile" and stat.S_ISREG(c.fingerprint.mode)
+    ]
+    for git_dir in pinned_dirs(before, limit):
+        for name in READ_ONLY_IN_GITDIR:
+            path = git_dir / name
+            with contextlib.suppress(OSError):
+                os.lstat(path)
+                if not path.is_symlink():
+                    paths.append(path)
+    return paths

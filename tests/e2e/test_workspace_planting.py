@@ -1,0 +1,414 @@
+"""What a task plants in its workspace for the host's git to run later (planting.py).
+
+Every variant is a repository (or a plain directory) under the workspace, made on
+the host before the run; the task plants its payload there; then the TEST runs real
+`git` on the host in it (status, diff, commit, checkout, fetch: whatever would run
+the payload) and looks for the canary the payload would create, a file under /tmp
+named for this test. The sandbox's own /tmp is a tmpfs: a payload that ran inside
+(the task's own git) creates nothing the host sees.
+
+One guarded run holds every variant and the legitimate work; one run with
+--no-workspace-guard holds the same variants and shows that each payload does run
+on the host without the guard (so a passing guarded case is not a payload that
+never worked).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support import sandbox, service
+
+pytestmark = pytest.mark.e2e
+
+NAME = "test_workspace_planting"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str  # "repo" (a repository made before the run), "plain" (a directory), "mount"
+    payload: str  # shell, in the variant's directory, in the sandbox; {c} is the canary
+    host: str  # shell, in `where` below the variant's directory, on the host
+    where: str = "."
+
+
+def _hook(path: str) -> str:
+    """Shell that writes an executable hook at `path` touching the canary."""
+    return f"printf '#!/bin/sh\\ntouch {{c}}\\n' > {path}; chmod +x {path}"
+
+
+COMMIT = "git -c user.name=host -c user.email=host@test commit -q --allow-empty -m host"
+VARIANTS = [
+    Variant("hook", "repo", _hook(".git/hooks/pre-commit"), COMMIT),
+    Variant("fsmonitor", "repo", "git config core.fsmonitor 'touch {c}; false'", "git status"),
+    Variant(
+        "hooks_path",
+        "repo",
+        "mkdir -p h; " + _hook("h/pre-commit") + "; git config core.hooksPath h",
+        COMMIT,
+    ),
+    Variant(
+        "ssh_command",
+        "repo",
+        "git config core.sshCommand 'touch {c}; false'",
+        "git fetch -q ssh://example.invalid/x",
+    ),
+    Variant(
+        "diff_external",
+        "repo",
+        "git config diff.external 'touch {c}; true'",
+        "echo more >> a; git diff",
+    ),
+    Variant(
+        "filter_driver",
+        "repo",
+        "echo '* filter=evil' > .gitattributes; git config filter.evil.clean 'touch {c}; cat'",
+        "echo more >> a; git add a",
+    ),
+    Variant(
+        "include_path",
+        "repo",
+        "printf '[core]\\n\\tfsmonitor = touch {c}; false\\n' > ../inc_{name}.cfg; "
+        "git config include.path ../../inc_{name}.cfg",
+        "git status",
+    ),
+    Variant(
+        "info_attributes",
+        "repo",
+        "echo '* diff=evil' > .git/info/attributes; git config diff.evil.command 'touch {c}; true'",
+        "echo more >> a; git diff",
+    ),
+    Variant(
+        "submodule",
+        "submodule",
+        "git -C sm config core.fsmonitor 'touch {c}; false'; " + _hook(".git/modules/sm/hooks/post-checkout"),
+        "git status; git submodule update --force --checkout",
+    ),
+    Variant(
+        "worktree",
+        "worktree",
+        "cd tree && git config extensions.worktreeConfig true; "
+        "printf '[core]\\n\\tfsmonitor = touch {c}; false\\n' > ../.git/worktrees/tree/config.worktree",
+        "git status",
+        where="tree",
+    ),
+    Variant("git_init", "plain", "git init -q; " + _hook(".git/hooks/pre-commit"), COMMIT),
+    Variant(
+        "renamed_git",
+        "repo",
+        "mv .git .git.old; git init -q; " + _hook(".git/hooks/pre-commit"),
+        COMMIT,
+    ),
+    Variant(
+        "git_file",
+        "plain",
+        "git init -q --separate-git-dir=$PWD/store wt; git -C wt config core.fsmonitor 'touch {c}; false'",
+        "git status",
+        where="wt",
+    ),
+    Variant(
+        "nested_repo",
+        "repo",
+        "git init -q nested; git -C nested config core.fsmonitor 'touch {c}; false'",
+        "git status",
+        where="nested",
+    ),
+    Variant(
+        "bare_repo",
+        "plain",
+        "git init -q --bare .; git config core.sshCommand 'touch {c}; false'",
+        "git fetch -q ssh://example.invalid/x",
+    ),
+    Variant(
+        "symlink",
+        "repo",
+        "mkdir -p ../evil_{name}; " + _hook("../evil_{name}/pre-commit")
+        + "; rm -rf .git/hooks; ln -s $PWD/../evil_{name} .git/hooks; "
+        "git init -q new; ln -s ../../../evil_{name}/pre-commit new/.git/hooks/pre-commit",
+        COMMIT + "; cd new && " + COMMIT,
+    ),
+    Variant(
+        "hardlink",
+        "repo",
+        "ln .git/config cfg; printf '[core]\\n\\tfsmonitor = touch {c}; false\\n' >> cfg",
+        "git status",
+    ),
+    Variant(
+        "mounted_git",
+        "mount",
+        "mv .git .git.old; " + _hook(".git/hooks/pre-commit") + "; " + _hook(".git.old/hooks/pre-commit"),
+        COMMIT,
+    ),
+]  # fmt: skip
+
+
+def _git_env(home: Path) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_AUTHOR_NAME": "setup",
+        "GIT_AUTHOR_EMAIL": "setup@test",
+        "GIT_COMMITTER_NAME": "setup",
+        "GIT_COMMITTER_EMAIL": "setup@test",
+    }
+
+
+def _sh(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["sh", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=20
+    )
+
+
+def _make_repo(path: Path, env: dict[str, str]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    done = _sh(
+        "git init -q -b main . && echo a > a && git add a && git commit -q -m one", path, env
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def canary(variant: Variant, tag: str) -> Path:
+    return Path(f"/tmp/{NAME}-{variant.name}-{tag}")
+
+
+def steps_for(tag: str) -> dict[str, str]:
+    """Each variant's payload as a step, in its own directory."""
+    steps = {}
+    for v in VARIANTS:
+        payload = v.payload.format(c=canary(v, tag), name=v.name)
+        steps[v.name] = f"cd {shlex.quote(v.name)} && {{ {payload}; }}"
+    return steps
+
+
+@dataclass
+class Layout:
+    """The variants' directories of one run, and what the test must undo."""
+
+    workspace: Path
+    env: dict[str, str]
+    tag: str
+    mounts: list[Path]
+
+    def run_on_host(self, variant: Variant) -> subprocess.CompletedProcess:
+        return _sh(variant.host, self.workspace / variant.name / variant.where, self.env)
+
+    def appeared(self) -> set[str]:
+        """The variants whose canary exists: their payload ran on the host."""
+        return {v.name for v in VARIANTS if canary(v, self.tag).exists()}
+
+    def undo(self) -> None:
+        for mount in self.mounts:
+            subprocess.run(["umount", str(mount)], capture_output=True)
+        for variant in VARIANTS:
+            canary(variant, self.tag).unlink(missing_ok=True)
+
+
+def make_layout(tmp_path: Path, workspace: Path, tag: str) -> Layout:
+    home = tmp_path / f"home-{tag}"
+    home.mkdir()
+    layout = Layout(workspace, _git_env(home), tag, [])
+    source = tmp_path / f"sub-source-{tag}"
+    _make_repo(source, layout.env)
+    _make_repo(workspace / "legit", layout.env)
+    for variant in VARIANTS:
+        where = workspace / variant.name
+        if variant.kind == "plain":
+            where.mkdir()
+        elif variant.kind in ("repo", "submodule", "worktree"):
+            _make_repo(where, layout.env)
+        if variant.kind == "submodule":
+            done = _sh(
+                f"git -c protocol.file.allow=always submodule add -q {source} sm "
+                "&& git commit -q -m sm",
+                where,
+                layout.env,
+            )
+            assert done.returncode == 0, done.stderr
+        if variant.kind == "worktree":
+            done = _sh("git worktree add -q tree", where, layout.env)
+            assert done.returncode == 0, done.stderr
+        if variant.kind == "mount":
+            # The repository's .git is a mount point (a bind of a git directory kept
+            # elsewhere, as a container volume would be); unmounted by the test.
+            store = tmp_path / f"store-{tag}"
+            _make_repo(store, layout.env)
+            where.mkdir()
+            (where / ".git").mkdir()
+            (where / "a").write_text("a\n")
+            mount = ["mount", "--bind", str(store / ".git"), str(where / ".git")]
+            subprocess.run(mount, check=True)
+            layout.mounts.append(where / ".git")
+    return layout
+
+
+LEGIT = (
+    "git -C submodule/sm status --short && git -C worktree/tree status --short && "
+    "cd legit && git checkout -q -b feature && echo work > work.txt && git add work.txt && "
+    "git -c user.name=agent -c user.email=agent@test commit -q -m work && "
+    "git checkout -q main && "
+    "git -c user.name=agent -c user.email=agent@test merge -q --no-ff -m merge feature && "
+    "git clone -q . ../legit_clone && git -C ../legit_clone log --oneline | wc -l"
+)
+CONFIG_WRITE = "cd legit && git config user.name agent"
+
+
+def _run(net, tmp_path, extra: tuple[str, ...] = ()):
+    """One run of every variant (and the legitimate work); the host's git after it."""
+    tag = secrets.token_hex(3)
+    layouts: list[Layout] = []
+    steps = {**steps_for(tag), "legit": LEGIT, "config_write": CONFIG_WRITE}
+    try:
+        result = sandbox.run(
+            net,
+            tmp_path,
+            steps,
+            extra=extra,
+            setup=lambda ws: layouts.append(make_layout(tmp_path, ws, tag)),
+        )
+        layout = layouts[0]
+        ran = {v.name: layout.run_on_host(v) for v in VARIANTS}
+        return result, layout, ran, layout.appeared()
+    finally:
+        for layout in layouts:
+            layout.undo()
+
+
+def test_planted_payloads_never_run_on_the_host(net, tmp_path):
+    result, layout, ran, appeared = _run(net, tmp_path)
+    assert result.returncode == 0, result.describe()
+    assert not appeared, (appeared, {n: ran[n].stderr[-300:] for n in appeared})
+    planted = result.events(reason="workspace_planted")
+    assert planted and all(e["rule_id"] == "builtin:workspace-planted" for e in planted)
+    ws = layout.workspace
+    # What only the after-the-run check can catch was caught and renamed aside.
+    for path in (
+        ws / "git_init/.git/hooks/pre-commit.sandgate-planted",
+        ws / "git_file/store/config.sandgate-planted",
+        ws / "nested_repo/nested/.git/config.sandgate-planted",
+        ws / "bare_repo/config.sandgate-planted",
+        ws / "symlink/new/.git/hooks/pre-commit.sandgate-planted",
+        ws / "worktree/.git/worktrees/tree/config.worktree.sandgate-planted",
+    ):
+        assert os.path.lexists(path), (path, result.describe())
+    details = " ".join(e.get("detail", "") for e in planted)
+    assert "core.fsmonitor" in details and "a git hook" in details, details
+    assert str(ws / "git_init/.git/hooks/pre-commit") in result.summary["workspace_planted"]
+    # What the mounts refused during the run, as the task saw it.
+    assert "busy" in result["renamed_git"].err, result["renamed_git"].err
+    assert "Read-only file system" in result["hook"].err, result["hook"].err
+    assert "cross-device" in result["hardlink"].err, result["hardlink"].err
+    # Legitimate work: branches, commits, checkout, merge, a clone; nothing flagged there.
+    legit = result["legit"]
+    assert legit.rc == 0 and legit.out.strip() == "3", result.describe()
+    log = _sh("git log --oneline feature", ws / "legit", layout.env)
+    assert "work" in log.stdout, log
+    assert not [p for p in result.summary["workspace_planted"] if "/legit" in p]
+    # What stops working: writing .git/config of a repository that was there before.
+    config = result["config_write"]
+    assert config.rc != 0 and "could not" in config.err.lower(), config.err
+
+
+def test_without_the_guard_every_payload_runs_on_the_host(net, tmp_path):
+    """--no-workspace-guard: the opt-out, recorded as a weakened sandbox; and proof
+    that each variant's payload is real."""
+    result, _, ran, appeared = _run(net, tmp_path, ("--no-workspace-guard",))
+    assert result.returncode == 0, result.describe()
+    missing = {v.name for v in VARIANTS} - appeared
+    assert not missing, (
+        missing,
+        {n: (ran[n].stdout[-200:], ran[n].stderr[-300:]) for n in missing},
+    )
+    weakened = result.events(reason="sandbox_weakened")
+    assert [e["rule_id"] for e in weakened] == ["builtin:weakened-workspace-guard"], weakened
+    assert result.summary["sandbox_weakened"] == ["workspace-guard"]
+    assert not result.events(reason="workspace_planted")
+
+
+GIT_SERVER_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        ports: [8080]
+        id: git-server
+"""
+
+
+def test_git_fetch_through_the_gateway_into_a_guarded_repository(net, tmp_path):
+    """A repository made before the run fetches and fast-forwards from a git server
+    in the fake internet (dumb HTTP) through the gateway; nothing is planted."""
+    env = _git_env(tmp_path)
+    origin = tmp_path / "srv" / "origin.git"
+    origin.parent.mkdir()
+    seed = tmp_path / "seed"
+    _make_repo(seed, env)
+    assert _sh(f"git clone -q --bare . {origin}", seed, env).returncode == 0
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(GIT_SERVER_RULES)
+
+    def setup(workspace: Path) -> None:
+        repo = workspace / "repo"
+        done = _sh(
+            f"git clone -q {origin} {repo} && cd {repo} && "
+            "git remote set-url origin http://allowed.test:8080/origin.git && "
+            f"cd {seed} && echo two >> a && git commit -qam two && git push -q {origin} main && "
+            f"git -C {origin} update-server-info",
+            tmp_path,
+            env,
+        )
+        assert done.returncode == 0, done.stderr
+
+    server = sandbox.subprocess.Popen(
+        ["ip", "netns", "exec", net.internet_ns, sandbox.PYTHON, "-u", "-m", "http.server",
+         "8080", "--bind", "203.0.113.10", "--directory", str(origin.parent)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert "Serving HTTP" in server.stdout.readline()
+        fetch = (
+            "cd repo && git fetch -q origin && git merge -q --ff-only origin/main && "
+            "git log --oneline | wc -l"
+        )
+        result = sandbox.run(net, tmp_path, {"fetch": fetch}, rules=rules, setup=setup)
+    finally:
+        server.kill()
+        server.wait()
+    assert result["fetch"].rc == 0 and result["fetch"].out.strip() == "2", result.describe()
+    assert result.verdicts(kind="request", reason="rule_allow") == {
+        ("allow", "rule_allow", "git-server")
+    }, result.describe()
+    assert "workspace_planted" not in result.summary
+
+
+def test_a_run_attached_to_the_gateway_service_is_checked_too(net, tmp_path):
+    """`sandgate run --gateway` (the lean runner, in-process or a warm one): the same
+    check after the run, its event in the service's audit log and summary."""
+    variant = next(v for v in VARIANTS if v.name == "git_init")
+    tag = secrets.token_hex(3)
+    steps = {"git_init": f"mkdir git_init && {steps_for(tag)['git_init']}"}
+    try:
+        with service.running(net, tmp_path, service.TWO_PROFILES) as gw:
+            result = service.attach(gw, tmp_path, steps)
+        layout = Layout(result.steps_dir, _git_env(tmp_path), tag, [])
+        layout.run_on_host(variant)
+        assert not layout.appeared(), result.describe()
+    finally:
+        canary(variant, tag).unlink(missing_ok=True)
+    assert result.returncode == 0, result.describe()
+    hook = result.steps_dir / "git_init" / ".git" / "hooks" / "pre-commit"
+    assert not hook.exists() and hook.with_name("pre-commit.sandgate-planted").exists()
+    assert result.summary["workspace_planted"] == [str(hook)], result.summary
+    planted = result.events(reason="workspace_planted")
+    assert [e["rule_id"] for e in planted] == ["builtin:workspace-planted"], result.describe()
+    assert str(hook) in planted[0]["detail"]
+    assert "PLANTED for the host" in result.stdout + result.stderr

@@ -1,0 +1,240 @@
+"""The workspace guard's check after the run (enforcer/sandbox/planting.py), on real
+directories without a sandbox: what counts as planted, what is left alone, and that
+disarming renames exactly the planted paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from sandgate.enforcer.sandbox import planting
+
+HOOK = "#!/bin/sh\ntouch /tmp/never\n"
+DATA_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tbare = false\n"
+CODE_CONFIG = "[core]\n\tfsmonitor = touch /tmp/never\n"
+
+
+def _git_dir(path: Path, config: str = DATA_CONFIG) -> Path:
+    """What `git init` leaves, without git: HEAD, objects, refs, config, hooks."""
+    for sub in ("objects", "refs/heads", "hooks", "info"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    (path / "HEAD").write_text("ref: refs/heads/main\n")
+    (path / "config").write_text(config)
+    (path / "hooks" / "pre-commit.sample").write_text(HOOK)
+    (path / "info" / "exclude").write_text("# git ls-files --others --exclude-from\n")
+    return path
+
+
+@pytest.fixture
+def ws(tmp_path):
+    root = tmp_path / "ws"
+    _git_dir(root / ".git")
+    (root / "src").mkdir()
+    return root
+
+
+def _planted(ws: Path, change) -> dict[str, str]:
+    before = planting.survey([ws])
+    change(ws)
+    return {str(p.path.relative_to(ws)): p.why for p in planting.find_planted(before)}
+
+
+def _write(relative: str, text: str):
+    def change(ws: Path) -> None:
+        (ws / relative).parent.mkdir(parents=True, exist_ok=True)
+        (ws / relative).write_text(text)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        pytest.param(
+            _write(".git/hooks/pre-commit", HOOK),
+            {".git/hooks/pre-commit": "a git hook"},
+            id="hook",
+        ),
+        pytest.param(
+            _write(".git/config", CODE_CONFIG), {".git/config": "core.fsmonitor"}, id="config"
+        ),
+        pytest.param(
+            _write(".git/config.worktree", CODE_CONFIG),
+            {".git/config.worktree": "core.fsmonitor"},
+            id="config-worktree",
+        ),
+        pytest.param(
+            _write(".git/info/attributes", "* diff=x\n"),
+            {".git/info/attributes": "attributes"},
+            id="info-attributes",
+        ),
+        pytest.param(
+            lambda ws: _git_dir(ws / "sub" / ".git", CODE_CONFIG),
+            {"sub/.git/config": "core.fsmonitor"},
+            id="nested",
+        ),
+        pytest.param(
+            lambda ws: _git_dir(ws / "bare", CODE_CONFIG),
+            {"bare/config": "core.fsmonitor"},
+            id="bare-repository",
+        ),
+        pytest.param(
+            lambda ws: _git_dir(ws / ".git" / "modules" / "m", CODE_CONFIG),
+            {".git/modules/m/config": "core.fsmonitor"},
+            id="submodule-git-dir",
+        ),
+        pytest.param(
+            _write("src/.git", "gitdir: /elsewhere/on/the/host\n"),
+            {"src/.git": "pointing outside"},
+            id="gitfile-outside",
+        ),
+        pytest.param(
+            lambda ws: (ws / "src" / ".git").symlink_to(ws / ".git"),
+            {"src/.git": "symbolic link"},
+            id="gitfile-link",
+        ),
+        pytest.param(
+            lambda ws: (ws / ".git" / "hooks" / "post-checkout").symlink_to("/bin/true"),
+            {".git/hooks/post-checkout": "symbolic link"},
+            id="hook-link",
+        ),
+        pytest.param(
+            lambda ws: os.link(ws / ".git" / "config", ws / "src" / "cfg"),
+            {".git/config": "hard-linked"},
+            id="config-hard-link",
+        ),
+        pytest.param(
+            lambda ws: os.mkfifo(ws / ".git" / "config.worktree"),
+            {".git/config.worktree": "special file"},
+            id="config-fifo",
+        ),
+        pytest.param(
+            _write(".vscode/tasks.json", "{}"), {".vscode/tasks.json": "editor"}, id="vscode"
+        ),
+        pytest.param(
+            _write("src/.idea/workspace.xml", "<x/>"),
+            {"src/.idea/workspace.xml": "editor"},
+            id="idea",
+        ),
+        pytest.param(
+            _write(".git/config", "[core\n"),
+            {".git/config": "unreadable config"},
+            id="unreadable-config",
+        ),
+    ],
+)
+def test_what_would_run_on_the_host_is_planted(ws, change, expected):
+    found = _planted(ws, change)
+    assert found.keys() == expected.keys(), found
+    for path, words in expected.items():
+        assert words in found[path], found
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(_write("src/main.py", "print()\n"), id="work-tree-files"),
+        pytest.param(
+            _write(".git/config", DATA_CONFIG + '[remote "o"]\n\turl = x\n'), id="remote-add"
+        ),
+        pytest.param(_write(".git/hooks/post-update.sample", HOOK), id="sample-hook"),
+        pytest.param(_write(".git/info/exclude", "*.o\n"), id="info-exclude"),
+        pytest.param(_write(".git/refs/heads/feature", "0" * 40 + "\n"), id="a-branch"),
+        pytest.param(_write(".git/objects/ab/cdef", "x"), id="an-object"),
+        pytest.param(lambda ws: _git_dir(ws / "clone" / ".git"), id="a-clone"),
+        pytest.param(
+            lambda ws: (
+                _git_dir(ws / ".git" / "worktrees" / "t"),
+                (ws / ".git" / "worktrees" / "t" / "commondir").write_text("../..\n"),
+                (ws / "t").mkdir(),
+                (ws / "t" / ".git").write_text(f"gitdir: {ws}/.git/worktrees/t\n"),
+            ),
+            id="a-worktree",
+        ),
+        pytest.param(
+            lambda ws: (
+                _git_dir(ws / ".git" / "modules" / "m"),
+                (ws / "m").mkdir(),
+                (ws / "m" / ".git").write_text("gitdir: ../.git/modules/m\n"),
+            ),
+            id="a-submodule",
+        ),
+    ],
+)
+def test_ordinary_work_is_not_planted(ws, change):
+    assert _planted(ws, change) == {}
+
+
+def test_what_was_there_before_is_not_planted(tmp_path):
+    """The user's own hooks and config predate the task: unchanged, they are theirs."""
+    root = tmp_path / "ws"
+    git = _git_dir(root / ".git", CODE_CONFIG)
+    (git / "hooks" / "pre-commit").write_text(HOOK)
+    assert _planted(root, lambda ws: None) == {}
+
+
+def test_a_rewrite_with_the_same_mtime_is_still_a_change(ws):
+    def rewrite(ws: Path) -> None:
+        config = ws / ".git" / "config"
+        st = config.stat()
+        config.write_text(CODE_CONFIG[: len(DATA_CONFIG)].ljust(len(DATA_CONFIG)))
+        os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns))  # the task can; ctime moves
+
+    assert ".git/config" in _planted(ws, rewrite)
+
+
+def test_disarm_renames_only_the_planted_paths_beside_them(ws):
+    before = planting.survey([ws])
+    (ws / ".git" / "hooks" / "pre-commit").write_text(HOOK)
+    (ws / ".git" / "hooks" / "pre-commit.sandgate-planted").write_text("an earlier run's")
+    (ws / "sub").mkdir()
+    (ws / "sub" / ".git").symlink_to("/")
+    done = planting.disarm(planting.find_planted(before))
+    assert sorted(p.disarmed_as.name for p in done) == [
+        ".git.sandgate-planted",
+        "pre-commit.sandgate-planted-2",
+    ]
+    assert not os.path.lexists(ws / ".git" / "hooks" / "pre-commit")
+    assert not os.path.lexists(ws / "sub" / ".git")
+    assert (ws / "sub" / ".git.sandgate-planted").is_symlink()  # moved, never followed
+    assert (ws / ".git" / "hooks" / "pre-commit.sample").exists()
+    assert planting.find_planted(planting.survey([ws])) == []  # nothing by those names now
+
+
+def test_the_walk_never_follows_links_out_of_the_workspace(tmp_path):
+    outside = _git_dir(tmp_path / "outside" / ".git", CODE_CONFIG)
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "link").symlink_to(outside.parent)
+    result = planting.survey([root])
+    assert result.git_dirs == set() and list(result.controls) == []
+
+
+def test_too_deep_to_walk_is_reported(ws, monkeypatch):
+    monkeypatch.setattr(planting, "MAX_DEPTH", 3)
+    found = _planted(ws, lambda ws: (ws / "a" / "b" / "c" / "d").mkdir(parents=True))
+    assert found == {"a/b/c/d": "deeper than 3 directories: not checked"}
+
+
+def test_many_planted_paths_are_reported_in_a_bounded_list(ws):
+    before = planting.survey([ws])
+    for n in range(120):
+        (ws / ".git" / "hooks" / f"h{n:03}").write_text(HOOK)
+    done = planting.disarm(planting.find_planted(before))
+    shown = planting.summarised(done)
+    assert len(done) == 120 and len(shown) == planting.MAX_REPORTED
+    assert "and 70 more planted paths like it (71 of 71 renamed)" in shown[-1].why
+
+
+def test_during_the_run_git_dirs_are_pinned_and_their_control_files_read_only(ws):
+    (ws / "m").mkdir()
+    (ws / "m" / ".git").write_text("gitdir: ../.git/modules/m\n")
+    _git_dir(ws / ".git" / "modules" / "m")
+    before = planting.survey([ws])
+    assert planting.pinned_dirs(before) == [ws / ".git", ws / ".git" / "modules" / "m"]
+    assert sorted(planting.read_only_binds(before)) == sorted(
+        [ws / "m" / ".git"]
+        + [ws / ".git" / n for n in ("config", "hooks", "info")]
+        + [ws / ".git" / "modules" / "m" / n for n in ("config", "hooks", "info")]
+    )
