@@ -133,7 +133,9 @@ def run_attached(opts: AttachOptions) -> int:
     for item in planted:
         print(f"sandgate: warning: the task planted {item.describe()}", file=sys.stderr)
         if client is not None:
-            _send(client, "event", what="planted", name=str(item.path)[:300], detail=item.describe())
+            _send(
+                client, "event", what="planted", name=str(item.path)[:300], detail=item.describe()
+            )
     summary = _detach(client, run_id, code, quiet=opts.quiet)
     if summary is not None:
         # What this runner measured itself, not the service's copy: an event the service

@@ -405,7 +405,9 @@ def file_view(
     for path in [*writable_roots, *pinned]:
         binds.append({"source": str(path), "target": str(path), "writable": True})
     for path in guarded:
-        binds.append({"source": str(path), "target": str(path), "writable": False, "idmapped": True})
+        binds.append(
+            {"source": str(path), "target": str(path), "writable": False, "idmapped": True}
+        )
     read_only = list(opts.ro) + [
         p for p in protected if any(_under(p, w) for w in writable_roots) and p.exists()
     ]
