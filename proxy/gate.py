@@ -27,8 +27,9 @@ Decision points, earliest first (see docs/architecture.md):
  4. `on_close`: an allowed connection's end (bytes, duration); a connection that
     closed before any decision gets its `no_data` denial.
 
-`counts` (proxy/limits.py) holds each sandbox's open connections (admitted by
-`on_connect`, until `on_close`) and pending ones (still in phase OPEN): the phase
+`counts` (proxy/limits.py) holds each task's open connections (admitted by
+`on_connect`, until `on_close`; keyed by its Sandbox, address and task id, so that a
+task given a freed address never inherits the last one's connections still closing) and pending ones (still in phase OPEN): the phase
 table lets a connection leave OPEN once and close once, so each count is released
 exactly once, whichever adapter holds the connection and however it ends.
 
@@ -270,7 +271,7 @@ class ConnectionGate:
         self.wall_clock = wall_clock
         # Every connection past connect and not yet closed, by its adapter's key.
         self.connections: dict[Hashable, ConnState] = {}
-        # What each sandbox holds, against its profile's limits (see the docstring).
+        # What each task's sandbox holds, against its profile's limits (see the docstring).
         self.counts = ConnectionCounts()
         # A denial for every new connection while the gateway cannot take one on (its
         # audit log cannot be written: Gateway.guard_audit), else None.
@@ -346,7 +347,7 @@ class ConnectionGate:
             self._internal_error(e, fields, started, None)
             return None
         self.connections[key] = state
-        self.counts.admit(sandbox.address)
+        self.counts.admit(sandbox)
         return state
 
     def _decide_at_connect(self, state: ConnState) -> Decision:
@@ -371,7 +372,7 @@ class ConnectionGate:
         """A `sandbox_limit` denial if `sandbox` holds as many open (or undecided)
         connections as its profile allows, else None."""
         limits = self.policy.limits_for(sandbox.profile)
-        full = self.counts.full(sandbox.address, limits)
+        full = self.counts.full(sandbox, limits)
         if full is None:
             return None
         if full == "connections":
@@ -834,7 +835,7 @@ class ConnectionGate:
             return  # closed before: its end is reported
         if self.connections.get(state.key) is state:
             del self.connections[state.key]
-        self.counts.closed(state.sandbox.address)
+        self.counts.closed(state.sandbox)
         if state.allowed is not None:
             event = Event.from_decision(
                 EventKind.CONNECTION_END,
@@ -1195,9 +1196,7 @@ class ConnectionGate:
         was = state.phase
         state.phase = advance(was, step, target)
         if was is Phase.OPEN and target is not Phase.OPEN:
-            self.counts.decided(
-                state.sandbox.address
-            )  # no longer pending: once, OPEN is never re-entered
+            self.counts.decided(state.sandbox)  # no longer pending: once, OPEN is never re-entered
 
     def _fail(
         self, state: ConnState | None, error: Exception, started: float, fields: dict | None = None

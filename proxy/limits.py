@@ -4,7 +4,9 @@ profile's caps (`limits:` in the rule file, `policy.model.Limits`).
 Two pure bookkeepers, no sockets, no asyncio, a clock only where one is injected:
 
 - `ConnectionCounts`: open and pending (admitted, not yet decided) connections per
-  sandbox, kept by the connection gate (proxy/gate.py), which admits, decides and
+  sandbox (the gate's key is its `Sandbox`, address and task: a task that is given
+  an address another task left holds none of the connections of that one still
+  closing), kept by the connection gate (proxy/gate.py), which admits, decides and
   closes every connection whichever adapter holds it;
 - `TokenBuckets`: DNS queries per second per sandbox, kept by the DNS filter
   (proxy/dns/server.py).
@@ -18,7 +20,7 @@ sandbox holds nothing (counts) or has been idle long enough to be full (buckets)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from sandgate.proxy.policy.model import Limits
@@ -33,23 +35,23 @@ class Held:
 
 
 class ConnectionCounts:
-    """Open and pending connections per sandbox address, and their totals.
+    """Open and pending connections per sandbox (any hashable key), and their totals.
 
     The gate calls `admit` when it lets a connection past connect, `decided` once
     when it leaves the undecided phase, and `closed` once when it ends: the phases
     (proxy/lifecycle.py) make each happen at most once per connection."""
 
     def __init__(self) -> None:
-        self._by_sandbox: dict[str, Held] = {}
+        self._by_sandbox: dict[Hashable, Held] = {}
         self.open = 0  # over all sandboxes: the metrics' gauge
         self.pending = 0
 
-    def of(self, sandbox: str) -> Held:
+    def of(self, sandbox: Hashable) -> Held:
         """A copy of what `sandbox` holds (zeros for one that holds nothing)."""
         held = self._by_sandbox.get(sandbox)
         return Held(held.open, held.pending) if held else Held()
 
-    def full(self, sandbox: str, limits: Limits) -> str | None:
+    def full(self, sandbox: Hashable, limits: Limits) -> str | None:
         """Which cap a new connection of `sandbox` would exceed ("connections" or
         "pending"), or None if it may be admitted."""
         held = self._by_sandbox.get(sandbox)
@@ -61,7 +63,7 @@ class ConnectionCounts:
             return "pending"
         return None
 
-    def admit(self, sandbox: str) -> None:
+    def admit(self, sandbox: Hashable) -> None:
         held = self._by_sandbox.get(sandbox)
         if held is None:
             held = self._by_sandbox[sandbox] = Held()
@@ -70,11 +72,11 @@ class ConnectionCounts:
         self.open += 1
         self.pending += 1
 
-    def decided(self, sandbox: str) -> None:
+    def decided(self, sandbox: Hashable) -> None:
         self._by_sandbox[sandbox].pending -= 1
         self.pending -= 1
 
-    def closed(self, sandbox: str) -> None:
+    def closed(self, sandbox: Hashable) -> None:
         held = self._by_sandbox[sandbox]
         held.open -= 1
         self.open -= 1

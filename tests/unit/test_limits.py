@@ -103,7 +103,8 @@ def connect(gate, key, sandbox=SANDBOX):
 
 
 def held(gate, sandbox=SANDBOX) -> tuple[int, int]:
-    h = gate.counts.of(sandbox)
+    """What the task now at address `sandbox` holds."""
+    h = gate.counts.of(gate.registry.get(sandbox))
     return h.open, h.pending
 
 
@@ -199,6 +200,29 @@ def test_every_way_a_connection_ends_releases_it_once(gate):
     gate.on_close(broken)
     assert (gate.counts.open, gate.counts.pending, len(gate.counts)) == (0, 0, 0)
     assert gate.connections == {}
+
+
+def test_a_task_given_a_freed_address_counts_only_its_own_connections(gate):
+    # task1 holds its cap (3 open) and ends; its connections are still closing when
+    # task3 is given the same address.
+    old = [connect(gate, key) for key in (1, 2)]
+    for state in old:
+        assert gate.on_first_bytes(state, HELLO) is Outcome.PASSTHROUGH
+    old.append(connect(gate, 3))
+    assert connect(gate, 4) is None  # task1 is at its cap
+    gate.registry.remove(SANDBOX)
+    gate.registry.add(Sandbox(SANDBOX, "task3", "default"))
+    assert held(gate) == (0, 0)
+    new = [connect(gate, key) for key in (5, 6)]
+    assert None not in new and held(gate) == (2, 2)
+    assert [s.fields["task_id"] for s in new] == ["task3", "task3"]
+    # task1's closes release task1's counts, never task3's.
+    for state in old:
+        gate.on_close(state)
+    assert held(gate) == (2, 2) and gate.counts.open == 2
+    # task3's own cap still holds it: a third undecided one is over `pending: 2`.
+    assert connect(gate, 7) is None
+    assert limit_events(gate)[-1] == ("sandbox_limit", "builtin:sandbox-pending")
 
 
 def test_a_profiles_limits_follow_the_policy_in_force(gate, tmp_path):
