@@ -255,3 +255,34 @@ def test_the_kernels_dns_rate_never_drops_what_a_profile_may_send() -> None:
 
     assert MAX_LIMITS.dns_qps <= nft.DNS_PACKETS_PER_S
     assert f"limit rate over {nft.DNS_PACKETS_PER_S}/second" in render_ruleset(CONFIG)
+
+
+@pytest.mark.e2e
+def test_a_process_holding_a_thousand_descriptors_still_runs_nft() -> None:
+    """A gateway service holding its sandboxes' connections (descriptors past
+    FD_SETSIZE): libnftables' select() on a socket numbered past 1024 made glibc abort
+    the process at the next attach. Now the `nft` command runs it; the process lives,
+    and the table loads and lists (in a throwaway netns)."""
+    name = f"sgtfds{os.getpid() % 10000}"
+    script = """
+import os, resource
+from sandgate.enforcer import nft
+resource.setrlimit(resource.RLIMIT_NOFILE, (2048, 2048))
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+assert held[-1] > 1024, held[-1]
+nft.apply_ruleset(nft.render_ruleset(nft.RulesetConfig(
+    table="sandgate_fds", sandbox_ifaces="sgh-fds", proxy_port=8080, dns_port=5353)))
+assert nft.list_tables() == ["sandgate_fds"], nft.list_tables()
+nft.delete_table("sandgate_fds")
+print("alive")
+"""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        run = subprocess.run(
+            ["ip", "netns", "exec", name, sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+        )
+        assert (run.returncode, run.stdout) == (0, "alive\n"), run.stderr
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
