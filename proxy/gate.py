@@ -273,6 +273,9 @@ class ConnectionGate:
         self.connections: dict[Hashable, ConnState] = {}
         # What each task's sandbox holds, against its profile's limits (see the docstring).
         self.counts = ConnectionCounts()
+        # The sandbox connections the process's descriptors allow (limits.connection_budget),
+        # shared fairly (ConnectionCounts.full); None: no cap but the profiles'.
+        self.connection_budget: int | None = None
         # A denial for every new connection while the gateway cannot take one on (its
         # audit log cannot be written: Gateway.guard_audit), else None.
         self.hold_new: Callable[[], Decision | None] = _no_hold
@@ -370,9 +373,11 @@ class ConnectionGate:
 
     def _over_sandbox_limit(self, sandbox: Sandbox) -> Decision | None:
         """A `sandbox_limit` denial if `sandbox` holds as many open (or undecided)
-        connections as its profile allows, else None."""
+        connections as its profile allows, or its fair share of the worker's
+        `connection_budget` (`descriptors_exhausted` when all of it is held), else None."""
         limits = self.policy.limits_for(sandbox.profile)
-        full = self.counts.full(sandbox, limits)
+        budget = self.connection_budget
+        full = self.counts.full(sandbox, limits, budget)
         if full is None:
             return None
         if full == "connections":
@@ -380,9 +385,22 @@ class ConnectionGate:
                 "sandbox-connections",
                 detail=f"the sandbox holds {limits.connections} open connections, its limit",
             )
+        if full == "pending":
+            return deny(
+                "sandbox-pending",
+                detail=f"the sandbox holds {limits.pending} connections not yet decided, its limit",
+            )
+        if full == "share":
+            return deny(
+                "sandbox-fair-share",
+                detail=f"the gateway worker holds {self.counts.open} of the {budget} "
+                f"connections its descriptors allow, and the sandbox "
+                f"{self.counts.of(sandbox).open}, its fair share",
+            )
         return deny(
-            "sandbox-pending",
-            detail=f"the sandbox holds {limits.pending} connections not yet decided, its limit",
+            "descriptors-exhausted",
+            detail=f"the gateway worker holds the {budget} connections its descriptors "
+            "allow; new connections are refused until open ones close",
         )
 
     def hand_off(self, state: ConnState) -> bool:

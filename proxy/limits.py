@@ -12,8 +12,10 @@ Two pure bookkeepers, no sockets, no asyncio, a clock only where one is injected
   (proxy/dns/server.py).
 
 A sandbox over a cap is denied with reason `sandbox_limit`; other sandboxes are not
-touched, because nothing here is shared between sandboxes but the totals the
-metrics read. Memory is bounded by the sandboxes in use: an entry goes when its
+touched. The one thing they share is the worker's descriptors: `connection_budget`
+turns those into a number of connections, split fairly once half of it is held
+(`ConnectionCounts.full`), so that N sandboxes each within its profile's cap cannot
+together leave the worker none for the next sandbox's connection. Memory is bounded by the sandboxes in use: an entry goes when its
 sandbox holds nothing (counts) or has been idle long enough to be full (buckets).
 """
 
@@ -34,6 +36,20 @@ class Held:
     pending: int = 0
 
 
+# Descriptors a gateway worker needs besides its sandboxes' connections: the reserve
+# (proxy/descriptors.py), its listeners, the DNS filter's sockets (up to 256 TCP
+# connections), plain HTTP's idle upstream connections (256), the audit log, the
+# control and admin connections, mitmproxy's own.
+OTHER_DESCRIPTORS = 640
+
+
+def connection_budget(descriptors: int) -> int:
+    """How many sandbox connections a worker whose RLIMIT_NOFILE is `descriptors`
+    holds at most: two descriptors each (the client's and the upstream's) after
+    OTHER_DESCRIPTORS, at least 64. With a limit of 2048: 704; of 1,048,576: 523,968."""
+    return max(64, (descriptors - OTHER_DESCRIPTORS) // 2)
+
+
 class ConnectionCounts:
     """Open and pending connections per sandbox (any hashable key), and their totals.
 
@@ -51,17 +67,35 @@ class ConnectionCounts:
         held = self._by_sandbox.get(sandbox)
         return Held(held.open, held.pending) if held else Held()
 
-    def full(self, sandbox: Hashable, limits: Limits) -> str | None:
-        """Which cap a new connection of `sandbox` would exceed ("connections" or
-        "pending"), or None if it may be admitted."""
+    def full(self, sandbox: Hashable, limits: Limits, budget: int | None = None) -> str | None:
+        """Which cap a new connection of `sandbox` would exceed, or None if it may be
+        admitted: its profile's ("connections", "pending"), else the worker's
+        `budget` (connection_budget; None: no worker cap): "worker" when all of it is
+        held, "share" when half of it is and `sandbox` holds its fair share already.
+
+        The share is the budget split evenly among the sandboxes holding connections
+        and one more: each profile's cap may be fair alone while N of them add up to
+        more descriptors than the worker has (they did: the first to run out refused
+        every sandbox's next connection, descriptors_exhausted). Past half the
+        budget a sandbox over its share waits for its own connections to close, and
+        one holding few, a newcomer above all, still finds room."""
         held = self._by_sandbox.get(sandbox)
-        if held is None:
+        if held is not None:
+            if held.open >= limits.connections:
+                return "connections"
+            if held.pending >= limits.pending:
+                return "pending"
+        if budget is None or self.open < budget // 2:
             return None
-        if held.open >= limits.connections:
-            return "connections"
-        if held.pending >= limits.pending:
-            return "pending"
+        if self.open >= budget:
+            return "worker"
+        if held is not None and held.open >= self.share(budget):
+            return "share"
         return None
+
+    def share(self, budget: int) -> int:
+        """A sandbox's fair share of `budget` connections: see `full`."""
+        return max(1, budget // (len(self._by_sandbox) + 1))
 
     def admit(self, sandbox: Hashable) -> None:
         held = self._by_sandbox.get(sandbox)

@@ -156,6 +156,13 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "the sandbox already held as many undecided connections as its profile's limits: pending allow",
     ),
     (
+        "sandbox-fair-share",
+        (R.SANDBOX_LIMIT,),
+        "the gateway worker held over half the connections its descriptors allow, and the "
+        "sandbox its fair share of them (that number split among the sandboxes holding "
+        "connections and one more)",
+    ),
+    (
         "audit-unavailable",
         (R.AUDIT_UNAVAILABLE,),
         "the audit log could not be written (disk full, its budget reached, out of descriptors): "

@@ -327,3 +327,49 @@ def test_dns_over_the_rate_is_refused_with_an_event_and_never_forwarded():
     assert ask("10.0.0.2", "later.example.com").rcode() == dns.rcode.SERVFAIL
     assert ask("10.0.0.2", "again.example.com").rcode() == dns.rcode.REFUSED
     assert upstream[-2:] == ["b.example.com.", "later.example.com."]
+
+
+def test_past_half_the_workers_budget_a_sandbox_over_its_fair_share_waits():
+    counts, limits = ConnectionCounts(), Limits(connections=100, pending=100)
+    for _ in range(40):
+        counts.admit("greedy")
+    for _ in range(5):
+        counts.admit("modest")
+    # Below half of a budget of 100 nothing but the profile's caps counts.
+    assert counts.full("greedy", limits, budget=100) is None
+    for _ in range(10):
+        counts.admit("greedy")
+    # 55 open of 100: the share is 100 // (2 holders + 1) = 33.
+    assert counts.share(100) == 33
+    assert counts.full("greedy", limits, budget=100) == "share"
+    assert counts.full("modest", limits, budget=100) is None
+    assert counts.full("newcomer", limits, budget=100) is None
+    assert counts.full("greedy", limits, budget=None) is None  # no worker cap
+    # The whole budget held: nobody gets another.
+    for _ in range(45):
+        counts.admit("modest")
+    assert counts.full("newcomer", limits, budget=100) == "worker"
+    # The profile's own caps come first.
+    assert counts.full("greedy", Limits(connections=50), budget=100) == "connections"
+
+
+def test_the_gate_denies_over_the_fair_share_with_its_rule_and_a_detail(gate):
+    gate.connection_budget = 6  # past 3 open, a share of 6 // (2 holders + 1) = 2
+    states = [connect(gate, key) for key in (1, 2)]
+    for state in states:
+        gate.on_first_bytes(state, HELLO)
+    other = [connect(gate, key, sandbox=OTHER) for key in (3, 4)]
+    assert None not in states + other
+    assert connect(gate, 5) is None  # within its profile's caps (3 open, 2 pending)
+    assert limit_events(gate)[-1] == ("sandbox_limit", "builtin:sandbox-fair-share")
+    assert "holds 4 of the 6 connections" in gate.events[-1].detail
+    gate.on_close(states[0])
+    assert connect(gate, 6) is not None
+
+
+def test_connection_budget_leaves_the_worker_its_own_descriptors():
+    from sandgate.proxy.limits import OTHER_DESCRIPTORS, connection_budget
+
+    assert connection_budget(2048) == (2048 - OTHER_DESCRIPTORS) // 2 == 704
+    assert connection_budget(1024) == 192
+    assert connection_budget(100) == 64
