@@ -393,9 +393,9 @@ class ConnectionGate:
         if full == "share":
             return deny(
                 "sandbox-fair-share",
-                detail=f"the gateway worker holds {self.counts.open} of the {budget} "
-                f"connections its descriptors allow, and the sandbox "
-                f"{self.counts.of(sandbox).open}, its fair share",
+                detail=f"the sandbox holds {self.counts.of(sandbox).open} connections, and the "
+                f"gateway worker has no more than that free of the {budget} its "
+                "descriptors allow",
             )
         return deny(
             "descriptors-exhausted",

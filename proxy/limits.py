@@ -13,8 +13,8 @@ Two pure bookkeepers, no sockets, no asyncio, a clock only where one is injected
 
 A sandbox over a cap is denied with reason `sandbox_limit`; other sandboxes are not
 touched. The one thing they share is the worker's descriptors: `connection_budget`
-turns those into a number of connections, split fairly once half of it is held
-(`ConnectionCounts.full`), so that N sandboxes each within its profile's cap cannot
+turns those into a number of connections, of which a sandbox may hold no more than
+are free (`ConnectionCounts.full`), so that N sandboxes each within its profile's cap cannot
 together leave the worker none for the next sandbox's connection. Memory is bounded by the sandboxes in use: an entry goes when its
 sandbox holds nothing (counts) or has been idle long enough to be full (buckets).
 """
@@ -71,31 +71,28 @@ class ConnectionCounts:
         """Which cap a new connection of `sandbox` would exceed, or None if it may be
         admitted: its profile's ("connections", "pending"), else the worker's
         `budget` (connection_budget; None: no worker cap): "worker" when all of it is
-        held, "share" when half of it is and `sandbox` holds its fair share already.
+        held, "share" when `sandbox` holds as many as are still free.
 
-        The share is the budget split evenly among the sandboxes holding connections
-        and one more: each profile's cap may be fair alone while N of them add up to
-        more descriptors than the worker has (they did: the first to run out refused
-        every sandbox's next connection, descriptors_exhausted). Past half the
-        budget a sandbox over its share waits for its own connections to close, and
-        one holding few, a newcomer above all, still finds room."""
+        Each profile's cap may be fair alone while N of them add up to more
+        descriptors than the worker has (they did: the first to run out refused every
+        sandbox's next connection, descriptors_exhausted). A sandbox may hold no more
+        than the worker has free: k greedy ones settle at budget / (k + 1) each, the
+        same number left free, and only a sandbox holding none can take the last one,
+        so one holding few, a newcomer above all, still finds room."""
         held = self._by_sandbox.get(sandbox)
         if held is not None:
             if held.open >= limits.connections:
                 return "connections"
             if held.pending >= limits.pending:
                 return "pending"
-        if budget is None or self.open < budget // 2:
+        if budget is None:
             return None
-        if self.open >= budget:
+        free = budget - self.open
+        if free <= 0:
             return "worker"
-        if held is not None and held.open >= self.share(budget):
+        if held is not None and held.open >= free:
             return "share"
         return None
-
-    def share(self, budget: int) -> int:
-        """A sandbox's fair share of `budget` connections: see `full`."""
-        return max(1, budget // (len(self._by_sandbox) + 1))
 
     def admit(self, sandbox: Hashable) -> None:
         held = self._by_sandbox.get(sandbox)

@@ -158,9 +158,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "sandbox-fair-share",
         (R.SANDBOX_LIMIT,),
-        "the gateway worker held over half the connections its descriptors allow, and the "
-        "sandbox its fair share of them (that number split among the sandboxes holding "
-        "connections and one more)",
+        "the sandbox held as many connections as its gateway worker had free of those its "
+        "descriptors allow: it waits for its own to close, and others still connect",
     ),
     (
         "audit-unavailable",

@@ -329,40 +329,40 @@ def test_dns_over_the_rate_is_refused_with_an_event_and_never_forwarded():
     assert upstream[-2:] == ["b.example.com.", "later.example.com."]
 
 
-def test_past_half_the_workers_budget_a_sandbox_over_its_fair_share_waits():
+def test_a_sandbox_may_hold_no_more_than_the_worker_has_free():
     counts, limits = ConnectionCounts(), Limits(connections=100, pending=100)
-    for _ in range(40):
+    for _ in range(49):
         counts.admit("greedy")
-    for _ in range(5):
-        counts.admit("modest")
-    # Below half of a budget of 100 nothing but the profile's caps counts.
+    # 51 of a budget of 100 free: the greedy one may take one more, not two.
     assert counts.full("greedy", limits, budget=100) is None
-    for _ in range(10):
-        counts.admit("greedy")
-    # 55 open of 100: the share is 100 // (2 holders + 1) = 33.
-    assert counts.share(100) == 33
+    counts.admit("greedy")
     assert counts.full("greedy", limits, budget=100) == "share"
-    assert counts.full("modest", limits, budget=100) is None
     assert counts.full("newcomer", limits, budget=100) is None
     assert counts.full("greedy", limits, budget=None) is None  # no worker cap
+    # A second greedy one settles at a third: as many left free for a third sandbox.
+    while counts.full("second", limits, budget=100) is None:
+        counts.admit("second")
+    assert (counts.of("second").open, 100 - counts.open) == (25, 25)
+    assert counts.full("newcomer", limits, budget=100) is None
     # The whole budget held: nobody gets another.
-    for _ in range(45):
-        counts.admit("modest")
-    assert counts.full("newcomer", limits, budget=100) == "worker"
+    for _ in range(25):
+        counts.admit("newcomer")
+    assert counts.full("fourth", limits, budget=100) == "worker"
     # The profile's own caps come first.
     assert counts.full("greedy", Limits(connections=50), budget=100) == "connections"
 
 
 def test_the_gate_denies_over_the_fair_share_with_its_rule_and_a_detail(gate):
-    gate.connection_budget = 6  # past 3 open, a share of 6 // (2 holders + 1) = 2
+    gate.connection_budget = 5
     states = [connect(gate, key) for key in (1, 2)]
     for state in states:
         gate.on_first_bytes(state, HELLO)
-    other = [connect(gate, key, sandbox=OTHER) for key in (3, 4)]
-    assert None not in states + other
-    assert connect(gate, 5) is None  # within its profile's caps (3 open, 2 pending)
+    other = connect(gate, 3, sandbox=OTHER)
+    assert None not in [*states, other]
+    assert connect(gate, 4) is None  # within its profile's caps (3 open, 2 pending)
     assert limit_events(gate)[-1] == ("sandbox_limit", "builtin:sandbox-fair-share")
-    assert "holds 4 of the 6 connections" in gate.events[-1].detail
+    assert "holds 2 connections" in gate.events[-1].detail
+    assert connect(gate, 5, sandbox=OTHER) is not None  # holds 1 of 2 free
     gate.on_close(states[0])
     assert connect(gate, 6) is not None
 
