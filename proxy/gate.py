@@ -29,9 +29,10 @@ Decision points, earliest first (see docs/architecture.md):
 
 `counts` (proxy/limits.py) holds each task's open connections (admitted by
 `on_connect`, until `on_close`; keyed by its Sandbox, address and task id, so that a
-task given a freed address never inherits the last one's connections still closing) and pending ones (still in phase OPEN): the phase
-table lets a connection leave OPEN once and close once, so each count is released
-exactly once, whichever adapter holds the connection and however it ends.
+task given a freed address never inherits the last one's connections still closing)
+and pending ones (still in phase OPEN): the phase table lets a connection leave OPEN
+once and close once, so each count is released exactly once, whichever adapter holds
+the connection and however it ends.
 
 Each decision emits exactly one Event. Each public method fails closed: an
 unexpected exception, or a call its connection's phase does not take (an

@@ -14,9 +14,10 @@ Two pure bookkeepers, no sockets, no asyncio, a clock only where one is injected
 A sandbox over a cap is denied with reason `sandbox_limit`; other sandboxes are not
 touched. The one thing they share is the worker's descriptors: `connection_budget`
 turns those into a number of connections, of which a sandbox may hold no more than
-are free (`ConnectionCounts.full`), so that N sandboxes each within its profile's cap cannot
-together leave the worker none for the next sandbox's connection. Memory is bounded by the sandboxes in use: an entry goes when its
-sandbox holds nothing (counts) or has been idle long enough to be full (buckets).
+are free (`ConnectionCounts.full`), so that N sandboxes each within its profile's
+cap cannot together leave the worker none for the next sandbox's connection. Memory
+is bounded by the sandboxes in use: an entry goes when its sandbox holds nothing
+(counts) or has been idle long enough to be full (buckets).
 """
 
 from __future__ import annotations

@@ -35,13 +35,11 @@ import ast
 import json
 import os
 import statistics
-import subprocess
 
 import pytest
 from sandgate.proxy.limits import connection_budget
 from support import sandbox
-from support.sandbox import eventually
-from support.service import GatewayProcess, attach_argv, counted
+from support.service import GatewayProcess, beside_a_crowd, counted
 
 pytestmark = pytest.mark.e2e
 
@@ -193,29 +191,6 @@ def service(net, tmp_path):
         gateway.stop()
 
 
-def _start(service, tmp_path, code: str, *args: str, profile: str) -> tuple:
-    shared, rw = sandbox.shared_dir(tmp_path)
-    workdir = sandbox._workdir(tmp_path)
-    command = [sandbox.SANDBOX_PYTHON, "-c", code, *args]
-    popen = subprocess.Popen(
-        attach_argv(service, workdir, command, profile=profile, extra=rw),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return popen, workdir
-
-
-def _finish(popen: subprocess.Popen, timeout: float = 60) -> str:
-    try:
-        _, err = popen.communicate(timeout=timeout)
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-            popen.wait()
-    return err
-
-
 def _task_id(workdir) -> str:
     return json.loads((workdir / "summary.json").read_text())["task_id"]
 
@@ -226,24 +201,14 @@ def test_an_honest_sandbox_connects_fast_beside_many_hostile_ones(
 ):
     n = int(os.environ.get("SANDGATE_PFAIR_N", default_n))
     shared, _ = sandbox.shared_dir(tmp_path)
-    hostile = [
-        _start(service, tmp_path, ATTACK, attack, str(shared), str(i), str(count), profile="hostile")
-        for i in range(n)
-    ]
-    honest = None
-    try:
-        up = eventually(lambda: all((shared / f"up-{i}").exists() for i in range(n)), timeout=60)
-        assert up, [p.stderr.read() if p.poll() is not None else "running" for p, _ in hostile]
-        honest = _start(service, tmp_path, HONEST, str(shared), str(ROUNDS), profile="honest")
-        honest_err = _finish(honest[0])
-        (shared / "stop").write_text("stop")
-        errs = [_finish(p) for p, _ in hostile]
-    finally:
-        (shared / "stop").write_text("stop")
-        for popen, _ in [*hostile, *([honest] if honest else [])]:
-            if popen.poll() is None:
-                popen.kill()
-                popen.wait()
+    run = beside_a_crowd(
+        service,
+        tmp_path,
+        [(ATTACK, (attack, str(shared), str(i), str(count)), "hostile") for i in range(n)],
+        (HONEST, (str(shared), str(ROUNDS)), "honest"),
+        up_timeout=60,
+    )
+    hostile, honest, honest_err, errs = run
     path = shared / "honest-times"
     assert path.exists(), honest_err[-2000:]
     times = ast.literal_eval(path.read_text())

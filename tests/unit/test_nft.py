@@ -236,16 +236,8 @@ seen = []
 nft.delete_table("sandgate_new", meanwhile=lambda: seen.append(nft.list_tables()))
 assert seen == [[]], seen
 """
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        run = subprocess.run(
-            ["ip", "netns", "exec", name, sys.executable, "-c", script],
-            capture_output=True,
-            text=True,
-        )
-        assert run.returncode == 0, run.stderr
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    run = _python_in_netns(name, script)
+    assert run.returncode == 0, run.stderr
 
 
 def test_the_kernels_dns_rate_never_drops_what_a_profile_may_send() -> None:
@@ -276,13 +268,18 @@ assert nft.list_tables() == ["sandgate_fds"], nft.list_tables()
 nft.delete_table("sandgate_fds")
 print("alive")
 """
+    run = _python_in_netns(name, script)
+    assert (run.returncode, run.stdout) == (0, "alive\n"), run.stderr
+
+
+def _python_in_netns(name: str, script: str) -> subprocess.CompletedProcess:
+    """`script` run by this Python in a throwaway netns `name` (removed after)."""
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        run = subprocess.run(
+        return subprocess.run(
             ["ip", "netns", "exec", name, sys.executable, "-c", script],
             capture_output=True,
             text=True,
         )
-        assert (run.returncode, run.stdout) == (0, "alive\n"), run.stderr
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
