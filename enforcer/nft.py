@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import subprocess
 import threading
@@ -239,7 +240,7 @@ def _run_nft(
     args: list[str], stdin: str | None = None, meanwhile: Callable[[], object] | None = None
 ) -> str:
     library = _libnftables()
-    if library is not None:
+    if library is not None and _low_descriptor_free():
         return _run_library(library, args, stdin, meanwhile)
     try:
         proc = subprocess.run(
@@ -267,6 +268,26 @@ _NFT_CTX_DEFAULT = 0
 _NFT_CTX_OUTPUT_JSON = 1 << 4
 _library_lock = threading.Lock()  # one command at a time, as `nft` processes would be
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet
+
+
+# libnftables waits on its netlink socket with select(), whose fd_set holds only
+# descriptors below FD_SETSIZE: given a higher one, glibc aborts the whole process
+# ("bit out of range 0 - FD_SETSIZE on fd_set"). A gateway service whose sandboxes hold
+# a thousand connections has no lower one free, and the next attach killed it (every
+# sandbox's egress with it): then the `nft` command runs it, in a process of its own.
+FD_SETSIZE = 1024
+_FD_MARGIN = 32  # descriptors other threads may take between the look and the library's socket
+
+
+def _low_descriptor_free() -> bool:
+    """Whether the descriptor the library's socket would get (the lowest free) is
+    well below FD_SETSIZE."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # none at all: `nft` says so in its own words
+    os.close(fd)
+    return fd < FD_SETSIZE - _FD_MARGIN
 
 
 def _libnftables() -> ctypes.CDLL | None:

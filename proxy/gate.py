@@ -27,10 +27,12 @@ Decision points, earliest first (see docs/architecture.md):
  4. `on_close`: an allowed connection's end (bytes, duration); a connection that
     closed before any decision gets its `no_data` denial.
 
-`counts` (proxy/limits.py) holds each sandbox's open connections (admitted by
-`on_connect`, until `on_close`) and pending ones (still in phase OPEN): the phase
-table lets a connection leave OPEN once and close once, so each count is released
-exactly once, whichever adapter holds the connection and however it ends.
+`counts` (proxy/limits.py) holds each task's open connections (admitted by
+`on_connect`, until `on_close`; keyed by its Sandbox, address and task id, so that a
+task given a freed address never inherits the last one's connections still closing)
+and pending ones (still in phase OPEN): the phase table lets a connection leave OPEN
+once and close once, so each count is released exactly once, whichever adapter holds
+the connection and however it ends.
 
 Each decision emits exactly one Event. Each public method fails closed: an
 unexpected exception, or a call its connection's phase does not take (an
@@ -270,8 +272,11 @@ class ConnectionGate:
         self.wall_clock = wall_clock
         # Every connection past connect and not yet closed, by its adapter's key.
         self.connections: dict[Hashable, ConnState] = {}
-        # What each sandbox holds, against its profile's limits (see the docstring).
+        # What each task's sandbox holds, against its profile's limits (see the docstring).
         self.counts = ConnectionCounts()
+        # The sandbox connections the process's descriptors allow (limits.connection_budget),
+        # shared fairly (ConnectionCounts.full); None: no cap but the profiles'.
+        self.connection_budget: int | None = None
         # A denial for every new connection while the gateway cannot take one on (its
         # audit log cannot be written: Gateway.guard_audit), else None.
         self.hold_new: Callable[[], Decision | None] = _no_hold
@@ -346,7 +351,7 @@ class ConnectionGate:
             self._internal_error(e, fields, started, None)
             return None
         self.connections[key] = state
-        self.counts.admit(sandbox.address)
+        self.counts.admit(sandbox)
         return state
 
     def _decide_at_connect(self, state: ConnState) -> Decision:
@@ -369,9 +374,11 @@ class ConnectionGate:
 
     def _over_sandbox_limit(self, sandbox: Sandbox) -> Decision | None:
         """A `sandbox_limit` denial if `sandbox` holds as many open (or undecided)
-        connections as its profile allows, else None."""
+        connections as its profile allows, or its fair share of the worker's
+        `connection_budget` (`descriptors_exhausted` when all of it is held), else None."""
         limits = self.policy.limits_for(sandbox.profile)
-        full = self.counts.full(sandbox.address, limits)
+        budget = self.connection_budget
+        full = self.counts.full(sandbox, limits, budget)
         if full is None:
             return None
         if full == "connections":
@@ -379,9 +386,22 @@ class ConnectionGate:
                 "sandbox-connections",
                 detail=f"the sandbox holds {limits.connections} open connections, its limit",
             )
+        if full == "pending":
+            return deny(
+                "sandbox-pending",
+                detail=f"the sandbox holds {limits.pending} connections not yet decided, its limit",
+            )
+        if full == "share":
+            return deny(
+                "sandbox-fair-share",
+                detail=f"the sandbox holds {self.counts.of(sandbox).open} connections, and the "
+                f"gateway worker has no more than that free of the {budget} its "
+                "descriptors allow",
+            )
         return deny(
-            "sandbox-pending",
-            detail=f"the sandbox holds {limits.pending} connections not yet decided, its limit",
+            "descriptors-exhausted",
+            detail=f"the gateway worker holds the {budget} connections its descriptors "
+            "allow; new connections are refused until open ones close",
         )
 
     def hand_off(self, state: ConnState) -> bool:
@@ -834,7 +854,7 @@ class ConnectionGate:
             return  # closed before: its end is reported
         if self.connections.get(state.key) is state:
             del self.connections[state.key]
-        self.counts.closed(state.sandbox.address)
+        self.counts.closed(state.sandbox)
         if state.allowed is not None:
             event = Event.from_decision(
                 EventKind.CONNECTION_END,
@@ -1195,9 +1215,7 @@ class ConnectionGate:
         was = state.phase
         state.phase = advance(was, step, target)
         if was is Phase.OPEN and target is not Phase.OPEN:
-            self.counts.decided(
-                state.sandbox.address
-            )  # no longer pending: once, OPEN is never re-entered
+            self.counts.decided(state.sandbox)  # no longer pending: once, OPEN is never re-entered
 
     def _fail(
         self, state: ConnState | None, error: Exception, started: float, fields: dict | None = None

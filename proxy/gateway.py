@@ -34,6 +34,7 @@ from sandgate.proxy.frontdoor.http1 import needs_engine
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
 from sandgate.proxy.gate import ConnectionGate
 from sandgate.proxy.gateway_ca import ensure_ec_ca
+from sandgate.proxy.limits import connection_budget
 from sandgate.proxy.policy import (
     CompiledPolicy,
     ConnectFacts,
@@ -147,7 +148,7 @@ class Gateway:
         not wait for its import; else with the first connection handed to it (an
         h2-only client of inspected TLS), or when a reload adds such a rule."""
         self._profile = profile
-        raise_descriptor_limit()
+        self.gate.connection_budget = connection_budget(raise_descriptor_limit())
         self.descriptors = self.frontdoor.descriptors = DescriptorReserve()
         self.descriptors.start(asyncio.get_running_loop())
         self.approvals.start()

@@ -4,21 +4,26 @@ profile's caps (`limits:` in the rule file, `policy.model.Limits`).
 Two pure bookkeepers, no sockets, no asyncio, a clock only where one is injected:
 
 - `ConnectionCounts`: open and pending (admitted, not yet decided) connections per
-  sandbox, kept by the connection gate (proxy/gate.py), which admits, decides and
+  sandbox (the gate's key is its `Sandbox`, address and task: a task that is given
+  an address another task left holds none of the connections of that one still
+  closing), kept by the connection gate (proxy/gate.py), which admits, decides and
   closes every connection whichever adapter holds it;
 - `TokenBuckets`: DNS queries per second per sandbox, kept by the DNS filter
   (proxy/dns/server.py).
 
 A sandbox over a cap is denied with reason `sandbox_limit`; other sandboxes are not
-touched, because nothing here is shared between sandboxes but the totals the
-metrics read. Memory is bounded by the sandboxes in use: an entry goes when its
-sandbox holds nothing (counts) or has been idle long enough to be full (buckets).
+touched. The one thing they share is the worker's descriptors: `connection_budget`
+turns those into a number of connections, of which a sandbox may hold no more than
+are free (`ConnectionCounts.full`), so that N sandboxes each within its profile's
+cap cannot together leave the worker none for the next sandbox's connection. Memory
+is bounded by the sandboxes in use: an entry goes when its sandbox holds nothing
+(counts) or has been idle long enough to be full (buckets).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from sandgate.proxy.policy.model import Limits
@@ -32,36 +37,65 @@ class Held:
     pending: int = 0
 
 
+# Descriptors a gateway worker needs besides its sandboxes' connections: the reserve
+# (proxy/descriptors.py), its listeners, the DNS filter's sockets (up to 256 TCP
+# connections), plain HTTP's idle upstream connections (256), the audit log, the
+# control and admin connections, mitmproxy's own.
+OTHER_DESCRIPTORS = 640
+
+
+def connection_budget(descriptors: int) -> int:
+    """How many sandbox connections a worker whose RLIMIT_NOFILE is `descriptors`
+    holds at most: two descriptors each (the client's and the upstream's) after
+    OTHER_DESCRIPTORS, at least 64. With a limit of 2048: 704; of 1,048,576: 523,968."""
+    return max(64, (descriptors - OTHER_DESCRIPTORS) // 2)
+
+
 class ConnectionCounts:
-    """Open and pending connections per sandbox address, and their totals.
+    """Open and pending connections per sandbox (any hashable key), and their totals.
 
     The gate calls `admit` when it lets a connection past connect, `decided` once
     when it leaves the undecided phase, and `closed` once when it ends: the phases
     (proxy/lifecycle.py) make each happen at most once per connection."""
 
     def __init__(self) -> None:
-        self._by_sandbox: dict[str, Held] = {}
+        self._by_sandbox: dict[Hashable, Held] = {}
         self.open = 0  # over all sandboxes: the metrics' gauge
         self.pending = 0
 
-    def of(self, sandbox: str) -> Held:
+    def of(self, sandbox: Hashable) -> Held:
         """A copy of what `sandbox` holds (zeros for one that holds nothing)."""
         held = self._by_sandbox.get(sandbox)
         return Held(held.open, held.pending) if held else Held()
 
-    def full(self, sandbox: str, limits: Limits) -> str | None:
-        """Which cap a new connection of `sandbox` would exceed ("connections" or
-        "pending"), or None if it may be admitted."""
+    def full(self, sandbox: Hashable, limits: Limits, budget: int | None = None) -> str | None:
+        """Which cap a new connection of `sandbox` would exceed, or None if it may be
+        admitted: its profile's ("connections", "pending"), else the worker's
+        `budget` (connection_budget; None: no worker cap): "worker" when all of it is
+        held, "share" when `sandbox` holds as many as are still free.
+
+        Each profile's cap may be fair alone while N of them add up to more
+        descriptors than the worker has (they did: the first to run out refused every
+        sandbox's next connection, descriptors_exhausted). A sandbox may hold no more
+        than the worker has free: k greedy ones settle at budget / (k + 1) each, the
+        same number left free, and only a sandbox holding none can take the last one,
+        so one holding few, a newcomer above all, still finds room."""
         held = self._by_sandbox.get(sandbox)
-        if held is None:
+        if held is not None:
+            if held.open >= limits.connections:
+                return "connections"
+            if held.pending >= limits.pending:
+                return "pending"
+        if budget is None:
             return None
-        if held.open >= limits.connections:
-            return "connections"
-        if held.pending >= limits.pending:
-            return "pending"
+        free = budget - self.open
+        if free <= 0:
+            return "worker"
+        if held is not None and held.open >= free:
+            return "share"
         return None
 
-    def admit(self, sandbox: str) -> None:
+    def admit(self, sandbox: Hashable) -> None:
         held = self._by_sandbox.get(sandbox)
         if held is None:
             held = self._by_sandbox[sandbox] = Held()
@@ -70,11 +104,11 @@ class ConnectionCounts:
         self.open += 1
         self.pending += 1
 
-    def decided(self, sandbox: str) -> None:
+    def decided(self, sandbox: Hashable) -> None:
         self._by_sandbox[sandbox].pending -= 1
         self.pending -= 1
 
-    def closed(self, sandbox: str) -> None:
+    def closed(self, sandbox: Hashable) -> None:
         held = self._by_sandbox[sandbox]
         held.open -= 1
         self.open -= 1

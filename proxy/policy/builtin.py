@@ -156,6 +156,12 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "the sandbox already held as many undecided connections as its profile's limits: pending allow",
     ),
     (
+        "sandbox-fair-share",
+        (R.SANDBOX_LIMIT,),
+        "the sandbox held as many connections as its gateway worker had free of those its "
+        "descriptors allow: it waits for its own to close, and others still connect",
+    ),
+    (
         "audit-unavailable",
         (R.AUDIT_UNAVAILABLE,),
         "the audit log could not be written (disk full, its budget reached, out of descriptors): "

@@ -25,12 +25,11 @@ import ast
 import json
 import os
 import statistics
-import subprocess
 
 import pytest
 from support import sandbox
 from support.sandbox import eventually
-from support.service import TWO_PROFILES, attach_argv, counted, running
+from support.service import TWO_PROFILES, beside_a_crowd, counted, running
 
 pytestmark = pytest.mark.e2e
 
@@ -103,29 +102,6 @@ def service(net, tmp_path):
         yield gateway
 
 
-def _start(service, tmp_path, code: str, *args: str, profile: str) -> tuple:
-    shared, rw = sandbox.shared_dir(tmp_path)
-    workdir = sandbox._workdir(tmp_path)
-    command = [sandbox.SANDBOX_PYTHON, "-c", code, *args]
-    popen = subprocess.Popen(
-        attach_argv(service, workdir, command, profile=profile, extra=rw),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    return popen, workdir
-
-
-def _finish(popen: subprocess.Popen, timeout: float = 60) -> str:
-    try:
-        _, err = popen.communicate(timeout=timeout)
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-            popen.wait()
-    return err
-
-
 def _dns_events(service, task_id: str, *, until: int) -> list[dict]:
     """The task's DNS events in the audit log, once they count `until` (or 10 s on)."""
 
@@ -140,28 +116,13 @@ def test_an_honest_sandbox_resolves_fast_beside_many_flooders_and_the_flood_is_c
     service, tmp_path
 ):
     shared, _ = sandbox.shared_dir(tmp_path)
-    flooders = [
-        _start(
-            service, tmp_path, FLOOD, str(shared), str(i), str(FLOOD_QPS), profile=FLOODER_PROFILE
-        )
-        for i in range(FLOODERS)
-    ]
-    honest = None
-    try:
-        up = eventually(
-            lambda: all((shared / f"up-{i}").exists() for i in range(FLOODERS)), timeout=40
-        )
-        assert up, [p.stderr.read() if p.poll() is not None else "running" for p, _ in flooders]
-        honest = _start(service, tmp_path, HONEST, str(shared), str(LOOKUPS), profile="default")
-        honest_err = _finish(honest[0])
-        (shared / "stop").write_text("stop")
-        errs = [_finish(p) for p, _ in flooders]
-    finally:
-        (shared / "stop").write_text("stop")
-        for popen, _ in [*flooders, *([honest] if honest else [])]:
-            if popen.poll() is None:
-                popen.kill()
-                popen.wait()
+    run = beside_a_crowd(
+        service,
+        tmp_path,
+        [(FLOOD, (str(shared), str(i), str(FLOOD_QPS)), FLOODER_PROFILE) for i in range(FLOODERS)],
+        (HONEST, (str(shared), str(LOOKUPS)), "default"),
+    )
+    flooders, honest_err, errs = run.crowd, run.honest_err, run.crowd_errs
     path = shared / "honest-times"
     assert path.exists(), honest_err[-2000:]
     times = ast.literal_eval(path.read_text())

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from support import sandbox
 
@@ -186,6 +187,76 @@ def attach_argv(
         "--",
         *command,
     ]
+
+
+def start_attached(
+    service: GatewayProcess, tmp_path: Path, code: str, *args: str, profile: str
+) -> tuple[subprocess.Popen, Path]:
+    """`sandgate run --gateway` of the sandbox's python running `code` with `args`, in
+    the background, the shared directory (sandbox.shared_dir) writable: its Popen
+    (stderr piped) and its work directory (summary.json)."""
+    _, rw = sandbox.shared_dir(tmp_path)
+    workdir = sandbox._workdir(tmp_path)
+    command = [sandbox.SANDBOX_PYTHON, "-c", code, *args]
+    popen = subprocess.Popen(
+        attach_argv(service, workdir, command, profile=profile, extra=rw),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return popen, workdir
+
+
+def finish_attached(popen: subprocess.Popen, timeout: float = 60) -> str:
+    """Wait for a start_attached run (killed past `timeout`); its stderr."""
+    try:
+        _, err = popen.communicate(timeout=timeout)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+    return err
+
+
+class BesideACrowd(NamedTuple):
+    crowd: list[tuple[subprocess.Popen, Path]]  # start_attached's runs, ended
+    honest: tuple[subprocess.Popen, Path]
+    honest_err: str
+    crowd_errs: list[str]
+
+
+def beside_a_crowd(
+    service: GatewayProcess,
+    tmp_path: Path,
+    crowd: list[tuple[str, tuple[str, ...], str]],
+    honest: tuple[str, tuple[str, ...], str],
+    up_timeout: float = 40,
+) -> BesideACrowd:
+    """Start each of `crowd` ((code, args, profile) for start_attached), wait until
+    each has written `up-I` (I its index) in the shared directory, run `honest` (the
+    same form) to its end, then write `stop` there and wait for the crowd. Every run
+    is ended, also on a failure."""
+    shared, _ = sandbox.shared_dir(tmp_path)
+    started = [start_attached(service, tmp_path, code, *args, profile=p) for code, args, p in crowd]
+    ran = None
+    try:
+        up = sandbox.eventually(
+            lambda: all((shared / f"up-{i}").exists() for i in range(len(crowd))),
+            timeout=up_timeout,
+        )
+        assert up, [p.stderr.read() if p.poll() is not None else "running" for p, _ in started]
+        code, args, profile = honest
+        ran = start_attached(service, tmp_path, code, *args, profile=profile)
+        honest_err = finish_attached(ran[0])
+        (shared / "stop").write_text("stop")
+        errs = [finish_attached(p) for p, _ in started]
+    finally:
+        (shared / "stop").write_text("stop")
+        for popen, _ in [*started, *([ran] if ran else [])]:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+    return BesideACrowd(started, ran, honest_err, errs)
 
 
 def attach(

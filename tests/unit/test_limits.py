@@ -103,7 +103,8 @@ def connect(gate, key, sandbox=SANDBOX):
 
 
 def held(gate, sandbox=SANDBOX) -> tuple[int, int]:
-    h = gate.counts.of(sandbox)
+    """What the task now at address `sandbox` holds."""
+    h = gate.counts.of(gate.registry.get(sandbox))
     return h.open, h.pending
 
 
@@ -199,6 +200,29 @@ def test_every_way_a_connection_ends_releases_it_once(gate):
     gate.on_close(broken)
     assert (gate.counts.open, gate.counts.pending, len(gate.counts)) == (0, 0, 0)
     assert gate.connections == {}
+
+
+def test_a_task_given_a_freed_address_counts_only_its_own_connections(gate):
+    # task1 holds its cap (3 open) and ends; its connections are still closing when
+    # task3 is given the same address.
+    old = [connect(gate, key) for key in (1, 2)]
+    for state in old:
+        assert gate.on_first_bytes(state, HELLO) is Outcome.PASSTHROUGH
+    old.append(connect(gate, 3))
+    assert connect(gate, 4) is None  # task1 is at its cap
+    gate.registry.remove(SANDBOX)
+    gate.registry.add(Sandbox(SANDBOX, "task3", "default"))
+    assert held(gate) == (0, 0)
+    new = [connect(gate, key) for key in (5, 6)]
+    assert None not in new and held(gate) == (2, 2)
+    assert [s.fields["task_id"] for s in new] == ["task3", "task3"]
+    # task1's closes release task1's counts, never task3's.
+    for state in old:
+        gate.on_close(state)
+    assert held(gate) == (2, 2) and gate.counts.open == 2
+    # task3's own cap still holds it: a third undecided one is over `pending: 2`.
+    assert connect(gate, 7) is None
+    assert limit_events(gate)[-1] == ("sandbox_limit", "builtin:sandbox-pending")
 
 
 def test_a_profiles_limits_follow_the_policy_in_force(gate, tmp_path):
@@ -303,3 +327,49 @@ def test_dns_over_the_rate_is_refused_with_an_event_and_never_forwarded():
     assert ask("10.0.0.2", "later.example.com").rcode() == dns.rcode.SERVFAIL
     assert ask("10.0.0.2", "again.example.com").rcode() == dns.rcode.REFUSED
     assert upstream[-2:] == ["b.example.com.", "later.example.com."]
+
+
+def test_a_sandbox_may_hold_no_more_than_the_worker_has_free():
+    counts, limits = ConnectionCounts(), Limits(connections=100, pending=100)
+    for _ in range(49):
+        counts.admit("greedy")
+    # 51 of a budget of 100 free: the greedy one may take one more, not two.
+    assert counts.full("greedy", limits, budget=100) is None
+    counts.admit("greedy")
+    assert counts.full("greedy", limits, budget=100) == "share"
+    assert counts.full("newcomer", limits, budget=100) is None
+    assert counts.full("greedy", limits, budget=None) is None  # no worker cap
+    # A second greedy one settles at a third: as many left free for a third sandbox.
+    while counts.full("second", limits, budget=100) is None:
+        counts.admit("second")
+    assert (counts.of("second").open, 100 - counts.open) == (25, 25)
+    assert counts.full("newcomer", limits, budget=100) is None
+    # The whole budget held: nobody gets another.
+    for _ in range(25):
+        counts.admit("newcomer")
+    assert counts.full("fourth", limits, budget=100) == "worker"
+    # The profile's own caps come first.
+    assert counts.full("greedy", Limits(connections=50), budget=100) == "connections"
+
+
+def test_the_gate_denies_over_the_fair_share_with_its_rule_and_a_detail(gate):
+    gate.connection_budget = 5
+    states = [connect(gate, key) for key in (1, 2)]
+    for state in states:
+        gate.on_first_bytes(state, HELLO)
+    other = connect(gate, 3, sandbox=OTHER)
+    assert None not in [*states, other]
+    assert connect(gate, 4) is None  # within its profile's caps (3 open, 2 pending)
+    assert limit_events(gate)[-1] == ("sandbox_limit", "builtin:sandbox-fair-share")
+    assert "holds 2 connections" in gate.events[-1].detail
+    assert connect(gate, 5, sandbox=OTHER) is not None  # holds 1 of 2 free
+    gate.on_close(states[0])
+    assert connect(gate, 6) is not None
+
+
+def test_connection_budget_leaves_the_worker_its_own_descriptors():
+    from sandgate.proxy.limits import OTHER_DESCRIPTORS, connection_budget
+
+    assert connection_budget(2048) == (2048 - OTHER_DESCRIPTORS) // 2 == 704
+    assert connection_budget(1024) == 192
+    assert connection_budget(100) == 64

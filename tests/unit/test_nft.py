@@ -236,16 +236,8 @@ seen = []
 nft.delete_table("sandgate_new", meanwhile=lambda: seen.append(nft.list_tables()))
 assert seen == [[]], seen
 """
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        run = subprocess.run(
-            ["ip", "netns", "exec", name, sys.executable, "-c", script],
-            capture_output=True,
-            text=True,
-        )
-        assert run.returncode == 0, run.stderr
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    run = _python_in_netns(name, script)
+    assert run.returncode == 0, run.stderr
 
 
 def test_the_kernels_dns_rate_never_drops_what_a_profile_may_send() -> None:
@@ -255,3 +247,39 @@ def test_the_kernels_dns_rate_never_drops_what_a_profile_may_send() -> None:
 
     assert MAX_LIMITS.dns_qps <= nft.DNS_PACKETS_PER_S
     assert f"limit rate over {nft.DNS_PACKETS_PER_S}/second" in render_ruleset(CONFIG)
+
+
+@pytest.mark.e2e
+def test_a_process_holding_a_thousand_descriptors_still_runs_nft() -> None:
+    """A gateway service holding its sandboxes' connections (descriptors past
+    FD_SETSIZE): libnftables' select() on a socket numbered past 1024 made glibc abort
+    the process at the next attach. Now the `nft` command runs it; the process lives,
+    and the table loads and lists (in a throwaway netns)."""
+    name = f"sgtfds{os.getpid() % 10000}"
+    script = """
+import os, resource
+from sandgate.enforcer import nft
+resource.setrlimit(resource.RLIMIT_NOFILE, (2048, 2048))
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+assert held[-1] > 1024, held[-1]
+nft.apply_ruleset(nft.render_ruleset(nft.RulesetConfig(
+    table="sandgate_fds", sandbox_ifaces="sgh-fds", proxy_port=8080, dns_port=5353)))
+assert nft.list_tables() == ["sandgate_fds"], nft.list_tables()
+nft.delete_table("sandgate_fds")
+print("alive")
+"""
+    run = _python_in_netns(name, script)
+    assert (run.returncode, run.stdout) == (0, "alive\n"), run.stderr
+
+
+def _python_in_netns(name: str, script: str) -> subprocess.CompletedProcess:
+    """`script` run by this Python in a throwaway netns `name` (removed after)."""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        return subprocess.run(
+            ["ip", "netns", "exec", name, sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

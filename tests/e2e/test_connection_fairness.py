@@ -1,0 +1,248 @@
+"""Many hostile sandboxes on one gateway worker, each within its profile's caps, and an
+honest one beside them: the honest sandbox's new HTTPS pass-through connections and
+plain HTTP requests keep completing, fast.
+
+The attacks (`ATTACK`'s modes), each run by N sandboxes of profile `hostile`:
+- `hold`: open as many pass-through TLS connections as the profile allows (full
+  handshakes) and keep them: two descriptors each at the worker. The worker is
+  started with 2048 descriptors (`prlimit`), so that N caps of 150 add up to more
+  than it has, as N caps of 512 do on a host with a larger limit;
+- `slowloris`: keep `pending` connections undecided, a ClientHello record header and
+  then one byte every 2 s;
+- `churn`: connect, send a whole ClientHello (allowed: the gateway connects upstream),
+  close, as fast as it can.
+
+The honest sandbox (profile `honest`) then times `ROUNDS` HTTPS requests (a new
+connection each: TCP, TLS handshake verified, GET) and as many plain HTTP ones, one
+after the other; each has 5 s. Asserted: every one answered 200 within `BOUND` s;
+the worker's audit log verifies and has each honest request's allow; every hostile
+connection the gateway refused has its denial event (refused at connect: a reason
+of the fixed vocabulary, no `internal_error`).
+
+`SANDGATE_PFAIR_N` overrides N for every attack (measured with 4, 8 and 16). The
+honest times are printed (`pytest -s`).
+
+Before the fixes: `hold` with 8 sandboxes ran the worker out of descriptors (every
+honest connection refused, descriptors_exhausted), and the next attach aborted the
+service (libnftables' select() on a descriptor past 1024). `churn` is not capped per
+sandbox at the connection layer: 16 churners (each some 100-200 connections a second)
+took honest requests to p50 0.01/0.1 s, max 0.9 s, so it runs with 8 here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import statistics
+
+import pytest
+from sandgate.proxy.limits import connection_budget
+from support import sandbox
+from support.service import GatewayProcess, beside_a_crowd, counted
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 12
+BOUND = 1.0  # seconds: the slowest honest request asserted
+DESCRIPTORS = 2048  # the worker's RLIMIT_NOFILE in these tests
+HOSTILE_CONNECTIONS = 150
+
+RULES = f"""\
+version: 1
+profiles:
+  honest:
+    rules:
+      - allow: allowed.test
+        id: web
+  hostile:
+    limits: {{connections: {HOSTILE_CONNECTIONS}, pending: 64}}
+    rules:
+      - allow: allowed.test
+        id: web-hostile
+"""
+
+# mode shared me count: run the attack until the file `stop` appears (or 80 s); write
+# `up-I` once it is under way, then `done-I` with a dict of what it saw.
+ATTACK = """
+import os, socket, ssl, sys, time
+mode, shared, me, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ip = socket.gethostbyname("allowed.test")
+end = time.monotonic() + 80
+stopped = lambda: os.path.exists(f"{shared}/stop") or time.monotonic() > end
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+seen = {"ok": 0, "refused": 0}
+held = []
+
+def hello():
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="allowed.test")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+if mode == "hold":
+    for _ in range(count):
+        try:
+            s = socket.create_connection((ip, 443), timeout=5)
+            held.append(context.wrap_socket(s, server_hostname="allowed.test"))
+            seen["ok"] += 1
+        except OSError:
+            seen["refused"] += 1
+    open(f"{shared}/up-{me}", "w").write("up")
+    while not stopped():
+        time.sleep(0.2)
+elif mode == "slowloris":
+    for _ in range(count):
+        try:
+            s = socket.create_connection((ip, 443), timeout=5)
+            s.sendall(b"\\x16\\x03\\x01\\x02\\x00")
+            held.append(s)
+            seen["ok"] += 1
+        except OSError:
+            seen["refused"] += 1
+    open(f"{shared}/up-{me}", "w").write("up")
+    while not stopped():
+        for s in list(held):
+            try:
+                s.send(b"\\x01")
+            except OSError:
+                held.remove(s)
+        time.sleep(2)
+elif mode == "churn":
+    data = hello()
+    open(f"{shared}/up-{me}", "w").write("up")
+    while not stopped():
+        try:
+            s = socket.create_connection((ip, 443), timeout=5)
+            s.sendall(data)
+            s.close()
+            seen["ok"] += 1
+        except OSError:
+            seen["refused"] += 1
+seen["held"] = len(held)
+open(f"{shared}/done-{me}", "w").write(repr(seen))
+"""
+
+# shared rounds: `rounds` HTTPS requests (a new connection each) and `rounds` plain
+# HTTP ones, alternating; writes [(kind, seconds, status or error)] to `honest-times`.
+HONEST = """
+import socket, ssl, sys, time
+shared, rounds = sys.argv[1], int(sys.argv[2])
+context = ssl.create_default_context()
+request = b"GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\nConnection: close\\r\\n\\r\\n"
+
+def get(tls):
+    s = socket.create_connection(("allowed.test", 443 if tls else 80), timeout=5)
+    if tls:
+        s = context.wrap_socket(s, server_hostname="allowed.test")
+    with s:
+        s.sendall(request)
+        answer = b""
+        while b"\\r\\n" not in answer:
+            data = s.recv(4096)
+            if not data:
+                break
+            answer += data
+    return answer.split(b"\\r\\n")[0].decode(errors="replace")
+
+times = []
+for i in range(2 * rounds):
+    tls = i % 2 == 0
+    t = time.monotonic()
+    try:
+        status = get(tls)
+    except Exception as e:
+        status = f"{type(e).__name__}: {e}"
+    times.append(("https" if tls else "http", round(time.monotonic() - t, 3), status))
+    time.sleep(0.05)
+open(f"{shared}/honest-times", "w").write(repr(times))
+"""
+
+SCENARIOS = [
+    pytest.param("hold", 8, HOSTILE_CONNECTIONS, id="hold"),
+    pytest.param("slowloris", 16, 64, id="slowloris"),
+    # 16 churners took the honest requests to 0.9 s on the 2-core test machine: see
+    # the module's docstring.
+    pytest.param("churn", 8, 0, id="churn"),
+]
+
+
+@pytest.fixture
+def service(net, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    gateway = GatewayProcess(
+        net,
+        tmp_path,
+        rules,
+        "--workers",
+        "1",
+        "--warm",
+        "0",
+        wrap=("prlimit", f"--nofile={DESCRIPTORS}:{DESCRIPTORS}"),
+    ).start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+def _task_id(workdir) -> str:
+    return json.loads((workdir / "summary.json").read_text())["task_id"]
+
+
+@pytest.mark.parametrize(("attack", "default_n", "count"), SCENARIOS)
+def test_an_honest_sandbox_connects_fast_beside_many_hostile_ones(
+    service, tmp_path, attack, default_n, count
+):
+    n = int(os.environ.get("SANDGATE_PFAIR_N", default_n))
+    shared, _ = sandbox.shared_dir(tmp_path)
+    run = beside_a_crowd(
+        service,
+        tmp_path,
+        [(ATTACK, (attack, str(shared), str(i), str(count)), "hostile") for i in range(n)],
+        (HONEST, (str(shared), str(ROUNDS)), "honest"),
+        up_timeout=60,
+    )
+    hostile, honest, honest_err, errs = run
+    path = shared / "honest-times"
+    assert path.exists(), honest_err[-2000:]
+    times = ast.literal_eval(path.read_text())
+    seen = [ast.literal_eval((shared / f"done-{i}").read_text()) for i in range(n)]
+    for kind in ("https", "http"):
+        seconds = [t for k, t, _ in times if k == kind]
+        print(f"\n{attack} x{n}: honest {kind} p50 {statistics.median(seconds):.3f} s, "
+              f"max {max(seconds):.3f} s")  # fmt: skip
+    print(f"{attack} x{n}: hostile saw {seen}; honest {times}")
+    failed = [t for t in times if t[2] != "HTTP/1.1 200 OK"]
+    assert not failed, (failed, errs[0][-1000:])
+    assert max(t for _, t, _ in times) < BOUND, times
+    # The audit log: the chain verifies, every honest request's allow is in it, and every
+    # hostile connection refused at connect has its denial with a reason.
+    honest_id = _task_id(honest[1])
+    service.wait_task_ended(honest_id)
+    allowed = [
+        e for e in service.events(task_id=honest_id) if e["kind"] in ("connection", "request")
+    ]
+    assert sum(e["verdict"] == "allow" for e in allowed) >= 2 * ROUNDS, allowed
+    for (_, workdir), saw in zip(hostile, seen, strict=True):
+        task = _task_id(workdir)
+        service.wait_task_ended(task)
+        events = service.events(task_id=task)
+        assert not [e for e in events if e.get("reason") == "internal_error"], events[-3:]
+        denials = [e for e in events if e["verdict"] == "deny" and e["kind"] == "connection"]
+        # No sandbox ran the worker out of descriptors.
+        assert not [e for e in denials if e["reason"] == "descriptors_exhausted"], denials[-3:]
+        if attack == "hold":
+            # Each handshake the gateway refused is a fair-share denial in the log (a
+            # slowloris or churned connection the client cannot tell refused: its TCP
+            # connect succeeds before the gateway accepts it).
+            refused = [e for e in denials if e["rule_id"] == "builtin:sandbox-fair-share"]
+            assert counted(refused) == saw["refused"], (saw, denials[-3:])
+    if attack == "hold" and n * HOSTILE_CONNECTIONS > connection_budget(DESCRIPTORS):
+        assert sum(saw["refused"] for saw in seen) > 0, seen  # the fair share was reached
+    service.verify_audit()
