@@ -281,6 +281,37 @@ def test_firewall_counters_are_read_at_most_once_per_interval():
     assert len(reads) == 1
 
 
+def test_a_services_firewall_drops_count_as_its_sandboxes_end_and_never_go_down():
+    """The service removes a sandbox's table when the sandbox ends: its drops are added
+    then, once, and every counter name is exported from 0 (a series born at its first
+    drop would hide that drop from increase())."""
+    metrics = Metrics()
+    assert not [s for s in series(metrics) if s[0].startswith("sandgate_firewall")]
+    metrics.watch_firewall_ended(["dropped_udp", "dropped_icmp"])
+    drops = "sandgate_firewall_dropped_packets_total"
+    assert value(metrics, drops, counter="dropped_udp") == 0
+    assert value(metrics, drops, counter="dropped_icmp") == 0
+    metrics.count_firewall_drops({"dropped_udp": 3, "dropped_icmp": 0})
+    metrics.count_firewall_drops({"dropped_udp": 2, "dropped_ipv6": 1})
+    assert value(metrics, drops, counter="dropped_udp") == 5
+    assert value(metrics, drops, counter="dropped_icmp") == 0
+    assert value(metrics, drops, counter="dropped_ipv6") == 1
+    # `sandgate run`'s live read of its one table adds to what ended (nothing, there).
+    metrics.watch_firewall(lambda: {"dropped_udp": 4}, min_interval=0)
+    assert value(metrics, drops, counter="dropped_udp") == 9
+
+
+def test_worker_restarts_and_the_start_time_are_exported_from_the_start():
+    """A restart of a worker, or of the whole process (all counters back to 0), is
+    something a dashboard can see: a counter present at 0, a start-time gauge."""
+    before = time.time()
+    metrics = Metrics()
+    assert value(metrics, "sandgate_worker_restarts_total") == 0
+    assert before <= value(metrics, "sandgate_start_time_seconds") <= time.time()
+    metrics.worker_restarts.inc()
+    assert value(metrics, "sandgate_worker_restarts_total") == 1
+
+
 def test_serves_metrics_over_http_from_a_thread():
     metrics = Metrics()
     metrics.emit(event())
