@@ -12,7 +12,9 @@ the middle. Asserted:
 - distinct names, SNIs and paths a task sends add no series;
 - the gauges of what is gone (sandboxes, approvals, connections) go back to 0;
 - `promtool check metrics` finds nothing wrong with the exposition, each family has one
-  HELP and one TYPE, no series twice; a scrape is answered while a worker is stopped.
+  HELP and one TYPE, no series twice; a scrape is answered while a worker is stopped;
+- a restart of the service (every counter back to 0) is visible as one
+  (`sandgate_start_time_seconds` changes).
 """
 
 from __future__ import annotations
@@ -84,8 +86,10 @@ for i in range(count // 4):
         pass
 """
 
-# Waits (idle, no connection open) until the test says go, then does the mixed workload.
-WAIT_THEN_MIXED = "while [ ! -e \"$SHARED/go\" ]; do sleep 0.05; done\n" + MIXED
+# The mixed workload, then (idle, no connection open) until the test says go, again.
+MIXED_WAIT_MIXED = (
+    MIXED + 'touch "$SHARED/idle"\nwhile [ ! -e "$SHARED/go" ]; do sleep 0.05; done\n' + MIXED
+)
 
 COUNTER_SAMPLES = ("_total", "_bucket", "_count", "_sum")  # what must never go down
 
@@ -162,10 +166,10 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
         # A task in each worker: one does the workload now, one waits for the test.
         waiting = subprocess.Popen(
             attach_argv(service, sandbox._workdir(tmp_path),
-                          ["sh", "-c", f"SHARED={shared}\n{WAIT_THEN_MIXED}"], extra=rw),
+                          ["sh", "-c", f"SHARED={shared}\n{MIXED_WAIT_MIXED}"], extra=rw),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert eventually(lambda: service.status()["sandboxes"] == 1, timeout=30)
+        assert eventually((shared / "idle").exists, timeout=60), service.log.read_text()
         first = attach(MIXED)
         assert first.returncode == 0, first.stderr
 
@@ -208,6 +212,8 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
             lambda: service.status()["workers"][busy["index"]]["pid"] not in (None, busy["pid"]),
             timeout=30,
         )
+        reload = service.ask("reload")  # and a reload: no counter goes down either
+        assert reload.returncode == 0, reload.stderr
         (shared / "go").write_text("go")
         out, err = waiting.communicate(timeout=120)
         assert waiting.returncode == 0, err
@@ -285,6 +291,12 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
         for prefix in ("# HELP ", "# TYPE "):
             names = [line.split()[2] for line in text.splitlines() if line.startswith(prefix)]
             assert len(names) == len(set(names)), collections.Counter(names).most_common(3)
+
+        # 7. A restart of the service sets every counter back to 0: Prometheus sees it.
+        assert service.stop() == 0
+        service.start()
+        started = "changes(sandgate_start_time_seconds[10m])"
+        assert eventually(lambda: list(prometheus.query(started).values()) == [1.0], timeout=20)
     finally:
         (shared / "go").write_text("go")
         if waiting is not None and waiting.poll() is None:
