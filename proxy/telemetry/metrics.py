@@ -52,6 +52,7 @@ from sandgate.proxy.policy.model import HTTP_METHODS
 from sandgate.proxy.policy.names import parse_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
+from sandgate.proxy.telemetry.task_events import LIMITS, SANDBOX_FEATURES
 
 log = logging.getLogger("sandgate.metrics")
 
@@ -270,12 +271,29 @@ class Metrics:
         )
         self._rule = _Cap("rule", max_label_values, self.label_overflow)
         self._profile = _Cap("profile", max_profiles, self.label_overflow)
+        self._zero_the_alerted_series()
         self._children: dict[tuple, tuple] = {}
         self._bytes_children: dict[tuple, Any] = {}
         self.watched = _Watched()
         r.register(_StateCollector(self.watched))
         self._server_thread: threading.Thread | None = None
         self._wake_w: int | None = None  # written by stop(): the server thread returns
+
+    def _zero_the_alerted_series(self) -> None:
+        """Every series of a small fixed label set, at 0 from the start. A series born at
+        its first increment starts at 1: `increase()` and `rate()` need a sample before
+        it, so the first failed reload, overflow or limit would never fire an alert."""
+        for kind in EventKind:
+            for verdict in Verdict:
+                self.events.labels(str(kind), str(verdict))
+        for result in ("success", "failure"):
+            self.policy_reloads.labels(result)
+        for limit in LIMITS:
+            self.task_limits.labels(limit)
+        for feature in SANDBOX_FEATURES:
+            self.sandbox_weakened.labels(feature)
+        for label in ("rule", "profile"):
+            self.label_overflow.labels(label)
 
     # --- the sink ------------------------------------------------------------------
 

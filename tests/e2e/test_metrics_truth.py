@@ -7,7 +7,8 @@ the middle. Asserted:
 
 - no counter series went down while the service ran: PromQL `resets()` over the whole
   run, the worker's restart included, is 0 for every counter and histogram series, and
-  the restart itself is counted (`sandgate_worker_restarts_total`);
+  the restart itself is counted (`sandgate_worker_restarts_total`), and so is the first
+  failed reload (`increase()` sees it: its series was there at 0 before);
 - the counters agree with the audit log, per kind, verdict and reason;
 - distinct names, SNIs and paths a task sends add no series;
 - the gauges of what is gone (sandboxes, approvals, connections) go back to 0;
@@ -214,6 +215,9 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
         )
         reload = service.ask("reload")  # and a reload: no counter goes down either
         assert reload.returncode == 0, reload.stderr
+        rules.write_text(RULES + "  broken: [\n")  # a reload refused: the first failure
+        assert service.ask("reload").returncode != 0
+        rules.write_text(RULES)
         (shared / "go").write_text("go")
         out, err = waiting.communicate(timeout=120)
         assert waiting.returncode == 0, err
@@ -228,6 +232,9 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
         went_down = {name: found for name in sorted(counters)
                      if (found := prometheus.query(f"resets({name}[10m]) > 0"))}  # fmt: skip
         assert not went_down, went_down
+        # The first failed reload is an increase (its series was there at 0 before).
+        failed = prometheus.query('increase(sandgate_policy_reloads_total{result="failure"}[10m])')
+        assert list(failed.values()) and list(failed.values())[0] > 0.5, failed
         rate_over = prometheus.query("sum(increase(sandgate_dns_queries_total[10m]))")
         now = samples(scrape(net, port))
         assert list(rate_over.values())[0] <= total(now, "sandgate_dns_queries_total") + 1

@@ -301,6 +301,21 @@ def test_a_services_firewall_drops_count_as_its_sandboxes_end_and_never_go_down(
     assert value(metrics, drops, counter="dropped_udp") == 9
 
 
+def test_the_alerted_series_exist_at_zero_before_their_first_event():
+    """increase() needs a sample before the first increment: a series born at 1 (the
+    first failed reload) would never fire SandgatePolicyReloadFailed."""
+    metrics = Metrics()
+    assert value(metrics, "sandgate_policy_reloads_total", result="failure") == 0
+    zeros = {(n, tuple(sorted(ls.items()))) for n, ls, v in series(metrics) if v == 0}
+    assert ("sandgate_policy_reloads_total", (("result", "failure"),)) in zeros
+    assert ("sandgate_events_total", (("kind", "connection"), ("verdict", "deny"))) in zeros
+    assert ("sandgate_metric_label_overflow_total", (("label", "rule"),)) in zeros
+    assert ("sandgate_task_limits_total", (("limit", "memory"),)) in zeros
+    assert ("sandgate_sandbox_weakened_total", (("feature", "seccomp"),)) in zeros
+    metrics.emit(event(EventKind.POLICY, reason=Reason.POLICY_INVALID))
+    assert value(metrics, "sandgate_policy_reloads_total", result="failure") == 1
+
+
 def test_worker_restarts_and_the_start_time_are_exported_from_the_start():
     """A restart of a worker, or of the whole process (all counters back to 0), is
     something a dashboard can see: a counter present at 0, a start-time gauge."""
@@ -472,7 +487,7 @@ def test_every_scrape_sees_every_event_emitted_before_it():
     # A filtered scrape (/metrics?name[]=...) reads a restricted registry: it flushes too.
     metrics.emit(event(protocol="tls"))
     restricted = metrics.registry.restricted_registry(["sandgate_events_total"])
-    assert [s.value for family in restricted.collect() for s in family.samples] == [4.0]
+    assert [s.value for family in restricted.collect() for s in family.samples if s.value] == [4.0]
 
 
 def test_served_metrics_are_exact_at_every_scrape():
