@@ -159,9 +159,8 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
         prometheus.wait_ready()
         service.start()
 
-        def attach(script: str, *args: str) -> subprocess.CompletedProcess:
-            workdir = sandbox._workdir(tmp_path)
-            argv = attach_argv(service, workdir, ["sh", "-c", script, "sh", *args], extra=rw)
+        def attach(script: str) -> subprocess.CompletedProcess:
+            argv = attach_argv(service, sandbox._workdir(tmp_path), ["sh", "-c", script])
             return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
         # A task in each worker: one does the workload now, one waits for the test.
@@ -235,9 +234,6 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
         # The first failed reload is an increase (its series was there at 0 before).
         failed = prometheus.query('increase(sandgate_policy_reloads_total{result="failure"}[10m])')
         assert list(failed.values()) and list(failed.values())[0] > 0.5, failed
-        rate_over = prometheus.query("sum(increase(sandgate_dns_queries_total[10m]))")
-        now = samples(scrape(net, port))
-        assert list(rate_over.values())[0] <= total(now, "sandgate_dns_queries_total") + 1
         for key, value in before.items():
             if key[0].endswith(COUNTER_SAMPLES):
                 assert now.get(key, 0) >= value, (key, value, now.get(key))
@@ -272,6 +268,9 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
 
         # 5. What is gone is gone from the gauges.
         pending = json.loads(service.ask("approvals", "list", "--json").stdout)
+        assert pending and total(samples(scrape(net, port)), "sandgate_approvals_pending") == len(
+            pending
+        )
         for approval in pending:
             assert service.ask("approvals", "deny", approval["id"]).returncode == 0
         now = eventually(
@@ -290,11 +289,11 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
 
         # 6. The exposition as promtool reads it; one HELP and TYPE per family.
         text = scrape(net, port)
-        if shutil.which("promtool"):
-            check = subprocess.run(
-                ["promtool", "check", "metrics"], input=text, capture_output=True, text=True
-            )
-            assert check.returncode == 0, check.stdout + check.stderr
+        promtool = shutil.which("promtool") or "/usr/bin/promtool"  # Debian's prometheus
+        check = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
         for prefix in ("# HELP ", "# TYPE "):
             names = [line.split()[2] for line in text.splitlines() if line.startswith(prefix)]
             assert len(names) == len(set(names)), collections.Counter(names).most_common(3)
