@@ -182,6 +182,7 @@ def open_data_plane(
             fanout.emit,
             sink_batch=fanout.emit_batch,
             tally=metrics.add_tally,
+            restarting=metrics.worker_restarts.inc,
             audit=audit,
             listen_host=config.listen_host,
         )

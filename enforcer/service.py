@@ -246,6 +246,7 @@ class GatewayService:
     def _serve_metrics(self) -> None:
         self.metrics.watch_gateway(self.data_plane)
         self.metrics.watch_audit(self.audit)
+        self.metrics.watch_firewall_ended(nft.COUNTERS)
         if self.opts.metrics_listen is not None:
             host, port = self.opts.metrics_listen
             try:
@@ -705,6 +706,7 @@ class GatewayService:
         with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
             counters = await asyncio.to_thread(nft.read_counters, attached.table)
         self._unwire_later(attached)
+        self.metrics.count_firewall_drops(counters)
         attached.summary.firewall_drops(counters)
         duration = time.time() - attached.started
         attached.summary.task_ended(attached.run_id, duration)

@@ -198,6 +198,7 @@ class WorkerPool:
         sink: Callable[[Event | EncodedEvent], None],
         *,
         tally: Callable[[list], None] = lambda rows: None,
+        restarting: Callable[[], None] = lambda: None,
         sink_batch: Callable[[list[EncodedEvent]], None] | None = None,
         audit: RateLimitedAudit | None = None,
         listen_host: str = "0.0.0.0",
@@ -207,7 +208,8 @@ class WorkerPool:
         (the workers' events come as `EncodedEvent`s); `sink_batch`, if given, takes
         each worker batch's events in one call instead (`EventFanout.emit_batch`: the
         same fanout, its per-event work done per batch); `tally`: takes the metrics the
-        workers counted (`Metrics.add_tally`); `audit`: the audit rate limit in `sink`,
+        workers counted (`Metrics.add_tally`); `restarting`: told each time a worker
+        that died is to be started again (`sandgate_worker_restarts_total`); `audit`: the audit rate limit in `sink`,
         started and stopped with the pool (as a Gateway does its own); `listen_host`:
         where the workers' sockets bind (every address, as one gateway's)."""
         self.listen_host = listen_host
@@ -216,6 +218,7 @@ class WorkerPool:
         self.sink = sink
         self.sink_batch = sink_batch
         self.tally = tally
+        self.restarting = restarting
         self.audit = audit
         self.workers: list[WorkerProcess] = []
         self._count = count
@@ -304,6 +307,7 @@ class WorkerPool:
                 await reading  # everything it sent is handled before it counts as dead
             code = await worker.process.wait() if worker.process is not None else None
             worker.up.clear()
+            worker.stats = {}  # its connections died with it: no gauge counts them until the next push
             self.approvals.worker_gone(
                 worker.index,
                 f"gateway worker {worker.index} (pid {worker.pid}), which held it, exited with "
@@ -315,6 +319,7 @@ class WorkerPool:
             if reading is not None and worker.pid:
                 replaced = (worker.pid, _exit_text(code))
             worker.restarts += 1
+            self.restarting()
             lived = time.monotonic() - began
             backoff = 0.0 if lived >= STEADY_S else min(max(backoff * 2, 0.5), BACKOFF_MAX)
             log.error(

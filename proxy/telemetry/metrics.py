@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import logging
 import math
 import operator
@@ -44,13 +45,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import sandgate.proxy.telemetry.lean_prometheus  # noqa: F401 - before any prometheus_client import
-from prometheus_client.metrics import Counter, Histogram, disable_created_metrics
+from prometheus_client.metrics import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 from sandgate.proxy.policy.model import HTTP_METHODS
 from sandgate.proxy.policy.names import parse_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
+from sandgate.proxy.telemetry.task_events import LIMITS, SANDBOX_FEATURES
 
 log = logging.getLogger("sandgate.metrics")
 
@@ -125,6 +127,9 @@ class _Watched:
     audit: Any = None  # AuditLog: written, lost, write_errors, queued
     firewall: Callable[[], dict[str, int]] | None = None
     firewall_min_interval: float = 1.0
+    # The service's: drops of sandboxes that ended, added as each ends (its table goes
+    # with it, so a live read would fall back when it does). None: not exported.
+    firewall_ended: dict[str, int] | None = None
     approvals: Callable[[], list] | None = None  # -> the pending approvals (pending.Pending)
     clock: Callable[[], float] = time.monotonic  # the approvals' clock, for their age
 
@@ -245,6 +250,19 @@ class Metrics:
             ["kind", "verdict", "reason"],
             registry=r,
         )
+        self.worker_restarts = Counter(
+            "sandgate_worker_restarts",
+            "Gateway workers that died and were started again (sandgate gateway --workers N).",
+            registry=r,
+        )
+        # Every counter here starts from 0 with the process: a restart of the service is
+        # a reset that Prometheus cannot always see (a counter may climb past its old
+        # value before the next scrape); a change of this gauge says it happened.
+        Gauge(
+            "sandgate_start_time_seconds",
+            "When this gateway process started (Unix time): its counters count from then.",
+            registry=r,
+        ).set(time.time())
         self.label_overflow = Counter(
             "sandgate_metric_label_overflow",
             "Label values folded into 'other' because a label reached its cap of distinct values.",
@@ -253,12 +271,29 @@ class Metrics:
         )
         self._rule = _Cap("rule", max_label_values, self.label_overflow)
         self._profile = _Cap("profile", max_profiles, self.label_overflow)
+        self._zero_the_alerted_series()
         self._children: dict[tuple, tuple] = {}
         self._bytes_children: dict[tuple, Any] = {}
         self.watched = _Watched()
         r.register(_StateCollector(self.watched))
         self._server_thread: threading.Thread | None = None
         self._wake_w: int | None = None  # written by stop(): the server thread returns
+
+    def _zero_the_alerted_series(self) -> None:
+        """Every series of a small fixed label set, at 0 from the start. A series born at
+        its first increment starts at 1: `increase()` and `rate()` need a sample before
+        it, so the first failed reload, overflow or limit would never fire an alert."""
+        for kind in EventKind:
+            for verdict in Verdict:
+                self.events.labels(str(kind), str(verdict))
+        for result in ("success", "failure"):
+            self.policy_reloads.labels(result)
+        for limit in LIMITS:
+            self.task_limits.labels(limit)
+        for feature in SANDBOX_FEATURES:
+            self.sandbox_weakened.labels(feature)
+        for label in ("rule", "profile"):
+            self.label_overflow.labels(label)
 
     # --- the sink ------------------------------------------------------------------
 
@@ -435,6 +470,22 @@ class Metrics:
         at most once per `min_interval` seconds (the last values stay when it fails)."""
         self.watched.firewall = read_counters
         self.watched.firewall_min_interval = min_interval
+
+    def watch_firewall_ended(self, names) -> None:
+        """Export the drop counters of sandboxes as they end (`count_firewall_drops`),
+        every one of `names` from 0 on (a series born at its first drop hides that drop
+        from `increase()`)."""
+        self.watched.firewall_ended = dict.fromkeys(names, 0)
+
+    def count_firewall_drops(self, counters: dict[str, int]) -> None:
+        """A sandbox ended with these nftables drop counters: add them (once; its table
+        is removed after)."""
+        ended = self.watched.firewall_ended
+        if ended is None:
+            return
+        for name, packets in counters.items():
+            if packets > 0:
+                ended[name] = ended.get(name, 0) + packets
 
     # --- serving ----------------------------------------------------------------------
 
@@ -689,14 +740,17 @@ class _StateCollector:
                 "reached (new connections are refused with --on-audit-failure block).",
                 value=1 if getattr(audit, "writable", True) else 0,
             )
-        if w.firewall is not None:
+        if w.firewall is not None or w.firewall_ended is not None:
             dropped = CounterMetricFamily(
                 "sandgate_firewall_dropped_packets",
                 "Sandbox packets nftables dropped, by counter.",
                 labels=["counter"],
             )
-            for name, value in sorted(self._read_firewall().items()):
-                dropped.add_metric([name], value)
+            totals = collections.Counter(w.firewall_ended or {})
+            if w.firewall is not None:
+                totals.update(self._read_firewall())
+            for name in sorted(totals):
+                dropped.add_metric([name], totals[name])
             yield dropped
 
     def _read_firewall(self) -> dict[str, int]:

@@ -99,6 +99,8 @@ def test_alert_rules_cover_what_the_soc_asked_for():
         "SandgateAuditEventsLost",
         "SandgateAuditWriteErrors",
         "SandgatePolicyReloadFailed",
+        "SandgateWorkerRestarted",
+        "SandgateGatewayRestarted",
     } <= names
 
 

@@ -281,6 +281,52 @@ def test_firewall_counters_are_read_at_most_once_per_interval():
     assert len(reads) == 1
 
 
+def test_a_services_firewall_drops_count_as_its_sandboxes_end_and_never_go_down():
+    """The service removes a sandbox's table when the sandbox ends: its drops are added
+    then, once, and every counter name is exported from 0 (a series born at its first
+    drop would hide that drop from increase())."""
+    metrics = Metrics()
+    assert not [s for s in series(metrics) if s[0].startswith("sandgate_firewall")]
+    metrics.watch_firewall_ended(["dropped_udp", "dropped_icmp"])
+    drops = "sandgate_firewall_dropped_packets_total"
+    assert value(metrics, drops, counter="dropped_udp") == 0
+    assert value(metrics, drops, counter="dropped_icmp") == 0
+    metrics.count_firewall_drops({"dropped_udp": 3, "dropped_icmp": 0})
+    metrics.count_firewall_drops({"dropped_udp": 2, "dropped_ipv6": 1})
+    assert value(metrics, drops, counter="dropped_udp") == 5
+    assert value(metrics, drops, counter="dropped_icmp") == 0
+    assert value(metrics, drops, counter="dropped_ipv6") == 1
+    # `sandgate run`'s live read of its one table adds to what ended (nothing, there).
+    metrics.watch_firewall(lambda: {"dropped_udp": 4}, min_interval=0)
+    assert value(metrics, drops, counter="dropped_udp") == 9
+
+
+def test_the_alerted_series_exist_at_zero_before_their_first_event():
+    """increase() needs a sample before the first increment: a series born at 1 (the
+    first failed reload) would never fire SandgatePolicyReloadFailed."""
+    metrics = Metrics()
+    assert value(metrics, "sandgate_policy_reloads_total", result="failure") == 0
+    zeros = {(n, tuple(sorted(ls.items()))) for n, ls, v in series(metrics) if v == 0}
+    assert ("sandgate_policy_reloads_total", (("result", "failure"),)) in zeros
+    assert ("sandgate_events_total", (("kind", "connection"), ("verdict", "deny"))) in zeros
+    assert ("sandgate_metric_label_overflow_total", (("label", "rule"),)) in zeros
+    assert ("sandgate_task_limits_total", (("limit", "memory"),)) in zeros
+    assert ("sandgate_sandbox_weakened_total", (("feature", "seccomp"),)) in zeros
+    metrics.emit(event(EventKind.POLICY, reason=Reason.POLICY_INVALID))
+    assert value(metrics, "sandgate_policy_reloads_total", result="failure") == 1
+
+
+def test_worker_restarts_and_the_start_time_are_exported_from_the_start():
+    """A restart of a worker, or of the whole process (all counters back to 0), is
+    something a dashboard can see: a counter present at 0, a start-time gauge."""
+    before = time.time()
+    metrics = Metrics()
+    assert value(metrics, "sandgate_worker_restarts_total") == 0
+    assert before <= value(metrics, "sandgate_start_time_seconds") <= time.time()
+    metrics.worker_restarts.inc()
+    assert value(metrics, "sandgate_worker_restarts_total") == 1
+
+
 def test_serves_metrics_over_http_from_a_thread():
     metrics = Metrics()
     metrics.emit(event())
@@ -441,7 +487,7 @@ def test_every_scrape_sees_every_event_emitted_before_it():
     # A filtered scrape (/metrics?name[]=...) reads a restricted registry: it flushes too.
     metrics.emit(event(protocol="tls"))
     restricted = metrics.registry.restricted_registry(["sandgate_events_total"])
-    assert [s.value for family in restricted.collect() for s in family.samples] == [4.0]
+    assert [s.value for family in restricted.collect() for s in family.samples if s.value] == [4.0]
 
 
 def test_served_metrics_are_exact_at_every_scrape():

@@ -264,6 +264,7 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
     events: list[Event] = []
     tallies: list[list] = []
     restarted = []
+    restarting = []
 
     async def main():
         pool = WorkerPool(
@@ -273,6 +274,7 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
             # the workers' events come encoded; the pool's own (a reload) as they are
             lambda e: events.append(e.decoded() if isinstance(e, EncodedEvent) else e),
             tally=tallies.extend,
+            restarting=lambda: restarting.append(1),
             listen_host="127.0.0.1",
         )
         pool.on_restart = lambda worker, pid, how: restarted.append((worker.index, pid, how))
@@ -302,9 +304,15 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
             assert pool.gate.counts.open == 0 and len(pool.gate.connections) == 0
 
             victim = pool.workers[0].pid
+            # Its last stats say it holds 7 connections (stopped: no newer push comes).
+            os.kill(victim, signal.SIGSTOP)
+            await asyncio.sleep(0.3)
+            pool.workers[0].stats = {**pool.workers[0].stats, "connections": 7, "open": 7}
             os.kill(victim, signal.SIGKILL)
             await _until(lambda: restarted, timeout=20)
-            assert restarted == [(0, victim, "signal SIGKILL")]
+            assert restarted == [(0, victim, "signal SIGKILL")] and restarting == [1]
+            # They died with it: the gauges do not count them until the new one's first push.
+            assert len(pool.gate.connections) == 0 and pool.gate.counts.open == 0
             assert pool.workers[0].pid != victim and pool.workers[0].restarts == 1
             assert pool.workers[1].restarts == 0
             events.clear()
