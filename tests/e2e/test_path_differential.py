@@ -62,7 +62,8 @@ profiles:
         ports: [{", ".join(str(p) for pair in SERVERS.values() for p in pair)}]
         paths: ["/public/secret"]
         id: no-secret
-      - allow: www.allowed.test
+      - allow: www.allowed.test  # every method, yet inspected: see PASS_THROUGH
+        methods: [GET, HEAD, POST, PUT, PATCH, DELETE]
         id: www
       - allow: allowed.test
         paths: ["/public/**"]
@@ -253,7 +254,30 @@ def variants() -> list[tuple[str, str, str, str, tuple[tuple[str, str], ...]]]:
         add("method-override", "GET", "/public/ok", (name, "DELETE"))
     add("method-override", "POST", "/public/ok?_method=DELETE")
     add("method-override", "POST", "/public/ok?x=1&_method=delete")
+    # Another allowed name's requests on this connection (HTTP/2 connection coalescing
+    # reuses one for every name its certificate covers): www.allowed.test has no path rules.
+    add("coalescing", "GET", "/public/secret", (":authority", "www.allowed.test"))
+    add("coalescing", "GET", "/private/key", (":authority", "www.allowed.test"))
+    # HTTP/2 pseudo-header tricks (sent as fields over HTTP/1: malformed there)
+    add("h2-pseudo", "GET", "/public/ok", (":path", "/public/secret"))
+    add("h2-pseudo", "GET", "/public/ok", ("host", "www.allowed.test"))
+    add("h2-pseudo", "GET", "", (":path", "/public/secret"))
+    add("h2-pseudo", "GET", "/public/ok", (":method", "DELETE"))
     return out
+
+
+# The other direction of coalescing: a connection to www.allowed.test carrying a
+# request for allowed.test, whose rules deny /public/secret; nginx at 203.0.113.10
+# serves any name. Were www.allowed.test passed through (a rule without methods or
+# paths), the gateway would never see that request, and nginx served it (domain
+# fronting, docs/threat-model.md "What pass-through TLS cannot see"): the documented
+# remedy, a rule with every method for it, makes it inspected, and the Host decided.
+PASS_THROUGH = [
+    {"family": "coalescing-pass-through", "label": f"{t}-nginx-coalescing-pass-through-{i}",
+     "server": "nginx", "port": port, "method": "GET", "target": "/public/secret",
+     "fields": [(":authority", "allowed.test")], "via": "www.allowed.test", "transport": t}
+    for i, (t, port) in enumerate((("h2", 443), ("h1", 443), ("plain", 80)))
+]  # fmt: skip
 
 
 def requests(transport: str) -> list[dict]:
@@ -266,7 +290,7 @@ def requests(transport: str) -> list[dict]:
                 "family": family, "label": f"{transport}-{server}-{label}", "server": server,
                 "port": port, "method": method, "target": target, "fields": fields,
             })  # fmt: skip
-    return out
+    return out + [r for r in PASS_THROUGH if r["transport"] == transport]
 
 
 # Sends each request on its own connection; prints {label: status} (0: no answer).
@@ -275,24 +299,28 @@ import json, socket, ssl, sys
 sys.path.insert(0, "h2lib")
 transport, wanted = sys.argv[1], json.load(open(sys.argv[2]))
 host = "api.allowed.test"
-address = socket.gethostbyname(host)
 result = {}
 
 def connect(port, alpn, sni=host):
-    s = socket.create_connection((address, port), timeout=5)
+    s = socket.create_connection((socket.gethostbyname(sni), port), timeout=5)
     if alpn:
         context = ssl.create_default_context()
         context.set_alpn_protocols([alpn])
         s = context.wrap_socket(s, server_hostname=sni)
     return s
 
+def authority(r):
+    named = [v for n, v in r["fields"] if n == ":authority"]
+    return named[0] if named else f"{host}:{r['port']}" if r["port"] not in (80, 443) else host
+
 def h1(r):
-    auth = f"{host}:{r['port']}" if r["port"] not in (80, 443) else host
+    # (on HTTP/1, :authority is the Host field; other pseudo-headers go as they are)
+    auth = authority(r)
     target = r["target"].replace("{auth}", auth)
     head = f"{r['method']} {target} HTTP/1.1\r\nHost: {auth}\r\nX-Variant: {r['label']}\r\n"
-    head += "".join(f"{n}: {v}\r\n" for n, v in r["fields"])
+    head += "".join(f"{n}: {v}\r\n" for n, v in r["fields"] if n != ":authority")
     head += "Content-Length: 0\r\nConnection: close\r\n\r\n"
-    s = connect(r["port"], None if transport == "plain" else "http/1.1")
+    s = connect(r["port"], None if transport == "plain" else "http/1.1", r.get("via", host))
     s.sendall(head.encode("utf-8", "surrogateescape"))
     data = b""
     while b"\r\n" not in data:
@@ -304,17 +332,19 @@ def h1(r):
     parts = data.split(b"\r\n")[0].split()
     return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
-def h2(r, authority=None, sni=host):
+def h2(r):
     import h2.config, h2.connection
-    auth = authority or (f"{host}:{r['port']}" if r["port"] != 443 else host)
+    auth = authority(r)
     target = r["target"].replace("{auth}", auth)
-    s = connect(r["port"], "h2", sni)
+    s = connect(r["port"], "h2", r.get("via", host))
     config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False,
         normalize_outbound_headers=False, validate_inbound_headers=False)
     conn = h2.connection.H2Connection(config=config)
     conn.initiate_connection()
+    pseudo = [(n, v) for n, v in r["fields"] if n.startswith(":") and n != ":authority"]
     headers = [(":method", r["method"]), (":path", target), (":scheme", "https"), (":authority", auth),
-               ("x-variant", r["label"])] + [(n.lower(), v) for n, v in r["fields"]]
+               *pseudo, ("x-variant", r["label"])]
+    headers += [(n.lower(), v) for n, v in r["fields"] if not n.startswith(":")]
     conn.send_headers(1, [(n.encode(), v.encode()) for n, v in headers], end_stream=True)
     s.sendall(conn.data_to_send())
     status = 0
@@ -364,7 +394,7 @@ def served_denied(net, log: Path) -> dict[str, str]:
     for line in log.read_text().splitlines():
         entry = json.loads(line)
         served[entry["variant"]] = entry["resource"]
-    for entry in net.requests_seen(API_IP):
+    for entry in net.requests_seen():
         if entry["status"] == 200:
             served[entry["variant"]] = f"{entry['method']} {entry['resolved']}"
     return {
