@@ -34,10 +34,10 @@ from pathlib import Path
 import pytest
 from support import sandbox
 from support.sandbox import PYTHON, eventually, python
+from test_http_hardening import copy_h2
 
 pytestmark = pytest.mark.e2e
 
-API_IP = "203.0.113.11"
 SERVERS = {  # name -> (plain port, TLS port)
     "nginx": (80, 443),
     "files": (8081, 8441),
@@ -379,13 +379,7 @@ def client(transport: str, name: str) -> str:
 
 
 def write_requests(workspace: Path) -> None:
-    import h2
-    import hpack
-    import hyperframe
-
-    for package in (h2, hpack, hyperframe):
-        source = Path(package.__file__).parent
-        shutil.copytree(source, workspace / "h2lib" / source.name)
+    copy_h2(workspace)
     for transport in ("plain", "h1", "h2"):
         (workspace / f"{transport}.json").write_text(json.dumps(requests(transport)))
 
