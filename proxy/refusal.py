@@ -20,6 +20,7 @@ UNFINISHED_HEAD_HINT = "A request head must end within its size limit."
 _STATUS = {
     Reason.MALFORMED_REQUEST: 400,
     Reason.AMBIGUOUS_PATH: 400,
+    Reason.AMBIGUOUS_METHOD: 400,
     Reason.HEADERS_TOO_LARGE: 431,
     # An approved placeholder's name with no public address upstream: a gateway error.
     Reason.DNS_UPSTREAM_FAILURE: 502,

@@ -428,6 +428,8 @@ def _nginx_conf(workdir: Path, cert: Path, key: Path) -> str:
         "host": "$host",
         "method": "$request_method",
         "uri": "$request_uri",
+        "resolved": "$uri",  # the path nginx resolved (decoded, dot segments merged)
+        "variant": "$http_x_variant",  # a differential test's label for the request
         "status": "$status",
         "sni": "$ssl_server_name",
         "remote_addr": "$remote_addr",
@@ -748,7 +750,9 @@ class FakeInternet:
 
         Fields: server_addr, server_port (int), host, method, uri, status (int),
         sni ("" for plain HTTP or no SNI), remote_addr, protocol, scheme,
-        body_bytes_sent (int), upgrade (the Upgrade header, "" if none). nginx logs after the response is sent, so a client
+        body_bytes_sent (int), upgrade (the Upgrade header, "" if none), resolved (the
+        path nginx served: decoded, dot segments merged), variant (the X-Variant
+        header, "" if none). nginx logs after the response is sent, so a client
         that just finished may, rarely, be a few microseconds ahead of the log.
         """
         want = ipaddress.ip_address(ip) if ip is not None else None

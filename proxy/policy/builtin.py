@@ -110,6 +110,13 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "';', '//', dot segments, %2F %5C %2E %3B, encoded controls or invalid UTF-8, raw non-ASCII",
     ),
     (
+        "ambiguous-method",
+        (R.AMBIGUOUS_METHOD,),
+        "a request whose X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override header, or "
+        "`_method` query parameter, names another method than its own: servers that honour "
+        "overrides would run that method, not the one decided",
+    ),
+    (
         "headers-too-large",
         (R.HEADERS_TOO_LARGE,),
         "a request head with more than 100 header fields or more than 64 KiB (answered 431), "

@@ -855,12 +855,18 @@ def approved_overlay(paths: list[Path]) -> Path | None:
     return first.parent / APPROVED_FILE
 
 
-def _compile_paths(globs: tuple[str, ...], ignore_case: bool = False) -> re.Pattern[str]:
+def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> re.Pattern[str]:
     """Path globs as one anchored regex: `*` stays inside a segment, `**` crosses '/'
-    (`/a/**` matches `/a` and everything below it). Compiled once, at load. Deny
-    rules ignore case: `/ADMIN` is `/admin` to some servers, and a deny must hold there."""
+    (`/a/**` matches `/a` and everything below it). Compiled once, at load.
+
+    A deny rule's globs match more widely, as lenient servers read paths: ignoring
+    case (`/ADMIN` is `/admin` to some servers), and with or without a trailing '/'
+    (Express, by default, routes `/admin/` to `/admin` and `/admin` to `/admin/`):
+    a deny must hold wherever a server serves the resource it names."""
     parts = []
     for glob in globs:
+        if deny and len(glob) > 1:
+            glob = glob.removesuffix("/")
         pattern = ""
         for piece in re.split(r"(/\*\*(?=/|$)|\*)", glob):
             if piece == "/**":
@@ -869,8 +875,8 @@ def _compile_paths(globs: tuple[str, ...], ignore_case: bool = False) -> re.Patt
                 pattern += "[^/]*"
             else:
                 pattern += re.escape(piece)
-        parts.append(pattern)
-    flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
+        parts.append(pattern + "/?" if deny and not glob.endswith("/**") else pattern)
+    flags = re.DOTALL | (re.IGNORECASE if deny else 0)
     return re.compile("|".join(f"(?:{p})" for p in parts), flags)
 
 

@@ -39,6 +39,8 @@ class Reason(StrEnum):
     # An HTTP request head sandgate will not forward (proxy/policy/request_head.py).
     MALFORMED_REQUEST = "malformed_request"  # not a token method, control bytes, bad framing ...
     AMBIGUOUS_PATH = "ambiguous_path"  # a path servers may read otherwise than it was decided
+    # A method override (X-HTTP-Method-Override, `_method=`) naming another method.
+    AMBIGUOUS_METHOD = "ambiguous_method"
     HEADERS_TOO_LARGE = (
         "headers_too_large"  # too many header fields or bytes (431); a response head too (502)
     )

@@ -23,7 +23,11 @@ server picks. Checks, first failure wins:
     is the connection's -> else host_mismatch;
  5. path: `path_problem` (the canonical set, below) -> ambiguous_path; the query
     only visible ASCII without `#` -> else ambiguous_path;
- 6. upgrade: `Upgrade: websocket` alone is a WebSocket request (decided by rules
+ 6. method overrides: an X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override
+    header, or a `_method` query parameter, naming another method than the request's
+    (servers that honour them run that one: a POST becomes a DELETE no rule allowed)
+    -> ambiguous_method;
+ 7. upgrade: `Upgrade: websocket` alone is a WebSocket request (decided by rules
     with `websocket: true`); any other token list (h2c, `h2c, foo`, websocket with
     others) is removed before forwarding (`strip_upgrade`).
 """
@@ -33,6 +37,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
+from urllib.parse import unquote_plus
 
 from .builtin import deny
 from .model import Decision
@@ -55,7 +60,13 @@ _QUERY_BYTES = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII without '#'
 _STRUCTURAL_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
 _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
 # The fields check_head reads by name (lower case); others are only checked as fields.
-_READ_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"upgrade"})
+_OVERRIDES = (b"x-http-method-override", b"x-http-method", b"x-method-override")
+_READ_FIELDS = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"upgrade", *_OVERRIDES}
+)
+# A query parameter that names a method (`_method=DELETE`), in any spelling a query
+# parser decodes: `%5Fmethod`, `_%6Dethod`, upper case; split at '&' and ';'.
+_QUERY_PARAM = re.compile(r"[^&;]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +157,12 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
         why = "control, space, '#' or non-ASCII characters in the query"
     if why is not None:
         return deny("ambiguous-path", detail=f"{why}: {path[:200]!r}")
+    method = head.method.decode("ascii")
+    override = _override_problem(method, by_name, query)
+    if override is not None:
+        return deny("ambiguous-method", detail=override)
     websocket, strip = _upgrade(by_name.get(b"upgrade"))
-    return CheckedHead(head.method.decode("ascii"), host, path, websocket, strip)
+    return CheckedHead(method, host, path, websocket, strip)
 
 
 # Field names seen before, each an HTTP token, with its lower case: a task sends the
@@ -267,6 +282,24 @@ def _utf8(data: bytearray) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _override_problem(method: str, by_name: dict[bytes, list[bytes]], query: str) -> str | None:
+    """Why a method override in the head may make a server run another method than
+    `method`, or None. The comparison ignores case: servers upper-case overrides."""
+    for name in _OVERRIDES:
+        for value in by_name.get(name, ()):
+            if value.strip().upper() != method.encode():
+                return f"{name.decode()} names {value[:40].decode('ascii', 'replace')!r}, the request is {method}"
+    if "meth" not in query.lower() and "%" not in query:
+        return None
+    for param in _QUERY_PARAM.findall(query):
+        key, _, value = param.partition("=")
+        if unquote_plus(key).strip().lower() == "_method":
+            named = unquote_plus(value).strip()
+            if named.upper() != method:
+                return f"the query's _method names {named[:40]!r}, the request is {method}"
+    return None
 
 
 def _framing_problem(by_name: dict[bytes, list[bytes]], http2: bool) -> str | None:

@@ -1,0 +1,152 @@
+"""What a path rule matches (docs/rules.md "What a path rule matches"), with no I/O:
+each request head goes through check_head (refused: ambiguous) and then decide (the
+canonical path against anchored globs). The spellings are those of
+tests/e2e/test_path_differential.py, which sends them to real servers; here each
+gets its exact outcome, and the method-override check its named cases."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sandgate.proxy.policy import Decision, RequestFacts, decide, load_policy
+from sandgate.proxy.policy.names import parse_path
+from sandgate.proxy.policy.request_head import RequestHead, check_head, path_problem
+
+RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: api.allowed.test
+        methods: [GET, HEAD, POST]
+        paths: ["/public/**"]
+        id: public
+      - deny: api.allowed.test
+        paths: ["/public/secret", "/public/keys/", "/public/admin/**"]
+        id: no-secret
+"""
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    rules = tmp_path_factory.mktemp("rules") / "rules.yaml"
+    rules.write_text(RULES)
+    return load_policy([rules])
+
+
+def outcome(policy, target: str, method: str = "GET", *fields: tuple[str, str]) -> str:
+    """The reason the gateway gives `METHOD target` to api.allowed.test:443."""
+    head = RequestHead(
+        method.encode(),
+        target.encode("utf-8"),
+        ((b"host", b"api.allowed.test"), *((n.encode(), v.encode()) for n, v in fields)),
+    )
+    checked = check_head(head, 443)
+    if isinstance(checked, Decision):
+        return str(checked.reason)
+    facts = RequestFacts(
+        profile="default", port=443, method=checked.method, path=checked.path,
+        name="api.allowed.test",
+    )  # fmt: skip
+    return str(decide(policy, facts).reason)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        pytest.param("/public/ok", "rule_allow", id="control"),
+        pytest.param("/public/ok?_method=GET", "rule_allow", id="control-own-method"),
+        # percent-encoding: unreserved escapes are decoded before matching
+        pytest.param("/public/%73ecret", "rule_deny", id="escaped-letter"),
+        pytest.param("/public/%53ECRET", "rule_deny", id="escaped-upper"),
+        pytest.param("/public%2Fsecret", "ambiguous_path", id="escaped-slash"),
+        pytest.param("/public%2fsecret", "ambiguous_path", id="escaped-slash-lower"),
+        pytest.param("/public/%2e%2e/private/key", "ambiguous_path", id="escaped-dots"),
+        pytest.param("/public/%2573ecret", "rule_allow", id="double-escape-is-another-name"),
+        pytest.param("/public/%c0%ae%c0%ae/private/key", "ambiguous_path", id="overlong"),
+        # dot segments, slashes, backslashes, parameters
+        pytest.param("/public/./secret", "ambiguous_path", id="dot"),
+        pytest.param("/public/../private/key", "ambiguous_path", id="dot-dot"),
+        pytest.param("/public/..", "ambiguous_path", id="dot-dot-last"),
+        pytest.param("//public/secret", "ambiguous_path", id="leading-slashes"),
+        pytest.param("/public//secret", "ambiguous_path", id="inner-slashes"),
+        pytest.param("/public\\secret", "ambiguous_path", id="backslash"),
+        pytest.param("/public/%5csecret", "ambiguous_path", id="escaped-backslash"),
+        pytest.param("/public/secret;x", "ambiguous_path", id="params"),
+        pytest.param("/public/..;/private/key", "ambiguous_path", id="params-dots"),
+        # trailing characters: a deny holds with or without the trailing '/'
+        pytest.param("/public/secret/", "rule_deny", id="trailing-slash"),
+        pytest.param("/public/keys", "rule_deny", id="deny-glob-with-slash-without"),
+        pytest.param("/public/keys/", "rule_deny", id="deny-glob-with-slash-with"),
+        pytest.param("/public/admin", "rule_deny", id="deny-subtree-itself"),
+        pytest.param("/public/admin/", "rule_deny", id="deny-subtree-slash"),
+        pytest.param("/public/secrets", "rule_allow", id="deny-is-not-a-prefix"),
+        pytest.param("/public/secret/x", "rule_allow", id="deny-exact-not-below"),
+        pytest.param("/public/secret?", "rule_deny", id="empty-query"),
+        pytest.param("/public/secret#", "ambiguous_path", id="fragment"),
+        pytest.param("/public/secret%00", "ambiguous_path", id="escaped-nul"),
+        pytest.param("/public/secret.", "rule_allow", id="trailing-dot-is-another-name"),
+        # absolute form, case, Unicode, asterisk
+        pytest.param("http://api.allowed.test/public/secret", "rule_deny", id="absolute"),
+        pytest.param("http://evil.test/public/ok", "host_mismatch", id="absolute-other"),
+        pytest.param("/PUBLIC/SECRET", "rule_deny", id="upper-deny-wins"),
+        pytest.param("/PUBLIC/ok", "path_not_allowed", id="upper-outside-allow"),
+        pytest.param("/public/SECRET", "rule_deny", id="upper-inside-allow"),
+        pytest.param("/public/%C5%BFecret", "rule_allow", id="long-s-stays-escaped"),
+        pytest.param("/public/sécret", "ambiguous_path", id="raw-non-ascii"),
+        pytest.param("*", "ambiguous_path", id="asterisk"),
+    ],
+)
+def test_each_spelling_of_a_denied_path(policy, target, expected):
+    assert outcome(policy, target) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "fields", "expected"),
+    [
+        pytest.param("POST", "/public/ok", [("X-HTTP-Method-Override", "DELETE")], "ambiguous_method", id="override"),
+        pytest.param("GET", "/public/ok", [("x-http-method", "delete")], "ambiguous_method", id="x-http-method"),
+        pytest.param("POST", "/public/ok", [("X-Method-Override", "PUT")], "ambiguous_method", id="x-method-override"),
+        pytest.param("POST", "/public/ok", [("X-HTTP-Method-Override", " post ")], "rule_allow", id="names-itself"),
+        pytest.param("POST", "/public/ok", [("X-HTTP-Method-Override", "POST"), ("X-HTTP-Method-Override", "DELETE")], "ambiguous_method", id="twice"),
+        pytest.param("POST", "/public/ok?_method=DELETE", [], "ambiguous_method", id="query"),
+        pytest.param("POST", "/public/ok?a=1&_method=delete", [], "ambiguous_method", id="query-lower"),
+        pytest.param("POST", "/public/ok?a=1;_method=DELETE", [], "ambiguous_method", id="query-semicolon"),
+        pytest.param("POST", "/public/ok?%5Fmethod=DELETE", [], "ambiguous_method", id="query-escaped-key"),
+        pytest.param("POST", "/public/ok?_%6Dethod=DELETE", [], "ambiguous_method", id="query-escaped-letter"),
+        pytest.param("POST", "/public/ok?_METHOD=DELETE", [], "ambiguous_method", id="query-upper-key"),
+        pytest.param("POST", "/public/ok?_method=%44ELETE", [], "ambiguous_method", id="query-escaped-value"),
+        pytest.param("POST", "/public/ok?_method=post", [], "rule_allow", id="query-names-itself"),
+        pytest.param("POST", "/public/ok?_methods=DELETE&x_method=PUT", [], "rule_allow", id="other-keys"),
+        pytest.param("DELETE", "/public/ok", [], "method_not_allowed", id="plain-delete"),
+    ],
+)  # fmt: skip
+def test_a_method_override_naming_another_method_is_refused(policy, method, target, fields, expected):
+    assert outcome(policy, target, method, *fields) == expected
+
+
+# Paths the head check lets through: what parse_path decides on is itself canonical.
+_PATH = st.lists(
+    st.sampled_from(["a", "B", "%41", "%2d", "%7e", "%C3%A4", "x.y", "-", "~", "%25"]),
+    min_size=1, max_size=6,
+).map(lambda segments: "/" + "/".join(segments))  # fmt: skip
+
+
+@given(path=_PATH, slash=st.booleans())
+def test_the_canonical_form_is_canonical(path, slash):
+    path += "/" if slash else ""
+    assert path_problem(path) is None
+    canonical = parse_path(path)
+    assert parse_path(canonical) == canonical
+    assert path_problem(canonical) is None
+    assert canonical.endswith("/") == slash
+
+
+@given(path=_PATH)
+def test_a_deny_glob_names_its_path_with_or_without_a_slash_and_nothing_below(policy, path):
+    deny = next(r for r in policy.profiles["default"].rules if r.id == "no-secret")
+    assert deny.matches_request("GET", "/public/secret")
+    assert deny.matches_request("GET", "/public/secret/")
+    assert deny.matches_request("GET", "/public/ADMIN" + parse_path(path))
+    assert not deny.matches_request("GET", parse_path("/public/secret" + path))
