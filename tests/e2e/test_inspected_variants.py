@@ -309,8 +309,7 @@ def test_http2_streams_are_each_held_to_the_rules(net, tmp_path):
     assert got["lower_get"] == got["mixed_get"] == "400", r.describe()
     seen = settled_requests(net)
     assert sorted((e["method"], e["uri"], e["host"]) for e in seen) == [
-        ("GET", uri, "api.allowed.test")
-        for uri in ("/public/c1", "/public/hs", "/public/ok")
+        ("GET", uri, "api.allowed.test") for uri in ("/public/c1", "/public/hs", "/public/ok")
     ], seen
     allowed = r.events(kind="request", verdict="allow")
     assert sorted(e["method"] for e in allowed) == ["GET"] * 3, r.describe()

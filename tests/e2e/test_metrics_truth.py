@@ -191,8 +191,13 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
         assert not leaks, leaks
 
         # Prometheus has scraped the counters at their values before the restart.
-        eventually(lambda: prometheus.query("sum(sandgate_dns_queries_total)") and list(
-            prometheus.query("sum(sandgate_dns_queries_total)").values())[0] > 400, timeout=20)
+        eventually(
+            lambda: (
+                prometheus.query("sum(sandgate_dns_queries_total)")
+                and list(prometheus.query("sum(sandgate_dns_queries_total)").values())[0] > 400
+            ),
+            timeout=20,
+        )
 
         # 2. A scrape is answered while a worker is stopped, and at once.
         workers = service.status()["workers"]
@@ -274,9 +279,11 @@ def test_metrics_stay_true_over_a_worker_restart(net, tmp_path):
         for approval in pending:
             assert service.ask("approvals", "deny", approval["id"]).returncode == 0
         now = eventually(
-            lambda: (found := samples(scrape(net, port)))
-            and total(found, "sandgate_approvals_pending") == 0
-            and found,
+            lambda: (
+                (found := samples(scrape(net, port)))
+                and total(found, "sandgate_approvals_pending") == 0
+                and found
+            ),
             timeout=10,
         )
         assert now, "approvals still pending"

@@ -217,36 +217,86 @@ def variants() -> list[tuple[str, str, str, str, tuple[tuple[str, str], ...]]]:
         out.append((family, f"{family}-{len(out)}", method, target, tuple(fields)))
 
     add("control", "GET", "/public/ok")
-    for t in ("/public/%73ecret", "/public/%53ECRET", "/public/secre%74", "/public%2Fsecret",
-              "/public%2fsecret", "/public/%2e%2e/private/key", "/public/%2E%2e/private/key",
-              "/public/%252e%252e/private/key", "/public%252Fsecret", "/public/%2573ecret"):
+    for t in (
+        "/public/%73ecret",
+        "/public/%53ECRET",
+        "/public/secre%74",
+        "/public%2Fsecret",
+        "/public%2fsecret",
+        "/public/%2e%2e/private/key",
+        "/public/%2E%2e/private/key",
+        "/public/%252e%252e/private/key",
+        "/public%252Fsecret",
+        "/public/%2573ecret",
+    ):
         add("percent", "GET", t)
-    for t in ("/public/%c0%ae%c0%ae/private/key", "/public%c0%afsecret", "/public/%e0%80%ae%e0%80%ae/private/key"):
+    for t in (
+        "/public/%c0%ae%c0%ae/private/key",
+        "/public%c0%afsecret",
+        "/public/%e0%80%ae%e0%80%ae/private/key",
+    ):
         add("overlong-utf8", "GET", t)
-    for t in ("/public/./secret", "/public/x/../secret", "/public/../private/key",
-              "/public/..%2fprivate/key", "/public/a/..%2f..%2fprivate/key", "/public/%2e/secret",
-              "/public/.%2e/private/key", "/public/x/..", "/public/.."):
+    for t in (
+        "/public/./secret",
+        "/public/x/../secret",
+        "/public/../private/key",
+        "/public/..%2fprivate/key",
+        "/public/a/..%2f..%2fprivate/key",
+        "/public/%2e/secret",
+        "/public/.%2e/private/key",
+        "/public/x/..",
+        "/public/..",
+    ):
         add("dot-segments", "GET", t)
     for t in ("//public/secret", "/public//secret", "///private/key", "/public/secret//"):
         add("slashes", "GET", t)
-    for t in ("/public\\secret", "/public/..\\private/key", "/public/%5csecret", "/public\\..\\private\\key"):
+    for t in (
+        "/public\\secret",
+        "/public/..\\private/key",
+        "/public/%5csecret",
+        "/public\\..\\private\\key",
+    ):
         add("backslash", "GET", t)
     for t in ("/public/secret;x", "/public;x/secret", "/public/..;/private/key", "/public/secret;"):
         add("params", "GET", t)
-    for t in ("/public/secret.", "/public/secret/", "/public/secret%20", "/public/secret#",
-              "/public/secret?", "/public/secret?x=1", "/public/secret%00", "/public/secret%09",
-              "/public/secret ", "/public/secret%2F"):
+    for t in (
+        "/public/secret.",
+        "/public/secret/",
+        "/public/secret%20",
+        "/public/secret#",
+        "/public/secret?",
+        "/public/secret?x=1",
+        "/public/secret%00",
+        "/public/secret%09",
+        "/public/secret ",
+        "/public/secret%2F",
+    ):
         add("trailing", "GET", t)
-    for t in ("http://{auth}/public/secret", "https://{auth}/public/secret",
-              "http://{auth}/public/../private/key", "HTTP://{auth}/public/secret",
-              "http://{auth}//public/secret", "http://evil.test/public/ok"):
+    for t in (
+        "http://{auth}/public/secret",
+        "https://{auth}/public/secret",
+        "http://{auth}/public/../private/key",
+        "HTTP://{auth}/public/secret",
+        "http://{auth}//public/secret",
+        "http://evil.test/public/ok",
+    ):
         add("absolute-form", "GET", t)
-    for t in ("/public/x#/../../private/key", "/public/ok#/../secret", "/public/ok%23/../../private/key"):
+    for t in (
+        "/public/x#/../../private/key",
+        "/public/ok#/../secret",
+        "/public/ok%23/../../private/key",
+    ):
         add("fragment", "GET", t)
     for t in ("/Public/Secret", "/PUBLIC/SECRET", "/public/SECRET", "/Private/Key"):
         add("case", "GET", t)
-    for t in ("/public/%C5%BFecret", "/public/s%C3%A9cret", "/public/sécret", "/public/\uff53ecret",
-              "/public/%EF%BC%B3ecret", "/public/secre%E2%84%AA"):
+    for t in (
+        "/public/%C5%BFecret",
+        "/public/s%C3%A9cret",
+        "/public/sécret",
+        "/public/\uff53ecret",
+        "/public/%EF%BC%B3ecret",
+        "/public/secre%E2%84%AA",
+    ):
         add("unicode", "GET", t)
     add("options-star", "OPTIONS", "*")
     for name in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"):
@@ -394,11 +444,7 @@ def served_denied(net, log: Path) -> dict[str, str]:
     for entry in net.requests_seen():
         if entry["status"] == 200:
             served[entry["variant"]] = f"{entry['method']} {entry['resolved']}"
-    return {
-        label: resource
-        for label, resource in served.items()
-        if _canonical(resource) in DENIED
-    }
+    return {label: resource for label, resource in served.items() if _canonical(resource) in DENIED}
 
 
 def _canonical(resource: str) -> str:
@@ -426,7 +472,8 @@ def test_no_spelling_of_a_denied_path_reaches_a_denied_resource(net, servers, tm
     assert answered(answers, "method-override") == {400}
     assert answered(answers, "trailing", "/public/secret/") == {403}
     assert answered(answers, "coalescing") | answered(answers, "coalescing-pass-through") <= {
-        421, 403
+        421,
+        403,
     }
     assert {"ambiguous_method", "ambiguous_path", "rule_deny", "host_mismatch"} <= {
         e["reason"] for e in r.events(kind="request", verdict="deny")

@@ -26,7 +26,6 @@ def free_port(ns: str) -> int:
         return s.getsockname()[1]
 
 
-
 class PrometheusServer:
     """The Debian prometheus binary in the host netns, on a temporary config."""
 

@@ -122,7 +122,9 @@ def test_each_spelling_of_a_denied_path(policy, target, expected):
         pytest.param("DELETE", "/public/ok", [], "method_not_allowed", id="plain-delete"),
     ],
 )  # fmt: skip
-def test_a_method_override_naming_another_method_is_refused(policy, method, target, fields, expected):
+def test_a_method_override_naming_another_method_is_refused(
+    policy, method, target, fields, expected
+):
     assert outcome(policy, target, method, *fields) == expected
 
 
