@@ -17,7 +17,15 @@ from collections.abc import Awaitable, Callable
 from sandgate.proxy.descriptors import OUT_OF_DESCRIPTORS, DescriptorReserve
 from sandgate.proxy.frontdoor.http1_relay import Http1Relay, UpstreamPool
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
-from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, End, Relay, close_read, note
+from sandgate.proxy.frontdoor.relay import (
+    LINGER_RESET,
+    RELAY_CHUNK,
+    End,
+    Lingering,
+    Relay,
+    close_read,
+    note,
+)
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
 from sandgate.proxy.frontdoor.tls_io import TlsSocket
 from sandgate.proxy.frontdoor.tls_relay import Hello, http1_hello, serve_inspected
@@ -102,6 +110,7 @@ class FrontDoor:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.poller: Poller | None = None
         self.upstream_pool: UpstreamPool | None = None  # plain HTTP's idle upstreams
+        self.lingering: Lingering | None = None  # refused clients' sockets, closing
         self._listener: socket.socket | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._ticker: asyncio.TimerHandle | None = None
@@ -134,6 +143,7 @@ class FrontDoor:
         self.port = listener.getsockname()[1]
         self.poller = Poller(self.loop)
         self.upstream_pool = UpstreamPool(self.poller, self.loop)
+        self.lingering = Lingering(self.poller, self.loop)
         self.loop.add_reader(listener.fileno(), self._accept)
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
 
@@ -152,6 +162,8 @@ class FrontDoor:
             connection.finish("the gateway stopped", reset=True)
         if self.upstream_pool is not None:
             self.upstream_pool.close()
+        if self.lingering is not None:
+            self.lingering.close_all()
         if self.poller is not None:
             self.poller.close()
             self.poller = None
@@ -663,7 +675,9 @@ class Connection:
                 continue
             if isinstance(sock, TlsSocket):
                 sock.notify_close()  # a clean end: the peer can tell it from a cut
-            if drain:
+            if drain and sock is self.client and self.door.lingering is not None:
+                self.door.lingering.close(sock)
+            elif drain:
                 close_read(sock)
             else:
                 sock.close()

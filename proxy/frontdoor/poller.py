@@ -110,6 +110,12 @@ class Poller:
         self.handlers[fd] = handler
         self.epoll.register(fd, _WATCH)  # edge-triggered, yet reports the current state once
 
+    def take_over(self, fd: int, handler: Callable[[int], None]) -> None:
+        """Give a watched (or forgotten, not yet closed) fd to another handler; it
+        reports the current state once, as `watch` does."""
+        self.handlers[fd] = handler
+        self.epoll.modify(fd, _WATCH)
+
     def forget(self, fd: int, unregister: bool = False) -> None:
         """Stop handling fd: before it is closed (closing takes it out of the set),
         or, with `unregister`, before someone else takes the socket over."""

@@ -180,6 +180,69 @@ class Relay:
         return True
 
 
+class Lingering:
+    """Sockets closed the way a client still reads what it was sent (nginx's
+    lingering close): a refusal answered while the client is still sending (a 431 for
+    a 1 MB head, a 403 for a denied upload) and then closed with its bytes unread
+    sends a reset, and the client's send fails before it reads the answer. So the
+    write side is shut (the answer ends with a FIN), what arrives is read and dropped
+    until the client ends, LINGER_S pass or LINGER_BYTES were dropped, then closed.
+    At most MAX_LINGERING at once (descriptors are a budget): beyond, `close_read`."""
+
+    LINGER_S = 2.0
+    LINGER_BYTES = 4 << 20
+    MAX_LINGERING = 256
+
+    def __init__(self, poller, loop) -> None:
+        self.poller, self.loop = poller, loop
+        self.socks: dict[int, list] = {}  # fd -> [socket, bytes still to drop, timer]
+
+    def close(self, sock: socket.socket) -> None:
+        if len(self.socks) >= self.MAX_LINGERING:
+            close_read(sock)
+            return
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # already reset or gone
+            sock.close()
+            return
+        fd = sock.fileno()
+        try:
+            self.poller.take_over(fd, lambda _events: self._readable(fd))
+        except OSError:  # not in the poller's set (any more): no event would come
+            close_read(sock)
+            return
+        timer = self.loop.call_later(self.LINGER_S, self._end, fd)
+        self.socks[fd] = [sock, self.LINGER_BYTES, timer]
+
+    def _readable(self, fd: int) -> None:
+        entry = self.socks.get(fd)
+        if entry is None:
+            return
+        while True:  # edge-triggered: until the socket is empty
+            try:
+                data = socket.socket.recv(entry[0], RELAY_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                break
+            entry[1] -= len(data)
+            if not data or entry[1] <= 0:
+                break
+        self._end(fd)
+
+    def _end(self, fd: int) -> None:
+        entry = self.socks.pop(fd, None)
+        if entry is not None:
+            entry[2].cancel()
+            self.poller.forget(fd)
+            entry[0].close()
+
+    def close_all(self) -> None:
+        for fd in list(self.socks):
+            self._end(fd)
+
+
 def close_read(sock: socket.socket) -> None:
     """Read what the client sent so far, then close: with unread bytes in its
     buffer (the peeked ones) closing would send a reset, where a proxy that had

@@ -25,8 +25,9 @@ server picks. Checks, first failure wins:
     only visible ASCII without `#` -> else ambiguous_path;
  6. method overrides: an X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override
     header, or a `_method` query parameter, naming another method than the request's
-    (servers that honour them run that one: a POST becomes a DELETE no rule allowed)
-    -> ambiguous_method;
+    are kept in `overrides`: servers that honour them run that method (a POST becomes
+    a DELETE), so the gate decides the request for each of them too, and refuses it
+    (ambiguous_method) where one of them would not be allowed;
  7. upgrade: `Upgrade: websocket` alone is a WebSocket request (decided by rules
     with `websocket: true`); any other token list (h2c, `h2c, foo`, websocket with
     others) is removed before forwarding (`strip_upgrade`).
@@ -35,6 +36,7 @@ server picks. Checks, first failure wins:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import unquote_plus
@@ -97,6 +99,9 @@ class CheckedHead(NamedTuple):
     # Asks for a WebSocket upgrade: only rules with websocket: true allow it.
     websocket: bool = False
     strip_upgrade: bool = False  # carries another Upgrade: removed before forwarding
+    # (where, method) of each method override naming another method than `method`
+    # (`X-HTTP-Method-Override`, `the query's _method`): the gate decides those too.
+    overrides: tuple[tuple[str, str], ...] = ()
 
 
 def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
@@ -158,11 +163,8 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
     if why is not None:
         return deny("ambiguous-path", detail=f"{why}: {path[:200]!r}")
     method = head.method.decode("ascii")
-    override = _override_problem(method, by_name, query)
-    if override is not None:
-        return deny("ambiguous-method", detail=override)
     websocket, strip = _upgrade(by_name.get(b"upgrade"))
-    return CheckedHead(method, host, path, websocket, strip)
+    return CheckedHead(method, host, path, websocket, strip, _overrides(method, by_name, query))
 
 
 # Field names seen before, each an HTTP token, with its lower case: a task sends the
@@ -284,22 +286,44 @@ def _utf8(data: bytearray) -> bool:
     return True
 
 
-def _override_problem(method: str, by_name: dict[bytes, list[bytes]], query: str) -> str | None:
-    """Why a method override in the head may make a server run another method than
-    `method`, or None. The comparison ignores case: servers upper-case overrides."""
+def override_denial(
+    head: CheckedHead, decide_as: Callable[[CheckedHead], Decision]
+) -> Decision | None:
+    """A method override (X-HTTP-Method-Override, `_method=`) makes a server that
+    honours it run that method: the request may pass only where each method it names
+    would be allowed too (always where no rule reads the method). `decide_as`: the
+    decision for `head` with another method. The ambiguous_method denial, or None."""
+    for where, method in head.overrides:
+        other = decide_as(head._replace(method=method, overrides=()))
+        if not other.allowed:
+            return deny(
+                "ambiguous-method",
+                detail=f"{where} names {method!r}, the request is {head.method}: a server "
+                f"that honours it runs {method}, which is not allowed here "
+                f"({other.reason}: {other.detail[:200]})",
+            )
+    return None
+
+
+def _overrides(
+    method: str, by_name: dict[bytes, list[bytes]], query: str
+) -> tuple[tuple[str, str], ...]:
+    """The method overrides in the head that name another method than `method`, each
+    as (where, the method named, upper case: servers upper-case overrides)."""
+    found = []
     for name in _OVERRIDES:
         for value in by_name.get(name, ()):
-            if value.strip().upper() != method.encode():
-                return f"{name.decode()} names {value[:40].decode('ascii', 'replace')!r}, the request is {method}"
-    if "meth" not in query.lower() and "%" not in query:
-        return None
-    for param in _QUERY_PARAM.findall(query):
-        key, _, value = param.partition("=")
-        if unquote_plus(key).strip().lower() == "_method":
-            named = unquote_plus(value).strip()
-            if named.upper() != method:
-                return f"the query's _method names {named[:40]!r}, the request is {method}"
-    return None
+            named = value.strip().decode("ascii", "replace").upper()
+            if named != method:
+                found.append((name.decode(), named[:40]))
+    if "meth" in query.lower() or "%" in query:
+        for param in _QUERY_PARAM.findall(query):
+            key, _, value = param.partition("=")
+            if unquote_plus(key).strip().lower() == "_method":
+                named = unquote_plus(value).strip().upper()
+                if named != method:
+                    found.append(("the query's _method", named[:40]))
+    return tuple(found)
 
 
 def _framing_problem(by_name: dict[bytes, list[bytes]], http2: bool) -> str | None:

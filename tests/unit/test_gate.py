@@ -3,6 +3,8 @@ decision out. No sockets, no mitmproxy."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from sandgate.proxy.gate import MAX_FIRST_BYTES, Outcome
 from sandgate.proxy.policy.request_head import RequestHead
@@ -301,6 +303,29 @@ def test_requests(gate, host, method, path, reason, name):
         method,
         "http",
     )
+
+
+@pytest.mark.parametrize(
+    "host, ip, override, reason",
+    [
+        pytest.param("allowed.test", "203.0.113.10", "DELETE", "rule_allow", id="no-method-rule"),
+        pytest.param("api.allowed.test", "203.0.113.11", "DELETE", "ambiguous_method", id="denied"),
+        pytest.param("api.allowed.test", "203.0.113.11", "get", "rule_allow", id="its-own"),
+    ],
+)
+def test_a_method_override_is_decided_as_the_method_it_names(gate, host, ip, override, reason):
+    """A server that honours X-HTTP-Method-Override runs that method: the request
+    passes only where the rules would allow it too (no method rule: nothing changes)."""
+    state = connect(gate, ip, 80)
+    assert gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n") is Outcome.HTTP
+    head = request_head(host)
+    head = dataclasses.replace(
+        head, fields=(*head.fields, (b"x-http-method-override", override.encode()))
+    )
+    decision, _ = gate.on_request(state, head, tls=False)
+    assert str(decision.reason) == reason, decision.detail
+    (event,) = gate.events
+    assert str(event.reason) == reason and event.method == "GET"
 
 
 def test_every_decision_fails_closed(gate, monkeypatch):
