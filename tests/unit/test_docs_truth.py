@@ -435,6 +435,16 @@ def test_every_builtin_rule_the_docs_name_exists():
         assert named <= ids, f"{doc.name} names built-in rules that do not exist: {named - ids}"
 
 
+def test_every_test_the_docs_cite_as_evidence_exists():
+    """docs/threat-model.md and others name the test that proves a defence."""
+    tests = [*(ROOT / "tests").rglob("*.py")]
+    modules = {path.stem for path in tests}
+    source = "\n".join(_text(path) for path in tests)
+    for doc in DOCS:
+        for name in set(re.findall(r"\b(test_\w+)\b", _text(doc))) - modules:
+            assert f"def {name}(" in source, f"{doc.name} cites {name}, which is no test"
+
+
 # --- alerts ------------------------------------------------------------------------------
 
 
