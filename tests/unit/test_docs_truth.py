@@ -15,6 +15,7 @@ direction of those (the docs name nothing that does not exist) and the rest.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import textwrap
@@ -161,6 +162,26 @@ def test_console_examples_print_what_the_docs_show(
     assert got == [POLICY_HASH.sub('"policy": "HASH"', line) for line in expected], where
     if code is not None:
         assert returned == code, where
+
+
+def test_the_json_shapes_docs_rules_md_gives_are_printed(capsys, monkeypatch):
+    """`--json` prints {"verdict", ...} (check) and, per profile, {"profile", ...} with
+    each rule's `id`, `action`, ... (rules show)."""
+    monkeypatch.chdir(ROOT)
+    text = " ".join(_text(ROOT / "docs/rules.md").split())
+    check_keys = re.findall(r'"(\w+)"', re.search(r"`--json` prints `(\{[^`]*\})`", text)[1])
+    show = re.search(r"`--json` prints, per profile, `(\{.*?\})` with each rule's (.*?)\.", text)
+    main(["check", "--json", "--rules", "rules/examples/team.yaml", "pypi.org"])
+    assert list(json.loads(capsys.readouterr().out)) == check_keys
+    main(["rules", "show", "--json", "--profile", "default", "rules/examples/team.yaml"])
+    shown = json.loads(capsys.readouterr().out)
+    top = re.sub(r"\{[^{}]*\}", "", show[1][1:-1])  # the nested objects' keys aside
+    assert list(shown) == re.findall(r'"(\w+)"', top)
+    for key in ("limits", "presets"):
+        nested = re.search(rf'"{key}": \[?(\{{.*?\}})', show[1])[1]
+        first = shown[key][0] if isinstance(shown[key], list) else shown[key]
+        assert list(first) == re.findall(r'"(\w+)"', nested), key
+    assert list(shown["rules"][0]) == re.findall(r"`(\w+)`", show[2])
 
 
 # --- flags -------------------------------------------------------------------------------
