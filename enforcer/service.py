@@ -461,7 +461,12 @@ class GatewayService:
             if not isinstance(grace, int | float) or grace < 0:
                 return {"ok": False, "error": "stop: grace must be a number of seconds >= 0"}
             self._spawn(self.drain(float(grace), peer))
-            return {"ok": True, "draining": True, "sandboxes": len(self.sandboxes)}
+            return {
+                "ok": True,
+                "draining": True,
+                "sandboxes": len(self.sandboxes),
+                "grace": float(grace),
+            }
         return {
             "ok": False,
             "error": f"unknown command {str(cmd)[:40]!r} (status, sandboxes, reload, stop, "

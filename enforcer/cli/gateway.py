@@ -45,9 +45,10 @@ def register(sub) -> None:
     gateway.add_argument(
         "--grace",
         type=float,
-        default=30.0,
+        default=None,
         metavar="SECONDS",
-        help="on stop: how long running tasks may finish before they are stopped (default 30)",
+        help="on stop: how long running tasks may finish before they are stopped (default 30; "
+        "`gateway stop` without it: the running service's own)",
     )
     gateway.add_argument(
         "--warm",
@@ -93,9 +94,12 @@ def cmd_gateway(args) -> int:
     if args.action == "stop":
         from sandgate.enforcer.cli.status import ask
 
-        reply = ask(args.control, "stop", grace=args.grace)
+        # Without --grace the service drains with its own (--grace, SANDGATE_GRACE), not 30 s.
+        given = {} if args.grace is None else {"grace": args.grace}
+        reply = ask(args.control, "stop", **given)
+        grace = reply.get("grace", args.grace)
         print(
-            f"sandgate gateway: stopping ({reply.get('sandboxes', 0)} sandboxes, grace {args.grace:g} s)"
+            f"sandgate gateway: stopping ({reply.get('sandboxes', 0)} sandboxes, grace {grace:g} s)"
         )
         return EXIT_OK
     metrics_listen = gateway_settings(args, "sandgate gateway")
@@ -120,7 +124,7 @@ def cmd_gateway(args) -> int:
                 audit_budget=args.audit_budget,
                 on_audit_failure=args.on_audit_failure,
                 audit_limits=audit_limits(args),
-                grace=args.grace,
+                grace=ServiceOptions.grace if args.grace is None else args.grace,
                 warm=args.warm,
                 runners=args.runners,
                 workers=args.workers or usable_cores(),

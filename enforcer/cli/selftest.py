@@ -15,7 +15,9 @@ def register(sub) -> None:
     parser.add_argument(
         "--rules", default=str(DEFAULT_RULES), help="rule file (default: the shipped default)"
     )
-    parser.add_argument("--profile", default="default", help="profile of the rules to probe")
+    parser.add_argument(
+        "--profile", default="default", help="profile of the rules to probe (default: default)"
+    )
     parser.add_argument(
         "--dns-upstream",
         action="append",

@@ -68,6 +68,9 @@ def cmd_query(args) -> int:
             f"{', '.join(reply['rule_files'])}), {reply['sandboxes']} sandboxes, {reply['connections']} "
             f"connections, up {reply['uptime_s']:g} s"
             + (f", {len(reply['workers'])} workers" if len(reply.get("workers", ())) > 1 else "")
+            # docs/operations.md points admins here for the spares and the warm runners
+            + f", spares {reply.get('spares', 0)}, warm_runners {reply.get('warm_runners', 0)}"
+            + (f" (runners_pid {reply['runners_pid']})" if reply.get("runners_pid") else "")
             + (", DRAINING" if reply["draining"] else "")
         )
     elif args.query == "sandboxes":

@@ -129,7 +129,9 @@ def parse_env(
                 continue
             name, sep, value = line.removeprefix("export ").partition("=")
             if not sep or not _is_name(name):
-                raise SandboxError(f"{path}:{number}: expected NAME=VALUE, got {line[:60]!r}")
+                raise SandboxError(
+                    f"--env-file {path}:{number}: expected NAME=VALUE, got {line[:60]!r}"
+                )
             result[name] = value
     for item in items:
         name, sep, value = item.partition("=")
