@@ -643,6 +643,10 @@ class GatewayService:
                 sandbox_ifaces=netns.host_if_name(attached.run_id),
                 proxy_port=proxy_port,
                 dns_port=dns_port,
+                # The profile's at the table's making: a reload changes it for new sandboxes.
+                connection_rate=self.data_plane.policy.limits_for(
+                    attached.profile
+                ).connection_rate,
             ),
             new=new,
         )
