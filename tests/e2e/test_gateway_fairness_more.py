@@ -25,7 +25,7 @@ import time
 import pytest
 from support import sandbox
 from support.crowd import ATTACK, HONEST, cpu_seconds, honest_times, rss_kb, spread
-from support.service import GatewayProcess, beside_a_crowd
+from support.service import beside_a_crowd, running
 
 pytestmark = pytest.mark.e2e
 
@@ -60,17 +60,8 @@ profiles:
 
 @pytest.fixture
 def service(net, tmp_path):
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    gateway = GatewayProcess(net, tmp_path, rules, "--workers", "1", "--warm", "0").start()
-    try:
+    with running(net, tmp_path, RULES, "--workers", "1", "--warm", "0") as gateway:
         yield gateway
-    finally:
-        gateway.stop()
-
-
-def _task_id(workdir) -> str:
-    return json.loads((workdir / "summary.json").read_text())["task_id"]
 
 
 def _crowd_run(service, tmp_path, attack: str, profile: str, n: int):
@@ -107,7 +98,7 @@ def _crowd_run(service, tmp_path, attack: str, profile: str, n: int):
 
 
 def _task_events(service, workdir) -> list[dict]:
-    task = _task_id(workdir)
+    task = json.loads((workdir / "summary.json").read_text())["task_id"]
     service.wait_task_ended(task)
     events = service.events(task_id=task)
     assert not [e for e in events if e.get("reason") == "internal_error"], events[-3:]
