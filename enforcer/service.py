@@ -120,6 +120,7 @@ class Attached:
     connected: bool = True  # False: re-adopted after a restart, until its runner resumes
     rules_hash: str = ""
     worker: int = -1  # its data plane slot: the worker its table points at (--workers N > 1)
+    connection_rate: int = 0  # the SYNs a second its loaded table lets through (0: none loaded)
 
     @property
     def dir(self) -> Path:
@@ -493,7 +494,7 @@ class GatewayService:
                 f"no profile {str(profile)[:60]!r} in the service's rules "
                 f"(profiles: {', '.join(policy.profiles)})"
             )
-        attached = self.spares.pop() if self.spares else await self._new_network()
+        attached = self.spares.pop() if self.spares else await self._new_network(profile)
         self._refill()
         attached.profile, attached.rules_hash = profile, policy.hash
         attached.command = [str(a)[:200] for a in request.get("command", [])][:50]
@@ -505,6 +506,8 @@ class GatewayService:
             (attached.dir / "pid").write_text(process_stamp.stamp(attached.runner_pid))
             self._write_state(attached)
             self.sandboxes[attached.run_id] = attached
+            if attached.connection_rate != policy.limits_for(profile).connection_rate:
+                await self._apply_table(attached)  # a spare's table has the default rate
             await self._register(attached)
             await self._write_task_files(attached)
         except BaseException:
@@ -524,10 +527,11 @@ class GatewayService:
         sandbox = Sandbox(attached.address, attached.run_id, attached.profile)
         await self.data_plane.add_sandbox(attached.worker, sandbox)
 
-    async def _new_network(self) -> Attached:
+    async def _new_network(self, profile: str = "") -> Attached:
         """A sandbox network with its table loaded, owned by this service until a task
-        takes it (its state file names the service, so `gc` and a restart know it)."""
-        attached = Attached(secrets.token_hex(4), "", "", "", 0, [], TaskSummary())
+        takes it (its state file names the service, so `gc` and a restart know it);
+        `profile`: its task's, else a spare's table has the default limits."""
+        attached = Attached(secrets.token_hex(4), profile, "", "", 0, [], TaskSummary())
         attached.worker = self.data_plane.assign()
         attached.dir.mkdir(parents=True, mode=0o700)
         try:
@@ -643,16 +647,21 @@ class GatewayService:
         """Load the sandbox's table: `new` for a network just made (created, not
         replaced: nft.render_ruleset says why), else replaced (a re-adopted sandbox)."""
         proxy_port, dns_port = self.data_plane.ports(attached.worker)
+        # The profile's rate when its task attaches (a reload changes it for the next
+        # ones); a spare's, until then, the default.
+        rate = self.data_plane.policy.limits_for(attached.profile).connection_rate
         ruleset = nft.render_ruleset(
             nft.RulesetConfig(
                 table=attached.table,
                 sandbox_ifaces=netns.host_if_name(attached.run_id),
                 proxy_port=proxy_port,
                 dns_port=dns_port,
+                connection_rate=rate,
             ),
             new=new,
         )
         await asyncio.to_thread(nft.apply_ruleset, ruleset)
+        attached.connection_rate = rate
 
     def _resume(self, request: dict, peer: str, peer_pid: int) -> Attached:
         """A re-adopted sandbox taken back by its runner: only by that process (its pid

@@ -1297,7 +1297,8 @@ _ANSWER_REASONS = {
     "expired": (Reason.APPROVAL_EXPIRED, "nobody decided in time"),
     "queue_full": (
         Reason.APPROVAL_QUEUE_FULL,
-        "the sandbox has as many approvals pending as its profile allows",
+        "the sandbox has as many approvals pending as its profile allows, or the gateway "
+        "as many as it holds (10,000)",
     ),
 }
 

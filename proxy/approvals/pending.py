@@ -82,6 +82,13 @@ TRANSITIONS: dict[State, dict[str, State]] = {
 # How many decided approvals are kept for `recent` (the web page's history).
 RECENT = 200
 
+# Approvals open at once in one gateway, whoever asked. An ended task's approvals stay
+# open until they expire (24 h by default) and no longer count toward its sandbox's
+# max_pending_per_sandbox (the address may be a new task's): tasks run one after
+# another, each asking its 20, opened approvals without end, each listed by the admin
+# page and the CLI and sent to the webhook. Past it a new ask is approval_queue_full.
+MAX_OPEN = 10_000
+
 
 class ApprovalError(Exception):
     """A decision that cannot be taken: unknown id, or decided already. One line."""
@@ -310,6 +317,7 @@ class PendingStore:
     durations: dict[tuple, Pending] = field(default_factory=dict)
     widened_durations: dict[tuple, Pending] = field(default_factory=dict)  # by key.widened()
     _all: dict[str, Pending] = field(default_factory=dict)  # every id still remembered
+    max_open: int = MAX_OPEN  # pending approvals at most, over all sandboxes
 
     # --- asking ------------------------------------------------------------------------
 
@@ -344,11 +352,13 @@ class PendingStore:
     ) -> tuple[Pending | None, bool]:
         """Open a pending approval for `key`, or join the one already open: (the
         approval, whether it is new). (None, False) when the sandbox already has
-        `max_pending` pending: approval_queue_full."""
+        `max_pending` pending, or the gateway `max_open`: approval_queue_full."""
         found = self.by_key.get(key)
         if found is not None:
             found.asks += 1
             return found, False
+        if len(self.pending) >= self.max_open:
+            return None, False
         # Approvals of ended tasks do not count: the sandbox's address may be a new task's.
         mine = (p for p in self.pending.values() if not p.task_ended)
         if sum(1 for p in mine if p.key.sandbox == key.sandbox) >= max_pending:

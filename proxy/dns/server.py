@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import itertools
 import logging
@@ -53,6 +54,7 @@ DNS_RECEIVE_QUEUE = 8 << 20
 INTAKE_BATCH = 256
 MAX_SOURCES = 4096  # datagram sources remembered as `sandbox_for` takes them
 MAX_DATAGRAM = 65535
+_PORT_ATTEMPTS = 16  # free UDP ports tried for one whose TCP twin is free too
 SO_RCVBUFFORCE = 33  # Linux (socket(7)); Python's socket module has no name for it
 
 log = logging.getLogger("sandgate.dns")
@@ -133,21 +135,28 @@ class DnsFilter:
         bound, listening TCP socket someone else made (a worker's, which the service
         owns: see enforcer/workers.py)."""
         loop = asyncio.get_running_loop()
-        if sockets is not None:
-            udp_sock, tcp_sock = sockets
-        else:
-            udp_sock = await _bound_udp(loop, listen_host, port)
-        _room_for_bursts(udp_sock)
-        self._udp = _UdpIntake(self, udp_sock, loop)
-        self.port = udp_sock.getsockname()[1]
-        try:
+        # Port 0: the kernel's free UDP port may be a TCP port in use, the local end of
+        # one of the gateway's own upstream connections (the same ephemeral range:
+        # thousands of them in TIME_WAIT after a busy minute): then another port.
+        for attempt in range(1 if port or sockets is not None else _PORT_ATTEMPTS):
             if sockets is not None:
-                self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp_sock)
+                udp_sock, tcp_sock = sockets
             else:
-                self._tcp = await asyncio.start_server(self._serve_tcp, listen_host, self.port)
-        except OSError:
-            self._udp.close()
-            raise
+                udp_sock = await _bound_udp(loop, listen_host, port)
+            _room_for_bursts(udp_sock)
+            self._udp = _UdpIntake(self, udp_sock, loop)
+            self.port = udp_sock.getsockname()[1]
+            try:
+                if sockets is not None:
+                    self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp_sock)
+                else:
+                    self._tcp = await asyncio.start_server(self._serve_tcp, listen_host, self.port)
+                break
+            except OSError as e:
+                self._udp.close()
+                self._udp = None
+                if e.errno != errno.EADDRINUSE or attempt == _PORT_ATTEMPTS - 1 or port:
+                    raise
         log.info("DNS filter listening on %s:%d (udp, tcp)", listen_host or "*", self.port)
 
     async def stop(self) -> None:

@@ -219,7 +219,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "firewall",
         (R.DROPPED_BY_FIREWALL,),
-        "nftables dropped the sandbox's packets: not TCP, nor DNS to the gateway",
+        "nftables dropped the sandbox's packets: not TCP, nor DNS to the gateway, or "
+        "SYNs past its profile's connection_rate (dropped_connect_flood)",
     ),
     # The task sandbox (enforcer/sandbox/), reported by the task runner.
     (

@@ -51,12 +51,15 @@ HTTP_METHODS = frozenset(
 class Limits:
     """A profile's per-sandbox caps (`limits:` in a rule file): each sandbox running
     under the profile may hold at most `connections` open TCP connections, of which
-    at most `pending` are not yet decided, and send `dns_qps` DNS queries a second
-    (bursts of as many). Over a cap the gateway denies with `sandbox_limit`."""
+    at most `pending` are not yet decided, open `connection_rate` new ones a second
+    (bursts of as many) and send `dns_qps` DNS queries a second (bursts of as many).
+    Over a cap the gateway denies with `sandbox_limit`; over `connection_rate` the
+    sandbox's nftables table drops the connection's SYN (`dropped_connect_flood`)."""
 
     connections: int = 512
     pending: int = 64
     dns_qps: int = 50
+    connection_rate: int = 200
 
 
 DEFAULT_LIMITS = Limits()
@@ -106,7 +109,7 @@ def format_duration(seconds: float) -> str:
 # The largest value each cap takes: above these a typo (an extra zero) would turn
 # the cap off in practice; a sandbox that needs more is a case for two sandboxes.
 # dns_qps: the kernel drops a sandbox's DNS past enforcer/nft.py DNS_PACKETS_PER_S.
-MAX_LIMITS = Limits(connections=65536, pending=65536, dns_qps=1000)
+MAX_LIMITS = Limits(connections=65536, pending=65536, dns_qps=1000, connection_rate=10000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,7 +63,7 @@ class Reason(StrEnum):
         "approval_pending"  # held for `hold` without a decision: 403/closed, still pending
     )
     APPROVAL_EXPIRED = "approval_expired"  # nobody decided within `expire_pending`
-    APPROVAL_QUEUE_FULL = "approval_queue_full"  # the sandbox has max_pending_per_sandbox pending
+    APPROVAL_QUEUE_FULL = "approval_queue_full"  # max_pending_per_sandbox pending, or 10,000 in all
     # Kernel drops (counted by nftables, reported per task).
     DROPPED_BY_FIREWALL = "dropped_by_firewall"
     # The task sandbox.

@@ -2,7 +2,7 @@
 honest one beside them: the honest sandbox's new HTTPS pass-through connections and
 plain HTTP requests keep completing, fast.
 
-The attacks (`ATTACK`'s modes), each run by N sandboxes of profile `hostile`:
+The attacks (support/crowd.py `ATTACK`'s modes), each run by N sandboxes of profile `hostile`:
 - `hold`: open as many pass-through TLS connections as the profile allows (full
   handshakes) and keep them: two descriptors each at the worker. The worker is
   started with 2048 descriptors (`prlimit`), so that N caps of 150 add up to more
@@ -26,7 +26,8 @@ Before the fixes: `hold` with 8 sandboxes ran the worker out of descriptors (eve
 honest connection refused, descriptors_exhausted), and the next attach aborted the
 service (libnftables' select() on a descriptor past 1024). `churn` is not capped per
 sandbox at the connection layer: 16 churners (each some 100-200 connections a second)
-took honest requests to p50 0.01/0.1 s, max 0.9 s, so it runs with 8 here.
+took honest requests to p50 0.01/0.1 s, max 0.9 s, so it runs with 8 here (now each
+sandbox's table caps its new connections: test_gateway_fairness_more.py).
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from __future__ import annotations
 import ast
 import json
 import os
-import statistics
 
 import pytest
 from sandgate.proxy.limits import connection_budget
 from support import sandbox
+from support.crowd import ATTACK, HONEST, honest_times, spread
 from support.service import GatewayProcess, beside_a_crowd, counted
 
 pytestmark = pytest.mark.e2e
@@ -60,106 +61,6 @@ profiles:
     rules:
       - allow: allowed.test
         id: web-hostile
-"""
-
-# mode shared me count: run the attack until the file `stop` appears (or 80 s); write
-# `up-I` once it is under way, then `done-I` with a dict of what it saw.
-ATTACK = """
-import os, socket, ssl, sys, time
-mode, shared, me, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-ip = socket.gethostbyname("allowed.test")
-end = time.monotonic() + 80
-stopped = lambda: os.path.exists(f"{shared}/stop") or time.monotonic() > end
-context = ssl.create_default_context()
-context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-seen = {"ok": 0, "refused": 0}
-held = []
-
-def hello():
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="allowed.test")
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
-
-if mode == "hold":
-    for _ in range(count):
-        try:
-            s = socket.create_connection((ip, 443), timeout=5)
-            held.append(context.wrap_socket(s, server_hostname="allowed.test"))
-            seen["ok"] += 1
-        except OSError:
-            seen["refused"] += 1
-    open(f"{shared}/up-{me}", "w").write("up")
-    while not stopped():
-        time.sleep(0.2)
-elif mode == "slowloris":
-    for _ in range(count):
-        try:
-            s = socket.create_connection((ip, 443), timeout=5)
-            s.sendall(b"\\x16\\x03\\x01\\x02\\x00")
-            held.append(s)
-            seen["ok"] += 1
-        except OSError:
-            seen["refused"] += 1
-    open(f"{shared}/up-{me}", "w").write("up")
-    while not stopped():
-        for s in list(held):
-            try:
-                s.send(b"\\x01")
-            except OSError:
-                held.remove(s)
-        time.sleep(2)
-elif mode == "churn":
-    data = hello()
-    open(f"{shared}/up-{me}", "w").write("up")
-    while not stopped():
-        try:
-            s = socket.create_connection((ip, 443), timeout=5)
-            s.sendall(data)
-            s.close()
-            seen["ok"] += 1
-        except OSError:
-            seen["refused"] += 1
-seen["held"] = len(held)
-open(f"{shared}/done-{me}", "w").write(repr(seen))
-"""
-
-# shared rounds: `rounds` HTTPS requests (a new connection each) and `rounds` plain
-# HTTP ones, alternating; writes [(kind, seconds, status or error)] to `honest-times`.
-HONEST = """
-import socket, ssl, sys, time
-shared, rounds = sys.argv[1], int(sys.argv[2])
-context = ssl.create_default_context()
-request = b"GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\nConnection: close\\r\\n\\r\\n"
-
-def get(tls):
-    s = socket.create_connection(("allowed.test", 443 if tls else 80), timeout=5)
-    if tls:
-        s = context.wrap_socket(s, server_hostname="allowed.test")
-    with s:
-        s.sendall(request)
-        answer = b""
-        while b"\\r\\n" not in answer:
-            data = s.recv(4096)
-            if not data:
-                break
-            answer += data
-    return answer.split(b"\\r\\n")[0].decode(errors="replace")
-
-times = []
-for i in range(2 * rounds):
-    tls = i % 2 == 0
-    t = time.monotonic()
-    try:
-        status = get(tls)
-    except Exception as e:
-        status = f"{type(e).__name__}: {e}"
-    times.append(("https" if tls else "http", round(time.monotonic() - t, 3), status))
-    time.sleep(0.05)
-open(f"{shared}/honest-times", "w").write(repr(times))
 """
 
 SCENARIOS = [
@@ -209,14 +110,12 @@ def test_an_honest_sandbox_connects_fast_beside_many_hostile_ones(
         up_timeout=60,
     )
     hostile, honest, honest_err, errs = run
-    path = shared / "honest-times"
-    assert path.exists(), honest_err[-2000:]
-    times = ast.literal_eval(path.read_text())
+    assert (shared / "honest-times").exists(), honest_err[-2000:]
+    times = honest_times(shared)
     seen = [ast.literal_eval((shared / f"done-{i}").read_text()) for i in range(n)]
     for kind in ("https", "http"):
-        seconds = [t for k, t, _ in times if k == kind]
-        print(f"\n{attack} x{n}: honest {kind} p50 {statistics.median(seconds):.3f} s, "
-              f"max {max(seconds):.3f} s")  # fmt: skip
+        p50, most = spread(times, kind)
+        print(f"\n{attack} x{n}: honest {kind} p50 {p50:.3f} s, max {most:.3f} s")
     print(f"{attack} x{n}: hostile saw {seen}; honest {times}")
     failed = [t for t in times if t[2] != "HTTP/1.1 200 OK"]
     assert not failed, (failed, errs[0][-1000:])

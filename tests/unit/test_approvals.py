@@ -201,6 +201,24 @@ def test_a_flood_hits_the_queue_cap_and_other_sandboxes_are_unaffected():
     assert ask(s, key("n9.test", sandbox="10.213.0.6"), max_pending=3)[0] is not None
 
 
+def test_ended_tasks_approvals_stay_open_but_the_gateway_holds_at_most_max_open():
+    """Each task of a sandbox may open max_pending; an ended task's stay open (and stop
+    counting for its sandbox), so tasks one after another would open them without end."""
+    s, _ = store()
+    s.max_open = 6
+    for task in ("t1", "t2", "t3"):
+        for i in range(2):
+            assert ask(s, key(f"n{i}.test", task=task), max_pending=2)[0] is not None
+        s.forget_task(task)
+    assert len(s.list()) == 6
+    assert ask(s, key("n9.test", task="t4"), max_pending=2) == (None, False)
+    assert ask(s, key("n9.test", task="t9", sandbox="10.213.0.6"), max_pending=2) == (None, False)
+    assert len(s.list()) == 6  # the refused ones opened nothing
+    assert ask(s, key("n0.test", task="t1"))[0] is not None  # joining an open one still works
+    s.deny(s.list()[0].id, "a")
+    assert ask(s, key("n9.test", task="t4"), max_pending=2)[0] is not None
+
+
 def test_expiry():
     s, clock = store()
     p, _ = ask(s, key())

@@ -10,6 +10,7 @@ import socket
 
 import dns.message
 import dns.rcode
+from sandgate.proxy.dns import server as server_module
 from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.policy import Decision, Reason, Verdict
 from sandgate.proxy.policy.model import Limits
@@ -139,3 +140,31 @@ def test_a_query_of_no_sandbox_is_refused_and_never_forwarded():
     (reply,) = asyncio.run(scenario())
     assert reply.rcode() == dns.rcode.REFUSED and asked == []
     assert [e.reason for e in events] == [Reason.UNKNOWN_SANDBOX]
+
+
+def test_a_free_udp_port_whose_tcp_twin_is_taken_is_passed_over(monkeypatch):
+    """Port 0: the kernel's free UDP port may be the local end of one of the gateway's
+    own upstream TCP connections (one ephemeral range). The start failed there,
+    `address already in use`, and its stop then raised on the closed UDP socket."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    bound = server_module._bound_udp
+    offered = []
+
+    async def udp_on_the_taken_port_first(loop, host, _port):
+        offered.append(host)
+        return await bound(loop, host, port if len(offered) == 1 else 0)
+
+    monkeypatch.setattr(server_module, "_bound_udp", udp_on_the_taken_port_first)
+
+    async def scenario():
+        server = _server([], [])
+        await server.start("127.0.0.1", 0)
+        try:
+            return server.port
+        finally:
+            await server.stop()
+
+    with taken:
+        assert asyncio.run(scenario()) != port
+    assert len(offered) == 2

@@ -65,9 +65,10 @@ profiles:
 def test_the_maxima_are_accepted(tmp_path):
     policy = load(
         tmp_path,
-        "version: 1\nprofiles:\n  p:\n    limits: {connections: 65536, pending: 65536, dns_qps: 1000}\n",
+        "version: 1\nprofiles:\n  p:\n    limits: {connections: 65536, pending: 65536, dns_qps: 1000, "
+        "connection_rate: 10000}\n",
     )
-    assert policy.profiles["p"].limits == Limits(65536, 65536, 1000)
+    assert policy.profiles["p"].limits == Limits(65536, 65536, 1000, 10000)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -87,6 +88,8 @@ def test_no_chain_is_named_with_a_keyword() -> None:
         pytest.param({"proxy_port": "8080"}, id="port-string"),
         pytest.param({"proxy_port": True}, id="port-bool"),
         pytest.param({"dns_port": 8080}, id="ports-equal"),
+        pytest.param({"connection_rate": 0}, id="rate-zero"),
+        pytest.param({"connection_rate": "200"}, id="rate-string"),
     ],
 )
 def test_bad_config_is_rejected(kwargs: dict) -> None:
@@ -247,6 +250,17 @@ def test_the_kernels_dns_rate_never_drops_what_a_profile_may_send() -> None:
 
     assert MAX_LIMITS.dns_qps <= nft.DNS_PACKETS_PER_S
     assert f"limit rate over {nft.DNS_PACKETS_PER_S}/second" in render_ruleset(CONFIG)
+
+
+def test_the_sandboxs_table_caps_its_new_connections_at_its_profiles_rate() -> None:
+    """A SYN past the sandbox's connection rate is dropped (and counted) before the
+    redirect: only the SYN (a handshake's first packet, not its SYN-ACK or data)."""
+    text = render_ruleset(dataclasses.replace(CONFIG, connection_rate=37))
+    assert (
+        'iifname "sgh-*" tcp flags & (syn | ack) == syn limit rate over 37/second '
+        'burst 37 packets counter name "dropped_connect_flood" drop'
+    ) in text
+    assert f"over {nft.CONNECTIONS_PER_S}/second" in render_ruleset(CONFIG)
 
 
 @pytest.mark.e2e

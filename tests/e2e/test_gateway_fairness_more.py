@@ -1,0 +1,136 @@
+"""The rest of the gateway's fairness class: N hostile sandboxes on `sandgate gateway
+--workers 1` beside one honest sandbox (service.beside_a_crowd), each attack in one
+test. Asserted each time: the honest sandbox's HTTPS pass-through connections and
+plain HTTP requests (support/crowd.py `HONEST`) all answer 200 within `BOUND` s; the
+service's memory (VmRSS of its process tree, from /proc) grows by less than
+`RSS_GROWTH_KB`; the audit log verifies; nothing refused without its event and reason.
+The measured numbers are printed (`pytest -s`); `SANDGATE_PFAIR_N` overrides N.
+
+- churn (connect, ClientHello, close, as fast as it can): before, 16 churners (each
+  some 100-600 connections a second) took the honest requests to 0.6-0.9 s; now each
+  sandbox's nftables table drops SYNs past its profile's `connection_rate`, counted
+  (`dropped_connect_flood`) and reported in the task's firewall event.
+- names (inspected TLS, a new name each handshake: a leaf certificate each, ~1 ms of
+  the worker's CPU): bounded per sandbox by the same connection rate, and the front
+  door's leaf contexts by MAX_LEAF_CONTEXTS.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import time
+
+import pytest
+from support import sandbox
+from support.crowd import ATTACK, HONEST, cpu_seconds, honest_times, rss_kb, spread
+from support.service import beside_a_crowd, running
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 10
+BOUND = 0.5  # seconds: the slowest honest request asserted
+RSS_GROWTH_KB = 64 * 1024
+RATE = 50  # the hostile profile's connection_rate
+
+RULES = f"""\
+version: 1
+profiles:
+  honest:
+    rules:
+      - allow: allowed.test
+        id: web
+  hostile:
+    limits: {{connection_rate: {RATE}}}
+    rules:
+      - allow: allowed.test
+        id: web-hostile
+  inspecting:
+    limits: {{connection_rate: {RATE}}}
+    rules:
+      - allow: allowed.test
+        methods: [GET]
+        id: inspected-name
+      - allow: 203.0.113.10/32
+        methods: [GET]
+        id: inspected-any-name
+"""
+
+
+@pytest.fixture
+def service(net, tmp_path):
+    with running(net, tmp_path, RULES, "--workers", "1", "--warm", "0") as gateway:
+        yield gateway
+
+
+def _crowd_run(service, tmp_path, attack: str, profile: str, n: int):
+    """Run N `attack`ers of `profile` beside the honest sandbox; assert the honest
+    requests all answered within BOUND and the service's memory stayed bounded; return
+    (each attacker's workdir and what it saw, seconds the crowd ran, service CPU s)."""
+    shared, _ = sandbox.shared_dir(tmp_path)
+    pid = service.popen.pid
+    rss_before, cpu_before, start = rss_kb(pid), cpu_seconds(pid), time.monotonic()
+    hostile, _, honest_err, errs = beside_a_crowd(
+        service,
+        tmp_path,
+        [(ATTACK, (attack, str(shared), str(i), "0"), profile) for i in range(n)],
+        (HONEST, (str(shared), str(ROUNDS)), "honest"),
+        up_timeout=60,
+    )
+    ran, cpu = time.monotonic() - start, cpu_seconds(pid) - cpu_before
+    growth = rss_kb(pid) - rss_before
+    assert (shared / "honest-times").exists(), honest_err[-2000:]
+    times = honest_times(shared)
+    seen = [ast.literal_eval((shared / f"done-{i}").read_text()) for i in range(n)]
+    for kind in ("https", "http"):
+        p50, most = spread(times, kind)
+        print(f"\n{attack} x{n}: honest {kind} p50 {p50:.3f} s, max {most:.3f} s")
+    print(
+        f"{attack} x{n}: {sum(s['ok'] for s in seen)} attacker connections in {ran:.1f} s, "
+        f"service CPU {cpu:.1f} s, RSS +{growth} KiB; hostile saw {seen}"
+    )
+    failed = [t for t in times if t[2] != "HTTP/1.1 200 OK"]
+    assert not failed, (failed, errs[0][-1000:])
+    assert max(t for _, t, _ in times) < BOUND, times
+    assert growth < RSS_GROWTH_KB, growth
+    return [(workdir, saw) for (_, workdir), saw in zip(hostile, seen, strict=True)], ran, cpu
+
+
+def _task_events(service, workdir) -> list[dict]:
+    task = json.loads((workdir / "summary.json").read_text())["task_id"]
+    service.wait_task_ended(task)
+    events = service.events(task_id=task)
+    assert not [e for e in events if e.get("reason") == "internal_error"], events[-3:]
+    return events
+
+
+def test_churning_sandboxes_are_held_to_their_connection_rate(service, tmp_path):
+    n = int(os.environ.get("SANDGATE_PFAIR_N", 16))
+    attackers, ran, _ = _crowd_run(service, tmp_path, "churn", "hostile", n)
+    for workdir, saw in attackers:
+        events = _task_events(service, workdir)
+        # Its table dropped the SYNs past its rate, and the task's end says how many.
+        drops = [
+            e
+            for e in events
+            if e["reason"] == "dropped_by_firewall" and "dropped_connect_flood" in e["detail"]
+        ]
+        assert drops, [e for e in events if e["kind"] == "task"]
+        # What got through is about its rate (a burst of RATE, then RATE a second).
+        assert saw["ok"] <= RATE * (ran + 2), (saw, ran)
+        allowed = [e for e in events if e["kind"] == "connection" and e["verdict"] == "allow"]
+        assert len(allowed) <= RATE * (ran + 2), len(allowed)
+    service.verify_audit()
+
+
+def test_inspected_handshakes_for_ever_new_names_stay_within_the_rate(service, tmp_path):
+    n = int(os.environ.get("SANDGATE_PFAIR_N", 4))
+    attackers, ran, cpu = _crowd_run(service, tmp_path, "names", "inspecting", n)
+    handshakes = sum(saw["ok"] for _, saw in attackers)
+    assert handshakes > 0
+    print(f"names x{n}: {cpu / max(handshakes, 1) * 1000:.2f} ms of service CPU a handshake")
+    for workdir, saw in attackers:
+        assert saw["ok"] <= RATE * (ran + 2), (saw, ran)
+        _task_events(service, workdir)
+    service.verify_audit()

@@ -1,0 +1,174 @@
+"""What the fairness modules' sandboxes run (tests/e2e/test_connection_fairness.py,
+test_gateway_fairness_more.py) beside a crowd (service.beside_a_crowd), and what the
+tests read of the gateway afterwards: the honest sandbox's times, the service's memory
+and CPU from /proc."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import statistics
+from pathlib import Path
+
+# mode shared me count: run the attack until the file `stop` appears (or 80 s); write
+# `up-I` once it is under way, then `done-I` with a dict of what it saw.
+ATTACK = """
+import os, socket, ssl, sys, time
+mode, shared, me, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ip = socket.gethostbyname("allowed.test")
+end = time.monotonic() + 80
+stopped = lambda: os.path.exists(f"{shared}/stop") or time.monotonic() > end
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+seen = {"ok": 0, "refused": 0}
+held = []
+
+def hello():
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="allowed.test")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+if mode == "hold":
+    for _ in range(count):
+        try:
+            s = socket.create_connection((ip, 443), timeout=5)
+            held.append(context.wrap_socket(s, server_hostname="allowed.test"))
+            seen["ok"] += 1
+        except OSError:
+            seen["refused"] += 1
+    open(f"{shared}/up-{me}", "w").write("up")
+    while not stopped():
+        time.sleep(0.2)
+elif mode == "slowloris":
+    for _ in range(count):
+        try:
+            s = socket.create_connection((ip, 443), timeout=5)
+            s.sendall(b"\\x16\\x03\\x01\\x02\\x00")
+            held.append(s)
+            seen["ok"] += 1
+        except OSError:
+            seen["refused"] += 1
+    open(f"{shared}/up-{me}", "w").write("up")
+    while not stopped():
+        for s in list(held):
+            try:
+                s.send(b"\\x01")
+            except OSError:
+                held.remove(s)
+        time.sleep(2)
+elif mode == "names":
+    # Inspected handshakes, each for a name of its own (the gateway makes a leaf
+    # certificate for every new name), then close.
+    names = 0
+    open(f"{shared}/up-{me}", "w").write("up")
+    while not stopped():
+        try:
+            s = socket.create_connection((ip, 443), timeout=5)
+            names += 1
+            context.wrap_socket(s, server_hostname=f"n{names}-{me}.allowed.test").close()
+            seen["ok"] += 1
+        except OSError:
+            seen["refused"] += 1
+elif mode == "churn":
+    data = hello()
+    open(f"{shared}/up-{me}", "w").write("up")
+    while not stopped():
+        try:
+            s = socket.create_connection((ip, 443), timeout=5)
+            s.sendall(data)
+            s.close()
+            seen["ok"] += 1
+        except OSError:
+            seen["refused"] += 1
+seen["held"] = len(held)
+open(f"{shared}/done-{me}", "w").write(repr(seen))
+"""
+
+# shared rounds: `rounds` HTTPS requests (a new connection each) and `rounds` plain
+# HTTP ones, alternating; writes [(kind, seconds, status or error)] to `honest-times`.
+HONEST = """
+import socket, ssl, sys, time
+shared, rounds = sys.argv[1], int(sys.argv[2])
+context = ssl.create_default_context()
+request = b"GET / HTTP/1.1\\r\\nHost: allowed.test\\r\\nConnection: close\\r\\n\\r\\n"
+
+def get(tls):
+    s = socket.create_connection(("allowed.test", 443 if tls else 80), timeout=5)
+    if tls:
+        s = context.wrap_socket(s, server_hostname="allowed.test")
+    with s:
+        s.sendall(request)
+        answer = b""
+        while b"\\r\\n" not in answer:
+            data = s.recv(4096)
+            if not data:
+                break
+            answer += data
+    return answer.split(b"\\r\\n")[0].decode(errors="replace")
+
+times = []
+for i in range(2 * rounds):
+    tls = i % 2 == 0
+    t = time.monotonic()
+    try:
+        status = get(tls)
+    except Exception as e:
+        status = f"{type(e).__name__}: {e}"
+    times.append(("https" if tls else "http", round(time.monotonic() - t, 3), status))
+    time.sleep(0.05)
+open(f"{shared}/honest-times", "w").write(repr(times))
+"""
+
+
+
+def honest_times(shared: Path) -> list[tuple[str, float, str]]:
+    """The honest sandbox's (kind, seconds, status or error) per request."""
+    return ast.literal_eval((shared / "honest-times").read_text())
+
+
+def spread(times: list[tuple[str, float, str]], kind: str) -> tuple[float, float]:
+    """p50 and max seconds of the honest requests of `kind` ("https", "http")."""
+    seconds = [t for k, t, _ in times if k == kind]
+    return statistics.median(seconds), max(seconds)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the service and its workers)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return tree
+
+
+def rss_kb(pid: int) -> int:
+    """The resident memory of `pid`'s tree, KiB (VmRSS of each)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of `pid`'s tree so far (its children's that ended not
+    counted), seconds."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
