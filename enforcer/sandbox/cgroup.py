@@ -140,7 +140,7 @@ def parse_cpus(text: str) -> float:
 class LimitHit:
     """A limit the task ran into: `count` times (OOM kills, refused forks, throttled periods)."""
 
-    limit: Literal["memory", "pids", "cpus"]
+    limit: Literal["memory", "pids", "cpus", "disk"]
     count: int
     detail: str
 

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandgate.enforcer.sandbox.disk_reserve import DEFAULT as DEFAULT_DISK_RESERVE
+from sandgate.enforcer.sandbox.disk_reserve import Reserve
 from sandgate.enforcer.sandbox.inherit import Inherited
 
 # The task's ids 0..ID_COUNT-1 map to host ids ID_BASE.. that own nothing: no
@@ -83,6 +85,9 @@ class SandboxOptions:
     # The umask and limits of whoever ran `sandgate run` (a warm runner's caller);
     # None: this process's when the spec is written.
     inherited: Inherited | None = None
+    # The room the task must leave on the file systems it can write (--disk-reserve);
+    # None: none. The runner kills the task below it (disk_reserve.DiskWatch).
+    disk_reserve: Reserve | None = DEFAULT_DISK_RESERVE
 
     @property
     def writable(self) -> list[Path]:
