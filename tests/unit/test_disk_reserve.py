@@ -77,7 +77,7 @@ def test_next_look_is_sooner_near_the_reserve():
     assert far == disk_reserve.POLL_S
     assert disk_reserve.MIN_POLL_S < near < far
     assert at == disk_reserve.MIN_POLL_S
-    few_inodes = reserve.next_look(room(500 * GIB, 1000 * GIB, free_inodes=100_500))
+    few_inodes = reserve.next_look(room(500 * GIB, 1000 * GIB, free_inodes=50_100))
     assert few_inodes == disk_reserve.MIN_POLL_S
 
 
