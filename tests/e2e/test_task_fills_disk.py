@@ -20,6 +20,7 @@ import pytest
 from sandgate.enforcer.sandbox import cgroup
 from support import sandbox
 from support.sandbox import curl, python
+from support.service import attach, running
 
 pytestmark = pytest.mark.e2e
 
@@ -142,3 +143,20 @@ def test_the_tasks_tcp_buffers_are_bounded_on_cgroup_v1(net, tmp_path):
     r = sandbox.run(net, tmp_path, {"tcp": python(code)}, timeout=60)
     queued_mib = int(r["tcp"].out.split()[-1])
     assert 0 < queued_mib <= (cgroup.TCP_BYTES_V1 >> 20) + 16, r.describe()
+
+
+def test_an_attached_runs_task_is_stopped_at_the_reserve_and_the_service_records_it(
+    fakenet, tmp_path
+):
+    """`sandgate run --gateway`: the runner's own wait loop watches the disk (attach.py)."""
+    rules = "version: 1\nprofiles:\n  default:\n    rules:\n      - allow: allowed.test\n"
+    with running(fakenet, tmp_path, rules) as gateway, small_disk(tmp_path, "96m") as disk:
+        r = attach(
+            gateway, disk, {"fill": "dd if=/dev/zero of=big bs=1M count=200"},
+            extra=("--disk-reserve", "32M"),
+        )  # fmt: skip
+        left, _ = free(disk)
+    assert r.returncode == 137, r.describe()
+    assert "below the disk reserve of 32 MiB" in r.stderr, r.describe()
+    assert left > 4 << 20, left
+    assert disk_hits(r) and r.summary["limits_hit"] == ["disk"], r.describe()
