@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandgate.enforcer import control
-from sandgate.enforcer.sandbox import cgroup, prepare, spec
+from sandgate.enforcer.sandbox import cgroup, disk_reserve, prepare, spec
 from sandgate.enforcer.sandbox import init as sandbox_init
 from sandgate.enforcer.summary_file import write_summary_json
 
@@ -112,12 +112,13 @@ def run_attached(opts: AttachOptions) -> int:
     stopping = StopGrace(child, opts.stop_grace)
     for signum in STOP_SIGNALS:
         signal.signal(signum, lambda s, _f: stopping.signal(s))
-    client = _wait(child, client, opts.control, run_id, opts.caller, terminal, stopping)
+    disk = DiskGuard(child, opts.sandbox)
+    client = _wait(child, client, opts.control, run_id, opts.caller, terminal, stopping, disk)
     if terminal is not None:
         terminal.close()
     code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     prepared.collect()
-    hits = prepared.limits_hit()
+    hits = prepared.limits_hit() + disk.hits()
     planted = prepared.check_workspace()
     if client is not None:
         for gap in prepared.gaps[gaps_sent:]:  # what the init reported
@@ -221,13 +222,21 @@ def _prepare(
 
 
 def _wait(
-    child: ForkedInit, client, path: Path, run_id: str, caller=None, terminal=None, stopping=None
+    child: ForkedInit,
+    client,
+    path: Path,
+    run_id: str,
+    caller=None,
+    terminal=None,
+    stopping=None,
+    disk: DiskGuard | None = None,
 ):
     """Until the task ends; keeps (or regains) the service. Returns the client, or None.
     A `caller` (a handed-over run) has its signals forwarded; when it is gone, the
     task is killed, as a runner's death kills it. With a `terminal` (the task's pty),
     job control goes through the sandbox's PID 1, and its reports back to the caller.
-    `stopping` (StopGrace): the stop signals' grace, whose end this loop looks at."""
+    `stopping` (StopGrace): the stop signals' grace, whose end this loop looks at;
+    `disk` (DiskGuard): the disk reserve, which it checks every `disk.every` seconds."""
     stopping = stopping or StopGrace(child, spec.STOP_GRACE)
     pidfd = os.pidfd_open(child.pid)
     woken, wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -243,6 +252,8 @@ def _wait(
             if stopping.deadline is not None:
                 left = stopping.left(now)
                 timeout = left if timeout is None else min(timeout, left)
+            if disk is not None and disk.every is not None:
+                timeout = disk.every if timeout is None else min(timeout, disk.every)
             try:
                 ready, _, _ = select.select(watched, [], [], timeout)
             except InterruptedError:
@@ -251,6 +262,8 @@ def _wait(
                 with contextlib.suppress(BlockingIOError):
                     os.read(woken, 512)
             stopping.check(time.monotonic())
+            if disk is not None:
+                disk.check()
             if caller is not None and caller in ready:
                 signals = caller.signals()
                 for signum in signals if signals is not None else [signal.SIGKILL]:
@@ -484,6 +497,31 @@ class StopGrace:
         if self.child.returncode is None:
             print(f"sandgate: killing the task: {why}", file=sys.stderr)
             self.child.send_signal(signal.SIGKILL)
+
+
+class DiskGuard:
+    """Kills the task the moment a file system it can write falls below the disk
+    reserve (sandbox/disk_reserve.py), as a limit it hit. `check` as the runner's loop
+    turns, again within `every` seconds (None: nothing to watch), which it updates:
+    sooner the closer a file system is to its reserve."""
+
+    def __init__(self, child: ForkedInit, options: spec.SandboxOptions):
+        self.child = child
+        self.watch = disk_reserve.DiskWatch(options.writable, options.disk_reserve)
+        self.every = disk_reserve.MIN_POLL_S if self.watch.paths else None
+        self.hit: cgroup.LimitHit | None = None
+
+    def check(self) -> None:
+        if self.hit is not None or self.child.returncode is not None:
+            return
+        why, self.every = self.watch.look()
+        if why is not None:
+            self.hit = cgroup.LimitHit("disk", 1, why)
+            print(f"sandgate: killing the task: {why}", file=sys.stderr)
+            self.child.send_signal(signal.SIGKILL)
+
+    def hits(self) -> list[cgroup.LimitHit]:
+        return [self.hit] if self.hit is not None else []
 
 
 class ForkedInit:

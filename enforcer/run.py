@@ -196,6 +196,8 @@ class TaskRun:
         self.admin: Admin | None = None  # the approvals page and webhooks
         self._stopping = None  # attach.StopGrace, once the task runs
         self._stop_timer: asyncio.TimerHandle | None = None  # the grace's end, on the loop
+        self._disk = None  # attach.DiskGuard, once the task runs
+        self._disk_timer: asyncio.TimerHandle | None = None  # its next check
 
     async def run(self) -> int:
         started = time.monotonic()
@@ -399,13 +401,14 @@ class TaskRun:
         metrics server, asyncio's executor); the child touches none of their state:
         it closes every descriptor but the init's, runs init.main and leaves with
         os._exit, and the modules it uses are imported before the fork."""
-        from sandgate.enforcer.attach import ForkedInit, StopGrace
+        from sandgate.enforcer.attach import DiskGuard, ForkedInit, StopGrace
 
         sandbox = self.sandbox
         with warnings.catch_warnings():  # Python 3.12+ warns of any fork in a threaded process
             warnings.simplefilter("ignore", DeprecationWarning)
             self.child = ForkedInit(sandbox.spec_path, keep=sandbox.init_fds)
         self._stopping = StopGrace(self.child, self.opts.stop_grace)
+        self._disk = DiskGuard(self.child, self.opts.sandbox)
         # The init builds its file view while this joins it to the task's cgroup
         # (the first cgroup write after an idle spell waits out an RCU grace period).
         await asyncio.to_thread(sandbox.join, self.child.pid)
@@ -417,13 +420,28 @@ class TaskRun:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, self._forward_signal, signum)
+        if self._disk.every is not None:
+            self._watch_disk()
         try:
             return await self._child_exit()
         finally:
+            if self._disk_timer is not None:
+                self._disk_timer.cancel()
             if self._stop_timer is not None:
                 self._stop_timer.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+
+    def _watch_disk(self) -> None:
+        """The disk reserve checked every `DiskGuard.every` s while the task runs (one
+        statvfs per file system: microseconds); `_disk_timer` the next check."""
+
+        def check() -> None:
+            self._disk.check()
+            self._disk_timer = loop.call_later(self._disk.every, check)
+
+        loop = asyncio.get_running_loop()
+        self._disk_timer = loop.call_later(self._disk.every, check)
 
     async def _child_exit(self) -> int:
         """The init's exit code (negative: killed by that signal), awaited on a pidfd."""
@@ -478,6 +496,7 @@ class TaskRun:
                     )
             planted = await asyncio.to_thread(self.sandbox.check_workspace)
             limits_hit = await asyncio.to_thread(self.sandbox.finish)
+            limits_hit += self._disk.hits() if self._disk is not None else []
         counters = await asyncio.to_thread(
             unwire, self.run_id, self.table, had_net=self.net is not None
         )

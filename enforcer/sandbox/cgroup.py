@@ -140,7 +140,7 @@ def parse_cpus(text: str) -> float:
 class LimitHit:
     """A limit the task ran into: `count` times (OOM kills, refused forks, throttled periods)."""
 
-    limit: Literal["memory", "pids", "cpus"]
+    limit: Literal["memory", "pids", "cpus", "disk"]
     count: int
     detail: str
 
@@ -436,12 +436,26 @@ class _Dir:
     path: str
 
 
+# cgroup v1 charges a task's TCP buffers to nothing unless its cgroup has a TCP limit:
+# 200 loopback connections the task never reads held 623 MiB of host memory with
+# 1 MiB charged, and enough of them reach the host-wide tcp_mem, where every TCP
+# socket on the host (the gateway's, for every task) is under memory pressure. v2
+# charges socket memory to memory.max.
+TCP_BYTES_V1 = 256 << 20
+
+
 def limit_settings(
-    version: int, controllers: Iterable[str], limits: Limits, swap_file: bool
+    version: int,
+    controllers: Iterable[str],
+    limits: Limits,
+    swap_file: bool,
+    *,
+    tcp_file: bool = False,
 ) -> list[tuple[str, str]]:
     """The (control file, value) writes that set `limits` in one cgroup directory,
     in order (v1's memsw must stay at or above the memory limit it follows).
-    Controllers whose limit is None get no write."""
+    Controllers whose limit is None get no write. `tcp_file`: v1's cgroup has
+    memory.kmem.tcp.limit_in_bytes (TCP_BYTES_V1, at most the memory limit)."""
     controllers = set(controllers) & set(limits.controllers())
     writes = []
     if "memory" in controllers:
@@ -454,6 +468,9 @@ def limit_settings(
             writes.append(("memory.limit_in_bytes", memory))
             if swap_file:
                 writes.append(("memory.memsw.limit_in_bytes", memory))
+            if tcp_file:
+                tcp = str(min(limits.memory_bytes, TCP_BYTES_V1))
+                writes.append(("memory.kmem.tcp.limit_in_bytes", tcp))
     if "pids" in controllers:
         writes.append(("pids.max", str(limits.pids)))
     if "cpu" in controllers:
@@ -466,6 +483,7 @@ def limit_settings(
 
 
 _SWAP_FILE = {1: "memory.memsw.limit_in_bytes", 2: "memory.swap.max"}
+_TCP_FILE_V1 = "memory.kmem.tcp.limit_in_bytes"
 
 
 class TaskCgroup:
@@ -622,7 +640,10 @@ def _configure(fs: CgroupFS, d: _Dir, limits: Limits) -> None:
             "so the task could swap past its memory limit: enable swap accounting "
             "(CONFIG_MEMCG_SWAP, swapaccount=1) or turn swap off"
         )
-    for control_file, value in limit_settings(version, controllers, limits, swap_file):
+    tcp_file = version == 1 and os.path.exists(os.path.join(d.path, _TCP_FILE_V1))
+    for control_file, value in limit_settings(
+        version, controllers, limits, swap_file, tcp_file=tcp_file
+    ):
         _set(fs, os.path.join(d.path, control_file), value)
 
 

@@ -281,12 +281,13 @@ def build_view(spec: dict, report: Report) -> None:
             mode=0o1777 if sticky else 0o755,
             uid=None if sticky else spec["id_base"],
             gid=None if sticky else spec["id_base"],
+            bounds=spec.get("tmpfs_bounds"),
         )
     if not os.path.isdir(spec["home"]):
         os.makedirs(spec["home"])
     if spec["home"] not in spec["tmpfs"]:
         os.chown(spec["home"], host_uid, host_gid)
-    build_dev(devices)
+    build_dev(devices, spec.get("tmpfs_bounds"))
     for fd, target in clones:
         _ensure_mountpoint(target, fd)
         mounts.attach(fd, target)
@@ -352,7 +353,7 @@ def _ensure_mountpoint(target: str, tree_fd: int) -> None:
         open(target, "w").close()
 
 
-def build_dev(devices: dict[str, int]) -> None:
+def build_dev(devices: dict[str, int], shm_bounds: list[int] | None = None) -> None:
     """A minimal /dev: the harmless character devices, a private devpts, /dev/shm,
     and the fd links; no disks, no raw memory, no kernel message buffer."""
     mounts.detach_tree("/dev")
@@ -370,7 +371,7 @@ def build_dev(devices: dict[str, int]) -> None:
     )
     os.symlink("pts/ptmx", "/dev/ptmx")
     os.mkdir("/dev/shm")
-    mounts.tmpfs("/dev/shm", mode=0o1777)
+    mounts.tmpfs("/dev/shm", mode=0o1777, bounds=shm_bounds)
     for link, target in (
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),

@@ -179,12 +179,14 @@ def tmpfs(
     target: str,
     *,
     mode: int = 0o755,
-    size: str = "",
+    bounds: list[int] | tuple[int, int] | None = None,
     flags: int = MS_NOSUID | MS_NODEV,
     uid: int | None = None,
     gid: int | None = None,
 ) -> None:
-    options = [f"mode={mode:o}"] + ([f"size={size}"] if size else [])
+    """`bounds`: (size in bytes, inodes); None: the kernel's default (half the RAM)."""
+    options = [f"mode={mode:o}"]
+    options += [f"size={bounds[0]}", f"nr_inodes={bounds[1]}"] if bounds else []
     options += [f"uid={uid}"] if uid is not None else []
     options += [f"gid={gid}"] if gid is not None else []
     mount("tmpfs", target, "tmpfs", flags, ",".join(options))

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from sandgate.enforcer.sandbox import cgroup, spec
+from sandgate.enforcer.sandbox import cgroup, disk_reserve, spec
 from sandgate.enforcer.sandbox.inherit import Inherited
 
 
@@ -75,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory limit, e.g. 512M, 4G (default 4G; the task is OOM-killed past it)",
     )
     group.add_argument(
+        "--disk-reserve",
+        default=disk_reserve.DEFAULT_TEXT,
+        metavar="SIZE|N%|none",
+        help="free space the task must leave on the file systems it can write (workspace, "
+        "--rw); below it the task is killed (default 1G, at most a tenth of the file system, "
+        "and 5%% of its inodes)",
+    )
+    group.add_argument(
         "--pids", default="1024", metavar="N", help="process/thread limit (default 1024)"
     )
     group.add_argument(
@@ -132,6 +140,12 @@ def from_arguments(
         )
     except ValueError as e:
         raise spec.SandboxError(f"limits: {e}") from None
+    try:
+        reserve = disk_reserve.parse_reserve(args.disk_reserve)
+    except ValueError as e:
+        raise spec.SandboxError(f"--disk-reserve: {e}") from None
+    if (why := disk_reserve.DiskWatch(writable, reserve).shortfall()) is not None:
+        raise spec.SandboxError(f"{why}: free some space, or lower --disk-reserve")
     return spec.SandboxOptions(
         workspace=workspace,
         uid=uid,
@@ -144,4 +158,5 @@ def from_arguments(
         self_test=args.self_test,
         workspace_guard=not getattr(args, "no_workspace_guard", False),
         inherited=Inherited.of_this_process(),  # before an embedded gateway raises its own
+        disk_reserve=reserve,
     ), limits

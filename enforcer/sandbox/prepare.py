@@ -229,6 +229,7 @@ def prepare(
         userns="user-namespace" not in missing,
         allow_weaker=opts.allow_weaker,
         self_test=opts.self_test,
+        tmpfs_bounds=spec.tmpfs_bounds(limits.memory_bytes),
         report_fd=report_w,
         joined_fd=joined_r,
         probe_paths={

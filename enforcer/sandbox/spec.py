@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sandgate.enforcer.sandbox.disk_reserve import DEFAULT as DEFAULT_DISK_RESERVE
+from sandgate.enforcer.sandbox.disk_reserve import Reserve
 from sandgate.enforcer.sandbox.inherit import Inherited
 
 # The task's ids 0..ID_COUNT-1 map to host ids ID_BASE.. that own nothing: no
@@ -60,6 +62,20 @@ NOT_WORKSPACES = (
     "/var/tmp",
 )
 SANDBOX_TMPFS = ("/tmp", "/var/tmp", "/run")
+# Each fresh tmpfs (those above, $HOME, /home, /dev/shm) is sized: without size= the
+# kernel gives each half the host's RAM and as many inodes, and with `--memory none`
+# nothing charges their pages to the task, so one task could take the host's memory.
+# With a memory limit each may hold that much (the cgroup bounds their sum); without,
+# TMPFS_BYTES_UNLIMITED each. Inodes: one per 4 KiB of size (an empty file costs ~1 KiB
+# of kernel memory in inode and dentry caches).
+TMPFS_BYTES_UNLIMITED = 512 << 20
+TMPFS_BYTES_PER_INODE = 4096
+
+
+def tmpfs_bounds(memory_bytes: int | None) -> tuple[int, int]:
+    """(size, nr_inodes) of each of the task's tmpfs mounts, for its memory limit."""
+    size = memory_bytes if memory_bytes is not None else TMPFS_BYTES_UNLIMITED
+    return size, max(size // TMPFS_BYTES_PER_INODE, 1024)
 
 
 class SandboxError(Exception):
@@ -83,6 +99,9 @@ class SandboxOptions:
     # The umask and limits of whoever ran `sandgate run` (a warm runner's caller);
     # None: this process's when the spec is written.
     inherited: Inherited | None = None
+    # The room the task must leave on the file systems it can write (--disk-reserve);
+    # None: none. The runner kills the task below it (disk_reserve.DiskWatch).
+    disk_reserve: Reserve | None = DEFAULT_DISK_RESERVE
 
     @property
     def writable(self) -> list[Path]:
@@ -371,6 +390,7 @@ class Spec:
     userns: bool = True
     allow_weaker: bool = False
     self_test: bool = False
+    tmpfs_bounds: tuple[int, int] | None = None  # (size, nr_inodes) of each tmpfs
     report_fd: int | None = None
     joined_fd: int | None = None  # the runner joins the cgroup for the init (runner_joins)
     umask: int = 0o022  # the task's (enforcer/sandbox/inherit.py)

@@ -235,6 +235,12 @@ BUILTINS: dict[str, Builtin] = _builtins(
     ),
     ("limit-cpus", (R.TASK_LIMIT,), "the task was throttled at its CPU limit (--cpus)"),
     (
+        "limit-disk",
+        (R.TASK_LIMIT,),
+        "a file system the task can write fell below its disk reserve (--disk-reserve): "
+        "the task was killed",
+    ),
+    (
         "weakened-user-namespace",
         (R.SANDBOX_WEAKENED,),
         "--allow-weaker-sandbox: no user namespace; the task ran with host ids, capabilities dropped",

@@ -12,7 +12,7 @@ from sandgate.proxy.policy.builtin import builtin_rule
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import Event, EventKind
 
-LIMITS = ("memory", "pids", "cpus")
+LIMITS = ("memory", "pids", "cpus", "disk")
 SANDBOX_FEATURES = ("user-namespace", "seccomp", "cgroup", "idmapped-mount", "workspace-guard")
 
 
