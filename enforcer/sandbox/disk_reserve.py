@@ -96,7 +96,7 @@ DEFAULT = Reserve(size=parse_size(DEFAULT_TEXT), share_cap=DEFAULT_SHARE_CAP)
 
 
 def parse_reserve(text: str) -> Reserve | None:
-    """"1G", "512M", "5%", or "none" (no reserve: None); ValueError otherwise."""
+    """ "1G", "512M", "5%", or "none" (no reserve: None); ValueError otherwise."""
     text = text.strip()
     if text.lower() == "none":
         return None

@@ -113,8 +113,9 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "ambiguous-method",
         (R.AMBIGUOUS_METHOD,),
         "a request whose X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override header, or "
-        "`_method` query parameter, names another method than its own: servers that honour "
-        "overrides would run that method, not the one decided",
+        "`_method` query parameter, names another method than its own that the rules would "
+        "not allow there: servers that honour overrides would run that method, not the one "
+        "decided",
     ),
     (
         "headers-too-large",

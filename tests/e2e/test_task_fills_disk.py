@@ -31,7 +31,15 @@ def small_disk(tmp_path: Path, size: str, inodes: int = 100_000):
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},nr_inodes={inodes},mode=755", "sgt-disk", disk],
+        [
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            f"size={size},nr_inodes={inodes},mode=755",
+            "sgt-disk",
+            disk,
+        ],
         check=True,
     )
     try:
@@ -71,7 +79,9 @@ def test_a_task_filling_its_workspace_disk_is_stopped_at_the_reserve(net, tmp_pa
 
 def test_a_task_making_empty_files_is_stopped_at_the_inode_reserve(net, tmp_path):
     with small_disk(tmp_path, "64m", inodes=20_000) as disk:
-        r = sandbox.run(net, disk, {"files": "i=0; while [ $i -lt 30000 ]; do : > f$i; i=$((i+1)); done"})
+        r = sandbox.run(
+            net, disk, {"files": "i=0; while [ $i -lt 30000 ]; do : > f$i; i=$((i+1)); done"}
+        )
         _, inodes_left = free(disk)
     assert r.returncode == 137, r.describe()
     assert "free inodes, below the disk reserve of 1000" in r.stderr, r.describe()
@@ -88,7 +98,10 @@ def test_a_second_task_on_the_filled_disk_keeps_its_gateway(net, tmp_path):
         b = sandbox.start(
             net,
             disk / "b",
-            steps={"wait": "while [ ! -e go ]; do sleep 0.05; done", "get": curl("http://allowed.test/")},
+            steps={
+                "wait": "while [ ! -e go ]; do sleep 0.05; done",
+                "get": curl("http://allowed.test/"),
+            },
             extra=("--disk-reserve", "none"),
         )
         a = sandbox.run(

@@ -125,7 +125,6 @@ open(f"{shared}/honest-times", "w").write(repr(times))
 """
 
 
-
 def honest_times(shared: Path) -> list[tuple[str, float, str]]:
     """The honest sandbox's (kind, seconds, status or error) per request."""
     return ast.literal_eval((shared / "honest-times").read_text())
@@ -157,7 +156,9 @@ def rss_kb(pid: int) -> int:
             status = Path(f"/proc/{p}/status").read_text()
         except OSError:
             continue
-        total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        total += sum(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")
+        )
     return total
 
 

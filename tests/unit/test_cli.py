@@ -340,7 +340,11 @@ def test_rules_show_each_rule_with_its_origin(capsys):
     ]
     limits = [line for line in out.splitlines() if line.startswith("  limits per sandbox: ")]
     # team.yaml sets no limits: each profile shows the defaults.
-    assert limits == ["  limits per sandbox: connections 512, pending 64, dns_qps 50, connection_rate 200"] * 2
+    assert (
+        limits
+        == ["  limits per sandbox: connections 512, pending 64, dns_qps 50, connection_rate 200"]
+        * 2
+    )
     presets = [line for line in out.splitlines() if line.startswith("  preset ")]
     assert (
         presets
@@ -401,7 +405,10 @@ def test_rules_show_json(capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["profile"] == "ci" and shown["fallback"] == "deny"
     assert shown["limits"] == {
-        "connections": 512, "pending": 64, "dns_qps": 50, "connection_rate": 200
+        "connections": 512,
+        "pending": 64,
+        "dns_qps": 50,
+        "connection_rate": 200,
     }
     rule = next(r for r in shown["rules"] if r["origin"] == "team.yaml:12")
     assert rule == {

@@ -106,7 +106,10 @@ def test_tmpfs_bounds(memory, expected):
 
 @pytest.mark.parametrize(
     ("memory", "tcp"),
-    [pytest.param(4 * GIB, TCP_BYTES_V1, id="capped"), pytest.param(64 * MIB, 64 * MIB, id="memory")],
+    [
+        pytest.param(4 * GIB, TCP_BYTES_V1, id="capped"),
+        pytest.param(64 * MIB, 64 * MIB, id="memory"),
+    ],
 )
 def test_v1_tcp_limit_follows_the_memory_limit(memory, tcp):
     writes = limit_settings(1, {"memory"}, Limits(memory_bytes=memory), False, tcp_file=True)

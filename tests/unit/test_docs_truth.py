@@ -46,8 +46,8 @@ def _section(doc: str, heading: str) -> str:
 
 def _table_rows(text: str) -> list[list[str]]:
     """The cells of each markdown table row in `text` (header and rule rows included)."""
-    return [
-        [cell.strip() for cell in line.strip().strip("|").split("|")]
+    return [  # a `\|` is a pipe inside a cell, as markdown has it
+        [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
         for line in text.splitlines()
         if line.startswith("|")
     ]
