@@ -53,7 +53,7 @@ RULES = """version: 1
 profiles:
   default:
     fallback: deny
-    limits: {dns_qps: 1000, connections: 4096}
+    limits: {dns_qps: 1000, connections: 4096, connection_rate: 10000}
     rules:
       - allow: allowed.test
         id: bench-allowed

@@ -41,6 +41,7 @@ version: 1
 profiles:
   default:
     fallback: deny
+    limits: {connection_rate: 10000}  # the bench measures the gateway, not this cap
     rules:
       - allow: allowed.test
         id: bench-allowed

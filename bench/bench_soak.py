@@ -50,7 +50,7 @@ version: 1
 profiles:
   default:
     fallback: deny
-    limits: {connections: 4096, pending: 512, dns_qps: 1000}
+    limits: {connections: 4096, pending: 512, dns_qps: 1000, connection_rate: 10000}
     rules:
       - allow: allowed.test
         id: soak-allowed

@@ -93,7 +93,7 @@ MEMORY_RULES = """version: 1
 profiles:
   default:
     fallback: deny
-    limits: {connections: 4096}
+    limits: {connections: 4096, connection_rate: 10000}
     rules:
       - allow: allowed.test
         id: bench-allowed
