@@ -406,8 +406,8 @@ def become_task(spec: dict, program: bytes | None, report: Report) -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     # A task is batch work (builds, installs, tests): SCHED_BATCH keeps its fair
     # share of the CPU but a wake-up of it no longer preempts what runs, the gateway
-    # relaying its bytes above all (bench_workers `1o`/`2o`: 6-8 % less gateway CPU
-    # per connection, docs/performance.md). Not a bound: the task may switch back
+    # relaying its bytes above all (bench_workers `1` beside `1o`: 0.93x the gateway's
+    # CPU per connection, docs/performance.md "Session 11"). Not a bound: the task may switch back
     # (`chrt -o 0`); the cgroup's CPU limit is the bound.
     os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     if spec["landlock"]:
