@@ -461,11 +461,7 @@ class WorkerPool:
             events.append(event.with_fields(detail=f"{event.detail}; {mark}" if event.detail else mark))
         worker.recovered = (len(events), lost)
         if events:
-            if self.sink_batch is not None:
-                self.sink_batch(events)
-            else:
-                for event in events:
-                    self.sink(event)
+            self._sink_all(events)
         if events or lost:
             log.error("gateway worker %d (pid %d, %s): %d unsent events recovered, %d lost",
                       worker.index, worker.pid, how, len(events), lost)  # fmt: skip
@@ -485,15 +481,18 @@ class WorkerPool:
                 events.append(EncodedEvent(line, *row))
             except (ValueError, TypeError) as e:
                 log.error("gateway worker %d sent a bad event: %s", worker.index, e)
+        self._sink_all(events)
+        try:
+            self.tally(message.get("metrics", []))
+        except (ValueError, TypeError) as e:
+            log.error("gateway worker %d sent bad metrics: %s", worker.index, e)
+
+    def _sink_all(self, events: list[Event | EncodedEvent]) -> None:
         if self.sink_batch is not None:
             self.sink_batch(events)
         else:
             for event in events:
                 self.sink(event)
-        try:
-            self.tally(message.get("metrics", []))
-        except (ValueError, TypeError) as e:
-            log.error("gateway worker %d sent bad metrics: %s", worker.index, e)
 
     # --- sandboxes ----------------------------------------------------------------------
 

@@ -18,18 +18,9 @@ import signal
 import pytest
 from support import sandbox
 from support.sandbox import eventually
-from support.service import GatewayProcess, finish_attached, start_attached
+from support.service import TWO_PROFILES, GatewayProcess, finish_attached, start_attached
 
 pytestmark = pytest.mark.e2e
-
-RULES = """\
-version: 1
-profiles:
-  default:
-    rules:
-      - allow: allowed.test
-        id: web-allowed
-"""
 
 # argv: shared dir, the task's tag. Requests /<tag>/<n> on keep-alive connections
 # until the test writes `stop`; a connection cut (its worker killed) is opened again.
@@ -57,7 +48,7 @@ while not os.path.exists(f"{shared}/stop"):
 
 def test_every_request_upstream_saw_has_its_event(net, tmp_path):
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
+    rules.write_text(TWO_PROFILES)  # default: allowed.test
     service = GatewayProcess(net, tmp_path, rules, "--workers", "2")
     shared, _ = sandbox.shared_dir(tmp_path)
     tags = ("ta", "tb")
