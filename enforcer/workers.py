@@ -27,7 +27,10 @@ connections stay together.
   reports, asking once more when it differs (a file changed in between).
 - **A worker that dies** is started again on the same sockets, its sandboxes are
   registered with the new one, and each gets a `worker_restarted` event; the other
-  workers' sandboxes see nothing. One that keeps dying is restarted ever more slowly.
+  workers' sandboxes see nothing. Before that, the events it made but had not sent
+  are read from its black box (proxy/telemetry/blackbox.py: a memfd the service
+  makes for each worker process and passes it like its sockets; the worker writes
+  each event there as it emits it) and go into the fanout, each marked recovered. One that keeps dying is restarted ever more slowly.
 - **Approvals**: a worker holds its sandboxes' asked connections and requests and
   reports each change; `approvals` (enforcer/worker_approvals.py) is the one list
   over all workers that the control socket, the admin page and the metrics read, and
@@ -45,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -61,9 +65,9 @@ from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
-from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
+from sandgate.proxy.telemetry.blackbox import DEFAULT_SIZE, blank, recover
+from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, decode_members
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
-from sandgate.proxy.worker import FLUSH_PERIOD
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 log = logging.getLogger("sandgate.gateway")
@@ -143,6 +147,9 @@ class WorkerProcess:
     stats: dict = field(default_factory=dict)
     up: asyncio.Event = field(default_factory=asyncio.Event)  # serving, sandboxes registered
     policy: str = ""
+    blackbox: mmap.mmap | None = None  # the current process's (proxy/telemetry/blackbox.py)
+    received: int = 0  # the seq of the last event it sent that was read here
+    recovered: tuple[int, int] = (0, 0)  # of the last dead process: events read back, lost
 
     @property
     def proxy_port(self) -> int:
@@ -306,6 +313,7 @@ class WorkerPool:
                     self._restarted(worker, *replaced)
                 await reading  # everything it sent is handled before it counts as dead
             code = await worker.process.wait() if worker.process is not None else None
+            self._recover(worker, _exit_text(code))
             worker.up.clear()
             worker.stats = {}  # its connections died with it: no gauge counts them until the next push
             self.approvals.worker_gone(
@@ -334,13 +342,17 @@ class WorkerPool:
         sandboxes with it: then it is up. Returns the task reading its link."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         room_for_a_burst(theirs)
-        fds = [theirs.fileno(), *(s.fileno() for s in _sockets(worker.listeners))]
+        memfd = os.memfd_create(f"sandgate-worker-{worker.index}-blackbox", os.MFD_CLOEXEC)
+        fds = [theirs.fileno(), *(s.fileno() for s in _sockets(worker.listeners)), memfd]
         try:
+            os.ftruncate(memfd, DEFAULT_SIZE)
+            worker.blackbox, worker.received = mmap.mmap(memfd, DEFAULT_SIZE), 0
+            blank(worker.blackbox)
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-m", "sandgate.proxy.worker",
                 "--index", str(worker.index), "--link", str(fds[0]),
                 "--frontdoor", str(fds[1]), "--dns-udp", str(fds[2]), "--dns-tcp", str(fds[3]),
-                "--config", json.dumps(self.config),
+                "--blackbox", str(memfd), "--config", json.dumps(self.config),
                 pass_fds=fds, stdin=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
         except BaseException:
@@ -348,6 +360,7 @@ class WorkerPool:
             raise
         finally:
             theirs.close()
+            os.close(memfd)  # the mapping stays
         ready = asyncio.get_running_loop().create_future()
         worker.link = link = await Link.over(
             ours, lambda message: self._handle(worker, message, ready), INTAKE_PERIOD
@@ -416,17 +429,47 @@ class WorkerPool:
                     sandbox=sandbox.address,
                     profile=sandbox.profile,
                     detail=f"gateway worker {worker.index} (pid {dead_pid}) died ({how}): "
-                    f"the sandbox's open connections were cut and new ones waited, and "
-                    f"the events it had made but not yet sent (at most its last "
-                    f"{1000 * FLUSH_PERIOD:.0f} ms) are lost; "
+                    f"the sandbox's open connections were cut and new ones waited; "
+                    f"{worker.recovered[0]} events it had made but not sent were read "
+                    f"back from its black box, {worker.recovered[1]} lost; "
                     f"restarted as pid {worker.pid} ({worker.restarts} restarts)",
                 )
             )
         if self.on_restart is not None:
             self.on_restart(worker, dead_pid, how)
 
+    def _recover(self, worker: WorkerProcess, how: str) -> None:
+        """The events the dead worker made past the last it sent, from its black box,
+        into the fanout (audit log, metrics, summaries), each marked recovered. Read
+        after waitpid: its exit is a full barrier, every store it made is visible."""
+        box, worker.blackbox = worker.blackbox, None
+        if box is None:
+            return
+        try:
+            found = recover(box, worker.received)
+        finally:
+            box.close()
+        mark = f"recovered from gateway worker {worker.index}'s black box (pid {worker.pid}, {how})"
+        events, lost = [], found.lost
+        for payload in found.payloads:
+            try:
+                event = decode_members(payload)
+            except ValueError as e:
+                log.error("gateway worker %d: a bad black box record: %s", worker.index, e)
+                lost += 1
+                continue
+            events.append(event.with_fields(detail=f"{event.detail}; {mark}" if event.detail else mark))
+        worker.recovered = (len(events), lost)
+        if events:
+            self._sink_all(events)
+        if events or lost:
+            log.error("gateway worker %d (pid %d, %s): %d unsent events recovered, %d lost",
+                      worker.index, worker.pid, how, len(events), lost)  # fmt: skip
+
     def _take_events(self, worker: WorkerProcess, message: dict) -> None:
         """One `events` batch (proxy/worker.py, EventBatcher) into the sink, in order."""
+        with contextlib.suppress(ValueError, TypeError):
+            worker.received = max(worker.received, int(message.get("last", 0)))
         rows, members = message["events"], message.get("payload", b"").split(b"\n")
         if len(rows) != len(members):
             log.error("gateway worker %d sent %d events with %d audit lines; dropped",
@@ -438,15 +481,18 @@ class WorkerPool:
                 events.append(EncodedEvent(line, *row))
             except (ValueError, TypeError) as e:
                 log.error("gateway worker %d sent a bad event: %s", worker.index, e)
+        self._sink_all(events)
+        try:
+            self.tally(message.get("metrics", []))
+        except (ValueError, TypeError) as e:
+            log.error("gateway worker %d sent bad metrics: %s", worker.index, e)
+
+    def _sink_all(self, events: list[Event | EncodedEvent]) -> None:
         if self.sink_batch is not None:
             self.sink_batch(events)
         else:
             for event in events:
                 self.sink(event)
-        try:
-            self.tally(message.get("metrics", []))
-        except (ValueError, TypeError) as e:
-            log.error("gateway worker %d sent bad metrics: %s", worker.index, e)
 
     # --- sandboxes ----------------------------------------------------------------------
 

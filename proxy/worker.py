@@ -2,7 +2,7 @@
 process (`sandgate gateway --workers N`, N > 1; enforcer/workers.py starts them).
 
     python -I -m sandgate.proxy.worker --index I --link FD --frontdoor FD \\
-        --dns-udp FD --dns-tcp FD --config JSON
+        --dns-udp FD --dns-tcp FD [--blackbox FD] --config JSON
 
 It runs one `Gateway` (DNS filter, front door, mitmproxy when needed, the gate, DNS
 bindings, per-sandbox limits, held approvals) on listening sockets the service made
@@ -18,7 +18,9 @@ written: refuse new connections as the in-process gateway would), `flush` (send 
 events held for the next tick now), `stats`, `stop`,
 and the approvals ops `approve`, `deny`, `grant` (proxy/approvals/remote.py).
 Notifications it sends: `ready` {pid, proxy_port, dns_port, policy} once, `events`
-at the next FLUSH_PERIOD tick after an event (`EventBatcher`), `stats` every
+at the next FLUSH_PERIOD tick after an event (`EventBatcher`; each event is in its
+`--blackbox` first, proxy/telemetry/blackbox.py, for the service to read if this
+process is killed before it sent them), `stats` every
 STATS_INTERVAL seconds, `approval` {what, approval} on every change of its approvals. It asks the service `always` (append an approved rule, reload).
 
 It imports nothing of enforcer/, and dies with the service (PR_SET_PDEATHSIG).
@@ -32,6 +34,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -46,6 +49,7 @@ from sandgate.proxy.policy.reasons import Reason
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import PolicyReloader
 from sandgate.proxy.telemetry.audit import audit_members
+from sandgate.proxy.telemetry.blackbox import BlackBox
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.metrics import MetricsTally
 from sandgate.proxy.telemetry.summary import row_destination
@@ -61,7 +65,7 @@ MAX_BATCH = 2000  # events per `events` line
 # of FLUSH_PERIOD on CLOCK_MONOTONIC (`next_tick`), so every worker sends at the same
 # instants. The service reads them on a slower clock of its own (enforcer/workers.py,
 # INTAKE_PERIOD): what a worker sent is safe in the socket, and a worker that is killed
-# loses at most its last FLUSH_PERIOD of events.
+# loses none of them: each is in its black box, which the service reads after it died.
 FLUSH_PERIOD = 0.02
 FLUSH_COUNT = 256
 PR_SET_PDEATHSIG = 1
@@ -78,24 +82,34 @@ class EventBatcher:
     worker). One `events` notification holds, in order:
     - `events`: per event [task_id, sandbox, kind, verdict, reason, rule_id,
       destination] (`EncodedEvent`'s fields; destination: its summary row's);
+    - `last`: the seq of the batch's last event (events are numbered 1, 2, ... as
+      their black box records are: the service reads the box past it);
     - `metrics`: the batch's `MetricsTally` rows;
     - the payload: each event's audit members (`audit_members`), one per line (ASCII
       JSON escapes every control character: a value cannot hold a newline).
 
     The worker's own `policy_loaded` events are left out: a reload is the service's,
-    which records it once (the connections each worker closes are events of their own)."""
+    which records it once (the connections each worker closes are events of their own).
 
-    def __init__(self, link: Link):
+    With a `blackbox`, each event's members are written there as it is emitted: the
+    gate emits a decision before it takes effect, so an event that reached the
+    upstream is in the box even if this process is killed before the next tick."""
+
+    def __init__(self, link: Link, blackbox: BlackBox | None = None):
         self.link = link
+        self.blackbox = blackbox
+        self.seq = 0  # the last event's
         self.rows: list[tuple] = []
-        self.members: list[str] = []
+        self.members: list[bytes] = []
         self.tally = MetricsTally()
         self._timer: asyncio.TimerHandle | None = None
 
     def emit(self, event: Event) -> None:
         if event.kind is EventKind.POLICY and event.reason is Reason.POLICY_LOADED:
             return
-        self.members.append(audit_members(event))
+        members = audit_members(event).encode("ascii")
+        self.seq = self.blackbox.write(members) if self.blackbox else self.seq + 1
+        self.members.append(members)
         self.rows.append(
             (event.task_id, event.sandbox, event.kind, event.verdict, event.reason,
              event.rule_id, row_destination(event))
@@ -117,14 +131,17 @@ class EventBatcher:
             members, self.members = self.members[:MAX_BATCH], self.members[MAX_BATCH:]
             try:
                 self.link.send(
-                    {"op": "events", "events": rows, "metrics": metrics},
-                    "\n".join(members).encode("ascii"),
-                )
+                    {"op": "events", "events": rows, "metrics": metrics,
+                     "last": self.seq - len(self.rows)},
+                    b"\n".join(members),
+                )  # fmt: skip
             except LinkClosed:
                 log.error("sandgate worker: the service went away; %d events lost", len(rows))
                 self.rows.clear()
                 self.members.clear()
             metrics = []
+        if self.blackbox is not None and not self.link.buffered():
+            self.blackbox.mark_sent()  # all in the socket, which the service reads to its end
 
 
 class RemoteAudit:
@@ -135,8 +152,16 @@ class RemoteAudit:
 
 
 class Worker:
-    def __init__(self, index: int, config: dict, listeners: Listeners, link_sock: socket.socket):
+    def __init__(
+        self,
+        index: int,
+        config: dict,
+        listeners: Listeners,
+        link_sock: socket.socket,
+        blackbox: BlackBox | None = None,
+    ):
         self.index = index
+        self.blackbox = blackbox
         self.config = config
         self.listeners = listeners
         self.link_sock = link_sock
@@ -153,7 +178,7 @@ class Worker:
         self.link = await Link.over(self.link_sock, self.handle)
         reading = asyncio.get_running_loop().create_task(self.link.run())
         policy = await asyncio.to_thread(load_policy, self.rules)
-        self.batcher = batcher = EventBatcher(self.link)
+        self.batcher = batcher = EventBatcher(self.link, self.blackbox)
         self.gateway = Gateway(
             GatewayConfig(
                 listen_host="",
@@ -294,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frontdoor", type=int, required=True)
     parser.add_argument("--dns-udp", type=int, required=True)
     parser.add_argument("--dns-tcp", type=int, required=True)
+    parser.add_argument("--blackbox", type=int, help="a memfd the service made (blank)")
     parser.add_argument("--config", required=True, help="JSON: rules, dns_upstreams, confdir ...")
     args = parser.parse_args(argv)
     config = json.loads(args.config)
@@ -312,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         dns_udp=socket.socket(fileno=args.dns_udp),
         dns_tcp=socket.socket(fileno=args.dns_tcp),
     )
-    worker = Worker(args.index, config, listeners, socket.socket(fileno=args.link))
+    blackbox = None
+    if args.blackbox is not None:
+        with open(args.blackbox, "r+b") as memfd:  # the mapping outlives the descriptor
+            blackbox = BlackBox(mmap.mmap(memfd.fileno(), 0))
+    worker = Worker(
+        args.index, config, listeners, socket.socket(fileno=args.link), blackbox
+    )
     with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the door shares its epoll set
         return runner.run(worker.run())
 

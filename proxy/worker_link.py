@@ -97,6 +97,10 @@ class Link(asyncio.Protocol):
         line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         self.transport.write(line + payload if payload else line)
 
+    def buffered(self) -> int:
+        """Bytes sent but still in this process (asyncio's buffer), not yet in the socket."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
     async def request(self, op: str, timeout: float | None = 60.0, **fields) -> dict:
         """Send a request and wait for its reply (`ok` false raises RuntimeError with
         the error text). Raises LinkClosed when the other side goes away first."""

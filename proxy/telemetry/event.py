@@ -220,8 +220,14 @@ class EncodedEvent:
 
     def decoded(self) -> Event:
         """The `Event` these members encode (ValueError if they encode none)."""
-        record = json.loads(b"{" + self.members + b"}")  # an object, or ValueError
-        return Event.from_values([record.get(name) for name in FIELDS])
+        return decode_members(self.members)
+
+
+def decode_members(members: bytes) -> Event:
+    """The `Event` whose audit members (`audit.audit_members`) these are: a worker's
+    line, or a record of its black box (ValueError if they encode none)."""
+    record = json.loads(b"{" + members + b"}")  # an object, or ValueError
+    return Event.from_values([record.get(name) for name in FIELDS])
 
 
 _KINDS = {str(k): k for k in EventKind}

@@ -1,0 +1,154 @@
+"""A gateway worker's black box: the events it made, in shared memory, for the
+service to read after the worker died.
+
+A worker (proxy/worker.py) sends its events to the service in batches on a 20 ms
+tick; one killed (SIGKILL, the OOM killer, a crash in C) took the events it had not
+sent with it: connections that reached an upstream with no audit event. So the
+worker also writes each event's audit members, the bytes it will send, into a ring
+in memory the service made (a memfd, passed like its sockets), as it emits the event:
+before the decision takes effect (the gate emits, then returns the outcome that opens
+the upstream connection). A write is a checksum and a copy into the mapping, no
+system call. When the worker dies, the service reads the records past the last
+event it received over the link (`recover`), and ingests them as recovered.
+
+Layout (little-endian): a HEADER_SIZE header, then records back to back.
+
+    header:  magic u32 | 0 u32 | mark u64 | mark_seq u64 | last_seq u64
+    record:  length u32 | crc32 u32 | seq u64 | payload (length bytes)
+
+- `seq` numbers the records 1, 2, ...; the crc covers seq and payload, so a record
+  the worker was killed in the middle of writing (a torn write) fails it and ends
+  the walk. `last_seq` is written after each record.
+- `mark`, `mark_seq`: where the first record the service may not have yet starts,
+  and its seq. The worker moves them after a flush that left nothing in its own
+  buffer (everything sent is in the socket, which the service reads to its end
+  before it reads the black box): what lies before the mark is the service's.
+- A record that does not fit before the end starts again after the header (WRAP
+  where the room allows a length). Writing over the mark's record (a burst of more
+  than the ring holds between two flushes: the service has stopped reading) moves
+  the mark to the new record: the older unsent records are gone from the black
+  box, and `recover` counts them `lost` (seq = the gap), as the audit writer's
+  `lost` counts what it could not write.
+- Ordering: the service reads only after the worker has exited and been reaped
+  (waitpid); a process's exit is a full barrier, so every store the worker made is
+  visible to the reader whatever the CPU's memory model. No lock, no atomics.
+
+Pure: it works on any writable buffer (an mmap, a bytearray in the tests).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import NamedTuple
+
+MAGIC = 0x5342_4258  # "SBBX"
+HEADER = struct.Struct("<IIQQQ")
+HEADER_SIZE = 64  # one cache line: the records start aligned
+RECORD = struct.Struct("<IIQ")
+SEQ = struct.Struct("<Q")
+WRAP = 0xFFFF_FFFF  # a length: the next record is after the header
+_MARK = struct.Struct("<QQ")
+_MARK_AT = 8
+_LAST_AT = 24
+# The memory the service gives each worker: unsent events are at most FLUSH_COUNT
+# (256) between two flushes, each under ~5 KB (bounded fields): ~1.3 MB at worst.
+DEFAULT_SIZE = 4 << 20
+
+
+class Recovered(NamedTuple):
+    payloads: list[bytes]  # the records past `after`, oldest first
+    lost: int  # records made past `after` that the black box no longer holds
+    last_seq: int  # the last seq the worker wrote (0: none)
+
+
+def blank(buffer) -> None:
+    """Make `buffer` an empty black box (the service, before it passes it on)."""
+    HEADER.pack_into(buffer, 0, MAGIC, 0, HEADER_SIZE, 1, 0)
+
+
+class BlackBox:
+    """The worker's end: `write` each event's payload, `mark_sent` after a flush that
+    left nothing unsent. One thread writes (the worker's event loop)."""
+
+    def __init__(self, buffer):
+        if len(buffer) < HEADER_SIZE + 4096:
+            raise ValueError(f"a black box of {len(buffer)} bytes is too small")
+        magic, _, mark, mark_seq, last_seq = HEADER.unpack_from(buffer, 0)
+        if magic != MAGIC:
+            raise ValueError("not a black box (bad magic)")
+        self.buffer = buffer
+        self.size = len(buffer)
+        self.pos = mark
+        self.seq = last_seq
+        self.unsent = 0  # bytes from the mark to `pos`
+        # A longer payload is kept as an empty record: the service counts it lost.
+        self.largest = (self.size - HEADER_SIZE) // 4 - RECORD.size
+
+    def write(self, payload: bytes) -> int:
+        """Append `payload` as the next record; its seq."""
+        self.seq = seq = self.seq + 1
+        if len(payload) > self.largest:
+            payload = b""
+        length, buffer = len(payload), self.buffer
+        pos, need = self.pos, RECORD.size + length
+        if pos + need > self.size:
+            if pos + 4 <= self.size:
+                struct.pack_into("<I", buffer, pos, WRAP)
+            self.unsent += self.size - pos
+            pos = HEADER_SIZE
+        if self.unsent + need > self.size - HEADER_SIZE:
+            # The mark's record would be written over: drop the unsent before it.
+            _MARK.pack_into(buffer, _MARK_AT, pos, seq)
+            self.unsent = 0
+        RECORD.pack_into(buffer, pos, length, zlib.crc32(payload, zlib.crc32(SEQ.pack(seq))), seq)
+        buffer[pos + RECORD.size : pos + need] = payload
+        self.pos = pos + need
+        self.unsent += need
+        SEQ.pack_into(buffer, _LAST_AT, seq)
+        return seq
+
+    def mark_sent(self) -> None:
+        """Everything written so far has been sent (is in the socket)."""
+        if self.unsent:
+            _MARK.pack_into(self.buffer, _MARK_AT, self.pos, self.seq + 1)
+            self.unsent = 0
+
+
+def recover(buffer, after: int) -> Recovered:
+    """The records of the black box in `buffer` whose seq is past `after` (the last
+    the service received), read from the mark while each is whole (its crc) and in
+    sequence. Only after the writer died (the module's docstring)."""
+    size = len(buffer)
+    magic, _, pos, expected, last_seq = HEADER.unpack_from(buffer, 0)
+    if magic != MAGIC or not HEADER_SIZE <= pos <= size:
+        return Recovered([], max(0, last_seq - after) if magic == MAGIC else 0, 0)
+    payloads: list[bytes] = []
+    walked, first, newest = 0, True, after
+    view = memoryview(buffer)
+    while walked <= size:
+        if pos + RECORD.size > size:
+            walked += size - pos
+            pos = HEADER_SIZE
+            continue
+        length, crc, seq = RECORD.unpack_from(buffer, pos)
+        if length == WRAP:
+            walked += size - pos
+            pos = HEADER_SIZE
+            continue
+        end = pos + RECORD.size + length
+        # The mark's own seq may lag the mark (a kill between the two stores): the
+        # first record may be newer, never older (an older one is a past lap's).
+        if end > size or (seq < expected if first else seq != expected):
+            break
+        if zlib.crc32(view[pos + RECORD.size : end], zlib.crc32(SEQ.pack(seq))) != crc:
+            break  # torn: the worker died writing it
+        if seq > after and length:  # empty: one too long to keep, counted lost
+            payloads.append(bytes(view[pos + RECORD.size : end]))
+        newest = max(newest, seq)
+        first, expected = False, seq + 1
+        walked += end - pos
+        pos = end
+    view.release()
+    last_seq = max(last_seq, newest)
+    return Recovered(payloads, max(0, last_seq - after - len(payloads)), last_seq)
