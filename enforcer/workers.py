@@ -458,7 +458,9 @@ class WorkerPool:
                 log.error("gateway worker %d: a bad black box record: %s", worker.index, e)
                 lost += 1
                 continue
-            events.append(event.with_fields(detail=f"{event.detail}; {mark}" if event.detail else mark))
+            events.append(
+                event.with_fields(detail=f"{event.detail}; {mark}" if event.detail else mark)
+            )
         worker.recovered = (len(events), lost)
         if events:
             self._sink_all(events)

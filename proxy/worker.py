@@ -342,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.blackbox is not None:
         with open(args.blackbox, "r+b") as memfd:  # the mapping outlives the descriptor
             blackbox = BlackBox(mmap.mmap(memfd.fileno(), 0))
-    worker = Worker(
-        args.index, config, listeners, socket.socket(fileno=args.link), blackbox
-    )
+    worker = Worker(args.index, config, listeners, socket.socket(fileno=args.link), blackbox)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the door shares its epoll set
         return runner.run(worker.run())
 

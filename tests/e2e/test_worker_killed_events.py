@@ -92,7 +92,9 @@ def test_every_request_upstream_saw_has_its_event(net, tmp_path):
         lost = missing()
         restarted = service.events(reason="worker_restarted")
         assert len(restarted) == 2, restarted
-        assert not lost, f"{len(lost)} of {len(upstream)} requests upstream have no event: {lost[:20]}"
+        assert not lost, (
+            f"{len(lost)} of {len(upstream)} requests upstream have no event: {lost[:20]}"
+        )
         service.verify_audit()
     finally:
         (shared / "stop").write_text("stop")
