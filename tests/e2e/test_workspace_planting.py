@@ -494,3 +494,20 @@ def test_a_run_attached_to_the_gateway_service_is_checked_too(net, tmp_path):
     assert [e["rule_id"] for e in planted] == ["builtin:workspace-planted"], result.describe()
     assert str(hook) in planted[0]["detail"]
     assert "PLANTED for the host" in result.stdout + result.stderr
+
+
+def test_a_config_that_runs_the_whole_workspace_refuses_the_run(net, tmp_path):
+    """`core.hooksPath = .` names the workspace itself: it cannot be made read-only
+    without the workspace, so the run does not start (one line, exit 125)."""
+    workdir = sandbox._workdir(tmp_path)
+    workspace = workdir / "steps"
+    env = _git_env(tmp_path)
+    _make_repo(workspace, env)
+    assert _sh("git config core.hooksPath .", workspace, env).returncode == 0
+    argv = sandbox._argv(net, workdir, ["sh", "-c", "echo ran > ran"], sandbox.DEMO_RULES, ())
+    proc = net.run_in_host(argv, timeout=60)
+    assert proc.returncode == 125, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "hooks" in line.lower()]
+    assert line.startswith("sandgate: ") and "core.hookspath = ." in line, proc.stderr
+    assert "--no-workspace-guard" in line and "Traceback" not in proc.stderr
+    assert not (workspace / "ran").exists()  # the task never ran
