@@ -216,12 +216,25 @@ def code_keys(text: str) -> list[str]:
 # What a repository's own config (one that was there before the task) names on disk,
 # for the guard to protect when it lies in the workspace. Keys whose whole value is a
 # path; of every other key that is not data, each word of the value with a `/` in it
-# (a shell command's `./scripts/x`, `!tools/lint.sh`). A word without one is looked
-# up on PATH by the shell git starts, not in the work tree.
+# (a shell command's `./scripts/x`, `!tools/lint.sh`), URLs aside. A word without one
+# is looked up on PATH by the shell git starts, not in the work tree.
 PATH_NAMES = frozenset({"path", "hookspath", "attributesfile"})
-# Keys whose value is a file git only reads as text, never runs or reads as config.
+# Keys whose value is a path git only reads as data or works in, never runs or reads
+# as config (naming them would make, say, a submodule's work tree read-only).
 DATA_PATH_KEYS = frozenset(
-    {"commit.template", "core.excludesfile", "blame.ignorerevsfile", "mailmap.file"}
+    {
+        "core.worktree",
+        "core.excludesfile",
+        "commit.template",
+        "blame.ignorerevsfile",
+        "mailmap.file",
+        "diff.orderfile",
+        "gpg.ssh.allowedsignersfile",
+        "lfs.fetchinclude",
+        "lfs.fetchexclude",
+        "http.cookiefile",
+        "http.sslcainfo",
+    }
 )
 _BOOLEANS = frozenset({"", "true", "false", "yes", "no", "on", "off", "1", "0"})
 _SHELL_PUNCTUATION = "();|&<>`$\"'"
@@ -258,7 +271,7 @@ def named_paths(entries: list[ConfigEntry]) -> list[NamedPath]:
             continue
         for word in _words(value.strip().removeprefix("!")):
             word = word.rsplit("=", 1)[-1].strip(_SHELL_PUNCTUATION)
-            if "/" in word or word.startswith("~"):
+            if ("/" in word or word.startswith("~")) and "://" not in word:
                 found.append(NamedPath(entry, word, False, False))
     return found
 

@@ -208,17 +208,22 @@ def _follow_config(result: Survey, config: Path, top: Path, depth: int, seen: se
 def _name(result: Survey, path: Path, why: str, role: str) -> None:
     """Record a named path that lies in a writable root (only there can the task
     change it); one that is a root itself cannot be made read-only."""
-    roots = [Path(os.path.realpath(r)) for r in result.roots]
-    if path in roots:
+    if path in result.roots:
         result.unguardable.append(f"{why}: names {path}, a writable root")
-    elif any(r in path.parents for r in roots) and path not in result.named:
+    elif _root_of(result, path) is not None and path not in result.named:
         result.named[path] = (why, role)
+
+
+def _root_of(result: Survey, path: Path) -> Path | None:
+    """The writable root below which `path` lies (roots are real paths, as
+    spec.check_writable makes them, so a resolved path compares)."""
+    return next((root for root in result.roots if root in path.parents), None)
 
 
 def _fingerprint_named(result: Survey, path: Path, role: str) -> None:
     """The named path and, for a directory, what is below it (up to MAX_NAMED_ENTRIES)
     as control paths; a missing one has none (it is new if it appears)."""
-    root = next(r for r in map(Path, map(os.path.realpath, result.roots)) if r in path.parents)
+    root = _root_of(result, path)
     paths = [path]
     if path.is_dir() and not path.is_symlink():
         for parent, dirs, files in os.walk(path):

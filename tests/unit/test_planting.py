@@ -331,3 +331,11 @@ def test_a_config_naming_the_workspace_itself_cannot_be_guarded(ws):
     (ws / ".git" / "config").write_text("[core]\n\thooksPath = .\n")
     before = planting.survey([ws])
     assert len(before.unguardable) == 1 and "core.hookspath = ." in before.unguardable[0]
+
+
+def test_paths_git_only_works_in_or_reads_as_data_are_not_named(ws):
+    (ws / ".git" / "config").write_text(
+        "[core]\n\tworktree = ../src\n[lfs]\n\tfetchinclude = src/assets\n"
+        "[http]\n\tproxy = http://proxy.example:8080/x\n[commit]\n\ttemplate = src/msg\n"
+    )
+    assert _named(ws) == {}
