@@ -242,15 +242,13 @@ _SHELL_PUNCTUATION = "();|&<>`$\"'"
 
 @dataclass(frozen=True)
 class NamedPath:
-    """A file or directory a config entry names: `text` as written (`~` not expanded),
-    `from_config`: relative to the config file's directory (an include) rather than to
-    the work tree's top, where git runs hooks and commands; `is_config`: git reads it
-    as more config (an include), else it runs it or what is in it."""
+    """A file or directory a config entry names: `text` as written (`~` not expanded).
+    An `include` is more config, relative to the including file's directory; anything
+    else git runs (or what is in it), relative to the work tree's top."""
 
     entry: ConfigEntry
     text: str
-    from_config: bool
-    is_config: bool
+    include: bool
 
     def describe(self) -> str:
         return f"{self.entry.key} = {self.entry.value}"
@@ -267,12 +265,12 @@ def named_paths(entries: list[ConfigEntry]) -> list[NamedPath]:
             continue
         include = entry.section in ("include", "includeif") and entry.name == "path"
         if entry.name in PATH_NAMES:
-            found.append(NamedPath(entry, value.strip(), include, include))
+            found.append(NamedPath(entry, value.strip(), include))
             continue
         for word in _words(value.strip().removeprefix("!")):
             word = word.rsplit("=", 1)[-1].strip(_SHELL_PUNCTUATION)
             if ("/" in word or word.startswith("~")) and "://" not in word:
-                found.append(NamedPath(entry, word, False, False))
+                found.append(NamedPath(entry, word, include=False))
     return found
 
 

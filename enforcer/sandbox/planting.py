@@ -194,12 +194,12 @@ def _follow_config(result: Survey, config: Path, top: Path, depth: int, seen: se
     the workspace: a host file the task cannot change may name work-tree files)."""
     seen.add(config)
     for named in gitconfig.named_paths(_entries(config)):
-        base = config.parent if named.from_config else top
+        base = config.parent if named.include else top
         path = Path(os.path.realpath(base / os.path.expanduser(named.text)))
         why = f"{config}: {named.describe()}"
-        if named.is_config and depth < MAX_INCLUDE_DEPTH and path not in seen:
+        if named.include and depth < MAX_INCLUDE_DEPTH and path not in seen:
             _follow_config(result, path, top, depth + 1, seen)
-        _name(result, path, why, "include" if named.is_config else "named")
+        _name(result, path, why, "include" if named.include else "named")
         if named.entry.key == "core.hookspath" and path.name == "_":
             # husky 9: .husky/_/HOOK runs .husky/_/h, which runs .husky/HOOK
             _name(result, path.parent, f"{why} (husky runs {path.parent.name}/HOOK)", "named")
@@ -224,6 +224,9 @@ def _fingerprint_named(result: Survey, path: Path, role: str) -> None:
     """The named path and, for a directory, what is below it (up to MAX_NAMED_ENTRIES)
     as control paths; a missing one has none (it is new if it appears)."""
     root = _root_of(result, path)
+    link = _first_link(root, path)
+    if link is not None:  # the task made a directory on the way a link: that goes aside
+        path = link
     paths = [path]
     if path.is_dir() and not path.is_symlink():
         for parent, dirs, files in os.walk(path):
@@ -237,6 +240,15 @@ def _fingerprint_named(result: Survey, path: Path, role: str) -> None:
             continue
         relative = str(each.relative_to(root))
         result.controls.setdefault(each, ControlPath(root, relative, role, fingerprint))
+
+
+def _first_link(root: Path, path: Path) -> Path | None:
+    """The first of `path` and its directories below `root` that is a symbolic link
+    (git would follow it out of what the check sees); None: none is."""
+    for step in [*reversed(path.relative_to(root).parents), path.relative_to(root)][1:]:
+        if (root / step).is_symlink():
+            return root / step
+    return None
 
 
 def _walk(result: Survey, root: Path, fd: int, relative: str, context: str) -> None:
@@ -386,10 +398,12 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
 
 
 def _named_why(control: ControlPath, after: Survey) -> str:
-    """The config entry that names this path or a directory it is in."""
-    for path in (control.path, *control.path.parents):
-        if path in after.named:
-            return after.named[path][0]
+    """The config entry that names this path, a directory it is in, or a path below
+    it (a link on the way)."""
+    here = control.path
+    for path, (why, _) in after.named.items():
+        if path == here or path in here.parents or here in path.parents:
+            return why
     return "a named path"
 
 

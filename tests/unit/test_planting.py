@@ -339,3 +339,16 @@ def test_paths_git_only_works_in_or_reads_as_data_are_not_named(ws):
         "[http]\n\tproxy = http://proxy.example:8080/x\n[commit]\n\ttemplate = src/msg\n"
     )
     assert _named(ws) == {}
+
+
+def test_a_link_on_the_way_to_a_named_path_goes_aside(ws):
+    (ws / ".git" / "config").write_text("[core]\n\tfsmonitor = ./scripts/fsmonitor\n")
+    before = planting.survey([ws])
+    (ws / "evil").mkdir()
+    (ws / "evil" / "fsmonitor").write_text(HOOK)
+    (ws / "scripts").symlink_to("evil")
+    done = planting.disarm(planting.find_planted(before))
+    assert [(p.path, p.disarmed_as) for p in done] == [
+        (ws / "scripts", ws / "scripts.sandgate-planted")
+    ]
+    assert "core.fsmonitor = ./scripts/fsmonitor" in done[0].why
