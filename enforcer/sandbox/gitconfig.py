@@ -20,6 +20,7 @@ comments. It raises ValueError naming the line for anything else.
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 
 # Keys git writes for ordinary work, none of which names a program or another file
@@ -210,3 +211,75 @@ def code_keys(text: str) -> list[str]:
         if entry.pattern not in DATA_KEYS and entry.key not in found:
             found.append(entry.key)
     return found
+
+
+# What a repository's own config (one that was there before the task) names on disk,
+# for the guard to protect when it lies in the workspace. Keys whose whole value is a
+# path; of every other key that is not data, each word of the value with a `/` in it
+# (a shell command's `./scripts/x`, `!tools/lint.sh`), URLs aside. A word without one
+# is looked up on PATH by the shell git starts, not in the work tree.
+PATH_NAMES = frozenset({"path", "hookspath", "attributesfile"})
+# Keys whose value is a path git only reads as data or works in, never runs or reads
+# as config (naming them would make, say, a submodule's work tree read-only).
+DATA_PATH_KEYS = frozenset(
+    {
+        "core.worktree",
+        "core.excludesfile",
+        "commit.template",
+        "blame.ignorerevsfile",
+        "mailmap.file",
+        "diff.orderfile",
+        "gpg.ssh.allowedsignersfile",
+        "lfs.fetchinclude",
+        "lfs.fetchexclude",
+        "http.cookiefile",
+        "http.sslcainfo",
+    }
+)
+_BOOLEANS = frozenset({"", "true", "false", "yes", "no", "on", "off", "1", "0"})
+_SHELL_PUNCTUATION = "();|&<>`$\"'"
+
+
+@dataclass(frozen=True)
+class NamedPath:
+    """A file or directory a config entry names: `text` as written (`~` not expanded).
+    An `include` is more config, relative to the including file's directory; anything
+    else git runs (or what is in it), relative to the work tree's top."""
+
+    entry: ConfigEntry
+    text: str
+    include: bool
+
+    def describe(self) -> str:
+        return f"{self.entry.key} = {self.entry.value}"
+
+
+def named_paths(entries: list[ConfigEntry]) -> list[NamedPath]:
+    """The paths a config's entries name, in order (see PATH_NAMES)."""
+    found = []
+    for entry in entries:
+        value = entry.value
+        if entry.pattern in DATA_KEYS or entry.key in DATA_PATH_KEYS or value is None:
+            continue
+        if value.strip().lower() in _BOOLEANS:
+            continue
+        include = entry.section in ("include", "includeif") and entry.name == "path"
+        if entry.name in PATH_NAMES:
+            found.append(NamedPath(entry, value.strip(), include))
+            continue
+        for word in _words(value.strip().removeprefix("!")):
+            word = word.rsplit("=", 1)[-1].strip(_SHELL_PUNCTUATION)
+            if ("/" in word or word.startswith("~")) and "://" not in word:
+                found.append(NamedPath(entry, word, include=False))
+    return found
+
+
+def _words(command: str) -> list[str]:
+    """A shell command's words as sh would split them, roughly (a quote or operator
+    that shlex cannot follow: split at white space; a path word is found either way)."""
+    try:
+        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        return list(lexer)
+    except ValueError:
+        return command.split()

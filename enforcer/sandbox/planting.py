@@ -23,6 +23,15 @@ Two layers (docs/sandbox.md, "What the task leaves for the host"):
    its init), so nothing changes the tree under the walk; the walk opens each
    directory by descriptor relative to its parent with O_NOFOLLOW, never a path.
 
+3. Work-tree files a repository's own config names (`named`): a repository that
+   was there before the task may run files of its work tree by design: husky's
+   `core.hooksPath = .husky/_`, `include.path = ../.gitconfig`, `core.fsmonitor =
+   ./scripts/fsmonitor`, a filter driver `./tools/clean.sh`, `alias.x = !./x`
+   (gitconfig.named_paths). Each such path in the writable roots is read-only
+   during the run where it exists, and anything new or changed there after the run
+   is planted; one that names a writable root itself cannot be guarded: the run
+   refuses to start (`unguardable`).
+
 Control paths, in any directory that git would take for a git directory (one
 named `.git`, or one with HEAD and objects and refs, or HEAD and commondir, as a
 bare repository or a worktree's or submodule's git dir): `config`,
@@ -54,6 +63,8 @@ MAX_POINTER_BYTES = 4096
 MAX_PINNED = 64  # git directories bound during the run; more are checked afterwards only
 MAX_DEPTH = 256  # directories deeper are not walked: reported (one descriptor per level)
 MAX_REPORTED = 50  # planted paths reported one by one; the rest in one line
+MAX_INCLUDE_DEPTH = 10  # as git's own limit on nested include.path
+MAX_NAMED_ENTRIES = 4096  # files fingerprinted below one named directory
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,9 @@ class Fingerprint:
 class ControlPath:
     root: Path
     relative: str  # below root, '/'-separated
-    role: str  # "config", "hook", "attributes", "commondir", "gitfile", "editor"
+    # "config", "hook", "attributes", "commondir", "gitfile", "editor"; "named" (a
+    # work-tree file a repository's config runs), "include" (one it reads as config)
+    role: str
     fingerprint: Fingerprint
 
     @property
@@ -93,6 +106,10 @@ class Survey:
     controls: dict[Path, ControlPath] = field(default_factory=dict)
     git_dirs: set[Path] = field(default_factory=set)
     too_deep: list[Path] = field(default_factory=list)  # not walked (MAX_DEPTH)
+    # Work-tree paths the repositories' configs name (resolved, inside the roots),
+    # each with the config entry that names it; "include": read as config
+    named: dict[Path, tuple[str, str]] = field(default_factory=dict)
+    unguardable: list[str] = field(default_factory=list)  # named paths that are a root
 
 
 @dataclass(frozen=True)
@@ -108,8 +125,9 @@ class Planted:
         return f"{self.path}: {self.why}{done}"
 
 
-def survey(roots: list[Path]) -> Survey:
-    """Walk each root (never following links) for git directories and control paths."""
+def survey(roots: list[Path], *, follow_configs: bool = True) -> Survey:
+    """Walk each root (never following links) for git directories and control paths;
+    with `follow_configs`, also the work-tree paths their configs name (`named`)."""
     result = Survey(tuple(roots))
     for root in roots:
         try:
@@ -117,7 +135,120 @@ def survey(roots: list[Path]) -> Survey:
         except OSError:
             continue
         _walk(result, root, fd, "", "plain")
+    if follow_configs:
+        for git_dir in sorted(result.git_dirs):
+            _find_named(result, git_dir)
+        for path, (_, role) in result.named.items():
+            _fingerprint_named(result, path, role)
     return result
+
+
+def _find_named(result: Survey, git_dir: Path) -> None:
+    """The work-tree paths that the configs git reads for this git directory name:
+    its own, a linked worktree's common one, and what they include."""
+    configs = [git_dir / "config", git_dir / "config.worktree"]
+    common = _pointer_text(git_dir / "commondir")
+    if common:
+        configs.append(Path(os.path.normpath(git_dir / common)) / "config")
+    top = _work_tree(git_dir, _entries(git_dir / "config"))
+    seen: set[Path] = set()
+    for config in configs:
+        _follow_config(result, config, top, 0, seen)
+
+
+def _entries(config: Path) -> list[gitconfig.ConfigEntry]:
+    """A config file's entries; none when it is missing, too big or not git config
+    (git refuses to work with the latter: nothing of it runs)."""
+    try:
+        data = _read_small(config, gitconfig.MAX_CONFIG_BYTES)
+        return gitconfig.parse_config(data.decode("utf-8", "replace")) if data else []
+    except (OSError, ValueError):
+        return []
+
+
+def _pointer_text(path: Path) -> str | None:
+    """The first line of a small pointer file (commondir, gitdir); None if unreadable."""
+    try:
+        data = _read_small(path, MAX_POINTER_BYTES)
+    except OSError:
+        return None
+    line = (data or b"").decode("utf-8", "replace").split("\n", 1)[0].strip()
+    return line if line and "\0" not in line else None
+
+
+def _work_tree(git_dir: Path, entries: list[gitconfig.ConfigEntry]) -> Path:
+    """Where git runs hooks and commands for this git directory: core.worktree (a
+    submodule's), a linked worktree's (its `gitdir` file names that tree's `.git`),
+    the parent of a `.git`, else the git directory itself (a bare repository)."""
+    for entry in entries:
+        if entry.key == "core.worktree" and entry.value:
+            return Path(os.path.normpath(git_dir / os.path.expanduser(entry.value)))
+    linked = _pointer_text(git_dir / "gitdir") if (git_dir / "commondir").exists() else None
+    if linked:
+        return Path(os.path.normpath(git_dir / linked)).parent
+    return git_dir.parent if git_dir.name == ".git" else git_dir
+
+
+def _follow_config(result: Survey, config: Path, top: Path, depth: int, seen: set[Path]) -> None:
+    """Name what one config file names, and follow its includes (also ones outside
+    the workspace: a host file the task cannot change may name work-tree files)."""
+    seen.add(config)
+    for named in gitconfig.named_paths(_entries(config)):
+        base = config.parent if named.include else top
+        path = Path(os.path.realpath(base / os.path.expanduser(named.text)))
+        why = f"{config}: {named.describe()}"
+        if named.include and depth < MAX_INCLUDE_DEPTH and path not in seen:
+            _follow_config(result, path, top, depth + 1, seen)
+        _name(result, path, why, "include" if named.include else "named")
+        if named.entry.key == "core.hookspath" and path.name == "_":
+            # husky 9: .husky/_/HOOK runs .husky/_/h, which runs .husky/HOOK
+            _name(result, path.parent, f"{why} (husky runs {path.parent.name}/HOOK)", "named")
+
+
+def _name(result: Survey, path: Path, why: str, role: str) -> None:
+    """Record a named path that lies in a writable root (only there can the task
+    change it); one that is a root itself cannot be made read-only."""
+    if path in result.roots:
+        result.unguardable.append(f"{why}: names {path}, a writable root")
+    elif _root_of(result, path) is not None and path not in result.named:
+        result.named[path] = (why, role)
+
+
+def _root_of(result: Survey, path: Path) -> Path | None:
+    """The writable root below which `path` lies (roots are real paths, as
+    spec.check_writable makes them, so a resolved path compares)."""
+    return next((root for root in result.roots if root in path.parents), None)
+
+
+def _fingerprint_named(result: Survey, path: Path, role: str) -> None:
+    """The named path and, for a directory, what is below it (up to MAX_NAMED_ENTRIES)
+    as control paths; a missing one has none (it is new if it appears)."""
+    root = _root_of(result, path)
+    link = _first_link(root, path)
+    if link is not None:  # the task made a directory on the way a link: that goes aside
+        path = link
+    paths = [path]
+    if path.is_dir() and not path.is_symlink():
+        for parent, dirs, files in os.walk(path):
+            paths += [Path(parent, name) for name in dirs + files]
+            if len(paths) > MAX_NAMED_ENTRIES:
+                break
+    for each in paths[: MAX_NAMED_ENTRIES + 1]:
+        try:
+            fingerprint = Fingerprint.of(os.lstat(each))
+        except OSError:
+            continue
+        relative = str(each.relative_to(root))
+        result.controls.setdefault(each, ControlPath(root, relative, role, fingerprint))
+
+
+def _first_link(root: Path, path: Path) -> Path | None:
+    """The first of `path` and its directories below `root` that is a symbolic link
+    (git would follow it out of what the check sees); None: none is."""
+    for step in [*reversed(path.relative_to(root).parents), path.relative_to(root)][1:]:
+        if (root / step).is_symlink():
+            return root / step
+    return None
 
 
 def _walk(result: Survey, root: Path, fd: int, relative: str, context: str) -> None:
@@ -202,20 +333,31 @@ def _role(name: str, is_dir: bool, context: str) -> str | None:
 def find_planted(before: Survey) -> list[Planted]:
     """What the task left that would run code on the host: control paths that are new
     or changed since `before`, judged; from a fresh survey of the same roots."""
-    after = survey(list(before.roots))
+    after = survey(list(before.roots), follow_configs=False)
+    after.named = before.named  # what the configs named before the task: they are read-only
+    for path, (_, role) in before.named.items():
+        _fingerprint_named(after, path, role)
     old_deep = set(before.too_deep)
     planted = [
         Planted(path, f"deeper than {MAX_DEPTH} directories: not checked")
         for path in after.too_deep
         if path not in old_deep
     ]
+    renamed_dirs: list[Path] = []  # a new directory goes aside with what is in it
     for path, control in sorted(after.controls.items()):
         old = before.controls.get(path)
         if old is not None and old.fingerprint == control.fingerprint or SUFFIX in path.name:
             continue  # unchanged, or renamed aside by an earlier run: no name git reads
+        if any(d in path.parents for d in renamed_dirs):
+            continue
+        was_dir = old is not None and stat.S_ISDIR(old.fingerprint.mode)
+        if was_dir and stat.S_ISDIR(control.fingerprint.mode):
+            continue  # a named directory that was there: what changed in it is judged
         why = _judge(control, after)
         if why is not None:
             planted.append(Planted(path, why))
+            if stat.S_ISDIR(control.fingerprint.mode):
+                renamed_dirs.append(path)
     return planted
 
 
@@ -223,6 +365,8 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     """Why a new or changed control path would run code on the host; None: harmless."""
     mode = control.fingerprint.mode
     role = control.role
+    if role == "named":
+        return f"a work-tree file that a repository's config runs ({_named_why(control, after)})"
     if role == "hook" and stat.S_ISREG(mode) and control.relative.endswith(".sample"):
         return None
     kind = _kind(mode)
@@ -244,7 +388,7 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     if data is None:
         return f"a {_ROLE_NAMES[role]} over {limit} bytes"
     text = data.decode("utf-8", "replace")
-    if role == "config":
+    if role in ("config", "include"):
         keys = gitconfig.code_keys(text)
         return f"git config that runs code: {', '.join(keys)[:300]}" if keys else None
     target = _pointer_target(control, text)
@@ -253,8 +397,20 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     return None
 
 
+def _named_why(control: ControlPath, after: Survey) -> str:
+    """The config entry that names this path, a directory it is in, or a path below
+    it (a link on the way)."""
+    here = control.path
+    for path, (why, _) in after.named.items():
+        if path == here or path in here.parents or here in path.parents:
+            return why
+    return "a named path"
+
+
 _ROLE_NAMES = {
     "config": "git config",
+    "include": "git config",
+    "named": "work-tree file git runs",
     "hook": "git hook",
     "attributes": "git attributes file",
     "commondir": "git commondir file",
@@ -348,8 +504,9 @@ def pinned_dirs(before: Survey, limit: int = MAX_PINNED) -> list[Path]:
 
 
 def read_only_binds(before: Survey, limit: int = MAX_PINNED) -> list[Path]:
-    """What of each pinned git directory the task may read but not change, and every
-    `.git` file (a worktree's or submodule's pointer to its git directory)."""
+    """What of each pinned git directory the task may read but not change, every
+    `.git` file (a worktree's or submodule's pointer to its git directory), and the
+    work-tree paths the repositories' configs name (`named`, up to `limit`)."""
     paths = [
         c.path
         for c in before.controls.values()
@@ -362,4 +519,6 @@ def read_only_binds(before: Survey, limit: int = MAX_PINNED) -> list[Path]:
                 os.lstat(path)
                 if not path.is_symlink():
                     paths.append(path)
-    return paths
+    # What the repositories' configs name, where it exists (else: checked after)
+    named = [p for p in sorted(before.named) if p in before.controls and p not in paths]
+    return paths + named[:limit]

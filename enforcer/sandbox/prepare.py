@@ -196,6 +196,13 @@ def prepare(
         )
     elif opts.writable:
         workspace = planting.survey(opts.writable)
+        if workspace.unguardable:
+            raise spec.SandboxError(
+                "a repository's config runs files anywhere in the writable directory, "
+                "which the task may change and the host's git would then run: "
+                + "; ".join(workspace.unguardable)
+                + " (fix the config, or --no-workspace-guard)"
+            )
     view = spec.file_view(
         opts,
         protected=protected,

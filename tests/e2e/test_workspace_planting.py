@@ -37,6 +37,7 @@ class Variant:
     payload: str  # shell, in the variant's directory, in the sandbox; {c} is the canary
     host: str  # shell, in `where` below the variant's directory, on the host
     where: str = "."
+    setup: str = ""  # shell, in the variant's repository on the host, before the run
 
 
 def _hook(path: str) -> str:
@@ -45,6 +46,17 @@ def _hook(path: str) -> str:
 
 
 COMMIT = "git -c user.name=host -c user.email=host@test commit -q --allow-empty -m host"
+# husky 9's layout: core.hooksPath = .husky/_, whose hooks run .husky/_/h, which runs
+# the tracked .husky/HOOK that developers (and tasks) edit.
+HUSKY = (
+    "mkdir -p .husky/_ && printf '#!/bin/sh\\n. \"$(dirname \"$0\")/h\"\\n' > .husky/_/pre-commit && "
+    "printf '#!/bin/sh\\nexec sh -e \"$(dirname \"$0\")/../$(basename \"$0\")\"\\n' > .husky/_/h && "
+    "chmod +x .husky/_/pre-commit && echo true > .husky/pre-commit && "
+    "echo '{\"name\": \"app\", \"version\": \"1.0.0\"}' > package.json && mkdir lib && "
+    "echo '{\"name\": \"lib\", \"version\": \"1.0.0\"}' > lib/package.json && "
+    "git add .husky/pre-commit package.json lib && git commit -q -m husky && "
+    "git config core.hooksPath .husky/_"
+)
 VARIANTS = [
     Variant("hook", "repo", _hook(".git/hooks/pre-commit"), COMMIT),
     Variant("fsmonitor", "repo", "git config core.fsmonitor 'touch {c}; false'", "git status"),
@@ -140,6 +152,46 @@ VARIANTS = [
         "ln .git/config cfg; printf '[core]\\n\\tfsmonitor = touch {c}; false\\n' >> cfg",
         "git status",
     ),
+    # A repository's own config (made before the run) runs files of its work tree.
+    Variant("husky", "repo", "echo 'touch {c}' >> .husky/pre-commit", COMMIT, setup=HUSKY),
+    Variant(
+        "hooks_dir_new",
+        "repo",
+        "mkdir .githooks; " + _hook(".githooks/pre-commit"),
+        COMMIT,
+        setup="git config core.hooksPath .githooks",
+    ),
+    Variant(
+        "include_worktree",
+        "repo",
+        "printf '[core]\\n\\tfsmonitor = touch {c}; false\\n' >> .gitconfig",
+        "git status",
+        setup="printf '[user]\\n\\tname = shared\\n' > .gitconfig && git config include.path ../.gitconfig",
+    ),
+    Variant(
+        "fsmonitor_script",
+        "repo",
+        "printf '#!/bin/sh\\ntouch {c}\\nexit 1\\n' > scripts/fsmonitor",
+        "git status",
+        setup="mkdir scripts && printf '#!/bin/sh\\nexit 1\\n' > scripts/fsmonitor && "
+        "chmod +x scripts/fsmonitor && git config core.fsmonitor ./scripts/fsmonitor",
+    ),
+    Variant(
+        "filter_script",
+        "repo",
+        "echo '*.txt filter=tidy' > .gitattributes; printf '#!/bin/sh\\ntouch {c}\\ncat\\n' > tools/clean.sh",
+        "echo x > f.txt; git add f.txt",
+        setup="mkdir tools && printf '#!/bin/sh\\ncat\\n' > tools/clean.sh && chmod +x tools/clean.sh && "
+        "git config filter.tidy.clean ./tools/clean.sh",
+    ),
+    Variant(
+        "alias_script",
+        "repo",
+        "printf '#!/bin/sh\\ntouch {c}\\n' > lint.sh",
+        "git lint",
+        setup="printf '#!/bin/sh\\necho lint\\n' > lint.sh && chmod +x lint.sh && "
+        "git config alias.lint '!./lint.sh'",
+    ),
     Variant(
         "mounted_git",
         "mount",
@@ -225,6 +277,9 @@ def make_layout(tmp_path: Path, workspace: Path, tag: str) -> Layout:
             where.mkdir()
         elif variant.kind in ("repo", "submodule", "worktree"):
             _make_repo(where, layout.env)
+        if variant.setup:
+            done = _sh(variant.setup, where, layout.env)
+            assert done.returncode == 0, (variant.name, done.stderr)
         if variant.kind == "submodule":
             done = _sh(
                 f"git -c protocol.file.allow=always submodule add -q {source} sm "
@@ -259,13 +314,26 @@ LEGIT = (
     "git clone -q . ../legit_clone && git -C ../legit_clone log --oneline | wc -l"
 )
 CONFIG_WRITE = "cd legit && git config user.name agent"
+# Legitimate work in a husky repository: edit and commit (the hook runs, in the
+# sandbox), `npm install` writing node_modules.
+HUSKY_LEGIT = (
+    "cd husky && echo work >> a && git add a && "
+    "git -c user.name=agent -c user.email=agent@test commit -q -m work && "
+    "npm install --offline --no-audit --no-fund --no-update-notifier --install-links ./lib "
+    "&& ls node_modules/lib"
+)
 
 
 def _run(net, tmp_path, extra: tuple[str, ...] = ()):
     """One run of every variant (and the legitimate work); the host's git after it."""
     tag = secrets.token_hex(3)
     layouts: list[Layout] = []
-    steps = {**steps_for(tag), "legit": LEGIT, "config_write": CONFIG_WRITE}
+    steps = {
+        **steps_for(tag),
+        "legit": LEGIT,
+        "config_write": CONFIG_WRITE,
+        "husky_legit": HUSKY_LEGIT,
+    }
     try:
         result = sandbox.run(
             net,
@@ -315,6 +383,20 @@ def test_planted_payloads_never_run_on_the_host(net, tmp_path):
     # What stops working: writing .git/config of a repository that was there before.
     config = result["config_write"]
     assert config.rc != 0 and "could not" in config.err.lower(), config.err
+    # Work-tree files the repositories' own configs run: read-only during the run...
+    for name in ("husky", "include_worktree", "fsmonitor_script", "filter_script", "alias_script"):
+        assert "Read-only file system" in result[name].err, (name, result[name].err)
+    assert (ws / "filter_script" / ".gitattributes").exists()  # data: the task may write it
+    # ...and one that did not exist is renamed aside after it.
+    assert (ws / "hooks_dir_new" / ".githooks.sandgate-planted" / "pre-commit").exists()
+    assert "core.hookspath = .githooks" in details, details
+    # Legitimate work in the husky repository: a commit (its hook ran in the sandbox)
+    # and `npm install` writing node_modules.
+    husky = result["husky_legit"]
+    assert husky.rc == 0 and "package.json" in husky.out, result.describe()
+    assert (ws / "husky" / "node_modules" / "lib" / "package.json").exists()
+    assert "work" in _sh("git log --format=%s -3", ws / "husky", layout.env).stdout.split()
+    assert not [p for p in result.summary["workspace_planted"] if "/husky" in p]
 
 
 def test_without_the_guard_every_payload_runs_on_the_host(net, tmp_path):
@@ -412,3 +494,20 @@ def test_a_run_attached_to_the_gateway_service_is_checked_too(net, tmp_path):
     assert [e["rule_id"] for e in planted] == ["builtin:workspace-planted"], result.describe()
     assert str(hook) in planted[0]["detail"]
     assert "PLANTED for the host" in result.stdout + result.stderr
+
+
+def test_a_config_that_runs_the_whole_workspace_refuses_the_run(net, tmp_path):
+    """`core.hooksPath = .` names the workspace itself: it cannot be made read-only
+    without the workspace, so the run does not start (one line, exit 125)."""
+    workdir = sandbox._workdir(tmp_path)
+    workspace = workdir / "steps"
+    env = _git_env(tmp_path)
+    _make_repo(workspace, env)
+    assert _sh("git config core.hooksPath .", workspace, env).returncode == 0
+    argv = sandbox._argv(net, workdir, ["sh", "-c", "echo ran > ran"], sandbox.DEMO_RULES, ())
+    proc = net.run_in_host(argv, timeout=60)
+    assert proc.returncode == 125, proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if "hooks" in line.lower()]
+    assert line.startswith("sandgate: ") and "core.hookspath = ." in line, proc.stderr
+    assert "--no-workspace-guard" in line and "Traceback" not in proc.stderr
+    assert not (workspace / "ran").exists()  # the task never ran

@@ -238,3 +238,117 @@ def test_during_the_run_git_dirs_are_pinned_and_their_control_files_read_only(ws
         + [ws / ".git" / n for n in ("config", "hooks", "info")]
         + [ws / ".git" / "modules" / "m" / n for n in ("config", "hooks", "info")]
     )
+
+
+# A repository's own config naming files of its work tree (survey's `named`).
+NAMING_CONFIG = """[core]
+\trepositoryformatversion = 0
+\thooksPath = .husky/_
+\tfsmonitor = ./scripts/fsmonitor
+\tpager = less -R
+\teditor = vim
+[include]
+\tpath = ../.gitconfig
+[filter "tidy"]
+\tclean = sh tools/clean.sh --in=%f
+[alias]
+\tlint = !./lint.sh && echo done
+\tst = status
+[commit]
+\ttemplate = .gitmessage
+"""
+
+
+def _named(ws: Path) -> dict[str, str]:
+    before = planting.survey([ws])
+    return {str(p.relative_to(ws)): role for p, (_, role) in before.named.items()}
+
+
+def test_the_work_tree_files_a_config_runs_are_named(ws):
+    (ws / ".git" / "config").write_text(NAMING_CONFIG)
+    (ws / ".gitconfig").write_text("[diff]\n\texternal = ./tools/diff.sh\n")
+    assert _named(ws) == {
+        ".husky/_": "named",
+        ".husky": "named",  # husky 9's .husky/_/h runs .husky/HOOK
+        "scripts/fsmonitor": "named",
+        ".gitconfig": "include",
+        "tools/diff.sh": "named",  # named by the included file
+        "tools/clean.sh": "named",
+        "lint.sh": "named",
+    }  # not: less, vim (on PATH), .gitmessage (only read as text)
+
+
+def test_a_repository_without_such_config_names_nothing(ws):
+    (ws / ".git" / "config").write_text(
+        DATA_CONFIG + "[core]\n\tfsmonitor = false\n\tpager = less\n[lfs]\n\trepositoryformatversion = 0\n"
+    )
+    before = planting.survey([ws])
+    assert before.named == {} and before.unguardable == []
+    assert sorted(planting.read_only_binds(before)) == [ws / ".git" / n for n in ("config", "hooks", "info")]
+
+
+def test_named_paths_are_read_only_where_they_exist_and_checked_after(ws):
+    (ws / ".git" / "config").write_text(NAMING_CONFIG)
+    (ws / ".husky" / "_").mkdir(parents=True)
+    (ws / ".husky" / "_" / "pre-commit").write_text(HOOK)
+    (ws / ".husky" / "pre-commit").write_text("npx lint-staged\n")
+    (ws / "lint.sh").write_text("exit 0\n")
+    before = planting.survey([ws])
+    binds = planting.read_only_binds(before)
+    assert {ws / ".husky", ws / ".husky" / "_", ws / "lint.sh"} <= set(binds)
+    assert ws / "scripts" / "fsmonitor" not in binds  # missing: checked after the run
+    (ws / "lint.sh").write_text(HOOK)  # the binds are not here: the check sees it
+    (ws / ".husky" / "post-merge").write_text(HOOK)
+    (ws / "scripts").mkdir()
+    (ws / "scripts" / "fsmonitor").write_text(HOOK)
+    (ws / ".gitconfig").write_text("[user]\n\tname = data only\n")
+    (ws / "src" / "main.py").write_text("print()\n")
+    found = {str(p.path.relative_to(ws)): p.why for p in planting.find_planted(before)}
+    assert found.keys() == {"lint.sh", ".husky/post-merge", "scripts/fsmonitor"}, found
+    assert "alias.lint = !./lint.sh" in found["lint.sh"]
+    assert "a work-tree file that a repository's config runs" in found["scripts/fsmonitor"]
+
+
+def test_a_new_named_directory_is_renamed_aside_whole(ws):
+    (ws / ".git" / "config").write_text("[core]\n\thooksPath = .githooks\n")
+    before = planting.survey([ws])
+    (ws / ".githooks").mkdir()
+    (ws / ".githooks" / "pre-commit").write_text(HOOK)
+    done = planting.disarm(planting.find_planted(before))
+    assert [(p.path, p.disarmed_as) for p in done] == [
+        (ws / ".githooks", ws / ".githooks.sandgate-planted")
+    ]
+
+
+def test_an_include_outside_the_workspace_is_followed(ws, tmp_path):
+    outside = tmp_path / "shared.cfg"
+    outside.write_text("[core]\n\tsshCommand = ./bin/ssh-wrapper -v\n")
+    (ws / ".git" / "config").write_text(f"[include]\n\tpath = {outside}\n")
+    assert _named(ws) == {"bin/ssh-wrapper": "named"}
+
+
+def test_a_config_naming_the_workspace_itself_cannot_be_guarded(ws):
+    (ws / ".git" / "config").write_text("[core]\n\thooksPath = .\n")
+    before = planting.survey([ws])
+    assert len(before.unguardable) == 1 and "core.hookspath = ." in before.unguardable[0]
+
+
+def test_paths_git_only_works_in_or_reads_as_data_are_not_named(ws):
+    (ws / ".git" / "config").write_text(
+        "[core]\n\tworktree = ../src\n[lfs]\n\tfetchinclude = src/assets\n"
+        "[http]\n\tproxy = http://proxy.example:8080/x\n[commit]\n\ttemplate = src/msg\n"
+    )
+    assert _named(ws) == {}
+
+
+def test_a_link_on_the_way_to_a_named_path_goes_aside(ws):
+    (ws / ".git" / "config").write_text("[core]\n\tfsmonitor = ./scripts/fsmonitor\n")
+    before = planting.survey([ws])
+    (ws / "evil").mkdir()
+    (ws / "evil" / "fsmonitor").write_text(HOOK)
+    (ws / "scripts").symlink_to("evil")
+    done = planting.disarm(planting.find_planted(before))
+    assert [(p.path, p.disarmed_as) for p in done] == [
+        (ws / "scripts", ws / "scripts.sandgate-planted")
+    ]
+    assert "core.fsmonitor = ./scripts/fsmonitor" in done[0].why
