@@ -49,11 +49,11 @@ COMMIT = "git -c user.name=host -c user.email=host@test commit -q --allow-empty 
 # husky 9's layout: core.hooksPath = .husky/_, whose hooks run .husky/_/h, which runs
 # the tracked .husky/HOOK that developers (and tasks) edit.
 HUSKY = (
-    "mkdir -p .husky/_ && printf '#!/bin/sh\\n. \"$(dirname \"$0\")/h\"\\n' > .husky/_/pre-commit && "
-    "printf '#!/bin/sh\\nexec sh -e \"$(dirname \"$0\")/../$(basename \"$0\")\"\\n' > .husky/_/h && "
+    'mkdir -p .husky/_ && printf \'#!/bin/sh\\n. "$(dirname "$0")/h"\\n\' > .husky/_/pre-commit && '
+    'printf \'#!/bin/sh\\nexec sh -e "$(dirname "$0")/../$(basename "$0")"\\n\' > .husky/_/h && '
     "chmod +x .husky/_/pre-commit && echo true > .husky/pre-commit && "
-    "echo '{\"name\": \"app\", \"version\": \"1.0.0\"}' > package.json && mkdir lib && "
-    "echo '{\"name\": \"lib\", \"version\": \"1.0.0\"}' > lib/package.json && "
+    'echo \'{"name": "app", "version": "1.0.0"}\' > package.json && mkdir lib && '
+    'echo \'{"name": "lib", "version": "1.0.0"}\' > lib/package.json && '
     "git add .husky/pre-commit package.json lib && git commit -q -m husky && "
     "git config core.hooksPath .husky/_"
 )

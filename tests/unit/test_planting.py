@@ -280,11 +280,14 @@ def test_the_work_tree_files_a_config_runs_are_named(ws):
 
 def test_a_repository_without_such_config_names_nothing(ws):
     (ws / ".git" / "config").write_text(
-        DATA_CONFIG + "[core]\n\tfsmonitor = false\n\tpager = less\n[lfs]\n\trepositoryformatversion = 0\n"
+        DATA_CONFIG
+        + "[core]\n\tfsmonitor = false\n\tpager = less\n[lfs]\n\trepositoryformatversion = 0\n"
     )
     before = planting.survey([ws])
     assert before.named == {} and before.unguardable == []
-    assert sorted(planting.read_only_binds(before)) == [ws / ".git" / n for n in ("config", "hooks", "info")]
+    assert sorted(planting.read_only_binds(before)) == [
+        ws / ".git" / n for n in ("config", "hooks", "info")
+    ]
 
 
 def test_named_paths_are_read_only_where_they_exist_and_checked_after(ws):
