@@ -156,11 +156,17 @@ class ProxyEngine:
         # No NextLayer addon: sandgate's addon is the only one that picks a layer, so
         # a connection it has not decided on yet (half a ClientHello) waits, and
         # cannot be given a layer by anyone else.
+        from sandgate.proxy.lean_mitmproxy import leaves_per_task  # imported by now
+
+        tls = tlsconfig.TlsConfig()
+        registry = self.gate.registry
+        # Leaves cached per task (a shared cache is a timing side channel between tasks).
+        leaves_per_task(tls, lambda context: registry.get(context.client.peername[0]))
         master.addons.add(
             core.Core(),
             proxyserver.Proxyserver(),
             self.addon,
-            tlsconfig.TlsConfig(),
+            tls,
             # After TlsConfig: it offers a cached session to the upstream connection
             # TlsConfig has just made (proxy/upstream_sessions.py).
             UpstreamSessions(),
