@@ -68,6 +68,7 @@ def _import_mitmproxy():
 
     from sandgate.proxy.addon import SandgateAddon
     from sandgate.proxy.lean_mitmproxy import (
+        bound_h2_send_buffers,
         dispatch_hooks_directly,
         drop_per_request_checks,
         lighter_forks,
@@ -86,6 +87,7 @@ def _import_mitmproxy():
     run_hooks_inline()
     parse_client_hellos_lean()
     lighter_forks()
+    bound_h2_send_buffers()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),

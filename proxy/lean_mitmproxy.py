@@ -251,6 +251,46 @@ def leaves_per_task(tls, owner_of) -> None:
     tls.get_cert = get_cert_of_task
 
 
+# What mitmproxy's HTTP/2 layer may hold for one client connection that does not
+# open its flow-control window (`bound_h2_send_buffers`).
+MAX_H2_BUFFERED = 8 * 1024 * 1024
+ENHANCE_YOUR_CALM = 0xB  # RFC 9113 7: the peer may be generating excessive load
+
+
+def bound_h2_send_buffers() -> None:
+    """Reset the HTTP/2 stream that would take what mitmproxy holds for one
+    connection past MAX_H2_BUFFERED (idempotent; docs/mitmproxy-internals.md 7l).
+
+    `BufferedH2Connection.send_data` queues what the peer's flow-control window does
+    not take (`stream_buffers`), without a bound, while the other side is read on:
+    mitmproxy acknowledges what it receives at once (the upstream's h2 window never
+    closes) and its TCP back-pressure (`drain_writers`) only waits for the kernel
+    to take what was written. A client that reads its socket but never sends
+    WINDOW_UPDATE (or sets SETTINGS_INITIAL_WINDOW_SIZE 0) and downloads a large
+    file had the worker buffer all of it. Past the bound the stream is reset
+    (ENHANCE_YOUR_CALM) and its queue let go; the layer sends nothing more on a
+    closed stream (`is_open_for_us`)."""
+    from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
+
+    send_data = BufferedH2Connection.send_data
+    if getattr(send_data, "_sandgate", False):
+        return
+
+    def bounded_send_data(self, stream_id, data, end_stream=False, pad_length=None):
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            return  # reset here, in the middle of a write split into frames
+        send_data(self, stream_id, data, end_stream, pad_length)
+        if not self.stream_buffers.get(stream_id):
+            return
+        held = sum(len(chunk.data) for queue in self.stream_buffers.values() for chunk in queue)
+        if held > MAX_H2_BUFFERED:
+            self.reset_stream(stream_id, ENHANCE_YOUR_CALM)
+
+    bounded_send_data._sandgate = True
+    BufferedH2Connection.send_data = bounded_send_data
+
+
 def reuse_leaf_objects() -> None:
     """Convert each leaf certificate and key to pyOpenSSL once, not per connection
     (idempotent; docs/mitmproxy-internals.md 7g).
