@@ -10,15 +10,12 @@ handshake. The numbers are printed (`pytest -s`); `SANDGATE_PFAIR_N` overrides N
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import time
 
 import pytest
-from support import sandbox
-from support.crowd import ATTACK, HONEST, cpu_seconds, honest_times, rss_kb, spread
-from support.service import beside_a_crowd, running
+from support.crowd import run_attack
+from support.service import running
 
 pytestmark = pytest.mark.e2e
 
@@ -57,34 +54,10 @@ def test_new_names_past_the_leaf_rate_are_refused_and_the_honest_sandbox_stays_f
     service, tmp_path
 ):
     n = int(os.environ.get("SANDGATE_PFAIR_N", 16))
-    shared, _ = sandbox.shared_dir(tmp_path)
-    pid = service.popen.pid
-    rss_before, cpu_before, start = rss_kb(pid), cpu_seconds(pid), time.monotonic()
-    hostile, _, honest_err, errs = beside_a_crowd(
-        service,
-        tmp_path,
-        [(ATTACK, ("names", str(shared), str(i), "0"), "inspecting") for i in range(n)],
-        (HONEST, (str(shared), str(ROUNDS)), "honest"),
-        up_timeout=60,
+    attackers, ran, _ = run_attack(
+        service, tmp_path, "names", "inspecting", n, BOUND, RSS_GROWTH_KB, ROUNDS
     )
-    ran, cpu = time.monotonic() - start, cpu_seconds(pid) - cpu_before
-    growth = rss_kb(pid) - rss_before
-    assert (shared / "honest-times").exists(), honest_err[-2000:]
-    times = honest_times(shared)
-    seen = [ast.literal_eval((shared / f"done-{i}").read_text()) for i in range(n)]
-    for kind in ("https", "http"):
-        p50, most = spread(times, kind)
-        print(f"\nnames x{n}: honest {kind} p50 {p50:.3f} s, max {most:.3f} s")
-    handshakes = sum(s["ok"] for s in seen)
-    print(
-        f"names x{n}: {handshakes} handshakes, {sum(s['refused'] for s in seen)} refused in "
-        f"{ran:.1f} s, service CPU {cpu:.1f} s, RSS +{growth} KiB"
-    )
-    failed = [t for t in times if t[2] != "HTTP/1.1 200 OK"]
-    assert not failed, (failed, errs[0][-1000:])
-    assert max(t for _, t, _ in times) < BOUND, times
-    assert growth < RSS_GROWTH_KB, growth
-    for (_, workdir), saw in zip(hostile, seen, strict=True):
+    for workdir, saw in attackers:
         # Handshakes done: a burst of LEAF_RATE, then LEAF_RATE a second.
         assert 0 < saw["ok"] <= LEAF_RATE * (ran + 2), (saw, ran)
         assert saw["refused"] > 0, saw
