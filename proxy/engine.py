@@ -68,6 +68,7 @@ def _import_mitmproxy():
 
     from sandgate.proxy.addon import SandgateAddon
     from sandgate.proxy.lean_mitmproxy import (
+        bound_h2_send_buffers,
         dispatch_hooks_directly,
         drop_per_request_checks,
         lighter_forks,
@@ -86,6 +87,7 @@ def _import_mitmproxy():
     run_hooks_inline()
     parse_client_hellos_lean()
     lighter_forks()
+    bound_h2_send_buffers()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),
@@ -156,11 +158,17 @@ class ProxyEngine:
         # No NextLayer addon: sandgate's addon is the only one that picks a layer, so
         # a connection it has not decided on yet (half a ClientHello) waits, and
         # cannot be given a layer by anyone else.
+        from sandgate.proxy.lean_mitmproxy import leaves_per_task  # imported by now
+
+        tls = tlsconfig.TlsConfig()
+        registry = self.gate.registry
+        # Leaves cached per task (a shared cache is a timing side channel between tasks).
+        leaves_per_task(tls, lambda context: registry.get(context.client.peername[0]))
         master.addons.add(
             core.Core(),
             proxyserver.Proxyserver(),
             self.addon,
-            tlsconfig.TlsConfig(),
+            tls,
             # After TlsConfig: it offers a cached session to the upstream connection
             # TlsConfig has just made (proxy/upstream_sessions.py).
             UpstreamSessions(),

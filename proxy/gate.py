@@ -58,7 +58,7 @@ from sandgate.proxy.approvals.pending import AskKey, Grant, Pending, PendingStor
 from sandgate.proxy.clienthello import ClientHello, parse_client_hello, starts_like_tls_record
 from sandgate.proxy.dns.placeholders import Placeholders, in_pool
 from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
-from sandgate.proxy.limits import ConnectionCounts
+from sandgate.proxy.limits import ConnectionCounts, LeafBudget
 from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, parse_ip
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.client_tls import client_tls_failure
@@ -275,6 +275,8 @@ class ConnectionGate:
         self.connections: dict[Hashable, ConnState] = {}
         # What each task's sandbox holds, against its profile's limits (see the docstring).
         self.counts = ConnectionCounts()
+        # New leaf certificates per sandbox, against its profile's leaf_rate.
+        self.leaves = LeafBudget(clock)
         # The sandbox connections the process's descriptors allow (limits.connection_budget),
         # shared fairly (ConnectionCounts.full); None: no cap but the profiles'.
         self.connection_budget: int | None = None
@@ -403,6 +405,20 @@ class ConnectionGate:
             "descriptors-exhausted",
             detail=f"the gateway worker holds the {budget} connections its descriptors "
             "allow; new connections are refused until open ones close",
+        )
+
+    def _over_leaf_rate(self, state: ConnState) -> Decision | None:
+        """A `sandbox_limit` denial if intercepting `state` would have the gateway sign
+        a new leaf certificate past the profile's `leaf_rate` (limits.LeafBudget), else
+        None. The leaf's names as both engines pick them: the SNI (else the address the
+        client reached, the same for every connection of the sandbox), the destination."""
+        rate = self.policy.limits_for(state.sandbox.profile).leaf_rate
+        if self.leaves.take(state.sandbox, (state.name, state.fields["dst_ip"]), rate):
+            return None
+        return deny(
+            "sandbox-leaf-rate",
+            detail=f"a new leaf certificate for {state.name or state.ip} would be past the "
+            f"sandbox's leaf_rate of {rate} a second",
         )
 
     def hand_off(self, state: ConnState) -> bool:
@@ -586,6 +602,8 @@ class ConnectionGate:
         decision = self._consult(state, decision, "tls")
         if decision.verdict is Verdict.ASK:
             return self._ask(state, decision, "tls")
+        if decision.allowed and decision.inspect:
+            decision = self._over_leaf_rate(state) or decision
         self._emit_connection(
             decision, state.fields, state.name, "tls", state.started, state.answered
         )

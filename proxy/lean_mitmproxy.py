@@ -206,6 +206,91 @@ def lighter_lookups() -> None:
     optmanager._Option.current = current
 
 
+# mitmproxy's leaf cache, per task (`leaves_per_task`): leaves kept for each (more
+# than limits.FREE_LEAVES, which the gate lets a task reuse free of its leaf_rate), and
+# tasks kept, least recently served out first.
+LEAVES_PER_TASK = 40
+MAX_LEAF_TASKS = 128
+
+
+def leaves_per_task(tls, owner_of) -> None:
+    """Give each task its own leaf cache in `tls` (the TlsConfig addon): `owner_of(
+    context)` names the task of a connection (its Sandbox).
+
+    `TlsConfig.get_cert` looks leaves up in one CertStore for every client, so a
+    name one task visited is served from the cache to the next, ~1 ms faster than a
+    new leaf: timing its own handshakes, a task learns which names others visited.
+    `get_cert` is synchronous on the loop: the store's cache (`certs`,
+    `expire_queue`) is swapped for the task's around it. sandgate adds no
+    certificates of its own to the store (the `certs` option), so nothing else
+    lives in that cache."""
+    from collections import OrderedDict
+
+    get_cert = tls.get_cert
+    caches: OrderedDict = OrderedDict()  # owner -> (certs, expire_queue)
+
+    def get_cert_of_task(conn_context):
+        owner = owner_of(conn_context)
+        cache = caches.get(owner)
+        if cache is None:
+            cache = caches[owner] = ({}, [])
+            if len(caches) > MAX_LEAF_TASKS:
+                caches.popitem(last=False)
+        caches.move_to_end(owner)
+        store = tls.certstore  # made by its `configure`
+        store.STORE_CAP = LEAVES_PER_TASK
+        shared = store.certs, store.expire_queue
+        store.certs, store.expire_queue = cache
+        try:
+            return get_cert(conn_context)
+        finally:
+            # expire() rebinds `certs` to a new dict: keep what it left.
+            caches[owner] = store.certs, store.expire_queue
+            store.certs, store.expire_queue = shared
+
+    tls.get_cert = get_cert_of_task
+
+
+# What mitmproxy's HTTP/2 layer may hold for one client connection that does not
+# open its flow-control window (`bound_h2_send_buffers`).
+MAX_H2_BUFFERED = 8 * 1024 * 1024
+ENHANCE_YOUR_CALM = 0xB  # RFC 9113 7: the peer may be generating excessive load
+
+
+def bound_h2_send_buffers() -> None:
+    """Reset the HTTP/2 stream that would take what mitmproxy holds for one
+    connection past MAX_H2_BUFFERED (idempotent; docs/mitmproxy-internals.md 7l).
+
+    `BufferedH2Connection.send_data` queues what the peer's flow-control window does
+    not take (`stream_buffers`), without a bound, while the other side is read on:
+    mitmproxy acknowledges what it receives at once (the upstream's h2 window never
+    closes) and its TCP back-pressure (`drain_writers`) only waits for the kernel
+    to take what was written. A client that reads its socket but never sends
+    WINDOW_UPDATE (or sets SETTINGS_INITIAL_WINDOW_SIZE 0) and downloads a large
+    file had the worker buffer all of it. Past the bound the stream is reset
+    (ENHANCE_YOUR_CALM) and its queue let go; the layer sends nothing more on a
+    closed stream (`is_open_for_us`)."""
+    from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
+
+    send_data = BufferedH2Connection.send_data
+    if getattr(send_data, "_sandgate", False):
+        return
+
+    def bounded_send_data(self, stream_id, data, end_stream=False, pad_length=None):
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            return  # reset here, in the middle of a write split into frames
+        send_data(self, stream_id, data, end_stream, pad_length)
+        if not self.stream_buffers.get(stream_id):
+            return
+        held = sum(len(chunk.data) for queue in self.stream_buffers.values() for chunk in queue)
+        if held > MAX_H2_BUFFERED:
+            self.reset_stream(stream_id, ENHANCE_YOUR_CALM)
+
+    bounded_send_data._sandgate = True
+    BufferedH2Connection.send_data = bounded_send_data
+
+
 def reuse_leaf_objects() -> None:
     """Convert each leaf certificate and key to pyOpenSSL once, not per connection
     (idempotent; docs/mitmproxy-internals.md 7g).

@@ -9,7 +9,10 @@ Two pure bookkeepers, no sockets, no asyncio, a clock only where one is injected
   closing), kept by the connection gate (proxy/gate.py), which admits, decides and
   closes every connection whichever adapter holds it;
 - `TokenBuckets`: DNS queries per second per sandbox, kept by the DNS filter
-  (proxy/dns/server.py).
+  (proxy/dns/server.py);
+- `LeafBudget`: new leaf certificates per second per sandbox, kept by the gate for
+  inspected TLS (each a signature, ~1 ms of the worker's CPU, whichever engine
+  terminates it).
 
 A sandbox over a cap is denied with reason `sandbox_limit`; other sandboxes are not
 touched. The one thing they share is the worker's descriptors: `connection_budget`
@@ -23,6 +26,7 @@ is bounded by the sandboxes in use: an entry goes when its sandbox holds nothing
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -131,9 +135,9 @@ class TokenBuckets:
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 1024):
         self.clock = clock
         self.max_keys = max_keys
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def take(self, key: str, rate: int) -> bool:
+    def take(self, key: Hashable, rate: int) -> bool:
         """Take one token from `key`'s bucket: False if it is empty (over the rate)."""
         now = self.clock()
         tokens, at = self._buckets.get(key, (rate, now))
@@ -152,3 +156,44 @@ class TokenBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+# Leaves a sandbox reuses free of charge: the names of its latest inspected
+# connections. Fewer than either engine's cache keeps for it (the front door's
+# tls_contexts.MAX_LEAF_CONTEXTS, mitmproxy's CertStore.STORE_CAP per sandbox), so a
+# name counted free here still has its leaf there unless other sandboxes' charged
+# leaves pushed it out.
+FREE_LEAVES = 32
+MAX_LEAF_SANDBOXES = 1024  # sandboxes whose free leaves are remembered, least recent out
+
+
+class LeafBudget:
+    """New leaf certificates per sandbox for inspected TLS: a connection to names the
+    sandbox's last FREE_LEAVES inspected connections named is free (its leaf is
+    cached), a new one takes a token of a `TokenBuckets` at the profile's
+    `leaf_rate`. Without it, a task handshaking for ever-new names under a wildcard
+    or IP rule had the worker sign a leaf for each, ~1 ms of its CPU apiece, and 16
+    such tasks took another sandbox's requests to 0.4-0.7 s."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.buckets = TokenBuckets(clock)
+        self._free: OrderedDict[Hashable, OrderedDict[Hashable, None]] = OrderedDict()
+
+    def take(self, sandbox: Hashable, names: Hashable, rate: int) -> bool:
+        """May `sandbox` have a leaf for `names` now? False: a new one, over `rate`."""
+        free = self._free.get(sandbox)
+        if free is not None:
+            self._free.move_to_end(sandbox)
+            if names in free:
+                free.move_to_end(names)
+                return True
+        if not self.buckets.take(sandbox, rate):
+            return False
+        if free is None:
+            free = self._free[sandbox] = OrderedDict()
+            if len(self._free) > MAX_LEAF_SANDBOXES:
+                self._free.popitem(last=False)
+        free[names] = None
+        if len(free) > FREE_LEAVES:
+            free.popitem(last=False)
+        return True

@@ -69,7 +69,7 @@ def serve_inspected(connection, hello: Hello) -> None:
     # address the client reached; then the destination's address).
     first = hello.sni or connection.client.getsockname()[0]
     names = tuple(dict.fromkeys((first, str(state.ip))))
-    context = door.tls_contexts.for_client(names)
+    context = door.tls_contexts.for_client(names, state.sandbox)
     # The same descriptor: its epoll entry stays.
     connection.client = TlsSocket.wrap(connection.client, context, server_side=True)
     ClientHandshake(connection, hello)

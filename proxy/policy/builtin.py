@@ -170,6 +170,12 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "descriptors allow: it waits for its own to close, and others still connect",
     ),
     (
+        "sandbox-leaf-rate",
+        (R.SANDBOX_LIMIT,),
+        "the sandbox had the gateway sign as many new leaf certificates for inspected TLS "
+        "lately as its profile's limits: leaf_rate allow a second",
+    ),
+    (
         "audit-unavailable",
         (R.AUDIT_UNAVAILABLE,),
         "the audit log could not be written (disk full, its budget reached, out of descriptors): "

@@ -11,8 +11,8 @@ include and profile is valid and a new CompiledPolicy exists, or nothing changes
         fallback: deny | ask | audit          (default deny; inherited through extends)
         extends: OTHER-PROFILE
         include: [PRESET-NAME | relative/path.yaml, ...]
-        limits: {connections: 512, pending: 64, dns_qps: 50, connection_rate: 200}
-                                              (per sandbox; per key inherited through
+        limits: {connections: 512, pending: 64, dns_qps: 50, connection_rate: 200,
+                 leaf_rate: 10}               (per sandbox; per key inherited through
                                               extends)
         rules:
           - allow | deny: TARGET or [TARGET, ...]   domain, *.domain, IP or CIDR

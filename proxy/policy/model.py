@@ -52,7 +52,9 @@ class Limits:
     """A profile's per-sandbox caps (`limits:` in a rule file): each sandbox running
     under the profile may hold at most `connections` open TCP connections, of which
     at most `pending` are not yet decided, open `connection_rate` new ones a second
-    (bursts of as many) and send `dns_qps` DNS queries a second (bursts of as many).
+    (bursts of as many), send `dns_qps` DNS queries a second (bursts of as many) and
+    make the gateway sign `leaf_rate` new leaf certificates a second for inspected
+    TLS (bursts of as many; a name the sandbox was given a leaf for lately is free).
     Over a cap the gateway denies with `sandbox_limit`; over `connection_rate` the
     sandbox's nftables table drops the connection's SYN (`dropped_connect_flood`)."""
 
@@ -60,6 +62,7 @@ class Limits:
     pending: int = 64
     dns_qps: int = 50
     connection_rate: int = 200
+    leaf_rate: int = 10
 
 
 DEFAULT_LIMITS = Limits()
@@ -109,7 +112,9 @@ def format_duration(seconds: float) -> str:
 # The largest value each cap takes: above these a typo (an extra zero) would turn
 # the cap off in practice; a sandbox that needs more is a case for two sandboxes.
 # dns_qps: the kernel drops a sandbox's DNS past enforcer/nft.py DNS_PACKETS_PER_S.
-MAX_LIMITS = Limits(connections=65536, pending=65536, dns_qps=1000, connection_rate=10000)
+MAX_LIMITS = Limits(
+    connections=65536, pending=65536, dns_qps=1000, connection_rate=10000, leaf_rate=1000
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,15 +17,12 @@ The measured numbers are printed (`pytest -s`); `SANDGATE_PFAIR_N` overrides N.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import time
 
 import pytest
-from support import sandbox
-from support.crowd import ATTACK, HONEST, cpu_seconds, honest_times, rss_kb, spread
-from support.service import beside_a_crowd, running
+from support.crowd import run_attack
+from support.service import running
 
 pytestmark = pytest.mark.e2e
 
@@ -65,36 +62,7 @@ def service(net, tmp_path):
 
 
 def _crowd_run(service, tmp_path, attack: str, profile: str, n: int):
-    """Run N `attack`ers of `profile` beside the honest sandbox; assert the honest
-    requests all answered within BOUND and the service's memory stayed bounded; return
-    (each attacker's workdir and what it saw, seconds the crowd ran, service CPU s)."""
-    shared, _ = sandbox.shared_dir(tmp_path)
-    pid = service.popen.pid
-    rss_before, cpu_before, start = rss_kb(pid), cpu_seconds(pid), time.monotonic()
-    hostile, _, honest_err, errs = beside_a_crowd(
-        service,
-        tmp_path,
-        [(ATTACK, (attack, str(shared), str(i), "0"), profile) for i in range(n)],
-        (HONEST, (str(shared), str(ROUNDS)), "honest"),
-        up_timeout=60,
-    )
-    ran, cpu = time.monotonic() - start, cpu_seconds(pid) - cpu_before
-    growth = rss_kb(pid) - rss_before
-    assert (shared / "honest-times").exists(), honest_err[-2000:]
-    times = honest_times(shared)
-    seen = [ast.literal_eval((shared / f"done-{i}").read_text()) for i in range(n)]
-    for kind in ("https", "http"):
-        p50, most = spread(times, kind)
-        print(f"\n{attack} x{n}: honest {kind} p50 {p50:.3f} s, max {most:.3f} s")
-    print(
-        f"{attack} x{n}: {sum(s['ok'] for s in seen)} attacker connections in {ran:.1f} s, "
-        f"service CPU {cpu:.1f} s, RSS +{growth} KiB; hostile saw {seen}"
-    )
-    failed = [t for t in times if t[2] != "HTTP/1.1 200 OK"]
-    assert not failed, (failed, errs[0][-1000:])
-    assert max(t for _, t, _ in times) < BOUND, times
-    assert growth < RSS_GROWTH_KB, growth
-    return [(workdir, saw) for (_, workdir), saw in zip(hostile, seen, strict=True)], ran, cpu
+    return run_attack(service, tmp_path, attack, profile, n, BOUND, RSS_GROWTH_KB, ROUNDS)
 
 
 def _task_events(service, workdir) -> list[dict]:

@@ -9,6 +9,7 @@ import ast
 import contextlib
 import os
 import statistics
+import time
 from pathlib import Path
 
 # mode shared me count: run the attack until the file `stop` appears (or 80 s); write
@@ -173,3 +174,43 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def run_attack(service, tmp_path: Path, attack: str, profile: str, n: int, bound: float,
+               rss_growth_kb: int, rounds: int = 10):
+    """Run N `attack`ers (ATTACK's modes) of `profile` beside the honest sandbox
+    (HONEST, `rounds`, profile "honest") on `service`; print the honest times and the
+    service's CPU and memory; assert the honest requests all answered 200 within
+    `bound` s and the service's RSS grew by less than `rss_growth_kb`; return (each
+    attacker's workdir and what it saw, seconds the crowd ran, service CPU s)."""
+    from support import sandbox
+    from support.service import beside_a_crowd
+
+    shared, _ = sandbox.shared_dir(tmp_path)
+    pid = service.popen.pid
+    rss_before, cpu_before, start = rss_kb(pid), cpu_seconds(pid), time.monotonic()
+    hostile, _, honest_err, errs = beside_a_crowd(
+        service,
+        tmp_path,
+        [(ATTACK, (attack, str(shared), str(i), "0"), profile) for i in range(n)],
+        (HONEST, (str(shared), str(rounds)), "honest"),
+        up_timeout=60,
+    )
+    ran, cpu = time.monotonic() - start, cpu_seconds(pid) - cpu_before
+    growth = rss_kb(pid) - rss_before
+    assert (shared / "honest-times").exists(), honest_err[-2000:]
+    times = honest_times(shared)
+    seen = [ast.literal_eval((shared / f"done-{i}").read_text()) for i in range(n)]
+    for kind in ("https", "http"):
+        p50, most = spread(times, kind)
+        print(f"\n{attack} x{n}: honest {kind} p50 {p50:.3f} s, max {most:.3f} s")
+    print(
+        f"{attack} x{n}: {sum(s['ok'] for s in seen)} attacker connections, "
+        f"{sum(s['refused'] for s in seen)} refused in {ran:.1f} s, "
+        f"service CPU {cpu:.1f} s, RSS +{growth} KiB"
+    )
+    failed = [t for t in times if t[2] != "HTTP/1.1 200 OK"]
+    assert not failed, (failed, errs[0][-1000:])
+    assert max(t for _, t, _ in times) < bound, times
+    assert growth < rss_growth_kb, growth
+    return [(workdir, saw) for (_, workdir), saw in zip(hostile, seen, strict=True)], ran, cpu

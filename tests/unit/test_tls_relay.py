@@ -83,7 +83,7 @@ def tls(tmp_path):
         context.load_cert_chain(path)
         servers[label] = context
     contexts = TlsContexts(tmp_path / "confdir", upstream_ca)
-    contexts.for_client(("warm.test",))  # makes the gateway CA (gateway_ca.ensure_ec_ca)
+    contexts.for_client(("warm.test",), "warm")  # makes the gateway CA (gateway_ca.ensure_ec_ca)
     client = ssl.create_default_context(cafile=str(tmp_path / "confdir" / "mitmproxy-ca-cert.pem"))
     client.set_alpn_protocols(["h2", "http/1.1"])
     return contexts, servers, client
