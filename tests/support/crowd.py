@@ -176,8 +176,16 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def run_attack(service, tmp_path: Path, attack: str, profile: str, n: int, bound: float,
-               rss_growth_kb: int, rounds: int = 10):
+def run_attack(
+    service,
+    tmp_path: Path,
+    attack: str,
+    profile: str,
+    n: int,
+    bound: float,
+    rss_growth_kb: int,
+    rounds: int = 10,
+):
     """Run N `attack`ers (ATTACK's modes) of `profile` beside the honest sandbox
     (HONEST, `rounds`, profile "honest") on `service`; print the honest times and the
     service's CPU and memory; assert the honest requests all answered 200 within

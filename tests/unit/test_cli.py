@@ -342,7 +342,9 @@ def test_rules_show_each_rule_with_its_origin(capsys):
     # team.yaml sets no limits: each profile shows the defaults.
     assert (
         limits
-        == ["  limits per sandbox: connections 512, pending 64, dns_qps 50, connection_rate 200, leaf_rate 10"]
+        == [
+            "  limits per sandbox: connections 512, pending 64, dns_qps 50, connection_rate 200, leaf_rate 10"
+        ]
         * 2
     )
     presets = [line for line in out.splitlines() if line.startswith("  preset ")]

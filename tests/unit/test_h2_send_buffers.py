@@ -29,7 +29,8 @@ def connected(client_window: int):
     )
     client.initiate_connection()
     client.send_headers(
-        1, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a.test")],
+        1,
+        [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a.test")],
         end_stream=True,
     )
     server.initiate_connection()
