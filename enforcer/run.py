@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
@@ -157,9 +158,8 @@ def claim_run_id(first: str | None = None, taken=None, mode: int = 0o777) -> str
     id is in use otherwise (e.g. a kept audit log of that name). RunError when the
     dir cannot be made, or no free id was drawn."""
     make_dir(RUN_DIR, "SANDGATE_RUN_DIR")
-    candidates = [first] if first else []
-    candidates += [secrets.token_hex(4) for _ in range(RUN_ID_ATTEMPTS)]
-    for run_id in candidates:
+    draws = (secrets.token_hex(4) for _ in range(RUN_ID_ATTEMPTS))
+    for run_id in itertools.chain([first] if first else [], draws):
         if taken is not None and taken(run_id):
             continue
         try:
@@ -171,7 +171,7 @@ def claim_run_id(first: str | None = None, taken=None, mode: int = 0o777) -> str
                 f"cannot make the directory {RUN_DIR / run_id} (SANDGATE_RUN_DIR): {os_error_text(e)}"
             ) from None
         return run_id
-    raise RunError(f"no free run id in {RUN_DIR} after {len(candidates)} draws (SANDGATE_RUN_DIR)")
+    raise RunError(f"no free run id in {RUN_DIR} after {RUN_ID_ATTEMPTS} draws (SANDGATE_RUN_DIR)")
 
 
 def open_audit_log(path: Path, budget: int | None = None) -> AuditLog:
