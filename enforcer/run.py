@@ -731,10 +731,12 @@ def gc(dry_run: bool = False) -> list[str]:
             drop(f"nft table {table}", lambda t=table: nft.delete_table(t))
     # leftovers() lists live runs' cgroups too: only a dead run's, or an empty one that no
     # run owns (every run has its state dir for as long as its cgroup exists; a warm
-    # runner's `sandgate-warm-*` holds its init-to-be while the runner lives).
+    # runner's `sandgate-warm-*` holds its init-to-be while the runner lives). Cgroups
+    # are the host's, whatever the RUN_DIR: one of no run here whose netns exists is a
+    # run of another RUN_DIR setting up (empty until its init joins).
     for path in cgroups:
         run_id = Path(path).name.removeprefix(cgroup.PREFIX)
-        if run_id in dead or (run_id not in runs and _empty_cgroup(path)):
+        if run_id in dead or (run_id not in runs and run_id not in nets and _empty_cgroup(path)):
             drop(f"cgroup {path}", lambda p=path: cgroup.remove_path(p))
     for run_id in sorted(dead):
         drop(

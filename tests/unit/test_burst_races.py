@@ -223,3 +223,20 @@ def test_two_gateways_writing_one_approved_yaml_keep_each_others_rule(tmp_path):
     assert second["ok"], second
     approved = yaml.safe_load(overlay.read_text())["approved"]["p"]
     assert [r["allow"] for r in approved] == ["b.example.test"]
+
+
+def test_gc_leaves_the_empty_cgroup_of_another_run_dirs_run_setting_up(run_dir, monkeypatch, tmp_path):
+    """Cgroups are the host's: `sandgate-<id>` with no state dir here, empty (its init
+    has not joined yet) and a netns `sg-<id>`: a run of another SANDGATE_RUN_DIR."""
+    run_dir.mkdir()
+    removed = []
+    paths = []
+    for run_id in ("0000aaaa", "0000bbbb"):
+        paths.append(tmp_path / "cgroup" / f"{runner.cgroup.PREFIX}{run_id}")
+        paths[-1].mkdir(parents=True)
+        (paths[-1] / "cgroup.procs").write_text("")
+    monkeypatch.setattr(nft, "list_tables", lambda prefix: [])
+    monkeypatch.setattr(netns, "list_sandbox_nets", lambda: ["0000aaaa"])
+    monkeypatch.setattr(runner.cgroup, "leftovers", lambda: [str(p) for p in paths])
+    monkeypatch.setattr(runner.cgroup, "remove_path", lambda path: removed.append(path))
+    assert runner.gc() == [f"cgroup {paths[1]}"] and removed == [str(paths[1])]
