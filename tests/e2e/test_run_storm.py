@@ -94,8 +94,15 @@ def assert_first_use_made_once(state_dir: Path) -> None:
     assert len(cache) == 1 and cache[0].startswith("seccomp-"), cache
 
 
-def test_a_burst_of_embedded_runs_on_a_fresh_host_beside_gc(net, tmp_path, state):
+@pytest.mark.parametrize("host", ["fresh", "warm"])
+def test_a_burst_of_embedded_runs_beside_gc(net, tmp_path, state, host):
+    """`fresh`: the state dir empty (every run races to make the CA and the seccomp
+    cache); `warm`: one run made them before."""
     run_dir, state_dir = state
+    if host == "warm":
+        first = sandbox.run(net, tmp_path, {"api": "curl -sS -o /dev/null https://api.allowed.test/public/x"})
+        assert first.returncode == 0 and first["api"].rc == 0, first.describe()
+        made = (state_dir / "ca" / "mitmproxy-ca.pem").read_bytes()
     started = []
     for i in range(RUNS):
         workdir = sandbox._workdir(tmp_path)
@@ -123,6 +130,8 @@ def test_a_burst_of_embedded_runs_on_a_fresh_host_beside_gc(net, tmp_path, state
     assert len(set(run_ids)) == RUNS
     assert gcs >= 1
     assert_first_use_made_once(state_dir)
+    if host == "warm":
+        assert (state_dir / "ca" / "mitmproxy-ca.pem").read_bytes() == made
     assert not [r for r in net.requests_seen(FORBIDDEN_IP) if "storm" in r["uri"]]
     assert "forbidden.test" not in " ".join(net.dns_queries_seen())
     assert_nothing_left(net, run_dir, run_ids)
