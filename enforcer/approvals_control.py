@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -155,7 +156,9 @@ def always_writer(
     append the rule, reload (`reload(actor)` returns the errors), and put the file
     back if the reload fails, so that an `always` is either in force or not at all.
     One at a time: a second approver's rule appended while the first one's reload runs
-    would be taken out again when that reload fails and the file is put back."""
+    would be taken out again when that reload fails and the file is put back; and
+    so across processes (two embedded runs, or a run and the service, on one rule
+    file), whose read-modify-writes lost each other's rules: `overlay_lock`."""
     one_at_a_time = asyncio.Lock()
 
     async def persist(found: Pending, approver: str, expires: str | None = None) -> None:
@@ -163,7 +166,7 @@ def always_writer(
             raise ApprovalError(
                 "--always needs a rule file of your own (--rules FILE): approved.yaml goes next to it"
             )
-        async with one_at_a_time:
+        async with one_at_a_time, overlay_lock(overlay):
             try:
                 previous = append_approved(overlay, found, approver, expires=expires)
             except (OSError, yaml.YAMLError) as e:  # disk full, I/O error; edited by hand
@@ -183,6 +186,40 @@ def always_writer(
                 raise ApprovalError(f"the approved rule did not load: {'; '.join(errors)[:300]}")
 
     return persist
+
+
+OVERLAY_LOCK_WAIT_S = 30.0  # a reload takes well under a second; a holder stuck longer is a fault
+
+
+@contextlib.asynccontextmanager
+async def overlay_lock(overlay: Path, wait: float = OVERLAY_LOCK_WAIT_S) -> AsyncIterator[None]:
+    """`overlay`'s directory locked (flock) for every process that writes it: the
+    directory, not a lock file, which would show in the admins' git checkout of the
+    rules. Tried without blocking every 20 ms, so that the loop keeps running and a
+    cancelled wait leaves no thread behind to take the lock later. A holder that dies
+    releases it. ApprovalError when it cannot be had."""
+    try:
+        lock = os.open(overlay.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ApprovalError(
+            f"{overlay.parent} cannot be opened ({e.strerror or e}): nothing was approved"
+        ) from None
+    try:
+        deadline = asyncio.get_running_loop().time() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ApprovalError(
+                        f"{overlay} is being updated by another gateway for over {wait:g} s: "
+                        "nothing was approved; try again"
+                    ) from None
+                await asyncio.sleep(0.02)
+        yield
+    finally:
+        os.close(lock)  # closing releases the lock
 
 
 async def serve(path: Path, approvals: Approvals) -> asyncio.AbstractServer:

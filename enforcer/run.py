@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
@@ -142,6 +144,36 @@ def make_dir(path: Path, what: str) -> None:
         raise RunError(f"cannot make the directory {path} ({what}): {why}") from None
 
 
+# Run ids are 8 hex digits (they name the netns, veth, table and cgroup, whose names
+# are short): 2^32 of them, so a burst of runs, or a run beside the audit logs of every
+# past one, can draw one in use. An id is a run's once its state dir is made by it.
+RUN_ID_ATTEMPTS = 16
+
+
+def claim_run_id(first: str | None = None, taken=None, mode: int = 0o777) -> str:
+    """A run id whose state dir `RUN_DIR/<id>` this call made: `first` if it is free,
+    else a fresh random one. `mkdir` without exist_ok is the claim (atomic: of two
+    runs drawing one id, one makes the dir, the other draws again), so no two runs
+    share an id's netns, veth, table, cgroup or state dir. `taken(id)`: whether the
+    id is in use otherwise (e.g. a kept audit log of that name). RunError when the
+    dir cannot be made, or no free id was drawn."""
+    make_dir(RUN_DIR, "SANDGATE_RUN_DIR")
+    draws = (secrets.token_hex(4) for _ in range(RUN_ID_ATTEMPTS))
+    for run_id in itertools.chain([first] if first else [], draws):
+        if taken is not None and taken(run_id):
+            continue
+        try:
+            (RUN_DIR / run_id).mkdir(mode=mode)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(
+                f"cannot make the directory {RUN_DIR / run_id} (SANDGATE_RUN_DIR): {os_error_text(e)}"
+            ) from None
+        return run_id
+    raise RunError(f"no free run id in {RUN_DIR} after {RUN_ID_ATTEMPTS} draws (SANDGATE_RUN_DIR)")
+
+
 def open_audit_log(path: Path, budget: int | None = None) -> AuditLog:
     try:
         return AuditLog(path, max_total_bytes=budget)
@@ -149,16 +181,57 @@ def open_audit_log(path: Path, budget: int | None = None) -> AuditLog:
         raise RunError(f"{e} (--audit-log FILE picks another place)") from None
 
 
-def _pick_addresses(pool_text: str):
-    """A free /30 of the pool: random, so concurrent runs rarely race, and checked
-    against the host's addresses."""
-    from ipaddress import IPv4Network
+# The sandbox addresses are the host's to share (its network namespace's): every run
+# and service on it, whatever its RUN_DIR, picks and assigns its /30 under this lock.
+ADDRESS_LOCK = Path("/run/sandgate-addresses.lock")
 
+
+def make_sandbox_net(run_id: str, pool_text: str, picked=None) -> netns.SandboxNet:
+    """Netns and veth of sandbox `run_id` on a free /30 of the pool (`_pick_addresses`),
+    `picked(gateway_ip, sandbox_ip)` called before they are made (the service records
+    them for gc). The pick and the assignment are one step for every maker on the
+    host (`ADDRESS_LOCK`): picked apart, two runs of a burst that drew one /30 (1 in
+    16,384 a pair; ~7% of 50 runs have a pair) both found it free and both took it,
+    and the host's routes sent one sandbox's packets down the other's veth."""
+    with _address_lock():
+        gateway_ip, sandbox_ip = _pick_addresses(pool_text)
+        if picked is not None:
+            picked(gateway_ip, sandbox_ip)
+        return netns.create_sandbox_net(run_id, gateway_ip, sandbox_ip)
+
+
+@contextlib.contextmanager
+def _address_lock():
+    """ADDRESS_LOCK held (flock: a killed holder releases it). A /run where it cannot
+    be made (read-only) leaves the pick unlocked, as it was: a collision then fails
+    that run's network, it never mixes two sandboxes (`_pick_addresses` checks)."""
+    try:
+        lock = os.open(ADDRESS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)  # closing releases the lock
+
+
+def _host_addresses() -> set[str]:
+    """The IPv4 addresses of this network namespace's interfaces."""
     from pyroute2.iproute import IPRoute
 
-    pool = IPv4Network(pool_text)
     with contextlib.closing(IPRoute()) as ipr:
-        used = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2)}
+        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2)}
+
+
+def _pick_addresses(pool_text: str):
+    """A free /30 of the pool: random, checked against the host's addresses (under
+    ADDRESS_LOCK: `make_sandbox_net`)."""
+    from ipaddress import IPv4Network
+
+    pool = IPv4Network(pool_text)
+    used = _host_addresses()
     for _ in range(64):
         gateway_ip, sandbox_ip = netns.allocate_addresses(
             pool, random.randrange(pool.num_addresses // 4)
@@ -178,11 +251,9 @@ def _write_ca_bundle(path: Path, extra: list[str]) -> None:
 class TaskRun:
     def __init__(self, opts: RunOptions):
         self.opts = opts
-        self.run_id = secrets.token_hex(4)
-        self.dir = RUN_DIR / self.run_id
-        self.table = TABLE_PREFIX + self.run_id
+        self._use_id(secrets.token_hex(4))  # a draw; the run's once claimed (_setup)
+        self.claimed = False  # whether this run made its state dir: then its id is its own
         self.summary = TaskSummary()
-        self.audit_path = opts.audit_log or AUDIT_DIR / f"{self.run_id}.jsonl"
         self.audit: AuditLog | None = None
         self.metrics = Metrics()
         self.net: netns.SandboxNet | None = None
@@ -198,6 +269,12 @@ class TaskRun:
         self._stop_timer: asyncio.TimerHandle | None = None  # the grace's end, on the loop
         self._disk = None  # attach.DiskGuard, once the task runs
         self._disk_timer: asyncio.TimerHandle | None = None  # its next check
+
+    def _use_id(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.dir = RUN_DIR / run_id
+        self.table = TABLE_PREFIX + run_id
+        self.audit_path = self.opts.audit_log or AUDIT_DIR / f"{run_id}.jsonl"
 
     async def run(self) -> int:
         started = time.monotonic()
@@ -225,14 +302,15 @@ class TaskRun:
                 f"no profile {opts.profile!r} in the rules (profiles: {', '.join(opts.policy.profiles)})"
             )
         upstreams = dns_upstreams(opts.dns_upstreams)
+        # A default audit log is named by the id: one kept from a past run is not ours.
+        kept = None if opts.audit_log else lambda r: (AUDIT_DIR / f"{r}.jsonl").exists()
+        self._use_id(claim_run_id(self.run_id, kept))
+        self.claimed = True
         self.audit = open_audit_log(self.audit_path, opts.audit_budget)
         self.summary.telemetry["audit_log"] = str(self.audit_path)
-        make_dir(self.dir, "SANDGATE_RUN_DIR")
         (self.dir / "pid").write_text(process_stamp.stamp(os.getpid()))  # pid and start: gc
-        gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, opts.pool)
-        self.net = await asyncio.to_thread(
-            netns.create_sandbox_net, self.run_id, gateway_ip, sandbox_ip
-        )
+        self.net = await asyncio.to_thread(make_sandbox_net, self.run_id, opts.pool)
+        gateway_ip, sandbox_ip = self.net.gateway_ip, self.net.sandbox_ip
 
         inspection = inspects(opts.policy, opts.profile)
         upstream_ca = self.dir / "upstream-ca.pem"
@@ -497,9 +575,11 @@ class TaskRun:
             planted = await asyncio.to_thread(self.sandbox.check_workspace)
             limits_hit = await asyncio.to_thread(self.sandbox.finish)
             limits_hit += self._disk.hits() if self._disk is not None else []
-        counters = await asyncio.to_thread(
-            unwire, self.run_id, self.table, had_net=self.net is not None
-        )
+        counters = {}
+        if self.claimed:  # else the id, and a netns or table of that name, may be another run's
+            counters = await asyncio.to_thread(
+                unwire, self.run_id, self.table, had_net=self.net is not None
+            )
         self.summary.firewall_drops(counters)
         if self.control is not None:
             self.control.close()
@@ -518,7 +598,8 @@ class TaskRun:
         if self.audit is not None:
             self.audit.close()
             self.summary.telemetry["audit_lost"] = self.audit.lost
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.claimed:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def _task_fields(self) -> dict:
         return {"task_id": self.run_id, "sandbox": self.sandbox_ip, "profile": self.opts.profile}
@@ -617,8 +698,10 @@ def gc(dry_run: bool = False) -> list[str]:
 
     Only runs known to be dead are touched: a state directory under RUN_DIR whose
     process is gone. `sg-*` namespaces without one may belong to another host
-    namespace or another tool, and are left alone. Tables are per network namespace,
-    so a `sandgate_*` table here with no live run is this host's leftover too.
+    namespace or another tool, and are left alone. Tables are per network namespace:
+    a `sandgate_*` table here of a dead run, or of no run and no netns, is this
+    host's leftover; one with a netns and no state dir here is another RUN_DIR's.
+    Safe beside runs that start meanwhile (the listings' order, below).
     """
     removed = []
 
@@ -627,21 +710,33 @@ def gc(dry_run: bool = False) -> list[str]:
             action()
         removed.append(what)
 
+    # Listed in the reverse of the order a run makes them (state dir, netns, table,
+    # cgroup): whatever is listed of a run starting meanwhile has what it made before
+    # in the listings after. Read first, the state dirs missed a run that started
+    # between the two, whose new table and (empty) cgroup were taken for leftovers of
+    # no run and removed under it.
+    tables, cgroups = nft.list_tables(TABLE_PREFIX), cgroup.leftovers()
+    nets = set(netns.list_sandbox_nets())
     # A sandbox of a live gateway service is the service's to remove, whatever its runner.
     runs = {d.name: _owned(d) for d in RUN_DIR.glob("*") if d.is_dir()}
     live = {run_id for run_id, alive in runs.items() if alive}
     dead = set(runs) - live
-    for run_id in sorted(dead & set(netns.list_sandbox_nets())):
+    for run_id in sorted(dead & nets):
         drop(f"netns {netns.netns_name(run_id)}", lambda r=run_id: netns.destroy_sandbox_net(r))
-    for table in nft.list_tables(TABLE_PREFIX):
-        if table[len(TABLE_PREFIX) :] not in live:
+    for table in tables:
+        run_id = table[len(TABLE_PREFIX) :]
+        # A table of no run here whose netns exists is a live sandbox of another
+        # RUN_DIR (another service, a run with its own SANDGATE_RUN_DIR): theirs.
+        if run_id in dead or (run_id not in runs and run_id not in nets):
             drop(f"nft table {table}", lambda t=table: nft.delete_table(t))
     # leftovers() lists live runs' cgroups too: only a dead run's, or an empty one that no
     # run owns (every run has its state dir for as long as its cgroup exists; a warm
-    # runner's `sandgate-warm-*` holds its init-to-be while the runner lives).
-    for path in cgroup.leftovers():
+    # runner's `sandgate-warm-*` holds its init-to-be while the runner lives). Cgroups
+    # are the host's, whatever the RUN_DIR: one of no run here whose netns exists is a
+    # run of another RUN_DIR setting up (empty until its init joins).
+    for path in cgroups:
         run_id = Path(path).name.removeprefix(cgroup.PREFIX)
-        if run_id in dead or (run_id not in runs and _empty_cgroup(path)):
+        if run_id in dead or (run_id not in runs and run_id not in nets and _empty_cgroup(path)):
             drop(f"cgroup {path}", lambda p=path: cgroup.remove_path(p))
     for run_id in sorted(dead):
         drop(

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -50,10 +49,11 @@ from sandgate.enforcer.run import (
     SYSTEM_CA_BUNDLE,
     TABLE_PREFIX,
     RunError,
-    _pick_addresses,
     _write_ca_bundle,
+    claim_run_id,
     dns_upstreams,
     make_dir,
+    make_sandbox_net,
     open_audit_log,
     os_error_text,
     unwire,
@@ -531,16 +531,16 @@ class GatewayService:
         """A sandbox network with its table loaded, owned by this service until a task
         takes it (its state file names the service, so `gc` and a restart know it);
         `profile`: its task's, else a spare's table has the default limits."""
-        attached = Attached(secrets.token_hex(4), profile, "", "", 0, [], TaskSummary())
+        run_id = claim_run_id(mode=0o700)  # its state dir made: the id is this network's
+        attached = Attached(run_id, profile, "", "", 0, [], TaskSummary())
         attached.worker = self.data_plane.assign()
-        attached.dir.mkdir(parents=True, mode=0o700)
         try:
-            gateway_ip, sandbox_ip = await asyncio.to_thread(_pick_addresses, self.opts.pool)
-            attached.gateway_ip, attached.address = str(gateway_ip), str(sandbox_ip)
-            self._write_state(attached)
-            await asyncio.to_thread(
-                netns.create_sandbox_net, attached.run_id, gateway_ip, sandbox_ip
-            )
+
+            def picked(gateway_ip, sandbox_ip) -> None:
+                attached.gateway_ip, attached.address = str(gateway_ip), str(sandbox_ip)
+                self._write_state(attached)
+
+            await asyncio.to_thread(make_sandbox_net, run_id, self.opts.pool, picked)
             await self._apply_table(attached, new=True)
         except BaseException:
             self._unwire_later(attached)
