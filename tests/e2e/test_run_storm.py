@@ -100,14 +100,20 @@ def test_a_burst_of_embedded_runs_beside_gc(net, tmp_path, state, host):
     cache); `warm`: one run made them before."""
     run_dir, state_dir = state
     if host == "warm":
-        first = sandbox.run(net, tmp_path, {"api": "curl -sS -o /dev/null https://api.allowed.test/public/x"})
+        first = sandbox.run(
+            net, tmp_path, {"api": "curl -sS -o /dev/null https://api.allowed.test/public/x"}
+        )
         assert first.returncode == 0 and first["api"].rc == 0, first.describe()
         made = (state_dir / "ca" / "mitmproxy-ca.pem").read_bytes()
     started = []
     for i in range(RUNS):
         workdir = sandbox._workdir(tmp_path)
         argv = sandbox._argv(net, workdir, task(i, workdir / "steps"), sandbox.DEMO_RULES, ())
-        pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "stdin": subprocess.DEVNULL}
+        pipes = {
+            "stdout": subprocess.DEVNULL,
+            "stderr": subprocess.PIPE,
+            "stdin": subprocess.DEVNULL,
+        }
         started.append((net.popen_in_host(argv, text=True, **pipes), workdir))
     try:
         # `sandgate gc` while they start and run: it takes nothing of a live run.
@@ -145,7 +151,11 @@ def test_a_burst_of_runs_attached_to_one_service(net, tmp_path, state):
         for i in range(RUNS):
             workdir = sandbox._workdir(tmp_path)
             argv = attach_argv(service, workdir, task(i, workdir / "steps"))
-            pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "stdin": subprocess.DEVNULL}
+            pipes = {
+                "stdout": subprocess.DEVNULL,
+                "stderr": subprocess.PIPE,
+                "stdin": subprocess.DEVNULL,
+            }
             started.append((subprocess.Popen(argv, text=True, **pipes), workdir))
         errs = [p.communicate(timeout=120)[1] for p, _ in started]
         run_ids = []

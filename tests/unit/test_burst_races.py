@@ -135,7 +135,10 @@ def test_the_service_records_its_addresses_before_the_network_is_made(monkeypatc
         netns, "create_sandbox_net", lambda r, g, s: seen.append("made") or fake_net(r, g, s)
     )
     runner.make_sandbox_net("aaaa0001", "10.213.0.0/29", lambda g, s: seen.append((str(g), str(s))))
-    assert seen[1] == "made" and seen[0] in {("10.213.0.1", "10.213.0.2"), ("10.213.0.5", "10.213.0.6")}
+    assert seen[1] == "made" and seen[0] in {
+        ("10.213.0.1", "10.213.0.2"),
+        ("10.213.0.5", "10.213.0.6"),
+    }
 
 
 # --- gc beside runs that start --------------------------------------------------------------
@@ -204,7 +207,10 @@ def test_two_gateways_writing_one_approved_yaml_keep_each_others_rule(tmp_path):
             return []
 
         gateways = []
-        for name, task, reload in (("a.example.test", "t1", reload_a), ("b.example.test", "t2", reload_b)):
+        for name, task, reload in (
+            ("a.example.test", "t1", reload_a),
+            ("b.example.test", "t2", reload_b),
+        ):
             approvals = Approvals(lambda event: None, lambda profile: settings)
             approvals.on_always = always_writer(overlay, reload)
             gateways.append((approvals, await approvals.hold(key(name, task), "r", {})))
@@ -225,7 +231,9 @@ def test_two_gateways_writing_one_approved_yaml_keep_each_others_rule(tmp_path):
     assert [r["allow"] for r in approved] == ["b.example.test"]
 
 
-def test_gc_leaves_the_empty_cgroup_of_another_run_dirs_run_setting_up(run_dir, monkeypatch, tmp_path):
+def test_gc_leaves_the_empty_cgroup_of_another_run_dirs_run_setting_up(
+    run_dir, monkeypatch, tmp_path
+):
     """Cgroups are the host's: `sandgate-<id>` with no state dir here, empty (its init
     has not joined yet) and a netns `sg-<id>`: a run of another SANDGATE_RUN_DIR."""
     run_dir.mkdir()
