@@ -68,6 +68,7 @@ from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.blackbox import DEFAULT_SIZE, blank, recover
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, decode_members
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
+from sandgate.proxy.telemetry.open_connections import OpenConnections
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 log = logging.getLogger("sandgate.gateway")
@@ -150,6 +151,10 @@ class WorkerProcess:
     blackbox: mmap.mmap | None = None  # the current process's (proxy/telemetry/blackbox.py)
     received: int = 0  # the seq of the last event it sent that was read here
     recovered: tuple[int, int] = (0, 0)  # of the last dead process: events read back, lost
+    # Its allowed connections not yet ended, from its events; at its death, each gets
+    # a `connection_end` (`_end_cut`), and `cut` says how many the last death ended.
+    open: OpenConnections = field(default_factory=OpenConnections)
+    cut: int = 0
 
     @property
     def proxy_port(self) -> int:
@@ -314,6 +319,7 @@ class WorkerPool:
                 await reading  # everything it sent is handled before it counts as dead
             code = await worker.process.wait() if worker.process is not None else None
             self._recover(worker, _exit_text(code))
+            self._end_cut(worker, _exit_text(code))
             worker.up.clear()
             worker.stats = {}  # its connections died with it: no gauge counts them until the next push
             self.approvals.worker_gone(
@@ -429,7 +435,9 @@ class WorkerPool:
                     sandbox=sandbox.address,
                     profile=sandbox.profile,
                     detail=f"gateway worker {worker.index} (pid {dead_pid}) died ({how}): "
-                    f"the sandbox's open connections were cut and new ones waited; "
+                    f"the sandbox's open connections were cut ({worker.cut} over the "
+                    f"worker's sandboxes, each given a connection_end saying so) and new "
+                    f"ones waited; "
                     f"{worker.recovered[0]} events it had made but not sent were read "
                     f"back from its black box, {worker.recovered[1]} lost; "
                     f"restarted as pid {worker.pid} ({worker.restarts} restarts)",
@@ -463,10 +471,22 @@ class WorkerPool:
             )
         worker.recovered = (len(events), lost)
         if events:
+            worker.open.follow(events)
             self._sink_all(events)
         if events or lost:
             log.error("gateway worker %d (pid %d, %s): %d unsent events recovered, %d lost",
                       worker.index, worker.pid, how, len(events), lost)  # fmt: skip
+
+    def _end_cut(self, worker: WorkerProcess, how: str) -> None:
+        """A `connection_end` for each allowed connection the dead worker had open
+        (proxy/telemetry/open_connections.py): its own died with it."""
+        why = f"the death of gateway worker {worker.index} (pid {worker.pid}, {how})"
+        ends = worker.open.cut(why)
+        worker.cut = len(ends)
+        if ends:
+            self._sink_all(ends)
+            log.error("gateway worker %d (pid %d, %s): %d open connections cut",
+                      worker.index, worker.pid, how, len(ends))  # fmt: skip
 
     def _take_events(self, worker: WorkerProcess, message: dict) -> None:
         """One `events` batch (proxy/worker.py, EventBatcher) into the sink, in order."""
@@ -483,6 +503,7 @@ class WorkerPool:
                 events.append(EncodedEvent(line, *row))
             except (ValueError, TypeError) as e:
                 log.error("gateway worker %d sent a bad event: %s", worker.index, e)
+        worker.open.follow(events)
         self._sink_all(events)
         try:
             self.tally(message.get("metrics", []))

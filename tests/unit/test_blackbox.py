@@ -20,6 +20,7 @@ from sandgate.proxy.telemetry.blackbox import (
     blank,
     recover,
 )
+from sandgate.proxy.telemetry.open_connections import OpenConnections
 from sandgate.proxy.worker import EventBatcher
 from test_worker_events import MIX, _Sent
 
@@ -184,7 +185,8 @@ def test_the_service_ingests_a_dead_workers_unsent_events_marked_recovered():
     sent.buffered = lambda: 0
     asyncio.run(make())
     pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append)
-    worker = SimpleNamespace(index=1, pid=4242, blackbox=memory, received=0)
+    worker = SimpleNamespace(index=1, pid=4242, blackbox=memory, received=0,
+                             open=OpenConnections())
     for message in sent.messages:
         pool._take_events(worker, message)
     received = len(got)

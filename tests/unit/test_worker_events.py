@@ -19,6 +19,7 @@ from sandgate.proxy.telemetry.audit import GENESIS, AuditLog, audit_members, enc
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind
 from sandgate.proxy.telemetry.flood import FloodControl, FloodLimits
 from sandgate.proxy.telemetry.metrics import Metrics
+from sandgate.proxy.telemetry.open_connections import OpenConnections
 from sandgate.proxy.telemetry.summary import TaskSummary
 from sandgate.proxy.worker import EventBatcher
 from sandgate.proxy.worker_link import Link, LinkClosed
@@ -136,7 +137,7 @@ def through_a_worker(events: list[Event], batches: int = 2) -> tuple[list, list]
     asyncio.run(send())
     pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append, tally=tallies.extend)
     for message in sent.messages:
-        pool._take_events(SimpleNamespace(index=0, received=0), message)
+        pool._take_events(SimpleNamespace(index=0, received=0, open=OpenConnections()), message)
     return got, tallies
 
 
@@ -229,7 +230,7 @@ def test_a_bad_batch_is_refused_and_said_a_bad_event_skipped(caplog):
     got, tallies = [], []
     pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append, tally=tallies.extend)
     good = ["t1", "10.0.0.2", "dns", "deny", "no_rule", "default:fallback", "x.test"]
-    worker = SimpleNamespace(index=1, received=0)
+    worker = SimpleNamespace(index=1, received=0, open=OpenConnections())
     with caplog.at_level(logging.ERROR):
         pool._take_events(worker, {"events": [good, good], "payload": b'"kind":"dns"'})
         assert got == [] and "2 events with 1 audit lines" in caplog.text
@@ -352,7 +353,8 @@ def test_retire_returns_once_the_workers_held_events_are_in_the_sink():
         worker.batcher = EventBatcher(worker.link)
         up = asyncio.Event()
         up.set()
-        held = SimpleNamespace(index=0, up=up, link=None, sandboxes={}, received=0)
+        held = SimpleNamespace(index=0, up=up, link=None, sandboxes={}, received=0,
+                              open=OpenConnections())
         held.link = await Link.over(b, lambda m: pool._handle(held, m, None))
         pool.workers.append(held)
         pool.by_address["10.0.0.2"] = 0
@@ -489,6 +491,6 @@ def test_a_pool_with_a_batch_sink_hands_each_batch_over_in_one_call():
         batcher.flush()
 
     asyncio.run(send())
-    pool._take_events(SimpleNamespace(index=0, received=0), sent.messages[0])
+    pool._take_events(SimpleNamespace(index=0, received=0, open=OpenConnections()), sent.messages[0])
     assert one == [] and len(got) == 1
     assert [e.decoded() for e in got[0]] == MIX
