@@ -8,6 +8,11 @@ events on a 20 ms tick), lets the tasks go on with the restarted workers, then
 compares nginx's access log with the service's audit log: every request nginx
 answered has its `request` event (a worker's black box, proxy/telemetry/blackbox.py,
 is read after its death), and `sandgate audit verify` passes.
+
+A second test holds allowed connections open across the kill: each gets exactly one
+`connection_end`, made by the service for the dead worker
+(proxy/telemetry/open_connections.py), and the connections that ended before get
+only their own.
 """
 
 from __future__ import annotations
@@ -95,6 +100,96 @@ def test_every_request_upstream_saw_has_its_event(net, tmp_path):
         assert not lost, (
             f"{len(lost)} of {len(upstream)} requests upstream have no event: {lost[:20]}"
         )
+        service.verify_audit()
+    finally:
+        (shared / "stop").write_text("stop")
+        for popen, _ in tasks:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+        service.stop()
+
+
+# argv: shared dir, the task's tag, HELD. Two connections that end, then HELD that stay
+# open (one request each, keep-alive, then idle) until the test writes `stop`; each
+# connection's "ip:port" goes to `<tag>-ended` / `<tag>-held`, then `<tag>-up`.
+HELD = 3
+HOLDS = r"""
+import http.client, os, sys, time
+shared, tag, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def opened(n):
+    conn = http.client.HTTPConnection("allowed.test", 80, timeout=5)
+    conn.request("GET", f"/{tag}/{n}")
+    conn.getresponse().read()
+    return conn, "%s:%d" % conn.sock.getsockname()
+ended = []
+for n in range(2):
+    conn, source = opened(f"ended{n}")
+    conn.close()
+    ended.append(source)
+held = [opened(f"held{n}") for n in range(count)]
+open(f"{shared}/{tag}-ended", "w").write("\n".join(ended))
+open(f"{shared}/{tag}-held", "w").write("\n".join(source for _, source in held))
+open(f"{shared}/{tag}-up", "w").write("up")
+while not os.path.exists(f"{shared}/stop"):
+    time.sleep(0.05)
+"""
+CUT = "ended by the death of gateway worker"
+
+
+def test_connections_open_when_their_worker_is_killed_each_get_one_end(net, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_PROFILES)
+    service = GatewayProcess(net, tmp_path, rules, "--workers", "2")
+    shared, _ = sandbox.shared_dir(tmp_path)
+    tags = ("ha", "hb")
+    tasks = []
+    try:
+        service.start()
+        for tag in tags:
+            tasks.append(start_attached(service, tmp_path, HOLDS, str(shared), tag, str(HELD),
+                                        profile="default"))  # fmt: skip
+        assert eventually(
+            lambda: all((shared / f"{tag}-up").exists() for tag in tags), timeout=60
+        ), service.log.read_text()
+        held = {s for tag in tags for s in (shared / f"{tag}-held").read_text().split()}
+        ended = {s for tag in tags for s in (shared / f"{tag}-ended").read_text().split()}
+        assert len(held) == 2 * HELD and len(ended) == 4
+
+        def ends(source: str) -> list[dict]:
+            return service.events(kind="connection_end", source=source)
+
+        # The short ones' own ends are in the log: the workers sent them before the kill.
+        assert eventually(lambda: all(ends(s) for s in ended), timeout=10)
+        workers = service.status()["workers"]
+        dead = {w["index"]: w["pid"] for w in workers}
+        for pid in dead.values():
+            os.kill(pid, signal.SIGKILL)
+        assert eventually(
+            lambda: len(service.events(reason="worker_restarted")) == 2, timeout=30
+        ), service.log.read_text()
+        assert eventually(lambda: all(ends(s) for s in held), timeout=10)
+        (shared / "stop").write_text("stop")
+        for popen, _ in tasks:
+            err = finish_attached(popen)
+            assert popen.returncode == 0, err
+        for tag in tags:
+            task_id = service.events(kind="request", path=f"/{tag}/held0")[0]["task_id"]
+            service.wait_task_ended(task_id)
+
+        cut = [e for e in service.events(kind="connection_end") if CUT in e.get("detail", "")]
+        assert sorted(e["source"] for e in cut) == sorted(held)  # each once, no other
+        for source in held:
+            (end,) = ends(source)  # exactly one: the worker made none
+            (start,) = service.events(kind="request", source=source)
+            assert (end["task_id"], end["rule_id"], end["name"], end["dst_port"]) == (
+                start["task_id"], start["rule_id"], "allowed.test", 80)  # fmt: skip
+            assert "bytes_up" not in end and "bytes up and down" in end["detail"], end
+        for source in ended:
+            (end,) = ends(source)
+            assert CUT not in end.get("detail", "") and end["bytes_down"] > 0, end
+        for event in service.events(reason="worker_restarted"):
+            assert f"cut ({HELD} over the worker's sandboxes" in event["detail"], event
         service.verify_audit()
     finally:
         (shared / "stop").write_text("stop")
