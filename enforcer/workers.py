@@ -470,6 +470,8 @@ class WorkerPool:
                 event.with_fields(detail=f"{event.detail}; {mark}" if event.detail else mark)
             )
         worker.recovered = (len(events), lost)
+        if lost and self.audit is not None:
+            self.audit.count_lost(lost)  # sandgate_audit_events_lost_total
         if events:
             worker.open.follow(events)
             self._sink_all(events)

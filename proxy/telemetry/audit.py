@@ -23,7 +23,9 @@ comes serialised: only its chain is added), hashes and writes batches with one
 slow or failing disk never blocks the proxy. Lines reach the file within
 `flush_interval` (50 ms). An event is lost
 only if the queue is full (the writer is far behind) or the event cannot be
-encoded; `lost` counts both and is exported as `sandgate_audit_events_lost_total`.
+encoded; `lost` counts both, and the events lost before they reached the log that
+the service learns of (`count_lost`: a killed gateway worker's black box overrun),
+and is exported as `sandgate_audit_events_lost_total`.
 A failed write (disk full, I/O error) is undone (truncated back), counted in
 `write_errors`, and retried with backoff: nothing is dropped while the queue has
 room. The file is locked (`flock`) so two writers never interleave their chains.
@@ -165,6 +167,7 @@ class AuditLog:
         self.written = 0  # events on disk
         self.dropped = 0  # events refused because the queue was full (loop thread)
         self.failed = 0  # events that could not be encoded or, at close, written (writer thread)
+        self.unreached = 0  # events lost on their way here (`count_lost`; loop thread)
         self.write_errors = 0  # failed write attempts (each retried)
         # Since when (time.monotonic) the writer has failed, and why; None: it writes.
         self.failing_since: float | None = None
@@ -195,7 +198,12 @@ class AuditLog:
 
     @property
     def lost(self) -> int:
-        return self.dropped + self.failed
+        return self.dropped + self.failed + self.unreached
+
+    def count_lost(self, count: int) -> None:
+        """`count` events were made and will never reach this log (a gateway worker
+        killed with more unsent events than its black box held): lost all the same."""
+        self.unreached += max(0, count)
 
     @property
     def queued(self) -> int:

@@ -57,6 +57,13 @@ class RateLimitedAudit:
         for event in suppressed:
             self.on_suppressed(event)
 
+    def count_lost(self, count: int) -> None:
+        """`count` events lost before they reached the audit log: counted in its `lost`
+        (a sink that counts no losses, a test's list, ignores them)."""
+        count_lost = getattr(self.audit, "count_lost", None)
+        if count_lost is not None:
+            count_lost(count)
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Write due aggregates every interval, on `loop`."""
         self._timer = loop.call_later(self.control.limits.interval, self._tick, loop)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sandgate.enforcer.workers import WorkerPool
-from sandgate.proxy.telemetry.audit import audit_members
+from sandgate.proxy.telemetry.audit import AuditLog, audit_members
 from sandgate.proxy.telemetry.blackbox import (
     HEADER_SIZE,
     RECORD,
@@ -20,8 +20,12 @@ from sandgate.proxy.telemetry.blackbox import (
     blank,
     recover,
 )
+from sandgate.proxy.telemetry.flood import FloodLimits
+from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
+from sandgate.proxy.telemetry.metrics import Metrics
 from sandgate.proxy.telemetry.open_connections import OpenConnections
 from sandgate.proxy.worker import EventBatcher
+from test_telemetry_metrics import value
 from test_worker_events import MIX, _Sent
 
 SMALL = HEADER_SIZE + 4096
@@ -198,3 +202,35 @@ def test_the_service_ingests_a_dead_workers_unsent_events_marked_recovered():
     for made, event in zip(MIX[received:], got[received:], strict=True):
         assert event.detail.endswith(mark)
         assert audit_members(event.with_fields(detail=made.detail)) == audit_members(made)
+
+
+def test_what_an_overrun_black_box_lost_is_in_the_audit_logs_lost_and_its_metric(tmp_path):
+    """A dead worker wrote more than its ring holds since its last flush: the records
+    it wrote over are counted in the audit log's `lost`, which
+    `sandgate_audit_events_lost_total` exports, beside the ones the writer lost."""
+    memory = mmap.mmap(-1, SMALL)
+    blank(memory)
+    black = BlackBox(memory)
+    made = [
+        audit_members(event.with_fields(detail=f"event {n}")).encode("ascii")
+        for n, event in enumerate(MIX * 8)
+    ]
+    for members in made:
+        black.write(members)
+    log = AuditLog(tmp_path / "audit.jsonl")
+    metrics = Metrics()
+    metrics.watch_audit(log)
+    try:
+        pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, log.emit,
+                          audit=RateLimitedAudit(log, FloodLimits()))  # fmt: skip
+        worker = SimpleNamespace(index=0, pid=7, blackbox=memory, received=0,
+                                 open=OpenConnections())  # fmt: skip
+        pool._recover(worker, "signal SIGKILL")
+        recovered, lost = worker.recovered
+        assert recovered and lost and recovered + lost == len(made)
+        assert log.drain() and log.written == recovered
+        assert log.lost == lost and value(metrics, "sandgate_audit_events_lost_total") == lost
+        log.count_lost(-3)  # nonsense counts nothing
+        assert log.lost == lost
+    finally:
+        log.close()
