@@ -14,41 +14,26 @@ verify` passes). docs/telemetry.md says how many were lost when this was measure
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
-from support import sandbox
 from support.sandbox import eventually
-from support.service import TWO_PROFILES, GatewayProcess, finish_attached, start_attached
-from test_worker_killed_events import REQUESTS
+from test_worker_killed_events import REQUESTS, serving, stopped
 
 pytestmark = pytest.mark.e2e
 
 
 def test_a_killed_service_loses_at_most_the_tail_its_audit_writer_queued(net, tmp_path):
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(TWO_PROFILES)
-    service = GatewayProcess(net, tmp_path, rules, "--workers", "1")
-    shared, _ = sandbox.shared_dir(tmp_path)
     tags = ("ka", "kb")
-    tasks = []
-    try:
-        service.start()
-        for tag in tags:
-            tasks.append(start_attached(service, tmp_path, REQUESTS, str(shared), tag,
-                                        profile="default"))  # fmt: skip
-        assert eventually(
-            lambda: all((shared / f"{tag}-up").exists() for tag in tags), timeout=60
-        ), service.log.read_text()
+    with serving(net, tmp_path, "1", REQUESTS, tags) as (service, shared, tasks):
         eventually(lambda: len(net.requests_seen()) > 400, timeout=20)
         service.kill()  # SIGKILL, in the middle of the load
+        time.sleep(0.5)  # nginx logs a request once answered: the last in flight, too
         before_kill = _numbers(net.requests_seen(), tags)
         service.start()  # the same state: it re-adopts the sandboxes; the tasks go on
         eventually(lambda: len(net.requests_seen()) > sum(map(len, before_kill.values())) + 200,
                    timeout=30)  # fmt: skip
-        (shared / "stop").write_text("stop")
-        for popen, _ in tasks:
-            err = finish_attached(popen)
-            assert popen.returncode == 0, err
+        stopped(shared, tasks)
 
         upstream = _numbers(net.requests_seen(), tags)
 
@@ -69,13 +54,6 @@ def test_a_killed_service_loses_at_most_the_tail_its_audit_writer_queued(net, tm
             assert lost[tag] == list(range(lost[tag][0], last + 1)), (tag, lost[tag], last)
             assert len(lost[tag]) < 200, lost[tag]  # 50 ms of one task's requests
         service.verify_audit()
-    finally:
-        (shared / "stop").write_text("stop")
-        for popen, _ in tasks:
-            if popen.poll() is None:
-                popen.kill()
-                popen.wait()
-        service.stop()
 
 
 def _numbers(records: list[dict], tags: tuple[str, ...], key: str = "uri") -> dict[str, set[int]]:

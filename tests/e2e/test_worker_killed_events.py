@@ -17,8 +17,11 @@ only their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support import sandbox
@@ -51,21 +54,49 @@ while not os.path.exists(f"{shared}/stop"):
 """
 
 
-def test_every_request_upstream_saw_has_its_event(net, tmp_path):
+@contextlib.contextmanager
+def serving(
+    net, tmp_path: Path, workers: str, code: str, tags: tuple[str, ...], *args: str
+) -> Iterator[tuple[GatewayProcess, Path, list]]:
+    """`sandgate gateway --workers WORKERS` serving one task per tag (profile default:
+    allowed.test), each running `code` (argv: the shared dir, its tag, `args`) until
+    the shared dir has `stop`; yields (the service, the shared dir, the tasks:
+    `start_attached`'s) once each has written `<tag>-up`. Every task is stopped, then
+    the service, when the block ends (`stopped` inside it checks them)."""
     rules = tmp_path / "rules.yaml"
-    rules.write_text(TWO_PROFILES)  # default: allowed.test
-    service = GatewayProcess(net, tmp_path, rules, "--workers", "2")
+    rules.write_text(TWO_PROFILES)
+    service = GatewayProcess(net, tmp_path, rules, "--workers", workers)
     shared, _ = sandbox.shared_dir(tmp_path)
-    tags = ("ta", "tb")
-    tasks = []
+    tasks: list = []
     try:
         service.start()
         for tag in tags:
-            tasks.append(start_attached(service, tmp_path, REQUESTS, str(shared), tag,
+            tasks.append(start_attached(service, tmp_path, code, str(shared), tag, *args,
                                         profile="default"))  # fmt: skip
         assert eventually(
             lambda: all((shared / f"{tag}-up").exists() for tag in tags), timeout=60
         ), service.log.read_text()
+        yield service, shared, tasks
+    finally:
+        (shared / "stop").write_text("stop")
+        for popen, _ in tasks:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+        service.stop()
+
+
+def stopped(shared: Path, tasks: list) -> None:
+    """The tasks of `serving` told to stop, and each ended well."""
+    (shared / "stop").write_text("stop")
+    for popen, _ in tasks:
+        err = finish_attached(popen)
+        assert popen.returncode == 0, err
+
+
+def test_every_request_upstream_saw_has_its_event(net, tmp_path):
+    tags = ("ta", "tb")
+    with serving(net, tmp_path, "2", REQUESTS, tags) as (service, shared, tasks):
         workers = service.status()["workers"]
         assert sorted(w["sandboxes"] for w in workers) == [1, 1], workers
         # Both in the middle of their load: SIGKILL both at once.
@@ -81,10 +112,7 @@ def test_every_request_upstream_saw_has_its_event(net, tmp_path):
         ), service.log.read_text()
         seen_before = len(net.requests_seen())
         eventually(lambda: len(net.requests_seen()) > seen_before + 200, timeout=20)
-        (shared / "stop").write_text("stop")
-        for popen, _ in tasks:
-            err = finish_attached(popen)
-            assert popen.returncode == 0, err
+        stopped(shared, tasks)
 
         upstream = [r["uri"] for r in net.requests_seen() if r["uri"].split("/")[1] in tags]
         assert len(upstream) > 600, len(upstream)
@@ -101,13 +129,6 @@ def test_every_request_upstream_saw_has_its_event(net, tmp_path):
             f"{len(lost)} of {len(upstream)} requests upstream have no event: {lost[:20]}"
         )
         service.verify_audit()
-    finally:
-        (shared / "stop").write_text("stop")
-        for popen, _ in tasks:
-            if popen.poll() is None:
-                popen.kill()
-                popen.wait()
-        service.stop()
 
 
 # argv: shared dir, the task's tag, HELD. Two connections that end, then HELD that stay
@@ -138,20 +159,8 @@ CUT = "ended by the death of gateway worker"
 
 
 def test_connections_open_when_their_worker_is_killed_each_get_one_end(net, tmp_path):
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(TWO_PROFILES)
-    service = GatewayProcess(net, tmp_path, rules, "--workers", "2")
-    shared, _ = sandbox.shared_dir(tmp_path)
     tags = ("ha", "hb")
-    tasks = []
-    try:
-        service.start()
-        for tag in tags:
-            tasks.append(start_attached(service, tmp_path, HOLDS, str(shared), tag, str(HELD),
-                                        profile="default"))  # fmt: skip
-        assert eventually(
-            lambda: all((shared / f"{tag}-up").exists() for tag in tags), timeout=60
-        ), service.log.read_text()
+    with serving(net, tmp_path, "2", HOLDS, tags, str(HELD)) as (service, shared, tasks):
         held = {s for tag in tags for s in (shared / f"{tag}-held").read_text().split()}
         ended = {s for tag in tags for s in (shared / f"{tag}-ended").read_text().split()}
         assert len(held) == 2 * HELD and len(ended) == 4
@@ -169,10 +178,7 @@ def test_connections_open_when_their_worker_is_killed_each_get_one_end(net, tmp_
             lambda: len(service.events(reason="worker_restarted")) == 2, timeout=30
         ), service.log.read_text()
         assert eventually(lambda: all(ends(s) for s in held), timeout=10)
-        (shared / "stop").write_text("stop")
-        for popen, _ in tasks:
-            err = finish_attached(popen)
-            assert popen.returncode == 0, err
+        stopped(shared, tasks)
         for tag in tags:
             task_id = service.events(kind="request", path=f"/{tag}/held0")[0]["task_id"]
             service.wait_task_ended(task_id)
@@ -191,10 +197,3 @@ def test_connections_open_when_their_worker_is_killed_each_get_one_end(net, tmp_
         for event in service.events(reason="worker_restarted"):
             assert f"cut ({HELD} over the worker's sandboxes" in event["detail"], event
         service.verify_audit()
-    finally:
-        (shared / "stop").write_text("stop")
-        for popen, _ in tasks:
-            if popen.poll() is None:
-                popen.kill()
-                popen.wait()
-        service.stop()
