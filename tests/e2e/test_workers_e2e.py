@@ -256,12 +256,15 @@ def test_a_killed_worker_cuts_only_its_sandboxes_and_comes_back(service, net, tm
         assert [e["task_id"] for e in restarted] == [held_box["task_id"]], restarted
         assert f"pid {victim}" in restarted[0]["detail"], restarted[0]
         # What the dead worker had sent before it died is all in the log: the allowed
-        # fetch (its connection and its end) and the held connection, whose end died
-        # with the worker.
+        # fetch (its connection and its end) and the held connection, whose end the
+        # service made for the dead worker (no bytes: they died with it).
         before = service.events(task_id=held_box["task_id"])
         allowed = [e for e in before if e["kind"] == "connection" and e["verdict"] == "allow"]
         assert {e["name"] for e in allowed} == {"allowed.test"} and len(allowed) >= 2, before
-        assert len([e for e in before if e["kind"] == "connection_end"]) == 1, before
+        ends = [e for e in before if e["kind"] == "connection_end"]
+        cut = [e for e in ends if "ended by the death of gateway worker" in e["detail"]]
+        assert len(ends) == 2 and len(cut) == 1 and "bytes_down" not in cut[0], ends
+        assert f"pid {victim}" in cut[0]["detail"], cut
         assert [e for e in before if e["kind"] == "dns"], before
         assert not (shared / "slow-done").exists(), "the transfer did not span the restart"
         status = service.status()
