@@ -189,8 +189,7 @@ def test_the_service_ingests_a_dead_workers_unsent_events_marked_recovered():
     sent.buffered = lambda: 0
     asyncio.run(make())
     pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append)
-    worker = SimpleNamespace(index=1, pid=4242, blackbox=memory, received=0,
-                             open=OpenConnections())
+    worker = SimpleNamespace(index=1, pid=4242, blackbox=memory, received=0, open=OpenConnections())
     for message in sent.messages:
         pool._take_events(worker, message)
     received = len(got)

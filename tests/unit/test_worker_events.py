@@ -353,8 +353,9 @@ def test_retire_returns_once_the_workers_held_events_are_in_the_sink():
         worker.batcher = EventBatcher(worker.link)
         up = asyncio.Event()
         up.set()
-        held = SimpleNamespace(index=0, up=up, link=None, sandboxes={}, received=0,
-                              open=OpenConnections())
+        held = SimpleNamespace(
+            index=0, up=up, link=None, sandboxes={}, received=0, open=OpenConnections()
+        )
         held.link = await Link.over(b, lambda m: pool._handle(held, m, None))
         pool.workers.append(held)
         pool.by_address["10.0.0.2"] = 0
@@ -491,6 +492,8 @@ def test_a_pool_with_a_batch_sink_hands_each_batch_over_in_one_call():
         batcher.flush()
 
     asyncio.run(send())
-    pool._take_events(SimpleNamespace(index=0, received=0, open=OpenConnections()), sent.messages[0])
+    pool._take_events(
+        SimpleNamespace(index=0, received=0, open=OpenConnections()), sent.messages[0]
+    )
     assert one == [] and len(got) == 1
     assert [e.decoded() for e in got[0]] == MIX
