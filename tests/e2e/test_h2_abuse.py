@@ -155,7 +155,22 @@ def test_rapid_reset_is_closed_with_enhance_your_calm_and_the_honest_sandbox_sta
         assert not [e for e in events if e.get("reason") == "internal_error"], events[-3:]
         calmed = [e for e in events if e.get("rule_id") == "builtin:h2-rapid-reset"]
         assert calmed and all(e["reason"] == "sandbox_limit" for e in calmed), events[-3:]
-        # Each connection reset at most the budget's streams and a burst (50) more.
-        assert len(calmed) <= saw["refused"]
-        assert saw["ok"] <= (saw["refused"] + 1) * (MAX_H2_EARLY_RESETS + 50), saw
+        assert len(calmed) <= saw["refused"], (len(calmed), saw)
+        # What the attack costs the worker: at most the budget's requests decided (and
+        # sent upstream) a connection, where there was no bound at all.
+        requests = [e for e in events if e["kind"] == "request"]
+        assert len(requests) <= (len(calmed) + 1) * (MAX_H2_EARLY_RESETS + 1), len(requests)
+    service.verify_audit()
+
+
+@pytest.mark.parametrize("attack", ["continuation", "ping", "settings"])
+def test_frame_floods_leave_the_honest_sandbox_fast_and_the_worker_bounded(
+    service, tmp_path, attack
+):
+    attackers, _, _ = run_attack(
+        service, tmp_path, attack, "h2", N, BOUND, RSS_GROWTH_KB, ROUNDS, code=H2_ATTACK
+    )
+    for _, saw in attackers:
+        print(saw)
+        assert saw["alpn"] == "h2" and saw["ok"] > 0, saw
     service.verify_audit()
