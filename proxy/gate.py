@@ -1001,7 +1001,7 @@ class ConnectionGate:
         after it reset `resets` streams before their response ended; this is its
         event, before the connection's end."""
         decision = deny(
-            "h2-rapid-reset",
+            "rapid-reset",
             detail=f"{resets} HTTP/2 streams reset by the client before their response ended",
         )
         self._emit_connection(decision, state.fields, state.name, state.protocol, state.started)

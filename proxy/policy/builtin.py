@@ -176,7 +176,7 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "lately as its profile's limits: leaf_rate allow a second",
     ),
     (
-        "h2-rapid-reset",
+        "rapid-reset",
         (R.SANDBOX_LIMIT,),
         "an HTTP/2 client reset more than 100 streams on one connection before their "
         "response ended, at least half of those it opened (rapid reset, CVE-2023-44487): "

@@ -156,7 +156,7 @@ def test_rapid_reset_is_closed_with_enhance_your_calm_and_the_honest_sandbox_sta
         service.wait_task_ended(task)
         events = service.events(task_id=task)
         assert not [e for e in events if e.get("reason") == "internal_error"], events[-3:]
-        calmed = [e for e in events if e.get("rule_id") == "builtin:h2-rapid-reset"]
+        calmed = [e for e in events if e.get("rule_id") == "builtin:rapid-reset"]
         assert calmed and all(e["reason"] == "sandbox_limit" for e in calmed), events[-3:]
         assert len(calmed) <= saw["refused"], (len(calmed), saw)
         # What the attack costs the worker: at most the budget's requests decided (and

@@ -8,11 +8,11 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from sandgate.proxy.engine import _import_mitmproxy
 from sandgate.proxy.lean_mitmproxy import (
     ENHANCE_YOUR_CALM,
     H2_RESET_FLOOD,
     MAX_H2_EARLY_RESETS,
+    bound_h2_early_resets,
 )
 
 REQUEST = [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authority", "a.test")]
@@ -20,9 +20,9 @@ REQUEST = [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authorit
 
 @pytest.fixture
 def server():
-    """An Http2Server layer (patched as the engine patches it), its client and a
+    """An Http2Server layer (patched by bound_h2_early_resets alone), its client and a
     function feeding it bytes, returning its commands."""
-    _import_mitmproxy()
+    bound_h2_early_resets()
     from mitmproxy import connection, options
     from mitmproxy.addons import proxyserver
     from mitmproxy.proxy import context, events
