@@ -68,6 +68,7 @@ def _import_mitmproxy():
 
     from sandgate.proxy.addon import SandgateAddon
     from sandgate.proxy.lean_mitmproxy import (
+        bound_h2_early_resets,
         bound_h2_send_buffers,
         dispatch_hooks_directly,
         drop_per_request_checks,
@@ -88,6 +89,7 @@ def _import_mitmproxy():
     parse_client_hellos_lean()
     lighter_forks()
     bound_h2_send_buffers()
+    bound_h2_early_resets()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),

@@ -291,6 +291,62 @@ def bound_h2_send_buffers() -> None:
     BufferedH2Connection.send_data = bounded_send_data
 
 
+# Streams an HTTP/2 client may reset before their response ended, on one connection,
+# before the gateway closes it (`bound_h2_early_resets`); and only while they are at
+# least half of the streams it opened there.
+MAX_H2_EARLY_RESETS = 100
+# Set on mitmproxy's `Client` whose HTTP/2 connection was closed for resetting streams:
+# how many it had reset (the addon's event reads it when the client disconnects).
+H2_RESET_FLOOD = "sandgate_h2_reset_flood"
+
+
+def bound_h2_early_resets() -> None:
+    """Close with GOAWAY ENHANCE_YOUR_CALM the client HTTP/2 connection that resets
+    more than MAX_H2_EARLY_RESETS streams before their response ended, when those are
+    at least half of its streams: rapid reset, CVE-2023-44487 (idempotent;
+    docs/mitmproxy-internals.md 7n).
+
+    Each stream costs the worker its request's decision, event and upstream stream;
+    a client that resets it at once is free to open the next, without limit
+    (SETTINGS_MAX_CONCURRENT_STREAMS counts only open ones). Envoy's
+    premature-reset limit and hyper's pending-accept-reset budget are the model: a
+    budget per connection, past which the connection goes; the per-sandbox
+    connection_rate then bounds how fast new ones come. Browsers cancel streams
+    too, but not most of them by the hundred. Relies on: `Http2Server.streams`
+    holding a stream until its response ended, `StreamReset` reaching
+    `handle_h2_event`, `protocol_error` sending GOAWAY with the given code."""
+    import h2.events
+    from mitmproxy.proxy.layers.http._http2 import Http2Server
+
+    handle_h2_event = Http2Server.handle_h2_event
+    if getattr(handle_h2_event, "_sandgate", False):
+        return
+
+    def counting_handle_h2_event(self, event):
+        if isinstance(event, h2.events.RequestReceived):
+            self.sandgate_opened = getattr(self, "sandgate_opened", 0) + 1
+        elif isinstance(event, h2.events.StreamReset) and event.remote_reset:
+            # h2 raises StreamReset only for a stream not yet closed both ways: its
+            # response had not ended. Not `stream_id in self.streams`: a reset read
+            # with its request's END_STREAM closes the stream in h2 before mitmproxy
+            # sees StreamEnded, which drops it from `streams` (the request still goes
+            # upstream in full, and the reset is ignored).
+            resets = getattr(self, "sandgate_resets", 0) + 1
+            self.sandgate_resets = resets
+            if resets > MAX_H2_EARLY_RESETS and 2 * resets >= self.sandgate_opened:
+                setattr(self.context.client, H2_RESET_FLOOD, resets)
+                yield from self.protocol_error(
+                    f"{resets} of {self.sandgate_opened} HTTP/2 streams reset by the client "
+                    "before their response ended (rapid reset)",
+                    error_code=ENHANCE_YOUR_CALM,
+                )
+                return True
+        return (yield from handle_h2_event(self, event))
+
+    counting_handle_h2_event._sandgate = True
+    Http2Server.handle_h2_event = counting_handle_h2_event
+
+
 def reuse_leaf_objects() -> None:
     """Convert each leaf certificate and key to pyOpenSSL once, not per connection
     (idempotent; docs/mitmproxy-internals.md 7g).

@@ -176,6 +176,13 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "lately as its profile's limits: leaf_rate allow a second",
     ),
     (
+        "rapid-reset",
+        (R.SANDBOX_LIMIT,),
+        "an HTTP/2 client reset more than 100 streams on one connection before their "
+        "response ended, at least half of those it opened (rapid reset, CVE-2023-44487): "
+        "the gateway closed the connection with GOAWAY ENHANCE_YOUR_CALM",
+    ),
+    (
         "audit-unavailable",
         (R.AUDIT_UNAVAILABLE,),
         "the audit log could not be written (disk full, its budget reached, out of descriptors): "

@@ -185,8 +185,9 @@ def run_attack(
     bound: float,
     rss_growth_kb: int,
     rounds: int = 10,
+    code: str = ATTACK,
 ):
-    """Run N `attack`ers (ATTACK's modes) of `profile` beside the honest sandbox
+    """Run N `attack`ers (`code`'s modes, ATTACK's unless given) of `profile` beside the honest sandbox
     (HONEST, `rounds`, profile "honest") on `service`; print the honest times and the
     service's CPU and memory; assert the honest requests all answered 200 within
     `bound` s and the service's RSS grew by less than `rss_growth_kb`; return (each
@@ -200,7 +201,7 @@ def run_attack(
     hostile, _, honest_err, errs = beside_a_crowd(
         service,
         tmp_path,
-        [(ATTACK, (attack, str(shared), str(i), "0"), profile) for i in range(n)],
+        [(code, (attack, str(shared), str(i), "0"), profile) for i in range(n)],
         (HONEST, (str(shared), str(rounds)), "honest"),
         up_timeout=60,
     )
