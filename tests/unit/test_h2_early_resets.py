@@ -35,7 +35,11 @@ def server():
         )
         layer = Http2Server(context.Context(client, tctx.options))
         list(layer.handle_event(events.Start()))
-        yield layer, client, lambda data: list(layer.handle_event(events.DataReceived(client, data)))
+        yield (
+            layer,
+            client,
+            lambda data: list(layer.handle_event(events.DataReceived(client, data))),
+        )
 
 
 def peer() -> h2.connection.H2Connection:
@@ -50,7 +54,11 @@ def goaways(commands) -> list[int]:
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
     sent = b"".join(c.data for c in commands if isinstance(c, SendData))
-    return [e.error_code for e in client.receive_data(sent) if isinstance(e, h2.events.ConnectionTerminated)]
+    return [
+        e.error_code
+        for e in client.receive_data(sent)
+        if isinstance(e, h2.events.ConnectionTerminated)
+    ]
 
 
 def requests_and_resets(conn, streams: int, reset: bool) -> bytes:
@@ -76,4 +84,3 @@ def test_resets_within_the_budget_keep_the_connection(server):
     commands = feed(requests_and_resets(peer(), MAX_H2_EARLY_RESETS, reset=True))
     assert goaways(commands) == []
     assert getattr(client, H2_RESET_FLOOD, None) is None
-
