@@ -187,7 +187,13 @@ def test_the_service_ingests_a_dead_workers_unsent_events_marked_recovered():
             batcher.emit(event)  # the kill comes before the tick
 
     sent.buffered = lambda: 0
-    asyncio.run(make())
+    # Not asyncio.run: its shutdown turns the loop again, and the second half's flush
+    # tick (<= 20 ms ahead) fired there now and then. The loop stops with make().
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(make())
+    finally:
+        loop.close()
     pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append)
     worker = SimpleNamespace(index=1, pid=4242, blackbox=memory, received=0, open=OpenConnections())
     for message in sent.messages:
