@@ -8,6 +8,7 @@ what the task got, what the fake internet's servers saw, and the service's audit
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -165,12 +166,17 @@ def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
     try:
         assert eventually(lambda: results.exists() and "200" in results.read_text(), timeout=15)
         run_id = service.events(reason="rule_allow", kind="task")[0]["task_id"]  # the task's start
+        # The process that holds the sandbox: a warm runner the command handed the run
+        # to, not the command itself (which only relays signals to it).
+        boxes = json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"]
+        holders = {runner.pid, *(b["runner_pid"] for b in boxes if b["task_id"] == run_id)}
         service.kill()  # SIGKILL: no cleanup at all
         while_dead = _statuses_a_while_later(results)
         assert while_dead and "200" not in while_dead, while_dead  # no egress without the service
         served_while_dead = len(net.requests_seen(ALLOWED_IP))
 
-        runner.send_signal(signal.SIGSTOP)  # it cannot take its sandbox back yet: others try
+        for pid in holders:  # they cannot take the sandbox back yet: others try
+            os.kill(pid, signal.SIGSTOP)
         try:
             service.start()  # the same state dir, a new process: it re-adopts the live sandbox
             intruder = control.ControlClient.connect(service.control)
@@ -180,7 +186,8 @@ def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
             finally:
                 intruder.sock.close()
         finally:
-            runner.send_signal(signal.SIGCONT)
+            for pid in holders:
+                os.kill(pid, signal.SIGCONT)
         ok = eventually(lambda: results.read_text().splitlines()[-1:] == ["200"], timeout=15)
         assert ok, (
             results.read_text().splitlines()[-5:],
