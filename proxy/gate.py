@@ -78,9 +78,9 @@ from sandgate.proxy.policy.request_head import (
     CheckedHead,
     RequestHead,
     check_head,
-    override_denial,
     refuse_unfinished,
     starts_like_http,
+    with_overrides,
 )
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.telemetry.event import Event, EventKind
@@ -785,9 +785,7 @@ class ConnectionGate:
 
     def _decide_request(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
         decision, name = self._decide_method(state, head)
-        if head.overrides and decision.verdict is not Verdict.DENY:
-            decision = override_denial(head, lambda m: self._decide_method(state, m)[0]) or decision
-        return decision, name
+        return with_overrides(decision, head, lambda h: self._decide_method(state, h)[0]), name
 
     def _decide_method(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
         memo = state.request_memo
@@ -1127,9 +1125,9 @@ class ConnectionGate:
         current policy: None while it still asks (the human's answer stands) or allows,
         else the denial."""
         decision, _, _ = self._decide_request_anew(state, checked)
-        if checked.overrides and decision.verdict is not Verdict.DENY:
-            decide_as = lambda m: self._decide_request_anew(state, m)[0]  # noqa: E731
-            decision = override_denial(checked, decide_as) or decision
+        decision = with_overrides(
+            decision, checked, lambda h: self._decide_request_anew(state, h)[0]
+        )
         if decision.verdict is Verdict.ASK and self.approvals is not None:
             return None
         decision = _without_approver(decision)

@@ -44,7 +44,7 @@ from urllib.parse import unquote_plus
 from .builtin import deny
 from .model import Decision
 from .names import parse_host_port
-from .reasons import Reason
+from .reasons import Reason, Verdict
 
 MAX_FIELDS = 100
 MAX_HEAD_BYTES = 64 * 1024
@@ -286,13 +286,16 @@ def _utf8(data: bytearray) -> bool:
     return True
 
 
-def override_denial(
-    head: CheckedHead, decide_as: Callable[[CheckedHead], Decision]
-) -> Decision | None:
-    """A method override (X-HTTP-Method-Override, `_method=`) makes a server that
-    honours it run that method: the request may pass only where each method it names
+def with_overrides(
+    decision: Decision, head: CheckedHead, decide_as: Callable[[CheckedHead], Decision]
+) -> Decision:
+    """`decision` for `head`, or the ambiguous_method denial: a method override
+    (X-HTTP-Method-Override, `_method=`) makes a server that honours it run that
+    method, so a request not already denied passes only where each method it names
     would be allowed too (always where no rule reads the method). `decide_as`: the
-    decision for `head` with another method. The ambiguous_method denial, or None."""
+    decision for `head` with another method."""
+    if not head.overrides or decision.verdict is Verdict.DENY:
+        return decision
     for where, method in head.overrides:
         other = decide_as(head._replace(method=method, overrides=()))
         if not other.allowed:
@@ -302,7 +305,7 @@ def override_denial(
                 f"that honours it runs {method}, which is not allowed here "
                 f"({other.reason}: {other.detail[:200]})",
             )
-    return None
+    return decision
 
 
 def _overrides(

@@ -16,8 +16,8 @@ from sandgate.proxy.policy.names import parse_path
 from sandgate.proxy.policy.request_head import (
     RequestHead,
     check_head,
-    override_denial,
     path_problem,
+    with_overrides,
 )
 
 RULES = """\
@@ -56,11 +56,8 @@ def outcome(policy, target: str, method: str = "GET", *fields: tuple[str, str]) 
         profile="default", port=443, method=checked.method, path=checked.path,
         name="api.allowed.test",
     )  # fmt: skip
-    decision = decide(policy, facts)
-    if checked.overrides and decision.allowed:  # as the gate does (gate._decide_request)
-        decide_as = lambda other: decide(policy, dataclasses.replace(facts, method=other.method))  # noqa: E731
-        decision = override_denial(checked, decide_as) or decision
-    return str(decision.reason)
+    decide_as = lambda other: decide(policy, dataclasses.replace(facts, method=other.method))  # noqa: E731
+    return str(with_overrides(decide(policy, facts), checked, decide_as).reason)
 
 
 @pytest.mark.parametrize(
