@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from sandgate.enforcer import control
 from sandgate.enforcer.sandbox import cgroup, disk_reserve, prepare, spec
 from sandgate.enforcer.sandbox import init as sandbox_init
-from sandgate.enforcer.summary_file import write_summary_json
+from sandgate.enforcer.summary_file import SummaryFile, SummaryFileError
 
 if TYPE_CHECKING:
     from sandgate.enforcer import zygote
@@ -66,11 +66,12 @@ class AttachOptions:
 
 def run_attached(opts: AttachOptions) -> int:
     try:
+        summary_file = SummaryFile(opts.summary_json) if opts.summary_json else None
         client = control.ControlClient.connect(opts.control)
         reply = client.request(
             "attach", profile=opts.profile, command=opts.command, runner_pid=os.getpid()
         )
-    except control.ControlError as e:
+    except (SummaryFileError, control.ControlError) as e:
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_SETUP
     run_id = reply["run_id"]
@@ -156,13 +157,14 @@ def run_attached(opts: AttachOptions) -> int:
                 "probes": len(prepared.self_test),
                 "ms": prepared.self_test_ms,
             }
-        if opts.summary_json and not write_summary_json(opts.summary_json, summary, code):
+        if summary_file is not None and not summary_file.write(summary, code):
             code = EXIT_SETUP
         if not opts.quiet:
             _print_summary(summary, reply)
-    elif opts.summary_json:
+    elif summary_file is not None:
         # As a summary that cannot be written (summary_file.py): exit 125, so that the
         # caller does not read what is at that path (a run's before) as this run's.
+        summary_file.close()
         print(
             f"sandgate: no summary for {opts.summary_json}: the gateway service sent none "
             f"(the task exited {code})",

@@ -31,7 +31,7 @@ from pathlib import Path
 from sandgate.enforcer import netns, nft, process_stamp
 from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.sandbox import cgroup, planting, prepare, spec
-from sandgate.enforcer.summary_file import write_summary_json
+from sandgate.enforcer.summary_file import SummaryFile, SummaryFileError
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
 from sandgate.proxy.policy import CompiledPolicy
@@ -279,6 +279,10 @@ class TaskRun:
     async def run(self) -> int:
         started = time.monotonic()
         try:
+            summary_file = SummaryFile(self.opts.summary_json) if self.opts.summary_json else None
+        except SummaryFileError as e:
+            raise RunError(str(e)) from None
+        try:
             await self._setup()
             log.info("sandbox ready in %.0f ms", (time.monotonic() - started) * 1000)
             code = await self._run_task()
@@ -290,8 +294,8 @@ class TaskRun:
             self.summary.task_ended(self.run_id, time.monotonic() - started, self.exit_code)
             if not self.opts.quiet:
                 self.summary.print_table(sys.stderr)
-            summary_written = not self.opts.summary_json or write_summary_json(
-                self.opts.summary_json, self.summary.to_dict(), self.exit_code
+            summary_written = summary_file is None or summary_file.write(
+                self.summary.to_dict(), self.exit_code
             )
         return self.exit_code if summary_written else EXIT_SETUP
 

@@ -252,3 +252,42 @@ def test_an_attached_run_without_its_summary_does_not_pass_for_a_finished_one(fa
     assert runner.returncode == 125, stderr
     assert "sandgate: no summary for" in stderr and "(the task exited 4)" in stderr, stderr
     assert (workdir / "summary.json").read_text() == earlier  # untouched, and said so
+
+
+def _refused_for_its_summary(run, workdir) -> None:
+    """`run(argv_maker)` with --summary-json under a missing directory: refused before
+    the task ran (it would have made `ran`), in one line, exit 125. It used to run the
+    task and only then find it could not write the summary."""
+    missing = workdir / "no-such-dir" / "summary.json"
+    proc = run(["sh", "-c", "touch ran"], missing)
+    assert proc.returncode == 125, proc.stderr
+    assert f"sandgate: cannot write the summary to {missing}: No such file or directory (nothing ran)" in proc.stderr, proc.stderr  # fmt: skip
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not (workdir / "steps" / "ran").exists()
+
+
+def _with_summary_at(argv: list[str], path) -> list[str]:
+    argv[argv.index("--summary-json") + 1] = str(path)
+    return argv
+
+
+def test_a_summary_path_that_cannot_be_written_refuses_the_run_before_the_task(net, tmp_path):
+    workdir = sandbox._workdir(tmp_path)
+
+    def run(command, path):
+        argv = sandbox._argv(net, workdir, command, sandbox.DEMO_RULES, ())
+        return net.run_in_host(_with_summary_at(argv, path), timeout=60)
+
+    _refused_for_its_summary(run, workdir)
+
+
+def test_a_summary_path_that_cannot_be_written_refuses_the_attached_run_too(fakenet, tmp_path):
+    with running(fakenet, tmp_path, TWO_PROFILES) as service:
+        workdir = sandbox._workdir(tmp_path)
+
+        def run(command, path):
+            argv = _with_summary_at(attach_argv(service, workdir, command), path)
+            return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)  # fmt: skip
+
+        _refused_for_its_summary(run, workdir)
+        assert service.status()["sandboxes"] == 0  # nothing attached, nothing left

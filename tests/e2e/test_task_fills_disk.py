@@ -60,6 +60,18 @@ FILL = python(
 )
 
 
+# 30,000 empty files at ~4,000/s: the inode reserve (1,000) holds what a task makes
+# between two looks, as with FILL's bytes. A shell loop of `: > f$i` makes 120,000/s,
+# the whole reserve in 8 ms: CI saw it take the last inode, and the runner none left
+# for the summary (the summary file is made before the task now: summary_file.py).
+MAKE_FILES = python(
+    "import time\n"
+    "for i in range(30000):\n"
+    "    open(f'f{i}', 'w').close()\n"
+    "    if i % 5 == 0: time.sleep(0.001)\n"
+)
+
+
 def free(path: Path) -> tuple[int, int]:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize, st.f_favail
@@ -91,9 +103,7 @@ def test_a_task_filling_its_workspace_disk_is_stopped_at_the_reserve(net, tmp_pa
 
 def test_a_task_making_empty_files_is_stopped_at_the_inode_reserve(net, tmp_path):
     with small_disk(tmp_path, "64m", inodes=20_000) as disk:
-        r = sandbox.run(
-            net, disk, {"files": "i=0; while [ $i -lt 30000 ]; do : > f$i; i=$((i+1)); done"}
-        )
+        r = sandbox.run(net, disk, {"files": MAKE_FILES})
         _, inodes_left = free(disk)
     assert r.returncode == 137, r.describe()
     assert "free inodes, below the disk reserve of 1000" in r.stderr, r.describe()

@@ -597,7 +597,6 @@ class FakeUpstream:
         return response.to_wire(max_size=query.payload if udp else 65535, prefer_truncation=True)
 
     async def start(self):
-        loop = asyncio.get_running_loop()
         upstream = self
 
         class Udp(asyncio.DatagramProtocol):
@@ -616,13 +615,32 @@ class FakeUpstream:
             await writer.drain()
             writer.close()
 
-        self.udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=("127.0.0.1", 0))
+        self.udp, self.tcp = await udp_and_tcp_twins(Udp, tcp)
         self.port = self.udp.get_extra_info("sockname")[1]
-        self.tcp = await asyncio.start_server(tcp, "127.0.0.1", self.port)
 
     def stop(self):
         self.udp.close()
         self.tcp.close()
+
+
+async def udp_and_tcp_twins(udp_protocol, tcp_handler=None):
+    """A UDP endpoint on a free loopback port and, given `tcp_handler`, a TCP server on
+    the same port number: (transport, server or None). The kernel picks the UDP port
+    alone; its TCP twin may be another process's (CI found one taken), so a taken
+    twin draws again."""
+    loop = asyncio.get_running_loop()
+    for _ in range(20):
+        transport, _ = await loop.create_datagram_endpoint(
+            udp_protocol, local_addr=("127.0.0.1", 0)
+        )
+        if tcp_handler is None:
+            return transport, None
+        try:
+            port = transport.get_extra_info("sockname")[1]
+            return transport, await asyncio.start_server(tcp_handler, "127.0.0.1", port)
+        except OSError:
+            transport.close()
+    raise OSError("no loopback port free for both UDP and TCP in 20 draws")
 
 
 class ListSink:
@@ -1060,35 +1078,29 @@ class _HostileTcp:
     def __init__(self, reply, announce=len):
         self.reply, self.announce, self.hung_up = reply, announce, []
 
-    async def start(self, port: int):
-        async def serve(reader, writer):
-            size = int.from_bytes(await reader.readexactly(2), "big")
-            reply = self.reply(await reader.readexactly(size))
-            writer.write(self.announce(reply).to_bytes(2, "big"))
+    async def serve(self, reader, writer):
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        reply = self.reply(await reader.readexactly(size))
+        writer.write(self.announce(reply).to_bytes(2, "big"))
+        await writer.drain()
+        try:  # the gateway decides on the prefix alone and hangs up
+            self.hung_up.append(await asyncio.wait_for(reader.read(), 1) == b"")
+        except (TimeoutError, ConnectionError):
+            self.hung_up.append(False)
+        if not self.hung_up[-1]:
+            writer.write(reply)
             await writer.drain()
-            try:  # the gateway decides on the prefix alone and hangs up
-                self.hung_up.append(await asyncio.wait_for(reader.read(), 1) == b"")
-            except (TimeoutError, ConnectionError):
-                self.hung_up.append(False)
-            if not self.hung_up[-1]:
-                writer.write(reply)
-                await writer.drain()
-            writer.close()
-
-        self.server = await asyncio.start_server(serve, "127.0.0.1", port)
+        writer.close()
 
 
 async def _ask_hostile(udp_reply, tcp: _HostileTcp | None = None, *, client_tcp=False):
     """One allowed A query for example.com (over TCP if `client_tcp`) through a
     DnsFilter whose upstream answers UDP with `udp_reply` (and TCP with `tcp`):
     (response, events, bindings)."""
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _Upstream(udp_reply), local_addr=("127.0.0.1", 0)
+    transport, tcp_server = await udp_and_tcp_twins(
+        lambda: _Upstream(udp_reply), tcp.serve if tcp is not None else None
     )
     upstream_port = transport.get_extra_info("sockname")[1]
-    if tcp is not None:
-        await tcp.start(upstream_port)
     sink, bindings = ListSink(), DnsBindings()
     server = DnsFilter(
         decide_name=FakePolicy({"example.com": Verdict.ALLOW}),
@@ -1108,8 +1120,8 @@ async def _ask_hostile(udp_reply, tcp: _HostileTcp | None = None, *, client_tcp=
     finally:
         await server.stop()
         transport.close()
-        if tcp is not None:
-            tcp.server.close()
+        if tcp_server is not None:
+            tcp_server.close()
 
 
 def test_oversized_udp_answer_is_servfail_and_never_parsed(monkeypatch):
