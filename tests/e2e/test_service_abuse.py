@@ -84,7 +84,7 @@ for i in range(n):
     try:
         status = urllib.request.urlopen(f"https://allowed.test/{name}-{i}", timeout=10).status
     except Exception as e:
-        status = type(e).__name__
+        status = f"{type(e).__name__}: {e}"  # URLError: what under it (DNS, connect, TLS)
     times.append((round(time.monotonic() - t, 3), status))
     time.sleep(0.1)
 open(f"{shared}/{name}-times", "w").write(repr(times))
