@@ -340,7 +340,10 @@ class TaskRun:
         await self._serve_control()
         if opts.probe is None:
             self.admin = Admin(
-                opts.admin, self.gateway.approvals, self.metrics.approval_webhook_failures.inc
+                opts.admin,
+                self.gateway.approvals,
+                self.metrics.approval_webhook_failures.inc,
+                self.metrics.admin_auth_failures.inc,
             )
             await self.admin.start(self.dir / "admin-token", "sandgate", opts.quiet)
         self.gateway.emit(

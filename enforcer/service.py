@@ -229,7 +229,10 @@ class GatewayService:
         await asyncio.to_thread(nft.apply_ruleset, guard)
         self._serve_metrics()
         self.admin = Admin(
-            opts.admin, data_plane.approvals, self.metrics.approval_webhook_failures.inc
+            opts.admin,
+            data_plane.approvals,
+            self.metrics.approval_webhook_failures.inc,
+            self.metrics.admin_auth_failures.inc,
         )
         await self.admin.start(STATE_DIR / "admin-token", "sandgate gateway")
         data_plane.emit(

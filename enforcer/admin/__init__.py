@@ -44,8 +44,15 @@ def write_token(path: Path, token: str) -> None:
 
 
 class Admin:
-    def __init__(self, opts: AdminOptions, approvals: Approvals, on_webhook_failure=lambda: None):
+    def __init__(
+        self,
+        opts: AdminOptions,
+        approvals: Approvals,
+        on_webhook_failure=lambda: None,
+        on_auth_failure=lambda: None,
+    ):
         self.opts = opts
+        self.on_auth_failure = on_auth_failure
         self.approvals = approvals
         self.sessions = Sessions(keys=KeyFile(opts.keys_file).keys)
         self.server: AdminServer | None = None
@@ -59,7 +66,7 @@ class Admin:
         if self.opts.listen is not None:
             host, port = self.opts.listen
             try:
-                self.server = AdminServer(self.approvals, self.sessions)
+                self.server = AdminServer(self.approvals, self.sessions, self.on_auth_failure)
                 try:
                     host, port = await self.server.start(host, port)
                 except OSError as e:

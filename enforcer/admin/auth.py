@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -30,6 +31,7 @@ from sandgate.enforcer.admin.keys import ADMIN, digest, find
 
 SESSION_HEADER = "x-sandgate-session"
 MAX_SESSIONS = 100  # the oldest go first: a login loop cannot grow memory
+MAX_FAILING_PEERS = 1024  # addresses whose wrong credentials are being tallied
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +113,34 @@ def post_refusal(headers: dict[str, str], allowed: set[str]) -> str | None:
     if same_origin(headers, allowed) is False:
         return "cross-site request refused (Origin/Referer is not this admin address)"
     return None
+
+
+def presents_credentials(headers: dict[str, str]) -> bool:
+    """Whether a request carries a token or session at all: one refused with neither
+    is a page not logged in yet, not a wrong credential."""
+    return bool(headers.get("authorization") or headers.get(SESSION_HEADER))
+
+
+@dataclass
+class FailedCredentials:
+    """Wrong tokens and sessions per client address, for the admin's log: the first
+    failure from an address is said at once, later ones within `window` seconds are
+    counted and said together with the first one after it. A guessing loop makes a
+    line a minute, not a line a try; an admin who mistyped sees it at once."""
+
+    window: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _peers: dict[str, tuple[float, int]] = field(default_factory=dict)  # last said, held back
+
+    def note(self, peer: str) -> int | None:
+        """One failure from `peer`: the number to report now (it and those held back
+        since the last report), or None (held back)."""
+        now = self.clock()
+        said, held = self._peers.pop(peer, (None, 0))
+        if said is not None and now - said < self.window:
+            self._peers[peer] = (said, held + 1)
+            return None
+        while len(self._peers) >= MAX_FAILING_PEERS:  # the longest unreported goes first
+            del self._peers[next(iter(self._peers))]
+        self._peers[peer] = (now, 0)
+        return held + 1

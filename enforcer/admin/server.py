@@ -33,7 +33,14 @@ from importlib import resources
 
 import h11
 from sandgate.enforcer import approvals_control
-from sandgate.enforcer.admin.auth import SESSION_HEADER, Caller, Sessions, post_refusal
+from sandgate.enforcer.admin.auth import (
+    SESSION_HEADER,
+    Caller,
+    FailedCredentials,
+    Sessions,
+    post_refusal,
+    presents_credentials,
+)
 from sandgate.proxy.approvals.holder import Approvals
 from sandgate.proxy.approvals.pending import ApprovalError
 from sandgate.proxy.policy.model import parse_duration
@@ -85,9 +92,12 @@ def with_wall_time(record: dict, clock_now: float) -> dict:
 
 
 class AdminServer:
-    def __init__(self, approvals: Approvals, sessions: Sessions):
+    def __init__(self, approvals: Approvals, sessions: Sessions, on_auth_failure=lambda: None):
+        """`on_auth_failure()`: once per wrong token or session (the metric)."""
         self.approvals = approvals
         self.sessions = sessions
+        self.on_auth_failure = on_auth_failure
+        self.failures = FailedCredentials()
         self.server: asyncio.AbstractServer | None = None
         self.address: tuple[str, int] | None = None
         self.allowed_origins: set[str] = set()
@@ -117,7 +127,9 @@ class AdminServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._clients.add(task)
-        log.info("admin connection from %s", writer.get_extra_info("peername"))
+        peername = writer.get_extra_info("peername")
+        log.info("admin connection from %s", peername)
+        peer = str(peername[0]) if peername else "an unknown address"  # tallied by address
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             while True:
@@ -130,10 +142,10 @@ class AdminServer:
                 }
                 path = request.target.decode("latin-1")
                 if request.method == b"GET" and path == "/api/events":
-                    await self._events(conn, reader, writer, headers)
+                    await self._events(conn, reader, writer, headers, peer)
                     return
                 try:
-                    response = await self.route(request.method.decode(), path, headers, body)
+                    response = await self.route(request.method.decode(), path, headers, body, peer)
                 except Exception:  # noqa: BLE001 - one bad request never takes the server down
                     log.exception("admin request %s %s failed", request.method, path[:100])
                     response = error(500, "internal error (see the gateway's log)")
@@ -196,7 +208,9 @@ class AdminServer:
             return self.allowed_origins | {f"http://{headers['host'].lower()}"}
         return self.allowed_origins
 
-    async def route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Response:
+    async def route(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, peer: str = "?"
+    ) -> Response:
         path = path.split("?", 1)[0]
         caller = self.sessions.caller(headers)
         if path.startswith("/static/") and method == "GET":
@@ -207,10 +221,11 @@ class AdminServer:
             refusal = post_refusal(headers, self._origins(headers))
             if refusal:
                 return error(403, refusal)
-            return self._login(path, caller, body)
+            return self._login(path, caller, body, peer)
         if not path.startswith("/api/approvals"):
             return error(404, f"no such page {path[:100]!r}")
         if caller is None:
+            self._refused(headers, peer, f"{method} {path[:100]}")
             return error(401, "missing or wrong token (Authorization: Bearer TOKEN, or log in)")
         rest = path.removeprefix("/api/approvals").strip("/")
         if method == "GET":
@@ -273,7 +288,23 @@ class AdminServer:
         status = 409 if "already" in reply["error"] else 400
         return error(status, reply["error"])
 
-    def _login(self, path: str, caller: Caller | None, body: bytes) -> Response:
+    def _refused(self, headers: dict[str, str], peer: str, what: str) -> None:
+        """A request refused for its credentials: a wrong token or session (not none at
+        all: a page not logged in yet) is counted and told to the admin's log."""
+        if presents_credentials(headers):
+            self._failed(peer, f"a wrong token or session for {what}")
+
+    def _failed(self, peer: str, what: str) -> None:
+        self.on_auth_failure()
+        count = self.failures.note(peer)
+        if count is not None:
+            log.warning(
+                "admin: %s from %s (%d since the last report of this address; "
+                "the next within %.0f s are counted, not logged)",
+                what, peer, count, self.failures.window,
+            )  # fmt: skip
+
+    def _login(self, path: str, caller: Caller | None, body: bytes, peer: str) -> Response:
         if path == "/logout":
             if caller is not None and caller.session:
                 self.sessions.logout(caller.session)
@@ -287,6 +318,7 @@ class AdminServer:
             return error(400, 'the body must be {"token": "..."}')
         session = self.sessions.login(token.strip())
         if session is None:
+            self._failed(peer, "a login with a wrong token")
             return error(401, "wrong token")
         approver = self.sessions.caller({SESSION_HEADER: session}).approver
         return json_response(200, {"session": session, "approver": approver})
@@ -305,9 +337,10 @@ class AdminServer:
 
     # --- live updates --------------------------------------------------------------------------
 
-    async def _events(self, conn: h11.Connection, reader, writer, headers: dict) -> None:
+    async def _events(self, conn: h11.Connection, reader, writer, headers: dict, peer: str) -> None:
         caller = self.sessions.caller(headers)
         if caller is None:
+            self._refused(headers, peer, "GET /api/events")
             await self._send(conn, writer, error(401, "missing or wrong token"))
             return
         try:

@@ -243,6 +243,12 @@ class Metrics:
             "Approval webhook deliveries that failed every try (--approval-webhook).",
             registry=r,
         )
+        self.admin_auth_failures = Counter(
+            "sandgate_admin_auth_failures",
+            "Requests to the approvals page or API with a wrong token or session "
+            "(--admin-listen); the gateway's log names the address.",
+            registry=r,
+        )
         self.audit_suppressed = Counter(
             "sandgate_audit_events_suppressed",
             "Events the audit rate limit (--audit-rate, --audit-burst) wrote as part of an "

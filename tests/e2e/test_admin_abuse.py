@@ -287,7 +287,8 @@ def test_rebound_host_forged_approver_null_origin_and_a_silent_webhook_decide_no
     secret = tmp_path / "webhook.key"
     secret.write_text("a-webhook-secret-of-enough-bytes\n")
     hook = ("--approval-webhook", "http://127.0.0.1:8098/hook", "--approval-webhook-secret")
-    service, token, bearer = _service(fakenet, tmp_path, *hook, str(secret))
+    metrics = ("--metrics-listen", "127.0.0.1:9464")  # in the fake internet's host netns
+    service, token, bearer = _service(fakenet, tmp_path, *hook, str(secret), *metrics)
     task = None
     try:
         task, result_of = _held_task(service, tmp_path, HELD)
@@ -312,6 +313,17 @@ def test_rebound_host_forged_approver_null_origin_and_a_silent_webhook_decide_no
         spoof = json.dumps({"decision": "approve", "scope": "task", "approver": "root"})
         wrong = {**bearer, "Authorization": "Bearer " + token[:-1] + "x"}
         assert _call(fakenet, "POST", path, wrong, spoof)["status"] == 401
+        # ... which the admin's log tells, with the address, and the metric counts.
+        said = (
+            f"admin: a wrong token or session for POST /api/approvals/{asked['id']} from 127.0.0.1"
+        )
+        assert eventually(lambda: said in service.log.read_text(), timeout=5), (
+            service.log.read_text()
+        )
+        scrape = fakenet.run_in_host(["curl", "-s", "http://127.0.0.1:9464/metrics"], timeout=10)
+        assert re.search(r"^sandgate_admin_auth_failures_total [1-9]", scrape.stdout, re.M), (
+            scrape.stdout[-2000:]
+        )
 
         # The control socket (the CLI's way to decide): root and the sandgate group only.
         st = service.control.stat()

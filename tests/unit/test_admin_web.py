@@ -10,11 +10,17 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import socket
 
 import pytest
 from sandgate.enforcer.admin import Admin, AdminOptions
-from sandgate.enforcer.admin.auth import SESSION_HEADER, Sessions
+from sandgate.enforcer.admin.auth import (
+    MAX_FAILING_PEERS,
+    SESSION_HEADER,
+    FailedCredentials,
+    Sessions,
+)
 from sandgate.enforcer.admin.server import AdminServer
 from sandgate.proxy.approvals.holder import Answer, Approvals
 from sandgate.proxy.approvals.pending import AskKey
@@ -267,3 +273,52 @@ def test_a_taken_admin_port_means_another_port_or_a_warning(any_port, tmp_path, 
     else:
         assert bound is None and not (tmp_path / "admin-token").exists()
         assert f"warning: no approvals page: cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_wrong_tokens_are_counted_and_logged_by_address_once_a_minute(caplog):
+    """A wrong bearer token, a wrong login and a wrong session each count (the metric's
+    callback) and the first is logged with the address; the rest of that minute are
+    held back and said with the next line. A request with no credential (a page not
+    logged in yet) is neither."""
+
+    async def main():
+        approvals, sessions = _approvals(), Sessions()
+        failures = []
+        server = AdminServer(approvals, sessions, on_auth_failure=lambda: failures.append(1))
+        clock = [1000.0]
+        server.failures.clock = lambda: clock[0]
+        _, port = await server.start("127.0.0.1", 0)
+        origin = {"origin": f"http://127.0.0.1:{port}", "content-type": "application/json"}
+        assert (await _http(port, "GET", "/api/approvals"))[0] == 401  # no credential
+        assert failures == [] and "admin:" not in caplog.text
+        assert (await _http(port, "GET", "/api/approvals", {"authorization": "Bearer x"}))[0] == 401
+        assert (await _http(port, "POST", "/login", origin, b'{"token": "guess"}'))[0] == 401
+        assert (await _http(port, "GET", "/api/events", {"x-sandgate-session": "old"}))[0] == 401
+        assert len(failures) == 3
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("admin:")]
+        assert lines == [
+            "admin: a wrong token or session for GET /api/approvals from 127.0.0.1 (1 since "
+            "the last report of this address; the next within 60 s are counted, not logged)"
+        ], lines
+        clock[0] += 61
+        assert (await _http(port, "POST", "/login", origin, b'{"token": "guess2"}'))[0] == 401
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("admin:")]
+        assert len(lines) == 2 and "a login with a wrong token from 127.0.0.1 (3 since" in lines[1]
+        good = {"authorization": f"Bearer {sessions.token}"}
+        assert (await _http(port, "GET", "/api/approvals", good))[0] == 200
+        assert len(failures) == 4
+        await server.stop()
+
+    with caplog.at_level(logging.WARNING, logger="sandgate.admin"):
+        asyncio.run(main())
+
+
+def test_the_failure_tally_holds_a_bounded_number_of_addresses():
+    tally = FailedCredentials(clock=lambda: 5.0)
+    for i in range(MAX_FAILING_PEERS + 10):
+        assert tally.note(f"10.0.{i // 256}.{i % 256}") == 1
+    assert len(tally._peers) == MAX_FAILING_PEERS
+    assert tally.note("10.0.0.0") == 1  # forgotten (the oldest), so said again
+    assert (
+        tally.note(f"10.0.{(MAX_FAILING_PEERS + 9) // 256}.{(MAX_FAILING_PEERS + 9) % 256}") is None
+    )

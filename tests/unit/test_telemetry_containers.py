@@ -101,6 +101,7 @@ def test_alert_rules_cover_what_the_soc_asked_for():
         "SandgatePolicyReloadFailed",
         "SandgateWorkerRestarted",
         "SandgateGatewayRestarted",
+        "SandgateAdminAuthFailures",
     } <= names
 
 
