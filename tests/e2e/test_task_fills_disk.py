@@ -195,3 +195,18 @@ def test_an_attached_runs_task_is_stopped_at_the_reserve_and_the_service_records
     assert "below the disk reserve of 32 MiB" in r.stderr, r.describe()
     assert left > 4 << 20, left
     assert disk_hits(r) and r.summary["limits_hit"] == ["disk"], r.describe()
+
+
+def test_the_tasks_own_tmp_stops_a_shell_speed_file_maker_at_its_inode_bound(net, tmp_path):
+    """The sandbox's /tmp is a tmpfs of its own with nr_inodes (one per 4 KiB of its
+    size: 16,384 for --memory 64M): a file maker at shell speed (which the polling
+    reserve cannot catch) stops there, on no host file system. (h-pquota)"""
+    r = sandbox.run(
+        net,
+        tmp_path,
+        {"files": "cd /tmp; i=0; while true > f$i; do i=$((i+1)); done 2>/dev/null; echo $i; df -i /tmp | tail -1"},
+        extra=("--memory", "64M"),
+    )  # fmt: skip
+    made, df = r["files"].out.splitlines()
+    assert 16_000 < int(made) < 16_384, r.describe()
+    assert df.split()[1:5] == ["16384", "16384", "0", "100%"], r.describe()
