@@ -377,10 +377,12 @@ def bound_h2_early_resets() -> None:
                         ),
                     )
                 )
-        elif isinstance(event, h2.exceptions.ProtocolError):
-            flood = getattr(event, "sandgate_flood", None)
-            if flood is not None:
-                return (yield from _calm(self, flood))
+        elif isinstance(event, h2.exceptions.DenialOfServiceError):
+            # Ours carry an H2Flood; h2's own is a header list past its 64 KiB decoded.
+            flood = getattr(event, "sandgate_flood", None) or H2Flood(
+                "headers-too-large", f"an HTTP/2 header list past 64 KiB decoded ({event})"
+            )
+            return (yield from _calm(self, flood))
         return (yield from handle_h2_event(self, event))
 
     counting_handle_h2_event._sandgate = True
