@@ -35,6 +35,7 @@ import hyperframe
 import pytest
 from sandgate.proxy.lean_mitmproxy import MAX_H2_EARLY_RESETS
 from support import sandbox
+from support.crowd import H2_RULES as RULES
 from support.crowd import run_attack
 from support.service import running
 
@@ -45,21 +46,6 @@ BOUND = 1.0  # seconds: the slowest honest request asserted
 RSS_GROWTH_KB = 48 * 1024
 N = int(os.environ.get("SANDGATE_PH2_N", 1))
 
-RULES = """\
-version: 1
-profiles:
-  honest:
-    rules:
-      - allow: allowed.test
-        methods: [GET]
-        id: web
-  h2:
-    limits: {connection_rate: 50}
-    rules:
-      - allow: allowed.test
-        methods: [GET, POST]
-        id: inspected
-"""
 
 # mode shared me count, as support/crowd.ATTACK. `ok` counts what the attack sent (frames,
 # or streams for madeyoureset and the header modes), `conns` connections made, `calm`
@@ -240,7 +226,7 @@ def test_made_you_reset_counts_as_reset_and_reaches_the_upstream_no_more_than_ra
     rapid-reset budget: what reached nginx is at most the budget's streams a connection."""
     ((_, saw, events),) = attacked(service, tmp_path, ["madeyoureset"])[:1]
     calmed = flooded(events, "rapid-reset")
-    assert saw["calm"] > 0 and calmed, (saw, events[-3:])
+    assert calmed, (saw, events[-3:])  # its GOAWAY may be lost to the close's reset
     assert all(e["reason"] == "sandbox_limit" and "MadeYouReset" in e["detail"] for e in calmed)
     budget = (MAX_H2_EARLY_RESETS + 20) * saw["conns"]  # a burst of 20 past the last count
     requests = [e for e in events if e["kind"] == "request"]
