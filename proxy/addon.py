@@ -35,7 +35,7 @@ from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 from sandgate.proxy import refusal
 from sandgate.proxy.approvals.holder import Answer
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
-from sandgate.proxy.lean_mitmproxy import H2_RESET_FLOOD
+from sandgate.proxy.lean_mitmproxy import H2_FLOOD
 from sandgate.proxy.policy import Decision, Verdict
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.request_head import (
@@ -327,9 +327,9 @@ class SandgateAddon:
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.gate.connections.get(client.id)
         if state is not None:
-            resets = getattr(client, H2_RESET_FLOOD, None)
-            if resets is not None:
-                self.gate.on_h2_rapid_reset(state, resets)
+            flood = getattr(client, H2_FLOOD, None)
+            if flood is not None:
+                self.gate.on_h2_flood(state, flood.rule, flood.detail)
             self.gate.on_close(state)
 
     def _next_layer(self, nextlayer: layer.NextLayer) -> layer.Layer | None:

@@ -68,6 +68,7 @@ def _import_mitmproxy():
 
     from sandgate.proxy.addon import SandgateAddon
     from sandgate.proxy.lean_mitmproxy import (
+        bound_h2_control_frames,
         bound_h2_early_resets,
         bound_h2_send_buffers,
         dispatch_hooks_directly,
@@ -90,6 +91,7 @@ def _import_mitmproxy():
     lighter_forks()
     bound_h2_send_buffers()
     bound_h2_early_resets()
+    bound_h2_control_frames()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),

@@ -994,14 +994,12 @@ class ConnectionGate:
         self.on_refused_response(state, head, decision, tls)
         return decision
 
-    def on_h2_rapid_reset(self, state: ConnState, resets: int) -> None:
+    def on_h2_flood(self, state: ConnState, rule: str, detail: str) -> None:
         """The adapter closed the client's HTTP/2 connection (GOAWAY ENHANCE_YOUR_CALM)
-        after it reset `resets` streams before their response ended; this is its
-        event, before the connection's end."""
-        decision = deny(
-            "rapid-reset",
-            detail=f"{resets} HTTP/2 streams reset by the client before their response ended",
-        )
+        for frames past a bound: built-in `rule` (rapid-reset, control-frame-flood,
+        headers-too-large), `detail` what it sent; this is its event, before the
+        connection's end."""
+        decision = deny(rule, detail=detail)
         self._emit_connection(decision, state.fields, state.name, state.protocol, state.started)
 
     def on_tls_rejected(self, state: ConnState, error: str) -> None:

@@ -60,6 +60,7 @@ import inspect
 import time
 import types
 from collections import deque
+from typing import NamedTuple
 
 from sandgate.proxy.lean_import import skip_init
 
@@ -291,20 +292,43 @@ def bound_h2_send_buffers() -> None:
     BufferedH2Connection.send_data = bounded_send_data
 
 
-# Streams an HTTP/2 client may reset before their response ended, on one connection,
-# before the gateway closes it (`bound_h2_early_resets`); and only while they are at
-# least half of the streams it opened there.
+# Streams an HTTP/2 client may have reset before their response ended, on one
+# connection, before the gateway closes it (`bound_h2_early_resets`); and only while
+# they are at least half of the streams it opened there. Resets the gateway's h2 made
+# for the client's frames count too (MadeYouReset).
 MAX_H2_EARLY_RESETS = 100
-# Set on mitmproxy's `Client` whose HTTP/2 connection was closed for resetting streams:
-# how many it had reset (the addon's event reads it when the client disconnects).
-H2_RESET_FLOOD = "sandgate_h2_reset_flood"
+# Frames a client sends that ask for no stream and are worth nothing in bulk
+# (`bound_h2_control_frames`): SETTINGS and PING (each makes the gateway write an ACK),
+# PRIORITY, and DATA with no data that does not end its stream. A connection may send
+# a burst of MAX_H2_CONTROL_BURST, then H2_CONTROL_RATE a second (with
+# H2_CONTROL_PER_STREAM more for each stream it opens); past that it is closed.
+MAX_H2_CONTROL_BURST = 200
+H2_CONTROL_RATE = 20
+H2_CONTROL_PER_STREAM = 10
+# An HTTP/2 header block (HEADERS and its CONTINUATIONs), compressed, at most the
+# bytes a request head may have decoded (policy/request_head.MAX_HEAD_BYTES: one limit
+# for both): each field decodes to at least its encoded bytes (HPACK counts 32 bytes
+# of overhead per field), so a bigger block is a bigger head, or no head at all.
+MAX_H2_HEADER_BLOCK = 64 * 1024
+
+
+class H2Flood(NamedTuple):
+    """Set on mitmproxy's `Client` (attribute H2_FLOOD) whose HTTP/2 connection the
+    gateway closed with GOAWAY ENHANCE_YOUR_CALM: the built-in rule's name and what
+    happened (the addon's event reads it when the client disconnects)."""
+
+    rule: str
+    detail: str
+
+
+H2_FLOOD = "sandgate_h2_flood"
 
 
 def bound_h2_early_resets() -> None:
-    """Close with GOAWAY ENHANCE_YOUR_CALM the client HTTP/2 connection that resets
-    more than MAX_H2_EARLY_RESETS streams before their response ended, when those are
-    at least half of its streams: rapid reset, CVE-2023-44487 (idempotent;
-    docs/mitmproxy-internals.md 7n).
+    """Close with GOAWAY ENHANCE_YOUR_CALM the client HTTP/2 connection that has more
+    than MAX_H2_EARLY_RESETS streams reset before their response ended, when those are
+    at least half of its streams: rapid reset, CVE-2023-44487, and MadeYouReset,
+    CVE-2025-8671 (idempotent; docs/mitmproxy-internals.md 7n).
 
     Each stream costs the worker its request's decision, event and upstream stream;
     a client that resets it at once is free to open the next, without limit
@@ -312,10 +336,16 @@ def bound_h2_early_resets() -> None:
     premature-reset limit and hyper's pending-accept-reset budget are the model: a
     budget per connection, past which the connection goes; the per-sandbox
     connection_rate then bounds how fast new ones come. Browsers cancel streams
-    too, but not most of them by the hundred. Relies on: `Http2Server.streams`
-    holding a stream until its response ended, `StreamReset` reaching
-    `handle_h2_event`, `protocol_error` sending GOAWAY with the given code."""
+    too, but not most of them by the hundred.
+
+    The client need not send RST_STREAM itself: DATA or HEADERS after its request's
+    END_STREAM, or a WINDOW_UPDATE that overflows a stream's window, make h2 reset the
+    stream (StreamReset, remote_reset False) after the request was decided and sent
+    upstream. Those count alike. Relies on: `Http2Server.streams` holding a stream
+    until its response ended, `StreamReset` reaching `handle_h2_event`,
+    `protocol_error` sending GOAWAY with the given code."""
     import h2.events
+    import h2.exceptions
     from mitmproxy.proxy.layers.http._http2 import Http2Server
 
     handle_h2_event = Http2Server.handle_h2_event
@@ -325,7 +355,7 @@ def bound_h2_early_resets() -> None:
     def counting_handle_h2_event(self, event):
         if isinstance(event, h2.events.RequestReceived):
             self.sandgate_opened = getattr(self, "sandgate_opened", 0) + 1
-        elif isinstance(event, h2.events.StreamReset) and event.remote_reset:
+        elif isinstance(event, h2.events.StreamReset):
             # h2 raises StreamReset only for a stream not yet closed both ways: its
             # response had not ended. Not `stream_id in self.streams`: a reset read
             # with its request's END_STREAM closes the stream in h2 before mitmproxy
@@ -333,18 +363,126 @@ def bound_h2_early_resets() -> None:
             # upstream in full, and the reset is ignored).
             resets = getattr(self, "sandgate_resets", 0) + 1
             self.sandgate_resets = resets
+            made = getattr(self, "sandgate_made_resets", 0) + (not event.remote_reset)
+            self.sandgate_made_resets = made
             if resets > MAX_H2_EARLY_RESETS and 2 * resets >= self.sandgate_opened:
-                setattr(self.context.client, H2_RESET_FLOOD, resets)
-                yield from self.protocol_error(
-                    f"{resets} of {self.sandgate_opened} HTTP/2 streams reset by the client "
-                    "before their response ended (rapid reset)",
-                    error_code=ENHANCE_YOUR_CALM,
+                return (
+                    yield from _calm(
+                        self,
+                        H2Flood(
+                            "rapid-reset",
+                            f"{resets} of {self.sandgate_opened} HTTP/2 streams reset before "
+                            f"their response ended, {made} of them by the gateway for the "
+                            "client's frames (rapid reset, MadeYouReset)",
+                        ),
+                    )
                 )
-                return True
+        elif isinstance(event, h2.exceptions.DenialOfServiceError):
+            # Ours carry an H2Flood; h2's own is a header list past its 64 KiB decoded.
+            flood = getattr(event, "sandgate_flood", None) or H2Flood(
+                "headers-too-large", f"an HTTP/2 header list past 64 KiB decoded ({event})"
+            )
+            return (yield from _calm(self, flood))
         return (yield from handle_h2_event(self, event))
 
     counting_handle_h2_event._sandgate = True
     Http2Server.handle_h2_event = counting_handle_h2_event
+
+
+def _calm(layer, flood: H2Flood):
+    """GOAWAY ENHANCE_YOUR_CALM and close `layer`'s client connection, marked with
+    `flood` for the addon's event; True: the layer handles no more of this read."""
+    setattr(layer.context.client, H2_FLOOD, flood)
+    yield from layer.protocol_error(flood.detail, error_code=ENHANCE_YOUR_CALM)
+    return True
+
+
+def bound_h2_control_frames() -> None:
+    """Close the client HTTP/2 connection that sends control frames past its budget
+    (MAX_H2_CONTROL_BURST, then H2_CONTROL_RATE a second), or a header block past
+    MAX_H2_HEADER_BLOCK, with GOAWAY ENHANCE_YOUR_CALM (idempotent;
+    docs/mitmproxy-internals.md 7o).
+
+    h2 answers every SETTINGS and PING with an ACK and handles each PRIORITY and empty
+    DATA frame; a client that sends them by the thousand and never reads makes the
+    worker parse all that its socket buffers hold, one 64 KiB read (~4,000 frames)
+    per loop turn, and queue the ACKs (CVE-2019-9512/9515/9516/9518: an honest
+    sandbox's request waited 1.4-2.5 s behind four such clients). Go's net/http2 and
+    Envoy close a connection with too many control frames queued; here the frames are
+    counted as h2 reads them (`H2Connection._receive_frame`, server side only), so
+    that the rest of the read is not parsed. A header block was buffered up to 64
+    CONTINUATIONs of 128 KiB (8 MiB) before its size was looked at; now past
+    MAX_H2_HEADER_BLOCK (`FrameBuffer._update_header_buffer`). Either raises h2's
+    DenialOfServiceError carrying an H2Flood (`_flood_error`), which
+    `bound_h2_early_resets`'s handler turns into GOAWAY and the addon's event."""
+    import h2.frame_buffer
+    from hyperframe import frame as frames
+    from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
+
+    receive_frame = BufferedH2Connection._receive_frame
+    if getattr(receive_frame, "_sandgate", False):
+        return
+    clock = time.monotonic
+
+    def budgeted_receive_frame(self, frame):
+        if not self.config.client_side and _is_control(frame, frames):
+            now = clock()
+            budget, then = getattr(self, "sandgate_control", (MAX_H2_CONTROL_BURST, now))
+            budget = min(MAX_H2_CONTROL_BURST, budget + (now - then) * H2_CONTROL_RATE) - 1
+            self.sandgate_control = budget, now
+            if budget < 0:
+                raise _flood_error(
+                    H2Flood(
+                        "control-frame-flood",
+                        f"more than {MAX_H2_CONTROL_BURST} HTTP/2 control frames (SETTINGS, "
+                        f"PING, PRIORITY, empty DATA) at once, or {H2_CONTROL_RATE} a second",
+                    )
+                )
+        elif not self.config.client_side and isinstance(frame, frames.HeadersFrame):
+            budget, then = getattr(self, "sandgate_control", (MAX_H2_CONTROL_BURST, clock()))
+            self.sandgate_control = min(MAX_H2_CONTROL_BURST, budget + H2_CONTROL_PER_STREAM), then
+        return receive_frame(self, frame)
+
+    update_header_buffer = h2.frame_buffer.FrameBuffer._update_header_buffer
+    blocks = (frames.HeadersFrame, frames.PushPromiseFrame)
+
+    def bounded_update_header_buffer(self, f):
+        f = update_header_buffer(self, f)
+        held = f.data if isinstance(f, blocks) else b""
+        size = max(len(held), sum(len(x.data) for x in self._headers_buffer))
+        if size > MAX_H2_HEADER_BLOCK:
+            raise _flood_error(
+                H2Flood(
+                    "headers-too-large",
+                    f"an HTTP/2 header block of more than {MAX_H2_HEADER_BLOCK} bytes "
+                    "(HEADERS and CONTINUATION frames)",
+                )
+            )
+        return f
+
+    budgeted_receive_frame._sandgate = True
+    BufferedH2Connection._receive_frame = budgeted_receive_frame
+    h2.frame_buffer.FrameBuffer._update_header_buffer = bounded_update_header_buffer
+
+
+def _flood_error(flood: H2Flood):
+    """h2's DenialOfServiceError (a ProtocolError: h2 sends GOAWAY and raises it to
+    the layer) carrying `flood`."""
+    import h2.exceptions
+
+    error = h2.exceptions.DenialOfServiceError(flood.detail)
+    error.sandgate_flood = flood
+    return error
+
+
+def _is_control(frame, frames) -> bool:
+    """A frame of the client's that counts against its control-frame budget."""
+    kind = type(frame)
+    if kind is frames.SettingsFrame or kind is frames.PingFrame:
+        return "ACK" not in frame.flags
+    if kind is frames.PriorityFrame:
+        return True
+    return kind is frames.DataFrame and not frame.data and "END_STREAM" not in frame.flags
 
 
 def reuse_leaf_objects() -> None:

@@ -121,7 +121,9 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "headers-too-large",
         (R.HEADERS_TOO_LARGE,),
         "a request head with more than 100 header fields or more than 64 KiB (answered 431), "
-        "or an upstream response head unfinished after 64 KiB (cut, 502)",
+        "or an upstream response head unfinished after 64 KiB (cut, 502); an HTTP/2 header "
+        "block (HEADERS and CONTINUATIONs) of more than 64 KiB closes the connection (GOAWAY "
+        "ENHANCE_YOUR_CALM)",
     ),
     (
         "body-too-large",
@@ -178,9 +180,19 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "rapid-reset",
         (R.SANDBOX_LIMIT,),
-        "an HTTP/2 client reset more than 100 streams on one connection before their "
-        "response ended, at least half of those it opened (rapid reset, CVE-2023-44487): "
-        "the gateway closed the connection with GOAWAY ENHANCE_YOUR_CALM",
+        "more than 100 streams of an HTTP/2 client's connection were reset before their "
+        "response ended, at least half of those it opened: by the client (rapid reset, "
+        "CVE-2023-44487) or by the gateway for the client's frames (DATA after the "
+        "request's end, a window overflow: MadeYouReset, CVE-2025-8671); the gateway "
+        "closed the connection with GOAWAY ENHANCE_YOUR_CALM",
+    ),
+    (
+        "control-frame-flood",
+        (R.SANDBOX_LIMIT,),
+        "an HTTP/2 client sent more than 200 control frames (SETTINGS, PING, PRIORITY, "
+        "empty DATA) at once on one connection, or more than 20 a second after that (10 "
+        "more for each stream it opened): the gateway closed the connection with GOAWAY "
+        "ENHANCE_YOUR_CALM (CVE-2019-9512/9515/9516/9518)",
     ),
     (
         "audit-unavailable",

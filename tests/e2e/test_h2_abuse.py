@@ -18,6 +18,7 @@ import os
 
 import pytest
 from sandgate.proxy.lean_mitmproxy import MAX_H2_EARLY_RESETS
+from support.crowd import H2_RULES as RULES
 from support.crowd import run_attack
 from support.service import running
 
@@ -27,26 +28,13 @@ ROUNDS = 10
 BOUND = 1.0  # seconds: the slowest honest request asserted
 # Under a frame flood: a SETTINGS flood took the worker 4.8 s of CPU in 10 s (N=4;
 # 9.9 s in 15 s, N=8), and the honest request that met its start 1.35 s (N=8: 2.5 s;
-# p50 4-7 ms): not fixed yet, asserted as measured.
+# p50 4-7 ms). Since bound_h2_control_frames (GOAWAY past 200 control frames): 0.9 s
+# of CPU in 4.9 s, the slowest honest request 0.11 s (N=4, load average 15); the
+# bound stays loose for busy CI machines (test_h2_control_floods asserts BOUND).
 FLOOD_BOUND = 3.0
 RSS_GROWTH_KB = 64 * 1024
 N = int(os.environ.get("SANDGATE_PH2_N", 4))
 
-RULES = """\
-version: 1
-profiles:
-  honest:
-    rules:
-      - allow: allowed.test
-        methods: [GET]
-        id: web
-  h2:
-    limits: {connection_rate: 50}
-    rules:
-      - allow: allowed.test
-        methods: [GET]
-        id: inspected
-"""
 
 # mode shared me count, as support/crowd.ATTACK: `ok` counts frames of the attack sent
 # (streams opened for "reset"), `refused` connections the gateway ended, `calm` the

@@ -12,6 +12,24 @@ import statistics
 import time
 from pathlib import Path
 
+# The HTTP/2 abuse modules' profiles (test_h2_abuse, test_h2_control_floods): the honest
+# sandbox and the attackers both inspected, on one worker.
+H2_RULES = """\
+version: 1
+profiles:
+  honest:
+    rules:
+      - allow: allowed.test
+        methods: [GET]
+        id: web
+  h2:
+    limits: {connection_rate: 50}
+    rules:
+      - allow: allowed.test
+        methods: [GET]
+        id: inspected
+"""
+
 # mode shared me count: run the attack until the file `stop` appears (or 80 s); write
 # `up-I` once it is under way, then `done-I` with a dict of what it saw.
 ATTACK = """

@@ -1,8 +1,11 @@
-"""HTTP/2 rapid reset bounded per connection (lean_mitmproxy.bound_h2_early_resets):
-mitmproxy's Http2Server, fed a client's frames, closes the connection with GOAWAY
-ENHANCE_YOUR_CALM past the budget of streams reset before their response ended."""
+"""HTTP/2 rapid reset and MadeYouReset bounded per connection
+(lean_mitmproxy.bound_h2_early_resets), and control frames and header blocks
+(bound_h2_control_frames): mitmproxy's Http2Server, fed a client's frames, closes the
+connection with GOAWAY ENHANCE_YOUR_CALM past each budget."""
 
 from __future__ import annotations
+
+import struct
 
 import h2.config
 import h2.connection
@@ -10,8 +13,11 @@ import h2.events
 import pytest
 from sandgate.proxy.lean_mitmproxy import (
     ENHANCE_YOUR_CALM,
-    H2_RESET_FLOOD,
+    H2_FLOOD,
+    MAX_H2_CONTROL_BURST,
     MAX_H2_EARLY_RESETS,
+    MAX_H2_HEADER_BLOCK,
+    bound_h2_control_frames,
     bound_h2_early_resets,
 )
 
@@ -20,9 +26,11 @@ REQUEST = [(":method", "GET"), (":scheme", "https"), (":path", "/"), (":authorit
 
 @pytest.fixture
 def server():
-    """An Http2Server layer (patched by bound_h2_early_resets alone), its client and a
-    function feeding it bytes, returning its commands."""
+    """An Http2Server layer (patched by bound_h2_early_resets and
+    bound_h2_control_frames), its client and a function feeding it bytes, returning its
+    commands."""
     bound_h2_early_resets()
+    bound_h2_control_frames()
     from mitmproxy import connection, options
     from mitmproxy.addons import proxyserver
     from mitmproxy.proxy import context, events
@@ -48,17 +56,24 @@ def peer() -> h2.connection.H2Connection:
     return conn
 
 
-def goaways(commands) -> list[int]:
+def sent_frames(commands) -> list:
+    """The frames the layer sent, parsed one by one (no h2 state machine: a RST_STREAM
+    for a stream the reader never opened is still read)."""
+    from hyperframe.frame import Frame
     from mitmproxy.proxy.commands import SendData
 
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
     sent = b"".join(c.data for c in commands if isinstance(c, SendData))
-    return [
-        e.error_code
-        for e in client.receive_data(sent)
-        if isinstance(e, h2.events.ConnectionTerminated)
-    ]
+    found = []
+    while len(sent) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(sent[:9]))
+        frame.parse_body(memoryview(sent[9 : 9 + length]))
+        found.append(frame)
+        sent = sent[9 + length :]
+    return found
+
+
+def goaways(commands) -> list[int]:
+    return [f.error_code for f in sent_frames(commands) if type(f).__name__ == "GoAwayFrame"]
 
 
 def requests_and_resets(conn, streams: int, reset: bool) -> bytes:
@@ -74,7 +89,8 @@ def test_rapid_reset_past_the_budget_gets_goaway_enhance_your_calm(server):
     layer, client, feed = server
     commands = feed(requests_and_resets(peer(), 3 * MAX_H2_EARLY_RESETS, reset=True))
     assert goaways(commands) == [ENHANCE_YOUR_CALM]
-    assert getattr(client, H2_RESET_FLOOD) == MAX_H2_EARLY_RESETS + 1
+    assert getattr(client, H2_FLOOD).rule == "rapid-reset"
+    assert layer.sandgate_resets == MAX_H2_EARLY_RESETS + 1
     # The layer stopped at the budget: the rest of the streams never became requests.
     assert layer.sandgate_opened == MAX_H2_EARLY_RESETS + 1
 
@@ -83,4 +99,105 @@ def test_resets_within_the_budget_keep_the_connection(server):
     _, client, feed = server
     commands = feed(requests_and_resets(peer(), MAX_H2_EARLY_RESETS, reset=True))
     assert goaways(commands) == []
-    assert getattr(client, H2_RESET_FLOOD, None) is None
+    assert getattr(client, H2_FLOOD, None) is None
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags, *struct.pack(">I", stream)]) + payload
+
+
+def data_after_end(stream: int) -> bytes:
+    return frame(0, 1, stream, b"x")  # DATA, END_STREAM, on a stream half-closed (remote)
+
+
+def headers_after_end(stream: int) -> bytes:
+    return frame(1, 5, stream, b"\x82")  # HEADERS again after END_STREAM
+
+
+def window_overflow(stream: int) -> bytes:
+    return frame(8, 0, stream, struct.pack(">I", 2**31 - 1))  # WINDOW_UPDATE past 2^31-1
+
+
+@pytest.mark.parametrize(
+    "provoke",
+    [
+        pytest.param(data_after_end, id="data-after-end-stream"),
+        pytest.param(headers_after_end, id="headers-after-end-stream"),
+        pytest.param(window_overflow, id="window-update-overflow"),
+    ],
+)
+def test_resets_the_gateway_makes_for_the_client_count_as_its_resets(server, provoke):
+    """MadeYouReset (CVE-2025-8671): the client never sends RST_STREAM, h2 resets each
+    stream after its request was decided; past the budget the connection goes."""
+    layer, client, feed = server
+    conn = peer()
+    sent = conn.data_to_send()
+    for i in range(3 * MAX_H2_EARLY_RESETS):
+        conn.send_headers(2 * i + 1, REQUEST, end_stream=True)
+        sent += conn.data_to_send() + provoke(2 * i + 1)
+    commands = feed(sent)
+    assert goaways(commands) == [ENHANCE_YOUR_CALM]
+    flood = getattr(client, H2_FLOOD)
+    assert flood.rule == "rapid-reset" and "MadeYouReset" in flood.detail
+    assert layer.sandgate_made_resets == MAX_H2_EARLY_RESETS + 1
+    assert layer.sandgate_opened == MAX_H2_EARLY_RESETS + 1
+
+
+@pytest.mark.parametrize(
+    "control",
+    [
+        pytest.param(frame(4, 0, 0, b"\x00\x03\x00\x00\x00\x64"), id="settings"),
+        pytest.param(frame(6, 0, 0, b"12345678"), id="ping"),
+        pytest.param(frame(2, 0, 3, struct.pack(">I", 1) + b"\x10"), id="priority"),
+        pytest.param(frame(0, 0, 1, b""), id="empty-data"),
+    ],
+)
+def test_control_frames_past_the_burst_get_goaway_and_the_rest_unread(server, control):
+    _, client, feed = server
+    conn = peer()
+    conn.send_headers(1, REQUEST, end_stream=False)  # empty DATA needs an open stream
+    commands = feed(conn.data_to_send() + control * (20 * MAX_H2_CONTROL_BURST))
+    assert goaways(commands)[0] == ENHANCE_YOUR_CALM
+    assert getattr(client, H2_FLOOD).rule == "control-frame-flood"
+    # At most the burst was answered: the ACKs of the rest were never made.
+    acks = sum(_acks(commands))
+    assert acks <= MAX_H2_CONTROL_BURST + 2 * 10, acks
+
+
+def test_control_frames_within_the_burst_keep_the_connection(server):
+    _, client, feed = server
+    commands = feed(peer().data_to_send() + frame(6, 0, 0, b"12345678") * (MAX_H2_CONTROL_BURST // 2))
+    assert goaways(commands) == []
+    assert getattr(client, H2_FLOOD, None) is None
+
+
+@pytest.mark.parametrize(
+    ("fragment", "frames"),
+    [
+        pytest.param(b"", 10_000, id="empty-continuations"),
+        pytest.param(b"\x40\x01x\x10" + b"v" * 16000, 60, id="big-continuations"),
+    ],
+)
+def test_a_header_block_past_the_head_limit_closes_the_connection(server, fragment, frames):
+    layer, client, feed = server
+    head = frame(1, 0, 1, b"\x82\x87\x84\x01\x06a.test")  # HEADERS without END_HEADERS
+    commands = feed(peer().data_to_send() + head + frame(9, 0, 1, fragment) * frames)
+    assert goaways(commands)[0] in (ENHANCE_YOUR_CALM, 1)  # h2's own backlog: PROTOCOL_ERROR
+    assert getattr(layer, "sandgate_opened", 0) == 0
+    if fragment:
+        assert getattr(client, H2_FLOOD).rule == "headers-too-large"
+        assert len(fragment) * frames > MAX_H2_HEADER_BLOCK
+
+
+def test_a_header_block_within_the_head_limit_is_a_request(server):
+    layer, client, feed = server
+    conn = peer()
+    conn.send_headers(1, [*REQUEST, ("x-big", "v" * 30_000)], end_stream=True)
+    commands = feed(conn.data_to_send())
+    assert goaways(commands) == []
+    assert layer.sandgate_opened == 1
+
+
+def _acks(commands):
+    for f in sent_frames(commands):
+        yield type(f).__name__ in ("PingFrame", "SettingsFrame") and "ACK" in f.flags
