@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -175,10 +176,20 @@ def claim_run_id(first: str | None = None, taken=None, mode: int = 0o777) -> str
 
 
 def open_audit_log(path: Path, budget: int | None = None) -> AuditLog:
+    """The audit log at `path`, with its journal (`audit_journal`): a killed run or
+    service that wrote it before has what it had not written appended first."""
     try:
-        return AuditLog(path, max_total_bytes=budget)
+        return AuditLog(path, max_total_bytes=budget, journal=audit_journal(path))
     except AuditLogError as e:
         raise RunError(f"{e} (--audit-log FILE picks another place)") from None
+
+
+def audit_journal(path: Path) -> Path:
+    """The journal of the audit log at `path` (proxy/telemetry/blackbox.py): under the
+    state dir (hidden from the sandboxes), named for the log's absolute path, so the
+    next process that opens that log finds it."""
+    name = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:20]
+    return STATE_DIR / "audit-journal" / f"{name}.ring"
 
 
 # The sandbox addresses are the host's to share (its network namespace's): every run
