@@ -52,6 +52,7 @@ import mmap
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -65,7 +66,8 @@ from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
-from sandgate.proxy.telemetry.blackbox import DEFAULT_SIZE, blank, recover
+from sandgate.proxy.telemetry.audit import worker_journal
+from sandgate.proxy.telemetry.blackbox import DEFAULT_SIZE, blank, recover, take
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, decode_members
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.telemetry.open_connections import OpenConnections
@@ -291,6 +293,13 @@ class WorkerPool:
                 await worker.process.wait()
             for sock in _sockets(worker.listeners):
                 sock.close()
+            if worker.blackbox is not None:  # its events are all in: nothing to recover
+                worker.blackbox.close()
+                worker.blackbox = None
+        journal = getattr(getattr(self.audit, "audit", None), "journal", None)
+        for worker in self.workers if journal is not None else ():
+            with contextlib.suppress(OSError):
+                worker_journal(journal, worker.index).unlink()
         await self.approvals.stop()
         if self.audit is not None:
             self.audit.stop()  # what the rate limit holds is written before the log closes
@@ -348,7 +357,7 @@ class WorkerPool:
         sandboxes with it: then it is up. Returns the task reading its link."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         room_for_a_burst(theirs)
-        memfd = os.memfd_create(f"sandgate-worker-{worker.index}-blackbox", os.MFD_CLOEXEC)
+        memfd = self._box_file(worker)
         fds = [theirs.fileno(), *(s.fileno() for s in _sockets(worker.listeners)), memfd]
         try:
             os.ftruncate(memfd, DEFAULT_SIZE)
@@ -407,6 +416,16 @@ class WorkerPool:
             await self._request_quietly(worker, "grant", approval=grant)
         worker.up.set()
         return reading
+
+    def _box_file(self, worker: WorkerProcess) -> int:
+        """A descriptor of the file the worker's black box will be: next to the audit
+        journal (audit.worker_journal), which the next start reads if the service is
+        killed; a memfd without a journal (it only outlives the worker, not us)."""
+        journal = getattr(getattr(self.audit, "audit", None), "journal", None)
+        if journal is None:
+            return os.memfd_create(f"sandgate-worker-{worker.index}-blackbox", os.MFD_CLOEXEC)
+        path = worker_journal(journal, worker.index)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
     def _handle(self, worker: WorkerProcess, message: dict, ready: asyncio.Future):
         op = message.get("op")
@@ -506,7 +525,10 @@ class WorkerPool:
             except (ValueError, TypeError) as e:
                 log.error("gateway worker %d sent a bad event: %s", worker.index, e)
         worker.open.follow(events)
-        self._sink_all(events)
+        self._sink_all(events)  # into the audit journal, then:
+        with contextlib.suppress(ValueError, TypeError, struct.error):
+            if "pos" in message and worker.blackbox is not None:
+                take(worker.blackbox, int(message["last"]), int(message["pos"]))
         try:
             self.tally(message.get("metrics", []))
         except (ValueError, TypeError) as e:

@@ -373,9 +373,10 @@ class AuditLog:
                 return
 
     def _open_journal(self, size: int) -> None:
-        """Open the journal: first append what a killed process left in it (its
-        records past the written mark, then a `connection_end` for each connection
-        it had open, then an `audit_recovered` event), then start it afresh."""
+        """Open the journal: first append what a killed process left in it and in its
+        workers' boxes (the records past what it wrote, then a `connection_end` for
+        each connection it had open, then an `audit_recovered` event), then start it
+        afresh."""
         try:
             self.journal.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.journal, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -384,12 +385,19 @@ class AuditLog:
                 f"cannot open the audit journal {self.journal}: {e.strerror or e}"
             ) from None
         try:
+            events, lost, origin = [], 0, 0
             if os.fstat(fd).st_size >= blackbox.HEADER_SIZE + 4096:
                 with mmap.mmap(fd, 0) as left:
                     if blackbox.is_black_box(left):
-                        self._recover(left)
+                        origin = blackbox.origin(left)
+                        found = blackbox.recover(left, blackbox.written(left))
+                        lost += self._decode_into(events, found, f"the audit journal {self.journal}")
                     else:
                         log.error("audit journal %s is no journal: started afresh", self.journal)
+            for box in sorted(self.journal.parent.glob(f"{self.journal.stem}.worker-*.ring")):
+                lost += self._recover_worker_box(box, events)
+            if events or lost or origin:
+                self._append_recovered(events, lost, origin)
             os.ftruncate(fd, size)
             self._journal_map = mmap.mmap(fd, size)
         finally:
@@ -398,22 +406,45 @@ class AuditLog:
         self._box = blackbox.BlackBox(self._journal_map)
         self._box.set_origin(self.seq + 1)
 
-    def _recover(self, left: mmap.mmap) -> None:
-        found = blackbox.recover(left, blackbox.written(left))
-        if not found.last_seq:
-            return  # a journal no event was written into
-        events, lost = [], found.lost
-        mark = f"recovered from the audit journal {self.journal} of a killed sandgate process"
+    def _recover_worker_box(self, path: Path, events: list[Event]) -> int:
+        """The records of a gateway worker's box (`worker_journal`) that the killed
+        service never took into its journal, into `events`; the box removed. Returns
+        how many were lost."""
+        try:
+            with path.open("r+b") as f, mmap.mmap(f.fileno(), 0) as box:
+                lost = 0
+                if blackbox.is_black_box(box):
+                    start = blackbox.taken(box)
+                    found = blackbox.recover(box, start[1] - 1, start)
+                    lost = self._decode_into(events, found, f"gateway worker black box {path}")
+        except (OSError, ValueError) as e:
+            log.error("audit journal: cannot read gateway worker black box %s: %s", path, e)
+            lost = 0
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return lost
+
+    def _decode_into(self, events: list[Event], found: blackbox.Recovered, where: str) -> int:
+        """The events of `found`'s payloads, marked recovered from `where`, appended to
+        `events`; returns how many were lost (found.lost and those that do not decode)."""
+        mark = f"recovered from {where} of a killed sandgate process"
+        lost = found.lost
         for payload in found.payloads:
             try:
                 event = decode_members(payload)
             except ValueError as e:
-                log.error("audit journal %s: a bad record: %s", self.journal, e)
+                log.error("audit journal: a bad record in %s: %s", where, e)
                 lost += 1
                 continue
             events.append(event.with_fields(detail=f"{event.detail}; {mark}" if event.detail else mark))
+        return lost
+
+    def _append_recovered(self, events: list[Event], lost: int, origin: int) -> None:
+        """Write what a killed process left (`events`, `lost`: read from its journal and
+        its workers' boxes; `origin`: the seq its lines start at), a `connection_end`
+        for each connection it had open, and an `audit_recovered` event saying so."""
         connections = OpenConnections()
-        unfollowed = self._follow_lines(connections, blackbox.origin(left))
+        unfollowed = self._follow_lines(connections, origin)
         connections.follow(events)
         cut = connections.cut(
             "the death of the sandgate process that wrote this audit log before "
@@ -424,8 +455,8 @@ class AuditLog:
         detail = (
             f"the sandgate process that wrote this audit log before was killed (its "
             f"audit journal {self.journal} was left unclosed): {len(events)} events it had "
-            f"made but not written were read back from the journal and appended before "
-            f"this line (each marked recovered), {lost} lost (torn or written over in the "
+            f"made but not written were read back from the journal (and its gateway "
+            f"workers' black boxes) and appended before this line (each marked recovered), {lost} lost (torn or written over in the "
             f"journal; counted in sandgate_audit_events_lost_total); {len(cut)} connections "
             f"it had open were given a connection_end"
             + (f" ({unfollowed})" if unfollowed else "")
@@ -718,6 +749,12 @@ class AuditLog:
             raise
         os.close(self._fd)
         self._fd, self.size, self.file_first_seq = fd, 0, None
+
+
+def worker_journal(journal: Path, index: int) -> Path:
+    """The file gateway worker `index`'s black box is, next to the audit `journal`: the
+    next open of the log reads it if the service was killed (`_recover_worker_box`)."""
+    return journal.with_name(f"{journal.stem}.worker-{index}.ring")
 
 
 def rotated_files(path: Path | str) -> list[Path]:

@@ -15,6 +15,7 @@ Layout (little-endian): a HEADER_SIZE header, then records back to back.
 
     header:  magic u32 | 0 u32 | mark u64 | mark_seq u64 | last_seq u64
              | written u64 | origin u64   (an audit journal's: see below)
+             | taken u64 | taken_pos u64  (a worker's box, by the service: below)
     record:  length u32 | crc32 u32 | seq u64 | payload (length bytes)
 
 - `seq` numbers the records 1, 2, ...; the crc covers seq and payload, so a record
@@ -48,6 +49,15 @@ know which lines of the log were that process's. Ordering: a store a process mad
 is in the shared page when it is killed (the kill is a full barrier as an exit is);
 the writer stores `written` only after the line's `write` returned.
 
+A worker's box is a file next to the journal, too (`sandgate gateway --workers N`):
+the workers die with a killed service, and what they had sent that the service had
+not yet read died in their sockets. So the service, after it put a batch into its
+journal (the same loop, the stores in that order), stores in the worker's box the
+batch's last seq and where the record after it starts (`take`: the worker sends its
+`pos` with each batch). The next start reads each box from there (`recover(...,
+start=taken(buffer))`): what the service never took, whatever the worker's own mark
+says. Only the service writes `taken`; only the worker the rest of the header.
+
 Pure: it works on any writable buffer (an mmap, a bytearray in the tests).
 """
 
@@ -68,6 +78,8 @@ _MARK_AT = 8
 _LAST_AT = 24
 _WRITTEN_AT = 32
 _ORIGIN_AT = 40
+_TAKEN = struct.Struct("<QQ")
+_TAKEN_AT = 48
 # The memory the service gives each worker: unsent events are at most FLUSH_COUNT
 # (256) between two flushes, each under ~5 KB (bounded fields): ~1.3 MB at worst.
 DEFAULT_SIZE = 4 << 20
@@ -164,16 +176,32 @@ def origin(buffer) -> int:
     return SEQ.unpack_from(buffer, _ORIGIN_AT)[0]
 
 
+def take(buffer, seq: int, pos: int) -> None:
+    """The service has record `seq` of this worker's box in its journal; the next
+    record starts at `pos`."""
+    _TAKEN.pack_into(buffer, _TAKEN_AT, seq, pos)
+
+
+def taken(buffer) -> tuple[int, int]:
+    """(pos, seq) of the first record the service did not take: where `recover`
+    starts a killed service's worker box (the ring's start if it took none)."""
+    seq, pos = _TAKEN.unpack_from(buffer, _TAKEN_AT)
+    return (pos if seq else HEADER_SIZE), seq + 1
+
+
 def is_black_box(buffer) -> bool:
     return len(buffer) >= HEADER_SIZE + 4096 and HEADER.unpack_from(buffer, 0)[0] == MAGIC
 
 
-def recover(buffer, after: int) -> Recovered:
+def recover(buffer, after: int, start: tuple[int, int] | None = None) -> Recovered:
     """The records of the black box in `buffer` whose seq is past `after` (the last
-    the service received), read from the mark while each is whole (its crc) and in
-    sequence. Only after the writer died (the module's docstring)."""
+    the service received), read from the mark (or `start`: (pos, seq)) while each is
+    whole (its crc) and in sequence. Only after the writer died (the module's
+    docstring)."""
     size = len(buffer)
     magic, _, pos, expected, last_seq = HEADER.unpack_from(buffer, 0)
+    if start is not None:
+        pos, expected = start
     if magic != MAGIC or not HEADER_SIZE <= pos <= size:
         return Recovered([], max(0, last_seq - after) if magic == MAGIC else 0, 0)
     payloads: list[bytes] = []

@@ -1,7 +1,9 @@
-"""`sandgate gateway --workers 1` (the gateway on the service's own loop) SIGKILLed
-under load loses no event: what its audit writer still queued is in the audit
-journal (proxy/telemetry/blackbox.py, a file under the state dir), which the next
-start appends before anything new, each marked recovered.
+"""`sandgate gateway` SIGKILLed under load loses no event: what its audit writer still
+queued is in the audit journal (proxy/telemetry/blackbox.py, a file under the state
+dir), which the next start appends before anything new, each marked recovered. With
+`--workers 2` the workers die with it; what they had not sent, or sent and the
+service had not read, is in their black boxes, files next to the journal, which the
+next start reads past what the service had taken.
 
 Two tasks make plain HTTP requests to an allowed server as fast as they can, each
 with a path of its own (/<task>/<n>, in order). The test SIGKILLs the service in the
@@ -24,13 +26,14 @@ from test_worker_killed_events import REQUESTS, serving, stopped
 
 pytestmark = pytest.mark.e2e
 
-RECOVERED = "recovered from the audit journal"
+RECOVERED = "of a killed sandgate process"  # the journal's, or a worker's black box's
 CUT = "ended by the death of the sandgate process"
 
 
-def test_a_killed_service_loses_no_event(net, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_killed_service_loses_no_event(net, tmp_path, workers):
     tags = ("ka", "kb")
-    with serving(net, tmp_path, "1", REQUESTS, tags) as (service, shared, tasks):
+    with serving(net, tmp_path, workers, REQUESTS, tags) as (service, shared, tasks):
         eventually(lambda: len(net.requests_seen()) > 400, timeout=20)
         service.kill()  # SIGKILL, in the middle of the load
         time.sleep(0.5)  # nginx logs a request once answered: the last in flight, too
