@@ -340,8 +340,9 @@ class AuditLog:
             self._box = None
             self._journal_map.close()
             self._journal_map = None
-            with contextlib.suppress(OSError):
-                self.journal.unlink()
+            for done in (self.journal, self.journal.with_suffix(".log")):
+                with contextlib.suppress(OSError):
+                    done.unlink()
 
     # --- the journal (proxy/telemetry/blackbox.py) ---------------------------------
 
@@ -402,6 +403,8 @@ class AuditLog:
             self._journal_map = mmap.mmap(fd, size)
         finally:
             os.close(fd)  # the mapping stays
+        with contextlib.suppress(OSError):  # whose journal it is: for `sandgate gc`
+            self.journal.with_suffix(".log").write_text(os.path.abspath(self.path))
         blackbox.blank(self._journal_map)
         self._box = blackbox.BlackBox(self._journal_map)
         self._box.set_origin(self.seq + 1)
@@ -755,6 +758,11 @@ def worker_journal(journal: Path, index: int) -> Path:
     """The file gateway worker `index`'s black box is, next to the audit `journal`: the
     next open of the log reads it if the service was killed (`_recover_worker_box`)."""
     return journal.with_name(f"{journal.stem}.worker-{index}.ring")
+
+
+def journal_log(journal: Path) -> Path:
+    """The audit log `journal` is the journal of (ValueError, OSError if unknown)."""
+    return Path(journal.with_suffix(".log").read_text())
 
 
 def rotated_files(path: Path | str) -> list[Path]:

@@ -43,10 +43,10 @@ def request(i: int, **fields) -> Event:
     return Event(**{**base, **fields})
 
 
-def killed(tmp_path, written: list[Event], queued: list[Event], **kw):
+def killed(tmp_path, written: list[Event], queued: list[Event], journal=None, **kw):
     """The log and journal a process leaves when SIGKILLed after writing `written`
     and taking in `queued` (not yet written). Returns (log path, journal path)."""
-    path, journal = tmp_path / "audit.jsonl", tmp_path / "state" / "j.ring"
+    path, journal = tmp_path / "audit.jsonl", journal or tmp_path / "state" / "j.ring"
     log = AuditLog(path, journal=journal, flush_interval=60, batch_size=10**6, **kw)
     for event in written:
         log.emit(event)
@@ -177,3 +177,24 @@ def test_a_journal_that_is_none_is_started_afresh(tmp_path, garbage):
     log.close()
     assert [r["path"] for r in records(path)] == ["/0"] and log.recovered is None
 
+
+
+def test_gc_appends_a_journal_no_process_holds(tmp_path, monkeypatch):
+    from sandgate.enforcer import run as run_module
+
+    monkeypatch.setattr(run_module, "STATE_DIR", tmp_path / "state")
+    journal = run_module.audit_journal(tmp_path / "audit.jsonl")
+    path, _ = killed(tmp_path, [request(0)], [request(1)], journal=journal)
+    assert run_module._left_journals() == []  # it names no log: not its to touch
+    journal.with_suffix(".log").write_text(str(path))  # as the killed process left it
+    held = AuditLog(tmp_path / "other.jsonl", journal=journal.with_name("other.ring"))
+    try:
+        # A journal whose log a live process holds is left alone.
+        assert run_module._left_journals() == [(journal, path)]
+    finally:
+        held.close()
+    run_module._append_left_journal(journal, path)
+    assert [r.get("path") for r in records(path)[:2]] == ["/0", "/1"]
+    assert RECOVERED in records(path)[1]["detail"]
+    assert not journal.exists() and not journal.with_suffix(".log").exists()
+    assert run_module._left_journals() == []
