@@ -219,6 +219,9 @@ class AuditLog:
         self._box: blackbox.BlackBox | None = None
         self._journal_map: mmap.mmap | None = None
         self.recovered: tuple[int, int, int] | None = None  # (events, lost, cut) at open
+        # The loop emits; a stop of the audit rate limit from another thread may too:
+        # a record's seq and bytes are one thread's at a time.
+        self._journal_lock = threading.Lock()
         # Queued: an event, or (its members, journal seq, pos, stream) once journaled.
         self._pending: collections.deque = collections.deque()
         if self.journal is not None:
@@ -277,7 +280,11 @@ class AuditLog:
                     "the log is closed" if self._stopping else "the writer's queue is full",
                 )
             return
-        self._pending.append(event if self._box is None else self._journaled(event))
+        if self._box is None:
+            self._pending.append(event)
+        else:
+            with self._journal_lock:  # the queue in the journal's order
+                self._pending.append(self._journaled(event))
         # Wake an idle writer only for a full batch: waking it per event costs more
         # than writing (a lock, a thread switch, a GIL hand-over). Otherwise it
         # looks every `flush_interval`.
@@ -290,9 +297,11 @@ class AuditLog:
             for event in events:  # the queue's edge (or a closed log): count each loss
                 self.emit(event)
             return
-        if self._box is not None:
-            events = [self._journaled(event) for event in events]
-        self._pending.extend(events)
+        if self._box is None:
+            self._pending.extend(events)
+        else:
+            with self._journal_lock:
+                self._pending.extend([self._journaled(event) for event in events])
         if self._idle and len(self._pending) >= self.batch_size:
             self._wake.set()
 
@@ -349,7 +358,8 @@ class AuditLog:
     def _journaled(self, event: Event | EncodedEvent):
         """`event`'s members written into the journal (on the loop, before the
         decision it records takes effect), as the writer's queue holds them; an event
-        that does not encode is queued as it is, for the writer to count."""
+        that does not encode is queued as it is, for the writer to count. Under
+        `_journal_lock`."""
         box = self._box
         try:
             members = (

@@ -157,7 +157,11 @@ class BlackBox:
     def confirm(self, seq: int, pos: int, stream: int) -> None:
         """Record `seq` (which ended at `pos`, `stream`, as `write` left them) and all
         before it are on disk: from the audit writer thread, after its `write`
-        returned. `written` moves now; the mark at the loop's next `write`."""
+        returned. `written` moves now (forward only); the mark at the loop's next
+        `write`."""
+        confirmed = self.confirmed
+        if confirmed is not None and seq < confirmed[1]:
+            return
         SEQ.pack_into(self.buffer, _WRITTEN_AT, seq)
         self.confirmed = (pos, seq + 1, stream)
 
