@@ -18,29 +18,17 @@ from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry import blackbox
 from sandgate.proxy.telemetry.audit import AuditLog, verify
 from sandgate.proxy.telemetry.event import Event, EventKind
+from test_audit import event as audit_event
 
 RECOVERED = "recovered from the audit journal"
 CUT = "ended by the death of the sandgate process"
 
 
 def request(i: int, **fields) -> Event:
-    base = dict(
-        kind=EventKind.REQUEST,
-        verdict=Verdict.ALLOW,
-        reason=Reason.RULE_ALLOW,
-        rule_id="web",
-        name="allowed.test",
-        dst_ip="203.0.113.10",
-        dst_port=80,
-        method="GET",
-        path=f"/{i}",
-        task_id="t1",
-        sandbox="10.213.0.2",
-        profile="default",
-        source=f"10.213.0.2:{40000 + i}",
-        detail=f"request {i}",
-    )
-    return Event(**{**base, **fields})
+    """An allowed request /i from its own source port (a connection of its own)."""
+    allowed = dict(verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW, rule_id="web",
+                   source=f"10.213.0.2:{40000 + i}", detail=f"request {i}")  # fmt: skip
+    return audit_event(i, **{**allowed, **fields})
 
 
 def killed(tmp_path, written: list[Event], queued: list[Event], journal=None, **kw):
