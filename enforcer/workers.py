@@ -28,9 +28,12 @@ connections stay together.
 - **A worker that dies** is started again on the same sockets, its sandboxes are
   registered with the new one, and each gets a `worker_restarted` event; the other
   workers' sandboxes see nothing. Before that, the events it made but had not sent
-  are read from its black box (proxy/telemetry/blackbox.py: a memfd the service
-  makes for each worker process and passes it like its sockets; the worker writes
-  each event there as it emits it) and go into the fanout, each marked recovered. One that keeps dying is restarted ever more slowly.
+  are read from its black box (proxy/telemetry/blackbox.py: a file next to the
+  audit journal, or a memfd without one, that the service makes for each worker
+  process and passes like its sockets; the worker writes each event there as it
+  emits it) and go into the fanout, each marked recovered. The service marks in it
+  what it took into its audit journal (`take`), so that if the service itself is
+  killed, the next open of the audit log reads the rest. One that keeps dying is restarted ever more slowly.
 - **Approvals**: a worker holds its sandboxes' asked connections and requests and
   reports each change; `approvals` (enforcer/worker_approvals.py) is the one list
   over all workers that the control socket, the admin page and the metrics read, and

@@ -33,6 +33,14 @@ FILE moved away or deleted under the writer (logrotate without copytruncate, `rm
 is seen at the next batch: the chain goes on in a new FILE, never in a file that no
 reader of FILE sees (a batch written into a file deleted meanwhile is written again).
 
+The journal (`journal=`, proxy/telemetry/blackbox.py): a file ring each event is
+written into by `emit`, on the loop, before its decision takes effect; the writer
+marks in it what is on disk. The next open of the log (a restarted service, a run
+with the same log, `sandgate gc`) appends what a killed process had not written,
+and its gateway workers' boxes (`worker_journal`), marked recovered, a
+`connection_end` for each connection it had open, and an `audit_recovered` event;
+what was torn or written over is counted in `lost` and said.
+
 Retention: nothing the log holds is ever deleted by sandgate. At `max_bytes` the
 file is rotated to `FILE.<seq of its first line>` (FILE.1, FILE.48213, ...: a
 name never reused, never renamed again, that says where in the chain the file
