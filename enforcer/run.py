@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -39,7 +40,7 @@ from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.telemetry import task_events
-from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError
+from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError, journal_log
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.flood import FloodLimits
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
@@ -175,10 +176,22 @@ def claim_run_id(first: str | None = None, taken=None, mode: int = 0o777) -> str
 
 
 def open_audit_log(path: Path, budget: int | None = None) -> AuditLog:
+    """The audit log at `path`, with its journal (`audit_journal`): a killed run or
+    service that wrote it before has what it had not written appended first."""
+    journal = audit_journal(path)
     try:
-        return AuditLog(path, max_total_bytes=budget)
+        audit = AuditLog(path, max_total_bytes=budget, journal=journal)
     except AuditLogError as e:
         raise RunError(f"{e} (--audit-log FILE picks another place)") from None
+    return audit
+
+
+def audit_journal(path: Path) -> Path:
+    """The journal of the audit log at `path` (proxy/telemetry/blackbox.py): under the
+    state dir (hidden from the sandboxes), named for the log's absolute path, so the
+    next process that opens that log finds it."""
+    name = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:20]
+    return STATE_DIR / "audit-journal" / f"{name}.ring"
 
 
 # The sandbox addresses are the host's to share (its network namespace's): every run
@@ -750,7 +763,43 @@ def gc(dry_run: bool = False) -> list[str]:
             f"state {RUN_DIR / run_id}",
             lambda r=run_id: shutil.rmtree(RUN_DIR / r, ignore_errors=True),
         )
+    for journal, log_path in _left_journals():
+        drop(
+            f"audit journal {journal} (what it holds appended to {log_path})",
+            lambda j=journal, p=log_path: _append_left_journal(j, p),
+        )
     return removed
+
+
+def _left_journals() -> list[tuple[Path, Path]]:
+    """(journal, its audit log) of each audit journal a killed run or service left
+    (`audit_journal`): one whose log no process holds (the lock)."""
+    found = []
+    for journal in sorted((STATE_DIR / "audit-journal").glob("*.ring")):
+        if ".worker-" in journal.name:
+            continue  # read with its service's journal
+        try:
+            log_path = journal_log(journal)
+            fd = os.open(log_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # no log to append to: left as it is
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live process writes that log
+        finally:
+            os.close(fd)
+        found.append((journal, log_path))
+    return found
+
+
+def _append_left_journal(journal: Path, log_path: Path) -> None:
+    """Open the log with its journal (which appends what the killed process had not
+    written, proxy/telemetry/audit.py) and close it (which removes the journal)."""
+    try:
+        AuditLog(log_path, journal=journal).close()
+    except AuditLogError as e:
+        log.error("sandgate gc: %s", e)
 
 
 def _empty_cgroup(path: str) -> bool:

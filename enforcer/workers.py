@@ -28,9 +28,12 @@ connections stay together.
 - **A worker that dies** is started again on the same sockets, its sandboxes are
   registered with the new one, and each gets a `worker_restarted` event; the other
   workers' sandboxes see nothing. Before that, the events it made but had not sent
-  are read from its black box (proxy/telemetry/blackbox.py: a memfd the service
-  makes for each worker process and passes it like its sockets; the worker writes
-  each event there as it emits it) and go into the fanout, each marked recovered. One that keeps dying is restarted ever more slowly.
+  are read from its black box (proxy/telemetry/blackbox.py: a file next to the
+  audit journal, or a memfd without one, that the service makes for each worker
+  process and passes like its sockets; the worker writes each event there as it
+  emits it) and go into the fanout, each marked recovered. The service marks in it
+  what it took into its audit journal (`take`), so that if the service itself is
+  killed, the next open of the audit log reads the rest. One that keeps dying is restarted ever more slowly.
 - **Approvals**: a worker holds its sandboxes' asked connections and requests and
   reports each change; `approvals` (enforcer/worker_approvals.py) is the one list
   over all workers that the control socket, the admin page and the metrics read, and
@@ -52,6 +55,7 @@ import mmap
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -65,7 +69,8 @@ from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import SwapReport
-from sandgate.proxy.telemetry.blackbox import DEFAULT_SIZE, blank, recover
+from sandgate.proxy.telemetry.audit import worker_journal
+from sandgate.proxy.telemetry.blackbox import DEFAULT_SIZE, blank, recover, take
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, decode_members
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.telemetry.open_connections import OpenConnections
@@ -291,6 +296,13 @@ class WorkerPool:
                 await worker.process.wait()
             for sock in _sockets(worker.listeners):
                 sock.close()
+            if worker.blackbox is not None:  # its events are all in: nothing to recover
+                worker.blackbox.close()
+                worker.blackbox = None
+        journal = getattr(getattr(self.audit, "audit", None), "journal", None)
+        for worker in self.workers if journal is not None else ():
+            with contextlib.suppress(OSError):
+                worker_journal(journal, worker.index).unlink()
         await self.approvals.stop()
         if self.audit is not None:
             self.audit.stop()  # what the rate limit holds is written before the log closes
@@ -348,7 +360,7 @@ class WorkerPool:
         sandboxes with it: then it is up. Returns the task reading its link."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         room_for_a_burst(theirs)
-        memfd = os.memfd_create(f"sandgate-worker-{worker.index}-blackbox", os.MFD_CLOEXEC)
+        memfd = self._box_file(worker)
         fds = [theirs.fileno(), *(s.fileno() for s in _sockets(worker.listeners)), memfd]
         try:
             os.ftruncate(memfd, DEFAULT_SIZE)
@@ -407,6 +419,16 @@ class WorkerPool:
             await self._request_quietly(worker, "grant", approval=grant)
         worker.up.set()
         return reading
+
+    def _box_file(self, worker: WorkerProcess) -> int:
+        """A descriptor of the file the worker's black box will be: next to the audit
+        journal (audit.worker_journal), which the next start reads if the service is
+        killed; a memfd without a journal (it only outlives the worker, not us)."""
+        journal = getattr(getattr(self.audit, "audit", None), "journal", None)
+        if journal is None:
+            return os.memfd_create(f"sandgate-worker-{worker.index}-blackbox", os.MFD_CLOEXEC)
+        path = worker_journal(journal, worker.index)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
     def _handle(self, worker: WorkerProcess, message: dict, ready: asyncio.Future):
         op = message.get("op")
@@ -506,7 +528,10 @@ class WorkerPool:
             except (ValueError, TypeError) as e:
                 log.error("gateway worker %d sent a bad event: %s", worker.index, e)
         worker.open.follow(events)
-        self._sink_all(events)
+        self._sink_all(events)  # into the audit journal, then:
+        with contextlib.suppress(ValueError, TypeError, struct.error):
+            if "pos" in message and worker.blackbox is not None:
+                take(worker.blackbox, int(message["last"]), int(message["pos"]))
         try:
             self.tally(message.get("metrics", []))
         except (ValueError, TypeError) as e:

@@ -84,6 +84,8 @@ class EventBatcher:
       destination] (`EncodedEvent`'s fields; destination: its summary row's);
     - `last`: the seq of the batch's last event (events are numbered 1, 2, ... as
       their black box records are: the service reads the box past it);
+    - `pos` (with a black box, on a flush's last batch): where in the box the record
+      after `last` starts (the service marks it taken: blackbox.py);
     - `metrics`: the batch's `MetricsTally` rows;
     - the payload: each event's audit members (`audit_members`), one per line (ASCII
       JSON escapes every control character: a value cannot hold a newline).
@@ -130,11 +132,11 @@ class EventBatcher:
             rows, self.rows = self.rows[:MAX_BATCH], self.rows[MAX_BATCH:]
             members, self.members = self.members[:MAX_BATCH], self.members[MAX_BATCH:]
             try:
-                self.link.send(
-                    {"op": "events", "events": rows, "metrics": metrics,
-                     "last": self.seq - len(self.rows)},
-                    b"\n".join(members),
-                )  # fmt: skip
+                message = {"op": "events", "events": rows, "metrics": metrics,
+                           "last": self.seq - len(self.rows)}  # fmt: skip
+                if not self.rows and self.blackbox is not None:
+                    message["pos"] = self.blackbox.pos  # where the record after `last` starts
+                self.link.send(message, b"\n".join(members))
             except LinkClosed:
                 log.error("sandgate worker: the service went away; %d events lost", len(rows))
                 self.rows.clear()

@@ -86,6 +86,9 @@ class Reason(StrEnum):
     # The audit log cannot be written (disk full, its budget reached, no descriptor):
     # with --on-audit-failure block (the default) new connections are refused.
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    # The process that wrote the audit log before was killed (SIGKILL, the OOM killer):
+    # what it had not written was read back from its audit journal and appended.
+    AUDIT_RECOVERED = "audit_recovered"
     # The gateway process has no file descriptor to spare: new connections are refused
     # until open ones close, so the audit log and control socket keep theirs.
     DESCRIPTORS_EXHAUSTED = "descriptors_exhausted"

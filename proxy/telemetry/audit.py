@@ -33,6 +33,14 @@ FILE moved away or deleted under the writer (logrotate without copytruncate, `rm
 is seen at the next batch: the chain goes on in a new FILE, never in a file that no
 reader of FILE sees (a batch written into a file deleted meanwhile is written again).
 
+The journal (`journal=`, proxy/telemetry/blackbox.py): a file ring each event is
+written into by `emit`, on the loop, before its decision takes effect; the writer
+marks in it what is on disk. The next open of the log (a restarted service, a run
+with the same log, `sandgate gc`) appends what a killed process had not written,
+and its gateway workers' boxes (`worker_journal`), marked recovered, a
+`connection_end` for each connection it had open, and an `audit_recovered` event;
+what was torn or written over is counted in `lost` and said.
+
 Retention: nothing the log holds is ever deleted by sandgate. At `max_bytes` the
 file is rotated to `FILE.<seq of its first line>` (FILE.1, FILE.48213, ...: a
 name never reused, never renamed again, that says where in the chain the file
@@ -53,6 +61,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import stat
@@ -62,7 +71,17 @@ from dataclasses import dataclass
 from json.encoder import c_make_encoder, encode_basestring_ascii
 from pathlib import Path
 
-from sandgate.proxy.telemetry.event import FIELDS, EncodedEvent, Event, field_values
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry import blackbox
+from sandgate.proxy.telemetry.event import (
+    FIELDS,
+    EncodedEvent,
+    Event,
+    EventKind,
+    decode_members,
+    field_values,
+)
+from sandgate.proxy.telemetry.open_connections import OpenConnections
 
 log = logging.getLogger("sandgate.audit")
 
@@ -88,6 +107,14 @@ if c_make_encoder is not None:
         return "".join(_c_encode(value, 0))
 else:  # pragma: no cover - CPython always has the accelerator
     _encode = _ENCODER.encode
+# The journal's ring: ~30,000 events (~0.5 KB each) the writer has not yet written
+# before the oldest is written over (a writer that far behind a flood: counted lost
+# if the process is then killed). A file under the state dir: /run's tmpfs is fine,
+# the journal is for a killed process, not a power cut.
+JOURNAL_SIZE = 16 << 20
+# The lines a killed process wrote are read back (for its open connections) from at
+# most this much of the log's end: a start older than that is said, not followed.
+MAX_FOLLOW_BYTES = 256 << 20
 _HASH_SUFFIX = re.compile(rb',"hash":"([0-9a-f]{64})"\}\n?\Z')
 
 
@@ -128,11 +155,14 @@ def audit_members(event: Event) -> str:
     return ",".join(parts)
 
 
-def encode_line(event: Event | EncodedEvent, seq: int, prev: str) -> tuple[bytes, str]:
+def encode_line(event: Event | EncodedEvent | bytes, seq: int, prev: str) -> tuple[bytes, str]:
     """One audit line for `event` (with its newline) and its hash. An `EncodedEvent`
-    brings its members encoded: only the chain is added here."""
-    if event.__class__ is EncodedEvent:
-        body = b'{%b,"seq":%d,"prev":"%b"}' % (event.members, seq, prev.encode("ascii"))
+    brings its members encoded, as do bytes (members the journal holds): only the
+    chain is added here."""
+    cls = event.__class__
+    if cls is EncodedEvent or cls is bytes:
+        members = event if cls is bytes else event.members
+        body = b'{%b,"seq":%d,"prev":"%b"}' % (members, seq, prev.encode("ascii"))
     else:
         body = f'{{{audit_members(event)},"seq":{seq},"prev":"{prev}"}}'.encode("ascii")
     digest = chain_hash(prev, body)
@@ -153,6 +183,8 @@ class AuditLog:
         flush_interval: float = 0.05,
         close_timeout: float = 5.0,
         stall_timeout: float = 5.0,
+        journal: Path | None = None,
+        journal_size: int = JOURNAL_SIZE,
     ):
         self.path = Path(path)
         self.max_bytes, self.max_total_bytes = max_bytes, max_total_bytes
@@ -189,7 +221,23 @@ class AuditLog:
         except BaseException:
             os.close(self._fd)
             raise
-        self._pending: collections.deque[Event | EncodedEvent] = collections.deque()
+        # The journal (blackbox.py): each event as it is taken in, for the next start
+        # to append what a killed process had not written. None: no journal.
+        self.journal = None if journal is None else Path(journal)
+        self._box: blackbox.BlackBox | None = None
+        self._journal_map: mmap.mmap | None = None
+        self.recovered: tuple[int, int, int] | None = None  # (events, lost, cut) at open
+        # The loop emits; a stop of the audit rate limit from another thread may too:
+        # a record's seq and bytes are one thread's at a time.
+        self._journal_lock = threading.Lock()
+        # Queued: an event, or (its members, journal seq, pos, stream) once journaled.
+        self._pending: collections.deque = collections.deque()
+        if self.journal is not None:
+            try:
+                self._open_journal(journal_size)
+            except BaseException:
+                os.close(self._fd)
+                raise
         self._wake = threading.Event()
         self._idle = False
         self._stopping = False
@@ -240,7 +288,11 @@ class AuditLog:
                     "the log is closed" if self._stopping else "the writer's queue is full",
                 )
             return
-        self._pending.append(event)
+        if self._box is None:
+            self._pending.append(event)
+        else:
+            with self._journal_lock:  # the queue in the journal's order
+                self._pending.append(self._journaled(event))
         # Wake an idle writer only for a full batch: waking it per event costs more
         # than writing (a lock, a thread switch, a GIL hand-over). Otherwise it
         # looks every `flush_interval`.
@@ -253,7 +305,11 @@ class AuditLog:
             for event in events:  # the queue's edge (or a closed log): count each loss
                 self.emit(event)
             return
-        self._pending.extend(events)
+        if self._box is None:
+            self._pending.extend(events)
+        else:
+            with self._journal_lock:
+                self._pending.extend([self._journaled(event) for event in events])
         if self._idle and len(self._pending) >= self.batch_size:
             self._wake.set()
 
@@ -296,6 +352,192 @@ class AuditLog:
             return
         os.close(self._fd)
         self._fd = -1
+        if self._journal_map is not None:
+            # Everything taken in is on disk (or counted lost): nothing to recover.
+            self._box = None
+            self._journal_map.close()
+            self._journal_map = None
+            for done in (self.journal, self.journal.with_suffix(".log")):
+                with contextlib.suppress(OSError):
+                    done.unlink()
+
+    # --- the journal (proxy/telemetry/blackbox.py) ---------------------------------
+
+    def _journaled(self, event: Event | EncodedEvent):
+        """`event`'s members written into the journal (on the loop, before the
+        decision it records takes effect), as the writer's queue holds them; an event
+        that does not encode is queued as it is, for the writer to count. Under
+        `_journal_lock`."""
+        box = self._box
+        try:
+            members = (
+                event.members
+                if event.__class__ is EncodedEvent
+                else audit_members(event).encode("ascii")
+            )
+        except Exception:  # noqa: BLE001 - the writer encodes it again and counts it
+            return event
+        return (members, box.write(members), box.pos, box.stream)
+
+    def _confirm(self, lines: list, start: int, end: int) -> None:
+        """Lines `start`..`end` are on disk: the journal's written mark moves past the
+        last journaled one (the writer thread, after its `write` returned)."""
+        box = self._box
+        if box is None:
+            return
+        for k in range(end - 1, start - 1, -1):
+            journaled = lines[k][3]
+            if journaled is not None:
+                box.confirm(journaled[1], journaled[2], journaled[3])
+                return
+
+    def _open_journal(self, size: int) -> None:
+        """Open the journal: first append what a killed process left in it and in its
+        workers' boxes (the records past what it wrote, then a `connection_end` for
+        each connection it had open, then an `audit_recovered` event), then start it
+        afresh."""
+        try:
+            self.journal.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.journal, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise AuditLogError(
+                f"cannot open the audit journal {self.journal}: {e.strerror or e}"
+            ) from None
+        try:
+            events, lost, origin = [], 0, 0
+            if os.fstat(fd).st_size >= blackbox.HEADER_SIZE + 4096:
+                with mmap.mmap(fd, 0) as left:
+                    if blackbox.is_black_box(left):
+                        origin = blackbox.origin(left)
+                        found = blackbox.recover(left, blackbox.written(left))
+                        lost += self._decode_into(events, found, f"the audit journal {self.journal}")
+                    else:
+                        log.error("audit journal %s is no journal: started afresh", self.journal)
+            for box in sorted(self.journal.parent.glob(f"{self.journal.stem}.worker-*.ring")):
+                lost += self._recover_worker_box(box, events)
+            if events or lost or origin:
+                self._append_recovered(events, lost, origin)
+            os.ftruncate(fd, size)
+            self._journal_map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)  # the mapping stays
+        with contextlib.suppress(OSError):  # whose journal it is: for `sandgate gc`
+            self.journal.with_suffix(".log").write_text(os.path.abspath(self.path))
+        blackbox.blank(self._journal_map)
+        self._box = blackbox.BlackBox(self._journal_map)
+        self._box.set_origin(self.seq + 1)
+
+    def _recover_worker_box(self, path: Path, events: list[Event]) -> int:
+        """The records of a gateway worker's box (`worker_journal`) that the killed
+        service never took into its journal, into `events`; the box removed. Returns
+        how many were lost."""
+        try:
+            with path.open("r+b") as f, mmap.mmap(f.fileno(), 0) as box:
+                lost = 0
+                if blackbox.is_black_box(box):
+                    start = blackbox.taken(box)
+                    found = blackbox.recover(box, start[1] - 1, start)
+                    lost = self._decode_into(events, found, f"gateway worker black box {path}")
+        except (OSError, ValueError) as e:
+            log.error("audit journal: cannot read gateway worker black box %s: %s", path, e)
+            lost = 0
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return lost
+
+    def _decode_into(self, events: list[Event], found: blackbox.Recovered, where: str) -> int:
+        """The events of `found`'s payloads, marked recovered from `where`, appended to
+        `events`; returns how many were lost (found.lost and those that do not decode)."""
+        mark = f"recovered from {where} of a killed sandgate process"
+        lost = found.lost
+        for payload in found.payloads:
+            try:
+                event = decode_members(payload)
+            except ValueError as e:
+                log.error("audit journal: a bad record in %s: %s", where, e)
+                lost += 1
+                continue
+            events.append(event.with_fields(detail=f"{event.detail}; {mark}" if event.detail else mark))
+        return lost
+
+    def _append_recovered(self, events: list[Event], lost: int, origin: int) -> None:
+        """Write what a killed process left (`events`, `lost`: read from its journal and
+        its workers' boxes; `origin`: the seq its lines start at), a `connection_end`
+        for each connection it had open, and an `audit_recovered` event saying so."""
+        connections = OpenConnections()
+        unfollowed = self._follow_lines(connections, origin)
+        connections.follow(events)
+        cut = connections.cut(
+            "the death of the sandgate process that wrote this audit log before "
+            "(killed: it left its audit journal unclosed)"
+        )
+        if not events and not lost and not cut:
+            return  # it died with everything written and no connection open
+        detail = (
+            f"the sandgate process that wrote this audit log before was killed (its "
+            f"audit journal {self.journal} was left unclosed): {len(events)} events it had "
+            f"made but not written were read back from the journal (and its gateway "
+            f"workers' black boxes) and appended before this line (each marked recovered), {lost} lost (torn or written over in the "
+            f"journal; counted in sandgate_audit_events_lost_total); {len(cut)} connections "
+            f"it had open were given a connection_end"
+            + (f" ({unfollowed})" if unfollowed else "")
+        )
+        summary = Event(
+            kind=EventKind.POLICY,
+            verdict=Verdict.DENY if lost else Verdict.ALLOW,
+            reason=Reason.AUDIT_RECOVERED,
+            detail=detail,
+        )
+        self._give_up_at = time.monotonic() + self.close_timeout
+        self._write_batch([*events, *cut, summary])
+        self._give_up_at = float("inf")
+        self.unreached += lost
+        self.recovered = (len(events), lost, len(cut))
+        (log.error if lost else log.warning)("audit log %s: %s", self.path, detail)
+
+    def _follow_lines(self, connections: OpenConnections, origin: int) -> str:
+        """Have `connections` follow the connection events of this log's lines from
+        seq `origin` on (the killed process's: its journal says where it started),
+        oldest first, from at most MAX_FOLLOW_BYTES of the log's end. Returns what
+        could not be followed, said for the event ("" when all was)."""
+        if not origin or origin > self.seq:
+            return ""
+        chosen, budget, covered = [], MAX_FOLLOW_BYTES, False
+        for path in reversed(log_files(self.path)):
+            first = self.file_first_seq if path == self.path else int(path.name.rpartition(".")[2])
+            size = _size(path)
+            chosen.append((path, max(0, size - budget)))
+            budget -= size
+            if first is not None and first <= origin:
+                covered = budget >= 0
+                break
+            if budget <= 0:
+                break
+        starts = (b'{"kind":"connection', b'{"kind":"request"')
+        followed_from = None
+        for path, skip in reversed(chosen):
+            with contextlib.suppress(OSError), path.open("rb") as f:
+                f.seek(skip)
+                if skip:
+                    f.readline()  # the rest of a line cut by the budget
+                for raw in f:
+                    if not raw.startswith(starts):
+                        continue
+                    try:
+                        record = json.loads(raw)
+                        if record["seq"] < origin:
+                            continue
+                        event = Event.from_values([record.get(name) for name in FIELDS])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    followed_from = followed_from or record["seq"]
+                    connections.follow([event])
+        if covered:
+            return ""
+        return (
+            f"of its lines from seq {origin} on, only the last {MAX_FOLLOW_BYTES >> 20} MiB "
+            "were looked at: a connection opened before them and open still has no end"
+        )
 
     # --- the writer thread -----------------------------------------------------------
 
@@ -323,21 +565,23 @@ class AuditLog:
                 self._wake.wait(self.flush_interval)
             self._idle = False
 
-    def _write_batch(self, batch: list[Event | EncodedEvent]) -> None:
-        lines: list[tuple[bytes, int, str]] = []
+    def _write_batch(self, batch: list) -> None:
+        """Encode, chain and write `batch` (events, or journaled tuples: `_journaled`)."""
+        lines: list[tuple[bytes, int, str, tuple | None]] = []
         seq, prev = self.seq, self.prev
         for event in batch:
+            journaled = event if event.__class__ is tuple else None
             try:
-                line, digest = encode_line(event, seq + 1, prev)
+                line, digest = encode_line(event if journaled is None else event[0], seq + 1, prev)
             except Exception:  # noqa: BLE001 - one bad event must not stop the log
                 self.failed += 1
                 log.exception("audit log: could not encode an event")
                 continue
             seq, prev = seq + 1, digest
-            lines.append((line, seq, digest))
+            lines.append((line, seq, digest, journaled))
         self._write_lines(lines)
 
-    def _write_lines(self, lines: list[tuple[bytes, int, str]]) -> None:
+    def _write_lines(self, lines: list[tuple[bytes, int, str, tuple | None]]) -> None:
         """Append `lines`, rotating at `max_bytes`; the chain state moves only
         past lines that are on disk. A failed write is retried (with backoff)."""
         i, attempts = 0, 0
@@ -352,7 +596,7 @@ class AuditLog:
                     j += 1
                 self._write_started = time.monotonic()
                 try:
-                    self._write_all(b"".join(line for line, _, _ in lines[i:j]))
+                    self._write_all(b"".join(line[0] for line in lines[i:j]))
                 finally:
                     took, self._write_started = time.monotonic() - self._write_started, None
                 if took >= self.stall_timeout:
@@ -390,7 +634,8 @@ class AuditLog:
                     min(0.05 * 2**attempts, 2.0, max(0.0, self._give_up_at - time.monotonic()))
                 )
                 continue
-            _, self.seq, self.prev = lines[j - 1]
+            _, self.seq, self.prev, _ = lines[j - 1]
+            self._confirm(lines, i, j)
             if self.file_first_seq is None:
                 self.file_first_seq = lines[i][1]
             self.written += j - i
@@ -525,6 +770,17 @@ class AuditLog:
             raise
         os.close(self._fd)
         self._fd, self.size, self.file_first_seq = fd, 0, None
+
+
+def worker_journal(journal: Path, index: int) -> Path:
+    """The file gateway worker `index`'s black box is, next to the audit `journal`: the
+    next open of the log reads it if the service was killed (`_recover_worker_box`)."""
+    return journal.with_name(f"{journal.stem}.worker-{index}.ring")
+
+
+def journal_log(journal: Path) -> Path:
+    """The audit log `journal` is the journal of (ValueError, OSError if unknown)."""
+    return Path(journal.with_suffix(".log").read_text())
 
 
 def rotated_files(path: Path | str) -> list[Path]:

@@ -654,6 +654,7 @@ def test_gc_dry_run_lists_and_touches_nothing(tmp_path, monkeypatch, capsys):
     (state / "pid").write_text(str(dead.pid))
     removed = []
     monkeypatch.setattr(runner, "RUN_DIR", tmp_path)
+    monkeypatch.setattr(runner, "STATE_DIR", tmp_path / "no-state")  # no audit journals
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr("shutil.which", lambda name: f"/usr/sbin/{name}")
     monkeypatch.setattr(netns, "list_sandbox_nets", lambda: ["dead0001"])

@@ -1,0 +1,188 @@
+"""The audit log's journal (proxy/telemetry/blackbox.py, AuditLog(journal=...)): what a
+killed process took in but had not written is appended by the next one that opens
+the log, marked recovered, the chain unbroken; a torn record or an overrun ring is
+counted lost and said, never silent.
+
+A kill is played by copying the log and the journal as they are while the writer
+holds events (a flush interval of a minute: it writes only when told), then closing
+that log (which writes them) and putting the copies back: the files as a SIGKILL at
+that moment would have left them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.telemetry import blackbox
+from sandgate.proxy.telemetry.audit import AuditLog, verify
+from sandgate.proxy.telemetry.event import Event, EventKind
+from test_audit import event as audit_event
+
+RECOVERED = "recovered from the audit journal"
+CUT = "ended by the death of the sandgate process"
+
+
+def request(i: int, **fields) -> Event:
+    """An allowed request /i from its own source port (a connection of its own)."""
+    allowed = dict(verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW, rule_id="web",
+                   source=f"10.213.0.2:{40000 + i}", detail=f"request {i}")  # fmt: skip
+    return audit_event(i, **{**allowed, **fields})
+
+
+def killed(tmp_path, written: list[Event], queued: list[Event], journal=None, **kw):
+    """The log and journal a process leaves when SIGKILLed after writing `written`
+    and taking in `queued` (not yet written). Returns (log path, journal path)."""
+    path, journal = tmp_path / "audit.jsonl", journal or tmp_path / "state" / "j.ring"
+    log = AuditLog(path, journal=journal, flush_interval=60, batch_size=10**6, **kw)
+    for event in written:
+        log.emit(event)
+    assert log.drain(5)
+    for event in queued:
+        log.emit(event)
+    at_kill = path.read_bytes(), journal.read_bytes()
+    log.close()
+    assert not journal.exists()  # a clean close leaves no journal to recover
+    path.write_bytes(at_kill[0])
+    journal.write_bytes(at_kill[1])
+    return path, journal
+
+
+def records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def reopened(path, journal) -> tuple[AuditLog, list[dict]]:
+    log = AuditLog(path, journal=journal)
+    log.close()
+    return log, records(path)
+
+
+def test_a_killed_writers_queue_is_appended_by_the_next_open(tmp_path):
+    path, journal = killed(tmp_path, [request(i) for i in range(3)], [request(i) for i in range(3, 7)])
+    assert [r["path"] for r in records(path)] == ["/0", "/1", "/2"]  # the kill lost 4
+    log, after = reopened(path, journal)
+    assert [r.get("path") for r in after[:7]] == [f"/{i}" for i in range(7)]
+    for r in after[3:7]:
+        assert r["detail"].startswith(f"request {r['path'][1:]}; {RECOVERED}"), r
+    assert all(RECOVERED not in r["detail"] for r in after[:3])
+    summary = after[-1]
+    assert summary["reason"] == "audit_recovered" and summary["verdict"] == "allow"
+    assert "4 events" in summary["detail"] and " 0 lost" in summary["detail"], summary
+    assert log.recovered[:2] == (4, 0) and log.lost == 0
+    assert verify(path).ok
+    # Recovered once: the open after that finds nothing more.
+    _, again = reopened(path, journal)
+    assert again == after
+
+
+def test_nothing_queued_at_the_kill_appends_nothing(tmp_path):
+    # Requests on one connection (one source) that ended: nothing open, nothing queued.
+    same = dict(source="10.213.0.2:40000")
+    written = [request(0, **same), request(1, kind=EventKind.CONNECTION_END, **same)]
+    path, journal = killed(tmp_path, written, [])
+    before = path.read_bytes()
+    log, _ = reopened(path, journal)
+    assert path.read_bytes() == before and log.recovered is None
+
+
+def test_each_connection_open_at_the_kill_gets_one_end(tmp_path):
+    ended = dict(source="10.213.0.2:50000")
+    written = [
+        request(0, **ended),
+        request(0, kind=EventKind.CONNECTION_END, bytes_up=10, bytes_down=20, **ended),
+        request(1),  # open, its start on disk
+    ]
+    queued = [request(2)]  # open, its start only in the journal
+    path, journal = killed(tmp_path, written, queued)
+    _, after = reopened(path, journal)
+    ends = [r for r in after if r["kind"] == "connection_end"]
+    cut = [r for r in ends if CUT in r["detail"]]
+    assert sorted(r["source"] for r in cut) == ["10.213.0.2:40001", "10.213.0.2:40002"]
+    for end in cut:
+        assert "bytes_up" not in end and end["rule_id"] == "web" and end["task_id"] == "t1"
+    assert len(ends) == 3  # the one that ended keeps only its own
+    assert "2 connections" in after[-1]["detail"]
+    assert verify(path).ok
+
+
+def test_a_torn_record_is_counted_lost_and_said(tmp_path):
+    path, journal = killed(tmp_path, [request(0)], [request(i) for i in range(1, 4)])
+    ring = bytearray(journal.read_bytes())
+    last = ring.rfind(b'"path":"/3"')
+    ring[last + 9] ^= 0xFF  # the kill mid-write: the last record's crc fails
+    journal.write_bytes(ring)
+    log, after = reopened(path, journal)
+    recovered = [r for r in after if RECOVERED in r.get("detail", "")]
+    assert [r["path"] for r in recovered] == ["/1", "/2"]
+    summary = after[-1]
+    assert summary["verdict"] == "deny" and " 1 lost" in summary["detail"], summary
+    assert log.lost == 1  # sandgate_audit_events_lost_total
+    assert verify(path).ok
+
+
+def test_an_overrun_ring_is_counted_lost(tmp_path):
+    # A ring of 8 KiB holds a dozen of these records: a writer 40 behind overran it.
+    size = blackbox.HEADER_SIZE + 8192
+    queued = [request(i, detail="x" * 400) for i in range(1, 41)]
+    path, journal = killed(tmp_path, [request(0)], queued, journal_size=size)
+    log, after = reopened(path, journal)
+    recovered = [r for r in after if RECOVERED in r.get("detail", "")]
+    assert 0 < len(recovered) < 40
+    # The newest survive, in order; what was written over is counted.
+    assert [r["path"] for r in recovered] == [f"/{i}" for i in range(41 - len(recovered), 41)]
+    assert log.recovered[:2] == (len(recovered), 40 - len(recovered))
+    assert log.lost == 40 - len(recovered)
+    assert f" {40 - len(recovered)} lost" in after[-1]["detail"]
+    assert verify(path).ok
+
+
+def test_the_written_mark_never_passes_a_record_not_confirmed():
+    buffer = bytearray(blackbox.HEADER_SIZE + 8192)
+    blackbox.blank(buffer)
+    box = blackbox.BlackBox(buffer)
+    ends = []
+    for i in range(5):
+        box.write(b"r%d" % i)
+        ends.append((box.pos, box.stream))
+    box.confirm(2, *ends[1])  # the writer: records 1 and 2 on disk
+    assert blackbox.written(buffer) == 2
+    # The mark itself moves at the loop's next write; recovery skips by `written`.
+    found = blackbox.recover(buffer, blackbox.written(buffer))
+    assert found.payloads == [b"r2", b"r3", b"r4"] and found.lost == 0
+    box.write(b"r5")
+    found = blackbox.recover(buffer, blackbox.written(buffer))
+    assert found.payloads == [b"r2", b"r3", b"r4", b"r5"] and found.lost == 0
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\0" * 10_000, b"not a ring" * 1000])
+def test_a_journal_that_is_none_is_started_afresh(tmp_path, garbage):
+    path, journal = tmp_path / "audit.jsonl", tmp_path / "j.ring"
+    journal.write_bytes(garbage)
+    log = AuditLog(path, journal=journal)
+    log.emit(request(0))
+    log.close()
+    assert [r["path"] for r in records(path)] == ["/0"] and log.recovered is None
+
+
+
+def test_gc_appends_a_journal_no_process_holds(tmp_path, monkeypatch):
+    from sandgate.enforcer import run as run_module
+
+    monkeypatch.setattr(run_module, "STATE_DIR", tmp_path / "state")
+    journal = run_module.audit_journal(tmp_path / "audit.jsonl")
+    path, _ = killed(tmp_path, [request(0)], [request(1)], journal=journal)
+    assert run_module._left_journals() == []  # it names no log: not its to touch
+    journal.with_suffix(".log").write_text(str(path))  # as the killed process left it
+    held = AuditLog(tmp_path / "other.jsonl", journal=journal.with_name("other.ring"))
+    try:
+        # A journal whose log a live process holds is left alone.
+        assert run_module._left_journals() == [(journal, path)]
+    finally:
+        held.close()
+    run_module._append_left_journal(journal, path)
+    assert [r.get("path") for r in records(path)[:2]] == ["/0", "/1"]
+    assert RECOVERED in records(path)[1]["detail"]
+    assert not journal.exists() and not journal.with_suffix(".log").exists()
+    assert run_module._left_journals() == []
