@@ -428,7 +428,9 @@ class WorkerPool:
         if journal is None:
             return os.memfd_create(f"sandgate-worker-{worker.index}-blackbox", os.MFD_CLOEXEC)
         path = worker_journal(journal, worker.index)
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        return os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
 
     def _handle(self, worker: WorkerProcess, message: dict, ready: asyncio.Future):
         op = message.get("op")

@@ -410,7 +410,9 @@ class AuditLog:
                     if blackbox.is_black_box(left):
                         origin = blackbox.origin(left)
                         found = blackbox.recover(left, blackbox.written(left))
-                        lost += self._decode_into(events, found, f"the audit journal {self.journal}")
+                        lost += self._decode_into(
+                            events, found, f"the audit journal {self.journal}"
+                        )
                     else:
                         log.error("audit journal %s is no journal: started afresh", self.journal)
             for box in sorted(self.journal.parent.glob(f"{self.journal.stem}.worker-*.ring")):
@@ -457,7 +459,9 @@ class AuditLog:
                 log.error("audit journal: a bad record in %s: %s", where, e)
                 lost += 1
                 continue
-            events.append(event.with_fields(detail=f"{event.detail}; {mark}" if event.detail else mark))
+            events.append(
+                event.with_fields(detail=f"{event.detail}; {mark}" if event.detail else mark)
+            )
         return lost
 
     def _append_recovered(self, events: list[Event], lost: int, origin: int) -> None:
@@ -479,8 +483,7 @@ class AuditLog:
             f"made but not written were read back from the journal (and its gateway "
             f"workers' black boxes) and appended before this line (each marked recovered), {lost} lost (torn or written over in the "
             f"journal; counted in sandgate_audit_events_lost_total); {len(cut)} connections "
-            f"it had open were given a connection_end"
-            + (f" ({unfollowed})" if unfollowed else "")
+            f"it had open were given a connection_end" + (f" ({unfollowed})" if unfollowed else "")
         )
         summary = Event(
             kind=EventKind.POLICY,

@@ -199,7 +199,14 @@ def attacked(service, tmp_path, modes: list[str]) -> list[tuple[str, dict, list[
     give_h2(tmp_path)
     crowd = modes * N
     attackers, _, _ = run_attack(
-        service, tmp_path, "+".join(modes), "h2", len(crowd), BOUND, RSS_GROWTH_KB, ROUNDS,
+        service,
+        tmp_path,
+        "+".join(modes),
+        "h2",
+        len(crowd),
+        BOUND,
+        RSS_GROWTH_KB,
+        ROUNDS,
         code=H2_CLIENT,
     )
     found = []
@@ -216,7 +223,9 @@ def attacked(service, tmp_path, modes: list[str]) -> list[tuple[str, dict, list[
 
 
 def flooded(events: list[dict], rule: str) -> list[dict]:
-    return [e for e in events if e.get("rule_id") == f"builtin:{rule}" and e["kind"] == "connection"]
+    return [
+        e for e in events if e.get("rule_id") == f"builtin:{rule}" and e["kind"] == "connection"
+    ]
 
 
 def test_made_you_reset_counts_as_reset_and_reaches_the_upstream_no_more_than_rapid_reset(
@@ -231,8 +240,10 @@ def test_made_you_reset_counts_as_reset_and_reaches_the_upstream_no_more_than_ra
     budget = (MAX_H2_EARLY_RESETS + 20) * saw["conns"]  # a burst of 20 past the last count
     requests = [e for e in events if e["kind"] == "request"]
     upstream = [r for r in net.requests_seen() if r["uri"].startswith("/myr-")]
-    print(f"madeyoureset: {saw['ok']} streams sent, {len(requests)} decided, "
-          f"{len(upstream)} reached nginx, {saw['conns']} connections")
+    print(
+        f"madeyoureset: {saw['ok']} streams sent, {len(requests)} decided, "
+        f"{len(upstream)} reached nginx, {saw['conns']} connections"
+    )
     assert len(requests) <= budget and len(upstream) <= len(requests), (len(requests), budget)
     # Without the count every stream was decided and sent: the connection never ended.
     assert saw["conns"] > 1 and len(requests) < saw["ok"], saw
@@ -250,9 +261,12 @@ def test_control_frame_floods_get_goaway_and_leave_the_honest_sandbox_fast(servi
 
 
 def test_header_block_attacks_are_bounded_by_the_head_limits(service, net, tmp_path):
-    found = {mode: (saw, events) for mode, saw, events in attacked(
-        service, tmp_path, ["continuation", "hpack-bomb", "header-count", "table-size"]
-    )}
+    found = {
+        mode: (saw, events)
+        for mode, saw, events in attacked(
+            service, tmp_path, ["continuation", "hpack-bomb", "header-count", "table-size"]
+        )
+    }
     for mode in ("continuation", "hpack-bomb"):
         saw, events = found[mode]
         calmed = flooded(events, "headers-too-large")

@@ -60,7 +60,9 @@ def reopened(path, journal) -> tuple[AuditLog, list[dict]]:
 
 
 def test_a_killed_writers_queue_is_appended_by_the_next_open(tmp_path):
-    path, journal = killed(tmp_path, [request(i) for i in range(3)], [request(i) for i in range(3, 7)])
+    path, journal = killed(
+        tmp_path, [request(i) for i in range(3)], [request(i) for i in range(3, 7)]
+    )
     assert [r["path"] for r in records(path)] == ["/0", "/1", "/2"]  # the kill lost 4
     log, after = reopened(path, journal)
     assert [r.get("path") for r in after[:7]] == [f"/{i}" for i in range(7)]
@@ -164,7 +166,6 @@ def test_a_journal_that_is_none_is_started_afresh(tmp_path, garbage):
     log.emit(request(0))
     log.close()
     assert [r["path"] for r in records(path)] == ["/0"] and log.recovered is None
-
 
 
 def test_gc_appends_a_journal_no_process_holds(tmp_path, monkeypatch):

@@ -103,7 +103,11 @@ def test_resets_within_the_budget_keep_the_connection(server):
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags, *struct.pack(">I", stream)]) + payload
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags, *struct.pack(">I", stream)])
+        + payload
+    )
 
 
 def data_after_end(stream: int) -> bytes:
@@ -166,7 +170,9 @@ def test_control_frames_past_the_burst_get_goaway_and_the_rest_unread(server, co
 
 def test_control_frames_within_the_burst_keep_the_connection(server):
     _, client, feed = server
-    commands = feed(peer().data_to_send() + frame(6, 0, 0, b"12345678") * (MAX_H2_CONTROL_BURST // 2))
+    commands = feed(
+        peer().data_to_send() + frame(6, 0, 0, b"12345678") * (MAX_H2_CONTROL_BURST // 2)
+    )
     assert goaways(commands) == []
     assert getattr(client, H2_FLOOD, None) is None
 
