@@ -6,7 +6,6 @@ the `seen` revision check. End to end: tests/e2e/test_approval_shown.py."""
 from __future__ import annotations
 
 import pytest
-
 from sandgate.proxy.approvals.pending import ApprovalError, AskKey, PendingStore, Scope, State
 from sandgate.proxy.approvals.shown import shown_fields, visible
 from sandgate.proxy.policy.request_head import RequestHead, check_head
