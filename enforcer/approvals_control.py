@@ -5,7 +5,8 @@ gateway service's socket and for an embedded run's own socket (RUN_DIR/<id>/cont
     {"cmd": "approval", "id": ID}                         one approval
     {"cmd": "approve", "id": ID, "scope": "once|task|duration|always",
      "duration": SECONDS, "ticket": T, "expires": "YYYY-MM-DD|INSTANT|DURATION",
-     "widen": "*.DOMAIN"}                                 (widen: with duration or always)
+     "widen": "*.DOMAIN", "seen": REVISION}               (widen: with duration or always;
+                                                          seen: refused if more joined since)
     {"cmd": "deny", "id": ID}
     {"cmd": "watch"}                                      then one line per change, until closed
 
@@ -86,6 +87,9 @@ async def handle(approvals: Approvals, request: dict, approver: str) -> dict:
                 except ValueError as e:
                     return {"ok": False, "error": f"approve: {e}"}
             widen = request.get("widen")
+            seen = request.get("seen")
+            if seen is not None and (not isinstance(seen, int) or isinstance(seen, bool)):
+                return {"ok": False, "error": "approve: seen must be the revision shown (a number)"}
             record = await approvals.approve(
                 pending_id,
                 approver,
@@ -94,6 +98,7 @@ async def handle(approvals: Approvals, request: dict, approver: str) -> dict:
                 ticket=ticket,
                 expires=expires,
                 widen=str(widen)[:300] if widen else None,
+                **({"seen": seen} if seen is not None else {}),
             )
             return {"ok": True, "approval": record}
     except ApprovalError as e:

@@ -230,6 +230,19 @@ def _http1_client(top: layer.Layer) -> Http1Client | None:
     return top
 
 
+def _declared_body(request: http.Request) -> int | None:
+    """A held request's body size as the approver is shown it: its Content-Length (0:
+    no body), None when it has or may have a body of undeclared size (chunked, or
+    HTTP/2 without a content-length). check_head refused conflicting or malformed
+    framing headers before any request was held."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit():
+        return int(length)
+    if "transfer-encoding" in request.headers or request.http_version.startswith("HTTP/2"):
+        return None
+    return 0
+
+
 class RejectLayer(layer.Layer):
     """Closes the client connection; nothing goes upstream."""
 
@@ -280,7 +293,8 @@ class SandgateAddon:
         with self._fail_closed(flow.client_conn, flow):
             flow.metadata[_HELD] = True  # its body is bounded meanwhile (HeadLimitedHttpLayer)
             key = self.gate.request_ask_key(state, decision, checked, tls)
-            answer = await self.approvals.hold(key, decision.rule.id, state.fields)
+            body = _declared_body(flow.request)
+            answer = await self.approvals.hold(key, decision.rule.id, state.fields, body)
             if flow.metadata.get(_HELD_BODY_REFUSED):  # refused meanwhile (413): never forwarded
                 flow.kill()
                 return

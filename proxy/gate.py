@@ -671,7 +671,7 @@ class ConnectionGate:
                 decision, name = self._decide_request(state, checked)
                 protocol = "https" if tls else "http"
                 decision = self._consult(
-                    state, decision, protocol, name, checked.method, checked.path, request=True
+                    state, decision, protocol, name, checked.method, checked.path, checked
                 )
                 if decision.verdict is Verdict.ASK:
                     # The adapter holds the request, then calls `on_request_answer`.
@@ -696,7 +696,7 @@ class ConnectionGate:
         """What a held request (on_request said ASK) waits on."""
         name = self._request_name(state, checked.host)
         protocol = "https" if tls else "http"
-        return self._ask_key(state, decision, protocol, name, checked.method, checked.path)
+        return self._ask_key(state, decision, protocol, name, checked.method, checked.path, checked)
 
     def on_request_answer(
         self,
@@ -1143,7 +1143,7 @@ class ConnectionGate:
         name: str | None = None,
         method: str | None = None,
         path: str | None = None,
-        request: bool = False,
+        request: CheckedHead | None = None,
     ) -> Decision:
         """An ASK decision, answered by an earlier human decision when there is one
         (a grant: allowed, approval_granted; a denial: approval_denied), else left
@@ -1154,7 +1154,7 @@ class ConnectionGate:
         if self.approvals is None:
             return _without_approver(decision)
         key = self._ask_key(
-            state, decision, protocol, name if request else state.name, method, path
+            state, decision, protocol, name if request else state.name, method, path, request
         )
         grant = state.answered = self.approvals.grant_for(key)
         if grant is None:
@@ -1163,10 +1163,16 @@ class ConnectionGate:
             self._rests_on(state, grant.pending)
         return _answered(decision, grant)
 
-    def _ask_key(self, state, decision, protocol, name, method, path) -> AskKey:
+    def _ask_key(self, state, decision, protocol, name, method, path, request=None) -> AskKey:
         """The ask's key: a request ask (a rule with methods or paths) includes
-        method and path; any other ask is about the destination."""
+        method and path; any other ask is about the destination. A held HTTP request
+        (`request`, its checked head) is in it exactly, query included: what the
+        approver is shown and what `once` lets through (proxy/approvals/pending.py)."""
         inspects = decision.rule.inspects
+        held = None
+        if request is not None:
+            query = "" if request.query is None else "?" + request.query
+            held = f"{request.method} {request.path}{query}"
         return AskKey.make(
             task_id=state.sandbox.task_id or state.sandbox.address,
             sandbox=state.sandbox.address,
@@ -1176,6 +1182,7 @@ class ConnectionGate:
             protocol=protocol,
             method=method if inspects else None,
             path=path if inspects else None,
+            request=held,
         )
 
     def _ask(self, state: ConnState, decision: Decision, protocol: str) -> Outcome:

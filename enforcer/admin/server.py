@@ -278,6 +278,8 @@ class AdminServer:
             for field in ("ticket", "expires", "widen"):  # handle() checks each's scope
                 if request.get(field):
                     command[field] = str(request[field])
+            if request.get("seen") is not None:  # the revision the page showed: handle() checks
+                command["seen"] = request["seen"]
         try:
             self.approvals.get(pending_id)
         except ApprovalError as e:
@@ -285,7 +287,7 @@ class AdminServer:
         reply = await approvals_control.handle(self.approvals, command, caller.approver)
         if reply.get("ok"):
             return json_response(200, {"approval": reply["approval"]})
-        status = 409 if "already" in reply["error"] else 400
+        status = 409 if "already" in reply["error"] or "changed since" in reply["error"] else 400
         return error(status, reply["error"])
 
     def _refused(self, headers: dict[str, str], peer: str, what: str) -> None:

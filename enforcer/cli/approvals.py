@@ -67,6 +67,13 @@ def register(sub) -> None:
         const="always",
         help="append an allow rule to approved.yaml next to the rules",
     )
+    approve.add_argument(
+        "--seen",
+        type=int,
+        metavar="REVISION",
+        help="the revision `show` or `list` printed: refused if a request or connection "
+        "joined the approval since (so you approve only what you were shown)",
+    )
     approve.add_argument("--ticket", help="a ticket to record with the approval")
     approve.add_argument(
         "--expires",
@@ -151,6 +158,8 @@ def cmd_approvals(args) -> int:
         request = {"cmd": "deny", "id": args.id}
     elif args.action == "approve":
         request = {"cmd": "approve", "id": args.id, "scope": args.scope or "once"}
+        if args.seen is not None:
+            request["seen"] = args.seen
         if args.duration is not None:
             try:
                 request.update(scope="duration", duration=parse_duration(args.duration))
@@ -199,14 +208,17 @@ def cmd_approvals(args) -> int:
     if args.json:
         print(json.dumps(approval, indent=2))
     elif args.action == "show":
-        for key, value in approval.items():
-            if value is not None:
-                print(f"{key + ':':14} {value}")
+        _show(approval)
     else:
         scope = SCOPE_WORDS.get(approval.get("scope") or "", "")
         if approval.get("widened"):
             scope += f", widened to {approval['widened']}"
         print(f"{approval['state']}: {approval['id']} {_destination(approval)} {scope}".rstrip())
+        shown = approval.get("shown") or {}
+        if approval.get("scope") == "once" and shown:
+            print(f"  let through: {shown['once']} ({shown['held']})")
+        elif approval.get("state") == "approved" and shown:
+            print(f"  let through: {shown['wider']}")
     return EXIT_OK
 
 
@@ -282,13 +294,40 @@ def _watch(client: ControlClient, as_json: bool) -> int:
 
 
 def _destination(a: dict) -> str:
-    where = f"{a['name']}:{a['port']} ({a['protocol']})"
-    return f"{a['method']} {where}{a['path']}" if a.get("method") else where
+    """What the task asks for, as every view shows it (`shown`: query included, hiding
+    characters escaped, a long value cut with '... (N more bytes)')."""
+    return a["shown"]["request"]
 
 
 def _line(a: dict) -> str:
     ended = " (task ended)" if a.get("task_ended") else ""
+    shown = a["shown"]
+    bodies = f"; bodies: {shown['bodies']}" if shown.get("bodies") else ""
     return (
         f"{a['id']}  {a['state']:8} task {a['task_id']}{ended}  {a['profile']:10} "
-        f"{_destination(a)}  waiting {a['waiting_s']:g} s, {a['held']} held"
+        f"{_destination(a)}  waiting {a['waiting_s']:g} s, {shown['held']}{bodies}, "
+        f"revision {a.get('revision', 0)}"
     )
+
+
+# What `show` prints first, from the record's `shown` (the request whole, not cut).
+SHOWN_LINES = (
+    ("request", "asks for"),
+    ("held", "held"),
+    ("bodies", "bodies"),
+    ("once", "once grants"),
+    ("wider", "task/for/always grant"),
+)
+
+
+def _show(a: dict) -> None:
+    from sandgate.proxy.approvals.shown import WHOLE_CHARS, shown_fields, visible
+
+    shown = shown_fields(a, WHOLE_CHARS)
+    for key, words in SHOWN_LINES:
+        if shown.get(key) is not None:
+            print(f"{words + ':':22} {shown[key]}")
+    for key, value in a.items():
+        if value is not None and key not in ("shown", "request", "bodies"):
+            text = visible(str(value), WHOLE_CHARS) if isinstance(value, str) else value
+            print(f"{key + ':':22} {text}")

@@ -133,9 +133,11 @@ class Approvals:
             return None
         return HoldResult(Answer.GRANTED if grant.approved else Answer.DENIED, grant.pending)
 
-    async def hold(self, key: AskKey, rule_id: str, fields: dict) -> HoldResult:
+    async def hold(self, key: AskKey, rule_id: str, fields: dict, body: int | None = 0) -> HoldResult:
         """Ask (or join the ask) and wait up to the profile's `hold` for a decision.
-        `fields`: event fields of the held connection (source, destination ...)."""
+        `fields`: event fields of the held connection (source, destination ...);
+        `body`: a held request's declared body size (0: none; None: not declared),
+        shown to the approver."""
         earlier = self.granted(key)
         if earlier is not None:
             return earlier
@@ -160,7 +162,7 @@ class Approvals:
             self._notify("new", found)
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(found.id, []).append(future)
-        found.held += 1
+        self.store.join(found, body)
         self._held_changed(found)
         started = self.clock()
         try:
@@ -178,7 +180,7 @@ class Approvals:
             )
             return HoldResult(Answer.PENDING, found, waited)
         finally:
-            found.held -= 1
+            self.store.leave(found, body)
             self._held_changed(found)
             waiters = self._waiters.get(found.id, [])
             with contextlib.suppress(ValueError):
@@ -213,14 +215,17 @@ class Approvals:
         ticket: str | None = None,
         expires: str | None = None,
         widen: str | None = None,
+        seen: int | None = None,
     ) -> dict:
         """Approve; ApprovalError (one line) if unknown or decided already, or if the
         scope or `widen` (a wildcard, with duration or always) cannot apply. An `always`
         approval is persisted (on_always, with the rule's `expires` if given, for the
         wildcard if widened) before anything is released: if that fails, nothing is
-        approved."""
+        approved. `seen`: the revision the approver was shown; refused if more joined
+        since (pending.check_seen)."""
         found = self.store.get(pending_id)
         widened = self.store.check_scope(pending_id, scope, widen)
+        self.store.check_seen(pending_id, seen)
         if expires is not None and scope is not Scope.ALWAYS:
             raise ApprovalError("expires goes with always (it is written into the rule)")
         if scope is Scope.ALWAYS:
@@ -231,12 +236,17 @@ class Approvals:
             if found.state is State.PENDING:
                 found.ticket, found.widened = ticket, widened
                 await self.on_always(found, approver, expires)
+        held = found.to_dict(self.clock())["shown"]  # what this decision let through
         found = self.store.approve(
-            pending_id, approver, scope, duration=duration, ticket=ticket, widen=widened
+            pending_id, approver, scope, duration=duration, ticket=ticket, widen=widened, seen=seen
         )
         what = f"for {duration:g} s" if scope is Scope.DURATION else str(scope)
         if widened:
             what += f", widened to {widened}"
+        if scope is Scope.ONCE:
+            what += f" ({held['held']}" + (f"; bodies: {held['bodies']}" if held["bodies"] else "") + ")"
+        else:
+            what += f" ({held['wider']})"
         self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")
         return found.to_dict(self.clock())
 
@@ -297,6 +307,10 @@ class Approvals:
         wait: float | None = None,
     ) -> None:
         key = found.key
+        # The request shown (method and target with its query), as a request event has it.
+        method, path = key.method, key.path
+        if key.request is not None:
+            method, _, path = key.request.partition(" ")
         self.emit(
             Event(
                 kind=EventKind.APPROVAL,
@@ -312,8 +326,8 @@ class Approvals:
                     "name": key.name,
                     "dst_port": key.port,
                     "protocol": key.protocol,
-                    "method": key.method,
-                    "path": key.path,
+                    "method": method,
+                    "path": path,
                 },
                 approval_id=found.id,
                 approver=found.approver,

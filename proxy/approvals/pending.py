@@ -4,10 +4,17 @@ asyncio, no sockets, no clock of its own (`clock` is injected).
 One approval per *ask*: a task's wish to reach one destination, keyed by
 
     task + canonical name (or address) + port + protocol (+ method and path for a
-    request ask)
+    request ask) (+ the held request itself, method and target with its query, for
+    any ask held as an HTTP request)
 
 so parallel asks of one task for the same destination share one pending approval
-(`EVIL.test.` and `evil.test` are one name). The states, one table:
+(`EVIL.test.` and `evil.test` are one name), but two held requests that differ in
+their query (`/docs?q=1`, `/docs?payload=...`) never do: the approver is shown the
+one request an approval holds, query and all, and `once` lets through only requests
+that are exactly it (docs/approvals.md, "What the approver is shown"). The grants
+that outlast the held requests (task, duration, always) and a denial are for the
+key without the request (`AskKey.any_request`): the path for any query. The states,
+one table:
 
     PENDING --approve--> APPROVED     (scope: once, task, duration, always)
     PENDING --deny-----> DENIED
@@ -18,8 +25,9 @@ before ("already approved by uid 0 (root)"), so two approvers racing learn that 
 first decision won.
 
 What an approval grants, by scope (`grant_for` answers for a new ask):
-- once:     the connections or requests held for it at the time; if none is held
-            (they gave up after `hold`), the next one of the same ask;
+- once:     the connections or requests held for it at the time (for requests: all
+            the very request shown); if none is held (they gave up after `hold`),
+            the next one of the same ask (the same request, query included);
 - task:     every ask of that task with the same key, until the task ends;
 - duration: the same destination for every task of the profile, until the time
             runs out (`--for 1h`);
@@ -44,9 +52,10 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from sandgate.proxy.approvals.shown import shown_fields
 from sandgate.proxy.policy.names import (
     InvalidName,
     parent_domains,
@@ -88,6 +97,9 @@ RECENT = 200
 # another, each asking its 20, opened approvals without end, each listed by the admin
 # page and the CLI and sent to the webhook. Past it a new ask is approval_queue_full.
 MAX_OPEN = 10_000
+
+# Body sizes a record lists (of the held requests with a body; `held` counts them all).
+MAX_SHOWN_BODIES = 10
 
 
 class ApprovalError(Exception):
@@ -133,6 +145,9 @@ class AskKey:
     protocol: str  # tcp, tls, http ...: a grant for TLS is not one for plain HTTP
     method: str | None = None  # request asks only
     path: str | None = None
+    # A held HTTP request, exactly: "METHOD /path?query" (as forwarded). None for a
+    # connection ask (TLS, TCP), and in the key a task, duration or denial is filed by.
+    request: str | None = None
 
     @classmethod
     def make(
@@ -146,9 +161,11 @@ class AskKey:
         protocol: str,
         method: str | None = None,
         path: str | None = None,
+        request: str | None = None,
     ) -> AskKey:
         """Canonical: name lower-cased, no trailing dot, punycode (or the address in
-        its one spelling); method upper-cased; path canonical without the query.
+        its one spelling); method upper-cased; path canonical without the query;
+        `request` (a held request's "METHOD target") exactly as given.
         ValueError for a name that is neither a host name nor an address."""
         ip = parse_ip(name)
         if ip is not None:
@@ -167,7 +184,13 @@ class AskKey:
             protocol=protocol,
             method=method.upper() if method is not None else None,
             path=parse_path(path.split("?", 1)[0]) if path is not None else None,
+            request=request,
         )
+
+    def any_request(self) -> AskKey:
+        """The key without the held request: what a task grant or a denial covers (the
+        destination, or method and path for a request ask, with any query)."""
+        return self if self.request is None else replace(self, request=None)
 
     @property
     def destination(self) -> tuple:
@@ -176,6 +199,9 @@ class AskKey:
 
     def describe(self) -> str:
         where = f"{self.name}:{self.port} ({self.protocol})"
+        if self.request is not None:
+            method, _, target = self.request.partition(" ")
+            return f"{method} {where}{target}"
         return f"{self.method} {where}{self.path}" if self.method else where
 
     def widened(self, domain: str) -> tuple:
@@ -217,6 +243,12 @@ class Pending:
     state: State = State.PENDING
     held: int = 0
     asks: int = 0  # how many asks joined it (the first included)
+    # The declared body size (Content-Length; None: not declared, chunked) of each held
+    # request that has a body, oldest first: shown to the approver with `held`.
+    bodies: list = field(default_factory=list)
+    # Counts every request or connection that joined: an approver who says which
+    # revision they were shown (`seen`) decides on exactly that (`check_seen`).
+    revision: int = 0
     decided_at: float | None = None
     approver: str | None = None
     scope: Scope | None = None
@@ -227,7 +259,7 @@ class Pending:
 
     def to_dict(self, now: float) -> dict:
         key = self.key
-        return {
+        record = {
             "id": self.id,
             "state": str(self.state),
             "task_id": key.task_id,
@@ -243,6 +275,10 @@ class Pending:
             "waiting_s": round((self.decided_at or now) - self.created, 1),
             "held": self.held,
             "asks": self.asks,
+            "request": key.request,
+            "bodies": self.bodies[:MAX_SHOWN_BODIES],
+            "with_body": len(self.bodies),
+            "revision": self.revision,
             "expires_in_s": round(max(0.0, self.expires - now), 1)
             if self.state is State.PENDING
             else None,
@@ -253,6 +289,8 @@ class Pending:
             "widened": self.widened,
             "task_ended": self.task_ended,
         }
+        record["shown"] = shown_fields(record)
+        return record
 
     @classmethod
     def from_dict(cls, record: dict, now: float) -> Pending:
@@ -267,6 +305,7 @@ class Pending:
             protocol=str(record["protocol"]),
             method=record.get("method"),
             path=record.get("path"),
+            request=record.get("request"),
         )
         created = float(record["created"])
         scope = record.get("scope")
@@ -279,6 +318,8 @@ class Pending:
             state=State(record.get("state", State.PENDING)),
             held=int(record.get("held", 0)),
             asks=int(record.get("asks", 0)),
+            bodies=list(record.get("bodies") or []),
+            revision=int(record.get("revision", 0)),
             decided_at=created + float(record["waiting_s"])
             if record.get("state", State.PENDING) != State.PENDING
             else None,
@@ -324,10 +365,10 @@ class PendingStore:
     def grant_for(self, key: AskKey, *, consume: bool = True) -> Grant | None:
         """An earlier decision that answers `key` now, or None (a human must be asked).
         A once grant is used up by the ask it answers (`consume`)."""
-        found = self.denied.get(key)
+        found = self.denied.get(key.any_request())
         if found is not None:
             return Grant(False, found)
-        found = self.task.get(key)
+        found = self.task.get(key.any_request())
         if found is not None:
             return Grant(True, found)
         found = self.durations.get(key.destination)
@@ -371,7 +412,35 @@ class PendingStore:
         self.pending[pending_id] = self.by_key[key] = self._all[pending_id] = found
         return found, True
 
+    def join(self, found: Pending, body: int | None = 0) -> None:
+        """A connection or request starts waiting on `found`. `body`: a held request's
+        declared body size (0: none; None: not declared, e.g. chunked)."""
+        found.held += 1
+        found.revision += 1
+        if body != 0:
+            found.bodies.append(body)
+
+    def leave(self, found: Pending, body: int | None = 0) -> None:
+        """It stops waiting (released, refused, or its hold ran out)."""
+        found.held -= 1
+        if body != 0 and body in found.bodies:
+            found.bodies.remove(body)
+
     # --- deciding ------------------------------------------------------------------------
+
+    def check_seen(self, pending_id: str, seen: int | None) -> None:
+        """ApprovalError if the approver was shown revision `seen` of a pending approval
+        and more has joined since (a request held after the record was shown: its body,
+        or it at all, was not seen). None: the caller vouches for nothing (the CLI
+        without --seen decides on what is held at the time)."""
+        found = self.get(pending_id)
+        if seen is None or found.state is not State.PENDING or found.revision == seen:
+            return
+        raise ApprovalError(
+            f"approval {found.id} changed since it was shown (revision {seen}, now "
+            f"{found.revision}; {found.held} held now): look again "
+            f"(sandgate approvals show {found.id}) and decide on what it holds now"
+        )
 
     def get(self, pending_id: str) -> Pending:
         found = self._all.get(pending_id)
@@ -388,10 +457,12 @@ class PendingStore:
         duration: float | None = None,
         ticket: str | None = None,
         widen: str | None = None,
+        seen: int | None = None,
     ) -> Pending:
         if scope is Scope.DURATION and (duration is None or duration <= 0):
             raise ApprovalError("a duration approval needs a duration (--for 1h)")
         widened = self.check_scope(pending_id, scope, widen)
+        self.check_seen(pending_id, seen)
         found = self._step(pending_id, "approve", approver)
         found.scope, found.ticket, found.widened = scope, ticket, widened
         key = found.key
@@ -404,7 +475,7 @@ class PendingStore:
             if found.held == 0:
                 self.once[key] = found  # for the next ask: the held ones gave up
         else:  # TASK, ALWAYS (the policy takes over once the rule is loaded)
-            self.task[key] = found
+            self.task[key.any_request()] = found
         return found
 
     def adopt_grant(self, found: Pending) -> None:
@@ -445,9 +516,10 @@ class PendingStore:
         return widen_pattern(found.key, widen)
 
     def deny(self, pending_id: str, approver: str) -> Pending:
+        # No `seen` check: denying what was shown also denies what joined it since.
         found = self._step(pending_id, "deny", approver)
         if not found.task_ended:
-            self.denied[found.key] = found
+            self.denied[found.key.any_request()] = found
         return found
 
     def expire(self) -> list[Pending]:

@@ -86,6 +86,7 @@ class ApprovalsOverLink:
                 ticket=message.get("ticket"),
                 expires=message.get("expires"),
                 widen=message.get("widen"),
+                seen=message.get("seen"),
             )
         except ApprovalError as e:
             return {"refused": str(e)}

@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 
 import h11
 from sandgate.proxy.approvals.holder import Approvals
+from sandgate.proxy.approvals.shown import SHOWN_CHARS
 
 log = logging.getLogger("sandgate.approvals")
 
@@ -51,7 +52,9 @@ def payload(record: dict, fmt: str, admin_url: str | None = None) -> bytes:
     if fmt == "slack":
         text = (
             f"sandgate: task {record['task_id']} (profile {record['profile']}) asks for "
-            f"{destination(record, chat_inert)}; "
+            f"{destination(record, chat_inert)} ({record['shown']['held']}"
+            + (f"; bodies: {record['shown']['bodies']}" if record["shown"].get("bodies") else "")
+            + "); "
             f"approval {record['id']}, rule {record.get('rule') or '-'}. Decide: `{approve}`"
             + (f" or {admin_url}" if admin_url else "")
         )
@@ -72,12 +75,21 @@ def payload(record: dict, fmt: str, admin_url: str | None = None) -> bytes:
 
 
 def destination(record: dict, shown: Callable[[str], str] = str) -> str:
-    """`METHOD name:port (protocol)/path` of an approval record, method and path (the
-    task's choice) through `shown`."""
+    """`METHOD name:port (protocol)/path?query` of an approval record (the held request,
+    query included, else the asked method and path), method and target (the task's
+    choice) through `shown`, the target cut at SHOWN_CHARS with `... (N more bytes)`
+    (the record's `request` has it whole)."""
     where = f"{record['name']}:{record['port']} ({record['protocol']})"
-    if record.get("method"):
-        where = f"{shown(record['method'])} {where}{shown(record.get('path') or '')}"
-    return where
+    request = record.get("request")
+    if request is not None:
+        method, _, target = request.partition(" ")
+    elif record.get("method"):
+        method, target = record["method"], record.get("path") or ""
+    else:
+        return where
+    more = len(target[SHOWN_CHARS:].encode())
+    cut = f"... ({more} more bytes)" if more else ""
+    return f"{shown(method)} {where}{shown(target[:SHOWN_CHARS])}{cut}"
 
 
 def chat_inert(text: str) -> str:

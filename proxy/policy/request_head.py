@@ -102,6 +102,8 @@ class CheckedHead(NamedTuple):
     # (where, method) of each method override naming another method than `method`
     # (`X-HTTP-Method-Override`, `the query's _method`): the gate decides those too.
     overrides: tuple[tuple[str, str], ...] = ()
+    # The query as it will be forwarded (None: no '?'): what an approval shows and keys.
+    query: str | None = None
 
 
 def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
@@ -164,7 +166,8 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
         return deny("ambiguous-path", detail=f"{why}: {path[:200]!r}")
     method = head.method.decode("ascii")
     websocket, strip = _upgrade(by_name.get(b"upgrade"))
-    return CheckedHead(method, host, path, websocket, strip, _overrides(method, by_name, query))
+    overrides = _overrides(method, by_name, query)
+    return CheckedHead(method, host, path, websocket, strip, overrides, query if question else None)
 
 
 # Field names seen before, each an HTTP token, with its lower case: a task sends the

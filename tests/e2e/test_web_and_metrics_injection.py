@@ -228,9 +228,9 @@ def test_hostile_task_strings_stay_inert_text_on_the_page(fakenet, tmp_path):
         dom = json.loads(browser.stdout.strip().splitlines()[-1])
         assert dom["pwned"] is None and dom["injected"] == 0, dom
         assert dom["title"] == "sandgate approvals" and dom["recent"] == 0, dom
-        # Each cell shows the string as the task sent it (Destination, Path columns).
-        shown = {(row[4], row[6]) for row in dom["rows"]}
-        assert {("allowed.test:80 (http)", p) for p in HOSTILE_PATHS} <= shown, shown
+        # Each cell shows the string as the task sent it (the "Asks for" column).
+        shown = {row[4] for row in dom["rows"]}
+        assert {f"GET allowed.test:80 (http){p}" for p in HOSTILE_PATHS} <= shown, shown
         # Nothing was approved: every approval is still pending.
         states = [
             _api(fakenet, "GET", url + f"api/approvals/{a['id']}", bearer)["body"]["approval"]

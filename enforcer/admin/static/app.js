@@ -20,8 +20,19 @@ const SCOPES = [
 // The scopes that grant the task itself: nothing to grant once it has ended.
 const TASK_SCOPES = new Set(["once", "task"]);
 
+// What the task asks for, as the CLI and the webhook show it (the server's `shown`):
+// method and target with the query, hiding characters escaped, a long value cut with
+// "... (N more bytes)".
 function destination(a) {
-  return `${a.name}:${a.port} (${a.protocol})`;
+  return a.shown.request;
+}
+
+function heldText(a) {
+  return a.shown.bodies ? `${a.shown.held}; bodies: ${a.shown.bodies}` : a.shown.held;
+}
+
+function grantsText(a) {
+  return `once: ${a.shown.once}; for this task, for DURATION, always: ${a.shown.wider}`;
 }
 
 function cell(row, text) {
@@ -46,8 +57,11 @@ async function api(path, options = {}) {
   return body;
 }
 
-async function decide(approval, decision, scope) {
-  const body = { decision, scope };
+async function decide(row, decision, scope) {
+  // The record this row shows now: its revision is what the approver saw, and the
+  // server refuses an approval if a request joined it since (it is then shown anew).
+  const approval = row.approval;
+  const body = { decision, scope, seen: approval.revision };
   if (scope === "for") body.duration = document.getElementById("duration").value;
   if (scope === "for" || scope === "always") {
     const widen = document.getElementById("widen").value.trim();
@@ -79,20 +93,21 @@ async function decide(approval, decision, scope) {
 // pushed change) never replaces the button under the admin's pointer or keyboard focus.
 function pendingValues(a) {
   const task = a.task_ended ? `${a.task_id} (task ended)` : a.task_id;
-  return [a.id, task, a.sandbox, a.profile, destination(a), a.method, a.path,
-          a.first_seen, `${a.waiting_s} s`, a.held];
+  return [a.id, task, a.sandbox, a.profile, destination(a), heldText(a), grantsText(a),
+          a.first_seen, `${a.waiting_s} s`];
 }
 
 function pendingRow(tbody, a) {
   const row = tbody.insertRow();
   row.dataset.id = a.id;
+  row.approval = a;
   for (const value of pendingValues(a)) cell(row, value);
   const td = cell(row, "");
   td.className = "decide";
   for (const [scope, words] of SCOPES) {
     const button = document.createElement("button");
     button.dataset.scope = scope;
-    button.addEventListener("click", () => decide(a, "approve", scope));
+    button.addEventListener("click", () => decide(row, "approve", scope));
     td.append(button);
   }
   const deny = document.createElement("button");
@@ -100,7 +115,7 @@ function pendingRow(tbody, a) {
   deny.className = "deny";
   deny.dataset.scope = "deny";
   deny.setAttribute("aria-label", `Deny: ${destination(a)}, task ${a.task_id}`);
-  deny.addEventListener("click", () => decide(a, "deny"));
+  deny.addEventListener("click", () => decide(row, "deny"));
   td.append(deny);
   return row;
 }
@@ -113,6 +128,7 @@ function renderPending(approvals) {
   const duration = document.getElementById("duration").value;
   for (const a of approvals) {
     const row = rows.get(a.id) || pendingRow(tbody, a);
+    row.approval = a;
     rows.delete(a.id);
     pendingValues(a).forEach((value, i) => {
       row.cells[i].textContent = value === null || value === undefined ? "—" : String(value);
@@ -130,7 +146,7 @@ function renderPending(approvals) {
   }
   for (const row of rows.values()) row.remove();
   if (!approvals.length) {
-    cell(tbody.insertRow(), "Nothing is waiting for a decision.").colSpan = 11;
+    cell(tbody.insertRow(), "Nothing is waiting for a decision.").colSpan = 10;
   }
 }
 
@@ -140,7 +156,7 @@ function renderRecent(recent) {
   for (const a of recent) {
     const row = tbody.insertRow();
     const scope = a.widened ? `${a.scope}, widened to ${a.widened}` : a.scope;
-    for (const value of [a.id, a.task_id, destination(a), a.method, a.path, a.state, scope,
+    for (const value of [a.id, a.task_id, destination(a), heldText(a), a.state, scope,
                          a.approver, `${a.waiting_s} s`]) {
       cell(row, value);
     }
