@@ -133,7 +133,9 @@ class Approvals:
             return None
         return HoldResult(Answer.GRANTED if grant.approved else Answer.DENIED, grant.pending)
 
-    async def hold(self, key: AskKey, rule_id: str, fields: dict, body: int | None = 0) -> HoldResult:
+    async def hold(
+        self, key: AskKey, rule_id: str, fields: dict, body: int | None = 0
+    ) -> HoldResult:
         """Ask (or join the ask) and wait up to the profile's `hold` for a decision.
         `fields`: event fields of the held connection (source, destination ...);
         `body`: a held request's declared body size (0: none; None: not declared),
@@ -244,7 +246,11 @@ class Approvals:
         if widened:
             what += f", widened to {widened}"
         if scope is Scope.ONCE:
-            what += f" ({held['held']}" + (f"; bodies: {held['bodies']}" if held["bodies"] else "") + ")"
+            what += (
+                f" ({held['held']}"
+                + (f"; bodies: {held['bodies']}" if held["bodies"] else "")
+                + ")"
+            )
         else:
             what += f" ({held['wider']})"
         self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")

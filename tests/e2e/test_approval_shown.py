@@ -131,9 +131,11 @@ def test_the_approver_is_shown_each_query_and_once_lets_through_only_that(fakene
         bearer = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         task, result_of = _held_task(service, tmp_path, {"burst": _burst()})
         listed = eventually(
-            lambda: len(got := _api(fakenet, "GET", url + "api/approvals", bearer)["body"][
-                "approvals"
-            ]) == len(GETS) + 1 and got,
+            lambda: (
+                len(got := _api(fakenet, "GET", url + "api/approvals", bearer)["body"]["approvals"])
+                == len(GETS) + 1
+                and got
+            ),
             timeout=30,
         )
         assert listed, _api(fakenet, "GET", url + "api/approvals", bearer)
@@ -164,7 +166,9 @@ def test_the_approver_is_shown_each_query_and_once_lets_through_only_that(fakene
         # The webhook: one per approval, each naming its request with the query.
         posts = eventually(lambda: len(got := receiver.posts()) == len(listed) and got, timeout=10)
         assert posts, receiver.posts()
-        hooked = {json.loads(p["body"])["approval"]["request"]: json.loads(p["body"]) for p in posts}
+        hooked = {
+            json.loads(p["body"])["approval"]["request"]: json.loads(p["body"]) for p in posts
+        }
         assert set(hooked) == set(by_request)
         assert hooked[f"GET {SHOWN}"]["destination"] == f"GET {WHERE}{SHOWN}"
         assert "TAILSECRET" not in hooked[f"GET {LONG}"]["destination"]
@@ -174,9 +178,12 @@ def test_the_approver_is_shown_each_query_and_once_lets_through_only_that(fakene
         # approver saw no longer stands, and nothing is released.
         seen = post["revision"]
         eventually(
-            lambda: _api(fakenet, "GET", url + f"api/approvals/{post['id']}", bearer)["body"][
-                "approval"
-            ]["held"] == 2,
+            lambda: (
+                _api(fakenet, "GET", url + f"api/approvals/{post['id']}", bearer)["body"][
+                    "approval"
+                ]["held"]
+                == 2
+            ),
             timeout=20,
         )
         stale = _api(
@@ -254,9 +261,7 @@ def test_the_cli_refuses_a_stale_revision_in_one_line(fakenet, tmp_path):
         task, result_of = _held_task(
             service, tmp_path, {"held": sandbox.curl("http://allowed.test" + SHOWN, timeout=60)}
         )
-        (asked,) = eventually(
-            lambda: json.loads(_cli(service, "list", "--json")), timeout=30
-        )
+        (asked,) = eventually(lambda: json.loads(_cli(service, "list", "--json")), timeout=30)
         stale = service.ask("approvals", "approve", asked["id"], "--seen", "0")
         assert stale.returncode == 125, stale
         assert stale.stderr.count("\n") == 1 and "changed since it was shown" in stale.stderr
