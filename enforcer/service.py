@@ -156,6 +156,7 @@ class GatewayService:
         self.stopped = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self.admin: Admin | None = None
+        self.state_dir: Path | None = None  # service_state_dir, once started
         self._tasks: set[asyncio.Task] = set()
         # Warm spares: netns, veth and table made and loaded, no task and no profile yet
         # (traffic from one is an unknown source until an attach registers it).
@@ -201,11 +202,10 @@ class GatewayService:
         policy = await asyncio.to_thread(load_policy, [opts.rules])
         upstreams = dns_upstreams(opts.dns_upstreams)
         self.audit = open_audit_log(opts.audit_log, opts.audit_budget)
-        make_dir(STATE_DIR, "SANDGATE_STATE_DIR")
         make_dir(RUN_DIR, "SANDGATE_RUN_DIR")
-        upstream_ca = (
-            STATE_DIR / "gateway-upstream-ca.pem"
-        )  # state, not a run: RUN_DIR holds runs only
+        self.state_dir = own = service_state_dir(opts.control)
+        make_dir(own, "SANDGATE_STATE_DIR")
+        upstream_ca = own / "upstream-ca.pem"  # state, not a run: RUN_DIR holds runs only
         _write_ca_bundle(upstream_ca, opts.extra_ca)
         config = GatewayConfig(
             listen_host="0.0.0.0",
@@ -234,7 +234,7 @@ class GatewayService:
             self.metrics.approval_webhook_failures.inc,
             self.metrics.admin_auth_failures.inc,
         )
-        await self.admin.start(STATE_DIR / "admin-token", "sandgate gateway")
+        await self.admin.start(own / "admin-token", "sandgate gateway")
         data_plane.emit(
             Event(
                 kind=EventKind.POLICY,
@@ -308,6 +308,8 @@ class GatewayService:
             await asyncio.wait(self._unwiring)
         if self.admin is not None:
             await self.admin.stop()
+        if self.state_dir not in (None, STATE_DIR):  # a second service's: its token is void now
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         if self.data_plane is not None:
             with contextlib.suppress(nft.NftError):
                 await asyncio.to_thread(nft.delete_table, guard_table(self.opts.control))
@@ -967,6 +969,20 @@ def guard_table(control: Path) -> str:
     deleting) the other's table would open the other's ports to the LAN."""
     digest = hashlib.sha256(str(control.absolute()).encode()).hexdigest()
     return GUARD_TABLE_PREFIX + digest[:12]
+
+
+def service_state_dir(control_socket: Path) -> Path:
+    """The state of the service on `control_socket` that no other service may share:
+    its upstream CA bundle (its own --extra-ca) and its admin token. The default
+    socket's is STATE_DIR itself (the documented /var/lib/sandgate/admin-token);
+    another socket's (a second service on the host) is STATE_DIR/services/<digest of
+    the socket's path>: a second service wrote over the first's bundle, whose
+    upstream certificate checks then failed (every inspected request a 502), and
+    over its token."""
+    if os.path.abspath(control_socket) == os.path.abspath(control.DEFAULT_SOCKET):
+        return STATE_DIR
+    digest = hashlib.sha256(os.path.abspath(control_socket).encode()).hexdigest()[:16]
+    return STATE_DIR / "services" / digest
 
 
 def _refuse_if_served(path: Path) -> None:

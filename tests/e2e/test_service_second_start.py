@@ -7,11 +7,14 @@ which the first service's sandboxes need to be kept off the gateway's own ports
 
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 from sandgate.enforcer.service import guard_table
 from support import sandbox
+from support.sandbox import eventually
 from support.service import TWO_PROFILES, GatewayProcess
 
 pytestmark = pytest.mark.e2e
@@ -80,3 +83,50 @@ def test_services_on_other_control_sockets_keep_their_own_guard_tables(net, tmp_
     finally:
         first.stop()
     assert _guard(net, first) == ""
+
+
+def _token_file(service: GatewayProcess) -> Path:
+    (path,) = eventually(
+        lambda: re.findall(r"\(token in (\S+)\)", service.log.read_text()), timeout=10
+    )
+    return Path(path)
+
+
+def test_services_on_other_control_sockets_keep_their_own_token_and_upstream_ca(net, tmp_path):
+    """Two services on one host: both wrote STATE_DIR's admin-token and upstream CA
+    bundle, so the second's token replaced the first's (the first's page refused the
+    token its admin read) and the second's --extra-ca replaced the CA bundle the first
+    checks upstream certificates with (every inspected request through the first a
+    502). Each now has its own directory; the second's goes when it stops."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(TWO_PROFILES)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = GatewayProcess(net, tmp_path / "a", rules, "--workers", "1").start()
+    try:
+        token_a = _token_file(first)
+        token_before, bundle_a = token_a.read_text(), token_a.parent / "upstream-ca.pem"
+        assert net.ca_cert.read_text().strip() in bundle_a.read_text()
+        other_ca = tmp_path / "other-ca.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", str(tmp_path / "other.key"), "-out", str(other_ca),
+             "-subj", "/CN=another service's CA", "-days", "1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        second = GatewayProcess(
+            net, tmp_path / "b", rules, "--workers", "1",
+            "--admin-listen", "127.0.0.1:9466", "--extra-ca", str(other_ca),
+        ).start()  # fmt: skip
+        try:
+            token_b = _token_file(second)
+            assert token_b.parent != token_a.parent
+            assert other_ca.read_text().strip() in (token_b.parent / "upstream-ca.pem").read_text()
+            assert token_a.read_text() == token_before  # the first's token, untouched
+            assert other_ca.read_text().strip() not in bundle_a.read_text()
+        finally:
+            second.stop()
+        assert not token_b.parent.exists()  # the second's token and bundle went with it
+        assert token_a.read_text() == token_before and bundle_a.exists()
+    finally:
+        first.stop()
