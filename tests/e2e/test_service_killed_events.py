@@ -34,13 +34,17 @@ CUT = "ended by the death of the sandgate process"
 def test_a_killed_service_loses_no_event(net, tmp_path, workers):
     tags = ("ka", "kb")
     with serving(net, tmp_path, workers, REQUESTS, tags) as (service, shared, tasks):
-        eventually(lambda: len(net.requests_seen()) > 400, timeout=20)
-        service.kill()  # SIGKILL, in the middle of the load
-        time.sleep(0.5)  # nginx logs a request once answered: the last in flight, too
-        before_kill = _numbers(net.requests_seen(), tags)
-        service.start()  # the same state: it re-adopts the sandboxes; the tasks go on
-        eventually(lambda: len(net.requests_seen()) > sum(map(len, before_kill.values())) + 200,
-                   timeout=30)  # fmt: skip
+        # Killed until a kill found events queued: on a loaded machine the writer may
+        # have caught up at the moment of one kill (CI saw it), which proves nothing.
+        for kills in range(1, 5):
+            eventually(lambda k=kills: len(net.requests_seen()) > 400 * k, timeout=20)
+            service.kill()  # SIGKILL, in the middle of the load
+            time.sleep(0.5)  # nginx logs a request once answered: the last in flight, too
+            seen = len(net.requests_seen())
+            service.start()  # the same state: it re-adopts the sandboxes; the tasks go on
+            eventually(lambda n=seen: len(net.requests_seen()) > n + 200, timeout=30)
+            if _recovered(service):
+                break
         stopped(shared, tasks)
 
         upstream = _numbers(net.requests_seen(), tags)
@@ -51,26 +55,36 @@ def test_a_killed_service_loses_no_event(net, tmp_path, workers):
         eventually(lambda: all(upstream[t] <= recorded()[t] for t in tags), timeout=10)
         have = recorded()
         lost = {tag: sorted(upstream[tag] - have[tag]) for tag in tags}
-        recovered = [e for e in service.events() if RECOVERED in (e.get("detail") or "")]
+        recovered = _recovered(service)
         print(f"requests upstream: {sum(map(len, upstream.values()))}, with no event: "
-              f"{sum(map(len, lost.values()))} {lost}; recovered: {len(recovered)}")  # fmt: skip
+              f"{sum(map(len, lost.values()))} {lost}; recovered: {len(recovered)} "
+              f"in {kills} kills")  # fmt: skip
         assert not any(lost.values()), lost
-        assert recovered, "the kill under load left nothing queued to recover?"
-        (summary,) = service.events(reason="audit_recovered")
-        assert f"{len(recovered)} events" in summary["detail"], summary
-        assert " 0 lost" in summary["detail"], summary
-        # Recovered lines come first after the kill, before the new process's own.
-        seqs = [e["seq"] for e in recovered]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
-        assert summary["seq"] > seqs[-1]
-        # Each task's connection open at the kill: one end, saying the kill ended it.
+        assert recovered, f"{kills} kills under load left nothing queued to recover?"
+        summaries = service.events(reason="audit_recovered")
+        assert 1 <= len(summaries) <= kills, summaries
+        counts = [int(re.search(r"(\d+) events", e["detail"]).group(1)) for e in summaries]
+        assert sum(counts) == len(recovered), (counts, summaries)
+        assert all(" 0 lost" in e["detail"] for e in summaries), summaries
+        # Recovered lines come first after a kill, before the new process's own: each
+        # kill's are one run of sequence numbers just before its summary.
+        for summary in summaries:
+            seqs = [e["seq"] for e in recovered
+                    if e["seq"] < summary["seq"]
+                    and not any(e["seq"] < s["seq"] < summary["seq"] for s in summaries)]  # fmt: skip
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True, seqs
+        # Each task's connection open at a kill: an end saying the kill ended it.
         cut = [e for e in service.events(kind="connection_end") if CUT in e.get("detail", "")]
         assert {e["task_id"] for e in cut} == {
             e["task_id"] for e in service.events(kind="request") if e["path"].startswith("/k")
         }, cut
         for end in cut:
-            assert "bytes_up" not in end and end["seq"] < summary["seq"], end
+            assert "bytes_up" not in end and end["seq"] < summaries[-1]["seq"], end
         service.verify_audit()
+
+
+def _recovered(service) -> list[dict]:
+    return [e for e in service.events() if RECOVERED in (e.get("detail") or "")]
 
 
 def _numbers(records: list[dict], tags: tuple[str, ...], key: str = "uri") -> dict[str, set[int]]:
