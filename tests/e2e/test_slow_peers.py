@@ -208,9 +208,8 @@ def connect(alpn=None):
     context.set_alpn_protocols(alpn or ["http/1.1"])
     return context.wrap_socket(socket.create_connection((NAME, TLS), timeout=5), server_hostname=NAME)
 
-def get(target, close=False):
-    extra = "Connection: close\r\n" if close else ""
-    return f"GET {target} HTTP/1.1\r\nHost: {NAME}\r\n{extra}\r\n".encode()
+def get(target):
+    return f"GET {target} HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode()
 
 POST = f"POST /sink HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: 1073741824\r\n\r\n".encode()
 BLOCK = b"u" * 65536
@@ -338,9 +337,10 @@ def warm():
     elif path == "raw":
         s.recv(1)
     else:
-        s.sendall(get("/small", close=True))
-        while s.recv(65536):
-            pass
+        s.sendall(get("/small"))
+        answer = b""
+        while not answer.endswith(b"ok"):
+            answer += s.recv(65536)
     s.close()
 
 warm()
@@ -402,7 +402,7 @@ def stall(service, tmp_path, upstream, path: str, profile: str) -> dict:
         ready = sandbox.eventually(
             lambda: all((shared / f"ready-{i}").exists() for i in range(N)), timeout=60
         )
-        assert ready, [p.stderr.read() if p.poll() is not None else "running" for p, _ in attackers]
+        assert ready, [p.stderr.read()[-1500:] for p, _ in attackers if p.poll() is not None]
         time.sleep(0.5)  # the warm exchanges' ends settle
         pid = service.popen.pid
         before = rss_kb(pid)
