@@ -36,6 +36,7 @@ import threading
 import time
 
 import pytest
+from sandgate.proxy.lean_mitmproxy import MAX_H2_BUFFERED
 from support import sandbox
 from support.crowd import HONEST, honest_times, rss_kb, spread
 from support.servers import script_server
@@ -226,10 +227,21 @@ def h2_head(method, target, more=b""):
     auth = NAME.encode()
     return method + b"\x87" + bytes([4, len(target)]) + target + bytes([1, len(auth)]) + auth + more
 
-def h2_open(s):
-    big = 2**31 - 1
-    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, struct.pack(">HI", 4, big))
-              + frame(8, 0, 0, struct.pack(">I", big - 65535)))
+def h2_open(s, window=2**31 - 1):
+    # window 0: the client reads its socket but never lets a DATA byte come
+    opening = frame(4, 0, 0, struct.pack(">HI", 4, window))
+    if window:
+        opening += frame(8, 0, 0, struct.pack(">I", window - 65535))
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + opening)
+
+def read_on(s):
+    s.settimeout(0.5)
+    while not stopped():
+        try:
+            if not s.recv(65536):
+                return
+        except (socket.timeout, ssl.SSLWantReadError):
+            pass
 
 def hold_reading(s, mode):
     # down, half: never read; slow: 1 KB a second
@@ -306,7 +318,11 @@ def one(mode):
         if path == "dns":
             resolver = open("/etc/resolv.conf").read().split("nameserver")[1].split()[0]
             return dns_flood(socket.create_connection((resolver, 53), timeout=5))
-        s = connect(["h2"] if path == "h2" else None)
+        s = connect(["h2"] if path.startswith("h2") else None)
+        if path == "h2window":
+            h2_open(s, window=0)
+            s.sendall(frame(1, 5, 1, h2_head(b"\x82", b"/big?" + mode.encode())))
+            return read_on(s)
         if path == "h2":
             h2_open(s)
             if mode == "up":
@@ -333,8 +349,8 @@ def warm():
         return
     if path == "ask":
         return  # a held request would wait for the approval's timeout
-    s = connect(["h2"] if path == "h2" else None)
-    if path == "h2":
+    s = connect(["h2"] if path.startswith("h2") else None)
+    if path.startswith("h2"):
         h2_open(s)
         s.sendall(frame(1, 5, 1, h2_head(b"\x82", b"/small")))
         s.recv(65536)
@@ -352,7 +368,8 @@ warm()
 open(f"{shared}/ready-{me}", "w").write("ready")
 while not os.path.exists(f"{shared}/go") and not stopped():
     time.sleep(0.05)
-modes = {"dns": ["dns"], "ask": ["up"]}.get(path, ["down", "slow", "half", "up"])
+modes = {"dns": ["dns"], "ask": ["up"], "h2window": ["window", "window2"]}
+modes = modes.get(path, ["down", "slow", "half", "up"])
 for mode in modes:
     threading.Thread(target=one, args=(mode,), daemon=True).start()
 time.sleep(0.5)
@@ -366,7 +383,7 @@ open(f"{shared}/done-{me}", "w").write(repr({"up": at_up, "end": dict(moved), "e
 """
 
 PATHS = ["tls", "plain", "inspected", "h2", "raw", "dns", "ask"]
-STALLS = {"dns": 1, "ask": 1}  # stalled connections per attacker; else one per mode: 4
+STALLS = {"dns": 1, "ask": 1, "h2window": 2}  # stalled connections per attacker; else one per mode: 4
 
 
 @pytest.fixture(scope="module")
@@ -484,6 +501,7 @@ def stall(service, tmp_path, upstream, path: str, profile: str) -> dict:
         "peak_growth_kb": peak - before,
         "per_connection_kb": round((peak - before) / stalled),
         "late_growth_kb": max(rss for _, rss, _ in samples) - samples[full][1],
+        "total_growth_kb": max(rss for _, rss, _ in samples) - before,
         "seconds_to_fill": round(samples[full][0], 1),
         "server_sent_and_uploaded": samples[-1][2],
         "moved_after_full": samples[-1][2] - samples[full][2],
@@ -510,4 +528,21 @@ def test_stalled_peers_hold_bounded_memory_and_leave_the_honest_sandbox_fast(
     # Bounded: what the gateway holds per stalled connection, whatever the body's size
     # (they never end), and nothing more once the pipes were full.
     assert result["per_connection_kb"] <= PER_CONNECTION_KB, result
+    assert result["moved_after_full"] <= SETTLED_SLACK, result
+
+
+def test_an_http2_client_that_never_opens_its_window_costs_the_worker_its_bounded_queue(
+    service, upstream, tmp_path
+):
+    """A client that reads its socket (TCP back-pressure never comes) but sets its
+    window to 0: mitmproxy queues the response's body for it until the stream would
+    take the connection's queue past MAX_H2_BUFFERED, then resets it, and closes its
+    upstream (it read the body on and dropped it, for ever: 5 GB in 40 s). Bounded,
+    but by that queue, not by the socket buffers: 8 MiB and more a connection, above
+    the 1.5 MiB of the other paths (docs/performance.md, "Back-pressure")."""
+    result = stall(service, tmp_path, upstream, "h2window", "inspected")
+    # The queue, and what the allocator keeps of the queues let go (RSS rose on after
+    # the server stopped: 6.8 MiB a connection when it did, 11.8 MiB at the end).
+    bound = 2 * MAX_H2_BUFFERED // 1024
+    assert result["total_growth_kb"] / (N * STALLS["h2window"]) <= bound, result
     assert result["moved_after_full"] <= SETTLED_SLACK, result
