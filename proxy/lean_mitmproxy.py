@@ -270,12 +270,31 @@ def bound_h2_send_buffers() -> None:
     WINDOW_UPDATE (or sets SETTINGS_INITIAL_WINDOW_SIZE 0) and downloads a large
     file had the worker buffer all of it. Past the bound the stream is reset
     (ENHANCE_YOUR_CALM) and its queue let go; the layer sends nothing more on a
-    closed stream (`is_open_for_us`)."""
+    closed stream (`is_open_for_us`). The stream's own layer is then told, as when
+    the client resets a stream itself (`StreamReset`): its upstream connection is
+    closed. Without that, mitmproxy read the upstream's body on and dropped it: a
+    task whose window stayed shut had the worker download without end (5 GB in 40
+    s, tests/e2e/test_slow_peers.py)."""
+    from mitmproxy.proxy.layers.http._base import ReceiveHttp
+    from mitmproxy.proxy.layers.http._http2 import Http2Connection
     from mitmproxy.proxy.layers.http._http_h2 import BufferedH2Connection
 
     send_data = BufferedH2Connection.send_data
     if getattr(send_data, "_sandgate", False):
         return
+    handle_event = Http2Connection._handle_event
+
+    def telling_handle_event(self, event):
+        yield from handle_event(self, event)
+        yield from tell(self)
+
+    def tell(self):
+        calmed = getattr(self.h2_conn, "sandgate_calmed", None)
+        while calmed:
+            stream_id = calmed.pop()
+            if self.streams.pop(stream_id, None) is not None:
+                why = "flow-control window kept shut: over the gateway's queue (ENHANCE_YOUR_CALM)"
+                yield ReceiveHttp(self.ReceiveProtocolError(stream_id, why))
 
     def bounded_send_data(self, stream_id, data, end_stream=False, pad_length=None):
         stream = self.streams.get(stream_id)
@@ -287,9 +306,14 @@ def bound_h2_send_buffers() -> None:
         held = sum(len(chunk.data) for queue in self.stream_buffers.values() for chunk in queue)
         if held > MAX_H2_BUFFERED:
             self.reset_stream(stream_id, ENHANCE_YOUR_CALM)
+            if not hasattr(self, "sandgate_calmed"):
+                self.sandgate_calmed = set()
+            self.sandgate_calmed.add(stream_id)  # for its layer (telling_handle_event)
 
     bounded_send_data._sandgate = True
     BufferedH2Connection.send_data = bounded_send_data
+    telling_handle_event.tell = tell  # the part a unit test runs alone
+    Http2Connection._handle_event = telling_handle_event
 
 
 # Streams an HTTP/2 client may have reset before their response ended, on one

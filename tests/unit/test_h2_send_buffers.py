@@ -55,6 +55,9 @@ def test_a_client_that_never_opens_its_window_gets_a_reset_not_a_buffer():
     events = client.receive_data(server.data_to_send())
     resets = [e for e in events if isinstance(e, h2.events.StreamReset)]
     assert [(r.stream_id, r.error_code) for r in resets] == [(1, ENHANCE_YOUR_CALM)]
+    # ... and its layer is told, as of a client's reset, so the upstream is closed
+    # (the wrapped Http2Connection._handle_event reads and empties this set).
+    assert server.sandgate_calmed == {1}
 
 
 def test_a_big_write_split_into_frames_stops_at_the_reset():
@@ -87,3 +90,22 @@ def test_a_client_that_reads_gets_everything():
     read()
     assert not server.streams[1].closed
     assert got == 2 * MAX_H2_BUFFERED
+
+
+def test_the_layer_is_told_of_the_reset_as_of_a_clients_own():
+    from mitmproxy.proxy.layers.http._base import ReceiveHttp
+    from mitmproxy.proxy.layers.http._events import RequestProtocolError
+    from mitmproxy.proxy.layers.http._http2 import Http2Connection
+
+    bound_h2_send_buffers()
+    server, _ = connected(client_window=0)
+    server.send_data(1, b"y" * (MAX_H2_BUFFERED + 65536))
+
+    class Layer:  # what the wrapper reads of Http2Server, after mitmproxy's own handling
+        h2_conn, streams, ReceiveProtocolError = server, {1: "stream"}, RequestProtocolError
+
+    told = list(Http2Connection._handle_event.tell(Layer()))
+    assert [type(c) for c in told] == [ReceiveHttp]
+    assert told[0].event.stream_id == 1 and isinstance(told[0].event, RequestProtocolError)
+    assert Layer.streams == {} and not server.sandgate_calmed
+    assert list(Http2Connection._handle_event.tell(Layer())) == []  # once
