@@ -381,8 +381,11 @@ class Gateway:
                 state.abort("its sandbox was removed: the task has ended")
         self.bindings.forget(address)
         self.placeholders.forget(address)
+        self.dns.forget(address)
         if sandbox is not None:
             self.approvals.forget_task(sandbox.task_id or address)
+            self.gate.forget_sandbox(sandbox)
+            self.frontdoor.forget_sandbox(sandbox)
 
     async def _resolve_placeholder(self, state, name: str) -> str | Decision:
         """The address an approved placeholder's `name` resolves to, or the denial

@@ -68,6 +68,11 @@ class TlsContexts:
             self._leaves.popitem(last=False)
         return context
 
+    def forget(self, owner: Hashable) -> None:
+        """`owner`'s task ended: its leaves go (no other task may be served them)."""
+        for key in [k for k in self._leaves if k[0] == owner]:
+            del self._leaves[key]
+
     def for_upstream(self, alpn: bool) -> ssl.SSLContext:
         """The verifying client context; `alpn`: offer http/1.1 (the client offered
         ALPN: mitmproxy mirrors the client's offers, of which HTTP/1.1 is spoken here)."""
