@@ -294,9 +294,9 @@ class Soak:
                 capture_output=True, timeout=60,
             )  # fmt: skip
             try:
-                run_id = json.loads(summary.read_text())["task"]["run_id"]
+                run_id = json.loads(summary.read_text())["task_id"]
             except (OSError, ValueError, KeyError):
-                left.append(f"run {i}: no summary: {ran.stderr.decode()[-300:]!r}")
+                left.append(f"run {i}: no summary: {ran.stderr[-300:]!r}")
                 continue
             left += sandbox.leftovers(self.fakenet, run_id)
         return left

@@ -13,6 +13,7 @@ id, so emitters only say what they saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -259,8 +260,9 @@ class Gateway:
             "poller_handlers": len(door.poller.handlers) if door.poller else 0,
             "tls_leaves": len(door.tls_contexts._leaves) if door.tls_contexts else 0,
             "flood_buckets": sum(len(s.control.buckets) for s in self._rate_limited()),
-            "asyncio_tasks": len(asyncio.all_tasks()),
         }
+        with contextlib.suppress(RuntimeError):  # no loop: no tasks
+            sizes["asyncio_tasks"] = len(asyncio.all_tasks())
         return sizes
 
     def _rate_limited(self) -> list[RateLimitedAudit]:
