@@ -46,54 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from sandgate.enforcer.demo.fakenet import FakeInternet, cleanup_prefix  # noqa: E402
 from support import sandbox  # noqa: E402
 from support.service import GatewayProcess  # noqa: E402
+from support.soak import ASK_TASK, BROKEN, RULES, TASK, metrics_series, proc_figures  # noqa: E402
 
 METRICS_PORT = 9464
-RULES = """\
-version: 1
-profiles:
-  default:
-    rules:
-      - allow: allowed.test
-        id: soak-allowed
-  asker:
-    fallback: ask
-    approval: {hold: 2s, expire_pending: 10s}
-    rules:
-      - allow: allowed.test
-        id: soak-asker-allowed
-"""
-BROKEN = RULES + "      - allow: '*'\n"
-TASK = (
-    "import socket, subprocess, sys, time\n"
-    "socket.getaddrinfo('allowed.test', 443)\n"
-    "for url in ('https://allowed.test/', 'https://forbidden.test/'):\n"
-    "    subprocess.run(['curl', '-s', '-o', '/dev/null', '--max-time', '5', url])\n"
-    "try:\n"
-    "    socket.create_connection(('203.0.113.66', 443), timeout=2).close()\n"
-    "except OSError:\n"
-    "    pass\n"
-    "time.sleep(float(sys.argv[1]))\n"
-)
-ASK_TASK = (
-    "import subprocess\n"
-    "subprocess.run(['curl', '-s', '-o', '/dev/null', '--max-time', '8',"
-    " 'https://api.allowed.test/'])\n"
-)
-
-
-def proc_figures(pid: int) -> dict[str, int]:
-    """RSS (KiB), open descriptors and threads of `pid` (zeros if it is gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return {"rss_kib": 0, "fds": 0, "threads": 0}
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {
-        "rss_kib": int(fields["VmRSS"].split()[0]),
-        "fds": fds,
-        "threads": int(fields["Threads"]),
-    }
 
 
 def cgroups_of(run_ids: set[str]) -> int:
@@ -129,15 +84,6 @@ def children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(x) for x in text.split()]
-
-
-def metrics_lines(fakenet) -> int:
-    probe = (
-        "import urllib.request;"
-        f"print(urllib.request.urlopen('http://127.0.0.1:{METRICS_PORT}/metrics').read().decode())"
-    )
-    out = fakenet.run_in_host([sys.executable, "-c", probe], capture_output=True, text=True)
-    return sum(1 for line in out.stdout.splitlines() if line and not line.startswith("#"))
 
 
 class Soak:
@@ -249,7 +195,7 @@ class Soak:
             1 for r in self.run_ids if (sandbox.RUN_DIR / r).exists()
         ) - status["sandboxes"]
         row["audit KiB"] = self.gateway.audit.stat().st_size // 1024
-        row["metrics lines"] = metrics_lines(self.fakenet)
+        row["metrics lines"] = metrics_series(self.fakenet, METRICS_PORT)
         last = self.walls[-self.args.sample :]
         row["run wall ms (mean of last)"] = int(1000 * sum(last) / max(1, len(last)))
         self.samples.append(row)

@@ -16,7 +16,6 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -80,14 +79,6 @@ class Soak:
         self.rules.write_text(soak.BROKEN if broken else soak.RULES + f"# {time.time()}\n")
         self.gateway.ask("reload")
 
-    def metrics_series(self) -> int:
-        probe = (
-            "import urllib.request;print(urllib.request.urlopen("
-            f"'http://127.0.0.1:{self.metrics_port}/metrics').read().decode())"
-        )
-        out = self.net.run_in_host([sys.executable, "-c", probe], check=True).stdout
-        return sum(1 for line in out.splitlines() if line and not line.startswith("#"))
-
     def settled(self) -> dict:
         """`status --json` once no task's state is left (the workers push their tables
         every second); the last one seen if some stays."""
@@ -136,9 +127,9 @@ def test_runs_leave_nothing_in_the_service(net, tmp_path):
             if i % 15 == 14:
                 s.reload(broken=i % 30 == 14)
             if i == RUNS // 2 - 1:
-                series_halfway = s.metrics_series()
+                series_halfway = soak.metrics_series(net, s.metrics_port)
         status = s.settled()
-        series_after = s.metrics_series()
+        series_after = soak.metrics_series(net, s.metrics_port)
 
         assert soak.left_in_tables(status) == {}, status
         assert status["sandboxes"] == 0 and status["spares"] == 2

@@ -5,6 +5,7 @@ every task has ended (`status --json`: the service's `tables`, each worker's).""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # `default`: pass-through TLS, plain HTTP and inspected HTTPS (paths) to the fake
@@ -93,3 +94,14 @@ def proc_figures(pid: int) -> dict[str, int]:
         "fds": open_fds(pid),
         "threads": int(fields["Threads"]),
     }
+
+
+def metrics_series(fakenet, port: int) -> int:
+    """The series (sample lines) of the service's /metrics on 127.0.0.1:`port` of the
+    fake internet's host netns."""
+    probe = (
+        "import urllib.request;print(urllib.request.urlopen("
+        f"'http://127.0.0.1:{port}/metrics').read().decode())"
+    )
+    out = fakenet.run_in_host([sys.executable, "-c", probe], check=True).stdout
+    return sum(1 for line in out.splitlines() if line and not line.startswith("#"))
