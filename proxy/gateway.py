@@ -259,6 +259,7 @@ class Gateway:
             "upstream_pool": door.upstream_pool.count if door.upstream_pool else 0,
             "poller_handlers": len(door.poller.handlers) if door.poller else 0,
             "tls_leaves": len(door.tls_contexts._leaves) if door.tls_contexts else 0,
+            "tls_sessions": len(door.tls_contexts._sessions) if door.tls_contexts else 0,
             "flood_buckets": sum(len(s.control.buckets) for s in self._rate_limited()),
         }
         with contextlib.suppress(RuntimeError):  # no loop: no tasks

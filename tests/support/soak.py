@@ -61,7 +61,7 @@ WORKER_TASK_TABLES = (
     "registry", "connections", "connection_counts", "request_memos", "leaf_buckets",
     "dns_bindings", "placeholders", "dns_rates", "dns_refusals", "dns_pending",
     "approval_grants", "approval_waiters", "grant_timers", "door_live", "door_waiting",
-    "door_handed_off", "tls_leaves", "upstream_pool",
+    "door_handed_off", "tls_leaves", "tls_sessions", "upstream_pool",
 )  # fmt: skip
 
 
