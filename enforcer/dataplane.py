@@ -153,6 +153,7 @@ class InProcessGateway:
                 "connections": len(self.gate.connections),
                 "restarts": 0,
                 "in_process": True,
+                "tables": self.gateway.table_sizes(),
             }
         ]
 

@@ -34,6 +34,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,6 +458,7 @@ class GatewayService:
                 "draining": self.draining,
                 "control": str(self.opts.control),
                 "workers": self.data_plane.describe(),
+                "tables": self._table_sizes(),
             }
         if cmd == "sandboxes":
             return {"ok": True, "sandboxes": [a.to_dict() for a in self.sandboxes.values()]}
@@ -478,6 +480,21 @@ class GatewayService:
             "error": f"unknown command {str(cmd)[:40]!r} (status, sandboxes, reload, stop, "
             "approvals, approval, approve, deny, watch)",
         }
+
+    def _table_sizes(self) -> dict[str, int]:
+        """The service's own tables (each worker's are in its `workers` entry): what a
+        service that runs for months must give back after each task."""
+        sizes = {
+            "sandboxes": len(self.sandboxes),
+            "spares": len(self.spares),
+            "tasks": len(self._tasks),
+            "unwiring": len(self._unwiring),
+            "runners": len(self.runners),
+            "asyncio_tasks": len(asyncio.all_tasks()),
+            "threads": threading.active_count(),
+        }
+        sizes.update(getattr(self.data_plane, "table_sizes", dict)())
+        return sizes
 
     # --- sandboxes --------------------------------------------------------------------------
 

@@ -179,6 +179,7 @@ class WorkerProcess:
             "policy": self.policy,
             "proxy_port": self.proxy_port,
             "dns_port": self.dns_port,
+            "tables": self.stats.get("tables", {}),
         }
 
 
@@ -698,6 +699,17 @@ class WorkerPool:
 
     def describe(self) -> list[dict]:
         return [w.describe() for w in self.workers]
+
+    def table_sizes(self) -> dict[str, int]:
+        """The pool's per-sandbox tables on the service's side (`status` tables)."""
+        return {
+            "pool_sandboxes": len(self.by_address),
+            "worker_sandboxes": sum(len(w.sandboxes) for w in self.workers),
+            "worker_open_connections": sum(len(w.open.open) for w in self.workers),
+            "pool_tasks": len(self._tasks),
+            "approvals_pending": len(self.approvals.pending),
+            "approval_grants": len(self.approvals.grants),
+        }
 
     # --- helpers ------------------------------------------------------------------------
 

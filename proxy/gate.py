@@ -1020,6 +1020,13 @@ class ConnectionGate:
 
     # --- 5. a new policy ----------------------------------------------------------------
 
+    def forget_sandbox(self, sandbox: Sandbox) -> None:
+        """`sandbox`'s task ended: what the gate kept for it goes with it, its request
+        memos (the next task at its address must not inherit them) and its leaf budget."""
+        for key in [k for k in self._request_memos if k[0] == sandbox.address]:
+            del self._request_memos[key]
+        self.leaves.forget(sandbox)
+
     def revoke_denied(self, why: str = "a policy reload") -> list[ConnState]:
         """Decide every open connection again under `self.policy` (just swapped in,
         or with a rule just expired: the facts get the current time), on the facts it

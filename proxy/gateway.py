@@ -13,6 +13,7 @@ id, so emitters only say what they saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -227,6 +228,44 @@ class Gateway:
             plain = self._plain[profile] = not needs_engine(policy, profile)
         return plain
 
+    def table_sizes(self) -> dict[str, int]:
+        """How many entries the gateway's per-sandbox and per-connection tables hold,
+        for `status --json` (a service that runs for months must give back what each
+        task took: bench/soak_service.py and tests/e2e/test_service_soak.py read these)."""
+        gate, door, dns = self.gate, self.frontdoor, self.dns
+        sizes = {
+            "registry": len(self.registry),
+            "connections": len(gate.connections),
+            "connection_counts": len(gate.counts),
+            "request_memos": len(gate._request_memos),
+            "connect_memos": len(gate._connect_memos),
+            "leaf_buckets": len(gate.leaves.buckets),
+            "dns_bindings": len(self.bindings._sandboxes),
+            "placeholders": len(self.placeholders._names),
+            "dns_rates": len(dns.rates),
+            "dns_refusals": len(dns.refusals),
+            "dns_pending": len(dns._pending),
+            "dns_tasks": len(dns._tasks),
+            "approvals_pending": len(self.approvals.store.pending),
+            "approval_grants": sum(
+                len(t) for t in (self.approvals.store.once, self.approvals.store.task,
+                                 self.approvals.store.denied)
+            ),
+            "approval_waiters": len(self.approvals._waiters),
+            "grant_timers": len(self._grant_timers),
+            "door_live": len(door._live),
+            "door_waiting": len(door._waiting),
+            "door_handed_off": len(door._handed_off),
+            "upstream_pool": door.upstream_pool.count if door.upstream_pool else 0,
+            "poller_handlers": len(door.poller.handlers) if door.poller else 0,
+            "tls_leaves": len(door.tls_contexts._leaves) if door.tls_contexts else 0,
+            "tls_sessions": len(door.tls_contexts._sessions) if door.tls_contexts else 0,
+            "flood_buckets": sum(len(s.control.buckets) for s in self._rate_limited()),
+        }
+        with contextlib.suppress(RuntimeError):  # no loop: no tasks
+            sizes["asyncio_tasks"] = len(asyncio.all_tasks())
+        return sizes
+
     def _rate_limited(self) -> list[RateLimitedAudit]:
         return [sink for sink in self.events.sinks if isinstance(sink, RateLimitedAudit)]
 
@@ -345,8 +384,11 @@ class Gateway:
                 state.abort("its sandbox was removed: the task has ended")
         self.bindings.forget(address)
         self.placeholders.forget(address)
+        self.dns.forget(address)
         if sandbox is not None:
             self.approvals.forget_task(sandbox.task_id or address)
+            self.gate.forget_sandbox(sandbox)
+            self.frontdoor.forget_sandbox(sandbox)
 
     async def _resolve_placeholder(self, state, name: str) -> str | Decision:
         """The address an approved placeholder's `name` resolves to, or the denial

@@ -150,6 +150,11 @@ class TokenBuckets:
         self._buckets[key] = (tokens, now)
         return allowed
 
+    def forget(self, key: Hashable) -> None:
+        """`key`'s sandbox is gone: its bucket with it (the next task at its address
+        starts full, as on a new address)."""
+        self._buckets.pop(key, None)
+
     def _forget_idle(self, now: float) -> None:
         for key in [k for k, (_, at) in self._buckets.items() if now - at >= 1.0]:
             del self._buckets[key]
@@ -197,3 +202,8 @@ class LeafBudget:
         if len(free) > FREE_LEAVES:
             free.popitem(last=False)
         return True
+
+    def forget(self, sandbox: Hashable) -> None:
+        """`sandbox`'s task ended: its free names and its bucket go."""
+        self._free.pop(sandbox, None)
+        self.buckets.forget(sandbox)

@@ -296,6 +296,7 @@ class Worker:
             "connections": len(gate.connections),
             "open": gate.counts.open,
             "pending": gate.counts.pending,
+            "tables": self.gateway.table_sizes(),
         }
 
     async def _push_stats(self) -> None:

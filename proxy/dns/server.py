@@ -159,6 +159,11 @@ class DnsFilter:
                     raise
         log.info("DNS filter listening on %s:%d (udp, tcp)", listen_host or "*", self.port)
 
+    def forget(self, sandbox: str) -> None:
+        """`sandbox` (an address) is gone: its rate buckets with it."""
+        self.rates.forget(sandbox)
+        self.refusals.forget(sandbox)
+
     async def stop(self) -> None:
         if self._udp is not None:
             self._udp.close()

@@ -31,6 +31,7 @@ from sandgate.proxy.frontdoor.tls_io import TlsSocket
 from sandgate.proxy.frontdoor.tls_relay import Hello, http1_hello, serve_inspected
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 from sandgate.proxy.policy import Decision
+from sandgate.proxy.registry import Sandbox
 
 log = logging.getLogger("sandgate.frontdoor")
 
@@ -146,6 +147,13 @@ class FrontDoor:
         self.lingering = Lingering(self.poller, self.loop)
         self.loop.add_reader(listener.fileno(), self._accept)
         self._sweeper = self.loop.call_later(self._sweep_interval, self._sweep)
+
+    def forget_sandbox(self, sandbox: Sandbox) -> None:
+        """`sandbox`'s task ended: its idle upstreams and its leaves go."""
+        if self.upstream_pool is not None:
+            self.upstream_pool.forget_task(sandbox.task_id, sandbox.address)
+        if self.tls_contexts is not None:
+            self.tls_contexts.forget(sandbox)
 
     async def stop(self) -> None:
         """Stop listening and close every connection; their end events are emitted."""

@@ -88,6 +88,14 @@ class UpstreamPool:
             self._sweeper.cancel()
             self._sweeper = None
 
+    def forget_task(self, task_id: str | None, address: str) -> None:
+        """The task's sandbox is gone: its idle upstreams are closed now, not POOL_IDLE
+        later (no other task may take them, and their servers need not wait)."""
+        for key in [k for k in self.idle if k[:2] == (task_id, address)]:
+            for _, sock in self.idle.pop(key):
+                self.count -= 1
+                self._close(sock)
+
     def _on_idle_event(self, key: Hashable, sock: socket.socket, events: int) -> None:
         if events & (IN | CLOSED):  # an idle server has nothing to say: it closed, or broke
             self._forget(key, sock)

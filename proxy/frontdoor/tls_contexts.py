@@ -31,6 +31,7 @@ from collections.abc import Hashable
 from pathlib import Path
 
 from sandgate.proxy.gateway_ca import ca_key_file, ensure_ec_ca
+from sandgate.proxy.registry import Sandbox
 
 # Server-side contexts kept, least recently used out first: one per task and leaf's
 # names (a sandbox reaches few names; a context with its leaf is a few KB).
@@ -67,6 +68,14 @@ class TlsContexts:
         if len(self._leaves) > MAX_LEAF_CONTEXTS:
             self._leaves.popitem(last=False)
         return context
+
+    def forget(self, owner: Sandbox) -> None:
+        """`owner`'s task ended: its leaves and its upstream sessions go (no other task
+        may be served them; the sessions' keys start with the task and its address)."""
+        for key in [k for k in self._leaves if k[0] == owner]:
+            del self._leaves[key]
+        for key in [k for k in self._sessions if k[:2] == (owner.task_id, owner.address)]:
+            del self._sessions[key]
 
     def for_upstream(self, alpn: bool) -> ssl.SSLContext:
         """The verifying client context; `alpn`: offer http/1.1 (the client offered

@@ -697,51 +697,9 @@ class _Loader:
                     )
         done: dict[str, tuple[list[Rule], Rule, dict[str, int], dict[str, float]]] = {}
 
-        def effective(name: str, chain: tuple[str, ...]):
-            # Memoised: each profile is resolved once, so a cycle is reported once
-            # (at the extends that closes it), and an include's errors once per include.
-            if name in done:
-                return done[name]
-            profile = raw[name]
-            rules: list[Rule] = []
-            fallback: Rule | None = None
-            limits: dict[str, int] = {}
-            approval: dict[str, float] = {}
-            if profile.extends is not None:
-                parent, node = profile.extends
-                if parent not in raw:
-                    self.problem(
-                        profile.source,
-                        node,
-                        f"profile {name!r} extends unknown profile {parent!r} (known: {', '.join(sorted(raw))})",
-                    )
-                elif parent in chain:
-                    cycle = (*chain[chain.index(parent) :], parent)
-                    self.problem(profile.source, node, f"circular extends: {' -> '.join(cycle)}")
-                else:
-                    inherited_rules, fallback, limits, approval = effective(
-                        parent, (*chain, parent)
-                    )
-                    rules = list(inherited_rules)
-            for include, node in profile.includes:
-                rules += self.include(profile.source, node, include, (profile.source.path,))
-            rules += profile.rules
-            if profile.fallback is not None or fallback is None:
-                verdict, line = profile.fallback or (Verdict.DENY, profile.node.start_mark.line + 1)
-                fallback = Rule(
-                    id=f"{name}:fallback", action=verdict, file=profile.source.name, line=line
-                )
-            done[name] = (
-                rules,
-                fallback,
-                {**limits, **profile.limits},
-                {**approval, **profile.approval},
-            )
-            return done[name]
-
         compiled: dict[str, CompiledProfile] = {}
         for name in raw:
-            rules, fallback, limits, approval = effective(name, (name,))
+            rules, fallback, limits, approval = self._effective(raw, done, name, (name,))
             rules = _unique(rules)
             active = [r for r in rules if r.live_at(self.now)]
             expired = [r for r in rules if not r.live_at(self.now)]
@@ -754,6 +712,60 @@ class _Loader:
                 dataclasses.replace(DEFAULT_APPROVAL, **approval),
             )
         return compiled
+
+    def _effective(
+        self,
+        raw: dict[str, _RawProfile],
+        done: dict[str, tuple[list[Rule], Rule, dict[str, int], dict[str, float]]],
+        name: str,
+        chain: tuple[str, ...],
+    ) -> tuple[list[Rule], Rule, dict[str, int], dict[str, float]]:
+        """Profile `name`'s rules, fallback, limits and approval settings, its
+        `extends` chain resolved. A method, not a closure in `resolve`: a recursive
+        closure is a reference cycle (the function and its cell), which kept the
+        loader and every YAML node alive until the cyclic GC ran, and `load_policy`
+        freezes what is alive (gc.freeze: never collected), so each reload of a
+        long-running gateway leaked its loader for good."""
+        # Memoised: each profile is resolved once, so a cycle is reported once
+        # (at the extends that closes it), and an include's errors once per include.
+        if name in done:
+            return done[name]
+        profile = raw[name]
+        rules: list[Rule] = []
+        fallback: Rule | None = None
+        limits: dict[str, int] = {}
+        approval: dict[str, float] = {}
+        if profile.extends is not None:
+            parent, node = profile.extends
+            if parent not in raw:
+                self.problem(
+                    profile.source,
+                    node,
+                    f"profile {name!r} extends unknown profile {parent!r} (known: {', '.join(sorted(raw))})",
+                )
+            elif parent in chain:
+                cycle = (*chain[chain.index(parent) :], parent)
+                self.problem(profile.source, node, f"circular extends: {' -> '.join(cycle)}")
+            else:
+                inherited_rules, fallback, limits, approval = self._effective(
+                    raw, done, parent, (*chain, parent)
+                )
+                rules = list(inherited_rules)
+        for include, node in profile.includes:
+            rules += self.include(profile.source, node, include, (profile.source.path,))
+        rules += profile.rules
+        if profile.fallback is not None or fallback is None:
+            verdict, line = profile.fallback or (Verdict.DENY, profile.node.start_mark.line + 1)
+            fallback = Rule(
+                id=f"{name}:fallback", action=verdict, file=profile.source.name, line=line
+            )
+        done[name] = (
+            rules,
+            fallback,
+            {**limits, **profile.limits},
+            {**approval, **profile.approval},
+        )
+        return done[name]
 
 
 def load_policy(
@@ -776,7 +788,11 @@ def load_policy(
     # policy at once, holding the GIL for about a second at 100k rules, which would
     # stall the gateway's loop while a reload's worker thread does it
     # (bench/bench_reload.py). A policy lives until replaced; refcounting frees it then.
+    # What the process holds as garbage cycles now (the last load's, a reload's control
+    # connection, asyncio's) is collected first: the freeze would keep it for good.
     collecting = gc.isenabled()
+    if collecting:
+        gc.collect()
     gc.disable()
     try:
         policy = _load(paths, today, now)

@@ -58,6 +58,7 @@ def test_the_in_process_gateway_registers_forgets_and_describes_its_sandboxes(tm
     asyncio.run(plane.add_sandbox(plane.assign(), Sandbox("10.0.0.2", "task-1", "default")))
     assert plane.gateway.registry.get("10.0.0.2").task_id == "task-1"
     (entry,) = plane.describe()
+    assert entry.pop("tables")["registry"] == 1
     assert entry == {
         "index": 0,
         "pid": os.getpid(),
@@ -69,6 +70,7 @@ def test_the_in_process_gateway_registers_forgets_and_describes_its_sandboxes(tm
     plane.remove_sandbox("10.0.0.2")
     assert plane.gateway.registry.get("10.0.0.2") is None
     assert plane.describe()[0]["sandboxes"] == 0
+    assert plane.describe()[0]["tables"]["registry"] == 0
 
 
 def test_the_in_process_reload_reply_is_the_swaps_alone(tmp_path):
