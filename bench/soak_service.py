@@ -67,7 +67,8 @@ def warm_cgroups(zygote_pid: int | None) -> int:
         return 0
     try:
         line = next(
-            x for x in Path(f"/proc/{zygote_pid}/cgroup").read_text().splitlines()
+            x
+            for x in Path(f"/proc/{zygote_pid}/cgroup").read_text().splitlines()
             if ":memory:" in x
         )
     except (OSError, StopIteration):
@@ -191,9 +192,9 @@ class Soak:
         tables = self.fakenet.run_in_host(["nft", "list", "tables"], capture_output=True, text=True)
         row["nft tables (host)"] = tables.stdout.count("sandgate_")
         row["cgroups (ended runs)"] = cgroups_of(self.run_ids)
-        row["run dirs (ended runs)"] = sum(
-            1 for r in self.run_ids if (sandbox.RUN_DIR / r).exists()
-        ) - status["sandboxes"]
+        row["run dirs (ended runs)"] = (
+            sum(1 for r in self.run_ids if (sandbox.RUN_DIR / r).exists()) - status["sandboxes"]
+        )
         row["audit KiB"] = self.gateway.audit.stat().st_size // 1024
         row["metrics lines"] = metrics_series(self.fakenet, METRICS_PORT)
         last = self.walls[-self.args.sample :]
@@ -205,7 +206,9 @@ class Soak:
         args = self.args
         self.gateway.start()
         reloads_per_run = args.reloads / args.runs
-        kills_at = {int(args.runs * (k + 1) / (args.worker_kills + 1)) for k in range(args.worker_kills)}
+        kills_at = {
+            int(args.runs * (k + 1) / (args.worker_kills + 1)) for k in range(args.worker_kills)
+        }
         reloaded = 0.0
         self.sample(0)
         for i in range(1, args.runs + 1):

@@ -248,8 +248,12 @@ class Gateway:
             "dns_tasks": len(dns._tasks),
             "approvals_pending": len(self.approvals.store.pending),
             "approval_grants": sum(
-                len(t) for t in (self.approvals.store.once, self.approvals.store.task,
-                                 self.approvals.store.denied)
+                len(t)
+                for t in (
+                    self.approvals.store.once,
+                    self.approvals.store.task,
+                    self.approvals.store.denied,
+                )
             ),
             "approval_waiters": len(self.approvals._waiters),
             "grant_timers": len(self._grant_timers),

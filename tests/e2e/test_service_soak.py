@@ -92,9 +92,10 @@ class Soak:
         return last
 
     def fds(self, status: dict) -> dict[str, int]:
-        pids = {"service": status["pid"]} | {f"worker{w['index']}": w["pid"] for w in status["workers"]}
+        pids = {"service": status["pid"]} | {
+            f"worker{w['index']}": w["pid"] for w in status["workers"]
+        }
         return {name: soak.open_fds(pid) for name, pid in pids.items()}
-
 
     def sockets(self) -> str:
         """The host netns's TCP connections (what a descriptor too many holds)."""
@@ -138,6 +139,7 @@ def test_runs_leave_nothing_in_the_service(net, tmp_path):
         assert series_after <= series_halfway + 8, (series_halfway, series_after)
         run_ids = {e["task_id"] for e in s.gateway.events(kind="task") if e.get("task_id")}
         assert len(run_ids) >= RUNS + 5
+
         def leftovers():
             return [x for r in sorted(run_ids) for x in sandbox.leftovers(net, r)]
 
