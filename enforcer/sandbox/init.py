@@ -467,6 +467,17 @@ def run_init(
         pty = terminal.Terminal(spec["terminal"])
         pty.open()  # still host root: its devpts is the initial user namespace's
     if spec["userns"]:
+        # The user namespace's owner is its maker's effective uid, and the kernel
+        # charges the task's inotify instances and watches, fanotify marks, nested
+        # namespaces and per-user rlimits (NPROC, MSGQUEUE, SIGPENDING) up to the owner
+        # too: made as root, every task's were root's (128 inotify instances for the
+        # host's root and every task at once). Made as the task's first host id, they
+        # are its id slot's alone (enforcer/sandbox/id_slots.py). Only the effective
+        # uid: the real and saved stay root's, so the task (its root is that id) is
+        # still not PID 1's user for kill and ptrace. A changed euid clears the
+        # parent-death signal: set again.
+        os.setresuid(-1, spec["id_base"], -1)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
         os.write(unshared_w, b"1")
         if os.read(mapped_r, 1) != b"1":
