@@ -398,11 +398,17 @@ def become_task(spec: dict, program: bytes | None, report: Report) -> None:
     """In the task's process, in this order: ids, capabilities, no_new_privs,
     Landlock, seccomp (last: it would refuse the calls before it)."""
     uid, gid = spec["uid"], spec["gid"]
+    keep = set(KEPT_CAPS.values()) if spec["userns"] and uid == 0 else set()
     if spec["userns"]:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)  # non-zero drops every capability by itself
-    drop_capabilities(set(KEPT_CAPS.values()) if spec["userns"] and uid == 0 else set())
+        # The bounding set first, while CAP_SETPCAP is held: this process's euid is
+        # root of its user namespace (run_init), so a non-zero uid below clears every
+        # capability it has, and with them the right to drop any.
+        drop_capabilities(keep)
+        os.setresuid(uid, uid, uid)
+    else:
+        drop_capabilities(keep)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     # A task is batch work (builds, installs, tests): SCHED_BATCH keeps its fair
     # share of the CPU but a wake-up of it no longer preempts what runs, the gateway
