@@ -242,6 +242,7 @@ ls {shared} | wc -l
 
 def test_a_burst_of_runs_holds_distinct_id_ranges_all_freed_after(net, tmp_path):
     shared, rw = sandbox.shared_dir(tmp_path)
+    os.chown(shared, 4321, 4321)  # an owner no task's ids are
     script = BURST_TASK.format(shared=shared, runs=BURST)
     started = []
     try:
@@ -260,6 +261,9 @@ def test_a_burst_of_runs_holds_distinct_id_ranges_all_freed_after(net, tmp_path)
         assert popen.returncode == 0, err[-2000:]
         assert out.strip() == str(BURST), f"the burst did not overlap: {out!r}\n{err[-1000:]}"
     ranges = [tuple(map(int, f.read_text().split())) for f in shared.iterdir()]
+    # written with 24 different host ids, all land as the shared directory's owner
+    # (idmapped), as when every task had the same ids
+    assert {(f.stat().st_uid, f.stat().st_gid) for f in shared.iterdir()} == {(4321, 4321)}
     assert len(ranges) == BURST
     bases = sorted(base for base, _ in ranges)
     assert {count for _, count in ranges} == {ID_COUNT}
