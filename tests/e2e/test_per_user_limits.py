@@ -20,15 +20,18 @@ range of its own, all free again after."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import re
+import resource
 import subprocess
 from pathlib import Path
 
 import pytest
 from sandgate.enforcer.sandbox import id_slots
-from sandgate.enforcer.sandbox.spec import ID_COUNT
+from sandgate.enforcer.sandbox.spec import ID_COUNT, SandboxError
 from support import sandbox
 from support.sandbox import python
 
@@ -273,3 +276,31 @@ def test_a_burst_of_runs_holds_distinct_id_ranges_all_freed_after(net, tmp_path)
     assert all(pool.base <= base < pool.base + pool.slots * ID_COUNT for base in bases)
     # every one freed with its run: the next runs get them again
     assert not set(id_slots.in_use(pool)) & set(bases)
+
+
+def test_a_run_when_every_id_range_is_taken_is_refused_before_its_task(net, tmp_path):
+    pool = id_slots.host_id_pool()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, pool.slots + 512)), hard))
+    held = []
+    try:
+        with contextlib.suppress(SandboxError):
+            while True:
+                held.append(id_slots.claim(pool))
+        workdir = sandbox._workdir(tmp_path)
+        argv = sandbox._argv(net, workdir, ["sh", "-c", "echo ran > ran"], sandbox.DEMO_RULES, ())
+        refused = net.run_in_host(argv, timeout=60)
+    finally:
+        for slot in held:
+            slot.release()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert refused.returncode == 125, refused.stderr
+    assert not (workdir / "steps" / "ran").exists()  # the task never started
+    refusal = [line for line in refused.stderr.splitlines() if "id ranges" in line]
+    assert len(refusal) == 1 and refusal[0].startswith("sandgate: all "), refused.stderr
+    assert f"all {pool.slots} sandbox id ranges" in refusal[0]
+    run_id = re.search(r"/([0-9a-f]{8})/control\.sock", refused.stderr).group(1)
+    assert not (left := sandbox.leftovers(net, run_id)), left  # netns, table, state: gone
+    # and the next run, with the slots back, runs
+    again = sandbox.run(net, tmp_path, {"ran": "echo ran"})
+    assert again.returncode == 0 and again["ran"].out == "ran\n", again.describe()
