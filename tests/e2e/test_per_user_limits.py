@@ -81,15 +81,20 @@ def pipes_victim():
     return {"pipeline": through, **pipe_size()}
 
 
-def inotify_hostile():
+def use_up(make, what):
+    # make() (a descriptor, or -1 with errno) until it fails, each one held
     count = 0
     while count < 100000:
-        fd = libc.inotify_init1(os.O_CLOEXEC)
+        fd = make()
         if fd < 0:
-            return {"instances": count, "error": error()}
+            return {what: count, "error": error()}
         held.append(fd)
         count += 1
-    return {"instances": count, "error": None}
+    return {what: count, "error": None}
+
+
+def inotify_hostile():
+    return use_up(lambda: libc.inotify_init1(os.O_CLOEXEC), "instances")
 
 
 def inotify_victim():
@@ -113,14 +118,8 @@ libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, cty
 
 
 def fanotify_hostile():
-    count = 0
-    while count < 100000:
-        fd = libc.fanotify_init(FAN_CLASS_NOTIF_REPORT_FID, os.O_RDONLY | os.O_CLOEXEC)
-        if fd < 0:
-            return {"groups": count, "error": error()}
-        held.append(fd)
-        count += 1
-    return {"groups": count, "error": None}
+    flags = os.O_RDONLY | os.O_CLOEXEC
+    return use_up(lambda: libc.fanotify_init(FAN_CLASS_NOTIF_REPORT_FID, flags), "groups")
 
 
 def fanotify_victim():
