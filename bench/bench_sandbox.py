@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sandgate.enforcer.sandbox import cgroup, seccomp, spec  # noqa: E402
+from sandgate.enforcer.sandbox import cgroup, id_slots, seccomp, spec  # noqa: E402
 from sandgate.enforcer.sandbox import init as sandbox_init  # noqa: E402
 
 PY = sys.executable
@@ -85,7 +85,7 @@ def write_spec(
 ) -> Path:
     resolv = path.parent / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.1\n")
-    ids = spec.host_id_range()
+    ids = id_slots.claim(id_slots.host_id_pool()).ids  # held until this process ends
     if full:
         opts = spec.SandboxOptions(workspace=workspace)
         protected = spec.protected_paths([])

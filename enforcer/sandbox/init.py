@@ -398,11 +398,17 @@ def become_task(spec: dict, program: bytes | None, report: Report) -> None:
     """In the task's process, in this order: ids, capabilities, no_new_privs,
     Landlock, seccomp (last: it would refuse the calls before it)."""
     uid, gid = spec["uid"], spec["gid"]
+    keep = set(KEPT_CAPS.values()) if spec["userns"] and uid == 0 else set()
     if spec["userns"]:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)  # non-zero drops every capability by itself
-    drop_capabilities(set(KEPT_CAPS.values()) if spec["userns"] and uid == 0 else set())
+        # The bounding set first, while CAP_SETPCAP is held: this process's euid is
+        # root of its user namespace (run_init), so a non-zero uid below clears every
+        # capability it has, and with them the right to drop any.
+        drop_capabilities(keep)
+        os.setresuid(uid, uid, uid)
+    else:
+        drop_capabilities(keep)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     # A task is batch work (builds, installs, tests): SCHED_BATCH keeps its fair
     # share of the CPU but a wake-up of it no longer preempts what runs, the gateway
@@ -467,6 +473,17 @@ def run_init(
         pty = terminal.Terminal(spec["terminal"])
         pty.open()  # still host root: its devpts is the initial user namespace's
     if spec["userns"]:
+        # The user namespace's owner is its maker's effective uid, and the kernel
+        # charges the task's inotify instances and watches, fanotify marks, nested
+        # namespaces and per-user rlimits (NPROC, MSGQUEUE, SIGPENDING) up to the owner
+        # too: made as root, every task's were root's (128 inotify instances for the
+        # host's root and every task at once). Made as the task's first host id, they
+        # are its id slot's alone (enforcer/sandbox/id_slots.py). Only the effective
+        # uid: the real and saved stay root's, so the task (its root is that id) is
+        # still not PID 1's user for kill and ptrace. A changed euid clears the
+        # parent-death signal: set again.
+        os.setresuid(-1, spec["id_base"], -1)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
         os.write(unshared_w, b"1")
         if os.read(mapped_r, 1) != b"1":

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandgate.enforcer.sandbox import cgroup, planting, seccomp, spec
+from sandgate.enforcer.sandbox import cgroup, id_slots, planting, seccomp, spec
 from sandgate.enforcer.sandbox import init as sandbox_init
 from sandgate.enforcer.sandbox.inherit import Inherited
 
@@ -43,6 +43,8 @@ class PreparedSandbox:
     joined_w: int | None = None
     # The workspace's git control files before the task (None: --no-workspace-guard)
     workspace: planting.Survey | None = None
+    # The task's host ids, this run's alone until `remove` (id_slots.py)
+    ids: id_slots.IdSlot | None = None
 
     @property
     def init_fds(self) -> tuple[int, ...]:
@@ -117,13 +119,16 @@ class PreparedSandbox:
         return []
 
     def remove(self) -> None:
-        """The cgroup (and anything left in it) goes."""
-        if self.cgroup is None:
-            return
+        """The cgroup (and anything left in it) goes, then the task's id slot: freed
+        after its last process, so the next run's ids own nothing still alive."""
         try:
-            self.cgroup.remove()
+            if self.cgroup is not None:
+                self.cgroup.remove()
         except cgroup.CgroupError as e:  # the task is gone either way; never stop the teardown
             print(f"sandgate: warning: {e} (`sandgate gc` removes it later)", file=sys.stderr)
+        finally:
+            if self.ids is not None:
+                self.ids.release()
 
 
 def missing_features(limits: cgroup.Limits) -> list[Gap]:
@@ -179,7 +184,7 @@ def prepare(
             "with each gap recorded as a sandbox_weakened event)"
         )
     missing = {g.feature for g in gaps}
-    ids = spec.host_id_range()
+    pool = id_slots.host_id_pool()
     program_path = None
     if "seccomp" not in missing:
         program_path = run_dir / "seccomp.bpf"
@@ -211,6 +216,7 @@ def prepare(
         pinned=planting.pinned_dirs(workspace) if workspace else [],
         guarded=planting.read_only_binds(workspace) if workspace else [],
     )
+    slot = id_slots.claim(pool)  # last of what can refuse the run before the pipes
     report_r, report_w = os.pipe()
     os.set_inheritable(report_w, True)
     joined_r = joined_w = None
@@ -221,7 +227,7 @@ def prepare(
         netns=netns,
         hostname=f"sandbox-{run_id}",
         argv=argv,
-        ids=ids,
+        ids=slot.ids,
         uid=opts.uid,
         gid=opts.gid,
         env=spec.task_environment(dict(os.environ), opts.env, env, uid=opts.uid, home=view["home"]),
@@ -274,6 +280,7 @@ def prepare(
                 os.close(fd)
         if task_cgroup is not None:
             task_cgroup.remove()
+        slot.release()
         raise
     return PreparedSandbox(
         spec_path,
@@ -284,4 +291,5 @@ def prepare(
         joined_r=joined_r,
         joined_w=joined_w,
         workspace=workspace,
+        ids=slot,
     )

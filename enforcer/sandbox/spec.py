@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pwd
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,10 @@ from sandgate.enforcer.sandbox.disk_reserve import DEFAULT as DEFAULT_DISK_RESER
 from sandgate.enforcer.sandbox.disk_reserve import Reserve
 from sandgate.enforcer.sandbox.inherit import Inherited
 
-# The task's ids 0..ID_COUNT-1 map to host ids ID_BASE.. that own nothing: no
-# account, no file, no process of the host. An /etc/subuid and /etc/subgid entry
-# for a `sandgate` user overrides the range (as for rootless containers).
+# The task's ids 0..ID_COUNT-1 map to host ids that own nothing: no account, no file,
+# no process of the host; a range of its own a run, from ID_BASE.. (id_slots.py). An
+# /etc/subuid and /etc/subgid entry for a `sandgate` user overrides the pool (as for
+# rootless containers).
 SUBID_USER = "sandgate"
 ID_BASE = 2_000_000_000
 ID_COUNT = 65536
@@ -184,55 +184,6 @@ def task_environment(
     env.update(HOME=home, USER=user, LOGNAME=user, **sandgate)
     env.update(passed)
     return env
-
-
-def host_id_range(
-    subuid: Path = Path("/etc/subuid"), subgid: Path = Path("/etc/subgid")
-) -> IdRange:
-    """The host ids the task's ids map to: /etc/subuid's `sandgate` entry when there is
-    one (and /etc/subgid agrees), else ID_BASE.. ; refused when an account or another
-    user's subordinate range owns any of them."""
-    mine = [r for r in _subid_ranges(subuid) if r[0] == SUBID_USER and r[2] >= ID_COUNT]
-    if mine:
-        _, base, _ = mine[0]
-        gids = [
-            r
-            for r in _subid_ranges(subgid)
-            if r[0] == SUBID_USER and r[1] == base and r[2] >= ID_COUNT
-        ]
-        if not gids:
-            raise SandboxError(
-                f"{subuid} gives {SUBID_USER} ids from {base}, but {subgid} has no matching "
-                f"range of {ID_COUNT}: add '{SUBID_USER}:{base}:{ID_COUNT}' to {subgid}"
-            )
-        return IdRange(base, ID_COUNT, f"{subuid} ({SUBID_USER})")
-    end = ID_BASE + ID_COUNT
-    for who, start, count in _subid_ranges(subuid) + _subid_ranges(subgid):
-        if start < end and start + count > ID_BASE:
-            raise SandboxError(
-                f"the sandbox ids {ID_BASE}-{end - 1} overlap {who}'s subordinate ids: add a "
-                f"'{SUBID_USER}:BASE:{ID_COUNT}' line to /etc/subuid and /etc/subgid"
-            )
-    for account in pwd.getpwall():
-        if ID_BASE <= account.pw_uid < end:
-            raise SandboxError(
-                f"the sandbox ids {ID_BASE}-{end - 1} include the account {account.pw_name} "
-                f"(uid {account.pw_uid}): add a '{SUBID_USER}:BASE:{ID_COUNT}' line to /etc/subuid"
-            )
-    return IdRange(ID_BASE, ID_COUNT, "built-in range")
-
-
-def _subid_ranges(path: Path) -> list[tuple[str, int, int]]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    ranges = []
-    for line in lines:
-        parts = line.strip().split(":")
-        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-            ranges.append((parts[0], int(parts[1]), int(parts[2])))
-    return ranges
 
 
 def _under(path: Path, parent: Path) -> bool:
