@@ -49,9 +49,7 @@ class IdPool:
         return IdRange(self.base + index * ID_COUNT, ID_COUNT, self.source)
 
 
-def host_id_pool(
-    subuid: Path = Path("/etc/subuid"), subgid: Path = Path("/etc/subgid")
-) -> IdPool:
+def host_id_pool(subuid: Path = Path("/etc/subuid"), subgid: Path = Path("/etc/subgid")) -> IdPool:
     """The host ids the tasks' ids map to, as slots of ID_COUNT: /etc/subuid's `sandgate`
     entry when there is one (and /etc/subgid has one from the same id), else the
     built-in pool; refused when an account or another user's subordinate range owns
@@ -163,4 +161,3 @@ def in_use(pool: IdPool, lock_dir: Path = ID_SLOT_DIR) -> list[int]:
         finally:
             os.close(fd)
     return held
-

@@ -118,5 +118,7 @@ def test_the_lock_is_not_inherited_across_exec(tmp_path):
 
 def test_a_lock_dir_that_cannot_be_made_is_one_clear_error(tmp_path):
     blocker = write(tmp_path / "file", "")
-    with pytest.raises(SandboxError, match=r"cannot make .* \(the sandbox id slots\): Not a directory"):
+    with pytest.raises(
+        SandboxError, match=r"cannot make .* \(the sandbox id slots\): Not a directory"
+    ):
         id_slots.claim(small_pool(1), blocker / "ids")
