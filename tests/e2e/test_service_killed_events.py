@@ -11,8 +11,10 @@ middle, starts it again (it re-adopts the live sandboxes, the tasks go on), then
 compares nginx's access log with the audit log: every request nginx answered has its
 `request` event, the chain goes on unbroken (`sandgate audit verify` passes), the
 events read back from the journal say so, and each connection the kill cut (each
-task's keep-alive connection) has a `connection_end` saying the service's death
-ended it. docs/telemetry.md says how many were recovered when this was measured.
+task's keep-alive connection) has one `connection_end`: one saying the service's
+death ended it, or (with workers) its own, made by its worker as it saw the service
+gone, in the moment before it died with it. docs/telemetry.md says how many were
+recovered when this was measured.
 """
 
 from __future__ import annotations
@@ -73,14 +75,49 @@ def test_a_killed_service_loses_no_event(net, tmp_path, workers):
                     if e["seq"] < summary["seq"]
                     and not any(e["seq"] < s["seq"] < summary["seq"] for s in summaries)]  # fmt: skip
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True, seqs
-        # Each task's connection open at a kill: an end saying the kill ended it.
-        cut = [e for e in service.events(kind="connection_end") if CUT in e.get("detail", "")]
-        assert {e["task_id"] for e in cut} == {
+        # Each task's connection open at a kill ended there, once: a CUT end, or (with
+        # workers) its own, which its worker made when it saw its link to the dead
+        # service reset, in the moment before it died with it (_ended_by_kills).
+        cut, stopped_by_worker = _ended_by_kills(service.events())
+        assert {e["task_id"] for e in cut + stopped_by_worker} == {
             e["task_id"] for e in service.events(kind="request") if e["path"].startswith("/k")
-        }, cut
+        }, (cut, stopped_by_worker)
+        assert not stopped_by_worker or workers == "2", stopped_by_worker  # one process
         for end in cut:
             assert "bytes_up" not in end and end["seq"] < summaries[-1]["seq"], end
+        for end in stopped_by_worker:
+            assert end["bytes_up"] > 0 and end["seq"] < summaries[-1]["seq"], end
         service.verify_audit()
+
+
+def _ended_by_kills(events: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The `connection_end`s of the connections open at a kill: (those the next start
+    made, CUT; those their worker made as it saw its service gone, read back from its
+    black box). With `--workers 2` the kernel may close the killed service's end of a
+    worker's link before the worker gets its own SIGKILL (PR_SET_PDEATHSIG, sent late
+    in the service's exit): a worker that reads the reset in between stops its
+    gateway, which resets its connections, each with an end of its own ("the gateway
+    stopped", its bytes counted); the next start follows those ends from the worker's
+    black box and cuts only what is still open (CI saw one task's end made so, one in
+    about six runs). Checks, in the log's order, that each connection (from its first
+    allowed request) gets no second end, and none is open at a kill's summary."""
+    cut, stopped_by_worker, open_ = [], [], {}
+    for event in events:
+        key = (event.get("task_id"), event.get("source"))
+        if event["kind"] == "request" and event["verdict"] == "allow":
+            open_.setdefault(key, event)
+        elif event["kind"] == "connection_end":
+            start = open_.pop(key, None)
+            detail = event.get("detail", "")
+            if CUT in detail:
+                assert start is not None, f"a cut end of no open connection: {event}"
+                cut.append(event)
+            elif "the gateway stopped" in detail and "gateway worker black box" in detail:
+                assert start is not None, f"a worker's end of no open connection: {event}"
+                stopped_by_worker.append(event)
+        elif event.get("reason") == "audit_recovered":
+            assert not open_, f"open at a kill with no end: {list(open_.values())}"
+    return cut, stopped_by_worker
 
 
 def _recovered(service) -> list[dict]:
