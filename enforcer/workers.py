@@ -74,6 +74,7 @@ from sandgate.proxy.telemetry.blackbox import DEFAULT_SIZE, blank, recover, take
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, decode_members
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.telemetry.open_connections import OpenConnections
+from sandgate.proxy.ticks import INTAKE_PERIOD
 from sandgate.proxy.worker_link import Link, LinkClosed
 
 log = logging.getLogger("sandgate.gateway")
@@ -84,11 +85,11 @@ STEADY_S = 10.0  # a worker that lived this long died once: restart at once
 BACKOFF_MAX = 30.0
 RELOAD_TRIES = 3
 SETTLE_TIMEOUT = 2.0  # a detach waits this long at most for a worker's last events
-# The service reads its workers' links on this clock, not as each 20 ms batch comes
-# (proxy/worker_link.py, `read_every`): a wake-up of the service per batch cost more
-# than the batch at half load. Events reach the audit writer up to this much later; a
-# reply, a worker's death and a detach's `settle` are read at once.
-INTAKE_PERIOD = 0.1
+# The service reads its workers' links on a clock (INTAKE_PERIOD, proxy/worker_link.py:
+# `read_every`), not as each batch comes: a wake-up of the service per batch cost more
+# than the batch at half load. The workers send just before each tick; events reach
+# the audit writer up to this much later; a reply, a worker's death and a detach's
+# `settle` are read at once.
 # What a worker's end of its link may hold in the kernel while the service rests: a
 # worker making ~20,000 events/s sends ~1 MB per INTAKE_PERIOD. The default (~200 KB)
 # would leave the rest to asyncio's buffer in the worker (a copy and a wake-up more).

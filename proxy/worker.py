@@ -53,7 +53,8 @@ from sandgate.proxy.telemetry.blackbox import BlackBox
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.metrics import MetricsTally
 from sandgate.proxy.telemetry.summary import row_destination
-from sandgate.proxy.worker_link import Link, LinkClosed, next_tick
+from sandgate.proxy.ticks import INTAKE_PERIOD, LEAD, next_tick
+from sandgate.proxy.worker_link import Link, LinkClosed
 
 log = logging.getLogger("sandgate.worker")
 
@@ -61,12 +62,14 @@ STATS_INTERVAL = 1.0
 MAX_BATCH = 2000  # events per `events` line
 # Events wait for the next tick of a FLUSH_PERIOD clock (or until FLUSH_COUNT are
 # pending) before they go: at 5 ms after the first event, a batch held 3-6 events and
-# the wake-ups, not the events, were most of the link's cost. The ticks are multiples
-# of FLUSH_PERIOD on CLOCK_MONOTONIC (`next_tick`), so every worker sends at the same
-# instants. The service reads them on a slower clock of its own (enforcer/workers.py,
-# INTAKE_PERIOD): what a worker sent is safe in the socket, and a worker that is killed
-# loses none of them: each is in its black box, which the service reads after it died.
-FLUSH_PERIOD = 0.02
+# the wake-ups, not the events, were most of the link's cost. The ticks fall LEAD
+# before each tick of the service's own clock, which reads the links
+# (worker_link.INTAKE_PERIOD), on CLOCK_MONOTONIC (`next_tick`): every worker sends
+# once per read, just before it, with its front door's deadline tick in the same
+# wake-up. A shorter period only made more wake-ups: what is sent waits in the socket
+# for the read, and what is not yet sent is in the black box, which the service reads
+# if the worker is killed, so none of it is lost either way.
+FLUSH_PERIOD = INTAKE_PERIOD
 FLUSH_COUNT = 256
 PR_SET_PDEATHSIG = 1
 
@@ -121,7 +124,7 @@ class EventBatcher:
             self.flush()
         elif self._timer is None:
             loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(next_tick(loop.time(), FLUSH_PERIOD), self.flush)
+            self._timer = loop.call_at(next_tick(loop.time(), FLUSH_PERIOD, LEAD), self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:

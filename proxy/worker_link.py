@@ -17,9 +17,9 @@ so one slow request never holds up events.
 
 The service reads its end on a clock of its own (`read_every`): once a read has
 emptied the socket it stops reading until the next tick, unless it waits for a
-reply. The workers' event batches come every 20 ms (proxy/worker.py); each read woke
-the service, and at half load a wake-up cost more than the events it brought
-(bench/bench_workers.py). What was sent waits in the socket, in order, and a dead
+reply. A read per batch woke the service for each, and at half load a wake-up cost
+more than the events it brought (bench/bench_workers.py); the workers now send once
+per tick of this clock, just before it (proxy/ticks.py). What was sent waits in the socket, in order, and a dead
 worker's last batches are read after it died as before.
 
 The ops themselves are the worker's (proxy/worker.py) and the service's
@@ -33,8 +33,9 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable
+
+from sandgate.proxy.ticks import next_tick
 
 log = logging.getLogger("sandgate.worker")
 
@@ -46,13 +47,6 @@ Handler = Callable[[dict], Awaitable[dict] | None]
 """Takes a request or a notification. For a request it returns an awaitable of the
 reply's fields (`ok` defaults to true; an exception becomes `ok: false` with its
 text); for a notification its result is ignored."""
-
-
-def next_tick(now: float, period: float) -> float:
-    """The first multiple of `period` after `now` (seconds of the loop's clock:
-    CLOCK_MONOTONIC, one for every process of the machine, so processes that use the
-    same period tick at the same instants)."""
-    return (math.floor(now / period) + 1) * period
 
 
 class LinkClosed(ConnectionError):

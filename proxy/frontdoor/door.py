@@ -32,6 +32,7 @@ from sandgate.proxy.frontdoor.tls_relay import Hello, http1_hello, serve_inspect
 from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
 from sandgate.proxy.policy import Decision
 from sandgate.proxy.registry import Sandbox
+from sandgate.proxy.ticks import LEAD, next_tick
 
 log = logging.getLogger("sandgate.frontdoor")
 
@@ -44,7 +45,8 @@ _TCP_INFO_QUEUED = struct.Struct("=I")
 _TCP_INFO_LENGTH = 32
 # How often deadlines (first bytes, silence, upstream connect) are looked at: one
 # timer for all connections instead of one each, which would cost more than the
-# decisions they guard. Deadlines are met to within this.
+# decisions they guard. Deadlines are met to within this. The ticks fall on a
+# worker's grid of periodic work (worker_link.LEAD): every other one is its flush's.
 TICK = 0.05
 # accept() errors that mean "out of descriptors or memory": stop accepting for a
 # moment instead of spinning on a listener that stays readable (as asyncio does).
@@ -290,7 +292,7 @@ class FrontDoor:
         """Look at `connection.wake_at` from now on, until `unwait`."""
         self._waiting[connection] = None
         if self._ticker is None:
-            self._ticker = self.loop.call_later(TICK, self._tick)
+            self._ticker = self.loop.call_at(next_tick(self.loop.time(), TICK, LEAD), self._tick)
 
     def unwait(self, connection: Connection) -> None:
         self._waiting.pop(connection, None)
@@ -299,7 +301,9 @@ class FrontDoor:
         now = self.loop.time()
         for connection in [c for c in self._waiting if c.wake_at <= now]:
             connection.timed_out()
-        self._ticker = self.loop.call_later(TICK, self._tick) if self._waiting else None
+        self._ticker = (
+            self.loop.call_at(next_tick(now, TICK, LEAD), self._tick) if self._waiting else None
+        )
 
     # --- idle relays ----------------------------------------------------------------------
 

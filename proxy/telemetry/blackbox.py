@@ -1,7 +1,7 @@
 """A gateway worker's black box: the events it made, in shared memory, for the
 service to read after the worker died.
 
-A worker (proxy/worker.py) sends its events to the service in batches on a 20 ms
+A worker (proxy/worker.py) sends its events to the service in batches on a 100 ms
 tick; one killed (SIGKILL, the OOM killer, a crash in C) took the events it had not
 sent with it: connections that reached an upstream with no audit event. So the
 worker also writes each event's audit members, the bytes it will send, into a ring

@@ -206,6 +206,28 @@ def test_a_hello_in_pieces_is_waited_for(gate):
     assert events(gate)[0] == ("connection", "rule_allow", "allowed", "allowed.test", "tls")
 
 
+def test_the_deadline_tick_falls_on_the_workers_grid(gate):
+    """A connection waiting for its first bytes has the door's deadline tick armed on
+    the shared grid (proxy/ticks.py), where a worker's event flush also falls: one
+    wake-up for both, not a timer of its own relative to whenever it was armed."""
+    from sandgate.proxy.frontdoor.door import TICK
+    from sandgate.proxy.ticks import LEAD
+
+    async def scenario():
+        door = await started(gate, ALLOWED)
+        reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+        await until(lambda: door._ticker is not None)
+        on_grid = [(door._ticker.when() + LEAD) / TICK]
+        await asyncio.sleep(TICK * 1.5)  # re-armed by a tick, still waiting
+        on_grid.append((door._ticker.when() + LEAD) / TICK)
+        writer.close()
+        await door.stop()
+        return on_grid
+
+    for ticks in asyncio.run(asyncio.wait_for(scenario(), 20)):
+        assert abs(ticks - round(ticks)) < 1e-6
+
+
 def test_raw_tcp_named_by_dns_binding(gate):
     async def server(reader, writer):
         writer.write(b"SSH-2.0-fake\r\n" + await reader.readexactly(6))

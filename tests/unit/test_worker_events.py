@@ -278,19 +278,19 @@ class _Writes(_Sent):
 def test_events_spread_over_a_tick_go_in_one_write_in_order_at_the_tick():
     """Events made over ~8 ms (each in a loop iteration of its own) go in one write per
     FLUSH_PERIOD tick they fall in, at the tick: not one per 5 ms after the first."""
+    from sandgate.proxy.ticks import LEAD, next_tick
     from sandgate.proxy.worker import FLUSH_PERIOD
-    from sandgate.proxy.worker_link import next_tick
 
     async def main():
         sent = _Writes()
         batcher = EventBatcher(sent)
         loop = asyncio.get_running_loop()
-        await asyncio.sleep(next_tick(loop.time(), FLUSH_PERIOD) - loop.time() + 0.0005)
+        await asyncio.sleep(next_tick(loop.time(), FLUSH_PERIOD, LEAD) - loop.time() + 0.0005)
         made, ticks = [], set()
         began = loop.time()
         for i in range(8):
             event = ev(dst_port=1000 + i)
-            ticks.add(next_tick(loop.time(), FLUSH_PERIOD))
+            ticks.add(next_tick(loop.time(), FLUSH_PERIOD, LEAD))
             batcher.emit(event)
             made.append(event)
             await asyncio.sleep(0.001)
@@ -306,20 +306,20 @@ def test_events_spread_over_a_tick_go_in_one_write_in_order_at_the_tick():
         audit_members(e).encode() for e in made
     ]
     assert len(rows) == len(made)
-    # Each write at (just after) its tick: a multiple of FLUSH_PERIOD.
+    # Each write at (just after) its tick: LEAD before a multiple of FLUSH_PERIOD.
     for at in sent.at:
-        assert 0 <= at - round(at / FLUSH_PERIOD) * FLUSH_PERIOD < 0.01
+        assert 0 <= at - (round((at + LEAD) / FLUSH_PERIOD) * FLUSH_PERIOD - LEAD) < 0.01
 
 
 def test_two_workers_batchers_flush_at_the_same_instant():
     """Batchers whose first events come at different moments of one period flush at the
-    same tick (the service reads both at once)."""
+    same tick, LEAD before the service reads both at once."""
+    from sandgate.proxy.ticks import INTAKE_PERIOD, LEAD, next_tick
     from sandgate.proxy.worker import FLUSH_PERIOD
-    from sandgate.proxy.worker_link import next_tick
 
     async def main():
         loop = asyncio.get_running_loop()
-        await asyncio.sleep(next_tick(loop.time(), FLUSH_PERIOD) - loop.time() + 0.001)
+        await asyncio.sleep(next_tick(loop.time(), FLUSH_PERIOD, LEAD) - loop.time() + 0.001)
         one, two = EventBatcher(_Sent()), EventBatcher(_Sent())
         one.emit(ev())
         await asyncio.sleep(0.006)
@@ -331,9 +331,27 @@ def test_two_workers_batchers_flush_at_the_same_instant():
 
     first, second = asyncio.run(main())
     assert first == second
-    assert abs(first / FLUSH_PERIOD - round(first / FLUSH_PERIOD)) < 1e-6
+    read = first + LEAD  # the service's next read of the links: a tick of its clock
+    assert abs(read / INTAKE_PERIOD - round(read / INTAKE_PERIOD)) < 1e-6
     assert next_tick(0.0, FLUSH_PERIOD) == FLUSH_PERIOD
     assert next_tick(FLUSH_PERIOD * 3, FLUSH_PERIOD) == FLUSH_PERIOD * 4
+    assert next_tick(FLUSH_PERIOD * 3 - LEAD, FLUSH_PERIOD, LEAD) == FLUSH_PERIOD * 4 - LEAD
+
+
+def test_the_front_doors_deadline_tick_falls_on_the_flush_grid():
+    """A worker's periodic work shares its wake-ups: the door's deadline ticks are on
+    the grid the event batches go on, and every flush instant is one of them."""
+    from sandgate.proxy.frontdoor.door import TICK
+    from sandgate.proxy.ticks import LEAD, next_tick
+    from sandgate.proxy.worker import FLUSH_PERIOD
+
+    assert abs(FLUSH_PERIOD / TICK - round(FLUSH_PERIOD / TICK)) < 1e-9
+    for now in (0.0, 12.3456, 1e6 + 0.0789):
+        flush = next_tick(now, FLUSH_PERIOD, LEAD)
+        door = now
+        while door < flush - 1e-9:
+            door = next_tick(door, TICK, LEAD)
+        assert abs(door - flush) < 1e-6
 
 
 def test_retire_returns_once_the_workers_held_events_are_in_the_sink():

@@ -20,7 +20,8 @@ from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.telemetry.audit import audit_members
 from sandgate.proxy.telemetry.event import FIELD_BOUNDS, FIELDS, EncodedEvent, Event, EventKind
 from sandgate.proxy.telemetry.summary import row_destination
-from sandgate.proxy.worker_link import Link, LinkClosed, next_tick
+from sandgate.proxy.ticks import next_tick
+from sandgate.proxy.worker_link import Link, LinkClosed
 
 FULL = Event(
     kind=EventKind.CONNECTION_END,
