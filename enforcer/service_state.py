@@ -183,7 +183,8 @@ def claim(control_socket: Path) -> Path:
                 )
         make_dir(own, "SANDGATE_STATE_DIR")
         record = {
-            "control": os.path.abspath(control_socket),
+            # as guard_table spells it (absolute(), which keeps a "..": abspath does not)
+            "control": str(control_socket.absolute()),
             "pid": os.getpid(),
             "start": process_stamp.start_time(os.getpid()),
             "netns": _netns_inode(),

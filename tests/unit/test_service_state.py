@@ -145,3 +145,18 @@ def test_gc_removes_a_dir_whose_owner_is_gone_and_keeps_an_unattributed_one(stat
     # A stopping service removes only its own directory: this one is nobody's now.
     service_state.release(older)
     assert older.exists()
+
+
+def test_a_dead_owner_on_a_socket_spelled_with_dotdot_gets_its_own_guard_table(
+    state, tmp_path, monkeypatch
+):
+    """The guard table's name hashes the socket's path as `absolute()` spells it (a
+    `..` kept), the directory's as `abspath` (resolved): gc names the table the
+    service loaded, not one of the resolved path."""
+    control = tmp_path / "x" / ".." / "gateway.sock"
+    own = service_state.claim(control)
+    record = json.loads((own / OWNER_FILE).read_text())
+    (own / OWNER_FILE).write_text(json.dumps({**record, "start": record["start"] + 1}))
+    monkeypatch.setattr(nft, "list_tables", lambda prefix: [guard_table(control)])
+    assert guard_table(control) != guard_table(tmp_path / "gateway.sock")
+    assert _gc(dry_run=True)[0] == [f"nft table {guard_table(control)}", f"service state {own}"]
