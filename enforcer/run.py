@@ -28,6 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from sandgate.enforcer import netns, nft, process_stamp
 from sandgate.enforcer.admin import Admin, AdminOptions
@@ -712,9 +713,17 @@ def selftest(opts: RunOptions) -> tuple[int, list[dict]]:
     return (code if probes else EXIT_SETUP), probes
 
 
-def gc(dry_run: bool = False) -> list[str]:
-    """Remove what SIGKILLed runs left: their netns and veth first, then their tables.
-    Returns what was removed; with `dry_run`, what would be, touching nothing.
+class Collected(NamedTuple):
+    """What gc removed (with `dry_run`: would remove), and what it left, saying why."""
+
+    removed: list[str]
+    kept: list[str]
+
+
+def gc(dry_run: bool = False) -> Collected:
+    """Remove what SIGKILLed runs left: their netns and veth first, then their tables;
+    then what killed gateway services on other control sockets left (their state
+    directories and guard tables: service_state.py). With `dry_run`, touch nothing.
 
     Only runs known to be dead are touched: a state directory under RUN_DIR whose
     process is gone. `sg-*` namespaces without one may belong to another host
@@ -768,7 +777,11 @@ def gc(dry_run: bool = False) -> list[str]:
             f"audit journal {journal} (what it holds appended to {log_path})",
             lambda j=journal, p=log_path: _append_left_journal(j, p),
         )
-    return removed
+    from sandgate.enforcer import service_state  # it imports this module
+
+    kept: list[str] = []
+    service_state.collect(drop, kept.append)
+    return Collected(removed, kept)
 
 
 def _left_journals() -> list[tuple[Path, Path]]:

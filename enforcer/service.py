@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import fcntl
 import grp
-import hashlib
 import json
 import logging
 import os
@@ -59,6 +58,7 @@ from sandgate.enforcer.run import (
     os_error_text,
     unwire,
 )
+from sandgate.enforcer.service_state import claim, guard_table, release
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import GatewayConfig, inspects
 from sandgate.proxy.policy import PolicyError, load_policy
@@ -76,8 +76,6 @@ from sandgate.proxy.telemetry.summary import TaskSummary
 
 log = logging.getLogger("sandgate.gateway")
 
-# Not TABLE_PREFIX: `sandgate gc` must never take a guard table for a run's.
-GUARD_TABLE_PREFIX = "sandgatesvc_"
 STATE_FILE = "service.json"
 SERVICE_AUDIT_LOG = AUDIT_DIR / "gateway.jsonl"
 CONTROL_GROUP = "sandgate"
@@ -157,7 +155,7 @@ class GatewayService:
         self.stopped = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self.admin: Admin | None = None
-        self.state_dir: Path | None = None  # service_state_dir, once started
+        self.state_dir: Path | None = None  # service_state.claim's, once started
         self._tasks: set[asyncio.Task] = set()
         # Warm spares: netns, veth and table made and loaded, no task and no profile yet
         # (traffic from one is an unknown source until an attach registers it).
@@ -204,8 +202,8 @@ class GatewayService:
         upstreams = dns_upstreams(opts.dns_upstreams)
         self.audit = open_audit_log(opts.audit_log, opts.audit_budget)
         make_dir(RUN_DIR, "SANDGATE_RUN_DIR")
-        self.state_dir = own = service_state_dir(opts.control)
-        make_dir(own, "SANDGATE_STATE_DIR")
+        # Before the guard table: gc takes a recorded owner's, once it is gone.
+        self.state_dir = own = claim(opts.control)
         upstream_ca = own / "upstream-ca.pem"  # state, not a run: RUN_DIR holds runs only
         _write_ca_bundle(upstream_ca, opts.extra_ca)
         config = GatewayConfig(
@@ -309,8 +307,8 @@ class GatewayService:
             await asyncio.wait(self._unwiring)
         if self.admin is not None:
             await self.admin.stop()
-        if self.state_dir not in (None, STATE_DIR):  # a second service's: its token is void now
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        if self.state_dir is not None:  # a second service's: its token is void now
+            release(self.state_dir)
         if self.data_plane is not None:
             with contextlib.suppress(nft.NftError):
                 await asyncio.to_thread(nft.delete_table, guard_table(self.opts.control))
@@ -978,28 +976,6 @@ def _runner_alive(attached: Attached) -> bool:
     return attached.runner_pid > 1 and process_stamp.alive(
         attached.runner_pid, attached.runner_start
     )
-
-
-def guard_table(control: Path) -> str:
-    """The guard table of the service on `control`. One per service: services with
-    their own control sockets may share a host, and one replacing (or, stopping,
-    deleting) the other's table would open the other's ports to the LAN."""
-    digest = hashlib.sha256(str(control.absolute()).encode()).hexdigest()
-    return GUARD_TABLE_PREFIX + digest[:12]
-
-
-def service_state_dir(control_socket: Path) -> Path:
-    """The state of the service on `control_socket` that no other service may share:
-    its upstream CA bundle (its own --extra-ca) and its admin token. The default
-    socket's is STATE_DIR itself (the documented /var/lib/sandgate/admin-token);
-    another socket's (a second service on the host) is STATE_DIR/services/<digest of
-    the socket's path>: a second service wrote over the first's bundle, whose
-    upstream certificate checks then failed (every inspected request a 502), and
-    over its token."""
-    if os.path.abspath(control_socket) == os.path.abspath(control.DEFAULT_SOCKET):
-        return STATE_DIR
-    digest = hashlib.sha256(os.path.abspath(control_socket).encode()).hexdigest()[:16]
-    return STATE_DIR / "services" / digest
 
 
 def _refuse_if_served(path: Path) -> None:

@@ -6,9 +6,7 @@ from sandgate.enforcer.cli.common import EXIT_OK, setup_errors
 
 
 def register(sub) -> None:
-    gc = sub.add_parser(
-        "gc", help="remove what SIGKILLed runs left behind (netns, veth, nft tables)"
-    )
+    gc = sub.add_parser("gc", help="remove what SIGKILLed runs and services left behind")
     gc.add_argument("-n", "--dry-run", action="store_true", help="only list what would be removed")
     gc.set_defaults(func=cmd_gc)
 
@@ -20,8 +18,10 @@ def cmd_gc(args) -> int:
         check_prerequisites()
         leftovers = gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    for line in leftovers:
+    for line in leftovers.removed:
         print(f"{verb} {line}")
-    if args.dry_run and not leftovers:
+    for line in leftovers.kept:
+        print(f"kept {line}")
+    if args.dry_run and not leftovers.removed:
         print("nothing to remove")
     return EXIT_OK

@@ -479,9 +479,9 @@ def shared_dir(tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
     return shared, ("--rw", str(shared))
 
 
-def gc(fakenet) -> subprocess.CompletedProcess:
+def gc(fakenet, *args: str) -> subprocess.CompletedProcess:
     """`sandgate gc` in the host netns and the test's mount namespace (see `start`)."""
-    argv = ["nsenter", f"--net={NETNS_DIR / fakenet.host_ns}", "--", SANDGATE, "gc"]
+    argv = ["nsenter", f"--net={NETNS_DIR / fakenet.host_ns}", "--", SANDGATE, "gc", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 

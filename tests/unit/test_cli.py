@@ -644,7 +644,7 @@ def test_gc_dry_run_lists_and_touches_nothing(tmp_path, monkeypatch, capsys):
     """A dead run's state dir, netns and table: listed by --dry-run and left alone,
     then removed by gc. Netlink and nft are stand-ins: a real gc here would also
     sweep up tables of test runs going on in parallel in this namespace."""
-    from sandgate.enforcer import netns, nft
+    from sandgate.enforcer import netns, nft, service_state
     from sandgate.enforcer import run as runner
 
     dead = subprocess.Popen(["true"])
@@ -655,6 +655,8 @@ def test_gc_dry_run_lists_and_touches_nothing(tmp_path, monkeypatch, capsys):
     removed = []
     monkeypatch.setattr(runner, "RUN_DIR", tmp_path)
     monkeypatch.setattr(runner, "STATE_DIR", tmp_path / "no-state")  # no audit journals
+    # nor services' state dirs
+    monkeypatch.setattr(service_state, "SERVICES_DIR", tmp_path / "no-state" / "services")
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr("shutil.which", lambda name: f"/usr/sbin/{name}")
     monkeypatch.setattr(netns, "list_sandbox_nets", lambda: ["dead0001"])
