@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sandgate.enforcer import netns, nft, process_stamp
 from sandgate.enforcer.admin import Admin, AdminOptions
-from sandgate.enforcer.sandbox import cgroup, planting, prepare, spec
+from sandgate.enforcer.sandbox import cgroup, id_slots, planting, prepare, spec
 from sandgate.enforcer.summary_file import SummaryFile, SummaryFileError
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
@@ -713,7 +713,8 @@ def selftest(opts: RunOptions) -> tuple[int, list[dict]]:
 
 
 def gc(dry_run: bool = False) -> list[str]:
-    """Remove what SIGKILLed runs left: their netns and veth first, then their tables.
+    """Remove what SIGKILLed runs left: their netns and veth first, then their tables,
+    cgroups (killing what is left in them), id slots and state dirs.
     Returns what was removed; with `dry_run`, what would be, touching nothing.
 
     Only runs known to be dead are touched: a state directory under RUN_DIR whose
@@ -758,6 +759,8 @@ def gc(dry_run: bool = False) -> list[str]:
         run_id = Path(path).name.removeprefix(cgroup.PREFIX)
         if run_id in dead or (run_id not in runs and run_id not in nets and _empty_cgroup(path)):
             drop(f"cgroup {path}", lambda p=path: cgroup.remove_path(p))
+    # A killed runner's id slot, once its task's cgroup is gone (id_slots.sweep).
+    removed += id_slots.sweep(id_slots.host_id_pool(), dry_run=dry_run)
     for run_id in sorted(dead):
         drop(
             f"state {RUN_DIR / run_id}",
