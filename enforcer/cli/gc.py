@@ -7,7 +7,8 @@ from sandgate.enforcer.cli.common import EXIT_OK, setup_errors
 
 def register(sub) -> None:
     gc = sub.add_parser(
-        "gc", help="remove what SIGKILLed runs left behind (netns, veth, nft tables)"
+        "gc",
+        help="remove what SIGKILLed runs left behind (netns, veth, nft tables, cgroups, id slots)",
     )
     gc.add_argument("-n", "--dry-run", action="store_true", help="only list what would be removed")
     gc.set_defaults(func=cmd_gc)

@@ -26,12 +26,13 @@ frozen cgroup or a large exit delays, and a runner that dies leaves its cgroup t
 slot's ids, the holder writes a record there (`IdSlot.record`): `{"pid": ...,
 "cgroups": [...]}`, its task's cgroups in every hierarchy, v1 and v2, as
 /proc/<pid>/cgroup gives them, or null for a task without one; it empties the file
-when it releases the slot with its task gone. An empty file is the normal path: nothing more to look at. A record
-left there is a holder that died (or could not remove its task's cgroup): the
-claimant takes the slot only when no process is left in those cgroups, or, with no
-cgroup named (a run without limits, or a record that cannot be parsed), when no process
-in /proc has an id of the slot. When that cannot be told (a cgroup
-unreadable, no mount showing it, /proc unreadable), the slot is not taken either.
+when it releases the slot with its task gone. An empty file is the normal path:
+nothing more to look at. A record left there is a holder that died (or could not
+remove its task's cgroup): the claimant takes the slot only when no process is left
+in those cgroups, or, with no cgroup named (a run without limits, or a record that
+cannot be parsed), when no process in /proc has an id of the slot. When that cannot
+be told (a cgroup unreadable, no mount showing it, /proc unreadable), the slot is
+not taken either.
 
 Such a slot is skipped, not cleared: the claimant takes the next free one and leaves
 the orphaned task to `sandgate gc` (`sweep`), which kills its cgroup and then empties
