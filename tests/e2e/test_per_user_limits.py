@@ -361,7 +361,9 @@ def hold_slots_below(pool: id_slots.IdPool, base: int) -> list[int]:
     for index in range(pool.slots):
         if pool.slot(index).base == base:
             return held
-        fd = os.open(id_slots.ID_SLOT_DIR / str(pool.slot(index).base), os.O_RDWR | os.O_CREAT)
+        fd = os.open(
+            id_slots.ID_SLOT_DIR / str(pool.slot(index).base), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held.append(fd)
