@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from sandgate.enforcer import netns, nft, process_stamp
 from sandgate.enforcer.admin import Admin, AdminOptions
-from sandgate.enforcer.sandbox import cgroup, planting, prepare, spec
+from sandgate.enforcer.sandbox import cgroup, id_slots, planting, prepare, spec
 from sandgate.enforcer.summary_file import SummaryFile, SummaryFileError
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
@@ -721,9 +721,10 @@ class Collected(NamedTuple):
 
 
 def gc(dry_run: bool = False) -> Collected:
-    """Remove what SIGKILLed runs left: their netns and veth first, then their tables;
-    then what killed gateway services on other control sockets left (their state
-    directories and guard tables: service_state.py). With `dry_run`, touch nothing.
+    """Remove what SIGKILLed runs left: their netns and veth first, then their tables,
+    cgroups (killing what is left in them), id slots and state dirs; then what killed
+    gateway services on other control sockets left (their state directories and guard
+    tables: service_state.py). With `dry_run`, touch nothing.
 
     Only runs known to be dead are touched: a state directory under RUN_DIR whose
     process is gone. `sg-*` namespaces without one may belong to another host
@@ -767,6 +768,8 @@ def gc(dry_run: bool = False) -> Collected:
         run_id = Path(path).name.removeprefix(cgroup.PREFIX)
         if run_id in dead or (run_id not in runs and run_id not in nets and _empty_cgroup(path)):
             drop(f"cgroup {path}", lambda p=path: cgroup.remove_path(p))
+    # A killed runner's id slot, once its task's cgroup is gone (id_slots.sweep).
+    removed += id_slots.sweep(id_slots.host_id_pool(), dry_run=dry_run)
     for run_id in sorted(dead):
         drop(
             f"state {RUN_DIR / run_id}",

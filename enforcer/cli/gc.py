@@ -6,7 +6,11 @@ from sandgate.enforcer.cli.common import EXIT_OK, setup_errors
 
 
 def register(sub) -> None:
-    gc = sub.add_parser("gc", help="remove what SIGKILLed runs and services left behind")
+    gc = sub.add_parser(
+        "gc",
+        help="remove what SIGKILLed runs and services left behind "
+        "(netns, veth, nft tables, cgroups, id slots, service state)",
+    )
     gc.add_argument("-n", "--dry-run", action="store_true", help="only list what would be removed")
     gc.set_defaults(func=cmd_gc)
 

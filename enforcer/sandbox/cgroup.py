@@ -315,6 +315,11 @@ class Hierarchy:
     mountpoint: str
     controllers: frozenset[str]
     parent: str
+    root: str = "/"  # the cgroup its mount shows at `mountpoint`
+    # What finds it again from another mount (`find_named`): "" for cgroup v2, else a
+    # controller of its mount. Not one of `controllers`, which a run's limits narrow
+    # (to none for a hierarchy of a warm runner's cgroup that no limit needs).
+    key: str = ""
 
 
 def _parent_override(parent: str | None) -> str | None:
@@ -355,6 +360,8 @@ def _locate(fs: CgroupFS, override: str | None) -> dict[str, Hierarchy]:
             mountpoint,
             frozenset(here),
             posixpath.normpath(posixpath.join(mountpoint, relative.lstrip("/"))),
+            mount.root,
+            "" if version == 2 else min(here),
         )
         located.update(dict.fromkeys(here, hierarchy))
     return located
@@ -582,6 +589,14 @@ class TaskCgroup:
         return [d.path for d in self._dirs]
 
     @property
+    def named(self) -> list[tuple[str, str]]:
+        """Its directories apart from any mount: (hierarchy, cgroup path) each, the
+        hierarchy a v1 controller of it or "" for cgroup v2, the path as
+        /proc/<pid>/cgroup gives it. `members` finds them again from any mount
+        namespace (a runner of `ip netns exec` mounts its hierarchies elsewhere)."""
+        return [_named(d) for d in self._dirs]
+
+    @property
     def procs_files(self) -> list[str]:
         """Write "0" to each (one write each, before forking) to move the writer in."""
         return [os.path.join(d.path, "cgroup.procs") for d in self._dirs]
@@ -604,6 +619,12 @@ class TaskCgroup:
         """Kill what is left in the cgroup, wait until it is empty and remove it (idempotent)."""
         _remove_dirs(self._fs, self.paths, timeout)
         self._dirs = []
+
+
+def _named(d: _Dir) -> tuple[str, str]:
+    h = d.hierarchy
+    relative = posixpath.relpath(d.path, h.mountpoint)
+    return h.key, posixpath.normpath(posixpath.join(h.root, relative))
 
 
 def _set(fs: CgroupFS, path: str, value: str) -> None:
@@ -839,6 +860,32 @@ def remove_empty_ahead(*, fs: CgroupFS = HOST) -> list[str]:
                         fs.rmdir(path)
                         removed.append(path)
     return sorted(removed)
+
+
+def find_named(hierarchy: str, path: str, *, fs: CgroupFS = HOST) -> str:
+    """The directory of a cgroup that `TaskCgroup.named` gave, in our mounts (it may
+    no longer exist). Raises CgroupError when no mount of ours shows that hierarchy
+    down to `path`: then whether it holds processes cannot be told from here."""
+    for mount in parse_mountinfo(fs.read(fs.path(fs.mountinfo))):
+        if (mount.fstype == "cgroup2") != (hierarchy == ""):
+            continue
+        if hierarchy and hierarchy not in mount.options:
+            continue
+        base = mount.root.rstrip("/")
+        if path == mount.root or path.startswith(base + "/"):
+            return posixpath.join(fs.path(mount.mountpoint), path[len(base) :].lstrip("/"))
+    where = f"cgroup v1 {hierarchy}" if hierarchy else "cgroup v2"
+    raise CgroupError(f"no {where} mount here shows {path}")
+
+
+def members(hierarchy: str, path: str, *, fs: CgroupFS = HOST) -> set[int]:
+    """The processes now in a cgroup that `TaskCgroup.named` gave; none when it is
+    gone. Raises CgroupError when that cannot be told (find_named; unreadable)."""
+    directory = find_named(hierarchy, path, fs=fs)
+    try:
+        return _pids(fs, os.path.join(directory, "cgroup.procs"))
+    except (OSError, ValueError) as e:
+        raise CgroupError(f"cannot read the processes of {directory}: {e}") from e
 
 
 def remove_path(path: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = HOST) -> None:

@@ -120,15 +120,23 @@ class PreparedSandbox:
 
     def remove(self) -> None:
         """The cgroup (and anything left in it) goes, then the task's id slot: freed
-        after its last process, so the next run's ids own nothing still alive."""
+        after its last process, so the next run's ids own nothing still alive. A slot
+        whose task may have processes left (its cgroup not removed; without a cgroup,
+        some process still has its ids) keeps its record: the next claimant looks
+        at it first, and `sandgate gc` frees it (id_slots.py)."""
+        task_gone = False
         try:
             if self.cgroup is not None:
                 self.cgroup.remove()
-        except cgroup.CgroupError as e:  # the task is gone either way; never stop the teardown
+                task_gone = True
+            elif self.ids is not None:
+                with contextlib.suppress(OSError):
+                    task_gone = not id_slots.processes_with(self.ids.ids)
+        except cgroup.CgroupError as e:  # never stop the teardown
             print(f"sandgate: warning: {e} (`sandgate gc` removes it later)", file=sys.stderr)
         finally:
             if self.ids is not None:
-                self.ids.release()
+                self.ids.release(task_gone=task_gone)
 
 
 def missing_features(limits: cgroup.Limits) -> list[Gap]:
@@ -268,6 +276,8 @@ def prepare(
                     raise spec.SandboxError(f"cannot set the task's limits: {e}") from None
                 gaps.append(Gap("cgroup", str(e)))
         task_cgroup = cgroup_ahead or task_cgroup  # made ahead, it goes with the run
+        # Before the init: a killed runner's slot is taken again only once these are empty.
+        slot.record(task_cgroup.named if task_cgroup is not None else None)
         joins = task_cgroup is not None and cgroup_ahead is None
         document["cgroup_procs"] = task_cgroup.procs_files if joins else []
         # The init mounts the hierarchies it is in this cgroup in (init.mount_cgroups).

@@ -16,21 +16,26 @@ queues (RLIMIT_MSGQUEUE, charged the same way) are not here: mq_open is refused 
 sandbox (EACCES), so no task can draw on them.
 
 Then a burst: 24 runs at once, all holding their ids at the same moment, each with a
-range of its own, all free again after."""
+range of its own, all free again after. And a run whose runner is SIGKILLed while its
+task lives: the kernel frees the runner's lock at once, the task's ids are not handed
+to the next run until it is gone, and `sandgate gc` frees them."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
 import os
 import re
 import resource
+import secrets
 import subprocess
 from pathlib import Path
 
 import pytest
-from sandgate.enforcer.sandbox import id_slots
+from sandgate.enforcer.sandbox import cgroup, id_slots
 from sandgate.enforcer.sandbox.spec import ID_COUNT, SandboxError
 from support import sandbox
 from support.sandbox import python
@@ -303,3 +308,134 @@ def test_a_run_when_every_id_range_is_taken_is_refused_before_its_task(net, tmp_
     # and the next run, with the slots back, runs
     again = sandbox.run(net, tmp_path, {"ran": "echo ran"})
     assert again.returncode == 0 and again["ran"].out == "ran\n", again.describe()
+
+
+FREEZER = Path("/sys/fs/cgroup/freezer")  # cgroup v1's: a frozen process dies only once thawed
+# The orphan says which host ids its root has, ignores TERM and sleeps.
+ORPHAN = "read -r _ base _ < /proc/self/uid_map; echo $base; trap '' TERM; exec sleep 1000"
+
+
+def alive(pid: int) -> bool:
+    """A process with `pid` lives (a zombie is dead)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@contextlib.contextmanager
+def frozen(pids: list[int]):
+    """The processes held in a cgroup v1 freezer of their own: a SIGKILL (their
+    parent-death signals, their PID namespace's end) takes effect only when they are
+    thawed, as for a task in uninterruptible sleep or slow to exit. Thawed after."""
+    group = FREEZER / f"sgtest-{secrets.token_hex(4)}"
+    group.mkdir()
+    try:
+        for pid in pids:
+            (group / "cgroup.procs").write_text(str(pid))
+        (group / "freezer.state").write_text("FROZEN")
+        assert sandbox.eventually(lambda: (group / "freezer.state").read_text() == "FROZEN\n")
+        yield
+    finally:
+        (group / "freezer.state").write_text("THAWED")
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # gone, or going
+                (FREEZER / "cgroup.procs").write_text(pid)
+        assert sandbox.eventually(lambda: not (group / "cgroup.procs").read_text(), timeout=10)
+        assert sandbox.eventually(lambda: _removed(group)), f"{group} stays"
+
+
+def _removed(group: Path) -> bool:
+    try:
+        group.rmdir()
+    except OSError as e:
+        return e.errno != errno.EBUSY  # busy: its last members are still exiting
+    return True
+
+
+def hold_slots_below(pool: id_slots.IdPool, base: int) -> list[int]:
+    """Lock every free slot below `base` (as a live run does), so that `base` is the
+    first free one: the one the next run gets, unless it is not free after all."""
+    held = []
+    for index in range(pool.slots):
+        if pool.slot(index).base == base:
+            return held
+        fd = os.open(
+            id_slots.ID_SLOT_DIR / str(pool.slot(index).base), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(fd)
+        except BlockingIOError:
+            os.close(fd)
+    raise AssertionError(f"{base} is not a slot of {pool}")
+
+
+@pytest.mark.skipif(not (FREEZER / "cgroup.procs").exists(), reason="needs the v1 freezer")
+def test_a_killed_runners_ids_are_not_handed_on_while_its_task_lives(net, tmp_path):
+    """SIGKILL frees the runner's lock at once; the task (frozen here, so that its
+    kills wait) still has the slot's ids. The next run gets other ids while it lives,
+    and `sandgate gc` removes it and frees the slot."""
+    pool = id_slots.host_id_pool()
+    orphan = sandbox.start(net, tmp_path, steps={"orphan": ORPHAN}, host_mounts=True)
+    held = []
+    try:
+        run_id = orphan.run_id()
+        out = orphan.steps_dir / "orphan.out"
+        assert sandbox.eventually(lambda: out.exists() and out.read_text().strip(), timeout=30)
+        base = int(out.read_text())
+        [memory] = [p for p in cgroup.leftovers(f"sandgate-{run_id}") if "/memory/" in p]
+        pids = [int(pid) for pid in Path(memory, "cgroup.procs").read_text().split()]
+        with frozen(pids):
+            orphan.kill()  # the runner, `sandgate run`: SIGKILL
+            assert base not in id_slots.in_use(pool)  # the kernel dropped its lock
+            assert all(alive(pid) for pid in pids)  # its task did not die with it
+            held = hold_slots_below(pool, base)
+            next_run = sandbox.run(
+                net, tmp_path, {"ids": "read -r _ base _ < /proc/self/uid_map; echo $base"}
+            )
+            assert all(alive(pid) for pid in pids)  # the two ran at once
+        assert next_run.returncode == 0, next_run.describe()
+        assert int(next_run["ids"].out) != base  # not the living orphan's ids
+    finally:
+        for fd in held:
+            os.close(fd)
+        orphan.kill()
+    cleaned = sandbox.gc(net)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert not [pid for pid in pids if alive(pid)]
+    assert not (left := sandbox.leftovers(net, run_id)), left
+    assert cgroup.leftovers(f"sandgate-{run_id}") == []
+    # Free: emptied by gc (or, its task gone, taken since by a run of the host's, whose
+    # record it now holds), nothing of the orphan's left to look at.
+    assert f"sandgate-{run_id}" not in (id_slots.ID_SLOT_DIR / str(base)).read_text()
+
+
+def test_gc_kills_the_task_a_killed_runners_slot_names_then_frees_the_slot(net, tmp_path):
+    """A record a SIGKILLed runner left names a cgroup with a live process in it that
+    no run's state names (gc's other steps leave such a cgroup alone: it is not
+    empty): gc kills it and empties the record."""
+    name = f"sandgate-sgt{secrets.token_hex(4)}"
+    task = cgroup.TaskCgroup.create(name, cgroup.Limits(memory_bytes=64 << 20, pids=16))
+    sleeper = subprocess.Popen(["sleep", "1000"])
+    try:
+        task.attach(sleeper.pid)
+        pool = id_slots.host_id_pool()
+        last = pool.slot(pool.slots - 1)  # runs take the lowest free slot: not this one
+        lock = id_slots.ID_SLOT_DIR / str(last.base)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        slot = id_slots.IdSlot(last, fd, lock.stat().st_size)
+        slot.record(task.named)
+        slot.release(task_gone=False)  # as the kernel drops a killed runner's lock
+        cleaned = sandbox.gc(net)
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert f"removed id slot {slot.ids.base}" in cleaned.stdout, cleaned.stdout
+        assert sleeper.wait(timeout=10) == -9  # SIGKILL
+        assert cgroup.leftovers(name) == []
+        assert lock.stat().st_size == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        task.remove()

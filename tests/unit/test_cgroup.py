@@ -683,6 +683,10 @@ def test_ahead_hybrid_makes_every_hierarchy_then_the_run_writes_only_its_limits(
     assert [hybrid.procs(p) for p in task.paths] == [[501]] * 3
     hybrid.put(pids, "pids.events", "max 3\n")
     assert [hit.limit for hit in task.limits_hit()] == ["pids"]
+    # Named for the id slot's record (id_slots.py) in every hierarchy, the cpu one
+    # too, which no limit of this run needs (a run of the service's warm runners).
+    assert [h for h, _ in task.named] == ["cpu", "memory", "pids"]
+    assert [cgroup.members(h, p, fs=hybrid) for h, p in task.named] == [{501}] * 3
     task.remove()
     assert cgroup.leftovers(fs=hybrid) == []
 
