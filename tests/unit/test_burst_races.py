@@ -13,7 +13,7 @@ from ipaddress import IPv4Network
 
 import pytest
 import yaml
-from sandgate.enforcer import netns, nft
+from sandgate.enforcer import netns, nft, service_state
 from sandgate.enforcer import run as runner
 from sandgate.enforcer.approvals_control import always_writer, handle
 from sandgate.proxy.approvals.holder import Approvals
@@ -26,6 +26,10 @@ from sandgate.proxy.policy.model import ApprovalSettings
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "RUN_DIR", tmp_path / "run")
+    # gc's passes over the host's id slots and services' state dirs are their own
+    # modules' tests (test_id_slots, test_service_state): none of the host's here.
+    monkeypatch.setattr(runner.id_slots, "sweep", lambda pool, dry_run=False: [])
+    monkeypatch.setattr(service_state, "collect", lambda drop, keep: None)
     return tmp_path / "run"
 
 
@@ -163,7 +167,7 @@ def test_gc_leaves_the_cgroup_of_a_run_that_starts_while_it_looks(run_dir, monke
     monkeypatch.setattr(netns, "list_sandbox_nets", lambda: [])
     monkeypatch.setattr(runner.cgroup, "leftovers", cgroups_as_a_run_starts)
     monkeypatch.setattr(runner.cgroup, "remove_path", lambda path: removed.append(path))
-    assert runner.gc() == [] and removed == []
+    assert runner.gc().removed == [] and removed == []
 
 
 def test_gc_leaves_another_run_dirs_live_table_and_takes_a_lone_one(run_dir, monkeypatch):
@@ -176,7 +180,7 @@ def test_gc_leaves_another_run_dirs_live_table_and_takes_a_lone_one(run_dir, mon
     monkeypatch.setattr(nft, "delete_table", lambda table: removed.append(table))
     monkeypatch.setattr(netns, "list_sandbox_nets", lambda: ["0000aaaa"])
     monkeypatch.setattr(runner.cgroup, "leftovers", lambda: [])
-    assert runner.gc() == ["nft table sandgate_0000bbbb"]
+    assert runner.gc().removed == ["nft table sandgate_0000bbbb"]
     assert removed == ["sandgate_0000bbbb"]
 
 
@@ -247,4 +251,4 @@ def test_gc_leaves_the_empty_cgroup_of_another_run_dirs_run_setting_up(
     monkeypatch.setattr(netns, "list_sandbox_nets", lambda: ["0000aaaa"])
     monkeypatch.setattr(runner.cgroup, "leftovers", lambda: [str(p) for p in paths])
     monkeypatch.setattr(runner.cgroup, "remove_path", lambda path: removed.append(path))
-    assert runner.gc() == [f"cgroup {paths[1]}"] and removed == [str(paths[1])]
+    assert runner.gc().removed == [f"cgroup {paths[1]}"] and removed == [str(paths[1])]
