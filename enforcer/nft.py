@@ -53,13 +53,32 @@ COUNTERS = (
     "dropped_forward",
 )
 
-# DNS over UDP a sandbox may send, packets a second (bursts of as many): no profile may
-# allow more queries (policy.model.MAX_LIMITS.dns_qps), which the gateway checks per
-# sandbox only once it has read them. Every sandbox of a gateway worker shares its one
-# DNS socket: a task sending 100,000 a second filled its receive queue, and the kernel
-# dropped the other sandboxes' queries there (their lookups took 5-10 s, the
+# DNS over UDP a sandbox may send, packets a second (bursts of as many): at most this,
+# which no profile's dns_qps may exceed (policy.model.MAX_LIMITS.dns_qps), and for a
+# profile twice its dns_qps (`dns_packet_rate`). The gateway checks a sandbox's rate
+# only once it has read its queries, and every sandbox of a gateway worker shares its
+# one DNS socket: a task sending 100,000 a second filled its receive queue, and the
+# kernel dropped the other sandboxes' queries there (their lookups took 5-10 s, the
 # resolver's retries). Counted here, apart from the other drops.
 DNS_PACKETS_PER_S = 1000
+
+
+def table_rates(limits) -> dict[str, int]:
+    """A sandbox table's rates for its profile's `limits` (policy.model.Limits):
+    RulesetConfig's `connection_rate` and `dns_rate`."""
+    return {"connection_rate": limits.connection_rate, "dns_rate": dns_packet_rate(limits.dns_qps)}
+
+
+def dns_packet_rate(dns_qps: int) -> int:
+    """The UDP DNS packets a second (bursts of as many) a sandbox's table lets through
+    for its profile's `dns_qps`: twice it, at most DNS_PACKETS_PER_S. The gateway
+    answers dns_qps a second, REFUSES as many more, and drops the rest unanswered
+    (docs/rules.md, dns_qps): each of those it had to read first. 16 sandboxes
+    flooding at 1,000 a second each kept a worker of this project's 2-core machine
+    busy refusing (an honest sandbox's lookups timed out); dropped here, what the
+    gateway would not answer costs it nothing."""
+    return max(1, min(DNS_PACKETS_PER_S, 2 * dns_qps))
+
 
 # New TCP connections (SYNs) a sandbox may open a second, bursts of as many, unless its
 # profile says otherwise (`limits: connection_rate`, policy.model.Limits, read when the
@@ -93,6 +112,7 @@ class RulesetConfig:
     proxy_port: int
     dns_port: int
     connection_rate: int = CONNECTIONS_PER_S
+    dns_rate: int = DNS_PACKETS_PER_S  # dns_packet_rate of the sandbox's profile
 
     def __post_init__(self) -> None:
         if not _TABLE.fullmatch(self.table):
@@ -108,9 +128,10 @@ class RulesetConfig:
                 raise ValueError(f"bad {name} {port!r}")
         if self.proxy_port == self.dns_port:
             raise ValueError("proxy_port and dns_port must differ")
-        rate = self.connection_rate
-        if type(rate) is not int or rate < 1:
-            raise ValueError(f"bad connection_rate {rate!r}")
+        for name in ("connection_rate", "dns_rate"):
+            rate = getattr(self, name)
+            if type(rate) is not int or rate < 1:
+                raise ValueError(f"bad {name} {rate!r}")
 
 
 def render_ruleset(cfg: RulesetConfig, *, new: bool = False) -> str:
@@ -137,7 +158,7 @@ def render_ruleset(cfg: RulesetConfig, *, new: bool = False) -> str:
 \t\t{sbx} icmpv6 type {{ {_KERNEL_MLD} }} drop
 \t\t{sbx} meta nfproto ipv6 counter name "dropped_ipv6" drop
 \t\t{sbx} fib saddr . iif oif missing counter name "dropped_spoofed" drop
-\t\t{sbx} udp dport 53 limit rate over {DNS_PACKETS_PER_S}/second burst {DNS_PACKETS_PER_S} packets counter name "dropped_dns_flood" drop
+\t\t{sbx} udp dport 53 limit rate over {cfg.dns_rate}/second burst {cfg.dns_rate} packets counter name "dropped_dns_flood" drop
 \t\t{sbx} udp dport 53 accept
 \t\t{sbx} tcp dport 53 accept
 \t\t{sbx} fib daddr type local counter name "dropped_to_gateway" drop

@@ -377,7 +377,7 @@ class TaskRun:
                 sandbox_ifaces=self.net.host_if,
                 proxy_port=self.gateway.proxy_port,
                 dns_port=self.gateway.dns_port,
-                connection_rate=opts.policy.limits_for(opts.profile).connection_rate,
+                **nft.table_rates(opts.policy.limits_for(opts.profile)),
             ),
             new=True,  # this run's own id: created, not replaced (nft.render_ruleset says why)
         )

@@ -119,7 +119,7 @@ class Attached:
     connected: bool = True  # False: re-adopted after a restart, until its runner resumes
     rules_hash: str = ""
     worker: int = -1  # its data plane slot: the worker its table points at (--workers N > 1)
-    connection_rate: int = 0  # the SYNs a second its loaded table lets through (0: none loaded)
+    table_rates: dict | None = None  # its loaded table's (nft.table_rates); None: none loaded
 
     @property
     def dir(self) -> Path:
@@ -526,8 +526,8 @@ class GatewayService:
             (attached.dir / "pid").write_text(process_stamp.stamp(attached.runner_pid))
             self._write_state(attached)
             self.sandboxes[attached.run_id] = attached
-            if attached.connection_rate != policy.limits_for(profile).connection_rate:
-                await self._apply_table(attached)  # a spare's table has the default rate
+            if attached.table_rates != nft.table_rates(policy.limits_for(profile)):
+                await self._apply_table(attached)  # a spare's table has the default rates
             await self._register(attached)
             await self._write_task_files(attached)
         except BaseException:
@@ -667,21 +667,21 @@ class GatewayService:
         """Load the sandbox's table: `new` for a network just made (created, not
         replaced: nft.render_ruleset says why), else replaced (a re-adopted sandbox)."""
         proxy_port, dns_port = self.data_plane.ports(attached.worker)
-        # The profile's rate when its task attaches (a reload changes it for the next
-        # ones); a spare's, until then, the default.
-        rate = self.data_plane.policy.limits_for(attached.profile).connection_rate
+        # The profile's rates when its task attaches (a reload changes them for the
+        # next ones); a spare's, until then, the default profile's.
+        rates = nft.table_rates(self.data_plane.policy.limits_for(attached.profile))
         ruleset = nft.render_ruleset(
             nft.RulesetConfig(
                 table=attached.table,
                 sandbox_ifaces=netns.host_if_name(attached.run_id),
                 proxy_port=proxy_port,
                 dns_port=dns_port,
-                connection_rate=rate,
+                **rates,
             ),
             new=new,
         )
         await asyncio.to_thread(nft.apply_ruleset, ruleset)
-        attached.connection_rate = rate
+        attached.table_rates = rates
 
     def _resume(self, request: dict, peer: str, peer_pid: int) -> Attached:
         """A re-adopted sandbox taken back by its runner: only by that process (its pid

@@ -613,7 +613,7 @@ def _join(*parts: str) -> str:
 
 def _room_for_bursts(sock) -> None:
     """A receive queue that holds a burst of every sandbox at once: each may send
-    nft.DNS_PACKETS_PER_S queries in a burst (its table drops the rest), and a datagram
+    up to nft.DNS_PACKETS_PER_S queries in a burst (its table drops the rest), and a datagram
     costs about 1 KiB of the queue, so the default (~200 KiB, ~200 queries) was full
     after one task's burst and the kernel dropped the others' queries."""
     for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):  # FORCE: past rmem_max, as root

@@ -111,7 +111,8 @@ def format_duration(seconds: float) -> str:
 
 # The largest value each cap takes: above these a typo (an extra zero) would turn
 # the cap off in practice; a sandbox that needs more is a case for two sandboxes.
-# dns_qps: the kernel drops a sandbox's DNS past enforcer/nft.py DNS_PACKETS_PER_S.
+# dns_qps: a sandbox's table drops its DNS past twice its dns_qps, at most
+# enforcer/nft.py DNS_PACKETS_PER_S.
 MAX_LIMITS = Limits(
     connections=65536, pending=65536, dns_qps=1000, connection_rate=10000, leaf_rate=1000
 )

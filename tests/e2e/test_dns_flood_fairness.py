@@ -1,8 +1,8 @@
 """Many sandboxes flooding UDP DNS on one gateway worker, and an honest one beside them.
 
 Each flooder stays within its caps as the kernel sees them: it sends about
-`FLOOD_QPS` queries a second for fresh names (the table passes
-nft.DNS_PACKETS_PER_S of them and counts the rest in `dropped_dns_flood`); the
+`FLOOD_QPS` queries a second for fresh names (the table passes twice its profile's
+`dns_qps`, nft.dns_packet_rate, and counts the rest in `dropped_dns_flood`); the
 gateway REFUSES what is over its profile's `dns_qps`. All of them share the one
 worker's DNS socket (`--workers 1`). The honest sandbox times `LOOKUPS` lookups of
 an allowed name, one datagram each and no retry (a resolver retries after 5 s, so a
@@ -34,7 +34,7 @@ from support.service import TWO_PROFILES, beside_a_crowd, counted, running
 pytestmark = pytest.mark.e2e
 
 FLOODERS = int(os.environ.get("SANDGATE_FLOOD_N", "16"))
-FLOOD_QPS = 1200  # a little over the table's cap, so that it is the kernel that caps
+FLOOD_QPS = 1200  # over the table's cap (at most nft.DNS_PACKETS_PER_S): the kernel caps
 LOOKUPS = 20
 
 FLOODER_PROFILE = "api"  # TWO_PROFILES': the honest sandbox's is `default`

@@ -250,6 +250,29 @@ def test_the_kernels_dns_rate_never_drops_what_a_profile_may_send() -> None:
 
     assert MAX_LIMITS.dns_qps <= nft.DNS_PACKETS_PER_S
     assert f"limit rate over {nft.DNS_PACKETS_PER_S}/second" in render_ruleset(CONFIG)
+    assert nft.dns_packet_rate(MAX_LIMITS.dns_qps) >= MAX_LIMITS.dns_qps
+
+
+@pytest.mark.parametrize(
+    ("dns_qps", "rate"),
+    [
+        pytest.param(50, 100, id="the default profile: twice its rate"),
+        pytest.param(1, 2, id="the least"),
+        pytest.param(500, 1000, id="twice reaches the most"),
+        pytest.param(1000, 1000, id="never past the most"),
+    ],
+)
+def test_the_sandboxs_table_drops_dns_the_gateway_would_not_answer(dns_qps, rate) -> None:
+    """The gateway answers dns_qps a second and REFUSES as many more; the table drops
+    what is past that, so a flood costs the gateway only what it answers."""
+    from sandgate.proxy.policy.model import Limits
+
+    rates = nft.table_rates(Limits(dns_qps=dns_qps, connection_rate=37))
+    assert rates == {"connection_rate": 37, "dns_rate": rate}
+    assert (
+        f'iifname "sgh-*" udp dport 53 limit rate over {rate}/second burst {rate} packets '
+        'counter name "dropped_dns_flood" drop'
+    ) in render_ruleset(dataclasses.replace(CONFIG, **rates))
 
 
 def test_the_sandboxs_table_caps_its_new_connections_at_its_profiles_rate() -> None:
