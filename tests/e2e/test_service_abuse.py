@@ -30,6 +30,10 @@ profiles:
       - allow: allowed.test
         id: web-allowed
   hostile:
+    # dns_qps 500: its table passes 1,000 DNS queries a second (nft.dns_packet_rate),
+    # a flood that reaches the gateway and its audit rate limit; at the default (50)
+    # the table lets 100 through and drops the rest, counted, before any event.
+    limits: {dns_qps: 500}
     rules:
       - allow: allowed.test
         id: hostile-allowed
