@@ -64,7 +64,7 @@ MAX_BATCH = 2000  # events per `events` line
 # pending) before they go: at 5 ms after the first event, a batch held 3-6 events and
 # the wake-ups, not the events, were most of the link's cost. The ticks fall LEAD
 # before each tick of the service's own clock, which reads the links
-# (worker_link.INTAKE_PERIOD), on CLOCK_MONOTONIC (`next_tick`): every worker sends
+# (ticks.INTAKE_PERIOD), on CLOCK_MONOTONIC (`next_tick`): every worker sends
 # once per read, just before it, with its front door's deadline tick in the same
 # wake-up. A shorter period only made more wake-ups: what is sent waits in the socket
 # for the read, and what is not yet sent is in the black box, which the service reads

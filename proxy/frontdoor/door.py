@@ -46,7 +46,7 @@ _TCP_INFO_LENGTH = 32
 # How often deadlines (first bytes, silence, upstream connect) are looked at: one
 # timer for all connections instead of one each, which would cost more than the
 # decisions they guard. Deadlines are met to within this. The ticks fall on a
-# worker's grid of periodic work (worker_link.LEAD): every other one is its flush's.
+# worker's grid of periodic work (proxy/ticks.py): every other one is its flush's.
 TICK = 0.05
 # accept() errors that mean "out of descriptors or memory": stop accepting for a
 # moment instead of spinning on a listener that stays readable (as asyncio does).
