@@ -65,6 +65,26 @@ The task is the asker: a sandbox address outlives its task and may become anothe
 while an upstream answer is awaited (`DnsFilter._bind`)."""
 
 
+_Asker = tuple[str, "tuple[str, str, str | None]"]
+"""(a query's canonical source address, `sandbox_for`'s answer for it)."""
+_Outcome = tuple["bytes | None", Decision, dict]
+"""A query's answer: (the response, None to send nothing; the decision; event fields)."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Upstream:
+    """A query the upstream must answer first: `forward` goes out; `quick` (the common
+    shape) or `check` (any other) says how its answer is filtered."""
+
+    wire: bytes
+    forward: bytes
+    quick: QuickCheck | None
+    check: QueryCheck | None
+    who: tuple
+    source_ip: str
+    udp: bool
+
+
 class DnsFilter:
     """The asyncio DNS server the sandboxes' port-53 traffic is redirected to.
 
@@ -186,10 +206,9 @@ class DnsFilter:
         """Serve the `datagrams` one read of the UDP socket got, in its order per
         sandbox: each sandbox's queries over its `dns_qps` are refused here (`_shed`:
         no task, no parsing beyond the question, still one event each), and the rest
-        are served round-robin over the sandboxes (a task each, started in that
-        order), so that a sandbox's query waits behind at most one of each other
-        sandbox's, however many they sent."""
-        admitted: dict[str | None, list[tuple[bytes, tuple]]] = {}
+        are served round-robin over the sandboxes (`_serve_udp`), so that a sandbox's
+        query waits behind at most one of each other sandbox's, however many they sent."""
+        admitted: dict[str | None, list[tuple[bytes, tuple, _Asker | None]]] = {}
         for wire, addr in datagrams:
             source_ip = self._source_ips.get(addr[0], False)
             if source_ip is False:
@@ -198,17 +217,17 @@ class DnsFilter:
                 source_ip = self._source_ips[addr[0]] = _source_ip(addr[0])
             who = self.sandbox_for(source_ip) if source_ip else None
             if who is None:  # `handle` says why (unknown-sandbox, or a bug's SERVFAIL)
-                admitted.setdefault(None, []).append((wire, addr))
+                admitted.setdefault(None, []).append((wire, addr, None))
                 continue
             over = self._over_rate(who[0], who[1])
             if over is None:
-                admitted.setdefault(who[0], []).append((wire, addr))
+                admitted.setdefault(who[0], []).append((wire, addr, (source_ip, who)))
             else:
                 self._shed(wire, addr, who, over)
         for round_ in itertools.zip_longest(*admitted.values()):
             for datagram in round_:
                 if datagram is not None:
-                    self._spawn(self._serve_udp(*datagram))
+                    self._serve_udp(*datagram)
 
     def _shed(self, wire: bytes, addr: tuple, who: tuple, over: Decision) -> None:
         """Refuse the query `wire` of the sandbox `who`, over its rate (`over`): the
@@ -249,9 +268,25 @@ class DnsFilter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve_udp(self, wire: bytes, addr) -> None:
-        """A UDP query that `_take_in` admitted (its rate token taken there)."""
-        response = await self.handle(wire, addr, udp=True, rated=True)
+    def _serve_udp(self, wire: bytes, addr: tuple, asker: _Asker | None) -> None:
+        """A UDP query that `_take_in` admitted (its rate token taken there, its asker
+        looked up: `asker`, or None for none): answered in the intake's pass when the
+        filter needs no upstream (a denied name: what a flood is made of), else in a
+        task of its own, so that a slow upstream never blocks other sandboxes."""
+        started, fields = time.perf_counter(), _event_fields(addr)
+        outcome = self._answer_now(wire, fields, addr[0], True, True, asker)
+        if isinstance(outcome, _Upstream):
+            self._spawn(self._serve_udp_upstream(outcome, addr, fields, started))
+        else:
+            self._send_udp(self._finish(outcome, fields, started), addr)
+
+    async def _serve_udp_upstream(
+        self, pending: _Upstream, addr: tuple, fields: dict, started: float
+    ) -> None:
+        outcome = await self._answer_upstream(pending, fields)
+        self._send_udp(self._finish(outcome, fields, started), addr)
+
+    def _send_udp(self, response: bytes | None, addr: tuple) -> None:
         if response is not None and self._udp is not None:
             self._udp.sendto(response, addr)
 
@@ -293,27 +328,63 @@ class DnsFilter:
         """Answer one query from `source` ((ip, port, ...)): the bytes to send back,
         or None to send nothing. Emits exactly one event. Never raises. `rated`: the
         query's token of its sandbox's rate was taken already (`_take_in`)."""
-        started = time.perf_counter()
-        fields = {"protocol": "dns", "source": format_host_port(source[0], source[1])}
+        started, fields = time.perf_counter(), _event_fields(source)
+        outcome = self._answer_now(wire, fields, source[0], udp, rated, None)
+        if isinstance(outcome, _Upstream):
+            outcome = await self._answer_upstream(outcome, fields)
+        return self._finish(outcome, fields, started)
+
+    # `handle` in two halves, each with the safety net that makes a query's failure a
+    # SERVFAIL with its event: what needs no upstream, and what does.
+
+    def _answer_now(self, wire: bytes, fields: dict, *where) -> _Outcome | _Upstream:
+        """`_decide(wire, fields, *where)`."""
         try:
-            response, decision, more = await self._handle(wire, source[0], udp, rated, fields)
-            fields.update(more)
+            return self._decide(wire, fields, *where)
         except Exception:  # noqa: BLE001 - one query must never take the server down
-            log.exception("DNS query from %s failed", fields["source"])
-            decision = deny("internal-error", "DNS filter error")
-            response = header_response(wire, dns.rcode.SERVFAIL)
+            return self._failed(wire, fields)
+
+    async def _answer_upstream(self, pending: _Upstream, fields: dict) -> _Outcome:
+        try:
+            return await self._filter_upstream(pending)
+        except Exception:  # noqa: BLE001 - one query must never take the server down
+            return self._failed(pending.wire, fields)
+
+    def _failed(self, wire: bytes, fields: dict) -> _Outcome:
+        log.exception("DNS query from %s failed", fields["source"])
+        return (
+            header_response(wire, dns.rcode.SERVFAIL),
+            deny("internal-error", "DNS filter error"),
+            {},
+        )
+
+    def _finish(self, outcome: _Outcome, fields: dict, started: float) -> bytes | None:
+        """Emit the query's one event; its response."""
+        response, decision, more = outcome
+        fields.update(more)
         fields["duration"] = time.perf_counter() - started
         # The event's detail says more than the decision's: the type and the answer.
         decision = dataclasses.replace(decision, detail=fields.pop("detail", decision.detail))
         self._emit(Event.from_decision(EventKind.DNS, decision, **fields))
         return response
 
-    async def _handle(
-        self, wire: bytes, source_ip: str, udp: bool, rated: bool, fields: dict
-    ) -> tuple[bytes | None, Decision, dict]:
-        """`handle` without the safety net: (response, decision, event fields)."""
-        source_ip = canonical_address(source_ip).compressed
-        who = self.sandbox_for(source_ip)
+    def _decide(
+        self,
+        wire: bytes,
+        fields: dict,
+        source_ip: str,
+        udp: bool,
+        rated: bool,
+        asker: _Asker | None,
+    ) -> _Outcome | _Upstream:
+        """What needs no upstream: the answer, or what to ask the upstream (`_Upstream`).
+        `asker`: (the canonical source, `sandbox_for`'s answer) when the intake has
+        them."""
+        if asker is None:
+            source_ip = canonical_address(source_ip).compressed
+            who = self.sandbox_for(source_ip)
+        else:
+            source_ip, who = asker
         if who is None:
             decision = deny("unknown-sandbox", "source is no sandbox")
             return header_response(wire, dns.rcode.REFUSED), decision, {}
@@ -322,8 +393,16 @@ class DnsFilter:
         # the address may be no task's or a later one's.
         fields.update(sandbox=sandbox, profile=profile, task_id=task_id)
         quick = quick_check(wire, profile, self.decide_name)
-        if quick is not None:
-            return await self._handle_quick(quick, wire, who, source_ip, udp, rated, fields)
+        if quick is not None:  # on the bytes (`wire.py`) as far as the answer allows
+            fields.update(name=quick.name)
+            over = None if rated else self._over_rate(sandbox, profile)
+            if over is not None:
+                response = render_simple(quick.query, dns.rcode.REFUSED)
+                return response, over, {"detail": _join(over.detail, quick.qtype)}
+            if quick.forward is None:
+                detail = _join(quick.decision.detail, quick.qtype)
+                return quick.response, quick.decision, {"detail": detail}
+            return _Upstream(wire, quick.forward, quick, None, who, source_ip, udp)
         check = check_query(wire, profile, self.decide_name)
         fields.update(name=check.name)
         over = None if rated else self._over_rate(sandbox, profile)
@@ -334,36 +413,20 @@ class DnsFilter:
         if check.action != "forward":
             detail = _join(check.decision.detail, check.qtype or "")
             return check.response, check.decision, {"detail": detail}
-        reply, failure = await self._forward(check.forward.to_wire(), sandbox)
-        return self._filter(
-            check.query, check.qtype, check.decision, reply, failure, who, source_ip, udp
-        )
+        return _Upstream(wire, check.forward.to_wire(), None, check, who, source_ip, udp)
 
-    async def _handle_quick(
-        self,
-        quick: QuickCheck,
-        wire: bytes,
-        who: tuple,
-        source_ip: str,
-        udp: bool,
-        rated: bool,
-        fields: dict,
-    ) -> tuple[bytes | None, Decision, dict]:
-        """`_handle` for a query of the common shape: on the bytes (`wire.py`) as far
-        as the answer allows, through dnspython where the filter has work to do."""
-        sandbox, profile, _ = who
-        fields.update(name=quick.name)
-        over = None if rated else self._over_rate(sandbox, profile)
-        if over is not None:
-            response = render_simple(quick.query, dns.rcode.REFUSED)
-            return response, over, {"detail": _join(over.detail, quick.qtype)}
-        if quick.forward is None:
-            return (
-                quick.response,
-                quick.decision,
-                {"detail": _join(quick.decision.detail, quick.qtype)},
+    async def _filter_upstream(self, pending: _Upstream) -> _Outcome:
+        """Forward `pending`'s query; the filtered answer. A query of the common shape
+        is answered on the bytes when the answer needs no edit, through dnspython when
+        the filter has work to do."""
+        who, source_ip, udp = pending.who, pending.source_ip, pending.udp
+        reply, failure = await self._forward(pending.forward, who[0])
+        quick = pending.quick
+        if quick is None:
+            check = pending.check
+            return self._filter(
+                check.query, check.qtype, check.decision, reply, failure, who, source_ip, udp
             )
-        reply, failure = await self._forward(quick.forward, sandbox)
         if isinstance(reply, bytes):
             simple = filter_simple_answer(quick.query, quick.name, reply, udp=udp)
             if simple is not None:
@@ -372,7 +435,7 @@ class DnsFilter:
                 return simple.response, quick.decision, {"detail": detail}
         from dns.message import from_wire  # the slow path's (package docstring, "Imports")
 
-        query = from_wire(wire)
+        query = from_wire(pending.wire)
         return self._filter(query, quick.qtype, quick.decision, reply, failure, who, source_ip, udp)
 
     def _filter(
@@ -605,6 +668,10 @@ def _describe(response: dns.message.Message) -> str:
     if response.flags & dns.flags.TC:
         text += " (truncated)"
     return f"{text} {', '.join(values)}".strip()
+
+
+def _event_fields(source: tuple) -> dict:
+    return {"protocol": "dns", "source": format_host_port(source[0], source[1])}
 
 
 def _join(*parts: str) -> str:
