@@ -9,13 +9,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandgate.enforcer.admin.auth import Sessions
 from sandgate.enforcer.admin.keys import DEFAULT_KEYS, KeyFile
 from sandgate.enforcer.admin.server import AdminServer, with_wall_time
 from sandgate.proxy.approvals.holder import Approvals
-from sandgate.proxy.approvals.webhook import Webhooks
 from sandgate.proxy.policy.names import format_host_port
+
+if TYPE_CHECKING:
+    from sandgate.proxy.approvals.webhook import Webhooks
 
 ADMIN_DEFAULT = "127.0.0.1:9465"
 
@@ -91,6 +94,10 @@ class Admin:
                         flush=True,
                     )
         if self.opts.webhooks:
+            # Here, not with this module: webhook.py imports h11 (~10 ms of every run's
+            # start), which only webhooks need.
+            from sandgate.proxy.approvals.webhook import Webhooks
+
             self.webhooks = Webhooks(
                 self.opts.webhooks,
                 self.opts.webhook_secret,

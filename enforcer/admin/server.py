@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 
-import h11
 from sandgate.enforcer import approvals_control
 from sandgate.enforcer.admin.auth import (
     SESSION_HEADER,
@@ -67,6 +66,19 @@ SECURITY_HEADERS = [
     ("cache-control", "no-store"),
 ]
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+
+# h11 is imported by the first connection (`_load_h11`), not with this module: every
+# `sandgate run` starts this server and few are ever visited, and h11's import (the
+# regexes of its grammar) is ~10 ms of a run's start.
+h11 = None
+
+
+def _load_h11() -> None:
+    global h11
+    if h11 is None:
+        import h11 as module
+
+        h11 = module
 
 
 @dataclass
@@ -130,6 +142,7 @@ class AdminServer:
         peername = writer.get_extra_info("peername")
         log.info("admin connection from %s", peername)
         peer = str(peername[0]) if peername else "an unknown address"  # tallied by address
+        _load_h11()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             while True:

@@ -256,7 +256,6 @@ def admin_settings(args: argparse.Namespace):
     """--admin-listen and the --approval-webhook options, checked: an AdminOptions, or a
     UsageError naming the option."""
     from sandgate.enforcer.admin import AdminOptions
-    from sandgate.proxy.approvals.webhook import check_url
     from sandgate.proxy.telemetry.metrics import parse_listen
 
     listen = None
@@ -267,6 +266,8 @@ def admin_settings(args: argparse.Namespace):
             raise UsageError(f"--admin-listen: {e}") from None
     secret = b""
     if args.approval_webhook:
+        from sandgate.proxy.approvals.webhook import check_url  # h11 with it: only if used
+
         for url in args.approval_webhook:
             try:
                 check_url(url)

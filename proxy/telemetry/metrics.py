@@ -24,7 +24,7 @@ the event loop: a scrape costs the proxy only the GIL time of rendering a few
 hundred series (see `serve`).
 
 Start time: the exposition side (rendering, the WSGI server) is imported by the
-server thread, off the start (lean_prometheus.py says why).
+server thread at the first scrape, off the start (lean_prometheus.py says why).
 """
 
 from __future__ import annotations
@@ -506,7 +506,8 @@ class Metrics:
         address (port 0 picks a free one). Raises OSError if it cannot listen.
 
         The socket is bound here, so a port in use fails the call; the WSGI server
-        (and its imports) comes up in the thread, which accepts from the backlog."""
+        (and its imports) comes up in the thread with the first connection, which
+        waits in the backlog meanwhile."""
         listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HTTPServer
@@ -527,7 +528,29 @@ class Metrics:
 
     def _serve_forever(self, listener: socket.socket, wake_r: int) -> None:
         """Until stop(): `serve_forever` without its poll interval, which stop() would
-        wait out at the end of every `sandgate run` (up to 20 ms here, 0.5 s by default)."""
+        wait out at the end of every `sandgate run` (up to 20 ms here, 0.5 s by default).
+
+        The WSGI server is made at the first scrape, not when the thread starts: its
+        imports (wsgiref, http.server, email, urllib: ~20 ms of CPU) would otherwise
+        take the GIL from the run's start, and most runs end unscraped."""
+        server = None
+        with selectors.DefaultSelector() as selector:
+            selector.register(listener, selectors.EVENT_READ)
+            selector.register(wake_r, selectors.EVENT_READ)
+            try:
+                while all(key.fd != wake_r for key, _ in selector.select()):
+                    if server is None:
+                        server = self._wsgi_server(listener)
+                    server._handle_request_noblock()  # accept + a thread (ThreadingMixIn)
+            finally:
+                if server is not None:
+                    server.server_close()  # its socket is `listener`
+                else:
+                    listener.close()
+                os.close(wake_r)
+
+    def _wsgi_server(self, listener: socket.socket):
+        """prometheus_client's threading WSGI server on the bound `listener`."""
         from wsgiref.simple_server import WSGIRequestHandler
 
         from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
@@ -547,15 +570,7 @@ class Metrics:
         server.server_name, server.server_port = socket.getfqdn(), listener.getsockname()[1]
         server.setup_environ()
         server.set_app(make_wsgi_app(self.registry))
-        with selectors.DefaultSelector() as selector:
-            selector.register(listener, selectors.EVENT_READ)
-            selector.register(wake_r, selectors.EVENT_READ)
-            try:
-                while all(key.fd != wake_r for key, _ in selector.select()):
-                    server._handle_request_noblock()  # accept + a thread (ThreadingMixIn)
-            finally:
-                server.server_close()
-                os.close(wake_r)
+        return server
 
     def stop(self) -> None:
         """Add what is tallied (nothing counted is lost at exit) and stop serving."""

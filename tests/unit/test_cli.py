@@ -3,6 +3,7 @@ and the exit codes scripts rely on (0 allowed/valid, 1 denied/ask, 2 bad input).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -611,6 +612,22 @@ def test_not_root_is_one_line_and_exit_125(monkeypatch, capsys, command):
         captured.err.startswith("sandgate: sandgate run needs root")
         and captured.err.count("\n") == 1
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        pytest.param(["run", "--rules", BROKEN, "--", "true"], 2, id="broken-rules"),
+        pytest.param(["run", "--", "true"], 125, id="not-root"),
+    ],
+)
+def test_run_collects_garbage_again_after_its_start(monkeypatch, capsys, argv, code):
+    """`cmd_run` pauses the cyclic GC while its start imports and loads (cli/run.py):
+    it runs again after, also when the start fails (a gateway must not serve for
+    hours without it)."""
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert main(argv) == code
+    assert gc.isenabled()
 
 
 def test_missing_nft_is_one_line_and_exit_125(tmp_path):

@@ -235,3 +235,22 @@ def test_a_reload_that_adds_an_ask_rule_starts_mitmproxy(tmp_path):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["started False", "reloaded True"], proc.stderr
+
+
+START_SCRIPT = """
+import sys
+import sandgate.enforcer.cli.run, sandgate.enforcer.run  # what an embedded `sandgate run` imports
+heavy = ("unittest.case", "unittest.loader", "email.utils", "wsgiref.simple_server",
+         "http.server", "urllib.request", "prometheus_client.exposition", "h11")
+print(sorted(m for m in heavy if m in sys.modules))
+from unittest import mock
+print(type(mock.Mock()).__name__, "unittest.case" in sys.modules)
+"""
+
+
+def test_a_run_start_imports_no_test_runner_nor_http_server():
+    """pyroute2 imports unittest.mock (unittest's __init__, its runner and loader, is
+    skipped: enforcer/lean_pyroute2.py); the metrics' WSGI server and its imports
+    come with the first scrape (proxy/telemetry/metrics.py), h11 with the admin page's
+    first connection or the first webhook (enforcer/admin/)."""
+    assert run_script(START_SCRIPT) == ["[]", "Mock False"]

@@ -357,6 +357,28 @@ def test_the_exposition_side_is_not_imported_until_served():
     assert int(rendered) > 10  # rendering imports what it needs by itself
 
 
+def test_the_server_imports_the_exposition_side_at_the_first_scrape():
+    """Serving costs a start nothing but the bound socket: the server thread makes the
+    WSGI server (wsgiref, http.server, email) when the first scrape connects."""
+    code = (
+        "import sys, socket, time\n"
+        "from sandgate.proxy.telemetry.metrics import Metrics\n"
+        "m = Metrics()\n"
+        "host, port = m.serve('127.0.0.1', 0)\n"
+        "time.sleep(0.3)\n"
+        "heavy = {'prometheus_client.exposition', 'wsgiref.simple_server', 'http.server'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+        "with socket.create_connection((host, port), timeout=5) as s:\n"
+        "    s.sendall(b'GET /metrics HTTP/1.0\\r\\n\\r\\n')\n"
+        "    reply = b''.join(iter(lambda: s.recv(65536), b''))\n"
+        "m.stop()\n"
+        "head, _, body = reply.partition(b'\\r\\n\\r\\n')\n"
+        "print(head.split(b'\\r\\n')[0].decode(), body == m.render())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["[]", "HTTP/1.0 200 OK True"]
+
+
 def test_a_taken_port_raises_oserror_for_the_caller_to_report():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
