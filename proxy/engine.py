@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -39,15 +40,43 @@ class ByteCounts(Protocol):
     bytes_down: int  # written to the client
 
 
+# What mitmproxy reads from a client at once is sized so that handling it takes about
+# READ_SLICE of the worker's time: the loop serves its connections a read each in
+# turn, so one whose bytes are dear to handle (HTTP/2 frames by the thousand: rapid
+# reset, floods; ~50 us a stream) gets turns as short as everyone's instead of 64 KiB
+# at once (~80 ms), and what a budget (lean_mitmproxy.bound_h2_*) closes the
+# connection for is not parsed past it. Cheap bytes (a body) grow it back to what
+# mitmproxy asks, doubling a read.
+READ_SLICE = 0.001  # seconds
+READ_MIN = 2048
+READ_FIRST = 4096
+
+
+def next_read_size(size: int, asked: int, got: int, spent: float) -> int:
+    """The size of a client's next read: `size` was the last one's, `asked` is what
+    mitmproxy asks for, `got` bytes of the last read took `spent` seconds to handle."""
+    if spent > READ_SLICE:
+        return max(READ_MIN, min(asked, int(got * READ_SLICE / spent)))
+    return min(asked, 2 * size)
+
+
 def _count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: ByteCounts) -> None:
     """Make what mitmproxy reads from the client add to `counts.bytes_up`, what it
-    writes to `counts.bytes_down`. The stream objects stay what they are (mitmproxy
-    checks their type): only these two methods of these two instances change."""
-    read, write = reader.read, writer.write
+    writes to `counts.bytes_down`, and size its reads (`next_read_size`). The stream
+    objects stay what they are (mitmproxy checks their type): only these two methods
+    of these two instances change."""
+    read, write, clock = reader.read, writer.write, time.perf_counter
+    size, got, returned = READ_FIRST, 0, 0.0
 
     async def counted_read(n: int = -1) -> bytes:
+        nonlocal size, got, returned
+        if n > 0:  # (-1: until the end, as asked)
+            if got:  # handled since `returned` (mitmproxy reads again once it has)
+                size = next_read_size(size, n, got, clock() - returned)
+            n = min(n, size)
         data = await read(n)
-        counts.bytes_up += len(data)
+        got, returned = len(data), clock()
+        counts.bytes_up += got
         return data
 
     def counted_write(data: bytes) -> None:
