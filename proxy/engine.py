@@ -28,9 +28,11 @@ import logging
 import socket
 import time
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Protocol
 
 from sandgate.proxy.gateway_ca import ca_cert_file, ensure_ec_ca
+from sandgate.proxy.turns import Turns
 
 log = logging.getLogger("sandgate.engine")
 
@@ -38,6 +40,7 @@ log = logging.getLogger("sandgate.engine")
 class ByteCounts(Protocol):
     bytes_up: int  # read from the client
     bytes_down: int  # written to the client
+    sandbox: Hashable  # whose connection: its reads take their turns (proxy/turns.py)
 
 
 # What mitmproxy reads from a client at once is sized so that handling it takes about
@@ -60,19 +63,27 @@ def next_read_size(size: int, asked: int, got: int, spent: float) -> int:
     return min(asked, 2 * size)
 
 
-def _count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: ByteCounts) -> None:
+def _count(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: ByteCounts, turns: Turns
+) -> None:
     """Make what mitmproxy reads from the client add to `counts.bytes_up`, what it
-    writes to `counts.bytes_down`, and size its reads (`next_read_size`). The stream
+    writes to `counts.bytes_down`, size its reads (`next_read_size`) and have each
+    wait its sandbox's turn when the loop's turn is full (`turns`). The stream
     objects stay what they are (mitmproxy checks their type): only these two methods
     of these two instances change."""
-    read, write, clock = reader.read, writer.write, time.perf_counter
+    read, write, clock, owner = reader.read, writer.write, time.perf_counter, counts.sandbox
     size, got, returned = READ_FIRST, 0, 0.0
 
     async def counted_read(n: int = -1) -> bytes:
         nonlocal size, got, returned
         if n > 0:  # (-1: until the end, as asked)
             if got:  # handled since `returned` (mitmproxy reads again once it has)
-                size = next_read_size(size, n, got, clock() - returned)
+                spent = clock() - returned
+                size = next_read_size(size, n, got, spent)
+                turns.charge(owner, spent)
+                turn = turns.wait(owner)
+                if turn is not None:
+                    await turn
             n = min(n, size)
         data = await read(n)
         got, returned = len(data), clock()
@@ -165,6 +176,7 @@ class ProxyEngine:
         self._server = None
         self._task: asyncio.Task | None = None
         self._starting: asyncio.Future | None = None
+        self._turns: Turns | None = None  # the clients' reads' turns, on the serving loop
 
     async def started(self, why: str = "the first connection handed to it") -> None:
         """Import and start mitmproxy unless done already; raises what made it fail
@@ -247,7 +259,10 @@ class ProxyEngine:
             sock.close()
             raise
         if counts is not None:
-            _count(reader, writer, counts)
+            if self._turns is None:
+                loop = asyncio.get_running_loop()
+                self._turns = Turns(loop.call_soon, loop.create_future)
+            _count(reader, writer, counts, self._turns)
         await self._server.handle_stream(reader, writer)
 
     @property

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from sandgate.proxy.engine import READ_FIRST, READ_MIN, READ_SLICE, _count, next_read_size
+from sandgate.proxy.turns import Turns
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,7 @@ def test_next_read_size(size, got, spent, expected):
 
 class Counts:
     bytes_up = bytes_down = 0
+    sandbox = "10.0.0.2"
 
 
 def test_reads_are_sized_by_what_the_last_one_cost_and_counted():
@@ -34,7 +36,8 @@ def test_reads_are_sized_by_what_the_last_one_cost_and_counted():
         reader.feed_data(b"x" * 200_000)
         writer = type("W", (), {"write": lambda self, data: None})()
         counts = Counts()
-        _count(reader, writer, counts)
+        loop = asyncio.get_running_loop()
+        _count(reader, writer, counts, Turns(loop.call_soon, loop.create_future, budget=1.0))
         sizes = [len(await reader.read(65535))]  # the first: READ_FIRST
         for _ in range(4):  # handled at once: doubling, up to what is asked
             sizes.append(len(await reader.read(65535)))
