@@ -236,7 +236,7 @@ class FrontDoor:
             queued = max(1, min(queued, ACCEPTS_PER_WAKEUP))
         except (OSError, struct.error):  # not TCP, or a kernel without it: until EAGAIN
             queued = ACCEPTS_PER_WAKEUP
-        setups, intake = 0, self.intake
+        setups = 0
         for _ in range(queued):
             try:
                 fd, peer = accept()
@@ -259,11 +259,13 @@ class FrontDoor:
                 else:
                     log.warning("front door: accept failed: %s", e)
                 return
-            if setups < SETUPS_PER_TURN and not intake:
-                setups += 1
-                self._set_up(sock, peer)
-            else:
+            # Set up now, unless this wake-up did its share or others wait their turn
+            # (the drainer is due exactly while the intake holds any).
+            if setups >= SETUPS_PER_TURN or self._drainer is not None:
                 self._queue(sock, peer)
+                continue
+            setups += 1
+            self._set_up(sock, peer)
 
     def _set_up(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         try:
