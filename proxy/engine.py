@@ -27,8 +27,8 @@ import asyncio
 import logging
 import socket
 import time
-from pathlib import Path
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Protocol
 
 from sandgate.proxy.gateway_ca import ca_cert_file, ensure_ec_ca
