@@ -45,14 +45,14 @@ class Held:
 # (proxy/descriptors.py), its listeners, the DNS filter's sockets (up to 256 TCP
 # connections), plain HTTP's idle upstream connections (256), the audit log, the
 # control and admin connections, mitmproxy's own, and the new connections the front
-# door's intake holds before their turn (frontdoor/door.py QUEUED_IN_ALL, 128).
-OTHER_DESCRIPTORS = 768
+# door's intake holds before their turn (frontdoor/door.py QUEUED_IN_ALL, 64).
+OTHER_DESCRIPTORS = 640
 
 
 def connection_budget(descriptors: int) -> int:
     """How many sandbox connections a worker whose RLIMIT_NOFILE is `descriptors`
     holds at most: two descriptors each (the client's and the upstream's) after
-    OTHER_DESCRIPTORS, at least 64. With a limit of 2048: 640; of 1,048,576: 523,904."""
+    OTHER_DESCRIPTORS, at least 64. With a limit of 2048: 704; of 1,048,576: 523,968."""
     return max(64, (descriptors - OTHER_DESCRIPTORS) // 2)
 
 

@@ -51,11 +51,12 @@ SETUPS_PER_TURN = 16
 # worker's: the next sets up SETUPS_PER_TURN; a shorter one (a burst on an idle
 # worker) as many as a wake-up accepts, so that a burst never outgrows the intake.
 BUSY_TURN = 0.004
-# Accepted connections waiting their turn, per sandbox and in all (their sockets are
-# counted in limits.OTHER_DESCRIPTORS); past these the connection is refused, with
-# its event (`sandbox_limit`, `builtin:sandbox-intake`).
+# Accepted connections waiting their turn, per sandbox (as many as its default
+# `pending`) and in all (their sockets are counted in limits.OTHER_DESCRIPTORS); past
+# these the connection is refused, with its event (`sandbox_limit`,
+# `builtin:sandbox-intake`): in all, the sandbox with the most waiting gives way.
 QUEUED_PER_SANDBOX = 64
-QUEUED_IN_ALL = 128
+QUEUED_IN_ALL = 64
 # tcp_info's tcpi_unacked (bytes 24-27): on a listening socket, the length of its
 # accept queue (sk_ack_backlog), so a wake-up accepts what is queued and stops
 # without the accept that fails with EAGAIN (see `FrontDoor._accept`).

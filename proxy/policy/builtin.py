@@ -175,9 +175,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "sandbox-intake",
         (R.SANDBOX_LIMIT,),
         "the gateway worker was busy setting up new connections, which it then does in "
-        "turn per sandbox, and the sandbox already had 64 waiting (or the most of all "
-        "sandboxes when 128 waited in all): refused, where it would have waited behind "
-        "every other sandbox's",
+        "turn per sandbox, and 64 waited, the sandbox's the most of them: refused, where "
+        "it would have waited behind every other sandbox's",
     ),
     (
         "sandbox-leaf-rate",

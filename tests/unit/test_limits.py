@@ -371,6 +371,6 @@ def test_the_gate_denies_over_the_fair_share_with_its_rule_and_a_detail(gate):
 def test_connection_budget_leaves_the_worker_its_own_descriptors():
     from sandgate.proxy.limits import OTHER_DESCRIPTORS, connection_budget
 
-    assert connection_budget(2048) == (2048 - OTHER_DESCRIPTORS) // 2 == 640
-    assert connection_budget(1024) == 128
+    assert connection_budget(2048) == (2048 - OTHER_DESCRIPTORS) // 2 == 704
+    assert connection_budget(1024) == 192
     assert connection_budget(100) == 64
