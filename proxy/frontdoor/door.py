@@ -305,8 +305,9 @@ class FrontDoor:
         if dst is not None:
             why = why or (
                 f"the gateway worker is busy: {self.intake.queued(peer[0])} new connections "
-                "of the sandbox wait to be set up, in turn with other sandboxes' (at most "
-                f"{QUEUED_PER_SANDBOX} a sandbox, {QUEUED_IN_ALL} in all)"
+                f"of the sandbox wait to be set up, in turn with other sandboxes' (at most "
+                f"{QUEUED_PER_SANDBOX} a sandbox; of {QUEUED_IN_ALL} in all, the sandbox with "
+                "the most gives way)"
             )
             self.gate.on_refused(peer[0], peer[1], *dst, why)
 
