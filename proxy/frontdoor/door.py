@@ -305,7 +305,7 @@ class FrontDoor:
         if dst is not None:
             why = why or (
                 f"the gateway worker is busy: {self.intake.queued(peer[0])} new connections "
-                f"of the sandbox wait to be set up, in turn with other sandboxes' (at most "
+                "of the sandbox wait to be set up, in turn with other sandboxes' (at most "
                 f"{QUEUED_PER_SANDBOX} a sandbox; of {QUEUED_IN_ALL} in all, the sandbox with "
                 "the most gives way)"
             )
