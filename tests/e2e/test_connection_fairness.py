@@ -29,7 +29,7 @@ sandbox only by its table's `connection_rate` (200 a second by default here), mo
 than a worker serves: 8 churners took honest requests to p50 0.42-0.70 s, max 1-6 s
 (an honest run timed out). Since the front door sets up a busy worker's new
 connections round-robin per sandbox (frontdoor/intake.py), p50 0.01-0.24 s, max
-0.24-0.65 s in the same hour. What is left of the HTTPS times is mostly outside the
+0.2-0.65 s in the same hour. What is left of the HTTPS times is mostly outside the
 gateway: the fake internet's nginx answers every churned ClientHello the gateway
 relays with a handshake, on the same two cores (with the gateway at nice -15, so
 relaying more of them: HTTPS p50 0.58 s, plain HTTP 0.07 s).

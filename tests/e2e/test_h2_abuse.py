@@ -39,7 +39,7 @@ N = int(os.environ.get("SANDGATE_PH2_N", 4))
 # attacker open 50 a second: far more than a worker does. Before mitmproxy's client
 # reads were sized and took their turns per sandbox (engine.next_read_size,
 # proxy/turns.py), 4 attackers took the honest requests to p50 1.0-1.3 s, max 1.7 s
-# on this 2-core machine, and ran with 2; since, p50 0.3-0.5 s, max 0.5-0.9 s. What
+# on this 2-core machine, and ran with 2; since, p50 0.2-0.5 s, max 0.3-0.9 s. What
 # is left is mostly the machine's: the attackers' own processes leave the gateway
 # ~40% of a core (docs/threat-model.md, "A fair share of a worker's CPU").
 RESET_N = int(os.environ.get("SANDGATE_PH2_N", 4))
