@@ -26,10 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Protocol
 
 from sandgate.proxy.gateway_ca import ca_cert_file, ensure_ec_ca
+from sandgate.proxy.turns import Turns
 
 log = logging.getLogger("sandgate.engine")
 
@@ -37,17 +40,54 @@ log = logging.getLogger("sandgate.engine")
 class ByteCounts(Protocol):
     bytes_up: int  # read from the client
     bytes_down: int  # written to the client
+    sandbox: Hashable  # whose connection: its reads take their turns (proxy/turns.py)
 
 
-def _count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: ByteCounts) -> None:
+# What mitmproxy reads from a client at once is sized so that handling it takes about
+# READ_SLICE of the worker's time: the loop serves its connections a read each in
+# turn, so one whose bytes are dear to handle (HTTP/2 frames by the thousand: rapid
+# reset, floods; ~50 us a stream) gets turns as short as everyone's instead of 64 KiB
+# at once (~80 ms), and what a budget (lean_mitmproxy.bound_h2_*) closes the
+# connection for is not parsed past it. Cheap bytes (a body) grow it back to what
+# mitmproxy asks, doubling a read.
+READ_SLICE = 0.001  # seconds
+READ_MIN = 2048
+READ_FIRST = 4096
+
+
+def next_read_size(size: int, asked: int, got: int, spent: float) -> int:
+    """The size of a client's next read: `size` was the last one's, `asked` is what
+    mitmproxy asks for, `got` bytes of the last read took `spent` seconds to handle."""
+    if spent > READ_SLICE:
+        return max(READ_MIN, min(asked, int(got * READ_SLICE / spent)))
+    return min(asked, 2 * size)
+
+
+def _count(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: ByteCounts, turns: Turns
+) -> None:
     """Make what mitmproxy reads from the client add to `counts.bytes_up`, what it
-    writes to `counts.bytes_down`. The stream objects stay what they are (mitmproxy
-    checks their type): only these two methods of these two instances change."""
-    read, write = reader.read, writer.write
+    writes to `counts.bytes_down`, size its reads (`next_read_size`) and have each
+    wait its sandbox's turn when the loop's turn is full (`turns`). The stream
+    objects stay what they are (mitmproxy checks their type): only these two methods
+    of these two instances change."""
+    read, write, clock, owner = reader.read, writer.write, time.perf_counter, counts.sandbox
+    size, got, returned = READ_FIRST, 0, 0.0
 
     async def counted_read(n: int = -1) -> bytes:
+        nonlocal size, got, returned
+        if n > 0:  # (-1: until the end, as asked)
+            if got:  # handled since `returned` (mitmproxy reads again once it has)
+                spent = clock() - returned
+                size = next_read_size(size, n, got, spent)
+                turns.charge(owner, spent)
+                turn = turns.wait(owner)
+                if turn is not None:
+                    await turn
+            n = min(n, size)
         data = await read(n)
-        counts.bytes_up += len(data)
+        got, returned = len(data), clock()
+        counts.bytes_up += got
         return data
 
     def counted_write(data: bytes) -> None:
@@ -136,6 +176,7 @@ class ProxyEngine:
         self._server = None
         self._task: asyncio.Task | None = None
         self._starting: asyncio.Future | None = None
+        self._turns: Turns | None = None  # the clients' reads' turns, on the serving loop
 
     async def started(self, why: str = "the first connection handed to it") -> None:
         """Import and start mitmproxy unless done already; raises what made it fail
@@ -218,7 +259,10 @@ class ProxyEngine:
             sock.close()
             raise
         if counts is not None:
-            _count(reader, writer, counts)
+            if self._turns is None:
+                loop = asyncio.get_running_loop()
+                self._turns = Turns(loop.call_soon, loop.create_future)
+            _count(reader, writer, counts, self._turns)
         await self._server.handle_stream(reader, writer)
 
     @property

@@ -357,6 +357,27 @@ class ConnectionGate:
         self.counts.admit(sandbox)
         return state
 
+    def on_refused(
+        self, src_ip: str, src_port: int, dst_ip: str, dst_port: int, detail: str
+    ) -> None:
+        """Emit the denial of a connection the front door accepted and closed before
+        `on_connect`: its intake had no room for it (frontdoor/intake.py)."""
+        started = self.clock()
+        fields = {
+            "source": format_host_port(src_ip, src_port),
+            "dst_ip": dst_ip,
+            "dst_port": dst_port,
+        }
+        sandbox = self.registry.get(src_ip)
+        if sandbox is not None:
+            fields.update(
+                sandbox=sandbox.address,
+                profile=sandbox.profile,
+                policy_hash=self.policy.hash,
+                task_id=sandbox.task_id,
+            )
+        self._emit_connection(deny("sandbox-intake", detail=detail), fields, None, "tcp", started)
+
     def _decide_at_connect(self, state: ConnState) -> Decision:
         """The decision by address alone (no name yet). It rests on the profile, the
         address and the port only, so it is kept per those for later connections

@@ -44,7 +44,8 @@ class Held:
 # Descriptors a gateway worker needs besides its sandboxes' connections: the reserve
 # (proxy/descriptors.py), its listeners, the DNS filter's sockets (up to 256 TCP
 # connections), plain HTTP's idle upstream connections (256), the audit log, the
-# control and admin connections, mitmproxy's own.
+# control and admin connections, mitmproxy's own, and the new connections the front
+# door's intake holds before their turn (frontdoor/door.py QUEUED_IN_ALL, 64).
 OTHER_DESCRIPTORS = 640
 
 

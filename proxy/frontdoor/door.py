@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from sandgate.proxy.descriptors import OUT_OF_DESCRIPTORS, DescriptorReserve
 from sandgate.proxy.frontdoor.http1_relay import Http1Relay, UpstreamPool
+from sandgate.proxy.frontdoor.intake import Intake
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
 from sandgate.proxy.frontdoor.relay import (
     LINGER_RESET,
@@ -38,6 +39,24 @@ log = logging.getLogger("sandgate.frontdoor")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; Python's socket module lacks it
 ACCEPTS_PER_WAKEUP = 64
+# New connections set up (`FrontDoor._admit`: the gate's connect decision, then their
+# first bytes, upstream, relay in the turns that follow) per turn of the loop. What a
+# wake-up accepts past these waits in the intake (intake.py) and is set up in the
+# next turns, round-robin per sandbox: a busy worker's turns grow long, and so each
+# sandbox's new connections come in turn, at the rate the worker serves, instead of
+# in the kernel's accept queue behind every other sandbox's. A turn of an idle worker
+# accepts one or two: set up at once, as before.
+SETUPS_PER_TURN = 16
+# A turn that took longer than this (from one intake drain to the next) is a busy
+# worker's: the next sets up SETUPS_PER_TURN; a shorter one (a burst on an idle
+# worker) as many as a wake-up accepts, so that a burst never outgrows the intake.
+BUSY_TURN = 0.004
+# Accepted connections waiting their turn, per sandbox (as many as its default
+# `pending`) and in all (their sockets are counted in limits.OTHER_DESCRIPTORS); past
+# these the connection is refused, with its event (`sandbox_limit`,
+# `builtin:sandbox-intake`): in all, the sandbox with the most waiting gives way.
+QUEUED_PER_SANDBOX = 64
+QUEUED_IN_ALL = 64
 # tcp_info's tcpi_unacked (bytes 24-27): on a listening socket, the length of its
 # accept queue (sk_ack_backlog), so a wake-up accepts what is queued and stops
 # without the accept that fails with EAGAIN (see `FrontDoor._accept`).
@@ -120,6 +139,13 @@ class FrontDoor:
         self._waiting: dict[Connection, None] = {}  # with a deadline: undecided, or connecting
         self._live: set[Connection] = set()  # every connection it still owns
         self._handed_off: dict[asyncio.Task, socket.socket] = {}
+        # Accepted past a turn's SETUPS_PER_TURN, per source address; `_drainer` sets
+        # up the next of them each turn while any wait.
+        self.intake: Intake[tuple[socket.socket, tuple[str, int]]] = Intake(
+            QUEUED_PER_SANDBOX, QUEUED_IN_ALL
+        )
+        self._drainer: asyncio.Handle | None = None
+        self._drained_at = 0.0  # when the last turn's drain ran (or the first was due)
         self.buffer = bytearray(RELAY_CHUNK)  # one read buffer for every relay (relay.py)
 
     async def start(
@@ -168,6 +194,11 @@ class FrontDoor:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self._drainer is not None:
+            self._drainer.cancel()
+            self._drainer = None
+        for sock, peer in self.intake.clear():
+            self._refuse(sock, peer, "the gateway stopped before setting it up")
         for connection in list(self._live):
             connection.finish("the gateway stopped", reset=True)
         if self.upstream_pool is not None:
@@ -206,6 +237,7 @@ class FrontDoor:
             queued = max(1, min(queued, ACCEPTS_PER_WAKEUP))
         except (OSError, struct.error):  # not TCP, or a kernel without it: until EAGAIN
             queued = ACCEPTS_PER_WAKEUP
+        setups = 0
         for _ in range(queued):
             try:
                 fd, peer = accept()
@@ -228,11 +260,56 @@ class FrontDoor:
                 else:
                     log.warning("front door: accept failed: %s", e)
                 return
-            try:
-                self._admit(sock, peer)
-            except Exception:  # noqa: BLE001 - one bad connection must not stop the listener
-                log.exception("front door: admitting %s:%s failed; closing it", *peer)
-                sock.close()
+            # Set up now, unless this wake-up did its share or others wait their turn
+            # (the drainer is due exactly while the intake holds any).
+            if setups >= SETUPS_PER_TURN or self._drainer is not None:
+                self._queue(sock, peer)
+                continue
+            setups += 1
+            self._set_up(sock, peer)
+
+    def _set_up(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            self._admit(sock, peer)
+        except Exception:  # noqa: BLE001 - one bad connection must not stop the listener
+            log.exception("front door: admitting %s:%s failed; closing it", *peer)
+            sock.close()
+
+    def _queue(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Wait in the intake for a later turn (see SETUPS_PER_TURN)."""
+        refused = self.intake.put(peer[0], (sock, peer))
+        if refused is not None:
+            self._refuse(*refused, "")
+        if self._drainer is None and self.intake:
+            self._drained_at = self.loop.time()
+            self._drainer = self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """A turn's setups from the intake, round-robin per sandbox."""
+        now = self.loop.time()
+        busy, self._drained_at = now - self._drained_at > BUSY_TURN, now
+        self._drainer = None
+        for sock, peer in self.intake.take(SETUPS_PER_TURN if busy else ACCEPTS_PER_WAKEUP):
+            self._set_up(sock, peer)
+        if self.intake:
+            self._drainer = self.loop.call_soon(self._drain)
+
+    def _refuse(self, sock: socket.socket, peer: tuple[str, int], why: str) -> None:
+        """Close an accepted connection the intake has no room for (or the door
+        stopped with it waiting), with its denial (`ConnectionGate.on_refused`)."""
+        try:
+            dst = self.original_dst(sock)
+        except OSError:
+            dst = None  # not redirected here: no sandbox's, as in _admit
+        sock.close()
+        if dst is not None:
+            why = why or (
+                f"the gateway worker is busy: {self.intake.queued(peer[0])} new connections "
+                "of the sandbox wait to be set up, in turn with other sandboxes' (at most "
+                f"{QUEUED_PER_SANDBOX} a sandbox; of {QUEUED_IN_ALL} in all, the sandbox with "
+                "the most gives way)"
+            )
+            self.gate.on_refused(peer[0], peer[1], *dst, why)
 
     def _resume_accepting(self, fd: int) -> None:
         if self._listener is not None and self._listener.fileno() == fd:

@@ -172,6 +172,13 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "descriptors allow: it waits for its own to close, and others still connect",
     ),
     (
+        "sandbox-intake",
+        (R.SANDBOX_LIMIT,),
+        "the gateway worker was busy setting up new connections, which it then does in "
+        "turn per sandbox, and 64 waited, the sandbox's the most of them: refused, where "
+        "it would have waited behind every other sandbox's",
+    ),
+    (
         "sandbox-leaf-rate",
         (R.SANDBOX_LIMIT,),
         "the sandbox had the gateway sign as many new leaf certificates for inspected TLS "

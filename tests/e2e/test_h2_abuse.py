@@ -34,15 +34,15 @@ BOUND = 1.0  # seconds: the slowest honest request asserted
 FLOOD_BOUND = 3.0
 RSS_GROWTH_KB = 64 * 1024
 N = int(os.environ.get("SANDGATE_PH2_N", 4))
-# Rapid reset: 2 attackers. Each connection costs the worker a TLS handshake as the
-# server and up to MAX_H2_EARLY_RESETS decided streams, and the profile lets an
-# attacker open 50 a second: far more than a worker does, so the honest sandbox's
-# requests wait on how many attackers share its worker, not on any cap. On the
-# project's earlier 2-core machine 4 kept them under BOUND; on the current one,
-# ~2.5x slower per connection (docs/performance.md, "Session 13"), 4 took them to
-# p50 1.5 s, max 1.9 s, and 2 to max 0.56 s. The gateway has no CPU fair share
-# between sandboxes of a worker (docs/threat-model.md).
-RESET_N = int(os.environ.get("SANDGATE_PH2_N", 2))
+# Rapid reset: each connection costs the worker a TLS handshake as the server and up
+# to MAX_H2_EARLY_RESETS decided streams (~1 ms each), and the profile lets an
+# attacker open 50 a second: far more than a worker does. Before mitmproxy's client
+# reads were sized and took their turns per sandbox (engine.next_read_size,
+# proxy/turns.py), 4 attackers took the honest requests to p50 1.0-1.3 s, max 1.7 s
+# on this 2-core machine, and ran with 2; since, p50 0.2-0.5 s, max 0.3-0.9 s. What
+# is left is mostly the machine's: the attackers' own processes leave the gateway
+# ~40% of a core (docs/threat-model.md, "A fair share of a worker's CPU").
+RESET_N = int(os.environ.get("SANDGATE_PH2_N", 4))
 
 
 # mode shared me count, as support/crowd.ATTACK: `ok` counts frames of the attack sent

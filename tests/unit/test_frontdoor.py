@@ -684,3 +684,51 @@ def test_a_burst_of_connections_is_all_accepted_without_an_accept_that_fails(gat
     counting = asyncio.run(asyncio.wait_for(scenario(), 20))
     assert (counting.accepted, counting.empty) == (burst, 0)
     assert {e[1] for e in events(gate)} == {"private_address"}
+
+
+def test_a_busy_door_sets_up_a_sandboxs_connection_behind_one_of_a_flooders(gate, monkeypatch):
+    """A flood of connections from one source and one from another, all queued before
+    the loop runs, on a door whose turns count as busy (16 setups a turn): the other
+    source's connection is set up behind at most one more of the flood's; the flood's
+    past what the intake holds are refused, each with its event; none is lost."""
+    from sandgate.proxy.frontdoor import door as door_module
+
+    monkeypatch.setattr(door_module, "BUSY_TURN", -1.0)
+    flood = 200
+
+    async def scenario():
+        door = await started(gate, ("169.254.169.254", 80))  # set up: denied at connect
+        admitted, queued_at = [], {}
+        admit, queue = door._admit, door._queue
+
+        def recording_admit(sock, peer):
+            admitted.append(peer[0])
+            admit(sock, peer)
+
+        def recording_queue(sock, peer):
+            queued_at.setdefault(peer[0], len(admitted))
+            queue(sock, peer)
+
+        door._admit, door._queue = recording_admit, recording_queue
+        clients = [
+            socket.create_connection((LOOPBACK, door.port), source_address=("127.0.0.2", 0))
+            for _ in range(flood)
+        ]
+        clients.append(
+            socket.create_connection((LOOPBACK, door.port), source_address=("127.0.0.3", 0))
+        )
+        try:
+            await until(lambda: len(gate.events) == flood + 1)
+        finally:
+            for client in clients:
+                client.close()
+            await door.stop()
+        return admitted, queued_at
+
+    admitted, queued_at = asyncio.run(asyncio.wait_for(scenario(), 20))
+    other = admitted.index("127.0.0.3")
+    assert other - queued_at["127.0.0.3"] <= 1  # behind at most one of the flood's
+    refused = [e for e in gate.events if e.rule_id == "builtin:sandbox-intake"]
+    assert refused and all(str(e.reason) == "sandbox_limit" for e in refused)
+    assert len(refused) + len(admitted) == flood + 1  # each one set up or refused
+    assert all("wait to be set up" in e.detail for e in refused)
