@@ -99,7 +99,7 @@ class UdpUpstream:
                 self._close(entry)
 
     def _random_id(self) -> bytes:
-        """Two bytes of the kernel's CSPRNG (RFC 5452), drawn 512 at a time: one
+        """Two bytes of the kernel's CSPRNG (RFC 5452), ID_BATCH ids drawn at once: one
         getrandom(2) per query was a syscall per query."""
         if not self._ids:
             self._ids = secrets.token_bytes(2 * ID_BATCH)
