@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from sandgate.enforcer import netns, nft, process_stamp
+from sandgate.enforcer import netns, nft, priority, process_stamp
 from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.sandbox import cgroup, id_slots, planting, prepare, spec
 from sandgate.enforcer.summary_file import SummaryFile, SummaryFileError
@@ -692,6 +692,7 @@ def _run_loop(main):
 
 def run(opts: RunOptions) -> int:
     check_prerequisites()
+    priority.raise_gateway_priority()  # this process is the task's gateway
     try:
         return _run_loop(TaskRun(opts).run())
     except (RunError, netns.SandboxNetError, nft.NftError) as e:

@@ -38,7 +38,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandgate.enforcer import approvals_control, control, handoff, netns, nft, process_stamp
+from sandgate.enforcer import (
+    approvals_control,
+    control,
+    handoff,
+    netns,
+    nft,
+    priority,
+    process_stamp,
+)
 from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.dataplane import DataPlane, open_data_plane
 from sandgate.enforcer.run import (
@@ -993,6 +1001,7 @@ def _refuse_if_served(path: Path) -> None:
 
 
 def serve(opts: ServiceOptions) -> int:
+    priority.raise_gateway_priority()  # its workers, zygote and runners take it too
     try:
         # The front door shares the loop's epoll set (proxy/frontdoor/poller.py).
         with asyncio.Runner(loop_factory=new_event_loop) as runner:

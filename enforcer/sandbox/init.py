@@ -99,6 +99,7 @@ PROC_MASKED = (
 )
 PROC_READ_ONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 SYS_MASKED = ("/sys/firmware", "/sys/devices/virtual/powercap")
+TASK_NICE = 0  # the gateway runs at a lower nice value (enforcer/priority.py)
 EXIT_SETUP_FAILED = 125  # like `env`/`unshare`: the sandbox could not be set up
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -416,6 +417,10 @@ def become_task(spec: dict, program: bytes | None, report: Report) -> None:
     # CPU per connection, docs/performance.md "Session 11"). Not a bound: the task may switch back
     # (`chrt -o 0`); the cgroup's CPU limit is the bound.
     os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    # Below the gateway that forked it (enforcer/priority.py): back to nice 0 (raising a
+    # nice value needs no privilege), with no room to lower it again.
+    os.setpriority(os.PRIO_PROCESS, 0, TASK_NICE)
+    resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
     if spec["landlock"]:
         abi = landlock.restrict_writes(spec["writable"])
         if abi == 0:

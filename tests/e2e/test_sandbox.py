@@ -13,9 +13,11 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from sandgate.enforcer.priority import GATEWAY_NICE
 from support import sandbox
 from support.sandbox import python
 
@@ -120,6 +122,8 @@ def test_the_task_holds_no_privilege_on_the_host(net, tmp_path):
             "chown_host_file": "chown 0 /etc/hostname",
             "processes": "ps -e -o pid= | wc -l",
             "scheduling": "chrt -p $$",
+            "nice": "ps -o ni= -p $$",
+            "nice_lower": python("import os; os.setpriority(os.PRIO_PROCESS, 0, -5)"),
         },
     )
     base, count = r["uid_map"].out.split()[1:3]
@@ -142,6 +146,9 @@ def test_the_task_holds_no_privilege_on_the_host(net, tmp_path):
     assert int(r["processes"].out) <= 5  # its own PID namespace: init, sh, ps (and wc)
     # batch work: its wake-ups do not preempt the gateway (sandbox/init.py)
     assert "policy: SCHED_BATCH" in r["scheduling"].out, r.describe()
+    # below its gateway (enforcer/priority.py), with no way back up
+    assert r["nice"].out.strip() == "0", r.describe()
+    assert r["nice_lower"].rc != 0 and "PermissionError" in r["nice_lower"].err, r.describe()
     assert not (r.steps_dir / "hostname").exists()
 
 
@@ -337,3 +344,35 @@ def test_gc_removes_an_empty_task_cgroup_that_no_run_owns(net):
     assert removed.returncode == 0, removed.stderr
     assert f"sandgate-{orphan_id}" in removed.stdout
     assert not _task_cgroups(orphan_id)
+
+
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def _descendants(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children] + [d for c in children for d in _descendants(int(c))]
+
+
+def test_the_gateway_outranks_its_task_for_the_cpu(net, tmp_path):
+    """The gateway's threads at nice GATEWAY_NICE, the task at 0 (enforcer/priority.py):
+    busy tasks cannot starve the gateway every sandbox's connections go through."""
+    started = sandbox.start(net, tmp_path, "exec sleep 5")
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sleeps = [
+                p for p in _descendants(started.pid)
+                if Path(f"/proc/{p}/comm").read_text().strip() == "sleep"
+            ]  # fmt: skip
+            if sleeps:
+                break
+            time.sleep(0.05)
+        assert sleeps, "the task never started"
+        gateway_threads = [int(t) for t in os.listdir(f"/proc/{started.pid}/task")]
+        assert {_nice(t) for t in gateway_threads} == {GATEWAY_NICE}
+        assert _nice(sleeps[0]) == 0
+    finally:
+        result = started.finish()
+    assert result.returncode == 0, result.describe()
