@@ -205,6 +205,11 @@ class _RequestMemo(NamedTuple):
 _REQUEST_MEMOS = 4096
 
 
+def _connect_fields(src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> dict:
+    """A connection event's fields known at accept."""
+    return {"source": format_host_port(src_ip, src_port), "dst_ip": dst_ip, "dst_port": dst_port}
+
+
 def _memo_key(state: ConnState, host: str) -> tuple:
     """What a request memo rests on that is constant on a connection (see
     _RequestMemo), with the Host as sent: two connections with the same key decide
@@ -299,11 +304,7 @@ class ConnectionGate:
     ) -> ConnState | None:
         """The state of an admitted connection, or None: denied, its event emitted."""
         started = self.clock()
-        fields = {
-            "source": format_host_port(src_ip, src_port),
-            "dst_ip": dst_ip,
-            "dst_port": dst_port,
-        }
+        fields = _connect_fields(src_ip, src_port, dst_ip, dst_port)
         try:
             sandbox = self.registry.get(src_ip)
             ip = _parse_destination(dst_ip)
@@ -316,13 +317,7 @@ class ConnectionGate:
                     started,
                 )
                 return None
-            # Stamped as Gateway.emit would stamp them: the policy that decides, the task.
-            fields.update(
-                sandbox=sandbox.address,
-                profile=sandbox.profile,
-                policy_hash=self.policy.hash,
-                task_id=sandbox.task_id,
-            )
+            self._stamp(fields, sandbox)
             limited = self.hold_new() or self._over_sandbox_limit(sandbox)
             if limited is not None:
                 self._emit_connection(limited, fields, None, "tcp", started)
@@ -363,20 +358,20 @@ class ConnectionGate:
         """Emit the denial of a connection the front door accepted and closed before
         `on_connect`: its intake had no room for it (frontdoor/intake.py)."""
         started = self.clock()
-        fields = {
-            "source": format_host_port(src_ip, src_port),
-            "dst_ip": dst_ip,
-            "dst_port": dst_port,
-        }
+        fields = _connect_fields(src_ip, src_port, dst_ip, dst_port)
         sandbox = self.registry.get(src_ip)
         if sandbox is not None:
-            fields.update(
-                sandbox=sandbox.address,
-                profile=sandbox.profile,
-                policy_hash=self.policy.hash,
-                task_id=sandbox.task_id,
-            )
+            self._stamp(fields, sandbox)
         self._emit_connection(deny("sandbox-intake", detail=detail), fields, None, "tcp", started)
+
+    def _stamp(self, fields: dict, sandbox: Sandbox) -> None:
+        """Stamped as Gateway.emit would stamp them: the policy that decides, the task."""
+        fields.update(
+            sandbox=sandbox.address,
+            profile=sandbox.profile,
+            policy_hash=self.policy.hash,
+            task_id=sandbox.task_id,
+        )
 
     def _decide_at_connect(self, state: ConnState) -> Decision:
         """The decision by address alone (no name yet). It rests on the profile, the
