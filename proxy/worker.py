@@ -112,7 +112,7 @@ class EventBatcher:
     def emit(self, event: Event) -> None:
         if event.kind is EventKind.POLICY and event.reason is Reason.POLICY_LOADED:
             return
-        members = audit_members(event).encode("ascii")
+        members = audit_members(event)
         self.seq = self.blackbox.write(members) if self.blackbox else self.seq + 1
         self.members.append(members)
         self.rows.append(

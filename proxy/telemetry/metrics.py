@@ -280,6 +280,7 @@ class Metrics:
         self._zero_the_alerted_series()
         self._children: dict[tuple, tuple] = {}
         self._bytes_children: dict[tuple, Any] = {}
+        self._suppressed_children: dict[tuple, Any] = {}  # kinds x verdicts x reasons at most
         self.watched = _Watched()
         r.register(_StateCollector(self.watched))
         self._server_thread: threading.Thread | None = None
@@ -406,7 +407,12 @@ class Metrics:
 
     def count_suppressed(self, event: Event) -> None:
         """The audit rate limit held `event` back (RateLimitedAudit's on_suppressed)."""
-        self.audit_suppressed.labels(str(event.kind), str(event.verdict), str(event.reason)).inc()
+        # Once a flood is held back this runs for each of its events: its child is kept.
+        key = (event.kind, event.verdict, event.reason)
+        child = self._suppressed_children.get(key)
+        if child is None:
+            child = self._suppressed_children[key] = self.audit_suppressed.labels(*map(str, key))
+        child.inc()
 
     def _resolve(self, key: tuple) -> tuple:
         kind, verdict, reason, rule_id, profile, protocol, method = key

@@ -217,8 +217,7 @@ def test_what_an_overrun_black_box_lost_is_in_the_audit_logs_lost_and_its_metric
     blank(memory)
     black = BlackBox(memory)
     made = [
-        audit_members(event.with_fields(detail=f"event {n}")).encode("ascii")
-        for n, event in enumerate(MIX * 8)
+        audit_members(event.with_fields(detail=f"event {n}")) for n, event in enumerate(MIX * 8)
     ]
     for members in made:
         black.write(members)

@@ -39,7 +39,7 @@ def conn(port: int, kind=EventKind.CONNECTION, verdict=Verdict.ALLOW, task="t1",
 def encoded(event: Event) -> EncodedEvent:
     """`event` as a worker sends it (proxy/worker.py, EventBatcher)."""
     return EncodedEvent(
-        audit_members(event).encode("ascii"), event.task_id, event.sandbox, event.kind,
+        audit_members(event), event.task_id, event.sandbox, event.kind,
         event.verdict, event.reason, event.rule_id, row_destination(event),
     )  # fmt: skip
 

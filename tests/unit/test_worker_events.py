@@ -303,7 +303,7 @@ def test_events_spread_over_a_tick_go_in_one_write_in_order_at_the_tick():
     assert len(sent.messages) == len(ticks) < len(made)
     rows = [row for m in sent.messages for row in m["events"]]
     assert [b for m in sent.messages for b in m["payload"].split(b"\n")] == [
-        audit_members(e).encode() for e in made
+        audit_members(e) for e in made
     ]
     assert len(rows) == len(made)
     # Each write at (just after) its tick: LEAD before a multiple of FLUSH_PERIOD.

@@ -52,7 +52,7 @@ FULL = Event(
 def _encoded(event: Event) -> EncodedEvent:
     """`event` as a worker sends it (proxy/worker.py, EventBatcher)."""
     return EncodedEvent(
-        audit_members(event).encode("ascii"), event.task_id, event.sandbox, event.kind,
+        audit_members(event), event.task_id, event.sandbox, event.kind,
         event.verdict, event.reason, event.rule_id, row_destination(event),
     )  # fmt: skip
 
