@@ -4,7 +4,7 @@ A gateway serves every sandbox from one event loop per worker; a task's processe
 competed with it for the cores at the same weight, so four busy tasks left a worker
 ~40 % of a core on a 2-core host and every other sandbox's connections waited
 (docs/threat-model.md, "A fair share of a worker's CPU"). The gateway's threads run
-at nice GATEWAY_NICE (a CFS weight ~9x a nice-0 thread's); a task's init sets itself
+at nice GATEWAY_NICE (a CFS weight ~3x a nice-0 thread's); a task's init sets itself
 back to nice 0 (sandbox/init.py) and to an RLIMIT_NICE of 0, so the task cannot take
 that back: lowering a nice value needs CAP_SYS_NICE on the host or that limit.
 
@@ -17,7 +17,11 @@ from __future__ import annotations
 import logging
 import os
 
-GATEWAY_NICE = -10
+# -5 (a weight ~3x a nice-0 thread's), not -10 (~9x): at -10 the gateway's wake-ups
+# preempted a busy task's own relay so often that its bulk downloads lost ~18 %
+# (~5 % at -5), for a little more fairness (rapid reset, honest p50: 0.21-0.24 s at
+# 0, 0.15-0.20 at -5, 0.13-0.19 at -10). docs/performance.md, "Session 15".
+GATEWAY_NICE = -5
 
 log = logging.getLogger("sandgate.priority")
 
