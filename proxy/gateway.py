@@ -107,6 +107,7 @@ class Gateway:
             keep_special=self._keep_special,
             limits_for=lambda profile: self.policy.limits_for(profile),
             placeholders=self.placeholders,
+            policy_hash=lambda: self.policy.hash,
         )
         # mitmproxy, imported and started only when something needs it (see start).
         self.proxy = ProxyEngine(

@@ -113,14 +113,18 @@ class DnsFilter:
         limits_for: Callable[[str], Limits] | None = None,
         clock: Callable[[], float] = time.monotonic,
         placeholders: Placeholders | None = None,
+        policy_hash: Callable[[], str | None] = lambda: None,
     ):
         """`placeholders`: answer names the policy asks a human about from the
         placeholder pool (proxy/dns/placeholders.py), never from upstream.
+        `policy_hash()`: the hash of the policy in force, stamped on each event (None:
+        the sink stamps it).
         `limits_for(profile)`: the profile's caps (its `dns_qps`); the defaults
         when not given. `clock` (monotonic seconds) drives the rate buckets."""
         self.decide_name = decide_name
         self.sandbox_for = sandbox_for
         self.sink = sink
+        self.policy_hash = policy_hash
         self.upstreams = list(upstreams)
         self.upstream_port = upstream_port
         self.bindings = bindings if bindings is not None else DnsBindings()
@@ -363,8 +367,9 @@ class DnsFilter:
         response, decision, more = outcome
         fields.update(more)
         fields["duration"] = time.perf_counter() - started
+        # Stamped here, as the gateway's emit would (a copy of each event there).
+        fields["policy_hash"] = self.policy_hash()
         # The event's detail says more than the decision's: the type and the answer.
-        decision = dataclasses.replace(decision, detail=fields.pop("detail", decision.detail))
         self._emit(Event.from_decision(EventKind.DNS, decision, **fields))
         return response
 

@@ -82,10 +82,14 @@ class Event:
                 _set(self, name, bound_text(value, limit))
 
     @classmethod
-    def from_decision(cls, kind: EventKind, decision: Decision, **fields) -> Event:
+    def from_decision(
+        cls, kind: EventKind, decision: Decision, detail: str | None = None, **fields
+    ) -> Event:
         """What `cls(kind=kind, verdict=..., detail=decision.detail, **fields)` makes
         (the same TypeError for a field it does not have or a decision's field given
-        again), filled in one update: the gate makes two per connection."""
+        again), filled in one update: the gate makes two per connection. `detail`:
+        the event's own sentence instead of the decision's (the DNS filter's says the
+        query type and the answer)."""
         if not _OPEN_FIELDS.issuperset(fields):
             unknown = fields.keys() - _OPEN_FIELDS
             raise TypeError(
@@ -100,7 +104,8 @@ class Event:
         values.update(fields)
         values["kind"], values["verdict"] = kind, decision.verdict
         values["reason"], values["rule_id"] = decision.reason, rule.id
-        values["rule_origin"], values["detail"] = rule.origin, decision.detail
+        values["rule_origin"] = rule.origin
+        values["detail"] = decision.detail if detail is None else detail
         for name, limit in _BOUNDED:
             value = values[name]
             if isinstance(value, str) and len(value) > limit:

@@ -93,8 +93,13 @@ def test_from_decision_makes_what_the_constructor_makes(fields):
             assert getattr(copy, name) == expected, name
     with pytest.raises(TypeError, match="nmae"):
         Event.from_decision(EventKind.REQUEST, decision, nmae="x")
-    with pytest.raises(TypeError, match="detail"):
-        Event.from_decision(EventKind.REQUEST, decision, detail="twice")
+    with pytest.raises(TypeError, match="rule_id"):
+        Event.from_decision(EventKind.REQUEST, decision, rule_id="twice")
+    # The event's own detail instead of the decision's, bounded as any.
+    own = Event.from_decision(EventKind.REQUEST, decision, detail="x" * 2000)
+    assert own.detail == bound_text("x" * 2000, FIELD_BOUNDS["detail"])
+    mine = Event.from_decision(EventKind.REQUEST, decision, detail=None).detail
+    assert mine == bound_text(decision.detail, FIELD_BOUNDS["detail"])
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.name = "changed"
 
