@@ -78,6 +78,7 @@ def test_no_value_can_end_a_line_or_forge_one(tmp_path, value):
     raw = lines(path)
     assert len(raw) == 2
     assert all(b < 0x80 for b in raw[0]) and raw[0].count(b"\n") == 1 and b"\r" not in raw[0]
+    assert not any(b < 0x20 or b == 0x7F for b in raw[0][:-1])  # every control escaped
     record = json.loads(raw[0])
     assert record["name"] == value and record["path"] == value and record["detail"] == value
     assert verify(path).ok
@@ -96,6 +97,31 @@ def test_a_line_is_the_event_as_json_for_any_value(text, port, seconds):
     record = json.loads(line)
     assert (record.pop("seq"), record.pop("prev"), record.pop("hash")) == (7, GENESIS, digest)
     assert record == e.to_dict()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        pytest.param({"path": "/a:null,b", "detail": 'x":null'}, id="text-that-reads-null"),
+        pytest.param({"dst_port": 2**70}, id="int-past-64-bits"),
+        pytest.param(
+            {"latency": 1.23e-05, "bytes_up": 0, "detail": ""}, id="small-float-zero-empty"
+        ),
+    ],
+)
+def test_values_orjson_leaves_to_the_escaper_are_written_as_they_are(fields):
+    """What orjson writes differently from this log's rules, or not at all, goes
+    through the JSON module's escaper (audit_members): the same record either way."""
+    e = event(1, **fields)
+    line, _ = encode_line(e, 1, GENESIS)
+    assert all(b < 0x80 for b in line)
+    record = json.loads(line)
+    assert {k: record[k] for k in fields} == fields and record == {
+        **e.to_dict(),
+        "seq": 1,
+        "prev": GENESIS,
+        "hash": record["hash"],
+    }
 
 
 @pytest.mark.parametrize(
