@@ -219,7 +219,7 @@ class AuditLog:
         self._give_up_at = float("inf")
         self.written = 0  # events on disk
         self.dropped = 0  # events refused because the queue was full (loop thread)
-        self.failed = 0  # events that could not be encoded or, at close, written (writer thread)
+        self.failed = 0  # events that could not be encoded (loop) or, at close, written (writer)
         self.unreached = 0  # events lost on their way here (`count_lost`; loop thread)
         self.write_errors = 0  # failed write attempts (each retried)
         # Since when (time.monotonic) the writer has failed, and why; None: it writes.
@@ -259,7 +259,8 @@ class AuditLog:
             except BaseException:
                 os.close(self._fd)
                 raise
-        # The chain's head: the last line queued (`_chained` links the next to it).
+        # The chain's head: the last line queued (`_chained` links the next to it), from
+        # what is on disk (recovered lines that could not be written are not).
         self._head_seq, self._head = self.seq, self.prev
         self._wake = threading.Event()
         self._idle = False
@@ -523,7 +524,7 @@ class AuditLog:
             detail=detail,
         )
         self._give_up_at = time.monotonic() + self.close_timeout
-        self._head_seq, self._head = self.seq, self.prev
+        self._head_seq, self._head = self.seq, self.prev  # chained from the log's last line
         self._write_lines([line for e in (*events, *cut, summary) if (line := self._chained(e))])
         self._give_up_at = float("inf")
         self.unreached += lost
