@@ -106,11 +106,14 @@ def wait_answering(port: int, proc: subprocess.Popen) -> None:
 
 def gateway_main(work: str, upstream_port: int, port: int) -> None:
     """The sandgate side, in its own process (as the gateway is in `sandgate run`)."""
+    from sandgate.enforcer.priority import raise_gateway_priority
     from sandgate.proxy.gateway import Gateway, GatewayConfig
     from sandgate.proxy.policy import load_policy
     from sandgate.proxy.registry import Sandbox
     from sandgate.proxy.telemetry.audit import AuditLog
     from sandgate.proxy.telemetry.metrics import Metrics
+
+    raise_gateway_priority()  # as `sandgate run` and the service run their gateway
 
     async def serve() -> None:
         rules = Path(work, "rules.yaml")

@@ -225,11 +225,12 @@ def filter_simple_answer(
     if len(response) > size_limit(query, udp=udp):
         return None
 
-    names = []
-    for link_owner in [link[0] for link in chain] or [qname]:
+    names = [qname]  # canonical (`parse_domain`'s) already; the chain starts there
+    for link_owner, _, _ in chain[1:]:
         with contextlib.suppress(InvalidName):
             names.append(parse_domain(link_owner))
-    bindings = [(n, str(address), ttl) for n in names for address in addresses]
+    # The address as an object: `DnsBindings.record` would parse its text again.
+    bindings = [(n, address, ttl) for n in names for address in addresses]
     texts = [to_text(rdata) for rdata in rdatas]  # as dnspython's rdata.address
     summary = f"{RCODE_TEXT[scanned.rcode]} {', '.join(texts)}".strip()
     return SimpleAnswer(response, bindings, summary)

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 from sandgate.proxy.policy.names import IPAddress, canonical_ip
 
-Binding = tuple[str, str, int]
-"""(canonical name, canonical IP text, TTL seconds): the gateway answered name with IP."""
+Binding = tuple[str, "str | IPAddress", int]
+"""(canonical name, canonical IP (text, or the address itself), TTL seconds): the
+gateway answered name with IP."""
 
 
 def canonical_address(text: str | IPAddress) -> IPAddress:

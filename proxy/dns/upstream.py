@@ -28,10 +28,14 @@ over TCP the length prefix is enough, the body is never read.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+import logging
 import random
 import secrets
 import socket
 import time
+from collections.abc import Callable
 
 from sandgate.proxy.dns.wire import end_of_question
 
@@ -41,6 +45,11 @@ from sandgate.proxy.dns.wire import end_of_question
 MAX_ANSWER_BYTES = 4096
 MAX_DATAGRAM = 65535
 ID_BATCH = 256  # random query ids drawn at once (`UdpUpstream._random_id`)
+
+OnReply = Callable[["bytes | Exception"], None]
+"""`on_reply(reply or the exception that ended the wait)` (`UdpUpstream.send`)."""
+
+log = logging.getLogger("sandgate.dns")
 
 
 class AnswerTooLarge(Exception):
@@ -57,15 +66,21 @@ class _Socket:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-        # id (2 bytes) -> (future, question section as sent)
-        self.pending: dict[bytes, tuple[asyncio.Future, bytes]] = {}
+        # id (2 bytes) -> (the query's `on_reply`, its question section as sent, its
+        # number: an id is reused once its query is over)
+        self.pending: dict[bytes, tuple[OnReply, bytes, int]] = {}
         self.uses = 0
         self.born = time.monotonic()
         self.retired = False
 
 
 class UdpUpstream:
-    """Connected UDP sockets to one resolver at (`host`, `port`), for one event loop."""
+    """Connected UDP sockets to one resolver at (`host`, `port`), for one event loop.
+
+    `send` takes a callback, not a future: the filter answers the common query in it,
+    without a task of its own (proxy/dns/server.py, `_forward_soon`); `ask` is the
+    same for a coroutine. Deadlines are kept in one heap with one loop timer, not a
+    timer handle per query."""
 
     def __init__(
         self, host: str, port: int = 53, *, size: int = 4, max_uses: int = 64, max_age: float = 1.0
@@ -78,25 +93,62 @@ class UdpUpstream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = b""  # unused random query ids (`_random_id`)
         self._buffer = bytearray(MAX_DATAGRAM)  # every reply is read into it (`_readable`)
+        # (deadline, number, socket, id) of every query sent; answered ones stay until
+        # their deadline and are passed over then (`_expire`).
+        self._deadlines: list[tuple[float, int, _Socket, bytes]] = []
+        self._numbers = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def ask(self, wire: bytes, timeout: float) -> bytes:
-        """Send the query `wire` (its id replaced) and return the reply. Raises
-        TimeoutError, or OSError when the socket fails (e.g. ICMP unreachable)."""
+    def send(self, wire: bytes, timeout: float, on_reply: OnReply) -> tuple[_Socket, bytes, int]:
+        """Send the query `wire` (its id replaced). `on_reply` is called once, from the
+        loop, with the reply or with what ended the wait: TimeoutError after `timeout`
+        seconds, OSError when the socket fails (e.g. ICMP unreachable), AnswerTooLarge,
+        ConnectionAbortedError at `close`. Returns a token for `forget`. Raises
+        OSError only when no socket can be opened."""
         entry = self._pick()
         qid = self._random_id()
         while qid in entry.pending:
             qid = self._random_id()
-        future = asyncio.get_running_loop().create_future()
-        entry.pending[qid] = (future, wire[12 : end_of_question(wire)])
+        number = next(self._numbers)
+        entry.pending[qid] = (on_reply, wire[12 : end_of_question(wire)], number)
         entry.uses += 1
+        deadline = self._loop.time() + timeout
+        heapq.heappush(self._deadlines, (deadline, number, entry, qid))
+        if self._timer is None or deadline < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._expire)
         try:
             entry.sock.send(qid + wire[2:])
-            async with asyncio.timeout(timeout):
-                return await future
-        finally:
-            entry.pending.pop(qid, None)
-            if entry.retired and not entry.pending:
-                self._close(entry)
+        except OSError as e:
+            self._loop.call_soon(self._end, entry, qid, number, e)
+        return entry, qid, number
+
+    async def ask(self, wire: bytes, timeout: float) -> bytes:
+        """`send`, awaited: the reply, or the exception `send` would give `on_reply`."""
+        future = asyncio.get_running_loop().create_future()
+
+        def settle(result: bytes | Exception) -> None:
+            if future.done():
+                return
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        token = self.send(wire, timeout, settle)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.forget(token)
+            raise
+
+    def forget(self, token: tuple[_Socket, bytes, int]) -> None:
+        """The query `send` returned `token` for is no longer awaited."""
+        entry, qid, number = token
+        waiting = entry.pending.get(qid)
+        if waiting is not None and waiting[2] == number:
+            self._settle(entry, qid)
 
     def _random_id(self) -> bytes:
         """Two bytes of the kernel's CSPRNG (RFC 5452), ID_BATCH ids drawn at once: one
@@ -107,13 +159,43 @@ class UdpUpstream:
         return qid
 
     def close(self) -> None:
-        """Close every socket; queries still waiting fail with ConnectionAbortedError."""
+        """Close every socket; queries still waiting get ConnectionAbortedError."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines.clear()
         for entry in [*filter(None, self._sockets), *self._draining]:
-            for future, _ in entry.pending.values():
-                if not future.done():
-                    future.set_exception(ConnectionAbortedError("upstream closed"))
+            for qid, (_, _, number) in list(entry.pending.items()):
+                self._end(entry, qid, number, ConnectionAbortedError("upstream closed"))
             self._close(entry)
         self._sockets = [None] * self.size
+
+    def _end(self, entry: _Socket, qid: bytes, number: int, result) -> None:
+        """The query `number` (id `qid` on `entry`) is over with `result`, unless it was
+        over already."""
+        waiting = entry.pending.get(qid)
+        if waiting is None or waiting[2] != number:
+            return
+        self._settle(entry, qid)
+        try:
+            waiting[0](result)
+        except Exception:  # noqa: BLE001 - one query's failure must not stop the others'
+            log.exception("DNS upstream reply handling failed")
+
+    def _settle(self, entry: _Socket, qid: bytes) -> None:
+        del entry.pending[qid]
+        if entry.retired and not entry.pending:
+            self._close(entry)
+
+    def _expire(self) -> None:
+        """Fail each query past its deadline with TimeoutError; the timer for the next."""
+        self._timer = None
+        now, deadlines = self._loop.time(), self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, number, entry, qid = heapq.heappop(deadlines)
+            self._end(entry, qid, number, TimeoutError("no answer from the upstream"))
+        if deadlines and self._timer is None:
+            self._timer = self._loop.call_at(deadlines[0][0], self._expire)
 
     def _pick(self) -> _Socket:
         slot = random.randrange(self.size)
@@ -155,27 +237,21 @@ class UdpUpstream:
         # Into one buffer, copied out at its size: `recv(65535)` allocated 64 KiB a
         # reply and gave most of it back, three syscalls (mmap, mremap, munmap) a query.
         view = memoryview(self._buffer)
-        while True:
+        while entry.sock.fileno() >= 0:  # a reply's handling may retire and close it
             try:
                 size = entry.sock.recv_into(view)
                 reply = bytes(view[:size])
             except BlockingIOError:
                 return
             except OSError as e:  # ICMP port unreachable and the like: fail fast
-                for future, _ in entry.pending.values():
-                    if not future.done():
-                        future.set_exception(e)
+                for qid, (_, _, number) in list(entry.pending.items()):
+                    self._end(entry, qid, number, e)
                 return
             waiting = entry.pending.get(reply[:2])
-            if waiting is None:
+            if waiting is None or not answers(reply, waiting[1]):
                 continue
-            future, question = waiting
-            if future.done() or not answers(reply, question):
-                continue
-            if len(reply) > MAX_ANSWER_BYTES:
-                future.set_exception(AnswerTooLarge(len(reply)))
-            else:
-                future.set_result(reply)
+            result = AnswerTooLarge(len(reply)) if len(reply) > MAX_ANSWER_BYTES else reply
+            self._end(entry, reply[:2], waiting[2], result)
 
 
 def answers(reply: bytes, question: bytes) -> bool:

@@ -861,7 +861,7 @@ def _fast_or_none(query_wire: bytes, qname: str, reply: bytes, udp: bool = True)
     slow = filter_answer(query, reply)
     assert slow.decision is None  # the fast path never passes what the filter edits
     _same_message(fast.response, render(slow.response, query, udp=udp))
-    assert fast.bindings == slow.bindings
+    assert [(n, str(a), t) for n, a, t in fast.bindings] == slow.bindings
     assert fast.summary == _describe(slow.response)
     return fast
 
@@ -888,7 +888,7 @@ def test_fast_path_agrees_with_filter_answer(qname, qtype, records, answer, reas
     if reason is not None:
         assert fast is None
     elif "TXT" not in str(records):  # the common shape: only CNAMEs and the type asked
-        assert fast is not None and fast.bindings == bindings
+        assert fast is not None and [(n, str(a), t) for n, a, t in fast.bindings] == bindings
 
 
 @pytest.mark.parametrize(
@@ -1051,6 +1051,113 @@ def test_upstream_socket_ids_random_and_ports_rotated():
     assert b"\0\0" not in upstream.ids  # forward_query's placeholder never leaves
     uses = {port: upstream.sources.count(port) for port in upstream.sources}
     assert len(uses) >= 40 // 5 and max(uses.values()) <= 5
+
+
+def test_upstream_deadlines_of_any_order_fire_each_at_its_own_time():
+    """One timer serves every query's deadline: a short one sent after a long one
+    still times out first, and an answered query is never timed out later."""
+
+    def answer_only_fast(data):
+        return (
+            _answer_to(data) if parse(data).question[0].name.to_text().startswith("fast") else None
+        )
+
+    async def body(pool, upstream):
+        loop = asyncio.get_running_loop()
+        started, ended = loop.time(), {}
+
+        async def ask(name, timeout):
+            try:
+                await pool.ask(forward_query(name, 1), timeout=timeout)
+                ended[name] = ("answered", loop.time() - started)
+            except TimeoutError:
+                ended[name] = ("timed out", loop.time() - started)
+
+        await asyncio.gather(
+            ask("slow-long.example.com", 0.6),
+            ask("slow-short.example.com", 0.15),
+            ask("fast.example.com", 0.2),
+        )
+        return ended
+
+    ended = asyncio.run(_with_upstream(answer_only_fast, body))
+    assert ended["fast.example.com"][0] == "answered" and ended["fast.example.com"][1] < 0.15
+    assert ended["slow-short.example.com"][0] == "timed out"
+    assert 0.14 <= ended["slow-short.example.com"][1] < 0.5
+    assert ended["slow-long.example.com"][0] == "timed out"
+    assert ended["slow-long.example.com"][1] >= 0.59
+
+
+def test_upstream_query_given_up_is_forgotten_and_its_retired_socket_closed():
+    """A query whose waiter is cancelled leaves its socket's table at once: a retired
+    socket does not stay open until that query's deadline."""
+
+    async def body(pool, upstream):
+        waiting = asyncio.ensure_future(pool.ask(forward_query("example.com", 1), timeout=30))
+        await asyncio.sleep(0.05)
+        (entry,) = [e for e in pool._sockets if e is not None]
+        entry.retired = True  # as `_pick` does after max_uses
+        pool._draining.add(entry)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return entry
+
+    entry = asyncio.run(_with_upstream(lambda data: None, body))
+    assert entry.pending == {} and entry.sock.fileno() == -1
+
+
+async def _two_upstreams(first_silent: bool, **server_args):
+    """A filter with two upstreams on 127.0.0.1 (the first silent for `example.com`,
+    or a closed port), asked for example.com over UDP: (reply, events, seconds, what
+    each upstream was asked)."""
+    first = FakeUpstream(ZONE, silent={"example.com"})
+    second = FakeUpstream(ZONE)
+    await first.start()
+    await second.start()
+    first_port = first.port
+    if not first_silent:  # a port nothing listens on: ICMP port unreachable
+        first.stop()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            first_port = probe.getsockname()[1]
+    sink = ListSink()
+    server = DnsFilter(
+        decide_name=FakePolicy(ALLOWED),
+        sandbox_for=lambda ip: ("sbx-1", "dev", "t1"),
+        sink=sink,
+        upstreams=["127.0.0.1", "127.0.0.2"],
+        upstream_port=first_port,
+        timeout=0.3,
+        **server_args,
+    )
+    # The second upstream listens on another port: each address gets its own.
+    server._udp_upstreams["127.0.0.2"] = UdpUpstream("127.0.0.1", second.port)
+    await server.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        query = dns.message.make_query("example.com", "A")
+        reply = await dns.asyncquery.udp(query, "127.0.0.1", timeout=3, port=server.port)
+        return reply, sink.events, loop.time() - started, (first.questions, second.questions)
+    finally:
+        await server.stop()
+        first.stop()
+        second.stop()
+
+
+@pytest.mark.parametrize("first_silent", [True, False], ids=["first-times-out", "first-refuses"])
+def test_udp_query_goes_on_to_the_next_upstream_with_one_event(first_silent):
+    """The common UDP query is forwarded without a task of its own; when the first
+    upstream does not answer (a timeout, or ICMP unreachable at once), the query goes
+    on to the next one from there: one answer, one event, one timeout at most."""
+    reply, events, seconds, (asked_first, asked_second) = asyncio.run(_two_upstreams(first_silent))
+    assert answer_values(reply) == ["example.com A 93.184.216.34"]
+    (event,) = events
+    assert event.verdict is Verdict.ALLOW and "A NOERROR 93.184.216.34" in event.detail
+    assert asked_second == [("example.com", "A")]
+    assert asked_first == ([("example.com", "A")] if first_silent else [])
+    assert seconds < (0.6 if first_silent else 0.25)  # the first's timeout once, not twice
 
 
 # --- upstream answers are size-checked before parsing ------------------------------

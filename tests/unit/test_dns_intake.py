@@ -36,10 +36,15 @@ def _server(events: list, asked: list) -> DnsFilter:
         clock=Clock(),  # stands still: no token comes back during the test
     )
 
-    async def ask_upstream(wire):  # the order the queries were served in
+    def ask_first(wire, on_reply):  # the order the queries were forwarded in
         asked.append(dns.message.from_wire(wire).question[0].name.to_text(omit_final_dot=True))
+        asyncio.get_running_loop().call_soon(on_reply, OSError("test: no upstream"))
+
+    async def ask_upstream(wire, first=None):  # what a failed first upstream goes on to
+        assert first is not None, "every query is forwarded through ask_first first"
         return None, "test: no upstream"
 
+    server._ask_first = ask_first
     server._ask_upstream = ask_upstream
     return server
 
@@ -98,7 +103,7 @@ def test_a_burst_is_refused_then_dropped_at_intake_and_the_other_sandbox_is_serv
     # The flooder's three within its rate and the honest query were served, round-robin:
     # the honest one second, not behind the flooder's three.
     assert asked == ["f0.example.com", "h.example.com", "f1.example.com", "f2.example.com"]
-    assert spawned == 4  # the 17 over the rate cost no task
+    assert spawned == 4  # the 17 over the rate cost no task (the 4 a task each: no upstream)
     # Of the 17 over the rate, the first 3 (its dns_qps) got REFUSED, the rest nothing.
     rcodes = sorted(r.rcode() for r in flood_replies)
     assert rcodes == [dns.rcode.SERVFAIL] * 3 + [dns.rcode.REFUSED] * 3  # SERVFAIL: no upstream

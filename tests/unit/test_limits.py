@@ -300,7 +300,7 @@ def test_dns_over_the_rate_is_refused_with_an_event_and_never_forwarded():
         clock=clock,
     )
 
-    async def ask_upstream(wire):  # the forwarded query's wire bytes
+    async def ask_upstream(wire, first=None):  # the forwarded query's wire bytes
         upstream.append(dns.message.from_wire(wire).question[0].name.to_text())
         return None, "test: no upstream"
 
