@@ -9,8 +9,11 @@ in `finally`.
 - upstream: dnsmasq on 127.0.0.1 (its own port), answering `allowed.test` from its
   configuration (`--address`), no cache misses, no forwarding: a fast C server.
 - sandgate: a real `Gateway` (proxy/gateway.py) in a child process, listening on
-  127.0.0.1, with the audit log (a file in a temporary directory) and the metrics as
-  event sinks, as `sandgate run` has them, and rules that allow `allowed.test` and
+  127.0.0.1, with the audit log (a file in a temporary directory, with its journal)
+  and the metrics as
+  event sinks, as `sandgate run` has them, at the gateway's nice value
+  (enforcer/priority.py: the clients here play the sandboxes' tasks, which run at 0),
+  and rules that allow `allowed.test` and
   deny everything else. Its sandboxes are 127.0.0.2..127.0.0.33, spread over the
   client processes (each query socket or connection from one of them), so that the
   per-sandbox rate cap, `dns_qps` (set to its maximum, 1,000/s), stays far above
@@ -118,7 +121,8 @@ def gateway_main(work: str, upstream_port: int, port: int) -> None:
     async def serve() -> None:
         rules = Path(work, "rules.yaml")
         rules.write_text(RULES)
-        audit = AuditLog(Path(work, "audit.jsonl"))
+        # With its journal, as `sandgate run` opens it (enforcer/run.py, open_audit_log).
+        audit = AuditLog(Path(work, "audit.jsonl"), journal=Path(work, "audit.ring"))
         config = GatewayConfig(
             "127.0.0.1", ["127.0.0.1"], Path(work, "ca"), dns_port=port,
             dns_upstream_port=upstream_port,

@@ -3,6 +3,7 @@ that never blocks and loses nothing while its queue has room."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import math
@@ -423,6 +424,65 @@ def test_sustained_load_from_another_thread_loses_nothing(tmp_path):
     thread.join()
     log.close()
     assert log.lost == 0 and log.written == sent and verify(path).ok
+
+
+def test_events_from_a_loop_a_thread_and_a_batch_are_chained_in_the_order_taken_in(tmp_path):
+    """On a running loop an event is chained at the loop's next turn, with the others
+    taken in until then; an emit from a thread with no loop, and a batch, chain at
+    once, after those taken in before them. The log holds them in the order they were
+    emitted, one chain."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    order = []
+
+    def emit(i):
+        order.append(i)
+        log.emit(event(i))
+
+    async def scenario():
+        emit(0)
+        emit(1)
+        assert log.queued == 2  # taken in, not lost, while waiting for the loop's turn
+        other = threading.Thread(target=emit, args=(2,))  # no loop there: chained at once
+        other.start()
+        other.join()
+        emit(3)
+        order.append(4)
+        log.emit_batch([event(4)])
+        await asyncio.sleep(0)
+        emit(5)
+
+    asyncio.run(scenario())
+    log.close()
+    assert log.lost == 0 and verify(path).ok
+    assert [json.loads(line)["path"] for line in lines(path)] == [f"/{i}" for i in order]
+    assert order == [0, 1, 2, 3, 4, 5]
+
+
+def test_events_taken_in_by_a_loop_that_stops_turning_are_written_all_the_same(tmp_path):
+    """A loop that took events in and never turns again (stopped, or stuck) does not
+    keep them: the writer chains them at its next look but one."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, flush_interval=0.02)
+    loop = asyncio.new_event_loop()
+    try:
+
+        def take_in_and_stop():
+            log.emit(event(1))
+            log.emit(event(2))
+            loop.stop()  # before its next turn: the chaining it asked for never runs
+
+        loop.call_soon(take_in_and_stop)
+        loop.run_forever()
+        assert log.queued == 2
+        deadline = time.monotonic() + 5
+        while log.written < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert log.written == 2 and [json.loads(x)["path"] for x in lines(path)] == ["/1", "/2"]
+    finally:
+        log.close()
+        loop.close()
+    assert verify(path).ok
 
 
 def test_a_full_queue_counts_what_it_drops(tmp_path, monkeypatch):
