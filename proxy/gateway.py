@@ -448,6 +448,12 @@ class Gateway:
     def emit(self, event: Event) -> None:
         self.events.emit(stamped(event, self.policy.hash, self.registry.get))
 
+    def emit_batch(self, events: list[Event]) -> None:
+        """`emit` for each of `events`, handed to each sink as one batch (the DNS
+        filter's: `DnsFilter._hold`)."""
+        policy_hash, sandbox_at = self.policy.hash, self.registry.get
+        self.events.emit_batch([stamped(event, policy_hash, sandbox_at) for event in events])
+
 
 def _asker(sandbox: Sandbox) -> tuple[str, str, str | None]:
     """The DNS filter's view of a registered sandbox (dns.server.SandboxFor)."""

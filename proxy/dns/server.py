@@ -142,6 +142,7 @@ class DnsFilter:
         self._pending: dict[str, int] = {}
         self._udp_upstreams: dict[str, UdpUpstream] = {}
         self._stopped = False  # replies that come in while stopping are not answered
+        self._held: list[tuple[Event, bytes | None, tuple]] = []  # `_hold`
         self.limits_for = limits_for or (lambda profile: DEFAULT_LIMITS)
         self.rates = TokenBuckets(clock)  # queries a second, per sandbox
         self.refusals = TokenBuckets(clock)  # REFUSED replies to over-rate queries, per sandbox
@@ -250,12 +251,14 @@ class DnsFilter:
             response = render_simple(query, dns.rcode.REFUSED)
             name, qtype = query.name.lower(), QTYPE_TEXT[query.qtype]
         detail = _join(over.detail, qtype)
-        if response is not None:
-            if self.refusals.take(sandbox, self.limits_for(profile).dns_qps):
-                self._udp.sendto(response, addr)
-            else:
-                detail = _join(detail, "dropped, no reply: too many refused this second")
-        self._emit(
+        if response is not None and not self.refusals.take(
+            sandbox, self.limits_for(profile).dns_qps
+        ):
+            response, detail = (
+                None,
+                _join(detail, "dropped, no reply: too many refused this second"),
+            )
+        self._hold(
             Event.from_decision(
                 EventKind.DNS,
                 dataclasses.replace(over, detail=detail),
@@ -266,7 +269,9 @@ class DnsFilter:
                 task_id=task_id,
                 name=name,
                 duration=time.perf_counter() - started,
-            )
+            ),
+            response,
+            addr,
         )
 
     def _spawn(self, coro) -> None:
@@ -282,7 +287,7 @@ class DnsFilter:
         started, fields = time.perf_counter(), _event_fields(addr)
         outcome = self._answer_now(wire, fields, addr[0], True, True, asker)
         if not isinstance(outcome, _Upstream):
-            self._send_udp(self._finish(outcome, fields, started), addr)
+            self._hold(*self._event(outcome, fields, started), addr)
         elif not self._forward_soon(outcome, addr, fields, started):
             self._spawn(self._serve_udp_upstream(outcome, addr, fields, started))
 
@@ -311,7 +316,7 @@ class DnsFilter:
                 outcome = self._filtered(pending, reply, "")
             except Exception:  # noqa: BLE001 - one query must never take the server down
                 outcome = self._failed(pending.wire, fields)
-            self._send_udp(self._finish(outcome, fields, started), addr)
+            self._hold(*self._event(outcome, fields, started), addr)
 
         try:
             self._ask_first(pending.forward, answered)
@@ -329,11 +334,34 @@ class DnsFilter:
         first: bytes | Exception | None = None,
     ) -> None:
         outcome = await self._answer_upstream(pending, fields, first)
-        self._send_udp(self._finish(outcome, fields, started), addr)
+        self._hold(*self._event(outcome, fields, started), addr)
 
-    def _send_udp(self, response: bytes | None, addr: tuple) -> None:
-        if response is not None and self._udp is not None:
-            self._udp.sendto(response, addr)
+    def _hold(self, event: Event, response: bytes | None, addr: tuple) -> None:
+        """Emit `event` and send `response` (None: nothing) to `addr` at the loop's
+        next turn, with every other UDP answer made until then: their events go to
+        the sink as one batch, then the replies go out, so each event is still taken
+        in (journaled) before its answer leaves. A batch costs the sinks (encoding,
+        the journal, the chain) about half of what the same events one at a time
+        between the loop's other work do (the code and data stay in the cache)."""
+        held = self._held
+        held.append((event, response, addr))
+        if len(held) == 1:
+            asyncio.get_running_loop().call_soon(self._answer_held)
+
+    def _answer_held(self) -> None:
+        held, self._held = self._held, []
+        emit_batch = getattr(self.sink, "emit_batch", None)
+        if emit_batch is None:
+            for event, _, _ in held:
+                self._emit(event)
+        else:
+            try:
+                emit_batch([event for event, _, _ in held])
+            except Exception:  # noqa: BLE001 - a broken sink must not break DNS
+                log.exception("event sink failed")
+        for _, response, addr in held:
+            if response is not None and self._udp is not None:
+                self._udp.sendto(response, addr)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -409,14 +437,19 @@ class DnsFilter:
 
     def _finish(self, outcome: _Outcome, fields: dict, started: float) -> bytes | None:
         """Emit the query's one event; its response."""
+        event, response = self._event(outcome, fields, started)
+        self._emit(event)
+        return response
+
+    def _event(self, outcome: _Outcome, fields: dict, started: float) -> tuple[Event, bytes | None]:
+        """The query's one event; its response."""
         response, decision, more = outcome
         fields.update(more)
         fields["duration"] = time.perf_counter() - started
         # Stamped here, as the gateway's emit would (a copy of each event there).
         fields["policy_hash"] = self.policy_hash()
         # The event's detail says more than the decision's: the type and the answer.
-        self._emit(Event.from_decision(EventKind.DNS, decision, **fields))
-        return response
+        return Event.from_decision(EventKind.DNS, decision, **fields), response
 
     def _decide(
         self,

@@ -13,9 +13,10 @@ import dns.rcode
 from sandgate.proxy.dns import server as server_module
 from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.policy import Decision, Reason, Verdict
-from sandgate.proxy.policy.model import Limits
+from sandgate.proxy.policy.model import Limits, Rule
 
 FLOODER, HONEST = "127.0.0.2", "127.0.0.3"
+FALLBACK = Rule(id="fallback", action=Verdict.DENY, file="rules.yaml", line=3)
 SANDBOXES = {FLOODER: ("sbx-flood", "dev", "t-flood"), HONEST: ("sbx-honest", "dev", "t-honest")}
 
 
@@ -173,3 +174,58 @@ def test_a_free_udp_port_whose_tcp_twin_is_taken_is_passed_over(monkeypatch):
     with taken:
         assert asyncio.run(scenario()) != port
     assert len(offered) == 2
+
+
+def test_udp_answers_of_one_turn_go_out_after_their_events_taken_in_as_one_batch():
+    """Every UDP answer made in one turn of the loop waits for the next: their events
+    go to the sink in one batch (cheaper for the audit log, the journal, the chain),
+    and only then do the replies leave, so no answer is ever out before its event is
+    taken in (journaled)."""
+    batches, early = [], []
+    client = _client(HONEST)
+    client.setblocking(False)
+
+    class Sink:
+        def emit(self, event):
+            raise AssertionError("a UDP answer's event comes in a batch")
+
+        def emit_batch(self, events):
+            try:
+                client.recv(4096)
+                early.append("a reply was out before its event")
+            except BlockingIOError:
+                pass
+            batches.append(events)
+
+    server = DnsFilter(
+        decide_name=lambda profile, name: Decision(Verdict.DENY, Reason.NO_RULE, FALLBACK),
+        sandbox_for=SANDBOXES.get,
+        sink=Sink(),
+        upstreams=[],
+        limits_for=lambda profile: Limits(dns_qps=100),
+    )
+
+    async def scenario():
+        await server.start("127.0.0.1", 0)
+        try:
+            for i in range(10):  # in the socket's queue before the server reads: one read
+                query = dns.message.make_query(f"d{i}.example.com", "A").to_wire()
+                client.sendto(query, ("127.0.0.1", server.port))
+            for _ in range(200):
+                if sum(map(len, batches)) == 10:
+                    break
+                await asyncio.sleep(0.01)
+            client.setblocking(True)
+            return await asyncio.to_thread(_replies, client)
+        finally:
+            client.close()
+            await server.stop()
+
+    replies = asyncio.run(scenario())
+    assert early == []
+    assert [len(batch) for batch in batches] == [10]
+    assert [e.name for e in batches[0]] == [f"d{i}.example.com" for i in range(10)]
+    assert sorted(str(r.question[0].name) for r in replies) == sorted(
+        f"d{i}.example.com." for i in range(10)
+    )
+    assert {r.rcode() for r in replies} == {dns.rcode.NXDOMAIN}
