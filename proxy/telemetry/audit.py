@@ -17,9 +17,11 @@ ship the lines to the SIEM as they are written (they carry their hashes) to anch
 the chain off the machine.
 
 Writing: `emit` runs on the gateway's event loop: it encodes the event (an
-`EncodedEvent` of a gateway worker comes encoded), chains it (seq, prev, hash) and
-appends the line to a bounded deque (~10 µs); a writer thread writes batches of
-lines with one `write` each, so a slow or failing disk never blocks the proxy.
+`EncodedEvent` of a gateway worker comes encoded) and journals it at once; at the
+loop's next turn the events taken in are chained (seq, prev, hash) together and
+their lines appended to a bounded deque (~5 µs an event in a batch); a writer
+thread writes batches of lines with one `write` each, so a slow or failing disk
+never blocks the proxy.
 Lines reach the file within `flush_interval` (50 ms). An event is lost
 only if the queue is full (the writer is far behind) or the event cannot be
 encoded; `lost` counts both, and the events lost before they reached the log that
