@@ -433,10 +433,10 @@ class AuditLog:
         return None if taken is None else self._link(*taken)
 
     def _take(self, event: Event | EncodedEvent) -> tuple[bytes, tuple | None] | None:
-        """`event`'s members and its journal record (seq, pos, stream), or None for no
-        journal. The members are written into the journal here, on the loop, before the
-        decision the event records takes effect. None: it does not encode (counted in
-        `failed`, said). Under `_lock`.
+        """(`event`'s members, its journal record (seq, pos, stream) or None without a
+        journal). The members are written into the journal here, on the loop, before
+        the decision the event records takes effect. None: it does not encode (counted
+        in `failed`, said). Under `_lock`.
 
         Encoding and chaining on the loop rather than in the writer thread: the
         writer then only writes, and takes the GIL about once a batch. Sharing the

@@ -428,8 +428,8 @@ def test_sustained_load_from_another_thread_loses_nothing(tmp_path):
 
 def test_events_from_a_loop_a_thread_and_a_batch_are_chained_in_the_order_taken_in(tmp_path):
     """On a running loop an event is chained at the loop's next turn, with the others
-    taken in until then; an emit from a thread with no loop, and a batch, chain at
-    once, after those taken in before them. The log holds them in the order they were
+    taken in until then (an emit from a thread meanwhile joins them); a batch chains at
+    once, after those taken in before it. The log holds them in the order they were
     emitted, one chain."""
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path)
@@ -443,7 +443,7 @@ def test_events_from_a_loop_a_thread_and_a_batch_are_chained_in_the_order_taken_
         emit(0)
         emit(1)
         assert log.queued == 2  # taken in, not lost, while waiting for the loop's turn
-        other = threading.Thread(target=emit, args=(2,))  # no loop there: chained at once
+        other = threading.Thread(target=emit, args=(2,))  # no loop there
         other.start()
         other.join()
         emit(3)
