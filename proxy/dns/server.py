@@ -192,6 +192,7 @@ class DnsFilter:
 
     async def stop(self) -> None:
         self._stopped = True
+        self._answer_held()  # before the socket closes, not at the loop's next turn
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:

@@ -229,3 +229,32 @@ def test_udp_answers_of_one_turn_go_out_after_their_events_taken_in_as_one_batch
         f"d{i}.example.com." for i in range(10)
     )
     assert {r.rcode() for r in replies} == {dns.rcode.NXDOMAIN}
+
+
+def test_answers_held_for_the_next_turn_are_not_lost_when_the_filter_stops_first():
+    """`stop` right after a query was answered (the run's teardown): the answer held
+    for the loop's next turn still goes out, and its event reaches the sink, before
+    the socket closes."""
+    events = []
+    server = DnsFilter(
+        decide_name=lambda profile, name: Decision(Verdict.DENY, Reason.NO_RULE, FALLBACK),
+        sandbox_for=SANDBOXES.get,
+        sink=type("Sink", (), {"emit": staticmethod(events.append)})(),
+        upstreams=[],
+    )
+    client = _client(HONEST)
+
+    async def scenario():
+        await server.start("127.0.0.1", 0)
+        query = dns.message.make_query("gone.example.com", "A").to_wire()
+        server._serve_udp(query, client.getsockname(), None)  # as the intake would
+        await server.stop()  # before the loop turns again
+        return list(events)
+
+    try:
+        seen_at_stop = asyncio.run(scenario())
+        replies = _replies(client)
+    finally:
+        client.close()
+    assert [(e.name, e.reason) for e in seen_at_stop] == [("gone.example.com", Reason.NO_RULE)]
+    assert [r.rcode() for r in replies] == [dns.rcode.NXDOMAIN]
