@@ -1101,10 +1101,10 @@ def test_upstream_query_given_up_is_forgotten_and_its_retired_socket_closed():
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        return entry
+        return entry.pending == {}, entry.sock.fileno()  # before the pool closes
 
-    entry = asyncio.run(_with_upstream(lambda data: None, body))
-    assert entry.pending == {} and entry.sock.fileno() == -1
+    forgotten, fileno = asyncio.run(_with_upstream(lambda data: None, body))
+    assert forgotten and fileno == -1
 
 
 async def _two_upstreams(first_silent: bool, **server_args):
