@@ -45,7 +45,7 @@ from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.model import DEFAULT_LIMITS, Decision, Limits
 from sandgate.proxy.policy.names import IPAddress, format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
-from sandgate.proxy.telemetry.event import Event, EventKind, EventSink
+from sandgate.proxy.telemetry.event import Event, EventFanout, EventKind, EventSink
 
 # What the UDP socket's receive queue may hold (`_room_for_bursts`).
 DNS_RECEIVE_QUEUE = 8 << 20
@@ -123,7 +123,8 @@ class DnsFilter:
         when not given. `clock` (monotonic seconds) drives the rate buckets."""
         self.decide_name = decide_name
         self.sandbox_for = sandbox_for
-        self.sink = sink
+        # A failing sink is logged, never raised into a query (EventFanout).
+        self.sink = EventFanout(sink)
         self.policy_hash = policy_hash
         self.upstreams = list(upstreams)
         self.upstream_port = upstream_port
@@ -301,10 +302,8 @@ class DnsFilter:
         another shape of query, no upstream, the sandbox's queries in flight at their
         cap, or no socket to send from."""
         sandbox = pending.who[0]
-        in_flight = self._pending.get(sandbox, 0)
-        if pending.quick is None or not self.upstreams or in_flight >= self.max_pending_per_sandbox:
+        if pending.quick is None or not self.upstreams or not self._reserve(sandbox):
             return False
-        self._pending[sandbox] = in_flight + 1
 
         def answered(reply: bytes | Exception) -> None:
             self._release(sandbox)
@@ -351,15 +350,7 @@ class DnsFilter:
 
     def _answer_held(self) -> None:
         held, self._held = self._held, []
-        emit_batch = getattr(self.sink, "emit_batch", None)
-        if emit_batch is None:
-            for event, _, _ in held:
-                self._emit(event)
-        else:
-            try:
-                emit_batch([event for event, _, _ in held])
-            except Exception:  # noqa: BLE001 - a broken sink must not break DNS
-                log.exception("event sink failed")
+        self.sink.emit_batch([event for event, _, _ in held])
         for _, response, addr in held:
             if response is not None and self._udp is not None:
                 self._udp.sendto(response, addr)
@@ -439,7 +430,7 @@ class DnsFilter:
     def _finish(self, outcome: _Outcome, fields: dict, started: float) -> bytes | None:
         """Emit the query's one event; its response."""
         event, response = self._event(outcome, fields, started)
-        self._emit(event)
+        self.sink.emit(event)
         return response
 
     def _event(self, outcome: _Outcome, fields: dict, started: float) -> tuple[Event, bytes | None]:
@@ -610,7 +601,7 @@ class DnsFilter:
             for rd in rrset
         ]
         decision = answer.decision or deny("dns-upstream", "no address") if not addresses else None
-        self._emit(
+        self.sink.emit(
             Event(
                 kind=EventKind.DNS,
                 verdict=Verdict.ALLOW if addresses else Verdict.DENY,
@@ -643,15 +634,22 @@ class DnsFilter:
         `sandbox_limit` Decision), so one sandbox cannot tie up the upstream (or
         our memory) for the others. `first`: the first upstream's reply (or failure)
         to a query forwarded already, within the cap then (`_forward_soon`)."""
-        pending = self._pending.get(sandbox, 0)
-        if pending >= self.max_pending_per_sandbox and first is None:
+        if not self._reserve(sandbox, capped=first is None):
             limit = f"more than {self.max_pending_per_sandbox} DNS queries in flight"
             return deny("sandbox-dns-pending", limit), "too many queries in flight"
-        self._pending[sandbox] = pending + 1
         try:
             return await self._ask_upstream(wire, first)
         finally:
             self._release(sandbox)
+
+    def _reserve(self, sandbox: str, *, capped: bool = True) -> bool:
+        """One more query of `sandbox` in flight; False (and none) when `capped` and it
+        has `max_pending_per_sandbox` already."""
+        in_flight = self._pending.get(sandbox, 0)
+        if capped and in_flight >= self.max_pending_per_sandbox:
+            return False
+        self._pending[sandbox] = in_flight + 1
+        return True
 
     def _release(self, sandbox: str) -> None:
         """One query of `sandbox` in flight less."""
@@ -694,12 +692,6 @@ class DnsFilter:
             except (OSError, EOFError, ValueError) as e:  # TimeoutError is an OSError
                 errors.append(f"{server}: {type(e).__name__}")
         return None, "upstream: " + ("; ".join(errors) or "none configured")
-
-    def _emit(self, event: Event) -> None:
-        try:
-            self.sink.emit(event)
-        except Exception:  # noqa: BLE001 - a broken sink must not break DNS
-            log.exception("event sink failed")
 
 
 class _UdpIntake:
