@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def probe_start(out: str, argv: list[str]) -> int:
     import sandgate.enforcer.cli.run as cli_run
     import sandgate.enforcer.run as run
     from sandgate.enforcer import netns, nft
+    from sandgate.enforcer.sandbox import prepare
     from sandgate.proxy.dns.server import DnsFilter
     from sandgate.proxy.engine import ProxyEngine
 
@@ -171,7 +173,11 @@ def probe_start(out: str, argv: list[str]) -> int:
     wrap_async(ProxyEngine, "_start", STEP_MITM)
     wrap_sync(run, "_write_ca_bundle", STEP_CA)
     wrap_sync(nft, "apply_ruleset", STEP_NFT)
+    wrap_sync(run.TaskRun, "_prepare_sandbox", STEP_PREPARE)
     wrap_async(run.TaskRun, "_run_task", STEP_TASK)
+    wrap_sync(prepare.PreparedSandbox, "join", STEP_JOIN)
+    wrap_sync(prepare.PreparedSandbox, "check_workspace", STEP_PLANTING)
+    wrap_sync(prepare.PreparedSandbox, "finish", STEP_FINISH)
     wrap_async(run.TaskRun, "_teardown", STEP_TEARDOWN)
     wrap_sync(netns, "cut_off", STEP_CUTOFF)
     wrap_sync(netns, "destroy_sandbox_net", STEP_DESTROY)
@@ -241,7 +247,11 @@ STEP_DNS = "DNS filter listen"
 STEP_MITM = "mitmproxy import + start (if the rules inspect)"
 STEP_CA = "write CA bundles (x2)"
 STEP_NFT = "nft -f (ruleset)"
+STEP_PREPARE = "prepare the sandbox (spec, cgroup, workspace)"
 STEP_TASK = "task: sandbox init + CMD"
+STEP_JOIN = "join the init to its cgroup"
+STEP_PLANTING = "check the workspace (planting)"
+STEP_FINISH = "remove the cgroup (limits hit)"
 STEP_TEARDOWN = "teardown"
 STEP_CUTOFF = "cut off (host veth down)"
 STEP_DESTROY = "destroy netns + veth"
@@ -269,8 +279,12 @@ BREAKDOWN = [  # (indent, label) in print order
     (2, STEP_CA),
     (2, STEP_METRICS_START),
     (2, STEP_NFT),
+    (2, STEP_PREPARE),
     (2, STEP_TASK),
+    (3, STEP_JOIN),
     (2, STEP_TEARDOWN),
+    (3, STEP_PLANTING),
+    (3, STEP_FINISH),
     (3, STEP_CUTOFF),
     (3, STEP_COUNTERS),
     (3, STEP_DELTABLE),
@@ -577,8 +591,6 @@ class Bench:
 
     def cleanup(self) -> None:
         """Best effort, every step: our processes, sandboxes, nft table."""
-        import signal
-
         ids = list(self.sbx_ids.values())
         for proc in [*self.proxies.values(), *self.gateways]:
             if proc is not None and proc.poll() is None:
@@ -1055,6 +1067,87 @@ table inet {self.table}_{key.lower()} {{
             prof["rate_under_profiler"] = client.get(phase, {}).get("per_s")
             self.results.setdefault("profile", {})[label] = prof
 
+    # -- system calls per connection
+
+    def syscalls(self) -> None:
+        """`strace -c` on the proxy (all its threads) for `--profile-seconds` while the
+        plain-HTTP connection-rate clients run: system calls per connection by name,
+        sandgate (C) beside Squid (B). Counts, not times: they come out the same on a
+        busy machine as on a quiet one, which the rates do not. strace slows the proxy
+        down; only the counts are read. Connections: the accepts that succeeded."""
+        secs = self.args.profile_seconds
+        rate_argv = self.client_argv(["http_rate"], resolve=False)
+        rate_argv[rate_argv.index("--rate-seconds") + 1] = str(secs + 4)
+        counts: dict[str, dict] = {}
+        for key in ("C", "B"):
+            print(f"strace -c on {SETUP_NAMES[key]} during http_rate ...", flush=True)
+            if key == "C":
+                proc = self.popen_sandgate(
+                    *rate_argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+                pid = proc.pid
+            else:
+                self.start_proxy("B")
+                argv = self.client_argv(["http_rate"], True, self.fn.ca_cert)
+                argv[argv.index("--rate-seconds") + 1] = str(secs + 4)
+                proc = subprocess.Popen(
+                    ip_netns(self.nets["B"].netns, *argv),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                pid = self.proxies["B"].pid
+            try:
+                time.sleep(2.0)  # setup and the clients' warm-up
+                raw = self.workdir / f"strace-{key}.txt"
+                tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(raw), "-p", str(pid)])
+                time.sleep(secs)
+                tracer.send_signal(signal.SIGINT)
+                tracer.wait(timeout=60)
+                proc.wait(timeout=120)
+            finally:
+                if key == "B":
+                    self.stop_proxy("B")
+            counts[key] = parse_strace_counts(raw.read_text())
+        self.results["syscalls"] = counts
+
+
+def parse_strace_counts(text: str) -> dict:
+    """{"per_connection": {syscall: calls per accepted connection}, "connections": N}
+    from `strace -c`'s table (errors counted as calls: they cost a trip too)."""
+    calls: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] not in ("total",):
+            numbers = [p for p in parts[3:-1] if p.isdigit()]
+            if numbers:
+                calls[parts[-1]] = int(numbers[0])
+    errors = 0
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[-1] in ("accept", "accept4") and len(parts) == 6:
+            errors += int(parts[4])
+    accepted = calls.get("accept4", 0) + calls.get("accept", 0) - errors
+    per = {name: n / max(accepted, 1) for name, n in calls.items()}
+    return {"connections": accepted, "per_connection": per}
+
+
+def report_syscalls(results: dict) -> str:
+    counts = results.get("syscalls")
+    if not counts:
+        return ""
+    c, b = counts.get("C", {}), counts.get("B", {})
+    pc, pb = c.get("per_connection", {}), b.get("per_connection", {})
+    out = [
+        f"\nsystem calls per plain-HTTP connection (strace -c; sandgate {c.get('connections')} "
+        f"connections, Squid {b.get('connections')}):",
+        f"  {'syscall':<20} {'sandgate':>9} {'Squid':>9}",
+    ]
+    for name in sorted(set(pc) | set(pb), key=lambda n: -max(pc.get(n, 0), pb.get(n, 0))):
+        if max(pc.get(name, 0), pb.get(name, 0)) >= 0.05:
+            out.append(f"  {name:<20} {pc.get(name, 0):9.2f} {pb.get(name, 0):9.2f}")
+    out.append(f"  {'all':<20} {sum(pc.values()):9.2f} {sum(pb.values()):9.2f}")
+    return "\n".join(out)
+
 
 def import_profile(top: int = 12) -> dict[str, float]:
     """Self time of `import enforcer.cli, enforcer.run` grouped by top-level package
@@ -1443,6 +1536,11 @@ def main() -> int:
         "--profile", action="store_true", help="py-spy the gateway during the rate runs"
     )
     parser.add_argument("--profile-seconds", type=int, default=4)
+    parser.add_argument(
+        "--syscalls",
+        action="store_true",
+        help="strace -c sandgate and Squid during plain-HTTP connections: calls per connection",
+    )
     parser.add_argument("--skip", default="", help="comma list of A,B,C,start to skip")
     parser.add_argument(
         "--phases",
@@ -1481,7 +1579,6 @@ def main() -> int:
         return 2
     sys.path.insert(0, str(REPO))
     import shutil
-    import signal
     import tempfile
 
     from sandgate.enforcer.demo.fakenet import FakeInternet, cleanup_prefix, fresh_prefix
@@ -1520,6 +1617,8 @@ def main() -> int:
                 steps = [("rounds", lambda: bench.run_rounds(skip)), ("start", bench.measure_start)]
                 if args.profile:
                     steps.append(("profile", bench.profile))
+                if args.syscalls:
+                    steps.append(("syscalls", bench.syscalls))
                 for name, step in steps:
                     if name in skip:
                         continue
@@ -1541,6 +1640,7 @@ def main() -> int:
         print()
         print(report(results))
         print(report_profile(results))
+        print(report_syscalls(results))
         print(
             f"\n({os.cpu_count()} CPUs, kernel {os.uname().release}, CPUs {100 * busy_start:.0f}% busy before, "
             f"bench took {results['total_seconds']:.0f} s)"

@@ -106,8 +106,9 @@ def purelib(python: Path | str) -> str:
     return subprocess.check_output([python, "-c", code], text=True).strip()
 
 
-def install_venv(venv: Path) -> Path:
-    """This checkout installed as a wheel installs it, into a throwaway venv; its python."""
+def install_venv(venv: Path, rev: str | None = None) -> Path:
+    """This checkout (or its git revision `rev`) installed as a wheel installs it, into
+    a throwaway venv; its python."""
     subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = purelib(python)
@@ -115,12 +116,19 @@ def install_venv(venv: Path) -> Path:
     # dir there, so its .pth files, the editable finder among them, are not run).
     Path(site, "sandgate-bench-deps.pth").write_text(purelib(PY) + "\n")
     # From a copy: setuptools builds in the source tree (build/, *.egg-info).
-    source = venv.parent / "source"
-    shutil.copytree(
-        REPO,
-        source,
-        ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests"),
-    )
+    source = venv.parent / f"source-{venv.name}"
+    if rev is None:
+        shutil.copytree(
+            REPO,
+            source,
+            ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests"),
+        )
+    else:
+        source.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
     pip = [PY, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(source)]
     proc = subprocess.run(pip, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -327,6 +335,18 @@ def main() -> int:
         action="store_true",
         help="a rule that inspects TLS (methods), a fresh state dir (no CA yet) for every run",
     )
+    parser.add_argument(
+        "--workspace",
+        action="store_true",
+        help="with a workspace (an idmapped bind of a fresh directory), as bench_attach "
+        "and a user's `sandgate run` have it, instead of --no-workspace",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also time git revision REV installed the same way, interleaved with the "
+        "checkout (an A/B in one run: load from others hits both alike)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -337,12 +357,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sgbench-start-") as tmp:
         work = Path(tmp)
         run_args, fresh = RUN_ARGS, None
+        if args.workspace:
+            (work / "workspace").mkdir()
+            at = run_args.index("--no-workspace")
+            run_args = [*run_args[:at], "--workspace", str(work / "workspace"), *run_args[at + 1 :]]
+            res["run_args"] = run_args
         if args.inspect:
             (work / "inspect.yaml").write_text(INSPECT_START_RULES)
-            run_args, fresh = ["run", "--rules", str(work / "inspect.yaml"), *RUN_ARGS[1:]], work
+            run_args, fresh = ["run", "--rules", str(work / "inspect.yaml"), *run_args[1:]], work
             res.update(run_args=run_args, held_kind="inspected (idle, handshake done)")
         installed = install_venv(work / "venv")
         pythons = {INSTALLED: installed}
+        if args.baseline:
+            pythons[f"baseline {args.baseline}, installed"] = install_venv(
+                work / "venv-baseline", args.baseline
+            )
         if args.editable:
             pythons[EDITABLE] = Path(PY)
         subprocess.run(["ip", "netns", "add", host_ns], check=True)
