@@ -5,6 +5,7 @@ bindings it records are read by the connection gate."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -54,6 +55,10 @@ DNS_RECEIVE_QUEUE = 8 << 20
 INTAKE_BATCH = 256
 MAX_SOURCES = 4096  # datagram sources remembered as `sandbox_for` takes them
 MAX_DATAGRAM = 65535
+# Queries one TCP connection may have taken in and not yet answered (RFC 7766
+# pipelining, answered in order): past it the connection is not read until its
+# first answer is out, so a pipelining client cannot make the gateway hold more.
+TCP_PIPELINE = 32
 _PORT_ATTEMPTS = 16  # free UDP ports tried for one whose TCP twin is free too
 SO_RCVBUFFORCE = 33  # Linux (socket(7)); Python's socket module has no name for it
 
@@ -88,11 +93,13 @@ class _Upstream:
 class DnsFilter:
     """The asyncio DNS server the sandboxes' port-53 traffic is redirected to.
 
-    Listens on UDP and TCP (RFC 7766 framing, several queries per connection, an
-    idle timeout). Each query is answered by `handle`, which never raises and emits
-    exactly one event. With nftables `redirect`, a UDP reply sent from the same
-    socket is un-NATed by conntrack, so the sandbox sees it come from the address it
-    queried.
+    Listens on UDP (`_UdpIntake`) and TCP (`_TcpConnection`: RFC 7766 framing,
+    several queries per connection, pipelined ones answered in order, an idle
+    timeout), both served in callbacks: no task per query but for the rare ones
+    (`_forward_soon`). Each query gets exactly one event, taken in before its answer
+    leaves (`_hold`); a query's failure is its SERVFAIL (`_failed`), never the
+    server's. With nftables `redirect`, a UDP reply sent from the same socket is
+    un-NATed by conntrack, so the sandbox sees it come from the address it queried.
     """
 
     def __init__(
@@ -139,11 +146,12 @@ class DnsFilter:
         self._udp: _UdpIntake | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._tcp_connections = 0
+        self._tcp_connections: set[_TcpConnection] = set()
         self._pending: dict[str, int] = {}
         self._udp_upstreams: dict[str, UdpUpstream] = {}
         self._stopped = False  # replies that come in while stopping are not answered
-        self._held: list[tuple[Event, bytes | None, tuple]] = []  # `_hold`
+        # `_hold`: (event, response, a datagram's source or a TCP query's `_TcpAnswer`)
+        self._held: list[tuple[Event, bytes | None, tuple | _TcpAnswer]] = []
         self.limits_for = limits_for or (lambda profile: DEFAULT_LIMITS)
         self.rates = TokenBuckets(clock)  # queries a second, per sandbox
         self.refusals = TokenBuckets(clock)  # REFUSED replies to over-rate queries, per sandbox
@@ -174,10 +182,11 @@ class DnsFilter:
             self._udp = _UdpIntake(self, udp_sock, loop)
             self.port = udp_sock.getsockname()[1]
             try:
+                connection = functools.partial(_TcpConnection, self)
                 if sockets is not None:
-                    self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp_sock)
+                    self._tcp = await loop.create_server(connection, sock=tcp_sock)
                 else:
-                    self._tcp = await asyncio.start_server(self._serve_tcp, listen_host, self.port)
+                    self._tcp = await loop.create_server(connection, listen_host, self.port)
                 break
             except OSError as e:
                 self._udp.close()
@@ -192,20 +201,26 @@ class DnsFilter:
         self.refusals.forget(sandbox)
 
     async def stop(self) -> None:
+        """Stop serving. What is held for the loop's next turn is answered first (its
+        events taken in), then the sockets close: TCP connections at once (aborted if
+        their client is not reading what was written). A query still upstream gets
+        its event (no answer: `_gone`), so that no query taken in goes unrecorded."""
         self._stopped = True
-        self._answer_held()  # before the socket closes, not at the loop's next turn
+        self._answer_held()  # before the sockets close, not at the loop's next turn
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:
             self._tcp.close()
+        closed = [connection.close_now() for connection in list(self._tcp_connections)]
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *closed, return_exceptions=True)
         if self._tcp is not None:
             await self._tcp.wait_closed()
         for upstream in self._udp_upstreams.values():
-            upstream.close()
+            upstream.close()  # what is still upstream is over: `_forward_soon`'s `answered`
         self._udp_upstreams.clear()
+        self._answer_held()  # the events of what was still upstream
         self._udp = self._tcp = None
 
     # UDP: a query within its sandbox's rate gets a task of its own, so a slow upstream
@@ -232,18 +247,43 @@ class DnsFilter:
             if over is None:
                 admitted.setdefault(who[0], []).append((wire, addr, (source_ip, who)))
             else:
-                self._shed(wire, addr, who, over)
+                self._shed(wire, addr, _event_fields(addr), who, over)
         for round_ in itertools.zip_longest(*admitted.values()):
             for datagram in round_:
                 if datagram is not None:
                     self._serve_udp(*datagram)
 
-    def _shed(self, wire: bytes, addr: tuple, who: tuple, over: Decision) -> None:
+    def _take_in_tcp(self, wire: bytes, to: _TcpAnswer) -> None:
+        """A query read from a TCP connection (`_TcpConnection`), as `_take_in` takes a
+        datagram: its sandbox's rate token taken here (`_shed` past it: a dropped
+        query ends the connection), then `_serve`. Never raises: a failure here is the
+        query's SERVFAIL and event, never the connection's or the server's."""
+        connection = to.connection
+        fields = {"protocol": "dns", "source": connection.source}
+        try:
+            source_ip = connection.source_ip
+            who = self.sandbox_for(source_ip) if source_ip else None
+            if who is None:  # `_decide` says why (unknown-sandbox, or a bug's SERVFAIL)
+                self._serve(wire, to, fields, connection.peer_ip, False, None)
+                return
+            over = self._over_rate(who[0], who[1])
+            if over is None:
+                self._serve(wire, to, fields, source_ip, False, (source_ip, who))
+            else:
+                self._shed(wire, to, fields, who, over)
+        except Exception:  # noqa: BLE001 - one query must never take the server down
+            started = time.perf_counter()
+            self._hold(*self._event(self._failed(wire, fields), fields, started), to)
+
+    def _shed(
+        self, wire: bytes, to: tuple | _TcpAnswer, fields: dict, who: tuple, over: Decision
+    ) -> None:
         """Refuse the query `wire` of the sandbox `who`, over its rate (`over`): the
         event `handle` would emit for it, on the bytes (`wire.scan_query`) alone. At
         most `dns_qps` REFUSED replies a second: past that the query is dropped (its
         event says so), so a flood costs the gateway no reply, and its sandbox's
-        stub, which ignores REFUSED anyway, no more than the wait it chose."""
+        stub, which ignores REFUSED anyway, no more than the wait it chose (over TCP
+        the connection is closed: a client must not wait for a dropped query)."""
         started = time.perf_counter()
         sandbox, profile, task_id = who
         query = scan_query(wire)
@@ -264,8 +304,7 @@ class DnsFilter:
             Event.from_decision(
                 EventKind.DNS,
                 dataclasses.replace(over, detail=detail),
-                protocol="dns",
-                source=format_host_port(addr[0], addr[1]),
+                **fields,
                 sandbox=sandbox,
                 profile=profile,
                 task_id=task_id,
@@ -273,7 +312,7 @@ class DnsFilter:
                 duration=time.perf_counter() - started,
             ),
             response,
-            addr,
+            to,
         )
 
     def _spawn(self, coro) -> None:
@@ -283,17 +322,32 @@ class DnsFilter:
 
     def _serve_udp(self, wire: bytes, addr: tuple, asker: _Asker | None) -> None:
         """A UDP query that `_take_in` admitted (its rate token taken there, its asker
-        looked up: `asker`, or None for none): answered in the intake's pass when the
+        looked up: `asker`, or None for none): `_serve`."""
+        self._serve(wire, addr, _event_fields(addr), addr[0], True, asker)
+
+    def _serve(
+        self,
+        wire: bytes,
+        to: tuple | _TcpAnswer,
+        fields: dict,
+        source: str,
+        udp: bool,
+        asker: _Asker | None,
+    ) -> None:
+        """An admitted query (its rate token taken, its asker looked up: `asker`, or None
+        for none), to be answered to `to` (`_hold`): in the intake's pass when the
         filter needs no upstream (a denied name: what a flood is made of); else
         forwarded, never waited for: a slow upstream never blocks other sandboxes."""
-        started, fields = time.perf_counter(), _event_fields(addr)
-        outcome = self._answer_now(wire, fields, addr[0], True, True, asker)
+        started = time.perf_counter()
+        outcome = self._answer_now(wire, fields, source, udp, True, asker)
         if not isinstance(outcome, _Upstream):
-            self._hold(*self._event(outcome, fields, started), addr)
-        elif not self._forward_soon(outcome, addr, fields, started):
-            self._spawn(self._serve_udp_upstream(outcome, addr, fields, started))
+            self._hold(*self._event(outcome, fields, started), to)
+        elif not self._forward_soon(outcome, to, fields, started):
+            self._spawn(self._serve_upstream(outcome, to, fields, started))
 
-    def _forward_soon(self, pending: _Upstream, addr: tuple, fields: dict, started: float) -> bool:
+    def _forward_soon(
+        self, pending: _Upstream, to: tuple | _TcpAnswer, fields: dict, started: float
+    ) -> bool:
         """Forward the common query (`pending.quick`) to the first upstream and answer it
         in the reply's callback, without a task: a task per query (its steps, its
         timeout's timer) was ~15 % of an allowed query's time. Whatever is not a clean
@@ -308,15 +362,16 @@ class DnsFilter:
         def answered(reply: bytes | Exception) -> None:
             self._release(sandbox)
             if self._stopped:  # as a task of a stopped server, cancelled: no answer
+                outcome = self._gone(pending, fields)
+            elif isinstance(reply, Exception) or reply[2] & 0x02:  # failed, or truncated (TC)
+                self._spawn(self._serve_upstream(pending, to, fields, started, reply))
                 return
-            if isinstance(reply, Exception) or reply[2] & 0x02:  # failed, or truncated (TC)
-                self._spawn(self._serve_udp_upstream(pending, addr, fields, started, reply))
-                return
-            try:
-                outcome = self._filtered(pending, reply, "")
-            except Exception:  # noqa: BLE001 - one query must never take the server down
-                outcome = self._failed(pending.wire, fields)
-            self._hold(*self._event(outcome, fields, started), addr)
+            else:
+                try:
+                    outcome = self._filtered(pending, reply, "")
+                except Exception:  # noqa: BLE001 - one query must never take the server down
+                    outcome = self._failed(pending.wire, fields)
+            self._hold(*self._event(outcome, fields, started), to)
 
         try:
             self._ask_first(pending.forward, answered)
@@ -325,65 +380,59 @@ class DnsFilter:
             return False
         return True
 
-    async def _serve_udp_upstream(
+    async def _serve_upstream(
         self,
         pending: _Upstream,
-        addr: tuple,
+        to: tuple | _TcpAnswer,
         fields: dict,
         started: float,
         first: bytes | Exception | None = None,
     ) -> None:
-        outcome = await self._answer_upstream(pending, fields, first)
-        self._hold(*self._event(outcome, fields, started), addr)
+        try:
+            outcome = await self._answer_upstream(pending, fields, first)
+        except asyncio.CancelledError:  # `stop`: no answer, but the query's event
+            self._hold(*self._event(self._gone(pending, fields), fields, started), to)
+            raise
+        self._hold(*self._event(outcome, fields, started), to)
 
-    def _hold(self, event: Event, response: bytes | None, addr: tuple) -> None:
-        """Emit `event` and send `response` (None: nothing) to `addr` at the loop's
-        next turn, with every other UDP answer made until then: their events go to
-        the sink as one batch, then the replies go out, so each event is still taken
-        in (journaled) before its answer leaves. A batch costs the sinks (encoding,
+    def _gone(self, pending: _Upstream, fields: dict) -> _Outcome:
+        """The outcome of `pending`, still upstream when the filter stopped: no answer
+        (nothing is bound); its event says why."""
+        try:
+            _, decision, more = self._filtered(pending, None, "the DNS filter stopped")
+        except Exception:  # noqa: BLE001 - one query must never take the server down
+            _, decision, more = self._failed(pending.wire, fields)
+        return None, decision, more
+
+    def _hold(self, event: Event, response: bytes | None, to: tuple | _TcpAnswer) -> None:
+        """Emit `event` and send `response` (None: nothing; over TCP, the connection's
+        end) to `to` (a datagram's source, or a TCP query's `_TcpAnswer`) at the loop's
+        next turn, with every other answer made until then: their events go to the
+        sink as one batch, then the replies go out, so each event is still taken in
+        (journaled) before its answer leaves. A batch costs the sinks (encoding,
         the journal, the chain) about half of what the same events one at a time
         between the loop's other work do (the code and data stay in the cache)."""
         held = self._held
-        held.append((event, response, addr))
+        held.append((event, response, to))
         if len(held) == 1:
             asyncio.get_running_loop().call_soon(self._answer_held)
 
     def _answer_held(self) -> None:
         held, self._held = self._held, []
+        if not held:  # `stop` answered them already
+            return
         self.sink.emit_batch([event for event, _, _ in held])
-        for _, response, addr in held:
-            if response is not None and self._udp is not None:
-                self._udp.sendto(response, addr)
-
-    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._tasks.add(task)
-        self._tcp_connections += 1
-        peer = writer.get_extra_info("peername")
-        try:
-            if self._tcp_connections > self.max_tcp_connections:
-                return
-            for _ in range(self.max_tcp_queries):
-                try:
-                    async with asyncio.timeout(self.tcp_idle_timeout):
-                        length = int.from_bytes(await reader.readexactly(2), "big")
-                        wire = await reader.readexactly(length)
-                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-                    return
-                response = await self.handle(wire, peer, udp=False)
-                if response is None:  # dropped: a TCP client must not wait for it
-                    return
-                writer.write(len(response).to_bytes(2, "big") + response)
-                async with asyncio.timeout(self.tcp_idle_timeout):
-                    await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            self._tcp_connections -= 1
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        udp = self._udp
+        for _, response, to in held:
+            if to.__class__ is tuple:  # a datagram's source
+                if response is not None and udp is not None:
+                    udp.sendto(response, to)
+                continue
+            try:
+                to.answer(response)  # written in its connection's order
+            except Exception:  # noqa: BLE001 - one connection's failure is not the others'
+                log.exception("DNS answer over TCP to %s failed", to.connection.source)
+                to.connection.close_now()
 
     # One query.
 
@@ -657,6 +706,11 @@ class DnsFilter:
         if not self._pending[sandbox]:
             del self._pending[sandbox]
 
+    def _upstream_worst(self) -> float:
+        """The longest a query may be upstream: each upstream over UDP, then over TCP
+        after a truncated answer (`_ask_upstream`)."""
+        return 2 * self.timeout * max(1, len(self.upstreams))
+
     def _udp_upstream(self, server: str) -> UdpUpstream:
         upstream = self._udp_upstreams.get(server)
         if upstream is None:
@@ -731,6 +785,224 @@ class _UdpIntake:
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+
+class _TcpAnswer:
+    """One query of a TCP connection, in the connection's order: where `DnsFilter._hold`
+    sends its answer (`answer`), which goes out once every earlier one has."""
+
+    __slots__ = ("connection", "response", "done")
+
+    def __init__(self, connection: _TcpConnection):
+        self.connection = connection
+        self.response: bytes | None = None
+        self.done = False
+
+    def answer(self, response: bytes | None) -> None:
+        """`response` is this query's answer (None: dropped, the connection ends)."""
+        if not self.done:
+            self.response, self.done = response, True
+            self.connection.flush()
+
+
+class _TcpConnection(asyncio.Protocol):
+    """One DNS-over-TCP connection (RFC 7766: a 2-byte length before each message),
+    served in callbacks as the UDP intake is: no task or coroutine per connection or
+    per query (the stream reader's, the `asyncio.timeout`s around each read and
+    drain, and `handle`'s were most of a TCP query's cost).
+
+    Each whole query read is taken in (`DnsFilter._take_in_tcp`) at once and answered
+    through `DnsFilter._hold`; answers leave in the queries' order (`queue`, `flush`).
+    Bounds:
+    - at most TCP_PIPELINE queries taken in and not yet answered: past it the
+      connection is not read (what was read and not taken waits in `buffer`, at most
+      one read's worth and one message); nor while the transport's write buffer is
+      over its high-water mark (`pause_writing`): a client that sends and does not
+      read stops being read, and the gateway holds no more than that buffer;
+    - `max_tcp_queries` a connection, then it closes once they are answered (what
+      came after is not read); a dropped query (no response) closes it at once,
+      after the answers before it;
+    - one idle timer (`_idle`): the connection closes when nothing moved (no query
+      taken in, no answer written) for `tcp_idle_timeout` seconds, plus the
+      upstream's worst case while a query is upstream and the client reads; a
+      partial message does not count, nor do answers it does not read (it is
+      aborted then: its unsent answers dropped). Progress moves a deadline; the
+      timer is re-armed only when it fires early.
+    Over `max_tcp_connections`, a connection is closed as it is made."""
+
+    def __init__(self, owner: DnsFilter):
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.source = ""  # the peer as events name it (host:port)
+        self.peer_ip = ""
+        self.source_ip: str | None = None  # canonical, as `sandbox_for` takes it
+        self.buffer = bytearray()  # read, not yet taken in: a part of a message, or more
+        self.queue: collections.deque[_TcpAnswer] = collections.deque()
+        self.taken = 0  # queries taken in, of `max_tcp_queries`
+        self.reading = True
+        self.writing_paused = False
+        self.last = False  # no more queries are taken: the cap, or a dropped query
+        self.eof = False  # the client sent its last query
+        self.closing = False  # nothing more is written
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.lost: asyncio.Future | None = None  # `close_now`'s, set at connection_lost
+        self.loop = asyncio.get_running_loop()
+
+    # asyncio's calls
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        owner = self.owner
+        self.transport = transport
+        owner._tcp_connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if len(owner._tcp_connections) > owner.max_tcp_connections or not peer or owner._stopped:
+            self.close_now()
+            return
+        self.peer_ip, self.source = peer[0], format_host_port(peer[0], peer[1])
+        self.source_ip = _source_ip(peer[0])
+        self.deadline = self.loop.time() + owner.tcp_idle_timeout
+        self.timer = self.loop.call_at(self.deadline, self._idle)
+
+    def data_received(self, data: bytes) -> None:
+        if self.last:  # after the cap: not taken, not kept
+            return
+        buffer = self.buffer
+        if buffer:
+            buffer += data
+            del buffer[: self._take(buffer)]
+        else:  # the common case: whole queries in one read, taken without a copy
+            used = self._take(data)
+            if used < len(data):
+                buffer += memoryview(data)[used:]
+        self._steer()
+
+    def eof_received(self) -> bool:
+        """The client sent its last query: answer what was taken in (and what the
+        buffer holds whole), then close (True: the transport stays open until then)."""
+        self.eof = True
+        self._more()
+        return True
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        self._steer()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.deadline = self.loop.time() + self.owner.tcp_idle_timeout
+        self._more()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = self.last = True
+        self.queue.clear()  # their answers, when they come, go nowhere
+        self.buffer = bytearray()
+        self.owner._tcp_connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
+
+    # the queries and their answers
+
+    def _take(self, data: bytes | bytearray) -> int:
+        """Take in each whole query at the start of `data` while there is room (at most
+        TCP_PIPELINE unanswered, `max_tcp_queries` in all); the bytes used."""
+        owner, queue = self.owner, self.queue
+        room = min(TCP_PIPELINE - len(queue), owner.max_tcp_queries - self.taken)
+        offset, size, taken = 0, len(data), 0
+        while taken < room and size - offset >= 2:
+            end = offset + 2 + (data[offset] << 8 | data[offset + 1])
+            if end > size:
+                break
+            to = _TcpAnswer(self)
+            queue.append(to)
+            # (answered through `_hold`, at a later turn: never within this loop)
+            owner._take_in_tcp(bytes(data[offset + 2 : end]), to)
+            offset, taken = end, taken + 1
+        if taken:
+            self.taken += taken
+            self.deadline = self.loop.time() + owner.tcp_idle_timeout
+            if self.taken >= owner.max_tcp_queries:
+                self.last = True
+                self.buffer.clear()
+                return size  # what came after the last query allowed is not read
+        return offset
+
+    def flush(self) -> None:
+        """Write the answers at the head of the queue that are ready, in order; then
+        take in what waited for room, or close once the last is out."""
+        if self.closing:
+            return
+        queue, out = self.queue, []
+        while queue and queue[0].done:
+            response = queue.popleft().response
+            if response is None:  # dropped: a TCP client must not wait for it
+                self.last = True
+                queue.clear()
+                break
+            out.append(len(response).to_bytes(2, "big") + response)
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.deadline = self.loop.time() + self.owner.tcp_idle_timeout
+        self._more()
+
+    def _more(self) -> None:
+        """Take in what the buffer holds whole, if there is room now; close when the
+        last query is answered; else read or not (`_steer`)."""
+        if self.closing:
+            return
+        if self.buffer and not self.last and not self.writing_paused:
+            del self.buffer[: self._take(self.buffer)]
+        if not self.queue and (self.last or (self.eof and not self.writing_paused)):
+            self.closing = True
+            self.transport.close()  # after what is written; the idle timer still runs
+            return
+        self._steer()
+
+    def _steer(self) -> None:
+        """Read while there is room for a query and the client takes its answers."""
+        want = not (
+            self.writing_paused
+            or self.last
+            or self.eof
+            or len(self.queue) >= TCP_PIPELINE
+            or len(self.buffer) > MAX_DATAGRAM + 2  # a whole message waiting for room
+        )
+        if want != self.reading and not self.closing:
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def _idle(self) -> None:
+        """The one idle timer: close when nothing moved (see the class docstring)."""
+        self.timer = None
+        deadline = self.deadline
+        if self.queue and not self.writing_paused and not self.closing:
+            deadline += self.owner._upstream_worst()  # an answer is still upstream
+        if self.loop.time() < deadline:
+            self.timer = self.loop.call_at(deadline, self._idle)
+            return
+        self.close_now()
+
+    def close_now(self) -> asyncio.Future:
+        """Close now: what is written goes out if the client reads it, else is
+        dropped (abort). A future set once the connection is gone."""
+        self.closing = self.last = True
+        if self.lost is None:
+            self.lost = self.loop.create_future()
+            if self not in self.owner._tcp_connections:  # gone already
+                self.lost.set_result(None)
+        transport = self.transport
+        if transport is not None:
+            if transport.get_write_buffer_size():
+                transport.abort()  # (closing or not) its client does not read what is left
+            elif not transport.is_closing():
+                transport.close()
+        return self.lost
 
 
 async def _bound_udp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
