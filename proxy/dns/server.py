@@ -272,18 +272,19 @@ class DnsFilter:
             else:
                 self._shed(wire, to, fields, who, over)
         except Exception:  # noqa: BLE001 - one query must never take the server down
-            started = time.perf_counter()
-            self._hold(*self._event(self._failed(wire, fields), fields, started), to)
+            self._reply(self._failed(wire, fields), fields, time.perf_counter(), to, wire)
 
     def _shed(
         self, wire: bytes, to: tuple | _TcpAnswer, fields: dict, who: tuple, over: Decision
     ) -> None:
         """Refuse the query `wire` of the sandbox `who`, over its rate (`over`): the
         event `handle` would emit for it, on the bytes (`wire.scan_query`) alone. At
-        most `dns_qps` REFUSED replies a second: past that the query is dropped (its
+        most `dns_qps` REFUSED datagrams a second: past that the query is dropped (its
         event says so), so a flood costs the gateway no reply, and its sandbox's
-        stub, which ignores REFUSED anyway, no more than the wait it chose (over TCP
-        the connection is closed: a client must not wait for a dropped query)."""
+        stub, which ignores REFUSED anyway, no more than the wait it chose. Over TCP
+        each is REFUSED, as before: the connection's back pressure bounds what its
+        replies cost, and a TCP flood does not use up its sandbox's refusals of
+        datagrams (its stub's UDP queries would go unanswered, and wait)."""
         started = time.perf_counter()
         sandbox, profile, task_id = who
         query = scan_query(wire)
@@ -293,8 +294,10 @@ class DnsFilter:
             response = render_simple(query, dns.rcode.REFUSED)
             name, qtype = query.name.lower(), QTYPE_TEXT[query.qtype]
         detail = _join(over.detail, qtype)
-        if response is not None and not self.refusals.take(
-            sandbox, self.limits_for(profile).dns_qps
+        if (
+            response is not None
+            and to.__class__ is tuple  # a datagram's source
+            and not self.refusals.take(sandbox, self.limits_for(profile).dns_qps)
         ):
             response, detail = (
                 None,
@@ -341,7 +344,7 @@ class DnsFilter:
         started = time.perf_counter()
         outcome = self._answer_now(wire, fields, source, udp, True, asker)
         if not isinstance(outcome, _Upstream):
-            self._hold(*self._event(outcome, fields, started), to)
+            self._reply(outcome, fields, started, to, wire)
         elif not self._forward_soon(outcome, to, fields, started):
             self._spawn(self._serve_upstream(outcome, to, fields, started))
 
@@ -371,7 +374,7 @@ class DnsFilter:
                     outcome = self._filtered(pending, reply, "")
                 except Exception:  # noqa: BLE001 - one query must never take the server down
                     outcome = self._failed(pending.wire, fields)
-            self._hold(*self._event(outcome, fields, started), to)
+            self._reply(outcome, fields, started, to, pending.wire)
 
         try:
             self._ask_first(pending.forward, answered)
@@ -391,9 +394,9 @@ class DnsFilter:
         try:
             outcome = await self._answer_upstream(pending, fields, first)
         except asyncio.CancelledError:  # `stop`: no answer, but the query's event
-            self._hold(*self._event(self._gone(pending, fields), fields, started), to)
+            self._reply(self._gone(pending, fields), fields, started, to, pending.wire)
             raise
-        self._hold(*self._event(outcome, fields, started), to)
+        self._reply(outcome, fields, started, to, pending.wire)
 
     def _gone(self, pending: _Upstream, fields: dict) -> _Outcome:
         """The outcome of `pending`, still upstream when the filter stopped: no answer
@@ -403,6 +406,24 @@ class DnsFilter:
         except Exception:  # noqa: BLE001 - one query must never take the server down
             _, decision, more = self._failed(pending.wire, fields)
         return None, decision, more
+
+    def _reply(
+        self,
+        outcome: _Outcome,
+        fields: dict,
+        started: float,
+        to: tuple | _TcpAnswer,
+        wire: bytes,
+    ) -> None:
+        """`_hold` the event and response of the query `wire`; a failure to make the
+        event (a bug) is its SERVFAIL and INTERNAL_ERROR event: over TCP, a query
+        never answered would hold up every answer after it on its connection."""
+        try:
+            event, response = self._event(outcome, fields, started)
+        except Exception:  # noqa: BLE001 - one query must never take the server down
+            plain = {"protocol": "dns", "source": fields["source"]}
+            event, response = self._event(self._failed(wire, plain), plain, started)
+        self._hold(event, response, to)
 
     def _hold(self, event: Event, response: bytes | None, to: tuple | _TcpAnswer) -> None:
         """Emit `event` and send `response` (None: nothing; over TCP, the connection's
