@@ -223,8 +223,9 @@ class DnsFilter:
         self._answer_held()  # the events of what was still upstream
         self._udp = self._tcp = None
 
-    # UDP: a query within its sandbox's rate gets a task of its own, so a slow upstream
-    # never blocks other sandboxes; one over it is refused at intake, without a task.
+    # The intakes (UDP, TCP): a query within its sandbox's rate is served (`_serve`)
+    # without waiting for the upstream, so a slow upstream never blocks other
+    # sandboxes; one over it is refused at intake (`_shed`), never forwarded.
 
     def _take_in(self, datagrams: list[tuple[bytes, tuple]]) -> None:
         """Serve the `datagrams` one read of the UDP socket got, in its order per
@@ -255,9 +256,10 @@ class DnsFilter:
 
     def _take_in_tcp(self, wire: bytes, to: _TcpAnswer) -> None:
         """A query read from a TCP connection (`_TcpConnection`), as `_take_in` takes a
-        datagram: its sandbox's rate token taken here (`_shed` past it: a dropped
-        query ends the connection), then `_serve`. Never raises: a failure here is the
-        query's SERVFAIL and event, never the connection's or the server's."""
+        datagram: its sandbox's rate token taken here (`_shed` past it), then `_serve`.
+        Never raises: a failure here is the query's SERVFAIL and event, never the
+        connection's or the server's (asyncio would close the connection, and its
+        queries would have no event)."""
         connection = to.connection
         fields = {"protocol": "dns", "source": connection.source}
         try:
