@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import hashlib
 import importlib.util
 import marshal
 import os
@@ -63,8 +62,10 @@ class _Compiled:
 
 
 def cache_path(directory: str = CACHE_DIR) -> str:
-    version = hashlib.sha256(sys.version.encode() + importlib.util.MAGIC_NUMBER).hexdigest()
-    return os.path.join(directory, f"dataclass-methods-{version[:16]}.marshal")
+    """Named for the interpreter (its version, and its bytecode's magic number): code
+    objects and marshal's format are its own."""
+    magic = importlib.util.MAGIC_NUMBER.hex()
+    return os.path.join(directory, f"dataclass-methods-{sys.hexversion:x}-{magic}.marshal")
 
 
 def _load(path: str) -> dict[str, object]:

@@ -215,7 +215,7 @@ def test_a_broken_cache_is_compiled_around(cache_dir: Path, content: bytes) -> N
 
 def test_the_file_name_carries_the_interpreter(cache_dir: Path, monkeypatch) -> None:
     here = dataclass_cache.cache_path(str(cache_dir))
-    monkeypatch.setattr(sys, "version", sys.version + " (another build)")
+    monkeypatch.setattr(sys, "hexversion", sys.hexversion + 1)
     assert dataclass_cache.cache_path(str(cache_dir)) != here
 
 
