@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         from sandgate.enforcer import handoff
 
         handoff.hand_off(argv)
+        # Not taken: this process starts the run, and its imports make ~80 dataclasses
+        # (cli/run.py's cmd_run ends this once they are made).
+        from sandgate.enforcer import dataclass_cache
+
+        dataclass_cache.start()
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     return run_command(args.func, args)
 

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from sandgate.enforcer import dataclass_cache
 from sandgate.enforcer.cli.common import (
     ADMIN_DEFAULT,
     METRICS_DEFAULT,
@@ -79,6 +80,7 @@ def _seconds(text: str) -> float:
 
 def cmd_run(args) -> int:
     if args.gateway is not None:
+        dataclass_cache.finish()
         _exit_now(_run_attached(args))
     # The cyclic GC paused while the settings and rules load and the gateway's modules
     # import: they make some 50k objects that live as long as the process (next to no
@@ -96,6 +98,7 @@ def cmd_run(args) -> int:
         from sandgate.enforcer.run import RUN_DIR, STATE_DIR, RunOptions, check_prerequisites, run
         from sandgate.enforcer.sandbox.spec import SandboxError
     finally:
+        dataclass_cache.finish()
         gc.freeze()
         gc.enable()
     with setup_errors():

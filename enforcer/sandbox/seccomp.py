@@ -53,7 +53,6 @@ import ctypes
 import errno
 import functools
 import os
-import stat
 import sys
 from collections import namedtuple
 
@@ -374,15 +373,19 @@ def build_filter(cache_dir: str | os.PathLike[str] | None = None) -> bytes:
     belong to this user and nobody else can write them (it is a filter about to
     be trusted).
     Raises OSError when libseccomp is missing or refuses the table."""
+    # Here, not at the top: this module is also loaded by path, without its package
+    # (sandbox/init.py started as a script), where only `install` is used.
+    from sandgate.enforcer import private_cache
+
     cache_file = None
     if cache_dir is not None:
         cache_file = os.path.join(cache_dir, f"seccomp-{cache_key()}.bpf")
-        program = _read_cache(cache_file)
-        if program is not None:
+        program = private_cache.read(cache_file)
+        if program and len(program) % SOCK_FILTER_SIZE == 0:
             return program
     program = _compile()
     if cache_file is not None:
-        _write_cache(cache_file, program)
+        private_cache.write(cache_file, program)
     return program
 
 
@@ -500,41 +503,6 @@ def _libseccomp_version() -> str:
     library.seccomp_version.restype = ctypes.POINTER(_Version)
     found = library.seccomp_version().contents
     return f"{found.major}.{found.minor}.{found.micro}"
-
-
-def _owned_by_me_and_private(info: os.stat_result) -> bool:
-    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-
-
-def _read_cache(cache_file: str) -> bytes | None:
-    try:
-        if not _owned_by_me_and_private(os.stat(os.path.dirname(cache_file))):
-            return None
-        fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as cached:
-        info = os.fstat(cached.fileno())
-        if not stat.S_ISREG(info.st_mode) or not _owned_by_me_and_private(info):
-            return None
-        program = cached.read()
-    return program if program and len(program) % SOCK_FILTER_SIZE == 0 else None
-
-
-def _write_cache(cache_file: str, program: bytes) -> None:
-    """Best effort: a cache that cannot be written costs time, not safety."""
-    directory, name = os.path.split(cache_file)
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if not _owned_by_me_and_private(os.stat(directory)):
-            return
-        temporary = os.path.join(directory, f".{name}.{os.getpid()}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as cached:
-            cached.write(program)
-        os.replace(temporary, cache_file)
-    except OSError:
-        return
 
 
 # --- loading (standard library only) ---------------------------------------------
