@@ -235,20 +235,24 @@ class DnsFilter:
         query waits behind at most one of each other sandbox's, however many they sent."""
         admitted: dict[str | None, list[tuple[bytes, tuple, _Asker | None]]] = {}
         for wire, addr in datagrams:
-            source_ip = self._source_ips.get(addr[0], False)
-            if source_ip is False:
-                if len(self._source_ips) >= MAX_SOURCES:
-                    self._source_ips.clear()
-                source_ip = self._source_ips[addr[0]] = _source_ip(addr[0])
-            who = self.sandbox_for(source_ip) if source_ip else None
-            if who is None:  # `handle` says why (unknown-sandbox, or a bug's SERVFAIL)
-                admitted.setdefault(None, []).append((wire, addr, None))
-                continue
-            over = self._over_rate(who[0], who[1])
-            if over is None:
-                admitted.setdefault(who[0], []).append((wire, addr, (source_ip, who)))
-            else:
-                self._shed(wire, addr, _event_fields(addr), who, over)
+            try:
+                source_ip = self._source_ips.get(addr[0], False)
+                if source_ip is False:
+                    if len(self._source_ips) >= MAX_SOURCES:
+                        self._source_ips.clear()
+                    source_ip = self._source_ips[addr[0]] = _source_ip(addr[0])
+                who = self.sandbox_for(source_ip) if source_ip else None
+                if who is None:  # `_decide` says why (unknown-sandbox, or a bug's SERVFAIL)
+                    admitted.setdefault(None, []).append((wire, addr, None))
+                    continue
+                over = self._over_rate(who[0], who[1])
+                if over is None:
+                    admitted.setdefault(who[0], []).append((wire, addr, (source_ip, who)))
+                else:
+                    self._shed(wire, addr, _event_fields(addr), who, over)
+            except Exception:  # noqa: BLE001 - a bug costs this query, not the read's others
+                fields = _event_fields(addr)
+                self._reply(self._failed(wire, fields), fields, time.perf_counter(), addr, wire)
         for round_ in itertools.zip_longest(*admitted.values()):
             for datagram in round_:
                 if datagram is not None:
@@ -280,7 +284,7 @@ class DnsFilter:
         self, wire: bytes, to: tuple | _TcpAnswer, fields: dict, who: tuple, over: Decision
     ) -> None:
         """Refuse the query `wire` of the sandbox `who`, over its rate (`over`): the
-        event `handle` would emit for it, on the bytes (`wire.scan_query`) alone. At
+        event `_serve` would make for it, on the bytes (`wire.scan_query`) alone. At
         most `dns_qps` REFUSED datagrams a second: past that the query is dropped (its
         event says so), so a flood costs the gateway no reply, and its sandbox's
         stub, which ignores REFUSED anyway, no more than the wait it chose. Over TCP
@@ -464,15 +468,19 @@ class DnsFilter:
     ) -> bytes | None:
         """Answer one query from `source` ((ip, port, ...)): the bytes to send back,
         or None to send nothing. Emits exactly one event. Never raises. `rated`: the
-        query's token of its sandbox's rate was taken already (`_take_in`)."""
+        query's token of its sandbox's rate was taken already. Not the servers' path
+        (the intakes take the rate token and serve in callbacks: `_serve`), but the
+        same halves below: tests and tools ask it one query at a time."""
         started, fields = time.perf_counter(), _event_fields(source)
         outcome = self._answer_now(wire, fields, source[0], udp, rated, None)
         if isinstance(outcome, _Upstream):
             outcome = await self._answer_upstream(outcome, fields)
-        return self._finish(outcome, fields, started)
+        event, response = self._event(outcome, fields, started)
+        self.sink.emit(event)
+        return response
 
-    # `handle` in two halves, each with the safety net that makes a query's failure a
-    # SERVFAIL with its event: what needs no upstream, and what does.
+    # A query in two halves, each with the safety net that makes its failure a SERVFAIL
+    # with its event: what needs no upstream, and what does.
 
     def _answer_now(self, wire: bytes, fields: dict, *where) -> _Outcome | _Upstream:
         """`_decide(wire, fields, *where)`."""
@@ -498,12 +506,6 @@ class DnsFilter:
             deny("internal-error", "DNS filter error"),
             {},
         )
-
-    def _finish(self, outcome: _Outcome, fields: dict, started: float) -> bytes | None:
-        """Emit the query's one event; its response."""
-        event, response = self._event(outcome, fields, started)
-        self.sink.emit(event)
-        return response
 
     def _event(self, outcome: _Outcome, fields: dict, started: float) -> tuple[Event, bytes | None]:
         """The query's one event; its response."""
@@ -832,7 +834,8 @@ class _TcpConnection(asyncio.Protocol):
     """One DNS-over-TCP connection (RFC 7766: a 2-byte length before each message),
     served in callbacks as the UDP intake is: no task or coroutine per connection or
     per query (the stream reader's, the `asyncio.timeout`s around each read and
-    drain, and `handle`'s were most of a TCP query's cost).
+    drain, and the coroutine that answered each query were most of a TCP query's
+    cost).
 
     Each whole query read is taken in (`DnsFilter._take_in_tcp`) at once and answered
     through `DnsFilter._hold`; answers leave in the queries' order (`queue`, `flush`).

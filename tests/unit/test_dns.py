@@ -12,6 +12,7 @@ import socket
 
 import dns.asyncquery
 import dns.edns
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -33,7 +34,7 @@ from sandgate.proxy.dns.upstream import UdpUpstream
 from sandgate.proxy.dns.wire import forward_query, scan_query
 from sandgate.proxy.policy.model import Decision, Rule
 from sandgate.proxy.policy.reasons import Reason, Verdict
-from sandgate.proxy.telemetry.event import EventKind
+from sandgate.proxy.telemetry.event import Event, EventKind
 
 FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures" / "dns"
 ALLOW_RULE = Rule(id="allow-example", action=Verdict.ALLOW, file="test.yaml", line=1)
@@ -797,36 +798,48 @@ def test_server_end_to_end():
     assert events[8].sandbox is None and events[8].source.startswith("127.0.0.2:")
 
 
-def test_handle_survives_a_bug():
-    """Anything unexpected is a SERVFAIL, an INTERNAL_ERROR event and a traceback."""
+async def _one_query_each_way(**server_args) -> tuple[list, list[Event]]:
+    """One query over UDP, one over TCP, to a started filter: the replies (None:
+    none), and the events."""
+    sink = ListSink()
+    server = DnsFilter(decide_name=FakePolicy(), sink=sink, upstreams=[], **server_args)
+    await server.start("127.0.0.1", 0)
+    try:
+        query = dns.message.make_query("example.com", "A")
+        replies = []
+        for ask in (dns.asyncquery.udp, dns.asyncquery.tcp):
+            try:
+                replies.append(await ask(query, "127.0.0.1", timeout=2, port=server.port))
+            except (dns.exception.Timeout, EOFError, ConnectionError):
+                replies.append(None)
+        return replies, sink.events
+    finally:
+        await server.stop()
+
+
+def test_a_bug_in_the_lookup_is_a_servfail_over_udp_and_tcp():
+    """Anything unexpected is a SERVFAIL, an INTERNAL_ERROR event and a traceback,
+    also where the intakes look the asker up (a datagram's read lost them all)."""
 
     def broken_registry(ip):
         raise RuntimeError("registry bug")
 
-    sink = ListSink()
-    server = DnsFilter(
-        decide_name=FakePolicy(), sandbox_for=broken_registry, sink=sink, upstreams=[]
-    )
-    reply = asyncio.run(server.handle(wire_query(), ("127.0.0.1", 5353), udp=True))
-    assert parse(reply).rcode() == dns.rcode.SERVFAIL
-    [event] = sink.events
-    assert event.reason == Reason.INTERNAL_ERROR and event.verdict == Verdict.DENY
+    replies, events = asyncio.run(_one_query_each_way(sandbox_for=broken_registry))
+    assert [r.rcode() if r else None for r in replies] == [dns.rcode.SERVFAIL] * 2
+    assert [(e.reason, e.verdict) for e in events] == [(Reason.INTERNAL_ERROR, Verdict.DENY)] * 2
 
 
-def test_handle_pending_limit():
+def test_pending_limit_over_udp_and_tcp():
     """One sandbox cannot queue unbounded upstream work."""
-    sink = ListSink()
-    server = DnsFilter(
-        decide_name=FakePolicy(),
-        sandbox_for=lambda ip: ("sbx-1", "dev", "t1"),
-        sink=sink,
-        upstreams=[],
-        max_pending_per_sandbox=0,
+    replies, events = asyncio.run(
+        _one_query_each_way(
+            sandbox_for=lambda ip: ("sbx-1", "dev", "t1"), max_pending_per_sandbox=0
+        )
     )
-    reply = asyncio.run(server.handle(wire_query(), ("127.0.0.1", 5353), udp=True))
-    assert parse(reply).rcode() == dns.rcode.SERVFAIL
-    assert sink.events[0].reason == Reason.SANDBOX_LIMIT
-    assert sink.events[0].rule_id == "builtin:sandbox-dns-pending"
+    assert [r.rcode() if r else None for r in replies] == [dns.rcode.SERVFAIL] * 2
+    assert [(e.reason, e.rule_id) for e in events] == [
+        (Reason.SANDBOX_LIMIT, "builtin:sandbox-dns-pending")
+    ] * 2
 
 
 # --- the fast path on the bytes (wire.py, quick_check, filter_simple_answer) ------
@@ -1300,6 +1313,11 @@ def test_tcp_answer_to_another_query_is_refused():
     assert "ValueError" in events[0].detail and bindings.count("sbx-1") == 0
 
 
+async def ask_over_udp(server: DnsFilter, name: str) -> dns.message.Message:
+    query = dns.message.make_query(name, "A", use_edns=0, payload=4096)
+    return await dns.asyncquery.udp(query, "127.0.0.1", timeout=3, port=server.port)
+
+
 class HandoverUpstream(FakeUpstream):
     """Answers like FakeUpstream, after `handover()` ran: what happens to a sandbox
     address while its query is upstream (its task ends, another task is given it)."""
@@ -1347,14 +1365,15 @@ def test_an_answer_that_comes_after_its_task_ended_binds_nothing_and_stays_its_t
             bindings=bindings,
             timeout=1,
         )
+        await server.start("127.0.0.1", 0)
         try:
             # example.com takes the quick path; big.example.com (over 512 bytes) dnspython's.
             for name in ("example.com", "big.example.com"):
                 registry["127.0.0.1"] = ("sbx-1", "dev", "task-a")
-                wire = wire_query(name, use_edns=0, payload=4096)
-                reply = await server.handle(wire, ("127.0.0.1", 5353), udp=True)
-                assert parse(reply).rcode() == dns.rcode.NOERROR  # task A still gets it
+                reply = await ask_over_udp(server, name)
+                assert reply.rcode() == dns.rcode.NOERROR  # task A still gets it
         finally:
+            await server.stop()
             upstream.stop()
         return sink.events, bindings
 
@@ -1384,11 +1403,12 @@ def test_an_answer_for_a_task_that_still_holds_its_address_is_bound():
             bindings=bindings,
             timeout=1,
         )
+        await server.start("127.0.0.1", 0)
         try:
             for name in ("example.com", "big.example.com"):
-                wire = wire_query(name, use_edns=0, payload=4096)
-                await server.handle(wire, ("127.0.0.1", 5353), udp=True)
+                await ask_over_udp(server, name)
         finally:
+            await server.stop()
             upstream.stop()
         return bindings
 
