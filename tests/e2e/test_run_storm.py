@@ -87,11 +87,13 @@ def assert_nothing_left(fakenet, run_dir: Path, run_ids: list[str]) -> None:
 
 def assert_first_use_made_once(state_dir: Path) -> None:
     """One gateway CA (every task trusted the CA its gateway signed with: the api
-    requests passed), one seccomp program in the cache, no half-written files."""
+    requests passed), one seccomp program and one file of dataclass methods in the
+    cache (enforcer/dataclass_cache.py), no half-written files."""
     ca = sorted(p.name for p in (state_dir / "ca").iterdir())
     assert "mitmproxy-ca.pem" in ca and not [n for n in ca if n.endswith(".partial")], ca
     cache = sorted(p.name for p in (state_dir / "cache").iterdir())
-    assert len(cache) == 1 and cache[0].startswith("seccomp-"), cache
+    assert len(cache) == 2, cache  # none of the writers' temporaries (.NAME.PID) left
+    assert cache[0].startswith("dataclass-methods-") and cache[1].startswith("seccomp-"), cache
 
 
 @pytest.mark.parametrize("host", ["fresh", "warm"])
