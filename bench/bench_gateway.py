@@ -109,6 +109,16 @@ def probe_start(out: str, argv: list[str]) -> int:
     def add(name: str, t0: float) -> None:
         marks[name] = marks.get(name, 0.0) + (time.perf_counter() - t0) * 1000
 
+    # As the CLI's main() does for an embedded run, before its imports: the compiled
+    # dataclass methods kept in the state dir (enforcer/dataclass_cache.py; cmd_run
+    # ends it). A revision without it (bench_start --baseline) has nothing to start.
+    if argv[:1] == ["run"]:
+        try:
+            from sandgate.enforcer import dataclass_cache
+        except ImportError:
+            pass
+        else:
+            dataclass_cache.start()
     # In the order the CLI itself imports them (the product may set up import
     # tricks, e.g. for mitmproxy, that a different order would defeat).
     for label, module in (
