@@ -29,6 +29,7 @@ import importlib.util
 import marshal
 import os
 import sys
+import types
 
 from sandgate.enforcer import private_cache
 
@@ -78,10 +79,9 @@ def _load(path: str) -> dict[str, object]:
         return {}
     if not isinstance(known, dict):
         return {}
-    return {k: v for k, v in known.items() if isinstance(k, str) and type(v) is _CODE}
+    return {k: v for k, v in known.items() if isinstance(k, str) and type(v) is types.CodeType}
 
 
-_CODE = type(_load.__code__)
 MAX_ENTRIES = 4096  # an embedded start uses ~400
 _active: tuple[_Compiled, str] | None = None
 
