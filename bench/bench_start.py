@@ -342,6 +342,13 @@ def main() -> int:
         "and a user's `sandgate run` have it, instead of --no-workspace",
     )
     parser.add_argument(
+        "--workspace-from",
+        type=Path,
+        metavar="DIR",
+        help="with --workspace: the workspace a copy of DIR (e.g. a checkout with its "
+        "venv), which the run walks before and after its task (enforcer/sandbox/planting.py)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also time git revision REV installed the same way, interleaved with the "
@@ -358,7 +365,10 @@ def main() -> int:
         work = Path(tmp)
         run_args, fresh = RUN_ARGS, None
         if args.workspace:
-            (work / "workspace").mkdir()
+            if args.workspace_from:
+                shutil.copytree(args.workspace_from, work / "workspace", symlinks=True)
+            else:
+                (work / "workspace").mkdir()
             at = run_args.index("--no-workspace")
             run_args = [*run_args[:at], "--workspace", str(work / "workspace"), *run_args[at + 1 :]]
             res["run_args"] = run_args
