@@ -177,6 +177,7 @@ def prepare(
     runner_joins: bool = False,  # the runner calls join(pid) while the init builds the view
     cgroup_ahead: cgroup.TaskCgroup | None = None,  # the init is forked in it: no join
     terminal: dict | None = None,  # a pty of the sandbox's own (sandbox/terminal.py)
+    surveyed: planting.Survey | None = None,  # planting.survey(opts.writable), made already
 ) -> PreparedSandbox:
     """Everything the sandbox init needs, in `run_dir` (root-only). Raises
     spec.SandboxError (with the fix) for a missing feature unless opts.allow_weaker.
@@ -208,7 +209,7 @@ def prepare(
             )
         )
     elif opts.writable:
-        workspace = planting.survey(opts.writable)
+        workspace = surveyed if surveyed is not None else planting.survey(opts.writable)
         if workspace.unguardable:
             raise spec.SandboxError(
                 "a repository's config runs files anywhere in the writable directory, "
