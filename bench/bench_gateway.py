@@ -1097,6 +1097,9 @@ table inet {self.table}_{key.lower()} {{
                 )
                 pid = proc.pid
             else:
+                import shutil
+
+                shutil.rmtree(self.workdir / "squid-B", ignore_errors=True)  # the rounds' Squid
                 self.start_proxy("B")
                 argv = self.client_argv(["http_rate"], True, self.fn.ca_cert)
                 argv[argv.index("--rate-seconds") + 1] = str(secs + 4)
