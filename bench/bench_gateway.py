@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -1019,8 +1020,6 @@ table inet {self.table}_{key.lower()} {{
         profile (`--gil`: samples where the event loop holds the GIL, i.e. runs
         Python), then the wall-clock one (also time in syscalls, waiting for the
         GIL or for a CPU). Both with thread ids; the summaries are per process."""
-        import shutil
-
         spy = shutil.which("py-spy", path=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
         if spy is None:
             self.results["notes"].append(
@@ -1097,8 +1096,6 @@ table inet {self.table}_{key.lower()} {{
                 )
                 pid = proc.pid
             else:
-                import shutil
-
                 shutil.rmtree(self.workdir / "squid-B", ignore_errors=True)  # the rounds' Squid
                 self.start_proxy("B")
                 argv = self.client_argv(["http_rate"], True, self.fn.ca_cert)
@@ -1126,20 +1123,19 @@ table inet {self.table}_{key.lower()} {{
 
 def parse_strace_counts(text: str) -> dict:
     """{"per_connection": {syscall: calls per accepted connection}, "connections": N}
-    from `strace -c`'s table (errors counted as calls: they cost a trip too)."""
+    from `strace -c`'s table (% time, seconds, usecs/call, calls, [errors], syscall;
+    errors counted as calls: they cost a trip too; an accept that failed is no
+    connection)."""
     calls: dict[str, int] = {}
+    accepted = 0
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] not in ("total",):
-            numbers = [p for p in parts[3:-1] if p.isdigit()]
-            if numbers:
-                calls[parts[-1]] = int(numbers[0])
-    errors = 0
-    for line in text.splitlines():
-        parts = line.split()
-        if parts and parts[-1] in ("accept", "accept4") and len(parts) == 6:
-            errors += int(parts[4])
-    accepted = calls.get("accept4", 0) + calls.get("accept", 0) - errors
+        if len(parts) not in (5, 6) or not parts[0][0].isdigit() or parts[-1] == "total":
+            continue
+        name, count = parts[-1], int(parts[3])
+        calls[name] = count
+        if name in ("accept", "accept4"):
+            accepted += count - (int(parts[4]) if len(parts) == 6 else 0)
     per = {name: n / max(accepted, 1) for name, n in calls.items()}
     return {"connections": accepted, "per_connection": per}
 
@@ -1487,7 +1483,6 @@ def wait_quiet(max_wait: float, threshold: float = 0.15, quick: bool = False) ->
 def versions() -> dict[str, str]:
     """The versions the table was measured with."""
     import importlib.metadata
-    import shutil
 
     found = {"python": sys.version.split()[0]}
     for package in ("mitmproxy", "dnspython"):
@@ -1504,8 +1499,6 @@ def versions() -> dict[str, str]:
 
 
 def missing_tools() -> list[str]:
-    import shutil
-
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     need = {
         "ip": "iproute2",
@@ -1591,7 +1584,6 @@ def main() -> int:
         print("bench_gateway: missing " + ", ".join(missing), file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO))
-    import shutil
     import tempfile
 
     from sandgate.enforcer.demo.fakenet import FakeInternet, cleanup_prefix, fresh_prefix

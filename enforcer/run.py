@@ -589,7 +589,6 @@ class TaskRun:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGKILL)
             await self._child_exit()
-        limits_hit, planted = [], []
         if self.sandbox is not None:
             self.sandbox.collect()
             if self.sandbox.self_test and self.opts.probe is None:
@@ -605,24 +604,32 @@ class TaskRun:
                         f"({self.sandbox.self_test_ms} ms, before the task)",
                         file=sys.stderr,
                     )
+
         # The task's side (the walk of its workspace, its cgroup) and the network's
         # (`unwire`) go at once, in two threads: the network's is mostly the kernel's
         # RCU waits (~20 ms), the walk mostly directory reads (~27 ms for a checkout
         # with a venv, 10,000 entries); one after the other they added up. Both end
         # before this goes on, whichever fails.
-        steps = [self._finish_task] if self.sandbox is not None else []
-        if self.claimed:  # else the id, and a netns or table of that name, may be another run's
-            steps.append(
-                functools.partial(unwire, self.run_id, self.table, had_net=self.net is not None)
-            )
-        done = await asyncio.gather(*map(asyncio.to_thread, steps), return_exceptions=True)
+        def unwired() -> dict[str, int]:
+            if not self.claimed:  # the id, and a netns or table of that name, may be another run's
+                return {}
+            return unwire(self.run_id, self.table, had_net=self.net is not None)
+
+        def finished() -> tuple[list[planting.Planted], list]:
+            """What the task planted (renamed aside), then its cgroup removed: the
+            limits it hit. Every process of the sandbox is gone by now."""
+            if self.sandbox is None:
+                return [], []
+            return self.sandbox.check_workspace(), self.sandbox.finish()
+
+        done = await asyncio.gather(
+            asyncio.to_thread(finished), asyncio.to_thread(unwired), return_exceptions=True
+        )
         for result in done:
             if isinstance(result, BaseException):
                 raise result
-        if self.sandbox is not None:
-            planted, limits_hit = done[0]
-            limits_hit += self._disk.hits() if self._disk is not None else []
-        counters = done[-1] if self.claimed else {}
+        (planted, limits_hit), counters = done
+        limits_hit += self._disk.hits() if self._disk is not None else []
         self.summary.firewall_drops(counters)
         if self.control is not None:
             self.control.close()
@@ -643,11 +650,6 @@ class TaskRun:
             self.summary.telemetry["audit_lost"] = self.audit.lost
         if self.claimed:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def _finish_task(self) -> tuple[list[planting.Planted], list]:
-        """What the task planted in its workspace (renamed aside), then its cgroup
-        removed: the limits it hit. Once every process of the sandbox is gone."""
-        return self.sandbox.check_workspace(), self.sandbox.finish()
 
     def _task_fields(self) -> dict:
         return {"task_id": self.run_id, "sandbox": self.sandbox_ip, "profile": self.opts.profile}
