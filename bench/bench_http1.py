@@ -1,8 +1,9 @@
 """The front door's plain-HTTP path alone, on loopback: the gateway's CPU per new
 connection and per keep-alive request, optionally under cProfile.
 
-    .venv/bin/python bench/bench_http1.py [--seconds 3] [--conns 16] [--profile OUT] [--h11]
-                                          [--chunked]
+    .venv/bin/python bench/bench_http1.py [--seconds 3] [--conns 16] [--rounds N]
+                                          [--with floor] [--callgrind] [--profile OUT]
+                                          [--h11] [--chunked]
 
 Not a test and not the side-by-side table (bench_gateway.py is): a quick loop for
 working on proxy/frontdoor/http1*.py. nginx answers on 127.0.0.1 (one worker, no
@@ -18,6 +19,25 @@ writes OUT.<phase>.pstats (and prints the top of each). `--h11` turns the fast
 path off (proxy/frontdoor/http1_fast.py): every exchange through h11, for an A/B.
 `--chunked`: nginx answers with a chunked body (an SSI page, as a dynamic page or a
 git smart-HTTP answer comes) instead of a Content-Length.
+
+`--with floor` adds, in the same run and in turn round by round (this machine's
+speed moves within minutes: only rounds taken in turn compare), the least a Python
+gateway does for the same exchanges: one epoll loop (select.epoll, no asyncio),
+accept, read the head to its blank line, send it on over a kept upstream connection
+(without the client's `Connection: close`), read the answer to its Content-Length,
+send it back, close if the client said so; no policy, no checks, no events. What
+sandgate spends above it is its decisions, checks and records; the floor is the
+interpreter's and the kernel's price of a relay in Python (the physical limit of
+this design). Squid is not in this harness: as a reverse proxy (accel) on loopback
+its CPU per connection rose round after round (396, 577, 769 us); bench_gateway.py
+measures it intercepting, as sandgate works.
+Then one table: the medians per variant and their ratios to sandgate's.
+
+`--callgrind` runs each Python process measured (the gateway, the floor) under
+valgrind's callgrind, collecting only while a phase runs, and reports instructions
+per request: a count, which does not move with the machine's speed as CPU time does
+(~50x slower: use `--seconds 20` or so; requests/s and CPU are then meaningless).
+OUT files stay in the work directory only with `--keep`.
 """
 
 from __future__ import annotations
@@ -26,9 +46,11 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import select
 import selectors
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,6 +165,119 @@ def gateway_main(work: str, upstream_port: int, ready, control) -> None:
     asyncio.run(serve())
 
 
+# --- the floor: a bare Python relay (child process) ------------------------------------------
+
+
+def floor_main(upstream_port: int, ready) -> None:
+    """`--with floor`: the same exchanges relayed with nothing but what moving them
+    takes (see the module's docstring). Plain HTTP/1.1 with Content-Length answers
+    only: a measuring stick, not a proxy."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4096)
+    listener.setblocking(False)
+    ep = select.epoll()
+    ep.register(listener.fileno(), select.EPOLLIN)
+    socks: dict[int, socket.socket] = {}  # fd -> its socket, clients and upstreams
+    upstreams: set[int] = set()
+    pair: dict[int, int] = {}  # client fd <-> upstream fd, while an exchange runs
+    pool: list[int] = []  # idle upstream fds, newest last (they stay registered)
+    buffers: dict[int, bytearray] = {}
+    closing: set[int] = set()  # clients that said `Connection: close`
+
+    def close(fd: int) -> None:
+        closing.discard(fd)
+        ep.unregister(fd)
+        buffers.pop(fd, None)
+        upstreams.discard(fd)
+        socks.pop(fd).close()
+
+    def from_client(fd: int) -> None:
+        try:
+            data = socks[fd].recv(65536)
+        except OSError:  # reset: as a close
+            data = b""
+        if not data:
+            up = pair.pop(fd, None)
+            if up is not None:  # mid-exchange: its upstream is not reusable
+                del pair[up]
+                close(up)
+            close(fd)
+            return
+        buf = buffers.setdefault(fd, bytearray())
+        buf += data
+        if b"\r\n\r\n" not in buf:
+            return
+        if pool:
+            up = pool.pop()
+        else:
+            sock = socket.create_connection(("127.0.0.1", upstream_port))
+            sock.setblocking(False)
+            up = sock.fileno()
+            socks[up] = sock
+            upstreams.add(up)
+            ep.register(up, select.EPOLLIN)
+        pair[up], pair[fd] = fd, up
+        # The client's `Connection: close` is hop-by-hop: the upstream stays open.
+        head = buf.replace(b"Connection: close\r\n", b"")
+        if len(head) < len(buf):
+            closing.add(fd)
+        socks[up].send(head)  # a request head: far below the socket's buffer
+        buf.clear()
+
+    def from_upstream(fd: int) -> None:
+        try:
+            data = socks[fd].recv(65536)
+        except OSError:
+            data = b""
+        client = pair.get(fd)
+        if not data or client is None:  # closed, or bytes from an idle one: dropped
+            if fd in pool:
+                pool.remove(fd)
+            close(fd)
+            if client is not None:
+                del pair[client]
+                close(client)
+            return
+        buf = buffers.setdefault(fd, bytearray())
+        buf += data
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end < 0:
+            return
+        head = bytes(buf[:head_end]).lower()
+        at = head.find(b"\r\ncontent-length:") + 17
+        if at < 17:
+            raise SystemExit("floor: an answer without Content-Length")
+        end = head.find(b"\r\n", at)
+        if len(buf) < head_end + 4 + int(head[at : end if end >= 0 else None]):
+            return
+        socks[client].sendall(buf)
+        buf.clear()
+        del pair[fd], pair[client]
+        if client in closing:
+            closing.discard(client)
+            close(client)
+        pool.append(fd)
+
+    ready.send(listener.getsockname()[1])
+    listening = listener.fileno()
+    while True:
+        for fd, _ in ep.poll():
+            if fd == listening:
+                while True:
+                    try:
+                        sock, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    sock.setblocking(False)
+                    socks[sock.fileno()] = sock
+                    ep.register(sock.fileno(), select.EPOLLIN)
+            elif fd in upstreams:
+                from_upstream(fd)
+            elif fd in socks:
+                from_client(fd)
+
+
 # --- the client (child process) ----------------------------------------------------------
 
 
@@ -220,6 +355,18 @@ def run_phase(
     return sum(r[0] for r in results), sum(r[1] for r in results)
 
 
+def wait_listening(port: int, what: str, proc=None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc is not None and proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+            raise SystemExit(f"bench_http1: {what} did not start\n{tail}")
+        time.sleep(0.05)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,7 +379,15 @@ def main() -> int:
     parser.add_argument("--profile", metavar="OUT", help="cProfile the gateway; OUT.<phase>.pstats")
     parser.add_argument("--h11", action="store_true", help="no fast path: h11 reads everything")
     parser.add_argument("--chunked", action="store_true", help="chunked responses from nginx")
+    parser.add_argument(
+        "--with", dest="others", default="", help="floor: also the floor, in turn (see above)"
+    )
     args = parser.parse_args()
+    others = [o for o in args.others.split(",") if o]
+    if set(others) - {"floor"}:
+        parser.error("--with takes floor")
+    if args.chunked and others:
+        parser.error("--chunked is sandgate's alone: the floor reads Content-Length answers")
     nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
     if nginx is None:
         print("bench_http1: nginx missing (apt-get install -y nginx-light)", file=sys.stderr)
@@ -258,38 +413,49 @@ def main() -> int:
         target=gateway_main, args=(str(work), upstream_port, ready_w, control_child)
     )
     gateway.start()
+    children, servers = [gateway], [upstream]
     try:
         if not ready_r.poll(30):
             raise SystemExit("bench_http1: the gateway did not start")
-        port = ready_r.recv()
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", upstream_port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit("bench_http1: nginx did not start")
-            time.sleep(0.05)
-        run_phase(port, 2, 0.3, False, 1)  # warm-up
+        variants = {"sandgate": (ready_r.recv(), gateway.pid)}  # name -> (port, pid)
+        wait_listening(upstream_port, "nginx", upstream)
+        if "floor" in others:
+            floor = mp.Process(target=floor_main, args=(upstream_port, ready_w), daemon=True)
+            floor.start()
+            children.append(floor)
+            if not ready_r.poll(30):
+                raise SystemExit("bench_http1: the floor relay did not start")
+            variants["floor"] = (ready_r.recv(), floor.pid)
+        for port, _ in variants.values():
+            run_phase(port, 2, 0.3, False, 1)  # warm-up
+        names = list(variants)
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for r in range(args.rounds):
-            for phase in args.phases.split(","):
-                control.send(phase)
-                control.recv()
-                (user0, system0), t0 = cpu_seconds(gateway.pid), time.perf_counter()
-                done, errors = run_phase(
-                    port, args.conns, args.seconds, phase == "keep", args.procs, path
-                )
-                wall = time.perf_counter() - t0
-                user, system = cpu_seconds(gateway.pid)
-                user, system = user - user0, system - system0
-                cpu, per = user + system, 1e6 / max(done, 1)
-                print(
-                    f"round {r + 1} {phase:4s}: {done / wall:8,.0f} requests/s, "
-                    f"gateway CPU {cpu * per:6,.0f} us per request "
-                    f"(user {user * per:,.0f}, system {system * per:,.0f}; "
-                    f"{cpu / wall:.2f} cores), errors {errors}",
-                    flush=True,
-                )
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                port, pid = variants[name]
+                for phase in args.phases.split(","):
+                    if name == "sandgate":
+                        control.send(phase)
+                        control.recv()
+                    (user0, system0), t0 = cpu_seconds(pid), time.perf_counter()
+                    done, errors = run_phase(
+                        port, args.conns, args.seconds, phase == "keep", args.procs, path
+                    )
+                    wall = time.perf_counter() - t0
+                    user, system = cpu_seconds(pid)
+                    user, system = user - user0, system - system0
+                    cpu, per = user + system, 1e6 / max(done, 1)
+                    results.setdefault((name, phase), []).append((done / wall, cpu * per))
+                    label = f"{name} {phase}" if others else phase
+                    print(
+                        f"round {r + 1} {label:4s}: {done / wall:8,.0f} requests/s, "
+                        f"CPU {cpu * per:6,.0f} us per request "
+                        f"(user {user * per:,.0f}, system {system * per:,.0f}; "
+                        f"{cpu / wall:.2f} cores), errors {errors}",
+                        flush=True,
+                    )
+        if others:
+            print_table(names, args.phases.split(","), results, args.rounds)
         control.send("exit")
         gateway.join(timeout=15)
         if args.profile:
@@ -300,13 +466,28 @@ def main() -> int:
                 print(f"\n--- {path}")
                 pstats.Stats(path).sort_stats("tottime").print_stats(25)
     finally:
-        if gateway.is_alive():
-            gateway.terminate()
-            gateway.join(timeout=5)
-        upstream.terminate()
-        upstream.wait(timeout=10)
+        for child in children:  # the gateway and the floor
+            if child.is_alive():
+                child.terminate()
+                child.join(timeout=5)
+        for server in servers:  # nginx
+            server.terminate()
+            server.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def print_table(names: list[str], phases: list[str], results: dict, rounds: int) -> None:
+    """Medians over the rounds per variant, and each variant's ratio to sandgate's."""
+    print(f"\nmedians of {rounds} rounds, variants in turn (ratios: variant / sandgate)")
+    print(f"  {'':34s}" + "".join(f"{n:>12s}" for n in names))
+    for phase in phases:
+        for i, metric in enumerate(("requests/s", "CPU us per request")):
+            medians = [statistics.median(v[i] for v in results[(n, phase)]) for n in names]
+            cells = "".join(f"{m:12,.0f}" for m in medians)
+            print(f"  {phase + ' ' + metric:34s}{cells}")
+            ratios = "".join(f"{m / medians[0]:11.2f}x" for m in medians)
+            print(f"  {'  / sandgate':34s}{ratios}")
 
 
 if __name__ == "__main__":
