@@ -22,6 +22,10 @@ the same client script (bench/clients.py) in three setups:
   I  sandgate with a method/path rule: inspected HTTPS (mitmproxy decrypts).
   S  Squid with `ssl_bump bump all` (certificates generated per name).
   M  stock `mitmdump --mode transparent` with an allow-all addon.
+  F  the floor (bench/floor_relay.py): the least a Python gateway does to relay
+     plain HTTP (one epoll loop, the original destination, kept upstreams; no
+     policy, no checks, no events), redirected to as Squid is in B. Where a relay
+     in Python could be at best: sandgate above it is its own work, not the language's.
 
 One table: medians over rounds, columns direct / sandgate / Squid / mitmdump with
 sandgate's ratios, the machine and the versions (bench/README.md).
@@ -63,6 +67,8 @@ CLIENT_PY = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else PY
 VENV_BIN = Path(PY).parent
 
 SQUID_PORTS = {"B": (3128, 3129, 3130), "S": (3133, 3134, 3135)}  # admin, http, https
+FLOOR_PORT = 3140  # F: plain HTTP only
+FLOOR = REPO / "bench" / "floor_relay.py"
 MITMDUMP_PORT = 8080
 ALLOW_ALL_ADDON = """\
 # Stock mitmdump's side of the inspected-HTTPS rows: an addon that looks at every
@@ -464,6 +470,7 @@ SETUP_NAMES = {
     "I": "sandgate run, inspecting (method/path rule)",
     "S": "squid intercept + ssl_bump bump",
     "M": "stock mitmdump, transparent, allow-all addon",
+    "F": "the floor: a bare Python relay of plain HTTP",
 }
 SETUP_PHASES = {
     "A": ("bulk", "tls_rate", "http_rate", "tls_keep", "http_keep"),
@@ -473,6 +480,7 @@ SETUP_PHASES = {
     "I": ("bulk", "tls_rate", "tls_keep"),
     "S": ("bulk", "tls_rate", "tls_keep"),
     "M": ("bulk", "tls_rate", "tls_keep", "http_rate", "http_keep"),
+    "F": ("http_rate", "http_keep"),
 }
 
 
@@ -513,10 +521,10 @@ class Bench:
         self.netns = netns
         suffix = fn.prefix[3:]
         # A sandbox netns per setup whose proxy (if any) the bench runs itself.
-        self.sbx_ids = {key: f"b{suffix}{key.lower()}" for key in ("A", "B", "S", "M")}
+        self.sbx_ids = {key: f"b{suffix}{key.lower()}" for key in ("A", "B", "S", "M", "F")}
         self.nets = {}
         self.table = f"sgbench_{fn.prefix.replace('-', '_')}"
-        self.proxies: dict[str, subprocess.Popen] = {}  # B, S: squid; M: mitmdump
+        self.proxies: dict[str, subprocess.Popen] = {}  # B, S: squid; M: mitmdump; F: floor
         self.gateways: list[subprocess.Popen] = []
         # The gateway CA and the audit logs go to the bench's work directory. The
         # run directory stays the default one: `sandgate gc` (run by anyone) spares
@@ -738,8 +746,9 @@ visible_hostname sandgate-bench
         return d
 
     def start_proxy(self, key: str) -> None:
-        """Start setup `key`'s proxy in the host netns (B, S: squid; M: mitmdump),
-        wait until it listens, and redirect the sandbox's TCP 80/443 to it."""
+        """Start setup `key`'s proxy in the host netns (B, S: squid; M: mitmdump; F:
+        the floor), wait until it listens, and redirect the sandbox's TCP 80 (and 443
+        but to the floor) to it."""
         from sandgate.enforcer.demo.fakenet import _proc_sockets
 
         t0 = time.perf_counter()
@@ -758,6 +767,12 @@ visible_hostname sandgate-bench
             ]
             argv += ["-s", d / "allow_all.py"]
             log_file = d / "mitmdump.out"
+        elif key == "F":
+            d = self.workdir / "floor"
+            d.mkdir(exist_ok=True)
+            http = https = FLOOR_PORT
+            argv = [PY, FLOOR, str(self.nets[key].gateway_ip), http]
+            log_file = d / "floor.out"
         else:
             d = self._squid_files(key, bump=key == "S")
             _, http, https = SQUID_PORTS[key]
@@ -799,7 +814,7 @@ table inet {self.table}_{key.lower()} {{
     chain nat_prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         iifname "{iface}" tcp dport 80 redirect to :{http}
-        iifname "{iface}" tcp dport 443 redirect to :{https}
+        {"" if key == "F" else f'iifname "{iface}" tcp dport 443 redirect to :{https}'}
     }}
 }}
 """
@@ -898,10 +913,11 @@ table inet {self.table}_{key.lower()} {{
             "I": lambda: self.round_sandgate(self.phases("I"), rules=self.inspect_rules()),
             "S": lambda: self.round_proxy("S"),
             "M": lambda: self.round_proxy("M"),
+            "F": lambda: self.round_proxy("F"),
         }
         setups = [(k, fn) for k, fn in rounds.items() if k not in skip]
         keys = [k for k, _ in setups]
-        for key in ("B", "S", "M"):
+        for key in ("B", "S", "M", "F"):
             if key in keys:
                 try:
                     self.start_proxy(key)
@@ -1336,6 +1352,7 @@ def report(results: dict) -> str:
         + "|",
     ]
     out += [line(r) for r in rows]
+    out += report_floor(results)
     machine = results.get("machine", {})
     out.append("")
     out.append(
@@ -1416,6 +1433,32 @@ def report(results: dict) -> str:
     for note in results["notes"]:
         out.append(f"note: {note}")
     return "\n".join(out)
+
+
+def report_floor(results: dict) -> list[str]:
+    """Setup F beside sandgate and Squid: where a relay in Python could be at best."""
+    F, C, B = results.get("F", {}), results.get("C", {}), results.get("B", {})
+    if not F.get("rounds"):
+        return []
+    out = [
+        "",
+        "the floor (F: bench/floor_relay.py, a bare Python relay; medians):",
+        f"  {'':38s} {'floor':>8s} {'sandgate':>9s} {'Squid':>8s} {'sg/floor':>9s} {'Squid/floor':>12s}",
+    ]
+    for label, phase, metric in (
+        ("HTTP new connections/s", "http_rate", ("per_s",)),
+        ("proxy CPU per HTTP connection, us", "http_rate", ("proxy", "cpu_us_per_request")),
+        ("HTTP keep-alive requests/s", "http_keep", ("per_s",)),
+        ("proxy CPU per keep-alive request, us", "http_keep", ("proxy", "cpu_us_per_request")),
+    ):
+        floor, sg, squid = (_get(r, phase, *metric) for r in (F, C, B))
+        cells = ("-" if v is None else f"{v:,.0f}" for v in (floor, sg, squid))
+        ratios = ("-" if v is None or not floor else f"{v / floor:.2f}x" for v in (sg, squid))
+        out.append(
+            f"  {label:38s} {next(cells):>8s} {next(cells):>9s} {next(cells):>8s}"
+            f" {next(ratios):>9s} {next(ratios):>12s}"
+        )
+    return out
 
 
 def report_profile(results: dict) -> str:
@@ -1547,7 +1590,7 @@ def main() -> int:
         action="store_true",
         help="strace -c sandgate and Squid during plain-HTTP connections: calls per connection",
     )
-    parser.add_argument("--skip", default="", help="comma list of A,B,C,start to skip")
+    parser.add_argument("--skip", default="", help="comma list of A,B,C,T,I,S,M,F,start to skip")
     parser.add_argument(
         "--phases",
         type=lambda v: {p.strip() for p in v.split(",") if p.strip()},

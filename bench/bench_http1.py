@@ -21,16 +21,12 @@ path off (proxy/frontdoor/http1_fast.py): every exchange through h11, for an A/B
 git smart-HTTP answer comes) instead of a Content-Length.
 
 `--with floor` adds, in the same run and in turn round by round (this machine's
-speed moves within minutes: only rounds taken in turn compare), the least a Python
-gateway does for the same exchanges: one epoll loop (select.epoll, no asyncio),
-accept, read the head to its blank line, send it on over a kept upstream connection
-(without the client's `Connection: close`), read the answer to its Content-Length,
-send it back, close if the client said so; no policy, no checks, no events. What
-sandgate spends above it is its decisions, checks and records; the floor is the
-interpreter's and the kernel's price of a relay in Python (the physical limit of
-this design). Squid is not in this harness: as a reverse proxy (accel) on loopback
-its CPU per connection rose round after round (396, 577, 769 us); bench_gateway.py
-measures it intercepting, as sandgate works.
+speed moves within minutes: only rounds taken in turn compare), bench/floor_relay.py:
+the least a Python gateway does for the same exchanges (one epoll loop; no policy,
+no checks, no events). What sandgate spends above it is its decisions, checks and
+records. Squid is not in this harness: as a reverse proxy (accel) on loopback its
+CPU per connection rose round after round (396, 577, 769 us); bench_gateway.py
+measures it intercepting, as sandgate works, and the floor beside it (setup F).
 Then one table: the medians per variant and their ratios to sandgate's.
 
 `--callgrind` runs each Python process measured (the gateway, the floor) under
@@ -46,7 +42,6 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import select
 import selectors
 import shutil
 import socket
@@ -58,6 +53,7 @@ import time
 from pathlib import Path
 
 DESTINATION = ("203.0.113.10", 80)
+FLOOR = Path(__file__).resolve().parent / "floor_relay.py"
 RULES = """\
 version: 1
 profiles:
@@ -163,119 +159,6 @@ def gateway_main(work: str, upstream_port: int, ready, control) -> None:
         audit.close()
 
     asyncio.run(serve())
-
-
-# --- the floor: a bare Python relay (child process) ------------------------------------------
-
-
-def floor_main(upstream_port: int, ready) -> None:
-    """`--with floor`: the same exchanges relayed with nothing but what moving them
-    takes (see the module's docstring). Plain HTTP/1.1 with Content-Length answers
-    only: a measuring stick, not a proxy."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4096)
-    listener.setblocking(False)
-    ep = select.epoll()
-    ep.register(listener.fileno(), select.EPOLLIN)
-    socks: dict[int, socket.socket] = {}  # fd -> its socket, clients and upstreams
-    upstreams: set[int] = set()
-    pair: dict[int, int] = {}  # client fd <-> upstream fd, while an exchange runs
-    pool: list[int] = []  # idle upstream fds, newest last (they stay registered)
-    buffers: dict[int, bytearray] = {}
-    closing: set[int] = set()  # clients that said `Connection: close`
-
-    def close(fd: int) -> None:
-        closing.discard(fd)
-        ep.unregister(fd)
-        buffers.pop(fd, None)
-        upstreams.discard(fd)
-        socks.pop(fd).close()
-
-    def from_client(fd: int) -> None:
-        try:
-            data = socks[fd].recv(65536)
-        except OSError:  # reset: as a close
-            data = b""
-        if not data:
-            up = pair.pop(fd, None)
-            if up is not None:  # mid-exchange: its upstream is not reusable
-                del pair[up]
-                close(up)
-            close(fd)
-            return
-        buf = buffers.setdefault(fd, bytearray())
-        buf += data
-        if b"\r\n\r\n" not in buf:
-            return
-        if pool:
-            up = pool.pop()
-        else:
-            sock = socket.create_connection(("127.0.0.1", upstream_port))
-            sock.setblocking(False)
-            up = sock.fileno()
-            socks[up] = sock
-            upstreams.add(up)
-            ep.register(up, select.EPOLLIN)
-        pair[up], pair[fd] = fd, up
-        # The client's `Connection: close` is hop-by-hop: the upstream stays open.
-        head = buf.replace(b"Connection: close\r\n", b"")
-        if len(head) < len(buf):
-            closing.add(fd)
-        socks[up].send(head)  # a request head: far below the socket's buffer
-        buf.clear()
-
-    def from_upstream(fd: int) -> None:
-        try:
-            data = socks[fd].recv(65536)
-        except OSError:
-            data = b""
-        client = pair.get(fd)
-        if not data or client is None:  # closed, or bytes from an idle one: dropped
-            if fd in pool:
-                pool.remove(fd)
-            close(fd)
-            if client is not None:
-                del pair[client]
-                close(client)
-            return
-        buf = buffers.setdefault(fd, bytearray())
-        buf += data
-        head_end = buf.find(b"\r\n\r\n")
-        if head_end < 0:
-            return
-        head = bytes(buf[:head_end]).lower()
-        at = head.find(b"\r\ncontent-length:") + 17
-        if at < 17:
-            raise SystemExit("floor: an answer without Content-Length")
-        end = head.find(b"\r\n", at)
-        if len(buf) < head_end + 4 + int(head[at : end if end >= 0 else None]):
-            return
-        socks[client].sendall(buf)
-        buf.clear()
-        del pair[fd], pair[client]
-        if client in closing:
-            closing.discard(client)
-            close(client)
-        pool.append(fd)
-
-    ready.send(listener.getsockname()[1])
-    listening = listener.fileno()
-    while True:
-        for fd, _ in ep.poll():
-            if fd == listening:
-                while True:
-                    try:
-                        sock, _ = listener.accept()
-                    except BlockingIOError:
-                        break
-                    sock.setblocking(False)
-                    socks[sock.fileno()] = sock
-                    ep.register(sock.fileno(), select.EPOLLIN)
-            elif fd in upstreams:
-                from_upstream(fd)
-            elif fd in socks:
-                from_client(fd)
 
 
 # --- the client (child process) ----------------------------------------------------------
@@ -413,19 +296,27 @@ def main() -> int:
         target=gateway_main, args=(str(work), upstream_port, ready_w, control_child)
     )
     gateway.start()
-    children, servers = [gateway], [upstream]
+    servers = [upstream]
     try:
         if not ready_r.poll(30):
             raise SystemExit("bench_http1: the gateway did not start")
         variants = {"sandgate": (ready_r.recv(), gateway.pid)}  # name -> (port, pid)
         wait_listening(upstream_port, "nginx", upstream)
         if "floor" in others:
-            floor = mp.Process(target=floor_main, args=(upstream_port, ready_w), daemon=True)
-            floor.start()
-            children.append(floor)
-            if not ready_r.poll(30):
-                raise SystemExit("bench_http1: the floor relay did not start")
-            variants["floor"] = (ready_r.recv(), floor.pid)
+            floor = subprocess.Popen(
+                [
+                    sys.executable,
+                    FLOOR,
+                    "127.0.0.1",
+                    "0",
+                    "--upstream",
+                    f"127.0.0.1:{upstream_port}",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            servers.append(floor)
+            variants["floor"] = (int(floor.stdout.readline()), floor.pid)
         for port, _ in variants.values():
             run_phase(port, 2, 0.3, False, 1)  # warm-up
         names = list(variants)
@@ -466,11 +357,10 @@ def main() -> int:
                 print(f"\n--- {path}")
                 pstats.Stats(path).sort_stats("tottime").print_stats(25)
     finally:
-        for child in children:  # the gateway and the floor
-            if child.is_alive():
-                child.terminate()
-                child.join(timeout=5)
-        for server in servers:  # nginx
+        if gateway.is_alive():
+            gateway.terminate()
+            gateway.join(timeout=5)
+        for server in servers:  # nginx, the floor
             server.terminate()
             server.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
