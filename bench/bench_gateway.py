@@ -6,7 +6,7 @@ fake internet.
 Not a test: it prints numbers and ratios, it asserts nothing. It builds ONE fake
 internet (enforcer/demo/fakenet.py: a "host" netns and an "internet" netns with nginx
 and dnsmasq) and hangs sandbox network namespaces off the host netns, then runs
-the same client script (bench/clients.py) in three setups:
+the same client script (bench/clients.py) in these setups:
 
   A  direct   a sandbox netns (enforcer/netns.py) wired to the host netns by a
               veth; ip_forward=1 inside the host netns only; no proxy.
@@ -747,8 +747,8 @@ visible_hostname sandgate-bench
 
     def start_proxy(self, key: str) -> None:
         """Start setup `key`'s proxy in the host netns (B, S: squid; M: mitmdump; F:
-        the floor), wait until it listens, and redirect the sandbox's TCP 80 (and 443
-        but to the floor) to it."""
+        the floor), wait until it listens, and redirect the sandbox's TCP 80 to it (and
+        443, but for the floor: plain HTTP only)."""
         from sandgate.enforcer.demo.fakenet import _proc_sockets
 
         t0 = time.perf_counter()
@@ -1452,11 +1452,11 @@ def report_floor(results: dict) -> list[str]:
         ("proxy CPU per keep-alive request, us", "http_keep", ("proxy", "cpu_us_per_request")),
     ):
         floor, sg, squid = (_get(r, phase, *metric) for r in (F, C, B))
-        cells = ("-" if v is None else f"{v:,.0f}" for v in (floor, sg, squid))
-        ratios = ("-" if v is None or not floor else f"{v / floor:.2f}x" for v in (sg, squid))
+        values = ["-" if v is None else f"{v:,.0f}" for v in (floor, sg, squid)]
+        values += ["-" if v is None or not floor else f"{v / floor:.2f}x" for v in (sg, squid)]
+        widths = (8, 9, 8, 9, 12)
         out.append(
-            f"  {label:38s} {next(cells):>8s} {next(cells):>9s} {next(cells):>8s}"
-            f" {next(ratios):>9s} {next(ratios):>12s}"
+            f"  {label:38s}" + "".join(f" {v:>{w}s}" for v, w in zip(values, widths, strict=True))
         )
     return out
 

@@ -2,8 +2,7 @@
 connection and per keep-alive request, optionally under cProfile.
 
     .venv/bin/python bench/bench_http1.py [--seconds 3] [--conns 16] [--rounds N]
-                                          [--with floor] [--callgrind] [--profile OUT]
-                                          [--h11] [--chunked]
+                                          [--with floor] [--profile OUT] [--h11] [--chunked]
 
 Not a test and not the side-by-side table (bench_gateway.py is): a quick loop for
 working on proxy/frontdoor/http1*.py. nginx answers on 127.0.0.1 (one worker, no
@@ -28,12 +27,6 @@ records. Squid is not in this harness: as a reverse proxy (accel) on loopback it
 CPU per connection rose round after round (396, 577, 769 us); bench_gateway.py
 measures it intercepting, as sandgate works, and the floor beside it (setup F).
 Then one table: the medians per variant and their ratios to sandgate's.
-
-`--callgrind` runs each Python process measured (the gateway, the floor) under
-valgrind's callgrind, collecting only while a phase runs, and reports instructions
-per request: a count, which does not move with the machine's speed as CPU time does
-(~50x slower: use `--seconds 20` or so; requests/s and CPU are then meaningless).
-OUT files stay in the work directory only with `--keep`.
 """
 
 from __future__ import annotations
@@ -238,15 +231,14 @@ def run_phase(
     return sum(r[0] for r in results), sum(r[1] for r in results)
 
 
-def wait_listening(port: int, what: str, proc=None, log: Path | None = None) -> None:
+def wait_listening(port: int, what: str, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 30
     while True:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
-        if proc is not None and proc.poll() is not None or time.monotonic() > deadline:
-            tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
-            raise SystemExit(f"bench_http1: {what} did not start\n{tail}")
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"bench_http1: {what} did not start")
         time.sleep(0.05)
 
 
