@@ -2,7 +2,8 @@
 connection and per keep-alive request, optionally under cProfile.
 
     .venv/bin/python bench/bench_http1.py [--seconds 3] [--conns 16] [--rounds N]
-                                          [--with floor] [--profile OUT] [--h11] [--chunked]
+                                          [--baseline REV] [--with floor] [--profile OUT]
+                                          [--h11] [--chunked]
 
 Not a test and not the side-by-side table (bench_gateway.py is): a quick loop for
 working on proxy/frontdoor/http1*.py. nginx answers on 127.0.0.1 (one worker, no
@@ -27,6 +28,9 @@ records. Squid is not in this harness: as a reverse proxy (accel) on loopback it
 CPU per connection rose round after round (396, 577, 769 us); bench_gateway.py
 measures it intercepting, as sandgate works, and the floor beside it (setup F).
 Then one table: the medians per variant and their ratios to sandgate's.
+
+`--baseline REV` adds a second gateway whose sandgate is that git revision's tree
+(exported to the work directory), in turn with the checkout's: an A/B in one run.
 """
 
 from __future__ import annotations
@@ -101,14 +105,22 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 # --- the gateway (child process) -----------------------------------------------------------
 
 
-def gateway_main(work: str, upstream_port: int, ready, control) -> None:
+def gateway_main(work: str, upstream_port: int, ready, control, tree: str | None = None) -> None:
     """A Gateway whose front door listens on loopback; `control` says when to start
-    and stop a profile (phase names), and "exit"."""
+    and stop a profile (phase names), and "exit". `tree`: sandgate imported from
+    there (`--baseline`), not from the checkout."""
+    if tree is not None:
+        sys.path.insert(0, tree)
     from sandgate.proxy.gateway import Gateway, GatewayConfig
     from sandgate.proxy.policy import load_policy
     from sandgate.proxy.registry import Sandbox
     from sandgate.proxy.telemetry.audit import AuditLog
     from sandgate.proxy.telemetry.metrics import Metrics
+
+    if tree is not None and not sys.modules["sandgate.proxy"].__file__.startswith(tree):
+        raise SystemExit(
+            f"bench_http1: the baseline imported {sys.modules['sandgate.proxy'].__file__}"
+        )
 
     profile_to = os.environ.get("BENCH_HTTP1_PROFILE")
     if os.environ.get("BENCH_HTTP1_H11"):
@@ -231,6 +243,21 @@ def run_phase(
     return sum(r[0] for r in results), sum(r[1] for r in results)
 
 
+def export_tree(rev: str, to: Path) -> Path:
+    """The revision's proxy/, enforcer/ and rules/ as the `sandgate` package under
+    `to` (how the checkout is installed: pyproject.toml's package-dir)."""
+    package = to / "sandgate"
+    package.mkdir(parents=True)
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", repo, "archive", rev, "proxy", "enforcer", "rules"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", package], input=archive, check=True)
+    return to
+
+
 def wait_listening(port: int, what: str, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -254,6 +281,11 @@ def main() -> int:
     parser.add_argument("--profile", metavar="OUT", help="cProfile the gateway; OUT.<phase>.pstats")
     parser.add_argument("--h11", action="store_true", help="no fast path: h11 reads everything")
     parser.add_argument("--chunked", action="store_true", help="chunked responses from nginx")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also a gateway of this git revision's tree, in turn (an A/B in one run)",
+    )
     parser.add_argument(
         "--with", dest="others", default="", help="floor: also the floor, in turn (see above)"
     )
@@ -283,16 +315,24 @@ def main() -> int:
         os.environ["BENCH_HTTP1_PROFILE"] = str(Path(args.profile).resolve())
     mp = multiprocessing.get_context("spawn")
     ready_r, ready_w = mp.Pipe(duplex=False)
-    control, control_child = mp.Pipe()
-    gateway = mp.Process(
-        target=gateway_main, args=(str(work), upstream_port, ready_w, control_child)
-    )
-    gateway.start()
-    servers = [upstream]
+    gateways = {"sandgate": None}  # name -> the tree it imports sandgate from
+    if args.baseline:
+        gateways["baseline"] = str(export_tree(args.baseline, work / "baseline-tree"))
+    servers, processes, controls = [upstream], [], {}
+    variants = {}  # name -> (port, pid)
     try:
-        if not ready_r.poll(30):
-            raise SystemExit("bench_http1: the gateway did not start")
-        variants = {"sandgate": (ready_r.recv(), gateway.pid)}  # name -> (port, pid)
+        for name, tree in gateways.items():
+            control, control_child = mp.Pipe()
+            gateway = mp.Process(
+                target=gateway_main,
+                args=(str(work / name), upstream_port, ready_w, control_child, tree),
+            )
+            (work / name).mkdir()
+            gateway.start()
+            processes.append(gateway)
+            if not ready_r.poll(30):
+                raise SystemExit(f"bench_http1: the gateway ({name}) did not start")
+            variants[name], controls[name] = (ready_r.recv(), gateway.pid), control
         wait_listening(upstream_port, "nginx", upstream)
         if "floor" in others:
             floor = subprocess.Popen(
@@ -317,9 +357,9 @@ def main() -> int:
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 port, pid = variants[name]
                 for phase in args.phases.split(","):
-                    if name == "sandgate":
-                        control.send(phase)
-                        control.recv()
+                    if name in controls:
+                        controls[name].send(phase)
+                        controls[name].recv()
                     (user0, system0), t0 = cpu_seconds(pid), time.perf_counter()
                     done, errors = run_phase(
                         port, args.conns, args.seconds, phase == "keep", args.procs, path
@@ -329,7 +369,7 @@ def main() -> int:
                     user, system = user - user0, system - system0
                     cpu, per = user + system, 1e6 / max(done, 1)
                     results.setdefault((name, phase), []).append((done / wall, cpu * per))
-                    label = f"{name} {phase}" if others else phase
+                    label = f"{name} {phase}" if len(variants) > 1 else phase
                     print(
                         f"round {r + 1} {label:4s}: {done / wall:8,.0f} requests/s, "
                         f"CPU {cpu * per:6,.0f} us per request "
@@ -337,10 +377,11 @@ def main() -> int:
                         f"{cpu / wall:.2f} cores), errors {errors}",
                         flush=True,
                     )
-        if others:
+        if len(variants) > 1:
             print_table(names, args.phases.split(","), results, args.rounds)
-        control.send("exit")
-        gateway.join(timeout=15)
+        for control, gateway in zip(controls.values(), processes, strict=True):
+            control.send("exit")
+            gateway.join(timeout=15)
         if args.profile:
             import pstats
 
@@ -349,9 +390,10 @@ def main() -> int:
                 print(f"\n--- {path}")
                 pstats.Stats(path).sort_stats("tottime").print_stats(25)
     finally:
-        if gateway.is_alive():
-            gateway.terminate()
-            gateway.join(timeout=5)
+        for gateway in processes:
+            if gateway.is_alive():
+                gateway.terminate()
+                gateway.join(timeout=5)
         for server in servers:  # nginx, the floor
             server.terminate()
             server.wait(timeout=10)

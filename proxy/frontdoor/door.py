@@ -772,6 +772,11 @@ class Connection:
                 sock.close()
         self.door._live.discard(self)
         self.door.gate.on_close(self.state, problem)
+        # What refers back to this connection (its state's `abort` is this finish; its
+        # relay, the deadline's answer and a hold's task hold it) is let go of, so that
+        # its objects are freed now by their counts: as cycles they were left to the
+        # collector, ~15 objects a connection and a young collection every ~75 new ones.
+        self.state.abort = self.relay = self.on_deadline = self.held = None
 
 
 def _shut_down(sock: socket.socket, why: str = "") -> None:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import socket
 
 import pytest
 from sandgate.proxy.frontdoor import poller
-from sandgate.proxy.frontdoor.door import FrontDoor
+from sandgate.proxy.frontdoor.door import Connection, FrontDoor
+from sandgate.proxy.gate import ConnState
 from support.fakes import client_hello, make_gate
 
 LOOPBACK = "127.0.0.1"  # the "sandbox": the source address of every test client
@@ -364,6 +366,66 @@ def test_a_refused_upstream_resets_the_client_and_says_so(gate):
     allow, end = gate.events
     assert (str(end.kind), end.bytes_up, end.bytes_down) == ("connection_end", 0, 0)
     assert end.detail.endswith("; upstream connect failed: Connection refused")
+
+
+@pytest.mark.parametrize("kind", ["tls pass-through", "plain http", "denied", "upstream refused"])
+def test_a_closed_connection_is_freed_at_its_end_not_left_to_the_collector(gate, kind):
+    """While open, a connection's objects refer to each other (its state's `abort` is
+    its finish, its relay holds it); at its end they let go, so its objects are freed
+    by their counts as it closes: left as cycles, they waited for the collector."""
+
+    async def server(reader, writer):
+        if kind != "plain http":
+            await reader.readexactly(len(HELLO))
+            writer.write(b"hi")
+            await reader.read()
+            return
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:  # kept by the gateway's pool: request after request
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+
+    request = HELLO
+    if kind == "plain http":
+        request = b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n"
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            with socket.socket() as closed:
+                closed.bind((LOOPBACK, 0))  # bound, never listening: refused
+                door = await started(
+                    gate,
+                    EVIL if kind == "denied" else ALLOWED,
+                    closed.getsockname()[1] if kind == "upstream refused" else upstream.port,
+                    plain_http=lambda state: kind == "plain http",
+                )
+                gc.collect()
+                gc.disable()
+                try:
+                    for _ in range(3):
+                        reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+                        writer.write(request)
+                        got = b""
+                        if kind == "tls pass-through":
+                            got = await reader.readexactly(2)
+                            writer.write_eof()
+                        got += await read_all(reader)
+                        writer.close()
+                        with contextlib.suppress(ConnectionError):
+                            await writer.wait_closed()
+                        assert (b"hi" in got) == (kind in ("tls pass-through", "plain http"))
+                    await until(lambda: not gate.connections and not door._live)
+                    await asyncio.sleep(0.05)  # the relay's last callbacks have run
+                    left = [o for o in gc.get_objects() if type(o) in (Connection, ConnState)]
+                finally:
+                    gc.enable()
+                    await door.stop()
+        return left
+
+    left = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert left == []
+    ends = [e for e in gate.events if str(e.kind) in ("connection_end", "connection")]
+    assert len(ends) >= 3  # every one of the three was decided, and reported
 
 
 def test_idle_relays_are_closed(gate):

@@ -5,14 +5,18 @@ asked; and the TLS adapter's want-read / want-write handling against a fake sock
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import gc
 import ssl
 from types import SimpleNamespace
 
 import pytest
 from sandgate.proxy.clienthello import parse_client_hello
+from sandgate.proxy.frontdoor.door import Connection
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts, _leaf_certificate
 from sandgate.proxy.frontdoor.tls_relay import http1_hello
+from sandgate.proxy.gate import ConnState
 from support.fakes import client_hello, make_gate
 from test_frontdoor import LOOPBACK, Upstream, read_all, run, started, until
 
@@ -193,6 +197,38 @@ def test_inspected_https_is_decided_request_by_request_in_the_front_door(gate, t
         ("allow", "rule_allow", "https", "GET", "/1"),
         ("deny", "method_not_allowed", "https", "POST", "/2"),
     ]
+
+
+def test_an_inspected_connection_is_freed_at_its_end_not_left_to_the_collector(gate, tls):
+    """As test_frontdoor's plain ones: at its end the inspected connection's objects
+    (the door's connection, its TLS relay and ends, the gate's state) are freed by
+    their counts, not left as cycles to the collector."""
+
+    async def server(reader, writer):
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+
+    async def scenario():
+        gc.collect()
+        gc.disable()
+        try:
+            upstream, door, reader, writer = await through_door(gate, tls, server, "good")
+            writer.write(b"GET /1 HTTP/1.1\r\nHost: api.allowed.test\r\nConnection: close\r\n\r\n")
+            assert (await read_all(reader)).endswith(b"hi")
+            writer.close()
+            await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+            await asyncio.sleep(0.05)  # the relay's last callbacks have run
+            left = [o for o in gc.get_objects() if type(o) in (Connection, ConnState)]
+        finally:
+            gc.enable()
+        await door.stop()
+        upstream.server.close()
+        return left
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 20)) == []
+    assert requests(gate) == [("allow", "rule_allow", "https", "GET", "/1")]
 
 
 def test_an_upstream_that_closes_after_each_response_serves_the_next_request_anew(gate, tls):
