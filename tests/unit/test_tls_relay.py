@@ -13,12 +13,18 @@ from types import SimpleNamespace
 
 import pytest
 from sandgate.proxy.clienthello import parse_client_hello
-from sandgate.proxy.frontdoor.door import Connection
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts, _leaf_certificate
 from sandgate.proxy.frontdoor.tls_relay import http1_hello
-from sandgate.proxy.gate import ConnState
 from support.fakes import client_hello, make_gate
-from test_frontdoor import LOOPBACK, Upstream, read_all, run, started, until
+from test_frontdoor import (
+    LOOPBACK,
+    Upstream,
+    connection_objects,
+    read_all,
+    run,
+    started,
+    until,
+)
 
 API = ("203.0.113.11", 443)  # api.allowed.test: GET only (inspected)
 NAME = "api.allowed.test"
@@ -213,6 +219,7 @@ def test_an_inspected_connection_is_freed_at_its_end_not_left_to_the_collector(g
     async def scenario():
         gc.collect()
         gc.disable()
+        before = connection_objects()  # alive before: not this test's
         try:
             upstream, door, reader, writer = await through_door(gate, tls, server, "good")
             writer.write(b"GET /1 HTTP/1.1\r\nHost: api.allowed.test\r\nConnection: close\r\n\r\n")
@@ -220,14 +227,14 @@ def test_an_inspected_connection_is_freed_at_its_end_not_left_to_the_collector(g
             writer.close()
             await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
             await asyncio.sleep(0.05)  # the relay's last callbacks have run
-            left = [o for o in gc.get_objects() if type(o) in (Connection, ConnState)]
+            left = connection_objects() - before
         finally:
             gc.enable()
         await door.stop()
         upstream.server.close()
         return left
 
-    assert asyncio.run(asyncio.wait_for(scenario(), 20)) == []
+    assert asyncio.run(asyncio.wait_for(scenario(), 20)) == set()
     assert requests(gate) == [("allow", "rule_allow", "https", "GET", "/1")]
 
 
