@@ -21,16 +21,10 @@ from __future__ import annotations
 import argparse
 import select
 import socket
-import struct
 import sys
 
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
-
-
-def original_dst(sock: socket.socket) -> tuple[str, int]:
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port, address = struct.unpack_from("!2xH4s", raw)
-    return socket.inet_ntop(socket.AF_INET, address), port
+# The front door's own reading of the redirected destination (one getsockopt).
+from sandgate.proxy.frontdoor.door import original_dst
 
 
 def serve(host: str, port: int, upstream: tuple[str, int] | None) -> None:
