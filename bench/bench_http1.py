@@ -31,6 +31,8 @@ Then one table: the medians per variant and their ratios to sandgate's.
 
 `--baseline REV` adds a second gateway whose sandgate is that git revision's tree
 (exported to the work directory), in turn with the checkout's: an A/B in one run.
+`--with no-telemetry` adds the checkout's gateway with the audit log's and the
+metrics' `emit` made no-ops: what telemetry costs a request, in turn.
 """
 
 from __future__ import annotations
@@ -105,10 +107,13 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 # --- the gateway (child process) -----------------------------------------------------------
 
 
-def gateway_main(work: str, upstream_port: int, ready, control, tree: str | None = None) -> None:
+def gateway_main(
+    work: str, upstream_port: int, ready, control, tree: str | None = None, telemetry: bool = True
+) -> None:
     """A Gateway whose front door listens on loopback; `control` says when to start
     and stop a profile (phase names), and "exit". `tree`: sandgate imported from
-    there (`--baseline`), not from the checkout."""
+    there (`--baseline`), not from the checkout. Not `telemetry`: the audit log's and
+    the metrics' `emit` do nothing (bench_gateway.py's setup T)."""
     if tree is not None:
         sys.path.insert(0, tree)
     from sandgate.proxy.gateway import Gateway, GatewayConfig
@@ -121,6 +126,8 @@ def gateway_main(work: str, upstream_port: int, ready, control, tree: str | None
         raise SystemExit(
             f"bench_http1: the baseline imported {sys.modules['sandgate.proxy'].__file__}"
         )
+    if not telemetry:
+        AuditLog.emit = Metrics.emit = lambda self, event: None
 
     profile_to = os.environ.get("BENCH_HTTP1_PROFILE")
     if os.environ.get("BENCH_HTTP1_H11"):
@@ -287,13 +294,16 @@ def main() -> int:
         help="also a gateway of this git revision's tree, in turn (an A/B in one run)",
     )
     parser.add_argument(
-        "--with", dest="others", default="", help="floor: also the floor, in turn (see above)"
+        "--with",
+        dest="others",
+        default="",
+        help="floor, no-telemetry (comma-separated): also these, in turn (see above)",
     )
     args = parser.parse_args()
     others = [o for o in args.others.split(",") if o]
-    if set(others) - {"floor"}:
-        parser.error("--with takes floor")
-    if args.chunked and others:
+    if set(others) - {"floor", "no-telemetry"}:
+        parser.error("--with takes floor, no-telemetry")
+    if args.chunked and "floor" in others:
         parser.error("--chunked is sandgate's alone: the floor reads Content-Length answers")
     nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
     if nginx is None:
@@ -315,17 +325,20 @@ def main() -> int:
         os.environ["BENCH_HTTP1_PROFILE"] = str(Path(args.profile).resolve())
     mp = multiprocessing.get_context("spawn")
     ready_r, ready_w = mp.Pipe(duplex=False)
-    gateways = {"sandgate": None}  # name -> the tree it imports sandgate from
+    # name -> (the tree it imports sandgate from, telemetry on)
+    gateways = {"sandgate": (None, True)}
     if args.baseline:
-        gateways["baseline"] = str(export_tree(args.baseline, work / "baseline-tree"))
+        gateways["baseline"] = (str(export_tree(args.baseline, work / "baseline-tree")), True)
+    if "no-telemetry" in others:
+        gateways["no-telemetry"] = (None, False)
     servers, processes, controls = [upstream], [], {}
     variants = {}  # name -> (port, pid)
     try:
-        for name, tree in gateways.items():
+        for name, (tree, telemetry) in gateways.items():
             control, control_child = mp.Pipe()
             gateway = mp.Process(
                 target=gateway_main,
-                args=(str(work / name), upstream_port, ready_w, control_child, tree),
+                args=(str(work / name), upstream_port, ready_w, control_child, tree, telemetry),
             )
             (work / name).mkdir()
             gateway.start()
