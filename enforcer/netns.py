@@ -6,9 +6,8 @@ the veth, the gateway address and the nftables ruleset live there. The sandbox
 gets one IPv4 address (its identity at the gateway), a default route via the
 gateway, and IPv6 link-local addresses only.
 
-Everything here is synchronous pyroute2: the synchronous `IPRoute` runs its own
-event loop and fails inside a running one, so asyncio callers use
-`asyncio.to_thread`.
+Everything here is synchronous (enforcer/rtnl.py's requests, on pyroute2's message
+classes): asyncio callers use `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import sandgate.enforcer.lean_pyroute2  # noqa: F401 - must come before any pyroute2 import
 from pyroute2 import netns
-from pyroute2.iproute import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from sandgate.enforcer.rtnl import Rtnl
 
 NETNS_PREFIX = "sg-"
 HOST_IF_PREFIX = "sgh-"
@@ -119,17 +117,15 @@ def create_sandbox_net(
         sandbox_fd = _create_netns(net.netns)
         undo.append(lambda: _remove_netns(net.netns))
         step = "open netlink sockets"
-        with (
-            contextlib.closing(IPRoute()) as host,
-            contextlib.closing(IPRoute(fileno=sandbox_fd)) as sandbox,
-        ):
+        with Rtnl() as host, Rtnl(fileno=sandbox_fd) as sandbox:
             step = "create veth"
-            host.link(
-                "add",
-                ifname=net.host_if,
-                kind="veth",
-                peer={"ifname": net.sandbox_if, "net_ns_fd": net.netns},
+            netns_fd = os.open(
+                os.path.join(netns.NETNS_RUN_DIR, net.netns), os.O_RDONLY | os.O_CLOEXEC
             )
+            try:
+                host.add_veth(net.host_if, net.sandbox_if, netns_fd)
+            finally:
+                os.close(netns_fd)
             undo.append(lambda: _delete_host_link(net.host_if))
 
             step = "set host ipv6 sysctls"
@@ -146,17 +142,17 @@ def create_sandbox_net(
 
             step = "configure host end"
             host_idx = _link_index(host, net.host_if)
-            host.addr("add", index=host_idx, address=str(net.gateway_ip), prefixlen=prefixlen)
-            host.link("set", index=host_idx, state="up")
+            host.add_address(host_idx, str(net.gateway_ip), prefixlen)
+            host.set_up(host_idx)
 
             step = "configure sandbox end"
-            sandbox.link("set", index=_link_index(sandbox, "lo"), state="up")
+            sandbox.set_up(_link_index(sandbox, "lo"))
             sbx_idx = _link_index(sandbox, net.sandbox_if)
-            sandbox.addr("add", index=sbx_idx, address=str(net.sandbox_ip), prefixlen=prefixlen)
-            sandbox.link("set", index=sbx_idx, state="up")
+            sandbox.add_address(sbx_idx, str(net.sandbox_ip), prefixlen)
+            sandbox.set_up(sbx_idx)
 
             step = "add sandbox default route"
-            sandbox.route("add", dst="0.0.0.0/0", gateway=str(net.gateway_ip))
+            sandbox.add_default_route(str(net.gateway_ip))
 
             # Until the kernel's linkwatch worker has marked a veth end up, it
             # drops what it is given: the task's first SYN would be lost and
@@ -192,11 +188,11 @@ def cut_off(sandbox_id: str) -> bool:
     if not _SANDBOX_ID.fullmatch(sandbox_id):
         raise ValueError(f"bad sandbox id {sandbox_id!r}")
     _refuse_running_loop("cut_off")
-    with contextlib.closing(IPRoute()) as host:
-        found = host.link_lookup(ifname=host_if_name(sandbox_id))
-        if not found:
+    with Rtnl() as host:
+        index = host.link_index(host_if_name(sandbox_id))
+        if index is None:
             return False
-        host.link("set", index=found[0], state="down")
+        host.set_up(index, False)
     return True
 
 
@@ -236,8 +232,8 @@ def _validate(
 
 
 def _refuse_running_loop(name: str) -> None:
-    # pyroute2's synchronous IPRoute drives an event loop of its own, which fails
-    # halfway inside a running one.
+    # Each call blocks its thread for a kernel's netlink work (an RCU grace period
+    # when a link is deleted, ~20 ms): never the event loop's.
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -246,12 +242,8 @@ def _refuse_running_loop(name: str) -> None:
 
 
 def _delete_host_link(ifname: str) -> None:
-    with contextlib.closing(IPRoute()) as host:
-        try:
-            host.link("del", ifname=ifname)
-        except NetlinkError as e:
-            if e.code != errno.ENODEV:
-                raise
+    with Rtnl() as host:
+        host.delete_link(ifname)
 
 
 def _remove_netns(name: str) -> None:
@@ -259,17 +251,17 @@ def _remove_netns(name: str) -> None:
         netns.remove(name, libc=_libc)
 
 
-def _link_index(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
+def _link_index(rtnl: Rtnl, ifname: str) -> int:
+    index = rtnl.link_index(ifname)
+    if index is None:
         raise LookupError(f"no link {ifname}")
-    return found[0]
+    return index
 
 
-def _wait_until_up(ipr: IPRoute, index: int, timeout: float = 2.0) -> None:
+def _wait_until_up(rtnl: Rtnl, index: int, timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        state = ipr.link("get", index=index)[0].get("IFLA_OPERSTATE")
+        state = rtnl.link_state(index)
         if state == "UP":
             return
         if time.monotonic() > deadline:

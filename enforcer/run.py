@@ -233,10 +233,10 @@ def _address_lock():
 
 def _host_addresses() -> set[str]:
     """The IPv4 addresses of this network namespace's interfaces."""
-    from pyroute2.iproute import IPRoute
+    from sandgate.enforcer.rtnl import Rtnl
 
-    with contextlib.closing(IPRoute()) as ipr:
-        return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2)}
+    with Rtnl() as rtnl:
+        return rtnl.ipv4_addresses()
 
 
 def _pick_addresses(pool_text: str):

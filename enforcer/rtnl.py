@@ -1,0 +1,180 @@
+"""The few rtnetlink requests sandgate makes, encoded by pyroute2's message classes.
+
+pyroute2's `IPRoute` loads, with itself, its request filters, its mock and every
+queueing discipline's message class: ~37 ms of the ~260 ms an embedded `sandgate run`
+takes to start and end (docs/performance.md, "Session 19"), for the seven requests
+below. The three message classes they need (`ifinfmsg`, `ifaddrmsg`, `rtmsg`) load
+in ~10 ms; they encode each request and decode each answer, and this module only
+sends a request on a netlink socket and reads the kernel's answer to it.
+
+Synchronous: every answer is in the socket when `send` returns (the kernel handles
+an rtnetlink request in the sender's system call). Errors are `OSError`s with the
+kernel's errno (`FileExistsError` for a name taken, ...); a kernel that does not
+answer within `TIMEOUT_S` is a `TimeoutError`, never a hang.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+import sandgate.enforcer.lean_pyroute2  # noqa: F401 - must come before any pyroute2 import
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+)
+from pyroute2.netlink.rtnl import (
+    RTM_DELLINK,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
+)
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+TIMEOUT_S = 5.0
+_HEADER = struct.Struct("=IHHI")  # nlmsghdr: length, type, flags, seq (then the port id)
+_ERROR = struct.Struct("=i")  # nlmsgerr's error, after its header
+_CHANGE = NLM_F_REQUEST | NLM_F_ACK
+_CREATE = _CHANGE | NLM_F_CREATE | NLM_F_EXCL
+_IFF_UP = 0x1
+_RT_TABLE_MAIN, _RTPROT_STATIC, _RT_SCOPE_UNIVERSE, _RTN_UNICAST = 254, 4, 0, 1
+
+
+class Rtnl:
+    """One rtnetlink socket: of this thread's network namespace, or `fileno`'s (a
+    socket made in another one stays in it)."""
+
+    def __init__(self, fileno: int | None = None):
+        self.sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE, fileno
+        )
+        self.sock.settimeout(TIMEOUT_S)
+        self._seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Rtnl:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- links ---------------------------------------------------------------------
+
+    def link_index(self, name: str) -> int | None:
+        """The index of link `name`; None when there is none."""
+        try:
+            (link,) = self._request(_named(name), RTM_GETLINK, _CHANGE, ifinfmsg)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return None
+            raise
+        return link["index"]
+
+    def link_state(self, index: int) -> str | None:
+        """The operational state of link `index` ("UP", "DOWN", ...)."""
+        msg = ifinfmsg()
+        msg["index"] = index
+        (link,) = self._request(msg, RTM_GETLINK, _CHANGE, ifinfmsg)
+        return link.get_attr("IFLA_OPERSTATE")
+
+    def add_veth(self, name: str, peer: str, peer_netns_fd: int) -> None:
+        """A veth pair: `name` here, `peer` in the network namespace `peer_netns_fd`."""
+        msg = _named(name)
+        peer_attrs = [("IFLA_IFNAME", peer), ("IFLA_NET_NS_FD", peer_netns_fd)]
+        data = [("VETH_INFO_PEER", {"attrs": peer_attrs})]
+        info = [("IFLA_INFO_KIND", "veth"), ("IFLA_INFO_DATA", {"attrs": data})]
+        msg["attrs"].append(("IFLA_LINKINFO", {"attrs": info}))
+        self._request(msg, RTM_NEWLINK, _CREATE)
+
+    def set_up(self, index: int, up: bool = True) -> None:
+        msg = ifinfmsg()
+        msg["index"], msg["change"], msg["flags"] = index, _IFF_UP, _IFF_UP if up else 0
+        self._request(msg, RTM_NEWLINK, _CHANGE)
+
+    def delete_link(self, name: str) -> bool:
+        """Delete link `name` (a veth end: both); False when there is none."""
+        try:
+            self._request(_named(name), RTM_DELLINK, _CHANGE)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return False
+            raise
+        return True
+
+    # --- addresses and routes ------------------------------------------------------
+
+    def add_address(self, index: int, address: str, prefixlen: int) -> None:
+        msg = ifaddrmsg()
+        msg["family"], msg["prefixlen"], msg["index"] = socket.AF_INET, prefixlen, index
+        msg["attrs"] = [("IFA_LOCAL", address), ("IFA_ADDRESS", address)]
+        self._request(msg, RTM_NEWADDR, _CREATE)
+
+    def ipv4_addresses(self) -> set[str]:
+        """The IPv4 addresses of this network namespace's links."""
+        msg = ifaddrmsg()
+        msg["family"] = socket.AF_INET
+        found = self._request(msg, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, ifaddrmsg)
+        return {a.get_attr("IFA_ADDRESS") for a in found if a["family"] == socket.AF_INET}
+
+    def add_default_route(self, gateway: str) -> None:
+        """`default via gateway` in the main table (as `ip route add` makes it)."""
+        msg = rtmsg()
+        msg["family"], msg["table"], msg["proto"] = socket.AF_INET, _RT_TABLE_MAIN, _RTPROT_STATIC
+        msg["scope"], msg["type"] = _RT_SCOPE_UNIVERSE, _RTN_UNICAST
+        msg["attrs"] = [("RTA_GATEWAY", gateway)]
+        self._request(msg, RTM_NEWROUTE, _CREATE)
+
+    # --- the exchange ----------------------------------------------------------------
+
+    def _request(self, msg, msg_type: int, flags: int, answer=None) -> list:
+        """Send `msg`; the messages that answer it, decoded as `answer`, until its
+        acknowledgement or a dump's end. Raises OSError for the kernel's error."""
+        self._seq = seq = self._seq % 0xFFFFFFFF + 1
+        header = msg["header"]
+        header["type"], header["flags"], header["sequence_number"] = msg_type, flags, seq
+        msg.encode()
+        self.sock.send(msg.data)
+        found = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 18)  # a dump's part is at most 32 KiB
+            except TimeoutError:
+                raise TimeoutError(f"no answer from the kernel to rtnetlink request {msg_type} "
+                                   f"in {TIMEOUT_S:.0f} s") from None  # fmt: skip
+            offset = 0
+            while offset + _HEADER.size <= len(data):
+                length, kind, _, got_seq = _HEADER.unpack_from(data, offset)
+                if length < _HEADER.size:
+                    raise OSError(errno.EPROTO, "a malformed rtnetlink answer")
+                if got_seq == seq:
+                    if kind == NLMSG_ERROR:
+                        (code,) = _ERROR.unpack_from(data, offset + 16)
+                        if code:
+                            raise OSError(-code, os.strerror(-code))
+                        return found  # the acknowledgement
+                    if kind == NLMSG_DONE:
+                        return found
+                    if answer is not None:
+                        message = answer(data[offset : offset + length])
+                        message.decode()
+                        found.append(message)
+                offset += (length + 3) & ~3
+
+
+def _named(name: str) -> ifinfmsg:
+    msg = ifinfmsg()
+    msg["attrs"] = [("IFLA_IFNAME", name)]
+    return msg
