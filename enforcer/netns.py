@@ -117,7 +117,8 @@ def create_sandbox_net(
         sandbox_fd = _create_netns(net.netns)
         undo.append(lambda: _remove_netns(net.netns))
         step = "open netlink sockets"
-        with Rtnl() as host, Rtnl(fileno=sandbox_fd) as sandbox:
+        # The sandbox's socket first: it owns sandbox_fd from here, whatever fails next.
+        with Rtnl(fileno=sandbox_fd) as sandbox, Rtnl() as host:
             step = "create veth"
             netns_fd = os.open(
                 os.path.join(netns.NETNS_RUN_DIR, net.netns), os.O_RDONLY | os.O_CLOEXEC

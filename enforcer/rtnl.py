@@ -25,6 +25,7 @@ from pyroute2.netlink import (
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
     NLM_F_EXCL,
     NLM_F_REQUEST,
     NLMSG_DONE,
@@ -43,6 +44,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 TIMEOUT_S = 5.0
+DUMP_ATTEMPTS = 5
 _HEADER = struct.Struct("=IHHI")  # nlmsghdr: length, type, flags, seq (then the port id)
 _ERROR = struct.Struct("=i")  # nlmsgerr's error, after its header
 _CHANGE = NLM_F_REQUEST | NLM_F_ACK
@@ -141,32 +143,44 @@ class Rtnl:
 
     def _request(self, msg, msg_type: int, flags: int, answer=None) -> list:
         """Send `msg`; the messages that answer it, decoded as `answer`, until its
-        acknowledgement or a dump's end. Raises OSError for the kernel's error."""
+        acknowledgement or a dump's end. Raises OSError for the kernel's error. A dump
+        the kernel marks interrupted (the table changed under it: it may miss entries)
+        is asked for again."""
+        for _ in range(DUMP_ATTEMPTS):
+            found, interrupted = self._exchange(msg, msg_type, flags, answer)
+            if not interrupted:
+                return found
+        raise OSError(errno.EAGAIN, f"rtnetlink dump {msg_type} was interrupted by changes "
+                                    f"{DUMP_ATTEMPTS} times in a row")  # fmt: skip
+
+    def _exchange(self, msg, msg_type: int, flags: int, answer) -> tuple[list, bool]:
         self._seq = seq = self._seq % 0xFFFFFFFF + 1
         header = msg["header"]
         header["type"], header["flags"], header["sequence_number"] = msg_type, flags, seq
         msg.encode()
         self.sock.send(msg.data)
-        found = []
+        found, interrupted = [], False
         while True:
             try:
-                data = self.sock.recv(1 << 18)  # a dump's part is at most 32 KiB
+                # The kernel sends a dump in parts of at most 32 KiB (netlink_recvmsg's
+                # cap); 64 KiB stays below malloc's mmap threshold.
+                data = self.sock.recv(1 << 16)
             except TimeoutError:
                 raise TimeoutError(f"no answer from the kernel to rtnetlink request {msg_type} "
                                    f"in {TIMEOUT_S:.0f} s") from None  # fmt: skip
             offset = 0
             while offset + _HEADER.size <= len(data):
-                length, kind, _, got_seq = _HEADER.unpack_from(data, offset)
+                length, kind, got_flags, got_seq = _HEADER.unpack_from(data, offset)
                 if length < _HEADER.size:
                     raise OSError(errno.EPROTO, "a malformed rtnetlink answer")
                 if got_seq == seq:
-                    if kind == NLMSG_ERROR:
-                        (code,) = _ERROR.unpack_from(data, offset + 16)
-                        if code:
+                    interrupted |= bool(got_flags & NLM_F_DUMP_INTR)
+                    if kind in (NLMSG_ERROR, NLMSG_DONE):
+                        # The acknowledgement, or a dump's end: each carries the error.
+                        (code,) = _ERROR.unpack_from(data, offset + 16) if length >= 20 else (0,)
+                        if code < 0:
                             raise OSError(-code, os.strerror(-code))
-                        return found  # the acknowledgement
-                    if kind == NLMSG_DONE:
-                        return found
+                        return found, interrupted
                     if answer is not None:
                         message = answer(data[offset : offset + length])
                         message.decode()

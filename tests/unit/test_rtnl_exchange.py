@@ -1,0 +1,100 @@
+"""enforcer/rtnl.py's exchange without a kernel: what it does with answers the kernel
+sends rarely (an interrupted dump, a dump's error) or never (a malformed header)."""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+from sandgate.enforcer import rtnl
+
+NLMSG_ERROR, NLMSG_DONE, RTM_NEWADDR = 2, 3, 20
+NLM_F_MULTI, NLM_F_DUMP_INTR = 0x2, 0x10
+
+
+class ScriptedKernel:
+    """A socket whose answers are scripted per request: each a list of (type, flags,
+    payload), sent with the request's sequence number."""
+
+    def __init__(self, *answers: list[tuple[int, int, bytes]]):
+        self.answers, self.sent = list(answers), []
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        (seq,) = struct.unpack_from("=I", self.sent[-1], 8)
+        parts = []
+        for kind, flags, payload in self.answers.pop(0):
+            parts.append(struct.pack("=IHHII", 16 + len(payload), kind, flags, seq, 0) + payload)
+        return b"".join(parts)
+
+    def settimeout(self, timeout: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def address(text: str) -> bytes:
+    """An RTM_NEWADDR payload: ifaddrmsg and its IFA_ADDRESS."""
+    ip = bytes(int(part) for part in text.split("."))
+    return struct.pack("=BBBBI", 2, 30, 0, 0, 7) + struct.pack("=HH", 8, 1) + ip
+
+
+def kernel_rtnl(monkeypatch: pytest.MonkeyPatch, kernel: ScriptedKernel) -> rtnl.Rtnl:
+    monkeypatch.setattr(rtnl.socket, "socket", lambda *args: kernel)
+    return rtnl.Rtnl()
+
+
+def test_an_interrupted_dump_is_asked_for_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    done = (NLMSG_DONE, NLM_F_MULTI, struct.pack("=i", 0))
+    kernel = ScriptedKernel(
+        # The table changed under the first dump: it may have missed 10.1.0.1.
+        [(RTM_NEWADDR, NLM_F_MULTI | NLM_F_DUMP_INTR, address("10.2.0.1")), done],
+        [(RTM_NEWADDR, NLM_F_MULTI, address("10.1.0.1")),
+         (RTM_NEWADDR, NLM_F_MULTI, address("10.2.0.1")), done],
+    )  # fmt: skip
+    assert kernel_rtnl(monkeypatch, kernel).ipv4_addresses() == {"10.1.0.1", "10.2.0.1"}
+    assert len(kernel.sent) == 2
+
+
+def test_a_dump_interrupted_every_time_is_an_error_not_a_partial_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    interrupted = [
+        (RTM_NEWADDR, NLM_F_MULTI | NLM_F_DUMP_INTR, address("10.2.0.1")),
+        (NLMSG_DONE, NLM_F_MULTI, struct.pack("=i", 0)),
+    ]
+    kernel = ScriptedKernel(*[interrupted] * rtnl.DUMP_ATTEMPTS)
+    with pytest.raises(OSError, match="interrupted") as failed:
+        kernel_rtnl(monkeypatch, kernel).ipv4_addresses()
+    assert failed.value.errno == errno.EAGAIN
+
+
+def test_a_dumps_error_and_a_malformed_answer_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = ScriptedKernel([(NLMSG_DONE, NLM_F_MULTI, struct.pack("=i", -errno.ENOBUFS))])
+    with pytest.raises(OSError) as failed:
+        kernel_rtnl(monkeypatch, kernel).ipv4_addresses()
+    assert failed.value.errno == errno.ENOBUFS
+
+    class Malformed(ScriptedKernel):
+        def recv(self, size: int) -> bytes:
+            return struct.pack("=IHHII", 8, NLMSG_ERROR, 0, 1, 0)  # shorter than its header
+
+    with pytest.raises(OSError) as failed:
+        kernel_rtnl(monkeypatch, Malformed()).set_up(3)
+    assert failed.value.errno == errno.EPROTO
+
+
+def test_a_kernel_that_never_answers_is_a_timeout_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Silent(ScriptedKernel):
+        def recv(self, size: int) -> bytes:
+            raise TimeoutError("timed out")
+
+    with pytest.raises(TimeoutError, match="no answer from the kernel"):
+        kernel_rtnl(monkeypatch, Silent()).set_up(3)
