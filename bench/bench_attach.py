@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_attach.py [--rounds 30] [--embedded-rounds 7]
                                            [--install wheel|checkout] [--as-is]
                                            [--runners service|external|none]
+                                           [--baseline REV] [--breakdown]
 
 Needs root. Everything runs in a host-like network namespace this script creates
 (`sgbench-<hex>`) and deletes in `finally` with the service it starts there; nothing
@@ -44,6 +45,17 @@ says so; `--as-is` measures whatever caches exist.
 Goal (issue 9): attached <= 50 ms median; issue 11: embedded <= 300 ms, to beat
 sandbox-runtime (the issue's figure for it: about 290 ms on the earlier machine).
 
+A/B (`--baseline REV`, wheel only): a wheel of git revision REV in a second venv,
+with a second service of its own (its control socket and run directory) in the same
+network namespace; its attached rounds are taken in turn with this checkout's, so
+the host's speed that minute hits both alike. Printed as `baseline` and the ratio.
+
+Breakdown (`--breakdown`, wheel only): where the attached rounds' time goes, by
+step and by process (client, service, runner), from timers that bench/attach_probe.py
+puts around each step in every process of the attach; the rounds then also pay the
+timers (a few us a step). Printed per step: the median of its start after the
+round's spawn, of its duration (all its calls in the round), and calls per round.
+
 sandbox-runtime side by side (`--srt PATH`, default: `srt` on PATH, else skipped):
 `srt true` in the same workspace and network namespace, as many rounds as the embedded variant and in turn with them, with its
 default settings (bubblewrap, its HTTP and SOCKS bridges). Install it with
@@ -82,15 +94,22 @@ def compile_everything(extra: list[Path]) -> str:
     return "bytecode compiled first (as an installed package has it)"
 
 
-def install_wheel(work: Path) -> tuple[str, Path]:
-    """A wheel of the checkout in a fresh venv: (its `sandgate`, its site-packages)."""
+def install_wheel(work: Path, rev: str | None = None) -> tuple[str, Path]:
+    """A wheel of the checkout (or of its git revision `rev`) in a fresh venv under
+    `work`: (its `sandgate`, its site-packages)."""
     src = work / "src"  # a copy: the build's scratch files stay out of the checkout
-    for name in ("pyproject.toml", "README.md", "proxy", "enforcer", "rules"):
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            src.mkdir(exist_ok=True)
-            shutil.copy2(ROOT / name, src / name)
+    if rev is None:
+        for name in ("pyproject.toml", "README.md", "proxy", "enforcer", "rules"):
+            if (ROOT / name).is_dir():
+                ignore = shutil.ignore_patterns("__pycache__")
+                shutil.copytree(ROOT / name, src / name, ignore=ignore)
+            else:
+                src.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, src / name)
+    else:
+        src.mkdir(parents=True)
+        archive = _check_bytes(["git", "-C", ROOT, "archive", rev])
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     _check([PY, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work / "dist"), str(src)])
     (wheel,) = (work / "dist").glob("sandgate-*.whl")
     venv = work / "venv"
@@ -102,6 +121,13 @@ def install_wheel(work: Path) -> tuple[str, Path]:
     return str(venv / "bin" / "sandgate"), site
 
 
+def _check_bytes(argv: list) -> bytes:
+    proc = subprocess.run([str(a) for a in argv], capture_output=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_attach: {' '.join(map(str, argv))} failed:\n{proc.stderr}")
+    return proc.stdout
+
+
 def _check(argv: list) -> str:
     proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -110,16 +136,26 @@ def _check(argv: list) -> str:
 
 
 def medians_ms(
-    variants: dict[str, list[str]], rounds: int, cwd: Path
+    variants: dict[str, list[str]],
+    rounds: int,
+    cwd: Path,
+    windows: dict[str, list] | None = None,
+    envs: dict[str, dict] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """{name: (median, min) ms} of each argv, the rounds taken in turn (load from
-    others on the machine hits every variant alike)."""
+    others on the machine hits every variant alike); each round's (start, end) in
+    monotonic ns appended to `windows[name]`, where given; `envs[name]`: the
+    variant's environment, where not this process's."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, argv in variants.items():
+            env = (envs or {}).get(name)
             t0 = time.perf_counter()
-            proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
+            start = time.monotonic_ns()
+            proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
             samples[name].append((time.perf_counter() - t0) * 1000)
+            if windows is not None and name in windows:
+                windows[name].append((start, time.monotonic_ns()))
             if proc.returncode != 0:
                 raise SystemExit(f"bench_attach: {' '.join(argv)} failed:\n{proc.stderr}")
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
@@ -129,10 +165,49 @@ def median_ms(argv: list[str], rounds: int, cwd: Path) -> tuple[float, float]:
     return medians_ms({"": argv}, rounds, cwd)[""]
 
 
+def install_probe(site: Path) -> None:
+    """bench/attach_probe.py into the venv, imported at every start there (a .pth);
+    it times only where SGBENCH_MARKS is set (the service, the attached rounds)."""
+    shutil.copy(ROOT / "bench" / "attach_probe.py", site / "sgbench_probe.py")
+    (site / "sgbench-probe.pth").write_text("import sgbench_probe\n")
+
+
+def breakdown(marks: Path, windows: list[tuple[int, int]]) -> list[str]:
+    """Per step: median start after the round's spawn, median duration (its calls in
+    the round summed), calls per round; steps in the order they start. A mark belongs
+    to the round whose spawn-to-exit window holds its start."""
+    per_round: dict[tuple[str, int], list[float]] = {}  # [first start, total, calls]
+    for line in marks.read_text().splitlines():
+        label, start_ns, end_ns = line.split(" ", 1)[1].rsplit(" ", 2)
+        start, end = int(start_ns), int(end_ns)
+        for i, (w0, w1) in enumerate(windows):
+            if w0 <= start <= w1:
+                first, total, n = per_round.get((label, i), ((start - w0) / 1e6, 0.0, 0))
+                per_round[label, i] = [first, total + (end - start) / 1e6, n + 1]
+                break
+    rows = []
+    for label in {label for label, _ in per_round}:
+        mine = [v for (name, _), v in per_round.items() if name == label]
+        rows.append(
+            (
+                statistics.median(v[0] for v in mine),
+                label,
+                statistics.median(v[1] for v in mine),
+                sum(v[2] for v in mine) / len(windows),
+            )
+        )
+    out = [f"{'step':<52} {'starts ms':>9} {'takes ms':>9} {'calls':>6}"]
+    out += [f"{lb:<52} {at:>9.1f} {took:>9.2f} {n:>6.1f}" for at, lb, took, n in sorted(rows)]
+    whole = statistics.median((w1 - w0) / 1e6 for w0, w1 in windows)
+    out.append(f"{'(the round: spawn to exit)':<52} {0.0:>9.1f} {whole:>9.2f}")
+    return out
+
+
 def start_service(
-    sandgate: str, host_ns: str, work: Path, runners: str
+    sandgate: str, host_ns: str, work: Path, runners: str, env: dict
 ) -> tuple[list[subprocess.Popen], Path]:
-    """The service (and a `sandgate runners`, for `runners` external), warm."""
+    """The service (and a `sandgate runners`, for `runners` external), warm; its
+    socket, audit log and log in `work`, `env` its environment."""
     control = work / "gateway.sock"
     hardened = ["setpriv", "--no-new-privs"] if runners != "service" else []
     argv = [
@@ -151,19 +226,21 @@ def start_service(
         "--dns-upstream",
         "127.0.0.1",
     ]
-    started = [
-        subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=(work / "gateway.log").open("w"))
-    ]
+    log = (work / "gateway.log").open("w")
+    started = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, env=env)]
     if runners == "external":
         runners_argv = [sandgate, "runners", "--control", str(control)]
         log = (work / "runners.log").open("w")
-        started.append(subprocess.Popen(runners_argv, stdout=subprocess.DEVNULL, stderr=log))
+        started.append(
+            subprocess.Popen(runners_argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         status = subprocess.run(
             [sandgate, "status", "--json", "--control", str(control)],
             capture_output=True,
             text=True,
+            env=env,
         )
         warm = '"spares": 0' not in status.stdout and (
             runners == "none" or '"warm_runners": 0' not in status.stdout
@@ -173,9 +250,21 @@ def start_service(
         if any(process.poll() is not None for process in started):
             break
         time.sleep(0.1)
+    stop(started)  # main's `finally` never saw them
     raise SystemExit(
         f"bench_attach: the service did not start:\n{(work / 'gateway.log').read_text()}"
     )
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM, in reverse order: a service removes its spare networks as it stops."""
+    for process in reversed(processes):
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def main() -> int:
@@ -204,7 +293,19 @@ def main() -> int:
         default=shutil.which("srt"),
         help="sandbox-runtime's `srt`, measured beside the embedded run (default: on PATH)",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time each step of the attached rounds in every process (wheel only)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also a wheel of git revision REV, with a service of its own, in turn (wheel only)",
+    )
     args = parser.parse_args()
+    if (args.breakdown or args.baseline) and args.install != "wheel":
+        parser.error("--breakdown and --baseline need --install wheel")
     if os.geteuid() != 0:
         print("bench_attach: needs root (namespaces, nftables, cgroups)", file=sys.stderr)
         return 2
@@ -214,26 +315,48 @@ def main() -> int:
     workspace = work / "workspace"
     workspace.mkdir()
     os.environ["SANDGATE_RUN_DIR"] = str(work / "run")
+    env = dict(os.environ)
+    if args.breakdown:
+        env["SGBENCH_MARKS"] = str(work / "marks")
+    base = work / "baseline"
+    base_env = dict(os.environ, SANDGATE_RUN_DIR=str(base / "run"))
     started = []
+    windows: dict[str, list[tuple[int, int]]] = {"attached": []}
     try:
         if args.install == "wheel":
             sandgate, site = install_wheel(work)
+            if args.breakdown:
+                install_probe(site)
             measured = "a wheel of the checkout installed in a fresh venv"
+            if args.baseline:
+                base_sandgate, base_site = install_wheel(base, args.baseline)
+                measured += f" (and one of {args.baseline}, the baseline)"
         else:
             sandgate, site = SANDGATE, None
             measured = "this venv's editable install of the checkout"
         bytecode = (
             "bytecode as found (--as-is)"
             if args.as_is
-            else compile_everything([site] if site else [])
+            else compile_everything([site, *([base_site] if args.baseline else [])] if site else [])
         )
         subprocess.run(["ip", "netns", "add", host_ns], check=True)
         subprocess.run(["ip", "-n", host_ns, "link", "set", "lo", "up"], check=True)
-        started, control = start_service(sandgate, host_ns, work, args.runners)
-        attach = [sandgate, "run", "--gateway", str(control), "--", "true"]
+        started, control = start_service(sandgate, host_ns, work, args.runners, env)
+        attaching = {"attached": [sandgate, "run", "--gateway", str(control), "--", "true"]}
+        envs = {"attached": env}
+        if args.baseline:
+            more, base_control = start_service(base_sandgate, host_ns, base, args.runners, base_env)
+            started += more
+            attaching["baseline"] = [base_sandgate, "run", "--gateway", str(base_control)]
+            attaching["baseline"] += ["--", "true"]
+            envs["baseline"] = base_env
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-        median_ms(attach, 3, workspace)  # warm the page cache and the service's spares
-        attached, attached_min = median_ms(attach, args.rounds, workspace)
+        medians_ms(attaching, 3, workspace, envs=envs)  # the page cache, the spares
+        windows["attached"].clear()
+        measured_attached = medians_ms(attaching, args.rounds, workspace, windows, envs)
+        attached, attached_min = measured_attached["attached"]
+        baseline = measured_attached.get("baseline")
+        steps = breakdown(work / "marks", windows["attached"]) if args.breakdown else []
         # `nsenter --net`, not `ip netns exec`: that one also mounts a private /sys,
         # and then every run mounts its cgroup hierarchies again (~100 ms here), which
         # a run from a shell in the host's namespaces never does.
@@ -247,17 +370,17 @@ def main() -> int:
         }  # fmt: skip
         if args.srt:
             variants["srt"] = [*in_host, args.srt, "true"]  # as the embedded run
-        measured_embedded = medians_ms(variants, args.embedded_rounds, workspace)
+        if args.baseline:
+            variants["baseline embedded"] = [
+                *in_host, base_sandgate, *variants["embedded"][len(in_host) + 1 :]
+            ]  # fmt: skip
+        envs = {"baseline embedded": base_env}
+        measured_embedded = medians_ms(variants, args.embedded_rounds, workspace, envs=envs)
         embedded, embedded_min = measured_embedded["embedded"]
+        base_embedded = measured_embedded.get("baseline embedded")
         srt = measured_embedded.get("srt")
     finally:
-        for process in reversed(started):
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(started)
         subprocess.run(["ip", "netns", "del", host_ns], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
     print(f"sandgate run -- true, median wall time; {measured}; {bytecode}; {os.cpu_count()} cores")
@@ -265,6 +388,16 @@ def main() -> int:
     print(f"{'variant':<12} {'median ms':>10} {'min ms':>8} {'rounds':>7}")
     print(f"{'attached':<12} {attached:>10.1f} {attached_min:>8.1f} {args.rounds:>7}")
     print(f"{'embedded':<12} {embedded:>10.1f} {embedded_min:>8.1f} {args.embedded_rounds:>7}")
+    if baseline is not None:
+        print(f"{'baseline att':<12} {baseline[0]:>10.1f} {baseline[1]:>8.1f} {args.rounds:>7}")
+        print(
+            f"{'baseline emb':<12} {base_embedded[0]:>10.1f} {base_embedded[1]:>8.1f} "
+            f"{args.embedded_rounds:>7}"
+        )
+        print(
+            f"this / baseline ({args.baseline}), in turn: attached {attached / baseline[0]:.2f}, "
+            f"embedded {embedded / base_embedded[0]:.2f}"
+        )
     if srt is not None:
         print(f"{'srt true':<12} {srt[0]:>10.1f} {srt[1]:>8.1f} {args.embedded_rounds:>7}")
     print(f"attached / embedded: {attached / embedded:.2f}")
@@ -281,6 +414,9 @@ def main() -> int:
         f"{'met' if embedded <= EMBEDDED_GOAL_MS else 'NOT met'}"
     )
     print(f"goal: attached <= {GOAL_MS:.0f} ms: {'met' if attached <= GOAL_MS else 'NOT met'}")
+    if steps:
+        print("breakdown of the attached rounds (timers in every process; medians):")
+        print("\n".join(steps))
     return 0
 
 
