@@ -88,6 +88,7 @@ STATE_FILE = "service.json"
 SERVICE_AUDIT_LOG = AUDIT_DIR / "gateway.jsonl"
 CONTROL_GROUP = "sandgate"
 ADOPTED_CHECK_S = 1.0
+REFILL_AFTER_S = 1.0  # a spare taken while another remains is replaced by then (_refill_later)
 
 
 @dataclass
@@ -169,6 +170,7 @@ class GatewayService:
         # (traffic from one is an unknown source until an attach registers it).
         self.spares: list[Attached] = []
         self._filling = False
+        self._refill_timer: asyncio.TimerHandle | None = None  # a deferred refill (_attach)
         self._unwiring: set[asyncio.Task] = set()  # removals still running after the reply
         self.runners: set[str] = set()  # the sockets of warm runners (enforcer/zygote.py)
         self._zygote: asyncio.subprocess.Process | None = None
@@ -294,6 +296,8 @@ class GatewayService:
                 self.opts.control.unlink()
         for attached in list(self.sandboxes.values()):
             await self._remove(attached, "the gateway service stopped")
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
         while self._filling:
             await asyncio.sleep(0.01)
         for spare in self.spares:
@@ -438,6 +442,8 @@ class GatewayService:
                     }
                 await _reply(writer, reply)
                 if detached:
+                    if self._refill_timer is not None:  # deferred by an attach: its run is over
+                        self._refill()
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -523,7 +529,10 @@ class GatewayService:
                 f"(profiles: {', '.join(policy.profiles)})"
             )
         attached = self.spares.pop() if self.spares else await self._new_network(profile)
-        self._refill()
+        if self.spares:  # the next attach has one still: replace this one off this start
+            self._refill_later()
+        else:
+            self._refill()
         attached.profile, attached.rules_hash = profile, policy.hash
         attached.command = [str(a)[:200] for a in request.get("command", [])][:50]
         attached.runner_pid = peer_pid
@@ -577,6 +586,9 @@ class GatewayService:
 
     def _refill(self) -> None:
         """Keep `warm` spare networks, made one after another off the attach path."""
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
+            self._refill_timer = None
         if self._filling or self.draining or len(self.spares) >= self.opts.warm:
             return
         self._filling = True
@@ -591,6 +603,17 @@ class GatewayService:
                 self._filling = False
 
         self._spawn(fill())
+
+    def _refill_later(self) -> None:
+        """A refill once the start that took a spare is over: making a network is
+        ~15 ms of this process's and the kernel's time, which on a small host would
+        slow the very start it replaces a spare for (measured: bench_attach
+        --breakdown). It begins when a run detaches (after the reply: runs back to
+        back) or REFILL_AFTER_S from now (a long task), whichever is first; an
+        attach that leaves no spare refills at once."""
+        if self._refill_timer is None:
+            loop = asyncio.get_running_loop()
+            self._refill_timer = loop.call_later(REFILL_AFTER_S, self._refill)
 
     async def _keep_runners(self) -> None:
         """`warm` runners waiting, kept by one zygote (enforcer/zygote.py), which tells

@@ -17,8 +17,9 @@ attach request, the sandbox, detach). While it waits, a runner makes its task's
 cgroup (`sandgate-warm-<hex>`, under the pool's) and forks its init's process into
 it (attach.InitSeed): a run then writes its limits there, and migrates nothing.
 The caller's end kills the task (attach's `caller`); its signals are forwarded to
-it. The pool forks the next runner as soon
-as one is taken, dies, or loses its socket.
+it. The pool forks the next runner as soon as one dies or loses its socket, and as
+soon as one is taken if none waits then; while another waits, only once the taken
+one's run has started (Pool._fill says why).
 
 One pool per control socket: it holds `<control>.runners` (flock, its pid inside),
 so the service's embedded zygote steps aside for a `sandgate runners` that serves
@@ -64,6 +65,7 @@ SO_PEERPIDFD = 77  # <asm-generic/socket.h> (Linux 6.5); Python has no name for 
 REQUEST_TIMEOUT_S = 5.0
 CHECK_S = 5.0  # how often a pool looks whether its runners' sockets are still there
 RESPAWN_DELAY_S = 1.0  # after a runner that died within this long of its fork
+REFILL_AFTER_S = 1.0  # a taken runner's replacement, while another waits: by then at the latest
 _libc = ctypes.CDLL(None)
 
 
@@ -416,6 +418,12 @@ class _Waiting:
     born: float
 
 
+@dataclass
+class _Starting:
+    pidfd: int  # a taken runner's: readable once it has exited (a short task's run is over)
+    until: float  # monotonic: then its run's start is over anyway
+
+
 class Pool:
     """`warm` runners waiting on `<control>.z-<hex>`, each forked from this process;
     one more as soon as a run takes one, one dies, or its socket is removed. Each
@@ -426,6 +434,7 @@ class Pool:
     def __init__(self, control: str, warm: int, report=None):
         self.control, self.warm, self.report = control, warm, report
         self.waiting: dict[str, _Waiting] = {}
+        self.starting: dict[str, _Starting] = {}  # taken runners whose replacement waits
         self._reports, self._writer = os.pipe()
         os.set_blocking(self._reports, False)
         self._buffer = b""
@@ -441,7 +450,9 @@ class Pool:
             ready = self._selector.select(min(CHECK_S, delay) if delay else CHECK_S)
             self._read_reports()  # first: a runner that reported `taken` is not gone
             for key, _ in ready:
-                if key.data is not None:
+                if key.data in self.starting:
+                    self._started(key.data)
+                elif key.data is not None:
                     self._died(key.data)
             if time.monotonic() - checked >= CHECK_S:
                 self._check_sockets()
@@ -458,14 +469,26 @@ class Pool:
             os.close(waiting.pidfd)
             _remove_ahead(path)
         self.waiting.clear()
+        for path in list(self.starting):
+            self._started(path)  # its run goes on: only our pidfd goes
 
     def _fill(self) -> float:
         """Fork runners up to `warm`; the seconds to wait before the next may be
-        forked, or 0."""
+        forked, or 0. While a taken runner's run starts and another runner waits,
+        its replacement waits: a fork and the new runner's seed (its cgroup, the
+        init's fork) are ~5 ms of the two cores the start runs on (bench_attach
+        --breakdown). It is forked when that runner exits (a short task: runs back
+        to back) or REFILL_AFTER_S after the take (a long one)."""
+        now = time.monotonic()
+        for path, starting in list(self.starting.items()):
+            if now >= starting.until:
+                self._started(path)
         while len(self.waiting) < self.warm:
             delay = self._not_before - time.monotonic()
             if delay > 0:
                 return delay
+            if self.starting and self.waiting:
+                return max(0.001, min(s.until for s in self.starting.values()) - now)
             self._fork()
         return 0.0
 
@@ -531,11 +554,18 @@ class Pool:
         for line in lines:
             word, _, path = line.decode(errors="replace").partition(" ")
             if word == "taken" and path in self.waiting:
-                waiting = self.waiting.pop(path)  # the run's now: its end is not ours to see
-                self._selector.unregister(waiting.pidfd)
-                os.close(waiting.pidfd)
+                waiting = self.waiting.pop(path)  # the run's now: only its start is ours to see
+                self.starting[path] = _Starting(waiting.pidfd, time.monotonic() + REFILL_AFTER_S)
+                if not self.waiting:
+                    self._started(path)  # nobody waits: its replacement is forked at once
             if word in ("ready", "taken"):
                 self._report(f"{word} {path}")
+
+    def _started(self, path: str) -> None:
+        """A taken runner's run has started (or ended): its replacement may be forked."""
+        starting = self.starting.pop(path)
+        self._selector.unregister(starting.pidfd)
+        os.close(starting.pidfd)
 
     def _died(self, path: str) -> None:
         """A runner died before a run took it."""

@@ -331,3 +331,65 @@ def test_a_stopped_pool_removes_its_cgroups_and_a_killed_ones_go_at_the_next_sta
         assert not [p for p in left if os.path.exists(p)]
     finally:
         third.stop()
+
+
+def _spare_files(service) -> dict[str, float]:
+    """{run id: mtime of its state file} of the networks this service keeps warm; a
+    spare's state file is written once, as its network is made."""
+    found = {}
+    for state_file in sandbox.RUN_DIR.glob("*/service.json"):
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads(state_file.read_text())
+            if state["service_pid"] == service.popen.pid and state["runner_pid"] == 0:
+                found[state["run_id"]] = state_file.stat().st_mtime
+    return found
+
+
+def _made(paths) -> dict[str, float]:
+    """{path: its ctime}, for runner sockets (bound once, never changed)."""
+    found = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            found[path] = os.stat(path).st_ctime
+    return found
+
+
+def test_a_taken_runner_and_spare_are_replaced_after_the_start_not_during_it(service, tmp_path):
+    """While another runner and another spare network wait, the replacements of those
+    a run took are made once its start is over (the run ends, or 1 s after the take:
+    service.REFILL_AFTER_S, zygote.REFILL_AFTER_S), not during it (bench_attach
+    --breakdown: they slowed the start). The pool is full again while the task runs
+    on, and again after a second run takes one of each."""
+    assert eventually(lambda: service.status()["spares"] == 2, timeout=15)
+    first_spares, first_runners = _spare_files(service), _made(_runner_sockets(service))
+    assert len(first_spares) == len(first_runners) == 2
+    long_task, _ = _start(service, tmp_path, "sleep 60")
+    second = None
+    try:
+        box = _the_sandbox(service)
+        assert box["task_id"] in first_spares
+        assert eventually(lambda: service.status()["spares"] == 2, timeout=15)
+        assert eventually(lambda: len(_runner_sockets(service)) == 2, timeout=15)
+        assert long_task.poll() is None  # refilled while the task runs on
+        new_spare = {k: v for k, v in _spare_files(service).items() if k not in first_spares}
+        new_runner = {
+            k: v for k, v in _made(_runner_sockets(service)).items() if k not in first_runners
+        }
+        assert len(new_spare) == len(new_runner) == 1
+        # Not during the start: ~1 s after the attach (the take was before it), however
+        # loaded the machine; an early refill would be made within ms of it.
+        assert min(new_spare.values()) - box["started"] > 0.5, (new_spare, box)
+        assert min(new_runner.values()) - box["started"] > 0.5, (new_runner, box)
+        # A second run: one of each taken, and made again.
+        second, _ = _start(service, tmp_path, "sleep 60")
+        assert eventually(
+            lambda: len(json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"]) == 2
+        )
+        assert eventually(lambda: service.status()["spares"] == 2, timeout=15)
+        assert eventually(lambda: len(_runner_sockets(service)) == 2, timeout=15)
+        assert long_task.poll() is None and second.poll() is None
+    finally:
+        for proc in (long_task, second):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
