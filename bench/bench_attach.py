@@ -84,6 +84,7 @@ SANDGATE = str(Path(PY).with_name("sandgate"))
 GOAL_MS = 50.0
 EMBEDDED_GOAL_MS = 300.0
 SANDBOX_RUNTIME_MS = 290.0
+BLOCK_PAUSE_S = 0.5  # before a block of rounds (--block): the other service's refills end
 
 
 def compile_everything(extra: list[Path]) -> str:
@@ -141,17 +142,29 @@ def medians_ms(
     cwd: Path,
     windows: dict[str, list] | None = None,
     envs: dict[str, dict] | None = None,
+    gap: float = 0.0,
+    block: int = 1,
 ) -> dict[str, tuple[float, float]]:
     """{name: (median, min) ms} of each argv, the rounds taken in turn (load from
-    others on the machine hits every variant alike); each round's (start, end) in
-    monotonic ns appended to `windows[name]`, where given; `envs[name]`: the
-    variant's environment, where not this process's."""
+    others on the machine hits every variant alike), `block` rounds of a variant at
+    a time, with a pause of BLOCK_PAUSE_S before each block after the first (what
+    one variant's service does after its last run then never falls in the other's
+    block); each round's (start, end) in monotonic ns appended to `windows[name]`,
+    where given; `envs[name]`: the variant's environment, where not this process's;
+    `gap`: seconds between rounds."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, argv in variants.items():
+    blocks = [
+        (name, min(block, rounds - first)) for first in range(0, rounds, block) for name in variants
+    ]
+    for i, (name, count) in enumerate(blocks):
+        if i and block > 1:
+            time.sleep(BLOCK_PAUSE_S)
+        for _ in range(count):
+            time.sleep(gap)
             env = (envs or {}).get(name)
             t0 = time.perf_counter()
             start = time.monotonic_ns()
+            argv = variants[name]
             proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
             samples[name].append((time.perf_counter() - t0) * 1000)
             if windows is not None and name in windows:
@@ -303,6 +316,20 @@ def main() -> int:
         metavar="REV",
         help="also a wheel of git revision REV, with a service of its own, in turn (wheel only)",
     )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="attached rounds of one variant in a row, with --baseline (default 1: in turn); "
+        "back to back within a block, and a pause between blocks",
+    )
+    parser.add_argument(
+        "--gap",
+        type=float,
+        default=0.0,
+        help="seconds between attached rounds (default 0: back to back); with --baseline, "
+        "what one service does after a run (its refills) then never falls in the other's",
+    )
     args = parser.parse_args()
     if (args.breakdown or args.baseline) and args.install != "wheel":
         parser.error("--breakdown and --baseline need --install wheel")
@@ -353,7 +380,9 @@ def main() -> int:
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         medians_ms(attaching, 3, workspace, envs=envs)  # the page cache, the spares
         windows["attached"].clear()
-        measured_attached = medians_ms(attaching, args.rounds, workspace, windows, envs)
+        measured_attached = medians_ms(
+            attaching, args.rounds, workspace, windows, envs, args.gap, args.block
+        )
         attached, attached_min = measured_attached["attached"]
         baseline = measured_attached.get("baseline")
         steps = breakdown(work / "marks", windows["attached"]) if args.breakdown else []
@@ -384,7 +413,11 @@ def main() -> int:
         subprocess.run(["ip", "netns", "del", host_ns], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
     print(f"sandgate run -- true, median wall time; {measured}; {bytecode}; {os.cpu_count()} cores")
-    print(f"load average before the runs: {load}; warm runners: {args.runners}")
+    print(f"load average before the runs: {load}; warm runners: {args.runners}", end="")
+    print(
+        f"; {args.gap} s between attached rounds" if args.gap else "; rounds back to back", end=""
+    )
+    print(f", {args.block} of a variant in a row" if args.block > 1 else "")
     print(f"{'variant':<12} {'median ms':>10} {'min ms':>8} {'rounds':>7}")
     print(f"{'attached':<12} {attached:>10.1f} {attached_min:>8.1f} {args.rounds:>7}")
     print(f"{'embedded':<12} {embedded:>10.1f} {embedded_min:>8.1f} {args.embedded_rounds:>7}")
