@@ -699,8 +699,14 @@ class InitSeed:
 
 
 def _be_seed(sock: socket.socket, procs_files: list[str]) -> int:
-    """In the seed: join the cgroup, say so, wait for the run, be its init."""
+    """In the seed: make the workspace's user namespace ahead (before the join: its
+    child is in the pool's cgroup, not the task's), join the cgroup, say so, wait
+    for the run, be its init."""
     _close_all_but((sock.fileno(),))
+    try:
+        sandbox_init.userns_ahead = sandbox_init.UsernsAhead()
+    except OSError as e:  # the run makes its own, as without a seed
+        print(f"sandgate runner: no user namespace made ahead: {e}", file=sys.stderr)
     try:
         for path in procs_files:
             with open(path, "w") as f:
@@ -718,7 +724,10 @@ def _be_seed(sock: socket.socket, procs_files: list[str]) -> int:
     if len(targets) != len(fds):
         return EXIT_SETUP
     # Above every number in play first, so that no dup2 below lands on one still needed.
-    base = max([*targets, *fds, sock.fileno()]) + 1
+    ahead = sandbox_init.userns_ahead
+    base = max([*targets, *fds, sock.fileno(), *(ahead.fds if ahead else ())]) + 1
+    if ahead is not None:
+        ahead.move_above(base)
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, base) for fd in fds]
     for fd in fds:
         os.close(fd)

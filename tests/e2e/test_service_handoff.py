@@ -393,3 +393,34 @@ def test_a_taken_runner_and_spare_are_replaced_after_the_start_not_during_it(ser
             if proc is not None:
                 proc.kill()
                 proc.wait()
+
+
+def test_the_workspaces_user_namespace_is_made_ahead_and_mapped_by_the_run(service, tmp_path):
+    """A waiting runner's seed keeps a child in a user namespace of its own, made before
+    any run and outside the task's cgroup (init.UsernsAhead); the run's idmapped
+    workspace takes it, mapped for that run's ids: the task's files land owned by the
+    workspace's owner, whatever the task's uid. The child is gone once it is used."""
+    waiting = _waiting(service)
+    helpers = {}
+    for seed, path in waiting.values():
+        (helper,) = _children(seed)
+        own = os.stat("/proc/self/ns/user").st_ino
+        assert os.stat(f"/proc/{helper}/ns/user").st_ino != own
+        assert not Path(f"/proc/{helper}/uid_map").read_text().strip()  # no maps yet
+        assert _pids_cgroup(helper) != path  # the pool's cgroup, not the task's
+        helpers[helper] = seed
+    for user in ("0", "1000"):
+        workdir = tmp_path / f"ahead-{user}"
+        steps = workdir / "steps"
+        steps.mkdir(parents=True)
+        os.chown(steps, 4321, 4321)
+        script = f"echo {user} > by-{user}; mkdir dir-{user}; id -u"
+        argv = attach_argv(service, workdir, ["sh", "-c", script], extra=("--user", user))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == user
+        for name in (f"by-{user}", f"dir-{user}"):
+            st = (steps / name).stat()
+            assert (st.st_uid, st.st_gid) == (4321, 4321), f"{name}: {st.st_uid}"
+        if user == "0":  # the first run took a runner that waited, and its helper
+            assert eventually(lambda: sum(Path(f"/proc/{h}").exists() for h in helpers) == 1)
