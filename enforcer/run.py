@@ -35,7 +35,7 @@ from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.sandbox import cgroup, id_slots, planting, prepare, spec
 from sandgate.enforcer.summary_file import SummaryFile, SummaryFileError
 from sandgate.proxy.frontdoor.poller import new_event_loop
-from sandgate.proxy.gateway import Gateway, GatewayConfig, inspects
+from sandgate.proxy.gateway import Gateway, GatewayConfig, asks, inspects
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
@@ -359,15 +359,19 @@ class TaskRun:
         # only if they ask or allow websockets, else with the first connection that
         # needs it (an h2-only client): inspected HTTPS/1.1 is the front door's.
         await self.gateway.start(profile=opts.profile)
-        await self._serve_control()
-        if opts.probe is None:
-            self.admin = Admin(
-                opts.admin,
-                self.gateway.approvals,
-                self.metrics.approval_webhook_failures.inc,
-                self.metrics.admin_auth_failures.inc,
-            )
-            await self.admin.start(self.dir / "admin-token", "sandgate", opts.quiet)
+        # Approvals (this run's control socket, the page, the webhooks) where the rules
+        # may ask a human; rules that never ask hold nothing to approve: ~10 ms of the
+        # start (the page's imports, two listeners) saved (docs/performance.md).
+        if asks(opts.policy, opts.profile):
+            await self._serve_control()
+            if opts.probe is None:
+                self.admin = Admin(
+                    opts.admin,
+                    self.gateway.approvals,
+                    self.metrics.approval_webhook_failures.inc,
+                    self.metrics.admin_auth_failures.inc,
+                )
+                await self.admin.start(self.dir / "admin-token", "sandgate", opts.quiet)
         self.gateway.emit(
             Event(
                 kind=EventKind.POLICY,

@@ -509,6 +509,17 @@ def inspects(policy: CompiledPolicy, profile: str | None = None) -> bool:
     return any(rule.inspects for compiled in profiles for rule in compiled.rules)
 
 
+def asks(policy: CompiledPolicy, profile: str | None = None) -> bool:
+    """Whether `profile` (None: any profile) may hold a connection for a human: an
+    `ask` rule, or `fallback: ask`. Rules that never ask need no approvals page."""
+    profiles = policy.profiles.values() if profile is None else [policy.profiles[profile]]
+    return any(
+        rule.action is Verdict.ASK
+        for compiled in profiles
+        for rule in (compiled.fallback, *compiled.rules)
+    )
+
+
 def raise_descriptor_limit() -> int:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit, and return it.
 

@@ -1,6 +1,7 @@
 """The gateway's admin side for humans: the approvals page and JSON API (server.py,
 auth.py) and the approval webhooks (proxy/approvals/webhook.py), started together
-by `Admin.start` for a service or an embedded run."""
+by `Admin.start` for a service or an embedded run. The page's modules load when an
+`Admin` is made: an embedded run whose rules never ask makes none (enforcer/run.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sandgate.enforcer.admin.auth import Sessions
-from sandgate.enforcer.admin.keys import DEFAULT_KEYS, KeyFile
-from sandgate.enforcer.admin.server import AdminServer, with_wall_time
-from sandgate.proxy.approvals.holder import Approvals
+from sandgate.enforcer.admin.keys import DEFAULT_KEYS
 from sandgate.proxy.policy.names import format_host_port
 
 if TYPE_CHECKING:
+    from sandgate.enforcer.admin.server import AdminServer
+    from sandgate.proxy.approvals.holder import Approvals
     from sandgate.proxy.approvals.webhook import Webhooks
 
 ADMIN_DEFAULT = "127.0.0.1:9465"
@@ -54,6 +54,9 @@ class Admin:
         on_webhook_failure=lambda: None,
         on_auth_failure=lambda: None,
     ):
+        from sandgate.enforcer.admin.auth import Sessions
+        from sandgate.enforcer.admin.keys import KeyFile
+
         self.opts = opts
         self.on_auth_failure = on_auth_failure
         self.approvals = approvals
@@ -66,6 +69,8 @@ class Admin:
     async def start(self, token_path: Path, who: str, quiet: bool = False) -> None:
         """The page (a port in use is a warning: it costs the page, never the gateway),
         then the webhooks. `who`: the stderr prefix (`sandgate`, `sandgate gateway`)."""
+        from sandgate.enforcer.admin.server import AdminServer, with_wall_time
+
         if self.opts.listen is not None:
             host, port = self.opts.listen
             try:

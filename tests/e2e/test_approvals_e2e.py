@@ -409,18 +409,21 @@ def test_an_approved_name_that_does_not_resolve_is_a_502_and_goes_nowhere(fakene
 
 
 def test_a_second_concurrent_embedded_run_gets_its_own_approvals_page(fakenet, tmp_path):
-    """Two developers' `sandgate run`s at once: the first has the page on the default
-    127.0.0.1:9465, the second (9465 taken) on a free port it prints, without a warning."""
+    """Two developers' `sandgate run`s at once, with rules that ask: the first has the
+    page on the default 127.0.0.1:9465, the second (9465 taken) on a free port it
+    prints, without a warning."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("HOLD", "1s"))
     shared, rw = sandbox.shared_dir(tmp_path)
     first = sandbox.start(
-        fakenet, tmp_path, f"until [ -e {shared}/go ]; do sleep 0.1; done", extra=rw
+        fakenet, tmp_path, f"until [ -e {shared}/go ]; do sleep 0.1; done", extra=rw, rules=rules
     )
     try:
         said = ""
         while "approvals page" not in said and (line := first.popen.stderr.readline()):
             said += line
         assert "sandgate: approvals page on http://127.0.0.1:9465/" in said, said
-        second = sandbox.run(fakenet, tmp_path, {"ok": "true"})
+        second = sandbox.run(fakenet, tmp_path, {"ok": "true"}, rules=rules)
         page = re.search(
             r"approvals page on http://127\.0\.0\.1:(\d+)/ \(token in (\S+)\)", second.stderr
         )
@@ -431,6 +434,32 @@ def test_a_second_concurrent_embedded_run_gets_its_own_approvals_page(fakenet, t
         (shared / "go").touch()
         done = first.finish()
     assert done.returncode == 0, done.describe()
+
+
+@pytest.mark.parametrize("asking", [False, True], ids=["never-asks", "asks"])
+def test_an_embedded_run_opens_approvals_only_where_its_rules_may_ask(fakenet, tmp_path, asking):
+    """Rules that can hold nothing for a human (no ask rule, no `fallback: ask`): the
+    run opens no approvals page and no approvals socket, writes no admin token and
+    says nothing of either; its task runs as ever (enforcer/run.py, gateway.asks).
+    Rules that ask: both, before the task starts."""
+    rules = tmp_path / "rules.yaml"
+    never = "version: 1\nprofiles:\n  default:\n    rules:\n      - allow: allowed.test\n"
+    rules.write_text(RULES.replace("HOLD", "1s") if asking else never)
+    shared, rw = sandbox.shared_dir(tmp_path)
+    script = f"touch {shared}/started; until [ -e {shared}/go ]; do sleep 0.1; done"
+    run = sandbox.start(fakenet, tmp_path, script, extra=rw, rules=rules)
+    try:
+        run_dir = sandbox.RUN_DIR / run.run_id()
+        assert eventually(lambda: (shared / "started").exists(), timeout=30)
+        assert (run_dir / "pid").exists()  # the run's state dir, while its task runs
+        assert (run_dir / "admin-token").exists() is asking
+        assert (run_dir / "control.sock").exists() is asking
+    finally:
+        (shared / "go").touch()
+        done = run.finish()
+    assert done.returncode == 0, done.describe()
+    assert ("approvals page on" in done.stderr) is asking, done.stderr
+    assert ("approvals for this run" in done.stderr) is asking, done.stderr
 
 
 def test_a_sandbox_flooding_asks_gets_approval_queue_full_and_the_server_nothing(fakenet, tmp_path):

@@ -24,6 +24,7 @@ from sandgate.proxy.approvals.pending import (
     widen_pattern,
 )
 from sandgate.proxy.dns.placeholders import POOL, Placeholders, in_pool
+from sandgate.proxy.gateway import asks
 from sandgate.proxy.policy import (
     ConnectFacts,
     NameFacts,
@@ -118,6 +119,20 @@ def test_fallback_ask_and_approval_settings(policy):
     assert decide(policy, ConnectFacts(profile="q", port=443, name="a.test")).verdict is Verdict.ASK
     assert policy.approval_for("p") == ApprovalSettings(2.0, 3600.0, 3)
     assert policy.approval_for("q") == ApprovalSettings()
+
+
+def test_which_profiles_may_ask_a_human(policy, tmp_path):
+    """gateway.asks: an ask rule (any kind) or `fallback: ask`; a profile that never
+    asks gets no approvals page in an embedded run (enforcer/run.py)."""
+    assert asks(policy, "p") and asks(policy, "q") and asks(policy)
+    path = tmp_path / "never.yaml"
+    path.write_text(
+        "version: 1\nprofiles:\n  n:\n    fallback: deny\n    rules:\n      - allow: a.test\n"
+        "      - deny: b.test\n  m:\n    rules:\n      - allow: c.test\n"
+        "        methods: [GET]\n"
+    )
+    never = load_policy(path)
+    assert not asks(never, "n") and not asks(never, "m") and not asks(never)
 
 
 def test_durations():
