@@ -25,8 +25,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-import sandgate.enforcer.lean_pyroute2  # noqa: F401 - must come before any pyroute2 import
-from pyroute2 import netns
 from sandgate.enforcer.rtnl import Rtnl
 
 NETNS_PREFIX = "sg-"
@@ -37,10 +35,14 @@ DEFAULT_POOL = IPv4Network("10.213.0.0/16")
 # IFNAMSIZ is 16 including the NUL: "sgh-" leaves 11 characters for the id.
 _SANDBOX_ID = re.compile(r"[a-z0-9]{1,11}")
 _CLONE_NEWNET = 0x40000000
-# libc for pyroute2's netns calls, given to each: left to find it, pyroute2 calls
-# ctypes.util.find_library("c"), which runs `ldconfig -p` (a process, ~5 ms) the
-# first time in every `sandgate run`. dlopen(NULL) has libc's symbols already.
-_libc = ctypes.CDLL(None, use_errno=True)
+_MS_BIND, _MS_REC, _MS_SHARED = 0x1000, 0x4000, 0x100000
+_MNT_DETACH = 2
+# Where `ip netns` keeps a namespace's name: a bind mount of it on /run/netns/<name>.
+# Bound and removed here as iproute2 does, not by pyroute2.netns, whose import
+# (multiprocessing, platform, its process helpers: ~10 ms of every embedded start)
+# brought nothing else sandgate uses.
+NETNS_RUN_DIR = "/run/netns"
+_libc = ctypes.CDLL(None, use_errno=True)  # dlopen(NULL): libc's symbols, no lookup
 
 # Sysctls written in the new netns before its eth0 exists, so eth0 inherits them
 # from `default`: no DAD (addresses would stay tentative for seconds) and no
@@ -120,9 +122,7 @@ def create_sandbox_net(
         # The sandbox's socket first: it owns sandbox_fd from here, whatever fails next.
         with Rtnl(fileno=sandbox_fd) as sandbox, Rtnl() as host:
             step = "create veth"
-            netns_fd = os.open(
-                os.path.join(netns.NETNS_RUN_DIR, net.netns), os.O_RDONLY | os.O_CLOEXEC
-            )
+            netns_fd = os.open(os.path.join(NETNS_RUN_DIR, net.netns), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 host.add_veth(net.host_if, net.sandbox_if, netns_fd)
             finally:
@@ -201,7 +201,7 @@ def list_sandbox_nets() -> list[str]:
     """Ids of the `sg-*` netns in /run/netns, for garbage collection."""
     return sorted(
         name[len(NETNS_PREFIX) :]
-        for name in netns.listnetns()
+        for name in _listnetns()
         if name.startswith(NETNS_PREFIX) and _SANDBOX_ID.fullmatch(name[len(NETNS_PREFIX) :])
     )
 
@@ -247,9 +247,40 @@ def _delete_host_link(ifname: str) -> None:
         host.delete_link(ifname)
 
 
+def _listnetns() -> list[str]:
+    try:
+        return os.listdir(NETNS_RUN_DIR)
+    except FileNotFoundError:
+        return []
+
+
+def _bind_thread_netns(name: str) -> None:
+    """This thread's netns bound on /run/netns/<name>, as `ip netns add` binds it:
+    the directory made a shared mount first (a bind made here then shows in every
+    mount namespace that has it), the mount point created with O_EXCL (a
+    FileExistsError when another creator won the name)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(NETNS_RUN_DIR, 0o755)
+    run_dir = NETNS_RUN_DIR.encode()
+    shared = False
+    while _libc.mount(b"", run_dir, b"none", _MS_SHARED | _MS_REC, None) != 0:
+        if shared or _libc.mount(run_dir, run_dir, b"none", _MS_BIND | _MS_REC, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot make {NETNS_RUN_DIR} a shared mount: {os.strerror(err)}")
+        shared = True  # bound on itself: now it is a mount point that can be shared
+    path = os.path.join(NETNS_RUN_DIR, name)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    if _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", _MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot bind the new netns on {path}: {os.strerror(err)}")
+
+
 def _remove_netns(name: str) -> None:
+    """Its bind undone (lazily: a process still in it keeps it) and its name gone."""
+    path = os.path.join(NETNS_RUN_DIR, name)
+    _libc.umount2(path.encode(), _MNT_DETACH)  # not bound (a failed create): nothing to undo
     with contextlib.suppress(FileNotFoundError):
-        netns.remove(name, libc=_libc)
+        os.unlink(path)
 
 
 def _link_index(rtnl: Rtnl, ifname: str) -> int:
@@ -299,15 +330,11 @@ def _create_netns(name: str) -> int:
             if _libc.unshare(_CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-            path = os.path.join(netns.NETNS_RUN_DIR, name)
+            path = os.path.join(NETNS_RUN_DIR, name)
             if os.path.lexists(path):
                 raise FileExistsError(errno.EEXIST, "netns exists", path)
-            # `attach` bind-mounts /proc/<pid>/ns/net on /run/netns/<name> the way
-            # `ip netns add` does, creating the mount point with O_EXCL (a
-            # FileExistsError when another creator won a race for the name);
-            # "thread-self" is this thread's netns.
             try:
-                netns.attach(name, "thread-self", libc=_libc)
+                _bind_thread_netns(name)
             except FileExistsError:
                 raise
             except BaseException:
@@ -339,12 +366,22 @@ def entered_netns(name: str) -> Iterator[None]:
     Network namespaces are per thread: other threads are not affected, and
     threads and processes started inside the block start inside `name`.
     """
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        netns.setns(name, flags=0, libc=_libc)
+        target = os.open(os.path.join(NETNS_RUN_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
         try:
             yield
         finally:
-            netns.setns(saved, flags=0, libc=_libc)
+            _setns(saved)
     finally:
         os.close(saved)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns(CLONE_NEWNET): {os.strerror(err)}")

@@ -93,7 +93,7 @@ subprocess.Popen = refuse
 run_id = sys.argv[1]
 net = netns.create_sandbox_net(run_id, "10.213.0.1", "10.213.0.2")
 assert os.path.exists(f"/run/netns/{net.netns}")
-with netns.entered_netns(net.netns):  # a setns through pyroute2
+with netns.entered_netns(net.netns):  # a setns(2) of our own
     with open("/proc/thread-self/net/dev") as dev:
         assert net.sandbox_if in dev.read(), "not in the sandbox's netns"
 netns.destroy_sandbox_net(run_id)
