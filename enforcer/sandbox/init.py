@@ -632,8 +632,6 @@ def main(args: list[str] | None = None) -> int:
         ):
             userns_ahead.release()  # nothing to map: it exits while the view is built
         build_view(spec, report)
-        if userns_ahead is not None:
-            userns_ahead.release()
         if joined_fd is not None:
             wait_joined(joined_fd)
         # After the join: the cgroup namespace's root is the task's own cgroup.
