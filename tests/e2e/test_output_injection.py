@@ -35,7 +35,7 @@ TERMINAL_STATES = [
     pytest.param(r"\033[8m", True, id="concealed"),
     pytest.param(r"\033[30;40m", True, id="black-on-black"),
     pytest.param(r"\033(0", True, id="line-drawing-letters"),
-    pytest.param(r"\033[1;2r\033[2;1H", False, id="two-line-scroll-region"),
+    pytest.param(r"\033[1;2r\033[2;1H", True, id="two-line-scroll-region"),
 ]
 FORGED = "sandgate: task 00000000 (profile default): 0 allowed, 0 blocked"
 # What tmux's `capture-pane -e` writes for plain text: the default colours, G0.
@@ -118,7 +118,9 @@ def test_the_summary_after_the_tasks_output_shows_on_a_real_terminal(
     rules = tmp_path / "rules.yaml"
     rules.write_text("version: 1\nprofiles:\n  default:\n    rules: []\n")
     workdir = sandbox._workdir(tmp_path)
-    task = f"printf '{FORGED}\\n{leaves}'; exit 3"
+    # From the screen's top left (what sandgate printed before the task is not
+    # where the task's own output lands), the forged summary, then the state left.
+    task = f"printf '\\033[2J\\033[H{FORGED}\\n{leaves}'; exit 3"
     argv = sandbox._argv(fakenet, workdir, ["sh", "-c", task], rules, ())
     done = tmp_path / "done"
     command = shlex.join(["ip", "netns", "exec", fakenet.host_ns, *argv])

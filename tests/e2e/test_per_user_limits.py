@@ -28,7 +28,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import resource
 import secrets
 import subprocess
@@ -303,7 +302,8 @@ def test_a_run_when_every_id_range_is_taken_is_refused_before_its_task(net, tmp_
     refusal = [line for line in refused.stderr.splitlines() if "id ranges" in line]
     assert len(refusal) == 1 and refusal[0].startswith("sandgate: all "), refused.stderr
     assert f"all {pool.slots} sandbox id ranges" in refusal[0]
-    run_id = re.search(r"/([0-9a-f]{8})/control\.sock", refused.stderr).group(1)
+    audit = [json.loads(line) for line in (workdir / "audit.jsonl").read_text().splitlines()]
+    (run_id,) = {record["task_id"] for record in audit if record.get("task_id")}
     assert not (left := sandbox.leftovers(net, run_id)), left  # netns, table, state: gone
     # and the next run, with the slots back, runs
     again = sandbox.run(net, tmp_path, {"ran": "echo ran"})
