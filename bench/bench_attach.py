@@ -174,10 +174,6 @@ def medians_ms(
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
-def median_ms(argv: list[str], rounds: int, cwd: Path) -> tuple[float, float]:
-    return medians_ms({"": argv}, rounds, cwd)[""]
-
-
 def install_probe(site: Path) -> None:
     """bench/attach_probe.py into the venv, imported at every start there (a .pth);
     it times only where SGBENCH_MARKS is set (the service, the attached rounds)."""

@@ -704,7 +704,7 @@ def _be_seed(sock: socket.socket, procs_files: list[str]) -> int:
     for the run, be its init."""
     _close_all_but((sock.fileno(),))
     try:
-        sandbox_init.userns_ahead = sandbox_init.UsernsAhead()
+        sandbox_init.userns_ahead = sandbox_init.UnmappedUserns()
     except OSError as e:  # the run makes its own, as without a seed
         print(f"sandgate runner: no user namespace made ahead: {e}", file=sys.stderr)
     try:

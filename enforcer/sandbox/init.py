@@ -202,14 +202,15 @@ def enter_namespaces(netns_path: str, hostname: str) -> None:
     socket.sethostname(hostname)
 
 
-class UsernsAhead:
-    """A child in a user namespace of its own whose maps are not written yet, made
-    before the run by a warm runner's seed (attach._be_seed): the run's first
-    idmapped mount (its workspace) then takes two writes to /proc instead of a fork
-    of this process, its start and its exit (~3-4 ms of the start, bench_attach
-    --breakdown). A namespace made ahead is the same as one made at the run: an
-    idmapped mount uses only its maps, which are written when the run's ids are
-    known. The child dies with this process (PR_SET_PDEATHSIG)."""
+class UnmappedUserns:
+    """A child in a user namespace of its own whose maps are not written yet: what an
+    idmapped mount takes (`idmap_userns`). A warm runner's seed makes one before the
+    run (attach._be_seed, `userns_ahead`): the run's first idmapped mount (its
+    workspace) then takes two writes to /proc instead of a fork of this process, its
+    start and its exit (~3-4 ms of the start, bench_attach --breakdown). A namespace
+    made ahead is the same as one made at the run: an idmapped mount uses only its
+    maps, which are written when the run's ids are known. The child dies with this
+    process (PR_SET_PDEATHSIG)."""
 
     def __init__(self) -> None:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
@@ -266,7 +267,7 @@ class UsernsAhead:
             os.waitpid(self.pid, 0)
 
 
-userns_ahead: UsernsAhead | None = None  # a warm runner's seed's (attach._be_seed)
+userns_ahead: UnmappedUserns | None = None  # a warm runner's seed's (attach._be_seed)
 
 
 def idmap_userns(inside: int, outside: int, gid_inside: int, gid_outside: int) -> int:
@@ -274,28 +275,14 @@ def idmap_userns(inside: int, outside: int, gid_inside: int, gid_outside: int) -
     the task's host ids: through an idmapped mount, the task's files land on disk
     owned by the owner, and the owner's files look like the task's own. The one made
     ahead, if there is one not used yet."""
+    maps = (f"{inside} {outside} 1", f"{gid_inside} {gid_outside} 1")
     if userns_ahead is not None and userns_ahead.fds:
-        return userns_ahead.mapped(f"{inside} {outside} 1", f"{gid_inside} {gid_outside} 1")
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-            os.write(ready_w, b"1")
-            os.read(go_r, 1)
-        finally:
-            os._exit(0)
+        return userns_ahead.mapped(*maps)
+    made = UnmappedUserns()
     try:
-        if os.read(ready_r, 1) != b"1":
-            raise OSError(1, "cannot create a user namespace for the idmapped mount")
-        _write_maps(pid, f"{inside} {outside} 1", f"{gid_inside} {gid_outside} 1")
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return made.mapped(*maps)
     finally:
-        os.write(go_w, b"1")
-        os.waitpid(pid, 0)
-        for fd in (ready_r, ready_w, go_r, go_w):
-            os.close(fd)
+        made.reap()
 
 
 def _write_maps(pid: int | str, uid_map: str, gid_map: str) -> None:

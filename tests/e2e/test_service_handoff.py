@@ -397,7 +397,7 @@ def test_a_taken_runner_and_spare_are_replaced_after_the_start_not_during_it(ser
 
 def test_the_workspaces_user_namespace_is_made_ahead_and_mapped_by_the_run(service, tmp_path):
     """A waiting runner's seed keeps a child in a user namespace of its own, made before
-    any run and outside the task's cgroup (init.UsernsAhead); the run's idmapped
+    any run and outside the task's cgroup (init.UnmappedUserns); the run's idmapped
     workspace takes it, mapped for that run's ids: the task's files land owned by the
     workspace's owner, whatever the task's uid. The child is gone once it is used."""
     waiting = _waiting(service)
