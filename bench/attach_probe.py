@@ -44,6 +44,16 @@ STEPS = {
         ("ForkedInit.__init__", "runner: start the init (seed's spec)"),
         ("_wait", "runner: _wait (the sandbox and the task)"),
         ("_detach", "runner: detach round trip"),
+        ("_close_all_but", None),  # keeps the marks' fd in the seed and the init
+    ],
+    _P + "sandbox.init": [
+        ("main", "seed: the init (spec to its exit code)"),
+        ("enter_namespaces", "init: enter the namespaces (setns, unshare)"),
+        ("build_view", "init: build the file view"),
+        ("wait_joined", "init: wait for the join"),
+        ("mount_cgroups", "init: mount the cgroups"),
+        ("run_init", "pid 1: its life (proc, user namespace, the task, reaping)"),
+        ("become_task", "task: become the task (ids, caps, Landlock, seccomp)"),
     ],
     _P + "sandbox.prepare": [
         ("missing_features", "runner: prepare: missing_features"),
@@ -106,8 +116,22 @@ def _timed(fn, label: str):
     return timed
 
 
+def _keeping_marks(fn):
+    """attach._close_all_but, keeping the marks' fd open (close-on-exec: not the task's)."""
+
+    def close_all_but(keep):
+        fn((*keep, _fd))
+        if _fd not in keep:
+            os.set_inheritable(_fd, False)
+
+    return close_all_but
+
+
 def _wrap(module, name: str | None = None) -> None:
     for path, label in STEPS[name or module.__name__]:
+        if label is None:
+            setattr(module, path, _keeping_marks(getattr(module, path)))
+            continue
         owner_path, _, attr = path.rpartition(".")
         owner = module
         for part in owner_path.split(".") if owner_path else ():
