@@ -165,7 +165,7 @@ def test_a_killed_service_leaves_no_egress_and_a_restart_takes_the_sandbox_back(
     runner, results, shared = _fetch_in_a_loop(service, tmp_path)
     try:
         assert eventually(lambda: results.exists() and "200" in results.read_text(), timeout=15)
-        run_id = service.events(reason="rule_allow", kind="task")[0]["task_id"]  # the task's start
+        run_id = service.first_task_id()
         # The process that holds the sandbox: a warm runner the command handed the run
         # to, not the command itself (which only relays signals to it).
         boxes = json.loads(service.ask("sandboxes", "--json").stdout)["sandboxes"]
@@ -223,7 +223,7 @@ def test_a_service_that_starts_while_another_is_down_leaves_it_its_sandboxes(net
     runner, results, shared = _fetch_in_a_loop(first, tmp_path)
     try:
         assert eventually(lambda: results.exists() and "200" in results.read_text(), timeout=15)
-        run_id = first.events(reason="rule_allow", kind="task")[0]["task_id"]
+        run_id = first.first_task_id()
         first.kill()
         other.start()
         assert other.status()["sandboxes"] == 0

@@ -110,6 +110,16 @@ class GatewayProcess:
         records = [json.loads(line) for line in lines if line]
         return [e for e in records if all(e.get(k) == v for k, v in fields.items())]
 
+    def first_task_id(self) -> str:
+        """The task id of the first task's start event. The writer thread writes lines
+        within its flush interval (50 ms), which a task's first answer can beat under
+        load: wait for the line."""
+        started = sandbox.eventually(
+            lambda: self.events(reason="rule_allow", kind="task"), timeout=10
+        )
+        assert started, "no task start event in the audit log"
+        return started[0]["task_id"]
+
     def verify_audit(self) -> None:
         """`sandgate audit verify` of the service's audit log passes (its hash chain)."""
         verify = subprocess.run(
