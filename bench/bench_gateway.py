@@ -1269,7 +1269,7 @@ TABLE = [
             ("proxy CPU per HTTP keep-alive request, us", "http_keep", ("proxy", "cpu_us_per_request"), "{:,.0f}", "-CBM"),
             ("proxy CPU (cores) during HTTPS bulk", "bulk", ("proxy", "cpu_util"), "{:.2f}", "-CB"),
             ("proxy CPU per MB of HTTPS bulk, ms", "bulk", ("proxy", "cpu_ms_per_mb"), "{:.2f}", "-CB"),
-            ("proxy RSS idle (before bulk), MB", "bulk", ("proxy", "rss_start_mb"), "{:.1f}", "-CB"),
+            ("proxy RSS idle (before bulk; rules that inspect some names), MB", "bulk", ("proxy", "rss_start_mb"), "{:.1f}", "-CB"),
         ],
     ),
     (
