@@ -53,6 +53,16 @@ _SANDBOX_IPV6_SYSCTLS = {
     "default/accept_ra": "0",
     "default/autoconf": "0",
 }
+# TCP timestamps in the sandbox's netns from one clock, without a random offset per
+# connection (2; the default, 1, draws one per 4-tuple). Every connection the task
+# opens ends at the gateway's one listening port, where two from the same task port
+# to two destinations clash in conntrack and NAT moves the second to another source
+# port, often one whose earlier connection the gateway still holds in TIME_WAIT. A
+# SYN on it is taken only if its timestamp is newer (PAWS): with offsets of their
+# own, half are not, and that connect waits for a reset and a second SYN (1-2 % of
+# bench_gateway's plain-HTTP connections after its HTTPS row; docs/performance.md,
+# "Session 21"). The timestamps reach only the gateway, which ends every connection.
+SANDBOX_TCP_TIMESTAMPS = "2"
 # The host end must never take addresses or routes from router advertisements that
 # a root user in the sandbox forges.
 _HOST_IF_IPV6_SYSCTLS = ("accept_dad", "accept_ra", "autoconf")
@@ -343,6 +353,8 @@ def _create_netns(name: str) -> int:
             made = True
             for key, value in _SANDBOX_IPV6_SYSCTLS.items():
                 _write_ipv6_conf(key, value)
+            with open("/proc/sys/net/ipv4/tcp_timestamps", "w") as f:
+                f.write(SANDBOX_TCP_TIMESTAMPS)
             # A socket stays in the netns it was created in.
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
             result["fd"] = sock.detach()
