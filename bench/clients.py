@@ -307,7 +307,7 @@ def main() -> int:
     parser.add_argument("--bulk-path", default="/big")
     parser.add_argument("--bulk-seconds", type=float, default=2.0)
     parser.add_argument("--bulk-min", type=int, default=3)
-    parser.add_argument("--bulk-max", type=int, default=40)
+    parser.add_argument("--bulk-max", type=int, default=120)
     parser.add_argument("--rate-seconds", type=float, default=3.0)
     parser.add_argument("--rate-max", type=int, default=200_000)
     parser.add_argument("--procs", type=int, default=2)
