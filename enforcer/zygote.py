@@ -427,10 +427,10 @@ class _Starting:
 class Pool:
     """`warm` runners waiting on `<control>.z-<hex>`, each forked from this process;
     one more as soon as one dies or its socket is removed, and for one a run took
-    once that run's start is over (`_fill`). Each
-    runner reports `ready PATH` and `taken PATH` on a pipe; the pool passes them on,
-    and `gone PATH` for one that died waiting, to `report` (the service's stdout for
-    an embedded pool, nothing for `sandgate runners`)."""
+    once that run's start is over (`_fill`). Each runner reports `ready PATH` and
+    `taken PATH` on a pipe; the pool passes them on, and `gone PATH` for one that died
+    waiting, to `report` (the service's stdout for an embedded pool, nothing for
+    `sandgate runners`)."""
 
     def __init__(self, control: str, warm: int, report=None):
         self.control, self.warm, self.report = control, warm, report
