@@ -17,11 +17,10 @@ ship the lines to the SIEM as they are written (they carry their hashes) to anch
 the chain off the machine.
 
 Writing: `emit` runs on the gateway's event loop: it encodes the event (an
-`EncodedEvent` of a gateway worker comes encoded) and journals it at once; at the
-loop's next turn the events taken in are chained (seq, prev, hash) together and
-their lines appended to a bounded deque (~5 µs an event in a batch); a writer
-thread writes batches of lines with one `write` each, so a slow or failing disk
-never blocks the proxy.
+`EncodedEvent` of a gateway worker comes encoded), journals it at once and appends
+it to a bounded deque; a writer thread chains (seq, prev, hash) and writes them,
+a batch at a time with one `write` each, so a slow or failing disk never blocks
+the proxy.
 Lines reach the file within `flush_interval` (50 ms). An event is lost
 only if the queue is full (the writer is far behind) or the event cannot be
 encoded; `lost` counts both, and the events lost before they reached the log that
@@ -66,7 +65,6 @@ import mmap
 import os
 import re
 import stat
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -133,13 +131,6 @@ def chain_hash(prev: str, body: str | bytes) -> str:
 
 
 _KEYS = tuple(_encode(name) + ":" for name in FIELDS)
-
-
-def _running_loop():
-    """This thread's running asyncio loop, or None; without importing asyncio for a
-    process that has none (`sandgate audit verify`)."""
-    asyncio = sys.modules.get("asyncio")
-    return None if asyncio is None else asyncio._get_running_loop()
 
 
 def audit_members(event: Event) -> bytes:
@@ -259,20 +250,19 @@ class AuditLog:
         self._journal_map: mmap.mmap | None = None
         self.recovered: tuple[int, int, int] | None = None  # (events, lost, cut) at open
         # The loop emits; a stop of the audit rate limit from another thread may too:
-        # a line's seq, its link and its journal record are one thread's at a time.
+        # an event's journal record and its place in the queue are one thread's at a
+        # time, so the queue's order is the journal's.
         self._lock = threading.Lock()
-        # Queued: lines, chained (`_chained`), for the writer to write as they are.
-        self._pending: collections.deque = collections.deque()
-        # Taken in but not chained yet: (members, journal record), chained together at
-        # the loop's next turn (`_chain_taken`).
-        self._taken: list[tuple[bytes, tuple | None]] = []
+        # Taken in, not written yet: (members, journal record), in the order taken in;
+        # the writer thread chains and writes them (`_run`).
+        self._taken: collections.deque[tuple[bytes, tuple | None]] = collections.deque()
         if self.journal is not None:
             try:
                 self._open_journal(journal_size)
             except BaseException:
                 os.close(self._fd)
                 raise
-        # The chain's head: the last line queued (`_chained` links the next to it), from
+        # The chain's head: the last line chained (`_link` links the next to it), from
         # what is on disk (recovered lines that could not be written are not).
         self._head_seq, self._head = self.seq, self.prev
         self._wake = threading.Event()
@@ -292,7 +282,7 @@ class AuditLog:
 
     @property
     def queued(self) -> int:
-        return len(self._pending) + len(self._taken)
+        return len(self._taken)
 
     @property
     def writable(self) -> bool:
@@ -315,7 +305,8 @@ class AuditLog:
         return time.monotonic() - started
 
     def emit(self, event: Event | EncodedEvent) -> None:
-        if len(self._pending) + len(self._taken) >= self.queue_size or self._stopping:
+        taken = self._taken
+        if len(taken) >= self.queue_size or self._stopping:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 log.error(
@@ -326,52 +317,30 @@ class AuditLog:
                 )
             return
         with self._lock:
-            taken = self._take(event)
-            if taken is None:
-                return
-            self._taken.append(taken)
-            if len(self._taken) > 1:
-                return  # its turn to be chained is asked for already
-        # Chained at the loop's next turn, with every event taken in until then: ~5 us
-        # an event against ~10 one at a time between the loop's other work (the code
-        # and data of sha256 and the formatting stay in the cache). An emit outside a
-        # loop chains at once.
-        loop = _running_loop()
-        if loop is None:
-            self._chain_taken()
-        else:
-            loop.call_soon(self._chain_taken)
+            member = self._take(event)
+            if member is not None:
+                taken.append(member)
+        self._wake_for_batch()
 
     def emit_batch(self, events: list[Event | EncodedEvent]) -> None:
         """`emit` for each of `events`, with one check of the queue's room."""
-        if len(self._pending) + len(events) > self.queue_size or self._stopping:
+        taken = self._taken
+        if len(taken) + len(events) > self.queue_size or self._stopping:
             for event in events:  # the queue's edge (or a closed log): count each loss
                 self.emit(event)
             return
         with self._lock:
-            self._chain_locked()  # the events taken in before these come first
             for event in events:
-                line = self._chained(event)
-                if line is not None:
-                    self._pending.append(line)
+                member = self._take(event)
+                if member is not None:
+                    taken.append(member)
         self._wake_for_batch()
-
-    def _chain_taken(self) -> None:
-        """Chain the events taken in (`emit`) and queue their lines for the writer."""
-        with self._lock:
-            self._chain_locked()
-        self._wake_for_batch()
-
-    def _chain_locked(self) -> None:
-        taken, self._taken = self._taken, []
-        for members, journaled in taken:
-            self._pending.append(self._link(members, journaled))
 
     def _wake_for_batch(self) -> None:
         # Wake an idle writer only for a full batch: waking it per event costs more
         # than writing (a lock, a thread switch, a GIL hand-over). Otherwise it
         # looks every `flush_interval`.
-        if self._idle and len(self._pending) >= self.batch_size:
+        if self._idle and len(self._taken) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
     def drain(self, timeout: float = 10.0, *, while_writable: bool = False) -> bool:
@@ -379,9 +348,8 @@ class AuditLog:
         `while_writable`: give up (False) as soon as a write fails, rather than wait
         through the writer's retries."""
         deadline = time.monotonic() + timeout
-        self._chain_taken()
         self._wake.set()
-        while self._pending or self._busy:
+        while self._taken or self._busy:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 return False
             if while_writable and not self.writable:
@@ -394,7 +362,6 @@ class AuditLog:
         if self._fd < 0:
             return
         self._give_up_at = time.monotonic() + self.close_timeout
-        self._chain_taken()
         self._stopping = True
         self._wake.set()
         self._thread.join(self.close_timeout + self.stall_timeout)
@@ -402,8 +369,8 @@ class AuditLog:
             # Blocked in a write that does not return: the queued events cannot be
             # written; say so rather than hang the run's exit. The descriptor stays
             # open (the thread still uses it); the process is about to end.
-            lost = len(self._pending)
-            self._pending.clear()
+            lost = len(self._taken)
+            self._taken.clear()
             self.failed += lost
             log.error(
                 "audit log %s: gave up at close: a write has been blocked for %.0f s; "
@@ -427,8 +394,8 @@ class AuditLog:
     # --- the journal (proxy/telemetry/blackbox.py) ---------------------------------
 
     def _chained(self, event: Event | EncodedEvent) -> tuple | None:
-        """`event`'s line, chained to the last one queued (`_take`, then `_link`), or
-        None. Under `_lock`."""
+        """`event`'s line, chained to the last one (`_take`, then `_link`), or None:
+        the recovered events', at the open, before the writer thread starts."""
         taken = self._take(event)
         return None if taken is None else self._link(*taken)
 
@@ -438,11 +405,11 @@ class AuditLog:
         the decision the event records takes effect. None: it does not encode (counted
         in `failed`, said). Under `_lock`.
 
-        Encoding and chaining on the loop rather than in the writer thread: the
-        writer then only writes, and takes the GIL about once a batch. Sharing the
-        encoding with the loop made the two threads hand the GIL over at each of
-        the loop's system calls while the writer worked (~10 us more an event,
-        bench_telemetry)."""
+        Encoding on the loop rather than in the writer thread: the journal needs
+        the members now, and sharing the encoding with the loop made the two
+        threads hand the GIL over at each of the loop's system calls while the
+        writer worked (~10 us more an event, bench_telemetry). The chain is short
+        work on a batch: the writer does it (`_run`)."""
         cls = event.__class__
         try:
             members = event.members if cls is EncodedEvent else audit_members(event)
@@ -454,8 +421,8 @@ class AuditLog:
         return members, None if box is None else (box.write(members), box.pos, box.stream)
 
     def _link(self, members: bytes, journaled: tuple | None) -> tuple:
-        """The line of `members`, chained to the last one queued: (line, seq, hash,
-        journaled). Under `_lock`."""
+        """The line of `members`, chained to the last one: (line, seq, hash,
+        journaled). The writer thread's (or the open's, before it starts)."""
         seq = self._head_seq + 1
         line, digest = encode_line(members, seq, self._head)
         self._head_seq, self._head = seq, digest
@@ -628,15 +595,19 @@ class AuditLog:
     # --- the writer thread -----------------------------------------------------------
 
     _busy = False
-    _taken_before = None  # `_taken` at the writer's last look (the same list: not chained)
 
     def _run(self) -> None:
-        pending = self._pending
+        taken, link, batch_size = self._taken, self._link, self.batch_size
         while True:
-            if pending:
+            if taken:
+                # Chained here, a batch at a time, not on the loop as each event is
+                # taken in: the loop's emit is then the encoding and the journal
+                # record (~8 us an event less in the gateway, where the chain's code
+                # and data are cold between two events; here a batch keeps them warm).
+                # Only this thread pops: `_busy` is set first, so `drain` never sees
+                # an empty queue and an idle writer while a batch is on its way.
                 self._busy = True
-                count = min(len(pending), self.batch_size)
-                batch = [pending.popleft() for _ in range(count)]
+                batch = [link(*taken.popleft()) for _ in range(min(len(taken), batch_size))]
                 try:
                     self._write_lines(batch)
                 except Exception:  # noqa: BLE001 - a bug must not stop the writer: count, log, go on
@@ -646,14 +617,9 @@ class AuditLog:
                 continue
             if self._stopping:
                 return
-            taken = self._taken
-            if taken and taken is self._taken_before:  # as at the last look: the loop
-                self._chain_taken()  # that took them in stopped turning
-                continue
-            self._taken_before = taken
             self._wake.clear()
             self._idle = True
-            if len(pending) < self.batch_size and not self._stopping:
+            if len(taken) < batch_size and not self._stopping:
                 self._wake.wait(self.flush_interval)
             self._idle = False
 
@@ -698,12 +664,12 @@ class AuditLog:
                         "new connections are refused meanwhile unless --on-audit-failure continue",
                         self.path,
                         self._problem,
-                        len(lines) - i + len(self._pending),
+                        len(lines) - i + len(self._taken),
                     )
                 if time.monotonic() >= self._give_up_at:
-                    lost = len(lines) - i + len(self._pending)
+                    lost = len(lines) - i + len(self._taken)
                     self.failed += lost
-                    self._pending.clear()
+                    self._taken.clear()
                     log.error("audit log %s: gave up on %d events at close", self.path, lost)
                     return
                 time.sleep(

@@ -486,11 +486,11 @@ def test_the_audit_queue_takes_a_batch_whole_or_counts_each_event_it_cannot(tmp_
     try:
         while not log._idle:  # the writer waits (60 s) before it looks at the queue again
             time.sleep(0.001)
-        log._pending.extend([None] * 6)  # as if the writer were far behind
+        log._taken.extend([None] * 6)  # as if the writer were far behind
         log.emit_batch([ev(dst_port=p) for p in range(5)])
         assert log.queued == 8 and log.dropped == 3  # 2 fit; the rest counted as lost
     finally:
-        log._pending.clear()
+        log._taken.clear()
         log.close()
     log = AuditLog(tmp_path / "audit2.jsonl")
     log.emit_batch(MIX)
