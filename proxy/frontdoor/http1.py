@@ -677,7 +677,12 @@ class Http1Session:
         (the body ended), is returned."""
         remaining = self.fast_remaining
         if len(data) <= remaining:
-            self.to_client += data
+            if not self.to_client and type(data) is bytearray:
+                # The relay's read, handed over (http1_relay.Http1Relay._read makes a
+                # bytearray per read and keeps no reference): owed as it is, not copied.
+                self.to_client = data
+            else:
+                self.to_client += data
             self.fast_remaining = remaining - len(data)
             return b""
         self.to_client += data[:remaining]

@@ -275,7 +275,9 @@ class Http1Relay:
             return False
         self.last_active = connection.loop.time()
         self.read_now += n
-        data = bytes(memoryview(buffer)[:n])
+        # A bytearray of its own, which the session may keep as what it owes instead of
+        # copying it again (Http1Session._fast_body).
+        data = buffer[:n]
         if up:
             connection.state.bytes_up += n
             session.client_data(data)
