@@ -295,6 +295,28 @@ def test_bodies_stream_in_pieces_and_chunked_responses_reach_http_1_0_clients_cl
     close(gate, s)
 
 
+def test_a_body_read_is_owed_as_it_is_only_where_nothing_is_owed_before_it(gate):
+    """The relay hands each read over as a bytearray of its own (Http1Relay._read);
+    the session keeps it as what it owes the client only when it owes nothing yet,
+    and otherwise adds it after what it owes: bytes the client has not had yet are
+    never dropped or reordered, and a read the session keeps is not copied."""
+    s = session_for(gate)
+    s.client_data(b"GET /big HTTP/1.1\r\n" + H + b"\r\n")
+    s.upstream_connected()
+    s.to_upstream.clear()
+    s.upstream_data(bytearray(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nab"))
+    assert answer(s) == b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nab"
+    first = bytearray(b"cde")
+    s.upstream_data(first)
+    assert s.to_client is first  # nothing owed before it: kept, not copied
+    s.upstream_data(bytearray(b"fgh"))  # the client has not taken "cde" yet
+    assert bytes(s.to_client) == b"cdefgh" and bytes(first) == b"cdefgh"
+    del s.to_client[:4]  # what a short send takes
+    s.upstream_data(bytearray(b"ijkl"))
+    assert answer(s) == b"ghijkl" and s.response_done
+    close(gate, s)
+
+
 @pytest.mark.parametrize(
     "response",
     [

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import datetime
 import gc
+import socket
 import ssl
 from types import SimpleNamespace
 
@@ -431,3 +432,55 @@ def test_a_response_that_ends_with_the_upstreams_close_reaches_the_client_whole(
             break
         body, chunked = body + chunked[: int(size, 16)], chunked[int(size, 16) + 2 :]
     assert body == b"until-close " * 1000 and chunked == b"\r\n"
+
+
+def test_large_bodies_reach_a_slow_client_byte_for_byte_on_one_connection(gate, tls):
+    """The relay hands its reads to the session and encrypts views of what it owes
+    (no copies): bodies of random bytes, two on one kept-alive connection, to a
+    client with a small receive buffer that reads slowly at first (some of the
+    gateway's sends fall short and their ciphertext waits), arrive exactly as the
+    server sent them. (Which read the session keeps as it is: test_http1.py.)"""
+    import random
+
+    bodies = [random.randbytes(6_000_000 + 4321), random.randbytes(1_500_000 + 17)]
+
+    async def server(reader, writer):
+        for body in bodies:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        await reader.read()
+
+    async def scenario():
+        contexts, servers, client = tls
+        upstream = await tls_upstream(server, servers["good"])
+        door = await tls_door(gate, upstream, contexts)
+        sock = socket.socket()
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 16384
+        )  # the gateway's sends fall short
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, door.port))
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=client, server_hostname=NAME)
+        for n, body in enumerate(bodies):
+            writer.write(b"GET /public/%d HTTP/1.1\r\nHost: api.allowed.test\r\n\r\n" % n)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK"), head
+            got = bytearray()
+            while len(got) < len(body):
+                got += await reader.read(min(32768, len(body) - len(got)))
+                if len(got) < 5_000_000:
+                    await asyncio.sleep(0.001)  # slow at first
+            assert got == body, f"body {n} differs first at {_first_difference(got, body)}"
+        writer.close()
+        await until(lambda: any(e.kind.value == "connection_end" for e in gate.events))
+        await door.stop()
+        upstream.server.close()
+        assert upstream.connections == 1
+
+    run(scenario())
+    assert [r[:2] for r in requests(gate)] == [("allow", "rule_allow")] * 2
+
+
+def _first_difference(got: bytes, want: bytes) -> int:
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), len(got))
