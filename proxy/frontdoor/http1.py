@@ -294,8 +294,9 @@ class Http1Session:
         self.client.receive_data(data)
         self._read_client()
 
-    def upstream_data(self, data: bytes) -> None:
-        """Bytes from the upstream; b"": it closed its side."""
+    def upstream_data(self, data: bytes | bytearray) -> None:
+        """Bytes from the upstream; b"": it closed its side. A bytearray is the
+        caller's to give: the session may keep it as what it owes (`_fast_body`)."""
         if self.closing:
             return
         if self.fast:
@@ -672,15 +673,13 @@ class Http1Session:
             self._fast_exchange_done()
         return True
 
-    def _fast_body(self, data: bytes) -> bytes:
+    def _fast_body(self, data: bytes | bytearray) -> bytes | bytearray:
         """Pass on what of `data` belongs to the response's body; the rest, if any
         (the body ended), is returned."""
         remaining = self.fast_remaining
         if len(data) <= remaining:
             if not self.to_client and type(data) is bytearray:
-                # The relay's read, handed over (http1_relay.Http1Relay._read makes a
-                # bytearray per read and keeps no reference): owed as it is, not copied.
-                self.to_client = data
+                self.to_client = data  # the relay's read, given: owed as it is, not copied
             else:
                 self.to_client += data
             self.fast_remaining = remaining - len(data)

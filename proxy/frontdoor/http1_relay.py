@@ -275,8 +275,8 @@ class Http1Relay:
             return False
         self.last_active = connection.loop.time()
         self.read_now += n
-        # A bytearray of its own, which the session may keep as what it owes instead of
-        # copying it again (Http1Session._fast_body).
+        # A bytearray of its own, given to the session (kept by none here): a body's
+        # read is then owed as it is, not copied again (Http1Session._fast_body).
         data = buffer[:n]
         if up:
             connection.state.bytes_up += n
