@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import datetime
 import gc
+import random
 import socket
 import ssl
 from types import SimpleNamespace
@@ -440,8 +441,6 @@ def test_large_bodies_reach_a_slow_client_byte_for_byte_on_one_connection(gate, 
     client with a small receive buffer that reads slowly at first (some of the
     gateway's sends fall short and their ciphertext waits), arrive exactly as the
     server sent them. (Which read the session keeps as it is: test_http1.py.)"""
-    import random
-
     bodies = [random.randbytes(6_000_000 + 4321), random.randbytes(1_500_000 + 17)]
 
     async def server(reader, writer):
@@ -456,9 +455,7 @@ def test_large_bodies_reach_a_slow_client_byte_for_byte_on_one_connection(gate, 
         upstream = await tls_upstream(server, servers["good"])
         door = await tls_door(gate, upstream, contexts)
         sock = socket.socket()
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVBUF, 16384
-        )  # the gateway's sends fall short
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # a small window
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, (LOOPBACK, door.port))
         reader, writer = await asyncio.open_connection(sock=sock, ssl=client, server_hostname=NAME)
