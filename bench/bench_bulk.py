@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_gateway import INSPECT_RULES
 from bench_http1 import export_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,29 +43,12 @@ from enforcer.demo.fakenet import FakeInternet, fresh_prefix  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SKIP = 5  # downloads before the measured part (the gateway's start, the CA, the pool)
+# Setup I's rules; pass-through: the same allow without its method/path checks.
+_CHECKS = '        methods: [GET, HEAD]\n        paths: ["/**"]\n'
+assert _CHECKS in INSPECT_RULES
 RULES = {
-    "inspected": """\
-version: 1
-profiles:
-  default:
-    fallback: deny
-    limits: {connection_rate: 10000}
-    rules:
-      - allow: allowed.test
-        methods: [GET, HEAD]
-        paths: ["/**"]
-        id: bench-inspected
-""",
-    "pass-through": """\
-version: 1
-profiles:
-  default:
-    fallback: deny
-    limits: {connection_rate: 10000}
-    rules:
-      - allow: allowed.test
-        id: bench-allowed
-""",
+    "inspected": INSPECT_RULES,
+    "pass-through": INSPECT_RULES.replace(_CHECKS, "").replace("bench-inspected", "bench-allowed"),
 }
 # `sandgate` from the tree given (sys.path first), else the checkout.
 LAUNCH = (
