@@ -83,7 +83,14 @@ class UdpUpstream:
     timer handle per query."""
 
     def __init__(
-        self, host: str, port: int = 53, *, size: int = 4, max_uses: int = 64, max_age: float = 1.0
+        self,
+        host: str,
+        port: int = 53,
+        *,
+        size: int = 4,
+        max_uses: int = 64,
+        max_age: float = 1.0,
+        around_read: Callable[..., None] | None = None,
     ):
         self.address = (host, port)
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -98,6 +105,9 @@ class UdpUpstream:
         self._deadlines: list[tuple[float, int, _Socket, bytes]] = []
         self._numbers = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        # A socket's pass of replies (`_readable`) is run as `around_read(_readable,
+        # socket)`: the filter answers what the pass made at its end.
+        self._around_read = around_read
 
     def send(self, wire: bytes, timeout: float, on_reply: OnReply) -> tuple[_Socket, bytes, int]:
         """Send the query `wire` (its id replaced). `on_reply` is called once, from the
@@ -223,7 +233,10 @@ class UdpUpstream:
             raise
         entry = _Socket(sock)
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._readable, entry)
+        if self._around_read is None:
+            self._loop.add_reader(sock.fileno(), self._readable, entry)
+        else:
+            self._loop.add_reader(sock.fileno(), self._around_read, self._readable, entry)
         return entry
 
     def _close(self, entry: _Socket) -> None:

@@ -10,6 +10,7 @@ import socket
 
 import dns.message
 import dns.rcode
+import dns.rrset
 from sandgate.proxy.dns import server as server_module
 from sandgate.proxy.dns.server import DnsFilter
 from sandgate.proxy.policy import Decision, Reason, Verdict
@@ -17,6 +18,7 @@ from sandgate.proxy.policy.model import Limits, Rule
 
 FLOODER, HONEST = "127.0.0.2", "127.0.0.3"
 FALLBACK = Rule(id="fallback", action=Verdict.DENY, file="rules.yaml", line=3)
+ALLOWED = Rule(id="allowed", action=Verdict.ALLOW, file="rules.yaml", line=5)
 SANDBOXES = {FLOODER: ("sbx-flood", "dev", "t-flood"), HONEST: ("sbx-honest", "dev", "t-honest")}
 
 
@@ -229,6 +231,86 @@ def test_udp_answers_of_one_turn_go_out_after_their_events_taken_in_as_one_batch
         f"d{i}.example.com." for i in range(10)
     )
     assert {r.rcode() for r in replies} == {dns.rcode.NXDOMAIN}
+
+
+def test_a_query_that_comes_alone_is_answered_in_its_readers_pass_after_its_event():
+    """A reader's pass that made one answer (the intake's, for a denied name; the
+    upstream socket's, for an allowed one) sends it at the pass's end rather than at
+    the loop's next turn (a turn more per query), and still only after its event is
+    taken in."""
+    order, deferred = [], []
+    client = _client(HONEST)
+    client.setblocking(False)
+
+    class Sink:
+        def emit_batch(self, events):
+            try:
+                client.recv(4096)
+                order.append("a reply was out before its event")
+            except BlockingIOError:
+                pass
+            order.extend(e.name for e in events)
+
+    class Upstream(asyncio.DatagramProtocol):  # answers every A query with one address
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            response = dns.message.make_response(dns.message.from_wire(data))
+            name = response.question[0].name
+            response.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "93.184.215.14"))
+            self.transport.sendto(response.to_wire(), addr)
+
+    def decide(profile, name):
+        if name.startswith("allowed"):
+            return Decision(Verdict.ALLOW, Reason.RULE_ALLOW, ALLOWED)
+        return Decision(Verdict.DENY, Reason.NO_RULE, FALLBACK)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(Upstream, local_addr=("127.0.0.1", 0))
+        server = DnsFilter(
+            decide_name=decide,
+            sandbox_for=SANDBOXES.get,
+            sink=Sink(),
+            upstreams=["127.0.0.1"],
+            upstream_port=transport.get_extra_info("sockname")[1],
+            limits_for=lambda profile: Limits(dns_qps=100),
+        )
+        await server.start("127.0.0.1", 0)
+        call_soon = loop.call_soon
+
+        def recording(callback, *args, **kwargs):
+            deferred.append(getattr(callback, "__name__", ""))
+            return call_soon(callback, *args, **kwargs)
+
+        loop.call_soon = recording
+        replies = []
+        try:
+            for name in ("denied.example.com", "allowed.example.com"):
+                client.sendto(
+                    dns.message.make_query(name, "A").to_wire(), ("127.0.0.1", server.port)
+                )
+                for _ in range(500):
+                    try:
+                        replies.append(dns.message.from_wire(client.recv(4096)))
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(0.01)
+        finally:
+            loop.call_soon = call_soon
+            client.close()
+            await server.stop()
+            transport.close()
+        return replies
+
+    replies = asyncio.run(scenario())
+    assert [r.rcode() for r in replies] == [dns.rcode.NXDOMAIN, dns.rcode.NOERROR]
+    assert [rrset.to_text() for rrset in replies[1].answer] == [
+        "allowed.example.com. 60 IN A 93.184.215.14"
+    ]
+    assert order == ["denied.example.com", "allowed.example.com"]
+    assert "_answer_held" not in deferred, deferred
 
 
 def test_answers_held_for_the_next_turn_are_not_lost_when_the_filter_stops_first():
