@@ -452,10 +452,7 @@ class DnsFilter:
         more (a tenth of its CPU in the gateway, bench_dns's latency rows). Anything
         more waits for that turn as before, so that the answers of every reader ready
         at once go as one batch (answered at each pass's end, a busy filter's
-        queries/s fell 5-15 %)."""
-        if self._reading:  # within another reader's pass: that one answers
-            read(*args)
-            return
+        queries/s fell 5-15 %). Readers are the loop's callbacks: never nested."""
         self._reading = True
         try:
             read(*args)
