@@ -255,12 +255,14 @@ def list_tables(prefix: str = "sandgate") -> list[str]:
 
 
 def read_counters(table: str) -> dict[str, int]:
-    """Packets per named counter of table `inet <table>`."""
+    """Packets per named counter of table `inet <table>`. `list counters table`, not
+    `list table`: its counters alone, about half the time of the whole table's JSON
+    (0.65 against 1.23 ms here), on every task's end."""
     if not _TABLE.fullmatch(table):
         raise ValueError(f"bad nft table name {table!r}")
     return {
         obj["counter"]["name"]: obj["counter"]["packets"]
-        for obj in _nft_json(["list", "table", "inet", table])
+        for obj in _nft_json(["list", "counters", "table", "inet", table])
         if "counter" in obj
     }
 
