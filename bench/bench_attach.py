@@ -78,6 +78,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import hostspeed
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SANDGATE = str(Path(PY).with_name("sandgate"))
@@ -374,6 +376,7 @@ def main() -> int:
             attaching["baseline"] += ["--", "true"]
             envs["baseline"] = base_env
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        speed = hostspeed.measure()
         medians_ms(attaching, 3, workspace, envs=envs)  # the page cache, the spares
         windows["attached"].clear()
         measured_attached = medians_ms(
@@ -409,6 +412,7 @@ def main() -> int:
         subprocess.run(["ip", "netns", "del", host_ns], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
     print(f"sandgate run -- true, median wall time; {measured}; {bytecode}; {os.cpu_count()} cores")
+    print(hostspeed.describe(speed, hostspeed.measure()))
     print(f"load average before the runs: {load}; warm runners: {args.runners}", end="")
     print(
         f"; {args.gap} s between attached rounds" if args.gap else "; rounds back to back", end=""

@@ -58,6 +58,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import hostspeed
+
 ALLOWED, DENIED = "allowed.test", "denied.test"
 SANDBOXES = [f"127.0.0.{i}" for i in range(2, 34)]
 RULES = """version: 1
@@ -318,6 +320,7 @@ def main() -> int:
     parser.add_argument("--latency-queries", type=int, default=2000)
     args = parser.parse_args()
     upstream_port, filter_port = free_port(), free_port()
+    speed = hostspeed.measure()
     with tempfile.TemporaryDirectory(prefix="sgbench-dns-") as work:
         dnsmasq = start_dnsmasq(upstream_port)
         gateway = multiprocessing.Process(
@@ -373,6 +376,7 @@ def main() -> int:
             dnsmasq.terminate()
             dnsmasq.wait(10)
     print(f"machine: {os.cpu_count()} CPUs, {os.uname().release}; python {sys.version.split()[0]}")
+    print(hostspeed.describe(speed, hostspeed.measure()))
     print(
         f"{'':5}{'row':<28}{'queries/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'added p50':>11}{'added p99':>11}{'q/s vs direct':>15}"

@@ -54,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 
+import hostspeed
+
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = REPO / "bench" / "clients.py"
 DEMO_RULES = REPO / "rules" / "examples" / "demo.yaml"
@@ -1359,6 +1361,8 @@ def report(results: dict) -> str:
         f"machine: {machine.get('cpus')} CPUs, kernel {machine.get('kernel')}; "
         + "; ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
     )
+    if machine.get("speed"):
+        out.append(machine["speed"])
 
     errs = []
     for key in SETUP_NAMES:
@@ -1648,6 +1652,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, on_term)
     t_all = time.monotonic()
     busy_start = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else cpu_busy()
+    speed = hostspeed.measure()
     if busy_start > 0.15:
         print(
             f"note: CPUs {100 * busy_start:.0f}% busy before the bench: other work on this machine "
@@ -1683,6 +1688,7 @@ def main() -> int:
             "kernel": os.uname().release,
             "cpu_busy_before": busy_start,
             "versions": versions(),
+            "speed": hostspeed.describe(speed, hostspeed.measure()),
         }
         results["total_seconds"] = time.monotonic() - t_all
         print()

@@ -51,6 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import hostspeed
+
 DESTINATION = ("203.0.113.10", 80)
 FLOOR = Path(__file__).resolve().parent / "floor_relay.py"
 RULES = """\
@@ -309,6 +311,7 @@ def main() -> int:
     if nginx is None:
         print("bench_http1: nginx missing (apt-get install -y nginx-light)", file=sys.stderr)
         return 2
+    speed = hostspeed.measure()
     work = Path(tempfile.mkdtemp(prefix="sg-bench-http1-"))
     upstream_port = free_port()
     (work / "nginx.conf").write_text(NGINX.format(w=work, port=upstream_port))
@@ -390,6 +393,7 @@ def main() -> int:
                         f"{cpu / wall:.2f} cores), errors {errors}",
                         flush=True,
                     )
+        print(f"\n{hostspeed.describe(speed, hostspeed.measure())}")
         if len(variants) > 1:
             print_table(names, args.phases.split(","), results, args.rounds)
         for control, gateway in zip(controls.values(), processes, strict=True):
@@ -416,7 +420,7 @@ def main() -> int:
 
 def print_table(names: list[str], phases: list[str], results: dict, rounds: int) -> None:
     """Medians over the rounds per variant, and each variant's ratio to sandgate's."""
-    print(f"\nmedians of {rounds} rounds, variants in turn (ratios: variant / sandgate)")
+    print(f"medians of {rounds} rounds, variants in turn (ratios: variant / sandgate)")
     print(f"  {'':34s}" + "".join(f"{n:>12s}" for n in names))
     for phase in phases:
         for i, metric in enumerate(("requests/s", "CPU us per request")):

@@ -61,6 +61,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import hostspeed
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -296,6 +298,7 @@ def measure_memory(work: Path, conns: int, python: Path, inspect: bool) -> dict:
 
 def report(res: dict) -> str:
     out = [f"machine: {os.cpu_count()} CPUs, {os.uname().release}; python {sys.version.split()[0]}"]
+    out += [res["speed"]] if res.get("speed") else []
     out.append(f"`sandgate {' '.join(res['run_args'])}`, median of {res['rounds']} (ms):")
     for mode, samples in res["start"].items():
         out.append(f"  {mode:<44} {statistics.median(samples):8.0f}   (min {min(samples):.0f})")
@@ -361,6 +364,7 @@ def main() -> int:
         return 2
     host_ns = f"sgbench-{secrets.token_hex(3)}"
     res: dict = {"rounds": args.rounds, "run_args": RUN_ARGS, "held_kind": "pass-through"}
+    speed = hostspeed.measure()
     with tempfile.TemporaryDirectory(prefix="sgbench-start-") as tmp:
         work = Path(tmp)
         run_args, fresh = RUN_ARGS, None
@@ -394,6 +398,7 @@ def main() -> int:
             subprocess.run(["ip", "netns", "del", host_ns], check=False)
         if not args.no_memory:
             res["memory"] = measure_memory(work, args.idle_conns, installed, args.inspect)
+    res["speed"] = hostspeed.describe(speed, hostspeed.measure())
     print(report(res))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
