@@ -545,8 +545,13 @@ class GatewayService:
             self.sandboxes[attached.run_id] = attached
             if attached.table_rates != nft.table_rates(policy.limits_for(profile)):
                 await self._apply_table(attached)  # a spare's table has the default rates
-            await self._register(attached)
-            await self._write_task_files(attached)
+            # The worker's ack (a round trip) while the task's files are written; both
+            # end before either's failure goes on (to `_remove`, which removes the dir).
+            for outcome in await asyncio.gather(
+                self._register(attached), self._write_task_files(attached), return_exceptions=True
+            ):
+                if isinstance(outcome, BaseException):
+                    raise outcome
         except BaseException:
             await self._remove(attached, "its setup failed")
             raise
@@ -754,22 +759,31 @@ class GatewayService:
     async def _detach(self, attached: Attached, request: dict, peer: str) -> dict:
         exit_code = request.get("exit_code")
         attached.summary.task["exit_code"] = exit_code if isinstance(exit_code, int) else None
+        # Its task is gone: the table's counters are final now. Read (a netlink query in
+        # a thread) while the worker sends the task's last events (a round trip): the
+        # runner's caller waits for this reply.
+        counting = asyncio.ensure_future(_final_counters(attached.table))
         if attached.address:  # the task's last events from its worker, into its summary
-            await self.data_plane.retire(attached.address)
-        await self._remove(attached, f"exit code {exit_code}")
+            try:
+                await self.data_plane.retire(attached.address)
+            except BaseException:
+                counting.cancel()
+                raise
+        await self._remove(attached, f"exit code {exit_code}", counting)
         # One line of the control socket: the runner refuses a longer one.
         summary = attached.summary.to_dict(max_bytes=control.MAX_LINE - 1024)
         return {"ok": True, "summary": summary}
 
-    async def _remove(self, attached: Attached, why: str) -> None:
-        """The sandbox's end: its events now, from the table's counters (its task is gone);
-        its network, table and run dir after the reply, in that order (`_unwire_later`)."""
+    async def _remove(
+        self, attached: Attached, why: str, counting: asyncio.Future | None = None
+    ) -> None:
+        """The sandbox's end: its events now, from the table's counters (its task is gone;
+        `counting`: their read, begun by the caller); its network, table and run dir
+        after the reply, in that order (`_unwire_later`)."""
         self.sandboxes.pop(attached.run_id, None)
         if attached.address:
             self.data_plane.remove_sandbox(attached.address)
-        counters: dict[str, int] = {}
-        with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
-            counters = await asyncio.to_thread(nft.read_counters, attached.table)
+        counters = await (counting or _final_counters(attached.table))
         self._unwire_later(attached)
         self.metrics.count_firewall_drops(counters)
         attached.summary.firewall_drops(counters)
@@ -985,6 +999,15 @@ def _group_id(name: str) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         return None
+
+
+async def _final_counters(table: str) -> dict[str, int]:
+    """The drop counters of a sandbox's table whose task is gone; {} when they cannot
+    be read (a leftover never blocks the rest of a sandbox's end; gc has it)."""
+    try:
+        return await asyncio.to_thread(nft.read_counters, table)
+    except Exception:  # noqa: BLE001 - whatever it is, the sandbox's end goes on
+        return {}
 
 
 def _owned_by_other_service(state: dict) -> bool:
