@@ -56,7 +56,7 @@ STEPS = {
         ("become_task", "task: become the task (ids, caps, Landlock, seccomp)"),
     ],
     _P + "sandbox.prepare": [
-        ("missing_features", "runner: prepare: missing_features"),
+        ("missing_features", "runner: missing_features (while the service attaches)"),
         ("PreparedSandbox.collect", "runner: collect the init's report"),
         ("PreparedSandbox.limits_hit", "runner: limits hit"),
         ("PreparedSandbox.check_workspace", "runner: check the workspace"),

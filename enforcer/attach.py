@@ -68,9 +68,9 @@ def run_attached(opts: AttachOptions) -> int:
     try:
         summary_file = SummaryFile(opts.summary_json) if opts.summary_json else None
         client = control.ControlClient.connect(opts.control)
-        reply = client.request(
-            "attach", profile=opts.profile, command=opts.command, runner_pid=os.getpid()
-        )
+        client.send("attach", profile=opts.profile, command=opts.command, runner_pid=os.getpid())
+        gaps = prepare.missing_features(opts.limits)  # while the service attaches (~1 ms)
+        reply = client.reply()
     except (SummaryFileError, control.ControlError) as e:
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_SETUP
@@ -80,7 +80,7 @@ def run_attached(opts: AttachOptions) -> int:
         opts.seed.discard()  # the run goes on as without it: a cgroup of its own, joined
     terminal = TaskTerminal.of(opts.caller)
     try:
-        prepared = _prepare(opts, reply, client, seed, terminal)
+        prepared = _prepare(opts, reply, client, seed, terminal, gaps)
     except (spec.SandboxError, OSError) as e:
         if terminal is not None:
             terminal.close()
@@ -183,6 +183,7 @@ def _prepare(
     client: control.ControlClient,
     seed: InitSeed | None,
     terminal: TaskTerminal | None = None,
+    gaps: list[prepare.Gap] | None = None,
 ) -> prepare.PreparedSandbox:
     run_dir = Path(reply["dir"])
     audit = Path(reply["audit_log"])
@@ -220,6 +221,7 @@ def _prepare(
         runner_joins=True,
         cgroup_ahead=seed.cgroup if seed is not None else None,
         terminal=terminal.settings if terminal is not None else None,
+        gaps=gaps,
     )
 
 

@@ -61,6 +61,10 @@ class ControlClient:
     def request(self, cmd: str, **args) -> dict:
         """Send one request, return its reply; ControlError when it was refused."""
         self.send(cmd, **args)
+        return self.reply()
+
+    def reply(self) -> dict:
+        """The reply to the request sent last (`send`); ControlError when it was refused."""
         reply = self.receive()
         if reply is None:
             raise ControlError(f"the gateway service at {self.path} closed the connection")

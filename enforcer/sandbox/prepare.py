@@ -178,13 +178,14 @@ def prepare(
     cgroup_ahead: cgroup.TaskCgroup | None = None,  # the init is forked in it: no join
     terminal: dict | None = None,  # a pty of the sandbox's own (sandbox/terminal.py)
     surveyed: planting.Survey | None = None,  # planting.survey(opts.writable), made already
+    gaps: list[Gap] | None = None,  # missing_features(limits), found already
 ) -> PreparedSandbox:
     """Everything the sandbox init needs, in `run_dir` (root-only). Raises
     spec.SandboxError (with the fix) for a missing feature unless opts.allow_weaker.
     With `cgroup_ahead` (a warm runner's, made before the run) the run's limits are
     written into it and it is the task's cgroup, which nobody joins: the init is
     forked in it (attach.InitSeed)."""
-    gaps = missing_features(limits)
+    gaps = missing_features(limits) if gaps is None else list(gaps)
     if gaps and not opts.allow_weaker:
         raise spec.SandboxError(
             "the kernel cannot give this task the full sandbox:\n"
