@@ -23,7 +23,8 @@ What is measured (`--install`):
   ~10 ms of `site` at every start.
 
 Variants, each the median wall time of one `sandgate ... -- true` process from start
-to exit, with a workspace (an idmapped bind of a fresh directory):
+to exit, with a workspace (an idmapped bind of a fresh directory, or with
+`--workspace-from DIR` of a copy of DIR):
 
 - attached    `sandgate run --gateway SOCKET -- true` against a service that has been
               up for a while (warm: its spare networks are made, and its warm runners
@@ -328,6 +329,13 @@ def main() -> int:
         help="seconds between attached rounds (default 0: back to back); with --baseline, "
         "what one service does after a run (its refills) then never falls in the other's",
     )
+    parser.add_argument(
+        "--workspace-from",
+        metavar="DIR",
+        help="the workspace a copy of DIR (e.g. a checkout with its venv) instead of an "
+        "empty directory: the run walks it before and after its task "
+        "(enforcer/sandbox/planting.py)",
+    )
     args = parser.parse_args()
     if (args.breakdown or args.baseline) and args.install != "wheel":
         parser.error("--breakdown and --baseline need --install wheel")
@@ -338,7 +346,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sgbench-"))
     os.chmod(work, 0o755)
     workspace = work / "workspace"
-    workspace.mkdir()
+    if args.workspace_from:
+        shutil.copytree(args.workspace_from, workspace, symlinks=True)
+    else:
+        workspace.mkdir()
     os.environ["SANDGATE_RUN_DIR"] = str(work / "run")
     env = dict(os.environ)
     if args.breakdown:
@@ -411,7 +422,9 @@ def main() -> int:
         stop(started)
         subprocess.run(["ip", "netns", "del", host_ns], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
+    where = f"a copy of {args.workspace_from}" if args.workspace_from else "an empty directory"
     print(f"sandgate run -- true, median wall time; {measured}; {bytecode}; {os.cpu_count()} cores")
+    print(f"workspace: {where}")
     print(hostspeed.describe(speed, hostspeed.measure()))
     print(f"load average before the runs: {load}; warm runners: {args.runners}", end="")
     print(

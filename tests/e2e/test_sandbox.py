@@ -197,6 +197,34 @@ def test_workspace_files_land_owned_by_the_directorys_owner(net, tmp_path):
             assert (st.st_uid, st.st_gid) == (4321, 4321), f"{name}: {st.st_uid}"
 
 
+def test_a_repository_of_another_owner_keeps_its_own_id_mapping(net, tmp_path):
+    """The workspace, a repository's pinned git directory and its read-only control
+    files are idmapped binds, with one user namespace per owner (init.build_view): a
+    git directory another user owns shows inside as the task's, as the workspace
+    does, not as nobody's; what the task writes in each lands owned by its owner."""
+
+    def setup(workspace: Path) -> None:
+        os.chown(workspace, 4321, 4321)
+        git_dir = workspace / "repo" / ".git"
+        subprocess.run(["git", "init", "-q", str(git_dir.parent)], check=True)
+        for path in [git_dir, *git_dir.rglob("*")]:
+            os.lchown(path, 4322, 4322)
+
+    r = sandbox.run(
+        net,
+        tmp_path,
+        {
+            "owners": "stat -c %u . repo/.git repo/.git/config repo/.git/hooks",
+            "write": "echo ws > by-task && echo git > repo/.git/by-task",
+        },
+        setup=setup,
+    )
+    assert r["owners"].rc == 0 and r["write"].rc == 0, r.describe()
+    assert r["owners"].out.split() == ["0", "0", "0", "0"], r["owners"].out
+    assert (r.steps_dir / "by-task").stat().st_uid == 4321
+    assert (r.steps_dir / "repo" / ".git" / "by-task").stat().st_uid == 4322
+
+
 @pytest.mark.parametrize(
     ("workspace", "message"),
     [
