@@ -22,6 +22,8 @@ Two layers (docs/sandbox.md, "What the task leaves for the host"):
    reported. Every process of the sandbox is gone by then (its PID namespace with
    its init), so nothing changes the tree under the walk; the walk opens each
    directory by descriptor relative to its parent with O_NOFOLLOW, never a path.
+   The walk after reads only the directories that changed since the walk before
+   (`survey(since=...)`, `_unchanged`): same inode and ctime, same entries.
 
 3. Work-tree files a repository's own config names (`named`): a repository that
    was there before the task may run files of its work tree by design: husky's
@@ -47,13 +49,18 @@ directory of the same survey inside the writable roots.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from sandgate.enforcer.sandbox import gitconfig
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 SUFFIX = ".sandgate-planted"
 EDITOR_DIRS = frozenset({".vscode", ".idea"})
@@ -98,11 +105,28 @@ class ControlPath:
         return self.root / self.relative
 
 
+class DirRecord(NamedTuple):
+    """What a walk found in one directory: a later walk (`survey(since=...)`) takes it
+    as it is while the directory is unchanged (`_unchanged`). A tuple: the walk makes
+    one per directory (~1,000 for a checkout with its venv)."""
+
+    dev: int
+    ino: int
+    ctime_ns: int
+    given: str  # the context its parent's walk gave it
+    context: str  # its own ("git" for a git directory found by its entries)
+    subdirs: tuple[str, ...]  # the directories below it that the walk entered
+    controls: tuple[tuple[str, str], ...]  # (name, role) of its control paths
+    deep: tuple[str, ...]  # directories below it not walked (MAX_DEPTH)
+
+
 @dataclass
 class Survey:
     """The control paths and git directories of the writable roots at one moment."""
 
     roots: tuple[Path, ...]
+    started_ns: int = 0  # the walk's start (time.time_ns(): the clock of ctime)
+    dirs: dict[tuple[Path, str], DirRecord] = field(default_factory=dict)  # (root, relative)
     controls: dict[Path, ControlPath] = field(default_factory=dict)
     git_dirs: set[Path] = field(default_factory=set)
     too_deep: list[Path] = field(default_factory=list)  # not walked (MAX_DEPTH)
@@ -125,16 +149,22 @@ class Planted:
         return f"{self.path}: {self.why}{done}"
 
 
-def survey(roots: list[Path], *, follow_configs: bool = True) -> Survey:
+def survey(
+    roots: list[Path], *, follow_configs: bool = True, since: Survey | None = None
+) -> Survey:
     """Walk each root (never following links) for git directories and control paths;
-    with `follow_configs`, also the work-tree paths their configs name (`named`)."""
-    result = Survey(tuple(roots))
+    with `follow_configs`, also the work-tree paths their configs name (`named`).
+    `since`: an earlier survey of the same roots, whose directories that have not
+    changed since are taken as they were, their control paths stated again
+    (`_unchanged` says when a directory has not changed)."""
+    result = Survey(tuple(roots), time.time_ns())
     for root in roots:
         try:
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
-        _walk(result, root, fd, "", "plain")
+        trusted = since is not None and _ctime_trusted(fd)
+        _walk(result, root, fd, "", "plain", since if trusted else None)
     if follow_configs:
         for git_dir in sorted(result.git_dirs):
             _find_named(result, git_dir)
@@ -251,19 +281,32 @@ def _first_link(root: Path, path: Path) -> Path | None:
     return None
 
 
-def _walk(result: Survey, root: Path, fd: int, relative: str, context: str) -> None:
+def _walk(
+    result: Survey, root: Path, fd: int, relative: str, context: str, since: Survey | None
+) -> None:
     """Walk one directory (its fd is closed here) and everything below it. `context`:
-    "plain", "git" (a git directory), "hooks" or "info" (in one), "editor"."""
+    "plain", "git" (a git directory), "hooks" or "info" (in one), "editor". `since`:
+    an earlier survey whose record of this directory stands if it has not changed."""
     try:
-        entries = {e.name: e for e in os.scandir(fd)}
+        st = os.fstat(fd)
+        entries = None
+        old = since.dirs.get((root, relative)) if since is not None else None
+        if old is None or not _unchanged(old, st, context, since, root):
+            entries = {e.name: e for e in os.scandir(fd)}
     except OSError:
         os.close(fd)
         return
     try:
+        if entries is None:
+            _take_unchanged(result, root, fd, relative, old, since)
+            return
+        given = context
         if context == "plain" and _looks_like_git_dir(relative, entries):
             context = "git"
         if context == "git":
             result.git_dirs.add(root / relative if relative else root)
+        subdirs, controls, deep = [], [], []
+        complete = True  # every entry seen: else a later walk reads it again
         for name, entry in entries.items():
             child = f"{relative}/{name}" if relative else name
             # The entry's type from the directory itself (d_type): a stat only for
@@ -272,26 +315,94 @@ def _walk(result: Survey, root: Path, fd: int, relative: str, context: str) -> N
                 is_dir = entry.is_dir(follow_symlinks=False)
                 role = _role(name, is_dir, context)
                 if role is not None:
-                    st = entry.stat(follow_symlinks=False)
+                    st_child = entry.stat(follow_symlinks=False)
                     result.controls[root / child] = ControlPath(
-                        root, child, role, Fingerprint.of(st)
+                        root, child, role, Fingerprint.of(st_child)
                     )
+                    controls.append((name, role))
             except OSError:
+                complete = False
                 continue
             if not is_dir or (context == "git" and name == "objects"):
                 continue
             if child.count("/") >= MAX_DEPTH:
                 result.too_deep.append(root / child)
+                deep.append(name)
                 continue
-            try:
-                sub = os.open(
-                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
-                )
-            except OSError:
-                continue
-            _walk(result, root, sub, child, _context_below(name, context))
+            subdirs.append(name)
+            _enter(result, root, fd, name, child, context, since)
+        if complete:
+            result.dirs[root, relative] = DirRecord(
+                st.st_dev, st.st_ino, st.st_ctime_ns, given, context,
+                tuple(subdirs), tuple(controls), tuple(deep),
+            )  # fmt: skip
     finally:
         os.close(fd)
+
+
+def _enter(result: Survey, root: Path, fd: int, name: str, child: str, context: str, since) -> None:
+    try:
+        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    except OSError:
+        return
+    _walk(result, root, sub, child, _context_below(name, context), since)
+
+
+# A directory whose ctime is this much older than the earlier walk's start counts
+# as unchanged when its ctime is the same again: ctime comes from a clock that may
+# be as coarse as a timer tick (up to 10 ms), so an entry made within a tick of the
+# last change before that walk could leave it as it was. Older than that, any change
+# after the walk's start gives a later ctime (kernels with multigrain timestamps,
+# 6.13+, give a finer one anyway once a walk has read it).
+SETTLED_NS = 100_000_000
+# File systems whose directories' ctime the kernel itself keeps, and moves with every
+# entry made, removed or renamed in them: ext2/3/4, xfs, btrfs, tmpfs. Elsewhere (NFS,
+# FUSE, overlayfs...: the server or the daemon keeps it) every directory is read again.
+CTIME_KEPT = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994})
+
+
+def _unchanged(old: DirRecord, st: os.stat_result, given: str, since: Survey, root: Path) -> bool:
+    """Whether a directory has the entries the earlier walk found: the same inode and
+    ctime (any entry made, removed or renamed in it moves its ctime, which a task
+    cannot set, unlike mtime), settled before that walk, on the root's own file
+    system (a mount below the root may be another kind), reached in the same context."""
+    return (
+        old.given == given
+        and (st.st_dev, st.st_ino, st.st_ctime_ns) == (old.dev, old.ino, old.ctime_ns)
+        and old.ctime_ns < since.started_ns - SETTLED_NS
+        and st.st_dev == getattr(since.dirs.get((root, "")), "dev", None)
+    )
+
+
+def _take_unchanged(
+    result: Survey, root: Path, fd: int, relative: str, old: DirRecord, since: Survey
+) -> None:
+    """An unchanged directory as the earlier walk found it: its control paths stated
+    again (their content may have changed), and the directories below it walked."""
+    if old.context == "git":
+        result.git_dirs.add(root / relative if relative else root)
+    for name, role in old.controls:
+        child = f"{relative}/{name}" if relative else name
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            continue
+        result.controls[root / child] = ControlPath(root, child, role, Fingerprint.of(st))
+    for name in old.deep:
+        result.too_deep.append(root / (f"{relative}/{name}" if relative else name))
+    for name in old.subdirs:
+        _enter(
+            result, root, fd, name, f"{relative}/{name}" if relative else name, old.context, since
+        )
+    result.dirs[root, relative] = old
+
+
+def _ctime_trusted(fd: int) -> bool:
+    """Whether the file system of `fd` keeps directories' ctime itself (CTIME_KEPT)."""
+    buffer = ctypes.create_string_buffer(256)  # struct statfs: f_type first (a long)
+    if _libc.fstatfs(fd, buffer) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buffer).value in CTIME_KEPT
 
 
 def _context_below(name: str, context: str) -> str:
@@ -333,7 +444,7 @@ def _role(name: str, is_dir: bool, context: str) -> str | None:
 def find_planted(before: Survey) -> list[Planted]:
     """What the task left that would run code on the host: control paths that are new
     or changed since `before`, judged; from a fresh survey of the same roots."""
-    after = survey(list(before.roots), follow_configs=False)
+    after = survey(list(before.roots), follow_configs=False, since=before)
     after.named = before.named  # what the configs named before the task: they are read-only
     for path, (_, role) in before.named.items():
         _fingerprint_named(after, path, role)

@@ -19,10 +19,12 @@ import os
 import secrets
 import shlex
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sandgate.enforcer.sandbox import planting
 from support import sandbox, service
 
 pytestmark = pytest.mark.e2e
@@ -324,8 +326,16 @@ HUSKY_LEGIT = (
 )
 
 
-def _run(net, tmp_path, extra: tuple[str, ...] = ()):
-    """One run of every variant (and the legitimate work); the host's git after it."""
+def _run(net, tmp_path, extra: tuple[str, ...] = (), settled: bool = False):
+    """One run of every variant (and the legitimate work); the host's git after it.
+    `settled`: the workspace made a while before the run, so that the walk after the
+    task takes each unchanged directory as the walk before found it (planting.py)."""
+
+    def setup(ws: Path) -> None:
+        layouts.append(make_layout(tmp_path, ws, tag))
+        if settled:
+            time.sleep(planting.SETTLED_NS / 1e9 + 0.1)
+
     tag = secrets.token_hex(3)
     layouts: list[Layout] = []
     steps = {
@@ -340,7 +350,7 @@ def _run(net, tmp_path, extra: tuple[str, ...] = ()):
             tmp_path,
             steps,
             extra=extra,
-            setup=lambda ws: layouts.append(make_layout(tmp_path, ws, tag)),
+            setup=setup,
         )
         layout = layouts[0]
         ran = {v.name: layout.run_on_host(v) for v in VARIANTS}
@@ -350,8 +360,9 @@ def _run(net, tmp_path, extra: tuple[str, ...] = ()):
             layout.undo()
 
 
-def test_planted_payloads_never_run_on_the_host(net, tmp_path):
-    result, layout, ran, appeared = _run(net, tmp_path)
+@pytest.mark.parametrize("settled", [False, True], ids=["fresh", "settled"])
+def test_planted_payloads_never_run_on_the_host(net, tmp_path, settled):
+    result, layout, ran, appeared = _run(net, tmp_path, settled=settled)
     assert result.returncode == 0, result.describe()
     assert not appeared, (appeared, {n: ran[n].stderr[-300:] for n in appeared})
     planted = result.events(reason="workspace_planted")

@@ -5,9 +5,13 @@ disarming renames exactly the planted paths."""
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sandgate.enforcer.sandbox import planting
 
 HOOK = "#!/bin/sh\ntouch /tmp/never\n"
@@ -26,6 +30,23 @@ def _git_dir(path: Path, config: str = DATA_CONFIG) -> Path:
     return path
 
 
+# Each test in two ways: right after its workspace is made, and once the workspace
+# has settled (planting.SETTLED_NS), when the walk after the task takes each directory
+# whose inode and ctime did not change as the walk before found it.
+SETTLED = [False]  # the running test's mode, for _planted
+
+
+@pytest.fixture(params=["fresh", "settled"], autouse=True)
+def _mode(request):
+    SETTLED[0] = request.param == "settled"
+    yield
+    SETTLED[0] = False
+
+
+def _settle() -> None:
+    time.sleep(planting.SETTLED_NS / 1e9 + 0.02)
+
+
 @pytest.fixture
 def ws(tmp_path):
     root = tmp_path / "ws"
@@ -35,6 +56,8 @@ def ws(tmp_path):
 
 
 def _planted(ws: Path, change) -> dict[str, str]:
+    if SETTLED[0]:
+        _settle()
     before = planting.survey([ws])
     change(ws)
     return {str(p.path.relative_to(ws)): p.why for p in planting.find_planted(before)}
@@ -355,3 +378,109 @@ def test_a_link_on_the_way_to_a_named_path_goes_aside(ws):
         (ws / "scripts", ws / "scripts.sandgate-planted")
     ]
     assert "core.fsmonitor = ./scripts/fsmonitor" in done[0].why
+
+
+# --- the walk after the task, from the walk before (survey(since=...)) ----------------
+
+
+def _same(a: planting.Survey, b: planting.Survey) -> None:
+    assert a.controls == b.controls
+    assert a.git_dirs == b.git_dirs
+    assert sorted(a.too_deep) == sorted(b.too_deep)
+
+
+def test_an_unchanged_workspace_is_not_read_again(ws, monkeypatch):
+    """Settled, the walk after opens each directory and reads none of them: every
+    directory's inode and ctime are as the walk before found them. One that changed
+    is read again (and only it, with what is new below it)."""
+    _settle()
+    before = planting.survey([ws])
+    read: list[int] = []
+    scandir = os.scandir
+    monkeypatch.setattr(planting.os, "scandir", lambda fd: read.append(fd) or scandir(fd))
+    _same(planting.survey([ws], since=before), planting.survey([ws]))
+    assert len(read) == len(before.dirs)  # the whole walk, for comparison
+    read.clear()
+    after = planting.survey([ws], follow_configs=False, since=before)
+    assert read == []
+    _same(after, before)
+    (ws / "src" / "new").mkdir()
+    planting.survey([ws], follow_configs=False, since=before)
+    assert len(read) == 2  # src (changed) and src/new (new)
+
+
+def test_a_directory_of_another_file_system_is_read_again(ws, monkeypatch):
+    _settle()
+    before = planting.survey([ws])
+    monkeypatch.setattr(planting, "_ctime_trusted", lambda fd: False)
+    read: list[int] = []
+    scandir = os.scandir
+    monkeypatch.setattr(planting.os, "scandir", lambda fd: read.append(fd) or scandir(fd))
+    planting.survey([ws], follow_configs=False, since=before)
+    assert len(read) == len(before.dirs)
+
+
+def test_a_changed_control_file_in_an_unchanged_directory_is_found(ws):
+    """Its directory's entries are the same: the walk after states it again."""
+    _settle()
+    before = planting.survey([ws])
+    (ws / ".git" / "config").write_text(CODE_CONFIG)
+    found = planting.find_planted(before)
+    assert [str(p.path.relative_to(ws)) for p in found] == [".git/config"]
+
+
+# What a task may do to a settled workspace, one step at a time (paths below it).
+NAMES = st.sampled_from(["a", "b", ".git", "hooks", "info", ".vscode", "HEAD", "objects", "refs"])
+PATHS = st.lists(NAMES, min_size=1, max_size=4).map("/".join)
+STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["mkdir", "write", "remove", "rename", "link", "chmod"]), PATHS, PATHS
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+def _apply(root: Path, step: tuple[str, str, str]) -> None:
+    what, path, other = step
+    target, second = root / path, root / other
+    try:
+        if what == "mkdir":
+            target.mkdir(parents=True)
+        elif what == "write":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(HOOK)
+        elif what == "remove":
+            shutil.rmtree(
+                target
+            ) if target.is_dir() and not target.is_symlink() else target.unlink()
+        elif what == "rename":
+            second.parent.mkdir(parents=True, exist_ok=True)
+            target.rename(second)
+        elif what == "link":
+            second.parent.mkdir(parents=True, exist_ok=True)
+            second.symlink_to(other)
+        elif what == "chmod":
+            target.chmod(0o700)
+    except OSError:
+        pass  # a step that does not apply (a missing path, a file where a directory is)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=STEPS)
+def test_the_walk_after_finds_what_a_whole_walk_finds(tmp_path_factory, steps):
+    """Whatever a task does to a settled workspace, the walk after that starts from
+    the walk before finds the same control paths, git directories and too-deep
+    directories as a whole walk of the workspace then."""
+    root = tmp_path_factory.mktemp("ws")
+    _git_dir(root / ".git")
+    _git_dir(root / "a" / "nested" / ".git")
+    (root / "b" / ".vscode").mkdir(parents=True)
+    (root / "b" / ".vscode" / "tasks.json").write_text("{}")
+    _settle()
+    before = planting.survey([root])
+    for step in steps:
+        _apply(root, step)
+    _same(planting.survey([root], follow_configs=False, since=before), planting.survey([root]))
