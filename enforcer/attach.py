@@ -218,6 +218,7 @@ def _prepare(
         hidden=hidden,
         protected=spec.protected_paths(list(STATE_DIRS)),
         seccomp_cache=STATE_DIRS[0] / "cache",
+        walks=STATE_DIRS[0] / "cache",
         runner_joins=True,
         cgroup_ahead=seed.cgroup if seed is not None else None,
         terminal=terminal.settings if terminal is not None else None,

@@ -333,7 +333,7 @@ class TaskRun:
         surveying = None
         if opts.sandbox.workspace_guard and opts.sandbox.writable:
             surveying = asyncio.ensure_future(
-                asyncio.to_thread(planting.survey, opts.sandbox.writable)
+                asyncio.to_thread(prepare.walk_before, opts.sandbox.writable, STATE_DIR / "cache")
             )
         self.net = await asyncio.to_thread(make_sandbox_net, self.run_id, opts.pool)
         gateway_ip, sandbox_ip = self.net.gateway_ip, self.net.sandbox_ip
@@ -502,6 +502,7 @@ class TaskRun:
                 protected=spec.protected_paths(state),
                 probe=opts.probe,
                 seccomp_cache=STATE_DIR / "cache",
+                walks=STATE_DIR / "cache",
                 runner_joins=True,
                 surveyed=surveyed,
             )

@@ -51,6 +51,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import stat
 import time
@@ -58,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from sandgate.enforcer import private_cache
 from sandgate.enforcer.sandbox import gitconfig
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -441,13 +444,20 @@ def _role(name: str, is_dir: bool, context: str) -> str | None:
     return None
 
 
-def find_planted(before: Survey) -> list[Planted]:
-    """What the task left that would run code on the host: control paths that are new
-    or changed since `before`, judged; from a fresh survey of the same roots."""
+def walk_after(before: Survey) -> Survey:
+    """The roots of `before` walked again once the task has ended (from `before`: what
+    did not change is not read again), with the paths its configs named then."""
     after = survey(list(before.roots), follow_configs=False, since=before)
     after.named = before.named  # what the configs named before the task: they are read-only
     for path, (_, role) in before.named.items():
         _fingerprint_named(after, path, role)
+    return after
+
+
+def find_planted(before: Survey, after: Survey | None = None) -> list[Planted]:
+    """What the task left that would run code on the host: control paths that are new
+    or changed since `before`, judged; from `after` (`walk_after(before)`)."""
+    after = after if after is not None else walk_after(before)
     old_deep = set(before.too_deep)
     planted = [
         Planted(path, f"deeper than {MAX_DEPTH} directories: not checked")
@@ -633,3 +643,91 @@ def read_only_binds(before: Survey, limit: int = MAX_PINNED) -> list[Path]:
     # What the repositories' configs name, where it exists (else: checked after)
     named = [p for p in sorted(before.named) if p in before.controls and p not in paths]
     return paths + named[:limit]
+
+
+# --- the walk kept for the next run's walk before (`kept`, `keep`) ------------------
+
+KEEP_MAX_DIRS = 50_000  # a walk of more directories is not kept: reading it back costs more
+KEEP_FILES = 64  # walks kept in the cache directory (one per set of roots); the oldest go
+_CONTEXTS = frozenset({"plain", "git", "hooks", "info", "editor"})
+_ROLES = frozenset({"config", "hook", "attributes", "commondir", "gitfile", "editor"})
+
+
+def kept_walk(cache_dir: Path | None, roots: list[Path]) -> Survey | None:
+    """The directories a run's walk after its task found in these roots (`keep`), for
+    this run's walk before to start from: what did not change since is not read
+    again. None without one, or when it does not read back as what `keep` writes.
+    The file is trusted as a seccomp program is (private_cache: root's, private):
+    a record that lied would hide a directory's entries from both walks."""
+    if cache_dir is None:
+        return None
+    data = private_cache.read(_kept_path(cache_dir, roots))
+    if data is None:
+        return None
+    try:
+        document = json.loads(data)
+        if document["roots"] != [str(root) for root in roots]:
+            return None
+        kept = Survey(tuple(roots), _number(document["started_ns"]))
+        for index, relative, dev, ino, ctime, given, context, subdirs, controls, deep in document[
+            "dirs"
+        ]:
+            names = [*subdirs, *(name for name, _ in controls), *deep]
+            if (
+                not isinstance(relative, str)
+                or {given, context} - _CONTEXTS
+                or {role for _, role in controls} - _ROLES
+                or not all(_plain_name(name) for name in names)
+            ):
+                return None
+            if _number(index) < 0:
+                return None
+            kept.dirs[roots[index], relative] = DirRecord(
+                _number(dev), _number(ino), _number(ctime), given, context,
+                tuple(subdirs), tuple((name, role) for name, role in controls), tuple(deep),
+            )  # fmt: skip
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    return kept
+
+
+def keep(walked: Survey, cache_dir: Path | None) -> None:
+    """`walked` (a walk after a task) kept for the next run on the same roots
+    (`kept_walk`). Best effort: a walk not kept costs the next run time, not safety."""
+    if cache_dir is None or len(walked.dirs) > KEEP_MAX_DIRS:
+        return
+    index = {root: i for i, root in enumerate(walked.roots)}
+    document = {
+        "roots": [str(root) for root in walked.roots],
+        "started_ns": walked.started_ns,
+        "dirs": [
+            [index[root], relative, *record] for (root, relative), record in walked.dirs.items()
+        ],
+    }
+    private_cache.write(_kept_path(cache_dir, list(walked.roots)), json.dumps(document).encode())
+    with contextlib.suppress(OSError):
+        files = sorted(Path(cache_dir).glob("walk-*.json"), key=lambda p: p.stat().st_mtime)
+        for old in files[:-KEEP_FILES]:
+            old.unlink()
+
+
+def _kept_path(cache_dir: Path, roots: list[Path]) -> str:
+    key = hashlib.sha256("\0".join(str(root) for root in roots).encode()).hexdigest()[:24]
+    return os.path.join(cache_dir, f"walk-{key}.json")
+
+
+def _number(value) -> int:
+    if type(value) is not int:
+        raise TypeError("not an integer")
+    return value
+
+
+def _plain_name(name) -> bool:
+    """A directory entry's name: never a path (`..`, a slash) that `os.open(name,
+    dir_fd=...)` would take out of its directory."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\0" not in name
+    )

@@ -43,6 +43,9 @@ class PreparedSandbox:
     joined_w: int | None = None
     # The workspace's git control files before the task (None: --no-workspace-guard)
     workspace: planting.Survey | None = None
+    # Where the walk after the task is kept for the next run's walk before (planting.keep)
+    walks: Path | None = None
+    walked_after: planting.Survey | None = None  # kept at `remove`, off the exit's path
     # The task's host ids, this run's alone until `remove` (id_slots.py)
     ids: id_slots.IdSlot | None = None
 
@@ -102,7 +105,9 @@ class PreparedSandbox:
         call once the task has ended."""
         if self.workspace is None:
             return []
-        return planting.summarised(planting.disarm(planting.find_planted(self.workspace)))
+        self.walked_after = planting.walk_after(self.workspace)
+        planted = planting.find_planted(self.workspace, self.walked_after)
+        return planting.summarised(planting.disarm(planted))
 
     def finish(self) -> list[cgroup.LimitHit]:
         """Which limits the task hit; the cgroup (and anything left in it) goes."""
@@ -124,6 +129,9 @@ class PreparedSandbox:
         whose task may have processes left (its cgroup not removed; without a cgroup,
         some process still has its ids) keeps its record: the next claimant looks
         at it first, and `sandgate gc` frees it (id_slots.py)."""
+        if self.walked_after is not None:
+            planting.keep(self.walked_after, self.walks)
+            self.walked_after = None
         task_gone = False
         try:
             if self.cgroup is not None:
@@ -137,6 +145,12 @@ class PreparedSandbox:
         finally:
             if self.ids is not None:
                 self.ids.release(task_gone=task_gone)
+
+
+def walk_before(writable: list[Path], walks: Path | None) -> planting.Survey:
+    """The writable roots walked before the task, from the last run's walk after of the
+    same roots where it is kept (what did not change since is not read again)."""
+    return planting.survey(writable, since=planting.kept_walk(walks, writable))
 
 
 def missing_features(limits: cgroup.Limits) -> list[Gap]:
@@ -178,6 +192,7 @@ def prepare(
     cgroup_ahead: cgroup.TaskCgroup | None = None,  # the init is forked in it: no join
     terminal: dict | None = None,  # a pty of the sandbox's own (sandbox/terminal.py)
     surveyed: planting.Survey | None = None,  # planting.survey(opts.writable), made already
+    walks: Path | None = None,  # where workspace walks are kept (planting.keep; root-only)
     gaps: list[Gap] | None = None,  # missing_features(limits), found already
 ) -> PreparedSandbox:
     """Everything the sandbox init needs, in `run_dir` (root-only). Raises
@@ -210,7 +225,7 @@ def prepare(
             )
         )
     elif opts.writable:
-        workspace = surveyed if surveyed is not None else planting.survey(opts.writable)
+        workspace = surveyed if surveyed is not None else walk_before(opts.writable, walks)
         if workspace.unguardable:
             raise spec.SandboxError(
                 "a repository's config runs files anywhere in the writable directory, "
@@ -303,5 +318,6 @@ def prepare(
         joined_r=joined_r,
         joined_w=joined_w,
         workspace=workspace,
+        walks=walks,
         ids=slot,
     )

@@ -507,6 +507,34 @@ def test_a_run_attached_to_the_gateway_service_is_checked_too(net, tmp_path):
     assert "PLANTED for the host" in result.stdout + result.stderr
 
 
+def test_the_next_run_in_a_workspace_starts_from_the_last_runs_walk(net, tmp_path):
+    """A run's walk after its task is kept (root-only, planting.keep), and the next run
+    in the same workspace walks before its task from it: what the host did in between
+    (a repository with a hook of its own) is that run's baseline, not a planting, and
+    what that run's task plants is found and renamed aside as ever."""
+    env = _git_env(tmp_path)
+    settle = planting.SETTLED_NS / 1e9 + 0.1
+
+    def setup(ws: Path) -> None:
+        _make_repo(ws / "repo", env)
+        time.sleep(settle)
+
+    first = sandbox.run(net, tmp_path, {"work": "echo work > repo/a"}, setup=setup)
+    assert first.returncode == 0 and "workspace_planted" not in first.summary, first.describe()
+    ws = first.steps_dir
+    _make_repo(ws / "host_repo", env)
+    host_hook = ws / "host_repo" / ".git" / "hooks" / "pre-commit"
+    host_hook.write_text("#!/bin/sh\ntrue\n")
+    host_hook.chmod(0o755)
+    time.sleep(settle)
+    plant = "git init -q planted && git -C planted config core.fsmonitor 'touch /tmp/sg-never'"
+    second = sandbox.run(net, tmp_path, {"plant": plant}, workdir=ws.parent)
+    assert second.returncode == 0 and second["plant"].rc == 0, second.describe()
+    assert second.summary["workspace_planted"] == [str(ws / "planted" / ".git" / "config")]
+    assert (ws / "planted" / ".git" / "config.sandgate-planted").exists()
+    assert host_hook.exists()  # the host's own, made between the runs: left alone
+
+
 def test_a_config_that_runs_the_whole_workspace_refuses_the_run(net, tmp_path):
     """`core.hooksPath = .` names the workspace itself: it cannot be made read-only
     without the workspace, so the run does not start (one line, exit 125)."""

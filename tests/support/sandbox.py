@@ -412,14 +412,17 @@ def run(
     setup: Callable[[Path], None] | None = None,
     fakenet_ca: bool = True,
     dns_upstream: str | None = None,
+    workdir: Path | None = None,
 ) -> RunResult:
     """`sandgate run` of `steps` (labelled shell commands) or of `command`, in the
     fake internet's host netns (with sandgate's environment `env`, if given); asserts
     that the run left nothing behind. `setup` gets the workspace before the run.
     `fakenet_ca=False` leaves out `--extra-ca` with the fake internet's CA, so that a
     pass-through run gets no CA bundle or variables from sandgate. `dns_upstream`
-    replaces the fake internet's DNS server (a test's own, for names outside .test)."""
-    workdir = _workdir(tmp_path)
+    replaces the fake internet's DNS server (a test's own, for names outside .test).
+    `workdir`: an earlier run's (`result.steps_dir.parent`), to run in its workspace
+    again (its audit log then holds both runs' events)."""
+    workdir = workdir or _workdir(tmp_path)
     if setup is not None:
         setup(workdir / "steps")
     steps_dir = None

@@ -484,3 +484,86 @@ def test_the_walk_after_finds_what_a_whole_walk_finds(tmp_path_factory, steps):
     for step in steps:
         _apply(root, step)
     _same(planting.survey([root], follow_configs=False, since=before), planting.survey([root]))
+
+
+# --- the walk after kept for the next run's walk before (keep, kept_walk) --------------
+
+
+def test_a_kept_walk_reads_back_as_it_was_written(ws, tmp_path):
+    _settle()
+    walked = planting.walk_after(planting.survey([ws]))
+    cache = tmp_path / "cache"
+    planting.keep(walked, cache)
+    kept = planting.kept_walk(cache, [ws])
+    assert kept is not None and kept.dirs == walked.dirs
+    assert kept.started_ns == walked.started_ns
+    assert planting.kept_walk(cache, [ws, tmp_path]) is None  # other roots: not theirs
+    os.chmod(cache, 0o777)
+    assert planting.kept_walk(cache, [ws]) is None  # no longer private: not trusted
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        pytest.param(lambda d: d["dirs"][0][7].append("../.."), id="subdir-up"),
+        pytest.param(lambda d: d["dirs"][0][7].append("a/b"), id="subdir-path"),
+        pytest.param(lambda d: d["dirs"][0][8].append(["../x", "hook"]), id="control-up"),
+        pytest.param(lambda d: d["dirs"][0][8].append(["x", "nothing"]), id="unknown-role"),
+        pytest.param(lambda d: d["dirs"][0].__setitem__(0, -1), id="root-index"),
+        pytest.param(lambda d: d["dirs"][0].__setitem__(3, "1"), id="inode-text"),
+        pytest.param(lambda d: d["dirs"][0].__setitem__(6, "root"), id="unknown-context"),
+        pytest.param(lambda d: d.__setitem__("started_ns", True), id="start-bool"),
+    ],
+)
+def test_a_kept_walk_that_does_not_read_back_is_not_used(ws, tmp_path, forged):
+    """A record is trusted (a directory it calls unchanged is not read), so one that is
+    not what `keep` writes is refused whole, and above all a name that is a path."""
+    import json
+
+    cache = tmp_path / "cache"
+    planting.keep(planting.survey([ws]), cache)
+    (path,) = cache.glob("walk-*.json")
+    document = json.loads(path.read_text())
+    forged(document)
+    path.write_text(json.dumps(document))
+    assert planting.kept_walk(cache, [ws]) is None
+
+
+def test_the_oldest_kept_walks_go(tmp_path, monkeypatch):
+    monkeypatch.setattr(planting, "KEEP_FILES", 2)
+    cache = tmp_path / "cache"
+    for n in range(4):
+        root = tmp_path / f"ws{n}"
+        root.mkdir()
+        planting.keep(planting.survey([root]), cache)
+        time.sleep(0.01)
+    assert planting.kept_walk(cache, [tmp_path / "ws3"]) is not None
+    assert planting.kept_walk(cache, [tmp_path / "ws0"]) is None
+    assert len(list(cache.glob("walk-*.json"))) == 2
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(task=STEPS, between=STEPS)
+def test_the_next_walk_before_from_a_kept_walk_finds_what_a_whole_walk_finds(
+    tmp_path_factory, task, between
+):
+    """A run's walk after its task, kept; then whatever changes before the next run
+    (the host's own work): that run's walk before, from the kept walk, finds what a
+    whole walk finds, and so does its walk after."""
+    root = tmp_path_factory.mktemp("ws")
+    _git_dir(root / ".git")
+    _git_dir(root / "a" / "nested" / ".git")
+    cache = root.parent / f"{root.name}-cache"
+    _settle()
+    before = planting.survey([root])
+    for step in task:
+        _apply(root, step)
+    planting.keep(planting.walk_after(before), cache)
+    for step in between:
+        _apply(root, step)
+    again = planting.survey([root], since=planting.kept_walk(cache, [root]))
+    whole = planting.survey([root])
+    _same(again, whole)
+    assert again.named == whole.named
