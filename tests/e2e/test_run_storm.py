@@ -85,15 +85,19 @@ def assert_nothing_left(fakenet, run_dir: Path, run_ids: list[str]) -> None:
     assert not left, left
 
 
-def assert_first_use_made_once(state_dir: Path) -> None:
+def assert_first_use_made_once(state_dir: Path, workspaces: int) -> None:
     """One gateway CA (every task trusted the CA its gateway signed with: the api
     requests passed), one seccomp program and one file of dataclass methods in the
-    cache (enforcer/dataclass_cache.py), no half-written files."""
+    cache (enforcer/dataclass_cache.py), and one kept walk of each run's workspace
+    (planting.keep); no half-written files."""
     ca = sorted(p.name for p in (state_dir / "ca").iterdir())
     assert "mitmproxy-ca.pem" in ca and not [n for n in ca if n.endswith(".partial")], ca
     cache = sorted(p.name for p in (state_dir / "cache").iterdir())
-    assert len(cache) == 2, cache  # none of the writers' temporaries (.NAME.PID) left
-    assert cache[0].startswith("dataclass-methods-") and cache[1].startswith("seccomp-"), cache
+    walks = [n for n in cache if n.startswith("walk-") and n.endswith(".json")]
+    assert len(walks) == workspaces, cache
+    made = [n for n in cache if n not in walks]
+    assert len(made) == 2, cache  # none of the writers' temporaries (.NAME.PID) left
+    assert made[0].startswith("dataclass-methods-") and made[1].startswith("seccomp-"), cache
 
 
 @pytest.mark.parametrize("host", ["fresh", "warm"])
@@ -137,7 +141,7 @@ def test_a_burst_of_embedded_runs_beside_gc(net, tmp_path, state, host):
         run_ids.append(check_run(i, popen.returncode, err, workdir, events))
     assert len(set(run_ids)) == RUNS
     assert gcs >= 1
-    assert_first_use_made_once(state_dir)
+    assert_first_use_made_once(state_dir, workspaces=RUNS + (host == "warm"))
     if host == "warm":
         assert (state_dir / "ca" / "mitmproxy-ca.pem").read_bytes() == made
     assert not [r for r in net.requests_seen(FORBIDDEN_IP) if "storm" in r["uri"]]
