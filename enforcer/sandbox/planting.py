@@ -310,8 +310,9 @@ def _walk(
             result.git_dirs.add(root / relative if relative else root)
         subdirs, controls, deep = [], [], []
         complete = True  # every entry seen: else a later walk reads it again
+        prefix = f"{relative}/" if relative else ""
         for name, entry in entries.items():
-            child = f"{relative}/{name}" if relative else name
+            child = prefix + name
             # The entry's type from the directory itself (d_type): a stat only for
             # the few control paths (a 16,700-entry checkout walked in 13 ms, not 35-56).
             try:
@@ -343,7 +344,9 @@ def _walk(
         os.close(fd)
 
 
-def _enter(result: Survey, root: Path, fd: int, name: str, child: str, context: str, since) -> None:
+def _enter(
+    result: Survey, root: Path, fd: int, name: str, child: str, context: str, since: Survey | None
+) -> None:
     try:
         sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
     except OSError:
@@ -384,19 +387,19 @@ def _take_unchanged(
     again (their content may have changed), and the directories below it walked."""
     if old.context == "git":
         result.git_dirs.add(root / relative if relative else root)
+    prefix = f"{relative}/" if relative else ""
     for name, role in old.controls:
-        child = f"{relative}/{name}" if relative else name
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except OSError:
             continue
-        result.controls[root / child] = ControlPath(root, child, role, Fingerprint.of(st))
-    for name in old.deep:
-        result.too_deep.append(root / (f"{relative}/{name}" if relative else name))
-    for name in old.subdirs:
-        _enter(
-            result, root, fd, name, f"{relative}/{name}" if relative else name, old.context, since
+        result.controls[root / (prefix + name)] = ControlPath(
+            root, prefix + name, role, Fingerprint.of(st)
         )
+    for name in old.deep:
+        result.too_deep.append(root / (prefix + name))
+    for name in old.subdirs:
+        _enter(result, root, fd, name, prefix + name, old.context, since)
     result.dirs[root, relative] = old
 
 

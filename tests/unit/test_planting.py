@@ -441,6 +441,17 @@ STEPS = st.lists(
 )
 
 
+def _settled_tree(tmp_path_factory) -> Path:
+    """A workspace with two repositories and an editor directory, settled."""
+    root = tmp_path_factory.mktemp("ws")
+    _git_dir(root / ".git")
+    _git_dir(root / "a" / "nested" / ".git")
+    (root / "b" / ".vscode").mkdir(parents=True)
+    (root / "b" / ".vscode" / "tasks.json").write_text("{}")
+    _settle()
+    return root
+
+
 def _apply(root: Path, step: tuple[str, str, str]) -> None:
     what, path, other = step
     target, second = root / path, root / other
@@ -474,12 +485,7 @@ def test_the_walk_after_finds_what_a_whole_walk_finds(tmp_path_factory, steps):
     """Whatever a task does to a settled workspace, the walk after that starts from
     the walk before finds the same control paths, git directories and too-deep
     directories as a whole walk of the workspace then."""
-    root = tmp_path_factory.mktemp("ws")
-    _git_dir(root / ".git")
-    _git_dir(root / "a" / "nested" / ".git")
-    (root / "b" / ".vscode").mkdir(parents=True)
-    (root / "b" / ".vscode" / "tasks.json").write_text("{}")
-    _settle()
+    root = _settled_tree(tmp_path_factory)
     before = planting.survey([root])
     for step in steps:
         _apply(root, step)
@@ -554,11 +560,8 @@ def test_the_next_walk_before_from_a_kept_walk_finds_what_a_whole_walk_finds(
     """A run's walk after its task, kept; then whatever changes before the next run
     (the host's own work): that run's walk before, from the kept walk, finds what a
     whole walk finds, and so does its walk after."""
-    root = tmp_path_factory.mktemp("ws")
-    _git_dir(root / ".git")
-    _git_dir(root / "a" / "nested" / ".git")
+    root = _settled_tree(tmp_path_factory)
     cache = root.parent / f"{root.name}-cache"
-    _settle()
     before = planting.survey([root])
     for step in task:
         _apply(root, step)
