@@ -98,12 +98,16 @@ def compile_everything(extra: list[Path]) -> str:
     return "bytecode compiled first (as an installed package has it)"
 
 
+# What a wheel is built from (as tests/e2e/test_wheel.py builds it).
+SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "proxy", "enforcer", "rules")
+
+
 def install_wheel(work: Path, rev: str | None = None) -> tuple[str, Path]:
     """A wheel of the checkout (or of its git revision `rev`) in a fresh venv under
     `work`: (its `sandgate`, its site-packages)."""
     src = work / "src"  # a copy: the build's scratch files stay out of the checkout
     if rev is None:
-        for name in ("pyproject.toml", "README.md", "proxy", "enforcer", "rules"):
+        for name in SOURCES:
             if (ROOT / name).is_dir():
                 ignore = shutil.ignore_patterns("__pycache__")
                 shutil.copytree(ROOT / name, src / name, ignore=ignore)

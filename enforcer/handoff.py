@@ -70,11 +70,16 @@ MAX_LINE = 1 << 20
 STDIO_LINE_MAX = 256  # {"stdio": [0, 1, 2], "terminal": [...], "foreground": ...}
 _FD_SPACE = _socket.CMSG_SPACE(4)  # one descriptor: the task's pty (only ever that)
 EXIT_SETUP = 125
+# Set by the `sandgate` command's native front (enforcer/cli/sandgate.c) when it offered
+# the run to the runners already and none took it; never passed on to the task.
+TRIED = "SANDGATE_HANDOFF_TRIED"
 
 
 def hand_off(argv: list[str]) -> None:
     """Exit with the code of the run a warm runner took; return when none took it
     (not root, not `run --gateway`, no warm runner, or a refusal)."""
+    if os.environ.pop(TRIED, None) is not None:  # by the native front, which runs us now
+        return
     if argv[:1] != ["run"] or os.geteuid() != 0:
         return
     control = control_path(argv[1:])

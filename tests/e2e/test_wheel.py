@@ -21,17 +21,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "README.md", "proxy", "enforcer", "rules")
+SOURCES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "proxy", "enforcer", "rules")
 
 
 def _run(argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, **kw)
 
 
-@pytest.fixture(scope="module")
-def fresh(tmp_path_factory):
-    """(venv dir, environment, working directory outside the checkout)."""
-    tmp = tmp_path_factory.mktemp("wheel")
+def _install(tmp, env: dict | None = None):
+    """A wheel built from a copy of the tree (with `env`), installed with plain pip into
+    a fresh venv: (venv dir, environment, working directory outside the checkout)."""
     src = tmp / "src"  # a copy: the build's scratch files stay out of the checkout
     for name in SOURCES:
         if (ROOT / name).is_dir():
@@ -40,10 +39,23 @@ def fresh(tmp_path_factory):
             src.mkdir(exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
     built = _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(src)]
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            str(tmp / "dist"),
+            str(src),
+        ],
+        env=env,
     )
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp / "dist").glob("sandgate-*.whl")
+    # A compiled program inside: for this platform only, never py3-none-any.
+    assert not wheel.name.endswith("-any.whl"), wheel.name
 
     venv = tmp / "fresh"
     made = _run([sys.executable, "-m", "venv", str(venv)])
@@ -65,6 +77,19 @@ def fresh(tmp_path_factory):
     return venv, env, elsewhere
 
 
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    return _install(tmp_path_factory.mktemp("wheel"))
+
+
+def _python_command(path: Path, venv: Path) -> None:
+    """enforcer/cli/sandgate-python, its first line the venv's python: not pip's
+    entry-point script, which imports `re` before main (~4 ms of every run)."""
+    first, script = path.read_text().split("\n", 1)
+    assert first.startswith(f"#!{venv}/bin/python"), first
+    assert "import re" not in script and "from sandgate.enforcer.cli import main" in script
+
+
 def test_the_wheel_answers_sandgate_and_nothing_else(fresh):
     venv, env, cwd = fresh
     found = _run(
@@ -82,11 +107,8 @@ def test_installed_sandgate_works_outside_the_checkout(fresh):
     venv, env, cwd = fresh
     sandgate = str(venv / "bin" / "sandgate")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    # enforcer/cli/sandgate, its first line the venv's python: not pip's entry-point
-    # script, which imports `re` before main (~4 ms of every warm attach)
-    first, script = Path(sandgate).read_text().split("\n", 1)
-    assert first.startswith(f"#!{venv}/bin/python"), first
-    assert "import re" not in script and "from sandgate.enforcer.cli import main" in script
+    assert Path(sandgate).read_bytes()[:4] == b"\x7fELF"  # the native front (setup.py)
+    _python_command(venv / "bin" / "sandgate-python", venv)
 
     version = _run([sandgate, "--version"], env=env, cwd=cwd)
     assert (version.returncode, version.stdout) == (
@@ -119,6 +141,15 @@ def test_installed_sandgate_works_outside_the_checkout(fresh):
     assert default.startswith(str(venv)), default
     linted = _run([sandgate, "rules", "lint", default], env=env, cwd=cwd)
     assert (linted.returncode, linted.stdout, linted.stderr) == (0, f"ok: {default}\n", "")
+
+
+def test_without_a_compiler_sandgate_is_the_python_command(tmp_path):
+    """setup.py's fallback: the build goes on, and `sandgate` is sandgate-python."""
+    venv, env, cwd = _install(tmp_path, dict(os.environ, CC="/bin/false"))
+    _python_command(venv / "bin" / "sandgate", venv)
+    _python_command(venv / "bin" / "sandgate-python", venv)
+    version = _run([venv / "bin" / "sandgate", "--version"], env=env, cwd=cwd)
+    assert version.returncode == 0 and version.stdout.startswith("sandgate "), version
 
 
 def test_declared_dependencies_are_installed(fresh):

@@ -66,9 +66,10 @@ def test_the_client_path_imports_no_argparse_nor_dataclasses():
 
 
 def test_the_sandgate_command_imports_only_the_cli_before_main():
-    """The installed `sandgate` is enforcer/cli/sandgate (pyproject's script-files), not
-    pip's entry-point script, which imports `re` first."""
-    script = Path(sys.executable).with_name("sandgate").read_text()
+    """The installed `sandgate-python` (which the native front `sandgate` runs) is
+    enforcer/cli/sandgate-python (pyproject's script-files), not pip's entry-point
+    script, which imports `re` first."""
+    script = Path(sys.executable).with_name("sandgate-python").read_text()
     first_line = script.split("\n", 1)[0]
     assert first_line.startswith("#!/") and "python" in first_line  # the installer's
     tree = ast.parse(script)
