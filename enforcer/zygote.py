@@ -54,9 +54,11 @@ from sandgate.enforcer.cli import build_parser, run_command
 from sandgate.enforcer.cli import run as cli_run
 from sandgate.enforcer.sandbox import (
     cgroup,
+    prepare,
     spec,
     terminal,  # noqa: F401 - a run on a terminal: its PID 1's
 )
+from sandgate.enforcer.sandbox import options as sandbox_options
 from sandgate.enforcer.sandbox.inherit import Inherited
 from sandgate.proxy.telemetry import summary  # noqa: F401 - the summary table, printed at the end
 
@@ -358,6 +360,8 @@ def runner(listener: socket.socket, path: str, control: str) -> int:
     seed = None
     try:
         seed = _seed(path)
+        with contextlib.suppress(Exception):  # a rehearsal's failure is no run's
+            rehearse(control)  # after the seed's fork: the pages it copies are ours alone
         listener.listen(8)
         _tell(f"ready {path}")
         conn, request = take(listener)
@@ -375,6 +379,19 @@ def runner(listener: socket.socket, path: str, control: str) -> int:
     finally:
         if seed is not None:
             seed.discard()  # unless the run made it its init (then its cgroup went with the run)
+
+
+def rehearse(control: str) -> None:
+    """A run's first steps, once, keeping nothing, while this runner has no caller yet.
+    A runner shares the pool's memory copy-on-write: the first write to each page (a
+    reference count, a cache) copies it, ~5 us a page on this project's host, and the
+    options of a run alone touch ~470 pages (2.9 ms in a fresh fork, 0.5 once
+    rehearsed: docs/performance.md, "Session 27"). Reads only."""
+    argv = ["run", "--gateway", control, "--no-workspace", "--", "true"]
+    args = (_run_parser or build_parser("run")).parse_args(argv)
+    _sandbox, limits = sandbox_options.from_arguments(args, list(attach.STATE_DIRS))
+    prepare.missing_features(limits)
+    json.loads(json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}))
 
 
 def _seed(path: str):
