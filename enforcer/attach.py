@@ -114,10 +114,15 @@ def run_attached(opts: AttachOptions) -> int:
     for signum in STOP_SIGNALS:
         signal.signal(signum, lambda s, _f: stopping.signal(s))
     disk = DiskGuard(child, opts.sandbox)
-    client = _wait(child, client, opts.control, run_id, opts.caller, terminal, stopping, disk)
+    client = _wait(
+        child, client, opts.control, run_id, opts.caller, terminal, stopping, disk, prepared
+    )
     if terminal is not None:
         terminal.close()
-    code = child.returncode if child.returncode >= 0 else 128 - child.returncode
+    if child.returncode is None:  # ended by the init's last record; its process still ends
+        code = prepared.exit_code
+    else:
+        code = child.returncode if child.returncode >= 0 else 128 - child.returncode
     prepared.collect()
     hits = prepared.limits_hit() + disk.hits()
     planted = prepared.check_workspace()
@@ -173,6 +178,7 @@ def run_attached(opts: AttachOptions) -> int:
         code = EXIT_SETUP
     if opts.caller is not None:  # the caller's wait ends here, not after the teardown
         opts.caller.exit(code)
+    child.wait()  # out of the task's cgroup, which goes next
     prepared.remove()
     return code
 
@@ -235,23 +241,29 @@ def _wait(
     terminal=None,
     stopping=None,
     disk: DiskGuard | None = None,
+    prepared: prepare.PreparedSandbox | None = None,
 ):
     """Until the task ends; keeps (or regains) the service. Returns the client, or None.
     A `caller` (a handed-over run) has its signals forwarded; when it is gone, the
     task is killed, as a runner's death kills it. With a `terminal` (the task's pty),
     job control goes through the sandbox's PID 1, and its reports back to the caller.
     `stopping` (StopGrace): the stop signals' grace, whose end this loop looks at;
-    `disk` (DiskGuard): the disk reserve, which it checks every `disk.every` seconds."""
+    `disk` (DiskGuard): the disk reserve, which it checks every `disk.every` seconds.
+    `prepared`: its report, whose last record (the task's exit code) ends the wait
+    before the init's own end when no process is left in the task's cgroup but the
+    init; the init is reaped later (`child.wait()`)."""
     stopping = stopping or StopGrace(child, spec.STOP_GRACE)
     pidfd = os.pidfd_open(child.pid)
     woken, wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     previous_wakeup = signal.set_wakeup_fd(wake)  # a signal ends the select: a grace begins
+    report = prepared.report_r if prepared is not None else None
     try:
         next_try = 0.0
         while child.poll() is None:
             watched = [pidfd, woken] + ([client.sock] if client is not None else [])
             watched += [caller] if caller is not None else []
             watched += [terminal] if terminal is not None and terminal.open else []
+            watched += [report] if report is not None else []
             now = time.monotonic()
             timeout = None if client is not None else max(0.0, next_try - now)
             if stopping.deadline is not None:
@@ -299,13 +311,25 @@ def _wait(
             if client is None and time.monotonic() >= next_try:
                 client = _resume(path, run_id)
                 next_try = time.monotonic() + RESUME_EVERY_S
-        child.wait()
+            if report is not None and report in ready and prepared.take_report():
+                if prepared.exit_code is not None and _only_init_left(prepared, child):
+                    break
+                report = None  # its end without that record: the init's own end, then
         return client if client is not None else _resume(path, run_id)
     finally:
         os.close(pidfd)
         signal.set_wakeup_fd(previous_wakeup)
         os.close(woken)
         os.close(wake)
+
+
+def _only_init_left(prepared: prepare.PreparedSandbox, child: ForkedInit) -> bool:
+    """Whether the task's cgroup holds no process but the init (or none): the task's
+    are all gone. Without a cgroup to tell, the init's own end is waited for."""
+    try:
+        return prepared.cgroup is not None and prepared.cgroup.members() <= {child.pid}
+    except OSError:
+        return False
 
 
 def _resume(path: Path, run_id: str):

@@ -605,6 +605,10 @@ class TaskCgroup:
         for procs in self.procs_files:
             _set(self._fs, procs, str(pid))
 
+    def members(self) -> set[int]:
+        """The processes in it now, in any of its hierarchies (OSError if unreadable)."""
+        return set().union(*(_pids(self._fs, procs) for procs in self.procs_files))
+
     def limits_hit(self) -> list[LimitHit]:
         """The limits the task ran into so far; read before remove()."""
         hits = []

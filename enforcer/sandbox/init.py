@@ -649,7 +649,6 @@ def main(args: list[str] | None = None) -> int:
             os._exit(EXIT_SETUP_FAILED)
     os.close(unshared_w)
     os.close(mapped_r)
-    report.close()
     if spec["userns"]:
         if os.read(unshared_r, 1) == b"1":
             base, count = spec["id_base"], spec["id_count"]
@@ -669,9 +668,16 @@ def main(args: list[str] | None = None) -> int:
     while True:
         try:
             _, status = os.waitpid(init, 0)
-            return _exit_code(status)
+            break
         except InterruptedError:
             continue
+    # PID 1 is reaped, so every process of the sandbox is gone (its end killed the rest
+    # of its pid namespace first). The runner goes on from this record rather than
+    # from this process's end, whose teardown of the namespaces (the file view's
+    # mounts) takes 1-2 ms more (attach._wait checks the task's cgroup is empty).
+    report.send(exit=_exit_code(status))
+    report.close()
+    return _exit_code(status)
 
 
 if __name__ == "__main__":

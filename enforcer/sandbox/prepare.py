@@ -48,6 +48,9 @@ class PreparedSandbox:
     walked_after: planting.Survey | None = None  # kept at `remove`, off the exit's path
     # The task's host ids, this run's alone until `remove` (id_slots.py)
     ids: id_slots.IdSlot | None = None
+    # The init's last record (init.main): its task's exit code, once all of it is gone
+    exit_code: int | None = None
+    _report: bytes = b""  # what the init and the task reported so far (take_report)
 
     @property
     def init_fds(self) -> tuple[int, ...]:
@@ -80,19 +83,36 @@ class PreparedSandbox:
                     os.close(fd)
         self.joined_w = None
 
+    def take_report(self) -> bool:
+        """Read what the init and the task reported so far, without waiting; True once
+        all of it is here: the init's last record, the task's exit code (`exit_code`),
+        or the end of the pipe."""
+        os.set_blocking(self.report_r, False)
+        ended = True
+        try:
+            while chunk := os.read(self.report_r, 65536):
+                self._report += chunk
+        except BlockingIOError:
+            ended = False
+        except OSError:
+            pass
+        last = self._report[:-1].rpartition(b"\n")[2] if self._report.endswith(b"\n") else b""
+        with contextlib.suppress(ValueError, AttributeError):
+            if type(code := json.loads(last).get("exit")) is int:
+                self.exit_code, ended = code, True
+        return ended
+
     def collect(self) -> None:
         """What the init and the task reported (they closed the pipe before exec)."""
-        os.set_blocking(self.report_r, False)
-        data = b""
-        with contextlib.suppress(BlockingIOError, OSError):
-            while chunk := os.read(self.report_r, 65536):
-                data += chunk
+        self.take_report()
         with contextlib.suppress(OSError):
             os.close(self.report_r)
-        for line in data.splitlines():
+        for line in self._report.splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
+                continue
+            if not isinstance(record, dict):
                 continue
             if "weakened" in record:
                 self.gaps.append(Gap(record["weakened"], record.get("why", "")))
