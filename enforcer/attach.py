@@ -68,7 +68,16 @@ def run_attached(opts: AttachOptions) -> int:
     try:
         summary_file = SummaryFile(opts.summary_json) if opts.summary_json else None
         client = control.ControlClient.connect(opts.control)
-        client.send("attach", profile=opts.profile, command=opts.command, runner_pid=os.getpid())
+        # ready_line: the reply comes before the service has the sandbox served (the
+        # worker's registration, the task's files), and a second line once it has: the
+        # sandbox is prepared meanwhile, and the init started only after that line.
+        client.send(
+            "attach",
+            profile=opts.profile,
+            command=opts.command,
+            runner_pid=os.getpid(),
+            ready_line=True,
+        )
         gaps = prepare.missing_features(opts.limits)  # while the service attaches (~1 ms)
         reply = client.reply()
     except (SummaryFileError, control.ControlError) as e:
@@ -84,7 +93,18 @@ def run_attached(opts: AttachOptions) -> int:
     except (spec.SandboxError, OSError) as e:
         if terminal is not None:
             terminal.close()
+        with contextlib.suppress(control.ControlError):
+            _ready(client, reply)  # read before the detach's own reply
         _detach(client, run_id, None, quiet=True)
+        print(f"sandgate: {e}", file=sys.stderr)
+        return EXIT_SETUP
+    try:
+        _ready(client, reply)
+    except control.ControlError as e:
+        if terminal is not None:
+            terminal.close()
+        prepared.started()
+        prepared.finish()  # the service removed its side (it says why)
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_SETUP
     for gap in prepared.gaps:
@@ -181,6 +201,13 @@ def run_attached(opts: AttachOptions) -> int:
     child.wait()  # out of the task's cgroup, which goes next
     prepared.remove()
     return code
+
+
+def _ready(client: control.ControlClient, reply: dict) -> None:
+    """The service's second line, when its reply said one comes (`ready_line`): it
+    serves the sandbox now. ControlError if it could not (it removed its side)."""
+    if reply.get("ready_line") is True:
+        client.reply()
 
 
 def _prepare(

@@ -129,6 +129,7 @@ class Attached:
     rules_hash: str = ""
     worker: int = -1  # its data plane slot: the worker its table points at (--workers N > 1)
     table_rates: dict | None = None  # its loaded table's (nft.table_rates); None: none loaded
+    inspected: bool = False  # its profile inspects TLS (at its attach): its CA bundle has ours
 
     @property
     def dir(self) -> Path:
@@ -409,13 +410,27 @@ class GatewayService:
                     continue
                 cmd = request.get("cmd")
                 try:
-                    if cmd in ("attach", "resume") and mine is None:
-                        if cmd == "attach":
-                            mine = await self._attach(request, peer, peer_pid)
-                        else:
-                            mine = self._resume(request, peer, peer_pid)
+                    if cmd == "resume" and mine is None:
+                        mine = self._resume(request, peer, peer_pid)
                         await _reply_with_netns(writer, self._attach_reply(mine), mine)
                         continue
+                    elif cmd == "attach" and mine is None:
+                        mine = await self._attach(request, peer, peer_pid)
+                        # Asked for (attach.py): the reply first, and a second line once
+                        # the sandbox is served, while the runner prepares its sandbox.
+                        ready_line = request.get("ready_line") is True
+                        if ready_line:
+                            reply = self._attach_reply(mine) | {"ready_line": True}
+                            await _reply_with_netns(writer, reply, mine)
+                        try:
+                            await self._serve_attached(mine, peer)
+                        except BaseException:
+                            mine = None  # removed: this connection holds no sandbox
+                            raise
+                        if not ready_line:
+                            await _reply_with_netns(writer, self._attach_reply(mine), mine)
+                            continue
+                        reply = {"ok": True, "ready": True}
                     elif cmd == "event" and mine is not None:
                         reply = self._runner_event(mine, request)
                     elif cmd == "detach" and mine is not None:
@@ -538,12 +553,25 @@ class GatewayService:
         attached.runner_pid = peer_pid
         attached.runner_start = process_stamp.start_time(attached.runner_pid)
         attached.started = time.time()
+        # Decided once, for the reply and the task's files both (a reload may come between).
+        attached.inspected = inspects(policy, profile)
         try:
             # `sandgate gc`: the run lives while its runner does
             (attached.dir / "pid").write_text(process_stamp.stamp(attached.runner_pid))
             self._write_state(attached)
             self.sandboxes[attached.run_id] = attached
-            if attached.table_rates != nft.table_rates(policy.limits_for(profile)):
+        except BaseException:
+            await self._remove(attached, "its setup failed")
+            raise
+        return attached
+
+    async def _serve_attached(self, attached: Attached, peer: str) -> None:
+        """The rest of an attach, before the task may send a packet: its table's rates,
+        the worker's registration, the task's files; then its start event. Its failure
+        removes the sandbox."""
+        try:
+            rates = nft.table_rates(self.data_plane.policy.limits_for(attached.profile))
+            if attached.table_rates != rates:
                 await self._apply_table(attached)  # a spare's table has the default rates
             # The worker's ack (a round trip) while the task's files are written; both
             # end before either's failure goes on (to `_remove`, which removes the dir).
@@ -555,14 +583,15 @@ class GatewayService:
         except BaseException:
             await self._remove(attached, "its setup failed")
             raise
-        attached.summary.task_started(attached.run_id, profile, attached.address, attached.command)
+        attached.summary.task_started(
+            attached.run_id, attached.profile, attached.address, attached.command
+        )
         self.data_plane.emit(
             attached.summary.start_event.with_fields(
                 detail=f"{attached.summary.start_event.detail} (attached by {peer}, "
                 f"runner pid {attached.runner_pid})"[:1000]
             )
         )
-        return attached
 
     async def _register(self, attached: Attached) -> None:
         """The data plane serves it now (with workers: the sandbox's worker has acked)."""
@@ -656,6 +685,15 @@ class GatewayService:
             return 0
         return len(handoff.runner_sockets(str(self.opts.control)))
 
+    def _ca_bundle(self, attached: Attached) -> bool:
+        """Whether its task's files have a CA bundle: said in the attach's reply, which
+        may come before they are written (a re-adopted sandbox's: as on disk)."""
+        return (
+            bool(self.opts.extra_ca)
+            or attached.inspected
+            or (attached.dir / "ca-bundle.pem").exists()
+        )
+
     def _attach_reply(self, attached: Attached) -> dict:
         ca = attached.dir / "ca-bundle.pem"
         return {
@@ -665,7 +703,7 @@ class GatewayService:
             "netns": f"/run/netns/{netns.netns_name(attached.run_id)}",
             "sandbox_ip": attached.address,
             "resolv_conf": str(attached.dir / "resolv.conf"),
-            "ca_bundle": str(ca) if ca.exists() else None,
+            "ca_bundle": str(ca) if self._ca_bundle(attached) else None,
             "ca_env_vars": list(CA_ENV_VARS),
             "system_ca_bundle": str(SYSTEM_CA_BUNDLE),
             "hidden": [str(STATE_DIR), str(RUN_DIR), str(self.opts.audit_log)],
@@ -694,7 +732,7 @@ class GatewayService:
             f"# written by sandgate: the gateway's DNS filter\nnameserver {attached.gateway_ip}\noptions edns0\n"
         )
         extra = list(self.opts.extra_ca)
-        if inspects(self.data_plane.policy, attached.profile):
+        if attached.inspected:
             extra.append((await self.data_plane.gateway_ca()).read_text())
         if extra:
             _write_ca_bundle(attached.dir / "ca-bundle.pem", extra)
