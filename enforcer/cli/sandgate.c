@@ -383,18 +383,20 @@ static int follow(int conn, struct lines *l) {
     return EXIT_SETUP;
 }
 
-/* The Python command beside this one, with these arguments. */
+/* The Python command beside this one (without /proc to say where this one is: the
+ * first on PATH), with these arguments. */
 static void python(char **argv, int tried) {
     char self[PATH_MAX], *slash;
     static const char name[] = "/" PYTHON_COMMAND;
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - sizeof name);
-    if (n <= 0 || (slash = memrchr(self, '/', (size_t)n)) == NULL) {
-        fputs("sandgate: cannot find where this program is (/proc/self/exe)\n", stderr);
-        _exit(EXIT_SETUP);
-    }
-    memcpy(slash, name, sizeof name);
     if (tried) setenv(TRIED, "1", 1);
-    execv(self, argv);
+    if (n > 0 && (slash = memrchr(self, '/', (size_t)n)) != NULL) {
+        memcpy(slash, name, sizeof name);
+        execv(self, argv);
+    } else {
+        strcpy(self, PYTHON_COMMAND);
+        execvp(self, argv);
+    }
     fprintf(stderr, "sandgate: cannot run %s: %s\n", self, strerror(errno));
     _exit(EXIT_SETUP);
 }
