@@ -43,6 +43,7 @@ STEPS = {
         ("_prepare", "runner: _prepare"),
         ("ForkedInit.__init__", "runner: start the init (seed's spec)"),
         ("_wait", "runner: _wait (the sandbox and the task)"),
+        ("_ready", "runner: the attach's second line (the sandbox served)"),
         ("_detach", "runner: detach round trip"),
         ("_close_all_but", None),  # keeps the marks' fd in the seed and the init
     ],
@@ -66,6 +67,12 @@ STEPS = {
     _P + "sandbox.spec": [("file_view", "runner: prepare: file view")],
     _P + "sandbox.id_slots": [("claim", "runner: prepare: id slot")],
     _P + "sandbox.cgroup": [("TaskCgroup.set_limits", "runner: prepare: cgroup limits")],
+    # The service's requests to its workers, and a worker's handling of one (the worker
+    # runs as `-m sandgate.proxy.worker`, which no finder sees; its link module it imports).
+    "sandgate.proxy.worker_link": [
+        ("Link.request", "service: its requests to a worker (register, retire)"),
+        ("Link._answer", "worker: its answer to a request"),
+    ],
     _P + "control": [
         ("ControlClient.connect", "runner: control connect"),
         ("ControlClient.request", "runner: control request {cmd}"),
@@ -73,6 +80,7 @@ STEPS = {
     _P + "service": [
         ("GatewayService._attach", "service: attach"),
         ("GatewayService._detach", "service: detach"),
+        ("GatewayService._serve_attached", "service: serve the attached sandbox"),
         ("GatewayService._write_task_files", "service: task files"),
         ("GatewayService._apply_table", "service: table"),
         ("GatewayService._new_network", "service: new spare network"),
