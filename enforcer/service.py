@@ -685,17 +685,11 @@ class GatewayService:
             return 0
         return len(handoff.runner_sockets(str(self.opts.control)))
 
-    def _ca_bundle(self, attached: Attached) -> bool:
-        """Whether its task's files have a CA bundle: said in the attach's reply, which
-        may come before they are written (a re-adopted sandbox's: as on disk)."""
-        return (
-            bool(self.opts.extra_ca)
-            or attached.inspected
-            or (attached.dir / "ca-bundle.pem").exists()
-        )
-
     def _attach_reply(self, attached: Attached) -> dict:
         ca = attached.dir / "ca-bundle.pem"
+        # The reply may come before the task's files are written (its second line):
+        # whether they have a CA bundle is known from the attach (a re-adopted one's: on disk).
+        has_ca = bool(self.opts.extra_ca) or attached.inspected or ca.exists()
         return {
             "ok": True,
             "run_id": attached.run_id,
@@ -703,7 +697,7 @@ class GatewayService:
             "netns": f"/run/netns/{netns.netns_name(attached.run_id)}",
             "sandbox_ip": attached.address,
             "resolv_conf": str(attached.dir / "resolv.conf"),
-            "ca_bundle": str(ca) if self._ca_bundle(attached) else None,
+            "ca_bundle": str(ca) if has_ca else None,
             "ca_env_vars": list(CA_ENV_VARS),
             "system_ca_bundle": str(SYSTEM_CA_BUNDLE),
             "hidden": [str(STATE_DIR), str(RUN_DIR), str(self.opts.audit_log)],

@@ -675,9 +675,10 @@ def main(args: list[str] | None = None) -> int:
     # of its pid namespace first). The runner goes on from this record rather than
     # from this process's end, whose teardown of the namespaces (the file view's
     # mounts) takes 1-2 ms more (attach._wait checks the task's cgroup is empty).
-    report.send(exit=_exit_code(status))
+    code = _exit_code(status)
+    report.send(exit=code)
     report.close()
-    return _exit_code(status)
+    return code
 
 
 if __name__ == "__main__":

@@ -732,14 +732,3 @@ def _number(value) -> int:
     if type(value) is not int:
         raise TypeError("not an integer")
     return value
-
-
-def _plain_name(name) -> bool:
-    """A directory entry's name: never a path (`..`, a slash) that `os.open(name,
-    dir_fd=...)` would take out of its directory."""
-    return (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and "/" not in name
-        and "\0" not in name
-    )

@@ -78,11 +78,17 @@ class FakeRunner:
             conn.sendall(b'{"claimed": true}\n')
         return taken
 
-    def take(self, conn) -> list[int]:
+    def take(self, conn, answer: bytes = b'{"taken": true}\n', keep: bool = False) -> list[int]:
+        """The caller's stdio line and descriptors, answered with `answer`; the
+        descriptors closed here unless `keep`."""
         line, fds, _flags, _addr = socket.recv_fds(conn, handoff.STDIO_LINE_MAX, 3)
         assert json.loads(line) == {"stdio": [0, 1, 2]}
-        conn.sendall(b'{"taken": true}\n')
-        return fds
+        conn.sendall(answer)
+        if keep:
+            return fds
+        for fd in fds:
+            os.close(fd)
+        return []
 
     def follow(self, conn, until=None) -> None:
         """What the client sends (signals), until it hangs up or `until()`."""
@@ -127,9 +133,19 @@ def _argv(runner: FakeRunner, *command: str) -> list[str]:
 def _exits_with(code: int):
     def script(runner, conn, request):
         if runner.claim(conn, request):
-            for fd in runner.take(conn):
-                os.close(fd)
+            runner.take(conn)
             conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+
+    return script
+
+
+def _refuses(why: str):
+    """A runner that claims the run, takes the stdio and then refuses it (as become()
+    does for another gateway service)."""
+
+    def script(runner, conn, request):
+        if runner.claim(conn, request):
+            runner.take(conn, json.dumps({"refused": why}).encode() + b"\n")
 
     return script
 
@@ -207,7 +223,7 @@ def test_the_runners_exit_code_is_the_commands(runners):
 def test_the_stdio_the_runner_gets_is_the_callers(runners, tmp_path):
     def script(runner, conn, request):
         if runner.claim(conn, request):
-            fds = runner.take(conn)
+            fds = runner.take(conn, keep=True)
             os.write(fds[1], b"to stdout\n")
             os.write(fds[2], b"to stderr\n")
             data = os.read(fds[0], 100)
@@ -228,8 +244,7 @@ def test_the_stdio_the_runner_gets_is_the_callers(runners, tmp_path):
 def test_a_runner_gone_before_the_exit_code_is_exit_125_with_a_line(runners):
     def script(runner, conn, request):
         if runner.claim(conn, request):
-            for fd in runner.take(conn):
-                os.close(fd)
+            runner.take(conn)
 
     runner = runners(script)
     proc = subprocess.run(_argv(runner, "true"), capture_output=True, text=True, timeout=30)
@@ -245,8 +260,7 @@ def test_a_runner_gone_before_the_exit_code_is_exit_125_with_a_line(runners):
 def test_what_no_runner_sends_is_a_runner_gone(runners, answer):
     def script(runner, conn, request):
         if runner.claim(conn, request):
-            for fd in runner.take(conn):
-                os.close(fd)
+            runner.take(conn)
             conn.sendall(answer)
 
     runner = runners(script)
@@ -263,14 +277,7 @@ def _no_service(proc: subprocess.CompletedProcess, runner: FakeRunner) -> None:
 
 
 def test_a_refusal_after_the_claim_goes_on_without_offering_again(runners):
-    def script(runner, conn, request):
-        if runner.claim(conn, request):
-            _, fds, _, _ = socket.recv_fds(conn, handoff.STDIO_LINE_MAX, 3)
-            for fd in fds:
-                os.close(fd)
-            conn.sendall(b'{"refused": "another gateway service"}\n')
-
-    runner = runners(script)
+    runner = runners(_refuses("another gateway service"))
     proc = subprocess.run(_argv(runner, "true"), capture_output=True, text=True, timeout=30)
     _no_service(proc, runner)
     assert len(runner.requests) == 1
@@ -295,8 +302,7 @@ def test_a_runner_that_claims_late_is_waited_for(runners):
         os.read(request["_fds"][0], 1)
         time.sleep(handoff.CLAIM_TIMEOUT_S * 2)
         conn.sendall(b'{"claimed": true}\n')
-        for fd in runner.take(conn):
-            os.close(fd)
+        runner.take(conn)
         conn.sendall(b'{"exit": 5}\n')
 
     runner = runners(script)
@@ -305,14 +311,7 @@ def test_a_runner_that_claims_late_is_waited_for(runners):
 
 
 def test_the_next_runner_gets_the_run_when_one_refuses(runners):
-    def refuse(runner, conn, request):
-        if runner.claim(conn, request):
-            _, fds, _, _ = socket.recv_fds(conn, handoff.STDIO_LINE_MAX, 3)
-            for fd in fds:
-                os.close(fd)
-            conn.sendall(b'{"refused": "no"}\n')
-
-    first = runners(refuse, "a1")
+    first = runners(_refuses("no"), "a1")
     second = runners(_exits_with(9), "b2")
     proc = subprocess.run(_argv(first, "true"), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 9, proc.stderr
@@ -328,8 +327,7 @@ def test_signals_go_to_the_runner_and_a_stop_stops_the_front_too(runners):
 
     def script(runner, conn, request):
         if runner.claim(conn, request):
-            for fd in runner.take(conn):
-                os.close(fd)
+            runner.take(conn)
             runner.follow(conn, until=done.is_set)
             conn.sendall(b'{"exit": 0}\n')
 
