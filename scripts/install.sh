@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 # python3-venv: Debian's python3 has no ensurepip without it; .venv below needs it,
 # and so do the wheel test and the sandbox tests, which make venvs of their own.
 packages=(nftables iproute2 nginx-light dnsmasq-base ca-certificates python3-venv)
+# gcc: the `sandgate` command's native front (enforcer/cli/sandgate.c, compiled by
+# setup.py at the pip install below; without it `sandgate` is the Python command).
+packages+=(gcc libc6-dev)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(curl dnsutils socat iputils-ping prometheus chromium chromium-driver)  # chromium: the approvals page test (Selenium)
   packages+=(strace)  # a kill at a chosen step of a run (test_crash_points: a delay injected on a syscall)
