@@ -151,6 +151,7 @@ def medians_ms(
     envs: dict[str, dict] | None = None,
     gap: float = 0.0,
     block: int = 1,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """{name: (median, min) ms} of each argv, the rounds taken in turn (load from
     others on the machine hits every variant alike), `block` rounds of a variant at
@@ -158,7 +159,8 @@ def medians_ms(
     one variant's service does after its last run then never falls in the other's
     block); each round's (start, end) in monotonic ns appended to `windows[name]`,
     where given; `envs[name]`: the variant's environment, where not this process's;
-    `gap`: seconds between rounds."""
+    `gap`: seconds between rounds. `cpu[name]`, where given: each round's CPU time of
+    the whole machine (every process: the client, runner, init, service, refills)."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
     blocks = [
         (name, min(block, rounds - first)) for first in range(0, rounds, block) for name in variants
@@ -169,16 +171,26 @@ def medians_ms(
         for _ in range(count):
             time.sleep(gap)
             env = (envs or {}).get(name)
-            t0 = time.perf_counter()
+            t0, busy0 = time.perf_counter(), machine_busy_ms()
             start = time.monotonic_ns()
             argv = variants[name]
             proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, env=env)
             samples[name].append((time.perf_counter() - t0) * 1000)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(machine_busy_ms() - busy0)
             if windows is not None and name in windows:
                 windows[name].append((start, time.monotonic_ns()))
             if proc.returncode != 0:
                 raise SystemExit(f"bench_attach: {' '.join(argv)} failed:\n{proc.stderr}")
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
+
+
+def machine_busy_ms() -> float:
+    """CPU time every core has spent busy since boot (/proc/stat: all but idle,
+    iowait and steal), in ms."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def install_probe(site: Path) -> None:
@@ -343,6 +355,8 @@ def main() -> int:
     args = parser.parse_args()
     if (args.breakdown or args.baseline) and args.install != "wheel":
         parser.error("--breakdown and --baseline need --install wheel")
+    if args.rounds < 1 or args.embedded_rounds < 1:
+        parser.error("--rounds and --embedded-rounds take 1 or more")
     if os.geteuid() != 0:
         print("bench_attach: needs root (namespaces, nftables, cgroups)", file=sys.stderr)
         return 2
@@ -394,8 +408,9 @@ def main() -> int:
         speed = hostspeed.measure()
         medians_ms(attaching, 3, workspace, envs=envs)  # the page cache, the spares
         windows["attached"].clear()
+        cpu: dict[str, list[float]] = {}
         measured_attached = medians_ms(
-            attaching, args.rounds, workspace, windows, envs, args.gap, args.block
+            attaching, args.rounds, workspace, windows, envs, args.gap, args.block, cpu
         )
         attached, attached_min = measured_attached["attached"]
         baseline = measured_attached.get("baseline")
@@ -450,6 +465,12 @@ def main() -> int:
         )
     if srt is not None:
         print(f"{'srt true':<12} {srt[0]:>10.1f} {srt[1]:>8.1f} {args.embedded_rounds:>7}")
+    for name, spent in cpu.items():
+        # Back to back on N cores a round cannot take less wall time than its CPU / N.
+        print(
+            f"CPU of the machine per {name} round: {statistics.mean(spent):.1f} ms "
+            f"(at least {statistics.mean(spent) / os.cpu_count():.1f} ms of wall time back to back)"
+        )
     print(f"attached / embedded: {attached / embedded:.2f}")
     if srt is not None:
         print(f"embedded / sandbox-runtime, measured here: {embedded / srt[0]:.2f}")

@@ -32,7 +32,8 @@ Then one table: the medians per variant and their ratios to sandgate's.
 `--baseline REV` adds a second gateway whose sandgate is that git revision's tree
 (exported to the work directory), in turn with the checkout's: an A/B in one run.
 `--with no-telemetry` adds the checkout's gateway with the audit log's and the
-metrics' `emit` made no-ops: what telemetry costs a request, in turn.
+metrics' `emit` made no-ops: what telemetry costs a request, in turn; `no-audit`,
+`no-metrics`: one sink muted.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from pathlib import Path
 import hostspeed
 
 DESTINATION = ("203.0.113.10", 80)
+# `--with NAME`: the checkout's gateway with these sinks' `emit` a no-op.
+MUTED = {"no-telemetry": ("audit", "metrics"), "no-audit": ("audit",), "no-metrics": ("metrics",)}
 FLOOR = Path(__file__).resolve().parent / "floor_relay.py"
 RULES = """\
 version: 1
@@ -110,12 +113,12 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 def gateway_main(
-    work: str, upstream_port: int, ready, control, tree: str | None = None, telemetry: bool = True
+    work: str, upstream_port: int, ready, control, tree: str | None = None, muted: tuple = ()
 ) -> None:
     """A Gateway whose front door listens on loopback; `control` says when to start
     and stop a profile (phase names), and "exit". `tree`: sandgate imported from
-    there (`--baseline`), not from the checkout. Not `telemetry`: the audit log's and
-    the metrics' `emit` do nothing (bench_gateway.py's setup T)."""
+    there (`--baseline`), not from the checkout. `muted`: of "audit" and "metrics",
+    the sinks whose `emit` does nothing (both: bench_gateway.py's setup T)."""
     if tree is not None:
         sys.path.insert(0, tree)
     from sandgate.proxy.gateway import Gateway, GatewayConfig
@@ -128,8 +131,8 @@ def gateway_main(
         raise SystemExit(
             f"bench_http1: the baseline imported {sys.modules['sandgate.proxy'].__file__}"
         )
-    if not telemetry:
-        AuditLog.emit = Metrics.emit = lambda self, event: None
+    for sink in muted:
+        {"audit": AuditLog, "metrics": Metrics}[sink].emit = lambda self, event: None
 
     profile_to = os.environ.get("BENCH_HTTP1_PROFILE")
     if os.environ.get("BENCH_HTTP1_H11"):
@@ -299,12 +302,12 @@ def main() -> int:
         "--with",
         dest="others",
         default="",
-        help="floor, no-telemetry (comma-separated): also these, in turn (see above)",
+        help=f"floor, {', '.join(MUTED)} (comma-separated): also these, in turn (see above)",
     )
     args = parser.parse_args()
     others = [o for o in args.others.split(",") if o]
-    if set(others) - {"floor", "no-telemetry"}:
-        parser.error("--with takes floor, no-telemetry")
+    if set(others) - {"floor", *MUTED}:
+        parser.error(f"--with takes floor, {', '.join(MUTED)}")
     if args.chunked and "floor" in others:
         parser.error("--chunked is sandgate's alone: the floor reads Content-Length answers")
     nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
@@ -328,20 +331,19 @@ def main() -> int:
         os.environ["BENCH_HTTP1_PROFILE"] = str(Path(args.profile).resolve())
     mp = multiprocessing.get_context("spawn")
     ready_r, ready_w = mp.Pipe(duplex=False)
-    # name -> (the tree it imports sandgate from, telemetry on)
-    gateways = {"sandgate": (None, True)}
+    # name -> (the tree it imports sandgate from, the sinks muted)
+    gateways = {"sandgate": (None, ())}
     if args.baseline:
-        gateways["baseline"] = (str(export_tree(args.baseline, work / "baseline-tree")), True)
-    if "no-telemetry" in others:
-        gateways["no-telemetry"] = (None, False)
+        gateways["baseline"] = (str(export_tree(args.baseline, work / "baseline-tree")), ())
+    gateways |= {name: (None, MUTED[name]) for name in others if name in MUTED}
     servers, processes, controls = [upstream], [], {}
     variants = {}  # name -> (port, pid)
     try:
-        for name, (tree, telemetry) in gateways.items():
+        for name, (tree, muted) in gateways.items():
             control, control_child = mp.Pipe()
             gateway = mp.Process(
                 target=gateway_main,
-                args=(str(work / name), upstream_port, ready_w, control_child, tree, telemetry),
+                args=(str(work / name), upstream_port, ready_w, control_child, tree, muted),
             )
             (work / name).mkdir()
             gateway.start()
