@@ -169,8 +169,8 @@ def create_sandbox_net(
             # drops what it is given: the task's first SYN would be lost and
             # retried only a second later.
             step = "wait for links up"
-            _wait_until_up(host, host_idx)
-            _wait_until_up(sandbox, sbx_idx)
+            _wait_until_up(host, net.host_if)
+            _wait_until_up(sandbox, net.sandbox_if)
     except Exception as e:
         for action in reversed(undo):
             with contextlib.suppress(Exception):
@@ -300,14 +300,11 @@ def _link_index(rtnl: Rtnl, ifname: str) -> int:
     return index
 
 
-def _wait_until_up(rtnl: Rtnl, index: int, timeout: float = 2.0) -> None:
+def _wait_until_up(rtnl: Rtnl, ifname: str, timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        state = rtnl.link_state(index)
-        if state == "UP":
-            return
+    while not rtnl.link_running(ifname):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"link {index} is {state} after {timeout} s")
+            raise TimeoutError(f"link {ifname} is not up after {timeout} s")
         time.sleep(0.0005)
 
 

@@ -67,7 +67,9 @@ def test_a_sandbox_network_made_by_rtnl_is_what_the_kernel_holds(two_netns) -> N
             os.close(box_fd)
         (host_link,) = ip_json(host_ns, "link", "show", "sgt0")
         assert host.link_index("sgt0") == host_link["ifindex"]
-        assert host.link_index("nosuchlink") is None
+        for absent in ("nosuchlink", "sgt0-but-longer-than-15", "sgt0\0x", ""):
+            assert host.link_index(absent) is None, absent
+        assert box.link_index("sgt0") is None, "asked in the other netns"
         assert ip_json(box_ns, "link", "show", "eth0"), "the peer is not in the sandbox's netns"
         assert ip_json(host_ns, "link", "show", "eth0") is None
 
@@ -92,14 +94,27 @@ def test_a_sandbox_network_made_by_rtnl_is_what_the_kernel_holds(two_netns) -> N
             ("default", "10.99.0.1", "eth0", "static")
         ]
         deadline = time.monotonic() + 2
-        while host.link_state(host_link["ifindex"]) != "UP":
+        while not host.link_running("sgt0"):
             assert time.monotonic() < deadline, "the host end never came up"
             time.sleep(0.001)
+        (up,) = ip_json(host_ns, "link", "show", "sgt0")
+        assert up["operstate"] == "UP"
+
+        box.set_up(box_index, False)  # the peer down: the host end loses its carrier
+        deadline = time.monotonic() + 2
+        while host.link_running("sgt0"):
+            assert time.monotonic() < deadline, "the host end stayed up without its peer"
+            time.sleep(0.001)
+        (lower_down,) = ip_json(host_ns, "link", "show", "sgt0")
+        assert "UP" in lower_down["flags"] and lower_down["operstate"] != "UP"
 
         host.set_up(host_link["ifindex"], False)
         (down,) = ip_json(host_ns, "link", "show", "sgt0")
         assert "UP" not in down["flags"]
-        assert host.link_state(host_link["ifindex"]) == "DOWN"
+        assert host.link_running("sgt0") is False
+        with pytest.raises(OSError) as absent:
+            host.link_running("nosuchlink")
+        assert absent.value.errno == errno.ENODEV
 
         assert host.delete_link("sgt0") is True
         assert ip_json(host_ns, "link", "show", "sgt0") is None
