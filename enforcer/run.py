@@ -878,6 +878,12 @@ def _owned(run_dir: Path) -> bool:
     if service or runner:
         return True
     if service is None and runner is None:
-        with contextlib.suppress(OSError):
+        try:
             return time.time() - run_dir.stat().st_mtime < SETUP_GRACE_S
+        except FileNotFoundError:
+            # Gone since it was listed: its run ended (a run removes its dir last), and
+            # what gc listed of it meanwhile (its netns) went with it, not by gc's hand.
+            return True
+        except OSError:
+            pass
     return False

@@ -380,16 +380,18 @@ class AuditLog:
                 lost,
             )
             return
-        os.close(self._fd)
-        self._fd = -1
         if self._journal_map is not None:
-            # Everything taken in is on disk (or counted lost): nothing to recover.
+            # Everything taken in is on disk (or counted lost): nothing to recover. Gone
+            # while the log is still locked (the close below): `sandgate gc` takes a
+            # journal whose log nobody holds for a killed process's, and appends it.
             self._box = None
             self._journal_map.close()
             self._journal_map = None
             for done in (self.journal, self.journal.with_suffix(".log")):
                 with contextlib.suppress(OSError):
                     done.unlink()
+        os.close(self._fd)
+        self._fd = -1
 
     # --- the journal (proxy/telemetry/blackbox.py) ---------------------------------
 

@@ -12,6 +12,7 @@ that moment would have left them.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from sandgate.proxy.policy.reasons import Reason, Verdict
@@ -187,3 +188,24 @@ def test_gc_appends_a_journal_no_process_holds(tmp_path, monkeypatch):
     assert RECOVERED in records(path)[1]["detail"]
     assert not journal.exists() and not journal.with_suffix(".log").exists()
     assert run_module._left_journals() == []
+
+
+def test_a_closed_logs_journal_is_gone_before_its_lock(tmp_path, monkeypatch):
+    """`sandgate gc` appends a journal whose log no process locks (a killed one's): the
+    journal goes while the log is still locked. Unlinked after the lock, a gc between
+    the two took an ending run's journal for a killed run's (test_run_storm: ~1 in 15)."""
+    path, journal = tmp_path / "audit.jsonl", tmp_path / "j.ring"
+    log = AuditLog(path, journal=journal)
+    log.emit(request(0))
+    seen = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        if fd == log._fd:
+            seen.append((journal.exists(), journal.with_suffix(".log").exists()))
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", close)
+    log.close()
+    assert seen == [(False, False)]
+    assert [r["path"] for r in records(path)] == ["/0"]

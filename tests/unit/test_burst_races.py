@@ -170,6 +170,29 @@ def test_gc_leaves_the_cgroup_of_a_run_that_starts_while_it_looks(run_dir, monke
     assert runner.gc().removed == [] and removed == []
 
 
+def test_gc_says_nothing_of_a_run_that_ends_while_it_looks(run_dir, monkeypatch):
+    """A run's netns and state dir are listed, then the run ends (both gone, as a run
+    removes them) before gc reads who owns the dir: nothing of it is dead, or removed.
+    Taken for dead, its netns and dir were "removed" (test_run_storm saw it: ~1 in 15)."""
+    run_dir.mkdir()
+    (run_dir / "1234abcd").mkdir()
+    removed = []
+    real_is_dir = type(run_dir).is_dir
+
+    def listed_then_the_run_ends(path) -> bool:
+        there = real_is_dir(path)
+        if path.parent == run_dir and there:
+            path.rmdir()
+        return there
+
+    monkeypatch.setattr(nft, "list_tables", lambda prefix: [])
+    monkeypatch.setattr(runner.cgroup, "leftovers", lambda: [])
+    monkeypatch.setattr(netns, "list_sandbox_nets", lambda: ["1234abcd"])
+    monkeypatch.setattr(netns, "destroy_sandbox_net", lambda run_id: removed.append(run_id))
+    monkeypatch.setattr(type(run_dir), "is_dir", listed_then_the_run_ends)
+    assert runner.gc().removed == [] and removed == []
+
+
 def test_gc_leaves_another_run_dirs_live_table_and_takes_a_lone_one(run_dir, monkeypatch):
     """`sandgate_<id>` with a netns `sg-<id>` and no state dir here: a run of another
     SANDGATE_RUN_DIR (another engineer's, another service's). Without a netns: a
