@@ -677,6 +677,7 @@ def _close_all_but(keep: tuple[int, ...]) -> None:
 
 
 SEED_JOIN_TIMEOUT_S = 2.0
+_SEED_HOLDS = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM}
 
 
 class InitSeed:
@@ -698,7 +699,9 @@ class InitSeed:
     socket pair), which it puts at the numbers the spec names. It dies with the
     runner (PR_SET_PDEATHSIG); `discard` ends it and removes the cgroup."""
 
-    def __init__(self, task_cgroup: cgroup.TaskCgroup):
+    def __init__(self, task_cgroup: cgroup.TaskCgroup, *, own_group: bool = True):
+        """`own_group`: as ForkedInit's (a warm runner's seed leads a process group of
+        its own; an embedded run's stays in the run's, the terminal's foreground job)."""
         self.cgroup = task_cgroup
         self._joined: bool | None = None
         self._used = False
@@ -708,8 +711,8 @@ class InitSeed:
             self._sock.close()
             return _be_seed(theirs, task_cgroup.procs_files)
 
-        # its own process group: the run's (ForkedInit.signal_group)
-        self.pid = _fork(be_seed, own_group=True)
+        # a warm runner's: its own process group, the run's (ForkedInit.signal_group)
+        self.pid = _fork(be_seed, own_group=own_group)
         theirs.close()
 
     def usable(self, timeout: float = SEED_JOIN_TIMEOUT_S) -> bool:
@@ -770,9 +773,14 @@ def _be_seed(sock: socket.socket, procs_files: list[str]) -> int:
         print(f"sandgate runner: cannot join {path}: {e.strerror}", file=sys.stderr)
         return EXIT_SETUP
     sock.send(b"joined")
+    # Held while it waits (an embedded run's seed is in the terminal's foreground job:
+    # a ^C during the run's setup is the run's to handle, which then discards it), and
+    # delivered once it is the init, as to an init forked then.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _SEED_HOLDS)
     message, fds, _flags, _addr = socket.recv_fds(sock, 65536, 64)
     if not message:  # the runner went, or gave up on us
         return 0
+    signal.pthread_sigmask(signal.SIG_SETMASK, held)
     request = json.loads(message)
     targets = request["fds"]
     if len(targets) != len(fds):

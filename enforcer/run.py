@@ -273,6 +273,7 @@ class TaskRun:
         self.net: netns.SandboxNet | None = None
         self.gateway: Gateway | None = None
         self.child = None  # attach.ForkedInit: the sandbox init, forked from this process
+        self.seed = None  # attach.InitSeed: that init, forked ahead into the task's cgroup
         self.exit_code: int | None = None
         self.sandbox_ip: str | None = None
         self.sandbox: prepare.PreparedSandbox | None = None
@@ -337,6 +338,11 @@ class TaskRun:
             )
         self.net = await asyncio.to_thread(make_sandbox_net, self.run_id, opts.pool)
         gateway_ip, sandbox_ip = self.net.gateway_ip, self.net.sandbox_ip
+        # After the netns: `sandgate gc` of another RUN_DIR keeps a cgroup of no run of
+        # its own only while that run's netns exists (its cgroup is empty until joined).
+        with warnings.catch_warnings():  # Python 3.12+ warns of any fork in a threaded process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.seed = _init_seed(self.run_id, opts.limits)
 
         inspection = inspects(opts.policy, opts.profile)
         upstream_ca = self.dir / "upstream-ca.pem"
@@ -488,6 +494,10 @@ class TaskRun:
         hidden = [p for p in state if p.exists()] + (
             [self.audit_path] if self.audit_path.exists() else []
         )
+        seed = self.seed
+        if seed is not None and not seed.usable():
+            seed.discard()  # the run goes on as without it: a cgroup of its own, joined
+            self.seed = seed = None
         try:
             return prepare.prepare(
                 self.dir,
@@ -504,6 +514,7 @@ class TaskRun:
                 seccomp_cache=STATE_DIR / "cache",
                 walks=STATE_DIR / "cache",
                 runner_joins=True,
+                cgroup_ahead=seed.cgroup if seed is not None else None,
                 surveyed=surveyed,
             )
         except spec.SandboxError as e:
@@ -522,12 +533,13 @@ class TaskRun:
         sandbox = self.sandbox
         with warnings.catch_warnings():  # Python 3.12+ warns of any fork in a threaded process
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.child = ForkedInit(sandbox.spec_path, keep=sandbox.init_fds)
+            self.child = ForkedInit(sandbox.spec_path, keep=sandbox.init_fds, seed=self.seed)
         self._stopping = StopGrace(self.child, self.opts.stop_grace)
         self._disk = DiskGuard(self.child, self.opts.sandbox)
-        # The init builds its file view while this joins it to the task's cgroup
-        # (the first cgroup write after an idle spell waits out an RCU grace period).
-        await asyncio.to_thread(sandbox.join, self.child.pid)
+        if self.seed is None:
+            # The init builds its file view while this joins it to the task's cgroup
+            # (the first cgroup write after an idle spell waits out an RCU grace period).
+            await asyncio.to_thread(sandbox.join, self.child.pid)
         sandbox.started()
         # /metrics from here, not before the task: its server thread imports the WSGI
         # side (wsgiref, http.server, email, ...: ~10 ms of CPU, holding the GIL) as it
@@ -594,6 +606,8 @@ class TaskRun:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGKILL)
             await self._child_exit()
+        if self.seed is not None:
+            self.seed.discard()  # unless it became the init: then its cgroup is the sandbox's
         if self.sandbox is not None:
             self.sandbox.collect()
             if self.sandbox.self_test and self.opts.probe is None:
@@ -683,6 +697,30 @@ class TaskRun:
             self.gateway.emit(event)
         ended = "was not started" if self.exit_code is None else f"exit code {self.exit_code}"
         self.gateway.emit(task_events.task_ended(ended, duration, **self._task_fields()))
+
+
+def _init_seed(run_id: str, limits: cgroup.Limits):
+    """The task's init, forked now into its cgroup, made now (attach.InitSeed), or None
+    where the run has no limit to set or no cgroup can be made ahead (the run then
+    makes its own, or says why it cannot, as before). A process's first move into a
+    cgroup waits out an RCU grace period: ~14 ms of an embedded start on this
+    project's host while the init waited for it (bench_start), now spent beside the
+    network's and the gateway's setup. Its process group stays this process's (the
+    terminal's foreground job), as the init's always was in an embedded run."""
+    from sandgate.enforcer.attach import InitSeed
+
+    if not limits.controllers():
+        return None
+    try:
+        # The name create() gives it: `sandgate gc` knows it for this live run's.
+        made = cgroup.TaskCgroup.ahead(f"{cgroup.PREFIX}{run_id}")
+    except cgroup.CgroupError:
+        return None
+    try:
+        return InitSeed(made, own_group=False)
+    except OSError:
+        made.remove()
+        return None
 
 
 def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True) -> dict[str, int]:

@@ -341,12 +341,8 @@ def test_sandbox_leaves_no_process_mount_or_cgroup(net, tmp_path):
         r.returncode == 0 and int(r["sleep"].out.split()[-1]) > 5
     )  # the sandbox had its own mounts
     assert _sandgate_mounts(r.run_id) == []
-    assert not [p for p in Path("/sys/fs/cgroup").glob(f"*/**/sandgate-{r.run_id}")]
+    assert not sandbox.cgroups_of(r.run_id)
     assert not sandbox.processes_of(r.run_id)
-
-
-def _task_cgroups(run_id: str) -> list[Path]:
-    return [p for p in Path("/sys/fs/cgroup").glob(f"*/**/sandgate-{run_id}")]
 
 
 @pytest.mark.parametrize(
@@ -359,7 +355,32 @@ def _task_cgroups(run_id: str) -> list[Path]:
 def test_a_failed_task_leaves_no_cgroup(net, tmp_path, command, code):
     r = sandbox.run(net, tmp_path, command=command)
     assert r.returncode == code, r.describe()
-    assert not _task_cgroups(r.run_id)
+    assert not sandbox.cgroups_of(r.run_id)
+
+
+def test_a_setup_that_fails_after_the_init_is_forked_leaves_no_cgroup(net, tmp_path):
+    """An embedded run forks its init ahead into the task's cgroup once its netns is
+    made (enforcer/run.py, `_init_seed`). A setup that fails after that (here: a
+    repository whose config names the workspace itself as its hooks, refused as the
+    sandbox is prepared) ends that init and removes its cgroup."""
+
+    def hooks_at_the_root(workspace: Path) -> None:
+        subprocess.run(["git", "init", "-q", str(workspace / "repo")], check=True)
+        subprocess.run(
+            ["git", "-C", str(workspace / "repo"), "config", "core.hooksPath", str(workspace)],
+            check=True,
+        )
+
+    workdir = sandbox._workdir(tmp_path)
+    hooks_at_the_root(workdir / "steps")
+    before = set(sandbox.cgroups_of("*")), set(sandbox.NETNS_DIR.glob("sg-*"))
+    argv = sandbox._argv(net, workdir, ["true"], sandbox.DEMO_RULES, ())
+    proc = net.run_in_host(argv)
+    assert proc.returncode == 125, proc.stderr
+    assert "a writable root" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert set(sandbox.cgroups_of("*")) <= before[0], "the task's cgroup was left"
+    assert set(sandbox.NETNS_DIR.glob("sg-*")) <= before[1], "its netns was left"
+    assert not list(sandbox.RUN_DIR.glob("*/sandbox.json")), "a state dir was left"
 
 
 def test_gc_removes_an_empty_task_cgroup_that_no_run_owns(net):
@@ -367,11 +388,11 @@ def test_gc_removes_an_empty_task_cgroup_that_no_run_owns(net):
 
     orphan_id = secrets.token_hex(4)
     TaskCgroup.create(f"sandgate-{orphan_id}", Limits(memory_bytes=64 << 20, pids=16))
-    assert _task_cgroups(orphan_id)
+    assert sandbox.cgroups_of(orphan_id)
     removed = sandbox.gc(net)
     assert removed.returncode == 0, removed.stderr
     assert f"sandgate-{orphan_id}" in removed.stdout
-    assert not _task_cgroups(orphan_id)
+    assert not sandbox.cgroups_of(orphan_id)
 
 
 def _nice(pid: int) -> int:

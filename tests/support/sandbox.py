@@ -38,6 +38,7 @@ SANDBOX_PYTHON = "/usr/bin/python3"
 SANDGATE = str(Path(sys.executable).with_name("sandgate"))
 RUN_DIR = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))  # as enforcer/run.py
 NETNS_DIR = Path("/run/netns")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 # The sandbox's environment points every client at sandgate's bundle; without
 # these a client falls back to the system bundle, which is what we want to test.
@@ -528,6 +529,12 @@ def leftovers(fakenet, run_id: str) -> list[str]:
         found.append(f"state {RUN_DIR / run_id}")
     found += [f"process {pid}: {what}" for pid, what in processes_of(run_id)]
     return found
+
+
+def cgroups_of(run_id: str) -> list[Path]:
+    """The task cgroups of run `run_id` (`sandgate-<id>`), in every hierarchy (a v1
+    one may hold them a few levels down, under the host's own cgroup)."""
+    return list(CGROUP_ROOT.glob(f"*/**/sandgate-{run_id}"))
 
 
 def processes_of(run_id: str) -> list[tuple[int, str]]:
