@@ -131,10 +131,12 @@ def test_a_burst_of_embedded_runs_beside_gc(net, tmp_path, state, host):
             gcs += 1
         errs = [p.communicate(timeout=120)[1] for p, _ in started]
     finally:
-        for popen, _ in started:
-            if popen.poll() is None:
-                popen.kill()
-                popen.wait()
+        killed = [popen for popen, _ in started if popen.poll() is None]
+        for popen in killed:
+            popen.kill()
+            popen.wait()
+        if killed:  # their netns, cgroups and state dirs: this test's RUN_DIR's gc
+            sandbox.gc(net)
     run_ids = []
     for i, ((popen, workdir), err) in enumerate(zip(started, errs, strict=True)):
         events = sandbox._result(0, "", "", workdir, None).audit
