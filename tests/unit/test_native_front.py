@@ -407,23 +407,19 @@ def test_without_proc_the_python_command_is_the_first_on_path(tmp_path):
     """/proc/self/exe says where the front is; without /proc (a bare chroot or
     container), `sandgate-python` is looked up on PATH instead of failing."""
     script = f"umount -l /proc && exec {SANDGATE} --version"
-    env = dict(os.environ, PATH=f"{SANDGATE.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
-    out = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+
+    def without_proc(path: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PATH=path),
+            timeout=60,
+        )
+
+    out = without_proc(f"{SANDGATE.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     assert out.returncode == 0 and out.stdout.startswith("sandgate "), out
-    elsewhere = dict(env, PATH="/usr/bin:/bin")  # and where it is on no PATH: one line, 125
-    out = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        env=elsewhere,
-        timeout=60,
-    )
+    out = without_proc("/usr/bin:/bin")  # and where it is on no PATH: one line, 125
     assert (out.returncode, out.stderr) == (
         125,
         "sandgate: cannot run sandgate-python: No such file or directory\n",
