@@ -62,6 +62,7 @@ STATE = (
     "_problem",
 )
 CLOSE = "close"
+NAME = "sandgate-audit"
 TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _LENGTH = struct.Struct("<I")
 # A batch is at most `batch_size` lines of a few hundred bytes (bounded fields: a few
@@ -187,6 +188,8 @@ def _serve(audit, parent: int, batches: int, replies: int) -> None:
     """The forked process: write each batch that comes, until CLOSE or the gateway's
     end."""
     gc.freeze()
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(NAME)  # in ps and top; bench/ adds its CPU to the gateway's
     _close_all_but({audit._fd, batches, replies, *_log_descriptors()})
     audit._taken.clear()  # the gateway's; this process gets its batches by pipe
     audit._process = None
