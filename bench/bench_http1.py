@@ -155,9 +155,7 @@ def gateway_main(
         rules = Path(work, "rules.yaml")
         rules.write_text(RULES)
         try:  # as `sandgate run` and the service write it (a baseline tree may predate it)
-            audit = AuditLog(
-                Path(work, "audit.jsonl"), writer_process="writer-thread" not in muted
-            )
+            audit = AuditLog(Path(work, "audit.jsonl"), writer_process="writer-thread" not in muted)
         except TypeError:
             audit = AuditLog(Path(work, "audit.jsonl"))
         config = GatewayConfig("127.0.0.1", ["127.0.0.1"], Path(work, "ca"), dns_port=0)

@@ -270,8 +270,8 @@ class AuditLog:
         self._wake = threading.Event()
         self._idle = False
         self._stopping = False
-        # The writer process (audit_process.py), forked by the thread as it starts;
-        # None: the thread writes (also after the process died).
+        # The writer process (audit_process.py), forked by the thread at the first
+        # full batch (`_start_process`); None: the thread writes.
         self._writer_process = writer_process
         self._process = None
         self._on_failed_attempt = None  # the writer process's report of a failed write
@@ -643,19 +643,28 @@ class AuditLog:
 
     _busy = False
 
+    def _start_process(self) -> None:
+        """Fork the writer process (once: after it died, or failed to start, the
+        thread writes). At the first full batch, not at the open: a process forked
+        as a run starts cost its start ~24 ms (bench_start: the parent's
+        copy-on-write faults while it sets up), and a run that never fills a batch
+        within a flush interval (~2,500 events/s) has no use for it."""
+        self._writer_process = False
+        try:
+            self._process = audit_process.WriterProcess(self)
+        except OSError as e:
+            log.error(
+                "audit log %s: cannot start the audit writer process (%s); the "
+                "gateway's thread writes",
+                self.path,
+                e.strerror or e,
+            )
+
     def _run(self) -> None:
-        if self._writer_process:
-            try:
-                self._process = audit_process.WriterProcess(self)
-            except OSError as e:
-                log.error(
-                    "audit log %s: cannot start the audit writer process (%s); the "
-                    "gateway's thread writes",
-                    self.path,
-                    e.strerror or e,
-                )
         taken, link, batch_size = self._taken, self._link, self.batch_size
         while True:
+            if self._writer_process and len(taken) >= batch_size and not self._stopping:
+                self._start_process()
             if taken:
                 # Chained here, a batch at a time, not on the loop as each event is
                 # taken in: the loop's emit is then the encoding and the journal

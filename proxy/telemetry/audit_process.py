@@ -1,11 +1,11 @@
 """The audit log's writer in a process of its own (`AuditLog(..., writer_process=True)`).
 
 Why: the writer thread chains (sha256) and writes each line holding the GIL, and on
-a saturated gateway its share of the GIL and the hand-overs around it cost the
-event loop more than the work itself (bench_http1: a writer that does nothing gave
-1.07x-1.09x requests/s; docs/performance.md "Session 29"). Here a process forked by
-the writer thread as it starts chains and writes; the thread passes each batch on
-(one `write`) and waits for the answer (one `read`), the GIL released meanwhile.
+a saturated gateway that is GIL time the event loop waits for. Here a process forked
+by the writer thread at the first full batch (`AuditLog._start_process`) chains and
+writes; the thread passes each batch on (one `write`) and waits for the answer (one
+`read`), the GIL released meanwhile (bench_http1, new connections: 1.03x-1.09x
+requests/s at the same CPU; docs/performance.md "Session 29").
 
 The exchange, one frame (length, `marshal`) each way:
 - to the process: a batch as the loop took it in, [(members, journal record)], or

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from sandgate.proxy.telemetry import audit as audit_module
@@ -42,6 +43,27 @@ def alive(pid: int) -> bool:
         return False
 
 
+def started(tmp_path) -> AuditLog:
+    """A log whose writer process runs (forked at the first full batch: of one)."""
+    log = AuditLog(tmp_path / "audit.jsonl", writer_process=True, batch_size=1)
+    log.emit(event(0))
+    wait_for(lambda: log._process is not None)
+    comm = Path(f"/proc/{log._process.pid}/comm").read_text().strip()
+    assert comm == "sandgate-audit"  # in ps and top, and for bench/proctree.py
+    return log
+
+
+def test_a_quiet_log_has_no_process(tmp_path):
+    """Fewer events than a batch within the flush interval: the thread writes them
+    (a run's start does not pay for a fork)."""
+    log = AuditLog(tmp_path / "audit.jsonl", writer_process=True, flush_interval=0.01)
+    for i in range(10):
+        log.emit(event(i))
+    assert log.drain(5)
+    assert log._process is None and log.written == 10
+    log.close()
+
+
 def test_the_process_writes_the_lines_the_thread_writes(tmp_path):
     events = [event(i, detail=f"e{i}", time=1.0) for i in range(COUNT)]
     for mode in (False, True):
@@ -67,12 +89,11 @@ def test_a_killed_process_loses_nothing_and_writes_nothing_twice(tmp_path, caplo
     # Rotation every ~200 lines: the process is killed with FILE rotated under the
     # gateway's own descriptor, which must find FILE (and its lock) again.
     log = AuditLog(path, journal=tmp_path / "j.ring", writer_process=True, max_bytes=100_000)
-    wait_for(lambda: log._process is not None)
-    pid = log._process.pid
     for i in range(COUNT):
         log.emit(event(i, detail=f"e{i}"))
         if i == COUNT // 2:
-            wait_for(lambda: log.written > 1000)
+            wait_for(lambda: log._process is not None and log.written > 1000)
+            pid = log._process.pid
             os.kill(pid, signal.SIGKILL)
     assert log.drain(20)
     assert log._process is None
@@ -84,8 +105,38 @@ def test_a_killed_process_loses_nothing_and_writes_nothing_twice(tmp_path, caplo
     assert f"the audit writer process (pid {pid}) ended (killed by signal 9)" in caplog.text
 
 
+def test_a_process_killed_in_the_middle_of_a_batch_writes_nothing_twice(
+    tmp_path, monkeypatch, caplog
+):
+    """Killed after the second of a batch's three writes (rotation splits it): the
+    thread finds the lines on disk, writes the rest of the batch, and goes on."""
+    real, gateway, writes = AuditLog._write_all, os.getpid(), []
+
+    def killed_after_two_writes(self, data):  # the process inherits it at the fork
+        real(self, data)
+        if os.getpid() != gateway:
+            writes.append(len(data))
+            if len(writes) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(AuditLog, "_write_all", killed_after_two_writes)
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, writer_process=True, max_bytes=20_000)
+    count = 2_000
+    for i in range(count):
+        log.emit(event(i, detail=f"e{i}"))
+    assert log.drain(20)
+    log.close()
+    found = re.search(r"(\d+) lines of its last batch of (\d+) are on disk", caplog.text)
+    assert found and 0 < int(found[1]) < int(found[2]), caplog.text
+    files = [*rotated_files(path), path]
+    assert verify(*files).ok
+    assert details(*files) == [f"e{i}" for i in range(count)]
+    assert log.written == count and log.lost == 0
+
+
 GATEWAY = """
-import os, signal, sys
+import os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_audit import event
@@ -93,6 +144,8 @@ from sandgate.proxy.telemetry.audit import AuditLog
 log = AuditLog(Path({path!r}), journal=Path({journal!r}), writer_process=True)
 for i in range({count}):
     log.emit(event(i, detail=f"e{{i}}"))
+while log._process is None:  # forked at the first full batch
+    time.sleep(0.01)
 print(log._process.pid if log._process else 0, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -131,7 +184,6 @@ def test_a_failing_write_in_the_process_is_seen_by_the_gateway(tmp_path):
     assert "audit budget" in log.problem
     assert log.write_errors >= 1
 
-
     def shipped_and_drained() -> bool:  # an admin shipping rotated files away as they come
         for rotated in rotated_files(path):
             rotated.rename(tmp_path / f"shipped-{rotated.name}")
@@ -153,9 +205,10 @@ def test_a_blocked_write_in_the_process_is_seen_by_the_gateway(tmp_path, monkeyp
 
     monkeypatch.setattr(AuditLog, "_write_all", slow)
     log = AuditLog(tmp_path / "audit.jsonl", writer_process=True, stall_timeout=0.5,
-                   flush_interval=0.01)  # fmt: skip
+                   batch_size=1)  # fmt: skip
     log.emit(event(1))
     wait_for(lambda: not log.writable)
+    assert log._process is not None
     assert "blocked" in log.problem
     assert log.drain(10)
     assert log.writable and log.written == 1
@@ -164,8 +217,7 @@ def test_a_blocked_write_in_the_process_is_seen_by_the_gateway(tmp_path, monkeyp
 
 def test_the_process_holds_none_of_the_gateways_descriptors(tmp_path):
     ours, peer = socket.socketpair()
-    log = AuditLog(tmp_path / "audit.jsonl", writer_process=True)
-    wait_for(lambda: log._process is not None)
+    log = started(tmp_path)
     kept = [os.readlink(f"/proc/{log._process.pid}/fd/{fd}")
             for fd in os.listdir(f"/proc/{log._process.pid}/fd")]  # fmt: skip
     assert not [k for k in kept if k.startswith("socket:")], kept
@@ -177,8 +229,7 @@ def test_the_process_holds_none_of_the_gateways_descriptors(tmp_path):
 
 
 def test_the_terminals_signals_do_not_stop_the_process(tmp_path):
-    log = AuditLog(tmp_path / "audit.jsonl", writer_process=True)
-    wait_for(lambda: log._process is not None)
+    log = started(tmp_path)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         os.kill(log._process.pid, signum)
     time.sleep(0.2)
@@ -186,14 +237,14 @@ def test_the_terminals_signals_do_not_stop_the_process(tmp_path):
     for i in range(100):
         log.emit(event(i))
     log.close()
-    assert log.written == 100 and verify(log.path).ok
+    assert log.written == 101 and verify(log.path).ok
 
 
 @pytest.mark.parametrize("holder", ["thread", "process"])
 def test_a_second_writer_waits_only_briefly_for_the_lock(tmp_path, holder):
-    log = AuditLog(tmp_path / "audit.jsonl", writer_process=holder == "process")
-    started = time.monotonic()
+    log = started(tmp_path) if holder == "process" else AuditLog(tmp_path / "audit.jsonl")
+    began = time.monotonic()
     with pytest.raises(audit_module.AuditLogError, match="in use by another"):
         AuditLog(tmp_path / "audit.jsonl")
-    assert time.monotonic() - started < audit_module.LOCK_WAIT + 1
+    assert time.monotonic() - began < audit_module.LOCK_WAIT + 1
     log.close()
