@@ -66,6 +66,7 @@ from sandgate.enforcer.run import (
     os_error_text,
     unwire,
 )
+from sandgate.enforcer.sandbox import cgroup
 from sandgate.enforcer.service_state import claim, guard_table, release
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import GatewayConfig, inspects
@@ -835,6 +836,9 @@ class GatewayService:
         waits for every one still running."""
         self.data_plane.release(attached.worker)
         attached.worker = -1
+        # A runner removes its task's cgroup; one that died (SIGKILL, while this service
+        # was away) left it, and what may still run in it: the sandbox's end takes it.
+        orphaned = attached.runner_pid > 1 and not _runner_alive(attached)
 
         async def unwire_now() -> None:
             with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
@@ -845,6 +849,9 @@ class GatewayService:
                     had_net=bool(attached.address),
                     count=False,  # _remove read them before the reply
                 )
+            if orphaned:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(cgroup.remove_named, cgroup.PREFIX + attached.run_id)
             shutil.rmtree(attached.dir, ignore_errors=True)
 
         task = asyncio.get_running_loop().create_task(unwire_now())

@@ -515,8 +515,9 @@ def _result(
 
 
 def leftovers(fakenet, run_id: str) -> list[str]:
-    """What of run `run_id` still exists: its netns, veth, nft table, state dir,
-    or a process (the sandbox init has the id in its argv, the task in its env)."""
+    """What of run `run_id` still exists: its netns, veth, nft table, task cgroup,
+    state dir, or a process (the sandbox init has the id in its argv, the task in its
+    env)."""
     found = []
     if (NETNS_DIR / f"sg-{run_id}").exists():
         found.append(f"netns sg-{run_id}")
@@ -525,6 +526,7 @@ def leftovers(fakenet, run_id: str) -> list[str]:
     tables = fakenet.run_in_host(["nft", "list", "tables"], check=True).stdout
     if f"sandgate_{run_id}" in tables.split():
         found.append(f"nft table sandgate_{run_id}")
+    found += [f"cgroup {path}" for path in cgroups_of(run_id)]
     if (RUN_DIR / run_id).exists():
         found.append(f"state {RUN_DIR / run_id}")
     found += [f"process {pid}: {what}" for pid, what in processes_of(run_id)]
