@@ -376,15 +376,15 @@ class Sampler:
         self._thread.join(timeout=5)
 
     def _read(self) -> tuple[int, float, float] | None:
-        """The proxy's RSS and CPU; sandgate's with its audit writer process's CPU and
-        the memory only that process holds (bench/proctree.py)."""
+        """The proxy's RSS and CPU; sandgate's with its audit writer process's
+        (bench/proctree.py)."""
         try:
             rss_pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
         except (OSError, IndexError, ValueError):
             return None
         writers = proctree.audit_writers(self.pid)
         user, system = proctree.gateway_cpu_ticks(self.pid)
-        rss = rss_pages * self._page + sum(proctree.private_bytes(w) for w in writers)
+        rss = rss_pages * self._page + sum(proctree.rss_bytes(w) for w in writers)
         return rss, (user + system) / self._tick, system / self._tick
 
     def _loop(self) -> None:

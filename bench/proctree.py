@@ -1,8 +1,9 @@
 """The processes that make up one sandgate gateway, for the benches' CPU and memory.
 
-Since session 29 the audit log's chain and writes run in a process of the gateway's
-own (proxy/telemetry/audit_process.py, named `sandgate-audit`): its CPU is the
-gateway's CPU, so every bench that reads a gateway's /proc/PID/stat adds it."""
+Since session 29 the audit log's chain and writes run, under load, in a process the
+gateway starts (proxy/telemetry/audit_process.py, named `sandgate-audit`): its CPU
+and memory are the gateway's, so the benches that read a gateway's /proc/PID add
+them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ AUDIT_WRITER = "sandgate-audit"
 
 
 def audit_writers(pid: int) -> list[int]:
-    """The audit writer processes forked by `pid` (none when it writes in a thread)."""
+    """The audit writer processes `pid` started (none while it writes in a thread)."""
     found = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -51,14 +52,12 @@ def gateway_cpu_ticks(pid: int) -> tuple[int, int]:
     return user, system
 
 
-def private_bytes(pid: int) -> int:
-    """The memory only `pid` holds (Private_Clean + Private_Dirty): what a forked
-    process adds beyond the pages it shares with its parent."""
-    total = 0
+def rss_bytes(pid: int) -> int:
+    """The resident memory of `pid` (VmRSS); 0 once it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                total += int(line.split()[1]) * 1024
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    return total
+    return sum(
+        int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")
+    )

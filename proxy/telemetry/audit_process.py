@@ -1,49 +1,54 @@
 """The audit log's writer in a process of its own (`AuditLog(..., writer_process=True)`).
 
 Why: the writer thread chains (sha256) and writes each line holding the GIL, and on
-a saturated gateway that is GIL time the event loop waits for. Here a process forked
-by the writer thread at the first full batch (`AuditLog._start_process`) chains and
+a saturated gateway that is GIL time the event loop waits for. Here a process the
+writer thread starts at the first full batch (`AuditLog._start_process`) chains and
 writes; the thread passes each batch on (one `write`) and waits for the answer (one
 `read`), the GIL released meanwhile (bench_http1, new connections: 1.03x-1.09x
 requests/s at the same CPU; docs/performance.md "Session 29").
 
-The exchange, one frame (length, `marshal`) each way:
-- to the process: a batch as the loop took it in, [(members, journal record)], or
-  CLOSE;
-- back, after each failed write attempt and after the batch: (lines of the batch on
-  disk or None for an attempt, events it counted failed, the writer's state:
+The process is a new interpreter (`python -I -m sandgate.proxy.telemetry.audit_process`),
+not a fork: a forked copy of the gateway keeps as its own every page the gateway
+writes afterwards (a busy service's whole heap: +110 MiB in
+tests/e2e/test_gateway_fairness_more.py). It gets the log's descriptor (and with it
+the log's lock), the journal's and a page for the close's deadline, and nothing else.
+
+The exchange, one frame (length, `marshal`) each way, on its stdin and stdout:
+- to the process: first the writer's state and settings; then each batch as the
+  loop took it in, [(members, journal record)], or CLOSE;
+- back, after each failed write attempt and after each batch: (lines of the batch
+  on disk, or None for an attempt; events it counted failed; the writer's state,
   `STATE`), which the thread copies into the `AuditLog` (`writable`, `problem`,
   `written`, the chain's head are read there as before).
-The journal's `written` is stored by the process itself once its `write` returned
-(the journal is a shared file mapping), so a gateway killed meanwhile leaves no line
-both on disk and in the journal for the next open to append again; the thread moves
-the loop's mark (`AuditLog._confirm_taken`).
+The journal's `written` mark is stored by the process itself once its `write`
+returned, so a gateway killed meanwhile leaves no line both on disk and in the
+journal for the next open to append again; the thread moves the loop's mark
+(`AuditLog._confirm_taken`).
 
-The process ignores the terminal's signals (the gateway's stop ends it), closes every
-descriptor but the log, its two pipes and the log handlers' (a forked copy of a
-socket or a pipe end would keep a connection open or a reader from its EOF), freezes
-the garbage collector (a collection would copy the whole forked heap), and watches
-the gateway by a pidfd: when the gateway is gone (killed), it writes the whole
-batches it had received, without retrying a failed write (the journal keeps them
-for the next open), and exits.
-
-If the process dies (killed, the OOM killer), the thread reads where the chain stands
-on disk (reopening FILE if the process had rotated it), confirms what of the batch
-is there, writes the rest itself and goes on as the writer thread, and says so:
-nothing is lost or written twice.
+The process runs in a process group of its own and holds the terminal's signals
+(the gateway's close ends it once everything is written), and watches the gateway
+by a pidfd: when the gateway is gone (killed), it writes the whole batches it had
+received, without retrying a failed write (the journal keeps them for the next
+open), and exits. If the process dies (killed, the OOM killer), the thread reads
+where the chain stands on disk (opening FILE again if the process had rotated it),
+confirms what of the batch is there, writes the rest itself and goes on as the
+writer thread, and says so: nothing is lost or written twice.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
-import gc
 import logging
 import marshal
+import mmap
 import os
 import select
 import signal
 import struct
+import subprocess
+import sys
 import time
 
 log = logging.getLogger("sandgate.audit")
@@ -61,6 +66,16 @@ STATE = (
     "failing_since",
     "_problem",
 )
+# And what it needs besides, from the gateway's `AuditLog`, once.
+SETTINGS = (
+    "_head_seq",
+    "_head",
+    "failed",
+    "max_bytes",
+    "max_total_bytes",
+    "stall_timeout",
+    "close_timeout",
+)
 CLOSE = "close"
 NAME = "sandgate-audit"
 TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -75,26 +90,57 @@ class WriterProcess:
 
     def __init__(self, audit):
         self.audit = audit
-        parent = os.getpid()
         batches_r, self.batches = os.pipe()
         self.replies, replies_w = os.pipe()
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.batches, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        # Held, never delivered, from before the fork on (a ^C in the process's first
-        # moment too): the terminal's ^C and the service's stop are the gateway's,
-        # whose close ends the process once it wrote everything. The writer thread
-        # keeps them held as well: they go to the gateway's main thread.
-        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
-        self.pid = os.fork()
-        if self.pid == 0:  # the writer process: never returns
-            status = 1
-            try:
-                _serve(audit, parent, batches_r, replies_w)
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(batches_r)
-        os.close(replies_w)
+        # The close's deadline (`AuditLog._give_up_at`) moves to memory the process
+        # maps too: the gateway's close must reach a process that is retrying a write.
+        deadline_fd = os.memfd_create("sandgate-audit-deadline", os.MFD_CLOEXEC)
+        journal_fd = -1
+        try:
+            os.ftruncate(deadline_fd, mmap.PAGESIZE)
+            deadline = mmap.mmap(deadline_fd, mmap.PAGESIZE)
+            deadline[: len(audit._deadline)] = audit._deadline[:]
+            if audit._box is not None:
+                journal_fd = os.open(audit.journal, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fds = [fd for fd in (audit._fd, deadline_fd, journal_fd) if fd >= 0]
+            # A new interpreter, not a fork: a forked copy of the gateway keeps every
+            # page the gateway writes afterwards as its own (the whole heap, ~100 MiB
+            # of a busy service: tests/e2e/test_gateway_fairness_more.py saw it).
+            # Its own process group: a terminal's ^C is the gateway's to act on.
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-m", __name__],
+                stdin=batches_r,
+                stdout=replies_w,
+                pass_fds=fds,
+                process_group=0,
+            )
+        except BaseException:
+            for fd in (self.batches, self.replies):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (batches_r, replies_w, deadline_fd, journal_fd):
+                if fd >= 0:
+                    os.close(fd)
+        audit._deadline = deadline
+        self.pid = self.process.pid
+        root = logging.getLogger()
+        handler = root.handlers[0] if root.handlers else None
+        _send(
+            self.batches,
+            {
+                "parent": os.getpid(),
+                "log": audit._fd,
+                "deadline": deadline_fd,
+                "journal": journal_fd,
+                "state": {name: getattr(audit, name) for name in STATE + SETTINGS},
+                "path": str(audit.path),
+                "log_level": log.getEffectiveLevel(),
+                "log_format": handler.formatter._fmt if handler and handler.formatter else None,
+            },
+        )
 
     def write(self, batch: list) -> None:
         """Have the process chain and write `batch`; back when it is on disk (or
@@ -137,16 +183,13 @@ class WriterProcess:
     def kill(self) -> None:
         """A write blocked for good at close: the process cannot finish."""
         with contextlib.suppress(OSError):
-            os.kill(self.pid, signal.SIGKILL)
+            self.process.kill()
 
     def _end(self) -> int:
         for fd in (self.batches, self.replies):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        try:
-            return os.waitpid(self.pid, 0)[1]
-        except ChildProcessError:
-            return 0
+        return self.process.wait()
 
     def _taken_over(self, batch: list, seq: int, written: int, error: Exception) -> None:
         """The process died: what of `batch` is on disk is read from the log (the
@@ -155,22 +198,17 @@ class WriterProcess:
         self.kill()
         status = self._end()
         audit._process = None
-        how = (
-            f"killed by signal {os.WTERMSIG(status)}"
-            if os.WIFSIGNALED(status)
-            else f"exit status {os.waitstatus_to_exitcode(status)}"
-            if status
-            else str(error)
-        )
+        how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
         audit._chain_from_disk()
         on_disk = min(max(audit.seq - seq, 0), len(batch))
         log.error(
-            "audit log %s: the audit writer process (pid %d) ended (%s); %d lines of its "
-            "last batch of %d are on disk, the gateway's own thread writes the rest and "
-            "everything after (the chain goes on from seq %d)",
+            "audit log %s: the audit writer process (pid %d) ended (%s: %s); %d lines of "
+            "its last batch of %d are on disk, the gateway's own thread writes the rest "
+            "and everything after (the chain goes on from seq %d)",
             audit.path,
             self.pid,
             how,
+            error,
             on_disk,
             len(batch),
             audit.seq,
@@ -184,19 +222,39 @@ class WriterProcess:
 # --- the writer process ----------------------------------------------------------
 
 
-def _serve(audit, parent: int, batches: int, replies: int) -> None:
-    """The forked process: write each batch that comes, until CLOSE or the gateway's
-    end."""
-    gc.freeze()
+def main() -> None:
+    """`python -m sandgate.proxy.telemetry.audit_process`: batches on stdin, answers on
+    stdout, the rest in the first frame (`WriterProcess.__init__`)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)  # the gateway's close ends it
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
-        comm.write(NAME)  # in ps and top; bench/ adds its CPU to the gateway's
-    _close_all_but({audit._fd, batches, replies, *_log_descriptors()})
-    audit._taken.clear()  # the gateway's; this process gets its batches by pipe
-    audit._process = None
+        comm.write(NAME)  # in ps and top; what bench/proctree.py looks for
+    from pathlib import Path
+
+    from sandgate.proxy.telemetry import blackbox
+    from sandgate.proxy.telemetry.audit import AuditLog
+
+    init = _receive(0)
+    logging.basicConfig(level=init["log_level"], format=init["log_format"], stream=sys.stderr)
+    audit = AuditLog.__new__(AuditLog)
+    audit.__dict__.update(init["state"])
+    audit.path, audit._fd = Path(init["path"]), init["log"]
+    audit._deadline = mmap.mmap(init["deadline"], 0)
+    audit._box = None
+    if init["journal"] >= 0:
+        audit._box = blackbox.BlackBox(mmap.mmap(init["journal"], 0))
+    audit._taken, audit._process, audit._write_started = collections.deque(), None, None
+    _serve(audit, init["parent"], 0, 1)
+
+
+def _serve(audit, parent: int, batches: int, replies: int) -> None:
+    """Write each batch that comes, until CLOSE or the gateway's end."""
     try:
         gateway = os.pidfd_open(parent)
+        if os.getppid() != parent:  # gone before the pidfd: that pid may be another's
+            os.close(gateway)
+            gateway = None
     except OSError:
-        gateway = None  # gone already
+        gateway = None
     audit._on_failed_attempt = lambda: _send(replies, (None, 0, _state(audit)))
     poller = select.poll()
     poller.register(batches, select.POLLIN)
@@ -240,24 +298,6 @@ def _state(audit) -> tuple:
     return tuple(getattr(audit, name) for name in STATE)
 
 
-def _log_descriptors() -> set[int]:
-    """The descriptors the process's log handlers write to (stderr, a log file)."""
-    found = {2}
-    for logger in (logging.getLogger(), log):
-        for handler in logger.handlers:
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                found.add(handler.stream.fileno())
-    return found
-
-
-def _close_all_but(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 # --- frames -----------------------------------------------------------------------
 
 
@@ -299,3 +339,7 @@ def _read_exactly(fd: int, count: int) -> bytes | None:
         parts.append(part)
         left -= len(part)
     return b"".join(parts)
+
+
+if __name__ == "__main__":
+    main()

@@ -43,13 +43,14 @@ def alive(pid: int) -> bool:
         return False
 
 
-def started(tmp_path) -> AuditLog:
-    """A log whose writer process runs (forked at the first full batch: of one)."""
-    log = AuditLog(tmp_path / "audit.jsonl", writer_process=True, batch_size=1)
+def started(tmp_path, **settings) -> AuditLog:
+    """A log whose writer process runs (started at the first full batch: of one)."""
+    log = AuditLog(tmp_path / "audit.jsonl", writer_process=True, batch_size=1, **settings)
     log.emit(event(0))
     wait_for(lambda: log._process is not None)
-    comm = Path(f"/proc/{log._process.pid}/comm").read_text().strip()
-    assert comm == "sandgate-audit"  # in ps and top, and for bench/proctree.py
+    comm = Path(f"/proc/{log._process.pid}/comm")
+    # In ps and top, and what bench/proctree.py looks for.
+    wait_for(lambda: comm.read_text().strip() == "sandgate-audit")
     return log
 
 
@@ -102,37 +103,36 @@ def test_a_killed_process_loses_nothing_and_writes_nothing_twice(tmp_path, caplo
     assert verify(*files).ok
     assert details(*files) == [f"e{i}" for i in range(COUNT)]
     assert log.written == COUNT and log.lost == 0
-    assert f"the audit writer process (pid {pid}) ended (killed by signal 9)" in caplog.text
+    assert f"the audit writer process (pid {pid}) ended (killed by signal 9" in caplog.text
 
 
-def test_a_process_killed_in_the_middle_of_a_batch_writes_nothing_twice(
-    tmp_path, monkeypatch, caplog
-):
-    """Killed after the second of a batch's three writes (rotation splits it): the
-    thread finds the lines on disk, writes the rest of the batch, and goes on."""
-    real, gateway, writes = AuditLog._write_all, os.getpid(), []
-
-    def killed_after_two_writes(self, data):  # the process inherits it at the fork
-        real(self, data)
-        if os.getpid() != gateway:
-            writes.append(len(data))
-            if len(writes) == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    monkeypatch.setattr(AuditLog, "_write_all", killed_after_two_writes)
-    path = tmp_path / "audit.jsonl"
-    log = AuditLog(path, writer_process=True, max_bytes=20_000)
-    count = 2_000
-    for i in range(count):
-        log.emit(event(i, detail=f"e{i}"))
-    assert log.drain(20)
-    log.close()
-    found = re.search(r"(\d+) lines of its last batch of (\d+) are on disk", caplog.text)
-    assert found and 0 < int(found[1]) < int(found[2]), caplog.text
-    files = [*rotated_files(path), path]
-    assert verify(*files).ok
-    assert details(*files) == [f"e{i}" for i in range(count)]
-    assert log.written == count and log.lost == 0
+def test_a_process_killed_in_the_middle_of_a_batch_writes_nothing_twice(tmp_path, caplog):
+    """A FILE of ~3 lines: each batch is written in ~40 writes, between rotations. The
+    process is SIGKILLed until one kill lands in the middle of a batch (the first
+    does, nearly always): the thread finds those lines on disk, writes the rest of the
+    batch, and goes on."""
+    for attempt in range(10):
+        path = tmp_path / str(attempt) / "audit.jsonl"
+        path.parent.mkdir()
+        log = AuditLog(path, writer_process=True, max_bytes=1_500)
+        count = 600
+        for i in range(count):
+            log.emit(event(i, detail=f"e{i}"))
+            if i == 300:
+                wait_for(lambda: log._process is not None and log.written > 0)  # noqa: B023
+                os.kill(log._process.pid, signal.SIGKILL)
+        assert log.drain(30)
+        log.close()
+        files = [*rotated_files(path), path]
+        assert verify(*files).ok
+        assert details(*files) == [f"e{i}" for i in range(count)]
+        assert log.written == count and log.lost == 0
+        found = re.search(r"(\d+) lines of its last batch of (\d+) are on disk", caplog.text)
+        assert found, caplog.text
+        if 0 < int(found[1]) < int(found[2]):
+            return
+        caplog.clear()
+    raise AssertionError("no kill landed in the middle of a batch in 10 attempts")
 
 
 GATEWAY = """
@@ -196,22 +196,20 @@ def test_a_failing_write_in_the_process_is_seen_by_the_gateway(tmp_path):
     assert details(*shipped, *rotated_files(path), path) == [f"e{i}" for i in range(300)]
 
 
-def test_a_blocked_write_in_the_process_is_seen_by_the_gateway(tmp_path, monkeypatch):
-    real = AuditLog._write_all
-
-    def slow(self, data):  # the process inherits it: a disk that hangs for a while
-        time.sleep(2.0)
-        real(self, data)
-
-    monkeypatch.setattr(AuditLog, "_write_all", slow)
-    log = AuditLog(tmp_path / "audit.jsonl", writer_process=True, stall_timeout=0.5,
-                   batch_size=1)  # fmt: skip
-    log.emit(event(1))
-    wait_for(lambda: not log.writable)
-    assert log._process is not None
-    assert "blocked" in log.problem
+def test_a_blocked_write_in_the_process_is_seen_by_the_gateway(tmp_path):
+    """The process stopped (SIGSTOP: as a write that does not return): after
+    `stall_timeout` the gateway counts the log as not writable, and says why; going
+    on, it writes what waited."""
+    log = started(tmp_path, stall_timeout=0.5)
+    os.kill(log._process.pid, signal.SIGSTOP)
+    try:
+        log.emit(event(1))
+        wait_for(lambda: not log.writable)
+        assert "blocked" in log.problem
+    finally:
+        os.kill(log._process.pid, signal.SIGCONT)
     assert log.drain(10)
-    assert log.writable and log.written == 1
+    assert log.writable and log.written == 2
     log.close()
 
 
