@@ -131,11 +131,8 @@ def gateway_main(work: str, upstream_port: int, port: int) -> None:
     async def serve() -> None:
         rules = Path(work, "rules.yaml")
         rules.write_text(RULES)
-        # With its journal and writer process, as `sandgate run` opens it
-        # (enforcer/run.py, open_audit_log).
-        audit = AuditLog(
-            Path(work, "audit.jsonl"), journal=Path(work, "audit.ring"), writer_process=True
-        )
+        # With its journal, as `sandgate run` opens it (enforcer/run.py, open_audit_log).
+        audit = AuditLog(Path(work, "audit.jsonl"), journal=Path(work, "audit.ring"))
         config = GatewayConfig(
             "127.0.0.1", ["127.0.0.1"], Path(work, "ca"), dns_port=port,
             dns_upstream_port=upstream_port,

@@ -55,7 +55,6 @@ import time
 from pathlib import Path
 
 import hostspeed
-import proctree
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = REPO / "bench" / "clients.py"
@@ -376,16 +375,14 @@ class Sampler:
         self._thread.join(timeout=5)
 
     def _read(self) -> tuple[int, float, float] | None:
-        """The proxy's RSS and CPU; sandgate's with its audit writer process's
-        (bench/proctree.py)."""
         try:
             rss_pages = int(Path(f"/proc/{self.pid}/statm").read_text().split()[1])
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
         except (OSError, IndexError, ValueError):
             return None
-        writers = proctree.audit_writers(self.pid)
-        user, system = proctree.gateway_cpu_ticks(self.pid)
-        rss = rss_pages * self._page + sum(proctree.rss_bytes(w) for w in writers)
-        return rss, (user + system) / self._tick, system / self._tick
+        fields = stat.rsplit(")", 1)[1].split()
+        utime, stime = int(fields[11]) / self._tick, int(fields[12]) / self._tick
+        return rss_pages * self._page, utime + stime, stime
 
     def _loop(self) -> None:
         while not self._stop.is_set():

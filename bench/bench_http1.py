@@ -33,9 +33,7 @@ Then one table: the medians per variant and their ratios to sandgate's.
 (exported to the work directory), in turn with the checkout's: an A/B in one run.
 `--with no-telemetry` adds the checkout's gateway with the audit log's and the
 metrics' `emit` made no-ops: what telemetry costs a request, in turn; `no-audit`,
-`no-metrics`: one sink muted; `writer-thread`: the audit log written by a thread of
-the gateway, as before session 29, instead of its writer process (whose CPU every
-variant counts as the gateway's: bench/proctree.py).
+`no-metrics`: one sink muted.
 """
 
 from __future__ import annotations
@@ -55,16 +53,10 @@ import time
 from pathlib import Path
 
 import hostspeed
-import proctree
 
 DESTINATION = ("203.0.113.10", 80)
 # `--with NAME`: the checkout's gateway with these sinks' `emit` a no-op.
-MUTED = {
-    "no-telemetry": ("audit", "metrics"),
-    "no-audit": ("audit",),
-    "no-metrics": ("metrics",),
-    "writer-thread": ("writer-thread",),  # not muted: the audit log written by a thread
-}
+MUTED = {"no-telemetry": ("audit", "metrics"), "no-audit": ("audit",), "no-metrics": ("metrics",)}
 FLOOR = Path(__file__).resolve().parent / "floor_relay.py"
 RULES = """\
 version: 1
@@ -111,11 +103,10 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of the gateway `pid`, all its threads and its audit
-    writer process."""
-    user, system = proctree.gateway_cpu_ticks(pid)
+    """(user, system) CPU seconds of `pid`, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
-    return user / tick, system / tick
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 # --- the gateway (child process) -----------------------------------------------------------
@@ -140,7 +131,7 @@ def gateway_main(
         raise SystemExit(
             f"bench_http1: the baseline imported {sys.modules['sandgate.proxy'].__file__}"
         )
-    for sink in set(muted) - {"writer-thread"}:
+    for sink in muted:
         {"audit": AuditLog, "metrics": Metrics}[sink].emit = lambda self, event: None
 
     profile_to = os.environ.get("BENCH_HTTP1_PROFILE")
@@ -154,10 +145,7 @@ def gateway_main(
     async def serve() -> None:
         rules = Path(work, "rules.yaml")
         rules.write_text(RULES)
-        try:  # as `sandgate run` and the service write it (a baseline tree may predate it)
-            audit = AuditLog(Path(work, "audit.jsonl"), writer_process="writer-thread" not in muted)
-        except TypeError:
-            audit = AuditLog(Path(work, "audit.jsonl"))
+        audit = AuditLog(Path(work, "audit.jsonl"))
         config = GatewayConfig("127.0.0.1", ["127.0.0.1"], Path(work, "ca"), dns_port=0)
         gateway = Gateway(config, load_policy([rules]), audit, Metrics())
         gateway.add_sandbox(Sandbox("127.0.0.1", "bench", "default"))

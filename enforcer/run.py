@@ -181,7 +181,7 @@ def open_audit_log(path: Path, budget: int | None = None) -> AuditLog:
     service that wrote it before has what it had not written appended first."""
     journal = audit_journal(path)
     try:
-        audit = AuditLog(path, max_total_bytes=budget, journal=journal, writer_process=True)
+        audit = AuditLog(path, max_total_bytes=budget, journal=journal)
     except AuditLogError as e:
         raise RunError(f"{e} (--audit-log FILE picks another place)") from None
     return audit

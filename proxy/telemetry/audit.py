@@ -65,7 +65,6 @@ import mmap
 import os
 import re
 import stat
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ from pathlib import Path
 
 from orjson import dumps as _dumps
 from sandgate.proxy.policy.reasons import Reason, Verdict
-from sandgate.proxy.telemetry import audit_process, blackbox
+from sandgate.proxy.telemetry import blackbox
 from sandgate.proxy.telemetry.event import (
     FIELDS,
     EncodedEvent,
@@ -117,10 +116,6 @@ JOURNAL_SIZE = 16 << 20
 # The lines a killed process wrote are read back (for its open connections) from at
 # most this much of the log's end: a start older than that is said, not followed.
 MAX_FOLLOW_BYTES = 256 << 20
-_DEADLINE = struct.Struct("<d")
-# How long an open waits for FILE's lock: the writer process of a gateway killed a
-# moment ago (audit_process.py) writes the batches it had before it lets go.
-LOCK_WAIT = 1.0
 _HASH_SUFFIX = re.compile(rb',"hash":"([0-9a-f]{64})"\}\n?\Z')
 
 
@@ -212,7 +207,6 @@ class AuditLog:
         stall_timeout: float = 5.0,
         journal: Path | None = None,
         journal_size: int = JOURNAL_SIZE,
-        writer_process: bool = False,
     ):
         self.path = Path(path)
         self.max_bytes, self.max_total_bytes = max_bytes, max_total_bytes
@@ -223,9 +217,6 @@ class AuditLog:
         # failing: nothing says the lines will ever land, so new connections wait.
         self.stall_timeout = stall_timeout
         self._write_started: float | None = None  # when the write under way began
-        # When the writer stops retrying a failing write (at close): in a shared page,
-        # for a writer process (audit_process.py) to see the gateway's close.
-        self._deadline = mmap.mmap(-1, _DEADLINE.size)
         self._give_up_at = float("inf")
         self.written = 0  # events on disk
         self.dropped = 0  # events refused because the queue was full (loop thread)
@@ -237,11 +228,18 @@ class AuditLog:
         self._problem: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            self._fd = _open_locked(self.path, wait=LOCK_WAIT)
+            self._fd = _open_locked(self.path)
         except OSError as e:
             raise AuditLogError(f"cannot open audit log {self.path}: {e.strerror or e}") from None
         try:
-            self._chain_from_disk()
+            self.seq, self.prev, self.size = _continue_chain(self._fd, self.path)
+            self.file_first_seq = _first_seq(self._fd) if self.size else None
+            rotated = rotated_files(self.path)
+            if not self.size and rotated:
+                # A fresh FILE next to rotated ones (FILE was shipped away): the chain
+                # goes on from the newest, so seq numbers, and the names, stay unique.
+                self.seq, self.prev = _last_record(rotated[-1])
+            self.total = self.size + sum(_size(p) for p in rotated)  # the budget's count
         except BaseException:
             os.close(self._fd)
             raise
@@ -270,38 +268,8 @@ class AuditLog:
         self._wake = threading.Event()
         self._idle = False
         self._stopping = False
-        # The writer process (audit_process.py), forked by the thread at the first
-        # full batch (`_start_process`); None: the thread writes.
-        self._writer_process = writer_process
-        self._process = None
-        self._on_failed_attempt = None  # the writer process's report of a failed write
         self._thread = threading.Thread(target=self._run, name="sandgate-audit", daemon=True)
         self._thread.start()
-
-    @property
-    def _give_up_at(self) -> float:
-        return _DEADLINE.unpack_from(self._deadline)[0]
-
-    @_give_up_at.setter
-    def _give_up_at(self, when: float) -> None:
-        _DEADLINE.pack_into(self._deadline, 0, when)
-
-    def _chain_from_disk(self) -> None:
-        """Where the chain stands on disk: (seq, prev) of the last line, FILE's size
-        and first seq, the budget's count; FILE opened and locked again if the
-        descriptor no longer names it (a writer process rotated it and ended)."""
-        if self._fd >= 0 and not self._path_names_our_file():
-            os.close(self._fd)
-            self._fd = -1
-            self._fd = _open_locked(self.path)
-        self.seq, self.prev, self.size = _continue_chain(self._fd, self.path)
-        self.file_first_seq = _first_seq(self._fd) if self.size else None
-        rotated = rotated_files(self.path)
-        if not self.size and rotated:
-            # A fresh FILE next to rotated ones (FILE was shipped away): the chain
-            # goes on from the newest, so seq numbers, and the names, stay unique.
-            self.seq, self.prev = _last_record(rotated[-1])
-        self.total = self.size + sum(_size(p) for p in rotated)  # the budget's count
 
     @property
     def lost(self) -> int:
@@ -404,8 +372,6 @@ class AuditLog:
             lost = len(self._taken)
             self._taken.clear()
             self.failed += lost
-            if self._process is not None:
-                self._process.kill()
             log.error(
                 "audit log %s: gave up at close: a write has been blocked for %.0f s; "
                 "%d queued events and the batch being written are not in the log",
@@ -472,17 +438,6 @@ class AuditLog:
             return
         for k in range(end - 1, start - 1, -1):
             journaled = lines[k][3]
-            if journaled is not None:
-                box.confirm(*journaled)
-                return
-
-    def _confirm_taken(self, batch: list, count: int) -> None:
-        """The first `count` of `batch` (members as taken in) are on disk: the
-        journal's mark moves past them (the writer process wrote them)."""
-        box = self._box
-        if box is None:
-            return
-        for _, journaled in reversed(batch[:count]):
             if journaled is not None:
                 box.confirm(*journaled)
                 return
@@ -643,28 +598,9 @@ class AuditLog:
 
     _busy = False
 
-    def _start_process(self) -> None:
-        """Fork the writer process (once: after it died, or failed to start, the
-        thread writes). At the first full batch, not at the open: a process forked
-        as a run starts cost its start ~24 ms (bench_start: the parent's
-        copy-on-write faults while it sets up), and a run that never fills a batch
-        within a flush interval (~2,500 events/s) has no use for it."""
-        self._writer_process = False
-        try:
-            self._process = audit_process.WriterProcess(self)
-        except OSError as e:
-            log.error(
-                "audit log %s: cannot start the audit writer process (%s); the "
-                "gateway's thread writes",
-                self.path,
-                e.strerror or e,
-            )
-
     def _run(self) -> None:
         taken, link, batch_size = self._taken, self._link, self.batch_size
         while True:
-            if self._writer_process and len(taken) >= batch_size and not self._stopping:
-                self._start_process()
             if taken:
                 # Chained here, a batch at a time, not on the loop as each event is
                 # taken in: the loop's emit is then the encoding and the journal
@@ -675,23 +611,14 @@ class AuditLog:
                 self._busy = True
                 batch = [taken.popleft() for _ in range(min(len(taken), batch_size))]
                 try:
-                    if self._process is not None:
-                        self._process.write(batch)
-                    else:
-                        self._write_lines([link(*member) for member in batch])
+                    batch = [link(*member) for member in batch]
+                    self._write_lines(batch)
                 except Exception:  # noqa: BLE001 - a bug must not stop the writer: count, log, go on
                     self.failed += len(batch)
                     log.exception("audit log %s: could not write %d events", self.path, len(batch))
                 self._busy = False
-                # A writer process gets full batches (or what the flush interval
-                # found): each batch is a round trip whose answer wakes this thread,
-                # which then takes the GIL from the loop. Sent as they came, batches
-                # were ~28 events (bench_http1: 1,250 round trips in 9 s).
-                if self._process is None or len(taken) >= batch_size or self._stopping:
-                    continue
-            elif self._stopping:
-                if self._process is not None:
-                    self._process.close()
+                continue
+            if self._stopping:
                 return
             self._wake.clear()
             self._idle = True
@@ -734,8 +661,6 @@ class AuditLog:
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                 self._problem = str(getattr(e, "strerror", None) or e)
-                if self._on_failed_attempt is not None:
-                    self._on_failed_attempt()
                 if attempts == 1 or attempts % 100 == 0:
                     log.error(
                         "audit log %s: write failed (%s); retrying, %d events waiting; "
@@ -947,9 +872,7 @@ def _last_record(path: Path) -> tuple[int, str]:
     return seq, digest
 
 
-def _open_locked(path: Path, truncate: bool = False, wait: float = 0.0) -> int:
-    """FILE opened for appending and locked; AuditLogError if another process holds
-    it after `wait` seconds."""
+def _open_locked(path: Path, truncate: bool = False) -> int:
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
     fd = os.open(path, flags | os.O_NONBLOCK, 0o640)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -958,20 +881,15 @@ def _open_locked(path: Path, truncate: bool = False, wait: float = 0.0) -> int:
         os.close(fd)
         raise AuditLogError(f"audit log {path} is not a regular file (a FIFO, device or socket)")
     os.set_blocking(fd, True)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.01)
-                continue
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(fd)
         raise AuditLogError(
             f"audit log {path} is in use by another sandgate process; "
             "give each run its own --audit-log"
-        )
+        ) from None
+    return fd
 
 
 def _continue_chain(fd: int, path: Path, repair: bool = True) -> tuple[int, str, int]:
