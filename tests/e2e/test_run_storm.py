@@ -127,7 +127,10 @@ def test_a_burst_of_embedded_runs_beside_gc(net, tmp_path, state, host):
         while any(p.poll() is None for p, _ in started) and gcs < 20:
             collected = sandbox.gc(net)
             assert collected.returncode == 0, collected.stderr
-            assert "removed" not in collected.stdout, collected.stdout
+            if "removed" in collected.stdout:  # whose? the runs that ended, and how
+                ended = [(p.pid, p.returncode, p.communicate()[1][-1500:])
+                         for p, _ in started if p.poll() is not None]  # fmt: skip
+                raise AssertionError(f"gc: {collected.stdout}; runs ended so far: {ended}")
             gcs += 1
         errs = [p.communicate(timeout=120)[1] for p, _ in started]
     finally:
