@@ -66,7 +66,7 @@ from sandgate.enforcer.run import (
     os_error_text,
     unwire,
 )
-from sandgate.enforcer.sandbox import cgroup
+from sandgate.enforcer.sandbox import id_slots
 from sandgate.enforcer.service_state import claim, guard_table, release
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import GatewayConfig, inspects
@@ -89,6 +89,9 @@ STATE_FILE = "service.json"
 SERVICE_AUDIT_LOG = AUDIT_DIR / "gateway.jsonl"
 CONTROL_GROUP = "sandgate"
 ADOPTED_CHECK_S = 1.0
+# How long the end of a sandbox whose runner did not detach waits for the runner to
+# be gone before it frees what the runner held (`_free_runners_slot`).
+RUNNER_EXIT_WAIT_S = 3.0
 REFILL_AFTER_S = 1.0  # a spare taken while another remains is replaced by then (_refill_later)
 
 
@@ -297,7 +300,7 @@ class GatewayService:
             with contextlib.suppress(OSError):
                 self.opts.control.unlink()
         for attached in list(self.sandboxes.values()):
-            await self._remove(attached, "the gateway service stopped")
+            await self._remove(attached, "the gateway service stopped", runner_lost=True)
         if self._refill_timer is not None:
             self._refill_timer.cancel()
         while self._filling:
@@ -465,7 +468,7 @@ class GatewayService:
             pass
         finally:
             if mine is not None and not detached and mine.run_id in self.sandboxes:
-                await self._remove(mine, "its runner went away")
+                await self._remove(mine, "its runner went away", runner_lost=True)
             writer.close()
 
     async def _query(self, cmd, request: dict, peer: str) -> dict:
@@ -808,16 +811,23 @@ class GatewayService:
         return {"ok": True, "summary": summary}
 
     async def _remove(
-        self, attached: Attached, why: str, counting: asyncio.Future | None = None
+        self,
+        attached: Attached,
+        why: str,
+        counting: asyncio.Future | None = None,
+        *,
+        runner_lost: bool = False,
     ) -> None:
         """The sandbox's end: its events now, from the table's counters (its task is gone;
         `counting`: their read, begun by the caller); its network, table and run dir
-        after the reply, in that order (`_unwire_later`)."""
+        after the reply, in that order (`_unwire_later`). `runner_lost`: the runner
+        did not detach (it died, or the stop kills it): what it would have freed is
+        freed once it is gone (`_free_runners_slot`)."""
         self.sandboxes.pop(attached.run_id, None)
         if attached.address:
             self.data_plane.remove_sandbox(attached.address)
         counters = await (counting or _final_counters(attached.table))
-        self._unwire_later(attached)
+        self._unwire_later(attached, runner_lost=runner_lost)
         self.metrics.count_firewall_drops(counters)
         attached.summary.firewall_drops(counters)
         duration = time.time() - attached.started
@@ -831,14 +841,11 @@ class GatewayService:
             self.data_plane.emit(event)
         self.data_plane.emit(task_events.task_ended(why, duration, **where))
 
-    def _unwire_later(self, attached: Attached) -> None:
+    def _unwire_later(self, attached: Attached, *, runner_lost: bool = False) -> None:
         """Netns and veth, then the table, then the run dir, off the loop; `_shutdown`
         waits for every one still running."""
         self.data_plane.release(attached.worker)
         attached.worker = -1
-        # A runner removes its task's cgroup; one that died (SIGKILL, while this service
-        # was away) left it, and what may still run in it: the sandbox's end takes it.
-        orphaned = attached.runner_pid > 1 and not _runner_alive(attached)
 
         async def unwire_now() -> None:
             with contextlib.suppress(Exception):  # a leftover never blocks the rest; gc has it
@@ -849,9 +856,9 @@ class GatewayService:
                     had_net=bool(attached.address),
                     count=False,  # _remove read them before the reply
                 )
-            if orphaned:
+            if runner_lost and attached.runner_pid > 1:
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(cgroup.remove_named, cgroup.PREFIX + attached.run_id)
+                    await asyncio.to_thread(_free_runners_slot, attached)
             shutil.rmtree(attached.dir, ignore_errors=True)
 
         task = asyncio.get_running_loop().create_task(unwire_now())
@@ -920,7 +927,9 @@ class GatewayService:
                     verdict=Verdict.DENY,
                     reason=Reason.UNKNOWN_SANDBOX,
                 )
-                await self._remove(attached, "left over from a gateway service that died")
+                await self._remove(
+                    attached, "left over from a gateway service that died", runner_lost=True
+                )
 
     async def _watch_adopted(self) -> None:
         """A re-adopted sandbox whose runner never comes back goes when the runner dies."""
@@ -929,7 +938,9 @@ class GatewayService:
             for attached in list(self.sandboxes.values()):
                 if not attached.connected and not _runner_alive(attached):
                     await self._remove(
-                        attached, "its runner died while the gateway service was away"
+                        attached,
+                        "its runner died while the gateway service was away",
+                        runner_lost=True,
                     )
 
     # --- reload and stop -----------------------------------------------------------------------
@@ -1063,6 +1074,21 @@ def _start_field(state: dict, key: str) -> int | None:
     """A start time of a state file (None when absent: a file of an older sandgate)."""
     value = state.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _free_runners_slot(attached: Attached) -> None:
+    """A runner removes its task's cgroup and frees its id slot as its run ends; one
+    that died first (SIGKILLed, by the stop's drain too, or while the service was
+    away) left both, and what may still run in the cgroup. Once it is gone (its
+    connection may close before it has exited: up to RUNNER_EXIT_WAIT_S), its slot is
+    freed by the slot's record, which names the cgroup (made ahead or not), removed
+    first. A runner still alive then frees its own."""
+    deadline = time.monotonic() + RUNNER_EXIT_WAIT_S
+    while _runner_alive(attached):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
+    id_slots.sweep(id_slots.host_id_pool(), holders={attached.runner_pid})
 
 
 def _runner_alive(attached: Attached) -> bool:

@@ -839,17 +839,6 @@ def leftovers(prefix: str = PREFIX, *, fs: CgroupFS = HOST) -> list[str]:
     return sorted(found)
 
 
-def remove_named(name: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = HOST) -> list[str]:
-    """Remove the task cgroup `name` (`sandgate-<run id>`) wherever it is, killing what
-    is left in it: the run's runner died, which would have removed it (the service
-    ends such a sandbox). Those removed."""
-    if not _NAME.fullmatch(name) or name.startswith(AHEAD_PREFIX):
-        raise CgroupError(f"{name!r} is not the name of a run's task cgroup ({PREFIX}<run id>)")
-    paths = [p for p in leftovers(name, fs=fs) if os.path.basename(p) == name]
-    _remove_dirs(fs, paths, timeout)
-    return paths
-
-
 def remove_ahead(name: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = HOST) -> None:
     """Remove the cgroup `name` that TaskCgroup.ahead made in this process's place (a
     waiting runner's, when the runner died or its pool stops), killing what is in it."""

@@ -276,6 +276,7 @@ def sweep(
     lock_dir: Path = ID_SLOT_DIR,
     *,
     dry_run: bool = False,
+    holders: set[int] | None = None,
     fs: cgroup.CgroupFS = cgroup.HOST,
 ) -> list[str]:
     """`sandgate gc`: free the slots whose holder died without releasing them. Held
@@ -284,7 +285,8 @@ def sweep(
     emptied. One whose task had no cgroup is freed once no process has its ids (a task
     without one dies with its PID namespace). Returns what was (with `dry_run`: would
     be) freed; raises cgroup.CgroupError when a cgroup cannot be removed (the slot
-    stays taken). A slot held now is a live run's: untouched."""
+    stays taken). A slot held now is a live run's: untouched. `holders`: only the
+    slots these dead processes held (the service, for a runner that died)."""
     freed = []
     for index in range(pool.slots):
         ids = pool.slot(index)
@@ -295,6 +297,8 @@ def sweep(
             if not os.fstat(fd).st_size:
                 continue
             record = _read_record(fd)
+            if holders is not None and record["pid"] not in holders:
+                continue
             what = f"id slot {ids.base} (of a runner killed with its task, pid {record['pid']})"
             if dry_run:
                 freed.append(what)

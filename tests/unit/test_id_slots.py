@@ -4,6 +4,7 @@ from, and that a slot is one holder's until it is released or the holder dies.""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -273,3 +274,19 @@ def test_gc_frees_a_killed_holders_slot_once_its_cgroup_is_gone(tmp_path):
     assert (tmp_path / "ids" / str(live.ids.base)).stat().st_size > 0
     assert id_slots.sweep(pool, tmp_path / "ids", fs=fs) == []
     live.release()
+
+
+def test_a_sweep_for_some_holders_frees_their_slots_alone(tmp_path):
+    """The service ends a dead runner's sandbox: it frees that runner's slot (by the
+    record's pid), not another killed holder's, which is gc's to judge."""
+    fs = ReadOnlyKernel(tmp_path / "k")
+    pool = small_pool(2)
+    other = id_slots.claim(pool, tmp_path / "ids", fs=fs)  # held meanwhile: mine is another
+    mine = killed_holder(pool, tmp_path / "ids", fs, cgroups=None)
+    other_base = other.ids.base
+    os.pwrite(other._fd, json.dumps({"pid": 1, "cgroups": None}).encode(), 0)
+    other.release(task_gone=False)
+    swept = id_slots.sweep(pool, tmp_path / "ids", holders={os.getpid()}, fs=fs)
+    assert swept == [f"id slot {mine} (of a runner killed with its task, pid {os.getpid()})"]
+    assert (tmp_path / "ids" / str(mine)).stat().st_size == 0
+    assert (tmp_path / "ids" / str(other_base)).stat().st_size > 0
