@@ -856,7 +856,7 @@ class GatewayService:
                     had_net=bool(attached.address),
                     count=False,  # _remove read them before the reply
                 )
-            if runner_lost and attached.runner_pid > 1:
+            if runner_lost:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(_free_runners_slot, attached)
             shutil.rmtree(attached.dir, ignore_errors=True)
@@ -1083,6 +1083,8 @@ def _free_runners_slot(attached: Attached) -> None:
     connection may close before it has exited: up to RUNNER_EXIT_WAIT_S), its slot is
     freed by the slot's record, which names the cgroup (made ahead or not), removed
     first. A runner still alive then frees its own."""
+    if attached.runner_pid <= 1:  # no runner of its own to have held one
+        return
     deadline = time.monotonic() + RUNNER_EXIT_WAIT_S
     while _runner_alive(attached):
         if time.monotonic() > deadline:
