@@ -137,69 +137,75 @@ def run_attached(opts: AttachOptions) -> int:
     client = _wait(
         child, client, opts.control, run_id, opts.caller, terminal, stopping, disk, prepared
     )
-    if terminal is not None:
-        terminal.close()
-    if child.returncode is None:  # ended by the init's last record; its process still ends
-        code = prepared.exit_code
-    else:
-        code = child.returncode if child.returncode >= 0 else 128 - child.returncode
-    prepared.collect()
-    hits = prepared.limits_hit() + disk.hits()
-    planted = prepared.check_workspace()
-    if client is not None:
-        for gap in prepared.gaps[gaps_sent:]:  # what the init reported
-            _warn_weakened(client, gap)
-        for hit in hits:
-            _send(
-                client,
-                "event",
-                what="limit",
-                name=hit.limit,
-                detail=f"the task hit its {hit.limit} limit {hit.count} times: {hit.detail}",
-            )
-    for item in planted:
-        print(f"sandgate: warning: the task planted {item.describe()}", file=sys.stderr)
+    try:  # whatever fails from here, the teardown below runs (and frees the id slot)
+        if terminal is not None:
+            terminal.close()
+        if child.returncode is None:  # ended by the init's last record; its process still ends
+            code = prepared.exit_code
+        else:
+            code = child.returncode if child.returncode >= 0 else 128 - child.returncode
+        prepared.collect()
+        hits = prepared.limits_hit() + disk.hits()
+        planted = prepared.check_workspace()
         if client is not None:
-            _send(
-                client, "event", what="planted", name=str(item.path)[:300], detail=item.describe()
+            for gap in prepared.gaps[gaps_sent:]:  # what the init reported
+                _warn_weakened(client, gap)
+            for hit in hits:
+                _send(
+                    client,
+                    "event",
+                    what="limit",
+                    name=hit.limit,
+                    detail=f"the task hit its {hit.limit} limit {hit.count} times: {hit.detail}",
+                )
+        for item in planted:
+            print(f"sandgate: warning: the task planted {item.describe()}", file=sys.stderr)
+            if client is not None:
+                _send(
+                    client,
+                    "event",
+                    what="planted",
+                    name=str(item.path)[:300],
+                    detail=item.describe(),
+                )
+        summary = _detach(client, run_id, code, quiet=opts.quiet)
+        if summary is not None:
+            # What this runner measured itself, not the service's copy: an event the service
+            # did not take (a timeout, a restart) must not drop a limit from the summary.
+            for key, values in (
+                ("limits_hit", [hit.limit for hit in hits]),
+                ("sandbox_weakened", [gap.feature for gap in prepared.gaps]),
+                ("workspace_planted", [str(item.path)[:300] for item in planted]),
+            ):
+                summary.pop(key, None)
+                if values:
+                    summary[key] = values
+            if prepared.self_test:
+                held = sum(p["ok"] for p in prepared.self_test)
+                summary["self_test"] = {
+                    "held": held,
+                    "probes": len(prepared.self_test),
+                    "ms": prepared.self_test_ms,
+                }
+            if summary_file is not None and not summary_file.write(summary, code):
+                code = EXIT_SETUP
+            if not opts.quiet:
+                _print_summary(summary, reply)
+        elif summary_file is not None:
+            # As a summary that cannot be written (summary_file.py): exit 125, so that the
+            # caller does not read what is at that path (a run's before) as this run's.
+            summary_file.close()
+            print(
+                f"sandgate: no summary for {opts.summary_json}: the gateway service sent none "
+                f"(the task exited {code})",
+                file=sys.stderr,
             )
-    summary = _detach(client, run_id, code, quiet=opts.quiet)
-    if summary is not None:
-        # What this runner measured itself, not the service's copy: an event the service
-        # did not take (a timeout, a restart) must not drop a limit from the summary.
-        for key, values in (
-            ("limits_hit", [hit.limit for hit in hits]),
-            ("sandbox_weakened", [gap.feature for gap in prepared.gaps]),
-            ("workspace_planted", [str(item.path)[:300] for item in planted]),
-        ):
-            summary.pop(key, None)
-            if values:
-                summary[key] = values
-        if prepared.self_test:
-            held = sum(p["ok"] for p in prepared.self_test)
-            summary["self_test"] = {
-                "held": held,
-                "probes": len(prepared.self_test),
-                "ms": prepared.self_test_ms,
-            }
-        if summary_file is not None and not summary_file.write(summary, code):
             code = EXIT_SETUP
-        if not opts.quiet:
-            _print_summary(summary, reply)
-    elif summary_file is not None:
-        # As a summary that cannot be written (summary_file.py): exit 125, so that the
-        # caller does not read what is at that path (a run's before) as this run's.
-        summary_file.close()
-        print(
-            f"sandgate: no summary for {opts.summary_json}: the gateway service sent none "
-            f"(the task exited {code})",
-            file=sys.stderr,
-        )
-        code = EXIT_SETUP
-    if opts.caller is not None:  # the caller's wait ends here, not after the teardown
-        opts.caller.exit(code)
-    child.wait()  # out of the task's cgroup, which goes next
-    prepared.remove()
+        if opts.caller is not None:  # the caller's wait ends here, not after the teardown
+            opts.caller.exit(code)
+    finally:
+        child.wait()  # out of the task's cgroup, which goes next
+        prepared.remove()
     return code
 
 

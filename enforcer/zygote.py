@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass
 
 from sandgate.enforcer import attach, handoff  # noqa: F401 - imported ahead: the point of a warm runner
-from sandgate.enforcer.cli import build_parser, run_command
+from sandgate.enforcer.cli import build_parser, drop_what_stderr_cannot_take, run_command
 from sandgate.enforcer.cli import run as cli_run
 from sandgate.enforcer.sandbox import (
     cgroup,
@@ -724,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-pid", type=int, required=True)
     parser.add_argument("--warm", type=int, default=2)
     opts = parser.parse_args(argv)
+    drop_what_stderr_cannot_take()  # the service's stderr, and its runs' callers' once taken
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != opts.service_pid:  # the service died before the line above
         return 0

@@ -80,8 +80,42 @@ def build_parser(command: str | None = None) -> "argparse.ArgumentParser":
     return parser
 
 
+class DroppingStream:
+    """A text stream (stderr) that drops what it cannot write. sandgate's messages
+    there are for a person who may be gone by then: `sandgate run ... 2>&1 | head`,
+    a caller killed while its warm runner tears the run down (enforcer/zygote.py),
+    a service's log pipe whose reader died, a full disk. A failed write must not
+    stop what comes after it: the task's cgroup and id slot removed, its summary
+    file written, the service serving on. What was decided is in the audit log."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError:  # EPIPE, ENOSPC, EIO (a terminal hung up): said to nobody
+            return len(text)
+
+    def flush(self) -> None:
+        try:  # noqa: SIM105 - no contextlib on `run --gateway`'s lean path (enforcer/handoff.py)
+            self.stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def drop_what_stderr_cannot_take() -> None:
+    """sys.stderr a DroppingStream (once): for this process and what it forks."""
+    if not isinstance(sys.stderr, DroppingStream):
+        sys.stderr = DroppingStream(sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    drop_what_stderr_cannot_take()
     if argv[:1] == ["run"]:  # before argparse: a warm runner of the service may take it
         from sandgate.enforcer import handoff
 

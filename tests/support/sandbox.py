@@ -39,6 +39,7 @@ SANDGATE = str(Path(sys.executable).with_name("sandgate"))
 RUN_DIR = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))  # as enforcer/run.py
 NETNS_DIR = Path("/run/netns")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+ID_SLOT_DIR = Path("/run/sandgate-ids")  # as enforcer/sandbox/id_slots.py
 
 # The sandbox's environment points every client at sandgate's bundle; without
 # these a client falls back to the system bundle, which is what we want to test.
@@ -449,6 +450,7 @@ def start(
     extra: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     setup: Callable[[Path], None] | None = None,
+    stderr: int = subprocess.PIPE,
 ) -> Started:
     """`sandgate run -- sh -c script` in the background; the caller finishes or kills it.
 
@@ -457,6 +459,7 @@ def start(
     it with `nsenter --net` instead, in the test's mount namespace, as on a real
     host: then a SIGKILLed run leaves its netns behind, which is what gc is for.
     `steps`, `env` and `setup` as for `run` (`finish` reads the steps' results).
+    `stderr`: sandgate's (a descriptor), instead of a pipe `finish` reads.
     """
     workdir = _workdir(tmp_path)
     if setup is not None:
@@ -467,7 +470,7 @@ def start(
         script = _script(steps, steps_dir)
     assert script, "give a script or steps"
     argv = _argv(fakenet, workdir, ["sh", "-c", script], rules, extra)
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "stdin": subprocess.DEVNULL}
+    pipes = {"stdout": subprocess.PIPE, "stderr": stderr, "stdin": subprocess.DEVNULL}
     if host_mounts:
         enter = ["nsenter", f"--net={NETNS_DIR / fakenet.host_ns}", "--"]
         popen = subprocess.Popen(enter + argv, text=True, env=env, **pipes)
@@ -537,6 +540,19 @@ def cgroups_of(run_id: str) -> list[Path]:
     """The task cgroups of run `run_id` (`sandgate-<id>`), in every hierarchy (a v1
     one may hold them a few levels down, under the host's own cgroup)."""
     return list(CGROUP_ROOT.glob(f"*/**/sandgate-{run_id}"))
+
+
+def id_slots_held(pid: int) -> dict[str, dict]:
+    """The id slots whose record names `pid` (enforcer/sandbox/id_slots.py: a lock
+    file per slot, `{"pid", "cgroups"}` while its holder runs or after it died with
+    its task's processes maybe left; empty once freed): file name -> record."""
+    held = {}
+    for lock in ID_SLOT_DIR.glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(lock.read_text() or "{}")
+            if record.get("pid") == pid:
+                held[lock.name] = record
+    return held
 
 
 def processes_of(run_id: str) -> list[tuple[int, str]]:
