@@ -48,6 +48,7 @@ class StrictUpstream:
         self.port = self.listener.getsockname()[1]
         self.ends: list[str] = []  # how each connection ended, as read_to_end says
         self.heads: list[bytes] = []
+        self.serving: list[threading.Thread] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -56,7 +57,9 @@ class StrictUpstream:
                 sock, _ = self.listener.accept()
             except OSError:
                 return  # closed
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+            serving = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            self.serving.append(serving)
+            serving.start()
 
     def _serve(self, raw: socket.socket) -> None:
         raw.settimeout(10)
@@ -78,7 +81,11 @@ class StrictUpstream:
             # "close": SSLSocket.close sends no close_notify (that is unwrap's)
 
     def close(self) -> None:
+        """No more connections; those served have ended and said how (`ends`): the
+        gateway's close_notify may reach the client before this server has read it."""
         self.listener.close()
+        for serving in self.serving:
+            serving.join(timeout=10)
 
 
 def through(gate_, tls_, upstream: StrictUpstream, talk, **door_options):
