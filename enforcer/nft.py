@@ -255,15 +255,21 @@ def list_tables(prefix: str = "sandgate") -> list[str]:
 
 
 def read_counters(table: str) -> dict[str, int]:
-    """Packets per named counter of table `inet <table>`. `list counters table`, not
-    `list table`: its counters alone, about half the time of the whole table's JSON
-    (0.65 against 1.23 ms here), on every task's end."""
+    """Packets per named counter of table `inet <table>`, on every task's end.
+
+    `list table`, not `list counters table` (nor `list counter`): nft 1.0.6 reads
+    only the named table for the first, but every table's objects and rules for the
+    others, and then some per table. With a gateway service's other sandboxes'
+    tables beside it, `list counters table` took 31 ms at 16 tables, 574 ms at 64 and
+    11.7 s at 256 (most of it in the kernel, under the lock every nft call takes: no
+    sandbox attached or detached meanwhile), and made a service's malloc heap grow by
+    tens of MB; `list table` took 0.8, 0.9, 1.1 and 3.7 ms (bench/bench_nft.py)."""
     if not _TABLE.fullmatch(table):
         raise ValueError(f"bad nft table name {table!r}")
     return {
         obj["counter"]["name"]: obj["counter"]["packets"]
-        for obj in _nft_json(["list", "counters", "table", "inet", table])
-        if "counter" in obj
+        for obj in _nft_json(["list", "table", "inet", table])
+        if "counter" in obj and obj["counter"].get("table") == table
     }
 
 

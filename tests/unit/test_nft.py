@@ -115,12 +115,14 @@ def test_nft_failure_carries_nft_stderr(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_read_counters_and_list_tables_parse_nft_json(monkeypatch: pytest.MonkeyPatch) -> None:
     outputs = {
-        ("list", "counters", "table", "inet", "sandgate"): """{"nftables": [
+        ("list", "table", "inet", "sandgate"): """{"nftables": [
             {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "sandgate", "handle": 1}},
             {"counter": {"family": "inet", "name": "dropped_udp", "table": "sandgate",
                          "handle": 2, "packets": 3, "bytes": 120}},
             {"counter": {"family": "inet", "name": "dropped_icmp", "table": "sandgate",
-                         "handle": 3, "packets": 0, "bytes": 0}}
+                         "handle": 3, "packets": 0, "bytes": 0}},
+            {"chain": {"family": "inet", "table": "sandgate", "name": "early", "handle": 4}}
         ]}""",
         ("list", "tables", "inet"): """{"nftables": [
             {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},

@@ -1,0 +1,121 @@
+"""What one sandbox's nftables calls cost beside the tables of N other sandboxes.
+
+    sudo .venv/bin/python bench/bench_nft.py [--tables 1,16,64,256] [--rounds 5]
+
+Not a test: it prints numbers, it asserts nothing. Needs root, `ip` and nftables.
+
+A gateway service keeps one nftables table per live sandbox in its namespace. Each
+attach creates one (`nft.apply_ruleset` of `render_ruleset(new=True)`), each detach
+reads its counters (`nft.read_counters`) and deletes it (`nft.delete_table`), each
+through libnftables, one call at a time (nft._library_lock). libnftables may read
+every table of the namespace before it runs a command (its cache), so a call can
+grow with the number of sandboxes. For N other tables, the median wall time of each
+call, and side by side the counters read as sandgate read them before session 30
+(`list counters table`: every table's objects and rules, then some per table).
+
+Safety: the namespace is the bench's own (`sgbench-nft-<hex>`), removed in `finally`;
+nothing is added to the root namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+
+OLD_READ_BUDGET_S = 30.0  # the old read at most this long a size: it took 11.7 s at 256
+
+
+def inside(sizes: list[int], rounds: int) -> list[dict]:
+    """In the bench's namespace: the calls' medians, ms, for each size."""
+    from sandgate.enforcer import nft
+
+    def config(name: str) -> nft.RulesetConfig:
+        return nft.RulesetConfig(
+            table=f"sandgate_{name}", sandbox_ifaces=f"sgh-{name}", proxy_port=1000, dns_port=1001
+        )
+
+    def timed(call) -> float:
+        start = time.perf_counter()
+        call()
+        return (time.perf_counter() - start) * 1000
+
+    rows, made = [], 0
+    for size in sizes:
+        while made < size:
+            nft.apply_ruleset(nft.render_ruleset(config(f"o{made:05d}"), new=True))
+            made += 1
+        create, read, delete, old = [], [], [], []
+        for i in range(rounds):
+            ours = config(f"b{i:05d}")
+            create.append(timed(lambda c=ours: nft.apply_ruleset(nft.render_ruleset(c, new=True))))
+            read.append(timed(lambda c=ours: nft.read_counters(c.table)))
+            if sum(old) / 1000 < OLD_READ_BUDGET_S / 2:
+                args = ["list", "counters", "table", "inet", ours.table]
+                old.append(timed(lambda a=args: nft._nft_json(a)))
+            delete.append(timed(lambda c=ours: nft.delete_table(c.table)))
+        rows.append(
+            {
+                "tables": size,
+                "create": statistics.median(create),
+                "read": statistics.median(read),
+                "old_read": statistics.median(old),
+                "old_rounds": len(old),
+                "delete": statistics.median(delete),
+                "library": nft._libnftables() is not None,
+            }
+        )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", default="1,16,64,256", help="the other tables, sizes")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    sizes = sorted({int(s) for s in opts.tables.split(",")})
+    if opts.inside:
+        print(json.dumps(inside(sizes, opts.rounds)))
+        return 0
+    namespace = f"sgbench-nft-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        done = subprocess.run(
+            ["ip", "netns", "exec", namespace, sys.executable, os.path.abspath(__file__),
+             "--inside", "--tables", opts.tables, "--rounds", str(opts.rounds)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["ip", "netns", "delete", namespace], check=False)
+    rows = json.loads(done.stdout)
+    version = subprocess.run(["nft", "--version"], capture_output=True, text=True).stdout.strip()
+    path = "libnftables (ctypes)" if rows[0]["library"] else "the nft command"
+    print(f"{version}, through {path}; kernel {os.uname().release}; {os.cpu_count()} cores")
+    print(f"median ms of {opts.rounds} rounds (the old read: fewer where it is slow)\n")
+    print(
+        f"{'other tables':>12} {'create':>8} {'read counters':>14} {'old read':>10} "
+        f"{'old/new':>8} {'delete':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['tables']:>12} {r['create']:>8.2f} {r['read']:>14.2f} {r['old_read']:>10.2f} "
+            f"{r['old_read'] / r['read']:>7.0f}x {r['delete']:>8.2f}"
+        )
+    first, last = rows[0], rows[-1]
+    print(
+        f"\nfrom {first['tables']} to {last['tables']} other tables: create "
+        f"{last['create'] / first['create']:.1f}x, read {last['read'] / first['read']:.1f}x, "
+        f"old read {last['old_read'] / first['old_read']:.0f}x, "
+        f"delete {last['delete'] / first['delete']:.1f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
