@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_attach.py [--rounds 30] [--embedded-rounds 7]
                                            [--install wheel|checkout] [--as-is]
                                            [--runners service|external|none]
-                                           [--baseline REV] [--breakdown]
+                                           [--baseline REV] [--breakdown] [--beside N]
 
 Needs root. Everything runs in a host-like network namespace this script creates
 (`sgbench-<hex>`) and deletes in `finally` with the service it starts there; nothing
@@ -57,6 +57,11 @@ puts around each step in every process of the attach; the rounds then also pay t
 timers (a few us a step). Printed per step: the median of its start after the
 round's spawn, of its duration (all its calls in the round), and calls per round.
 
+Beside others (`--beside N`): N attached runs of a sleeping task kept running through
+all rounds, as on a busy service. Their nftables tables share the namespace, and
+libnftables reads every table for most calls (bench/bench_nft.py), so each round's
+attach and detach, and the embedded rounds, pay for them.
+
 sandbox-runtime side by side (`--srt PATH`, default: `srt` on PATH, else skipped):
 `srt true` in the same workspace and network namespace, as many rounds as the embedded variant and in turn with them, with its
 default settings (bubblewrap, its HTTP and SOCKS bridges). Install it with
@@ -68,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import json
 import os
 import secrets
 import shutil
@@ -284,6 +290,27 @@ def start_service(
     )
 
 
+def start_beside(sandgate: str, control: Path, count: int, env: dict) -> list[subprocess.Popen]:
+    """`count` attached runs of a task that sleeps, once the service serves them all."""
+    argv = [sandgate, "run", "--gateway", str(control), "--no-workspace", "--", "sleep", "1d"]
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL}
+    beside = []
+    for _ in range(count):
+        beside.append(subprocess.Popen(argv, **quiet, stderr=subprocess.DEVNULL, env=env))
+        serving = 0
+        deadline = time.monotonic() + 60
+        while serving < len(beside):  # one at a time: as a service's sandboxes come
+            asked = [sandgate, "sandboxes", "--json", "--control", str(control)]
+            listed = subprocess.run(asked, capture_output=True, text=True, env=env)
+            if listed.returncode == 0:
+                serving = len(json.loads(listed.stdout)["sandboxes"])
+            if time.monotonic() > deadline or any(p.poll() is not None for p in beside):
+                stop(beside)
+                raise SystemExit(f"bench_attach: the service serves {serving} of {count} beside")
+            time.sleep(0.05)
+    return beside
+
+
 def stop(processes: list[subprocess.Popen]) -> None:
     """SIGTERM, in reverse order: a service removes its spare networks as it stops."""
     for process in reversed(processes):
@@ -352,6 +379,15 @@ def main() -> int:
         "empty directory: the run walks it before and after its task "
         "(enforcer/sandbox/planting.py)",
     )
+    parser.add_argument(
+        "--beside",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N sandboxes of the service left running (a task that sleeps) through all "
+        "rounds: a service's attach and detach beside others (their nftables tables share "
+        "the namespace, which the embedded rounds and a --baseline service see too)",
+    )
     args = parser.parse_args()
     if (args.breakdown or args.baseline) and args.install != "wheel":
         parser.error("--breakdown and --baseline need --install wheel")
@@ -374,7 +410,7 @@ def main() -> int:
         env["SGBENCH_MARKS"] = str(work / "marks")
     base = work / "baseline"
     base_env = dict(os.environ, SANDGATE_RUN_DIR=str(base / "run"))
-    started = []
+    started, beside = [], []
     windows: dict[str, list[tuple[int, int]]] = {"attached": []}
     try:
         if args.install == "wheel":
@@ -396,6 +432,7 @@ def main() -> int:
         subprocess.run(["ip", "netns", "add", host_ns], check=True)
         subprocess.run(["ip", "-n", host_ns, "link", "set", "lo", "up"], check=True)
         started, control = start_service(sandgate, host_ns, work, args.runners, env)
+        beside = start_beside(sandgate, control, args.beside, env)
         attaching = {"attached": [sandgate, "run", "--gateway", str(control), "--", "true"]}
         envs = {"attached": env}
         if args.baseline:
@@ -438,6 +475,7 @@ def main() -> int:
         base_embedded = measured_embedded.get("baseline embedded")
         srt = measured_embedded.get("srt")
     finally:
+        stop(beside)
         stop(started)
         subprocess.run(["ip", "netns", "del", host_ns], check=False, stderr=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
@@ -450,6 +488,8 @@ def main() -> int:
         f"; {args.gap} s between attached rounds" if args.gap else "; rounds back to back", end=""
     )
     print(f", {args.block} of a variant in a row" if args.block > 1 else "")
+    if args.beside:
+        print(f"beside {args.beside} running sandboxes of the service (their tables too)")
     print(f"{'variant':<12} {'median ms':>10} {'min ms':>8} {'rounds':>7}")
     print(f"{'attached':<12} {attached:>10.1f} {attached_min:>8.1f} {args.rounds:>7}")
     print(f"{'embedded':<12} {embedded:>10.1f} {embedded_min:>8.1f} {args.embedded_rounds:>7}")
