@@ -243,9 +243,10 @@ def delete_table(table: str, *, meanwhile: Callable[[], object] | None = None) -
 
     One NFT_MSG_DELTABLE in a batch of its own on a netfilter netlink socket, not
     libnftables: for any command on a table, libnftables 1.0.6 first reads every
-    table of the namespace (its cache), 15 ms beside one other sandbox's table and
-    62 ms beside 256 (bench/bench_nft.py), where this takes ~1-2 ms whatever is
-    beside it. Hand-written: the message is a name in a header, and pyroute2's
+    table of the namespace (its cache), so its delete took 22 ms beside 16 other
+    sandboxes' tables and 62 beside 256 (bench/bench_nft.py); this one message is
+    answered in ~1-2 ms whatever is beside it, and the rest (10-15 ms) is the close's
+    grace period. Hand-written: the message is a name in a header, and pyroute2's
     nftables socket costs ~84 ms of imports."""
     if not _TABLE.fullmatch(table):
         raise ValueError(f"bad nft table name {table!r}")
@@ -336,9 +337,9 @@ def read_counters(table: str) -> dict[str, int]:
     only the named table for the first, but every table's objects and rules for the
     others, and then some per table. With a gateway service's other sandboxes'
     tables beside it, `list counters table` took 31 ms at 16 tables, 574 ms at 64 and
-    11.7 s at 256 (most of it in the kernel, under the lock every nft call takes: no
+    11.7 s at 256 (much of it in the kernel, under the lock every nft call takes: no
     sandbox attached or detached meanwhile), and made a service's malloc heap grow by
-    tens of MB; `list table` took 0.8, 0.9, 1.1 and 3.7 ms (bench/bench_nft.py)."""
+    tens of MB; `list table` takes 1.5-4 ms (bench/bench_nft.py)."""
     if not _TABLE.fullmatch(table):
         raise ValueError(f"bad nft table name {table!r}")
     return {

@@ -82,7 +82,7 @@ GC_SETTLE_S = 10.0  # a runner whose caller a test killed may still be tearing i
 def _left_for_gc() -> set[str]:
     """What `sandgate gc --dry-run` would remove now: run dirs, netns, cgroups and id
     slots of runs whose process is gone (one line each; empty without root)."""
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or not os.path.exists(SANDGATE):  # not root, or not installed
         return set()
     done = subprocess.run([SANDGATE, "gc", "--dry-run"], capture_output=True, text=True, timeout=60)
     left = {line for line in done.stdout.splitlines() if line.startswith("would remove")}
