@@ -57,6 +57,12 @@ def gone_stderr(request):
     os.close(fd)
 
 
+def _rules(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    return rules
+
+
 class _UnreadLog:
     """A GatewayProcess's log that is `gone_stderr` (there is nothing to read)."""
 
@@ -72,9 +78,7 @@ class _UnreadLog:
 
 def _service(fakenet, tmp_path, log=None) -> GatewayProcess:
     """A started service (its stderr `log` if given), its warm runners ready."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    gateway = GatewayProcess(fakenet, tmp_path, rules)
+    gateway = GatewayProcess(fakenet, tmp_path, _rules(tmp_path))
     if log is not None:
         gateway.log = log
     gateway.start()
@@ -182,9 +186,3 @@ def test_the_service_serves_on_and_stops_cleanly(fakenet, tmp_path, gone_stderr)
     finally:
         assert gateway.stop() == 0
     gateway.verify_audit()
-
-
-def _rules(tmp_path):
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    return rules
