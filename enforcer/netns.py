@@ -165,12 +165,12 @@ def create_sandbox_net(
             step = "add sandbox default route"
             sandbox.add_default_route(str(net.gateway_ip))
 
-            # Until the kernel's linkwatch worker has marked a veth end up, it
-            # drops what it is given: the task's first SYN would be lost and
-            # retried only a second later.
+            # Until the kernel's linkwatch worker has made a veth end up, it drops
+            # what it is given: the task's first SYN, or the ARP reply to it, would
+            # be lost and retried only a second later.
             step = "wait for links up"
-            _wait_until_up(host, net.host_if)
-            _wait_until_up(sandbox, net.sandbox_if)
+            _wait_until_up(host, host_idx)
+            _wait_until_up(sandbox, sbx_idx)
     except Exception as e:
         for action in reversed(undo):
             with contextlib.suppress(Exception):
@@ -300,12 +300,13 @@ def _link_index(rtnl: Rtnl, ifname: str) -> int:
     return index
 
 
-def _wait_until_up(rtnl: Rtnl, ifname: str, timeout: float = 2.0) -> None:
+def _wait_until_up(rtnl: Rtnl, index: int, timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
-    while not rtnl.link_running(ifname):
+    while not rtnl.link_up(index):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"link {ifname} is not up after {timeout} s")
+            raise TimeoutError(f"link {index} is not up after {timeout} s")
         time.sleep(0.0005)
+    rtnl.wait_for_linkwatch(index)
 
 
 def _write_ipv6_conf(key: str, value: str) -> None:

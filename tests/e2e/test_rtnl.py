@@ -73,8 +73,9 @@ def test_a_sandbox_network_made_by_rtnl_is_what_the_kernel_holds(two_netns) -> N
         assert ip_json(box_ns, "link", "show", "eth0"), "the peer is not in the sandbox's netns"
         assert ip_json(host_ns, "link", "show", "eth0") is None
 
-        host.add_address(host_link["ifindex"], "10.99.0.1", 30)
-        host.set_up(host_link["ifindex"])
+        host_index = host_link["ifindex"]
+        host.add_address(host_index, "10.99.0.1", 30)
+        host.set_up(host_index)
         box_index = box.link_index("eth0")
         box.set_up(box.link_index("lo"))
         box.add_address(box_index, "10.99.0.2", 30)
@@ -94,7 +95,7 @@ def test_a_sandbox_network_made_by_rtnl_is_what_the_kernel_holds(two_netns) -> N
             ("default", "10.99.0.1", "eth0", "static")
         ]
         deadline = time.monotonic() + 2
-        while not host.link_running("sgt0"):
+        while not host.link_up(host_index):
             assert time.monotonic() < deadline, "the host end never came up"
             time.sleep(0.001)
         (up,) = ip_json(host_ns, "link", "show", "sgt0")
@@ -102,24 +103,53 @@ def test_a_sandbox_network_made_by_rtnl_is_what_the_kernel_holds(two_netns) -> N
 
         box.set_up(box_index, False)  # the peer down: the host end loses its carrier
         deadline = time.monotonic() + 2
-        while host.link_running("sgt0"):
+        while host.link_up(host_index):
             assert time.monotonic() < deadline, "the host end stayed up without its peer"
             time.sleep(0.001)
         (lower_down,) = ip_json(host_ns, "link", "show", "sgt0")
         assert "UP" in lower_down["flags"] and lower_down["operstate"] != "UP"
 
-        host.set_up(host_link["ifindex"], False)
+        host.set_up(host_index, False)
         (down,) = ip_json(host_ns, "link", "show", "sgt0")
         assert "UP" not in down["flags"]
-        assert host.link_running("sgt0") is False
-        with pytest.raises(OSError) as absent:
-            host.link_running("nosuchlink")
-        assert absent.value.errno == errno.ENODEV
+        assert host.link_up(host_index) is False
 
         assert host.delete_link("sgt0") is True
+        with pytest.raises(OSError) as absent:
+            host.link_up(host_index)
+        assert absent.value.errno == errno.ENODEV
+
         assert ip_json(host_ns, "link", "show", "sgt0") is None
         assert ip_json(box_ns, "link", "show", "eth0") is None, "deleting one end left the other"
         assert host.delete_link("sgt0") is False
+
+
+def test_a_new_veth_end_is_not_up_before_its_peer(two_netns) -> None:
+    """A new veth's operstate is UNKNOWN until the kernel's link watcher has handled
+    its creation, and SIOCGIFFLAGS calls UNKNOWN running: set up at once, the host end
+    was "running" with its peer down, its queue not active yet. A sandbox network
+    waited on that and lost its first ARP reply in 1 of ~150 on a busy host."""
+    host_ns, box_ns = two_netns
+    box_fd = os.open(f"/run/netns/{box_ns}", os.O_RDONLY | os.O_CLOEXEC)
+    with rtnl_in(host_ns) as host, rtnl_in(box_ns) as box:
+        # Several: the link watcher is not always that late (about half the time here).
+        indexes = []
+        try:
+            for n in range(6):
+                host.add_veth(f"sgt{n}", f"eth{n}", box_fd)
+                indexes.append(host.link_index(f"sgt{n}"))
+                host.set_up(indexes[-1])
+                assert host.link_up(indexes[-1]) is False, f"sgt{n} up while its peer is down"
+        finally:
+            os.close(box_fd)
+
+        box.set_up(box.link_index("eth0"))
+        deadline = time.monotonic() + 2
+        while not host.link_up(indexes[0]):
+            assert time.monotonic() < deadline, "the host end never came up"
+            time.sleep(0.001)
+        (up,) = ip_json(host_ns, "link", "show", "sgt0")
+        assert up["operstate"] == "UP"
 
 
 def test_the_kernels_refusal_is_an_oserror_with_its_errno(two_netns) -> None:
