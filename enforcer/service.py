@@ -177,6 +177,8 @@ class GatewayService:
         self._filling = False
         self._refill_timer: asyncio.TimerHandle | None = None  # a deferred refill (_attach)
         self._unwiring: set[asyncio.Task] = set()  # removals still running after the reply
+        # Attaches making a network and sandboxes' ends under way: the stop waits for them.
+        self._under_way = 0
         self.runners: set[str] = set()  # the sockets of warm runners (enforcer/zygote.py)
         self._zygote: asyncio.subprocess.Process | None = None
 
@@ -299,6 +301,11 @@ class GatewayService:
             self._server.close()
             with contextlib.suppress(OSError):
                 self.opts.control.unlink()
+        # Connections still open may have begun an attach, or a sandbox's end (its runner
+        # left as the stop came): such a sandbox is not in `sandboxes`, and not yet
+        # among `_unwiring`, until it is done.
+        while self._under_way:
+            await asyncio.sleep(0.01)
         for attached in list(self.sandboxes.values()):
             await self._remove(attached, "the gateway service stopped", runner_lost=True)
         if self._refill_timer is not None:
@@ -320,8 +327,8 @@ class GatewayService:
         for path in self.runners:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        if self._unwiring:
-            await asyncio.wait(self._unwiring)
+        while self._unwiring:  # also those that begin meanwhile
+            await asyncio.wait(set(self._unwiring))
         if self.admin is not None:
             await self.admin.stop()
         if self.state_dir is not None:  # a second service's: its token is void now
@@ -540,34 +547,35 @@ class GatewayService:
             raise RunError(f"runner_pid {str(claimed)[:20]} is not the connecting process")
         if self.draining:
             raise RunError("the gateway service is stopping: no new sandboxes")
-        profile = request.get("profile", "default")
-        policy = self.data_plane.policy
-        if not isinstance(profile, str) or profile not in policy.profiles:
-            raise RunError(
-                f"no profile {str(profile)[:60]!r} in the service's rules "
-                f"(profiles: {', '.join(policy.profiles)})"
-            )
-        attached = self.spares.pop() if self.spares else await self._new_network(profile)
-        if self.spares:  # the next attach has one still: replace this one off this start
-            self._refill_later()
-        else:
-            self._refill()
-        attached.profile, attached.rules_hash = profile, policy.hash
-        attached.command = [str(a)[:200] for a in request.get("command", [])][:50]
-        attached.runner_pid = peer_pid
-        attached.runner_start = process_stamp.start_time(attached.runner_pid)
-        attached.started = time.time()
-        # Decided once, for the reply and the task's files both (a reload may come between).
-        attached.inspected = inspects(policy, profile)
-        try:
-            # `sandgate gc`: the run lives while its runner does
-            (attached.dir / "pid").write_text(process_stamp.stamp(attached.runner_pid))
-            self._write_state(attached)
-            self.sandboxes[attached.run_id] = attached
-        except BaseException:
-            await self._remove(attached, "its setup failed")
-            raise
-        return attached
+        with self._counted_under_way():  # until it is in `sandboxes`, or gone
+            profile = request.get("profile", "default")
+            policy = self.data_plane.policy
+            if not isinstance(profile, str) or profile not in policy.profiles:
+                raise RunError(
+                    f"no profile {str(profile)[:60]!r} in the service's rules "
+                    f"(profiles: {', '.join(policy.profiles)})"
+                )
+            attached = self.spares.pop() if self.spares else await self._new_network(profile)
+            if self.spares:  # the next attach has one still: replace this one off this start
+                self._refill_later()
+            else:
+                self._refill()
+            attached.profile, attached.rules_hash = profile, policy.hash
+            attached.command = [str(a)[:200] for a in request.get("command", [])][:50]
+            attached.runner_pid = peer_pid
+            attached.runner_start = process_stamp.start_time(attached.runner_pid)
+            attached.started = time.time()
+            # Decided once, for the reply and the task's files both (a reload may come between).
+            attached.inspected = inspects(policy, profile)
+            try:
+                # `sandgate gc`: the run lives while its runner does
+                (attached.dir / "pid").write_text(process_stamp.stamp(attached.runner_pid))
+                self._write_state(attached)
+                self.sandboxes[attached.run_id] = attached
+            except BaseException:
+                await self._remove(attached, "its setup failed")
+                raise
+            return attached
 
     async def _serve_attached(self, attached: Attached, peer: str) -> None:
         """The rest of an attach, before the task may send a packet: its table's rates,
@@ -823,23 +831,32 @@ class GatewayService:
         after the reply, in that order (`_unwire_later`). `runner_lost`: the runner
         did not detach (it died, or the stop kills it): what it would have freed is
         freed once it is gone (`_free_runners_slot`)."""
-        self.sandboxes.pop(attached.run_id, None)
-        if attached.address:
-            self.data_plane.remove_sandbox(attached.address)
-        counters = await (counting or _final_counters(attached.table))
-        self._unwire_later(attached, runner_lost=runner_lost)
-        self.metrics.count_firewall_drops(counters)
-        attached.summary.firewall_drops(counters)
-        duration = time.time() - attached.started
-        attached.summary.task_ended(attached.run_id, duration)
-        where = {
-            "task_id": attached.run_id,
-            "sandbox": attached.address or None,
-            "profile": attached.profile,
-        }
-        for event in task_events.firewall_drops(counters, **where):
-            self.data_plane.emit(event)
-        self.data_plane.emit(task_events.task_ended(why, duration, **where))
+        with self._counted_under_way():  # until `_unwire_later` has it and its end is recorded
+            self.sandboxes.pop(attached.run_id, None)
+            if attached.address:
+                self.data_plane.remove_sandbox(attached.address)
+            counters = await (counting or _final_counters(attached.table))
+            self._unwire_later(attached, runner_lost=runner_lost)
+            self.metrics.count_firewall_drops(counters)
+            attached.summary.firewall_drops(counters)
+            duration = time.time() - attached.started
+            attached.summary.task_ended(attached.run_id, duration)
+            where = {
+                "task_id": attached.run_id,
+                "sandbox": attached.address or None,
+                "profile": attached.profile,
+            }
+            for event in task_events.firewall_drops(counters, **where):
+                self.data_plane.emit(event)
+            self.data_plane.emit(task_events.task_ended(why, duration, **where))
+
+    @contextlib.contextmanager
+    def _counted_under_way(self):
+        self._under_way += 1
+        try:
+            yield
+        finally:
+            self._under_way -= 1
 
     def _unwire_later(self, attached: Attached, *, runner_lost: bool = False) -> None:
         """Netns and veth, then the table, then the run dir, off the loop; `_shutdown`
@@ -858,7 +875,7 @@ class GatewayService:
                 )
             if runner_lost:
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(_free_runners_slot, attached)
+                    await _free_runners_slot(attached)
             shutil.rmtree(attached.dir, ignore_errors=True)
 
         task = asyncio.get_running_loop().create_task(unwire_now())
@@ -1076,21 +1093,25 @@ def _start_field(state: dict, key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _free_runners_slot(attached: Attached) -> None:
+async def _free_runners_slot(attached: Attached) -> None:
     """A runner removes its task's cgroup and frees its id slot as its run ends; one
     that died first (SIGKILLed, by the stop's drain too, or while the service was
     away) left both, and what may still run in the cgroup. Once it is gone (its
     connection may close before it has exited: up to RUNNER_EXIT_WAIT_S), its slot is
     freed by the slot's record, which names the cgroup (made ahead or not), removed
-    first. A runner still alive then frees its own."""
+    first. A runner still alive then frees its own.
+
+    The wait is the loop's, not a thread's: a thread per lost runner, six of them
+    (the default executor's size here), held every netns, table and counters call of
+    the service for those seconds."""
     if attached.runner_pid <= 1:  # no runner of its own to have held one
         return
     deadline = time.monotonic() + RUNNER_EXIT_WAIT_S
     while _runner_alive(attached):
         if time.monotonic() > deadline:
             return
-        time.sleep(0.02)
-    id_slots.sweep(id_slots.host_id_pool(), holders={attached.runner_pid})
+        await asyncio.sleep(0.02)
+    await asyncio.to_thread(id_slots.sweep, id_slots.host_id_pool(), holders={attached.runner_pid})
 
 
 def _runner_alive(attached: Attached) -> bool:

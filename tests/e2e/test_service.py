@@ -17,7 +17,7 @@ import pytest
 from sandgate.enforcer import control
 from support import sandbox
 from support.sandbox import curl, eventually, python
-from support.service import TWO_PROFILES, GatewayProcess, attach, attach_argv
+from support.service import TWO_PROFILES, GatewayProcess, attach, attach_argv, running
 
 pytestmark = pytest.mark.e2e
 
@@ -319,6 +319,38 @@ def test_gateway_stop_drains(service, net, tmp_path):
         if runner.poll() is None:
             runner.kill()
     assert not service.control.exists()
+
+
+def test_runners_leaving_as_the_service_stops_leave_nothing_and_lose_no_event(net, tmp_path):
+    """Runners whose connections close as the service stops (killed with it): a
+    sandbox whose end had begun was no longer the service's, so the stop, finding none
+    left, ended the service before its network, table and run dir were removed and
+    before its end was recorded. The window was the read of its counters, which the
+    first six make long here: their runner (this process) lives on, and the wait for
+    it to be gone held each a thread of the service's six for 3 s."""
+    with running(net, tmp_path, TWO_PROFILES) as service:
+        clients, run_ids = [], []
+        try:
+            for _ in range(10):
+                clients.append(control.ControlClient.connect(service.control))
+                reply = clients[-1].request("attach", profile="default", runner_pid=os.getpid())
+                run_ids.append(reply["run_id"])
+            for client in clients[:6]:
+                client.close()
+            time.sleep(0.5)
+        finally:
+            for client in clients:
+                client.close()
+        service.popen.send_signal(signal.SIGTERM)
+        assert service.popen.wait(30) == 0
+    for run_id in run_ids:
+        assert not sandbox.leftovers(net, run_id), run_id
+    ended = {
+        e["task_id"]: e["detail"]
+        for e in service.events(kind="task")
+        if e.get("detail", "").startswith("task ended:")
+    }
+    assert sorted(ended) == sorted(run_ids), ended
 
 
 FAIRNESS_RULES = """\
