@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from support.sandbox import SANDGATE, id_slots_held
+from support.sandbox import SANDGATE, id_slots_held, run_dirs_held
 
 E2E_TOOLS = {
     "ip": "iproute2",
@@ -86,9 +86,11 @@ def _left_for_gc() -> set[str]:
         return set()
     done = subprocess.run([SANDGATE, "gc", "--dry-run"], capture_output=True, text=True, timeout=60)
     left = {line for line in done.stdout.splitlines() if line.startswith("would remove")}
-    # gc leaves alone the slots of a live holder: this process, for a test's own claim
+    # gc leaves alone what a live process holds: this one, for a test's own claim or attach
     for slot in id_slots_held(os.getpid()):
         left.add(f"id slot {slot}, claimed by the test process and never released")
+    for run_dir in run_dirs_held(os.getpid()):
+        left.add(f"run dir {run_dir}, attached by the test process and never removed")
     return left
 
 

@@ -555,6 +555,17 @@ def id_slots_held(pid: int) -> dict[str, dict]:
     return held
 
 
+def run_dirs_held(pid: int) -> list[Path]:
+    """The run dirs whose pid file names `pid` as the run's runner (a test that
+    attaches by itself names its own process)."""
+    held = []
+    for pid_file in RUN_DIR.glob("*/pid"):
+        with contextlib.suppress(OSError, ValueError):
+            if pid_file.read_text().split()[0] == str(pid):
+                held.append(pid_file.parent)
+    return held
+
+
 def processes_of(run_id: str) -> list[tuple[int, str]]:
     """Live processes that belong to run `run_id` (zombies have no cmdline: skipped)."""
     marks = (f"sg-{run_id}".encode(), f"SANDGATE_TASK_ID={run_id}".encode())
