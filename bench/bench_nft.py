@@ -5,13 +5,15 @@
 Not a test: it prints numbers, it asserts nothing. Needs root, `ip` and nftables.
 
 A gateway service keeps one nftables table per live sandbox in its namespace. Each
-attach creates one (`nft.apply_ruleset` of `render_ruleset(new=True)`), each detach
-reads its counters (`nft.read_counters`) and deletes it (`nft.delete_table`), each
-through libnftables, one call at a time (nft._library_lock). libnftables may read
-every table of the namespace before it runs a command (its cache), so a call can
-grow with the number of sandboxes. For N other tables, the median wall time of each
-call, and side by side the counters read as sandgate read them before session 30
-(`list counters table`: every table's objects and rules, then some per table).
+new network creates one (`nft.load_table`, netlink messages of sandgate's own),
+each detach reads its counters (`nft.read_counters`, through libnftables) and
+deletes it (`nft.delete_table`, one netlink message). libnftables may read every
+table of the namespace before it runs a command (its cache), so a call through it
+can grow with the number of sandboxes. For N other tables, the median wall time of
+each call, and side by side what sandgate did before: the table loaded from
+`render_ruleset`'s text through libnftables (until session 31), and the counters
+read with `list counters table` (until session 30: every table's objects and rules,
+then some per table).
 
 Safety: the namespace is the bench's own (`sgbench-nft-<hex>`), removed in `finally`;
 nothing is added to the root namespace.
@@ -48,12 +50,15 @@ def inside(sizes: list[int], rounds: int) -> list[dict]:
     rows, made = [], 0
     for size in sizes:
         while made < size:
-            nft.apply_ruleset(nft.render_ruleset(config(f"o{made:05d}"), new=True))
+            nft.load_table(config(f"o{made:05d}"), new=True)
             made += 1
-        create, read, delete, old = [], [], [], []
+        create, old_create, read, delete, old = [], [], [], [], []
         for i in range(rounds):
+            text = nft.render_ruleset(config(f"t{i:05d}"), new=True)
+            old_create.append(timed(lambda t=text: nft.apply_ruleset(t)))
+            nft.delete_table(f"sandgate_t{i:05d}")
             ours = config(f"b{i:05d}")
-            create.append(timed(lambda c=ours: nft.apply_ruleset(nft.render_ruleset(c, new=True))))
+            create.append(timed(lambda c=ours: nft.load_table(c, new=True)))
             read.append(timed(lambda c=ours: nft.read_counters(c.table)))
             if sum(old) / 1000 < OLD_READ_BUDGET_S / 2:
                 args = ["list", "counters", "table", "inet", ours.table]
@@ -63,6 +68,7 @@ def inside(sizes: list[int], rounds: int) -> list[dict]:
             {
                 "tables": size,
                 "create": statistics.median(create),
+                "old_create": statistics.median(old_create),
                 "read": statistics.median(read),
                 "old_read": statistics.median(old),
                 "old_rounds": len(old),
@@ -99,18 +105,20 @@ def main() -> int:
     print(f"{version}, through {path}; kernel {os.uname().release}; {os.cpu_count()} cores")
     print(f"median ms of {opts.rounds} rounds (the old read: fewer where it is slow)\n")
     print(
-        f"{'other tables':>12} {'create':>8} {'read counters':>14} {'old read':>10} "
-        f"{'old/new':>8} {'delete':>8}"
+        f"{'other tables':>12} {'create':>8} {'old create':>11} {'old/new':>8} "
+        f"{'read counters':>14} {'old read':>10} {'old/new':>8} {'delete':>8}"
     )
     for r in rows:
         print(
-            f"{r['tables']:>12} {r['create']:>8.2f} {r['read']:>14.2f} {r['old_read']:>10.2f} "
+            f"{r['tables']:>12} {r['create']:>8.2f} {r['old_create']:>11.2f} "
+            f"{r['old_create'] / r['create']:>7.1f}x {r['read']:>14.2f} {r['old_read']:>10.2f} "
             f"{r['old_read'] / r['read']:>7.0f}x {r['delete']:>8.2f}"
         )
     first, last = rows[0], rows[-1]
     print(
         f"\nfrom {first['tables']} to {last['tables']} other tables: create "
-        f"{last['create'] / first['create']:.1f}x, read {last['read'] / first['read']:.1f}x, "
+        f"{last['create'] / first['create']:.1f}x (old {last['old_create'] / first['old_create']:.0f}x), "
+        f"read {last['read'] / first['read']:.1f}x, "
         f"old read {last['old_read'] / first['old_read']:.0f}x, "
         f"delete {last['delete'] / first['delete']:.1f}x"
     )

@@ -1,10 +1,11 @@
 """The kernel half of enforcement: one nftables table of sandgate's own.
 
-`render_ruleset` is pure and golden-file tested; the helpers below it are thin
-wrappers around libnftables (the library behind the `nft` command, through ctypes:
-~0.3 ms a call instead of ~5 ms for starting `nft`, which was most of a detach from
-the gateway service), or the `nft` command where the library cannot be loaded; a
-table's deletion is one netlink message of our own (`delete_table` says why). Nothing
+`render_ruleset` is pure and golden-file tested: the definition of a sandbox's table.
+`load_table` loads it as nf_tables netlink messages of our own (enforcer/nft_wire.py
+says why; tests/unit/test_nft_wire.py holds it to the text), and a table's deletion
+is one such message. The other helpers are thin wrappers around libnftables (the
+library behind the `nft` command, through ctypes: ~0.3 ms a call instead of ~5 ms for
+starting `nft`), or the `nft` command where the library cannot be loaded. Nothing
 outside the configured table is ever read or changed.
 
 What the ruleset does to packets that arrive on a sandbox interface (the host's
@@ -33,12 +34,12 @@ import errno
 import json
 import os
 import re
-import socket
-import struct
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from sandgate.enforcer import nft_wire
 
 NFT = "nft"
 _TIMEOUT_S = 30
@@ -149,6 +150,9 @@ def render_ruleset(cfg: RulesetConfig, *, new: bool = False) -> str:
     leaves work for the kernel's destroy worker, and closing the netlink socket
     waits for that worker, an RCU grace period (10-15 ms of every `sandgate run`
     here, against ~1 ms for a transaction that only adds).
+
+    The definition of the table `load_table` loads (as netlink messages that make
+    the same table: tests/unit/test_nft_wire.py).
     """
     t, sbx = cfg.table, f'iifname "{cfg.sandbox_ifaces}"'
     counters = "\n".join(f"\tcounter {name} {{\n\t}}" for name in COUNTERS)
@@ -232,6 +236,22 @@ def apply_ruleset(text: str) -> None:
     _run_nft(["-f", "-"], stdin=text)
 
 
+def load_table(cfg: RulesetConfig, *, new: bool = False) -> None:
+    """Load the table `render_ruleset(cfg, new=new)` says, in one transaction: with
+    `new` created (refused if a table of that name exists), else replaced (made first
+    if missing, as the text's leading `table` does). Netlink messages of our own, not
+    libnftables: beside 256 other sandboxes' tables its load took 52-73 ms, this
+    ~2 ms (nft_wire says why)."""
+    messages = nft_wire.sandbox_table(cfg, COUNTERS)
+    if not new:
+        messages[:0] = [nft_wire.table_message(cfg.table), nft_wire.delete_table_message(cfg.table)]
+    what = f"{'create' if new else 'replace'} table inet {cfg.table}"
+    try:
+        nft_wire.commit(messages, _TIMEOUT_S)
+    except nft_wire.WireError as e:
+        raise NftError(f"{what} failed: {e.strerror}") from e
+
+
 def delete_table(table: str, *, meanwhile: Callable[[], object] | None = None) -> None:
     """Delete table `inet <table>`; a missing table is fine.
 
@@ -241,82 +261,21 @@ def delete_table(table: str, *, meanwhile: Callable[[], object] | None = None) -
     waits for a grace period itself (deleting a veth) shares it instead of taking a
     second one after. It does not run if the deletion fails.
 
-    One NFT_MSG_DELTABLE in a batch of its own on a netfilter netlink socket, not
-    libnftables: for any command on a table, libnftables 1.0.6 first reads every
-    table of the namespace (its cache), so its delete took 22 ms beside 16 other
-    sandboxes' tables and 62 beside 256 (bench/bench_nft.py); this one message is
-    answered in ~1-2 ms whatever is beside it, and the rest (10-15 ms) is the close's
-    grace period. Hand-written: the message is a name in a header, and pyroute2's
-    nftables socket costs ~84 ms of imports."""
+    One NFT_MSG_DELTABLE in a batch of its own (nft_wire), not libnftables, whose
+    delete took 22 ms beside 16 other sandboxes' tables and 62 beside 256
+    (bench/bench_nft.py); this one message is answered in ~1-2 ms whatever is beside
+    it, and the rest (10-15 ms) is the close's grace period."""
     if not _TABLE.fullmatch(table):
         raise ValueError(f"bad nft table name {table!r}")
-    name = table.encode() + b"\0"
-    batch = (
-        _nfnl(_NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, 1, socket.AF_UNSPEC, _NFNL_SUBSYS_NFTABLES)
-        + _nfnl(
-            _NFNL_SUBSYS_NFTABLES << 8 | _NFT_MSG_DELTABLE,
-            _NLM_F_REQUEST | _NLM_F_ACK,
-            2,
-            _NFPROTO_INET,
-            0,
-            struct.pack("=HH", 4 + len(name), _NFTA_TABLE_NAME) + name + b"\0" * (-len(name) % 4),
-        )
-        + _nfnl(_NFNL_MSG_BATCH_END, _NLM_F_REQUEST, 3, socket.AF_UNSPEC, _NFNL_SUBSYS_NFTABLES)
-    )
     try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
-    except OSError as e:
-        raise NftError(f"delete table inet {table}: no netfilter netlink socket: {e}") from e
-    with sock:
-        sock.settimeout(_TIMEOUT_S)
-        try:
-            sock.send(batch)
-            code = _ack(sock, 2)
-        except TimeoutError:
-            raise NftError(f"delete table inet {table}: no answer after {_TIMEOUT_S} s") from None
-        except OSError as e:
-            raise NftError(f"delete table inet {table} failed: {e}") from e
-        if code not in (0, -errno.ENOENT):  # ENOENT: there is no such table
-            raise NftError(f"delete table inet {table} failed: {os.strerror(-code)}")
-        if meanwhile is not None:
-            meanwhile()
-
-
-# netfilter netlink (<linux/netfilter/nfnetlink.h>, nf_tables.h), for delete_table
-_NETLINK_NETFILTER = 12
-_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
-_NLMSG_ERROR = 0x2
-_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END = 0x10, 0x11
-_NFNL_SUBSYS_NFTABLES = 10
-_NFT_MSG_DELTABLE = 2
-_NFTA_TABLE_NAME = 1
-_NFPROTO_INET = 1
-_NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, port id
-
-
-def _nfnl(kind: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes = b"") -> bytes:
-    """One netlink message with its nfgenmsg (family, version 0, res_id big-endian)."""
-    body = struct.pack("!BBH", family, 0, res_id) + attrs
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
-
-
-def _ack(sock: socket.socket, seq: int) -> int:
-    """The kernel's answer to message `seq` of the batch sent: 0, or minus an errno
-    (also one refusing the batch itself: nf_tables missing). It comes after the
-    batch was committed (or aborted): nfnetlink acknowledges a batch's messages once
-    it is through with the batch."""
-    while True:
-        data = sock.recv(65536)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, _flags, got_seq, _port = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size:
-                raise OSError(errno.EPROTO, "a malformed netlink answer")
-            if kind == _NLMSG_ERROR and length >= _NLMSGHDR.size + 4:
-                (code,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-                if got_seq == seq or code < 0:
-                    return code
-            offset += (length + 3) & ~3
+        nft_wire.commit(
+            [nft_wire.delete_table_message(table)],
+            _TIMEOUT_S,
+            ok=(errno.ENOENT,),  # there is no such table
+            meanwhile=meanwhile,
+        )
+    except nft_wire.WireError as e:
+        raise NftError(f"delete table inet {table} failed: {e.strerror}") from e
 
 
 def list_tables(prefix: str = "sandgate") -> list[str]:

@@ -389,17 +389,15 @@ class TaskRun:
         )
         self.sandbox_ip = str(sandbox_ip)
         self.gateway.add_sandbox(Sandbox(str(sandbox_ip), self.run_id, opts.profile))
-        ruleset = nft.render_ruleset(
-            nft.RulesetConfig(
-                table=self.table,
-                sandbox_ifaces=self.net.host_if,
-                proxy_port=self.gateway.proxy_port,
-                dns_port=self.gateway.dns_port,
-                **nft.table_rates(opts.policy.limits_for(opts.profile)),
-            ),
-            new=True,  # this run's own id: created, not replaced (nft.render_ruleset says why)
+        table = nft.RulesetConfig(
+            table=self.table,
+            sandbox_ifaces=self.net.host_if,
+            proxy_port=self.gateway.proxy_port,
+            dns_port=self.gateway.dns_port,
+            **nft.table_rates(opts.policy.limits_for(opts.profile)),
         )
-        await asyncio.to_thread(nft.apply_ruleset, ruleset)
+        # this run's own id: created, not replaced (nft.render_ruleset says why)
+        await asyncio.to_thread(nft.load_table, table, new=True)
 
         (self.dir / "resolv.conf").write_text(
             f"# written by sandgate: the gateway's DNS filter\n"

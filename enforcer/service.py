@@ -750,17 +750,14 @@ class GatewayService:
         # The profile's rates when its task attaches (a reload changes them for the
         # next ones); a spare's, until then, the default profile's.
         rates = nft.table_rates(self.data_plane.policy.limits_for(attached.profile))
-        ruleset = nft.render_ruleset(
-            nft.RulesetConfig(
-                table=attached.table,
-                sandbox_ifaces=netns.host_if_name(attached.run_id),
-                proxy_port=proxy_port,
-                dns_port=dns_port,
-                **rates,
-            ),
-            new=new,
+        table = nft.RulesetConfig(
+            table=attached.table,
+            sandbox_ifaces=netns.host_if_name(attached.run_id),
+            proxy_port=proxy_port,
+            dns_port=dns_port,
+            **rates,
         )
-        await asyncio.to_thread(nft.apply_ruleset, ruleset)
+        await asyncio.to_thread(nft.load_table, table, new=new)
         attached.table_rates = rates
 
     def _resume(self, request: dict, peer: str, peer_pid: int) -> Attached:
