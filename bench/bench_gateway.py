@@ -275,7 +275,7 @@ STEP_TEARDOWN = "teardown"
 STEP_CUTOFF = "cut off (host veth down)"
 STEP_DESTROY = "destroy netns + veth"
 STEP_COUNTERS = "nft -j list (counters)"
-STEP_DELTABLE = "nft delete table (+ destroy, meanwhile)"
+STEP_DELTABLE = "nft delete table"
 STEP_GWSTOP = "gateway stop"
 STEP_METRICS_START = "metrics server start"
 STEP_METRICS_STOP = "metrics server stop"
@@ -307,7 +307,7 @@ BREAKDOWN = [  # (indent, label) in print order
     (3, STEP_CUTOFF),
     (3, STEP_COUNTERS),
     (3, STEP_DELTABLE),
-    (4, STEP_DESTROY),
+    (3, STEP_DESTROY),
     (3, STEP_GWSTOP),
     (3, STEP_METRICS_STOP),
     (0, STEP_INPROCESS),

@@ -36,7 +36,7 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sandgate.enforcer import nft_wire
@@ -252,19 +252,15 @@ def load_table(cfg: RulesetConfig, *, new: bool = False) -> None:
         raise NftError(f"{what} failed: {e.strerror}") from e
 
 
-def delete_table(table: str, *, meanwhile: Callable[[], object] | None = None) -> None:
-    """Delete table `inet <table>`; a missing table is fine.
-
-    `meanwhile` runs once the deletion is committed (the table filters nothing any
-    more) and before the netlink socket closes. Closing it waits until the kernel
-    has freed what the transaction deleted, an RCU grace period (~10 ms); work that
-    waits for a grace period itself (deleting a veth) shares it instead of taking a
-    second one after. It does not run if the deletion fails.
+def delete_table(table: str) -> None:
+    """Delete table `inet <table>`; a missing table is fine. Once it returns, the
+    table filters nothing.
 
     One NFT_MSG_DELTABLE in a batch of its own (nft_wire), not libnftables, whose
     delete took 22 ms beside 16 other sandboxes' tables and 62 beside 256
-    (bench/bench_nft.py); this one message is answered in ~1-2 ms whatever is beside
-    it, and the rest (10-15 ms) is the close's grace period."""
+    (bench/bench_nft.py); this one message is answered in ~1 ms whatever is beside
+    it, on a socket that stays open (closing it would wait 10-15 ms for the kernel to
+    free the table: nft_wire.commit)."""
     if not _TABLE.fullmatch(table):
         raise ValueError(f"bad nft table name {table!r}")
     try:
@@ -272,7 +268,6 @@ def delete_table(table: str, *, meanwhile: Callable[[], object] | None = None) -
             [nft_wire.delete_table_message(table)],
             _TIMEOUT_S,
             ok=(errno.ENOENT,),  # there is no such table
-            meanwhile=meanwhile,
         )
     except nft_wire.WireError as e:
         raise NftError(f"delete table inet {table} failed: {e.strerror}") from e

@@ -724,11 +724,10 @@ def _init_seed(run_id: str, limits: cgroup.Limits):
 def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True) -> dict[str, int]:
     """A sandbox's network and table go, and the sandbox never has a path out without
     its table: first its veth's host end goes down (`netns.cut_off`: no path at all),
-    then the table, and the netns and veth are deleted while the kernel frees the
-    table (`nft.delete_table`'s `meanwhile`: their two RCU waits overlap, ~10 ms less
-    than one after the other). Without a link to take down (a half-made network), the
-    network goes first, then the table. Returns the table's drop counters, final once
-    the link is down (unless `count` is False: the caller read them already)."""
+    then the table, then the netns and veth. Without a link to take down (a half-made
+    network), the network goes first, then the table. Returns the table's drop
+    counters, final once the link is down (unless `count` is False: the caller read
+    them already)."""
     cut = False
     if had_net:
         with contextlib.suppress(Exception):  # no link, or netlink refused: the old order
@@ -739,17 +738,10 @@ def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True)
     with contextlib.suppress(nft.NftError):
         if count:
             counters = nft.read_counters(table)
-    destroyed = not cut
-
-    def destroy() -> None:
-        nonlocal destroyed
-        destroyed = True
-        netns.destroy_sandbox_net(run_id)
-
     with contextlib.suppress(nft.NftError):
-        nft.delete_table(table, meanwhile=None if destroyed else destroy)
-    if not destroyed:  # the deletion failed before its meanwhile
-        destroy()
+        nft.delete_table(table)
+    if cut:
+        netns.destroy_sandbox_net(run_id)
     return counters
 
 

@@ -9,10 +9,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
-from sandgate.enforcer import nft
+from sandgate.enforcer import nft, nft_wire
 from sandgate.enforcer.nft import NftError, RulesetConfig, render_ruleset
 
 GOLDEN = Path(__file__).parent.parent / "fixtures" / "nft" / "ruleset.golden"
@@ -169,6 +170,7 @@ def test_delete_table_is_one_batch_of_one_deltable(monkeypatch: pytest.MonkeyPat
             return struct.pack("=IHHIIi", 36, 2, 0, 2, 0, 0) + bytes(16)
 
     monkeypatch.setattr(socket, "socket", FakeSocket)
+    monkeypatch.setattr(nft_wire, "_local", threading.local())  # not this thread's real one
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ran nft"))
     nft.delete_table("sandgate_ab12")
     (batch,) = sent
@@ -217,7 +219,8 @@ def test_libnftables_path_loads_reads_and_deletes_like_nft() -> None:
     name = f"sgtlib{os.getpid() % 10000}"
     script = """
 import sys
-from sandgate.enforcer import nft
+import threading
+from sandgate.enforcer import nft, nft_wire
 assert nft._libnftables() is not None
 nft.apply_ruleset(nft.render_ruleset(nft.RulesetConfig(
     table="sandgate_lib", sandbox_ifaces="sgh-lib", proxy_port=8080, dns_port=5353)))
@@ -243,10 +246,9 @@ except nft.NftError as e:
     assert "exist" in str(e).lower(), e
 listed = nft._run_nft(["list", "table", "inet", "sandgate_new"])
 assert "sgh-new" in listed and "sgh-other" not in listed, listed
-# meanwhile: the deletion is committed (the table is gone) and the library free to use.
-seen = []
-nft.delete_table("sandgate_new", meanwhile=lambda: seen.append(nft.list_tables()))
-assert seen == [[]], seen
+# The deletion is committed when it returns: the table is gone.
+nft.delete_table("sandgate_new")
+assert nft.list_tables() == [], nft.list_tables()
 # The deletion by netlink: that name exactly, not one it begins, nor one beside.
 for name in ("sandgate_ab", "sandgate_abc", "sandgate_b"):
     nft.apply_ruleset(nft.render_ruleset(nft.RulesetConfig(
@@ -310,7 +312,7 @@ def test_a_process_holding_a_thousand_descriptors_still_runs_nft() -> None:
     name = f"sgtfds{os.getpid() % 10000}"
     script = """
 import os, resource
-from sandgate.enforcer import nft
+from sandgate.enforcer import nft, nft_wire
 resource.setrlimit(resource.RLIMIT_NOFILE, (2048, 2048))
 held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
 assert held[-1] > 1024, held[-1]
