@@ -9,10 +9,11 @@ and ~52-73 ms beside 256, deleting one 62 (bench/bench_nft.py). The kernel needs
 none of it, and a batch of these messages is answered in about the same time
 whatever is beside it.
 
-`sandbox_table` is the same table as `nft.render_ruleset(cfg, new=True)`, message
-by message what `nft -f` sends for that text (its `--debug=mnl`): the text stays
-the readable definition, and tests/unit/test_nft_wire.py loads both into a kernel
-and requires the same rules, sets and counters back, expression by expression.
+`sandbox_table` is the table of `nft.render_ruleset(cfg, new=True)`, in the messages
+`nft -f` sends for that text (its `--debug=mnl`; without the set metadata nft keeps
+for its own printing): the text stays the readable definition, and
+tests/unit/test_nft_wire.py loads both into a kernel and requires the same rules,
+sets and counters back, expression by expression.
 
 The encoding is hand-written: a few attribute types of <linux/netfilter/nf_tables.h>
 (pyroute2's nftables classes cost ~84 ms of imports, session 30).
@@ -47,12 +48,7 @@ _HOOK_HOOKNUM, _HOOK_PRIORITY = 1, 2
 _RULE_TABLE, _RULE_CHAIN, _RULE_EXPRESSIONS = 1, 2, 4
 _SET_TABLE, _SET_NAME, _SET_FLAGS, _SET_KEY_TYPE, _SET_KEY_LEN = 1, 2, 3, 4, 5
 _SET_DESC, _SET_ID, _SET_DESC_SIZE = 9, 10, 1
-_SET_ELEM_LIST_TABLE, _SET_ELEM_LIST_SET, _SET_ELEM_LIST_ELEMENTS, _SET_ELEM_LIST_SET_ID = (
-    1,
-    2,
-    3,
-    4,
-)
+_ELEMS_TABLE, _ELEMS_SET, _ELEMS_ELEMENTS, _ELEMS_SET_ID = 1, 2, 3, 4  # NFTA_SET_ELEM_LIST_*
 _SET_ELEM_KEY = 1
 _OBJ_TABLE, _OBJ_NAME, _OBJ_TYPE, _OBJ_DATA = 1, 2, 3, 4
 _COUNTER_BYTES, _COUNTER_PACKETS = 1, 2
@@ -79,6 +75,9 @@ _TCP_SYN, _TCP_ACK = 0x02, 0x10
 _TYPE_INET_SERVICE, _TYPE_ICMP6_TYPE = 13, 29
 # The kernel's own MLD reports (nft.py _KERNEL_MLD): ICMPv6 types 131, 132, 143.
 _KERNEL_MLD_TYPES = (131, 132, 143)
+
+
+Message = tuple[int, int, int, bytes]  # type (subsystem and message), flags, family, attributes
 
 
 class WireError(OSError):
@@ -202,13 +201,11 @@ def _dport(proto: int, port: int) -> bytes:
 # --- messages ----------------------------------------------------------------------------
 
 
-def _message(
-    kind: int, flags: int, attrs: bytes, family: int = _NFPROTO_INET
-) -> tuple[int, int, int, bytes]:
+def _message(kind: int, flags: int, attrs: bytes, family: int = _NFPROTO_INET) -> Message:
     return (_NFNL_SUBSYS_NFTABLES << 8 | kind, flags, family, attrs)
 
 
-def sandbox_table(cfg, counters: tuple[str, ...]) -> list[tuple[int, int, int, bytes]]:
+def sandbox_table(cfg, counters: tuple[str, ...]) -> list[Message]:
     """The messages that create table `inet <cfg.table>` as `nft.render_ruleset(cfg,
     new=True)` says it (`cfg`: an nft.RulesetConfig; refused if the table exists),
     with the named `counters` (nft.COUNTERS)."""
@@ -226,16 +223,15 @@ def sandbox_table(cfg, counters: tuple[str, ...]) -> list[tuple[int, int, int, b
         messages.append(_message(_NEWCHAIN, add, attrs + _u32(_CHAIN_POLICY, _NF_ACCEPT) + hooked))
 
     def anonymous_set(set_id: int, key_type: int, keys: list[bytes]) -> None:
-        head = _str(_SET_TABLE, t) + _str(_SET_NAME, "__set%d")
-        attrs = head + _u32(_SET_FLAGS, _SET_ANONYMOUS | _SET_CONSTANT)
+        # "__set%d": the kernel names it; the rules' lookups find it by its id
+        attrs = _str(_SET_TABLE, t) + _str(_SET_NAME, "__set%d")
+        attrs += _u32(_SET_FLAGS, _SET_ANONYMOUS | _SET_CONSTANT)
         attrs += _u32(_SET_KEY_TYPE, key_type) + _u32(_SET_KEY_LEN, len(keys[0]))
         attrs += _u32(_SET_ID, set_id) + _nest(_SET_DESC, _u32(_SET_DESC_SIZE, len(keys)))
         messages.append(_message(_NEWSET, add, attrs))
         elements = b"".join(_nest(_LIST_ELEM, _value(_SET_ELEM_KEY, key)) for key in keys)
-        attrs = (
-            head + _u32(_SET_ELEM_LIST_SET_ID, set_id) + _nest(_SET_ELEM_LIST_ELEMENTS, elements)
-        )
-        messages.append(_message(_NEWSETELEM, add, attrs))
+        attrs = _str(_ELEMS_TABLE, t) + _str(_ELEMS_SET, "__set%d") + _u32(_ELEMS_SET_ID, set_id)
+        messages.append(_message(_NEWSETELEM, add, attrs + _nest(_ELEMS_ELEMENTS, elements)))
 
     def rule(chain_name: str, *expressions: bytes) -> None:
         attrs = _str(_RULE_TABLE, t) + _str(_RULE_CHAIN, chain_name)
@@ -295,19 +291,19 @@ def sandbox_table(cfg, counters: tuple[str, ...]) -> list[tuple[int, int, int, b
     return messages
 
 
-def table_message(table: str) -> tuple[int, int, int, bytes]:
+def table_message(table: str) -> Message:
     """`table inet <table>`: made if missing, left as it is if not."""
     return _message(_NEWTABLE, _NLM_F_CREATE, _str(_TABLE_NAME, table) + _u32(_TABLE_FLAGS, 0))
 
 
-def delete_table_message(table: str) -> tuple[int, int, int, bytes]:
+def delete_table_message(table: str) -> Message:
     return _message(_DELTABLE, 0, _str(_TABLE_NAME, table))
 
 
 # --- the batch -----------------------------------------------------------------------------
 
 
-def encode_batch(messages: list[tuple[int, int, int, bytes]], first: int = 1) -> bytes:
+def encode_batch(messages: list[Message], first: int = 1) -> bytes:
     """The messages between a batch's begin (sequence number `first`) and end, each
     asking for its acknowledgement."""
     subsys = _NFNL_SUBSYS_NFTABLES
@@ -320,7 +316,7 @@ def encode_batch(messages: list[tuple[int, int, int, bytes]], first: int = 1) ->
 
 
 def commit(
-    messages: list[tuple[int, int, int, bytes]],
+    messages: list[Message],
     timeout: float,
     *,
     ok: tuple[int, ...] = (),
