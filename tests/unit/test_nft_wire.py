@@ -89,6 +89,11 @@ try:
 except nft_wire.WireError:
     pass
 assert expressions("sandgate_r") == expressions("sandgate_rt"), "the refused batch changed it"
+
+# The same socket goes on (the refused batches' other answers are not the next one's).
+nft.load_table(fresh, new=True)
+nft.delete_table("sandgate_r")
+assert nft.list_tables("sandgate_f") == ["sandgate_f"] and "sandgate_r" not in nft.list_tables()
 print("ok")
 """
 
