@@ -287,20 +287,21 @@ def list_tables(prefix: str = "sandgate") -> list[str]:
 def read_counters(table: str) -> dict[str, int]:
     """Packets per named counter of table `inet <table>`, on every task's end.
 
-    `list table`, not `list counters table` (nor `list counter`): nft 1.0.6 reads
-    only the named table for the first, but every table's objects and rules for the
-    others, and then some per table. With a gateway service's other sandboxes'
-    tables beside it, `list counters table` took 31 ms at 16 tables, 574 ms at 64 and
-    11.7 s at 256 (much of it in the kernel, under the lock every nft call takes: no
-    sandbox attached or detached meanwhile), and made a service's malloc heap grow by
-    tens of MB; `list table` takes 1.5-4 ms (bench/bench_nft.py)."""
+    One netlink dump of the table's counters (nft_wire.counters), not libnftables:
+    its `list counters table` read every table's objects and rules, then more per
+    table (11.7 s beside 256 other sandboxes' tables, under the lock every nft call
+    takes), and its `list table` built a cache of the table each time (1.7 ms, 3.4 ms
+    beside 256; libnftables' caches were most of a service's heap growth under a
+    crowd, session 30). NftError when there is no such table."""
     if not _TABLE.fullmatch(table):
         raise ValueError(f"bad nft table name {table!r}")
-    return {
-        obj["counter"]["name"]: obj["counter"]["packets"]
-        for obj in _nft_json(["list", "table", "inet", table])
-        if "counter" in obj and obj["counter"].get("table") == table
-    }
+    try:
+        found = nft_wire.counters(table, _TIMEOUT_S)
+    except nft_wire.WireError as e:
+        raise NftError(f"list counters of table inet {table} failed: {e.strerror}") from e
+    if not found:
+        raise NftError(f"list counters of table inet {table}: no such table")
+    return found
 
 
 def _nft_json(args: list[str]) -> list[dict]:

@@ -29,18 +29,22 @@ import threading
 
 # netfilter netlink (<linux/netfilter/nfnetlink.h>, <linux/netfilter/nf_tables.h>)
 NETLINK_NETFILTER = 12
-_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_DUMP_INTR, _NLM_F_DUMP = 0x1, 0x4, 0x10, 0x300
 _NLM_F_EXCL, _NLM_F_CREATE, _NLM_F_APPEND = 0x200, 0x400, 0x800
-_NLMSG_ERROR = 0x2
+_NLMSG_ERROR, _NLMSG_DONE = 0x2, 0x3
 _NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END = 0x10, 0x11
 _NFNL_SUBSYS_NFTABLES = 10
 _NFPROTO_INET = 1
 _NLA_F_NESTED = 0x8000
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, port id
 _NLATTR = struct.Struct("=HH")  # length, type
+_NLA_TYPE_MASK = 0x3FFF  # the type without its nested and byte order flags
+_NFGENMSG_END = _NLMSGHDR.size + 4  # an nf_tables message's attributes start here
+DUMP_ATTEMPTS = 5
 
 # message types
-_NEWTABLE, _DELTABLE, _NEWCHAIN, _NEWRULE, _NEWSET, _NEWSETELEM, _NEWOBJ = 0, 2, 3, 6, 9, 12, 18
+_NEWTABLE, _DELTABLE, _NEWCHAIN, _NEWRULE, _NEWSET, _NEWSETELEM = 0, 2, 3, 6, 9, 12
+_NEWOBJ, _GETOBJ = 18, 19
 # attributes, by the message or expression they belong to
 _TABLE_NAME, _TABLE_FLAGS = 1, 2
 _CHAIN_TABLE, _CHAIN_NAME, _CHAIN_HOOK, _CHAIN_POLICY, _CHAIN_TYPE = 1, 3, 4, 5, 7
@@ -298,6 +302,74 @@ def table_message(table: str) -> Message:
 
 def delete_table_message(table: str) -> Message:
     return _message(_DELTABLE, 0, _str(_TABLE_NAME, table))
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def counters(table: str, timeout: float) -> dict[str, int]:
+    """Packets per named counter of table `inet <table>`: one dump of its counter
+    objects (the kernel filters them by table and type). Empty when there is no such
+    table. A dump the kernel marks interrupted (a transaction committed during it)
+    is asked for again."""
+    request = _str(_OBJ_TABLE, table) + _u32(_OBJ_TYPE, _OBJECT_COUNTER)
+    kind = _NFNL_SUBSYS_NFTABLES << 8 | _GETOBJ
+    for _ in range(DUMP_ATTEMPTS):
+        sock, seq = _socket(1)
+        try:
+            sock.settimeout(timeout)
+            sock.send(_nfnl(kind, _NLM_F_REQUEST | _NLM_F_DUMP, seq, _NFPROTO_INET, 0, request))
+            found, interrupted = _read_counters_dump(sock, seq)
+        except TimeoutError:
+            _local.__dict__.clear()
+            raise WireError(
+                errno.ETIMEDOUT, f"no answer from the kernel after {timeout} s"
+            ) from None
+        except WireError:
+            _local.__dict__.clear()
+            raise
+        except OSError as e:
+            _local.__dict__.clear()
+            raise WireError(e.errno or errno.EIO, e.strerror or str(e)) from e
+        if not interrupted:
+            return found
+    raise WireError(errno.EAGAIN, f"the dump was interrupted by changes {DUMP_ATTEMPTS} times")
+
+
+def _read_counters_dump(sock: socket.socket, seq: int) -> tuple[dict[str, int], bool]:
+    found, interrupted = {}, False
+    while True:
+        data = sock.recv(65536)
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(data):
+            length, kind, flags, got_seq, _port = _NLMSGHDR.unpack_from(data, offset)
+            if length < _NLMSGHDR.size:
+                raise WireError(errno.EPROTO, "a malformed netlink answer")
+            if got_seq == seq:
+                interrupted |= bool(flags & _NLM_F_DUMP_INTR)
+                if kind == _NLMSG_DONE:
+                    return found, interrupted
+                if kind == _NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
+                    raise WireError(-code, os.strerror(-code))
+                if kind == _NFNL_SUBSYS_NFTABLES << 8 | _NEWOBJ:
+                    attrs = _attrs(data, offset + _NFGENMSG_END, offset + length)
+                    counter = _attrs(attrs[_OBJ_DATA], 0, len(attrs[_OBJ_DATA]))
+                    name = attrs[_OBJ_NAME].rstrip(b"\0").decode()
+                    found[name] = struct.unpack("!Q", counter[_COUNTER_PACKETS])[0]
+            offset += (length + 3) & ~3
+
+
+def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The attributes between `start` and `end`: type -> value."""
+    found = {}
+    while start + _NLATTR.size <= end:
+        length, kind = _NLATTR.unpack_from(data, start)
+        if length < _NLATTR.size:
+            raise WireError(errno.EPROTO, "a malformed netlink attribute")
+        found[kind & _NLA_TYPE_MASK] = bytes(data[start + _NLATTR.size : start + length])
+        start += (length + 3) & ~3
+    return found
 
 
 # --- the batch -----------------------------------------------------------------------------

@@ -116,33 +116,76 @@ def test_nft_failure_carries_nft_stderr(monkeypatch: pytest.MonkeyPatch) -> None
         nft.apply_ruleset("table inet x { chain fwd { } }")
 
 
-def test_read_counters_and_list_tables_parse_nft_json(monkeypatch: pytest.MonkeyPatch) -> None:
-    outputs = {
-        ("list", "table", "inet", "sandgate"): """{"nftables": [
-            {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
-            {"table": {"family": "inet", "name": "sandgate", "handle": 1}},
-            {"counter": {"family": "inet", "name": "dropped_udp", "table": "sandgate",
-                         "handle": 2, "packets": 3, "bytes": 120}},
-            {"counter": {"family": "inet", "name": "dropped_icmp", "table": "sandgate",
-                         "handle": 3, "packets": 0, "bytes": 0}},
-            {"chain": {"family": "inet", "table": "sandgate", "name": "early", "handle": 4}}
-        ]}""",
-        ("list", "tables", "inet"): """{"nftables": [
-            {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
-            {"table": {"family": "inet", "name": "sandgate", "handle": 1}},
-            {"table": {"family": "inet", "name": "sandgate_ab12", "handle": 7}},
-            {"table": {"family": "inet", "name": "filter", "handle": 9}}
-        ]}""",
-    }
+def test_list_tables_parses_nft_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    output = """{"nftables": [
+        {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+        {"table": {"family": "inet", "name": "sandgate", "handle": 1}},
+        {"table": {"family": "inet", "name": "sandgate_ab12", "handle": 7}},
+        {"table": {"family": "inet", "name": "filter", "handle": 9}}
+    ]}"""
 
     def fake_run(argv, **kwargs):
-        assert argv[:2] == [nft.NFT, "-j"]
-        return subprocess.CompletedProcess(argv, 0, outputs[tuple(argv[2:])], "")
+        assert argv == [nft.NFT, "-j", "list", "tables", "inet"]
+        return subprocess.CompletedProcess(argv, 0, output, "")
 
+    monkeypatch.setattr(nft, "_libnftables", lambda: None)
     monkeypatch.setattr(subprocess, "run", fake_run)
-    assert nft.read_counters("sandgate") == {"dropped_udp": 3, "dropped_icmp": 0}
     assert nft.list_tables() == ["sandgate", "sandgate_ab12"]
     assert nft.list_tables("sandgate_") == ["sandgate_ab12"]
+
+
+def _nfnl_answer(kind: int, flags: int, seq: int, attrs: bytes = b"") -> bytes:
+    body = struct.pack("!BBH", 1, 0, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
+
+
+def _nla(kind: int, value: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(value), kind) + value + bytes(-len(value) % 4)
+
+
+def _counter_object(seq: int, name: str, packets: int, flags: int = 0x2) -> bytes:
+    data = _nla(1, struct.pack("!Q", packets * 40)) + _nla(2, struct.pack("!Q", packets))
+    attrs = _nla(1, b"sandgate_ab\0") + _nla(2, name.encode() + b"\0") + _nla(3, b"\0\0\0\1")
+    return _nfnl_answer(0x0A12, flags, seq, attrs + _nla(4 | 0x8000, data))  # NEWOBJ
+
+
+def test_read_counters_is_one_dump_of_the_tables_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NFT_MSG_GETOBJ for the table's counters, dumped; a dump the kernel marks
+    interrupted is asked for again; no such table is an NftError. Never libnftables."""
+    sent, answers = [], []
+
+    class FakeSocket:
+        def __init__(self, family, kind, proto):
+            assert (family, kind, proto) == (socket.AF_NETLINK, socket.SOCK_RAW, 12)
+
+        def settimeout(self, timeout):
+            pass
+
+        def send(self, data):
+            sent.append(data)
+            seq = struct.unpack_from("=IHHII", data)[3]
+            answers.append(next(dumps)(seq))
+
+        def recv(self, size):
+            return answers.pop(0)
+
+    def interrupted(seq):  # a commit during the dump: what it says may be stale
+        return _counter_object(seq, "dropped_udp", 1, flags=0x12) + _nfnl_answer(3, 0x12, seq)
+
+    def whole(seq):
+        objects = _counter_object(seq, "dropped_udp", 3) + _counter_object(seq, "dropped_icmp", 0)
+        return _nfnl_answer(0x0A00, 0, seq + 1000) + objects + _nfnl_answer(3, 0x2, seq)
+
+    dumps = iter([interrupted, whole, lambda seq: _nfnl_answer(3, 0x2, seq)])
+    monkeypatch.setattr(socket, "socket", FakeSocket)
+    monkeypatch.setattr(nft_wire, "_local", threading.local())
+    monkeypatch.setattr(nft, "_run_nft", lambda *a, **k: pytest.fail("ran libnftables"))
+    assert nft.read_counters("sandgate_ab") == {"dropped_udp": 3, "dropped_icmp": 0}
+    kind, flags = struct.unpack_from("=IHH", sent[0])[1:]
+    assert (kind, flags) == (0x0A13, 0x301)  # GETOBJ, a dump request
+    assert b"sandgate_ab\0" in sent[0] and len(sent) == 2
+    with pytest.raises(NftError, match="no such table"):
+        nft.read_counters("sandgate_ab")
 
 
 def test_delete_table_is_one_batch_of_one_deltable(monkeypatch: pytest.MonkeyPatch) -> None:
