@@ -147,9 +147,9 @@ def render_ruleset(cfg: RulesetConfig, *, new: bool = False) -> str:
     The leading `table` + `delete table` pair makes the load work whether or not
     the table exists, in one transaction (nft 1.0.6 has no `destroy`). A table made
     for a fresh sandbox id does without it: a transaction that deletes anything
-    leaves work for the kernel's destroy worker, and closing the netlink socket
-    waits for that worker, an RCU grace period (10-15 ms of every `sandgate run`
-    here, against ~1 ms for a transaction that only adds).
+    leaves work for the kernel's destroy worker, and closing a netlink socket waits
+    for that worker, an RCU grace period (10-15 ms of every `sandgate run` when the
+    table went through libnftables, whose socket closes after each call).
 
     The definition of the table `load_table` loads (as netlink messages that make
     the same table: tests/unit/test_nft_wire.py).
