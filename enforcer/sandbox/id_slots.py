@@ -160,39 +160,30 @@ class IdSlot:
 def claim(
     pool: IdPool, lock_dir: Path = ID_SLOT_DIR, *, fs: cgroup.CgroupFS = cgroup.HOST
 ) -> IdSlot:
-    """A free slot of `pool`, locked by this process (CLOEXEC: a forked sandbox init
-    closes it, the task never has it to unlock), or SandboxError when every slot is
-    taken or the lock dir cannot be made. A slot whose last holder died with its
-    task's processes left (its lock file's record) is not free (`left_over`).
-
-    The first slot without a record (never used, or released with its task gone),
-    told by a stat: a held slot has its holder's record, and an open and a flock of
-    each took ~18 us, 4.5 ms of a claim beside 256 running sandboxes. Only when there
-    is none, the first free slot of all: one whose holder died, its task gone."""
+    """The first free slot of `pool`, locked by this process (CLOEXEC: a forked sandbox
+    init closes it, the task never has it to unlock), or SandboxError when every slot
+    is taken or the lock dir cannot be made. A slot whose last holder died with its
+    task's processes left (its lock file's record) is not free (`left_over`)."""
     try:
         lock_dir.mkdir(mode=0o700, exist_ok=True)
     except OSError as e:
         raise SandboxError(f"cannot make {lock_dir} (the sandbox id slots): {e.strerror}") from None
-    for recorded_too in (False, True):
-        orphaned = 0
-        for index in range(pool.slots):
-            ids = pool.slot(index)
-            path = lock_dir / str(ids.base)
-            if not recorded_too and _recorded(path):
-                continue
-            fd = _lock(path)
-            if fd is None:
-                continue
-            try:
-                recorded = os.fstat(fd).st_size  # 0: released with its task gone
-                if recorded and left_over(ids, _read_record(fd), fs=fs):
-                    os.close(fd)
-                    orphaned += 1
-                    continue
-            except BaseException:
+    orphaned = 0
+    for index in range(pool.slots):
+        ids = pool.slot(index)
+        fd = _lock(lock_dir / str(ids.base))
+        if fd is None:
+            continue
+        try:
+            recorded = os.fstat(fd).st_size  # 0: released with its task gone, nothing to look at
+            if recorded and left_over(ids, _read_record(fd), fs=fs):
                 os.close(fd)
-                raise
-            return IdSlot(ids, fd, recorded)
+                orphaned += 1
+                continue
+        except BaseException:
+            os.close(fd)
+            raise
+        return IdSlot(ids, fd, recorded)
     left = (
         f" ({orphaned} of them hold a killed run's task, which `sandgate gc` removes)"
         if orphaned
@@ -203,14 +194,6 @@ def claim(
         f"{left}: wait for a run to end, or give sandgate more ids with a '{SUBID_USER}:BASE:COUNT' "
         f"line in /etc/subuid and /etc/subgid (COUNT a multiple of {ID_COUNT}, one a task)"
     )
-
-
-def _recorded(path: Path) -> bool:
-    """Whether lock file `path` holds a record (a missing one does not)."""
-    try:
-        return os.stat(path).st_size > 0
-    except FileNotFoundError:
-        return False
 
 
 def _lock(path: Path) -> int | None:

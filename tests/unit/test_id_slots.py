@@ -83,20 +83,6 @@ def test_slots_are_distinct_while_held_and_free_again_when_released(tmp_path):
     assert id_slots.in_use(pool, tmp_path) == []
 
 
-def test_a_slot_a_dead_holder_left_its_record_in_goes_after_those_without(tmp_path):
-    """A held slot has its holder's record, so a claim passes over recorded slots by a
-    stat, not an open and a flock each; one whose holder died (its task gone) is taken
-    once no slot without a record is free."""
-    fs = ReadOnlyKernel(tmp_path / "k")
-    pool = small_pool(3)
-    killed = killed_holder(pool, tmp_path / "ids", fs)
-    shutil.rmtree(fs.task)  # its task is gone: the slot is free
-    first = id_slots.claim(pool, tmp_path / "ids", fs=fs)
-    second = id_slots.claim(pool, tmp_path / "ids", fs=fs)
-    assert killed not in (first.ids.base, second.ids.base)
-    assert id_slots.claim(pool, tmp_path / "ids", fs=fs).ids.base == killed
-
-
 def test_a_full_pool_refuses_with_one_line_naming_the_fix(tmp_path):
     pool = small_pool(2)
     held = [id_slots.claim(pool, tmp_path) for _ in range(2)]
@@ -218,17 +204,15 @@ def test_a_killed_holders_slot_is_taken_only_once_its_task_is_gone(tmp_path, sta
         (fs.task / "cgroup.procs").mkdir()
     elif state == "unmounted":
         write(tmp_path / "k/proc/self/mountinfo", "")
-    # A slot without a record goes first (claim says why): the killed one is left.
-    other = id_slots.claim(pool, tmp_path / "ids", fs=fs)
-    assert other.ids.base != killed
+    slot = id_slots.claim(pool, tmp_path / "ids", fs=fs)
+    assert (slot.ids.base == killed) is taken
+    assert id_slots.in_use(pool, tmp_path / "ids") == [slot.ids.base]
     with (
         pytest.raises(SandboxError, match="1 of them hold a killed run's task")
         if not taken
         else (contextlib.nullcontext())
     ):
-        slot = id_slots.claim(pool, tmp_path / "ids", fs=fs)
-        assert slot.ids.base == killed
-        assert id_slots.in_use(pool, tmp_path / "ids") == sorted([other.ids.base, killed])
+        id_slots.claim(pool, tmp_path / "ids", fs=fs)
 
 
 def test_a_cgroup_is_found_again_through_another_mount_of_its_hierarchy(tmp_path):
