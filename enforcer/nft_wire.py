@@ -390,12 +390,10 @@ def encode_batch(messages: list[Message], first: int = 1) -> bytes:
 def commit(
     messages: list[Message],
     timeout: float,
-    *,
-    ok: tuple[int, ...] = (),
 ) -> None:
     """Send `messages` as one transaction (all of them or none) and wait for the
     kernel's verdict on it. Raises WireError with the errno of the first message the
-    kernel refused, unless it is in `ok`.
+    kernel refused.
 
     On a socket of this thread's that stays open: closing a netfilter netlink socket
     waits until the kernel has freed what its transactions deleted, an RCU grace
@@ -413,7 +411,7 @@ def commit(
     except OSError as e:
         _local.__dict__.clear()
         raise WireError(e.errno or errno.EIO, e.strerror or str(e)) from e
-    if code < 0 and -code not in ok:
+    if code < 0:
         raise WireError(-code, os.strerror(-code))
 
 

@@ -799,8 +799,8 @@ def gc(dry_run: bool = False) -> Collected:
     removed = []
 
     def drop(what: str, action) -> None:
-        if not dry_run:
-            action()
+        if not dry_run and action() is False:
+            return  # gone since it was listed: removed by its own run, not by gc
         removed.append(what)
 
     # Listed in the reverse of the order a run makes them (state dir, netns, table,
