@@ -794,9 +794,11 @@ def _hits_in(fs: CgroupFS, d: _Dir, limits: Limits) -> list[LimitHit]:
     return hits
 
 
-def _remove_dirs(fs: CgroupFS, paths: list[str], timeout: float) -> None:
-    """SIGKILL every member (v2: cgroup.kill, one write, race-free), wait until empty, rmdir."""
+def _remove_dirs(fs: CgroupFS, paths: list[str], timeout: float) -> list[str]:
+    """SIGKILL every member (v2: cgroup.kill, one write, race-free), wait until empty,
+    rmdir; the paths removed (not those gone already)."""
     deadline = time.monotonic() + timeout
+    removed = []
     for path in paths:
         kill_file = os.path.join(path, "cgroup.kill")
         if os.path.exists(kill_file):
@@ -812,6 +814,7 @@ def _remove_dirs(fs: CgroupFS, paths: list[str], timeout: float) -> None:
         while True:
             try:
                 fs.rmdir(path)
+                removed.append(path)
                 break
             except FileNotFoundError:
                 break
@@ -820,6 +823,7 @@ def _remove_dirs(fs: CgroupFS, paths: list[str], timeout: float) -> None:
                 if e.errno != errno.EBUSY or time.monotonic() > deadline:
                     raise CgroupError(f"cannot remove {path}: {e.strerror}") from e
                 time.sleep(0.01)
+    return removed
 
 
 # --- leftovers of crashed runs (`sandgate gc`) ------------------------------------
@@ -892,8 +896,9 @@ def members(hierarchy: str, path: str, *, fs: CgroupFS = HOST) -> set[int]:
         raise CgroupError(f"cannot read the processes of {directory}: {e}") from e
 
 
-def remove_path(path: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = HOST) -> None:
-    """Remove one directory from leftovers(), killing what still runs in it."""
+def remove_path(path: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = HOST) -> bool:
+    """Remove one directory from leftovers(), killing what still runs in it; False when
+    it is gone already."""
     mountpoints = {h.mountpoint for h in _locate(fs, None).values()}
     if not _NAME.fullmatch(os.path.basename(path)) or not any(
         path.startswith(m.rstrip("/") + "/") for m in mountpoints
@@ -901,4 +906,4 @@ def remove_path(path: str, *, timeout: float = REMOVE_TIMEOUT_S, fs: CgroupFS = 
         raise CgroupError(
             f"{path} is not a sandgate cgroup (a {PREFIX}* directory in a cgroup hierarchy)"
         )
-    _remove_dirs(fs, [path], timeout)
+    return bool(_remove_dirs(fs, [path], timeout))

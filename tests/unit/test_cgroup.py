@@ -639,9 +639,11 @@ def test_leftovers_and_remove_path(hybrid):
         memory + "sandgate-crashed",
         pids + "sandgate-crashed",
     ]
-    for path in cgroup.leftovers("sandgate-cr", fs=hybrid):
-        cgroup.remove_path(path, fs=hybrid)
+    crashed = cgroup.leftovers("sandgate-cr", fs=hybrid)
+    assert [cgroup.remove_path(path, fs=hybrid) for path in crashed] == [True, True]
     assert cgroup.leftovers(fs=hybrid) == [memory + "sandgate-other"]
+    # gone since it was listed (its run removed it): said, for gc not to report it
+    assert cgroup.remove_path(crashed[0], fs=hybrid) is False
     assert 900 in hybrid.killed
 
 
