@@ -312,25 +312,14 @@ def counters(table: str, timeout: float) -> dict[str, int]:
     objects (the kernel filters them by table and type). Empty when there is no such
     table. A dump the kernel marks interrupted (a transaction committed during it)
     is asked for again."""
-    request = _str(_OBJ_TABLE, table) + _u32(_OBJ_TYPE, _OBJECT_COUNTER)
-    kind = _NFNL_SUBSYS_NFTABLES << 8 | _GETOBJ
+    attrs = _str(_OBJ_TABLE, table) + _u32(_OBJ_TYPE, _OBJECT_COUNTER)
+    kind, flags = _NFNL_SUBSYS_NFTABLES << 8 | _GETOBJ, _NLM_F_REQUEST | _NLM_F_DUMP
+
+    def request(seq: int) -> bytes:
+        return _nfnl(kind, flags, seq, _NFPROTO_INET, 0, attrs)
+
     for _ in range(DUMP_ATTEMPTS):
-        sock, seq = _socket(1)
-        try:
-            sock.settimeout(timeout)
-            sock.send(_nfnl(kind, _NLM_F_REQUEST | _NLM_F_DUMP, seq, _NFPROTO_INET, 0, request))
-            found, interrupted = _read_counters_dump(sock, seq)
-        except TimeoutError:
-            _local.__dict__.clear()
-            raise WireError(
-                errno.ETIMEDOUT, f"no answer from the kernel after {timeout} s"
-            ) from None
-        except WireError:
-            _local.__dict__.clear()
-            raise
-        except OSError as e:
-            _local.__dict__.clear()
-            raise WireError(e.errno or errno.EIO, e.strerror or str(e)) from e
+        found, interrupted = _exchange(1, timeout, request, _read_counters_dump)
         if not interrupted:
             return found
     raise WireError(errno.EAGAIN, f"the dump was interrupted by changes {DUMP_ATTEMPTS} times")
@@ -338,26 +327,21 @@ def counters(table: str, timeout: float) -> dict[str, int]:
 
 def _read_counters_dump(sock: socket.socket, seq: int) -> tuple[dict[str, int], bool]:
     found, interrupted = {}, False
-    while True:
-        data = sock.recv(65536)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, flags, got_seq, _port = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size:
-                raise WireError(errno.EPROTO, "a malformed netlink answer")
-            if got_seq == seq:
-                interrupted |= bool(flags & _NLM_F_DUMP_INTR)
-                if kind == _NLMSG_DONE:
-                    return found, interrupted
-                if kind == _NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-                    raise WireError(-code, os.strerror(-code))
-                if kind == _NFNL_SUBSYS_NFTABLES << 8 | _NEWOBJ:
-                    attrs = _attrs(data, offset + _NFGENMSG_END, offset + length)
-                    counter = _attrs(attrs[_OBJ_DATA], 0, len(attrs[_OBJ_DATA]))
-                    name = attrs[_OBJ_NAME].rstrip(b"\0").decode()
-                    found[name] = struct.unpack("!Q", counter[_COUNTER_PACKETS])[0]
-            offset += (length + 3) & ~3
+    for kind, flags, got_seq, data, offset, length in _answers(sock):
+        if got_seq != seq:
+            continue
+        interrupted |= bool(flags & _NLM_F_DUMP_INTR)
+        if kind == _NLMSG_DONE:
+            return found, interrupted
+        if kind == _NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
+            raise WireError(-code, os.strerror(-code))
+        if kind == _NFNL_SUBSYS_NFTABLES << 8 | _NEWOBJ:
+            attrs = _attrs(data, offset + _NFGENMSG_END, offset + length)
+            counter = _attrs(attrs[_OBJ_DATA], 0, len(attrs[_OBJ_DATA]))
+            name = attrs[_OBJ_NAME].rstrip(b"\0").decode()
+            found[name] = struct.unpack("!Q", counter[_COUNTER_PACKETS])[0]
+    raise AssertionError("unreachable: _answers never ends")
 
 
 def _attrs(data: bytes, start: int, end: int) -> dict[int, bytes]:
@@ -399,20 +383,34 @@ def commit(
     waits until the kernel has freed what its transactions deleted, an RCU grace
     period (~13 ms of a replaced table's 16 here; the commit itself is acknowledged
     in ~0.7 ms). Left open, the kernel frees it in its own time."""
-    sock, first = _socket(len(messages) + 2)
-    last = first + len(messages)
+    code = _exchange(
+        len(messages) + 2,
+        timeout,
+        lambda first: encode_batch(messages, first),
+        lambda sock, first: _ack(sock, first, first + len(messages)),
+    )
+    if code < 0:
+        raise WireError(-code, os.strerror(-code))
+
+
+def _exchange(count: int, timeout: float, request, read):
+    """`request(first)` sent on this thread's socket (`count` sequence numbers from
+    `first` are its), and `read(sock, first)`'s answer. A socket that failed or timed
+    out is dropped: its late answers must not be read as the next request's."""
+    sock, first = _socket(count)
     try:
         sock.settimeout(timeout)
-        sock.send(encode_batch(messages, first))
-        code = _ack(sock, first, last)
+        sock.send(request(first))
+        return read(sock, first)
     except TimeoutError:
-        _local.__dict__.clear()  # its late answers must not be read as the next batch's
+        _local.__dict__.clear()
         raise WireError(errno.ETIMEDOUT, f"no answer from the kernel after {timeout} s") from None
+    except WireError:
+        _local.__dict__.clear()
+        raise
     except OSError as e:
         _local.__dict__.clear()
         raise WireError(e.errno or errno.EIO, e.strerror or str(e)) from e
-    if code < 0:
-        raise WireError(-code, os.strerror(-code))
 
 
 _local = threading.local()  # this thread's socket, and the sequence number it is at
@@ -455,15 +453,23 @@ def _ack(sock: socket.socket, first: int, last: int) -> int:
     refused (or of the batch's begin: nf_tables missing, the commit failed).
     nfnetlink answers a batch's messages once it is through with the batch: after the
     commit, or the abort."""
+    for kind, _flags, seq, data, offset, length in _answers(sock):
+        if kind == _NLMSG_ERROR and length >= _NLMSGHDR.size + 4 and first <= seq <= last:
+            (code,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
+            if seq == last or code < 0:
+                return code
+    raise AssertionError("unreachable: _answers never ends")
+
+
+def _answers(sock: socket.socket):
+    """The messages the kernel sends on `sock`, as they come: (type, flags, sequence
+    number, the datagram, the message's offset in it, its length)."""
     while True:
         data = sock.recv(65536)
         offset = 0
         while offset + _NLMSGHDR.size <= len(data):
-            length, kind, _flags, seq, _port = _NLMSGHDR.unpack_from(data, offset)
+            length, kind, flags, seq, _port = _NLMSGHDR.unpack_from(data, offset)
             if length < _NLMSGHDR.size:
                 raise WireError(errno.EPROTO, "a malformed netlink answer")
-            if kind == _NLMSG_ERROR and length >= _NLMSGHDR.size + 4 and first <= seq <= last:
-                (code,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-                if seq == last or code < 0:
-                    return code
+            yield kind, flags, seq, data, offset, length
             offset += (length + 3) & ~3
