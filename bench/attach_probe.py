@@ -85,6 +85,21 @@ STEPS = {
         ("GatewayService._apply_table", "service: table"),
         ("GatewayService._new_network", "service: new spare network"),
     ],
+    _P + "run": [
+        ("claim_run_id", "service: new network: claim a run id"),
+        ("_host_addresses", "service: new network: the host's addresses"),
+    ],
+    _P + "netns": [
+        ("_create_netns", "service: new network: create the netns"),
+        ("create_sandbox_net", "service: new network: create_sandbox_net"),
+        ("_wait_until_up", "service: new network: wait for a link up"),
+    ],
+    _P + "sandbox.mounts": [
+        ("make_private", "init: mounts: make private"),
+        ("detach_trees", "init: mounts: detach trees"),
+        ("set_attr", "init: mounts: set attributes"),
+        ("clone_tree", "init: mounts: clone a tree"),
+    ],
 }
 
 _fd = -1

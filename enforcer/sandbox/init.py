@@ -334,12 +334,14 @@ def build_view(spec: dict, report: Report) -> None:
         if os.path.exists(f"/dev/{name}")
     }
 
+    # The host's trees where the sandbox gets fresh ones (among them /run/netns/sg-<id>
+    # of every other sandbox), before the rest is made read-only (fewer mounts to walk).
+    mounts.detach_trees(["/sys", *spec["tmpfs"], "/dev"])
     mounts.set_attr("/", mounts.LOCKED_DOWN, recursive=True)
 
     mount_sys()
     for path in spec["tmpfs"]:
         os.makedirs(path, exist_ok=True)  # only ever below another tmpfs of ours
-        mounts.detach_tree(path)  # the host's /run/netns/sg-<id> of every other sandbox
         sticky = path in ("/tmp", "/var/tmp")
         mounts.tmpfs(
             path,
@@ -364,8 +366,8 @@ def mount_sys() -> None:
     """A fresh sysfs, read-only: the sandbox's network namespace's, so /sys/class/net
     lists its own interfaces and not the host's (the veth of every other sandbox);
     without the host's cgroup, debugfs and tracefs mounts below it (the task's own
-    cgroups come back in mount_cgroups); Docker's masked sysfs paths masked."""
-    mounts.detach_tree("/sys")
+    cgroups come back in mount_cgroups); Docker's masked sysfs paths masked. The
+    host's /sys is detached (build_view)."""
     mounts.mount("sysfs", "/sys", "sysfs", mounts.READ_ONLY)
     for path in SYS_MASKED:
         mounts.mask(path)
@@ -420,8 +422,8 @@ def _ensure_mountpoint(target: str, tree_fd: int) -> None:
 
 def build_dev(devices: dict[str, int], shm_bounds: list[int] | None = None) -> None:
     """A minimal /dev: the harmless character devices, a private devpts, /dev/shm,
-    and the fd links; no disks, no raw memory, no kernel message buffer."""
-    mounts.detach_tree("/dev")
+    and the fd links; no disks, no raw memory, no kernel message buffer. The host's
+    /dev is detached (build_view)."""
     mounts.tmpfs("/dev", mode=0o755, flags=mounts.MS_NOSUID | mounts.MS_NOEXEC)
     for name, fd in devices.items():
         open(f"/dev/{name}", "w").close()
@@ -531,7 +533,7 @@ def run_init(
     With a `terminal` in the spec: a session and a pty of the sandbox's own first
     (sandbox/terminal.py), whose foreground job the task is."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    mounts.detach_tree("/proc")  # the host's, and what is mounted below it
+    mounts.detach_trees(["/proc"])  # the host's, and what is mounted below it
     mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
     for path in PROC_MASKED:
         mounts.mask(path)
