@@ -682,8 +682,10 @@ def test_gc_dry_run_lists_and_touches_nothing(tmp_path, monkeypatch, capsys):
     )
     monkeypatch.setattr(nft, "list_tables", lambda prefix: [f"{prefix}dead0001"])
     monkeypatch.setattr(nft, "delete_table", lambda table: removed.append(f"table {table}"))
-    # Cgroups too: empty ones of other test runs (another RUN_DIR) would be listed.
+    # Cgroups too: empty ones of other test runs (another RUN_DIR) would be listed; and
+    # the id slots other tests' killed runners left records in (the host's).
     monkeypatch.setattr(runner.cgroup, "leftovers", lambda: [])
+    monkeypatch.setattr(runner.id_slots, "sweep", lambda pool, dry_run: [])
 
     assert main(["gc", "--dry-run"]) == 0
     assert capsys.readouterr().out == (
