@@ -135,9 +135,7 @@ def _subid_ranges(path: Path) -> list[tuple[str, int, int]]:
 class IdSlot:
     """A claimed slot: `ids` are this run's alone until `release` (or the holder's death)."""
 
-    def __init__(
-        self, ids: IdRange, lock_fd: int, recorded: int = 0, index: int = 0, hint=None
-    ):
+    def __init__(self, ids: IdRange, lock_fd: int, recorded: int = 0, index: int = 0, hint=None):
         self.ids = ids
         self.index = index  # of the slot in its pool
         self._fd: int | None = lock_fd
