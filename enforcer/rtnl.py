@@ -60,7 +60,7 @@ _CREATE = _CHANGE | NLM_F_CREATE | NLM_F_EXCL
 _IFF_UP = 0x1
 _SIOCGIFINDEX = 0x8933
 _RTATTR = struct.Struct("=HH")  # rtattr: length, type (then the value)
-_HEADER_END = 16  # nlmsghdr: the request's own header starts here
+_HEADER_END = 16  # nlmsghdr: the message's own struct (ifaddrmsg, ifinfomsg) starts here
 _IFINFOMSG_END = 32  # nlmsghdr and ifinfomsg: the attributes start here
 _IFADDRMSG_END = 24  # nlmsghdr and ifaddrmsg
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
