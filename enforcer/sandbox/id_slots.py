@@ -186,7 +186,7 @@ def claim(
         raise SandboxError(f"cannot make {lock_dir} (the sandbox id slots): {e.strerror}") from None
     orphaned = 0
     hint = _Hint(lock_dir)
-    start = hint.read(default=0) % pool.slots
+    start = hint.read(default=0) % pool.slots if pool.slots else 0
     for index in [*range(start, pool.slots), *range(start)]:
         ids = pool.slot(index)
         fd = _lock(lock_dir / str(ids.base))
