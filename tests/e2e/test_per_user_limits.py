@@ -356,9 +356,7 @@ def _removed(group: Path) -> bool:
 
 def hold_slots_below(pool: id_slots.IdPool, base: int) -> list[int]:
     """Lock every free slot below `base` (as a live run does), so that `base` is the
-    first free one: the one the next run gets, unless it is not free after all (the
-    claims' hint set to slot 0, where it looks first: id_slots.HINT_NAME)."""
-    (id_slots.ID_SLOT_DIR / id_slots.HINT_NAME).write_text("0")
+    first free one: the one the next run gets, unless it is not free after all."""
     held = []
     for index in range(pool.slots):
         if pool.slot(index).base == base:

@@ -547,7 +547,7 @@ def id_slots_held(pid: int) -> dict[str, dict]:
     file per slot, `{"pid", "cgroups"}` while its holder runs or after it died with
     its task's processes maybe left; empty once freed): file name -> record."""
     held = {}
-    for lock in ID_SLOT_DIR.glob("[0-9]*"):  # not the claims' hint (first-free)
+    for lock in ID_SLOT_DIR.glob("*"):
         with contextlib.suppress(OSError, ValueError):
             record = json.loads(lock.read_text() or "{}")
             if record.get("pid") == pid:

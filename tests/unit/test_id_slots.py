@@ -96,46 +96,6 @@ def test_a_full_pool_refuses_with_one_line_naming_the_fix(tmp_path):
     assert id_slots.claim(pool, tmp_path).ids.base == BASE
 
 
-def counting_locks(monkeypatch):
-    """The lock files a claim opens, in order."""
-    opened, lock = [], id_slots._lock
-
-    def counted(path):
-        opened.append(int(path.name))
-        return lock(path)
-
-    monkeypatch.setattr(id_slots, "_lock", counted)
-    return opened
-
-
-def test_a_claim_beside_held_slots_starts_where_the_last_one_ended(tmp_path, monkeypatch):
-    """Each slot looked at is an open and a flock: beside 40 held, the 41st claim looks
-    at one; a slot released below them is the next taken (the lowest free, as before)."""
-    pool = small_pool(64)
-    held = [id_slots.claim(pool, tmp_path) for _ in range(40)]
-    assert [s.ids.base for s in held] == [pool.slot(i).base for i in range(40)]
-    opened = counting_locks(monkeypatch)
-    nxt = id_slots.claim(pool, tmp_path)
-    assert nxt.ids.base == pool.slot(40).base and opened == [pool.slot(40).base]
-    held[7].release()
-    assert id_slots.claim(pool, tmp_path).ids.base == pool.slot(7).base
-
-
-@pytest.mark.parametrize("hint", [b"", b"garbage", b"999999", b"  2"], ids=repr)
-def test_a_hint_past_free_slots_or_spoilt_still_finds_every_free_slot(tmp_path, hint):
-    """The hint is written without a lock (two writes may cross) and a killed holder
-    lowers nothing: a claim that finds nothing from the hint on looks below it."""
-    pool = small_pool(4)
-    held = [id_slots.claim(pool, tmp_path) for _ in range(2)]  # slots 0 and 1
-    (tmp_path / id_slots.HINT_NAME).write_bytes(hint)
-    taken = [id_slots.claim(pool, tmp_path).ids.base for _ in range(2)]
-    assert sorted(taken) == [pool.slot(2).base, pool.slot(3).base]
-    with pytest.raises(SandboxError, match="all 4 sandbox id ranges"):
-        id_slots.claim(pool, tmp_path)
-    held[0].release()
-    assert id_slots.claim(pool, tmp_path).ids.base == BASE
-
-
 def test_a_slot_held_by_another_process_is_not_given_and_its_death_frees_it(tmp_path):
     """The kernel drops a killed holder's lock: no slot outlives its runner."""
     pool = small_pool(2)
