@@ -61,6 +61,32 @@ def test_an_interrupted_dump_is_asked_for_again(monkeypatch: pytest.MonkeyPatch)
     assert len(kernel.sent) == 2
 
 
+def test_the_addresses_are_each_messages_local_and_peer_ipv4_addresses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read from the answer's bytes: IFA_LOCAL and IFA_ADDRESS (a point-to-point
+    link's peer) both count as taken; another family's message, another attribute
+    and a value that is no IPv4 address are passed over."""
+    done = (NLMSG_DONE, NLM_F_MULTI, struct.pack("=i", 0))
+    ptp = (
+        struct.pack("=BBBBI", 2, 32, 0, 0, 8)
+        + struct.pack("=HH", 8, 2) + bytes([10, 3, 0, 1])  # IFA_LOCAL
+        + struct.pack("=HH", 8, 1) + bytes([10, 3, 0, 2])  # IFA_ADDRESS: the peer
+        + struct.pack("=HH", 8, 3) + b"eth\0"  # IFA_LABEL
+    )  # fmt: skip
+    inet6 = struct.pack("=BBBBI", 10, 64, 0, 0, 9) + struct.pack("=HH", 20, 1) + bytes(16)
+    odd = struct.pack("=BBBBI", 2, 24, 0, 0, 9) + struct.pack("=HH", 6, 1) + b"\x0a\x09\0\0"
+    kernel = ScriptedKernel(
+        [(RTM_NEWADDR, NLM_F_MULTI, address("10.1.0.1")), (RTM_NEWADDR, NLM_F_MULTI, ptp),
+         (RTM_NEWADDR, NLM_F_MULTI, inet6), (RTM_NEWADDR, NLM_F_MULTI, odd), done],
+    )  # fmt: skip
+    assert kernel_rtnl(monkeypatch, kernel).ipv4_addresses() == {
+        "10.1.0.1",
+        "10.3.0.1",
+        "10.3.0.2",
+    }
+
+
 def test_a_dump_interrupted_every_time_is_an_error_not_a_partial_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
