@@ -168,13 +168,11 @@ def claim(
         lock_dir.mkdir(mode=0o700, exist_ok=True)
     except OSError as e:
         raise SandboxError(f"cannot make {lock_dir} (the sandbox id slots): {e.strerror}") from None
-    # Each slot looked at is an open and a flock, from slot 0: the lowest free is
-    # taken, so the next claim looks at a killed holder's slot again (and replaces its
-    # record, its task gone). By name in the directory opened once, not by path: beside
-    # 256 held slots, 2.1-2.2 against 3.8-4.8 ms a claim in a fresh runner. Tried and
-    # not kept: a hint where to start (killed holders' records then stayed for gc) and
-    # /proc/locks to pass over held slots (its read takes the kernel's file-lock rwsem
-    # for writing: an RCU grace period, ~18 ms, and every flock on the host slowed).
+    # From slot 0, the lowest free taken: the next claim looks at a killed holder's slot
+    # again and replaces its record once its task is gone (a hint where to start left
+    # those records for gc: docs/performance.md, "Session 32"). Each slot looked at is
+    # an open and a flock, by name in the directory opened once: beside 256 held slots
+    # 2.1-2.2 ms a claim, 3.8-4.8 by path.
     try:
         folder = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
@@ -183,7 +181,7 @@ def claim(
     try:
         for index in range(pool.slots):
             ids = pool.slot(index)
-            fd = _lock(str(ids.base), folder, lock_dir)
+            fd = _lock(lock_dir, str(ids.base), folder)
             if fd is None:
                 continue
             try:
@@ -210,14 +208,14 @@ def claim(
     )
 
 
-def _lock(path: Path | str, folder: int | None = None, lock_dir: Path | None = None) -> int | None:
-    """`path` opened and flocked by us, or None when another process holds it. With
-    `folder` (`lock_dir`, open), `path` is a name in it."""
+def _lock(lock_dir: Path, name: str, folder: int | None = None) -> int | None:
+    """`lock_dir/name` opened and flocked by us, or None when another process holds
+    it. `folder`: `lock_dir` open (the name is opened there, no path walked)."""
     try:
+        path = name if folder is not None else lock_dir / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=folder)
     except OSError as e:
-        shown = lock_dir / path if lock_dir is not None else path
-        raise SandboxError(f"cannot open {shown}: {e.strerror}") from None
+        raise SandboxError(f"cannot open {lock_dir / name}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -307,7 +305,7 @@ def sweep(
     for index in range(pool.slots):
         ids = pool.slot(index)
         path = lock_dir / str(ids.base)
-        if not path.exists() or (fd := _lock(path)) is None:
+        if not path.exists() or (fd := _lock(lock_dir, path.name)) is None:
             continue
         try:
             if not os.fstat(fd).st_size:
