@@ -437,9 +437,9 @@ def test_events_from_a_loop_a_thread_and_a_batch_are_chained_in_the_order_taken_
     chained_on = set()
     link = AuditLog._link
 
-    def spied_link(self, members, journaled):
+    def spied_link(self, taken):
         chained_on.add(threading.current_thread().name)
-        return link(self, members, journaled)
+        return link(self, taken)
 
     monkeypatch.setattr(AuditLog, "_link", spied_link)
     log = AuditLog(path)
