@@ -420,7 +420,6 @@ class AuditLog:
 
     # --- the journal (proxy/telemetry/blackbox.py) ---------------------------------
 
-
     def _take(self, event: Event | EncodedEvent) -> tuple[bytes, tuple | None] | None:
         """(`event`'s members, its journal record (seq, pos, stream) or None without a
         journal). The members are written into the journal here, on the loop, before
