@@ -495,6 +495,69 @@ def test_events_taken_in_by_a_loop_that_stops_turning_are_written_all_the_same(t
     assert verify(path).ok
 
 
+def test_the_writer_writes_full_batches_and_the_rest_at_its_interval_or_a_drain(
+    tmp_path, monkeypatch
+):
+    """Events that come while the writer writes a batch wait for the next full batch,
+    its `flush_interval` or a drain, not for the end of that write: under load a
+    writer that went on at once wrote a few lines a `write`. A drain writes a part of
+    a batch at once, and none of it is lost or reordered."""
+    path = tmp_path / "audit.jsonl"
+    writing, release = threading.Event(), threading.Event()
+    write_all = AuditLog._write_all
+    writes = []
+
+    def held_write(self, data):
+        writes.append(data.count(b"\n"))
+        writing.set()
+        release.wait(10)
+        write_all(self, data)
+
+    monkeypatch.setattr(AuditLog, "_write_all", held_write)
+    log = AuditLog(path, batch_size=4, flush_interval=30)
+    try:
+        for i in range(4):  # a full batch wakes the writer
+            log.emit(event(i))
+        assert writing.wait(5)
+        for i in range(4, 7):  # three more while it writes
+            log.emit(event(i))
+        release.set()
+        deadline = time.monotonic() + 5
+        while log.written < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert (log.written, log.queued, writes) == (4, 3, [4])  # the three wait
+        log.emit(event(7))  # a full batch again
+        deadline = time.monotonic() + 5
+        while log.written < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (log.written, writes) == (8, [4, 4])
+        log.emit(event(8))
+        started = time.monotonic()
+        assert log.drain(5) and log.written == 9  # at once, not at the 30 s interval
+        assert time.monotonic() - started < 2 and writes == [4, 4, 1]
+    finally:
+        release.set()
+        log.close()
+    assert [json.loads(x)["path"] for x in lines(path)] == [f"/{i}" for i in range(9)]
+    assert verify(path).ok
+
+
+def test_a_batch_is_chained_as_its_lines_one_by_one():
+    """`chain_lines` (the writer's loop over a batch) makes the lines and hashes
+    `encode_line` makes one at a time."""
+    members = [audit_module.audit_members(event(i)) for i in range(5)]
+    lines, seq, prev = audit_module.chain_lines(
+        [(m, ("j", i)) for i, m in enumerate(members)], 6, GENESIS
+    )
+    expected, head = [], GENESIS
+    for i, m in enumerate(members):
+        line, head = encode_line(m, 7 + i, head)
+        expected.append((line, 7 + i, head, ("j", i)))
+    assert lines == expected and (seq, prev) == (11, head)
+    assert [json.loads(line)["seq"] for line, *_ in lines] == [7, 8, 9, 10, 11]
+
+
 def test_a_full_queue_counts_what_it_drops(tmp_path, monkeypatch):
     path = tmp_path / "audit.jsonl"
     release = threading.Event()
