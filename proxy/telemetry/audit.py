@@ -644,7 +644,7 @@ class AuditLog:
                 return
             self._wake.clear()
             self._idle = True
-            if len(taken) < batch_size and not (self._stopping or self._draining):
+            if len(taken) < batch_size and not (taken and (self._stopping or self._draining)):
                 self._wake.wait(self.flush_interval)
             self._idle = False
 
