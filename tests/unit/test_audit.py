@@ -426,13 +426,20 @@ def test_sustained_load_from_another_thread_loses_nothing(tmp_path):
     assert log.lost == 0 and log.written == sent and verify(path).ok
 
 
+@pytest.mark.parametrize(
+    "batch_size, chained_by",
+    [
+        (128, {"sandgate-audit"}),  # parts of a batch: the writer thread chains them
+        (2, {"MainThread", "sandgate-audit"}),  # full ones by the loop, the last by the writer
+    ],
+)
 def test_events_from_a_loop_a_thread_and_a_batch_are_chained_in_the_order_taken_in(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, batch_size, chained_by
 ):
     """Events emitted on a running loop, from another thread and as a batch are
-    queued in the order taken in, and the writer thread chains them: none on the
-    thread that emitted it (the loop pays only the encoding and the journal record).
-    The log holds them in the order they were emitted, one chain."""
+    queued in the order taken in and chained a batch at a time: a full batch by the
+    thread that filled it, a part of one by the writer thread at its interval or the
+    close. The log holds them in the order they were emitted, one chain."""
     path = tmp_path / "audit.jsonl"
     chained_on = set()
     link = AuditLog._link
@@ -442,7 +449,7 @@ def test_events_from_a_loop_a_thread_and_a_batch_are_chained_in_the_order_taken_
         return link(self, taken)
 
     monkeypatch.setattr(AuditLog, "_link", spied_link)
-    log = AuditLog(path)
+    log = AuditLog(path, batch_size=batch_size)
     order = []
 
     def emit(i):
@@ -453,7 +460,7 @@ def test_events_from_a_loop_a_thread_and_a_batch_are_chained_in_the_order_taken_
         emit(0)
         emit(1)
         assert log.lost == 0  # taken in (queued, or written already by the writer)
-        other = threading.Thread(target=emit, args=(2,))  # no loop there
+        other = threading.Thread(target=emit, args=(2,), name="other")  # no loop there
         other.start()
         other.join()
         emit(3)
@@ -461,13 +468,14 @@ def test_events_from_a_loop_a_thread_and_a_batch_are_chained_in_the_order_taken_
         log.emit_batch([event(4)])
         await asyncio.sleep(0)
         emit(5)
+        emit(6)
 
     asyncio.run(scenario())
     log.close()
     assert log.lost == 0 and verify(path).ok
     assert [json.loads(line)["path"] for line in lines(path)] == [f"/{i}" for i in order]
-    assert order == [0, 1, 2, 3, 4, 5]
-    assert chained_on == {"sandgate-audit"}
+    assert order == [0, 1, 2, 3, 4, 5, 6]
+    assert chained_on == chained_by
 
 
 def test_events_taken_in_by_a_loop_that_stops_turning_are_written_all_the_same(tmp_path):
