@@ -366,9 +366,10 @@ class AuditLog:
         """Chain all that is taken in (`_link`) for the writer to write (`_chained`),
         under `_lock`. The emitter does it when a batch is full: on the loop, a batch
         at a time, its code warm for the batch. The writer thread doing it cost the
-        gateway more than the chain's own work (its objects freed and its lines made
-        on another core: bench_http1, docs/performance.md "Session 33"). The writer
-        does it for a part of a batch, at its `flush_interval`, a drain or the close."""
+        gateway more than the chain's own work (bench_http1: docs/performance.md,
+        "Session 33"; likely the lines made, and the members freed, on another core).
+        The writer does it for a part of a batch, at its `flush_interval`, a drain or
+        the close."""
         taken = self._taken
         batch = [taken.popleft() for _ in range(len(taken))]
         try:
