@@ -18,9 +18,9 @@ the chain off the machine.
 
 Writing: `emit` runs on the gateway's event loop: it encodes the event (an
 `EncodedEvent` of a gateway worker comes encoded), journals it at once and appends
-it to a bounded deque; a writer thread chains (seq, prev, hash) and writes them,
-a batch at a time with one `write` each, so a slow or failing disk never blocks
-the proxy.
+it to a bounded deque; each full batch is chained (seq, prev, hash) where it
+filled, and a writer thread writes the batches (and chains a part of one at its
+interval) with one `write` each, so a slow or failing disk never blocks the proxy.
 Lines reach the file within `flush_interval` (50 ms). An event is lost
 only if the queue is full (the writer is far behind) or the event cannot be
 encoded; `lost` counts both, and the events lost before they reached the log that
@@ -195,8 +195,8 @@ def chain_lines(
 ) -> tuple[list[tuple[bytes, int, str, tuple | None]], int, str]:
     """The lines of `taken` ((members, journal record) each), chained on from line
     `seq` whose hash is `prev`: ([(line, its seq, its hash, its journal record)],
-    the last seq, the last hash). One loop for a whole batch, since the writer thread
-    holds the GIL while it chains: 3.0 us a line warm, against 3.9 for a call a line."""
+    the last seq, the last hash). One loop for a whole batch: 3.0 us a line warm,
+    against 3.9 for a call a line."""
     sha256, lines = hashlib.sha256, []
     append, head = lines.append, prev.encode("ascii")
     for members, journaled in taken:
@@ -270,8 +270,8 @@ class AuditLog:
         # an event's journal record and its place in the queue are one thread's at a
         # time, so the queue's order is the journal's.
         self._lock = threading.Lock()
-        # Taken in, not written yet: (members, journal record), in the order taken in;
-        # the writer thread chains and writes them (`_run`).
+        # Taken in, not chained yet: (members, journal record), in the order taken in
+        # (`_chain_taken` chains them).
         self._taken: collections.deque[tuple[bytes, tuple | None]] = collections.deque()
         # Chained, not written yet: batches of lines (`_chain_taken`), in chain order;
         # `_chained_count` lines in all.
@@ -328,7 +328,7 @@ class AuditLog:
 
     def emit(self, event: Event | EncodedEvent) -> None:
         taken = self._taken
-        if len(taken) + self._chained_count >= self.queue_size or self._stopping:
+        if self.queued >= self.queue_size or self._stopping:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 log.error(
@@ -349,7 +349,7 @@ class AuditLog:
     def emit_batch(self, events: list[Event | EncodedEvent]) -> None:
         """`emit` for each of `events`, with one check of the queue's room."""
         taken = self._taken
-        if len(taken) + self._chained_count + len(events) > self.queue_size or self._stopping:
+        if self.queued + len(events) > self.queue_size or self._stopping:
             for event in events:  # the queue's edge (or a closed log): count each loss
                 self.emit(event)
             return
@@ -380,6 +380,15 @@ class AuditLog:
             return
         self._chained.append(lines)
         self._chained_count += len(lines)
+
+    def _drop_queued(self) -> int:
+        """Forget all that is queued (given up at the close); how many events it was."""
+        with self._lock:
+            dropped = self.queued
+            self._taken.clear()
+            self._chained.clear()
+            self._chained_count = 0
+        return dropped
 
     def _pending(self) -> bool:
         """Anything taken in and not yet written (or given up)."""
@@ -425,10 +434,7 @@ class AuditLog:
             # Blocked in a write that does not return: the queued events cannot be
             # written; say so rather than hang the run's exit. The descriptor stays
             # open (the thread still uses it); the process is about to end.
-            with self._lock:
-                lost = len(self._taken) + self._chained_count
-                self._taken.clear()
-                self._chained.clear()
+            lost = self._drop_queued()
             self.failed += lost
             log.error(
                 "audit log %s: gave up at close: a write has been blocked for %.0f s; "
@@ -462,8 +468,8 @@ class AuditLog:
         Encoding on the loop rather than in the writer thread: the journal needs
         the members now, and sharing the encoding with the loop made the two
         threads hand the GIL over at each of the loop's system calls while the
-        writer worked (~10 us more an event, bench_telemetry). The chain is short
-        work on a batch: the writer does it (`_run`)."""
+        writer worked (~10 us more an event, bench_telemetry). The chain is done a
+        batch at a time (`_chain_taken`)."""
         cls = event.__class__
         try:
             members = event.members if cls is EncodedEvent else audit_members(event)
@@ -476,7 +482,7 @@ class AuditLog:
 
     def _link(self, taken: list[tuple[bytes, tuple | None]]) -> list[tuple]:
         """The lines of `taken` (`_take`'s), chained on from the last one (`chain_lines`).
-        The writer thread's (or the open's, before it starts)."""
+        Under `_lock` (`_chain_taken`), or the open's, before the writer starts."""
         lines, self._head_seq, self._head = chain_lines(taken, self._head_seq, self._head)
         return lines
 
@@ -728,11 +734,7 @@ class AuditLog:
                         len(lines) - i + self.queued,
                     )
                 if time.monotonic() >= self._give_up_at:
-                    with self._lock:
-                        lost = len(lines) - i + self.queued
-                        self._taken.clear()
-                        self._chained.clear()
-                        self._chained_count = 0
+                    lost = len(lines) - i + self._drop_queued()
                     self.failed += lost
                     log.error("audit log %s: gave up on %d events at close", self.path, lost)
                     return
