@@ -1,7 +1,7 @@
 """sandgate vs direct kernel forwarding vs Squid vs stock mitmdump, side by side on one
 fake internet.
 
-    sudo .venv/bin/python bench/bench_gateway.py [--quick] [--profile] [--keep]
+    sudo .venv/bin/python bench/bench_gateway.py [--quick] [--profile] [--keep] [--baseline REV]
 
 Not a test: it prints numbers and ratios, it asserts nothing. It builds ONE fake
 internet (enforcer/demo/fakenet.py: a "host" netns and an "internet" netns with nginx
@@ -19,6 +19,8 @@ the same client script (bench/clients.py) in these setups:
               --dns-upstream 198.51.100.53 --extra-ca CA -q -- python clients.py`:
               the clients run inside sandgate's own sandbox.
   T  sandgate C with telemetry off (audit log and metrics emit nothing).
+  R  sandgate C with `--baseline REV`'s sandgate (that revision's tree, exported):
+     an A/B of a change in the gateway's own setting, in turn with C and T.
   I  sandgate with a method/path rule: inspected HTTPS (mitmproxy decrypts).
   S  Squid with `ssl_bump bump all` (certificates generated per name).
   M  stock `mitmdump --mode transparent` with an allow-all addon.
@@ -469,6 +471,7 @@ SETUP_NAMES = {
     "B": "squid intercept + splice",
     "C": "sandgate run",
     "T": "sandgate run, telemetry off",
+    "R": "sandgate run of the --baseline revision",
     "I": "sandgate run, inspecting (method/path rule)",
     "S": "squid intercept + ssl_bump bump",
     "M": "stock mitmdump, transparent, allow-all addon",
@@ -479,6 +482,7 @@ SETUP_PHASES = {
     "B": ("bulk", "tls_rate", "http_rate", "http_keep"),
     "C": ("bulk", "tls_rate", "http_rate", "http_keep"),
     "T": ("tls_rate", "http_rate"),
+    "R": ("tls_rate", "http_rate"),
     "I": ("bulk", "tls_rate", "tls_keep"),
     "S": ("bulk", "tls_rate", "tls_keep"),
     "M": ("bulk", "tls_rate", "tls_keep", "http_rate", "http_keep"),
@@ -539,6 +543,11 @@ class Bench:
         self.env["PATH"] = f"{VENV_BIN}:{self.env.get('PATH', '')}:/usr/sbin:/sbin"
         self.results: dict = {key: {} for key in SETUP_NAMES}
         self.results.update(start={}, notes=[])
+        self.baseline_tree = None  # `--baseline REV`: that revision's sandgate (setup R)
+        if args.baseline:
+            from bench_http1 import export_tree
+
+            self.baseline_tree = export_tree(args.baseline, workdir / "baseline")
 
     # -- plumbing
 
@@ -576,11 +585,13 @@ class Bench:
         return [str(x) for x in argv]
 
     def sandgate_argv(
-        self, *command, telemetry: bool = True, rules: Path | None = None
+        self, *command, telemetry: bool = True, rules: Path | None = None, tree: Path | None = None
     ) -> list[str]:
         sandgate = [str(VENV_BIN / "sandgate")]
         if not telemetry:
             sandgate = [PY, __file__, "--no-telemetry", "--"]
+        elif tree is not None:
+            sandgate = [PY, __file__, "--in-tree", str(tree), "--"]
         return [
             *sandgate,
             "run",
@@ -852,8 +863,10 @@ table inet {self.table}_{key.lower()} {{
 
     # -- C: sandgate
 
-    def popen_sandgate(self, *command, telemetry=True, rules=None, **kw) -> subprocess.Popen:
-        argv = self.sandgate_argv(*command, telemetry=telemetry, rules=rules)
+    def popen_sandgate(
+        self, *command, telemetry=True, rules=None, tree=None, **kw
+    ) -> subprocess.Popen:
+        argv = self.sandgate_argv(*command, telemetry=telemetry, rules=rules, tree=tree)
         proc = self.fn.popen_in_host(argv, env=self.env, **kw)
         self.gateways.append(proc)
         return proc
@@ -880,7 +893,7 @@ table inet {self.table}_{key.lower()} {{
         path.write_text("".join(p.read_text() for p in parts))
         return path
 
-    def round_sandgate(self, phases, telemetry=True, rules=None) -> dict:
+    def round_sandgate(self, phases, telemetry=True, rules=None, tree=None) -> dict:
         cacert = self.sandbox_cacert(inspecting=rules is not None)
         # The task's /tmp is its own: the clients' JSON comes back on stdout.
         gw = self.popen_sandgate(
@@ -890,6 +903,7 @@ table inet {self.table}_{key.lower()} {{
             stderr=subprocess.PIPE,
             text=True,
             telemetry=telemetry,
+            tree=tree,
         )
         with Sampler(gw.pid) as sampler:
             stdout, stderr = gw.communicate(timeout=300)
@@ -912,6 +926,7 @@ table inet {self.table}_{key.lower()} {{
             "B": lambda: self.round_proxy("B"),
             "C": lambda: self.round_sandgate(self.phases("C")),
             "T": lambda: self.round_sandgate(self.phases("T"), telemetry=False),
+            "R": lambda: self.round_sandgate(self.phases("R"), tree=self.baseline_tree),
             "I": lambda: self.round_sandgate(self.phases("I"), rules=self.inspect_rules()),
             "S": lambda: self.round_proxy("S"),
             "M": lambda: self.round_proxy("M"),
@@ -1291,6 +1306,13 @@ TABLE = [
     ),
 ]  # fmt: skip
 COLUMNS = ("direct", "sandgate", "Squid", "mitmdump")
+# The rows of C against T (telemetry on / off) and, with --baseline, of C against R.
+TELEMETRY_ROWS = (
+    ("HTTPS new connections/s", "tls_rate", ("per_s",)),
+    ("HTTP new connections/s", "http_rate", ("per_s",)),
+    ("proxy CPU per HTTPS connection, us", "tls_rate", ("proxy", "cpu_us_per_request")),
+    ("proxy CPU per HTTP connection, us", "http_rate", ("proxy", "cpu_us_per_request")),
+)
 
 
 def report(results: dict) -> str:
@@ -1318,14 +1340,15 @@ def report(results: dict) -> str:
             )
     rows.append(("**telemetry (sandgate pass-through): on / off / on vs off**",) + ("",) * 7)
     T = results.get("T", {})
-    for label, phase, metric in (
-        ("HTTPS new connections/s", "tls_rate", ("per_s",)),
-        ("HTTP new connections/s", "http_rate", ("per_s",)),
-        ("proxy CPU per HTTPS connection, us", "tls_rate", ("proxy", "cpu_us_per_request")),
-        ("proxy CPU per HTTP connection, us", "http_rate", ("proxy", "cpu_us_per_request")),
-    ):
+    for label, phase, metric in TELEMETRY_ROWS:
         on, off = _get(C, phase, *metric), _get(T, phase, *metric)
         rows.append((label, "", fmt(on), fmt(off), ratio(on, off), "", "", ""))
+    R = results.get("R", {})
+    if R.get("rounds"):
+        rows.append(("**this tree / the baseline (C / R), telemetry on**",) + ("",) * 7)
+        for label, phase, metric in TELEMETRY_ROWS:
+            this, base = _get(C, phase, *metric), _get(R, phase, *metric)
+            rows.append((label, "", fmt(this), fmt(base), ratio(this, base), "", "", ""))
     rows.append(
         (
             "task start, ms (median)",
@@ -1561,7 +1584,22 @@ def missing_tools() -> list[str]:
     ]
 
 
+def run_in_tree(tree: str, argv: list[str]) -> int:
+    """`sandgate ARGV` imported from `tree` (an exported revision: setup R), not from
+    the checkout; refuses to run if the import came from anywhere else."""
+    sys.path.insert(0, tree)
+    from sandgate.enforcer.cli import main
+
+    imported = sys.modules["sandgate.enforcer.cli"].__file__
+    if not imported.startswith(tree):
+        raise SystemExit(f"bench_gateway: the baseline imported {imported}")
+    return main(argv)
+
+
 def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--in-tree":
+        rest = sys.argv[3:]
+        return run_in_tree(sys.argv[2], rest[1:] if rest[:1] == ["--"] else rest)
     if len(sys.argv) > 1 and sys.argv[1] == "--no-telemetry":
         sys.path.insert(0, str(REPO))
         rest = sys.argv[2:]
@@ -1594,7 +1632,13 @@ def main() -> int:
         action="store_true",
         help="strace -c sandgate and Squid during plain-HTTP connections: calls per connection",
     )
-    parser.add_argument("--skip", default="", help="comma list of A,B,C,T,I,S,M,F,start to skip")
+    parser.add_argument("--skip", default="", help="comma list of A,B,C,T,R,I,S,M,F,start to skip")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="add setup R: C with git revision REV's sandgate, in turn with the others "
+        "(an A/B of a change in the gateway's own setting)",
+    )
     parser.add_argument(
         "--phases",
         type=lambda v: {p.strip() for p in v.split(",") if p.strip()},
@@ -1636,6 +1680,8 @@ def main() -> int:
     from sandgate.enforcer.demo.fakenet import FakeInternet, cleanup_prefix, fresh_prefix
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if not args.baseline:
+        skip.add("R")
     if not shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin"):
         skip.add("B")
         print("note: squid missing, B skipped (apt-get install -y squid-openssl)", file=sys.stderr)

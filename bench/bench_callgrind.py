@@ -1,0 +1,229 @@
+"""The gateway's instructions (and simulated cache misses) per plain-HTTP connection,
+counted under valgrind's callgrind: an A/B that this host's noise cannot move.
+
+    .venv/bin/python bench/bench_callgrind.py [--conns 400] [--with no-telemetry,no-audit,...]
+                                              [--baseline REV]
+
+Not a test. bench_http1.py's setting (nginx on loopback; a real `Gateway` whose front
+door takes 127.0.0.1 as its sandbox and 203.0.113.10:80 as the connections' original
+destination), with the audit log's journal as `sandgate run` has it. Each variant's
+gateway runs in its own process under `valgrind --tool=callgrind --cache-sim=yes
+--instr-atstart=no`; after 200 warm-up connections the count is turned on
+(`callgrind_control -i on`), `--conns` connections are made (eight client threads,
+a new connection per request, `Connection: close`), the audit writer gets its
+interval to write them, and the count is turned off. Printed per connection:
+instructions (Ir), data reads and writes, and the simulated first-level instruction
+and data cache misses (I1mr, D1mr, D1mw), and each variant's ratio to the checkout's.
+
+Why: on this host CPU time per connection moves by +-10 % between runs of one tree
+(docs/performance.md, "Session 34"), more than most levers give. Instruction counts
+repeat within ~1 %. They are not time: a cache miss costs more than an instruction,
+which is why the misses are printed too, and valgrind's CPU has no SHA extensions,
+so OpenSSL's sha256 (the audit chain) runs its software path here: ~18k
+instructions a line, where the host's CPU takes ~2k cycles.
+
+Under valgrind the gateway runs ~40x slower, so the audit writer's `flush_interval`
+is 5 s here (50 ms in a real gateway): its batches fill to `batch_size` as they do
+at full speed, instead of a few lines each.
+
+Variants (`--with`, comma-separated): bench_http1's muted sinks (`no-telemetry`: the audit
+log's and the metrics' `emit` do nothing; `no-audit`, `no-metrics`), `no-journal`
+(the audit log without its journal). `--baseline REV`: also that revision's tree.
+
+Needs valgrind (`apt-get install -y valgrind`) and nginx. Nothing leaves loopback;
+every process is stopped at the end, the work directory removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench_http1 import DESTINATION, MUTED, NGINX, REQUEST_CLOSE, RULES, export_tree, free_port
+
+WARM_CONNS = 200
+CLIENT_THREADS = 8
+FLUSH_INTERVAL = 5.0  # the audit writer's, under valgrind (see above)
+EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw")
+
+
+# --- the gateway (`--serve`: its own process, under valgrind) --------------------------
+
+
+def serve(work: Path, upstream_port: int, variant: str, tree: str | None) -> None:
+    """A gateway as bench_http1's, with a journal; writes its port to work/port and
+    serves until SIGTERM."""
+    if tree:
+        sys.path.insert(0, tree)
+    from sandgate.proxy.gateway import Gateway, GatewayConfig
+    from sandgate.proxy.policy import load_policy
+    from sandgate.proxy.registry import Sandbox
+    from sandgate.proxy.telemetry.audit import AuditLog
+    from sandgate.proxy.telemetry.metrics import Metrics
+
+    if tree and not sys.modules["sandgate.proxy"].__file__.startswith(tree):
+        raise SystemExit(
+            f"bench_callgrind: the baseline imported {sys.modules['sandgate.proxy'].__file__}"
+        )
+    for sink in MUTED.get(variant, ()):
+        {"audit": AuditLog, "metrics": Metrics}[sink].emit = lambda self, event: None
+    journal = None if variant == "no-journal" else work / "journal.ring"
+
+    async def run() -> None:
+        rules = work / "rules.yaml"
+        rules.write_text(RULES)
+        audit = AuditLog(work / "audit.jsonl", flush_interval=FLUSH_INTERVAL, journal=journal)
+        config = GatewayConfig("127.0.0.1", ["127.0.0.1"], work / "ca", dns_port=0)
+        gateway = Gateway(config, load_policy([rules]), audit, Metrics())
+        gateway.add_sandbox(Sandbox("127.0.0.1", "bench", "default"))
+        gateway.bindings.record("127.0.0.1", "allowed.test", DESTINATION[0], 10**6)
+        gateway.frontdoor.original_dst = lambda sock: DESTINATION
+        gateway.frontdoor.upstream_address = lambda ip, port: ("127.0.0.1", upstream_port)
+        await gateway.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        (work / "port.tmp").write_text(str(gateway.proxy_port))
+        (work / "port.tmp").rename(work / "port")
+        await stop.wait()
+        await gateway.stop()
+        audit.close()
+
+    asyncio.run(run())
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+
+def connections(port: int, count: int) -> int:
+    """`count` connections, a request each, from CLIENT_THREADS threads; how many
+    got a 200."""
+    ok = [0] * CLIENT_THREADS
+
+    def one_thread(i: int) -> None:
+        for _ in range(count // CLIENT_THREADS):
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                s.sendall(REQUEST_CLOSE % b"/")
+                answer = b""
+                while data := s.recv(65536):
+                    answer += data
+            ok[i] += answer.startswith(b"HTTP/1.1 200")
+
+    threads = [threading.Thread(target=one_thread, args=(i,)) for i in range(CLIENT_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(ok)
+
+
+def count(work: Path, upstream_port: int, variant: str, tree: str | None, conns: int) -> dict:
+    """One variant's counts per connection."""
+    vwork = work / variant.replace(" ", "-")
+    vwork.mkdir()
+    out = vwork / "callgrind.out"
+    argv = [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=yes",
+        f"--callgrind-out-file={out}",
+        sys.executable, __file__, "--serve", str(vwork), str(upstream_port), variant, tree or "",
+    ]  # fmt: skip
+    with open(vwork / "valgrind.log", "w") as log:
+        gateway = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (vwork / "port").exists():
+            if gateway.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{variant}: the gateway did not start (see {vwork}/valgrind.log)"
+                )
+            time.sleep(0.5)
+        port = int((vwork / "port").read_text())
+        connections(port, WARM_CONNS)
+        subprocess.run(
+            ["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True
+        )
+        ok = connections(port, conns)
+        time.sleep(FLUSH_INTERVAL + 1)  # the writer writes the last part of a batch
+        subprocess.run(
+            ["callgrind_control", "-i", "off", str(gateway.pid)], check=True, capture_output=True
+        )
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        try:
+            gateway.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait()
+    if ok != conns:
+        raise RuntimeError(f"{variant}: {conns - ok} of {conns} connections got no 200")
+    lines = out.read_text().splitlines()
+    names = next(line for line in lines if line.startswith("events:")).split()[1:]
+    totals = next(line for line in reversed(lines) if line.startswith(("totals:", "summary:")))
+    counted = dict(zip(names, map(int, totals.split()[1:]), strict=False))
+    return {name: counted.get(name, 0) / conns for name in EVENTS}
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        work, upstream_port, variant, tree = sys.argv[2:6]
+        serve(Path(work), int(upstream_port), variant, tree or None)
+        return 0
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--conns", type=int, default=400, help="connections counted (x 8 threads)")
+    parser.add_argument(
+        "--with", dest="others", default="", help="no-telemetry, no-audit, no-metrics, no-journal"
+    )
+    parser.add_argument("--baseline", metavar="REV", help="also this git revision's tree")
+    args = parser.parse_args()
+    others = [o for o in args.others.split(",") if o]
+    if set(others) - {*MUTED, "no-journal"}:
+        parser.error(f"--with takes {', '.join(MUTED)}, no-journal")
+    missing = [t for t in ("valgrind", "callgrind_control") if not shutil.which(t)]
+    nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
+    if missing or nginx is None:
+        print(f"bench_callgrind: missing {', '.join(missing + (['nginx'] if nginx is None else []))}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    conns = args.conns - args.conns % CLIENT_THREADS
+    work = Path(tempfile.mkdtemp(prefix="sg-callgrind-"))
+    upstream = None
+    try:
+        upstream_port = free_port()
+        (work / "nginx.conf").write_text(NGINX.format(w=work, port=upstream_port))
+        upstream = subprocess.Popen([nginx, "-c", work / "nginx.conf", "-p", work])
+        variants: dict[str, str | None] = {"sandgate": None, **dict.fromkeys(others)}
+        if args.baseline:
+            variants[f"baseline {args.baseline}"] = str(export_tree(args.baseline, work / "tree"))
+        results = {}
+        for variant, tree in variants.items():
+            print(f"{variant}: {conns} connections under callgrind ...", flush=True)
+            results[variant] = count(
+                work, upstream_port, variant.split()[0] if tree else variant, tree, conns
+            )
+        print(f"\nper plain-HTTP connection (new connection, one request), {conns} counted")
+        print(f"{'variant':<22}" + "".join(f"{e:>10}" for e in EVENTS) + f"{'Ir ratio':>10}")
+        base = results["sandgate"]["Ir"]
+        for variant, per in results.items():
+            cells = "".join(f"{per[e]:>10,.0f}" for e in EVENTS)
+            print(f"{variant:<22}{cells}{per['Ir'] / base:>9.3f}x")
+        return 0
+    finally:
+        if upstream is not None:
+            upstream.terminate()
+            upstream.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
