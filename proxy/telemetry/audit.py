@@ -18,9 +18,9 @@ the chain off the machine.
 
 Writing: `emit` runs on the gateway's event loop: it encodes the event (an
 `EncodedEvent` of a gateway worker comes encoded), journals it at once and appends
-it to a bounded deque; each full batch is chained (seq, prev, hash) where it
-filled, and a writer thread writes the batches (and chains a part of one at its
-interval) with one `write` each, so a slow or failing disk never blocks the proxy.
+it to a bounded deque; a writer thread chains (seq, prev, hash) and writes them,
+a batch at a time with one `write` each, so a slow or failing disk never blocks
+the proxy.
 Lines reach the file within `flush_interval` (50 ms). An event is lost
 only if the queue is full (the writer is far behind) or the event cannot be
 encoded; `lost` counts both, and the events lost before they reached the log that
@@ -195,8 +195,8 @@ def chain_lines(
 ) -> tuple[list[tuple[bytes, int, str, tuple | None]], int, str]:
     """The lines of `taken` ((members, journal record) each), chained on from line
     `seq` whose hash is `prev`: ([(line, its seq, its hash, its journal record)],
-    the last seq, the last hash). One loop for a whole batch: 3.0 us a line warm,
-    against 3.9 for a call a line."""
+    the last seq, the last hash). One loop for a whole batch, since the writer thread
+    holds the GIL while it chains: 3.0 us a line warm, against 3.9 for a call a line."""
     sha256, lines = hashlib.sha256, []
     append, head = lines.append, prev.encode("ascii")
     for members, journaled in taken:
@@ -270,13 +270,9 @@ class AuditLog:
         # an event's journal record and its place in the queue are one thread's at a
         # time, so the queue's order is the journal's.
         self._lock = threading.Lock()
-        # Taken in, not chained yet: (members, journal record), in the order taken in
-        # (`_chain_taken` chains them).
+        # Taken in, not written yet: (members, journal record), in the order taken in;
+        # the writer thread chains and writes them (`_run`).
         self._taken: collections.deque[tuple[bytes, tuple | None]] = collections.deque()
-        # Chained, not written yet: batches of lines (`_chain_taken`), in chain order;
-        # `_chained_count` lines in all.
-        self._chained: collections.deque[list[tuple]] = collections.deque()
-        self._chained_count = 0
         if self.journal is not None:
             try:
                 self._open_journal(journal_size)
@@ -304,7 +300,7 @@ class AuditLog:
 
     @property
     def queued(self) -> int:
-        return len(self._taken) + self._chained_count
+        return len(self._taken)
 
     @property
     def writable(self) -> bool:
@@ -328,7 +324,7 @@ class AuditLog:
 
     def emit(self, event: Event | EncodedEvent) -> None:
         taken = self._taken
-        if self.queued >= self.queue_size or self._stopping:
+        if len(taken) >= self.queue_size or self._stopping:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 log.error(
@@ -342,14 +338,12 @@ class AuditLog:
             member = self._take(event)
             if member is not None:
                 taken.append(member)
-                if len(taken) >= self.batch_size:
-                    self._chain_taken()
         self._wake_for_batch()
 
     def emit_batch(self, events: list[Event | EncodedEvent]) -> None:
         """`emit` for each of `events`, with one check of the queue's room."""
         taken = self._taken
-        if self.queued + len(events) > self.queue_size or self._stopping:
+        if len(taken) + len(events) > self.queue_size or self._stopping:
             for event in events:  # the queue's edge (or a closed log): count each loss
                 self.emit(event)
             return
@@ -358,48 +352,13 @@ class AuditLog:
                 member = self._take(event)
                 if member is not None:
                     taken.append(member)
-            if len(taken) >= self.batch_size:
-                self._chain_taken()
         self._wake_for_batch()
 
-    def _chain_taken(self) -> None:
-        """Chain all that is taken in (`_link`) for the writer to write (`_chained`),
-        under `_lock`. The emitter does it when a batch is full: on the loop, a batch
-        at a time, its code warm for the batch. The writer thread doing it cost the
-        gateway more than the chain's own work (bench_http1: docs/performance.md,
-        "Session 33"; likely the lines made, and the members freed, on another core).
-        The writer does it for a part of a batch, at its `flush_interval`, a drain or
-        the close."""
-        taken = self._taken
-        batch = [taken.popleft() for _ in range(len(taken))]
-        try:
-            lines = self._link(batch)
-        except Exception:  # noqa: BLE001 - a bug must not stop the log: count, log, go on
-            self.failed += len(batch)
-            log.exception("audit log %s: could not chain %d events", self.path, len(batch))
-            return
-        self._chained.append(lines)
-        self._chained_count += len(lines)
-
-    def _drop_queued(self) -> int:
-        """Forget all that is queued (given up at the close); how many events it was."""
-        with self._lock:
-            dropped = self.queued
-            self._taken.clear()
-            self._chained.clear()
-            self._chained_count = 0
-        return dropped
-
-    def _pending(self) -> bool:
-        """Anything taken in and not yet written (or given up)."""
-        with self._lock:  # chained under it: never seen between `_taken` and `_chained`
-            return bool(self._taken or self._chained) or self._busy
-
     def _wake_for_batch(self) -> None:
-        # Wake an idle writer only for a full batch (chained): waking it per event
-        # costs more than writing (a lock, a thread switch, a GIL hand-over).
-        # Otherwise it looks every `flush_interval`.
-        if self._idle and self._chained and not self._wake.is_set():
+        # Wake an idle writer only for a full batch: waking it per event costs more
+        # than writing (a lock, a thread switch, a GIL hand-over). Otherwise it
+        # looks every `flush_interval`.
+        if self._idle and len(self._taken) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
 
     def drain(self, timeout: float = 10.0, *, while_writable: bool = False) -> bool:
@@ -411,7 +370,7 @@ class AuditLog:
             self._draining += 1  # the writer goes on past part of a batch meanwhile
         try:
             self._wake.set()
-            while self._pending():
+            while self._taken or self._busy:
                 if time.monotonic() > deadline or not self._thread.is_alive():
                     return False
                 if while_writable and not self.writable:
@@ -434,7 +393,8 @@ class AuditLog:
             # Blocked in a write that does not return: the queued events cannot be
             # written; say so rather than hang the run's exit. The descriptor stays
             # open (the thread still uses it); the process is about to end.
-            lost = self._drop_queued()
+            lost = len(self._taken)
+            self._taken.clear()
             self.failed += lost
             log.error(
                 "audit log %s: gave up at close: a write has been blocked for %.0f s; "
@@ -468,8 +428,8 @@ class AuditLog:
         Encoding on the loop rather than in the writer thread: the journal needs
         the members now, and sharing the encoding with the loop made the two
         threads hand the GIL over at each of the loop's system calls while the
-        writer worked (~10 us more an event, bench_telemetry). The chain is done a
-        batch at a time (`_chain_taken`)."""
+        writer worked (~10 us more an event, bench_telemetry). The chain is short
+        work on a batch: the writer does it (`_run`)."""
         cls = event.__class__
         try:
             members = event.members if cls is EncodedEvent else audit_members(event)
@@ -482,7 +442,7 @@ class AuditLog:
 
     def _link(self, taken: list[tuple[bytes, tuple | None]]) -> list[tuple]:
         """The lines of `taken` (`_take`'s), chained on from the last one (`chain_lines`).
-        Under `_lock` (`_chain_taken`), or the open's, before the writer starts."""
+        The writer thread's (or the open's, before it starts)."""
         lines, self._head_seq, self._head = chain_lines(taken, self._head_seq, self._head)
         return lines
 
@@ -655,39 +615,36 @@ class AuditLog:
     _busy = False
 
     def _run(self) -> None:
-        taken, chained = self._taken, self._chained
-        due = False  # the wait ran out: a part of a batch is written now
+        taken, batch_size = self._taken, self.batch_size
         while True:
-            if chained:
+            if taken:
+                # Chained here, a batch at a time, not on the loop as each event is
+                # taken in: the loop's emit is then the encoding and the journal
+                # record. In the gateway the chain cost the loop ~7 us a line (its
+                # code and data cold between two events); here, a batch warm, ~3.
                 # Only this thread pops: `_busy` is set first, so `drain` never sees
-                # nothing pending while a batch is on its way.
+                # an empty queue and an idle writer while a batch is on its way.
                 self._busy = True
-                with self._lock:
-                    lines = chained.popleft()
-                    self._chained_count -= len(lines)
+                batch = [taken.popleft() for _ in range(min(len(taken), batch_size))]
                 try:
-                    self._write_lines(lines)
+                    self._write_lines(self._link(batch))
                 except Exception:  # noqa: BLE001 - a bug must not stop the writer: count, log, go on
-                    self.failed += len(lines)
-                    log.exception("audit log %s: could not write %d events", self.path, len(lines))
+                    self.failed += len(batch)
+                    log.exception("audit log %s: could not write %d events", self.path, len(batch))
                 self._busy = False
-                continue
-            if taken and (due or self._stopping or self._draining):
-                with self._lock:
-                    self._chain_taken()
-                due = False
-                continue
-            if self._stopping:
+                # What came meanwhile waits for a full batch (or a drain, the close,
+                # `flush_interval`): under load, going on at once with the few events
+                # a write took made batches of ~50 lines, each with its write, its
+                # checks of the file and its GIL hand-overs (docs/performance.md,
+                # "Session 33").
+                if len(taken) >= batch_size or self._stopping or self._draining:
+                    continue
+            elif self._stopping:
                 return
-            # A part of a batch waits for the batch (the emitter chains it and wakes
-            # this thread), a drain, the close or `flush_interval`: under load, a
-            # writer that went on at once with the few events a write took wrote
-            # batches of ~50 lines, each with its write, its checks of the file and
-            # its GIL hand-overs (docs/performance.md, "Session 33").
             self._wake.clear()
             self._idle = True
-            if not chained and not (taken and (self._stopping or self._draining)):
-                due = not self._wake.wait(self.flush_interval)
+            if len(taken) < batch_size and not (taken and (self._stopping or self._draining)):
+                self._wake.wait(self.flush_interval)
             self._idle = False
 
     def _write_lines(self, lines: list[tuple[bytes, int, str, tuple | None]]) -> None:
@@ -731,11 +688,12 @@ class AuditLog:
                         "new connections are refused meanwhile unless --on-audit-failure continue",
                         self.path,
                         self._problem,
-                        len(lines) - i + self.queued,
+                        len(lines) - i + len(self._taken),
                     )
                 if time.monotonic() >= self._give_up_at:
-                    lost = len(lines) - i + self._drop_queued()
+                    lost = len(lines) - i + len(self._taken)
                     self.failed += lost
+                    self._taken.clear()
                     log.error("audit log %s: gave up on %d events at close", self.path, lost)
                     return
                 time.sleep(
