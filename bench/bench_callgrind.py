@@ -2,7 +2,7 @@
 counted under valgrind's callgrind: an A/B that this host's noise cannot move.
 
     .venv/bin/python bench/bench_callgrind.py [--conns 400] [--with no-telemetry,no-audit,...]
-                                              [--baseline REV]
+                                              [--baseline REV] [--keep]
 
 Not a test. bench_http1.py's setting (nginx on loopback; a real `Gateway` whose front
 door takes 127.0.0.1 as its sandbox and 203.0.113.10:80 as the connections' original
@@ -25,6 +25,9 @@ instructions a line, where the host's CPU takes ~2k cycles.
 Under valgrind the gateway runs ~40x slower, so the audit writer's `flush_interval`
 is 5 s here (50 ms in a real gateway): its batches fill to `batch_size` as they do
 at full speed, instead of a few lines each.
+
+`--keep`: keep-alive requests instead, counted per request (eight connections, one a
+thread, opened before the count; a request event each).
 
 Variants (`--with`, comma-separated): bench_http1's muted sinks (`no-telemetry`: the audit
 log's and the metrics' `emit` do nothing; `no-audit`, `no-metrics`), `no-journal`
@@ -49,7 +52,16 @@ import threading
 import time
 from pathlib import Path
 
-from bench_http1 import DESTINATION, MUTED, NGINX, REQUEST_CLOSE, RULES, export_tree, free_port
+from bench_http1 import (
+    DESTINATION,
+    MUTED,
+    NGINX,
+    REQUEST_CLOSE,
+    REQUEST_KEEP,
+    RULES,
+    export_tree,
+    free_port,
+)
 
 WARM_CONNS = 200
 CLIENT_THREADS = 8
@@ -104,13 +116,17 @@ def serve(work: Path, upstream_port: int, variant: str, tree: str | None) -> Non
 # --- the driver ----------------------------------------------------------------------------
 
 
-def connections(port: int, count: int) -> int:
-    """`count` connections, a request each, from CLIENT_THREADS threads; how many
-    got a 200."""
+def connections(port: int, count: int, kept: list[socket.socket] | None = None) -> int:
+    """`count` requests from CLIENT_THREADS threads, each on a new connection, or
+    (`kept`: a connection per thread, opened before) one after the other on the
+    thread's connection; how many got a 200."""
     ok = [0] * CLIENT_THREADS
 
     def one_thread(i: int) -> None:
         for _ in range(count // CLIENT_THREADS):
+            if kept is not None:
+                ok[i] += keep_alive_exchange(kept[i])
+                continue
             with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
                 s.sendall(REQUEST_CLOSE % b"/")
                 answer = b""
@@ -126,8 +142,23 @@ def connections(port: int, count: int) -> int:
     return sum(ok)
 
 
-def count(work: Path, upstream_port: int, variant: str, tree: str | None, conns: int) -> dict:
-    """One variant's counts per connection."""
+def keep_alive_exchange(s: socket.socket) -> bool:
+    """One request on a kept connection, its whole answer read (Content-Length)."""
+    s.sendall(REQUEST_KEEP % b"/")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += s.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += s.recv(65536)
+    return head.startswith(b"HTTP/1.1 200")
+
+
+def count(
+    work: Path, upstream_port: int, variant: str, tree: str | None, conns: int, keep: bool
+) -> dict:
+    """One variant's counts per connection (`keep`: per keep-alive request)."""
     vwork = work / variant.replace(" ", "-")
     vwork.mkdir()
     out = vwork / "callgrind.out"
@@ -138,25 +169,30 @@ def count(work: Path, upstream_port: int, variant: str, tree: str | None, conns:
     ]  # fmt: skip
     with open(vwork / "valgrind.log", "w") as log:
         gateway = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    kept = None
     try:
         deadline = time.monotonic() + 300
         while not (vwork / "port").exists():
             if gateway.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{variant}: the gateway did not start (see {vwork}/valgrind.log)"
-                )
+                tail = (vwork / "valgrind.log").read_text()[-2000:]
+                raise RuntimeError(f"{variant}: the gateway did not start:\n{tail}")
             time.sleep(0.5)
         port = int((vwork / "port").read_text())
-        connections(port, WARM_CONNS)
+        if keep:
+            kept = [socket.create_connection(("127.0.0.1", port), timeout=60)
+                    for _ in range(CLIENT_THREADS)]  # fmt: skip
+        connections(port, WARM_CONNS, kept)
         subprocess.run(
             ["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True
         )
-        ok = connections(port, conns)
+        ok = connections(port, conns, kept)
         time.sleep(FLUSH_INTERVAL + 1)  # the writer writes the last part of a batch
         subprocess.run(
             ["callgrind_control", "-i", "off", str(gateway.pid)], check=True, capture_output=True
         )
     finally:
+        for s in kept or ():
+            s.close()
         gateway.send_signal(signal.SIGTERM)
         try:
             gateway.wait(timeout=120)
@@ -185,6 +221,9 @@ def main() -> int:
         "--with", dest="others", default="", help="no-telemetry, no-audit, no-metrics, no-journal"
     )
     parser.add_argument("--baseline", metavar="REV", help="also this git revision's tree")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep-alive requests (a connection per thread)"
+    )
     args = parser.parse_args()
     others = [o for o in args.others.split(",") if o]
     if set(others) - {*MUTED, "no-journal"}:
@@ -206,12 +245,22 @@ def main() -> int:
         if args.baseline:
             variants[f"baseline {args.baseline}"] = str(export_tree(args.baseline, work / "tree"))
         results = {}
-        for variant, tree in variants.items():
+        for variant, tree in variants.items():  # one at a time: counts, not times
             print(f"{variant}: {conns} connections under callgrind ...", flush=True)
-            results[variant] = count(
-                work, upstream_port, variant.split()[0] if tree else variant, tree, conns
-            )
-        print(f"\nper plain-HTTP connection (new connection, one request), {conns} counted")
+            try:
+                results[variant] = count(
+                    work,
+                    upstream_port,
+                    variant.split()[0] if tree else variant,
+                    tree,
+                    conns,
+                    args.keep,
+                )
+            except RuntimeError as e:
+                print(f"bench_callgrind: {e}", file=sys.stderr)
+                return 1
+        unit = "keep-alive request" if args.keep else "connection (new connection, one request)"
+        print(f"\nper plain-HTTP {unit}, {conns} counted")
         print(f"{'variant':<22}" + "".join(f"{e:>10}" for e in EVENTS) + f"{'Ir ratio':>10}")
         base = results["sandgate"]["Ir"]
         for variant, per in results.items():
