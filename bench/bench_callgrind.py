@@ -53,14 +53,14 @@ import time
 from pathlib import Path
 
 from bench_http1 import (
-    DESTINATION,
     MUTED,
     NGINX,
     REQUEST_CLOSE,
     REQUEST_KEEP,
-    RULES,
     export_tree,
     free_port,
+    import_sandgate,
+    loopback_gateway,
 )
 
 WARM_CONNS = 200
@@ -75,32 +75,14 @@ EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw")
 def serve(work: Path, upstream_port: int, variant: str, tree: str | None) -> None:
     """A gateway as bench_http1's, with a journal; writes its port to work/port and
     serves until SIGTERM."""
-    if tree:
-        sys.path.insert(0, tree)
-    from sandgate.proxy.gateway import Gateway, GatewayConfig
-    from sandgate.proxy.policy import load_policy
-    from sandgate.proxy.registry import Sandbox
+    import_sandgate(tree, MUTED.get(variant, ()))
     from sandgate.proxy.telemetry.audit import AuditLog
-    from sandgate.proxy.telemetry.metrics import Metrics
 
-    if tree and not sys.modules["sandgate.proxy"].__file__.startswith(tree):
-        raise SystemExit(
-            f"bench_callgrind: the baseline imported {sys.modules['sandgate.proxy'].__file__}"
-        )
-    for sink in MUTED.get(variant, ()):
-        {"audit": AuditLog, "metrics": Metrics}[sink].emit = lambda self, event: None
     journal = None if variant == "no-journal" else work / "journal.ring"
 
     async def run() -> None:
-        rules = work / "rules.yaml"
-        rules.write_text(RULES)
         audit = AuditLog(work / "audit.jsonl", flush_interval=FLUSH_INTERVAL, journal=journal)
-        config = GatewayConfig("127.0.0.1", ["127.0.0.1"], work / "ca", dns_port=0)
-        gateway = Gateway(config, load_policy([rules]), audit, Metrics())
-        gateway.add_sandbox(Sandbox("127.0.0.1", "bench", "default"))
-        gateway.bindings.record("127.0.0.1", "allowed.test", DESTINATION[0], 10**6)
-        gateway.frontdoor.original_dst = lambda sock: DESTINATION
-        gateway.frontdoor.upstream_address = lambda ip, port: ("127.0.0.1", upstream_port)
+        gateway = loopback_gateway(work, upstream_port, audit)
         await gateway.start()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -112,27 +112,50 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 # --- the gateway (child process) -----------------------------------------------------------
 
 
+def import_sandgate(tree: str | None, muted: tuple = ()) -> None:
+    """Make `import sandgate` take `tree` (`--baseline`: an exported revision), not
+    the checkout, or refuse; `muted`: of "audit" and "metrics", the sinks whose
+    `emit` does nothing (both: bench_gateway.py's setup T)."""
+    if tree:
+        sys.path.insert(0, tree)
+    from sandgate.proxy.telemetry.audit import AuditLog
+    from sandgate.proxy.telemetry.metrics import Metrics
+
+    imported = sys.modules["sandgate.proxy"].__file__
+    if tree and not imported.startswith(tree):
+        raise SystemExit(f"{Path(sys.argv[0]).name}: the baseline imported {imported}")
+    for sink in muted:
+        {"audit": AuditLog, "metrics": Metrics}[sink].emit = lambda self, event: None
+
+
+def loopback_gateway(work: Path, upstream_port: int, audit):
+    """A `Gateway` (not started) with `audit` and the metrics as its sinks, whose front
+    door takes 127.0.0.1 as its sandbox and DESTINATION as every connection's
+    original destination, connecting to 127.0.0.1:`upstream_port` instead."""
+    from sandgate.proxy.gateway import Gateway, GatewayConfig
+    from sandgate.proxy.policy import load_policy
+    from sandgate.proxy.registry import Sandbox
+    from sandgate.proxy.telemetry.metrics import Metrics
+
+    rules = work / "rules.yaml"
+    rules.write_text(RULES)
+    config = GatewayConfig("127.0.0.1", ["127.0.0.1"], work / "ca", dns_port=0)
+    gateway = Gateway(config, load_policy([rules]), audit, Metrics())
+    gateway.add_sandbox(Sandbox("127.0.0.1", "bench", "default"))
+    # As if the sandbox had resolved the name through the DNS filter.
+    gateway.bindings.record("127.0.0.1", "allowed.test", DESTINATION[0], 10**6)
+    gateway.frontdoor.original_dst = lambda sock: DESTINATION
+    gateway.frontdoor.upstream_address = lambda ip, port: ("127.0.0.1", upstream_port)
+    return gateway
+
+
 def gateway_main(
     work: str, upstream_port: int, ready, control, tree: str | None = None, muted: tuple = ()
 ) -> None:
     """A Gateway whose front door listens on loopback; `control` says when to start
-    and stop a profile (phase names), and "exit". `tree`: sandgate imported from
-    there (`--baseline`), not from the checkout. `muted`: of "audit" and "metrics",
-    the sinks whose `emit` does nothing (both: bench_gateway.py's setup T)."""
-    if tree is not None:
-        sys.path.insert(0, tree)
-    from sandgate.proxy.gateway import Gateway, GatewayConfig
-    from sandgate.proxy.policy import load_policy
-    from sandgate.proxy.registry import Sandbox
+    and stop a profile (phase names), and "exit". `tree`, `muted`: `import_sandgate`."""
+    import_sandgate(tree, muted)
     from sandgate.proxy.telemetry.audit import AuditLog
-    from sandgate.proxy.telemetry.metrics import Metrics
-
-    if tree is not None and not sys.modules["sandgate.proxy"].__file__.startswith(tree):
-        raise SystemExit(
-            f"bench_http1: the baseline imported {sys.modules['sandgate.proxy'].__file__}"
-        )
-    for sink in muted:
-        {"audit": AuditLog, "metrics": Metrics}[sink].emit = lambda self, event: None
 
     profile_to = os.environ.get("BENCH_HTTP1_PROFILE")
     if os.environ.get("BENCH_HTTP1_H11"):
@@ -143,16 +166,8 @@ def gateway_main(
         http1_relay.Http1Session = functools.partial(http1_relay.Http1Session, fast=False)
 
     async def serve() -> None:
-        rules = Path(work, "rules.yaml")
-        rules.write_text(RULES)
         audit = AuditLog(Path(work, "audit.jsonl"))
-        config = GatewayConfig("127.0.0.1", ["127.0.0.1"], Path(work, "ca"), dns_port=0)
-        gateway = Gateway(config, load_policy([rules]), audit, Metrics())
-        gateway.add_sandbox(Sandbox("127.0.0.1", "bench", "default"))
-        # As if the sandbox had resolved the name through the DNS filter.
-        gateway.bindings.record("127.0.0.1", "allowed.test", DESTINATION[0], 10**6)
-        gateway.frontdoor.original_dst = lambda sock: DESTINATION
-        gateway.frontdoor.upstream_address = lambda ip, port: ("127.0.0.1", upstream_port)
+        gateway = loopback_gateway(Path(work), upstream_port, audit)
         await gateway.start()
         ready.send(gateway.proxy_port)
         loop = asyncio.get_running_loop()
