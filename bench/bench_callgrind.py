@@ -61,6 +61,7 @@ from bench_http1 import (
     free_port,
     import_sandgate,
     loopback_gateway,
+    run_as_gateways_do,
 )
 
 WARM_CONNS = 200
@@ -92,7 +93,7 @@ def serve(work: Path, upstream_port: int, variant: str, tree: str | None) -> Non
         await gateway.stop()
         audit.close()
 
-    asyncio.run(run())
+    run_as_gateways_do(run())
 
 
 # --- the driver ----------------------------------------------------------------------------

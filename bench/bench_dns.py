@@ -120,6 +120,7 @@ def wait_answering(port: int, proc: subprocess.Popen) -> None:
 def gateway_main(work: str, upstream_port: int, port: int) -> None:
     """The sandgate side, in its own process (as the gateway is in `sandgate run`)."""
     from sandgate.enforcer.priority import raise_gateway_priority
+    from sandgate.proxy.frontdoor.poller import new_event_loop
     from sandgate.proxy.gateway import Gateway, GatewayConfig
     from sandgate.proxy.policy import load_policy
     from sandgate.proxy.registry import Sandbox
@@ -143,7 +144,9 @@ def gateway_main(work: str, upstream_port: int, port: int) -> None:
         await gateway.start()
         await asyncio.Event().wait()
 
-    asyncio.run(serve())
+    # On the loop a gateway process runs on (enforcer/run.py's Runner).
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve())
 
 
 # --- the clients -----------------------------------------------------------------------

@@ -128,6 +128,17 @@ def import_sandgate(tree: str | None, muted: tuple = ()) -> None:
         {"audit": AuditLog, "metrics": Metrics}[sink].emit = lambda self, event: None
 
 
+def run_as_gateways_do(main) -> None:
+    """Run the coroutine `main` on the loop a gateway process runs on: asyncio's, whose
+    epoll set the front door shares (`poller.new_event_loop`, as enforcer/run.py and
+    the service have it). On `asyncio.run`'s loop the door has a set of its own, which
+    costs each wake-up a second epoll_wait and an asyncio callback."""
+    from sandgate.proxy.frontdoor.poller import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main)
+
+
 def loopback_gateway(work: Path, upstream_port: int, audit):
     """A `Gateway` (not started) with `audit` and the metrics as its sinks, whose front
     door takes 127.0.0.1 as its sandbox and DESTINATION as every connection's
@@ -190,7 +201,7 @@ def gateway_main(
         await gateway.stop()
         audit.close()
 
-    asyncio.run(serve())
+    run_as_gateways_do(serve())
 
 
 # --- the client (child process) ----------------------------------------------------------
