@@ -52,6 +52,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench_dns import ALLOWED, DENIED, SANDBOXES, dns_gateway, query_wire, start_dnsmasq
 from bench_http1 import (
     MUTED,
     NGINX,
@@ -73,9 +74,10 @@ EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw")
 # --- the gateway (`--serve`: its own process, under valgrind) --------------------------
 
 
-def serve(work: Path, upstream_port: int, variant: str, tree: str | None) -> None:
-    """A gateway as bench_http1's, with a journal; writes its port to work/port and
-    serves until SIGTERM."""
+def serve(work: Path, upstream_port: int, variant: str, tree: str | None, dns: bool) -> None:
+    """A gateway as bench_http1's (`dns`: as bench_dns's), with a journal; writes the
+    port it serves (its front door's, or its DNS filter's) to work/port and serves
+    until SIGTERM."""
     import_sandgate(tree, MUTED.get(variant, ()))
     from sandgate.proxy.telemetry.audit import AuditLog
 
@@ -83,11 +85,15 @@ def serve(work: Path, upstream_port: int, variant: str, tree: str | None) -> Non
 
     async def run() -> None:
         audit = AuditLog(work / "audit.jsonl", flush_interval=FLUSH_INTERVAL, journal=journal)
-        gateway = loopback_gateway(work, upstream_port, audit)
+        if dns:
+            gateway = dns_gateway(work, upstream_port, free_port(), audit)
+        else:
+            gateway = loopback_gateway(work, upstream_port, audit)
         await gateway.start()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        (work / "port.tmp").write_text(str(gateway.proxy_port))
+        port = gateway.dns_port if dns else gateway.proxy_port
+        (work / "port.tmp").write_text(str(port))
         (work / "port.tmp").rename(work / "port")
         await stop.wait()
         await gateway.stop()
@@ -125,6 +131,51 @@ def connections(port: int, count: int, kept: list[socket.socket] | None = None) 
     return sum(ok)
 
 
+def dns_queries(port: int, count: int, row: str) -> int:
+    """`count` queries from CLIENT_THREADS threads, one at a time each, from a sandbox
+    address of its own: over UDP (row "udp": the allowed name; "denied": the denied
+    one) or TCP ("tcp": the allowed name, a connection per 25 queries, below the
+    filter's `max_tcp_queries`); how many got the answer they should (NOERROR with
+    an answer, or NXDOMAIN)."""
+    ok = [0] * CLIENT_THREADS
+    name = DENIED if row == "denied" else ALLOWED
+    rcode = 3 if row == "denied" else 0
+
+    def one_thread(i: int) -> None:
+        wire, s = query_wire(name, 7), None
+        try:
+            for k in range(count // CLIENT_THREADS):
+                if row != "tcp":
+                    if s is None:
+                        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                        s.bind((SANDBOXES[i], 0))
+                        s.settimeout(60)
+                        s.connect(("127.0.0.1", port))
+                    s.send(wire)
+                    answer = s.recv(4096)
+                else:
+                    if k % 25 == 0:
+                        if s is not None:
+                            s.close()
+                        s = socket.create_connection(("127.0.0.1", port), 60, (SANDBOXES[i], 0))
+                    s.sendall(len(wire).to_bytes(2, "big") + wire)
+                    answer = b""
+                    while len(answer) < 2 or len(answer) < 2 + int.from_bytes(answer[:2], "big"):
+                        answer += s.recv(65536)
+                    answer = answer[2:]
+                ok[i] += answer[3] & 0x0F == rcode and (rcode > 0 or answer[6:8] != b"\0\0")
+        finally:
+            if s is not None:
+                s.close()
+
+    threads = [threading.Thread(target=one_thread, args=(i,)) for i in range(CLIENT_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(ok)
+
+
 def keep_alive_exchange(s: socket.socket) -> bool:
     """One request on a kept connection, its whole answer read (Content-Length)."""
     s.sendall(REQUEST_KEEP % b"/")
@@ -139,9 +190,16 @@ def keep_alive_exchange(s: socket.socket) -> bool:
 
 
 def count(
-    work: Path, upstream_port: int, variant: str, tree: str | None, conns: int, keep: bool
+    work: Path,
+    upstream_port: int,
+    variant: str,
+    tree: str | None,
+    conns: int,
+    keep: bool,
+    dns: str | None,
 ) -> dict:
-    """One variant's counts per connection (`keep`: per keep-alive request)."""
+    """One variant's counts per connection (`keep`: per keep-alive request; `dns`: per
+    query of that row)."""
     vwork = work / variant.replace(" ", "-")
     vwork.mkdir()
     out = vwork / "callgrind.out"
@@ -149,6 +207,7 @@ def count(
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=yes",
         f"--callgrind-out-file={out}",
         sys.executable, __file__, "--serve", str(vwork), str(upstream_port), variant, tree or "",
+        "dns" if dns else "",
     ]  # fmt: skip
     with open(vwork / "valgrind.log", "w") as log:
         gateway = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -164,11 +223,15 @@ def count(
         if keep:
             kept = [socket.create_connection(("127.0.0.1", port), timeout=60)
                     for _ in range(CLIENT_THREADS)]  # fmt: skip
-        connections(port, WARM_CONNS, kept)
+
+        def drive(n: int) -> int:
+            return dns_queries(port, n, dns) if dns else connections(port, n, kept)
+
+        drive(WARM_CONNS)
         subprocess.run(
             ["callgrind_control", "-i", "on", str(gateway.pid)], check=True, capture_output=True
         )
-        ok = connections(port, conns, kept)
+        ok = drive(conns)
         time.sleep(FLUSH_INTERVAL + 1)  # the writer writes the last part of a batch
         subprocess.run(
             ["callgrind_control", "-i", "off", str(gateway.pid)], check=True, capture_output=True
@@ -183,7 +246,8 @@ def count(
             gateway.kill()
             gateway.wait()
     if ok != conns:
-        raise RuntimeError(f"{variant}: {conns - ok} of {conns} connections got no 200")
+        what = "queries got no right answer" if dns else "connections got no 200"
+        raise RuntimeError(f"{variant}: {conns - ok} of {conns} {what}")
     lines = out.read_text().splitlines()
     names = next(line for line in lines if line.startswith("events:")).split()[1:]
     totals = next(line for line in reversed(lines) if line.startswith(("totals:", "summary:")))
@@ -193,8 +257,8 @@ def count(
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        work, upstream_port, variant, tree = sys.argv[2:6]
-        serve(Path(work), int(upstream_port), variant, tree or None)
+        work, upstream_port, variant, tree, dns = sys.argv[2:7]
+        serve(Path(work), int(upstream_port), variant, tree or None, bool(dns))
         return 0
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -207,29 +271,41 @@ def main() -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep-alive requests (a connection per thread)"
     )
+    parser.add_argument(
+        "--dns",
+        choices=("udp", "tcp", "denied"),
+        help="DNS queries instead (bench_dns's gateway and dnsmasq): the allowed name over "
+        "UDP or TCP, or the denied one over UDP",
+    )
     args = parser.parse_args()
     others = [o for o in args.others.split(",") if o]
     if set(others) - {*MUTED, "no-journal"}:
         parser.error(f"--with takes {', '.join(MUTED)}, no-journal")
     missing = [t for t in ("valgrind", "callgrind_control") if not shutil.which(t)]
-    nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
-    if missing or nginx is None:
-        print(f"bench_callgrind: missing {', '.join(missing + (['nginx'] if nginx is None else []))}",
-              file=sys.stderr)  # fmt: skip
+    server = "dnsmasq" if args.dns else "nginx"
+    if not shutil.which(server, path=os.environ.get("PATH", "") + ":/usr/sbin"):
+        missing.append(server)
+    if missing:
+        print(f"bench_callgrind: missing {', '.join(missing)}", file=sys.stderr)
         return 2
     conns = args.conns - args.conns % CLIENT_THREADS
     work = Path(tempfile.mkdtemp(prefix="sg-callgrind-"))
     upstream = None
     try:
         upstream_port = free_port()
-        (work / "nginx.conf").write_text(NGINX.format(w=work, port=upstream_port))
-        upstream = subprocess.Popen([nginx, "-c", work / "nginx.conf", "-p", work])
+        if args.dns:
+            upstream = start_dnsmasq(upstream_port)
+        else:
+            nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
+            (work / "nginx.conf").write_text(NGINX.format(w=work, port=upstream_port))
+            upstream = subprocess.Popen([nginx, "-c", work / "nginx.conf", "-p", work])
         variants: dict[str, str | None] = {"sandgate": None, **dict.fromkeys(others)}
         if args.baseline:
             variants[f"baseline {args.baseline}"] = str(export_tree(args.baseline, work / "tree"))
         results = {}
         for variant, tree in variants.items():  # one at a time: counts, not times
-            print(f"{variant}: {conns} connections under callgrind ...", flush=True)
+            print(f"{variant}: {conns} {'queries' if args.dns else 'connections'} under callgrind ...",
+                  flush=True)  # fmt: skip
             try:
                 results[variant] = count(
                     work,
@@ -238,12 +314,17 @@ def main() -> int:
                     tree,
                     conns,
                     args.keep,
+                    args.dns,
                 )
             except RuntimeError as e:
                 print(f"bench_callgrind: {e}", file=sys.stderr)
                 return 1
-        unit = "keep-alive request" if args.keep else "connection (new connection, one request)"
-        print(f"\nper plain-HTTP {unit}, {conns} counted")
+        if args.dns:
+            unit = {"udp": "allowed", "tcp": "allowed, over TCP", "denied": "denied"}[args.dns]
+            print(f"\nper DNS query ({unit}), {conns} counted")
+        else:
+            unit = "keep-alive request" if args.keep else "connection (new connection, one request)"
+            print(f"\nper plain-HTTP {unit}, {conns} counted")
         print(f"{'variant':<22}" + "".join(f"{e:>10}" for e in EVENTS) + f"{'Ir ratio':>10}")
         base = results["sandgate"]["Ir"]
         for variant, per in results.items():

@@ -117,30 +117,39 @@ def wait_answering(port: int, proc: subprocess.Popen) -> None:
     raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
 
 
+def dns_gateway(work: Path, upstream_port: int, port: int, audit):
+    """The sandgate side (not started): a `Gateway` whose DNS filter listens on
+    127.0.0.1:`port` and asks dnsmasq on `upstream_port`, with `audit` and the
+    metrics as its sinks and SANDBOXES as its sandboxes."""
+    from sandgate.proxy.gateway import Gateway, GatewayConfig
+    from sandgate.proxy.policy import load_policy
+    from sandgate.proxy.registry import Sandbox
+    from sandgate.proxy.telemetry.metrics import Metrics
+
+    rules = Path(work, "rules.yaml")
+    rules.write_text(RULES)
+    config = GatewayConfig(
+        "127.0.0.1", ["127.0.0.1"], Path(work, "ca"), dns_port=port,
+        dns_upstream_port=upstream_port,
+    )  # fmt: skip
+    gateway = Gateway(config, load_policy([rules]), audit, Metrics())
+    for i, address in enumerate(SANDBOXES):
+        gateway.add_sandbox(Sandbox(address, f"bench{i}", "default"))
+    return gateway
+
+
 def gateway_main(work: str, upstream_port: int, port: int) -> None:
     """The sandgate side, in its own process (as the gateway is in `sandgate run`)."""
     from sandgate.enforcer.priority import raise_gateway_priority
     from sandgate.proxy.frontdoor.poller import new_event_loop
-    from sandgate.proxy.gateway import Gateway, GatewayConfig
-    from sandgate.proxy.policy import load_policy
-    from sandgate.proxy.registry import Sandbox
     from sandgate.proxy.telemetry.audit import AuditLog
-    from sandgate.proxy.telemetry.metrics import Metrics
 
     raise_gateway_priority()  # as `sandgate run` and the service run their gateway
 
     async def serve() -> None:
-        rules = Path(work, "rules.yaml")
-        rules.write_text(RULES)
         # With its journal, as `sandgate run` opens it (enforcer/run.py, open_audit_log).
         audit = AuditLog(Path(work, "audit.jsonl"), journal=Path(work, "audit.ring"))
-        config = GatewayConfig(
-            "127.0.0.1", ["127.0.0.1"], Path(work, "ca"), dns_port=port,
-            dns_upstream_port=upstream_port,
-        )  # fmt: skip
-        gateway = Gateway(config, load_policy([rules]), audit, Metrics())
-        for i, address in enumerate(SANDBOXES):
-            gateway.add_sandbox(Sandbox(address, f"bench{i}", "default"))
+        gateway = dns_gateway(Path(work), upstream_port, port, audit)
         await gateway.start()
         await asyncio.Event().wait()
 

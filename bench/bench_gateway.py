@@ -249,7 +249,8 @@ def run_without_telemetry(argv: list[str]) -> int:
     from sandgate.proxy.telemetry.audit import AuditLog
     from sandgate.proxy.telemetry.metrics import Metrics
 
-    AuditLog.emit = Metrics.emit = lambda self, event: None
+    # `emit_batch` too: the DNS filter's answers come in batches.
+    AuditLog.emit = AuditLog.emit_batch = Metrics.emit = Metrics.emit_batch = lambda self, e: None
     from sandgate.enforcer.cli import main
 
     return main(argv)
