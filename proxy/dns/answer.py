@@ -184,7 +184,7 @@ def filter_simple_answer(
     NXDOMAIN, any address in a special range (even one a CIDR rule keeps: `filter_answer`
     asks), and a response too big for the client's transport (`render` truncates).
     """
-    scanned = scan_answer(reply, query.qtype)
+    scanned = scan_answer(reply, query.qtype, qname)
     if scanned is None or scanned.truncated or scanned.rcode not in (0, 3):
         return None
     chain, name, seen = [], qname, {qname}

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import struct
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import dns.flags
 import dns.opcode
@@ -166,11 +166,11 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
     return QueryCheck(decision, query=query, forward=forward, name=name, qtype=qtype)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class QuickCheck:
+class QuickCheck(NamedTuple):
     """`check_query`'s answer for a query of the common shape (`wire.SimpleQuery`):
     `forward` (bytes, the id left to the upstream socket) or `response` (bytes);
-    `name` is canonical."""
+    `name` is canonical. A tuple: made for every query, where a frozen dataclass's
+    field stores cost a tenth of `quick_check`."""
 
     decision: Decision
     query: SimpleQuery

@@ -151,16 +151,18 @@ def size_limit(query: SimpleQuery, *, udp: bool) -> int:
     return max(512, min(query.payload, OUR_PAYLOAD))
 
 
-def scan_answer(wire: bytes, qtype: int) -> ScannedAnswer | None:
+def scan_answer(wire: bytes, qtype: int, qname: str) -> ScannedAnswer | None:
     """The upstream answer in `wire` when it has the common shape, else None. The
-    caller has checked its id and question (`upstream.UdpUpstream`)."""
+    caller has checked its id and question (`upstream.UdpUpstream`): `qname`, the
+    name asked (canonical), is what the question holds, up to case, so an owner that
+    points at the question (nearly every record's) is `qname` without a read."""
     try:
-        return _scan_answer(wire, qtype)
+        return _scan_answer(wire, qtype, qname)
     except (_NotSimple, IndexError, struct.error, UnicodeDecodeError):
         return None
 
 
-def _scan_answer(wire: bytes, qtype: int) -> ScannedAnswer:
+def _scan_answer(wire: bytes, qtype: int, qname: str) -> ScannedAnswer:
     _, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire)
     # A response to a QUERY; nothing in the authority section (a negative answer's
     # SOA is the full filter's); at most an OPT without options in the additional
@@ -171,7 +173,10 @@ def _scan_answer(wire: bytes, qtype: int) -> ScannedAnswer:
     cnames: dict[str, tuple[str, int]] = {}
     records: dict[str, tuple[dict[bytes, None], int]] = {}
     for _ in range(ancount):
-        owner, offset = read_name(wire, offset)
+        if wire[offset] == 0xC0 and wire[offset + 1] == 12:  # a pointer to the question
+            owner, offset = qname, offset + 2
+        else:
+            owner, offset = read_name(wire, offset)
         rdtype, rdclass, ttl, rdlength = _RR.unpack_from(wire, offset)
         offset += 10
         rdata = wire[offset : offset + rdlength]
