@@ -1,8 +1,8 @@
-"""The gateway's instructions (and simulated cache misses) per plain-HTTP connection,
-counted under valgrind's callgrind: an A/B that this host's noise cannot move.
+"""The gateway's instructions (and simulated cache misses) per plain-HTTP connection
+(or DNS query), counted under valgrind's callgrind: an A/B that this host's noise cannot move.
 
     .venv/bin/python bench/bench_callgrind.py [--conns 400] [--with no-telemetry,no-audit,...]
-                                              [--baseline REV] [--keep]
+                                              [--baseline REV] [--keep] [--dns udp|tcp|denied]
 
 Not a test. bench_http1.py's setting (nginx on loopback; a real `Gateway` whose front
 door takes 127.0.0.1 as its sandbox and 203.0.113.10:80 as the connections' original
@@ -29,12 +29,18 @@ at full speed, instead of a few lines each.
 `--keep`: keep-alive requests instead, counted per request (eight connections, one a
 thread, opened before the count; a request event each).
 
+`--dns udp|tcp|denied`: DNS queries instead, counted per query, in bench_dns.py's
+setting (its `dns_gateway` with the journal, dnsmasq as the upstream): the allowed name
+over UDP or TCP, or the denied one over UDP; eight client threads, each from a sandbox
+address of its own, one query at a time (over TCP a connection per 25 queries, below
+the filter's `max_tcp_queries`).
+
 Variants (`--with`, comma-separated): bench_http1's muted sinks (`no-telemetry`: the audit
 log's and the metrics' `emit` do nothing; `no-audit`, `no-metrics`), `no-journal`
 (the audit log without its journal). `--baseline REV`: also that revision's tree.
 
-Needs valgrind (`apt-get install -y valgrind`) and nginx. Nothing leaves loopback;
-every process is stopped at the end, the work directory removed.
+Needs valgrind (`apt-get install -y valgrind`) and nginx (`--dns`: dnsmasq). Nothing
+leaves loopback; every process is stopped at the end, the work directory removed.
 """
 
 from __future__ import annotations
