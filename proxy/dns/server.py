@@ -1095,7 +1095,7 @@ def _event_fields(source: tuple) -> dict:
 
 
 def _join(*parts: str) -> str:
-    return "; ".join(part for part in parts if part)
+    return "; ".join([part for part in parts if part])  # a list: join makes one anyway
 
 
 def _room_for_bursts(sock) -> None:

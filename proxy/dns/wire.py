@@ -93,7 +93,7 @@ def _scan_query(wire: bytes) -> SimpleQuery:
         labels.append(label)
         offset += 1 + length
     qtype, qclass = struct.unpack_from("!HH", wire, offset + 1)
-    end = offset + 5
+    end = question_end = offset + 5
     if not labels or offset + 1 - 12 > 255 or qclass != CLASS_IN or qtype not in QTYPE_TEXT:
         raise _NotSimple
     payload = None
@@ -114,7 +114,7 @@ def _scan_query(wire: bytes) -> SimpleQuery:
     if end != len(wire):
         raise _NotSimple  # trailing bytes: dnspython calls that malformed
     name = b".".join(labels).decode("ascii")
-    return SimpleQuery(qid, flags, bytes(wire[12 : end_of_question(wire)]), name, qtype, payload)
+    return SimpleQuery(qid, flags, bytes(wire[12:question_end]), name, qtype, payload)
 
 
 def end_of_question(wire: bytes) -> int:
