@@ -36,8 +36,8 @@ address of its own, one query at a time (over TCP a connection per 25 queries, b
 the filter's `max_tcp_queries`).
 
 Variants (`--with`, comma-separated): bench_http1's muted sinks (`no-telemetry`: the audit
-log's and the metrics' `emit` do nothing; `no-audit`, `no-metrics`), `no-journal`
-(the audit log without its journal). `--baseline REV`: also that revision's tree.
+log's and the metrics' `emit` and `emit_batch` do nothing; `no-audit`, `no-metrics`),
+`no-journal` (the audit log without its journal). `--baseline REV`: also that revision's tree.
 
 Needs valgrind (`apt-get install -y valgrind`) and nginx (`--dns`: dnsmasq). Nothing
 leaves loopback; every process is stopped at the end, the work directory removed.

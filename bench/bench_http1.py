@@ -32,8 +32,8 @@ Then one table: the medians per variant and their ratios to sandgate's.
 `--baseline REV` adds a second gateway whose sandgate is that git revision's tree
 (exported to the work directory), in turn with the checkout's: an A/B in one run.
 `--with no-telemetry` adds the checkout's gateway with the audit log's and the
-metrics' `emit` made no-ops: what telemetry costs a request, in turn; `no-audit`,
-`no-metrics`: one sink muted.
+metrics' `emit` and `emit_batch` made no-ops: what telemetry costs a request, in
+turn; `no-audit`, `no-metrics`: one sink muted.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 def import_sandgate(tree: str | None, muted: tuple = ()) -> None:
     """Make `import sandgate` take `tree` (`--baseline`: an exported revision), not
     the checkout, or refuse; `muted`: of "audit" and "metrics", the sinks whose
-    `emit` does nothing (both: bench_gateway.py's setup T)."""
+    `emit` and `emit_batch` do nothing (both: bench_gateway.py's setup T)."""
     if tree:
         sys.path.insert(0, tree)
     from sandgate.proxy.telemetry.audit import AuditLog
@@ -124,7 +124,7 @@ def import_sandgate(tree: str | None, muted: tuple = ()) -> None:
     imported = sys.modules["sandgate.proxy"].__file__
     if tree and not imported.startswith(tree):
         raise SystemExit(f"{Path(sys.argv[0]).name}: the baseline imported {imported}")
-    for sink in muted:  # `emit_batch` too: the DNS filter's answers come in batches
+    for sink in muted:  # the DNS filter hands its answers' events over in batches
         cls = {"audit": AuditLog, "metrics": Metrics}[sink]
         cls.emit = cls.emit_batch = lambda self, event: None
 
