@@ -129,12 +129,7 @@ def connections(port: int, count: int, kept: list[socket.socket] | None = None) 
                     answer += data
             ok[i] += answer.startswith(b"HTTP/1.1 200")
 
-    threads = [threading.Thread(target=one_thread, args=(i,)) for i in range(CLIENT_THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(ok)
+    return on_client_threads(one_thread, ok)
 
 
 def dns_queries(port: int, count: int, row: str) -> int:
@@ -174,6 +169,12 @@ def dns_queries(port: int, count: int, row: str) -> int:
             if s is not None:
                 s.close()
 
+    return on_client_threads(one_thread, ok)
+
+
+def on_client_threads(one_thread, ok: list[int]) -> int:
+    """`one_thread(i)` on each of CLIENT_THREADS threads, all at once; the sum of `ok`,
+    where thread i counts its good answers in `ok[i]`."""
     threads = [threading.Thread(target=one_thread, args=(i,)) for i in range(CLIENT_THREADS)]
     for t in threads:
         t.start()

@@ -59,6 +59,7 @@ import time
 from pathlib import Path
 
 import hostspeed
+from bench_http1 import run_as_gateways_do
 
 ALLOWED, DENIED = "allowed.test", "denied.test"
 SANDBOXES = [f"127.0.0.{i}" for i in range(2, 34)]
@@ -141,7 +142,6 @@ def dns_gateway(work: Path, upstream_port: int, port: int, audit):
 def gateway_main(work: str, upstream_port: int, port: int) -> None:
     """The sandgate side, in its own process (as the gateway is in `sandgate run`)."""
     from sandgate.enforcer.priority import raise_gateway_priority
-    from sandgate.proxy.frontdoor.poller import new_event_loop
     from sandgate.proxy.telemetry.audit import AuditLog
 
     raise_gateway_priority()  # as `sandgate run` and the service run their gateway
@@ -153,9 +153,7 @@ def gateway_main(work: str, upstream_port: int, port: int) -> None:
         await gateway.start()
         await asyncio.Event().wait()
 
-    # On the loop a gateway process runs on (enforcer/run.py's Runner).
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(serve())
+    run_as_gateways_do(serve())
 
 
 # --- the clients -----------------------------------------------------------------------

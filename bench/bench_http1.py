@@ -55,7 +55,7 @@ from pathlib import Path
 import hostspeed
 
 DESTINATION = ("203.0.113.10", 80)
-# `--with NAME`: the checkout's gateway with these sinks' `emit` a no-op.
+# `--with NAME`: the checkout's gateway with these sinks' `emit` and `emit_batch` no-ops.
 MUTED = {"no-telemetry": ("audit", "metrics"), "no-audit": ("audit",), "no-metrics": ("metrics",)}
 FLOOR = Path(__file__).resolve().parent / "floor_relay.py"
 RULES = """\
