@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
 from collections.abc import Hashable
 
@@ -48,6 +49,7 @@ class UpstreamPool:
         self.idle: dict[Hashable, list[tuple[float, socket.socket]]] = {}
         self.count = 0
         self._sweeper: asyncio.TimerHandle | None = None
+        self._probe = select.poll()  # take's look at an idle connection
 
     def give(self, key: Hashable, sock: socket.socket) -> None:
         kept = self.idle.setdefault(key, [])
@@ -64,17 +66,19 @@ class UpstreamPool:
     def take(self, key: Hashable) -> socket.socket | None:
         """An idle connection for `key` that is still open, or None. Its epoll
         handler is the caller's to set."""
-        kept = self.idle.get(key)
+        kept, probe = self.idle.get(key), self._probe
         while kept:
             _, sock = kept.pop()
             self.count -= 1
-            try:
-                # (the socket's own recv: a TLS one's would decrypt, and takes no flags)
-                socket.socket.recv(sock, 1, socket.MSG_PEEK)  # anything but "nothing yet": unusable
-            except (BlockingIOError, InterruptedError):
+            # Anything but "nothing yet" (bytes, FIN, an error) makes it unusable. A
+            # poll of the descriptor, not a recv with MSG_PEEK: that one's "nothing
+            # yet" is a BlockingIOError raised and caught, ~1 us more a connection.
+            fd = sock.fileno()
+            probe.register(fd, select.POLLIN)
+            quiet = not probe.poll(0)
+            probe.unregister(fd)
+            if quiet:
                 return sock
-            except OSError:
-                pass
             self._close(sock)
         return None
 
