@@ -10,7 +10,6 @@ import struct
 import time
 
 import pytest
-
 from sandgate.proxy.frontdoor.http1_relay import UpstreamPool
 
 KEY = ("task", "10.213.0.2", "203.0.113.10", 80)
