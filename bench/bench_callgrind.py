@@ -1,8 +1,9 @@
 """The gateway's instructions (and simulated cache misses) per plain-HTTP connection
-(or DNS query), counted under valgrind's callgrind: an A/B that this host's noise cannot move.
+(or TLS pass-through connection, or DNS query), counted under valgrind's callgrind: an
+A/B that this host's noise cannot move.
 
     .venv/bin/python bench/bench_callgrind.py [--conns 400] [--with no-telemetry,no-audit,...]
-                                              [--baseline REV] [--keep] [--dns udp|tcp|denied]
+                                              [--baseline REV] [--keep | --tls | --dns udp|tcp|denied]
 
 Not a test. bench_http1.py's setting (nginx on loopback; a real `Gateway` whose front
 door takes 127.0.0.1 as its sandbox and 203.0.113.10:80 as the connections' original
@@ -29,6 +30,11 @@ at full speed, instead of a few lines each.
 `--keep`: keep-alive requests instead, counted per request (eight connections, one a
 thread, opened before the count; a request event each).
 
+`--tls`: TLS pass-through connections instead (the same gateway; the connections' original
+destination 203.0.113.10:443, nginx's TLS port behind it with a certificate made for the
+run): a new connection a request, each client thread's handshake in full; the gateway
+decides on the ClientHello's name and relays the handshake and the exchange.
+
 `--dns udp|tcp|denied`: DNS queries instead, counted per query, in bench_dns.py's
 setting (its `dns_gateway` with the journal, dnsmasq as the upstream): the allowed name
 over UDP or TCP, or the denied one over UDP; eight client threads, each from a sandbox
@@ -39,8 +45,9 @@ Variants (`--with`, comma-separated): bench_http1's muted sinks (`no-telemetry`:
 log's and the metrics' `emit` and `emit_batch` do nothing; `no-audit`, `no-metrics`),
 `no-journal` (the audit log without its journal). `--baseline REV`: also that revision's tree.
 
-Needs valgrind (`apt-get install -y valgrind`) and nginx (`--dns`: dnsmasq). Nothing
-leaves loopback; every process is stopped at the end, the work directory removed.
+Needs valgrind (`apt-get install -y valgrind`) and nginx (`--dns`: dnsmasq; `--tls`:
+openssl to make the certificate). Nothing leaves loopback; every process is stopped at
+the end, the work directory removed.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -60,6 +68,7 @@ from pathlib import Path
 
 from bench_dns import ALLOWED, DENIED, SANDBOXES, dns_gateway, query_wire, start_dnsmasq
 from bench_http1 import (
+    DESTINATION,
     MUTED,
     NGINX,
     REQUEST_CLOSE,
@@ -75,15 +84,16 @@ WARM_CONNS = 200
 CLIENT_THREADS = 8
 FLUSH_INTERVAL = 5.0  # the audit writer's, under valgrind (see above)
 EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw")
+DNS_ROWS = ("udp", "tcp", "denied")
 
 
 # --- the gateway (`--serve`: its own process, under valgrind) --------------------------
 
 
-def serve(work: Path, upstream_port: int, variant: str, tree: str | None, dns: bool) -> None:
-    """A gateway as bench_http1's (`dns`: as bench_dns's), with a journal; writes the
-    port it serves (its front door's, or its DNS filter's) to work/port and serves
-    until SIGTERM."""
+def serve(work: Path, upstream_port: int, variant: str, tree: str | None, mode: str) -> None:
+    """A gateway as bench_http1's (`mode` "dns": as bench_dns's; "tls": its connections'
+    original destination port 443), with a journal; writes the port it serves (its
+    front door's, or its DNS filter's) to work/port and serves until SIGTERM."""
     import_sandgate(tree, MUTED.get(variant, ()))
     from sandgate.proxy.telemetry.audit import AuditLog
 
@@ -91,14 +101,16 @@ def serve(work: Path, upstream_port: int, variant: str, tree: str | None, dns: b
 
     async def run() -> None:
         audit = AuditLog(work / "audit.jsonl", flush_interval=FLUSH_INTERVAL, journal=journal)
-        if dns:
+        if mode == "dns":
             gateway = dns_gateway(work, upstream_port, free_port(), audit)
         else:
             gateway = loopback_gateway(work, upstream_port, audit)
+        if mode == "tls":
+            gateway.frontdoor.original_dst = lambda sock: (DESTINATION[0], 443)
         await gateway.start()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        port = gateway.dns_port if dns else gateway.proxy_port
+        port = gateway.dns_port if mode == "dns" else gateway.proxy_port
         (work / "port.tmp").write_text(str(port))
         (work / "port.tmp").rename(work / "port")
         await stop.wait()
@@ -123,13 +135,38 @@ def connections(port: int, count: int, kept: list[socket.socket] | None = None) 
                 ok[i] += keep_alive_exchange(kept[i])
                 continue
             with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-                s.sendall(REQUEST_CLOSE % b"/")
-                answer = b""
-                while data := s.recv(65536):
-                    answer += data
-            ok[i] += answer.startswith(b"HTTP/1.1 200")
+                ok[i] += closing_exchange(s)
 
     return on_client_threads(one_thread, ok)
+
+
+def tls_connections(port: int, count: int) -> int:
+    """`count` requests from CLIENT_THREADS threads, each on a new TLS connection (a
+    full handshake, SNI allowed.test; the bench's own certificate is not checked);
+    how many got a 200."""
+    ok = [0] * CLIENT_THREADS
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+
+    def one_thread(i: int) -> None:
+        for _ in range(count // CLIENT_THREADS):
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=60) as raw,
+                context.wrap_socket(raw, server_hostname="allowed.test") as s,
+            ):
+                ok[i] += closing_exchange(s)
+
+    return on_client_threads(one_thread, ok)
+
+
+def closing_exchange(s: socket.socket) -> bool:
+    """One `Connection: close` request on `s`, its answer read to the server's close;
+    whether it was a 200."""
+    s.sendall(REQUEST_CLOSE % b"/")
+    answer = b""
+    while data := s.recv(65536):
+        answer += data
+    return answer.startswith(b"HTTP/1.1 200")
 
 
 def dns_queries(port: int, count: int, row: str) -> int:
@@ -202,11 +239,12 @@ def count(
     variant: str,
     tree: str | None,
     conns: int,
-    keep: bool,
-    dns: str | None,
+    row: str,
 ) -> dict:
-    """One variant's counts per connection (`keep`: per keep-alive request; `dns`: per
-    query of that row)."""
+    """One variant's counts per connection of `row` ("new": plain HTTP, "keep": per
+    keep-alive request, "tls": TLS pass-through; "udp", "tcp", "denied": per DNS query
+    of that row)."""
+    dns = row in DNS_ROWS
     vwork = work / variant.replace(" ", "-")
     vwork.mkdir()
     out = vwork / "callgrind.out"
@@ -214,7 +252,7 @@ def count(
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=yes",
         f"--callgrind-out-file={out}",
         sys.executable, __file__, "--serve", str(vwork), str(upstream_port), variant, tree or "",
-        "dns" if dns else "",
+        "dns" if dns else "tls" if row == "tls" else "",
     ]  # fmt: skip
     with open(vwork / "valgrind.log", "w") as log:
         gateway = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -227,12 +265,14 @@ def count(
                 raise RuntimeError(f"{variant}: the gateway did not start:\n{tail}")
             time.sleep(0.5)
         port = int((vwork / "port").read_text())
-        if keep:
+        if row == "keep":
             kept = [socket.create_connection(("127.0.0.1", port), timeout=60)
                     for _ in range(CLIENT_THREADS)]  # fmt: skip
 
         def drive(n: int) -> int:
-            return dns_queries(port, n, dns) if dns else connections(port, n, kept)
+            if dns:
+                return dns_queries(port, n, row)
+            return tls_connections(port, n) if row == "tls" else connections(port, n, kept)
 
         drive(WARM_CONNS)
         subprocess.run(
@@ -262,10 +302,22 @@ def count(
     return {name: counted.get(name, 0) / conns for name in EVENTS}
 
 
+def tls_listen(work: Path, port: int) -> str:
+    """nginx's `listen` line for `--tls`: `port` with TLS, a key and a self-signed
+    certificate for allowed.test made into `work` (the clients do not check it)."""
+    key, cert = work / "tls.key", work / "tls.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=allowed.test", "-days", "2", "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return f"listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};"
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        work, upstream_port, variant, tree, dns = sys.argv[2:7]
-        serve(Path(work), int(upstream_port), variant, tree or None, bool(dns))
+        work, upstream_port, variant, tree, mode = sys.argv[2:7]
+        serve(Path(work), int(upstream_port), variant, tree or None, mode)
         return 0
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -275,10 +327,14 @@ def main() -> int:
         "--with", dest="others", default="", help="no-telemetry, no-audit, no-metrics, no-journal"
     )
     parser.add_argument("--baseline", metavar="REV", help="also this git revision's tree")
-    parser.add_argument(
+    rows = parser.add_mutually_exclusive_group()
+    rows.add_argument(
         "--keep", action="store_true", help="keep-alive requests (a connection per thread)"
     )
-    parser.add_argument(
+    rows.add_argument(
+        "--tls", action="store_true", help="TLS pass-through connections (nginx's TLS port)"
+    )
+    rows.add_argument(
         "--dns",
         choices=("udp", "tcp", "denied"),
         help="DNS queries instead (bench_dns's gateway and dnsmasq): the allowed name over "
@@ -288,10 +344,12 @@ def main() -> int:
     others = [o for o in args.others.split(",") if o]
     if set(others) - {*MUTED, "no-journal"}:
         parser.error(f"--with takes {', '.join(MUTED)}, no-journal")
-    missing = [t for t in ("valgrind", "callgrind_control") if not shutil.which(t)]
-    server = "dnsmasq" if args.dns else "nginx"
-    if not shutil.which(server, path=os.environ.get("PATH", "") + ":/usr/sbin"):
-        missing.append(server)
+    row = args.dns or ("keep" if args.keep else "tls" if args.tls else "new")
+    tools = ["valgrind", "callgrind_control", "dnsmasq" if args.dns else "nginx"]
+    if args.tls:
+        tools.append("openssl")
+    path = os.environ.get("PATH", "") + ":/usr/sbin"
+    missing = [t for t in tools if not shutil.which(t, path=path)]
     if missing:
         print(f"bench_callgrind: missing {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -303,8 +361,13 @@ def main() -> int:
         if args.dns:
             upstream = start_dnsmasq(upstream_port)
         else:
-            nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
-            (work / "nginx.conf").write_text(NGINX.format(w=work, port=upstream_port))
+            config = NGINX.format(w=work, port=upstream_port)
+            if args.tls:
+                config = config.replace(
+                    f"listen 127.0.0.1:{upstream_port};", tls_listen(work, upstream_port)
+                )
+            (work / "nginx.conf").write_text(config)
+            nginx = shutil.which("nginx", path=path)
             upstream = subprocess.Popen([nginx, "-c", work / "nginx.conf", "-p", work])
         variants: dict[str, str | None] = {"sandgate": None, **dict.fromkeys(others)}
         if args.baseline:
@@ -320,18 +383,20 @@ def main() -> int:
                     variant.split()[0] if tree else variant,
                     tree,
                     conns,
-                    args.keep,
-                    args.dns,
+                    row,
                 )
             except RuntimeError as e:
                 print(f"bench_callgrind: {e}", file=sys.stderr)
                 return 1
-        if args.dns:
-            unit = {"udp": "allowed", "tcp": "allowed, over TCP", "denied": "denied"}[args.dns]
-            print(f"\nper DNS query ({unit}), {conns} counted")
-        else:
-            unit = "keep-alive request" if args.keep else "connection (new connection, one request)"
-            print(f"\nper plain-HTTP {unit}, {conns} counted")
+        unit = {
+            "new": "plain-HTTP connection (new connection, one request)",
+            "keep": "plain-HTTP keep-alive request",
+            "tls": "TLS pass-through connection (new connection, one request)",
+            "udp": "DNS query (allowed)",
+            "tcp": "DNS query (allowed, over TCP)",
+            "denied": "DNS query (denied)",
+        }[row]
+        print(f"\nper {unit}, {conns} counted")
         print(f"{'variant':<22}" + "".join(f"{e:>10}" for e in EVENTS) + f"{'Ir ratio':>10}")
         base = results["sandgate"]["Ir"]
         for variant, per in results.items():
