@@ -244,7 +244,7 @@ def count(
     """One variant's counts per connection of `row` ("new": plain HTTP, "keep": per
     keep-alive request, "tls": TLS pass-through; "udp", "tcp", "denied": per DNS query
     of that row)."""
-    dns = row in DNS_ROWS
+    mode = "dns" if row in DNS_ROWS else "tls" if row == "tls" else ""
     vwork = work / variant.replace(" ", "-")
     vwork.mkdir()
     out = vwork / "callgrind.out"
@@ -252,7 +252,7 @@ def count(
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--cache-sim=yes",
         f"--callgrind-out-file={out}",
         sys.executable, __file__, "--serve", str(vwork), str(upstream_port), variant, tree or "",
-        "dns" if dns else "tls" if row == "tls" else "",
+        mode,
     ]  # fmt: skip
     with open(vwork / "valgrind.log", "w") as log:
         gateway = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -270,9 +270,9 @@ def count(
                     for _ in range(CLIENT_THREADS)]  # fmt: skip
 
         def drive(n: int) -> int:
-            if dns:
+            if mode == "dns":
                 return dns_queries(port, n, row)
-            return tls_connections(port, n) if row == "tls" else connections(port, n, kept)
+            return tls_connections(port, n) if mode == "tls" else connections(port, n, kept)
 
         drive(WARM_CONNS)
         subprocess.run(
@@ -293,7 +293,7 @@ def count(
             gateway.kill()
             gateway.wait()
     if ok != conns:
-        what = "queries got no right answer" if dns else "connections got no 200"
+        what = "queries got no right answer" if mode == "dns" else "connections got no 200"
         raise RuntimeError(f"{variant}: {conns - ok} of {conns} {what}")
     lines = out.read_text().splitlines()
     names = next(line for line in lines if line.startswith("events:")).split()[1:]
@@ -336,7 +336,7 @@ def main() -> int:
     )
     rows.add_argument(
         "--dns",
-        choices=("udp", "tcp", "denied"),
+        choices=DNS_ROWS,
         help="DNS queries instead (bench_dns's gateway and dnsmasq): the allowed name over "
         "UDP or TCP, or the denied one over UDP",
     )
