@@ -33,6 +33,12 @@ connections round-robin per sandbox (frontdoor/intake.py), p50 0.01-0.24 s, max
 gateway: the fake internet's nginx answers every churned ClientHello the gateway
 relays with a handshake, on the same two cores (with the gateway at nice -15, so
 relaying more of them: HTTPS p50 0.58 s, plain HTTP 0.07 s).
+
+CI then saw one honest HTTPS request take 1.37 s: a SYN dropped for a full accept
+queue (1024) and retried after a second. With two CPU burners beside the test, the
+gateway's namespace counted 25-27 ListenOverflows a run and an honest request took
+1.48 s; since a wake-up takes a queue past half full whole (door.py `_accept`, the
+intake refusing the flood's excess), 0 in 5 runs, max 0.53 s.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import os
 import pytest
 from sandgate.proxy.limits import connection_budget
 from support import sandbox
-from support.crowd import ATTACK, HONEST, honest_times, spread
+from support.crowd import ATTACK, HONEST, honest_times, listen_overflows, spread
 from support.service import GatewayProcess, beside_a_crowd, counted
 
 pytestmark = pytest.mark.e2e
@@ -107,6 +113,7 @@ def test_an_honest_sandbox_connects_fast_beside_many_hostile_ones(
 ):
     n = int(os.environ.get("SANDGATE_PFAIR_N", default_n))
     shared, _ = sandbox.shared_dir(tmp_path)
+    overflows = listen_overflows(service.fakenet.host_ns)
     run = beside_a_crowd(
         service,
         tmp_path,
@@ -117,14 +124,17 @@ def test_an_honest_sandbox_connects_fast_beside_many_hostile_ones(
     hostile, honest, honest_err, errs = run
     assert (shared / "honest-times").exists(), honest_err[-2000:]
     times = honest_times(shared)
+    # SYNs the gateway's namespace dropped for a full accept queue (the front door
+    # takes a queue past half full whole): one of the honest sandbox's costs it 1 s.
+    overflows = listen_overflows(service.fakenet.host_ns) - overflows
     seen = [ast.literal_eval((shared / f"done-{i}").read_text()) for i in range(n)]
     for kind in ("https", "http"):
         p50, most = spread(times, kind)
         print(f"\n{attack} x{n}: honest {kind} p50 {p50:.3f} s, max {most:.3f} s")
-    print(f"{attack} x{n}: hostile saw {seen}; honest {times}")
+    print(f"{attack} x{n}: hostile saw {seen}; honest {times}; SYNs dropped {overflows}")
     failed = [t for t in times if t[2] != "HTTP/1.1 200 OK"]
     assert not failed, (failed, errs[0][-1000:])
-    assert max(t for _, t, _ in times) < BOUND, times
+    assert max(t for _, t, _ in times) < BOUND, (times, f"SYNs dropped: {overflows}")
     # The audit log: the chain verifies, every honest request's allow is in it, and every
     # hostile connection refused at connect has its denial with a reason.
     honest_id = _task_id(honest[1])

@@ -9,6 +9,7 @@ import ast
 import contextlib
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -153,6 +154,20 @@ def spread(times: list[tuple[str, float, str]], kind: str) -> tuple[float, float
     """p50 and max seconds of the honest requests of `kind` ("https", "http")."""
     seconds = [t for k, t, _ in times if k == kind]
     return statistics.median(seconds), max(seconds)
+
+
+def listen_overflows(netns: str) -> int:
+    """How often a listener in `netns` dropped a SYN or handshake for a full accept
+    queue, since the namespace was made (TcpExt ListenOverflows)."""
+    lines = subprocess.run(
+        ["ip", "netns", "exec", netns, "cat", "/proc/net/netstat"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout.splitlines()
+    ext = dict(zip(lines[0].split(), lines[1].split(), strict=True))  # TcpExt:
+    return int(ext["ListenOverflows"])
 
 
 def process_tree(pid: int) -> list[int]:

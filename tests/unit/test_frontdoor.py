@@ -753,6 +753,38 @@ def test_a_burst_of_connections_is_all_accepted_without_an_accept_that_fails(gat
     assert {e[1] for e in events(gate)} == {"private_address"}
 
 
+def test_an_accept_queue_past_half_full_is_taken_whole_and_the_flood_refused(gate):
+    """A flood that fills the kernel's accept queue past half its bound (a worker whose
+    turns it outran): one wake-up accepts all of it, where a full queue would drop the
+    next SYN of any sandbox. The intake refuses the flood's excess, each with its event;
+    the other source's connection is set up, not refused."""
+    backlog, flood = 128, 100  # past half the bound, and more than ACCEPTS_PER_WAKEUP
+
+    async def scenario():
+        door = await started(gate, ("169.254.169.254", 80), backlog=backlog)
+        counting = door._listener = CountingListener(door._listener)
+        clients = [
+            socket.create_connection((LOOPBACK, door.port), source_address=("127.0.0.2", 0))
+            for _ in range(flood)
+        ]
+        clients.append(
+            socket.create_connection((LOOPBACK, door.port), source_address=("127.0.0.3", 0))
+        )
+        try:
+            door._accept()  # the one wake-up, before the loop runs another
+            in_one_wakeup = counting.accepted
+            await until(lambda: len(gate.events) == flood + 1)
+        finally:
+            for client in clients:
+                client.close()
+            await door.stop()
+        return in_one_wakeup
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 20)) == flood + 1
+    refused = [e for e in gate.events if e.rule_id == "builtin:sandbox-intake"]
+    assert refused and all(e.source.startswith("127.0.0.2:") for e in refused), refused[:1]
+
+
 def test_a_busy_door_sets_up_a_sandboxs_connection_behind_one_of_a_flooders(gate, monkeypatch):
     """A flood of connections from one source and one from another, all queued before
     the loop runs, on a door whose turns count as busy (16 setups a turn): the other
