@@ -724,8 +724,9 @@ def _init_seed(run_id: str, limits: cgroup.Limits):
 def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True) -> dict[str, int]:
     """A sandbox's network and table go, and the sandbox never has a path out without
     its table: first its veth's host end goes down (`netns.cut_off`: no path at all),
-    then the table, then the netns and veth. Without a link to take down (a half-made
-    network), the network goes first, then the table. Returns the table's drop
+    then the table, then the netns's name, the kernel deleting it and the veth
+    (`netns.release_sandbox_net`). Without a link to take down (a half-made network),
+    the network goes first, the veth deleted here, then the table. Returns the table's drop
     counters, final once the link is down (unless `count` is False: the caller read
     them already)."""
     cut = False
@@ -741,7 +742,7 @@ def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True)
     with contextlib.suppress(nft.NftError):
         nft.delete_table(table)
     if cut:
-        netns.destroy_sandbox_net(run_id)
+        netns.release_sandbox_net(run_id)
     return counters
 
 

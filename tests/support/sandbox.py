@@ -522,9 +522,16 @@ def leftovers(fakenet, run_id: str) -> list[str]:
     state dir, or a process (the sandbox init has the id in its argv, the task in its
     env)."""
     found = []
-    if (NETNS_DIR / f"sg-{run_id}").exists():
+    released = not (NETNS_DIR / f"sg-{run_id}").exists()
+    if not released:
         found.append(f"netns sg-{run_id}")
-    if fakenet.run_in_host(["ip", "link", "show", f"sgh-{run_id}"]).returncode == 0:
+
+    def veth_gone() -> bool:
+        return fakenet.run_in_host(["ip", "link", "show", f"sgh-{run_id}"]).returncode != 0
+
+    # A released netns (its name removed: netns.release_sandbox_net) and its veth are
+    # the kernel's to delete, in its cleanup worker moments after the run: waited for.
+    if not (eventually(veth_gone, timeout=5) if released else veth_gone()):
         found.append(f"veth sgh-{run_id}")
     tables = fakenet.run_in_host(["nft", "list", "tables"], check=True).stdout
     if f"sandgate_{run_id}" in tables.split():

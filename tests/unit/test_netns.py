@@ -132,7 +132,7 @@ def test_a_sandbox_net_comes_and_goes_without_starting_a_process() -> None:
         pytest.param(
             True,
             False,
-            ["cut off", "counters", "delete table", "destroy net"],
+            ["cut off", "counters", "delete table", "release net"],
             id="cut-off-then-table-then-net",
         ),
         pytest.param(
@@ -142,7 +142,7 @@ def test_a_sandbox_net_comes_and_goes_without_starting_a_process() -> None:
             id="no-link-net-first",
         ),
         pytest.param(
-            True, True, ["cut off", "counters", "delete table", "destroy net"], id="delete-fails"
+            True, True, ["cut off", "counters", "delete table", "release net"], id="delete-fails"
         ),
     ],
 )
@@ -167,6 +167,7 @@ def test_unwire_never_leaves_a_path_without_the_table(
 
     monkeypatch.setattr(netns, "cut_off", cut_off)
     monkeypatch.setattr(netns, "destroy_sandbox_net", lambda run_id: calls.append("destroy net"))
+    monkeypatch.setattr(netns, "release_sandbox_net", lambda run_id: calls.append("release net"))
     monkeypatch.setattr(nft, "read_counters", lambda table: calls.append("counters") or {"x": 1})
     monkeypatch.setattr(nft, "delete_table", delete_table)
     assert unwire("ab12", "sandgate_ab12") == {"x": 1}
@@ -226,6 +227,56 @@ def test_a_cut_off_sandbox_reaches_nothing() -> None:
             "cut off True",
             "after False False",
             "missing False",
+        ]
+    finally:
+        subprocess.run(["ip", "netns", "del", f"sg-{run_id}"], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", host], check=False)
+
+
+RELEASE_SCRIPT = """
+import os, sys, time
+from sandgate.enforcer import netns
+from sandgate.enforcer.rtnl import Rtnl
+
+run_id = sys.argv[1]
+net = netns.create_sandbox_net(run_id, "10.213.0.1", "10.213.0.2")
+print("cut off", netns.cut_off(run_id))
+started = time.monotonic()
+netns.release_sandbox_net(run_id)
+print("name", os.path.exists(f"/run/netns/{net.netns}"))
+with Rtnl() as host:
+    print("host end up", host.link_up(host.link_index(net.host_if)))
+    while host.link_index(net.host_if) is not None and time.monotonic() - started < 10:
+        time.sleep(0.005)
+    print("host end", host.link_index(net.host_if))
+"""
+
+
+@pytest.mark.e2e
+def test_a_released_sandbox_net_is_deleted_by_the_kernel() -> None:
+    """`release_sandbox_net` (what a run's teardown does once the sandbox is cut off)
+    removes the netns's name at once, without the RCU wait of deleting the link; the
+    kernel then deletes the namespace and both veth ends (the host end, down until
+    then, goes within seconds), in a throwaway host netns."""
+    import os
+    import subprocess
+    import sys
+
+    host, run_id = f"sgtrel{os.getpid() % 10000}", f"rel{os.getpid() % 10000}"
+    subprocess.run(["ip", "netns", "add", host], check=True)
+    try:
+        proc = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-c", RELEASE_SCRIPT, run_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == [
+            "cut off True",
+            "name False",
+            "host end up False",
+            "host end None",
         ]
     finally:
         subprocess.run(["ip", "netns", "del", f"sg-{run_id}"], check=False, capture_output=True)
