@@ -202,6 +202,7 @@ def probe_start(out: str, argv: list[str]) -> int:
     wrap_async(run.TaskRun, "_teardown", STEP_TEARDOWN)
     wrap_sync(netns, "cut_off", STEP_CUTOFF)
     wrap_sync(netns, "destroy_sandbox_net", STEP_DESTROY)
+    wrap_sync(netns, "release_sandbox_net", STEP_RELEASE)
     wrap_sync(nft, "read_counters", STEP_COUNTERS)
     wrap_sync(nft, "delete_table", STEP_DELTABLE)
     wrap_async(Gateway, "stop", STEP_GWSTOP)
@@ -277,6 +278,7 @@ STEP_FINISH = "remove the cgroup (limits hit)"
 STEP_TEARDOWN = "teardown"
 STEP_CUTOFF = "cut off (host veth down)"
 STEP_DESTROY = "destroy netns + veth"
+STEP_RELEASE = "release netns (the kernel deletes it and the veth)"
 STEP_COUNTERS = "nft -j list (counters)"
 STEP_DELTABLE = "nft delete table"
 STEP_GWSTOP = "gateway stop"
@@ -311,6 +313,7 @@ BREAKDOWN = [  # (indent, label) in print order
     (3, STEP_COUNTERS),
     (3, STEP_DELTABLE),
     (3, STEP_DESTROY),
+    (3, STEP_RELEASE),
     (3, STEP_GWSTOP),
     (3, STEP_METRICS_STOP),
     (0, STEP_INPROCESS),
