@@ -93,8 +93,14 @@ def run_attached(opts: AttachOptions) -> int:
     except (spec.SandboxError, OSError) as e:
         if terminal is not None:
             terminal.close()
-        with contextlib.suppress(control.ControlError):
+        try:
             _ready(client, reply)  # read before the detach's own reply
+        except control.ControlError as refused:
+            # The service could not serve the sandbox and removed its side, its run dir
+            # with it: what failed here may be that (a file of the dir gone), and its
+            # word is the cause. There is nothing of the run left to detach from.
+            print(f"sandgate: {refused}", file=sys.stderr)
+            return EXIT_SETUP
         _detach(client, run_id, None, quiet=True)
         print(f"sandgate: {e}", file=sys.stderr)
         return EXIT_SETUP
