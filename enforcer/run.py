@@ -726,9 +726,9 @@ def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True)
     its table: first its veth's host end goes down (`netns.cut_off`: no path at all),
     then the table, then the netns's name, the kernel deleting it and the veth
     (`netns.release_sandbox_net`). Without a link to take down (a half-made network),
-    the network goes first, the veth deleted here, then the table. Returns the table's drop
-    counters, final once the link is down (unless `count` is False: the caller read
-    them already)."""
+    the network goes first, the veth deleted here, then the table. Returns the
+    table's drop counters, final once the link is down (unless `count` is False: the
+    caller read them already)."""
     cut = False
     if had_net:
         with contextlib.suppress(Exception):  # no link, or netlink refused: the old order
