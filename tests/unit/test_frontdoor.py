@@ -753,6 +753,17 @@ def test_a_burst_of_connections_is_all_accepted_without_an_accept_that_fails(gat
     assert {e[1] for e in events(gate)} == {"private_address"}
 
 
+def _flood_and_one_more(port: int, flood: int) -> list[socket.socket]:
+    """`flood` connections from 127.0.0.2, then one from 127.0.0.3, all connected
+    (queued in the kernel) before the loop runs again."""
+    clients = [
+        socket.create_connection((LOOPBACK, port), source_address=("127.0.0.2", 0))
+        for _ in range(flood)
+    ]
+    clients.append(socket.create_connection((LOOPBACK, port), source_address=("127.0.0.3", 0)))
+    return clients
+
+
 def test_an_accept_queue_past_half_full_is_taken_whole_and_the_flood_refused(gate):
     """A flood that fills the kernel's accept queue past half its bound (a worker whose
     turns it outran): one wake-up accepts all of it, where a full queue would drop the
@@ -763,13 +774,7 @@ def test_an_accept_queue_past_half_full_is_taken_whole_and_the_flood_refused(gat
     async def scenario():
         door = await started(gate, ("169.254.169.254", 80), backlog=backlog)
         counting = door._listener = CountingListener(door._listener)
-        clients = [
-            socket.create_connection((LOOPBACK, door.port), source_address=("127.0.0.2", 0))
-            for _ in range(flood)
-        ]
-        clients.append(
-            socket.create_connection((LOOPBACK, door.port), source_address=("127.0.0.3", 0))
-        )
+        clients = _flood_and_one_more(door.port, flood)
         try:
             door._accept()  # the one wake-up, before the loop runs another
             in_one_wakeup = counting.accepted
@@ -809,13 +814,7 @@ def test_a_busy_door_sets_up_a_sandboxs_connection_behind_one_of_a_flooders(gate
             queue(sock, peer)
 
         door._admit, door._queue = recording_admit, recording_queue
-        clients = [
-            socket.create_connection((LOOPBACK, door.port), source_address=("127.0.0.2", 0))
-            for _ in range(flood)
-        ]
-        clients.append(
-            socket.create_connection((LOOPBACK, door.port), source_address=("127.0.0.3", 0))
-        )
+        clients = _flood_and_one_more(door.port, flood)
         try:
             await until(lambda: len(gate.events) == flood + 1)
         finally:

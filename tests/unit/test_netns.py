@@ -101,29 +101,36 @@ assert not os.path.exists(f"/run/netns/{net.netns}")
 """
 
 
-@pytest.mark.e2e
-def test_a_sandbox_net_comes_and_goes_without_starting_a_process() -> None:
-    """Create, enter and destroy a sandbox net (in a throwaway host netns) with library
-    searches and subprocesses refused: pyroute2 is given libc, it runs no `ldconfig -p`."""
+def _run_in_a_throwaway_host(tag: str, script: str) -> list[str]:
+    """`script` run with a sandbox id as argv[1], in a host netns of its own (its
+    `sg-<id>` and the host netns deleted after, whatever happened): its stdout lines.
+    Asserted: it exits 0 and leaves no netns of that name."""
     import os
     import subprocess
     import sys
 
-    host, run_id = f"sgtnl{os.getpid() % 10000}", f"nl{os.getpid() % 10000}"
+    host, run_id = f"sgt{tag}{os.getpid() % 10000}", f"{tag}{os.getpid() % 10000}"
     subprocess.run(["ip", "netns", "add", host], check=True)
     try:
         proc = subprocess.run(
-            ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-c", NO_LDCONFIG_SCRIPT]
-            + [run_id],
+            ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-c", script, run_id],
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
         assert not os.path.exists(f"/run/netns/sg-{run_id}")
+        return proc.stdout.splitlines()
     finally:
         subprocess.run(["ip", "netns", "del", f"sg-{run_id}"], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", host], check=False)
+
+
+@pytest.mark.e2e
+def test_a_sandbox_net_comes_and_goes_without_starting_a_process() -> None:
+    """Create, enter and destroy a sandbox net (in a throwaway host netns) with library
+    searches and subprocesses refused: pyroute2 is given libc, it runs no `ldconfig -p`."""
+    _run_in_a_throwaway_host("nl", NO_LDCONFIG_SCRIPT)
 
 
 @pytest.mark.parametrize(
@@ -208,29 +215,12 @@ def test_a_cut_off_sandbox_reaches_nothing() -> None:
     """`cut_off` (the host end of the veth down) is what lets `unwire` delete the table
     before the veth: a packet the sandbox sends after it never arrives (in a throwaway
     host netns with no table at all, so nothing else could drop it), one before does."""
-    import os
-    import subprocess
-    import sys
-
-    host, run_id = f"sgtcut{os.getpid() % 10000}", f"cut{os.getpid() % 10000}"
-    subprocess.run(["ip", "netns", "add", host], check=True)
-    try:
-        proc = subprocess.run(
-            ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-c", CUT_OFF_SCRIPT, run_id],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.splitlines() == [
-            "before True",
-            "cut off True",
-            "after False False",
-            "missing False",
-        ]
-    finally:
-        subprocess.run(["ip", "netns", "del", f"sg-{run_id}"], check=False, capture_output=True)
-        subprocess.run(["ip", "netns", "del", host], check=False)
+    assert _run_in_a_throwaway_host("cut", CUT_OFF_SCRIPT) == [
+        "before True",
+        "cut off True",
+        "after False False",
+        "missing False",
+    ]
 
 
 RELEASE_SCRIPT = """
@@ -258,26 +248,9 @@ def test_a_released_sandbox_net_is_deleted_by_the_kernel() -> None:
     removes the netns's name at once, without the RCU wait of deleting the link; the
     kernel then deletes the namespace and both veth ends (the host end, down until
     then, goes within seconds), in a throwaway host netns."""
-    import os
-    import subprocess
-    import sys
-
-    host, run_id = f"sgtrel{os.getpid() % 10000}", f"rel{os.getpid() % 10000}"
-    subprocess.run(["ip", "netns", "add", host], check=True)
-    try:
-        proc = subprocess.run(
-            ["nsenter", f"--net=/run/netns/{host}", sys.executable, "-c", RELEASE_SCRIPT, run_id],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.splitlines() == [
-            "cut off True",
-            "name False",
-            "host end up False",
-            "host end None",
-        ]
-    finally:
-        subprocess.run(["ip", "netns", "del", f"sg-{run_id}"], check=False, capture_output=True)
-        subprocess.run(["ip", "netns", "del", host], check=False)
+    assert _run_in_a_throwaway_host("rel", RELEASE_SCRIPT) == [
+        "cut off True",
+        "name False",
+        "host end up False",
+        "host end None",
+    ]
