@@ -56,6 +56,21 @@ def connection_budget(descriptors: int) -> int:
     return max(64, (descriptors - OTHER_DESCRIPTORS) // 2)
 
 
+def fair_share(held: int, in_use: int, budget: int) -> str | None:
+    """Whether one more of a pool of `budget` (of which `in_use` are taken) may go to a
+    sandbox that holds `held` of them: None if it may, "worker" when none are free,
+    "share" when the sandbox holds as many as are still free. k greedy sandboxes
+    settle at budget / (k + 1) each, as many left free, so that one holding few, a
+    newcomer above all, still finds room (the gate's connections, the DNS filter's
+    TCP connections)."""
+    free = budget - in_use
+    if free <= 0:
+        return "worker"
+    if held >= free:
+        return "share"
+    return None
+
+
 class ConnectionCounts:
     """Open and pending connections per sandbox (any hashable key), and their totals.
 
@@ -82,9 +97,8 @@ class ConnectionCounts:
         Each profile's cap may be fair alone while N of them add up to more
         descriptors than the worker has (they did: the first to run out refused every
         sandbox's next connection, descriptors_exhausted). A sandbox may hold no more
-        than the worker has free: k greedy ones settle at budget / (k + 1) each, the
-        same number left free, and only a sandbox holding none can take the last one,
-        so one holding few, a newcomer above all, still finds room."""
+        than the worker has free (`fair_share`): only a sandbox holding none can take
+        the last one."""
         held = self._by_sandbox.get(sandbox)
         if held is not None:
             if held.open >= limits.connections:
@@ -93,12 +107,7 @@ class ConnectionCounts:
                 return "pending"
         if budget is None:
             return None
-        free = budget - self.open
-        if free <= 0:
-            return "worker"
-        if held is not None and held.open >= free:
-            return "share"
-        return None
+        return fair_share(held.open if held is not None else 0, self.open, budget)
 
     def admit(self, sandbox: Hashable) -> None:
         held = self._by_sandbox.get(sandbox)

@@ -41,7 +41,7 @@ from sandgate.proxy.dns.query import (
 )
 from sandgate.proxy.dns.upstream import AnswerTooLarge, UdpUpstream, tcp_ask
 from sandgate.proxy.dns.wire import QTYPE_TEXT, render_simple, scan_query
-from sandgate.proxy.limits import TokenBuckets
+from sandgate.proxy.limits import TokenBuckets, fair_share
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.model import DEFAULT_LIMITS, Decision, Limits
 from sandgate.proxy.policy.names import IPAddress, format_host_port
@@ -59,6 +59,9 @@ MAX_DATAGRAM = 65535
 # pipelining, answered in order): past it the connection is not read until its
 # first answer is out, so a pipelining client cannot make the gateway hold more.
 TCP_PIPELINE = 32
+# The TCP listener's accept queue, as the front door's (frontdoor/door.py): asyncio's
+# own default (100) is what it listens with, even on a socket a worker listened on.
+TCP_BACKLOG = 1024
 _PORT_ATTEMPTS = 16  # free UDP ports tried for one whose TCP twin is free too
 SO_RCVBUFFORCE = 33  # Linux (socket(7)); Python's socket module has no name for it
 
@@ -147,6 +150,8 @@ class DnsFilter:
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._tcp_connections: set[_TcpConnection] = set()
+        self._tcp_held: dict[str, int] = {}  # admitted TCP connections by source address
+        self._tcp_admitted = 0
         self._pending: dict[str, int] = {}
         self._udp_upstreams: dict[str, UdpUpstream] = {}
         self._stopped = False  # replies that come in while stopping are not answered
@@ -185,9 +190,13 @@ class DnsFilter:
             try:
                 connection = functools.partial(_TcpConnection, self)
                 if sockets is not None:
-                    self._tcp = await loop.create_server(connection, sock=tcp_sock)
+                    self._tcp = await loop.create_server(
+                        connection, sock=tcp_sock, backlog=TCP_BACKLOG
+                    )
                 else:
-                    self._tcp = await loop.create_server(connection, listen_host, self.port)
+                    self._tcp = await loop.create_server(
+                        connection, listen_host, self.port, backlog=TCP_BACKLOG
+                    )
                 break
             except OSError as e:
                 self._udp.close()
@@ -712,6 +721,49 @@ class DnsFilter:
         )
         return addresses[0] if addresses else None
 
+    def _admit_tcp(self, connection: _TcpConnection) -> bool:
+        """Whether the new TCP `connection` is served: its source may hold no more of
+        the `max_tcp_connections` than are still free (limits.fair_share), so that
+        the connections one sandbox keeps open cannot refuse every other sandbox's.
+        A refused one has its event (`sandbox_limit`) and is closed unanswered."""
+        key = connection.source_ip or connection.peer_ip
+        held = self._tcp_held.get(key, 0)
+        full = fair_share(held, self._tcp_admitted, self.max_tcp_connections)
+        if full is None:
+            self._tcp_held[key] = held + 1
+            self._tcp_admitted += 1
+            return True
+        cap = self.max_tcp_connections
+        if full == "worker":
+            detail = f"the DNS filter serves {cap} TCP connections at once, all held"
+        else:
+            detail = (
+                f"the sandbox holds {held} DNS-over-TCP connections, and the DNS filter "
+                f"has no more than that free of the {cap} it serves at once"
+            )
+        who = self.sandbox_for(connection.source_ip) if connection.source_ip else None
+        sandbox, profile, task_id = who or (None, None, None)
+        event = Event.from_decision(
+            EventKind.DNS,
+            deny("sandbox-dns-tcp-share", detail),
+            protocol="dns",
+            source=connection.source,
+            sandbox=sandbox,
+            profile=profile,
+            task_id=task_id,
+        )
+        self._hold(event, None, _TcpAnswer(connection))  # no answer: the caller closes it
+        return False
+
+    def _tcp_closed(self, connection: _TcpConnection) -> None:
+        """An admitted TCP connection is gone: its place is free again."""
+        key = connection.source_ip or connection.peer_ip
+        self._tcp_admitted -= 1
+        if self._tcp_held[key] == 1:
+            del self._tcp_held[key]
+        else:
+            self._tcp_held[key] -= 1
+
     def _over_rate(self, sandbox: str, profile: str) -> Decision | None:
         """A `sandbox_limit` denial when `sandbox` is over its profile's `dns_qps`,
         else None. Every query counts, whatever its answer would have been."""
@@ -876,7 +928,8 @@ class _TcpConnection(asyncio.Protocol):
       partial message does not count, nor do answers it does not read (it is
       aborted then: its unsent answers dropped). Progress moves a deadline; the
       timer is re-armed only when it fires early.
-    Over `max_tcp_connections`, a connection is closed as it is made."""
+    A source holding as many of the `max_tcp_connections` as are still free has its
+    next one closed as it is made (`DnsFilter._admit_tcp`)."""
 
     def __init__(self, owner: DnsFilter):
         self.owner = owner
@@ -895,6 +948,7 @@ class _TcpConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.lost: asyncio.Future | None = None  # `close_now`'s, set at connection_lost
+        self.admitted = False  # holds one of the filter's TCP places (`_admit_tcp`)
         self.loop = asyncio.get_running_loop()
 
     # asyncio's calls
@@ -904,11 +958,15 @@ class _TcpConnection(asyncio.Protocol):
         self.transport = transport
         owner._tcp_connections.add(self)
         peer = transport.get_extra_info("peername")
-        if len(owner._tcp_connections) > owner.max_tcp_connections or not peer or owner._stopped:
+        if not peer or owner._stopped:
             self.close_now()
             return
         self.peer_ip, self.source = peer[0], format_host_port(peer[0], peer[1])
         self.source_ip = _source_ip(peer[0])
+        self.admitted = owner._admit_tcp(self)
+        if not self.admitted:
+            self.close_now()
+            return
         self.deadline = self.loop.time() + owner.tcp_idle_timeout
         self.timer = self.loop.call_at(self.deadline, self._idle)
 
@@ -946,6 +1004,9 @@ class _TcpConnection(asyncio.Protocol):
         self.queue.clear()  # their answers, when they come, go nowhere
         self.buffer = bytearray()
         self.owner._tcp_connections.discard(self)
+        if self.admitted:
+            self.admitted = False
+            self.owner._tcp_closed(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

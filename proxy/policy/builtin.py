@@ -248,6 +248,14 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "the query got REFUSED (dropped unanswered past `dns_qps` REFUSED a second), and "
         "nothing was forwarded",
     ),
+    (
+        "sandbox-dns-tcp-share",
+        (R.SANDBOX_LIMIT,),
+        "the sandbox held as many DNS-over-TCP connections as the gateway worker's DNS "
+        "filter had free of the 256 it serves at once (or none were free): the new "
+        "connection was closed unanswered; its UDP queries and other sandboxes' "
+        "connections go on",
+    ),
     # The kernel (enforcer/nft.py), reported by the task runner.
     (
         "firewall",

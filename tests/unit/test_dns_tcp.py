@@ -79,7 +79,7 @@ async def serving(sink=None, delays=None, **options):
     )
     server = DnsFilter(
         decide_name=decide,
-        sandbox_for=lambda ip: WHO if ip == "127.0.0.1" else None,
+        sandbox_for=options.pop("sandbox_for", {"127.0.0.1": WHO}.get),
         sink=sink if sink is not None else Events(),
         upstreams=["127.0.0.1"],
         upstream_port=transport.get_extra_info("sockname")[1],
@@ -332,28 +332,101 @@ def test_an_idle_connection_closes_and_a_trickle_of_bytes_does_not_keep_it():
     assert len(armed) <= 6, armed  # two connections: one timer each, re-armed a few times
 
 
-def test_connections_over_the_cap_are_closed():
-    """`max_tcp_connections`: one more is closed unanswered; once one of those
-    served goes, a new one is served again."""
+SANDBOXES = {
+    "127.0.0.1": WHO,
+    "127.0.0.2": ("sbx-2", "dev", "t2"),
+    "127.0.0.3": ("sbx-3", "dev", "t3"),
+}
+
+
+async def held_open(server: DnsFilter, source: str, qid: int):
+    """A connection from `source` that asked one query: (reader, writer) if it was
+    answered and stays open, else None (closed unanswered)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, local_addr=(source, 0))
+    writer.write(framed("denied.test", qid))
+    replies = await asyncio.wait_for(reader.read(4096), 3)
+    if not replies:
+        writer.close()
+        return None
+    assert summary([dns.message.from_wire(replies[2:])]) == [(qid, "NXDOMAIN")]
+    return reader, writer
+
+
+def test_a_sandbox_holds_no_more_tcp_connections_than_are_free():
+    """Of `max_tcp_connections` (6), a sandbox that keeps its connections open gets
+    no more than are still free (3: `limits.fair_share`), so a second one still
+    connects (2 of the 3 left), and a third (the last). Each refused connection is
+    closed unanswered with its event; its own closed make room for a sandbox again."""
 
     async def scenario():
-        async with serving(max_tcp_connections=2) as (server, _):
-            opened = []
-            for _ in range(2):
-                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-                writer.write(framed("denied.test", 1))
-                assert (await reader.readexactly(2)) and await reader.read(100)
-                opened.append((reader, writer))
-            over = await ask(server, framed("denied.test", 2), half_close=False)
-            opened[0][1].close()
+        sink = Events()
+        async with serving(sink, max_tcp_connections=6, sandbox_for=SANDBOXES.get) as (server, _):
+            greedy = [await held_open(server, "127.0.0.1", i) for i in range(5)]
+            second = [await held_open(server, "127.0.0.2", 10 + i) for i in range(3)]
+            third = [await held_open(server, "127.0.0.3", 20 + i) for i in range(2)]
+            full = await held_open(server, "127.0.0.1", 30)
+            greedy[0][1].close()
+            greedy[1][1].close()
             await asyncio.sleep(0.05)
-            again = await ask(server, framed("denied.test", 3))
-            opened[1][1].close()
-            return over, again
+            again = await held_open(server, "127.0.0.1", 31)
+            for held in [*greedy[2:], *second, *third, again]:
+                if held:
+                    held[1].close()
+            groups = [[h is not None for h in group] for group in (greedy, second, third)]
+            return groups, full, again, sink
 
-    over, again = asyncio.run(scenario())
-    assert over == []
-    assert summary(again) == [(3, "NXDOMAIN")]
+    (greedy, second, third), full, again, sink = asyncio.run(scenario())
+    assert greedy == [True, True, True, False, False]
+    assert second == [True, True, False]
+    assert third == [True, False]  # the last place: only a sandbox holding none takes it
+    assert full is None  # none free now, for anyone
+    assert again is not None  # two of its own closed: 1 held, 2 free
+    refused = [e for e in sink.events if e.rule_id == "builtin:sandbox-dns-tcp-share"]
+    assert [(e.reason, e.sandbox, e.task_id) for e in refused] == [
+        (Reason.SANDBOX_LIMIT, "sbx-1", "t1"),
+        (Reason.SANDBOX_LIMIT, "sbx-1", "t1"),
+        (Reason.SANDBOX_LIMIT, "sbx-2", "t2"),
+        (Reason.SANDBOX_LIMIT, "sbx-3", "t3"),
+        (Reason.SANDBOX_LIMIT, "sbx-1", "t1"),
+    ]
+    assert "holds 3 DNS-over-TCP connections" in refused[0].detail
+    assert refused[-1].detail == "the DNS filter serves 6 TCP connections at once, all held"
+
+
+def test_when_every_tcp_place_is_held_a_new_connection_is_refused_with_its_event():
+    """Three sandboxes holding one each of 3: none is free, and a stranger's
+    connection is refused too (its event names no sandbox)."""
+
+    async def scenario():
+        sink = Events()
+        async with serving(sink, max_tcp_connections=3, sandbox_for=SANDBOXES.get) as (server, _):
+            held = [await held_open(server, f"127.0.0.{i + 1}", i) for i in range(3)]
+            stranger = await held_open(server, "127.0.0.4", 9)
+            for h in held:
+                if h:
+                    h[1].close()
+            return [h is not None for h in held], stranger, sink
+
+    held, stranger, sink = asyncio.run(scenario())
+    assert held == [True, True, True]
+    assert stranger is None
+    refused = [e for e in sink.events if e.rule_id == "builtin:sandbox-dns-tcp-share"]
+    assert [(e.sandbox, e.source.startswith("127.0.0.4:")) for e in refused] == [(None, True)]
+    assert refused[0].detail == "the DNS filter serves 3 TCP connections at once, all held"
+
+
+def test_the_tcp_listener_queues_as_many_connections_as_the_front_door():
+    """asyncio listens with a backlog of 100 unless told: a burst of SYNs past it
+    would wait a second's retransmission. Its bound is TCP_BACKLOG (tcp_info's
+    tcpi_sacked on a listener: sk_max_ack_backlog)."""
+
+    async def scenario():
+        async with serving() as (server, _):
+            sock = server._tcp.sockets[0]
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+            return int.from_bytes(info[28:32], "little")
+
+    assert asyncio.run(scenario()) == server_module.TCP_BACKLOG == 1024
 
 
 def test_queries_per_connection_are_capped_and_a_dropped_query_ends_the_connection():
