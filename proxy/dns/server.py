@@ -741,18 +741,21 @@ class DnsFilter:
                 f"the sandbox holds {held} DNS-over-TCP connections, and the DNS filter "
                 f"has no more than that free of the {cap} it serves at once"
             )
-        who = self.sandbox_for(connection.source_ip) if connection.source_ip else None
-        sandbox, profile, task_id = who or (None, None, None)
-        event = Event.from_decision(
-            EventKind.DNS,
-            deny("sandbox-dns-tcp-share", detail),
-            protocol="dns",
-            source=connection.source,
-            sandbox=sandbox,
-            profile=profile,
-            task_id=task_id,
-        )
-        self._hold(event, None, _TcpAnswer(connection))  # no answer: the caller closes it
+        try:  # refused all the same if this fails: asyncio would leave it open
+            who = self.sandbox_for(connection.source_ip) if connection.source_ip else None
+            sandbox, profile, task_id = who or (None, None, None)
+            event = Event.from_decision(
+                EventKind.DNS,
+                deny("sandbox-dns-tcp-share", detail),
+                protocol="dns",
+                source=connection.source,
+                sandbox=sandbox,
+                profile=profile,
+                task_id=task_id,
+            )
+            self._hold(event, None, _TcpAnswer(connection))  # no answer: the caller closes it
+        except Exception:  # noqa: BLE001 - one connection must never take the server down
+            log.exception("DNS over TCP from %s: its refusal's event failed", connection.source)
         return False
 
     def _tcp_closed(self, connection: _TcpConnection) -> None:

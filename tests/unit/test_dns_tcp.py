@@ -415,6 +415,30 @@ def test_when_every_tcp_place_is_held_a_new_connection_is_refused_with_its_event
     assert refused[0].detail == "the DNS filter serves 3 TCP connections at once, all held"
 
 
+def test_a_refusal_whose_event_fails_still_refuses():
+    """`sandbox_for` raising while a refusal's event is made: the connection is closed
+    all the same (asyncio would have left it open, its queries served), and the
+    filter goes on serving the one it admitted."""
+
+    def sandbox_for(ip):
+        if ip == "127.0.0.2":
+            raise RuntimeError("registry broken")
+        return WHO
+
+    async def scenario():
+        async with serving(max_tcp_connections=1, sandbox_for=sandbox_for) as (server, _):
+            first = await held_open(server, "127.0.0.1", 1)
+            refused = await held_open(server, "127.0.0.2", 2)
+            first[1].write(framed("denied.test", 3))
+            still = await asyncio.wait_for(first[0].read(4096), 3)
+            first[1].close()
+            return refused, still
+
+    refused, still = asyncio.run(scenario())
+    assert refused is None
+    assert summary([dns.message.from_wire(still[2:])]) == [(3, "NXDOMAIN")]
+
+
 def test_the_tcp_listener_queues_as_many_connections_as_the_front_door():
     """asyncio listens with a backlog of 100 unless told: a burst of SYNs past it
     would wait a second's retransmission. Its bound is TCP_BACKLOG (tcp_info's
