@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Protocol
 
 from sandgate.enforcer.workers import WorkerPool
-from sandgate.proxy.gateway import Gateway, GatewayConfig
+from sandgate.proxy.gateway import Gateway, GatewayConfig, SwapReport
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.registry import Sandbox
-from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.audit import AuditLog
 from sandgate.proxy.telemetry.event import Event, EventFanout, EventSink
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit

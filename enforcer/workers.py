@@ -63,12 +63,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandgate.enforcer.worker_approvals import WorkerApprovals
-from sandgate.proxy.gateway import Listeners, policy_loaded, stamped
+from sandgate.proxy.gateway import Listeners, SwapReport, policy_loaded, stamped
 from sandgate.proxy.gateway_ca import ca_cert_file
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
-from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.audit import worker_journal
 from sandgate.proxy.telemetry.blackbox import DEFAULT_SIZE, blank, recover, take
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, decode_members

@@ -47,11 +47,21 @@ from sandgate.proxy.policy import (
 )
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
-from sandgate.proxy.reload import SwapReport
 from sandgate.proxy.telemetry.event import Event, EventFanout, EventKind, EventSink
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 
 log = logging.getLogger("sandgate.gateway")
+
+
+@dataclass(frozen=True)
+class SwapReport:
+    """What `Gateway.swap_policy` did."""
+
+    old_hash: str
+    new_hash: str
+    rule_count: int
+    connections_closed: int  # open connections the new policy denies
+    bindings_dropped: int  # DNS bindings of names the new policy no longer allows
 
 
 @dataclass(frozen=True)

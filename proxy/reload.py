@@ -41,11 +41,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sandgate.proxy.policy import CompiledPolicy, PolicyError, Problem, load_policy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import Event, EventKind
+
+if TYPE_CHECKING:
+    from sandgate.proxy.gateway import SwapReport
 
 log = logging.getLogger("sandgate.reload")
 
@@ -55,17 +58,6 @@ MAX_DETAIL = 2000
 SETTLE_S = 0.5
 # ... but not for ever: a file that keeps changing this long is not loaded.
 SETTLE_MAX_S = 10.0
-
-
-@dataclass(frozen=True)
-class SwapReport:
-    """What `Gateway.swap_policy` did."""
-
-    old_hash: str
-    new_hash: str
-    rule_count: int
-    connections_closed: int  # open connections the new policy denies
-    bindings_dropped: int  # DNS bindings of names the new policy no longer allows
 
 
 @dataclass(frozen=True)

@@ -44,13 +44,18 @@ def setup_errors() -> Iterator[None]:
         raise SetupError(str(e)) from None
 
 
-def load_rules(path: str | Path, consequence: str) -> CompiledPolicy:
+def load_rules(path: str | Path, consequence: str, *, kept: bool = False) -> CompiledPolicy:
     """The policy in `path`, or a UsageError that lists the problems after
-    `invalid rules, <consequence>`."""
-    from sandgate.proxy.policy import PolicyError, load_policy
+    `invalid rules, <consequence>`. `kept`: the policy an earlier start compiled from
+    the same files, if it kept one (enforcer/policy_cache.py: `sandgate run`)."""
+    from sandgate.proxy.policy import PolicyError
 
+    if kept:
+        from sandgate.enforcer.policy_cache import load
+    else:
+        from sandgate.proxy.policy import load_policy as load
     try:
-        return load_policy([Path(path)])
+        return load([Path(path)])
     except PolicyError as e:
         raise UsageError(f"invalid rules, {consequence}:\n{e}") from None
 
@@ -277,7 +282,7 @@ def admin_settings(args: argparse.Namespace):
             raise UsageError(
                 "--approval-webhook needs --approval-webhook-secret FILE (the HMAC key)"
             )
-        from sandgate.proxy.policy.load import read_regular_file
+        from sandgate.proxy.policy.files import read_regular_file
 
         try:  # a FIFO in its place would hang the gateway's start
             secret = read_regular_file(args.approval_webhook_secret).strip()

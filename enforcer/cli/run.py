@@ -94,7 +94,7 @@ def cmd_run(args) -> int:
         if admin.listen is not None and args.admin_listen == ADMIN_DEFAULT:
             # The default port taken (most often by another run): any free one, printed.
             admin.any_port_if_taken = True
-        policy = load_rules(args.rules, "nothing was run")
+        policy = load_rules(args.rules, "nothing was run", kept=True)
         from sandgate.enforcer.run import RUN_DIR, STATE_DIR, RunOptions, check_prerequisites, run
         from sandgate.enforcer.sandbox.spec import SandboxError
     finally:

@@ -256,7 +256,7 @@ def read_for_task(option: str, path: Path, writable: list[Path]) -> bytes:
     the task may not, whose content would reach the task's environment or CA bundle),
     or when it is not a regular file (a FIFO would block the run). Read once, through
     the descriptor that was checked: a link swapped in after the check is not followed."""
-    from sandgate.proxy.policy.load import read_regular_file
+    from sandgate.proxy.policy.files import read_regular_file
 
     def lies_within_reach(fd: int) -> None:
         real = Path(os.readlink(f"/proc/self/fd/{fd}"))

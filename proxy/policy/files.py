@@ -1,10 +1,15 @@
 """Where the shipped rule files are: package data (sandgate.rules), the same place in a
-checkout, an editable install and a wheel. Its own module so that a command that only
-needs the default path (`sandgate run --gateway`) does not load the rule compiler."""
+checkout, an editable install and a wheel; and how a rule file is found and read.
+Its own module so that a command that only needs the default path (`sandgate run
+--gateway`), or a kept policy's check against its files (enforcer/policy_cache.py),
+does not load the rule compiler and PyYAML."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -14,3 +19,49 @@ SHIPPED_RULES_DIR = Path(find_spec("sandgate.rules").submodule_search_locations[
 RULES_DIR = Path(os.environ.get("SANDGATE_RULES_DIR", SHIPPED_RULES_DIR))
 PRESETS_DIR = RULES_DIR / "presets"
 DEFAULT_RULES = RULES_DIR / "default.yaml"
+
+
+def resolve(path: Path) -> Path:
+    """`path` made absolute, its symlinks resolved where they can be: a symlink loop
+    stays as given, and reading it reports the loop (Path.resolve raises RuntimeError)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
+
+
+def read_regular_file(path: Path, opened: Callable[[int], None] | None = None) -> bytes:
+    """The bytes of a regular file. A FIFO or a device would block or never end: it
+    is refused after opening without blocking, checked on the opened file (no race).
+    `opened(fd)`: a check of the opened file of the caller's own, before anything
+    is read (it raises to refuse)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        if opened is not None:
+            opened(fd)
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory")
+        if not stat.S_ISREG(mode):
+            raise OSError(0, "not a regular file")
+        return file.read()
+
+
+def input_now(path: Path) -> str | None:
+    """What a rule compiler would find at `path` now, as `CompiledPolicy.inputs` records
+    what it found: "-> REAL" for a name that leads to another file (a symlink),
+    "sha256:HEX" of a file's bytes, None where there is no file. A file it could not
+    read is named so that it equals nothing recorded."""
+    real = resolve(path)
+    if real != path:
+        return f"-> {real}"
+    try:
+        return content_input(read_regular_file(path))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"unreadable: {e.errno}"
+
+
+def content_input(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

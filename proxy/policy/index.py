@@ -238,6 +238,9 @@ class CompiledPolicy:
     # The real path of every file it was built from (top files, includes, presets):
     # what a reloader watches for changes.
     paths: tuple[Path, ...] = ()
+    # What was at each of `paths` when it was built: (path, "-> REAL" for a name that
+    # led to another file, "sha256:HEX" of the bytes parsed, None for no file).
+    inputs: tuple[tuple[str, str | None], ...] = ()
     # Each included preset's `description`, by its file (as Rule.file names it).
     preset_descriptions: dict[str, str] = field(default_factory=dict)
 

@@ -34,15 +34,21 @@ import gc
 import hashlib
 import os
 import re
-import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .files import DEFAULT_RULES, PRESETS_DIR, RULES_DIR, SHIPPED_RULES_DIR  # noqa: F401 - re-exported
+from .files import (  # noqa: F401 - re-exported
+    DEFAULT_RULES,
+    PRESETS_DIR,
+    RULES_DIR,
+    SHIPPED_RULES_DIR,
+    content_input,
+    read_regular_file,
+    resolve,
+)
 from .index import CompiledPolicy, CompiledProfile
 from .model import (
     DEFAULT_APPROVAL,
@@ -67,6 +73,7 @@ from .names import (
     parse_network,
     parse_path,
 )
+from .problems import PolicyError, Problem
 from .reasons import Verdict
 
 RULE_KEYS = {
@@ -114,28 +121,6 @@ _YamlLoader.yaml_implicit_resolvers = {
 }
 
 
-@dataclass(frozen=True, order=True)
-class Problem:
-    file: str
-    line: int
-    column: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {self.message}"
-
-
-class PolicyError(Exception):
-    """One or more problems in the rule files; the running policy (if any) stays.
-    `paths`: every file the failed load tried to read (a reloader watches them too,
-    so that fixing a newly included file is noticed)."""
-
-    def __init__(self, problems: list[Problem], paths: tuple[Path, ...] = ()):
-        self.problems = sorted(problems)
-        self.paths = paths
-        super().__init__("\n".join(map(str, self.problems)))
-
-
 @dataclass
 class _Source:
     """One parsed file: where it is, and its top-level node."""
@@ -169,7 +154,9 @@ class _Loader:
         )
         self.problems: list[Problem] = []
         self.sources: dict[Path, _Source] = {}
-        self.tried: dict[Path, None] = {}  # every real path read or tried, in order
+        # Every path read or tried, in order, with where a name led (a symlink's
+        # real path; None for a real path): CompiledPolicy's `paths` and `inputs`.
+        self.tried: dict[Path, Path | None] = {}
         self.preset_rules: dict[Path, list[Rule]] = {}
         self.preset_descriptions: dict[str, str] = {}  # by the preset file's stable name
         self.rule_ids: dict[str, Rule] = {}
@@ -239,8 +226,9 @@ class _Loader:
     def read(self, path: Path, referrer: tuple[_Source, yaml.Node] | None = None) -> _Source | None:
         # Watched by the name it was given too: a symlink swapped to another file
         # (`ln -sfn`) changes that name's target, not the old target's stamp.
-        self.tried[Path(os.path.abspath(path))] = None
-        path = _resolve(path)
+        named = Path(os.path.abspath(path))
+        path = resolve(path)
+        self.tried.setdefault(named, path)
         if path in self.sources:
             return self.sources[path]
         self.tried[path] = None
@@ -589,10 +577,12 @@ class _Loader:
             self.problem(source, node, f"no such file or preset {name!r}: a NUL character")
             return []
         if "/" in name or name.endswith((".yaml", ".yml")):
-            self.tried[Path(os.path.abspath(source.path.parent / name))] = None  # see read
-            path = _resolve(source.path.parent / name)
+            named = Path(os.path.abspath(source.path.parent / name))  # see read
+            path = resolve(named)
+            self.tried.setdefault(named, path)
         else:
-            path = _resolve(PRESETS_DIR / f"{name}.yaml")
+            named = Path(os.path.abspath(PRESETS_DIR / f"{name}.yaml"))
+            path = resolve(named)
             if not path.exists():
                 known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
                 self.problem(
@@ -601,6 +591,7 @@ class _Loader:
                     f"unknown preset {name!r} (shipped presets: {known}; or give a path relative to this file)",
                 )
                 return []
+            self.tried.setdefault(named, path)
         if path in stack:
             chain = " -> ".join(_display_path(p) for p in (*stack, path))
             self.problem(source, node, f"circular include: {chain}")
@@ -818,7 +809,7 @@ def _load(
     if (
         overlay is not None
         and overlay.exists()
-        and _resolve(overlay) not in {_resolve(p) for p in paths}
+        and resolve(overlay) not in {resolve(p) for p in paths}
     ):
         paths.append(overlay)
     for path in paths:
@@ -843,8 +834,8 @@ def _load(
         raise PolicyError(loader.problems, tuple(loader.tried))
     if overlay is not None:
         # Watched (by both names, see read): its creation is a change too.
-        loader.tried[Path(os.path.abspath(overlay))] = None
-        loader.tried[_resolve(overlay)] = None
+        loader.tried.setdefault(Path(os.path.abspath(overlay)), resolve(overlay))
+        loader.tried.setdefault(resolve(overlay), None)
     digest = hashlib.sha256()
     # What was parsed (not a second read that may differ), by stable name: the same
     # files give the same hash from any working directory.
@@ -858,6 +849,17 @@ def _load(
         loaded_on=loader.today,
         preset_descriptions=loader.preset_descriptions,
         paths=tuple(loader.tried),
+        inputs=_inputs(loader),
+    )
+
+
+def _inputs(loader: _Loader) -> tuple[tuple[str, str | None], ...]:
+    """What the loader found at each path it tried (files.input_now's form): where a
+    name led, the bytes it parsed, no file. From what it saw, never read again."""
+    read = {path: content_input(source.data) for path, source in loader.sources.items()}
+    return tuple(
+        (str(path), f"-> {led}" if led is not None and led != path else read.get(path))
+        for path, led in loader.tried.items()
     )
 
 
@@ -866,7 +868,7 @@ def approved_overlay(paths: list[Path]) -> Path | None:
     first rule file; None for the shipped rules (package data is no place to write)."""
     if not paths:
         return None
-    first = _resolve(Path(paths[0]))
+    first = resolve(Path(paths[0]))
     if first.name == APPROVED_FILE or first.parent == SHIPPED_RULES_DIR.resolve():
         return None
     return first.parent / APPROVED_FILE
@@ -938,32 +940,6 @@ def _unique(rules: list[Rule]) -> list[Rule]:
     """Rules in first-seen order, each once (a preset may be included twice)."""
     seen: set[str] = set()
     return [r for r in rules if not (r.id in seen or seen.add(r.id))]
-
-
-def _resolve(path: Path) -> Path:
-    """`path` made absolute, its symlinks resolved where they can be: a symlink loop
-    stays as given, and reading it reports the loop (Path.resolve raises RuntimeError)."""
-    try:
-        return path.resolve()
-    except (RuntimeError, OSError):
-        return Path(os.path.abspath(path))
-
-
-def read_regular_file(path: Path, opened: Callable[[int], None] | None = None) -> bytes:
-    """The bytes of a regular file. A FIFO or a device would block or never end: it
-    is refused after opening without blocking, checked on the opened file (no race).
-    `opened(fd)`: a check of the opened file of the caller's own, before anything
-    is read (it raises to refuse)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as file:
-        if opened is not None:
-            opened(fd)
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(21, "Is a directory")
-        if not stat.S_ISREG(mode):
-            raise OSError(0, "not a regular file")
-        return file.read()
 
 
 def _too_deep(text: str) -> yaml.Mark | None:

@@ -1,0 +1,31 @@
+"""What is wrong with rule files: each problem at its file, line and column, and the
+error a load raises with all of them. Its own module so that a caller that only
+catches the error (`sandgate run` given a kept policy: enforcer/policy_cache.py)
+does not load the rule compiler and PyYAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    file: str
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.message}"
+
+
+class PolicyError(Exception):
+    """One or more problems in the rule files; the running policy (if any) stays.
+    `paths`: every file the failed load tried to read (a reloader watches them too,
+    so that fixing a newly included file is noticed)."""
+
+    def __init__(self, problems: list[Problem], paths: tuple[Path, ...] = ()):
+        self.problems = sorted(problems)
+        self.paths = paths
+        super().__init__("\n".join(map(str, self.problems)))
