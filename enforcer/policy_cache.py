@@ -1,9 +1,9 @@
 """The compiled policy of an earlier `sandgate run`, kept, for the embedded start.
 
-Compiling the rules costs a run ~35 ms on a slow host: importing PyYAML (its C parser
-needs its pure-Python reader, scanner, emitter, ... and their regexes) and the
-compiler, then parsing and checking the files (bench/bench_start.py, docs/
-performance.md "Session 38"). The same files give the same policy: `load` keeps the
+Compiling the rules cost a run 15-30 ms of its ~250-350 (bench_start in turn, docs/
+performance.md "Session 38"): importing PyYAML (its C parser needs its pure-Python
+reader, scanner, emitter, ... and their regexes) and the compiler, then parsing and
+checking the files. The same files give the same policy: `load` keeps the
 CompiledPolicy pickled in the state directory with what it was made from, and gives
 it again, unpickled (~0.4 ms for the default rules), only while all of it is the same:
 
