@@ -27,9 +27,11 @@ LOOKUPS = 5
 
 # Opens TRIED connections to the resolver, 100 a second (its profile's
 # connection_rate is 200), one query each: `held` those answered and still open,
-# `refused` those closed unanswered. Writes `up-0` with both, then asks one query on
-# every held connection every 3 s (inside its dns_qps: the idle timer is 10 s) until
-# `stop`, and writes `alive-0`: how many were still answered in the last round.
+# `refused` those closed unanswered. Every 2 s (the filter's idle timer is 10 s, so
+# a slow host cannot close them meanwhile) it asks one query on every held
+# connection: while opening, then until `stop`. Writes `up-0` with held and
+# refused once all are tried, and `alive-0` at the end: how many were still
+# answered in the last round.
 HOG = """
 import os, socket, sys, time
 shared = sys.argv[1]
@@ -44,7 +46,13 @@ def answered(s):
         return len(head) == 2 and len(s.recv(65535)) > 0
     except OSError:
         return False
-held, refused = [], 0
+held, refused, last = [], 0, time.monotonic()
+def keep_alive():
+    global last
+    for s in held:
+        s.sendall(query(0))
+    last = time.monotonic()
+    return sum(answered(s) for s in held)
 for i in range(int(sys.argv[2])):
     s = socket.create_connection((ns, 53), timeout=5)
     s.sendall(query(i))
@@ -53,14 +61,14 @@ for i in range(int(sys.argv[2])):
     else:
         refused += 1
         s.close()
+    if time.monotonic() - last > 2:
+        keep_alive()
     time.sleep(0.01)
 open(f"{shared}/up-0", "w").write(f"{len(held)} {refused}")
 alive, end = len(held), time.monotonic() + 60
 while not os.path.exists(f"{shared}/stop") and time.monotonic() < end:
-    time.sleep(3)
-    for s in held:
-        s.sendall(query(0))
-    alive = sum(answered(s) for s in held)
+    time.sleep(max(0.0, last + 2 - time.monotonic()))
+    alive = keep_alive()
 open(f"{shared}/alive-0", "w").write(str(alive))
 """
 
