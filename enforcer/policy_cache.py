@@ -49,15 +49,16 @@ _FORMAT = 1  # of the kept entry: a change makes every kept file a miss
 def load(paths: list[Path], directory: str = CACHE_DIR, now: float | None = None) -> CompiledPolicy:
     """`load_policy(paths)`, or the policy it made from the same files (see above)."""
     now = time.time() if now is None else now
+    as_root = os.geteuid() == 0  # the state directory is root's
     path = os.path.join(directory, f"policy-{_key(paths)}.pickle")
-    policy = _kept(path, now) if os.geteuid() == 0 else None
+    policy = _kept(path, now) if as_root else None
     if policy is not None:
         return policy
     from sandgate.proxy.policy import load_policy
 
     policy = load_policy(paths, now=now)
     # Kept only if the files are still what the compiler read (none changed meanwhile).
-    if os.geteuid() == 0 and policy.inputs and _inputs_now(policy) == policy.inputs:
+    if as_root and policy.inputs and _inputs_now(policy) == policy.inputs:
         entry = (_FORMAT, _code_stamp(), policy)
         private_cache.write(path, pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL))
     return policy

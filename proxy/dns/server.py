@@ -721,18 +721,19 @@ class DnsFilter:
         )
         return addresses[0] if addresses else None
 
-    def _admit_tcp(self, connection: _TcpConnection) -> bool:
-        """Whether the new TCP `connection` is served: its source may hold no more of
-        the `max_tcp_connections` than are still free (limits.fair_share), so that
-        the connections one sandbox keeps open cannot refuse every other sandbox's.
-        A refused one has its event (`sandbox_limit`) and is closed unanswered."""
-        key = connection.source_ip or connection.peer_ip
-        held = self._tcp_held.get(key, 0)
+    def _admit_tcp(self, connection: _TcpConnection) -> str | None:
+        """The source whose place the new TCP `connection` takes, or None: refused.
+        A source may hold no more of the `max_tcp_connections` than are still free
+        (limits.fair_share), so that the connections one sandbox keeps open cannot
+        refuse every other sandbox's. A refused one has its event (`sandbox_limit`)
+        and is closed unanswered."""
+        source = connection.source_ip or connection.peer_ip
+        held = self._tcp_held.get(source, 0)
         full = fair_share(held, self._tcp_admitted, self.max_tcp_connections)
         if full is None:
-            self._tcp_held[key] = held + 1
+            self._tcp_held[source] = held + 1
             self._tcp_admitted += 1
-            return True
+            return source
         cap = self.max_tcp_connections
         if full == "worker":
             detail = f"the DNS filter serves {cap} TCP connections at once, all held"
@@ -756,16 +757,15 @@ class DnsFilter:
             self._hold(event, None, _TcpAnswer(connection))  # no answer: the caller closes it
         except Exception:  # noqa: BLE001 - one connection must never take the server down
             log.exception("DNS over TCP from %s: its refusal's event failed", connection.source)
-        return False
+        return None
 
-    def _tcp_closed(self, connection: _TcpConnection) -> None:
-        """An admitted TCP connection is gone: its place is free again."""
-        key = connection.source_ip or connection.peer_ip
+    def _tcp_closed(self, source: str) -> None:
+        """An admitted TCP connection of `source` is gone: its place is free again."""
         self._tcp_admitted -= 1
-        if self._tcp_held[key] == 1:
-            del self._tcp_held[key]
+        if self._tcp_held[source] == 1:
+            del self._tcp_held[source]
         else:
-            self._tcp_held[key] -= 1
+            self._tcp_held[source] -= 1
 
     def _over_rate(self, sandbox: str, profile: str) -> Decision | None:
         """A `sandbox_limit` denial when `sandbox` is over its profile's `dns_qps`,
@@ -951,7 +951,7 @@ class _TcpConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.lost: asyncio.Future | None = None  # `close_now`'s, set at connection_lost
-        self.admitted = False  # holds one of the filter's TCP places (`_admit_tcp`)
+        self.place: str | None = None  # whose of the filter's TCP places it holds (`_admit_tcp`)
         self.loop = asyncio.get_running_loop()
 
     # asyncio's calls
@@ -966,8 +966,8 @@ class _TcpConnection(asyncio.Protocol):
             return
         self.peer_ip, self.source = peer[0], format_host_port(peer[0], peer[1])
         self.source_ip = _source_ip(peer[0])
-        self.admitted = owner._admit_tcp(self)
-        if not self.admitted:
+        self.place = owner._admit_tcp(self)
+        if self.place is None:
             self.close_now()
             return
         self.deadline = self.loop.time() + owner.tcp_idle_timeout
@@ -1007,9 +1007,9 @@ class _TcpConnection(asyncio.Protocol):
         self.queue.clear()  # their answers, when they come, go nowhere
         self.buffer = bytearray()
         self.owner._tcp_connections.discard(self)
-        if self.admitted:
-            self.admitted = False
-            self.owner._tcp_closed(self)
+        if self.place is not None:
+            place, self.place = self.place, None
+            self.owner._tcp_closed(place)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
