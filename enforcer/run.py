@@ -381,7 +381,9 @@ class TaskRun:
         try:
             await self.gateway.start(profile=opts.profile)
         except OSError as e:  # a listener refused (an LSM, a port rule): said, not a traceback
-            raise RunError(f"the gateway cannot listen on {gateway_ip}: {os_error_text(e)}") from None
+            raise RunError(
+                f"the gateway cannot listen on {gateway_ip}: {os_error_text(e)}"
+            ) from None
         # Approvals (this run's control socket, the page, the webhooks) where the rules
         # may ask a human; rules that never ask hold nothing to approve: ~10 ms of the
         # start (the page's imports, two listeners) saved (docs/performance.md).

@@ -38,9 +38,7 @@ def _traced_run(net, tmp_path, inject: str, steps: dict[str, str]) -> sandbox.Ru
 
 
 def test_a_task_waits_for_a_gateway_slow_to_listen(net, tmp_path):
-    r = _traced_run(
-        net, tmp_path, "delay_enter=1500000", {"fetch": curl("http://allowed.test/")}
-    )
+    r = _traced_run(net, tmp_path, "delay_enter=1500000", {"fetch": curl("http://allowed.test/")})
     assert r.returncode == 0, r.describe()
     assert r["fetch"].status == 200, r.describe()
     assert [q["host"] for q in net.requests_seen()] == ["allowed.test"]
