@@ -362,33 +362,38 @@ class TaskRun:
         )
         if opts.on_audit_failure == "block":
             self.gateway.guard_audit(self.audit)
-        (self.dir / "resolv.conf").write_text(
-            f"# written by sandgate: the gateway's DNS filter\n"
-            f"nameserver {gateway_ip}\noptions edns0\n"
-        )
-        if inspection:  # the CA the task trusts, made now if there is none yet
-            await self.gateway.gateway_ca()
-        surveyed = await surveying if surveying is not None else None
-        self.sandbox = self._prepare_sandbox(inspection, surveyed)
-        # The init now, before the gateway listens and the table is loaded: it builds
-        # the task's file view, namespaces, Landlock and seccomp on the other core
-        # while this process starts the gateway (~15 ms of the start on this project's
-        # host, docs/performance.md "Session 39"); its task waits for `go` (_run_task).
-        await self._start_init()
         # mitmproxy starts only if the rules ask or allow websockets, else with the
         # first connection that needs it (an h2-only client): inspected HTTPS/1.1 is
-        # the front door's.
+        # the front door's. The CA the task trusts is made now if its rules inspect.
+        # Meanwhile the init forked ahead joins its cgroup (the kernel's RCU wait).
         try:
             await self.gateway.start(profile=opts.profile)
         except OSError as e:  # a listener refused (an LSM, a port rule): said, not a traceback
             raise RunError(
                 f"the gateway cannot listen on {gateway_ip}: {os_error_text(e)}"
             ) from None
+        (self.dir / "resolv.conf").write_text(
+            f"# written by sandgate: the gateway's DNS filter\n"
+            f"nameserver {gateway_ip}\noptions edns0\n"
+        )
+        surveyed = await surveying if surveying is not None else None
+        self.sandbox = self._prepare_sandbox(inspection, surveyed)
+        # The init now, before the table is loaded and the audit log is on disk: it
+        # builds the task's file view, namespaces, Landlock and seccomp on the other
+        # core meanwhile (docs/performance.md, "Session 39"); its task waits for `go`
+        # (_run_task).
+        await self._start_init()
         # Approvals (this run's control socket, the page, the webhooks) where the rules
         # may ask a human; rules that never ask hold nothing to approve: ~10 ms of the
         # start (the page's imports, two listeners) saved (docs/performance.md).
         if asks(opts.policy, opts.profile):
-            await self._serve_control()
+            try:
+                await self._serve_control()
+            except OSError as e:
+                raise RunError(
+                    f"cannot serve this run's approvals on {self.dir / 'control.sock'}: "
+                    f"{os_error_text(e)}"
+                ) from None
             if opts.probe is None:
                 self.admin = Admin(
                     opts.admin,
