@@ -1,7 +1,8 @@
 """`sandgate run`: one command in a fresh sandbox whose only way out is an embedded gateway.
 
 Order matters for safety. Up: sandbox network (no route out: nothing forwards
-for it), gateway listeners, nftables table, then the task. Down: the task, the
+for it), gateway listeners, the sandbox init (sandgate's code, setting up), the
+nftables table, then the task (told to go). Down: the task, the
 sandbox network, then the table and the gateway — the sandbox never exists
 without the table. A SIGKILLed run leaves netns, veth and table behind but no
 listener, so the sandbox has no egress; `sandgate gc` removes the rest.
