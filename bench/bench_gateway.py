@@ -195,7 +195,6 @@ def probe_start(out: str, argv: list[str]) -> int:
     wrap_sync(run, "_write_ca_bundle", STEP_CA)
     wrap_sync(nft, "apply_ruleset", STEP_NFT)
     wrap_sync(run.TaskRun, "_prepare_sandbox", STEP_PREPARE)
-    wrap_async(run.TaskRun, "_start_init", STEP_INIT)
     wrap_async(run.TaskRun, "_run_task", STEP_TASK)
     wrap_sync(prepare.PreparedSandbox, "join", STEP_JOIN)
     wrap_sync(prepare.PreparedSandbox, "check_workspace", STEP_PLANTING)
@@ -272,8 +271,7 @@ STEP_MITM = "mitmproxy import + start (if the rules inspect)"
 STEP_CA = "write CA bundles (x2)"
 STEP_NFT = "nft -f (ruleset)"
 STEP_PREPARE = "prepare the sandbox (spec, cgroup, workspace)"
-STEP_INIT = "start the init (it sets up the sandbox from here, beside the next steps)"
-STEP_TASK = "task: go, the rest of the init's setup, CMD, the init's exit"
+STEP_TASK = "task: sandbox init + CMD"
 STEP_JOIN = "join the init to its cgroup"
 STEP_PLANTING = "check the workspace (planting)"
 STEP_FINISH = "remove the cgroup (limits hit)"
@@ -306,9 +304,8 @@ BREAKDOWN = [  # (indent, label) in print order
     (2, STEP_METRICS_START),
     (2, STEP_NFT),
     (2, STEP_PREPARE),
-    (2, STEP_INIT),
-    (3, STEP_JOIN),
     (2, STEP_TASK),
+    (3, STEP_JOIN),
     (2, STEP_TEARDOWN),
     (3, STEP_PLANTING),
     (3, STEP_FINISH),

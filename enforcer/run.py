@@ -1,8 +1,7 @@
 """`sandgate run`: one command in a fresh sandbox whose only way out is an embedded gateway.
 
 Order matters for safety. Up: sandbox network (no route out: nothing forwards
-for it), gateway listeners, the sandbox init (sandgate's code, setting up), the
-nftables table, then the task (told to go). Down: the task, the
+for it), gateway listeners, nftables table, then the task. Down: the task, the
 sandbox network, then the table and the gateway — the sandbox never exists
 without the table. A SIGKILLed run leaves netns, veth and table behind but no
 listener, so the sandbox has no egress; `sandgate gc` removes the rest.
@@ -27,7 +26,6 @@ import signal
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -363,27 +361,15 @@ class TaskRun:
         )
         if opts.on_audit_failure == "block":
             self.gateway.guard_audit(self.audit)
-        # mitmproxy starts only if the rules ask or allow websockets, else with the
-        # first connection that needs it (an h2-only client): inspected HTTPS/1.1 is
-        # the front door's. The CA the task trusts is made now if its rules inspect.
-        # Meanwhile the init forked ahead joins its cgroup (the kernel's RCU wait).
+        # The CA the task trusts is made now if its rules inspect; mitmproxy starts
+        # only if they ask or allow websockets, else with the first connection that
+        # needs it (an h2-only client): inspected HTTPS/1.1 is the front door's.
         try:
             await self.gateway.start(profile=opts.profile)
         except OSError as e:  # a listener refused (an LSM, a port rule): said, not a traceback
             raise RunError(
                 f"the gateway cannot listen on {gateway_ip}: {os_error_text(e)}"
             ) from None
-        (self.dir / "resolv.conf").write_text(
-            f"# written by sandgate: the gateway's DNS filter\n"
-            f"nameserver {gateway_ip}\noptions edns0\n"
-        )
-        surveyed = await surveying if surveying is not None else None
-        self.sandbox = self._prepare_sandbox(inspection, surveyed)
-        # The init now, before the table is loaded and the audit log is on disk: it
-        # builds the task's file view, namespaces, Landlock and seccomp on the other
-        # core meanwhile (docs/performance.md, "Session 39"); its task waits for `go`
-        # (_run_task).
-        await self._start_init()
         # Approvals (this run's control socket, the page, the webhooks) where the rules
         # may ask a human; rules that never ask hold nothing to approve: ~10 ms of the
         # start (the page's imports, two listeners) saved (docs/performance.md).
@@ -424,6 +410,12 @@ class TaskRun:
         # this run's own id: created, not replaced (nft.render_ruleset says why)
         await asyncio.to_thread(nft.load_table, table, new=True)
 
+        (self.dir / "resolv.conf").write_text(
+            f"# written by sandgate: the gateway's DNS filter\n"
+            f"nameserver {gateway_ip}\noptions edns0\n"
+        )
+        surveyed = await surveying if surveying is not None else None
+        self.sandbox = self._prepare_sandbox(inspection, surveyed)
         self.summary.task_started(self.run_id, opts.profile, str(sandbox_ip), opts.command)
         for gap in self.sandbox.gaps:  # into the summary, which task_started begins
             self._emit_weakened(gap)
@@ -432,26 +424,6 @@ class TaskRun:
         # the start) then refuses the task's first connection, not only those after the
         # writer's first failed write (its thread writes every 50 ms).
         await asyncio.to_thread(functools.partial(self.audit.drain, 2.0, while_writable=True))
-
-    async def _start_init(self) -> None:
-        """The sandbox init is forked from this process, as an attached run does, not
-        started as a second interpreter (`python -I -S init.py`): it is imported here
-        already, and a fork skips an interpreter start and those imports (~20-30 ms of
-        every run). This process has other threads by now (the audit writer, asyncio's
-        executor); the child touches none of their state: it closes every descriptor
-        but the init's, runs init.main and leaves with os._exit, and the modules it
-        uses are imported before the fork."""
-        from sandgate.enforcer.attach import ForkedInit
-
-        sandbox = self.sandbox
-        with warnings.catch_warnings():  # Python 3.12+ warns of any fork in a threaded process
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.child = ForkedInit(sandbox.spec_path, keep=sandbox.init_fds, seed=self.seed)
-        if self.seed is None:
-            # The init builds its file view while this joins it to the task's cgroup
-            # (the first cgroup write after an idle spell waits out an RCU grace period).
-            await asyncio.to_thread(sandbox.join, self.child.pid)
-        sandbox.started()
 
     async def _serve_control(self) -> None:
         """The run's own control socket, for approvals from a second terminal."""
@@ -552,19 +524,32 @@ class TaskRun:
                 walks=STATE_DIR / "cache",
                 runner_joins=True,
                 cgroup_ahead=seed.cgroup if seed is not None else None,
-                gated=True,
                 surveyed=surveyed,
             )
         except spec.SandboxError as e:
             raise RunError(str(e)) from None
 
     async def _run_task(self) -> int:
-        """The task told to go (its init is set up and waiting: _start_init); its exit."""
-        from sandgate.enforcer.attach import DiskGuard, StopGrace
+        """The sandbox init is forked from this process, as an attached run does, not
+        started as a second interpreter (`python -I -S init.py`): it is imported here
+        already, and a fork skips an interpreter start and those imports (~20-30 ms of
+        every run). This process has other threads by now (the audit writer, the
+        metrics server, asyncio's executor); the child touches none of their state:
+        it closes every descriptor but the init's, runs init.main and leaves with
+        os._exit, and the modules it uses are imported before the fork."""
+        from sandgate.enforcer.attach import DiskGuard, ForkedInit, StopGrace
 
+        sandbox = self.sandbox
+        with warnings.catch_warnings():  # Python 3.12+ warns of any fork in a threaded process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.child = ForkedInit(sandbox.spec_path, keep=sandbox.init_fds, seed=self.seed)
         self._stopping = StopGrace(self.child, self.opts.stop_grace)
         self._disk = DiskGuard(self.child, self.opts.sandbox)
-        self.sandbox.go()
+        if self.seed is None:
+            # The init builds its file view while this joins it to the task's cgroup
+            # (the first cgroup write after an idle spell waits out an RCU grace period).
+            await asyncio.to_thread(sandbox.join, self.child.pid)
+        sandbox.started()
         # /metrics from here, not before the task: its server thread imports the WSGI
         # side (wsgiref, http.server, email, ...: ~10 ms of CPU, holding the GIL) as it
         # starts, which now overlaps the task instead of delaying its start.
@@ -772,21 +757,10 @@ def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True)
     return counters
 
 
-class _Unjoined(ThreadPoolExecutor):
-    """A run's `asyncio.to_thread` workers, not joined when its loop closes: every
-    call was awaited by then, and the process exits next (cli/run.py: os._exit).
-    The join (a thread made to join the others, each woken in turn) took 4-16 ms of
-    every run's end on this project's host (docs/performance.md, "Session 39")."""
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        super().shutdown(wait=False, cancel_futures=cancel_futures)
-
-
 def _run_loop(main):
     """asyncio.run on a loop whose epoll set the front door shares (one epoll_wait per
     loop pass for asyncio's descriptors and the door's: proxy/frontdoor/poller.py)."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.get_loop().set_default_executor(_Unjoined(thread_name_prefix="asyncio"))
         return runner.run(main)
 
 

@@ -188,18 +188,6 @@ def wait_joined(fd: int) -> None:
         raise SetupError("the runner could not move the sandbox into its cgroup")
 
 
-def wait_go(fd: int) -> None:
-    """An embedded run starts its init before its gateway listens and before the
-    sandbox's nftables table is loaded (enforcer/run.py), so that the file view, the
-    namespaces, Landlock and seccomp are made meanwhile: the task's process waits here,
-    set up and restricted, for the runner's word that both are up. No word (the run
-    failed, or its runner went) and nothing of the task ever runs."""
-    word = os.read(fd, 1)
-    os.close(fd)
-    if word != b"1":
-        raise SetupError("the run stopped before its task started")
-
-
 def enter_namespaces(netns_path: str, hostname: str) -> None:
     with open(netns_path) as f:
         _check(_libc.setns(f.fileno(), CLONE_NEWNET), f"setns {netns_path}")
@@ -524,9 +512,8 @@ def _exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
-def _probe(spec: dict, report: Report) -> None:
+def _probe(spec: dict, report: Report, started: float) -> None:
     """`sandgate selftest` (the probes are the task) or `run --self-test` (before it)."""
-    started = time.monotonic()
     if spec.get("probe") == "all":
         results = probes.run_all(spec)
         report.send(self_test=results, ms=round((time.monotonic() - started) * 1000, 1))
@@ -582,10 +569,9 @@ def run_init(
             signal.signal(signum, signal.SIG_DFL)
         os.umask(spec.get("umask", 0o022))
         try:
+            started = time.monotonic()
             become_task(spec, program, report)
-            if spec.get("go_fd") is not None:
-                wait_go(spec["go_fd"])
-            _probe(spec, report)
+            _probe(spec, report, started)
         except (OSError, SetupError) as e:
             print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
             os._exit(EXIT_SETUP_FAILED)

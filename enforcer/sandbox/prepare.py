@@ -41,8 +41,6 @@ class PreparedSandbox:
     self_test_ms: float | None = None
     joined_r: int | None = None  # the init's end of the joined pipe (runner_joins)
     joined_w: int | None = None
-    go_r: int | None = None  # the task's end of the go pipe (gated)
-    go_w: int | None = None  # the runner's: `go`
     # The workspace's git control files before the task (None: --no-workspace-guard)
     workspace: planting.Survey | None = None
     # Where the walk after the task is kept for the next run's walk before (planting.keep)
@@ -57,7 +55,7 @@ class PreparedSandbox:
     @property
     def init_fds(self) -> tuple[int, ...]:
         """The descriptors the init must inherit."""
-        return (self.report_w,) + tuple(fd for fd in (self.joined_r, self.go_r) if fd is not None)
+        return (self.report_w,) + ((self.joined_r,) if self.joined_r is not None else ())
 
     def join(self, pid: int) -> None:
         """runner_joins: move the started init into the task's cgroup, then tell it.
@@ -79,31 +77,11 @@ class PreparedSandbox:
 
     def started(self) -> None:
         """The init has its copies of the pipes; the runner keeps only its own ends."""
-        for fd in (
-            self.report_w,
-            self.joined_r,
-            self.joined_w,
-            self.go_r,
-        ):  # joined_w: never started
+        for fd in (self.report_w, self.joined_r, self.joined_w):  # joined_w: never started
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.joined_w = self.go_r = None
-
-    def go(self) -> None:
-        """gated: the task may run now (its gateway listens, its table is loaded)."""
-        try:
-            os.write(self.go_w, b"1")
-        except BrokenPipeError:  # the init is gone already (its setup failed): it said why
-            pass
-        finally:
-            self.stop()
-
-    def stop(self) -> None:
-        """gated: the runner's end closed; a task not told to go by then never runs."""
-        if self.go_w is not None:
-            os.close(self.go_w)
-            self.go_w = None
+        self.joined_w = None
 
     def take_report(self) -> bool:
         """Read what the init and the task reported so far, without waiting; True once
@@ -126,7 +104,6 @@ class PreparedSandbox:
 
     def collect(self) -> None:
         """What the init and the task reported (they closed the pipe before exec)."""
-        self.stop()
         self.take_report()
         with contextlib.suppress(OSError):
             os.close(self.report_r)
@@ -233,7 +210,6 @@ def prepare(
     seccomp_cache: Path | None = None,  # root-only, out of the task's view (STATE_DIR/cache)
     runner_joins: bool = False,  # the runner calls join(pid) while the init builds the view
     cgroup_ahead: cgroup.TaskCgroup | None = None,  # the init is forked in it: no join
-    gated: bool = False,  # the task waits for `go` (the init starts before the gateway)
     terminal: dict | None = None,  # a pty of the sandbox's own (sandbox/terminal.py)
     surveyed: planting.Survey | None = None,  # planting.survey(opts.writable), made already
     walks: Path | None = None,  # where workspace walks are kept (planting.keep; root-only)
@@ -288,13 +264,10 @@ def prepare(
     slot = id_slots.claim(pool)  # last of what can refuse the run before the pipes
     report_r, report_w = os.pipe()
     os.set_inheritable(report_w, True)
-    joined_r = joined_w = go_r = go_w = None
+    joined_r = joined_w = None
     if runner_joins and cgroup_ahead is None:
         joined_r, joined_w = os.pipe()
         os.set_inheritable(joined_r, True)
-    if gated:
-        go_r, go_w = os.pipe()
-        os.set_inheritable(go_r, True)
     document = spec.Spec(
         netns=netns,
         hostname=f"sandbox-{run_id}",
@@ -317,7 +290,6 @@ def prepare(
         tmpfs_bounds=spec.tmpfs_bounds(limits.memory_bytes),
         report_fd=report_w,
         joined_fd=joined_r,
-        go_fd=go_r,
         probe_paths={
             "code": [str(p) for p in protected if p.is_dir()],
             "state": [str(p) for p in hidden],
@@ -350,7 +322,7 @@ def prepare(
         spec_path = run_dir / "sandbox.json"
         spec_path.write_text(json.dumps(document))
     except BaseException:
-        for fd in (report_r, report_w, joined_r, joined_w, go_r, go_w):
+        for fd in (report_r, report_w, joined_r, joined_w):
             if fd is not None:
                 os.close(fd)
         if task_cgroup is not None:
@@ -365,8 +337,6 @@ def prepare(
         gaps,
         joined_r=joined_r,
         joined_w=joined_w,
-        go_r=go_r,
-        go_w=go_w,
         workspace=workspace,
         walks=walks,
         ids=slot,

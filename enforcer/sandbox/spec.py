@@ -344,7 +344,6 @@ class Spec:
     tmpfs_bounds: tuple[int, int] | None = None  # (size, nr_inodes) of each tmpfs
     report_fd: int | None = None
     joined_fd: int | None = None  # the runner joins the cgroup for the init (runner_joins)
-    go_fd: int | None = None  # the task waits for the runner's word here (prepare: `gated`)
     umask: int = 0o022  # the task's (enforcer/sandbox/inherit.py)
     rlimits: list[list[int]] = field(
         default_factory=list
