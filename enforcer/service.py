@@ -234,7 +234,13 @@ class GatewayService:
             opts.workers, config, opts.rules, policy, audit, self.metrics, self
         )
         self.reloader = PolicyReloader([opts.rules], data_plane)
-        await data_plane.start()
+        try:
+            await data_plane.start()
+        except OSError as e:  # said with what failed, as the control socket's (_listen_control)
+            raise RunError(
+                f"the gateway's listeners on {config.listen_host} or its workers did not start: "
+                f"{os_error_text(e)}"
+            ) from None
         if opts.on_audit_failure == "block":
             data_plane.guard_audit(self.audit)
         # `always` approvals (with workers: asked by the worker that holds the approval)

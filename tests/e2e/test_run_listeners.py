@@ -9,16 +9,21 @@ after the gateway was up. Refused after 1 s, the task never runs (its step left 
 trace, though a task started early had a second to run), the run says which
 listener and why in one line, not a traceback, and nothing of it is left behind.
 (Both guard the order of enforcer/run.py's setup: a change that starts the task, or
-its init without holding the task, before the last listener fails them.)
+its init without holding the task, before the last listener fails them.) The gateway
+service alike: a refused listener of its workers, or its control socket's, is one
+line naming it, and the service leaves no guard table and no process (a control
+socket bound before its listen was refused stays, unserved: the next start takes it).
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
+from sandgate.enforcer.service_state import guard_table
 from support import sandbox
-from support.sandbox import curl, leftovers
+from support.sandbox import NETNS_DIR, curl, leftovers
 
 pytestmark = pytest.mark.e2e
 
@@ -82,3 +87,41 @@ def test_a_task_whose_gateway_cannot_come_up_never_runs(net, tmp_path, listen, s
     assert [e["detail"] for e in r.events(kind="task")] == ["task ended: was not started"]
     assert not (left := leftovers(net, r.audit[-1]["task_id"])), left
     assert net.requests_seen() == []
+
+
+def _strace(inject: str) -> list[str]:
+    if shutil.which("strace") is None:
+        pytest.fail("strace is missing (scripts/install.sh --test installs it)")
+    return ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=listen",
+            "-e", f"inject=listen:{inject}"]  # fmt: skip
+
+
+# The service's listens: each worker's front door and DNS filter (two workers on this
+# machine kind, more with more cores: the first is a worker's), then the control socket.
+@pytest.mark.parametrize(
+    ("workers", "listen", "said"),
+    [
+        ("2", 1, "sandgate: the gateway's listeners on 0.0.0.0 or its workers did not start: "),
+        ("1", 3, "sandgate: --control "),
+    ],
+    ids=["worker", "control"],
+)
+def test_a_service_whose_listener_is_refused_says_which(net, tmp_path, workers, listen, said):
+    control = tmp_path / "control" / "gateway.sock"
+    control.parent.mkdir()
+    argv = [sandbox.SANDGATE, "gateway", "--rules", str(sandbox.DEMO_RULES),
+            "--dns-upstream", net.dns_ip, "--control", str(control),
+            "--audit-log", str(tmp_path / "audit.jsonl"), "--metrics-listen", "off",
+            "--admin-listen", "off", "--warm", "0", "--workers", workers]  # fmt: skip
+    enter = ["nsenter", f"--net={NETNS_DIR / net.host_ns}", "--"]
+    proc = subprocess.run(
+        [*enter, *_strace(f"error=EPERM:when={listen}"), *argv],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 125, proc.stderr
+    assert said in proc.stderr and "Operation not permitted" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    tables = net.run_in_host(["nft", "list", "tables"], check=True).stdout
+    assert guard_table(control) not in tables, tables
+    alive = subprocess.run(["pgrep", "-f", str(control)], capture_output=True, text=True)
+    assert alive.stdout == "", alive.stdout
