@@ -255,11 +255,19 @@ def _pick_addresses(pool_text: str):
     raise RunError(f"no free /30 found in sandbox pool {pool}")
 
 
+def write_own_file(path: Path, text: str) -> None:
+    """A file of this run's (or service's) own state; a failure (a full /run) names it."""
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _write_ca_bundle(path: Path, extra: list[str]) -> None:
     """The system's bundle and the PEM certificates in `extra`, at `path`."""
     parts = [SYSTEM_CA_BUNDLE.read_text()] if SYSTEM_CA_BUNDLE.exists() else []
     parts += extra
-    path.write_text("\n".join(part.rstrip() + "\n" for part in parts))
+    write_own_file(path, "\n".join(part.rstrip() + "\n" for part in parts))
 
 
 class TaskRun:
@@ -327,7 +335,7 @@ class TaskRun:
         self.claimed = True
         self.audit = open_audit_log(self.audit_path, opts.audit_budget)
         self.summary.telemetry["audit_log"] = str(self.audit_path)
-        (self.dir / "pid").write_text(process_stamp.stamp(os.getpid()))  # pid and start: gc
+        write_own_file(self.dir / "pid", process_stamp.stamp(os.getpid()))  # pid and start: gc
         # The walk of the workspace (planting.py: what is there before the task) in a
         # thread while the network and the gateway are made: mostly directory reads
         # (~27 ms for a checkout with a venv), beside the kernel's waits for the netns.
@@ -410,9 +418,10 @@ class TaskRun:
         # this run's own id: created, not replaced (nft.render_ruleset says why)
         await asyncio.to_thread(nft.load_table, table, new=True)
 
-        (self.dir / "resolv.conf").write_text(
+        write_own_file(
+            self.dir / "resolv.conf",
             f"# written by sandgate: the gateway's DNS filter\n"
-            f"nameserver {gateway_ip}\noptions edns0\n"
+            f"nameserver {gateway_ip}\noptions edns0\n",
         )
         surveyed = await surveying if surveying is not None else None
         self.sandbox = self._prepare_sandbox(inspection, surveyed)
@@ -528,6 +537,10 @@ class TaskRun:
             )
         except spec.SandboxError as e:
             raise RunError(str(e)) from None
+        except OSError as e:  # its seccomp program or spec (a full /run, say)
+            raise RunError(
+                f"cannot prepare the sandbox in {self.dir}: {os_error_text(e)}"
+            ) from None
 
     async def _run_task(self) -> int:
         """The sandbox init is forked from this process, as an attached run does, not
@@ -672,6 +685,10 @@ class TaskRun:
                 self._emit_planted(item)
             self._emit_task_end(counters, duration)
             await self.gateway.stop()
+        elif self.audit is not None:  # set up no further than its audit log: its end said
+            self.audit.emit(
+                task_events.task_ended("was not started", duration, **self._task_fields())
+            )
         self.metrics.stop()
         if self.audit is not None:
             self.audit.close()
@@ -771,6 +788,9 @@ def run(opts: RunOptions) -> int:
         return _run_loop(TaskRun(opts).run())
     except (RunError, netns.SandboxNetError, nft.NftError) as e:
         print(f"sandgate: {e}", file=sys.stderr)
+        return EXIT_SETUP
+    except OSError as e:  # a file of the run it cannot write (a full /run, say): torn down, said
+        print(f"sandgate: the run failed: {os_error_text(e)}", file=sys.stderr)
         return EXIT_SETUP
 
 

@@ -1,5 +1,11 @@
-"""The task of an embedded run starts only once its whole gateway is up, and a gateway
-that cannot come up is a clear error that leaves nothing behind.
+"""A run whose setup fails says why in one line and leaves nothing behind; its task
+starts only once its whole gateway is up.
+
+A full run directory (/run is a small tmpfs on many hosts): a tmpfs of 8 KiB as
+SANDGATE_RUN_DIR, filled but for one page (the run's pid file fits, its upstream CA
+bundle, ~200 KB, does not: the network, the cgroup and the init's process forked
+ahead exist by then) or whole (the pid file does not fit): each failure names the
+file, exit 125, no traceback, and the veth, table, cgroup and processes are gone.
 
 strace holds or fails one of `sandgate run`'s `listen` calls deterministically (its
 main thread alone: the sandbox is not traced). With rules that ask there are three:
@@ -125,3 +131,29 @@ def test_a_service_whose_listener_is_refused_says_which(net, tmp_path, workers, 
     assert guard_table(control) not in tables, tables
     alive = subprocess.run(["pgrep", "-f", str(control)], capture_output=True, text=True)
     assert alive.stdout == "", alive.stdout
+
+
+@pytest.mark.parametrize(("free", "file"), [(4, "upstream-ca.pem"), (0, "pid")])
+def test_a_full_run_dir_is_said_and_leaves_nothing(net, tmp_path, free, file):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    workdir = sandbox._workdir(tmp_path)
+    argv = sandbox._argv(net, workdir, ["true"], sandbox.DEMO_RULES, ())
+    script = (
+        f"mount -t tmpfs -o size=8k tmpfs {run_dir} && "
+        f"head -c {8 - free}k /dev/zero > {run_dir}/fill && "
+        f'SANDGATE_RUN_DIR={run_dir} exec "$@"'
+    )
+    # A mount namespace of its own for the tmpfs (and, as `ip netns exec`, the netns's name)
+    proc = net.run_in_host(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv],
+        timeout=90,
+    )
+    assert proc.returncode == 125, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "No space left on device" in line]
+    assert len(said) == 1 and said[0].startswith(f"sandgate: cannot write {run_dir}/"), proc.stderr
+    assert said[0].split(": ")[1].endswith(f"/{file}"), said
+    assert "Traceback" not in proc.stderr, proc.stderr
+    r = sandbox._result(proc.returncode, proc.stdout, proc.stderr, workdir, None)
+    assert [e["detail"] for e in r.events(kind="task")] == ["task ended: was not started"]
+    assert not (left := leftovers(net, r.audit[-1]["task_id"])), left
