@@ -7,6 +7,7 @@ or written costs time, never safety."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -39,8 +40,12 @@ def write(path: str, data: bytes) -> None:
             return
         temporary = os.path.join(directory, f".{name}.{os.getpid()}")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return
+    try:
         with os.fdopen(fd, "wb") as cached:
             cached.write(data)
         os.replace(temporary, path)
-    except OSError:
-        return
+    except OSError:  # a full disk: no half-written file left behind
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
