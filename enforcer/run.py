@@ -41,7 +41,12 @@ from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.telemetry import task_events
-from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError, journal_log
+from sandgate.proxy.telemetry.audit import (
+    AuditJournalError,
+    AuditLog,
+    AuditLogError,
+    journal_log,
+)
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.flood import FloodLimits
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
@@ -182,6 +187,8 @@ def open_audit_log(path: Path, budget: int | None = None) -> AuditLog:
     journal = audit_journal(path)
     try:
         audit = AuditLog(path, max_total_bytes=budget, journal=journal)
+    except AuditJournalError as e:
+        raise RunError(f"{e} (under the state directory: SANDGATE_STATE_DIR)") from None
     except AuditLogError as e:
         raise RunError(f"{e} (--audit-log FILE picks another place)") from None
     return audit
@@ -374,10 +381,8 @@ class TaskRun:
         # needs it (an h2-only client): inspected HTTPS/1.1 is the front door's.
         try:
             await self.gateway.start(profile=opts.profile)
-        except OSError as e:  # a listener refused (an LSM, a port rule): said, not a traceback
-            raise RunError(
-                f"the gateway cannot listen on {gateway_ip}: {os_error_text(e)}"
-            ) from None
+        except OSError as e:  # a listener refused (an LSM, a port rule), its CA: said
+            raise RunError(f"the gateway did not start: {os_error_text(e)}") from None
         # Approvals (this run's control socket, the page, the webhooks) where the rules
         # may ask a human; rules that never ask hold nothing to approve: ~10 ms of the
         # start (the page's imports, two listeners) saved (docs/performance.md).

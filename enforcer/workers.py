@@ -68,7 +68,7 @@ from sandgate.proxy.gateway_ca import ca_cert_file
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.registry import Sandbox
-from sandgate.proxy.telemetry.audit import worker_journal
+from sandgate.proxy.telemetry.audit import map_backed, worker_journal
 from sandgate.proxy.telemetry.blackbox import DEFAULT_SIZE, blank, recover, take
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, decode_members
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
@@ -364,8 +364,7 @@ class WorkerPool:
         memfd = self._box_file(worker)
         fds = [theirs.fileno(), *(s.fileno() for s in _sockets(worker.listeners)), memfd]
         try:
-            os.ftruncate(memfd, DEFAULT_SIZE)
-            worker.blackbox, worker.received = mmap.mmap(memfd, DEFAULT_SIZE), 0
+            worker.blackbox, worker.received = map_backed(memfd, DEFAULT_SIZE), 0
             blank(worker.blackbox)
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-m", "sandgate.proxy.worker",

@@ -165,17 +165,25 @@ class Gateway:
         self.descriptors.start(asyncio.get_running_loop())
         self.approvals.start()
         config, ready = self.config, self.config.listeners
-        await self.dns.start(
-            config.listen_host, config.dns_port, sockets=ready and (ready.dns_udp, ready.dns_tcp)
-        )
+        try:
+            await self.dns.start(
+                config.listen_host,
+                config.dns_port,
+                sockets=ready and (ready.dns_udp, ready.dns_tcp),
+            )
+        except OSError as e:
+            raise _said(e, f"the DNS filter cannot listen on {config.listen_host}") from None
         try:
             if inspects(self.policy, profile):
                 await self.gateway_ca()
             if self.wants_engine(self.policy):
                 await self.proxy.started("the policy, which asks or allows websockets")
-            await self.frontdoor.start(
-                config.listen_host, config.proxy_port, listener=ready and ready.frontdoor
-            )
+            try:
+                await self.frontdoor.start(
+                    config.listen_host, config.proxy_port, listener=ready and ready.frontdoor
+                )
+            except OSError as e:
+                raise _said(e, f"the front door cannot listen on {config.listen_host}") from None
             self.watch_expiry()
             for sink in self._rate_limited():
                 sink.start(asyncio.get_running_loop())
@@ -204,7 +212,10 @@ class Gateway:
     async def gateway_ca(self) -> Path:
         """The gateway CA's certificate, made (once, off the loop) if confdir has none:
         what a task whose profile inspects TLS must trust."""
-        await asyncio.to_thread(ensure_ec_ca, self.config.confdir)
+        try:
+            await asyncio.to_thread(ensure_ec_ca, self.config.confdir)
+        except OSError as e:
+            raise _said(e, f"cannot make the gateway CA in {self.config.confdir}") from None
         return self.proxy.ca_cert
 
     def wants_engine(self, policy: CompiledPolicy) -> bool:
@@ -581,3 +592,12 @@ def _no_longer_allowed(
         return answers[key]
 
     return unwanted
+
+
+def _said(error: OSError, what: str) -> OSError:
+    """`error` with what failed before its reason (a path it names kept): one line for
+    the admin, where the bare errno would not say which listener or file."""
+    why = error.strerror or str(error)
+    if error.filename and str(error.filename) not in what:
+        why = f"{error.filename}: {why}"
+    return OSError(error.errno, f"{what}: {why}")

@@ -123,6 +123,10 @@ class AuditLogError(Exception):
     """The audit log cannot be opened for writing; the message says why."""
 
 
+class AuditJournalError(AuditLogError):
+    """Its journal (under the state directory, wherever the log is) cannot be made."""
+
+
 def chain_hash(prev: str, body: str | bytes) -> str:
     """The hash of one line: sha256 over the previous hash and the line's body."""
     if isinstance(body, str):
@@ -469,7 +473,7 @@ class AuditLog:
             self.journal.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.journal, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as e:
-            raise AuditLogError(
+            raise AuditJournalError(
                 f"cannot open the audit journal {self.journal}: {e.strerror or e}"
             ) from None
         try:
@@ -488,8 +492,15 @@ class AuditLog:
                 lost += self._recover_worker_box(box, events)
             if events or lost or origin:
                 self._append_recovered(events, lost, origin)
-            os.ftruncate(fd, size)
-            self._journal_map = mmap.mmap(fd, size)
+            try:
+                os.ftruncate(fd, size)  # (a larger journal left: this size)
+                self._journal_map = map_backed(fd, size)
+            except OSError as e:  # a full disk: said, as for the log itself
+                with contextlib.suppress(OSError):  # what it held is in the log by now
+                    self.journal.unlink()
+                raise AuditJournalError(
+                    f"cannot make the audit journal {self.journal}: {e.strerror or e}"
+                ) from None
         finally:
             os.close(fd)  # the mapping stays
         with contextlib.suppress(OSError):  # whose journal it is: for `sandgate gc`
@@ -838,6 +849,15 @@ class AuditLog:
             raise
         os.close(self._fd)
         self._fd, self.size, self.file_first_seq = fd, 0, None
+
+
+def map_backed(fd: int, size: int) -> mmap.mmap:
+    """A shared mapping of the first `size` bytes of the file `fd`, every block of it
+    allocated first. A sparse file (ftruncate) has its blocks allocated as the mapping
+    is written: on a full disk that write is a SIGBUS, which kills the gateway with
+    its audit trail; allocated here, a full disk is an OSError (ENOSPC) now."""
+    os.posix_fallocate(fd, 0, size)
+    return mmap.mmap(fd, size)
 
 
 def worker_journal(journal: Path, index: int) -> Path:

@@ -6,6 +6,13 @@ SANDGATE_RUN_DIR, filled but for one page (the run's pid file fits, its upstream
 bundle, ~200 KB, does not: the network, the cgroup and the init's process forked
 ahead exist by then) or whole (the pid file does not fit): each failure names the
 file, exit 125, no traceback, and the veth, table, cgroup and processes are gone.
+A gateway CA that cannot be made (its directory a file) is said as that, not as a
+listener's failure. A state directory with less room than the audit journal (a
+file mapped into memory, 16 MiB): the journal was made sparse and written through
+the mapping, so the first write to a page the disk had no room for was a SIGBUS
+(exit 135, the audit trail with it): at once with a page left, mid-run with 512 KiB
+(this test's: the run passed, its journal's later pages unbacked). Its blocks are
+now allocated first, and the run says it cannot make the journal.
 
 strace holds or fails one of `sandgate run`'s `listen` calls deterministically (its
 main thread alone: the sandbox is not traced). With rules that ask there are three:
@@ -23,6 +30,7 @@ socket bound before its listen was refused stays, unserved: the next start takes
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -77,7 +85,7 @@ def test_a_task_waits_for_its_gateway_to_be_up(net, tmp_path):
 @pytest.mark.parametrize(
     ("listen", "said"),
     [
-        (DNS_LISTEN, "sandgate: the gateway cannot listen on "),
+        (DNS_LISTEN, "sandgate: the gateway did not start: the DNS filter cannot listen on "),
         (CONTROL_LISTEN, "sandgate: cannot serve this run's approvals on "),
     ],
     ids=["dns", "control"],
@@ -133,22 +141,26 @@ def test_a_service_whose_listener_is_refused_says_which(net, tmp_path, workers, 
     assert alive.stdout == "", alive.stdout
 
 
+def _on_full_tmpfs(net, tmp_path, variable: str, kib: int, free: int, argv: list[str]):
+    """`argv` in the fake internet's host netns with `variable` (SANDGATE_RUN_DIR or
+    SANDGATE_STATE_DIR) a tmpfs of `kib` KiB with `free` KiB left, in a mount
+    namespace of its own (gone with it; as `ip netns exec`, the netns's name too)."""
+    where = tmp_path / variable.lower()
+    where.mkdir()
+    script = (
+        f"mount -t tmpfs -o size={kib}k tmpfs {where} && "
+        f"head -c {kib - free}k /dev/zero > {where}/fill && "
+        f'{variable}={where} exec "$@"'
+    )
+    unshare = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
+    return where, net.run_in_host([*unshare, *argv], timeout=90)
+
+
 @pytest.mark.parametrize(("free", "file"), [(4, "upstream-ca.pem"), (0, "pid")])
 def test_a_full_run_dir_is_said_and_leaves_nothing(net, tmp_path, free, file):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
     workdir = sandbox._workdir(tmp_path)
     argv = sandbox._argv(net, workdir, ["true"], sandbox.DEMO_RULES, ())
-    script = (
-        f"mount -t tmpfs -o size=8k tmpfs {run_dir} && "
-        f"head -c {8 - free}k /dev/zero > {run_dir}/fill && "
-        f'SANDGATE_RUN_DIR={run_dir} exec "$@"'
-    )
-    # A mount namespace of its own for the tmpfs (and, as `ip netns exec`, the netns's name)
-    proc = net.run_in_host(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv],
-        timeout=90,
-    )
+    run_dir, proc = _on_full_tmpfs(net, tmp_path, "SANDGATE_RUN_DIR", 8, free, argv)
     assert proc.returncode == 125, proc.stderr
     said = [line for line in proc.stderr.splitlines() if "No space left on device" in line]
     assert len(said) == 1 and said[0].startswith(f"sandgate: cannot write {run_dir}/"), proc.stderr
@@ -157,3 +169,29 @@ def test_a_full_run_dir_is_said_and_leaves_nothing(net, tmp_path, free, file):
     r = sandbox._result(proc.returncode, proc.stdout, proc.stderr, workdir, None)
     assert [e["detail"] for e in r.events(kind="task")] == ["task ended: was not started"]
     assert not (left := leftovers(net, r.audit[-1]["task_id"])), left
+
+
+def test_a_gateway_ca_that_cannot_be_made_is_said_and_leaves_nothing(net, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "ca").write_text("not a directory\n")
+    workdir = sandbox._workdir(tmp_path)
+    argv = sandbox._argv(net, workdir, ["true"], sandbox.DEMO_RULES, ())  # its rules inspect
+    env = {**os.environ, "SANDGATE_STATE_DIR": str(state)}
+    proc = net.run_in_host(argv, timeout=90, env=env)
+    assert proc.returncode == 125, proc.stderr
+    said = f"sandgate: the gateway did not start: cannot make the gateway CA in {state / 'ca'}: "
+    assert said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    r = sandbox._result(proc.returncode, proc.stdout, proc.stderr, workdir, None)
+    assert [e["detail"] for e in r.events(kind="task")] == ["task ended: was not started"]
+    assert not (left := leftovers(net, r.audit[-1]["task_id"])), left
+
+
+def test_a_full_state_dir_is_said_not_a_bus_error(net, tmp_path):
+    workdir = sandbox._workdir(tmp_path)
+    argv = sandbox._argv(net, workdir, ["true"], sandbox.DEMO_RULES, ())
+    state, proc = _on_full_tmpfs(net, tmp_path, "SANDGATE_STATE_DIR", 1024, 512, argv)
+    assert proc.returncode == 125, (proc.returncode, proc.stderr)
+    said = f"sandgate: cannot make the audit journal {state}/audit-journal/"
+    assert said in proc.stderr and "No space left on device" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
