@@ -68,6 +68,7 @@ from sandgate.enforcer.run import (
 )
 from sandgate.enforcer.sandbox import id_slots
 from sandgate.enforcer.service_state import claim, guard_table, release
+from sandgate.enforcer.workers import WorkerStartError
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import GatewayConfig, inspects
 from sandgate.proxy.policy import PolicyError, load_policy
@@ -236,11 +237,9 @@ class GatewayService:
         self.reloader = PolicyReloader([opts.rules], data_plane)
         try:
             await data_plane.start()
-        except OSError as e:  # said with what failed, as the control socket's (_listen_control)
-            raise RunError(
-                f"the gateway's listeners on {config.listen_host} or its workers did not start: "
-                f"{os_error_text(e)}"
-            ) from None
+        except (OSError, WorkerStartError) as e:  # which listener or worker, and why
+            why = os_error_text(e) if isinstance(e, OSError) else e
+            raise RunError(f"the gateway did not start: {why}") from None
         if opts.on_audit_failure == "block":
             data_plane.guard_audit(self.audit)
         # `always` approvals (with workers: asked by the worker that holds the approval)

@@ -100,6 +100,10 @@ AUDIT_CHECK_S = 0.25  # how often the audit log's writability is passed on (guar
 PIN_ENV = "SANDGATE_BENCH_PIN_WORKER"
 
 
+class WorkerStartError(RuntimeError):
+    """A worker did not start the first time (the service does not start): why."""
+
+
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -263,7 +267,14 @@ class WorkerPool:
         if self.audit is not None:
             self.audit.start(asyncio.get_running_loop())
         for index in range(self._count):
-            self.workers.append(WorkerProcess(index, make_listeners(self.listen_host)))
+            try:
+                listeners = make_listeners(self.listen_host)
+            except OSError as e:
+                why = e.strerror or e
+                raise OSError(
+                    e.errno, f"gateway worker {index} cannot listen on {self.listen_host}: {why}"
+                ) from None
+            self.workers.append(WorkerProcess(index, listeners))
         self.approvals.start()
         first: list[asyncio.Future] = []
         for worker in self.workers:
@@ -321,7 +332,8 @@ class WorkerPool:
                 reading = await self._spawn(worker)
             except Exception as e:  # noqa: BLE001 - a failed restart is tried again
                 if not started.done():
-                    started.set_exception(RuntimeError(f"gateway worker {worker.index}: {e}"))
+                    why = e.strerror if isinstance(e, OSError) and e.strerror else e
+                    started.set_exception(WorkerStartError(f"gateway worker {worker.index}: {why}"))
                     return
                 log.error("gateway worker %d did not start: %s", worker.index, e)
             else:
@@ -361,10 +373,13 @@ class WorkerPool:
         sandboxes with it: then it is up. Returns the task reading its link."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         room_for_a_burst(theirs)
-        memfd = self._box_file(worker)
+        memfd, where = self._box_file(worker)
         fds = [theirs.fileno(), *(s.fileno() for s in _sockets(worker.listeners)), memfd]
         try:
-            worker.blackbox, worker.received = map_backed(memfd, DEFAULT_SIZE), 0
+            try:
+                worker.blackbox, worker.received = map_backed(memfd, DEFAULT_SIZE), 0
+            except OSError as e:  # a full state dir, say: which file
+                raise OSError(e.errno, f"its black box {where}: {e.strerror or e}") from None
             blank(worker.blackbox)
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-m", "sandgate.proxy.worker",
@@ -420,17 +435,17 @@ class WorkerPool:
         worker.up.set()
         return reading
 
-    def _box_file(self, worker: WorkerProcess) -> int:
-        """A descriptor of the file the worker's black box will be: next to the audit
-        journal (audit.worker_journal), which the next start reads if the service is
-        killed; a memfd without a journal (it only outlives the worker, not us)."""
+    def _box_file(self, worker: WorkerProcess) -> tuple[int, str]:
+        """A descriptor of the file the worker's black box will be, and what it is: next
+        to the audit journal (audit.worker_journal), which the next start reads if the
+        service is killed; a memfd without a journal (it only outlives the worker, not us)."""
         journal = getattr(getattr(self.audit, "audit", None), "journal", None)
         if journal is None:
-            return os.memfd_create(f"sandgate-worker-{worker.index}-blackbox", os.MFD_CLOEXEC)
+            name = f"sandgate-worker-{worker.index}-blackbox"
+            return os.memfd_create(name, os.MFD_CLOEXEC), f"(memfd {name})"
         path = worker_journal(journal, worker.index)
-        return os.open(
-            path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        return os.open(path, flags, 0o600), str(path)
 
     def _handle(self, worker: WorkerProcess, message: dict, ready: asyncio.Future):
         op = message.get("op")

@@ -115,7 +115,11 @@ def _strace(inject: str) -> list[str]:
 @pytest.mark.parametrize(
     ("workers", "listen", "said"),
     [
-        ("2", 1, "sandgate: the gateway's listeners on 0.0.0.0 or its workers did not start: "),
+        (
+            "2",
+            1,
+            "sandgate: the gateway did not start: gateway worker 0 cannot listen on 0.0.0.0: ",
+        ),
         ("1", 3, "sandgate: --control "),
     ],
     ids=["worker", "control"],
@@ -195,3 +199,24 @@ def test_a_full_state_dir_is_said_not_a_bus_error(net, tmp_path):
     said = f"sandgate: cannot make the audit journal {state}/audit-journal/"
     assert said in proc.stderr and "No space left on device" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_service_without_room_for_a_workers_black_box_says_which(net, tmp_path):
+    """The state dir has room for the audit journal (16 MiB) and one worker's black box
+    (4 MiB), not the second's: the first start of worker 1 fails, and the service with
+    it (it was a traceback), naming the file; no guard table, no process left."""
+    control = tmp_path / "control" / "gateway.sock"
+    control.parent.mkdir()
+    argv = [sandbox.SANDGATE, "gateway", "--rules", str(sandbox.DEMO_RULES),
+            "--dns-upstream", net.dns_ip, "--control", str(control),
+            "--audit-log", str(tmp_path / "audit.jsonl"), "--metrics-listen", "off",
+            "--admin-listen", "off", "--warm", "0", "--workers", "2"]  # fmt: skip
+    state, proc = _on_full_tmpfs(net, tmp_path, "SANDGATE_STATE_DIR", 24 << 10, 22 << 10, argv)
+    assert proc.returncode == 125, proc.stderr
+    said = f"sandgate: the gateway did not start: gateway worker 1: its black box {state}/"
+    assert said in proc.stderr and "No space left on device" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    tables = net.run_in_host(["nft", "list", "tables"], check=True).stdout
+    assert guard_table(control) not in tables, tables
+    alive = subprocess.run(["pgrep", "-f", str(control)], capture_output=True, text=True)
+    assert alive.stdout == "", alive.stdout
