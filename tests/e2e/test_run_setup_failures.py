@@ -110,6 +110,26 @@ def _strace(inject: str) -> list[str]:
             "-e", f"inject=listen:{inject}"]  # fmt: skip
 
 
+def _service(net, tmp_path, workers: str) -> tuple:
+    """A `sandgate gateway` command line of its own control socket: (socket, argv)."""
+    control = tmp_path / "control" / "gateway.sock"
+    control.parent.mkdir()
+    argv = [sandbox.SANDGATE, "gateway", "--rules", str(sandbox.DEMO_RULES),
+            "--dns-upstream", net.dns_ip, "--control", str(control),
+            "--audit-log", str(tmp_path / "audit.jsonl"), "--metrics-listen", "off",
+            "--admin-listen", "off", "--warm", "0", "--workers", workers]  # fmt: skip
+    return control, argv
+
+
+def _service_gone(net, proc, control) -> None:
+    """A service that did not start: no traceback, its guard table and processes gone."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    tables = net.run_in_host(["nft", "list", "tables"], check=True).stdout
+    assert guard_table(control) not in tables, tables
+    alive = subprocess.run(["pgrep", "-f", str(control)], capture_output=True, text=True)
+    assert alive.stdout == "", alive.stdout
+
+
 # The service's listens: each worker's front door and DNS filter (two workers on this
 # machine kind, more with more cores: the first is a worker's), then the control socket.
 @pytest.mark.parametrize(
@@ -125,12 +145,7 @@ def _strace(inject: str) -> list[str]:
     ids=["worker", "control"],
 )
 def test_a_service_whose_listener_is_refused_says_which(net, tmp_path, workers, listen, said):
-    control = tmp_path / "control" / "gateway.sock"
-    control.parent.mkdir()
-    argv = [sandbox.SANDGATE, "gateway", "--rules", str(sandbox.DEMO_RULES),
-            "--dns-upstream", net.dns_ip, "--control", str(control),
-            "--audit-log", str(tmp_path / "audit.jsonl"), "--metrics-listen", "off",
-            "--admin-listen", "off", "--warm", "0", "--workers", workers]  # fmt: skip
+    control, argv = _service(net, tmp_path, workers)
     enter = ["nsenter", f"--net={NETNS_DIR / net.host_ns}", "--"]
     proc = subprocess.run(
         [*enter, *_strace(f"error=EPERM:when={listen}"), *argv],
@@ -138,11 +153,7 @@ def test_a_service_whose_listener_is_refused_says_which(net, tmp_path, workers, 
     )  # fmt: skip
     assert proc.returncode == 125, proc.stderr
     assert said in proc.stderr and "Operation not permitted" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    tables = net.run_in_host(["nft", "list", "tables"], check=True).stdout
-    assert guard_table(control) not in tables, tables
-    alive = subprocess.run(["pgrep", "-f", str(control)], capture_output=True, text=True)
-    assert alive.stdout == "", alive.stdout
+    _service_gone(net, proc, control)
 
 
 def _on_full_tmpfs(net, tmp_path, variable: str, kib: int, free: int, argv: list[str]):
@@ -205,18 +216,9 @@ def test_a_service_without_room_for_a_workers_black_box_says_which(net, tmp_path
     """The state dir has room for the audit journal (16 MiB) and one worker's black box
     (4 MiB), not the second's: the first start of worker 1 fails, and the service with
     it (it was a traceback), naming the file; no guard table, no process left."""
-    control = tmp_path / "control" / "gateway.sock"
-    control.parent.mkdir()
-    argv = [sandbox.SANDGATE, "gateway", "--rules", str(sandbox.DEMO_RULES),
-            "--dns-upstream", net.dns_ip, "--control", str(control),
-            "--audit-log", str(tmp_path / "audit.jsonl"), "--metrics-listen", "off",
-            "--admin-listen", "off", "--warm", "0", "--workers", "2"]  # fmt: skip
+    control, argv = _service(net, tmp_path, "2")
     state, proc = _on_full_tmpfs(net, tmp_path, "SANDGATE_STATE_DIR", 24 << 10, 22 << 10, argv)
     assert proc.returncode == 125, proc.stderr
     said = f"sandgate: the gateway did not start: gateway worker 1: its black box {state}/"
     assert said in proc.stderr and "No space left on device" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    tables = net.run_in_host(["nft", "list", "tables"], check=True).stdout
-    assert guard_table(control) not in tables, tables
-    alive = subprocess.run(["pgrep", "-f", str(control)], capture_output=True, text=True)
-    assert alive.stdout == "", alive.stdout
+    _service_gone(net, proc, control)
