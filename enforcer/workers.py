@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandgate.enforcer.worker_approvals import WorkerApprovals
-from sandgate.proxy.gateway import Listeners, SwapReport, policy_loaded, stamped
+from sandgate.proxy.gateway import Listeners, SwapReport, policy_loaded, said, stamped
 from sandgate.proxy.gateway_ca import ca_cert_file
 from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.reasons import Reason, Verdict
@@ -270,9 +270,8 @@ class WorkerPool:
             try:
                 listeners = make_listeners(self.listen_host)
             except OSError as e:
-                why = e.strerror or e
-                raise OSError(
-                    e.errno, f"gateway worker {index} cannot listen on {self.listen_host}: {why}"
+                raise said(
+                    e, f"gateway worker {index} cannot listen on {self.listen_host}"
                 ) from None
             self.workers.append(WorkerProcess(index, listeners))
         self.approvals.start()
@@ -379,7 +378,7 @@ class WorkerPool:
             try:
                 worker.blackbox, worker.received = map_backed(memfd, DEFAULT_SIZE), 0
             except OSError as e:  # a full state dir, say: which file
-                raise OSError(e.errno, f"its black box {where}: {e.strerror or e}") from None
+                raise said(e, f"its black box {where}") from None
             blank(worker.blackbox)
             worker.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-m", "sandgate.proxy.worker",

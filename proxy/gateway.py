@@ -172,7 +172,7 @@ class Gateway:
                 sockets=ready and (ready.dns_udp, ready.dns_tcp),
             )
         except OSError as e:
-            raise _said(e, f"the DNS filter cannot listen on {config.listen_host}") from None
+            raise said(e, f"the DNS filter cannot listen on {config.listen_host}") from None
         try:
             if inspects(self.policy, profile):
                 await self.gateway_ca()
@@ -183,7 +183,7 @@ class Gateway:
                     config.listen_host, config.proxy_port, listener=ready and ready.frontdoor
                 )
             except OSError as e:
-                raise _said(e, f"the front door cannot listen on {config.listen_host}") from None
+                raise said(e, f"the front door cannot listen on {config.listen_host}") from None
             self.watch_expiry()
             for sink in self._rate_limited():
                 sink.start(asyncio.get_running_loop())
@@ -215,7 +215,7 @@ class Gateway:
         try:
             await asyncio.to_thread(ensure_ec_ca, self.config.confdir)
         except OSError as e:
-            raise _said(e, f"cannot make the gateway CA in {self.config.confdir}") from None
+            raise said(e, f"cannot make the gateway CA in {self.config.confdir}") from None
         return self.proxy.ca_cert
 
     def wants_engine(self, policy: CompiledPolicy) -> bool:
@@ -594,7 +594,7 @@ def _no_longer_allowed(
     return unwanted
 
 
-def _said(error: OSError, what: str) -> OSError:
+def said(error: OSError, what: str) -> OSError:
     """`error` with what failed before its reason (a path it names kept): one line for
     the admin, where the bare errno would not say which listener or file."""
     why = error.strerror or str(error)
