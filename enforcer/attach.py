@@ -689,7 +689,6 @@ def _close_all_but(keep: tuple[int, ...]) -> None:
 
 
 SEED_JOIN_TIMEOUT_S = 2.0
-_SEED_HOLDS = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM}
 
 
 class InitSeed:
@@ -727,10 +726,50 @@ class InitSeed:
         self.pid = _fork(be_seed, own_group=own_group)
         theirs.close()
 
+    @classmethod
+    def spawn(cls) -> InitSeed:
+        """An embedded run's seed, started as an interpreter of its own (`python -I -S
+        init.py --seed`) as the run begins, before most of its imports; its cgroup
+        comes later (`join`), once the run's network exists. Not forked as a warm
+        runner's is: forked from the run once it had imported the gateway (~35 MB),
+        every page the run then wrote until the seed became the init was copied first
+        (~1,800 copy-on-write faults, ~10 ms of the setup on this project's host:
+        docs/performance.md, "Session 40"). A fresh interpreter shares no page with the
+        run, and its start falls beside the run's imports, on the other core. It stays
+        in the run's process group (the terminal's foreground job), holding
+        SEED_HOLDS from its first instruction. OSError if it cannot be started."""
+        self = cls.__new__(cls)
+        self.cgroup = None
+        self._joined = None
+        self._used = False
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            os.set_inheritable(theirs.fileno(), True)
+            argv = [sys.executable, "-I", "-S", sandbox_init.__file__, "--seed"]
+            argv += [str(theirs.fileno()), ",".join(str(int(n)) for n in mask)]
+            self.pid = os.posix_spawn(
+                sys.executable, argv, os.environ, setsigmask=mask | set(sandbox_init.SEED_HOLDS)
+            )
+        except BaseException:
+            self._sock.close()
+            raise
+        finally:
+            theirs.close()
+        return self
+
+    def join(self, task_cgroup: cgroup.TaskCgroup) -> None:
+        """A spawned seed into `task_cgroup` (`usable` waits for its word). OSError if
+        it is gone."""
+        self.cgroup = task_cgroup
+        self._sock.send(json.dumps({"join": task_cgroup.procs_files}).encode())
+
     def usable(self, timeout: float = SEED_JOIN_TIMEOUT_S) -> bool:
         """In its cgroup (its word waited for, at most `timeout`: a move takes a grace
         period), and that cgroup is where this run's belongs: made under the parent
         $SANDGATE_CGROUP_PARENT names now (the caller's environment, by then)."""
+        if self.cgroup is None:  # a spawned seed given none
+            return False
         if self._joined is None:
             self._sock.settimeout(timeout)
             try:
@@ -761,6 +800,8 @@ class InitSeed:
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+        if self.cgroup is None:
+            return
         try:
             self.cgroup.remove()
         except cgroup.CgroupError as e:
@@ -768,45 +809,7 @@ class InitSeed:
 
 
 def _be_seed(sock: socket.socket, procs_files: list[str]) -> int:
-    """In the seed: make the workspace's user namespace ahead (before the join: its
-    child is in the pool's cgroup, not the task's), join the cgroup, say so, wait
-    for the run, be its init."""
+    """In a forked seed: nothing of the runner's but stdio and `sock`, then the seed's
+    part (sandbox/init.py `be_seed`)."""
     _close_all_but((sock.fileno(),))
-    try:
-        sandbox_init.userns_ahead = sandbox_init.UnmappedUserns()
-    except OSError as e:  # the run makes its own, as without a seed
-        print(f"sandgate runner: no user namespace made ahead: {e}", file=sys.stderr)
-    try:
-        for path in procs_files:
-            with open(path, "w") as f:
-                f.write("0")
-    except OSError as e:
-        sock.send(b"failed")
-        print(f"sandgate runner: cannot join {path}: {e.strerror}", file=sys.stderr)
-        return EXIT_SETUP
-    sock.send(b"joined")
-    # Held while it waits (an embedded run's seed is in the terminal's foreground job:
-    # a ^C during the run's setup is the run's to handle, which then discards it), and
-    # delivered once it is the init, as to an init forked then.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _SEED_HOLDS)
-    message, fds, _flags, _addr = socket.recv_fds(sock, 65536, 64)
-    if not message:  # the runner went, or gave up on us
-        return 0
-    signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    request = json.loads(message)
-    targets = request["fds"]
-    if len(targets) != len(fds):
-        return EXIT_SETUP
-    # Above every number in play first, so that no dup2 below lands on one still needed.
-    ahead = sandbox_init.userns_ahead
-    base = max([*targets, *fds, sock.fileno(), *(ahead.fds if ahead else ())]) + 1
-    if ahead is not None:
-        ahead.move_above(base)
-    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, base) for fd in fds]
-    for fd in fds:
-        os.close(fd)
-    sock.close()
-    for target, fd in zip(targets, moved, strict=True):
-        os.dup2(fd, target)
-        os.close(fd)
-    return sandbox_init.main([request["spec"]])
+    return sandbox_init.be_seed(sock, procs_files)

@@ -101,6 +101,9 @@ class RunOptions:
     limits: cgroup.Limits = field(default_factory=cgroup.Limits)
     probe: str | None = None  # "all": `sandgate selftest`, the probes are the task
     stop_grace: float = STOP_GRACE  # --stop-grace
+    # The task's init started ahead by the command line (attach.InitSeed.spawn), to be
+    # given its cgroup once the network exists; None: forked then (`_init_seed`).
+    seed: object | None = None
 
 
 def check_prerequisites() -> None:
@@ -288,7 +291,7 @@ class TaskRun:
         self.net: netns.SandboxNet | None = None
         self.gateway: Gateway | None = None
         self.child = None  # attach.ForkedInit: the sandbox init, forked from this process
-        self.seed = None  # attach.InitSeed: that init, forked ahead into the task's cgroup
+        self.seed = opts.seed  # attach.InitSeed: the task's init, made ahead in its cgroup
         self.exit_code: int | None = None
         self.sandbox_ip: str | None = None
         self.sandbox: prepare.PreparedSandbox | None = None
@@ -357,7 +360,7 @@ class TaskRun:
         # its own only while that run's netns exists (its cgroup is empty until joined).
         with warnings.catch_warnings():  # Python 3.12+ warns of any fork in a threaded process
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.seed = _init_seed(self.run_id, opts.limits)
+            self.seed = _init_seed(self.run_id, opts.limits, self.seed)
 
         inspection = inspects(opts.policy, opts.profile)
         upstream_ca = self.dir / "upstream-ca.pem"
@@ -730,27 +733,32 @@ class TaskRun:
         self.gateway.emit(task_events.task_ended(ended, duration, **self._task_fields()))
 
 
-def _init_seed(run_id: str, limits: cgroup.Limits):
-    """The task's init, forked now into its cgroup, made now (attach.InitSeed), or None
-    where the run has no limit to set or no cgroup can be made ahead (the run then
-    makes its own, or says why it cannot, as before). A process's first move into a
-    cgroup waits out an RCU grace period: ~14 ms of an embedded start on this
-    project's host while the init waited for it (bench_start), now spent beside the
-    network's and the gateway's setup. Its process group stays this process's (the
-    terminal's foreground job), as the init's always was in an embedded run."""
+def _init_seed(run_id: str, limits: cgroup.Limits, spawned=None):
+    """The task's init in its cgroup, made now (attach.InitSeed): `spawned` (started
+    ahead by the command line) told to join it, else one forked now; or None where
+    the run has no limit to set or no cgroup can be made ahead (the run then makes
+    its own, or says why it cannot, as before). A process's first move into a cgroup
+    waits out an RCU grace period: ~14 ms of an embedded start on this project's host
+    while the init waited for it (bench_start), now spent beside the network's and
+    the gateway's setup. Its process group stays this process's (the terminal's
+    foreground job), as the init's always was in an embedded run."""
     from sandgate.enforcer.attach import InitSeed
 
-    if not limits.controllers():
-        return None
+    made = None
     try:
+        if not limits.controllers():
+            raise cgroup.CgroupError("no limit to set")
         # The name create() gives it: `sandgate gc` knows it for this live run's.
         made = cgroup.TaskCgroup.ahead(f"{cgroup.PREFIX}{run_id}")
-    except cgroup.CgroupError:
-        return None
-    try:
-        return InitSeed(made, own_group=False)
-    except OSError:
-        made.remove()
+        if spawned is None:
+            return InitSeed(made, own_group=False)
+        spawned.join(made)
+        return spawned
+    except (cgroup.CgroupError, OSError):
+        if spawned is not None:
+            spawned.discard()  # and its cgroup, once given
+        elif made is not None:
+            made.remove()
         return None
 
 

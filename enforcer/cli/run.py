@@ -82,6 +82,7 @@ def cmd_run(args) -> int:
     if args.gateway is not None:
         dataclass_cache.finish()
         _exit_now(_run_attached(args))
+    seed = _spawn_seed(args)
     # The cyclic GC paused while the settings and rules load and the gateway's modules
     # import: they make some 50k objects that live as long as the process (next to no
     # garbage), which the collector would scan again and again (~20 ms of a run's
@@ -126,9 +127,25 @@ def cmd_run(args) -> int:
                 extra_ca=extra_ca,
                 quiet=args.quiet,
                 **({} if args.stop_grace is None else {"stop_grace": args.stop_grace}),
+                seed=seed,
             )
         )
     _exit_now(code)
+
+
+def _spawn_seed(args):
+    """The task's init started now (attach.InitSeed.spawn), beside the imports still
+    to come, where its limits will need a cgroup; None where they will not, or it
+    cannot start (the run then forks one: run._init_seed). Should the run not get
+    that far, it dies with this process (PR_SET_PDEATHSIG)."""
+    if args.memory.lower() == "none" and args.pids.lower() == "none" and not args.cpus:
+        return None
+    from sandgate.enforcer.attach import InitSeed
+
+    try:
+        return InitSeed.spawn()
+    except OSError:
+        return None
 
 
 def _exit_now(code: int) -> None:

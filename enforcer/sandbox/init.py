@@ -267,7 +267,77 @@ class UnmappedUserns:
             os.waitpid(self.pid, 0)
 
 
-userns_ahead: UnmappedUserns | None = None  # a warm runner's seed's (attach._be_seed)
+userns_ahead: UnmappedUserns | None = None  # a seed's (`be_seed`)
+
+# What a seed holds while it waits (an embedded run's seed is in the terminal's
+# foreground job: a ^C during the run's setup is the run's to handle, which then
+# discards it), delivered once it is the init, as to an init forked then.
+SEED_HOLDS = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM)
+
+
+def be_seed(sock: socket.socket, procs_files: list[str] | None, mask=None) -> int:
+    """A sandbox init made ahead of its run (attach.InitSeed), on `sock`: make the
+    workspace's user namespace ahead (before the join: its child stays in the
+    runner's cgroup, not the task's), join the task's cgroup (`procs_files`; None:
+    sent first on `sock` as {"join": [...]}), say so, wait for the run's spec and
+    descriptors, then be its init. `mask`: the signal mask the init gets (None: the
+    one this process had before it held SEED_HOLDS)."""
+    global userns_ahead  # noqa: PLW0603 - the init's main() takes it
+    try:
+        userns_ahead = UnmappedUserns()
+    except OSError as e:  # the run makes its own, as without a seed
+        print(f"sandgate runner: no user namespace made ahead: {e}", file=sys.stderr)
+    if procs_files is None:
+        message = sock.recv(65536)
+        if not message:  # the runner went, or needs no seed after all
+            return 0
+        procs_files = json.loads(message)["join"]
+    try:
+        for path in procs_files:
+            with open(path, "w") as f:
+                f.write("0")
+    except OSError as e:
+        sock.send(b"failed")
+        print(f"sandgate runner: cannot join {path}: {e.strerror}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
+    sock.send(b"joined")
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, SEED_HOLDS)
+    message, fds, _flags, _addr = socket.recv_fds(sock, 65536, 64)
+    if not message:  # the runner went, or gave up on us
+        return 0
+    signal.pthread_sigmask(signal.SIG_SETMASK, held if mask is None else mask)
+    request = json.loads(message)
+    targets = request["fds"]
+    if len(targets) != len(fds):
+        return EXIT_SETUP_FAILED
+    # Above every number in play first, so that no dup2 below lands on one still needed.
+    ahead = userns_ahead
+    base = max([*targets, *fds, sock.fileno(), *(ahead.fds if ahead else ())]) + 1
+    if ahead is not None:
+        ahead.move_above(base)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, base) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    sock.close()
+    for target, fd in zip(targets, moved, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    return main([request["spec"]])
+
+
+def _spawned_seed(args: list[str]) -> int:
+    """`init.py --seed FD MASK`: a seed started as an interpreter of its own
+    (attach.InitSeed.spawn) on socket FD, the init to get signal mask MASK (signal
+    numbers, comma-separated). It started with SEED_HOLDS held. A runner gone before
+    PR_SET_PDEATHSIG was set is an end of file on FD, which ends it too."""
+    fd = int(args[0])
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    for name in os.listdir("/proc/self/fd"):  # stdio and the socket: nothing else of the runner's
+        if int(name) > 2 and int(name) != fd:
+            with contextlib.suppress(OSError):
+                os.close(int(name))
+    mask = {signal.Signals(int(n)) for n in args[1].split(",") if n}
+    return be_seed(socket.socket(fileno=fd), None, mask)
 
 
 def idmap_userns(inside: int, outside: int, gid_inside: int, gid_outside: int) -> int:
@@ -598,6 +668,8 @@ def run_init(
 
 def main(args: list[str] | None = None) -> int:
     args = sys.argv[1:] if args is None else args
+    if len(args) == 3 and args[0] == "--seed":
+        return _spawned_seed(args[1:])
     if len(args) != 1:
         print("usage: init.py SPEC.json (started by sandgate run)", file=sys.stderr)
         return 2
