@@ -743,18 +743,24 @@ class InitSeed:
         self._joined = None
         self._used = False
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # fork and exec, not posix_spawn: glibc's posix_spawn leaves the child its own
+        # two internal signals (32, 33) ignored, which the task would inherit.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, sandbox_init.SEED_HOLDS)
         try:
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
             os.set_inheritable(theirs.fileno(), True)
             argv = [sys.executable, "-I", "-S", sandbox_init.__file__, "--seed"]
-            argv += [str(theirs.fileno()), ",".join(str(int(n)) for n in mask)]
-            self.pid = os.posix_spawn(
-                sys.executable, argv, os.environ, setsigmask=mask | set(sandbox_init.SEED_HOLDS)
-            )
+            argv += [str(theirs.fileno()), ",".join(str(int(n)) for n in held)]
+            self.pid = os.fork()
+            if self.pid == 0:  # nothing of Python's but the exec: it holds SEED_HOLDS from here
+                try:
+                    os.execv(sys.executable, argv)
+                finally:
+                    os._exit(EXIT_SETUP)
         except BaseException:
             self._sock.close()
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             theirs.close()
         return self
 

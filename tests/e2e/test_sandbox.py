@@ -8,6 +8,7 @@ asserts both sides: what the task saw inside, and that nothing happened on the h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -381,6 +382,63 @@ def test_a_setup_that_fails_after_the_init_is_forked_leaves_no_cgroup(net, tmp_p
     assert set(sandbox.cgroups_of("*")) <= before[0], "the task's cgroup was left"
     assert set(sandbox.NETNS_DIR.glob("sg-*")) <= before[1], "its netns was left"
     assert not list(sandbox.RUN_DIR.glob("*/sandbox.json")), "a state dir was left"
+
+
+def test_an_embedded_task_inherits_nothing_of_its_init(net, tmp_path):
+    """The embedded run's init is started ahead, as an interpreter of its own, holding
+    the stop signals while it waits (attach.InitSeed.spawn): the sandbox's PID 1 blocks
+    none of them once it runs the task (its stop signals reach the task), and the task
+    gets only stdio, no blocked or ignored signal (glibc's posix_spawn would leave it
+    two ignored: 32 and 33), and its own cgroup as its root."""
+    steps = {
+        "fds": "ls /proc/self/fd | sort -n | tr '\\n' ' '",
+        "signals": "grep -E 'SigBlk|SigIgn' /proc/self/status",
+        "init_blocks": "grep SigBlk /proc/1/status",
+        "cgroup": "cat /proc/self/cgroup",
+    }
+    r = sandbox.run(net, tmp_path, steps)
+    assert r.returncode == 0, r.describe()
+    # 0-2, and the descriptor `ls` opens on /proc/self/fd itself
+    assert r["fds"].out.split() == ["0", "1", "2", "3"], r["fds"].out
+    assert r["signals"].out.split() == ["SigBlk:", "0" * 16, "SigIgn:", "0" * 16]
+    assert r["init_blocks"].out.split() == ["SigBlk:", "0" * 16]
+    assert all(line.endswith(":/") for line in r["cgroup"].out.split()), r["cgroup"].out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_run_killed_while_its_init_waits_leaves_no_init(net, tmp_path):
+    """The init starts as the run begins and waits through the run's imports and
+    setup for its cgroup and its spec; a run SIGKILLed meanwhile takes it along
+    (PR_SET_PDEATHSIG, or the end of file on its socket), and gc leaves nothing."""
+    started = sandbox.start(net, tmp_path, "exit 0")
+    seed, deadline = None, time.monotonic() + 20
+    while seed is None and time.monotonic() < deadline and started.popen.poll() is None:
+        for child in _children(started.pid):
+            with contextlib.suppress(OSError):
+                if b"--seed" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    seed = child
+        time.sleep(0.002)
+    assert seed is not None, "no init was started ahead"
+    started.kill()  # SIGKILL, while the run imports and sets up
+    deadline = time.monotonic() + 5
+    while _running(seed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _running(seed), Path(f"/proc/{seed}/cmdline").read_bytes()
+    assert sandbox.gc(net).returncode == 0
 
 
 def test_gc_removes_an_empty_task_cgroup_that_no_run_owns(net):
