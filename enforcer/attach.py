@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -742,20 +743,18 @@ class InitSeed:
         self.cgroup = None
         self._joined = None
         self._used = False
+        if not sandbox_init.can_undo_spawn_signals():
+            raise OSError(errno.ENOSYS, "no rt_sigaction number known for this machine")
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # fork and exec, not posix_spawn: glibc's posix_spawn leaves the child its own
-        # two internal signals (32, 33) ignored, which the task would inherit.
+        # posix_spawn, not fork and exec: a fork write-protects every page of this
+        # process, and each one it wrote next was a fault (~1,900 of them, 6 ms more in
+        # all). The child starts with this thread's mask: SEED_HOLDS held.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, sandbox_init.SEED_HOLDS)
         try:
             os.set_inheritable(theirs.fileno(), True)
             argv = [sys.executable, "-I", "-S", sandbox_init.__file__, "--seed"]
             argv += [str(theirs.fileno()), ",".join(str(int(n)) for n in held)]
-            self.pid = os.fork()
-            if self.pid == 0:  # nothing of Python's but the exec: it holds SEED_HOLDS from here
-                try:
-                    os.execv(sys.executable, argv)
-                finally:
-                    os._exit(EXIT_SETUP)
+            self.pid = os.posix_spawn(sys.executable, argv, os.environ)
         except BaseException:
             self._sock.close()
             raise

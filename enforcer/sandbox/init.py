@@ -325,19 +325,47 @@ def be_seed(sock: socket.socket, procs_files: list[str] | None, mask=None) -> in
     return main([request["spec"]])
 
 
+# glibc's posix_spawn leaves the child its own two signals (32 and 33: thread
+# cancellation, set*id across threads) ignored, where its parent had handlers, and an
+# exec keeps an ignored signal ignored: the task would inherit them so. glibc's
+# sigaction refuses to touch them; the system call does not (its number per machine).
+_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+_GLIBC_SIGNALS = (32, 33)
+
+
+def can_undo_spawn_signals() -> bool:
+    """Whether a spawned seed can set glibc's signals back to their default here."""
+    return os.uname().machine in _RT_SIGACTION
+
+
+def _undo_spawn_signals() -> None:
+    default = (ctypes.c_ulong * 4)()  # SIG_DFL, no flags, no restorer, an empty mask
+    number = _RT_SIGACTION[os.uname().machine]
+    for signum in _GLIBC_SIGNALS:
+        if _libc.syscall(number, signum, default, None, 8) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"rt_sigaction({signum}, SIG_DFL): {os.strerror(err)}")
+
+
 def _spawned_seed(args: list[str]) -> int:
-    """`init.py --seed FD MASK`: a seed started as an interpreter of its own
+    """`init.py --seed FD MASK`: a seed spawned as an interpreter of its own
     (attach.InitSeed.spawn) on socket FD, the init to get signal mask MASK (signal
     numbers, comma-separated). It started with SEED_HOLDS held. A runner gone before
-    PR_SET_PDEATHSIG was set is an end of file on FD, which ends it too."""
+    PR_SET_PDEATHSIG was set is an end of file on FD, which ends it too. Should it
+    fail before it joins, the runner goes on without it (attach.InitSeed.usable)."""
     fd = int(args[0])
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    for name in os.listdir("/proc/self/fd"):  # stdio and the socket: nothing else of the runner's
-        if int(name) > 2 and int(name) != fd:
-            with contextlib.suppress(OSError):
-                os.close(int(name))
-    mask = {signal.Signals(int(n)) for n in args[1].split(",") if n}
-    return be_seed(socket.socket(fileno=fd), None, mask)
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _undo_spawn_signals()
+        for name in os.listdir("/proc/self/fd"):  # stdio and its socket, no other of the runner's
+            if int(name) > 2 and int(name) != fd:
+                with contextlib.suppress(OSError):
+                    os.close(int(name))
+        mask = {signal.Signals(int(n)) for n in args[1].split(",") if n}
+        return be_seed(socket.socket(fileno=fd), None, mask)
+    except BaseException as e:  # noqa: BLE001 - as a forked seed (attach._fork): one line, then go
+        print(f"sandgate: the sandbox init made ahead failed: {e}", file=sys.stderr)
+        return EXIT_SETUP_FAILED
 
 
 def idmap_userns(inside: int, outside: int, gid_inside: int, gid_outside: int) -> int:

@@ -405,13 +405,6 @@ def test_an_embedded_task_inherits_nothing_of_its_init(net, tmp_path):
     assert all(line.endswith(":/") for line in r["cgroup"].out.split()), r["cgroup"].out
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def _running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -457,9 +450,16 @@ def _nice(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def _descendants(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children] + [d for c in children for d in _descendants(int(c))]
+    children = _children(pid)  # one that went meanwhile (the init's helpers) has none
+    return children + [d for c in children for d in _descendants(c)]
 
 
 def test_the_gateway_outranks_its_task_for_the_cpu(net, tmp_path):
