@@ -551,13 +551,15 @@ class TaskRun:
             ) from None
 
     async def _run_task(self) -> int:
-        """The sandbox init is forked from this process, as an attached run does, not
-        started as a second interpreter (`python -I -S init.py`): it is imported here
-        already, and a fork skips an interpreter start and those imports (~20-30 ms of
-        every run). This process has other threads by now (the audit writer, the
-        metrics server, asyncio's executor); the child touches none of their state:
-        it closes every descriptor but the init's, runs init.main and leaves with
-        os._exit, and the modules it uses are imported before the fork."""
+        """The sandbox init is the one started ahead (`self.seed`: an interpreter of its
+        own, started as the run began, whose start fell beside the run's imports), or,
+        without one (a run without limits, a seed that failed), forked from this
+        process now, as an attached run does: it is imported here already, and a fork
+        skips an interpreter start and those imports (~20-30 ms, on the start's path
+        this late). This process has other threads by now (the audit writer, the
+        metrics server, asyncio's executor); a forked child touches none of their
+        state: it closes every descriptor but the init's, runs init.main and leaves
+        with os._exit, and the modules it uses are imported before the fork."""
         from sandgate.enforcer.attach import DiskGuard, ForkedInit, StopGrace
 
         sandbox = self.sandbox
