@@ -783,5 +783,15 @@ def main(args: list[str] | None = None) -> int:
     return code
 
 
+def _exit(code: int) -> None:
+    """Leave without the interpreter's finalization (~7 ms of an embedded run's end,
+    which waits for this process: docs/performance.md, "Session 40"), as a forked
+    init leaves (attach._fork); what was printed goes out first."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
