@@ -347,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     blackbox = None
     if args.blackbox is not None:
         with open(args.blackbox, "r+b") as memfd:  # the mapping outlives the descriptor
-            blackbox = BlackBox(mmap.mmap(memfd.fileno(), 0))
+            mapping = mmap.mmap(memfd.fileno(), 0)
+        mapping.madvise(mmap.MADV_RANDOM)  # as audit.map_backed's: no megabytes read ahead
+        blackbox = BlackBox(mapping)
     worker = Worker(args.index, config, listeners, socket.socket(fileno=args.link), blackbox)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the door shares its epoll set
         return runner.run(worker.run())
