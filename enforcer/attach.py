@@ -695,12 +695,13 @@ SEED_JOIN_TIMEOUT_S = 2.0
 class InitSeed:
     """A warm runner's next sandbox init, forked while the runner waits for a run
     (enforcer/zygote.py) and moved at once into a task cgroup made ahead
-    (cgroup.TaskCgroup.ahead); an embedded run's, spawned as the run begins and moved
-    once its cgroup is made (`spawn`, `join`). When the run comes, its limits are written into that
-    cgroup and this process becomes the init (a ForkedInit's child): the init is in
-    its cgroup from its first instruction of the run, so no process migrates then,
-    and no run waits for the kernel's RCU grace period (8-16 ms) that a move into a
-    cgroup costs (cgroup_attach_task takes cgroup_threadgroup_rwsem for writing).
+    (cgroup.TaskCgroup.ahead); or an embedded run's, spawned as the run begins and
+    moved once its cgroup is made (`spawn`, `join`). When the run comes, its limits
+    are written into that cgroup and this process becomes the init (a ForkedInit's
+    child): the init is in its cgroup from its first instruction of the run, so no
+    process migrates then, and no run waits for the kernel's RCU grace period (8-16
+    ms) that a move into a cgroup costs (cgroup_attach_task takes
+    cgroup_threadgroup_rwsem for writing).
 
     Why not the runner itself in the cgroup, to fork the init there: the runner would
     count against the task's pids and memory limits, be the OOM killer's first pick
