@@ -721,9 +721,10 @@ class InitSeed:
         self._used = False
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
-        def be_seed() -> int:
+        def be_seed() -> int:  # nothing of the runner's but stdio and `theirs`
             self._sock.close()
-            return _be_seed(theirs, task_cgroup.procs_files)
+            _close_all_but((theirs.fileno(),))
+            return sandbox_init.be_seed(theirs, task_cgroup.procs_files)
 
         # a warm runner's: its own process group, the run's (ForkedInit.signal_group)
         self.pid = _fork(be_seed, own_group=own_group)
@@ -813,10 +814,3 @@ class InitSeed:
             self.cgroup.remove()
         except cgroup.CgroupError as e:
             print(f"sandgate: warning: {e} (`sandgate gc` removes it later)", file=sys.stderr)
-
-
-def _be_seed(sock: socket.socket, procs_files: list[str]) -> int:
-    """In a forked seed: nothing of the runner's but stdio and `sock`, then the seed's
-    part (sandbox/init.py `be_seed`)."""
-    _close_all_but((sock.fileno(),))
-    return sandbox_init.be_seed(sock, procs_files)

@@ -748,20 +748,19 @@ def _init_seed(run_id: str, limits: cgroup.Limits, spawned=None):
 
     made = None
     try:
-        if not limits.controllers():
-            raise cgroup.CgroupError("no limit to set")
-        # The name create() gives it: `sandgate gc` knows it for this live run's.
-        made = cgroup.TaskCgroup.ahead(f"{cgroup.PREFIX}{run_id}")
-        if spawned is None:
-            return InitSeed(made, own_group=False)
-        spawned.join(made)
-        return spawned
+        if limits.controllers():
+            # The name create() gives it: `sandgate gc` knows it for this live run's.
+            made = cgroup.TaskCgroup.ahead(f"{cgroup.PREFIX}{run_id}")
+            if spawned is None:
+                return InitSeed(made, own_group=False)
+            spawned.join(made)
+            return spawned
     except (cgroup.CgroupError, OSError):
-        if spawned is not None:
-            spawned.discard()  # and its cgroup, once given
-        elif made is not None:
+        if spawned is None and made is not None:
             made.remove()
-        return None
+    if spawned is not None:
+        spawned.discard()  # and its cgroup, once given
+    return None
 
 
 def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True) -> dict[str, int]:

@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import json
 import logging
-import mmap
 import os
 import signal
 import socket
@@ -48,7 +47,7 @@ from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.reload import PolicyReloader
-from sandgate.proxy.telemetry.audit import audit_members
+from sandgate.proxy.telemetry.audit import audit_members, mapped_ring
 from sandgate.proxy.telemetry.blackbox import BlackBox
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.metrics import MetricsTally
@@ -347,9 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     blackbox = None
     if args.blackbox is not None:
         with open(args.blackbox, "r+b") as memfd:  # the mapping outlives the descriptor
-            mapping = mmap.mmap(memfd.fileno(), 0)
-        mapping.madvise(mmap.MADV_RANDOM)  # as audit.map_backed's: no megabytes read ahead
-        blackbox = BlackBox(mapping)
+            blackbox = BlackBox(mapped_ring(memfd.fileno()))
     worker = Worker(args.index, config, listeners, socket.socket(fileno=args.link), blackbox)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:  # the door shares its epoll set
         return runner.run(worker.run())

@@ -205,7 +205,7 @@ def enter_namespaces(netns_path: str, hostname: str) -> None:
 class UnmappedUserns:
     """A child in a user namespace of its own whose maps are not written yet: what an
     idmapped mount takes (`idmap_userns`). A warm runner's seed makes one before the
-    run (attach._be_seed, `userns_ahead`): the run's first idmapped mount (its
+    run (`be_seed`, `userns_ahead`): the run's first idmapped mount (its
     workspace) then takes two writes to /proc instead of a fork of this process, its
     start and its exit (~3-4 ms of the start, bench_attach --breakdown). A namespace
     made ahead is the same as one made at the run: an idmapped mount uses only its

@@ -855,13 +855,17 @@ def map_backed(fd: int, size: int) -> mmap.mmap:
     """A shared mapping of the first `size` bytes of the file `fd`, every block of it
     allocated first. A sparse file (ftruncate) has its blocks allocated as the mapping
     is written: on a full disk that write is a SIGBUS, which kills the gateway with
-    its audit trail; allocated here, a full disk is an OSError (ENOSPC) now.
-
-    Without readahead (MADV_RANDOM): the mapping's first fault read ahead megabytes of
-    the file, zeroing each page of it, ~4 ms of every run's start here and 1.5 ms more
-    to drop them at its end (docs/performance.md, "Session 40"); the ring is written
-    a page at a time, and a page it reaches is one fault then."""
+    its audit trail; allocated here, a full disk is an OSError (ENOSPC) now."""
     os.posix_fallocate(fd, 0, size)
+    return mapped_ring(fd, size)
+
+
+def mapped_ring(fd: int, size: int = 0) -> mmap.mmap:
+    """A shared mapping of the ring file `fd` (a journal, a black box; size 0: all of
+    it), without readahead (MADV_RANDOM): its first fault read ahead megabytes of the
+    file, zeroing each page of it, ~4 ms of every run's start here and 1.5 ms more to
+    drop them at its end (docs/performance.md, "Session 40"); a ring is written a page
+    at a time, and a page it reaches is one fault then."""
     mapping = mmap.mmap(fd, size)
     mapping.madvise(mmap.MADV_RANDOM)
     return mapping
