@@ -14,7 +14,6 @@ CAP_FSETID (enforcer/sandbox/seccomp.py, init.py `KEPT_CAPS`).
 from __future__ import annotations
 
 import contextlib
-
 import errno
 import json
 import os
