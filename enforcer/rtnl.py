@@ -1,11 +1,17 @@
-"""The few rtnetlink requests sandgate makes, encoded by pyroute2's message classes.
+"""The few rtnetlink requests sandgate makes: the address and route requests encoded by
+pyroute2's message classes, the link requests by this module.
 
 pyroute2's `IPRoute` loads, with itself, its request filters, its mock and every
 queueing discipline's message class: ~37 ms of the ~260 ms an embedded `sandgate run`
 takes to start and end (docs/performance.md, "Session 19"), for the six requests
-below. The three message classes they need (`ifinfmsg`, `ifaddrmsg`, `rtmsg`) load
-in ~10 ms; they encode each request and decode each answer, and this module only
-sends a request on a netlink socket and reads the kernel's answer to it.
+below. pyroute2's `ifaddrmsg` and `rtmsg` encode the address and route requests;
+this module sends a request on a netlink socket and reads the kernel's answer to it.
+
+The link requests (a veth pair, a link up, a link's state, its deletion) are
+sandgate's own bytes (`_link`, `_attribute`): pyroute2's `ifinfmsg` module loads its
+fifteen link-kind plugins, `multiprocessing` and `platform` with it, ~6 ms of every
+embedded start (docs/performance.md, "Session 41"), for four fixed layouts.
+tests/unit/test_rtnl_exchange.py checks them byte for byte against `ifinfmsg`'s.
 
 A link's index is asked with an interface ioctl instead (`SIOCGIFINDEX`, as
 `if_nametoindex` does), on the same socket: the kernel answers it in that socket's
@@ -48,12 +54,12 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWROUTE,
 )
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 TIMEOUT_S = 5.0
 DUMP_ATTEMPTS = 5
 _HEADER = struct.Struct("=IHHI")  # nlmsghdr: length, type, flags, seq (then the port id)
+_REQUEST_HEADER = struct.Struct("=IHHII")  # nlmsghdr, the port id 0: the kernel's to fill
 _ERROR = struct.Struct("=i")  # nlmsgerr's error, after its header
 _CHANGE = NLM_F_REQUEST | NLM_F_ACK
 _CREATE = _CHANGE | NLM_F_CREATE | NLM_F_EXCL
@@ -65,6 +71,10 @@ _IFINFOMSG_END = 32  # nlmsghdr and ifinfomsg: the attributes start here
 _IFADDRMSG_END = 24  # nlmsghdr and ifaddrmsg
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _IFLA_OPERSTATE, _IF_OPER_UP = 16, 6
+_U32 = struct.Struct("=I")
+_IFINFOMSG = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
+_IFLA_IFNAME, _IFLA_LINKINFO, _IFLA_NET_NS_FD = 3, 18, 28
+_IFLA_INFO_KIND, _IFLA_INFO_DATA, _VETH_INFO_PEER = 1, 2, 1
 _IFREQ = struct.Struct("16si20x")  # struct ifreq: the name, then the union (its int first)
 _IFNAMSIZ = 16  # with the name's NUL
 _RT_TABLE_MAIN, _RTPROT_STATIC, _RT_SCOPE_UNIVERSE, _RTN_UNICAST = 254, 4, 0, 1
@@ -112,9 +122,7 @@ class Rtnl:
         once, its peer down and its queue not active: it dropped the gateway's first
         ARP reply in 1 of 150-450 sandbox networks on a busy host (the task's first
         packet waited a second, for the next ARP probe)."""
-        msg = ifinfmsg()
-        msg["index"] = index
-        (answer,) = self._request(msg, RTM_GETLINK, _CHANGE, bytes)
+        (answer,) = self._request(_link(index), RTM_GETLINK, _CHANGE, collect=True)
         for kind, value in _attributes(answer, _IFINFOMSG_END):
             if kind == _IFLA_OPERSTATE:
                 return value[:1] == bytes([_IF_OPER_UP])
@@ -142,22 +150,20 @@ class Rtnl:
 
     def add_veth(self, name: str, peer: str, peer_netns_fd: int) -> None:
         """A veth pair: `name` here, `peer` in the network namespace `peer_netns_fd`."""
-        msg = _named(name)
-        peer_attrs = [("IFLA_IFNAME", peer), ("IFLA_NET_NS_FD", peer_netns_fd)]
-        data = [("VETH_INFO_PEER", {"attrs": peer_attrs})]
-        info = [("IFLA_INFO_KIND", "veth"), ("IFLA_INFO_DATA", {"attrs": data})]
-        msg["attrs"].append(("IFLA_LINKINFO", {"attrs": info}))
+        peer_link = _link(attrs=_name(peer) + _attribute(_IFLA_NET_NS_FD, _U32.pack(peer_netns_fd)))
+        info = _attribute(_IFLA_INFO_KIND, b"veth\0") + _attribute(
+            _IFLA_INFO_DATA, _attribute(_VETH_INFO_PEER, peer_link)
+        )
+        msg = _link(attrs=_name(name) + _attribute(_IFLA_LINKINFO, info))
         self._request(msg, RTM_NEWLINK, _CREATE)
 
     def set_up(self, index: int, up: bool = True) -> None:
-        msg = ifinfmsg()
-        msg["index"], msg["change"], msg["flags"] = index, _IFF_UP, _IFF_UP if up else 0
-        self._request(msg, RTM_NEWLINK, _CHANGE)
+        self._request(_link(index, _IFF_UP if up else 0, _IFF_UP), RTM_NEWLINK, _CHANGE)
 
     def delete_link(self, name: str) -> bool:
         """Delete link `name` (a veth end: both); False when there is none."""
         try:
-            self._request(_named(name), RTM_DELLINK, _CHANGE)
+            self._request(_link(attrs=_name(name)), RTM_DELLINK, _CHANGE)
         except OSError as e:
             if e.errno == errno.ENODEV:
                 return False
@@ -178,7 +184,7 @@ class Rtnl:
         new one (bench_attach `--beside 256 --breakdown`)."""
         msg = ifaddrmsg()
         msg["family"] = socket.AF_INET
-        found = self._request(msg, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, bytes)
+        found = self._request(msg, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, collect=True)
         return {
             socket.inet_ntoa(value)
             for answer in found
@@ -197,24 +203,26 @@ class Rtnl:
 
     # --- the exchange ----------------------------------------------------------------
 
-    def _request(self, msg, msg_type: int, flags: int, answer=None) -> list:
-        """Send `msg`; the messages that answer it, decoded as `answer`, until its
-        acknowledgement or a dump's end. Raises OSError for the kernel's error. A dump
-        the kernel marks interrupted (the table changed under it: it may miss entries)
-        is asked for again."""
+    def _request(self, body, msg_type: int, flags: int, collect: bool = False) -> list[bytes]:
+        """Send the request `body` (bytes after its nlmsghdr, or a pyroute2 message);
+        the messages that answer it, as bytes, if `collect`, until its acknowledgement
+        or a dump's end. Raises OSError for the kernel's error. A dump the kernel marks
+        interrupted (the table changed under it: it may miss entries) is asked for again."""
+        if not isinstance(body, bytes):
+            body.encode()
+            body = bytes(body.data[_HEADER_END:])
         for _ in range(DUMP_ATTEMPTS):
-            found, interrupted = self._exchange(msg, msg_type, flags, answer)
+            found, interrupted = self._exchange(body, msg_type, flags, collect)
             if not interrupted:
                 return found
         raise OSError(errno.EAGAIN, f"rtnetlink dump {msg_type} was interrupted by changes "
                                     f"{DUMP_ATTEMPTS} times in a row")  # fmt: skip
 
-    def _exchange(self, msg, msg_type: int, flags: int, answer) -> tuple[list, bool]:
+    def _exchange(self, body: bytes, msg_type: int, flags: int, collect: bool) -> tuple[list, bool]:
         self._seq = seq = self._seq % 0xFFFFFFFF + 1
-        header = msg["header"]
-        header["type"], header["flags"], header["sequence_number"] = msg_type, flags, seq
-        msg.encode()
-        self.sock.send(msg.data)
+        self.sock.send(
+            _REQUEST_HEADER.pack(_HEADER_END + len(body), msg_type, flags, seq, 0) + body
+        )
         found, interrupted = [], False
         while True:
             try:
@@ -237,12 +245,8 @@ class Rtnl:
                         if code < 0:
                             raise OSError(-code, os.strerror(-code))
                         return found, interrupted
-                    if answer is bytes:
+                    if collect:
                         found.append(data[offset : offset + length])
-                    elif answer is not None:
-                        message = answer(data[offset : offset + length])
-                        message.decode()
-                        found.append(message)
                 offset += (length + 3) & ~3
 
 
@@ -257,7 +261,17 @@ def _attributes(message: bytes, offset: int):
         offset += (length + 3) & ~3
 
 
-def _named(name: str) -> ifinfmsg:
-    msg = ifinfmsg()
-    msg["attrs"] = [("IFLA_IFNAME", name)]
-    return msg
+def _link(index: int = 0, flags: int = 0, change: int = 0, attrs: bytes = b"") -> bytes:
+    """An ifinfomsg (family AF_UNSPEC, as `ip link` sends) and its attributes."""
+    return _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change) + attrs
+
+
+def _name(name: str) -> bytes:
+    """IFLA_IFNAME: the name with its NUL (the kernel refuses one of IFNAMSIZ or more)."""
+    return _attribute(_IFLA_IFNAME, name.encode() + b"\0")
+
+
+def _attribute(kind: int, value: bytes) -> bytes:
+    """One rtattr (a nested one's value is its attributes), padded to 4 bytes."""
+    length = _RTATTR.size + len(value)
+    return _RTATTR.pack(length, kind) + value + bytes(-length % 4)

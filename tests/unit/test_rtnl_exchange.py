@@ -1,5 +1,6 @@
 """enforcer/rtnl.py's exchange without a kernel: what it does with answers the kernel
-sends rarely (an interrupted dump, a dump's error) or never (a malformed header)."""
+sends rarely (an interrupted dump, a dump's error) or never (a malformed header), and
+the link requests it encodes itself, byte for byte as pyroute2's `ifinfmsg` does."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from sandgate.enforcer import rtnl
 
 NLMSG_ERROR, NLMSG_DONE, RTM_NEWADDR = 2, 3, 20
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 NLM_F_MULTI, NLM_F_DUMP_INTR = 0x2, 0x10
 
 
@@ -124,3 +126,42 @@ def test_a_kernel_that_never_answers_is_a_timeout_not_a_hang(
 
     with pytest.raises(TimeoutError, match="no answer from the kernel"):
         kernel_rtnl(monkeypatch, Silent()).set_up(3)
+
+
+def _pyroute2_link(msg_type: int, msg_flags: int, seq: int, **fields) -> bytes:
+    """What pyroute2's ifinfmsg encodes for the same request (`attrs` as it takes them)."""
+    import sandgate.enforcer.lean_pyroute2  # noqa: F401
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+
+    msg = ifinfmsg()
+    for name, value in fields.items():
+        msg[name] = value
+    header = msg["header"]
+    header["type"], header["flags"], header["sequence_number"] = msg_type, msg_flags, seq
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_the_link_requests_are_the_bytes_pyroute2_encodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    ack = [(NLMSG_ERROR, 0, struct.pack("=i", 0))]
+    operstate_up = struct.pack("=BxHiII", 0, 1, 7, 0x1, 0) + struct.pack("=HHB3x", 5, 16, 6)
+    kernel = ScriptedKernel(ack, ack, ack, [(RTM_NEWLINK, 0, operstate_up)] + ack, ack)
+    link = kernel_rtnl(monkeypatch, kernel)
+    link.add_veth("sgh-0a1b2c3d", "eth0", 9)
+    link.set_up(7)
+    link.set_up(7, up=False)
+    assert link.link_up(7)
+    assert link.delete_link("sgh-0a1b2c3d")
+
+    create, change = 0x1 | 0x4 | 0x400 | 0x200, 0x1 | 0x4  # REQUEST ACK CREATE EXCL; REQUEST ACK
+    peer = [("IFLA_IFNAME", "eth0"), ("IFLA_NET_NS_FD", 9)]
+    info = [("IFLA_INFO_KIND", "veth"),
+            ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": peer})]})]  # fmt: skip
+    veth = [("IFLA_IFNAME", "sgh-0a1b2c3d"), ("IFLA_LINKINFO", {"attrs": info})]
+    assert kernel.sent == [
+        _pyroute2_link(RTM_NEWLINK, create, 1, attrs=veth),
+        _pyroute2_link(RTM_NEWLINK, change, 2, index=7, change=1, flags=1),
+        _pyroute2_link(RTM_NEWLINK, change, 3, index=7, change=1, flags=0),
+        _pyroute2_link(RTM_GETLINK, change, 4, index=7),
+        _pyroute2_link(RTM_DELLINK, change, 5, attrs=[("IFLA_IFNAME", "sgh-0a1b2c3d")]),
+    ]
