@@ -13,10 +13,18 @@ it again, unpickled (~0.4 ms for the default rules), only while all of it is the
   sha256, where a name led, no file. An edited, replaced, created or removed file, a
   symlink pointed elsewhere, all compile afresh; a policy whose files changed while
   it was compiled is not kept;
-- the files given, the working directory (the policy's file names are relative to
-  it), SANDGATE_RULES_DIR (where presets are), the time zone (a date's expiry instant);
+- the files given (as absolute paths: a relative one names another file from another
+  directory), SANDGATE_RULES_DIR (where presets are), the time zone (a date's expiry
+  instant);
 - the compiler's code and PyYAML's (their files' sizes and mtimes) and the interpreter;
 - the day, and no rule's expiry passed since (a load then reports it as expired).
+
+Not the working directory: a task usually starts in a directory of its own (its
+workspace), and keyed by it every run compiled afresh (+15 ms, bench_start from a
+new directory each round: docs/performance.md, "Session 41"). What depends on it is
+the policy's `files`, the files' names as an admin types them (relative to it if
+below it: files.display_path); a kept policy gets them made again from `inputs`
+(`_files`), and one whose `files` that would not give is not kept.
 
 Rules with problems raise as `load_policy` does and are never kept. The file holds a
 pickle, read as root, so it is trusted as the dataclass methods are
@@ -41,9 +49,12 @@ import sandgate.proxy.policy
 from sandgate.enforcer import private_cache
 from sandgate.enforcer.dataclass_cache import CACHE_DIR
 from sandgate.proxy.policy import CompiledPolicy
-from sandgate.proxy.policy.files import RULES_DIR, input_now
+from sandgate.proxy.policy.files import RULES_DIR, display_path, input_now
 
-_FORMAT = 1  # of the kept entry: a change makes every kept file a miss
+_FORMAT = 2  # of the kept entry: a change makes every kept file a miss
+# Entries kept (one per set of rule files and working directory: a host whose runs
+# start each in a directory of its own makes one a run); the oldest written go.
+KEEP_FILES = 64
 
 
 def load(paths: list[Path], directory: str = CACHE_DIR, now: float | None = None) -> CompiledPolicy:
@@ -58,17 +69,22 @@ def load(paths: list[Path], directory: str = CACHE_DIR, now: float | None = None
 
     policy = load_policy(paths, now=now)
     # Kept only if the files are still what the compiler read (none changed meanwhile).
-    if as_root and policy.inputs and _inputs_now(policy) == policy.inputs:
+    if (
+        as_root
+        and policy.inputs
+        and _inputs_now(policy) == policy.inputs
+        and _files(policy) == policy.files
+    ):
         entry = (_FORMAT, _code_stamp(), policy)
         private_cache.write(path, pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL))
+        private_cache.keep_newest(directory, "policy-*.pickle", KEEP_FILES)
     return policy
 
 
 def _key(paths: list[Path]) -> str:
     """The entry's name: what the policy is asked for, where, and how dates read."""
     asked = (
-        [str(p) for p in paths],
-        os.getcwd(),
+        [os.path.abspath(p) for p in paths],
         str(RULES_DIR),
         time.tzname,
         time.timezone,
@@ -103,8 +119,23 @@ def _kept(path: str, now: float) -> CompiledPolicy | None:
         return None
     if not policy.inputs or _inputs_now(policy) != policy.inputs:
         return None
+    files = _files(policy)
+    if files != policy.files:  # kept from another working directory
+        # This process's own object, just unpickled, not yet seen by anything: the
+        # frozen dataclass's __init__ would build its indexes again.
+        object.__setattr__(policy, "files", files)
     gc.freeze()  # as load_policy (without its collect: a start has made little garbage yet)
     return policy
+
+
+def _files(policy: CompiledPolicy) -> tuple[str, ...]:
+    """`policy.files` as the compiler would name them from this working directory: the
+    files it read (an input's sha256), in the order it read them."""
+    return tuple(
+        display_path(Path(path))
+        for path, found in policy.inputs
+        if found is not None and found.startswith("sha256:")
+    )
 
 
 def _inputs_now(policy: CompiledPolicy) -> tuple[tuple[str, str | None], ...]:

@@ -1,6 +1,9 @@
 """Files that sandgate keeps to skip work at a later start, and then trusts: the
 task's seccomp program (sandbox/seccomp.py), the compiled dataclass methods
-(dataclass_cache.py). A file is read only when it and its directory belong to this
+(dataclass_cache.py), the compiled policy (policy_cache.py), a workspace's last walk
+(sandbox/planting.py). Those kept per key (a set of rule files, a workspace) are
+bounded by `keep_newest`, so that a host whose runs each name other files does
+not fill its state directory. A file is read only when it and its directory belong to this
 user and nobody else can write them, and is written whole or not at all (a
 temporary file renamed over it). Best effort both ways: a cache that cannot be read
 or written costs time, never safety."""
@@ -8,6 +11,7 @@ or written costs time, never safety."""
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import stat
 
@@ -49,3 +53,17 @@ def write(path: str, data: bytes) -> None:
     except OSError:  # a full disk: no half-written file left behind
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+
+
+def keep_newest(directory: str | os.PathLike, pattern: str, count: int) -> None:
+    """Remove all but the `count` newest (by mtime) files matching `pattern` in
+    `directory`. Best effort, as the rest: a file it cannot remove stays."""
+    with contextlib.suppress(OSError):
+        files = []
+        for entry in os.scandir(directory):
+            if fnmatch.fnmatchcase(entry.name, pattern):
+                with contextlib.suppress(OSError):
+                    files.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
+        for _, old in sorted(files)[:-count] if count > 0 else sorted(files):
+            with contextlib.suppress(OSError):
+                os.unlink(old)

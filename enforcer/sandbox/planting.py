@@ -717,10 +717,7 @@ def keep(walked: Survey, cache_dir: Path | None) -> None:
         ],
     }
     private_cache.write(_kept_path(cache_dir, list(walked.roots)), json.dumps(document).encode())
-    with contextlib.suppress(OSError):
-        files = sorted(Path(cache_dir).glob("walk-*.json"), key=lambda p: p.stat().st_mtime)
-        for old in files[:-KEEP_FILES]:
-            old.unlink()
+    private_cache.keep_newest(cache_dir, "walk-*.json", KEEP_FILES)
 
 
 def _kept_path(cache_dir: Path, roots: list[Path]) -> str:

@@ -21,6 +21,16 @@ PRESETS_DIR = RULES_DIR / "presets"
 DEFAULT_RULES = RULES_DIR / "default.yaml"
 
 
+def display_path(path: Path) -> str:
+    """Paths as an admin would type them: relative to the working directory if below it.
+    The only part of a compiled policy that depends on the working directory (its
+    `files`; a rule's identity is relative to the rules root)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def resolve(path: Path) -> Path:
     """`path` made absolute, its symlinks resolved where they can be: a symlink loop
     stays as given, and reading it reports the loop (Path.resolve raises RuntimeError)."""

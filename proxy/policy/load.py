@@ -46,6 +46,7 @@ from .files import (  # noqa: F401 - re-exported
     RULES_DIR,
     SHIPPED_RULES_DIR,
     content_input,
+    display_path,
     read_regular_file,
     resolve,
 )
@@ -232,7 +233,7 @@ class _Loader:
         if path in self.sources:
             return self.sources[path]
         self.tried[path] = None
-        display = _display_path(path)
+        display = display_path(path)
         try:
             data = read_regular_file(path)
         except OSError as e:
@@ -593,7 +594,7 @@ class _Loader:
                 return []
             self.tried.setdefault(named, path)
         if path in stack:
-            chain = " -> ".join(_display_path(p) for p in (*stack, path))
+            chain = " -> ".join(display_path(p) for p in (*stack, path))
             self.problem(source, node, f"circular include: {chain}")
             return []
         if path in self.preset_rules:
@@ -962,11 +963,3 @@ def _too_deep(text: str) -> yaml.Mark | None:
     except yaml.YAMLError:
         return None  # compose reports it, with its mark
     return None
-
-
-def _display_path(path: Path) -> str:
-    """Paths as an admin would type them: relative to the working directory if below it."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)

@@ -232,13 +232,52 @@ def test_a_kept_file_that_cannot_be_trusted_or_used_is_compiled_around(
     assert rule_ids(again) == ["first"]
 
 
-def test_another_working_directory_has_its_own_entry(tmp_path, cache, compiler, monkeypatch):
-    """The policy's file names are relative to the working directory."""
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(ALLOW)
+def test_another_working_directory_gets_the_kept_policy_its_files_named_from_there(
+    tmp_path, cache, compiler, monkeypatch
+):
+    """A task usually starts in a directory of its own: the kept policy is given there
+    too, with its file names (`files`, relative to the working directory if below it)
+    as a compile there names them, the include's too."""
+    (tmp_path / "rules").mkdir()
+    rules, part = tmp_path / "rules" / "rules.yaml", tmp_path / "rules" / "part.yaml"
+    rules.write_text("version: 1\nprofiles:\n  default:\n    include: [part.yaml]\n")
+    part.write_text("version: 1\nrules:\n  - allow: a.test\n    id: part-a\n")
     monkeypatch.chdir(tmp_path)
     here = policy_cache.load([rules], cache)
-    monkeypatch.chdir("/")
-    there = policy_cache.load([rules], cache)
+    for elsewhere in ("/", tmp_path / "rules", cache):
+        monkeypatch.chdir(elsewhere)
+        there = policy_cache.load([rules], cache)
+        assert compiler.calls == 1
+        assert there.files == compiler.real([rules]).files  # (not counted)
+        assert there.hash == here.hash and rule_ids(there) == ["part-a"]
+    assert here.files == ("rules/rules.yaml", "rules/part.yaml")
+    assert there.files == (str(rules), str(part))
+
+
+def test_a_relative_rules_path_from_another_directory_is_another_file(
+    tmp_path, cache, compiler, monkeypatch
+):
+    for name, rule_id in (("a", "first"), ("b", "second")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "rules.yaml").write_text(ALLOW.replace("first", rule_id))
+    monkeypatch.chdir(tmp_path / "a")
+    first = policy_cache.load([Path("rules.yaml")], cache)
+    monkeypatch.chdir(tmp_path / "b")
+    second = policy_cache.load([Path("rules.yaml")], cache)
     assert compiler.calls == 2
-    assert (here.files, there.files) == (("rules.yaml",), (str(rules).lstrip("/"),))
+    assert (rule_ids(first), rule_ids(second)) == (["first"], ["second"])
+    assert second.files == ("rules.yaml",)
+
+
+def test_the_oldest_kept_policies_go(tmp_path, cache, compiler, monkeypatch):
+    """One entry per set of rule files: a host whose runs each name a file of their
+    own does not fill its state directory."""
+    monkeypatch.setattr(policy_cache, "KEEP_FILES", 2)
+    for n in range(4):
+        (tmp_path / f"rules{n}.yaml").write_text(ALLOW)
+        policy_cache.load([tmp_path / f"rules{n}.yaml"], cache)
+        time.sleep(0.01)
+    assert len(list(Path(cache).glob("policy-*.pickle"))) == 2
+    policy_cache.load([tmp_path / "rules3.yaml"], cache)
+    policy_cache.load([tmp_path / "rules0.yaml"], cache)
+    assert compiler.calls == 5  # the newest kept, the oldest compiled again
