@@ -20,8 +20,8 @@ it again, unpickled (~0.4 ms for the default rules), only while all of it is the
 - the day, and no rule's expiry passed since (a load then reports it as expired).
 
 Not the working directory: a task usually starts in a directory of its own (its
-workspace), and keyed by it every run compiled afresh (+15 ms, bench_start from a
-new directory each round: docs/performance.md, "Session 41"). What depends on it is
+workspace), and keyed by it every run compiled afresh (+12 ms from a new directory
+each round: docs/performance.md, "Session 41"). What depends on it is
 the policy's `files`, the files' names as an admin types them (relative to it if
 below it: files.display_path); a kept policy gets them made again from `inputs`
 (`_files`), and one whose `files` that would not give is not kept.

@@ -9,8 +9,8 @@ this module sends a request on a netlink socket and reads the kernel's answer to
 
 The link requests (a veth pair, a link up, a link's state, its deletion) are
 sandgate's own bytes (`_link`, `_attribute`): pyroute2's `ifinfmsg` module loads its
-fifteen link-kind plugins, `multiprocessing` and `platform` with it, ~6 ms of every
-embedded start (docs/performance.md, "Session 41"), for four fixed layouts.
+fifteen link-kind plugins, `multiprocessing` and `pkgutil` with it, for four fixed
+layouts (the embedded start 0.95x-0.97x without it: docs/performance.md, "Session 41").
 tests/unit/test_rtnl_exchange.py checks them byte for byte against `ifinfmsg`'s.
 
 A link's index is asked with an interface ioctl instead (`SIOCGIFINDEX`, as
