@@ -52,8 +52,8 @@ from sandgate.proxy.policy import CompiledPolicy
 from sandgate.proxy.policy.files import RULES_DIR, display_path, input_now
 
 _FORMAT = 2  # of the kept entry: a change makes every kept file a miss
-# Entries kept (one per set of rule files and working directory: a host whose runs
-# start each in a directory of its own makes one a run); the oldest written go.
+# Entries kept (one per set of rule files: a host whose runs each name files of their
+# own makes one a run); the oldest written go.
 KEEP_FILES = 64
 
 

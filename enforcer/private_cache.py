@@ -2,9 +2,9 @@
 task's seccomp program (sandbox/seccomp.py), the compiled dataclass methods
 (dataclass_cache.py), the compiled policy (policy_cache.py), a workspace's last walk
 (sandbox/planting.py). Those kept per key (a set of rule files, a workspace) are
-bounded by `keep_newest`, so that a host whose runs each name other files does
-not fill its state directory. A file is read only when it and its directory belong to this
-user and nobody else can write them, and is written whole or not at all (a
+bounded by `keep_newest`, so that a host whose runs each name other files does not
+fill its state directory. A file is read only when it and its directory belong to
+this user and nobody else can write them, and is written whole or not at all (a
 temporary file renamed over it). Best effort both ways: a cache that cannot be read
 or written costs time, never safety."""
 
@@ -64,6 +64,6 @@ def keep_newest(directory: str | os.PathLike, pattern: str, count: int) -> None:
             if fnmatch.fnmatchcase(entry.name, pattern):
                 with contextlib.suppress(OSError):
                     files.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.path))
-        for _, old in sorted(files)[:-count] if count > 0 else sorted(files):
+        for _, old in sorted(files)[: max(len(files) - count, 0)]:
             with contextlib.suppress(OSError):
                 os.unlink(old)
