@@ -343,18 +343,30 @@ class TaskRun:
         kept = None if opts.audit_log else lambda r: (AUDIT_DIR / f"{r}.jsonl").exists()
         self._use_id(claim_run_id(self.run_id, kept))
         self.claimed = True
-        self.audit = open_audit_log(self.audit_path, opts.audit_budget)
         self.summary.telemetry["audit_log"] = str(self.audit_path)
-        write_own_file(self.dir / "pid", process_stamp.stamp(os.getpid()))  # pid and start: gc
-        # The walk of the workspace (planting.py: what is there before the task) in a
-        # thread while the network and the gateway are made: mostly directory reads
-        # (~27 ms for a checkout with a venv), beside the kernel's waits for the netns.
-        surveying = None
-        if opts.sandbox.workspace_guard and opts.sandbox.writable:
-            surveying = asyncio.ensure_future(
-                asyncio.to_thread(prepare.walk_before, opts.sandbox.writable, STATE_DIR / "cache")
-            )
-        self.net = await asyncio.to_thread(make_sandbox_net, self.run_id, opts.pool)
+        # The audit log opens in a thread while the network is made (its journal made,
+        # its directory listed for rotated files: ~5 ms, mostly the kernel's): nothing
+        # before the gateway emits, and the gateway waits for both.
+        opening = asyncio.ensure_future(
+            asyncio.to_thread(open_audit_log, self.audit_path, opts.audit_budget)
+        )
+        try:
+            write_own_file(self.dir / "pid", process_stamp.stamp(os.getpid()))  # pid and start: gc
+            # The walk of the workspace (planting.py: what is there before the task) in a
+            # thread while the network and the gateway are made: mostly directory reads
+            # (~27 ms for a checkout with a venv), beside the kernel's waits for the netns.
+            surveying = None
+            if opts.sandbox.workspace_guard and opts.sandbox.writable:
+                surveying = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        prepare.walk_before, opts.sandbox.writable, STATE_DIR / "cache"
+                    )
+                )
+            self.net = await asyncio.to_thread(make_sandbox_net, self.run_id, opts.pool)
+        finally:
+            # Whatever failed: a log that opened records the run that was not started;
+            # one that did not is the error said (the other, if any, its context).
+            self.audit = await opening
         gateway_ip, sandbox_ip = self.net.gateway_ip, self.net.sandbox_ip
         # After the netns: `sandgate gc` of another RUN_DIR keeps a cgroup of no run of
         # its own only while that run's netns exists (its cgroup is empty until joined).

@@ -201,14 +201,32 @@ def test_a_gateway_ca_that_cannot_be_made_is_said_and_leaves_nothing(net, tmp_pa
     assert not (left := leftovers(net, r.audit[-1]["task_id"])), left
 
 
+def _sandbox_networks(net) -> set[str]:
+    """Every sandbox netns, host veth end and nftables table there is now."""
+    links = net.run_in_host(["ip", "-o", "link", "show"], check=True).stdout
+    tables = net.run_in_host(["nft", "list", "tables"], check=True).stdout.split()
+    return (
+        {f"netns {n}" for n in os.listdir(NETNS_DIR) if n.startswith("sg-")}
+        | {f"veth {w.split('@')[0]}" for w in links.split() if w.startswith("sgh-")}
+        | {f"table {t}" for t in tables if t.startswith("sandgate_")}
+    )
+
+
 def test_a_full_state_dir_is_said_not_a_bus_error(net, tmp_path):
+    """The audit log cannot be opened (its journal has no room): said, and the sandbox
+    network made meanwhile (the log opens while it is made) is gone again."""
     workdir = sandbox._workdir(tmp_path)
     argv = sandbox._argv(net, workdir, ["true"], sandbox.DEMO_RULES, ())
+    before = _sandbox_networks(net)
     state, proc = _on_full_tmpfs(net, tmp_path, "SANDGATE_STATE_DIR", 1024, 512, argv)
     assert proc.returncode == 125, (proc.returncode, proc.stderr)
     said = f"sandgate: cannot make the audit journal {state}/audit-journal/"
     assert said in proc.stderr and "No space left on device" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+    # (a released netns's veth is the kernel's to delete, moments after the run)
+    assert sandbox.eventually(lambda: _sandbox_networks(net) <= before, timeout=5), (
+        _sandbox_networks(net) - before
+    )
 
 
 def test_a_service_without_room_for_a_workers_black_box_says_which(net, tmp_path):
