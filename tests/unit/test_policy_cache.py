@@ -273,10 +273,13 @@ def test_the_oldest_kept_policies_go(tmp_path, cache, compiler, monkeypatch):
     """One entry per set of rule files: a host whose runs each name a file of their
     own does not fill its state directory."""
     monkeypatch.setattr(policy_cache, "KEEP_FILES", 2)
+    stamped = set()
     for n in range(4):
         (tmp_path / f"rules{n}.yaml").write_text(ALLOW)
         policy_cache.load([tmp_path / f"rules{n}.yaml"], cache)
-        time.sleep(0.01)
+        for entry in set(Path(cache).glob("policy-*.pickle")) - stamped:
+            os.utime(entry, (1e9 + n, 1e9 + n))  # written in this order, whatever the clock's grain
+            stamped.add(entry)
     assert len(list(Path(cache).glob("policy-*.pickle"))) == 2
     policy_cache.load([tmp_path / "rules3.yaml"], cache)
     policy_cache.load([tmp_path / "rules0.yaml"], cache)
