@@ -176,7 +176,7 @@ class Rtnl:
         msg = ifaddrmsg()
         msg["family"], msg["prefixlen"], msg["index"] = socket.AF_INET, prefixlen, index
         msg["attrs"] = [("IFA_LOCAL", address), ("IFA_ADDRESS", address)]
-        self._request(msg, RTM_NEWADDR, _CREATE)
+        self._request(_body(msg), RTM_NEWADDR, _CREATE)
 
     def ipv4_addresses(self) -> set[str]:
         """The IPv4 addresses of this network namespace's links. Read from the dump's
@@ -184,7 +184,7 @@ class Rtnl:
         new one (bench_attach `--beside 256 --breakdown`)."""
         msg = ifaddrmsg()
         msg["family"] = socket.AF_INET
-        found = self._request(msg, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, collect=True)
+        found = self._request(_body(msg), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, collect=True)
         return {
             socket.inet_ntoa(value)
             for answer in found
@@ -199,18 +199,17 @@ class Rtnl:
         msg["family"], msg["table"], msg["proto"] = socket.AF_INET, _RT_TABLE_MAIN, _RTPROT_STATIC
         msg["scope"], msg["type"] = _RT_SCOPE_UNIVERSE, _RTN_UNICAST
         msg["attrs"] = [("RTA_GATEWAY", gateway)]
-        self._request(msg, RTM_NEWROUTE, _CREATE)
+        self._request(_body(msg), RTM_NEWROUTE, _CREATE)
 
     # --- the exchange ----------------------------------------------------------------
 
-    def _request(self, body, msg_type: int, flags: int, collect: bool = False) -> list[bytes]:
-        """Send the request `body` (bytes after its nlmsghdr, or a pyroute2 message);
-        the messages that answer it, as bytes, if `collect`, until its acknowledgement
-        or a dump's end. Raises OSError for the kernel's error. A dump the kernel marks
-        interrupted (the table changed under it: it may miss entries) is asked for again."""
-        if not isinstance(body, bytes):
-            body.encode()
-            body = bytes(body.data[_HEADER_END:])
+    def _request(
+        self, body: bytes, msg_type: int, flags: int, collect: bool = False
+    ) -> list[bytes]:
+        """Send the request `body` (its bytes after the nlmsghdr); the messages that
+        answer it, as bytes, if `collect`, until its acknowledgement or a dump's end.
+        Raises OSError for the kernel's error. A dump the kernel marks interrupted (the
+        table changed under it: it may miss entries) is asked for again."""
         for _ in range(DUMP_ATTEMPTS):
             found, interrupted = self._exchange(body, msg_type, flags, collect)
             if not interrupted:
@@ -259,6 +258,12 @@ def _attributes(message: bytes, offset: int):
             return
         yield kind, message[offset + _RTATTR.size : offset + length]
         offset += (length + 3) & ~3
+
+
+def _body(msg) -> bytes:
+    """A pyroute2 message's bytes after its nlmsghdr (`_exchange` writes the header)."""
+    msg.encode()
+    return bytes(msg.data[_HEADER_END:])
 
 
 def _link(index: int = 0, flags: int = 0, change: int = 0, attrs: bytes = b"") -> bytes:
