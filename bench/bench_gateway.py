@@ -56,6 +56,7 @@ import sys
 import time
 from pathlib import Path
 
+import floor_tls
 import hostspeed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1382,6 +1383,7 @@ def report(results: dict) -> str:
     ]
     out += [line(r) for r in rows]
     out += report_floor(results)
+    out += report_inspected_bulk(results)
     machine = results.get("machine", {})
     out.append("")
     out.append(
@@ -1488,6 +1490,36 @@ def report_floor(results: dict) -> list[str]:
         widths = (8, 9, 8, 9, 12)
         out.append(
             f"  {label:38s}" + "".join(f" {v:>{w}s}" for v, w in zip(values, widths, strict=True))
+        )
+    return out
+
+
+def report_inspected_bulk(results: dict) -> list[str]:
+    """What inspection adds to a download's time a MB (I against C), beside the least
+    it must do a MB (bench/floor_tls.py) and what 2x mitmdump's bulk would leave it."""
+    work = results.get("tls_floor")
+    inspected, passed, mitmdump = (
+        _get(results.get(key, {}), "bulk", "mb_per_s") for key in ("I", "C", "M")
+    )
+    if not (work and inspected and passed):
+        return []
+    added = 1e3 / inspected - 1e3 / passed
+    out = [
+        "",
+        f"inspected bulk against its least work: decrypting and encrypting a MB again "
+        f"({work['suite']}, Python's ssl over memory BIOs: bench/floor_tls.py) "
+        f"{work['ms_per_mb']:.2f} ms; inspection adds {added:.2f} ms a MB to pass-through's "
+        f"download (1/{inspected:,.0f} - 1/{passed:,.0f} MB/s), {added / work['ms_per_mb']:.2f}x that work",
+    ]
+    if mitmdump:
+        left = 1e3 / (2 * mitmdump) - 1e3 / passed
+        out.append(
+            f"  2x mitmdump's bulk ({2 * mitmdump:,.0f} MB/s) would leave inspection "
+            + (
+                f"{left:.2f} ms a MB, {left / work['ms_per_mb']:.2f}x that work"
+                if left > 0
+                else "nothing: it is above pass-through's bulk"
+            )
         )
     return out
 
@@ -1740,6 +1772,8 @@ def main() -> int:
             "versions": versions(),
             "speed": hostspeed.describe(speed, hostspeed.measure()),
         }
+        if bench.results.get("I", {}).get("rounds"):
+            results["tls_floor"] = floor_tls.measure()
         results["total_seconds"] = time.monotonic() - t_all
         print()
         print(report(results))
