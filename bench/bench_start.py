@@ -162,9 +162,9 @@ def run_env(work: Path | None) -> dict:
     return env
 
 
-def timed_ms(argv: list[str], env: dict) -> float:
+def timed_ms(argv: list[str], env: dict, cwd: Path | None = None) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=cwd)
     ms = (time.perf_counter() - t0) * 1000
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-500:]}")
@@ -181,14 +181,23 @@ def sandgate_of(python: Path) -> str:
 
 
 def measure_start(
-    host_ns: str, rounds: int, pythons: dict[str, Path], run_args: list[str], fresh: Path | None
+    host_ns: str,
+    rounds: int,
+    pythons: dict[str, Path],
+    run_args: list[str],
+    fresh: Path | None,
+    new_cwd: Path | None = None,
 ) -> dict[str, list[float]]:
+    """With `new_cwd`, every start runs in a new empty directory under it, as a task
+    started in a workspace of its own does (what the run keeps per working directory,
+    if anything, is then never found)."""
     samples: dict[str, list[float]] = {mode: [] for mode in pythons}
     samples[FLOOR] = []
     for _ in range(rounds):  # interleaved: load from others hits every mode alike
         for mode, python in pythons.items():
             argv = [*in_netns(host_ns), sandgate_of(python), *run_args]
-            samples[mode].append(timed_ms(argv, run_env(fresh)))
+            cwd = Path(tempfile.mkdtemp(prefix="cwd-", dir=new_cwd)) if new_cwd else None
+            samples[mode].append(timed_ms(argv, run_env(fresh), cwd))
         samples[FLOOR].append(timed_ms([*in_netns(host_ns), "true"], os.environ.copy()))
     return samples
 
@@ -299,7 +308,8 @@ def measure_memory(work: Path, conns: int, python: Path, inspect: bool) -> dict:
 def report(res: dict) -> str:
     out = [f"machine: {os.cpu_count()} CPUs, {os.uname().release}; python {sys.version.split()[0]}"]
     out += [res["speed"]] if res.get("speed") else []
-    out.append(f"`sandgate {' '.join(res['run_args'])}`, median of {res['rounds']} (ms):")
+    where = f", each in {res['cwd']}" if res.get("cwd") else ""
+    out.append(f"`sandgate {' '.join(res['run_args'])}`{where}, median of {res['rounds']} (ms):")
     for mode, samples in res["start"].items():
         out.append(f"  {mode:<44} {statistics.median(samples):8.0f}   (min {min(samples):.0f})")
     out.append(f"  goal: <= {GOAL_START_MS} ms ({INSTALLED})")
@@ -357,6 +367,12 @@ def main() -> int:
         help="also time git revision REV installed the same way, interleaved with the "
         "checkout (an A/B in one run: load from others hits both alike)",
     )
+    parser.add_argument(
+        "--new-cwd",
+        action="store_true",
+        help="run every start in a new empty working directory, as a task started in "
+        "its own workspace is (default: all from the bench's own)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -391,7 +407,11 @@ def main() -> int:
         subprocess.run(["ip", "netns", "add", host_ns], check=True)
         try:
             subprocess.run(["ip", "-n", host_ns, "link", "set", "lo", "up"], check=True)
-            res["start"] = measure_start(host_ns, args.rounds, pythons, run_args, fresh)
+            new_cwd = work / "cwds" if args.new_cwd else None
+            if new_cwd:
+                new_cwd.mkdir()
+                res["cwd"] = "a new empty directory"
+            res["start"] = measure_start(host_ns, args.rounds, pythons, run_args, fresh, new_cwd)
             res["breakdown"] = breakdown(host_ns, installed, work, args.probes, run_args, fresh)
             res["imports"] = import_self_times(installed)
         finally:
