@@ -23,13 +23,15 @@ RECORDS = 64 * 1024  # plaintext a write: four 16 KiB records, as tls_io.WRITE_M
 
 
 def _pair() -> tuple[ssl.SSLObject, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
-    """A handshaken server and client over memory BIOs (the defaults of Python's
-    contexts: what the gateway and OpenSSL clients negotiate, TLS 1.3)."""
+    """A handshaken server and client over memory BIOs; the server's context as the
+    gateway's leaf contexts are made (tls_contexts.py: its own suite order first), the
+    client's OpenSSL's defaults, as curl's and the gateway's upstream side are."""
     from sandgate.enforcer.demo.fakenet import _make_certs
 
     with tempfile.TemporaryDirectory(prefix="sg-floor-tls-") as work:
         ca, cert, key = _make_certs(Path(work))
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_COMPRESSION
         server_ctx.load_cert_chain(cert, key)
         client_ctx = ssl.create_default_context(cafile=str(ca))
     to_client, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
