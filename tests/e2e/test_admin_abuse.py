@@ -233,7 +233,7 @@ def test_a_site_on_another_port_of_the_admin_host_gets_no_credential_and_decides
         asked = _pending(fakenet, bearer)
         browser = fakenet.popen_in_host(
             [sys.executable, "-c", APPROVER, ADMIN, token, OTHER_SITE],
-            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -205,7 +205,7 @@ def test_the_approver_is_shown_each_query_and_once_lets_through_only_that(fakene
         browser = fakenet.run_in_host(
             [sys.executable, "-c", BROWSER, url, token, shown["id"], str(len(GETS))],
             timeout=90,
-            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
         )
         assert browser.returncode == 0, browser.stderr[-3000:]
         rows = {r["id"]: r["cells"] for r in json.loads(browser.stdout.strip().splitlines()[-1])}

@@ -242,7 +242,7 @@ def test_the_page_in_a_real_browser_approves_a_held_request(fakenet, tmp_path):
         browser = fakenet.run_in_host(
             [sys.executable, "-c", BROWSER, url, token, "allowed.test", str(shots)],
             timeout=90,
-            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
         )
         assert browser.returncode == 0, browser.stderr[-3000:]
         assert "approved" in browser.stdout.split()
