@@ -1772,7 +1772,7 @@ def main() -> int:
             "versions": versions(),
             "speed": hostspeed.describe(speed, hostspeed.measure()),
         }
-        if bench.results.get("I", {}).get("rounds"):
+        if results.get("I", {}).get("rounds"):
             results["tls_floor"] = floor_tls.measure()
         results["total_seconds"] = time.monotonic() - t_all
         print()

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RECORDS = 64 * 1024  # plaintext a write: four 16 KiB records, as tls_io.WRITE_MAX
+from sandgate.proxy.frontdoor.tls_io import WRITE_MAX  # plaintext encrypted a send
 
 
 def _pair() -> tuple[ssl.SSLObject, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
@@ -52,7 +52,7 @@ def measure(seconds: float = 0.5) -> dict:
     """{"suite": ..., "ms_per_mb": ...}: a MB (10^6 bytes) encrypted by one side and
     decrypted by the other, best of three runs of `seconds`."""
     server, client, server_out, to_client = _pair()
-    plain = bytes(RECORDS)
+    plain = bytes(WRITE_MAX)
     buffer = bytearray(256 * 1024)
     view = memoryview(buffer)
     best = None
