@@ -521,8 +521,25 @@ def main() -> int:
         if base and base[0] and base[1] and n in medians:
             print(f"ratio {n}/{one}: connections/s {medians[n][0] / base[0]:.2f}x, "
                   f"CPU per connection {medians[n][1] / base[1]:.2f}x"
-                  + (" (goal for 2: <= 1.10x)" if n == "2" else ""))  # fmt: skip
+                  + (" (goal for 2: <= 1.10x)" if n == "2" else "")
+                  + paired_ratios(rows[n], rows[one]))  # fmt: skip
     return 0
+
+
+def paired_ratios(rows: list[dict], base_rows: list[dict]) -> str:
+    """The CPU ratio of each round's pair, and their median. Setups run in turn
+    within a round, so a pair shares the host's phase; the ratio of the medians above
+    can take its two medians from rounds in different phases (this host's speed
+    drifts by ~15 % over half an hour)."""
+    pairs = [
+        r["cpu_us_per_connection"] / b["cpu_us_per_connection"]
+        for r, b in zip(rows, base_rows, strict=True)
+        if r["cpu_us_per_connection"] and b["cpu_us_per_connection"]
+    ]
+    if len(pairs) < 2:
+        return ""
+    each = " / ".join(f"{x:.2f}x" for x in pairs)
+    return f"; by round {each}, their median {statistics.median(pairs):.2f}x"
 
 
 if __name__ == "__main__":
