@@ -24,7 +24,7 @@ import time
 
 import pytest
 from support.sandbox import eventually
-from test_worker_killed_events import REQUESTS, serving, stopped
+from test_worker_killed_events import REQUESTS, nothing_aggregated, serving, stopped
 
 pytestmark = pytest.mark.e2e
 
@@ -61,6 +61,7 @@ def test_a_killed_service_loses_no_event(net, tmp_path, workers):
         print(f"requests upstream: {sum(map(len, upstream.values()))}, with no event: "
               f"{sum(map(len, lost.values()))} {lost}; recovered: {len(recovered)} "
               f"in {kills} kills")  # fmt: skip
+        nothing_aggregated(service)
         assert not any(lost.values()), lost
         assert recovered, f"{kills} kills under load left nothing queued to recover?"
         summaries = service.events(reason="audit_recovered")
