@@ -100,6 +100,7 @@ options = webdriver.ChromeOptions()
 options.binary_location = "/usr/bin/chromium"
 for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
     options.add_argument(flag)
+options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
 driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
 try:
     wait = WebDriverWait(driver, 20)
@@ -113,7 +114,20 @@ try:
     driver.get(admin)
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#pending tbody tr[data-id]")))
     print("back", flush=True)
-    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#pending tbody tr[data-id]"))
+    try:
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#pending tbody tr[data-id]"))
+    except Exception:
+        # What the page showed instead (CI saw this wait time out once, the denial made
+        # 2 s into it): its status line, its tables, whether it went back to the login,
+        # and its console.
+        for what in ("status", "pending", "recent"):
+            text = " ".join(driver.find_element(By.ID, what).get_attribute("textContent").split())
+            print(f"page {what}: {text[:300]!r}", file=sys.stderr)
+        hidden = {w: driver.find_element(By.ID, w).get_attribute("hidden") for w in ("approvals", "login")}
+        print(f"page hidden: {hidden}", file=sys.stderr)
+        console = [e["message"][:200] for e in driver.get_log("browser") if e["level"] != "DEBUG"]
+        print(f"page console: {console[-8:]}", file=sys.stderr)
+        raise
     print("live", flush=True)
 finally:
     driver.quit()
