@@ -118,8 +118,8 @@ try:
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#pending tbody tr[data-id]"))
     except Exception:
         # What the page showed instead (CI saw this wait time out once, the denial made
-        # 2 s into it): its status line, its tables, whether it went back to the login,
-        # and its console.
+        # within its first 4 s): its status line, its tables, whether it went back to
+        # the login, and its console.
         for what in ("status", "pending", "recent"):
             text = " ".join(driver.find_element(By.ID, what).get_attribute("textContent").split())
             print(f"page {what}: {text[:300]!r}", file=sys.stderr)
