@@ -122,11 +122,11 @@ try:
         # the login, and its console.
         for what in ("status", "pending", "recent"):
             text = " ".join(driver.find_element(By.ID, what).get_attribute("textContent").split())
-            print(f"page {what}: {text[:300]!r}", file=sys.stderr)
+            print(f"page {what}: {text[:250]!r}", file=sys.stderr)
         hidden = {w: driver.find_element(By.ID, w).get_attribute("hidden") for w in ("approvals", "login")}
         print(f"page hidden: {hidden}", file=sys.stderr)
-        console = [e["message"][:200] for e in driver.get_log("browser") if e["level"] != "DEBUG"]
-        print(f"page console: {console[-8:]}", file=sys.stderr)
+        console = [e["message"][:150] for e in driver.get_log("browser") if e["level"] != "DEBUG"]
+        print(f"page console: {console[-5:]}", file=sys.stderr)  # all within err[-3000:]
         raise
     print("live", flush=True)
 finally:
