@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 from support.sandbox import curl, eventually
-from support.service import GatewayProcess
+from support.service import GatewayProcess, browser_env
 from test_approvals_web import RULES, _held_task, _token
 
 pytestmark = pytest.mark.e2e
@@ -247,7 +247,7 @@ def test_a_site_on_another_port_of_the_admin_host_gets_no_credential_and_decides
         asked = _pending(fakenet, bearer)
         browser = fakenet.popen_in_host(
             [sys.executable, "-c", APPROVER, ADMIN, token, OTHER_SITE],
-            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
+            env=browser_env(tmp_path),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -27,7 +27,7 @@ import sys
 import pytest
 from support import sandbox
 from support.sandbox import eventually
-from support.service import GatewayProcess, WebhookReceiver
+from support.service import GatewayProcess, WebhookReceiver, browser_env
 from test_approvals_web import _api, _held_task, _token
 
 pytestmark = pytest.mark.e2e
@@ -205,7 +205,7 @@ def test_the_approver_is_shown_each_query_and_once_lets_through_only_that(fakene
         browser = fakenet.run_in_host(
             [sys.executable, "-c", BROWSER, url, token, shown["id"], str(len(GETS))],
             timeout=90,
-            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
+            env=browser_env(tmp_path),
         )
         assert browser.returncode == 0, browser.stderr[-3000:]
         rows = {r["id"]: r["cells"] for r in json.loads(browser.stdout.strip().splitlines()[-1])}

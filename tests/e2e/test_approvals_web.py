@@ -29,7 +29,13 @@ from pathlib import Path
 import pytest
 from support import sandbox
 from support.sandbox import curl, eventually
-from support.service import WEBHOOK_SECRET, GatewayProcess, WebhookReceiver, attach_argv
+from support.service import (
+    WEBHOOK_SECRET,
+    GatewayProcess,
+    WebhookReceiver,
+    attach_argv,
+    browser_env,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -242,7 +248,7 @@ def test_the_page_in_a_real_browser_approves_a_held_request(fakenet, tmp_path):
         browser = fakenet.run_in_host(
             [sys.executable, "-c", BROWSER, url, token, "allowed.test", str(shots)],
             timeout=90,
-            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
+            env=browser_env(tmp_path),
         )
         assert browser.returncode == 0, browser.stderr[-3000:]
         assert "approved" in browser.stdout.split()

@@ -28,7 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import sandbox
 from support.sandbox import eventually
-from support.service import GatewayProcess
+from support.service import GatewayProcess, browser_env
 from test_approvals_web import _api, _held_task, _token
 
 pytestmark = pytest.mark.e2e
@@ -222,7 +222,7 @@ def test_hostile_task_strings_stay_inert_text_on_the_page(fakenet, tmp_path):
         browser = fakenet.run_in_host(
             [sys.executable, "-c", BROWSER, url, token, str(expected)],
             timeout=90,
-            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
+            env=browser_env(tmp_path),
         )
         assert browser.returncode == 0, browser.stderr[-3000:]
         dom = json.loads(browser.stdout.strip().splitlines()[-1])

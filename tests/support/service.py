@@ -169,6 +169,13 @@ def running(fakenet, tmp_path: Path, rules_text: str, *extra: str):
         gateway.stop()
 
 
+def browser_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a test's headless Chromium (the admin page's browser tests):
+    its profile and its temporary files in the test's own directory (Chromium left an
+    org.chromium.Chromium.* directory in /tmp at every run)."""
+    return {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+
+
 def counted(events: list[dict]) -> int:
     """Events the audit records stand for: an aggregate stands for `suppressed` of them."""
     return sum(e.get("suppressed") or 1 for e in events)
