@@ -395,36 +395,40 @@ def _malformed(detail: str) -> Decision:
 
 # --- first bytes --------------------------------------------------------------------
 
-# A lone CR separates too: lines end at LF, and the parser splits at any whitespace.
-_METHOD_AND_SPACE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}(?:[ \t\x0b\x0c]|\r(?!\n))+")
-_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*")
+# What HTTP/1 servers skip before a request line or split it at. RFC 9112 2.2 has a
+# server skip empty lines first (nginx, Apache and Node's llhttp do). Python's
+# http.server splits the line, decoded as Latin-1, with str.split(): it skips any
+# leading whitespace and splits at \x1c-\x1f, \x85 and \xa0 too. A lone CR
+# separates (lines end at LF; mitmproxy's parser splits at any whitespace).
+_BLANK = rb" \t\x0b\x0c\x1c-\x1f\x85\xa0"
+_LEADING = re.compile(rb"[\r\n" + _BLANK + rb"]*")
+_METHOD_AND_SPACE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[" + _BLANK + rb"]|\r(?!\n))+")
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*:")
 MAX_UNDECIDED = 1024
 
 
 def starts_like_http(data: bytes) -> bool | None:
     """Whether `data`, a connection's first bytes, may be an HTTP/1 request line:
-    True, False, or None (too few bytes to tell). Generous on purpose: anything an
-    HTTP parser (mitmproxy's splits the line at any whitespace) may read as a
-    request must be decided as one, else on a raw-TCP port it would skip the Host
-    check. A method token of any case, any run of whitespace, then a target
-    starting with '/', '*' or `scheme:`. Still undecided after MAX_UNDECIDED
-    bytes: HTTP (its parser refuses what is not)."""
-    start = _METHOD_AND_SPACE.match(data)
+    True, False, or None (too few bytes to tell). Generous on purpose: anything some
+    HTTP server may read as a request must be decided as one, else on a raw-TCP port
+    it would skip the Host, method and path checks of the other names served at that
+    address. After any blank lines and whitespace (`_LEADING`), a method token of any
+    case and length, any run of whitespace, then a target starting with '/', '*' or
+    `scheme:`; any other target once its line ends in an HTTP version, or is HTTP/0.9's
+    `GET target` (http.server takes both). Still undecided after MAX_UNDECIDED bytes:
+    HTTP (its parser refuses what is not)."""
+    leading = _LEADING.match(data).end()
+    start = _METHOD_AND_SPACE.match(data, leading)
     if start is None:
-        # All token bytes so far: the method may still be coming.
-        undecided = len(data) <= 32 and _TOKEN.fullmatch(data) is not None
-        return None if undecided or not data else False
-    rest = data[start.end() :]
-    if not rest:
+        # Only blanks and token bytes so far: the method may still be coming.
+        if leading < len(data) and _TOKEN.fullmatch(data, leading) is None:
+            return False
         return None if len(data) < MAX_UNDECIDED else True
-    if rest[:1] in (b"/", b"*"):
+    rest = data[start.end() :]
+    if rest[:1] in (b"/", b"*") or _SCHEME.match(rest):
         return True
-    scheme = _SCHEME.match(rest)
-    if scheme is None:
-        return False
-    after = rest[scheme.end() : scheme.end() + 1]
-    if after == b":":
-        return True
-    if after:
-        return False
-    return None if len(data) < MAX_UNDECIDED else True
+    end = data.find(b"\n", start.end())
+    if end < 0:  # the target, or the line, is still coming
+        return None if len(data) < MAX_UNDECIDED else True
+    words = data[leading:end].decode("latin-1").split()
+    return words[-1].upper().startswith("HTTP/") or (len(words) == 2 and words[0] == "GET")

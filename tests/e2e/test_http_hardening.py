@@ -353,6 +353,35 @@ def test_tls_and_http_on_a_raw_tcp_port_still_meet_the_name_checks(net, tmp_path
     assert len(http) == 2 and all(e["verdict"] == "deny" for e in http), r.describe()
 
 
+# What some HTTP server reads as a request although it does not start `METHOD /`: were
+# the gateway to take it for raw TCP, port 22 (allowed for ssh.allowed.test) would relay
+# it, and a server with virtual hosts there would serve evil.test's.
+LENIENT_REQUEST_LINES = {
+    "crlf_first": b"\r\nPOST /admin HTTP/1.1\r\n",  # RFC 9112 2.2: servers skip blank lines
+    "lf_first": b"\n\nPOST /admin HTTP/1.1\r\n",
+    "space_first": b" GET /admin HTTP/1.1\r\n",  # http.server's str.split()
+    "long_method": b"DELETE" + b"X" * 40 + b" /admin HTTP/1.1\r\n",  # nginx takes any length
+    "nel_between": b"GET\x85/admin HTTP/1.1\r\n",  # str.split() splits at U+0085 too
+    "bare_target": b"POST admin HTTP/1.1\r\n",  # http.server takes any target
+}
+
+
+def test_request_lines_a_lenient_server_reads_meet_the_name_checks_on_a_raw_tcp_port(net, tmp_path):
+    head = b"Host: evil.test\r\nContent-Length: 6\r\nConnection: close\r\n\r\nsecret"
+    r = sandbox.run(net, tmp_path, {
+        label: raw(ALLOWED_IP, 22, line + head, resolve="ssh.allowed.test")
+        for label, line in LENIENT_REQUEST_LINES.items()
+    })  # fmt: skip
+
+    # The raw TCP server never got a connection: each was decided as HTTP, by its Host.
+    assert net.tcp_connections_seen(ALLOWED_IP, 22) == 0, r.describe()
+    assert "SSH-2.0" not in "".join(s.out for s in r.steps.values()), r.describe()
+    assert not r.events(dst_port=22, verdict="allow"), r.describe()
+    assert not r.events(kind="connection", protocol="tcp", dst_port=22), r.describe()
+    denied = r.events(dst_port=22, verdict="deny")
+    assert len(denied) >= len(LENIENT_REQUEST_LINES), r.describe()
+
+
 # --- limits, events, byte counts ----------------------------------------------------------
 
 

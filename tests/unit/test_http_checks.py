@@ -263,6 +263,27 @@ def test_connection_without_upgrade():
         (b"\x16\x03\x01\x02\x00", False),
         (b"\x00\x01binary", False),
         (b"GET " + b" " * 2000, True),  # still undecided after MAX_UNDECIDED: HTTP
+        # What servers skip first: blank lines (RFC 9112 2.2), any whitespace (http.server)
+        (b"\r\nPOST /admin HTTP/1.1\r\n", True),
+        (b"\n\n\nPOST /admin HTTP/1.1\r\n", True),
+        (b" \t\x85GET /", True),
+        (b"\r\n", None),
+        (b"\r\n\r\nPO", None),
+        (b"\r\nSSH-2.0-OpenSSH_9.2\r\n", False),
+        # a method of any length
+        (b"DELETE" + b"X" * 40 + b" /admin HTTP/1.1\r\n", True),
+        (b"X" * 200, None),
+        (b"X" * 2000, True),
+        # what str.split() splits at in a line read as Latin-1
+        (b"GET\x1c/admin HTTP/1.1\r\n", True),
+        (b"GET\xa0/admin HTTP/1.1\r\n", True),
+        # any target, once the line ends in a version; HTTP/0.9's GET without one
+        (b"GET admin HTTP/1.1\r\n", True),
+        (b"POST admin\x85http/1.0\n", True),
+        (b"GET admin\r\n", True),
+        (b"GET admin", None),
+        (b"AUTH secret\r\n", False),
+        (b"SET key value\r\n", False),
     ],
 )
 def test_starts_like_http(data, expected):
