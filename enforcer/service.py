@@ -1058,7 +1058,7 @@ def _pool_pid(control: str) -> int | None:
         return None  # nobody holds it
     except BlockingIOError:
         text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else None
+        return int(text) if text.isascii() and text.isdigit() else None
     finally:
         os.close(fd)
 

@@ -228,7 +228,7 @@ class PolicyReloader:
         too: when that is a symlink swapped to another file (`ln -sfn`, a Kubernetes
         ConfigMap), its resolved target is unchanged, but the name's inode is not."""
         paths = [Path(os.path.abspath(p)) for p in self.rule_files]
-        paths += [p.resolve() for p in self.rule_files]
+        paths += [Path(os.path.realpath(p)) for p in self.rule_files]  # a loop: no RuntimeError
         paths += self.gateway.policy.paths + self._failed_paths
         return list(dict.fromkeys(paths))
 

@@ -38,6 +38,7 @@ COMMANDS = {
     "demo": "demo",
 }
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
+EXIT_INTERRUPTED = 128 + 2  # as a shell reports a command killed by SIGINT
 
 
 def version() -> str:
@@ -113,8 +114,19 @@ def drop_what_stderr_cannot_take() -> None:
         sys.stderr = DroppingStream(sys.stderr)
 
 
+def open_closed_standard_streams() -> None:
+    """A standard stream Python found closed at its start (`>&-`), which it makes None
+    (every print would fail), on /dev/null. The native front (cli/sandgate.c) puts
+    /dev/null on such descriptors before Python starts, so that nothing else takes
+    their numbers; this is for `sandgate-python` started directly."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))  # noqa: SIM115 - for the process's life
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    open_closed_standard_streams()
     drop_what_stderr_cannot_take()
     if argv[:1] == ["run"]:  # before argparse: a warm runner of the service may take it
         from sandgate.enforcer import handoff
@@ -125,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         from sandgate.enforcer import dataclass_cache
 
         dataclass_cache.start()
+    return run_command(_parse_and_run, argv)
+
+
+def _parse_and_run(argv: list[str]) -> int:
     args = build_parser(argv[0] if argv else None).parse_args(argv)
-    return run_command(args.func, args)
+    return args.func(args)
 
 
 def run_command(func, args: "argparse.Namespace") -> int:
@@ -145,3 +161,8 @@ def run_command(func, args: "argparse.Namespace") -> int:
     except BrokenPipeError:  # `sandgate rules show | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return EXIT_BROKEN_PIPE
+    except OSError as e:  # the machine refused (a file unreadable, stdout's disk full)
+        print(f"sandgate: {e}", file=sys.stderr)
+        return EXIT_SETUP
+    except KeyboardInterrupt:  # Ctrl-C: what was started is undone on the way out
+        return EXIT_INTERRUPTED

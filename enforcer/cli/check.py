@@ -18,6 +18,8 @@ from sandgate.proxy.policy import (
 )
 from sandgate.proxy.policy.model import HTTP_METHODS
 from sandgate.proxy.policy.names import parse_host_port
+from sandgate.proxy.policy.request_head import ambiguous_target
+from sandgate.proxy.refusal import printable
 
 
 def register(sub) -> None:
@@ -52,12 +54,14 @@ def cmd_check(args) -> int:
             f"no profile {args.profile!r} in {args.rules} (profiles: {', '.join(policy.profiles)})"
         )
     facts = parse_target(args.target, args.method, args.profile)
-    decision = decide(policy, facts)
+    # As the gateway refuses a request whose path servers may read otherwise, first.
+    decision = _ambiguous_url(args.target) or decide(policy, facts)
     if args.json:
         print(json.dumps({**decision.to_dict(), "policy": policy.hash}))
     else:
         rule = decision.rule
-        print(f"{decision.verdict.upper()}  {args.target}")
+        shown = args.target if args.target.isprintable() else printable(args.target)
+        print(f"{decision.verdict.upper()}  {shown}")
         print(f"  reason:  {decision.reason}")
         builtin = rule.file == "<builtin>"  # a protection of the gateway, not a line in a file
         print(
@@ -109,6 +113,15 @@ def parse_target(text: str, method: str | None, profile: str = "default"):
             now=time.time(),
         )
     return ConnectFacts(profile=profile, port=port, ip=ip, name=name, now=time.time())
+
+
+def _ambiguous_url(text: str):
+    """The gateway's ambiguous_path denial of a URL's path and query, if it has one.
+    The fragment stays out: clients do not send it."""
+    if "://" not in text:
+        return None
+    url = urlsplit(text.partition("#")[0])
+    return ambiguous_target(url.path or "/", url.query if "?" in text.partition("#")[0] else None)
 
 
 def _url_port(url) -> int:

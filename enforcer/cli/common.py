@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +21,18 @@ EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
 EXIT_SETUP = (
     125  # as enforcer/run.py: the sandbox or gateway could not be set up (as env(1), docker run)
 )
+
+
+def path_option(text: str) -> Path:
+    """A path option's value (argparse `type`). A loop of symbolic links on the way
+    is refused here, naming the option: every later step that resolves the path
+    would fail on it. A path that does not exist yet (a log to make) is fine."""
+    try:
+        os.stat(text)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise argparse.ArgumentTypeError(f"{text}: a loop of symbolic links") from None
+    return Path(text)
 
 
 class UsageError(Exception):
@@ -82,7 +96,7 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
     )
     parser.add_argument(
         "--extra-ca",
-        type=Path,
+        type=path_option,
         action="append",
         default=[],
         metavar="PEM",
@@ -95,7 +109,7 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         help=f"serve Prometheus /metrics here (default {METRICS_DEFAULT}; 'off' for none). "
         "A port in use is a warning, not an error",
     )
-    parser.add_argument("--audit-log", type=Path, metavar="FILE", help=audit_help)
+    parser.add_argument("--audit-log", type=path_option, metavar="FILE", help=audit_help)
     parser.add_argument(
         "--admin-listen",
         default=ADMIN_DEFAULT,
@@ -311,7 +325,7 @@ def parse_size(text: str) -> int:
     number, unit = (text[:-1], text[-1].upper()) if text[-1:].isalpha() else (text, "")
     try:
         size = int(float(number) * units.get(unit, 0 if unit else 1))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: 1e999G, inf
         size = 0
     if size <= 0:
         raise argparse.ArgumentTypeError(f"expected a size such as 20G, 512M or 4096, got {text!r}")

@@ -22,6 +22,7 @@ from sandgate.enforcer.cli.common import (
     audit_limits,
     gateway_settings,
     load_rules,
+    path_option,
     read_extra_cas,
     setup_errors,
 )
@@ -42,7 +43,10 @@ def register(sub) -> None:
         "(default: $SANDGATE_STATE_DIR/audit/<run id>.jsonl, /var/lib/sandgate/audit/...)",
     )
     run.add_argument(
-        "--summary-json", type=Path, metavar="FILE", help="write the task summary as JSON to FILE"
+        "--summary-json",
+        type=path_option,
+        metavar="FILE",
+        help="write the task summary as JSON to FILE",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="no summary table on stderr")
     run.add_argument(

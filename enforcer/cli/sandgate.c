@@ -404,6 +404,12 @@ static void python(char **argv, int tried) {
 int main(int argc, char **argv) {
     const char *control;
     struct buf req = {0};
+    /* Descriptors 0-2 the caller closed (`>&-`, a daemon's child) on /dev/null before
+     * anything opens a file. Else Python's start takes their numbers for its own files,
+     * its sys.stdout is None (a run failed before its task started), and the task
+     * would inherit whatever held the number then. */
+    for (int fd = 0; fd < 3; fd++)
+        if (fcntl(fd, F_GETFD) < 0 && errno == EBADF && open("/dev/null", O_RDWR) != fd) _exit(EXIT_SETUP);
     if (argc < 2 || strcmp(argv[1], "run") || geteuid() != 0 || !(control = control_path(argc, argv)))
         python(argv, 0);
     for (int fd = 0; fd < 3; fd++)

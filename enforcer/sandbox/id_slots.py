@@ -117,7 +117,7 @@ def _subid_ranges(path: Path) -> list[tuple[str, int, int]]:
     ranges = []
     for line in lines:
         parts = line.strip().split(":")
-        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        if len(parts) == 3 and all(p.isascii() and p.isdigit() for p in parts[1:]):
             ranges.append((parts[0], int(parts[1]), int(parts[2])))
     return ranges
 

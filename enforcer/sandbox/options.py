@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from sandgate.enforcer.cli.common import path_option
 from sandgate.enforcer.sandbox import cgroup, disk_reserve, spec
 from sandgate.enforcer.sandbox.inherit import Inherited
 
@@ -15,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = group.add_mutually_exclusive_group()
     where.add_argument(
         "--workspace",
-        type=Path,
+        type=path_option,
         metavar="DIR",
         help="mounted read-write at the same path, the task's working directory "
         "(default: the current directory)",
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--ro",
-        type=Path,
+        type=path_option,
         action="append",
         default=[],
         metavar="PATH",
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--rw",
-        type=Path,
+        type=path_option,
         action="append",
         default=[],
         metavar="PATH",
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--hide",
-        type=Path,
+        type=path_option,
         action="append",
         default=[],
         metavar="PATH",
@@ -62,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--env-file",
-        type=Path,
+        type=path_option,
         action="append",
         default=[],
         metavar="FILE",

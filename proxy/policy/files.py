@@ -6,6 +6,7 @@ does not load the rule compiler and PyYAML."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -40,6 +41,11 @@ def resolve(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
+# Rule files, --env-file, --extra-ca: 200,000 rules are ~10 MB. A larger file is a
+# mistake, and was read whole into memory before it was refused.
+MAX_FILE_BYTES = 64 << 20
+
+
 def read_regular_file(path: Path, opened: Callable[[int], None] | None = None) -> bytes:
     """The bytes of a regular file. A FIFO or a device would block or never end: it
     is refused after opening without blocking, checked on the opened file (no race).
@@ -54,7 +60,10 @@ def read_regular_file(path: Path, opened: Callable[[int], None] | None = None) -
             raise IsADirectoryError(21, "Is a directory")
         if not stat.S_ISREG(mode):
             raise OSError(0, "not a regular file")
-        return file.read()
+        data = file.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_FILE_BYTES >> 20} MiB")
+        return data
 
 
 def input_now(path: Path) -> str | None:

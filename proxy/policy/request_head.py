@@ -159,11 +159,9 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
     if error:
         return deny("host-mismatch", detail=error)
     path, question, query = target.partition("?")
-    why = path_problem(path)
-    if why is None and question and not _QUERY_BYTES.fullmatch(query):
-        why = "control, space, '#' or non-ASCII characters in the query"
-    if why is not None:
-        return deny("ambiguous-path", detail=f"{why}: {path[:200]!r}")
+    refused = ambiguous_target(path, query if question else None)
+    if refused is not None:
+        return refused
     method = head.method.decode("ascii")
     websocket, strip = _upgrade(by_name.get(b"upgrade"))
     overrides = _overrides(method, by_name, query)
@@ -225,6 +223,15 @@ def refuse_unfinished(start: bytes, size: int) -> tuple[RequestHead, Decision]:
         detail=f"the request head has not ended after {size} bytes; at most {MAX_HEAD_BYTES}",
     )
     return RequestHead(method[:32], target[:2048], ()), decision
+
+
+def ambiguous_target(path: str, query: str | None) -> Decision | None:
+    """The ambiguous_path denial of a request target's path and query (None: no '?'),
+    or None when both are forwarded as they are (also for `sandgate check`)."""
+    why = path_problem(path)
+    if why is None and query is not None and not _QUERY_BYTES.fullmatch(query):
+        why = "control, space, '#' or non-ASCII characters in the query"
+    return None if why is None else deny("ambiguous-path", detail=f"{why}: {path[:200]!r}")
 
 
 def path_problem(path: str) -> str | None:

@@ -689,9 +689,14 @@ class AuditLog:
                     # Deleted before this write: these lines went nowhere. Not
                     # counted as written; the retry reopens FILE and writes them there.
                     raise OSError(errno.ENOENT, f"{self.path} was deleted while being written")
-            except (OSError, AuditLogError) as e:  # AuditLogError: FILE.new taken, at rotation
+            except Exception as e:  # noqa: BLE001 - a bug too: the lines wait, connections are refused
+                # OSError, AuditLogError (FILE.new taken, at rotation), or a bug (a
+                # stray name in the directory once made the budget's count raise):
+                # counted as a failed write, never as written or dropped.
                 self.write_errors += 1
                 attempts += 1
+                if not isinstance(e, OSError | AuditLogError) and attempts == 1:
+                    log.exception("audit log %s: a write failed unexpectedly", self.path)
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                 self._problem = str(getattr(e, "strerror", None) or e)
@@ -889,7 +894,9 @@ def rotated_files(path: Path | str) -> list[Path]:
     with contextlib.suppress(OSError):
         for entry in os.scandir(path.parent):
             head, dot, number = entry.name.rpartition(".")
-            if dot and head == path.name and number.isdigit():
+            # isascii: str.isdigit() also takes "²", which int() refuses; a FIFO or a
+            # directory of that name is not a log file (reading one would hang or fail)
+            if dot and head == path.name and number.isascii() and number.isdigit() and entry.is_file():
                 found.append((int(number), path.with_name(entry.name)))
     return [p for _, p in sorted(found)]
 
@@ -1126,5 +1133,5 @@ def _rotated_name(path: Path | str, seq: int) -> str:
     its rotated files)."""
     path = Path(path)
     head, dot, number = path.name.rpartition(".")
-    base = head if dot and number.isdigit() else path.name
+    base = head if dot and number.isascii() and number.isdigit() else path.name
     return f"{base}.{seq}"

@@ -186,3 +186,26 @@ def test_the_service_serves_on_and_stops_cleanly(fakenet, tmp_path, gone_stderr)
     finally:
         assert gateway.stop() == 0
     gateway.verify_audit()
+
+
+@pytest.mark.parametrize("closed", ["<&-", ">&-", "2>&-", "<&- >&- 2>&-"])
+def test_an_embedded_run_with_standard_streams_closed_runs_its_task(net, tmp_path, closed):
+    """The caller closed sandgate's stdin, stdout or stderr (`>&-`, a daemon's child):
+    the task runs and its exit code comes back. Before, a closed stdout failed the run
+    before its task started (exit 1, tracebacks), and a closed stderr turned the task's
+    3 into 120 (Python's flush at exit)."""
+    workdir = tmp_path / "run"
+    (workdir / "steps").mkdir(parents=True)
+    task = ["sh", "-c", "echo ran > ran; echo out; echo err >&2; exit 3"]
+    argv = sandbox._argv(net, workdir, task, _rules(tmp_path), ())
+    proc = net.popen_in_host(
+        ["sh", "-c", f'exec "$@" {closed}', "sh", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 3, (out, err)
+    assert (workdir / "steps" / "ran").read_text() == "ran\n"
+    assert json.loads((workdir / "summary.json").read_text())["exit_code"] == 3
+    assert "Traceback" not in err, err

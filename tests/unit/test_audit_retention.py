@@ -168,6 +168,58 @@ def test_a_full_budget_makes_the_log_unwritable_and_deletes_nothing(tmp_path):
     assert result.ok and result.lines == 100
 
 
+def test_a_stray_name_with_a_non_ascii_digit_is_not_a_rotated_file(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    (tmp_path / "audit.jsonl.\u00b2").write_text("a stray file\n")  # '²'.isdigit() is True
+    log = AuditLog(path, max_bytes=4000, max_total_bytes=1_000_000)
+    try:
+        for i in range(30):  # rotates: the budget counts the rotated files each time
+            log.emit(event(i))
+        assert log.drain() and log.writable
+    finally:
+        log.close()
+    assert log.written == 30 and log.lost == 0
+    assert "audit.jsonl.\u00b2" not in {f.name for f in log_files(path)}
+    assert verify(*log_files(path)).ok
+
+
+def test_a_fifo_or_a_directory_named_as_a_rotated_file_is_not_one(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    rotated_log(path, 30)
+    os.mkfifo(tmp_path / "audit.jsonl.7")  # read as a log file, verify waited forever
+    (tmp_path / "audit.jsonl.5").mkdir()
+    assert {f.name for f in log_files(path)}.isdisjoint({"audit.jsonl.7", "audit.jsonl.5"})
+    assert main(["audit", "verify", str(path)]) == 0
+
+
+def test_an_unexpected_error_in_a_write_holds_the_events_and_refuses_connections(
+    tmp_path, monkeypatch
+):
+    """A bug in the writer must fail closed: the log unwritable (the gate refuses new
+    connections), the lines held and retried, none counted as written or dropped."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, max_bytes=100_000)
+    real_write_all, broken = log._write_all, [True]
+
+    def buggy(data):
+        if broken[0]:
+            raise ValueError("a bug")
+        return real_write_all(data)
+
+    monkeypatch.setattr(log, "_write_all", buggy)
+    try:
+        for i in range(10):
+            log.emit(event(i))
+        eventually(lambda: not log.writable)
+        assert "a bug" in log.problem and log.written == 0 and log.lost == 0
+        broken[0] = False
+        assert log.drain() and log.writable
+    finally:
+        log.close()
+    assert log.written == 10 and log.lost == 0
+    assert verify(*log_files(path)).ok
+
+
 # --- failures: never stops, never deletes ------------------------------------------------------
 
 

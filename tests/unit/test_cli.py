@@ -194,7 +194,7 @@ def test_check_default_rules(capsys, argv, code, expected):
         pytest.param(
             ["https://api.github.com/repos/../user/keys"],
             1,
-            ("deny", "path_not_allowed", "default:fallback"),
+            ("deny", "ambiguous_path", "builtin:ambiguous-path"),  # as the gateway answers it
             False,
             id="dot-dot-path",
         ),
@@ -291,6 +291,32 @@ def test_check_ask_is_exit_1_and_audit_exit_0(tmp_path, capsys):
     assert main(["check", "--rules", str(path), "--profile", "learning", "example.com"]) == 0
     out = capsys.readouterr().out
     assert "ASK  example.com" in out and "AUDIT  example.com" in out
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/pub//x", "/pub/x;y", "/pub/x%00", "/pub/x\\y", "/pub/a%2Fb", "/pub/./x", "/pub/x?a b",
+     "/pub/x", "/pub/x?a=1", "/pub/%7Ex"],
+)  # fmt: skip
+def test_check_refuses_the_paths_the_gateway_refuses(tmp_path, capsys, target):
+    """The block page names `sandgate check`: it must not say ALLOW where the gateway
+    answers 400 ambiguous_path (check_head, the gateway's own check of a request)."""
+    from sandgate.proxy.policy.request_head import RequestHead, check_head
+
+    rules = tmp_path / "r.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        "      - allow: allowed.test\n        paths: ['/pub/**']\n"
+    )
+    gateway = check_head(RequestHead(b"GET", target.encode(), ((b"host", b"allowed.test"),)), 80)
+    refused = getattr(gateway, "reason", None) == "ambiguous_path"
+    code, result = check_json(capsys, "--rules", str(rules), f"http://allowed.test{target}")
+    assert (code, result["reason"] == "ambiguous_path") == ((1, True) if refused else (0, False))
+
+
+def test_check_shows_a_typed_escape_sequence_escaped(capsys):
+    assert main(["check", "http://allowed.test/\x1b[31mx"]) == 1
+    assert "\x1b" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -698,3 +724,59 @@ def test_gc_dry_run_lists_and_touches_nothing(tmp_path, monkeypatch, capsys):
     assert main(["gc"]) == 0
     assert capsys.readouterr().out.startswith(f"removed netns {netns.netns_name('dead0001')}\n")
     assert removed == ["netns dead0001", "table sandgate_dead0001"] and not state.exists()
+
+
+# --- expected failures: one line and an exit code, never a traceback ---------------------
+
+
+def _sandgate(*argv: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(_installed_sandgate()), *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["--audit-log", "--summary-json", "--workspace", "--ro", "--rw", "--hide", "--extra-ca"],
+)
+def test_a_path_option_through_a_link_loop_is_bad_input(tmp_path, capsys, option):
+    (tmp_path / "one").symlink_to(tmp_path / "two")
+    (tmp_path / "two").symlink_to(tmp_path / "one")
+    with pytest.raises(SystemExit) as exited:
+        main(["run", option, str(tmp_path / "one"), "--", "true"])
+    assert exited.value.code == 2
+    assert "a loop of symbolic links" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["1e999G", "infG", "nan"])
+def test_a_size_beyond_any_number_is_bad_input(capsys, size):
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--audit-budget", size, "--", "true"])
+    assert exited.value.code == 2 and "expected a size" in capsys.readouterr().err
+
+
+def test_a_rule_file_larger_than_any_is_refused_unread(tmp_path):
+    huge = tmp_path / "huge.yaml"
+    with open(huge, "wb") as f:
+        f.truncate(65 << 20)  # sparse
+    got = _sandgate("rules", "lint", str(huge))
+    assert got.returncode == 2 and "larger than 64 MiB" in got.stderr, got.stderr
+
+
+def test_output_nobody_takes_is_not_a_traceback(tmp_path):
+    closed = subprocess.Popen(
+        [str(_installed_sandgate()), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    closed.stdout.close()  # `sandgate --help | head -0`
+    assert closed.wait(timeout=60) == 141 and b"Traceback" not in closed.stderr.read()
+    closed.stderr.close()
+    log = tmp_path / "audit.jsonl"
+    log.write_text("")
+    with open("/dev/full", "w") as full:  # stdout on a full disk: not "BROKEN" (1)
+        got = _sandgate("audit", "verify", str(log), stdout=full)
+    assert got.returncode == 125 and "No space left" in got.stderr and "Traceback" not in got.stderr
