@@ -79,7 +79,9 @@ async def handle(approvals: Approvals, request: dict, approver: str) -> dict:
             if duration is not None and (not isinstance(duration, int | float) or duration <= 0):
                 return {"ok": False, "error": "approve: duration must be a number of seconds > 0"}
             ticket = request.get("ticket")
-            ticket = str(ticket)[:100] if ticket else None
+            if ticket is not None and not isinstance(ticket, str):
+                return {"ok": False, "error": "approve: ticket must be a string"}
+            ticket = ticket[:100] if ticket else None
             expires = request.get("expires")
             if expires is not None:
                 try:

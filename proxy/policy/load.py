@@ -368,11 +368,15 @@ class _Loader:
                 rule_id = given
         if rule_id in self.rule_ids:
             other = self.rule_ids[rule_id]
-            self.problem(
-                source,
-                entries.get("id", (node, node))[1],
-                f"duplicate rule id {rule_id!r} (first used at {other.origin})",
-            )
+            if (other.file, other.line) == (source.name, line):  # the same node again
+                why = (
+                    f"the rule at line {line} is used a second time (a YAML alias?): write it "
+                    "out where it is needed, each with an id of its own, or share it with "
+                    "'extends'"
+                )
+            else:
+                why = f"duplicate rule id {rule_id!r} (first used at {other.origin})"
+            self.problem(source, entries.get("id", (node, node))[1], why)
         if len(self.problems) > errors_before:
             return None
         rule = Rule(

@@ -545,6 +545,8 @@ def test_always_with_an_expiry_is_written_into_the_rule_and_shown(tmp_path, poli
         ask = {"cmd": "approve", "id": pending["id"]}
         bad = await handle(approvals, {**ask, "scope": "always", "expires": "soon"}, "uid 0")
         not_always = await handle(approvals, {**ask, "scope": "task", "expires": "1d"}, "uid 0")
+        ticket = await handle(approvals, {**ask, "scope": "always", "ticket": {"a": 1}}, "uid 0")
+        assert ticket == {"ok": False, "error": "approve: ticket must be a string"}
         assert approvals.list() and not overlay.exists()
         good = await handle(approvals, {**ask, "scope": "always", "expires": "2099-12-31"}, "uid 0")
         await held
