@@ -302,6 +302,7 @@ class TaskRun:
         self._stop_timer: asyncio.TimerHandle | None = None  # the grace's end, on the loop
         self._disk = None  # attach.DiskGuard, once the task runs
         self._disk_timer: asyncio.TimerHandle | None = None  # its next check
+        self.terminal = None  # terminal_relay.SharedTerminal: the caller's, which the task shares
 
     def _use_id(self, run_id: str) -> None:
         self.run_id = run_id
@@ -573,11 +574,15 @@ class TaskRun:
         state: it closes every descriptor but the init's, runs init.main and leaves
         with os._exit, and the modules it uses are imported before the fork."""
         from sandgate.enforcer.attach import DiskGuard, ForkedInit, StopGrace
+        from sandgate.enforcer.terminal_relay import SharedTerminal
 
         sandbox = self.sandbox
+        self.terminal = SharedTerminal.of_caller()  # as the task finds it
         with warnings.catch_warnings():  # Python 3.12+ warns of any fork in a threaded process
             warnings.simplefilter("ignore", DeprecationWarning)
             self.child = ForkedInit(sandbox.spec_path, keep=sandbox.init_fds, seed=self.seed)
+        if self.terminal is not None:
+            self.terminal.guard()  # only now: the init and the task keep SIGTTOU's default
         self._stopping = StopGrace(self.child, self.opts.stop_grace)
         self._disk = DiskGuard(self.child, self.opts.sandbox)
         if self.seed is None:
@@ -661,12 +666,6 @@ class TaskRun:
                     "probes": len(self.sandbox.self_test),
                     "ms": self.sandbox.self_test_ms,
                 }
-                if not self.opts.quiet:
-                    print(
-                        f"sandgate: self-test: {held}/{len(self.sandbox.self_test)} probes held "
-                        f"({self.sandbox.self_test_ms} ms, before the task)",
-                        file=sys.stderr,
-                    )
 
         # The task's side (the walk of its workspace, its cgroup) and the network's
         # (`unwire`) go at once, in two threads: the network's is mostly the kernel's
@@ -688,6 +687,15 @@ class TaskRun:
         done = await asyncio.gather(
             asyncio.to_thread(finished), asyncio.to_thread(unwired), return_exceptions=True
         )
+        if self.terminal is not None:  # every process of the task is gone: before any line
+            self.terminal.give_back()
+        if "self_test" in self.summary.task and not self.opts.quiet:
+            tested = self.summary.task["self_test"]
+            print(
+                f"sandgate: self-test: {tested['held']}/{tested['probes']} probes held "
+                f"({tested['ms']} ms, before the task)",
+                file=sys.stderr,
+            )
         for result in done:
             if isinstance(result, BaseException):
                 raise result

@@ -16,6 +16,11 @@ and `ssh -t` do:
   the same signal once its terminal is back as it was, so the shell sees its job
   stopped; `fg` or `bg` resumes both (handoff.py forwards SIGCONT with whether this
   process is then in the foreground).
+
+`SharedTerminal` is the other case: a run in the caller's own process (embedded, or
+`--gateway` run in-process), whose task is in the caller's session and has its
+terminal itself. sandgate holds the terminal's state from before the task and gives
+it back after it, before it prints its summary.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import contextlib
 import fcntl
 import os
 import select
+import signal
 import termios
 
 _RAW_IFLAG_OFF = (
@@ -31,6 +37,7 @@ _RAW_IFLAG_OFF = (
     | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON
 )  # fmt: skip
 _RAW_LFLAG_OFF = termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN
+TIOCGEXCL = 0x80045440  # _IOR('T', 0x40, int): whether the terminal is in exclusive mode
 
 
 def raw_modes(modes: list) -> list:
@@ -178,3 +185,86 @@ class TerminalRelay:
         """The task's last output (the sandbox has ended: the pty reads to its end)."""
         while self.master is not None and self._output():
             pass
+
+
+class SharedTerminal:
+    """The caller's controlling terminal, which the task shares in a run in the caller's
+    own process: held before the task starts, given back once it has ended.
+
+    The task may do to it what any job of the session may: a process group of its own
+    in the foreground (setpgid, tcsetpgrp), TOSTOP, -echo or other modes, exclusive
+    mode (TIOCEXCL). Then a line sandgate writes to the terminal (its summary; while the
+    task runs, a "killing the task" line, printed before the kill) stopped sandgate with
+    SIGTTOU, its gateway and disk watcher with it, while the task ran on; and the shell
+    got its terminal back changed. So (docs/sandbox.md, "The terminal"):
+    - `of_caller`, before the task starts: the terminal's state (its foreground group,
+      modes, exclusive mode), on a descriptor of its own (/dev/tty);
+    - `guard`, once the init is forked (the task keeps SIGTTOU's default): SIGTTOU
+      ignored by this process for the rest of its life (it ends with the run), so its
+      writes, tcsetpgrp and tcsetattr go through wherever the foreground is;
+    - `give_back`, once every process of the task is gone and before anything is
+      printed: output resumed (TCOON); the foreground back to the group that had it,
+      if the one that has it now is empty (a live group is a job the shell put there);
+      the modes as they were, if this process's group had the foreground at the start
+      and has it again (else the shell's foreground job owns them); exclusive mode
+      cleared unless it was set before. The window size is left: the terminal sets it.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.foreground = os.tcgetpgrp(fd)
+        self.ours = self.foreground == os.getpgrp()
+        self.modes = termios.tcgetattr(fd)
+        self.exclusive = _exclusive(fd)
+
+    @classmethod
+    def of_caller(cls) -> SharedTerminal | None:
+        """This process's controlling terminal and its state now; None without one."""
+        try:
+            fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # ENXIO: no controlling terminal
+            return None
+        try:
+            return cls(fd)
+        except (OSError, termios.error):
+            os.close(fd)
+            return None
+
+    def guard(self) -> None:
+        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+
+    def give_back(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError, termios.error):
+            termios.tcflow(self.fd, termios.TCOON)
+        with contextlib.suppress(OSError):
+            now = os.tcgetpgrp(self.fd)
+            if now != self.foreground and not _has_processes(now):
+                os.tcsetpgrp(self.fd, self.foreground)
+        with contextlib.suppress(OSError, termios.error):
+            ours_again = self.ours and os.tcgetpgrp(self.fd) == os.getpgrp()
+            if ours_again and termios.tcgetattr(self.fd) != self.modes:
+                termios.tcsetattr(self.fd, termios.TCSANOW, self.modes)
+        if not self.exclusive:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.fd, termios.TIOCNXCL)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def _exclusive(fd: int) -> bool:
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, TIOCGEXCL, bytes(4)), "little") != 0
+    except OSError:  # a kernel before 3.8 cannot say: clear it after the task
+        return False
+
+
+def _has_processes(pgrp: int) -> bool:
+    try:
+        os.killpg(pgrp, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -13,6 +13,15 @@ above the reserve (`Reserve.next_look`: that room at `MAX_WRITE_RATE`, inodes at
 `MAX_CREATE_RATE`, between `MIN_POLL_S` and `POLL_S`): rare while the disk is far
 from full, often only near the reserve. Pure parts (`parse_reserve`, `Reserve`) apart
 from the I/O (`DiskWatch`, `room_of`).
+
+What it bounds: writers, whose pace is the disk's or the page cache's (write, pwrite,
+mmap, copy_file_range, sendfile and splice into a file, glibc's posix_fallocate
+fallback): each goes into the reserve by at most what it adds between two looks. Not
+a call that takes blocks all at once, which no watcher can: fallocate's allocating
+modes and the FS_IOC_RESVSP/ZERO_RANGE ioctls (gigabytes in one call) are refused
+by the task's seccomp filter instead (seccomp.py, EOPNOTSUPP). Sparse files
+(ftruncate, a seek past the end) take no blocks; reflinks (FICLONE, copy_file_range
+on xfs/btrfs) share them, and a write to a shared block is a write.
 """
 
 from __future__ import annotations

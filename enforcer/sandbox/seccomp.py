@@ -10,10 +10,13 @@ namespaces (a fresh user or network namespace hands the task CAP_NET_ADMIN /
 CAP_SYS_ADMIN over objects it creates, which is how most unprivileged nf_tables
 and mount exploits start), remounting its view of the host, set-id bits on
 files (which the idmapped workspace would leave on the host as its owner's), the host clock,
-packet sockets and exotic protocol families, and typing into the caller's
-terminal (TIOCSTI). Capabilities and namespaces already forbid much of this;
-the filter makes the refusal independent of them and shrinks what a kernel bug
-can be reached through. Each entry of `DENIED` says why, in one line.
+packet sockets and exotic protocol families, typing into the caller's
+terminal (TIOCSTI) or suspending its output (TCOOFF), fanotify (when host
+processes open or run host files), and allocating disk blocks in one call
+(fallocate and its ioctls: gigabytes before the disk reserve's watcher looks,
+where writes go at the disk's pace). Capabilities and namespaces already forbid
+much of this; the filter makes the refusal independent of them and shrinks what
+a kernel bug can be reached through. Each entry of `DENIED` says why, in one line.
 
 The model is Docker's default profile (moby profiles/seccomp/default.json),
 turned into a deny list: the default action is ALLOW, so a program that works
@@ -91,7 +94,33 @@ TIOCSTI = 0x5412  # push bytes into the terminal's input: run commands in the ca
 TIOCLINUX = 0x541C  # virtual-console tricks, including pasting the selection as input
 TIOCCONS = 0x541D  # redirect the host console's output to the task's terminal
 TIOCSETD = 0x5423  # attach a line discipline: loads and runs rarely used tty drivers
+TCXONC, TCOOFF = 0x540A, 0  # tcflow(fd, TCOOFF): suspend the terminal's output
 IOCTL_REQUEST_MASK = 0xFFFFFFFF  # the kernel reads ioctl's request as unsigned int
+
+# fallocate(2) modes (linux/falloc.h) that only give blocks back: a hole punched, a
+# range collapsed. Every other mode allocates (0, KEEP_SIZE, ZERO_RANGE, UNSHARE_RANGE,
+# Linux 6.17's WRITE_ZEROES) or moves extents (INSERT_RANGE): EOPNOTSUPP, the answer
+# of a file system without fallocate, on which glibc's posix_fallocate writes instead.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FREEING_FALLOCATE_MODES = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_COLLAPSE_RANGE)
+# The XFS preallocation ioctls, _IOW('X', nr, struct space_resv): the VFS serves
+# RESVSP/RESVSP64 (vfs_fallocate KEEP_SIZE) and ZERO_RANGE for every file system that
+# has fallocate (fs/ioctl.c), inside the kernel, past the filter's fallocate rule;
+# ALLOCSP/ALLOCSP64 allocate on ocfs2 (and XFS before 5.17). UNRESVSP (a hole) stays.
+FS_IOC_ALLOCSP = 0x4030580A
+FS_IOC_ALLOCSP64 = 0x40305824
+FS_IOC_RESVSP = 0x40305828
+FS_IOC_RESVSP64 = 0x4030582A
+FS_IOC_ZERO_RANGE = 0x40305839
+PREALLOCATING_IOCTLS = (
+    FS_IOC_ALLOCSP,
+    FS_IOC_ALLOCSP64,
+    FS_IOC_RESVSP,
+    FS_IOC_RESVSP64,
+    FS_IOC_ZERO_RANGE,
+)
 
 # Mode bits that give whoever runs a file its owner's or group's ids. Through the
 # idmapped workspace the task's files are the directory owner's on the host (root's,
@@ -152,15 +181,18 @@ def _any_bit_set(arg: int, bits: tuple[int, ...]) -> tuple[tuple[ArgTest, ...], 
     return tuple(((arg, "masked_eq", bit, bit),) for bit in bits)
 
 
-def _family_not_in(allowed: tuple[int, ...]) -> tuple[tuple[ArgTest, ...], ...]:
-    """Argument 0 is not exactly one of `allowed` (which the kernel reads as int).
+def _not_in(arg: int, allowed: tuple[int, ...]) -> tuple[tuple[ArgTest, ...], ...]:
+    """Argument `arg` is not exactly one of `allowed` (which the kernel reads as int).
 
-    Above the largest allowed value is one test, so a family with junk in the
+    Above the largest allowed value is one test, so a value with junk in the
     upper 32 bits (which the kernel would truncate to an allowed one) is refused."""
-    below = tuple(
-        ((0, "eq", family, 0),) for family in range(max(allowed)) if family not in allowed
-    )
-    return below + (((0, "gt", max(allowed), 0),),)
+    below = tuple(((arg, "eq", value, 0),) for value in range(max(allowed)) if value not in allowed)
+    return below + (((arg, "gt", max(allowed), 0),),)
+
+
+def _family_not_in(allowed: tuple[int, ...]) -> tuple[tuple[ArgTest, ...], ...]:
+    """socket's family (argument 0) is not one of `allowed`."""
+    return _not_in(0, allowed)
 
 
 def _personality_not_allowed() -> tuple[tuple[ArgTest, ...], ...]:
@@ -341,6 +373,29 @@ DENIED: tuple[Denial, ...] = (
         errno.EPERM,
         "TIOCSETD autoloads and runs tty line disciplines (n_hdlc, n_gsm...); TIOCCONS the console",
         _ioctl_request_in((TIOCSETD, TIOCCONS)),
+    ),
+    Denial(
+        ("ioctl",),
+        errno.EPERM,
+        "tcflow TCOOFF on the caller's terminal: sandgate's next line (a kill, its summary) hangs",
+        (((1, "masked_eq", TCXONC, IOCTL_REQUEST_MASK), (2, "eq", TCOOFF, 0)),),
+    ),
+    Denial(
+        ("fanotify_init", "fanotify_mark"),
+        errno.EPERM,
+        "watches when host processes open, read or run host files the task can read",
+    ),
+    Denial(
+        ("fallocate",),
+        errno.EOPNOTSUPP,
+        "one call takes gigabytes before the disk reserve looks; posix_fallocate then writes",
+        _not_in(1, FREEING_FALLOCATE_MODES),
+    ),
+    Denial(
+        ("ioctl",),
+        errno.EOPNOTSUPP,
+        "FS_IOC_RESVSP/ZERO_RANGE, ALLOCSP: fallocate by another name, inside the kernel",
+        _ioctl_request_in(PREALLOCATING_IOCTLS),
     ),
     Denial(
         ("socket", "socketpair"),

@@ -138,6 +138,7 @@ report("pidfd_send_signal_init", lambda: raw(424, init, 10, 0, 0))  # SIGUSR1
 report("kcmp_init", lambda: raw(312, 1, os.getpid(), 0, 0, 0))  # KCMP_FILE
 report("open_by_handle_at", lambda: raw(304, AT_FDCWD, 0, 0))
 report("quotactl_fd", lambda: raw(443, 0, 0, 0, 0))
+report("fanotify_init", lambda: raw(300, 0x200, 0))  # FAN_CLASS_NOTIF|FAN_REPORT_FID: unprivileged
 
 # A pty of its own: a line discipline (n_null is built in here), the console.
 controller, terminal = pty.openpty()
@@ -161,6 +162,7 @@ REFUSED_BY_THE_FILTER = {
     "mount_setattr",
     "open_by_handle_at",
     "quotactl_fd",
+    "fanotify_init",
     "tiocsetd",
     "tioccons",
     "modify_ldt_write",

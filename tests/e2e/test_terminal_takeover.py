@@ -1,0 +1,126 @@
+"""A task that takes the caller's terminal over, in an embedded `sandgate run` (the
+task is in the caller's session and has its terminal itself: docs/sandbox.md, "The
+terminal"), and what sandgate does about it (enforcer/terminal_relay.py
+`SharedTerminal`).
+
+The takeover (the red-team report's F4): a process group of its own in the
+terminal's foreground (setpgid, tcsetpgrp), TOSTOP, -echo, exclusive mode
+(TIOCEXCL). sandgate's next line to the terminal then stopped it with SIGTTOU: the
+summary never came, the shell saw a stopped job and got its terminal back changed;
+and a line while the task ran (the disk reserve's "killing the task", printed before
+the kill) stopped the runner, its watcher with it, while the task wrote on. Now the
+runner ignores SIGTTOU from the task's start, and gives the terminal back (its
+foreground group, modes, exclusive mode) before it prints anything; tcflow's TCOOFF,
+which would make that line hang instead, is refused (seccomp).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import termios
+from pathlib import Path
+
+import pytest
+from support import sandbox
+from support.job import Job
+from support.sandbox import eventually
+from test_task_fills_disk import small_disk
+
+pytestmark = pytest.mark.e2e
+
+RULES = "version: 1\nprofiles:\n  default:\n    rules:\n      - allow: allowed.test\n"
+PYTHON = "/usr/bin/python3"  # pyenv's is out of the sandbox's reach
+TIOCGEXCL = 0x80045440
+
+# The takeover, then what it saw of it (took.json), then with an argument N, N MiB
+# written to `big` (1 MiB a step, as test_task_fills_disk's FILL); exit code 7.
+TAKEOVER = r"""
+import errno, fcntl, json, os, signal, sys, termios, time
+signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+tty = os.open("/dev/tty", os.O_RDWR)
+os.setpgid(0, 0)
+os.tcsetpgrp(tty, os.getpgrp())
+modes = termios.tcgetattr(tty)
+modes[3] = (modes[3] | termios.TOSTOP) & ~termios.ECHO
+termios.tcsetattr(tty, termios.TCSANOW, modes)
+fcntl.ioctl(tty, termios.TIOCEXCL)
+lflag = termios.tcgetattr(tty)[3]
+took = {
+    "foreground": os.tcgetpgrp(tty) == os.getpgrp(),
+    "tostop": bool(lflag & termios.TOSTOP),
+    "echo": bool(lflag & termios.ECHO),
+    "exclusive": fcntl.ioctl(tty, 0x80045440, bytes(4)) != bytes(4),
+}
+try:
+    termios.tcflow(tty, termios.TCOOFF)
+    took["tcooff"] = "ok"
+except termios.error as e:
+    took["tcooff"] = errno.errorcode.get(e.args[0], str(e.args[0]))
+json.dump(took, open("took.json", "w"))
+if len(sys.argv) > 1:
+    with open("big", "wb") as f:
+        for _ in range(int(sys.argv[1])):
+            f.write(bytes(1 << 20)); f.flush(); time.sleep(0.002)
+sys.exit(7)
+"""
+
+
+def _embedded(fakenet, workdir: Path, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """`sandgate run` (embedded, with its summary: no -q) of TAKEOVER in workdir/steps."""
+    rules = workdir / "rules.yaml"
+    rules.write_text(RULES)
+    (workdir / "steps").mkdir()
+    argv = sandbox._argv(fakenet, workdir, [PYTHON, "-c", TAKEOVER, *args], rules, extra)
+    return ["ip", "netns", "exec", fakenet.host_ns, *argv]
+
+
+def _terminal_state(job: Job) -> dict:
+    lflag = termios.tcgetattr(job.slave)[3]
+    return {
+        "foreground": os.tcgetpgrp(job.master),  # the master side may ask: not our terminal
+        "echo": bool(lflag & termios.ECHO),
+        "tostop": bool(lflag & termios.TOSTOP),
+        "exclusive": fcntl.ioctl(job.slave, TIOCGEXCL, bytes(4)) != bytes(4),
+    }
+
+
+def _took(workdir: Path) -> dict:
+    return json.loads((workdir / "steps" / "took.json").read_text())
+
+
+TOOK = {"foreground": True, "tostop": True, "echo": False, "exclusive": True, "tcooff": "EPERM"}
+
+
+def test_sandgate_takes_its_terminal_back_and_prints_its_summary(fakenet, tmp_path):
+    job = Job(_embedded(fakenet, tmp_path))
+    try:
+        before = _terminal_state(job)
+        assert before == {"foreground": job.pid, "echo": True, "tostop": False, "exclusive": False}
+        assert job.next_report(timeout=60) == "exited 7", job.output
+        assert eventually(lambda: b"task: exit code 7" in job.output, timeout=5), job.output
+        after = _terminal_state(job)
+    finally:
+        job.close()
+    assert _took(tmp_path) == TOOK  # the takeover happened (but for TCOOFF)
+    assert after == before  # sandgate's group in the foreground, echo on, no TOSTOP
+
+
+def test_a_terminal_takeover_does_not_stop_the_disk_reserve(fakenet, tmp_path):
+    """The runner's "killing the task" line comes while the task holds the terminal:
+    it used to stop the runner (SIGTTOU), and the task wrote on to the last byte."""
+    with small_disk(tmp_path, "96m") as disk:
+        job = Job(_embedded(fakenet, disk, "200", extra=("--disk-reserve", "32M")))
+        try:
+            before = _terminal_state(job)
+            assert job.next_report(timeout=60) == "exited 137", job.output
+            assert eventually(lambda: b"limits hit: disk" in job.output, timeout=5), job.output
+            after = _terminal_state(job)
+        finally:
+            job.close()
+        left = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        assert _took(disk) == TOOK
+    assert b"killing the task: the file system of" in job.output, job.output
+    assert left > 4 << 20, left
+    assert after == before
