@@ -1,8 +1,8 @@
 """Calls that allocate a file system's blocks in one go, against the disk reserve.
 
 The reserve (enforcer/sandbox/disk_reserve.py) is a watcher: it bounds writers, whose
-pace is the disk's, not a call that takes gigabytes at once. fallocate(2) did (the
-red-team report's F2: `fallocate -l 1900M` filled a 2 GiB disk before the next look),
+pace is the disk's, not a call that takes gigabytes at once. fallocate(2) did (one
+`fallocate -l 1900M` filled a 2 GiB disk before the next look),
 and so do the XFS preallocation ioctls, which the VFS serves on every file system with
 fallocate (FS_IOC_RESVSP, RESVSP64, ZERO_RANGE: vfs_fallocate inside the kernel). Now
 the seccomp filter answers EOPNOTSUPP to every allocating mode and to those ioctls,

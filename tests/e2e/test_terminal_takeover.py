@@ -3,7 +3,7 @@ task is in the caller's session and has its terminal itself: docs/sandbox.md, "T
 terminal"), and what sandgate does about it (enforcer/terminal_relay.py
 `SharedTerminal`).
 
-The takeover (the red-team report's F4): a process group of its own in the
+The takeover: a process group of its own in the
 terminal's foreground (setpgid, tcsetpgrp), TOSTOP, -echo, exclusive mode
 (TIOCEXCL). sandgate's next line to the terminal then stopped it with SIGTTOU: the
 summary never came, the shell saw a stopped job and got its terminal back changed;
