@@ -112,6 +112,11 @@ def unknown(pending_id: str) -> ApprovalError:
 
 def decided_before(record: dict) -> ApprovalError:
     """The refusal of a second decision (`record`: the approval's `to_dict`): the first stands."""
+    if record["state"] == "expired":  # nobody decided: the hold ran out
+        return ApprovalError(
+            f"approval {record['id']} expired: nobody decided it in time, and it can no "
+            "longer be decided (the task may ask again)"
+        )
     by = f" by {record['approver']}" if record.get("approver") else ""
     scope = f" ({record['scope']})" if record.get("scope") else ""
     return ApprovalError(

@@ -239,7 +239,7 @@ def test_expiry():
     p, _ = ask(s, key())
     clock.now += 3601
     assert s.expire() == [p] and p.state is State.EXPIRED and s.list() == []
-    with pytest.raises(ApprovalError, match="already expired"):
+    with pytest.raises(ApprovalError, match="expired: nobody decided it in time"):
         s.approve(p.id, "a", Scope.ONCE)
 
 
