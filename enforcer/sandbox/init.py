@@ -401,11 +401,11 @@ def build_view(spec: dict, report: Report) -> None:
     idmaps: dict[tuple[int, int], int] = {}
     try:
         for bind in spec["binds"]:
-            fd = mounts.clone_tree(bind["source"])
+            fd, st = clone_source(bind)
             # A read-only bind in the workspace (a git control file) is idmapped like the
             # workspace: git refuses a repository whose `.git` file looks someone else's.
             if bind["writable"] or bind.get("idmapped"):
-                st = os.stat(bind["source"])
+                st = st or os.stat(bind["source"])
                 owner = (st.st_uid, st.st_gid)
                 try:
                     if owner not in idmaps:
@@ -422,7 +422,7 @@ def build_view(spec: dict, report: Report) -> None:
                     report.send(weakened="idmapped-mount", why=f"{bind['source']}: {e.strerror}")
             if not bind["writable"]:
                 mounts.set_attr(fd, mounts.LOCKED_DOWN)
-            clones.append((fd, bind["target"]))
+            clones.append((fd, bind, st))
     finally:
         for idmap in idmaps.values():
             os.close(idmap)
@@ -453,11 +453,63 @@ def build_view(spec: dict, report: Report) -> None:
     if spec["home"] not in spec["tmpfs"]:
         os.chown(spec["home"], host_uid, host_gid)
     build_dev(devices, spec.get("tmpfs_bounds"))
-    for fd, target in clones:
-        _ensure_mountpoint(target, fd)
-        mounts.attach(fd, target)
+    for fd, bind, st in clones:
+        attach_bind(fd, bind, st)
     for path in spec["hide"]:
         mounts.mask(path)
+
+
+def clone_source(bind: dict) -> tuple[int, os.stat_result | None]:
+    """A detached copy of a bind's source, and (for an `exact` bind) the stat of what
+    was copied. An `exact` bind's source (the workspace, a --rw path, a pinned git
+    directory, a guarded control file: anything a task may reach) is found without
+    following any symbolic link and must be the file the runner's walk found there
+    (`inode`): by path, a task sharing the directory could swap in a link to a host
+    directory just before this, and have it mounted writable and idmapped to its owner."""
+    if not bind.get("exact"):
+        return mounts.clone_tree(bind["source"]), None
+    try:
+        source = mounts.open_exact(bind["source"], bind.get("inode"))
+    except mounts.Moved as e:
+        raise SetupError(_moved(e, "bind")) from None
+    try:
+        return mounts.clone_fd(source, bind["source"]), os.fstat(source)
+    finally:
+        os.close(source)
+
+
+def attach_bind(fd: int, bind: dict, st: os.stat_result | None) -> None:
+    """Mount a bind's copy on its target. An `exact` bind's target is found without
+    following links too, and, where it was there before this view (not a mount point
+    made in a fresh tmpfs of ours), is the very file that was copied: a link or a
+    rename swapped in since would put the read-only copy somewhere else and leave the
+    path it guards writable."""
+    target = bind["target"]
+    if not bind.get("exact"):
+        _ensure_mountpoint(target, fd)
+        mounts.attach(fd, target)
+        return
+    expect = (st.st_dev, st.st_ino) if st is not None and target == bind["source"] else None
+    if not os.path.lexists(target):
+        _ensure_mountpoint(target, fd)
+        expect = None
+    try:
+        where = mounts.open_exact(target, expect)
+    except mounts.Moved as e:
+        os.close(fd)
+        raise SetupError(_moved(e, "mount point")) from None
+    except OSError:
+        os.close(fd)
+        raise
+    mounts.attach_at(fd, where, target)
+
+
+def _moved(error: OSError, what: str) -> str:
+    return (
+        f"refusing to mount {error.strerror} (a {what} in a writable directory changed "
+        "since sandgate looked at it: a task sharing the directory may have swapped it); "
+        "nothing was mounted, run again"
+    )
 
 
 def mount_sys() -> None:

@@ -9,7 +9,11 @@ sandbox's file view simple and exact:
   in one call, submounts included (remount-by-remount would race new mounts);
 - an idmapped mount (MOUNT_ATTR_IDMAP) lets files that the task creates in the
   workspace land on the host owned by the directory's owner, while the task runs
-  as an id that owns nothing.
+  as an id that owns nothing;
+- `open_exact` finds a path the runner resolved without following any symbolic
+  link (openat2 RESOLVE_NO_SYMLINKS), and `clone_fd`/`attach_at` mount what that
+  descriptor is, never what the path names by then: a task sharing the workspace
+  cannot swap a link in between (docs/sandbox.md, "What the task leaves for the host").
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import re
 
 # x86_64 and the asm-generic table (arm64, riscv) share these numbers since 5.2.
-SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_OPENAT2, SYS_MOUNT_SETATTR = 428, 429, 437, 442
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -28,6 +32,9 @@ AT_SYMLINK_NOFOLLOW = 0x100
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
 
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
@@ -40,7 +47,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 READ_ONLY = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC  # flags of a fresh mount
 MNT_DETACH = 0x2
-EINVAL = 22
+EINVAL, ENOSYS, ELOOP = 22, 38, 40
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -53,6 +60,19 @@ class _MountAttr(ctypes.Structure):
         ("propagation", ctypes.c_uint64),
         ("userns_fd", ctypes.c_uint64),
     ]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+class Moved(OSError):
+    """A bind source or target is not what the runner found there: a symbolic link
+    on its path, or another file (a task sharing the directory swapped it)."""
 
 
 def _fail(what: str) -> OSError:
@@ -141,6 +161,65 @@ def clone_tree(path: str) -> int:
     return fd
 
 
+def open_exact(path: str, expect: tuple[int, int] | list[int] | None = None) -> int:
+    """An O_PATH descriptor of `path` (absolute, resolved already: no `.`, `..` or
+    link in it), found without following any symbolic link, on its way or at its end;
+    with `expect` (st_dev, st_ino: what the runner's walk found there), of that very
+    file. Raises Moved when a link is on the path or the file is another one; OSError
+    when it is missing."""
+    parts = [p for p in path.split("/") if p]
+    if not path.startswith("/") or any(p in (".", "..") for p in parts):
+        raise Moved(ELOOP, f"{path}: not a resolved absolute path")
+    how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        error = ctypes.get_errno()
+        if error == ENOSYS:  # before Linux 5.6: one component at a time
+            fd = _open_components(parts)
+        elif error == ELOOP:
+            raise Moved(ELOOP, f"{path}: a symbolic link is on its path")
+        else:
+            raise OSError(error, f"{path}: {os.strerror(error)}")
+    try:
+        st = os.fstat(fd)
+        if (st.st_mode & 0o170000) == 0o120000:
+            raise Moved(ELOOP, f"{path}: a symbolic link")
+        if expect is not None and (st.st_dev, st.st_ino) != tuple(expect):
+            raise Moved(ELOOP, f"{path}: another file than the one sandgate found there")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_components(parts: list[str]) -> int:
+    """`/` then each of `parts` opened from its parent's descriptor with O_NOFOLLOW."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    for part in parts:
+        try:
+            below = os.open(part, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = below
+        if (os.fstat(fd).st_mode & 0o170000) == 0o120000:
+            os.close(fd)
+            raise Moved(ELOOP, f"/{'/'.join(parts)}: a symbolic link is on its path")
+    return fd
+
+
+def clone_fd(fd: int, what: str) -> int:
+    """A detached copy of the mount tree at an `open_exact` descriptor, as an fd."""
+    tree = _libc.syscall(
+        SYS_OPEN_TREE,
+        fd,
+        b"",
+        OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE | AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW,
+    )
+    if tree < 0:
+        raise _fail(f"open_tree {what}")
+    return tree
+
+
 def set_attr(
     target: str | int,
     attr_set: int,
@@ -177,6 +256,17 @@ def attach(tree_fd: int, target: str) -> None:
             raise _fail(f"move_mount onto {target}")
     finally:
         os.close(tree_fd)
+
+
+def attach_at(tree_fd: int, target_fd: int, what: str) -> None:
+    """Mount a detached tree on what an `open_exact` descriptor is, then close both."""
+    try:
+        flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+        if _libc.syscall(SYS_MOVE_MOUNT, tree_fd, b"", target_fd, b"", flags) != 0:
+            raise _fail(f"move_mount onto {what}")
+    finally:
+        os.close(tree_fd)
+        os.close(target_fd)
 
 
 def tmpfs(

@@ -34,6 +34,17 @@ Two layers (docs/sandbox.md, "What the task leaves for the host"):
    is planted; one that names a writable root itself cannot be guarded: the run
    refuses to start (`unguardable`).
 
+4. Control paths that are symbolic links (`_follow_links`): `.git/hooks/pre-commit
+   -> ../../scripts/pre-commit`, `.git/hooks -> ../githooks`, `.git/config ->
+   ../gitconfig-shared`, `.vscode -> ../shared`. Git and editors follow them, so what
+   such a link resolves to in a writable root is guarded as a named path (read-only
+   during the run, judged after it: a config as config, anything else as planted when
+   changed); the links in a linked hooks or info directory too. A link that resolves
+   to a writable root itself, or through another link in a writable root (a chain, a
+   link on the way: the task could retarget it, and a link cannot be bound
+   read-only), cannot be guarded: the run refuses to start (`unguardable`). A link
+   out of the writable roots is read-only to the task anyway.
+
 Control paths, in any directory that git would take for a git directory (one
 named `.git`, or one with HEAD and objects and refs, or HEAD and commondir, as a
 bare repository or a worktree's or submodule's git dir): `config`,
@@ -133,8 +144,8 @@ class Survey:
     controls: dict[Path, ControlPath] = field(default_factory=dict)
     git_dirs: set[Path] = field(default_factory=set)
     too_deep: list[Path] = field(default_factory=list)  # not walked (MAX_DEPTH)
-    # Work-tree paths the repositories' configs name (resolved, inside the roots),
-    # each with the config entry that names it; "include": read as config
+    # Work-tree paths the repositories' configs name, or a control path that is a link
+    # resolves to (resolved, inside the roots), each with why; "include": read as config
     named: dict[Path, tuple[str, str]] = field(default_factory=dict)
     unguardable: list[str] = field(default_factory=list)  # named paths that are a root
 
@@ -171,6 +182,7 @@ def survey(
     if follow_configs:
         for git_dir in sorted(result.git_dirs):
             _find_named(result, git_dir)
+        _follow_links(result)
         for path, (_, role) in result.named.items():
             _fingerprint_named(result, path, role)
     return result
@@ -190,19 +202,21 @@ def _find_named(result: Survey, git_dir: Path) -> None:
 
 
 def _entries(config: Path) -> list[gitconfig.ConfigEntry]:
-    """A config file's entries; none when it is missing, too big or not git config
-    (git refuses to work with the latter: nothing of it runs)."""
+    """A config file's entries, read through links as git reads it; none when it is
+    missing, too big or not git config (git refuses to work with the latter: nothing
+    of it runs)."""
     try:
-        data = _read_small(config, gitconfig.MAX_CONFIG_BYTES)
+        data = _read_small(Path(os.path.realpath(config)), gitconfig.MAX_CONFIG_BYTES)
         return gitconfig.parse_config(data.decode("utf-8", "replace")) if data else []
     except (OSError, ValueError):
         return []
 
 
 def _pointer_text(path: Path) -> str | None:
-    """The first line of a small pointer file (commondir, gitdir); None if unreadable."""
+    """The first line of a small pointer file (commondir, gitdir), read through links
+    as git reads it; None if unreadable."""
     try:
-        data = _read_small(path, MAX_POINTER_BYTES)
+        data = _read_small(Path(os.path.realpath(path)), MAX_POINTER_BYTES)
     except OSError:
         return None
     line = (data or b"").decode("utf-8", "replace").split("\n", 1)[0].strip()
@@ -245,6 +259,85 @@ def _name(result: Survey, path: Path, why: str, role: str) -> None:
         result.unguardable.append(f"{why}: names {path}, a writable root")
     elif _root_of(result, path) is not None and path not in result.named:
         result.named[path] = (why, role)
+
+
+# What a link at a control path guards its target as (`_follow_links`): a config is
+# judged as config after the run, anything else is planted when it changed.
+LINKED_ROLES = {
+    "config": "include",
+    "commondir": "linked",
+    "hook": "linked",
+    "attributes": "linked",
+    "gitfile": "linked",
+    "editor": "linked",
+}
+MAX_HOPS = 40  # links followed in one resolution, as the kernel's limit (ELOOP)
+
+
+def _follow_links(result: Survey) -> None:
+    """What each control path that is a symbolic link resolves to in a writable root,
+    named (read-only during the run, judged after it), as git and editors follow it."""
+    for path, control in sorted(result.controls.items()):
+        if stat.S_ISLNK(control.fingerprint.mode) and control.role in LINKED_ROLES:
+            _guard_link(result, path, control.role)
+
+
+def _guard_link(result: Survey, link: Path, role: str, depth: int = 0) -> None:
+    """Name what `link` (a control path) resolves to; refuse (`unguardable`) what
+    cannot be bound read-only: a link to a writable root, or through another link the
+    task could change (one in a writable root, in a chain or on the way)."""
+    target, through = _resolve(link, result.roots)
+    others = [each for each in through if each != link]
+    if others:
+        result.unguardable.append(
+            f"{link} is a link through {others[0]}, a link the task may change "
+            f"(make {link.name} a link straight to the file it runs)"
+        )
+        return
+    if target is None or _root_of(result, target) is None and target not in result.roots:
+        return  # a loop (git cannot use it), or out of the writable roots: read-only
+    if target in result.roots:
+        result.unguardable.append(f"{link} is a link to {target}, a writable root")
+        return
+    if role == "gitfile" and target in result.git_dirs:
+        return  # `.git` -> a git directory of this walk: pinned and guarded as one
+    _name(result, target, f"{link} is a link to it", LINKED_ROLES[role])
+    if depth == 0 and role in ("hook", "attributes") and link.name in ("hooks", "info"):
+        # A linked hooks or info directory: links in it are hooks or attributes too.
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(target):
+                if entry.is_symlink():
+                    _guard_link(result, Path(entry.path), role, depth + 1)
+
+
+def _resolve(path: Path, roots: tuple[Path, ...]) -> tuple[Path | None, list[Path]]:
+    """`path` resolved as the kernel would, a component at a time (None: a loop), and
+    every link met on the way that lies in one of `roots`. A missing component ends
+    nothing: the rest is taken as written (where a file would be made)."""
+    pending = list(reversed(path.parts[1:]))
+    current, hops, links = Path("/"), 0, []
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = current.parent
+            continue
+        current = current / part
+        try:
+            if not stat.S_ISLNK(os.lstat(current).st_mode):
+                continue
+            target = os.readlink(current)
+        except OSError:
+            continue
+        hops += 1
+        if hops > MAX_HOPS:
+            return None, links
+        if any(current == root or root in current.parents for root in roots):
+            links.append(current)
+        pending.extend(reversed([p for p in Path(target).parts if p != "/"]))
+        current = Path("/") if os.path.isabs(target) else current.parent
+    return current, links
 
 
 def _root_of(result: Survey, path: Path) -> Path | None:
@@ -439,6 +532,8 @@ def _role(name: str, is_dir: bool, context: str) -> str | None:
         return "attributes" if name == "attributes" else None
     if name.lower() == ".git" and not is_dir:
         return "gitfile"  # a `gitdir:` file, or a link
+    if name.lower() in EDITOR_DIRS and not is_dir:
+        return "editor"  # a link where an editor looks for its settings
     if context == "git":
         if name in CONFIG_FILES or name == "commondir":
             return "config" if name in CONFIG_FILES else "commondir"
@@ -491,6 +586,8 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     role = control.role
     if role == "named":
         return f"a work-tree file that a repository's config runs ({_named_why(control, after)})"
+    if role == "linked":
+        return f"a file git or an editor reaches through a link ({_named_why(control, after)})"
     if role == "hook" and stat.S_ISREG(mode) and control.relative.endswith(".sample"):
         return None
     kind = _kind(mode)
@@ -532,6 +629,7 @@ def _named_why(control: ControlPath, after: Survey) -> str:
 
 
 _ROLE_NAMES = {
+    "linked": "file reached through a link",
     "config": "git config",
     "include": "git config",
     "named": "work-tree file git runs",
@@ -552,8 +650,13 @@ def _kind(mode: int) -> str:
 
 
 def _read_small(path: Path, limit: int) -> bytes | None:
-    """The file's bytes (opened without following a link), None when over `limit`."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    """The file's bytes (opened without following a link), None when over `limit`.
+    Not even opened when it is not a regular file: a config link or include naming a
+    device (a watchdog, a tape) would act on its open."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
@@ -619,6 +722,26 @@ def summarised(planted: list[Planted], limit: int = MAX_REPORTED) -> list[Plante
     first = rest[0]
     why = f"and {len(rest) - 1} more planted paths like it ({renamed} of {len(rest)} renamed)"
     return [*planted[: limit - 1], Planted(first.path, f"{first.why}; {why}", first.disarmed_as)]
+
+
+def identity(before: Survey, path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what the walk found at `path` (a control path, a named one,
+    or a directory it read whole: a root, a git directory, hooks/); None: not known."""
+    control = before.controls.get(path)
+    if control is not None:
+        return control.fingerprint.dev, control.fingerprint.ino
+    for root in before.roots:
+        if path == root or root in path.parents:
+            relative = "" if path == root else str(path.relative_to(root))
+            record = before.dirs.get((root, relative))
+            return (record.dev, record.ino) if record is not None else None
+    return None
+
+
+def identities(before: Survey, paths: list[Path]) -> dict[Path, tuple[int, int]]:
+    """`identity` of each of `paths` known to the walk: what the sandbox init checks a
+    bind source is (spec.file_view `inodes`), so that nothing swapped in is mounted."""
+    return {path: found for path in paths if (found := identity(before, path)) is not None}
 
 
 def pinned_dirs(before: Survey, limit: int = MAX_PINNED) -> list[Path]:

@@ -248,18 +248,24 @@ def prepare(
         workspace = surveyed if surveyed is not None else walk_before(opts.writable, walks)
         if workspace.unguardable:
             raise spec.SandboxError(
-                "a repository's config runs files anywhere in the writable directory, "
-                "which the task may change and the host's git would then run: "
+                "a repository's config or control files run files anywhere in the "
+                "writable directory, or through a link there, which the task may change "
+                "and the host's git would then run: "
                 + "; ".join(workspace.unguardable)
-                + " (fix the config, or --no-workspace-guard)"
+                + " (fix the config or the link, or --no-workspace-guard)"
             )
+    pinned = planting.pinned_dirs(workspace) if workspace else []
+    guarded = planting.read_only_binds(workspace) if workspace else []
     view = spec.file_view(
         opts,
         protected=protected,
         hidden=hidden,
         file_binds=file_binds,
-        pinned=planting.pinned_dirs(workspace) if workspace else [],
-        guarded=planting.read_only_binds(workspace) if workspace else [],
+        pinned=pinned,
+        guarded=guarded,
+        inodes=planting.identities(workspace, [*opts.writable, *pinned, *guarded])
+        if workspace
+        else None,
     )
     slot = id_slots.claim(pool)  # last of what can refuse the run before the pipes
     report_r, report_w = os.pipe()

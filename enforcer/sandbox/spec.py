@@ -364,28 +364,39 @@ def file_view(
     file_binds: list[tuple[Path, Path]],
     pinned: list[Path] = (),
     guarded: list[Path] = (),
+    inodes: dict[Path, tuple[int, int]] | None = None,
 ) -> dict:
     """Binds, tmpfs, hidden paths and writable roots for the spec. Read-only binds of
     sandgate's own files go after the workspace and --rw binds they may lie in.
     `pinned`: git directories in the workspace bound over themselves, writable (a
     mount point cannot be renamed away); `guarded`: their control files, read-only
-    (sandbox/planting.py)."""
+    (sandbox/planting.py). Every bind but sandgate's own files (`file_binds`, in its
+    root-only run directory) is `exact`: a resolved path, which the init opens without
+    following any link and mounts by descriptor; `inodes` (planting.identities: what
+    the walk before the task found at each path, (st_dev, st_ino)) is checked there
+    too, so that nothing a concurrent task swapped in since is mounted."""
     uid = opts.uid
     home = "/root" if uid == 0 else "/home/sandbox"
     tmpfs = [*SANDBOX_TMPFS, "/root"] + ([] if uid == 0 else ["/home"])
+    inodes = inodes or {}
     binds = [{"source": str(src), "target": str(dst), "writable": False} for src, dst in file_binds]
+
+    def exact(path: Path, **kind) -> dict:
+        inode = inodes.get(path)
+        return {"source": str(path), "target": str(path), **kind, "exact": True} | (
+            {"inode": list(inode)} if inode else {}
+        )
+
     writable_roots = [p for p in ([opts.workspace] if opts.workspace else []) + list(opts.rw)]
     for path in [*writable_roots, *pinned]:
-        binds.append({"source": str(path), "target": str(path), "writable": True})
+        binds.append(exact(path, writable=True))
     for path in guarded:
-        binds.append(
-            {"source": str(path), "target": str(path), "writable": False, "idmapped": True}
-        )
+        binds.append(exact(path, writable=False, idmapped=True))
     read_only = list(opts.ro) + [
         p for p in protected if any(_under(p, w) for w in writable_roots) and p.exists()
     ]
     for path in read_only:
-        binds.append({"source": str(path), "target": str(path), "writable": False})
+        binds.append(exact(path, writable=False))
     # Parents before children: a --ro directory must not cover a workspace inside it,
     # and sandgate's own files inside a workspace go read-only over it.
     binds.sort(key=lambda bind: len(Path(bind["target"]).parts))
