@@ -117,6 +117,11 @@ def run_attached(opts: AttachOptions) -> int:
     for gap in prepared.gaps:
         _warn_weakened(client, gap)
     gaps_sent = len(prepared.gaps)
+    shared = None
+    if opts.caller is None:  # in the caller's own process: the task shares its terminal,
+        from sandgate.enforcer.terminal_relay import SharedTerminal  # and may take it
+
+        shared = SharedTerminal.of_caller()  # (as for an embedded run: run.TaskRun)
     try:
         child = ForkedInit(
             prepared.spec_path,
@@ -132,6 +137,8 @@ def run_attached(opts: AttachOptions) -> int:
         _detach(client, run_id, None, quiet=True)
         print(f"sandgate: cannot start the sandbox: {e}", file=sys.stderr)
         return EXIT_SETUP
+    if shared is not None:
+        shared.guard()  # only now: the init and the task keep SIGTTOU's default
     if seed is None:
         prepared.join(child.pid)  # while the init builds its file view (a seed is in already)
     prepared.started()
@@ -152,6 +159,8 @@ def run_attached(opts: AttachOptions) -> int:
         else:
             code = child.returncode if child.returncode >= 0 else 128 - child.returncode
         prepared.collect()
+        if shared is not None:
+            shared.give_back()  # every process of the task is gone: before any line
         hits = prepared.limits_hit() + disk.hits()
         planted = prepared.check_workspace()
         if client is not None:
@@ -564,8 +573,8 @@ class StopGrace:
     def _kill(self, why: str) -> None:
         self.deadline, self.killed = None, True  # once
         if self.child.returncode is None:
+            self.child.send_signal(signal.SIGKILL)  # first: the line may block (a terminal)
             print(f"sandgate: killing the task: {why}", file=sys.stderr)
-            self.child.send_signal(signal.SIGKILL)
 
 
 class DiskGuard:
@@ -586,8 +595,8 @@ class DiskGuard:
         why, self.every = self.watch.look()
         if why is not None:
             self.hit = cgroup.LimitHit("disk", 1, why)
+            self.child.send_signal(signal.SIGKILL)  # first: the line may block (a terminal)
             print(f"sandgate: killing the task: {why}", file=sys.stderr)
-            self.child.send_signal(signal.SIGKILL)
 
     def hits(self) -> list[cgroup.LimitHit]:
         return [self.hit] if self.hit is not None else []

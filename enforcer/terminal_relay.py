@@ -31,6 +31,7 @@ import os
 import select
 import signal
 import termios
+import time
 
 _RAW_IFLAG_OFF = (
     termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
@@ -240,7 +241,7 @@ class SharedTerminal:
             termios.tcflow(self.fd, termios.TCOON)
         with contextlib.suppress(OSError):
             now = os.tcgetpgrp(self.fd)
-            if now != self.foreground and not _has_processes(now):
+            if now != self.foreground and not _still_used(now, GROUP_GONE_S):
                 os.tcsetpgrp(self.fd, self.foreground)
         with contextlib.suppress(OSError, termios.error):
             ours_again = self.ours and os.tcgetpgrp(self.fd) == os.getpgrp()
@@ -260,11 +261,22 @@ def _exclusive(fd: int) -> bool:
         return False
 
 
-def _has_processes(pgrp: int) -> bool:
-    try:
-        os.killpg(pgrp, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+# The task's processes die with its PID namespace, just after its init: the group
+# the task put in the foreground empties within milliseconds of the run's end.
+GROUP_GONE_S = 0.5
+
+
+def _still_used(pgrp: int, within: float) -> bool:
+    """Whether process group `pgrp` still has a process after up to `within` seconds
+    (a job the shell put in the foreground); False as soon as it is empty."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.killpg(pgrp, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass  # EPERM: a live process of someone else's
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.01)

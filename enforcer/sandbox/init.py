@@ -840,8 +840,9 @@ def _exit(code: int) -> None:
     which waits for this process: docs/performance.md, "Session 40"), as a forked
     init leaves (attach._fork); what was printed goes out first."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
+        if stream is not None:  # None: the descriptor was closed when Python started
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
     os._exit(code)
 
 
