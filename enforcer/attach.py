@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from sandgate.enforcer import zygote
 
 STATE_DIRS = (
-    Path(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate")),
+    Path(os.environ.get("SANDGATE_STATE_DIR") or "/var/lib/sandgate"),
     Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate")),
 )
 EXIT_SETUP = 125

@@ -34,7 +34,7 @@ import types
 from sandgate.enforcer import private_cache
 
 # As enforcer/run.py's STATE_DIR: that module is what this start is about to import.
-CACHE_DIR = os.path.join(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate"), "cache")
+CACHE_DIR = os.path.join(os.environ.get("SANDGATE_STATE_DIR") or "/var/lib/sandgate", "cache")
 
 
 class _Compiled:

@@ -58,7 +58,7 @@ log = logging.getLogger("sandgate.run")
 RUN_DIR = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))
 # A state dir naming no owner yet is taken for a run setting up for this long (gc).
 SETUP_GRACE_S = 60.0
-STATE_DIR = Path(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate"))
+STATE_DIR = Path(os.environ.get("SANDGATE_STATE_DIR") or "/var/lib/sandgate")
 AUDIT_DIR = STATE_DIR / "audit"  # a run's audit log when --audit-log is not given: <run id>.jsonl
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TABLE_PREFIX = "sandgate_"
@@ -106,11 +106,13 @@ class RunOptions:
     seed: object | None = None
 
 
-def check_prerequisites() -> None:
+def check_prerequisites(command: str = "run") -> None:
+    """Root and `nft`, which every command that builds or removes sandboxes needs;
+    `command` names it in the message."""
     if os.geteuid() != 0:
         raise RunError(
-            "sandgate run needs root (it creates network namespaces and an nftables table); "
-            "try: sudo sandgate run ..."
+            f"sandgate {command} needs root (it makes or removes network namespaces and "
+            f"nftables tables); try: sudo sandgate {command} ..."
         )
     if shutil.which("nft") is None:
         raise RunError(

@@ -29,7 +29,7 @@ from pathlib import Path
 
 log = logging.getLogger("sandgate.admin")
 
-DEFAULT_KEYS = Path(os.environ.get("SANDGATE_STATE_DIR", "/var/lib/sandgate")) / "admin-keys"
+DEFAULT_KEYS = Path(os.environ.get("SANDGATE_STATE_DIR") or "/var/lib/sandgate") / "admin-keys"
 ADMIN = "admin"  # the generated token's name: reserved in the file
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MIN_TOKEN = 24  # characters of a hand-written token

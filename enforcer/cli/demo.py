@@ -18,5 +18,5 @@ def cmd_demo(args) -> int:
         from sandgate.enforcer.demo import demo
         from sandgate.enforcer.run import check_prerequisites
 
-        check_prerequisites()
+        check_prerequisites("demo")
         return demo()

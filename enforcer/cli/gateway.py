@@ -111,7 +111,7 @@ def cmd_gateway(args) -> int:
         from sandgate.enforcer.service import SERVICE_AUDIT_LOG, ServiceOptions, serve
         from sandgate.enforcer.workers import usable_cores
 
-        check_prerequisites()
+        check_prerequisites("gateway")
         code = serve(
             ServiceOptions(
                 rules=Path(args.rules),

@@ -19,7 +19,7 @@ def cmd_gc(args) -> int:
     with setup_errors():
         from sandgate.enforcer.run import check_prerequisites, gc
 
-        check_prerequisites()
+        check_prerequisites("gc")
         leftovers = gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for line in leftovers.removed:

@@ -635,7 +635,7 @@ def test_not_root_is_one_line_and_exit_125(monkeypatch, capsys, command):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert (
-        captured.err.startswith("sandgate: sandgate run needs root")
+        captured.err.startswith(f"sandgate: sandgate {command[0]} needs root")
         and captured.err.count("\n") == 1
     )
 
