@@ -896,7 +896,13 @@ def rotated_files(path: Path | str) -> list[Path]:
             head, dot, number = entry.name.rpartition(".")
             # isascii: str.isdigit() also takes "²", which int() refuses; a FIFO or a
             # directory of that name is not a log file (reading one would hang or fail)
-            if dot and head == path.name and number.isascii() and number.isdigit() and entry.is_file():
+            if (
+                dot
+                and head == path.name
+                and number.isascii()
+                and number.isdigit()
+                and entry.is_file()
+            ):
                 found.append((int(number), path.with_name(entry.name)))
     return [p for _, p in sorted(found)]
 
