@@ -138,7 +138,7 @@ def main() -> None:
 
         async def take() -> float:
             worker = SimpleNamespace(index=0)
-            link = Link(lambda message: pool._handle(worker, message, None))
+            link = Link(lambda message: pool._handle(worker, message))
             began = time.thread_time()
             if profile:
                 profile.enable()

@@ -160,7 +160,6 @@ class InProcessGateway:
 def open_data_plane(
     workers: int,
     config: GatewayConfig,
-    rules: Path,
     policy: CompiledPolicy,
     audit: RateLimitedAudit,
     metrics: Metrics,
@@ -173,7 +172,6 @@ def open_data_plane(
         return WorkerPool(
             workers,
             {
-                "rules": [str(rules)],
                 "dns_upstreams": config.dns_upstreams,
                 "confdir": str(config.confdir),
                 "upstream_ca": str(config.upstream_ca),

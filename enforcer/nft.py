@@ -14,11 +14,14 @@ own traffic is not matched by any rule):
 1. chain `early` (prerouting, before NAT), in order:
    the sandbox kernel's own multicast listener reports (MLD) -> drop uncounted;
    IPv6 -> drop; a source address that is not routed back through the interface
-   it came in on (a sandbox posing as another) -> drop; DNS (53/udp, 53/tcp, to
-   any address) -> on to NAT; any address of the gateway itself -> drop (its
+   it came in on (a sandbox posing as another) -> drop; DNS over UDP past the
+   sandbox's DNS rate -> drop, the rest (53/udp, to any address) -> on to NAT; a
+   TCP SYN past the sandbox's connection rate -> drop (every new TCP connection,
+   DNS over TCP's too: only UDP's accept comes before it); DNS over TCP (53/tcp,
+   to any address) -> on to NAT; any address of the gateway itself -> drop (its
    metrics and control ports, and the proxy port, which would make mitmproxy
    connect to itself in a loop); UDP (QUIC too), ICMP, anything else not TCP ->
-   drop; a TCP SYN past the sandbox's connection rate -> drop.
+   drop.
 2. chain `nat_prerouting`: DNS -> the DNS filter's port; other TCP -> the proxy's
    transparent port (SO_ORIGINAL_DST keeps the real destination).
 3. chain `input`: only packets redirected by (2) to those two ports get through.
@@ -92,7 +95,9 @@ def dns_packet_rate(dns_qps: int) -> int:
 # queued ahead of every other sandbox's connection and cost the worker a handshake
 # parse and an upstream connect each (an honest sandbox's requests then took up to
 # 0.9 s). A dropped SYN costs the gateway nothing; the task's kernel retries it a
-# second later. Counted apart from the other drops.
+# second later. Every new TCP connection counts, to any port, DNS over TCP's too
+# (when its accept came first, a task opened ~7,000 a second into the worker's DNS
+# listener). Counted apart from the other drops.
 CONNECTIONS_PER_S = 200
 
 # ICMPv6 the sandbox's kernel sends by itself when eth0 comes up (joining the
@@ -168,12 +173,12 @@ def render_ruleset(cfg: RulesetConfig, *, new: bool = False) -> str:
 \t\t{sbx} fib saddr . iif oif missing counter name "dropped_spoofed" drop
 \t\t{sbx} udp dport 53 limit rate over {cfg.dns_rate}/second burst {cfg.dns_rate} packets counter name "dropped_dns_flood" drop
 \t\t{sbx} udp dport 53 accept
+\t\t{sbx} tcp flags & (syn | ack) == syn limit rate over {cfg.connection_rate}/second burst {cfg.connection_rate} packets counter name "dropped_connect_flood" drop
 \t\t{sbx} tcp dport 53 accept
 \t\t{sbx} fib daddr type local counter name "dropped_to_gateway" drop
 \t\t{sbx} meta l4proto udp counter name "dropped_udp" drop
 \t\t{sbx} meta l4proto icmp counter name "dropped_icmp" drop
 \t\t{sbx} meta l4proto != tcp counter name "dropped_other" drop
-\t\t{sbx} tcp flags & (syn | ack) == syn limit rate over {cfg.connection_rate}/second burst {cfg.connection_rate} packets counter name "dropped_connect_flood" drop
 \t}}
 
 \tchain nat_prerouting {{

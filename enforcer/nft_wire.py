@@ -263,15 +263,15 @@ def sandbox_table(cfg, counters: tuple[str, ...]) -> list[Message]:
         dropped("dropped_dns_flood"),
     )
     rule("early", sbx, _dport(_IPPROTO_UDP, 53), accept)
+    syn = _transport(13, 1) + _bitwise(bytes([_TCP_SYN | _TCP_ACK])) + _cmp(bytes([_TCP_SYN]))
+    connects = _l4proto(_IPPROTO_TCP) + syn + _limit_over(cfg.connection_rate)
+    rule("early", sbx, connects, dropped("dropped_connect_flood"))
     rule("early", sbx, _dport(_IPPROTO_TCP, 53), accept)
     local = _fib(_FIB_F_DADDR, _FIB_RESULT_ADDRTYPE) + _cmp(struct.pack("=I", _RTN_LOCAL))
     rule("early", sbx, local, dropped("dropped_to_gateway"))
     rule("early", sbx, _l4proto(_IPPROTO_UDP), dropped("dropped_udp"))
     rule("early", sbx, _l4proto(_IPPROTO_ICMP), dropped("dropped_icmp"))
     rule("early", sbx, _l4proto(_IPPROTO_TCP, _CMP_NEQ), dropped("dropped_other"))
-    syn = _transport(13, 1) + _bitwise(bytes([_TCP_SYN | _TCP_ACK])) + _cmp(bytes([_TCP_SYN]))
-    connects = _l4proto(_IPPROTO_TCP) + syn + _limit_over(cfg.connection_rate)
-    rule("early", sbx, connects, dropped("dropped_connect_flood"))
 
     chain("nat_prerouting", "nat", _NF_INET_PRE_ROUTING, -100)
     rule("nat_prerouting", sbx, _dport(_IPPROTO_UDP, 53), _redirect(cfg.dns_port))

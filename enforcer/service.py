@@ -232,7 +232,7 @@ class GatewayService:
         )
         audit = RateLimitedAudit(self.audit, opts.audit_limits, self.metrics.count_suppressed)
         data_plane = self.data_plane = open_data_plane(
-            opts.workers, config, opts.rules, policy, audit, self.metrics, self
+            opts.workers, config, policy, audit, self.metrics, self
         )
         self.reloader = PolicyReloader([opts.rules], data_plane)
         try:

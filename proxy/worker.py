@@ -10,14 +10,20 @@ and keeps: if this process dies, connections wait in their listen queues (no egr
 meanwhile: fail closed) until the service's next worker accepts them.
 
 The service talks to it over `--link` (proxy/worker_link.py). Requests it answers:
-`add_sandbox` {address, task_id, profile} (starts mitmproxy first when the profile
-inspects: the service then hands the task the CA), `remove_sandbox` {address},
-`reload` {expect} (loads the rule files itself, off the loop, and swaps; replies
-with the hash in force), `audit_hold` {problem} (the service's audit log cannot be
-written: refuse new connections as the in-process gateway would), `flush` (send the
-events held for the next tick now), `stats`, `stop`,
-and the approvals ops `approve`, `deny`, `grant` (proxy/approvals/remote.py).
-Notifications it sends: `ready` {pid, proxy_port, dns_port, policy} once, `events`
+`start` {policy, sandboxes, audit_problem, grants; the service's policy as payload}
+(the first, once: its gateway is made with that policy, the sandboxes the service
+gives it, a restarted worker's, are registered, the audit hold and the `--for`
+grants in force are taken, and only then does it serve its sockets, so nothing
+queued there is decided as a stranger's; replies {pid, proxy_port, dns_port,
+policy}), `add_sandbox` {address, task_id, profile} (starts mitmproxy first when the
+profile inspects: the service then hands the task the CA), `remove_sandbox`
+{address}, `reload` {policy, actor; the service's new policy as payload} (swaps it
+in; replies with the hash in force), `audit_hold` {problem} (the service's audit log
+cannot be written: refuse new connections as the in-process gateway would), `flush`
+(send the events held for the next tick now), `stats`, `stop`, and the approvals ops
+`approve`, `deny`, `grant` (proxy/approvals/remote.py). It never reads the rule
+files: it serves the policy the service enforces (worker_link.policy_payload).
+Notifications it sends: `events`
 at the next FLUSH_PERIOD tick after an event (`EventBatcher`; each event is in its
 `--blackbox` first, proxy/telemetry/blackbox.py, for the service to read if this
 process is killed before it sent them), `stats` every
@@ -43,17 +49,15 @@ from pathlib import Path
 from sandgate.proxy.approvals.remote import ApprovalsOverLink
 from sandgate.proxy.frontdoor.poller import new_event_loop
 from sandgate.proxy.gateway import Gateway, GatewayConfig, Listeners, inspects
-from sandgate.proxy.policy import load_policy
 from sandgate.proxy.policy.reasons import Reason
 from sandgate.proxy.registry import Sandbox
-from sandgate.proxy.reload import PolicyReloader
 from sandgate.proxy.telemetry.audit import audit_members, mapped_ring
 from sandgate.proxy.telemetry.blackbox import BlackBox
 from sandgate.proxy.telemetry.event import Event, EventKind
 from sandgate.proxy.telemetry.metrics import MetricsTally
 from sandgate.proxy.telemetry.summary import row_destination
 from sandgate.proxy.ticks import INTAKE_PERIOD, LEAD, next_tick
-from sandgate.proxy.worker_link import Link, LinkClosed
+from sandgate.proxy.worker_link import Link, LinkClosed, policy_of
 
 log = logging.getLogger("sandgate.worker")
 
@@ -169,19 +173,54 @@ class Worker:
         self.config = config
         self.listeners = listeners
         self.link_sock = link_sock
-        self.rules = [Path(p) for p in config["rules"]]
         self.audit = RemoteAudit()
         self.stopped = asyncio.Event()
         self.gateway: Gateway | None = None
         self.link: Link | None = None
-        self.reloader: PolicyReloader | None = None
         self.approvals: ApprovalsOverLink | None = None
         self.batcher: EventBatcher | None = None
+        self._starting = False
+        self.serving = False  # from the end of `start`
+        self._swapping = asyncio.Lock()  # reloads in the order they came
+        self._stats: asyncio.Task | None = None
 
     async def run(self) -> int:
+        """Serve from the service's `start` until the service stops this worker or
+        goes away."""
         self.link = await Link.over(self.link_sock, self.handle)
         reading = asyncio.get_running_loop().create_task(self.link.run())
-        policy = await asyncio.to_thread(load_policy, self.rules)
+        done, _ = await asyncio.wait(
+            [reading, asyncio.ensure_future(self.stopped.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if self._stats is not None:
+            self._stats.cancel()
+        if reading in done:  # the service closed the link: it is gone or stopping us
+            if self.gateway is not None:
+                await self.gateway.stop()
+            return 0
+        await reading
+        return 0
+
+    # --- requests --------------------------------------------------------------------
+
+    def handle(self, message: dict):
+        op = message.get("op")
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None:
+            raise ValueError(f"unknown op {str(op)[:40]!r}")
+        if not self.serving and op not in ("start", "stop"):
+            raise RuntimeError(f"{str(op)[:40]!r} before the worker started")
+        return handler(message)
+
+    async def op_start(self, message: dict) -> dict:
+        """Serve the service's policy (the payload) for the sandboxes it gives: each
+        registered, the audit hold and the grants taken, before the first socket is
+        read. Once; a failure leaves the worker to be killed."""
+        if self._starting:
+            raise RuntimeError("started already")
+        self._starting = True
+        policy = await asyncio.to_thread(policy_of, message["payload"], str(message["policy"]))
         self.batcher = batcher = EventBatcher(self.link, self.blackbox)
         self.gateway = Gateway(
             GatewayConfig(
@@ -205,43 +244,29 @@ class Worker:
             before_send=batcher.flush,
         )
         self.gateway.guard_audit(self.audit)
-        self.reloader = PolicyReloader(self.rules, self.gateway)
+        problem = message.get("audit_problem")
+        self.audit.writable, self.audit.problem = problem is None, problem
+        for fields in message.get("sandboxes", ()):
+            # Its profile may have left the policy since it attached: registered all
+            # the same, its connections are denied under its task (unknown_profile).
+            self.gateway.add_sandbox(_sandbox(fields))
+        for grant in message.get("grants", ()):  # `--for` approvals of the other workers
+            await self.approvals.op_grant({"approval": grant})
         await self.gateway.start()  # the CA if a profile inspects; mitmproxy if one needs it
-        self.link.send(
-            {
-                "op": "ready",
-                "pid": os.getpid(),
-                "proxy_port": self.gateway.proxy_port,
-                "dns_port": self.gateway.dns_port,
-                "policy": policy.hash,
-            }
-        )
-        stats = asyncio.get_running_loop().create_task(self._push_stats())
-        done, _ = await asyncio.wait(
-            [reading, asyncio.ensure_future(self.stopped.wait())],
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        stats.cancel()
-        if reading in done:  # the service closed the link: it is gone or stopping us
-            await self.gateway.stop()
-            return 0
-        await reading
-        return 0
-
-    # --- requests --------------------------------------------------------------------
-
-    def handle(self, message: dict):
-        op = message.get("op")
-        handler = getattr(self, f"op_{op}", None)
-        if handler is None:
-            raise ValueError(f"unknown op {str(op)[:40]!r}")
-        return handler(message)
+        self._stats = asyncio.get_running_loop().create_task(self._push_stats())
+        self.serving = True
+        return {
+            "pid": os.getpid(),
+            "proxy_port": self.gateway.proxy_port,
+            "dns_port": self.gateway.dns_port,
+            "policy": policy.hash,
+        }
 
     async def op_add_sandbox(self, message: dict) -> dict:
         profile = str(message["profile"])
         if profile not in self.gateway.policy.profiles:
             raise ValueError(f"no profile {profile[:60]!r} in this worker's policy")
-        self.gateway.add_sandbox(Sandbox(str(message["address"]), message.get("task_id"), profile))
+        self.gateway.add_sandbox(_sandbox(message))
         if inspects(self.gateway.policy, profile):
             await self.gateway.gateway_ca()  # the task must trust it: it exists before the reply
         return {}
@@ -251,14 +276,18 @@ class Worker:
         return {}
 
     async def op_reload(self, message: dict) -> dict:
-        result = await self.reloader.reload("service", message.get("actor"))
-        return {
-            "ok": True,
-            "loaded": result.ok,
-            "policy": result.policy_hash,
-            "errors": list(result.errors),
-            "closed": result.swap.connections_closed if result.swap else 0,
-        }
+        """Swap in the service's new policy (the payload), as PolicyReloader swaps one
+        it loaded: its connections the new one denies are closed, with their events."""
+        async with self._swapping:
+            new = await asyncio.to_thread(policy_of, message["payload"], str(message["policy"]))
+            actor = message.get("actor")
+            old = self.gateway.policy
+            swap = self.gateway.swap_policy(
+                new, cause="reload on service" + (f" by {actor}" if actor else "")
+            )
+            await asyncio.to_thread(old.forget_decisions)  # off the loop too: 100k rules
+        return {"ok": True, "loaded": True, "policy": new.hash, "errors": [],
+                "closed": swap.connections_closed}  # fmt: skip
 
     async def op_audit_hold(self, message: dict) -> dict:
         problem = message.get("problem")
@@ -284,8 +313,9 @@ class Worker:
         return {}
 
     async def op_stop(self, message: dict) -> dict:
-        await self.gateway.stop()  # connection ends are emitted and batched
-        self.batcher.flush()
+        if self.gateway is not None:
+            await self.gateway.stop()  # connection ends are emitted and batched
+            self.batcher.flush()
         self.stopped.set()
         return {}
 
@@ -306,6 +336,10 @@ class Worker:
             await asyncio.sleep(STATS_INTERVAL)
             with contextlib.suppress(LinkClosed):
                 self.link.send({"op": "stats", **self.stats()})
+
+
+def _sandbox(fields: dict) -> Sandbox:
+    return Sandbox(str(fields["address"]), fields.get("task_id"), str(fields["profile"]))
 
 
 def _die_with_parent(parent: int) -> None:

@@ -30,7 +30,7 @@ def _plane(tmp_path: Path, workers: int):
     rules.write_text(RULES)
     config = GatewayConfig(listen_host="127.0.0.1", dns_upstreams=[], confdir=tmp_path / "ca")
     sink = _Sink()
-    return open_data_plane(workers, config, rules, load_policy([rules]), sink, Metrics(), sink)
+    return open_data_plane(workers, config, load_policy([rules]), sink, Metrics(), sink)
 
 
 class _Sink(list):

@@ -346,6 +346,19 @@ def test_the_sandboxs_table_caps_its_new_connections_at_its_profiles_rate() -> N
     assert f"over {nft.CONNECTIONS_PER_S}/second" in render_ruleset(CONFIG)
 
 
+def test_no_tcp_is_accepted_before_the_connection_rate() -> None:
+    """Every new TCP connection meets the sandbox's connection rate, DNS over TCP's
+    too: in chain `early`, the only accept before the SYN limit is UDP DNS's (when
+    `tcp dport 53 accept` came first, a task opened ~7,000 connections a second into
+    the worker's DNS listener)."""
+    early = render_ruleset(CONFIG).split("chain early {", 1)[1].split("\n\t}", 1)[0]
+    rules = [line.strip() for line in early.splitlines() if line.strip().startswith("iifname")]
+    limit = next(i for i, rule in enumerate(rules) if "dropped_connect_flood" in rule)
+    accepted_before = [rule for rule in rules[:limit] if rule.endswith(" accept")]
+    assert accepted_before == ['iifname "sgh-*" udp dport 53 accept']
+    assert 'iifname "sgh-*" tcp dport 53 accept' in rules[limit + 1 :]
+
+
 @pytest.mark.e2e
 def test_a_process_holding_a_thousand_descriptors_still_runs_nft() -> None:
     """A gateway service holding its sandboxes' connections (descriptors past

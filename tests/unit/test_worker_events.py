@@ -364,9 +364,10 @@ def test_retire_returns_once_the_workers_held_events_are_in_the_sink():
         got, tallies = [], []
         pool = WorkerPool(2, {"confdir": "/nonexistent"}, None, got.append, tally=tallies.extend)
         a, b = socket.socketpair()
-        worker = Worker(0, {"rules": []}, None, None)
+        worker = Worker(0, {}, None, None)
         removed = []
         worker.gateway = SimpleNamespace(remove_sandbox=removed.append)
+        worker.serving = True
         worker.link = await Link.over(a, worker.handle)
         worker.batcher = EventBatcher(worker.link)
         up = asyncio.Event()
@@ -374,7 +375,7 @@ def test_retire_returns_once_the_workers_held_events_are_in_the_sink():
         held = SimpleNamespace(
             index=0, up=up, link=None, sandboxes={}, received=0, open=OpenConnections()
         )
-        held.link = await Link.over(b, lambda m: pool._handle(held, m, None))
+        held.link = await Link.over(b, lambda m: pool._handle(held, m))
         pool.workers.append(held)
         pool.by_address["10.0.0.2"] = 0
         for event in MIX:

@@ -270,7 +270,7 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
     async def main():
         pool = WorkerPool(
             2,
-            {"rules": [str(rules)], "dns_upstreams": ["127.0.0.1"], "confdir": str(tmp_path)},
+            {"dns_upstreams": ["127.0.0.1"], "confdir": str(tmp_path)},
             load_policy([rules]),
             # the workers' events come encoded; the pool's own (a reload) as they are
             lambda e: events.append(e.decoded() if isinstance(e, EncodedEvent) else e),
@@ -336,6 +336,90 @@ def test_two_workers_serve_their_sandboxes_send_events_back_and_come_back_after_
                 os.kill(pid, 0)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "rule_file",
+    [
+        pytest.param("broken", id="the-rule-file-broken"),
+        pytest.param("edited", id="a-valid-edit-not-reloaded"),
+        pytest.param("intact", id="the-rule-file-intact"),
+    ],
+)
+def test_a_restarted_worker_serves_the_services_policy_to_its_sandboxes_from_its_first_read(
+    tmp_path, rule_file
+):
+    """A worker killed while the rule file on disk is broken (or edited and not
+    reloaded) comes back with the policy the service enforces: it compiled the files
+    itself, and could not start while they were broken (its sandboxes cut off until
+    they were fixed) or took the edit. A DNS query its sandbox sent while it was down
+    (it waited in the socket the service keeps) is decided under the sandbox's task:
+    the new worker served its socket before the service registered the sandbox with
+    it, and such a query was REFUSED as a stranger's (`unknown_sandbox`, no task).
+    While it is down, the status shows it serving no policy."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(PLAIN)
+    events: list[Event] = []
+    restarted = []
+
+    async def main():
+        pool = WorkerPool(
+            2,
+            {"dns_upstreams": ["127.0.0.1"], "confdir": str(tmp_path)},
+            load_policy([rules]),
+            lambda e: events.append(e.decoded() if isinstance(e, EncodedEvent) else e),
+            listen_host="127.0.0.1",
+        )
+        pool.on_restart = lambda worker, pid, how: restarted.append(worker.pid)
+        await pool.start()
+        try:
+            await pool.add_sandbox(0, Sandbox("127.0.0.1", "task-1", "default"))
+            dns_port = pool.ports(0)[1]
+            assert await asyncio.to_thread(_ask_dns, dns_port, "allowed.test") in (
+                dns.rcode.NOERROR,
+                dns.rcode.SERVFAIL,  # no upstream here: allowed, then not answered
+            )
+            if rule_file == "broken":
+                rules.write_text(PLAIN + "      - allow: [\n")
+            elif rule_file == "edited":
+                rules.write_text(PLAIN.replace("allowed.test", "denied.test"))
+            victim = pool.workers[0].pid
+            os.kill(victim, signal.SIGSTOP)
+            await asyncio.sleep(0.1)
+            events.clear()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(20)
+                query = dns.message.make_query("denied.test", "A")
+                sock.sendto(query.to_wire(), ("127.0.0.1", dns_port))  # waits in the socket
+                os.kill(victim, signal.SIGKILL)
+                await _until(lambda: not pool.workers[0].up.is_set())
+                described = pool.describe()[0]
+                assert (described["pid"], described["policy"]) == (None, None)
+                answer = dns.message.from_wire(await asyncio.to_thread(sock.recv, 4096))
+            await _until(lambda: restarted, timeout=20)
+            assert answer.rcode() == dns.rcode.NXDOMAIN  # decided: the sandbox's, denied
+            assert pool.workers[0].policy == pool.policy.hash
+            assert pool.describe()[0]["policy"] == pool.policy.hash
+            await _until(lambda: _dns_events(events, "denied.test"))
+            decided = _dns_events(events, "denied.test")
+            assert [(e.reason, e.task_id) for e in decided] == [(Reason.NO_RULE, "task-1")]
+            assert decided[0].policy_hash == pool.policy.hash
+            assert not [e for e in events if e.reason is Reason.UNKNOWN_SANDBOX]
+            # allowed.test is still allowed: the service's policy, not the file's edit
+            rcode = await asyncio.to_thread(_ask_dns, dns_port, "allowed.test")
+            assert rcode in (dns.rcode.NOERROR, dns.rcode.SERVFAIL)
+            await _until(lambda: _dns_events(events, "allowed.test"))
+            # (allowed, so asked upstream, where nothing answers here)
+            reasons = {e.reason for e in _dns_events(events, "allowed.test")}
+            assert reasons == {Reason.DNS_UPSTREAM_FAILURE}, reasons
+        finally:
+            await pool.stop()
+
+    asyncio.run(main())
+
+
+def _dns_events(events: list[Event], name: str) -> list[Event]:
+    return [e for e in events if e.kind is EventKind.DNS and (e.name or "").rstrip(".") == name]
 
 
 async def _until(probe, timeout: float = 10.0) -> None:
