@@ -48,12 +48,14 @@ Two layers (docs/sandbox.md, "What the task leaves for the host"):
 Control paths, in any directory that git would take for a git directory (one
 named `.git`, or one with HEAD and objects and refs, or HEAD and commondir, as a
 bare repository or a worktree's or submodule's git dir): `config`,
-`config.worktree`, `commondir`, `info/attributes`, everything in `hooks/`; anywhere:
+`config.worktree`, `commondir`, `info/attributes`, everything in `hooks/`, the todo
+list of a rebase or cherry-pick stopped half-way (`rebase-merge/git-rebase-todo`,
+`sequencer/todo`: `git rebase --continue` runs its `exec` lines); anywhere:
 an entry named `.git` that is not a directory (a `gitdir:` file, a link), and every
 file in a `.vscode` or `.idea` directory (editors run tasks and tools named there).
 A new or changed one is harmless only when it is a regular file with one link and:
 a config whose keys are all data (gitconfig.code_keys), a hook named *.sample (git
-runs only the exact hook names), or a `gitdir:`/commondir pointing at a git
+runs only the exact hook names), a todo list without `exec` lines, or a `gitdir:`/commondir pointing at a git
 directory of the same survey inside the writable roots.
 """
 
@@ -65,6 +67,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -86,6 +89,12 @@ MAX_DEPTH = 256  # directories deeper are not walked: reported (one descriptor p
 MAX_REPORTED = 50  # planted paths reported one by one; the rest in one line
 MAX_INCLUDE_DEPTH = 10  # as git's own limit on nested include.path
 MAX_NAMED_ENTRIES = 4096  # files fingerprinted below one named directory
+# A rebase or cherry-pick stopped half-way keeps its todo list in the git directory;
+# `git rebase --continue` on the host runs its `exec` (`x`) lines.
+SEQUENCER_DIRS = frozenset({"rebase-merge", "sequencer"})
+TODO_FILES = frozenset({"git-rebase-todo", "todo"})
+MAX_TODO_BYTES = 1 << 20
+_EXEC_LINE = re.compile(r"\s*(?:exec|x)(?:\s|$)")
 
 
 @dataclass(frozen=True)
@@ -509,6 +518,8 @@ def _context_below(name: str, context: str) -> str:
         return "editor"
     if context == "git" and name in ("hooks", "info"):
         return name
+    if context == "git" and name in SEQUENCER_DIRS:
+        return "sequencer"
     return "plain"
 
 
@@ -530,6 +541,8 @@ def _role(name: str, is_dir: bool, context: str) -> str | None:
         return None if is_dir else "hook"
     if context == "info":
         return "attributes" if name == "attributes" else None
+    if context == "sequencer":
+        return "todo" if name in TODO_FILES and not is_dir else None
     if name.lower() == ".git" and not is_dir:
         return "gitfile"  # a `gitdir:` file, or a link
     if name.lower() in EDITOR_DIRS and not is_dir:
@@ -601,7 +614,9 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
         return "git attributes in info/ (they choose filter and diff drivers)"
     if role == "editor":
         return "an editor's workspace settings (editors run the tasks and tools named there)"
-    limit = gitconfig.MAX_CONFIG_BYTES if role == "config" else MAX_POINTER_BYTES
+    limit = {"config": gitconfig.MAX_CONFIG_BYTES, "todo": MAX_TODO_BYTES}.get(
+        role, MAX_POINTER_BYTES
+    )
     try:
         data = _read_small(control.path, limit)
     except OSError as e:
@@ -612,6 +627,9 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     if role in ("config", "include"):
         keys = gitconfig.code_keys(text)
         return f"git config that runs code: {', '.join(keys)[:300]}" if keys else None
+    if role == "todo":
+        runs = [line.strip() for line in text.splitlines() if _EXEC_LINE.match(line)]
+        return f"a rebase todo list that runs {runs[0][:200]!r} on --continue" if runs else None
     target = _pointer_target(control, text)
     if target is None or target not in after.git_dirs:
         return f"a {_ROLE_NAMES[role]} pointing outside the workspace's repositories"
@@ -638,6 +656,7 @@ _ROLE_NAMES = {
     "commondir": "git commondir file",
     "gitfile": "`.git` file",
     "editor": "editor settings file",
+    "todo": "rebase or cherry-pick todo list",
 }
 
 
@@ -775,8 +794,8 @@ def read_only_binds(before: Survey, limit: int = MAX_PINNED) -> list[Path]:
 
 KEEP_MAX_DIRS = 50_000  # a walk of more directories is not kept: reading it back costs more
 KEEP_FILES = 64  # walks kept in the cache directory (one per set of roots); the oldest go
-_CONTEXTS = frozenset({"plain", "git", "hooks", "info", "editor"})
-_ROLES = frozenset({"config", "hook", "attributes", "commondir", "gitfile", "editor"})
+_CONTEXTS = frozenset({"plain", "git", "hooks", "info", "editor", "sequencer"})
+_ROLES = frozenset({"config", "hook", "attributes", "commondir", "gitfile", "editor", "todo"})
 
 
 def kept_walk(cache_dir: Path | None, roots: list[Path]) -> Survey | None:

@@ -148,6 +148,16 @@ VARIANTS = [
         "git init -q new; ln -s ../../../evil_{name}/pre-commit new/.git/hooks/pre-commit",
         COMMIT + "; cd new && " + COMMIT,
     ),
+    # An interactive rebase stopped at `break`: the host's `git rebase --continue`
+    # picks on and runs the `exec` line the task put after it.
+    Variant(
+        "rebase_exec",
+        "repo",
+        "git -c user.name=t -c user.email=t@test commit -q --allow-empty -m two; "
+        "GIT_SEQUENCE_EDITOR=\"sed -i '1i break'\" git -c user.name=t -c user.email=t@test "
+        "rebase -q -i HEAD~1 --exec 'touch {c}'",
+        "git -c user.name=host -c user.email=host@test rebase --continue",
+    ),
     Variant(
         "hardlink",
         "repo",
