@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         from sandgate.enforcer import dataclass_cache
 
         dataclass_cache.start()
+        try:
+            return run_command(_parse_and_run, argv)
+        finally:  # also when the arguments refuse the run before cmd_run could end it
+            dataclass_cache.finish()
     return run_command(_parse_and_run, argv)
 
 

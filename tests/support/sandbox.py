@@ -531,7 +531,7 @@ def leftovers(fakenet, run_id: str) -> list[str]:
 
     # A released netns (its name removed: netns.release_sandbox_net) and its veth are
     # the kernel's to delete, in its cleanup worker moments after the run: waited for.
-    if not (eventually(veth_gone, timeout=5) if released else veth_gone()):
+    if not (eventually(veth_gone, timeout=20) if released else veth_gone()):
         found.append(f"veth sgh-{run_id}")
     tables = fakenet.run_in_host(["nft", "list", "tables"], check=True).stdout
     if f"sandgate_{run_id}" in tables.split():
