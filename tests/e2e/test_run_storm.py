@@ -71,6 +71,13 @@ def check_run(i: int, code: int, err: str, workdir: Path, events: list[dict]) ->
 
 
 def assert_nothing_left(fakenet, run_dir: Path, run_ids: list[str]) -> None:
+    def veths_gone() -> bool:
+        links = fakenet.run_in_host(["ip", "-o", "link", "show"], check=True).stdout
+        return not any(f"sgh-{run_id}" in links for run_id in run_ids)
+
+    # A released netns and its veth are the kernel's to delete, in its cleanup worker:
+    # after a burst of runs, moments after the last (as sandbox.leftovers waits).
+    sandbox.eventually(veths_gone, timeout=20)
     links = fakenet.run_in_host(["ip", "-o", "link", "show"], check=True).stdout
     tables = set(fakenet.run_in_host(["nft", "list", "tables"], check=True).stdout.split())
     cgroups = {Path(p).name for p in cgroup.leftovers()}
