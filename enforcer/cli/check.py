@@ -116,12 +116,12 @@ def parse_target(text: str, method: str | None, profile: str = "default"):
 
 
 def _ambiguous_url(text: str):
-    """The gateway's ambiguous_path denial of a URL's path and query, if it has one.
-    The fragment stays out: clients do not send it."""
+    """The gateway's ambiguous_path denial of a URL's path and query, if it has one."""
     if "://" not in text:
         return None
-    url = urlsplit(text.partition("#")[0])
-    return ambiguous_target(url.path or "/", url.query if "?" in text.partition("#")[0] else None)
+    sent = text.partition("#")[0]  # the fragment stays out: clients do not send it
+    url = urlsplit(sent)
+    return ambiguous_target(url.path or "/", url.query if "?" in sent else None)
 
 
 def _url_port(url) -> int:
