@@ -227,9 +227,15 @@ def test_a_restart_does_not_take_a_reused_runner_pid_for_the_dead_runner(net, tm
 
         service.start()
         assert eventually(lambda: not leftovers(net, run_id), timeout=10), leftovers(net, run_id)
-        details = [e.get("detail") or "" for e in service.events(task_id=run_id)]
-        assert any("leftover sandbox removed: its runner is gone" in d for d in details), details
-        assert not any("re-adopted" in d for d in details), details
+
+        def details() -> list[str]:
+            return [e.get("detail") or "" for e in service.events(task_id=run_id)]
+
+        # The event goes to the audit writer before the removal; written within its
+        # flush interval, which the removal can beat.
+        removed = "leftover sandbox removed: its runner is gone"
+        assert eventually(lambda: any(removed in d for d in details()), timeout=5), details()
+        assert not any("re-adopted" in d for d in details()), details()
         assert service.status()["sandboxes"] == 0
         assert service.stop() == 0
         assert sleeper.poll() is None  # neither SIGTERMed nor SIGKILLed by the drain
