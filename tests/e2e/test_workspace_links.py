@@ -39,29 +39,11 @@ import pytest
 from sandgate.enforcer.sandbox import init, mounts, planting
 from support import sandbox
 from support.sandbox import eventually
+from test_workspace_planting import _git_env, _sh  # the host's git, as that test runs it
 
 pytestmark = pytest.mark.e2e
 
 COMMIT = "git -c user.name=host -c user.email=host@test commit -q --allow-empty -m host"
-
-
-def _git_env(home: Path) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_AUTHOR_NAME": "setup",
-        "GIT_AUTHOR_EMAIL": "setup@test",
-        "GIT_COMMITTER_NAME": "setup",
-        "GIT_COMMITTER_EMAIL": "setup@test",
-    }
-
-
-def _sh(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["sh", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=20
-    )
 
 
 def _make_repo(path: Path, env: dict[str, str], setup: str = "") -> None:
