@@ -1,7 +1,7 @@
 """Links in the workspace guard: control paths that are symbolic links, and bind
 sources swapped for a link between the runner's walk and the init's mount.
 
-F1. A git directory's `config`, `config.worktree`, `hooks`, `info`, or a hook in
+1. A git directory's `config`, `config.worktree`, `hooks`, `info`, or a hook in
 `hooks/`, may be a link into the work tree (`ln -s ../../scripts/pre-commit
 .git/hooks/`). Git follows it on the host, so what it resolves to in a writable root
 is guarded as the control path itself (planting.py `_follow_links`): read-only during
@@ -13,7 +13,7 @@ looks for the canary the payload would create; a run with --no-workspace-guard s
 each payload does run on the host without the guard (so a passing case is not a
 payload that never worked).
 
-F3. The runner walks the workspace without following links, and the init mounted
+2. The runner walks the workspace without following links, and the init mounted
 what it found BY PATH: a task sharing the workspace could swap a path for a link to
 a host directory in between and get it mounted writable, idmapped to its owner. The
 init now opens every bind source with openat2(RESOLVE_NO_SYMLINKS), checks it is the
@@ -62,7 +62,7 @@ def _hook(path: str) -> str:
     return f"printf '#!/bin/sh\\ntouch {{c}}\\n' > {path}; chmod +x {path}"
 
 
-# --- F1: control paths that are links into the work tree ---------------------------
+# --- 1: control paths that are links into the work tree ---------------------------
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,14 @@ class Link:
 SCRIPT = "mkdir -p scripts && printf '#!/bin/sh\\ntrue\\n' > scripts/pre-commit && chmod +x scripts/pre-commit"
 FSMONITOR = "printf '[core]\\n\\tfsmonitor = \"touch {c}; false\"\\n'"
 LINKS = [
-    # The report's repro 1: git runs the tracked file the hook links to.
+    # A common setup: git runs the tracked file the hook links to.
     Link(
         "hook_file",
         f"{SCRIPT} && ln -s ../../scripts/pre-commit .git/hooks/pre-commit",
         _hook("scripts/pre-commit") + "; " + _hook(".git/hooks/pre-commit"),
         COMMIT,
     ),
-    # The report's repro 2: the whole hooks directory is in the work tree.
+    # Another: the whole hooks directory is in the work tree.
     Link(
         "hooks_dir",
         "mkdir githooks && touch githooks/.keep && rm -rf .git/hooks && ln -s ../githooks .git/hooks",
@@ -288,7 +288,7 @@ def test_the_walk_names_what_control_links_resolve_to(tmp_path):
     assert [p.path for p in planted] == [ws / "hook/scripts/pre-commit"], planted
 
 
-# --- F3: a bind source swapped for a link between the walk and the mount ------------
+# --- 2: a bind source swapped for a link between the walk and the mount ------------
 
 
 def test_open_exact_follows_no_link_and_checks_the_inode(tmp_path):
@@ -389,11 +389,11 @@ def _held_in_open(pid: int) -> int | None:
 
 @pytest.mark.parametrize("which", ["pinned_git_dir", "workspace"])
 def test_a_bind_source_swapped_for_a_link_before_the_mount_refuses_the_run(net, tmp_path, which):
-    """The report's F3, made deterministic: strace holds the init's first open of the
+    """The swap, made deterministic: strace holds the init's first open of the
     bind source (the workspace, or a pinned `.git`) for 3 s before the kernel looks
     the path up and 3 s after; the test swaps the path for a link to a root-only host
     directory during the first hold and back during the second, as a task of another
-    run sharing the workspace would (its flips are the report's). Before the fix the
+    run sharing the workspace would (flipping it back and forth). Before the fix the
     init cloned the host directory by path and mounted it writable, idmapped to root,
     where the workspace's directory is again: the task wrote into it as host root.
     Now the open finds the link and the run refuses before the task."""
