@@ -1,6 +1,7 @@
-"""A task that takes the caller's terminal over, in an embedded `sandgate run` (the
-task is in the caller's session and has its terminal itself: docs/sandbox.md, "The
-terminal"), and what sandgate does about it (enforcer/terminal_relay.py
+"""A task that takes the caller's terminal over, in an embedded `sandgate run` or one
+attached to a service in the caller's own process (`--gateway` with no warm runner):
+the task is in the caller's session and has its terminal itself (docs/sandbox.md, "The
+terminal"). What sandgate does about it (enforcer/terminal_relay.py
 `SharedTerminal`).
 
 The takeover: a process group of its own in the
@@ -26,6 +27,7 @@ import pytest
 from support import sandbox
 from support.job import Job
 from support.sandbox import eventually
+from support.service import GatewayProcess, attach_argv
 from test_task_fills_disk import small_disk
 
 pytestmark = pytest.mark.e2e
@@ -93,8 +95,29 @@ def _took(workdir: Path) -> dict:
 TOOK = {"foreground": True, "tostop": True, "echo": False, "exclusive": True, "tcooff": "EPERM"}
 
 
-def test_sandgate_takes_its_terminal_back_and_prints_its_summary(fakenet, tmp_path):
-    job = Job(_embedded(fakenet, tmp_path))
+@pytest.fixture(scope="module", params=["embedded", "in-process"])
+def takeover_argv(request, fakenet, tmp_path_factory):
+    """`argv(workdir)`: the run of TAKEOVER in workdir/steps, with its summary (no -q)."""
+    if request.param == "embedded":
+        yield lambda workdir: _embedded(fakenet, workdir)
+        return
+    tmp_path = tmp_path_factory.mktemp("takeover-service")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    gateway = GatewayProcess(fakenet, tmp_path, rules, "--warm", "0").start()
+
+    def attached(workdir: Path) -> list[str]:
+        (workdir / "steps").mkdir()
+        return attach_argv(gateway, workdir, [PYTHON, "-c", TAKEOVER])
+
+    try:
+        yield attached
+    finally:
+        gateway.stop()
+
+
+def test_sandgate_takes_its_terminal_back_and_prints_its_summary(takeover_argv, tmp_path):
+    job = Job(takeover_argv(tmp_path))
     try:
         before = _terminal_state(job)
         assert before == {"foreground": job.pid, "echo": True, "tostop": False, "exclusive": False}
