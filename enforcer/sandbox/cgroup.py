@@ -47,6 +47,13 @@ DEFAULT_MEMORY_BYTES = 4 << 30
 DEFAULT_PIDS = 1024
 MIN_MEMORY_BYTES = 1 << 20
 MIN_CPUS = 0.01  # the kernel's smallest quota is 1 ms per 100 ms period
+# The upper bounds say at the start what the kernel would refuse at a cgroup or tmpfs
+# write (a size past 64 bits, a quota past the CFS bandwidth limit): each is beyond what
+# a host has, so nothing a real limit asks for is refused. 4194304 is the kernel's
+# PID_MAX_LIMIT: more pids than that cannot exist.
+MAX_MEMORY_BYTES = 1 << 50
+MAX_PIDS = 1 << 22
+MAX_CPUS = 4096
 CPU_PERIOD_US = 100_000
 PREFIX = "sandgate-"
 AHEAD_PREFIX = PREFIX + "warm-"  # a cgroup a warm runner made before its run (TaskCgroup.ahead)
@@ -80,19 +87,22 @@ class Limits:
 
     def __post_init__(self) -> None:
         if self.memory_bytes is not None and (
-            not _is_int(self.memory_bytes) or self.memory_bytes < MIN_MEMORY_BYTES
+            not _is_int(self.memory_bytes)
+            or not MIN_MEMORY_BYTES <= self.memory_bytes <= MAX_MEMORY_BYTES
         ):
-            raise ValueError(f"memory limit must be at least 1M, not {self.memory_bytes!r}")
-        if self.pids is not None and (not _is_int(self.pids) or self.pids < 1):
-            raise ValueError(f"pids limit must be a whole number of at least 1, not {self.pids!r}")
+            raise ValueError(f"memory limit must be from 1M to 1024T, not {self.memory_bytes!r}")
+        if self.pids is not None and (not _is_int(self.pids) or not 1 <= self.pids <= MAX_PIDS):
+            raise ValueError(
+                f"pids limit must be a whole number from 1 to {MAX_PIDS}, not {self.pids!r}"
+            )
         if self.cpus is not None and (
             isinstance(self.cpus, bool)
             or not isinstance(self.cpus, int | float)
             or not math.isfinite(self.cpus)
-            or self.cpus < MIN_CPUS
+            or not MIN_CPUS <= self.cpus <= MAX_CPUS
         ):
             raise ValueError(
-                f"cpus limit must be a number of at least {MIN_CPUS}, not {self.cpus!r}"
+                f"cpus limit must be a number from {MIN_CPUS} to {MAX_CPUS}, not {self.cpus!r}"
             )
 
     def controllers(self) -> tuple[str, ...]:
@@ -129,9 +139,10 @@ def parse_cpus(text: str) -> float:
         cpus = float(text)
     except ValueError:
         cpus = math.nan
-    if not math.isfinite(cpus) or cpus < MIN_CPUS:
+    if not math.isfinite(cpus) or not MIN_CPUS <= cpus <= MAX_CPUS:
         raise ValueError(
-            f"invalid CPU count {text!r}: expected a number of at least {MIN_CPUS}, e.g. 0.5 or 2"
+            f"invalid CPU count {text!r}: expected a number from {MIN_CPUS} to {MAX_CPUS}, "
+            "e.g. 0.5 or 2"
         )
     return cpus
 

@@ -289,13 +289,16 @@ def test_limits_defaults_and_controllers():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        pytest.param({"memory_bytes": 1000}, "memory limit must be at least 1M", id="memory-tiny"),
+        pytest.param({"memory_bytes": 1000}, "memory limit must be from 1M", id="memory-tiny"),
+        pytest.param({"memory_bytes": 1 << 64}, "memory limit", id="memory-past-64-bits"),
         pytest.param({"memory_bytes": 1.5e9}, "memory limit", id="memory-float"),
         pytest.param({"pids": 0}, "pids limit", id="pids-zero"),
         pytest.param({"pids": True}, "pids limit", id="pids-bool"),
+        pytest.param({"pids": 10**23}, "pids limit", id="pids-past-pid-max"),
         pytest.param({"cpus": 0}, "cpus limit", id="cpus-zero"),
         pytest.param({"cpus": float("inf")}, "cpus limit", id="cpus-inf"),
         pytest.param({"cpus": "2"}, "cpus limit", id="cpus-str"),
+        pytest.param({"cpus": 1e9}, "cpus limit", id="cpus-past-the-quota"),
     ],
 )
 def test_limits_reject(kwargs, message):
