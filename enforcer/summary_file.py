@@ -17,6 +17,8 @@ import stat
 import sys
 from pathlib import Path
 
+from sandgate.proxy.file_systems import kernel_interface
+
 
 class SummaryFileError(Exception):
     """The summary file cannot be opened: one line for the admin, nothing ran."""
@@ -31,6 +33,12 @@ class SummaryFile:
             raise SummaryFileError(
                 f"cannot write the summary to {path}: {e.strerror or e} (nothing ran)"
             ) from None
+        if (kind := kernel_interface(self._fd)) is not None:
+            self.close()
+            raise SummaryFileError(
+                f"cannot write the summary to {path}: it is on {kind}, the kernel's "
+                "settings, not a file (nothing ran)"
+            )
 
     def write(self, summary: dict, task_exit: int | None) -> bool:
         """Write `summary` in place of what the file held; False (and the reason on

@@ -62,7 +62,6 @@ directory of the same survey inside the writable roots.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
@@ -76,8 +75,7 @@ from typing import NamedTuple
 
 from sandgate.enforcer import private_cache
 from sandgate.enforcer.sandbox import gitconfig
-
-_libc = ctypes.CDLL(None, use_errno=True)
+from sandgate.proxy.file_systems import file_system_type
 
 SUFFIX = ".sandgate-planted"
 EDITOR_DIRS = frozenset({".vscode", ".idea"})
@@ -507,10 +505,7 @@ def _take_unchanged(
 
 def _ctime_trusted(fd: int) -> bool:
     """Whether the file system of `fd` keeps directories' ctime itself (CTIME_KEPT)."""
-    buffer = ctypes.create_string_buffer(256)  # struct statfs: f_type first (a long)
-    if _libc.fstatfs(fd, buffer) != 0:
-        return False
-    return ctypes.c_long.from_buffer(buffer).value in CTIME_KEPT
+    return file_system_type(fd) in CTIME_KEPT
 
 
 def _context_below(name: str, context: str) -> str:

@@ -72,6 +72,7 @@ from json.encoder import c_make_encoder, encode_basestring_ascii
 from pathlib import Path
 
 from orjson import dumps as _dumps
+from sandgate.proxy.file_systems import kernel_interface
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry import blackbox
 from sandgate.proxy.telemetry.event import (
@@ -947,6 +948,9 @@ def _open_locked(path: Path, truncate: bool = False) -> int:
         # the log as writable (and `close` waits forever); /dev/null keeps nothing.
         os.close(fd)
         raise AuditLogError(f"audit log {path} is not a regular file (a FIFO, device or socket)")
+    if (kind := kernel_interface(fd)) is not None:
+        os.close(fd)
+        raise AuditLogError(f"audit log {path} is on {kind}, the kernel's settings, not a file")
     os.set_blocking(fd, True)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from sandgate.enforcer.approvals_control import always_writer, handle
@@ -65,6 +66,17 @@ def test_a_device_as_the_log_is_refused(device):
     with pytest.raises(AuditLogError, match="not a regular file") as caught:
         AuditLog(device)
     assert "\n" not in str(caught.value)
+
+
+def test_a_kernel_setting_as_the_log_is_refused_and_left_as_it_was():
+    """/proc and /sys show the kernel's settings as regular files: `--audit-log
+    /proc/sys/kernel/hostname` set the host's name to each audit line in turn. (This
+    test's own name, /proc/PID/comm, stands for the settings a test must not change.)"""
+    comm = Path(f"/proc/{os.getpid()}/comm")
+    before = comm.read_text()
+    with pytest.raises(AuditLogError, match=r"is on proc, the kernel's settings, not a file"):
+        AuditLog(comm)
+    assert comm.read_text() == before
 
 
 def test_a_log_truncated_under_the_writer_then_a_failed_write_leaves_no_hole(tmp_path, monkeypatch):
