@@ -99,6 +99,8 @@ STEPS = {
         ("detach_trees", "init: mounts: detach trees"),
         ("set_attr", "init: mounts: set attributes"),
         ("clone_tree", "init: mounts: clone a tree"),
+        ("clone_fd", "init: mounts: clone an opened source"),
+        ("open_exact", "init: mounts: open a source or target exactly"),
     ],
 }
 
