@@ -113,6 +113,7 @@ def _import_mitmproxy():
         bound_h2_send_buffers,
         dispatch_hooks_directly,
         drop_per_request_checks,
+        frame_downgraded_requests,
         lighter_forks,
         lighter_lookups,
         parse_client_hellos_lean,
@@ -132,6 +133,7 @@ def _import_mitmproxy():
     bound_h2_send_buffers()
     bound_h2_early_resets()
     bound_h2_control_frames()
+    frame_downgraded_requests()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),

@@ -316,6 +316,44 @@ def bound_h2_send_buffers() -> None:
     Http2Connection._handle_event = telling_handle_event
 
 
+def frame_downgraded_requests() -> None:
+    """An HTTP/2 request with a body and no content-length, sent on to an HTTP/1
+    server, gets a framing of its own (idempotent; docs/mitmproxy-internals.md 7p).
+
+    `Http1Client.send` converts the head of an HTTP/2 request and writes its DATA as
+    it comes, framed only by what the request's headers say. HTTP/2 needs no
+    content-length (the frames end the body), so the server read a request without
+    a body, then the body as the next request on the connection: any method, path
+    and Host, never decided nor recorded. Now such a request goes with the length of
+    its body where mitmproxy holds it whole (it buffers bodies up to
+    stream_large_bodies), else chunked. One with a content-length keeps it (h2
+    refuses DATA that does not add up to it); one without a body keeps its head."""
+    import dataclasses
+
+    from mitmproxy.proxy.layers.http._events import RequestHeaders
+    from mitmproxy.proxy.layers.http._http1 import Http1Client
+
+    send = Http1Client.send
+    if getattr(send, "_sandgate", False):
+        return
+
+    def framed_send(self, event):
+        if isinstance(event, RequestHeaders) and not event.end_stream:
+            request = event.request
+            if (request.is_http2 or request.is_http3) and "content-length" not in request.headers:
+                request = request.copy()
+                content = None if request.stream else request.raw_content
+                if content is not None:
+                    request.headers["content-length"] = str(len(content))
+                else:
+                    request.headers["transfer-encoding"] = "chunked"
+                event = dataclasses.replace(event, request=request)
+        return (yield from send(self, event))
+
+    framed_send._sandgate = True
+    Http1Client.send = framed_send
+
+
 # Streams an HTTP/2 client may have reset before their response ended, on one
 # connection, before the gateway closes it (`bound_h2_early_resets`); and only while
 # they are at least half of the streams it opened there. Resets the gateway's h2 made
