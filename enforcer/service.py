@@ -560,19 +560,23 @@ class GatewayService:
                     f"no profile {str(profile)[:60]!r} in the service's rules "
                     f"(profiles: {', '.join(policy.profiles)})"
                 )
+            command = request.get("command", [])
+            if not isinstance(command, list) or not all(isinstance(a, str) for a in command):
+                raise RunError("command: expected a list of strings")
             attached = self.spares.pop() if self.spares else await self._new_network(profile)
             if self.spares:  # the next attach has one still: replace this one off this start
                 self._refill_later()
             else:
                 self._refill()
-            attached.profile, attached.rules_hash = profile, policy.hash
-            attached.command = [str(a)[:200] for a in request.get("command", [])][:50]
-            attached.runner_pid = peer_pid
-            attached.runner_start = process_stamp.start_time(attached.runner_pid)
-            attached.started = time.time()
-            # Decided once, for the reply and the task's files both (a reload may come between).
-            attached.inspected = inspects(policy, profile)
-            try:
+            try:  # from here on the network is this attach's: any failure removes it
+                attached.profile, attached.rules_hash = profile, policy.hash
+                attached.command = [a[:200] for a in command][:50]
+                attached.runner_pid = peer_pid
+                attached.runner_start = process_stamp.start_time(attached.runner_pid)
+                attached.started = time.time()
+                # Decided once, for the reply and the task's files both (a reload may come
+                # between).
+                attached.inspected = inspects(policy, profile)
                 # `sandgate gc`: the run lives while its runner does
                 (attached.dir / "pid").write_text(process_stamp.stamp(attached.runner_pid))
                 self._write_state(attached)

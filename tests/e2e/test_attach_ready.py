@@ -35,6 +35,41 @@ def _spares(service) -> list[Path]:
     return found
 
 
+def _networks(service) -> list[Path]:
+    """The run dirs of every network this service holds (spares and sandboxes)."""
+    found = []
+    for state in service_module.RUN_DIR.glob(f"*/{service_module.STATE_FILE}"):
+        try:
+            if json.loads(state.read_text()).get("control") == str(service.control):
+                found.append(state.parent)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def test_a_malformed_attach_takes_no_network(fakenet, tmp_path):
+    """A `command` that is not a list of strings failed after a spare network was
+    taken, and the network (netns, veth, table, run dir) stayed, owned by nobody, past
+    the service's stop. It is refused before; a failure after the take removes it."""
+    with running(fakenet, tmp_path, TWO_PROFILES) as service:
+        assert eventually(lambda: len(_networks(service)) == 2, timeout=20)
+        before = sorted(_networks(service))
+        for command in (5, "sh", [1, 2], ["sh", None], {"a": 1}):
+            client = control.ControlClient.connect(service.control)
+            try:
+                reply = client.request("attach", profile="default", command=command)
+            except control.ControlError as e:
+                reply = {"ok": False, "error": str(e)}
+            finally:
+                client.close()
+            assert reply["ok"] is False, reply
+            assert "command: expected a list of strings" in reply["error"], reply
+        time.sleep(1)  # a refill would have come by now
+        assert sorted(_networks(service)) == before
+        status = service.status()
+        assert (status["spares"], status["sandboxes"]) == (2, 0), status
+
+
 def _workdir(tmp_path: Path) -> Path:
     workdir = tmp_path / f"run{time.monotonic_ns()}"
     (workdir / "steps").mkdir(parents=True)
