@@ -209,8 +209,12 @@ class ProxyEngine:
 
         tls = tlsconfig.TlsConfig()
         registry = self.gate.registry
+
         # Leaves cached per task (a shared cache is a timing side channel between tasks).
-        leaves_per_task(tls, lambda context: registry.get(context.client.peername[0]))
+        def owner_of(context):
+            return registry.get(context.client.peername[0])
+
+        leaves_per_task(tls, owner_of)
         master.addons.add(
             core.Core(),
             proxyserver.Proxyserver(),
@@ -218,7 +222,7 @@ class ProxyEngine:
             tls,
             # After TlsConfig: it offers a cached session to the upstream connection
             # TlsConfig has just made (proxy/upstream_sessions.py).
-            UpstreamSessions(),
+            UpstreamSessions(owner_of=owner_of),  # per task, as the leaves
             disable_h2c.DisableH2C(),
         )
         unblock_unhandled_hooks(master.addons)  # the addon set is final

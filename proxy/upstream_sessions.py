@@ -16,7 +16,10 @@ session is taken at the end, not at `tls_established_server`.
 What a resumed session must never do is stand in for a verification that was not
 made, so a session is only offered to a connection exactly like the one that
 verified it:
-- the key is (the SSL context, the upstream address and port, the SNI). mitmproxy
+- the key is (the task, the SSL context, the upstream address and port, the SNI):
+  sessions are never shared between tasks (a resumed handshake is shorter: timing
+  its own, a task would learn which servers another task reached, as the leaves are
+  kept per task for; the front door's own sessions are per task too). mitmproxy
   caches one context per set of TLS settings (verify mode, CA bundle or directory,
   client certificate, versions, ciphers: `net.tls.create_proxy_server_context`), so
   another CA bundle or `ssl_insecure` is another context, another key; the SNI is
@@ -115,8 +118,10 @@ class UpstreamSessionResumption:
 
     name = "sandgate_upstream_sessions"
 
-    def __init__(self, cache: UpstreamSessionCache | None = None):
+    def __init__(self, cache: UpstreamSessionCache | None = None, owner_of=None):
+        """`owner_of(context)`: the task of a connection (its Sandbox), for the key."""
         self.cache = cache if cache is not None else UpstreamSessionCache()
+        self.owner_of = owner_of if owner_of is not None else (lambda context: None)
         self._open: dict[str, _Upstream] = {}  # by mitmproxy's server connection id
         self.resumed = 0
         self.full = 0
@@ -126,7 +131,9 @@ class UpstreamSessionResumption:
         server = tls_start.conn
         if ssl_conn is None or server.address is None:
             return  # nobody made a connection: mitmproxy fails it
-        key = (ssl_conn.get_context(), tuple(server.address), server.sni)
+        owner = self.owner_of(tls_start.context)
+        task = None if owner is None else (owner.task_id, owner.address)
+        key = (task, ssl_conn.get_context(), tuple(server.address), server.sni)
         offered = self.cache.take(key)
         if offered is not None:
             ssl_conn.set_session(offered.session)

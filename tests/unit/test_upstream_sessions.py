@@ -12,6 +12,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from cryptography import x509
@@ -107,12 +108,19 @@ def world(request, tmp_path):
     rogue.close()
 
 
-def fetch(config, addon, address, sni: str) -> bytes:
+class Owner(NamedTuple):
+    """A connection's task as the engine's `owner_of` gives it (a Sandbox's fields)."""
+
+    task_id: str
+    address: str
+
+
+def fetch(config, addon, address, sni: str, peer: str = "10.0.0.2") -> bytes:
     """One upstream connection as mitmproxy makes it: TlsConfig then our addon in
     tls_start_server, the handshake, a request, the close. Raises SSL.Error if the
     handshake fails (after tls_failed_server, as mitmproxy would)."""
     client = connection.Client(
-        peername=("10.0.0.2", 40000), sockname=address, timestamp_start=time.time()
+        peername=(peer, 40000), sockname=address, timestamp_start=time.time()
     )
     client.sni = sni
     ctx = context.Context(client, options.Options())
@@ -163,6 +171,23 @@ def test_second_connection_to_the_same_server_and_name_resumes(world):
         assert fetch(config, addon, good.address, GOOD).endswith(b"ok")
     assert good.handshakes == [(GOOD, False), (GOOD, True), (GOOD, True)]
     assert (addon.full, addon.resumed) == (1, 2)
+
+
+def test_a_session_is_never_offered_to_another_task(world):
+    """Task B's first connection to a server task A reached is a full handshake: a
+    shorter, resumed one would tell B (timing it) where A went."""
+    _, config, addon, good, _, _ = world
+    tasks = {"10.0.0.2": Owner("task-a", "10.0.0.2"), "10.0.0.6": Owner("task-b", "10.0.0.6")}
+    addon.owner_of = lambda context: tasks.get(context.client.peername[0])
+    fetch(config, addon, good.address, GOOD, peer="10.0.0.2")
+    fetch(config, addon, good.address, GOOD, peer="10.0.0.6")
+    fetch(config, addon, good.address, GOOD, peer="10.0.0.2")
+    fetch(config, addon, good.address, GOOD, peer="10.0.0.6")
+    assert good.handshakes == [(GOOD, False), (GOOD, False), (GOOD, True), (GOOD, True)]
+    # A later task at B's address (the address given to another run) is another key.
+    tasks["10.0.0.6"] = Owner("task-c", "10.0.0.6")
+    fetch(config, addon, good.address, GOOD, peer="10.0.0.6")
+    assert good.handshakes[-1] == (GOOD, False)
 
 
 def test_wrong_certificate_is_refused_after_another_name_resumed(world):
