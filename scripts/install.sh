@@ -18,6 +18,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(curl dnsutils socat iputils-ping prometheus chromium chromium-driver)  # chromium: the approvals page test (Selenium)
   packages+=(strace)  # a kill at a chosen step of a run (test_crash_points: a delay injected on a syscall)
   packages+=(tmux)  # a real terminal emulator: what the task summary looks like after a hostile task (test_output_injection)
+  packages+=(php-cli)  # a server that reads method overrides in PHP's spellings (test_method_override_php)
 fi
 missing=()
 for p in "${packages[@]}"; do

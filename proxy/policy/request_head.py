@@ -67,8 +67,12 @@ _READ_FIELDS = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"upgrade", *_OVERRIDES}
 )
 # A query parameter that names a method (`_method=DELETE`), in any spelling a query
-# parser decodes: `%5Fmethod`, `_%6Dethod`, upper case; split at '&' and ';'.
+# parser decodes: `%5Fmethod`, `_%6Dethod`, upper case; split at '&' and ';'. PHP
+# (which Symfony and Laravel read `_method` through) also drops leading spaces of a
+# name and turns ' ' and '.' into '_': `?.method=DELETE` is its `_method`; so is
+# `_method[]=DELETE` (an array of that name).
 _QUERY_PARAM = re.compile(r"[^&;]+")
+_PHP_MANGLED = str.maketrans(" .", "__")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +180,15 @@ _KNOWN_NAMES: dict[bytes, bytes] = {}
 _MAX_KNOWN_NAMES = 4096
 
 
+def _read_as(lower: bytes) -> bytes:
+    """The name a field is read by: its own, but an override's in any spelling that a
+    CGI-style server files under the same variable (HTTP_X_HTTP_METHOD_OVERRIDE: '_'
+    and, in PHP, '.' for '-'): `X_HTTP_METHOD_OVERRIDE` is one. Only the overrides:
+    `Content_Length` is not a framing field to any parser."""
+    spelled = lower.replace(b"_", b"-").replace(b".", b"-")
+    return spelled if spelled in _OVERRIDES else lower
+
+
 def _read_fields(fields: tuple[tuple[bytes, bytes], ...]) -> dict[bytes, list[bytes]] | None:
     """The values of the fields check_head reads (host, content-length, ...) by lower
     case name, or None if some name is not a token or some value holds a control byte
@@ -188,7 +201,7 @@ def _read_fields(fields: tuple[tuple[bytes, bytes], ...]) -> dict[bytes, list[by
         if lower is None:
             if not _TOKEN.fullmatch(name):
                 return None
-            lower = name.lower()
+            lower = _read_as(name.lower())
             if len(known) < _MAX_KNOWN_NAMES:
                 known[name] = lower
         if lower in _READ_FIELDS:
@@ -332,7 +345,8 @@ def _overrides(
     if "meth" in query.lower() or "%" in query:
         for param in _QUERY_PARAM.findall(query):
             key, _, value = param.partition("=")
-            if unquote_plus(key).strip().lower() == "_method":
+            name = unquote_plus(key).lstrip(" ").split("[", 1)[0]  # `_method[]`: an array
+            if name.translate(_PHP_MANGLED).strip().lower() == "_method":
                 named = unquote_plus(value).strip().upper()
                 if named != method:
                     found.append(("the query's _method", named[:40]))

@@ -127,6 +127,16 @@ def test_each_spelling_of_a_denied_path(policy, target, expected):
         pytest.param("POST", "/public/ok?_method=%44ELETE", [], "ambiguous_method", id="query-escaped-value"),
         pytest.param("POST", "/public/ok?_method=post", [], "rule_allow", id="query-names-itself"),
         pytest.param("POST", "/public/ok?_methods=DELETE&x_method=PUT", [], "rule_allow", id="other-keys"),
+        # PHP's spellings: a query name's leading spaces dropped, ' ' and '.' read as
+        # '_', `[]` an array of that name; a header's '_' and '.' read as '-'
+        pytest.param("POST", "/public/ok?.method=DELETE", [], "ambiguous_method", id="php-query-dot"),
+        pytest.param("POST", "/public/ok?%20.method=DELETE", [], "ambiguous_method", id="php-query-space"),
+        pytest.param("POST", "/public/ok?+_method=DELETE", [], "ambiguous_method", id="php-query-plus"),
+        pytest.param("POST", "/public/ok?_method[]=DELETE", [], "ambiguous_method", id="php-query-array"),
+        pytest.param("POST", "/public/ok?[method=DELETE&x.method=PUT", [], "rule_allow", id="php-other-keys"),
+        pytest.param("POST", "/public/ok", [("X_HTTP_METHOD_OVERRIDE", "DELETE")], "ambiguous_method", id="php-header-underscores"),
+        pytest.param("POST", "/public/ok", [("X.HTTP.Method.Override", "DELETE")], "ambiguous_method", id="php-header-dots"),
+        pytest.param("POST", "/public/ok", [("Content_Length", "5")], "rule_allow", id="php-other-header"),
         pytest.param("DELETE", "/public/ok", [], "method_not_allowed", id="plain-delete"),
         # an override naming a method the rules allow there too: the server may run either
         pytest.param("POST", "/public/ok", [("X-HTTP-Method-Override", "GET")], "rule_allow", id="allowed-too"),
