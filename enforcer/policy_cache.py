@@ -143,19 +143,19 @@ def _inputs_now(policy: CompiledPolicy) -> tuple[tuple[str, str | None], ...]:
 
 
 def _code_stamp() -> tuple:
-    """The interpreter, and the size and mtime of each module of the compiler and of
-    PyYAML: an upgrade of either (or an edited checkout) compiles afresh."""
-    yaml = find_spec("yaml")
-    directories = [
-        os.path.dirname(sandgate.proxy.policy.__file__),
-        os.path.dirname(yaml.origin) if yaml is not None and yaml.origin else "",
-    ]
+    """The interpreter, and the size and mtime of each module of the compiler, of
+    PyYAML and of the Public Suffix List's package (its list is a module): an upgrade
+    of any (or an edited checkout) compiles afresh."""
+    directories = [os.path.dirname(sandgate.proxy.policy.__file__)]
+    for package in ("yaml", "publicsuffixlist"):
+        spec = find_spec(package)
+        directories.append(os.path.dirname(spec.origin) if spec and spec.origin else "")
     stamp: list = [sys.hexversion]
     for directory in directories:
         try:
             with os.scandir(directory) as entries:
                 files = sorted(
-                    (e.name, e.stat()) for e in entries if e.name.endswith((".py", ".so"))
+                    (e.name, e.stat()) for e in entries if e.name.endswith((".py", ".so", ".dat"))
                 )
         except OSError:
             files = []

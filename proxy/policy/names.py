@@ -442,16 +442,42 @@ class DomainPattern(NamedTuple):
         return f"*.{self.domain}" if self.wildcard else self.domain
 
 
-def parse_domain_pattern(text: str) -> DomainPattern:
-    """Parse a rule's domain or `*.` wildcard. Raises InvalidName with a fix."""
+_SUFFIX_LISTS: dict[bool, object] = {}
+
+
+def is_public_suffix(domain: str, private: bool) -> bool:
+    """Whether `domain` is a public suffix of the Public Suffix List (the publicsuffixlist
+    package's copy): one of its ICANN section (`co.uk`, `com.pl`), or with `private`
+    also one under which anyone can register a name of their own (`github.io`,
+    `ngrok-free.app`, `s3.amazonaws.com`). Read on first use (~25 ms)."""
+    found = _SUFFIX_LISTS.get(private)
+    if found is None:
+        from publicsuffixlist import PublicSuffixList
+
+        found = _SUFFIX_LISTS[private] = PublicSuffixList(only_icann=not private)
+    return found.is_public(domain)
+
+
+def parse_domain_pattern(text: str, every_public_suffix: bool = False) -> DomainPattern:
+    """Parse a rule's domain or `*.` wildcard. Raises InvalidName with a fix.
+
+    A wildcard whose domain is a public suffix is refused: the Public Suffix List's
+    ICANN section and _PUBLIC_SUFFIXES (hosting suffixes common in rules), or with
+    `every_public_suffix` (an approver's `--widen`) the whole list, private section
+    included: a wildcard there matches names anyone can register."""
     if text.startswith("*."):
         if "*" in text[2:]:  # before parse_domain, which would blame the label '*'
             raise InvalidName(f"{text!r}: only one leading '*.' is allowed")
         base = parse_domain(text[2:])
-        if "." not in base or base in _PUBLIC_SUFFIXES:
+        if (
+            "." not in base
+            or base in _PUBLIC_SUFFIXES
+            or is_public_suffix(base, private=every_public_suffix)
+        ):
             raise InvalidName(
-                f"{text!r} would match every name under the public suffix {base!r}; "
-                "name the registered domain, e.g. '*.example.com'"
+                f"{text!r} would match every name under the public suffix {base!r}"
+                + (" (anyone can register a name there)" if every_public_suffix else "")
+                + "; name the registered domain, e.g. '*.example.com'"
             )
         return DomainPattern(base, True)
     if text.strip() == "*":

@@ -318,6 +318,8 @@ def test_parse_domain_pattern(text, expected):
         pytest.param("*.com", "public suffix", id="tld"),
         pytest.param("*.co.uk", "public suffix", id="multi-label-public-suffix"),
         pytest.param("*.github.io", "public suffix", id="hosting-suffix"),
+        pytest.param("*.com.pl", "public suffix 'com.pl'", id="psl-icann"),
+        pytest.param("*.co.th", "public suffix 'co.th'", id="psl-icann-2"),
         pytest.param("a.*.example.com", "whole leftmost label", id="middle"),
         pytest.param("*example.com", "whole leftmost label", id="glued"),
         pytest.param("api*.example.com", "whole leftmost label", id="partial-label"),
@@ -328,6 +330,18 @@ def test_parse_domain_pattern(text, expected):
 def test_parse_domain_pattern_rejects(text, message):
     with pytest.raises(InvalidName, match=message.replace(".", r"\.")):
         parse_domain_pattern(text)
+
+
+@pytest.mark.parametrize(
+    "base", ["ngrok-free.app", "s3.amazonaws.com", "trycloudflare.com", "fly.dev", "eu.org"]
+)
+def test_every_public_suffix_refuses_where_anyone_can_register(base):
+    """The Public Suffix List's private section: a rule may name `*.fly.dev` (an admin's
+    choice, as `*.githubusercontent.com`), an approver's --widen may not."""
+    assert parse_domain_pattern(f"*.{base}") == DomainPattern(base, True)
+    with pytest.raises(InvalidName, match="anyone can register a name there"):
+        parse_domain_pattern(f"*.{base}", every_public_suffix=True)
+    assert parse_domain_pattern(f"*.team.{base}", every_public_suffix=True).domain == f"team.{base}"
 
 
 # --- request paths -----------------------------------------------------------------------
