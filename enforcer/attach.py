@@ -676,6 +676,7 @@ def _fork(body: Callable[[], int], *, own_group: bool) -> int:
             if own_group:
                 os.setpgid(0, 0)
             ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+            _hide_command_line()
             code = body()
         except BaseException as e:  # noqa: BLE001 - the child must report, then go
             print(f"sandgate: sandbox setup failed: {e}", file=sys.stderr)
@@ -686,6 +687,28 @@ def _fork(body: Callable[[], int], *, own_group: bool) -> int:
         with contextlib.suppress(OSError):  # both sides: either may come first
             os.setpgid(pid, pid)
     return pid
+
+
+# What a forked init shows as its command line (/proc/PID/cmdline, which the task may
+# read of its PID 1: not ptrace-protected), instead of the runner's own.
+INIT_NAME = b"sandgate-init"
+ARG_START_FIELD = 48  # /proc/PID/stat's fields arg_start and arg_end (proc(5))
+
+
+def _hide_command_line() -> None:
+    """This process's argument area (the runner's command line: its --env values, an
+    approval webhook's URL, file paths) overwritten with INIT_NAME and NULs, in place:
+    the kernel reads /proc/PID/cmdline from there. In a forked child only (the init,
+    and PID 1 forked from it); the runner keeps its own."""
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3 on: comm may hold spaces
+    start, end = (int(fields[ARG_START_FIELD - 3 + i]) for i in (0, 1))
+    size = end - start
+    if start <= 0 or size <= 0:
+        return
+    shown = INIT_NAME[: size - 1]
+    ctypes.memmove(start, shown + bytes(size - len(shown)), size)
 
 
 def _close_all_but(keep: tuple[int, ...]) -> None:

@@ -200,9 +200,14 @@ class SharedTerminal:
     got its terminal back changed. So (docs/sandbox.md, "The terminal"):
     - `of_caller`, before the task starts: the terminal's state (its foreground group,
       modes, exclusive mode), on a descriptor of its own (/dev/tty);
-    - `guard`, once the init is forked (the task keeps SIGTTOU's default): SIGTTOU
-      ignored by this process for the rest of its life (it ends with the run), so its
-      writes, tcsetpgrp and tcsetattr go through wherever the foreground is;
+    - `guard`, once the init is forked (the task keeps the defaults): SIGTTOU and
+      SIGTTIN ignored by this process for the rest of its life (it ends with the run),
+      so its writes, tcsetpgrp and tcsetattr go through wherever the foreground is,
+      and a read of the terminal by a task process still in this process group while
+      another group of the task has the foreground (the kernel then stops the
+      reader's whole group: kill_pgrp, no permission check) stops the task's process,
+      not this one (the sandbox's outer init ignores both as well: init.py
+      TTY_STOPS); its gateway, disk watcher and stop-grace timer go on;
     - `give_back`, once every process of the task is gone and before anything is
       printed: output resumed (TCOON); the foreground back to the group that had it,
       if the one that has it now is empty (a live group is a job the shell put there);
@@ -232,7 +237,8 @@ class SharedTerminal:
             return None
 
     def guard(self) -> None:
-        signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        for signum in TTY_STOPS:
+            signal.signal(signum, signal.SIG_IGN)
 
     def give_back(self) -> None:
         if self.fd < 0:
@@ -252,6 +258,12 @@ class SharedTerminal:
                 fcntl.ioctl(self.fd, termios.TIOCNXCL)
         os.close(self.fd)
         self.fd = -1
+
+
+# The stops a task can make the kernel send to the process group it shares with the
+# runner, by reading (SIGTTIN) or writing, tcsetattr, tcsetpgrp (SIGTTOU) from the
+# background. Not SIGTSTP: only a key (^Z) sends it, and then the whole job stops.
+TTY_STOPS = (signal.SIGTTIN, signal.SIGTTOU)
 
 
 def _exclusive(fd: int) -> bool:

@@ -81,7 +81,18 @@ RELAYED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
+# The terminal stops a task makes the kernel send to its whole process group, by
+# reading (SIGTTIN) or writing and setting (SIGTTOU) the caller's terminal from the
+# background: the outer process (below) stays in the run's process group, the
+# terminal's job, and would stop with it, its exit record held (the runner ignores them
+# too: terminal_relay.SharedTerminal.guard). PID 1 of a PID namespace ignores a stop it
+# has no handler for (SIGNAL_UNKILLABLE); the task keeps the defaults.
+TTY_STOPS = (signal.SIGTTIN, signal.SIGTTOU)
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# The ptys of the task's devpts (a warm run's terminal, made by PID 1, among them): all
+# devpts instances but the host's share kernel.pty.max - kernel.pty.reserve (3,072 by
+# default), and one task that took them all left none to other tasks and containers.
+PTY_MAX = 256
 # Docker's MaskedPaths and ReadonlyPaths (moby oci/defaults.go, and /proc/interrupts
 # and /sys/devices/virtual/powercap of its current releases): the kernel's key list,
 # timers and scheduler state name other tasks' processes, the interrupt and RAPL energy
@@ -402,6 +413,11 @@ def build_view(spec: dict, report: Report) -> None:
     try:
         for bind in spec["binds"]:
             fd, st = clone_source(bind)
+            # Every copy, writable or not, and its submounts: nosuid and nodev before it
+            # is attached. A device node in a writable root (a rootfs unpacked as root,
+            # say) would otherwise be the host's device, its owner's (through the
+            # idmap: the task's root's) to open.
+            mounts.set_attr(fd, mounts.MOUNT_ATTR_NOSUID | mounts.MOUNT_ATTR_NODEV)
             # A read-only bind in the workspace (a git control file) is idmapped like the
             # workspace: git refuses a repository whose `.git` file looks someone else's.
             if bind["writable"] or bind.get("idmapped"):
@@ -584,7 +600,7 @@ def build_dev(devices: dict[str, int], shm_bounds: list[int] | None = None) -> N
         "/dev/pts",
         "devpts",
         mounts.MS_NOSUID | mounts.MS_NOEXEC,
-        "newinstance,ptmxmode=0666,mode=0620",
+        f"newinstance,ptmxmode=0666,mode=0620,max={PTY_MAX}",
     )
     os.symlink("pts/ptmx", "/dev/ptmx")
     os.mkdir("/dev/shm")
@@ -637,6 +653,9 @@ def become_task(spec: dict, program: bytes | None, report: Report) -> None:
     # nice value needs no privilege), with no room to lower it again.
     os.setpriority(os.PRIO_PROCESS, 0, TASK_NICE)
     resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
+    # No real-time scheduling either, whatever the caller's limit: SCHED_FIFO/RR would
+    # starve the gateway, and without CONFIG_RT_GROUP_SCHED no cgroup bounds it (--cpus).
+    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
     if spec["landlock"]:
         abi = landlock.restrict_writes(spec["writable"])
         if abi == 0:
@@ -803,6 +822,9 @@ def main(args: list[str] | None = None) -> int:
             os._exit(EXIT_SETUP_FAILED)
     os.close(unshared_w)
     os.close(mapped_r)
+    # Only now, in this process alone: PID 1 and the task keep the defaults.
+    for signum in TTY_STOPS:
+        signal.signal(signum, signal.SIG_IGN)
     if spec["userns"]:
         if os.read(unshared_r, 1) == b"1":
             base, count = spec["id_base"], spec["id_count"]

@@ -14,9 +14,11 @@ packet sockets and exotic protocol families, typing into the caller's
 terminal (TIOCSTI) or suspending its output (TCOOFF), fanotify (when host
 processes open or run host files), and allocating disk blocks in one call
 (fallocate and its ioctls: gigabytes before the disk reserve's watcher looks,
-where writes go at the disk's pace). Capabilities and namespaces already forbid
-much of this; the filter makes the refusal independent of them and shrinks what
-a kernel bug can be reached through. Each entry of `DENIED` says why, in one line.
+where writes go at the disk's pace), and host-wide budgets no cgroup bounds
+(native AIO contexts, fs.aio-max-nr; huge pages: MAP_HUGETLB and its relatives).
+Capabilities and namespaces already forbid much of this; the filter makes the
+refusal independent of them and shrinks what a kernel bug can be reached
+through. Each entry of `DENIED` says why, in one line.
 
 The model is Docker's default profile (moby profiles/seccomp/default.json),
 turned into a deny list: the default action is ALLOW, so a program that works
@@ -121,6 +123,15 @@ PREALLOCATING_IOCTLS = (
     FS_IOC_RESVSP64,
     FS_IOC_ZERO_RANGE,
 )
+
+# Huge pages (hugetlb) are charged to no memory cgroup (v1 never, v2 only under the
+# memory_hugetlb_accounting mount option): a task with --memory 32M held every huge
+# page the host had reserved, or with overcommitted ones, hundreds of MiB of its RAM.
+# The flags that ask for them, in each call that takes them; the hugetlb controller
+# is not needed (nor mounted on many hosts). THP (madvise MADV_HUGEPAGE) is memcg's.
+MAP_HUGETLB = 0x40000  # mmap's flags (argument 3): x86_64, aarch64, riscv64
+MFD_HUGETLB = 0x4  # memfd_create's flags (argument 1)
+SHM_HUGETLB = 0o4000  # shmget's flags (argument 2)
 
 # Mode bits that give whoever runs a file its owner's or group's ids. Through the
 # idmapped workspace the task's files are the directory owner's on the host (root's,
@@ -273,6 +284,29 @@ DENIED: tuple[Denial, ...] = (
         ("io_uring_setup", "io_uring_enter", "io_uring_register"),
         errno.EPERM,
         "io_uring: frequent escalations, and its requests (socket, openat) bypass this filter",
+    ),
+    Denial(
+        ("io_setup", "io_destroy", "io_submit", "io_cancel", "io_getevents", "io_pgetevents"),
+        errno.ENOSYS,
+        "native AIO's contexts draw on the host-wide fs.aio-max-nr; ENOSYS: libaio users fall back",
+    ),
+    Denial(
+        ("mmap",),
+        errno.EPERM,
+        "huge pages are charged to no memory cgroup; callers fall back to normal pages",
+        _any_bit_set(3, (MAP_HUGETLB,)),
+    ),
+    Denial(
+        ("memfd_create",),
+        errno.EPERM,
+        "a hugetlbfs memfd: huge pages, charged to no memory cgroup",
+        _any_bit_set(1, (MFD_HUGETLB,)),
+    ),
+    Denial(
+        ("shmget",),
+        errno.EPERM,
+        "SysV shared memory in huge pages, charged to no memory cgroup (EPERM, as the kernel)",
+        _any_bit_set(2, (SHM_HUGETLB,)),
     ),
     Denial(("clone",), errno.EPERM, _WHY_NO_NEW_NAMESPACE, _CLONE_CREATES_NAMESPACE),
     Denial(("unshare",), errno.EPERM, _WHY_NO_NEW_NAMESPACE, _UNSHARE_CREATES_NAMESPACE),

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 import subprocess
 import sys
 import time
@@ -496,3 +497,84 @@ def test_the_gateway_outranks_its_task_for_the_cpu(net, tmp_path):
     finally:
         result = started.finish()
     assert result.returncode == 0, result.describe()
+
+
+# Each name's errno on open (or "opened"), and the mount options of each directory
+# given (mountinfo's per-mount options, of the mount at that very path).
+DEVICE_PROBE = r"""
+import errno, json, os, sys
+seen = {}
+for path in [os.getcwd(), *sys.argv[1:]]:
+    for name in ("any_null", "owners_zero"):
+        try:
+            os.close(os.open(os.path.join(path, name), os.O_RDWR))
+            seen[f"{path}/{name}"] = "opened"
+        except OSError as e:
+            seen[f"{path}/{name}"] = errno.errorcode[e.errno]
+    for line in open("/proc/self/mountinfo"):
+        fields = line.split()
+        if fields[4] == path:
+            seen[path] = sorted(fields[5].split(","))
+print(json.dumps(seen))
+"""
+
+
+def test_device_nodes_in_the_workspace_and_rw_paths_are_inert(net, tmp_path):
+    """A device node the host left in a writable root (a rootfs unpacked as root):
+    /dev/null's numbers with mode 0666, /dev/zero's with 0600 of the workspace's owner
+    (through the idmap, the task's root's). Both opened before (the host's devices):
+    the binds kept the host mount's flags. Now every bind is nosuid,nodev: EACCES."""
+    shared, rw = sandbox.shared_dir(tmp_path)
+
+    def plant(workspace: Path) -> None:
+        for where in (workspace, shared):
+            os.mknod(where / "any_null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            os.chmod(where / "any_null", 0o666)
+            os.mknod(where / "owners_zero", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+
+    try:
+        r = sandbox.run(
+            net,
+            tmp_path,
+            command=["/usr/bin/python3", "-c", DEVICE_PROBE, str(shared)],
+            extra=rw,
+            setup=plant,
+        )
+    finally:
+        for node in shared.glob("*_*"):
+            node.unlink()
+    assert r.returncode == 0, r.describe()
+    seen = json.loads(r.stdout)
+    workspace = str(r.steps_dir)
+    assert {k: v for k, v in seen.items() if "_" in k.rsplit("/", 1)[-1]} == {
+        f"{where}/{name}": "EACCES"
+        for where in (workspace, str(shared))
+        for name in ("any_null", "owners_zero")
+    }, seen
+    for where in (workspace, str(shared)):
+        assert {"nosuid", "nodev", "rw"} <= set(seen[where]), seen
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        pytest.param(("--memory", "none", "--pids", "none"), id="forked-init"),
+        pytest.param((), id="spawned-init"),
+    ],
+)
+def test_pid_1_does_not_show_the_runners_command_line(net, tmp_path, limits):
+    """Without cgroup limits the init is a fork of the runner, and /proc/1/cmdline
+    (not ptrace-protected) showed the runner's whole command line: an approval
+    webhook's URL, --env values, file paths. Now a forked init shows `sandgate-init`."""
+    token = secrets.token_hex(8)
+    r = sandbox.run(
+        net,
+        tmp_path,
+        command=["/usr/bin/python3", "-c", "print(open('/proc/1/cmdline', 'rb').read().hex())"],
+        extra=(*limits, "--env", f"SECRETX={token}"),
+    )
+    assert r.returncode == 0, r.describe()
+    shown = bytes.fromhex(r.stdout.strip()).replace(b"\0", b" ").decode().strip()
+    assert shown, r.describe()  # PID 1's command line was read: sandgate-init, or init.py's
+    assert token not in shown, shown
+    assert "SECRETX" not in shown and "--env" not in shown, shown

@@ -13,6 +13,12 @@ the kill) stopped the runner, its watcher with it, while the task wrote on. Now 
 runner ignores SIGTTOU from the task's start, and gives the terminal back (its
 foreground group, modes, exclusive mode) before it prints anything; tcflow's TCOOFF,
 which would make that line hang instead, is refused (seccomp).
+
+The same takeover's other stop: a read of the terminal by the task's first process,
+still in sandgate's process group, while a child's group has the foreground: the
+kernel sends SIGTTIN to the reader's whole group, and it stopped `sandgate run` and
+the sandbox's outer init, its disk watcher with it, until someone typed `fg`. Now both
+ignore SIGTTIN too; the task's own processes keep the default (its reader stops).
 """
 
 from __future__ import annotations
@@ -69,12 +75,64 @@ sys.exit(7)
 """
 
 
-def _embedded(fakenet, workdir: Path, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """`sandgate run` (embedded, with its summary: no -q) of TAKEOVER in workdir/steps."""
+# The other stop: a child takes the terminal's foreground in a group of its own; the
+# task's first process, still in sandgate's process group, reads the terminal. The
+# kernel sends SIGTTIN to the reader's whole group (kill_pgrp, no permission check):
+# it stopped sandgate run (and the sandbox's outer init) with it, while the child wrote
+# on (with an argument N: N MiB to `big`). The child notes whether its parent was
+# stopped (it should be: the task's own job control is unchanged) and continues it,
+# whose read then ends (its SIGCONT handler raises; the group it could give the
+# terminal back to is outside its PID namespace: sandgate takes it back); exit 7.
+READ_FROM_BACKGROUND = r"""
+import errno, json, os, signal, sys, time
+tty = os.open("/dev/tty", os.O_RDWR | os.O_NONBLOCK)
+child = os.fork()
+if child == 0:
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    os.setpgid(0, 0)
+    os.tcsetpgrp(tty, os.getpgrp())
+    parent = os.getppid()
+    state = "?"
+    for _ in range(100):  # until the parent's read has stopped it
+        time.sleep(0.05)
+        state = open(f"/proc/{parent}/stat").read().rsplit(")", 1)[1].split()[0]
+        if state == "T":
+            break
+    time.sleep(1.0)  # sandgate, stopped with it before, would be so by now
+    if len(sys.argv) > 1:
+        with open("big", "wb") as f:
+            for _ in range(int(sys.argv[1])):
+                f.write(bytes(1 << 20)); f.flush(); time.sleep(0.002)
+    json.dump({"parent": state}, open("child.json", "w"))
+    os.kill(parent, signal.SIGCONT)
+    os._exit(0)
+class Continued(Exception):
+    pass
+def continued(signum, frame):
+    raise Continued
+signal.signal(signal.SIGCONT, continued)
+time.sleep(0.3)
+try:
+    os.read(tty, 1)
+    seen = "read"
+except Continued:
+    seen = "continued"
+except OSError as e:
+    seen = errno.errorcode.get(e.errno, str(e.errno))
+os.waitpid(child, 0)
+json.dump({"read": seen}, open("parent.json", "w"))
+sys.exit(7)
+"""
+
+
+def _embedded(
+    fakenet, workdir: Path, *args: str, extra: tuple[str, ...] = (), script: str = TAKEOVER
+) -> list[str]:
+    """`sandgate run` (embedded, with its summary: no -q) of `script` in workdir/steps."""
     rules = workdir / "rules.yaml"
     rules.write_text(RULES)
     (workdir / "steps").mkdir()
-    argv = sandbox._argv(fakenet, workdir, [PYTHON, "-c", TAKEOVER, *args], rules, extra)
+    argv = sandbox._argv(fakenet, workdir, [PYTHON, "-c", script, *args], rules, extra)
     return ["ip", "netns", "exec", fakenet.host_ns, *argv]
 
 
@@ -97,18 +155,19 @@ TOOK = {"foreground": True, "tostop": True, "echo": False, "exclusive": True, "t
 
 @pytest.fixture(scope="module", params=["embedded", "in-process"])
 def takeover_argv(request, fakenet, tmp_path_factory):
-    """`argv(workdir)`: the run of TAKEOVER in workdir/steps, with its summary (no -q)."""
+    """`argv(workdir, script=TAKEOVER)`: the run of `script` in workdir/steps, with its
+    summary (no -q)."""
     if request.param == "embedded":
-        yield lambda workdir: _embedded(fakenet, workdir)
+        yield lambda workdir, script=TAKEOVER: _embedded(fakenet, workdir, script=script)
         return
     tmp_path = tmp_path_factory.mktemp("takeover-service")
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     gateway = GatewayProcess(fakenet, tmp_path, rules, "--warm", "0").start()
 
-    def attached(workdir: Path) -> list[str]:
+    def attached(workdir: Path, script: str = TAKEOVER) -> list[str]:
         (workdir / "steps").mkdir()
-        return attach_argv(gateway, workdir, [PYTHON, "-c", TAKEOVER])
+        return attach_argv(gateway, workdir, [PYTHON, "-c", script])
 
     try:
         yield attached
@@ -144,6 +203,52 @@ def test_a_terminal_takeover_does_not_stop_the_disk_reserve(fakenet, tmp_path):
             job.close()
         left = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
         assert _took(disk) == TOOK
+    assert b"killing the task: the file system of" in job.output, job.output
+    assert left > 4 << 20, left
+    assert after == before
+
+
+def _steps_json(workdir: Path, name: str) -> dict | None:
+    path = workdir / "steps" / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_a_read_from_the_background_does_not_stop_sandgate(takeover_argv, tmp_path):
+    """READ_FROM_BACKGROUND: the SIGTTIN to sandgate's process group stopped `sandgate
+    run` (the shell saw "stopped 21") until someone typed `fg`. Now it stops the task's
+    reader alone; sandgate and the init run on and the job ends with the task."""
+    job = Job(takeover_argv(tmp_path, READ_FROM_BACKGROUND))
+    try:
+        before = _terminal_state(job)
+        first = job.next_report(timeout=60)
+        assert first == "exited 7", (first, job.output)
+        assert eventually(lambda: b"task: exit code 7" in job.output, timeout=5), job.output
+        after = _terminal_state(job)
+    finally:
+        job.close()
+    assert _steps_json(tmp_path, "child.json") == {"parent": "T"}  # the task's reader stopped
+    assert _steps_json(tmp_path, "parent.json") == {"read": "continued"}  # and went on after
+    assert after == before
+
+
+def test_a_sigttin_does_not_stop_the_disk_reserve(fakenet, tmp_path):
+    """The same with the child writing 200 MiB to a 96 MiB disk with a 32 MiB reserve:
+    the stopped runner's watcher let it write to the last byte. Now it is killed at the
+    reserve (exit 137, `limits hit: disk`) while its parent is still stopped."""
+    with small_disk(tmp_path, "96m") as disk:
+        argv = _embedded(
+            fakenet, disk, "200", extra=("--disk-reserve", "32M"), script=READ_FROM_BACKGROUND
+        )
+        job = Job(argv)
+        try:
+            before = _terminal_state(job)
+            first = job.next_report(timeout=60)
+            assert first == "exited 137", (first, job.output)
+            assert eventually(lambda: b"limits hit: disk" in job.output, timeout=5), job.output
+            after = _terminal_state(job)
+        finally:
+            job.close()
+        left = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
     assert b"killing the task: the file system of" in job.output, job.output
     assert left > 4 << 20, left
     assert after == before

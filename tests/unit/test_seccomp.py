@@ -813,3 +813,96 @@ def test_x32_numbers_above_the_fence_still_kill(program: bytes) -> None:
     """The fence hands x32 numbers (bit 30) to libseccomp's program: killed, not ENOSYS."""
     outcome = run_forked(filtered, program, raw_numbers, seccomp.X32_SYSCALL_BIT | 470)
     assert outcome.exit_code == -signal.SIGSYS
+
+
+# --- host-wide budgets: native AIO contexts, huge pages ----------------------------------
+
+AIO_NR = Path("/proc/sys/fs/aio-nr")
+
+
+def probe_io_setup(events: int) -> int:
+    """errno of io_setup(events) with a real context pointer (0: made, then destroyed)."""
+    context = ctypes.c_ulong(0)
+    code = raw_syscall("io_setup", events, ctypes.addressof(context))
+    if code == 0:
+        raw_syscall("io_destroy", context.value)
+    return code
+
+
+def probe_io_setup_held(events: int) -> tuple[int, int]:
+    """(errno of io_setup(events), fs.aio-nr while its context would be held)."""
+    context = ctypes.c_ulong(0)
+    code = raw_syscall("io_setup", events, ctypes.addressof(context))
+    return code, int(AIO_NR.read_text())
+
+
+def test_native_aio_refused_and_takes_no_context(program: bytes) -> None:
+    """io_setup gets ENOSYS (as on a kernel without AIO) and fs.aio-nr, host-wide,
+    does not grow by the 4096 events asked; unfiltered, the same call makes one."""
+    before = int(AIO_NR.read_text())
+    code, during = run_forked(filtered, program, probe_io_setup_held, 4096).value
+    assert code == errno.ENOSYS
+    assert during < before + 4096
+    assert run_forked(probe_io_setup, 4096).value == 0
+
+
+MAP_HUGETLB, MFD_HUGETLB, SHM_HUGETLB = 0x40000, 0x4, 0o4000  # as the kernel's headers
+MAP_HUGE = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB
+HUGE_PAGE = 2 << 20
+
+
+def probe_mmap(flags: int) -> int:
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (
+        ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_ulong, ctypes.c_int, ctypes.c_long
+    )  # fmt: skip
+    address = libc.mmap(None, HUGE_PAGE, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    if address in (None, ctypes.c_void_p(-1).value):
+        return ctypes.get_errno()
+    libc.munmap(ctypes.c_void_p(address), HUGE_PAGE)
+    return 0
+
+
+def probe_memfd_hugetlb(flags: int) -> int:
+    return errno_of(os.memfd_create, "sg-huge", flags)
+
+
+IPC_PRIVATE, IPC_CREAT, IPC_RMID = 0, 0o1000, 0
+
+
+def probe_shmget(flags: int) -> int:
+    libc.shmget.restype = ctypes.c_int
+    segment = libc.shmget(IPC_PRIVATE, ctypes.c_size_t(HUGE_PAGE), flags | IPC_CREAT | 0o600)
+    if segment < 0:
+        return ctypes.get_errno()
+    libc.shmctl(segment, IPC_RMID, None)
+    return 0
+
+
+HUGETLB_PROBES = [
+    pytest.param(probe_mmap, MAP_HUGE, id="mmap-map-hugetlb"),
+    pytest.param(probe_mmap, MAP_HUGE | (21 << 26), id="mmap-map-huge-2mb"),  # MAP_HUGE_2MB
+    pytest.param(probe_memfd_hugetlb, MFD_HUGETLB, id="memfd-hugetlb"),
+    pytest.param(probe_memfd_hugetlb, MFD_HUGETLB | 1, id="memfd-hugetlb-cloexec"),
+    pytest.param(probe_shmget, SHM_HUGETLB, id="shmget-shm-hugetlb"),
+]
+
+
+@pytest.mark.parametrize(("probe", "flags"), HUGETLB_PROBES)
+def test_huge_pages_refused(program: bytes, probe, flags: int) -> None:
+    """EPERM from the filter, whatever the host's pool: the kernel itself answers these
+    with success or ENOMEM here (the control below), never EPERM for root."""
+    assert run_forked(filtered, program, probe, flags).value == errno.EPERM
+    assert run_forked(probe, flags).value != errno.EPERM
+
+
+@pytest.mark.parametrize(
+    ("probe", "flags"),
+    [
+        pytest.param(probe_mmap, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, id="mmap-plain"),
+        pytest.param(probe_memfd_hugetlb, 1, id="memfd-plain"),
+        pytest.param(probe_shmget, 0, id="shmget-plain"),
+    ],
+)
+def test_normal_pages_still_work(program: bytes, probe, flags: int) -> None:
+    assert run_forked(filtered, program, probe, flags).value == 0
