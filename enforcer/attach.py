@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from sandgate.enforcer import control
 from sandgate.enforcer.sandbox import cgroup, disk_reserve, prepare, spec
 from sandgate.enforcer.sandbox import init as sandbox_init
+from sandgate.enforcer.shared_stdio import SharedStdio
 from sandgate.enforcer.summary_file import SummaryFile, SummaryFileError
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ def run_attached(opts: AttachOptions) -> int:
         from sandgate.enforcer.terminal_relay import SharedTerminal  # and may take it
 
         shared = SharedTerminal.of_caller()  # (as for an embedded run: run.TaskRun)
+    stdio = SharedStdio()  # the caller's stdout and stderr, which the task shares
     try:
         child = ForkedInit(
             prepared.spec_path,
@@ -161,6 +163,7 @@ def run_attached(opts: AttachOptions) -> int:
         prepared.collect()
         if shared is not None:
             shared.give_back()  # every process of the task is gone: before any line
+        stdio.give_back()
         hits = prepared.limits_hit() + disk.hits()
         planted = prepared.check_workspace()
         if client is not None:

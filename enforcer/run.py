@@ -300,11 +300,13 @@ class TaskRun:
         self._gaps_reported = 0
         self.control: asyncio.AbstractServer | None = None  # approvals (RUN_DIR/<id>/control.sock)
         self.admin: Admin | None = None  # the approvals page and webhooks
+        self._metrics_started = False
         self._stopping = None  # attach.StopGrace, once the task runs
         self._stop_timer: asyncio.TimerHandle | None = None  # the grace's end, on the loop
         self._disk = None  # attach.DiskGuard, once the task runs
         self._disk_timer: asyncio.TimerHandle | None = None  # its next check
         self.terminal = None  # terminal_relay.SharedTerminal: the caller's, which the task shares
+        self.stdio = None  # shared_stdio.SharedStdio: the caller's stdout and stderr, likewise
 
     def _use_id(self, run_id: str) -> None:
         self.run_id = run_id
@@ -576,10 +578,12 @@ class TaskRun:
         state: it closes every descriptor but the init's, runs init.main and leaves
         with os._exit, and the modules it uses are imported before the fork."""
         from sandgate.enforcer.attach import DiskGuard, ForkedInit, StopGrace
+        from sandgate.enforcer.shared_stdio import SharedStdio
         from sandgate.enforcer.terminal_relay import SharedTerminal
 
         sandbox = self.sandbox
         self.terminal = SharedTerminal.of_caller()  # as the task finds it
+        self.stdio = SharedStdio()  # the caller's stdout and stderr, which the task shares
         with warnings.catch_warnings():  # Python 3.12+ warns of any fork in a threaded process
             warnings.simplefilter("ignore", DeprecationWarning)
             self.child = ForkedInit(sandbox.spec_path, keep=sandbox.init_fds, seed=self.seed)
@@ -691,6 +695,8 @@ class TaskRun:
         )
         if self.terminal is not None:  # every process of the task is gone: before any line
             self.terminal.give_back()
+        if self.stdio is not None:
+            self.stdio.give_back()
         if "self_test" in self.summary.task and not self.opts.quiet:
             tested = self.summary.task["self_test"]
             print(

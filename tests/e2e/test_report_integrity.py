@@ -294,3 +294,53 @@ def test_a_summary_path_that_cannot_be_written_refuses_the_attached_run_too(fake
 
         _refused_for_its_summary(run, workdir)
         assert service.status()["sandboxes"] == 0  # nothing attached, nothing left
+
+
+# The task shares the caller's stdout and stderr (the same open file descriptions):
+# it writes a forged summary, clears O_APPEND and moves the log's offset to its start,
+# so that sandgate's lines would overwrite the top and the log end with the forgery.
+FORGE = """
+import fcntl, os
+os.write(2, b"task output\\n" * 2000)
+os.write(2, b"sandgate: task 3f610f99 (profile default): 0 allowed, 0 blocked\\n  task: exit code 0\\n")
+for fd in (1, 2):
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_APPEND | os.O_NONBLOCK)
+os.lseek(2, 0, os.SEEK_SET)
+os._exit(3)
+"""
+
+
+@pytest.mark.parametrize("way", ["embedded", "in-process", "warm"])
+def test_sandgate_writes_its_summary_after_the_task_whatever_the_task_did_to_the_log(
+    fakenet, tmp_path, way
+):
+    """`sandgate run ... >> agent.log 2>&1`: sandgate's summary went where the task
+    left the shared offset (over the log's first lines, an earlier run's record) and
+    the log ended with the task's forged `task: exit code 0`. Now the flags are set
+    again and the offset put at the end once the task is gone (enforcer/shared_stdio.py)."""
+    log = tmp_path / "agent.log"
+    earlier = "EARLIER RUN: sandgate: task 11111111 (profile default)\n  task: exit code 137\n"
+    log.write_text(earlier)
+    command = [sandbox.SANDBOX_PYTHON, "-c", FORGE]
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        if way == "embedded":
+            workdir = sandbox._workdir(tmp_path)
+            argv = sandbox._argv(fakenet, workdir, command, sandbox.DEMO_RULES, ())
+            code = subprocess.run(
+                ["ip", "netns", "exec", fakenet.host_ns, *argv], stdout=fd, stderr=fd, timeout=90
+            ).returncode
+        else:
+            warm = "1" if way == "warm" else "0"
+            with running(fakenet, tmp_path, TWO_PROFILES, "--warm", warm) as service:
+                if way == "warm":
+                    assert sandbox.eventually(lambda: service.status()["warm_runners"] == 1)
+                workdir = sandbox._workdir(tmp_path)
+                argv = attach_argv(service, workdir, command)
+                code = subprocess.run(argv, stdout=fd, stderr=fd, timeout=90).returncode
+    finally:
+        os.close(fd)
+    text = log.read_text(errors="replace")
+    assert code == 3, text[-2000:]
+    assert text.startswith(earlier), text[:300]  # sandgate wrote nothing over it
+    assert last_line(text) == "  task: exit code 3", text[-500:]
