@@ -28,7 +28,12 @@ _HOST_NAME = 0x00
 # (0xfe0d, RFC 9849; 0xfe08-0xfe0c and 0xff02 its drafts) and encrypted_server_name
 # (0xffce, the ESNI drafts). A server that decrypts one routes by the hidden name.
 _HIDDEN_NAME = frozenset({0xFE0D, 0xFE0C, 0xFE0B, 0xFE0A, 0xFE09, 0xFE08, 0xFF02, 0xFFCE})
-_MAX_RECORD = 1 << 14  # RFC 8446 5.1: a plaintext record carries at most 2^14 bytes
+MAX_RECORD = 1 << 14  # RFC 8446 5.1: a plaintext record carries at most 2^14 bytes
+# A ServerHello whose random is this is a HelloRetryRequest (RFC 8446 4.1.3): the
+# client answers it with a second ClientHello, in plaintext too.
+HELLO_RETRY_RANDOM = bytes.fromhex(
+    "CF21AD74E59A6111BE1D8C021E65B891C2A211167ABB8C5E079E09E2C8A8339C"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,19 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     if body is None:
         return None
     return ClientHello(*_extensions(body))
+
+
+def client_hello_of(body: bytes) -> ClientHello:
+    """The ClientHello of a handshake message's body (after its 4-byte header), read
+    as `parse_client_hello` reads a first one; ValueError if malformed. For a hello
+    later in a stream (proxy/frontdoor/hello_watch.py)."""
+    return ClientHello(*_extensions(body))
+
+
+def is_hello_retry_request(message: bytes) -> bool:
+    """Whether a ServerHello handshake message (its 4-byte header, then at least
+    version and random) is a HelloRetryRequest."""
+    return message[:1] == b"\x02" and message[6:38] == HELLO_RETRY_RANDOM
 
 
 def server_name_and_alpn(body: bytes) -> tuple[str | None, list[bytes]]:
@@ -96,7 +114,7 @@ def _first_handshake_message(data: bytes) -> bytes | None:
         if not starts_like_tls_record(header):
             raise ValueError(f"expected a TLS handshake record, got {header!r}")
         size = (header[3] << 8) | header[4]
-        if size == 0 or size > _MAX_RECORD:
+        if size == 0 or size > MAX_RECORD:
             raise ValueError(f"TLS record of {size} bytes")
         offset += 5
         if len(data) < offset + size:

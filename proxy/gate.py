@@ -158,6 +158,10 @@ class ConnState:
     # The earlier human decision that answered its latest ask without a hold (_consult):
     # the event of what it decided names that approval.
     answered: Grant | None = None
+    # The approval of its destination (shown as "any connection to NAME:PORT (tls)")
+    # that let an inspected TLS connection through: its requests, which a rule of
+    # some methods or paths may still deny, are not asked again (_consult).
+    destination_grant: object | None = None
     # The last request decision, for the next request on this keep-alive connection:
     # a _RequestMemo, or None (see ConnectionGate._decide_request).
     request_memo: _RequestMemo | None = None
@@ -605,12 +609,13 @@ class ConnectionGate:
             hello.hidden_name
             and decision.verdict is not Verdict.DENY
             and not decision.inspect
-            and decision.rule.domains
+            and not _by_address(decision)
         ):
             # Passed through, the hello would reach a server that may serve the name it
-            # hides, where the decision rested on the name it shows. Inspected, the
-            # gateway's own TLS ignores it; allowed by address (an IP rule, an open
-            # fallback), any name at that address was allowed anyway.
+            # hides, where the decision rested on the name it shows (an allow or ask by
+            # name, or a fallback that asks or audits: a deny of the hidden name would
+            # never be seen). Inspected, the gateway's own TLS ignores it; allowed by an
+            # IP rule, any name at that address was allowed anyway.
             decision = deny(
                 "encrypted-client-hello",
                 detail=f"ClientHello to {state.name or state.ip} hides its server name (ECH)",
@@ -627,6 +632,121 @@ class ConnectionGate:
             return Outcome.REJECT
         state.allowed, state.protocol = decision, "tls"
         return Outcome.INTERCEPT if decision.inspect else Outcome.PASSTHROUGH
+
+    def on_later_hello(self, state: ConnState, hello: ClientHello, second: bool) -> bool:
+        """A plaintext ClientHello later in a pass-through connection than its first
+        bytes, found by the front door's watch (frontdoor/hello_watch.py) before the
+        upstream got it. `second`: the answer to a HelloRetryRequest, which must name
+        the server the first hello named (the same canonical SNI, or none for none)
+        and hide none (ECH) where the first's allow was by name. Otherwise it is the
+        first hello of a raw-TCP connection, after a preamble (PostgreSQL's
+        SSLRequest, STARTTLS): decided as `_tls` decides one (the SNI bound to this
+        address or allowed by an IP rule, no ECH), with its own event. True: it may go
+        on; False: denied (the event is out), the caller resets the connection."""
+        try:
+            state.started = self.clock()
+            if second:
+                decision = self._second_hello(state, hello)
+            else:
+                decision = self._hello_after_preamble(state, hello)
+            if decision is None:
+                return True
+            # Named as the hello named it (a denied second one: not the name the
+            # connection was allowed for, which its end event keeps).
+            name = _sni_name(hello) if not decision.allowed else state.name
+            self._emit_connection(
+                decision, state.fields, name or state.name, "tls", state.started, state.answered
+            )
+            return decision.allowed
+        except Exception as e:  # noqa: BLE001 - deny, say why, keep serving others
+            self._fail(state, e, state.started)
+            return False
+
+    def on_hello_refused(self, state: ConnState, detail: str) -> None:
+        """Where a server reads a ClientHello the front door's watch found bytes it
+        cannot decide (`detail` says what): its event; the caller resets."""
+        decision = deny("malformed-tls", detail=f"{detail}; reset before the upstream got it")
+        self._emit_connection(decision, state.fields, state.name, "tls", self.clock())
+
+    def _second_hello(self, state: ConnState, hello: ClientHello) -> Decision | None:
+        first = state.client_hello
+        before = parse_domain(first.sni) if first is not None and first.sni else None
+        try:
+            name = parse_domain(hello.sni) if hello.sni else None
+        except InvalidName as e:
+            return deny(
+                "malformed-tls",
+                reason=Reason.INVALID_NAME,
+                detail=f"the second ClientHello's SNI: {e}",
+            )
+        if name != before:
+            return deny(
+                "client-hello-changed",
+                detail=f"after a HelloRetryRequest the second ClientHello names "
+                f"{name or 'no server'}, the first (decided) {before or 'none'}: "
+                "reset before the server got it",
+            )
+        if hello.hidden_name and not (first is not None and first.hidden_name):
+            allowed = state.allowed
+            if allowed is not None and not _by_address(allowed):
+                return deny(
+                    "encrypted-client-hello",
+                    detail=f"the second ClientHello to {name or state.ip} (after a "
+                    "HelloRetryRequest) hides its server name (ECH): reset before the "
+                    "server got it",
+                )
+        return None  # the hello decided before, again
+
+    def _hello_after_preamble(self, state: ConnState, hello: ClientHello) -> Decision | None:
+        if not hello.sni:
+            # It names no server: the raw-TCP decision stands, unless that was by name
+            # and the hello hides one.
+            if hello.hidden_name and state.allowed is not None and not _by_address(state.allowed):
+                return deny(
+                    "encrypted-client-hello",
+                    detail=f"a ClientHello after raw-TCP bytes to {state.ip}:{state.port} "
+                    "hides its server name (ECH)",
+                )
+            state.client_hello = hello
+            return None
+        try:
+            name = parse_domain(hello.sni)
+        except InvalidName as e:
+            return deny(
+                "malformed-tls",
+                reason=Reason.INVALID_NAME,
+                detail=f"SNI of a ClientHello after raw-TCP bytes: {e}",
+            )
+        before, state.name = state.name, name  # what an ask's key names
+        if state.placeholder is not None and name != state.placeholder:
+            state.name = before
+            return _mismatch(f"SNI {name} to the placeholder of {state.placeholder}")
+        decision = self._decide_connect(state, name=name)
+        if hello.hidden_name and decision.verdict is not Verdict.DENY and not _by_address(decision):
+            decision = deny(
+                "encrypted-client-hello",
+                detail=f"ClientHello to {name} after raw-TCP bytes hides its server name (ECH)",
+            )
+        decision = self._consult(state, decision, "tls")
+        if decision.verdict is Verdict.ASK:
+            decision = Decision(
+                Verdict.DENY,
+                Reason.APPROVAL_PENDING,
+                decision.rule,
+                detail=f"{decision.detail}; a ClientHello after raw-TCP bytes is not held "
+                f"for a human: approve {name} first",
+            )
+        elif decision.allowed and decision.inspect:
+            decision = deny(
+                "not-http",
+                detail=f"a rule for {name}:{state.port} checks HTTP methods or paths, and "
+                "this TLS after raw-TCP bytes passes through uninspected",
+            )
+        if decision.allowed:
+            state.allowed, state.protocol, state.client_hello = decision, "tls", hello
+        else:
+            state.name = before  # its end event names what the connection was allowed for
+        return decision
 
     def _raw_tcp(self, state: ConnState) -> Outcome:
         if state.port in WEB_PORTS:
@@ -1179,11 +1299,21 @@ class ConnectionGate:
         key = self._ask_key(
             state, decision, protocol, name if request else state.name, method, path, request
         )
+        if (
+            request is not None
+            and state.destination_grant is not None
+            and not decision.rule.inspects
+        ):
+            # asked about the destination, whose approval let this connection through
+            state.answered = state.destination_grant
+            return _answered(decision, state.destination_grant)
         grant = state.answered = self.approvals.grant_for(key)
         if grant is None:
             return decision
         if grant.approved and not request:
             self._rests_on(state, grant.pending)
+            if protocol != "http":
+                state.destination_grant = grant
         return _answered(decision, grant)
 
     def _ask_key(self, state, decision, protocol, name, method, path, request=None) -> AskKey:
@@ -1226,6 +1356,7 @@ class ConnectionGate:
                     outcome = Outcome.HTTP
                 else:
                     outcome = Outcome.INTERCEPT if decision.inspect else Outcome.PASSTHROUGH
+                    state.destination_grant = answer
             else:
                 outcome = Outcome.REJECT
             self._step(state, Step.ANSWER, _PHASE_OF[outcome])
@@ -1357,6 +1488,13 @@ _ANSWER_REASONS = {
 }
 
 
+def _by_address(decision: Decision) -> bool:
+    """Whether `decision` came from an IP rule alone: any name at the address was
+    allowed then, a hidden one (ECH) included. Any other (a rule naming domains, a
+    fallback) rests on the name the client shows."""
+    return bool(decision.rule.networks) and not decision.rule.domains
+
+
 def _answered(asked: Decision, answer) -> Decision:
     """The decision a human's answer (a Grant, or a HoldResult) makes of an ASK."""
     if isinstance(answer, Grant):
@@ -1398,6 +1536,16 @@ def _answer_fields(answer) -> dict:
 
 def _mismatch(detail: str) -> Decision:
     return deny("host-mismatch", detail=detail)
+
+
+def _sni_name(hello: ClientHello) -> str | None:
+    """A hello's SNI, canonical if it is a valid name, else as sent; None for none."""
+    if not hello.sni:
+        return None
+    try:
+        return parse_domain(hello.sni)
+    except InvalidName:
+        return hello.sni
 
 
 def _too_few_to_tell(data: bytes) -> bool:

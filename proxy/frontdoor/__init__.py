@@ -14,7 +14,12 @@ nftables redirects every TCP connection of a sandbox here. For each one:
    - PASSTHROUGH: connect to the original destination and relay both directions
      (back-pressure each way, half-close passed on), counting bytes for the end
      event. The peeked bytes are still in the socket, so the upstream gets the
-     stream from byte 0. mitmproxy never sees the connection.
+     stream from byte 0. mitmproxy never sees the connection. Until the handshake
+     is past its plaintext phase a watch (`hello_watch`) sees both directions: a
+     ClientHello the upstream could still read in plaintext (the second one after
+     a TLS 1.3 HelloRetryRequest; one after a raw-TCP preamble such as
+     PostgreSQL's SSLRequest or STARTTLS) is held whole and decided by the gate
+     before it goes, or the connection is reset.
    - HTTP, INTERCEPT: the untouched socket goes to mitmproxy (`hand_off`), which
      adopts the gate's decision and decides each request.
    - REJECT: close (the gate emitted the denial).
@@ -41,6 +46,7 @@ One read buffer serves every relay; only bytes that a slow reader has not taken 
 are kept per connection.
 
 Modules: `poller` (the edge-triggered epoll set), `relay` (moving the bytes of
-allowed pass-through, with back-pressure, half-close and byte counts), `door`
+allowed pass-through, with back-pressure, half-close and byte counts), `hello_watch`
+(the plaintext phase of a pass-through, sans-io: which client bytes may go), `door`
 (accept, peek, ask the gate, then relay, hand to mitmproxy, or close).
 """

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from sandgate.proxy.descriptors import OUT_OF_DESCRIPTORS, DescriptorReserve
+from sandgate.proxy.frontdoor.hello_watch import Decide, HelloWatch, Refuse
 from sandgate.proxy.frontdoor.http1_relay import Http1Relay, UpstreamPool
 from sandgate.proxy.frontdoor.intake import Intake
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
@@ -30,7 +31,7 @@ from sandgate.proxy.frontdoor.relay import (
 from sandgate.proxy.frontdoor.tls_contexts import TlsContexts
 from sandgate.proxy.frontdoor.tls_io import TlsSocket
 from sandgate.proxy.frontdoor.tls_relay import Hello, http1_hello, serve_inspected
-from sandgate.proxy.gate import MAX_FIRST_BYTES, ConnectionGate, ConnState, Outcome
+from sandgate.proxy.gate import MAX_FIRST_BYTES, WEB_PORTS, ConnectionGate, ConnState, Outcome
 from sandgate.proxy.policy import Decision
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.ticks import LEAD, next_tick
@@ -662,6 +663,8 @@ class Connection:
         # Allowed on silence: the server is to speak first. Until it does, the client
         # is not read; should it speak first, its bytes are decided (_client_spoke).
         self.holding = self.state.silent
+        if not self.holding:
+            self._watch_hellos()
         handlers = self.door.poller.handlers
         handlers[self.client_fd] = self._on_client_event
         handlers[upstream.fd] = self._on_upstream_event
@@ -669,6 +672,23 @@ class Connection:
             self._client_spoke(IN)  # it may have spoken while the upstream connection was made
         if self.relay is not None and not self.done:
             self._pump()
+
+    def _watch_hellos(self) -> None:
+        """Every plaintext ClientHello the upstream could get is decided: a TLS
+        pass-through's after a HelloRetryRequest, and one after a raw-TCP preamble
+        (PostgreSQL's SSLRequest, STARTTLS) on a non-web port (hello_watch.py)."""
+        state, relay = self.state, self.relay
+        if state.protocol == "tls":
+            relay.watch, relay.judge = HelloWatch("tls"), self._judge_hello
+        elif state.port not in WEB_PORTS:
+            relay.watch, relay.judge = HelloWatch("raw"), self._judge_hello
+
+    def _judge_hello(self, step: Decide | Refuse) -> bool:
+        """The watch's hello, decided by the gate (True: it goes on), or its refusal."""
+        if isinstance(step, Decide):
+            return self.door.gate.on_later_hello(self.state, step.hello, step.second)
+        self.door.gate.on_hello_refused(self.state, step.detail)
+        return False
 
     # --- relaying -----------------------------------------------------------------------------
 
@@ -697,10 +717,12 @@ class Connection:
             if outcome is Outcome.WAIT:
                 if events & CLOSED:  # no more will come: the silence decision stands
                     self.holding = False
+                    self._watch_hellos()
                     self._pump()
                 return
             if outcome is Outcome.PASSTHROUGH:
                 self.holding = False
+                self._watch_hellos()  # a TLS decision's (its hello) or the silence one's
                 self._pump()
                 return
             # Not for this relay: drop the upstream connection, which got no byte.
@@ -733,6 +755,7 @@ class Connection:
                 if self.door.gate.on_server_spoke(self.state) is not Outcome.PASSTHROUGH:
                     self.finish(None, reset=True)  # the gate denied it and said why
                     return
+                self._watch_hellos()  # STARTTLS: a hello may follow the protocol's bytes
                 relay.client.readable = True  # what the client sent meanwhile is unread
             relay.pump()
         except Exception as e:  # noqa: BLE001

@@ -11,7 +11,12 @@ the event loop for as long as it likes; past the budget the relay stops with the
 socket still marked readable and asks its owner (`defer`) to pump again on a later
 loop iteration, behind whatever else became ready meanwhile. Edge-triggered epoll
 would not report those unread bytes again, so the deferred pump is what resumes
-them."""
+them.
+
+Until its handshake is past the plaintext phase, a relay may carry a `HelloWatch`
+(hello_watch.py): the client's bytes then go through it (held, or decided by the
+gate through `judge`, before the upstream gets them) and the server's are shown to
+it; once it is done the relay drops it and moves bytes as above."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import socket
 import struct
 from collections.abc import Callable
 
+from sandgate.proxy.frontdoor.hello_watch import FIRST, HOLD, MAX_HELD, Decide, HelloWatch, Refuse
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
 from sandgate.proxy.gate import ConnState
 
@@ -74,6 +80,8 @@ class Relay:
         "last_active",
         "budget",
         "deferred",
+        "watch",
+        "judge",
     )
 
     def __init__(
@@ -92,10 +100,18 @@ class Relay:
         self.last_active = clock()
         self.budget = WAKEUP_BUDGET  # bytes left to read in this wakeup
         self.deferred = False  # a pump is asked for already
+        # The plaintext phase's watch (hello_watch.py), None once past it or never; and
+        # `judge(step)`, the owner's: asks the gate about a Decide (True: it may go on)
+        # or reports a Refuse (the relay then resets).
+        self.watch: HelloWatch | None = None
+        self.judge: Callable[[Decide | Refuse], bool] | None = None
 
     def pump(self) -> None:
         """Move what either side has, up to the budget; finish once both directions
         ended cleanly."""
+        if self.watch is not None:
+            self.pump_watched()
+            return
         self.budget, self.deferred = WAKEUP_BUDGET, False
         c, u = self.client, self.upstream
         if (
@@ -152,6 +168,8 @@ class Relay:
                 self.state.bytes_up += n
             else:
                 self.state.bytes_down += n
+                if self.watch is not None:  # the server's answer to a hello: shown to the watch
+                    self.watch.feed_server(self.view[:n])
             self.last_active = self.clock()
             try:
                 sent = dst.sock.send(self.view[:n])
@@ -169,6 +187,156 @@ class Relay:
                 # came with the last event raises none: `closing` reads on to it.
                 src.readable = False
                 return True
+
+    def pump_watched(self) -> None:
+        """`pump` while the watch is on: the server's bytes move as ever (the watch
+        reads them), the client's go through the watch, and upstream only as it
+        releases them; a hello it finds is decided (`judge`) before it goes."""
+        self.budget, self.deferred = WAKEUP_BUDGET, False
+        c, u, watch = self.client, self.upstream, self.watch
+        if not self.move(u, c, up=False):
+            return
+        # The usual TLS handshake, without the watch's general steps: its first hello
+        # whole in one read, then the server's ServerHello (read in `move`).
+        state = watch.client
+        if state is HOLD and not (watch.held or c.readable) and u.pending is None:
+            return  # the server is to answer; the client sent nothing since
+        if watch.done:
+            self.watch = None  # past the plaintext phase: a plain relay from here
+            if c.eof and u.pending is None and not self.shut(u):
+                return
+            if (
+                self.move(c, u, up=True)
+                and c.eof
+                and u.eof
+                and c.pending is None
+                and u.pending is None
+            ):
+                self.finish(None)
+            return
+        if state is FIRST and c.readable and not watch.held and u.pending is None:
+            if not self.first_hello(c, u, watch):
+                return
+            if watch.client is HOLD and not (watch.held or c.readable) and u.pending is None:
+                return
+        while True:
+            if u.pending is not None:
+                if not self.flush(u, c):
+                    return
+                if u.pending is not None:
+                    break  # the upstream takes no more now: its OUT event resumes
+            step = watch.step()
+            if step is None:
+                if watch.done:
+                    self.watch = None  # past the plaintext phase: a plain relay from here
+                    if c.eof and not self.shut(u):
+                        return
+                    self.pump()
+                    return
+                if c.eof and not (watch.waits_for_server and watch.held):
+                    # Nothing more will come: an undecided hello's start never goes.
+                    watch.abandon()
+                    self.watch = None
+                    if not self.shut(u):
+                        return
+                    self.pump()
+                    return
+                if not (c.readable and watch.wants_client) or c.eof:
+                    break
+                if not self.take(c, watch):
+                    return
+                continue
+            if isinstance(step, bytes):
+                u.pending = step
+                continue
+            if isinstance(step, Decide) and self.judge(step):
+                watch.allowed()
+                continue
+            if isinstance(step, Refuse):
+                self.judge(step)
+            self.finish(None, reset=True)  # the gate denied it and said why
+            return
+        if c.eof and u.eof and c.pending is None and u.pending is None:
+            self.finish(None)
+
+    def first_hello(self, c: End, u: End, watch: HelloWatch) -> bool:
+        """Read the client's first bytes: the decided hello, whole in one record and
+        alone, goes on from the read buffer (the watch then waits for the server);
+        anything else goes to the watch. False when the connection ended."""
+        try:
+            n = c.sock.recv_into(self.buffer)
+        except (BlockingIOError, InterruptedError):
+            c.readable = False
+            return True
+        except OSError:  # reset: pass it on
+            self.finish(None, reset=True)
+            return False
+        if n == 0:
+            c.eof, c.readable = True, False
+            return True
+        self.state.bytes_up += n
+        self.last_active = self.clock()
+        if n < RELAY_CHUNK and not c.closing:
+            c.readable = False
+        b = self.buffer
+        if not (
+            n > 9
+            and b[0] == 0x16
+            and b[5] == 0x01
+            and n == 5 + ((b[3] << 8) | b[4]) == 9 + ((b[6] << 16) | (b[7] << 8) | b[8])
+        ):
+            watch.feed_client(bytes(self.view[:n]))
+            return True
+        watch.client = HOLD
+        try:
+            sent = u.sock.send(self.view[:n])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.finish(None, reset=True)
+            return False
+        if sent < n:
+            u.pending, u.writable = bytes(self.view[sent:n]), False
+        return True
+
+    def take(self, c: End, watch: HelloWatch) -> bool:
+        """Read what the client has into the watch. False when the connection ended."""
+        size = MAX_HELD - len(watch.held)  # what is held stays bounded
+        try:
+            data = c.sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            c.readable = False
+            return True
+        except OSError:  # reset: pass it on
+            self.finish(None, reset=True)
+            return False
+        if not data:
+            c.eof, c.readable = True, False
+            return True
+        self.state.bytes_up += len(data)
+        self.last_active = self.clock()
+        watch.feed_client(data)
+        if len(data) < size and not c.closing:
+            c.readable = False
+        return True
+
+    def flush(self, dst: End, src: End) -> bool:
+        """Send what waits for `dst`. False when the connection ended."""
+        if not dst.writable:
+            return True
+        try:
+            sent = dst.sock.send(dst.pending)
+        except (BlockingIOError, InterruptedError):
+            dst.writable = False
+            return True
+        except OSError:
+            self.finish(None, reset=True)
+            return False
+        if sent < len(dst.pending):
+            dst.pending, dst.writable = dst.pending[sent:], False
+        else:
+            dst.pending = None
+        return True
 
     def shut(self, dst: End) -> bool:
         # Half-close: the FIN goes on; the other direction stays open until it ends too.

@@ -86,6 +86,12 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "through: its SNI is only the outer name, and the server may serve the one it hides",
     ),
     (
+        "client-hello-changed",
+        (R.SPOOFED_DESTINATION,),
+        "after a HelloRetryRequest, a pass-through connection's second ClientHello names another "
+        "server than its first, the one decided: the server would serve that one",
+    ),
+    (
         "not-http",
         (R.NOT_HTTP,),
         "bytes that are neither TLS nor HTTP on a web port, or where a rule checks methods or paths",

@@ -5,12 +5,15 @@ Check order for a destination (connection or request), first answer wins:
     and path) -> DENY rule_deny. Deny wins over any allow, in any order.
  2. a private/loopback/link-local/CGNAT/multicast/unspecified address -> DENY
     private_address, unless an allow rule that applies has a CIDR inside that range.
- 3. allow (or ask) rules for the name whose address the gateway never resolved for
-    that name, and no IP allow rule applies to the address -> DENY spoofed_destination.
+ 3. allow (or ask) rules for the name, or a fallback that asks or audits, where the
+    gateway never resolved the name to the address, and no IP allow rule applies to
+    the address -> DENY spoofed_destination.
  4. an allow rule that matches -> ALLOW rule_allow (`inspect` set when any rule
     for this destination needs HTTP methods or paths to be checked).
  5. an ask rule that matches -> ASK rule_ask: a human decides (proxy/approvals/).
-    An allow written in advance needs no asking; a deny is never asked about.
+    An allow written in advance needs no asking; a deny is never asked about. What
+    an ask (or a fallback that asks or audits) lets through is inspected where a
+    rule still depends on the request (`inspect`): no approval lifts a deny.
  6. the profile's fallback (deny, ask or audit) answers; the reason says how
     near a rule came (port_not_allowed, method_not_allowed, path_not_allowed)
     or no_rule.
@@ -140,6 +143,8 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
     if not name_rules and not ip_rules:  # the common miss, answered without the checks below
         if kind is not None:
             return _private(profile, kind)
+        if facts.name_resolved_to_ip is False and profile.fallback.action is not DENY:
+            return _spoofed_destination(name, ip)  # (3. below, for the fallback)
         # `rule.decision or _shared(...)`: the memo read inline on the hot paths (see _shared)
         return profile.fallback.decision or _shared(profile, Reason.NO_RULE, profile.fallback)
 
@@ -179,14 +184,14 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
 
     # 3. name-based allows (and asks) need the address to be one the gateway resolved
     # for the name, unless an IP rule *allows* the address: one that only asks about
-    # it must not let an allowed name through to it unasked
-    if facts.name_resolved_to_ip is False and _spoofed(allows + asks, ip_rules):
-        return Decision(
-            DENY,
-            Reason.SPOOFED_DESTINATION,
-            SPOOFED_DESTINATION_RULE,
-            detail=f"{name} never resolved to {ip} through the gateway's DNS",
-        )
+    # it must not let an allowed name through to it unasked. A fallback that asks or
+    # audits answers for the name too (the approver is shown it, the audit log records
+    # it), while the bytes would go to whatever address the task chose.
+    if facts.name_resolved_to_ip is False and (
+        _spoofed(allows + asks, ip_rules)
+        or (not allows and not asks and profile.fallback.action is not DENY)
+    ):
+        return _spoofed_destination(name, ip)
 
     # 4. allow; the rule reported is one that allows without conditions, if any
     if allows:
@@ -197,23 +202,38 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
             return best.decision or _shared(profile, Reason.RULE_ALLOW, best)
         return _shared(profile, Reason.RULE_ALLOW, best, inspect=True)
 
-    # 5. ask a human
+    # 5. ask a human. What a human lets through (an ask, or a fallback that asks or
+    # audits) is inspected where a rule still depends on the request: a deny of some
+    # methods or paths holds after any approval.
     if asks:
+        if inspect:
+            return _shared(profile, Reason.RULE_ASK, asks[0], inspect=True)
         return asks[0].decision or _shared(profile, Reason.RULE_ASK, asks[0])
 
     # 6. fallback, saying how near a rule came
+    fallback = profile.fallback
+    inspect = inspect and fallback.action is not DENY
     for rule in name_rules + ip_rules:
         if rule.action is not ALLOW:
             continue
         if port not in rule.ports:
-            return _shared(profile, Reason.PORT_NOT_ALLOWED, profile.fallback, near=rule)
+            return _shared(profile, Reason.PORT_NOT_ALLOWED, fallback, inspect, near=rule)
         if method is not None and rule.methods is not None and method not in rule.methods:
-            return _shared(profile, Reason.METHOD_NOT_ALLOWED, profile.fallback, near=rule)
+            return _shared(profile, Reason.METHOD_NOT_ALLOWED, fallback, inspect, near=rule)
         if websocket and not rule.websocket and rule.matches_request(method, path):
-            return _shared(profile, Reason.PROTOCOL_NOT_ALLOWED, profile.fallback, near=rule)
+            return _shared(profile, Reason.PROTOCOL_NOT_ALLOWED, fallback, inspect, near=rule)
         if method is not None:
-            return _shared(profile, Reason.PATH_NOT_ALLOWED, profile.fallback, near=rule)
-    return _shared(profile, Reason.NO_RULE, profile.fallback)
+            return _shared(profile, Reason.PATH_NOT_ALLOWED, fallback, inspect, near=rule)
+    return _shared(profile, Reason.NO_RULE, fallback, inspect)
+
+
+def _spoofed_destination(name: str | None, ip) -> Decision:
+    return Decision(
+        DENY,
+        Reason.SPOOFED_DESTINATION,
+        SPOOFED_DESTINATION_RULE,
+        detail=f"{name} never resolved to {ip} through the gateway's DNS",
+    )
 
 
 def _spoofed(applying: list[Rule], ip_rules: tuple[Rule, ...]) -> bool:
@@ -276,11 +296,11 @@ def _shared(
             # A memo, not a change: every field that says what the rule is stays as loaded.
             object.__setattr__(rule, "inspected_decision" if inspect else "decision", found)
         return found
-    key = (reason, id(rule), id(near))
+    key = (reason, id(rule), id(near), inspect)
     found = profile.decisions.get(key)
     if found is None:
         found = profile.decisions[key] = Decision(
-            rule.action, reason, rule, detail=_explain(reason, rule, inspect, near)
+            rule.action, reason, rule, inspect=inspect, detail=_explain(reason, rule, inspect, near)
         )
     return found
 
@@ -293,9 +313,17 @@ def _explain(reason: Reason, rule: Rule, inspect: bool, near: Rule | None) -> st
     if reason is Reason.RULE_DENY:
         return f"denied by {_named(rule)}"
     if reason is Reason.RULE_ASK:
-        return f"{_named(rule)} asks a human to approve this destination"
+        return f"{_named(rule)} asks a human to approve this destination" + (
+            "; a rule checks HTTP methods or paths, so its requests are inspected"
+            if inspect
+            else ""
+        )
     answer = f"the fallback ({rule.action}, {rule.id}) answers"
+    if inspect:
+        answer += "; a rule checks HTTP methods or paths, so requests are inspected"
     if near is None:
+        if inspect:
+            return f"no rule allows this destination; {answer}"
         return f"no rule names this destination; {answer}"
     if reason is Reason.PORT_NOT_ALLOWED:
         allowed = f"ports {', '.join(map(str, sorted(near.ports)))}"

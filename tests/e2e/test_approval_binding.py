@@ -119,3 +119,115 @@ def test_a_held_tls_connection_approved_after_a_reload_that_denies_it_is_closed(
         assert fakenet.requests_seen() == []
     finally:
         service.stop()
+
+
+# A deny of some methods and paths for allowed.test, and `FALLBACK` / `EXTRA` for the
+# rest: what an approval (or an auditing fallback) lets through must still meet them.
+DENY_WRITES = """\
+version: 1
+profiles:
+  default:
+    fallback: FALLBACK
+    approval: {hold: 25s}
+    rules:
+      - deny: allowed.test
+        methods: [POST, PUT, PATCH, DELETE]
+        id: never-write
+      - deny: allowed.test
+        paths: ["/admin/**"]
+        id: never-admin
+EXTRA"""
+
+
+@pytest.mark.parametrize("how", ["fallback-ask", "ask-rule", "fallback-audit"])
+def test_what_an_approval_lets_through_still_meets_the_deny_rules_of_its_requests(
+    fakenet, tmp_path, how
+):
+    """The approver is shown `allowed.test:443`; an approved connection used to be
+    passed through uninspected, so a deny of POST or /admin never saw the request
+    (nginx served POST /admin/upload). It is inspected now: a GET goes through, the
+    POST is refused and the server never got it. Under `fallback: audit` nobody is
+    asked, and the same holds."""
+    fallback = {"fallback-ask": "ask", "ask-rule": "deny", "fallback-audit": "audit"}[how]
+    extra = "      - ask: allowed.test\n        id: ask-it\n" if how == "ask-rule" else ""
+    service, _ = _service(
+        fakenet, tmp_path, DENY_WRITES.replace("FALLBACK", fallback).replace("EXTRA", extra)
+    )
+    post = ("-X", "POST", "--data", "repository-secrets", "https://allowed.test/admin/upload")
+    try:
+        task = Task(
+            service,
+            tmp_path,
+            {
+                "get": curl("https://allowed.test/", timeout=40),
+                "post": curl(*post, timeout=40),
+            },
+        )
+        try:
+            seen: set[str] = set()
+            seen_ids = []
+            for _ in ("get", "post") if how != "fallback-audit" else ():
+                asked = task.held(seen)
+                seen.add(asked["id"])
+                seen_ids.append(asked["id"])
+                approved = service.ask("approvals", "approve", asked["id"])
+                assert approved.returncode == 0, approved.stderr
+        finally:
+            result = task.finish()
+        assert result["get"].status == 200, result.describe()
+        assert result["post"].status == 403, result.describe()
+        served = [(r["method"], r["uri"]) for r in fakenet.requests_seen()]
+        assert served == [("GET", "/")], served
+        (denied,) = service.events(kind="request", method="POST")
+        assert (denied["verdict"], denied["reason"]) == ("deny", "rule_deny"), denied
+        assert denied["rule_id"] in ("never-write", "never-admin"), denied
+        if how != "fallback-audit":  # the GET rests on its connection's approval: no second ask
+            (get,) = service.events(kind="request", method="GET")
+            assert (get["reason"], get["approval_id"]) == ("approval_granted", seen_ids[0]), get
+    finally:
+        service.stop()
+
+
+EVIL_IP = "203.0.113.66"
+ASK_EVERYTHING = """\
+version: 1
+profiles:
+  default:
+    fallback: ask
+    approval: {hold: 25s}
+    rules:
+      - deny: forbidden.test
+"""
+
+
+def test_a_fallback_ask_never_holds_a_name_sent_to_an_address_it_was_not_resolved_to(
+    fakenet, tmp_path
+):
+    """`fallback: ask` answers for a name: the approver is shown api.allowed.test. A
+    task that sent that name (SNI, Host) to an address of its choosing had the bytes go
+    there once approved, and a `--for` grant opened the name to every address. Such a
+    connection is refused at once (spoofed_destination), nobody is asked, and the
+    chosen server gets nothing; an honest ask still works, and its grant opens only
+    the name's own addresses."""
+    service, _ = _service(fakenet, tmp_path, ASK_EVERYTHING)
+    spoofs = {
+        "tls": curl("--resolve", f"api.allowed.test:443:{EVIL_IP}", "https://api.allowed.test/x"),
+        "http": curl("-H", "Host: api.allowed.test", f"http://{EVIL_IP}/y"),
+    }
+    try:
+        honest = Task(service, tmp_path, {"honest": curl("https://api.allowed.test/", timeout=40)})
+        try:
+            asked = honest.held()
+            approved = service.ask("approvals", "approve", asked["id"], "--for", "1h")
+            assert approved.returncode == 0, approved.stderr
+        finally:
+            first = honest.finish()
+        assert first["honest"].status == 200, first.describe()
+        spoofing = Task(service, tmp_path, spoofs).finish()
+        assert _pending(service) == []  # nobody was asked
+        assert spoofing["tls"].status == 0 and spoofing["http"].status == 403, spoofing.describe()
+        assert fakenet.requests_seen(EVIL_IP) == []
+        refused = [e for e in service.events(reason="spoofed_destination")]
+        assert {e["kind"] for e in refused} >= {"connection", "request"}, refused
+    finally:
+        service.stop()

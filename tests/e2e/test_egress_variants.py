@@ -27,8 +27,9 @@ EVIL_IP = "203.0.113.66"
 
 # A ClientHello as a client's TLS library writes it (Python's ssl, SNI argv[1]),
 # changed as argv[4] says, sent to argv[2]:argv[3] after resolving the SNI through
-# the gateway (which binds the name to its address). Prints "server spoke" if a
-# TLS record came back (the hello reached a server), else "closed".
+# the gateway (which binds the name to its address; argv[2] "dns": to that address).
+# Prints "server spoke" if a TLS record came back (the hello reached a server), else
+# "closed".
 # - ech: with an encrypted_client_hello extension (0xfe0d) added, as a client
 #   that has an ECH config for another name behind the same server would send it;
 # - bytes: the hello one byte a TCP segment.
@@ -36,9 +37,11 @@ TLS_HELLO = """
 import socket, ssl, sys, time
 sni, ip, port, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 try:
-    socket.gethostbyname(sni.rstrip(".").lower())
+    resolved = socket.gethostbyname(sni.rstrip(".").lower())
 except OSError:
-    pass
+    resolved = None
+if ip == "dns":  # the address the gateway answered (under an ask: a placeholder)
+    ip = resolved
 context = ssl.create_default_context()
 if not sni:
     context.check_hostname, sni = False, None
@@ -121,6 +124,32 @@ def test_a_client_hello_with_encrypted_client_hello_never_passes_through(net, tm
     # (then tls_rejected_by_client: the probe hangs up after the ServerHello)
     inspected = r.events(kind="connection", protocol="tls", dst_ip=API_IP)[0]
     assert (inspected["verdict"], inspected["rule_id"]) == ("allow", "inspected"), r.describe()
+
+
+@pytest.mark.parametrize("fallback", ["ask", "audit"])
+def test_a_fallback_that_asks_or_audits_refuses_encrypted_client_hello_too(net, tmp_path, fallback):
+    """A fallback answers for the name the hello shows: the approver is shown it, the
+    audit log records it, and a deny rule for the hidden name would never be seen. It
+    passed such a hello through as an allow by address did (after an approval, or
+    under audit at once); it is refused before anyone is asked, and the server gets
+    nothing."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        f"version: 1\nprofiles:\n  default:\n    fallback: {fallback}\n"
+        "    approval: {hold: 20s}\n    rules:\n      - deny: evil.test\n"
+    )
+    with sandbox.sink(net, ALLOWED_IP, 8443, tmp_path / "sink.log") as seen:
+        r = sandbox.run(
+            net, tmp_path, {"ech": tls_hello("allowed.test", "dns", 8443, "ech")}, rules=rules
+        )
+        connections = seen()
+    assert r["ech"].out.strip() == "closed", r.describe()
+    assert r["ech"].ms < 10_000, r.describe()  # refused, not held for an approver
+    assert connections == [], connections
+    assert r.verdicts(kind="connection", protocol="tls") == {
+        ("deny", "protocol_not_allowed", "builtin:encrypted-client-hello")
+    }, r.describe()
+    assert not r.events(kind="approval"), r.describe()
 
 
 # --- plain HTTP/1 on the front door's lean path -----------------------------------------

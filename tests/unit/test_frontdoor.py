@@ -24,6 +24,9 @@ SSH = ("203.0.113.10", 22)
 
 
 HELLO = client_hello("allowed.test")
+# A TLS server's answer to HELLO: the front door holds what the client sends after
+# its hello until it sees one (hello_watch.py), then relays plainly.
+SERVER_HELLO = bytes.fromhex("160303002c020000280303") + bytes(32) + bytes.fromhex("001301000000")
 
 
 class SharedSetPolicy(asyncio.DefaultEventLoopPolicy):
@@ -119,7 +122,9 @@ def run(coroutine):
 
 def test_allowed_tls_is_relayed_from_byte_0_with_half_close_and_counted(gate):
     async def server(reader, writer):
-        assert await reader.readexactly(len(HELLO) + 4) == HELLO + b"more"
+        assert await reader.readexactly(len(HELLO)) == HELLO
+        writer.write(SERVER_HELLO)
+        assert await reader.readexactly(4) == b"more"
         writer.write(b"s" * 70000)
         await writer.drain()
         assert await reader.read() == b""  # the client's FIN came through
@@ -131,6 +136,7 @@ def test_allowed_tls_is_relayed_from_byte_0_with_half_close_and_counted(gate):
             door = await started(gate, ALLOWED, upstream.port)
             reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
             writer.write(HELLO + b"more")
+            assert await reader.readexactly(len(SERVER_HELLO)) == SERVER_HELLO
             assert await reader.readexactly(70000) == b"s" * 70000
             writer.write_eof()
             assert await read_all(reader) == b"bye"
@@ -144,7 +150,7 @@ def test_allowed_tls_is_relayed_from_byte_0_with_half_close_and_counted(gate):
         ("connection_end", "rule_allow", "allowed", "allowed.test", "tls"),
     ]
     end = gate.events[-1]
-    assert (end.bytes_up, end.bytes_down) == (len(HELLO) + 4, 70003)
+    assert (end.bytes_up, end.bytes_down) == (len(HELLO) + 4, len(SERVER_HELLO) + 70003)
     assert gate.connections == {}
 
 
@@ -153,8 +159,10 @@ def test_bulk_both_ways_with_a_slow_reader_arrives_whole(gate):
     blob = bytes(range(256)) * (size // 256)
 
     async def server(reader, writer):
-        received = hashlib.sha256()
-        remaining = len(HELLO) + size
+        assert await reader.readexactly(len(HELLO)) == HELLO
+        writer.write(SERVER_HELLO)
+        received = hashlib.sha256(HELLO)
+        remaining = size
         while remaining:
             chunk = await reader.read(min(remaining, 1 << 16))
             assert chunk
@@ -169,6 +177,7 @@ def test_bulk_both_ways_with_a_slow_reader_arrives_whole(gate):
             door = await started(gate, ALLOWED, upstream.port)
             reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
             writer.write(HELLO + blob)
+            assert await reader.readexactly(len(SERVER_HELLO)) == SERVER_HELLO
             got = hashlib.sha256()
             total = 0
             while total < size:
@@ -184,7 +193,10 @@ def test_bulk_both_ways_with_a_slow_reader_arrives_whole(gate):
             await door.stop()
 
     run(scenario())
-    assert (gate.events[-1].bytes_up, gate.events[-1].bytes_down) == (len(HELLO) + size, size)
+    assert (gate.events[-1].bytes_up, gate.events[-1].bytes_down) == (
+        len(HELLO) + size,
+        len(SERVER_HELLO) + size,
+    )
 
 
 def test_a_hello_in_pieces_is_waited_for(gate):
@@ -830,3 +842,132 @@ def test_a_busy_door_sets_up_a_sandboxs_connection_behind_one_of_a_flooders(gate
     assert refused and all(str(e.reason) == "sandbox_limit" for e in refused)
     assert len(refused) + len(admitted) == flood + 1  # each one set up or refused
     assert all("wait to be set up" in e.detail for e in refused)
+
+
+# --- a ClientHello later than the first bytes (hello_watch.py) ------------------------------
+
+HELLO_RETRY = (
+    bytes.fromhex("160303002c020000280303")
+    + bytes.fromhex("CF21AD74E59A6111BE1D8C021E65B891C2A211167ABB8C5E079E09E2C8A8339C")
+    + bytes.fromhex("001301000000")
+)
+CCS = bytes.fromhex("140303000101")
+
+
+@pytest.mark.parametrize(
+    "second, allowed",
+    [
+        pytest.param(client_hello("allowed.test"), True, id="same-name"),
+        pytest.param(client_hello("evil.test"), False, id="changed"),
+    ],
+)
+def test_a_pipelined_second_hello_is_held_until_the_retry_then_decided(gate, second, allowed):
+    got = bytearray()
+
+    async def server(reader, writer):
+        got.extend(await reader.readexactly(len(HELLO)))
+        writer.write(HELLO_RETRY)
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                got.extend(data)
+                if len(got) == len(HELLO + CCS + second):
+                    writer.write(b"done")
+                    await writer.drain()
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, ALLOWED, upstream.port)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(HELLO + CCS + second)  # both hellos before the retry
+            assert await reader.readexactly(len(HELLO_RETRY)) == HELLO_RETRY
+            if allowed:
+                assert await reader.readexactly(4) == b"done"
+            else:
+                with contextlib.suppress(ConnectionError):
+                    assert await read_all(reader) in (b"", b"<reset>")
+            writer.close()
+            await until(lambda: gate.events and str(gate.events[-1].kind) == "connection_end")
+            await door.stop()
+
+    run(scenario())
+    if allowed:
+        assert bytes(got) == HELLO + CCS + second
+        assert [e[0] for e in events(gate)] == ["connection", "connection_end"]
+    else:
+        assert bytes(got) in (HELLO, HELLO + CCS)  # never the second hello
+        assert events(gate)[1] == (
+            "connection",
+            "spoofed_destination",
+            "builtin:client-hello-changed",
+            "evil.test",
+            "tls",
+        )
+
+
+def test_a_hello_after_a_preamble_on_a_raw_port_is_decided_before_it_goes(gate):
+    got = bytearray()
+    preamble = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"  # PostgreSQL's SSLRequest
+
+    async def server(reader, writer):
+        with contextlib.suppress(ConnectionError):
+            got.extend(await reader.readexactly(len(preamble)))
+            writer.write(b"S")
+            await writer.drain()
+            while data := await reader.read(65536):
+                got.extend(data)
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, SSH, upstream.port)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(preamble)
+            assert await reader.readexactly(1) == b"S"
+            writer.write(client_hello("evil.test"))
+            with contextlib.suppress(ConnectionError):
+                await read_all(reader)
+            writer.close()
+            await until(lambda: gate.events and str(gate.events[-1].kind) == "connection_end")
+            await door.stop()
+
+    run(scenario())
+    assert bytes(got) == preamble  # the hello never reached the server
+    assert events(gate)[:2] == [
+        ("connection", "rule_allow", "ssh", "ssh.allowed.test", "tcp"),
+        ("connection", "no_rule", "default:fallback", "evil.test", "tls"),
+    ]
+
+
+def test_a_hello_after_starttls_on_a_server_first_port_is_decided_before_it_goes(gate):
+    got = bytearray()
+
+    async def server(reader, writer):
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"220 smtp ready\r\n")
+            await writer.drain()
+            got.extend(await reader.readexactly(10))
+            writer.write(b"220 go ahead\r\n")
+            await writer.drain()
+            while data := await reader.read(65536):
+                got.extend(data)
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, SSH, upstream.port, silence=0.05)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            assert await reader.readexactly(16) == b"220 smtp ready\r\n"  # allowed on silence
+            writer.write(b"STARTTLS\r\n")
+            assert await reader.readexactly(14) == b"220 go ahead\r\n"
+            writer.write(client_hello("evil.test"))
+            with contextlib.suppress(ConnectionError):
+                await read_all(reader)
+            writer.close()
+            await until(lambda: gate.events and str(gate.events[-1].kind) == "connection_end")
+            await door.stop()
+
+    run(scenario())
+    assert bytes(got) == b"STARTTLS\r\n"  # the hello never reached the server
+    assert events(gate)[:2] == [
+        ("connection", "rule_allow", "ssh", "ssh.allowed.test", "tcp"),
+        ("connection", "no_rule", "default:fallback", "evil.test", "tls"),
+    ]

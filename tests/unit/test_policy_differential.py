@@ -246,8 +246,10 @@ class Reference:
     fallback: str
     fallback_id: str
 
-    def fallback_answer(self, reasons: set[str]) -> Answer:
-        return Answer(self.fallback, frozenset(reasons), frozenset({self.fallback_id}))
+    def fallback_answer(
+        self, reasons: set[str], inspect: frozenset[bool] = frozenset({False, True})
+    ) -> Answer:
+        return Answer(self.fallback, frozenset(reasons), frozenset({self.fallback_id}), inspect)
 
     def decide(
         self,
@@ -308,27 +310,30 @@ class Reference:
                     "deny", frozenset({"private_address"}), frozenset({"builtin:private-address"})
                 )
         asks = [r for r in rules if r.action == "ask" and applies(r) and r not in allows]
-        # 3. spoofed: a name rule allows (or asks), DNS never gave this address, and
+        # 3. spoofed: a name rule allows (or asks), or no rule does and the fallback
+        # asks or audits (it answers for the name), DNS never gave this address, and
         # no IP rule allows it
         if resolved is False:
             by_name = [r for r in allows + asks if r.names(name) and not r.covers_ip(ip)]
             by_ip = [r for r in allows if r.covers_ip(ip) and r.action == "allow"]
-            if by_name and not by_ip:
+            by_fallback = not allows and not asks and self.fallback != "deny"
+            if (by_name and not by_ip) or by_fallback:
                 return Answer(
                     "deny",
                     frozenset({"spoofed_destination"}),
                     frozenset({"builtin:spoofed-destination"}),
                 )
         # 4. allow
+        if request:
+            inspect = frozenset({False, True})
+        else:
+            # inspect: yes when a rule that applies to the destination checks methods
+            # or paths (an allow that needs it, or a deny only a request can show):
+            # passing TLS through would skip that rule. So for what an ask or the
+            # fallback lets through too: no approval lifts a deny.
+            needs = any(r.inspects for r in rules if targets(r) and r.covers_port(port))
+            inspect = frozenset({needs})
         if allows:
-            if request:
-                inspect = frozenset({False, True})
-            else:
-                # inspect: yes when a rule that applies to the destination checks
-                # methods or paths (an allow that needs it, or a deny only a request
-                # can show): passing TLS through would skip that rule.
-                needs = any(r.inspects for r in rules if targets(r) and r.covers_port(port))
-                inspect = frozenset({needs})
             return Answer(
                 "allow", frozenset({"rule_allow"}), frozenset(r.id for r in allows), inspect
             )
@@ -338,7 +343,7 @@ class Reference:
         # 5. the fallback: which check failed for the rules that named the destination
         named = [r for r in rules if r.action == "allow" and targets(r)]
         if not named:
-            return self.fallback_answer({"no_rule"})
+            return self.fallback_answer({"no_rule"}, inspect)
         reasons = set()
         for r in named:
             if not r.covers_port(port):
@@ -347,7 +352,7 @@ class Reference:
                 reasons.add("method_not_allowed")
             elif request and not r.covers_path(path):
                 reasons.add("path_not_allowed")
-        return self.fallback_answer(reasons or {"no_rule"})
+        return self.fallback_answer(reasons or {"no_rule"}, inspect)
 
     def decide_name(self, rules: list[RefRule], name: str) -> Answer:
         """A DNS question: "the name must be one the profile may reach" (docs/rules.md

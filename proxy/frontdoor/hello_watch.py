@@ -1,0 +1,406 @@
+"""Watching a pass-through connection's plaintext phase for a ClientHello the gate has
+not decided: sans-io, no sockets (fed the bytes of each direction, it says what may
+pass). A pass-through `Relay` carries one until the handshake is past its plaintext
+phase, then drops it and costs what it did before.
+
+The invariant: every ClientHello the upstream can receive in plaintext has been
+decided by the gate, by the rules of a first one (the SNI bound to the address or
+allowed by an IP rule, no ECH), and a second one on a TLS connection names the same
+server as the first. A server routes by a later hello's SNI as by the first: OpenSSL
+takes the second ClientHello's SNI after a HelloRetryRequest, and a client-first
+preamble (PostgreSQL's SSLRequest, SMTP or IMAP STARTTLS, MySQL's SSL request) puts
+the hello after bytes the gate decided on as raw TCP.
+
+Two modes, chosen by what the gate decided:
+
+- `tls` (a TLS pass-through: the connection's first bytes were the decided
+  ClientHello #1). Its records are released; then the client's bytes are held until
+  the server's first handshake message is seen (ordinary clients send nothing then;
+  0-RTT early data waits one round trip). A ServerHello that is not a
+  HelloRetryRequest ends the watch: what was held goes on, and so does the rest,
+  encrypted from there on. A HelloRetryRequest makes the next handshake message
+  the client sent, pipelined or not, a second ClientHello, held whole and decided
+  (`Decide(second=True)`); ChangeCipherSpec, alert and (skipped) early-data records
+  before it pass.
+- `raw` (raw TCP on a non-web port). The client's first MAX_FIRST_BYTES are scanned
+  for a TLS handshake record that starts a ClientHello (0x16, major version 3, a
+  length the record layer takes, handshake type 1, a length a server takes). From there the bytes are held,
+  the hello assembled and decided (`Decide(second=False)`); once allowed the watch
+  goes on as in `tls` mode. Up to 6 bytes (a record header and the handshake type)
+  may have reached the upstream before the bytes that tell a hello came (a scan that
+  held every possible prefix could stall a protocol whose message ends in 0x16):
+  never the hello's body, where its SNI is.
+
+What cannot be read where a server would read a hello (a record header that is not
+TLS's, a hello that cannot be parsed or is longer than MAX_FIRST_BYTES, handshake
+bytes after a hello in its record, another handshake message where the second hello
+goes) is `Refuse`d: the caller resets the connection; nothing fails open. A server
+whose answer to the hello is not TLS (no ServerHello, so no retry to tell) does not
+end the watch: the client's bytes from there are scanned as in `raw` mode, and a
+hello among them is decided as a second one. After a server's alert the client
+stays held. Held bytes are bounded: past MAX_HELD the client is not read
+(back-pressure), and a hello must start within the client's first MAX_FIRST_BYTES
+in `raw` mode: one further on (a long SMTP dialogue before STARTTLS) is not looked
+for.
+
+`step()` returns what to do next: `bytes` to send upstream now, a `Decide` (the
+caller asks the gate and calls `allowed()`, or resets), a `Refuse`, or None (more
+bytes needed, of either side). `done` once nothing more is watched: the caller
+sends what `step()` still returns and then relays plainly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sandgate.proxy.clienthello import (
+    HELLO_RETRY_RANDOM,
+    MAX_RECORD,
+    ClientHello,
+    client_hello_of,
+    is_hello_retry_request,
+)
+from sandgate.proxy.gate import MAX_FIRST_BYTES
+
+# Client bytes held at most while a hello is undecided or the server is to answer:
+# a hello of MAX_FIRST_BYTES and a whole record beside it. Past it the client is not
+# read (back-pressure), nothing is refused for it.
+MAX_HELD = 2 * MAX_FIRST_BYTES + 2048
+# A record's payload: 2^14 bytes plaintext, 2^14 + 256 protected (RFC 8446 5.2).
+_MAX_PAYLOAD = MAX_RECORD + 256
+_CCS, _ALERT, _HANDSHAKE, _APPLICATION_DATA = 20, 21, 22, 23
+_CLIENT_HELLO, _SERVER_HELLO = 1, 2
+# A ServerHello's first bytes that tell a HelloRetryRequest: header, version, random.
+_SERVER_HELLO_PREFIX = 4 + 2 + 32
+# A scan looks at a candidate's first 7 bytes: record header, handshake type and the
+# top byte of the hello's length. No server reads a hello over 2^17 bytes (OpenSSL's
+# CLIENT_HELLO_MAX_LENGTH is 131396): a top byte over 2 is no hello, which keeps
+# random bytes (an ssh session's) from passing for one about 85 times as often.
+_CANDIDATE = 7
+_MAX_HELLO_TOP = 2
+
+# The client's side: where its stream stands.
+SCAN = "scan"  # raw: looking for a ClientHello in the first MAX_FIRST_BYTES
+FIRST = "first"  # a first ClientHello's records (tls: decided already; raw: to decide)
+DECIDING = "deciding"  # a Decide is out: the gate answers (allowed(), or a reset)
+HOLD = "hold"  # after the first hello: held until the server's first message
+SECOND = "second"  # after a HelloRetryRequest: the second ClientHello's records
+REFUSED = "refused"  # a Refuse is out: the caller resets
+DONE = "done"  # past the plaintext phase: relay plainly
+# The server's side.
+IGNORED = "ignored"  # raw, before a hello went upstream: its bytes are its protocol's
+READING = "reading"  # its answer to the hello: a ServerHello, or a HelloRetryRequest
+SEEN = "seen"
+
+
+@dataclass(frozen=True, slots=True)
+class Decide:
+    """A ClientHello the gate must decide before the upstream gets it."""
+
+    hello: ClientHello
+    second: bool  # after a HelloRetryRequest: it must name the first hello's server
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """What stands where a server reads a ClientHello cannot be decided: reset."""
+
+    detail: str
+
+
+class HelloWatch:
+    """See the module docstring. `mode`: "tls" or "raw"."""
+
+    __slots__ = (
+        "client",
+        "server",
+        "held",
+        "sent",
+        "at",
+        "hs",
+        "hello_at",
+        "offset",
+        "decided_first",
+        "refusal",
+        "go",
+        "ready",
+        "server_header",
+        "server_left",
+        "server_hs",
+    )
+
+    def __init__(self, mode: str):
+        if mode not in ("tls", "raw"):
+            raise ValueError(f"unknown watch mode {mode!r}")
+        tls = mode == "tls"
+        self.client = FIRST if tls else SCAN
+        self.server = READING if tls else IGNORED
+        self.decided_first = tls  # the gate decided the connection's first hello
+        self.ready: bytes | None = None  # a first hello that came whole, to go on as it is
+        self.held = bytearray()  # the client's bytes not yet sent on, but the first `sent`
+        self.sent = 0  # at the head of `held`: bytes that went upstream already (a scan's)
+        self.at = 0  # where in `held` the record parse stands
+        self.hs = bytearray()  # the handshake message being assembled
+        self.hello_at = 0  # where in `held` its first record starts
+        self.offset = 0  # the stream offset of held[0]
+        self.refusal = ""
+        self.go = 0  # held bytes before this are decided: they go on
+        self.server_header = b""  # a server record header not yet whole
+        self.server_left = 0  # bytes of the server's current record still to come
+        self.server_hs = b""  # the start of the server's first handshake message
+
+    @property
+    def done(self) -> bool:
+        return self.client == DONE and not self.held and self.ready is None
+
+    @property
+    def wants_client(self) -> bool:
+        """Whether the client may be read now: held bytes under MAX_HELD, no answer out."""
+        return len(self.held) < MAX_HELD and self.client not in (DECIDING, REFUSED)
+
+    @property
+    def waits_for_server(self) -> bool:
+        return self.client == HOLD
+
+    def feed_client(self, data: bytes) -> None:
+        if (
+            self.client == FIRST
+            and self.decided_first
+            and not self.held
+            and len(data) > 9
+            and data[0] == _HANDSHAKE
+            and data[5] == _CLIENT_HELLO
+            and len(data) == 5 + ((data[3] << 8) | data[4]) == 9 + int.from_bytes(data[6:9], "big")
+        ):
+            # The usual first bytes: the decided hello, whole in one record, alone.
+            self.ready, self.client = data, HOLD
+            return
+        self.held += data
+
+    def feed_server(self, data) -> None:
+        """Bytes the server sent (any bytes-like), read for its first handshake message."""
+        if self.server != READING:
+            return
+        if (
+            self.server_left == 0
+            and not self.server_header
+            and len(data) >= 5 + _SERVER_HELLO_PREFIX
+            and data[0] == _HANDSHAKE
+            and data[1] == 3
+            and ((data[3] << 8) | data[4]) >= _SERVER_HELLO_PREFIX
+        ):
+            # The usual answer: the ServerHello's start whole in the first record.
+            if (
+                data[5] == _SERVER_HELLO
+                and self.client is HOLD
+                and ((data[6] << 16) | (data[7] << 8) | data[8]) >= _SERVER_HELLO_PREFIX - 4
+            ):
+                self.server = SEEN
+                if data[11:43] == HELLO_RETRY_RANDOM:
+                    self.client, self.hello_at = SECOND, self.at
+                    self.hs.clear()
+                else:
+                    self.client = DONE
+                return
+            self.server_hs = bytes(data[5 : 5 + _SERVER_HELLO_PREFIX])
+            self._read_server_hello()
+            return
+        view = memoryview(data)
+        while view and self.server == READING:
+            if self.server_left == 0:
+                need = 5 - len(self.server_header)
+                self.server_header += bytes(view[:need])
+                view = view[need:]
+                if len(self.server_header) < 5:
+                    return
+                header, self.server_header = self.server_header, b""
+                self.server_left = (header[3] << 8) | header[4]
+                if header[1] != 3 or not 0 < self.server_left <= _MAX_PAYLOAD:
+                    self._server_refused(f"a record header {header.hex()}")
+                    return
+                if header[0] == _ALERT:
+                    # The server refuses the hello: it ends; what the client holds stays.
+                    self.server = SEEN
+                    return
+                if header[0] != _HANDSHAKE:
+                    self._server_refused(f"a record of type {header[0]}")
+                    return
+            take = view[: self.server_left]
+            view = view[len(take) :]
+            self.server_left -= len(take)
+            self.server_hs += bytes(take[: _SERVER_HELLO_PREFIX - len(self.server_hs)])
+            self._read_server_hello()
+
+    def _read_server_hello(self) -> None:
+        hs = self.server_hs
+        if hs[0] != _SERVER_HELLO:
+            self._server_refused(f"a handshake message of type {hs[0]}")
+            return
+        if len(hs) >= 4 and int.from_bytes(hs[1:4], "big") < _SERVER_HELLO_PREFIX - 4:
+            self._server_refused("a ServerHello too short for its random")
+            return
+        if len(hs) < _SERVER_HELLO_PREFIX:
+            return
+        self.server = SEEN
+        if self.client != HOLD:
+            self._server_refused("a ServerHello before the ClientHello had gone")
+        elif is_hello_retry_request(hs):
+            self.client, self.hello_at = SECOND, self.at
+            self.hs.clear()
+        else:
+            self.client = DONE
+
+    def _server_refused(self, what: str) -> None:
+        """The server's answer to the hello is not TLS (`what` it is): no retry is
+        told, so the client's bytes from here are scanned as raw TCP's are, and a
+        hello among them is decided as a second one."""
+        self.server = SEEN
+        if self.client in (FIRST, HOLD):
+            self.client, self.at = SCAN, 0
+
+    def allowed(self) -> None:
+        """The gate allowed the hello `step()` returned: it goes on."""
+        if self.client != DECIDING:
+            raise RuntimeError(f"allowed() in state {self.client}, not after a Decide")
+        if self.decided_first:  # a second ClientHello: the plaintext phase is over
+            self.go = self.at
+            self.client = DONE
+        else:
+            self.client, self.decided_first, self.server = HOLD, True, READING
+            self.go = self.at
+            self.hs.clear()
+
+    def abandon(self) -> None:
+        """The client's stream ended: what is held and undecided never goes upstream."""
+        self.held.clear()
+        self.ready, self.sent, self.at, self.hello_at = None, 0, 0, 0
+        self.client = DONE
+
+    def step(self) -> bytes | Decide | Refuse | None:
+        """What to do next; see the module docstring."""
+        if self.ready is not None:
+            data, self.ready = self.ready, None
+            return data
+        if self.go:
+            end, self.go = self.go, 0
+            if data := self._release(end):
+                return data
+        client = self.client
+        if client in (FIRST, SECOND):
+            return self._assemble()
+        if client == SCAN:
+            return self._scan()
+        if client == DONE:
+            return self._release(len(self.held)) if self.held else None
+        if client == REFUSED:
+            return Refuse(self.refusal)
+        return None  # HOLD, DECIDING: the server, or the gate, is to answer
+
+    # --- the client's bytes ---------------------------------------------------------------
+
+    def _release(self, end: int) -> bytes | None:
+        """The bytes of `held` before `end` not sent yet, taken out of `held`."""
+        held = self.held
+        data = bytes(held[self.sent : end]) if end > self.sent else b""
+        del held[:end]
+        self.offset += end
+        self.sent = max(0, self.sent - end)
+        self.at = max(0, self.at - end)
+        self.hello_at = max(0, self.hello_at - end)
+        return data or None
+
+    def _scan(self) -> bytes | None:
+        held = self.held
+        limit = MAX_FIRST_BYTES - self.offset  # a hello must start within the window
+        start = 0
+        while True:
+            i = held.find(b"\x16\x03", start, limit + 1)
+            if i < 0 or len(held) < i + _CANDIDATE:
+                break
+            size = (held[i + 3] << 8) | held[i + 4]
+            if (
+                0 < size <= MAX_RECORD
+                and held[i + 5] == _CLIENT_HELLO
+                and (size < 2 or held[i + 6] <= _MAX_HELLO_TOP)
+            ):
+                data = self._release(i)
+                self.client, self.at, self.hello_at = FIRST, 0, 0
+                return data or self._assemble()
+            start = i + 1
+        if len(held) >= limit + _CANDIDATE - 1:
+            self.client = DONE  # no hello starts within the window
+            return self._release(len(held))
+        # Nothing yet. All goes on, so that no protocol stalls on a held byte; the last
+        # bytes are kept (as sent) to be looked at again with what comes next.
+        keep = max(0, len(held) - (_CANDIDATE - 1))
+        data = bytes(held[self.sent :])
+        del held[:keep]
+        self.offset += keep
+        self.sent = len(held)
+        return data or None
+
+    def _assemble(self) -> bytes | Decide | Refuse | None:
+        """Records from `at`: a ClientHello's, until it is whole; in SECOND, the
+        ChangeCipherSpec, alert and early-data records before it go on."""
+        held = self.held
+        while True:
+            at = self.at
+            if len(held) < at + 5:
+                return self._too_long()
+            kind, size = held[at], (held[at + 3] << 8) | held[at + 4]
+            if held[at + 1] != 3 or not 0 < size <= _MAX_PAYLOAD:
+                return self._refuse(
+                    f"a record header {bytes(held[at : at + 5]).hex()} where the server reads "
+                    "a ClientHello"
+                )
+            if kind != _HANDSHAKE:
+                if self.client == FIRST or self.hs or kind not in (_CCS, _ALERT, _APPLICATION_DATA):
+                    return self._refuse(
+                        f"a record of type {kind} where the server reads a ClientHello"
+                    )
+                if len(held) < at + 5 + size:
+                    return None
+                self.at = self.hello_at = at + 5 + size
+                return self._release(self.at)  # before the second hello: it goes on
+            if size > MAX_RECORD:
+                return self._refuse(f"a handshake record of {size} bytes")
+            if len(held) < at + 5 + size:
+                return self._too_long()
+            self.hs += held[at + 5 : at + 5 + size]
+            self.at = at + 5 + size
+            hs = self.hs
+            if hs[0] != _CLIENT_HELLO:
+                return self._refuse(
+                    f"a handshake message of type {hs[0]} where the server reads a ClientHello"
+                )
+            if len(hs) < 4:
+                continue
+            end = 4 + int.from_bytes(hs[1:4], "big")
+            if end > MAX_FIRST_BYTES:
+                return self._refuse(f"a ClientHello of {end} bytes, over {MAX_FIRST_BYTES}")
+            if len(hs) < end:
+                continue
+            if len(hs) > end:
+                return self._refuse("handshake bytes after the ClientHello in its record")
+            return self._whole(bytes(hs[4:end]))
+
+    def _whole(self, body: bytes) -> bytes | Decide | Refuse | None:
+        if self.client == FIRST and self.decided_first and self.server == READING:
+            self.client = HOLD  # tls: the first hello, which the gate decided: it goes on
+            self.hs.clear()
+            return self._release(self.at)
+        try:
+            hello = client_hello_of(body)
+        except ValueError as e:
+            return self._refuse(f"an unparseable ClientHello: {e}")
+        self.client = DECIDING
+        return Decide(hello, second=self.decided_first)
+
+    def _too_long(self) -> Refuse | None:
+        if len(self.held) - self.hello_at > MAX_FIRST_BYTES + 64:
+            return self._refuse(f"no whole ClientHello within {MAX_FIRST_BYTES} bytes")
+        return None
+
+    def _refuse(self, detail: str) -> Refuse:
+        self.client, self.refusal = REFUSED, detail
+        return Refuse(detail)
