@@ -19,12 +19,14 @@ import asyncio
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import pwd
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -157,16 +159,26 @@ async def watch(
 
 
 def always_writer(
-    overlay: Path | None, reload: Callable[[str], Awaitable[list[str]]]
+    overlay: Path | None,
+    reload: Callable[[str], Awaitable[list[str]]],
+    intents: Path | None = None,
 ) -> Callable[[Pending, str, str | None], Awaitable[None]]:
     """`Approvals.on_always` for a gateway whose rules are at `overlay`'s side:
     append the rule, reload (`reload(actor)` returns the errors), and put the file
-    back if the reload fails, so that an `always` is either in force or not at all.
-    One at a time: a second approver's rule appended while the first one's reload runs
-    would be taken out again when that reload fails and the file is put back; and
-    so across processes (two embedded runs, or a run and the service, on one rule
-    file), whose read-modify-writes lost each other's rules: `overlay_lock`."""
+    back (and reload again) if the reload fails, so that an `always` is either in force
+    or not at all. One at a time: a second approver's rule appended while the first
+    one's reload runs would be taken out again when that reload fails and the file is
+    put back; and so across processes (two embedded runs, or a run and the service, on
+    one rule file), whose read-modify-writes lost each other's rules: `overlay_lock`.
+
+    While a rule is written and loaded a record of it (`intents`, default
+    STATE_DIR/approvals: root's, out of the rules' git checkout) says which; a gateway
+    killed meanwhile leaves it, and the next start (this call) reports what came of it
+    (`report_interrupted`): the rule in force, or not. The approval's grant is in the
+    audit either way (holder.py records it before the rule is written)."""
     one_at_a_time = asyncio.Lock()
+    if overlay is not None:
+        report_interrupted(overlay, intents)
 
     async def persist(found: Pending, approver: str, expires: str | None = None) -> None:
         if overlay is None:
@@ -174,25 +186,138 @@ def always_writer(
                 "--always needs a rule file of your own (--rules FILE): approved.yaml goes next to it"
             )
         async with one_at_a_time, overlay_lock(overlay):
+            intent = _write_intent(overlay, intents, found, approver)
             try:
                 previous = append_approved(overlay, found, approver, expires=expires)
             except (OSError, yaml.YAMLError) as e:  # disk full, I/O error; edited by hand
+                _drop(intent)
                 why = (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[0]
                 raise ApprovalError(
                     f"{overlay} cannot be updated ({why}): fix or remove it; nothing was approved"
                 ) from None
-            errors = await reload(f"approval {found.id} (always)")
-            if errors:
-                try:
-                    restore(overlay, previous)
-                except OSError as e:
-                    raise ApprovalError(
-                        f"the approved rule did not load ({'; '.join(errors)[:300]}) and "
-                        f"{overlay} could not be put back ({e.strerror or e}): fix it by hand"
-                    ) from None
-                raise ApprovalError(f"the approved rule did not load: {'; '.join(errors)[:300]}")
+            try:
+                errors = await reload(f"approval {found.id} (always)")
+            except Exception as e:  # noqa: BLE001 - whatever it was, the rule must not stay
+                errors = [f"{type(e).__name__}: {e}"]
+            if not errors:
+                _drop(intent)
+                return
+            try:
+                restore(overlay, previous)
+            except OSError as e:
+                raise ApprovalError(
+                    f"the approved rule did not load ({'; '.join(errors)[:300]}) and "
+                    f"{overlay} could not be put back ({e.strerror or e}): fix it by hand"
+                ) from None
+            # Loaded in part (a worker that did not take it): out of every part again.
+            try:
+                again = await reload(f"approval {found.id} (always) taken back")
+            except Exception as e:  # noqa: BLE001
+                again = [f"{type(e).__name__}: {e}"]
+            if again:
+                log.error("approval %s: reload after taking its rule out: %s", found.id, again)
+            _drop(intent)
+            raise ApprovalError(f"the approved rule did not load: {'; '.join(errors)[:300]}")
 
     return persist
+
+
+def _intent_path(overlay: Path, intents: Path | None) -> Path:
+    if intents is None:
+        from sandgate.enforcer.run import STATE_DIR
+
+        intents = STATE_DIR / "approvals"
+    digest = hashlib.sha256(str(overlay.absolute()).encode()).hexdigest()[:16]
+    return intents / f"always-{digest}.json"
+
+
+def _write_intent(
+    overlay: Path, intents: Path | None, found: Pending, approver: str
+) -> Path | None:
+    """The record of an `always` being written (under the overlay's lock); None if it
+    cannot be written (said: the grant is in the audit anyway)."""
+    path = _intent_path(overlay, intents)
+    record = {
+        "overlay": str(overlay.absolute()),
+        "approval": found.id,
+        "rule": f"approved:{found.id}",
+        "approver": approver,
+        "destination": found.key.describe(),
+        "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        log.warning(
+            "approval %s: cannot record the always being written in %s: %s", found.id, path, e
+        )
+        return None
+    return path
+
+
+def _drop(intent: Path | None) -> None:
+    if intent is not None:
+        with contextlib.suppress(OSError):
+            intent.unlink()
+
+
+def report_interrupted(overlay: Path, intents: Path | None = None) -> str | None:
+    """A gateway stopped (killed) while an `always` rule was written to `overlay` and
+    loaded: say on stderr what came of it, remove the record, and return the line
+    (None: nothing to report, or another process is writing `overlay` right now)."""
+    path = _intent_path(overlay, intents)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = {}
+    try:  # one being written now is a live process's, not a leftover
+        lock = os.open(overlay.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return None
+    try:
+        rule = str(record.get("rule", "approved:?"))
+        try:
+            text = overlay.read_text(encoding="utf-8") if not overlay.is_symlink() else ""
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        in_force = rule in text
+        what = (
+            f"its rule {rule} is in {overlay} and in force; the audit holds its approval_granted"
+            if in_force
+            else f"its rule {rule} is not in {overlay}: nothing of it is in force (the "
+            "approval_granted the audit holds for it did not take effect; the task may ask again)"
+        )
+        line = (
+            f"sandgate: approval {record.get('approval', '?')} ({record.get('destination', '?')}, "
+            f"always, by {record.get('approver', '?')} at {record.get('at', '?')}) was being "
+            f"written when the gateway stopped: {what}"
+        )
+        print(line, file=sys.stderr, flush=True)
+        log.warning("%s", line)
+        _drop(path)
+        return line
+    finally:
+        os.close(lock)
 
 
 OVERLAY_LOCK_WAIT_S = 30.0  # a reload takes well under a second; a holder stuck longer is a fault

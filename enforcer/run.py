@@ -422,6 +422,10 @@ class TaskRun:
                     self.metrics.admin_auth_failures.inc,
                 )
                 await self.admin.start(self.dir / "admin-token", "sandgate", opts.quiet)
+        if opts.metrics_listen not in (None, RunOptions.metrics_listen):
+            # Given explicitly: listened on before the task starts, or the run stops here
+            # (docs/operations.md); the default address may be another run's (a warning).
+            self._start_metrics()
         self.gateway.emit(
             Event(
                 kind=EventKind.POLICY,
@@ -488,7 +492,12 @@ class TaskRun:
             )
 
     def _start_metrics(self) -> None:
-        """Serve /metrics; a port in use (another run, say) costs the metrics, never the task."""
+        """Serve /metrics (once). On the default address a port in use (another run, say)
+        costs the metrics, never the task; an address given with --metrics-listen that
+        cannot be listened on stops the run (RunError) before its task starts."""
+        if self._metrics_started:
+            return
+        self._metrics_started = True
         self.metrics.watch_gateway(self.gateway)
         self.metrics.watch_audit(self.audit)
         self.metrics.watch_firewall(lambda: nft.read_counters(self.table))
@@ -498,6 +507,10 @@ class TaskRun:
         try:
             host, port = self.metrics.serve(host, port)
         except OSError as e:
+            if self.opts.metrics_listen != RunOptions.metrics_listen:
+                from sandgate.enforcer.admin import listen_refusal
+
+                raise RunError(listen_refusal("--metrics-listen", host, port, e)) from None
             print(
                 f"sandgate: warning: no metrics for this run: cannot listen on {host}:{port}: "
                 f"{e.strerror or e} (--metrics-listen HOST:PORT picks another)",

@@ -47,7 +47,7 @@ from sandgate.enforcer import (
     priority,
     process_stamp,
 )
-from sandgate.enforcer.admin import Admin, AdminOptions
+from sandgate.enforcer.admin import Admin, AdminOptions, listen_refusal
 from sandgate.enforcer.dataplane import DataPlane, open_data_plane
 from sandgate.enforcer.run import (
     AUDIT_DIR,
@@ -277,11 +277,10 @@ class GatewayService:
             try:
                 self.metrics.serve(host, port)
             except OSError as e:
-                print(
-                    f"sandgate gateway: warning: no metrics: cannot listen on {host}:{port}: "
-                    f"{e.strerror or e}",
-                    file=sys.stderr,
-                )
+                # The address given, or the default: not served, the service does not
+                # start (docs/operations.md): whoever has the port would answer the
+                # scrapes, and its `sandgate_audit_writable 1` silence the alerts.
+                raise RunError(listen_refusal("--metrics-listen", host, port, e)) from None
 
     async def _listen_control(self) -> None:
         path = self.opts.control

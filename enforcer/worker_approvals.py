@@ -101,6 +101,9 @@ class WorkerApprovals:
         self.recent_records: deque[dict] = deque(maxlen=RECENT)
         self.gone: OrderedDict[str, str] = OrderedDict()  # id -> why it went (bounded)
         self.grants: dict[str, dict] = {}  # live duration approvals, by id
+        # `always` approvals whose rule the service put in force (by id, bounded): a
+        # worker that dies before it answers leaves an approval that is in force.
+        self.persisted: OrderedDict[str, dict] = OrderedDict()
         self.store = _PendingView(self)
         # The service's: append an `always` rule and reload (approvals_control.always_writer).
         self.on_always: Callable[[Pending, str, str | None], Awaitable[None]] | None = None
@@ -122,7 +125,7 @@ class WorkerApprovals:
         pending_id = str(record["id"])
         now = self.clock()
         if what == "held":  # a count, told nobody; a late one of a decided approval is stale
-            if pending_id in self.pending and record.get("state") == "pending":
+            if pending_id in self.pending and record.get("state") in ("pending", "deciding"):
                 self.pending[pending_id] = Mirrored(worker, record, now)
             return
         if what in DECIDED:
@@ -167,6 +170,16 @@ class WorkerApprovals:
             await self.on_always(found, str(message["approver"]), message.get("expires"))
         except ApprovalError as e:
             return {"refused": str(e)}
+        self.persisted[found.id] = {
+            **message["approval"],
+            "state": "approved",
+            "approver": str(message["approver"]),
+            "scope": str(Scope.ALWAYS),
+            "waiting_s": round(self.clock() - found.created, 1),
+            "expires_in_s": None,
+        }
+        while len(self.persisted) > 4 * RECENT:
+            self.persisted.popitem(last=False)
         return {}
 
     # --- what humans ask (as of proxy/approvals/holder.Approvals) -------------------------------
@@ -211,17 +224,43 @@ class WorkerApprovals:
                 DECIDE_TIMEOUT,
             )
         except LinkClosed:
+            if op == "approve" and pending_id in self.persisted:
+                return self._in_force(pending_id, worker)
             raise ApprovalError(
                 f"approval {pending_id}: gateway worker {worker}, which held it, stopped before "
                 "it answered; its held connections are gone (the task asks again if it retries)"
             ) from None
-        except (RuntimeError, TimeoutError) as e:
+        except RuntimeError as e:
             raise ApprovalError(
-                f"approval {pending_id}: gateway worker {worker} did not decide: {e or 'timed out'}"
+                f"approval {pending_id}: gateway worker {worker} did not decide: {e}"
             ) from None
+        except TimeoutError:
+            raise ApprovalError(
+                f"approval {pending_id}: gateway worker {worker} did not answer within "
+                f"{DECIDE_TIMEOUT:g} s; the decision may still be taken: see sandgate "
+                f"approvals show {pending_id}"
+            ) from None
+        self.persisted.pop(pending_id, None)
         if reply.get("refused"):
             raise ApprovalError(str(reply["refused"]))
         return reply["approval"]
+
+    def _in_force(self, pending_id: str, worker: int) -> dict:
+        """An `always` whose rule the service wrote and loaded, decided in worker `worker`,
+        which died before it answered: approved (the rule is in force, its event was in
+        the worker's black box), not refused; what it held went with the worker."""
+        record = self.persisted.pop(pending_id)
+        log.warning(
+            "approval %s: gateway worker %d stopped after its always rule was put in force",
+            pending_id,
+            worker,
+        )
+        self.pending.pop(pending_id, None)
+        self.gone.pop(pending_id, None)
+        self._remember(pending_id, record)
+        self.recent_records.append(record)
+        self._notify("approved", record)
+        return record
 
     def _not_pending(self, pending_id: str) -> ApprovalError:
         if pending_id in self.decided:

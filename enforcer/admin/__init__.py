@@ -31,10 +31,24 @@ class AdminOptions:
     webhook_secret: bytes = b""
     # `listen`'s port in use: take any free port on its address instead (and print it).
     # Embedded runs without --admin-listen: a developer's second concurrent run gets
-    # its page too. A service, or an address given explicitly, warns instead.
+    # its page too. A service, or an address given explicitly, does not start instead
+    # (`Admin.start`): whoever has the port would get the approvers' tokens.
     any_port_if_taken: bool = False
     # The named keys (keys.py), besides the generated admin token; re-read on change.
     keys_file: Path = DEFAULT_KEYS
+
+
+def listen_refusal(option: str, host: str, port: int, e: OSError) -> str:
+    """Why a listener could not be had, and what to do: one line for a RunError."""
+    where = format_host_port(host, port)
+    taken = e.errno == errno.EADDRINUSE
+    why = os.strerror(e.errno) if e.errno else str(e)  # asyncio's text names no errno
+    return (
+        f"{option} {where}: cannot listen: {why}"
+        + (f" (who has it: ss -ltnp 'sport = :{port}')" if taken else "")
+        + f"; nothing was started: free it, or pass {option} HOST:PORT for another "
+        f"address, or {option} off"
+    )
 
 
 def write_token(path: Path, token: str) -> None:
@@ -67,8 +81,12 @@ class Admin:
         self.on_webhook_failure = on_webhook_failure
 
     async def start(self, token_path: Path, who: str, quiet: bool = False) -> None:
-        """The page (a port in use is a warning: it costs the page, never the gateway),
-        then the webhooks. `who`: the stderr prefix (`sandgate`, `sandgate gateway`)."""
+        """The page, then the webhooks. `who`: the stderr prefix (`sandgate`, `sandgate
+        gateway`). An address that cannot be listened on stops the start (RunError:
+        the service, or a run given --admin-listen): another local user may hold the
+        port, and approvers would log in to their page, token and all. Only an embedded
+        run on the default address moves to a free port (`any_port_if_taken`), printed;
+        if even that fails, it runs without a page (a warning)."""
         from sandgate.enforcer.admin.server import AdminServer, with_wall_time
 
         if self.opts.listen is not None:
@@ -83,6 +101,10 @@ class Admin:
                     host, port = await self.server.start(host, 0)
             except OSError as e:
                 self.server = None
+                if not self.opts.any_port_if_taken:
+                    from sandgate.enforcer.run import RunError
+
+                    raise RunError(listen_refusal("--admin-listen", host, port, e)) from None
                 print(
                     f"{who}: warning: no approvals page: cannot listen on "
                     f"{format_host_port(host, port)}: {e.strerror or e} (--admin-listen)",

@@ -50,6 +50,18 @@ log = logging.getLogger("sandgate.admin")
 MAX_BODY = 64 * 1024
 MAX_HEAD = 16 * 1024
 IDLE_S = 60.0
+# A request's head must arrive within HEAD_S of the wait for it (the connection's start,
+# or the end of the previous response), and the whole request within REQUEST_S:
+# otherwise a client sending a byte a minute (slowloris) keeps a connection for ever.
+HEAD_S = 10.0
+REQUEST_S = 30.0
+# Connections open at once (the page's live updates hold one per tab), in all and per
+# address: past them a new connection takes the place of the one that has waited longest
+# for a request's head, or, none waiting, is closed at once (and logged): idle
+# connections from a local user can neither take the gateway's descriptors nor keep
+# the approvers out.
+MAX_CLIENTS = 64
+MAX_CLIENTS_PER_ADDRESS = 32
 SSE_PING_S = 15.0
 SCOPES = {
     "once": "once",
@@ -115,6 +127,11 @@ class AdminServer:
         self.allowed_origins: set[str] = set()
         self._any_host = False  # listening on every address: the Host the client used
         self._clients: set[asyncio.Task] = set()
+        self._per_address: dict[str, int] = {}
+        # Connections waiting for a request's head (none under way, no live updates):
+        # task -> (since when, its address). The oldest goes for a new one past the caps.
+        self._waiting: dict[asyncio.Task, tuple[float, str]] = {}
+        self.refused = 0  # connections closed at once: past MAX_CLIENTS (per address)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         self.server = await asyncio.start_server(self._client, host, port)
@@ -134,19 +151,55 @@ class AdminServer:
         if self._clients:
             await asyncio.wait(self._clients, timeout=2)
 
+    def _evict(self, peer: str | None) -> bool:
+        """Make room: cancel the connection (of `peer`; None: of anyone) that has waited
+        longest for a request's head. False if none waits: every one is busy (a request,
+        live updates), which only a logged-in approver can keep open."""
+        waiting = [
+            (since, task) for task, (since, at) in self._waiting.items() if peer in (None, at)
+        ]
+        if not waiting:
+            return False
+        _, task = min(waiting, key=lambda item: item[0])
+        del self._waiting[task]
+        task.cancel()
+        return True
+
     # --- HTTP/1.1 with h11 -------------------------------------------------------------------
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._clients.add(task)
         peername = writer.get_extra_info("peername")
-        log.info("admin connection from %s", peername)
         peer = str(peername[0]) if peername else "an unknown address"  # tallied by address
+        if (
+            len(self._clients) >= MAX_CLIENTS
+            or self._per_address.get(peer, 0) >= MAX_CLIENTS_PER_ADDRESS
+        ) and not self._evict(peer if len(self._clients) < MAX_CLIENTS else None):
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning(
+                    "admin: connection from %s closed at once: %d open (at most %d, %d per "
+                    "address); %d refused so far",
+                    peer,
+                    len(self._clients),
+                    MAX_CLIENTS,
+                    MAX_CLIENTS_PER_ADDRESS,
+                    self.refused,
+                )
+            writer.close()
+            return
+        self._clients.add(task)
+        self._per_address[peer] = self._per_address.get(peer, 0) + 1
+        log.info("admin connection from %s", peername)
         _load_h11()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             while True:
-                got = await self._read_request(conn, reader)
+                self._waiting[task] = (asyncio.get_running_loop().time(), peer)
+                try:
+                    got = await self._read_request(conn, reader)
+                finally:
+                    self._waiting.pop(task, None)
                 if got is None:
                     return
                 request, body = got
@@ -174,14 +227,25 @@ class AdminServer:
             pass
         finally:
             self._clients.discard(task)
+            self._waiting.pop(task, None)
+            left = self._per_address.pop(peer, 1) - 1
+            if left > 0:
+                self._per_address[peer] = left
             writer.close()
 
     async def _read_request(self, conn: h11.Connection, reader) -> tuple[h11.Request, bytes] | None:
+        """The next request and its body, or None (the client closed). TimeoutError past
+        a read idle IDLE_S, a head not complete HEAD_S or a request REQUEST_S after the
+        wait for it began."""
         request, body = None, bytearray()
+        now = asyncio.get_running_loop().time()
+        head_by, request_by = now + HEAD_S, now + REQUEST_S
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                async with asyncio.timeout(IDLE_S):
+                now = asyncio.get_running_loop().time()
+                by = min(head_by if request is None else request_by, now + IDLE_S)
+                async with asyncio.timeout_at(by):
                     data = await reader.read(65536)
                 conn.receive_data(data)
                 if not data and conn.their_state is h11.IDLE:
@@ -273,7 +337,7 @@ class AdminServer:
 
     async def decide(self, pending_id: str, request: dict, caller: Caller) -> Response:
         """A decision, through the control socket's code path: 404 for an unknown id,
-        409 for one decided before, 400 for a bad request."""
+        409 for one decided before (or being decided), 400 for a bad request."""
         decision = request.get("decision")
         if decision not in ("approve", "deny"):
             return error(400, 'decision must be "approve" or "deny"')
@@ -300,7 +364,8 @@ class AdminServer:
         reply = await approvals_control.handle(self.approvals, command, caller.approver)
         if reply.get("ok"):
             return json_response(200, {"approval": reply["approval"]})
-        status = 409 if "already" in reply["error"] or "changed since" in reply["error"] else 400
+        conflict = ("already", "changed since", "is being approved")  # decided, moved on, deciding
+        status = 409 if any(word in reply["error"] for word in conflict) else 400
         return error(status, reply["error"])
 
     def _refused(self, headers: dict[str, str], peer: str, what: str) -> None:

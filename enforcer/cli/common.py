@@ -107,7 +107,8 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         default=METRICS_DEFAULT,
         metavar="HOST:PORT",
         help=f"serve Prometheus /metrics here (default {METRICS_DEFAULT}; 'off' for none). "
-        "A port in use is a warning, not an error",
+        "A port in use stops the start, but for `sandgate run` on the default address "
+        "(a warning there)",
     )
     parser.add_argument("--audit-log", type=path_option, metavar="FILE", help=audit_help)
     parser.add_argument(

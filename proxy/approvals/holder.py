@@ -219,41 +219,88 @@ class Approvals:
         widen: str | None = None,
         seen: int | None = None,
     ) -> dict:
-        """Approve; ApprovalError (one line) if unknown or decided already, or if the
-        scope or `widen` (a wildcard, with duration or always) cannot apply. An `always`
-        approval is persisted (on_always, with the rule's `expires` if given, for the
-        wildcard if widened) before anything is released: if that fails, nothing is
-        approved. `seen`: the revision the approver was shown; refused if more joined
-        since (pending.check_seen)."""
+        """Approve; ApprovalError (one line) if unknown, decided already or being decided,
+        or if the scope or `widen` (a wildcard, with duration or always) cannot apply.
+        `seen`: the revision the approver was shown; refused if more joined since
+        (pending.check_seen). An `always` approval is persisted (on_always, with the
+        rule's `expires` if given, for the wildcard if widened) before anything is
+        released, as one decision (`_approve_always`)."""
         found = self.store.get(pending_id)
-        widened = self.store.check_scope(pending_id, scope, widen)
-        self.store.check_seen(pending_id, seen)
         if expires is not None and scope is not Scope.ALWAYS:
             raise ApprovalError("expires goes with always (it is written into the rule)")
-        if scope is Scope.ALWAYS:
-            if found.state is State.PENDING and self.on_always is None:
+        if scope is Scope.ALWAYS and found.state is State.PENDING:
+            self.store.check_scope(pending_id, scope, widen)
+            self.store.check_seen(pending_id, seen)
+            if self.on_always is None:
                 raise ApprovalError(
                     "this gateway has no rule file to add to (--always needs --rules)"
                 )
-            if found.state is State.PENDING:
-                found.ticket, found.widened = ticket, widened
-                await self.on_always(found, approver, expires)
+            return await self._approve_always(found, approver, ticket, expires, widen, seen)
+        widened = self.store.check_scope(pending_id, scope, widen)
+        self.store.check_seen(pending_id, seen)
         held = found.to_dict(self.clock())["shown"]  # what this decision let through
         found = self.store.approve(
             pending_id, approver, scope, duration=duration, ticket=ticket, widen=widened, seen=seen
         )
-        what = f"for {duration:g} s" if scope is Scope.DURATION else str(scope)
-        if widened:
-            what += f", widened to {widened}"
-        if scope is Scope.ONCE:
-            what += (
-                f" ({held['held']}"
-                + (f"; bodies: {held['bodies']}" if held["bodies"] else "")
-                + ")"
+        self._decided(found, "approved", Reason.APPROVAL_GRANTED, _approved(found, held, duration))
+        return found.to_dict(self.clock())
+
+    async def _approve_always(
+        self,
+        found: Pending,
+        approver: str,
+        ticket: str | None,
+        expires: str | None,
+        widen: str | None,
+        seen: int | None,
+    ) -> dict:
+        """`always` as one decision (docs/approvals.md, "always"):
+        1. taken (`store.begin`: DECIDING) before anything is written, so a denial, a
+           second approval or the expiry is refused meanwhile ("being approved"), and
+           requests that join are covered by the rule (`seen` was checked here);
+        2. recorded: its `approval_granted` event is emitted (journaled) before the rule
+           is written, so the audit never lacks the grant of a rule in force, even if
+           the gateway is killed while the file is written and loaded;
+        3. persisted (`on_always`: append, reload; the file put back if the reload fails);
+        4. committed (APPROVED: what it holds is released, the approver told) or, if it
+           could not be persisted, aborted (PENDING again, an `approval_pending` event
+           saying the grant was withdrawn and why, the approver told it was refused)."""
+        pending_id = found.id
+        held = found.to_dict(self.clock())["shown"]
+        found = self.store.begin(pending_id, approver, ticket=ticket, widen=widen, seen=seen)
+        what = _approved(found, held, None)
+        self._event(
+            found,
+            Verdict.ALLOW,
+            Reason.APPROVAL_GRANTED,
+            self._detail(found, f"approved {what}")
+            + f"; its rule approved:{found.id} goes into approved.yaml before anything is released",
+            {},
+            wait=self.clock() - found.created,
+        )
+        try:
+            await self.on_always(found, approver, expires)
+        except asyncio.CancelledError:
+            # The gateway stops: whether the rule was written is not known here; the
+            # event above records the grant, the approval stays being decided.
+            raise
+        except Exception as e:
+            why = str(e) if isinstance(e, ApprovalError) else f"{type(e).__name__}: {e}"
+            found = self.store.abort(pending_id)
+            self._event(
+                found,
+                Verdict.ASK,
+                Reason.APPROVAL_PENDING,
+                f"approval {found.id} for {found.key.describe()}: the always approval by "
+                f"{approver} is withdrawn, its rule not in force ({why[:400]}); nothing was "
+                "approved, it stays pending",
+                {},
             )
-        else:
-            what += f" ({held['wider']})"
-        self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}")
+            if isinstance(e, ApprovalError):
+                raise
+            raise ApprovalError(f"the approved rule could not be put in force ({why[:300]})") from e
+        found = self.store.commit(pending_id)
+        self._decided(found, "approved", Reason.APPROVAL_GRANTED, f"approved {what}", emit=False)
         return found.to_dict(self.clock())
 
     async def deny(self, pending_id: str, approver: str) -> dict:
@@ -277,23 +324,34 @@ class Approvals:
             except Exception:  # noqa: BLE001 - a count that cannot be passed on never fails a hold
                 log.exception("approval held-count hook failed")
 
-    def _decided(self, found: Pending, what: str, reason: Reason, detail: str) -> None:
+    def _decided(
+        self, found: Pending, what: str, reason: Reason, detail: str, *, emit: bool = True
+    ) -> None:
+        """Wake what `found` holds, emit its event (`emit`: not already) and tell the
+        subscribers."""
         for future in self._waiters.get(found.id, []):
             if not future.done():
                 future.set_result(found.state)
-        verdict = Verdict.ALLOW if found.state is State.APPROVED else Verdict.DENY
-        self._event(
-            found,
-            verdict,
-            reason,
+        if emit:
+            verdict = Verdict.ALLOW if found.state is State.APPROVED else Verdict.DENY
+            self._event(
+                found,
+                verdict,
+                reason,
+                self._detail(found, detail),
+                {},
+                wait=(found.decided_at or self.clock()) - found.created,
+            )
+        self._notify(what, found)
+
+    @staticmethod
+    def _detail(found: Pending, detail: str) -> str:
+        return (
             f"approval {found.id} for {found.key.describe()} {detail}"
             + (f" by {found.approver}" if found.approver else "")
             + (f", ticket {found.ticket}" if found.ticket else "")
-            + (" (its task had ended)" if found.task_ended else ""),
-            {},
-            wait=(found.decided_at or self.clock()) - found.created,
+            + (" (its task had ended)" if found.task_ended else "")
         )
-        self._notify(what, found)
 
     def _notify(self, what: str, found: Pending) -> None:
         record = found.to_dict(self.clock())
@@ -342,3 +400,19 @@ class Approvals:
                 wait=wait,
             )
         )
+
+
+def _approved(found: Pending, held: dict, duration: float | None) -> str:
+    """What a decision let through, in words (`held`: the record's `shown` before it)."""
+    scope = found.scope
+    what = f"for {duration:g} s" if scope is Scope.DURATION else str(scope)
+    if found.widened:
+        what += f", widened to {found.widened}"
+    if scope is Scope.ONCE:
+        return (
+            what
+            + f" ({held['held']}"
+            + (f"; bodies: {held['bodies']}" if held["bodies"] else "")
+            + ")"
+        )
+    return what + f" ({held['wider']})"

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import os
 import re
+import stat
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -79,7 +82,7 @@ def append_approved(
     """Append the rule for `found` to the overlay file `path` (created if missing),
     atomically; returns the file's previous text (None: it did not exist), so that a
     caller whose reload then fails can put it back with `restore`."""
-    previous = path.read_text(encoding="utf-8") if path.exists() else None
+    previous = _read(path)
     data = yaml.safe_load(previous) if previous else None
     if not isinstance(data, dict):
         data = {"version": 1}
@@ -90,6 +93,20 @@ def append_approved(
     rules.append(approved_rule(found, approver, datetime.date.today(), expires))
     _write(path, HEADER + yaml.safe_dump(data, sort_keys=False, allow_unicode=False))
     return previous
+
+
+def _read(path: Path) -> str | None:
+    """`path`'s text, None if there is none. Never through a link (ELOOP: an OSError
+    the caller reports): a link planted as approved.yaml would have root copy the
+    file it points to into the rules' directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read().decode("utf-8")
 
 
 def restore(path: Path, previous: str | None) -> None:
@@ -103,15 +120,28 @@ def _write(path: Path, text: str) -> None:
     """Replace `path` by `text`, durably: flushed to disk (fsync) before the rename, so
     a crash leaves the old file or the new one, never an empty one. An OSError (disk
     full, read-only, I/O error; also at fsync) leaves `path` as it was and no
-    temporary file behind."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary file behind.
+
+    The temporary file has a random name, created new (O_CREAT|O_EXCL|O_NOFOLLOW,
+    `tempfile.mkstemp`) in `path`'s directory: whoever may write the rules' directory
+    (a deploy user's checkout) cannot plant a link under a name we are about to open,
+    which would have root write (or truncate) the file it points to."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = Path(name)
     try:
-        with temporary.open("w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)  # a rule file, readable as the rules are
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except OSError:
+        with contextlib.suppress(OSError):  # the rename itself, durably
+            directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+    except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise

@@ -16,13 +16,20 @@ that outlast the held requests (task, duration, always) and a denial are for the
 key without the request (`AskKey.any_request`): the path for any query. The states,
 one table:
 
-    PENDING --approve--> APPROVED     (scope: once, task, duration, always)
-    PENDING --deny-----> DENIED
-    PENDING --expire---> EXPIRED      (nobody decided within expire_pending)
+    PENDING  --approve--> APPROVED    (scope: once, task, duration)
+    PENDING  --deny-----> DENIED
+    PENDING  --expire---> EXPIRED     (nobody decided within expire_pending)
+    PENDING  --begin----> DECIDING    (always: its rule is being written and loaded)
+    DECIDING --commit---> APPROVED    (the rule is in force)
+    DECIDING --abort----> PENDING     (it could not be; the rule was taken out again)
 
-Any other step is refused with `ApprovalError`: an unknown id, or one decided
-before ("already approved by uid 0 (root)"), so two approvers racing learn that the
-first decision won.
+Any other step is refused with `ApprovalError`: an unknown id, one decided before
+("already approved by uid 0 (root)"), so two approvers racing learn that the first
+decision won, or one being decided ("being approved (always) by uid 0 (root)"): an
+`always` decision is taken (`begin`) before its rule is written, so nothing can deny,
+approve otherwise or expire it while approved.yaml is written and reloaded, and the
+approver is told "approved" exactly when the rule is in force. Requests that join it
+meanwhile are covered by the rule: `seen` is checked at `begin` only.
 
 What an approval grants, by scope (`grant_for` answers for a new ask):
 - once:     the connections or requests held for it at the time (for requests: all
@@ -71,6 +78,7 @@ class State(StrEnum):
     APPROVED = "approved"
     DENIED = "denied"
     EXPIRED = "expired"
+    DECIDING = "deciding"  # an `always` being written and loaded: no other step but its own
 
 
 class Scope(StrEnum):
@@ -82,7 +90,13 @@ class Scope(StrEnum):
 
 # The one table: state -> step -> the state it leads to.
 TRANSITIONS: dict[State, dict[str, State]] = {
-    State.PENDING: {"approve": State.APPROVED, "deny": State.DENIED, "expire": State.EXPIRED},
+    State.PENDING: {
+        "approve": State.APPROVED,
+        "deny": State.DENIED,
+        "expire": State.EXPIRED,
+        "begin": State.DECIDING,
+    },
+    State.DECIDING: {"commit": State.APPROVED, "abort": State.PENDING},
     State.APPROVED: {},
     State.DENIED: {},
     State.EXPIRED: {},
@@ -112,6 +126,12 @@ def unknown(pending_id: str) -> ApprovalError:
 
 def decided_before(record: dict) -> ApprovalError:
     """The refusal of a second decision (`record`: the approval's `to_dict`): the first stands."""
+    if record["state"] == "deciding":  # an `always` whose rule is being written and loaded
+        return ApprovalError(
+            f"approval {record['id']} is being approved ({record.get('scope') or 'always'}) "
+            f"by {record.get('approver') or 'another approver'}: its rule is being written "
+            f"and loaded; that decision comes first (see: sandgate approvals show {record['id']})"
+        )
     if record["state"] == "expired":  # nobody decided: the hold ran out
         return ApprovalError(
             f"approval {record['id']} expired: nobody decided it in time, and it can no "
@@ -217,10 +237,13 @@ class AskKey:
 def widen_pattern(key: AskKey, text: str) -> str:
     """The canonical wildcard (`*.example.com`) an approval of `key` may be widened to,
     parsed like a rule's: it must cover the asked name (a name strictly below its
-    domain), and `*` or a public suffix (`*.com`, `*.co.uk`) is refused.
+    domain), and `*` or a public suffix (`*.com`, `*.co.uk`, and any the Public Suffix
+    List's private section names: `*.github.io`, `*.ngrok-free.app`) is refused.
     ApprovalError, one line, for anything else."""
     try:
-        pattern = parse_domain_pattern(text.strip())
+        # Every public suffix, the private section's too: a wildcard there (`*.ngrok-free.app`)
+        # matches names anyone can register, which no approver means to approve.
+        pattern = parse_domain_pattern(text.strip(), every_public_suffix=True)
     except InvalidName as e:
         raise ApprovalError(f"--widen: {e}") from None
     if not pattern.wildcard:
@@ -285,7 +308,7 @@ class Pending:
             "with_body": len(self.bodies),
             "revision": self.revision,
             "expires_in_s": round(max(0.0, self.expires - now), 1)
-            if self.state is State.PENDING
+            if self.state in (State.PENDING, State.DECIDING)
             else None,
             "approver": self.approver,
             "scope": str(self.scope) if self.scope else None,
@@ -326,7 +349,7 @@ class Pending:
             bodies=list(record.get("bodies") or []),
             revision=int(record.get("revision", 0)),
             decided_at=created + float(record["waiting_s"])
-            if record.get("state", State.PENDING) != State.PENDING
+            if record.get("state", State.PENDING) not in (State.PENDING, State.DECIDING)
             else None,
             approver=record.get("approver"),
             scope=Scope(scope) if scope else None,
@@ -464,24 +487,62 @@ class PendingStore:
         widen: str | None = None,
         seen: int | None = None,
     ) -> Pending:
+        """Once, task or duration at one step. (`always` works too, for a caller that
+        persists nothing; the adapter uses begin, commit and abort.)"""
         if scope is Scope.DURATION and (duration is None or duration <= 0):
             raise ApprovalError("a duration approval needs a duration (--for 1h)")
         widened = self.check_scope(pending_id, scope, widen)
         self.check_seen(pending_id, seen)
         found = self._step(pending_id, "approve", approver)
         found.scope, found.ticket, found.widened = scope, ticket, widened
-        key = found.key
         if scope is Scope.DURATION:
             found.until = found.decided_at + duration
+        self._file_grant(found)
+        return found
+
+    def begin(
+        self,
+        pending_id: str,
+        approver: str,
+        *,
+        ticket: str | None = None,
+        widen: str | None = None,
+        seen: int | None = None,
+    ) -> Pending:
+        """Decide `always` (PENDING -> DECIDING) before its rule is written: every other
+        step is refused until `commit` (the rule is in force) or `abort` (it is not).
+        The checks of `approve` happen here; the revision is the one decided on."""
+        widened = self.check_scope(pending_id, Scope.ALWAYS, widen)
+        self.check_seen(pending_id, seen)
+        found = self._step(pending_id, "begin", approver)
+        found.scope, found.ticket, found.widened = Scope.ALWAYS, ticket, widened
+        return found
+
+    def commit(self, pending_id: str) -> Pending:
+        """The `always` begun is in force: DECIDING -> APPROVED, what it held released."""
+        found = self.get(pending_id)
+        approver = found.approver
+        found = self._step(pending_id, "commit", approver)
+        self._file_grant(found)
+        return found
+
+    def abort(self, pending_id: str) -> Pending:
+        """The `always` begun could not be put in force: back to PENDING, undecided."""
+        found = self._step(pending_id, "abort", None)
+        found.scope = found.ticket = found.widened = None
+        return found
+
+    def _file_grant(self, found: Pending) -> None:
+        key = found.key
+        if found.scope is Scope.DURATION:
             self.adopt_grant(found)
         elif found.task_ended:
             pass  # always, with no task left to grant: the policy's new rule covers it
-        elif scope is Scope.ONCE:
+        elif found.scope is Scope.ONCE:
             if found.held == 0:
                 self.once[key] = found  # for the next ask: the held ones gave up
         else:  # TASK, ALWAYS (the policy takes over once the rule is loaded)
             self.task[key.any_request()] = found
-        return found
 
     def adopt_grant(self, found: Pending) -> None:
         """File a duration approval (`until` set) as a grant for every task of its profile:
@@ -530,7 +591,7 @@ class PendingStore:
     def expire(self) -> list[Pending]:
         """Approvals nobody decided in time move to EXPIRED; returned for their events."""
         now = self.clock()
-        gone = [p for p in self.pending.values() if p.expires <= now]
+        gone = [p for p in self.pending.values() if p.state is State.PENDING and p.expires <= now]
         for found in gone:
             self._step(found.id, "expire", None)
         for table in (self.durations, self.widened_durations):
@@ -560,7 +621,10 @@ class PendingStore:
         target = TRANSITIONS[found.state].get(step)
         if target is None:
             raise decided_before(found.to_dict(self.clock()))
-        found.state, found.decided_at, found.approver = target, self.clock(), approver
+        found.state, found.approver = target, approver
+        if target is State.DECIDING or target is State.PENDING:
+            return found  # still open: listed, joined, not yet in `recent`
+        found.decided_at = self.clock()
         del self.pending[found.id]
         if self.by_key.get(found.key) is found:
             del self.by_key[found.key]
@@ -583,5 +647,7 @@ class PendingStore:
             for p in table.values()
         }
         self._all = {
-            i: p for i, p in self._all.items() if p.state is State.PENDING or id(p) in keep
+            i: p
+            for i, p in self._all.items()
+            if p.state in (State.PENDING, State.DECIDING) or id(p) in keep
         }

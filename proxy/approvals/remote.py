@@ -32,10 +32,6 @@ from sandgate.proxy.approvals.holder import Approvals
 from sandgate.proxy.approvals.pending import ApprovalError, Pending, Scope, spread_ids
 from sandgate.proxy.worker_link import Link, LinkClosed
 
-# An `always` reloads the service and every worker (100k rules: seconds each); a dead
-# service ends the link at once (LinkClosed), so this bounds only a stuck one.
-ALWAYS_TIMEOUT = 600.0
-
 
 class ApprovalsOverLink:
     def __init__(
@@ -63,9 +59,15 @@ class ApprovalsOverLink:
             self.link.send({"op": "approval", "what": what, "approval": record})
 
     async def _always(self, found: Pending, approver: str, expires: str | None) -> None:
+        # The approval's `approval_granted` event goes first: the service takes it into
+        # its audit journal before it writes the rule (the link is read in order).
+        self.before_send()
+        # No timeout of our own: given up here while the service goes on writing, the
+        # approval would be refused with its rule in force. The service bounds its work
+        # (the overlay lock, the reload); a dead service ends the link (LinkClosed).
         reply = await self.link.request(
             "always",
-            timeout=ALWAYS_TIMEOUT,
+            timeout=None,
             approval=found.to_dict(self.approvals.clock()),
             approver=approver,
             expires=expires,

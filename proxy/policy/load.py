@@ -105,6 +105,11 @@ _MAYBE_IPV4 = re.compile(r"[\s0-9a-fA-FxX.]+")  # every IPv4 spelling parse_ip r
 # composes by recursion in C: some 30,000 levels (`[[[[...`, `- - - ...`: a 100 kB file)
 # overflow the stack and kill the process. Deeper than this is refused before composing.
 MAX_NESTING = 100
+# YAML aliases (`*names`) repeat what their anchor (`&names`) holds wherever they stand:
+# N aliases of an anchor of N values make N*N values out of a file of N lines, each
+# read (and kept) by the loader: a 66 kB file took 3 s and 448 MB. The values aliases
+# stand for, over a whole file (nested ones counted out), are bounded by this.
+MAX_ALIAS_NODES = 100_000
 
 
 class _YamlLoader(
@@ -259,8 +264,8 @@ class _Loader:
             return None
         source = _Source(path, display, None, name=self.stable_name(path), data=data)
         try:
-            if mark := _too_deep(text):
-                message = f"nested more than {MAX_NESTING} levels deep (a rule file needs about 6)"
+            if found := _refused_yaml(text):
+                mark, message = found
                 self.problems.append(Problem(display, mark.line + 1, mark.column + 1, message))
                 return None
             source.root = yaml.compose(text, Loader=_YamlLoader)
@@ -947,23 +952,61 @@ def _unique(rules: list[Rule]) -> list[Rule]:
     return [r for r in rules if not (r.id in seen or seen.add(r.id))]
 
 
-def _too_deep(text: str) -> yaml.Mark | None:
-    """Where `text` nests deeper than MAX_NESTING, or None. Nesting needs an opening
-    bracket or an indicator per level, within a line or by indenting further, so a
-    file with few brackets and short lines is passed without parsing; otherwise the
+def _refused_yaml(text: str) -> tuple[yaml.Mark, str] | None:
+    """Where and why `text` is refused before it is composed, or None:
+    - nested deeper than MAX_NESTING (libyaml composes by recursion in C);
+    - an explicit tag (`!!binary ZXZpbC50ZXN0`, `!!str`, `!x`): the loader reads every
+      value as the text written, which other YAML tools (reviewers' editors, yq, policy
+      checkers) would read as something else (`!!binary` decodes to `evil.test`);
+    - aliases that stand for more than MAX_ALIAS_NODES values in all.
+    Nesting needs an opening bracket or an indicator per level, within a line or by
+    indenting further, a tag a `!` and an alias an anchor (`&`): a file without `!` or
+    `&`, with few brackets and short lines, is passed without parsing; otherwise the
     parser's events are counted (no recursion), which costs about a seventh of a compose."""
     bound = text.count("[") + text.count("{") + 2 * max(map(len, text.splitlines()), default=0)
-    if bound <= MAX_NESTING:
+    if bound <= MAX_NESTING and "!" not in text and "&" not in text:
         return None
     depth = 0
+    nodes = 0  # every value so far, each alias counted as the values it stands for
+    expanded = 0  # of which aliases stood for
+    sizes: dict[str, int] = {}  # anchor -> how many values it stands for
+    open_anchors: list[tuple[str | None, int]] = []  # per open collection: its anchor, `nodes` then
     try:
         for event in yaml.parse(text, Loader=_YamlLoader):
+            if isinstance(event, yaml.AliasEvent):
+                size = sizes.get(event.anchor, 1)
+                nodes += size
+                expanded += size
+                if expanded > MAX_ALIAS_NODES:
+                    return event.start_mark, (
+                        f"YAML aliases here stand for more than {MAX_ALIAS_NODES} values in "
+                        "all (each alias repeats what its anchor holds); write the values "
+                        "out, or share rules with 'extends' or 'include'"
+                    )
+                continue
+            if isinstance(event, yaml.NodeEvent) and getattr(event, "tag", None) is not None:
+                return event.start_mark, (
+                    f"YAML tags are not supported ({str(event.tag)[:40]!r}): every value is "
+                    "read as the text written, which tools that read tags would take for "
+                    "something else; remove the tag (quote the value if it must be text)"
+                )
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_NESTING:
-                    return event.start_mark
+                    return event.start_mark, (
+                        f"nested more than {MAX_NESTING} levels deep (a rule file needs about 6)"
+                    )
+                nodes += 1
+                open_anchors.append((event.anchor, nodes))
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
+                anchor, started = open_anchors.pop()
+                if anchor is not None:
+                    sizes[anchor] = nodes - started + 1
+            elif isinstance(event, yaml.ScalarEvent):
+                nodes += 1
+                if event.anchor is not None:
+                    sizes[event.anchor] = 1
     except yaml.YAMLError:
         return None  # compose reports it, with its mark
     return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import logging
 import math
 import operator
@@ -78,6 +79,11 @@ LATENCY_BUCKETS = (
     5.0,
 )
 DEFAULT_LISTEN = "127.0.0.1:9464"
+# /metrics: a scrape (its request read, the page written) is cut SCRAPE_S after it was
+# accepted, and at most SCRAPES_MAX are served at once; one more cuts the oldest.
+# Prometheus scrapes one at a time, within its scrape_timeout (10 s by default).
+SCRAPE_S = 10.0
+SCRAPES_MAX = 16
 _DECISION_LABELS = ("verdict", "reason", "rule", "profile")
 # The kinds that are decisions (a latency each) and the kinds a gateway worker counts
 # itself (`MetricsTally`): all but the rare task, policy and approval events, whose
@@ -544,10 +550,16 @@ class Metrics:
             selector.register(listener, selectors.EVENT_READ)
             selector.register(wake_r, selectors.EVENT_READ)
             try:
-                while all(key.fd != wake_r for key, _ in selector.select()):
+                timeout = None
+                while True:
+                    ready = selector.select(timeout)
+                    if any(key.fd == wake_r for key, _ in ready):
+                        break
                     if server is None:
                         server = self._wsgi_server(listener)
-                    server._handle_request_noblock()  # accept + a thread (ThreadingMixIn)
+                    if ready:
+                        server._handle_request_noblock()  # accept + a thread (ThreadingMixIn)
+                    timeout = server.expire()  # until the next scrape's deadline
             finally:
                 if server is not None:
                     server.server_close()  # its socket is `listener`
@@ -567,10 +579,68 @@ class Metrics:
             def log_message(self, format, *args) -> None:  # noqa: A002 - the base's name
                 pass
 
-        server_class = type(
-            "MetricsServer", (ThreadingWSGIServer,), {"address_family": listener.family}
-        )
-        server = server_class(listener.getsockname(), QuietHandler, bind_and_activate=False)
+        class MetricsServer(ThreadingWSGIServer):
+            """A thread per scrape, as prometheus_client's, but at most SCRAPES_MAX at once
+            (one more cuts the oldest) and each over after SCRAPE_S, whatever the client
+            sends or reads (`expire`, from the accepting thread): idle connections from a
+            local user would otherwise hold a thread and a descriptor each for ever."""
+
+            address_family = listener.family
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.lock = threading.Lock()
+                self.deadlines: dict[socket.socket, float] = {}  # the scrapes under way
+                self.refused = 0
+
+            def process_request(self, request, client_address):
+                with self.lock:
+                    if len(self.deadlines) >= SCRAPES_MAX:
+                        # Room for this one: the oldest goes (a scrape takes milliseconds;
+                        # the oldest is the idlest), so idle connections never keep a
+                        # scrape out, nor more than SCRAPES_MAX threads.
+                        oldest = min(self.deadlines, key=self.deadlines.__getitem__)
+                        del self.deadlines[oldest]
+                        self.refused += 1
+                        with contextlib.suppress(OSError):
+                            oldest.shutdown(socket.SHUT_RDWR)
+                    self.deadlines[request] = time.monotonic() + SCRAPE_S
+                request.settimeout(SCRAPE_S)
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:  # no thread: it is not under way
+                    with self.lock:
+                        self.deadlines.pop(request, None)
+                    raise
+
+            def process_request_thread(self, request, client_address):
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    with self.lock:
+                        self.deadlines.pop(request, None)
+
+            def handle_error(self, request, client_address):
+                import sys
+
+                if isinstance(sys.exc_info()[1], OSError):  # a scrape cut or gone: said nowhere
+                    return
+                super().handle_error(request, client_address)
+
+            def expire(self) -> float | None:
+                """Cut the scrapes past their deadline (a shutdown wakes the thread's
+                read or write); the seconds until the next deadline, None: none."""
+                now = time.monotonic()
+                with self.lock:
+                    for request, deadline in self.deadlines.items():
+                        if deadline <= now:
+                            with contextlib.suppress(OSError):
+                                request.shutdown(socket.SHUT_RDWR)
+                            self.deadlines[request] = now + 1.0  # again, if it lingers
+                    soonest = min(self.deadlines.values(), default=None)
+                return None if soonest is None else max(0.0, soonest - now)
+
+        server = MetricsServer(listener.getsockname(), QuietHandler, bind_and_activate=False)
         server.socket.close()
         server.socket = listener
         server.server_name, server.server_port = socket.getfqdn(), listener.getsockname()[1]

@@ -328,6 +328,7 @@ def test_a_task_ending_is_no_decision_in_the_metrics():
         pytest.param("*", "'\\*' would allow everything", id="bare-star"),
         pytest.param("*.test", "public suffix 'test'", id="single-label-suffix"),
         pytest.param("*.co.uk", "public suffix 'co.uk'", id="public-suffix"),
+        pytest.param("*.ngrok-free.app", "anyone can register", id="private-public-suffix"),
         pytest.param("example.test", "not a wildcard", id="no-wildcard"),
         pytest.param(
             "*.other.test", "does not cover the asked name api.example.test", id="elsewhere"

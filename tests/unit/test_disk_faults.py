@@ -218,13 +218,17 @@ def always_approval(overlay, break_disk) -> tuple[dict, list, list]:
     return reply, still, reloads
 
 
-def test_an_always_whose_rule_cannot_be_written_is_refused_in_one_line(tmp_path):
-    """approved.yaml's temporary file cannot be made (here: a directory is in its
-    place; on a full or read-only disk the same OSError): the approver is told that
-    nothing was approved, instead of the control connection dying with a traceback."""
+def test_an_always_whose_rule_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch):
+    """approved.yaml's temporary file cannot be made (here: the disk is full; on a
+    read-only disk the same OSError): the approver is told that nothing was approved,
+    instead of the control connection dying with a traceback."""
     overlay = tmp_path / "approved.yaml"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     reply, still, reloads = always_approval(
-        overlay, lambda: (tmp_path / ".approved.yaml.tmp").mkdir()
+        overlay, lambda: monkeypatch.setattr(overlay_module.tempfile, "mkstemp", full)
     )
     assert reply["ok"] is False and "nothing was approved" in reply["error"]
     assert "\n" not in reply["error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import socket
@@ -387,22 +388,36 @@ def test_a_taken_port_raises_oserror_for_the_caller_to_report():
             Metrics().serve("127.0.0.1", taken.getsockname()[1])
 
 
-def test_sandgate_run_warns_and_goes_on_when_the_metrics_port_is_taken(capsys):
+def test_sandgate_run_warns_and_goes_on_when_the_default_metrics_port_is_taken(capsys):
+    """The default address (another run's, most often): a warning, the task goes on."""
     from sandgate.enforcer.run import RunOptions, TaskRun
+
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):  # in use already: taken all the same
+            taken.bind(RunOptions.metrics_listen)
+            taken.listen()
+        run = TaskRun(RunOptions(command=["true"], policy=load_policy([DEMO])))
+        run._start_metrics()  # no exception: the task would go on
+    assert "warning: no metrics for this run" in capsys.readouterr().err
+    assert "metrics" not in run.summary.telemetry
+
+
+def test_sandgate_run_stops_when_a_metrics_address_given_is_taken():
+    """--metrics-listen given explicitly: whoever has the port would answer the scrapes
+    (rt45 F7): the run stops, before its task (enforcer/run.py starts it early then)."""
+    from sandgate.enforcer.run import RunError, RunOptions, TaskRun
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
+        port = taken.getsockname()[1]
         run = TaskRun(
             RunOptions(
-                command=["true"],
-                policy=load_policy([DEMO]),
-                metrics_listen=("127.0.0.1", taken.getsockname()[1]),
+                command=["true"], policy=load_policy([DEMO]), metrics_listen=("127.0.0.1", port)
             )
         )
-        run._start_metrics()  # no exception: the task would go on
-    assert "warning: no metrics for this run" in capsys.readouterr().err
-    assert "metrics" not in run.summary.telemetry
+        with pytest.raises(RunError, match=rf"--metrics-listen 127.0.0.1:{port}: cannot listen"):
+            run._start_metrics()
 
 
 @pytest.mark.parametrize(
