@@ -769,17 +769,19 @@ class ConnectionGate:
                     ):
                         state.name, decision = name, candidate
                         break
-            decision = self._consult(state, decision, "tcp")
-            if decision.verdict is Verdict.ASK:
-                return self._ask(state, decision, "tcp")
-            if decision.allowed and decision.inspect:
+            if decision.verdict is not Verdict.DENY and decision.inspect:
                 # A rule here checks HTTP methods or paths: bytes that are not HTTP
-                # cannot be held to it, so they may not pass at all.
+                # cannot be held to it, so they may not pass at all, nor be asked about
+                # (an approval would pass them as if no such rule were there).
                 decision = deny(
                     "not-http",
                     detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
                     "and these bytes are not HTTP",
                 )
+            else:
+                decision = self._consult(state, decision, "tcp")
+                if decision.verdict is Verdict.ASK:
+                    return self._ask(state, decision, "tcp")
         self._emit_connection(
             decision, state.fields, state.name, "tcp", state.started, state.answered
         )

@@ -223,6 +223,20 @@ def test_silence_decides_non_web_ports_as_raw_tcp(gate, dst, port, outcome, reas
     assert [str(e.reason) for e in gate.events] == ([reason] if reason else [])
 
 
+def test_raw_bytes_a_rule_of_methods_applies_to_are_not_http_before_any_ask(tmp_path):
+    """`fallback: ask` and a deny of DELETE for db.allowed.test: raw bytes on 5432 can
+    never be held to that rule. They were asked about (the ask carried `inspect`), and
+    an approval passed them on for interception, as TLS, to die there: refused at once."""
+    rules = (
+        "version: 1\nprofiles:\n  default:\n    fallback: ask\n    rules:\n"
+        "      - deny: db.allowed.test\n        ports: [5432]\n        methods: [DELETE]\n"
+    )
+    gate = make_gate(tmp_path, rules=rules)
+    state = connect(gate, "203.0.113.12", 5432)
+    assert gate.on_silence(state) is Outcome.REJECT
+    assert [(str(e.reason), e.rule_id) for e in gate.events] == [("not_http", "builtin:not-http")]
+
+
 def test_closed_before_a_decision_is_no_data(gate):
     state = connect(gate, "203.0.113.66", 25)
     gate.on_close(state, "nothing decidable within 30 s; the gateway closed it")
