@@ -189,12 +189,15 @@ def always_writer(
             intent = _write_intent(overlay, intents, found, approver)
             try:
                 previous = append_approved(overlay, found, approver, expires=expires)
-            except (OSError, yaml.YAMLError) as e:  # disk full, I/O error; edited by hand
-                _drop(intent)
+            except (OSError, yaml.YAMLError, ValueError) as e:  # disk full; edited by hand
+                _drop(intent)  # (ValueError: not UTF-8)
                 why = (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[0]
                 raise ApprovalError(
                     f"{overlay} cannot be updated ({why}): fix or remove it; nothing was approved"
                 ) from None
+            except BaseException:  # nothing was written: no record of a rule being written
+                _drop(intent)
+                raise
             try:
                 errors = await reload(f"approval {found.id} (always)")
             except Exception as e:  # noqa: BLE001 - whatever it was, the rule must not stay

@@ -12,7 +12,9 @@ import ctypes
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
-# linux/magic.h: file systems whose files are the kernel's settings and controls.
+# linux/magic.h: file systems whose files are the kernel's settings and controls. A list
+# of these rather than of storage file systems: storage comes in more kinds than anyone
+# can list (FUSE, 9p, virtiofs, ZFS...), and a file on one of them only stores.
 KERNEL_INTERFACES = {
     0x9FA0: "proc",
     0x62656572: "sysfs",
@@ -29,6 +31,12 @@ KERNEL_INTERFACES = {
     0xF97CFF8C: "selinuxfs",
     0x43415D53: "smackfs",
     0x65735543: "fusectl",
+    0x7655821: "resctrl",
+    0x6E667364: "nfsd",
+    0x67596969: "rpc_pipefs",
+    0x19800202: "mqueue",
+    0x5A3C69F0: "apparmorfs",
+    0x6C6F6F70: "binderfs",
 }
 
 

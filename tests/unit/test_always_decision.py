@@ -245,3 +245,29 @@ def test_a_kill_while_the_rule_is_written_is_reported_at_the_next_start(tmp_path
     assert not left.exists()
     always_writer(overlay, _ok, intents)
     assert capsys.readouterr().err == ""
+
+
+def test_an_approved_yaml_that_cannot_be_read_leaves_no_record_of_a_rule_being_written(
+    tmp_path, capsys
+):
+    """approved.yaml that is not UTF-8 (edited by hand): the always is refused in one
+    line, and no record says a rule was being written (the next start said so, falsely)."""
+    overlay, intents = tmp_path / "approved.yaml", tmp_path / "state"
+    overlay.write_bytes(b"version: 1\n# caf\xe9\n")
+
+    async def scenario():
+        approvals = Approvals(lambda event: None, lambda profile: SETTINGS)
+        approvals.on_always = always_writer(overlay, _ok, intents)
+        asyncio.ensure_future(approvals.hold(key(), "r", {}))
+        await asyncio.sleep(0.01)
+        (pending,) = approvals.list()
+        return await handle(
+            approvals, {"cmd": "approve", "id": pending["id"], "scope": "always"}, "uid 1"
+        )
+
+    reply = asyncio.run(scenario())
+    assert reply["ok"] is False and "cannot be updated" in reply["error"], reply
+    assert not intents.exists() or not any(intents.iterdir())
+    capsys.readouterr()
+    always_writer(overlay, _ok, intents)  # the next start: nothing to report
+    assert capsys.readouterr().err == ""

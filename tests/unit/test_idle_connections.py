@@ -41,7 +41,7 @@ def _scrape(port: int) -> bytes:
 
 
 def test_idle_scrape_connections_are_cut_and_bounded_and_a_scrape_still_works(monkeypatch):
-    monkeypatch.setattr(metrics_module, "SCRAPE_S", 1.0, raising=False)
+    monkeypatch.setattr(metrics_module, "SCRAPE_S", 1.0)
     metrics = Metrics()
     _, port = metrics.serve("127.0.0.1", 0)
     try:
@@ -52,7 +52,7 @@ def test_idle_scrape_connections_are_cut_and_bounded_and_a_scrape_still_works(mo
         slow.sendall(b"GET /metr")  # and then a byte now and then: the deadline is overall
         time.sleep(0.3)
         # the cap holds: no thread per idle connection
-        assert threading.active_count() <= before + getattr(metrics_module, "SCRAPES_MAX", 16) + 2
+        assert threading.active_count() <= before + metrics_module.SCRAPES_MAX + 2
         assert b"sandgate_events_total" in _scrape(port)  # a scrape still works meanwhile
         started = time.monotonic()
         for _ in range(3):
@@ -69,7 +69,7 @@ def test_idle_scrape_connections_are_cut_and_bounded_and_a_scrape_still_works(mo
 
 
 def test_idle_admin_connections_are_cut_and_bounded_and_the_page_still_answers(monkeypatch):
-    monkeypatch.setattr(admin_server, "HEAD_S", 1.0, raising=False)
+    monkeypatch.setattr(admin_server, "HEAD_S", 1.0)
 
     async def main():
         approvals = Approvals(lambda event: None)
@@ -80,7 +80,7 @@ def test_idle_admin_connections_are_cut_and_bounded_and_the_page_still_answers(m
             slow_reader, slow = await asyncio.open_connection("127.0.0.1", port)
             slow.write(b"GET / HTTP/1.1\r\n")
             await asyncio.sleep(0.2)
-            assert len(server._clients) <= getattr(admin_server, "MAX_CLIENTS_PER_ADDRESS", 32)
+            assert len(server._clients) <= admin_server.MAX_CLIENTS_PER_ADDRESS
             # the page still answers meanwhile (the oldest idle connection made room)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
@@ -98,7 +98,7 @@ def test_idle_admin_connections_are_cut_and_bounded_and_the_page_still_answers(m
                 assert await asyncio.wait_for(r.read(), 3) == b""
             assert time.monotonic() - started < 3.0
             await asyncio.sleep(0.05)
-            assert not server._clients and not getattr(server, "_per_address", {})
+            assert not server._clients and not server._per_address
         finally:
             await server.stop()
 
@@ -109,7 +109,7 @@ def test_idle_admin_connections_are_cut_and_bounded_and_the_page_still_answers(m
 def test_past_the_admin_cap_with_nothing_idle_a_connection_is_closed_at_once(monkeypatch, cap):
     """Busy connections (a request under way, live updates) are never cut for a new
     one: then the new one is closed at once."""
-    monkeypatch.setattr(admin_server, "MAX_CLIENTS", cap, raising=False)
+    monkeypatch.setattr(admin_server, "MAX_CLIENTS", cap)
 
     async def main():
         server = AdminServer(Approvals(lambda event: None), Sessions())
@@ -117,10 +117,10 @@ def test_past_the_admin_cap_with_nothing_idle_a_connection_is_closed_at_once(mon
         try:
             busy = [await asyncio.open_connection("127.0.0.1", port) for _ in range(cap)]
             await asyncio.sleep(0.05)
-            getattr(server, "_waiting", {}).clear()  # as if each had a request under way
+            server._waiting.clear()  # as if each had a request under way
             reader, _ = await asyncio.open_connection("127.0.0.1", port)
             assert await asyncio.wait_for(reader.read(), 2) == b""
-            assert getattr(server, "refused", 0) == 1 and len(server._clients) == cap
+            assert server.refused == 1 and len(server._clients) == cap
             for _, writer in busy:
                 writer.close()
         finally:
