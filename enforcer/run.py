@@ -92,6 +92,7 @@ class RunOptions:
     on_audit_failure: str = "block"  # or "continue": see --on-audit-failure
     audit_limits: FloodLimits = field(default_factory=FloodLimits)  # --audit-rate, --audit-burst
     metrics_listen: tuple[str, int] | None = ("127.0.0.1", 9464)  # None: no /metrics
+    metrics_listen_given: bool = False  # by --metrics-listen: a port in use stops the run
     admin: AdminOptions = field(default_factory=AdminOptions)  # the approvals page, webhooks
     summary_json: Path | None = None
     extra_ca: list[str] = field(default_factory=list)  # --extra-ca's PEM, read once (cli/common.py)
@@ -422,7 +423,7 @@ class TaskRun:
                     self.metrics.admin_auth_failures.inc,
                 )
                 await self.admin.start(self.dir / "admin-token", "sandgate", opts.quiet)
-        if opts.metrics_listen not in (None, RunOptions.metrics_listen):
+        if opts.metrics_listen is not None and opts.metrics_listen_given:
             # Given explicitly: listened on before the task starts, or the run stops here
             # (docs/operations.md); the default address may be another run's (a warning).
             self._start_metrics()
@@ -507,7 +508,7 @@ class TaskRun:
         try:
             host, port = self.metrics.serve(host, port)
         except OSError as e:
-            if self.opts.metrics_listen != RunOptions.metrics_listen:
+            if self.opts.metrics_listen_given:
                 from sandgate.enforcer.admin import listen_refusal
 
                 raise RunError(listen_refusal("--metrics-listen", host, port, e)) from None

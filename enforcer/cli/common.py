@@ -102,9 +102,11 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         metavar="PEM",
         help="also trust this CA (PEM) in the sandboxes and for upstreams, e.g. a corporate CA",
     )
+    # Both listen options default to None, which means their default address: a
+    # `sandgate run` treats an address it was given (the default's too) as a must.
     parser.add_argument(
         "--metrics-listen",
-        default=METRICS_DEFAULT,
+        default=None,
         metavar="HOST:PORT",
         help=f"serve Prometheus /metrics here (default {METRICS_DEFAULT}; 'off' for none). "
         "A port in use stops the start, but for `sandgate run` on the default address "
@@ -113,7 +115,7 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
     parser.add_argument("--audit-log", type=path_option, metavar="FILE", help=audit_help)
     parser.add_argument(
         "--admin-listen",
-        default=ADMIN_DEFAULT,
+        default=None,
         metavar="HOST:PORT",
         help=f"serve the approvals page and JSON API here (default {ADMIN_DEFAULT}, or for "
         "`sandgate run` any free port if that one is taken; 'off' for none); never reachable "
@@ -221,10 +223,11 @@ def gateway_settings(args: argparse.Namespace, log_prefix: str) -> tuple[str, in
             raise UsageError(f"--extra-ca {ca}: no such file")
     for upstream in args.dns_upstream:
         check_dns_upstream(upstream)
-    if args.metrics_listen.lower() in ("off", "none", ""):
+    text = METRICS_DEFAULT if args.metrics_listen is None else args.metrics_listen
+    if text.lower() in ("off", "none", ""):
         return None
     try:
-        return parse_listen(args.metrics_listen)
+        return parse_listen(text)
     except ValueError as e:
         raise UsageError(f"--metrics-listen: {e}") from None
 
@@ -279,9 +282,10 @@ def admin_settings(args: argparse.Namespace):
     from sandgate.proxy.telemetry.metrics import parse_listen
 
     listen = None
-    if args.admin_listen.lower() not in ("off", "none", ""):
+    text = ADMIN_DEFAULT if args.admin_listen is None else args.admin_listen
+    if text.lower() not in ("off", "none", ""):
         try:
-            listen = parse_listen(args.admin_listen)
+            listen = parse_listen(text)
         except ValueError as e:
             raise UsageError(f"--admin-listen: {e}") from None
     secret = b""

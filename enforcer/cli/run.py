@@ -13,8 +13,6 @@ from pathlib import Path
 
 from sandgate.enforcer import dataclass_cache
 from sandgate.enforcer.cli.common import (
-    ADMIN_DEFAULT,
-    METRICS_DEFAULT,
     SetupError,
     UsageError,
     add_gateway_options,
@@ -96,7 +94,7 @@ def cmd_run(args) -> int:
     try:
         metrics_listen = gateway_settings(args, "sandgate")
         admin = admin_settings(args)
-        if admin.listen is not None and args.admin_listen == ADMIN_DEFAULT:
+        if admin.listen is not None and args.admin_listen is None:
             # The default port taken (most often by another run): any free one, printed.
             admin.any_port_if_taken = True
         policy = load_rules(args.rules, "nothing was run", kept=True)
@@ -126,6 +124,7 @@ def cmd_run(args) -> int:
                 on_audit_failure=args.on_audit_failure,
                 audit_limits=audit_limits(args),
                 metrics_listen=metrics_listen,
+                metrics_listen_given=args.metrics_listen is not None,
                 admin=admin,
                 summary_json=args.summary_json,
                 extra_ca=extra_ca,
@@ -172,9 +171,9 @@ SERVICE_OWNED = {
     "on_audit_failure": "block",
     "audit_rate": DEFAULT_RATE,
     "audit_burst": DEFAULT_BURST,
-    "metrics_listen": METRICS_DEFAULT,
+    "metrics_listen": None,
     "extra_ca": [],
-    "admin_listen": ADMIN_DEFAULT,
+    "admin_listen": None,
     "approval_webhook": [],
     "approval_webhook_format": "json",
     "approval_webhook_secret": None,

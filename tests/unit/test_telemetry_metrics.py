@@ -402,18 +402,25 @@ def test_sandgate_run_warns_and_goes_on_when_the_default_metrics_port_is_taken(c
     assert "metrics" not in run.summary.telemetry
 
 
-def test_sandgate_run_stops_when_a_metrics_address_given_is_taken():
-    """--metrics-listen given explicitly: whoever has the port would answer the scrapes
-    (rt45 F7): the run stops, before its task (enforcer/run.py starts it early then)."""
+@pytest.mark.parametrize("default", [False, True], ids=["another-address", "the-default-given"])
+def test_sandgate_run_stops_when_a_metrics_address_given_is_taken(default):
+    """--metrics-listen given explicitly, the default address too: whoever has the port
+    would answer the scrapes: the run stops, before its task (enforcer/run.py starts it
+    early then)."""
     from sandgate.enforcer.run import RunError, RunOptions, TaskRun
 
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # the default in use already: taken all the same
+            taken.bind(RunOptions.metrics_listen if default else ("127.0.0.1", 0))
+            taken.listen()
+        host, port = RunOptions.metrics_listen if default else taken.getsockname()
         run = TaskRun(
             RunOptions(
-                command=["true"], policy=load_policy([DEMO]), metrics_listen=("127.0.0.1", port)
+                command=["true"],
+                policy=load_policy([DEMO]),
+                metrics_listen=(host, port),
+                metrics_listen_given=True,
             )
         )
         with pytest.raises(RunError, match=rf"--metrics-listen 127.0.0.1:{port}: cannot listen"):
