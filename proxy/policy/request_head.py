@@ -69,8 +69,8 @@ _READ_FIELDS = frozenset(
 # A query parameter that names a method (`_method=DELETE`), in any spelling a query
 # parser decodes: `%5Fmethod`, `_%6Dethod`, upper case; split at '&' and ';'. PHP
 # (which Symfony and Laravel read `_method` through) also drops leading spaces of a
-# name and turns ' ' and '.' into '_': `?.method=DELETE` is its `_method`; so is
-# `_method[]=DELETE` (an array of that name).
+# name, turns ' ' and '.' into '_' and ends it at a NUL: `?.method=DELETE` is its
+# `_method`; so are `_method%00x=DELETE` and `_method[]=DELETE` (an array of that name).
 _QUERY_PARAM = re.compile(r"[^&;]+")
 _PHP_MANGLED = str.maketrans(" .", "__")
 
@@ -345,7 +345,9 @@ def _overrides(
     if "meth" in query.lower() or "%" in query:
         for param in _QUERY_PARAM.findall(query):
             key, _, value = param.partition("=")
-            name = unquote_plus(key).lstrip(" ").split("[", 1)[0]  # `_method[]`: an array
+            # PHP ends a name at its first NUL (`_method%00x`) and at `[` (`_method[]`: an
+            # array of that name)
+            name = unquote_plus(key).split("\x00", 1)[0].lstrip(" ").split("[", 1)[0]
             if name.translate(_PHP_MANGLED).strip().lower() == "_method":
                 named = unquote_plus(value).strip().upper()
                 if named != method:

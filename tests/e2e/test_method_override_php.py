@@ -66,6 +66,7 @@ OVERRIDES = {
     "query_spaces": ([], "?%20%20_method=DELETE"),
     "query_plus_dot": ([], "?a=1&+.method=DELETE"),
     "query_array": (["-g"], "?_method[]=DELETE"),
+    "query_nul": ([], "?_method%00x=DELETE"),
 }
 
 

@@ -133,6 +133,7 @@ def test_each_spelling_of_a_denied_path(policy, target, expected):
         pytest.param("POST", "/public/ok?%20.method=DELETE", [], "ambiguous_method", id="php-query-space"),
         pytest.param("POST", "/public/ok?+_method=DELETE", [], "ambiguous_method", id="php-query-plus"),
         pytest.param("POST", "/public/ok?_method[]=DELETE", [], "ambiguous_method", id="php-query-array"),
+        pytest.param("POST", "/public/ok?_method%00x=DELETE", [], "ambiguous_method", id="php-query-nul"),
         pytest.param("POST", "/public/ok?[method=DELETE&x.method=PUT", [], "rule_allow", id="php-other-keys"),
         pytest.param("POST", "/public/ok", [("X_HTTP_METHOD_OVERRIDE", "DELETE")], "ambiguous_method", id="php-header-underscores"),
         pytest.param("POST", "/public/ok", [("X.HTTP.Method.Override", "DELETE")], "ambiguous_method", id="php-header-dots"),
