@@ -29,6 +29,12 @@ _HOST_NAME = 0x00
 # (0xffce, the ESNI drafts). A server that decrypts one routes by the hidden name.
 _HIDDEN_NAME = frozenset({0xFE0D, 0xFE0C, 0xFE0B, 0xFE0A, 0xFE09, 0xFE08, 0xFF02, 0xFFCE})
 MAX_RECORD = 1 << 14  # RFC 8446 5.1: a plaintext record carries at most 2^14 bytes
+# The highest record-layer major version a server takes in a ClientHello's records.
+# Clients send 0x0300 to 0x0304; OpenSSL checks the major only (3), and Go's
+# crypto/tls takes any version below 0x1000 in a connection's first records
+# (`16 00 01 ...`) and routes by the SNI in them. A hello in a record that a check
+# here took for raw TCP would skip the SNI decision.
+MAX_RECORD_MAJOR = 0x0F
 # A ServerHello whose random is this is a HelloRetryRequest (RFC 8446 4.1.3): the
 # client answers it with a second ClientHello, in plaintext too.
 HELLO_RETRY_RANDOM = bytes.fromhex(
@@ -48,12 +54,11 @@ class ClientHello:
 
 
 def starts_like_tls_record(data: bytes) -> bool:
-    """Whether `data` may start a TLS handshake record: type 22, major version 3, any
-    minor (0x0300 to 0x0304 are what clients send; servers such as OpenSSL do not
-    check it in a ClientHello, so no minor may make a hello pass for raw TCP and
-    skip the SNI decision). Fewer than 3 bytes are not taken for TLS. mitmproxy
-    takes minors up to 3 only: this is a superset."""
-    return len(data) > 2 and data[0] == _HANDSHAKE and data[1] == 0x03
+    """Whether `data` may start a TLS handshake record: type 22, then a record version
+    some server takes in a ClientHello: a major up to MAX_RECORD_MAJOR, any minor.
+    Fewer than 3 bytes are not taken for TLS. mitmproxy takes 0x0300 to 0x0303 only:
+    this is a superset."""
+    return len(data) > 2 and data[0] == _HANDSHAKE and data[1] <= MAX_RECORD_MAJOR
 
 
 def parse_client_hello(data: bytes) -> ClientHello | None:
@@ -71,10 +76,10 @@ def client_hello_of(body: bytes) -> ClientHello:
     return ClientHello(*_extensions(body))
 
 
-def is_hello_retry_request(message: bytes) -> bool:
-    """Whether a ServerHello handshake message (its 4-byte header, then at least
-    version and random) is a HelloRetryRequest."""
-    return message[:1] == b"\x02" and message[6:38] == HELLO_RETRY_RANDOM
+def is_hello_retry_request(message, at: int = 0) -> bool:
+    """Whether the ServerHello handshake message at `at` in `message` (any bytes-like
+    holding its 4-byte header, version and random) is a HelloRetryRequest."""
+    return message[at] == 2 and message[at + 6 : at + 38] == HELLO_RETRY_RANDOM
 
 
 def server_name_and_alpn(body: bytes) -> tuple[str | None, list[bytes]]:

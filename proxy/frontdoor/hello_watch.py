@@ -22,26 +22,37 @@ Two modes, chosen by what the gate decided:
   the client sent, pipelined or not, a second ClientHello, held whole and decided
   (`Decide(second=True)`); ChangeCipherSpec, alert and (skipped) early-data records
   before it pass.
-- `raw` (raw TCP on a non-web port). The client's first MAX_FIRST_BYTES are scanned
-  for a TLS handshake record that starts a ClientHello (0x16, major version 3, a
-  length the record layer takes, handshake type 1, a length a server takes). From there the bytes are held,
-  the hello assembled and decided (`Decide(second=False)`); once allowed the watch
-  goes on as in `tls` mode. Up to 6 bytes (a record header and the handshake type)
-  may have reached the upstream before the bytes that tell a hello came (a scan that
-  held every possible prefix could stall a protocol whose message ends in 0x16):
-  never the hello's body, where its SNI is.
+- `raw` (raw TCP on a non-web port). The client's bytes are scanned for a TLS
+  handshake record that starts a ClientHello (`_CANDIDATE_START`: 0x16, a record
+  version a server takes (`clienthello.MAX_RECORD_MAJOR`: Go's crypto/tls takes
+  `16 00 01 ...`), a length the record layer takes, handshake type 1, a length a
+  server takes), in the scan's window: a hello must start within the client's first
+  MAX_FIRST_BYTES. From there the bytes are held, the hello assembled and decided
+  (`Decide(second=False)`); once allowed the watch goes on as in `tls` mode. Up to 6
+  bytes (a record header and the handshake type) may have reached the upstream
+  before the bytes that tell a hello came (a scan that held every possible prefix
+  could stall a protocol whose message ends in 0x16): never the hello's body, where
+  its SNI is.
 
 What cannot be read where a server would read a hello (a record header that is not
 TLS's, a hello that cannot be parsed or is longer than MAX_FIRST_BYTES, handshake
 bytes after a hello in its record, another handshake message where the second hello
-goes) is `Refuse`d: the caller resets the connection; nothing fails open. A server
-whose answer to the hello is not TLS (no ServerHello, so no retry to tell) does not
-end the watch: the client's bytes from there are scanned as in `raw` mode, and a
-hello among them is decided as a second one. After a server's alert the client
-stays held. Held bytes are bounded: past MAX_HELD the client is not read
-(back-pressure), and a hello must start within the client's first MAX_FIRST_BYTES
-in `raw` mode: one further on (a long SMTP dialogue before STARTTLS) is not looked
-for.
+goes) is `Refuse`d: the caller resets the connection; nothing fails open.
+
+A server whose answer to a hello is not TLS (no ServerHello, so no retry to tell)
+does not end the watch: the client's bytes from there are scanned as in `raw` mode,
+in a window of their own (what the client sent before the answer, and
+MAX_FIRST_BYTES after it), and a hello among them is decided as a second one (it
+must name the first one's server). Once allowed, it is watched as a first one: held
+behind until the server's first handshake message, and a HelloRetryRequest makes
+the next hello a second one; another answer that is not TLS, another scan. After a
+server's alert the client stays held.
+
+Bounds: held bytes stay under MAX_HELD (past it the client is not read:
+back-pressure), and a scan ends with its window: a hello that starts further on (a
+long SMTP dialogue before STARTTLS, padded on purpose) is not looked for.
+docs/threat-model.md (a ClientHello after a client-first preamble) says why the
+window is not longer.
 
 `step()` returns what to do next: `bytes` to send upstream now, a `Decide` (the
 caller asks the gate and calls `allowed()`, or resets), a `Refuse`, or None (more
@@ -51,11 +62,12 @@ sends what `step()` still returns and then relays plainly.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sandgate.proxy.clienthello import (
-    HELLO_RETRY_RANDOM,
     MAX_RECORD,
+    MAX_RECORD_MAJOR,
     ClientHello,
     client_hello_of,
     is_hello_retry_request,
@@ -78,9 +90,20 @@ _SERVER_HELLO_PREFIX = 4 + 2 + 32
 # random bytes (an ssh session's) from passing for one about 85 times as often.
 _CANDIDATE = 7
 _MAX_HELLO_TOP = 2
+# A candidate, matched at C speed: 0x16; a major version up to MAX_RECORD_MAJOR, any
+# minor; a record length of 1 to MAX_RECORD; handshake type 1; then the top byte of
+# the hello's length up to _MAX_HELLO_TOP, unless the record holds the type alone
+# (the length is in the next record). tests/unit/test_hello_watch.py checks it
+# against these constants.
+_CANDIDATE_START = re.compile(
+    rb"\x16[\x00-\x0f][\x00-\xff]"  # the record's type and version
+    rb"(?:\x00\x01\x01[\x00-\xff]"  # 1 byte: the handshake type alone
+    rb"|(?!\x00[\x00\x01])(?:[\x00-\x3f][\x00-\xff]|\x40\x00)"  # 2 to 2^14 bytes
+    rb"\x01[\x00-\x02])"  # a ClientHello, its length's top byte
+)
 
 # The client's side: where its stream stands.
-SCAN = "scan"  # raw: looking for a ClientHello in the first MAX_FIRST_BYTES
+SCAN = "scan"  # looking for a ClientHello within the scan's window
 FIRST = "first"  # a first ClientHello's records (tls: decided already; raw: to decide)
 DECIDING = "deciding"  # a Decide is out: the gate answers (allowed(), or a reset)
 HOLD = "hold"  # after the first hello: held until the server's first message
@@ -121,6 +144,8 @@ class HelloWatch:
         "hello_at",
         "offset",
         "decided_first",
+        "retried",
+        "window",
         "refusal",
         "go",
         "ready",
@@ -143,6 +168,8 @@ class HelloWatch:
         self.hs = bytearray()  # the handshake message being assembled
         self.hello_at = 0  # where in `held` its first record starts
         self.offset = 0  # the stream offset of held[0]
+        self.window = MAX_FIRST_BYTES  # a scan's hello must start before this offset
+        self.retried = False  # the hello out for a Decide answers a HelloRetryRequest
         self.refusal = ""
         self.go = 0  # held bytes before this are decided: they go on
         self.server_header = b""  # a server record header not yet whole
@@ -163,17 +190,9 @@ class HelloWatch:
         return self.client == HOLD
 
     def feed_client(self, data: bytes) -> None:
-        if (
-            self.client == FIRST
-            and self.decided_first
-            and not self.held
-            and len(data) > 9
-            and data[0] == _HANDSHAKE
-            and data[5] == _CLIENT_HELLO
-            and len(data) == 5 + ((data[3] << 8) | data[4]) == 9 + int.from_bytes(data[6:9], "big")
-        ):
-            # The usual first bytes: the decided hello, whole in one record, alone.
-            self.ready, self.client = data, HOLD
+        # FIRST with nothing held is a `tls` watch's start (a scan's hello is held).
+        if self.client == FIRST and not self.held and lone_hello(data, len(data)):
+            self.ready, self.client = data, HOLD  # the decided hello, as clients send it
             return
         self.held += data
 
@@ -196,7 +215,7 @@ class HelloWatch:
                 and ((data[6] << 16) | (data[7] << 8) | data[8]) >= _SERVER_HELLO_PREFIX - 4
             ):
                 self.server = SEEN
-                if data[11:43] == HELLO_RETRY_RANDOM:
+                if is_hello_retry_request(data, 5):
                     self.client, self.hello_at = SECOND, self.at
                     self.hs.clear()
                 else:
@@ -209,21 +228,23 @@ class HelloWatch:
         while view and self.server == READING:
             if self.server_left == 0:
                 need = 5 - len(self.server_header)
-                self.server_header += bytes(view[:need])
+                header = self.server_header + bytes(view[:need])
                 view = view[need:]
-                if len(self.server_header) < 5:
+                if header[0] not in (_ALERT, _HANDSHAKE) or header[1:2] not in (b"", b"\x03"):
+                    # Told by its first bytes (PostgreSQL's one-byte 'N'): no TLS.
+                    self._server_refused(f"a record header {header.hex()}")
                     return
-                header, self.server_header = self.server_header, b""
+                if len(header) < 5:
+                    self.server_header = header
+                    return
+                self.server_header = b""
                 self.server_left = (header[3] << 8) | header[4]
-                if header[1] != 3 or not 0 < self.server_left <= _MAX_PAYLOAD:
+                if not 0 < self.server_left <= _MAX_PAYLOAD:
                     self._server_refused(f"a record header {header.hex()}")
                     return
                 if header[0] == _ALERT:
                     # The server refuses the hello: it ends; what the client holds stays.
                     self.server = SEEN
-                    return
-                if header[0] != _HANDSHAKE:
-                    self._server_refused(f"a record of type {header[0]}")
                     return
             take = view[: self.server_left]
             view = view[len(take) :]
@@ -252,23 +273,29 @@ class HelloWatch:
 
     def _server_refused(self, what: str) -> None:
         """The server's answer to the hello is not TLS (`what` it is): no retry is
-        told, so the client's bytes from here are scanned as raw TCP's are, and a
-        hello among them is decided as a second one."""
+        told, so the client's bytes from here are scanned as raw TCP's are, in a
+        window of their own (what is held, and MAX_FIRST_BYTES after it), and a hello
+        among them is decided as a second one. A hello being assembled is looked for
+        again from its start."""
         self.server = SEEN
         if self.client in (FIRST, HOLD):
-            self.client, self.at = SCAN, 0
+            self.client, self.at, self.hello_at = SCAN, 0, 0
+            self.hs.clear()
+            self.window = self.offset + len(self.held) + MAX_FIRST_BYTES
 
     def allowed(self) -> None:
         """The gate allowed the hello `step()` returned: it goes on."""
         if self.client != DECIDING:
             raise RuntimeError(f"allowed() in state {self.client}, not after a Decide")
-        if self.decided_first:  # a second ClientHello: the plaintext phase is over
-            self.go = self.at
+        self.go = self.at
+        if self.retried:  # the answer to a HelloRetryRequest: the plaintext phase is over
             self.client = DONE
-        else:
-            self.client, self.decided_first, self.server = HOLD, True, READING
-            self.go = self.at
-            self.hs.clear()
+            return
+        # A first hello, or one a scan found after an answer that was not TLS: held
+        # behind until the server's answer to it, read afresh.
+        self.client, self.decided_first, self.server = HOLD, True, READING
+        self.server_header, self.server_left, self.server_hs = b"", 0, b""
+        self.hs.clear()
 
     def abandon(self) -> None:
         """The client's stream ended: what is held and undecided never goes upstream."""
@@ -311,22 +338,12 @@ class HelloWatch:
 
     def _scan(self) -> bytes | None:
         held = self.held
-        limit = MAX_FIRST_BYTES - self.offset  # a hello must start within the window
-        start = 0
-        while True:
-            i = held.find(b"\x16\x03", start, limit + 1)
-            if i < 0 or len(held) < i + _CANDIDATE:
-                break
-            size = (held[i + 3] << 8) | held[i + 4]
-            if (
-                0 < size <= MAX_RECORD
-                and held[i + 5] == _CLIENT_HELLO
-                and (size < 2 or held[i + 6] <= _MAX_HELLO_TOP)
-            ):
-                data = self._release(i)
-                self.client, self.at, self.hello_at = FIRST, 0, 0
-                return data or self._assemble()
-            start = i + 1
+        limit = self.window - self.offset  # a hello must start before the window ends
+        found = _CANDIDATE_START.search(held, 0, limit + _CANDIDATE - 1)
+        if found is not None:
+            data = self._release(found.start())
+            self.client, self.at, self.hello_at = FIRST, 0, 0
+            return data or self._assemble()
         if len(held) >= limit + _CANDIDATE - 1:
             self.client = DONE  # no hello starts within the window
             return self._release(len(held))
@@ -348,7 +365,7 @@ class HelloWatch:
             if len(held) < at + 5:
                 return self._too_long()
             kind, size = held[at], (held[at + 3] << 8) | held[at + 4]
-            if held[at + 1] != 3 or not 0 < size <= _MAX_PAYLOAD:
+            if held[at + 1] > MAX_RECORD_MAJOR or not 0 < size <= _MAX_PAYLOAD:
                 return self._refuse(
                     f"a record header {bytes(held[at : at + 5]).hex()} where the server reads "
                     "a ClientHello"
@@ -393,6 +410,7 @@ class HelloWatch:
             hello = client_hello_of(body)
         except ValueError as e:
             return self._refuse(f"an unparseable ClientHello: {e}")
+        self.retried = self.client == SECOND
         self.client = DECIDING
         return Decide(hello, second=self.decided_first)
 
@@ -404,3 +422,15 @@ class HelloWatch:
     def _refuse(self, detail: str) -> Refuse:
         self.client, self.refusal = REFUSED, detail
         return Refuse(detail)
+
+
+def lone_hello(data, n: int) -> bool:
+    """Whether the first `n` bytes of `data` (any bytes-like) are one handshake record
+    holding one whole ClientHello and nothing else: a decided first hello as clients
+    send it, which goes on as it is."""
+    return (
+        n > 9
+        and data[0] == _HANDSHAKE
+        and data[5] == _CLIENT_HELLO
+        and n == 5 + ((data[3] << 8) | data[4]) == 9 + ((data[6] << 16) | (data[7] << 8) | data[8])
+    )

@@ -25,7 +25,15 @@ import socket
 import struct
 from collections.abc import Callable
 
-from sandgate.proxy.frontdoor.hello_watch import FIRST, HOLD, MAX_HELD, Decide, HelloWatch, Refuse
+from sandgate.proxy.frontdoor.hello_watch import (
+    FIRST,
+    HOLD,
+    MAX_HELD,
+    Decide,
+    HelloWatch,
+    Refuse,
+    lone_hello,
+)
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
 from sandgate.proxy.gate import ConnState
 
@@ -199,26 +207,17 @@ class Relay:
         # The usual TLS handshake, without the watch's general steps: its first hello
         # whole in one read, then the server's ServerHello (read in `move`).
         state = watch.client
-        if state is HOLD and not (watch.held or c.readable) and u.pending is None:
+        if state is FIRST:
+            if c.readable and not watch.held and u.pending is None:
+                if not self.first_hello(c, u, watch):
+                    return
+                if watch.client is HOLD and not (watch.held or c.readable) and u.pending is None:
+                    return
+        elif state is HOLD and not (watch.held or c.readable) and u.pending is None:
             return  # the server is to answer; the client sent nothing since
-        if watch.done:
-            self.watch = None  # past the plaintext phase: a plain relay from here
-            if c.eof and u.pending is None and not self.shut(u):
-                return
-            if (
-                self.move(c, u, up=True)
-                and c.eof
-                and u.eof
-                and c.pending is None
-                and u.pending is None
-            ):
-                self.finish(None)
+        elif watch.done:
+            self.unwatch()
             return
-        if state is FIRST and c.readable and not watch.held and u.pending is None:
-            if not self.first_hello(c, u, watch):
-                return
-            if watch.client is HOLD and not (watch.held or c.readable) and u.pending is None:
-                return
         while True:
             if u.pending is not None:
                 if not self.flush(u, c):
@@ -227,19 +226,11 @@ class Relay:
                     break  # the upstream takes no more now: its OUT event resumes
             step = watch.step()
             if step is None:
-                if watch.done:
-                    self.watch = None  # past the plaintext phase: a plain relay from here
-                    if c.eof and not self.shut(u):
-                        return
-                    self.pump()
-                    return
                 if c.eof and not (watch.waits_for_server and watch.held):
                     # Nothing more will come: an undecided hello's start never goes.
                     watch.abandon()
-                    self.watch = None
-                    if not self.shut(u):
-                        return
-                    self.pump()
+                if watch.done:
+                    self.unwatch()
                     return
                 if not (c.readable and watch.wants_client) or c.eof:
                     break
@@ -257,6 +248,17 @@ class Relay:
             self.finish(None, reset=True)  # the gate denied it and said why
             return
         if c.eof and u.eof and c.pending is None and u.pending is None:
+            self.finish(None)
+
+    def unwatch(self) -> None:
+        """The watch is done: a plain relay from here. After the server's bytes moved,
+        the client's move (a FIN that came goes on); the connection finishes once
+        both directions ended."""
+        self.watch = None
+        c, u = self.client, self.upstream
+        if c.eof and u.pending is None and not self.shut(u):
+            return
+        if self.move(c, u, up=True) and c.eof and u.eof and c.pending is None and u.pending is None:
             self.finish(None)
 
     def first_hello(self, c: End, u: End, watch: HelloWatch) -> bool:
@@ -278,13 +280,7 @@ class Relay:
         self.last_active = self.clock()
         if n < RELAY_CHUNK and not c.closing:
             c.readable = False
-        b = self.buffer
-        if not (
-            n > 9
-            and b[0] == 0x16
-            and b[5] == 0x01
-            and n == 5 + ((b[3] << 8) | b[4]) == 9 + ((b[6] << 16) | (b[7] << 8) | b[8])
-        ):
+        if not lone_hello(self.buffer, n):
             watch.feed_client(bytes(self.view[:n]))
             return True
         watch.client = HOLD

@@ -9,6 +9,11 @@ rt45/network, findings 1 and 2:
   SSLRequest) is decided as a first one: an SNI-routing server never serves a tenant
   the gateway refuses.
 
+And from its second round: a hello in any record version Go's crypto/tls takes
+(`16 00 01 ...`) is TLS to the gate and to the watch; after a server's answer that
+is not TLS, a later hello is looked for in a window of its own (not what is left of
+the connection's first 16 KiB).
+
 Each attack asserts that the forbidden server got nothing (its log) and that the
 audit log has the denial; the honest variants still work end to end. The client
 scripts (hello_later/) run inside the sandbox with /usr/bin/python3."""
@@ -31,7 +36,7 @@ RESOLVE = f"{PY} -c \"import socket; print(socket.gethostbyname('allowed.test'))
 
 
 def _copy_clients(steps: Path) -> None:
-    for name in ("hrr_client.py", "pg_client.py"):
+    for name in ("hrr_client.py", "pg_client.py", "hello_sender.py"):
         shutil.copy(HERE / name, steps / name)
 
 
@@ -129,3 +134,63 @@ def test_a_client_hello_after_a_postgres_preamble_is_decided(net, tmp_path):
     # The honest hello got its own decision, naming the server it asked for.
     assert result.events(kind="connection", verdict="allow", name="allowed.test", protocol="tls")
     assert not result.events(name="evil.test", verdict="allow"), why
+
+
+SNI_RULES = """\
+version: 1
+profiles:
+  default:
+    fallback: deny
+    rules:
+      - allow: allowed.test
+        ports: [7011]
+        id: team-router
+"""
+
+
+def test_a_hello_in_any_record_version_or_after_a_non_tls_answer_is_decided(net, tmp_path):
+    # An SNI router on Go's crypto/tls at a raw-TCP port, allowed by allowed.test's
+    # DNS binding; it answers each hello with a line that is not TLS.
+    log = tmp_path / "router.log"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SNI_RULES)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", net.internet_ns, PY, str(HERE / "sni_logger.py"),
+         "203.0.113.10", "7011", str(log)]
+    )  # fmt: skip
+    send = f"{PY} hello_sender.py 203.0.113.10 7011"
+    try:
+        deadline = time.monotonic() + 10
+        while not (log.exists() and "ready" in log.read_text()):
+            assert time.monotonic() < deadline, "the SNI router stand-in did not start"
+            time.sleep(0.05)
+        steps = {
+            "resolve": RESOLVE,
+            # the connection's first bytes, a hello in record version 0x0001
+            "honest_odd": f"{send} 0001 0 allowed.test",
+            "odd_first": f"{send} 0001 0 evil-odd.test",
+            # after raw-TCP lines, a hello in record version 0x0200
+            "odd_later": f"{send} 0200 300 evil-later.test",
+            # a first hello ending past the first 16 KiB, the server's 220, another
+            "window": f"{send} 0301 16300 allowed.test evil-window.test",
+        }
+        result = sandbox.run(net, tmp_path, steps, rules=rules, setup=_copy_clients)
+    finally:
+        server.terminate()
+        server.wait(5)
+    text = log.read_text()
+    why = f"{result.describe()}\nrouter log:\n{text}"
+    assert result["honest_odd"].rc == 0, why
+    assert text.count("hello for tenant=allowed.test") == 2, why  # honest_odd, window
+    for label in ("odd_first", "odd_later", "window"):
+        assert result[label].rc != 0, why
+    assert "evil" not in text, why  # no forbidden tenant saw a hello
+    denials = _denials(result, protocol="tls")
+    assert ("no_rule", "default:fallback", "evil-odd.test") in denials, why
+    assert ("no_rule", "default:fallback", "evil-later.test") in denials, why
+    assert (
+        "spoofed_destination",
+        "builtin:client-hello-changed",
+        "evil-window.test",
+    ) in denials, why
+    assert not result.events(verdict="allow", name="evil-odd.test"), why

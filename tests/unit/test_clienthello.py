@@ -10,7 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
-from sandgate.proxy.clienthello import ClientHello, parse_client_hello, starts_like_tls_record
+from sandgate.proxy.clienthello import (
+    MAX_RECORD_MAJOR,
+    ClientHello,
+    parse_client_hello,
+    starts_like_tls_record,
+)
 from support.fakes import extension, hello_with_extensions, record, server_name
 
 
@@ -150,16 +155,21 @@ def test_malformed_hellos_are_errors(data, message):
         parse_client_hello(data)
 
 
-def test_starts_like_tls_record_takes_all_mitmproxy_does_and_every_minor_version():
+def test_starts_like_tls_record_takes_all_mitmproxy_does_and_every_version_a_server_takes():
     from mitmproxy.net.tls import starts_like_tls_record as theirs
 
-    for data in (b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x02\x01", b"GET "):
+    for data in (b"", b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x10\x01", b"GET "):
         assert starts_like_tls_record(data) == theirs(data), data
     for minor in range(256):  # 0x0304 and odder: still TLS, still decided by SNI
         assert starts_like_tls_record(bytes([0x16, 0x03, minor]))
+    # Go's crypto/tls takes any version below 0x1000 in a first record (16 00 01 ...).
+    for major in range(256):
+        assert starts_like_tls_record(bytes([0x16, major, 0x01])) is (major <= MAX_RECORD_MAJOR)
 
 
-@pytest.mark.parametrize("version", [0x0300, 0x0301, 0x0302, 0x0303, 0x0304])
+@pytest.mark.parametrize(
+    "version", [0x0300, 0x0301, 0x0302, 0x0303, 0x0304, 0x0001, 0x0100, 0x0200, 0x0FFF]
+)
 def test_a_hello_in_any_record_version_names_its_server(version):
     hello = bytearray(client_hello("allowed.test"))
     hello[1:3] = version.to_bytes(2, "big")

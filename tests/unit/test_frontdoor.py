@@ -905,6 +905,50 @@ def test_a_pipelined_second_hello_is_held_until_the_retry_then_decided(gate, sec
         )
 
 
+def test_a_retry_to_a_hello_after_an_answer_that_is_not_tls_is_watched(gate):
+    # The server answers the first hello with no TLS; the client's second hello (the
+    # same name) is allowed, the server sends a HelloRetryRequest to it: the third
+    # hello must name the same server too.
+    got = bytearray()
+    third = client_hello("evil.test")
+
+    async def server(reader, writer):
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            got.extend(await reader.readexactly(len(HELLO)))
+            writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            await writer.drain()
+            got.extend(await reader.readexactly(len(HELLO)))
+            writer.write(HELLO_RETRY)
+            await writer.drain()
+            while data := await reader.read(65536):
+                got.extend(data)
+
+    async def scenario():
+        async with Upstream(server) as upstream:
+            door = await started(gate, ALLOWED, upstream.port)
+            reader, writer = await asyncio.open_connection(LOOPBACK, door.port)
+            writer.write(HELLO)
+            assert await reader.readexactly(28) == b"HTTP/1.1 400 Bad Request\r\n\r\n"
+            writer.write(HELLO)
+            assert await reader.readexactly(len(HELLO_RETRY)) == HELLO_RETRY
+            writer.write(CCS + third)
+            with contextlib.suppress(ConnectionError):
+                await read_all(reader)
+            writer.close()
+            await until(lambda: gate.events and str(gate.events[-1].kind) == "connection_end")
+            await door.stop()
+
+    run(scenario())
+    assert bytes(got) in (HELLO + HELLO, HELLO + HELLO + CCS)  # never the third hello
+    assert events(gate)[1] == (
+        "connection",
+        "spoofed_destination",
+        "builtin:client-hello-changed",
+        "evil.test",
+        "tls",
+    )
+
+
 def test_a_hello_after_a_preamble_on_a_raw_port_is_decided_before_it_goes(gate):
     got = bytearray()
     preamble = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"  # PostgreSQL's SSLRequest

@@ -7,8 +7,14 @@ from __future__ import annotations
 import random
 
 import pytest
-from sandgate.proxy.clienthello import HELLO_RETRY_RANDOM, is_hello_retry_request
-from sandgate.proxy.frontdoor.hello_watch import MAX_HELD, Decide, HelloWatch, Refuse
+from sandgate.proxy.clienthello import (
+    HELLO_RETRY_RANDOM,
+    MAX_RECORD,
+    MAX_RECORD_MAJOR,
+    is_hello_retry_request,
+)
+from sandgate.proxy.frontdoor import hello_watch
+from sandgate.proxy.frontdoor.hello_watch import MAX_HELD, Decide, HelloWatch, Refuse, lone_hello
 from sandgate.proxy.gate import MAX_FIRST_BYTES, Outcome
 from support.fakes import (
     GATE_RULES,
@@ -26,12 +32,14 @@ CCS = record(b"\x01", kind=20, version=b"\x03\x03")
 EARLY_DATA = record(b"\x17" * 300, kind=23, version=b"\x03\x03")
 
 
-def hello(sni: str | None, ech: bool = False) -> bytes:
-    """A ClientHello record naming `sni` (none: None), with an ECH extension if asked."""
+def hello(sni: str | None, ech: bool = False, version: bytes = b"\x03\x01") -> bytes:
+    """A ClientHello record naming `sni` (none: None), with an ECH extension if asked,
+    in a record of `version`."""
     extensions = server_name((0, sni.encode())) if sni else b""
     if ech:
         extensions += extension(0xFE0D, b"\x00" + bytes(40))
-    return hello_with_extensions(extensions)
+    data = hello_with_extensions(extensions)
+    return data[:1] + version + data[3:]
 
 
 def server_hello(retry: bool) -> bytes:
@@ -197,7 +205,71 @@ def test_after_an_answer_that_is_not_a_server_hello_a_later_hello_is_still_decid
     sent, said = run(watch, allow=False)
     assert sent == CCS and snis(said) == [("evil.test", False, True)]
     watch.allowed()
-    assert run(watch) == (hello("evil.test"), []) and watch.done
+    # Allowed, it is watched as a first one: held behind until the server's answer.
+    watch.feed_client(CCS)
+    assert run(watch) == (hello("evil.test"), []) and watch.waits_for_server
+    watch.feed_server(server_hello(retry=False))
+    assert run(watch) == (CCS, []) and watch.done
+
+
+def test_a_hello_after_an_answer_that_is_not_tls_is_watched_as_a_first_one():
+    # SSLRequest and a hello; the server answers with no TLS; the client sends a
+    # second hello, then a third after the server's HelloRetryRequest to the second.
+    watch = HelloWatch("raw")
+    watch.feed_client(PG_SSL_REQUEST + hello("allowed.test"))
+    sent, said = run(watch)
+    assert sent == PG_SSL_REQUEST + hello("allowed.test")
+    assert snis(said) == [("allowed.test", False, False)]
+    watch.feed_server(b"N")
+    watch.feed_client(hello("allowed.test"))
+    sent, said = run(watch)
+    assert sent == hello("allowed.test") and snis(said) == [("allowed.test", False, True)]
+    watch.feed_server(server_hello(retry=True))
+    watch.feed_client(CCS + hello("evil.test"))
+    sent, said = run(watch, allow=False)
+    assert sent == CCS and snis(said) == [("evil.test", False, True)]
+
+
+@pytest.mark.parametrize(
+    "before, between",
+    [
+        # the first hello ends past the connection's first 16 KiB
+        pytest.param(b"x" * (MAX_FIRST_BYTES - 20), b"", id="first-hello-late"),
+        # the later hello is held behind the first, 16 KiB and more after it
+        pytest.param(b"", b"x" * (MAX_FIRST_BYTES + 600), id="held-long"),
+    ],
+)
+def test_an_answer_that_is_not_tls_gives_the_scan_a_window_of_its_own(before, between):
+    # A first hello of some size (a padding extension), as real ones are.
+    first = hello_with_extensions(server_name((0, b"allowed.test")) + extension(21, bytes(600)))
+    watch = HelloWatch("raw")
+    watch.feed_client(before + first)
+    sent, said = run(watch)
+    assert sent == before + first and len(said) == 1
+    watch.feed_client(between + hello("evil.test"))
+    assert run(watch) == (b"", [])  # held behind the first hello
+    watch.feed_server(b"220 Ready\r\n")
+    sent, said = run(watch, allow=False)
+    assert sent == between and snis(said) == [("evil.test", False, True)]
+    # And 16 KiB after the answer, still.
+    watch = HelloWatch("tls")
+    watch.feed_client(hello("allowed.test"))
+    run(watch)
+    watch.feed_server(b"220 Ready\r\n")
+    watch.feed_client(b"y" * (MAX_FIRST_BYTES - 10) + hello("evil.test"))
+    assert snis(run(watch, allow=False)[1]) == [("evil.test", False, True)]
+
+
+def test_a_hello_split_around_a_server_banner_is_read_again_whole():
+    body = hello("allowed.test")[5:]
+    first, rest = record(body[:20]), record(body[20:])
+    watch = HelloWatch("tls")
+    watch.feed_client(first)
+    assert run(watch) == (b"", [])
+    watch.feed_server(b"220 smtp ready\r\n")
+    watch.feed_client(rest)
+    sent, said = run(watch)
+    assert sent == first + rest and snis(said) == [("allowed.test", False, True)]
 
 
 def test_after_a_server_alert_the_client_stays_held():
@@ -287,7 +359,7 @@ def test_a_hello_past_the_window_is_not_looked_for():
         pytest.param(b"\x16\x03\x01\x00\x00\x01", id="empty-record"),
         pytest.param(b"\x16\x03\x01\x41\x00\x01", id="record-too-long"),
         pytest.param(b"\x16\x03\x01\x00\x10\x02", id="not-a-hello"),
-        pytest.param(b"\x16\x02\x01\x00\x10\x01", id="not-version-3"),
+        pytest.param(b"\x16\x10\x01\x00\x10\x01", id="major-version-16"),
         pytest.param(b"\x16\x03\x01\x00\x10\x01\x03", id="hello-over-128-kib"),
     ],
 )
@@ -296,6 +368,42 @@ def test_what_no_server_reads_as_a_hello_is_not_one(candidate):
     data = candidate + b"y" * 40
     watch.feed_client(data)
     assert run(watch) == (data, [])
+
+
+@pytest.mark.parametrize(
+    "version", [b"\x00\x01", b"\x01\x00", b"\x02\x00", b"\x03\x03", b"\x0f\xff"]
+)
+def test_a_hello_in_any_record_version_a_server_takes_is_decided(version):
+    # Go's crypto/tls takes any version below 0x1000 in a connection's first record.
+    watch = HelloWatch("raw")
+    watch.feed_client(PG_SSL_REQUEST + hello("evil.test", version=version))
+    sent, said = run(watch, allow=False)
+    assert sent == PG_SSL_REQUEST and snis(said) == [("evil.test", False, False)]
+
+
+def test_the_scans_pattern_is_a_hello_start_as_the_constants_say():
+    def candidate(data: bytes) -> bool:
+        size = (data[3] << 8) | data[4]
+        return (
+            data[0] == 0x16
+            and data[1] <= MAX_RECORD_MAJOR
+            and 0 < size <= MAX_RECORD
+            and data[5] == 1
+            and (size == 1 or data[6] <= hello_watch._MAX_HELLO_TOP)
+        )
+
+    rng = random.Random(7)
+    cases = [
+        bytes([0x16, major, 1, size >> 8, size & 255, kind, top])
+        for major in (0, 3, 15, 16, 255)
+        for size in (0, 1, 2, 255, 256, MAX_RECORD, MAX_RECORD + 1, 0xFFFF)
+        for kind in (0, 1, 2)
+        for top in (0, 2, 3, 255)
+    ]
+    cases += [bytes([0x16, rng.randrange(17), *rng.randbytes(5)]) for _ in range(20000)]
+    for data in cases:
+        found = hello_watch._CANDIDATE_START.match(data) is not None
+        assert found == candidate(data), data.hex()
 
 
 def test_a_malformed_hello_after_a_preamble_is_refused():
@@ -318,6 +426,18 @@ def test_a_hello_in_pieces_waits_whole_then_is_decided():
 def test_hello_retry_request_is_told_by_its_random():
     assert is_hello_retry_request(server_hello(retry=True)[5:])
     assert not is_hello_retry_request(server_hello(retry=False)[5:])
+    assert is_hello_retry_request(memoryview(server_hello(retry=True)), 5)
+    assert not is_hello_retry_request(memoryview(server_hello(retry=False)), 5)
+
+
+def test_a_lone_hello_is_one_record_holding_one_whole_hello():
+    first = client_hello("allowed.test")
+    assert lone_hello(first, len(first))
+    assert lone_hello(first + b"unread", len(first))  # the relay's buffer: n counts
+    assert not lone_hello(first + CCS, len(first) + len(CCS))
+    assert not lone_hello(first[:-1], len(first) - 1)
+    body = first[5:]
+    assert not lone_hello(record(body[:20]) + record(body[20:]), len(first) + 5)
 
 
 # --- the gate's decision on them ---------------------------------------------------------------
@@ -445,6 +565,23 @@ def run_raw(data: bytes):
     watch.feed_client(data)
     (decide,) = run(watch, allow=False)[1]
     return decide.hello
+
+
+@pytest.mark.parametrize("version", [0x0001, 0x0100, 0x0200, 0x0F00])
+@pytest.mark.parametrize(
+    "port, sni, outcome",
+    [
+        pytest.param(22, "evil.test", Outcome.REJECT, id="raw-port"),
+        pytest.param(443, "allowed.test", Outcome.PASSTHROUGH, id="web-port"),
+    ],
+)
+def test_first_bytes_in_any_record_version_a_server_takes_are_a_hello(
+    gate, version, port, sni, outcome
+):
+    state = gate.on_connect(("k", 1), SANDBOX, 40000, "203.0.113.10", port)
+    data = hello(sni, version=version.to_bytes(2, "big"))
+    assert gate.on_first_bytes(state, data) is outcome
+    assert [e[3:] for e in events(gate)] == [(sni, "tls")]
 
 
 def test_a_refusal_is_a_malformed_tls_event(gate):
