@@ -70,7 +70,9 @@ def test_services_on_other_control_sockets_keep_their_own_guard_tables(net, tmp_
     first = GatewayProcess(net, tmp_path / "a", rules, "--workers", "1").start()
     try:
         guard_before = _guard(net, first)
-        second = GatewayProcess(net, tmp_path / "b", rules, "--workers", "1").start()
+        second = GatewayProcess(
+            net, tmp_path / "b", rules, "--workers", "1", "--admin-listen", "127.0.0.1:9466"
+        ).start()  # an address of its own: the first has the default (docs/operations.md)
         try:
             assert guard_table(first.control) != guard_table(second.control)
             assert _guard(net, first) == guard_before
