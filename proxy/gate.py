@@ -682,18 +682,17 @@ class ConnectionGate:
         if name != before:
             return deny(
                 "client-hello-changed",
-                detail=f"after a HelloRetryRequest the second ClientHello names "
-                f"{name or 'no server'}, the first (decided) {before or 'none'}: "
-                "reset before the server got it",
+                detail=f"a later ClientHello on this connection (after a HelloRetryRequest, "
+                f"or after the server answered) names {name or 'no server'}, the first "
+                f"(decided) {before or 'none'}: reset before the server got it",
             )
         if hello.hidden_name and not (first is not None and first.hidden_name):
             allowed = state.allowed
             if allowed is not None and not _by_address(allowed):
                 return deny(
                     "encrypted-client-hello",
-                    detail=f"the second ClientHello to {name or state.ip} (after a "
-                    "HelloRetryRequest) hides its server name (ECH): reset before the "
-                    "server got it",
+                    detail=f"a later ClientHello to {name or state.ip} on this connection "
+                    "hides its server name (ECH): reset before the server got it",
                 )
         return None  # the hello decided before, again
 
