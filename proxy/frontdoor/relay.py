@@ -137,20 +137,10 @@ class Relay:
         connection ended (a reset, passed on to the other end)."""
         while True:
             if dst.pending is not None:
-                if not dst.writable:
-                    return True
-                try:
-                    sent = dst.sock.send(dst.pending)
-                except (BlockingIOError, InterruptedError):
-                    dst.writable = False
-                    return True
-                except OSError:
-                    self.finish(None, reset=True)
+                if not self.flush(dst):
                     return False
-                if sent < len(dst.pending):
-                    dst.pending, dst.writable = dst.pending[sent:], False
+                if dst.pending is not None:
                     return True
-                dst.pending = None
                 if src.eof:
                     return self.shut(dst)
             if not src.readable or src.eof:
@@ -220,7 +210,7 @@ class Relay:
             return
         while True:
             if u.pending is not None:
-                if not self.flush(u, c):
+                if not self.flush(u):
                     return
                 if u.pending is not None:
                     break  # the upstream takes no more now: its OUT event resumes
@@ -316,7 +306,7 @@ class Relay:
             c.readable = False
         return True
 
-    def flush(self, dst: End, src: End) -> bool:
+    def flush(self, dst: End) -> bool:
         """Send what waits for `dst`. False when the connection ended."""
         if not dst.writable:
             return True
