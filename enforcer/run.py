@@ -952,11 +952,16 @@ def _left_journals() -> list[tuple[Path, Path]]:
             continue  # no log to append to: left as it is
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Still there once the lock is ours? A run removes its journal before it lets
+            # go of the lock (AuditLog.close): one that ended since the glob took its
+            # journal with it, and there is nothing to append (gc said it removed one).
+            left = journal.exists()
         except BlockingIOError:
             continue  # a live process writes that log
         finally:
             os.close(fd)
-        found.append((journal, log_path))
+        if left:
+            found.append((journal, log_path))
     return found
 
 

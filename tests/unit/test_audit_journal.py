@@ -190,6 +190,35 @@ def test_gc_appends_a_journal_no_process_holds(tmp_path, monkeypatch):
     assert run_module._left_journals() == []
 
 
+def test_gc_takes_no_journal_of_a_run_that_ended_after_it_looked(tmp_path, monkeypatch):
+    """gc found a live run's journal, then, the run having ended meanwhile (its journal
+    removed, its lock let go), got the lock: it took the journal for a killed run's
+    and said it removed one (test_run_storm, once in many runs). Nothing was lost, but
+    gc's word was false. What it finds is looked at again once the lock is its own."""
+    import fcntl
+
+    from sandgate.enforcer import run as run_module
+
+    monkeypatch.setattr(run_module, "STATE_DIR", tmp_path / "state")
+    path = tmp_path / "audit.jsonl"
+    journal = run_module.audit_journal(path)
+    log = AuditLog(path, journal=journal)  # a live run: its log locked, its journal there
+    log.emit(request(0))
+
+    class RunEndsFirst:  # the run ends between gc's look at the journals and its lock
+        def flock(self, fd, how):
+            log.close()
+            return fcntl.flock(fd, how)
+
+        def __getattr__(self, name):
+            return getattr(fcntl, name)
+
+    monkeypatch.setattr(run_module, "fcntl", RunEndsFirst())
+    assert run_module._left_journals() == []
+    assert not journal.exists()
+    assert [r["path"] for r in records(path)] == ["/0"]
+
+
 def test_a_closed_logs_journal_is_gone_before_its_lock(tmp_path, monkeypatch):
     """`sandgate gc` appends a journal whose log no process locks (a killed one's): the
     journal goes while the log is still locked. Unlinked after the lock, a gc between
