@@ -255,56 +255,43 @@ class Relay:
         """Read the client's first bytes: the decided hello, whole in one record and
         alone, goes on from the read buffer (the watch then waits for the server);
         anything else goes to the watch. False when the connection ended."""
-        try:
-            n = c.sock.recv_into(self.buffer)
-        except (BlockingIOError, InterruptedError):
-            c.readable = False
-            return True
-        except OSError:  # reset: pass it on
-            self.finish(None, reset=True)
-            return False
-        if n == 0:
-            c.eof, c.readable = True, False
-            return True
-        self.state.bytes_up += n
-        self.last_active = self.clock()
-        if n < RELAY_CHUNK and not c.closing:
-            c.readable = False
+        n = self.read_client(c, RELAY_CHUNK)
+        if not n:
+            return n is not None
         if not lone_hello(self.buffer, n):
             watch.feed_client(bytes(self.view[:n]))
             return True
         watch.client = HOLD
-        try:
-            sent = u.sock.send(self.view[:n])
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.finish(None, reset=True)
-            return False
-        if sent < n:
-            u.pending, u.writable = bytes(self.view[sent:n]), False
-        return True
+        u.pending = bytes(self.view[:n])
+        return self.flush(u)
 
     def take(self, c: End, watch: HelloWatch) -> bool:
         """Read what the client has into the watch. False when the connection ended."""
-        size = MAX_HELD - len(watch.held)  # what is held stays bounded
+        n = self.read_client(c, MAX_HELD - len(watch.held))  # what is held stays bounded
+        if n:
+            watch.feed_client(bytes(self.view[:n]))
+        return n is not None
+
+    def read_client(self, c: End, size: int) -> int | None:
+        """One read of at most `size` bytes from the client into the read buffer (the
+        watched path's; `move` reads inline): how many (0: none now, or its end,
+        `c.eof`), None when the connection ended (a reset, passed on)."""
         try:
-            data = c.sock.recv(size)
+            n = c.sock.recv_into(self.buffer, size)
         except (BlockingIOError, InterruptedError):
             c.readable = False
-            return True
+            return 0
         except OSError:  # reset: pass it on
             self.finish(None, reset=True)
-            return False
-        if not data:
+            return None
+        if n == 0:
             c.eof, c.readable = True, False
-            return True
-        self.state.bytes_up += len(data)
+            return 0
+        self.state.bytes_up += n
         self.last_active = self.clock()
-        watch.feed_client(data)
-        if len(data) < size and not c.closing:
+        if n < size and not c.closing:
             c.readable = False
-        return True
+        return n
 
     def flush(self, dst: End) -> bool:
         """Send what waits for `dst`. False when the connection ended."""
