@@ -228,16 +228,14 @@ class Approvals:
         found = self.store.get(pending_id)
         if expires is not None and scope is not Scope.ALWAYS:
             raise ApprovalError("expires goes with always (it is written into the rule)")
+        widened = self.store.check_scope(pending_id, scope, widen)
+        self.store.check_seen(pending_id, seen)
         if scope is Scope.ALWAYS and found.state is State.PENDING:
-            self.store.check_scope(pending_id, scope, widen)
-            self.store.check_seen(pending_id, seen)
             if self.on_always is None:
                 raise ApprovalError(
                     "this gateway has no rule file to add to (--always needs --rules)"
                 )
             return await self._approve_always(found, approver, ticket, expires, widen, seen)
-        widened = self.store.check_scope(pending_id, scope, widen)
-        self.store.check_seen(pending_id, seen)
         held = found.to_dict(self.clock())["shown"]  # what this decision let through
         found = self.store.approve(
             pending_id, approver, scope, duration=duration, ticket=ticket, widen=widened, seen=seen
