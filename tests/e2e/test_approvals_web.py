@@ -219,7 +219,10 @@ def test_webhook_then_api_decision_releases_the_request_and_bad_callers_are_refu
         sandbox_ip = asked["sandbox"]
         assert "admin connection from" in service.log.read_text()  # the test's own calls
         assert f"admin connection from ('{sandbox_ip}'" not in service.log.read_text()
-        events = service.events(kind="approval", reason="approval_granted")
+        # (the audit writer writes within its flush interval: the line may come after the 200)
+        events = eventually(
+            lambda: service.events(kind="approval", reason="approval_granted"), timeout=10
+        )
         assert events and events[0]["approver"] == "admin (api key)"
     finally:
         if task is not None and task.poll() is None:
