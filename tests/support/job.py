@@ -56,6 +56,10 @@ while True:
     else:
         os.write(report, f"exited {os.waitstatus_to_exitcode(status)}\\n".encode())
         break
+# A shell outlives its jobs: were it to exit now, the session would lose its terminal
+# (the kernel clears the terminal's foreground group as its session leader exits), and
+# a test reading the terminal's state after the job would race that.
+threading.Event().wait()
 """
 
 
