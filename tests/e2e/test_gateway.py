@@ -521,7 +521,8 @@ def test_exit_codes_propagate(net, tmp_path):
     [
         pytest.param("trap 'echo TERM > {marker}; exit 42' TERM; touch {ready}; sleep 30 & wait $!",
                      42, id="trapped"),
-        pytest.param("touch {ready}; echo TERM > {marker}; exec sleep 30", 128 + signal.SIGTERM,
+        # (The marker before `ready`: a SIGTERM between the two left it empty.)
+        pytest.param("echo TERM > {marker}; touch {ready}; exec sleep 30", 128 + signal.SIGTERM,
                      id="killed-by-it"),
     ],
 )  # fmt: skip
