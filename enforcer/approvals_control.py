@@ -185,7 +185,7 @@ def always_writer(
             raise ApprovalError(
                 "--always needs a rule file of your own (--rules FILE): approved.yaml goes next to it"
             )
-        async with one_at_a_time, overlay_lock(overlay):
+        async with one_at_a_time, overlay_lock(overlay, intents=intents):
             intent = _write_intent(overlay, intents, found, approver)
             try:
                 previous = append_approved(overlay, found, approver, expires=expires)
@@ -289,7 +289,7 @@ def report_interrupted(overlay: Path, intents: Path | None = None) -> str | None
     except (OSError, ValueError):
         record = {}
     try:  # one being written now is a live process's, not a leftover
-        lock = os.open(overlay.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        lock = _open_lock(overlay, intents)
     except OSError:
         return None
     try:
@@ -326,18 +326,36 @@ def report_interrupted(overlay: Path, intents: Path | None = None) -> str | None
 OVERLAY_LOCK_WAIT_S = 30.0  # a reload takes well under a second; a holder stuck longer is a fault
 
 
+def _open_lock(overlay: Path, intents: Path | None) -> int:
+    """The lock file of every process that writes `overlay`: root's, beside the intent
+    records (STATE_DIR/approvals-locks, out of the rules' git checkout), named after the
+    overlay's real path (one lock whatever the spelling). Not the overlay's directory:
+    flock needs only a descriptor, and a task reads the rules' directory like the
+    rest of the host (/etc/sandgate, read-only in every sandbox): one that opened it
+    and held LOCK_EX made every `always` of every task on the gateway wait 30 s and
+    be refused, for as long as it ran."""
+    real = os.path.realpath(overlay)
+    name = f"always-{hashlib.sha256(real.encode()).hexdigest()[:16]}.lock"
+    records = _intent_path(overlay, intents).parent
+    directory = records.with_name(f"{records.name}-locks")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(directory / name, flags, 0o600)
+
+
 @contextlib.asynccontextmanager
-async def overlay_lock(overlay: Path, wait: float = OVERLAY_LOCK_WAIT_S) -> AsyncIterator[None]:
-    """`overlay`'s directory locked (flock) for every process that writes it: the
-    directory, not a lock file, which would show in the admins' git checkout of the
-    rules. Tried without blocking every 20 ms, so that the loop keeps running and a
+async def overlay_lock(
+    overlay: Path, wait: float = OVERLAY_LOCK_WAIT_S, intents: Path | None = None
+) -> AsyncIterator[None]:
+    """`overlay` locked (flock of `_open_lock`'s file) for every process that writes
+    it. Tried without blocking every 20 ms, so that the loop keeps running and a
     cancelled wait leaves no thread behind to take the lock later. A holder that dies
     releases it. ApprovalError when it cannot be had."""
     try:
-        lock = os.open(overlay.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        lock = _open_lock(overlay, intents)
     except OSError as e:
         raise ApprovalError(
-            f"{overlay.parent} cannot be opened ({e.strerror or e}): nothing was approved"
+            f"the lock of {overlay} cannot be opened ({e.strerror or e}): nothing was approved"
         ) from None
     try:
         deadline = asyncio.get_running_loop().time() + wait

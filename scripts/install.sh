@@ -19,6 +19,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(strace)  # a kill at a chosen step of a run (test_crash_points: a delay injected on a syscall)
   packages+=(tmux)  # a real terminal emulator: what the task summary looks like after a hostile task (test_output_injection)
   packages+=(php-cli)  # a server that reads method overrides in PHP's spellings (test_method_override_php)
+  packages+=(mercurial)  # the host's `hg status` in a workspace the task left (test_workspace_planting_hg)
 fi
 missing=()
 for p in "${packages[@]}"; do

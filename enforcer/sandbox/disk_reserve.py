@@ -128,18 +128,57 @@ def room_of(path: Path) -> Room:
     return Room(path, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, st.f_favail, st.f_files)
 
 
+def mounts_below(roots: list[Path], mountinfo: str = "/proc/self/mountinfo") -> list[Path]:
+    """The mount points strictly below any of `roots`, as this process sees them: the
+    sandbox binds a writable root with everything mounted below it (open_tree
+    AT_RECURSIVE), writable as the root is."""
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        point = Path(_unescape(fields[4]))
+        if any(point != root and point.is_relative_to(root) for root in roots):
+            found.append(point)
+    return found
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash are written as octal \\NNN."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 class DiskWatch:
-    """The writable roots' file systems, one path each (by device), against the reserve."""
+    """The file systems the task can write, one path each (by device), against the
+    reserve: each writable root's, and each writable one mounted below a root (a
+    directory of a workspace on a data disk mounted from the system disk, which holds
+    the audit log: unwatched, the task filled it to its last byte). A read-only mount
+    below a root, or a kernel one (no blocks), the task cannot fill: not watched."""
 
     def __init__(self, roots: list[Path], reserve: Reserve | None):
         self.reserve = reserve
         self.paths: list[Path] = []
         devices: set[int] = set()
-        for root in roots if reserve is not None else []:
+        if reserve is None:
+            return
+        for root in roots:
             device = os.stat(root).st_dev
             if device not in devices:
                 devices.add(device)
                 self.paths.append(root)
+        for path in mounts_below(roots):
+            try:
+                device, st = os.stat(path).st_dev, os.statvfs(path)
+            except OSError:
+                continue
+            if device not in devices and not st.f_flag & os.ST_RDONLY and st.f_blocks > 0:
+                devices.add(device)
+                self.paths.append(path)
 
     def shortfall(self) -> str | None:
         """Why a watched file system is below the reserve now, or None."""

@@ -52,7 +52,9 @@ bare repository or a worktree's or submodule's git dir): `config`,
 list of a rebase or cherry-pick stopped half-way (`rebase-merge/git-rebase-todo`,
 `sequencer/todo`: `git rebase --continue` runs its `exec` lines); anywhere:
 an entry named `.git` that is not a directory (a `gitdir:` file, a link), and every
-file in a `.vscode` or `.idea` directory (editors run tasks and tools named there).
+file in a `.vscode` or `.idea` directory (editors run tasks and tools named there);
+of a Mercurial repository, `.hg/hgrc`, `.hg/hgrc-not-shared` (harmless: only data,
+hgrc.code_entries), `.hg/sharedpath` and a `.hg` that is a link.
 A new or changed one is harmless only when it is a regular file with one link and:
 a config whose keys are all data (gitconfig.code_keys), a hook named *.sample (git
 runs only the exact hook names), a todo list without `exec` lines, or a `gitdir:`/commondir pointing at a git
@@ -74,17 +76,31 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sandgate.enforcer import private_cache
-from sandgate.enforcer.sandbox import gitconfig
+from sandgate.enforcer.sandbox import gitconfig, hgrc, mounts
+from sandgate.proxy.approvals.shown import visible
 from sandgate.proxy.file_systems import file_system_type
 
 SUFFIX = ".sandgate-planted"
 EDITOR_DIRS = frozenset({".vscode", ".idea"})
 CONFIG_FILES = frozenset({"config", "config.worktree"})
+# Mercurial: `hg` runs what a repository's `.hg/hgrc` names (hooks such as pre-status,
+# extensions) and trusts the file when the user who runs it owns it, which a file the
+# task writes through the idmapped workspace is. `sharedpath` (`hg share`) makes it
+# read the hgrc of the repository it names too.
+HG_DIR = ".hg"
+HG_CONFIG_FILES = frozenset({"hgrc", "hgrc-not-shared"})
 READ_ONLY_IN_GITDIR = ("config", "config.worktree", "hooks", "info")
 MAX_POINTER_BYTES = 4096
 MAX_PINNED = 64  # git directories bound during the run; more are checked afterwards only
 MAX_DEPTH = 256  # directories deeper are not walked: reported (one descriptor per level)
+# Control paths a walk records (~0.5 KiB each). A hooks or editor directory (every file
+# in it is one) with more than MAX_DIR_CONTROLS, or a new one past MAX_CONTROLS in all,
+# is not listed but planted whole: a task's ten million files in .vscode/ (inodes are
+# free) cost the root runner gigabytes, and ten million renames. A checkout has tens.
+MAX_DIR_CONTROLS = 4096
+MAX_CONTROLS = 100_000
 MAX_REPORTED = 50  # planted paths reported one by one; the rest in one line
+DESCRIBED_CHARS = 1 << 14  # a path is at most 4096 bytes, each shown as up to 4 (\xNN)
 MAX_INCLUDE_DEPTH = 10  # as git's own limit on nested include.path
 MAX_NAMED_ENTRIES = 4096  # files fingerprinted below one named directory
 # A rebase or cherry-pick stopped half-way keeps its todo list in the git directory;
@@ -151,6 +167,8 @@ class Survey:
     controls: dict[Path, ControlPath] = field(default_factory=dict)
     git_dirs: set[Path] = field(default_factory=set)
     too_deep: list[Path] = field(default_factory=list)  # not walked (MAX_DEPTH)
+    # not listed (MAX_DIR_CONTROLS, MAX_CONTROLS, MAX_NAMED_ENTRIES): planted whole if new
+    crowded: list[Path] = field(default_factory=list)
     # Work-tree paths the repositories' configs name, or a control path that is a link
     # resolves to (resolved, inside the roots), each with why; "include": read as config
     named: dict[Path, tuple[str, str]] = field(default_factory=dict)
@@ -166,8 +184,12 @@ class Planted:
     disarmed_as: Path | None = None  # where disarm() moved it; None: not moved
 
     def describe(self) -> str:
+        """One line for the user's terminal and the event: the task chose the names (and
+        a config's keys in `why`), so every control, bidi or line-separator character is
+        escaped visibly (`\\x1b`): a name of `\\x1b[8m` made sandgate's lines after it
+        invisible, one with a newline forged a line of its own."""
         done = f"; renamed to {self.disarmed_as.name}" if self.disarmed_as else "; NOT renamed"
-        return f"{self.path}: {self.why}{done}"
+        return visible(f"{self.path}: {self.why}{done}", DESCRIBED_CHARS)
 
 
 def survey(
@@ -277,6 +299,9 @@ LINKED_ROLES = {
     "attributes": "linked",
     "gitfile": "linked",
     "editor": "linked",
+    "hgrc": "linked",
+    "hgshared": "linked",
+    "hgdir": "linked",
 }
 MAX_HOPS = 40  # links followed in one resolution, as the kernel's limit (ELOOP)
 
@@ -362,17 +387,40 @@ def _fingerprint_named(result: Survey, path: Path, role: str) -> None:
         path = link
     paths = [path]
     if path.is_dir() and not path.is_symlink():
-        for parent, dirs, files in os.walk(path):
-            paths += [Path(parent, name) for name in dirs + files]
-            if len(paths) > MAX_NAMED_ENTRIES:
-                break
-    for each in paths[: MAX_NAMED_ENTRIES + 1]:
+        below = _below(path, MAX_NAMED_ENTRIES)
+        if below is None:  # not listed: a check of some of it would miss the rest
+            result.crowded.append(path)
+        paths += below or []
+    for each in paths:
         try:
             fingerprint = Fingerprint.of(os.lstat(each))
         except OSError:
             continue
         relative = str(each.relative_to(root))
         result.controls.setdefault(each, ControlPath(root, relative, role, fingerprint))
+
+
+def _below(top: Path, limit: int) -> list[Path] | None:
+    """Everything below the directory `top` (no link followed), or None when that is
+    more than `limit` entries. Never more than `limit` in memory: a task's ten million
+    files in a named directory were all listed (os.walk) before the limit was looked
+    at, and what lay past the first `limit` was not checked at all (a hook hidden
+    behind 5,000 files of padding)."""
+    found: list[Path] = []
+    pending = [top]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as listing:
+                for entry in listing:
+                    if len(found) == limit:
+                        return None
+                    found.append(Path(entry.path))
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append(Path(entry.path))
+        except OSError:
+            continue
+    return found
 
 
 def _first_link(root: Path, path: Path) -> Path | None:
@@ -395,13 +443,16 @@ def _walk(
         entries = None
         old = since.dirs.get((root, relative)) if since is not None else None
         if old is None or not _unchanged(old, st, context, since, root):
-            entries = {e.name: e for e in os.scandir(fd)}
+            entries = _scan(fd, context, _room(result, root, relative, since))
     except OSError:
         os.close(fd)
         return
     try:
         if entries is None:
             _take_unchanged(result, root, fd, relative, old, since)
+            return
+        if entries is CROWDED:
+            result.crowded.append(root / relative)  # no record: read again next time
             return
         given = context
         if context == "plain" and _looks_like_git_dir(relative, entries):
@@ -427,7 +478,7 @@ def _walk(
             except OSError:
                 complete = False
                 continue
-            if not is_dir or (context == "git" and name == "objects"):
+            if not is_dir or (context, name) in (("git", "objects"), ("hg", "store")):
                 continue
             if child.count("/") >= MAX_DEPTH:
                 result.too_deep.append(root / child)
@@ -442,6 +493,61 @@ def _walk(
             )  # fmt: skip
     finally:
         os.close(fd)
+
+
+# What `_scan` returns for a directory with more control paths than the walk has
+# room for: it is not walked but planted whole (`Survey.crowded`).
+CROWDED: dict[str, os.DirEntry] = {}
+
+
+def _room(result: Survey, root: Path, relative: str, since: Survey | None) -> int:
+    """How many control paths a hooks or editor directory may hold for the walk to list
+    them: MAX_DIR_CONTROLS; one the earlier walk did not see (the task's), no more than
+    MAX_CONTROLS leaves. One that did gets its own room whatever the task made
+    elsewhere: a guarded hooks directory is never planted for the task's crowd."""
+    if since is not None and (root, relative) in since.dirs:
+        return MAX_DIR_CONTROLS
+    return min(MAX_DIR_CONTROLS, MAX_CONTROLS - len(result.controls))
+
+
+def _scan(fd: int, context: str, room: int) -> dict[str, os.DirEntry]:
+    """The entries of a directory the walk looks at: directories, and files that are
+    or may be control paths (those that make a plain directory a git directory and
+    what git reads in one); CROWDED when a hooks or editor directory (every file in it
+    is a control path) has more than `room` of them. The other files (most of a
+    checkout) are not kept while the walk goes on: a task's million empty files in
+    one directory cost the root runner 170 MiB as directory entries, its ten million
+    (inodes are free) gigabytes of host memory no limit of the task's bounds."""
+    kept: dict[str, os.DirEntry] = {}
+    crowdable, files = context in ("editor", "hooks"), 0
+    with os.scandir(fd) as listing:
+        for entry in listing:
+            name = entry.name
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                kept[name] = entry  # its error is the walk's (the record stays incomplete)
+                continue
+            if not is_dir:
+                if crowdable:
+                    files += 1
+                    if files > room:
+                        return CROWDED
+                elif context == "plain":
+                    if name not in PLAIN_FILES and name.lower() not in PLAIN_FILES_ANY_CASE:
+                        continue
+                elif _role(name, False, context) is None:
+                    continue
+            kept[name] = entry
+    return kept
+
+
+# The files of a plain directory the walk looks at: what makes it a git directory
+# (`_looks_like_git_dir`: by name, whatever the type, as git follows a link at
+# `objects` or `refs`), what git reads in one (`_role` in "git"), and the names that
+# are control paths anywhere when they are not directories.
+PLAIN_FILES = frozenset({"HEAD", "objects", "refs", "commondir", "hooks", "info", *CONFIG_FILES})
+PLAIN_FILES_ANY_CASE = frozenset({".git", HG_DIR, *EDITOR_DIRS})
 
 
 def _enter(
@@ -511,6 +617,8 @@ def _ctime_trusted(fd: int) -> bool:
 def _context_below(name: str, context: str) -> str:
     if context == "editor" or name.lower() in EDITOR_DIRS:
         return "editor"
+    if context == "plain" and name.lower() == HG_DIR:
+        return "hg"
     if context == "git" and name in ("hooks", "info"):
         return name
     if context == "git" and name in SEQUENCER_DIRS:
@@ -538,8 +646,14 @@ def _role(name: str, is_dir: bool, context: str) -> str | None:
         return "attributes" if name == "attributes" else None
     if context == "sequencer":
         return "todo" if name in TODO_FILES and not is_dir else None
+    if context == "hg":
+        if name in HG_CONFIG_FILES:
+            return "hgrc"
+        return "hgshared" if name == "sharedpath" else None
     if name.lower() == ".git" and not is_dir:
         return "gitfile"  # a `gitdir:` file, or a link
+    if name.lower() == HG_DIR and not is_dir:
+        return "hgdir"  # a link hg would follow to a repository elsewhere
     if name.lower() in EDITOR_DIRS and not is_dir:
         return "editor"  # a link where an editor looks for its settings
     if context == "git":
@@ -564,13 +678,22 @@ def find_planted(before: Survey, after: Survey | None = None) -> list[Planted]:
     """What the task left that would run code on the host: control paths that are new
     or changed since `before`, judged; from `after` (`walk_after(before)`)."""
     after = after if after is not None else walk_after(before)
-    old_deep = set(before.too_deep)
+    old_deep, old_crowded = set(before.too_deep), set(before.crowded)
     planted = [
         Planted(path, f"deeper than {MAX_DEPTH} directories: not checked")
         for path in after.too_deep
         if path not in old_deep
     ]
-    renamed_dirs: list[Path] = []  # a new directory goes aside with what is in it
+    crowded = [path for path in after.crowded if path not in old_crowded]
+    planted += [
+        Planted(
+            path,
+            f"a directory git or an editor runs files from, with more than the check "
+            f"lists ({MAX_DIR_CONTROLS} files in one, {MAX_CONTROLS} in all): not checked",
+        )
+        for path in crowded
+    ]
+    renamed_dirs: list[Path] = list(crowded)  # a new directory goes aside with what is in it
     for path, control in sorted(after.controls.items()):
         old = before.controls.get(path)
         if old is not None and old.fingerprint == control.fingerprint or SUFFIX in path.name:
@@ -599,6 +722,8 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     if role == "hook" and stat.S_ISREG(mode) and control.relative.endswith(".sample"):
         return None
     kind = _kind(mode)
+    if role == "hgdir" and stat.S_ISREG(mode):
+        return None  # hg takes only a directory (or a link to one) for a repository
     if not stat.S_ISREG(mode):
         return f"a {kind} where git reads a {_ROLE_NAMES[role]}"
     if control.fingerprint.nlink > 1:
@@ -609,9 +734,13 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
         return "git attributes in info/ (they choose filter and diff drivers)"
     if role == "editor":
         return "an editor's workspace settings (editors run the tasks and tools named there)"
-    limit = {"config": gitconfig.MAX_CONFIG_BYTES, "todo": MAX_TODO_BYTES}.get(
-        role, MAX_POINTER_BYTES
-    )
+    if role == "hgshared":
+        return "a Mercurial sharedpath (hg reads the config of the repository it names)"
+    limit = {
+        "config": gitconfig.MAX_CONFIG_BYTES,
+        "hgrc": gitconfig.MAX_CONFIG_BYTES,
+        "todo": MAX_TODO_BYTES,
+    }.get(role, MAX_POINTER_BYTES)
     try:
         data = _read_small(control.path, limit)
     except OSError as e:
@@ -622,6 +751,9 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     if role in ("config", "include"):
         keys = gitconfig.code_keys(text)
         return f"git config that runs code: {', '.join(keys)[:300]}" if keys else None
+    if role == "hgrc":
+        keys = hgrc.code_entries(text)
+        return f"Mercurial config that runs code: {', '.join(keys)[:300]}" if keys else None
     if role == "todo":
         runs = [line.strip() for line in text.splitlines() if _EXEC_LINE.match(line)]
         return f"a rebase todo list that runs {runs[0][:200]!r} on --continue" if runs else None
@@ -652,6 +784,9 @@ _ROLE_NAMES = {
     "gitfile": "`.git` file",
     "editor": "editor settings file",
     "todo": "rebase or cherry-pick todo list",
+    "hgrc": "Mercurial config",
+    "hgshared": "Mercurial sharedpath file",
+    "hgdir": "`.hg` repository",
 }
 
 
@@ -664,13 +799,18 @@ def _kind(mode: int) -> str:
 
 
 def _read_small(path: Path, limit: int) -> bytes | None:
-    """The file's bytes (opened without following a link), None when over `limit`.
-    Not even opened when it is not a regular file: a config link or include naming a
-    device (a watchdog, a tape) would act on its open."""
-    if not stat.S_ISREG(os.lstat(path).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file")
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    fd = os.open(path, flags)
+    """The file's bytes (found without following a link, at its end or on its way:
+    `_open_parent`), None when over `limit`. Not even opened when it is not a regular
+    file: a config link or include naming a device (a watchdog, a tape) would act on
+    its open."""
+    parent = _open_parent(path)
+    try:
+        if not stat.S_ISREG(os.stat(path.name, dir_fd=parent, follow_symlinks=False).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        fd = os.open(path.name, flags, dir_fd=parent)
+    finally:
+        os.close(parent)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
@@ -704,9 +844,21 @@ def disarm(planted: list[Planted]) -> list[Planted]:
     return done
 
 
+def _open_parent(path: Path) -> int:
+    """An O_PATH descriptor of `path`'s directory, found without following a symbolic
+    link anywhere on its way (mounts.open_exact; `path` is resolved: a root joined with
+    what the walk found). The walk itself went from descriptor to descriptor, but what
+    the check does after it went by path, as root in the host's view: a task of another
+    run sharing the directory, still running, turned a directory on the way into a link
+    to a host directory in between, and the rename aside renamed a host file
+    (`/etc/pam.d/common-auth`), the judge read one only root may read. OSError
+    (mounts.Moved) when a link is on the way."""
+    return mounts.open_exact(str(path.parent))
+
+
 def _rename_aside(path: Path) -> Path | None:
     try:
-        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        parent = _open_parent(path)
     except OSError:
         return None
     try:
@@ -789,8 +941,11 @@ def read_only_binds(before: Survey, limit: int = MAX_PINNED) -> list[Path]:
 
 KEEP_MAX_DIRS = 50_000  # a walk of more directories is not kept: reading it back costs more
 KEEP_FILES = 64  # walks kept in the cache directory (one per set of roots); the oldest go
-_CONTEXTS = frozenset({"plain", "git", "hooks", "info", "editor", "sequencer"})
-_ROLES = frozenset({"config", "hook", "attributes", "commondir", "gitfile", "editor", "todo"})
+_CONTEXTS = frozenset({"plain", "git", "hooks", "info", "editor", "sequencer", "hg"})
+_ROLES = frozenset(
+    {"config", "hook", "attributes", "commondir", "gitfile", "editor", "todo"}
+    | {"hgrc", "hgshared", "hgdir"}
+)
 
 
 def kept_walk(cache_dir: Path | None, roots: list[Path]) -> Survey | None:

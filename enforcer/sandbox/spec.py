@@ -397,6 +397,18 @@ def file_view(
     ]
     for path in read_only:
         binds.append(exact(path, writable=False))
+    # The way to a read-only path in a writable root, bound over itself: a mount point
+    # cannot be renamed or removed, a plain directory above one could, and the mount went
+    # with it (`mv tools tools.old && mkdir -p tools/ci` put the task's build.sh, or
+    # sandgate's own code of a development checkout, at the path the host runs next).
+    pinned_ways = set(writable_roots) | set(pinned)
+    for path in read_only:
+        for root in writable_roots:
+            if path != root and _under(path, root):
+                for way in reversed(path.parents):
+                    if way != root and _under(way, root) and way not in pinned_ways:
+                        pinned_ways.add(way)
+                        binds.append(exact(way, writable=True))
     # Parents before children: a --ro directory must not cover a workspace inside it,
     # and sandgate's own files inside a workspace go read-only over it.
     binds.sort(key=lambda bind: len(Path(bind["target"]).parts))
