@@ -18,14 +18,20 @@ own traffic is not matched by any rule):
    sandbox's DNS rate -> drop, the rest (53/udp, to any address) -> on to NAT; a
    TCP SYN past the sandbox's connection rate -> drop (every new TCP connection,
    DNS over TCP's too: only UDP's accept comes before it); DNS over TCP (53/tcp,
-   to any address) -> on to NAT; any address of the gateway itself -> drop (its
-   metrics and control ports, and the proxy port, which would make mitmproxy
+   to any address) -> on to NAT; a TCP SYN to an address routed out of a sandbox
+   interface (another sandbox) -> drop; any address of the gateway itself -> drop
+   (its metrics and control ports, and the proxy port, which would make mitmproxy
    connect to itself in a loop); UDP (QUIC too), ICMP, anything else not TCP ->
    drop.
 2. chain `nat_prerouting`: DNS -> the DNS filter's port; other TCP -> the proxy's
    transparent port (SO_ORIGINAL_DST keeps the real destination).
 3. chain `input`: only packets redirected by (2) to those two ports get through.
-4. chain `forward`: nothing is routed to or from a sandbox.
+4. chain `forward`: nothing is routed to or from a sandbox (and what a sandbox
+   would have the gateway connect to in another is dropped in (1)).
+5. chain `output`: the host sends a sandbox only answers: a new flow from the host
+   into it (the gateway connecting to an address a name it resolved itself led to,
+   anything on the host dialling the task's listeners) -> drop, uncounted (the task
+   sent nothing).
 
 Each drop counts in a named counter (`read_counters`).
 """
@@ -106,6 +112,14 @@ CONNECTIONS_PER_S = 200
 # has no raw sockets in the sandbox's netns (owned by the initial user namespace).
 _KERNEL_MLD = "mld-listener-report, mld-listener-done, mld2-listener-report"
 
+# Every sandbox's host-end interface (netns.HOST_IF_PREFIX + its id). A sandbox's SYN
+# to an address routed out of one is dropped (`dropped_forward`): the gateway would
+# connect to that other sandbox for it, from the host, whatever rule opened the
+# address (`allow: 10.0.0.0/8` holds the pool 10.213.0.0/16), and the other task's
+# kernel would see the SYN (its own table drops the answer: a channel of ports).
+# Only a SYN: no other packet makes the gateway connect anywhere.
+ALL_SANDBOX_IFACES = nft_wire.ALL_SANDBOX_IFACES
+
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # An interface name (at most 15 characters), or a prefix of one followed by "*".
 _IFACES = re.compile(r"[A-Za-z0-9_.-]{1,15}|[A-Za-z0-9_.-]{1,14}\*")
@@ -175,6 +189,7 @@ def render_ruleset(cfg: RulesetConfig, *, new: bool = False) -> str:
 \t\t{sbx} udp dport 53 accept
 \t\t{sbx} tcp flags & (syn | ack) == syn limit rate over {cfg.connection_rate}/second burst {cfg.connection_rate} packets counter name "dropped_connect_flood" drop
 \t\t{sbx} tcp dport 53 accept
+\t\t{sbx} tcp flags & (syn | ack) == syn fib daddr oifname "{ALL_SANDBOX_IFACES}" counter name "dropped_forward" drop
 \t\t{sbx} fib daddr type local counter name "dropped_to_gateway" drop
 \t\t{sbx} meta l4proto udp counter name "dropped_udp" drop
 \t\t{sbx} meta l4proto icmp counter name "dropped_icmp" drop
@@ -199,6 +214,11 @@ def render_ruleset(cfg: RulesetConfig, *, new: bool = False) -> str:
 \t\ttype filter hook forward priority filter; policy accept;
 \t\t{sbx} counter name "dropped_forward" drop
 \t\toifname "{cfg.sandbox_ifaces}" counter name "dropped_forward" drop
+\t}}
+
+\tchain output {{
+\t\ttype filter hook output priority filter; policy accept;
+\t\toifname "{cfg.sandbox_ifaces}" ct state new drop
 \t}}
 }}
 """

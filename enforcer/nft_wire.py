@@ -65,16 +65,18 @@ _CMP_EQ, _CMP_NEQ = 0, 1
 _META_IIFNAME, _META_OIFNAME, _META_NFPROTO, _META_L4PROTO = 6, 7, 15, 16
 _PAYLOAD_TRANSPORT = 2
 _FIB_F_SADDR, _FIB_F_DADDR, _FIB_F_IIF, _FIB_F_PRESENT = 0x1, 0x2, 0x8, 0x20
-_FIB_RESULT_OIF, _FIB_RESULT_ADDRTYPE = 1, 3
+_FIB_RESULT_OIF, _FIB_RESULT_OIFNAME, _FIB_RESULT_ADDRTYPE = 1, 2, 3
 _CT_STATUS, _IPS_DST_NAT = 2, 0x20
+_CT_STATE, _CT_STATE_NEW = 0, 0x8  # NFT_CT_STATE; NF_CT_STATE_BIT(IP_CT_NEW)
 _NF_NAT_RANGE_PROTO_SPECIFIED = 0x2
 _OBJECT_COUNTER = 1
 _SET_ANONYMOUS, _SET_CONSTANT = 0x1, 0x2
-_NF_INET_PRE_ROUTING, _NF_INET_LOCAL_IN, _NF_INET_FORWARD = 0, 1, 2
+_NF_INET_PRE_ROUTING, _NF_INET_LOCAL_IN, _NF_INET_FORWARD, _NF_INET_LOCAL_OUT = 0, 1, 2, 3
 _IPPROTO_ICMP, _IPPROTO_TCP, _IPPROTO_UDP, _IPPROTO_ICMPV6 = 1, 6, 17, 58
 _NFPROTO_IPV4, _NFPROTO_IPV6 = 2, 10
 _RTN_LOCAL = 2
 _TCP_SYN, _TCP_ACK = 0x02, 0x10
+ALL_SANDBOX_IFACES = "sgh-*"  # every sandbox's host end (nft.ALL_SANDBOX_IFACES says why)
 # nft's datatypes for a set's key (nftables' datatype.h): how `nft list` shows it
 _TYPE_INET_SERVICE, _TYPE_ICMP6_TYPE = 13, 29
 # The kernel's own MLD reports (nft.py _KERNEL_MLD): ICMPv6 types 131, 132, 143.
@@ -267,6 +269,9 @@ def sandbox_table(cfg, counters: tuple[str, ...]) -> list[Message]:
     connects = _l4proto(_IPPROTO_TCP) + syn + _limit_over(cfg.connection_rate)
     rule("early", sbx, connects, dropped("dropped_connect_flood"))
     rule("early", sbx, _dport(_IPPROTO_TCP, 53), accept)
+    # `fib daddr oifname "sgh-*"`: the name's prefix alone, as `_ifname` compares one
+    to_sandbox = _fib(_FIB_F_DADDR, _FIB_RESULT_OIFNAME) + _cmp(ALL_SANDBOX_IFACES[:-1].encode())
+    rule("early", sbx, _l4proto(_IPPROTO_TCP), syn, to_sandbox, dropped("dropped_forward"))
     local = _fib(_FIB_F_DADDR, _FIB_RESULT_ADDRTYPE) + _cmp(struct.pack("=I", _RTN_LOCAL))
     rule("early", sbx, local, dropped("dropped_to_gateway"))
     rule("early", sbx, _l4proto(_IPPROTO_UDP), dropped("dropped_udp"))
@@ -292,6 +297,11 @@ def sandbox_table(cfg, counters: tuple[str, ...]) -> list[Message]:
     chain("forward", "filter", _NF_INET_FORWARD, 0)
     rule("forward", sbx, dropped("dropped_forward"))
     rule("forward", _ifname(_META_OIFNAME, cfg.sandbox_ifaces), dropped("dropped_forward"))
+
+    chain("output", "filter", _NF_INET_LOCAL_OUT, 0)
+    new = _expr("ct", _u32(2, _CT_STATE), _u32(1, _REG_1))  # key, dreg
+    new += _bitwise(struct.pack("=I", _CT_STATE_NEW)) + _cmp(bytes(4), _CMP_NEQ)
+    rule("output", _ifname(_META_OIFNAME, cfg.sandbox_ifaces), new, drop)
     return messages
 
 

@@ -405,6 +405,45 @@ def test_gateway_ports_are_unreachable(world: World, port: int) -> None:
     assert len(world.listeners.proxy_hits) == before_proxy
 
 
+def test_a_sandbox_cannot_aim_the_gateway_at_another(world: World) -> None:
+    """A SYN to another sandbox's address never reaches the proxy port (the gateway
+    would connect there from the host, whatever rule opened the address); DNS to it
+    is still the DNS filter's."""
+    before = world.counters()
+    before_proxy = len(world.listeners.proxy_hits)
+    with netns.entered_netns(world.a.netns):
+        assert not _tcp_connects((str(world.b.sandbox_ip), 8080))
+    delta = _delta(before, world.counters())
+    assert set(delta) == {"dropped_forward"}, delta  # SYN and its retransmits
+    assert len(world.listeners.proxy_hits) == before_proxy
+    assert world.listeners.other_hits == []
+    result = _in_sandbox(
+        world.a, "dig", "+short", "+time=2", "+tries=1", "+tcp", f"@{world.b.sandbox_ip}", "z.test"
+    )
+    assert result.stdout.strip() == DNS_ANSWER, result.stdout + result.stderr
+
+
+def test_the_host_opens_nothing_into_a_sandbox(world: World) -> None:
+    """The host sends a sandbox only answers: a connection the host opens to a task's
+    listener (the gateway's, to an address a name it resolved itself led to; any
+    process's on the host) never reaches the task's kernel, not even its SYN. The
+    answers to what the task opened still do (the tests above)."""
+    port = 7777
+    with netns.entered_netns(world.a.netns):
+        listener = socket.socket()
+        listener.bind(("0.0.0.0", port))
+        listener.listen(8)
+    try:
+        with world.in_host():
+            assert not _tcp_connects((str(world.a.sandbox_ip), port))
+        with netns.entered_netns(world.a.netns), open("/proc/thread-self/net/tcp") as f:
+            rows = [line.split() for line in f.read().splitlines()[1:]]
+        syn_received = [r for r in rows if r[1].endswith(f":{port:04X}") and r[3] == "03"]
+        assert syn_received == [], syn_received
+    finally:
+        listener.close()
+
+
 def test_ipv6_is_dropped(world: World) -> None:
     with netns.entered_netns(world.host_ns):
         host_ll = _wait_for(lambda: _link_local(world.a.host_if))

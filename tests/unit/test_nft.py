@@ -27,6 +27,13 @@ def command_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nft, "_library", None)
 
 
+def test_every_sandbox_interface_is_what_the_drop_to_other_sandboxes_names() -> None:
+    from sandgate.enforcer import netns
+
+    assert nft.ALL_SANDBOX_IFACES == netns.HOST_IF_PREFIX + "*"
+    assert netns.host_if_name("ab12").startswith(nft.ALL_SANDBOX_IFACES[:-1])
+
+
 def test_ruleset_matches_golden_file() -> None:
     assert render_ruleset(CONFIG) == GOLDEN.read_text(), (
         f"the ruleset changed: review the difference, then rewrite {GOLDEN}"
