@@ -292,6 +292,9 @@ class ConnectionGate:
         # A denial for every new connection while the gateway cannot take one on (its
         # audit log cannot be written: Gateway.guard_audit), else None.
         self.hold_new: Callable[[], Decision | None] = _no_hold
+        # The same for each request on a connection already open (the audit log's only:
+        # a request takes no descriptor): what it would let out could not be recorded.
+        self.hold_requests: Callable[[], Decision | None] = _no_hold
         # `on_grant(approval)`: a connection now rests on an approval that ends (`--for`);
         # the gateway closes what it let through at its end (Gateway._watch_grant).
         self.on_grant: Callable[[Pending], None] | None = None
@@ -803,6 +806,8 @@ class ConnectionGate:
             refused = check_head(head, state.port)
             if isinstance(refused, Decision):
                 decision = refused
+            elif (held := self.hold_requests()) is not None:
+                decision, name = held, self._request_name(state, refused.host)
             else:
                 checked = refused
                 decision, name = self._decide_request(state, checked)

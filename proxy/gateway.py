@@ -389,8 +389,12 @@ class Gateway:
 
     def guard_audit(self, audit) -> None:
         """Refuse new connections (`audit_unavailable`) while `audit` (an AuditLog)
-        cannot write: `--on-audit-failure block`. Their denials wait in its queue."""
+        cannot write: `--on-audit-failure block`. Their denials wait in its queue.
+        Also each request on a connection already open, and each DNS query that would
+        go upstream (a name is data too): else a keep-alive connection, or the resolver,
+        went on carrying out what the log no longer recorded, and past its queue lost."""
         self._audit_hold = audit_hold(audit)
+        self.gate.hold_requests = self.dns.hold = self._audit_hold
 
     def _hold_new(self) -> Decision | None:
         """The gate's `hold_new`: the audit log's denial, else the descriptors'."""

@@ -161,7 +161,8 @@ def add_gateway_options(parser: argparse.ArgumentParser, *, audit_help: str) -> 
         "--on-audit-failure",
         choices=("block", "continue"),
         default="block",
-        help="while the audit log cannot be written: refuse new connections (block, the "
+        help="while the audit log cannot be written: refuse new connections, requests and "
+        "upstream DNS queries (block, the "
         "default: reason audit_unavailable) or let them through and keep their events in "
         "memory (continue)",
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sandgate.enforcer.cli.common import EXIT_OK, EXIT_USAGE, UsageError, load_rules
 from sandgate.proxy.policy import DEFAULT_RULES, PolicyError, load_policy
+from sandgate.proxy.policy.reasons import Verdict
 
 
 def register(sub) -> None:
@@ -40,12 +41,42 @@ def register(sub) -> None:
     show.set_defaults(func=cmd_rules_show)
 
 
+# An allow (or ask) of a network this wide is the public internet, by address: its
+# addresses pass whatever name a connection presents (an IP rule vouches for the
+# address, so no SNI or Host is checked against the gateway's DNS answers). Valid, but
+# rarely meant (`0.0.0.0/0` for "any port 22", a `/0` typed for a `/32`): lint says so.
+WIDE_PREFIX = {4: 8, 6: 16}
+
+
+def wide_networks(policy) -> list[str]:
+    """One warning per allow or ask rule naming a network of WIDE_PREFIX or wider."""
+    warnings: dict[str, str] = {}
+    for profile in policy.profiles.values():
+        for rule in profile.rules:
+            if rule.action is Verdict.DENY or rule.id in warnings:
+                continue
+            wide = [
+                n
+                for n in rule.networks
+                if n.prefixlen <= WIDE_PREFIX[n.version] and not n.is_private  # 10/8: meant
+            ]
+            if wide:
+                ports = ",".join(map(str, sorted(rule.ports)))
+                warnings[rule.id] = (
+                    f"{rule.origin}: warning: rule {rule.id} {rule.action}s "
+                    f"{', '.join(map(str, wide))} on ports {ports}: that much of the internet, "
+                    "by address, whatever name a connection presents"
+                )
+    return list(warnings.values())
+
+
 def cmd_rules_lint(args) -> int:
-    problems, expired = [], []
+    problems, expired, wide = [], [], []
     for path in args.files:
         try:
             policy = load_policy([Path(path)])
             expired += policy.expired
+            wide += wide_networks(policy)
         except PolicyError as e:
             problems += e.problems
     if args.json:
@@ -61,7 +92,9 @@ def cmd_rules_lint(args) -> int:
                         {"rule": r.id, "origin": r.origin, "expires": str(r.expires)}
                         for r in expired
                     ],
-                },
+                }
+                # Only when there are some: the report's shape stays what readers know.
+                | ({"warnings": wide} if wide else {}),
                 indent=2,
             )
         )
@@ -73,6 +106,8 @@ def cmd_rules_lint(args) -> int:
                 f"{rule.origin}: warning: rule {rule.id} expired on {rule.expires} and no longer matches",
                 file=sys.stderr,
             )
+        for warning in wide:
+            print(warning, file=sys.stderr)
         if not problems:
             print(f"ok: {', '.join(args.files)}")
     return EXIT_USAGE if problems else EXIT_OK

@@ -449,8 +449,12 @@ class PendingStore:
             found.bodies.append(body)
 
     def leave(self, found: Pending, body: int | None = 0) -> None:
-        """It stops waiting (released, refused, or its hold ran out)."""
+        """It stops waiting (released, refused, or its hold ran out). That changes
+        what `once` lets through as much as a join does (the requests held now, or,
+        none left, the next one with any body), so the revision moves on too: an
+        approver shown the request that left decides again on what is held now."""
         found.held -= 1
+        found.revision += 1
         if body != 0 and body in found.bodies:
             found.bodies.remove(body)
 

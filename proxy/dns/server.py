@@ -136,6 +136,9 @@ class DnsFilter:
         # A failing sink is logged, never raised into a query (EventFanout).
         self.sink = EventFanout(sink)
         self.policy_hash = policy_hash
+        # A denial for every query that would go upstream while the gateway forwards
+        # nothing it could not record (Gateway.guard_audit), else None.
+        self.hold: Callable[[], Decision | None] = lambda: None
         self.upstreams = list(upstreams)
         self.upstream_port = upstream_port
         self.bindings = bindings if bindings is not None else DnsBindings()
@@ -580,6 +583,9 @@ class DnsFilter:
             if quick.forward is None:
                 detail = _join(quick.decision.detail, quick.qtype)
                 return quick.response, quick.decision, {"detail": detail}
+            if (held := self.hold()) is not None:
+                response = render_simple(quick.query, dns.rcode.REFUSED)
+                return response, held, {"detail": _join(held.detail, quick.qtype)}
             return _Upstream(wire, quick.forward, quick, None, who, source_ip, udp)
         check = check_query(wire, profile, self.decide_name)
         fields.update(name=check.name)
@@ -591,6 +597,8 @@ class DnsFilter:
         if check.action != "forward":
             detail = _join(check.decision.detail, check.qtype or "")
             return check.response, check.decision, {"detail": detail}
+        if (held := self.hold()) is not None:
+            return refused(check, wire), held, {"detail": _join(held.detail, check.qtype or "")}
         return _Upstream(wire, check.forward.to_wire(), None, check, who, source_ip, udp)
 
     def _filtered(

@@ -211,7 +211,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "audit-unavailable",
         (R.AUDIT_UNAVAILABLE,),
         "the audit log could not be written (disk full, its budget reached, out of descriptors): "
-        "new connections are refused until it can (--on-audit-failure block)",
+        "new connections, requests on open ones and upstream DNS queries are refused until it "
+        "can (--on-audit-failure block)",
     ),
     (
         "descriptors-exhausted",

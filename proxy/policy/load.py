@@ -110,6 +110,11 @@ MAX_NESTING = 100
 # read (and kept) by the loader: a 66 kB file took 3 s and 448 MB. The values aliases
 # stand for, over a whole file (nested ones counted out), are bounded by this.
 MAX_ALIAS_NODES = 100_000
+# Presets including presets, profiles extending profiles: a real policy goes a few
+# levels deep. Both are followed by recursion, and some 900 levels (a generated or
+# looping-by-copy set of files) ended every load in a RecursionError: a traceback from
+# `rules lint`, a start or reload failing with no FILE:LINE. Deeper is a problem here.
+MAX_CHAIN = 32
 
 
 class _YamlLoader(
@@ -606,6 +611,11 @@ class _Loader:
             chain = " -> ".join(display_path(p) for p in (*stack, path))
             self.problem(source, node, f"circular include: {chain}")
             return []
+        if len(stack) > MAX_CHAIN:
+            self.problem(
+                source, node, f"includes nested more than {MAX_CHAIN} deep (from {stack[0].name})"
+            )
+            return []
         if path in self.preset_rules:
             return self.preset_rules[path]
         included = self.read(path, referrer=(source, node))
@@ -747,6 +757,12 @@ class _Loader:
             elif parent in chain:
                 cycle = (*chain[chain.index(parent) :], parent)
                 self.problem(profile.source, node, f"circular extends: {' -> '.join(cycle)}")
+            elif len(chain) > MAX_CHAIN:
+                self.problem(
+                    profile.source,
+                    node,
+                    f"extends nested more than {MAX_CHAIN} deep (from profile {chain[0]!r})",
+                )
             else:
                 inherited_rules, fallback, limits, approval = self._effective(
                     raw, done, parent, (*chain, parent)

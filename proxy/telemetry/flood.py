@@ -23,6 +23,18 @@ log only; the metrics and the task summary still see every event.
   connections would flood the log just the same), but never anonymously: their
   aggregate names the rule that allowed them, counts them, samples their
   destinations, and carries the summed bytes of `connection_end` events.
+- But a destination never hides in an aggregate: the first allowed (or audited)
+  event of each destination (name:port, address:port, a DNS name) that a task's
+  flood would fold is written as it is, up to MAX_NAMED destinations a task. A
+  task drained its budget with cheap events, touched five decoys under a rule that
+  allows many names (a list, a wildcard, a CIDR), then sent its data to the name it
+  meant, which the SOC saw only as "and 1 more". What this costs is bounded by the
+  sandbox's own caps, not the task's will: an allowed name must have been resolved
+  through the gateway (`dns_qps`), an allowed address connected to
+  (`connection_rate`). Denied events keep their samples only: nothing left the
+  sandbox for them, and naming each denied host would write a port or address scan
+  line by line, the noise this limit is for (a denied name a task tried can still
+  be folded into "and N more" of its aggregate: docs/telemetry.md).
 
 Nothing is lost: every event admitted is either returned as it is or counted in
 exactly one aggregate that `admit`, `due` or `drain` returns. Pure: no I/O, the
@@ -45,6 +57,11 @@ DEFAULT_BURST = 5000
 FLUSH_INTERVAL = 1.0  # seconds: the longest an aggregate waits to be written
 MAX_SAMPLES = 5
 SAMPLE_CHARS = 120
+# Allowed destinations a task's flood names in a line each (see above), per bucket: a
+# set of at most this many strings of at most SAMPLE_CHARS (under 1 MB), gone with the
+# idle bucket.
+MAX_NAMED = 4096
+_PASSED = frozenset({Verdict.ALLOW, Verdict.AUDIT})  # traffic that left the sandbox
 
 SimilarKey = tuple[EventKind, Verdict, Reason, str | None]
 
@@ -133,6 +150,7 @@ class _Bucket:
     tokens: float
     at: float  # clock time of the last refill
     pending: dict[SimilarKey, _Aggregate] = field(default_factory=dict)
+    named: set[str] = field(default_factory=set)  # allowed destinations written past the budget
 
 
 class FloodControl:
@@ -166,8 +184,14 @@ class FloodControl:
             out = self._flush(bucket) if bucket.tokens >= 1 and bucket.pending else []
             out.append(event)
             return out, False
+        original = event
         if event.__class__ is EncodedEvent:
             event = event.decoded()
+        if event.verdict in _PASSED and len(bucket.named) < MAX_NAMED:
+            destination = _destination(event)
+            if destination is not None and destination not in bucket.named:
+                bucket.named.add(destination)
+                return [original], False  # its first line: a flood hides no destination
         key = (event.kind, event.verdict, event.reason, event.rule_id)
         out = []
         aggregate = bucket.pending.get(key)

@@ -10,7 +10,7 @@ import pytest
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.audit import AuditLog, verify
 from sandgate.proxy.telemetry.event import Event, EventKind
-from sandgate.proxy.telemetry.flood import MAX_SAMPLES, FloodControl, FloodLimits
+from sandgate.proxy.telemetry.flood import MAX_NAMED, MAX_SAMPLES, FloodControl, FloodLimits
 from sandgate.proxy.telemetry.flood_sink import RateLimitedAudit
 from sandgate.proxy.telemetry.metrics import Metrics
 from sandgate.proxy.telemetry.summary import TaskSummary
@@ -99,7 +99,9 @@ def test_similar_key_separates_reasons_rules_and_tasks():
     flood.admit(denied(task="b"))
     flood.admit(denied(task="a"))
     flood.admit(denied(task="a").with_fields(rule_id="r2"))
-    flood.admit(denied(task="b").with_fields(verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW))
+    allowed = denied(task="b").with_fields(verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW)
+    assert flood.admit(allowed) == ([allowed], False)  # its destination's first: named
+    flood.admit(allowed)
     clock.now += 0.5  # half a token: still no room
     assert flood.due() == []
     clock.now += 0.5
@@ -128,10 +130,12 @@ def test_allowed_connection_ends_keep_count_destinations_and_bytes():
             bytes_down=2000,
             protocol="tls",
         )
+        assert flood.admit(end) == ([end], False)  # each destination's first: named
+        assert flood.admit(end)[1]
         assert flood.admit(end)[1]
     [record] = flood.drain()
-    assert record.suppressed == 2 and record.rule_id == "pypi"
-    assert (record.bytes_up, record.bytes_down, record.protocol) == (200, 4000, "tls")
+    assert record.suppressed == 4 and record.rule_id == "pypi"
+    assert (record.bytes_up, record.bytes_down, record.protocol) == (400, 8000, "tls")
     assert "pypi.org:443, pypi.org:8443" in record.detail
 
 
@@ -182,6 +186,54 @@ def test_nothing_is_lost_passed_plus_aggregated_equals_emitted():
     assert represented(written) == emitted
     assert len(written) < emitted / 5
     assert flood.held == 0
+
+
+def allowed(name: str, kind: EventKind = EventKind.CONNECTION, task: str = "t1") -> Event:
+    return Event(
+        kind=kind,
+        verdict=Verdict.ALLOW,
+        reason=Reason.RULE_ALLOW,
+        rule_id="wide",
+        task_id=task,
+        name=name,
+        dst_port=443,
+        protocol="tls",
+    )
+
+
+def test_a_flood_hides_no_allowed_destination_up_to_max_named_and_loses_nothing():
+    """Past the budget each allowed destination's first event is written as it is
+    (a decoy-then-exfiltrate task cannot fold its destination into "and 1 more"); its
+    later events, and denied ones, are aggregated; MAX_NAMED bounds the names a
+    task's flood writes, and every event is still accounted for."""
+    flood, _ = control(rate=1, burst=1)
+    written, emitted = flood.admit(denied())[0], 1  # the budget, spent
+    for i in range(MAX_NAMED + 10):
+        for event in (allowed(f"d{i}.example"), allowed(f"d{i}.example"), denied(port=i)):
+            emitted += 1
+            written += flood.admit(event)[0]
+    written += flood.drain()
+    assert represented(written) == emitted
+    named = [e.name for e in written if not e.suppressed and e.name]
+    assert named == [f"d{i}.example" for i in range(MAX_NAMED)]  # each once, in order
+    assert "d4100.example" not in named  # past the bound: folded, counted
+    # Another task's flood names its own.
+    flood.admit(denied(task="t2"))
+    other = allowed("d0.example", task="t2")
+    assert flood.admit(other) == ([other], False)
+
+
+def test_a_named_destination_from_a_worker_is_written_as_the_worker_encoded_it():
+    from sandgate.proxy.telemetry.audit import audit_members
+    from sandgate.proxy.telemetry.event import EncodedEvent
+
+    flood, _ = control(rate=1, burst=1)
+    flood.admit(denied())
+    event = allowed("exfil.example")
+    encoded = EncodedEvent(audit_members(event), "t1", None, "connection", "allow",
+                           "rule_allow", "wide", "exfil.example")  # fmt: skip
+    out, suppressed = flood.admit_batch([encoded, encoded])
+    assert out == [encoded] and suppressed == [encoded]
 
 
 def test_idle_buckets_are_forgotten():
