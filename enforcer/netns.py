@@ -204,6 +204,29 @@ def release_sandbox_net(sandbox_id: str) -> None:
     _remove_netns(netns_name(sandbox_id))
 
 
+# What the kernel retries for an orphan (a socket no process holds) in a sandbox whose
+# task has ended, before it gives up on it (`give_up_orphans`; the default, 0, means 8).
+ORPHAN_RETRIES_AT_END = "1"
+_ORPHAN_RETRIES = "/proc/sys/net/ipv4/tcp_orphan_retries"
+
+
+def give_up_orphans(sandbox_id: str) -> None:
+    """Before sandbox `sandbox_id`'s network goes, with every process of its task gone:
+    its sockets still open are orphans, and one whose FIN the gateway had not yet
+    acknowledged (it delays that ACK, expecting to answer with its own FIN; a
+    connection still waiting on its upstream does not) was retransmitted into the
+    link taken down, with backoff, for ~100 s, holding the netns and its veth (and
+    the veth's address) as long. With one retry the kernel gives up within a second.
+    Not set while the task runs: there an orphan may still be delivering the last
+    bytes a process wrote before it exited."""
+    if not _SANDBOX_ID.fullmatch(sandbox_id):
+        raise ValueError(f"bad sandbox id {sandbox_id!r}")
+    _refuse_running_loop("give_up_orphans")  # the netns is entered by the calling thread
+    # (/proc/sys/net is the netns of the thread that opens the file)
+    with entered_netns(netns_name(sandbox_id)), open(_ORPHAN_RETRIES, "w") as f:
+        f.write(ORPHAN_RETRIES_AT_END)
+
+
 def cut_off(sandbox_id: str) -> bool:
     """Take the host end of sandbox `sandbox_id`'s veth down: from then on nothing
     crosses the pair (a veth drops what it would hand to a peer that is down), so the

@@ -812,9 +812,12 @@ def unwire(run_id: str, table: str, *, had_net: bool = True, count: bool = True)
     (`netns.release_sandbox_net`). Without a link to take down (a half-made network),
     the network goes first, the veth deleted here, then the table. Returns the
     table's drop counters, final once the link is down (unless `count` is False: the
-    caller read them already)."""
+    caller read them already). Before all that, the sockets the task's processes left
+    in the netns are given up on (`netns.give_up_orphans`)."""
     cut = False
     if had_net:
+        with contextlib.suppress(OSError):  # no netns (a half-made network): nothing in it
+            netns.give_up_orphans(run_id)
         with contextlib.suppress(Exception):  # no link, or netlink refused: the old order
             cut = netns.cut_off(run_id)
         if not cut:
