@@ -21,6 +21,7 @@ The gate emits every event; hooks stay short: values in, gate, apply.
 from __future__ import annotations
 
 import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
+import asyncio
 import contextlib
 import logging
 
@@ -29,11 +30,18 @@ from mitmproxy import connection, http, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.net.http.http1 import assemble_response
-from mitmproxy.proxy.layers.http import HttpStream, HTTPMode, RequestData, ResponseProtocolError
+from mitmproxy.proxy.layers.http import (
+    HttpStream,
+    HTTPMode,
+    RequestData,
+    RequestProtocolError,
+    ResponseProtocolError,
+)
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
 
 from sandgate.proxy import refusal
 from sandgate.proxy.approvals.holder import Answer
+from sandgate.proxy.engine import READ_HOLDS
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
 from sandgate.proxy.lean_mitmproxy import H2_FLOOD
 from sandgate.proxy.policy import Decision, Verdict
@@ -49,9 +57,13 @@ log = logging.getLogger("sandgate.addon")
 _REFUSAL_HEADERS = {"content-type": refusal.CONTENT_TYPE, "connection": "close"}
 _WEBSOCKET_ALLOWED = "sandgate.websocket"  # flow.metadata key: the request's upgrade was allowed
 _HELD = "sandgate.held"  # flow.metadata key: held for a human's decision
+_WEBSOCKET_EXTENSIONS = "sec-websocket-extensions"
 _HELD_BODY_REFUSED = "sandgate.held_body_refused"  # flow.metadata key: refused while held (413)
 # Body bytes buffered for a request held for approval (mitmproxy reads on meanwhile).
 MAX_HELD_BODY = 1 << 20
+# Body bytes queued for streams whose upstream connection is being made, before the
+# client is not read until it is (HeadLimitedHttpLayer.read_hold).
+MAX_QUEUED_BODY = 1 << 20
 
 
 class CountingTCPLayer(layers.TCPLayer):
@@ -116,9 +128,17 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
     looked at while it reads a head (or waits for a response, holding the next
     one): more than MAX_HEAD_BYTES there is a head that check_head would refuse
     anyway, refused now (431, `gate.on_unfinished_head`) and the connection closed.
-    A body being read (`read_body`) is consumed as it comes and never counts; a
-    keep-alive follow-up starts from what is left after the previous request. The
-    layer sees plaintext, so inspected TLS is bounded alike; HTTP/2 has h2's limits.
+    A body being read (`read_body`) is consumed as it comes, all but the lines that
+    frame a chunked one: h11's ChunkedReader, which mitmproxy calls without h11's
+    own bound (`max_incomplete_event_size`), waits for the end of a chunk-size line
+    or of the trailer section however long it grows (`1` then gigabytes of `0`, or
+    trailer fields without end: 400 MB sent, 400 MB held). Past MAX_HEAD_BYTES
+    unended there, the body's framing is broken, as h11 reads it in the front door
+    (http1.py: the connection reset; an upstream's body, a 502): the connection is
+    closed and its stream told, as mitmproxy's reader does for a chunk it cannot
+    parse (`_cut_body`). A keep-alive follow-up starts from what is left after the
+    previous request. The layer sees plaintext, so inspected TLS is bounded alike;
+    HTTP/2 has h2's limits.
 
     The upstream's response head (`Http1Client`, the same FIXME) is bounded alike:
     past MAX_HEAD_BYTES unfinished, the server connection is closed and the stream
@@ -126,8 +146,18 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
     (`refuse_response(flow, size)` emits the event and gives the 502's text).
     Its reader reads heads from a `FinalResponseBuffer`: interim responses dropped."""
 
-    def __init__(self, context, refuse, refuse_response, refuse_held_body):
+    def __init__(self, context, refuse, refuse_response, refuse_held_body, hold_key=None):
         super().__init__(context, HTTPMode.transparent)
+        # A stream waiting for its upstream connection (lazy: made once the request is
+        # allowed) is paused, and mitmproxy queues the client's body for it meanwhile
+        # (`_paused_event_queue`) while it reads the client on: to an upstream that
+        # never answers the SYN, 300 MB sent were 300 MB held. Past MAX_QUEUED_BODY
+        # queued so, the client's next read waits (engine.READ_HOLDS) until the
+        # connection is made or failed: its socket fills, as the front door's do.
+        self._queue_waiter: asyncio.Future | None = None
+        self._hold_key = hold_key
+        if hold_key is not None:
+            READ_HOLDS[hold_key] = self.read_hold
         self.refuse = refuse  # (first bytes, size) -> the 431's bytes, after the event
         self.linger: commands.RequestWakeup | None = None  # set once the 431 is out
         self.linger_left = 0
@@ -139,7 +169,9 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
         # A request held for approval is a stream paused in its requestheaders hook:
         # mitmproxy goes on reading the client and queues the body's events in the
         # stream (`_paused_event_queue`) until the hook returns. Past MAX_HELD_BODY
-        # bytes the request is refused (413) and the queue let go.
+        # bytes the request is refused (413) and the queue let go: bytes of all the
+        # connection's held streams, since an HTTP/2 connection holds up to 100 (each
+        # just under the bound held 100 MiB a connection).
         if (
             isinstance(event, RequestData)
             and isinstance(child, HttpStream)
@@ -148,8 +180,10 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
         ):
             if child.flow.metadata.get(_HELD_BODY_REFUSED):
                 return  # refused already: what was in flight before the close is dropped
-            held = self._held_bytes.get(event.stream_id, 0) + len(event.data)
-            self._held_bytes[event.stream_id] = held
+            self._held_bytes[event.stream_id] = self._held_bytes.get(event.stream_id, 0) + len(
+                event.data
+            )
+            held = sum(self._held_bytes.values())
             if held > MAX_HELD_BODY:
                 yield from self._refuse_held_body(child, held)
                 return
@@ -159,17 +193,40 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
 
     def _refuse_held_body(self, stream: HttpStream, size: int) -> layer.CommandGenerator[None]:
         stream._paused_event_queue.clear()  # the body so far: memory back
+        self._held_bytes.pop(stream.stream_id, None)
         stream.flow.metadata[_HELD_BODY_REFUSED] = True  # the hook must not forward it
         message = self.refuse_held_body(stream.flow, size)
         client = self.connections[self.context.client]
         error = ResponseProtocolError(stream.stream_id, message, 413)
         yield from super().event_to_child(client, error)  # 413, then the client is closed
 
+    def read_hold(self) -> asyncio.Future | None:
+        """What the client's next read awaits (None: nothing): see __init__."""
+        if self._queued_body() <= MAX_QUEUED_BODY:
+            return None
+        if self._queue_waiter is None or self._queue_waiter.done():
+            self._queue_waiter = asyncio.get_running_loop().create_future()
+        return self._queue_waiter
+
+    def _queued_body(self) -> int:
+        """The body bytes queued in paused streams, but those held for approval (which
+        MAX_HELD_BODY bounds, with a 413)."""
+        queued = 0
+        for stream in self.streams.values():
+            if stream._paused and not (stream.flow and stream.flow.metadata.get(_HELD)):
+                for event in stream._paused_event_queue:
+                    if isinstance(event, RequestData):
+                        queued += len(event.data)
+        return queued
+
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if self.linger is not None:
             yield from self._lingering(event)
             return
         yield from super()._handle_event(event)
+        waiter = self._queue_waiter
+        if waiter is not None and not waiter.done() and self._queued_body() <= MAX_QUEUED_BODY:
+            waiter.set_result(None)  # the client is read again
         for top in list(self.connections.values()):
             upstream = _http1_client(top)
             if upstream is not None and type(upstream.buf) is ReceiveBuffer:
@@ -178,6 +235,13 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
                 if buffered:
                     upstream.buf += bytes(buffered)
             if (
+                upstream is not None
+                and len(upstream.buf) > MAX_HEAD_BYTES
+                and upstream.state == upstream.read_body
+                and upstream.stream_id is not None
+            ):
+                yield from self._cut_body(upstream, ResponseProtocolError)
+            elif (
                 upstream is not None
                 and len(upstream.buf) > MAX_HEAD_BYTES
                 and upstream.state == upstream.read_headers
@@ -194,6 +258,12 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
         if (
             isinstance(reader, Http1Server)
             and len(reader.buf) > MAX_HEAD_BYTES
+            and reader.state == reader.read_body
+        ):
+            yield from self._cut_body(reader, RequestProtocolError)
+        elif (
+            isinstance(reader, Http1Server)
+            and len(reader.buf) > MAX_HEAD_BYTES
             and reader.state in (reader.read_headers, reader.wait)
         ):
             buffered, size = bytes(reader.buf)[:4096], len(reader.buf)
@@ -206,6 +276,25 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             yield commands.CloseTcpConnection(self.context.client, half_close=True)
             self.linger, self.linger_left = commands.RequestWakeup(LINGER_S), LINGER_BYTES
             yield self.linger
+
+    def _cut_body(self, reader, error) -> layer.CommandGenerator[None]:
+        """A chunked body whose chunk-size line or trailer section has not ended
+        after MAX_HEAD_BYTES (`reader`: the client's Http1Server or an upstream's
+        Http1Client, reading it): its buffer let go, its connection closed, and its
+        stream told (`error`: RequestProtocolError or ResponseProtocolError), as
+        mitmproxy's reader does for a chunk it cannot parse: the client's body cuts the
+        upstream connection too, the upstream's is a 502 (or the response cut)."""
+        size, stream_id = len(reader.buf), reader.stream_id
+        reader.buf, reader.state = type(reader.buf)(), reader.done
+        yield commands.CloseConnection(reader.conn)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            message = (
+                f"HTTP/1 protocol error: a chunk-size line or trailer section of the "
+                f"{'request' if error is RequestProtocolError else 'response'} body has "
+                f"not ended after {size} bytes (at most {MAX_HEAD_BYTES})"
+            )
+            yield from self.event_to_child(stream, error(stream_id, message))
 
     def _lingering(self, event: events.Event) -> layer.CommandGenerator[None]:
         """Drop what the client still sends; close after LINGER_BYTES, LINGER_S, or
@@ -327,6 +416,8 @@ class SandgateAddon:
             upgrade = flow.metadata.get(_WEBSOCKET_ALLOWED)
             if upgrade is not None and state is not None:
                 self.gate.on_tunnel(state, upgrade)  # what a reload decides again
+                # None was asked for (`_apply`); one a server names anyway is not used.
+                flow.response.headers.pop(_WEBSOCKET_EXTENSIONS, None)
                 return
             # Switching protocols would make the connection a tunnel nobody decided.
             if state is not None:
@@ -339,6 +430,7 @@ class SandgateAddon:
             self.gate.on_tls_rejected(state, data.conn.error or "handshake failed")
 
     def client_disconnected(self, client: connection.Client) -> None:
+        READ_HOLDS.pop(client.id, None)
         state = self.gate.connections.get(client.id)
         if state is not None:
             flood = getattr(client, H2_FLOOD, None)
@@ -391,7 +483,9 @@ class SandgateAddon:
             decision = self.gate.on_held_body_too_large(state, head, size, MAX_HELD_BODY, tls)
             return f"sandgate: {decision.reason.value}: {decision.detail}"
 
-        return HeadLimitedHttpLayer(context, refuse, refuse_response, refuse_held_body)
+        return HeadLimitedHttpLayer(
+            context, refuse, refuse_response, refuse_held_body, hold_key=context.client.id
+        )
 
     def _requestheaders(self, flow: http.HTTPFlow):
         state = self.gate.connections.get(flow.client_conn.id)
@@ -402,6 +496,9 @@ class SandgateAddon:
         head, tls = _head_of(request), _tls(flow)
         decision, checked = self.gate.on_request(state, head, tls)
         if decision.verdict is Verdict.ASK:  # a human decides: held up to the profile's hold
+            # Marked now, not when the coroutine starts: the body that arrives meanwhile
+            # is a held one's (MAX_HELD_BODY), not a connecting one's (read_hold).
+            flow.metadata[_HELD] = True
             return self._held_request(flow, state, decision, head, checked, tls)
         self._apply(flow, state, decision, checked)
         return None
@@ -414,6 +511,10 @@ class SandgateAddon:
             flow.response = _blocked(decision, flow)
         elif checked.websocket:
             flow.metadata[_WEBSOCKET_ALLOWED] = checked  # a websocket rule allowed it
+            # No extension: permessage-deflate had the gateway inflate each message
+            # whole (a bomb), and the relay splits messages, which only an
+            # extension-free WebSocket allows (lean_mitmproxy.stream_websocket_messages).
+            request.headers.pop(_WEBSOCKET_EXTENSIONS, None)
         elif checked.strip_upgrade:
             # h2c (or any other switch) would turn the connection into something this
             # hook no longer sees: the request goes on as plain HTTP/1.1.

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +41,14 @@ class ByteCounts(Protocol):
     bytes_up: int  # read from the client
     bytes_down: int  # written to the client
     sandbox: Hashable  # whose connection: its reads take their turns (proxy/turns.py)
+    key: Hashable  # its key in the gate's connections (mitmproxy's client id, once adopted)
+
+
+# What holds a client's next read, by its connection's key: set by the addon's HTTP
+# layer (addon.HeadLimitedHttpLayer.read_hold), a callable that returns an awaitable
+# while the layer holds too much of the client's body for an upstream connection
+# still being made, else None. mitmproxy reads a client on whatever its layers hold.
+READ_HOLDS: dict[Hashable, Callable[[], Awaitable[None] | None]] = {}
 
 
 # What mitmproxy reads from a client at once is sized so that handling it takes about
@@ -84,6 +92,10 @@ def _count(
                 turn = turns.wait(owner)
                 if turn is not None:
                     await turn
+            hold = READ_HOLDS.get(getattr(counts, "key", None)) if READ_HOLDS else None
+            waiter = hold() if hold is not None else None
+            if waiter is not None:
+                await waiter  # back-pressure: the client's socket fills, as the door's do
             n = min(n, size)
         data = await read(n)
         got, returned = len(data), clock()
@@ -112,6 +124,7 @@ def _import_mitmproxy():
         bound_h2_early_resets,
         bound_h2_send_buffers,
         dispatch_hooks_directly,
+        drop_http1_trailers,
         drop_per_request_checks,
         frame_downgraded_requests,
         lighter_forks,
@@ -119,6 +132,7 @@ def _import_mitmproxy():
         parse_client_hellos_lean,
         reuse_leaf_objects,
         run_hooks_inline,
+        stream_websocket_messages,
         unblock_unhandled_hooks,
     )
     from sandgate.proxy.upstream_sessions import UpstreamSessionResumption
@@ -134,6 +148,8 @@ def _import_mitmproxy():
     bound_h2_early_resets()
     bound_h2_control_frames()
     frame_downgraded_requests()
+    stream_websocket_messages()
+    drop_http1_trailers()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),
@@ -232,8 +248,10 @@ class ProxyEngine:
             # Lazy: never open an upstream connection before the policy allowed it.
             "connection_strategy": "lazy",
             "confdir": str(self.confdir),
-            # Bodies of inspected requests stream through instead of being buffered.
-            "stream_large_bodies": "1m",
+            # Bodies of inspected requests stream through instead of being buffered
+            # whole: past 64 KiB (an HTTP/2 connection's 100 streams held 1 MiB of
+            # unended body each before they streamed, 100 MiB a connection).
+            "stream_large_bodies": "64k",
             # A 101 to a request no websocket rule allowed is cut by the addon; were
             # it not, it must never become a raw TCP tunnel.
             "rawtcp": False,

@@ -326,12 +326,19 @@ def frame_downgraded_requests() -> None:
     a body, then the body as the next request on the connection: any method, path
     and Host, never decided nor recorded. Now such a request goes with the length of
     its body where mitmproxy holds it whole (it buffers bodies up to
-    stream_large_bodies), else chunked. One with a content-length keeps it (h2
-    refuses DATA that does not add up to it); one without a body keeps its head."""
+    stream_large_bodies, 64 KiB), else chunked. One with a content-length keeps it (h2
+    refuses DATA that does not add up to it); one without a body keeps its head.
+
+    Any request (HTTP/1 or 2) with a body on a method whose content has no meaning
+    (GET, HEAD, DELETE, OPTIONS, TRACE) goes with `Connection: close` (one field, only
+    that word), and its upstream connection closes after it: a server may leave such
+    a body unread and read it as the next request (request_head.leaves_body_unread).
+    The copy is the upstream's request alone: the client's connection stays open."""
     import dataclasses
 
     from mitmproxy.proxy.layers.http._events import RequestHeaders
     from mitmproxy.proxy.layers.http._http1 import Http1Client
+    from sandgate.proxy.policy.request_head import leaves_body_unread
 
     send = Http1Client.send
     if getattr(send, "_sandgate", False):
@@ -340,13 +347,20 @@ def frame_downgraded_requests() -> None:
     def framed_send(self, event):
         if isinstance(event, RequestHeaders) and not event.end_stream:
             request = event.request
-            if (request.is_http2 or request.is_http3) and "content-length" not in request.headers:
+            unframed = (
+                request.is_http2 or request.is_http3
+            ) and "content-length" not in request.headers
+            close = leaves_body_unread(request.data.method, True)
+            if unframed or close:
                 request = request.copy()
-                content = None if request.stream else request.raw_content
-                if content is not None:
-                    request.headers["content-length"] = str(len(content))
-                else:
-                    request.headers["transfer-encoding"] = "chunked"
+                if unframed:
+                    content = None if request.stream else request.raw_content
+                    if content is not None:
+                        request.headers["content-length"] = str(len(content))
+                    else:
+                        request.headers["transfer-encoding"] = "chunked"
+                if close:
+                    request.headers["connection"] = "close"  # replaces every Connection field
                 event = dataclasses.replace(event, request=request)
         return (yield from send(self, event))
 
@@ -449,6 +463,109 @@ def bound_h2_early_resets() -> None:
 
     counting_handle_h2_event._sandgate = True
     Http2Server.handle_h2_event = counting_handle_h2_event
+
+
+def stream_websocket_messages() -> None:
+    """Relay an allowed WebSocket's messages piece by piece as they arrive, keeping
+    none (idempotent; docs/mitmproxy-internals.md 7q).
+
+    mitmproxy's `WebsocketLayer.relay_messages` gathers each message whole before it
+    sends it on (`frame_buf`), and appends every message to the flow
+    (`flow.websocket.messages`) for as long as the connection lives: a task's
+    message that never ends (fragments without FIN, or one frame announcing 2^63
+    bytes), or just a long-lived WebSocket's traffic, grew the worker's memory
+    without bound (300 MB sent, 240-270 MB kept). Here each piece of a message that
+    wsproto yields (it yields data frames' payload as it is read) goes on at once as
+    a fragment of the same message: an intermediary may split frames (RFC 6455 5.4)
+    when no extension is in use, and the addon sees to that (it removes
+    Sec-WebSocket-Extensions both ways: permessage-deflate had the worker inflate
+    a message whole, 300 KB sent became 500 MB held). Frames are re-masked by
+    wsproto as mitmproxy's were: the bytes the server reads are never the task's
+    own. No `websocket_message` hook is run (no addon of the gateway has one).
+    Relies on: `relay_messages` being what `WebsocketLayer.start` makes the
+    layer's `_handle_event`, `client_ws`/`server_ws` (wsproto connections with
+    `send2` and `conn`), and wsproto's `Message.message_finished`."""
+    import time
+
+    import wsproto
+    import wsproto.events
+    from mitmproxy.proxy import commands, events
+    from mitmproxy.proxy.layers.websocket import WebsocketEndHook, WebsocketLayer
+
+    relay = WebsocketLayer.relay_messages
+    if getattr(relay, "_sandgate", False):
+        return
+
+    def streaming_relay(self, event):
+        if not isinstance(event, events.DataReceived | events.ConnectionClosed):
+            return (yield from relay(self, event))  # an injected message: mitmproxy's API
+        from_client = event.connection == self.context.client
+        src, dst = (
+            (self.client_ws, self.server_ws) if from_client else (self.server_ws, self.client_ws)
+        )
+        src.receive_data(event.data if isinstance(event, events.DataReceived) else None)
+        for ws_event in src.events():
+            if isinstance(
+                ws_event, wsproto.events.Message | wsproto.events.Ping | wsproto.events.Pong
+            ):
+                if dst.state is wsproto.ConnectionState.OPEN:  # else closing: dropped
+                    yield dst.send2(ws_event)
+            elif isinstance(ws_event, wsproto.events.CloseConnection):
+                flow = self.flow
+                flow.websocket.timestamp_end = time.time()
+                flow.websocket.closed_by_client = from_client
+                flow.websocket.close_code = ws_event.code
+                flow.websocket.close_reason = ws_event.reason
+                for ws in (self.server_ws, self.client_ws):
+                    if ws.state in (
+                        wsproto.ConnectionState.OPEN,
+                        wsproto.ConnectionState.REMOTE_CLOSING,
+                    ):
+                        yield ws.send2(ws_event)
+                    yield commands.CloseConnection(ws.conn)
+                yield WebsocketEndHook(flow)
+                flow.live = False
+                self._handle_event = self.done
+                return
+
+    streaming_relay._sandgate = True
+    WebsocketLayer.relay_messages = streaming_relay
+
+
+def drop_http1_trailers() -> None:
+    """Read an HTTP/1 chunked body's trailer section and drop it, as the front door
+    does (idempotent; docs/mitmproxy-internals.md 7r).
+
+    mitmproxy's `Http1Connection.read_body` raises NotImplementedError when h11's
+    ChunkedReader ends a body with trailer fields: the connection handler logged
+    "mitmproxy has crashed!" with its traceback, ~40 lines for each such request or
+    response, and left the connection hanging (a task could flood the gateway's log;
+    a server that sends trailers broke every download through mitmproxy). The
+    front door's h11 reads them and passes none on (http1_fast.ChunkedBody, h11's
+    EndOfMessage sent without them); now mitmproxy does the same: the body's end is
+    forwarded, `0 CRLF CRLF`, without the fields. Relies on: `make_body_reader` being
+    the module global `read_headers` calls, and `ChunkedReader.__call__` returning
+    h11's EndOfMessage with the trailer fields as `headers`."""
+    import h11
+    from h11._readers import ChunkedReader
+    from mitmproxy.proxy.layers.http import _http1
+
+    make = _http1.make_body_reader
+    if getattr(make, "_sandgate", False):
+        return
+
+    class TrailerlessChunkedReader(ChunkedReader):
+        def __call__(self, buf):
+            event = super().__call__(buf)
+            if isinstance(event, h11.EndOfMessage) and event.headers:
+                return h11.EndOfMessage()
+            return event
+
+    def trailerless_body_reader(expected_size):
+        return TrailerlessChunkedReader() if expected_size is None else make(expected_size)
+
+    trailerless_body_reader._sandgate = True
+    _http1.make_body_reader = trailerless_body_reader
 
 
 def _calm(layer, flood: H2Flood):

@@ -108,6 +108,9 @@ class CheckedHead(NamedTuple):
     overrides: tuple[tuple[str, str], ...] = ()
     # The query as it will be forwarded (None: no '?'): what an approval shows and keys.
     query: str | None = None
+    # The upstream connection must close after it: a body on a method whose content
+    # has no meaning (`leaves_body_unread`).
+    close_upstream: bool = False
 
 
 def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
@@ -169,7 +172,34 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
     method = head.method.decode("ascii")
     websocket, strip = _upgrade(by_name.get(b"upgrade"))
     overrides = _overrides(method, by_name, query)
-    return CheckedHead(method, host, path, websocket, strip, overrides, query if question else None)
+    declared = by_name.get(b"transfer-encoding") or any(
+        v.strip() != b"0" for v in by_name.get(b"content-length", ())
+    )
+    close = leaves_body_unread(head.method, bool(declared))
+    return CheckedHead(
+        method, host, path, websocket, strip, overrides, query if question else None, close
+    )
+
+
+# Methods whose content has no defined meaning (RFC 9110 9.3.1 GET, 9.3.2 HEAD, 9.3.5
+# DELETE, 9.3.7 OPTIONS, 9.3.8 TRACE).
+CONTENT_UNDEFINED = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+
+
+def leaves_body_unread(method: bytes, has_body: bool) -> bool:
+    """Whether a request of `method` with a body (`has_body`: a Content-Length other
+    than 0, chunked, or HTTP/2 DATA to come) must be the last on its upstream
+    connection, which is then sent `Connection: close`.
+
+    Many servers never read a body they got with a GET (RFC 9110 9.3.1 names this as
+    a request-smuggling risk), and one that keeps the connection (Python's
+    http.server at HTTP/1.1) then reads the body as the next request: `GET
+    /public/ok` with the body `GET /private ...` ran /private there, a request no
+    rule decided. Refusing such bodies would break clients that send them on purpose
+    (Elasticsearch's GET _search, kubectl's DELETE with options); told to close, a
+    server that left the body unread never parses it, and one that reads bodies
+    (nginx, Node, Go) reads it as the body it is."""
+    return has_body and method.upper() in CONTENT_UNDEFINED
 
 
 # Field names seen before, each an HTTP token, with its lower case: a task sends the

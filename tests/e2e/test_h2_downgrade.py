@@ -9,7 +9,7 @@ body as the next request on the connection: curl's `--http2 -H 'Transfer-Encodin
 chunked' --data-binary 'DELETE /admin ...'` (curl drops the field for HTTP/2) got a
 DELETE of a path and Host no rule allows to the server, never decided nor recorded.
 Now such a body goes with its length, or chunked when mitmproxy streams it (past
-stream_large_bodies, 1 MiB); the server reads one request, the body as its body.
+stream_large_bodies, 64 KiB); the server reads one request, the body as its body.
 """
 
 from __future__ import annotations
