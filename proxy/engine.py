@@ -120,6 +120,7 @@ def _import_mitmproxy():
 
     from sandgate.proxy.addon import SandgateAddon
     from sandgate.proxy.lean_mitmproxy import (
+        answer_before_streaming,
         bound_h2_control_frames,
         bound_h2_early_resets,
         bound_h2_send_buffers,
@@ -150,6 +151,7 @@ def _import_mitmproxy():
     frame_downgraded_requests()
     stream_websocket_messages()
     drop_http1_trailers()
+    answer_before_streaming()
     return (
         options,
         (core, disable_h2c, proxyserver, tlsconfig),

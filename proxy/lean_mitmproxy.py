@@ -568,6 +568,40 @@ def drop_http1_trailers() -> None:
     _http1.make_body_reader = trailerless_body_reader
 
 
+def answer_before_streaming() -> None:
+    """Answer a request whose body streams, when the requestheaders hook gave it a
+    response (a refusal, or a held request's answer), at once; the rest of its body
+    is dropped as it comes (idempotent; docs/mitmproxy-internals.md 7s).
+
+    mitmproxy streams a request body declared larger than `stream_large_bodies`
+    (64 KiB), and `HttpStream.start_request_stream` raises NotImplementedError ("Can't
+    set a response and enable streaming at the same time") when the hook set a
+    response: the connection handler logged "mitmproxy has crashed!" and the client
+    waited for an answer that never came (a held POST of 100 kB, refused when its
+    hold ran out, left curl hanging until its timeout). An HTTP/1 client's connection
+    is closed after the answer (the refusal says `Connection: close`): its body is
+    not read to its end. Relies on: the hook's response set on `flow.response`, and
+    `state_errored` consuming every later event of the stream."""
+    from mitmproxy.proxy import commands as proxy_commands
+    from mitmproxy.proxy.layers.http import HttpStream
+
+    original = HttpStream.start_request_stream
+    if getattr(original, "_sandgate", False):
+        return
+
+    def start_request_stream(self):
+        if self.flow.response is None:
+            return (yield from original(self))
+        self.client_state = self.state_errored  # what is left of the body: dropped
+        self.flow.response.timestamp_start = time.time()
+        yield from self.send_response()
+        if not self.flow.request.is_http2:
+            yield proxy_commands.CloseConnection(self.context.client)
+
+    start_request_stream._sandgate = True
+    HttpStream.start_request_stream = start_request_stream
+
+
 def _calm(layer, flood: H2Flood):
     """GOAWAY ENHANCE_YOUR_CALM and close `layer`'s client connection, marked with
     `flood` for the addon's event; True: the layer handles no more of this read."""
