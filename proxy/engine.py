@@ -42,6 +42,9 @@ class ByteCounts(Protocol):
     bytes_down: int  # written to the client
     sandbox: Hashable  # whose connection: its reads take their turns (proxy/turns.py)
     key: Hashable  # its key in the gate's connections (mitmproxy's client id, once adopted)
+    # Ends the connection from below (the front door's; a reload's revoke, the
+    # sandbox's end, the gateway's stop), or None.
+    abort: Callable[[str], None] | None
 
 
 # What holds a client's next read, by its connection's key: set by the addon's HTTP
@@ -81,6 +84,21 @@ def _count(
     of these two instances change."""
     read, write, clock, owner = reader.read, writer.write, time.perf_counter, counts.sandbox
     size, got, returned = READ_FIRST, 0, 0.0
+    # A read held (READ_HOLDS) waits for an upstream that may never answer, and would
+    # not see its connection ended from below meanwhile (the socket shut down, its
+    # reader paused on a full buffer): its handler outlived the gateway's stop by the
+    # 5 s it waits, and its end event came after the audit log had closed (lost).
+    # So ending it from below lets the read go on, to the end it then finds.
+    ended = asyncio.get_running_loop().create_future()
+    shut_down = getattr(counts, "abort", None)
+
+    def abort(why: str = "") -> None:
+        if not ended.done():
+            ended.set_result(None)
+        if shut_down is not None:
+            shut_down(why)
+
+    counts.abort = abort
 
     async def counted_read(n: int = -1) -> bytes:
         nonlocal size, got, returned
@@ -92,10 +110,14 @@ def _count(
                 turn = turns.wait(owner)
                 if turn is not None:
                     await turn
-            hold = READ_HOLDS.get(getattr(counts, "key", None)) if READ_HOLDS else None
+            hold = (
+                READ_HOLDS.get(getattr(counts, "key", None))
+                if READ_HOLDS and not ended.done()
+                else None
+            )
             waiter = hold() if hold is not None else None
-            if waiter is not None:
-                await waiter  # back-pressure: the client's socket fills, as the door's do
+            if waiter is not None:  # back-pressure: the client's socket fills, as the door's do
+                await asyncio.wait((waiter, ended), return_when=asyncio.FIRST_COMPLETED)
             n = min(n, size)
         data = await read(n)
         got, returned = len(data), clock()

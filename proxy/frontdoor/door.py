@@ -140,7 +140,7 @@ class FrontDoor:
         self._ticker: asyncio.TimerHandle | None = None
         self._waiting: dict[Connection, None] = {}  # with a deadline: undecided, or connecting
         self._live: set[Connection] = set()  # every connection it still owns
-        self._handed_off: dict[asyncio.Task, socket.socket] = {}
+        self._handed_off: dict[asyncio.Task, ConnState] = {}
         # Accepted past a turn's SETUPS_PER_TURN, per source address; `_drainer` sets
         # up the next of them each turn while any wait.
         self.intake: Intake[tuple[socket.socket, tuple[str, int]]] = Intake(
@@ -210,8 +210,9 @@ class FrontDoor:
         if self.poller is not None:
             self.poller.close()
             self.poller = None
-        for sock in self._handed_off.values():
-            _shut_down(sock)
+        for state in self._handed_off.values():
+            if state.abort is not None:  # `_shut_down`, as mitmproxy's engine wrapped it
+                state.abort("the gateway stopped")
         if self._handed_off:
             await asyncio.wait(list(self._handed_off), timeout=5)
 
@@ -360,7 +361,7 @@ class FrontDoor:
         # mitmproxy owns it now: a policy reload ends it from below, as `stop` does.
         connection.state.abort = functools.partial(_shut_down, connection.client)
         task = self.loop.create_task(self._serve_handed_off(connection.client, connection.state))
-        self._handed_off[task] = connection.client
+        self._handed_off[task] = connection.state
         task.add_done_callback(self._handed_off.pop)
 
     async def _serve_handed_off(self, sock: socket.socket, state: ConnState) -> None:

@@ -171,6 +171,11 @@ def test_mitmproxy_holds_bounded_request_bodies(net, tmp_path):
     assert r["streams"].out.split() == ["200"] * 4, r.describe()
     assert r["honest"].rc == 0 and r["honest"].status in (200, 405), r.describe()
     assert peak - base < BOUND_KB, (base, peak, r.describe())
+    # The upload's read was still held at the run's end: its connection's end was
+    # logged after the audit log had closed ("1 events LOST"), 5 s into the stop.
+    assert "LOST" not in r.stderr, r.stderr
+    ends = [e for e in r.audit if e.get("kind") == "connection_end"]
+    assert [e for e in ends if e.get("dst_ip") == BLACKHOLE], r.describe()
 
 
 HELD_RULES = """\
