@@ -153,7 +153,10 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
         # (`_paused_event_queue`) while it reads the client on: to an upstream that
         # never answers the SYN, 300 MB sent were 300 MB held. Past MAX_QUEUED_BODY
         # queued so, the client's next read waits (engine.READ_HOLDS) until the
-        # connection is made or failed: its socket fills, as the front door's do.
+        # connection is made or failed: its socket fills, as the front door's do. (A
+        # client that closes meanwhile is seen then, or when its connection is ended
+        # from below: until the connect's SYN retries run out, ~2 min, it keeps its
+        # connection slot.)
         self._queue_waiter: asyncio.Future | None = None
         self._hold_key = hold_key
         if hold_key is not None:
@@ -183,7 +186,8 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             self._held_bytes[event.stream_id] = self._held_bytes.get(event.stream_id, 0) + len(
                 event.data
             )
-            held = sum(self._held_bytes.values())
+            # (only streams still open: one refused or answered leaves no later event)
+            held = sum(n for sid, n in self._held_bytes.items() if sid in self.streams)
             if held > MAX_HELD_BODY:
                 yield from self._refuse_held_body(child, held)
                 return

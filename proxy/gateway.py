@@ -427,7 +427,10 @@ class Gateway:
         IP deny rule, a private range opened only on other ports, the gateway host's
         own addresses, which the kernel drops only for the addresses a sandbox aims at,
         not for those the gateway finds itself). The name alone was decided (and
-        approved); a refused address has its own `dns` event."""
+        approved); a refused address has its own `dns` event. Not asked while the
+        audit log cannot be written (guard_audit): a name is data too."""
+        if (held := self._audit_hold()) is not None:
+            return held
         sandbox = state.sandbox
         ip = await self.dns.resolve_address(_asker(sandbox), name)
         if ip is None:
@@ -572,7 +575,7 @@ def audit_hold(audit) -> Callable[[], Decision | None]:
         return deny(
             "audit-unavailable",
             detail=f"the audit log cannot be written ({audit.problem}); "
-            "new connections are refused until it can",
+            "nothing more goes out until it can",
         )
 
     return hold

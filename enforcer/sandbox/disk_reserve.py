@@ -123,8 +123,10 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB"
 
 
-def room_of(path: Path) -> Room:
-    st = os.statvfs(path)
+def room_of(path: Path, fd: int | None = None) -> Room:
+    """The room on `path`'s file system; through `fd` (an O_PATH descriptor of it) if
+    given: wherever the directory has moved since."""
+    st = os.statvfs(path) if fd is None else os.fstatvfs(fd)
     return Room(path, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, st.f_favail, st.f_files)
 
 
@@ -158,27 +160,47 @@ class DiskWatch:
     reserve: each writable root's, and each writable one mounted below a root (a
     directory of a workspace on a data disk mounted from the system disk, which holds
     the audit log: unwatched, the task filled it to its last byte). A read-only mount
-    below a root, or a kernel one (no blocks), the task cannot fill: not watched."""
+    below a root, or a kernel one (no blocks), the task cannot fill: not watched.
+
+    Each is watched through a descriptor (O_PATH), not its path: a mount below a root
+    moves with the directory above it, which the task may rename (`mv data data2`),
+    and the path then named nothing, or another file system. The descriptors are
+    this object's until `close` (or the run's process ends)."""
 
     def __init__(self, roots: list[Path], reserve: Reserve | None):
         self.reserve = reserve
         self.paths: list[Path] = []
+        self._fds: list[int] = []
         devices: set[int] = set()
         if reserve is None:
             return
-        for root in roots:
-            device = os.stat(root).st_dev
-            if device not in devices:
-                devices.add(device)
-                self.paths.append(root)
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        for root in roots:  # each watched, whatever it is: one that cannot be is an error
+            self._watch(root, os.open(root, flags), devices)
         for path in mounts_below(roots):
             try:
-                device, st = os.stat(path).st_dev, os.statvfs(path)
+                fd = os.open(path, flags)
+                st = os.fstatvfs(fd)
             except OSError:
-                continue
-            if device not in devices and not st.f_flag & os.ST_RDONLY and st.f_blocks > 0:
-                devices.add(device)
-                self.paths.append(path)
+                continue  # gone already: nothing below the roots to fill there
+            if st.f_flag & os.ST_RDONLY or st.f_blocks == 0:
+                os.close(fd)
+            else:
+                self._watch(path, fd, devices)
+
+    def _watch(self, path: Path, fd: int, devices: set[int]) -> None:
+        device = os.fstat(fd).st_dev
+        if device in devices:
+            os.close(fd)
+            return
+        devices.add(device)
+        self.paths.append(path)
+        self._fds.append(fd)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
 
     def shortfall(self) -> str | None:
         """Why a watched file system is below the reserve now, or None."""
@@ -188,9 +210,9 @@ class DiskWatch:
         """Why a watched file system is below the reserve now (or None), and in how
         many seconds to look again. A statvfs that fails is no reason to kill."""
         wait = POLL_S
-        for path in self.paths:
+        for path, fd in zip(self.paths, self._fds, strict=True):
             try:
-                room = room_of(path)
+                room = room_of(path, fd)
             except OSError:
                 continue
             if (why := self.reserve.shortfall(room)) is not None:

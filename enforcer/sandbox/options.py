@@ -145,7 +145,12 @@ def from_arguments(
         reserve = disk_reserve.parse_reserve(args.disk_reserve)
     except ValueError as e:
         raise spec.SandboxError(f"--disk-reserve: {e}") from None
-    if (why := disk_reserve.DiskWatch(writable, reserve).shortfall()) is not None:
+    watch = disk_reserve.DiskWatch(writable, reserve)
+    try:
+        why = watch.shortfall()
+    finally:
+        watch.close()
+    if why is not None:
         raise spec.SandboxError(f"{why}: free some space, or lower --disk-reserve")
     return spec.SandboxOptions(
         workspace=workspace,

@@ -725,7 +725,8 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     if role == "hgdir" and stat.S_ISREG(mode):
         return None  # hg takes only a directory (or a link to one) for a repository
     if not stat.S_ISREG(mode):
-        return f"a {kind} where git reads a {_ROLE_NAMES[role]}"
+        tool = "hg" if role.startswith("hg") else "git or an editor" if role == "editor" else "git"
+        return f"a {kind} where {tool} reads a {_ROLE_NAMES[role]}"
     if control.fingerprint.nlink > 1:
         return f"a {_ROLE_NAMES[role]} hard-linked to another file"
     if role == "hook":

@@ -172,10 +172,7 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
     method = head.method.decode("ascii")
     websocket, strip = _upgrade(by_name.get(b"upgrade"))
     overrides = _overrides(method, by_name, query)
-    declared = by_name.get(b"transfer-encoding") or any(
-        v.strip() != b"0" for v in by_name.get(b"content-length", ())
-    )
-    close = leaves_body_unread(head.method, bool(declared))
+    close = head.method in CONTENT_UNDEFINED and _has_body(by_name)
     return CheckedHead(
         method, host, path, websocket, strip, overrides, query if question else None, close
     )
@@ -184,6 +181,13 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
 # Methods whose content has no defined meaning (RFC 9110 9.3.1 GET, 9.3.2 HEAD, 9.3.5
 # DELETE, 9.3.7 OPTIONS, 9.3.8 TRACE).
 CONTENT_UNDEFINED = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"})
+
+
+def _has_body(by_name: dict[bytes, list[bytes]]) -> bool:
+    """Whether the head declares a body: chunked, or a Content-Length other than 0."""
+    if b"transfer-encoding" in by_name:
+        return True
+    return any(v.strip() != b"0" for v in by_name.get(b"content-length", ()))
 
 
 def leaves_body_unread(method: bytes, has_body: bool) -> bool:

@@ -48,6 +48,36 @@ def test_a_disk_mounted_below_the_workspace_keeps_its_reserve(net, tmp_path):
     assert disk_hits(r) and r.summary["limits_hit"] == ["disk"], r.describe()
 
 
+def test_a_mount_moved_by_the_task_keeps_its_reserve(net, tmp_path):
+    """The mount moves with a plain directory above it that the task renames: watched
+    by path, the mount was then no longer found (a statvfs that fails is no reason to
+    kill), and the task filled it unwatched. Watched by descriptor, it is found."""
+    workdir = sandbox._workdir(tmp_path)
+    data = workdir / "steps" / "cache" / "data"
+    data.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96m,nr_inodes=100000", "sgt-disk", data], check=True
+    )
+    moved = workdir / "steps" / "moved" / "data"
+    try:
+        r = sandbox.run(
+            net,
+            tmp_path,
+            {"move": "mv cache moved", "fill": f"cd moved/data && {FILL}", "after": "echo no"},
+            extra=("--disk-reserve", "32M"),
+            workdir=workdir,
+        )
+        left, _ = free(moved)
+    finally:
+        for path in (moved, data):
+            subprocess.run(["umount", "-l", path], check=False, capture_output=True)
+    assert r["move"].rc == 0, r.describe()  # the mount went with the directory
+    assert r.returncode == 137, r.describe()
+    assert "after" not in r.steps, r.describe()
+    assert left > 4 << 20, left
+    assert disk_hits(r) and r.summary["limits_hit"] == ["disk"], r.describe()
+
+
 def test_mounts_below_reads_mountinfo_as_the_kernel_escapes_it(tmp_path):
     info = tmp_path / "mountinfo"
     info.write_text(
