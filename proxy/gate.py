@@ -488,6 +488,10 @@ class ConnectionGate:
         return outcome
 
     def _decide_bytes(self, state: ConnState, data: bytes) -> Outcome:
+        if (held := self.hold_new()) is not None:
+            # Admitted at its SYN, but decided, and connected upstream, only now: as new
+            # (a task opened connections while the log worked, spoke once it failed).
+            return self._reject(state, held, "tcp")
         if starts_like_tls_record(data):
             return self._tls(state, data)
         http = starts_like_http(data)
@@ -547,7 +551,8 @@ class ConnectionGate:
             outcome = Outcome.WAIT
             if state.phase is Phase.OPEN and state.port not in WEB_PORTS:
                 state.started = self.clock()
-                outcome = self._raw_tcp(state)
+                held = self.hold_new()  # as in _decide_bytes
+                outcome = self._reject(state, held, "tcp") if held else self._raw_tcp(state)
             target = {Outcome.WAIT: state.phase, Outcome.PASSTHROUGH: Phase.SILENT}.get(
                 outcome, Phase.REJECTED
             )
@@ -858,7 +863,7 @@ class ConnectionGate:
         answers and connects nowhere). `revoked`: approved, but
         `held_request_revoked` found the policy denies it now."""
         started = self.clock()
-        decision = _answered(asked, answer)
+        decision = _unless_held(_answered(asked, answer), self.hold_requests)
         if decision.allowed and revoked is not None:
             decision = revoked
         elif decision.allowed and unresolved is not None:
@@ -1354,7 +1359,7 @@ class ConnectionGate:
         emit its decision and say what to do with it."""
         started = self.clock()
         try:
-            decision = _answered(state.asking, answer)
+            decision = _unless_held(_answered(state.asking, answer), self.hold_new)
             if decision.allowed:
                 state.allowed = decision
                 self._rests_on(state, answer.pending)
@@ -1499,6 +1504,15 @@ def _by_address(decision: Decision) -> bool:
     allowed then, a hidden one (ECH) included. Any other (a rule naming domains, a
     fallback) rests on the name the client shows."""
     return bool(decision.rule.networks) and not decision.rule.domains
+
+
+def _unless_held(decision: Decision, hold: Callable[[], Decision | None]) -> Decision:
+    """An approved hold's `decision`, or `hold`'s denial if the gateway now refuses what
+    it would let out (the audit log cannot be written: Gateway.guard_audit): the hold
+    began before, and a human's approval does not make the traffic recordable."""
+    if not decision.allowed or (held := hold()) is None:
+        return decision
+    return dataclasses.replace(held, detail=f"{decision.detail}, but {held.detail}")
 
 
 def _answered(asked: Decision, answer) -> Decision:

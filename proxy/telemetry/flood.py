@@ -24,8 +24,9 @@ log only; the metrics and the task summary still see every event.
   aggregate names the rule that allowed them, counts them, samples their
   destinations, and carries the summed bytes of `connection_end` events.
 - But a destination never hides in an aggregate: the first allowed (or audited)
-  event of each destination (name:port, address:port, a DNS name) that a task's
-  flood would fold is written as it is, up to MAX_NAMED destinations a task. A
+  event of each destination (an address:port, with up to NAMES_PER_ADDRESS Host or
+  SNI names on it; a DNS name; a name:port without an address) that a task's flood
+  would fold is written as it is, up to MAX_NAMED destinations a task in each pool. A
   task drained its budget with cheap events, touched five decoys under a rule that
   allows many names (a list, a wildcard, a CIDR), then sent its data to the name it
   meant, which the SOC saw only as "and 1 more". What this costs is bounded by the
@@ -57,10 +58,18 @@ DEFAULT_BURST = 5000
 FLUSH_INTERVAL = 1.0  # seconds: the longest an aggregate waits to be written
 MAX_SAMPLES = 5
 SAMPLE_CHARS = 120
-# Allowed destinations a task's flood names in a line each (see above), per bucket: a
-# set of at most this many strings of at most SAMPLE_CHARS (under 1 MB), gone with the
-# idle bucket.
+# Allowed destinations a task's flood names in a line each (see above), per bucket and
+# pool (names and DNS questions; addresses; names on addresses): at most this many
+# strings of at most SAMPLE_CHARS each (under 3 MB in all), gone with the idle bucket.
 MAX_NAMED = 4096
+# Names (a Host, an SNI) a flood names on one allowed address (`ip:port`), each past
+# the address's own line; up to MAX_NAMED such names a task. A request's Host costs a
+# task nothing under a rule that allows an address (a range): 4,100 made-up Hosts on
+# one keep-alive connection used up MAX_NAMED in under a second, and the destination
+# it meant then hid in "and 1 more". So what costs a connection (a new address) and
+# what costs a DNS query (a name it asked the gateway for: its `dns` event) are named
+# in pools of their own that no free text can fill.
+NAMES_PER_ADDRESS = 8
 _PASSED = frozenset({Verdict.ALLOW, Verdict.AUDIT})  # traffic that left the sandbox
 
 SimilarKey = tuple[EventKind, Verdict, Reason, str | None]
@@ -134,6 +143,33 @@ class _Aggregate:
         )
 
 
+def _named_first(bucket: _Bucket, event: Event) -> bool:
+    """Whether `event` (allowed) is the first of its destination past the budget, which
+    is then noted: its address with up to NAMES_PER_ADDRESS names on it, or (a DNS
+    question, an event without an address) its name."""
+    if event.dst_ip is None or event.kind is EventKind.DNS:
+        destination = _destination(event)
+        if destination is None or destination in bucket.named or len(bucket.named) >= MAX_NAMED:
+            return False
+        bucket.named.add(destination)
+        return True
+    address = format_host_port(event.dst_ip, event.dst_port) if event.dst_port else event.dst_ip
+    name = bound_text(event.name, SAMPLE_CHARS) if event.name else None
+    names = bucket.addresses.get(address)
+    new = names is None
+    if new:
+        if len(bucket.addresses) >= MAX_NAMED:
+            return False
+        names = bucket.addresses[address] = set()
+    if name is None or name in names or len(names) >= NAMES_PER_ADDRESS:
+        return new
+    if bucket.names_on_addresses >= MAX_NAMED:
+        return new
+    names.add(name)
+    bucket.names_on_addresses += 1
+    return True
+
+
 def _destination(event: Event) -> str | None:
     if event.name:
         host = event.name
@@ -151,6 +187,9 @@ class _Bucket:
     at: float  # clock time of the last refill
     pending: dict[SimilarKey, _Aggregate] = field(default_factory=dict)
     named: set[str] = field(default_factory=set)  # allowed destinations written past the budget
+    # The same by address (`ip:port`), each with the names written on it (_named_first).
+    addresses: dict[str, set[str]] = field(default_factory=dict)
+    names_on_addresses: int = 0
 
 
 class FloodControl:
@@ -187,11 +226,8 @@ class FloodControl:
         original = event
         if event.__class__ is EncodedEvent:
             event = event.decoded()
-        if event.verdict in _PASSED and len(bucket.named) < MAX_NAMED:
-            destination = _destination(event)
-            if destination is not None and destination not in bucket.named:
-                bucket.named.add(destination)
-                return [original], False  # its first line: a flood hides no destination
+        if event.verdict in _PASSED and _named_first(bucket, event):
+            return [original], False  # its first line: a flood hides no destination
         key = (event.kind, event.verdict, event.reason, event.rule_id)
         out = []
         aggregate = bucket.pending.get(key)
