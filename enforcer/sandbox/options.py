@@ -156,7 +156,7 @@ def from_arguments(
         workspace=workspace,
         uid=uid,
         gid=gid,
-        ro=spec.check_paths("--ro", args.ro),
+        ro=spec.check_paths("--ro", args.ro, writable),
         rw=rw,
         hide=spec.check_paths("--hide", args.hide),
         env=spec.parse_env(args.env, args.env_file, dict(os.environ), writable),

@@ -423,12 +423,41 @@ def file_view(
     }
 
 
-def check_paths(option: str, paths: list[Path]) -> tuple[Path, ...]:
-    """--ro/--rw/--hide paths: absolute, existing, real."""
+def check_paths(option: str, paths: list[Path], writable: list[Path] = ()) -> tuple[Path, ...]:
+    """--ro/--rw/--hide paths: absolute, existing, real. `writable` (for --ro: the
+    workspace and --rw roots, real paths): a path that goes through a symbolic link
+    inside one is refused. Only the real path is bound read-only and pinned on its
+    way (file_view); the link is the task's to replace, and the path the admin named
+    (the build script the host runs after the run) would then be the task's file."""
     result = []
     for path in paths:
         try:
-            result.append(path.resolve(strict=True))
+            real = path.resolve(strict=True)
+            found = _link_in(path, writable)
         except OSError as e:
             raise SandboxError(f"{option} {path}: {e.strerror}") from None
+        if found is not None:
+            link, root = found
+            raise SandboxError(
+                f"{option} {path}: {link} is a symbolic link inside the writable {root}: "
+                f"the task could point it elsewhere, and {path} would name its file after "
+                f"the run; give the real path: {option} {real}"
+            )
+        result.append(real)
     return tuple(result)
+
+
+def _link_in(path: Path, roots: list[Path]) -> tuple[Path, Path] | None:
+    """The first symbolic link on `path`'s way (itself included) that lies inside one
+    of `roots`, with that root; links elsewhere are followed (the task cannot change
+    them)."""
+    path = path if path.is_absolute() else Path.cwd() / path
+    at = Path(path.anchor)
+    for part in path.parts[1:]:
+        at = at / part
+        if at.is_symlink():
+            for root in roots:
+                if _under(at, root):
+                    return at, root
+        at = at.resolve(strict=True)
+    return None
