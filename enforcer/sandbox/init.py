@@ -422,10 +422,12 @@ def build_view(spec: dict, report: Report) -> None:
             # workspace: git refuses a repository whose `.git` file looks someone else's.
             if bind["writable"] or bind.get("idmapped"):
                 st = st or os.stat(bind["source"])
-                owner = (st.st_uid, st.st_gid)
+                # (a bind inside a writable root: as that root's owner, `idmap_of`)
+                mapped = os.stat(bind["idmap_of"]) if "idmap_of" in bind else st
+                owner = (mapped.st_uid, mapped.st_gid)
                 try:
                     if owner not in idmaps:
-                        idmaps[owner] = idmap_userns(st.st_uid, host_uid, st.st_gid, host_gid)
+                        idmaps[owner] = idmap_userns(owner[0], host_uid, owner[1], host_gid)
                     mounts.set_attr(fd, mounts.MOUNT_ATTR_IDMAP, userns_fd=idmaps[owner])
                 except OSError as e:
                     if not spec["allow_weaker"]:

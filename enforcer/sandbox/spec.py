@@ -388,10 +388,20 @@ def file_view(
         )
 
     writable_roots = [p for p in ([opts.workspace] if opts.workspace else []) + list(opts.rw)]
-    for path in [*writable_roots, *pinned]:
+
+    def root_of(path: Path) -> dict:
+        """A bind inside a writable root is idmapped as that root (init: `idmap_of`),
+        not by its own owner: a root-owned directory in a user's workspace would map
+        root's files to the task, which the workspace's own bind shows as no one's."""
+        roots = [root for root in writable_roots if path != root and _under(path, root)]
+        return {"idmap_of": str(max(roots, key=lambda r: len(r.parts)))} if roots else {}
+
+    for path in writable_roots:
         binds.append(exact(path, writable=True))
+    for path in pinned:
+        binds.append(exact(path, writable=True, **root_of(path)))
     for path in guarded:
-        binds.append(exact(path, writable=False, idmapped=True))
+        binds.append(exact(path, writable=False, idmapped=True, **root_of(path)))
     read_only = list(opts.ro) + [
         p for p in protected if any(_under(p, w) for w in writable_roots) and p.exists()
     ]
@@ -401,17 +411,22 @@ def file_view(
     # cannot be renamed or removed, a plain directory above one could, and the mount went
     # with it (`mv tools tools.old && mkdir -p tools/ci` put the task's build.sh, or
     # sandgate's own code of a development checkout, at the path the host runs next).
+    # A way inside a read-only path is read-only with it: not pinned (bound writable, it
+    # would cover that path's read-only bind with a writable one).
     pinned_ways = set(writable_roots) | set(pinned)
     for path in read_only:
         for root in writable_roots:
             if path != root and _under(path, root):
                 for way in reversed(path.parents):
+                    if any(_under(way, other) for other in read_only):
+                        break
                     if way != root and _under(way, root) and way not in pinned_ways:
                         pinned_ways.add(way)
-                        binds.append(exact(way, writable=True))
+                        binds.append(exact(way, writable=True, **root_of(way)))
     # Parents before children: a --ro directory must not cover a workspace inside it,
-    # and sandgate's own files inside a workspace go read-only over it.
-    binds.sort(key=lambda bind: len(Path(bind["target"]).parts))
+    # and sandgate's own files inside a workspace go read-only over it; at one path, the
+    # read-only bind last (on top).
+    binds.sort(key=lambda bind: (len(Path(bind["target"]).parts), not bind["writable"]))
     writable = [str(p) for p in writable_roots] + [*SANDBOX_TMPFS, "/dev", home]
     return {
         "home": home,

@@ -14,6 +14,7 @@ the way to it cannot be renamed or removed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,55 @@ def test_sandgates_own_code_inside_a_writable_root_is_pinned_on_its_way(tmp_path
         < order.index(str(ws / "src/sandgate"))
         < order.index(str(code))
     )
+
+
+def test_a_read_only_path_inside_another_is_not_made_writable(net, tmp_path):
+    """`--ro ws/tools --ro ws/tools/ci/build.sh`: the second pinned `tools` on its way,
+    bound writable over the first's read-only bind (both at one depth, the writable
+    one mounted last): the task wrote into the directory the admin made read-only. A
+    way inside a read-only path is not pinned, and a read-only bind goes on top."""
+
+    def setup(ws: Path) -> None:
+        (ws / "tools" / "ci").mkdir(parents=True)
+        (ws / "tools" / "ci" / "build.sh").write_text(ORIGINAL)
+        (ws / "tools" / "deploy.sh").write_text(ORIGINAL)
+
+    workdir = sandbox._workdir(tmp_path)
+    tools = workdir / "steps" / "tools"
+    steps = {
+        "deploy": "echo evil > tools/deploy.sh",
+        "new": "touch tools/new",
+        "build": "echo evil > tools/ci/build.sh",
+    }
+    extra = ("--ro", str(tools), "--ro", str(tools / "ci" / "build.sh"))
+    result = sandbox.run(net, tmp_path, steps, extra=extra, setup=setup, workdir=workdir)
+    assert result.returncode == 0, result.describe()
+    for label in steps:
+        assert result.steps[label].rc != 0, result.describe()
+    assert (tools / "deploy.sh").read_text() == ORIGINAL
+    assert (tools / "ci" / "build.sh").read_text() == ORIGINAL
+    assert not (tools / "new").exists()
+
+
+def test_a_way_owned_by_someone_else_stays_theirs(net, tmp_path):
+    """A way directory is idmapped as its writable root, not by its own owner: a
+    root-owned `tools` in a workspace owned by another user, pinned on the way to a
+    read-only path, mapped root's files to the task, which appended to root's
+    deploy.sh and created files that were root's on the host."""
+
+    def setup(ws: Path) -> None:
+        (ws / "tools" / "ci").mkdir(parents=True)
+        (ws / "tools" / "ci" / "build.sh").write_text(ORIGINAL)
+        (ws / "tools" / "deploy.sh").write_text(ORIGINAL)
+        os.chown(ws, 1000, 1000)  # the workspace is a user's; tools/ stays root's
+
+    workdir = sandbox._workdir(tmp_path)
+    tools = workdir / "steps" / "tools"
+    steps = {"deploy": "echo evil >> tools/deploy.sh", "new": "touch tools/new"}
+    extra = ("--ro", str(tools / "ci" / "build.sh"))
+    result = sandbox.run(net, tmp_path, steps, extra=extra, setup=setup, workdir=workdir)
+    assert result.returncode == 0, result.describe()
+    for label in steps:
+        assert result.steps[label].rc != 0, result.describe()
+    assert (tools / "deploy.sh").read_text() == ORIGINAL
+    assert not (tools / "new").exists()
