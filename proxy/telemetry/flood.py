@@ -96,12 +96,17 @@ class _Aggregate:
     last_time: float = 0.0
     samples: list[str] = field(default_factory=list)
     others: int = 0  # events whose destination is not among the samples
+    last: str | None = None  # the latest of those (a flood's target tends to come last)
+    # Allowed events to a destination new to the task that `_named_first` did not name:
+    # its pools were full. Said in the record: the SOC learns naming has stopped.
+    unnamed: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     protocols: set[str | None] = field(default_factory=set)
 
-    def add(self, event: Event) -> None:
+    def add(self, event: Event, unnamed: bool = False) -> None:
         self.count += 1
+        self.unnamed += unnamed
         self.last_time = event.time
         self.bytes_up += event.bytes_up or 0
         self.bytes_down += event.bytes_down or 0
@@ -116,12 +121,18 @@ class _Aggregate:
             self.samples.append(destination)
         else:
             self.others += 1
+            self.last = destination
 
     def record(self, limits: FloodLimits) -> Event:
         t = self.template
         destinations = ", ".join(self.samples) or "none named"
         if self.others:
-            destinations += f" and {self.others} more"
+            destinations += f" and {self.others} more, the last {self.last}"
+        if self.unnamed:
+            destinations += (
+                f"; {self.unnamed} of them to destinations new to the task that are no longer "
+                f"named one by one (past {MAX_NAMED} a task, {NAMES_PER_ADDRESS} names an address)"
+            )
         return Event(
             kind=t.kind,
             verdict=t.verdict,
@@ -143,31 +154,38 @@ class _Aggregate:
         )
 
 
-def _named_first(bucket: _Bucket, event: Event) -> bool:
-    """Whether `event` (allowed) is the first of its destination past the budget, which
+# What `_named_first` makes of an allowed event past the budget.
+NAMED, KNOWN, CAPPED = "named", "known", "capped"  # written; named before; pool full
+
+
+def _named_first(bucket: _Bucket, event: Event) -> str:
+    """NAMED if `event` (allowed) is the first of its destination past the budget, which
     is then noted: its address with up to NAMES_PER_ADDRESS names on it, or (a DNS
-    question, an event without an address) its name."""
+    question, an event without an address) its name; KNOWN if it was named before (or
+    has no destination); CAPPED if it is new but its pool is full."""
     if event.dst_ip is None or event.kind is EventKind.DNS:
         destination = _destination(event)
-        if destination is None or destination in bucket.named or len(bucket.named) >= MAX_NAMED:
-            return False
+        if destination is None or destination in bucket.named:
+            return KNOWN
+        if len(bucket.named) >= MAX_NAMED:
+            return CAPPED
         bucket.named.add(destination)
-        return True
+        return NAMED
     address = format_host_port(event.dst_ip, event.dst_port) if event.dst_port else event.dst_ip
     name = bound_text(event.name, SAMPLE_CHARS) if event.name else None
     names = bucket.addresses.get(address)
     new = names is None
     if new:
         if len(bucket.addresses) >= MAX_NAMED:
-            return False
+            return CAPPED
         names = bucket.addresses[address] = set()
-    if name is None or name in names or len(names) >= NAMES_PER_ADDRESS:
-        return new
-    if bucket.names_on_addresses >= MAX_NAMED:
-        return new
+    if name is None or name in names:
+        return NAMED if new else KNOWN
+    if len(names) >= NAMES_PER_ADDRESS or bucket.names_on_addresses >= MAX_NAMED:
+        return NAMED if new else CAPPED
     names.add(name)
     bucket.names_on_addresses += 1
-    return True
+    return NAMED
 
 
 def _destination(event: Event) -> str | None:
@@ -226,7 +244,8 @@ class FloodControl:
         original = event
         if event.__class__ is EncodedEvent:
             event = event.decoded()
-        if event.verdict in _PASSED and _named_first(bucket, event):
+        named = _named_first(bucket, event) if event.verdict in _PASSED else KNOWN
+        if named is NAMED:
             return [original], False  # its first line: a flood hides no destination
         key = (event.kind, event.verdict, event.reason, event.rule_id)
         out = []
@@ -236,7 +255,7 @@ class FloodControl:
             aggregate = None
         if aggregate is None:
             aggregate = bucket.pending[key] = _Aggregate(event, now)
-        aggregate.add(event)
+        aggregate.add(event, unnamed=named is CAPPED)
         return out, True
 
     def admit_batch(

@@ -40,3 +40,36 @@ def test_made_up_hosts_do_not_use_up_what_names_addresses_and_dns_names():
     assert flood.admit(question) == ([question], False)
     again = request("evil.test", ip="203.0.113.66")
     assert flood.admit(again)[1]  # its later events are folded
+
+
+def test_past_every_pool_the_aggregate_says_so_and_names_the_last():
+    """A task that fills the address pool (MAX_NAMED connections to distinct allowed
+    addresses, ~20 s at the default connection_rate) then reaches its target: the
+    target is folded, but its aggregate says that destinations new to the task are no
+    longer named one by one, and names the last destination it folded."""
+    clock = Clock()
+    flood = FloodControl(FloodLimits(1, 1, 1.0), clock)
+    flood.admit(request("budget.test", ip="198.51.100.1"))  # the budget, spent
+    for i in range(MAX_NAMED):
+        flood.admit(request(f"d{i}.decoy", ip=f"10.{i // 250}.{i % 250}.1"))
+    for i in range(MAX_NAMED, MAX_NAMED + 10):
+        assert flood.admit(request(f"d{i}.decoy", ip=f"10.99.{i % 250}.1"))[1]
+    assert flood.admit(request("evil.test", ip="203.0.113.66"))[1]  # folded, but:
+    clock.now = 2.0
+    (record,) = flood.due()
+    assert "the last evil.test:80" in record.detail, record.detail
+    assert "11 of them to destinations new to the task" in record.detail, record.detail
+    assert "no longer named one by one" in record.detail
+
+
+def test_an_aggregate_of_known_destinations_does_not_say_naming_stopped():
+    clock = Clock()
+    flood = FloodControl(FloodLimits(1, 1, 1.0), clock)
+    flood.admit(request("budget.test", ip="198.51.100.1"))
+    first = request("a.test", ip="203.0.113.1")
+    assert flood.admit(first) == ([first], False)
+    for _ in range(3):
+        assert flood.admit(request("a.test", ip="203.0.113.1"))[1]
+    clock.now = 2.0
+    (record,) = flood.due()
+    assert "no longer named" not in record.detail and "the last" not in record.detail
