@@ -684,7 +684,11 @@ def find_planted(before: Survey, after: Survey | None = None) -> list[Planted]:
         for path in after.too_deep
         if path not in old_deep
     ]
-    crowded = [path for path in after.crowded if path not in old_crowded]
+    crowded = [
+        path
+        for path in after.crowded
+        if path not in old_crowded or _changed_since(path, before.started_ns - SETTLED_NS)
+    ]
     planted += [
         Planted(
             path,
@@ -843,6 +847,38 @@ def disarm(planted: list[Planted]) -> list[Planted]:
     for item in planted:
         done.append(Planted(item.path, item.why, _rename_aside(item.path)))
     return done
+
+
+# Entries of a crowded directory `_changed_since` stats at most: past that, changed.
+MAX_CROWDED_SCAN = 1_000_000
+
+
+def _changed_since(directory: Path, since_ns: int) -> bool:
+    """Whether a crowded directory (not listed by the walks: Survey.crowded) that was
+    crowded before the run too has had an entry made, removed, renamed or written to
+    since `since_ns` (its own ctime, or one of its files'), read streaming: nothing
+    kept. Unlisted, one the task added a hook or an editor task to was never checked.
+    Also True when it cannot be read, or holds more than MAX_CROWDED_SCAN entries."""
+    try:
+        found = mounts.open_exact(str(directory))  # no link on the way (`_open_parent`)
+        try:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=found)
+        finally:
+            os.close(found)
+        try:
+            if os.fstat(fd).st_ctime_ns >= since_ns:
+                return True
+            with os.scandir(fd) as listing:
+                for count, entry in enumerate(listing):
+                    if count >= MAX_CROWDED_SCAN:
+                        return True
+                    if entry.stat(follow_symlinks=False).st_ctime_ns >= since_ns:
+                        return True
+        finally:
+            os.close(fd)
+    except OSError:
+        return True
+    return False
 
 
 def _open_parent(path: Path) -> int:

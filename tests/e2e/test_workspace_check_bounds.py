@@ -78,6 +78,32 @@ def test_a_crowded_editor_directory_goes_aside_whole(net, tmp_path):
     assert (ws / "lib/.vscode/tasks.json.sandgate-planted").exists()
 
 
+@pytest.mark.parametrize(
+    "change",
+    ["echo '{}' > tasks.json", "echo '{\"x\": 1}' > 17", "rm 18"],
+    ids=["added", "rewritten", "removed"],
+)
+def test_a_directory_crowded_before_the_run_is_checked_for_changes(net, tmp_path, change):
+    """Crowded before the run (the user's own), a `.vscode` kept no record, was crowded
+    again after it, and so was never looked at: the task's tasks.json in it went
+    unreported (planting._changed_since). One the task left alone stays."""
+    many = planting.MAX_DIR_CONTROLS + 2  # crowded still with one removed
+
+    def setup(ws: Path) -> None:
+        for directory in ("app/.vscode", "untouched/.vscode"):
+            (ws / directory).mkdir(parents=True)
+            for n in range(many):
+                (ws / directory / str(n)).write_text("{}")
+
+    steps = {"change": f"cd app/.vscode && {change}"}
+    result = sandbox.run(net, tmp_path, steps, setup=setup)
+    assert result.returncode == 0 and result.steps["change"].rc == 0, result.describe()
+    ws = result.steps_dir
+    assert result.summary["workspace_planted"] == [str(ws / "app/.vscode")], result.summary
+    assert (ws / "app/.vscode.sandgate-planted").is_dir()
+    assert (ws / "untouched/.vscode").is_dir()
+
+
 def test_the_walk_keeps_what_makes_a_git_directory_whatever_its_type(tmp_path):
     """The walk drops the plain files of a directory, not the names git looks for: a
     bare repository whose `objects` and `refs` are links is one to git (it follows
