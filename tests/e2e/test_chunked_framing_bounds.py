@@ -14,11 +14,9 @@ body: the client's connection closed, an upstream's a 502.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from support import sandbox
-from support.crowd import rss_kb
+from support.crowd import run_and_grow
 from support.sandbox import curl, python
 from support.servers import script_server
 
@@ -155,18 +153,7 @@ def test_chunked_framing_that_never_ends_is_cut_at_the_head_limit(net, tmp_path,
         started = sandbox.start(
             net, tmp_path, steps=steps, rules=rules, extra=("--profile", profile)
         )
-        deadline = time.monotonic() + 90
-        while (
-            not (started.steps_dir / "warmup.rc").exists()
-            and started.popen.poll() is None
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.02)
-        base = peak = rss_kb(started.pid)
-        while started.popen.poll() is None and time.monotonic() < deadline:
-            peak = max(peak, rss_kb(started.pid))
-            time.sleep(0.05)
-        r = started.finish()
+        r, base, peak = run_and_grow(started)
     for label in ("line", "trailer", "tls_line", "tls_trailer"):
         words = r[label].out.split()
         assert words[:1] == ["sent"] and int(words[1]) < SENT_BOUND, (label, r.describe())

@@ -19,12 +19,11 @@ owes the other is small) never held more:
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.crowd import rss_kb
+from support.crowd import run_and_grow
 from support.sandbox import curl, python
 
 pytestmark = pytest.mark.e2e
@@ -150,18 +149,7 @@ def test_mitmproxy_holds_bounded_request_bodies(net, tmp_path):
     net.run_in_internet(["ip", "route", "add", "blackhole", f"{BLACKHOLE}/32"], check=True)
     try:
         started = sandbox.start(net, tmp_path, steps=steps, rules=rules, setup=setup)
-        deadline = time.monotonic() + 90
-        while (
-            not (started.steps_dir / "warmup.rc").exists()
-            and started.popen.poll() is None
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.02)
-        base = peak = rss_kb(started.pid)
-        while started.popen.poll() is None and time.monotonic() < deadline:
-            peak = max(peak, rss_kb(started.pid))
-            time.sleep(0.05)
-        r = started.finish()
+        r, base, peak = run_and_grow(started)
     finally:
         net.run_in_internet(["ip", "route", "del", "blackhole", f"{BLACKHOLE}/32"])
     assert r["warmup"].status == 200, r.describe()
@@ -252,18 +240,7 @@ def test_http2_streams_held_for_approval_share_one_body_bound(net, tmp_path):
         "held": python(HELD_STREAMS, "2"),
     }
     started = sandbox.start(net, tmp_path, steps=steps, rules=rules, setup=copy_h2)
-    deadline = time.monotonic() + 90
-    while (
-        not (started.steps_dir / "warmup.rc").exists()
-        and started.popen.poll() is None
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.02)
-    base = peak = rss_kb(started.pid)
-    while started.popen.poll() is None and time.monotonic() < deadline:
-        peak = max(peak, rss_kb(started.pid))
-        time.sleep(0.05)
-    r = started.finish()
+    r, base, peak = run_and_grow(started)
     assert r["warmup"].status == 200, r.describe()
     # Refused once the connection's held bodies passed 1 MiB: most of the streams.
     assert r["held"].out.startswith("refused "), r.describe()

@@ -13,11 +13,9 @@ through, as fragments of the same message (lean_mitmproxy.stream_websocket_messa
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from support import sandbox
-from support.crowd import rss_kb
+from support.crowd import run_and_grow
 from support.sandbox import python
 from support.servers import script_server
 
@@ -158,18 +156,7 @@ def test_an_allowed_websocket_costs_the_gateway_bounded_memory(net, tmp_path):
     with script_server(net, SERVER, "203.0.113.10", str(PORT), str(MEGABYTES), str(log)):
         started = sandbox.start(net, tmp_path, steps=steps, rules=rules)
         # The baseline once mitmproxy has served a WebSocket (its imports, a leaf).
-        deadline = time.monotonic() + 60
-        while (
-            not (started.steps_dir / "warmup.rc").exists()
-            and started.popen.poll() is None
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.02)
-        base = peak = rss_kb(started.pid)
-        while started.popen.poll() is None and time.monotonic() < deadline:
-            peak = max(peak, rss_kb(started.pid))
-            time.sleep(0.05)
-        r = started.finish()
+        r, base, peak = run_and_grow(started, timeout=60)
     for label in steps:
         assert r[label].out.startswith("HTTP/1.1 101"), (label, r.describe())
     assert peak - base < BOUND_KB, (base, peak, r.describe())

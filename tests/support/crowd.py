@@ -256,3 +256,21 @@ def run_attack(
     assert max(t for _, t, _ in times) < bound, times
     assert growth < rss_growth_kb, growth
     return [(workdir, saw) for (_, workdir), saw in zip(hostile, seen, strict=True)], ran, cpu
+
+
+def run_and_grow(started, timeout: float = 90, warmup: str = "warmup"):
+    """`started` (sandbox.start) run to its end, the resident memory of its process tree
+    sampled every 50 ms from the end of its step `warmup` (mitmproxy started and warm:
+    the baseline): (its result, the baseline KiB, the peak KiB)."""
+    deadline = time.monotonic() + timeout
+    while (
+        not (started.steps_dir / f"{warmup}.rc").exists()
+        and started.popen.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    base = peak = rss_kb(started.pid)
+    while started.popen.poll() is None and time.monotonic() < deadline:
+        peak = max(peak, rss_kb(started.pid))
+        time.sleep(0.05)
+    return started.finish(), base, peak
