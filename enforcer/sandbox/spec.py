@@ -389,19 +389,10 @@ def file_view(
 
     writable_roots = [p for p in ([opts.workspace] if opts.workspace else []) + list(opts.rw)]
 
-    def root_of(path: Path) -> dict:
-        """A bind inside a writable root is idmapped as that root (init: `idmap_of`),
-        not by its own owner: a root-owned directory in a user's workspace would map
-        root's files to the task, which the workspace's own bind shows as no one's."""
-        roots = [root for root in writable_roots if path != root and _under(path, root)]
-        return {"idmap_of": str(max(roots, key=lambda r: len(r.parts)))} if roots else {}
-
-    for path in writable_roots:
+    for path in [*writable_roots, *pinned]:
         binds.append(exact(path, writable=True))
-    for path in pinned:
-        binds.append(exact(path, writable=True, **root_of(path)))
     for path in guarded:
-        binds.append(exact(path, writable=False, idmapped=True, **root_of(path)))
+        binds.append(exact(path, writable=False, idmapped=True))
     read_only = list(opts.ro) + [
         p for p in protected if any(_under(p, w) for w in writable_roots) and p.exists()
     ]
@@ -412,8 +403,18 @@ def file_view(
     # with it (`mv tools tools.old && mkdir -p tools/ci` put the task's build.sh, or
     # sandgate's own code of a development checkout, at the path the host runs next).
     # A way inside a read-only path is read-only with it: not pinned (bound writable, it
-    # would cover that path's read-only bind with a writable one).
-    pinned_ways = set(writable_roots) | set(pinned)
+    # would cover that path's read-only bind with a writable one). A way is idmapped as
+    # the writable bind it lies in (init: `idmap_of`), not by its own owner: a
+    # root-owned directory in a user's workspace mapped root's files to the task, which
+    # the workspace's own bind shows as no one's. (A pinned git directory keeps its
+    # owner's mapping on purpose: git refuses a repository that looks someone else's.)
+    held_by = [*writable_roots, *pinned]  # the binds a way may lie in, mapped as they are
+    pinned_ways = set(held_by)
+
+    def idmap_of(way: Path) -> dict:
+        holders = [bind for bind in held_by if way != bind and _under(way, bind)]
+        return {"idmap_of": str(max(holders, key=lambda b: len(b.parts)))} if holders else {}
+
     for path in read_only:
         for root in writable_roots:
             if path != root and _under(path, root):
@@ -421,8 +422,8 @@ def file_view(
                     if any(_under(way, other) for other in read_only):
                         break
                     if way != root and _under(way, root) and way not in pinned_ways:
+                        binds.append(exact(way, writable=True, **idmap_of(way)))
                         pinned_ways.add(way)
-                        binds.append(exact(way, writable=True, **root_of(way)))
     # Parents before children: a --ro directory must not cover a workspace inside it,
     # and sandgate's own files inside a workspace go read-only over it; at one path, the
     # read-only bind last (on top).
