@@ -350,7 +350,7 @@ def frame_downgraded_requests() -> None:
             unframed = (
                 request.is_http2 or request.is_http3
             ) and "content-length" not in request.headers
-            close = leaves_body_unread(request.data.method, True)
+            close = leaves_body_unread(request.data.method)  # (a body: not end_stream)
             if unframed or close:
                 request = request.copy()
                 if unframed:

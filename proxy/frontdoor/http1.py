@@ -431,28 +431,21 @@ class Http1Session:
         target = origin_form(event.target)
         connection_field = _connection_tokens(head.fields)
         self.client_closes = event.http_version != b"1.1" or b"close" in (connection_field or ())
-        if checked.close_upstream:
-            # A body the server may leave unread, then read as a request: its connection
-            # ends with this exchange (request_head.leaves_body_unread). One Connection
-            # field saying only `close`: Python's http.server reads the first field's
-            # value, whole.
-            fields = forwarded_fields(head.fields, checked)
-            forwarded = h11.Request(
-                method=event.method,
-                target=target,
-                headers=[f for f in fields if f[0].lower() != b"connection"]
-                + [(b"Connection", b"close")],
-                _parsed=True,
-            )
-        elif checked.strip_upgrade or checked.websocket or connection_field is not None:
+        changed = checked.strip_upgrade or checked.websocket or connection_field is not None
+        if changed or checked.close_upstream:
             # h11's own parse less some fields (and tokens of a valid Connection value):
             # valid already, so h11 is told not to check each field again
             # (`_parsed`); it still checks the method and the target.
+            fields = forwarded_fields(head.fields, checked)
+            if checked.close_upstream:
+                # A body the server may leave unread, then read as a request: its
+                # connection ends with this exchange (request_head.leaves_body_unread).
+                # One Connection field saying only `close`: Python's http.server reads
+                # the first field's value, whole.
+                fields = [f for f in fields if f[0].lower() != b"connection"]
+                fields.append((b"Connection", b"close"))
             forwarded = h11.Request(
-                method=event.method,
-                target=target,
-                headers=forwarded_fields(head.fields, checked),
-                _parsed=True,
+                method=event.method, target=target, headers=fields, _parsed=True
             )
         elif target is event.target and event.http_version == b"1.1":
             forwarded = event  # unchanged: the parsed event goes on as it is

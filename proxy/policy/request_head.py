@@ -172,7 +172,7 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
     method = head.method.decode("ascii")
     websocket, strip = _upgrade(by_name.get(b"upgrade"))
     overrides = _overrides(method, by_name, query)
-    close = head.method in CONTENT_UNDEFINED and _has_body(by_name)
+    close = leaves_body_unread(head.method) and _has_body(by_name)
     return CheckedHead(
         method, host, path, websocket, strip, overrides, query if question else None, close
     )
@@ -190,10 +190,10 @@ def _has_body(by_name: dict[bytes, list[bytes]]) -> bool:
     return any(v.strip() != b"0" for v in by_name.get(b"content-length", ()))
 
 
-def leaves_body_unread(method: bytes, has_body: bool) -> bool:
-    """Whether a request of `method` with a body (`has_body`: a Content-Length other
-    than 0, chunked, or HTTP/2 DATA to come) must be the last on its upstream
-    connection, which is then sent `Connection: close`.
+def leaves_body_unread(method: bytes) -> bool:
+    """Whether a request of `method` (upper case: check_head refuses others), when it
+    has a body (a Content-Length other than 0, chunked, or HTTP/2 DATA to come), must
+    be the last on its upstream connection, which is then sent `Connection: close`.
 
     Many servers never read a body they got with a GET (RFC 9110 9.3.1 names this as
     a request-smuggling risk), and one that keeps the connection (Python's
@@ -203,7 +203,7 @@ def leaves_body_unread(method: bytes, has_body: bool) -> bool:
     (Elasticsearch's GET _search, kubectl's DELETE with options); told to close, a
     server that left the body unread never parses it, and one that reads bodies
     (nginx, Node, Go) reads it as the body it is."""
-    return has_body and method.upper() in CONTENT_UNDEFINED
+    return method in CONTENT_UNDEFINED
 
 
 # Field names seen before, each an HTTP token, with its lower case: a task sends the
