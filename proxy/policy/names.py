@@ -113,6 +113,8 @@ def parse_ip(text: str) -> IPAddress | None:
     """
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
+        if ":" not in text:  # only IPv6 goes in brackets (`[10.0.0.1]` is no address)
+            return None
         text = text[1:-1]
     if text.endswith(".") and ":" not in text:
         text = text[:-1]
@@ -548,6 +550,11 @@ def parse_host_port(
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
             raise ValueError(f"{text!r}: expected [IPV6]:PORT")
+        # Brackets hold an IPv6 address only (RFC 3986's IP-literal). `[allowed.test]`
+        # read as allowed.test was a name no server reads so: nginx keeps the
+        # brackets, matches no server_name and serves its default virtual host.
+        if host and not _is_ipv6(host):
+            raise ValueError(f"{text!r}: only an IPv6 address goes in brackets")
         port_text = rest[1:] if rest else None
     elif text.count(":") == 1:
         host, port_text = text.split(":")
@@ -563,6 +570,14 @@ def parse_host_port(
     if not (port_text.isascii() and port_text.isdigit() and lowest <= int(port_text) <= 65535):
         raise ValueError(f"{text!r}: the port must be a number from {lowest} to 65535")
     return host, int(port_text)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_host_port(host: str, port: int) -> str:

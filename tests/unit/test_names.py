@@ -182,6 +182,7 @@ def test_parse_ip_spellings(text, expected):
         pytest.param("1.2.3.4/32", id="cidr"),
         pytest.param("fe80::1%eth0", id="zone"),
         pytest.param("[::1", id="unclosed-bracket"),
+        pytest.param("[10.0.0.1]", id="v4-in-brackets"),
         pytest.param(":::1", id="bad-v6"),
     ],
 )
@@ -573,6 +574,10 @@ def test_parse_host_port(text, default_port, expected):
         pytest.param("host:-1", "from 1 to 65535", id="negative"),
         pytest.param("[::1", "expected \\[IPV6\\]:PORT", id="unclosed-bracket"),
         pytest.param("[::1]x80", "expected \\[IPV6\\]:PORT", id="junk-after-bracket"),
+        # nginx keeps the brackets of `[allowed.test]` and serves its default server
+        pytest.param("[allowed.test]:80", "only an IPv6 address", id="name-in-brackets"),
+        pytest.param("[allowed.test]", "only an IPv6 address", id="name-in-brackets-no-port"),
+        pytest.param("[10.0.0.1]:80", "only an IPv6 address", id="v4-in-brackets"),
     ],
 )
 def test_parse_host_port_rejects(text, message):
