@@ -100,7 +100,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "host-mismatch",
         (R.HOST_MISMATCH, R.INVALID_NAME),
         "an HTTP Host that is missing, given twice, invalid, names another port, or disagrees with the SNI, "
-        "the destination address, :authority or an absolute-form target",
+        "the destination address, :authority or an absolute-form target; or a host override "
+        "(X-Forwarded-Host, X-Host, Forwarded host=, ...) naming a host the rules would not allow there",
     ),
     (
         "malformed-request",
@@ -113,7 +114,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "ambiguous-path",
         (R.AMBIGUOUS_PATH,),
         "a request path a server may read otherwise than the gateway decided it: '#', a backslash, "
-        "';', '//', dot segments, %2F %5C %2E %3B, encoded controls or invalid UTF-8, raw non-ASCII",
+        "';', '//', dot segments, %2F %5C %2E %3B, encoded controls or invalid UTF-8, raw non-ASCII; "
+        "or an X-Original-URL or X-Rewrite-URL naming such a path, or one the rules would not allow",
     ),
     (
         "ambiguous-method",

@@ -23,11 +23,16 @@ server picks. Checks, first failure wins:
     is the connection's -> else host_mismatch;
  5. path: `path_problem` (the canonical set, below) -> ambiguous_path; the query
     only visible ASCII without `#` -> else ambiguous_path;
- 6. method overrides: an X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override
-    header, or a `_method` query parameter, naming another method than the request's
-    are kept in `overrides`: servers that honour them run that method (a POST becomes
-    a DELETE), so the gate decides the request for each of them too, and refuses it
-    (ambiguous_method) where one of them would not be allowed;
+ 6. overrides: fields a server may serve the request by instead of its own method,
+    path or host, naming another one, are kept in `overrides`, and the gate decides
+    the request for each of them too, refusing it where one would not be allowed:
+    a method (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, a `_method`
+    query parameter: a POST becomes a DELETE) -> ambiguous_method; a path
+    (X-Original-URL, X-Rewrite-URL: IIS's URL Rewrite, Symfony and Zend before 2018)
+    -> ambiguous_path, also when the path named is itself ambiguous; a host
+    (X-Forwarded-Host, X-Host, X-Original-Host, X-Forwarded-Server,
+    X-HTTP-Host-Override, `host=` in Forwarded: Rails' request.host, Django's
+    USE_X_FORWARDED_HOST, Werkzeug's ProxyFix, tenants routed by host) -> host_mismatch;
  7. upgrade: `Upgrade: websocket` alone is a WebSocket request (decided by rules
     with `websocket: true`); any other token list (h2c, `h2c, foo`, websocket with
     others) is removed before forwarding (`strip_upgrade`).
@@ -61,8 +66,24 @@ _QUERY_BYTES = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII without '#'
 # Escapes a server may decode before splitting or resolving the path: /, \, ., ;
 _STRUCTURAL_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
 _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
+# The fields that override the request's method, path or host to the servers that
+# honour them (module docstring, 6), by lower-case name: what each overrides.
+_OVERRIDES = {
+    **dict.fromkeys((b"x-http-method-override", b"x-http-method", b"x-method-override"), "method"),
+    **dict.fromkeys((b"x-original-url", b"x-rewrite-url"), "path"),
+    **dict.fromkeys(
+        (
+            b"x-forwarded-host",
+            b"x-host",
+            b"x-original-host",
+            b"x-forwarded-server",
+            b"x-http-host-override",
+            b"forwarded",
+        ),
+        "host",
+    ),
+}
 # The fields check_head reads by name (lower case); others are only checked as fields.
-_OVERRIDES = (b"x-http-method-override", b"x-http-method", b"x-method-override")
 _READ_FIELDS = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"upgrade", *_OVERRIDES}
 )
@@ -103,9 +124,10 @@ class CheckedHead(NamedTuple):
     # Asks for a WebSocket upgrade: only rules with websocket: true allow it.
     websocket: bool = False
     strip_upgrade: bool = False  # carries another Upgrade: removed before forwarding
-    # (where, method) of each method override naming another method than `method`
-    # (`X-HTTP-Method-Override`, `the query's _method`): the gate decides those too.
-    overrides: tuple[tuple[str, str], ...] = ()
+    # (where, field, value) of each override naming another method, path or host
+    # than the head's (`x-http-method-override`, "method", "DELETE"): the gate
+    # decides those too (`with_overrides`).
+    overrides: tuple[tuple[str, str, str], ...] = ()
     # The query as it will be forwarded (None: no '?'): what an approval shows and keys.
     query: str | None = None
     # The upstream connection must close after it: a body on a method whose content
@@ -171,7 +193,11 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
         return refused
     method = head.method.decode("ascii")
     websocket, strip = _upgrade(by_name.get(b"upgrade"))
-    overrides = _overrides(method, by_name, query)
+    has_fields = len(by_name) > (b"host" in by_name)  # (a Host alone overrides nothing)
+    overrides = _overrides(method, path, host, by_name, query) if has_fields or query else ()
+    for where, field, value in overrides:
+        if field == "path" and (why := path_problem(value)) is not None:
+            return deny("ambiguous-path", detail=f"{where} names {value[:200]!r}: {why}")
     close = leaves_body_unread(head.method) and _has_body(by_name)
     return CheckedHead(
         method, host, path, websocket, strip, overrides, query if question else None, close
@@ -217,8 +243,8 @@ _MAX_KNOWN_NAMES = 4096
 def _read_as(lower: bytes) -> bytes:
     """The name a field is read by: its own, but an override's in any spelling that a
     CGI-style server files under the same variable (HTTP_X_HTTP_METHOD_OVERRIDE: '_'
-    and, in PHP, '.' for '-'): `X_HTTP_METHOD_OVERRIDE` is one. Only the overrides:
-    `Content_Length` is not a framing field to any parser."""
+    and, in PHP, '.' for '-'): `X_HTTP_METHOD_OVERRIDE`, `X_Forwarded_Host` are ones.
+    Only the overrides: `Content_Length` is not a framing field to any parser."""
     spelled = lower.replace(b"_", b"-").replace(b".", b"-")
     return spelled if spelled in _OVERRIDES else lower
 
@@ -343,39 +369,69 @@ def _utf8(data: bytearray) -> bool:
     return True
 
 
+# field -> (what it is called in a denial, what a server does with it, the denial)
+_OVERRIDDEN = {
+    "method": ("the request is", "runs", "ambiguous-method"),
+    "path": ("the request's path is", "serves", "ambiguous-path"),
+    "host": ("the request's Host is", "serves", "host-mismatch"),
+}
+
+
 def with_overrides(
     decision: Decision, head: CheckedHead, decide_as: Callable[[CheckedHead], Decision]
 ) -> Decision:
-    """`decision` for `head`, or the ambiguous_method denial: a method override
-    (X-HTTP-Method-Override, `_method=`) makes a server that honours it run that
-    method, so a request not already denied passes only where each method it names
-    would be allowed too (always where no rule reads the method). `decide_as`: the
-    decision for `head` with another method."""
+    """`decision` for `head`, or the denial of an override: a server that honours one
+    runs the method, or serves the path or host, it names (module docstring, 6), so
+    a request not already denied passes only where what each override names would be
+    allowed too (always where no rule reads it). `decide_as`: the decision for
+    `head` with another method, path or host."""
     if not head.overrides or decision.verdict is Verdict.DENY:
         return decision
-    for where, method in head.overrides:
-        other = decide_as(head._replace(method=method, overrides=()))
+    for where, field, value in head.overrides:
+        other = decide_as(head._replace(**{field: value}, overrides=()))
         if not other.allowed:
+            called, does, rule = _OVERRIDDEN[field]
             return deny(
-                "ambiguous-method",
-                detail=f"{where} names {method!r}, the request is {head.method}: a server "
-                f"that honours it runs {method}, which is not allowed here "
+                rule,
+                detail=f"{where} names {value!r}, {called} {getattr(head, field)[:200]!r}: a "
+                f"server that honours it {does} {value!r}, which is not allowed here "
                 f"({other.reason}: {other.detail[:200]})",
             )
     return decision
 
 
 def _overrides(
-    method: str, by_name: dict[bytes, list[bytes]], query: str
-) -> tuple[tuple[str, str], ...]:
-    """The method overrides in the head that name another method than `method`, each
-    as (where, the method named, upper case: servers upper-case overrides)."""
+    method: str, path: str, host: str, by_name: dict[bytes, list[bytes]], query: str
+) -> tuple[tuple[str, str, str], ...]:
+    """The overrides in the head that name another method, path or host than the
+    head's own: (where, field, the value named). A method upper-cased (servers
+    upper-case overrides); a path without its query; every host of a list
+    (X-Forwarded-Host: a, b: Rails takes the last, others the first)."""
     found = []
-    for name in _OVERRIDES:
-        for value in by_name.get(name, ()):
-            named = value.strip().decode("ascii", "replace").upper()
-            if named != method:
-                found.append((name.decode(), named[:40]))
+    for name, values in by_name.items():
+        field = _OVERRIDES.get(name)
+        if field is None:
+            continue
+        for value in values:
+            text = value.strip().decode("ascii", "replace")
+            if field == "method":
+                named = [text.upper()]
+            elif field == "path":
+                named = [text.partition("?")[0]]
+            elif name == b"forwarded":  # RFC 7239: `for=...;host="a:80", host=b`
+                named = [
+                    v.strip().strip('"')
+                    for element in text.split(",")
+                    for k, _, v in (pair.partition("=") for pair in element.split(";"))
+                    if k.strip().lower() == "host"
+                ]
+            else:
+                named = [h.strip() for h in text.split(",")]
+            own = {"method": method, "path": path, "host": host}[field]
+            for one in named:
+                same = one == own if field != "host" else one.lower() == own.lower()
+                if one and not same:
+                    found.append((name.decode(), field, one[:200]))
     if "meth" in query.lower() or "%" in query:
         for param in _QUERY_PARAM.findall(query):
             key, _, value = param.partition("=")
@@ -385,7 +441,7 @@ def _overrides(
             if name.translate(_PHP_MANGLED).strip().lower() == "_method":
                 named = unquote_plus(value).strip().upper()
                 if named != method:
-                    found.append(("the query's _method", named[:40]))
+                    found.append(("the query's _method", "method", named[:40]))
     return tuple(found)
 
 

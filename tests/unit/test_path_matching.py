@@ -56,7 +56,14 @@ def outcome(policy, target: str, method: str = "GET", *fields: tuple[str, str]) 
         profile="default", port=443, method=checked.method, path=checked.path,
         name="api.allowed.test",
     )  # fmt: skip
-    decide_as = lambda other: decide(policy, dataclasses.replace(facts, method=other.method))  # noqa: E731
+
+    def decide_as(other):
+        name = other.host.rpartition(":")[0] if ":" in other.host else other.host
+        return decide(
+            policy,
+            dataclasses.replace(facts, method=other.method, path=other.path, name=name.lower()),
+        )
+
     return str(with_overrides(decide(policy, facts), checked, decide_as).reason)
 
 
@@ -149,6 +156,38 @@ def test_a_method_override_is_refused_where_its_method_is_not_allowed(
     policy, method, target, fields, expected
 ):
     assert outcome(policy, target, method, *fields) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param([("X-Original-URL", "/public/secret")], "ambiguous_path", id="original-url"),
+        pytest.param([("X-Rewrite-URL", "/private/key?x=1")], "ambiguous_path", id="rewrite-url"),
+        pytest.param([("X_Original_URL", "/private/key")], "ambiguous_path", id="cgi-spelling"),
+        pytest.param([("X-Original-URL", "/public/../private/key")], "ambiguous_path", id="ambiguous-itself"),
+        pytest.param([("X-Original-URL", "http://api.allowed.test/private/key")], "ambiguous_path", id="absolute"),
+        pytest.param([("X-Original-URL", "/public/ok?a=1")], "rule_allow", id="names-itself"),
+        pytest.param([("X-Original-URL", "/public/other")], "rule_allow", id="allowed-too"),
+        pytest.param([("X-Forwarded-Host", "secret.test")], "host_mismatch", id="forwarded-host"),
+        pytest.param([("X-Forwarded-Host", "api.allowed.test, secret.test")], "host_mismatch", id="forwarded-host-list"),
+        pytest.param([("X-Host", "secret.test")], "host_mismatch", id="x-host"),
+        pytest.param([("X-Original-Host", "secret.test")], "host_mismatch", id="x-original-host"),
+        pytest.param([("X-Forwarded-Server", "secret.test")], "host_mismatch", id="x-forwarded-server"),
+        pytest.param([("X-HTTP-Host-Override", "secret.test")], "host_mismatch", id="host-override"),
+        pytest.param([("X_Forwarded_Host", "secret.test")], "host_mismatch", id="host-cgi-spelling"),
+        pytest.param([("Forwarded", 'for=10.0.0.1;host="secret.test", proto=https')], "host_mismatch", id="forwarded"),
+        pytest.param([("Forwarded", "for=10.0.0.1;proto=https")], "rule_allow", id="forwarded-without-host"),
+        pytest.param([("X-Forwarded-Host", "API.allowed.test")], "rule_allow", id="host-names-itself"),
+        pytest.param([("X-Forwarded-Host", "api.allowed.test:443")], "rule_allow", id="host-itself-with-port"),
+        pytest.param([("X-Forwarded-Host", "")], "rule_allow", id="host-empty"),
+    ],
+)  # fmt: skip
+def test_a_path_or_host_override_is_refused_where_what_it_names_is_not_allowed(
+    policy, fields, expected
+):
+    """Servers that honour X-Original-URL or X-Forwarded-Host serve the path or host
+    they name: the request is decided for it too."""
+    assert outcome(policy, "/public/ok", "GET", *fields) == expected
 
 
 # Paths the head check lets through: what parse_path decides on is itself canonical.
