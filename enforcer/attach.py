@@ -244,14 +244,18 @@ def _prepare(
     gaps: list[prepare.Gap] | None = None,
 ) -> prepare.PreparedSandbox:
     run_dir = Path(reply["dir"])
-    audit = Path(reply["audit_log"])
-    for root in ([opts.sandbox.workspace] if opts.sandbox.workspace else []) + list(
-        opts.sandbox.rw
-    ):
-        if audit.resolve().is_relative_to(root):
-            raise spec.SandboxError(
-                f"the service's audit log {audit} is inside {root}, which the task can write"
-            )
+    # The service's own files, which the task must not write: its audit log, and
+    # every rule file its policy read (the service reloads them when they change).
+    protected = spec.protected_paths(list(STATE_DIRS))
+    spec.check_out_of_reach(
+        "the service's audit log", Path(reply["audit_log"]), opts.sandbox.writable,
+        why="it could rewrite the record of what it did",
+    )  # fmt: skip
+    for path in reply.get("rule_files", ()):
+        spec.check_out_of_reach(
+            "the service's rule file", Path(path), opts.sandbox.writable, read_only=protected,
+            why="it could rewrite every task's policy, which the service reloads",
+        )  # fmt: skip
     binds = [(Path(reply["resolv_conf"]), Path(os.path.realpath("/etc/resolv.conf")))]
     env = {"SANDGATE_TASK_ID": reply["run_id"]}
     if reply.get("ca_bundle"):
@@ -274,7 +278,7 @@ def _prepare(
         env=env,
         file_binds=binds,
         hidden=hidden,
-        protected=spec.protected_paths(list(STATE_DIRS)),
+        protected=protected,
         seccomp_cache=STATE_DIRS[0] / "cache",
         walks=STATE_DIRS[0] / "cache",
         runner_joins=True,

@@ -723,6 +723,7 @@ class GatewayService:
             "hidden": [str(STATE_DIR), str(RUN_DIR), str(self.opts.audit_log)],
             "audit_log": str(self.opts.audit_log),
             "policy": self.data_plane.policy.hash,
+            "rule_files": [str(p) for p in self.data_plane.policy.paths],
         }
 
     def _write_state(self, attached: Attached) -> None:

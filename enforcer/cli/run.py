@@ -107,7 +107,9 @@ def cmd_run(args) -> int:
     with setup_errors():
         check_prerequisites()
         try:
-            sandbox, limits = sandbox_options.from_arguments(args, [STATE_DIR, RUN_DIR])
+            sandbox, limits = sandbox_options.from_arguments(
+                args, [STATE_DIR, RUN_DIR], policy.paths
+            )
         except SandboxError as e:
             raise UsageError(str(e)) from None
         extra_ca = read_extra_cas(args.extra_ca, sandbox.writable)

@@ -110,9 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_arguments(
-    args: argparse.Namespace, state_dirs: list[Path]
+    args: argparse.Namespace, state_dirs: list[Path], rule_files: tuple[Path, ...] = ()
 ) -> tuple[spec.SandboxOptions, cgroup.Limits]:
-    """The options as checked values, or spec.SandboxError naming the option."""
+    """The options as checked values, or spec.SandboxError naming the option.
+    `rule_files`: every file an embedded gateway's policy read or tried (its
+    includes, approved.yaml), which must be out of the task's reach as --rules is."""
     protected = spec.protected_paths(state_dirs)
     workspace = None
     if not args.no_workspace:
@@ -127,11 +129,13 @@ def from_arguments(
         # An embedded run's: an `always` approval appends to approved.yaml next to it
         # and reloads both mid-run, and the next run loads them: the task must not be
         # their author. (Attached, the service's rules apply.)
-        spec.check_out_of_reach(
-            "--rules", Path(args.rules), writable,
-            why="it could rewrite its own policy, which an `always` approval reloads",
-            read_only=protected,
-        )  # fmt: skip
+        for path in (Path(args.rules), *rule_files):
+            spec.check_out_of_reach(
+                "--rules" if path == Path(args.rules) else f"--rules {args.rules} reads",
+                path, writable, read_only=protected,
+                why="it could rewrite its own policy, for this run (an `always` approval "
+                "reloads every file) and the next",
+            )  # fmt: skip
     uid, gid = spec.parse_user(args.user)
     try:
         limits = cgroup.Limits(

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 from support import sandbox
 from support.sandbox import python
+from support.service import GatewayProcess, attach_argv
 
 pytestmark = pytest.mark.e2e
 
@@ -203,6 +204,50 @@ def test_a_task_cannot_author_its_own_rules(net, tmp_path):
     proc = _run_refusable(net, workspace, ("--rules", str(outside)), "touch ran")
     assert proc.returncode == 0, proc.stderr
     assert (workspace / "ran").exists()
+
+
+def test_a_task_cannot_author_a_file_its_rules_include(net, tmp_path):
+    """Found and closed: only the --rules file itself was checked, and a team preset it
+    includes from the project was the task's to rewrite: the next run with the same
+    rules (and an `always` approval's reload, which reads every file again) loaded the
+    policy the task wrote. Every file the rules read must be out of its reach too."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    preset = workspace / "team-preset.yaml"
+    preset.write_text("version: 1\nrules:\n  - allow: www.allowed.test\n")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    include: [./ws/team-preset.yaml]\n"
+        "    rules:\n      - allow: allowed.test\n"
+    )
+    proc = _run_refusable(net, workspace, ("--rules", str(rules)), "touch ran")
+    assert proc.returncode == 2, proc.stderr
+    assert f"--rules {rules} reads {preset}: inside {workspace}" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (workspace / "ran").exists()  # refused before anything ran
+
+
+def test_a_task_cannot_author_the_services_rules(net, tmp_path):
+    """Found and closed: `sandgate run --gateway` took a --rw (or workspace) holding
+    the service's rule files, which the service reloads when they change: the task
+    could rewrite every task's policy, its own included, mid-run."""
+    team = tmp_path / "team"
+    team.mkdir()
+    rules = team / "rules.yaml"
+    rules.write_text(sandbox.DEMO_RULES.read_text())
+    service = GatewayProcess(net, tmp_path, rules).start()
+    try:
+        command = ["sh", "-c", f"touch {team}/ran; echo 'version: 1' > {rules}"]
+        argv = attach_argv(service, sandbox._workdir(tmp_path), command, extra=("--rw", str(team)))
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        service.stop()
+    assert proc.returncode != 0, proc.stderr
+    assert (
+        f"the service's rule file {rules}: inside {team}, which the task can write" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert not (team / "ran").exists() and rules.read_text() == sandbox.DEMO_RULES.read_text()
 
 
 @pytest.mark.parametrize("option", ["--env-file", "--extra-ca"])
