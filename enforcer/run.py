@@ -163,20 +163,21 @@ def make_dir(path: Path, what: str) -> None:
 RUN_ID_ATTEMPTS = 16
 
 
-def claim_run_id(first: str | None = None, taken=None, mode: int = 0o777) -> str:
+def claim_run_id(first: str | None = None, taken=None) -> str:
     """A run id whose state dir `RUN_DIR/<id>` this call made: `first` if it is free,
     else a fresh random one. `mkdir` without exist_ok is the claim (atomic: of two
     runs drawing one id, one makes the dir, the other draws again), so no two runs
     share an id's netns, veth, table, cgroup or state dir. `taken(id)`: whether the
     id is in use otherwise (e.g. a kept audit log of that name). RunError when the
-    dir cannot be made, or no free id was drawn."""
+    dir cannot be made, or no free id was drawn. Root's alone (0700): the task's
+    spec in it holds its environment, `--env` and `--env-file` values included."""
     make_dir(RUN_DIR, "SANDGATE_RUN_DIR")
     draws = (secrets.token_hex(4) for _ in range(RUN_ID_ATTEMPTS))
     for run_id in itertools.chain([first] if first else [], draws):
         if taken is not None and taken(run_id):
             continue
         try:
-            (RUN_DIR / run_id).mkdir(mode=mode)
+            (RUN_DIR / run_id).mkdir(mode=0o700)
         except FileExistsError:
             continue
         except OSError as e:

@@ -622,7 +622,7 @@ class GatewayService:
         """A sandbox network with its table loaded, owned by this service until a task
         takes it (its state file names the service, so `gc` and a restart know it);
         `profile`: its task's, else a spare's table has the default limits."""
-        run_id = claim_run_id(mode=0o700)  # its state dir made: the id is this network's
+        run_id = claim_run_id()  # its state dir made: the id is this network's
         attached = Attached(run_id, profile, "", "", 0, [], TaskSummary())
         attached.worker = self.data_plane.assign()
         try:

@@ -250,6 +250,25 @@ def test_a_task_cannot_author_the_services_rules(net, tmp_path):
     assert not (team / "ran").exists() and rules.read_text() == sandbox.DEMO_RULES.read_text()
 
 
+def test_a_local_user_reads_no_task_secret_from_its_run_directory(net, tmp_path):
+    """Found and closed: an embedded run's directory was 0755 and its spec 0644, and
+    the spec holds the task's environment: a local user (nobody here) read the
+    values of a root-only --env-file while the run lived."""
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("API_TOKEN=sg-secret-value\n")
+    secrets.chmod(0o600)
+    started = sandbox.start(net, tmp_path, "sleep 3", extra=("--env-file", str(secrets)))
+    try:
+        spec = sandbox.RUN_DIR / started.run_id() / "sandbox.json"
+        assert sandbox.eventually(spec.exists, timeout=10)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat"]
+        read = subprocess.run([*as_nobody, str(spec)], capture_output=True, text=True)
+        assert read.returncode != 0 and "sg-secret-value" not in read.stdout
+        assert "sg-secret-value" in spec.read_text()  # it is the file that holds it
+    finally:
+        started.finish()
+
+
 @pytest.mark.parametrize("option", ["--env-file", "--extra-ca"])
 def test_a_link_planted_by_an_earlier_task_reads_no_host_file_for_the_next(net, tmp_path, option):
     """Found and closed: a task replaced the workspace's `.env` (or a CA file given with
