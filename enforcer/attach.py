@@ -141,14 +141,14 @@ def run_attached(opts: AttachOptions) -> int:
         return EXIT_SETUP
     if shared is not None:
         shared.guard()  # only now: the init and the task keep SIGTTOU's default
+    stopping = StopGrace(child, opts.stop_grace)
+    for signum in STOP_SIGNALS:  # before the task can start (it waits for the join)
+        signal.signal(signum, lambda s, _f: stopping.signal(s))
     if seed is None:
         prepared.join(child.pid)  # while the init builds its file view (a seed is in already)
     prepared.started()
     if terminal is not None:
         terminal.started()
-    stopping = StopGrace(child, opts.stop_grace)
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda s, _f: stopping.signal(s))
     disk = DiskGuard(child, opts.sandbox)
     client = _wait(
         child, client, opts.control, run_id, opts.caller, terminal, stopping, disk, prepared
@@ -543,7 +543,12 @@ class TaskTerminal:
             os.close(fd)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# The signals that end a run in order (forwarded to the task, `StopGrace`, then the
+# after-run check). SIGQUIT too: a task that shares the caller's terminal can make it
+# send one to the runner's group (a key remapped with tcsetattr, typed by the user or
+# by the terminal's own answer to a query it writes: ESC [ c), and its default action
+# ended the runner before its workspace check.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 class StopGrace:

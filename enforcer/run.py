@@ -592,7 +592,7 @@ class TaskRun:
         metrics server, asyncio's executor); a forked child touches none of their
         state: it closes every descriptor but the init's, runs init.main and leaves
         with os._exit, and the modules it uses are imported before the fork."""
-        from sandgate.enforcer.attach import DiskGuard, ForkedInit, StopGrace
+        from sandgate.enforcer.attach import STOP_SIGNALS, DiskGuard, ForkedInit, StopGrace
         from sandgate.enforcer.shared_stdio import SharedStdio
         from sandgate.enforcer.terminal_relay import SharedTerminal
 
@@ -606,29 +606,30 @@ class TaskRun:
             self.terminal.guard()  # only now: the init and the task keep SIGTTOU's default
         self._stopping = StopGrace(self.child, self.opts.stop_grace)
         self._disk = DiskGuard(self.child, self.opts.sandbox)
-        if self.seed is None:
-            # The init builds its file view while this joins it to the task's cgroup
-            # (the first cgroup write after an idle spell waits out an RCU grace period).
-            await asyncio.to_thread(sandbox.join, self.child.pid)
-        sandbox.started()
-        # /metrics from here, not before the task: its server thread imports the WSGI
-        # side (wsgiref, http.server, email, ...: ~10 ms of CPU, holding the GIL) as it
-        # starts, which now overlaps the task instead of delaying its start.
-        self._start_metrics()
+        # Before the task can start (it waits for the join), and kept until the run
+        # ends (its after-run check included): a signal from then on ends the run in
+        # order, whoever made the terminal send it.
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, self._forward_signal, signum)
-        if self._disk.every is not None:
-            self._watch_disk()
         try:
+            if self.seed is None:
+                # The init builds its file view while this joins it to the task's cgroup
+                # (the first cgroup write after an idle spell waits out an RCU grace period).
+                await asyncio.to_thread(sandbox.join, self.child.pid)
+            sandbox.started()
+            # /metrics from here, not before the task: its server thread imports the WSGI
+            # side (wsgiref, http.server, email, ...: ~10 ms of CPU, holding the GIL) as it
+            # starts, which now overlaps the task instead of delaying its start.
+            self._start_metrics()
+            if self._disk.every is not None:
+                self._watch_disk()
             return await self._child_exit()
         finally:
             if self._disk_timer is not None:
                 self._disk_timer.cancel()
             if self._stop_timer is not None:
                 self._stop_timer.cancel()
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
 
     def _watch_disk(self) -> None:
         """The disk reserve checked every `DiskGuard.every` s while the task runs (one
@@ -700,7 +701,7 @@ class TaskRun:
 
         def finished() -> tuple[list[planting.Planted], list]:
             """What the task planted (renamed aside), then its cgroup removed: the
-            limits it hit. Every process of the sandbox is gone by now."""
+            limits it hit. Its init is gone by now; check_workspace ends the rest."""
             if self.sandbox is None:
                 return [], []
             return self.sandbox.check_workspace(), self.sandbox.finish()

@@ -200,8 +200,8 @@ class SharedTerminal:
     got its terminal back changed. So (docs/sandbox.md, "The terminal"):
     - `of_caller`, before the task starts: the terminal's state (its foreground group,
       modes, exclusive mode), on a descriptor of its own (/dev/tty);
-    - `guard`, once the init is forked (the task keeps the defaults): SIGTTOU and
-      SIGTTIN ignored by this process for the rest of its life (it ends with the run),
+    - `guard`, once the init is forked (the task keeps the defaults): SIGTTOU,
+      SIGTTIN and SIGTSTP ignored by this process for the rest of its life (it ends with the run),
       so its writes, tcsetpgrp and tcsetattr go through wherever the foreground is,
       and a read of the terminal by a task process still in this process group while
       another group of the task has the foreground (the kernel then stops the
@@ -262,8 +262,14 @@ class SharedTerminal:
 
 # The stops a task can make the kernel send to the process group it shares with the
 # runner, by reading (SIGTTIN) or writing, tcsetattr, tcsetpgrp (SIGTTOU) from the
-# background. Not SIGTSTP: only a key (^Z) sends it, and then the whole job stops.
-TTY_STOPS = (signal.SIGTTIN, signal.SIGTTOU)
+# background, and SIGTSTP: the suspend key, which the task may remap (tcsetattr) to a
+# key the user types or to one the terminal itself sends in its answer to a query the
+# task writes (ESC [ c is answered ESC [ ? 1 ; 2 c: its `c`). A stopped runner
+# enforces nothing (its disk watcher, stop-grace timer, gateway) while a task process
+# in a group of its own runs on, and stopping every task process first is no freeze
+# (a process continues itself with a timer's SIGCONT): ^Z stops the task's processes
+# in the job, not sandgate.
+TTY_STOPS = (signal.SIGTTIN, signal.SIGTTOU, signal.SIGTSTP)
 
 
 def _exclusive(fd: int) -> bool:

@@ -635,6 +635,11 @@ class TaskCgroup:
         _remove_dirs(self._fs, self.paths, timeout)
         self._dirs = []
 
+    def end_members(self, timeout: float = REMOVE_TIMEOUT_S) -> None:
+        """Kill every member and wait until none is left (CgroupError past `timeout`);
+        the cgroup stays, with its counters."""
+        _kill_members(self._fs, self.paths, timeout)
+
 
 def _named(d: _Dir) -> tuple[str, str]:
     h = d.hierarchy
@@ -806,21 +811,11 @@ def _hits_in(fs: CgroupFS, d: _Dir, limits: Limits) -> list[LimitHit]:
 
 
 def _remove_dirs(fs: CgroupFS, paths: list[str], timeout: float) -> list[str]:
-    """SIGKILL every member (v2: cgroup.kill, one write, race-free), wait until empty,
-    rmdir; the paths removed (not those gone already)."""
+    """SIGKILL every member, wait until empty, rmdir; the paths removed (not those
+    gone already)."""
     deadline = time.monotonic() + timeout
+    _kill_members(fs, paths, timeout)
     removed = []
-    for path in paths:
-        kill_file = os.path.join(path, "cgroup.kill")
-        if os.path.exists(kill_file):
-            with contextlib.suppress(FileNotFoundError):
-                fs.write(kill_file, "1")
-    while left := [p for p in paths if _pids(fs, os.path.join(p, "cgroup.procs"))]:
-        if time.monotonic() > deadline:
-            raise CgroupError(f"processes in {', '.join(left)} survived SIGKILL for {timeout:g} s")
-        for path in left:
-            fs.signal_members(path, signal.SIGKILL)
-        time.sleep(0.01)
     for path in paths:
         while True:
             try:
@@ -835,6 +830,23 @@ def _remove_dirs(fs: CgroupFS, paths: list[str], timeout: float) -> list[str]:
                     raise CgroupError(f"cannot remove {path}: {e.strerror}") from e
                 time.sleep(0.01)
     return removed
+
+
+def _kill_members(fs: CgroupFS, paths: list[str], timeout: float) -> None:
+    """SIGKILL every member (v2: cgroup.kill, one write, race-free) and wait until no
+    process is left in `paths`."""
+    deadline = time.monotonic() + timeout
+    for path in paths:
+        kill_file = os.path.join(path, "cgroup.kill")
+        if os.path.exists(kill_file):
+            with contextlib.suppress(FileNotFoundError):
+                fs.write(kill_file, "1")
+    while left := [p for p in paths if _pids(fs, os.path.join(p, "cgroup.procs"))]:
+        if time.monotonic() > deadline:
+            raise CgroupError(f"processes in {', '.join(left)} survived SIGKILL for {timeout:g} s")
+        for path in left:
+            fs.signal_members(path, signal.SIGKILL)
+        time.sleep(0.01)
 
 
 # --- leftovers of crashed runs (`sandgate gc`) ------------------------------------

@@ -83,11 +83,12 @@ RELAYED_SIGNALS = (
 )
 # The terminal stops a task makes the kernel send to its whole process group, by
 # reading (SIGTTIN) or writing and setting (SIGTTOU) the caller's terminal from the
-# background: the outer process (below) stays in the run's process group, the
-# terminal's job, and would stop with it, its exit record held (the runner ignores them
-# too: terminal_relay.SharedTerminal.guard). PID 1 of a PID namespace ignores a stop it
-# has no handler for (SIGNAL_UNKILLABLE); the task keeps the defaults.
-TTY_STOPS = (signal.SIGTTIN, signal.SIGTTOU)
+# background, or through a suspend key it remapped (SIGTSTP: terminal_relay.TTY_STOPS):
+# the outer process (below) stays in the run's process group, the terminal's job, and
+# would stop with it, its exit record held (the runner ignores them too:
+# terminal_relay.SharedTerminal.guard). PID 1 of a PID namespace ignores a stop it has
+# no handler for (SIGNAL_UNKILLABLE); the task keeps the defaults.
+TTY_STOPS = (signal.SIGTTIN, signal.SIGTTOU, signal.SIGTSTP)
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 # The ptys of the task's devpts (a warm run's terminal, made by PID 1, among them): all
 # devpts instances but the host's share kernel.pty.max - kernel.pty.reserve (3,072 by

@@ -122,12 +122,23 @@ class PreparedSandbox:
     def check_workspace(self) -> list[planting.Planted]:
         """What the task left in its writable roots for the host's git or editor to run,
         each renamed aside (planting.py), at most planting.MAX_REPORTED of them to report;
-        call once the task has ended."""
+        call once the task has ended. Its every process is killed first: the init's
+        end does not wait for them (a kill of the outer init reaches PID 1 by its
+        parent-death signal, and PID 1's namespace empties after), and a task process
+        that wrote on during the check planted a hook it never saw."""
+        self.end_processes()
         if self.workspace is None:
             return []
         self.walked_after = planting.walk_after(self.workspace)
         planted = planting.find_planted(self.workspace, self.walked_after)
         return planting.summarised(planting.disarm(planted))
+
+    def end_processes(self) -> None:
+        """Kill every process left in the task's cgroup and wait until none is (one
+        that will not die is for `remove` to report)."""
+        if self.cgroup is not None:
+            with contextlib.suppress(cgroup.CgroupError):
+                self.cgroup.end_members()
 
     def finish(self) -> list[cgroup.LimitHit]:
         """Which limits the task hit; the cgroup (and anything left in it) goes."""
