@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sandgate.enforcer.cli.common import EXIT_OK, SetupError, UsageError
 from sandgate.enforcer.control import DEFAULT_SOCKET, ControlClient, ControlError
+from sandgate.proxy.approvals.shown import visible
 
 
 def register(sub) -> None:
@@ -77,9 +78,12 @@ def cmd_query(args) -> int:
         for s in reply["sandboxes"]:
             age = time.time() - s["started"]
             state = "" if s["connected"] else "  (runner reconnecting)"
+            # The command is the caller's to choose (`sudo sandgate run --gateway`):
+            # escaped, so no control or escape sequence of it reaches the admin's terminal.
+            command = visible(" ".join(s["command"]), limit=60)
             print(
                 f"{s['task_id']}  {s['profile']:12} {s['address']:15} up {age:7.1f} s  runner {s['runner_pid']}  "
-                f"{' '.join(s['command'])[:60]}{state}"
+                f"{command}{state}"
             )
         if not reply["sandboxes"]:
             print("no sandboxes attached")

@@ -41,6 +41,24 @@ def resolve(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
+def anyone_may_read(path: Path) -> str | None:
+    """Why not every user may read `path` (None: they may): a directory on its way
+    they may not search, or the file itself not readable by others."""
+    if not os.stat(path).st_mode & stat.S_IROTH:
+        return f"not readable by others (mode {stat.S_IMODE(os.stat(path).st_mode):04o})"
+    for directory in path.parents:
+        if not os.stat(directory).st_mode & stat.S_IXOTH:
+            return f"{directory} is not searchable by others"
+    return None
+
+
+def only_root_writes(path: Path) -> bool:
+    """Whether only root may change the file at `path` (root's, not writable by its
+    group or others)."""
+    st = os.stat(path)
+    return st.st_uid == 0 and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 # Rule files, --env-file, --extra-ca: 200,000 rules are ~10 MB. A larger file is a
 # mistake, and was read whole into memory before it was refused.
 MAX_FILE_BYTES = 64 << 20

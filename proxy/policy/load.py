@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import gc
 import hashlib
 import os
@@ -45,8 +46,10 @@ from .files import (  # noqa: F401 - re-exported
     PRESETS_DIR,
     RULES_DIR,
     SHIPPED_RULES_DIR,
+    anyone_may_read,
     content_input,
     display_path,
+    only_root_writes,
     read_regular_file,
     resolve,
 )
@@ -245,6 +248,20 @@ class _Loader:
         self.tried[path] = None
         display = display_path(path)
         try:
+            # Root reads what an include names, and a problem quotes its lines (an
+            # include of /etc/shadow put password hashes in the log, the audit log and
+            # the reload's reply): a rule file others than root may write includes
+            # only what anyone may read.
+            if (
+                referrer is not None
+                and not only_root_writes(referrer[0].path)
+                and (why := anyone_may_read(path))
+            ):
+                raise PermissionError(
+                    errno.EACCES,
+                    f"{why}; {referrer[0].display} may be written by others than root, "
+                    "so what it includes must be readable by anyone",
+                )
             data = read_regular_file(path)
         except OSError as e:
             message = f"cannot read rule file {display}: {e.strerror or e}"

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandgate.proxy.approvals.shown import WHOLE_CHARS, visible
+
 
 @dataclass(frozen=True, order=True)
 class Problem:
@@ -17,7 +19,10 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}: {self.message}"
+        # Escaped (control, bidi and line-separator characters as \x1b, \u202e): a
+        # path or value from a rule file reaches logs, the audit log and terminals,
+        # and a newline in an include's name forged a line of the service's log.
+        return visible(f"{self.file}:{self.line}:{self.column}: {self.message}", WHOLE_CHARS)
 
 
 class PolicyError(Exception):

@@ -269,3 +269,55 @@ def test_an_include_with_a_nul_character_is_a_problem(tmp_path, name):
     [problem] = error.value.problems
     assert (problem.line, problem.column) == (4, 15)
     assert "a NUL character" in problem.message
+
+
+PRESET = "version: 1\nrules:\n  - allow: example.com\n"
+
+
+@pytest.mark.parametrize(
+    ("owner", "mode", "secret_mode", "refused"),
+    [
+        pytest.param(65534, 0o644, 0o600, True, id="another-users-file"),
+        pytest.param(0, 0o664, 0o600, True, id="roots-file-its-group-may-write"),
+        pytest.param(0, 0o644, 0o600, False, id="roots-file"),
+        pytest.param(65534, 0o644, 0o644, False, id="another-users-file-readable-include"),
+    ],
+)
+def test_a_rule_file_others_may_write_includes_only_what_anyone_may_read(
+    owner, mode, secret_mode, refused
+):
+    """Found and closed: root read what an include named and quoted its lines in the
+    problems (an include of /etc/shadow put its hashes in the log, the audit log and
+    the reload's reply). A rule file that others than root may write includes only
+    files anyone may read; one only root writes includes what root chooses."""
+    with tempfile.TemporaryDirectory() as where:
+        os.chmod(where, 0o755)
+        secret, rules = Path(where) / "secret.yaml", Path(where) / "rules.yaml"
+        secret.write_text(PRESET + "# alice:$6$SECRETHASH\n")
+        secret.chmod(secret_mode)
+        rules.write_text("version: 1\nprofiles:\n  default:\n    include: [./secret.yaml]\n")
+        rules.chmod(mode)
+        os.chown(rules, owner, owner)
+        if not refused:
+            assert load_policy(rules).profiles["default"].rules
+            return
+        with pytest.raises(PolicyError) as error:
+            load_policy(rules)
+    [problem] = error.value.problems
+    assert "not readable by others (mode 0600)" in problem.message
+    assert "SECRETHASH" not in str(error.value)
+
+
+def test_a_problem_shows_control_characters_escaped(tmp_path):
+    """A newline or an escape sequence in an include's name forged a line of the
+    service's log and reached the admin's terminal: every problem is one line, its
+    control and bidi characters escaped."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        'version: 1\nprofiles:\n  default:\n    include: ["./x\\e]0;pwned\\a\\nFORGED \\u202e"]\n'
+    )
+    with pytest.raises(PolicyError) as error:
+        load_policy(rules)
+    text = str(error.value)
+    assert "\n" not in text and "\x1b" not in text and "\u202e" not in text
+    assert "\\x1b]0;pwned\\x07\\x0aFORGED \\u202e" in text
