@@ -186,6 +186,7 @@ def run_attached(opts: AttachOptions) -> int:
                     what="planted",
                     name=str(item.path)[:300],
                     detail=item.describe(),
+                    renamed=item.renamed,
                 )
         summary = _detach(client, run_id, code, quiet=opts.quiet)
         if summary is not None:
@@ -195,6 +196,10 @@ def run_attached(opts: AttachOptions) -> int:
                 ("limits_hit", [hit.limit for hit in hits]),
                 ("sandbox_weakened", [gap.feature for gap in prepared.gaps]),
                 ("workspace_planted", [str(item.path)[:300] for item in planted]),
+                (
+                    "workspace_not_renamed",
+                    [str(item.path)[:300] for item in planted if not item.renamed],
+                ),
             ):
                 summary.pop(key, None)
                 if values:

@@ -704,7 +704,11 @@ class TaskRun:
             limits it hit. Its init is gone by now; check_workspace ends the rest."""
             if self.sandbox is None:
                 return [], []
-            return self.sandbox.check_workspace(), self.sandbox.finish()
+            try:
+                planted = self.sandbox.check_workspace()
+            finally:  # whatever the check met: the cgroup and the id slot go
+                hits = self.sandbox.finish()
+            return planted, hits
 
         done = await asyncio.gather(
             asyncio.to_thread(finished), asyncio.to_thread(unwired), return_exceptions=True
@@ -766,8 +770,11 @@ class TaskRun:
         self.gateway.emit(task_events.task_limit(hit.limit, detail, **self._task_fields()))
 
     def _emit_planted(self, item: planting.Planted) -> None:
-        """Code the task left for the host in its workspace: said, recorded, renamed aside."""
+        """Code the task left for the host in its workspace: said, recorded, renamed aside
+        (or, where it could not be, said to be still live)."""
         self.summary.task.setdefault("workspace_planted", []).append(str(item.path)[:300])
+        if not item.renamed:
+            self.summary.task.setdefault("workspace_not_renamed", []).append(str(item.path)[:300])
         print(f"sandgate: warning: the task planted {item.describe()}", file=sys.stderr)
         self.gateway.emit(task_events.workspace_planted(item.describe(), **self._task_fields()))
 

@@ -793,8 +793,10 @@ class GatewayService:
             "sandbox": attached.address,
             "profile": attached.profile,
         }
-        if what == "planted":  # a path the runner found and renamed aside
+        if what == "planted":  # a path the runner found and renamed aside (or could not)
             attached.summary.task.setdefault("workspace_planted", []).append(name)
+            if request.get("renamed") is False:
+                attached.summary.task.setdefault("workspace_not_renamed", []).append(name)
             self.data_plane.emit(task_events.workspace_planted(detail, **where))
         elif what == "limit" and name in task_events.LIMITS:
             attached.summary.task.setdefault("limits_hit", []).append(name)

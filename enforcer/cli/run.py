@@ -52,7 +52,7 @@ def register(sub) -> None:
         type=_seconds,
         default=None,
         metavar="SECONDS",
-        help="after a SIGTERM, SIGINT or SIGHUP is passed on to the task, how long it may take "
+        help="after a SIGTERM, SIGINT, SIGHUP or SIGQUIT is passed on to the task, how long it may take "
         "to end before it is killed; a second signal kills it at once (default 10)",
     )
     run.add_argument(

@@ -14,6 +14,10 @@ sandbox's file view simple and exact:
   link (openat2 RESOLVE_NO_SYMLINKS), and `clone_fd`/`attach_at` mount what that
   descriptor is, never what the path names by then: a task sharing the workspace
   cannot swap a link in between (docs/sandbox.md, "What the task leaves for the host").
+
+Every path goes to the kernel as os.fsencode makes it (`_c_path`), as the os module
+passes it: a name that is not UTF-8 (a task's `\\xff` directory, surrogate-escaped in
+a str) is the same bytes again, never a UnicodeEncodeError out of the runner's check.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 READ_ONLY = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC  # flags of a fresh mount
 MNT_DETACH = 0x2
-EINVAL, ENOSYS, ELOOP = 22, 38, 40
+EINVAL, ENAMETOOLONG, ENOSYS, ELOOP = 22, 36, 38, 40
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -75,6 +79,12 @@ class Moved(OSError):
     on its path, or another file (a task sharing the directory swapped it)."""
 
 
+def _c_path(path: str | None) -> bytes | None:
+    """`path` as the kernel takes it: the bytes os.scandir read it from (surrogate
+    escapes of a name that is not UTF-8 back to its bytes), as os.open would pass it."""
+    return None if path is None else os.fsencode(path)
+
+
 def _fail(what: str) -> OSError:
     errno = ctypes.get_errno()
     return OSError(errno, f"{what}: {os.strerror(errno)}")
@@ -85,11 +95,11 @@ def mount(
 ) -> None:
     if (
         _libc.mount(
-            source and source.encode(),
-            target.encode(),
-            fstype and fstype.encode(),
+            _c_path(source),
+            _c_path(target),
+            _c_path(fstype),
             flags,
-            data and data.encode(),
+            _c_path(data),
         )
         != 0
     ):
@@ -111,11 +121,11 @@ def detach_trees(paths: list[str]) -> None:
     ~0.2 s a run). One read of mountinfo for all of `paths`: beside 256 sandboxes
     its ~280 lines, read once per path, took ~10 ms of a run's start (bench_attach
     `--beside 256 --breakdown`)."""
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:  # bytes: a mount point need not be UTF-8
         points = [_unescape(line.split()[4]) for line in f if len(line.split()) > 4]
     for path in paths:
         for point in outermost_points(points, path):
-            while _libc.umount2(point.encode(), MNT_DETACH) == 0:
+            while _libc.umount2(_c_path(point), MNT_DETACH) == 0:
                 pass  # again: mounts stacked on one point go one at a time
             if ctypes.get_errno() != EINVAL:  # EINVAL: no mount point (any more)
                 raise _fail(f"umount {point}")
@@ -130,9 +140,10 @@ def outermost_points(points: list[str], path: str) -> list[str]:
     return outermost
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+def _unescape(field: bytes) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040);
+    the other bytes are the name's own (os.fsdecode: as os.listdir would give them)."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
 
 
 def mask(path: str) -> None:
@@ -154,7 +165,7 @@ def make_read_only(path: str) -> None:
 def clone_tree(path: str) -> int:
     """A detached copy of the mount tree at `path` (a directory or a file), as an fd."""
     fd = _libc.syscall(
-        SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+        SYS_OPEN_TREE, AT_FDCWD, _c_path(path), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
     )
     if fd < 0:
         raise _fail(f"open_tree {path}")
@@ -171,10 +182,12 @@ def open_exact(path: str, expect: tuple[int, int] | list[int] | None = None) -> 
     if not path.startswith("/") or any(p in (".", "..") for p in parts):
         raise Moved(ELOOP, f"{path}: not a resolved absolute path")
     how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
+    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, _c_path(path), ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
         error = ctypes.get_errno()
-        if error == ENOSYS:  # before Linux 5.6: one component at a time
+        # before Linux 5.6, or a path longer than PATH_MAX (a task's deep tree: the walk
+        # reached it from descriptor to descriptor): one component at a time
+        if error in (ENOSYS, ENAMETOOLONG):
             fd = _open_components(parts)
         elif error == ELOOP:
             raise Moved(ELOOP, f"{path}: a symbolic link is on its path")
@@ -207,6 +220,22 @@ def _open_components(parts: list[str]) -> int:
     return fd
 
 
+RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(dir_fd: int, old: str, new: str) -> None:
+    """Rename `old` to `new`, both in the directory of `dir_fd` (an O_PATH descriptor
+    will do), never over what is at `new` (FileExistsError): os.rename would replace a
+    file there, or an empty directory. OSError(ENOSYS) without renameat2 in the libc;
+    EINVAL from a file system that cannot (the caller checks, then renames)."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(ENOSYS, "renameat2: not in this libc")
+    if renameat2(dir_fd, _c_path(old), dir_fd, _c_path(new), RENAME_NOREPLACE) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"rename {old!r}: {os.strerror(error)}")
+
+
 def clone_fd(fd: int, what: str) -> int:
     """A detached copy of the mount tree at an `open_exact` descriptor, as an fd."""
     tree = _libc.syscall(
@@ -234,7 +263,7 @@ def set_attr(
     if isinstance(target, int):
         dirfd, path, flags = target, b"", flags | AT_EMPTY_PATH
     else:
-        dirfd, path = AT_FDCWD, target.encode()
+        dirfd, path = AT_FDCWD, _c_path(target)
     if (
         _libc.syscall(
             SYS_MOUNT_SETATTR, dirfd, path, flags, ctypes.byref(attr), ctypes.sizeof(attr)
@@ -249,7 +278,7 @@ def attach(tree_fd: int, target: str) -> None:
     try:
         if (
             _libc.syscall(
-                SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH
+                SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, _c_path(target), MOVE_MOUNT_F_EMPTY_PATH
             )
             != 0
         ):

@@ -55,6 +55,14 @@ an entry named `.git` that is not a directory (a `gitdir:` file, a link), and ev
 file in a `.vscode` or `.idea` directory (editors run tasks and tools named there);
 of a Mercurial repository, `.hg/hgrc`, `.hg/hgrc-not-shared` (harmless: only data,
 hgrc.code_entries), `.hg/sharedpath` and a `.hg` that is a link.
+What the check cannot finish is never passed over: a path it cannot reach or judge
+(a link on the way, any error) is reported as planted and NOT renamed; a walk out of
+room (MAX_WALK_DIRS, MAX_WALK_NAME_BYTES: the root runner's memory, outside the task's
+limits) stops, and what it did not finish is planted whole where it is new, reported
+as not checked (NOT renamed) where it is the user's (`Survey.cut`). The rename aside
+cannot be taken from it: after NAME.sandgate-planted[-2..-99] comes a random name,
+made with RENAME_NOREPLACE (`_aside_names`).
+
 A new or changed one is harmless only when it is a regular file with one link and:
 a config whose keys are all data (gitconfig.code_keys), a hook named *.sample (git
 runs only the exact hook names), a todo list without `exec` lines, or a `gitdir:`/commondir pointing at a git
@@ -69,6 +77,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import stat
 import time
 from dataclasses import dataclass, field
@@ -99,6 +108,13 @@ MAX_DEPTH = 256  # directories deeper are not walked: reported (one descriptor p
 # free) cost the root runner gigabytes, and ten million renames. A checkout has tens.
 MAX_DIR_CONTROLS = 4096
 MAX_CONTROLS = 100_000
+# What one walk may cost the root runner, whose memory no limit of the task's bounds:
+# directories (~0.5 KiB each as records and entries) and bytes of the names and relative
+# paths it keeps. A chain 250 directories deep of 255-byte names made each directory's
+# relative path ~64 KB: 3,250 directories (14 MB of the task's disk) cost 629 MiB. Past
+# either, the walk stops (`Survey.cut`). A checkout with its venv: ~1,000 dirs, ~100 KB.
+MAX_WALK_DIRS = 200_000
+MAX_WALK_NAME_BYTES = 32 << 20
 MAX_REPORTED = 50  # planted paths reported one by one; the rest in one line
 DESCRIBED_CHARS = 1 << 14  # a path is at most 4096 bytes, each shown as up to 4 (\xNN)
 MAX_INCLUDE_DEPTH = 10  # as git's own limit on nested include.path
@@ -169,6 +185,15 @@ class Survey:
     too_deep: list[Path] = field(default_factory=list)  # not walked (MAX_DEPTH)
     # not listed (MAX_DIR_CONTROLS, MAX_CONTROLS, MAX_NAMED_ENTRIES): planted whole if new
     crowded: list[Path] = field(default_factory=list)
+    # The walk's cost so far (MAX_WALK_DIRS, MAX_WALK_NAME_BYTES): directories walked or
+    # listed to be, bytes of names and paths kept
+    walked_dirs: int = 0
+    name_bytes: int = 0
+    named_bytes: int = 0  # the same for the named paths (`_fingerprint_named`)
+    # Out of room: the walk stopped. `cut`: the directories it had not finished then
+    # (innermost first, up to a root), and roots it never began: not checked
+    out_of_room: bool = False
+    cut: list[Path] = field(default_factory=list)
     # Work-tree paths the repositories' configs name, or a control path that is a link
     # resolves to (resolved, inside the roots), each with why; "include": read as config
     named: dict[Path, tuple[str, str]] = field(default_factory=dict)
@@ -182,6 +207,15 @@ class Planted:
     path: Path
     why: str
     disarmed_as: Path | None = None  # where disarm() moved it; None: not moved
+    # False: reported only, disarm() leaves it (a directory of the user's the check
+    # could not finish: renaming it would break their workspace)
+    movable: bool = True
+
+    @property
+    def renamed(self) -> bool:
+        """Whether git and editors no longer find it by its name (the event's and the
+        summary's `renamed`): False is a path still live on the host."""
+        return self.disarmed_as is not None
 
     def describe(self) -> str:
         """One line for the user's terminal and the event: the task chose the names (and
@@ -202,6 +236,9 @@ def survey(
     (`_unchanged` says when a directory has not changed)."""
     result = Survey(tuple(roots), time.time_ns())
     for root in roots:
+        if not _afford(result, len(str(root)), dirs=1):
+            result.cut.append(root)  # a root the walk had no room left to begin
+            continue
         try:
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -210,7 +247,10 @@ def survey(
         _walk(result, root, fd, "", "plain", since if trusted else None)
     if follow_configs:
         for git_dir in sorted(result.git_dirs):
-            _find_named(result, git_dir)
+            try:
+                _find_named(result, git_dir)
+            except (OSError, ValueError) as e:  # a path too long, a name the kernel refuses
+                result.unguardable.append(f"{git_dir}: its config could not be read ({e})")
         _follow_links(result)
         for path, (_, role) in result.named.items():
             _fingerprint_named(result, path, role)
@@ -246,7 +286,7 @@ def _pointer_text(path: Path) -> str | None:
     as git reads it; None if unreadable."""
     try:
         data = _read_small(Path(os.path.realpath(path)), MAX_POINTER_BYTES)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a name the kernel cannot take
         return None
     line = (data or b"").decode("utf-8", "replace").split("\n", 1)[0].strip()
     return line if line and "\0" not in line else None
@@ -311,7 +351,10 @@ def _follow_links(result: Survey) -> None:
     named (read-only during the run, judged after it), as git and editors follow it."""
     for path, control in sorted(result.controls.items()):
         if stat.S_ISLNK(control.fingerprint.mode) and control.role in LINKED_ROLES:
-            _guard_link(result, path, control.role)
+            try:
+                _guard_link(result, path, control.role)
+            except (OSError, ValueError) as e:
+                result.unguardable.append(f"{path} is a link the check could not follow ({e})")
 
 
 def _guard_link(result: Survey, link: Path, role: str, depth: int = 0) -> None:
@@ -379,30 +422,46 @@ def _root_of(result: Survey, path: Path) -> Path | None:
 
 
 def _fingerprint_named(result: Survey, path: Path, role: str) -> None:
-    """The named path and, for a directory, what is below it (up to MAX_NAMED_ENTRIES)
-    as control paths; a missing one has none (it is new if it appears)."""
+    """The named path and, for a directory, what is below it (up to MAX_NAMED_ENTRIES,
+    and MAX_WALK_NAME_BYTES of paths for all named paths) as control paths; a missing
+    one has none (it is new if it appears). One the check cannot list or state (a path
+    over PATH_MAX, any error but its absence) is crowded: planted whole if it changed."""
+    try:
+        _list_named(result, path, role)
+    except (OSError, ValueError):
+        result.crowded.append(path)
+
+
+def _list_named(result: Survey, path: Path, role: str) -> None:
     root = _root_of(result, path)
     link = _first_link(root, path)
     if link is not None:  # the task made a directory on the way a link: that goes aside
         path = link
     paths = [path]
     if path.is_dir() and not path.is_symlink():
-        below = _below(path, MAX_NAMED_ENTRIES)
+        below = _below(path, MAX_NAMED_ENTRIES, MAX_WALK_NAME_BYTES - result.named_bytes)
         if below is None:  # not listed: a check of some of it would miss the rest
             result.crowded.append(path)
         paths += below or []
+    # Counted apart from the walk's room: a walk after the task that ran out of it must
+    # not make the user's named paths crowded (planted) for that alone.
+    cost = sum(2 * len(str(each)) for each in paths)
+    if result.named_bytes + cost > MAX_WALK_NAME_BYTES:
+        result.crowded.append(path)  # no room to list it: planted whole if it changed
+        return
+    result.named_bytes += cost
     for each in paths:
         try:
             fingerprint = Fingerprint.of(os.lstat(each))
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
         relative = str(each.relative_to(root))
         result.controls.setdefault(each, ControlPath(root, relative, role, fingerprint))
 
 
-def _below(top: Path, limit: int) -> list[Path] | None:
+def _below(top: Path, limit: int, max_bytes: int) -> list[Path] | None:
     """Everything below the directory `top` (no link followed), or None when that is
-    more than `limit` entries. Never more than `limit` in memory: a task's ten million
+    more than `limit` entries or `max_bytes` of paths. Never more in memory: a task's ten million
     files in a named directory were all listed (os.walk) before the limit was looked
     at, and what lay past the first `limit` was not checked at all (a hook hidden
     behind 5,000 files of padding)."""
@@ -412,7 +471,8 @@ def _below(top: Path, limit: int) -> list[Path] | None:
         try:
             with os.scandir(pending.pop()) as listing:
                 for entry in listing:
-                    if len(found) == limit:
+                    max_bytes -= len(entry.path)
+                    if len(found) == limit or max_bytes < 0:
                         return None
                     found.append(Path(entry.path))
                     with contextlib.suppress(OSError):
@@ -443,61 +503,100 @@ def _walk(
         entries = None
         old = since.dirs.get((root, relative)) if since is not None else None
         if old is None or not _unchanged(old, st, context, since, root):
-            entries = _scan(fd, context, _room(result, root, relative, since))
+            entries = _scan(fd, context, _room(result, root, relative, since), result)
     except OSError:
         os.close(fd)
         return
     try:
         if entries is None:
             _take_unchanged(result, root, fd, relative, old, since)
-            return
-        if entries is CROWDED:
-            result.crowded.append(root / relative)  # no record: read again next time
-            return
-        given = context
-        if context == "plain" and _looks_like_git_dir(relative, entries):
-            context = "git"
-        if context == "git":
-            result.git_dirs.add(root / relative if relative else root)
-        subdirs, controls, deep = [], [], []
-        complete = True  # every entry seen: else a later walk reads it again
-        prefix = f"{relative}/" if relative else ""
-        for name, entry in entries.items():
-            child = prefix + name
-            # The entry's type from the directory itself (d_type): a stat only for
-            # the few control paths (a 16,700-entry checkout walked in 13 ms, not 35-56).
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-                role = _role(name, is_dir, context)
-                if role is not None:
-                    st_child = entry.stat(follow_symlinks=False)
-                    result.controls[root / child] = ControlPath(
-                        root, child, role, Fingerprint.of(st_child)
-                    )
-                    controls.append((name, role))
-            except OSError:
-                complete = False
-                continue
-            if not is_dir or (context, name) in (("git", "objects"), ("hg", "store")):
-                continue
-            if child.count("/") >= MAX_DEPTH:
-                result.too_deep.append(root / child)
-                deep.append(name)
-                continue
-            subdirs.append(name)
-            _enter(result, root, fd, name, child, context, since)
-        if complete:
-            result.dirs[root, relative] = DirRecord(
-                st.st_dev, st.st_ino, st.st_ctime_ns, given, context,
-                tuple(subdirs), tuple(controls), tuple(deep),
-            )  # fmt: skip
+        elif entries is CROWDED:
+            if _afford(result, len(relative)):
+                result.crowded.append(root / relative)  # no record: read again next time
+        elif entries is not OUT_OF_ROOM:
+            _walk_entries(result, root, fd, relative, context, since, st, entries)
+        if result.out_of_room:
+            result.cut.append(root / relative if relative else root)
     finally:
         os.close(fd)
+
+
+def _walk_entries(
+    result: Survey,
+    root: Path,
+    fd: int,
+    relative: str,
+    given: str,
+    since: Survey | None,
+    st: os.stat_result,
+    entries: dict[str, os.DirEntry],
+) -> None:
+    """The control paths among a directory's `entries`, and the directories below it
+    walked; its record kept when every entry was seen and the walk had room for all."""
+    context = given
+    if context == "plain" and _looks_like_git_dir(relative, entries):
+        context = "git"
+    if context == "git":
+        result.git_dirs.add(root / relative if relative else root)
+    subdirs, controls, deep = [], [], []
+    complete = True  # every entry seen: else a later walk reads it again
+    prefix = f"{relative}/" if relative else ""
+    for name, entry in entries.items():
+        if result.out_of_room:
+            return  # no record: this directory is cut (`_walk`)
+        child = prefix + name
+        # The entry's type from the directory itself (d_type): a stat only for
+        # the few control paths (a 16,700-entry checkout walked in 13 ms, not 35-56).
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            role = _role(name, is_dir, context)
+            if role is not None and _afford(result, 2 * len(child)):
+                st_child = entry.stat(follow_symlinks=False)
+                result.controls[root / child] = ControlPath(
+                    root, child, role, Fingerprint.of(st_child)
+                )
+                controls.append((name, role))
+        except OSError:
+            complete = False
+            continue
+        if not is_dir or (context, name) in (("git", "objects"), ("hg", "store")):
+            continue
+        if child.count("/") >= MAX_DEPTH:
+            if _afford(result, len(child)):
+                result.too_deep.append(root / child)
+                deep.append(name)
+            continue
+        subdirs.append(name)
+        _enter(result, root, fd, name, child, context, since)
+    if complete and not result.out_of_room:
+        result.dirs[root, relative] = DirRecord(
+            st.st_dev, st.st_ino, st.st_ctime_ns, given, context,
+            tuple(subdirs), tuple(controls), tuple(deep),
+        )  # fmt: skip
+
+
+def _afford(result: Survey, name_bytes: int, dirs: int = 0) -> bool:
+    """Whether the walk has room for `name_bytes` more of names and paths kept and
+    `dirs` more directories (MAX_WALK_NAME_BYTES, MAX_WALK_DIRS), counted if so. Once
+    it has not, it never has again: the walk stops (`out_of_room`, `cut`): a walk that
+    went on past a crowd the task made would still cost what the crowd is."""
+    if (
+        result.out_of_room
+        or result.name_bytes + name_bytes > MAX_WALK_NAME_BYTES
+        or result.walked_dirs + dirs > MAX_WALK_DIRS
+    ):
+        result.out_of_room = True
+        return False
+    result.name_bytes += name_bytes
+    result.walked_dirs += dirs
+    return True
 
 
 # What `_scan` returns for a directory with more control paths than the walk has
 # room for: it is not walked but planted whole (`Survey.crowded`).
 CROWDED: dict[str, os.DirEntry] = {}
+# What it returns when the walk has no room for what the directory holds (`_afford`).
+OUT_OF_ROOM: dict[str, os.DirEntry] = {}
 
 
 def _room(result: Survey, root: Path, relative: str, since: Survey | None) -> int:
@@ -510,14 +609,16 @@ def _room(result: Survey, root: Path, relative: str, since: Survey | None) -> in
     return min(MAX_DIR_CONTROLS, MAX_CONTROLS - len(result.controls))
 
 
-def _scan(fd: int, context: str, room: int) -> dict[str, os.DirEntry]:
+def _scan(fd: int, context: str, room: int, result: Survey) -> dict[str, os.DirEntry]:
     """The entries of a directory the walk looks at: directories, and files that are
     or may be control paths (those that make a plain directory a git directory and
     what git reads in one); CROWDED when a hooks or editor directory (every file in it
     is a control path) has more than `room` of them. The other files (most of a
     checkout) are not kept while the walk goes on: a task's million empty files in
     one directory cost the root runner 170 MiB as directory entries, its ten million
-    (inodes are free) gigabytes of host memory no limit of the task's bounds."""
+    (inodes are free) gigabytes of host memory no limit of the task's bounds. What is
+    kept is counted as the walk goes (`_afford`: its subdirectories as directories to
+    walk, the names as bytes): OUT_OF_ROOM past that, with nothing more listed."""
     kept: dict[str, os.DirEntry] = {}
     crowdable, files = context in ("editor", "hooks"), 0
     with os.scandir(fd) as listing:
@@ -538,6 +639,8 @@ def _scan(fd: int, context: str, room: int) -> dict[str, os.DirEntry]:
                         continue
                 elif _role(name, False, context) is None:
                     continue
+            if not _afford(result, len(name), dirs=int(is_dir)):
+                return OUT_OF_ROOM
             kept[name] = entry
     return kept
 
@@ -553,6 +656,8 @@ PLAIN_FILES_ANY_CASE = frozenset({".git", HG_DIR, *EDITOR_DIRS})
 def _enter(
     result: Survey, root: Path, fd: int, name: str, child: str, context: str, since: Survey | None
 ) -> None:
+    if not _afford(result, len(child) + len(name)):  # its record's key, its name in the parent's
+        return
     try:
         sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
     except OSError:
@@ -599,14 +704,21 @@ def _take_unchanged(
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except OSError:
             continue
+        if not _afford(result, 2 * len(prefix + name)):
+            return
         result.controls[root / (prefix + name)] = ControlPath(
             root, prefix + name, role, Fingerprint.of(st)
         )
     for name in old.deep:
+        if not _afford(result, len(prefix + name)):
+            return
         result.too_deep.append(root / (prefix + name))
+    if not _afford(result, 0, dirs=len(old.subdirs)):
+        return
     for name in old.subdirs:
         _enter(result, root, fd, name, prefix + name, old.context, since)
-    result.dirs[root, relative] = old
+    if not result.out_of_room:
+        result.dirs[root, relative] = old
 
 
 def _ctime_trusted(fd: int) -> bool:
@@ -678,16 +790,19 @@ def find_planted(before: Survey, after: Survey | None = None) -> list[Planted]:
     """What the task left that would run code on the host: control paths that are new
     or changed since `before`, judged; from `after` (`walk_after(before)`)."""
     after = after if after is not None else walk_after(before)
+    planted = _not_finished(before, after)
+    cut_aside = {item.path for item in planted if item.movable}  # go aside whole, all in them
     old_deep, old_crowded = set(before.too_deep), set(before.crowded)
-    planted = [
+    planted += [
         Planted(path, f"deeper than {MAX_DEPTH} directories: not checked")
         for path in after.too_deep
-        if path not in old_deep
+        if path not in old_deep and not _below_any(path, cut_aside)
     ]
     crowded = [
         path
         for path in after.crowded
-        if path not in old_crowded or _changed_since(path, before.started_ns - SETTLED_NS)
+        if not _below_any(path, cut_aside)
+        and (path not in old_crowded or _changed_since(path, before.started_ns - SETTLED_NS))
     ]
     planted += [
         Planted(
@@ -697,22 +812,82 @@ def find_planted(before: Survey, after: Survey | None = None) -> list[Planted]:
         )
         for path in crowded
     ]
-    renamed_dirs: list[Path] = list(crowded)  # a new directory goes aside with what is in it
+    renamed_dirs = {*cut_aside, *crowded}  # a new directory goes aside with what is in it
     for path, control in sorted(after.controls.items()):
         old = before.controls.get(path)
-        if old is not None and old.fingerprint == control.fingerprint or SUFFIX in path.name:
+        if old is not None and old.fingerprint == control.fingerprint or _set_aside(path.name):
             continue  # unchanged, or renamed aside by an earlier run: no name git reads
-        if any(d in path.parents for d in renamed_dirs):
+        if _below_any(path, renamed_dirs):
             continue
         was_dir = old is not None and stat.S_ISDIR(old.fingerprint.mode)
         if was_dir and stat.S_ISDIR(control.fingerprint.mode):
             continue  # a named directory that was there: what changed in it is judged
-        why = _judge(control, after)
+        why = _judged(control, after)
         if why is not None:
             planted.append(Planted(path, why))
             if stat.S_ISDIR(control.fingerprint.mode):
-                renamed_dirs.append(path)
+                renamed_dirs.add(path)
     return planted
+
+
+def _below_any(path: Path, directories: set[Path]) -> bool:
+    return any(parent in directories for parent in path.parents)
+
+
+def _not_finished(before: Survey, after: Survey) -> list[Planted]:
+    """What the walk after the task ran out of room in (`Survey.cut`), as crowded
+    directories are: the outermost one the task made is planted whole (renamed aside
+    with all in it); the outermost of the user's (a root, one the walk before found)
+    is reported as not checked, and left where it is."""
+    why = (
+        f"the check ran out of room here (over {MAX_WALK_DIRS} directories or "
+        f"{MAX_WALK_NAME_BYTES >> 20} MiB of names in the writable roots)"
+    )
+    planted: list[Planted] = []
+    aside: set[Path] = set()  # what is below goes with it
+    reported: set[Path] = set()  # the user's: one line says all below is not checked
+    for path in sorted(set(after.cut), key=lambda each: len(each.parts)):
+        if path in aside or _below_any(path, aside):
+            continue
+        if _made_by_task(before, path):
+            aside.add(path)
+            planted.append(Planted(path, f"{why}: a new directory, not checked"))
+        elif not _below_any(path, reported):
+            reported.add(path)
+            planted.append(Planted(path, f"{why}: not all of it checked", movable=False))
+    return planted
+
+
+def _made_by_task(before: Survey, path: Path) -> bool:
+    """Whether the directory `path` is new: its parent's record in the walk before
+    (complete: every entry seen) lists no directory of its name. Unknown (no record
+    of the parent) is not new: a user's directory is never renamed on a guess."""
+    root = _root_of(before, path)
+    if root is None:
+        return False  # a root itself
+    parent = "" if path.parent == root else str(path.parent.relative_to(root))
+    record = before.dirs.get((root, parent))
+    return record is not None and path.name not in (*record.subdirs, *record.deep)
+
+
+# The names disarm() gives (`_aside_names`), at the end of a name: only these are
+# taken for "renamed aside by an earlier run"; `x.sandgate-planted.xml` in
+# .idea/runConfigurations/ is one JetBrains reads.
+_ASIDE_NAME = re.compile(r"\.sandgate-planted(?:-[0-9]{1,2}|-[0-9a-f]{32})?\Z")
+
+
+def _set_aside(name: str) -> bool:
+    return _ASIDE_NAME.search(name) is not None
+
+
+def _judged(control: ControlPath, after: Survey) -> str | None:
+    """`_judge`, and a path it cannot judge (an error of any kind: a name the kernel
+    cannot take, a file that went away) is planted: never passed, never an exception
+    out of the check after the run (it would skip the rest: the renames, the report)."""
+    try:
+        return _judge(control, after)
+    except Exception as e:  # noqa: BLE001 - whatever it is, the path is not known harmless
+        return f"a {_ROLE_NAMES[control.role]} the check could not judge ({type(e).__name__})"
 
 
 def _judge(control: ControlPath, after: Survey) -> str | None:
@@ -750,6 +925,8 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
         data = _read_small(control.path, limit)
     except OSError as e:
         return f"an unreadable {_ROLE_NAMES[role]} ({e.strerror})"
+    except ValueError as e:  # a name the kernel cannot take (an embedded NUL)
+        return f"an unreadable {_ROLE_NAMES[role]} ({e})"
     if data is None:
         return f"a {_ROLE_NAMES[role]} over {limit} bytes"
     text = data.decode("utf-8", "replace")
@@ -842,10 +1019,12 @@ def disarm(planted: list[Planted]) -> list[Planted]:
     """Rename each planted path to NAME.sandgate-planted (NAME.sandgate-planted-2...)
     beside it, so that git and editors never find it by its name; the evidence stays
     for the user. The rename is relative to a descriptor of the parent directory
-    opened without following links."""
+    opened without following links. One that cannot be renamed (a link on the way,
+    any error) stays `disarmed_as` None: reported NOT renamed, never an exception."""
     done = []
     for item in planted:
-        done.append(Planted(item.path, item.why, _rename_aside(item.path)))
+        aside = _rename_aside(item.path) if item.movable else None
+        done.append(Planted(item.path, item.why, aside, item.movable))
     return done
 
 
@@ -876,7 +1055,7 @@ def _changed_since(directory: Path, since_ns: int) -> bool:
                         return True
         finally:
             os.close(fd)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a name the kernel cannot take
         return True
     return False
 
@@ -894,37 +1073,77 @@ def _open_parent(path: Path) -> int:
 
 
 def _rename_aside(path: Path) -> Path | None:
+    """Where `path` went (`_aside_names`, the first name free); None: it could not be
+    renamed (its parent not reached without a link, or an error of any kind)."""
     try:
         parent = _open_parent(path)
-    except OSError:
+    except Exception:  # noqa: BLE001 - not reached: reported NOT renamed
         return None
     try:
-        for n in range(1, 100):
-            name = f"{path.name}{SUFFIX}" + (f"-{n}" if n > 1 else "")
+        for name in _aside_names(path.name):
             try:
-                os.stat(name, dir_fd=parent, follow_symlinks=False)
-                continue
-            except FileNotFoundError:
-                pass
-            try:
-                os.rename(path.name, name, src_dir_fd=parent, dst_dir_fd=parent)
-            except OSError:
+                _rename_new(parent, path.name, name)
+            except FileExistsError:
+                continue  # taken (the task may have made every numbered name)
+            except OSError as e:
+                if e.errno == errno.ENAMETOOLONG:
+                    continue  # NAME and the suffix over 255 bytes: the last ones are short
                 return None
             return path.parent / name
+        return None
+    except Exception:  # noqa: BLE001 - reported NOT renamed, never out of the check
         return None
     finally:
         os.close(parent)
 
 
+ASIDE_NUMBERED = 99  # NAME.sandgate-planted, then -2 ... -99: the names a user reads
+
+
+def _aside_names(name: str):
+    """The names to rename `name` to, in turn: NAME.sandgate-planted, -2 ... -99, then
+    names with 128 random bits the task cannot have made first (it made all 99: its
+    hook stayed live), the last short enough for any NAME (NAME_MAX)."""
+    yield f"{name}{SUFFIX}"
+    for n in range(2, ASIDE_NUMBERED + 1):
+        yield f"{name}{SUFFIX}-{n}"
+    yield f"{name}{SUFFIX}-{secrets.token_hex(16)}"
+    for _ in range(3):
+        yield f"{SUFFIX}-{secrets.token_hex(16)}"
+
+
+def _rename_new(parent: int, name: str, new: str) -> None:
+    """Rename `name` to `new` in `parent`, never over what is there (FileExistsError):
+    RENAME_NOREPLACE; where the file system cannot, a check then a rename (every
+    process of the sandbox is gone: nothing makes `new` in between)."""
+    try:
+        mounts.rename_noreplace(parent, name, new)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL):
+            raise
+    try:
+        os.stat(new, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(name, new, src_dir_fd=parent, dst_dir_fd=parent)
+        return
+    raise FileExistsError(errno.EEXIST, f"{new!r} exists")
+
+
 def summarised(planted: list[Planted], limit: int = MAX_REPORTED) -> list[Planted]:
-    """At most `limit` items to report one by one, then one that counts the rest."""
+    """At most `limit` items to report one by one, then one that counts the rest; those
+    NOT renamed first (still live on the host: each one the user must see)."""
+    planted = sorted(planted, key=lambda item: item.renamed)  # stable: False first
     if len(planted) <= limit:
         return planted
     rest = planted[limit - 1 :]
-    renamed = sum(item.disarmed_as is not None for item in rest)
+    renamed = sum(item.renamed for item in rest)
     first = rest[0]
     why = f"and {len(rest) - 1} more planted paths like it ({renamed} of {len(rest)} renamed)"
-    return [*planted[: limit - 1], Planted(first.path, f"{first.why}; {why}", first.disarmed_as)]
+    return [
+        *planted[: limit - 1],
+        Planted(first.path, f"{first.why}; {why}", first.disarmed_as, first.movable),
+    ]
 
 
 def identity(before: Survey, path: Path) -> tuple[int, int] | None:
@@ -977,6 +1196,12 @@ def read_only_binds(before: Survey, limit: int = MAX_PINNED) -> list[Path]:
 # --- the walk kept for the next run's walk before (`kept`, `keep`) ------------------
 
 KEEP_MAX_DIRS = 50_000  # a walk of more directories is not kept: reading it back costs more
+# Nor one whose file would be bigger: it lies in the state directory (the audit log's
+# file system, which the disk reserve does not watch), up to KEEP_FILES of them, and
+# the next run reads it whole. 50,000 directories of a checkout: ~10 MB. The task's
+# deep chain of 255-byte names made 3,250 directories a 192 MiB file.
+KEEP_MAX_BYTES = 12 << 20
+KEPT_RECORD_BYTES = 120  # a record's JSON beside its names (numbers, contexts)
 KEEP_FILES = 64  # walks kept in the cache directory (one per set of roots); the oldest go
 _CONTEXTS = frozenset({"plain", "git", "hooks", "info", "editor", "sequencer", "hg"})
 _ROLES = frozenset(
@@ -1037,6 +1262,8 @@ def keep(walked: Survey, cache_dir: Path | None) -> None:
     (`kept_walk`). Best effort: a walk not kept costs the next run time, not safety."""
     if cache_dir is None or len(walked.dirs) > KEEP_MAX_DIRS:
         return
+    if walked.name_bytes + KEPT_RECORD_BYTES * len(walked.dirs) > KEEP_MAX_BYTES:
+        return  # known too big before it is made: not even once in memory
     index = {root: i for i, root in enumerate(walked.roots)}
     document = {
         "roots": [str(root) for root in walked.roots],
@@ -1045,7 +1272,10 @@ def keep(walked: Survey, cache_dir: Path | None) -> None:
             [index[root], relative, *record] for (root, relative), record in walked.dirs.items()
         ],
     }
-    private_cache.write(_kept_path(cache_dir, list(walked.roots)), json.dumps(document).encode())
+    data = json.dumps(document).encode()
+    if len(data) > KEEP_MAX_BYTES:
+        return
+    private_cache.write(_kept_path(cache_dir, list(walked.roots)), data)
     private_cache.keep_newest(cache_dir, "walk-*.json", KEEP_FILES)
 
 

@@ -148,6 +148,7 @@ class TaskSummary:
             "limits_hit",
             "sandbox_weakened",
             "workspace_planted",
+            "workspace_not_renamed",
             "self_test",
         )
         summary.task = {k: data[k] for k in keys if k in data}
@@ -232,11 +233,26 @@ def task_outcome(task: dict) -> str:
         features = ", ".join(map(str, task["sandbox_weakened"]))
         parts.append(f"WEAKER SANDBOX (--allow-weaker-sandbox): no {features}")
     if planted := task.get("workspace_planted"):
-        parts.append(
+        parts.append(_planted_outcome(planted, task.get("workspace_not_renamed") or []))
+    return _printable("; ".join(parts))
+
+
+def _planted_outcome(planted: list, not_renamed: list) -> str:
+    """What the task planted for the host, and how many of those paths are still live
+    there: a path the check could not rename aside (or could not check) is never
+    counted among the renamed ones (`workspace_not_renamed`, enforcer/sandbox/planting.py)."""
+    if not not_renamed:
+        return (
             f"PLANTED for the host's git or editor, renamed to *.sandgate-planted: "
             f"{len(planted)} path(s), first {str(planted[0])[:200]}"
         )
-    return _printable("; ".join(parts))
+    renamed = max(len(planted) - len(not_renamed), 0)
+    return (
+        f"PLANTED for the host's git or editor: {len(planted)} path(s), "
+        f"{len(not_renamed)} NOT renamed (still live or not checked: look before running "
+        f"git or an editor there), first {str(not_renamed[0])[:200]}; "
+        f"{renamed} renamed to *.sandgate-planted"
+    )
 
 
 def _row_dict(key: tuple, n: int) -> dict:
