@@ -39,7 +39,11 @@ marks in it what is on disk. The next open of the log (a restarted service, a ru
 with the same log, `sandgate gc`) appends what a killed process had not written,
 and its gateway workers' boxes (`worker_journal`), marked recovered, a
 `connection_end` for each connection it had open, and an `audit_recovered` event;
-what was torn or written over is counted in `lost` and said.
+what was torn or written over is counted in `lost` and said. A clean close removes
+the journal only if everything taken in is on disk: events the writer gave up on
+(the log unwritable for `close_timeout`) stay in it, after a note saying so, for the
+next open as after a kill; an open that cannot write what a journal holds either
+fails (AuditLogError) and keeps it, rather than start afresh over it.
 
 Retention: nothing the log holds is ever deleted by sandgate. At `max_bytes` the
 file is rotated to `FILE.<seq of its first line>` (FILE.1, FILE.48213, ...: a
@@ -118,6 +122,12 @@ JOURNAL_SIZE = 16 << 20
 # most this much of the log's end: a start older than that is said, not followed.
 MAX_FOLLOW_BYTES = 256 << 20
 _HASH_SUFFIX = re.compile(rb',"hash":"([0-9a-f]{64})"\}\n?\Z')
+# Who left a journal's unwritten records, as the recovered events and the
+# `audit_recovered` event say: a process that was killed, or one that stopped while it
+# could not write its log (it gave up on them, and journaled a note saying so last).
+KILLED = "a killed sandgate process"
+STOPPED = "a sandgate process that stopped while it could not write this log"
+STOP_NOTE = "this sandgate process stopped while its audit log could not be written"
 
 
 class AuditLogError(Exception):
@@ -245,6 +255,9 @@ class AuditLog:
         self.written = 0  # events on disk
         self.dropped = 0  # events refused because the queue was full (loop thread)
         self.failed = 0  # events that could not be encoded (loop) or, at close, written (writer)
+        # Of `failed`, those the writer gave up on when time ran out (at close, or while
+        # appending a journal at open): still in the journal, which is then kept.
+        self.given_up = 0
         self.unreached = 0  # events lost on their way here (`count_lost`; loop thread)
         self.write_errors = 0  # failed write attempts (each retried)
         # Since when (time.monotonic) the writer has failed, and why; None: it writes.
@@ -399,30 +412,69 @@ class AuditLog:
         if self._thread.is_alive():
             # Blocked in a write that does not return: the queued events cannot be
             # written; say so rather than hang the run's exit. The descriptor stays
-            # open (the thread still uses it); the process is about to end.
+            # open (the thread still uses it); the process is about to end. So does the
+            # journal, which holds them: the next open of the log appends them.
             lost = len(self._taken)
             self._taken.clear()
             self.failed += lost
+            self.given_up += lost
+            self._journal_stop_note()
             log.error(
                 "audit log %s: gave up at close: a write has been blocked for %.0f s; "
-                "%d queued events and the batch being written are not in the log",
+                "%d queued events and the batch being written are not in the log%s",
                 self.path,
                 self._stalled_for() or 0.0,
                 lost,
+                f" (they stay in its audit journal {self.journal})" if self.journal else "",
             )
             return
         if self._journal_map is not None:
-            # Everything taken in is on disk (or counted lost): nothing to recover. Gone
-            # while the log is still locked (the close below): `sandgate gc` takes a
-            # journal whose log nobody holds for a killed process's, and appends it.
+            self._journal_stop_note()
             self._box = None
             self._journal_map.close()
             self._journal_map = None
-            for done in (self.journal, self.journal.with_suffix(".log")):
-                with contextlib.suppress(OSError):
-                    done.unlink()
+            self._close_journal()
         os.close(self._fd)
         self._fd = -1
+
+    def _journal_stop_note(self) -> None:
+        """After the events given up on at close, journal a note that says so: the
+        next open appends it with them, and says that this process stopped (not that
+        it was killed, `_whose`)."""
+        if not self.given_up or self._box is None:
+            return
+        note = Event(
+            kind=EventKind.POLICY,
+            verdict=Verdict.DENY,
+            reason=Reason.AUDIT_UNAVAILABLE,
+            detail=f"{STOP_NOTE} ({self.problem or 'a write failed'}): it gave up on the "
+            f"{self.given_up} events before this one, which its audit journal kept for the "
+            "next open of the log (or `sandgate gc`) to append",
+        )
+        with self._lock:
+            self._box.write(audit_members(note))
+
+    def _close_journal(self) -> None:
+        """Remove the journal if everything taken in is on disk (or could not be
+        encoded: never in it). Else keep it and its `.log`: the events the writer gave
+        up on are past its `written` mark, and the next open of the log, or `sandgate
+        gc`, appends them as after a kill; removed, a clean stop during an outage (a
+        full disk, the budget reached, which a task can bring about and then end the
+        run) would lose what a SIGKILL keeps. Removed while the log is still locked
+        (the close after this): `sandgate gc` takes a journal whose log nobody holds
+        for one left to append."""
+        if self.given_up:
+            log.error(
+                "audit log %s: the %d events given up on are kept in its audit journal %s: "
+                "the next open of the log, or `sandgate gc`, appends them",
+                self.path,
+                self.given_up,
+                self.journal,
+            )
+            return
+        for done in (self.journal, self.journal.with_suffix(".log")):
+            with contextlib.suppress(OSError):
+                done.unlink()
 
     # --- the journal (proxy/telemetry/blackbox.py) ---------------------------------
 
@@ -478,21 +530,27 @@ class AuditLog:
                 f"cannot open the audit journal {self.journal}: {e.strerror or e}"
             ) from None
         try:
-            events, lost, origin = [], 0, 0
+            events, lost, origin, whose = [], 0, 0, KILLED
             if os.fstat(fd).st_size >= blackbox.HEADER_SIZE + 4096:
                 with mmap.mmap(fd, 0) as left:
                     if blackbox.is_black_box(left):
                         origin = blackbox.origin(left)
                         found = blackbox.recover(left, blackbox.written(left))
+                        whose = _whose(found)
                         lost += self._decode_into(
-                            events, found, f"the audit journal {self.journal}"
+                            events, found, f"the audit journal {self.journal}", whose
                         )
                     else:
                         log.error("audit journal %s is no journal: started afresh", self.journal)
-            for box in sorted(self.journal.parent.glob(f"{self.journal.stem}.worker-*.ring")):
+            boxes = sorted(self.journal.parent.glob(f"{self.journal.stem}.worker-*.ring"))
+            for box in boxes:
                 lost += self._recover_worker_box(box, events)
             if events or lost or origin:
-                self._append_recovered(events, lost, origin)
+                # Raises if they could not be written: the journal and boxes stay.
+                self._append_recovered(events, lost, origin, whose)
+            for box in boxes:
+                with contextlib.suppress(OSError):
+                    box.unlink()
             try:
                 os.ftruncate(fd, size)  # (a larger journal left: this size)
                 self._journal_map = map_backed(fd, size)
@@ -512,8 +570,8 @@ class AuditLog:
 
     def _recover_worker_box(self, path: Path, events: list[Event]) -> int:
         """The records of a gateway worker's box (`worker_journal`) that the killed
-        service never took into its journal, into `events`; the box removed. Returns
-        how many were lost."""
+        service never took into its journal, into `events` (the box is removed once
+        they are in the log). Returns how many were lost."""
         try:
             with path.open("r+b") as f, mmap.mmap(f.fileno(), 0) as box:
                 lost = 0
@@ -524,14 +582,15 @@ class AuditLog:
         except (OSError, ValueError) as e:
             log.error("audit journal: cannot read gateway worker black box %s: %s", path, e)
             lost = 0
-        with contextlib.suppress(OSError):
-            path.unlink()
         return lost
 
-    def _decode_into(self, events: list[Event], found: blackbox.Recovered, where: str) -> int:
-        """The events of `found`'s payloads, marked recovered from `where`, appended to
-        `events`; returns how many were lost (found.lost and those that do not decode)."""
-        mark = f"recovered from {where} of a killed sandgate process"
+    def _decode_into(
+        self, events: list[Event], found: blackbox.Recovered, where: str, whose: str = KILLED
+    ) -> int:
+        """The events of `found`'s payloads, marked recovered from `where` of `whose`,
+        appended to `events`; returns how many were lost (found.lost and those that do
+        not decode)."""
+        mark = f"recovered from {where} of {whose}"
         lost = found.lost
         for payload in found.payloads:
             try:
@@ -545,22 +604,33 @@ class AuditLog:
             )
         return lost
 
-    def _append_recovered(self, events: list[Event], lost: int, origin: int) -> None:
-        """Write what a killed process left (`events`, `lost`: read from its journal and
-        its workers' boxes; `origin`: the seq its lines start at), a `connection_end`
-        for each connection it had open, and an `audit_recovered` event saying so."""
+    def _append_recovered(
+        self, events: list[Event], lost: int, origin: int, whose: str = KILLED
+    ) -> None:
+        """Write what a killed process (or one that stopped while it could not write:
+        `whose`) left (`events`, `lost`: read from its journal and its workers' boxes;
+        `origin`: the seq its lines start at), a `connection_end` for each connection
+        it had open, and an `audit_recovered` event saying so. AuditLogError if they
+        cannot be written either: the caller keeps the journal for a later open."""
         connections = OpenConnections()
         unfollowed = self._follow_lines(connections, origin)
         connections.follow(events)
-        cut = connections.cut(
-            "the death of the sandgate process that wrote this audit log before "
-            "(killed: it left its audit journal unclosed)"
-        )
+        if whose == KILLED:
+            ended = "the death of the sandgate process that wrote this audit log before"
+            ended += " (killed: it left its audit journal unclosed)"
+            how = "was killed (its audit journal {} was left unclosed)"
+        else:
+            ended = "the stop of the sandgate process that wrote this audit log before"
+            ended += " (it could not write the log)"
+            how = (
+                "stopped while it could not write it (its journal {} kept the events it gave up on)"
+            )
+        cut = connections.cut(ended)
         if not events and not lost and not cut:
             return  # it died with everything written and no connection open
         detail = (
-            f"the sandgate process that wrote this audit log before was killed (its "
-            f"audit journal {self.journal} was left unclosed): {len(events)} events it had "
+            f"the sandgate process that wrote this audit log before {how.format(self.journal)}"
+            f": {len(events)} events it had "
             f"made but not written were read back from the journal (and its gateway "
             f"workers' black boxes) and appended before this line (each marked recovered), {lost} lost (torn or written over in the "
             f"journal; counted in sandgate_audit_events_lost_total); {len(cut)} connections "
@@ -576,6 +646,15 @@ class AuditLog:
         self._head_seq, self._head = self.seq, self.prev  # chained from the log's last line
         self._write_lines(self._link([t for e in (*events, *cut, summary) if (t := self._take(e))]))
         self._give_up_at = float("inf")
+        if self.given_up:
+            # Not written (a full disk, the budget): starting afresh would blank the
+            # journal that holds them. A batch is written whole or not at all.
+            raise AuditLogError(
+                f"cannot append to audit log {self.path} the {len(events)} events "
+                f"{whose} left unwritten ({self._problem}); they stay in its audit journal "
+                f"{self.journal}: make room (or raise --audit-budget) and open the log "
+                "again, or run `sandgate gc`"
+            )
         self.unreached += lost
         self.recovered = (len(events), lost, len(cut))
         (log.error if lost else log.warning)("audit log %s: %s", self.path, detail)
@@ -712,6 +791,7 @@ class AuditLog:
                 if time.monotonic() >= self._give_up_at:
                     lost = len(lines) - i + len(self._taken)
                     self.failed += lost
+                    self.given_up += lost
                     self._taken.clear()
                     log.error("audit log %s: gave up on %d events at close", self.path, lost)
                     return
@@ -881,6 +961,20 @@ def worker_journal(journal: Path, index: int) -> Path:
     """The file gateway worker `index`'s black box is, next to the audit `journal`: the
     next open of the log reads it if the service was killed (`_recover_worker_box`)."""
     return journal.with_name(f"{journal.stem}.worker-{index}.ring")
+
+
+def _whose(found: blackbox.Recovered) -> str:
+    """Who left a journal's records `found`: STOPPED if the last is the note a process
+    journals after the events it gave up on at close (`_journal_stop_note`), else
+    KILLED. The note is a policy event, which only sandgate itself makes."""
+    try:
+        last = decode_members(found.payloads[-1]) if found.payloads else None
+    except ValueError:
+        return KILLED
+    if last is None or last.kind is not EventKind.POLICY:
+        return KILLED
+    stopped = last.reason is Reason.AUDIT_UNAVAILABLE and last.detail.startswith(STOP_NOTE)
+    return STOPPED if stopped else KILLED
 
 
 def journal_log(journal: Path) -> Path:

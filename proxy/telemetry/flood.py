@@ -36,6 +36,18 @@ log only; the metrics and the task summary still see every event.
   sandbox for them, and naming each denied host would write a port or address scan
   line by line, the noise this limit is for (a denied name a task tried can still
   be folded into "and N more" of its aggregate: docs/telemetry.md).
+- Nor do a destination's bytes hide in an aggregate (rt47 F3: the ends of a task's
+  connections folded into one sum, five destinations sampled, so the 2 MB sent to the
+  destination it meant read as the decoys' traffic). The end of a connection whose
+  start was written as a line (within the budget, or named past it) is written as a
+  line too: at most one per start line. An aggregate of `connection_end` events says
+  the bytes of each destination it counts, at most MAX_ATTRIBUTED: an end to one more
+  writes it out first, so a task pays a line per MAX_ATTRIBUTED destinations whose
+  connections ended (bounded by `connection_rate`), not a line per end. The end's own
+  line is also what lets the next open of a killed process's log (audit.py) see that
+  connection end: an aggregate has no `source`, and the connection got a second,
+  made-up end "while open" (rt47 F5). A bucket with such a connection open is not
+  forgotten as idle.
 
 Nothing is lost: every event admitted is either returned as it is or counted in
 exactly one aggregate that `admit`, `due` or `drain` returns. Pure: no I/O, the
@@ -51,6 +63,8 @@ from dataclasses import dataclass, field
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, bound_text
+from sandgate.proxy.telemetry.open_connections import MAX_FOLLOWED
+from sandgate.proxy.telemetry.open_connections import _source as source_of
 
 NEVER_SUPPRESSED = frozenset({EventKind.TASK, EventKind.POLICY, EventKind.APPROVAL})
 DEFAULT_RATE = 500.0  # events a second, per task
@@ -70,7 +84,15 @@ MAX_NAMED = 4096
 # what costs a DNS query (a name it asked the gateway for: its `dns` event) are named
 # in pools of their own that no free text can fill.
 NAMES_PER_ADDRESS = 8
+# Destinations whose bytes an aggregate of `connection_end` events attributes each (no
+# "and N more" for bytes): an end to one more writes the aggregate first. Four entries
+# of a destination (SAMPLE_CHARS) and its two counts fit the detail's 1,024 characters.
+MAX_ATTRIBUTED = 4
 _PASSED = frozenset({Verdict.ALLOW, Verdict.AUDIT})  # traffic that left the sandbox
+# What opens a connection as the audit log's readers follow it (open_connections.py):
+# an allowed `connection`, or the first allowed `request` of a plain-HTTP one.
+_STARTS = frozenset({EventKind.CONNECTION, EventKind.REQUEST})
+_FOLLOWED = _STARTS | {EventKind.CONNECTION_END}
 
 SimilarKey = tuple[EventKind, Verdict, Reason, str | None]
 
@@ -102,7 +124,20 @@ class _Aggregate:
     unnamed: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    # Ends of connections (`connection_end`): [up, down] by destination, for each of
+    # at most MAX_ATTRIBUTED (`takes`); None for other kinds, which carry no bytes.
+    bytes_to: dict[str | None, list[int]] | None = None
     protocols: set[str | None] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.template.kind is EventKind.CONNECTION_END:
+            self.bytes_to = {}
+
+    def takes(self, event: Event) -> bool:
+        """Whether `event` can be counted in without hiding where bytes went: an end
+        to a destination past MAX_ATTRIBUTED would add its bytes to the sum only."""
+        bytes_to = self.bytes_to
+        return bytes_to is None or len(bytes_to) < MAX_ATTRIBUTED or _destination(event) in bytes_to
 
     def add(self, event: Event, unnamed: bool = False) -> None:
         self.count += 1
@@ -113,6 +148,10 @@ class _Aggregate:
         if len(self.protocols) < 2:
             self.protocols.add(event.protocol)
         destination = _destination(event)
+        if self.bytes_to is not None:
+            counts = self.bytes_to.setdefault(destination, [0, 0])
+            counts[0] += event.bytes_up or 0
+            counts[1] += event.bytes_down or 0
         if destination is None:
             return
         if destination in self.samples:
@@ -125,7 +164,13 @@ class _Aggregate:
 
     def record(self, limits: FloodLimits) -> Event:
         t = self.template
-        destinations = ", ".join(self.samples) or "none named"
+        if self.bytes_to is not None:
+            destinations = ", ".join(
+                f"{destination or 'no address'} ({up} bytes up, {down} down)"
+                for destination, (up, down) in self.bytes_to.items()
+            )
+        else:
+            destinations = ", ".join(self.samples) or "none named"
         if self.others:
             destinations += f" and {self.others} more, the last {self.last}"
         if self.unnamed:
@@ -208,6 +253,23 @@ class _Bucket:
     # The same by address (`ip:port`), each with the names written on it (_named_first).
     addresses: dict[str, set[str]] = field(default_factory=dict)
     names_on_addresses: int = 0
+    # Sources ("ip:port") of the allowed connections whose start was written as a line
+    # and whose end was not yet seen (`_follow`): their end gets a line of its own.
+    started: set[str] = field(default_factory=set)
+
+
+def _follow(bucket: _Bucket, event: Event | EncodedEvent) -> None:
+    """`event` (of a kind in _FOLLOWED) is written as a line: note the start of its
+    connection, or forget the connection it ends. The next open of a killed process's
+    log follows its lines to find the connections it had open: an end folded into an
+    aggregate (no source) left it a connection that ended and got a second, made-up
+    end "while open" (rt47 F5). At most MAX_FOLLOWED a task, as that follower."""
+    if event.kind is EventKind.CONNECTION_END:
+        bucket.started.discard(source_of(event))
+    elif event.verdict in _PASSED and len(bucket.started) < MAX_FOLLOWED:
+        source = source_of(event)
+        if source is not None:
+            bucket.started.add(source)
 
 
 class FloodControl:
@@ -240,17 +302,26 @@ class FloodControl:
             # Room left after this one: the flood is over, its aggregates go out now.
             out = self._flush(bucket) if bucket.tokens >= 1 and bucket.pending else []
             out.append(event)
+            if event.kind in _FOLLOWED:
+                _follow(bucket, event)
             return out, False
         original = event
         if event.__class__ is EncodedEvent:
             event = event.decoded()
+        if event.kind is EventKind.CONNECTION_END and event.source in bucket.started:
+            bucket.started.discard(event.source)
+            return [original], False  # its start has a line: so has its end, and its bytes
         named = _named_first(bucket, event) if event.verdict in _PASSED else KNOWN
         if named is NAMED:
+            if event.kind in _FOLLOWED:
+                _follow(bucket, event)
             return [original], False  # its first line: a flood hides no destination
         key = (event.kind, event.verdict, event.reason, event.rule_id)
         out = []
         aggregate = bucket.pending.get(key)
-        if aggregate is not None and now - aggregate.since >= self.limits.interval:
+        if aggregate is not None and (
+            now - aggregate.since >= self.limits.interval or not aggregate.takes(event)
+        ):
             out.append(bucket.pending.pop(key).record(self.limits))
             aggregate = None
         if aggregate is None:
@@ -278,6 +349,8 @@ class FloodControl:
             if not bucket.pending and bucket.tokens >= 1 and event.kind not in NEVER_SUPPRESSED:
                 bucket.tokens -= 1
                 out.append(event)
+                if event.kind in _FOLLOWED:
+                    _follow(bucket, event)
                 continue
             lines, held = self._admit(event, bucket, now)
             out.extend(lines)
@@ -287,7 +360,8 @@ class FloodControl:
 
     def due(self) -> list[Event]:
         """The aggregates at least `interval` old (for a timer), and forget the buckets
-        that are full and hold nothing (idle tasks cost no memory)."""
+        that are full and hold nothing, no open connection either (idle tasks cost no
+        memory)."""
         now = self.clock()
         out = []
         for task in list(self.buckets):
@@ -295,7 +369,7 @@ class FloodControl:
             for key, aggregate in list(bucket.pending.items()):
                 if now - aggregate.since >= self.limits.interval:
                     out.append(bucket.pending.pop(key).record(self.limits))
-            if not bucket.pending and bucket.tokens >= self.limits.burst:
+            if not bucket.pending and not bucket.started and bucket.tokens >= self.limits.burst:
                 del self.buckets[task]
         return out
 

@@ -37,6 +37,7 @@ PYTHON = sys.executable  # for helpers outside the sandbox
 SANDBOX_PYTHON = "/usr/bin/python3"
 SANDGATE = str(Path(sys.executable).with_name("sandgate"))
 RUN_DIR = Path(os.environ.get("SANDGATE_RUN_DIR", "/run/sandgate"))  # as enforcer/run.py
+STATE_DIR = Path(os.environ.get("SANDGATE_STATE_DIR") or "/var/lib/sandgate")  # as enforcer/run.py
 NETNS_DIR = Path("/run/netns")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 ID_SLOT_DIR = Path("/run/sandgate-ids")  # as enforcer/sandbox/id_slots.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from sandgate.proxy.policy.reasons import Reason, Verdict
@@ -136,7 +137,10 @@ def test_allowed_connection_ends_keep_count_destinations_and_bytes():
     [record] = flood.drain()
     assert record.suppressed == 4 and record.rule_id == "pypi"
     assert (record.bytes_up, record.bytes_down, record.protocol) == (400, 8000, "tls")
-    assert "pypi.org:443, pypi.org:8443" in record.detail
+    assert (
+        "pypi.org:443 (200 bytes up, 4000 down), pypi.org:8443 (200 bytes up, 4000 down)"
+        in record.detail
+    )
 
 
 @pytest.mark.parametrize("kind", [EventKind.TASK, EventKind.POLICY, EventKind.APPROVAL])
@@ -310,3 +314,85 @@ def test_sink_timer_writes_due_aggregates_on_the_loop():
         sink.stop()
 
     asyncio.run(main())
+
+
+def connection(name: str, port: int, kind: EventKind = EventKind.CONNECTION, **fields) -> Event:
+    """An allowed TLS connection to `name` from source port `port`, or (kind) its end."""
+    return Event(kind=kind, verdict=Verdict.ALLOW, reason=Reason.RULE_ALLOW, rule_id="wide",
+                 task_id="t1", sandbox="10.213.0.2", source=f"10.213.0.2:{port}",
+                 dst_ip="203.0.113.66", dst_port=443, name=name, protocol="tls",
+                 **fields)  # fmt: skip
+
+
+def ended(name: str, port: int, up: int) -> Event:
+    return connection(name, port, EventKind.CONNECTION_END, bytes_up=up, bytes_down=7)
+
+
+BYTES_OF = re.compile(r"([^ ,]+) \((\d+) bytes up, (\d+) down\)")
+
+
+def bytes_by_destination(lines: list[Event]) -> dict[str, int]:
+    """The bytes up the lines say went to each destination: an end's own, an
+    aggregate's as its detail attributes them."""
+    said: dict[str, int] = {}
+    for line in lines:
+        if line.kind is not EventKind.CONNECTION_END:
+            continue
+        if not line.suppressed:
+            said[f"{line.name}:443"] = said.get(f"{line.name}:443", 0) + line.bytes_up
+            continue
+        for destination, up, _ in BYTES_OF.findall(line.detail):
+            said[destination] = said.get(destination, 0) + int(up)
+    return said
+
+
+def test_past_the_budget_the_log_says_how_many_bytes_went_to_each_destination():
+    """rt47 F3: past the budget, the ends of a task's connections were folded into one
+    aggregate whose bytes were a sum over destinations sampled five at a time ("and 2
+    more"): the 2 MB a task sent to the name it meant read as the decoys' traffic. An
+    aggregate of ends now says the bytes of each destination it counts, and writes
+    itself out before one more would go unattributed."""
+    flood, _ = control(rate=1, burst=1)
+    lines = flood.admit(denied())[0]  # the budget, spent
+    pad = "x" * 100  # long names: seven of them overflow a detail (1,024 characters)
+    names = [f"decoy{i}.{pad}.example" for i in range(6)] + [f"exfil.{pad}.example"]
+    for i, name in enumerate(names):  # each destination named, its first connection ended
+        lines += flood.admit(connection(name, 40000 + i))[0]
+        lines += flood.admit(ended(name, 40000 + i, 10))[0]
+    for i, name in enumerate(names):  # second connections: folded, start and end
+        lines += flood.admit(connection(name, 41000 + i))[0]
+    for i, name in enumerate(names):
+        lines += flood.admit(ended(name, 41000 + i, 2_000_000 if "exfil" in name else 100))[0]
+    lines += flood.drain()
+    assert any(line.suppressed and line.kind is EventKind.CONNECTION_END for line in lines)
+    truth = {f"{name}:443": 10 + (2_000_000 if "exfil" in name else 100) for name in names}
+    assert bytes_by_destination(lines) == truth
+    assert represented(lines) == 1 + 4 * len(names)
+
+
+def test_the_end_of_a_connection_whose_start_has_a_line_has_one_too():
+    """rt47 F5: the next open of a killed process's log follows its lines to give the
+    connections it had open an end; one whose end was folded into an aggregate (no
+    source) got a second, made-up end "while open". A connection whose start has a
+    line (within the budget, or named past it) now has its end on a line too, past
+    the budget and after its idle bucket would have been forgotten."""
+    from sandgate.proxy.telemetry.audit import audit_members
+    from sandgate.proxy.telemetry.event import EncodedEvent
+
+    flood, clock = control(rate=1, burst=3)
+    start = connection("api.example", 40000)
+    encoded = EncodedEvent(audit_members(start), "t1", "10.213.0.2", "connection", "allow",
+                           "rule_allow", "wide", "api.example")  # fmt: skip
+    lines = flood.admit_batch([encoded])[0]  # within the budget (a worker's event)
+    clock.now += 60
+    lines += flood.due()  # its bucket is full and holds nothing: idle, but for it
+    for port in range(3):
+        lines += flood.admit(denied(port=port))[0]  # the budget, spent
+    lines += flood.admit(connection("api.example", 40001))[0]  # named past the budget
+    lines += flood.admit(connection("api.example", 40002))[0]  # folded: no line
+    for port in (40000, 40001, 40002):
+        lines += flood.admit(ended("api.example", port, 5))[0]
+    lines += flood.drain()
+    own = [e.source for e in lines if e.kind is EventKind.CONNECTION_END and not e.suppressed]
+    assert own == ["10.213.0.2:40000", "10.213.0.2:40001"]
+    assert represented(lines) == 9  # every event, in a line or an aggregate

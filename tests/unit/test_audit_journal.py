@@ -17,7 +17,7 @@ import os
 import pytest
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry import blackbox
-from sandgate.proxy.telemetry.audit import AuditLog, verify
+from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError, verify
 from sandgate.proxy.telemetry.event import Event, EventKind
 from test_audit import event as audit_event
 
@@ -238,3 +238,89 @@ def test_a_closed_logs_journal_is_gone_before_its_lock(tmp_path, monkeypatch):
     log.close()
     assert seen == [(False, False)]
     assert [r["path"] for r in records(path)] == ["/0"]
+
+
+def outage_at_close(tmp_path, count: int, journal=None):
+    """A log whose `--audit-budget` runs out after a few of `count` ends of connections
+    (the same failing write as a full disk), then closed: it gives up on the rest.
+    Returns (log path, journal path, the closed log)."""
+    path, journal = tmp_path / "audit.jsonl", journal or tmp_path / "state" / "j.ring"
+    log = AuditLog(path, journal=journal, max_total_bytes=2000, close_timeout=0.3)
+    for i in range(count):
+        log.emit(request(i, kind=EventKind.CONNECTION_END, bytes_up=10**9))
+    log.close()
+    return path, journal, log
+
+
+def test_events_given_up_at_close_stay_in_the_journal_for_the_next_open(tmp_path):
+    """rt47 F4: a clean close during an outage gave up on the queued events and then
+    deleted the journal that held them: a task that filled the disk (or the budget)
+    and exited lost its last events for good, where a SIGKILL loses none. The journal
+    is kept; the next open appends them, says who left them, and removes it."""
+    path, journal, log = outage_at_close(tmp_path, 20)
+    assert log.given_up > 0 and len(records(path)) + log.given_up == 20
+    assert journal.exists() and journal.with_suffix(".log").read_text() == str(path)
+
+    again, after = reopened(path, journal)
+    assert [r["path"] for r in after[:20]] == [f"/{i}" for i in range(20)]
+    recovered = after[20 - log.given_up : 20]
+    assert all("of a sandgate process that stopped while it could not write" in r["detail"]
+               for r in recovered)  # fmt: skip
+    note, summary = after[20], after[21]
+    assert note["reason"] == "audit_unavailable" and "gave up on the" in note["detail"]
+    assert summary["reason"] == "audit_recovered" and "stopped while" in summary["detail"]
+    assert "killed" not in summary["detail"] and not any(CUT in r["detail"] for r in after)
+    assert again.recovered == (log.given_up + 1, 0, 0)
+    assert verify(path).ok and not journal.exists()
+
+
+def test_gc_appends_what_a_closed_log_gave_up_on(tmp_path, monkeypatch):
+    from sandgate.enforcer import run as run_module
+
+    monkeypatch.setattr(run_module, "STATE_DIR", tmp_path / "state")
+    journal = run_module.audit_journal(tmp_path / "audit.jsonl")
+    path, _, log = outage_at_close(tmp_path, 10, journal)
+    assert run_module._left_journals() == [(journal, path)]
+    run_module._append_left_journal(journal, path)
+    assert [r.get("path") for r in records(path)[:10]] == [f"/{i}" for i in range(10)]
+    assert not journal.exists() and run_module._left_journals() == []
+
+
+def test_a_journal_the_next_open_cannot_append_either_is_kept(tmp_path):
+    """The class at the next open: a journal whose events could not be appended (the
+    disk still full, a budget) was started afresh over them. The open fails, saying
+    so, and keeps the journal (and a worker's black box) for one that can."""
+    path, journal, log = outage_at_close(tmp_path, 10)
+    box = journal.with_name(f"{journal.stem}.worker-0.ring")
+    box.write_bytes(b"\0" * (blackbox.HEADER_SIZE + 4096))
+    ring = bytearray(box.read_bytes())
+    blackbox.blank(ring)
+    blackbox.BlackBox(ring).write(b'"kind":"dns","verdict":"deny","reason":"no_rule"')
+    box.write_bytes(ring)
+    kept = journal.read_bytes()
+    with pytest.raises(AuditLogError, match="they stay in its audit journal"):
+        AuditLog(path, journal=journal, max_total_bytes=2000, close_timeout=0.3)
+    assert journal.read_bytes() == kept and box.exists()
+    _, after = reopened(path, journal)
+    assert [r.get("path") for r in after[:10]] == [f"/{i}" for i in range(10)]
+    assert any(r["kind"] == "dns" and RECOVERED not in r["detail"] for r in after)
+    assert not journal.exists() and not box.exists()
+
+
+def test_a_connection_whose_end_the_rate_limit_took_gets_no_made_up_end_after_a_kill(tmp_path):
+    """rt47 F5, through the log: a task past its audit budget, its connections' lines
+    as the rate limit let them through, the process killed with all of them written;
+    the next open gives no connection that ended an end "while open"."""
+    from sandgate.proxy.telemetry.flood import FloodControl, FloodLimits
+
+    flood = FloodControl(FloodLimits(rate=0.001, burst=3, interval=1.0), clock=lambda: 0.0)
+    ports = (41000, 41001, 41002)
+    events = [audit_event(i) for i in range(3)]  # denied: the budget, spent
+    for port in ports:
+        start = request(port - 40000, kind=EventKind.CONNECTION, name="api.example")
+        events += [start, start.with_fields(kind=EventKind.CONNECTION_END, bytes_up=5)]
+    lines = [line for event in events for line in flood.admit(event)[0]] + flood.drain()
+    assert any(line.suppressed for line in lines)
+    path, journal = killed(tmp_path, lines, [])
+    _, after = reopened(path, journal)
+    assert not [r for r in after if CUT in r.get("detail", "")]
