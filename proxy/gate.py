@@ -141,6 +141,9 @@ class ConnState:
     phase: Phase = Phase.NEW  # where in its lifecycle (proxy/lifecycle.py)
     outcome: Outcome | None = None  # what was decided, set once (kept through a hand-off)
     allowed: Decision | None = None  # the decision that let the connection through
+    # Plain HTTP: the Host of the request `allowed` is (the connection end's name: an
+    # address is shared by many sites, and an end without a name hid where bytes went)
+    allowed_name: str | None = None
     protocol: str = "tcp"
     bytes_up: int = 0  # from the client, by whichever adapter carries the connection
     bytes_down: int = 0
@@ -898,7 +901,7 @@ class ConnectionGate:
         state.requests += 1
         if decision.allowed and state.allowed is None:
             # Plain HTTP: the connection's end reports bytes under its first allowed request.
-            state.allowed, state.protocol = decision, "http"
+            state.allowed, state.protocol, state.allowed_name = decision, "http", name
         self._emit_request(state, decision, head, tls, name, started, answer)
         return decision, checked if decision.allowed else None
 
@@ -1031,7 +1034,7 @@ class ConnectionGate:
                 state.allowed,
                 **state.fields,
                 protocol=state.protocol,
-                name=state.name,
+                name=state.name or state.allowed_name,
                 bytes_up=state.bytes_up,
                 bytes_down=state.bytes_down,
                 duration=self.clock() - state.opened,

@@ -263,6 +263,18 @@ def test_allowed_connection_end_reports_bytes_and_what_ended_it(gate):
     assert len(gate.events) == 2
 
 
+def test_a_plain_http_connection_end_names_its_first_allowed_host(gate):
+    """An address is shared by many sites: a plain-HTTP end without a name hid where
+    its bytes went (past the audit budget, the request lines are sampled)."""
+    state = connect(gate, "203.0.113.10", 80)
+    assert gate.on_first_bytes(state, b"GET / HTTP/1.1\r\n") is Outcome.HTTP
+    assert gate.on_request(state, request_head("allowed.test"), tls=False)[0].allowed
+    state.bytes_up = 2_000_000
+    gate.on_close(state)
+    end = gate.events[-1]
+    assert (str(end.kind), end.name, end.bytes_up) == ("connection_end", "allowed.test", 2_000_000)
+
+
 def test_a_rejected_connection_ends_without_another_event_an_undecided_http_one_with_its_own(
     gate,
 ):
