@@ -97,6 +97,40 @@ TIOCLINUX = 0x541C  # virtual-console tricks, including pasting the selection as
 TIOCCONS = 0x541D  # redirect the host console's output to the task's terminal
 TIOCSETD = 0x5423  # attach a line discipline: loads and runs rarely used tty drivers
 TCXONC, TCOOFF = 0x540A, 0  # tcflow(fd, TCOOFF): suspend the terminal's output
+# A virtual console's (linux/kd.h, vt.h), when sandgate runs from a text console and
+# the task shares it: keyboard mode, key codes and maps, text or graphics mode, fonts
+# and screen maps, switching consoles and taking over their switching. The caller of
+# a console's own tty may (no capability): each outlives the task, which sandgate
+# does not restore. The GIO_/KDG reads stay allowed.
+VT_SETTINGS = (
+    0x4B32,  # KDSETLED
+    0x4B3A,  # KDSETMODE
+    0x4B41,  # PIO_SCRNMAP
+    0x4B45,  # KDSKBMODE
+    0x4B47,  # KDSKBENT
+    0x4B49,  # KDSKBSENT
+    0x4B4B,  # KDSKBDIACR
+    0x4B4D,  # KDSETKEYCODE
+    0x4B4E,  # KDSIGACCEPT
+    0x4B61,  # PIO_FONT
+    0x4B63,  # KDSKBMETA
+    0x4B67,  # PIO_UNIMAP
+    0x4B68,  # PIO_UNIMAPCLR
+    0x4B6A,  # PIO_UNISCRNMAP
+    0x4B6C,  # PIO_FONTX
+    0x4B6D,  # PIO_FONTRESET
+    0x4B71,  # PIO_CMAP
+    0x4B72,  # KDFONTOP
+    0x4BFB,  # KDSKBDIACRUC
+    0x5602,  # VT_SETMODE
+    0x5605,  # VT_RELDISP
+    0x5606,  # VT_ACTIVATE
+    0x5607,  # VT_WAITACTIVE
+    0x5608,  # VT_DISALLOCATE
+    0x5609,  # VT_RESIZE
+    0x560A,  # VT_RESIZEX
+    0x560F,  # VT_SETACTIVATE
+)
 IOCTL_REQUEST_MASK = 0xFFFFFFFF  # the kernel reads ioctl's request as unsigned int
 
 # fallocate(2) modes (linux/falloc.h) that only give blocks back: a hole punched, a
@@ -413,6 +447,12 @@ DENIED: tuple[Denial, ...] = (
         errno.EPERM,
         "tcflow TCOOFF on the caller's terminal: sandgate's next line (a kill, its summary) hangs",
         (((1, "masked_eq", TCXONC, IOCTL_REQUEST_MASK), (2, "eq", TCOOFF, 0)),),
+    ),
+    Denial(
+        ("ioctl",),
+        errno.EPERM,
+        "a text console's keyboard, keymaps, mode, fonts, switching: they outlive the task",
+        _ioctl_request_in(VT_SETTINGS),
     ),
     Denial(
         ("fanotify_init", "fanotify_mark"),

@@ -761,6 +761,30 @@ def test_line_discipline_refused_terminal_unchanged(program: bytes) -> None:
         os.close(terminal)
 
 
+def probe_console_settings(terminal: int) -> list[int]:
+    """The errno of each virtual-console setting ioctl on `terminal` (0: it went)."""
+    found = []
+    for request in seccomp.VT_SETTINGS:
+        result = libc.ioctl(terminal, ctypes.c_ulong(request), ctypes.c_ulong(0))
+        found.append(ctypes.get_errno() if result == -1 else 0)
+    return found
+
+
+def test_virtual_console_settings_are_refused(program: bytes) -> None:
+    """Run from a text console, the task shares it: its keyboard mode, keymaps, fonts
+    and switching outlive the task. Each request is refused by the filter (EPERM),
+    where a pty unfiltered answers that it is no console (ENOTTY, EINVAL)."""
+    controller, terminal = os.openpty()
+    try:
+        refused = run_forked(filtered, program, probe_console_settings, terminal).value
+        assert set(refused) == {errno.EPERM}
+        unfiltered = run_forked(probe_console_settings, terminal).value
+        assert errno.EPERM not in unfiltered
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+
 MSEAL, FILE_GETATTR = 462, 468  # implemented here (Linux >= 6.17) and above the fence below
 
 
