@@ -751,6 +751,8 @@ class TaskRun:
         if self.audit is not None:
             self.audit.close()
             self.summary.telemetry["audit_lost"] = self.audit.lost
+            if self.audit.given_up:
+                self.summary.telemetry["audit_kept"] = self.audit.given_up
         if self.claimed:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -157,7 +157,7 @@ class TaskSummary:
             summary.rows[key] = row["count"]
         summary.firewall = dict(data.get("firewall_drops", {}))
         summary.telemetry = {
-            k: data[k] for k in ("audit_log", "audit_lost", "metrics") if k in data
+            k: data[k] for k in ("audit_log", "audit_lost", "audit_kept", "metrics") if k in data
         }
         return summary
 
@@ -206,10 +206,17 @@ class TaskSummary:
                 file=out,
             )
         if self.telemetry.get("audit_log"):
-            lost = self.telemetry.get("audit_lost")
+            lost, kept = self.telemetry.get("audit_lost"), self.telemetry.get("audit_kept")
             print(
                 f"  audit log: {self.telemetry['audit_log']}"
-                + (f"  (WARNING: {lost} events could not be written)" if lost else ""),
+                + (f"  (WARNING: {lost} events could not be written" if lost else "")
+                + (
+                    f"; {kept} of them are kept in its audit journal: the next open of the "
+                    "log, or `sandgate gc`, appends them"
+                    if lost and kept
+                    else ""
+                )
+                + (")" if lost else ""),
                 file=out,
             )
         if self.telemetry.get("metrics"):

@@ -12,6 +12,7 @@ now; the next open of the log (a second run, without a budget) appends what it h
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from support import sandbox
@@ -47,6 +48,8 @@ def test_the_end_of_a_connection_that_went_on_in_an_outage_survives_the_runs_end
     print("run 1:", first.returncode, first["task"].out.strip(), "|", first["task"].err[-200:])
     print("run 1 stderr tail:", first.stderr.strip().splitlines()[-4:])
     assert "upload 200" in first["task"].out, first.describe()
+    # The user is told where the events it could not write are kept.
+    assert re.search(r"of them are kept in its audit journal", first.stderr), first.stderr[-2000:]
     log = wd / "audit.jsonl"
     # The next open of the log (another run, no budget) appends what a journal kept.
     sandbox.run(net, tmp_path, {"noop": "true"}, rules=rules, workdir=wd)

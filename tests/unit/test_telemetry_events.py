@@ -201,7 +201,13 @@ def test_summary_reports_lost_audit_events():
     summary.telemetry.update(audit_log="/a.jsonl", audit_lost=3)
     out = io.StringIO()
     summary.print_table(out)
-    assert "WARNING: 3 events could not be written" in out.getvalue()
+    assert "WARNING: 3 events could not be written)" in out.getvalue()
+    summary.telemetry.update(audit_kept=2)
+    out = io.StringIO()
+    summary.print_table(out)
+    assert (
+        "3 events could not be written; 2 of them are kept in its audit journal" in out.getvalue()
+    )
 
 
 def test_sandgate_run_keeps_an_audit_log_by_default(tmp_path):
