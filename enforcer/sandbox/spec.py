@@ -235,16 +235,17 @@ def check_out_of_reach(
     and as resolved; `writable` are the task's resolved writable roots, `read_only`
     what is bound read-only again inside them (sandgate's own code: its shipped rules
     in a development checkout that is the workspace)."""
-    given = Path(os.path.abspath(path))
-    real = path.resolve()
-    if any(_under(real, own) for own in read_only):
-        return path
-    for root in writable:
-        if _under(given, root) or _under(real, root):
-            raise SandboxError(
-                f"{option} {path}: inside {root}, which the task can write ({why}); "
-                "keep it outside the workspace and --rw paths"
-            )
+    # As given and as resolved, each: a name through a link in a writable root is the
+    # task's to point elsewhere, wherever it points now (a shipped preset, read-only).
+    for each in (Path(os.path.abspath(path)), path.resolve()):
+        if any(_under(each, own) for own in read_only):
+            continue  # bound read-only again inside the writable root
+        for root in writable:
+            if _under(each, root):
+                raise SandboxError(
+                    f"{option} {path}: inside {root}, which the task can write ({why}); "
+                    "keep it outside the workspace and --rw paths"
+                )
     return path
 
 

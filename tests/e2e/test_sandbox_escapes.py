@@ -206,15 +206,21 @@ def test_a_task_cannot_author_its_own_rules(net, tmp_path):
     assert (workspace / "ran").exists()
 
 
-def test_a_task_cannot_author_a_file_its_rules_include(net, tmp_path):
+@pytest.mark.parametrize("kind", ["file", "link-to-a-shipped-preset"])
+def test_a_task_cannot_author_a_file_its_rules_include(net, tmp_path, kind):
     """Found and closed: only the --rules file itself was checked, and a team preset it
     includes from the project was the task's to rewrite: the next run with the same
     rules (and an `always` approval's reload, which reads every file again) loaded the
-    policy the task wrote. Every file the rules read must be out of its reach too."""
+    policy the task wrote. Every file the rules read must be out of its reach too, by
+    the name they give as well: a link in the workspace to a shipped preset (read-only)
+    was taken for the preset, and the task pointed it at a file of its own."""
     workspace = tmp_path / "ws"
     workspace.mkdir()
     preset = workspace / "team-preset.yaml"
-    preset.write_text("version: 1\nrules:\n  - allow: www.allowed.test\n")
+    if kind == "file":
+        preset.write_text("version: 1\nrules:\n  - allow: www.allowed.test\n")
+    else:
+        preset.symlink_to(sandbox.REPO / "rules" / "presets" / "package-registries.yaml")
     rules = tmp_path / "rules.yaml"
     rules.write_text(
         "version: 1\nprofiles:\n  default:\n    include: [./ws/team-preset.yaml]\n"

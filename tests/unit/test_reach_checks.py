@@ -20,11 +20,14 @@ def test_a_file_in_the_tasks_reach_is_refused_unless_it_is_bound_read_only(tmp_p
         path.write_text("version: 1\n")
     (code / "planted.yaml").symlink_to(mine)  # read-only part, resolving into the writable
     (tmp_path / "outside.yaml").symlink_to(mine)  # given outside, resolving inside
+    # A name in the writable part that leads to the read-only one (a shipped preset):
+    # the task points it elsewhere (found: an include named through such a link).
+    (workspace / "preset.yaml").symlink_to(shipped)
 
     read_only = [workspace / "checkout"]
     assert check_out_of_reach("--rules", shipped, [workspace], read_only=read_only) == shipped
     assert check_out_of_reach("--rules", tmp_path / "elsewhere.yaml", [workspace]) is not None
-    for path in (mine, code / "planted.yaml", tmp_path / "outside.yaml"):
+    for path in (mine, code / "planted.yaml", tmp_path / "outside.yaml", workspace / "preset.yaml"):
         with pytest.raises(SandboxError, match=f"inside {workspace}, which the task can write"):
             check_out_of_reach("--rules", path, [workspace], read_only=read_only)
     with pytest.raises(SandboxError):  # nothing bound read-only: the shipped file too
