@@ -28,8 +28,10 @@ server picks. Checks, first failure wins:
     the request for each of them too, refusing it where one would not be allowed:
     a method (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, a `_method`
     query parameter: a POST becomes a DELETE) -> ambiguous_method; a path
-    (X-Original-URL, X-Rewrite-URL: IIS's URL Rewrite, Symfony and Zend before 2018)
-    -> ambiguous_path, also when the path named is itself ambiguous; a host
+    (X-Original-URL, X-Rewrite-URL: IIS's URL Rewrite, Symfony and Zend before 2018;
+    WebDAV's Destination, the path a COPY or MOVE writes: an absolute URI, whose
+    authority is a host override too) -> ambiguous_path, also when the path named is
+    itself ambiguous; a host
     (X-Forwarded-Host, X-Host, X-Original-Host, X-Forwarded-Server,
     X-HTTP-Host-Override, `host=` in Forwarded: Rails' request.host, Django's
     USE_X_FORWARDED_HOST, Werkzeug's ProxyFix, tenants routed by host) -> host_mismatch;
@@ -70,7 +72,7 @@ _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
 # honour them (module docstring, 6), by lower-case name: what each overrides.
 _OVERRIDES = {
     **dict.fromkeys((b"x-http-method-override", b"x-http-method", b"x-method-override"), "method"),
-    **dict.fromkeys((b"x-original-url", b"x-rewrite-url"), "path"),
+    **dict.fromkeys((b"x-original-url", b"x-rewrite-url", b"destination"), "path"),
     **dict.fromkeys(
         (
             b"x-forwarded-host",
@@ -198,6 +200,8 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
     for where, field, value in overrides:
         if field == "path" and (why := path_problem(value)) is not None:
             return deny("ambiguous-path", detail=f"{where} names {value[:200]!r}: {why}")
+        if field == "host" and (why := _port_problem(value, port)) is not None:
+            return deny("host-mismatch", detail=f"{where}: {why}")
     close = leaves_body_unread(head.method) and _has_body(by_name)
     return CheckedHead(
         method, host, path, websocket, strip, overrides, query if question else None, close
@@ -417,6 +421,11 @@ def _overrides(
             if field == "method":
                 named = [text.upper()]
             elif field == "path":
+                absolute = _ABSOLUTE.fullmatch(text)
+                if absolute is not None:  # Destination: http://host/path
+                    if absolute.group(2).lower() != host.lower():
+                        found.append((name.decode(), "host", absolute.group(2)[:200]))
+                    text = absolute.group(3) or "/"
                 named = [text.partition("?")[0]]
             elif name == b"forwarded":  # RFC 7239: `for=...;host="a:80", host=b`
                 named = [

@@ -180,6 +180,12 @@ def test_a_method_override_is_refused_where_its_method_is_not_allowed(
         pytest.param([("X-Forwarded-Host", "API.allowed.test")], "rule_allow", id="host-names-itself"),
         pytest.param([("X-Forwarded-Host", "api.allowed.test:443")], "rule_allow", id="host-itself-with-port"),
         pytest.param([("X-Forwarded-Host", "")], "rule_allow", id="host-empty"),
+        pytest.param([("X-Forwarded-Host", "api.allowed.test:9999")], "host_mismatch", id="host-other-port"),
+        # WebDAV: the path a COPY or MOVE writes, an absolute URI (or a path)
+        pytest.param([("Destination", "https://api.allowed.test/private/key")], "ambiguous_path", id="destination"),
+        pytest.param([("Destination", "/public/secret")], "ambiguous_path", id="destination-path"),
+        pytest.param([("Destination", "https://evil.test/public/ok")], "host_mismatch", id="destination-other-host"),
+        pytest.param([("Destination", "https://API.allowed.test/public/copy")], "rule_allow", id="destination-allowed"),
     ],
 )  # fmt: skip
 def test_a_path_or_host_override_is_refused_where_what_it_names_is_not_allowed(
