@@ -326,17 +326,33 @@ class _Loader:
             return path.relative_to(SHIPPED_RULES_DIR).as_posix()
         return os.path.relpath(path, self.root)
 
-    def check_version(self, source: _Source, entries) -> None:
-        if "version" not in entries:
-            self.problem(source, source.root, "missing 'version: 1' at the top of the file")
-            return
-        key_node, value_node = entries["version"]
-        if not (isinstance(value_node, yaml.ScalarNode) and value_node.value == "1"):
+    def file_entries(self, source: _Source, what: str) -> dict | None:
+        """The top mapping of a rule or preset file, or None (reported) when it is none:
+        not a mapping, or without `version: 1`. Then nothing else of it is read or
+        quoted: it may be any file root can read, and an include of /etc/shadow had
+        its lines quoted as unknown keys in the logs."""
+        root = source.root
+        if not isinstance(root, yaml.MappingNode):
+            self.problem(source, root, f"{what} must be a mapping, with 'version: 1' at its top")
+            return None
+        version = next(
+            (v for k, v in root.value if isinstance(k, yaml.ScalarNode) and k.value == "version"),
+            None,
+        )
+        if version is None:
             self.problem(
                 source,
-                value_node,
-                f"unsupported version {value_node.value!r}; this sandgate reads version 1",
+                root,
+                "missing 'version: 1' at the top of the file (nothing else of it is read)",
             )
+            return None
+        if not (isinstance(version, yaml.ScalarNode) and version.value == "1"):
+            shown = version.value[:20] if isinstance(version, yaml.ScalarNode) else "?"
+            self.problem(
+                source, version, f"unsupported version {shown!r}; this sandgate reads version 1"
+            )
+            return None
+        return self.mapping(source, root, what)
 
     # --- rules ------------------------------------------------------------------------
 
@@ -638,11 +654,10 @@ class _Loader:
         included = self.read(path, referrer=(source, node))
         if included is None:
             return []
-        entries = self.mapping(included, included.root, "a preset file")
-        if not isinstance(included.root, yaml.MappingNode):
+        entries = self.file_entries(included, "a preset file")
+        if entries is None:
             self.preset_rules[path] = []
             return []
-        self.check_version(included, entries)
         self.check_keys(
             included, entries, {"version", "description", "include", "rules"}, "a preset file"
         )
@@ -660,10 +675,9 @@ class _Loader:
         return rules
 
     def profiles(self, source: _Source) -> dict[str, _RawProfile]:
-        entries = self.mapping(source, source.root, "the rule file")
-        if not isinstance(source.root, yaml.MappingNode):
-            return {}  # reported; 'missing version' and the like would only be noise
-        self.check_version(source, entries)
+        entries = self.file_entries(source, "the rule file")
+        if entries is None:
+            return {}  # reported; what else is wrong would only be noise
         self.check_keys(
             source, entries, {"version", "profiles", "approved", "description"}, "the rule file"
         )

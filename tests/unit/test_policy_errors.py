@@ -10,11 +10,14 @@ Files in subfolders (includes/) are partners of a case, not cases."""
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import json
 import os
 import re
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -321,3 +324,81 @@ def test_a_problem_shows_control_characters_escaped(tmp_path):
     text = str(error.value)
     assert "\n" not in text and "\x1b" not in text and "\u202e" not in text
     assert "\\x1b]0;pwned\\x07\\x0aFORGED \\u202e" in text
+
+
+SHADOW = "root:*:20228:0:99999:7:::\nalice:$6$salt$SECRETHASH:20000:0:99999:7:::\n"
+DEPLOY = 65534  # a deploy user who may write where the rule files are
+
+
+@pytest.fixture
+def deploy_dir():
+    """(a root-only stand-in for /etc/shadow, a directory the deploy user owns)."""
+    with tempfile.TemporaryDirectory() as where:
+        os.chmod(where, 0o755)
+        secret, deploy = Path(where) / "shadow", Path(where) / "deploy"
+        secret.write_text(SHADOW)
+        secret.chmod(0o600)
+        deploy.mkdir()
+        os.chown(deploy, DEPLOY, DEPLOY)
+        yield secret, deploy
+
+
+def _problems(rules: Path) -> str:
+    with pytest.raises(PolicyError) as error:
+        load_policy(rules)
+    return str(error.value)
+
+
+def test_the_top_rule_file_as_a_link_to_a_root_only_file_is_not_quoted(deploy_dir):
+    """Found by the second red team: the deploy user replaced the service's rule file,
+    in a directory it may write, with a link to a root-only file. A file without
+    `version: 1` at its top is read no further, so nothing of it is quoted."""
+    secret, deploy = deploy_dir
+    (deploy / "rules.yaml").symlink_to(secret)
+    text = _problems(deploy / "rules.yaml")
+    assert "SECRETHASH" not in text and "alice" not in text
+    assert "missing 'version: 1' at the top of the file (nothing else of it is read)" in text
+
+
+def test_an_include_named_where_others_may_write_is_not_quoted(deploy_dir):
+    """Root's own file includes ./deploy/team.yaml; the deploy user made it a link to a
+    root-only file (whose name they choose, the file is root's)."""
+    secret, deploy = deploy_dir
+    top = deploy.parent / "rules.yaml"
+    top.write_text("version: 1\nprofiles:\n  default:\n    include: [./deploy/team.yaml]\n")
+    (deploy / "team.yaml").symlink_to(secret)
+    assert "SECRETHASH" not in _problems(top)
+
+
+def test_an_include_swapped_for_a_link_as_it_is_read_is_not_quoted(deploy_dir):
+    """The deploy user kept exchanging its own readable include with a link to a
+    root-only file (renameat2 RENAME_EXCHANGE) between the check and the open: 12 %
+    of loads quoted it. Whatever is opened, a file that is no rule file is not."""
+    secret, deploy = deploy_dir
+    rules, team, other = deploy / "rules.yaml", deploy / "team.yaml", deploy / "other"
+    rules.write_text("version: 1\nprofiles:\n  default:\n    include: [./team.yaml]\n")
+    team.write_text("version: 1\nrules:\n  - allow: example.com\n")
+    for path in (rules, team):
+        os.chown(path, DEPLOY, DEPLOY)
+    other.symlink_to(secret)
+    libc = ctypes.CDLL(None, use_errno=True)
+    stop = threading.Event()
+
+    def exchange() -> None:
+        a, b = str(team).encode(), str(other).encode()
+        while not stop.is_set():
+            libc.renameat2(-100, a, -100, b, 2)  # AT_FDCWD, RENAME_EXCHANGE
+
+    racer = threading.Thread(target=exchange)
+    racer.start()
+    try:
+        deadline, loads = time.monotonic() + 2, 0
+        while time.monotonic() < deadline:
+            loads += 1
+            try:
+                load_policy(rules)
+            except PolicyError as e:
+                assert "SECRETHASH" not in str(e), f"quoted after {loads} loads"
+    finally:
+        stop.set()
+        racer.join()
