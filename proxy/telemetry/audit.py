@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -430,10 +431,12 @@ class AuditLog:
             return
         if self._journal_map is not None:
             self._journal_stop_note()
+            # [the mark, where the next record would go): the records not on disk
+            kept = (blackbox.HEADER.unpack_from(self._journal_map, 0)[2], self._box.pos)
             self._box = None
             self._journal_map.close()
             self._journal_map = None
-            self._close_journal()
+            self._close_journal(kept)
         os.close(self._fd)
         self._fd = -1
 
@@ -454,7 +457,7 @@ class AuditLog:
         with self._lock:
             self._box.write(audit_members(note))
 
-    def _close_journal(self) -> None:
+    def _close_journal(self, kept: tuple[int, int]) -> None:
         """Remove the journal if everything taken in is on disk (or could not be
         encoded: never in it). Else keep it and its `.log`: the events the writer gave
         up on are past its `written` mark, and the next open of the log, or `sandgate
@@ -471,6 +474,7 @@ class AuditLog:
                 self.given_up,
                 self.journal,
             )
+            _free_but(self.journal, *kept)
             return
         for done in (self.journal, self.journal.with_suffix(".log")):
             with contextlib.suppress(OSError):
@@ -935,6 +939,41 @@ class AuditLog:
             raise
         os.close(self._fd)
         self._fd, self.size, self.file_first_seq = fd, 0, None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def _free_but(journal: Path, start: int, end: int) -> None:
+    """Give back the blocks of a kept journal but those of [start, end), its records
+    not on disk (wrapping past the ring's end when start > end): each run that ended
+    in an outage kept all JOURNAL_SIZE (16 MiB) of it, whatever it held. The file
+    keeps its size and layout (a hole reads as zeros: no record), so the next open
+    recovers it as it is; best effort (a file system without holes keeps it whole)."""
+    try:
+        fd = os.open(journal, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        keep = [(start, end)] if start <= end else [(start, size), (blackbox.HEADER_SIZE, end)]
+        edges = sorted(keep)
+        holes, at = [], blackbox.HEADER_SIZE
+        for begin, stop in edges:
+            holes.append((at, begin))
+            at = max(at, stop)
+        holes.append((at, size))
+        for begin, stop in holes:
+            if stop > begin:
+                _libc.fallocate(
+                    fd,
+                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    ctypes.c_int64(begin),
+                    ctypes.c_int64(stop - begin),
+                )
+    finally:
+        os.close(fd)
 
 
 def map_backed(fd: int, size: int) -> mmap.mmap:

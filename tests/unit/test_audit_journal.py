@@ -17,7 +17,7 @@ import os
 import pytest
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry import blackbox
-from sandgate.proxy.telemetry.audit import AuditLog, AuditLogError, verify
+from sandgate.proxy.telemetry.audit import JOURNAL_SIZE, AuditLog, AuditLogError, verify
 from sandgate.proxy.telemetry.event import Event, EventKind
 from test_audit import event as audit_event
 
@@ -260,6 +260,9 @@ def test_events_given_up_at_close_stay_in_the_journal_for_the_next_open(tmp_path
     path, journal, log = outage_at_close(tmp_path, 20)
     assert log.given_up > 0 and len(records(path)) + log.given_up == 20
     assert journal.exists() and journal.with_suffix(".log").read_text() == str(path)
+    # Kept, it costs its records' blocks, not all of JOURNAL_SIZE (16 MiB; found by
+    # the second red team: one a run that ended in an outage, with no bound).
+    assert journal.stat().st_size == JOURNAL_SIZE and journal.stat().st_blocks * 512 < 1 << 20
 
     again, after = reopened(path, journal)
     assert [r["path"] for r in after[:20]] == [f"/{i}" for i in range(20)]
