@@ -48,6 +48,7 @@ import fcntl
 import json
 import os
 import pwd
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,23 +267,50 @@ def left_over(
     return None
 
 
-def processes_with(ids: IdRange, proc: Path = Path("/proc")) -> set[int]:
-    """The processes (zombies too) whose real, effective, saved or file-system uid or
-    gid is one of `ids`. Raises OSError when /proc or a process's status cannot be read."""
+def processes_with(ids: IdRange, proc: Path = Path("/proc"), *, running: bool = False) -> set[int]:
+    """The processes (zombies too, unless `running`) whose real, effective, saved or
+    file-system uid or gid is one of `ids`. Raises OSError when /proc or a process's
+    status cannot be read."""
     found = set()
     for entry in os.listdir(proc):
-        if not entry.isdigit():
+        if entry.isdigit() and _has_ids(proc / entry / "status", ids, running):
+            found.add(int(entry))
+    return found
+
+
+def _has_ids(status_file: Path, ids: IdRange, running: bool) -> bool:
+    try:
+        status = status_file.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # gone meanwhile
+    if running and ("\nState:\tZ" in status or "\nState:\tX" in status):
+        return False
+    return any(
+        line.startswith(("Uid:", "Gid:"))
+        and any(ids.base <= int(n) < ids.base + ids.count for n in line.split()[1:])
+        for line in status.splitlines()
+    )
+
+
+def kill_processes_with(ids: IdRange) -> int:
+    """SIGKILL every running process that has one of `ids` (processes_with), never one
+    that merely took such a process's pid since (a pidfd is taken, then its ids read
+    again); how many were signalled."""
+    killed = 0
+    for pid in processes_with(ids, running=True):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
             continue
         try:
-            status = (proc / entry / "status").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # gone meanwhile
-        for line in status.splitlines():
-            if line.startswith(("Uid:", "Gid:")) and any(
-                ids.base <= int(n) < ids.base + ids.count for n in line.split()[1:]
-            ):
-                found.add(int(entry))
-    return found
+            if _has_ids(Path(f"/proc/{pid}/status"), ids, running=True):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                killed += 1
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+    return killed
 
 
 def sweep(

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,12 +134,21 @@ class PreparedSandbox:
         planted = planting.find_planted(self.workspace, self.walked_after)
         return planting.summarised(planting.disarm(planted))
 
-    def end_processes(self) -> None:
-        """Kill every process left in the task's cgroup and wait until none is (one
-        that will not die is for `remove` to report)."""
+    def end_processes(self, timeout: float = cgroup.REMOVE_TIMEOUT_S) -> None:
+        """Kill every process left of the task and wait until none is: those in its
+        cgroup, else (a run without limits has none) those with its id slot's host
+        ids, every process of its user namespace. One that will not die is for
+        `remove` to report."""
         if self.cgroup is not None:
             with contextlib.suppress(cgroup.CgroupError):
-                self.cgroup.end_members()
+                self.cgroup.end_members(timeout)
+            return
+        if self.ids is None:
+            return
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(OSError):
+            while id_slots.kill_processes_with(self.ids.ids) and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     def finish(self) -> list[cgroup.LimitHit]:
         """Which limits the task hit; the cgroup (and anything left in it) goes."""

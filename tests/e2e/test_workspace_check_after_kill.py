@@ -6,7 +6,9 @@ sandbox's outer process; PID 1 dies by its parent-death signal, and the rest of 
 PID namespace after it. The runner reaped the outer and started the check at once:
 the task's processes wrote on for some 20 ms while the walk and the renames ran, and
 hooks written then stayed live and unreported (found by a red team: 3-19 of ~200 in
-about one run of two). Now the task's cgroup is killed and emptied first."""
+about one run of two). Now the task's cgroup is killed and emptied first; a run
+without limits has none, and every process with its id slot's host ids is killed
+and waited for instead (a second red team found the cgroup alone was not enough)."""
 
 from __future__ import annotations
 
@@ -57,13 +59,18 @@ def _live_hooks(workspace: Path) -> list[str]:
     ]
 
 
-def test_no_task_process_writes_during_the_check_after_a_kill(net, tmp_path):
+@pytest.mark.parametrize(
+    "limits",
+    [(), ("--memory", "none", "--pids", "none")],
+    ids=["cgroup", "no-cgroup"],  # without limits no cgroup: the task's ids find them
+)
+def test_no_task_process_writes_during_the_check_after_a_kill(net, tmp_path, limits):
     for attempt in range(4):  # the race was won in about one run of two
         work = tmp_path / f"attempt{attempt}"
         work.mkdir()
         started = sandbox.start(
             net, work, "trap '' TERM INT HUP; " + python(CHURN, "400", "40"),
-            extra=("--stop-grace", "0.5"),
+            extra=("--stop-grace", "0.5", *limits),
         )  # fmt: skip
         steps, run_id = started.workdir / "steps", started.run_id()
         assert sandbox.eventually((steps / "churning").exists, timeout=30)
