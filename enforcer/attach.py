@@ -161,11 +161,12 @@ def run_attached(opts: AttachOptions) -> int:
         else:
             code = child.returncode if child.returncode >= 0 else 128 - child.returncode
         prepared.collect()
+        planted = prepared.check_workspace()  # which ends every process of the task first
         if shared is not None:
             shared.give_back()  # every process of the task is gone: before any line
         stdio.give_back()
+        print_kill_notices(stopping, disk)
         hits = prepared.limits_hit() + disk.hits()
-        planted = prepared.check_workspace()
         if client is not None:
             for gap in prepared.gaps[gaps_sent:]:  # what the init reported
                 _warn_weakened(client, gap)
@@ -567,6 +568,7 @@ class StopGrace:
         self.deadline: float | None = None  # while a grace runs
         self.killed = False
         self._why = ""
+        self.notice: str | None = None  # the line saying so: print_kill_notices
 
     def signal(self, signum: int) -> None:
         if self.child.returncode is not None or self.killed:
@@ -590,8 +592,8 @@ class StopGrace:
     def _kill(self, why: str) -> None:
         self.deadline, self.killed = None, True  # once
         if self.child.returncode is None:
-            self.child.send_signal(signal.SIGKILL)  # first: the line may block (a terminal)
-            print(f"sandgate: killing the task: {why}", file=sys.stderr)
+            self.child.send_signal(signal.SIGKILL)
+            self.notice = f"sandgate: killing the task: {why}"
 
 
 class DiskGuard:
@@ -605,6 +607,7 @@ class DiskGuard:
         self.watch = disk_reserve.DiskWatch(options.writable, options.disk_reserve)
         self.every = disk_reserve.MIN_POLL_S if self.watch.paths else None
         self.hit: cgroup.LimitHit | None = None
+        self.notice: str | None = None  # the line saying so: print_kill_notices
 
     def check(self) -> None:
         if self.hit is not None or self.child.returncode is not None:
@@ -612,11 +615,22 @@ class DiskGuard:
         why, self.every = self.watch.look()
         if why is not None:
             self.hit = cgroup.LimitHit("disk", 1, why)
-            self.child.send_signal(signal.SIGKILL)  # first: the line may block (a terminal)
-            print(f"sandgate: killing the task: {why}", file=sys.stderr)
+            self.child.send_signal(signal.SIGKILL)
+            self.notice = f"sandgate: killing the task: {why}"
 
     def hits(self) -> list[cgroup.LimitHit]:
         return [self.hit] if self.hit is not None else []
+
+
+def print_kill_notices(*guards: StopGrace | DiskGuard | None) -> None:
+    """Why the runner killed the task, said once the task is gone and the terminal is
+    given back, not as it happens: the task can stop the terminal's output (its STOP
+    key remapped with tcsetattr, sent by the terminal's own answer to a query it
+    writes), and a line written then blocked the runner's one thread before its
+    after-run check, for as long as the output stayed stopped."""
+    for guard in guards:
+        if guard is not None and guard.notice is not None:
+            print(guard.notice, file=sys.stderr)
 
 
 class ForkedInit:

@@ -725,6 +725,10 @@ class TaskRun:
             self.terminal.give_back()
         if self.stdio is not None:
             self.stdio.give_back()
+        if self._stopping is not None:
+            from sandgate.enforcer.attach import print_kill_notices
+
+            print_kill_notices(self._stopping, self._disk)
         if "self_test" in self.summary.task and not self.opts.quiet:
             tested = self.summary.task["self_test"]
             print(

@@ -245,6 +245,14 @@ class SharedTerminal:
             return
         with contextlib.suppress(OSError, termios.error):
             termios.tcflow(self.fd, termios.TCOON)
+        with contextlib.suppress(OSError, termios.error):
+            # Output stopped by a STOP character (IXON: the task may remap it and make
+            # the terminal send it, in its answer to a query) is not what TCOON
+            # restarts: turning IXON off does (n_tty_set_termios), then back as it was.
+            now = termios.tcgetattr(self.fd)
+            if now[0] & termios.IXON:
+                termios.tcsetattr(self.fd, termios.TCSANOW, [now[0] & ~termios.IXON, *now[1:]])
+                termios.tcsetattr(self.fd, termios.TCSANOW, now)
         with contextlib.suppress(OSError):
             now = os.tcgetpgrp(self.fd)
             if now != self.foreground and not _still_used(now, GROUP_GONE_S):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import threading
 import time
@@ -210,3 +211,75 @@ def test_the_task_cannot_stop_sandgate_and_write_on(fakenet, tmp_path):
     assert seen == {"parent": "T"}, seen  # the task's own first process did stop
     assert first.startswith("exited"), f"sandgate was stopped ({first})"
     assert left > 4 << 20, f"the disk was filled past the 32M reserve: {left} bytes left"
+
+
+# Stop the terminal's output as ^S does (IXON): the STOP key remapped to `c`, the
+# START key to a byte nobody types, and the terminal asked who it is; then argv[1]:
+# "disk" fills the disk past the reserve (sandgate kills the task), "term" ignores
+# SIGTERM (the stop grace's end kills it), "exit" just ends.
+XOFF_THEN = r"""
+import os, signal, sys, termios, time
+modes = termios.tcgetattr(0)
+modes[0] = (modes[0] | termios.IXON) & ~termios.IXANY
+modes[6][termios.VSTOP], modes[6][termios.VSTART] = b"c", b"\xfe"
+termios.tcsetattr(0, termios.TCSANOW, modes)
+os.write(1, b"\x1b[c")
+time.sleep(1.5)  # the answer's `c` has stopped the terminal's output by now
+open("xoff-done", "w").close()
+if sys.argv[1] == "disk":
+    try:
+        with open("big", "wb") as f:
+            for _ in range(200):
+                f.write(bytes(1 << 20)); f.flush(); time.sleep(0.002)
+    except OSError:
+        pass
+    time.sleep(60)
+elif sys.argv[1] == "term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("trigger", ["disk", "term", "exit", "in-process-term"])
+def test_the_task_cannot_hang_sandgate_by_stopping_the_terminals_output(fakenet, tmp_path, trigger):
+    """TCOOFF is refused, but the line discipline stops the output too when the STOP
+    key comes in (IXON), and the task may remap that key and make the terminal send
+    it. sandgate's "killing the task" line (the disk reserve, the stop grace) then
+    blocked its one thread before the after-run check, the summary and the terminal's
+    give-back (which TCOON did not restart): a planted hook stayed live, and only
+    SIGKILL ended sandgate (found by a second red team). Now those lines are said
+    after the task is gone and the terminal restarted (IXON turned off and on)."""
+    what, gateway = trigger.rpartition("-")[2], None
+    with small_disk(tmp_path, "96m") as disk:
+        plant = PLANT_THEN_QUIT.split(" && exec ")[0].format(canary=tmp_path / "canary")
+        command = ["sh", "-c", f"{plant} && exec {PYTHON} -c {shlex.quote(XOFF_THEN)} {what}"]
+        extra = ("--disk-reserve", "32M") if trigger == "disk" else ("--stop-grace", "1")
+        if trigger.startswith("in-process"):  # `run --gateway` with no warm runner
+            rules = tmp_path / "rules.yaml"
+            rules.write_text(RULES)
+            gateway = GatewayProcess(fakenet, tmp_path, rules, "--warm", "0").start()
+            (disk / "steps").mkdir()
+            inner = shlex.join(attach_argv(gateway, disk, command, extra=extra))
+            argv = ["sh", "-c", f"cd {shlex.quote(str(disk))}; exec {inner}"]
+        else:
+            argv = _embedded_argv(fakenet, disk, command, extra=extra)
+        stop = threading.Event()
+        job = Job(argv)
+        try:
+            _answering(job, stop)
+            assert sandbox.eventually((disk / "steps" / "xoff-done").exists, timeout=60)
+            if what == "term":  # a supervisor's (a CI job's limit) SIGTERM to sandgate
+                os.kill(job.pid, signal.SIGTERM)
+            report = job.next_report(timeout=30)
+        finally:
+            stop.set()
+            job.close()
+            if gateway is not None:
+                gateway.stop()
+        summary = json.loads((disk / "summary.json").read_text() or "{}")
+        hooks = disk / "steps" / "newrepo" / ".git" / "hooks"
+        live = (hooks / "pre-commit").exists()
+    assert report.startswith("exited"), report
+    assert summary.get("workspace_planted") and not live, summary
+    if trigger != "exit":
+        assert b"sandgate: killing the task:" in job.output
