@@ -28,7 +28,12 @@ class SummaryFile:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            # 0644 whatever the umask (a CI's may be 0): a local user who could write it
+            # would change the exit code and the planted paths the caller reads.
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            st = os.fstat(self._fd)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o022:
+                os.fchmod(self._fd, stat.S_IMODE(st.st_mode) & ~0o022)
         except OSError as e:
             raise SummaryFileError(
                 f"cannot write the summary to {path}: {e.strerror or e} (nothing ran)"

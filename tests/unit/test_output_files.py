@@ -45,3 +45,21 @@ def test_a_summary_to_a_pipe_or_a_file_is_written(tmp_path):
     path = tmp_path / "summary.json"
     assert SummaryFile(path).write({"exit_code": 3}, 3)
     assert '"exit_code": 3' in path.read_text()
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["made", "given-world-writable"])
+def test_a_summary_is_not_writable_by_other_users_whatever_the_umask(tmp_path, exists):
+    """Found by a red team: made 0666 minus the umask, a summary was world-writable
+    under a CI's umask 0, and a local user could change the exit code or the planted
+    paths its caller reads."""
+    path = tmp_path / "summary.json"
+    if exists:
+        path.write_text("")
+        path.chmod(0o666)
+    old = os.umask(0)
+    try:
+        summary = SummaryFile(path)
+    finally:
+        os.umask(old)
+    assert summary.write({"task_id": "x"}, 0)
+    assert path.stat().st_mode & 0o777 == 0o644
