@@ -145,9 +145,14 @@ class PreparedSandbox:
             return
         if self.ids is None:
             return
+        # Until none is left, zombies too (reaped as the namespace empties): `remove`
+        # frees the slot only then, and kept it for gc when one was still there.
         deadline = time.monotonic() + timeout
         with contextlib.suppress(OSError):
-            while id_slots.kill_processes_with(self.ids.ids) and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                id_slots.kill_processes_with(self.ids.ids)
+                if not id_slots.processes_with(self.ids.ids):
+                    break
                 time.sleep(0.01)
 
     def finish(self) -> list[cgroup.LimitHit]:

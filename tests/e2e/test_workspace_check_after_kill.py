@@ -77,5 +77,8 @@ def test_no_task_process_writes_during_the_check_after_a_kill(net, tmp_path, lim
         started.popen.send_signal(signal.SIGTERM)  # ignored: SIGKILL after the grace
         started.popen.communicate(timeout=120)
         assert not sandbox.leftovers(net, run_id)
+        # Its id slot freed too: a run without a cgroup kept it while a zombie of
+        # the task had its ids (for `sandgate gc`).
+        assert "would remove" not in sandbox.gc(net, "--dry-run").stdout
         live = _live_hooks(steps)
         assert live == [], f"attempt {attempt}: {len(live)} hooks left live: {live[:5]}"
