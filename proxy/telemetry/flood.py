@@ -63,8 +63,7 @@ from dataclasses import dataclass, field
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.telemetry.event import EncodedEvent, Event, EventKind, bound_text
-from sandgate.proxy.telemetry.open_connections import MAX_FOLLOWED
-from sandgate.proxy.telemetry.open_connections import _source as source_of
+from sandgate.proxy.telemetry.open_connections import MAX_FOLLOWED, source_of
 
 NEVER_SUPPRESSED = frozenset({EventKind.TASK, EventKind.POLICY, EventKind.APPROVAL})
 DEFAULT_RATE = 500.0  # events a second, per task

@@ -17,7 +17,7 @@ worker, and a made-up zero would read as a connection that sent nothing.
 An entry is keyed by task and source address ("ip:port"): while a connection is
 open no other connection of its sandbox has its source port. A worker's event comes
 as an `EncodedEvent` (its audit members, encoded by the worker): its source is read
-from the members without decoding them (`_source`), and the start event is decoded
+from the members without decoding them (`source_of`), and the start event is decoded
 only if it is cut. Pure: no I/O.
 """
 
@@ -52,11 +52,11 @@ class OpenConnections:
         for event in events:
             kind = event.kind
             if kind is EventKind.CONNECTION_END:
-                source = _source(event)
+                source = source_of(event)
                 if source is not None:
                     self.open.pop((event.task_id, source), None)
             elif kind in _STARTS and event.verdict in _ALLOWED:
-                source = _source(event)
+                source = source_of(event)
                 if source is None:
                     continue
                 key = (event.task_id, source)
@@ -109,7 +109,7 @@ def _cut_end(start: Event, why: str, now: float) -> Event:
     )
 
 
-def _source(event: Event | EncodedEvent) -> str | None:
+def source_of(event: Event | EncodedEvent) -> str | None:
     if event.__class__ is not EncodedEvent:
         return event.source
     members = event.members
