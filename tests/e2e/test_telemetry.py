@@ -109,7 +109,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float, what: str) -> 
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            pytest.fail(f"{what}: process exited with {proc.returncode} first")
+            _, err = proc.communicate()  # what sandgate said (once: exit 125 with no line)
+            pytest.fail(f"{what}: process exited with {proc.returncode} first:\n{err[-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not after {timeout} s")
         time.sleep(0.05)
