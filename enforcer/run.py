@@ -477,13 +477,12 @@ class TaskRun:
         async def reload(actor: str) -> list[str]:
             try:
                 new = await asyncio.to_thread(load_policy, top)
-                # As at the start (sandbox_options.from_arguments): a file the reload
-                # reads anew (an include added since) must be out of the task's reach.
-                protected = spec.protected_paths([STATE_DIR, RUN_DIR])
-                for path in new.paths:
-                    spec.check_out_of_reach(
-                        "--rules reads", path, self.opts.sandbox.writable,
-                        why="it could rewrite its own policy", read_only=protected,
+                # As at the start: a file the reload reads anew (an include added
+                # since) must be out of the task's reach too.
+                for rules in top:
+                    spec.check_rule_files(
+                        rules, new.paths, self.opts.sandbox.writable,
+                        spec.protected_paths([STATE_DIR, RUN_DIR]),
                     )  # fmt: skip
             except Exception as e:  # noqa: BLE001 - PolicyError: its problems, one line each
                 return str(e).splitlines() or [type(e).__name__]

@@ -126,16 +126,8 @@ def from_arguments(
         if path is not None:
             spec.check_out_of_reach(option, path, writable)
     if getattr(args, "rules", None) is not None and getattr(args, "gateway", None) is None:
-        # An embedded run's: an `always` approval appends to approved.yaml next to it
-        # and reloads both mid-run, and the next run loads them: the task must not be
-        # their author. (Attached, the service's rules apply.)
-        for path in (Path(args.rules), *rule_files):
-            spec.check_out_of_reach(
-                "--rules" if path == Path(args.rules) else f"--rules {args.rules} reads",
-                path, writable, read_only=protected,
-                why="it could rewrite its own policy, for this run (an `always` approval "
-                "reloads every file) and the next",
-            )  # fmt: skip
+        # An embedded run's (attached, the service's rules apply: attach._prepare).
+        spec.check_rule_files(Path(args.rules), rule_files, writable, protected)
     uid, gid = spec.parse_user(args.user)
     try:
         limits = cgroup.Limits(

@@ -249,6 +249,22 @@ def check_out_of_reach(
     return path
 
 
+def check_rule_files(
+    rules: Path, paths: tuple[Path, ...], writable: list[Path], read_only: list[Path]
+) -> None:
+    """An embedded run's --rules and every file its policy read (`paths`: includes,
+    approved.yaml) out of the task's reach (check_out_of_reach): an `always` approval
+    appends to approved.yaml and reloads every file mid-run, and the next run loads
+    them, so the task must not be their author."""
+    for path in (rules, *paths):
+        check_out_of_reach(
+            "--rules" if path == rules else f"--rules {rules} reads",
+            path, writable, read_only=read_only,
+            why="it could rewrite its own policy, for this run (an `always` approval "
+            "reloads every file) and the next",
+        )  # fmt: skip
+
+
 def read_for_task(option: str, path: Path, writable: list[Path]) -> bytes:
     """The bytes of a file that sandgate reads as root for the task (--env-file,
     --extra-ca), or SandboxError: when finding it passes through a place the task can

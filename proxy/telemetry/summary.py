@@ -207,18 +207,16 @@ class TaskSummary:
             )
         if self.telemetry.get("audit_log"):
             lost, kept = self.telemetry.get("audit_lost"), self.telemetry.get("audit_kept")
-            print(
-                f"  audit log: {self.telemetry['audit_log']}"
-                + (f"  (WARNING: {lost} events could not be written" if lost else "")
-                + (
+            warning = ""
+            if lost:
+                where = (
                     f"; {kept} of them are kept in its audit journal: the next open of the "
                     "log, or `sandgate gc`, appends them"
-                    if lost and kept
+                    if kept
                     else ""
                 )
-                + (")" if lost else ""),
-                file=out,
-            )
+                warning = f"  (WARNING: {lost} events could not be written{where})"
+            print(f"  audit log: {self.telemetry['audit_log']}{warning}", file=out)
         if self.telemetry.get("metrics"):
             print(f"  metrics: {self.telemetry['metrics']}", file=out)
         if outcome := task_outcome(self.task):

@@ -8,12 +8,12 @@ refused, and the default server serves nothing."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
 from support import sandbox
 from support.sandbox import curl, python
+from support.servers import nginx_server
 
 pytestmark = pytest.mark.e2e
 
@@ -90,45 +90,14 @@ print((head.split(b"\r\n")[0].decode() or "closed") + " | " + body.decode(errors
 
 @pytest.fixture
 def vhosts(fakenet, tmp_path):
+    """The two virtual hosts' nginx; yields its access log."""
     w = tmp_path / "nginx"
     w.mkdir()
-    conf = w / "nginx.conf"
-    conf.write_text(
-        NGINX.format(
-            w=w, ip=IP, cert=fakenet.workdir / "server.pem", key=fakenet.workdir / "server.key"
-        )
-    )
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            fakenet.internet_ns,
-            "nginx",
-            "-p",
-            str(w),
-            "-c",
-            str(conf),
-            "-e",
-            str(w / "err.log"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    for _ in range(50):
-        out = fakenet.run_in_internet(["ss", "-ltnH"]).stdout
-        if f"{IP}:8080" in out and f"{IP}:8443" in out:
-            break
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        raise AssertionError("vhost nginx did not start: " + (w / "err.log").read_text())
-    try:
+    pem, key = fakenet.workdir / "server.pem", fakenet.workdir / "server.key"
+    with nginx_server(
+        fakenet, w, NGINX.format(w=w, ip=IP, cert=pem, key=key), [f"{IP}:8080", f"{IP}:8443"]
+    ):
         yield w / "access.log"
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def client(port, tls, host, target="/"):

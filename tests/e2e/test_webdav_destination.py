@@ -5,12 +5,10 @@ module wrote anywhere on the site (a COPY out of /public, a MOVE over its page).
 
 from __future__ import annotations
 
-import subprocess
-import time
-
 import pytest
 from support import sandbox
 from support.sandbox import python
+from support.servers import nginx_server
 
 pytestmark = pytest.mark.e2e
 
@@ -78,38 +76,8 @@ def dav(fakenet, tmp_path):
     (w / "www" / "public" / "a.txt").write_text("public a\n")
     (w / "www" / "public" / "b.txt").write_text("public b\n")
     (w / "www" / "private" / "index.html").write_text("the site's own page\n")
-    conf = w / "nginx.conf"
-    conf.write_text(NGINX.format(w=w, ip=IP, port=PORT))
-    proc = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            fakenet.internet_ns,
-            "nginx",
-            "-p",
-            str(w),
-            "-c",
-            str(conf),
-            "-e",
-            str(w / "err.log"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    for _ in range(50):
-        if f"{IP}:{PORT}" in fakenet.run_in_internet(["ss", "-ltnH"]).stdout:
-            break
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        raise AssertionError("dav nginx did not start: " + (w / "err.log").read_text())
-    try:
+    with nginx_server(fakenet, w, NGINX.format(w=w, ip=IP, port=PORT), [f"{IP}:{PORT}"]):
         yield w / "www"
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def client(method, target, *fields):

@@ -109,6 +109,28 @@ def script_server(net, script: str, *args: str) -> Iterator[subprocess.Popen]:
         proc.wait()
 
 
+@contextlib.contextmanager
+def nginx_server(net, workdir: Path, config: str, listens: list[str]) -> Iterator[None]:
+    """An nginx of the test's own in the fake internet's namespace, `config` its whole
+    nginx.conf (under `workdir`, its prefix: logs and temporary files there), up once
+    it listens on every `ip:port` of `listens`; killed when the block ends."""
+    conf, errors = workdir / "nginx.conf", workdir / "err.log"
+    conf.write_text(config)
+    argv = ["ip", "netns", "exec", net.internet_ns, "nginx", "-p", str(workdir), "-c", str(conf)]
+    proc = subprocess.Popen(
+        [*argv, "-e", str(errors)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        listening = lambda: all(a in net.run_in_internet(["ss", "-ltnH"]).stdout for a in listens)  # noqa: E731
+        if not sandbox.eventually(listening, timeout=5):
+            raise AssertionError(f"the test's nginx did not start: {errors.read_text()}")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # The start of a resolver script for the fake internet (resolver_server): its address
 # and log from argv, and the question's name and where the question ends in a query.
 RESOLVER_PRELUDE = r"""
