@@ -34,19 +34,9 @@ profiles:
         id: rt-inspected
 """
 
-NGINX = """\
-daemon off;
-master_process off;
-worker_processes 1;
-user root;
-pid {w}/rt.pid;
-error_log {w}/err.log warn;
-events {{ worker_connections 64; }}
-http {{
+NGINX_HTTP = """\
     log_format rt escape=json '{{"port":"$server_port","host":"$host","server":"$server_name","uri":"$request_uri","sni":"$ssl_server_name"}}';
     access_log {w}/access.log rt;
-    client_body_temp_path {w}/t1; proxy_temp_path {w}/t2; fastcgi_temp_path {w}/t3;
-    uwsgi_temp_path {w}/t4; scgi_temp_path {w}/t5;
     default_type text/plain;
     ssl_certificate {cert};
     ssl_certificate_key {key};
@@ -62,7 +52,6 @@ http {{
         server_name allowed.test;
         return 200 "allowed-vhost host=$host\\n";
     }}
-}}
 """
 
 # argv: port, tls (0/1), Host, target. Resolves allowed.test through the gateway
@@ -95,7 +84,7 @@ def vhosts(fakenet, tmp_path):
     w.mkdir()
     pem, key = fakenet.workdir / "server.pem", fakenet.workdir / "server.key"
     with nginx_server(
-        fakenet, w, NGINX.format(w=w, ip=IP, cert=pem, key=key), [f"{IP}:8080", f"{IP}:8443"]
+        fakenet, w, NGINX_HTTP.format(w=w, ip=IP, cert=pem, key=key), [f"{IP}:8080", f"{IP}:8443"]
     ):
         yield w / "access.log"
 

@@ -27,18 +27,8 @@ profiles:
         id: uploads
 """
 
-NGINX = """\
-daemon off;
-master_process off;
-worker_processes 1;
-user root;
-pid {w}/rt.pid;
-error_log {w}/err.log warn;
-events {{ worker_connections 64; }}
-http {{
+NGINX_HTTP = """\
     access_log {w}/access.log;
-    client_body_temp_path {w}/t1; proxy_temp_path {w}/t2; fastcgi_temp_path {w}/t3;
-    uwsgi_temp_path {w}/t4; scgi_temp_path {w}/t5;
     server {{
         listen {ip}:{port};
         server_name allowed.test;
@@ -46,7 +36,6 @@ http {{
         dav_methods PUT DELETE MKCOL COPY MOVE;
         create_full_put_path on;
     }}
-}}
 """
 
 # argv: method, target, extra header lines as "Name: value|Name: value". Prints the status line.
@@ -76,7 +65,7 @@ def dav(fakenet, tmp_path):
     (w / "www" / "public" / "a.txt").write_text("public a\n")
     (w / "www" / "public" / "b.txt").write_text("public b\n")
     (w / "www" / "private" / "index.html").write_text("the site's own page\n")
-    with nginx_server(fakenet, w, NGINX.format(w=w, ip=IP, port=PORT), [f"{IP}:{PORT}"]):
+    with nginx_server(fakenet, w, NGINX_HTTP.format(w=w, ip=IP, port=PORT), [f"{IP}:{PORT}"]):
         yield w / "www"
 
 

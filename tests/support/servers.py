@@ -109,13 +109,32 @@ def script_server(net, script: str, *args: str) -> Iterator[subprocess.Popen]:
         proc.wait()
 
 
+# What every test's own nginx has around its `http` block: one process in the
+# foreground, its pid, error log and temporary files under its prefix.
+NGINX_FRAME = """\
+daemon off;
+master_process off;
+worker_processes 1;
+user root;
+pid {w}/nginx.pid;
+error_log {w}/err.log warn;
+events {{ worker_connections 64; }}
+http {{
+    client_body_temp_path {w}/t1; proxy_temp_path {w}/t2; fastcgi_temp_path {w}/t3;
+    uwsgi_temp_path {w}/t4; scgi_temp_path {w}/t5;
+{http}
+}}
+"""
+
+
 @contextlib.contextmanager
-def nginx_server(net, workdir: Path, config: str, listens: list[str]) -> Iterator[None]:
-    """An nginx of the test's own in the fake internet's namespace, `config` its whole
-    nginx.conf (under `workdir`, its prefix: logs and temporary files there), up once
-    it listens on every `ip:port` of `listens`; killed when the block ends."""
+def nginx_server(net, workdir: Path, http: str, listens: list[str]) -> Iterator[None]:
+    """An nginx of the test's own in the fake internet's namespace, `http` what its
+    nginx.conf has in its `http` block (NGINX_FRAME: `workdir` its prefix, the logs
+    and temporary files there), up once it listens on every `ip:port` of `listens`;
+    killed when the block ends."""
     conf, errors = workdir / "nginx.conf", workdir / "err.log"
-    conf.write_text(config)
+    conf.write_text(NGINX_FRAME.format(w=workdir, http=http))
     argv = ["ip", "netns", "exec", net.internet_ns, "nginx", "-p", str(workdir), "-c", str(conf)]
     proc = subprocess.Popen(
         [*argv, "-e", str(errors)],
