@@ -3,7 +3,8 @@
 A/B that this host's noise cannot move.
 
     .venv/bin/python bench/bench_callgrind.py [--conns 400] [--with no-telemetry,no-audit,...]
-                                              [--baseline REV] [--keep | --tls | --dns udp|tcp|denied]
+                                              [--baseline REV]
+                                              [--keep | --tls | --inspected | --dns udp|tcp|denied]
 
 Not a test. bench_http1.py's setting (nginx on loopback; a real `Gateway` whose front
 door takes 127.0.0.1 as its sandbox and 203.0.113.10:80 as the connections' original
@@ -35,6 +36,12 @@ destination 203.0.113.10:443, nginx's TLS port behind it with a certificate made
 run): a new connection a request, each client thread's handshake in full; the gateway
 decides on the ClientHello's name and relays the handshake and the exchange.
 
+`--inspected`: keep-alive requests over inspected TLS instead, counted per request (a
+method/path rule, bench_gateway's setup I: the front door's own TLS relay decrypts, each
+request is decided as plain HTTP's are, and goes on over TLS to nginx, verified against
+the run's certificate); eight connections, one a thread, their handshakes before the
+count.
+
 `--dns udp|tcp|denied`: DNS queries instead, counted per query, in bench_dns.py's
 setting (its `dns_gateway` with the journal, dnsmasq as the upstream): the allowed name
 over UDP or TCP, or the denied one over UDP; eight client threads, each from a sandbox
@@ -45,8 +52,8 @@ Variants (`--with`, comma-separated): bench_http1's muted sinks (`no-telemetry`:
 log's and the metrics' `emit` and `emit_batch` do nothing; `no-audit`, `no-metrics`),
 `no-journal` (the audit log without its journal). `--baseline REV`: also that revision's tree.
 
-Needs valgrind (`apt-get install -y valgrind`) and nginx (`--dns`: dnsmasq; `--tls`:
-openssl to make the certificate). Nothing leaves loopback; every process is stopped at
+Needs valgrind (`apt-get install -y valgrind`) and nginx (`--dns`: dnsmasq; `--tls`,
+`--inspected`: openssl to make the certificate). Nothing leaves loopback; every process is stopped at
 the end, the work directory removed.
 """
 
@@ -69,6 +76,7 @@ from pathlib import Path
 from bench_dns import ALLOWED, DENIED, SANDBOXES, dns_gateway, query_wire, start_dnsmasq
 from bench_http1 import (
     DESTINATION,
+    INSPECT_RULES,
     MUTED,
     NGINX,
     REQUEST_CLOSE,
@@ -92,7 +100,7 @@ DNS_ROWS = ("udp", "tcp", "denied")
 
 def serve(work: Path, upstream_port: int, variant: str, tree: str | None, mode: str) -> None:
     """A gateway as bench_http1's (`mode` "dns": as bench_dns's; "tls": its connections'
-    original destination port 443), with a journal; writes the port it serves (its
+    original destination port 443; "inspected": that, with INSPECT_RULES), with a journal; writes the port it serves (its
     front door's, or its DNS filter's) to work/port and serves until SIGTERM."""
     import_sandgate(tree, MUTED.get(variant, ()))
     from sandgate.proxy.telemetry.audit import AuditLog
@@ -103,9 +111,12 @@ def serve(work: Path, upstream_port: int, variant: str, tree: str | None, mode: 
         audit = AuditLog(work / "audit.jsonl", flush_interval=FLUSH_INTERVAL, journal=journal)
         if mode == "dns":
             gateway = dns_gateway(work, upstream_port, free_port(), audit)
+        elif mode == "inspected":
+            certificate = work.parent / "tls.crt"
+            gateway = loopback_gateway(work, upstream_port, audit, INSPECT_RULES, certificate)
         else:
             gateway = loopback_gateway(work, upstream_port, audit)
-        if mode == "tls":
+        if mode in ("tls", "inspected"):
             gateway.frontdoor.original_dst = lambda sock: (DESTINATION[0], 443)
         await gateway.start()
         stop = asyncio.Event()
@@ -140,13 +151,19 @@ def connections(port: int, count: int, kept: list[socket.socket] | None = None) 
     return on_client_threads(one_thread, ok)
 
 
+def _client_tls() -> ssl.SSLContext:
+    """The clients' TLS: no ALPN (HTTP/1.1), certificates not checked."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
 def tls_connections(port: int, count: int) -> int:
     """`count` requests from CLIENT_THREADS threads, each on a new TLS connection (a
     full handshake, SNI allowed.test; the bench's own certificate is not checked);
     how many got a 200."""
     ok = [0] * CLIENT_THREADS
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context = _client_tls()
 
     def one_thread(i: int) -> None:
         for _ in range(count // CLIENT_THREADS):
@@ -242,9 +259,9 @@ def count(
     row: str,
 ) -> dict:
     """One variant's counts per connection of `row` ("new": plain HTTP, "keep": per
-    keep-alive request, "tls": TLS pass-through; "udp", "tcp", "denied": per DNS query
-    of that row)."""
-    mode = "dns" if row in DNS_ROWS else "tls" if row == "tls" else ""
+    keep-alive request, "tls": TLS pass-through, "inspected": per inspected keep-alive
+    request; "udp", "tcp", "denied": per DNS query of that row)."""
+    mode = "dns" if row in DNS_ROWS else row if row in ("tls", "inspected") else ""
     vwork = work / variant.replace(" ", "-")
     vwork.mkdir()
     out = vwork / "callgrind.out"
@@ -267,6 +284,11 @@ def count(
         port = int((vwork / "port").read_text())
         if row == "keep":
             kept = [socket.create_connection(("127.0.0.1", port), timeout=60)
+                    for _ in range(CLIENT_THREADS)]  # fmt: skip
+        elif row == "inspected":
+            context = _client_tls()
+            kept = [context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=60),
+                                        server_hostname="allowed.test")
                     for _ in range(CLIENT_THREADS)]  # fmt: skip
 
         def drive(n: int) -> int:
@@ -303,12 +325,14 @@ def count(
 
 
 def tls_listen(work: Path, port: int) -> str:
-    """nginx's `listen` line for `--tls`: `port` with TLS, a key and a self-signed
-    certificate for allowed.test made into `work` (the clients do not check it)."""
+    """nginx's `listen` line for `--tls` and `--inspected`: `port` with TLS, a key and a
+    self-signed certificate for allowed.test made into `work` (the clients do not check
+    it; an inspecting gateway does)."""
     key, cert = work / "tls.key", work / "tls.crt"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-subj", "/CN=allowed.test", "-days", "2", "-keyout", key, "-out", cert],
+         "-nodes", "-subj", "/CN=allowed.test", "-addext", "subjectAltName=DNS:allowed.test",
+         "-days", "2", "-keyout", key, "-out", cert],
         check=True, capture_output=True,
     )  # fmt: skip
     return f"listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};"
@@ -335,6 +359,11 @@ def main() -> int:
         "--tls", action="store_true", help="TLS pass-through connections (nginx's TLS port)"
     )
     rows.add_argument(
+        "--inspected",
+        action="store_true",
+        help="keep-alive requests over inspected TLS (a method/path rule)",
+    )
+    rows.add_argument(
         "--dns",
         choices=DNS_ROWS,
         help="DNS queries instead (bench_dns's gateway and dnsmasq): the allowed name over "
@@ -344,9 +373,9 @@ def main() -> int:
     others = [o for o in args.others.split(",") if o]
     if set(others) - {*MUTED, "no-journal"}:
         parser.error(f"--with takes {', '.join(MUTED)}, no-journal")
-    row = args.dns or ("keep" if args.keep else "tls" if args.tls else "new")
+    row = args.dns or next((r for r in ("keep", "tls", "inspected") if getattr(args, r)), "new")
     tools = ["valgrind", "callgrind_control", "dnsmasq" if args.dns else "nginx"]
-    if args.tls:
+    if args.tls or args.inspected:
         tools.append("openssl")
     path = os.environ.get("PATH", "") + ":/usr/sbin"
     missing = [t for t in tools if not shutil.which(t, path=path)]
@@ -362,7 +391,7 @@ def main() -> int:
             upstream = start_dnsmasq(upstream_port)
         else:
             config = NGINX.format(w=work, port=upstream_port)
-            if args.tls:
+            if args.tls or args.inspected:
                 config = config.replace(
                     f"listen 127.0.0.1:{upstream_port};", tls_listen(work, upstream_port)
                 )
@@ -392,6 +421,7 @@ def main() -> int:
             "new": "plain-HTTP connection (new connection, one request)",
             "keep": "plain-HTTP keep-alive request",
             "tls": "TLS pass-through connection (new connection, one request)",
+            "inspected": "inspected HTTPS keep-alive request (a method/path rule)",
             "udp": "DNS query (allowed)",
             "tcp": "DNS query (allowed, over TCP)",
             "denied": "DNS query (denied)",

@@ -22,6 +22,7 @@ the same client script (bench/clients.py) in these setups:
   R  sandgate C with `--baseline REV`'s sandgate (that revision's tree, exported):
      an A/B of a change in the gateway's own setting, in turn with C and T.
   I  sandgate with a method/path rule: inspected HTTPS (mitmproxy decrypts).
+  Q  sandgate I with `--baseline REV`'s sandgate: the same A/B for inspection.
   S  Squid with `ssl_bump bump all` (certificates generated per name).
   M  stock `mitmdump --mode transparent` with an allow-all addon.
   F  the floor (bench/floor_relay.py): the least a Python gateway does to relay
@@ -58,6 +59,7 @@ from pathlib import Path
 
 import floor_tls
 import hostspeed
+from bench_http1 import INSPECT_RULES
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = REPO / "bench" / "clients.py"
@@ -84,20 +86,6 @@ class AllowAll:
 
 
 addons = [AllowAll()]
-"""
-INSPECT_RULES = """\
-# bench_gateway.py, setup I: allowed.test behind a method/path rule, so the gateway
-# decrypts it (mitmproxy) to check each request.
-version: 1
-profiles:
-  default:
-    fallback: deny
-    limits: {connection_rate: 10000}
-    rules:
-      - allow: allowed.test
-        methods: [GET, HEAD]
-        paths: ["/**"]
-        id: bench-inspected
 """
 
 
@@ -478,6 +466,7 @@ SETUP_NAMES = {
     "T": "sandgate run, telemetry off",
     "R": "sandgate run of the --baseline revision",
     "I": "sandgate run, inspecting (method/path rule)",
+    "Q": "sandgate run of the --baseline revision, inspecting",
     "S": "squid intercept + ssl_bump bump",
     "M": "stock mitmdump, transparent, allow-all addon",
     "F": "the floor: a bare Python relay of plain HTTP",
@@ -489,6 +478,7 @@ SETUP_PHASES = {
     "T": ("tls_rate", "http_rate"),
     "R": ("tls_rate", "http_rate"),
     "I": ("bulk", "tls_rate", "tls_keep"),
+    "Q": ("bulk", "tls_rate", "tls_keep"),
     "S": ("bulk", "tls_rate", "tls_keep"),
     "M": ("bulk", "tls_rate", "tls_keep", "http_rate", "http_keep"),
     "F": ("http_rate", "http_keep"),
@@ -933,6 +923,9 @@ table inet {self.table}_{key.lower()} {{
             "T": lambda: self.round_sandgate(self.phases("T"), telemetry=False),
             "R": lambda: self.round_sandgate(self.phases("R"), tree=self.baseline_tree),
             "I": lambda: self.round_sandgate(self.phases("I"), rules=self.inspect_rules()),
+            "Q": lambda: self.round_sandgate(
+                self.phases("Q"), rules=self.inspect_rules(), tree=self.baseline_tree
+            ),
             "S": lambda: self.round_proxy("S"),
             "M": lambda: self.round_proxy("M"),
             "F": lambda: self.round_proxy("F"),
@@ -1318,6 +1311,14 @@ TELEMETRY_ROWS = (
     ("proxy CPU per HTTPS connection, us", "tls_rate", ("proxy", "cpu_us_per_request")),
     ("proxy CPU per HTTP connection, us", "http_rate", ("proxy", "cpu_us_per_request")),
 )
+# The rows of I against Q (inspected, with --baseline).
+INSPECTED_ROWS = (
+    ("bulk, MB/s", "bulk", ("mb_per_s",)),
+    ("new connections/s", "tls_rate", ("per_s",)),
+    ("keep-alive requests/s", "tls_keep", ("per_s",)),
+    ("proxy CPU per new connection, us", "tls_rate", ("proxy", "cpu_us_per_request")),
+    ("proxy CPU per keep-alive request, us", "tls_keep", ("proxy", "cpu_us_per_request")),
+)
 
 
 def report(results: dict) -> str:
@@ -1353,6 +1354,12 @@ def report(results: dict) -> str:
         rows.append(("**this tree / the baseline (C / R), telemetry on**",) + ("",) * 7)
         for label, phase, metric in TELEMETRY_ROWS:
             this, base = _get(C, phase, *metric), _get(R, phase, *metric)
+            rows.append((label, "", fmt(this), fmt(base), ratio(this, base), "", "", ""))
+    Q = results.get("Q", {})
+    if Q.get("rounds"):
+        rows.append(("**this tree / the baseline (I / Q), inspected**",) + ("",) * 7)
+        for label, phase, metric in INSPECTED_ROWS:
+            this, base = _get(results["I"], phase, *metric), _get(Q, phase, *metric)
             rows.append((label, "", fmt(this), fmt(base), ratio(this, base), "", "", ""))
     rows.append(
         (
@@ -1717,7 +1724,7 @@ def main() -> int:
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if not args.baseline:
-        skip.add("R")
+        skip |= {"R", "Q"}
     if not shutil.which("squid", path=os.environ.get("PATH", "") + ":/usr/sbin"):
         skip.add("B")
         print("note: squid missing, B skipped (apt-get install -y squid-openssl)", file=sys.stderr)

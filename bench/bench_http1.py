@@ -68,6 +68,20 @@ profiles:
       - allow: allowed.test
         id: bench-allowed
 """
+INSPECT_RULES = """\
+# bench_gateway.py's setup I, bench_callgrind.py's --inspected: allowed.test behind a
+# method/path rule, so the gateway decrypts it to check each request.
+version: 1
+profiles:
+  default:
+    fallback: deny
+    limits: {connection_rate: 10000}
+    rules:
+      - allow: allowed.test
+        methods: [GET, HEAD]
+        paths: ["/**"]
+        id: bench-inspected
+"""
 NGINX = """\
 daemon off;
 master_process off;
@@ -140,18 +154,23 @@ def run_as_gateways_do(main) -> None:
         runner.run(main)
 
 
-def loopback_gateway(work: Path, upstream_port: int, audit):
+def loopback_gateway(
+    work: Path, upstream_port: int, audit, rules_text: str = RULES, upstream_ca: Path | None = None
+):
     """A `Gateway` (not started) with `audit` and the metrics as its sinks, whose front
     door takes 127.0.0.1 as its sandbox and DESTINATION as every connection's
-    original destination, connecting to 127.0.0.1:`upstream_port` instead."""
+    original destination, connecting to 127.0.0.1:`upstream_port` instead (with
+    `rules_text`; `upstream_ca`: what inspected TLS verifies that upstream by)."""
     from sandgate.proxy.gateway import Gateway, GatewayConfig
     from sandgate.proxy.policy import load_policy
     from sandgate.proxy.registry import Sandbox
     from sandgate.proxy.telemetry.metrics import Metrics
 
     rules = work / "rules.yaml"
-    rules.write_text(RULES)
-    config = GatewayConfig("127.0.0.1", ["127.0.0.1"], work / "ca", dns_port=0)
+    rules.write_text(rules_text)
+    config = GatewayConfig(
+        "127.0.0.1", ["127.0.0.1"], work / "ca", dns_port=0, upstream_ca=upstream_ca
+    )
     gateway = Gateway(config, load_policy([rules]), audit, Metrics())
     gateway.add_sandbox(Sandbox("127.0.0.1", "bench", "default"))
     # As if the sandbox had resolved the name through the DNS filter.
