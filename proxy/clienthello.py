@@ -12,7 +12,13 @@ around it, about 15x faster than mitmproxy's kaitai parser. It is stricter where
 lenient reading could name a different server than the one the upstream sees: a
 server_name extension that appears twice, lists more than one name, a name type
 other than host_name, or bytes after the extensions are errors, as they are to
-OpenSSL. tests/unit/test_clienthello.py checks it against mitmproxy's parser.
+OpenSSL. So is a ClientHello split over several records: TLS allows it, no client
+library does it for a hello that fits one record (2^14 bytes; a longer one is
+past MAX_FIRST_BYTES anyway), and SNI routers read the first record as if it held
+the whole hello (HAProxy's `req.ssl_sni` reads on over the next record's header as
+extension bytes and finds a name hidden in another extension; it needs 50 bytes of
+the hello in the first record to find any). tests/unit/test_clienthello.py checks
+it against mitmproxy's parser.
 """
 
 from __future__ import annotations
@@ -108,30 +114,31 @@ def alpn_protocols(alpn: bytes | None) -> list[bytes]:
 
 
 def _first_handshake_message(data: bytes) -> bytes | None:
-    """The first handshake message's body, gathered across records (a client may
-    split its ClientHello), or None until all of it arrived."""
-    message = b""
-    offset = 0
-    while True:
-        header = data[offset : offset + 5]
-        if len(header) < 5:
-            return None
-        if not starts_like_tls_record(header):
-            raise ValueError(f"expected a TLS handshake record, got {header!r}")
-        size = (header[3] << 8) | header[4]
-        if size == 0 or size > MAX_RECORD:
-            raise ValueError(f"TLS record of {size} bytes")
-        offset += 5
-        if len(data) < offset + size:
-            return None
-        message += data[offset : offset + size]
-        offset += size
-        if len(message) >= 4:
-            if message[0] != _CLIENT_HELLO:
-                raise ValueError(f"first handshake message has type {message[0]}, not ClientHello")
-            end = 4 + int.from_bytes(message[1:4], "big")
-            if len(message) >= end:
-                return message[4:end]
+    """The first handshake message's body, whole in the first record (module
+    docstring), or None until all of that record arrived."""
+    header = data[:5]
+    if len(header) < 5:
+        return None
+    if not starts_like_tls_record(header):
+        raise ValueError(f"expected a TLS handshake record, got {header!r}")
+    size = (header[3] << 8) | header[4]
+    if size == 0 or size > MAX_RECORD:
+        raise ValueError(f"TLS record of {size} bytes")
+    if len(data) < 5 + size:
+        return None
+    message = data[5 : 5 + size]
+    if message[0] != _CLIENT_HELLO:
+        raise ValueError(f"first handshake message has type {message[0]}, not ClientHello")
+    end = 4 + int.from_bytes(message[1:4], "big") if size >= 4 else None
+    if end is None or end > size:
+        raise ValueError(SPLIT_HELLO)
+    return message[4:end]
+
+
+SPLIT_HELLO = (
+    "a ClientHello split over TLS records (SNI routers read the first record as the whole "
+    "hello; no client library splits one that fits a record)"
+)
 
 
 def _extensions(body: bytes) -> tuple[str | None, bytes | None, bool]:

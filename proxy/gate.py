@@ -631,6 +631,7 @@ class ConnectionGate:
                 "encrypted-client-hello",
                 detail=f"ClientHello to {state.name or state.ip} hides its server name (ECH)",
             )
+        decision = _spelled_otherwise(hello, state.name, decision) or decision
         decision = self._consult(state, decision, "tls")
         if decision.verdict is Verdict.ASK:
             return self._ask(state, decision, "tls")
@@ -690,7 +691,7 @@ class ConnectionGate:
                 reason=Reason.INVALID_NAME,
                 detail=f"the second ClientHello's SNI: {e}",
             )
-        if name != before:
+        if name != before or hello.sni != (first.sni if first is not None else None):
             return deny(
                 "client-hello-changed",
                 detail=f"a later ClientHello on this connection (after a HelloRetryRequest, "
@@ -737,6 +738,7 @@ class ConnectionGate:
                 "encrypted-client-hello",
                 detail=f"ClientHello to {name} after raw-TCP bytes hides its server name (ECH)",
             )
+        decision = _spelled_otherwise(hello, name, decision) or decision
         decision = self._consult(state, decision, "tls")
         if decision.verdict is Verdict.ASK:
             decision = Decision(
@@ -1500,6 +1502,30 @@ _ANSWER_REASONS = {
         "as many as it holds (10,000)",
     ),
 }
+
+
+def _spelled_otherwise(hello: ClientHello, name: str | None, decision: Decision) -> Decision | None:
+    """The denial of a ClientHello passed through by its name, where its SNI is not
+    that name as decided (parse_domain's: lower case, no trailing dot): the server
+    reads the bytes as sent, and an SNI router matches them as written (HAProxy's
+    `req.ssl_sni -i allowed.test` does not match `allowed.test.`, nginx's map
+    without `hostnames` neither; `use_backend` without `-i` is case-sensitive) and
+    sends the connection to its default backend, another tenant. Inspected, the
+    gateway's own hello names the decided name; allowed by an IP rule, any name was."""
+    if (
+        hello.sni is None
+        or hello.sni == name
+        or decision.verdict is Verdict.DENY
+        or decision.inspect
+        or _by_address(decision)
+    ):
+        return None
+    return deny(
+        "malformed-tls",
+        reason=Reason.INVALID_NAME,
+        detail=f"SNI {hello.sni!r} is not written as {name}, the name decided: passed through, "
+        "a server or SNI router reads it as written",
+    )
 
 
 def _by_address(decision: Decision) -> bool:

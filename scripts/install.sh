@@ -20,6 +20,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(tmux)  # a real terminal emulator: what the task summary looks like after a hostile task (test_output_injection)
   packages+=(php-cli)  # a server that reads method overrides in PHP's spellings (test_method_override_php)
   packages+=(mercurial)  # the host's `hg status` in a workspace the task left (test_workspace_planting_hg)
+  packages+=(haproxy)  # an SNI router in front of two tenants at one address (test_sni_routers)
 fi
 missing=()
 for p in "${packages[@]}"; do

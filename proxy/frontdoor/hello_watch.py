@@ -36,8 +36,8 @@ Two modes, chosen by what the gate decided:
 
 What cannot be read where a server would read a hello (a record header that is not
 TLS's, a hello that cannot be parsed or is longer than MAX_FIRST_BYTES, handshake
-bytes after a hello in its record, another handshake message where the second hello
-goes) is `Refuse`d: the caller resets the connection; nothing fails open.
+bytes after a hello in its record, a hello split over records, another handshake
+message where the second hello goes) is `Refuse`d: the caller resets the connection; nothing fails open.
 
 A server whose answer to a hello is not TLS (no ServerHello, so no retry to tell)
 does not end the watch: the client's bytes from there are scanned as in `raw` mode,
@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from sandgate.proxy.clienthello import (
     MAX_RECORD,
     MAX_RECORD_MAJOR,
+    SPLIT_HELLO,
     ClientHello,
     client_hello_of,
     is_hello_retry_request,
@@ -140,7 +141,6 @@ class HelloWatch:
         "held",
         "sent",
         "at",
-        "hs",
         "hello_at",
         "offset",
         "decided_first",
@@ -165,7 +165,6 @@ class HelloWatch:
         self.held = bytearray()  # the client's bytes not yet sent on, but the first `sent`
         self.sent = 0  # at the head of `held`: bytes that went upstream already (a scan's)
         self.at = 0  # where in `held` the record parse stands
-        self.hs = bytearray()  # the handshake message being assembled
         self.hello_at = 0  # where in `held` its first record starts
         self.offset = 0  # the stream offset of held[0]
         self.window = MAX_FIRST_BYTES  # a scan's hello must start before this offset
@@ -217,7 +216,6 @@ class HelloWatch:
                 self.server = SEEN
                 if is_hello_retry_request(data, 5):
                     self.client, self.hello_at = SECOND, self.at
-                    self.hs.clear()
                 else:
                     self.client = DONE
                 return
@@ -267,7 +265,6 @@ class HelloWatch:
             self._server_refused("a ServerHello before the ClientHello had gone")
         elif is_hello_retry_request(hs):
             self.client, self.hello_at = SECOND, self.at
-            self.hs.clear()
         else:
             self.client = DONE
 
@@ -280,7 +277,6 @@ class HelloWatch:
         self.server = SEEN
         if self.client in (FIRST, HOLD):
             self.client, self.at, self.hello_at = SCAN, 0, 0
-            self.hs.clear()
             self.window = self.offset + len(self.held) + MAX_FIRST_BYTES
 
     def allowed(self) -> None:
@@ -295,7 +291,6 @@ class HelloWatch:
         # behind until the server's answer to it, read afresh.
         self.client, self.decided_first, self.server = HOLD, True, READING
         self.server_header, self.server_left, self.server_hs = b"", 0, b""
-        self.hs.clear()
 
     def abandon(self) -> None:
         """The client's stream ended: what is held and undecided never goes upstream."""
@@ -357,7 +352,7 @@ class HelloWatch:
         return data or None
 
     def _assemble(self) -> bytes | Decide | Refuse | None:
-        """Records from `at`: a ClientHello's, until it is whole; in SECOND, the
+        """Records from `at`: a ClientHello's, whole in one record; in SECOND, the
         ChangeCipherSpec, alert and early-data records before it go on."""
         held = self.held
         while True:
@@ -371,7 +366,7 @@ class HelloWatch:
                     "a ClientHello"
                 )
             if kind != _HANDSHAKE:
-                if self.client == FIRST or self.hs or kind not in (_CCS, _ALERT, _APPLICATION_DATA):
+                if self.client == FIRST or kind not in (_CCS, _ALERT, _APPLICATION_DATA):
                     return self._refuse(
                         f"a record of type {kind} where the server reads a ClientHello"
                     )
@@ -383,20 +378,17 @@ class HelloWatch:
                 return self._refuse(f"a handshake record of {size} bytes")
             if len(held) < at + 5 + size:
                 return self._too_long()
-            self.hs += held[at + 5 : at + 5 + size]
+            hs = held[at + 5 : at + 5 + size]  # the whole hello, as clienthello.py reads one
             self.at = at + 5 + size
-            hs = self.hs
             if hs[0] != _CLIENT_HELLO:
                 return self._refuse(
                     f"a handshake message of type {hs[0]} where the server reads a ClientHello"
                 )
-            if len(hs) < 4:
-                continue
-            end = 4 + int.from_bytes(hs[1:4], "big")
-            if end > MAX_FIRST_BYTES:
+            end = 4 + int.from_bytes(hs[1:4], "big") if len(hs) >= 4 else None
+            if end is not None and end > MAX_FIRST_BYTES:
                 return self._refuse(f"a ClientHello of {end} bytes, over {MAX_FIRST_BYTES}")
-            if len(hs) < end:
-                continue
+            if end is None or len(hs) < end:
+                return self._refuse(SPLIT_HELLO)
             if len(hs) > end:
                 return self._refuse("handshake bytes after the ClientHello in its record")
             return self._whole(bytes(hs[4:end]))
@@ -404,7 +396,6 @@ class HelloWatch:
     def _whole(self, body: bytes) -> bytes | Decide | Refuse | None:
         if self.client == FIRST and self.decided_first and self.server == READING:
             self.client = HOLD  # tls: the first hello, which the gate decided: it goes on
-            self.hs.clear()
             return self._release(self.at)
         try:
             hello = client_hello_of(body)

@@ -260,16 +260,26 @@ def test_an_answer_that_is_not_tls_gives_the_scan_a_window_of_its_own(before, be
     assert snis(run(watch, allow=False)[1]) == [("evil.test", False, True)]
 
 
-def test_a_hello_split_around_a_server_banner_is_read_again_whole():
+@pytest.mark.parametrize("cut", [2, 20, 60])
+def test_a_later_hello_split_over_records_is_refused_before_any_of_it_goes(cut):
+    """As clienthello.py reads a first hello: an SNI router reads a hello's first
+    record as all of it. After a HelloRetryRequest, and after a raw-TCP preamble."""
     body = hello("allowed.test")[5:]
-    first, rest = record(body[:20]), record(body[20:])
+    split = record(body[:cut]) + record(body[cut:])
     watch = HelloWatch("tls")
-    watch.feed_client(first)
-    assert run(watch) == (b"", [])
-    watch.feed_server(b"220 smtp ready\r\n")
-    watch.feed_client(rest)
-    sent, said = run(watch)
-    assert sent == first + rest and snis(said) == [("allowed.test", False, True)]
+    watch.feed_client(hello("allowed.test"))
+    run(watch)
+    watch.feed_server(server_hello(retry=True))
+    watch.feed_client(CCS + split)
+    sent, said = run(watch, allow=False)
+    assert sent == CCS and [type(s) for s in said] == [Refuse], said
+    assert "split over TLS records" in said[0].detail
+    watch = HelloWatch("raw")
+    watch.feed_client(PG_SSL_REQUEST)
+    run(watch)
+    watch.feed_client(split)
+    sent, said = run(watch, allow=False)
+    assert len(sent) <= 6 and [type(s) for s in said] == [Refuse], said
 
 
 def test_after_a_server_alert_the_client_stays_held():
@@ -463,7 +473,12 @@ def passed_through(gate, dst: str, port: int, data: bytes):
     "second, allowed, event",
     [
         pytest.param(hello("allowed.test"), True, None, id="same-name"),
-        pytest.param(hello("ALLOWED.test."), True, None, id="same-canonical-name"),
+        pytest.param(
+            hello("ALLOWED.test."),
+            False,
+            ("deny", "spoofed_destination", "builtin:client-hello-changed", "allowed.test", "tls"),
+            id="same-name-spelled-otherwise",
+        ),
         pytest.param(
             hello("evil.test"),
             False,

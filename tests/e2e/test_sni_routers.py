@@ -1,0 +1,146 @@
+"""An SNI router in front of two tenants at one address: HAProxy's `req.ssl_sni`, the
+most common one. The gateway passes TLS through by the ClientHello's SNI; the router
+must read the same name from the same bytes, or the connection reaches a tenant no
+rule allowed.
+
+- A hello split over records (a red team, session 48): the gateway joined the
+  records and read `allowed.test`; HAProxy reads the first record as the whole hello,
+  took the second record's header for an extension, jumped into the ALPN extension
+  and found a server_name for `www.allowed.test` hidden there: the forbidden tenant
+  served the task. A first record of 8 bytes: HAProxy found no SNI at all and used
+  its default backend. Now a ClientHello split over records is refused
+  (clienthello.py: no client library splits one that fits a record).
+- An SNI spelled otherwise than decided (`allowed.test.`, `ALLOWED.TEST`): the
+  gateway decided `allowed.test`; `req.ssl_sni -i allowed.test` does not match the
+  trailing dot, and the router's default backend served it. Now passed-through
+  hellos must spell their SNI as decided (lower case, no trailing dot).
+
+Each forbidden attempt is checked against the tenants' own log: nothing reached the
+forbidden one; the honest hello reaches the allowed one in the same run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from support import sandbox
+
+pytestmark = pytest.mark.e2e
+
+HERE = Path(__file__).parent / "sni_router"
+PY = sandbox.SANDBOX_PYTHON
+IP = "203.0.113.10"  # allowed.test and www.allowed.test
+PORT = 8443
+CLIENT = f"{PY} reframing_client.py {IP} {PORT} allowed.test www.allowed.test"
+
+RULES = f"""\
+version: 1
+profiles:
+  default:
+    fallback: deny
+    rules:
+      - allow: allowed.test
+        ports: [{PORT}]
+        id: tenant-allowed
+"""
+
+
+def through_router(net, tmp_path, default: str, modes: list[str]):
+    """HAProxy at IP:PORT routing by req.ssl_sni to the allowed and the forbidden
+    tenant (`default`: its default_backend line, or none); one sandbox runs the
+    client once in each of `modes` (the path is the mode's name). Returns the run's
+    result and the tenants' log."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    log = tmp_path / "tenants.log"
+    log.touch()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        (HERE / "haproxy.cfg.tmpl")
+        .read_text()
+        .replace("@BIND@", f"{IP}:{PORT}")
+        .replace("@GOOD@", f"{IP}:19001")
+        .replace("@BAD@", f"{IP}:19002")
+        .replace("@DEFAULT@", default)
+    )
+    certificate, key = str(net.workdir / "server.pem"), str(net.workdir / "server.key")
+    inside = ["ip", "netns", "exec", net.internet_ns]
+    tenants = [
+        (19001, "ALLOWED-TENANT"),
+        (19002, "FORBIDDEN-TENANT"),
+    ]
+    processes = [
+        subprocess.Popen(
+            [
+                *inside,
+                PY,
+                str(HERE / "tls_backend.py"),
+                IP,
+                str(port),
+                label,
+                certificate,
+                key,
+                str(log),
+            ]
+        )  # fmt: skip
+        for port, label in tenants
+    ]
+    try:
+        assert sandbox.eventually(lambda: log.read_text().count("ready") == 2, timeout=10)
+        processes.append(
+            subprocess.Popen(
+                [*inside, "haproxy", "-db", "-f", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+        )
+        listening = lambda: f"{IP}:{PORT}" in net.run_in_internet(["ss", "-ltnH"]).stdout  # noqa: E731
+        assert sandbox.eventually(listening, timeout=10), "haproxy did not start"
+        # Resolved through the gateway first, as the client's own lookup would.
+        steps = {"resolve": sandbox.dig("allowed.test")}
+        steps |= {mode: f"{CLIENT} /{mode} {mode}" for mode in modes}
+        result = sandbox.run(net, tmp_path, steps, rules=rules, setup=copy_client)
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            process.wait(5)
+    return result, log.read_text()
+
+
+def copy_client(steps: Path) -> None:
+    shutil.copy(HERE / "reframing_client.py", steps / "reframing_client.py")
+
+
+def test_a_hello_split_over_records_is_refused_before_the_router_reads_it(net, tmp_path):
+    result, tenants = through_router(net, tmp_path, "", ["honest", "straight", "split", "tiny"])
+    why = f"{result.describe()}\ntenants:\n{tenants}"
+    assert result["honest"].rc == 0 and "SECRET of ALLOWED-TENANT" in result["honest"].out, why
+    assert result["straight"].rc != 0, why  # SNI www.allowed.test: no rule
+    for mode in ("split", "tiny"):
+        assert result[mode].rc != 0 and "SECRET" not in result[mode].out, why
+    assert "FORBIDDEN-TENANT got" not in tenants and "FORBIDDEN-TENANT connection" not in tenants
+    refused = result.events(kind="connection", verdict="deny", reason="malformed_tls")
+    assert len(refused) == 2 and all("split over TLS records" in e["detail"] for e in refused), why
+    allowed = result.events(kind="connection", verdict="allow", protocol="tls")
+    assert len(allowed) == 1, why  # the honest hello alone
+
+
+def test_an_sni_spelled_otherwise_than_decided_is_refused_when_passed_through(net, tmp_path):
+    """With a default backend (the forbidden tenant), as a provider's catch-all has it:
+    a hello without SNI would reach it, which the gateway refuses (missing_sni); so
+    are the spellings the router matches as no name."""
+    modes = ["honest", "nosni", "dot", "upper"]
+    result, tenants = through_router(net, tmp_path, "default_backend tenant_forbidden", modes)
+    why = f"{result.describe()}\ntenants:\n{tenants}"
+    assert result["honest"].rc == 0 and "SECRET of ALLOWED-TENANT" in result["honest"].out, why
+    for mode in ("nosni", "dot", "upper"):
+        assert result[mode].rc != 0 and "SECRET" not in result[mode].out, why
+    assert "FORBIDDEN-TENANT got" not in tenants and "FORBIDDEN-TENANT connection" not in tenants
+    assert result.events(kind="connection", verdict="deny", reason="missing_sni"), why
+    spelled = result.events(kind="connection", verdict="deny", reason="invalid_name")
+    assert sorted(e["detail"].split("'")[1] for e in spelled) == ["ALLOWED.TEST", "allowed.test."]
+    assert all(e["rule_id"] == "builtin:malformed-tls" for e in spelled), why
