@@ -35,6 +35,10 @@ server picks. Checks, first failure wins:
     (X-Forwarded-Host, X-Host, X-Original-Host, X-Forwarded-Server,
     X-HTTP-Host-Override, `host=` in Forwarded: Rails' request.host, Django's
     USE_X_FORWARDED_HOST, Werkzeug's ProxyFix, tenants routed by host) -> host_mismatch;
+    a method override that is not one token (`DELETE, POST`: Express takes the first)
+    -> ambiguous_method; where the application is mounted (SCRIPT_NAME, PATH_INFO,
+    X-Script-Name, X-Forwarded-Prefix: gunicorn routes by the path without it) ->
+    ambiguous_path, outright;
  7. upgrade: `Upgrade: websocket` alone is a WebSocket request (decided by rules
     with `websocket: true`); any other token list (h2c, `h2c, foo`, websocket with
     others) is removed before forwarding (`strip_upgrade`).
@@ -73,6 +77,15 @@ _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
 _OVERRIDES = {
     **dict.fromkeys((b"x-http-method-override", b"x-http-method", b"x-method-override"), "method"),
     **dict.fromkeys((b"x-original-url", b"x-rewrite-url", b"destination"), "path"),
+    # Where the application is mounted, which the server takes off the front of the
+    # path it routes by (or serves the path from): gunicorn reads SCRIPT_NAME and
+    # PATH_INFO from a forwarder (before 22 from anyone; 21 cuts the path at the first
+    # occurrence of SCRIPT_NAME anywhere in it), Flask's ReverseProxied recipe
+    # X-Script-Name, Spring and ASP.NET X-Forwarded-Prefix. What the server then routes
+    # by depends on its version: refused, not decided.
+    **dict.fromkeys(
+        (b"script-name", b"path-info", b"x-script-name", b"x-forwarded-prefix"), "mount"
+    ),
     **dict.fromkeys(
         (
             b"x-forwarded-host",
@@ -198,6 +211,19 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
     has_fields = len(by_name) > (b"host" in by_name)  # (a Host alone overrides nothing)
     overrides = _overrides(method, path, host, by_name, query) if has_fields or query else ()
     for where, field, value in overrides:
+        if field == "mount":
+            return deny(
+                "ambiguous-path",
+                detail=f"{where} names {value[:200]!r}: a server that honours it routes the "
+                f"path {path[:200]!r} by what is left of it, which depends on the server",
+            )
+        if field == "method" and not _TOKEN.fullmatch(value.encode()):
+            return deny(
+                "ambiguous-method",
+                detail=f"{where} names {value[:40]!r}, not one method: servers read such a "
+                "value differently (Express's method-override takes the first of a list and "
+                "trims Unicode spaces)",
+            )
         if field == "path" and (why := path_problem(value)) is not None:
             return deny("ambiguous-path", detail=f"{where} names {value[:200]!r}: {why}")
         if field == "host" and (why := _port_problem(value, port)) is not None:
@@ -417,9 +443,11 @@ def _overrides(
         if field is None:
             continue
         for value in values:
-            text = value.strip().decode("ascii", "replace")
+            text = value.strip(b" \t").decode("ascii", "replace")
             if field == "method":
                 named = [text.upper()]
+            elif field == "mount":
+                named = [text] if text.strip("/") else []  # '' or '/': mounted at the root
             elif field == "path":
                 absolute = _ABSOLUTE.fullmatch(text)
                 if absolute is not None:  # Destination: http://host/path
@@ -436,7 +464,7 @@ def _overrides(
                 ]
             else:
                 named = [h.strip() for h in text.split(",")]
-            own = {"method": method, "path": path, "host": host}[field]
+            own = {"method": method, "path": path, "host": host, "mount": ""}[field]
             for one in named:
                 same = one == own if field != "host" else one.lower() == own.lower()
                 if one and not same:

@@ -150,12 +150,47 @@ def test_each_spelling_of_a_denied_path(policy, target, expected):
         pytest.param("POST", "/public/ok", [("X-HTTP-Method-Override", "GET")], "rule_allow", id="allowed-too"),
         pytest.param("GET", "/public/ok?_method=head", [], "rule_allow", id="query-allowed-too"),
         pytest.param("POST", "/public/secret", [("X-HTTP-Method-Override", "GET")], "rule_deny", id="denied-anyway"),
+        # not one method: Express's method-override runs the first of a list, JavaScript's
+        # trim() drops Unicode spaces, toUpperCase() folds the Kelvin sign to K
+        pytest.param("POST", "/public/ok", [("X-HTTP-Method-Override", "DELETE, POST")], "ambiguous_method", id="list"),
+        pytest.param("POST", "/public/ok", [("X-HTTP-Method-Override", "GET,DELETE")], "ambiguous_method", id="list-allowed-first"),
+        pytest.param("POST", "/public/ok", [("X-HTTP-Method-Override", "DELETE\xa0")], "ambiguous_method", id="nbsp"),
+        pytest.param("POST", "/public/ok", [("X-HTTP-Method-Override", "GET DELETE")], "ambiguous_method", id="two-words"),
+        pytest.param("POST", "/public/ok?_method=LOC%E2%84%AA", [], "ambiguous_method", id="query-kelvin"),
+        pytest.param("POST", "/public/ok?_method=GET%2CDELETE", [], "ambiguous_method", id="query-list"),
     ],
 )  # fmt: skip
 def test_a_method_override_is_refused_where_its_method_is_not_allowed(
     policy, method, target, fields, expected
 ):
     assert outcome(policy, target, method, *fields) == expected
+
+
+DENY_SOME_METHODS = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: api.allowed.test
+        id: any-method
+      - deny: api.allowed.test
+        methods: [DELETE]
+        id: no-delete
+"""
+
+
+@pytest.mark.parametrize("value", ["DELETE, POST", "DELETE,x", "DELETE\xa0", "delete\t,post"])
+def test_an_override_that_is_not_one_method_is_refused_where_a_rule_denies_some(tmp_path, value):
+    """A deny of some methods did not match `DELETE, POST` decided as one method;
+    Express's method-override runs DELETE (the first of the list, trimmed)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(DENY_SOME_METHODS)
+    policy = load_policy([rules])
+    assert (
+        outcome(policy, "/item/1", "POST", ("X-HTTP-Method-Override", value)) == "ambiguous_method"
+    )
+    assert outcome(policy, "/item/1", "POST", ("X-HTTP-Method-Override", "PUT")) == "rule_allow"
+    assert outcome(policy, "/item/1", "DELETE") == "rule_deny"
 
 
 @pytest.mark.parametrize(
@@ -186,6 +221,14 @@ def test_a_method_override_is_refused_where_its_method_is_not_allowed(
         pytest.param([("Destination", "/public/secret")], "ambiguous_path", id="destination-path"),
         pytest.param([("Destination", "https://evil.test/public/ok")], "host_mismatch", id="destination-other-host"),
         pytest.param([("Destination", "https://API.allowed.test/public/copy")], "rule_allow", id="destination-allowed"),
+        # where the application is mounted: the server routes by the rest of the path
+        pytest.param([("SCRIPT_NAME", "/public/x")], "ambiguous_path", id="script-name"),
+        pytest.param([("script-name", "c/")], "ambiguous_path", id="script-name-dashes"),
+        pytest.param([("PATH_INFO", "/private/key")], "ambiguous_path", id="path-info"),
+        pytest.param([("X-Script-Name", "/public")], "ambiguous_path", id="x-script-name"),
+        pytest.param([("X_Forwarded_Prefix", "/public")], "ambiguous_path", id="forwarded-prefix"),
+        pytest.param([("SCRIPT_NAME", "/")], "rule_allow", id="mounted-at-the-root"),
+        pytest.param([("SCRIPT_NAME", "")], "rule_allow", id="mount-empty"),
     ],
 )  # fmt: skip
 def test_a_path_or_host_override_is_refused_where_what_it_names_is_not_allowed(
