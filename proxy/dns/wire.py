@@ -37,6 +37,15 @@ A, CNAME, OPT, AAAA = 1, 5, 41, 28
 CLASS_IN = 1
 QTYPE_TEXT = {A: "A", AAAA: "AAAA"}
 RCODE_TEXT = {0: "NOERROR", 2: "SERVFAIL", 3: "NXDOMAIN", 5: "REFUSED"}
+# EDNS options whose content dnspython reads, and may refuse as malformed
+# (dns.edns._type_to_class: ECS, EDE, NSID, COOKIE, REPORT-CHANNEL, and EDE's and
+# filtering's texts; tests/unit/test_dns.py keeps the two in step). The fast path
+# would forward a query with a malformed one, whose answer the full filter then could
+# not read back (DnsFilter._filtered): such a query goes to check_query, which
+# answers it FORMERR. A cookie, which dig sends with every query, is checked here.
+_PARSED_OPTIONS = frozenset({3, 8, 15, 18, 22, 23, 24, 25})
+_COOKIE = 10
+_COOKIE_SIZES = frozenset({8, *range(16, 41)})  # a client cookie, a server's 8-32 more
 _QR, _RD, _RA, _TC = 0x8000, 0x0100, 0x0080, 0x0200
 _OUR_OPT = b"\0" + _RR.pack(OPT, OUR_PAYLOAD, 0, 0)  # EDNS 0, no flags, no options
 MAX_POINTERS = 32  # compression pointers followed per name; real ones use 1-3
@@ -108,7 +117,10 @@ def _scan_query(wire: bytes) -> SimpleQuery:
         end += 11
         options_end = end + rdlength
         while end < options_end:
-            end += 4 + int.from_bytes(wire[end + 2 : end + 4], "big")
+            code, size = struct.unpack_from("!HH", wire, end)
+            if code in _PARSED_OPTIONS or (code == _COOKIE and size not in _COOKIE_SIZES):
+                raise _NotSimple
+            end += 4 + size
         if end != options_end:
             raise _NotSimple
     if end != len(wire):

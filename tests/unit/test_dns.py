@@ -26,6 +26,7 @@ import pytest
 from dns.rdtypes.svcbbase import ParamKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sandgate.proxy.dns import wire as dns_wire
 from sandgate.proxy.dns.answer import filter_answer, filter_simple_answer, render
 from sandgate.proxy.dns.bindings import DnsBindings
 from sandgate.proxy.dns.query import OUR_PAYLOAD, check_query, header_response, quick_check
@@ -975,6 +976,61 @@ def test_quick_check_agrees_with_check_query(wire):
         assert forward.to_wire() == check.forward.to_wire()
     else:
         _same_message(quick.response, check.response)
+
+
+def with_option(code: int, data: bytes) -> bytes:
+    """A query for www.example.com with one EDNS option of `code`, as sent (dnspython
+    would refuse to write a malformed one)."""
+    query = wire_query("www.example.com", "A", use_edns=0)  # the OPT ends it, RDLEN 0
+    option = code.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+    return query[:-2] + len(option).to_bytes(2, "big") + option
+
+
+OPTIONS = [
+    pytest.param(8, bytes.fromhex("00014000"), id="ecs-prefix-64"),
+    pytest.param(8, bytes.fromhex("00031800"), id="ecs-family-3"),
+    pytest.param(8, bytes.fromhex("000118000a0000"), id="ecs-good"),
+    pytest.param(10, b"\0", id="cookie-1-byte"),
+    pytest.param(10, bytes(12), id="cookie-12-bytes"),
+    pytest.param(10, bytes(8), id="cookie-client"),
+    pytest.param(10, bytes(24), id="cookie-client-and-server"),
+    pytest.param(15, b"\0", id="ede-short"),
+    pytest.param(3, b"", id="nsid"),
+    pytest.param(12, bytes(40), id="padding"),
+    pytest.param(65001, b"\xff", id="unknown"),
+]
+
+
+@pytest.mark.parametrize("code, data", OPTIONS)
+def test_quick_check_takes_only_options_dnspython_reads_back(code, data):
+    """The fast path forwards a query; if the answer then needs the full filter, the
+    query is read again by dnspython (DnsFilter._filtered), which must not refuse it
+    then: a malformed client-subnet made that a traceback per query and an
+    internal_error event instead of dns_rebinding. What the fast path takes,
+    dnspython reads; what dnspython refuses, check_query answers FORMERR."""
+    wire = with_option(code, data)
+    policy = FakePolicy({"www.example.com": Verdict.ALLOW})
+    quick = quick_check(wire, "dev", policy)
+    try:
+        dns.message.from_wire(wire)
+    except dns.exception.FormError:
+        assert quick is None
+        check = check_query(wire, "dev", policy)
+        assert check.action == "respond" and parse(check.response).rcode() == dns.rcode.FORMERR
+        assert check.decision.reason == Reason.DNS_MALFORMED
+        return
+    check = check_query(wire, "dev", policy)
+    assert check.action == "forward"
+    if quick is not None:
+        assert (quick.decision, quick.name, quick.qtype) == (
+            check.decision,
+            check.name,
+            check.qtype,
+        )
+
+
+def test_the_options_the_fast_path_leaves_are_dnspythons():
+    assert {int(code) for code in dns.edns._type_to_class} - {10} == dns_wire._PARSED_OPTIONS
 
 
 @pytest.mark.parametrize(
