@@ -76,7 +76,9 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "malformed-tls",
         (R.MALFORMED_TLS, R.INVALID_NAME),
-        "a ClientHello that cannot be parsed, is longer than 16 KiB, or names no valid host in its SNI",
+        "a ClientHello that cannot be parsed, is split over records or longer than 16 KiB, names no "
+        "valid host in its SNI, or, passed through by name, not in the decided spelling (lower case, "
+        "no trailing dot)",
     ),
     ("missing-sni", (R.MISSING_SNI,), "TLS without SNI to an address no IP rule allows"),
     (
@@ -115,15 +117,17 @@ BUILTINS: dict[str, Builtin] = _builtins(
         (R.AMBIGUOUS_PATH,),
         "a request path a server may read otherwise than the gateway decided it: '#', a backslash, "
         "';', '//', dot segments, %2F %5C %2E %3B, encoded controls or invalid UTF-8, raw non-ASCII; "
-        "or an X-Original-URL or X-Rewrite-URL naming such a path, or one the rules would not allow",
+        "or an X-Original-URL or X-Rewrite-URL naming such a path, or one the rules would not allow; "
+        "or a mount point (SCRIPT_NAME, PATH_INFO, X-Script-Name, X-Forwarded-Prefix) a server "
+        "takes off the path before routing it",
     ),
     (
         "ambiguous-method",
         (R.AMBIGUOUS_METHOD,),
         "a request whose X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override header, or "
         "`_method` query parameter, names another method than its own that the rules would "
-        "not allow there: servers that honour overrides would run that method, not the one "
-        "decided",
+        "not allow there, or a value that is not one method: servers that honour overrides would "
+        "run that method, not the one decided",
     ),
     (
         "headers-too-large",
