@@ -513,7 +513,12 @@ class SandgateAddon:
             request.data.host = state.upstream_ip
         if checked is None:
             flow.response = _blocked(decision, flow)
-        elif checked.websocket:
+            return
+        if checked.forward_host is not None:  # the decided spelling (gate._as_decided)
+            request.host_header = checked.forward_host
+            if request.data.authority:  # an HTTP/1 absolute-form target goes on as one
+                request.data.authority = checked.forward_host.encode("ascii")
+        if checked.websocket:
             flow.metadata[_WEBSOCKET_ALLOWED] = checked  # a websocket rule allowed it
             # No extension: permessage-deflate had the gateway inflate each message
             # whole (a bomb), and the relay splits messages, which only an

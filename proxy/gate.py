@@ -905,7 +905,7 @@ class ConnectionGate:
             # Plain HTTP: the connection's end reports bytes under its first allowed request.
             state.allowed, state.protocol, state.allowed_name = decision, "http", name
         self._emit_request(state, decision, head, tls, name, started, answer)
-        return decision, checked if decision.allowed else None
+        return decision, _as_decided(checked) if decision.allowed else None
 
     def _request_name(self, state: ConnState, host: str) -> str | None:
         return _read_host(host).name or state.name
@@ -1610,6 +1610,16 @@ class HostRead(NamedTuple):
     ip: IPAddress | None
     name: str | None
     invalid: str | None
+
+
+def _as_decided(checked: CheckedHead) -> CheckedHead:
+    """`checked`, with the Host to forward (`forward_host`) where its name is spelled
+    otherwise than the name decided (parse_domain's: lower case, no trailing dot),
+    its port as sent."""
+    read = _read_host(checked.host)
+    if read.name is None or read.host == read.name:
+        return checked
+    return checked._replace(forward_host=read.name + checked.host[len(read.host) :])
 
 
 def _read_host(host_header: str) -> HostRead:

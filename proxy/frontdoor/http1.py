@@ -145,16 +145,19 @@ def forwarded_fields(
     fields: tuple[tuple[bytes, bytes], ...], checked: CheckedHead
 ) -> list[tuple[bytes, bytes]]:
     """The fields to send upstream: as sent, without an upgrade (h2c, or any other)
-    that would turn the connection into something no request decision sees, and
-    without a `close` in Connection: that word is about the client's connection
-    (hop by hop), and the upstream one may serve the sandbox's next connection
-    (UpstreamPool in http1_relay.py), as Squid keeps its server connections."""
+    that would turn the connection into something no request decision sees, without
+    a `close` in Connection: that word is about the client's connection (hop by hop),
+    and the upstream one may serve the sandbox's next connection (UpstreamPool in
+    http1_relay.py), as Squid keeps its server connections; and with the Host the
+    gate decided where the client spelled it otherwise (`forward_host`)."""
     strip = checked.strip_upgrade or checked.websocket
     kept = []
     for name, value in fields:
         lower = name.lower()
         if strip and lower in _UPGRADE_FIELDS:
             continue
+        if lower == b"host" and checked.forward_host is not None:
+            value = checked.forward_host.encode("ascii")
         if lower == b"connection":
             text = value.decode("latin-1")
             if strip:
@@ -431,7 +434,12 @@ class Http1Session:
         target = origin_form(event.target)
         connection_field = _connection_tokens(head.fields)
         self.client_closes = event.http_version != b"1.1" or b"close" in (connection_field or ())
-        changed = checked.strip_upgrade or checked.websocket or connection_field is not None
+        changed = (
+            checked.strip_upgrade
+            or checked.websocket
+            or connection_field is not None
+            or checked.forward_host is not None
+        )
         if changed or checked.close_upstream:
             # h11's own parse less some fields (and tokens of a valid Connection value):
             # valid already, so h11 is told not to check each field again
@@ -629,7 +637,12 @@ class Http1Session:
         self.client_closes = b"close" in (request.connection or ())
         target = origin_form(request.target)
         fields = head.fields
-        if request.connection is not None or checked.strip_upgrade or checked.websocket:
+        if (
+            request.connection is not None
+            or checked.strip_upgrade
+            or checked.websocket
+            or checked.forward_host is not None
+        ):
             fields = tuple(forwarded_fields(fields, checked))
         self.fast_forwarded = (request.method, target, fields)
         self.to_upstream += http1_fast.write_request(request.method, target, fields)

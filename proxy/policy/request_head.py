@@ -148,6 +148,11 @@ class CheckedHead(NamedTuple):
     # The upstream connection must close after it: a body on a method whose content
     # has no meaning (`leaves_body_unread`).
     close_upstream: bool = False
+    # The Host (or :authority) to forward in place of the one sent, set by the gate
+    # on an allowed request whose name is spelled otherwise than decided (`ALLOWED.TEST.`
+    # for allowed.test): a server or Host router (HAProxy's `hdr(host) -i`, Envoy's
+    # domains) matches the spelling as written and may route it to another tenant.
+    forward_host: str | None = None
 
 
 def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:

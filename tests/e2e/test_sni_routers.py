@@ -1,7 +1,8 @@
-"""An SNI router in front of two tenants at one address: HAProxy's `req.ssl_sni`, the
-most common one. The gateway passes TLS through by the ClientHello's SNI; the router
-must read the same name from the same bytes, or the connection reaches a tenant no
-rule allowed.
+"""A router in front of two tenants at one address: HAProxy's `req.ssl_sni`, the most
+common SNI router, and its `hdr(host)` for plain HTTP. The gateway passes TLS through
+by the ClientHello's SNI, and forwards HTTP by the Host it decided; the router must
+read the same name from the same bytes, or the connection reaches a tenant no rule
+allowed.
 
 - A hello split over records (a red team, session 48): the gateway joined the
   records and read `allowed.test`; HAProxy reads the first record as the whole hello,
@@ -14,6 +15,9 @@ rule allowed.
   gateway decided `allowed.test`; `req.ssl_sni -i allowed.test` does not match the
   trailing dot, and the router's default backend served it. Now passed-through
   hellos must spell their SNI as decided (lower case, no trailing dot).
+- The same for a plain-HTTP Host (`allowed.test.`): `hdr(host) -i allowed.test` did
+  not match it, and the router's default backend got the request. The gateway now
+  forwards the Host it decided (`allowed.test`), the port as sent.
 
 Each forbidden attempt is checked against the tenants' own log: nothing reached the
 forbidden one; the honest hello reaches the allowed one in the same run.
@@ -27,13 +31,14 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
+from support.sandbox import curl
 
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).parent / "sni_router"
 PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"  # allowed.test and www.allowed.test
-PORT = 8443
+PORT, HTTP_PORT = 8443, 8088
 CLIENT = f"{PY} reframing_client.py {IP} {PORT} allowed.test www.allowed.test"
 
 RULES = f"""\
@@ -43,16 +48,16 @@ profiles:
     fallback: deny
     rules:
       - allow: allowed.test
-        ports: [{PORT}]
+        ports: [{PORT}, {HTTP_PORT}]
         id: tenant-allowed
 """
 
 
-def through_router(net, tmp_path, default: str, modes: list[str]):
-    """HAProxy at IP:PORT routing by req.ssl_sni to the allowed and the forbidden
-    tenant (`default`: its default_backend line, or none); one sandbox runs the
-    client once in each of `modes` (the path is the mode's name). Returns the run's
-    result and the tenants' log."""
+def through_router(net, tmp_path, default: str, steps: dict[str, str]):
+    """HAProxy at IP:PORT routing TLS by req.ssl_sni to the allowed and the forbidden
+    tenant (`default`: its default_backend line, or none), and at IP:HTTP_PORT plain
+    HTTP by Host (its default backend the forbidden HTTP tenant); one sandbox runs
+    `steps`. Returns the run's result and the tenants' log."""
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     log = tmp_path / "tenants.log"
@@ -65,31 +70,24 @@ def through_router(net, tmp_path, default: str, modes: list[str]):
         .replace("@GOOD@", f"{IP}:19001")
         .replace("@BAD@", f"{IP}:19002")
         .replace("@DEFAULT@", default)
+        .replace("@HTTP_BIND@", f"{IP}:{HTTP_PORT}")
+        .replace("@HTTP_GOOD@", f"{IP}:19003")
+        .replace("@HTTP_BAD@", f"{IP}:19004")
     )
     certificate, key = str(net.workdir / "server.pem"), str(net.workdir / "server.key")
     inside = ["ip", "netns", "exec", net.internet_ns]
     tenants = [
-        (19001, "ALLOWED-TENANT"),
-        (19002, "FORBIDDEN-TENANT"),
+        (19001, "ALLOWED-TENANT", certificate, key),
+        (19002, "FORBIDDEN-TENANT", certificate, key),
+        (19003, "ALLOWED-HTTP-TENANT", "-", "-"),
+        (19004, "FORBIDDEN-HTTP-TENANT", "-", "-"),
     ]
     processes = [
-        subprocess.Popen(
-            [
-                *inside,
-                PY,
-                str(HERE / "tls_backend.py"),
-                IP,
-                str(port),
-                label,
-                certificate,
-                key,
-                str(log),
-            ]
-        )  # fmt: skip
-        for port, label in tenants
+        subprocess.Popen([*inside, PY, str(HERE / "tenant.py"), IP, str(port), *tenant, str(log)])
+        for port, *tenant in tenants
     ]
     try:
-        assert sandbox.eventually(lambda: log.read_text().count("ready") == 2, timeout=10)
+        assert sandbox.eventually(lambda: log.read_text().count("ready") == 4, timeout=10)
         processes.append(
             subprocess.Popen(
                 [*inside, "haproxy", "-db", "-f", str(config)],
@@ -97,11 +95,13 @@ def through_router(net, tmp_path, default: str, modes: list[str]):
                 stderr=subprocess.PIPE,
             )  # fmt: skip
         )
-        listening = lambda: f"{IP}:{PORT}" in net.run_in_internet(["ss", "-ltnH"]).stdout  # noqa: E731
+        listening = lambda: all(  # noqa: E731
+            f"{IP}:{port}" in net.run_in_internet(["ss", "-ltnH"]).stdout
+            for port in (PORT, HTTP_PORT)
+        )
         assert sandbox.eventually(listening, timeout=10), "haproxy did not start"
         # Resolved through the gateway first, as the client's own lookup would.
-        steps = {"resolve": sandbox.dig("allowed.test")}
-        steps |= {mode: f"{CLIENT} /{mode} {mode}" for mode in modes}
+        steps = {"resolve": sandbox.dig("allowed.test"), **steps}
         result = sandbox.run(net, tmp_path, steps, rules=rules, setup=copy_client)
     finally:
         for process in reversed(processes):
@@ -115,8 +115,14 @@ def copy_client(steps: Path) -> None:
     shutil.copy(HERE / "reframing_client.py", steps / "reframing_client.py")
 
 
+def hellos(*modes: str) -> dict[str, str]:
+    """The client once in each of `modes` (the path is the mode's name)."""
+    return {mode: f"{CLIENT} /{mode} {mode}" for mode in modes}
+
+
 def test_a_hello_split_over_records_is_refused_before_the_router_reads_it(net, tmp_path):
-    result, tenants = through_router(net, tmp_path, "", ["honest", "straight", "split", "tiny"])
+    steps = hellos("honest", "straight", "split", "tiny")
+    result, tenants = through_router(net, tmp_path, "", steps)
     why = f"{result.describe()}\ntenants:\n{tenants}"
     assert result["honest"].rc == 0 and "SECRET of ALLOWED-TENANT" in result["honest"].out, why
     assert result["straight"].rc != 0, why  # SNI www.allowed.test: no rule
@@ -133,8 +139,8 @@ def test_an_sni_spelled_otherwise_than_decided_is_refused_when_passed_through(ne
     """With a default backend (the forbidden tenant), as a provider's catch-all has it:
     a hello without SNI would reach it, which the gateway refuses (missing_sni); so
     are the spellings the router matches as no name."""
-    modes = ["honest", "nosni", "dot", "upper"]
-    result, tenants = through_router(net, tmp_path, "default_backend tenant_forbidden", modes)
+    steps = hellos("honest", "nosni", "dot", "upper")
+    result, tenants = through_router(net, tmp_path, "default_backend tenant_forbidden", steps)
     why = f"{result.describe()}\ntenants:\n{tenants}"
     assert result["honest"].rc == 0 and "SECRET of ALLOWED-TENANT" in result["honest"].out, why
     for mode in ("nosni", "dot", "upper"):
@@ -144,3 +150,25 @@ def test_an_sni_spelled_otherwise_than_decided_is_refused_when_passed_through(ne
     spelled = result.events(kind="connection", verdict="deny", reason="invalid_name")
     assert sorted(e["detail"].split("'")[1] for e in spelled) == ["ALLOWED.TEST", "allowed.test."]
     assert all(e["rule_id"] == "builtin:malformed-tls" for e in spelled), why
+
+
+def test_a_host_spelled_otherwise_than_decided_is_forwarded_as_decided(net, tmp_path):
+    """Plain HTTP can be forwarded as decided: the Host is rewritten to the decided
+    name (the port as sent), on the fast path and on h11's (a request with a body)."""
+    url = f"http://allowed.test:{HTTP_PORT}"
+    steps = {
+        "honest": curl(f"{url}/honest"),
+        "dot": curl("-H", "Host: allowed.test.", f"{url}/dot"),
+        "dot_port": curl("-H", f"Host: ALLOWED.TEST.:{HTTP_PORT}", f"{url}/dot_port"),
+        "dot_body": curl("-H", "Host: allowed.test.", "-d", "x=1", f"{url}/dot_body"),
+    }
+    result, tenants = through_router(net, tmp_path, "", steps)
+    why = f"{result.describe()}\ntenants:\n{tenants}"
+    for label in steps:
+        assert result[label].status == 200, (label, why)
+        assert "SECRET of ALLOWED-HTTP-TENANT" in result[label].body, (label, why)
+    assert "FORBIDDEN-HTTP-TENANT got" not in tenants, why
+    hosts = sorted(line.rsplit("host=", 1)[1] for line in tenants.splitlines() if " got " in line)
+    port = f"allowed.test:{HTTP_PORT}"
+    assert hosts == sorted([port, port, "allowed.test", "allowed.test"]), why
+    assert len(result.events(kind="request", verdict="allow", name="allowed.test")) == 4, why

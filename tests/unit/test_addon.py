@@ -157,6 +157,32 @@ def test_plain_http_request(addon, host, method, status, reason):
         assert reason in f.response.get_text()
 
 
+@pytest.mark.parametrize(
+    "host, forwarded",
+    [
+        pytest.param("allowed.test", "allowed.test", id="as-decided"),
+        pytest.param("ALLOWED.Test.", "allowed.test", id="case-and-dot"),
+        pytest.param("allowed.test.:80", "allowed.test:80", id="dot-and-port"),
+    ],
+)
+def test_an_allowed_host_goes_on_as_decided(addon, host, forwarded):
+    """A Host router (HAProxy's `hdr(host) -i allowed.test`) does not match
+    `allowed.test.`: the request goes on with the name decided (gate._as_decided),
+    in HTTP/1's absolute form too."""
+    c = client(("203.0.113.10", 80))
+    addon.client_connected(c)
+    addon.next_layer(next_layer_for(c, b"GET / HTTP/1.1\r\n"))
+    f = request_flow(c, host)
+    addon.requestheaders(f)
+    assert f.response is None and addon.events[-1].reason == "rule_allow"
+    assert f.request.headers["host"] == forwarded
+    f = request_flow(c, host)
+    f.request.data.authority = host.encode()  # GET http://HOST/ HTTP/1.1
+    addon.requestheaders(f)
+    assert f.response is None
+    assert (f.request.headers["host"], f.request.data.authority) == (forwarded, forwarded.encode())
+
+
 def test_every_hook_fails_closed(addon, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("bug")

@@ -1,6 +1,6 @@
-"""A TLS backend behind the SNI router (tests/e2e/test_sni_routers.py): logs what it
-got (its label, the SNI OpenSSL saw, the request line) and answers with its label.
-usage: tls_backend.py IP PORT LABEL CERT KEY LOG"""
+"""A tenant behind the router (tests/e2e/test_sni_routers.py): logs what it got (its
+label, the SNI OpenSSL saw, the request line, the Host) and answers with its label.
+usage: tenant.py IP PORT LABEL CERT KEY LOG  (CERT and KEY "-": plain HTTP)"""
 
 import socket
 import ssl
@@ -9,29 +9,33 @@ import threading
 
 ip, port, label, cert, key, logpath = sys.argv[1:7]
 log = open(logpath, "a", buffering=1)  # noqa: SIM115
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(cert, key)
-
-
-def cb(sslobj, name, c):
-    sslobj.sni_seen = name
-
-
-ctx.sni_callback = cb
+ctx = None
+if cert != "-":
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.sni_callback = lambda sslobj, name, _: setattr(sslobj, "sni_seen", name)
 
 
 def serve(conn):
     with conn:
         try:
-            t = ctx.wrap_socket(conn, server_side=True)
+            t = ctx.wrap_socket(conn, server_side=True) if ctx else conn
             data = b""
             while b"\r\n\r\n" not in data:
                 piece = t.recv(4096)
                 if not piece:
                     break
                 data += piece
-            line = data.split(b"\r\n", 1)[0].decode(errors="replace")
-            log.write(f"{label} got sni={getattr(t, 'sni_seen', None)} request={line!r}\n")
+            line, _, rest = data.partition(b"\r\n")
+            host = next(
+                (v.strip() for n, _, v in (f.partition(b":") for f in rest.split(b"\r\n"))
+                 if n.lower() == b"host"),
+                b"",
+            )  # fmt: skip
+            log.write(
+                f"{label} got sni={getattr(t, 'sni_seen', None)} "
+                f"request={line.decode(errors='replace')!r} host={host.decode(errors='replace')}\n"
+            )
             body = f"SECRET of {label}\n".encode()
             t.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
