@@ -102,7 +102,7 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
         return _answer(
             query,
             dns.rcode.NOTIMP,
-            deny("dns-qtype", f"opcode {dns.opcode.to_text(opcode)}"),
+            deny("dns-qtype", f"opcode {dns.opcode.to_text(opcode)}{_names_in(query)}"),
             copy_question=False,
         )
     # 4. Several questions would need several decisions; no real client sends them.
@@ -110,7 +110,7 @@ def check_query(wire: bytes, profile: str, decide_name: DecideName) -> QueryChec
         return _answer(
             query,
             dns.rcode.FORMERR,
-            deny("dns-malformed", f"{len(query.question)} questions"),
+            deny("dns-malformed", f"{len(query.question)} questions{_names_in(query)}"),
             copy_question=False,
         )
     question = query.question[0]
@@ -243,6 +243,14 @@ def _shape_problem(wire: bytes) -> str | None:
             "in a query; at most one (OPT) additional"
         )
     return None
+
+
+def _names_in(query: dns.message.Message, most: int = 4) -> str:
+    """The names of a query refused whole, for its event: which destinations (and
+    what data in their labels) the task tried, as dnspython prints them (escaped)."""
+    names = [q.name.to_text(omit_final_dot=True)[:100] for q in query.question[:most]]
+    more = len(query.question) - most
+    return f": {', '.join(names)}" + (f" and {more} more" if more > 0 else "") if names else ""
 
 
 def _unparsable(wire: bytes, detail: str) -> QueryCheck:

@@ -1029,6 +1029,20 @@ def test_quick_check_takes_only_options_dnspython_reads_back(code, data):
         )
 
 
+def test_a_query_refused_whole_names_what_it_asked():
+    """Two questions (an allowed name and one carrying data), or another opcode: no
+    answer is decided for them, and the event says which names were asked, escaped."""
+    query = dns.message.make_query("www.example.com", "A")
+    query.question.append(dns.rrset.RRset(dns.name.from_text("s3cr3t.evil.test"), 1, 1))
+    check = check_query(query.to_wire(), "dev", FakePolicy({"www.example.com": Verdict.ALLOW}))
+    assert check.decision.reason == Reason.DNS_MALFORMED
+    assert check.decision.detail == "2 questions: www.example.com, s3cr3t.evil.test"
+    notify = dns.message.make_query("data\\.x\\000.evil.test", "SOA")
+    notify.set_opcode(dns.opcode.NOTIFY)
+    check = check_query(notify.to_wire(), "dev", FakePolicy())
+    assert check.decision.detail == "opcode NOTIFY: data\\.x\\000.evil.test"
+
+
 def test_the_options_the_fast_path_leaves_are_dnspythons():
     assert {int(code) for code in dns.edns._type_to_class} - {10} == dns_wire._PARSED_OPTIONS
 
