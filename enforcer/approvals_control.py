@@ -38,6 +38,7 @@ from sandgate.proxy.approvals.pending import ApprovalError, Pending, Scope
 log = logging.getLogger("sandgate.approvals")
 
 COMMANDS = ("approvals", "approval", "approve", "deny", "watch")
+LONGEST_DURATION = 9_999_999 * 86_400  # seconds: parse_duration's longest, 9999999d
 
 
 def peer_user(writer: asyncio.StreamWriter) -> str:
@@ -78,8 +79,18 @@ async def handle(approvals: Approvals, request: dict, approver: str) -> dict:
                     "error": "approve: scope must be once, task, duration or always",
                 }
             duration = request.get("duration")
-            if duration is not None and (not isinstance(duration, int | float) or duration <= 0):
-                return {"ok": False, "error": "approve: duration must be a number of seconds > 0"}
+            # Up to the CLI's longest (parse_duration): a raw client's 1e400 (inf) never
+            # ended, NaN never matched, and a 400-digit int overflowed the grant's end.
+            if duration is not None and not (
+                isinstance(duration, int | float)
+                and not isinstance(duration, bool)
+                and 0 < duration <= LONGEST_DURATION
+            ):
+                return {
+                    "ok": False,
+                    "error": "approve: duration must be a number of seconds > 0 "
+                    f"and at most {LONGEST_DURATION} (9999999d)",
+                }
             ticket = request.get("ticket")
             if ticket is not None and not isinstance(ticket, str):
                 return {"ok": False, "error": "approve: ticket must be a string"}
@@ -395,7 +406,7 @@ async def _serve_client(approvals: Approvals, reader, writer) -> None:
                 request = json.loads(line)
                 if not isinstance(request, dict):
                     raise ValueError
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: [[[[... too deep
                 reply = {"ok": False, "error": "not a JSON object"}
             else:
                 if request.get("cmd") == "watch":

@@ -102,7 +102,7 @@ class ControlClient:
         line, _, self._buffer = self._buffer.partition(b"\n")
         try:
             reply = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: [[[[... too deep
             raise ControlError("the gateway service sent something that is not JSON") from None
         if not isinstance(reply, dict):
             raise ControlError("the gateway service sent something that is not a JSON object")

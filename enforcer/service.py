@@ -420,7 +420,7 @@ class GatewayService:
                     request = json.loads(line)
                     if not isinstance(request, dict):
                         raise ValueError("not an object")
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: [[[[... too deep
                     await _reply(writer, {"ok": False, "error": "not a JSON object"})
                     continue
                 cmd = request.get("cmd")

@@ -310,7 +310,7 @@ class AdminServer:
         if method == "POST" and rest and "/" not in rest:
             try:
                 request = json.loads(body or b"{}")
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: [[[[... too deep
                 request = None
             if not isinstance(request, dict):
                 return error(400, "the body must be a JSON object")
@@ -391,7 +391,7 @@ class AdminServer:
             return json_response(200, {})
         try:
             request = json.loads(body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: [[[[... too deep
             request = None
         token = request.get("token") if isinstance(request, dict) else None
         if not isinstance(token, str):

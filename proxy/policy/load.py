@@ -174,6 +174,9 @@ class _Loader:
         self.preset_rules: dict[Path, list[Rule]] = {}
         self.preset_descriptions: dict[str, str] = {}  # by the preset file's stable name
         self.rule_ids: dict[str, Rule] = {}
+        # Where each rule's node starts (file, line, column): a node met again there is
+        # an alias; two rules on one line are two nodes.
+        self.rule_places: dict[str, tuple[str, int, int]] = {}
         # `approved:` sections (the overlay file): profile -> (rules, where named)
         self.approved: dict[str, list[tuple[list[Rule], _Source, yaml.Node]]] = {}
         # One object per distinct port set: 100k rules share a handful, and a shared
@@ -398,7 +401,13 @@ class _Loader:
             self.expires(source, entries["expires"][1]) if "expires" in entries else None
         ) or (None, None)
         line = node.start_mark.line + 1
+        place = (source.name, line, node.start_mark.column + 1)
         rule_id = f"{source.name}:{line}"
+        taken = self.rule_places.get(rule_id)
+        if taken is not None and taken[:2] == place[:2] and taken != place:
+            # Another rule on this line (`rules: [{allow: a}, {allow: b}]`): the column
+            # tells this one apart.
+            rule_id += f":{place[2]}"
         if "id" in entries:
             given = self.scalar(source, entries["id"][1], "'id'")
             if given is not None and not _ID.fullmatch(given):
@@ -411,7 +420,7 @@ class _Loader:
                 rule_id = given
         if rule_id in self.rule_ids:
             other = self.rule_ids[rule_id]
-            if (other.file, other.line) == (source.name, line):  # the same node again
+            if self.rule_places[rule_id] == place:  # the same node again
                 why = (
                     f"the rule at line {line} is used a second time (a YAML alias?): write it "
                     "out where it is needed, each with an id of its own, or share it with "
@@ -439,6 +448,7 @@ class _Loader:
             **meta,
         )
         self.rule_ids[rule_id] = rule
+        self.rule_places[rule_id] = place
         return rule
 
     def target(self, source, node, text: str):
@@ -476,18 +486,18 @@ class _Loader:
     def ports(self, source, node) -> frozenset[int]:
         ports = set()
         for text, item in self.scalars(source, node, "'ports'"):
-            # isascii: str.isdigit() also takes other scripts' digits ('８０').
-            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+            port = _whole_number(text, 65535)
+            if port is None:
                 self.problem(source, item, f"port {text!r} is not a number from 1 to 65535")
             elif text.startswith("0"):
                 # YAML 1.1 readers (PyYAML, yamllint) take 0443 as octal 291.
                 self.problem(
                     source,
                     item,
-                    f"port {text!r} has a leading zero (octal to YAML 1.1); write {int(text)}",
+                    f"port {text!r} has a leading zero (octal to YAML 1.1); write {port}",
                 )
             else:
-                ports.add(int(text))
+                ports.add(port)
         found = frozenset(ports)
         return self.port_sets.setdefault(found, found)
 
@@ -560,14 +570,14 @@ class _Loader:
             if text is None:
                 continue
             most = getattr(MAX_LIMITS, key)
-            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= most:
+            if (number := _whole_number(text, most)) is None:
                 self.problem(
                     source,
                     value_node,
                     f"limits: {key} {text!r} is not a whole number from 1 to {most}",
                 )
             else:
-                found[key] = int(text)
+                found[key] = number
         return found
 
     def approval(self, source, node) -> dict[str, float]:
@@ -584,14 +594,14 @@ class _Loader:
                 continue
             most = getattr(MAX_APPROVAL, key)
             if key == "max_pending_per_sandbox":
-                if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= most:
+                if (number := _whole_number(text, most)) is None:
                     self.problem(
                         source,
                         value_node,
                         f"approval: {key} {text!r} is not a whole number from 1 to {most}",
                     )
                 else:
-                    found[key] = int(text)
+                    found[key] = number
                 continue
             try:
                 seconds = parse_duration(text)
@@ -967,6 +977,10 @@ def parse_expires(text: str) -> tuple[datetime.date | datetime.datetime, float]:
         except ValueError:
             pass
         else:
+            if day == datetime.date.max:
+                # 9999-12-31 ("never") has no next day to start (date + 1 day overflows):
+                # its end is its start plus 24 h.
+                return day, _start_of_day(day) + 86400
             return day, _start_of_day(day + datetime.timedelta(days=1))
     try:
         instant = datetime.datetime.fromisoformat(text)
@@ -983,6 +997,17 @@ def parse_expires(text: str) -> tuple[datetime.date | datetime.datetime, float]:
 def _start_of_day(day: datetime.date) -> float:
     """Local midnight at the start of `day`, in epoch seconds."""
     return datetime.datetime.combine(day, datetime.time()).timestamp()
+
+
+def _whole_number(text: str, most: int) -> int | None:
+    """`text` as a whole number from 1 to `most`, or None. isascii: str.isdigit() also
+    takes other scripts' digits ('８０'). The length first: int() raises past 4300
+    digits (sys.get_int_max_str_digits), and so many are out of range anyway."""
+    digits = text.lstrip("0")
+    if not (text.isascii() and text.isdigit()) or len(digits) > len(str(most)):
+        return None
+    number = int(digits or "0")
+    return number if 1 <= number <= most else None
 
 
 def _is_domain(text: str) -> bool:

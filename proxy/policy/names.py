@@ -138,6 +138,10 @@ def _parse_ipv4_any(text: str) -> ipaddress.IPv4Address | None:
             values.append(int(part[2:] or "0", 16))
         elif len(part) > 1 and part[0] == "0":
             values.append(int(part, 8))
+        elif len(part) > 10:
+            # Over 4294967295, no part of an address; and int() raises past 4300
+            # decimal digits (a Host header's). Bases 8 and 16 have no such limit.
+            return None
         else:
             values.append(int(part))
     # inet_aton: every part but the last is one byte; the last fills the rest.
@@ -567,9 +571,15 @@ def parse_host_port(
             raise ValueError(f"{text!r} has no port")
         return host, default_port
     lowest = 0 if allow_zero else 1
-    if not (port_text.isascii() and port_text.isdigit() and lowest <= int(port_text) <= 65535):
+    digits = port_text.lstrip("0") or "0"  # int() raises past 4300 digits, zeros too
+    if not (
+        port_text.isascii()
+        and port_text.isdigit()
+        and len(digits) <= 5
+        and lowest <= int(digits) <= 65535
+    ):
         raise ValueError(f"{text!r}: the port must be a number from {lowest} to 65535")
-    return host, int(port_text)
+    return host, int(digits)
 
 
 def _is_ipv6(text: str) -> bool:

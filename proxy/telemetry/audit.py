@@ -1127,7 +1127,7 @@ def _continue_chain(fd: int, path: Path, repair: bool = True) -> tuple[int, str,
         seq, digest = record["seq"], record["hash"]
         if not isinstance(seq, int) or not _HASH_SUFFIX.search(last):
             raise ValueError(seq)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # [[[[... too deep
         raise AuditLogError(
             f"{path} exists and is not a sandgate audit log (its last line is no audit "
             "record); choose another --audit-log"

@@ -149,6 +149,22 @@ def test_the_page_logs_in_to_a_session_header_and_sets_no_cookie():
     asyncio.run(main())
 
 
+def test_a_nested_body_is_a_bad_request_not_an_internal_error(caplog):
+    # json.loads raised RecursionError: a 500 and a traceback, without a token
+    async def main():
+        approvals, sessions, server, port = await _server()
+        origin = {"origin": f"http://127.0.0.1:{port}", "content-type": "application/json"}
+        bearer = {**origin, "authorization": f"Bearer {sessions.token}"}
+        deep = b"[" * 5000
+        assert (await _http(port, "POST", "/login", origin, deep))[0] == 400
+        assert (await _http(port, "POST", "/api/approvals/x", bearer, deep))[0] == 400
+        await server.stop()
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.exc_info], caplog.text[-2000:]
+
+
 def test_server_sent_events_push_a_new_approval():
     async def main():
         approvals, sessions, server, port = await _server()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import re
 import textwrap
 
 import pytest
 import yaml
-from sandgate.enforcer.approvals_control import always_writer, handle
+from sandgate.enforcer.approvals_control import always_writer, handle, serve
 from sandgate.enforcer.cli import main
 from sandgate.proxy.approvals.holder import Answer, Approvals
 from sandgate.proxy.approvals.overlay import append_approved, rule_expiry
@@ -499,6 +500,7 @@ NOON = datetime.datetime(2026, 3, 1, 12, 0, 0, tzinfo=datetime.UTC)
         ("2026-06-30T18:00:00+02:00", "2026-06-30T18:00:00+02:00"),
         ("30d", "2026-03-31T12:00:00Z"),
         (" 12h ", "2026-03-02T00:00:00Z"),
+        ("9999-12-31", "9999-12-31"),  # "never": the day after it overflowed datetime
     ],
 )
 def test_an_always_expiry_is_a_date_an_instant_or_a_time_from_now(given, written):
@@ -523,6 +525,65 @@ def test_a_bad_always_expiry_is_one_line(given, message):
     with pytest.raises(ValueError, match=re.escape(message)) as e:
         rule_expiry(given, NOON)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "duration",
+    [
+        pytest.param(float("inf"), id="inf"),  # JSON 1e400: a grant that never ended
+        pytest.param(float("nan"), id="nan"),  # matched nothing, never swept
+        pytest.param(10**400, id="400-digits"),  # overflowed the grant's end, once APPROVED
+        pytest.param(9_999_999 * 86_400 + 1, id="past-9999999d"),
+        pytest.param(True, id="bool"),
+        pytest.param(0, id="zero"),
+    ],
+)
+def test_a_duration_no_cli_could_send_is_refused_and_decides_nothing(duration):
+    async def scenario():
+        approvals = Approvals(lambda event: None)
+        held = asyncio.ensure_future(approvals.hold(key("pastebin.test"), "r", {}))
+        await asyncio.sleep(0.01)
+        (pending,) = approvals.list()
+        request = {"cmd": "approve", "id": pending["id"], "scope": "duration"}
+        reply = await handle(approvals, {**request, "duration": duration}, "uid 0")
+        (still,) = approvals.list()
+        held.cancel()
+        return reply, still
+
+    reply, still = asyncio.run(scenario())
+    assert not reply["ok"] and "duration must be a number of seconds" in reply["error"], reply
+    assert still["state"] == "pending"
+
+
+def test_the_longest_duration_the_cli_sends_is_taken():
+    async def scenario():
+        approvals = Approvals(lambda event: None)
+        held = asyncio.ensure_future(approvals.hold(key("pastebin.test"), "r", {}))
+        await asyncio.sleep(0.01)
+        (pending,) = approvals.list()
+        request = {"cmd": "approve", "id": pending["id"], "scope": "duration"}
+        reply = await handle(approvals, {**request, "duration": parse_duration("9999999d")}, "u")
+        await held
+        return reply
+
+    assert asyncio.run(scenario())["ok"]
+
+
+def test_an_embedded_runs_socket_answers_a_nested_line(tmp_path):
+    # json.loads raised RecursionError: no reply, and asyncio's "Unhandled exception"
+    # on the run's stderr
+    async def scenario():
+        path = tmp_path / "control.sock"
+        server = await serve(path, Approvals(lambda event: None))
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"[" * 5000 + b"\n" + b'{"cmd": "status"}\n')
+        replies = [await reader.readline(), await reader.readline()]
+        writer.close()
+        server.close()
+        return [json.loads(r) for r in replies]
+
+    deep, status = asyncio.run(scenario())
+    assert deep == {"ok": False, "error": "not a JSON object"} and status["ok"]
 
 
 def test_always_with_an_expiry_is_written_into_the_rule_and_shown(tmp_path, policy, capsys):

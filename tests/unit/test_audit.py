@@ -355,6 +355,14 @@ def test_refuses_to_append_to_a_file_that_is_no_audit_log(tmp_path):
     assert path.read_text() == "my notes\n"
 
 
+def test_refuses_to_append_to_a_file_whose_last_line_is_deeply_nested(tmp_path):
+    # json.loads raised RecursionError: a traceback at the start of `sandgate run`
+    path = tmp_path / "deep.jsonl"
+    path.write_text("[" * 60000 + "\n")
+    with pytest.raises(AuditLogError, match="not a sandgate audit log"):
+        AuditLog(path)
+
+
 def test_two_writers_on_one_file_are_refused(tmp_path):
     path = tmp_path / "audit.jsonl"
     first = AuditLog(path)

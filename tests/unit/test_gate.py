@@ -314,6 +314,9 @@ def test_hand_off_and_adopt_keep_one_decision(gate):
         pytest.param("evil.test", "GET", "/", "no_rule", "evil.test", id="other-host"),
         pytest.param("203.0.113.66", "GET", "/", "host_mismatch", None, id="host-ip-differs"),
         pytest.param("", "GET", "/", "host_mismatch", None, id="no-host"),
+        pytest.param("1" * 40, "GET", "/", "invalid_name", None, id="host-of-40-digits"),
+        # past int()'s 4300 digits: was internal_error, a traceback per request
+        pytest.param("1" * 4400, "GET", "/", "invalid_name", None, id="host-of-4400-digits"),
     ],
 )
 def test_requests(gate, host, method, path, reason, name):

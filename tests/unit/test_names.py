@@ -120,6 +120,14 @@ def test_parse_domain_rejects(text):
         parse_domain(text)
 
 
+def test_a_name_of_4400_digits_is_an_invalid_name():
+    # int() past 4300 digits raised a plain ValueError from the IP test inside
+    with pytest.raises(InvalidName):
+        parse_domain("1" * 4400)
+    with pytest.raises(InvalidName):
+        parse_domain_pattern("1" * 4400)
+
+
 def test_parse_domain_rejects_non_strings():
     with pytest.raises(InvalidName):
         parse_domain(None)  # type: ignore[arg-type]
@@ -159,6 +167,9 @@ def test_parse_domain_rejects_non_strings():
         pytest.param("::FFFF:7f00:1", "127.0.0.1", id="v4-mapped-hex"),
         pytest.param("[::ffff:169.254.169.254]", "169.254.169.254", id="v4-mapped-bracketed"),
         pytest.param("0:0:0:0:0:ffff:a9fe:a9fe", "169.254.169.254", id="v4-mapped-long"),
+        # inet_aton takes any number of leading zeros (no int() digit limit in base 8 or 16)
+        pytest.param("0" * 5000 + "177.1", "127.0.0.1", id="octal-5000-zeros"),
+        pytest.param("0x" + "0" * 5000 + "7f.1", "127.0.0.1", id="hex-5000-zeros"),
     ],
 )
 def test_parse_ip_spellings(text, expected):
@@ -184,6 +195,11 @@ def test_parse_ip_spellings(text, expected):
         pytest.param("[::1", id="unclosed-bracket"),
         pytest.param("[10.0.0.1]", id="v4-in-brackets"),
         pytest.param(":::1", id="bad-v6"),
+        # Past int()'s 4300 decimal digits: a ValueError, that was a task's Host header
+        # denied as internal_error with a traceback (and a traceback in `rules lint`).
+        pytest.param("1" * 4400, id="4400-digits"),
+        pytest.param("1.2.3." + "1" * 4400, id="4400-digit-part"),
+        pytest.param("10000000000", id="11-digits"),
     ],
 )
 def test_parse_ip_rejects(text):
@@ -572,6 +588,7 @@ def test_parse_host_port(text, default_port, expected):
         pytest.param("host:65536", "from 1 to 65535", id="too-big"),
         pytest.param("host:\u00b2", "from 1 to 65535", id="unicode-digit"),
         pytest.param("host:-1", "from 1 to 65535", id="negative"),
+        pytest.param("host:" + "1" * 4400, "from 1 to 65535", id="4400-digits"),
         pytest.param("[::1", "expected \\[IPV6\\]:PORT", id="unclosed-bracket"),
         pytest.param("[::1]x80", "expected \\[IPV6\\]:PORT", id="junk-after-bracket"),
         # nginx keeps the brackets of `[allowed.test]` and serves its default server

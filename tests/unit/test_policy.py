@@ -1133,6 +1133,61 @@ def test_expires_must_be_a_date_or_an_instant_with_its_zone(tmp_path, value, mes
     assert (problem.line, message in problem.message) == (6, True), problem
 
 
+def test_expires_on_the_last_day_a_date_can_name_reads_as_any_other_day(tmp_path):
+    # 9999-12-31 ("never"): the day after it overflowed datetime, a traceback in lint
+    # and `FILE:1:1: OverflowError` on a reload.
+    text = "version: 1\nprofiles:\n  default:\n    rules:\n      - allow: a.example\n        expires: 9999-12-31\n"
+    policy = load_policy(write(tmp_path, "p.yaml", text))
+    end = datetime.datetime(9999, 12, 31).timestamp() + 86400  # its local end
+    assert policy.next_expiry_at == end and not policy.expired
+    assert decide(policy, connect("a.example")).reason is Reason.RULE_ALLOW
+
+
+BIG = "1" * 4400  # past int()'s 4300 digits (sys.get_int_max_str_digits): a ValueError
+
+
+@pytest.mark.parametrize(
+    ("rule", "profile", "line", "message"),
+    [
+        pytest.param(f"ports: [{BIG}]", "", 6, "is not a number from 1 to 65535", id="port"),
+        pytest.param(f"ports: [0{BIG}]", "", 6, "is not a number from 1 to 65535", id="port-0"),
+        pytest.param("", f"limits: {{connections: {BIG}}}", 4, "connections", id="limit"),
+        pytest.param(
+            "", f"approval: {{max_pending_per_sandbox: {BIG}}}", 4, "max_pending", id="pending"
+        ),
+    ],
+)
+def test_a_number_of_4400_digits_is_out_of_range(tmp_path, rule, profile, line, message):
+    text = (
+        f"version: 1\nprofiles:\n  default:\n    {profile or 'fallback: deny'}\n"
+        f"    rules:\n      - {{allow: a.example, {rule or 'id: a'}}}\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write(tmp_path, "p.yaml", text))
+    [problem] = caught.value.problems
+    assert (problem.line, message in problem.message) == (line, True), problem
+
+
+def test_an_address_of_4400_digits_is_an_invalid_name(tmp_path):
+    text = f"version: 1\nprofiles:\n  default:\n    rules:\n      - allow: '{BIG}'\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write(tmp_path, "p.yaml", text))
+    [problem] = caught.value.problems
+    assert (problem.line, "longer than 63 characters" in problem.message) == (5, True), problem
+
+
+def test_rules_without_ids_on_one_line_are_told_apart_by_their_column(tmp_path):
+    # Valid YAML and no alias: refused as "used a second time (a YAML alias?)"
+    text = "version: 1\nprofiles: {default: {rules: [{allow: a.example}, {allow: b.example}, {deny: c.example}]}}\n"
+    policy = load_policy(write(tmp_path, "p.yaml", text))
+    assert [r.id for r in policy.profiles["default"].rules] == [
+        "p.yaml:2",
+        "p.yaml:2:50",
+        "p.yaml:2:70",
+    ]
+    assert decide(policy, connect("b.example")).rule_id == "p.yaml:2:50"
+
+
 # --- profiles: extends and include -----------------------------------------------------------
 
 
