@@ -103,11 +103,13 @@ _READ_FIELDS = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"upgrade", *_OVERRIDES}
 )
 # A query parameter that names a method (`_method=DELETE`), in any spelling a query
-# parser decodes: `%5Fmethod`, `_%6Dethod`, upper case; split at '&' and ';'. PHP
+# parser decodes: `%5Fmethod`, `_%6Dethod`, upper case, `[_method]` (qs); split at '&'
+# and ';'. PHP
 # (which Symfony and Laravel read `_method` through) also drops leading spaces of a
 # name, turns ' ' and '.' into '_' and ends it at a NUL: `?.method=DELETE` is its
 # `_method`; so are `_method%00x=DELETE` and `_method[]=DELETE` (an array of that name).
 _QUERY_PARAM = re.compile(r"[^&;]+")
+_UNBRACKETED = re.compile(r"[^\[\]]+")
 _PHP_MANGLED = str.maketrans(" .", "__")
 
 
@@ -478,8 +480,10 @@ def _overrides(
         for param in _QUERY_PARAM.findall(query):
             key, _, value = param.partition("=")
             # PHP ends a name at its first NUL (`_method%00x`) and at `[` (`_method[]`: an
-            # array of that name)
-            name = unquote_plus(key).split("\x00", 1)[0].lstrip(" ").split("[", 1)[0]
+            # array of that name); Node's qs and Rack take a name in brackets as the
+            # name (`[_method]=`, `[_method]x=`): the first run of it without brackets.
+            name = unquote_plus(key).split("\x00", 1)[0].lstrip(" ")
+            name = first.group() if (first := _UNBRACKETED.search(name)) else ""
             if name.translate(_PHP_MANGLED).strip().lower() == "_method":
                 named = unquote_plus(value).strip().upper()
                 if named != method:

@@ -142,6 +142,11 @@ def test_each_spelling_of_a_denied_path(policy, target, expected):
         pytest.param("POST", "/public/ok?_method[]=DELETE", [], "ambiguous_method", id="php-query-array"),
         pytest.param("POST", "/public/ok?_method%00x=DELETE", [], "ambiguous_method", id="php-query-nul"),
         pytest.param("POST", "/public/ok?[method=DELETE&x.method=PUT", [], "rule_allow", id="php-other-keys"),
+        # Node's qs (Express 4's req.query) and Rack take a bracketed name as the name
+        pytest.param("POST", "/public/ok?[_method]=DELETE", [], "ambiguous_method", id="qs-bracketed"),
+        pytest.param("POST", "/public/ok?%5B_method%5D=DELETE", [], "ambiguous_method", id="qs-bracketed-escaped"),
+        pytest.param("POST", "/public/ok?[_method]x=DELETE", [], "ambiguous_method", id="qs-bracketed-more"),
+        pytest.param("POST", "/public/ok?a[_method]=DELETE", [], "rule_allow", id="qs-nested-other"),
         pytest.param("POST", "/public/ok", [("X_HTTP_METHOD_OVERRIDE", "DELETE")], "ambiguous_method", id="php-header-underscores"),
         pytest.param("POST", "/public/ok", [("X.HTTP.Method.Override", "DELETE")], "ambiguous_method", id="php-header-dots"),
         pytest.param("POST", "/public/ok", [("Content_Length", "5")], "rule_allow", id="php-other-header"),
