@@ -516,8 +516,12 @@ class SandgateAddon:
             return
         if checked.forward_host is not None:  # the decided spelling (gate._as_decided)
             request.host_header = checked.forward_host
-            if request.data.authority:  # an HTTP/1 absolute-form target goes on as one
-                request.data.authority = checked.forward_host.encode("ascii")
+        if request.data.authority and not (request.is_http2 or request.is_http3):
+            # An HTTP/1 absolute-form target goes on in origin form, as the door's own
+            # path sends it (http1.origin_form): its authority was checked against the
+            # Host, not spelled as decided (`https://ALLOWED.TEST/`), and a server that
+            # routes by it (Go's net/http, case-sensitive) served another tenant.
+            request.data.authority = b""
         if checked.websocket:
             flow.metadata[_WEBSOCKET_ALLOWED] = checked  # a websocket rule allowed it
             # No extension: permessage-deflate had the gateway inflate each message

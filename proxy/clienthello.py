@@ -41,6 +41,14 @@ MAX_RECORD = 1 << 14  # RFC 8446 5.1: a plaintext record carries at most 2^14 by
 # (`16 00 01 ...`) and routes by the SNI in them. A hello in a record that a check
 # here took for raw TCP would skip the SNI decision.
 MAX_RECORD_MAJOR = 0x0F
+# What a hello is decided on, though: record versions clients send (SSL 3.0 to TLS
+# 1.3's 0x0301) and ClientHello legacy_versions (TLS 1.0 to 1.2; 1.3 sends 0x0303).
+# The rest is TLS to some server and no TLS to an SNI router: HAProxy's `req.ssl_sni`
+# and nginx's `ssl_preread` find no name in a `16 00 01` record, HAProxy none in a
+# legacy_version of 0x0400 (OpenSSL takes both), and route to their default backend.
+# Refused (malformed_tls), not taken for raw TCP.
+RECORD_VERSIONS = range(0x0300, 0x0305)
+LEGACY_VERSIONS = range(0x0301, 0x0304)
 # A ServerHello whose random is this is a HelloRetryRequest (RFC 8446 4.1.3): the
 # client answers it with a second ClientHello, in plaintext too.
 HELLO_RETRY_RANDOM = bytes.fromhex(
@@ -124,6 +132,8 @@ def _first_handshake_message(data: bytes) -> bytes | None:
     size = (header[3] << 8) | header[4]
     if size == 0 or size > MAX_RECORD:
         raise ValueError(f"TLS record of {size} bytes")
+    if (header[1] << 8 | header[2]) not in RECORD_VERSIONS:
+        raise ValueError(f"a ClientHello in a record of version {header[1:3].hex()}")
     if len(data) < 5 + size:
         return None
     message = data[5 : 5 + size]
@@ -146,6 +156,8 @@ def _extensions(body: bytes) -> tuple[str | None, bytes | None, bool]:
     the ALPN extension's bytes if there is one, and whether it hides a name (ECH).
     Indexing past the end raises IndexError: the body was cut short."""
     try:
+        if (body[0] << 8 | body[1]) not in LEGACY_VERSIONS:
+            raise ValueError(f"ClientHello legacy_version {body[:2].hex()}")
         at = 2 + 32  # legacy_version, random
         size = body[at]
         if size > 32:

@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from sandgate.proxy.clienthello import (
     MAX_RECORD,
     MAX_RECORD_MAJOR,
+    RECORD_VERSIONS,
     SPLIT_HELLO,
     ClientHello,
     client_hello_of,
@@ -376,6 +377,10 @@ class HelloWatch:
                 return self._release(self.at)  # before the second hello: it goes on
             if size > MAX_RECORD:
                 return self._refuse(f"a handshake record of {size} bytes")
+            if (held[at + 1] << 8 | held[at + 2]) not in RECORD_VERSIONS:
+                return self._refuse(
+                    f"a ClientHello in a record of version {bytes(held[at + 1 : at + 3]).hex()}"
+                )
             if len(held) < at + 5 + size:
                 return self._too_long()
             hs = held[at + 5 : at + 5 + size]  # the whole hello, as clienthello.py reads one

@@ -76,7 +76,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
     (
         "malformed-tls",
         (R.MALFORMED_TLS, R.INVALID_NAME),
-        "a ClientHello that cannot be parsed, is split over records or longer than 16 KiB, names no "
+        "a ClientHello that cannot be parsed, is split over records, in a record or legacy version no "
+        "client sends, or longer than 16 KiB, names no "
         "valid host in its SNI, or, passed through by name, not in the decided spelling (lower case, "
         "no trailing dot)",
     ),

@@ -15,6 +15,9 @@ allowed.
   gateway decided `allowed.test`; `req.ssl_sni -i allowed.test` does not match the
   trailing dot, and the router's default backend served it. Now passed-through
   hellos must spell their SNI as decided (lower case, no trailing dot).
+- A hello in a record version no client sends (`16 00 01`: Go's crypto/tls takes
+  it), or with a legacy_version of 0x0400 (OpenSSL takes it): the router finds no
+  name in it and uses its default backend. Now refused.
 - The same for a plain-HTTP Host (`allowed.test.`): `hdr(host) -i allowed.test` did
   not match it, and the router's default backend got the request. The gateway now
   forwards the Host it decided (`allowed.test`), the port as sent.
@@ -139,17 +142,22 @@ def test_an_sni_spelled_otherwise_than_decided_is_refused_when_passed_through(ne
     """With a default backend (the forbidden tenant), as a provider's catch-all has it:
     a hello without SNI would reach it, which the gateway refuses (missing_sni); so
     are the spellings the router matches as no name."""
-    steps = hellos("honest", "nosni", "dot", "upper")
+    steps = hellos("honest", "nosni", "dot", "upper", "record0001", "legacy0400")
     result, tenants = through_router(net, tmp_path, "default_backend tenant_forbidden", steps)
     why = f"{result.describe()}\ntenants:\n{tenants}"
     assert result["honest"].rc == 0 and "SECRET of ALLOWED-TENANT" in result["honest"].out, why
-    for mode in ("nosni", "dot", "upper"):
+    for mode in ("nosni", "dot", "upper", "record0001", "legacy0400"):
         assert result[mode].rc != 0 and "SECRET" not in result[mode].out, why
     assert "FORBIDDEN-TENANT got" not in tenants and "FORBIDDEN-TENANT connection" not in tenants
     assert result.events(kind="connection", verdict="deny", reason="missing_sni"), why
     spelled = result.events(kind="connection", verdict="deny", reason="invalid_name")
     assert sorted(e["detail"].split("'")[1] for e in spelled) == ["ALLOWED.TEST", "allowed.test."]
     assert all(e["rule_id"] == "builtin:malformed-tls" for e in spelled), why
+    versions = result.events(kind="connection", verdict="deny", reason="malformed_tls")
+    assert sorted(e["detail"].split(": ", 1)[1] for e in versions) == [
+        "ClientHello legacy_version 0400",
+        "a ClientHello in a record of version 0001",
+    ], why
 
 
 def test_a_host_spelled_otherwise_than_decided_is_forwarded_as_decided(net, tmp_path):

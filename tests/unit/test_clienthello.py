@@ -180,13 +180,38 @@ def test_starts_like_tls_record_takes_all_mitmproxy_does_and_every_version_a_ser
         assert starts_like_tls_record(bytes([0x16, major, 0x01])) is (major <= MAX_RECORD_MAJOR)
 
 
-@pytest.mark.parametrize(
-    "version", [0x0300, 0x0301, 0x0302, 0x0303, 0x0304, 0x0001, 0x0100, 0x0200, 0x0FFF]
-)
-def test_a_hello_in_any_record_version_names_its_server(version):
+@pytest.mark.parametrize("version", [0x0300, 0x0301, 0x0302, 0x0303, 0x0304])
+def test_a_hello_in_a_record_version_clients_send_names_its_server(version):
     hello = bytearray(client_hello("allowed.test"))
     hello[1:3] = version.to_bytes(2, "big")
     assert parse_client_hello(bytes(hello)).sni == "allowed.test"
+
+
+@pytest.mark.parametrize("version", [0x0001, 0x0100, 0x0200, 0x0305, 0x0FFF])
+def test_a_hello_in_another_record_version_is_tls_but_refused(version):
+    """Go's crypto/tls takes it (so it is no raw TCP), HAProxy's and nginx's SNI
+    readers find no name in it and route to their default backend: refused."""
+    hello = bytearray(client_hello("allowed.test"))
+    hello[1:3] = version.to_bytes(2, "big")
+    assert starts_like_tls_record(bytes(hello))
+    with pytest.raises(ValueError, match="record of version"):
+        parse_client_hello(bytes(hello))
+
+
+@pytest.mark.parametrize(
+    "version, named", [(0x0301, True), (0x0302, True), (0x0303, True), (0x0300, False),
+                       (0x0304, False), (0x0400, False), (0x0203, False)]
+)  # fmt: skip
+def test_only_the_legacy_versions_clients_send_are_read(version, named):
+    """OpenSSL takes a legacy_version of 0x0400 beside supported_versions; HAProxy's
+    req.ssl_sni finds no name in it and routes to its default backend."""
+    hello = bytearray(client_hello("allowed.test"))
+    hello[9:11] = version.to_bytes(2, "big")  # record header 5, handshake header 4
+    if named:
+        assert parse_client_hello(bytes(hello)).sni == "allowed.test"
+    else:
+        with pytest.raises(ValueError, match="legacy_version"):
+            parse_client_hello(bytes(hello))
 
 
 HELLO = client_hello("allowed.test")

@@ -380,15 +380,22 @@ def test_what_no_server_reads_as_a_hello_is_not_one(candidate):
     assert run(watch) == (data, [])
 
 
-@pytest.mark.parametrize(
-    "version", [b"\x00\x01", b"\x01\x00", b"\x02\x00", b"\x03\x03", b"\x0f\xff"]
-)
-def test_a_hello_in_any_record_version_a_server_takes_is_decided(version):
-    # Go's crypto/tls takes any version below 0x1000 in a connection's first record.
+def test_a_hello_in_a_record_version_clients_send_is_decided():
+    watch = HelloWatch("raw")
+    watch.feed_client(PG_SSL_REQUEST + hello("evil.test", version=b"\x03\x03"))
+    sent, said = run(watch, allow=False)
+    assert sent == PG_SSL_REQUEST and snis(said) == [("evil.test", False, False)]
+
+
+@pytest.mark.parametrize("version", [b"\x00\x01", b"\x01\x00", b"\x02\x00", b"\x0f\xff"])
+def test_a_hello_in_any_other_record_version_a_server_takes_is_refused(version):
+    # Go's crypto/tls takes any version below 0x1000 in a connection's first record;
+    # SNI routers find no name in it (clienthello.RECORD_VERSIONS).
     watch = HelloWatch("raw")
     watch.feed_client(PG_SSL_REQUEST + hello("evil.test", version=version))
     sent, said = run(watch, allow=False)
-    assert sent == PG_SSL_REQUEST and snis(said) == [("evil.test", False, False)]
+    assert len(sent) <= len(PG_SSL_REQUEST) + 6 and [type(s) for s in said] == [Refuse]
+    assert "record of version" in said[0].detail
 
 
 def test_the_scans_pattern_is_a_hello_start_as_the_constants_say():
@@ -593,9 +600,15 @@ def run_raw(data: bytes):
 def test_first_bytes_in_any_record_version_a_server_takes_are_a_hello(
     gate, version, port, sni, outcome
 ):
+    """TLS, not raw TCP (Go's crypto/tls takes the hello), and refused: SNI routers
+    find no name in it (clienthello.RECORD_VERSIONS)."""
     state = gate.on_connect(("k", 1), SANDBOX, 40000, "203.0.113.10", port)
     data = hello(sni, version=version.to_bytes(2, "big"))
-    assert gate.on_first_bytes(state, data) is outcome
+    assert gate.on_first_bytes(state, data) is Outcome.REJECT
+    assert events(gate) == [("deny", "malformed_tls", "builtin:malformed-tls", None, "tls")]
+    state = gate.on_connect(("k", 1), SANDBOX, 40001, "203.0.113.10", port)
+    gate.events.clear()
+    assert gate.on_first_bytes(state, hello(sni, version=b"\x03\x01")) is outcome
     assert [e[3:] for e in events(gate)] == [(sni, "tls")]
 
 

@@ -15,7 +15,9 @@ usage: reframing_client.py IP PORT REAL FAKE PATH MODE
   MODE: honest (plain hello, SNI REAL), straight (plain hello, SNI FAKE),
         split (the reframed hello above, SNI REAL), dot (SNI "REAL."),
         upper (SNI REAL in upper case), tiny (SNI REAL, a first record of 8 bytes),
-        nosni (no SNI)
+        record0001 (SNI REAL in a record of version 0x0001: Go's crypto/tls takes it),
+        legacy0400 (SNI REAL, legacy_version 0x0400: OpenSSL takes it; the transcript
+        then differs, so only the server's first bytes tell), nosni (no SNI)
 """
 
 import contextlib
@@ -118,6 +120,10 @@ def main():
         obj, inc, out, data = first_flight(["http/1.1"], real + ".")
     elif mode == "upper":  # SNI "REAL" in upper case (the gateway reads REAL)
         obj, inc, out, data = first_flight(["http/1.1"], real.upper())
+    elif mode in ("record0001", "legacy0400"):  # SNI REAL; a version no router reads
+        obj, inc, out, data = first_flight(["http/1.1"], real)
+        at = 1 if mode == "record0001" else 9  # the record's version, or legacy_version
+        data = data[:at] + bytes.fromhex(mode[-4:]) + data[at + 2 :]
     elif mode == "nosni":  # no SNI at all: what the gateway refuses (missing-sni)
         obj, inc, out, data = first_flight(["http/1.1"], None)
     elif mode == "tiny":  # SNI REAL, the hello's first 8 bytes in a record of their own
