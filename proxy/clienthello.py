@@ -41,14 +41,19 @@ MAX_RECORD = 1 << 14  # RFC 8446 5.1: a plaintext record carries at most 2^14 by
 # (`16 00 01 ...`) and routes by the SNI in them. A hello in a record that a check
 # here took for raw TCP would skip the SNI decision.
 MAX_RECORD_MAJOR = 0x0F
-# What a hello is decided on, though: record versions clients send (SSL 3.0 to TLS
-# 1.3's 0x0301) and ClientHello legacy_versions (TLS 1.0 to 1.2; 1.3 sends 0x0303).
+# What a hello is decided in, though: the record versions clients send (0x0300 to
+# 0x0304; TLS 1.3 clients send 0x0301 or 0x0303) and the ClientHello legacy_versions
+# (TLS 1.0 to 1.2; TLS 1.3 sends 0x0303).
 # The rest is TLS to some server and no TLS to an SNI router: HAProxy's `req.ssl_sni`
 # and nginx's `ssl_preread` find no name in a `16 00 01` record, HAProxy none in a
 # legacy_version of 0x0400 (OpenSSL takes both), and route to their default backend.
 # Refused (malformed_tls), not taken for raw TCP.
 RECORD_VERSIONS = range(0x0300, 0x0305)
 LEGACY_VERSIONS = range(0x0301, 0x0304)
+SPLIT_HELLO = (
+    "a ClientHello split over TLS records (SNI routers read the first record as the whole "
+    "hello; no client library splits one that fits a record)"
+)
 # A ServerHello whose random is this is a HelloRetryRequest (RFC 8446 4.1.3): the
 # client answers it with a second ClientHello, in plaintext too.
 HELLO_RETRY_RANDOM = bytes.fromhex(
@@ -143,12 +148,6 @@ def _first_handshake_message(data: bytes) -> bytes | None:
     if end is None or end > size:
         raise ValueError(SPLIT_HELLO)
     return message[4:end]
-
-
-SPLIT_HELLO = (
-    "a ClientHello split over TLS records (SNI routers read the first record as the whole "
-    "hello; no client library splits one that fits a record)"
-)
 
 
 def _extensions(body: bytes) -> tuple[str | None, bytes | None, bool]:

@@ -36,8 +36,9 @@ Two modes, chosen by what the gate decided:
 
 What cannot be read where a server would read a hello (a record header that is not
 TLS's, a hello that cannot be parsed or is longer than MAX_FIRST_BYTES, handshake
-bytes after a hello in its record, a hello split over records, another handshake
-message where the second hello goes) is `Refuse`d: the caller resets the connection; nothing fails open.
+bytes after a hello in its record, a hello split over records or in a record version
+no client sends, another handshake message where the second hello goes) is
+`Refuse`d: the caller resets the connection; nothing fails open.
 
 A server whose answer to a hello is not TLS (no ServerHello, so no retry to tell)
 does not end the watch: the client's bytes from there are scanned as in `raw` mode,
