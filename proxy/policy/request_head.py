@@ -103,11 +103,11 @@ _READ_FIELDS = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"upgrade", *_OVERRIDES}
 )
 # A query parameter that names a method (`_method=DELETE`), in any spelling a query
-# parser decodes: `%5Fmethod`, `_%6Dethod`, upper case, `[_method]` (qs); split at '&'
-# and ';'. PHP
+# parser decodes: `%5Fmethod`, `_%6Dethod`, upper case; split at '&' and ';'. PHP
 # (which Symfony and Laravel read `_method` through) also drops leading spaces of a
 # name, turns ' ' and '.' into '_' and ends it at a NUL: `?.method=DELETE` is its
 # `_method`; so are `_method%00x=DELETE` and `_method[]=DELETE` (an array of that name).
+# Node's qs (Express 4's req.query) and Rack read `[_method]=DELETE` as `_method`.
 _QUERY_PARAM = re.compile(r"[^&;]+")
 _UNBRACKETED = re.compile(r"[^\[\]]+")
 _PHP_MANGLED = str.maketrans(" .", "__")
@@ -450,7 +450,7 @@ def _overrides(
         if field is None:
             continue
         for value in values:
-            text = value.strip(b" \t").decode("ascii", "replace")
+            text = value.strip().decode("ascii", "replace")
             if field == "method":
                 named = [text.upper()]
             elif field == "mount":
