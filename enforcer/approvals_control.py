@@ -409,17 +409,28 @@ async def _serve_client(approvals: Approvals, reader, writer) -> None:
             except (ValueError, RecursionError):  # RecursionError: [[[[... too deep
                 reply = {"ok": False, "error": "not a JSON object"}
             else:
-                if request.get("cmd") == "watch":
+                cmd = request.get("cmd")
+                if cmd == "watch":
                     await watch(approvals, reader, writer)
                     return
-                if request.get("cmd") == "status":
-                    reply = {"ok": True, "embedded": True, "approvals": len(approvals.list())}
-                elif request.get("cmd") in COMMANDS:
-                    reply = await handle(approvals, request, approver)
-                else:
+                try:
+                    if cmd == "status":
+                        reply = {"ok": True, "embedded": True, "approvals": len(approvals.list())}
+                    elif cmd in COMMANDS:
+                        reply = await handle(approvals, request, approver)
+                    else:
+                        reply = {
+                            "ok": False,
+                            "error": "an embedded run's socket answers the approvals commands only",
+                        }
+                except Exception as e:  # noqa: BLE001 - a request never takes the socket down
+                    # As the service's socket (service.py): logged once, said, served on;
+                    # not asyncio's "Unhandled exception in client_connected_cb".
+                    log.exception("approvals request %r failed", cmd)
+                    what = str(cmd)[:40]
                     reply = {
                         "ok": False,
-                        "error": "an embedded run's socket answers the approvals commands only",
+                        "error": f"{what}: internal error ({type(e).__name__}); see the run's log",
                     }
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()

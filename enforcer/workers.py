@@ -540,7 +540,7 @@ class WorkerPool:
         for payload in found.payloads:
             try:
                 event = decode_members(payload)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: [[[[... too deep
                 log.error("gateway worker %d: a bad black box record: %s", worker.index, e)
                 lost += 1
                 continue

@@ -68,7 +68,7 @@ class ReloadResult:
     trigger: str  # what started it: "control", "SIGHUP", "file change", ...
     policy_hash: str  # the policy in force afterwards: the old one after a failure
     rule_count: int  # of that policy
-    errors: tuple[str, ...] = ()  # FILE:LINE:COL: message, one per problem
+    errors: tuple[str, ...] = ()  # FILE:LINE:COL: message, one per problem (or why none load)
     ms: float = 0.0  # load and swap, wall time
     swap: SwapReport | None = None  # None after a failure
 
@@ -133,7 +133,12 @@ class PolicyReloader:
                 errors = tuple(map(str, e.problems))
             except Exception as e:  # noqa: BLE001 - a loader failure is a failed reload, not a crash
                 log.exception("sandgate: loading the rule files failed")
-                errors = (f"{', '.join(map(str, self.rule_files))}:1:1: {type(e).__name__}: {e}",)
+                # No FILE:LINE:COL: no line of the files is known to be at fault.
+                errors = (
+                    f"the rules could not be loaded from {', '.join(map(str, self.rule_files))}: "
+                    f"{type(e).__name__}: {e} (an unexpected error, at no known line: its "
+                    "traceback is in the log)",
+                )
             else:
                 self._failed_paths = ()
                 old = self.gateway.policy

@@ -497,10 +497,17 @@ class PendingStore:
             raise ApprovalError("a duration approval needs a duration (--for 1h)")
         widened = self.check_scope(pending_id, scope, widen)
         self.check_seen(pending_id, seen)
-        found = self._step(pending_id, "approve", approver)
+        # The grant's end before the step: a duration that fails it (a 400-digit int
+        # overflows a float) leaves the approval pending, not approved without an end.
+        now = self.clock()
+        try:
+            until = now + duration if scope is Scope.DURATION else None
+        except (OverflowError, TypeError):
+            raise ApprovalError(f"a duration of {str(duration)[:40]} s cannot be granted") from None
+        found = self._step(pending_id, "approve", approver, at=now)
         found.scope, found.ticket, found.widened = scope, ticket, widened
-        if scope is Scope.DURATION:
-            found.until = found.decided_at + duration
+        if until is not None:
+            found.until = until
         self._file_grant(found)
         return found
 
@@ -620,7 +627,10 @@ class PendingStore:
         """Pending approvals, oldest first."""
         return sorted(self.pending.values(), key=lambda p: p.created)
 
-    def _step(self, pending_id: str, step: str, approver: str | None) -> Pending:
+    def _step(
+        self, pending_id: str, step: str, approver: str | None, at: float | None = None
+    ) -> Pending:
+        """Move `pending_id` by `step`; a decision is dated `at` (default: now)."""
         found = self.get(pending_id)
         target = TRANSITIONS[found.state].get(step)
         if target is None:
@@ -628,7 +638,7 @@ class PendingStore:
         found.state, found.approver = target, approver
         if target is State.DECIDING or target is State.PENDING:
             return found  # still open: listed, joined, not yet in `recent`
-        found.decided_at = self.clock()
+        found.decided_at = self.clock() if at is None else at
         del self.pending[found.id]
         if self.by_key.get(found.key) is found:
             del self.by_key[found.key]

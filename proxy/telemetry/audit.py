@@ -599,7 +599,7 @@ class AuditLog:
         for payload in found.payloads:
             try:
                 event = decode_members(payload)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: [[[[... too deep
                 log.error("audit journal: a bad record in %s: %s", where, e)
                 lost += 1
                 continue
@@ -696,7 +696,7 @@ class AuditLog:
                         if record["seq"] < origin:
                             continue
                         event = Event.from_values([record.get(name) for name in FIELDS])
-                    except (ValueError, KeyError, TypeError):
+                    except (ValueError, KeyError, TypeError, RecursionError):  # [[[[... too deep
                         continue
                     followed_from = followed_from or record["seq"]
                     connections.follow([event])
@@ -1008,7 +1008,7 @@ def _whose(found: blackbox.Recovered) -> str:
     KILLED. The note is a policy event, which only sandgate itself makes."""
     try:
         last = decode_members(found.payloads[-1]) if found.payloads else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: [[[[... too deep
         return KILLED
     if last is None or last.kind is not EventKind.POLICY:
         return KILLED
@@ -1058,7 +1058,7 @@ def _first_seq(fd: int) -> int | None:
     head = os.pread(fd, 65536, 0).split(b"\n", 1)[0]
     try:
         seq = json.loads(head)["seq"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # [[[[... too deep
         return None
     return seq if isinstance(seq, int) else None
 

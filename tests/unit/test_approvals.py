@@ -178,6 +178,18 @@ def test_state_table_first_decision_wins_and_the_second_is_told():
         s.approve("nope", "x", Scope.ONCE)
 
 
+def test_a_duration_that_cannot_end_leaves_the_approval_pending():
+    # The step came first: APPROVED, out of the pending list, with no `until`.
+    s, _ = store()
+    pending, _ = ask(s, key())
+    with pytest.raises(ApprovalError, match="cannot be granted"):
+        s.approve(pending.id, "uid 0 (root)", Scope.DURATION, duration=10**400)
+    assert pending.state is State.PENDING and pending.approver is None
+    assert s.get(pending.id) is pending and s.grant_for(key()) is None
+    s.approve(pending.id, "uid 0 (root)", Scope.DURATION, duration=60)
+    assert pending.until == pending.decided_at + 60 and s.grant_for(key()).approved
+
+
 def test_scopes():
     s, clock = store()
     # once, nobody held: the next ask is granted, then asks again
@@ -584,6 +596,38 @@ def test_an_embedded_runs_socket_answers_a_nested_line(tmp_path):
 
     deep, status = asyncio.run(scenario())
     assert deep == {"ok": False, "error": "not a JSON object"} and status["ok"]
+
+
+def test_an_embedded_runs_socket_answers_a_failing_command_and_serves_on(tmp_path, caplog):
+    # No catch-all: no reply, the connection dropped, and asyncio's "Unhandled
+    # exception in client_connected_cb" on the run's stderr
+    class Broken(Approvals):
+        def get(self, pending_id):
+            raise RuntimeError("a bug")
+
+    async def scenario():
+        unhandled = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _, context: unhandled.append(context)
+        )
+        path = tmp_path / "control.sock"
+        server = await serve(path, Broken(lambda event: None))
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b'{"cmd": "approval", "id": "a1"}\n{"cmd": "status"}\n')
+        replies = [await reader.readline(), await reader.readline()]
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return [json.loads(r) for r in replies if r], unhandled
+
+    replies, unhandled = asyncio.run(scenario())
+    assert replies[0] == {
+        "ok": False,
+        "error": "approval: internal error (RuntimeError); see the run's log",
+    }
+    assert replies[1]["ok"] and replies[1]["embedded"] and not unhandled
+    failed = [r for r in caplog.records if "approvals request 'approval' failed" in r.message]
+    assert len(failed) == 1 and failed[0].exc_info
 
 
 def test_always_with_an_expiry_is_written_into_the_rule_and_shown(tmp_path, policy, capsys):

@@ -327,3 +327,41 @@ def test_a_connection_whose_end_the_rate_limit_took_gets_no_made_up_end_after_a_
     path, journal = killed(tmp_path, lines, [])
     _, after = reopened(path, journal)
     assert not [r for r in after if CUT in r.get("detail", "")]
+
+
+DEEP = b"[" * 5000  # json.loads raised RecursionError on it: a traceback at the open
+
+
+def test_a_deeply_nested_connection_line_is_not_followed_and_the_open_goes_on(tmp_path):
+    path, journal = killed(tmp_path, [request(0), request(1)], [request(2)])
+    first, rest = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(first + b"\n" + b'{"kind":"connection_start","x":' + DEEP + b"\n" + rest)
+    log = AuditLog(path, journal=journal)
+    log.close()
+    after = [json.loads(line) for line in path.read_bytes().splitlines() if DEEP not in line]
+    assert [r["path"] for r in after if RECOVERED in r.get("detail", "")] == ["/2"]
+    assert log.recovered[:2] == (1, 0)
+    assert [b.line for b in verify(path).breaks] == [2]  # the line put in, only
+
+
+def test_a_deeply_nested_first_line_is_no_first_seq(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.emit(request(0))
+    log.close()
+    path.write_bytes(DEEP + b"\n" + path.read_bytes())
+    log = AuditLog(path)
+    log.close()
+    assert log.file_first_seq is None
+
+
+def test_a_deeply_nested_journal_record_is_counted_lost(tmp_path):
+    path, journal = tmp_path / "audit.jsonl", tmp_path / "j.ring"
+    ring = bytearray(blackbox.HEADER_SIZE + 65536)  # a record of up to 16 KiB
+    blackbox.blank(ring)
+    blackbox.BlackBox(ring).write(b'"x":' + DEEP)
+    journal.write_bytes(ring)
+    log = AuditLog(path, journal=journal)
+    log.close()
+    assert log.recovered[:2] == (0, 1) and log.lost == 1
+    assert " 1 lost" in records(path)[-1]["detail"]
