@@ -357,47 +357,44 @@ class HelloWatch:
         """Records from `at`: a ClientHello's, whole in one record; in SECOND, the
         ChangeCipherSpec, alert and early-data records before it go on."""
         held = self.held
-        while True:
-            at = self.at
-            if len(held) < at + 5:
-                return self._too_long()
-            kind, size = held[at], (held[at + 3] << 8) | held[at + 4]
-            if held[at + 1] > MAX_RECORD_MAJOR or not 0 < size <= _MAX_PAYLOAD:
-                return self._refuse(
-                    f"a record header {bytes(held[at : at + 5]).hex()} where the server reads "
-                    "a ClientHello"
-                )
-            if kind != _HANDSHAKE:
-                if self.client == FIRST or kind not in (_CCS, _ALERT, _APPLICATION_DATA):
-                    return self._refuse(
-                        f"a record of type {kind} where the server reads a ClientHello"
-                    )
-                if len(held) < at + 5 + size:
-                    return None
-                self.at = self.hello_at = at + 5 + size
-                return self._release(self.at)  # before the second hello: it goes on
-            if size > MAX_RECORD:
-                return self._refuse(f"a handshake record of {size} bytes")
-            if (held[at + 1] << 8 | held[at + 2]) not in RECORD_VERSIONS:
-                return self._refuse(
-                    f"a ClientHello in a record of version {bytes(held[at + 1 : at + 3]).hex()}"
-                )
+        at = self.at
+        if len(held) < at + 5:
+            return self._too_long()
+        kind, size = held[at], (held[at + 3] << 8) | held[at + 4]
+        if held[at + 1] > MAX_RECORD_MAJOR or not 0 < size <= _MAX_PAYLOAD:
+            return self._refuse(
+                f"a record header {bytes(held[at : at + 5]).hex()} where the server reads "
+                "a ClientHello"
+            )
+        if kind != _HANDSHAKE:
+            if self.client == FIRST or kind not in (_CCS, _ALERT, _APPLICATION_DATA):
+                return self._refuse(f"a record of type {kind} where the server reads a ClientHello")
             if len(held) < at + 5 + size:
-                return self._too_long()
-            hs = held[at + 5 : at + 5 + size]  # the whole hello, as clienthello.py reads one
-            self.at = at + 5 + size
-            if hs[0] != _CLIENT_HELLO:
-                return self._refuse(
-                    f"a handshake message of type {hs[0]} where the server reads a ClientHello"
-                )
-            end = 4 + int.from_bytes(hs[1:4], "big") if len(hs) >= 4 else None
-            if end is not None and end > MAX_FIRST_BYTES:
-                return self._refuse(f"a ClientHello of {end} bytes, over {MAX_FIRST_BYTES}")
-            if end is None or len(hs) < end:
-                return self._refuse(SPLIT_HELLO)
-            if len(hs) > end:
-                return self._refuse("handshake bytes after the ClientHello in its record")
-            return self._whole(bytes(hs[4:end]))
+                return None
+            self.at = self.hello_at = at + 5 + size
+            return self._release(self.at)  # before the second hello: it goes on
+        if size > MAX_RECORD:
+            return self._refuse(f"a handshake record of {size} bytes")
+        if (held[at + 1] << 8 | held[at + 2]) not in RECORD_VERSIONS:
+            return self._refuse(
+                f"a ClientHello in a record of version {bytes(held[at + 1 : at + 3]).hex()}"
+            )
+        if len(held) < at + 5 + size:
+            return self._too_long()
+        hs = held[at + 5 : at + 5 + size]  # the whole hello, as clienthello.py reads one
+        self.at = at + 5 + size
+        if hs[0] != _CLIENT_HELLO:
+            return self._refuse(
+                f"a handshake message of type {hs[0]} where the server reads a ClientHello"
+            )
+        end = 4 + int.from_bytes(hs[1:4], "big") if len(hs) >= 4 else None
+        if end is not None and end > MAX_FIRST_BYTES:
+            return self._refuse(f"a ClientHello of {end} bytes, over {MAX_FIRST_BYTES}")
+        if end is None or len(hs) < end:
+            return self._refuse(SPLIT_HELLO)
+        if len(hs) > end:
+            return self._refuse("handshake bytes after the ClientHello in its record")
+        return self._whole(bytes(hs[4:end]))
 
     def _whole(self, body: bytes) -> bytes | Decide | Refuse | None:
         if self.client == FIRST and self.decided_first and self.server == READING:

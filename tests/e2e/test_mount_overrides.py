@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from support import sandbox
 from support.sandbox import curl
+from support.servers import listening
 
 pytestmark = pytest.mark.e2e
 
@@ -99,11 +100,8 @@ def test_a_mount_point_or_a_list_of_methods_never_reaches_gunicorn(net, tmp_path
         for port in (PATHS, METHODS)
     ]
     try:
-        listening = lambda: all(  # noqa: E731
-            f"{IP}:{port}" in net.run_in_internet(["ss", "-ltnH"]).stdout
-            for port in (PATHS, METHODS)
-        )
-        assert sandbox.eventually(listening, timeout=20), "gunicorn did not start"
+        addresses = [f"{IP}:{PATHS}", f"{IP}:{METHODS}"]
+        assert sandbox.eventually(lambda: listening(net, addresses), timeout=20), "no gunicorn"
         paths, methods = f"http://allowed.test:{PATHS}", f"http://allowed.test:{METHODS}"
         r = sandbox.run(net, tmp_path, {
             "honest": curl(f"{paths}/public/ok"),

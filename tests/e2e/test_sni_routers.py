@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 from support import sandbox
 from support.sandbox import curl
+from support.servers import listening
 
 pytestmark = pytest.mark.e2e
 
@@ -98,11 +99,8 @@ def through_router(net, tmp_path, default: str, steps: dict[str, str]):
                 stderr=subprocess.PIPE,
             )  # fmt: skip
         )
-        listening = lambda: all(  # noqa: E731
-            f"{IP}:{port}" in net.run_in_internet(["ss", "-ltnH"]).stdout
-            for port in (PORT, HTTP_PORT)
-        )
-        assert sandbox.eventually(listening, timeout=10), "haproxy did not start"
+        addresses = [f"{IP}:{PORT}", f"{IP}:{HTTP_PORT}"]
+        assert sandbox.eventually(lambda: listening(net, addresses), timeout=10), "no haproxy"
         # Resolved through the gateway first, as the client's own lookup would.
         steps = {"resolve": sandbox.dig("allowed.test"), **steps}
         result = sandbox.run(net, tmp_path, steps, rules=rules, setup=copy_client)

@@ -127,6 +127,13 @@ http {{
 """
 
 
+def listening(net, addresses) -> bool:
+    """Whether something listens on every `ip:port` of `addresses` (TCP) in the fake
+    internet's namespace."""
+    listed = net.run_in_internet(["ss", "-ltnH"]).stdout
+    return all(address in listed for address in addresses)
+
+
 @contextlib.contextmanager
 def nginx_server(net, workdir: Path, http: str, listens: list[str]) -> Iterator[None]:
     """An nginx of the test's own in the fake internet's namespace, `http` what its
@@ -141,8 +148,7 @@ def nginx_server(net, workdir: Path, http: str, listens: list[str]) -> Iterator[
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
-        listening = lambda: all(a in net.run_in_internet(["ss", "-ltnH"]).stdout for a in listens)  # noqa: E731
-        if not sandbox.eventually(listening, timeout=5):
+        if not sandbox.eventually(lambda: listening(net, listens), timeout=5):
             raise AssertionError(f"the test's nginx did not start: {errors.read_text()}")
         yield
     finally:

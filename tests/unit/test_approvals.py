@@ -539,6 +539,24 @@ def test_a_bad_always_expiry_is_one_line(given, message):
     assert "\n" not in str(e.value)
 
 
+def approve_for(duration) -> tuple[dict, dict | None]:
+    """A raw control `approve` of a held connection for `duration` seconds: the reply,
+    and the approval as listed after it (None: no longer pending)."""
+
+    async def scenario():
+        approvals = Approvals(lambda event: None)
+        held = asyncio.ensure_future(approvals.hold(key("pastebin.test"), "r", {}))
+        await asyncio.sleep(0.01)
+        (pending,) = approvals.list()
+        request = {"cmd": "approve", "id": pending["id"], "scope": "duration"}
+        reply = await handle(approvals, {**request, "duration": duration}, "uid 0")
+        still = next(iter(approvals.list()), None)
+        held.cancel()
+        return reply, still
+
+    return asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     "duration",
     [
@@ -551,34 +569,14 @@ def test_a_bad_always_expiry_is_one_line(given, message):
     ],
 )
 def test_a_duration_no_cli_could_send_is_refused_and_decides_nothing(duration):
-    async def scenario():
-        approvals = Approvals(lambda event: None)
-        held = asyncio.ensure_future(approvals.hold(key("pastebin.test"), "r", {}))
-        await asyncio.sleep(0.01)
-        (pending,) = approvals.list()
-        request = {"cmd": "approve", "id": pending["id"], "scope": "duration"}
-        reply = await handle(approvals, {**request, "duration": duration}, "uid 0")
-        (still,) = approvals.list()
-        held.cancel()
-        return reply, still
-
-    reply, still = asyncio.run(scenario())
+    reply, still = approve_for(duration)
     assert not reply["ok"] and "duration must be a number of seconds" in reply["error"], reply
     assert still["state"] == "pending"
 
 
 def test_the_longest_duration_the_cli_sends_is_taken():
-    async def scenario():
-        approvals = Approvals(lambda event: None)
-        held = asyncio.ensure_future(approvals.hold(key("pastebin.test"), "r", {}))
-        await asyncio.sleep(0.01)
-        (pending,) = approvals.list()
-        request = {"cmd": "approve", "id": pending["id"], "scope": "duration"}
-        reply = await handle(approvals, {**request, "duration": parse_duration("9999999d")}, "u")
-        await held
-        return reply
-
-    assert asyncio.run(scenario())["ok"]
+    reply, still = approve_for(parse_duration("9999999d"))
+    assert reply["ok"] and still is None, reply
 
 
 def test_an_embedded_runs_socket_answers_a_nested_line(tmp_path):
