@@ -976,7 +976,10 @@ class GatewayService:
         result = await self.reloader.reload(trigger, actor)
         reply = {**result.to_dict(), "policy": result.policy_hash, "rules": result.rule_count}
         if not result.ok:
-            reply["error"] = "invalid rules, the running policy stays:\n" + "\n".join(result.errors)
+            # "invalid rules" only when a line is at fault: a loader that failed
+            # otherwise says so itself (proxy/reload.py).
+            why = "invalid rules" if result.rules_at_fault else "the reload failed"
+            reply["error"] = f"{why}, the running policy stays:\n" + "\n".join(result.errors)
         else:
             await self.data_plane.reloaded(reply)
         return reply

@@ -71,6 +71,7 @@ class ReloadResult:
     errors: tuple[str, ...] = ()  # FILE:LINE:COL: message, one per problem (or why none load)
     ms: float = 0.0  # load and swap, wall time
     swap: SwapReport | None = None  # None after a failure
+    rules_at_fault: bool = False  # failed on the files' content, not on the loader
 
     def to_dict(self) -> dict:
         return asdict(self) | {"errors": list(self.errors)}
@@ -130,14 +131,17 @@ class PolicyReloader:
                 new = await self._load_settled()
             except PolicyError as e:
                 self._failed_paths = e.paths
-                errors = tuple(map(str, e.problems))
+                errors, at_fault = tuple(map(str, e.problems)), True
             except Exception as e:  # noqa: BLE001 - a loader failure is a failed reload, not a crash
                 log.exception("sandgate: loading the rule files failed")
                 # No FILE:LINE:COL: no line of the files is known to be at fault.
-                errors = (
-                    f"the rules could not be loaded from {', '.join(map(str, self.rule_files))}: "
-                    f"{type(e).__name__}: {e} (an unexpected error, at no known line: its "
-                    "traceback is in the log)",
+                at_fault, errors = (
+                    False,
+                    (
+                        f"the rules could not be loaded from {', '.join(map(str, self.rule_files))}: "
+                        f"{type(e).__name__}: {e} (an unexpected error, at no known line: its "
+                        "traceback is in the log)",
+                    ),
                 )
             else:
                 self._failed_paths = ()
@@ -159,7 +163,7 @@ class PolicyReloader:
                 )
                 self.last = result
                 return result
-            self.last = self._failed(trigger, cause, errors, started)
+            self.last = self._failed(trigger, cause, errors, at_fault, started)
             return self.last
 
     async def _load_settled(self) -> CompiledPolicy:
@@ -202,7 +206,7 @@ class PolicyReloader:
         return {path: file_signature(path) for path in self.watched_paths()}
 
     def _failed(
-        self, trigger: str, cause: str, errors: tuple[str, ...], started: float
+        self, trigger: str, cause: str, errors: tuple[str, ...], at_fault: bool, started: float
     ) -> ReloadResult:
         policy = self.gateway.policy
         log.error(
@@ -221,7 +225,13 @@ class PolicyReloader:
             )
         )
         return ReloadResult(
-            False, trigger, policy.hash, policy.rule_count, errors, ms=_ms_since(started)
+            False,
+            trigger,
+            policy.hash,
+            policy.rule_count,
+            errors,
+            ms=_ms_since(started),
+            rules_at_fault=at_fault,
         )
 
     # --- what starts a reload -----------------------------------------------------------
