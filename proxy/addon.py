@@ -43,7 +43,7 @@ from sandgate.proxy import refusal
 from sandgate.proxy.approvals.holder import Answer
 from sandgate.proxy.engine import READ_HOLDS
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
-from sandgate.proxy.lean_mitmproxy import H2_FLOOD
+from sandgate.proxy.lean_mitmproxy import H2_CLOSED
 from sandgate.proxy.policy import Decision, Verdict
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.request_head import (
@@ -437,9 +437,9 @@ class SandgateAddon:
         READ_HOLDS.pop(client.id, None)
         state = self.gate.connections.get(client.id)
         if state is not None:
-            flood = getattr(client, H2_FLOOD, None)
-            if flood is not None:
-                self.gate.on_h2_flood(state, flood.rule, flood.detail)
+            closed = getattr(client, H2_CLOSED, None)
+            if closed is not None:
+                self.gate.on_h2_closed(state, closed.rule, closed.detail)
             self.gate.on_close(state)
 
     def _next_layer(self, nextlayer: layer.NextLayer) -> layer.Layer | None:

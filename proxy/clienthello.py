@@ -29,6 +29,8 @@ _HANDSHAKE = 0x16
 _CLIENT_HELLO = 0x01
 _SERVER_NAME = 0x0000
 _ALPN = 0x0010
+_SESSION_TICKET = 0x0023
+_SUPPORTED_VERSIONS = 0x002B
 _HOST_NAME = 0x00
 # Extensions that carry a server name the gateway cannot read: encrypted_client_hello
 # (0xfe0d, RFC 9849; 0xfe08-0xfe0c and 0xff02 its drafts) and encrypted_server_name
@@ -70,6 +72,12 @@ class ClientHello:
     # It carries an encrypted ClientHello (ECH, or the ESNI drafts): the SNI above is
     # then the outer, public name, and the server may serve the hidden one.
     hidden_name: bool = False
+    # What it offers to resume (RFC 5246 7.4.1.2, RFC 5077 3.1): its legacy_session_id,
+    # and its session_ticket extension's data (b"": the extension, empty; None: none).
+    # A TLS 1.2 server that resumes takes the session's server name, not the SNI
+    # (proxy/tls_sessions.py).
+    session_id: bytes = b""
+    ticket: bytes | None = None
 
 
 def starts_like_tls_record(data: bytes) -> bool:
@@ -101,11 +109,45 @@ def is_hello_retry_request(message, at: int = 0) -> bool:
     return message[at] == 2 and message[at + 6 : at + 38] == HELLO_RETRY_RANDOM
 
 
+def read_server_hello(message) -> tuple[bool, bytes]:
+    """A whole ServerHello handshake message (any bytes-like, its 4-byte header
+    first): whether it chose TLS 1.3 (a supported_versions extension of 0x0304, RFC
+    8446 4.2.1; a TLS 1.2 server sends none), and its session id. ValueError if it
+    cannot be one."""
+    try:
+        end = 4 + int.from_bytes(message[1:4], "big")
+        at = 4 + 2 + 32  # header, legacy_version, random
+        size = message[at]
+        if size > 32 or len(message) != end:
+            raise ValueError("a session id over 32 bytes, or a length not its own")
+        session_id = bytes(message[at + 1 : at + 1 + size])
+        at += 1 + size + 2 + 1  # the session id, cipher suite, compression method
+        if at == end:
+            return False, session_id  # no extensions: TLS 1.2 or older
+        if at + 2 + ((message[at] << 8) | message[at + 1]) != end:
+            raise ValueError("extensions block does not end with the ServerHello")
+        at += 2
+        tls13 = False
+        while at < end:
+            kind, size = (
+                (message[at] << 8) | message[at + 1],
+                (message[at + 2] << 8) | message[at + 3],
+            )
+            at += 4 + size
+            if at > end:
+                raise ValueError("extension overruns the extensions block")
+            if kind == _SUPPORTED_VERSIONS:
+                tls13 = size == 2 and message[at - 2] == 3 and message[at - 1] == 4
+        return tls13, session_id
+    except IndexError:
+        raise ValueError("ServerHello cut short") from None
+
+
 def server_name_and_alpn(body: bytes) -> tuple[str | None, list[bytes]]:
     """The SNI and the ALPN protocols offered (RFC 7301 3.1) of a ClientHello's body
     (the handshake message after its 4-byte header); ValueError if malformed. For
     mitmproxy's ClientHello (proxy/lean_mitmproxy.py: `parse_client_hellos_lean`)."""
-    sni, alpn, _ = _extensions(body)
+    sni, alpn, *_ = _extensions(body)
     return sni, alpn_protocols(alpn)
 
 
@@ -150,10 +192,13 @@ def _first_handshake_message(data: bytes) -> bytes | None:
     return message[4:end]
 
 
-def _extensions(body: bytes) -> tuple[str | None, bytes | None, bool]:
+def _extensions(
+    body: bytes,
+) -> tuple[str | None, bytes | None, bool, bytes, bytes | None]:
     """The SNI of a ClientHello body (RFC 8446 4.1.2), checking the framing on the way,
-    the ALPN extension's bytes if there is one, and whether it hides a name (ECH).
-    Indexing past the end raises IndexError: the body was cut short."""
+    the ALPN extension's bytes if there is one, whether it hides a name (ECH), its
+    session id and its session ticket (None: no such extension). Indexing past the end
+    raises IndexError: the body was cut short."""
     try:
         if (body[0] << 8 | body[1]) not in LEGACY_VERSIONS:
             raise ValueError(f"ClientHello legacy_version {body[:2].hex()}")
@@ -161,6 +206,7 @@ def _extensions(body: bytes) -> tuple[str | None, bytes | None, bool]:
         size = body[at]
         if size > 32:
             raise ValueError("session id longer than 32 bytes")
+        session_id = body[at + 1 : at + 1 + size]
         at += 1 + size
         size = (body[at] << 8) | body[at + 1]
         if size == 0 or size & 1:
@@ -171,13 +217,13 @@ def _extensions(body: bytes) -> tuple[str | None, bytes | None, bool]:
             raise ValueError("no compression method")
         at += 1 + size
         if at == len(body):
-            return None, None, False  # no extensions at all (allowed before TLS 1.3)
+            return None, None, False, session_id, None  # no extensions (before TLS 1.3)
         end = at + 2 + ((body[at] << 8) | body[at + 1])
         if end != len(body):
             raise ValueError("extensions block does not end with the ClientHello")
         at += 2
         seen: set[int] = set()
-        sni = alpn = None
+        sni = alpn = ticket = None
         hidden = False
         while at < end:
             kind = (body[at] << 8) | body[at + 1]
@@ -192,9 +238,11 @@ def _extensions(body: bytes) -> tuple[str | None, bytes | None, bool]:
                 sni = _host_name(body[start:at])
             elif kind == _ALPN:
                 alpn = body[start:at]
+            elif kind == _SESSION_TICKET:
+                ticket = body[start:at]
             elif kind in _HIDDEN_NAME:
                 hidden = True
-        return sni, alpn, hidden
+        return sni, alpn, hidden, session_id, ticket
     except IndexError:
         raise ValueError("ClientHello cut short") from None
 

@@ -144,6 +144,7 @@ def _import_mitmproxy():
     from sandgate.proxy.lean_mitmproxy import (
         answer_before_streaming,
         bound_h2_control_frames,
+        mark_h2_protocol_errors,
         bound_h2_early_resets,
         bound_h2_send_buffers,
         dispatch_hooks_directly,
@@ -170,6 +171,7 @@ def _import_mitmproxy():
     bound_h2_send_buffers()
     bound_h2_early_resets()
     bound_h2_control_frames()
+    mark_h2_protocol_errors()
     frame_downgraded_requests()
     stream_websocket_messages()
     drop_http1_trailers()

@@ -84,6 +84,7 @@ from sandgate.proxy.policy.request_head import (
 )
 from sandgate.proxy.registry import Sandbox, SandboxRegistry
 from sandgate.proxy.telemetry.event import Event, EventKind
+from sandgate.proxy.tls_sessions import IssuedSessions
 
 log = logging.getLogger("sandgate.connection")
 
@@ -289,6 +290,7 @@ class ConnectionGate:
         self.counts = ConnectionCounts()
         # New leaf certificates per sandbox, against its profile's leaf_rate.
         self.leaves = LeafBudget(clock)
+        self.sessions = IssuedSessions()  # TLS 1.2 sessions issued, for resumptions
         # The sandbox connections the process's descriptors allow (limits.connection_budget),
         # shared fairly (ConnectionCounts.full); None: no cap but the profiles'.
         self.connection_budget: int | None = None
@@ -674,6 +676,52 @@ class ConnectionGate:
             self._fail(state, e, state.started)
             return False
 
+    def on_resumed(self, state: ConnState, session_id: bytes) -> bool:
+        """A TLS 1.2 (or older) server resumed a session on this pass-through
+        connection (the front door's watch told an abbreviated handshake, before the
+        client's next bytes went): it serves the name the session was made for, which
+        need not be the SNI (proxy/tls_sessions.py). `session_id`: its ServerHello's.
+        True when the session was issued to this sandbox on a connection decided for
+        the same name, address and port, or when any name at the address was allowed
+        (an IP rule); otherwise the deny event is out and the caller resets."""
+        try:
+            allowed, hello = state.allowed, state.client_hello
+            if allowed is not None and _by_address(allowed):
+                return True
+            session = None
+            if hello is not None and hello.ticket:
+                session = ("ticket", hello.ticket)  # a server tries a ticket first (RFC 5077)
+            elif hello is not None and hello.session_id and session_id == hello.session_id:
+                session = ("id", session_id)
+            where = (state.name, state.ip, state.port)
+            issued = session and self.sessions.issued_where(state.sandbox.address, *session)
+            if issued == where:
+                return True
+            target = f"{state.name or state.ip}:{state.port}"
+            seen = (
+                f"issued on a connection to {issued[0] or issued[1]}:{issued[2]}"
+                if issued
+                else "the gateway did not see issued to this sandbox"
+            )
+            decision = deny(
+                "resumed-session",
+                detail=f"the TLS 1.2 server at {state.ip}:{state.port} resumed "
+                f"{_SESSION_KINDS[session[0] if session else '']} {seen}, on a connection decided for "
+                f"{target}: it serves the name a session was made for, not the SNI; reset "
+                "before the client's next bytes",
+            )
+            self._emit_connection(decision, state.fields, state.name, "tls", self.clock())
+            return False
+        except Exception as e:  # noqa: BLE001 - deny, say why, keep serving others
+            self._fail(state, e, self.clock())
+            return False
+
+    def on_sessions_issued(self, state: ConnState, sessions: tuple[tuple[str, bytes], ...]) -> None:
+        """A TLS 1.2 server issued `sessions` (its session id, its tickets) on this
+        allowed pass-through connection: they may be resumed on a connection decided
+        as this one (on_resumed)."""
+        self.sessions.add(state.sandbox.address, sessions, (state.name, state.ip, state.port))
+
     def on_hello_refused(self, state: ConnState, detail: str) -> None:
         """Where a server reads a ClientHello the front door's watch found bytes it
         cannot decide (`detail` says what): its event; the caller resets."""
@@ -987,13 +1035,15 @@ class ConnectionGate:
             if read.ip != state.ip or read.host != str(read.ip):
                 return _mismatch(f"Host {host!r} is not the destination {state.ip}"), None, None
             if state.name is not None:
-                return _mismatch(f"Host {host!r} is an address; TLS named {state.name}"), None, None
+                named = "TLS named" if state.protocol == "tls" else "the connection is for"
+                return _mismatch(f"Host {host!r} is an address; {named} {state.name}"), None, None
         elif read.host:
             if read.invalid is not None:
                 invalid = f"Host header: {read.invalid}"
                 return deny("host-mismatch", reason=Reason.INVALID_NAME, detail=invalid), None, None
             if state.name is not None and name != state.name:
-                return _mismatch(f"Host {name} differs from TLS SNI {state.name}"), name, None
+                named = "TLS SNI" if state.protocol == "tls" else "the connection's name"
+                return _mismatch(f"Host {name} differs from {named} {state.name}"), name, None
         elif state.name is None:
             return _mismatch("request without a Host header"), None, None
         name = name or state.name
@@ -1146,11 +1196,12 @@ class ConnectionGate:
         self.on_refused_response(state, head, decision, tls)
         return decision
 
-    def on_h2_flood(self, state: ConnState, rule: str, detail: str) -> None:
-        """The adapter closed the client's HTTP/2 connection (GOAWAY ENHANCE_YOUR_CALM)
-        for frames past a bound: built-in `rule` (rapid-reset, control-frame-flood,
-        headers-too-large), `detail` what it sent; this is its event, before the
-        connection's end."""
+    def on_h2_closed(self, state: ConnState, rule: str, detail: str) -> None:
+        """The adapter closed the client's HTTP/2 connection with a GOAWAY: for frames
+        past a bound (ENHANCE_YOUR_CALM; built-in `rule` rapid-reset,
+        control-frame-flood, headers-too-large), or for a protocol error, a request
+        head h2 refused (malformed-request); `detail` what it sent. This is its event,
+        before the connection's end."""
         decision = deny(rule, detail=detail)
         self._emit_connection(decision, state.fields, state.name, state.protocol, state.started)
 
@@ -1174,10 +1225,12 @@ class ConnectionGate:
 
     def forget_sandbox(self, sandbox: Sandbox) -> None:
         """`sandbox`'s task ended: what the gate kept for it goes with it, its request
-        memos (the next task at its address must not inherit them) and its leaf budget."""
+        memos (the next task at its address must not inherit them), its leaf budget and
+        the TLS sessions it was issued."""
         for key in [k for k in self._request_memos if k[0] == sandbox.address]:
             del self._request_memos[key]
         self.leaves.forget(sandbox)
+        self.sessions.forget(sandbox.address)
 
     def revoke_denied(self, why: str = "a policy reload") -> list[ConnState]:
         """Decide every open connection again under `self.policy` (just swapped in,
@@ -1528,6 +1581,9 @@ def _spelled_otherwise(hello: ClientHello, name: str | None, decision: Decision)
     )
 
 
+_SESSION_KINDS = {"ticket": "a ticket", "id": "a session id", "": "a session"}
+
+
 def _by_address(decision: Decision) -> bool:
     """Whether `decision` came from an IP rule alone: any name at the address was
     allowed then, a hidden one (ECH) included. Any other (a rule naming domains, a
@@ -1613,13 +1669,21 @@ class HostRead(NamedTuple):
 
 
 def _as_decided(checked: CheckedHead) -> CheckedHead:
-    """`checked`, with the Host to forward (`forward_host`) where its name is spelled
-    otherwise than the name decided (parse_domain's: lower case, no trailing dot),
-    its port as sent."""
-    read = _read_host(checked.host)
-    if read.name is None or read.host == read.name:
+    """`checked`, with the Host to forward (`forward_host`) where it is spelled
+    otherwise than decided: the name as parse_domain gives it (lower case, no
+    trailing dot), the port (if one was sent) without leading zeros. A router that
+    matches `allowed.test` or `allowed.test:8443` exactly (HAProxy's `hdr(host)`)
+    reads `ALLOWED.TEST`, `allowed.test.` or `allowed.test:08443` as another host,
+    and serves its default backend (red teams, sessions 48 and 49)."""
+    host = checked.host
+    read = _read_host(host)
+    if read.name is None:
         return checked
-    return checked._replace(forward_host=read.name + checked.host[len(read.host) :])
+    at = len(read.host)
+    if read.host == read.name and (len(host) == at or host[at + 1] != "0"):
+        return checked  # the usual Host, spelled as decided
+    port = host[at + 1 :].lstrip("0")
+    return checked._replace(forward_host=read.name + (":" + port if port else ""))
 
 
 def _read_host(host_header: str) -> HostRead:

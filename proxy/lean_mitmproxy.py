@@ -388,16 +388,17 @@ H2_CONTROL_PER_STREAM = 10
 MAX_H2_HEADER_BLOCK = 64 * 1024
 
 
-class H2Flood(NamedTuple):
-    """Set on mitmproxy's `Client` (attribute H2_FLOOD) whose HTTP/2 connection the
-    gateway closed with GOAWAY ENHANCE_YOUR_CALM: the built-in rule's name and what
-    happened (the addon's event reads it when the client disconnects)."""
+class H2Closed(NamedTuple):
+    """Set on mitmproxy's `Client` (attribute H2_CLOSED) whose HTTP/2 connection the
+    gateway closed with a GOAWAY: ENHANCE_YOUR_CALM for a flood, or PROTOCOL_ERROR
+    for what h2 or mitmproxy refused (`mark_h2_protocol_errors`): the built-in rule's
+    name and what happened (the addon's event reads it when the client disconnects)."""
 
     rule: str
     detail: str
 
 
-H2_FLOOD = "sandgate_h2_flood"
+H2_CLOSED = "sandgate_h2_closed"
 
 
 def bound_h2_early_resets() -> None:
@@ -445,7 +446,7 @@ def bound_h2_early_resets() -> None:
                 return (
                     yield from _calm(
                         self,
-                        H2Flood(
+                        H2Closed(
                             "rapid-reset",
                             f"{resets} of {self.sandgate_opened} HTTP/2 streams reset before "
                             f"their response ended, {made} of them by the gateway for the "
@@ -454,8 +455,8 @@ def bound_h2_early_resets() -> None:
                     )
                 )
         elif isinstance(event, h2.exceptions.DenialOfServiceError):
-            # Ours carry an H2Flood; h2's own is a header list past its 64 KiB decoded.
-            flood = getattr(event, "sandgate_flood", None) or H2Flood(
+            # Ours carry an H2Closed; h2's own is a header list past its 64 KiB decoded.
+            flood = getattr(event, "sandgate_flood", None) or H2Closed(
                 "headers-too-large", f"an HTTP/2 header list past 64 KiB decoded ({event})"
             )
             return (yield from _calm(self, flood))
@@ -602,10 +603,35 @@ def answer_before_streaming() -> None:
     HttpStream.start_request_stream = start_request_stream
 
 
-def _calm(layer, flood: H2Flood):
+def mark_h2_protocol_errors() -> None:
+    """Mark the client connection that mitmproxy's HTTP/2 server closes for a
+    protocol error (idempotent): h2 refuses a request whose `host` differs from its
+    `:authority` (an attempt at another tenant), userinfo, no authority, CONNECT;
+    mitmproxy closes the connection before any request hook, so without the mark
+    the audit log held only the connection's allow and end (a red team, session
+    49). The addon's event (`malformed-request`, the GOAWAY's text) comes when the
+    client disconnects; a flood's mark, set before, stays."""
+    from mitmproxy.proxy.layers.http._http2 import Http2Connection, Http2Server
+
+    if getattr(Http2Server.protocol_error, "_sandgate", False):
+        return
+    protocol_error = Http2Connection.protocol_error
+
+    def marking_protocol_error(self, message, *args, **kwargs):
+        client = self.context.client
+        if getattr(client, H2_CLOSED, None) is None:
+            detail = f"the client's HTTP/2 connection closed (GOAWAY): {message}"
+            setattr(client, H2_CLOSED, H2Closed("malformed-request", detail[:500]))
+        return (yield from protocol_error(self, message, *args, **kwargs))
+
+    marking_protocol_error._sandgate = True
+    Http2Server.protocol_error = marking_protocol_error
+
+
+def _calm(layer, flood: H2Closed):
     """GOAWAY ENHANCE_YOUR_CALM and close `layer`'s client connection, marked with
     `flood` for the addon's event; True: the layer handles no more of this read."""
-    setattr(layer.context.client, H2_FLOOD, flood)
+    setattr(layer.context.client, H2_CLOSED, flood)
     yield from layer.protocol_error(flood.detail, error_code=ENHANCE_YOUR_CALM)
     return True
 
@@ -626,7 +652,7 @@ def bound_h2_control_frames() -> None:
     that the rest of the read is not parsed. A header block was buffered up to 64
     CONTINUATIONs of 128 KiB (8 MiB) before its size was looked at; now past
     MAX_H2_HEADER_BLOCK (`FrameBuffer._update_header_buffer`). Either raises h2's
-    DenialOfServiceError carrying an H2Flood (`_flood_error`), which
+    DenialOfServiceError carrying an H2Closed (`_flood_error`), which
     `bound_h2_early_resets`'s handler turns into GOAWAY and the addon's event."""
     import h2.frame_buffer
     from hyperframe import frame as frames
@@ -645,7 +671,7 @@ def bound_h2_control_frames() -> None:
             self.sandgate_control = budget, now
             if budget < 0:
                 raise _flood_error(
-                    H2Flood(
+                    H2Closed(
                         "control-frame-flood",
                         f"more than {MAX_H2_CONTROL_BURST} HTTP/2 control frames (SETTINGS, "
                         f"PING, PRIORITY, empty DATA) at once, or {H2_CONTROL_RATE} a second",
@@ -665,7 +691,7 @@ def bound_h2_control_frames() -> None:
         size = max(len(held), sum(len(x.data) for x in self._headers_buffer))
         if size > MAX_H2_HEADER_BLOCK:
             raise _flood_error(
-                H2Flood(
+                H2Closed(
                     "headers-too-large",
                     f"an HTTP/2 header block of more than {MAX_H2_HEADER_BLOCK} bytes "
                     "(HEADERS and CONTINUATION frames)",
@@ -678,7 +704,7 @@ def bound_h2_control_frames() -> None:
     h2.frame_buffer.FrameBuffer._update_header_buffer = bounded_update_header_buffer
 
 
-def _flood_error(flood: H2Flood):
+def _flood_error(flood: H2Closed):
     """h2's DenialOfServiceError (a ProtocolError: h2 sends GOAWAY and raises it to
     the layer) carrying `flood`."""
     import h2.exceptions

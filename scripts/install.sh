@@ -21,6 +21,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(php-cli)  # a server that reads method overrides in PHP's spellings (test_method_override_php)
   packages+=(mercurial)  # the host's `hg status` in a workspace the task left (test_workspace_planting_hg)
   packages+=(haproxy)  # an SNI router in front of two tenants at one address (test_sni_routers)
+  packages+=(python3-h2)  # an HTTP/2 client sending fields as given, in the sandbox (test_host_router)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from sandgate.proxy.descriptors import OUT_OF_DESCRIPTORS, DescriptorReserve
-from sandgate.proxy.frontdoor.hello_watch import Decide, HelloWatch, Refuse
+from sandgate.proxy.frontdoor.hello_watch import Decide, HelloWatch, Issued, Refuse, Resumed
 from sandgate.proxy.frontdoor.http1_relay import Http1Relay, UpstreamPool
 from sandgate.proxy.frontdoor.intake import Intake
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
@@ -684,11 +684,18 @@ class Connection:
         elif state.port not in WEB_PORTS:
             relay.watch, relay.judge = HelloWatch("raw"), self._judge_hello
 
-    def _judge_hello(self, step: Decide | Refuse) -> bool:
-        """The watch's hello, decided by the gate (True: it goes on), or its refusal."""
+    def _judge_hello(self, step: Decide | Resumed | Issued | Refuse) -> bool:
+        """The watch's hello or resumed session, decided by the gate (True: it goes
+        on), the sessions a server issued, or a refusal."""
+        gate = self.door.gate
         if isinstance(step, Decide):
-            return self.door.gate.on_later_hello(self.state, step.hello, step.second)
-        self.door.gate.on_hello_refused(self.state, step.detail)
+            return gate.on_later_hello(self.state, step.hello, step.second)
+        if isinstance(step, Resumed):
+            return gate.on_resumed(self.state, step.session_id)
+        if isinstance(step, Issued):
+            gate.on_sessions_issued(self.state, step.sessions)
+            return True
+        gate.on_hello_refused(self.state, step.detail)
         return False
 
     # --- relaying -----------------------------------------------------------------------------

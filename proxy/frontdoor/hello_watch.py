@@ -16,9 +16,15 @@ Two modes, chosen by what the gate decided:
 - `tls` (a TLS pass-through: the connection's first bytes were the decided
   ClientHello #1). Its records are released; then the client's bytes are held until
   the server's first handshake message is seen (ordinary clients send nothing then;
-  0-RTT early data waits one round trip). A ServerHello that is not a
-  HelloRetryRequest ends the watch: what was held goes on, and so does the rest,
-  encrypted from there on. A HelloRetryRequest makes the next handshake message
+  0-RTT early data waits one round trip). A TLS 1.3 ServerHello ends the watch:
+  what was held goes on, and so does the rest, encrypted from there on. A TLS 1.2
+  one is read on to the server's ChangeCipherSpec: a full handshake (Certificate
+  and the rest after the ServerHello) lets the client's bytes go, and what it
+  issues to resume by (its session id, its tickets) goes to the gate, `Issued`; an
+  abbreviated one (NewSessionTicket or ChangeCipherSpec next) resumed a session,
+  whose name, not the SNI's, the server serves: the client stays held until the
+  gate knows the session as issued for what it decided (`Resumed`,
+  proxy/tls_sessions.py). A HelloRetryRequest makes the next handshake message
   the client sent, pipelined or not, a second ClientHello, held whole and decided
   (`Decide(second=True)`); ChangeCipherSpec, alert and (skipped) early-data records
   before it pass.
@@ -55,9 +61,10 @@ long SMTP dialogue before STARTTLS, padded on purpose) is not looked for.
 docs/threat-model.md (a ClientHello after a client-first preamble) says why the
 window is not longer.
 
-`step()` returns what to do next: `bytes` to send upstream now, a `Decide` (the
-caller asks the gate and calls `allowed()`, or resets), a `Refuse`, or None (more
-bytes needed, of either side). `done` once nothing more is watched: the caller
+`step()` returns what to do next: `bytes` to send upstream now, a `Decide` or a
+`Resumed` (the caller asks the gate and calls `allowed()`, or resets), an `Issued`
+(the caller tells the gate), a `Refuse`, or None (more bytes needed, of either
+side). `done` once nothing more is watched: the caller
 sends what `step()` still returns and then relays plainly.
 """
 
@@ -74,6 +81,7 @@ from sandgate.proxy.clienthello import (
     ClientHello,
     client_hello_of,
     is_hello_retry_request,
+    read_server_hello,
 )
 from sandgate.proxy.gate import MAX_FIRST_BYTES
 
@@ -84,7 +92,14 @@ MAX_HELD = 2 * MAX_FIRST_BYTES + 2048
 # A record's payload: 2^14 bytes plaintext, 2^14 + 256 protected (RFC 8446 5.2).
 _MAX_PAYLOAD = MAX_RECORD + 256
 _CCS, _ALERT, _HANDSHAKE, _APPLICATION_DATA = 20, 21, 22, 23
-_CLIENT_HELLO, _SERVER_HELLO = 1, 2
+_CLIENT_HELLO, _SERVER_HELLO, _NEW_SESSION_TICKET = 1, 2, 4
+# What follows a TLS 1.2 server's ServerHello in a full handshake (RFC 5246 7.3):
+# Certificate, ServerKeyExchange (anonymous and PSK suites), CertificateRequest,
+# ServerHelloDone. A resumed (abbreviated) one has NewSessionTicket or ChangeCipherSpec.
+_FULL_HANDSHAKE = frozenset({11, 12, 13, 14})
+# The server's handshake messages kept whole to be read (ServerHello; a ticket, at
+# most 2^16 - 1 bytes and its lifetime): every other is skipped by its length.
+_MAX_KEPT = 4 + 6 + 0xFFFF
 # A ServerHello's first bytes that tell a HelloRetryRequest: header, version, random.
 _SERVER_HELLO_PREFIX = 4 + 2 + 32
 # A scan looks at a candidate's first 7 bytes: record header, handshake type and the
@@ -111,12 +126,17 @@ FIRST = "first"  # a first ClientHello's records (tls: decided already; raw: to 
 DECIDING = "deciding"  # a Decide is out: the gate answers (allowed(), or a reset)
 HOLD = "hold"  # after the first hello: held until the server's first message
 SECOND = "second"  # after a HelloRetryRequest: the second ClientHello's records
+RESUMING = "resuming"  # a TLS 1.2 server resumed a session: a Resumed goes out
 REFUSED = "refused"  # a Refuse is out: the caller resets
 DONE = "done"  # past the plaintext phase: relay plainly
 # The server's side.
 IGNORED = "ignored"  # raw, before a hello went upstream: its bytes are its protocol's
 READING = "reading"  # its answer to the hello: a ServerHello, or a HelloRetryRequest
+TLS12 = "tls12"  # after a TLS 1.2 ServerHello: the next message tells a resumption
+FULL = "full"  # a full TLS 1.2 handshake: read to its ChangeCipherSpec for tickets
+RESUMED = "resumed"  # an abbreviated one: the same
 SEEN = "seen"
+_READ_ON = frozenset({TLS12, FULL, RESUMED})  # a TLS 1.2 handshake read to its end
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +145,25 @@ class Decide:
 
     hello: ClientHello
     second: bool  # after a HelloRetryRequest: it must name the first hello's server
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A TLS 1.2 (or older) server resumed a session (an abbreviated handshake). It
+    serves the name that session was made for, which the SNI need not be: the gate
+    must know the session as issued on a connection decided as this one before the
+    client's next bytes go (proxy/tls_sessions.py)."""
+
+    session_id: bytes  # the ServerHello's: it echoes the client's on a resumption
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """What a TLS 1.2 server gave this connection to resume its session by: the
+    session id of a full handshake ("id") and the tickets it sent ("ticket"), for the
+    gate to record. Said once the server's handshake reached its ChangeCipherSpec."""
+
+    sessions: tuple[tuple[str, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +193,10 @@ class HelloWatch:
         "server_header",
         "server_left",
         "server_hs",
+        "server_skip",
+        "server_session",
+        "resuming",
+        "issued",
     )
 
     def __init__(self, mode: str):
@@ -175,11 +218,21 @@ class HelloWatch:
         self.go = 0  # held bytes before this are decided: they go on
         self.server_header = b""  # a server record header not yet whole
         self.server_left = 0  # bytes of the server's current record still to come
-        self.server_hs = b""  # the start of the server's first handshake message
+        self.server_hs = bytearray()  # a server handshake message kept (or its header)
+        self.server_skip = 0  # bytes of a server handshake message still to skip
+        self.server_session = b""  # a TLS 1.2 ServerHello's session id
+        self.resuming = False  # the Decide out is a Resumed
+        self.issued: list[tuple[str, bytes]] = []  # for an Issued, once the server's CCS came
 
     @property
     def done(self) -> bool:
-        return self.client == DONE and not self.held and self.ready is None
+        return (
+            self.client == DONE
+            and not self.held
+            and self.ready is None
+            and self.server not in _READ_ON
+            and not self.issued
+        )
 
     @property
     def wants_client(self) -> bool:
@@ -198,41 +251,48 @@ class HelloWatch:
         self.held += data
 
     def feed_server(self, data) -> None:
-        """Bytes the server sent (any bytes-like), read for its first handshake message."""
-        if self.server != READING:
+        """Bytes the server sent (any bytes-like), read for its first handshake message
+        and, after a TLS 1.2 ServerHello, on to its ChangeCipherSpec."""
+        if self.server != READING and self.server not in _READ_ON:
             return
         if (
-            self.server_left == 0
+            self.server == READING
+            and self.server_left == 0
             and not self.server_header
             and len(data) >= 5 + _SERVER_HELLO_PREFIX
             and data[0] == _HANDSHAKE
             and data[1] == 3
-            and ((data[3] << 8) | data[4]) >= _SERVER_HELLO_PREFIX
+            and data[5] == _SERVER_HELLO
+            and self.client is HOLD
         ):
-            # The usual answer: the ServerHello's start whole in the first record.
-            if (
-                data[5] == _SERVER_HELLO
-                and self.client is HOLD
-                and ((data[6] << 16) | (data[7] << 8) | data[8]) >= _SERVER_HELLO_PREFIX - 4
-            ):
-                self.server = SEEN
+            # The usual answer: a TLS 1.3 ServerHello, or a HelloRetryRequest, whole
+            # in the first record. The rest (TLS 1.2) is read message by message below.
+            record_end = 5 + ((data[3] << 8) | data[4])
+            end = 9 + ((data[6] << 16) | (data[7] << 8) | data[8])
+            if end <= record_end and end <= len(data) and end >= 5 + _SERVER_HELLO_PREFIX:
                 if is_hello_retry_request(data, 5):
+                    self.server = SEEN
                     self.client, self.hello_at = SECOND, self.at
-                else:
-                    self.client = DONE
-                return
-            self.server_hs = bytes(data[5 : 5 + _SERVER_HELLO_PREFIX])
-            self._read_server_hello()
-            return
+                    return
+                try:
+                    tls13 = read_server_hello(data[5:end])[0]
+                except ValueError:
+                    tls13 = False  # read below, and refused there
+                if tls13:
+                    self.server, self.client = SEEN, DONE
+                    return
         view = memoryview(data)
-        while view and self.server == READING:
+        while view and (self.server == READING or self.server in _READ_ON):
             if self.server_left == 0:
                 need = 5 - len(self.server_header)
                 header = self.server_header + bytes(view[:need])
                 view = view[need:]
-                if header[0] not in (_ALERT, _HANDSHAKE) or header[1:2] not in (b"", b"\x03"):
+                kind = header[0]
+                if header[1:2] not in (b"", b"\x03") or not (
+                    kind in (_ALERT, _HANDSHAKE) or (kind == _CCS and self.server != READING)
+                ):
                     # Told by its first bytes (PostgreSQL's one-byte 'N'): no TLS.
-                    self._server_refused(f"a record header {header.hex()}")
+                    self._server_not_tls(f"a record header {header.hex()}")
                     return
                 if len(header) < 5:
                     self.server_header = header
@@ -240,35 +300,125 @@ class HelloWatch:
                 self.server_header = b""
                 self.server_left = (header[3] << 8) | header[4]
                 if not 0 < self.server_left <= _MAX_PAYLOAD:
-                    self._server_refused(f"a record header {header.hex()}")
+                    self._server_not_tls(f"a record header {header.hex()}")
                     return
-                if header[0] == _ALERT:
+                if kind == _ALERT:
                     # The server refuses the hello: it ends; what the client holds stays.
                     self.server = SEEN
+                    return
+                if kind == _CCS:
+                    self._server_changed_cipher()
                     return
             take = view[: self.server_left]
             view = view[len(take) :]
             self.server_left -= len(take)
-            self.server_hs += bytes(take[: _SERVER_HELLO_PREFIX - len(self.server_hs)])
-            self._read_server_hello()
+            self._server_handshake(take)
 
-    def _read_server_hello(self) -> None:
+    def _server_handshake(self, data: memoryview) -> None:
+        """The server's handshake bytes, message by message: the ServerHello and
+        tickets kept whole and read, the rest skipped by their length."""
         hs = self.server_hs
-        if hs[0] != _SERVER_HELLO:
-            self._server_refused(f"a handshake message of type {hs[0]}")
+        while data and (self.server == READING or self.server in _READ_ON):
+            if self.server_skip:
+                n = min(self.server_skip, len(data))
+                self.server_skip -= n
+                data = data[n:]
+                continue
+            if len(hs) < 4:
+                n = 4 - len(hs)
+                hs += data[:n]
+                data = data[n:]
+                if len(hs) < 4 or not self._server_message(hs[0], int.from_bytes(hs[1:4], "big")):
+                    continue
+            end = 4 + int.from_bytes(hs[1:4], "big")
+            n = end - len(hs)
+            hs += data[:n]
+            data = data[n:]
+            if len(hs) == end:
+                self._server_kept(bytes(hs))
+                hs.clear()
+
+    def _server_message(self, kind: int, size: int) -> bool:
+        """A server handshake message starts (its header read): True to keep it whole
+        (`_server_kept` reads it), False when it is skipped, or its kind ended the
+        watch's reading."""
+        if self.server == READING:
+            if kind != _SERVER_HELLO:
+                self._server_refused(f"a handshake message of type {kind}")
+            elif size < _SERVER_HELLO_PREFIX - 4:
+                self._server_refused("a ServerHello too short for its random")
+            elif self.client != HOLD:
+                self._server_refused("a ServerHello before the ClientHello had gone")
+            elif 4 + size > _MAX_KEPT:
+                self._refuse_server(f"a ServerHello of {size} bytes")
+            else:
+                return True
+            return False
+        if self.server == TLS12:
+            if kind in _FULL_HANDSHAKE:
+                self.server = FULL  # a new session, for the name the client sent
+                if self.client == HOLD:
+                    self.client = DONE
+            elif kind == _NEW_SESSION_TICKET:
+                self._server_resumed()
+            else:
+                self._refuse_server(
+                    f"a handshake message of type {kind} after a TLS 1.2 ServerHello"
+                )
+                return False
+        if kind == _NEW_SESSION_TICKET and 4 + size <= _MAX_KEPT:
+            return True
+        self.server_hs.clear()
+        self.server_skip = size
+        return False
+
+    def _server_kept(self, message: bytes) -> None:
+        """A kept server handshake message, whole."""
+        if message[0] == _NEW_SESSION_TICKET:
+            # lifetime_hint (4), then the ticket<0..2^16-1> (RFC 5077 3.3)
+            if len(message) > 10 and 10 + ((message[8] << 8) | message[9]) == len(message):
+                self.issued.append(("ticket", message[10:]))
             return
-        if len(hs) >= 4 and int.from_bytes(hs[1:4], "big") < _SERVER_HELLO_PREFIX - 4:
-            self._server_refused("a ServerHello too short for its random")
-            return
-        if len(hs) < _SERVER_HELLO_PREFIX:
-            return
-        self.server = SEEN
-        if self.client != HOLD:
-            self._server_refused("a ServerHello before the ClientHello had gone")
-        elif is_hello_retry_request(hs):
+        if is_hello_retry_request(message):
+            self.server = SEEN
             self.client, self.hello_at = SECOND, self.at
+            return
+        try:
+            tls13, self.server_session = read_server_hello(message)
+        except ValueError as e:
+            self._refuse_server(f"a ServerHello that cannot be parsed: {e}")
+            return
+        if tls13:
+            self.server, self.client = SEEN, DONE
         else:
-            self.client = DONE
+            self.server = TLS12  # held on: a resumption is told by the next message
+
+    def _server_changed_cipher(self) -> None:
+        """The server's ChangeCipherSpec: what follows is encrypted; the reading ends."""
+        if self.server == TLS12:
+            self._server_resumed()  # nothing but a ChangeCipherSpec after its ServerHello
+        elif self.server == FULL and self.server_session:
+            self.issued.append(("id", self.server_session))
+        self.server = SEEN
+
+    def _server_resumed(self) -> None:
+        self.server = RESUMED
+        if self.client == HOLD:
+            self.client = RESUMING
+
+    def _refuse_server(self, detail: str) -> None:
+        """What the server answered cannot be told safe: the client's bytes never go."""
+        self.server = SEEN
+        if self.client != DONE:
+            self._refuse(detail)
+
+    def _server_not_tls(self, what: str) -> None:
+        """A server record that is not TLS's: an answer that is no TLS at all, or,
+        after a TLS 1.2 ServerHello, one no resumption can be told from."""
+        if self.server == READING:
+            self._server_refused(what)
+        else:
+            self._refuse_server(f"{what} after a TLS 1.2 ServerHello")
 
     def _server_refused(self, what: str) -> None:
         """The server's answer to the hello is not TLS (`what` it is): no retry is
@@ -285,6 +435,9 @@ class HelloWatch:
         """The gate allowed the hello `step()` returned: it goes on."""
         if self.client != DECIDING:
             raise RuntimeError(f"allowed() in state {self.client}, not after a Decide")
+        if self.resuming:  # the gate knows the session resumed: the client's bytes go
+            self.resuming, self.client = False, DONE
+            return
         self.go = self.at
         if self.retried:  # the answer to a HelloRetryRequest: the plaintext phase is over
             self.client = DONE
@@ -292,7 +445,8 @@ class HelloWatch:
         # A first hello, or one a scan found after an answer that was not TLS: held
         # behind until the server's answer to it, read afresh.
         self.client, self.decided_first, self.server = HOLD, True, READING
-        self.server_header, self.server_left, self.server_hs = b"", 0, b""
+        self.server_header, self.server_left, self.server_skip = b"", 0, 0
+        self.server_hs.clear()
 
     def abandon(self) -> None:
         """The client's stream ended: what is held and undecided never goes upstream."""
@@ -300,7 +454,7 @@ class HelloWatch:
         self.ready, self.sent, self.at, self.hello_at = None, 0, 0, 0
         self.client = DONE
 
-    def step(self) -> bytes | Decide | Refuse | None:
+    def step(self) -> bytes | Decide | Resumed | Issued | Refuse | None:
         """What to do next; see the module docstring."""
         if self.ready is not None:
             data, self.ready = self.ready, None
@@ -315,7 +469,15 @@ class HelloWatch:
         if client == SCAN:
             return self._scan()
         if client == DONE:
-            return self._release(len(self.held)) if self.held else None
+            if self.held:
+                return self._release(len(self.held))
+            if self.issued and self.server == SEEN:
+                issued, self.issued = tuple(self.issued), []
+                return Issued(issued)
+            return None
+        if client == RESUMING:
+            self.client, self.resuming = DECIDING, True
+            return Resumed(self.server_session)
         if client == REFUSED:
             return Refuse(self.refusal)
         return None  # HOLD, DECIDING: the server, or the gate, is to answer

@@ -31,7 +31,9 @@ from sandgate.proxy.frontdoor.hello_watch import (
     MAX_HELD,
     Decide,
     HelloWatch,
+    Issued,
     Refuse,
+    Resumed,
     lone_hello,
 )
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT
@@ -109,10 +111,10 @@ class Relay:
         self.budget = WAKEUP_BUDGET  # bytes left to read in this wakeup
         self.deferred = False  # a pump is asked for already
         # The plaintext phase's watch (hello_watch.py), None once past it or never; and
-        # `judge(step)`, the owner's: asks the gate about a Decide (True: it may go on)
-        # or reports a Refuse (the relay then resets).
+        # `judge(step)`, the owner's: asks the gate about a Decide or a Resumed (True: it
+        # may go on), tells it an Issued, or reports a Refuse (the relay then resets).
         self.watch: HelloWatch | None = None
-        self.judge: Callable[[Decide | Refuse], bool] | None = None
+        self.judge: Callable[[Decide | Resumed | Issued | Refuse], bool] | None = None
 
     def pump(self) -> None:
         """Move what either side has, up to the budget; finish once both directions
@@ -230,7 +232,10 @@ class Relay:
             if isinstance(step, bytes):
                 u.pending = step
                 continue
-            if isinstance(step, Decide) and self.judge(step):
+            if isinstance(step, Issued):
+                self.judge(step)
+                continue
+            if isinstance(step, (Decide, Resumed)) and self.judge(step):
                 watch.allowed()
                 continue
             if isinstance(step, Refuse):

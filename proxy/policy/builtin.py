@@ -95,6 +95,13 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "server than its first, the one decided: the server would serve that one",
     ),
     (
+        "resumed-session",
+        (R.SPOOFED_DESTINATION,),
+        "a TLS 1.2 server resumed a session on a connection passed through by name that the "
+        "gateway did not see issued to this sandbox for the same name, address and port: such a "
+        "server serves the name the session was made for, not the SNI",
+    ),
+    (
         "not-http",
         (R.NOT_HTTP,),
         "bytes that are neither TLS nor HTTP on a web port, or where a rule checks methods or paths",
@@ -111,7 +118,9 @@ BUILTINS: dict[str, Builtin] = _builtins(
         (R.MALFORMED_REQUEST,),
         "an HTTP request head that is not well-formed (a method that is not a token, control bytes in the "
         "target or a header, a bad header name, conflicting Content-Length/Transfer-Encoding), or one the "
-        "gateway's HTTP parser refused with 400",
+        "gateway's HTTP parser refused with 400; or an HTTP/2 request head its HTTP/2 library refused "
+        "(a host other than :authority, userinfo, no authority, CONNECT), which closes the connection "
+        "(GOAWAY)",
     ),
     (
         "ambiguous-path",

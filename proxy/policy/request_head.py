@@ -425,6 +425,14 @@ def with_overrides(
     if not head.overrides or decision.verdict is Verdict.DENY:
         return decision
     for where, field, value in head.overrides:
+        if field == "host" and not _spelled_as_decided(value):
+            return deny(
+                "host-mismatch",
+                detail=f"{where} names {value[:200]!r}, spelled otherwise than a host the "
+                "gateway forwards (a lower-case name without a trailing dot, a port "
+                "without leading zeros): a server or router that honours it may read "
+                "another host in it",
+            )
         other = decide_as(head._replace(**{field: value}, overrides=()))
         if not other.allowed:
             called, does, rule = _OVERRIDDEN[field]
@@ -435,6 +443,19 @@ def with_overrides(
                 f"({other.reason}: {other.detail[:200]})",
             )
     return decision
+
+
+def _spelled_as_decided(host: str) -> bool:
+    """Whether a host override is spelled as the gateway forwards the Host it decided
+    (gate._as_decided): a lower-case name, no trailing dot, a port (if any) without
+    leading zeros. The request's own Host is forwarded so; an override goes on as
+    sent, so it must already be."""
+    try:
+        name, _ = parse_host_port(host, default_port=0)
+    except ValueError:
+        return False
+    _, colon, port = host.rpartition("]")[2].rpartition(":")  # after an IPv6's brackets
+    return name == name.lower() and not name.endswith(".") and not (colon and port[0] == "0")
 
 
 def _overrides(
@@ -473,7 +494,9 @@ def _overrides(
                 named = [h.strip() for h in text.split(",")]
             own = {"method": method, "path": path, "host": host, "mount": ""}[field]
             for one in named:
-                same = one == own if field != "host" else one.lower() == own.lower()
+                # A host spelled otherwise than decided goes on as sent: refused below
+                # (`with_overrides`), even where it names the request's own.
+                same = one == own if field != "host" else one == own and _spelled_as_decided(one)
                 if one and not same:
                     found.append((name.decode(), field, one[:200]))
     if "meth" in query.lower() or "%" in query:

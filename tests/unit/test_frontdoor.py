@@ -26,7 +26,10 @@ SSH = ("203.0.113.10", 22)
 HELLO = client_hello("allowed.test")
 # A TLS server's answer to HELLO: the front door holds what the client sends after
 # its hello until it sees one (hello_watch.py), then relays plainly.
-SERVER_HELLO = bytes.fromhex("160303002c020000280303") + bytes(32) + bytes.fromhex("001301000000")
+# A TLS 1.3 ServerHello (its supported_versions says so): the watch ends at it.
+SERVER_HELLO = (
+    bytes.fromhex("16030300320200002e0303") + bytes(32) + bytes.fromhex("001301000006002b00020304")
+)
 
 
 class SharedSetPolicy(asyncio.DefaultEventLoopPolicy):

@@ -13,7 +13,7 @@ import h2.events
 import pytest
 from sandgate.proxy.lean_mitmproxy import (
     ENHANCE_YOUR_CALM,
-    H2_FLOOD,
+    H2_CLOSED,
     MAX_H2_CONTROL_BURST,
     MAX_H2_EARLY_RESETS,
     MAX_H2_HEADER_BLOCK,
@@ -89,7 +89,7 @@ def test_rapid_reset_past_the_budget_gets_goaway_enhance_your_calm(server):
     layer, client, feed = server
     commands = feed(requests_and_resets(peer(), 3 * MAX_H2_EARLY_RESETS, reset=True))
     assert goaways(commands) == [ENHANCE_YOUR_CALM]
-    assert getattr(client, H2_FLOOD).rule == "rapid-reset"
+    assert getattr(client, H2_CLOSED).rule == "rapid-reset"
     assert layer.sandgate_resets == MAX_H2_EARLY_RESETS + 1
     # The layer stopped at the budget: the rest of the streams never became requests.
     assert layer.sandgate_opened == MAX_H2_EARLY_RESETS + 1
@@ -99,7 +99,7 @@ def test_resets_within_the_budget_keep_the_connection(server):
     _, client, feed = server
     commands = feed(requests_and_resets(peer(), MAX_H2_EARLY_RESETS, reset=True))
     assert goaways(commands) == []
-    assert getattr(client, H2_FLOOD, None) is None
+    assert getattr(client, H2_CLOSED, None) is None
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -141,7 +141,7 @@ def test_resets_the_gateway_makes_for_the_client_count_as_its_resets(server, pro
         sent += conn.data_to_send() + provoke(2 * i + 1)
     commands = feed(sent)
     assert goaways(commands) == [ENHANCE_YOUR_CALM]
-    flood = getattr(client, H2_FLOOD)
+    flood = getattr(client, H2_CLOSED)
     assert flood.rule == "rapid-reset" and "MadeYouReset" in flood.detail
     assert layer.sandgate_made_resets == MAX_H2_EARLY_RESETS + 1
     assert layer.sandgate_opened == MAX_H2_EARLY_RESETS + 1
@@ -162,7 +162,7 @@ def test_control_frames_past_the_burst_get_goaway_and_the_rest_unread(server, co
     conn.send_headers(1, REQUEST, end_stream=False)  # empty DATA needs an open stream
     commands = feed(conn.data_to_send() + control * (20 * MAX_H2_CONTROL_BURST))
     assert goaways(commands)[0] == ENHANCE_YOUR_CALM
-    assert getattr(client, H2_FLOOD).rule == "control-frame-flood"
+    assert getattr(client, H2_CLOSED).rule == "control-frame-flood"
     # At most the burst was answered: the ACKs of the rest were never made.
     acks = sum(_acks(commands))
     assert acks <= MAX_H2_CONTROL_BURST + 2 * 10, acks
@@ -174,7 +174,7 @@ def test_control_frames_within_the_burst_keep_the_connection(server):
         peer().data_to_send() + frame(6, 0, 0, b"12345678") * (MAX_H2_CONTROL_BURST // 2)
     )
     assert goaways(commands) == []
-    assert getattr(client, H2_FLOOD, None) is None
+    assert getattr(client, H2_CLOSED, None) is None
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_a_header_block_past_the_head_limit_closes_the_connection(server, fragme
     assert goaways(commands)[0] in (ENHANCE_YOUR_CALM, 1)  # h2's own backlog: PROTOCOL_ERROR
     assert getattr(layer, "sandgate_opened", 0) == 0
     if fragment:
-        assert getattr(client, H2_FLOOD).rule == "headers-too-large"
+        assert getattr(client, H2_CLOSED).rule == "headers-too-large"
         assert len(fragment) * frames > MAX_H2_HEADER_BLOCK
 
 

@@ -9,8 +9,11 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sandgate.proxy.gate import _as_decided
 from sandgate.proxy.policy import request_head
-from sandgate.proxy.policy.request_head import Decision, RequestHead, check_head
+from sandgate.proxy.policy.model import Rule
+from sandgate.proxy.policy.reasons import Reason, Verdict
+from sandgate.proxy.policy.request_head import Decision, RequestHead, check_head, with_overrides
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -90,3 +93,46 @@ def test_framing_is_still_checked_when_more_than_host_is_read(fields, detail):
         assert result.strip_upgrade
     else:
         assert isinstance(result, Decision) and result.detail == detail
+
+
+@pytest.mark.parametrize(
+    "host, forwarded",
+    [
+        ("allowed.test", None),
+        ("allowed.test:8443", None),
+        ("ALLOWED.TEST.", "allowed.test"),
+        ("allowed.test:08443", "allowed.test:8443"),
+        ("Allowed.Test.:0008443", "allowed.test:8443"),
+        ("203.0.113.10:8443", None),
+    ],
+)
+def test_a_host_goes_on_spelled_as_decided(host, forwarded):
+    """gate._as_decided: the name as decided, the port without leading zeros (an exact
+    host:port router, HAProxy's, reads `allowed.test:08443` as another host)."""
+    checked = check_head(RequestHead(b"GET", b"/", ((b"Host", host.encode()),)), 8443)
+    assert _as_decided(checked).forward_host == forwarded
+
+
+@pytest.mark.parametrize(
+    "override, refused",
+    [
+        ("other.test", False),  # decided as its own host, not refused for its spelling
+        ("allowed.test:0443", True),
+        ("ALLOWED.TEST", True),
+        ("allowed.test", False),  # the request's own, as decided: no override
+        ("other.test.", True),
+        ("[::1]:0443", True),
+        ("[::1]:443", False),
+    ],
+)
+def test_a_host_override_must_be_spelled_as_a_decided_host(override, refused):
+    """An override goes on as sent: a spelling the gateway would forward otherwise is
+    refused (host_mismatch) before it is decided."""
+    head = RequestHead(
+        b"GET", b"/", ((b"Host", b"allowed.test"), (b"X-Forwarded-Host", override.encode()))
+    )
+    checked = check_head(head, 443)
+    rule = Rule(id="allowed", action=Verdict.ALLOW, file="rules.yaml", line=1)
+    allowed = Decision(Verdict.ALLOW, Reason.RULE_ALLOW, rule)
+    decision = with_overrides(allowed, checked, lambda h: allowed)
+    assert (decision.reason == Reason.HOST_MISMATCH) is refused, decision
