@@ -11,7 +11,8 @@ Two layers (docs/sandbox.md, "What the task leaves for the host"):
 1. During the run (`read_only_binds`, `pinned_dirs`): each repository's git
    directory found in the workspace at the start is bound over itself (a mount
    point cannot be renamed or removed: `mv .git .git.old && mkdir .git` fails with
-   EBUSY), and its `config`, `config.worktree`, `hooks` and `info` read-only. Git
+   EBUSY), and its `config`, `config.worktree`, `hooks`, `info` and `commondir` (a
+   worktree's) read-only. Git
    keeps working on objects, refs, the index and HEAD.
 2. After the run (`survey` before, `find_planted` after, `disarm`): mounts can only
    cover what exists, so a repository the task makes (`git init`, a nested one, a
@@ -48,12 +49,16 @@ Two layers (docs/sandbox.md, "What the task leaves for the host"):
 Control paths, in any directory that git would take for a git directory (one
 named `.git`, or one with HEAD and objects and refs, or HEAD and commondir, as a
 bare repository or a worktree's or submodule's git dir): `config`,
-`config.worktree`, `commondir`, `info/attributes`, everything in `hooks/`, the todo
-list of a rebase or cherry-pick stopped half-way (`rebase-merge/git-rebase-todo`,
-`sequencer/todo`: `git rebase --continue` runs its `exec` lines); anywhere:
-an entry named `.git` that is not a directory (a `gitdir:` file, a link), and every
-file in a `.vscode` or `.idea` directory (editors run tasks and tools named there);
-of a Mercurial repository, `.hg/hgrc`, `.hg/hgrc-not-shared` (harmless: only data,
+`config.worktree`, `commondir`, `info/attributes`, everything in `hooks/`, every
+symbolic link at its top (git makes none there), and of a rebase or cherry-pick
+stopped half-way (`rebase-merge/`, `rebase-apply/`, `sequencer/`) the todo list
+(`git rebase --continue` runs its `exec` lines) and the merge strategy (`strategy`,
+`opts`: `--continue` runs `git merge-<strategy>`); anywhere: an entry named `.git`
+that is not a directory (a `gitdir:` file, a link), every file in an editor's or
+coding agent's settings directory (EDITOR_DIRS: `.vscode`, `.idea`, `.claude`,
+`.zed`...) and the settings files EDITOR_FILES (`.mcp.json`, `*.code-workspace`...):
+tools run the commands named there when they open the folder; of a Mercurial
+repository, `.hg/hgrc`, `.hg/hgrc-not-shared` (harmless: only data,
 hgrc.code_entries), `.hg/sharedpath` and a `.hg` that is a link.
 What the check cannot finish is never passed over: a path it cannot reach or judge
 (a link on the way, any error) is reported as planted and NOT renamed; a walk out of
@@ -65,8 +70,18 @@ made with RENAME_NOREPLACE (`_aside_names`).
 
 A new or changed one is harmless only when it is a regular file with one link and:
 a config whose keys are all data (gitconfig.code_keys), a hook named *.sample (git
-runs only the exact hook names), a todo list without `exec` lines, or a `gitdir:`/commondir pointing at a git
-directory of the same survey inside the writable roots.
+runs only the exact hook names), a todo list without `exec` lines, a strategy that is
+one of git's own (BUILTIN_STRATEGIES), or a `gitdir:`/commondir that git and the
+kernel take (`_judge_pointer`: the whole file, resolved a component at a time through
+no link) to a git directory of the same survey in a relation git makes: a linked
+worktree's or a submodule's `.git` file whose move of the work tree puts no path the
+repository's config runs among the task's files (`_gitfile_relation`), a worktree git
+dir's commondir naming the git dir it lies in (`<common>/worktrees/NAME`).
+
+Write bits (`_loosened`): the task may chmod what the idmap makes its own (the pinned
+`.git`, the root); group and other write bits it added to a directory or control path
+that was there, and other-write bits on a new one, are removed after the run (disarm)
+and reported: any local account could otherwise swap the user's hooks.
 """
 
 from __future__ import annotations
@@ -90,7 +105,32 @@ from sandgate.proxy.approvals.shown import visible
 from sandgate.proxy.file_systems import file_system_type
 
 SUFFIX = ".sandgate-planted"
-EDITOR_DIRS = frozenset({".vscode", ".idea"})
+# Directories of editors' and coding agents' project settings, in any directory: each
+# runs commands named there when it opens the folder on the host, as the user (a trusted
+# folder): VS Code and Cursor (`.vscode`/`.cursor`: tasks with runOn folderOpen,
+# interpreters, MCP servers), JetBrains (`.idea`: run configurations, startup tasks),
+# Claude Code (`.claude/settings.json`: hooks such as SessionStart, run as shell
+# commands), Gemini CLI (`.gemini/settings.json`: mcpServers), Zed (`.zed/settings.json`:
+# lsp binary paths, tasks), Helix (`.helix/languages.toml`: language-server commands),
+# Continue (`.continue/`: MCP servers), Codex (`.codex/`), Windsurf (`.windsurf/`),
+# Kiro, Roo, Kilo Code, Amazon Q, Qwen Code (`mcp.json`, settings, hooks), opencode,
+# JetBrains Fleet (run configurations), and dev containers
+# (`.devcontainer/devcontainer.json`: `initializeCommand` runs on the host).
+EDITOR_DIRS = frozenset(
+    {".vscode", ".idea", ".cursor", ".claude", ".gemini", ".zed", ".helix", ".continue"}
+    | {".codex", ".windsurf", ".kiro", ".roo", ".kilocode", ".amazonq", ".qwen"}
+    | {".opencode", ".fleet", ".devcontainer"}
+)
+# Single files of the same kind, in any directory: `.mcp.json` (Claude Code and others
+# start the MCP servers it names), `.aider.conf.yml` (aider runs its lint-cmd and
+# test-cmd), Neovim's and Vim's project rc files (`exrc`) and LazyVim's `.lazy.lua`,
+# opencode's and crush's configs (LSP and MCP commands), VS Code's `*.code-workspace`
+# (tasks and settings, ending EDITOR_FILE_SUFFIX).
+EDITOR_FILES = frozenset(
+    {".mcp.json", ".aider.conf.yml", ".nvim.lua", ".nvimrc", ".exrc", ".lazy.lua"}
+    | {"opencode.json", "opencode.jsonc", ".crush.json", "crush.json"}
+)
+EDITOR_FILE_SUFFIX = ".code-workspace"
 CONFIG_FILES = frozenset({"config", "config.worktree"})
 # Mercurial: `hg` runs what a repository's `.hg/hgrc` names (hooks such as pre-status,
 # extensions) and trusts the file when the user who runs it owns it, which a file the
@@ -98,7 +138,9 @@ CONFIG_FILES = frozenset({"config", "config.worktree"})
 # read the hgrc of the repository it names too.
 HG_DIR = ".hg"
 HG_CONFIG_FILES = frozenset({"hgrc", "hgrc-not-shared"})
-READ_ONLY_IN_GITDIR = ("config", "config.worktree", "hooks", "info")
+# `commondir` too: a worktree's pointer to the config and hooks git uses for it (read
+# through a link or a changed one, the task's repository ran on the host mid-run)
+READ_ONLY_IN_GITDIR = ("config", "config.worktree", "hooks", "info", "commondir")
 MAX_POINTER_BYTES = 4096
 MAX_PINNED = 64  # git directories bound during the run; more are checked afterwards only
 MAX_DEPTH = 256  # directories deeper are not walked: reported (one descriptor per level)
@@ -121,8 +163,21 @@ MAX_INCLUDE_DEPTH = 10  # as git's own limit on nested include.path
 MAX_NAMED_ENTRIES = 4096  # files fingerprinted below one named directory
 # A rebase or cherry-pick stopped half-way keeps its todo list in the git directory;
 # `git rebase --continue` on the host runs its `exec` (`x`) lines.
-SEQUENCER_DIRS = frozenset({"rebase-merge", "sequencer"})
+SEQUENCER_DIRS = frozenset({"rebase-merge", "rebase-apply", "sequencer"})
 TODO_FILES = frozenset({"git-rebase-todo", "todo"})
+# What else `--continue` reads there that names a program: the merge strategy, run as
+# `git merge-<strategy>` (sequencer.c try_merge_command: no check of the name; one with
+# a `/` runs as a path in the work tree): `strategy` (rebase) and `opts`
+# (`options.strategy`, cherry-pick and revert, git-config syntax). Harmless only when it
+# is one of git's own strategies. Not control paths, and why: `strategy_opts` only gives
+# that (built-in) strategy its options; `gpg_sign_opt` and `options.gpg-sign` a key id
+# (the gpg program comes from the guarded config); the rest is data (commits, names,
+# messages, flags).
+STRATEGY_FILES = frozenset({"strategy", "opts"})
+BUILTIN_STRATEGIES = frozenset({"ort", "recursive", "resolve", "octopus", "ours", "subtree"})
+# Group and other write bits (`_loosened`): what the task adds to the user's directories
+# and control paths lets any local account change them after the run.
+LOOSE_BITS = 0o022
 MAX_TODO_BYTES = 1 << 20
 _EXEC_LINE = re.compile(r"\s*(?:exec|x)(?:\s|$)")
 
@@ -198,6 +253,11 @@ class Survey:
     # resolves to (resolved, inside the roots), each with why; "include": read as config
     named: dict[Path, tuple[str, str]] = field(default_factory=dict)
     unguardable: list[str] = field(default_factory=list)  # named paths that are a root
+    # Directories walked that group or others may write to (LOOSE_BITS), with their mode
+    loose: dict[Path, int] = field(default_factory=dict)
+    # A git dir's `objects` or an `.hg/store` (not walked) -> which of NOTED_OBJECTS were
+    # directories there, their modes looked at (`_note_objects`): a bit each, in order
+    noted: dict[Path, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -210,6 +270,9 @@ class Planted:
     # False: reported only, disarm() leaves it (a directory of the user's the check
     # could not finish: renaming it would break their workspace)
     movable: bool = True
+    # Not renamed but repaired: the group/other write bits the task added, which
+    # disarm() removes (`_loosened`); disarmed_as is then the path itself
+    loosened: int = 0
 
     @property
     def renamed(self) -> bool:
@@ -222,7 +285,10 @@ class Planted:
         a config's keys in `why`), so every control, bidi or line-separator character is
         escaped visibly (`\\x1b`): a name of `\\x1b[8m` made sandgate's lines after it
         invisible, one with a newline forged a line of its own."""
-        done = f"; renamed to {self.disarmed_as.name}" if self.disarmed_as else "; NOT renamed"
+        if self.loosened:
+            done = "; write bits removed" if self.disarmed_as else "; NOT repaired"
+        else:
+            done = f"; renamed to {self.disarmed_as.name}" if self.disarmed_as else "; NOT renamed"
         return visible(f"{self.path}: {self.why}{done}", DESCRIBED_CHARS)
 
 
@@ -261,9 +327,9 @@ def _find_named(result: Survey, git_dir: Path) -> None:
     """The work-tree paths that the configs git reads for this git directory name:
     its own, a linked worktree's common one, and what they include."""
     configs = [git_dir / "config", git_dir / "config.worktree"]
-    common = _pointer_text(git_dir / "commondir")
-    if common:
-        configs.append(Path(os.path.normpath(git_dir / common)) / "config")
+    common = _common_dir(git_dir)
+    if common is not None:
+        configs.append(common / "config")
     top = _work_tree(git_dir, _entries(git_dir / "config"))
     seen: set[Path] = set()
     for config in configs:
@@ -282,14 +348,50 @@ def _entries(config: Path) -> list[gitconfig.ConfigEntry]:
 
 
 def _pointer_text(path: Path) -> str | None:
-    """The first line of a small pointer file (commondir, gitdir), read through links
-    as git reads it; None if unreadable."""
+    """A small pointer file (commondir, a worktree's gitdir) read as git reads it
+    (`_pointer_value`), through links; None if unreadable or not one git would take."""
     try:
         data = _read_small(Path(os.path.realpath(path)), MAX_POINTER_BYTES)
     except (OSError, ValueError):  # ValueError: a name the kernel cannot take
         return None
-    line = (data or b"").decode("utf-8", "replace").split("\n", 1)[0].strip()
-    return line if line and "\0" not in line else None
+    return _pointer_value(data or b"", gitfile=False)
+
+
+def _pointer_value(data: bytes, *, gitfile: bool) -> str | None:
+    """The path a pointer file names, as git takes it: the WHOLE file with only
+    trailing newlines and carriage returns removed (setup.c read_gitfile_gently,
+    get_common_dir_noenv); a `.git` file must start with exactly `gitdir: `. None (not
+    a path the check can judge) when anything else is odd: a NUL (git stops there), or
+    a newline or carriage return left inside it (git takes them as part of the path:
+    `gitdir: ../a/.git\n/../hidden` opened a directory named `.git\n`, while a reader
+    of the first line judged `../a/.git`)."""
+    text = os.fsdecode(data).rstrip("\r\n")
+    if gitfile:
+        if not text.startswith("gitdir: "):
+            return None
+        text = text.removeprefix("gitdir: ")
+    if not text or any(c in text for c in "\0\n\r"):
+        return None
+    return text
+
+
+def _pointed(base: Path, text: str) -> tuple[Path | None, list[Path]]:
+    """Where the kernel takes the pointer `text` from the directory `base` (a relative
+    one is relative to it: git's rule for both kinds), resolved a component at a time
+    (`_resolve`), and every link met on the way, anywhere: one in a writable root the
+    task may have made, and one outside may resolve differently for git than for the
+    check (`/proc/self/cwd`: the runner's directory is not the user's). git writes
+    pointers without links (real paths, or relative ones below a git dir)."""
+    return _resolve(base / text, (Path("/"),))
+
+
+def _common_dir(git_dir: Path) -> Path | None:
+    """A worktree's common git directory (its `commondir` file), resolved as the kernel
+    takes it; None without one."""
+    common = _pointer_text(git_dir / "commondir")
+    if common is None:
+        return None
+    return Path(os.path.realpath(git_dir / common))
 
 
 def _work_tree(git_dir: Path, entries: list[gitconfig.ConfigEntry]) -> Path:
@@ -301,7 +403,7 @@ def _work_tree(git_dir: Path, entries: list[gitconfig.ConfigEntry]) -> Path:
             return Path(os.path.normpath(git_dir / os.path.expanduser(entry.value)))
     linked = _pointer_text(git_dir / "gitdir") if (git_dir / "commondir").exists() else None
     if linked:
-        return Path(os.path.normpath(git_dir / linked)).parent
+        return Path(os.path.realpath((git_dir / linked).parent))
     return git_dir.parent if git_dir.name == ".git" else git_dir
 
 
@@ -500,6 +602,8 @@ def _walk(
     an earlier survey whose record of this directory stands if it has not changed."""
     try:
         st = os.fstat(fd)
+        if st.st_mode & LOOSE_BITS:
+            result.loose[root / relative if relative else root] = st.st_mode
         entries = None
         old = since.dirs.get((root, relative)) if since is not None else None
         if old is None or not _unchanged(old, st, context, since, root):
@@ -538,6 +642,10 @@ def _walk_entries(
         context = "git"
     if context == "git":
         result.git_dirs.add(root / relative if relative else root)
+        if getattr(entries, "many_links", False):
+            # more links than `_scan` keeps: planted whole if new (`Survey.crowded`)
+            result.crowded.append(root / relative if relative else root)
+            return
     subdirs, controls, deep = [], [], []
     complete = True  # every entry seen: else a later walk reads it again
     prefix = f"{relative}/" if relative else ""
@@ -550,6 +658,8 @@ def _walk_entries(
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
             role = _role(name, is_dir, context)
+            if role is None and context == "git" and entry.is_symlink():
+                role = "gitlink"  # git makes none there: a way for a pointer to go
             if role is not None and _afford(result, 2 * len(child)):
                 st_child = entry.stat(follow_symlinks=False)
                 result.controls[root / child] = ControlPath(
@@ -559,6 +669,8 @@ def _walk_entries(
         except OSError:
             complete = False
             continue
+        if is_dir and (context, name) in (("git", "objects"), ("hg", "store")):
+            _note_objects(result, root, fd, child)
         if not is_dir or (context, name) in (("git", "objects"), ("hg", "store")):
             continue
         if child.count("/") >= MAX_DEPTH:
@@ -573,6 +685,60 @@ def _walk_entries(
             st.st_dev, st.st_ino, st.st_ctime_ns, given, context,
             tuple(subdirs), tuple(controls), tuple(deep),
         )  # fmt: skip
+
+
+# What `_note_objects` states in a git dir's `objects`: itself, its pack and info
+# directories, and the 256 directories of loose objects (git names them by the first
+# byte of the object's name); in an `.hg/store`, itself and `data` (the revlogs below
+# mirror the work tree's directories: not looked at). Stated by name, none read (a
+# task's million entries there cost nothing).
+NOTED_OBJECTS = ("", "pack", "info", "data", *(f"{n:02x}" for n in range(256)))
+
+
+def _note_objects(result: Survey, root: Path, fd: int, child: str) -> None:
+    """The modes of a git dir's `objects` (or an `.hg/store`: `child`, in `fd`) and of
+    the directories kept in it (the walk does not enter them): one the task made
+    writable by others would let any local account swap the user's loose objects or
+    packs (a hook script's blob, checked out later: git does not check a loose object's
+    hash when it reads it)."""
+    try:
+        sub = os.open(
+            child.rsplit("/", 1)[-1],
+            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=fd,
+        )
+    except OSError:
+        return
+    found = 0
+    try:
+        for bit, name in enumerate(NOTED_OBJECTS):
+            try:
+                st = os.stat(name or ".", dir_fd=sub, follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            found |= 1 << bit
+            if st.st_mode & LOOSE_BITS:
+                if not _afford(result, len(child) + len(name)):
+                    return  # out of room: the walk is cut (`_walk`)
+                result.loose[root / child / name if name else root / child] = st.st_mode
+    finally:
+        os.close(sub)
+    if _afford(result, len(child)):
+        result.noted[root / child] = found
+
+
+def _was_noted(before: Survey, path: Path) -> bool:
+    """Whether `path` is one of the directories `_note_objects` found in the walk before."""
+    for objects, name in ((path, ""), (path.parent, path.name)):
+        found = before.noted.get(objects)
+        if found is not None and name in _NOTED_BIT:
+            return bool(found >> _NOTED_BIT[name] & 1)
+    return False
+
+
+_NOTED_BIT = {name: bit for bit, name in enumerate(NOTED_OBJECTS)}
 
 
 def _afford(result: Survey, name_bytes: int, dirs: int = 0) -> bool:
@@ -591,6 +757,15 @@ def _afford(result: Survey, name_bytes: int, dirs: int = 0) -> bool:
     result.walked_dirs += dirs
     return True
 
+
+class _Entries(dict):
+    """What `_scan` keeps of a directory; `many_links`: it held more than MAX_GIT_LINKS
+    symbolic links, the rest not kept (a git directory of those is crowded)."""
+
+    many_links = False
+
+
+MAX_GIT_LINKS = 64  # links `_scan` keeps in a plain directory (a git dir's are control paths)
 
 # What `_scan` returns for a directory with more control paths than the walk has
 # room for: it is not walked but planted whole (`Survey.crowded`).
@@ -619,8 +794,8 @@ def _scan(fd: int, context: str, room: int, result: Survey) -> dict[str, os.DirE
     (inodes are free) gigabytes of host memory no limit of the task's bounds. What is
     kept is counted as the walk goes (`_afford`: its subdirectories as directories to
     walk, the names as bytes): OUT_OF_ROOM past that, with nothing more listed."""
-    kept: dict[str, os.DirEntry] = {}
-    crowdable, files = context in ("editor", "hooks"), 0
+    kept = _Entries()
+    crowdable, files, links = context in ("editor", "hooks"), 0, 0
     with os.scandir(fd) as listing:
         for entry in listing:
             name = entry.name
@@ -635,8 +810,23 @@ def _scan(fd: int, context: str, room: int, result: Survey) -> dict[str, os.DirE
                     if files > room:
                         return CROWDED
                 elif context == "plain":
-                    if name not in PLAIN_FILES and name.lower() not in PLAIN_FILES_ANY_CASE:
-                        continue
+                    lower = name.lower()
+                    if (
+                        name not in PLAIN_FILES
+                        and lower not in PLAIN_FILES_ANY_CASE
+                        and not lower.endswith(EDITOR_FILE_SUFFIX)
+                    ):
+                        # a link is a control path if this is a git directory ("gitlink")
+                        try:
+                            if not entry.is_symlink():
+                                continue
+                        except OSError:
+                            kept[name] = entry  # the walk's error (record incomplete)
+                            continue
+                        links += 1
+                        if links > MAX_GIT_LINKS:
+                            kept.many_links = True
+                            continue
                 elif _role(name, False, context) is None:
                     continue
             if not _afford(result, len(name), dirs=int(is_dir)):
@@ -650,7 +840,7 @@ def _scan(fd: int, context: str, room: int, result: Survey) -> dict[str, os.DirE
 # `objects` or `refs`), what git reads in one (`_role` in "git"), and the names that
 # are control paths anywhere when they are not directories.
 PLAIN_FILES = frozenset({"HEAD", "objects", "refs", "commondir", "hooks", "info", *CONFIG_FILES})
-PLAIN_FILES_ANY_CASE = frozenset({".git", HG_DIR, *EDITOR_DIRS})
+PLAIN_FILES_ANY_CASE = frozenset({".git", HG_DIR, *EDITOR_DIRS, *EDITOR_FILES})
 
 
 def _enter(
@@ -696,9 +886,12 @@ def _take_unchanged(
 ) -> None:
     """An unchanged directory as the earlier walk found it: its control paths stated
     again (their content may have changed), and the directories below it walked."""
+    prefix = f"{relative}/" if relative else ""
     if old.context == "git":
         result.git_dirs.add(root / relative if relative else root)
-    prefix = f"{relative}/" if relative else ""
+        _note_objects(result, root, fd, prefix + "objects")
+    if old.context == "hg":
+        _note_objects(result, root, fd, prefix + "store")
     for name, role in old.controls:
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -748,6 +941,11 @@ def _looks_like_git_dir(relative: str, entries: dict[str, os.DirEntry]) -> bool:
     )
 
 
+def _editor_file(name: str) -> bool:
+    lower = name.lower()
+    return lower in EDITOR_FILES or lower.endswith(EDITOR_FILE_SUFFIX)
+
+
 def _role(name: str, is_dir: bool, context: str) -> str | None:
     """What a directory entry is to git or an editor; None: nothing that runs code."""
     if context == "editor":
@@ -757,7 +955,9 @@ def _role(name: str, is_dir: bool, context: str) -> str | None:
     if context == "info":
         return "attributes" if name == "attributes" else None
     if context == "sequencer":
-        return "todo" if name in TODO_FILES and not is_dir else None
+        if is_dir:
+            return None
+        return "todo" if name in TODO_FILES else "strategy" if name in STRATEGY_FILES else None
     if context == "hg":
         if name in HG_CONFIG_FILES:
             return "hgrc"
@@ -768,6 +968,8 @@ def _role(name: str, is_dir: bool, context: str) -> str | None:
         return "hgdir"  # a link hg would follow to a repository elsewhere
     if name.lower() in EDITOR_DIRS and not is_dir:
         return "editor"  # a link where an editor looks for its settings
+    if not is_dir and _editor_file(name):
+        return "editor"
     if context == "git":
         if name in CONFIG_FILES or name == "commondir":
             return "config" if name in CONFIG_FILES else "commondir"
@@ -827,7 +1029,48 @@ def find_planted(before: Survey, after: Survey | None = None) -> list[Planted]:
             planted.append(Planted(path, why))
             if stat.S_ISDIR(control.fingerprint.mode):
                 renamed_dirs.add(path)
-    return planted
+    gone = {item.path for item in planted if item.movable} | renamed_dirs
+    return planted + _loosened(before, after, gone)
+
+
+def _loosened(before: Survey, after: Survey, gone: set[Path]) -> list[Planted]:
+    """Directories and control paths the task made writable to other local accounts:
+    the workspace is idmapped to its owner, so the task may chmod the user's pinned
+    `.git` (or the root, a `.husky/_`...) 0777, and after the run any local account
+    could swap its hooks for its own. Write bits for group or others that the task
+    added to what was there before, and write bits for others on what is new (group
+    ones there may be the caller's umask), are removed by disarm()."""
+    found: dict[Path, tuple[int, str]] = {}
+    for path, mode in after.loose.items():
+        old = before.loose.get(path)
+        root = next((r for r in before.roots if path == r or r in path.parents), None)
+        relative = "" if root is None or path == root else str(path.relative_to(root))
+        existed = old is not None or (root, relative) in before.dirs or _was_noted(before, path)
+        added = mode & ~(old or 0) & LOOSE_BITS if existed else mode & 0o002
+        if added:
+            found[path] = (added, "directory")
+    for path, control in after.controls.items():
+        mode = control.fingerprint.mode
+        if stat.S_ISLNK(mode) or not mode & LOOSE_BITS:
+            continue
+        old = before.controls.get(path)
+        added = mode & ~old.fingerprint.mode & LOOSE_BITS if old is not None else mode & 0o002
+        if added:
+            found[path] = (added, _ROLE_NAMES[control.role])
+    return [
+        Planted(
+            path,
+            f"a {kind} the task made writable by {_whom(bits)} (any local account could "
+            f"change it for the user's next git command or editor)",
+            loosened=bits,
+        )
+        for path, (bits, kind) in sorted(found.items())
+        if path not in gone and not _below_any(path, gone) and not _set_aside(path.name)
+    ]
+
+
+def _whom(bits: int) -> str:
+    return " and ".join(w for b, w in ((0o020, "its group"), (0o002, "every user")) if bits & b)
 
 
 def _below_any(path: Path, directories: set[Path]) -> bool:
@@ -903,6 +1146,11 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     kind = _kind(mode)
     if role == "hgdir" and stat.S_ISREG(mode):
         return None  # hg takes only a directory (or a link to one) for a repository
+    if role == "gitlink":
+        return (
+            "a symbolic link in a git directory (git makes none there; a commondir or "
+            "`gitdir:` path through it reaches what the check does not walk)"
+        )
     if not stat.S_ISREG(mode):
         tool = "hg" if role.startswith("hg") else "git or an editor" if role == "editor" else "git"
         return f"a {kind} where {tool} reads a {_ROLE_NAMES[role]}"
@@ -913,12 +1161,16 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     if role == "attributes":
         return "git attributes in info/ (they choose filter and diff drivers)"
     if role == "editor":
-        return "an editor's workspace settings (editors run the tasks and tools named there)"
+        return (
+            "an editor's or coding agent's workspace settings (they run the tasks, hooks, "
+            "servers and tools named there when they open the folder)"
+        )
     if role == "hgshared":
         return "a Mercurial sharedpath (hg reads the config of the repository it names)"
     limit = {
         "config": gitconfig.MAX_CONFIG_BYTES,
         "hgrc": gitconfig.MAX_CONFIG_BYTES,
+        "strategy": gitconfig.MAX_CONFIG_BYTES,
         "todo": MAX_TODO_BYTES,
     }.get(role, MAX_POINTER_BYTES)
     try:
@@ -939,10 +1191,120 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     if role == "todo":
         runs = [line.strip() for line in text.splitlines() if _EXEC_LINE.match(line)]
         return f"a rebase todo list that runs {runs[0][:200]!r} on --continue" if runs else None
-    target = _pointer_target(control, text)
-    if target is None or target not in after.git_dirs:
-        return f"a {_ROLE_NAMES[role]} pointing outside the workspace's repositories"
+    if role == "strategy":
+        return _judge_strategy(control, text)
+    return _judge_pointer(control, data, after)
+
+
+def _judge_strategy(control: ControlPath, text: str) -> str | None:
+    """A stopped rebase's `strategy` or a cherry-pick's `opts`: `--continue` runs
+    `git merge-<strategy>`, a path in the work tree when it has a `/` in it. Harmless
+    only when each strategy it names is one of git's own (BUILTIN_STRATEGIES)."""
+    if control.relative.rsplit("/", 1)[-1] == "strategy":
+        # read_oneliner: one trailing newline (or CR LF) off, the rest is the name
+        named = [text.removesuffix("\n").removesuffix("\r")]
+    else:
+        try:
+            entries = gitconfig.parse_config(text)
+        except ValueError as e:
+            return f"a cherry-pick or revert options file git cannot read as config ({e})"
+        others = [e.key for e in entries if e.section != "options"]
+        if others:  # git refuses them ("invalid key"): not what git writes
+            return f"a cherry-pick or revert options file with keys git never writes: {others[0]!r}"
+        named = [e.value or "" for e in entries if e.name == "strategy"]
+    odd = [name for name in named if name not in BUILTIN_STRATEGIES]
+    if odd:
+        return (
+            f"a merge strategy {odd[0][:200]!r} that `--continue` would run as "
+            f"`git merge-{odd[0][:200]}` (not one of git's own)"
+        )
     return None
+
+
+def _judge_pointer(control: ControlPath, data: bytes, after: Survey) -> str | None:
+    """A `.git` file or a `commondir`, judged by where the kernel takes it: read as git
+    reads it (`_pointer_value`), resolved a component at a time from its directory
+    (`_resolve`, as git's real_path does), through no link in a writable root, to a
+    git directory the walk found (never one below a git dir's `objects` or an `.hg/
+    store`, which the walk skips), in the relation git makes: a `.git` file of a
+    linked worktree or a submodule (`_gitfile_relation`), a `commondir` of a
+    worktree's git dir (`<common>/worktrees/<name>`)."""
+    name = _ROLE_NAMES[control.role]
+    gitfile = control.role == "gitfile"
+    text = _pointer_value(data, gitfile=gitfile)
+    if text is None:
+        return f"a {name} git reads differently from a one-line path (a NUL, newline or CR in it, or no `gitdir: `)"
+    target, links = _pointed(control.path.parent, text)
+    if links:
+        return (
+            f"a {name} whose path goes through {links[0]}, a symbolic link (git writes "
+            f"pointers without one; the task's may lead git elsewhere than the check)"
+        )
+    if target is None or target not in after.git_dirs:
+        return f"a {name} pointing outside the workspace's repositories (to {target})"
+    if not gitfile:
+        if control.path.parent.parent != target / "worktrees":
+            return (
+                f"a {name} pointing at {target}, whose worktree git dirs are in "
+                f"{target / 'worktrees'}: git would take its config and hooks for this one"
+            )
+        return None
+    return _gitfile_relation(control, target, after)
+
+
+def _gitfile_relation(control: ControlPath, target: Path, after: Survey) -> str | None:
+    """A `.git` file makes its directory the work tree of the git dir it names, where
+    that repository's config runs what it names relative to the work tree
+    (`core.hooksPath = .husky/_`...). Harmless only in the relations git makes, and
+    when the move puts no such path among the task's files (`_moved_named`): a linked
+    worktree's git dir names this file back (its `gitdir`); a submodule's is below a
+    `modules/` of a git dir, its core.worktree (if set) this directory. Anything else
+    (`sub/.git` = `gitdir: ../.git`: the user's own repository with `sub/` as its work
+    tree, and `sub/.husky/_` as its hooks) is planted."""
+    here = control.path.parent
+    related = False
+    if (target / "commondir").exists():
+        back = _pointer_text(target / "gitdir")
+        if back is not None:
+            linked, links = _pointed(target, back)
+            related = not links and linked == control.path
+    elif any(p.name == "modules" and p.parent in after.git_dirs for p in target.parents):
+        worktree = [
+            e.value for e in _entries(target / "config") if e.key == "core.worktree" and e.value
+        ]
+        if worktree:
+            resolved, links = _pointed(target, worktree[-1])
+            related = not links and resolved == here
+        else:
+            related = True  # git takes this directory: judged by what moves here
+    if not related:
+        return (
+            f"a `.git` file pointing at {target}, a repository whose work tree is "
+            f"elsewhere: git would take {here} for its work tree, and run what its config "
+            f"names there"
+        )
+    moved = _moved_named(after, target, here)
+    if moved:
+        return (
+            f"a `.git` file of a new worktree or submodule of a repository whose config "
+            f"runs work-tree files ({moved[0]}): git would run the task's copies in {here}"
+        )
+    return None
+
+
+def _moved_named(after: Survey, git_dir: Path, top: Path) -> list[str]:
+    """What the configs of `git_dir` would name relative to the work tree `top`, in the
+    writable roots, that the walk before did not guard (each with why)."""
+    scratch = Survey(after.roots)
+    configs = [git_dir / "config", git_dir / "config.worktree"]
+    common = _common_dir(git_dir)
+    if common is not None:
+        configs.append(common / "config")
+    seen: set[Path] = set()
+    for config in configs:
+        _follow_config(scratch, config, top, 0, seen)
+    found = [why for path, (why, role) in scratch.named.items() if path not in after.named]
+    return found + scratch.unguardable
 
 
 def _named_why(control: ControlPath, after: Survey) -> str:
@@ -964,8 +1326,10 @@ _ROLE_NAMES = {
     "attributes": "git attributes file",
     "commondir": "git commondir file",
     "gitfile": "`.git` file",
-    "editor": "editor settings file",
+    "editor": "editor or agent settings file",
     "todo": "rebase or cherry-pick todo list",
+    "strategy": "rebase or cherry-pick merge strategy",
+    "gitlink": "symbolic link in a git directory",
     "hgrc": "Mercurial config",
     "hgshared": "Mercurial sharedpath file",
     "hgdir": "`.hg` repository",
@@ -1002,19 +1366,6 @@ def _read_small(path: Path, limit: int) -> bytes | None:
     return None if len(data) > limit else data
 
 
-def _pointer_target(control: ControlPath, text: str) -> Path | None:
-    """The git directory a `gitdir:` file or commondir names, normalised (no links
-    followed: a target reached through one is not one the survey found)."""
-    line = text.split("\n", 1)[0].strip()
-    if control.role == "gitfile":
-        if not line.startswith("gitdir:"):
-            return None
-        line = line.removeprefix("gitdir:").strip()
-    if not line or "\0" in line:
-        return None
-    return Path(os.path.normpath(control.path.parent / line))
-
-
 def disarm(planted: list[Planted]) -> list[Planted]:
     """Rename each planted path to NAME.sandgate-planted (NAME.sandgate-planted-2...)
     beside it, so that git and editors never find it by its name; the evidence stays
@@ -1023,9 +1374,30 @@ def disarm(planted: list[Planted]) -> list[Planted]:
     any error) stays `disarmed_as` None: reported NOT renamed, never an exception."""
     done = []
     for item in planted:
+        if item.loosened:
+            fixed = item.path if _tighten(item.path, item.loosened) else None
+            done.append(Planted(item.path, item.why, fixed, item.movable, item.loosened))
+            continue
         aside = _rename_aside(item.path) if item.movable else None
         done.append(Planted(item.path, item.why, aside, item.movable))
     return done
+
+
+def _tighten(path: Path, bits: int) -> bool:
+    """Remove `bits` from the mode of `path` (found with no link anywhere on its way or
+    at its end: `mounts.open_exact`, chmod through its descriptor); False on any error."""
+    try:
+        fd = mounts.open_exact(str(path))
+    except Exception:  # noqa: BLE001 - not reached: reported NOT repaired
+        return False
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        os.chmod(f"/proc/self/fd/{fd}", mode & ~bits)
+        return stat.S_IMODE(os.fstat(fd).st_mode) & bits == 0
+    except Exception:  # noqa: BLE001 - reported NOT repaired, never out of the check
+        return False
+    finally:
+        os.close(fd)
 
 
 # Entries of a crowded directory `_changed_since` stats at most: past that, changed.
@@ -1142,7 +1514,9 @@ def summarised(planted: list[Planted], limit: int = MAX_REPORTED) -> list[Plante
     why = f"and {len(rest) - 1} more planted paths like it ({renamed} of {len(rest)} renamed)"
     return [
         *planted[: limit - 1],
-        Planted(first.path, f"{first.why}; {why}", first.disarmed_as, first.movable),
+        Planted(
+            first.path, f"{first.why}; {why}", first.disarmed_as, first.movable, first.loosened
+        ),
     ]
 
 
@@ -1206,6 +1580,7 @@ KEEP_FILES = 64  # walks kept in the cache directory (one per set of roots); the
 _CONTEXTS = frozenset({"plain", "git", "hooks", "info", "editor", "sequencer", "hg"})
 _ROLES = frozenset(
     {"config", "hook", "attributes", "commondir", "gitfile", "editor", "todo"}
+    | {"strategy", "gitlink"}
     | {"hgrc", "hgshared", "hgdir"}
 )
 

@@ -172,6 +172,8 @@ def test_what_would_run_on_the_host_is_planted(ws, change, expected):
                 (ws / ".git" / "worktrees" / "t" / "commondir").write_text("../..\n"),
                 (ws / "t").mkdir(),
                 (ws / "t" / ".git").write_text(f"gitdir: {ws}/.git/worktrees/t\n"),
+                # what `git worktree add` writes: the way back to the `.git` file
+                (ws / ".git" / "worktrees" / "t" / "gitdir").write_text(f"{ws}/t/.git\n"),
             ),
             id="a-worktree",
         ),
