@@ -754,6 +754,10 @@ class ConnectionGate:
                     detail=f"a later ClientHello to {name or state.ip} on this connection "
                     "hides its server name (ECH): reset before the server got it",
                 )
+        # The hello the server answers now: what it offers to resume is this one's
+        # (on_resumed), not the first's (a red team, session 49: a STARTTLS second hello
+        # resumed another tenant's ticket behind a first hello's known one).
+        state.client_hello = hello
         return None  # the hello decided before, again
 
     def _hello_after_preamble(self, state: ConnState, hello: ClientHello) -> Decision | None:

@@ -15,7 +15,8 @@ full handshake's ServerHello, or a NewSessionTicket's ticket
 the client's next bytes go (`builtin:resumed-session`). TLS 1.3 servers take the
 name from the hello, and its tickets are encrypted: not concerned.
 
-Per sandbox, at most MAX_PER_SANDBOX entries, the oldest forgotten first: a task
+Per sandbox, at most MAX_PER_SANDBOX entries, the least recently issued or resumed
+forgotten first: a task
 that floods its own store only loses its own resumptions (a reset, then a full
 handshake on the client's next try), never another sandbox's. Kept as digests.
 """
@@ -26,7 +27,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 
-MAX_PER_SANDBOX = 1024
+MAX_PER_SANDBOX = 4096  # ~200 bytes each: 0.8 MiB a sandbox at most
 
 Where = Hashable
 """What a connection was decided for: (name, address, port)."""
@@ -57,7 +58,13 @@ class IssuedSessions:
     def issued_where(self, sandbox: str, kind: str, identifier: bytes) -> Where | None:
         """Where the session (kind, identifier) was issued to `sandbox`, None if never."""
         store = self._by_sandbox.get(sandbox)
-        return None if store is None else store.get(_digest(kind, identifier))
+        if store is None:
+            return None
+        key = _digest(kind, identifier)
+        where = store.get(key)
+        if where is not None:
+            store.move_to_end(key)  # in use: the last to be forgotten
+        return where
 
     def forget(self, sandbox: str) -> None:
         """The sandbox's task ended: the next task at its address starts with none."""

@@ -100,6 +100,16 @@ _FULL_HANDSHAKE = frozenset({11, 12, 13, 14})
 # The server's handshake messages kept whole to be read (ServerHello; a ticket, at
 # most 2^16 - 1 bytes and its lifetime): every other is skipped by its length.
 _MAX_KEPT = 4 + 6 + 0xFFFF
+# How far a TLS 1.2 server's handshake is read after its ServerHello: the messages
+# (a full one's Certificate, CertificateStatus, ServerKeyExchange, CertificateRequest,
+# ServerHelloDone, NewSessionTicket: six) and the bytes (a certificate chain) a server
+# sends, with room. Past either the reading stops, with what it issued forgotten (its
+# resumption is reset later): a server that sent messages by the thousand, empty ones
+# 4,096 to a record, or tickets without end held a worker's CPU and memory (a red
+# team, session 49). Before the message that tells a resumption, stopping refuses.
+MAX_SERVER_MESSAGES = 16
+MAX_SERVER_BYTES = 256 * 1024
+MAX_TICKETS = 4  # NewSessionTickets kept of one handshake: a server sends one
 # A ServerHello's first bytes that tell a HelloRetryRequest: header, version, random.
 _SERVER_HELLO_PREFIX = 4 + 2 + 32
 # A scan looks at a candidate's first 7 bytes: record header, handshake type and the
@@ -197,6 +207,7 @@ class HelloWatch:
         "server_session",
         "resuming",
         "issued",
+        "server_budget",
     )
 
     def __init__(self, mode: str):
@@ -223,6 +234,8 @@ class HelloWatch:
         self.server_session = b""  # a TLS 1.2 ServerHello's session id
         self.resuming = False  # the Decide out is a Resumed
         self.issued: list[tuple[str, bytes]] = []  # for an Issued, once the server's CCS came
+        # After a TLS 1.2 ServerHello: (messages, bytes) the reading may still take
+        self.server_budget = (MAX_SERVER_MESSAGES, MAX_SERVER_BYTES)
 
     @property
     def done(self) -> bool:
@@ -233,6 +246,14 @@ class HelloWatch:
             and self.server not in _READ_ON
             and not self.issued
         )
+
+    @property
+    def reads_server_only(self) -> bool:
+        """The client's bytes are past the watch (nothing of theirs held); the server's
+        are still read (a TLS 1.2 handshake, to its ChangeCipherSpec): the caller
+        relays plainly, shows the watch what the server sends, and takes its `step()`
+        (an Issued) until it is `done`."""
+        return self.client == DONE and not self.held and self.ready is None
 
     @property
     def wants_client(self) -> bool:
@@ -275,21 +296,34 @@ class HelloWatch:
                     self.client, self.hello_at = SECOND, self.at
                     return
                 try:
-                    tls13 = read_server_hello(data[5:end])[0]
+                    tls13, session = read_server_hello(data[5:end])
                 except ValueError:
-                    tls13 = False  # read below, and refused there
+                    tls13, session = False, None  # read again below, and refused there
                 if tls13:
                     self.server, self.client = SEEN, DONE
                     return
+                if session is not None:  # TLS 1.2: the rest of its record read on below
+                    self.server, self.server_session = TLS12, session
+                    self.server_left = record_end - end
+                    data = memoryview(data)[end:]
+        if self.server in _READ_ON:
+            messages, left = self.server_budget
+            self.server_budget = (messages, left - len(data))
+            if left < len(data):
+                self._server_past_budget(f"{MAX_SERVER_BYTES} bytes")
+                return
         view = memoryview(data)
         while view and (self.server == READING or self.server in _READ_ON):
             if self.server_left == 0:
-                need = 5 - len(self.server_header)
-                header = self.server_header + bytes(view[:need])
+                if self.server_header or len(view) < 5:
+                    need = 5 - len(self.server_header)
+                    header = self.server_header + bytes(view[:need])
+                else:
+                    need, header = 5, view[:5]  # the usual: a whole header, not copied
                 view = view[need:]
                 kind = header[0]
-                if header[1:2] not in (b"", b"\x03") or not (
-                    kind in (_ALERT, _HANDSHAKE) or (kind == _CCS and self.server != READING)
+                if (len(header) > 1 and header[1] != 3) or not (
+                    kind in (_HANDSHAKE, _ALERT) or (kind == _CCS and self.server != READING)
                 ):
                     # Told by its first bytes (PostgreSQL's one-byte 'N'): no TLS.
                     self._server_not_tls(f"a record header {header.hex()}")
@@ -354,6 +388,11 @@ class HelloWatch:
             else:
                 return True
             return False
+        messages, left = self.server_budget
+        if messages == 0:
+            self._server_past_budget(f"{MAX_SERVER_MESSAGES} handshake messages")
+            return False
+        self.server_budget = (messages - 1, left)
         if self.server == TLS12:
             if kind in _FULL_HANDSHAKE:
                 self.server = FULL  # a new session, for the name the client sent
@@ -366,7 +405,7 @@ class HelloWatch:
                     f"a handshake message of type {kind} after a TLS 1.2 ServerHello"
                 )
                 return False
-        if kind == _NEW_SESSION_TICKET and 4 + size <= _MAX_KEPT:
+        if kind == _NEW_SESSION_TICKET and 4 + size <= _MAX_KEPT and len(self.issued) < MAX_TICKETS:
             return True
         self.server_hs.clear()
         self.server_skip = size
@@ -400,6 +439,13 @@ class HelloWatch:
         elif self.server == FULL and self.server_session:
             self.issued.append(("id", self.server_session))
         self.server = SEEN
+
+    def _server_past_budget(self, what: str) -> None:
+        """A TLS 1.2 server's handshake went on past MAX_SERVER_MESSAGES or
+        MAX_SERVER_BYTES after its ServerHello: no longer read, what it issued
+        forgotten; a client still held (no resumption told yet) is refused."""
+        self.issued.clear()
+        self._refuse_server(f"a TLS 1.2 handshake of more than {what} after its ServerHello")
 
     def _server_resumed(self) -> None:
         self.server = RESUMED

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from sandgate.proxy.clienthello import read_server_hello
-from sandgate.proxy.frontdoor.hello_watch import HelloWatch, Issued, Refuse, Resumed
+from sandgate.proxy.frontdoor.hello_watch import Decide, HelloWatch, Issued, Refuse, Resumed
 from sandgate.proxy.gate import Outcome
 from sandgate.proxy.registry import Sandbox
 from sandgate.proxy.tls_sessions import IssuedSessions
@@ -178,9 +178,11 @@ def test_the_store_is_per_sandbox_bounded_and_forgotten():
     assert store.issued_where("10.0.0.3", "id", b"a") is None  # sandboxes apart
     store.add("10.0.0.3", [("id", b"c")], where)  # another's flood evicts nothing here
     store.add("10.0.0.2", [("id", b"c")], where)
-    assert store.issued_where("10.0.0.2", "id", b"a") is None  # its own oldest went
-    store.forget("10.0.0.2")
+    # Its own least recently used went: `a` was resumed (looked up) after `b` came.
     assert store.issued_where("10.0.0.2", "ticket", b"b") is None
+    assert store.issued_where("10.0.0.2", "id", b"a") == where
+    store.forget("10.0.0.2")
+    assert store.issued_where("10.0.0.2", "id", b"a") is None
 
 
 IP_RULES = GATE_RULES.replace(
@@ -235,3 +237,90 @@ def test_the_gate_lets_resume_only_what_it_saw_issued_where_it_was_issued(gate):
 def test_an_address_an_ip_rule_allows_resumes_anything(gate):
     state = passed_through(gate, "198.51.100.7", 443, client_hello(SESSION_ID))
     assert gate.on_resumed(state, SESSION_ID) and gate.events == []
+
+
+OWN, FORBIDDEN = b"O" * 150, b"F" * 150
+
+
+def starttls_hello(ticket: bytes) -> bytes:
+    return client_hello(bytes(range(32)), ticket, name=b"ssh.allowed.test")
+
+
+def resumed_flight_of_a_second_hello() -> bytes:
+    body = b"\x03\x03" + bytes(32) + bytes([32]) + bytes(range(32)) + b"\xc0\x2f\x00"
+    return (
+        record(message(2, body + b"\x00\x05" + extension(0xFF01, b"\x00")), version=b"\x03\x03")
+        + CCS
+    )
+
+
+def test_a_second_hellos_resumption_is_checked_against_its_own_ticket(tmp_path):
+    """After an answer that is not TLS (STARTTLS), a second hello with the first's SNI
+    offers another ticket: the server resumes that one, so it is the one checked (a
+    red team, session 49: the first hello's, known, let the forbidden one through)."""
+    gate = make_gate(tmp_path)
+    port = 22  # ssh.allowed.test: port 22 (support.fakes.GATE_RULES), a non-web port
+    honest = gate.on_connect(("k", 1), SANDBOX, 40000, "203.0.113.10", port)
+    assert gate.on_first_bytes(honest, starttls_hello(b"")) is Outcome.PASSTHROUGH
+    gate.on_sessions_issued(honest, (("ticket", OWN),))  # the task's own, through the gateway
+
+    state = gate.on_connect(("k", 2), SANDBOX, 40001, "203.0.113.10", port)
+    first = starttls_hello(OWN)
+    assert gate.on_first_bytes(state, first) is Outcome.PASSTHROUGH
+    watch = HelloWatch("tls")
+    watch.feed_client(first)
+    assert watch.step() == first
+    watch.feed_server(b"220 ready\r\n500 unrecognized command\r\n")  # SMTP, not TLS
+    watch.feed_client(b"STARTTLS\r\n" + starttls_hello(FORBIDDEN))
+    asked = []
+    while (step := watch.step()) is not None:
+        if isinstance(step, Decide):
+            assert step.second and gate.on_later_hello(state, step.hello, step.second)
+            watch.allowed()
+        elif isinstance(step, Resumed):
+            asked.append(gate.on_resumed(state, step.session_id))
+            break
+        elif not isinstance(step, bytes):
+            raise AssertionError(step)
+        if not asked and watch.client == "hold":
+            watch.feed_server(resumed_flight_of_a_second_hello())
+    # The server resumed FORBIDDEN (offered by the hello it answered), never issued here.
+    assert asked == [False], "the gate allowed a resumption of a ticket it never saw issued"
+
+
+def test_a_tls12_handshake_is_read_within_its_budget():
+    """A server that sends handshake messages by the thousand (4,096 empty ones fill a
+    record), or tickets without end, is read no further than MAX_SERVER_MESSAGES:
+    what it issued is forgotten, the client it released goes on."""
+    from sandgate.proxy.frontdoor.hello_watch import MAX_SERVER_MESSAGES, MAX_TICKETS
+
+    watch = started()
+    watch.feed_server(FULL_FIRST_FLIGHT)
+    watch.feed_client(b"client key exchange")
+    assert steps(watch) == (b"client key exchange", [])
+    tickets = handshake(*[new_session_ticket(bytes([i]) * 40) for i in range(MAX_TICKETS + 3)])
+    watch.feed_server(tickets + handshake(message(0, b"") * 4000) + CCS)
+    assert watch.done and steps(watch) == (b"", [])  # nothing issued: the reading stopped
+    assert MAX_SERVER_MESSAGES < 4000
+
+
+def test_tickets_past_the_few_a_server_sends_are_not_kept():
+    from sandgate.proxy.frontdoor.hello_watch import MAX_TICKETS
+
+    watch = started()
+    watch.feed_server(FULL_FIRST_FLIGHT)
+    many = [new_session_ticket(bytes([i]) * 40) for i in range(MAX_TICKETS + 2)]
+    watch.feed_server(handshake(*many) + CCS)
+    [issued] = steps(watch)[1]
+    assert [kind for kind, _ in issued.sessions] == ["ticket"] * MAX_TICKETS + ["id"]
+
+
+def test_a_server_past_its_budget_before_telling_a_resumption_is_refused():
+    from sandgate.proxy.frontdoor.hello_watch import MAX_SERVER_BYTES
+
+    watch = started(client_hello(SESSION_ID))
+    watch.feed_server(handshake(server_hello(SESSION_ID)))
+    watch.feed_server(b"\x16\x03\x03" + bytes(MAX_SERVER_BYTES + 10))
+    watch.feed_client(CLIENT_FINISH)
+    sent, said = steps(watch)
+    assert sent == b"" and "more than" in said[0].detail
