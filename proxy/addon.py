@@ -428,6 +428,16 @@ class SandgateAddon:
                 self.gate.on_refused_switch(state, _head_of(flow.request), _tls(flow))
             flow.kill()
 
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """The name mitmproxy's own hello to the upstream carries is the client's SNI
+        as sent (`ALLOWED.TEST`), set after `_next_layer` set the decided one: a
+        case-sensitive SNI router reads the spelling, and served its default backend
+        (a red team, session 49). It goes on as decided."""
+        client = data.context.client
+        state = self.gate.connections.get(client.id)
+        if state is not None and state.name is not None:
+            client.sni = state.name
+
     def tls_failed_client(self, data: tls.TlsData) -> None:
         state = self.gate.connections.get(data.conn.id)
         if state is not None:

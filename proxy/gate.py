@@ -953,6 +953,16 @@ class ConnectionGate:
         self, state, decision, head, checked, tls, name, started, answer=None
     ) -> tuple[Decision, CheckedHead | None]:
         state.requests += 1
+        if decision.allowed and state.allowed_name is not None and name != state.allowed_name:
+            # Its upstream connection is the first request's, made for that name: a
+            # router that picks a backend per connection (or the door's pool, keyed by
+            # it) would serve this one as the first's (a red team, session 49). Clients
+            # keep a connection per host.
+            decision = _mismatch(
+                f"Host {name} on a keep-alive connection whose requests went to "
+                f"{state.allowed_name}: its upstream connection is that name's; a new "
+                "connection for another host"
+            )
         if decision.allowed and state.allowed is None:
             # Plain HTTP: the connection's end reports bytes under its first allowed request.
             state.allowed, state.protocol, state.allowed_name = decision, "http", name

@@ -22,6 +22,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(mercurial)  # the host's `hg status` in a workspace the task left (test_workspace_planting_hg)
   packages+=(haproxy)  # an SNI router in front of two tenants at one address (test_sni_routers)
   packages+=(python3-h2)  # an HTTP/2 client sending fields as given, in the sandbox (test_host_router)
+  packages+=(default-jdk-headless libspring-web-java)  # Spring's Forwarded parser (test_host_router_forwarded)
 fi
 missing=()
 for p in "${packages[@]}"; do

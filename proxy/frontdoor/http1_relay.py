@@ -315,15 +315,19 @@ class Http1Relay:
         del owed[:sent]
         return sent > 0
 
-    def _pool_key(self) -> tuple[str | None, str, str, int]:
+    def _pool_key(self) -> tuple[str | None, str, str, int, str | None]:
         """Whose idle connections this one may take: the same task's (a sandbox's
-        address is given to another task later), to the same address."""
+        address is given to another task later), to the same address, made for the
+        same Host (every request on a connection has its first's: gate._settle_request).
+        By address alone, a request for one name took a connection made for another,
+        which a router that picks its backend per connection served as the other's
+        (a red team, session 49; Squid keys its pool by the domain too)."""
         connection = self.connection
         ip, port = connection.dst
         if connection.door.upstream_address is not None:
             ip, port = connection.door.upstream_address(ip, port)
-        sandbox = connection.state.sandbox
-        return sandbox.task_id, sandbox.address, ip, port
+        state = connection.state
+        return state.sandbox.task_id, state.sandbox.address, ip, port, state.allowed_name
 
     def _pool_upstream(self) -> None:
         """Leave the idle upstream connection to the pool instead of closing it."""

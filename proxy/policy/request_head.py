@@ -97,7 +97,13 @@ _OVERRIDES = {
         ),
         "host",
     ),
+    # The port a server reports for the request (Spring, Vert.x, Werkzeug's ProxyFix):
+    # another than the connection's is refused, as a host override naming one is.
+    b"x-forwarded-port": "port",
 }
+# `host=` anywhere in a Forwarded field, as Spring, Reactor Netty and Vert.x find it
+# (`for="host=evil.test"` and `xhost=evil.test` too), not only RFC 7239's host pairs.
+_FORWARDED_HOST = re.compile(r'host\s*=\s*"?([^;,"]*)', re.IGNORECASE)
 # The fields check_head reads by name (lower case); others are only checked as fields.
 _READ_FIELDS = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"upgrade", *_OVERRIDES}
@@ -235,6 +241,13 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
             return deny("ambiguous-path", detail=f"{where} names {value[:200]!r}: {why}")
         if field == "host" and (why := _port_problem(value, port)) is not None:
             return deny("host-mismatch", detail=f"{where}: {why}")
+        if field == "port" and value != str(port):
+            return deny(
+                "host-mismatch",
+                detail=f"{where} names port {value[:40]!r}; the connection goes to port "
+                f"{port}: a server that honours it takes the request for that port's",
+            )
+    overrides = tuple(o for o in overrides if o[1] != "port")  # its own port: nothing to decide
     close = leaves_body_unread(head.method) and _has_body(by_name)
     return CheckedHead(
         method, host, path, websocket, strip, overrides, query if question else None, close
@@ -484,15 +497,10 @@ def _overrides(
                     text = absolute.group(3) or "/"
                 named = [text.partition("?")[0]]
             elif name == b"forwarded":  # RFC 7239: `for=...;host="a:80", host=b`
-                named = [
-                    v.strip().strip('"')
-                    for element in text.split(",")
-                    for k, _, v in (pair.partition("=") for pair in element.split(";"))
-                    if k.strip().lower() == "host"
-                ]
+                named = [found.strip() for found in _FORWARDED_HOST.findall(text)]
             else:
                 named = [h.strip() for h in text.split(",")]
-            own = {"method": method, "path": path, "host": host, "mount": ""}[field]
+            own = {"method": method, "path": path, "host": host, "mount": "", "port": ""}[field]
             for one in named:
                 # A host spelled otherwise than decided goes on as sent: refused below
                 # (`with_overrides`), even where it names the request's own.
