@@ -96,10 +96,12 @@ ATTACKS = {  # label -> header fields on GET /public/ok
     "forwarded_host": [("X-Forwarded-Host", "secret.test")],
     "forwarded_host_list": [("X-Forwarded-Host", "secret.test, allowed.test")],
     "forwarded_host_cgi": [("X_Forwarded_Host", "secret.test")],
+    # The request's own host, spelled otherwise: it goes on as sent (session 49).
+    "same_host_spelled_otherwise": [("X-Forwarded-Host", "ALLOWED.TEST")],
 }
 CONTROLS = {
     "control": [],
-    "same_host": [("X-Forwarded-Host", "ALLOWED.TEST")],
+    "same_host": [("X-Forwarded-Host", "allowed.test")],
     "same_path": [("X-Original-URL", "/public/ok")],
 }
 
