@@ -304,6 +304,12 @@ class HelloWatch:
                     return
                 if session is not None:  # TLS 1.2: the rest of its record read on below
                     self.server, self.server_session = TLS12, session
+                    if _whole_first_flight(data, end, record_end):
+                        # A full handshake (a new session, for the name sent), its flight
+                        # to ServerHelloDone in this read: nothing in it to read. The
+                        # next read starts a record: the tickets, the ChangeCipherSpec.
+                        self.server, self.client = FULL, DONE
+                        return
                     self.server_left = record_end - end
                     data = memoryview(data)[end:]
         if self.server in _READ_ON:
@@ -641,6 +647,29 @@ class HelloWatch:
     def _refuse(self, detail: str) -> Refuse:
         self.client, self.refusal = REFUSED, detail
         return Refuse(detail)
+
+
+def _whole_first_flight(data, end: int, record_end: int) -> bool:
+    """Whether `data`, a TLS 1.2 ServerHello's read (the hello ends at `end`, its
+    record at `record_end`), holds a full handshake's first flight whole: the next
+    message is one only a full handshake sends (Certificate...), and the read ends
+    with a ServerHelloDone record, as servers send it. Were those last bytes not a
+    record of their own, the reading after loses its place: what the server issues
+    is not recorded, and its resumption is refused (it fails closed)."""
+    n = len(data)
+    if n < record_end + 6 + 9:
+        return False
+    after = data[end] if end < record_end else data[record_end + 5]
+    return (
+        after in _FULL_HANDSHAKE
+        and (end < record_end or data[record_end] == _HANDSHAKE)
+        and data[n - 9] == _HANDSHAKE
+        and data[n - 8] == 3
+        and data[n - 6 : n] == _SERVER_HELLO_DONE_RECORD_END
+    )
+
+
+_SERVER_HELLO_DONE_RECORD_END = b"\x00\x04\x0e\x00\x00\x00"  # length 4: type 14, length 0
 
 
 def lone_hello(data, n: int) -> bool:

@@ -46,6 +46,12 @@ def handshake(*messages: bytes) -> bytes:
 
 
 FULL_FIRST_FLIGHT = handshake(server_hello(SESSION_ID), message(11, bytes(3000)), message(14, b""))
+# As servers send it: a record a message (the watch then skips the flight whole).
+FULL_FIRST_FLIGHT_RECORDS = (
+    handshake(server_hello(SESSION_ID))
+    + handshake(message(11, bytes(3000)))
+    + handshake(message(14, b""))
+)
 FULL_LAST_FLIGHT = handshake(new_session_ticket(TICKET)) + CCS + FINISHED
 RESUMED_BY_ID = handshake(server_hello(SESSION_ID)) + CCS + FINISHED
 RESUMED_RENEWED = handshake(server_hello(SESSION_ID), new_session_ticket(b"N" * 90)) + CCS
@@ -96,10 +102,13 @@ def started(hello: bytes | None = None) -> HelloWatch:
 # --- the watch -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "flight", [FULL_FIRST_FLIGHT, FULL_FIRST_FLIGHT_RECORDS], ids=["one-record", "records"]
+)
 @pytest.mark.parametrize("piece", [None, 1, 7, 100], ids=["whole", "1", "7", "100"])
-def test_a_full_tls12_handshake_goes_on_and_says_what_was_issued(piece):
+def test_a_full_tls12_handshake_goes_on_and_says_what_was_issued(flight, piece):
     watch = started()
-    feed_server(watch, FULL_FIRST_FLIGHT, piece)
+    feed_server(watch, flight, piece)
     watch.feed_client(b"client key exchange")
     assert steps(watch) == (b"client key exchange", [])  # a new session: the client goes on
     assert not watch.done  # read on to the server's ChangeCipherSpec, for its tickets
