@@ -16,9 +16,9 @@ the client's next bytes go (`builtin:resumed-session`). TLS 1.3 servers take the
 name from the hello, and its tickets are encrypted: not concerned.
 
 Per sandbox, at most MAX_PER_SANDBOX entries, the least recently issued or resumed
-forgotten first: a task
-that floods its own store only loses its own resumptions (a reset, then a full
-handshake on the client's next try), never another sandbox's. Kept as digests.
+forgotten first: a task that floods its own store only loses its own resumptions (a
+reset, then a full handshake on the client's next try), never another sandbox's.
+Kept as digests.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from support.servers import listening
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).parent
-DISPATCH = HERE / "tls_resumption" / "starttls_dispatch.py"
+DISPATCH = HERE / "sni_router" / "sni_dispatch.py"
 RELAY = HERE / "tls_resumption" / "prefix_relay.py"
 PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"
@@ -60,7 +60,7 @@ def test_second_hello_after_starttls_resumes_the_forbidden_session(net, tmp_path
     rules.write_text(RULES)
     inside = ["ip", "netns", "exec", net.internet_ns]
     server = subprocess.Popen(
-        [*inside, PY, str(DISPATCH), IP, str(PORT), cert, key, str(log),
+        [*inside, PY, str(DISPATCH), "--starttls", IP, str(PORT), cert, key, str(log),
          "allowed.test=ALLOWED-TENANT", f"{FORBIDDEN}=FORBIDDEN-TENANT"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

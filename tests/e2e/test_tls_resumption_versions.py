@@ -14,7 +14,7 @@ from support.servers import listening
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).parent
-DISPATCH = HERE / "tls_resumption" / "old_dispatch.py"
+DISPATCH = HERE / "sni_router" / "sni_dispatch.py"
 PY = sandbox.SANDBOX_PYTHON
 IP, PORT, FORBIDDEN = "203.0.113.10", 8443, "www.allowed.test"
 RULES = f"""\
@@ -46,7 +46,7 @@ def test_old_versions_do_not_resume_the_forbidden_session(net, tmp_path, version
     rules.write_text(RULES)
     inside = ["ip", "netns", "exec", net.internet_ns]
     server = subprocess.Popen(
-        [*inside, PY, str(DISPATCH), IP, str(PORT), cert, key, str(log),
+        [*inside, PY, str(DISPATCH), "--old-versions", IP, str(PORT), cert, key, str(log),
          "allowed.test=ALLOWED-TENANT", f"{FORBIDDEN}=FORBIDDEN-TENANT"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
