@@ -1688,16 +1688,21 @@ def _as_decided(checked: CheckedHead) -> CheckedHead:
     trailing dot), the port (if one was sent) without leading zeros. A router that
     matches `allowed.test` or `allowed.test:8443` exactly (HAProxy's `hdr(host)`)
     reads `ALLOWED.TEST`, `allowed.test.` or `allowed.test:08443` as another host,
-    and serves its default backend (red teams, sessions 48 and 49)."""
+    and serves its default backend (red teams, sessions 48 and 49). An address keeps
+    its spelling (in brackets for IPv6), its port without leading zeros too."""
     host = checked.host
     read = _read_host(host)
     if read.name is None:
-        return checked
-    at = len(read.host)
-    if read.host == read.name and (len(host) == at or host[at + 1] != "0"):
+        if read.ip is None:
+            return checked
+        written = host[: host.index("]") + 1] if host.startswith("[") else read.host
+    else:
+        written = read.name
+    at = len(written) if read.name is None else len(read.host)
+    if host[:at] == written and (len(host) == at or host[at + 1] != "0"):
         return checked  # the usual Host, spelled as decided
     port = host[at + 1 :].lstrip("0")
-    return checked._replace(forward_host=read.name + (":" + port if port else ""))
+    return checked._replace(forward_host=written + (":" + port if port else ""))
 
 
 def _read_host(host_header: str) -> HostRead:

@@ -104,6 +104,10 @@ def test_framing_is_still_checked_when_more_than_host_is_read(fields, detail):
         ("allowed.test:08443", "allowed.test:8443"),
         ("Allowed.Test.:0008443", "allowed.test:8443"),
         ("203.0.113.10:8443", None),
+        ("203.0.113.10:08443", "203.0.113.10:8443"),
+        ("[2001:db8::1]:8443", None),
+        ("[2001:db8::1]:008443", "[2001:db8::1]:8443"),
+        ("[2001:db8::1]", None),
     ],
 )
 def test_a_host_goes_on_spelled_as_decided(host, forwarded):
