@@ -35,9 +35,12 @@ if job == 0:  # as bash: the terminal is the job's before it runs (both sides do
         os.tcsetpgrp(0, os.getpid())
     signal.signal(signal.SIGTTOU, signal.SIG_DFL)
     os.execvp(sys.argv[1], sys.argv[1:])
-os.setpgid(job, job)
-if not background:
-    os.tcsetpgrp(0, job)
+try:  # as bash: the child may have set its group and exec'd first (EACCES), or ended
+    os.setpgid(job, job)
+    if not background:
+        os.tcsetpgrp(0, job)
+except (PermissionError, ProcessLookupError):
+    pass
 os.write(report, f"job {job}\\n".encode())
 
 def take_commands():
