@@ -147,6 +147,7 @@ FULL = "full"  # a full TLS 1.2 handshake: read to its ChangeCipherSpec for tick
 RESUMED = "resumed"  # an abbreviated one: the same
 SEEN = "seen"
 _READ_ON = frozenset({TLS12, FULL, RESUMED})  # a TLS 1.2 handshake read to its end
+_READING = _READ_ON | {READING}  # the server's bytes are read
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +275,7 @@ class HelloWatch:
     def feed_server(self, data) -> None:
         """Bytes the server sent (any bytes-like), read for its first handshake message
         and, after a TLS 1.2 ServerHello, on to its ChangeCipherSpec."""
-        if self.server != READING and self.server not in _READ_ON:
+        if self.server not in _READING:
             return
         if (
             self.server == READING
@@ -319,7 +320,7 @@ class HelloWatch:
                 self._server_past_budget(f"{MAX_SERVER_BYTES} bytes")
                 return
         view = memoryview(data)
-        while view and (self.server == READING or self.server in _READ_ON):
+        while view and self.server in _READING:
             if self.server_left == 0:
                 if self.server_header or len(view) < 5:
                     need = 5 - len(self.server_header)
@@ -375,7 +376,7 @@ class HelloWatch:
         """The server's handshake bytes, message by message: the ServerHello and
         tickets kept whole and read, the rest skipped by their length."""
         hs = self.server_hs
-        while data and (self.server == READING or self.server in _READ_ON):
+        while data and self.server in _READING:
             if self.server_skip:
                 n = min(self.server_skip, len(data))
                 self.server_skip -= n

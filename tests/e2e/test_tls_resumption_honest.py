@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 from support import sandbox
-from support.servers import listening
+from support.servers import NGINX_FRAME, listening
 
 pytestmark = pytest.mark.e2e
 
@@ -16,17 +16,10 @@ PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"
 T, C = 9443, 9444  # tickets; session cache only
 
-NGINX = """\
-daemon off;
-master_process off;
-worker_processes 1;
-user root;
-pid {w}/nginx.pid;
-error_log {w}/err.log warn;
-events {{ worker_connections 64; }}
-http {{
-    client_body_temp_path {w}/t1; proxy_temp_path {w}/t2; fastcgi_temp_path {w}/t3;
-    uwsgi_temp_path {w}/t4; scgi_temp_path {w}/t5;
+# Formatted once, with the frame: its braces doubled.
+NGINX = NGINX_FRAME.replace(
+    "{http}",
+    """\
     log_format t '$server_port reused=$ssl_session_reused proto=$ssl_protocol "$request"';
     access_log {w}/access.log t;
     ssl_protocols TLSv1.2;
@@ -43,9 +36,8 @@ http {{
         server_name allowed.test;
         ssl_session_tickets off;
         root {w}/www;
-    }}
-}}
-"""
+    }}""",
+)
 
 RULES = f"""\
 version: 1
