@@ -555,9 +555,13 @@ def _authority(head: RequestHead, hosts: list[bytes]) -> str:
 
 def _port_problem(host: str, port: int) -> str | None:
     try:
-        _, named = parse_host_port(host, default_port=0)
+        name, named = parse_host_port(host, default_port=0)
     except ValueError as e:
         return f"Host: {e}"
+    if ":" in name and not host.startswith("["):
+        # RFC 3986 puts an IPv6 address in brackets; bare, servers split it at its
+        # last colon (nginx), which the gateway would read as part of the address.
+        return f"Host {host[:80]!r}: an IPv6 address goes in brackets"
     if named not in (0, port):
         return f"Host {host[:80]!r} names port {named}; the connection goes to port {port}"
     return None

@@ -130,6 +130,14 @@ CASES = [
     pytest.param(
         head(fields=((b"host", "allowéd.test".encode()),)), "invalid_name", id="host-not-ascii"
     ),
+    pytest.param(head(fields=((b"host", b"[2001:db8::1]:80"),)), "ok", id="host-ipv6-bracketed"),
+    # nginx splits a bare address at its last colon: not the address the gateway read.
+    pytest.param(head(fields=((b"host", b"2001:db8::1"),)), "host_mismatch", id="host-ipv6-bare"),
+    pytest.param(
+        head(fields=HOST + ((b"x-forwarded-host", b"2001:db8::80"),)),
+        "host_mismatch",
+        id="host-override-ipv6-bare",
+    ),
     pytest.param(head(target=b"http://evil.test/"), "host_mismatch", id="absolute-other-host"),
     pytest.param(
         head(target=b"http://user@allowed.test/"), "host_mismatch", id="absolute-userinfo"
