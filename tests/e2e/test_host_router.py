@@ -26,12 +26,11 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import listening
+from support.servers import internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -77,23 +76,12 @@ def routed(net, tmp_path, rules_text: str, steps: dict[str, str]):
     config = tmp_path / "haproxy.cfg"
     template = (HERE / "haproxy.cfg.tmpl").read_text()
     config.write_text(template.replace("@IP@", IP).replace("@PEM@", str(pem)))
-    inside = ["ip", "netns", "exec", net.internet_ns]
-    tenants = [(19003, "ALLOWED-HTTP-TENANT"), (19004, "FORBIDDEN-HTTP-TENANT")]
-    processes = [
-        subprocess.Popen([*inside, PY, str(TENANT), IP, str(port), label, "-", "-", str(log)])
-        for port, label in tenants
+    tenants = [
+        [PY, str(TENANT), IP, str(port), label, "-", "-", str(log)]
+        for port, label in [(19003, "ALLOWED-HTTP-TENANT"), (19004, "FORBIDDEN-HTTP-TENANT")]
     ]
-    try:
-        assert sandbox.eventually(lambda: log.read_text().count("ready") == 2, timeout=10)
-        processes.append(
-            subprocess.Popen(
-                [*inside, "haproxy", "-db", "-f", str(config)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        addresses = [f"{IP}:8443", f"{IP}:8444", f"{IP}:8088"]
-        assert sandbox.eventually(lambda: listening(net, addresses), timeout=10), "no haproxy"
+    listens = [f"{IP}:{port}" for port in (8443, 8444, 8088, 19003, 19004)]
+    with internet_servers(net, [*tenants, ["haproxy", "-db", "-f", str(config)]], listens):
         result = sandbox.run(
             net,
             tmp_path,
@@ -101,11 +89,6 @@ def routed(net, tmp_path, rules_text: str, steps: dict[str, str]):
             rules=rules,
             setup=lambda d: shutil.copy(HERE / "h2client.py", d / "h2client.py"),
         )
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            process.wait(5)
     return result, log.read_text()
 
 

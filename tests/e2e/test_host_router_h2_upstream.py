@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import listening
+from support.servers import internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -54,19 +53,25 @@ def h2(path: str) -> str:
     return f"{PY} h2client.py {IP} {PORT} allowed.test h2 {shlex.quote(json.dumps(fields))}"
 
 
+def bad_upstream(net, log: Path) -> list[str]:
+    certificate, key = str(net.workdir / "server.pem"), str(net.workdir / "server.key")
+    return [
+        PY,
+        str(HERE / "host_router" / "h2_bad_upstream.py"),
+        IP,
+        str(PORT),
+        certificate,
+        key,
+        str(log),
+    ]
+
+
 def test_upstream_h2_errors_are_not_the_clients(net, tmp_path):
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     log = tmp_path / "upstream.log"
     log.write_text("")
-    upstream = subprocess.Popen(
-        ["ip", "netns", "exec", net.internet_ns, PY, str(HERE / "host_router" / "h2_bad_upstream.py"),
-         IP, str(PORT), str(net.workdir / "server.pem"), str(net.workdir / "server.key"), str(log)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert sandbox.eventually(lambda: "ready" in log.read_text(), timeout=10)
-        assert sandbox.eventually(lambda: listening(net, [f"{IP}:{PORT}"]), timeout=10)
+    with internet_servers(net, [bad_upstream(net, log)], [f"{IP}:{PORT}"]):
         steps = {
             "resolve": sandbox.dig("allowed.test"),
             **{p: h2(f"/{p}") for p in ("honest", "bad_headers", "big_headers", "goaway")},
@@ -75,9 +80,6 @@ def test_upstream_h2_errors_are_not_the_clients(net, tmp_path):
             net, tmp_path, steps, rules=rules,
             setup=lambda d: shutil.copy(HERE / "host_router" / "h2client.py", d / "h2client.py"),
         )  # fmt: skip
-    finally:
-        upstream.terminate()
-        upstream.wait(5)
     upstream_log = log.read_text()
     why = f"{result.describe()}\nupstream:\n{upstream_log}"
     assert "STATUS 200" in result["honest"].out and "ok" in result["honest"].out, why
@@ -124,13 +126,7 @@ def test_h2_refusal_events_one_a_connection(net, tmp_path):
     rules.write_text(RULES)
     log = tmp_path / "upstream.log"
     log.write_text("")
-    upstream = subprocess.Popen(
-        ["ip", "netns", "exec", net.internet_ns, PY, str(HERE / "host_router" / "h2_bad_upstream.py"),
-         IP, str(PORT), str(net.workdir / "server.pem"), str(net.workdir / "server.key"), str(log)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert sandbox.eventually(lambda: "ready" in log.read_text(), timeout=10)
+    with internet_servers(net, [bad_upstream(net, log)], [f"{IP}:{PORT}"]):
         steps = {
             "resolve": sandbox.dig("allowed.test"),
             "burst": f"{PY} -c {shlex.quote(_BURST)} {IP} {PORT} 50 6",
@@ -140,9 +136,6 @@ def test_h2_refusal_events_one_a_connection(net, tmp_path):
             net, tmp_path, steps, rules=rules,
             setup=lambda d: shutil.copy(HERE / "host_router" / "h2client.py", d / "h2client.py"),
         )  # fmt: skip
-    finally:
-        upstream.terminate()
-        upstream.wait(5)
     why = f"{result.describe()}\nupstream:\n{log.read_text()}"
     refused = result.events(reason="malformed_request")
     assert len(refused) == 6, why

@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import listening
+from support.servers import internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -96,20 +95,12 @@ def test_inspected_upstream_hello_names_the_decided_name(net, tmp_path, rules):
     config = tmp_path / "haproxy.cfg"
     config.write_text(ROUTER.replace("@IP@", IP).replace("@PORT@", str(PORT)))
     certificate, key = str(net.workdir / "server.pem"), str(net.workdir / "server.key")
-    inside = ["ip", "netns", "exec", net.internet_ns]
-    tenants = [(19001, "ALLOWED-TENANT"), (19002, "FORBIDDEN-TENANT")]
-    processes = [
-        subprocess.Popen([*inside, PY, str(SNI / "tenant.py"), IP, str(port), label,
-                          certificate, key, str(log)])
-        for port, label in tenants
-    ]  # fmt: skip
-    try:
-        assert sandbox.eventually(lambda: log.read_text().count("ready") == 2, timeout=10)
-        processes.append(
-            subprocess.Popen([*inside, "haproxy", "-db", "-f", str(config)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        )  # fmt: skip
-        assert sandbox.eventually(lambda: listening(net, [f"{IP}:{PORT}"]), timeout=10)
+    tenants = [
+        [PY, str(SNI / "tenant.py"), IP, str(port), label, certificate, key, str(log)]
+        for port, label in [(19001, "ALLOWED-TENANT"), (19002, "FORBIDDEN-TENANT")]
+    ]
+    listens = [f"{IP}:{port}" for port in (PORT, 19001, 19002)]
+    with internet_servers(net, [*tenants, ["haproxy", "-db", "-f", str(config)]], listens):
         steps = {
             "resolve": sandbox.dig("allowed.test"),
             "honest": h1("/honest", "allowed.test"),
@@ -123,11 +114,6 @@ def test_inspected_upstream_hello_names_the_decided_name(net, tmp_path, rules):
             net, tmp_path, steps, rules=rules_file,
             setup=lambda d: shutil.copy(HERE / "host_router" / "h2client.py", d / "h2client.py"),
         )  # fmt: skip
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            process.wait(5)
     tenants = log.read_text()
     why = f"{result.describe()}\ntenants:\n{tenants}"
     assert "ALLOWED-TENANT got sni=allowed.test request='GET /honest" in tenants, why

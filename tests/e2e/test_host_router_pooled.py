@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from support import sandbox
 from support.sandbox import curl
-from support.servers import listening
+from support.servers import internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -89,28 +88,17 @@ def served(net, tmp_path, steps: dict[str, str], name: str, rules_text: str = RU
     log.write_text("")
     config = tmp_path / "haproxy.cfg"
     config.write_text(ROUTER.replace("@IP@", IP).replace("@PORT@", str(PORT)))
-    inside = ["ip", "netns", "exec", net.internet_ns]
     tenant = str(HERE / "host_router" / "keepalive_tenant.py")
-    processes = [
-        subprocess.Popen([*inside, PY, tenant, IP, str(port), label, str(log)])
-        for port, label in ((19011, "ALLOWED-TENANT"), (19012, "WWW-TENANT"))
+    tenants = [
+        [PY, tenant, IP, str(port), label, str(log)]
+        for port, label in [(19011, "ALLOWED-TENANT"), (19012, "WWW-TENANT")]
     ]
-    try:
-        assert sandbox.eventually(lambda: log.read_text().count("ready") == 2, timeout=10)
-        processes.append(
-            subprocess.Popen([*inside, "haproxy", "-db", "-f", str(config)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        )  # fmt: skip
-        assert sandbox.eventually(lambda: listening(net, [f"{IP}:{PORT}"]), timeout=10)
+    listens = [f"{IP}:{port}" for port in (PORT, 19011, 19012)]
+    with internet_servers(net, [*tenants, ["haproxy", "-db", "-f", str(config)]], listens):
         result = sandbox.run(
             net, tmp_path, steps, rules=rules,
             setup=lambda d: shutil.copy(HERE / "host_router" / "h2client.py", d / "h2client.py"),
         )  # fmt: skip
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            process.wait(5)
     tenants = log.read_text()
     return result, tenants
 

@@ -29,13 +29,12 @@ forbidden one; the honest hello reaches the allowed one in the same run.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from support import sandbox
 from support.sandbox import curl
-from support.servers import listening
+from support.servers import internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -79,36 +78,20 @@ def through_router(net, tmp_path, default: str, steps: dict[str, str]):
         .replace("@HTTP_BAD@", f"{IP}:19004")
     )
     certificate, key = str(net.workdir / "server.pem"), str(net.workdir / "server.key")
-    inside = ["ip", "netns", "exec", net.internet_ns]
     tenants = [
-        (19001, "ALLOWED-TENANT", certificate, key),
-        (19002, "FORBIDDEN-TENANT", certificate, key),
-        (19003, "ALLOWED-HTTP-TENANT", "-", "-"),
-        (19004, "FORBIDDEN-HTTP-TENANT", "-", "-"),
+        [PY, str(HERE / "tenant.py"), IP, str(port), *tenant, str(log)]
+        for port, *tenant in [
+            (19001, "ALLOWED-TENANT", certificate, key),
+            (19002, "FORBIDDEN-TENANT", certificate, key),
+            (19003, "ALLOWED-HTTP-TENANT", "-", "-"),
+            (19004, "FORBIDDEN-HTTP-TENANT", "-", "-"),
+        ]
     ]
-    processes = [
-        subprocess.Popen([*inside, PY, str(HERE / "tenant.py"), IP, str(port), *tenant, str(log)])
-        for port, *tenant in tenants
-    ]
-    try:
-        assert sandbox.eventually(lambda: log.read_text().count("ready") == 4, timeout=10)
-        processes.append(
-            subprocess.Popen(
-                [*inside, "haproxy", "-db", "-f", str(config)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )  # fmt: skip
-        )
-        addresses = [f"{IP}:{PORT}", f"{IP}:{HTTP_PORT}"]
-        assert sandbox.eventually(lambda: listening(net, addresses), timeout=10), "no haproxy"
+    listens = [f"{IP}:{port}" for port in (PORT, HTTP_PORT, 19001, 19002, 19003, 19004)]
+    with internet_servers(net, [*tenants, ["haproxy", "-db", "-f", str(config)]], listens):
         # Resolved through the gateway first, as the client's own lookup would.
         steps = {"resolve": sandbox.dig("allowed.test"), **steps}
         result = sandbox.run(net, tmp_path, steps, rules=rules, setup=copy_client)
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            process.wait(5)
     return result, log.read_text()
 
 

@@ -24,13 +24,15 @@ session cache alike).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import listening
+from support.servers import internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -102,16 +104,7 @@ def resume_across_names(net, tmp_path, servers: list[list[str]], addresses: list
     rules.write_text(RULES)
     log = tmp_path / "tenants.log"
     log.touch()
-    inside = ["ip", "netns", "exec", net.internet_ns]
-    processes = []
-    try:
-        for argv in servers:
-            processes.append(
-                subprocess.Popen(
-                    [*inside, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                )
-            )
-        assert sandbox.eventually(lambda: listening(net, addresses), timeout=10), log.read_text()
+    with internet_servers(net, servers, addresses):
         session = accomplice_ticket(net, tmp_path)
         steps = {
             "resolve": sandbox.dig("allowed.test"),
@@ -122,11 +115,6 @@ def resume_across_names(net, tmp_path, servers: list[list[str]], addresses: list
             net, tmp_path, steps, rules=rules,
             setup=lambda d: shutil.copy(session, d / "forbidden.sess"),
         )  # fmt: skip
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            process.wait(5)
     return result, log.read_text()
 
 
@@ -230,9 +218,10 @@ http {{
 HTTP_PORT = 9443
 
 
-def start_nginx(net, tmp_path) -> tuple[list[subprocess.Popen], Path]:
-    """The tenants on 19011 and 19012, and nginx (NGINX) in front of them: the
-    processes, and the log every tenant writes to."""
+@contextlib.contextmanager
+def nginx_in_front(net, tmp_path) -> Iterator[Path]:
+    """The tenants on 19011 and 19012, and nginx (NGINX) in front of them, for the
+    block: the log every tenant writes to."""
     cert, key = str(net.workdir / "server.pem"), str(net.workdir / "server.key")
     w = tmp_path / "nginx"
     w.mkdir()
@@ -243,32 +232,14 @@ def start_nginx(net, tmp_path) -> tuple[list[subprocess.Popen], Path]:
             w=w, ip=IP, port=PORT, http_port=HTTP_PORT, cert=cert, key=key, forbidden=FORBIDDEN
         ).replace(f"{w}/tenants.log", str(log))
     )
-    inside = ["ip", "netns", "exec", net.internet_ns]
-    processes = [
-        subprocess.Popen([*inside, PY, str(TENANT), IP, port, label, "-", "-", str(log)])
+    servers = [
+        [PY, str(TENANT), IP, port, label, "-", "-", str(log)]
         for port, label in (("19011", "ALLOWED-TENANT"), ("19012", "FORBIDDEN-TENANT"))
     ]
-    processes.append(
-        subprocess.Popen(
-            [*inside, "nginx", "-p", str(w), "-c", str(w / "nginx.conf"), "-e", str(w / "err.log")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-    )
-    addresses = [f"{IP}:19011", f"{IP}:19012", f"{IP}:{PORT}", f"{IP}:{HTTP_PORT}"]
-    if not sandbox.eventually(lambda: listening(net, addresses), timeout=10):
-        stop(processes)
-        raise AssertionError(
-            (w / "err.log").read_text() if (w / "err.log").exists() else "no nginx"
-        )
-    return processes, log
-
-
-def stop(processes: list[subprocess.Popen]) -> None:
-    for process in reversed(processes):
-        process.terminate()
-    for process in processes:
-        process.wait(5)
+    servers.append(["nginx", "-p", str(w), "-c", str(w / "nginx.conf"), "-e", str(w / "err.log")])
+    listens = [f"{IP}:19011", f"{IP}:19012", f"{IP}:{PORT}", f"{IP}:{HTTP_PORT}"]
+    with internet_servers(net, servers, listens):
+        yield log
 
 
 def vhost(path: str, *options: str, host: str = "allowed.test") -> str:
@@ -286,8 +257,7 @@ def test_the_tasks_own_sessions_resume(net, tmp_path):
     name, address and port (another's is refused: tests/unit/test_tls_sessions.py)."""
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.replace(f"[{PORT}]", f"[{PORT}, {HTTP_PORT}]"))
-    processes, log = start_nginx(net, tmp_path)
-    try:
+    with nginx_in_front(net, tmp_path) as log:
         steps = {
             "resolve": sandbox.dig("allowed.test"),
             "ticket": vhost("/ticket", "-sess_out", "ticket.sess"),
@@ -296,8 +266,6 @@ def test_the_tasks_own_sessions_resume(net, tmp_path):
             "id_again": vhost("/id_again", "-no_ticket", "-sess_in", "id.sess"),
         }
         result = sandbox.run(net, tmp_path, steps, rules=rules)
-    finally:
-        stop(processes)
     tenants = log.read_text()
     why = f"{result.describe()}\ntenants:\n{tenants}"
     for label in ("ticket", "ticket_again", "id", "id_again"):
@@ -317,8 +285,7 @@ def test_nginx_stream_router_and_http_vhosts_do_not_resume_the_forbidden_session
     forbidden vhost. Controls: fronting without resumption gets the 421."""
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.replace(f"[{PORT}]", f"[{PORT}, {HTTP_PORT}]"))
-    processes, log = start_nginx(net, tmp_path)
-    try:
+    with nginx_in_front(net, tmp_path) as log:
         stream = accomplice_ticket(net, tmp_path)
         # No ticket: the session id alone, found in nginx's shared session cache.
         cached = accomplice_ticket(net, tmp_path, "-no_ticket", file="cached.sess")
@@ -348,8 +315,6 @@ def test_nginx_stream_router_and_http_vhosts_do_not_resume_the_forbidden_session
             shutil.copy(cached, d / "cached.sess")
 
         result = sandbox.run(net, tmp_path, steps, rules=rules, setup=setup)
-    finally:
-        stop(processes)
     tenants = log.read_text()
     why = f"{result.describe()}\ntenants:\n{tenants}"
     # Controls: honest connections reach the allowed tenants; fronting alone gets 421.

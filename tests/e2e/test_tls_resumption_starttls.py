@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import listening
+from support.servers import internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -59,13 +59,9 @@ def test_second_hello_after_starttls_resumes_the_forbidden_session(net, tmp_path
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     inside = ["ip", "netns", "exec", net.internet_ns]
-    server = subprocess.Popen(
-        [*inside, PY, str(DISPATCH), "--starttls", IP, str(PORT), cert, key, str(log),
-         "allowed.test=ALLOWED-TENANT", f"{FORBIDDEN}=FORBIDDEN-TENANT"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert sandbox.eventually(lambda: listening(net, [f"{IP}:{PORT}"]), timeout=10)
+    tenants = ["allowed.test=ALLOWED-TENANT", f"{FORBIDDEN}=FORBIDDEN-TENANT"]
+    dispatch = [PY, str(DISPATCH), "--starttls", IP, str(PORT), cert, key, str(log), *tenants]
+    with internet_servers(net, [dispatch], [f"{IP}:{PORT}"]):
         forbidden = tmp_path / "forbidden.sess"
         got = subprocess.run(
             [*inside, "sh", "-c", s_client("/accomplice", f"{IP}:{PORT}", "-starttls smtp",
@@ -99,9 +95,6 @@ def test_second_hello_after_starttls_resumes_the_forbidden_session(net, tmp_path
             shutil.copy(RELAY, d / "prefix_relay.py")
 
         result = sandbox.run(net, tmp_path, steps, rules=rules, setup=setup)
-    finally:
-        server.terminate()
-        server.wait(5)
     tenants = log.read_text()
     why = f"{result.describe()}\ntenants:\n{tenants}"
     # Controls: the honest STARTTLS reaches the allowed tenant; the plain resumption of

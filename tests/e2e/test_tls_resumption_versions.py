@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import listening
+from support.servers import internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -45,13 +45,9 @@ def test_old_versions_do_not_resume_the_forbidden_session(net, tmp_path, version
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     inside = ["ip", "netns", "exec", net.internet_ns]
-    server = subprocess.Popen(
-        [*inside, PY, str(DISPATCH), "--old-versions", IP, str(PORT), cert, key, str(log),
-         "allowed.test=ALLOWED-TENANT", f"{FORBIDDEN}=FORBIDDEN-TENANT"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        assert sandbox.eventually(lambda: listening(net, [f"{IP}:{PORT}"]), timeout=10)
+    tenants = ["allowed.test=ALLOWED-TENANT", f"{FORBIDDEN}=FORBIDDEN-TENANT"]
+    dispatch = [PY, str(DISPATCH), "--old-versions", IP, str(PORT), cert, key, str(log), *tenants]
+    with internet_servers(net, [dispatch], [f"{IP}:{PORT}"]):
         sess = tmp_path / "f.sess"
         got = subprocess.run(
             [*inside, "sh", "-c", s_client(version, "/accomplice", FORBIDDEN, f"-sess_out {sess}")],
@@ -77,9 +73,6 @@ def test_old_versions_do_not_resume_the_forbidden_session(net, tmp_path, version
             shutil.copy(tmp_path / "i.sess", d / "i.sess")
 
         result = sandbox.run(net, tmp_path, steps, rules=rules, setup=setup)
-    finally:
-        server.terminate()
-        server.wait(5)
     tenants = log.read_text()
     why = f"{result.describe()}\ntenants:\n{tenants}"
     assert "SECRET of ALLOWED" in result["honest"].out, why

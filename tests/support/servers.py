@@ -135,6 +135,38 @@ def listening(net, addresses) -> bool:
 
 
 @contextlib.contextmanager
+def internet_servers(net, commands: list[list[str]], listens: list[str]) -> Iterator[None]:
+    """Each of `commands` (a router and its tenants, say) run in the fake internet's
+    namespace, up once something listens on every `ip:port` of `listens`; stopped
+    when the block ends."""
+    inside = ["ip", "netns", "exec", net.internet_ns]
+    processes = []
+    try:
+        for argv in commands:
+            processes.append(
+                subprocess.Popen(
+                    [*inside, *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+            )
+        if not sandbox.eventually(lambda: listening(net, listens), timeout=10):
+            started = ", ".join(Path(argv[0]).name + " " + Path(argv[1]).name for argv in commands)
+            raise AssertionError(f"not all of {listens} listen ({started})")
+        yield
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
 def nginx_server(net, workdir: Path, http: str, listens: list[str]) -> Iterator[None]:
     """An nginx of the test's own in the fake internet's namespace, `http` what its
     nginx.conf has in its `http` block (NGINX_FRAME: `workdir` its prefix, the logs
