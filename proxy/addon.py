@@ -526,6 +526,8 @@ class SandgateAddon:
             return
         if checked.forward_host is not None:  # the decided spelling (gate._as_decided)
             request.host_header = checked.forward_host
+        if checked.forward_target is not None:  # likewise
+            request.path = checked.forward_target
         if request.data.authority and not (request.is_http2 or request.is_http3):
             # An HTTP/1 absolute-form target goes on in origin form, as the door's own
             # path sends it (http1.origin_form): its authority was checked against the

@@ -70,6 +70,7 @@ from sandgate.proxy.policy.names import (
     format_host_port,
     parse_domain,
     parse_host_port,
+    parse_path,
 )
 from sandgate.proxy.policy.reasons import Reason, Verdict
 from sandgate.proxy.policy.request_head import (
@@ -967,7 +968,7 @@ class ConnectionGate:
             # Plain HTTP: the connection's end reports bytes under its first allowed request.
             state.allowed, state.protocol, state.allowed_name = decision, "http", name
         self._emit_request(state, decision, head, tls, name, started, answer)
-        return decision, _as_decided(checked) if decision.allowed else None
+        return decision, _as_decided(checked, state.port, tls) if decision.allowed else None
 
     def _request_name(self, state: ConnState, host: str) -> str | None:
         return _read_host(host).name or state.name
@@ -1682,27 +1683,37 @@ class HostRead(NamedTuple):
     invalid: str | None
 
 
-def _as_decided(checked: CheckedHead) -> CheckedHead:
-    """`checked`, with the Host to forward (`forward_host`) where it is spelled
-    otherwise than decided: the name as parse_domain gives it (lower case, no
-    trailing dot), the port (if one was sent) without leading zeros. A router that
-    matches `allowed.test` or `allowed.test:8443` exactly (HAProxy's `hdr(host)`)
-    reads `ALLOWED.TEST`, `allowed.test.` or `allowed.test:08443` as another host,
-    and serves its default backend (red teams, sessions 48 and 49). An address keeps
-    its spelling (in brackets for IPv6), its port without leading zeros too."""
+def _as_decided(checked: CheckedHead, port: int, tls: bool) -> CheckedHead:
+    """`checked`, with the Host (`forward_host`) and the target (`forward_target`) to
+    forward where they are spelled otherwise than decided. A router that matches the
+    Host or the path as written (HAProxy's `hdr(host)` and `path_beg`, Varnish's
+    `req.http.host ==` and `req.url ~`) reads `ALLOWED.TEST`, `allowed.test.`,
+    `allowed.test:08443`, `allowed.test:80` or `/%70ublic/` as something else than
+    what was decided, and serves another backend (red teams, sessions 48-50).
+
+    The Host: the name as parse_domain gives it (lower case, no trailing dot), an
+    address as written (in brackets for IPv6), then the connection's port unless it
+    is the scheme's default (80, 443): what clients send. The path: in
+    names.parse_path's form (escapes of unreserved characters decoded, hex
+    upper-cased; check_head let through no other difference), the query as sent."""
     host = checked.host
     read = _read_host(host)
-    if read.name is None:
-        if read.ip is None:
-            return checked
+    if read.name is not None:
+        written = read.name
+    elif read.ip is not None:
         written = host[: host.index("]") + 1] if host.startswith("[") else read.host
     else:
-        written = read.name
-    at = len(written) if read.name is None else len(read.host)
-    if host[:at] == written and (len(host) == at or host[at + 1] != "0"):
-        return checked  # the usual Host, spelled as decided
-    port = host[at + 1 :].lstrip("0")
-    return checked._replace(forward_host=written + (":" + port if port else ""))
+        return checked
+    if port != (443 if tls else 80):
+        written = f"{written}:{port}"
+    target = None
+    if "%" in checked.path and (path := parse_path(checked.path)) != checked.path:
+        target = path if checked.query is None else f"{path}?{checked.query}"
+    if host == written and target is None:
+        return checked  # the usual head, spelled as decided
+    return checked._replace(
+        forward_host=written if host != written else None, forward_target=target
+    )
 
 
 def _read_host(host_header: str) -> HostRead:

@@ -23,6 +23,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(haproxy)  # an SNI router in front of two tenants at one address (test_sni_routers)
   packages+=(python3-h2)  # an HTTP/2 client sending fields as given, in the sandbox (test_host_router)
   packages+=(default-jdk-headless libspring-web-java)  # Spring's Forwarded parser (test_host_router_forwarded)
+  packages+=(apache2 varnish)  # path and Host routers read as written (test_apache_paths, test_path_routers)
 fi
 missing=()
 for p in "${packages[@]}"; do

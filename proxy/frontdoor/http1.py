@@ -431,7 +431,11 @@ class Http1Session:
         if self.server is None:
             self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
             self.need_upstream, self.connected = True, False
-        target = origin_form(event.target)
+        target = (
+            origin_form(event.target)
+            if checked.forward_target is None
+            else checked.forward_target.encode("ascii")
+        )
         connection_field = _connection_tokens(head.fields)
         self.client_closes = event.http_version != b"1.1" or b"close" in (connection_field or ())
         changed = (
@@ -635,7 +639,11 @@ class Http1Session:
             self.fast_upstream, self.need_upstream, self.connected = True, True, False
         self.fast_idle = False
         self.client_closes = b"close" in (request.connection or ())
-        target = origin_form(request.target)
+        target = (
+            origin_form(request.target)
+            if checked.forward_target is None
+            else checked.forward_target.encode("ascii")
+        )
         fields = head.fields
         if (
             request.connection is not None

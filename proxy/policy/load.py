@@ -943,25 +943,34 @@ def approved_overlay(paths: list[Path]) -> Path | None:
 
 def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> re.Pattern[str]:
     """Path globs as one anchored regex: `*` stays inside a segment, `**` crosses '/'
-    (`/a/**` matches `/a` and everything below it). Compiled once, at load.
+    (`/a/**/b` matches `/a/b` and `/a/x/y/b`; `/a/**` matches `/a/` and everything
+    below it, but not `/a`: a router written for `/a/`, HAProxy's `path_beg /a/`,
+    nginx's `location /a/`, serves `/a` from another backend; a red team, session 50).
+    Compiled once, at load.
 
     A deny rule's globs match more widely, as lenient servers read paths: ignoring
-    case (`/ADMIN` is `/admin` to some servers), and with or without a trailing '/'
-    (Express, by default, routes `/admin/` to `/admin` and `/admin` to `/admin/`):
-    a deny must hold wherever a server serves the resource it names."""
+    case (`/ADMIN` is `/admin` to some servers), and with everything below what they
+    name (`/admin/`, which Express routes to `/admin`, and `/admin.cgi/x`, which runs
+    admin.cgi with the path info `/x` in Apache, PHP and every CGI server): a deny
+    must hold wherever a server serves the resource it names."""
     parts = []
     for glob in globs:
         if deny and len(glob) > 1:
             glob = glob.removesuffix("/")
         pattern = ""
-        for piece in re.split(r"(/\*\*(?=/|$)|\*)", glob):
+        pieces = re.split(r"(/\*\*(?=/|$)|\*)", glob)
+        for at, piece in enumerate(pieces):
             if piece == "/**":
-                pattern += "(?:/.*)?"
+                # An allow's trailing `/a/**` takes `/a/` and below, not `/a` (above).
+                subtree = not deny and at == len(pieces) - 2 and glob.endswith("/**")
+                pattern += "/.*" if subtree else "(?:/.*)?"
             elif piece == "*":
                 pattern += "[^/]*"
             else:
                 pattern += re.escape(piece)
-        parts.append(pattern + "/?" if deny and not glob.endswith("/**") else pattern)
+        if deny and glob != "/" and not glob.endswith("/**"):
+            pattern += "(?:/.*)?"
+        parts.append(pattern)
     flags = re.DOTALL | (re.IGNORECASE if deny else 0)
     return re.compile("|".join(f"(?:{p})" for p in parts), flags)
 

@@ -50,7 +50,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus
 
 from .builtin import deny
 from .model import Decision
@@ -71,6 +71,7 @@ _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|%([0-9A-Fa-f]{2})")
 _QUERY_BYTES = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII without '#'
 # Escapes a server may decode before splitting or resolving the path: /, \, ., ;
 _STRUCTURAL_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
+_HEX_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
 # The fields that override the request's method, path or host to the servers that
 # honour them (module docstring, 6), by lower-case name: what each overrides.
@@ -161,6 +162,11 @@ class CheckedHead(NamedTuple):
     # for allowed.test): a server or Host router (HAProxy's `hdr(host) -i`, Envoy's
     # domains) matches the spelling as written and may route it to another tenant.
     forward_host: str | None = None
+    # The target (path and query) to forward in place of the one sent, set by the gate
+    # likewise where the path is spelled otherwise than decided (`/%70ublic/x` for
+    # /public/x): a router that matches the path as sent (HAProxy's `path_beg`,
+    # Varnish's `req.url ~`) sent that to another backend.
+    forward_target: str | None = None
 
 
 def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
@@ -359,14 +365,16 @@ def ambiguous_target(path: str, query: str | None) -> Decision | None:
 
 def path_problem(path: str) -> str | None:
     """Why `path` (no query) may mean something else to a server, or None: it is then
-    forwarded unchanged, and decided in names.parse_path's form (escapes of
-    unreserved characters decoded, hex upper-cased), which every server reads alike.
+    decided and forwarded in names.parse_path's form (escapes of unreserved
+    characters decoded, hex upper-cased: gate._as_decided), which every server reads
+    alike.
 
     Refused: not starting with '/'; '#'; a backslash; ';' (path parameters); an
     empty segment ('//') other than a trailing '/'; '.' or '..' segments; escapes
     of '/', '\\', '.', ';' (%2F %5C %2E %3B, any case); escapes of control bytes;
-    escaped bytes that are not strict UTF-8 (overlong forms like %C0%AF); a '%'
-    without two hex digits; spaces, controls or raw non-ASCII characters."""
+    escaped bytes that are not strict UTF-8 (overlong forms like %C0%AF); an escaped
+    '%' that forms an escape once decoded (%2561); a '%' without two hex digits;
+    spaces, controls or raw non-ASCII characters."""
     if not path.startswith("/"):
         return "the path does not start with '/'"
     if not _PATH_BYTES.fullmatch(path):
@@ -398,6 +406,11 @@ def _escape_problem(path: str) -> str | None:
         end = match.end()
         if byte in _STRUCTURAL_ESCAPES:
             return f"an encoded '/', '\\', '.' or ';' ({_STRUCTURAL_ESCAPES[byte]})"
+        if byte == 0x25 and _HEX_ESCAPE.search(unquote(path)):
+            # A proxy that decodes the path once and passes it on unescaped (Apache's
+            # `RewriteRule ... [P,NE]`) has its server decode it again: `/%2561dmin`
+            # is `/admin` there (a red team, session 50).
+            return "an escaped '%' that makes an escape once decoded ('%2561' is '%61')"
         if byte < 0x20 or byte == 0x7F:
             return "an encoded control character"
         if byte >= 0x80:
@@ -443,8 +456,8 @@ def with_overrides(
                 "host-mismatch",
                 detail=f"{where} names {value[:200]!r}, spelled otherwise than a host the "
                 "gateway forwards (a lower-case name without a trailing dot, a port "
-                "without leading zeros): a server or router that honours it may read "
-                "another host in it",
+                "without leading zeros, not 80 or 443): a server or router that honours "
+                "it may read another host in it",
             )
         other = decide_as(head._replace(**{field: value}, overrides=()))
         if not other.allowed:
@@ -461,14 +474,19 @@ def with_overrides(
 def _spelled_as_decided(host: str) -> bool:
     """Whether a host override is spelled as the gateway forwards the Host it decided
     (gate._as_decided): a lower-case name, no trailing dot, a port (if any) without
-    leading zeros. The request's own Host is forwarded so; an override goes on as
-    sent, so it must already be."""
+    leading zeros and not a scheme's default (80, 443), which clients leave out. The
+    request's own Host is forwarded so; an override goes on as sent, so it must
+    already be."""
     try:
-        name, _ = parse_host_port(host, default_port=0)
+        name, port = parse_host_port(host, default_port=0)
     except ValueError:
         return False
-    _, colon, port = host.rpartition("]")[2].rpartition(":")  # after an IPv6's brackets
-    return name == name.lower() and not name.endswith(".") and not (colon and port[0] == "0")
+    _, colon, written = host.rpartition("]")[2].rpartition(":")  # after an IPv6's brackets
+    return (
+        name == name.lower()
+        and not name.endswith(".")
+        and not (colon and (written[0] == "0" or port in (80, 443)))
+    )
 
 
 def _overrides(

@@ -163,7 +163,7 @@ def test_plain_http_request(addon, host, method, status, reason):
     [
         pytest.param("allowed.test", "allowed.test", id="as-decided"),
         pytest.param("ALLOWED.Test.", "allowed.test", id="case-and-dot"),
-        pytest.param("allowed.test.:80", "allowed.test:80", id="dot-and-port"),
+        pytest.param("allowed.test.:80", "allowed.test", id="dot-and-default-port"),
     ],
 )
 def test_an_allowed_host_goes_on_as_decided(addon, host, forwarded):

@@ -198,7 +198,8 @@ class RefRule:
         if self.paths is None:
             return True
         flags = re.IGNORECASE if self.action == "deny" else 0
-        return any(re.fullmatch(glob_regex(g), path, flags) for g in self.paths)
+        deny = self.action == "deny"
+        return any(re.fullmatch(glob_regex(g, deny), path, flags) for g in self.paths)
 
     @property
     def inspects(self) -> bool:
@@ -219,16 +220,20 @@ def as_v4(value):
     return value
 
 
-def glob_regex(glob: str) -> str:
-    """docs: `*` within one segment, `**` (a whole segment) crosses `/`, and `/a/**`
-    also matches `/a` itself."""
+def glob_regex(glob: str, deny: bool) -> str:
+    """docs: `*` within one segment, `**` (a whole segment) crosses `/`; an allow's
+    `/a/**` matches `/a/` and everything below, not `/a`; a deny glob matches what it
+    names with or without a trailing `/`, and everything below it."""
+    if deny and glob != "/":
+        glob = glob.rstrip("/")
+    segments = glob.split("/")[1:]
     out = ""
-    for segment in glob.split("/")[1:]:
+    for at, segment in enumerate(segments):
         if segment == "**":
-            out += "(?:/.*)?"
+            out += "/.*" if at == len(segments) - 1 and not deny else "(?:/.*)?"
         else:
             out += "/" + "[^/]*".join(re.escape(part) for part in segment.split("*"))
-    return out
+    return out + "(?:/.*)?" if deny and glob != "/" else out
 
 
 @dataclass(frozen=True)

@@ -96,25 +96,54 @@ def test_framing_is_still_checked_when_more_than_host_is_read(fields, detail):
 
 
 @pytest.mark.parametrize(
-    "host, forwarded",
+    "host, port, tls, forwarded",
     [
-        ("allowed.test", None),
-        ("allowed.test:8443", None),
-        ("ALLOWED.TEST.", "allowed.test"),
-        ("allowed.test:08443", "allowed.test:8443"),
-        ("Allowed.Test.:0008443", "allowed.test:8443"),
-        ("203.0.113.10:8443", None),
-        ("203.0.113.10:08443", "203.0.113.10:8443"),
-        ("[2001:db8::1]:8443", None),
-        ("[2001:db8::1]:008443", "[2001:db8::1]:8443"),
-        ("[2001:db8::1]", None),
+        ("allowed.test:8443", 8443, True, None),
+        ("allowed.test", 80, False, None),
+        ("allowed.test", 443, True, None),
+        ("ALLOWED.TEST.", 80, False, "allowed.test"),
+        ("allowed.test:08443", 8443, True, "allowed.test:8443"),
+        ("Allowed.Test.:0008443", 8443, True, "allowed.test:8443"),
+        # The scheme's default port written out, or another left out: as clients send
+        # it (a router matching `allowed.test` exactly reads `allowed.test:80` as
+        # another host, one matching `allowed.test:8443` the bare name).
+        ("allowed.test:80", 80, False, "allowed.test"),
+        ("allowed.test:443", 443, True, "allowed.test"),
+        ("allowed.test", 8443, True, "allowed.test:8443"),
+        ("allowed.test:443", 443, False, None),  # plain HTTP on 443: not its default
+        ("203.0.113.10:8443", 8443, True, None),
+        ("203.0.113.10:08443", 8443, True, "203.0.113.10:8443"),
+        ("203.0.113.10:80", 80, False, "203.0.113.10"),
+        ("[2001:db8::1]:8443", 8443, True, None),
+        ("[2001:db8::1]:008443", 8443, True, "[2001:db8::1]:8443"),
+        ("[2001:db8::1]", 443, True, None),
+        ("[2001:db8::1]", 8443, True, "[2001:db8::1]:8443"),
     ],
 )
-def test_a_host_goes_on_spelled_as_decided(host, forwarded):
+def test_a_host_goes_on_spelled_as_decided(host, port, tls, forwarded):
     """gate._as_decided: the name as decided, the port without leading zeros (an exact
-    host:port router, HAProxy's, reads `allowed.test:08443` as another host)."""
-    checked = check_head(RequestHead(b"GET", b"/", ((b"Host", host.encode()),)), 8443)
-    assert _as_decided(checked).forward_host == forwarded
+    host:port router, HAProxy's, reads `allowed.test:08443` as another host), and
+    only where it is not the scheme's default."""
+    checked = check_head(RequestHead(b"GET", b"/", ((b"Host", host.encode()),)), port)
+    assert _as_decided(checked, port, tls).forward_host == forwarded
+
+
+@pytest.mark.parametrize(
+    "target, forwarded",
+    [
+        ("/public/x", None),
+        ("/public/x?q=%70", None),  # the query goes on as sent
+        ("/%70ublic/x", "/public/x"),
+        ("/pub%6Cic/x?q=%70", "/public/x?q=%70"),
+        ("/public/%c3%a4", "/public/%C3%A4"),
+        ("/public/%C3%A4", None),
+    ],
+)
+def test_a_path_goes_on_spelled_as_decided(target, forwarded):
+    """A router that matches the path as sent (HAProxy's `path_beg /public/`) sends
+    `/%70ublic/x` to another backend: the path goes on in the form decided."""
+    head = RequestHead(b"GET", target.encode(), ((b"Host", b"allowed.test"),))
+    assert _as_decided(check_head(head, 80), 80, False).forward_target == forwarded
 
 
 @pytest.mark.parametrize(
@@ -126,7 +155,8 @@ def test_a_host_goes_on_spelled_as_decided(host, forwarded):
         ("allowed.test", False),  # the request's own, as decided: no override
         ("other.test.", True),
         ("[::1]:0443", True),
-        ("[::1]:443", False),
+        ("[::1]:443", True),  # a default port: clients leave it out
+        ("allowed.test:443", True),
     ],
 )
 def test_a_host_override_must_be_spelled_as_a_decided_host(override, refused):
