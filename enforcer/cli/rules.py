@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sandgate.enforcer.cli.common import EXIT_OK, EXIT_USAGE, UsageError, load_rules
 from sandgate.proxy.policy import DEFAULT_RULES, PolicyError, load_policy
+from sandgate.proxy.policy.model import DEFAULT_PORTS
 from sandgate.proxy.policy.reasons import Verdict
 
 
@@ -70,13 +71,53 @@ def wide_networks(policy) -> list[str]:
     return list(warnings.values())
 
 
+def narrow_denies(policy) -> list[str]:
+    """One warning per deny rule that a rule opening the same host (an allow or ask of
+    its profile) outruns in ports: a deny's `ports` default to 80 and 443 as an
+    allow's do, so `deny: example.com, paths: [/admin/**]` beside an allow of
+    example.com on 8443 does not hold on 8443 (a red team's first deny missed so).
+    A deny of whole connections on ports it names (`deny: 0.0.0.0/0, ports: [25]`)
+    means those ports: no warning."""
+    warnings: dict[str, str] = {}
+    for profile in policy.profiles.values():
+        opening = [r for r in profile.rules if r.action is not Verdict.DENY]
+        for deny in profile.rules:
+            if deny.action is not Verdict.DENY or deny.id in warnings:
+                continue
+            if not deny.inspects and deny.ports != DEFAULT_PORTS:
+                continue
+            for rule in opening:
+                ports = sorted(rule.ports - deny.ports)
+                if ports and _same_host(deny, rule):
+                    warnings[deny.id] = (
+                        f"{deny.origin}: warning: rule {deny.id} denies on ports "
+                        f"{','.join(map(str, sorted(deny.ports)))} only; rule {rule.id} "
+                        f"({rule.origin}) {rule.action}s the same host on "
+                        f"{','.join(map(str, ports))} too, where the deny does not hold"
+                    )
+                    break
+    return list(warnings.values())
+
+
+def _same_host(deny, rule) -> bool:
+    """Whether `deny` names a host `rule` names: the same name or network, or a name
+    under a deny's wildcard."""
+    if set(deny.networks) & set(rule.networks):
+        return True
+    return any(
+        d == r or (d.wildcard and r.domain.endswith("." + d.domain))
+        for d in deny.domains
+        for r in rule.domains
+    )
+
+
 def cmd_rules_lint(args) -> int:
     problems, expired, wide = [], [], []
     for path in args.files:
         try:
             policy = load_policy([Path(path)])
             expired += policy.expired
-            wide += wide_networks(policy)
+            wide += wide_networks(policy) + narrow_denies(policy)
         except PolicyError as e:
             problems += e.problems
     if args.json:
