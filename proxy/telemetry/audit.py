@@ -32,6 +32,12 @@ room. The file is locked (`flock`) so two writers never interleave their chains.
 FILE moved away or deleted under the writer (logrotate without copytruncate, `rm`)
 is seen at the next batch: the chain goes on in a new FILE, never in a file that no
 reader of FILE sees (a batch written into a file deleted meanwhile is written again).
+The log's directory is opened once; every name in it (FILE, FILE.new, the rotated
+files) is opened, made, linked and renamed relative to it, never through a symbolic
+link: someone else who may write it (a log shipper) cannot have this process, root,
+write elsewhere. A link where FILE or a rotated file should be is an error naming it
+(at start; while writing, a failed write, retried until it is removed); a directory
+anyone may write without the sticky bit is refused, one another user may write is said.
 
 The journal (`journal=`, proxy/telemetry/blackbox.py): a file ring each event is
 written into by `emit`, on the loop, before its decision takes effect; the writer
@@ -264,22 +270,43 @@ class AuditLog:
         # Since when (time.monotonic) the writer has failed, and why; None: it writes.
         self.failing_since: float | None = None
         self._problem: str | None = None
+        # The log's directory, opened once: every name in it (FILE, FILE.new, the
+        # rotated files) is opened, made, linked and renamed relative to it, and never
+        # through a symbolic link (`_open_locked`, `_rotate`): whoever else may write
+        # the directory (a log shipper) cannot have this process write elsewhere.
+        self._dir = self._fd = -1
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            self._fd = _open_locked(self.path)
-        except OSError as e:
-            raise AuditLogError(f"cannot open audit log {self.path}: {e.strerror or e}") from None
+            self._dir = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            _check_directory(self._dir, self.path.parent)
+            self._fd = _open_locked(self.path, self._dir)
+        except BaseException as e:
+            if self._dir >= 0:
+                os.close(self._dir)
+            if isinstance(e, OSError):
+                raise AuditLogError(
+                    f"cannot open audit log {self.path}: {e.strerror or e}"
+                ) from None
+            raise
         try:
             self.seq, self.prev, self.size = _continue_chain(self._fd, self.path)
             self.file_first_seq = _first_seq(self._fd) if self.size else None
-            rotated = rotated_files(self.path)
+            if not self.size and os.fstat(self._fd).st_nlink > 1:
+                # An empty file with another name too: a hard link to a file elsewhere
+                # (fs.protected_hardlinks off) that the lines would be appended to.
+                raise AuditLogError(
+                    f"audit log {self.path} is empty and has other hard links: not a log "
+                    "this writer made; move it away"
+                )
+            rotated = self._rotated()
             if not self.size and rotated:
                 # A fresh FILE next to rotated ones (FILE was shipped away): the chain
                 # goes on from the newest, so seq numbers, and the names, stay unique.
-                self.seq, self.prev = _last_record(rotated[-1])
-            self.total = self.size + sum(_size(p) for p in rotated)  # the budget's count
+                self.seq, self.prev = _last_record(rotated[-1], self._dir)
+            self.total = self.size + sum(_size(p, self._dir) for p in rotated)  # the budget's
         except BaseException:
             os.close(self._fd)
+            os.close(self._dir)
             raise
         # The journal (blackbox.py): each event as it is taken in, for the next start
         # to append what a killed process had not written. None: no journal.
@@ -299,6 +326,7 @@ class AuditLog:
                 self._open_journal(journal_size)
             except BaseException:
                 os.close(self._fd)
+                os.close(self._dir)
                 raise
         # The chain's head: the last line chained (`_link` links the next to it), from
         # what is on disk (recovered lines that could not be written are not).
@@ -438,7 +466,8 @@ class AuditLog:
             self._journal_map = None
             self._close_journal(kept)
         os.close(self._fd)
-        self._fd = -1
+        os.close(self._dir)
+        self._fd = self._dir = -1
 
     def _journal_stop_note(self) -> None:
         """After the events given up on at close, journal a note that says so: the
@@ -567,7 +596,9 @@ class AuditLog:
         finally:
             os.close(fd)  # the mapping stays
         with contextlib.suppress(OSError):  # whose journal it is: for `sandgate gc`
-            self.journal.with_suffix(".log").write_text(os.path.abspath(self.path))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+            with open(os.open(self.journal.with_suffix(".log"), flags, 0o600), "w") as f:
+                f.write(os.path.abspath(self.path))
         blackbox.blank(self._journal_map)
         self._box = blackbox.BlackBox(self._journal_map)
         self._box.set_origin(self.seq + 1)
@@ -577,7 +608,8 @@ class AuditLog:
         service never took into its journal, into `events` (the box is removed once
         they are in the log). Returns how many were lost."""
         try:
-            with path.open("r+b") as f, mmap.mmap(f.fileno(), 0) as box:
+            flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+            with open(os.open(path, flags), "r+b") as f, mmap.mmap(f.fileno(), 0) as box:
                 lost = 0
                 if blackbox.is_black_box(box):
                     start = blackbox.taken(box)
@@ -673,7 +705,7 @@ class AuditLog:
         chosen, budget, covered = [], MAX_FOLLOW_BYTES, False
         for path in reversed(log_files(self.path)):
             first = self.file_first_seq if path == self.path else int(path.name.rpartition(".")[2])
-            size = _size(path)
+            size = _size(path, self._dir)
             chosen.append((path, max(0, size - budget)))
             budget -= size
             if first is not None and first <= origin:
@@ -684,7 +716,10 @@ class AuditLog:
         starts = (b'{"kind":"connection', b'{"kind":"request"')
         followed_from = None
         for path, skip in reversed(chosen):
-            with contextlib.suppress(OSError), path.open("rb") as f:
+            with (
+                contextlib.suppress(OSError, AuditLogError),
+                open(_open_to_read(path, self._dir), "rb") as f,
+            ):
                 f.seek(skip)
                 if skip:
                     f.readline()  # the rest of a line cut by the budget
@@ -860,9 +895,10 @@ class AuditLog:
         `mv` (logrotate without copytruncate) or `rm` leaves the descriptor writing
         to a file no reader of FILE sees, or to none at all."""
         try:
-            return os.path.samestat(os.stat(self.path), os.fstat(self._fd))
+            here = os.stat(self.path.name, dir_fd=self._dir, follow_symlinks=False)
         except FileNotFoundError:
             return False
+        return os.path.samestat(here, os.fstat(self._fd))
 
     def _reopen(self) -> None:
         """FILE was moved away or deleted under the writer: continue the chain in a
@@ -870,11 +906,12 @@ class AuditLog:
         someone else put there with lines in it is not appended to: that is a
         failure, retried until it is moved away, and new connections are refused."""
         deleted = os.fstat(self._fd).st_nlink == 0
-        try:
-            fd = _open_locked(self.path)
-        except AuditLogError as e:  # another process holds the new FILE: retried
-            raise OSError(errno.EBUSY, str(e)) from None
-        if os.fstat(fd).st_size:
+        # A symbolic link put there is refused (AuditLogError, said, retried until it
+        # is removed): opened through it, a dangling one made its target, anywhere.
+        fd = _open_locked(self.path, self._dir)
+        found = os.fstat(fd)
+        if found.st_size or found.st_nlink > 1:
+            # With lines, or a hard link to a file elsewhere: not ours to append to.
             os.close(fd)
             raise OSError(
                 errno.EEXIST,
@@ -897,7 +934,7 @@ class AuditLog:
     def _write_all(self, data: bytes) -> None:
         if self.max_total_bytes is not None and self.total + len(data) > self.max_total_bytes:
             # Count again: an admin may have shipped rotated files away meanwhile.
-            self.total = self.size + sum(_size(p) for p in rotated_files(self.path))
+            self.total = self.size + sum(_size(p, self._dir) for p in self._rotated())
             if self.total + len(data) > self.max_total_bytes:
                 raise OSError(
                     errno.ENOSPC,
@@ -924,21 +961,57 @@ class AuditLog:
         changes nothing on disk and is retried like a failed write."""
         rotated = self.path.with_name(f"{self.path.name}.{self.file_first_seq}")
         fresh = self.path.with_name(f"{self.path.name}.new")
-        fd = _open_locked(fresh, truncate=True)  # only ever empty: lines go to FILE
+        directory = self._dir
+        # Every name below is relative to the log's directory and never followed: a
+        # link planted as FILE.new had root truncate its target and write the log there.
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISLNK(os.stat(fresh.name, dir_fd=directory, follow_symlinks=False).st_mode):
+                log.error(
+                    "audit log %s: removing a symbolic link put there as %s (to %r), not "
+                    "followed: sandgate makes no links; who may write %s?",
+                    self.path,
+                    fresh,
+                    os.readlink(fresh.name, dir_fd=directory),
+                    self.path.parent,
+                )
+            os.unlink(fresh.name, dir_fd=directory)  # a stale one (a crash mid-rotation)
+        fd = _open_locked(fresh, directory, fresh=True)  # made here (O_EXCL), only ever empty
         try:
             try:
-                os.link(self.path, rotated)  # never replaces an existing file
+                # never replaces an existing file
+                _link_fd(self._fd, self.path.name, rotated, directory)
             except FileExistsError:
-                if not os.path.samestat(os.stat(rotated), os.fstat(self._fd)):
+                there = os.stat(rotated.name, dir_fd=directory, follow_symlinks=False)
+                if not os.path.samestat(there, os.fstat(self._fd)):
                     raise OSError(
-                        errno.EEXIST, f"cannot rotate: {rotated} exists; move it away"
+                        errno.EEXIST,
+                        f"cannot rotate: {rotated} exists"
+                        + (" (a symbolic link)" if stat.S_ISLNK(there.st_mode) else "")
+                        + "; move it away",
                     ) from None
-            os.replace(fresh, self.path)
+            os.replace(fresh.name, self.path.name, src_dir_fd=directory, dst_dir_fd=directory)
+            here = os.stat(self.path.name, dir_fd=directory, follow_symlinks=False)
+            if not os.path.samestat(here, os.fstat(fd)):
+                # FILE.new swapped between its open and the rename: FILE is not the file
+                # made here. The lines wait; the next try takes FILE as moved (`_reopen`).
+                raise OSError(
+                    errno.EEXIST,
+                    f"{fresh} was replaced by another file while rotating {self.path}; "
+                    "who may write its directory?",
+                )
         except BaseException:
             os.close(fd)
             raise
         os.close(self._fd)
         self._fd, self.size, self.file_first_seq = fd, 0, None
+
+    def _rotated(self) -> list[Path]:
+        """`rotated_files` of this log, from its directory; a symbolic link of such a
+        name is refused (AuditLogError naming it): the writer never makes one."""
+        found = rotated_files(self.path, self._dir)
+        for path in found:
+            _refuse_link(path, self._dir)
+        return found
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -952,7 +1025,7 @@ def _free_but(journal: Path, start: int, end: int) -> None:
     keeps its size and layout (a hole reads as zeros: no record), so the next open
     recovers it as it is; best effort (a file system without holes keeps it whole)."""
     try:
-        fd = os.open(journal, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(journal, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return
     try:
@@ -1018,15 +1091,22 @@ def _whose(found: blackbox.Recovered) -> str:
 
 def journal_log(journal: Path) -> Path:
     """The audit log `journal` is the journal of (ValueError, OSError if unknown)."""
-    return Path(journal.with_suffix(".log").read_text())
+    # A link there is not followed (ELOOP), a FIFO not waited on.
+    with open(os.open(journal.with_suffix(".log"), _READ_FLAGS), encoding="utf-8") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, f"{journal.with_suffix('.log')} is not a regular file")
+        return Path(f.read())
 
 
-def rotated_files(path: Path | str) -> list[Path]:
-    """The rotated files of the log at `path` (`FILE.<first seq>`), oldest first."""
+def rotated_files(path: Path | str, directory: int | None = None) -> list[Path]:
+    """The rotated files of the log at `path` (`FILE.<first seq>`), oldest first; read
+    from the descriptor `directory` of its directory if given. A symbolic link of such
+    a name is listed too, never followed: the writer refuses it (`AuditLog._rotated`),
+    `verify` reports it."""
     path = Path(path)
     found = []
     with contextlib.suppress(OSError):
-        for entry in os.scandir(path.parent):
+        for entry in os.scandir(path.parent if directory is None else directory):
             head, dot, number = entry.name.rpartition(".")
             # isascii: str.isdigit() also takes "²", which int() refuses; a FIFO or a
             # directory of that name is not a log file (reading one would hang or fail)
@@ -1035,23 +1115,116 @@ def rotated_files(path: Path | str) -> list[Path]:
                 and head == path.name
                 and number.isascii()
                 and number.isdigit()
-                and entry.is_file()
+                and (entry.is_file(follow_symlinks=False) or entry.is_symlink())
             ):
                 found.append((int(number), path.with_name(entry.name)))
     return [p for _, p in sorted(found)]
 
 
 def log_files(path: Path | str) -> list[Path]:
-    """The whole log at `path`, oldest first: its rotated files, then FILE if it exists."""
+    """The whole log at `path`, oldest first: its rotated files, then FILE if it exists
+    (a symbolic link there too: `verify` reports it, never follows it)."""
     path = Path(path)
-    return rotated_files(path) + ([path] if path.exists() else [])
+    return rotated_files(path) + ([path] if os.path.lexists(path) else [])
 
 
-def _size(path: Path) -> int:
+def _size(path: Path, directory: int) -> int:
+    """The size of the file `path` (its name in `directory`), a link's own if it is one."""
     try:
-        return path.stat().st_size
+        return os.stat(path.name, dir_fd=directory, follow_symlinks=False).st_size
     except OSError:
         return 0
+
+
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def _open_to_read(path: Path | str, directory: int | None = None) -> int:
+    """`path` (its name in `directory` if given) opened to read, never through a
+    symbolic link (AuditLogError naming it) and only a regular file (not a FIFO that
+    would block the reader)."""
+    name = Path(path).name if directory is not None else path
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=directory)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            _refuse_link(Path(path), directory)
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise AuditLogError(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _refuse_link(path: Path, directory: int | None) -> None:
+    """AuditLogError if `path` (its name in `directory` if given) is a symbolic link:
+    this process (root) never follows one there. The audit writer makes none, so a link
+    is the work of someone else who may write that directory (a log shipper), and
+    followed it had root write, truncate or make the file it points to, anywhere."""
+    try:
+        if directory is None:
+            target = os.readlink(path)
+        else:
+            target = os.readlink(path.name, dir_fd=directory)
+    except OSError:
+        return  # not a link (or gone): the caller's own error stands
+    raise AuditLogError(
+        f"{path} is a symbolic link (to {target!r}): refused, not followed; sandgate makes "
+        f"no links there, so whoever may write {path.parent} put it there: remove it"
+    )
+
+
+def _link_fd(fd: int, name: str, path: Path, directory: int) -> None:
+    """Give the open file `fd`, named `name` in `directory`, the name `path` (in
+    `directory`) too; FileExistsError if that is taken (nothing is replaced). Linked
+    from the descriptor (/proc/self/fd), not from `name`, which someone may have
+    swapped for another file or a link meanwhile; without /proc, from `name`, never
+    following it, and checked."""
+    if os.path.isdir("/proc/self/fd"):
+        os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=directory, follow_symlinks=True)
+        return
+    os.link(name, path.name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
+    if not os.path.samestat(
+        os.stat(path.name, dir_fd=directory, follow_symlinks=False), os.fstat(fd)
+    ):
+        os.unlink(path.name, dir_fd=directory)  # the name just made: not the log's file
+        raise OSError(errno.EAGAIN, f"{name} was replaced while {path} was made; retried")
+
+
+def _check_directory(directory: int, path: Path) -> None:
+    """Refuse a log directory (`directory`, a descriptor of `path`) that anyone may
+    write, or that sits in one, without the sticky bit: anyone on the host could delete
+    or replace the evidence (logrotate, sshd's StrictModes and sudo refuse such places
+    too). A directory some other user or a group other than root's may write (a log
+    shipper's: shipping rotated files away needs it) is said at start: that user can
+    remove or replace the log's files, which the chain and the SIEM show, but cannot
+    make this process write anywhere else (no link is followed there)."""
+    found = os.fstat(directory)
+    real = Path(os.path.realpath(path))
+    for place, mode in ((path, found.st_mode), *((p, os.stat(p).st_mode) for p in real.parents)):
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise AuditLogError(
+                f"the audit log's directory {path}"
+                + ("" if place == path else f" is in {place}, which")
+                + f" is writable by anyone (mode {stat.filemode(mode)}, no sticky bit): anyone "
+                "on this host could delete or replace the log; "
+                f"chmod o-w {place} (or +t), or choose another --audit-log"
+            )
+    writers = []
+    if found.st_uid not in (0, os.geteuid()):
+        writers.append(f"its owner (uid {found.st_uid})")
+    if found.st_mode & stat.S_IWGRP and found.st_gid != 0:
+        writers.append(f"group {found.st_gid}")
+    if writers:
+        log.warning(
+            "audit log directory %s (mode %s) may be written by %s: they can remove or "
+            "replace the log's files (ship lines to the SIEM as written: docs/telemetry.md), "
+            "though not make sandgate write elsewhere (it follows no symbolic link there)",
+            path,
+            stat.filemode(found.st_mode),
+            " and ".join(writers),
+        )
 
 
 def _first_seq(fd: int) -> int | None:
@@ -1063,9 +1236,9 @@ def _first_seq(fd: int) -> int | None:
     return seq if isinstance(seq, int) else None
 
 
-def _last_record(path: Path) -> tuple[int, str]:
+def _last_record(path: Path, directory: int) -> tuple[int, str]:
     """(seq, hash) of the last line of a rotated file, to continue its chain."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open_to_read(path, directory)
     try:
         seq, digest, _ = _continue_chain(fd, path, repair=False)
     finally:
@@ -1073,9 +1246,17 @@ def _last_record(path: Path) -> tuple[int, str]:
     return seq, digest
 
 
-def _open_locked(path: Path, truncate: bool = False) -> int:
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
-    fd = os.open(path, flags | os.O_NONBLOCK, 0o640)
+def _open_locked(path: Path, directory: int, fresh: bool = False) -> int:
+    """The log file `path` (its name in the directory `directory`, a descriptor), opened
+    to append and locked; made if missing. `fresh`: made here, never an existing file
+    (O_EXCL). A symbolic link there is refused, never followed (`_refuse_link`)."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path.name, flags | (os.O_EXCL if fresh else 0), 0o640, dir_fd=directory)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EEXIST):
+            _refuse_link(path, directory)
+        raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         # A FIFO nobody reads blocks the writer for good while the gateway counts
         # the log as writable (and `close` waits forever); /dev/null keeps nothing.
@@ -1188,7 +1369,13 @@ def verify(*paths: Path | str) -> Verification:
     breaks: list[Break] = []
     previous_file: Path | str | None = None
     for path in paths:
-        with Path(path).open("rb") as f:
+        try:
+            fd = _open_to_read(path)
+        except AuditLogError as e:  # a symbolic link (or no regular file): not followed
+            breaks.append(Break(str(path), 0, str(e)))
+            prev, seq, previous_file = None, None, path
+            continue
+        with open(fd, "rb") as f:
             # Read in bounded pieces: a damaged or hostile file may have one 1 GB "line".
             pieces = iter(lambda: f.readline(MAX_RECORD_BYTES + 1), b"")
             for number, raw in enumerate(pieces, start=1):
