@@ -972,7 +972,9 @@ def _left_journals() -> list[tuple[Path, Path]]:
             continue  # read with its service's journal
         try:
             log_path = journal_log(journal)
-            fd = os.open(log_path, os.O_RDONLY | os.O_CLOEXEC)
+            # Not through a link, and not waiting on a FIFO someone put there: the
+            # AuditLog that appends would refuse either, and say so.
+            fd = os.open(log_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue  # no log to append to: left as it is
         try:

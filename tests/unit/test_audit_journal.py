@@ -365,3 +365,26 @@ def test_a_deeply_nested_journal_record_is_counted_lost(tmp_path):
     log.close()
     assert log.recovered[:2] == (0, 1) and log.lost == 1
     assert " 1 lost" in records(path)[-1]["detail"]
+
+
+@pytest.mark.parametrize("planted", ["fifo", "link"])
+def test_gc_neither_waits_on_nor_follows_what_was_put_in_place_of_the_log(
+    tmp_path, monkeypatch, planted
+):
+    """`sandgate gc` locks a journal's log to see whether a process holds it: a FIFO
+    put there (by a shipper who may write the directory) hung it, a link was followed.
+    The journal is left for an open that can append it; gc goes on."""
+    from sandgate.enforcer import run as run_module
+
+    monkeypatch.setattr(run_module, "STATE_DIR", tmp_path / "state")
+    journal = run_module.audit_journal(tmp_path / "audit.jsonl")
+    path, _ = killed(tmp_path, [request(0)], [request(1)], journal=journal)
+    journal.with_suffix(".log").write_text(str(path))
+    path.rename(tmp_path / "moved.jsonl")
+    if planted == "fifo":
+        os.mkfifo(path)
+        assert run_module._left_journals() in ([], [(journal, path)])  # and returned
+    else:
+        path.symlink_to(tmp_path / "moved.jsonl")
+        assert run_module._left_journals() == []
+    assert journal.exists()
