@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
-from sandgate.proxy.approvals.pending import AskKey, Grant, Pending, PendingStore
+from sandgate.proxy.approvals.pending import AskKey, Grant, Pending, PendingStore, Scope
 from sandgate.proxy.clienthello import ClientHello, parse_client_hello, starts_like_tls_record
 from sandgate.proxy.dns.placeholders import Placeholders, in_pool
 from sandgate.proxy.lifecycle import IllegalTransition, Phase, Step, advance
@@ -175,9 +175,17 @@ class ConnState:
     # connection is a tunnel since, with no more requests to decide, so a reload or
     # a rule's expiry decides this one again (on_tunnel).
     tunnel: CheckedHead | None = None
-    # The approval with an end (`--for`) that let it through: it closes when that ends,
-    # as one a rule's `expires` let through closes then (_grant_ended).
+    # The approval that let the connection through (its latest connect decision's;
+    # None: a rule did), whatever its scope: while the policy asks about it, it goes
+    # on only as long as that approval is in force (_approval_ended: a `--for` until
+    # its end, an `always` while its rule is), even after a reload in between that
+    # allowed it by a rule. One with an end is watched (_rests_on).
     grant: Pending | None = None
+    # The approval that let its latest allowed request through (None: a rule did),
+    # and the one that let its WebSocket upgrade through (`tunnel`): a tunnel the
+    # policy asks about goes on only while that one is in force, as a connection does.
+    request_grant: Pending | None = None
+    tunnel_grant: Pending | None = None
 
     @property
     def silent(self) -> bool:
@@ -279,6 +287,9 @@ class ConnectionGate:
         self.policy = policy
         # Earlier human decisions (proxy/approvals/); None: `ask` is denied.
         self.approvals = approvals
+        if approvals is not None:
+            # An `always` grants only while its rule is in this gate's policy (pending.py).
+            approvals.in_force = self._in_force
         self.placeholders = placeholders
         self.registry = registry
         self.bindings = bindings
@@ -619,22 +630,7 @@ class ConnectionGate:
                     "tls",
                 )
             decision = self._decide_connect(state, name=state.name)
-        if (
-            hello.hidden_name
-            and decision.verdict is not Verdict.DENY
-            and not decision.inspect
-            and not _by_address(decision)
-        ):
-            # Passed through, the hello would reach a server that may serve the name it
-            # hides, where the decision rested on the name it shows (an allow or ask by
-            # name, or a fallback that asks or audits: a deny of the hidden name would
-            # never be seen). Inspected, the gateway's own TLS ignores it; allowed by an
-            # IP rule, any name at that address was allowed anyway.
-            decision = deny(
-                "encrypted-client-hello",
-                detail=f"ClientHello to {state.name or state.ip} hides its server name (ECH)",
-            )
-        decision = _spelled_otherwise(hello, state.name, decision) or decision
+        decision = _hello_checked(hello, state, decision)
         decision = self._consult(state, decision, "tls")
         if decision.verdict is Verdict.ASK:
             return self._ask(state, decision, "tls")
@@ -931,6 +927,8 @@ class ConnectionGate:
                 f"(its placeholder {state.ip} is not a server)",
             )
         name = self._request_name(state, checked.host)
+        # What a WebSocket tunnel it opens rests on (on_tunnel).
+        state.request_grant = answer.pending if decision.allowed else None
         return self._settle_request(state, decision, head, checked, tls, name, started, answer)
 
     def held_request_revoked(self, state: ConnState, checked: CheckedHead) -> Decision | None:
@@ -939,8 +937,11 @@ class ConnectionGate:
         None if the approval stands (the policy still asks, or allows), else the
         denial (policy_changed) for `on_request_answer`. The adapter asks before it
         resolves a placeholder's name, so a name denied meanwhile is not resolved."""
-        denial = self._request_denial_now(state, checked)
-        if denial is None:
+        denial = self._request_decision_now(state, checked)
+        if denial.verdict is Verdict.ASK and self.approvals is not None:
+            return None  # the human's answer, just given, answers it
+        denial = _without_approver(denial)
+        if denial.allowed:
             return None
         return Decision(
             Verdict.DENY,
@@ -1136,8 +1137,12 @@ class ConnectionGate:
 
     def on_tunnel(self, state: ConnState, upgrade: CheckedHead) -> None:
         """The server accepted an allowed WebSocket `upgrade` (101): the connection is
-        a tunnel now, which a reload or an expiry closes once that request is denied."""
-        state.tunnel = upgrade
+        a tunnel now, which a reload or an expiry closes once that request is denied,
+        and the end of the approval that let it through (`--for`) once it is asked
+        about. The upgrade is the latest request on its HTTP/1 connection: the
+        approval of that one (`request_grant`) is the tunnel's."""
+        state.tunnel, state.tunnel_grant = upgrade, state.request_grant
+        self._watch(state.tunnel_grant)
 
     def on_refused_switch(self, state: ConnState, head: RequestHead, tls: bool) -> None:
         """The server answered 101 to a request whose upgrade no rule allowed: the
@@ -1285,7 +1290,11 @@ class ConnectionGate:
 
     def _denial_under_new_policy(self, state: ConnState) -> Decision | None:
         """What the current policy says about an open connection, asked as it was
-        asked before: None if it may go on, else the denying decision."""
+        asked before: None if it may go on, else the denying decision. One a human
+        approved gets the checks one a rule allowed gets (a deny, a rule that now
+        checks methods or paths where it is relayed, its tunnel's upgrade); its
+        approval only answers the question the policy still asks, and only while
+        that approval is in force (_approval_ended)."""
         if state.phase in (Phase.NEW, Phase.REJECTED, Phase.CLOSED):
             return None
         if state.phase is Phase.OPEN or state.outcome is Outcome.HTTP:
@@ -1295,19 +1304,14 @@ class ConnectionGate:
             if decision.reason in _FINAL_AT_CONNECT:
                 return decision
             return self._tunnel_denial(state)
-        facts = state.facts
-        if facts is None or facts.name != state.name:
-            self._decide_connect(state, state.name)  # records the facts
-            facts = state.facts
-        facts = dataclasses.replace(facts, now=self.wall_clock())
-        decision = decide(self.policy, facts)
+        decision = self._decided_again(state)
         if decision.verdict is Verdict.ASK and self.approvals is not None:
-            # Still a question for a human: one that is held waits for its answer; one
-            # a human answered keeps that answer (a grant, or a once approval used).
             if state.phase is Phase.ASKING:
-                return None
-            if state.allowed is not None and state.allowed.reason is Reason.APPROVAL_GRANTED:
-                return self._grant_ended(state)
+                return None  # held: on_answer decides it under the policy in force then
+            ended = self._approval_ended(state.grant, decision)
+            if ended is not None:
+                return ended
+            decision = _answered(decision, Grant(True, state.grant))
         decision = _without_approver(decision)
         if not decision.allowed:
             return decision
@@ -1320,43 +1324,101 @@ class ConnectionGate:
         state.allowed = decision
         return self._tunnel_denial(state)
 
-    def _grant_ended(self, state: ConnState) -> Decision | None:
-        """A connection a human's answer let through stays, unless that answer had an
-        end (`--for`) that has passed: then the denial that closes it."""
-        grant = state.grant
-        if grant is None or grant.until is None or grant.until > self.approvals.clock():
+    def _decided_again(self, state: ConnState) -> Decision:
+        """A connection's connect decision under the current policy, on the facts it
+        was decided on (the time now), with the checks its protocol adds where it is
+        relayed: a TLS hello's (_hello_checked); raw TCP that a rule of methods or
+        paths covers is `not_http` (as in `_raw_tcp`)."""
+        facts = state.facts
+        if facts is None or facts.name != state.name:
+            self._decide_connect(state, state.name)  # records the facts
+            facts = state.facts
+        decision = decide(self.policy, dataclasses.replace(facts, now=self.wall_clock()))
+        relayed = state.outcome is not Outcome.INTERCEPT
+        if relayed and state.protocol == "tls" and state.client_hello is not None:
+            decision = _hello_checked(state.client_hello, state, decision)
+        elif (
+            relayed
+            and state.protocol == "tcp"
+            and decision.inspect
+            and decision.verdict is not Verdict.DENY
+        ):
+            decision = deny(
+                "not-http",
+                detail=f"a rule for {state.name or state.ip}:{state.port} checks HTTP "
+                "methods or paths, and these bytes are not HTTP",
+            )
+        return decision
+
+    def _approval_ended(self, approval: Pending | None, asked: Decision) -> Decision | None:
+        """For what the policy asks about now (`asked`) and `approval` let through: None
+        while that approval is in force, else the denial that closes it (none: the
+        policy asks, and no human answered; an approval that has ended)."""
+        if approval is None:
+            return asked
+        ended = self._approval_end(approval)
+        if ended is None:
             return None
         return Decision(
             Verdict.DENY,
             Reason.APPROVAL_EXPIRED,
-            state.allowed.rule,
-            detail=f"approval {grant.id} ({grant.scope}) has ended",
+            asked.rule,
+            detail=f"approval {approval.id} ({approval.scope}) {ended}",
         )
 
+    def _approval_end(self, approval: Pending) -> str | None:
+        """None while an approval is in force, else how it ended: a `--for` at its
+        `until`; an `always` when its rule approved:ID is no longer in the policy
+        (removed from approved.yaml and reloaded) or past its `expires`. Once and
+        task end with what they let through (the task)."""
+        if approval.until is not None and approval.until <= self.approvals.clock():
+            return "has ended"
+        if approval.scope is Scope.ALWAYS and not self._rule_in_force(approval):
+            return (
+                f"has ended: its rule approved:{approval.id} is no longer in force "
+                "(removed, or past its expires)"
+            )
+        return None
+
+    def _rule_in_force(self, approval: Pending) -> bool:
+        rule_id = f"approved:{approval.id}"
+        compiled = self.policy.profiles.get(approval.key.profile)
+        if compiled is None:
+            return False
+        now = self.wall_clock()
+        return any(rule.id == rule_id and rule.live_at(now) for rule in compiled.rules)
+
+    def _in_force(self, approval: Pending) -> bool:
+        """PendingStore.in_force: whether `approval` still grants (_approval_end)."""
+        return self._approval_end(approval) is None
+
     def _rests_on(self, state: ConnState, approval: Pending | None) -> None:
-        """`state` was let through by `approval`: one with an end is watched."""
-        if approval is not None and approval.until is not None:
-            state.grant = approval
-            if self.on_grant is not None:
-                self.on_grant(approval)
+        """`state` was let through by `approval`: kept (the policy may ask about it
+        again), and watched if it has an end."""
+        state.grant = approval
+        self._watch(approval)
+
+    def _watch(self, approval: Pending | None) -> None:
+        """An approval with an end (`--for`): the gateway decides again at its end."""
+        if approval is not None and approval.until is not None and self.on_grant is not None:
+            self.on_grant(approval)
 
     def _tunnel_denial(self, state: ConnState) -> Decision | None:
         """A WebSocket tunnel lives only while its upgrade request is allowed: that
-        request decided again, None if it still is, else the denial."""
-        return None if state.tunnel is None else self._request_denial_now(state, state.tunnel)
-
-    def _request_denial_now(self, state: ConnState, checked: CheckedHead) -> Decision | None:
-        """A request a human answered or the policy allowed, decided again under the
-        current policy: None while it still asks (the human's answer stands) or allows,
-        else the denial."""
-        decision, _, _ = self._decide_request_anew(state, checked)
-        decision = with_overrides(
-            decision, checked, lambda h: self._decide_request_anew(state, h)[0]
-        )
-        if decision.verdict is Verdict.ASK and self.approvals is not None:
+        request decided again, None if it still is (the policy allows it, or asks and
+        the approval that let it through is in force), else the denial."""
+        if state.tunnel is None:
             return None
+        decision = self._request_decision_now(state, state.tunnel)
+        if decision.verdict is Verdict.ASK and self.approvals is not None:
+            return self._approval_ended(state.tunnel_grant, decision)
         decision = _without_approver(decision)
         return None if decision.allowed else decision
+
+    def _request_decision_now(self, state: ConnState, checked: CheckedHead) -> Decision:
+        """A request decided again under the current policy."""
+        decision, _, _ = self._decide_request_anew(state, checked)
+        return with_overrides(decision, checked, lambda h: self._decide_request_anew(state, h)[0])
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -1374,8 +1436,13 @@ class ConnectionGate:
     ) -> Decision:
         """An ASK decision, answered by an earlier human decision when there is one
         (a grant: allowed, approval_granted; a denial: approval_denied), else left
-        ASK for the adapter to hold. Without approvals: approval_unavailable."""
+        ASK for the adapter to hold. Without approvals: approval_unavailable. A
+        grant answers only while it is in force (_approval_end; the store's in_force)."""
         state.answered = None
+        if request is not None:
+            state.request_grant = None
+        else:
+            state.grant = None  # a connection decided anew: only its new approval counts
         if decision.verdict is not Verdict.ASK:
             return decision
         if self.approvals is None:
@@ -1387,14 +1454,18 @@ class ConnectionGate:
             request is not None
             and state.destination_grant is not None
             and not decision.rule.inspects
+            and self._approval_end(state.destination_grant.pending) is None
         ):
             # asked about the destination, whose approval let this connection through
             state.answered = state.destination_grant
+            state.request_grant = state.destination_grant.pending
             return _answered(decision, state.destination_grant)
         grant = state.answered = self.approvals.grant_for(key)
         if grant is None:
             return decision
-        if grant.approved and not request:
+        if grant.approved and request is not None:
+            state.request_grant = grant.pending
+        elif grant.approved:
             self._rests_on(state, grant.pending)
             if protocol != "http":
                 state.destination_grant = grant
@@ -1429,10 +1500,15 @@ class ConnectionGate:
 
     def on_answer(self, state: ConnState, answer) -> Outcome:
         """A held connection's hold ended (`answer`: proxy/approvals/holder.HoldResult):
-        emit its decision and say what to do with it."""
+        emit its decision and say what to do with it. An approved one is decided again
+        under the policy in force now (_answered_now): a reload while it was held
+        counts, as for one a rule allowed."""
         started = self.clock()
         try:
-            decision = _unless_held(_answered(state.asking, answer), self.hold_new)
+            decision = _answered(state.asking, answer)
+            if decision.allowed:
+                decision = self._answered_now(state, answer)
+            decision = _unless_held(decision, self.hold_new)
             if decision.allowed:
                 state.allowed = decision
                 self._rests_on(state, answer.pending)
@@ -1460,6 +1536,29 @@ class ConnectionGate:
             )
         )
         return outcome
+
+    def _answered_now(self, state: ConnState, answer) -> Decision:
+        """The decision a human's approval (`answer`) makes of a held connection
+        under the policy in force at the answer, which a reload may have changed
+        since it was asked (`state.asking`): decided again on its facts, with the
+        checks of its protocol (_decided_again). Still asked: the approval answers it,
+        inspected if a rule now checks methods or paths (never relayed past one);
+        allowed by a rule now: as approved, inspected as that rule says; denied: the
+        deny wins (policy_changed). An inspected one within the sandbox's leaf_rate."""
+        now = self._decided_again(state)
+        if now.verdict is Verdict.ASK or now.allowed:
+            decision = _answered(now if now.verdict is Verdict.ASK else state.asking, answer)
+            decision = dataclasses.replace(decision, inspect=now.inspect)
+            if decision.inspect:
+                decision = self._over_leaf_rate(state) or decision
+            return decision
+        return Decision(
+            Verdict.DENY,
+            Reason.POLICY_CHANGED,
+            now.rule,
+            detail=f"approved, but the policy in force at the answer denies it "
+            f"({now.reason}): {now.detail}",
+        )
 
     def _decide_connect(self, state: ConnState, name: str | None) -> Decision:
         state.facts = ConnectFacts(
@@ -1570,6 +1669,29 @@ _ANSWER_REASONS = {
         "as many as it holds (10,000)",
     ),
 }
+
+
+def _hello_checked(hello: ClientHello, state: ConnState, decision: Decision) -> Decision:
+    """`decision` for a pass-through of `hello` on `state` (named `state.name`, the SNI
+    decided), or the denial of what passing it through would hide: a name (ECH), or
+    a spelling (_spelled_otherwise). The checks of `_tls`, and of a TLS connection
+    decided again: a held one at its answer (on_answer), a relayed one at a reload."""
+    if (
+        hello.hidden_name
+        and decision.verdict is not Verdict.DENY
+        and not decision.inspect
+        and not _by_address(decision)
+    ):
+        # Passed through, the hello would reach a server that may serve the name it
+        # hides, where the decision rested on the name it shows (an allow or ask by
+        # name, or a fallback that asks or audits: a deny of the hidden name would
+        # never be seen). Inspected, the gateway's own TLS ignores it; allowed by an
+        # IP rule, any name at that address was allowed anyway.
+        return deny(
+            "encrypted-client-hello",
+            detail=f"ClientHello to {state.name or state.ip} hides its server name (ECH)",
+        )
+    return _spelled_otherwise(hello, state.name, decision) or decision
 
 
 def _spelled_otherwise(hello: ClientHello, name: str | None, decision: Decision) -> Decision | None:

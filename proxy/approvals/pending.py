@@ -38,8 +38,11 @@ What an approval grants, by scope (`grant_for` answers for a new ask):
 - task:     every ask of that task with the same key, until the task ends;
 - duration: the same destination for every task of the profile, until the time
             runs out (`--for 1h`);
-- always:   as task, until the policy (with the rule appended to approved.yaml by
-            the adapter) allows it by itself.
+- always:   the rule `approved:ID` appended to approved.yaml by the adapter; filed
+            as task too (what the rule cannot say, a WebSocket upgrade, stays
+            granted to the task that asked), but only while that rule is in force
+            (`in_force`, the gate's answer): once the rule is past its `expires`,
+            or removed from approved.yaml and reloaded, the task is asked again.
 A denial holds for the task: the same ask of the same task is denied at once,
 without asking again, until the task ends.
 
@@ -387,6 +390,10 @@ class PendingStore:
     widened_durations: dict[tuple, Pending] = field(default_factory=dict)  # by key.widened()
     _all: dict[str, Pending] = field(default_factory=dict)  # every id still remembered
     max_open: int = MAX_OPEN  # pending approvals at most, over all sandboxes
+    # Whether a task grant still holds where the store cannot tell: an `always` only
+    # while its rule is in the policy (the gate sets it: ConnectionGate._in_force).
+    # None: every task grant holds until its task ends.
+    in_force: Callable[[Pending], bool] | None = None
 
     # --- asking ------------------------------------------------------------------------
 
@@ -398,7 +405,9 @@ class PendingStore:
             return Grant(False, found)
         found = self.task.get(key.any_request())
         if found is not None:
-            return Grant(True, found)
+            if self.in_force is None or self.in_force(found):
+                return Grant(True, found)
+            del self.task[key.any_request()]  # its rule is gone: the task is asked again
         found = self.durations.get(key.destination)
         if found is not None:
             if found.until is not None and found.until > self.clock():
@@ -552,7 +561,7 @@ class PendingStore:
         elif found.scope is Scope.ONCE:
             if found.held == 0:
                 self.once[key] = found  # for the next ask: the held ones gave up
-        else:  # TASK, ALWAYS (the policy takes over once the rule is loaded)
+        else:  # TASK, ALWAYS (while its rule is in force: `in_force`)
             self.task[key.any_request()] = found
 
     def adopt_grant(self, found: Pending) -> None:
