@@ -171,6 +171,47 @@ class Report:
 # --- outer: namespaces and the file view ---------------------------------------------
 
 
+STDIO_NAMES = ("stdin", "stdout", "stderr")
+STREAM_TYPES = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+
+
+def check_stdio_sockets() -> None:
+    """The caller's stdin, stdout and stderr go to the task as they are: one that is a
+    socket is a socket of the host's network namespace, past the task's own. A
+    connected stream (a journal stream, an ssh or CI log socket, an inetd connection)
+    only takes bytes to its one peer, which the caller chose (and the task may shut it
+    down: docs/sandbox.md, "The caller's stdio"); a datagram socket can be connected
+    (or sent) anywhere, a listening one accepts the host's connections, an unconnected
+    one connects anywhere: past the gateway. SetupError for those, naming the fd."""
+    for fd, name in enumerate(STDIO_NAMES):
+        try:
+            if (os.fstat(fd).st_mode & 0o170000) != 0o140000:  # S_IFSOCK
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # closed: nothing there
+        try:
+            kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            try:
+                sock.getpeername()
+                connected = True
+            except OSError:
+                connected = False
+            if kind in STREAM_TYPES and connected and not listening:
+                continue
+            what = (
+                "a listening" if listening else "an unconnected" if not connected else "a datagram"
+            )
+            raise SetupError(
+                f"{name} (fd {fd}) is {what} socket (family {int(sock.family)}): the task would "
+                f"have it in the host's network namespace, where it reaches past the "
+                f"gateway; give the task a pipe instead (`sandgate run ... | cat`) or a file"
+            )
+        finally:
+            sock.close()
+
+
 def take_limits(rlimits: list[list[int]]) -> None:
     """The caller's resource limits (enforcer/sandbox/inherit.py), set here, in the
     initial user namespace, where a hard limit may still rise back to the caller's
@@ -787,6 +828,8 @@ def main(args: list[str] | None = None) -> int:
     try:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         take_limits(spec.get("rlimits", []))
+        if not spec.get("terminal"):  # else the task gets a pty of the sandbox's own
+            check_stdio_sockets()
         os.umask(0o022)  # the sandbox's own files and mount points; the task's is the caller's
         program = None
         if spec.get("seccomp"):

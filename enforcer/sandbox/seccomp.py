@@ -158,6 +158,31 @@ PREALLOCATING_IOCTLS = (
     FS_IOC_ZERO_RANGE,
 )
 
+# The page cache is one for everybody: posix_fadvise (fadvise64: advice is argument 3 on
+# x86_64, aarch64, riscv64) with DONTNEED drops every clean, unmapped cached page of any
+# file the task can open, whoever read it (the host's, other tasks'), and NOREUSE marks
+# them to go first; preadv2/pwritev2 with RWF_NOWAIT (flags, argument 5) answer EAGAIN
+# for a page not cached, without reading it. Together: empty a host file's cache, then
+# see page by page what host processes read since (Gruss et al. 2019; the kernel
+# closed mincore and cachestat to files the caller cannot write, not these).
+POSIX_FADV_DONTNEED = 4
+POSIX_FADV_NOREUSE = 5
+CACHE_DROPPING_ADVICE = (POSIX_FADV_DONTNEED, POSIX_FADV_NOREUSE)
+FADVISE_ADVICE_MASK = 0xFFFFFFFF  # the kernel reads the advice as int
+RWF_NOWAIT = 0x08
+# The answer for advice that only the task's own cache could use: success, and nothing
+# done (SECCOMP_RET_ERRNO with 0). Advice the kernel may ignore anyway; callers (dd
+# iflag=nocache, backup tools, databases) go on, where some treat an error as fatal.
+NO_EFFECT = 0
+# RLIMIT_CORE is fixed for the task (sandbox/inherit.py `core_limited`: 1 where the host
+# pipes cores to a helper, which the kernel then never starts): a task that lowered it to
+# 0 had apport or systemd-coredump run as root again and read its whole core (its memory
+# limit's worth, into the host's memory). setrlimit/prlimit64 of it succeed without
+# effect (programs that turn their own cores off go on: no core is made either way);
+# prlimit64 that also asks for the old value gets EPERM (an answer it would not fill).
+RLIMIT_CORE = 4
+RLIMIT_RESOURCE_MASK = 0xFFFFFFFF  # the kernel reads the resource as unsigned int
+
 # Huge pages (hugetlb) are charged to no memory cgroup (v1 never, v2 only under the
 # memory_hugetlb_accounting mount option): a task with --memory 32M held every huge
 # page the host had reserved, or with overcommitted ones, hundreds of MiB of its RAM.
@@ -453,6 +478,36 @@ DENIED: tuple[Denial, ...] = (
         errno.EPERM,
         "a text console's keyboard, keymaps, mode, fonts, switching: they outlive the task",
         _ioctl_request_in(VT_SETTINGS),
+    ),
+    Denial(
+        ("fadvise64",),
+        NO_EFFECT,
+        "DONTNEED/NOREUSE drop host files' cached pages (a page-cache probe); done as a no-op",
+        tuple(((3, "masked_eq", advice, FADVISE_ADVICE_MASK),) for advice in CACHE_DROPPING_ADVICE),
+    ),
+    Denial(
+        ("setrlimit",),
+        NO_EFFECT,
+        "RLIMIT_CORE 0 has the host's core helper run as root on the task's core; a no-op",
+        (((0, "masked_eq", RLIMIT_CORE, RLIMIT_RESOURCE_MASK),),),
+    ),
+    Denial(
+        ("prlimit64",),
+        NO_EFFECT,
+        "RLIMIT_CORE 0 has the host's core helper run as root on the task's core; a no-op",
+        (((1, "masked_eq", RLIMIT_CORE, RLIMIT_RESOURCE_MASK), (2, "ne", 0, 0), (3, "eq", 0, 0)),),
+    ),
+    Denial(
+        ("prlimit64",),
+        errno.EPERM,
+        "RLIMIT_CORE set with the old value asked: the no-op above would not fill it",
+        (((1, "masked_eq", RLIMIT_CORE, RLIMIT_RESOURCE_MASK), (2, "ne", 0, 0), (3, "ne", 0, 0)),),
+    ),
+    Denial(
+        ("preadv2", "pwritev2"),
+        errno.EOPNOTSUPP,
+        "RWF_NOWAIT tells which pages of a host file are cached, without reading them",
+        _any_bit_set(5, (RWF_NOWAIT,)),
     ),
     Denial(
         ("fanotify_init", "fanotify_mark"),

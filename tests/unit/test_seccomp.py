@@ -11,6 +11,7 @@ import ctypes
 import errno
 import mmap
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -729,7 +730,8 @@ def test_table_documented_and_complete() -> None:
     listed = {name for denial in seccomp.DENIED for name in denial.syscalls}
     assert REQUIRED_BY_ISSUE_8 - listed == set()
     for denial in seccomp.DENIED:
-        assert denial.errno > 0 and denial.why and "\n" not in denial.why and len(denial.why) <= 100
+        assert denial.errno > 0 or denial.errno == seccomp.NO_EFFECT and "no-op" in denial.why
+        assert denial.why and "\n" not in denial.why and len(denial.why) <= 100
 
 
 # --- line disciplines, and syscalls newer than the table ---------------------------------
@@ -930,3 +932,161 @@ def test_huge_pages_refused(program: bytes, probe, flags: int) -> None:
 )
 def test_normal_pages_still_work(program: bytes, probe, flags: int) -> None:
     assert run_forked(filtered, program, probe, flags).value == 0
+
+
+# --- the page cache: no eviction, no probe (red team kernel, finding 2) ---------------
+
+PAGE = 4096
+FILE_PAGES = 64
+
+
+def cached_pages(path: Path) -> int:
+    """How many pages of `path` are cached: each preadv2 RWF_NOWAIT that reads (unfiltered)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead of its own
+        count, buf = 0, bytearray(1)
+        for page in range(FILE_PAGES):
+            try:
+                os.preadv(fd, [buf], page * PAGE, os.RWF_NOWAIT)
+                count += 1
+            except BlockingIOError:
+                pass
+        return count
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def cached_file(tmp_path: Path) -> Path:
+    """A file of FILE_PAGES pages, all cached, on a file system that can evict them."""
+    path = tmp_path / "cached.bin"
+    path.write_bytes(os.urandom(FILE_PAGES * PAGE))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        f.read()
+    if cached_pages(path) != FILE_PAGES:
+        pytest.skip("the file's pages are not all cached here")
+    return path
+
+
+def advise(path: str, advice: int) -> int:
+    """errno of fadvise64(fd, 0, 0, advice) on a read-only descriptor of `path` (raw: the
+    advice may carry junk above 32 bits, which the kernel drops)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return raw_syscall("fadvise64", fd, 0, 0, advice)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "advice",
+    [
+        pytest.param(os.POSIX_FADV_DONTNEED, id="dontneed"),
+        pytest.param(os.POSIX_FADV_NOREUSE, id="noreuse"),
+        pytest.param(os.POSIX_FADV_DONTNEED | 1 << 32, id="dontneed-junk-above-32-bits"),
+    ],
+)
+def test_cache_dropping_advice_succeeds_and_drops_nothing(
+    program: bytes, cached_file: Path, advice: int
+) -> None:
+    assert run_forked(filtered, program, advise, str(cached_file), advice).value == 0
+    assert cached_pages(cached_file) == FILE_PAGES
+
+
+def test_dontneed_drops_the_cache_unfiltered(cached_file: Path) -> None:
+    assert run_forked(advise, str(cached_file), os.POSIX_FADV_DONTNEED).value == 0
+    assert cached_pages(cached_file) < FILE_PAGES // 2
+
+
+def read_nowait(path: str, flags: int, write: bool = False) -> int:
+    """errno of preadv2 (pwritev2) of one byte at offset 0 with `flags` (raw syscall)."""
+    fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+    buf = ctypes.create_string_buffer(1)
+    iov = (ctypes.c_void_p * 2)(ctypes.cast(buf, ctypes.c_void_p), 1)
+    try:
+        name = "pwritev2" if write else "preadv2"
+        return raw_syscall(name, fd, ctypes.addressof(iov), 1, 0, 0, flags)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("flags", "write", "expected"),
+    [
+        pytest.param(os.RWF_NOWAIT, False, errno.EOPNOTSUPP, id="preadv2-nowait"),
+        pytest.param(os.RWF_NOWAIT | os.RWF_HIPRI, False, errno.EOPNOTSUPP, id="preadv2-more"),
+        pytest.param(os.RWF_NOWAIT | 1 << 32, False, errno.EOPNOTSUPP, id="preadv2-junk"),
+        pytest.param(os.RWF_NOWAIT, True, errno.EOPNOTSUPP, id="pwritev2-nowait"),
+        pytest.param(0, False, 0, id="preadv2-plain"),
+        pytest.param(os.RWF_HIPRI, False, 0, id="preadv2-hipri"),
+        pytest.param(os.RWF_DSYNC, True, 0, id="pwritev2-dsync"),
+    ],
+)
+def test_nowait_reads_and_writes_are_refused(
+    program: bytes, cached_file: Path, flags: int, write: bool, expected: int
+) -> None:
+    assert run_forked(filtered, program, read_nowait, str(cached_file), flags, write).value == (
+        expected
+    )
+    if not write:  # ext4 answers a buffered RWF_NOWAIT write EOPNOTSUPP itself
+        assert run_forked(read_nowait, str(cached_file), flags & 0xFFFFFFFF, write).value == 0
+
+
+@pytest.mark.parametrize(
+    "advice",
+    [os.POSIX_FADV_NORMAL, os.POSIX_FADV_RANDOM, os.POSIX_FADV_SEQUENTIAL, os.POSIX_FADV_WILLNEED],
+)
+def test_other_advice_still_reaches_the_kernel(program: bytes, advice: int) -> None:
+    assert run_forked(filtered, program, advise, "/etc/passwd", advice).value == 0
+    bad = run_forked(filtered, program, raw_syscall, "fadvise64", -1, 0, 0, advice).value
+    assert bad == errno.EBADF  # the kernel answered, not the filter
+
+
+# --- RLIMIT_CORE stays as the sandbox set it (inherit.core_limited) --------------------
+
+
+def set_core_limit(soft: int, hard: int, old: bool = False) -> tuple[int, tuple[int, int]]:
+    """(errno of prlimit64(0, RLIMIT_CORE, new, old?), the limit afterwards)."""
+    new = (ctypes.c_uint64 * 2)(soft, hard)
+    before = (ctypes.c_uint64 * 2)()
+    failure = raw_syscall(
+        "prlimit64", 0, seccomp.RLIMIT_CORE, ctypes.addressof(new),
+        ctypes.addressof(before) if old else 0,
+    )  # fmt: skip
+    return failure, resource.getrlimit(resource.RLIMIT_CORE)
+
+
+def core_limited_then(program: bytes, probe, *args):
+    resource.setrlimit(resource.RLIMIT_CORE, (1, 1))  # as inherit.core_limited leaves it
+    return filtered(program, probe, *args)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param((0, 0), (0, (1, 1)), id="lower-to-0"),
+        pytest.param((0, 1), (0, (1, 1)), id="soft-0"),
+        pytest.param((0, 0, True), (errno.EPERM, (1, 1)), id="with-old-value"),
+    ],
+)
+def test_the_core_limit_cannot_be_changed(program: bytes, args, expected) -> None:
+    assert run_forked(core_limited_then, program, set_core_limit, *args).value == expected
+
+
+def use_setrlimit_core() -> tuple[int, int]:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # what a program turning cores off does
+    return resource.getrlimit(resource.RLIMIT_CORE)
+
+
+def test_turning_cores_off_still_succeeds_and_other_limits_still_change(program: bytes) -> None:
+    assert run_forked(core_limited_then, program, use_setrlimit_core).value == (1, 1)
+    assert run_forked(filtered, program, use_other_limit).value == 64
+    assert run_forked(set_core_limit, 0, 0).value == (0, (0, 0))  # unfiltered: it changes
+
+
+def use_other_limit() -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
