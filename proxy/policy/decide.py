@@ -41,7 +41,7 @@ import logging
 from .builtin import builtin_rule
 from .index import CompiledPolicy, CompiledProfile
 from .model import ConnectFacts, Decision, Facts, NameFacts, RequestFacts, Rule
-from .names import parse_path, special_range_of
+from .names import PathReadings, path_readings, special_range_of
 from .reasons import Reason, Verdict
 
 PRIVATE_ADDRESS_RULE = builtin_rule("private-address")
@@ -121,12 +121,14 @@ def _decide_name(profile: CompiledProfile, name: str, now: float | None) -> Deci
 
 def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestFacts) -> Decision:
     port, ip, name = facts.port, facts.ip, facts.name
-    method = path = None
+    method = path = readings = None
     websocket = False
     if isinstance(facts, RequestFacts):
         # Match what the server will act on: `/repos/../user` is `/user`, `delete` is
-        # DELETE to a lenient server. Either way a deny rule must still see it.
-        method, path = facts.method.upper(), parse_path(facts.path)
+        # DELETE to a lenient server. Either way a deny rule must still see it; and a
+        # path a server may read otherwise (`%40`, `%23`) is decided in each reading.
+        method, readings = facts.method.upper(), path_readings(facts.path)
+        path = readings.canonical
         websocket = facts.websocket
     if ip is None:
         ip_rules, kind = _NO_RULES, None
@@ -162,7 +164,11 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
                 inspect = True
                 if rule.action is DENY:
                     continue
-            elif not rule.matches_request(method, path):
+            elif not (
+                rule.matches_request(method, path)
+                if len(readings.denied) == 1
+                else _matches_readings(rule, method, readings)
+            ):
                 continue
         if rule.action is DENY:
             return rule.decision or _shared(profile, Reason.RULE_DENY, rule)
@@ -225,6 +231,14 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
         if method is not None:
             return _shared(profile, Reason.PATH_NOT_ALLOWED, fallback, inspect, near=rule)
     return _shared(profile, Reason.NO_RULE, fallback, inspect)
+
+
+def _matches_readings(rule: Rule, method: str, readings: PathReadings) -> bool:
+    """A rule's match of a path with several readings (names.path_readings): a deny
+    takes it if it matches any, an allow or ask only if it matches each it must."""
+    if rule.action is DENY:
+        return any(rule.matches_request(method, path) for path in readings.denied)
+    return all(rule.matches_request(method, path) for path in readings.allowed)
 
 
 def _spoofed_destination(name: str | None, ip) -> Decision:

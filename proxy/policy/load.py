@@ -70,6 +70,7 @@ from .names import (
     DomainPattern,
     InvalidAddress,
     InvalidName,
+    decoded_printable,
     parse_domain,
     parse_domain_pattern,
     parse_host_port,
@@ -954,6 +955,8 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> re.Pattern[str
     admin.cgi with the path info `/x` in Apache, PHP and every CGI server): a deny
     must hold wherever a server serves the resource it names."""
     parts = []
+    if deny:  # escaped as written and as a decoding server reads it (names.path_readings)
+        globs = tuple(dict.fromkeys(g for glob in globs for g in (glob, decoded_printable(glob))))
     for glob in globs:
         if deny and len(glob) > 1:
             glob = glob.removesuffix("/")

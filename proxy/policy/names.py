@@ -537,6 +537,57 @@ def parse_path(path: str) -> str:
     return "/" + "/".join(segments) + trailing
 
 
+class PathReadings(NamedTuple):
+    """A request path as the rules read it (path_readings): `canonical` (parse_path's,
+    what is forwarded), `denied` (the readings a deny is matched against: any that
+    matches denies) and `allowed` (those an allow or ask must all match)."""
+
+    canonical: str
+    denied: tuple[str, ...]
+    allowed: tuple[str, ...]
+
+
+# Decoded in a deny's reading: a printable ASCII character that servers decode before
+# they route though RFC 3986 keeps it apart (`%40` is `@` to nginx, Werkzeug and
+# http.server). Not `%` (refused where it makes an escape: request_head), `/ \ . ;`
+# (refused), `? #` (the cut reading's).
+_KEPT_ESCAPED = frozenset("%/\\.;?#")
+_CUT = re.compile(r"%(?:23|3F)")
+
+
+def decoded_printable(path: str) -> str:
+    """`path` with its escapes of printable ASCII characters decoded, but for those
+    kept escaped (_KEPT_ESCAPED): how a server that decodes before routing reads it;
+    also a deny glob written escaped (`/c%2B%2B/**` denies `/c++/x` too: load.py)."""
+
+    def decoded(match: re.Match[str]) -> str:
+        char = chr(int(match.group(1), 16))
+        return char if " " <= char <= "~" and char not in _KEPT_ESCAPED else match.group()
+
+    return _ESCAPE.sub(decoded, path) if "%" in path else path
+
+
+def path_readings(path: str) -> PathReadings:
+    """The readings of a request path (no query) a server may act on, for the rules
+    (a red team, session 50): the canonical form (parse_path); that form with every
+    escape of a printable ASCII character decoded, which nginx or Werkzeug route by
+    (`/%40internal` past a deny of `/@internal/**`); and each cut at its first `%23` or
+    `%3F`, where a proxy that decodes the path once and passes it on (nginx's
+    `proxy_pass http://app$uri`, HAProxy's `url_dec`, Apache's `[P,NE]`) makes it end
+    (`/admin/secret.txt%23.tar.gz` under an allow of `/**/*.tar.gz`). A deny takes the
+    request if it matches any; an allow (or ask) only if it matches the canonical form
+    and its cut: the decoded form would refuse a glob written escaped (`/c%2B%2B/**`)."""
+    canonical = parse_path(path)
+    if "%" not in canonical:
+        return PathReadings(canonical, (canonical,), (canonical,))
+    plain = decoded_printable(canonical)
+    cut, cut_plain = _CUT.split(canonical, 1)[0] or "/", _CUT.split(plain, 1)[0] or "/"
+    allowed = tuple(dict.fromkeys((canonical, cut)))
+    return PathReadings(
+        canonical, tuple(dict.fromkeys((canonical, plain, cut, cut_plain))), allowed
+    )
+
+
 # --- host:port -----------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 import tty
 from pathlib import Path
 
@@ -996,8 +997,14 @@ def test_cache_dropping_advice_succeeds_and_drops_nothing(
 
 
 def test_dontneed_drops_the_cache_unfiltered(cached_file: Path) -> None:
-    assert run_forked(advise, str(cached_file), os.POSIX_FADV_DONTNEED).value == 0
-    assert cached_pages(cached_file) < FILE_PAGES // 2
+    # The control: unfiltered, the advice drops the pages (a few tries: pages still in
+    # another CPU's LRU batch, or under writeback on a busy host, stay the first time).
+    for _ in range(5):
+        assert run_forked(advise, str(cached_file), os.POSIX_FADV_DONTNEED).value == 0
+        if cached_pages(cached_file) < FILE_PAGES // 2:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{cached_pages(cached_file)} of {FILE_PAGES} pages still cached")
 
 
 def read_nowait(path: str, flags: int, write: bool = False) -> int:

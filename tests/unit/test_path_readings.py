@@ -1,0 +1,133 @@
+"""A red team (session 50), the decisions behind
+tests/e2e/test_reserved_escapes.py and test_decoding_proxies.py,
+with no I/O: each head through check_head, then decide, as the gateway does."""
+
+from __future__ import annotations
+
+import pytest
+from sandgate.proxy.policy import Decision, RequestFacts, decide, load_policy
+from sandgate.proxy.policy.request_head import RequestHead, check_head
+
+RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - deny: allowed.test
+        id: no-internal
+        paths: ["/@internal/**", "/v1/secrets/*:access", "/$batch", "/admin/secret.txt"]
+      - allow: allowed.test
+        id: site
+        methods: [GET]
+        paths: ["/**"]
+"""
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    rules = tmp_path_factory.mktemp("rules") / "rules.yaml"
+    rules.write_text(RULES)
+    return load_policy([rules])
+
+
+def outcome(policy, target: str) -> str:
+    head = RequestHead(b"GET", target.encode(), ((b"host", b"allowed.test"),))
+    checked = check_head(head, 443)
+    if isinstance(checked, Decision):
+        return str(checked.reason)
+    facts = RequestFacts(
+        profile="default", port=443, method="GET", path=checked.path, name="allowed.test"
+    )
+    return str(decide(policy, facts).reason)
+
+
+@pytest.mark.parametrize(
+    "plain, escaped",
+    [
+        ("/@internal/pkg", "/%40internal/pkg"),  # nginx, Werkzeug, http.server decode %40
+        ("/v1/secrets/db:access", "/v1/secrets/db%3Aaccess"),
+        ("/v1/secrets/db:access", "/v1/secrets/db%3aaccess"),
+        ("/$batch", "/%24batch"),
+    ],
+)
+def test_an_escaped_reserved_character_is_denied_as_written(policy, plain, escaped):
+    assert outcome(policy, plain) == "rule_deny"
+    assert outcome(policy, escaped) != "rule_allow"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/admin/secret.txt%23",
+        "/admin/secret.txt%23x",
+        "/admin/secret.txt%3F",
+        "/admin/secret.txt%3Fx=1",
+    ],
+)
+def test_an_escaped_hash_or_question_mark_does_not_cut_past_a_deny(policy, target):
+    """A proxy that decodes the path once and passes it on (nginx `proxy_pass
+    http://app$uri`, Apache `RewriteRule ... [P,NE]`) makes these `/admin/secret.txt`."""
+    assert outcome(policy, "/admin/secret.txt") == "rule_deny"
+    assert outcome(policy, target) != "rule_allow"
+
+
+def test_a_suffix_allow_takes_only_what_ends_so_after_a_decoding_proxy(tmp_path):
+    """`/**/*.tar.gz` takes `/admin/secret.txt%23.tar.gz`, which nginx's `$uri`
+    proxies as `/admin/secret.txt#.tar.gz` (the application serves the .txt)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n      - allow: allowed.test\n"
+        '        methods: [GET]\n        paths: ["/**/*.tar.gz"]\n'
+    )
+    policy = load_policy([rules])
+    assert outcome(policy, "/admin/secret.txt") == "path_not_allowed"
+    assert outcome(policy, "/admin/secret.txt%23.tar.gz") != "rule_allow"
+
+
+def test_a_deny_written_escaped_takes_the_raw_character_too(tmp_path):
+    """The other direction: a deny of `/c%2B%2B/**` (canonical: `%2B` stays an
+    escape) does not take `/c++/x`, which every decoding server reads alike."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n      - deny: allowed.test\n"
+        '        paths: ["/c%2B%2B/**"]\n      - allow: allowed.test\n'
+        '        methods: [GET]\n        paths: ["/**"]\n'
+    )
+    policy = load_policy([rules])
+    assert outcome(policy, "/c%2B%2B/x") == "rule_deny"
+    assert outcome(policy, "/c++/x") != "rule_allow"
+
+
+def test_a_glob_written_escaped_reads_as_a_decoding_server_reads_it(tmp_path):
+    """A deny written escaped takes the character plain too (a server that decodes
+    before routing serves both alike); an allow written escaped still takes what it
+    names as written (its decoded reading is not asked of an allow)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n"
+        '      - deny: allowed.test\n        paths: ["/c%2B%2B/secret"]\n'
+        '      - allow: allowed.test\n        methods: [GET]\n        paths: ["/c%2B%2B/**"]\n'
+    )
+    policy = load_policy([rules])
+    assert outcome(policy, "/c%2B%2B/x") == "rule_allow"
+    assert outcome(policy, "/c%2b%2b/x") == "rule_allow"
+    for denied in ("/c%2B%2B/secret", "/c++/secret", "/c%2B+/secret/x"):
+        assert outcome(policy, denied) == "rule_deny", denied
+    assert outcome(policy, "/c++/x") == "path_not_allowed"
+
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        ("/wiki/C%23", "rule_allow"),  # an honest escaped '#': allowed where its cut is
+        ("/public/a%3Fb", "rule_allow"),
+        ("/%3Fpublic/x", "path_not_allowed"),  # cut: `/`, which the allow does not take
+    ],
+)
+def test_an_allow_takes_a_path_only_where_it_takes_its_cut_too(tmp_path, target, expected):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n      - allow: allowed.test\n"
+        '        methods: [GET]\n        paths: ["/wiki/**", "/public/**"]\n'
+    )
+    assert outcome(load_policy([rules]), target) == expected
