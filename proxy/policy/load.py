@@ -38,6 +38,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
@@ -525,6 +526,17 @@ class _Loader:
                     source,
                     item,
                     f"path {text!r}: '**' must be a whole segment ('/a/**/b' or '/a/**')",
+                )
+            elif not text.isascii():
+                # Requests carry such characters escaped (raw, they are refused), and
+                # paths are matched escaped: as written, the rule could never match (a
+                # deny of `/café/**` let `/caf%C3%A9/menu` through; a red team, session 50).
+                escaped = quote(text, safe="".join(map(chr, range(0x21, 0x7F))))
+                self.problem(
+                    source,
+                    item,
+                    f"path {text!r} has characters outside ASCII, which requests carry "
+                    f"escaped as UTF-8: write {escaped!r}",
                 )
             elif parse_path(text) != text:
                 # Requests are matched in canonical form (decide), so a rule written

@@ -131,3 +131,64 @@ def test_an_allow_takes_a_path_only_where_it_takes_its_cut_too(tmp_path, target,
         '        methods: [GET]\n        paths: ["/wiki/**", "/public/**"]\n'
     )
     assert outcome(load_policy([rules]), target) == expected
+
+
+def test_a_rule_path_outside_ascii_is_refused_naming_its_escaped_spelling(tmp_path):
+    """Requests carry non-ASCII escaped (raw, it is refused): a deny of `/café/**` as
+    written matched nothing, and nginx served `/caf%C3%A9/menu` (a red team, session
+    50). Refused at load, with the spelling that matches."""
+    from sandgate.proxy.policy import PolicyError
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n      - deny: allowed.test\n"
+        '        paths: ["/café/**"]\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(PolicyError) as refused:
+        load_policy([rules])
+    assert "write '/caf%C3%A9/**'" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/caf%C3%A9/menu",
+        "/caf%c3%a9/menu",
+        "/%E6%96%87%E6%A1%A3/secret",
+        "/wiki/Sp%C3%A9cial:Export",
+    ],
+)
+def test_a_deny_of_a_non_ascii_path_written_escaped_takes_it(tmp_path, target):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n      - deny: allowed.test\n"
+        '        paths: ["/caf%C3%A9/**", "/%E6%96%87%E6%A1%A3/secret", "/wiki/Sp%C3%A9cial:*"]\n'
+        '      - allow: allowed.test\n        methods: [GET]\n        paths: ["/**"]\n'
+    )
+    assert outcome(load_policy([rules]), target) == "rule_deny"
+
+
+def test_a_path_override_is_decided_in_its_readings(tmp_path):
+    """X-Original-URL naming `/%40internal/x` is decided as `/@internal/x` too."""
+    from sandgate.proxy.policy.request_head import with_overrides
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n      - deny: allowed.test\n"
+        '        paths: ["/@internal/**"]\n      - allow: allowed.test\n'
+        '        methods: [GET]\n        paths: ["/**"]\n'
+    )
+    policy = load_policy([rules])
+    head = RequestHead(
+        b"GET", b"/public", ((b"host", b"allowed.test"), (b"x-original-url", b"/%40internal/x"))
+    )
+    checked = check_head(head, 443)
+
+    def decide_as(h):
+        facts = RequestFacts(
+            profile="default", port=443, method=h.method, path=h.path, name="allowed.test"
+        )
+        return decide(policy, facts)
+
+    assert not with_overrides(decide_as(checked), checked, decide_as).allowed
