@@ -1133,7 +1133,89 @@ def find_planted(before: Survey, after: Survey | None = None) -> list[Planted]:
             if stat.S_ISDIR(control.fingerprint.mode):
                 renamed_dirs.add(path)
     gone = {item.path for item in planted if item.movable} | renamed_dirs
-    return planted + _loosened(before, after, gone) + _acl_loosened(before, after, gone)
+    return (
+        planted
+        + _loosened(before, after, gone)
+        + _acl_loosened(before, after, gone)
+        + _git_files_loosened(before, after, gone)
+    )
+
+
+# Git's own files in a git dir (`_git_files_loosened`): objects, immutable, which git
+# makes read-only whatever core.sharedRepository says, and what git reads to tell what a
+# branch or the index holds (their group write may be a shared repository's).
+GIT_FILE_DIRS = ("refs", "logs")
+MAX_GIT_FILES = 200_000  # files looked at in all: a bound on the root runner's work
+
+
+def _git_files_loosened(before: Survey, after: Survey, gone: set[Path]) -> list[Planted]:
+    """Files of the git dirs the task made writable by other local accounts (a red
+    team, session 50): a loose object, a pack or its index chmod 0666 or given an
+    access ACL `o::rw` let any account rewrite the user's blobs after the run (git does
+    not check a loose object's hash when it reads it); the index, HEAD, packed-refs,
+    refs and logs likewise for every user. Only files whose ctime falls in the run are
+    read (chmod and setxattr set it); disarm() takes the write away."""
+    since = before.started_ns - SETTLED_NS
+    inherited = frozenset().union(
+        *(writers for (_, kind), writers in before.acls.items() if kind == "default")
+    )
+    budget = [MAX_GIT_FILES]
+    found: list[Planted] = []
+    for git_dir in sorted(before.git_dirs | after.git_dirs):
+        if git_dir in gone or _below_any(git_dir, gone):
+            continue
+        places = [(git_dir, False, 0)]
+        places += [(git_dir / name, False, MAX_DEPTH) for name in GIT_FILE_DIRS]
+        places.append((git_dir / "objects", True, 1))
+        for top, objects, depth in places:
+            for path, st in _files_below(top, depth, budget):
+                if st.st_ctime_ns < since or path in after.controls or _set_aside(path.name):
+                    continue
+                what = "git object" if objects else "git file (index, HEAD, refs, logs)"
+                bits = st.st_mode & (LOOSE_BITS if objects else 0o002)
+                if bits:
+                    found.append(Planted(path, _git_file_why(what, _whom(bits)), loosened=bits))
+                    continue
+                writers = _file_acl_writers(path) - inherited
+                if writers:
+                    why = _git_file_why(what, _acl_whom(writers) + " (an ACL)")
+                    found.append(Planted(path, why, acl="access"))
+    return found
+
+
+def _git_file_why(what: str, whom: str) -> str:
+    return (
+        f"a {what} the task made writable by {whom} (any local account could rewrite "
+        "what the user's git reads from it)"
+    )
+
+
+def _files_below(top: Path, depth: int, budget: list[int]):
+    """(path, lstat) of the regular files in `top` and, `depth` levels down, below it;
+    no link followed; at most `budget[0]` in all (counted down)."""
+    try:
+        entries = list(os.scandir(top))
+    except OSError:
+        return
+    for entry in entries:
+        if budget[0] <= 0:
+            return
+        budget[0] -= 1
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield Path(entry.path), st
+        elif stat.S_ISDIR(st.st_mode) and depth > 0:
+            yield from _files_below(Path(entry.path), depth - 1, budget)
+
+
+def _file_acl_writers(path: Path) -> frozenset[tuple[int, int]]:
+    try:
+        return _acl_writers("access", os.getxattr(path, ACL_ATTRS[1][0], follow_symlinks=False))
+    except OSError as e:
+        return frozenset() if e.errno in _NO_ACL else frozenset({ACL_UNREADABLE})
 
 
 def _loosened(before: Survey, after: Survey, gone: set[Path]) -> list[Planted]:
