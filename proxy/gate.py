@@ -186,6 +186,11 @@ class ConnState:
     # policy asks about goes on only while that one is in force, as a connection does.
     request_grant: Pending | None = None
     tunnel_grant: Pending | None = None
+    # The latest request allowed on it, whose exchange may still be going on (a body
+    # uploading, a response streaming): a reload or an expiry that denies it now ends
+    # the connection, as for a tunnel (a red team, session 50: an upload went on past
+    # the expiry of the rule that allowed it). Its approval is `request_grant`.
+    request: CheckedHead | None = None
 
     @property
     def silent(self) -> bool:
@@ -968,6 +973,8 @@ class ConnectionGate:
         if decision.allowed and state.allowed is None:
             # Plain HTTP: the connection's end reports bytes under its first allowed request.
             state.allowed, state.protocol, state.allowed_name = decision, "http", name
+        if checked is not None:
+            state.request = checked if decision.allowed else None
         self._emit_request(state, decision, head, tls, name, started, answer)
         return decision, _as_decided(checked, state.port, tls) if decision.allowed else None
 
@@ -1303,7 +1310,7 @@ class ConnectionGate:
             decision = self._decide_connect(state, name=None)
             if decision.reason in _FINAL_AT_CONNECT:
                 return decision
-            return self._tunnel_denial(state)
+            return self._exchange_denial(state)
         decision = self._decided_again(state)
         if decision.verdict is Verdict.ASK and self.approvals is not None:
             if state.phase is Phase.ASKING:
@@ -1322,7 +1329,7 @@ class ConnectionGate:
                 "connection cannot be held to",
             )
         state.allowed = decision
-        return self._tunnel_denial(state)
+        return self._exchange_denial(state)
 
     def _decided_again(self, state: ConnState) -> Decision:
         """A connection's connect decision under the current policy, on the facts it
@@ -1403,15 +1410,20 @@ class ConnectionGate:
         if approval is not None and approval.until is not None and self.on_grant is not None:
             self.on_grant(approval)
 
-    def _tunnel_denial(self, state: ConnState) -> Decision | None:
-        """A WebSocket tunnel lives only while its upgrade request is allowed: that
-        request decided again, None if it still is (the policy allows it, or asks and
-        the approval that let it through is in force), else the denial."""
-        if state.tunnel is None:
+    def _exchange_denial(self, state: ConnState) -> Decision | None:
+        """A WebSocket tunnel lives only while its upgrade request is allowed, and an
+        exchange (the latest request, its body or response maybe still moving) while
+        that request is: decided again, None if it still is (the policy allows it, or
+        asks and the approval that let it through is in force), else the denial."""
+        if state.tunnel is not None:
+            checked, approval = state.tunnel, state.tunnel_grant
+        else:
+            checked, approval = state.request, state.request_grant
+        if checked is None:
             return None
-        decision = self._request_decision_now(state, state.tunnel)
+        decision = self._request_decision_now(state, checked)
         if decision.verdict is Verdict.ASK and self.approvals is not None:
-            return self._approval_ended(state.tunnel_grant, decision)
+            return self._approval_ended(approval, decision)
         decision = _without_approver(decision)
         return None if decision.allowed else decision
 

@@ -9,7 +9,7 @@ frames after the end reached the server.
 
 What holds now: the tunnel keeps the approval that let its upgrade through
 (ConnState.tunnel_grant, watched when it has an end); while the policy asks about the
-upgrade the tunnel lives only as long as that approval is in force (gate._tunnel_denial),
+upgrade the tunnel lives only as long as that approval is in force (gate._exchange_denial),
 so at the end it is closed (policy_changed, approval_expired)."""
 
 from __future__ import annotations
