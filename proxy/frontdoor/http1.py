@@ -141,6 +141,14 @@ def origin_form(target: bytes) -> bytes:
     return rest[slash:]
 
 
+def forwarded_target(target: bytes, checked: CheckedHead) -> bytes:
+    """The target to send upstream: the one the gate decided where the client spelled
+    it otherwise (`forward_target`), else the target in origin form."""
+    if checked.forward_target is not None:
+        return checked.forward_target.encode("ascii")
+    return origin_form(target)
+
+
 def forwarded_fields(
     fields: tuple[tuple[bytes, bytes], ...], checked: CheckedHead
 ) -> list[tuple[bytes, bytes]]:
@@ -431,11 +439,7 @@ class Http1Session:
         if self.server is None:
             self.server = h11.Connection(h11.CLIENT, max_incomplete_event_size=_H11_BUFFER)
             self.need_upstream, self.connected = True, False
-        target = (
-            origin_form(event.target)
-            if checked.forward_target is None
-            else checked.forward_target.encode("ascii")
-        )
+        target = forwarded_target(event.target, checked)
         connection_field = _connection_tokens(head.fields)
         self.client_closes = event.http_version != b"1.1" or b"close" in (connection_field or ())
         changed = (
@@ -639,11 +643,7 @@ class Http1Session:
             self.fast_upstream, self.need_upstream, self.connected = True, True, False
         self.fast_idle = False
         self.client_closes = b"close" in (request.connection or ())
-        target = (
-            origin_form(request.target)
-            if checked.forward_target is None
-            else checked.forward_target.encode("ascii")
-        )
+        target = forwarded_target(request.target, checked)
         fields = head.fields
         if (
             request.connection is not None
