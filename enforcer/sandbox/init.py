@@ -694,8 +694,10 @@ def become_task(spec: dict, program: bytes | None, report: Report) -> None:
     # (`chrt -o 0`); the cgroup's CPU limit is the bound.
     os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     # Below the gateway that forked it (enforcer/priority.py): back to nice 0 (raising a
-    # nice value needs no privilege), with no room to lower it again.
-    os.setpriority(os.PRIO_PROCESS, 0, TASK_NICE)
+    # nice value needs no privilege), with no room to lower it again. A caller that ran
+    # sandgate niced (`nice -n 10 sandgate run`) keeps its task that nice: lowering the
+    # value needs CAP_SYS_NICE of the host's user namespace (it failed the run, EACCES).
+    os.setpriority(os.PRIO_PROCESS, 0, max(TASK_NICE, os.getpriority(os.PRIO_PROCESS, 0)))
     resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
     # No real-time scheduling either, whatever the caller's limit: SCHED_FIFO/RR would
     # starve the gateway, and without CONFIG_RT_GROUP_SCHED no cgroup bounds it (--cpus).
