@@ -72,6 +72,7 @@ _QUERY_BYTES = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII without '#'
 # Escapes a server may decode before splitting or resolving the path: /, \, ., ;
 _STRUCTURAL_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
 _HEX_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_ESCAPED_PERCENT = re.compile(r"%25")
 _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
 # The fields that override the request's method, path or host to the servers that
 # honour them (module docstring, 6), by lower-case name: what each overrides.
@@ -406,11 +407,6 @@ def _escape_problem(path: str) -> str | None:
         end = match.end()
         if byte in _STRUCTURAL_ESCAPES:
             return f"an encoded '/', '\\', '.' or ';' ({_STRUCTURAL_ESCAPES[byte]})"
-        if byte == 0x25 and _HEX_ESCAPE.search(unquote(path)):
-            # A proxy that decodes the path once and passes it on unescaped (Apache's
-            # `RewriteRule ... [P,NE]`) has its server decode it again: `/%2561dmin`
-            # is `/admin` there (a red team, session 50).
-            return "an escaped '%' that makes an escape once decoded ('%2561' is '%61')"
         if byte < 0x20 or byte == 0x7F:
             return "an encoded control character"
         if byte >= 0x80:
@@ -421,6 +417,12 @@ def _escape_problem(path: str) -> str | None:
             run.clear()
     if run and not _utf8(run):
         return "escaped bytes that are not UTF-8 (an overlong form?)"
+    if _ESCAPED_PERCENT.search(path) and _HEX_ESCAPE.search(unquote(path)):
+        # A proxy that decodes the path once and passes it on unescaped (Apache's
+        # `RewriteRule ... [P,NE]`) has its server decode it again: `/%2561dmin` is
+        # `/admin` there (a red team, session 50). Decoded once a path, not once an
+        # escape: 15,000 `%25` took the loop two minutes.
+        return "an escaped '%' that makes an escape once decoded ('%2561' is '%61')"
     return None
 
 
