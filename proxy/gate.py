@@ -835,15 +835,9 @@ class ConnectionGate:
                     ):
                         state.name, decision = name, candidate
                         break
-            if decision.verdict is not Verdict.DENY and decision.inspect:
-                # A rule here checks HTTP methods or paths: bytes that are not HTTP
-                # cannot be held to it, so they may not pass at all, nor be asked about
-                # (an approval would pass them as if no such rule were there).
-                decision = deny(
-                    "not-http",
-                    detail=f"a rule for {state.ip}:{state.port} checks HTTP methods or paths, "
-                    "and these bytes are not HTTP",
-                )
+            refused = _not_http(state, decision)
+            if refused is not None:
+                decision = refused  # not asked about: an approval would pass it all
             else:
                 decision = self._consult(state, decision, "tcp")
                 if decision.verdict is Verdict.ASK:
@@ -1343,18 +1337,9 @@ class ConnectionGate:
         decision = decide(self.policy, dataclasses.replace(facts, now=self.wall_clock()))
         relayed = state.outcome is not Outcome.INTERCEPT
         if relayed and state.protocol == "tls" and state.client_hello is not None:
-            decision = _hello_checked(state.client_hello, state, decision)
-        elif (
-            relayed
-            and state.protocol == "tcp"
-            and decision.inspect
-            and decision.verdict is not Verdict.DENY
-        ):
-            decision = deny(
-                "not-http",
-                detail=f"a rule for {state.name or state.ip}:{state.port} checks HTTP "
-                "methods or paths, and these bytes are not HTTP",
-            )
+            return _hello_checked(state.client_hello, state, decision)
+        if relayed and state.protocol == "tcp":
+            return _not_http(state, decision) or decision
         return decision
 
     def _approval_ended(self, approval: Pending | None, asked: Decision) -> Decision | None:
@@ -1681,6 +1666,20 @@ _ANSWER_REASONS = {
         "as many as it holds (10,000)",
     ),
 }
+
+
+def _not_http(state: ConnState, decision: Decision) -> Decision | None:
+    """The denial of raw TCP relayed on `state` where a rule there checks HTTP methods
+    or paths (bytes that are not HTTP cannot be held to it, so they may not pass at all,
+    nor be asked about), else None. For `_raw_tcp`, and for a raw TCP connection
+    decided again at a reload (`_decided_again`)."""
+    if decision.verdict is Verdict.DENY or not decision.inspect:
+        return None
+    return deny(
+        "not-http",
+        detail=f"a rule for {state.name or state.ip}:{state.port} checks HTTP methods or "
+        "paths, and these bytes are not HTTP",
+    )
 
 
 def _hello_checked(hello: ClientHello, state: ConnState, decision: Decision) -> Decision:
