@@ -176,9 +176,12 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         tree.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in (task / "children").read_text().split()]
+        # a process may end while it is walked: its /proc directory is then gone
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    children = Path(f"/proc/{p}/task/{task}/children").read_text()
+                    todo += [int(c) for c in children.split()]
     return tree
 
 
