@@ -24,6 +24,9 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(python3-h2)  # an HTTP/2 client sending fields as given, in the sandbox (test_host_router)
   packages+=(default-jdk-headless libspring-web-java)  # Spring's Forwarded parser (test_host_router_forwarded)
   packages+=(apache2 varnish)  # path and Host routers read as written (test_apache_paths, test_path_routers)
+  # frameworks that give a handler other names (test_framework_suffixes): Spring MVC on Jetty, Rails
+  packages+=(libjetty9-java libspring-web-servlet-java ruby ruby-actionpack ruby-webrick)
+  command -v npm >/dev/null || packages+=(npm)  # Fastify, a router that folds Unicode case (test_unicode_case_routers)
 fi
 missing=()
 for p in "${packages[@]}"; do
@@ -58,3 +61,6 @@ fi
 extra=""
 [[ "${1:-}" == "--test" ]] && extra="[test]"
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
+if [[ "${1:-}" == "--test" && ! -d .venv/node/node_modules/fastify ]]; then
+  npm install --silent --no-audit --no-fund --prefix .venv/node fastify@4 >/dev/null
+fi

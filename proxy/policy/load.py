@@ -72,6 +72,7 @@ from .names import (
     InvalidAddress,
     InvalidName,
     decoded_printable,
+    folded,
     parse_domain,
     parse_domain_pattern,
     parse_host_port,
@@ -962,29 +963,34 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> re.Pattern[str
     Compiled once, at load.
 
     A deny rule's globs match more widely, as lenient servers read paths: ignoring
-    case (`/ADMIN` is `/admin` to some servers), and with everything below what they
-    name (`/admin/`, which Express routes to `/admin`, and `/admin.cgi/x`, which runs
-    admin.cgi with the path info `/x` in Apache, PHP and every CGI server): a deny
-    must hold wherever a server serves the resource it names."""
+    case (`/ADMIN` is `/admin` to some servers; Unicode case and compatibility forms
+    too, names.folded), with everything below what they name (`/admin/`, which
+    Express routes to `/admin`, and `/admin.cgi/x`, which runs admin.cgi with the path
+    info `/x` in Apache, PHP and every CGI server), and with any suffix after a `.`
+    (`/admin.json`: Spring MVC to 5.2 maps every `/p` as `/p.*`, Rails as
+    `/p(.:format)`; a red team, session 51): a deny must hold wherever a server serves
+    the resource it names."""
     parts = []
     if deny:  # escaped as written and as a decoding server reads it (names.path_readings)
-        globs = tuple(dict.fromkeys(g for glob in globs for g in (glob, decoded_printable(glob))))
+        plain = [decoded_printable(glob) for glob in globs]
+        globs = tuple(dict.fromkeys([*globs, *plain, *map(folded, plain)]))
+    below = "(?:[/.].*)?"  # a deny's: what it names, and below it or a suffix of it
     for glob in globs:
         if deny and len(glob) > 1:
             glob = glob.removesuffix("/")
         pattern = ""
         pieces = re.split(r"(/\*\*(?=/|$)|\*)", glob)
         for at, piece in enumerate(pieces):
+            last = at == len(pieces) - 2 and glob.endswith("/**")
             if piece == "/**":
                 # An allow's trailing `/a/**` takes `/a/` and below, not `/a` (above).
-                subtree = not deny and at == len(pieces) - 2 and glob.endswith("/**")
-                pattern += "/.*" if subtree else "(?:/.*)?"
+                pattern += ("/.*" if not deny else below) if last else "(?:/.*)?"
             elif piece == "*":
                 pattern += "[^/]*"
             else:
                 pattern += re.escape(piece)
         if deny and glob != "/" and not glob.endswith("/**"):
-            pattern += "(?:/.*)?"
+            pattern += below
         parts.append(pattern)
     flags = re.DOTALL | (re.IGNORECASE if deny else 0)
     return re.compile("|".join(f"(?:{p})" for p in parts), flags)

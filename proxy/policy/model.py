@@ -147,6 +147,10 @@ class Rule:
     # it applies to must be intercepted to enforce it. Computed, and kept as a
     # plain attribute: decide() reads it for every candidate rule.
     inspects: bool = field(init=False, compare=False, repr=False)
+    # The methods a request is matched on: `methods`, and for a deny of GET, HEAD too:
+    # every server framework a red team tried (session 51: Spring, Rails, Express,
+    # Fastify, Go, Django, Sinatra, Tomcat) runs the GET handler for a HEAD.
+    matched_methods: frozenset[str] | None = field(init=False, compare=False, repr=False)
     # decide()'s memo, filled on first use: the Decision this rule gives when it
     # answers alone (allowed or denied by it; for a fallback, no rule matched), and
     # the one when it allows with inspection. Next to what decide() just read.
@@ -155,6 +159,10 @@ class Rule:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inspects", self.methods is not None or self.paths is not None)
+        methods = self.methods
+        if methods is not None and self.action is Verdict.DENY and "GET" in methods:
+            methods = methods | {"HEAD"}
+        object.__setattr__(self, "matched_methods", methods)
 
     @property
     def origin(self) -> str:
@@ -168,7 +176,7 @@ class Rule:
         return self.expires_at is None or now < self.expires_at
 
     def matches_request(self, method: str, path: str) -> bool:
-        if self.methods is not None and method not in self.methods:
+        if self.matched_methods is not None and method not in self.matched_methods:
             return False
         return self.path_pattern is None or self.path_pattern.fullmatch(path) is not None
 

@@ -8,8 +8,10 @@ same destination disagree. Pure functions, no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+import unicodedata
 from typing import NamedTuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -567,6 +569,46 @@ def decoded_printable(path: str) -> str:
     return _ESCAPE.sub(decoded, path) if "%" in path else path
 
 
+_NON_ASCII_ESCAPES = re.compile(r"(?:%[89A-Fa-f][0-9A-Fa-f])+")
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: a task chooses the characters
+def ascii_fold(char: str) -> str | None:
+    """The ASCII a server may read the non-ASCII `char` as, in lower case, or None.
+    By its case: `ı` (U+0131) upper-cased is `I`, the Kelvin sign `K` lower-cased
+    `k`, `İ` `i` and a combining dot (JavaScript's toLowerCase, Java's
+    equalsIgnoreCase, Python's re.IGNORECASE: Fastify's and Django's case-insensitive
+    routes; a red team, session 51); or by its compatibility form (NFKC: fullwidth
+    `ａ` is `a`, `．` `.`, `ﬁ` `fi`)."""
+    nfkc = unicodedata.normalize("NFKC", char)
+    for form in (char.lower(), char.upper(), char.casefold(), nfkc, nfkc.casefold()):
+        form = "".join(c for c in form if not unicodedata.combining(c))
+        if form and form.isascii():
+            return form.lower()
+    return None
+
+
+def folded(path: str) -> str:
+    """`path` with each escaped non-ASCII character that has an ASCII reading
+    (ascii_fold) put as that, and the others lower-cased (escaped again, hex upper
+    case): how a server that folds case or compatibility forms reads it. A deny
+    matches this reading too, and its globs written so (load._compile_paths), so
+    `/adm%C4%B1n/` is `/admin/` and `/CAF%C3%89` `/caf%C3%A9`."""
+
+    def fold(match: re.Match[str]) -> str:
+        try:
+            text = bytes.fromhex(match.group().replace("%", "")).decode()
+        except UnicodeDecodeError:
+            return match.group()
+        return "".join(ascii_fold(c) or _escaped(c.lower()) for c in text)
+
+    return _NON_ASCII_ESCAPES.sub(fold, path) if "%" in path else path
+
+
+def _escaped(text: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in text.encode())
+
+
 def path_readings(path: str) -> PathReadings:
     """The readings of a request path (no query) a server may act on, for the rules
     (a red team, session 50): the canonical form (parse_path); that form with every
@@ -583,9 +625,11 @@ def path_readings(path: str) -> PathReadings:
     plain = decoded_printable(canonical)
     cut, cut_plain = _CUT.split(canonical, 1)[0] or "/", _CUT.split(plain, 1)[0] or "/"
     allowed = tuple(dict.fromkeys((canonical, cut)))
-    return PathReadings(
-        canonical, tuple(dict.fromkeys((canonical, plain, cut, cut_plain))), allowed
-    )
+    denied = (canonical, plain, cut, cut_plain)
+    if _NON_ASCII_ESCAPES.search(plain):  # and as a server folding case reads it
+        fold = folded(plain)
+        denied += (fold, _CUT.split(fold, 1)[0] or "/")
+    return PathReadings(canonical, tuple(dict.fromkeys(denied)), allowed)
 
 
 # --- host:port -----------------------------------------------------------------

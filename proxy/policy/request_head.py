@@ -54,7 +54,7 @@ from urllib.parse import unquote, unquote_plus
 
 from .builtin import deny
 from .model import Decision
-from .names import parse_host_port
+from .names import ascii_fold, parse_host_port
 from .reasons import Reason, Verdict
 
 MAX_FIELDS = 100
@@ -71,6 +71,7 @@ _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|%([0-9A-Fa-f]{2})")
 _QUERY_BYTES = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII without '#'
 # Escapes a server may decode before splitting or resolving the path: /, \, ., ;
 _STRUCTURAL_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
+_STRUCTURE = frozenset("/\\.;%?#")  # characters that shape a path, not name it
 _HEX_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _ESCAPED_PERCENT = re.compile(r"%25")
 _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
@@ -401,8 +402,8 @@ def _escape_problem(path: str) -> str | None:
             return "'%' without two hex digits"
         byte = int(match.group(1), 16)
         if run and match.start() != end:
-            if not _utf8(run):
-                return "escaped bytes that are not UTF-8 (an overlong form?)"
+            if problem := _run_problem(run):
+                return problem
             run.clear()
         end = match.end()
         if byte in _STRUCTURAL_ESCAPES:
@@ -412,11 +413,11 @@ def _escape_problem(path: str) -> str | None:
         if byte >= 0x80:
             run.append(byte)
         elif run:
-            if not _utf8(run):
-                return "escaped bytes that are not UTF-8 (an overlong form?)"
+            if problem := _run_problem(run):
+                return problem
             run.clear()
-    if run and not _utf8(run):
-        return "escaped bytes that are not UTF-8 (an overlong form?)"
+    if run and (problem := _run_problem(run)):
+        return problem
     if _ESCAPED_PERCENT.search(path) and _HEX_ESCAPE.search(unquote(path)):
         # A proxy that decodes the path once and passes it on unescaped (Apache's
         # `RewriteRule ... [P,NE]`) has its server decode it again: `/%2561dmin` is
@@ -426,12 +427,21 @@ def _escape_problem(path: str) -> str | None:
     return None
 
 
-def _utf8(data: bytearray) -> bool:
+def _run_problem(run: bytearray) -> str | None:
+    """Why a run of escaped bytes from 0x80 may mean something else to a server: not
+    strict UTF-8 (overlong forms, surrogates), or a character a server that folds
+    case or compatibility forms reads as a path's structure (`%EF%BC%8F`, fullwidth
+    `/`; `%E2%80%A5`, `..` in one character; a red team, session 51). A character
+    read as letters is decided in that reading too (names.folded)."""
     try:
-        data.decode("utf-8")  # strict: overlong forms and surrogates are errors
+        text = run.decode("utf-8")
     except UnicodeDecodeError:
-        return False
-    return True
+        return "escaped bytes that are not UTF-8 (an overlong form?)"
+    for char in text:
+        fold = ascii_fold(char)
+        if fold is not None and any(c in _STRUCTURE for c in fold):
+            return f"an escaped U+{ord(char):04X}, which a server may read as {fold!r}"
+    return None
 
 
 # field -> (what it is called in a denial, what a server does with it, the denial)

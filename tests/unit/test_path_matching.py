@@ -107,14 +107,22 @@ def outcome(policy, target: str, method: str = "GET", *fields: tuple[str, str]) 
         pytest.param("/public/secret?", "rule_deny", id="empty-query"),
         pytest.param("/public/secret#", "ambiguous_path", id="fragment"),
         pytest.param("/public/secret%00", "ambiguous_path", id="escaped-nul"),
-        pytest.param("/public/secret.", "rule_allow", id="trailing-dot-is-another-name"),
+        # Spring MVC to 5.2 serves /p as /p.*, Rails as /p(.:format): a suffix is the same
+        pytest.param("/public/secret.", "rule_deny", id="trailing-dot"),
+        pytest.param("/public/secret.json", "rule_deny", id="format-suffix"),
+        pytest.param("/public/secretx", "rule_allow", id="deny-is-no-prefix-of-a-name"),
         # absolute form, case, Unicode, asterisk
         pytest.param("http://api.allowed.test/public/secret", "rule_deny", id="absolute"),
         pytest.param("http://evil.test/public/ok", "host_mismatch", id="absolute-other"),
         pytest.param("/PUBLIC/SECRET", "rule_deny", id="upper-deny-wins"),
         pytest.param("/PUBLIC/ok", "path_not_allowed", id="upper-outside-allow"),
         pytest.param("/public/SECRET", "rule_deny", id="upper-inside-allow"),
-        pytest.param("/public/%C5%BFecret", "rule_allow", id="long-s-stays-escaped"),
+        # Unicode case and compatibility forms, as Django's (?i) and Fastify read them
+        pytest.param("/public/%C5%BFecret", "rule_deny", id="long-s-is-s"),
+        pytest.param("/public/%EF%BD%93ecret", "rule_deny", id="fullwidth-s-is-s"),
+        pytest.param("/public/%EF%BC%8Fsecret", "ambiguous_path", id="fullwidth-solidus"),
+        pytest.param("/public/%E2%80%A5/secret", "ambiguous_path", id="two-dot-leader"),
+        pytest.param("/public/s%C3%A9cret", "rule_allow", id="e-acute-stays-itself"),
         pytest.param("/public/sécret", "ambiguous_path", id="raw-non-ascii"),
         pytest.param("*", "ambiguous_path", id="asterisk"),
     ],
@@ -188,6 +196,41 @@ profiles:
         methods: [DELETE]
         id: no-delete
 """
+
+
+HEAD_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: api.allowed.test
+        methods: [GET, POST]
+        id: get-post
+      - deny: api.allowed.test
+        methods: [GET]
+        paths: ["/admin/**"]
+        id: no-admin-get
+      - deny: api.allowed.test
+        methods: [HEAD]
+        paths: ["/probe"]
+        id: no-probe-head
+"""
+
+
+def test_a_deny_of_get_takes_head(tmp_path):
+    """Every framework a red team tried (session 51) runs the GET handler for a HEAD:
+    a deny of GET is a deny of HEAD too. A deny of HEAD alone takes no GET, and an
+    allow of GET takes no HEAD."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(HEAD_RULES)
+    policy = load_policy([rules])
+    assert outcome(policy, "/admin/x", "GET") == "rule_deny"
+    assert outcome(policy, "/admin/x", "HEAD") == "rule_deny"
+    assert outcome(policy, "/admin/x", "POST") == "rule_allow"
+    assert outcome(policy, "/probe", "GET") == "rule_allow"
+    assert outcome(policy, "/probe", "HEAD") == "rule_deny"
+    assert outcome(policy, "/other", "HEAD") == "method_not_allowed"
+    assert policy.profiles["default"].rules[1].methods == frozenset({"GET"})  # as written
 
 
 @pytest.mark.parametrize("value", ["DELETE, POST", "DELETE,x", "DELETE\xa0", "delete\t,post"])

@@ -205,3 +205,56 @@ def test_a_path_of_escaped_percents_is_decoded_once_not_once_an_escape(monkeypat
     assert request_head.path_problem("/" + "%25" * 5000) is None
     assert request_head.path_problem("/" + "%25" * 5000 + "61") is not None
     assert len(calls) == 2
+
+
+FOLDING_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - deny: allowed.test
+        paths: ["/admin/**", "/public/keys", "/caf%C3%A9/**", "/%E2%84%AAelvin"]
+      - allow: allowed.test
+        methods: [GET]
+        paths: ["/**"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        # read as ASCII by case: Python's re.IGNORECASE (Django), JavaScript's
+        # toLowerCase (Fastify), Java's equalsIgnoreCase (a red team, session 51)
+        pytest.param("/adm%C4%B1n/", "rule_deny", id="dotless-i"),
+        pytest.param("/adm%C4%B0n/users", "rule_deny", id="dotted-capital-i"),
+        pytest.param("/public/%E2%84%AAeys", "rule_deny", id="kelvin-sign"),
+        pytest.param("/public/%E2%84%AAeys.json", "rule_deny", id="kelvin-sign-suffix"),
+        # ... or by compatibility form (NFKC)
+        pytest.param("/%EF%BD%81dmin/x", "rule_deny", id="fullwidth-a"),
+        pytest.param("/public/%EF%BD%8Beys", "rule_deny", id="fullwidth-k"),
+        # non-ASCII case both ways, the glob's and the path's
+        pytest.param("/CAF%C3%89/menu", "rule_deny", id="upper-e-acute"),
+        pytest.param("/kelvin", "rule_deny", id="glob-read-as-ascii-too"),
+        # a character read as a path's structure is refused, not matched
+        pytest.param("/public/%EF%BC%8F../admin", "ambiguous_path", id="fullwidth-solidus"),
+        pytest.param("/public/%E2%80%A5/admin", "ambiguous_path", id="two-dot-leader"),
+        pytest.param("/public/%EF%BC%85", "ambiguous_path", id="fullwidth-percent"),
+        pytest.param("/public/%EF%B9%96x", "ambiguous_path", id="small-question-mark"),
+        # what no server reads as ASCII passes
+        pytest.param("/%D0%B0dmin/", "rule_allow", id="cyrillic-a"),
+        pytest.param("/wiki/%C4%B0stanbul", "rule_allow", id="turkish-name"),
+        pytest.param("/%E6%96%87%E6%A1%A3/admin", "rule_allow", id="cjk"),
+    ],
+)
+def test_a_deny_reads_a_path_as_a_server_folding_case_reads_it(tmp_path, target, expected):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(FOLDING_RULES)
+    assert outcome(load_policy([rules]), target) == expected
+
+
+def test_the_fold_table_is_bounded():
+    """A task chooses the characters: the memo of their readings stays small."""
+    from sandgate.proxy.policy.names import ascii_fold, folded
+
+    folded("/" + "".join(f"%{b:02X}" for c in map(chr, range(0x100, 0x3000)) for b in c.encode()))
+    assert ascii_fold.cache_info().currsize <= 1024
