@@ -12,10 +12,13 @@ and mount exploits start), remounting its view of the host, set-id bits on
 files (which the idmapped workspace would leave on the host as its owner's), the host clock,
 packet sockets and exotic protocol families, typing into the caller's
 terminal (TIOCSTI) or suspending its output (TCOOFF), fanotify (when host
-processes open or run host files), and allocating disk blocks in one call
+processes open or run host files), allocating disk blocks in one call
 (fallocate and its ioctls: gigabytes before the disk reserve's watcher looks,
-where writes go at the disk's pace), and host-wide budgets no cgroup bounds
-(native AIO contexts, fs.aio-max-nr; huge pages: MAP_HUGETLB and its relatives).
+where writes go at the disk's pace), host-wide budgets no cgroup bounds
+(native AIO contexts, fs.aio-max-nr; huge pages: MAP_HUGETLB and its relatives),
+and state that outlives the task in the host kernel or on the user's files (fscrypt
+keys, fs-verity, inode flags that spread to what the user makes later, leases that
+hold every host open of a workspace file).
 Capabilities and namespaces already forbid much of this; the filter makes the
 refusal independent of them and shrinks what a kernel bug can be reached
 through. Each entry of `DENIED` says why, in one line.
@@ -158,6 +161,70 @@ PREALLOCATING_IOCTLS = (
     FS_IOC_ZERO_RANGE,
 )
 
+# State that outlives the task, left in the host kernel or on the user's files by an
+# ioctl any owner may issue (the task owns the workspace through its idmap).
+# fscrypt (linux/fscrypt.h): a key added on any file of a file system with the
+# `encrypt` feature (v2 keys need no privilege; a file of the read-only view will do)
+# stays in that file system's keyring, charged to the slot's host uid, until it is
+# unmounted: for / or /home, until reboot; its status is read by any later task (a
+# channel between tasks). A policy, or ext4's first password salt, is written to
+# disk. fs-verity (linux/fsverity.h) makes a file read-only for good. The reads of
+# policies and nonces stay allowed.
+FS_IOC_SET_ENCRYPTION_POLICY = 0x800C6613
+FS_IOC_GET_ENCRYPTION_PWSALT = 0x40106614  # ext4 and f2fs write a new salt if none
+FS_IOC_ADD_ENCRYPTION_KEY = 0xC0506617
+FS_IOC_REMOVE_ENCRYPTION_KEY = 0xC0406618
+FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS = 0xC0406619
+FS_IOC_GET_ENCRYPTION_KEY_STATUS = 0xC080661A
+FS_IOC_ENABLE_VERITY = 0x40806685
+LASTING_FSCRYPT_IOCTLS = (
+    FS_IOC_SET_ENCRYPTION_POLICY,
+    FS_IOC_GET_ENCRYPTION_PWSALT,
+    FS_IOC_ADD_ENCRYPTION_KEY,
+    FS_IOC_REMOVE_ENCRYPTION_KEY,
+    FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS,
+    FS_IOC_GET_ENCRYPTION_KEY_STATUS,
+    FS_IOC_ENABLE_VERITY,
+)
+# Inode flags and attributes (linux/fs.h). An owner needs no capability for most:
+# sync, dirsync, nodump, noatime, no-COW, compression, casefold (+F), project
+# inheritance. A directory hands them to all that is made below it, the user's work
+# after the run included (every write synchronous, backups skipping it; casefold
+# makes `.git/HOOKS` git's hooks where the guard compares names as bytes). The
+# FS_IOC32_ forms differ in size bits only: compat code maps them, and a FUSE server
+# is handed the number as sent. Reading them (GETFLAGS, FSGETXATTR) stays allowed;
+# their syscall, file_setattr, is refused whole.
+FS_IOC_SETFLAGS = 0x40086602
+FS_IOC32_SETFLAGS = 0x40046602
+FS_IOC_SETVERSION = 0x40087602  # the inode's generation: NFS handles to the file go stale
+FS_IOC32_SETVERSION = 0x40047602
+FS_IOC_FSSETXATTR = 0x401C5820
+INODE_ATTRIBUTE_IOCTLS = (
+    FS_IOC_SETFLAGS,
+    FS_IOC32_SETFLAGS,
+    FS_IOC_SETVERSION,
+    FS_IOC32_SETVERSION,
+    FS_IOC_FSSETXATTR,
+)
+# A file system's label and UUID: the kernel asks for the host's CAP_SYS_ADMIN, which
+# the task lacks; refused here too, so that no file system's code for it is reached.
+FS_IOC_SETFSLABEL = 0x41009432
+EXT4_IOC_SETFSUUID = 0x4008662C
+FILE_SYSTEM_IDENTITY_IOCTLS = (FS_IOC_SETFSLABEL, EXT4_IOC_SETFSUUID)
+
+# fcntl(2) leases (linux/fcntl.h): a lease on a workspace file holds every host open
+# of it, root's included, for up to fs.lease-break-time (45 s), and signals the task
+# at each one (flock only holds those that lock too). F_SETLEASE is refused unless it
+# lets go (F_UNLCK): EACCES, what a non-owner gets; compared as 64 bits, so an
+# argument the kernel would truncate to F_UNLCK is refused too (fail closed).
+# F_SETDELEG (after Linux 6.18: leases by another name, on directories too) takes
+# its type in memory the filter cannot read: refused whole, with the EINVAL of a
+# kernel that lacks it. Record locks (F_SETLK, F_OFD_SETLK) stay.
+F_SETLEASE = 1024
+F_SETDELEG = 1040
+F_UNLCK = 2
+FCNTL_CMD_MASK = 0xFFFFFFFF  # the kernel reads fcntl's command as unsigned int
+
 # The page cache is one for everybody: posix_fadvise (fadvise64: advice is argument 3 on
 # x86_64, aarch64, riscv64) with DONTNEED drops every clean, unmapped cached page of any
 # file the task can open, whoever read it (the host's, other tasks'), and NOREUSE marks
@@ -216,7 +283,7 @@ CLONE_FLAGS_ARG = 1 if os.uname().machine.startswith("s390") else 0
 
 # Syscalls newer than some libseccomp releases, by their number in the unified
 # table (x86_64, aarch64, riscv64 and the other asm-generic arches share it).
-UNIFIED_SYSCALL_NUMBERS = {"fchmodat2": 452, "open_tree_attr": 467}
+UNIFIED_SYSCALL_NUMBERS = {"fchmodat2": 452, "open_tree_attr": 467, "file_setattr": 469}
 UNIFIED_TABLE_MACHINES = ("x86_64", "aarch64", "riscv64")
 
 # The newest syscall number of the unified table this filter was reviewed
@@ -298,6 +365,10 @@ def _ioctl_request_in(requests: tuple[int, ...]) -> tuple[tuple[ArgTest, ...], .
 
 _WHY_NO_SET_ID = (
     "set-id bits on a workspace file are its host owner's power (root's) for any host user"
+)
+
+_WHY_NO_INODE_FLAGS = (
+    "inode flags (sync, nodump, casefold...) stay on the user's files and pass to all made below"
 )
 
 _CLONE_CREATES_NAMESPACE = _any_bit_set(CLONE_FLAGS_ARG, CLONE_NAMESPACE_FLAGS)
@@ -525,6 +596,32 @@ DENIED: tuple[Denial, ...] = (
         errno.EOPNOTSUPP,
         "FS_IOC_RESVSP/ZERO_RANGE, ALLOCSP: fallocate by another name, inside the kernel",
         _ioctl_request_in(PREALLOCATING_IOCTLS),
+    ),
+    Denial(
+        ("ioctl",),
+        errno.EOPNOTSUPP,
+        "fscrypt keys stay in the host kernel until unmount; policies and verity on the user's files",
+        _ioctl_request_in(LASTING_FSCRYPT_IOCTLS),
+    ),
+    Denial(("ioctl",), errno.EPERM, _WHY_NO_INODE_FLAGS, _ioctl_request_in(INODE_ATTRIBUTE_IOCTLS)),
+    Denial(("file_setattr",), errno.EPERM, _WHY_NO_INODE_FLAGS),
+    Denial(
+        ("ioctl",),
+        errno.EPERM,
+        "a file system's label or UUID: host-wide, and needs the host's CAP_SYS_ADMIN anyway",
+        _ioctl_request_in(FILE_SYSTEM_IDENTITY_IOCTLS),
+    ),
+    Denial(
+        ("fcntl", "fcntl64"),
+        errno.EACCES,
+        "a lease on a workspace file holds every host open of it and tells the task",
+        (((1, "masked_eq", F_SETLEASE, FCNTL_CMD_MASK), (2, "ne", F_UNLCK, 0)),),
+    ),
+    Denial(
+        ("fcntl", "fcntl64"),
+        errno.EINVAL,
+        "F_SETDELEG is a lease by another name, its type out of the filter's reach",
+        (((1, "masked_eq", F_SETDELEG, FCNTL_CMD_MASK),),),
     ),
     Denial(
         ("socket", "socketpair"),

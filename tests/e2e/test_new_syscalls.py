@@ -9,11 +9,14 @@ write its own LDT (modify_ldt, which Docker refuses); and any syscall a later ke
 adds would have been allowed. Now TIOCSETD/TIOCCONS and modify_ldt are refused, and
 every native number above the newest reviewed one (file_setattr, 469) gets ENOSYS.
 
+file_setattr is refused with FS_IOC_SETFLAGS and FS_IOC_FSSETXATTR: inode flags an
+owner may set (sync, nodump, casefold) would stay on the user's workspace and spread
+to what is made below (tests/e2e/test_workspace_inode_flags.py).
+
 What stays allowed, and why it gives nothing: listmount/statmount see only the task's
-own mount namespace; the *xattrat calls and file_setattr are setxattr and
-FS_IOC_FSSETXATTR by another name (capability, trusted xattrs and immutable/append
-flags need capabilities the task lacks; project ids change only from the initial user
-namespace); cachestat on a file the task cannot write is refused by the kernel;
+own mount namespace; the *xattrat calls are setxattr by another name (file
+capabilities and trusted xattrs need capabilities the task lacks); file_getattr only
+reads; cachestat on a file the task cannot write is refused by the kernel;
 pidfd_getfd, process_madvise, kcmp and pidfd_send_signal fail the ptrace checks
 against the sandbox's init; mseal, futex_waitv, memfd_secret, lsm_* and landlock_*
 act on the task itself.
@@ -167,14 +170,14 @@ REFUSED_BY_THE_FILTER = {
     "tioccons",
     "modify_ldt_write",
     "personality_read_implies_exec",
+    "file_setattr_immutable",
+    "file_setattr_append",
+    "file_setattr_projid",
 }
 REFUSED_BY_THE_KERNEL = {  # allowed by the filter; capabilities and ptrace checks refuse
     "listmount_host",
     "setxattrat_filecap",
     "setxattrat_trusted",
-    "file_setattr_immutable",
-    "file_setattr_append",
-    "file_setattr_projid",
     "cachestat_host_file",
     "pidfd_getfd_init",
     "process_madvise_init",
@@ -291,8 +294,8 @@ KILLED_BY_SIGSYS = 128 + signal.SIGSYS  # as the step's shell reports it
 
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64's numbers and its other ABIs")
 def test_syscalls_newer_than_the_table_fail_closed_other_abis_die(net, tmp_path):
-    """The boundary: the newest reviewed syscall reaches the kernel, every number above
-    it gets ENOSYS, and an x32 or i386 call is still killed (the fence hands them to
+    """The boundary: the newest reviewed syscall passes the fence (file_setattr: the
+    filter's own EPERM, not ENOSYS), every number above it gets ENOSYS, and an x32 or i386 call is still killed (the fence hands them to
     libseccomp's program). This kernel (6.18) has no syscall above 469, so ENOSYS here
     cannot tell the fence from the kernel: test_seccomp.py lowers the fence below
     mseal and file_getattr to show the mechanism."""
@@ -312,7 +315,7 @@ def test_syscalls_newer_than_the_table_fail_closed_other_abis_die(net, tmp_path)
         },
     )
     found = {int(number): code for number, code in json.loads(r["numbers"].out).items()}
-    assert found[newest] not in (0, errno.ENOSYS), found  # reaches the kernel: bad arguments
+    assert found[newest] not in (0, errno.ENOSYS), found  # past the fence: the table's answer
     assert [found[n] for n in numbers[1:]] == [errno.ENOSYS] * 4, found
     # Another ABI is killed whatever the number: the fence does not turn it into ENOSYS.
     for label in ("x32_mkdir", "x32_above", "i386_mkdir"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import resource
@@ -16,6 +17,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -1097,3 +1099,104 @@ def use_other_limit() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --- state that outlives the task: fscrypt keys, inode flags, leases -------------------
+# (red team hosteffects, session 51, findings 1, 3 and 5)
+
+
+def probe_ioctls(requests: tuple[int, ...]) -> list[int]:
+    """errno of ioctl(memfd, request, NULL) for each request (raw: junk above 32 bits
+    stays). Unfiltered, a memfd (shmem) answers ENOTTY or EFAULT, never the filter's."""
+    fd = os.memfd_create("sg-ioctl")
+    try:
+        return [raw_syscall("ioctl", fd, request, 0) for request in requests]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("requests", "expected"),
+    [
+        pytest.param(seccomp.LASTING_FSCRYPT_IOCTLS, errno.EOPNOTSUPP, id="fscrypt-verity"),
+        pytest.param(seccomp.INODE_ATTRIBUTE_IOCTLS, errno.EPERM, id="inode-attributes"),
+        pytest.param(seccomp.FILE_SYSTEM_IDENTITY_IOCTLS, errno.EPERM, id="fs-label-uuid"),
+    ],
+)
+def test_ioctls_with_lasting_effects_are_refused(
+    program: bytes, requests: tuple[int, ...], expected: int
+) -> None:
+    with_junk = requests + tuple(request | HIGH_JUNK for request in requests)
+    assert run_forked(filtered, program, probe_ioctls, with_junk).value == [expected] * len(
+        with_junk
+    )
+    assert expected not in run_forked(probe_ioctls, requests).value
+
+
+FS_IOC_GETFLAGS, FS_IOC_FSGETXATTR = 0x80086601, 0x801C581F
+
+
+def read_flags_lock_and_make_fifo(directory: str) -> tuple[int, int, str]:
+    """What builds keep: (errno of FS_IOC_GETFLAGS, of FS_IOC_FSGETXATTR, a FIFO's type)
+    on `directory`, after taking a record lock and an OFD lock on files in it."""
+    with open(os.path.join(directory, "locked"), "w") as locked:
+        fcntl.lockf(locked, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(os.path.join(directory, "ofd-locked"), "w") as locked:
+        fcntl.fcntl(locked, fcntl.F_OFD_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 0, 0, 0))
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = errno_of(fcntl.ioctl, fd, FS_IOC_GETFLAGS, bytes(8))
+        xattr = errno_of(fcntl.ioctl, fd, FS_IOC_FSGETXATTR, bytes(28))
+    finally:
+        os.close(fd)
+    os.mkfifo(os.path.join(directory, "fifo"))
+    return flags, xattr, stat.filemode(os.stat(os.path.join(directory, "fifo")).st_mode)[0]
+
+
+def test_flag_reads_locks_and_fifos_still_work(program: bytes, tmp_path: Path) -> None:
+    assert run_forked(filtered, program, read_flags_lock_and_make_fifo, str(tmp_path)).value == (
+        0,
+        0,
+        "p",
+    )
+
+
+def probe_lease(path: str, command: int, argument: int) -> tuple[int, int]:
+    """(errno of raw fcntl(fd, command, argument) on a read-only descriptor of `path`,
+    the descriptor's lease afterwards: F_GETLEASE)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return raw_syscall("fcntl", fd, command, argument), fcntl.fcntl(fd, fcntl.F_GETLEASE)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("command", "argument", "expected"),
+    [
+        pytest.param(seccomp.F_SETLEASE, fcntl.F_RDLCK, errno.EACCES, id="read-lease"),
+        pytest.param(seccomp.F_SETLEASE, fcntl.F_WRLCK, errno.EACCES, id="write-lease"),
+        pytest.param(seccomp.F_SETLEASE | HIGH_JUNK, fcntl.F_RDLCK, errno.EACCES, id="cmd-junk"),
+        pytest.param(seccomp.F_SETLEASE, fcntl.F_RDLCK | HIGH_JUNK, errno.EACCES, id="arg-junk"),
+        # Letting go reaches the kernel: with no lease held, it answers EAGAIN.
+        pytest.param(seccomp.F_SETLEASE, fcntl.F_UNLCK, errno.EAGAIN, id="unlock"),
+        # A delegation's type sits in memory: refused whole, as a kernel without it does.
+        pytest.param(seccomp.F_SETDELEG, 0, errno.EINVAL, id="delegation"),
+    ],
+)
+def test_leases_are_refused(
+    program: bytes, tmp_path: Path, command: int, argument: int, expected: int
+) -> None:
+    leased = tmp_path / "leased"
+    leased.write_text("x\n")
+    assert run_forked(filtered, program, probe_lease, str(leased), command, argument).value == (
+        expected,
+        fcntl.F_UNLCK,
+    )
+
+
+def test_lease_probe_takes_a_lease_unfiltered(tmp_path: Path) -> None:
+    leased = tmp_path / "leased"
+    leased.write_text("x\n")
+    taken = run_forked(probe_lease, str(leased), seccomp.F_SETLEASE, fcntl.F_RDLCK).value
+    assert taken == (0, fcntl.F_RDLCK)
