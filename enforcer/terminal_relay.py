@@ -212,8 +212,20 @@ class SharedTerminal:
       printed: output resumed (TCOON); the foreground back to the group that had it,
       if the one that has it now is empty (a live group is a job the shell put there);
       the modes as they were, if this process's group had the foreground at the start
-      and has it again (else the shell's foreground job owns them); exclusive mode
-      cleared unless it was set before. The window size is left: the terminal sets it.
+      and has it again (else the shell's foreground job owns them); the window size
+      as it was, on the same condition; exclusive mode cleared unless it was set before.
+
+    The window size (TIOCSWINSZ, which seccomp lets through: tmux or script in the
+    sandbox set their own ptys' sizes with it) is the terminal's one size, not a job's:
+    a task's 1x1 stayed the shell's, readline's and vim's after the run, until the user
+    resized the window. sandgate cannot tell the task's TIOCSWINSZ from the user's
+    resize during the run: both set that one size and signal SIGWINCH to the
+    foreground group, which is sandgate's own while the task's first process runs in
+    it (so "the last size seen while sandgate's group had the foreground" would keep
+    the task's). So the size from before the run comes back, and a resize by the user
+    during the run is undone with the task's: the next resize sets it right, as it
+    would have after the task's. In a background run it is left as it is: the terminal
+    is the foreground job's, and a restore would resize it under that job.
     """
 
     def __init__(self, fd: int):
@@ -221,6 +233,7 @@ class SharedTerminal:
         self.foreground = os.tcgetpgrp(fd)
         self.ours = self.foreground == os.getpgrp()
         self.modes = termios.tcgetattr(fd)
+        self.size = _window_size(fd)
         self.exclusive = _exclusive(fd)
 
     @classmethod
@@ -261,6 +274,10 @@ class SharedTerminal:
             ours_again = self.ours and os.tcgetpgrp(self.fd) == os.getpgrp()
             if ours_again and termios.tcgetattr(self.fd) != self.modes:
                 termios.tcsetattr(self.fd, termios.TCSANOW, self.modes)
+        with contextlib.suppress(OSError):
+            ours_again = self.ours and os.tcgetpgrp(self.fd) == os.getpgrp()
+            if ours_again and self.size is not None and _window_size(self.fd) != self.size:
+                fcntl.ioctl(self.fd, termios.TIOCSWINSZ, self.size)
         if not self.exclusive:
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self.fd, termios.TIOCNXCL)
@@ -278,6 +295,14 @@ class SharedTerminal:
 # (a process continues itself with a timer's SIGCONT): ^Z stops the task's processes
 # in the job, not sandgate.
 TTY_STOPS = (signal.SIGTTIN, signal.SIGTTOU, signal.SIGTSTP)
+
+
+def _window_size(fd: int) -> bytes | None:
+    """The terminal's struct winsize (rows, columns and pixels), as TIOCSWINSZ takes it."""
+    try:
+        return fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8))
+    except OSError:  # a terminal with no size to give back
+        return None
 
 
 def _exclusive(fd: int) -> bool:
