@@ -59,7 +59,13 @@ coding agent's settings directory (EDITOR_DIRS: `.vscode`, `.idea`, `.claude`,
 `.zed`...) and the settings files EDITOR_FILES (`.mcp.json`, `*.code-workspace`...):
 tools run the commands named there when they open the folder; of a Mercurial
 repository, `.hg/hgrc`, `.hg/hgrc-not-shared` (harmless: only data,
-hgrc.code_entries), `.hg/sharedpath` and a `.hg` that is a link.
+hgrc.code_entries), `.hg/sharedpath` and a `.hg` that is a link; and every special
+file (a FIFO, socket or device node: never harmless) the walk lists, and those made
+during the run in a git dir's `objects` (its loose, pack and info directories) or an
+`.hg/store` and its `data` (`_note_specials`): git opens HEAD, the index, refs,
+objects, `.gitignore`, `.gitattributes`... and blocks for good in the open of a FIFO
+nobody writes (a red team, session 51: the user's `git status` and every git-aware
+prompt hung after the run).
 What the check cannot finish is never passed over: a path it cannot reach or judge
 (a link on the way, any error) is reported as planted and NOT renamed; a walk out of
 room (MAX_WALK_DIRS, MAX_WALK_NAME_BYTES: the root runner's memory, outside the task's
@@ -277,6 +283,11 @@ class Survey:
     # A git dir's `objects` or an `.hg/store` (not walked) -> which of NOTED_OBJECTS were
     # directories there, their modes looked at (`_note_objects`): a bit each, in order
     noted: dict[Path, int] = field(default_factory=dict)
+    # Of the directories `_note_objects` states, those whose ctime is at or after this
+    # are listed for special files made since (`_note_specials`): the earlier walk's
+    # start; 0: all (a file system whose ctime the walk does not trust); None: none
+    # (no earlier walk: what is there is the user's). Set for each root as it is walked.
+    specials_since_ns: int | None = None
     # (path, "default" or "access") -> the entries of that ACL granting write beyond
     # the owner (`_acl_writers`: (tag, id)); paths without such an ACL are not listed
     acls: dict[tuple[Path, str], frozenset[tuple[int, int]]] = field(default_factory=dict)
@@ -337,7 +348,10 @@ def survey(
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
-        trusted = since is not None and _ctime_trusted(fd)
+        trusted = _ctime_trusted(fd)
+        result.specials_since_ns = (
+            0 if not trusted else None if since is None else since.started_ns - SETTLED_NS
+        )
         _walk(result, root, fd, "", "plain", since if trusted else None)
     if follow_configs:
         for git_dir in sorted(result.git_dirs):
@@ -689,6 +703,8 @@ def _walk_entries(
             role = _role(name, is_dir, context)
             if role is None and context == "git" and entry.is_symlink():
                 role = "gitlink"  # git makes none there: a way for a pointer to go
+            if role is None and not is_dir and _special(entry):
+                role = "special"  # git, hg or an editor that opens it would hang on it
             if role is not None and _afford(result, 2 * len(child)):
                 st_child = entry.stat(follow_symlinks=False)
                 result.controls[root / child] = ControlPath(
@@ -721,8 +737,11 @@ def _walk_entries(
 # directories, and the 256 directories of loose objects (git names them by the first
 # byte of the object's name); in an `.hg/store`, itself and `data` (the revlogs below
 # mirror the work tree's directories: not looked at). Stated by name, none read (a
-# task's million entries there cost nothing).
+# task's million entries there cost nothing) but for special files where one changed
+# (`_note_specials`).
 NOTED_OBJECTS = ("", "pack", "info", "data", *(f"{n:02x}" for n in range(256)))
+# Below them, what git also opens: a split commit-graph's chain and graph files.
+LISTED_BELOW_OBJECTS = ("info/commit-graphs",)
 
 
 def _note_objects(result: Survey, root: Path, fd: int, child: str) -> None:
@@ -730,7 +749,8 @@ def _note_objects(result: Survey, root: Path, fd: int, child: str) -> None:
     the directories kept in it (the walk does not enter them): one the task made
     writable by others would let any local account swap the user's loose objects or
     packs (a hook script's blob, checked out later: git does not check a loose object's
-    hash when it reads it)."""
+    hash when it reads it). Where one changed since the earlier walk, the special files
+    in it too (`_note_specials`)."""
     try:
         sub = os.open(
             child.rsplit("/", 1)[-1],
@@ -756,10 +776,86 @@ def _note_objects(result: Survey, root: Path, fd: int, child: str) -> None:
                 result.loose[path] = st.st_mode
             where = f"/proc/self/fd/{sub}/{name}" if name else sub
             _note_acls(result, path, where, len(child) + len(name))
+            _note_specials(result, root, sub, child, name, st.st_ctime_ns)
+        for name in LISTED_BELOW_OBJECTS:
+            _note_specials(result, root, sub, child, name)
     finally:
         os.close(sub)
     if _afford(result, len(child)):
         result.noted[root / child] = found
+
+
+def _note_specials(
+    result: Survey, root: Path, fd: int, child: str, name: str, ctime_ns: int | None = None
+) -> None:
+    """The special files (FIFOs, sockets, devices) in `name` below the directory `fd`
+    (`child`: a git dir's `objects` or an `.hg/store`, which the walk states but does
+    not list) as control paths ("special"): git opens loose objects, packs and
+    `info/alternates` there, hg its revlogs, and a FIFO among them hangs it for good.
+    Listed only when the directory changed (its ctime: `ctime_ns` if the caller stated
+    it) at or after `result.specials_since_ns`, and only what changed then too: a
+    task's commit lists a few directories; a clean checkout, none. Read streaming, by
+    d_type: of a task's million entries nothing is kept but special files (MAX_CONTROLS
+    in all)."""
+    since = result.specials_since_ns
+    if since is None or ctime_ns is not None and ctime_ns < since:
+        return
+    here = f"{child}/{name}" if name else child
+    try:
+        found = _open_below(fd, name) if name else os.dup(fd)
+    except OSError:
+        return  # none there, or a link (what it reaches in the workspace is walked there)
+    try:
+        if os.fstat(found).st_ctime_ns < since:
+            return
+        with os.scandir(found) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False) or not _special(entry):
+                    continue
+                st_entry = entry.stat(follow_symlinks=False)
+                relative = f"{here}/{entry.name}"
+                if st_entry.st_ctime_ns < since:
+                    continue
+                if not _room_for_specials(result, 1) or not _afford(result, 2 * len(relative)):
+                    return  # out of room: the walk is cut (`_walk`)
+                result.controls[root / relative] = ControlPath(
+                    root, relative, "special", Fingerprint.of(st_entry)
+                )
+    except OSError:
+        return  # gone, or not a directory any more: nothing there git reads
+    finally:
+        os.close(found)
+
+
+def _open_below(fd: int, relative: str) -> int:
+    """A descriptor of the directory `relative` below `fd`, opened a component at a
+    time with O_NOFOLLOW: a link on the way is not followed out of the workspace."""
+    current = os.dup(fd)
+    try:
+        for part in relative.split("/"):
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            following = os.open(part, flags, dir_fd=current)
+            os.close(current)
+            current = following
+    except OSError:
+        os.close(current)
+        raise
+    return current
+
+
+def _special(entry: os.DirEntry) -> bool:
+    """Whether an entry that is not a directory is a FIFO, a socket or a device node:
+    from its d_type, no stat (the directory's listing gives it)."""
+    return not entry.is_file(follow_symlinks=False) and not entry.is_symlink()
+
+
+def _room_for_specials(result: Survey, count: int) -> bool:
+    """Whether the walk has room for `count` more special files as control paths
+    (MAX_CONTROLS in all: each costs the root runner ~0.5 KiB, and a task's million
+    FIFOs are free inodes). Past it, the walk stops as when out of room (`_afford`)."""
+    if len(result.controls) + count > MAX_CONTROLS:
+        result.out_of_room = True
+    return not result.out_of_room
 
 
 def _was_noted(before: Survey, path: Path) -> bool:
@@ -889,48 +985,51 @@ def _room(result: Survey, root: Path, relative: str, since: Survey | None) -> in
 def _scan(fd: int, context: str, room: int, result: Survey) -> dict[str, os.DirEntry]:
     """The entries of a directory the walk looks at: directories, and files that are
     or may be control paths (those that make a plain directory a git directory and
-    what git reads in one); CROWDED when a hooks or editor directory (every file in it
-    is a control path) has more than `room` of them. The other files (most of a
+    what git reads in one, and special files anywhere: a FIFO at `.git/HEAD` or
+    `.gitignore` hangs the user's next `git status`); CROWDED when a hooks or editor
+    directory (every file in it is a control path) has more than `room` of them. The other files (most of a
     checkout) are not kept while the walk goes on: a task's million empty files in
     one directory cost the root runner 170 MiB as directory entries, its ten million
     (inodes are free) gigabytes of host memory no limit of the task's bounds. What is
     kept is counted as the walk goes (`_afford`: its subdirectories as directories to
     walk, the names as bytes): OUT_OF_ROOM past that, with nothing more listed."""
     kept = _Entries()
-    crowdable, files, links = context in ("editor", "hooks"), 0, 0
+    crowdable, files, links, specials = context in ("editor", "hooks"), 0, 0, 0
     with os.scandir(fd) as listing:
         for entry in listing:
             name = entry.name
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
+                if not is_dir:
+                    if crowdable:
+                        files += 1
+                        if files > room:
+                            return CROWDED
+                    elif (
+                        name not in PLAIN_FILES
+                        and (lower := name.lower()) not in PLAIN_FILES_ANY_CASE
+                        and not lower.endswith(EDITOR_FILE_SUFFIX)
+                        if context == "plain"
+                        else _role(name, False, context) is None
+                    ):
+                        # Not kept for its name: one look at d_type for most of a
+                        # checkout's files (no stat), kept if special or a plain link.
+                        if entry.is_file(follow_symlinks=False):
+                            continue
+                        if not entry.is_symlink():
+                            specials += 1  # a control path wherever it lies ("special")
+                            if not _room_for_specials(result, specials):
+                                return OUT_OF_ROOM
+                        elif context != "plain":
+                            continue
+                        else:  # a control path if this is a git directory ("gitlink")
+                            links += 1
+                            if links > MAX_GIT_LINKS:
+                                kept.many_links = True
+                                continue
             except OSError:
                 kept[name] = entry  # its error is the walk's (the record stays incomplete)
                 continue
-            if not is_dir:
-                if crowdable:
-                    files += 1
-                    if files > room:
-                        return CROWDED
-                elif context == "plain":
-                    lower = name.lower()
-                    if (
-                        name not in PLAIN_FILES
-                        and lower not in PLAIN_FILES_ANY_CASE
-                        and not lower.endswith(EDITOR_FILE_SUFFIX)
-                    ):
-                        # a link is a control path if this is a git directory ("gitlink")
-                        try:
-                            if not entry.is_symlink():
-                                continue
-                        except OSError:
-                            kept[name] = entry  # the walk's error (record incomplete)
-                            continue
-                        links += 1
-                        if links > MAX_GIT_LINKS:
-                            kept.many_links = True
-                            continue
-                elif _role(name, False, context) is None:
-                    continue
             if not _afford(result, len(name), dirs=int(is_dir)):
                 return OUT_OF_ROOM
             kept[name] = entry
@@ -1332,8 +1431,9 @@ def _not_finished(before: Survey, after: Survey) -> list[Planted]:
     with all in it); the outermost of the user's (a root, one the walk before found)
     is reported as not checked, and left where it is."""
     why = (
-        f"the check ran out of room here (over {MAX_WALK_DIRS} directories or "
-        f"{MAX_WALK_NAME_BYTES >> 20} MiB of names in the writable roots)"
+        f"the check ran out of room here (over {MAX_WALK_DIRS} directories, "
+        f"{MAX_WALK_NAME_BYTES >> 20} MiB of names or {MAX_CONTROLS} control paths in the "
+        f"writable roots)"
     )
     planted: list[Planted] = []
     aside: set[Path] = set()  # what is below goes with it
@@ -1395,6 +1495,11 @@ def _judge(control: ControlPath, after: Survey) -> str | None:
     kind = _kind(mode)
     if role == "hgdir" and stat.S_ISREG(mode):
         return None  # hg takes only a directory (or a link to one) for a repository
+    if role == "special":
+        return (
+            f"a {kind} in the workspace (the user's git, hg or editor that opens it on "
+            f"the host hangs on it for good, or acts on the device)"
+        )
     if role == "gitlink":
         return (
             "a symbolic link in a git directory (git makes none there; a commondir or "
@@ -1582,6 +1687,7 @@ _ROLE_NAMES = {
     "hgrc": "Mercurial config",
     "hgshared": "Mercurial sharedpath file",
     "hgdir": "`.hg` repository",
+    "special": "special file",
 }
 
 
@@ -1590,7 +1696,11 @@ def _kind(mode: int) -> str:
         return "symbolic link"
     if stat.S_ISDIR(mode):
         return "directory"
-    return "regular file" if stat.S_ISREG(mode) else "special file"
+    if stat.S_ISREG(mode):
+        return "regular file"
+    if stat.S_ISFIFO(mode):
+        return "special file (a FIFO)"
+    return "special file (a socket)" if stat.S_ISSOCK(mode) else "special file (a device)"
 
 
 def _read_small(path: Path, limit: int) -> bytes | None:
@@ -1875,7 +1985,7 @@ KEEP_FILES = 64  # walks kept in the cache directory (one per set of roots); the
 _CONTEXTS = frozenset({"plain", "git", "hooks", "info", "editor", "sequencer", "hg"})
 _ROLES = frozenset(
     {"config", "hook", "attributes", "commondir", "gitfile", "editor", "todo"}
-    | {"strategy", "gitlink"}
+    | {"strategy", "gitlink", "special"}
     | {"hgrc", "hgshared", "hgdir"}
 )
 
