@@ -8,10 +8,8 @@ same destination disagree. Pure functions, no I/O.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
-import unicodedata
 from typing import NamedTuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -572,37 +570,28 @@ def decoded_printable(path: str) -> str:
 _NON_ASCII_ESCAPES = re.compile(r"(?:%[89A-Fa-f][0-9A-Fa-f])+")
 
 
-@functools.lru_cache(maxsize=1024)  # bounded: a task chooses the characters
-def ascii_fold(char: str) -> str | None:
-    """The ASCII a server may read the non-ASCII `char` as, in lower case, or None.
-    By its case: `ı` (U+0131) upper-cased is `I`, the Kelvin sign `K` lower-cased
-    `k`, `İ` `i` and a combining dot (JavaScript's toLowerCase, Java's
-    equalsIgnoreCase, Python's re.IGNORECASE: Fastify's and Django's case-insensitive
-    routes; a red team, session 51); or by its compatibility form (NFKC: fullwidth
-    `ａ` is `a`, `．` `.`, `ﬁ` `fi`)."""
-    nfkc = unicodedata.normalize("NFKC", char)
-    for form in (char.lower(), char.upper(), char.casefold(), nfkc, nfkc.casefold()):
-        form = "".join(c for c in form if not unicodedata.combining(c))
-        if form and form.isascii():
-            return form.lower()
-    return None
-
-
 def folded(path: str) -> str:
-    """`path` with each escaped non-ASCII character that has an ASCII reading
-    (ascii_fold) put as that, and the others lower-cased (escaped again, hex upper
-    case): how a server that folds case or compatibility forms reads it. A deny
-    matches this reading too, and its globs written so (load._compile_paths), so
-    `/adm%C4%B1n/` is `/admin/` and `/CAF%C3%89` `/caf%C3%A9`."""
+    """`path` with each escaped character outside ASCII that has an ASCII reading
+    (ascii_folds: by its case, `ı` is `i` to Django's `(?i)`, the Kelvin sign `k` to
+    Fastify's case-insensitive routes; or by NFKC, fullwidth `ａ` is `a`) put as that,
+    and the others lower-cased (escaped again, hex upper case): how a server that
+    folds case or compatibility forms reads it. A deny matches this reading too, and
+    its globs written so (load._compile_paths), so `/adm%C4%B1n/` is `/admin/` and
+    `/CAF%C3%89` `/caf%C3%A9`."""
+    if "%" not in path:
+        return path
+    from .ascii_folds import FOLDS  # only for paths with such escapes (its import ~1 ms)
 
     def fold(match: re.Match[str]) -> str:
         try:
             text = bytes.fromhex(match.group().replace("%", "")).decode()
         except UnicodeDecodeError:
             return match.group()
-        return "".join(ascii_fold(c) or _escaped(c.lower()) for c in text)
+        if FOLDS.keys().isdisjoint(text) and text.lower() == text:
+            return match.group()  # most text: CJK, lower-case letters
+        return "".join(FOLDS.get(c) or _escaped(c.lower()) for c in text)
 
-    return _NON_ASCII_ESCAPES.sub(fold, path) if "%" in path else path
+    return _NON_ASCII_ESCAPES.sub(fold, path)
 
 
 def _escaped(text: str) -> str:

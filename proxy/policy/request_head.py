@@ -54,7 +54,7 @@ from urllib.parse import unquote, unquote_plus
 
 from .builtin import deny
 from .model import Decision
-from .names import ascii_fold, parse_host_port
+from .names import parse_host_port
 from .reasons import Reason, Verdict
 
 MAX_FIELDS = 100
@@ -71,7 +71,6 @@ _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|%([0-9A-Fa-f]{2})")
 _QUERY_BYTES = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII without '#'
 # Escapes a server may decode before splitting or resolving the path: /, \, ., ;
 _STRUCTURAL_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
-_STRUCTURE = frozenset("/\\.;%?#")  # characters that shape a path, not name it
 _HEX_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _ESCAPED_PERCENT = re.compile(r"%25")
 _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
@@ -437,11 +436,12 @@ def _run_problem(run: bytearray) -> str | None:
         text = run.decode("utf-8")
     except UnicodeDecodeError:
         return "escaped bytes that are not UTF-8 (an overlong form?)"
-    for char in text:
-        fold = ascii_fold(char)
-        if fold is not None and any(c in _STRUCTURE for c in fold):
-            return f"an escaped U+{ord(char):04X}, which a server may read as {fold!r}"
-    return None
+    from .ascii_folds import FOLDS, STRUCTURAL  # only for paths with such escapes
+
+    if STRUCTURAL.isdisjoint(text):
+        return None
+    char = next(c for c in text if c in STRUCTURAL)
+    return f"an escaped U+{ord(char):04X}, which a server may read as {FOLDS[char]!r}"
 
 
 # field -> (what it is called in a denial, what a server does with it, the denial)

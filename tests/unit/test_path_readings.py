@@ -250,11 +250,3 @@ def test_a_deny_reads_a_path_as_a_server_folding_case_reads_it(tmp_path, target,
     rules = tmp_path / "rules.yaml"
     rules.write_text(FOLDING_RULES)
     assert outcome(load_policy([rules]), target) == expected
-
-
-def test_the_fold_table_is_bounded():
-    """A task chooses the characters: the memo of their readings stays small."""
-    from sandgate.proxy.policy.names import ascii_fold, folded
-
-    folded("/" + "".join(f"%{b:02X}" for c in map(chr, range(0x100, 0x3000)) for b in c.encode()))
-    assert ascii_fold.cache_info().currsize <= 1024
