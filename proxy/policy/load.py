@@ -64,6 +64,7 @@ from .model import (
     MAX_LIMITS,
     ApprovalSettings,
     Limits,
+    PathPattern,
     Rule,
     parse_duration,
 )
@@ -955,7 +956,7 @@ def approved_overlay(paths: list[Path]) -> Path | None:
     return first.parent / APPROVED_FILE
 
 
-def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> re.Pattern[str]:
+def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
     """Path globs as one anchored regex: `*` stays inside a segment, `**` crosses '/'
     (`/a/**/b` matches `/a/b` and `/a/x/y/b`; `/a/**` matches `/a/` and everything
     below it, but not `/a`: a router written for `/a/`, HAProxy's `path_beg /a/`,
@@ -975,6 +976,7 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> re.Pattern[str
         plain = [decoded_printable(glob) for glob in globs]
         globs = tuple(dict.fromkeys([*globs, *plain, *map(folded, plain)]))
     below = "(?:[/.].*)?"  # a deny's: what it names, and below it or a suffix of it
+    linear = False  # some glob has two wildcards before its end: RE2 (PathPattern)
     for glob in globs:
         if deny and len(glob) > 1:
             glob = glob.removesuffix("/")
@@ -987,13 +989,40 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> re.Pattern[str
                 pattern += ("/.*" if not deny else below) if last else "(?:/.*)?"
             elif piece == "*":
                 pattern += "[^/]*"
+            elif deny:
+                after_star, before_star = (
+                    at > 0 and pieces[at - 1] == "*",
+                    pieces[at + 1 : at + 2] == ["*"],
+                )
+                pattern += _denied_literal(piece, after_star, before_star)
             else:
                 pattern += re.escape(piece)
+        # A trailing `/**` (or the deny's tail) matches whatever is left: it never
+        # backtracks into a failure. The wildcards before it do.
+        inner = pieces[:-2] if glob.endswith("/**") else pieces
+        linear |= sum(piece in ("/**", "*") for piece in inner) >= 2
         if deny and glob != "/" and not glob.endswith("/**"):
             pattern += below
         parts.append(pattern)
     flags = re.DOTALL | (re.IGNORECASE if deny else 0)
-    return re.compile("|".join(f"(?:{p})" for p in parts), flags)
+    return PathPattern(re.compile("|".join(f"(?:{p})" for p in parts), flags), linear)
+
+
+def _denied_literal(piece: str, after_star: bool, before_star: bool) -> str:
+    """A deny glob's text between wildcards as a regex: as written, but a whole segment
+    of digits as every spelling of its number that a server's number parser reads so:
+    leading zeros, `+` or spaces before it, anything not a digit after it (`42` takes
+    `042`, `+42`, `%2042` and `42-my-project`, not `421`): Flask's and Django's
+    `<int:>`, Spring's `@PathVariable Long`, Rails' `find` (to_i) serve them all as 42
+    (a red team, session 51). A segment cut by a `*` is text, not a number."""
+    segments = piece.split("/")
+    for at, segment in enumerate(segments):
+        whole = (at > 0 or not after_star) and (at < len(segments) - 1 or not before_star)
+        if whole and segment.isascii() and segment.isdigit():
+            segments[at] = f"[ +]*0*{segment.lstrip('0') or '0'}(?![0-9])[^/]*"
+        else:
+            segments[at] = re.escape(segment)
+    return "/".join(segments)
 
 
 def parse_expires(text: str) -> tuple[datetime.date | datetime.datetime, float]:

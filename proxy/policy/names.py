@@ -553,6 +553,7 @@ class PathReadings(NamedTuple):
 # (refused), `? #` (the cut reading's).
 _KEPT_ESCAPED = frozenset("%/\\.;?#")
 _CUT = re.compile(r"%(?:23|3F)")
+_FOLDED_CUT = re.compile(r"%(?:23|3F)|[?#]")  # `？` (U+FF1F) folds to `?`
 
 
 def decoded_printable(path: str) -> str:
@@ -610,6 +611,8 @@ def path_readings(path: str) -> PathReadings:
     and its cut: the decoded form would refuse a glob written escaped (`/c%2B%2B/**`)."""
     canonical = parse_path(path)
     if "%" not in canonical:
+        if "." in canonical and _SCRIPT.search(canonical):
+            return PathReadings(canonical, _behind_scripts((canonical,)), (canonical,))
         return PathReadings(canonical, (canonical,), (canonical,))
     plain = decoded_printable(canonical)
     cut, cut_plain = _CUT.split(canonical, 1)[0] or "/", _CUT.split(plain, 1)[0] or "/"
@@ -617,8 +620,22 @@ def path_readings(path: str) -> PathReadings:
     denied = (canonical, plain, cut, cut_plain)
     if _NON_ASCII_ESCAPES.search(plain):  # and as a server folding case reads it
         fold = folded(plain)
-        denied += (fold, _CUT.split(fold, 1)[0] or "/")
-    return PathReadings(canonical, tuple(dict.fromkeys(denied)), allowed)
+        denied += (fold, _FOLDED_CUT.split(fold, 1)[0] or "/")
+    return PathReadings(canonical, _behind_scripts(denied), allowed)
+
+
+# A script's name followed by more path: PHP, CGI and the like run the script with the
+# rest as its PATH_INFO, and a front controller (Symfony, Laravel, Drupal, CodeIgniter,
+# WordPress) routes by it: `/index.php/admin` runs the route `/admin` (a red team,
+# session 51).
+_SCRIPT = re.compile(r"(?i)\.(?:php[0-9]?|phtml|cgi|fcgi|pl|py|rb|aspx?)(?=/)")
+
+
+def _behind_scripts(readings: tuple[str, ...]) -> tuple[str, ...]:
+    """`readings`, and each with what a script before the rest of it is cut off: the
+    path a front controller routes by. A deny matches them all."""
+    behind = [r[m.end() :] for r in readings if "." in r for m in _SCRIPT.finditer(r)]
+    return tuple(dict.fromkeys((*readings, *behind)))
 
 
 # --- host:port -----------------------------------------------------------------

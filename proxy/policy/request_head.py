@@ -54,7 +54,7 @@ from urllib.parse import unquote, unquote_plus
 
 from .builtin import deny
 from .model import Decision
-from .names import parse_host_port
+from .names import folded, parse_host_port
 from .reasons import Reason, Verdict
 
 MAX_FIELDS = 100
@@ -395,7 +395,7 @@ def path_problem(path: str) -> str | None:
 
 def _escape_problem(path: str) -> str | None:
     run = bytearray()  # consecutive escaped bytes from 0x80: must be strict UTF-8
-    end = -1
+    end, high = -1, False
     for match in _ESCAPE.finditer(path):
         if match.group(1) is None:
             return "'%' without two hex digits"
@@ -411,12 +411,16 @@ def _escape_problem(path: str) -> str | None:
             return "an encoded control character"
         if byte >= 0x80:
             run.append(byte)
+            high = True
         elif run:
             if problem := _run_problem(run):
                 return problem
             run.clear()
     if run and (problem := _run_problem(run)):
         return problem
+    if high and any(s in (".", "..") for s in folded(path).split("/")):
+        # `‥` (U+2025), `．．`: a dot segment to a server that normalises NFKC
+        return "escaped characters a server may read as a '.' or '..' segment"
     if _ESCAPED_PERCENT.search(path) and _HEX_ESCAPE.search(unquote(path)):
         # A proxy that decodes the path once and passes it on unescaped (Apache's
         # `RewriteRule ... [P,NE]`) has its server decode it again: `/%2561dmin` is
@@ -429,9 +433,10 @@ def _escape_problem(path: str) -> str | None:
 def _run_problem(run: bytearray) -> str | None:
     """Why a run of escaped bytes from 0x80 may mean something else to a server: not
     strict UTF-8 (overlong forms, surrogates), or a character a server that folds
-    case or compatibility forms reads as a path's structure (`%EF%BC%8F`, fullwidth
-    `/`; `%E2%80%A5`, `..` in one character; a red team, session 51). A character
-    read as letters is decided in that reading too (names.folded)."""
+    case or compatibility forms reads as `/ \\ ; %` (`%EF%BC%8F`, fullwidth `/`; a red
+    team, session 51). One read as letters, digits or other punctuation is decided in
+    that reading too (names.folded; `?` and `#` cut it there): `…` or `？` in a path
+    are common enough (a Wikipedia title) to be served."""
     try:
         text = run.decode("utf-8")
     except UnicodeDecodeError:

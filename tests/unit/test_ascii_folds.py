@@ -30,13 +30,16 @@ def test_the_table_is_fold_of_every_code_point():
         ("\u017f", "s"),  # long s
         ("\uff41", "a"),  # fullwidth a (NFKC)
         ("\ufb01", "fi"),  # a ligature
-        ("\uff0f", "/"),  # fullwidth solidus: structure
-        ("\u2025", ".."),  # two-dot leader: structure
+        ("\uff0f", "/"),  # fullwidth solidus: a separator, refused
+        ("\u2025", ".."),  # two-dot leader: dotted, refused where it makes a dot segment
+        ("\u0664", "4"),  # Arabic-Indic four: int() and Long.parseLong read it so
+        ("\U0001d6a4", "i"),  # mathematical dotless i: NFKC, then upper case
     ],
 )
 def test_a_character_read_as_ascii(char, fold):
     assert ascii_folds.FOLDS[char] == fold == ascii_folds.fold_of(char)
-    assert (char in ascii_folds.STRUCTURAL) == (not ascii_folds.STRUCTURE.isdisjoint(fold))
+    assert (char in ascii_folds.STRUCTURAL) == (not ascii_folds.SEPARATORS.isdisjoint(fold))
+    assert (char in ascii_folds.DOTTED) == ("." in fold)
 
 
 @pytest.mark.parametrize("char", ["\u00e9", "\u0430", "\u6587", "\U0001f600"])

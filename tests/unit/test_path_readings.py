@@ -239,7 +239,11 @@ profiles:
         pytest.param("/public/%EF%BC%8F../admin", "ambiguous_path", id="fullwidth-solidus"),
         pytest.param("/public/%E2%80%A5/admin", "ambiguous_path", id="two-dot-leader"),
         pytest.param("/public/%EF%BC%85", "ambiguous_path", id="fullwidth-percent"),
-        pytest.param("/public/%EF%B9%96x", "ambiguous_path", id="small-question-mark"),
+        pytest.param("/public/keys%EF%B9%96x", "rule_deny", id="small-question-mark-cuts"),
+        pytest.param("/public/%E2%80%A6", "rule_allow", id="ellipsis-is-a-name"),
+        pytest.param("/public/.%EF%BC%8E/admin", "ambiguous_path", id="dots-make-a-dot-segment"),
+        # digits: int() and Long.parseLong read every script's
+        pytest.param("/adm%D9%A4n/", "rule_allow", id="digit-is-no-letter"),
         # what no server reads as ASCII passes
         pytest.param("/%D0%B0dmin/", "rule_allow", id="cyrillic-a"),
         pytest.param("/wiki/%C4%B0stanbul", "rule_allow", id="turkish-name"),
@@ -249,4 +253,46 @@ profiles:
 def test_a_deny_reads_a_path_as_a_server_folding_case_reads_it(tmp_path, target, expected):
     rules = tmp_path / "rules.yaml"
     rules.write_text(FOLDING_RULES)
+    assert outcome(load_policy([rules]), target) == expected
+
+
+NUMBER_AND_SCRIPT_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - deny: allowed.test
+        paths: ["/projects/42/**", "/admin/**", "/v1*2/x"]
+      - allow: allowed.test
+        methods: [GET]
+        paths: ["/**"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        # every spelling of the number a server's parser reads as 42 (a red team, session 51)
+        pytest.param("/projects/042", "rule_deny", id="leading-zero"),
+        pytest.param("/projects/+42", "rule_deny", id="plus"),
+        pytest.param("/projects/%2042", "rule_deny", id="space"),
+        pytest.param("/projects/42-my-project", "rule_deny", id="rails-to-i"),
+        pytest.param("/projects/%D9%A4%D9%A2", "rule_deny", id="arabic-indic"),
+        pytest.param("/projects/%E0%A5%AA%E0%A5%A8/x", "rule_deny", id="devanagari"),
+        pytest.param("/projects/421", "rule_allow", id="another-number"),
+        pytest.param("/projects/4", "rule_allow", id="a-prefix-of-it"),
+        pytest.param("/v1x2/x", "rule_deny", id="digits-beside-a-star-are-text"),
+        pytest.param("/v13/x", "rule_allow", id="digits-beside-a-star-are-text-too"),
+        # a front controller routes by what follows its script
+        pytest.param("/index.php/admin", "rule_deny", id="php-front-controller"),
+        pytest.param("/web/app.php/admin/users", "rule_deny", id="symfony-app-php"),
+        pytest.param("/cgi-bin/x.cgi/projects/42", "rule_deny", id="cgi-path-info"),
+        pytest.param("/INDEX.PHP/admin", "rule_deny", id="script-case"),
+        pytest.param("/index.php/public", "rule_allow", id="another-route"),
+        pytest.param("/index.php", "rule_allow", id="the-script-itself"),
+    ],
+)
+def test_a_deny_takes_other_spellings_of_its_numbers_and_routes(tmp_path, target, expected):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(NUMBER_AND_SCRIPT_RULES)
     assert outcome(load_policy([rules]), target) == expected
