@@ -26,6 +26,8 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(apache2 varnish)  # path and Host routers read as written (test_apache_paths, test_path_routers)
   # frameworks that give a handler other names (test_framework_suffixes): Spring MVC on Jetty, Rails
   packages+=(libjetty9-java libspring-web-servlet-java ruby ruby-actionpack ruby-webrick)
+  # a Symfony front controller (test_php_front_controller), ActiveRecord ids on SQLite (test_number_spellings)
+  packages+=(php-symfony-http-foundation php-symfony-routing ruby-activerecord ruby-sqlite3)
   command -v npm >/dev/null || packages+=(npm)  # Fastify, a router that folds Unicode case (test_unicode_case_routers)
 fi
 missing=()
