@@ -141,6 +141,7 @@ class Http1Relay:
         "upstream_readable",
         "upstream_writable",
         "upstream_ending",
+        "client_ending",
         "last_active",
         "read_now",
         "deferred",
@@ -154,6 +155,7 @@ class Http1Relay:
         self.client_readable, self.client_writable = True, True
         self.upstream_readable = self.upstream_writable = False
         self.upstream_ending = False  # its server closed or reset it (the event said so)
+        self.client_ending = False  # the client closed its side or reset (as above)
         self.last_active = connection.loop.time()
         self.read_now = 0  # bytes read in this step: at most WAKEUP_BUDGET (relay.py)
         self.deferred = False  # a later step is asked for already
@@ -164,6 +166,8 @@ class Http1Relay:
     def _on_client_event(self, events: int) -> None:
         if events & (IN | CLOSED):
             self.client_readable = True
+        if events & CLOSED:
+            self.client_ending = True
         if events & (OUT | CLOSED):
             self.client_writable = True
         self._step()
@@ -270,7 +274,12 @@ class Http1Relay:
             else:
                 session.upstream_lost("the upstream reset the connection")
             return True
-        if n < RELAY_CHUNK:  # drained (or ended): a later arrival raises a new event
+        # Drained (or ended): a later arrival raises a new event (edge-triggered). A
+        # FIN that came with the last event raises none: a side whose peer is gone is
+        # read on to its end. (Without that, a response ended by the server's close,
+        # its data and FIN in one event, waited for the client's timeout; a red team,
+        # session 51.)
+        if n == 0 or (n < RELAY_CHUNK and not (self.client_ending if up else self.upstream_ending)):
             if up:
                 self.client_readable = False
             else:
