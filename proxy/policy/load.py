@@ -1010,19 +1010,40 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
 
 def _denied_literal(piece: str, after_star: bool, before_star: bool) -> str:
     """A deny glob's text between wildcards as a regex: as written, but a whole segment
-    of digits as every spelling of its number that a server's number parser reads so:
-    leading zeros, `+` or spaces before it, anything not a digit after it (`42` takes
-    `042`, `+42`, `%2042` and `42-my-project`, not `421`): Flask's and Django's
-    `<int:>`, Spring's `@PathVariable Long`, Rails' `find` (to_i) serve them all as 42
-    (a red team, session 51). A segment cut by a `*` is text, not a number."""
+    of digits as every spelling of its number that servers' number parsers read so
+    (_number): Flask's and Django's `<int:>` and Python's int(), Spring's
+    `@PathVariable Long`, Rails' `find` (to_i), JavaScript's Number() and parseInt() serve
+    `042`, `+42`, `%2042`, `4_2`, `0x2a`, `42-my-project` as 42 (a red team, session
+    51). A segment cut by a `*` is text, not a number."""
     segments = piece.split("/")
     for at, segment in enumerate(segments):
         whole = (at > 0 or not after_star) and (at < len(segments) - 1 or not before_star)
         if whole and segment.isascii() and segment.isdigit():
-            segments[at] = f"[ +]*0*{segment.lstrip('0') or '0'}(?![0-9])[^/]*"
+            segments[at] = _number(int(segment))
         else:
             segments[at] = re.escape(segment)
     return "/".join(segments)
+
+
+def _number(value: int) -> str:
+    """A path segment that number parsers read as `value` (matched ignoring case): any
+    blanks or `+` first (`-` too for 0), then its decimal digits after any zeros, with
+    `_` or blanks between them (Python's int() takes `4_2`; Spring drops every blank),
+    or its hex (`0x2a`, `#2a`: Spring's), binary (`0b101010`) or octal (`0o52`) form
+    (JavaScript's Number()); then nothing more, or anything that does not go on with
+    the number (to_i and parseInt stop there: `42abc`, `42_`, `42 x`, `42.json`). No
+    lookahead: RE2 has none (PathPattern)."""
+    lead = "[ +-]*" if value == 0 else "[ +]*"
+    decimal = "(?:0[ _]*)*" + "[ _]*".join(str(value)) if value else "0(?:[ _]*0)*"
+    radix = "|".join(
+        f"{prefix}0*{digits}"
+        for prefix, digits in (
+            ("(?:0x|#|%23)", f"{value:x}"),
+            ("0b", f"{value:b}"),
+            ("0o", f"{value:o}"),
+        )
+    )
+    return f"{lead}(?:{decimal}(?:[^0-9/][^/]*)?|(?:{radix})(?:[^0-9a-z/][^/]*)?)"
 
 
 def parse_expires(text: str) -> tuple[datetime.date | datetime.datetime, float]:

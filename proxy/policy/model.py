@@ -126,27 +126,39 @@ class PathPattern:
     square or cube (`/**/x/**/y/**`: 4 KB 0.4 s, 60 KB 72 s of the gateway's loop; a
     red team, session 51). One wildcard cannot backtrack so (the tail a deny adds
     never fails); those stay with `re`, ~2x faster on the short paths most requests
-    have. RE2 is compiled at the first match (a kept policy is pickled without it)."""
+    have. RE2 is compiled at the load (so that a pattern it cannot take is the load's
+    error, not every request's), and again after a kept policy is unpickled."""
 
     __slots__ = ("regex", "linear", "_re2")
 
-    def __init__(self, regex: re.Pattern[str], linear: bool):
+    def __init__(self, regex: re.Pattern[str], linear: bool, *, compiled: bool = True):
         self.regex, self.linear, self._re2 = regex, linear, None
+        if linear and compiled:
+            self._re2 = self._linear()
 
     def __reduce__(self):
-        return PathPattern, (self.regex, self.linear)
+        return _unpickled_path_pattern, (self.regex, self.linear)
+
+    def _linear(self):
+        import re2  # google-re2
+
+        flags = "s" * bool(self.regex.flags & re.DOTALL) + "i" * bool(
+            self.regex.flags & re.IGNORECASE
+        )
+        return re2.compile(f"(?{flags}){self.regex.pattern}")
 
     def fullmatch(self, path: str) -> bool:
         if not self.linear:
             return self.regex.fullmatch(path) is not None
         if self._re2 is None:
-            import re2  # google-re2
-
-            flags = ("s" if self.regex.flags & re.DOTALL else "") + (
-                "i" if self.regex.flags & re.IGNORECASE else ""
-            )
-            self._re2 = re2.compile(f"(?{flags}){self.regex.pattern}")
+            self._re2 = self._linear()
         return self._re2.fullmatch(path) is not None
+
+
+def _unpickled_path_pattern(regex: re.Pattern[str], linear: bool) -> PathPattern:
+    """A kept policy's pattern: RE2 compiled at its first match (the start pays no
+    import of it), as it compiled at the load."""
+    return PathPattern(regex, linear, compiled=False)
 
 
 @dataclass(frozen=True, slots=True)

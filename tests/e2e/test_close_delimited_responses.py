@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -70,11 +70,7 @@ def test_a_response_ended_by_the_servers_close_ends_at_once(net, tmp_path, profi
         for i in range(REQUESTS)
     }
     argv = [sandbox.SANDBOX_PYTHON, str(tmp_path / "server.py"), IP, str(PORT)]
-    with internet_servers(net, [argv], [f"{IP}:{PORT}"]):
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
+    result = run_beside(net, tmp_path, [argv], [f"{IP}:{PORT}"], steps, rules, profile)
     # curl ends 0 once the body has ended; 28 if it waited out its 3 s for the end
     waited = {label: (step.rc, step.ms) for label, step in result.steps.items() if step.rc != 0}
     assert not waited, result.describe()

@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -75,11 +75,7 @@ def test_honest_paths_with_common_unicode_punctuation_are_forwarded(net, tmp_pat
     steps |= {label: sandbox.curl(url + path) for label, path in HONEST.items()}
     steps["separator"] = sandbox.curl(url + SEPARATOR)
     argv = ["env", f"SERVED_LOG={log}", php, "-S", f"{IP}:{PORT}", str(tmp_path / "router.php")]
-    with internet_servers(net, [argv], [f"{IP}:{PORT}"]):
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
+    result = run_beside(net, tmp_path, [argv], [f"{IP}:{PORT}"], steps, rules, profile)
     served = log.read_text()
     why = f"{result.describe()}\nserver:\n{served}"
     assert result["control"].status == 200, why

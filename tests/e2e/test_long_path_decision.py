@@ -23,7 +23,7 @@ import shutil
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -87,11 +87,7 @@ def test_a_long_path_does_not_stall_other_requests(net, tmp_path, profile):
         "during": sandbox.curl(f"{url}/public/ok", timeout=5),
     }
     argv = [php, "-S", f"{IP}:{PORT}", str(tmp_path / "router.php")]
-    with internet_servers(net, [argv], [f"{IP}:{PORT}"]):
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
+    result = run_beside(net, tmp_path, [argv], [f"{IP}:{PORT}"], steps, rules, profile)
     why = result.describe()
     assert result["before"].status == 200, why
     assert result["delete"].status == 403, why

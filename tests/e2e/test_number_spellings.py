@@ -26,7 +26,7 @@ import sys
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -132,11 +132,9 @@ def test_a_denied_object_is_not_reached_by_another_spelling_of_its_number(net, t
         f"http://allowed.test:{FLASK}/projects/%E0%A5%AA%E0%A5%A8"
     )
     argv = [sys.executable, str(app), IP, str(FLASK), str(DJANGO), str(log)]
-    with internet_servers(net, [argv], [f"{IP}:{FLASK}", f"{IP}:{DJANGO}"]):
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
+    result = run_beside(
+        net, tmp_path, [argv], [f"{IP}:{FLASK}", f"{IP}:{DJANGO}"], steps, rules, profile
+    )
     ran = log.read_text()
     why = f"{result.describe()}\nserver:\n{ran}"
     for label in ("flask", "django"):
@@ -226,11 +224,7 @@ def test_a_denied_spring_object_is_not_reached_by_another_spelling_of_its_number
     }
     argv = ["java", "-Djava.net.preferIPv4Stack=true", "-cp", f"{cp}:{tmp_path}", "SpringApp"]
     argv += [IP, str(SPRING), str(log)]
-    with internet_servers(net, [argv], [f"{IP}:{SPRING}"]):
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
+    result = run_beside(net, tmp_path, [argv], [f"{IP}:{SPRING}"], steps, rules, profile)
     ran = log.read_text()
     why = f"{result.describe()}\nserver:\n{ran}"
     assert "SPRING ran project 7" in result["honest"].out, why
@@ -304,11 +298,7 @@ def test_a_denied_rails_record_is_not_reached_by_another_spelling_of_its_id(net,
         "space": sandbox.curl(f"{url}/%2042"),  # String#to_i skips leading spaces
     }
     argv = ["ruby", str(app), IP, str(RAILS), str(log), str(tmp_path / "projects.sqlite3")]
-    with internet_servers(net, [argv], [f"{IP}:{RAILS}"]):
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
+    result = run_beside(net, tmp_path, [argv], [f"{IP}:{RAILS}"], steps, rules, profile)
     ran = log.read_text()
     why = f"{result.describe()}\nserver:\n{ran}"
     assert "RAILS ran project 7" in result["honest"].out, why

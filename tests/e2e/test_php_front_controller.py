@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -108,11 +108,7 @@ def test_a_denied_route_is_not_reached_through_the_front_controller(net, tmp_pat
         "front_admin_users": sandbox.curl(f"{url}/index.php/admin/users"),
     }
     argv = ["env", f"SERVED_LOG={log}", php, "-S", f"{IP}:{PORT}", "-t", str(web)]
-    with internet_servers(net, [argv], [f"{IP}:{PORT}"]):
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
+    result = run_beside(net, tmp_path, [argv], [f"{IP}:{PORT}"], steps, rules, profile)
     ran = log.read_text()
     why = f"{result.describe()}\nserver:\n{ran}"
     assert "PUBLIC-OK ran for GET /public/ok" in result["honest"].out, why

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -111,11 +111,9 @@ def test_a_denied_path_is_not_reached_through_unicode_case_folding(net, tmp_path
         steps[f"kelvin_{via}"] = sandbox.curl(url("/public/%E2%84%AAeys", tls))
     argv = ["env", f"NODE_PATH={NODE_PATH}", node, str(app), IP, str(PLAIN), str(TLS), str(log)]
     argv += [str(net.workdir / "server.pem"), str(net.workdir / "server.key")]
-    with internet_servers(net, [argv], [f"{IP}:{PLAIN}", f"{IP}:{TLS}"]):
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
+    result = run_beside(
+        net, tmp_path, [argv], [f"{IP}:{PLAIN}", f"{IP}:{TLS}"], steps, rules, profile
+    )
     ran = log.read_text()
     why = f"{result.describe()}\nfastify:\n{ran}"
     for via in ("plain", "tls"):
@@ -194,11 +192,9 @@ def test_a_denied_django_view_is_not_reached_through_unicode_case_folding(net, t
         steps[f"dotted_i_{via}"] = sandbox.curl(url("/adm%C4%B0n/users", tls))
     argv = [DJANGO_PYTHON, str(app), IP, str(PLAIN), str(TLS), str(log)]
     argv += [str(net.workdir / "server.pem"), str(net.workdir / "server.key")]
-    with internet_servers(net, [argv], [f"{IP}:{PLAIN}", f"{IP}:{TLS}"]):
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
+    result = run_beside(
+        net, tmp_path, [argv], [f"{IP}:{PLAIN}", f"{IP}:{TLS}"], steps, rules, profile
+    )
     ran = log.read_text()
     why = f"{result.describe()}\ndjango:\n{ran}"
     for via in ("plain", "tls"):

@@ -166,6 +166,17 @@ def internet_servers(net, commands: list[list[str]], listens: list[str]) -> Iter
                 process.wait()
 
 
+def run_beside(net, tmp_path: Path, commands, listens, steps, rules: Path, profile: str):
+    """`steps` run in a sandbox of `profile` under the rule file `rules` (after a
+    lookup of allowed.test), with `commands` up in the fake internet (internet_servers):
+    the result (sandbox.run)."""
+    with internet_servers(net, commands, listens):
+        return sandbox.run(
+            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
+            rules=rules, extra=("--profile", profile),
+        )  # fmt: skip
+
+
 @contextlib.contextmanager
 def nginx_server(net, workdir: Path, http: str, listens: list[str]) -> Iterator[None]:
     """An nginx of the test's own in the fake internet's namespace, `http` what its

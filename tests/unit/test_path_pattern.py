@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sandgate.proxy.policy.load import _compile_paths
 from sandgate.proxy.policy.model import PathPattern
 
-SEGMENTS = ["a", "b", "A", "ab", "**", "*", "a*", "*b", "*.x", "a.x", "%41"]
+SEGMENTS = ["a", "b", "A", "ab", "**", "*", "a*", "*b", "*.x", "a.x", "%41", "42", "0", "4*"]
 globs = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=5).map(
     lambda parts: "/" + "/".join(parts)
 )

@@ -279,7 +279,16 @@ profiles:
         pytest.param("/projects/42-my-project", "rule_deny", id="rails-to-i"),
         pytest.param("/projects/%D9%A4%D9%A2", "rule_deny", id="arabic-indic"),
         pytest.param("/projects/%E0%A5%AA%E0%A5%A8/x", "rule_deny", id="devanagari"),
+        pytest.param("/projects/4_2", "rule_deny", id="python-underscore"),
+        pytest.param("/projects/0x2a", "rule_deny", id="hex"),
+        pytest.param("/projects/%232A", "rule_deny", id="spring-hash-hex"),
+        pytest.param("/projects/4%202", "rule_deny", id="spring-strips-blanks"),
+        pytest.param("/projects/0b101010", "rule_deny", id="js-binary"),
+        pytest.param("/projects/0o52", "rule_deny", id="js-octal"),
+        pytest.param("/projects/%E2%80%A842", "rule_deny", id="unicode-blank"),
+        pytest.param("/projects/42_", "rule_deny", id="to-i-stops"),
         pytest.param("/projects/421", "rule_allow", id="another-number"),
+        pytest.param("/projects/0x2ab", "rule_allow", id="another-hex-number"),
         pytest.param("/projects/4", "rule_allow", id="a-prefix-of-it"),
         pytest.param("/v1x2/x", "rule_deny", id="digits-beside-a-star-are-text"),
         pytest.param("/v13/x", "rule_allow", id="digits-beside-a-star-are-text-too"),
@@ -296,3 +305,29 @@ def test_a_deny_takes_other_spellings_of_its_numbers_and_routes(tmp_path, target
     rules = tmp_path / "rules.yaml"
     rules.write_text(NUMBER_AND_SCRIPT_RULES)
     assert outcome(load_policy([rules]), target) == expected
+
+
+def test_a_number_beside_two_wildcards_loads_and_decides(tmp_path):
+    """RE2 has no lookahead: a number segment written with one made every request of
+    a rule that also has two wildcards an internal error (a red team, session 51). The
+    pattern is compiled at the load now, so that such a rule would fail there."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "version: 1\nprofiles:\n  default:\n    rules:\n      - deny: allowed.test\n"
+        '        paths: ["/*/42/*", "/**/x/**/y/**"]\n      - allow: allowed.test\n'
+        '        methods: [GET]\n        paths: ["/**"]\n'
+    )
+    policy = load_policy([rules])
+    assert outcome(policy, "/a/042/b") == "rule_deny"
+    assert outcome(policy, "/q/x/r/y/s") == "rule_deny"
+    assert outcome(policy, "/a/43/b") == "rule_allow"
+
+
+def test_a_path_of_many_script_names_has_a_few_readings():
+    """A reading behind each script's name made a 64 KiB path of them quadratic (11 s
+    of the loop): behind the first and the last only."""
+    from sandgate.proxy.policy.names import path_readings
+
+    readings = path_readings("/" + "a.php/" * 10_000 + "admin")
+    assert len(readings.denied) <= 3
+    assert "/admin" in readings.denied
