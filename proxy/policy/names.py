@@ -611,9 +611,10 @@ def path_readings(path: str) -> PathReadings:
     and its cut: the decoded form would refuse a glob written escaped (`/c%2B%2B/**`)."""
     canonical = parse_path(path)
     if "%" not in canonical:
+        denied = (canonical,)
         if "." in canonical and _SCRIPT.search(canonical):
-            return PathReadings(canonical, _behind_scripts((canonical,)), (canonical,))
-        return PathReadings(canonical, (canonical,), (canonical,))
+            denied = _behind_scripts(denied)
+        return PathReadings(canonical, _as_numbers(denied), denied[:1])
     plain = decoded_printable(canonical)
     cut, cut_plain = _CUT.split(canonical, 1)[0] or "/", _CUT.split(plain, 1)[0] or "/"
     allowed = tuple(dict.fromkeys((canonical, cut)))
@@ -621,7 +622,7 @@ def path_readings(path: str) -> PathReadings:
     if _NON_ASCII_ESCAPES.search(plain):  # and as a server folding case reads it
         fold = folded(plain)
         denied += (fold, _FOLDED_CUT.split(fold, 1)[0] or "/")
-    return PathReadings(canonical, _behind_scripts(denied), allowed)
+    return PathReadings(canonical, _as_numbers(_behind_scripts(denied)), allowed)
 
 
 # A script's name followed by more path: PHP, CGI and the like run the script with the
@@ -646,6 +647,44 @@ def _behind_scripts(readings: tuple[str, ...]) -> tuple[str, ...]:
             if ends:
                 behind += (reading[ends[0] :], reading[ends[-1] :])
     return tuple(dict.fromkeys((*readings, *behind)))
+
+
+# A segment that begins with a decimal number written with a point or an exponent:
+# JavaScript's Number() and parseFloat(), PHP's (int) and `==`, MySQL comparing a
+# string with an integer column and Python's float() read `4.2e1`, `420e-1`, `.42e2`
+# and `41.99999999999999999` (rounded) as 42, where an integer's reading
+# (load._number) stops at the point. Any blanks or `+` before it (the folded reading
+# has a space for other blanks and the byte order mark); `_` between digits (float()).
+_POINT_OR_EXPONENT = re.compile(r"[0-9]\.|\.[0-9]|[0-9][eE]")
+_DECIMAL_SEGMENT = re.compile(
+    r"(?<=/)[ +]*((?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][+-]?[0-9]+)?)"
+)
+_EXACT_IN_A_DOUBLE = 2**53
+
+
+def _as_numbers(readings: tuple[str, ...]) -> tuple[str, ...]:
+    """`readings`, and each with its segments that a decimal parser reads as a whole
+    number written as that number (`/projects/4.2e1` as `/projects/42`), for a deny's
+    number segment to take (a red team's "left alone", session 51, closed in 52)."""
+    more = tuple(
+        _DECIMAL_SEGMENT.sub(_as_whole_number, reading)
+        for reading in readings
+        if _POINT_OR_EXPONENT.search(reading)
+    )
+    return tuple(dict.fromkeys((*readings, *more))) if more else readings
+
+
+def _as_whole_number(match: re.Match[str]) -> str:
+    literal = match.group(1)
+    if "." not in literal and "e" not in literal and "E" not in literal:
+        return match.group()  # an integer: the deny's number segment reads it as written
+    try:
+        value = float(literal.replace("_", ""))  # linear in its length, rounded as Number()
+    except ValueError:
+        return match.group()
+    if not value.is_integer() or value > _EXACT_IN_A_DOUBLE:
+        return match.group()
+    return str(int(value))
 
 
 # --- host:port -----------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from support import sandbox
@@ -199,7 +200,6 @@ def test_a_denied_spring_object_is_not_reached_by_another_spelling_of_its_number
     net, tmp_path, profile
 ):
     import shutil
-    from pathlib import Path
 
     jars = [Path("/usr/share/java") / f"{name}.jar" for name in JARS]
     if not shutil.which("javac") or not all(j.exists() for j in jars):
@@ -305,4 +305,91 @@ def test_a_denied_rails_record_is_not_reached_by_another_spelling_of_its_id(net,
     assert result["control"].status == 403, why
     passed = {label for label in steps if result[label].status == 200}
     assert passed == {"honest"}, why
+    assert "ran project 42" not in ran, why
+
+
+# Decimal parsers (session 52): Fastify 4's `Number(request.params.id)` (the common
+# `const id = Number(req.params.id)` idiom of Node routers) and PHP 8's `(int)` of a
+# path segment read `4.2e1`, `420e-1`, `.42e2` and `41.99999999999999999` (rounded
+# to the nearest double) as 42; Number() also skips a byte order mark, PHP's (int) and
+# MySQL any text after the number (`4.2e1abc`). An integer's reading stops at the
+# point: the deny took none of them.
+NODE_PATH = str(Path(__file__).parents[2] / ".venv" / "node" / "node_modules")
+NODE, PHP = 8092, 8093
+
+NODE_APP = r"""
+const fs = require('fs');
+const [ip, port, log] = process.argv.slice(2);
+const app = require('fastify')();
+app.get('/projects/:id', async (request, reply) => {
+  const id = Number(request.params.id);
+  if (!Number.isInteger(id) || id < 1 || id > 50) { reply.code(404); return 'no such project\n'; }
+  const line = `NODE ran project ${id} for ${request.url}\n`;
+  fs.appendFileSync(log, line);
+  return line;
+});
+app.listen({ host: ip, port: +port });
+"""
+
+PHP_APP = r"""<?php
+$path = parse_url($_SERVER["REQUEST_URI"], PHP_URL_PATH);
+if (!preg_match('#^/projects/([^/]+)$#', $path, $m)) { http_response_code(404); exit; }
+$id = (int) urldecode($m[1]);
+if ($id < 1 || $id > 50) { http_response_code(404); echo "no such project\n"; exit; }
+$line = "PHP ran project $id for {$_SERVER['REQUEST_URI']}\n";
+file_put_contents(getenv("SERVED_LOG"), $line, FILE_APPEND);
+echo $line;
+"""
+
+DECIMAL_SPELLINGS = {
+    "exponent": "4.2e1",
+    "exponent_plus": "4.2E%2B1",
+    "negative_exponent": "420e-1",
+    "leading_point": ".42e2",
+    "tiny_mantissa": "0.0000000000000000000000000000000042e34",
+    "rounded_up": "41.99999999999999999",
+}
+
+
+@pytest.mark.parametrize("profile", ["door", "engine"])
+def test_a_denied_object_is_not_reached_by_a_decimal_spelling_of_its_number(net, tmp_path, profile):
+    import os
+    import shutil
+
+    node, php = shutil.which("node"), shutil.which("php")
+    env = {**os.environ, "NODE_PATH": NODE_PATH}
+    if (
+        not node
+        or not php
+        or subprocess.run([node, "-e", "require('fastify')"], env=env).returncode
+    ):
+        pytest.skip("needs node, fastify 4 and php-cli (scripts/install.sh --test)")
+    (tmp_path / "app.js").write_text(NODE_APP)
+    (tmp_path / "index.php").write_text(PHP_APP)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace(f"{FLASK}, {DJANGO}", f"{NODE}, {PHP}"))
+    log = tmp_path / "served.log"
+    log.write_text("")
+    steps = {}
+    for label, port in (("node", NODE), ("php", PHP)):
+        url = f"http://allowed.test:{port}/projects"
+        steps[f"{label}_honest"] = sandbox.curl(f"{url}/7")
+        steps[f"{label}_control"] = sandbox.curl(f"{url}/42")
+        for spelling, segment in DECIMAL_SPELLINGS.items():
+            steps[f"{label}_{spelling}"] = sandbox.curl(f"{url}/{segment}")
+    steps["node_byte_order_mark"] = sandbox.curl(f"http://allowed.test:{NODE}/projects/%EF%BB%BF42")
+    steps["php_text_after"] = sandbox.curl(f"http://allowed.test:{PHP}/projects/4.2e1abc")
+    commands = [
+        ["env", f"NODE_PATH={NODE_PATH}", node, str(tmp_path / "app.js"), IP, str(NODE), str(log)],
+        ["env", f"SERVED_LOG={log}", php, "-S", f"{IP}:{PHP}", str(tmp_path / "index.php")],
+    ]
+    listens = [f"{IP}:{NODE}", f"{IP}:{PHP}"]
+    result = run_beside(net, tmp_path, commands, listens, steps, rules, profile)
+    ran = log.read_text()
+    why = f"{result.describe()}\nserver:\n{ran}"
+    for label in ("node", "php"):
+        assert f"{label.upper()} ran project 7" in result[f"{label}_honest"].out, why
+        assert result[f"{label}_control"].status == 403, why
+    passed = {label for label in steps if result[label].status == 200}
+    assert passed == {"node_honest", "php_honest"}, why
     assert "ran project 42" not in ran, why
