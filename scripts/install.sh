@@ -29,6 +29,9 @@ if [[ "${1:-}" == "--test" ]]; then
   # a Symfony front controller (test_php_front_controller), ActiveRecord ids on SQLite (test_number_spellings)
   packages+=(php-symfony-http-foundation php-symfony-routing ruby-activerecord ruby-sqlite3)
   command -v npm >/dev/null || packages+=(npm)  # Fastify, a router that folds Unicode case (test_unicode_case_routers)
+  # handlers by other names: CherryPy's punctuation, Pyramid's views, Falcon's sinks, Plack's
+  # x-tunneled-method (test_handler_name_punctuation, test_prefix_route_denies, ...)
+  packages+=(python3-cherrypy3 python3-pyramid python3-falcon libdancer2-perl libplack-middleware-methodoverride-perl)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -126,7 +126,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "ambiguous-path",
         (R.AMBIGUOUS_PATH,),
         "a request path a server may read otherwise than the gateway decided it: '#', a backslash, "
-        "';', '//', dot segments, %2F %5C %2E %3B, encoded controls or invalid UTF-8, raw non-ASCII; "
+        "';', '//', dot segments (also where %2F is read as '/'), %5C %2E %3B, encoded controls or "
+        "invalid UTF-8, raw non-ASCII; "
         "or an X-Original-URL or X-Rewrite-URL naming such a path, or one the rules would not allow; "
         "or a mount point (SCRIPT_NAME, PATH_INFO, X-Script-Name, X-Forwarded-Prefix) a server "
         "takes off the path before routing it",
@@ -135,7 +136,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "ambiguous-method",
         (R.AMBIGUOUS_METHOD,),
         "a request whose X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override header, or "
-        "`_method` query parameter, names another method than its own that the rules would "
+        "a query parameter naming a method (`_method`, `x-tunneled-method`...), names another "
+        "method than its own that the rules would "
         "not allow there, or a value that is not one method: servers that honour overrides would "
         "run that method, not the one decided",
     ),

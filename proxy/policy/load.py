@@ -35,6 +35,7 @@ import gc
 import hashlib
 import os
 import re
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -970,11 +971,15 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
     info `/x` in Apache, PHP and every CGI server), and with any suffix after a `.`
     (`/admin.json`: Spring MVC to 5.2 maps every `/p` as `/p.*`, Rails as
     `/p(.:format)`; a red team, session 51): a deny must hold wherever a server serves
-    the resource it names."""
+    the resource it names. Its segments named with an extension take their stem too
+    (_stem: `/org/secret.git/**` takes `/org/secret/info/refs`)."""
     parts = []
+    if any("%2F" in glob for glob in globs):  # and with an escaped '/' read as one
+        globs = tuple(dict.fromkeys([*globs, *(glob.replace("%2F", "/") for glob in globs)]))
     if deny:  # escaped as written and as a decoding server reads it (names.path_readings)
         plain = [decoded_printable(glob) for glob in globs]
         globs = tuple(dict.fromkeys([*globs, *plain, *map(folded, plain)]))
+        globs = tuple(dict.fromkeys([*globs, *map(_stem, globs)]))
     below = "(?:[/.].*)?"  # a deny's: what it names, and below it or a suffix of it
     linear = False  # some glob has two wildcards before its end: RE2 (PathPattern)
     for glob in globs:
@@ -1008,6 +1013,26 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
     return PathPattern(re.compile("|".join(f"(?:{p})" for p in parts), flags), linear)
 
 
+# A segment's extensions: each a `.` then letters, digits, `_` or `-` with a letter
+# among them, to the segment's end, after something that is not a `.` (`secret.git`,
+# `gem.json`, `x.tar.gz`, `backup.7z`; not `v1.2`, `.git`).
+_EXTENSION = re.compile(r"(?<=[^/.])(?:\.[a-z0-9_-]*[a-z][a-z0-9_-]*)+$", re.IGNORECASE)
+
+
+def _stem(glob: str) -> str:
+    """`glob` with the extensions of each segment that names them (no `*` in it) taken
+    off: servers serve the same resource by its stem. git http-backend, GitHub, GitLab
+    and Gitea serve `/org/secret` as the repository `secret.git`; Rails' `(.:format)`
+    serves `/gems/secret.json` also as `/gems/secret` and `/gems/secret.yaml`; Apache's
+    MultiViews serves `/dl/x` for `x.tar.gz` (a red team, session 52). The deny's tail
+    then takes the stem with any suffix, so a deny of `/static/app.js` takes
+    `/static/app.css` too, and one of `/org/socket.io.git` takes `/org/socket`: the
+    price, as `/lodash` takes `/lodash.merge`."""
+    return "/".join(
+        segment if "*" in segment else _EXTENSION.sub("", segment) for segment in glob.split("/")
+    )
+
+
 def _denied_literal(piece: str, after_star: bool, before_star: bool) -> str:
     """A deny glob's text between wildcards as a regex: as written, but a whole segment
     of digits as every spelling of its number that servers' number parsers read so
@@ -1021,8 +1046,21 @@ def _denied_literal(piece: str, after_star: bool, before_star: bool) -> str:
         if whole and segment.isascii() and segment.isdigit():
             segments[at] = _number(int(segment))
         else:
-            segments[at] = re.escape(segment)
+            segments[at] = "".join(
+                _ANY_PUNCTUATION if char in _PUNCTUATION else re.escape(char) for char in segment
+            )
     return "/".join(segments)
+
+
+# ASCII punctuation but `/` and `%` (a segment's break, an escape's start). CherryPy's dispatcher (and TurboGears' crank) reads each of
+# them in a segment as `_`: `/admin-panel`, `/admin~panel` and `/admin%7Bpanel` run
+# the handler `admin_panel` (a red team, session 52); PyPI (PEP 503) reads `-`, `_`
+# and `.` alike in a project's name, crates.io `-` and `_`. In a deny glob each one
+# stands for any of them.
+# Requests keep `%`, `#` and `?` escaped (names._KEPT_ESCAPED), which cheroot decodes
+# before CherryPy reads them as `_` too.
+_PUNCTUATION = frozenset(string.punctuation) - {"/", "%"}
+_ANY_PUNCTUATION = "(?:[" + re.escape("".join(sorted(_PUNCTUATION))) + "]|%2[35]|%3F)"
 
 
 def _number(value: int) -> str:

@@ -190,9 +190,11 @@ class Rule:
     # it applies to must be intercepted to enforce it. Computed, and kept as a
     # plain attribute: decide() reads it for every candidate rule.
     inspects: bool = field(init=False, compare=False, repr=False)
-    # The methods a request is matched on: `methods`, and for a deny of GET, HEAD too:
-    # every server framework a red team tried (session 51: Spring, Rails, Express,
-    # Fastify, Go, Django, Sinatra, Tomcat) runs the GET handler for a HEAD.
+    # The methods a request is matched on: `methods`, and for a deny of GET, HEAD and
+    # OPTIONS too: every server framework a red team tried (session 51: Spring, Rails,
+    # Express, Fastify, Go, Django, Sinatra, Tomcat) runs the GET handler for a HEAD,
+    # and CherryPy's handlers and Pyramid's views without a method predicate run for
+    # any method (session 52); no read of a denied resource needs its preflight.
     matched_methods: frozenset[str] | None = field(init=False, compare=False, repr=False)
     # decide()'s memo, filled on first use: the Decision this rule gives when it
     # answers alone (allowed or denied by it; for a fallback, no rule matched), and
@@ -204,7 +206,7 @@ class Rule:
         object.__setattr__(self, "inspects", self.methods is not None or self.paths is not None)
         methods = self.methods
         if methods is not None and self.action is Verdict.DENY and "GET" in methods:
-            methods = methods | {"HEAD"}
+            methods = methods | {"HEAD", "OPTIONS"}
         object.__setattr__(self, "matched_methods", methods)
 
     @property

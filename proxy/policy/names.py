@@ -606,23 +606,36 @@ def path_readings(path: str) -> PathReadings:
     (`/%40internal` past a deny of `/@internal/**`); and each cut at its first `%23` or
     `%3F`, where a proxy that decodes the path once and passes it on (nginx's
     `proxy_pass http://app$uri`, HAProxy's `url_dec`, Apache's `[P,NE]`) makes it end
-    (`/admin/secret.txt%23.tar.gz` under an allow of `/**/*.tar.gz`). A deny takes the
-    request if it matches any; an allow (or ask) only if it matches the canonical form
-    and its cut: the decoded form would refuse a glob written escaped (`/c%2B%2B/**`)."""
+    (`/admin/secret.txt%23.tar.gz` under an allow of `/**/*.tar.gz`); and each with an
+    escaped '/' read as one. A deny takes the request if it matches any; an allow (or
+    ask) only if it matches the canonical form, its cut, and those with '/' read: the
+    decoded form would refuse a glob written escaped (`/c%2B%2B/**`)."""
     canonical = parse_path(path)
     if "%" not in canonical:
         denied = (canonical,)
         if "." in canonical and _SCRIPT.search(canonical):
             denied = _behind_scripts(denied)
-        return PathReadings(canonical, _as_numbers(denied), denied[:1])
+        if "/@@" in canonical:
+            denied = _as_views(denied)
+        if _POINT_OR_EXPONENT.search(canonical):  # and so in every reading behind scripts
+            denied = _as_numbers(denied)
+        return PathReadings(canonical, denied, (canonical,))
     plain = decoded_printable(canonical)
     cut, cut_plain = _CUT.split(canonical, 1)[0] or "/", _CUT.split(plain, 1)[0] or "/"
-    allowed = tuple(dict.fromkeys((canonical, cut)))
+    allowed = (canonical, cut)
     denied = (canonical, plain, cut, cut_plain)
     if _NON_ASCII_ESCAPES.search(plain):  # and as a server folding case reads it
         fold = folded(plain)
         denied += (fold, _FOLDED_CUT.split(fold, 1)[0] or "/")
-    return PathReadings(canonical, _as_numbers(_behind_scripts(denied)), allowed)
+    if "%2F" in canonical:
+        # An escaped '/' is part of a name to some servers (npm's `/@scope%2fname`,
+        # GitLab's `/projects/group%2Fname`) and a segment break to those that decode
+        # before they route (nginx): each reading in both (request_head refuses the
+        # paths where that makes an empty or dot segment).
+        allowed += tuple(reading.replace("%2F", "/") for reading in allowed)
+        denied += tuple(reading.replace("%2F", "/") for reading in denied)
+    denied = _as_numbers(_as_views(_behind_scripts(denied)))
+    return PathReadings(canonical, denied, tuple(dict.fromkeys(allowed)))
 
 
 # A script's name followed by more path: PHP, CGI and the like run the script with the
@@ -647,6 +660,14 @@ def _behind_scripts(readings: tuple[str, ...]) -> tuple[str, ...]:
             if ends:
                 behind += (reading[ends[0] :], reading[ends[-1] :])
     return tuple(dict.fromkeys((*readings, *behind)))
+
+
+def _as_views(readings: tuple[str, ...]) -> tuple[str, ...]:
+    """`readings`, and each with the `@@` that starts a segment taken off: Pyramid's
+    traversal (and Zope's) reads `/@@admin` as the view `admin`, which a deny of
+    `/admin/**` names (a red team, session 52)."""
+    more = tuple(reading.replace("/@@", "/") for reading in readings if "/@@" in reading)
+    return tuple(dict.fromkeys((*readings, *more))) if more else readings
 
 
 # A segment that begins with a decimal number written with a point or an exponent:

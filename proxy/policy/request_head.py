@@ -26,8 +26,9 @@ server picks. Checks, first failure wins:
  6. overrides: fields a server may serve the request by instead of its own method,
     path or host, naming another one, are kept in `overrides`, and the gate decides
     the request for each of them too, refusing it where one would not be allowed:
-    a method (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, a `_method`
-    query parameter: a POST becomes a DELETE) -> ambiguous_method; a path
+    a method (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, a query
+    parameter `_method`, `x-tunneled-method`...: a POST becomes a DELETE) ->
+    ambiguous_method; a path
     (X-Original-URL, X-Rewrite-URL: IIS's URL Rewrite, Symfony and Zend before 2018;
     WebDAV's Destination, the path a COPY or MOVE writes: an absolute URI, whose
     authority is a host override too) -> ambiguous_path, also when the path named is
@@ -69,8 +70,13 @@ _FIELD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _PATH_BYTES = re.compile(r"[!$&'()*+,\-./0-9:=@A-Z_a-z~%]*")
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|%([0-9A-Fa-f]{2})")
 _QUERY_BYTES = re.compile(r"[\x21-\x22\x24-\x7e]*")  # visible ASCII without '#'
-# Escapes a server may decode before splitting or resolving the path: /, \, ., ;
-_STRUCTURAL_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
+# Escapes a server may decode before splitting or resolving the path: \, ., ;. An
+# escaped '/' is decided in both readings (names.path_readings), where that makes no
+# empty or dot segment.
+_STRUCTURAL_ESCAPES = {0x5C: "%5C", 0x2E: "%2E", 0x3B: "%3B"}
+_ESCAPED_SLASH = re.compile(r"%2[Ff]")
+_ESCAPED_END = re.compile(r"%(?:23|3[Ff])")  # '#' and '?': where a decoded path ends
+_FOLDED_END = re.compile(r"%(?:23|3[Ff])|[?#]")  # `？` (U+FF1F) folds to '?'
 _HEX_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _ESCAPED_PERCENT = re.compile(r"%25")
 _ABSOLUTE = re.compile(r"(?i)(https?)://([^/?#]*)(.*)")
@@ -116,6 +122,18 @@ _READ_FIELDS = frozenset(
 # name, turns ' ' and '.' into '_' and ends it at a NUL: `?.method=DELETE` is its
 # `_method`; so are `_method%00x=DELETE` and `_method[]=DELETE` (an array of that name).
 # Node's qs (Express 4's req.query) and Rack read `[_method]=DELETE` as `_method`.
+# The names: `_method` (Rails, Laravel, Symfony, Express's method-override, Hono),
+# `x-tunneled-method` (Plack's MethodOverride, Catalyst's REST ForBrowsers; a red team,
+# session 52), `x-http-method-override` (Play 1), `_HttpMethod` (Salesforce's REST
+# API); and `method` (Restlet's tunnel) where it names a method: APIs use it for
+# their own calls (`?method=artist.getInfo`).
+_QUERY_METHOD_NAMES = frozenset(
+    {"_method", "x-tunneled-method", "x-http-method-override", "_httpmethod"}
+)
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+     "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK"}
+)  # fmt: skip
 _QUERY_PARAM = re.compile(r"[^&;]+")
 _UNBRACKETED = re.compile(r"[^\[\]]+")
 _PHP_MANGLED = str.maketrans(" .", "__")
@@ -371,8 +389,9 @@ def path_problem(path: str) -> str | None:
     alike.
 
     Refused: not starting with '/'; '#'; a backslash; ';' (path parameters); an
-    empty segment ('//') other than a trailing '/'; '.' or '..' segments; escapes
-    of '/', '\\', '.', ';' (%2F %5C %2E %3B, any case); escapes of control bytes;
+    empty segment ('//') other than a trailing '/'; '.' or '..' segments, also where
+    an escaped '/' (%2F) is read as one; escapes of '\\', '.', ';' (%5C %2E %3B, any
+    case); escapes of control bytes;
     escaped bytes that are not strict UTF-8 (overlong forms like %C0%AF); an escaped
     '%' that forms an escape once decoded (%2561); a '%' without two hex digits;
     spaces, controls or raw non-ASCII characters."""
@@ -406,7 +425,7 @@ def _escape_problem(path: str) -> str | None:
             run.clear()
         end = match.end()
         if byte in _STRUCTURAL_ESCAPES:
-            return f"an encoded '/', '\\', '.' or ';' ({_STRUCTURAL_ESCAPES[byte]})"
+            return f"an encoded '\\', '.' or ';' ({_STRUCTURAL_ESCAPES[byte]})"
         if byte < 0x20 or byte == 0x7F:
             return "an encoded control character"
         if byte >= 0x80:
@@ -418,9 +437,27 @@ def _escape_problem(path: str) -> str | None:
             run.clear()
     if run and (problem := _run_problem(run)):
         return problem
-    if high and any(s in (".", "..") for s in folded(path).split("/")):
-        # `‥` (U+2025), `．．`: a dot segment to a server that normalises NFKC
-        return "escaped characters a server may read as a '.' or '..' segment"
+    if _ESCAPED_SLASH.search(path):
+        # npm's `/@scope%2fname` is one name to the registry, two segments to a server
+        # that decodes before it routes (nginx): decided in both readings, it must make
+        # no segment such a server would resolve or merge
+        path = _ESCAPED_SLASH.sub("/", path)
+        if "//" in path:
+            return "an encoded '/' (%2F) that makes an empty segment"
+        if any(s in (".", "..") for s in path.split("/")):
+            return "an encoded '/' (%2F) that makes a '.' or '..' segment"
+    if _ESCAPED_END.search(path) and _ends_in_a_dot_segment(_ESCAPED_END.split(path, 1)[0]):
+        # A proxy that decodes the path once (nginx's `$uri`) ends it there: `/public/..%3F`
+        # is `/public/..?` to the next server, which resolves it to `/` (a red team,
+        # session 52).
+        return "an encoded '?' or '#' that ends a '.' or '..' segment"
+    if high:
+        fold = folded(path)
+        if any(s in (".", "..") for s in fold.split("/")) or _ends_in_a_dot_segment(
+            _FOLDED_END.split(fold, 1)[0]
+        ):
+            # `‥` (U+2025), `．．`: a dot segment to a server that normalises NFKC
+            return "escaped characters a server may read as a '.' or '..' segment"
     if _ESCAPED_PERCENT.search(path) and _HEX_ESCAPE.search(unquote(path)):
         # A proxy that decodes the path once and passes it on unescaped (Apache's
         # `RewriteRule ... [P,NE]`) has its server decode it again: `/%2561dmin` is
@@ -428,6 +465,10 @@ def _escape_problem(path: str) -> str | None:
         # escape: 15,000 `%25` took the loop two minutes.
         return "an escaped '%' that makes an escape once decoded ('%2561' is '%61')"
     return None
+
+
+def _ends_in_a_dot_segment(path: str) -> bool:
+    return path.endswith(("/.", "/.."))
 
 
 def _run_problem(run: bytearray) -> str | None:
@@ -550,10 +591,11 @@ def _overrides(
             # name (`[_method]=`, `[_method]x=`): the first run of it without brackets.
             name = unquote_plus(key).split("\x00", 1)[0].lstrip(" ")
             name = first.group() if (first := _UNBRACKETED.search(name)) else ""
-            if name.translate(_PHP_MANGLED).strip().lower() == "_method":
+            name = name.translate(_PHP_MANGLED).strip().lower()
+            if name in _QUERY_METHOD_NAMES or name == "method":
                 named = unquote_plus(value).strip().upper()
-                if named != method:
-                    found.append(("the query's _method", "method", named[:40]))
+                if named != method and (name != "method" or named in _METHODS):
+                    found.append((f"the query's {name}", "method", named[:40]))
     return tuple(found)
 
 

@@ -75,8 +75,13 @@ def outcome(policy, target: str, method: str = "GET", *fields: tuple[str, str]) 
         # percent-encoding: unreserved escapes are decoded before matching
         pytest.param("/public/%73ecret", "rule_deny", id="escaped-letter"),
         pytest.param("/public/%53ECRET", "rule_deny", id="escaped-upper"),
-        pytest.param("/public%2Fsecret", "ambiguous_path", id="escaped-slash"),
-        pytest.param("/public%2fsecret", "ambiguous_path", id="escaped-slash-lower"),
+        # an escaped '/': one name (npm's `@scope%2fname`) or a segment break (nginx)
+        pytest.param("/public%2Fsecret", "rule_deny", id="escaped-slash"),
+        pytest.param("/public%2fsecret", "rule_deny", id="escaped-slash-lower"),
+        pytest.param("/public/a%2Fb", "rule_allow", id="escaped-slash-allowed-both-ways"),
+        pytest.param("/public%2Fok", "path_not_allowed", id="escaped-slash-allowed-one-way"),
+        pytest.param("/public/ok%2F..%2Fsecret", "ambiguous_path", id="escaped-slash-dot-dot"),
+        pytest.param("/public/%2Fsecret", "ambiguous_path", id="escaped-slash-empty"),
         pytest.param("/public/%2e%2e/private/key", "ambiguous_path", id="escaped-dots"),
         # An escape once decoded: a proxy that decodes before passing on (Apache's
         # mod_rewrite [P,NE]) has its server read /public/secret.
@@ -155,7 +160,14 @@ def test_each_spelling_of_a_denied_path(policy, target, expected):
         pytest.param("POST", "/public/ok?+_method=DELETE", [], "ambiguous_method", id="php-query-plus"),
         pytest.param("POST", "/public/ok?_method[]=DELETE", [], "ambiguous_method", id="php-query-array"),
         pytest.param("POST", "/public/ok?_method%00x=DELETE", [], "ambiguous_method", id="php-query-nul"),
-        pytest.param("POST", "/public/ok?[method=DELETE&x.method=PUT", [], "rule_allow", id="php-other-keys"),
+        pytest.param("POST", "/public/ok?[methods=DELETE&x.method=PUT", [], "rule_allow", id="php-other-keys"),
+        # other frameworks' names (session 52)
+        pytest.param("POST", "/public/ok?x-tunneled-method=DELETE", [], "ambiguous_method", id="plack-tunneled"),
+        pytest.param("POST", "/public/ok?x%2Dtunneled-method=delete", [], "ambiguous_method", id="plack-tunneled-escaped"),
+        pytest.param("POST", "/public/ok?X-HTTP-Method-Override=DELETE", [], "ambiguous_method", id="play-query"),
+        pytest.param("POST", "/public/ok?_HttpMethod=DELETE", [], "ambiguous_method", id="salesforce"),
+        pytest.param("POST", "/public/ok?method=DELETE", [], "ambiguous_method", id="restlet"),
+        pytest.param("GET", "/public/ok?method=artist.getInfo", [], "rule_allow", id="an-api-call-named-method"),
         # Node's qs (Express 4's req.query) and Rack take a bracketed name as the name
         pytest.param("POST", "/public/ok?[_method]=DELETE", [], "ambiguous_method", id="qs-bracketed"),
         pytest.param("POST", "/public/ok?%5B_method%5D=DELETE", [], "ambiguous_method", id="qs-bracketed-escaped"),

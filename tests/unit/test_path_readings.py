@@ -30,13 +30,13 @@ def policy(tmp_path_factory):
     return load_policy([rules])
 
 
-def outcome(policy, target: str) -> str:
-    head = RequestHead(b"GET", target.encode(), ((b"host", b"allowed.test"),))
+def outcome(policy, target: str, method: str = "GET") -> str:
+    head = RequestHead(method.encode(), target.encode(), ((b"host", b"allowed.test"),))
     checked = check_head(head, 443)
     if isinstance(checked, Decision):
         return str(checked.reason)
     facts = RequestFacts(
-        profile="default", port=443, method="GET", path=checked.path, name="allowed.test"
+        profile="default", port=443, method=method, path=checked.path, name="allowed.test"
     )
     return str(decide(policy, facts).reason)
 
@@ -323,6 +323,73 @@ def test_a_deny_takes_other_spellings_of_its_numbers_and_routes(tmp_path, target
     rules = tmp_path / "rules.yaml"
     rules.write_text(NUMBER_AND_SCRIPT_RULES)
     assert outcome(load_policy([rules]), target) == expected
+
+
+OTHER_NAMES_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - deny: allowed.test
+        paths: ["/git/org/secret.git/**", "/gems/secret-gem.json", "/admin_panel/**", "/admin/**"]
+      - deny: allowed.test
+        paths: ["/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/v1.2/**"]
+      - deny: allowed.test
+        methods: [GET]
+        paths: ["/public/report"]
+      - allow: allowed.test
+        methods: [GET, HEAD, OPTIONS, POST]
+        paths: ["/**"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "expected"),
+    [
+        # a segment written with an extension takes its stem (session 52)
+        pytest.param("GET", "/git/org/secret/info/refs", "rule_deny", id="git-without-dot-git"),
+        pytest.param(
+            "POST", "/git/org/Secret/git-upload-pack", "rule_deny", id="git-upload-pack-stem"
+        ),
+        pytest.param("GET", "/git/org/secret/.git/HEAD", "rule_deny", id="git-dir-below-the-stem"),
+        pytest.param("GET", "/gems/secret-gem", "rule_deny", id="format-stem"),
+        pytest.param("GET", "/gems/secret-gem.yaml", "rule_deny", id="another-format"),
+        pytest.param("GET", "/dl/x", "rule_deny", id="every-extension"),
+        pytest.param("GET", "/dl/backup", "rule_deny", id="an-extension-with-a-digit"),
+        pytest.param("GET", "/v1.3/x", "rule_allow", id="a-version-is-no-extension"),
+        pytest.param("GET", "/git/org/secrets/info/refs", "rule_allow", id="another-repository"),
+        pytest.param("GET", "/gems/secret-gems", "rule_allow", id="another-gem"),
+        # ASCII punctuation stands for any (CherryPy's `_`, PEP 503, crates.io)
+        pytest.param("GET", "/admin-panel", "rule_deny", id="dash-for-underscore"),
+        pytest.param("GET", "/admin~panel/x", "rule_deny", id="tilde"),
+        pytest.param("GET", "/admin%7Bpanel", "rule_deny", id="escaped-brace"),
+        pytest.param("GET", "/admin%25panel/x", "rule_deny", id="kept-escape-percent"),
+        pytest.param("GET", "/admin%3Fpanel", "rule_deny", id="kept-escape-question-mark"),
+        pytest.param("GET", "/admin%23panel", "rule_deny", id="kept-escape-hash"),
+        pytest.param("GET", "/pkg/evil_pkg/", "rule_deny", id="underscore-for-dash"),
+        pytest.param("GET", "/pkg/evil.pkg/1.0", "rule_deny", id="dot-for-dash"),
+        pytest.param("GET", "/adminpanel", "rule_allow", id="no-punctuation"),
+        pytest.param("GET", "/admin%C3%A9panel", "rule_allow", id="a-letter-is-not-punctuation"),
+        # Pyramid's view names
+        pytest.param("GET", "/@@admin", "rule_deny", id="view-name"),
+        pytest.param("GET", "/%40%40admin/x", "rule_deny", id="view-name-escaped"),
+        pytest.param("GET", "/@@public", "rule_allow", id="another-view"),
+        # an escaped '/' read both ways
+        pytest.param("GET", "/@corp%2fsecret", "rule_deny", id="scoped-escaped"),
+        pytest.param("GET", "/@corp/secret/-/secret-1.0.0.tgz", "rule_deny", id="scoped-tarball"),
+        pytest.param("GET", "/admin%2Fx", "rule_deny", id="split-reading-denied"),
+        pytest.param("GET", "/@corp%2Fpublic", "rule_allow", id="scoped-allowed"),
+        pytest.param("GET", "/x%2F..%2Fadmin", "ambiguous_path", id="split-dot-dot"),
+        # a deny of GET takes HEAD and OPTIONS
+        pytest.param("HEAD", "/public/report", "rule_deny", id="head"),
+        pytest.param("OPTIONS", "/public/report", "rule_deny", id="options"),
+        pytest.param("POST", "/public/report", "rule_allow", id="post"),
+    ],
+)
+def test_a_deny_takes_the_other_names_servers_give_a_handler(tmp_path, method, target, expected):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(OTHER_NAMES_RULES)
+    assert outcome(load_policy([rules]), target, method) == expected
 
 
 def test_a_number_beside_two_wildcards_loads_and_decides(tmp_path):
