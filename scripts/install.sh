@@ -24,6 +24,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(python3-h2)  # an HTTP/2 client sending fields as given, in the sandbox (test_host_router)
   packages+=(default-jdk-headless libspring-web-java)  # Spring's Forwarded parser (test_host_router_forwarded)
   packages+=(apache2 varnish)  # path and Host routers read as written (test_apache_paths, test_path_routers)
+  packages+=(git)  # git http-backend behind Apache, a real git server (test_git_repository_stems)
   # frameworks that give a handler other names (test_framework_suffixes): Spring MVC on Jetty, Rails
   packages+=(libjetty9-java libspring-web-servlet-java ruby ruby-actionpack ruby-webrick)
   # a Symfony front controller (test_php_front_controller), ActiveRecord ids on SQLite (test_number_spellings)
