@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from support import sandbox
-from support.servers import run_beside
+from support.servers import door_and_engine, run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -18,25 +18,15 @@ IP = "203.0.113.10"  # allowed.test
 PORT = 8088
 REQUESTS = 12
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
+RULES = door_and_engine(
+    f"""\
       - allow: allowed.test
-        id: door-site
+        id: site
         ports: [{PORT}]
         methods: [GET]
         paths: ["/**"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-site
-        ports: [{PORT}]
-        methods: [GET]
-        paths: ["/**"]
-        websocket: true
 """
+)
 
 # Answers each request with a close-delimited body, sent with the FIN at once.
 SERVER = r"""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import door_and_engine, internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -30,35 +30,20 @@ IP = "203.0.113.10"  # allowed.test
 PORT = 8088
 PY = "/usr/bin/python3"
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
+RULES = door_and_engine(
+    f"""\
       - allow: allowed.test
-        id: door-site
+        id: site
         ports: [{PORT}]
         methods: [GET, OPTIONS]
         paths: ["/**"]
       - deny: allowed.test
-        id: door-no-report
-        ports: [{PORT}]
-        methods: [GET]
-        paths: ["/public/report"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-site
-        ports: [{PORT}]
-        methods: [GET, OPTIONS]
-        paths: ["/**"]
-        websocket: true
-      - deny: allowed.test
-        id: engine-no-report
+        id: no-report
         ports: [{PORT}]
         methods: [GET]
         paths: ["/public/report"]
 """
+)
 
 CHERRYPY_APP = r"""
 import sys, cherrypy

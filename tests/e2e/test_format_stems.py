@@ -24,7 +24,7 @@ import subprocess
 
 import pytest
 from support import sandbox
-from support.servers import run_beside
+from support.servers import door_and_engine, run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -52,31 +52,16 @@ s.mount "/", Rack::Handler::WEBrick, ROUTES
 s.start
 """
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
-      - allow: allowed.test
-        id: door-registry
-        ports: [{PLAIN}]
-        methods: [GET, HEAD]
-      - deny: allowed.test
-        id: door-no-secret-gem
-        ports: [{PLAIN}]
-        paths: ["/api/v1/gems/secret-gem.json"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-registry
-        ports: [{PLAIN}]
-        methods: [GET, HEAD]
-        websocket: true
-      - deny: allowed.test
-        id: engine-no-secret-gem
-        ports: [{PLAIN}]
-        paths: ["/api/v1/gems/secret-gem.json"]
-"""
+RULES = door_and_engine(f"""\
+- allow: allowed.test
+  id: registry
+  ports: [{PLAIN}]
+  methods: [GET, HEAD]
+- deny: allowed.test
+  id: no-secret-gem
+  ports: [{PLAIN}]
+  paths: ["/api/v1/gems/secret-gem.json"]
+""")
 
 
 @pytest.mark.parametrize("profile", ["door", "engine"])

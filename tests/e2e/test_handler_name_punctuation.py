@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import door_and_engine, internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -44,21 +44,18 @@ PROFILES = ["door", "engine"]
 
 def rules(denied: str) -> str:
     """An allow of every GET, and a deny of `denied`, for both gateway paths."""
-    return "version: 1\nprofiles:\n" + "".join(
+    return door_and_engine(
         f"""\
-  {profile}:
-    rules:
       - allow: allowed.test
-        id: {profile}-site
+        id: site
         ports: [{PORT}]
         methods: [GET]
-        paths: ["/**"]{websocket}
+        paths: ["/**"]
       - deny: allowed.test
-        id: {profile}-no-admin
+        id: no-admin
         ports: [{PORT}]
         paths: ["{denied}"]
 """
-        for profile, websocket in (("door", ""), ("engine", "\n        websocket: true"))
     )
 
 

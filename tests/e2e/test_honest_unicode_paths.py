@@ -19,32 +19,22 @@ import shutil
 
 import pytest
 from support import sandbox
-from support.servers import run_beside
+from support.servers import door_and_engine, run_beside
 
 pytestmark = pytest.mark.e2e
 
 IP = "203.0.113.10"  # allowed.test
 PORT = 8088
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
+RULES = door_and_engine(
+    f"""\
       - allow: allowed.test
-        id: door-wiki
+        id: wiki
         ports: [{PORT}]
         methods: [GET]
         paths: ["/wiki/**"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-wiki
-        ports: [{PORT}]
-        methods: [GET]
-        paths: ["/wiki/**"]
-        websocket: true
 """
+)
 
 ROUTER = r"""<?php
 file_put_contents(getenv('SERVED_LOG'), "served " . $_SERVER['REQUEST_URI'] . "\n", FILE_APPEND);

@@ -23,40 +23,26 @@ import shutil
 
 import pytest
 from support import sandbox
-from support.servers import run_beside
+from support.servers import door_and_engine, run_beside
 
 pytestmark = pytest.mark.e2e
 
 IP = "203.0.113.10"  # allowed.test
 PORT = 8088
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
+RULES = door_and_engine(
+    f"""\
       - allow: allowed.test
-        id: door-site
+        id: site
         ports: [{PORT}]
         methods: [GET]
         paths: ["/**"]
       - deny: allowed.test
-        id: door-no-admin-delete
-        ports: [{PORT}]
-        paths: ["/**/admin/**/delete"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-site
-        ports: [{PORT}]
-        methods: [GET]
-        paths: ["/**"]
-        websocket: true
-      - deny: allowed.test
-        id: engine-no-admin-delete
+        id: no-admin-delete
         ports: [{PORT}]
         paths: ["/**/admin/**/delete"]
 """
+)
 
 # With a Content-Length: a response that ends by the server's close is another
 # matter (the door was seen to hold such a response's client side open until curl

@@ -32,32 +32,22 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import door_and_engine, internet_servers
 
 pytestmark = pytest.mark.e2e
 
 IP = "203.0.113.10"  # allowed.test
 PORT = 8088
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
+RULES = door_and_engine(
+    f"""\
       - allow: allowed.test
-        id: door-read-write
+        id: read-write
         ports: [{PORT}]
         methods: [GET, POST]
         paths: ["/items/**"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-read-write
-        ports: [{PORT}]
-        methods: [GET, POST]
-        paths: ["/items/**"]
-        websocket: true
 """
+)
 
 APP = r"""
 package App; use Dancer2;

@@ -27,40 +27,26 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import run_beside
+from support.servers import door_and_engine, run_beside
 
 pytestmark = pytest.mark.e2e
 
 IP = "203.0.113.10"  # allowed.test
 FLASK, DJANGO = 8088, 8089
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
+RULES = door_and_engine(
+    f"""\
       - allow: allowed.test
-        id: door-site
+        id: site
         ports: [{FLASK}, {DJANGO}]
         methods: [GET]
         paths: ["/projects/**"]
       - deny: allowed.test
-        id: door-not-project-42
-        ports: [{FLASK}, {DJANGO}]
-        paths: ["/projects/42/**"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-site
-        ports: [{FLASK}, {DJANGO}]
-        methods: [GET]
-        paths: ["/projects/**"]
-        websocket: true
-      - deny: allowed.test
-        id: engine-not-project-42
+        id: not-project-42
         ports: [{FLASK}, {DJANGO}]
         paths: ["/projects/42/**"]
 """
+)
 
 APP = r"""
 import sys, threading

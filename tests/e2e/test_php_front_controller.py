@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import run_beside
+from support.servers import door_and_engine, run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -32,33 +32,19 @@ IP = "203.0.113.10"  # allowed.test
 PORT = 8088
 SYMFONY = Path("/usr/share/php/Symfony/Component")
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
+RULES = door_and_engine(
+    f"""\
       - allow: allowed.test
-        id: door-site
+        id: site
         ports: [{PORT}]
         methods: [GET]
         paths: ["/**"]
       - deny: allowed.test
-        id: door-no-admin
-        ports: [{PORT}]
-        paths: ["/admin/**"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-site
-        ports: [{PORT}]
-        methods: [GET]
-        paths: ["/**"]
-        websocket: true
-      - deny: allowed.test
-        id: engine-no-admin
+        id: no-admin
         ports: [{PORT}]
         paths: ["/admin/**"]
 """
+)
 
 FRONT_CONTROLLER = r"""<?php
 require_once '/usr/share/php/Symfony/Component/HttpFoundation/autoload.php';

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import internet_servers
+from support.servers import door_and_engine, internet_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -34,33 +34,19 @@ IP = "203.0.113.10"  # allowed.test
 PORT = 8088
 PY = "/usr/bin/python3"  # Debian's python, with Debian's python3-falcon
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
+RULES = door_and_engine(
+    f"""\
       - allow: allowed.test
-        id: door-site
+        id: site
         ports: [{PORT}]
         methods: [GET]
         paths: ["/**"]
       - deny: allowed.test
-        id: door-no-admin
-        ports: [{PORT}]
-        paths: ["/admin*"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-site
-        ports: [{PORT}]
-        methods: [GET]
-        paths: ["/**"]
-        websocket: true
-      - deny: allowed.test
-        id: engine-no-admin
+        id: no-admin
         ports: [{PORT}]
         paths: ["/admin*"]
 """
+)
 
 FALCON_APP = r"""
 import sys

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from support import sandbox
-from support.servers import run_beside
+from support.servers import door_and_engine, run_beside
 
 pytestmark = pytest.mark.e2e
 
@@ -36,33 +36,19 @@ PLAIN, TLS = 8088, 8443
 # Where scripts/install.sh --test installs it (npm install --prefix .venv/node fastify@4).
 NODE_PATH = str(Path(__file__).parents[2] / ".venv" / "node" / "node_modules")
 
-RULES = f"""\
-version: 1
-profiles:
-  door:
-    rules:
+RULES = door_and_engine(
+    f"""\
       - allow: allowed.test
-        id: door-site
+        id: site
         ports: [{PLAIN}, {TLS}]
         methods: [GET]
         paths: ["/public/**"]
       - deny: allowed.test
-        id: door-no-keys
-        ports: [{PLAIN}, {TLS}]
-        paths: ["/public/keys"]
-  engine:
-    rules:
-      - allow: allowed.test
-        id: engine-site
-        ports: [{PLAIN}, {TLS}]
-        methods: [GET]
-        paths: ["/public/**"]
-        websocket: true
-      - deny: allowed.test
-        id: engine-no-keys
+        id: no-keys
         ports: [{PLAIN}, {TLS}]
         paths: ["/public/keys"]
 """
+)
 
 APP = r"""
 const fs = require('fs');

@@ -4,7 +4,9 @@ own (another CA, another address): static files, and git's smart HTTP under /oct
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -164,6 +166,26 @@ def internet_servers(net, commands: list[list[str]], listens: list[str]) -> Iter
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def door_and_engine(rules: str) -> str:
+    """The rule file with `rules` (rule list items, YAML as under `rules:`) in two
+    profiles, so that a test runs through both gateway paths: `door`, decided by the
+    front door's own HTTP relay, and `engine`, the same rules with `websocket: true`
+    on each allow, which sends the profile's connections to mitmproxy. Each id is
+    prefixed `door-` or `engine-`."""
+    items = re.split(r"(?m)^(?=- )", textwrap.dedent(rules))
+
+    def profile(name: str) -> str:
+        text = ""
+        for item in filter(None, items):
+            item = re.sub(r"(?m)^  id: ", f"  id: {name}-", item)
+            if name == "engine" and item.startswith("- allow:"):
+                item += "  websocket: true\n"
+            text += textwrap.indent(item, "      ")
+        return f"  {name}:\n    rules:\n{text}"
+
+    return "version: 1\nprofiles:\n" + profile("door") + profile("engine")
 
 
 def run_beside(net, tmp_path: Path, commands, listens, steps, rules: Path, profile: str):
