@@ -38,13 +38,19 @@ from __future__ import annotations
 
 import logging
 
-from .builtin import builtin_rule
+from .builtin import builtin_rule, deny
 from .index import CompiledPolicy, CompiledProfile
 from .model import ConnectFacts, Decision, Facts, NameFacts, RequestFacts, Rule
 from .names import PathReadings, path_readings, special_range_of
 from .reasons import Reason, Verdict
 
 PRIVATE_ADDRESS_RULE = builtin_rule("private-address")
+# A path rule applies, and the path has more readings than names.MOST_READING_CHARS holds.
+_TOO_MANY_READINGS = deny(
+    "ambiguous-path",
+    detail="a path a server may read in too many ways (escapes, a '/' "
+    "escaped, scripts, views, numbers, cuts together)",
+)
 SPOOFED_DESTINATION_RULE = builtin_rule("spoofed-destination")
 UNKNOWN_PROFILE_RULE = builtin_rule("unknown-profile")
 INTERNAL_ERROR_RULE = builtin_rule("internal-error")
@@ -164,6 +170,8 @@ def _decide_destination(profile: CompiledProfile, facts: ConnectFacts | RequestF
                 inspect = True
                 if rule.action is DENY:
                     continue
+            elif readings.too_many:
+                return _TOO_MANY_READINGS
             elif not (
                 rule.matches_request(method, path)
                 if len(readings.denied) == 1

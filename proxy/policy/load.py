@@ -976,13 +976,18 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
     parts = []
     if any("%2F" in glob for glob in globs):  # and with an escaped '/' read as one
         globs = tuple(dict.fromkeys([*globs, *(glob.replace("%2F", "/") for glob in globs)]))
+    stems: set[str] = set()
     if deny:  # escaped as written and as a decoding server reads it (names.path_readings)
         plain = [decoded_printable(glob) for glob in globs]
         globs = tuple(dict.fromkeys([*globs, *plain, *map(folded, plain)]))
-        globs = tuple(dict.fromkeys([*globs, *map(_stem, globs)]))
-    below = "(?:[/.].*)?"  # a deny's: what it names, and below it or a suffix of it
+        stems = {stem for glob in globs if (stem := _stem(glob)) != glob} - set(globs)
+        globs = (*globs, *sorted(stems))
     linear = False  # some glob has two wildcards before its end: RE2 (PathPattern)
     for glob in globs:
+        # A deny's tail: what it names, and below it or a suffix of it; a stem's, only
+        # below it or with the extensions it dropped (`/org/chart.git/**` must not take
+        # `/org/chart.js.git`, another repository; a red team, session 52).
+        below = _STEM_TAIL if glob in stems else "(?:[/.].*)?"
         if deny and len(glob) > 1:
             glob = glob.removesuffix("/")
         pattern = ""
@@ -1013,24 +1018,47 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
     return PathPattern(re.compile("|".join(f"(?:{p})" for p in parts), flags), linear)
 
 
-# A segment's extensions: each a `.` then letters, digits, `_` or `-` with a letter
-# among them, to the segment's end, after something that is not a `.` (`secret.git`,
-# `gem.json`, `x.tar.gz`, `backup.7z`; not `v1.2`, `.git`).
-_EXTENSION = re.compile(r"(?<=[^/.])(?:\.[a-z0-9_-]*[a-z][a-z0-9_-]*)+$", re.IGNORECASE)
+# The extensions a server also serves a resource without, which a deny glob's stem
+# drops (_stem): a repository's, formats (Rails' `(.:format)`, Spring's suffixes),
+# documents, archives and dumps (Apache's MultiViews), keys and configuration, scripts.
+# Not any `.x`: `lodash.merge`, `socket.io` and `chart.js` name npm packages whose
+# stems are other packages (a red team, session 52).
+_EXTENSIONS = frozenset(
+    """
+    git hg svn
+    json xml yaml yml csv tsv txt md html htm xhtml atom rss pdf doc docx xls xlsx
+    tar gz tgz bz2 tbz xz txz zst lz lzma zip 7z rar whl egg gem jar war ear deb rpm apk
+    sql db sqlite sqlite3 dump bak old orig backup
+    pem key crt p12 pfx env ini conf cfg toml properties
+    php php3 php4 php5 php7 phtml phar cgi fcgi pl py rb asp aspx jsp jspx do action cfm
+    """.split()  # noqa: SIM905 (a table, read by eye)
+)
+
+
+_STEM_TAIL = "(?:\\.(?:" + "|".join(sorted(_EXTENSIONS)) + "))*(?:/.*)?"
 
 
 def _stem(glob: str) -> str:
-    """`glob` with the extensions of each segment that names them (no `*` in it) taken
-    off: servers serve the same resource by its stem. git http-backend, GitHub, GitLab
-    and Gitea serve `/org/secret` as the repository `secret.git`; Rails' `(.:format)`
-    serves `/gems/secret.json` also as `/gems/secret` and `/gems/secret.yaml`; Apache's
-    MultiViews serves `/dl/x` for `x.tar.gz` (a red team, session 52). The deny's tail
-    then takes the stem with any suffix, so a deny of `/static/app.js` takes
-    `/static/app.css` too, and one of `/org/socket.io.git` takes `/org/socket`: the
-    price, as `/lodash` takes `/lodash.merge`."""
+    """`glob` with the known extensions (_EXTENSIONS) that end each segment without a
+    `*` taken off: servers serve the same resource by its stem. git http-backend,
+    GitHub, GitLab and Gitea serve `/org/secret` as the repository `secret.git`;
+    Rails' `(.:format)` serves `/gems/secret.json` also as `/gems/secret` and
+    `/gems/secret.yaml`; Apache's MultiViews serves `/dl/x` for `x.tar.gz` (a red team,
+    session 52). The stem takes what is below it, or itself with any of those
+    extensions (_STEM_TAIL)."""
     return "/".join(
-        segment if "*" in segment else _EXTENSION.sub("", segment) for segment in glob.split("/")
+        segment if "*" in segment else _segment_stem(segment) for segment in glob.split("/")
     )
+
+
+def _segment_stem(segment: str) -> str:
+    stem = segment
+    while "." in stem[1:]:
+        head, _, extension = stem.rpartition(".")
+        if extension.lower() not in _EXTENSIONS or head.endswith("."):
+            break
+        stem = head
+    return stem
 
 
 def _denied_literal(piece: str, after_star: bool, before_star: bool) -> str:
@@ -1039,11 +1067,15 @@ def _denied_literal(piece: str, after_star: bool, before_star: bool) -> str:
     (_number): Flask's and Django's `<int:>` and Python's int(), Spring's
     `@PathVariable Long`, Rails' `find` (to_i), JavaScript's Number() and parseInt() serve
     `042`, `+42`, `%2042`, `4_2`, `0x2a`, `42-my-project` as 42 (a red team, session
-    51). A segment cut by a `*` is text, not a number."""
+    51); and its punctuation as any (_ANY_PUNCTUATION). A segment cut by a `*` is a
+    file name's pattern, as written: `/packages/evil_pkg-*` must not take
+    `evil_pkg_extras-1.0.whl`, another project's (a red team, session 52)."""
     segments = piece.split("/")
     for at, segment in enumerate(segments):
         whole = (at > 0 or not after_star) and (at < len(segments) - 1 or not before_star)
-        if whole and segment.isascii() and segment.isdigit():
+        if not whole:
+            segments[at] = re.escape(segment)
+        elif segment.isascii() and segment.isdigit():
             segments[at] = _number(int(segment))
         else:
             segments[at] = "".join(
@@ -1052,8 +1084,8 @@ def _denied_literal(piece: str, after_star: bool, before_star: bool) -> str:
     return "/".join(segments)
 
 
-# ASCII punctuation but `/` and `%` (a segment's break, an escape's start). CherryPy's dispatcher (and TurboGears' crank) reads each of
-# them in a segment as `_`: `/admin-panel`, `/admin~panel` and `/admin%7Bpanel` run
+# ASCII punctuation but `/` and `%` (a segment's break, an escape's start). CherryPy's
+# dispatcher (and TurboGears' crank) reads each of them in a segment as `_`: `/admin-panel`, `/admin~panel` and `/admin%7Bpanel` run
 # the handler `admin_panel` (a red team, session 52); PyPI (PEP 503) reads `-`, `_`
 # and `.` alike in a project's name, crates.io `-` and `_`. In a deny glob each one
 # stands for any of them.
@@ -1068,17 +1100,21 @@ def _number(value: int) -> str:
     blanks or `+` first (`-` too for 0), then its decimal digits after any zeros, with
     `_` or blanks between them (Python's int() takes `4_2`; Spring drops every blank),
     or its hex (`0x2a`, `#2a`: Spring's), binary (`0b101010`) or octal (`0o52`) form
-    (JavaScript's Number()); then nothing more, or anything that does not go on with
-    the number (to_i and parseInt stop there: `42abc`, `42_`, `42 x`, `42.json`). No
-    lookahead: RE2 has none (PathPattern)."""
+    (JavaScript's Number()), also with a leading zero for octal (`052`: Ruby's
+    Integer(), Go's ParseInt(s, 0), C's strtol(s, 0), Java's Long.decode), `0d` for
+    decimal (Ruby), and `_` after the prefix and between digits (`0x_2a`, `0b10_1010`:
+    Ruby, Go, Python's int(s, 0); a red team, session 52); then nothing more, or
+    anything that does not go on with the number (to_i and parseInt stop there:
+    `42abc`, `42_`, `42 x`, `42.json`). No lookahead: RE2 has none (PathPattern)."""
     lead = "[ +-]*" if value == 0 else "[ +]*"
     decimal = "(?:0[ _]*)*" + "[ _]*".join(str(value)) if value else "0(?:[ _]*0)*"
     radix = "|".join(
-        f"{prefix}0*{digits}"
+        f"{prefix}(?:_?0)*_?" + "_?".join(digits)
         for prefix, digits in (
             ("(?:0x|#|%23)", f"{value:x}"),
             ("0b", f"{value:b}"),
-            ("0o", f"{value:o}"),
+            ("0o?", f"{value:o}"),
+            ("0d", str(value)),
         )
     )
     return f"{lead}(?:{decimal}(?:[^0-9/][^/]*)?|(?:{radix})(?:[^0-9a-z/][^/]*)?)"

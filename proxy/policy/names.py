@@ -9,6 +9,7 @@ same destination disagree. Pure functions, no I/O.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import NamedTuple
 
@@ -540,11 +541,21 @@ def parse_path(path: str) -> str:
 class PathReadings(NamedTuple):
     """A request path as the rules read it (path_readings): `canonical` (parse_path's,
     what is forwarded), `denied` (the readings a deny is matched against: any that
-    matches denies) and `allowed` (those an allow or ask must all match)."""
+    matches denies) and `allowed` (those an allow or ask must all match). `too_many`:
+    the readings passed MOST_READING_CHARS and were not all made; a path rule refuses
+    such a path (decide)."""
 
     canonical: str
     denied: tuple[str, ...]
     allowed: tuple[str, ...]
+    too_many: bool = False
+
+
+# What the readings of one path may hold in all. Each kind of reading multiplies them
+# (a number's, a script's, a view's, a cut, a split), and a task's 64 KiB path of each
+# kind made 144 readings, 9 MB to match every deny against (a red team, session 52).
+# 1 MiB holds every reading of a 7 KiB path.
+MOST_READING_CHARS = 1 << 20
 
 
 # Decoded in a deny's reading: a printable ASCII character that servers decode before
@@ -552,8 +563,7 @@ class PathReadings(NamedTuple):
 # http.server). Not `%` (refused where it makes an escape: request_head), `/ \ . ;`
 # (refused), `? #` (the cut reading's).
 _KEPT_ESCAPED = frozenset("%/\\.;?#")
-_CUT = re.compile(r"%(?:23|3F)")
-_FOLDED_CUT = re.compile(r"%(?:23|3F)|[?#]")  # `？` (U+FF1F) folds to `?`
+_CUT = re.compile(r"%(?:23|3F)|[?#]")  # `？` (U+FF1F) folds to `?`
 
 
 def decoded_printable(path: str) -> str:
@@ -613,29 +623,43 @@ def path_readings(path: str) -> PathReadings:
     canonical = parse_path(path)
     if "%" not in canonical:
         denied = (canonical,)
+        if _POINT_OR_EXPONENT.search(canonical):
+            denied = _as_numbers(denied)
         if "." in canonical and _SCRIPT.search(canonical):
             denied = _behind_scripts(denied)
         if "/@@" in canonical:
             denied = _as_views(denied)
-        if _POINT_OR_EXPONENT.search(canonical):  # and so in every reading behind scripts
-            denied = _as_numbers(denied)
         return PathReadings(canonical, denied, (canonical,))
     plain = decoded_printable(canonical)
-    cut, cut_plain = _CUT.split(canonical, 1)[0] or "/", _CUT.split(plain, 1)[0] or "/"
-    allowed = (canonical, cut)
-    denied = (canonical, plain, cut, cut_plain)
+    denied = (canonical, plain)
     if _NON_ASCII_ESCAPES.search(plain):  # and as a server folding case reads it
-        fold = folded(plain)
-        denied += (fold, _FOLDED_CUT.split(fold, 1)[0] or "/")
-    if "%2F" in canonical:
-        # An escaped '/' is part of a name to some servers (npm's `/@scope%2fname`,
-        # GitLab's `/projects/group%2Fname`) and a segment break to those that decode
-        # before they route (nginx): each reading in both (request_head refuses the
-        # paths where that makes an empty or dot segment).
-        allowed += tuple(reading.replace("%2F", "/") for reading in allowed)
-        denied += tuple(reading.replace("%2F", "/") for reading in denied)
-    denied = _as_numbers(_as_views(_behind_scripts(denied)))
-    return PathReadings(canonical, denied, tuple(dict.fromkeys(allowed)))
+        denied += (folded(plain),)
+    # A number's, a script's and a view's reading each change a segment, or cut what
+    # comes before one, and commute with the cuts and splits below: read first, each
+    # on as few readings as it can be. Read in every one, a task's 64 KiB path of
+    # 21,000 decimals held the loop 3.5 s (a red team, session 52).
+    denied = tuple(dict.fromkeys(denied))
+    stages = [
+        (reading_of, more)
+        for reading_of, more, needed in (
+            (_as_numbers, 2, any(map(_POINT_OR_EXPONENT.search, denied))),
+            (_behind_scripts, 3, any(map(_SCRIPT.search, denied))),
+            (_as_views, 2, any("@@" in reading for reading in denied)),
+            (_with_cuts, 2, any(map(_CUT.search, denied))),
+            (_with_splits, 2, "%2F" in canonical),
+        )
+        if needed
+    ]
+    # At most this many readings: refused before any is made (a number's reading may
+    # be longer, `1e15`: summed after each too).
+    if len(denied) * math.prod(more for _, more in stages) * len(canonical) > MOST_READING_CHARS:
+        return PathReadings(canonical, denied, (canonical,), too_many=True)
+    for reading_of, _ in stages:
+        denied = reading_of(denied)
+        if sum(map(len, denied)) > MOST_READING_CHARS:
+            return PathReadings(canonical, denied, (canonical,), too_many=True)
+    allowed = _with_splits(_with_cuts((canonical,)))
+    return PathReadings(canonical, denied, allowed)
 
 
 # A script's name followed by more path: PHP, CGI and the like run the script with the
@@ -643,7 +667,8 @@ def path_readings(path: str) -> PathReadings:
 # WordPress) routes by it: `/index.php/admin` runs the route `/admin` (a red team,
 # session 51).
 _SCRIPT = re.compile(
-    r"(?i)\.(?:php[0-9]?|phtml|pht|phar|cgi|fcgi|pl|py|wsgi|rb|aspx?|asmx|ashx|svc|cfm|dll|exe)(?=/)"
+    r"(?i)\.(?:php[0-9]?|phtml|pht|phar|cgi|fcgi|pl|py|wsgi|rb|aspx?|asmx|ashx|svc|cfm|dll|exe)"
+    r"(?=/|%2F)"
 )
 
 
@@ -662,50 +687,84 @@ def _behind_scripts(readings: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*readings, *behind)))
 
 
+def _with_splits(readings: tuple[str, ...]) -> tuple[str, ...]:
+    """`readings`, and each with an escaped '/' read as one: it is part of a name to
+    some servers (npm's `/@scope%2fname`, GitLab's `/projects/group%2Fname`) and a
+    segment break to those that decode before they route (nginx). request_head refuses
+    the paths where that makes an empty or dot segment."""
+    more = tuple(reading.replace("%2F", "/") for reading in readings if "%2F" in reading)
+    return tuple(dict.fromkeys((*readings, *more))) if more else readings
+
+
+def _with_cuts(readings: tuple[str, ...]) -> tuple[str, ...]:
+    """`readings`, and each cut at its first `%23` or `%3F` (or `#`, `?` in a folded
+    reading): where a proxy that decodes the path once makes it end."""
+    return tuple(dict.fromkeys((*readings, *(_CUT.split(r, 1)[0] or "/" for r in readings))))
+
+
 def _as_views(readings: tuple[str, ...]) -> tuple[str, ...]:
     """`readings`, and each with the `@@` that starts a segment taken off: Pyramid's
     traversal (and Zope's) reads `/@@admin` as the view `admin`, which a deny of
     `/admin/**` names (a red team, session 52)."""
-    more = tuple(reading.replace("/@@", "/") for reading in readings if "/@@" in reading)
+    more = tuple(
+        reading.replace("/@@", "/").replace("%2F@@", "%2F")
+        for reading in readings
+        if "@@" in reading
+    )
     return tuple(dict.fromkeys((*readings, *more))) if more else readings
 
 
 # A segment that begins with a decimal number written with a point or an exponent:
-# JavaScript's Number() and parseFloat(), PHP's (int) and `==`, MySQL comparing a
-# string with an integer column and Python's float() read `4.2e1`, `420e-1`, `.42e2`
-# and `41.99999999999999999` (rounded) as 42, where an integer's reading
-# (load._number) stops at the point. Any blanks or `+` before it (the folded reading
-# has a space for other blanks and the byte order mark); `_` between digits (float()).
+# JavaScript's Number() and parseFloat(), MySQL comparing a string with an integer
+# column and Python's float() read `4.2e1`, `420e-1`, `.42e2` and `41.99999999999999999`
+# (rounded) as 42, and PHP's (int) and int(float()) truncate `4.25e1` to 42, where an
+# integer's reading (load._number) stops at the point. After a `/`, an escaped one
+# (`%2F`, read as one later) or a view's `@@` (kept); any blanks or `+` before it (the
+# folded reading has a space for other blanks and the byte order mark); `_` between
+# digits (float()).
 _POINT_OR_EXPONENT = re.compile(r"[0-9]\.|\.[0-9]|[0-9][eE]")
-_DECIMAL_SEGMENT = re.compile(
-    r"(?<=/)[ +]*((?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][+-]?[0-9]+)?)"
+_SEGMENT_BREAK = re.compile(r"(/|%2F)")  # kept by split(): the pieces between are segments
+_DECIMAL = re.compile(
+    r"((?:@@)?)[ +]*(-?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][+-]?[0-9]+)?)"
 )
 _EXACT_IN_A_DOUBLE = 2**53
 
 
 def _as_numbers(readings: tuple[str, ...]) -> tuple[str, ...]:
-    """`readings`, and each with its segments that a decimal parser reads as a whole
-    number written as that number (`/projects/4.2e1` as `/projects/42`), for a deny's
-    number segment to take (a red team's "left alone", session 51, closed in 52)."""
-    more = tuple(
-        _DECIMAL_SEGMENT.sub(_as_whole_number, reading)
-        for reading in readings
-        if _POINT_OR_EXPONENT.search(reading)
-    )
+    """`readings`, and each with its segments that a decimal parser reads as a number
+    written as that number, truncated (`/projects/4.2e1` and `/projects/4.25e1` as
+    `/projects/42`), for a deny's number segment to take (a red team's "left alone",
+    session 51, closed in 52). A segment's text is read once (`_as_number`)."""
+    known: dict[str, str] = {}
+    more = []
+    for reading in readings:
+        if not _POINT_OR_EXPONENT.search(reading):
+            continue
+        pieces = _SEGMENT_BREAK.split(reading)
+        for at, piece in enumerate(pieces):
+            if (number := known.get(piece)) is None:
+                number = known[piece] = _as_number(piece)
+            pieces[at] = number
+        more.append("".join(pieces))
     return tuple(dict.fromkeys((*readings, *more))) if more else readings
 
 
-def _as_whole_number(match: re.Match[str]) -> str:
-    literal = match.group(1)
-    if "." not in literal and "e" not in literal and "E" not in literal:
-        return match.group()  # an integer: the deny's number segment reads it as written
+def _as_number(segment: str) -> str:
+    """`segment` with the decimal it starts with (after a view's `@@`, blanks or `+`)
+    written as the integer a decimal parser truncates it to; as it is where it starts
+    with none, with an integer (the deny's number segment reads those), or with one
+    past what a double holds."""
+    match = _DECIMAL.match(segment)
+    literal = match.group(2) if match else ""
+    if not literal or "." not in literal and "e" not in literal and "E" not in literal:
+        return segment
     try:
         value = float(literal.replace("_", ""))  # linear in its length, rounded as Number()
     except ValueError:
-        return match.group()
-    if not value.is_integer() or value > _EXACT_IN_A_DOUBLE:
-        return match.group()
-    return str(int(value))
+        return segment
+    if not -_EXACT_IN_A_DOUBLE <= value <= _EXACT_IN_A_DOUBLE:  # and not inf, nan
+        return segment
+    return match.group(1) + str(math.trunc(value)) + segment[match.end() :]
 
 
 # --- host:port -----------------------------------------------------------------

@@ -379,3 +379,51 @@ def test_a_denied_object_is_not_reached_by_a_decimal_spelling_of_its_number(net,
     passed = {label for label in steps if result[label].status == 200}
     assert passed == {"node_honest", "php_honest"}, why
     assert "ran project 42" not in ran, why
+
+
+# Decimals that truncate to the number: PHP's `(int)` and `intval()` of a numeric
+# string (PHP 7.1 and later; Python's `int(float(s))` too) go through the float and
+# truncate it toward zero, so `4.25e1`, `420.5e-1`, `.425e2` and `4.2999e1` are 42.
+# A reading of whole values only let them pass. Found by a red team (session 52).
+TRUNCATED_SPELLINGS = {
+    "exponent": "4.25e1",
+    "exponent_plus": "4.25E%2B1",
+    "negative_exponent": "420.5e-1",
+    "leading_point": ".425e2",
+    "nines": "4.2999e1",
+}
+
+
+@pytest.mark.parametrize("profile", ["door", "engine"])
+def test_a_denied_object_is_not_reached_by_a_decimal_that_truncates_to_its_number(
+    net, tmp_path, profile
+):
+    import shutil
+
+    php = shutil.which("php")
+    if not php:
+        pytest.skip("needs php-cli (scripts/install.sh --test)")
+    (tmp_path / "index.php").write_text(PHP_APP)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace(f"{FLASK}, {DJANGO}", str(PHP)))
+    log = tmp_path / "served.log"
+    log.write_text("")
+    url = f"http://allowed.test:{PHP}/projects"
+    steps = {
+        "honest": sandbox.curl(f"{url}/7"),
+        "control": sandbox.curl(f"{url}/42"),
+        "control_decimal": sandbox.curl(f"{url}/4.2e1"),  # a whole value, denied before
+        "control_point": sandbox.curl(f"{url}/42.5"),  # `42` then a non-digit
+    }
+    for label, segment in TRUNCATED_SPELLINGS.items():
+        steps[label] = sandbox.curl(f"{url}/{segment}")
+    argv = ["env", f"SERVED_LOG={log}", php, "-S", f"{IP}:{PHP}", str(tmp_path / "index.php")]
+    result = run_beside(net, tmp_path, [argv], [f"{IP}:{PHP}"], steps, rules, profile)
+    ran = log.read_text()
+    why = f"{result.describe()}\nserver:\n{ran}"
+    assert "PHP ran project 7" in result["honest"].out, why
+    for control in ("control", "control_decimal", "control_point"):
+        assert result[control].status == 403, why
+    passed = {label for label in steps if result[label].status == 200}
+    assert passed == {"honest"}, why
+    assert "ran project 42" not in ran, why

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from sandgate.proxy.policy import Decision, RequestFacts, decide, load_policy
+from sandgate.proxy.policy.names import MOST_READING_CHARS, path_readings
 from sandgate.proxy.policy.request_head import RequestHead, check_head
 
 RULES = """\
@@ -301,8 +302,18 @@ profiles:
         pytest.param("/projects/%EF%BB%BF42", "rule_deny", id="byte-order-mark"),
         pytest.param("/projects/%EF%BB%BF4.2e1", "rule_deny", id="byte-order-mark-exponent"),
         pytest.param("/projects/%EF%BC%94.2e1", "rule_deny", id="fullwidth-exponent"),
+        pytest.param("/projects/4.25e1", "rule_deny", id="truncated-exponent"),
+        pytest.param("/projects/420.5e-1/x", "rule_deny", id="truncated-negative-exponent"),
         pytest.param("/projects/4.2", "rule_allow", id="a-fraction"),
         pytest.param("/projects/4.2e2", "rule_allow", id="another-exponent"),
+        # radix prefixes of strict parsers (Ruby's Integer(), Go's ParseInt(s, 0))
+        pytest.param("/projects/052", "rule_deny", id="leading-zero-octal"),
+        pytest.param("/projects/0_52", "rule_deny", id="octal-underscore"),
+        pytest.param("/projects/0x2_a", "rule_deny", id="hex-underscore"),
+        pytest.param("/projects/0x_2a", "rule_deny", id="hex-prefix-underscore"),
+        pytest.param("/projects/0b10_1010", "rule_deny", id="binary-underscore"),
+        pytest.param("/projects/0D42", "rule_deny", id="ruby-decimal-prefix"),
+        pytest.param("/projects/053", "rule_allow", id="another-octal"),
         pytest.param("/projects/1e400", "rule_allow", id="out-of-range"),
         pytest.param("/projects/v4.2e1", "rule_allow", id="not-a-number"),
         pytest.param("/projects/421", "rule_allow", id="another-number"),
@@ -333,7 +344,7 @@ profiles:
       - deny: allowed.test
         paths: ["/git/org/secret.git/**", "/gems/secret-gem.json", "/admin_panel/**", "/admin/**"]
       - deny: allowed.test
-        paths: ["/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/v1.2/**"]
+        paths: ["/lodash.merge/**", "/packages/evil_pkg-*", "/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/v1.2/**"]
       - deny: allowed.test
         methods: [GET]
         paths: ["/public/report"]
@@ -359,6 +370,21 @@ profiles:
         pytest.param("GET", "/v1.3/x", "rule_allow", id="a-version-is-no-extension"),
         pytest.param("GET", "/git/org/secrets/info/refs", "rule_allow", id="another-repository"),
         pytest.param("GET", "/gems/secret-gems", "rule_allow", id="another-gem"),
+        pytest.param("GET", "/lodash", "rule_allow", id="a-name-with-a-dot-is-no-stem"),
+        pytest.param(
+            "GET",
+            "/git/org/secret.js.git/info/refs",
+            "rule_allow",
+            id="a-stem-takes-no-other-suffix",
+        ),
+        pytest.param(
+            "GET", "/git/org/secret.tar.gz", "rule_deny", id="a-stem-takes-known-extensions"
+        ),
+        pytest.param("GET", "/lodash.merge/-/x.tgz", "rule_deny", id="the-dotted-name"),
+        pytest.param(
+            "GET", "/packages/evil_pkg_extras-1.0.whl", "rule_allow", id="star-segment-as-written"
+        ),
+        pytest.param("GET", "/packages/evil_pkg-1.0.whl", "rule_deny", id="star-segment-itself"),
         # ASCII punctuation stands for any (CherryPy's `_`, PEP 503, crates.io)
         pytest.param("GET", "/admin-panel", "rule_deny", id="dash-for-underscore"),
         pytest.param("GET", "/admin~panel/x", "rule_deny", id="tilde"),
@@ -416,3 +442,20 @@ def test_a_path_of_many_script_names_has_a_few_readings():
     readings = path_readings("/" + "a.php/" * 10_000 + "admin")
     assert len(readings.denied) <= 3
     assert "/admin" in readings.denied
+
+
+def test_a_path_of_too_many_readings_is_refused_where_a_path_rule_applies(tmp_path):
+    """Each kind of reading multiplies them; past MOST_READING_CHARS in all the path is
+    not read further and a path rule refuses it (a red team, session 52: a 64 KiB path
+    of every kind made 144 readings, 9 MB to match each deny against)."""
+    many = "/a.php/b.php" + "/1." * 21320 + "/%40%C3%84%2Fq/@@c%3Fz"
+    readings = path_readings(many)
+    assert readings.too_many
+    assert sum(map(len, readings.denied)) <= 2 * MOST_READING_CHARS  # the last stage's
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(NUMBER_AND_SCRIPT_RULES)
+    assert outcome(load_policy([rules]), many) == "ambiguous_path"
+    # the same kinds in a path of 2 KiB: every reading made, and decided
+    honest = "/a.php/b.php" + "/1." * 600 + "/%40%C3%84%2Fq/@@c%3Fz"
+    assert not path_readings(honest).too_many
+    assert outcome(load_policy([rules]), honest) == "rule_allow"

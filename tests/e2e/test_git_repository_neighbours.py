@@ -1,0 +1,102 @@
+"""A deny of one repository's clone URL (`/git/org/chart.git/**`) refuses that
+repository, with or without `.git`, and not a repository whose name starts with the
+denied one's stem: `git clone .../org/chart.js.git` works.
+
+A deny glob's last segment is also read by its stem, without its extensions, because
+git http-backend (and MultiViews, Rails formats) serve `chart.git` as `chart`. When the
+stem took the deny's suffix tail (`chart` then `.anything`), it also took
+`chart.js.git`, an unrelated repository (`chart.js`, `socket.io`, `highlight.js` are
+real repository names next to `chart`, `socket`, `highlight`). A stem now takes only
+what is below it, or itself with known extensions. Found by a red team (session 52).
+
+Not tested here, a documented price (docs/rules.md): a deny of `my-repo.git` also
+takes `my_repo.git` and `my.repo.git`, since a deny glob's ASCII punctuation stands
+for any.
+
+Controls: `chart.git` and `chart` are refused (403), an unrelated repository is
+cloned. Server: Debian's git http-backend behind Apache, the harness of
+tests/e2e/test_git_repository_stems.py; real git in the sandbox; both gateway paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import test_git_repository_stems as stems
+from support import sandbox
+from support.servers import listening
+
+pytestmark = pytest.mark.e2e
+
+IP = stems.IP
+BASE = stems.BASE
+REPOS = ("public", "chart", "chart.js")
+
+
+@contextlib.contextmanager
+def git_apache(net):
+    top = Path(tempfile.mkdtemp(prefix="sgt-git-neighbours-"))
+    try:
+        top.chmod(0o755)
+        repos = top / "repos" / "org"
+        repos.mkdir(parents=True)
+        for at, name in enumerate(REPOS):
+            stems._bare_repo(repos / f"{name}.git", f"content of {name}", top / f"w{at}")
+        subprocess.run(["chown", "-R", "www-data:www-data", str(top / "repos")], check=True)
+        config = top / "httpd.conf"
+        config.write_text(stems.CONF.replace("@DIR@", str(top)).replace("@IP@", IP))
+        (top / "access.log").write_text("")
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", net.internet_ns, "apache2", "-f", str(config), "-DFOREGROUND"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "APACHE_LOG_DIR": str(top)},
+            start_new_session=True,
+        )
+        try:
+            up = sandbox.eventually(lambda: listening(net, [f"{IP}:8088"]), timeout=15)
+            assert up, (top / "error.log").read_text() if (top / "error.log").exists() else "no log"
+            yield top
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(15)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def run(net, tmp_path, steps, denied, profile):
+    if not shutil.which("apache2") or not Path(stems.HTTP_BACKEND).exists():
+        pytest.skip("needs apache2 and git (scripts/install.sh --test)")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(stems.rules_text(denied))
+    with git_apache(net) as top:
+        result = sandbox.run(
+            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
+            rules=rules, extra=("--profile", profile),
+        )  # fmt: skip
+        log = (top / "access.log").read_text()
+    return result, log
+
+
+@pytest.mark.parametrize("profile", ["door", "engine"])
+def test_a_repository_whose_name_starts_with_a_denied_stem_is_cloned(net, tmp_path, profile):
+    steps = {
+        "public": stems.clone(f"{BASE}/org/public.git", "p"),
+        "control": stems.clone(f"{BASE}/org/chart.git", "c"),
+        "control_stem": stems.clone(f"{BASE}/org/chart", "s"),
+        "chart_js": stems.clone(f"{BASE}/org/chart.js.git", "j"),
+    }
+    result, log = run(net, tmp_path, steps, "/git/org/chart.git/**", profile)
+    why = f"{result.describe()}\napache:\n{log}"
+    assert "content of public" in result["public"].out, why
+    for control in ("control", "control_stem"):
+        assert "content of chart\n" not in result[control].out, why
+        assert "403" in result[control].err, why
+    assert "content of chart.js" in result["chart_js"].out, why
