@@ -971,8 +971,9 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
     info `/x` in Apache, PHP and every CGI server), and with any suffix after a `.`
     (`/admin.json`: Spring MVC to 5.2 maps every `/p` as `/p.*`, Rails as
     `/p(.:format)`; a red team, session 51): a deny must hold wherever a server serves
-    the resource it names. Its segments named with an extension take their stem too
-    (_stem: `/org/secret.git/**` takes `/org/secret/info/refs`)."""
+    the resource it names. Its segments named with known extensions take their stem
+    too (_stem: `/org/secret.git/**` takes `/org/secret/info/refs`), and its
+    punctuation stands for any (_denied_literal)."""
     parts = []
     if any("%2F" in glob for glob in globs):  # and with an escaped '/' read as one
         globs = tuple(dict.fromkeys([*globs, *(glob.replace("%2F", "/") for glob in globs)]))
@@ -1033,8 +1034,7 @@ _EXTENSIONS = frozenset(
     php php3 php4 php5 php7 phtml phar cgi fcgi pl py rb asp aspx jsp jspx do action cfm
     """.split()  # noqa: SIM905 (a table, read by eye)
 )
-
-
+# What a stem takes after it: those extensions, or what is below it.
 _STEM_TAIL = "(?:\\.(?:" + "|".join(sorted(_EXTENSIONS)) + "))*(?:/.*)?"
 
 
@@ -1085,12 +1085,12 @@ def _denied_literal(piece: str, after_star: bool, before_star: bool) -> str:
 
 
 # ASCII punctuation but `/` and `%` (a segment's break, an escape's start). CherryPy's
-# dispatcher (and TurboGears' crank) reads each of them in a segment as `_`: `/admin-panel`, `/admin~panel` and `/admin%7Bpanel` run
-# the handler `admin_panel` (a red team, session 52); PyPI (PEP 503) reads `-`, `_`
-# and `.` alike in a project's name, crates.io `-` and `_`. In a deny glob each one
-# stands for any of them.
-# Requests keep `%`, `#` and `?` escaped (names._KEPT_ESCAPED), which cheroot decodes
-# before CherryPy reads them as `_` too.
+# dispatcher (and TurboGears' crank) reads each of them in a segment as `_`:
+# `/admin-panel`, `/admin~panel` and `/admin%7Bpanel` run the handler `admin_panel` (a
+# red team, session 52); PyPI (PEP 503) reads `-`, `_` and `.` alike in a project's
+# name, crates.io `-` and `_`. In a deny glob each one stands for any of them, and for
+# the escapes of `%`, `#` and `?`, which requests keep escaped (names._KEPT_ESCAPED)
+# and cheroot decodes before CherryPy reads them as `_` too.
 _PUNCTUATION = frozenset(string.punctuation) - {"/", "%"}
 _ANY_PUNCTUATION = "(?:[" + re.escape("".join(sorted(_PUNCTUATION))) + "]|%2[35]|%3F)"
 

@@ -617,9 +617,13 @@ def path_readings(path: str) -> PathReadings:
     `%3F`, where a proxy that decodes the path once and passes it on (nginx's
     `proxy_pass http://app$uri`, HAProxy's `url_dec`, Apache's `[P,NE]`) makes it end
     (`/admin/secret.txt%23.tar.gz` under an allow of `/**/*.tar.gz`); and each with an
-    escaped '/' read as one. A deny takes the request if it matches any; an allow (or
-    ask) only if it matches the canonical form, its cut, and those with '/' read: the
-    decoded form would refuse a glob written escaped (`/c%2B%2B/**`)."""
+    escaped '/' read as one. A deny's readings also read the path as a case-folding
+    server (folded), a decimal parser (_as_numbers), a front controller
+    (_behind_scripts) and traversal (_as_views) do. A deny takes the request if it
+    matches any; an allow (or ask) only if it matches the canonical form, its cut, and
+    those with '/' read: the decoded form would refuse a glob written escaped
+    (`/c%2B%2B/**`). Past MOST_READING_CHARS the readings are not all made
+    (`too_many`)."""
     canonical = parse_path(path)
     if "%" not in canonical:
         denied = (canonical,)
