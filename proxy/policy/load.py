@@ -977,18 +977,21 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
     parts = []
     if any("%2F" in glob for glob in globs):  # and with an escaped '/' read as one
         globs = tuple(dict.fromkeys([*globs, *(glob.replace("%2F", "/") for glob in globs)]))
-    stems: set[str] = set()
+    stems: dict[str, str] = {}  # a stem: the glob it was taken from
     if deny:  # escaped as written and as a decoding server reads it (names.path_readings)
         plain = [decoded_printable(glob) for glob in globs]
         globs = tuple(dict.fromkeys([*globs, *plain, *map(folded, plain)]))
-        stems = {stem for glob in globs if (stem := _stem(glob)) != glob} - set(globs)
+        stems = {stem: glob for glob in globs if (stem := _stem(glob)) != glob}
+        stems = {stem: glob for stem, glob in stems.items() if stem not in globs}
         globs = (*globs, *sorted(stems))
     linear = False  # some glob has two wildcards before its end: RE2 (PathPattern)
     for glob in globs:
-        # A deny's tail: what it names, and below it or a suffix of it; a stem's, only
-        # below it or with the extensions it dropped (`/org/chart.git/**` must not take
-        # `/org/chart.js.git`, another repository; a red team, session 52).
-        below = _STEM_TAIL if glob in stems else "(?:[/.].*)?"
+        # A deny's tail: what it names, and below it or a suffix of it. A repository's
+        # stem's: only below it or with its own extension (`/org/chart.git/**` must not
+        # take `/org/chart.js.git`, another repository; a red team, session 52). Rails'
+        # `(.:format)` serves a stem with any suffix (`/gems/x.js` for `/gems/x.json`).
+        repository = glob in stems and stems[glob].rstrip("/*").lower().endswith(_REPOSITORY)
+        below = "(?:\\.(?:git|hg|svn))?(?:/.*)?" if repository else "(?:[/.].*)?"
         if deny and len(glob) > 1:
             glob = glob.removesuffix("/")
         pattern = ""
@@ -1011,7 +1014,7 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
         # A trailing `/**` (or the deny's tail) matches whatever is left: it never
         # backtracks into a failure. The wildcards before it do.
         inner = pieces[:-2] if glob.endswith("/**") else pieces
-        linear |= sum(piece in ("/**", "*") for piece in inner) >= 2
+        linear |= "/**" in inner or sum(piece in ("/**", "*") for piece in inner) >= 2
         if deny and glob != "/" and not glob.endswith("/**"):
             pattern += below
         parts.append(pattern)
@@ -1030,12 +1033,14 @@ _EXTENSIONS = frozenset(
     json xml yaml yml csv tsv txt md html htm xhtml atom rss pdf doc docx xls xlsx
     tar gz tgz bz2 tbz xz txz zst lz lzma zip 7z rar whl egg gem jar war ear deb rpm apk
     sql db sqlite sqlite3 dump bak old orig backup
+    jpg jpeg png gif svg webp ico bmp tif tiff heic mp3 m4a ogg oga wav flac mp4 m4v webm
+    avi mov mkv wmv exe msi dmg iso img bin dll so ppt pptx odt ods odp rtf epub ps eps
+    woff woff2 ttf otf eml mbox ics vcf
     pem key crt p12 pfx env ini conf cfg toml properties
     php php3 php4 php5 php7 phtml phar cgi fcgi pl py rb asp aspx jsp jspx do action cfm
     """.split()  # noqa: SIM905 (a table, read by eye)
 )
-# What a stem takes after it: those extensions, or what is below it.
-_STEM_TAIL = "(?:\\.(?:" + "|".join(sorted(_EXTENSIONS)) + "))*(?:/.*)?"
+_REPOSITORY = (".git", ".hg", ".svn")
 
 
 def _stem(glob: str) -> str:
@@ -1044,8 +1049,7 @@ def _stem(glob: str) -> str:
     GitHub, GitLab and Gitea serve `/org/secret` as the repository `secret.git`;
     Rails' `(.:format)` serves `/gems/secret.json` also as `/gems/secret` and
     `/gems/secret.yaml`; Apache's MultiViews serves `/dl/x` for `x.tar.gz` (a red team,
-    session 52). The stem takes what is below it, or itself with any of those
-    extensions (_STEM_TAIL)."""
+    session 52)."""
     return "/".join(
         segment if "*" in segment else _segment_stem(segment) for segment in glob.split("/")
     )
@@ -1106,15 +1110,16 @@ def _number(value: int) -> str:
     Ruby, Go, Python's int(s, 0); a red team, session 52); then nothing more, or
     anything that does not go on with the number (to_i and parseInt stop there:
     `42abc`, `42_`, `42 x`, `42.json`). No lookahead: RE2 has none (PathPattern)."""
+    gap = "[ _]*"  # `_` or blanks: int()'s `4_2`, Spring drops every blank (`0x 2a`)
     lead = "[ +-]*" if value == 0 else "[ +]*"
-    decimal = "(?:0[ _]*)*" + "[ _]*".join(str(value)) if value else "0(?:[ _]*0)*"
+    decimal = f"(?:0{gap})*" + gap.join(str(value)) if value else f"0(?:{gap}0)*"
     radix = "|".join(
-        f"{prefix}(?:_?0)*_?" + "_?".join(digits)
+        f"{prefix}{gap}(?:0{gap})*" + gap.join(digits)
         for prefix, digits in (
-            ("(?:0x|#|%23)", f"{value:x}"),
-            ("0b", f"{value:b}"),
-            ("0o?", f"{value:o}"),
-            ("0d", str(value)),
+            (f"(?:0{gap}x|#|%23)", f"{value:x}"),
+            (f"0{gap}b", f"{value:b}"),
+            (f"0(?:{gap}o)?", f"{value:o}"),
+            (f"0{gap}d", str(value)),
         )
     )
     return f"{lead}(?:{decimal}(?:[^0-9/][^/]*)?|(?:{radix})(?:[^0-9a-z/][^/]*)?)"

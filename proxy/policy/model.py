@@ -190,12 +190,14 @@ class Rule:
     # it applies to must be intercepted to enforce it. Computed, and kept as a
     # plain attribute: decide() reads it for every candidate rule.
     inspects: bool = field(init=False, compare=False, repr=False)
-    # The methods a request is matched on: `methods`, and for a deny of GET, HEAD and
-    # OPTIONS too: every server framework a red team tried (session 51: Spring, Rails,
-    # Express, Fastify, Go, Django, Sinatra, Tomcat) runs the GET handler for a HEAD,
-    # and CherryPy's handlers and Pyramid's views without a method predicate run for
-    # any method (session 52); no read of a denied resource needs its preflight.
+    # The methods a request is matched on (None: any) and those it is not: `methods`,
+    # but a deny of GET takes every method that is not a write it leaves out: every
+    # server framework a red team tried (session 51: Spring, Rails, Express, Fastify,
+    # Go, Django, Sinatra, Tomcat) runs the GET handler for a HEAD, and CherryPy's
+    # handlers and Pyramid's views without a method predicate run for any method,
+    # OPTIONS, TRACE, PROPFIND or one of the task's own (session 52).
     matched_methods: frozenset[str] | None = field(init=False, compare=False, repr=False)
+    passed_methods: frozenset[str] = field(init=False, compare=False, repr=False)
     # decide()'s memo, filled on first use: the Decision this rule gives when it
     # answers alone (allowed or denied by it; for a fallback, no rule matched), and
     # the one when it allows with inspection. Next to what decide() just read.
@@ -204,10 +206,11 @@ class Rule:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inspects", self.methods is not None or self.paths is not None)
-        methods = self.methods
+        methods, passed = self.methods, frozenset()
         if methods is not None and self.action is Verdict.DENY and "GET" in methods:
-            methods = methods | {"HEAD", "OPTIONS"}
+            methods, passed = None, WRITE_METHODS - methods
         object.__setattr__(self, "matched_methods", methods)
+        object.__setattr__(self, "passed_methods", passed)
 
     @property
     def origin(self) -> str:
@@ -223,7 +226,16 @@ class Rule:
     def matches_request(self, method: str, path: str) -> bool:
         if self.matched_methods is not None and method not in self.matched_methods:
             return False
+        if method in self.passed_methods:
+            return False
         return self.path_pattern is None or self.path_pattern.fullmatch(path)
+
+
+# The methods that write (RFC 9110's and WebDAV's): a deny of GET does not take them
+# unless it names them too.
+WRITE_METHODS = frozenset(
+    {"POST", "PUT", "PATCH", "DELETE", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK"}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,11 +4,12 @@ found this past the gateway, session 52).
 A deny of GET takes HEAD, since servers run the GET handler for a HEAD. Some
 frameworks do not route by method at all unless told to: CherryPy's exposed methods
 (Debian's python3-cherrypy3) and Pyramid's views without a `request_method`
-predicate (python3-pyramid) run for OPTIONS, POST or any token. With `methods: [GET,
-OPTIONS]` allowed (OPTIONS for CORS preflights) and `deny: methods: [GET], paths:
-["/public/report"]`, `OPTIONS /public/report` passed and the denied handler ran on
-both. A deny of GET now takes OPTIONS too (model.Rule.matched_methods: no read of a
-denied resource needs its preflight); an OPTIONS elsewhere is still served.
+predicate (python3-pyramid) run for OPTIONS, POST or any token. With every method
+allowed on the site and `deny: methods: [GET], paths: ["/public/report"]`, `OPTIONS
+/public/report` (and TRACE, PROPFIND, a method of the task's own) passed and the
+denied handler ran on both. A deny of GET now takes every method but the writes it
+does not name (model.Rule.matched_methods, passed_methods): a POST, a write, is
+still the site's, and an OPTIONS elsewhere is still served.
 
 The origins run in the fake internet and log the handler and method they ran. Both
 gateway paths: `door` (the front door) and `engine` (mitmproxy; a websocket rule
@@ -35,7 +36,6 @@ RULES = door_and_engine(
       - allow: allowed.test
         id: site
         ports: [{PORT}]
-        methods: [GET, OPTIONS]
         paths: ["/**"]
       - deny: allowed.test
         id: no-report
@@ -113,6 +113,10 @@ def test_a_deny_of_get_holds_where_handlers_run_for_every_method(net, tmp_path, 
         "control": sandbox.curl(f"{url}/public/report"),
         "control_head": sandbox.curl("-I", f"{url}/public/report"),
         "options": sandbox.curl("-X", "OPTIONS", f"{url}/public/report"),
+        "trace": sandbox.curl("-X", "TRACE", f"{url}/public/report"),
+        "propfind": sandbox.curl("-X", "PROPFIND", f"{url}/public/report"),
+        "own_method": sandbox.curl("-X", "FETCH", f"{url}/public/report"),
+        "post": sandbox.curl("-X", "POST", "-H", "Content-Length: 0", f"{url}/public/report"),
     }
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
@@ -124,8 +128,12 @@ def test_a_deny_of_get_holds_where_handlers_run_for_every_method(net, tmp_path, 
     assert result["control"].status == 403, why
     assert result["control_head"].status == 403, why
     assert "PUBLIC-OK ran for OPTIONS /public/ok" in result["honest_options"].out, why
-    assert result["options"].status == 403, why
+    for label in ("options", "trace", "propfind", "own_method"):
+        assert result[label].status == 403, (label, why)
     assert result.verdicts(kind="request", verdict="deny") == {
         ("deny", "rule_deny", f"{profile}-no-report")
     }, why
-    assert "REPORT-HANDLER" not in ran, why
+    assert "REPORT-HANDLER ran for POST" in result["post"].out, why  # a write: not denied
+    assert [line for line in ran.splitlines() if "REPORT-HANDLER" in line] == [
+        "REPORT-HANDLER ran for POST /public/report"
+    ], why

@@ -83,6 +83,9 @@ def test_a_gem_denied_by_its_json_url_is_not_served_in_another_format(net, tmp_p
         "yaml": sandbox.curl(f"{base}/secret-gem.yaml"),
         "xml": sandbox.curl(f"{base}/secret-gem.xml"),
         "bare": sandbox.curl(f"{base}/secret-gem"),
+        # Rails routes any format, not only those a stem knows (a red team, session 52)
+        "js": sandbox.curl(f"{base}/secret-gem.js"),
+        "unknown": sandbox.curl(f"{base}/secret-gem.x"),
     }
     argv = ["ruby", str(app), IP, str(PLAIN), str(log)]
     result = run_beside(net, tmp_path, [argv], [f"{IP}:{PLAIN}"], steps, rules, profile)
@@ -92,7 +95,7 @@ def test_a_gem_denied_by_its_json_url_is_not_served_in_another_format(net, tmp_p
     assert "GEM-METADATA name=rails format=yaml" in result["honest_yaml"].out, why
     # The control (the URL as denied, and in upper case), then the other formats: all
     # refused by the deny (the gateway's 403 page names the URL it refused).
-    for label in ("control", "control_upper", "yaml", "xml", "bare"):
+    for label in ("control", "control_upper", "yaml", "xml", "bare", "js", "unknown"):
         assert result[label].status == 403, (label, why)
     assert result.verdicts(reason="rule_deny") == {
         ("deny", "rule_deny", f"{profile}-no-secret-gem")

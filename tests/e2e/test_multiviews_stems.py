@@ -37,7 +37,7 @@ profiles:
       - deny: allowed.test
         id: no-secrets
         ports: [8444, 8088]
-        paths: ["/dl/x.tar.gz", "/dl/backup.7z", "/files/*.sql"]
+        paths: ["/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/files/*.sql"]
       - allow: allowed.test
         id: site
         ports: [8444, 8088]
@@ -48,6 +48,7 @@ profiles:
 FILES = {
     "dl/x.tar.gz": "SECRET-TARBALL",
     "dl/backup.7z": "SECRET-7Z",
+    "dl/photo.jpg": "SECRET-JPEG",
     "files/dump.sql": "SECRET-SQL",
 }
 
@@ -62,6 +63,7 @@ STEMS = {
     "tar_gz_plain": (8088, "/dl/x", False),
     "tar_gz_tls": (8444, "/dl/x", True),
     "seven_z_plain": (8088, "/dl/backup", False),
+    "jpeg_plain": (8088, "/dl/photo", False),
 }
 
 

@@ -28,11 +28,14 @@ def test_re2_and_re_agree(rule_globs, path, deny):
     assert linear.fullmatch(path) == (pattern.regex.fullmatch(path) is not None)
 
 
-def test_two_wildcards_are_linear_one_is_not():
+def test_two_wildcards_or_a_double_star_before_the_end_are_linear():
     assert _compile_paths(("/**/x/**/y/**",), True).linear
     assert _compile_paths(("/**/*a*b",), True).linear
+    # one `re` pass a glob: 30 denies of `/**/x` on a path of many readings took 0.8 s
+    # (a red team, session 52); RE2 matches the alternation in one pass
+    assert _compile_paths(("/**/admin",), True).linear
     assert not _compile_paths(("/admin/**",), True).linear
-    assert not _compile_paths(("/**/admin",), True).linear
+    assert not _compile_paths(("/*/admin",), True).linear
     assert not _compile_paths(("/public/**",)).linear
 
 

@@ -313,6 +313,9 @@ profiles:
         pytest.param("/projects/0x_2a", "rule_deny", id="hex-prefix-underscore"),
         pytest.param("/projects/0b10_1010", "rule_deny", id="binary-underscore"),
         pytest.param("/projects/0D42", "rule_deny", id="ruby-decimal-prefix"),
+        pytest.param("/projects/0x%202a", "rule_deny", id="spring-hex-blank"),
+        pytest.param("/projects/0%20x2a", "rule_deny", id="spring-hex-prefix-blank"),
+        pytest.param("/projects/%23%202a", "rule_deny", id="spring-hash-blank"),
         pytest.param("/projects/053", "rule_allow", id="another-octal"),
         pytest.param("/projects/1e400", "rule_allow", id="out-of-range"),
         pytest.param("/projects/v4.2e1", "rule_allow", id="not-a-number"),
@@ -344,12 +347,11 @@ profiles:
       - deny: allowed.test
         paths: ["/git/org/secret.git/**", "/gems/secret-gem.json", "/admin_panel/**", "/admin/**"]
       - deny: allowed.test
-        paths: ["/lodash.merge/**", "/packages/evil_pkg-*", "/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/v1.2/**"]
+        paths: ["/lodash.merge/**", "/packages/evil_pkg-*", "/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/v1.2/**"]
       - deny: allowed.test
         methods: [GET]
         paths: ["/public/report"]
       - allow: allowed.test
-        methods: [GET, HEAD, OPTIONS, POST]
         paths: ["/**"]
 """
 
@@ -365,6 +367,8 @@ profiles:
         pytest.param("GET", "/git/org/secret/.git/HEAD", "rule_deny", id="git-dir-below-the-stem"),
         pytest.param("GET", "/gems/secret-gem", "rule_deny", id="format-stem"),
         pytest.param("GET", "/gems/secret-gem.yaml", "rule_deny", id="another-format"),
+        pytest.param("GET", "/gems/secret-gem.js", "rule_deny", id="any-format"),
+        pytest.param("GET", "/dl/photo", "rule_deny", id="a-media-extension"),
         pytest.param("GET", "/dl/x", "rule_deny", id="every-extension"),
         pytest.param("GET", "/dl/backup", "rule_deny", id="an-extension-with-a-digit"),
         pytest.param("GET", "/v1.3/x", "rule_allow", id="a-version-is-no-extension"),
@@ -378,7 +382,7 @@ profiles:
             id="a-stem-takes-no-other-suffix",
         ),
         pytest.param(
-            "GET", "/git/org/secret.tar.gz", "rule_deny", id="a-stem-takes-known-extensions"
+            "GET", "/git/org/Secret.GIT/info/refs", "rule_deny", id="a-stem-with-its-own-extension"
         ),
         pytest.param("GET", "/lodash.merge/-/x.tgz", "rule_deny", id="the-dotted-name"),
         pytest.param(
@@ -409,7 +413,11 @@ profiles:
         # a deny of GET takes HEAD and OPTIONS
         pytest.param("HEAD", "/public/report", "rule_deny", id="head"),
         pytest.param("OPTIONS", "/public/report", "rule_deny", id="options"),
+        pytest.param("TRACE", "/public/report", "rule_deny", id="trace"),
+        pytest.param("PROPFIND", "/public/report", "rule_deny", id="propfind"),
+        pytest.param("FETCH", "/public/report", "rule_deny", id="a-method-of-its-own"),
         pytest.param("POST", "/public/report", "rule_allow", id="post"),
+        pytest.param("DELETE", "/public/report", "rule_allow", id="delete"),
     ],
 )
 def test_a_deny_takes_the_other_names_servers_give_a_handler(tmp_path, method, target, expected):
