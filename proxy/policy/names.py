@@ -619,7 +619,8 @@ def path_readings(path: str) -> PathReadings:
     (`/admin/secret.txt%23.tar.gz` under an allow of `/**/*.tar.gz`); and each with an
     escaped '/' read as one. A deny's readings also read the path as a case-folding
     server (folded), a decimal parser (_as_numbers), a front controller
-    (_behind_scripts) and traversal (_as_views) do. A deny takes the request if it
+    (_behind_scripts), traversal (_as_views) and Go's module proxy (_as_module_paths)
+    do. A deny takes the request if it
     matches any; an allow (or ask) only if it matches the canonical form, its cut, and
     those with '/' read: the decoded form would refuse a glob written escaped
     (`/c%2B%2B/**`). Past MOST_READING_CHARS the readings are not all made
@@ -633,6 +634,8 @@ def path_readings(path: str) -> PathReadings:
             denied = _behind_scripts(denied)
         if "/@@" in canonical:
             denied = _as_views(denied)
+        if "!" in canonical:
+            denied = _as_module_paths(denied)
         return PathReadings(canonical, denied, (canonical,))
     plain = decoded_printable(canonical)
     denied = (canonical, plain)
@@ -649,6 +652,7 @@ def path_readings(path: str) -> PathReadings:
             (_as_numbers, 2, any(map(_POINT_OR_EXPONENT.search, denied))),
             (_behind_scripts, 3, any(map(_SCRIPT.search, denied))),
             (_as_views, 2, any("@@" in reading for reading in denied)),
+            (_as_module_paths, 2, any("!" in reading for reading in denied)),
             (_with_cuts, 2, any(map(_CUT.search, denied))),
             (_with_splits, 2, "%2F" in canonical),
         )
@@ -704,6 +708,18 @@ def _with_cuts(readings: tuple[str, ...]) -> tuple[str, ...]:
     """`readings`, and each cut at its first `%23` or `%3F` (or `#`, `?` in a folded
     reading): where a proxy that decodes the path once makes it end."""
     return tuple(dict.fromkeys((*readings, *(_CUT.split(r, 1)[0] or "/" for r in readings))))
+
+
+_MODULE_CASE = re.compile(r"!([a-z])")
+
+
+def _as_module_paths(readings: tuple[str, ...]) -> tuple[str, ...]:
+    """`readings`, and each with Go's module path escape of a capital (`!o` for `O`)
+    read as the letter: the module proxy fetches `/github.com/!evil!corp/x/@v/list`
+    from `github.com/EvilCorp/x`, which GitHub serves as `evilcorp/x`, and a deny
+    ignores case."""
+    more = tuple(_MODULE_CASE.sub(r"\1", reading) for reading in readings if "!" in reading)
+    return tuple(dict.fromkeys((*readings, *more))) if more else readings
 
 
 def _as_views(readings: tuple[str, ...]) -> tuple[str, ...]:

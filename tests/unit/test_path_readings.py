@@ -347,7 +347,7 @@ profiles:
       - deny: allowed.test
         paths: ["/git/org/secret.git/**", "/gems/secret-gem.json", "/admin_panel/**", "/admin/**"]
       - deny: allowed.test
-        paths: ["/lodash.merge/**", "/packages/evil_pkg-*", "/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/v1.2/**"]
+        paths: ["/lodash.merge/**", "/packages/evil_pkg-*", "/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/github.com/evilcorp/**", "/v1.2/**"]
       - deny: allowed.test
         methods: [GET]
         paths: ["/public/report"]
@@ -400,6 +400,11 @@ profiles:
         pytest.param("GET", "/pkg/evil.pkg/1.0", "rule_deny", id="dot-for-dash"),
         pytest.param("GET", "/adminpanel", "rule_allow", id="no-punctuation"),
         pytest.param("GET", "/admin%C3%A9panel", "rule_allow", id="a-letter-is-not-punctuation"),
+        # Go's module proxy: `!e` is `E` in a module path, and a deny ignores case
+        pytest.param("GET", "/github.com/!evil!corp/x/@v/list", "rule_deny", id="go-module-case"),
+        pytest.param(
+            "GET", "/github.com/evilcorps/x/@v/list", "rule_allow", id="go-another-module"
+        ),
         # Pyramid's view names
         pytest.param("GET", "/@@admin", "rule_deny", id="view-name"),
         pytest.param("GET", "/%40%40admin/x", "rule_deny", id="view-name-escaped"),
