@@ -75,6 +75,7 @@ from .names import (
     InvalidName,
     decoded_printable,
     folded,
+    module_path,
     parse_domain,
     parse_domain_pattern,
     parse_host_port,
@@ -981,17 +982,20 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
     if deny:  # escaped as written and as a decoding server reads it (names.path_readings)
         plain = [decoded_printable(glob) for glob in globs]
         globs = tuple(dict.fromkeys([*globs, *plain, *map(folded, plain)]))
+        # and a Go module path written escaped as the proxy reads it (`!e` is `E`)
+        globs = tuple(dict.fromkeys([*globs, *(module_path(glob) for glob in globs)]))
         stems = {stem: glob for glob in globs if (stem := _stem(glob)) != glob}
         stems = {stem: glob for stem, glob in stems.items() if stem not in globs}
         globs = (*globs, *sorted(stems))
     linear = False  # some glob has two wildcards before its end: RE2 (PathPattern)
     for glob in globs:
         # A deny's tail: what it names, and below it or a suffix of it. A repository's
-        # stem's: only below it or with its own extension (`/org/chart.git/**` must not
-        # take `/org/chart.js.git`, another repository; a red team, session 52). Rails'
-        # `(.:format)` serves a stem with any suffix (`/gems/x.js` for `/gems/x.json`).
+        # stem's: only below it, with its own extension, or the names a forge serves it
+        # by (_REPOSITORY_TAIL; `/org/chart.git/**` must not take `/org/chart.js.git`,
+        # another repository; a red team, session 52). Rails' `(.:format)` serves a stem
+        # with any suffix (`/gems/x.js` for `/gems/x.json`).
         repository = glob in stems and stems[glob].rstrip("/*").lower().endswith(_REPOSITORY)
-        below = "(?:\\.(?:git|hg|svn))?(?:/.*)?" if repository else "(?:[/.].*)?"
+        below = _REPOSITORY_TAIL if repository else "(?:[/.].*)?"
         if deny and len(glob) > 1:
             glob = glob.removesuffix("/")
         pattern = ""
@@ -1041,6 +1045,9 @@ _EXTENSIONS = frozenset(
     """.split()  # noqa: SIM905 (a table, read by eye)
 )
 _REPOSITORY = (".git", ".hg", ".svn")
+# The names a forge serves a repository by besides its own: its wiki (Gitea's
+# `x.wiki.git`, `x.wiki`) and its activity feeds (Gitea's and GitLab's `x.rss`, `x.atom`).
+_REPOSITORY_TAIL = r"(?:\.wiki)?(?:\.(?:git|hg|svn|rss|atom))?(?:/.*)?"
 
 
 def _stem(glob: str) -> str:
@@ -1056,6 +1063,9 @@ def _stem(glob: str) -> str:
 
 
 def _segment_stem(segment: str) -> str:
+    head, _, extension = segment.rpartition(".")
+    if f".{extension.lower()}" in _REPOSITORY and head and not head.endswith("."):
+        return head  # a repository's name may hold a `.json` of its own
     stem = segment
     while "." in stem[1:]:
         head, _, extension = stem.rpartition(".")

@@ -145,7 +145,13 @@ class PathPattern:
         flags = "s" * bool(self.regex.flags & re.DOTALL) + "i" * bool(
             self.regex.flags & re.IGNORECASE
         )
-        return re2.compile(f"(?{flags}){self.regex.pattern}")
+        # 8 MiB (RE2's default) held the DFA of ~100 `/**/` globs in one rule only
+        # until it ran out, wrote a line to stderr each match and fell back to its NFA,
+        # slower than `re` (a red team, session 52). The memory is taken as states are
+        # met, not at the compile.
+        options = re2.Options()
+        options.max_mem, options.log_errors, options.never_capture = 64 << 20, False, True
+        return re2.compile(f"(?{flags}){self.regex.pattern}", options)
 
     def fullmatch(self, path: str) -> bool:
         if not self.linear:

@@ -718,8 +718,14 @@ def _as_module_paths(readings: tuple[str, ...]) -> tuple[str, ...]:
     read as the letter: the module proxy fetches `/github.com/!evil!corp/x/@v/list`
     from `github.com/EvilCorp/x`, which GitHub serves as `evilcorp/x`, and a deny
     ignores case."""
-    more = tuple(_MODULE_CASE.sub(r"\1", reading) for reading in readings if "!" in reading)
+    more = tuple(module_path(reading) for reading in readings if "!" in reading)
     return tuple(dict.fromkeys((*readings, *more))) if more else readings
+
+
+def module_path(path: str) -> str:
+    """`path` with Go's module path escapes of capitals read as the letters (a deny
+    ignores case; also a deny glob written escaped, load._compile_paths)."""
+    return _MODULE_CASE.sub(r"\1", path) if "!" in path else path
 
 
 def _as_views(readings: tuple[str, ...]) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.e2e
 
 IP = stems.IP
 BASE = stems.BASE
-REPOS = ("public", "chart", "chart.js")
+REPOS = ("public", "chart", "chart.js", "notes", "notes.json")
 
 
 @contextlib.contextmanager
@@ -100,3 +100,24 @@ def test_a_repository_whose_name_starts_with_a_denied_stem_is_cloned(net, tmp_pa
         assert "content of chart\n" not in result[control].out, why
         assert "403" in result[control].err, why
     assert "content of chart.js" in result["chart_js"].out, why
+
+
+@pytest.mark.parametrize("profile", ["door", "engine"])
+def test_a_repository_whose_name_holds_an_extension_is_denied_by_it_and_not_its_stem(
+    net, tmp_path, profile
+):
+    """`notes.json.git` is the repository `notes.json`: http-backend serves it as
+    `/org/notes.json` too (enter_repo tries `<path>.git`), and `/org/notes` is another
+    repository. A stem that dropped every known extension denied `notes` and let
+    `notes.json` through (a red team, session 52)."""
+    steps = {
+        "control": stems.clone(f"{BASE}/org/notes.json.git", "c"),
+        "without_dot_git": stems.clone(f"{BASE}/org/notes.json", "w"),
+        "notes": stems.clone(f"{BASE}/org/notes.git", "n"),
+    }
+    result, log = run(net, tmp_path, steps, "/git/org/notes.json.git/**", profile)
+    why = f"{result.describe()}\napache:\n{log}"
+    for control in ("control", "without_dot_git"):
+        assert "content of notes.json" not in result[control].out, why
+        assert "403" in result[control].err, why
+    assert "content of notes\n" in result["notes"].out, why

@@ -347,7 +347,7 @@ profiles:
       - deny: allowed.test
         paths: ["/git/org/secret.git/**", "/gems/secret-gem.json", "/admin_panel/**", "/admin/**"]
       - deny: allowed.test
-        paths: ["/lodash.merge/**", "/packages/evil_pkg-*", "/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/github.com/evilcorp/**", "/v1.2/**"]
+        paths: ["/lodash.merge/**", "/packages/evil_pkg-*", "/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/github.com/evilcorp/**", "/golang.org/x/!bad!pkg/**", "/git/org/notes.json.git/**", "/v1.2/**"]
       - deny: allowed.test
         methods: [GET]
         paths: ["/public/report"]
@@ -405,6 +405,20 @@ profiles:
         pytest.param(
             "GET", "/github.com/evilcorps/x/@v/list", "rule_allow", id="go-another-module"
         ),
+        pytest.param(
+            "GET", "/golang.org/x/badpkg/@v/list", "rule_deny", id="go-deny-written-escaped"
+        ),
+        # a repository's name with an extension of its own; its wiki and feeds
+        pytest.param(
+            "GET", "/git/org/notes.json/info/refs", "rule_deny", id="repository-name-with-a-dot"
+        ),
+        pytest.param(
+            "GET", "/git/org/notes/info/refs", "rule_allow", id="repository-stem-of-its-name"
+        ),
+        pytest.param(
+            "GET", "/git/org/secret.wiki.git/info/refs", "rule_deny", id="repository-wiki"
+        ),
+        pytest.param("GET", "/git/org/secret.atom", "rule_deny", id="repository-feed"),
         # Pyramid's view names
         pytest.param("GET", "/@@admin", "rule_deny", id="view-name"),
         pytest.param("GET", "/%40%40admin/x", "rule_deny", id="view-name-escaped"),
