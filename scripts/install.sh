@@ -70,3 +70,9 @@ extra=""
 if [[ "${1:-}" == "--test" && ! -d .venv/node/node_modules/fastify ]]; then
   npm install --silent --no-audit --no-fund --prefix .venv/node fastify@4 >/dev/null
 fi
+# A package index in the fake internet (test_index_name_redirects), in a venv of its own:
+# pypiserver needs a newer pip than .venv's, and test_wheel's fresh venv sees .venv's packages.
+if [[ "${1:-}" == "--test" && ! -x .venv/pypiserver/bin/pypi-server ]]; then
+  "$python" -m venv .venv/pypiserver
+  .venv/pypiserver/bin/pip install -q --disable-pip-version-check "pypiserver>=2.4,<3"
+fi

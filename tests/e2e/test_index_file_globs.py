@@ -10,7 +10,7 @@ name: pip read `/simple/evil-pkg-extras/` and was refused
 `/packages/evil_pkg_extras-1.0-py3-none-any.whl`. A segment with `*` is a file-name
 pattern and is now matched as written. Found by a red team (session 52).
 
-Controls: evil-pkg is refused, good-pkg is fetched. pypiserver from the test venv,
+Controls: evil-pkg is refused, good-pkg is fetched. pypiserver from its own venv,
 pip in the sandbox (the harness of test_index_name_redirects.py); both gateway paths.
 """
 
@@ -28,7 +28,7 @@ IP, PORT, BASE, PIP = index.IP, index.PORT, index.BASE, index.PIP
 @pytest.mark.parametrize("profile", ["door", "engine"])
 def test_a_project_named_after_a_denied_one_is_fetched(net, tmp_path, profile):
     if not index.PYPISERVER.exists():
-        pytest.skip("needs pypiserver in the test venv (scripts/install.sh --test)")
+        pytest.skip("needs pypiserver in .venv/pypiserver (scripts/install.sh --test)")
     packages = tmp_path / "packages"
     packages.mkdir()
     index.wheel(packages, "good-pkg", "GOOD")

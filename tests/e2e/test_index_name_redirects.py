@@ -12,7 +12,7 @@ its exact stored name. A red team checked this against pypiserver 2.4.2 (session
 and found that it held; this test keeps it so. An index that served a spelling
 itself would need the deny to name that spelling.
 
-pypiserver runs from the test venv (the `test` extra: scripts/install.sh --test) in
+pypiserver runs from a venv of its own (scripts/install.sh --test) in
 the fake internet, and logs each request and its status; pip runs in the sandbox.
 Both gateway paths: `door` (the front door) and `engine` (mitmproxy; a `websocket:
 true` rule sends the profile's plain HTTP there).
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import sys
 import zipfile
 from pathlib import Path
 
@@ -34,7 +33,9 @@ pytestmark = pytest.mark.e2e
 
 IP, PORT = "203.0.113.10", 8091
 BASE = f"http://allowed.test:{PORT}"
-PYPISERVER = Path(sys.executable).with_name("pypi-server")  # the test extra's
+# In a venv of its own (scripts/install.sh --test): pypiserver needs a newer pip than
+# the test venv's, whose packages test_wheel's fresh venv sees.
+PYPISERVER = Path(__file__).parents[2] / ".venv" / "pypiserver" / "bin" / "pypi-server"
 
 RULES = f"""\
 version: 1
@@ -93,7 +94,7 @@ PIP = (
 @pytest.mark.parametrize("profile", ["door", "engine"])
 def test_a_denied_project_is_not_fetched_by_another_spelling_of_its_name(net, tmp_path, profile):
     if not PYPISERVER.exists():
-        pytest.skip("needs pypiserver in the test venv (scripts/install.sh --test)")
+        pytest.skip("needs pypiserver in .venv/pypiserver (scripts/install.sh --test)")
     packages = tmp_path / "packages"
     packages.mkdir()
     wheel(packages, "good-pkg", "GOOD")
