@@ -27,7 +27,6 @@ pytestmark = pytest.mark.e2e
 PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"  # allowed.test
 H = "\r\n"
-H2CLIENT = sandbox.Path(__file__).parent / "host_router" / "h2client.py"
 
 RULES = """\
 version: 1
@@ -48,10 +47,7 @@ profiles:
 
 
 def h1(port: int, target: str, host: str = "allowed.test", tls: bool = True, *fields: str) -> str:
-    head = f"GET {target} HTTP/1.1{H}Host: {host}{H}" + "".join(f + H for f in fields)
-    request = head + f"Connection: close{H}{H}"
-    sni = "allowed.test" if tls else "-"
-    return f"{PY} h2client.py {IP} {port} {sni} h1 {shlex.quote(json.dumps([request]))}"
+    return sandbox.h1(IP, port, target, tls, host, fields)
 
 
 def run(net, tmp_path, steps, rules=RULES, options=""):
@@ -62,7 +58,7 @@ def run(net, tmp_path, steps, rules=RULES, options=""):
             tmp_path,
             {"resolve": sandbox.dig("allowed.test"), **steps},
             rules=tmp_path / "rules.yaml",
-            setup=lambda d: shutil.copy(H2CLIENT, d / "h2client.py"),
+            setup=lambda d: shutil.copy(sandbox.H2CLIENT, d / "h2client.py"),
         )
         log = (top / "access.log").read_text()
     return result, log
@@ -181,7 +177,7 @@ def test_an_escaped_escape_does_not_reach_a_denied_path_behind_mod_rewrite(net, 
                 tmp_path,
                 {"resolve": sandbox.dig("allowed.test"), **steps},
                 rules=tmp_path / "rules.yaml",
-                setup=lambda d: shutil.copy(H2CLIENT, d / "h2client.py"),
+                setup=lambda d: shutil.copy(sandbox.H2CLIENT, d / "h2client.py"),
             )
     finally:
         app.terminate()

@@ -15,8 +15,6 @@ web_routers harness: allowed.test's docroot, index.html `ALLOWED-TENANT index`).
 
 from __future__ import annotations
 
-import json
-import shlex
 import shutil
 
 import pytest
@@ -26,10 +24,7 @@ from web_routers.apache import apache
 
 pytestmark = pytest.mark.e2e
 
-PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"  # allowed.test
-H = "\r\n"
-H2CLIENT = sandbox.Path(__file__).parent / "host_router" / "h2client.py"
 
 RULES = """\
 version: 1
@@ -58,10 +53,8 @@ NGINX = """\
 """
 
 
-def h1(port: int, target: str, tls: bool) -> str:
-    request = f"GET {target} HTTP/1.1{H}Host: allowed.test{H}Connection: close{H}{H}"
-    sni = "allowed.test" if tls else "-"
-    return f"{PY} h2client.py {IP} {port} {sni} h1 {shlex.quote(json.dumps([request]))}"
+def h1(port: int, target: str, tls: bool = True) -> str:
+    return sandbox.h1(IP, port, target, tls)
 
 
 CUT_DOTS = {
@@ -87,7 +80,7 @@ def test_a_dot_segment_made_by_a_cut_does_not_reach_a_parent(net, tmp_path):
     with apache(net, IP) as top, nginx_server(net, work, http, [f"{IP}:8090", f"{IP}:8445"]):
         result = sandbox.run(
             net, tmp_path, steps, rules=tmp_path / "rules.yaml",
-            setup=lambda d: shutil.copy(H2CLIENT, d / "h2client.py"),
+            setup=lambda d: shutil.copy(sandbox.H2CLIENT, d / "h2client.py"),
         )  # fmt: skip
         log = (top / "access.log").read_text()
     why = f"{result.describe()}\napache:\n{log}"

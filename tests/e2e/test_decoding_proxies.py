@@ -19,8 +19,6 @@ a '?' so made, unless [UnsafeAllow3F]: `%23` still passes), and nginx
 
 from __future__ import annotations
 
-import json
-import shlex
 import shutil
 import subprocess
 
@@ -33,9 +31,7 @@ pytestmark = pytest.mark.e2e
 
 PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"  # allowed.test
-H = "\r\n"
 HERE = sandbox.Path(__file__).parent
-H2CLIENT = HERE / "host_router" / "h2client.py"
 
 RULES = """\
 version: 1
@@ -73,9 +69,7 @@ NGINX = """\
 
 
 def h1(port: int, target: str, tls: bool = True) -> str:
-    request = f"GET {target} HTTP/1.1{H}Host: allowed.test{H}Connection: close{H}{H}"
-    sni = "allowed.test" if tls else "-"
-    return f"{PY} h2client.py {IP} {port} {sni} h1 {shlex.quote(json.dumps([request]))}"
+    return sandbox.h1(IP, port, target, tls)
 
 
 @pytest.fixture
@@ -107,7 +101,7 @@ def run(net, tmp_path, steps, rules=RULES):
         tmp_path,
         {"resolve": sandbox.dig("allowed.test"), **steps},
         rules=tmp_path / "rules.yaml",
-        setup=lambda d: shutil.copy(H2CLIENT, d / "h2client.py"),
+        setup=lambda d: shutil.copy(sandbox.H2CLIENT, d / "h2client.py"),
     )
 
 

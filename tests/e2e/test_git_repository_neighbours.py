@@ -20,69 +20,24 @@ tests/e2e/test_git_repository_stems.py; real git in the sandbox; both gateway pa
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 import test_git_repository_stems as stems
-from support import sandbox
-from support.servers import listening
 
 pytestmark = pytest.mark.e2e
 
-IP = stems.IP
 BASE = stems.BASE
 REPOS = ("public", "chart", "chart.js", "notes", "notes.json")
 
 
-@contextlib.contextmanager
-def git_apache(net):
-    top = Path(tempfile.mkdtemp(prefix="sgt-git-neighbours-"))
-    try:
-        top.chmod(0o755)
-        repos = top / "repos" / "org"
-        repos.mkdir(parents=True)
-        for at, name in enumerate(REPOS):
-            stems._bare_repo(repos / f"{name}.git", f"content of {name}", top / f"w{at}")
-        subprocess.run(["chown", "-R", "www-data:www-data", str(top / "repos")], check=True)
-        config = top / "httpd.conf"
-        config.write_text(stems.CONF.replace("@DIR@", str(top)).replace("@IP@", IP))
-        (top / "access.log").write_text("")
-        process = subprocess.Popen(
-            ["ip", "netns", "exec", net.internet_ns, "apache2", "-f", str(config), "-DFOREGROUND"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "APACHE_LOG_DIR": str(top)},
-            start_new_session=True,
-        )
-        try:
-            up = sandbox.eventually(lambda: listening(net, [f"{IP}:8088"]), timeout=15)
-            assert up, (top / "error.log").read_text() if (top / "error.log").exists() else "no log"
-            yield top
-        finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(15)
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+def _repos(repos: Path, top: Path) -> None:
+    for at, name in enumerate(REPOS):
+        stems._bare_repo(repos / f"{name}.git", f"content of {name}", top / f"w{at}")
 
 
 def run(net, tmp_path, steps, denied, profile):
-    if not shutil.which("apache2") or not Path(stems.HTTP_BACKEND).exists():
-        pytest.skip("needs apache2 and git (scripts/install.sh --test)")
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(stems.rules_text(denied))
-    with git_apache(net) as top:
-        result = sandbox.run(
-            net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
-            rules=rules, extra=("--profile", profile),
-        )  # fmt: skip
-        log = (top / "access.log").read_text()
-    return result, log
+    return stems.run(net, tmp_path, steps, denied, profile, populate=_repos)
 
 
 @pytest.mark.parametrize("profile", ["door", "engine"])

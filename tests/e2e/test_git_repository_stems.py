@@ -156,19 +156,26 @@ def _borrower(path: Path, secret: Path, alternate: str) -> None:
     _git("update-server-info", cwd=secret)
 
 
+def _repos(repos: Path, top: Path) -> None:
+    """org/public.git, org/secret.git, the superproject org/app.git and two dumb
+    repositories borrowing the secret one's objects."""
+    _bare_repo(repos / "public.git", PUBLIC_MARK, top / "w1")
+    _bare_repo(repos / "secret.git", SECRET_MARK, top / "w2")
+    _app_with_submodule(repos / "app.git", repos / "secret.git", top / "w3")
+    _borrower(repos / "borrow.git", repos / "secret.git", "/static/org/secret.git/objects")
+    _borrower(repos / "borrow-rel.git", repos / "secret.git", "../../secret.git/objects")
+
+
 @contextlib.contextmanager
-def git_apache(net):
-    """Apache + git http-backend on IP:8088 with org/public.git and org/secret.git."""
+def git_apache(net, populate=_repos):
+    """Apache + git http-backend on IP:8088 serving the bare repositories
+    `populate(repos, top)` makes under `org/` (`repos`), `top` its scratch."""
     top = Path(tempfile.mkdtemp(prefix="sgt-git-apache-"))
     try:
         top.chmod(0o755)
         repos = top / "repos" / "org"
         repos.mkdir(parents=True)
-        _bare_repo(repos / "public.git", PUBLIC_MARK, top / "w1")
-        _bare_repo(repos / "secret.git", SECRET_MARK, top / "w2")
-        _app_with_submodule(repos / "app.git", repos / "secret.git", top / "w3")
-        _borrower(repos / "borrow.git", repos / "secret.git", "/static/org/secret.git/objects")
-        _borrower(repos / "borrow-rel.git", repos / "secret.git", "../../secret.git/objects")
+        populate(repos, top)
         # Apache's children run as www-data: git refuses a repository another user owns.
         subprocess.run(["chown", "-R", "www-data:www-data", str(top / "repos")], check=True)
         config = top / "httpd.conf"
@@ -196,14 +203,15 @@ def clone(url: str, into: str) -> str:
     return f"git -c http.followRedirects=true clone -q {url} {into} && cat {into}/README.txt"
 
 
-def run(net, tmp_path, steps, denied: str, profile: str):
+def run(net, tmp_path, steps, denied: str, profile: str, populate=_repos):
     """`steps` in a sandbox of `profile`, the rules denying `denied`, with the git
-    server up: the result, and Apache's access log ("request=... status=...")."""
+    server of `populate`'s repositories up: the result, and Apache's access log
+    ("request=... status=...")."""
     if not shutil.which("apache2") or not Path(HTTP_BACKEND).exists():
         pytest.skip("needs apache2 and git (scripts/install.sh --test)")
     rules = tmp_path / "rules.yaml"
     rules.write_text(rules_text(denied))
-    with git_apache(net) as top:
+    with git_apache(net, populate) as top:
         result = sandbox.run(
             net, tmp_path, {"resolve": sandbox.dig("allowed.test"), **steps},
             rules=rules, extra=("--profile", profile),

@@ -10,7 +10,11 @@ with every ASCII punctuation character turned into `_` (its default
 none of those, and a deny written as the site links it, `/admin-panel/**`, not
 `/admin_panel`. Each ASCII punctuation character in a deny glob (but `/` and `%`)
 now stands for any of them (load._compile_paths), so either deny takes every
-spelling; `/public-ok`, a name no deny writes, is still served.
+spelling; `/public-ok`, a name no deny writes, is still served. cheroot also decodes
+`%25`, `%23` and `%3F` before CherryPy dispatches, escapes every reading of the
+gateway keeps escaped (names._KEPT_ESCAPED): PATH_INFO of `/admin%3Fpanel` is
+`/admin?panel`, and `admin_panel` ran for it (round 2 of that red team); the
+punctuation of a deny glob stands for those escapes too.
 
 Pyramid (Debian's python3-pyramid 2.0) traversal reads a segment that starts with
 `@@` as a view name, so the view `admin` of the root runs for `/admin` and for
@@ -140,9 +144,9 @@ def fetch_all(net, tmp_path, profile, denied, servers, paths):
         )  # fmt: skip
 
 
-# Every name CherryPy's dispatcher reads as `admin_panel` (the segment's punctuation
-# turned into '_'), with characters the gateway forwards: the deny refuses each,
-# whichever of them it is written with.
+# Every name CherryPy's dispatcher reads as `admin_panel` (the segment's punctuation,
+# cheroot's decoded `%25 %23 %3F` too, turned into '_'), with characters the gateway
+# forwards: the deny refuses each, whichever of them it is written with.
 CHERRYPY_SPELLINGS = {
     "underscore": "/admin_panel",
     "underscore_below": "/admin_panel/x",
@@ -159,6 +163,10 @@ CHERRYPY_SPELLINGS = {
     "dollar": "/admin$panel",
     "paren": "/admin(panel",
     "brace": "/admin%7Bpanel",
+    "percent": "/admin%25panel",
+    "hash": "/admin%23panel",
+    "question": "/admin%3Fpanel",
+    "percent_below": "/admin%25panel/x",
 }
 
 

@@ -38,7 +38,6 @@ HERE = Path(__file__).parent / "host_router"
 TENANT = Path(__file__).parent / "sni_router" / "tenant.py"
 PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"  # allowed.test and www.allowed.test
-H = "\r\n"
 
 # Inspected (methods, paths). The websocket rule (another name) sends the profile's
 # inspected TLS to mitmproxy, so HTTP/2 clients get HTTP/2.
@@ -103,10 +102,7 @@ def h2(path: str, *headers: tuple[str, str], authority: str | None = "allowed.te
 
 def h1(port: int, path: str, host: str, *fields: str, tls: bool = True) -> str:
     """One HTTP/1.1 request to `port`: over TLS (SNI allowed.test) or plain."""
-    head = f"GET {path} HTTP/1.1{H}Host: {host}{H}" + "".join(f + H for f in fields)
-    request = head + f"Connection: close{H}{H}"
-    sni = "allowed.test" if tls else "-"
-    return f"{PY} h2client.py {IP} {port} {sni} h1 {shlex.quote(json.dumps([request]))}"
+    return sandbox.h1(IP, port, path, tls, host, fields)
 
 
 def forbidden_got(tenants: str) -> list[str]:

@@ -13,8 +13,6 @@ Origin: Debian's Apache 2.4 (tests/e2e/web_routers/apache.py), plain HTTP and TL
 
 from __future__ import annotations
 
-import json
-import shlex
 import shutil
 
 import pytest
@@ -23,10 +21,7 @@ from web_routers.apache import apache
 
 pytestmark = pytest.mark.e2e
 
-PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"  # allowed.test
-H = "\r\n"
-H2CLIENT = sandbox.Path(__file__).parent / "host_router" / "h2client.py"
 
 RULES = """\
 version: 1
@@ -53,10 +48,8 @@ FILES = {
 }
 
 
-def h1(port: int, target: str, tls: bool) -> str:
-    request = f"GET {target} HTTP/1.1{H}Host: allowed.test{H}Connection: close{H}{H}"
-    sni = "allowed.test" if tls else "-"
-    return f"{PY} h2client.py {IP} {port} {sni} h1 {shlex.quote(json.dumps([request]))}"
+def h1(port: int, target: str, tls: bool = True) -> str:
+    return sandbox.h1(IP, port, target, tls)
 
 
 STEMS = {
@@ -86,7 +79,7 @@ def test_a_denied_file_is_not_served_by_multiviews_without_all_its_extensions(ne
             (top / "allowed" / name).parent.chmod(0o755)
         result = sandbox.run(
             net, tmp_path, steps, rules=tmp_path / "rules.yaml",
-            setup=lambda d: shutil.copy(H2CLIENT, d / "h2client.py"),
+            setup=lambda d: shutil.copy(sandbox.H2CLIENT, d / "h2client.py"),
         )  # fmt: skip
         log = (top / "access.log").read_text()
     why = f"{result.describe()}\napache:\n{log}"

@@ -6,8 +6,6 @@ spelling (`/caf%C3%A9/**`), which takes the path in either case of its hex."""
 
 from __future__ import annotations
 
-import json
-import shlex
 import shutil
 
 import pytest
@@ -16,10 +14,7 @@ from support.servers import nginx_server
 
 pytestmark = pytest.mark.e2e
 
-PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"  # allowed.test
-H = "\r\n"
-H2CLIENT = sandbox.Path(__file__).parent / "host_router" / "h2client.py"
 
 RULES = """\
 version: 1
@@ -50,8 +45,7 @@ NGINX = """\
 
 
 def h1(target: str) -> str:
-    request = f"GET {target} HTTP/1.1{H}Host: allowed.test{H}Connection: close{H}{H}"
-    return f"{PY} h2client.py {IP} 8090 - h1 {shlex.quote(json.dumps([request]))}"
+    return sandbox.h1(IP, 8090, target, tls=False)
 
 
 def test_a_deny_of_a_non_ascii_path_holds_where_nginx_decodes_it(net, tmp_path):
@@ -70,7 +64,7 @@ def test_a_deny_of_a_non_ascii_path_holds_where_nginx_decodes_it(net, tmp_path):
             tmp_path,
             {"resolve": sandbox.dig("allowed.test"), **steps},
             rules=tmp_path / "rules.yaml",
-            setup=lambda d: shutil.copy(H2CLIENT, d / "h2client.py"),
+            setup=lambda d: shutil.copy(sandbox.H2CLIENT, d / "h2client.py"),
         )
         log = (work / "access.log").read_text()
     why = f"{result.describe()}\nnginx:\n{log}"

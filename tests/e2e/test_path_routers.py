@@ -29,11 +29,9 @@ from support.servers import internet_servers
 pytestmark = pytest.mark.e2e
 
 HERE = Path(__file__).parent / "web_routers"
-H2CLIENT = Path(__file__).parent / "host_router" / "h2client.py"
 TENANT = Path(__file__).parent / "sni_router" / "tenant.py"
 PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"  # allowed.test
-H = "\r\n"
 
 RULES_MITM = """\
 version: 1
@@ -85,7 +83,7 @@ def routed(net, tmp_path, rules_text: str, steps: dict[str, str]):
             tmp_path,
             {"resolve": sandbox.dig("allowed.test"), **steps},
             rules=rules,
-            setup=lambda d: shutil.copy(H2CLIENT, d / "h2client.py"),
+            setup=lambda d: shutil.copy(sandbox.H2CLIENT, d / "h2client.py"),
         )
     return result, log.read_text()
 
@@ -100,10 +98,8 @@ def h2(path: str) -> str:
     return f"{PY} h2client.py {IP} 8443 allowed.test h2 {shlex.quote(json.dumps(fields))}"
 
 
-def h1(port: int, path: str, tls: bool = True) -> str:
-    request = f"GET {path} HTTP/1.1{H}Host: allowed.test{H}Connection: close{H}{H}"
-    sni = "allowed.test" if tls else "-"
-    return f"{PY} h2client.py {IP} {port} {sni} h1 {shlex.quote(json.dumps([request]))}"
+def h1(port: int, target: str, tls: bool = True) -> str:
+    return sandbox.h1(IP, port, target, tls)
 
 
 def got(tenants: str, label: str) -> set[str]:

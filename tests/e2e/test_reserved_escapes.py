@@ -16,8 +16,6 @@ they route), and served the denied resource.
 
 from __future__ import annotations
 
-import json
-import shlex
 import shutil
 
 import pytest
@@ -26,10 +24,7 @@ from support.servers import nginx_server
 
 pytestmark = pytest.mark.e2e
 
-PY = sandbox.SANDBOX_PYTHON
 IP = "203.0.113.10"  # allowed.test
-H = "\r\n"
-H2CLIENT = sandbox.Path(__file__).parent / "host_router" / "h2client.py"
 
 RULES = """\
 version: 1
@@ -74,10 +69,8 @@ NGINX = """\
 """
 
 
-def h1(port: int, target: str, tls: bool) -> str:
-    request = f"GET {target} HTTP/1.1{H}Host: allowed.test{H}Connection: close{H}{H}"
-    sni = "allowed.test" if tls else "-"
-    return f"{PY} h2client.py {IP} {port} {sni} h1 {shlex.quote(json.dumps([request]))}"
+def h1(port: int, target: str, tls: bool = True) -> str:
+    return sandbox.h1(IP, port, target, tls)
 
 
 @pytest.mark.parametrize("rules", [RULES_MITM, RULES], ids=["mitmproxy", "frontdoor"])
@@ -103,7 +96,7 @@ def test_an_escaped_reserved_character_does_not_slip_past_a_deny(net, tmp_path, 
             tmp_path,
             {"resolve": sandbox.dig("allowed.test"), **steps},
             rules=tmp_path / "rules.yaml",
-            setup=lambda d: shutil.copy(H2CLIENT, d / "h2client.py"),
+            setup=lambda d: shutil.copy(sandbox.H2CLIENT, d / "h2client.py"),
         )
         log = (work / "access.log").read_text()
     why = f"{result.describe()}\nnginx:\n{log}"

@@ -203,6 +203,27 @@ def icmp_echo(ip: str, wait: float = 1.0) -> str:
     )
 
 
+# A raw HTTP/1.1 and HTTP/2 client the tests copy into the sandbox's directory
+# (`setup=`), for requests curl would respell.
+H2CLIENT = REPO / "tests" / "e2e" / "host_router" / "h2client.py"
+
+
+def h1(
+    ip: str,
+    port: int,
+    target: str,
+    tls: bool = True,
+    host: str = "allowed.test",
+    fields: tuple[str, ...] = (),
+) -> str:
+    """One `GET target` over HTTP/1.1 to ip:port, as written (h2client.py, copied in:
+    H2CLIENT), over TLS with SNI allowed.test or plain; prints the answers' heads."""
+    head = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f + "\r\n" for f in fields)
+    request = head + "Connection: close\r\n\r\n"
+    sni = "allowed.test" if tls else "-"
+    return f"{SANDBOX_PYTHON} h2client.py {ip} {port} {sni} h1 {shlex.quote(json.dumps([request]))}"
+
+
 def dig(*args: str) -> str:
     """dig, one try: header comments and the answer section (see Step.dns_*)."""
     quoted = " ".join(shlex.quote(a) for a in args)
