@@ -33,6 +33,7 @@ import datetime
 import errno
 import gc
 import hashlib
+import itertools
 import os
 import re
 import string
@@ -984,7 +985,7 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
         globs = tuple(dict.fromkeys([*globs, *plain, *map(folded, plain)]))
         # and a Go module path written escaped as the proxy reads it (`!e` is `E`)
         globs = tuple(dict.fromkeys([*globs, *(module_path(glob) for glob in globs)]))
-        stems = {stem: glob for glob in globs if (stem := _stem(glob)) != glob}
+        stems = {stem: glob for glob in globs for stem in _stems(glob) if stem != glob}
         stems = {stem: glob for stem, glob in stems.items() if stem not in globs}
         globs = (*globs, *sorted(stems))
     linear = False  # some glob has two wildcards before its end: RE2 (PathPattern)
@@ -994,7 +995,8 @@ def _compile_paths(globs: tuple[str, ...], deny: bool = False) -> PathPattern:
         # by (_REPOSITORY_TAIL; `/org/chart.git/**` must not take `/org/chart.js.git`,
         # another repository; a red team, session 52). Rails' `(.:format)` serves a stem
         # with any suffix (`/gems/x.js` for `/gems/x.json`).
-        repository = glob in stems and stems[glob].rstrip("/*").lower().endswith(_REPOSITORY)
+        named = _last_name(stems[glob]) if glob in stems else ""
+        repository = named.lower().endswith(_REPOSITORY) and _last_name(glob) != named
         below = _REPOSITORY_TAIL if repository else "(?:[/.].*)?"
         if deny and len(glob) > 1:
             glob = glob.removesuffix("/")
@@ -1050,16 +1052,32 @@ _REPOSITORY = (".git", ".hg", ".svn")
 _REPOSITORY_TAIL = r"(?:\.wiki)?(?:\.(?:git|hg|svn|rss|atom))?(?:/.*)?"
 
 
-def _stem(glob: str) -> str:
-    """`glob` with the known extensions (_EXTENSIONS) that end each segment without a
-    `*` taken off: servers serve the same resource by its stem. git http-backend,
-    GitHub, GitLab and Gitea serve `/org/secret` as the repository `secret.git`;
-    Rails' `(.:format)` serves `/gems/secret.json` also as `/gems/secret` and
-    `/gems/secret.yaml`; Apache's MultiViews serves `/dl/x` for `x.tar.gz` (a red team,
-    session 52)."""
-    return "/".join(
-        segment if "*" in segment else _segment_stem(segment) for segment in glob.split("/")
-    )
+def _stems(glob: str) -> list[str]:
+    """`glob` with the known extensions (_EXTENSIONS) that end its segments without a
+    `*` taken off, in each segment or not: servers serve the same resource by its
+    stem. git http-backend, GitHub, GitLab and Gitea serve `/org/secret` as the
+    repository `secret.git`; Rails' `(.:format)` serves `/gems/secret.json` also as
+    `/gems/secret` and `/gems/secret.yaml`; Apache's MultiViews serves `/dl/x` for
+    `x.tar.gz` (a red team, session 52), and only the last segment by its stem: a
+    directory `docs.old` is named as it is (`/site/docs.old/secret` for
+    `secret.pdf`). A glob with more than _MOST_STEMMED such segments is taken
+    with all of them stemmed or none."""
+    choices = [
+        (segment,) if "*" in segment or (stem := _segment_stem(segment)) == segment
+        else (segment, stem)
+        for segment in glob.split("/")
+    ]  # fmt: skip
+    if sum(len(choice) == 2 for choice in choices) > _MOST_STEMMED:
+        return [glob, "/".join(choice[-1] for choice in choices)]
+    return ["/".join(picked) for picked in itertools.product(*choices)]
+
+
+_MOST_STEMMED = 4  # segments with a stem that _stems combines freely: 16 globs
+
+
+def _last_name(glob: str) -> str:
+    """A glob's last segment but a trailing `/**` or `/`."""
+    return glob.removesuffix("/**").rstrip("/").rpartition("/")[2]
 
 
 def _segment_stem(segment: str) -> str:

@@ -5,7 +5,9 @@ With `Options +MultiViews` (the default `MultiviewsMatch NegotiatedOnly`: every
 extension mod_mime knows), Apache serves `x.tar.gz` for `/dl/x` and `backup.7z` for
 `/dl/backup`. A deny glob's segment written with extensions takes its stem
 (load._stem); it took off only the last one, and only one that starts with a letter,
-until a red team showed these (session 52). A deny of `/files/*.sql` does not take
+until a red team showed these (session 52). MultiViews negotiates the last segment
+only: a deny of `/site/docs.old/secret.pdf` takes `/site/docs.old/secret`, each
+segment by its stem or as written (load._stems). A deny of `/files/*.sql` does not take
 `/files/dump` (docs/rules.md: deny the directory where MultiViews is on).
 
 Origin: Debian's Apache 2.4 (tests/e2e/web_routers/apache.py), plain HTTP and TLS.
@@ -32,7 +34,7 @@ profiles:
       - deny: allowed.test
         id: no-secrets
         ports: [8444, 8088]
-        paths: ["/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/files/*.sql"]
+        paths: ["/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/files/*.sql", "/site/docs.old/secret.pdf"]
       - allow: allowed.test
         id: site
         ports: [8444, 8088]
@@ -45,6 +47,7 @@ FILES = {
     "dl/backup.7z": "SECRET-7Z",
     "dl/photo.jpg": "SECRET-JPEG",
     "files/dump.sql": "SECRET-SQL",
+    "site/docs.old/secret.pdf": "SECRET-PDF",
 }
 
 
@@ -57,6 +60,7 @@ STEMS = {
     "tar_gz_tls": (8444, "/dl/x", True),
     "seven_z_plain": (8088, "/dl/backup", False),
     "jpeg_plain": (8088, "/dl/photo", False),
+    "dotted_directory": (8088, "/site/docs.old/secret", False),
 }
 
 
@@ -74,7 +78,7 @@ def test_a_denied_file_is_not_served_by_multiviews_without_all_its_extensions(ne
         steps[name] = h1(port, target, tls)
     with apache(net, IP, "+MultiViews") as top:
         for name, text in FILES.items():
-            (top / "allowed" / name).parent.mkdir(exist_ok=True)
+            (top / "allowed" / name).parent.mkdir(parents=True, exist_ok=True)
             (top / "allowed" / name).write_text(text + "\n")
             (top / "allowed" / name).parent.chmod(0o755)
         result = sandbox.run(
@@ -89,5 +93,5 @@ def test_a_denied_file_is_not_served_by_multiviews_without_all_its_extensions(ne
     served = [name for name in STEMS if "SECRET-" in result[name].out]
     assert not served, f"served a denied file: {served}\n{why}"
     assert "status=200" not in "".join(
-        line for line in log.splitlines() if "/dl/" in line or "/files/" in line
+        line for line in log.splitlines() if any(d in line for d in ("/dl/", "/files/", "/site/"))
     ), why

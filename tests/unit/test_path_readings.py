@@ -347,7 +347,7 @@ profiles:
       - deny: allowed.test
         paths: ["/git/org/secret.git/**", "/gems/secret-gem.json", "/admin_panel/**", "/admin/**"]
       - deny: allowed.test
-        paths: ["/lodash.merge/**", "/packages/evil_pkg-*", "/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/github.com/evilcorp/**", "/golang.org/x/!bad!pkg/**", "/git/org/notes.json.git/**", "/v1.2/**"]
+        paths: ["/lodash.merge/**", "/packages/evil_pkg-*", "/@corp%2Fsecret/**", "/pkg/evil-pkg/**", "/dl/x.tar.gz", "/dl/backup.7z", "/dl/photo.jpg", "/github.com/evilcorp/**", "/golang.org/x/!bad!pkg/**", "/git/org/notes.json.git/**", "/v1.2/**", "/site/docs.old/secret.pdf", "/git/org/tools.git/raw/config.yaml"]
       - deny: allowed.test
         methods: [GET]
         paths: ["/public/report"]
@@ -372,6 +372,20 @@ profiles:
         pytest.param("GET", "/dl/x", "rule_deny", id="every-extension"),
         pytest.param("GET", "/dl/backup", "rule_deny", id="an-extension-with-a-digit"),
         pytest.param("GET", "/v1.3/x", "rule_allow", id="a-version-is-no-extension"),
+        # each segment by its stem or as written (MultiViews under a dotted directory)
+        pytest.param("GET", "/site/docs.old/secret", "rule_deny", id="last-segment-stem"),
+        pytest.param("GET", "/site/docs/secret.pdf", "rule_deny", id="middle-segment-stem"),
+        pytest.param("GET", "/site/docs/secret", "rule_deny", id="every-segment-stem"),
+        pytest.param("GET", "/site/docs.old/public", "rule_allow", id="beside-a-dotted-directory"),
+        pytest.param(
+            "GET", "/git/org/tools/raw/config", "rule_deny", id="repository-and-file-stem"
+        ),
+        pytest.param(
+            "GET", "/git/org/tools.git/raw/config", "rule_deny", id="file-stem-in-repository"
+        ),
+        pytest.param(
+            "GET", "/git/org/tools/raw/config.yaml.bak", "rule_deny", id="stem-and-suffix"
+        ),
         pytest.param("GET", "/git/org/secrets/info/refs", "rule_allow", id="another-repository"),
         pytest.param("GET", "/gems/secret-gems", "rule_allow", id="another-gem"),
         pytest.param("GET", "/lodash", "rule_allow", id="a-name-with-a-dot-is-no-stem"),
