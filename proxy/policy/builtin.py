@@ -130,7 +130,7 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "invalid UTF-8, raw non-ASCII; "
         "or an X-Original-URL or X-Rewrite-URL naming such a path, or one the rules would not allow; "
         "or a mount point (SCRIPT_NAME, PATH_INFO, X-Script-Name, X-Forwarded-Prefix) a server "
-        "takes off the path before routing it",
+        "takes off the path before routing it, or a virtual root (X-Vhm-Root) it puts in front of it",
     ),
     (
         "ambiguous-method",

@@ -1136,21 +1136,25 @@ def _number(value: int) -> str:
     Integer(), Go's ParseInt(s, 0), C's strtol(s, 0), Java's Long.decode), `0d` for
     decimal (Ruby), and `_` after the prefix and between digits (`0x_2a`, `0b10_1010`:
     Ruby, Go, Python's int(s, 0); a red team, session 52); then nothing more, or
-    anything that does not go on with the number (to_i and parseInt stop there:
-    `42abc`, `42_`, `42 x`, `42.json`). No lookahead: RE2 has none (PathPattern)."""
+    anything that does not go on with the number in its base (to_i and parseInt stop
+    there: `42abc`, `42_`, `42 x`, `42.json`, `0x2ag`). No lookahead: RE2 has none
+    (PathPattern)."""
     gap = "[ _]*"  # `_` or blanks: int()'s `4_2`, Spring drops every blank (`0x 2a`)
     lead = "[ +-]*" if value == 0 else "[ +]*"
     decimal = f"(?:0{gap})*" + gap.join(str(value)) if value else f"0(?:{gap}0)*"
-    radix = "|".join(
-        f"{prefix}{gap}(?:0{gap})*" + gap.join(digits)
-        for prefix, digits in (
-            (f"(?:0{gap}x|#|%23)", f"{value:x}"),
-            (f"0{gap}b", f"{value:b}"),
-            (f"0(?:{gap}o)?", f"{value:o}"),
-            (f"0{gap}d", str(value)),
+    # Each form ends where a digit of its base does not follow: parseInt() and PHP's
+    # intval($s, 0) read `0x2ag`, `052z`, `0528` and `0b1010102` as 42 (a red team,
+    # session 53).
+    forms = "|".join(
+        f"{prefix}{gap}(?:0{gap})*" + gap.join(digits) + f"(?:[^{others}/][^/]*)?"
+        for prefix, digits, others in (
+            (f"(?:0{gap}x|#|%23)", f"{value:x}", "0-9a-f"),
+            (f"0{gap}b", f"{value:b}", "01"),
+            (f"0(?:{gap}o)?", f"{value:o}", "0-7"),
+            (f"0{gap}d", str(value), "0-9"),
         )
     )
-    return f"{lead}(?:{decimal}(?:[^0-9/][^/]*)?|(?:{radix})(?:[^0-9a-z/][^/]*)?)"
+    return f"{lead}(?:{decimal}(?:[^0-9/][^/]*)?|{forms})"
 
 
 def parse_expires(text: str) -> tuple[datetime.date | datetime.datetime, float]:

@@ -89,10 +89,12 @@ _OVERRIDES = {
     # path it routes by (or serves the path from): gunicorn reads SCRIPT_NAME and
     # PATH_INFO from a forwarder (before 22 from anyone; 21 cuts the path at the first
     # occurrence of SCRIPT_NAME anywhere in it), Flask's ReverseProxied recipe
-    # X-Script-Name, Spring and ASP.NET X-Forwarded-Prefix. What the server then routes
-    # by depends on its version: refused, not decided.
+    # X-Script-Name, Spring and ASP.NET X-Forwarded-Prefix. Pyramid's traversal puts
+    # X-Vhm-Root in front of the path, from anyone (a red team, session 53). What the
+    # server then routes by depends on it and its version: refused, not decided.
     **dict.fromkeys(
-        (b"script-name", b"path-info", b"x-script-name", b"x-forwarded-prefix"), "mount"
+        (b"script-name", b"path-info", b"x-script-name", b"x-forwarded-prefix", b"x-vhm-root"),
+        "mount",
     ),
     **dict.fromkeys(
         (
