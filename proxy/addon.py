@@ -23,6 +23,7 @@ from __future__ import annotations
 import sandgate.proxy.lean_mitmproxy  # noqa: F401 - must come before any mitmproxy import
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 from h11._receivebuffer import ReceiveBuffer  # mitmproxy's Http1Client.buf
@@ -34,7 +35,10 @@ from mitmproxy.proxy.layers.http import (
     HttpStream,
     HTTPMode,
     RequestData,
+    RequestEndOfMessage,
+    RequestHeaders,
     RequestProtocolError,
+    RequestTrailers,
     ResponseProtocolError,
 )
 from mitmproxy.proxy.layers.http._http1 import Http1Client, Http1Server
@@ -45,10 +49,14 @@ from sandgate.proxy.engine import READ_HOLDS
 from sandgate.proxy.gate import ConnectionGate, ConnState, Outcome
 from sandgate.proxy.lean_mitmproxy import H2_CLOSED
 from sandgate.proxy.policy import Decision, Verdict
+from sandgate.proxy.policy.form_body import WHOLE_FORM, FormOverrides
 from sandgate.proxy.policy.names import format_host_port
 from sandgate.proxy.policy.request_head import (
     MAX_HEAD_BYTES,
+    CheckedHead,
     RequestHead,
+    declared_length,
+    form_body,
     connection_without_upgrade,
 )
 
@@ -59,6 +67,8 @@ _WEBSOCKET_ALLOWED = "sandgate.websocket"  # flow.metadata key: the request's up
 _HELD = "sandgate.held"  # flow.metadata key: held for a human's decision
 _WEBSOCKET_EXTENSIONS = "sec-websocket-extensions"
 _HELD_BODY_REFUSED = "sandgate.held_body_refused"  # flow.metadata key: refused while held (413)
+_FORM = "sandgate.form"  # flow.metadata key: a POST's form body read for overrides (_FormBody)
+_BODY_EVENTS = (RequestData, RequestTrailers, RequestEndOfMessage)
 # Body bytes buffered for a request held for approval (mitmproxy reads on meanwhile).
 MAX_HELD_BODY = 1 << 20
 # Body bytes queued for streams whose upstream connection is being made, before the
@@ -146,7 +156,9 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
     (`refuse_response(flow, size)` emits the event and gives the 502's text).
     Its reader reads heads from a `FinalResponseBuffer`: interim responses dropped."""
 
-    def __init__(self, context, refuse, refuse_response, refuse_held_body, hold_key=None):
+    def __init__(
+        self, context, refuse, refuse_response, refuse_held_body, refuse_form, hold_key=None
+    ):
         super().__init__(context, HTTPMode.transparent)
         # A stream waiting for its upstream connection (lazy: made once the request is
         # allowed) is paused, and mitmproxy queues the client's body for it meanwhile
@@ -166,9 +178,77 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
         self.linger_left = 0
         self.refuse_response = refuse_response  # (flow, size) -> the 502's message
         self.refuse_held_body = refuse_held_body  # (flow, size) -> the 413's message
+        self.refuse_form = refuse_form  # (flow, _FormBody) -> a 400's message, or None
         self._held_bytes: dict[int, int] = {}  # body bytes queued per held stream
 
     def event_to_child(self, child, event: events.Event) -> layer.CommandGenerator[None]:
+        if not isinstance(child, HttpStream):
+            yield from self._to_child(child, event)
+            return
+        if isinstance(event, RequestHeaders):
+            yield from self._to_child(child, event)
+            # A POST's body servers may read as a form: read for method overrides
+            # (form_body.py) from its first byte, which may come before the head is
+            # decided (the stream waits in its requestheaders hook meanwhile).
+            if (flow := getattr(child, "flow", None)) is not None:
+                head = _head_of(flow.request)
+                content_type = form_body(head)
+                if content_type is not None:
+                    length = declared_length(head.fields)
+                    whole = length is not None and length <= WHOLE_FORM
+                    reader = FormOverrides(content_type, head.method.decode("latin-1"))
+                    flow.metadata[_FORM] = _FormBody(reader, child, [] if whole else None)
+            return
+        flow = getattr(child, "flow", None)  # (a stream has one once its head came)
+        form = flow.metadata.get(_FORM) if flow is not None else None
+        if form is None or not isinstance(event, _BODY_EVENTS):
+            yield from self._to_child(child, event)
+            return
+        if form.refused:
+            return  # what was in flight before the close is dropped
+        if isinstance(event, RequestData):
+            form.reader.feed(event.data)
+        elif isinstance(event, RequestEndOfMessage):
+            form.reader.end()
+        if form.checked is None and form.unsent is None:
+            # Not yet decided, and too long to keep: the stream queues it, and its
+            # hook decides what was read (Addon._requestheaders), before any of it can
+            # go upstream.
+            yield from self._to_child(child, event)
+            return
+        message = self.refuse_form(flow, form) if form.checked is not None else None
+        if message is not None:
+            form.refused = True
+            # The client gets the 400 (HTTP/1: then its connection closes; HTTP/2: on
+            # its stream), the stream its end: an upstream request already begun is cut
+            # (HTTP/1: its connection closed; HTTP/2: its stream reset).
+            client = self.connections[self.context.client]
+            yield from self._to_child(client, ResponseProtocolError(event.stream_id, message, 400))
+            yield from self._to_child(child, RequestProtocolError(event.stream_id, message, 400))
+            return
+        if form.unsent is not None:
+            # Kept until all of it is read and decided: the stream then gets it in one
+            # go, and only then is anything of the request sent upstream.
+            form.unsent.append(event)
+            if form.checked is not None and form.reader.ended:
+                del flow.metadata[_FORM]
+                for kept in form.unsent:
+                    yield from self._to_child(child, kept)
+            return
+        # Passed on but for its last byte and its end, until all of it is read.
+        if isinstance(event, RequestData):
+            data = form.held + event.data
+            form.held = data[-1:]
+            if len(data) > 1:
+                yield from self._to_child(child, RequestData(event.stream_id, data[:-1]))
+            return
+        if isinstance(event, RequestEndOfMessage):
+            del flow.metadata[_FORM]
+            if form.held:
+                yield from self._to_child(child, RequestData(event.stream_id, form.held))
+        yield from self._to_child(child, event)
+
+    def _to_child(self, child, event: events.Event) -> layer.CommandGenerator[None]:
         # A request held for approval is a stream paused in its requestheaders hook:
         # mitmproxy goes on reading the client and queues the body's events in the
         # stream (`_paused_event_queue`) until the hook returns. Past MAX_HELD_BODY
@@ -217,6 +297,8 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
         MAX_HELD_BODY bounds, with a 413)."""
         queued = 0
         for stream in self.streams.values():
+            if form := getattr(stream, "flow", None) and stream.flow.metadata.get(_FORM):
+                queued += form.kept  # a form body kept until it is read (at most 1 MiB)
             if stream._paused and not (stream.flow and stream.flow.metadata.get(_HELD)):
                 for event in stream._paused_event_queue:
                     if isinstance(event, RequestData):
@@ -313,6 +395,34 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             done = isinstance(event, events.ConnectionClosed) and event.connection == client
         if done and client.state is not ConnectionState.CLOSED:
             yield commands.CloseConnection(client)
+
+
+@dataclasses.dataclass
+class _FormBody:
+    """A POST's form body being read for method overrides (form_body.py), for its
+    `stream`, with the head it is decided for (None until its requestheaders hook has
+    decided it). One that declared at most WHOLE_FORM bytes is kept (`unsent`: its
+    events) until all of it is read and decided; a longer one goes on but for its
+    last byte (`held`)."""
+
+    reader: FormOverrides
+    stream: HttpStream
+    unsent: list[events.Event] | None
+    head: RequestHead | None = None
+    checked: CheckedHead | None = None
+    tls: bool = False
+    held: bytes = b""
+    refused: bool = False
+
+    def release(self) -> None:
+        """What is kept, into the stream's queue: it waits in its requestheaders hook
+        (the hook calls this), and takes the queue once the hook returns."""
+        self.stream._paused_event_queue.extend(self.unsent or ())
+        self.unsent = None
+
+    @property
+    def kept(self) -> int:
+        return sum(len(e.data) for e in self.unsent or () if isinstance(e, RequestData))
 
 
 def _http1_client(top: layer.Layer) -> Http1Client | None:
@@ -497,8 +607,20 @@ class SandgateAddon:
             decision = self.gate.on_held_body_too_large(state, head, size, MAX_HELD_BODY, tls)
             return f"sandgate: {decision.reason.value}: {decision.detail}"
 
+        def refuse_form(flow: http.HTTPFlow, form: _FormBody) -> str | None:
+            decision = self.gate.on_form_body(state, form.head, form.checked, form.reader, form.tls)
+            if decision is None:
+                return None
+            flow.metadata[_HELD_BODY_REFUSED] = True  # a held request must not go on
+            return f"sandgate: {decision.reason.value}: {decision.detail}"
+
         return HeadLimitedHttpLayer(
-            context, refuse, refuse_response, refuse_held_body, hold_key=context.client.id
+            context,
+            refuse,
+            refuse_response,
+            refuse_held_body,
+            refuse_form,
+            hold_key=context.client.id,
         )
 
     def _requestheaders(self, flow: http.HTTPFlow):
@@ -509,6 +631,21 @@ class SandgateAddon:
         request = flow.request
         head, tls = _head_of(request), _tls(flow)
         decision, checked = self.gate.on_request(state, head, tls)
+        form = flow.metadata.get(_FORM)
+        if form is not None:  # a form body, read since it began to come (event_to_child)
+            refused = None
+            if checked is not None:
+                refused = self.gate.on_form_body(state, head, checked, form.reader, tls)
+                form.head, form.checked, form.tls = head, checked, tls
+            if checked is None or refused is not None or form.reader.ended:
+                # Nothing more to read: the stream takes what was kept and the rest.
+                del flow.metadata[_FORM]
+                form.release()
+            elif form.unsent is not None:
+                flow.request.stream = False  # kept whole: nothing goes upstream before
+            if refused is not None:  # never sent: the stream reads the body and drops it
+                flow.response = _blocked(refused, flow)
+                return None
         if decision.verdict is Verdict.ASK:  # a human decides: held up to the profile's hold
             # Marked now, not when the coroutine starts: the body that arrives meanwhile
             # is a held one's (MAX_HELD_BODY), not a connecting one's (read_hold).

@@ -63,6 +63,7 @@ from sandgate.proxy.policy import ConnectFacts, Decision, RequestFacts, decide, 
 from sandgate.proxy.policy.builtin import deny
 from sandgate.proxy.policy.client_tls import client_tls_failure
 from sandgate.proxy.policy.decide import depends_on_request
+from sandgate.proxy.policy.form_body import FormOverrides
 from sandgate.proxy.policy.index import CompiledPolicy
 from sandgate.proxy.policy.names import (
     InvalidName,
@@ -79,7 +80,9 @@ from sandgate.proxy.policy.request_head import (
     CheckedHead,
     RequestHead,
     check_head,
+    not_one_method,
     refuse_unfinished,
+    refused_override,
     starts_like_http,
     with_overrides,
 )
@@ -1187,6 +1190,38 @@ class ConnectionGate:
         except IllegalTransition as e:  # the denial stands; the bug is logged
             log.error("sandgate: %s", e)
         return self._settle_request(state, decision, head, None, tls, state.name, started)[0]
+
+    def on_form_body(
+        self,
+        state: ConnState,
+        head: RequestHead,
+        checked: CheckedHead,
+        form: FormOverrides,
+        tls: bool,
+    ) -> Decision | None:
+        """What an allowed POST's form body has said so far (`form`, which the adapter
+        feeds; form_body.py): None where each method override it names is allowed
+        here too, as an override in the query or a header must be (`with_overrides`);
+        else the denial (ambiguous_method; malformed_request where the body cannot be
+        read as servers would), emitted as the request's second event, its head's
+        having allowed it. The adapter then cuts the upstream connection before the
+        body's end, so no server runs the request, and answers the client 400."""
+        found, form.found = tuple(form.found), []
+        if form.problem is not None:
+            decision = deny("malformed-request", detail=f"the form body: {form.problem}")
+        else:
+            decision = None
+            for override in found:
+                decision = not_one_method(override[0], override[2]) or refused_override(
+                    checked, (override,), lambda h: self._decide_method(state, h)[0]
+                )
+                if decision is not None:
+                    break
+            else:
+                return None
+        name = self._decide_method(state, checked)[1]  # the name its head was decided for
+        self._emit_request(state, decision, head, tls, name, self.clock())
+        return decision
 
     def on_held_body_too_large(
         self, state: ConnState, head: RequestHead, size: int, limit: int, tls: bool

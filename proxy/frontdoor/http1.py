@@ -51,6 +51,7 @@ from sandgate.proxy import refusal
 from sandgate.proxy.frontdoor import http1_fast
 from sandgate.proxy.gate import ConnectionGate, ConnState
 from sandgate.proxy.policy import Decision, Reason, Verdict
+from sandgate.proxy.policy.form_body import WHOLE_FORM, FormOverrides
 from sandgate.proxy.policy.index import CompiledPolicy
 from sandgate.proxy.policy.request_head import (
     MAX_FIELDS,
@@ -58,6 +59,7 @@ from sandgate.proxy.policy.request_head import (
     CheckedHead,
     RequestHead,
     connection_without_upgrade,
+    declared_length,
 )
 
 # What one side may owe the other before that other side is read again.
@@ -222,7 +224,8 @@ class Http1Session:
     """One plain-HTTP connection's protocol state. After each input the adapter
     sends `to_client` / `to_upstream` (the latter once connected), then:
     - `need_upstream`: connect to the connection's upstream, then `upstream_connected`;
-    - `drop_upstream`: close the upstream socket (set back to False by the adapter);
+    - `drop_upstream`: close the upstream socket (set back to False by the adapter),
+      with a reset where `reset_upstream` says so;
     - `closing`: send what is left in `to_client`, then close (`problem`: what
       ended it, for the connection's end event; `reset`: close with a reset)."""
 
@@ -246,6 +249,7 @@ class Http1Session:
         self.need_upstream = False
         self.connected = False
         self.drop_upstream = False
+        self.reset_upstream = False  # drop it with a reset (a form body cut short)
         self.closing = False
         self.reset = False
         self.problem: str | None = None
@@ -279,6 +283,13 @@ class Http1Session:
         self.fast_idle = False
         self.fast_method: bytes | None = None  # the method of its last exchange
         self.fast_client_closed = False  # the client's EOF, read during a fast response
+        # A POST's form body being read for method overrides (form_body.py), with the
+        # head and checked head it is decided for; its last byte read, not yet sent.
+        self.form: FormOverrides | None = None
+        self.form_request: tuple[RequestHead, CheckedHead] | None = None
+        self.form_held = b""
+        # Its request's events, kept until all of it is read (at most WHOLE_FORM).
+        self.form_unsent: list | None = None
 
     # --- inputs ---------------------------------------------------------------------
 
@@ -415,9 +426,14 @@ class Http1Session:
             elif isinstance(event, h11.Data):
                 if self.request is not None and self.server is not None:
                     self.replayable = None  # a body is not kept to be sent again
-                    self._to_upstream(event)
+                    if self.form is None:
+                        self._to_upstream(event)
+                    elif self._form_goes_on(event.data):
+                        return  # refused
             elif isinstance(event, h11.EndOfMessage):
                 if self.request is not None and self.server is not None:
+                    if self.form is not None and self._form_goes_on(None):
+                        return  # refused
                     self._to_upstream(h11.EndOfMessage())
                 self._next_cycle()
             elif isinstance(event, h11.ConnectionClosed):
@@ -469,7 +485,53 @@ class Http1Session:
             # h11 takes a parsed Headers object as it is (validated when read).
             forwarded = h11.Request(method=event.method, target=target, headers=event.headers)
         self.replayable = forwarded
+        if checked.form_body is not None:
+            self.form = FormOverrides(checked.form_body, checked.method)
+            self.form_request, self.form_held = (head, checked), b""
+            length = declared_length(head.fields)
+            if length is not None and length <= WHOLE_FORM:
+                self.form_unsent = [forwarded]  # nothing goes upstream until it is read
+                return
         self._to_upstream(forwarded)
+
+    def _form_goes_on(self, data: bytes | None) -> bool:
+        """A form body's next bytes (None: its end) read for method overrides
+        (form_body.py) and sent on: the request whole once read if it declared at
+        most WHOLE_FORM bytes, else as it comes but for its last byte; True: an
+        override was refused, the request answered, its upstream connection cut."""
+        form = self.form
+        if data is None:
+            form.end()
+        else:
+            form.feed(data)
+        head, checked = self.form_request
+        decision = self.gate.on_form_body(self.state, head, checked, form, self.tls)
+        if decision is not None:
+            if self.form_unsent is None:
+                # The upstream has the head and part of the body: never its end, and
+                # a reset, not a FIN, which a lenient server reads as the body's end.
+                self.to_upstream.clear()
+                self.drop_upstream = self.reset_upstream = True
+                self.may_reuse = False
+            # (else nothing was sent: the upstream connection stays idle, to be pooled)
+            self.form, self.form_unsent = None, None
+            self._refuse(decision, head)
+            return True
+        if self.form_unsent is not None:
+            if data:
+                self.form_unsent.append(h11.Data(data=data))
+            if data is None:
+                for event in self.form_unsent:
+                    self._to_upstream(event)
+                self.form, self.form_unsent = None, None
+            return False
+        if data is None:
+            held, self.form = self.form_held, None
+        else:
+            held, self.form_held = self.form_held + data[:-1], data[-1:]
+        if held:
+            self._to_upstream(h11.Data(data=held))
+        return False
 
     def _decide(self, head: RequestHead) -> CheckedHead | None:
         """Check and decide `head` (one event); refused, answer it and close (None).

@@ -23,7 +23,7 @@ from collections.abc import Hashable
 
 from sandgate.proxy.frontdoor.http1 import Http1Session
 from sandgate.proxy.frontdoor.poller import CLOSED, IN, OUT, Poller, upstream_error
-from sandgate.proxy.frontdoor.relay import RELAY_CHUNK, WAKEUP_BUDGET
+from sandgate.proxy.frontdoor.relay import LINGER_RESET, RELAY_CHUNK, WAKEUP_BUDGET
 from sandgate.proxy.frontdoor.tls_io import TlsSocket
 
 # How long an idle upstream connection is kept: below the shortest keep-alive
@@ -208,6 +208,10 @@ class Http1Relay:
                     moved |= self._send(to_client=False)
                 if session.drop_upstream:
                     session.drop_upstream = False
+                    if session.reset_upstream and connection.upstream is not None:
+                        connection.upstream.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET
+                        )
                     self._drop_upstream()
                 if session.closing:
                     if not session.to_client or session.reset:

@@ -116,7 +116,7 @@ _OVERRIDES = {
 _FORWARDED_HOST = re.compile(r'host\s*=\s*"?([^;,"]*)', re.IGNORECASE)
 # The fields check_head reads by name (lower case); others are only checked as fields.
 _READ_FIELDS = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"upgrade", *_OVERRIDES}
+    {b"host", b"content-length", b"transfer-encoding", b"upgrade", b"content-type", *_OVERRIDES}
 )
 # A query parameter that names a method (`_method=DELETE`), in any spelling a query
 # parser decodes: `%5Fmethod`, `_%6Dethod`, upper case; split at '&' and ';'. PHP
@@ -188,6 +188,9 @@ class CheckedHead(NamedTuple):
     # /public/x): a router that matches the path as sent (HAProxy's `path_beg`,
     # Varnish's `req.url ~`) sent that to another backend.
     forward_target: str | None = None
+    # A body that a server may read as a form, its Content-Type ('' for none): a field
+    # of it may override the method (form_body.py), read as it streams.
+    form_body: str | None = None
 
 
 def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
@@ -257,13 +260,8 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
                 detail=f"{where} names {value[:200]!r}: a server that honours it routes the "
                 f"path {path[:200]!r} by what is left of it, which depends on the server",
             )
-        if field == "method" and not _TOKEN.fullmatch(value.encode()):
-            return deny(
-                "ambiguous-method",
-                detail=f"{where} names {value[:40]!r}, not one method: servers read such a "
-                "value differently (Express's method-override takes the first of a list and "
-                "trims Unicode spaces)",
-            )
+        if field == "method" and (refused := not_one_method(where, value)) is not None:
+            return refused
         if field == "path" and (why := path_problem(value)) is not None:
             return deny("ambiguous-path", detail=f"{where} names {value[:200]!r}: {why}")
         if field == "host" and (why := _port_problem(value, port)) is not None:
@@ -276,9 +274,11 @@ def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
             )
     overrides = tuple(o for o in overrides if o[1] != "port")  # its own port: nothing to decide
     close = leaves_body_unread(head.method) and _has_body(by_name)
+    form = _form_body(by_name, head.http2, head.method) if head.method != b"GET" else None
     return CheckedHead(
-        method, host, path, websocket, strip, overrides, query if question else None, close
-    )
+        method, host, path, websocket, strip, overrides, query if question else None, close,
+        form_body=form,
+    )  # fmt: skip
 
 
 # Methods whose content has no defined meaning (RFC 9110 9.3.1 GET, 9.3.2 HEAD, 9.3.5
@@ -291,6 +291,39 @@ def _has_body(by_name: dict[bytes, list[bytes]]) -> bool:
     if b"transfer-encoding" in by_name:
         return True
     return any(v.strip() != b"0" for v in by_name.get(b"content-length", ()))
+
+
+def declared_length(fields: tuple[tuple[bytes, bytes], ...]) -> int | None:
+    """A checked head's Content-Length (check_head refused several different ones and
+    any that is no number); None: it has none."""
+    for name, value in fields:
+        if name.lower() == b"content-length":
+            return int(value)
+    return None
+
+
+def form_body(head: RequestHead) -> str | None:
+    """check_head's `form_body` of `head`, for an adapter that sees a request's body
+    come before its head is decided (mitmproxy's path reads it meanwhile)."""
+    if head.method == b"GET":
+        return None
+    return _form_body(_read_fields(head.fields) or {}, head.http2, head.method)
+
+
+def _form_body(by_name: dict[bytes, list[bytes]], http2: bool, method: bytes) -> str | None:
+    """The Content-Type ('' for none) of a request that may have a body servers read
+    as a form, whose fields may override its method (form_body.py): urlencoded or
+    multipart, on any method but GET (Hono's methodOverride reads a PUT's form too),
+    and a POST's without a Content-Type (Rack reads it as a form). Several
+    Content-Type fields are read together."""
+    lengths = by_name.get(b"content-length", ())
+    if not (_has_body(by_name) or (http2 and not lengths)):
+        return None
+    content_type = b", ".join(by_name.get(b"content-type", ())).decode("latin-1")
+    lowered = content_type.lower()
+    if not lowered.strip():
+        return content_type if method == b"POST" else None
+    return content_type if "form" in lowered or "multipart" in lowered else None
 
 
 def leaves_body_unread(method: bytes) -> bool:
@@ -510,7 +543,17 @@ def with_overrides(
     `head` with another method, path or host."""
     if not head.overrides or decision.verdict is Verdict.DENY:
         return decision
-    for where, field, value in head.overrides:
+    return refused_override(head, head.overrides, decide_as) or decision
+
+
+def refused_override(
+    head: CheckedHead,
+    overrides: tuple[tuple[str, str, str], ...],
+    decide_as: Callable[[CheckedHead], Decision],
+) -> Decision | None:
+    """The denial of the first of `overrides` (where, field, value) that names a
+    method, path or host the rules would not allow for `head`; None: none does."""
+    for where, field, value in overrides:
         if field == "host" and not _spelled_as_decided(value):
             return deny(
                 "host-mismatch",
@@ -528,7 +571,7 @@ def with_overrides(
                 f"server that honours it {does} {value!r}, which is not allowed here "
                 f"({other.reason}: {other.detail[:200]})",
             )
-    return decision
+    return None
 
 
 def _spelled_as_decided(host: str) -> bool:
@@ -588,17 +631,48 @@ def _overrides(
     if "meth" in query.lower() or "%" in query:
         for param in _QUERY_PARAM.findall(query):
             key, _, value = param.partition("=")
-            # PHP ends a name at its first NUL (`_method%00x`) and at `[` (`_method[]`: an
-            # array of that name); Node's qs and Rack take a name in brackets as the
-            # name (`[_method]=`, `[_method]x=`): the first run of it without brackets.
-            name = unquote_plus(key).split("\x00", 1)[0].lstrip(" ")
-            name = first.group() if (first := _UNBRACKETED.search(name)) else ""
-            name = name.translate(_PHP_MANGLED).strip().lower()
-            if name in _QUERY_METHOD_NAMES or name == "method":
-                named = unquote_plus(value).strip().upper()
-                if named != method and (name != "method" or named in _METHODS):
-                    found.append((f"the query's {name}", "method", named[:40]))
+            if (named := method_override(key, value, method)) is not None:
+                found.append((f"the query's {named[0]}", "method", named[1]))
     return tuple(found)
+
+
+def not_one_method(where: str, value: str) -> Decision | None:
+    """The denial of a method override whose value is not one method token."""
+    if _TOKEN.fullmatch(value.encode("utf-8", "surrogateescape")):
+        return None
+    return deny(
+        "ambiguous-method",
+        detail=f"{where} names {value[:40]!r}, not one method: servers read such a "
+        "value differently (Express's method-override takes the first of a list and "
+        "trims Unicode spaces)",
+    )
+
+
+def override_name(key: str) -> str | None:
+    """The method override a query or form parameter named `key` (as sent, escaped)
+    is to the servers that read one (`_QUERY_METHOD_NAMES`, and `method`), in lower
+    case; None: it is none."""
+    # PHP ends a name at its first NUL (`_method%00x`) and at `[` (`_method[]`: an
+    # array of that name); Node's qs and Rack take a name in brackets as the
+    # name (`[_method]=`, `[_method]x=`): the first run of it without brackets.
+    name = unquote_plus(key).split("\x00", 1)[0].lstrip(" ")
+    name = first.group() if (first := _UNBRACKETED.search(name)) else ""
+    name = name.translate(_PHP_MANGLED).strip().lower()
+    return name if name in _QUERY_METHOD_NAMES or name == "method" else None
+
+
+def method_override(key: str, value: str, method: str) -> tuple[str, str] | None:
+    """(the override's name, the method it names, upper case) if the parameter
+    `key=value` (as sent, escaped) overrides `method` with another one; else None.
+    `method` overrides only where its value is an HTTP method: APIs use it for their
+    own calls."""
+    name = override_name(key)
+    if name is None:
+        return None
+    named = unquote_plus(value).strip().upper()
+    if named == method or (name == "method" and named not in _METHODS):
+        return None
+    return name, named[:40]
 
 
 def _framing_problem(by_name: dict[bytes, list[bytes]], http2: bool) -> str | None:

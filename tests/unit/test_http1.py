@@ -9,6 +9,7 @@ import contextlib
 import socket
 
 import pytest
+from sandgate.proxy.frontdoor import http1
 from sandgate.proxy.frontdoor.http1 import (
     Http1Session,
     needs_engine,
@@ -281,7 +282,8 @@ def test_h2c_upgrades_are_removed_before_forwarding(gate):
 
 def test_bodies_stream_in_pieces_and_chunked_responses_reach_http_1_0_clients_close_delimited(gate):
     s = session_for(gate)
-    s.client_data(b"POST /up HTTP/1.0\r\n" + H + b"Content-Length: 6\r\n\r\nabc")
+    octets = b"Content-Type: application/octet-stream\r\n"  # (a form's end is held: below)
+    s.client_data(b"POST /up HTTP/1.0\r\n" + H + octets + b"Content-Length: 6\r\n\r\nabc")
     s.upstream_connected()
     assert bytes(s.to_upstream).endswith(b"\r\n\r\nabc")
     s.to_upstream.clear()
@@ -292,6 +294,80 @@ def test_bodies_stream_in_pieces_and_chunked_responses_reach_http_1_0_clients_cl
     assert out.endswith(b"\r\n\r\nxyz") and b"chunked" not in out.lower()
     s.upstream_data(b"0\r\n\r\n")
     assert s.closing and s.problem is None  # HTTP/1.0: the end is the close
+    close(gate, s)
+
+
+FORM_RULES = """\
+version: 1
+profiles:
+  default:
+    rules:
+      - allow: allowed.test
+        methods: [GET, POST]
+        id: get-and-post
+"""
+FORM = H + b"Content-Type: application/x-www-form-urlencoded\r\n"
+
+
+def test_a_form_body_of_a_declared_length_goes_upstream_with_its_request_once_read(tmp_path):
+    gate = make_gate(tmp_path, sandbox=LOOPBACK, rules=FORM_RULES)
+    s = session_for(gate)
+    s.client_data(b"POST /items/1 HTTP/1.1\r\n" + FORM + b"Content-Length: 20\r\n\r\na=1&_met")
+    s.upstream_connected()
+    assert s.need_upstream is False and not s.to_upstream  # connected, nothing sent yet
+    s.client_data(b"hod=GET&")  # GET is allowed here: the override passes
+    assert not s.to_upstream
+    s.client_data(b"b=22")  # the end: the request goes on, whole
+    assert bytes(s.to_upstream).endswith(b"\r\n\r\na=1&_method=GET&b=22")
+    assert [r[:2] for r in requests(gate)] == [("allow", "rule_allow")]
+    close(gate, s)
+
+
+def test_a_form_body_overriding_a_method_not_allowed_is_refused_and_never_sent(tmp_path):
+    gate = make_gate(tmp_path, sandbox=LOOPBACK, rules=FORM_RULES)
+    s = session_for(gate)
+    body = b"a=1&_method=DELETE"
+    head = b"POST /items/1 HTTP/1.1\r\n" + FORM + b"Content-Length: %d\r\n\r\n" % len(body)
+    s.client_data(head + body[:10])
+    s.upstream_connected()
+    s.client_data(body[10:])
+    assert not s.to_upstream and not s.drop_upstream and s.closing
+    assert s.upstream_idle  # nothing was sent on it: it may serve another connection
+    assert answer(s).startswith(b"HTTP/1.1 400 ")
+    assert requests(gate) == [
+        ("allow", "rule_allow", "allowed.test", "/items/1"),
+        ("deny", "ambiguous_method", "allowed.test", "/items/1"),
+    ]
+    close(gate, s)
+
+
+def test_a_long_form_body_goes_on_but_its_last_byte_and_is_cut_with_a_reset(tmp_path, monkeypatch):
+    monkeypatch.setattr(http1, "WHOLE_FORM", 8)
+    gate = make_gate(tmp_path, sandbox=LOOPBACK, rules=FORM_RULES)
+    s = session_for(gate)
+    s.client_data(b"POST /items/1 HTTP/1.1\r\n" + FORM + b"Content-Length: 24\r\n\r\nx=1&_met")
+    s.upstream_connected()
+    assert bytes(s.to_upstream).endswith(b"\r\n\r\nx=1&_me")  # its last byte held
+    s.to_upstream.clear()
+    s.client_data(b"hod=DELETE")  # (its value may go on: not read to its end yet)
+    assert bytes(s.to_upstream) == b"thod=DELET"
+    s.to_upstream.clear()
+    s.client_data(b"&y=22")  # read: refused before the body's end went on
+    assert not s.to_upstream and s.drop_upstream and s.reset_upstream and s.closing
+    assert answer(s).startswith(b"HTTP/1.1 400 ")
+    close(gate, s)
+
+
+def test_a_chunked_form_body_ends_only_once_it_is_read(tmp_path):
+    gate = make_gate(tmp_path, sandbox=LOOPBACK, rules=FORM_RULES)
+    s = session_for(gate)
+    chunked = b"Transfer-Encoding: chunked\r\n\r\n"
+    s.client_data(b"POST /items/1 HTTP/1.1\r\n" + FORM + chunked + b"9\r\n_method=P\r\n")
+    s.upstream_connected()
+    assert bytes(s.to_upstream).endswith(b"\r\n\r\n8\r\n_method=\r\n")
+    s.to_upstream.clear()
+    s.client_data(b"3\r\nOST\r\n0\r\n\r\n")  # POST: no override
+    assert bytes(s.to_upstream) == b"3\r\nPOS\r\n1\r\nT\r\n0\r\n\r\n"
     close(gate, s)
 
 

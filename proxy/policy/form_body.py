@@ -1,0 +1,260 @@
+"""The method overrides in a request's form body, read as the body streams (sans-io).
+
+Rack::MethodOverride (Rails, Sinatra), Laravel and Symfony (`_method` with
+enableHttpMethodParameterOverride), Spring's HiddenHttpMethodFilter and Express's
+method-override with a body getter run a POST as the method a field of its form
+names, and Hono's methodOverride any request but a GET: `POST /items/1` with the body
+`_method=DELETE` runs DELETE. A rule that allows POST and not DELETE would let it
+through. So the body of an allowed request that a server may read as a form
+(`check_head`'s `form_body`: urlencoded or multipart on any method but GET, and a
+POST's without a Content-Type, which Rack reads as a form) is read here for the
+fields the query is read for (request_head.method_override: `_method`,
+`x-tunneled-method`, ... in any spelling), and the gate decides each method named
+(`gate.on_form_body`), as it decides an override in the query or a header.
+
+What goes upstream meanwhile (the adapters: frontdoor/http1.py, addon.py): a body that
+declares at most WHOLE_FORM bytes is kept, and its request sent only once all of it
+is read and no override was refused, so no server sees a request that is refused; a
+longer one, or one of unknown length, goes on as it comes but for its last byte (and
+the end of a chunked one), which go on once all of it is read. A server that reads a
+form reads all of it before it runs the request, so none runs the method refused; cut
+short (the upstream connection closed, with a reset where the adapter can), a lenient
+one may still run the request by its own method with what it got.
+
+Bounded: a field is kept while it is read only as far as it can matter (an override's
+name is a few characters, a method at most a few dozen), so memory stays a few KiB
+whatever the body; a body's bytes are searched by regular expressions at C speed,
+and only fields that may name an override are parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from .request_head import method_override, override_name
+
+# What a field's name may start with and still be an override's name (`override_name`
+# drops leading spaces, then reads the first run without brackets): `+`, `%20` or ' ',
+# then brackets. Kept as one of each however long it runs.
+_LEAD = re.compile(rb"(?P<spaces>(?:\+|%20| )*)(?P<brackets>(?:\[|\]|%5[BbDd])*)")
+# A field whose name or value holds `method` in any spelling (escaped letters too): only
+# those are parsed (every override name holds it).
+_CANDIDATE = re.compile(rb"(?i)(?:m|%6d)(?:e|%65)(?:t|%74)(?:h|%68)(?:o|%6f)(?:d|%64)")
+_SEPARATOR = re.compile(rb"[&;]")  # Rack and PHP split at '&', some parsers at ';' too
+# Kept of a name after its lead: an override's name escaped is at most 3 x 22 bytes; a
+# longer first run is none. Kept of a value: a method and blanks around it.
+_MOST_NAME = 128
+_MOST_VALUE = 256
+_MOST_PART_HEAD = 8192  # a multipart part's header section
+_BOUNDARY = re.compile(r'(?i)boundary\s*=\s*(?:"([^"]+)"|([^;,\s"]+))')
+# A part's name, as Content-Disposition gives it (`name="x"`, `name=x`, RFC 5987's
+# `name*=UTF-8''x`); `filename` is not matched (`\b`).
+_PART_NAME = re.compile(rb'(?i)\bname(\*?)\s*=\s*(?:"((?:[^"\\\r\n]|\\.)*)"|([^;\r\n]*))')
+_PART_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_ESCAPED_CHARACTER = re.compile(rb"\\(.)")
+
+Found = Callable[[bytes, bytes], None]  # (a field's name, its value), both as sent
+
+# A form body that declares at most this many bytes is read whole before any of its
+# request goes upstream (the module docstring).
+WHOLE_FORM = 1 << 20
+
+
+class FormOverrides:
+    """One request body's reader. `feed` the body's bytes as they come, then `end`;
+    `found` gathers (where, "method", the method named) for each override that names
+    another method than the request's (each taken by the gate, which empties it), and
+    `problem` says why the body cannot be read as servers would (the request is
+    refused)."""
+
+    def __init__(self, content_type: str, method: str):
+        self.method = method
+        self.found: list[tuple[str, str, str]] = []
+        self.problem: str | None = None
+        self.ended = False  # all of the body has been read
+        lowered = content_type.lower()
+        boundaries = [q or b for q, b in _BOUNDARY.findall(content_type)]
+        self._readers: list[_Urlencoded | _Multipart] = [
+            _Multipart(b.encode("latin-1"), self._named, self._refuse) for b in boundaries
+        ]
+        if not boundaries or "urlencoded" in lowered:
+            self._readers.append(_Urlencoded(self._named))
+
+    def feed(self, data: bytes) -> None:
+        for reader in self._readers:
+            reader.feed(data)
+
+    def end(self) -> None:
+        self.ended = True
+        for reader in self._readers:
+            reader.end()
+
+    def _named(self, key: bytes, value: bytes) -> None:
+        named = method_override(key.decode("latin-1"), value.decode("latin-1"), self.method)
+        if named is not None:
+            self.found.append((f"the form body's {named[0]}", "method", named[1]))
+
+    def _refuse(self, why: str) -> None:
+        if self.problem is None:
+            self.problem = why
+
+
+def _compact(name: bytes) -> bytes:
+    """A name as `override_name` reads it, bounded: its lead (`_LEAD`) as one space and
+    one bracket at most, then at most _MOST_NAME bytes of the rest."""
+    lead = _LEAD.match(name)
+    return _lead(lead) + name[lead.end() : lead.end() + _MOST_NAME]
+
+
+def _lead(lead: re.Match) -> bytes:
+    return (b" " if lead["spaces"] else b"") + (b"[" if lead["brackets"] else b"")
+
+
+class _Urlencoded:
+    """`a=1&_method=DELETE`: the fields that end in a chunk are split and parsed only
+    where `_CANDIDATE` is found in them; the field a chunk ends in is kept only as far
+    as it matters (`_NAME`, then skipped or, for an override, `_VALUE`)."""
+
+    _NAME, _AWAIT_VALUE, _VALUE, _SKIP = range(4)
+
+    def __init__(self, found: Found):
+        self._found = found
+        self._state = self._NAME
+        self._buffer = bytearray()  # the field so far: its name, or an override's value
+        self._key = b""  # an override's name (compacted), in _AWAIT_VALUE and _VALUE
+
+    def feed(self, data: bytes) -> None:
+        at, size = 0, len(data)
+        while at < size:
+            if self._state == self._NAME and not self._buffer:  # at a field's start
+                last = max(data.rfind(b"&", at), data.rfind(b";", at))
+                if last >= at:  # the fields that end in this chunk, whole
+                    region = data[at:last]
+                    if _CANDIDATE.search(region):
+                        for field in _SEPARATOR.split(region):
+                            if _CANDIDATE.search(field):
+                                key, equals, value = field.partition(b"=")
+                                if equals:
+                                    self._found(_compact(key), value[:_MOST_VALUE])
+                    at = last + 1
+                    continue
+            separator = _SEPARATOR.search(data, at)
+            stop = separator.start() if separator else size
+            self._go_on(data[at:stop])
+            if separator is None:
+                return
+            self._field_end()
+            at = stop + 1
+
+    def end(self) -> None:
+        self._field_end()
+
+    def _go_on(self, piece: bytes) -> None:
+        """The field being read goes on with `piece` (no separator in it)."""
+        if self._state == self._NAME:
+            self._buffer += piece
+            key, equals, value = self._buffer.partition(b"=")
+            if equals:
+                self._named(bytes(key), value)
+            elif len(self._buffer) > 2 * _MOST_NAME:
+                lead = _LEAD.match(self._buffer)
+                if len(self._buffer) - lead.end() > _MOST_NAME:  # as far as it matters
+                    self._named(bytes(self._buffer), b"", complete=False)
+                else:  # a long lead: kept as one of each
+                    self._buffer[:] = _lead(lead) + self._buffer[lead.end() :]
+        elif self._state == self._AWAIT_VALUE:
+            _, equals, value = piece.partition(b"=")
+            if equals:
+                self._state, self._buffer = self._VALUE, bytearray(value[:_MOST_VALUE])
+        elif self._state == self._VALUE and len(self._buffer) < _MOST_VALUE:
+            self._buffer += piece[: _MOST_VALUE - len(self._buffer)]
+
+    def _named(self, key: bytes, value: bytes, complete: bool = True) -> None:
+        """The field's name is `key` (as far as it matters): an override's, whose value
+        is read on, or none, whose field is skipped."""
+        self._key = _compact(key)
+        if override_name(self._key.decode("latin-1")) is None:
+            self._state, self._buffer = self._SKIP, bytearray()
+        elif complete:
+            self._state, self._buffer = self._VALUE, bytearray(value[:_MOST_VALUE])
+        else:
+            self._state, self._buffer = self._AWAIT_VALUE, bytearray()
+
+    def _field_end(self) -> None:
+        if self._state == self._VALUE:
+            self._found(self._key, bytes(self._buffer))
+        self._state, self._buffer, self._key = self._NAME, bytearray(), b""
+
+
+class _Multipart:
+    """`--boundary\\r\\nContent-Disposition: form-data; name="_method"\\r\\n\\r\\nDELETE`:
+    every occurrence of the delimiter starts a part (where the delimiter is not at a
+    line's start too: more parts than a server reads, never fewer); a part's header
+    section is read for its name, and an override's value is kept."""
+
+    _CONTENT, _HEAD, _VALUE = range(3)
+
+    def __init__(self, boundary: bytes, found: Found, refuse: Callable[[str], None]):
+        self._found, self._refuse = found, refuse
+        self._delimiter = b"--" + boundary
+        self._state = self._CONTENT
+        self._carried = b""  # the end of what was searched: a delimiter may go on from it
+        self._buffer = bytearray()  # a part's header section, or an override's value
+        self._key = b""
+
+    def feed(self, data: bytes) -> None:
+        data = self._carried + data
+        at = 0
+        while True:
+            if self._state == self._HEAD:
+                end = _PART_HEAD_END.search(self._buffer + data[at : at + _MOST_PART_HEAD])
+                if end is None:
+                    self._buffer += data[at : at + _MOST_PART_HEAD + 1]
+                    self._carried = b""
+                    if len(self._buffer) > _MOST_PART_HEAD:
+                        if not self._buffer.startswith(b"--"):  # (the epilogue: no part)
+                            self._refuse(
+                                f"a multipart part's header section is over {_MOST_PART_HEAD} bytes"
+                            )
+                        self._buffer.clear()
+                        self._state = self._CONTENT
+                    return
+                taken = end.end() - len(self._buffer)
+                head, self._buffer = bytes(self._buffer) + data[at : at + taken], bytearray()
+                at += taken
+                self._part(head)
+                continue
+            found = data.find(self._delimiter, at)
+            if found < 0:
+                keep = max(at, len(data) - len(self._delimiter) + 1)
+                self._keep_value(data[at:keep])
+                self._carried = data[keep:]
+                return
+            self._keep_value(data[at:found])
+            if self._state == self._VALUE:
+                self._found(
+                    self._key, bytes(self._buffer).removesuffix(b"\r\n").removesuffix(b"\n")
+                )
+            self._state, self._buffer = self._HEAD, bytearray()
+            at = found + len(self._delimiter)
+
+    def end(self) -> None:
+        if self._state == self._VALUE:  # a value without a closing delimiter
+            self._keep_value(self._carried)
+            self._found(self._key, bytes(self._buffer))
+
+    def _keep_value(self, piece: bytes) -> None:
+        if self._state == self._VALUE and len(self._buffer) < _MOST_VALUE:
+            self._buffer += piece[: _MOST_VALUE - len(self._buffer)]
+
+    def _part(self, head: bytes) -> None:
+        """A part's header section: its value is kept if its name is an override's."""
+        for star, quoted, bare in _PART_NAME.findall(head):
+            name = _ESCAPED_CHARACTER.sub(rb"\1", quoted) if quoted else bare.strip()
+            if star:  # RFC 5987: charset'language'escaped
+                name = name.rpartition(b"'")[2]
+            if override_name(_compact(name).decode("latin-1")) is not None:
+                self._state, self._key = self._VALUE, _compact(name)
+                return
+        self._state = self._CONTENT

@@ -1,0 +1,126 @@
+"""form_body.FormOverrides: the method overrides in a POST's form body, as servers
+read them, whatever the chunks the body comes in."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sandgate.proxy.policy.form_body import FormOverrides
+
+FORM = "application/x-www-form-urlencoded"
+MULTIPART = 'multipart/form-data; boundary="----b0und"'
+
+
+def named(content_type: str, body: bytes, chunk: int = 0) -> tuple[list[str], str | None]:
+    """The methods the body's overrides name, and its problem: fed whole, or `chunk`
+    bytes at a time."""
+    form = FormOverrides(content_type, "POST")
+    pieces = [body] if not chunk else [body[i : i + chunk] for i in range(0, len(body), chunk)]
+    for piece in pieces:
+        form.feed(piece)
+    form.end()
+    return [value for _, _, value in form.found], form.problem
+
+
+def part(name: bytes, value: bytes, boundary: bytes = b"----b0und", extra: bytes = b"") -> bytes:
+    return (
+        b"--" + boundary + b"\r\nContent-Disposition: form-data; name=" + name + extra
+        + b"\r\n\r\n" + value + b"\r\n"
+    )  # fmt: skip
+
+
+URLENCODED = [
+    (b"a=1&_method=DELETE", ["DELETE"]),
+    (b"_method=delete&a=1", ["DELETE"]),
+    (b"_method=POST", []),
+    (b"%5Fmethod=DELETE", ["DELETE"]),
+    (b"_%6D%65thod=PUT", ["PUT"]),
+    (b"+++_method=DELETE", ["DELETE"]),  # PHP drops leading spaces
+    (b".method=DELETE", ["DELETE"]),  # PHP reads '.' as '_'
+    (b"_method[]=DELETE", ["DELETE"]),
+    (b"[_method]=DELETE", ["DELETE"]),  # Node's qs, Rack
+    (b"_method%00x=DELETE", ["DELETE"]),
+    (b"x-tunneled-method=PATCH", ["PATCH"]),
+    (b"_HttpMethod=DELETE", ["DELETE"]),
+    (b"method=artist.getInfo&api_key=1", []),  # `method` only where it is a method
+    (b"method=DELETE", ["DELETE"]),
+    (b"_method", []),  # no value
+    (b"_method=+DELETE+", ["DELETE"]),
+    (b"a=1;_method=DELETE", ["DELETE"]),
+    (b"my_method=DELETE&methods=DELETE", []),
+    (b"x=" + b"a" * 100_000 + b"&_method=DELETE", ["DELETE"]),
+    (b"+" * 10_000 + b"_method=DELETE", ["DELETE"]),
+    (b"%20" * 5_000 + b"[[_method]=DELETE", ["DELETE"]),
+    (b"_method" + b"x" * 10_000 + b"=DELETE", []),  # another name
+    (b"_method[" + b"x" * 10_000 + b"]=DELETE", ["DELETE"]),
+    (b"_method=DELETE" + b"+" * 10_000, ["DELETE"]),
+    (b"_method=" + b"X" * 10_000, ["X" * 40]),  # not a method: the gate refuses it
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), URLENCODED)
+@pytest.mark.parametrize("chunk", [0, 1, 7, 4096])
+def test_an_urlencoded_body_names_its_overrides_in_any_chunks(body, expected, chunk):
+    assert named(FORM, body, chunk) == (expected, None)
+
+
+def test_a_body_without_a_content_type_is_read_as_urlencoded():
+    assert named("", b"_method=DELETE") == (["DELETE"], None)
+
+
+MULTIPARTS = [
+    (part(b'"_method"', b"DELETE") + b"------b0und--\r\n", ["DELETE"]),
+    (part(b"_method", b"PUT"), ["PUT"]),
+    (part(b'"a"', b"1") + part(b'"_method"', b"delete"), ["DELETE"]),
+    (part(b'"x"; filename="_method"', b"DELETE"), []),  # a file's name, not the field's
+    (part(b'"_method"', b"POST"), []),
+    (part(b'"\\_method"', b"DELETE"), ["DELETE"]),  # a quoted-string's escape
+    (b"--b\nContent-Disposition: form-data; name=_method\n\nDELETE\n--b--", ["DELETE"]),
+    (part(b'"a"', b"x" * 100_000) + part(b'"_method"', b"DELETE"), ["DELETE"]),
+    (part(b'"_method"', b"DELETE"), ["DELETE"]),  # no closing delimiter
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), MULTIPARTS)
+@pytest.mark.parametrize("chunk", [0, 1, 5, 4096])
+def test_a_multipart_body_names_its_overrides_in_any_chunks(body, expected, chunk):
+    content_type = MULTIPART if b"--b\n" not in body else "multipart/form-data; boundary=b"
+    assert named(content_type, body, chunk) == (expected, None)
+
+
+def test_a_multipart_name_in_rfc_5987_form_is_read():
+    body = b"--b\r\nContent-Disposition: form-data; name*=UTF-8''_method\r\n\r\nDELETE\r\n--b--"
+    assert named("multipart/form-data; boundary=b", body) == (["DELETE"], None)
+
+
+def test_a_part_header_section_past_its_bound_is_a_problem():
+    body = b"--b\r\nX: " + b"y" * 10_000 + b"\r\n\r\nDELETE\r\n--b--"
+    _, problem = named("multipart/form-data; boundary=b", body, 1000)
+    assert problem is not None and "header section" in problem
+
+
+def test_a_long_epilogue_is_no_problem():
+    body = part(b'"a"', b"1") + b"------b0und--\r\n" + b"e" * 20_000
+    assert named(MULTIPART, body, 1000) == ([], None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"a=1", b"_method=DELETE", b"+_me%74hod=PUT", b"x=" + b"y" * 300, b""]),
+        max_size=6,
+    ),
+    st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=20),
+)
+def test_chunks_do_not_change_what_is_read(fields, cuts):
+    body = b"&".join(fields)
+    whole = named(FORM, body)
+    form = FormOverrides(FORM, "POST")
+    at = 0
+    for cut in cuts:
+        form.feed(body[at : at + cut])
+        at += cut
+    form.feed(body[at:])
+    form.end()
+    assert ([v for _, _, v in form.found], form.problem) == whole
