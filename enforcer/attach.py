@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sandgate.enforcer import control
+from sandgate.enforcer import control, java_truststore
 from sandgate.enforcer.sandbox import cgroup, disk_reserve, prepare, spec
 from sandgate.enforcer.sandbox import init as sandbox_init
 from sandgate.enforcer.shared_stdio import SharedStdio
@@ -269,6 +269,10 @@ def _prepare(
         target = system.resolve() if system.exists() else Path(reply["ca_bundle"])
         binds.append((Path(reply["ca_bundle"]), target))
         env.update(dict.fromkeys(reply["ca_env_vars"], str(target)))
+        if reply.get("java_truststore"):  # a service of before it sends none
+            java_bind, java_env = java_truststore.sandbox_setup(Path(reply["java_truststore"]))
+            binds.append(java_bind)
+            env.update(java_env)
     hidden = [Path(p) for p in reply["hidden"] if Path(p).exists()]
     if not client.fds:
         raise spec.SandboxError("the gateway service sent no network namespace")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from sandgate.enforcer import netns, nft, priority, process_stamp
+from sandgate.enforcer import java_truststore, netns, nft, priority, process_stamp
 from sandgate.enforcer.admin import Admin, AdminOptions
 from sandgate.enforcer.sandbox import cgroup, id_slots, planting, prepare, spec
 from sandgate.enforcer.summary_file import SummaryFile, SummaryFileError
@@ -277,11 +277,31 @@ def write_own_file(path: Path, text: str) -> None:
         raise RunError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _write_ca_bundle(path: Path, extra: list[str]) -> None:
-    """The system's bundle and the PEM certificates in `extra`, at `path`."""
+def _ca_bundle_text(extra: list[str]) -> str:
+    """The system's bundle and the PEM certificates in `extra`."""
     parts = [SYSTEM_CA_BUNDLE.read_text()] if SYSTEM_CA_BUNDLE.exists() else []
     parts += extra
-    write_own_file(path, "\n".join(part.rstrip() + "\n" for part in parts))
+    return "\n".join(part.rstrip() + "\n" for part in parts)
+
+
+def _write_ca_bundle(path: Path, extra: list[str]) -> None:
+    """The system's bundle and the PEM certificates in `extra`, at `path`."""
+    write_own_file(path, _ca_bundle_text(extra))
+
+
+def java_truststore_file(extra: list[str], fallback: Path) -> Path:
+    """The Java truststore of what _write_ca_bundle writes for `extra`: kept in the
+    state cache once per system bundle and `extra` (`fallback`: where it is written
+    when the cache cannot be)."""
+    try:
+        return java_truststore.cached(
+            STATE_DIR / "cache",
+            java_truststore.cache_key(SYSTEM_CA_BUNDLE, extra),
+            lambda: _ca_bundle_text(extra),
+            fallback,
+        )
+    except OSError as e:
+        raise RunError(f"cannot write {fallback}: {e.strerror or e}") from None
 
 
 class TaskRun:
@@ -547,6 +567,11 @@ class TaskRun:
             target = SYSTEM_CA_BUNDLE.resolve() if SYSTEM_CA_BUNDLE.exists() else ca_bundle
             binds.append((ca_bundle, target))
             sandgate_env.update(dict.fromkeys(CA_ENV_VARS, str(target)))
+            java_bind, java_env = java_truststore.sandbox_setup(
+                java_truststore_file(extra, self.dir / "java-cacerts.jks")
+            )
+            binds.append(java_bind)
+            sandgate_env.update(java_env)
         state = [STATE_DIR, RUN_DIR]
         for root in ([opts.sandbox.workspace] if opts.sandbox.workspace else []) + list(
             opts.sandbox.rw

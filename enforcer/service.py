@@ -60,6 +60,7 @@ from sandgate.enforcer.run import (
     _write_ca_bundle,
     claim_run_id,
     dns_upstreams,
+    java_truststore_file,
     make_dir,
     make_sandbox_net,
     open_audit_log,
@@ -87,6 +88,7 @@ from sandgate.proxy.telemetry.summary import TaskSummary
 log = logging.getLogger("sandgate.gateway")
 
 STATE_FILE = "service.json"
+JAVA_TRUSTSTORE = "java-cacerts.jks"  # in a task's directory, beside its ca-bundle.pem
 SERVICE_AUDIT_LOG = AUDIT_DIR / "gateway.jsonl"
 CONTROL_GROUP = "sandgate"
 ADOPTED_CHECK_S = 1.0
@@ -719,6 +721,7 @@ class GatewayService:
             "resolv_conf": str(attached.dir / "resolv.conf"),
             "ca_bundle": str(ca) if has_ca else None,
             "ca_env_vars": list(CA_ENV_VARS),
+            "java_truststore": str(attached.dir / JAVA_TRUSTSTORE) if has_ca else None,
             "system_ca_bundle": str(SYSTEM_CA_BUNDLE),
             "hidden": [str(STATE_DIR), str(RUN_DIR), str(self.opts.audit_log)],
             "audit_log": str(self.opts.audit_log),
@@ -751,6 +754,10 @@ class GatewayService:
             extra.append((await self.data_plane.gateway_ca()).read_text())
         if extra:
             _write_ca_bundle(attached.dir / "ca-bundle.pem", extra)
+            store = attached.dir / JAVA_TRUSTSTORE
+            cached = java_truststore_file(extra, store)
+            if cached != store:
+                shutil.copyfile(cached, store)
 
     async def _apply_table(self, attached: Attached, *, new: bool = False) -> None:
         """Load the sandbox's table: `new` for a network just made (created, not

@@ -33,6 +33,15 @@ if [[ "${1:-}" == "--test" ]]; then
   # handlers by other names: CherryPy's punctuation, Pyramid's views, Falcon's sinks, Plack's
   # x-tunneled-method (test_handler_name_punctuation, test_prefix_route_denies, ...)
   packages+=(python3-cherrypy3 python3-pyramid python3-falcon libdancer2-perl libplack-middleware-methodoverride-perl)
+  # package clients against registry layouts in the fake internet (test_registry_clients):
+  # go, gem, mvn (a JVM: the task's truststore), and a cargo that reads a sparse index
+  # (1.68+: bookworm's `cargo` is older, its `cargo-web` is new; rustup's is used if present).
+  # mvn's plugins come from Debian's Maven repository (/usr/share/maven-repo), which the
+  # test's fake registry serves: the fake internet has no Maven Central. junit5 holds the
+  # junit-bom that plexus-compiler's pom imports.
+  packages+=(golang-go ruby-rubygems maven zip unzip)
+  packages+=(libmaven-resources-plugin-java libmaven-compiler-plugin-java libmaven-deploy-plugin-java junit5)
+  command -v cargo >/dev/null || [[ -x ~/.cargo/bin/rustup ]] || packages+=(cargo-web)
 fi
 missing=()
 for p in "${packages[@]}"; do
@@ -69,6 +78,10 @@ extra=""
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
 if [[ "${1:-}" == "--test" && ! -d .venv/node/node_modules/fastify ]]; then
   npm install --silent --no-audit --no-fund --prefix .venv/node fastify@4 >/dev/null
+fi
+# Hono's methodOverride, which reads a PUT's form too (test_form_method_overrides)
+if [[ "${1:-}" == "--test" && ! -d .venv/node/node_modules/@hono/node-server ]]; then
+  npm install --silent --no-audit --no-fund --prefix .venv/node hono@4 @hono/node-server@1 >/dev/null
 fi
 # A package index in the fake internet (test_index_name_redirects), in a venv of its own:
 # pypiserver needs a newer pip than .venv's, and test_wheel's fresh venv sees .venv's packages.

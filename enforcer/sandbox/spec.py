@@ -176,13 +176,17 @@ def task_environment(
 ) -> dict[str, str]:
     """Only what the task needs and what was passed: nothing else of the caller's
     environment (cloud keys, tokens, SSH_AUTH_SOCK) reaches the task. A variable
-    given with --env wins over one sandgate sets (e.g. its own CA bundle)."""
+    given with --env wins over one sandgate sets (e.g. its own CA bundle), but for
+    JAVA_TOOL_OPTIONS, whose options are added after sandgate's (its truststore): a
+    JVM takes the last of an option given twice, and keeps the others."""
     env = {name: caller[name] for name in PASSED_THROUGH if name in caller}
     env.update({name: value for name, value in caller.items() if name.startswith("LC_")})
     env.setdefault("PATH", DEFAULT_PATH)
     user = "root" if uid == 0 else "sandbox"
     env.update(HOME=home, USER=user, LOGNAME=user, **sandgate)
     env.update(passed)
+    if "JAVA_TOOL_OPTIONS" in sandgate and passed.get("JAVA_TOOL_OPTIONS"):
+        env["JAVA_TOOL_OPTIONS"] = f"{sandgate['JAVA_TOOL_OPTIONS']} {passed['JAVA_TOOL_OPTIONS']}"
     return env
 
 

@@ -417,11 +417,12 @@ def test_rules_show_profile_after_extends_and_include(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("profile ci ")
     ids = [re.search(r"\[([^\]]+)\]", line)[1] for line in out[1:] if "[" in line]
-    assert ids[:7] == [
+    assert ids[:8] == [
         "preset:pypi",
         "preset:npm",
         "preset:crates",
         "preset:go",
+        "preset:go-downloads",
         "preset:maven",
         "preset:rubygems",
         "preset:apt",

@@ -1304,6 +1304,16 @@ def _outcome(decision) -> tuple:
             id="pypi-upload",
         ),
         pytest.param(
+            request("storage.googleapis.com", "GET", "/proxy-golang-org-prod/1a-x:y-v1.0.0.zip"),
+            (ALLOW, Reason.RULE_ALLOW, "preset:go-downloads", False),
+            id="go-zip-download",
+        ),
+        pytest.param(
+            request("storage.googleapis.com", "GET", "/attacker-bucket/data"),
+            (DENY, Reason.PATH_NOT_ALLOWED, FALLBACK, False),
+            id="another-cloud-storage-bucket",
+        ),
+        pytest.param(
             request("registry.npmjs.org", "PUT", "/sg-probe"),
             (DENY, Reason.METHOD_NOT_ALLOWED, FALLBACK, False),
             id="npm-publish",
