@@ -491,6 +491,9 @@ class Http1Session:
             length = declared_length(head.fields)
             if length is not None and length <= WHOLE_FORM:
                 self.form_unsent = [forwarded]  # nothing goes upstream until it is read
+                if self.client.client_is_waiting_for_100_continue:
+                    # The server cannot say it: the client is told to send its body now.
+                    self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
                 return
         self._to_upstream(forwarded)
 

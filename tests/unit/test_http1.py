@@ -341,6 +341,20 @@ def test_a_form_body_overriding_a_method_not_allowed_is_refused_and_never_sent(t
     close(gate, s)
 
 
+def test_a_client_that_waits_to_send_a_kept_form_is_told_to_go_on(tmp_path):
+    gate = make_gate(tmp_path, sandbox=LOOPBACK, rules=FORM_RULES)
+    s = session_for(gate)
+    expect = b"Expect: 100-continue\r\nContent-Length: 3\r\n\r\n"
+    s.client_data(b"POST /items/1 HTTP/1.1\r\n" + FORM + expect)
+    assert answer(s) == b"HTTP/1.1 100 \r\n\r\n"  # the server has nothing yet to say it
+    s.upstream_connected()
+    s.client_data(b"a=1")
+    assert bytes(s.to_upstream).endswith(b"\r\n\r\na=1")
+    s.upstream_data(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert answer(s).endswith(b"\r\n\r\nok")
+    close(gate, s)
+
+
 def test_a_long_form_body_goes_on_but_its_last_byte_and_is_cut_with_a_reset(tmp_path, monkeypatch):
     monkeypatch.setattr(http1, "WHOLE_FORM", 8)
     gate = make_gate(tmp_path, sandbox=LOOPBACK, rules=FORM_RULES)
