@@ -55,9 +55,9 @@ from sandgate.proxy.policy.request_head import (
     MAX_HEAD_BYTES,
     CheckedHead,
     RequestHead,
+    connection_without_upgrade,
     declared_length,
     form_body,
-    connection_without_upgrade,
 )
 
 log = logging.getLogger("sandgate.addon")
@@ -67,13 +67,15 @@ _WEBSOCKET_ALLOWED = "sandgate.websocket"  # flow.metadata key: the request's up
 _HELD = "sandgate.held"  # flow.metadata key: held for a human's decision
 _WEBSOCKET_EXTENSIONS = "sec-websocket-extensions"
 _HELD_BODY_REFUSED = "sandgate.held_body_refused"  # flow.metadata key: refused while held (413)
-_FORM = "sandgate.form"  # flow.metadata key: a POST's form body read for overrides (_FormBody)
+_FORM = "sandgate.form"  # flow.metadata key: a form body read for method overrides (_FormBody)
 _BODY_EVENTS = (RequestData, RequestTrailers, RequestEndOfMessage)
 # Body bytes buffered for a request held for approval (mitmproxy reads on meanwhile).
 MAX_HELD_BODY = 1 << 20
 # Body bytes queued for streams whose upstream connection is being made, before the
 # client is not read until it is (HeadLimitedHttpLayer.read_hold).
 MAX_QUEUED_BODY = 1 << 20
+# Form bodies' bytes a connection keeps until each is read (_FormBody), in all.
+MAX_KEPT_FORMS = 1 << 20
 
 
 class CountingTCPLayer(layers.TCPLayer):
@@ -187,7 +189,7 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             return
         if isinstance(event, RequestHeaders):
             yield from self._to_child(child, event)
-            # A POST's body servers may read as a form: read for method overrides
+            # A body servers may read as a form: read for method overrides
             # (form_body.py) from its first byte, which may come before the head is
             # decided (the stream waits in its requestheaders hook meanwhile).
             if (flow := getattr(child, "flow", None)) is not None:
@@ -228,12 +230,17 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             return
         if form.unsent is not None:
             # Kept until all of it is read and decided: the stream then gets it in one
-            # go, and only then is anything of the request sent upstream.
+            # go, and only then is anything of the request sent upstream. Past
+            # MAX_KEPT_FORMS kept on the connection (HTTP/2's streams each keep one),
+            # this one goes on as a longer one does: what is kept is passed on now.
             form.unsent.append(event)
-            if form.checked is not None and form.reader.ended:
-                del flow.metadata[_FORM]
-                for kept in form.unsent:
-                    yield from self._to_child(child, kept)
+            ended = form.checked is not None and form.reader.ended
+            if ended or self._kept_forms() > MAX_KEPT_FORMS:
+                kept, form.unsent = form.unsent, None
+                if ended:
+                    del flow.metadata[_FORM]
+                for event in kept:
+                    yield from self._to_child(child, event)
             return
         # Passed on but for its last byte and its end, until all of it is read.
         if isinstance(event, RequestData):
@@ -247,6 +254,15 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             if form.held:
                 yield from self._to_child(child, RequestData(event.stream_id, form.held))
         yield from self._to_child(child, event)
+
+    def _kept_forms(self) -> int:
+        """The body bytes of the connection's form bodies kept until read (_FormBody)."""
+        kept = 0
+        for stream in self.streams.values():
+            flow = getattr(stream, "flow", None)  # (a stream has one once its head came)
+            if flow is not None and (form := flow.metadata.get(_FORM)) is not None:
+                kept += form.kept
+        return kept
 
     def _to_child(self, child, event: events.Event) -> layer.CommandGenerator[None]:
         # A request held for approval is a stream paused in its requestheaders hook:
@@ -297,8 +313,6 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
         MAX_HELD_BODY bounds, with a 413)."""
         queued = 0
         for stream in self.streams.values():
-            if form := getattr(stream, "flow", None) and stream.flow.metadata.get(_FORM):
-                queued += form.kept  # a form body kept until it is read (at most 1 MiB)
             if stream._paused and not (stream.flow and stream.flow.metadata.get(_HELD)):
                 for event in stream._paused_event_queue:
                     if isinstance(event, RequestData):
@@ -399,7 +413,7 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
 
 @dataclasses.dataclass
 class _FormBody:
-    """A POST's form body being read for method overrides (form_body.py), for its
+    """A request's form body being read for method overrides (form_body.py), for its
     `stream`, with the head it is decided for (None until its requestheaders hook has
     decided it). One that declared at most WHOLE_FORM bytes is kept (`unsent`: its
     events) until all of it is read and decided; a longer one goes on but for its

@@ -121,6 +121,12 @@ def test_a_form_body_cannot_run_a_post_as_a_method_the_rules_refuse(net, tmp_pat
             + sandbox.curl("--data-binary", "@honest.txt", url)
         )
         steps[f"honest_multipart_{via}"] = sandbox.curl("-F", "a=1", "-F", "_method=GET", url)
+        # Two forms of 900 KB at once (HTTP/2: streams of one connection), each kept
+        # until read while the connection's kept bytes allow: neither waits on the other.
+        steps[f"honest_parallel_{via}"] = (
+            "python3 -c \"print('x=' + 'b' * 900_000, end='')\" > par.txt && "
+            f"curl -sS --max-time 10 -Z --http2 -d @par.txt {url} --next --http2 -d @par.txt {url}"
+        )
         steps[f"control_query_{via}"] = sandbox.curl("-d", "a=1", url + "?_method=DELETE")
         steps.update({f"{label}_{via}": command for label, command in tricks(url).items()})
     refused = [label for label in steps if not label.startswith(("resolve", "honest"))]
@@ -132,10 +138,11 @@ def test_a_form_body_cannot_run_a_post_as_a_method_the_rules_refuse(net, tmp_pat
         assert "ran POST /items/1" in result[f"honest_{via}"].out, why
         assert "ran POST /items/1" in result[f"honest_big_{via}"].out, why
         assert "ran GET /items/1" in result[f"honest_multipart_{via}"].out, why  # allowed
+        assert result[f"honest_parallel_{via}"].out.count("ran POST /items/1") == 2, why
     statuses = {label: result[label].status for label in refused}
     assert statuses == dict.fromkeys(refused, 400), why
     assert "DELETE" not in ran, why  # the server never ran one
-    assert ran.count("ran POST") == 4, why
+    assert ran.count("ran POST") == 8, why
     assert result.verdicts(kind="request", verdict="deny") == {
         ("deny", "ambiguous_method", "builtin:ambiguous-method")
     }, why
