@@ -32,16 +32,42 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .request_head import method_override, override_name
+from .request_head import QUERY_METHOD_NAMES, method_override, override_name
 
 # What a field's name may start with and still be an override's name (`override_name`
 # drops leading spaces, then reads the first run without brackets): `+`, `%20` or ' ',
 # then brackets. Kept as one of each however long it runs.
 _LEAD = re.compile(rb"(?P<spaces>(?:\+|%20| )*)(?P<brackets>(?:\[|\]|%5[BbDd])*)")
-# A field whose name or value holds `method` in any spelling (escaped letters too): only
-# those are parsed (every override name holds it).
+
+
+def _spelled(name: str) -> bytes:
+    """A regex of the spellings `override_name` reads as `name`: each character as
+    itself (in either case) or escaped, and `_` also as PHP's ` ` (`+`) and `.`."""
+    pattern = b""
+    for char in name.encode():
+        forms = {bytes([char]), b"%%%02x" % char, b"%%%02x" % bytes([char]).upper()[0]}
+        if char == ord("_"):
+            forms |= {b".", b" ", b"+", b"%2e", b"%20"}
+        pattern += b"(?:" + b"|".join(re.escape(form) for form in sorted(forms)) + b")"
+    return pattern
+
+
+# `method` in any spelling (escaped letters too): every override's name holds it, so
+# only fields and part header sections that hold it are looked at further.
 _CANDIDATE = re.compile(rb"(?i)(?:m|%6d)(?:e|%65)(?:t|%74)(?:h|%68)(?:o|%6f)(?:d|%64)")
+# A field whose name `override_name` reads as an override's: after a lead (`_LEAD`), an
+# override's name in any spelling, then the end of the name's first run (`=`, a
+# bracket, a NUL).
+_OVERRIDE_FIELD = re.compile(
+    rb"(?i)(?:\+|%20| )*(?:\[|\]|%5[bd])*(?:"
+    + b"|".join(_spelled(name) for name in sorted(QUERY_METHOD_NAMES | {"method"}))
+    + rb")(?:[=\[\]\x00]|%00|%5[bd]|$)"
+)
 _SEPARATOR = re.compile(rb"[&;]")  # Rack and PHP split at '&', some parsers at ';' too
+# Fields that hold `method`, or parts, a body may have: past either it is refused (no
+# honest form has thousands, and each costs a look in Python).
+_MOST_CANDIDATES = 10_000
+_MOST_PARTS = 10_000
 # Kept of a name after its lead: an override's name escaped is at most 3 x 22 bytes; a
 # longer first run is none. Kept of a value: a method and blanks around it.
 _MOST_NAME = 128
@@ -79,7 +105,7 @@ class FormOverrides:
             _Multipart(b.encode("latin-1"), self._named, self._refuse) for b in boundaries
         ]
         if not boundaries or "urlencoded" in lowered:
-            self._readers.append(_Urlencoded(self._named))
+            self._readers.append(_Urlencoded(self._named, self._refuse))
 
     def feed(self, data: bytes) -> None:
         for reader in self._readers:
@@ -112,14 +138,15 @@ def _lead(lead: re.Match) -> bytes:
 
 
 class _Urlencoded:
-    """`a=1&_method=DELETE`: the fields that end in a chunk are split and parsed only
-    where `_CANDIDATE` is found in them; the field a chunk ends in is kept only as far
+    """`a=1&_method=DELETE`: of the fields that end in a chunk, only those named as an
+    override are parsed (`_fields_in`); the field a chunk ends in is kept only as far
     as it matters (`_NAME`, then skipped or, for an override, `_VALUE`)."""
 
     _NAME, _AWAIT_VALUE, _VALUE, _SKIP = range(4)
 
-    def __init__(self, found: Found):
-        self._found = found
+    def __init__(self, found: Found, refuse: Callable[[str], None]):
+        self._found, self._refuse = found, refuse
+        self._candidates = 0  # whole fields that hold `method`
         self._state = self._NAME
         self._buffer = bytearray()  # the field so far: its name, or an override's value
         self._key = b""  # an override's name (compacted), in _AWAIT_VALUE and _VALUE
@@ -130,13 +157,7 @@ class _Urlencoded:
             if self._state == self._NAME and not self._buffer:  # at a field's start
                 last = max(data.rfind(b"&", at), data.rfind(b";", at))
                 if last >= at:  # the fields that end in this chunk, whole
-                    region = data[at:last]
-                    if _CANDIDATE.search(region):
-                        for field in _SEPARATOR.split(region):
-                            if _CANDIDATE.search(field):
-                                key, equals, value = field.partition(b"=")
-                                if equals:
-                                    self._found(_compact(key), value[:_MOST_VALUE])
+                    self._fields_in(data[at:last])
                     at = last + 1
                     continue
             separator = _SEPARATOR.search(data, at)
@@ -149,6 +170,26 @@ class _Urlencoded:
 
     def end(self) -> None:
         self._field_end()
+
+    def _fields_in(self, region: bytes) -> None:
+        """The whole fields of `region`: only those that hold `method` (at C speed),
+        then only those named as an override, are parsed."""
+        at = 0
+        while (candidate := _CANDIDATE.search(region, at)) is not None:
+            self._candidates += 1
+            if self._candidates > _MOST_CANDIDATES:
+                self._refuse(f"more than {_MOST_CANDIDATES} form fields hold 'method'")
+                return
+            start = max(
+                region.rfind(b"&", 0, candidate.start()), region.rfind(b";", 0, candidate.start())
+            )
+            end = _SEPARATOR.search(region, candidate.end())
+            at = end.end() if end else len(region)
+            field = region[start + 1 : end.start() if end else len(region)]
+            if _OVERRIDE_FIELD.match(field):
+                key, equals, value = field.partition(b"=")
+                if equals:
+                    self._found(_compact(key), value[:_MOST_VALUE])
 
     def _go_on(self, piece: bytes) -> None:
         """The field being read goes on with `piece` (no separator in it)."""
@@ -198,6 +239,7 @@ class _Multipart:
     def __init__(self, boundary: bytes, found: Found, refuse: Callable[[str], None]):
         self._found, self._refuse = found, refuse
         self._delimiter = b"--" + boundary
+        self._parts = 0
         self._state = self._CONTENT
         self._carried = b""  # the end of what was searched: a delimiter may go on from it
         self._buffer = bytearray()  # a part's header section, or an override's value
@@ -207,8 +249,13 @@ class _Multipart:
         data = self._carried + data
         at = 0
         while True:
+            if self._parts > _MOST_PARTS:
+                return  # refused: read no further
             if self._state == self._HEAD:
-                end = _PART_HEAD_END.search(self._buffer + data[at : at + _MOST_PART_HEAD])
+                if self._buffer:  # a header section begun in an earlier chunk
+                    data, at = bytes(self._buffer) + data[at:], 0
+                    self._buffer.clear()
+                end = _PART_HEAD_END.search(data, at, at + _MOST_PART_HEAD)
                 if end is None:
                     self._buffer += data[at : at + _MOST_PART_HEAD + 1]
                     self._carried = b""
@@ -220,9 +267,7 @@ class _Multipart:
                         self._buffer.clear()
                         self._state = self._CONTENT
                     return
-                taken = end.end() - len(self._buffer)
-                head, self._buffer = bytes(self._buffer) + data[at : at + taken], bytearray()
-                at += taken
+                head, at = data[at : end.end()], end.end()
                 self._part(head)
                 continue
             found = data.find(self._delimiter, at)
@@ -250,6 +295,12 @@ class _Multipart:
 
     def _part(self, head: bytes) -> None:
         """A part's header section: its value is kept if its name is an override's."""
+        self._parts += 1
+        if self._parts > _MOST_PARTS:
+            self._refuse(f"more than {_MOST_PARTS} multipart parts")
+        self._state = self._CONTENT
+        if not _CANDIDATE.search(head):
+            return
         for star, quoted, bare in _PART_NAME.findall(head):
             name = _ESCAPED_CHARACTER.sub(rb"\1", quoted) if quoted else bare.strip()
             if star:  # RFC 5987: charset'language'escaped
@@ -257,4 +308,3 @@ class _Multipart:
             if override_name(_compact(name).decode("latin-1")) is not None:
                 self._state, self._key = self._VALUE, _compact(name)
                 return
-        self._state = self._CONTENT

@@ -129,7 +129,7 @@ _READ_FIELDS = frozenset(
 # session 52), `x-http-method-override` (Play 1), `_HttpMethod` (Salesforce's REST
 # API); and `method` (Restlet's tunnel) where it names a method: APIs use it for
 # their own calls (`?method=artist.getInfo`).
-_QUERY_METHOD_NAMES = frozenset(
+QUERY_METHOD_NAMES = frozenset(
     {"_method", "x-tunneled-method", "x-http-method-override", "_httpmethod"}
 )
 _METHODS = frozenset(
@@ -650,7 +650,7 @@ def not_one_method(where: str, value: str) -> Decision | None:
 
 def override_name(key: str) -> str | None:
     """The method override a query or form parameter named `key` (as sent, escaped)
-    is to the servers that read one (`_QUERY_METHOD_NAMES`, and `method`), in lower
+    is to the servers that read one (`QUERY_METHOD_NAMES`, and `method`), in lower
     case; None: it is none."""
     # PHP ends a name at its first NUL (`_method%00x`) and at `[` (`_method[]`: an
     # array of that name); Node's qs and Rack take a name in brackets as the
@@ -658,7 +658,7 @@ def override_name(key: str) -> str | None:
     name = unquote_plus(key).split("\x00", 1)[0].lstrip(" ")
     name = first.group() if (first := _UNBRACKETED.search(name)) else ""
     name = name.translate(_PHP_MANGLED).strip().lower()
-    return name if name in _QUERY_METHOD_NAMES or name == "method" else None
+    return name if name in QUERY_METHOD_NAMES or name == "method" else None
 
 
 def method_override(key: str, value: str, method: str) -> tuple[str, str] | None:

@@ -124,3 +124,35 @@ def test_chunks_do_not_change_what_is_read(fields, cuts):
     form.feed(body[at:])
     form.end()
     assert ([v for _, _, v in form.found], form.problem) == whole
+
+
+NAME_PIECES = st.sampled_from(
+    ["_", ".", "+", "%20", "%5F", "%5f", "m", "M", "%6D", "e", "thod", "ETHOD", "%74", "[", "]",
+     "%5B", "%00", "x-tunneled-", "x-http-", "-override", "http", "Http", "me", "a"]
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(NAME_PIECES, min_size=1, max_size=6).map("".join))
+def test_a_field_is_read_as_an_override_exactly_where_the_query_would_be(name):
+    """The body's fast path (a regex over the fields that ended in a chunk) and its
+    slow path (the field a chunk ends in) read a name as request_head reads a query's."""
+    from sandgate.proxy.policy.request_head import method_override
+
+    expected = ["DELETE"] if method_override(name, "DELETE", "POST") else []
+    middle = b"a=1&" + name.encode() + b"=DELETE&b=2"
+    last = b"a=1&" + name.encode() + b"=DELETE"
+    assert named(FORM, middle) == (expected, None), middle
+    assert named(FORM, last) == (expected, None), last
+    assert named(FORM, middle, 3) == (expected, None), middle
+
+
+def test_thousands_of_override_named_fields_are_refused_not_parsed():
+    body = b"&".join([b"method=artist.getInfo"] * 20_000)
+    found, problem = named(FORM, body)
+    assert found == [] and problem is not None and "hold" in problem
+
+
+def test_tens_of_thousands_of_parts_are_refused():
+    _, problem = named("multipart/form-data; boundary=b", b"--b\r\n\r\n\r\n" * 20_000)
+    assert problem is not None and "parts" in problem
