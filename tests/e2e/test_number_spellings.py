@@ -311,7 +311,7 @@ const fs = require('fs');
 const [ip, port, log] = process.argv.slice(2);
 const app = require('fastify')();
 app.get('/projects/:id', async (request, reply) => {
-  const id = Number(request.params.id);
+  const id = READ_ID;
   if (!Number.isInteger(id) || id < 1 || id > 50) { reply.code(404); return 'no such project\n'; }
   const line = `NODE ran project ${id} for ${request.url}\n`;
   fs.appendFileSync(log, line);
@@ -320,10 +320,11 @@ app.get('/projects/:id', async (request, reply) => {
 app.listen({ host: ip, port: +port });
 """
 
+NUMBER, INT = "Number(request.params.id)", "(int) urldecode($m[1])"  # how they read the id
 PHP_APP = r"""<?php
 $path = parse_url($_SERVER["REQUEST_URI"], PHP_URL_PATH);
 if (!preg_match('#^/projects/([^/]+)$#', $path, $m)) { http_response_code(404); exit; }
-$id = (int) urldecode($m[1]);
+$id = READ_ID;
 if ($id < 1 || $id > 50) { http_response_code(404); echo "no such project\n"; exit; }
 $line = "PHP ran project $id for {$_SERVER['REQUEST_URI']}\n";
 file_put_contents(getenv("SERVED_LOG"), $line, FILE_APPEND);
@@ -340,8 +341,10 @@ DECIMAL_SPELLINGS = {
 }
 
 
-@pytest.mark.parametrize("profile", ["door", "engine"])
-def test_a_denied_object_is_not_reached_by_a_decimal_spelling_of_its_number(net, tmp_path, profile):
+def node_and_php(net, tmp_path, profile, steps, node_id=NUMBER, php_id=INT):
+    """`steps` run beside the Fastify and PHP origins (NODE, PHP), which read the
+    project's id with `node_id` and `php_id`, under RULES on their ports: the result,
+    and the projects they ran."""
     import os
     import shutil
 
@@ -353,12 +356,23 @@ def test_a_denied_object_is_not_reached_by_a_decimal_spelling_of_its_number(net,
         or subprocess.run([node, "-e", "require('fastify')"], env=env).returncode
     ):
         pytest.skip("needs node, fastify 4 and php-cli (scripts/install.sh --test)")
-    (tmp_path / "app.js").write_text(NODE_APP)
-    (tmp_path / "index.php").write_text(PHP_APP)
+    (tmp_path / "app.js").write_text(NODE_APP.replace("READ_ID", node_id))
+    (tmp_path / "index.php").write_text(PHP_APP.replace("READ_ID", php_id))
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.replace(f"{FLASK}, {DJANGO}", f"{NODE}, {PHP}"))
     log = tmp_path / "served.log"
     log.write_text("")
+    commands = [
+        ["env", f"NODE_PATH={NODE_PATH}", node, str(tmp_path / "app.js"), IP, str(NODE), str(log)],
+        ["env", f"SERVED_LOG={log}", php, "-S", f"{IP}:{PHP}", str(tmp_path / "index.php")],
+    ]
+    listens = [f"{IP}:{NODE}", f"{IP}:{PHP}"]
+    result = run_beside(net, tmp_path, commands, listens, steps, rules, profile)
+    return result, log.read_text()
+
+
+@pytest.mark.parametrize("profile", ["door", "engine"])
+def test_a_denied_object_is_not_reached_by_a_decimal_spelling_of_its_number(net, tmp_path, profile):
     steps = {}
     for label, port in (("node", NODE), ("php", PHP)):
         url = f"http://allowed.test:{port}/projects"
@@ -368,13 +382,7 @@ def test_a_denied_object_is_not_reached_by_a_decimal_spelling_of_its_number(net,
             steps[f"{label}_{spelling}"] = sandbox.curl(f"{url}/{segment}")
     steps["node_byte_order_mark"] = sandbox.curl(f"http://allowed.test:{NODE}/projects/%EF%BB%BF42")
     steps["php_text_after"] = sandbox.curl(f"http://allowed.test:{PHP}/projects/4.2e1abc")
-    commands = [
-        ["env", f"NODE_PATH={NODE_PATH}", node, str(tmp_path / "app.js"), IP, str(NODE), str(log)],
-        ["env", f"SERVED_LOG={log}", php, "-S", f"{IP}:{PHP}", str(tmp_path / "index.php")],
-    ]
-    listens = [f"{IP}:{NODE}", f"{IP}:{PHP}"]
-    result = run_beside(net, tmp_path, commands, listens, steps, rules, profile)
-    ran = log.read_text()
+    result, ran = node_and_php(net, tmp_path, profile, steps)
     why = f"{result.describe()}\nserver:\n{ran}"
     for label in ("node", "php"):
         assert f"{label.upper()} ran project 7" in result[f"{label}_honest"].out, why
@@ -406,7 +414,7 @@ def test_a_denied_object_is_not_reached_by_a_decimal_that_truncates_to_its_numbe
     php = shutil.which("php")
     if not php:
         pytest.skip("needs php-cli (scripts/install.sh --test)")
-    (tmp_path / "index.php").write_text(PHP_APP)
+    (tmp_path / "index.php").write_text(PHP_APP.replace("READ_ID", INT))
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.replace(f"{FLASK}, {DJANGO}", str(PHP)))
     log = tmp_path / "served.log"
@@ -429,4 +437,45 @@ def test_a_denied_object_is_not_reached_by_a_decimal_that_truncates_to_its_numbe
         assert result[control].status == 403, why
     passed = {label for label in steps if result[label].status == 200}
     assert passed == {"honest"}, why
+    assert "ran project 42" not in ran, why
+
+
+# Radix spellings with a character after them that is no digit of their base
+# (session 53): JavaScript's `parseInt(s)` without a radix (the idiom the `radix` lint
+# rule exists for) reads `0x2ag` as 0x2a, 42; PHP's `intval($s, 0)` (strtol's base
+# 0) reads `0x2ag`, `052z`, `0528` (octal stops at `8`) and `0b1010102` as 42. The
+# radix forms allowed no letter after them; each now ends where a digit of its base
+# does not follow (load._number). Found by a red team.
+RADIX_TAILS = {
+    "node_hex_g": (NODE, "0x2ag"),
+    "node_hex_upper": (NODE, "0X2AZ"),
+    "php_hex_g": (PHP, "0x2ag"),
+    "php_octal_z": (PHP, "052z"),
+    "php_octal_8": (PHP, "0528"),
+    "php_binary_2": (PHP, "0b1010102"),
+}
+
+
+@pytest.mark.parametrize("profile", ["door", "engine"])
+def test_a_denied_object_is_not_reached_by_a_radix_spelling_with_a_letter_after_it(
+    net, tmp_path, profile
+):
+    steps = {}
+    for label, port in (("node", NODE), ("php", PHP)):
+        url = f"http://allowed.test:{port}/projects"
+        steps[f"{label}_honest"] = sandbox.curl(f"{url}/7")
+        steps[f"{label}_control"] = sandbox.curl(f"{url}/42")
+        steps[f"{label}_control_hex"] = sandbox.curl(f"{url}/0x2a")
+    for label, (port, segment) in RADIX_TAILS.items():
+        steps[label] = sandbox.curl(f"http://allowed.test:{port}/projects/{segment}")
+    result, ran = node_and_php(
+        net, tmp_path, profile, steps, "parseInt(request.params.id)", "intval(urldecode($m[1]), 0)"
+    )
+    why = f"{result.describe()}\nserver:\n{ran}"
+    for label in ("node", "php"):
+        assert f"{label.upper()} ran project 7" in result[f"{label}_honest"].out, why
+        assert result[f"{label}_control"].status == 403, why
+        assert result[f"{label}_control_hex"].status == 403, why
+    passed = [label for label in RADIX_TAILS if result[label].status != 403]
+    assert not passed, f"not refused by the deny: {passed}\n{why}"
     assert "ran project 42" not in ran, why
