@@ -194,11 +194,11 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
             # decided (the stream waits in its requestheaders hook meanwhile).
             if (flow := getattr(child, "flow", None)) is not None:
                 head = _head_of(flow.request)
-                content_type = form_body(head)
-                if content_type is not None:
+                form = form_body(head)
+                if form is not None:
                     length = declared_length(head.fields)
                     whole = length is not None and length <= WHOLE_FORM
-                    reader = FormOverrides(content_type, head.method.decode("latin-1"))
+                    reader = FormOverrides(form, head.method.decode("latin-1"))
                     flow.metadata[_FORM] = _FormBody(reader, child, [] if whole else None)
             return
         flow = getattr(child, "flow", None)  # (a stream has one once its head came)

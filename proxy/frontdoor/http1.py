@@ -283,7 +283,7 @@ class Http1Session:
         self.fast_idle = False
         self.fast_method: bytes | None = None  # the method of its last exchange
         self.fast_client_closed = False  # the client's EOF, read during a fast response
-        # A POST's form body being read for method overrides (form_body.py), with the
+        # A form body being read for method overrides (form_body.py), with the
         # head and checked head it is decided for; its last byte read, not yet sent.
         self.form: FormOverrides | None = None
         self.form_request: tuple[RequestHead, CheckedHead] | None = None

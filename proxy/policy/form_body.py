@@ -29,10 +29,11 @@ and only fields that may name an override are parsed.
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Callable
 
-from .request_head import QUERY_METHOD_NAMES, method_override, override_name
+from .request_head import QUERY_METHOD_NAMES, FormBody, method_override, override_name
 
 # What a field's name may start with and still be an override's name (`override_name`
 # drops leading spaces, then reads the first run without brackets): `+`, `%20` or ' ',
@@ -73,6 +74,12 @@ _MOST_PARTS = 10_000
 _MOST_NAME = 128
 _MOST_VALUE = 256
 _MOST_PART_HEAD = 8192  # a multipart part's header section
+_CHARSET = re.compile(r'(?i)charset\s*=\s*"?([^";,\s]+)')
+# Charsets in which every byte under 0x80 is that ASCII character: read as they come.
+_ASCII_CHARSETS = frozenset(
+    """utf-8 utf8 us-ascii ascii iso-8859-1 iso8859-1 latin1 latin-1 l1 windows-1252 cp1252
+    iso-8859-15 iso-8859-2""".split()  # noqa: SIM905 (a table)
+)
 _BOUNDARY = re.compile(r'(?i)boundary\s*=\s*(?:"([^"]+)"|([^;,\s"]+))')
 # A part's name, as Content-Disposition gives it (`name="x"`, `name=x`, RFC 5987's
 # `name*=UTF-8''x`); `filename` is not matched (`\b`).
@@ -94,27 +101,81 @@ class FormOverrides:
     `problem` says why the body cannot be read as servers would (the request is
     refused)."""
 
-    def __init__(self, content_type: str, method: str):
+    def __init__(self, form: FormBody, method: str):
         self.method = method
         self.found: list[tuple[str, str, str]] = []
         self.problem: str | None = None
         self.ended = False  # all of the body has been read
-        lowered = content_type.lower()
+        content_type = form.content_type
+        self._readers = self._readers_for(content_type)
+        # A form in a charset that is no superset of ASCII (UTF-16, EBCDIC's cp037,
+        # UTF-7's `+AF8-`): Jetty decodes the body in it before it splits the fields
+        # (a red team, session 53). It is read decoded too.
+        self._charset: str | None = None  # its name; its decoder made at the first bytes
+        self._decoder = None
+        self._decoded_readers: list[_Urlencoded | _Multipart] = []
+        charset = _CHARSET.search(content_type)
+        if charset is not None and charset[1].lower() not in _ASCII_CHARSETS:
+            try:
+                codecs.lookup(charset[1])
+            except LookupError:
+                self._refuse(
+                    f"a form body in charset {charset[1][:40]!r}, which the gateway cannot read"
+                )
+            else:
+                self._charset = charset[1]
+                self._decoded_readers = self._readers_for(content_type)
+        # A compressed form: servers that inflate a body before they read it (Express's
+        # body-parser does by default) read fields the gateway would not see (a red
+        # team, session 53).
+        if form.encoding.strip().lower() not in ("", "identity"):
+            self._refuse(
+                f"a form body with Content-Encoding {form.encoding[:40]!r}, which a server "
+                "may inflate and read as a form the gateway cannot"
+            )
+
+    def _readers_for(self, content_type: str) -> list[_Urlencoded | _Multipart]:
         boundaries = [q or b for q, b in _BOUNDARY.findall(content_type)]
-        self._readers: list[_Urlencoded | _Multipart] = [
+        readers: list[_Urlencoded | _Multipart] = [
             _Multipart(b.encode("latin-1"), self._named, self._refuse) for b in boundaries
         ]
-        if not boundaries or "urlencoded" in lowered:
-            self._readers.append(_Urlencoded(self._named, self._refuse))
+        if not boundaries or "urlencoded" in content_type.lower():
+            readers.append(_Urlencoded(self._named, self._refuse))
+        return readers
 
     def feed(self, data: bytes) -> None:
         for reader in self._readers:
             reader.feed(data)
+        if self._decoded_readers:
+            self._feed_decoded(data, final=False)
 
     def end(self) -> None:
         self.ended = True
+        if self._decoded_readers:
+            self._feed_decoded(b"", final=True)
+            for reader in self._decoded_readers:
+                reader.end()
         for reader in self._readers:
             reader.end()
+
+    def _feed_decoded(self, data: bytes, final: bool) -> None:
+        if self._decoder is None:
+            # UTF-16 and UTF-32 without a byte order mark are big-endian to Java;
+            # Python's codecs want the mark.
+            name = codecs.lookup(self._charset).name
+            if name in ("utf-16", "utf-32") and not data.startswith(
+                (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+            ):
+                name += "-be"
+            self._decoder = codecs.getincrementaldecoder(name)(errors="replace")
+        try:
+            text = self._decoder.decode(data, final).lstrip("\ufeff")
+        except (UnicodeError, ValueError) as e:
+            self._refuse(f"a form body that cannot be read in charset {self._charset!r}: {e}")
+            self._decoded_readers = []
+            return
+        for reader in self._decoded_readers:
+            reader.feed(text.encode("utf-8", "surrogatepass"))
 
     def _named(self, key: bytes, value: bytes) -> None:
         named = method_override(key.decode("latin-1"), value.decode("latin-1"), self.method)

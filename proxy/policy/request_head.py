@@ -116,7 +116,15 @@ _OVERRIDES = {
 _FORWARDED_HOST = re.compile(r'host\s*=\s*"?([^;,"]*)', re.IGNORECASE)
 # The fields check_head reads by name (lower case); others are only checked as fields.
 _READ_FIELDS = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"upgrade", b"content-type", *_OVERRIDES}
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-type",
+        b"content-encoding",
+        *_OVERRIDES,
+    }
 )
 # A query parameter that names a method (`_method=DELETE`), in any spelling a query
 # parser decodes: `%5Fmethod`, `_%6Dethod`, upper case; split at '&' and ';'. PHP
@@ -158,6 +166,14 @@ class RequestHead:
         return value[:limit].decode("utf-8", "backslashreplace")[:limit]
 
 
+class FormBody(NamedTuple):
+    """A body servers may read as a form: its Content-Type ('' for none) and its
+    Content-Encoding ('' for none)."""
+
+    content_type: str
+    encoding: str
+
+
 class CheckedHead(NamedTuple):
     """A head that may be decided: `host` is the one authority (`name[:port]`, as
     sent), `path` the path without the query, exactly as it will be forwarded. (A
@@ -188,9 +204,9 @@ class CheckedHead(NamedTuple):
     # /public/x): a router that matches the path as sent (HAProxy's `path_beg`,
     # Varnish's `req.url ~`) sent that to another backend.
     forward_target: str | None = None
-    # A body that a server may read as a form, its Content-Type ('' for none): a field
-    # of it may override the method (form_body.py), read as it streams.
-    form_body: str | None = None
+    # A body that a server may read as a form: a field of it may override the method
+    # (form_body.py), read as it streams.
+    form_body: FormBody | None = None
 
 
 def check_head(head: RequestHead, port: int) -> CheckedHead | Decision:
@@ -302,7 +318,7 @@ def declared_length(fields: tuple[tuple[bytes, bytes], ...]) -> int | None:
     return None
 
 
-def form_body(head: RequestHead) -> str | None:
+def form_body(head: RequestHead) -> FormBody | None:
     """check_head's `form_body` of `head`, for an adapter that sees a request's body
     come before its head is decided (mitmproxy's path reads it meanwhile)."""
     if head.method == b"GET":
@@ -310,20 +326,22 @@ def form_body(head: RequestHead) -> str | None:
     return _form_body(_read_fields(head.fields) or {}, head.http2, head.method)
 
 
-def _form_body(by_name: dict[bytes, list[bytes]], http2: bool, method: bytes) -> str | None:
-    """The Content-Type ('' for none) of a request that may have a body servers read
-    as a form, whose fields may override its method (form_body.py): urlencoded or
-    multipart, on any method but GET (Hono's methodOverride reads a PUT's form too),
-    and a POST's without a Content-Type (Rack reads it as a form). Several
-    Content-Type fields are read together."""
+def _form_body(by_name: dict[bytes, list[bytes]], http2: bool, method: bytes) -> FormBody | None:
+    """The body of a request that servers may read as a form, whose fields may
+    override its method (form_body.py): urlencoded or multipart, on any method but GET
+    (Hono's methodOverride reads a PUT's form too), and a POST's without a
+    Content-Type (Rack reads it as a form). Several fields of a name are read together."""
     lengths = by_name.get(b"content-length", ())
     if not (_has_body(by_name) or (http2 and not lengths)):
         return None
     content_type = b", ".join(by_name.get(b"content-type", ())).decode("latin-1")
     lowered = content_type.lower()
-    if not lowered.strip():
-        return content_type if method == b"POST" else None
-    return content_type if "form" in lowered or "multipart" in lowered else None
+    if lowered.strip() and "form" not in lowered and "multipart" not in lowered:
+        return None
+    if not lowered.strip() and method != b"POST":
+        return None
+    encoding = b", ".join(by_name.get(b"content-encoding", ())).decode("latin-1")
+    return FormBody(content_type, encoding)
 
 
 def leaves_body_unread(method: bytes) -> bool:

@@ -7,15 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sandgate.proxy.policy.form_body import FormOverrides
+from sandgate.proxy.policy.request_head import FormBody
 
 FORM = "application/x-www-form-urlencoded"
 MULTIPART = 'multipart/form-data; boundary="----b0und"'
 
 
-def named(content_type: str, body: bytes, chunk: int = 0) -> tuple[list[str], str | None]:
+def named(
+    content_type: str, body: bytes, chunk: int = 0, encoding: str = ""
+) -> tuple[list[str], str | None]:
     """The methods the body's overrides name, and its problem: fed whole, or `chunk`
     bytes at a time."""
-    form = FormOverrides(content_type, "POST")
+    form = FormOverrides(FormBody(content_type, encoding), "POST")
     pieces = [body] if not chunk else [body[i : i + chunk] for i in range(0, len(body), chunk)]
     for piece in pieces:
         form.feed(piece)
@@ -116,7 +119,7 @@ def test_a_long_epilogue_is_no_problem():
 def test_chunks_do_not_change_what_is_read(fields, cuts):
     body = b"&".join(fields)
     whole = named(FORM, body)
-    form = FormOverrides(FORM, "POST")
+    form = FormOverrides(FormBody(FORM, ""), "POST")
     at = 0
     for cut in cuts:
         form.feed(body[at : at + cut])
@@ -156,3 +159,31 @@ def test_thousands_of_override_named_fields_are_refused_not_parsed():
 def test_tens_of_thousands_of_parts_are_refused():
     _, problem = named("multipart/form-data; boundary=b", b"--b\r\n\r\n\r\n" * 20_000)
     assert problem is not None and "parts" in problem
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "UTF-16BE", "utf-32", "cp037", "utf-7"])
+def test_a_form_in_a_charset_that_is_no_ascii_superset_is_read_decoded(charset):
+    body = "a=1&_method=DELETE&b=2".encode(charset)
+    if charset == "utf-7":
+        body = b"a=1&+AF8-method=DELETE&b=2"  # `_` spelled in UTF-7's base64
+    assert named(f"{FORM}; charset={charset}", body, 3) == (["DELETE"], None)
+
+
+def test_utf_16_without_a_byte_order_mark_is_read_big_endian_as_java_reads_it():
+    body = "_method=DELETE".encode("utf-16-be")
+    assert named(f"{FORM}; charset=UTF-16", body, 5) == (["DELETE"], None)
+
+
+def test_a_form_in_a_charset_the_gateway_cannot_read_is_refused():
+    _, problem = named(f"{FORM}; charset=x-no-such", b"a=1")
+    assert problem is not None and "charset" in problem
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP, identity"])
+def test_a_compressed_form_is_refused(encoding):
+    _, problem = named(FORM, b"\x1f\x8b...", encoding=encoding)
+    assert problem is not None and "Content-Encoding" in problem
+
+
+def test_an_identity_encoded_form_is_read():
+    assert named(FORM, b"_method=DELETE", encoding="identity") == (["DELETE"], None)
