@@ -74,8 +74,10 @@ MAX_HELD_BODY = 1 << 20
 # Body bytes queued for streams whose upstream connection is being made, before the
 # client is not read until it is (HeadLimitedHttpLayer.read_hold).
 MAX_QUEUED_BODY = 1 << 20
-# Form bodies' bytes a connection keeps until each is read (_FormBody), in all.
-MAX_KEPT_FORMS = 1 << 20
+# Form bodies' bytes a connection keeps until each is read (_FormBody), in all: as
+# much as one form, and as the front door's connection keeps (a sandbox's connections
+# together: their cap times this).
+MAX_KEPT_FORMS = 256 << 10
 
 
 class CountingTCPLayer(layers.TCPLayer):

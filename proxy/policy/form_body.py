@@ -68,30 +68,42 @@ _SEPARATOR = re.compile(rb"[&;]")  # Rack and PHP split at '&', some parsers at 
 # Fields that hold `method`, or parts, a body may have: past either it is refused (no
 # honest form has thousands, and each costs a look in Python).
 _MOST_CANDIDATES = 10_000
+# A form in a charset that is no ASCII superset is read whole: at most this much of it
+# (none honest is larger; past it, it is refused).
+_MOST_DECODED = 64 << 10
 _MOST_PARTS = 10_000
 # Kept of a name after its lead: an override's name escaped is at most 3 x 22 bytes; a
 # longer first run is none. Kept of a value: a method and blanks around it.
 _MOST_NAME = 128
 _MOST_VALUE = 256
 _MOST_PART_HEAD = 8192  # a multipart part's header section
-_CHARSET = re.compile(r'(?i)charset\s*=\s*"?([^";,\s]+)')
+_CHARSET = re.compile(r'(?i)charset\s*=\s*"?([^";,\s]+)')  # anywhere in the Content-Type
 # Charsets in which every byte under 0x80 is that ASCII character: read as they come.
 _ASCII_CHARSETS = frozenset(
     """utf-8 utf8 us-ascii ascii iso-8859-1 iso8859-1 latin1 latin-1 l1 windows-1252 cp1252
     iso-8859-15 iso-8859-2""".split()  # noqa: SIM905 (a table)
 )
-_BOUNDARY = re.compile(r'(?i)boundary\s*=\s*(?:"([^"]+)"|([^;,\s"]+))')
+# A Content-Type's boundary parameter, quoted (escapes and all) or not.
+_BOUNDARY = re.compile(r'(?i)boundary\s*=\s*("(?:[^"\\]|\\.)*"?|[^;,\s"]*)')
+# What servers split or unescape a quoted boundary at, otherwise than each other: Rack
+# cuts it at `;` and `,`, WHATWG's parser (undici: Hono) reads `\x` as `x` (a red team,
+# session 53). Honest clients' boundaries are letters, digits and `-`.
+_AMBIGUOUS_BOUNDARY = re.compile(r'[\\;,"\s]')
 # A part's name, as Content-Disposition gives it (`name="x"`, `name=x`, RFC 5987's
 # `name*=UTF-8''x`); `filename` is not matched (`\b`).
-_PART_NAME = re.compile(rb'(?i)\bname(\*?)\s*=\s*(?:"((?:[^"\\\r\n]|\\.)*)"|([^;\r\n]*))')
+_PART_NAME = re.compile(
+    rb"""(?i)\bname(\*?)\s*=\s*(?:"((?:[^"\\\r\n]|\\.)*)"|'([^'\r\n]*)'|([^;\r\n]*))"""
+)  # quoted in either quotes (PHP takes '...'), or bare
 _PART_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# Rack names a part without a Content-Disposition name by its Content-ID.
+_CONTENT_ID = re.compile(rb"(?im)^content-id\s*:\s*([^\r\n]*)")
 _ESCAPED_CHARACTER = re.compile(rb"\\(.)")
 
 Found = Callable[[bytes, bytes], None]  # (a field's name, its value), both as sent
 
 # A form body that declares at most this many bytes is read whole before any of its
 # request goes upstream (the module docstring).
-WHOLE_FORM = 1 << 20
+WHOLE_FORM = 256 << 10
 
 
 class FormOverrides:
@@ -110,21 +122,21 @@ class FormOverrides:
         self._readers = self._readers_for(content_type)
         # A form in a charset that is no superset of ASCII (UTF-16, EBCDIC's cp037,
         # UTF-7's `+AF8-`): Jetty decodes the body in it before it splits the fields
-        # (a red team, session 53). It is read decoded too.
-        self._charset: str | None = None  # its name; its decoder made at the first bytes
-        self._decoder = None
-        self._decoded_readers: list[_Urlencoded | _Multipart] = []
-        charset = _CHARSET.search(content_type)
-        if charset is not None and charset[1].lower() not in _ASCII_CHARSETS:
+        # (a red team, session 53). It is read whole and decoded too, in each charset the
+        # Content-Type may be read to name (a `charset=` inside another parameter's
+        # name or quoted value too: servers' parsers differ).
+        self._decoded: list[_Decoded] = []
+        charsets = {name.lower(): name for name in _CHARSET.findall(content_type)}
+        unusual = [name for lower, name in charsets.items() if lower not in _ASCII_CHARSETS]
+        if len(unusual) > 2:
+            self._refuse(f"a Content-Type naming {len(unusual)} charsets")
+        for name in unusual[:2]:
             try:
-                codecs.lookup(charset[1])
+                codecs.lookup(name)
             except LookupError:
-                self._refuse(
-                    f"a form body in charset {charset[1][:40]!r}, which the gateway cannot read"
-                )
+                self._refuse(f"a form body in charset {name[:40]!r}, which the gateway cannot read")
             else:
-                self._charset = charset[1]
-                self._decoded_readers = self._readers_for(content_type)
+                self._decoded.append(_Decoded(name, self._readers_for(content_type)))
         # A compressed form: servers that inflate a body before they read it (Express's
         # body-parser does by default) read fields the gateway would not see (a red
         # team, session 53).
@@ -135,47 +147,67 @@ class FormOverrides:
             )
 
     def _readers_for(self, content_type: str) -> list[_Urlencoded | _Multipart]:
-        boundaries = [q or b for q, b in _BOUNDARY.findall(content_type)]
-        readers: list[_Urlencoded | _Multipart] = [
-            _Multipart(b.encode("latin-1"), self._named, self._refuse) for b in boundaries
-        ]
-        if not boundaries or "urlencoded" in content_type.lower():
+        """A multipart reader for its boundary, else an urlencoded one. One boundary,
+        named once: servers take the first of several or refuse a second, and PHP
+        takes whatever follows the first `boundary` anywhere in the Content-Type and
+        the `=` after it (`boundaryx=a; boundary=b` is `a` to PHP, `b` to others)."""
+        readers: list[_Urlencoded | _Multipart] = []
+        boundaries = _BOUNDARY.findall(content_type)
+        named = content_type.lower().count("boundary")
+        if named > 1 or (named and len(boundaries) != 1):
+            self._refuse("a Content-Type naming a multipart boundary more than once or obliquely")
+        elif boundaries:
+            boundary = boundaries[0]
+            if boundary.startswith('"'):
+                boundary = boundary[1:].removesuffix('"')
+            if _AMBIGUOUS_BOUNDARY.search(boundary):
+                self._refuse(
+                    f"a multipart boundary {boundary[:80]!r} that servers read otherwise "
+                    "than each other (quoted with a backslash, ';', ',' or a blank)"
+                )
+            elif boundary:
+                readers.append(_Multipart(boundary.encode("latin-1"), self._named, self._refuse))
+        if not readers or "urlencoded" in content_type.lower():
             readers.append(_Urlencoded(self._named, self._refuse))
         return readers
 
     def feed(self, data: bytes) -> None:
         for reader in self._readers:
             reader.feed(data)
-        if self._decoded_readers:
-            self._feed_decoded(data, final=False)
+        for decoded in self._decoded:
+            decoded.body += data
+            if len(decoded.body) > _MOST_DECODED:
+                self._refuse(
+                    f"a form body in charset {decoded.charset!r} over {_MOST_DECODED} bytes"
+                )
+                decoded.body.clear()
 
     def end(self) -> None:
         self.ended = True
-        if self._decoded_readers:
-            self._feed_decoded(b"", final=True)
-            for reader in self._decoded_readers:
-                reader.end()
+        for decoded in self._decoded:
+            self._read_decoded(decoded)
         for reader in self._readers:
             reader.end()
 
-    def _feed_decoded(self, data: bytes, final: bool) -> None:
-        if self._decoder is None:
-            # UTF-16 and UTF-32 without a byte order mark are big-endian to Java;
-            # Python's codecs want the mark.
-            name = codecs.lookup(self._charset).name
-            if name in ("utf-16", "utf-32") and not data.startswith(
-                (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-            ):
-                name += "-be"
-            self._decoder = codecs.getincrementaldecoder(name)(errors="replace")
-        try:
-            text = self._decoder.decode(data, final).lstrip("\ufeff")
-        except (UnicodeError, ValueError) as e:
-            self._refuse(f"a form body that cannot be read in charset {self._charset!r}: {e}")
-            self._decoded_readers = []
-            return
-        for reader in self._decoded_readers:
-            reader.feed(text.encode("utf-8", "surrogatepass"))
+    def _read_decoded(self, decoded: _Decoded) -> None:
+        """A form in a charset that is no ASCII superset, read whole as servers read
+        it: decoded, then split (Jetty's UTF-16), and split at the ASCII `&`, `;` and
+        `=` bytes, then each name and value decoded (Jetty's other charsets)."""
+        body, charset = bytes(decoded.body), codecs.lookup(decoded.charset).name
+        if charset in ("utf-16", "utf-32") and not body.startswith(
+            (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+        ):
+            charset += "-be"  # Java reads UTF-16 and UTF-32 without a mark big-endian
+        text = body.decode(charset, "replace").lstrip("\ufeff").encode("utf-8", "surrogatepass")
+        for reader in decoded.readers:
+            reader.feed(text)
+            reader.end()
+        for field in _SEPARATOR.split(body):
+            key, equals, value = field.partition(b"=")
+            if equals and (named := method_override(
+                key.decode(charset, "replace"), value.decode(charset, "replace"), self.method
+            )) is not None:  # fmt: skip
+                self.found.append((f"the form body's {named[0]}", "method", named[1]))
 
     def _named(self, key: bytes, value: bytes) -> None:
         named = method_override(key.decode("latin-1"), value.decode("latin-1"), self.method)
@@ -185,6 +217,15 @@ class FormOverrides:
     def _refuse(self, why: str) -> None:
         if self.problem is None:
             self.problem = why
+
+
+class _Decoded:
+    """A form in a charset that is no ASCII superset (FormOverrides): the body, kept
+    (at most _MOST_DECODED bytes), and the readers of it decoded."""
+
+    def __init__(self, charset: str, readers: list):
+        self.charset, self.readers = charset, readers
+        self.body = bytearray()
 
 
 def _compact(name: bytes) -> bytes:
@@ -328,6 +369,12 @@ class _Multipart:
                         self._buffer.clear()
                         self._state = self._CONTENT
                     return
+                if end[0] != b"\r\n\r\n" and b"\r\n\r\n" in data[end.end() : at + _MOST_PART_HEAD]:
+                    # Rack and undici end a header section at the first CRLF CRLF only.
+                    self._refuse(
+                        "a multipart part whose header section ends at a bare LF blank "
+                        "line before a CRLF one (servers end it at either)"
+                    )
                 head, at = data[at : end.end()], end.end()
                 self._part(head)
                 continue
@@ -362,10 +409,16 @@ class _Multipart:
         self._state = self._CONTENT
         if not _CANDIDATE.search(head):
             return
-        for star, quoted, bare in _PART_NAME.findall(head):
-            name = _ESCAPED_CHARACTER.sub(rb"\1", quoted) if quoted else bare.strip()
+        names = []
+        for star, quoted, single, bare in _PART_NAME.findall(head):
             if star:  # RFC 5987: charset'language'escaped
-                name = name.rpartition(b"'")[2]
+                names.append((quoted or single or bare).rpartition(b"'")[2].strip())
+            elif quoted or single:
+                names.append(_ESCAPED_CHARACTER.sub(rb"\1", quoted) if quoted else single)
+            else:  # as written, and to its first blank (PHP ends it there)
+                names += [bare.strip(), *bare.split()[:1]]
+        names += [found.strip().strip(b"<>") for found in _CONTENT_ID.findall(head)]
+        for name in names:
             if override_name(_compact(name).decode("latin-1")) is not None:
                 self._state, self._key = self._VALUE, _compact(name)
                 return

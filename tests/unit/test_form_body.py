@@ -166,7 +166,25 @@ def test_a_form_in_a_charset_that_is_no_ascii_superset_is_read_decoded(charset):
     body = "a=1&_method=DELETE&b=2".encode(charset)
     if charset == "utf-7":
         body = b"a=1&+AF8-method=DELETE&b=2"  # `_` spelled in UTF-7's base64
-    assert named(f"{FORM}; charset={charset}", body, 3) == (["DELETE"], None)
+    found, problem = named(f"{FORM}; charset={charset}", body, 3)
+    assert set(found) == {"DELETE"} and problem is None
+
+
+def test_a_form_split_at_ascii_bytes_and_decoded_by_token_is_read():
+    """Jetty splits a form in another charset at the ASCII `&` and `=` bytes, then
+    decodes each name and value (`_method` in EBCDIC, then an ASCII `=`)."""
+    body = "_method".encode("cp037") + b"=" + "DELETE".encode("cp037")
+    found, problem = named(f"{FORM}; charset=IBM037", body)
+    assert set(found) == {"DELETE"} and problem is None
+
+
+@pytest.mark.parametrize(
+    "decoy", ["xcharset=utf-8; charset=UTF-16", 'a="charset=utf-8"; charset=UTF-16']
+)
+def test_a_charset_named_after_a_decoy_is_read(decoy):
+    body = "_method=DELETE".encode("utf-16-be")
+    found, problem = named(f"{FORM}; {decoy}", body)
+    assert set(found) == {"DELETE"} and problem is None
 
 
 def test_utf_16_without_a_byte_order_mark_is_read_big_endian_as_java_reads_it():
@@ -187,3 +205,30 @@ def test_a_compressed_form_is_refused(encoding):
 
 def test_an_identity_encoded_form_is_read():
     assert named(FORM, b"_method=DELETE", encoding="identity") == (["DELETE"], None)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        'multipart/form-data; boundary="a;b"',  # Rack cuts it at `;`
+        'multipart/form-data; boundary="a,b"',
+        'multipart/form-data; boundary="a\\"b"',  # WHATWG unescapes it
+        'multipart/form-data; boundary="a\\b"',
+        'multipart/form-data; boundary="a b"',
+        "multipart/form-data; boundary=a; boundary=b",  # Rack refuses, WHATWG takes the first
+    ],
+)
+def test_a_boundary_servers_read_otherwise_than_each_other_is_refused(content_type):
+    _, problem = named(content_type, b"--a\r\n\r\nx\r\n--a--")
+    assert problem is not None and "boundar" in problem
+
+
+def test_a_part_named_by_its_content_id_is_read():
+    body = b"--XyZ\r\nContent-ID: _method\r\n\r\nDELETE\r\n--XyZ--\r\n"
+    assert named("multipart/form-data; boundary=XyZ", body) == (["DELETE"], None)
+
+
+def test_a_header_section_ended_by_a_bare_lf_before_a_crlf_one_is_refused():
+    body = b'--XyZ\r\nX-A: b\n\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XyZ--'
+    _, problem = named("multipart/form-data; boundary=XyZ", body)
+    assert problem is not None and "bare LF" in problem
