@@ -18,7 +18,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(curl dnsutils socat iputils-ping prometheus chromium chromium-driver)  # chromium: the approvals page test (Selenium)
   packages+=(strace)  # a kill at a chosen step of a run (test_crash_points: a delay injected on a syscall)
   packages+=(tmux)  # a real terminal emulator: what the task summary looks like after a hostile task (test_output_injection)
-  packages+=(php-cli)  # a server that reads method overrides in PHP's spellings (test_method_override_php)
+  packages+=(php-cli)  # a server that reads method overrides in PHP's spellings (test_method_override_php, test_form_override_php)
   packages+=(mercurial)  # the host's `hg status` in a workspace the task left (test_workspace_planting_hg)
   packages+=(haproxy)  # an SNI router in front of two tenants at one address (test_sni_routers)
   packages+=(python3-h2)  # an HTTP/2 client sending fields as given, in the sandbox (test_host_router)
@@ -27,7 +27,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(git)  # git http-backend behind Apache, a real git server (test_git_repository_stems)
   # frameworks that give a handler other names (test_framework_suffixes): Spring MVC on Jetty, Rails
   packages+=(libjetty9-java libspring-web-servlet-java ruby ruby-actionpack ruby-webrick)
-  # a Symfony front controller (test_php_front_controller), ActiveRecord ids on SQLite (test_number_spellings)
+  # a Symfony front controller (test_php_front_controller, test_form_override_php), ActiveRecord ids on SQLite (test_number_spellings)
   packages+=(php-symfony-http-foundation php-symfony-routing ruby-activerecord ruby-sqlite3)
   command -v npm >/dev/null || packages+=(npm)  # Fastify, a router that folds Unicode case (test_unicode_case_routers)
   # handlers by other names: CherryPy's punctuation, Pyramid's views, Falcon's sinks, Plack's
@@ -82,6 +82,11 @@ fi
 # Hono's methodOverride, which reads a PUT's form too (test_form_method_overrides)
 if [[ "${1:-}" == "--test" && ! -d .venv/node/node_modules/@hono/node-server ]]; then
   npm install --silent --no-audit --no-fund --prefix .venv/node hono@4 @hono/node-server@1 >/dev/null
+fi
+# Express with body-parser, which inflates a gzip/deflate form before method-override
+# reads its _method (test_form_override_compressed)
+if [[ "${1:-}" == "--test" && ! -d .venv/node/node_modules/method-override ]]; then
+  npm install --silent --no-audit --no-fund --prefix .venv/node express@4 body-parser@2 method-override@3 >/dev/null
 fi
 # A package index in the fake internet (test_index_name_redirects), in a venv of its own:
 # pypiserver needs a newer pip than .venv's, and test_wheel's fresh venv sees .venv's packages.

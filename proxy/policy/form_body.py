@@ -30,7 +30,9 @@ and only fields that may name an override are parsed.
 from __future__ import annotations
 
 import codecs
+import functools
 import re
+import string
 from collections.abc import Callable
 
 from .request_head import QUERY_METHOD_NAMES, FormBody, method_override, override_name
@@ -78,12 +80,20 @@ _MOST_NAME = 128
 _MOST_VALUE = 256
 _MOST_PART_HEAD = 8192  # a multipart part's header section
 _CHARSET = re.compile(r'(?i)charset\s*=\s*"?([^";,\s]+)')  # anywhere in the Content-Type
-# Charsets in which every byte under 0x80 is that ASCII character: read as they come.
-_ASCII_CHARSETS = frozenset(
-    """utf-8 utf8 us-ascii ascii iso-8859-1 iso8859-1 latin1 latin-1 l1 windows-1252 cp1252
-    iso-8859-15 iso-8859-2""".split()  # noqa: SIM905 (a table)
-)
-# A Content-Type's boundary parameter, quoted (escapes and all) or not.
+
+
+@functools.lru_cache(maxsize=64)
+def _ascii_transparent(charset: str) -> bool:
+    """Whether a form in `charset` holds the ASCII of its names, `=` and `&` as ASCII
+    bytes (UTF-8, Latin-1, windows-1251, Shift_JIS, GBK: read as they come): not
+    UTF-16, EBCDIC or UTF-7 (whose `+` is no `+`), read decoded."""
+    try:
+        return _PROBE.encode(charset) == _PROBE.encode("ascii")
+    except (LookupError, UnicodeError, TypeError, ValueError):
+        return False
+
+
+_PROBE = "_method=DELETE&x;%20+[]" + string.ascii_letters + string.digits + "-."
 _BOUNDARY = re.compile(r'(?i)boundary\s*=\s*("(?:[^"\\]|\\.)*"?|[^;,\s"]*)')
 # What servers split or unescape a quoted boundary at, otherwise than each other: Rack
 # cuts it at `;` and `,`, WHATWG's parser (undici: Hono) reads `\x` as `x` (a red team,
@@ -96,7 +106,7 @@ _PART_NAME = re.compile(
 )  # quoted in either quotes (PHP takes '...'), or bare
 _PART_HEAD_END = re.compile(rb"\r?\n\r?\n")
 # Rack names a part without a Content-Disposition name by its Content-ID.
-_CONTENT_ID = re.compile(rb"(?im)^content-id\s*:\s*([^\r\n]*)")
+_CONTENT_ID = re.compile(rb"(?i)content-id\s*:\s*([^\r\n]*)")  # anywhere, as Rack's
 _ESCAPED_CHARACTER = re.compile(rb"\\(.)")
 
 Found = Callable[[bytes, bytes], None]  # (a field's name, its value), both as sent
@@ -127,13 +137,15 @@ class FormOverrides:
         # name or quoted value too: servers' parsers differ).
         self._decoded: list[_Decoded] = []
         charsets = {name.lower(): name for name in _CHARSET.findall(content_type)}
-        unusual = [name for lower, name in charsets.items() if lower not in _ASCII_CHARSETS]
+        unusual = [name for name in charsets.values() if not _ascii_transparent(name)]
         if len(unusual) > 2:
             self._refuse(f"a Content-Type naming {len(unusual)} charsets")
         for name in unusual[:2]:
             try:
-                codecs.lookup(name)
+                text = codecs.lookup(name)._is_text_encoding
             except LookupError:
+                text = False
+            if not text:
                 self._refuse(f"a form body in charset {name[:40]!r}, which the gateway cannot read")
             else:
                 self._decoded.append(_Decoded(name, self._readers_for(content_type)))
@@ -147,17 +159,20 @@ class FormOverrides:
             )
 
     def _readers_for(self, content_type: str) -> list[_Urlencoded | _Multipart]:
-        """A multipart reader for its boundary, else an urlencoded one. One boundary,
-        named once: servers take the first of several or refuse a second, and PHP
-        takes whatever follows the first `boundary` anywhere in the Content-Type and
-        the `=` after it (`boundaryx=a; boundary=b` is `a` to PHP, `b` to others)."""
+        """A multipart reader for its boundary, else an urlencoded one. One boundary
+        parameter, and the first `boundary` of the Content-Type: servers take the first
+        of several or refuse a second, and PHP takes whatever follows the first
+        `boundary` anywhere and the `=` after it (`boundaryx=a; boundary=b` is `a` to
+        PHP, `b` to others; a browser's value `----WebKitFormBoundary...` comes after)."""
         readers: list[_Urlencoded | _Multipart] = []
-        boundaries = _BOUNDARY.findall(content_type)
-        named = content_type.lower().count("boundary")
-        if named > 1 or (named and len(boundaries) != 1):
+        boundaries = list(_BOUNDARY.finditer(content_type))
+        first = content_type.lower().find("boundary")
+        if len(boundaries) > 1 or (
+            first >= 0 and (not boundaries or boundaries[0].start() != first)
+        ):
             self._refuse("a Content-Type naming a multipart boundary more than once or obliquely")
         elif boundaries:
-            boundary = boundaries[0]
+            boundary = boundaries[0][1]
             if boundary.startswith('"'):
                 boundary = boundary[1:].removesuffix('"')
             if _AMBIGUOUS_BOUNDARY.search(boundary):
@@ -359,22 +374,22 @@ class _Multipart:
                     self._buffer.clear()
                 end = _PART_HEAD_END.search(data, at, at + _MOST_PART_HEAD)
                 if end is None:
-                    self._buffer += data[at : at + _MOST_PART_HEAD + 1]
-                    self._carried = b""
-                    if len(self._buffer) > _MOST_PART_HEAD:
-                        if not self._buffer.startswith(b"--"):  # (the epilogue: no part)
-                            self._refuse(
-                                f"a multipart part's header section is over {_MOST_PART_HEAD} bytes"
-                            )
-                        self._buffer.clear()
+                    if len(data) - at <= _MOST_PART_HEAD:  # it may end in a later chunk
+                        self._buffer += data[at:]
+                        self._carried = b""
+                        return
+                    if data.startswith(b"--", at):  # after a closing delimiter: no part
                         self._state = self._CONTENT
-                    return
-                if end[0] != b"\r\n\r\n" and b"\r\n\r\n" in data[end.end() : at + _MOST_PART_HEAD]:
-                    # Rack and undici end a header section at the first CRLF CRLF only.
+                        continue
                     self._refuse(
-                        "a multipart part whose header section ends at a bare LF blank "
-                        "line before a CRLF one (servers end it at either)"
+                        f"a multipart part's header section is over {_MOST_PART_HEAD} bytes"
                     )
+                    return
+                if end[0] != b"\r\n\r\n":
+                    # Rack and undici end a header section at the first CRLF CRLF only,
+                    # PHP at a bare LF's blank line too: a part whose names differ.
+                    self._refuse("a multipart part's header section not ended by CRLF CRLF")
+                    return
                 head, at = data[at : end.end()], end.end()
                 self._part(head)
                 continue
@@ -407,7 +422,7 @@ class _Multipart:
         if self._parts > _MOST_PARTS:
             self._refuse(f"more than {_MOST_PARTS} multipart parts")
         self._state = self._CONTENT
-        if not _CANDIDATE.search(head):
+        if not _CANDIDATE.search(head.replace(b"\\", b"")):  # (`"_m\ethod"` is `_method`)
             return
         names = []
         for star, quoted, single, bare in _PART_NAME.findall(head):

@@ -79,7 +79,6 @@ MULTIPARTS = [
     (part(b'"x"; filename="_method"', b"DELETE"), []),  # a file's name, not the field's
     (part(b'"_method"', b"POST"), []),
     (part(b'"\\_method"', b"DELETE"), ["DELETE"]),  # a quoted-string's escape
-    (b"--b\nContent-Disposition: form-data; name=_method\n\nDELETE\n--b--", ["DELETE"]),
     (part(b'"a"', b"x" * 100_000) + part(b'"_method"', b"DELETE"), ["DELETE"]),
     (part(b'"_method"', b"DELETE"), ["DELETE"]),  # no closing delimiter
 ]
@@ -88,8 +87,7 @@ MULTIPARTS = [
 @pytest.mark.parametrize(("body", "expected"), MULTIPARTS)
 @pytest.mark.parametrize("chunk", [0, 1, 5, 4096])
 def test_a_multipart_body_names_its_overrides_in_any_chunks(body, expected, chunk):
-    content_type = MULTIPART if b"--b\n" not in body else "multipart/form-data; boundary=b"
-    assert named(content_type, body, chunk) == (expected, None)
+    assert named(MULTIPART, body, chunk) == (expected, None)
 
 
 def test_a_multipart_name_in_rfc_5987_form_is_read():
@@ -228,7 +226,45 @@ def test_a_part_named_by_its_content_id_is_read():
     assert named("multipart/form-data; boundary=XyZ", body) == (["DELETE"], None)
 
 
-def test_a_header_section_ended_by_a_bare_lf_before_a_crlf_one_is_refused():
-    body = b'--XyZ\r\nX-A: b\n\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XyZ--'
-    _, problem = named("multipart/form-data; boundary=XyZ", body)
-    assert problem is not None and "bare LF" in problem
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'--XyZ\r\nX-A: b\n\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XyZ--',
+        b"--XyZ\nContent-Disposition: form-data; name=_method\n\nDELETE\n--XyZ--",
+    ],
+    ids=["bare-lf-before-crlf", "lf-only"],
+)
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_a_header_section_not_ended_by_crlf_crlf_is_refused(body, chunk):
+    """Rack and undici end a part's header section at the first CRLF CRLF only, PHP
+    at a bare LF's blank line too: the names they read differ."""
+    _, problem = named("multipart/form-data; boundary=XyZ", body, chunk)
+    assert problem is not None and "CRLF CRLF" in problem
+
+
+def test_a_browser_boundary_holding_the_word_is_read():
+    body = b'------WebKitFormBoundaryAbC\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n------WebKitFormBoundaryAbC--'
+    content_type = "multipart/form-data; boundary=----WebKitFormBoundaryAbC"
+    assert named(content_type, body) == (["DELETE"], None)
+
+
+def test_parts_after_a_closing_delimiter_and_padding_are_read():
+    body = (
+        b"--XyZ\r\n\r\nx\r\n--XyZ--" + b"p" * 9000
+        + b'\r\n--XyZ\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--XyZ--'
+    )  # fmt: skip
+    assert named("multipart/form-data; boundary=XyZ", body) == (["DELETE"], None)
+
+
+@pytest.mark.parametrize(
+    "head", [b"X-Content-ID: _method", b'Content-Disposition: form-data; name="_m\\ethod"']
+)
+def test_a_part_named_as_rack_reads_it_is_read(head):
+    body = b"--XyZ\r\n" + head + b"\r\n\r\nDELETE\r\n--XyZ--"
+    assert named("multipart/form-data; boundary=XyZ", body) == (["DELETE"], None)
+
+
+@pytest.mark.parametrize("charset", ["windows-1251", "shift_jis", "gbk", "euc-kr"])
+def test_a_long_form_in_an_ascii_superset_charset_is_read_as_it_comes(charset):
+    body = b"x=" + b"a" * 100_000 + b"&_method=DELETE"
+    assert named(f"{FORM}; charset={charset}", body, 4096) == (["DELETE"], None)
