@@ -70,16 +70,17 @@ _SEPARATOR = re.compile(rb"[&;]")  # Rack and PHP split at '&', some parsers at 
 # Fields that hold `method`, or parts, a body may have: past either it is refused (no
 # honest form has thousands, and each costs a look in Python).
 _MOST_CANDIDATES = 10_000
+_MOST_PARTS = 10_000
 # A form in a charset that is no ASCII superset is read whole: at most this much of it
 # (none honest is larger; past it, it is refused).
 _MOST_DECODED = 64 << 10
-_MOST_PARTS = 10_000
 # Kept of a name after its lead: an override's name escaped is at most 3 x 22 bytes; a
 # longer first run is none. Kept of a value: a method and blanks around it.
 _MOST_NAME = 128
 _MOST_VALUE = 256
 _MOST_PART_HEAD = 8192  # a multipart part's header section
 _CHARSET = re.compile(r'(?i)charset\s*=\s*"?([^";,\s]+)')  # anywhere in the Content-Type
+_PROBE = "_method=DELETE&x;%20+[]" + string.ascii_letters + string.digits + "-."
 
 
 @functools.lru_cache(maxsize=64)
@@ -93,7 +94,6 @@ def _ascii_transparent(charset: str) -> bool:
         return False
 
 
-_PROBE = "_method=DELETE&x;%20+[]" + string.ascii_letters + string.digits + "-."
 _BOUNDARY = re.compile(r'(?i)boundary\s*=\s*("(?:[^"\\]|\\.)*"?|[^;,\s"]*)')
 # What servers split or unescape a quoted boundary at, otherwise than each other: Rack
 # cuts it at `;` and `,`, WHATWG's parser (undici: Hono) reads `\x` as `x` (a red team,
@@ -130,11 +130,11 @@ class FormOverrides:
         self.ended = False  # all of the body has been read
         content_type = form.content_type
         self._readers = self._readers_for(content_type)
-        # A form in a charset that is no superset of ASCII (UTF-16, EBCDIC's cp037,
-        # UTF-7's `+AF8-`): Jetty decodes the body in it before it splits the fields
-        # (a red team, session 53). It is read whole and decoded too, in each charset the
-        # Content-Type may be read to name (a `charset=` inside another parameter's
-        # name or quoted value too: servers' parsers differ).
+        # A form in a charset that does not hold ASCII as ASCII (UTF-16, EBCDIC's
+        # cp037, UTF-7's `+AF8-`): Jetty decodes the body in it before it splits the
+        # fields (a red team, session 53). It is read whole and decoded too, in each
+        # charset the Content-Type may be read to name (a `charset=` inside another
+        # parameter's name or quoted value too: servers' parsers differ).
         self._decoded: list[_Decoded] = []
         charsets = {name.lower(): name for name in _CHARSET.findall(content_type)}
         unusual = [name for name in charsets.values() if not _ascii_transparent(name)]
