@@ -95,8 +95,9 @@ def assert_nothing_left(fakenet, run_dir: Path, run_ids: list[str]) -> None:
 def assert_first_use_made_once(state_dir: Path, workspaces: int) -> None:
     """One gateway CA (every task trusted the CA its gateway signed with: the api
     requests passed), one seccomp program, one file of dataclass methods
-    (enforcer/dataclass_cache.py) and one compiled policy (enforcer/policy_cache.py:
-    every run had the same rules) in the cache, and one kept walk of each run's
+    (enforcer/dataclass_cache.py), one compiled policy (enforcer/policy_cache.py:
+    every run had the same rules) and one Java truststore of the CA bundle
+    (enforcer/java_truststore.py) in the cache, and one kept walk of each run's
     workspace (planting.keep); no half-written files."""
     ca = sorted(p.name for p in (state_dir / "ca").iterdir())
     assert "mitmproxy-ca.pem" in ca and not [n for n in ca if n.endswith(".partial")], ca
@@ -104,8 +105,8 @@ def assert_first_use_made_once(state_dir: Path, workspaces: int) -> None:
     walks = [n for n in cache if n.startswith("walk-") and n.endswith(".json")]
     assert len(walks) == workspaces, cache
     made = [n for n in cache if n not in walks]
-    assert len(made) == 3, cache  # none of the writers' temporaries (.NAME.PID) left
-    assert [n.split("-")[0] for n in made] == ["dataclass", "policy", "seccomp"], cache
+    assert len(made) == 4, cache  # none of the writers' temporaries (.NAME.PID) left
+    assert [n.split("-")[0] for n in made] == ["dataclass", "java", "policy", "seccomp"], cache
 
 
 @pytest.mark.parametrize("host", ["fresh", "warm"])
