@@ -1199,7 +1199,7 @@ class ConnectionGate:
         form: FormOverrides,
         tls: bool,
     ) -> Decision | None:
-        """What an allowed POST's form body has said so far (`form`, which the adapter
+        """What an allowed request's form body has said so far (`form`, which the adapter
         feeds; form_body.py): None where each method override it names is allowed
         here too, as an override in the query or a header must be (`with_overrides`);
         else the denial (ambiguous_method; malformed_request where the body cannot be
