@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sandgate.enforcer.worker_approvals import WorkerApprovals
+from sandgate.proxy.dns.server import TCP_BACKLOG
+from sandgate.proxy.frontdoor.door import LISTEN_BACKLOG
 from sandgate.proxy.gateway import Listeners, SwapReport, policy_loaded, said, stamped
 from sandgate.proxy.gateway_ca import ca_cert_file
 from sandgate.proxy.policy import CompiledPolicy
@@ -82,7 +84,6 @@ from sandgate.proxy.worker_link import Link, LinkClosed, policy_payload
 
 log = logging.getLogger("sandgate.gateway")
 
-BACKLOG = 1024  # the front door's own default
 READY_TIMEOUT = 120.0  # a worker takes the policy (100k rules: ~2 s) and may start mitmproxy
 STEADY_S = 10.0  # a worker that lived this long died once: restart at once
 BACKOFF_MAX = 30.0
@@ -122,7 +123,7 @@ def make_listeners(host: str = "0.0.0.0") -> Listeners:
         frontdoor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         frontdoor.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         frontdoor.bind((host, 0))
-        frontdoor.listen(BACKLOG)
+        frontdoor.listen(LISTEN_BACKLOG)
         for _ in range(20):  # a free UDP port whose TCP twin is free too
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             made.append(udp)
@@ -134,7 +135,7 @@ def make_listeners(host: str = "0.0.0.0") -> Listeners:
                 tcp.bind((host, udp.getsockname()[1]))
             except OSError:
                 continue
-            tcp.listen(BACKLOG)
+            tcp.listen(TCP_BACKLOG)
             for sock in made:
                 if sock not in (frontdoor, udp, tcp):
                     sock.close()

@@ -40,6 +40,18 @@ log = logging.getLogger("sandgate.frontdoor")
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; Python's socket module lacks it
 ACCEPTS_PER_WAKEUP = 64
+# The listener's accept queue: as deep as the host allows (the kernel clamps it to
+# net.core.somaxconn, 4096 by default since Linux 5.4, as Go's net package asks).
+# Sandboxes connect within their `connection_rate`, whose burst is as large: 8 of
+# them at 200 refilled their buckets together and queued ~1,000 in 0.2 s while a
+# busy worker's turn ran long on CI, and a queue of 1024 then dropped the next SYN of
+# any sandbox (an honest request retried after a second). Room for 4096 holds the
+# bursts of 20 such sandboxes; a host with more a worker raises somaxconn.
+LISTEN_BACKLOG = 65535
+# A queue longer than this is a flood outrunning the worker's turns: a wake-up then
+# takes all of it (see `FrontDoor._accept`). Below it a wake-up takes at most
+# ACCEPTS_PER_WAKEUP, so a lone sandbox's burst waits in the queue, not refused.
+TAKE_WHOLE_PAST = 512
 # New connections set up (`FrontDoor._admit`: the gate's connect decision, then their
 # first bytes, upstream, relay in the turns that follow) per turn of the loop. What a
 # wake-up accepts past these waits in the intake (intake.py) and is set up in the
@@ -101,7 +113,7 @@ class FrontDoor:
         silence: float | None = 0.3,
         connect_timeout: float = 30.0,
         idle_timeout: float = 600.0,
-        backlog: int = 1024,
+        backlog: int = LISTEN_BACKLOG,
         approvals=None,
         resolve: Callable[[ConnState, str], Awaitable[str | Decision]] | None = None,
         descriptors: DescriptorReserve | None = None,
@@ -234,12 +246,13 @@ class FrontDoor:
         try:
             info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
             queued, bound = _TCP_INFO_QUEUE.unpack_from(info, 24)
-            # A queue past half its bound is a flood outrunning the worker's turns: a
-            # full queue drops the next SYN, any sandbox's (the client retries after a
+            # A queue past TAKE_WHOLE_PAST (or half its bound, on a host whose
+            # somaxconn is small) is a flood outrunning the worker's turns: a full
+            # queue drops the next SYN, any sandbox's (the client retries after a
             # second: CI saw an honest request take 1.4 s beside churning sandboxes).
             # Then this wake-up takes all of it, and the intake chooses whom to refuse
             # (the sandbox with the most waiting), with an event each.
-            if queued * 2 <= bound:
+            if queued <= min(TAKE_WHOLE_PAST, bound // 2):
                 # At least one: woken with a count of 0 (a moment's mismatch between
                 # the queue and its count), an accept that fails ends the wake-up,
                 # where accepting none would leave a readable listener waking the

@@ -39,6 +39,13 @@ queue (1024) and retried after a second. With two CPU burners beside the test, t
 gateway's namespace counted 25-27 ListenOverflows a run and an honest request took
 1.48 s; since a wake-up takes a queue past half full whole (door.py `_accept`, the
 intake refusing the flood's excess), 0 in 5 runs, max 0.53 s.
+
+CI later saw it again (9 SYNs dropped, an honest request 1.53 s): the churners' nft
+buckets (`connection_rate` 200, burst 200) refill while their dropped SYNs wait a
+second, and then burst together: the queue grew ~300 in 50 ms and reached 1025 over a
+0.18 s turn. Under two CPU burners 37 drops in 4 runs. The queue is now as deep as
+somaxconn (4096 here, door.py `LISTEN_BACKLOG`), still taken whole past 512: 0 in 4
+runs, max 0.39-0.71 s.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import socket
 
 import pytest
 from sandgate.proxy.frontdoor import poller
-from sandgate.proxy.frontdoor.door import Connection, FrontDoor
+from sandgate.proxy.frontdoor.door import TAKE_WHOLE_PAST, Connection, FrontDoor
 from sandgate.proxy.gate import ConnState
 from support.fakes import client_hello, make_gate
 
@@ -779,15 +779,55 @@ def _flood_and_one_more(port: int, flood: int) -> list[socket.socket]:
     return clients
 
 
-def test_an_accept_queue_past_half_full_is_taken_whole_and_the_flood_refused(gate):
-    """A flood that fills the kernel's accept queue past half its bound (a worker whose
-    turns it outran): one wake-up accepts all of it, where a full queue would drop the
-    next SYN of any sandbox. The intake refuses the flood's excess, each with its event;
-    the other source's connection is set up, not refused."""
-    backlog, flood = 128, 100  # past half the bound, and more than ACCEPTS_PER_WAKEUP
+def test_the_door_and_a_workers_listener_queue_as_many_as_the_host_allows(gate):
+    """The accept queue is as deep as net.core.somaxconn allows, not 1024: sandboxes'
+    `connection_rate` bursts refilled together filled 1024 while a busy worker's turn
+    ran long (CI: an honest SYN dropped, retried a second later)."""
+    from sandgate.enforcer.workers import make_listeners
+
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+
+    def bound(listener: socket.socket) -> int:
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        return int.from_bytes(info[28:32], "little")  # tcpi_sacked: sk_max_ack_backlog
 
     async def scenario():
-        door = await started(gate, ("169.254.169.254", 80), backlog=backlog)
+        door = await started(gate, ("169.254.169.254", 80))
+        try:
+            return bound(door._listener)
+        finally:
+            await door.stop()
+
+    listeners = make_listeners("127.0.0.1")
+    try:
+        worker_bound = bound(listeners.frontdoor)
+    finally:
+        for sock in (listeners.frontdoor, listeners.dns_udp, listeners.dns_tcp):
+            sock.close()
+    assert asyncio.run(scenario()) == worker_bound == min(somaxconn, 65535) > 1024
+
+
+@pytest.mark.parametrize(
+    ("backlog", "flood"),
+    [
+        # past half a small bound (a host whose somaxconn is 128), and more than
+        # ACCEPTS_PER_WAKEUP
+        pytest.param(128, 100, id="half-a-small-bound"),
+        # the door's own depth (somaxconn here: 4096): past TAKE_WHOLE_PAST, far from full
+        pytest.param(None, TAKE_WHOLE_PAST + 100, id="past-512-of-a-deep-queue"),
+    ],
+)
+def test_an_accept_queue_past_half_full_is_taken_whole_and_the_flood_refused(
+    gate, backlog, flood
+):
+    """A flood that fills the kernel's accept queue past TAKE_WHOLE_PAST, or half its
+    bound (a worker whose turns it outran): one wake-up accepts all of it, where a full
+    queue would drop the next SYN of any sandbox. The intake refuses the flood's excess,
+    each with its event; the other source's connection is set up, not refused."""
+    options = {} if backlog is None else {"backlog": backlog}
+
+    async def scenario():
+        door = await started(gate, ("169.254.169.254", 80), **options)
         counting = door._listener = CountingListener(door._listener)
         clients = _flood_and_one_more(door.port, flood)
         try:
