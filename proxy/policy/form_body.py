@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import codecs
 import functools
+import json
 import re
 import string
 from collections.abc import Callable
 
+from .model import HTTP_METHODS
 from .request_head import QUERY_METHOD_NAMES, FormBody, method_override, override_name
 
 # What a field's name may start with and still be an override's name (`override_name`
@@ -67,6 +69,27 @@ _OVERRIDE_FIELD = re.compile(
     + rb")(?:[=\[\]\x00]|%00|%5[bd]|$)"
 )
 _SEPARATOR = re.compile(rb"[&;]")  # Rack and PHP split at '&', some parsers at ';' too
+# `method` in a JSON body, in any spelling (JSON's `\u006d` escapes, and `%6d`, which
+# `override_name` reads): a body without it names no override. And a member whose
+# name is an override's, in any spelling, bare or quoted (JSON5 takes `{_method: ..}`).
+_JSON_CANDIDATE = re.compile(
+    rb"(?i)" + b"".join(rb"(?:%c|%%%02x|\\u00%02x)" % (c, c, c) for c in b"method")
+)
+_JSON_MEMBER = re.compile(
+    rb"(?i)(?:"
+    + b"|".join(
+        b"".join(rb"(?:%s|%%%02x|\\u00%02x)" % (re.escape(bytes([c])), c, c) for c in name.encode())
+        for name in sorted(QUERY_METHOD_NAMES | {"method"})
+    )
+    + rb")[\"']?\s*:"
+)
+# Kept across chunks to search on: the longest spelling of `method`, less one; of a
+# member's name (22 characters, each escaped) and its quote, with one blank for a run.
+_CANDIDATE_CARRY = 6 * 6 - 1
+_MEMBER_CARRY = 22 * 6 + 1
+_BLANKS = b" \t\n\r\f\v"
+# A JSON body is kept to be parsed whole where it holds `method`: at most this much.
+_MOST_JSON = 64 << 10
 # Fields that hold `method`, or parts, a body may have: past either it is refused (no
 # honest form has thousands, and each costs a look in Python).
 _MOST_CANDIDATES = 10_000
@@ -128,6 +151,7 @@ class FormOverrides:
         self.found: list[tuple[str, str, str]] = []
         self.problem: str | None = None
         self.ended = False  # all of the body has been read
+        self._unread = False  # a JSON body may name any method (`_any_method`)
         content_type = form.content_type
         self._readers = self._readers_for(content_type)
         # A form in a charset that does not hold ASCII as ASCII (UTF-16, EBCDIC's
@@ -151,20 +175,26 @@ class FormOverrides:
                 self._decoded.append(_Decoded(name, self._readers_for(content_type)))
         # A compressed form: servers that inflate a body before they read it (Express's
         # body-parser does by default) read fields the gateway would not see (a red
-        # team, session 53).
+        # team, session 53). A compressed JSON body (Koa's parser inflates it too) may
+        # name any method: refused only where the rules refuse one, as JSON APIs'
+        # clients do compress their bodies.
         if form.encoding.strip().lower() not in ("", "identity"):
-            self._refuse(
-                f"a form body with Content-Encoding {form.encoding[:40]!r}, which a server "
-                "may inflate and read as a form the gateway cannot"
-            )
+            if all(isinstance(reader, _Json) for reader in self._readers):
+                self._any_method(f"with Content-Encoding {form.encoding[:40]!r}, not inflated")
+                self._readers, self._decoded = [], []
+            else:
+                self._refuse(
+                    f"a form body with Content-Encoding {form.encoding[:40]!r}, which a "
+                    "server may inflate and read as a form the gateway cannot"
+                )
 
-    def _readers_for(self, content_type: str) -> list[_Urlencoded | _Multipart]:
+    def _readers_for(self, content_type: str) -> list[_Urlencoded | _Multipart | _Json]:
         """A multipart reader for its boundary, else an urlencoded one. One boundary
         parameter, and the first `boundary` of the Content-Type: servers take the first
         of several or refuse a second, and PHP takes whatever follows the first
         `boundary` anywhere and the `=` after it (`boundaryx=a; boundary=b` is `a` to
         PHP, `b` to others; a browser's value `----WebKitFormBoundary...` comes after)."""
-        readers: list[_Urlencoded | _Multipart] = []
+        readers: list[_Urlencoded | _Multipart | _Json] = []
         boundaries = list(_BOUNDARY.finditer(content_type))
         first = content_type.lower().find("boundary")
         if len(boundaries) > 1 or (
@@ -182,7 +212,10 @@ class FormOverrides:
                 )
             elif boundary:
                 readers.append(_Multipart(boundary.encode("latin-1"), self._named, self._refuse))
-        if not readers or "urlencoded" in content_type.lower():
+        lowered = content_type.lower()
+        if "json" in lowered:
+            readers.append(_Json(self._named, self._any_method))
+        if not readers or "urlencoded" in lowered:
             readers.append(_Urlencoded(self._named, self._refuse))
         return readers
 
@@ -232,6 +265,77 @@ class FormOverrides:
     def _refuse(self, why: str) -> None:
         if self.problem is None:
             self.problem = why
+
+    def _any_method(self, why: str) -> None:
+        """A JSON body the gateway cannot read as servers do may name any method: the
+        gate refuses it where the rules refuse one (an override of each is found)."""
+        if self._unread:
+            return
+        self._unread = True
+        where = f"the JSON body ({why}; a member may be named as a method override)"
+        self.found += [(where, "method", other) for other in sorted(HTTP_METHODS - {self.method})]
+
+
+class _Json:
+    """`{"_method": "DELETE"}`: Laravel and Lumen read a JSON body's members as a
+    form's (Illuminate's Request::getInputSource), whose `_method` Symfony's override
+    then takes; Koa's koa-methodoverride reads `request.body._method` whatever parsed
+    the body (the first of an array too). The body is kept, at most _MOST_JSON bytes,
+    and parsed whole at its end if `method` occurs in it in any spelling
+    (`_JSON_CANDIDATE`, searched at C speed as it comes): its top-level members are
+    read as a form's fields. A longer one, or one Python's json cannot parse (a
+    trailing comma, JSON5's bare names: parsers differ), where a member may be named
+    as an override (`_JSON_MEMBER`), may name any method (`any_method`)."""
+
+    def __init__(self, found: Found, any_method: Callable[[str], None]):
+        self._found, self._any_method = found, any_method
+        self._body: bytearray | None = bytearray()  # None: past _MOST_JSON
+        self._candidate = self._member = False  # found `method`, a member's name
+        self._carried = self._member_carried = b""
+
+    def feed(self, data: bytes) -> None:
+        if not self._candidate:
+            window = self._carried + data
+            self._candidate = _JSON_CANDIDATE.search(window) is not None
+            self._carried = window[-_CANDIDATE_CARRY:]
+        if not self._member:
+            window = self._member_carried + data
+            self._member = _JSON_MEMBER.search(window) is not None
+            # a run of blanks at the end, as one: a member's `:` may come after any
+            stripped = window.rstrip(_BLANKS)
+            self._member_carried = stripped[-_MEMBER_CARRY:] + window[len(stripped) :][:1]
+        if self._body is not None:
+            self._body += data
+            if len(self._body) > _MOST_JSON:
+                self._body = None
+
+    def end(self) -> None:
+        if not self._candidate:
+            return
+        if self._body is None:
+            if self._member:
+                self._any_method(f"over {_MOST_JSON} bytes, not parsed")
+            return
+        try:
+            members = json.loads(bytes(self._body), object_pairs_hook=_Members)
+        except (ValueError, RecursionError):
+            if self._member:
+                self._any_method("that the gateway cannot parse")
+            return
+        if not isinstance(members, _Members):
+            return  # an array or a scalar: it has no member
+        for name, value in members:
+            if isinstance(value, list) and value:  # Koa takes an array's first
+                value = value[0]
+            if isinstance(value, str):
+                self._found(
+                    name.encode("utf-8", "surrogatepass"), value.encode("utf-8", "surrogatepass")
+                )
+
+
+class _Members(list):
+    """A JSON object's members in order, each one (a name, a value): several of one
+    name are all read, whichever a server takes."""
 
 
 class _Decoded:

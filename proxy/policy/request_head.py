@@ -328,15 +328,16 @@ def form_body(head: RequestHead) -> FormBody | None:
 
 def _form_body(by_name: dict[bytes, list[bytes]], http2: bool, method: bytes) -> FormBody | None:
     """The body of a request that servers may read as a form, whose fields may
-    override its method (form_body.py): urlencoded or multipart, on any method but GET
-    (Hono's methodOverride reads a PUT's form too), and a POST's without a
-    Content-Type (Rack reads it as a form). Several fields of a name are read together."""
+    override its method (form_body.py): urlencoded, multipart or JSON (Laravel reads a
+    JSON body's members as its form's), on any method but GET (Hono's methodOverride
+    reads a PUT's form too), and a POST's without a Content-Type (Rack reads it as a
+    form). Several fields of a name are read together."""
     lengths = by_name.get(b"content-length", ())
     if not (_has_body(by_name) or (http2 and not lengths)):
         return None
     content_type = b", ".join(by_name.get(b"content-type", ())).decode("latin-1")
     lowered = content_type.lower()
-    if lowered.strip() and "form" not in lowered and "multipart" not in lowered:
+    if lowered.strip() and not any(kind in lowered for kind in ("form", "multipart", "json")):
         return None
     if not lowered.strip() and method != b"POST":
         return None

@@ -268,3 +268,69 @@ def test_a_part_named_as_rack_reads_it_is_read(head):
 def test_a_long_form_in_an_ascii_superset_charset_is_read_as_it_comes(charset):
     body = b"x=" + b"a" * 100_000 + b"&_method=DELETE"
     assert named(f"{FORM}; charset={charset}", body, 4096) == (["DELETE"], None)
+
+
+# A JSON body: Laravel and Lumen read its top-level members as the form's (`_method`),
+# Koa's koa-methodoverride `request.body._method` (an array's first too).
+JSON = "application/json"
+ANY = "any"  # the body may name any method: an override of each is found
+PAD = b'"pad": "' + b"x" * 70_000 + b'", '  # past _MOST_JSON (64 KiB): not parsed
+JSON_BODIES = [
+    (b'{"_method": "DELETE"}', ["DELETE"]),
+    (b'{"a": 1, "_method": "delete"}', ["DELETE"]),
+    (b'{"\\u005fmethod": "DELETE"}', ["DELETE"]),
+    (b'{"_\\u006Dethod": "\\u0044ELETE"}', ["DELETE"]),
+    (b'{"_METHOD": "PUT"}', ["PUT"]),  # Slim's name
+    (b'{"_method": ["DELETE", "GET"]}', ["DELETE"]),  # Koa takes the first
+    (b'{"_method": "GET", "_method": "DELETE"}', ["GET", "DELETE"]),  # the last wins in PHP
+    (b'{"x-http-method-override": "PATCH"}', ["PATCH"]),
+    (b'{"_method": "POST"}', []),
+    (b'{"_method": 1}', []),
+    (b'{"data": {"_method": "DELETE"}}', []),  # read at the top only, as servers do
+    (b'[{"_method": "DELETE"}]', []),
+    (b'{"method": "eth_call", "params": []}', []),  # `method` only where it is a method
+    (b'{"method": "DELETE"}', ["DELETE"]),
+    (b'{"paymentMethod": "card"}', []),
+    (b'{"name": "x"}', []),
+    (b"{" + PAD + b'"_method": "DELETE"}', ANY),
+    (b"{" + PAD + b'"_method"' + b" " * 5_000 + b': "DELETE"}', ANY),
+    (b"{" + PAD + b'"\\u005Fmethod": "DELETE"}', ANY),
+    (b"{" + PAD + b'"note": "a method of ours"}', []),  # no member named as an override
+    (b'{"_method": "DELETE",}', ANY),  # lenient parsers take a trailing comma
+    (b"{_method: 'DELETE'}", ANY),  # JSON5
+    (b'{"note": "method", ', []),  # unparsed, but no member named as an override
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), JSON_BODIES)
+@pytest.mark.parametrize("chunk", [0, 1, 4096])
+def test_a_json_body_names_its_top_level_overrides_in_any_chunks(body, expected, chunk):
+    if chunk == 1 and len(body) > 10_000:
+        chunk = 997  # bytewise, a long body takes seconds
+    methods, problem = named(JSON, body, chunk)
+    assert problem is None
+    if expected == ANY:
+        assert "DELETE" in methods and "POST" not in methods and len(methods) > 10, methods
+    else:
+        assert methods == expected
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/vnd.api+json", "text/plain; x=/json", "Application/JSON"]
+)
+def test_any_content_type_that_names_json_is_read_as_json(content_type):
+    """Laravel's isJson: `/json` or `+json` anywhere in the Content-Type."""
+    assert named(content_type, b'{"_method": "DELETE"}') == (["DELETE"], None)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_a_compressed_json_body_may_name_any_method_and_is_not_refused_outright(encoding):
+    """Koa's parser inflates a body: the gate refuses it only where the rules refuse
+    a method (each is found), not as malformed wherever it goes."""
+    methods, problem = named(JSON, b"\x1f\x8b not read", encoding=encoding)
+    assert problem is None and "DELETE" in methods and "POST" not in methods
+
+
+def test_a_json_body_in_utf_16_is_read():
+    body = '{"_method": "DELETE"}'.encode("utf-16")
+    assert named(JSON + "; charset=utf-16", body) == (["DELETE"], None)
