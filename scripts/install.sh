@@ -29,6 +29,7 @@ if [[ "${1:-}" == "--test" ]]; then
   packages+=(libjetty9-java libspring-web-servlet-java ruby ruby-actionpack ruby-webrick)
   # a Symfony front controller (test_php_front_controller, test_form_override_php), ActiveRecord ids on SQLite (test_number_spellings)
   packages+=(php-symfony-http-foundation php-symfony-routing ruby-activerecord ruby-sqlite3)
+  packages+=(php-laravel-lumen-framework)  # Lumen reads `_method` in a JSON body (test_json_method_overrides)
   command -v npm >/dev/null || packages+=(npm)  # Fastify, a router that folds Unicode case (test_unicode_case_routers)
   # handlers by other names: CherryPy's punctuation, Pyramid's views, Falcon's sinks, Plack's
   # x-tunneled-method (test_handler_name_punctuation, test_prefix_route_denies, ...)

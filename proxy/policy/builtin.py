@@ -136,7 +136,8 @@ BUILTINS: dict[str, Builtin] = _builtins(
         "ambiguous-method",
         (R.AMBIGUOUS_METHOD,),
         "a request whose X-HTTP-Method-Override, X-HTTP-Method or X-Method-Override header, or "
-        "a query parameter or form field naming a method (`_method`, `x-tunneled-method`...), "
+        "a query parameter, form field or JSON body member naming a method (`_method`, "
+        "`x-tunneled-method`...), "
         "names another "
         "method than its own that the rules would "
         "not allow there, or a value that is not one method: servers that honour overrides would "

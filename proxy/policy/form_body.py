@@ -4,10 +4,11 @@ Rack::MethodOverride (Rails, Sinatra), Laravel and Symfony (`_method` with
 enableHttpMethodParameterOverride), Spring's HiddenHttpMethodFilter and Express's
 method-override with a body getter run a POST as the method a field of its form
 names, and Hono's methodOverride any request but a GET: `POST /items/1` with the body
-`_method=DELETE` runs DELETE. A rule that allows POST and not DELETE would let it
+`_method=DELETE` runs DELETE. Laravel and Lumen read a JSON body's members as the
+form's (`{"_method": "DELETE"}`: `_Json`). A rule that allows POST and not DELETE would let it
 through. So the body of an allowed request that a server may read as a form
-(`check_head`'s `form_body`: urlencoded or multipart on any method but GET, and a
-POST's without a Content-Type, which Rack reads as a form) is read here for the
+(`check_head`'s `form_body`: urlencoded, multipart or JSON on any method but GET, and
+a POST's without a Content-Type, which Rack reads as a form) is read here for the
 fields the query is read for (request_head.method_override: `_method`,
 `x-tunneled-method`, ... in any spelling), and the gate decides each method named
 (`gate.on_form_body`), as it decides an override in the query or a header.
