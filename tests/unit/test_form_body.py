@@ -296,6 +296,11 @@ JSON_BODIES = [
     (b"{" + PAD + b'"_method"' + b" " * 5_000 + b': "DELETE"}', ANY),
     (b"{" + PAD + b'"\\u005Fmethod": "DELETE"}', ANY),
     (b"{" + PAD + b'"note": "a method of ours"}', []),  # no member named as an override
+    # the longest name, each character escaped: searched around its `method`
+    (b"{" + PAD + "".join(f"\\u{ord(c):04x}" for c in '"x-http-method-override"').encode()
+     .replace(b"\\u0022", b'"') + b': "DELETE"}', ANY),  # fmt: skip
+    (b"{" + PAD + b'"items": "' + b"method " * 2_000 + b'"}', ANY),  # past 1,000 `method`s
+    (b'{"items": "' + b"method " * 5_000 + b'"}', []),  # parsed whole: no such member
     (b'{"_method": "DELETE",}', ANY),  # lenient parsers take a trailing comma
     (b"{_method: 'DELETE'}", ANY),  # JSON5
     (b'{"note": "method", ', []),  # unparsed, but no member named as an override
