@@ -281,6 +281,8 @@ JSON_BODIES = [
     (b'{"\\u005fmethod": "DELETE"}', ["DELETE"]),
     (b'{"_\\u006Dethod": "\\u0044ELETE"}', ["DELETE"]),
     (b'{"_METHOD": "PUT"}', ["PUT"]),  # Slim's name
+    (b'{"_\\u004d\\u0045THOD": "PUT"}', ["PUT"]),  # and escaped in upper case
+    (b"{" + PAD + b'"_\\u004D\\u0045THOD": "PUT"}', ANY),
     (b'{"_method": ["DELETE", "GET"]}', ["DELETE"]),  # Koa takes the first
     (b'{"_method": "GET", "_method": "DELETE"}', ["GET", "DELETE"]),  # the last wins in PHP
     (b'{"x-http-method-override": "PATCH"}', ["PATCH"]),
