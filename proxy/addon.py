@@ -650,10 +650,11 @@ class SandgateAddon:
         form = flow.metadata.get(_FORM)
         if form is not None:  # a form body, read since it began to come (event_to_child)
             refused = None
-            if checked is not None:
+            read = checked is not None and checked.form_body is not None  # (gate: it may matter)
+            if read:
                 refused = self.gate.on_form_body(state, head, checked, form.reader, tls)
                 form.head, form.checked, form.tls = head, checked, tls
-            if checked is None or refused is not None or form.reader.ended:
+            if not read or refused is not None or form.reader.ended:
                 # Nothing more to read: the stream takes what was kept and the rest.
                 del flow.metadata[_FORM]
                 form.release()

@@ -872,6 +872,8 @@ class ConnectionGate:
             else:
                 checked = refused
                 decision, name = self._decide_request(state, checked)
+                if checked.form_body is not None and not self._reads_method(state, checked):
+                    checked = checked._replace(form_body=None)  # no override can matter
                 protocol = "https" if tls else "http"
                 decision = self._consult(
                     state, decision, protocol, name, checked.method, checked.path, checked
@@ -1006,6 +1008,14 @@ class ConnectionGate:
     def _decide_request(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
         decision, name = self._decide_method(state, head)
         return with_overrides(decision, head, lambda h: self._decide_method(state, h)[0]), name
+
+    def _reads_method(self, state: ConnState, head: CheckedHead) -> bool:
+        """Whether a rule for `head`'s destination reads the method or path, so that an
+        override in its body may be refused (form_body.py): False only where the
+        request memo `_decide_method` left says one decision holds for any request
+        there. Where none does, its body is not read (nor kept, nor held back)."""
+        memo = state.request_memo
+        return memo is None or memo.host != head.host or memo.decision is None
 
     def _decide_method(self, state: ConnState, head: CheckedHead) -> tuple[Decision, str | None]:
         memo = state.request_memo

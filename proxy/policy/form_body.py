@@ -38,7 +38,13 @@ import string
 from collections.abc import Callable
 
 from .model import HTTP_METHODS
-from .request_head import QUERY_METHOD_NAMES, FormBody, method_override, override_name
+from .request_head import (
+    JSON_TYPES,
+    QUERY_METHOD_NAMES,
+    FormBody,
+    method_override,
+    override_name,
+)
 
 # What a field's name may start with and still be an override's name (`override_name`
 # drops leading spaces, then reads the first run without brackets): `+`, `%20` or ' ',
@@ -93,14 +99,14 @@ def _json_spelled(name: str) -> bytes:
 _JSON_CANDIDATE = re.compile(_json_spelled("method"))
 _JSON_ESCAPES = (b"%4", b"%5", b"%6", b"%7", b"\\u00")  # how an escaped letter starts
 # A member's name that is an override's, in any spelling, quoted or bare (JSON5 takes
-# `{_method: ..}`), then blanks and its `:` (`_AFTER_NAME`), in the body lowered.
+# `{_method: ..}`), then blanks and its `:` (`_AFTER_NAME`), in the body lowered. Not
+# `method` alone: it overrides only where its value is a method, and JSON-RPC, MCP and
+# HAR bodies hold it (a red team, session 54, found long ones refused).
 # Searched only around each `method` found (from _NAME_BEFORE bytes before it to
 # _NAME_AFTER after: `x-tunneled-` and `-override` escaped): over a whole body it cost
 # ~40 ms a MiB on a fast host.
 _JSON_NAME = re.compile(
-    b"(?:"
-    + b"|".join(_json_spelled(name) for name in sorted(QUERY_METHOD_NAMES | {"method"}))
-    + rb")[\"']?"
+    b"(?:" + b"|".join(_json_spelled(name) for name in sorted(QUERY_METHOD_NAMES)) + rb")[\"']?"
 )
 _AFTER_NAME = re.compile(rb"\s*(?::|\Z)")
 _NAME_BEFORE, _NAME_AFTER = 11 * 6, 9 * 6 + 1
@@ -126,6 +132,7 @@ _MOST_DECODED = 64 << 10
 _MOST_NAME = 128
 _MOST_VALUE = 256
 _MOST_PART_HEAD = 8192  # a multipart part's header section
+_MARKS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_BE)
 _CHARSET = re.compile(r'(?i)charset\s*=\s*"?([^";,\s]+)')  # anywhere in the Content-Type
 _PROBE = "_method=DELETE&x;%20+[]" + string.ascii_letters + string.digits + "-."
 
@@ -176,7 +183,7 @@ class FormOverrides:
         self.problem: str | None = None
         self.ended = False  # all of the body has been read
         self._unread = False  # a JSON body may name any method (`_any_method`)
-        content_type = form.content_type
+        content_type = self._content_type = form.content_type
         self._readers = self._readers_for(content_type)
         # A form in a charset that does not hold ASCII as ASCII (UTF-16, EBCDIC's
         # cp037, UTF-7's `+AF8-`): Jetty decodes the body in it before it splits the
@@ -196,7 +203,7 @@ class FormOverrides:
             if not text:
                 self._refuse(f"a form body in charset {name[:40]!r}, which the gateway cannot read")
             else:
-                self._decoded.append(_Decoded(name, self._readers_for(content_type)))
+                self._decoded.append(_Decoded(name))
         # A compressed form: servers that inflate a body before they read it (Express's
         # body-parser does by default) read fields the gateway would not see (a red
         # team, session 53). A compressed JSON body (Koa's parser inflates it too) may
@@ -237,7 +244,7 @@ class FormOverrides:
             elif boundary:
                 readers.append(_Multipart(boundary.encode("latin-1"), self._named, self._refuse))
         lowered = content_type.lower()
-        if "json" in lowered:
+        if any(kind in lowered for kind in JSON_TYPES):
             readers.append(_Json(self._named, self._any_method))
         if not readers or "urlencoded" in lowered:
             readers.append(_Urlencoded(self._named, self._refuse))
@@ -262,24 +269,34 @@ class FormOverrides:
             reader.end()
 
     def _read_decoded(self, decoded: _Decoded) -> None:
-        """A form in a charset that is no ASCII superset, read whole as servers read
-        it: decoded, then split (Jetty's UTF-16), and split at the ASCII `&`, `;` and
-        `=` bytes, then each name and value decoded (Jetty's other charsets)."""
+        """A body in a charset that is no ASCII superset, read whole as servers read
+        it: decoded, then split (Jetty's UTF-16; body-parser's JSON), and split at the
+        ASCII `&`, `;` and `=` bytes, then each name and value decoded (Jetty's other
+        charsets). UTF-16 or UTF-32 without a byte order mark is read in both orders
+        (Java reads it big-endian, iconv-lite little-endian: a red team, session 54);
+        a body that is not valid in its charset is refused, since decoders differ on
+        what they make of it (iconv-lite's UTF-7 reads `+AF9-` as `_`, Python's
+        refuses it)."""
         body, charset = bytes(decoded.body), codecs.lookup(decoded.charset).name
-        if charset in ("utf-16", "utf-32") and not body.startswith(
-            (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-        ):
-            charset += "-be"  # Java reads UTF-16 and UTF-32 without a mark big-endian
-        text = body.decode(charset, "replace").lstrip("\ufeff").encode("utf-8", "surrogatepass")
-        for reader in decoded.readers:
-            reader.feed(text)
-            reader.end()
-        for field in _SEPARATOR.split(body):
-            key, equals, value = field.partition(b"=")
-            if equals and (named := method_override(
-                key.decode(charset, "replace"), value.decode(charset, "replace"), self.method
-            )) is not None:  # fmt: skip
-                self.found.append((f"the form body's {named[0]}", "method", named[1]))
+        charsets = [charset]
+        if charset in ("utf-16", "utf-32") and not body.startswith(_MARKS):
+            charsets = [charset + "-be", charset + "-le"]
+        for charset in charsets:
+            try:
+                text = body.decode(charset)
+            except UnicodeError:
+                if len(charsets) == 1:
+                    self._refuse(f"a body not valid in its charset {decoded.charset[:40]!r}")
+                continue
+            for reader in self._readers_for(self._content_type):
+                reader.feed(text.lstrip("\ufeff").encode("utf-8", "surrogatepass"))
+                reader.end()
+            for field in _SEPARATOR.split(body):
+                key, equals, value = field.partition(b"=")
+                if equals and (named := method_override(
+                    key.decode(charset, "replace"), value.decode(charset, "replace"), self.method
+                )) is not None:  # fmt: skip
+                    self.found.append((f"the form body's {named[0]}", "method", named[1]))
 
     def _named(self, key: bytes, value: bytes) -> None:
         named = method_override(key.decode("latin-1"), value.decode("latin-1"), self.method)
@@ -391,11 +408,11 @@ class _Members(list):
 
 
 class _Decoded:
-    """A form in a charset that is no ASCII superset (FormOverrides): the body, kept
-    (at most _MOST_DECODED bytes), and the readers of it decoded."""
+    """A body in a charset that is no ASCII superset (FormOverrides): the body, kept
+    (at most _MOST_DECODED bytes) to be read decoded at its end."""
 
-    def __init__(self, charset: str, readers: list):
-        self.charset, self.readers = charset, readers
+    def __init__(self, charset: str):
+        self.charset = charset
         self.body = bytearray()
 
 

@@ -115,6 +115,13 @@ _OVERRIDES = {
 # (`for="host=evil.test"` and `xhost=evil.test` too), not only RFC 7239's host pairs.
 _FORWARDED_HOST = re.compile(r'host\s*=\s*"?([^;,"]*)', re.IGNORECASE)
 # The fields check_head reads by name (lower case); others are only checked as fields.
+_CGI_READ = frozenset({*_OVERRIDES, b"content-type"})
+# What a Content-Type names for a body servers may parse as JSON (form_body.py `_Json`):
+# Laravel takes `/json` or `+json` anywhere, Koa's body parsers `application/csp-report`
+# too, and Express apps behind AWS SNS `text/plain` (which SNS sends). And for a body
+# servers may read as a form (`_form_body`).
+JSON_TYPES = ("json", "csp-report", "text/plain")
+_FORM_TYPES = ("form", "multipart", *JSON_TYPES)
 _READ_FIELDS = frozenset(
     {
         b"host",
@@ -337,7 +344,7 @@ def _form_body(by_name: dict[bytes, list[bytes]], http2: bool, method: bytes) ->
         return None
     content_type = b", ".join(by_name.get(b"content-type", ())).decode("latin-1")
     lowered = content_type.lower()
-    if lowered.strip() and not any(kind in lowered for kind in ("form", "multipart", "json")):
+    if lowered.strip() and not any(kind in lowered for kind in _FORM_TYPES):
         return None
     if not lowered.strip() and method != b"POST":
         return None
@@ -370,12 +377,14 @@ _MAX_KNOWN_NAMES = 4096
 
 
 def _read_as(lower: bytes) -> bytes:
-    """The name a field is read by: its own, but an override's in any spelling that a
-    CGI-style server files under the same variable (HTTP_X_HTTP_METHOD_OVERRIDE: '_'
-    and, in PHP, '.' for '-'): `X_HTTP_METHOD_OVERRIDE`, `X_Forwarded_Host` are ones.
-    Only the overrides: `Content_Length` is not a framing field to any parser."""
+    """The name a field is read by: its own, but an override's or the Content-Type's in
+    any spelling that a CGI-style server files under the same variable
+    (HTTP_X_HTTP_METHOD_OVERRIDE: '_' and, in PHP, '.' for '-'): `X_HTTP_METHOD_OVERRIDE`,
+    `X_Forwarded_Host` are ones, and `Content_Type`, which Symfony takes as the
+    Content-Type where there is none (a red team, session 54: Lumen read a JSON body
+    so typed). Not `Content_Length`: it is no framing field to any parser."""
     spelled = lower.replace(b"_", b"-").replace(b".", b"-")
-    return spelled if spelled in _OVERRIDES else lower
+    return spelled if spelled in _CGI_READ else lower
 
 
 def _read_fields(fields: tuple[tuple[bytes, bytes], ...]) -> dict[bytes, list[bytes]] | None:
