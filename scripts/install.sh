@@ -89,6 +89,11 @@ fi
 if [[ "${1:-}" == "--test" && ! -d .venv/node/node_modules/method-override ]]; then
   npm install --silent --no-audit --no-fund --prefix .venv/node express@4 body-parser@2 method-override@3 >/dev/null
 fi
+# Koa's two body parsers, which parse application/csp-report as JSON, and
+# koa-methodoverride (test_json_method_overrides)
+if [[ "${1:-}" == "--test" && ! -d .venv/node/node_modules/koa-methodoverride ]]; then
+  npm install --silent --no-audit --no-fund --prefix .venv/node koa@2 koa-bodyparser@4 @koa/bodyparser@6 koa-methodoverride@2 >/dev/null
+fi
 # A package index in the fake internet (test_index_name_redirects), in a venv of its own:
 # pypiserver needs a newer pip than .venv's, and test_wheel's fresh venv sees .venv's packages.
 if [[ "${1:-}" == "--test" && ! -x .venv/pypiserver/bin/pypi-server ]]; then

@@ -35,6 +35,7 @@ import functools
 import json
 import re
 import string
+import zlib
 from collections.abc import Callable
 
 from .model import HTTP_METHODS
@@ -118,6 +119,12 @@ _MEMBER_CARRY = 22 * 6 + 1
 # is parsed whatever it holds).
 _MOST_JSON_CANDIDATES = 1_000
 _BLANKS = b" \t\n\r\f\v"
+# A compressed JSON body is inflated (`_Inflated`) to at most this much, this much at a
+# time; zlib's window bits for each coding (gzip's header, zlib's for `deflate`, as
+# Node's createGunzip and createInflate take them).
+_MOST_INFLATED = 4 << 20
+_INFLATE_STEP = 64 << 10
+_INFLATE_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 # A JSON body is kept to be parsed whole where it holds `method`: at most this much.
 _MOST_JSON = 64 << 10
 # Fields that hold `method`, or parts, a body may have: past either it is refused (no
@@ -206,13 +213,18 @@ class FormOverrides:
                 self._decoded.append(_Decoded(name))
         # A compressed form: servers that inflate a body before they read it (Express's
         # body-parser does by default) read fields the gateway would not see (a red
-        # team, session 53). A compressed JSON body (Koa's parser inflates it too) may
-        # name any method: refused only where the rules refuse one, as JSON APIs'
-        # clients do compress their bodies.
-        if form.encoding.strip().lower() not in ("", "identity"):
+        # team, session 53). A compressed JSON body is inflated and read (JSON APIs'
+        # clients compress: OTLP exporters, a red team found them refused, session
+        # 54); in another coding, or in a charset read decoded, it may name any method.
+        coding = form.encoding.strip().lower()
+        if coding not in ("", "identity"):
             if all(isinstance(reader, _Json) for reader in self._readers):
-                self._any_method(f"with Content-Encoding {form.encoding[:40]!r}, not inflated")
-                self._readers, self._decoded = [], []
+                wbits = _INFLATE_WBITS.get(coding)
+                if wbits is None or self._decoded:
+                    self._any_method(f"with Content-Encoding {form.encoding[:40]!r}, not inflated")
+                    self._readers, self._decoded = [], []
+                else:
+                    self._readers = [_Inflated(wbits, self._readers, self._any_method)]
             else:
                 self._refuse(
                     f"a form body with Content-Encoding {form.encoding[:40]!r}, which a "
@@ -400,6 +412,51 @@ def _json_candidates(lowered: bytes):
     if b"method" not in lowered and not any(escape in lowered for escape in _JSON_ESCAPES):
         return ()  # (found at memchr speed: a body without `method` is the common one)
     return _JSON_CANDIDATE.finditer(lowered)
+
+
+class _Inflated:
+    """A JSON body with Content-Encoding gzip or deflate, inflated as it comes for its
+    readers, as Express's body-parser and Koa's parsers inflate it before they parse,
+    at most _MOST_INFLATED bytes (a small body may inflate to gigabytes). Past that,
+    or one that does not inflate whole (cut short, corrupt, a second gzip member,
+    which Node's gunzip reads on), it may name any method."""
+
+    def __init__(self, wbits: int, readers: list, any_method: Callable[[str], None]):
+        self._inflater: zlib._Decompress | None = zlib.decompressobj(wbits)
+        self._readers, self._any_method = readers, any_method
+        self._size = 0
+
+    def feed(self, data: bytes) -> None:
+        more = bool(data)
+        try:
+            while more and self._inflater is not None:
+                out = self._inflater.decompress(data, _INFLATE_STEP)
+                self._size += len(out)
+                if self._size > _MOST_INFLATED:
+                    self._stop(f"inflated past {_MOST_INFLATED} bytes")
+                    return
+                for reader in self._readers:
+                    reader.feed(out)
+                data = self._inflater.unconsumed_tail
+                if self._inflater.eof and (data or self._inflater.unused_data):
+                    self._stop("of more than one gzip member")
+                    return
+                more = bool(data) or len(out) == _INFLATE_STEP  # (output may be pending)
+        except zlib.error:
+            self._stop("that does not inflate")
+
+    def end(self) -> None:
+        if self._inflater is None:
+            return
+        if not self._inflater.eof:
+            self._stop("cut short")
+            return
+        for reader in self._readers:
+            reader.end()
+
+    def _stop(self, why: str) -> None:
+        self._any_method(f"compressed, {why}")
+        self._inflater = None
 
 
 class _Members(list):
