@@ -263,3 +263,27 @@ def test_another_sandbox_or_profile_never_takes_the_memo(tmp_path):
         "task2",
         "task3",
     ]
+
+
+def test_a_body_is_read_for_overrides_only_where_a_rule_reads_the_method_or_path(tmp_path):
+    """An override in a body (form_body.py) can change a decision only where a rule
+    for the destination reads the method or path: elsewhere the gate leaves the body
+    unread (not kept, not held back), on a reused decision too."""
+    rules = GATE_RULES.replace("methods: [GET]", "methods: [GET, POST]")
+    gate = make_gate(tmp_path, rules=rules)
+
+    def form_body(state, host):
+        head = request_head(host, "POST", "/items/1")
+        fields = (*head.fields, (b"content-type", b"application/json"), (b"content-length", b"2"))
+        decision, checked = gate.on_request(
+            state, RequestHead(head.method, head.target, fields), False
+        )
+        assert decision.allowed, decision
+        return checked.form_body
+
+    anything = http_connection(gate)  # allowed.test: every method
+    assert form_body(anything, "allowed.test") is None
+    assert form_body(anything, "allowed.test") is None  # the decision reused
+    methods = http_connection(gate, "203.0.113.11", key=2)  # api.allowed.test: GET, POST
+    assert form_body(methods, "api.allowed.test") is not None
+    assert form_body(methods, "api.allowed.test") is not None
