@@ -244,12 +244,15 @@ class HeadLimitedHttpLayer(layers.HttpLayer):
                 for event in kept:
                     yield from self._to_child(child, event)
             return
-        # Passed on but for its last byte and its end, until all of it is read.
+        # Passed on but for its last byte and its end, until all of it is read, once
+        # it may name an override (FormOverrides.suspect); before, as it comes.
         if isinstance(event, RequestData):
             data = form.held + event.data
-            form.held = data[-1:]
-            if len(data) > 1:
-                yield from self._to_child(child, RequestData(event.stream_id, data[:-1]))
+            form.held = data[-1:] if form.reader.suspect else b""
+            if len(data) > len(form.held):
+                yield from self._to_child(
+                    child, RequestData(event.stream_id, data[: len(data) - len(form.held)])
+                )
             return
         if isinstance(event, RequestEndOfMessage):
             del flow.metadata[_FORM]

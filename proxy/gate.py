@@ -194,6 +194,10 @@ class ConnState:
     # the connection, as for a tunnel (a red team, session 50: an upload went on past
     # the expiry of the rule that allowed it). Its approval is `request_grant`.
     request: CheckedHead | None = None
+    # Its body was not read for method overrides: no rule for its destination read the
+    # method or path (gate._reads_method). A reload that makes one read them ends the
+    # exchange (_exchange_denial): the rest of the body would go on unread.
+    request_body_unread: bool = False
 
     @property
     def silent(self) -> bool:
@@ -872,8 +876,10 @@ class ConnectionGate:
             else:
                 checked = refused
                 decision, name = self._decide_request(state, checked)
-                if checked.form_body is not None and not self._reads_method(state, checked):
+                unread = checked.form_body is not None and not self._reads_method(state, checked)
+                if unread:
                     checked = checked._replace(form_body=None)  # no override can matter
+                state.request_body_unread = unread
                 protocol = "https" if tls else "http"
                 decision = self._consult(
                     state, decision, protocol, name, checked.method, checked.path, checked
@@ -1455,7 +1461,20 @@ class ConnectionGate:
         if decision.verdict is Verdict.ASK and self.approvals is not None:
             return self._approval_ended(approval, decision)
         decision = _without_approver(decision)
-        return None if decision.allowed else decision
+        if not decision.allowed:
+            return decision
+        if state.tunnel is None and state.request_body_unread:
+            _, _, facts = self._decide_request_anew(state, checked)
+            if facts is None or depends_on_request(self.policy, facts):
+                # (a red team, session 54: a reload added `methods:` while a POST's
+                # body streamed, and its `_method` ran DELETE)
+                return deny(
+                    "ambiguous-method",
+                    detail="its body was not read for method overrides (no rule for its "
+                    "destination read the method or path when it began), and a rule does "
+                    "now: an override in the rest of it would go undecided",
+                )
+        return None
 
     def _request_decision_now(self, state: ConnState, checked: CheckedHead) -> Decision:
         """A request decided again under the current policy."""

@@ -500,8 +500,9 @@ class Http1Session:
     def _form_goes_on(self, data: bytes | None) -> bool:
         """A form body's next bytes (None: its end) read for method overrides
         (form_body.py) and sent on: the request whole once read if it declared at
-        most WHOLE_FORM bytes, else as it comes but for its last byte; True: an
-        override was refused, the request answered, its upstream connection cut."""
+        most WHOLE_FORM bytes, else as it comes, but for its last byte once it may
+        name one (`FormOverrides.suspect`); True: an override was refused, the
+        request answered, its upstream connection cut."""
         form = self.form
         if data is None:
             form.end()
@@ -530,8 +531,10 @@ class Http1Session:
             return False
         if data is None:
             held, self.form = self.form_held, None
-        else:
+        elif form.suspect:  # it may name an override: its last byte waits for its end
             held, self.form_held = self.form_held + data[:-1], data[-1:]
+        else:  # nothing in it can name one yet (form_body.py: `suspect`)
+            held, self.form_held = self.form_held + data, b""
         if held:
             self._to_upstream(h11.Data(data=held))
         return False

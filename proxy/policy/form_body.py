@@ -16,8 +16,10 @@ fields the query is read for (request_head.method_override: `_method`,
 What goes upstream meanwhile (the adapters: frontdoor/http1.py, addon.py): a body that
 declares at most WHOLE_FORM bytes is kept, and its request sent only once all of it
 is read and no override was refused, so no server sees a request that is refused; a
-longer one, or one of unknown length, goes on as it comes but for its last byte (and
-the end of a chunked one), which go on once all of it is read. A server that reads a
+longer one, or one of unknown length, goes on as it comes until it may name an
+override (`FormOverrides.suspect`: `method` in any spelling occurs in it), then but
+for its last byte (and the end of a chunked one), which go on once all of it is read.
+A server that reads a
 form reads all of it before it runs the request, so none runs the method refused; cut
 short (the upstream connection closed, with a reset where the adapter can), a lenient
 one may still run the request by its own method with what it got.
@@ -114,6 +116,7 @@ _NAME_BEFORE, _NAME_AFTER = 11 * 6, 9 * 6 + 1
 # Kept across chunks to search on: a member's name (22 characters, each escaped) and
 # its quote, with one blank for a run of them.
 _MEMBER_CARRY = 22 * 6 + 1
+_CANDIDATE_CARRY = 6 * 6 - 1  # `method`, each letter escaped, less one
 # Occurrences of `method` a JSON body is searched around: past these it may name any
 # method (each costs ~5 us in Python on a fast host, and a body of at most _MOST_JSON
 # is parsed whatever it holds).
@@ -190,6 +193,8 @@ class FormOverrides:
         self.problem: str | None = None
         self.ended = False  # all of the body has been read
         self._unread = False  # a JSON body may name any method (`_any_method`)
+        self._tail = b""  # the end of what was searched for `method`: it may go on
+        self._suspect = False  # (see `suspect`)
         content_type = self._content_type = form.content_type
         self._readers = self._readers_for(content_type)
         # A form in a charset that does not hold ASCII as ASCII (UTF-16, EBCDIC's
@@ -257,12 +262,32 @@ class FormOverrides:
                 readers.append(_Multipart(boundary.encode("latin-1"), self._named, self._refuse))
         lowered = content_type.lower()
         if any(kind in lowered for kind in JSON_TYPES):
-            readers.append(_Json(self._named, self._any_method))
+            readers.append(_Json(self._named, self._any_method, "json" not in lowered))
         if not readers or "urlencoded" in lowered:
             readers.append(_Urlencoded(self._named, self._refuse))
         return readers
 
+    @property
+    def suspect(self) -> bool:
+        """Whether what was fed may name an override: `method` in any spelling occurs
+        in it (every override's name holds it), or it is read decoded or inflated.
+        Until then the adapters send all of a body that is not kept on as it comes:
+        no server can run an override it has not got. From then on its last byte
+        waits for its end, so no server has all of it before it is read (a red team,
+        session 54, found full-duplex NDJSON streams stalled by a byte held always)."""
+        if not self._suspect:
+            self._suspect = (
+                bool(self._decoded)
+                or self._unread
+                or any(isinstance(reader, _Inflated) for reader in self._readers)
+            )
+        return self._suspect
+
     def feed(self, data: bytes) -> None:
+        if not self._suspect:
+            window = self._tail + data
+            self._suspect = next(iter(_json_candidates(window.lower())), None) is not None
+            self._tail = window[-_CANDIDATE_CARRY:]
         for reader in self._readers:
             reader.feed(data)
         for decoded in self._decoded:
@@ -296,10 +321,9 @@ class FormOverrides:
         for charset in charsets:
             try:
                 text = body.decode(charset)
-            except UnicodeError:
-                if len(charsets) == 1:
-                    self._refuse(f"a body not valid in its charset {decoded.charset[:40]!r}")
-                continue
+            except UnicodeError:  # (in either byte order: iconv-lite reads it leniently)
+                self._refuse(f"a body not valid in its charset {decoded.charset[:40]!r}")
+                return
             for reader in self._readers_for(self._content_type):
                 reader.feed(text.lstrip("\ufeff").encode("utf-8", "surrogatepass"))
                 reader.end()
@@ -339,10 +363,15 @@ class _Json:
     read as a form's fields. A longer one, or one Python's json cannot parse (a
     trailing comma, JSON5's bare names: parsers differ), where a member may be named
     as an override (`_JSON_NAME`), may name any method (`any_method`), and so does one
-    with more than _MOST_JSON_CANDIDATES occurrences of `method`."""
+    with more than _MOST_JSON_CANDIDATES occurrences of `method`. `objects_only`: a
+    body of a type that only some servers parse as JSON (text/plain) names nothing
+    unless it opens as an object does (`{`, after blanks and a byte order mark): a
+    YAML or Python file holding `_method:` is none (a red team, session 54)."""
 
-    def __init__(self, found: Found, any_method: Callable[[str], None]):
+    def __init__(self, found: Found, any_method: Callable[[str], None], objects_only: bool):
         self._found, self._any_method = found, any_method
+        self._objects_only = objects_only
+        self._opening: bytes | None = None  # its first byte but blanks, once not kept
         self._body: bytearray | None = bytearray()  # None: past _MOST_JSON
         self._candidate = self._member = False  # found `method`, a member's name
         self._candidates = 0
@@ -368,7 +397,7 @@ class _Json:
         if self._body is not None:
             self._body += data
             if len(self._body) > _MOST_JSON:
-                self._body = None
+                self._opening, self._body = _opening(self._body), None
 
     @staticmethod
     def _member_at(window: bytes, candidate: re.Match) -> bool:
@@ -385,6 +414,9 @@ class _Json:
     def end(self) -> None:
         if not self._candidate:
             return
+        opening = self._opening if self._body is None else _opening(self._body)
+        if self._objects_only and opening not in (b"{", None):
+            return  # no parser takes it as an object
         if self._body is None:
             if self._member:
                 self._any_method(f"over {_MOST_JSON} bytes, not parsed")
@@ -404,6 +436,12 @@ class _Json:
                 self._found(
                     name.encode("utf-8", "surrogatepass"), value.encode("utf-8", "surrogatepass")
                 )
+
+
+def _opening(body: bytearray) -> bytes | None:
+    """The first byte of a body but a UTF-8 byte order mark and blanks (None: only
+    those): `{` where it is an object."""
+    return body.removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n")[:1] or None
 
 
 def _json_candidates(lowered: bytes):

@@ -154,6 +154,20 @@ def _har(entries: int) -> bytes:  # a HAR upload: nested `"method": "GET"`
     ]}}).encode()  # fmt: skip
 
 
+SOURCE = b"""class Client:
+    def __init__(self, method: str) -> None:
+        self._method: str = method
+"""
+YAML = b"routes:\n  - path: /items\n    _method: DELETE  # the form field our views send\n"
+
+
+def _bad_unit(bits: int, unit: bytes) -> bytes:
+    """`{"_method": "DELETE", "x": "?"}` little-endian, its `?` a unit no codec of
+    Python's takes (a lone surrogate, a code point past U+10FFFF)."""
+    head, tail = '{"_method": "DELETE", "x": "', '"}'
+    return head.encode(f"utf-{bits}-le") + unit + tail.encode(f"utf-{bits}-le")
+
+
 # Written into the sandbox's workspace (`setup`): bodies too long for a command line.
 FILES = {
     "big.json": json.dumps({"pad": "a" * 300_000, "_method": "DELETE"}).encode(),
@@ -195,6 +209,9 @@ def steps() -> dict[str, str]:
         "lumen_attack_big": post(lumen, "big.json", JSON),
         "lumen_attack_content_underscore": post(lumen, DELETE, "Content_Type: application/json"),
         "lumen_attack_content_dot": post(lumen, DELETE, "Content.Type: application/json"),
+        # text/plain that no parser takes as an object (Laravel reads none as JSON)
+        "lumen_honest_yaml": post(lumen, YAML, "Content-Type: text/plain"),
+        "lumen_honest_python": post(lumen, SOURCE, "Content-Type: text/plain"),
     }
     for via, url in (
         ("plain", f"http://allowed.test:{EXPRESS}/items/1"),
@@ -213,9 +230,13 @@ def steps() -> dict[str, str]:
             f"express_attack_text_plain_{via}": post(url, DELETE, "Content-Type: text/plain"),
             f"express_attack_utf16_bom_{via}": post(url, json.dumps({"_method": "DELETE"}).encode("utf-16"), utf(16)),
             f"express_attack_utf16le_{via}": post(url, DELETE.decode().encode("utf-16-le"), utf(16)),
-            f"express_attack_utf32le_{via}": post(url, DELETE.decode().encode("utf-32-le"), utf(32)),
+            # Invalid in one byte order or both: iconv-lite reads such bodies leniently
+            # (little-endian), Python's codecs refuse them: refused, malformed_request.
+            f"express_invalid_utf32le_{via}": post(url, DELETE.decode().encode("utf-32-le"), utf(32)),
+            f"express_invalid_utf16le_surrogate_{via}": post(url, _bad_unit(16, b"\x00\xd8"), utf(16)),
+            f"express_invalid_utf32le_past_unicode_{via}": post(url, _bad_unit(32, b"\x00\x00\x11\x00"), utf(32)),
             # `+AF9-` is `_` in UTF-7 with padding bits set: iconv-lite takes it so
-            f"express_attack_utf7_padding_{via}": post(url, b'{"+AF9-method": "DELETE"}', utf(7)),
+            f"express_invalid_utf7_padding_{via}": post(url, b'{"+AF9-method": "DELETE"}', utf(7)),
             f"express_attack_utf7_{via}": post(url, b'{"+AF8-method": "DELETE"}', utf(7)),
         })  # fmt: skip
     for port, name in ((KOA4, "koa4"), (KOA6, "koa6")):
@@ -274,7 +295,9 @@ def test_a_json_body_cannot_run_a_post_as_a_method_the_rules_refuse(net, tmp_pat
             (workspace / name).write_bytes(content)
 
     commands = steps()
+    unreadable = [label for label in commands if "_invalid_" in label]
     attacks = [label for label in commands if "_attack_" in label or "_control" in label]
+    attacks += unreadable
     listens = [f"{IP}:{port}" for port in (LUMEN, EXPRESS, EXPRESS_TLS, KOA4, KOA6)]
     with internet_servers(net, servers, listens):
         result = sandbox.run(
@@ -294,11 +317,10 @@ def test_a_json_body_cannot_run_a_post_as_a_method_the_rules_refuse(net, tmp_pat
     assert statuses == dict.fromkeys(attacks, 400), why
     assert "DELETE" not in ran, why  # the servers never ran one
     assert sorted(set(ran.splitlines())) == ["ran POST /items/1"], why
-    # UTF-7 that Python's codec refuses is refused as unreadable (malformed_request)
     assert result.verdicts(kind="request", verdict="deny") == {
         ("deny", "ambiguous_method", "builtin:ambiguous-method"),
         ("deny", "malformed_request", "builtin:malformed-request"),
     }, why
-    unreadable = result.events(kind="request", verdict="deny", reason="malformed_request")
-    assert len(unreadable) == 2, why  # plain and TLS
+    malformed = result.events(kind="request", verdict="deny", reason="malformed_request")
+    assert len(malformed) == len(unreadable), why
     assert len(result.events(kind="request", verdict="deny")) == len(attacks), why

@@ -374,3 +374,57 @@ def test_a_compressed_json_body_is_inflated_and_read(encoding, body, expected, c
 def test_a_json_body_in_utf_16_is_read():
     body = '{"_method": "DELETE"}'.encode("utf-16")
     assert named(JSON + "; charset=utf-16", body) == (["DELETE"], None)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"_method": "DELETE"}', ["DELETE"]),
+        (b'\xef\xbb\xbf \n{"_method": "DELETE"}', ["DELETE"]),  # Node strips the mark
+        (b"_method: DELETE\nname: x\n", []),  # YAML: no parser takes it as an object
+        (b"def f(_method: str): ...\n" + b"#" * 70_000 + b"\n_method: DELETE\n", []),
+        (b"{" + PAD + b'"_method": "DELETE"}', ANY),
+    ],
+)
+def test_a_text_plain_body_names_an_override_only_where_it_opens_as_an_object(body, expected):
+    """Express apps behind AWS SNS parse text/plain as JSON: a body that does not open
+    with `{` is no object to any parser (a red team, session 54: YAML and Python
+    uploads holding `_method:` were refused)."""
+    methods, problem = named("text/plain; charset=UTF-8", body, 4096)
+    assert problem is None
+    assert methods == expected if expected != ANY else len(methods) > 10
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "utf-32"])
+def test_a_byte_order_mark_less_body_invalid_in_either_order_is_refused(charset):
+    """iconv-lite decodes a bad unit leniently where Python's codec refuses it: a
+    lone surrogate in UTF-16-LE (valid big-endian garbage), U+110000 in UTF-32."""
+    bad = (
+        "\ud800".encode(f"{charset}-le", "surrogatepass")
+        if charset == "utf-16"
+        else ((0x110000).to_bytes(4, "little"))
+    )
+    body = (
+        '{"_method": "DELETE", "x": "'.encode(f"{charset}-le") + bad + '"}'.encode(f"{charset}-le")
+    )
+    _, problem = named(f"{JSON}; charset={charset}", body)
+    assert problem is not None and "not valid in its charset" in problem
+
+
+def _suspect_after(content_type: str, chunks: list[bytes], encoding: str = "") -> list[bool]:
+    form = FormOverrides(FormBody(content_type, encoding), "POST")
+    seen = []
+    for chunk in chunks:
+        form.feed(chunk)
+        seen.append(form.suspect)
+    return seen
+
+
+def test_a_body_is_suspect_from_the_chunk_where_method_occurs_in_any_spelling():
+    """Until `method` occurs, the adapters send a body that is not kept on as it
+    comes (a full-duplex stream is answered); from then on its last byte waits."""
+    assert _suspect_after(JSON, [b'{"a": 1}\n'] * 3) == [False, False, False]
+    assert _suspect_after(FORM, [b"x=1&_met", b"hod=DELETE", b"&y=2"]) == [False, True, True]
+    assert _suspect_after(JSON, [b'{"_\\u006', b'Dethod": 1}']) == [False, True]
+    assert _suspect_after(JSON + "; charset=utf-16", [b"\x00{"]) == [True]  # read decoded
+    assert _suspect_after(JSON, [b"\x1f\x8b"], encoding="gzip") == [True]  # inflated
