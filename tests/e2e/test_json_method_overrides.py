@@ -26,7 +26,9 @@ HTTP_CONTENT_TYPE); body-parser reading `charset=utf-16`/`utf-32` without a byte
 order mark little-endian (the gateway read it big-endian, as Java does) and UTF-7's
 `+AF9-` (padding bits set) as `_`; Koa's `application/csp-report`; Express apps behind
 AWS SNS parsing `text/plain` as JSON (as this one does); and the honest bodies above
-refused. Each is a step here.
+refused. A second (json4) found a UTF-16/32 body invalid in one byte order read in
+the other only, and text/plain uploads of YAML or Python holding `_method:` refused.
+Each is a step here (streams and reloads: test_json_override_streams).
 
 The `open` profile (every method allowed) runs the same requests: there each attack
 runs as DELETE, so each is one the servers honour.
