@@ -57,24 +57,25 @@ from test_form_override_compressed import node
 pytestmark = pytest.mark.e2e
 
 LUMEN, EXPRESS, EXPRESS_TLS, KOA4, KOA6 = 8088, 8089, 8443, 8090, 8091
-PORTS = f"[{LUMEN}, {EXPRESS}, {EXPRESS_TLS}, {KOA4}, {KOA6}]"
-RULES = (
-    door_and_engine(
+
+
+def rules_and_open(ports: str) -> str:
+    """allowed.test on `ports` for GET and POST in the `door` and `engine` profiles
+    (door_and_engine), and for every method in `open`."""
+    return door_and_engine(
         f"""\
       - allow: allowed.test
         id: read-and-create
-        ports: {PORTS}
+        ports: {ports}
         methods: [GET, POST]
 """
+    ) + (
+        f"  open:\n    rules:\n      - allow: allowed.test\n        id: any-method\n"
+        f"        ports: {ports}\n"
     )
-    + f"""\
-  open:
-    rules:
-      - allow: allowed.test
-        id: any-method
-        ports: {PORTS}
-"""
-)
+
+
+RULES = rules_and_open(f"[{LUMEN}, {EXPRESS}, {EXPRESS_TLS}, {KOA4}, {KOA6}]")
 
 LUMEN_AUTOLOAD = Path("/usr/share/php/Laravel/Lumen/autoload.php")
 LUMEN_APP = """<?php

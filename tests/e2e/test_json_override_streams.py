@@ -36,32 +36,16 @@ from pathlib import Path
 import pytest
 from support import sandbox
 from support.sandbox import python
-from support.servers import door_and_engine, internet_servers
+from support.servers import internet_servers
 from support.service import attach, running
 from test_form_method_overrides import IP, NODE_PATH
 from test_form_override_compressed import node
-from test_json_method_overrides import EXPRESS_APP
+from test_json_method_overrides import EXPRESS_APP, rules_and_open
 
 pytestmark = pytest.mark.e2e
 
 PORT = 8092
-RULES = (
-    door_and_engine(
-        f"""\
-      - allow: allowed.test
-        id: read-and-create
-        ports: [{PORT}]
-        methods: [GET, POST]
-"""
-    )
-    + f"""\
-  open:
-    rules:
-      - allow: allowed.test
-        id: any-method
-        ports: [{PORT}]
-"""
-)
+RULES = rules_and_open(f"[{PORT}]")
 
 SERVER = r"""
 const http = require("node:http");
