@@ -270,7 +270,8 @@ class FormOverrides:
     @property
     def suspect(self) -> bool:
         """Whether what was fed may name an override: `method` in any spelling occurs
-        in it (every override's name holds it), or it is read decoded or inflated.
+        in it (every override's name holds it), or it is read decoded or inflated, or
+        it is multipart (Rack unescapes a part's name: `"_m\\ethod"`).
         Until then the adapters send all of a body that is not kept on as it comes:
         no server can run an override it has not got. From then on its last byte
         waits for its end, so no server has all of it before it is read (a red team,
@@ -279,7 +280,7 @@ class FormOverrides:
             self._suspect = (
                 bool(self._decoded)
                 or self._unread
-                or any(isinstance(reader, _Inflated) for reader in self._readers)
+                or any(isinstance(reader, (_Inflated, _Multipart)) for reader in self._readers)
             )
         return self._suspect
 

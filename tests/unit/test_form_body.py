@@ -428,3 +428,4 @@ def test_a_body_is_suspect_from_the_chunk_where_method_occurs_in_any_spelling():
     assert _suspect_after(JSON, [b'{"_\\u006', b'Dethod": 1}']) == [False, True]
     assert _suspect_after(JSON + "; charset=utf-16", [b"\x00{"]) == [True]  # read decoded
     assert _suspect_after(JSON, [b"\x1f\x8b"], encoding="gzip") == [True]  # inflated
+    assert _suspect_after(MULTIPART, [b"------b0und\r\n"]) == [True]  # `"_m\ethod"`
