@@ -10,6 +10,7 @@ import contextlib
 import gc
 import hashlib
 import socket
+from pathlib import Path
 
 import pytest
 from sandgate.proxy.frontdoor import poller
@@ -785,7 +786,7 @@ def test_the_door_and_a_workers_listener_queue_as_many_as_the_host_allows(gate):
     ran long (CI: an honest SYN dropped, retried a second later)."""
     from sandgate.enforcer.workers import make_listeners
 
-    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
 
     def bound(listener: socket.socket) -> int:
         info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
@@ -817,9 +818,7 @@ def test_the_door_and_a_workers_listener_queue_as_many_as_the_host_allows(gate):
         pytest.param(None, TAKE_WHOLE_PAST + 100, id="past-512-of-a-deep-queue"),
     ],
 )
-def test_an_accept_queue_past_half_full_is_taken_whole_and_the_flood_refused(
-    gate, backlog, flood
-):
+def test_an_accept_queue_past_half_full_is_taken_whole_and_the_flood_refused(gate, backlog, flood):
     """A flood that fills the kernel's accept queue past TAKE_WHOLE_PAST, or half its
     bound (a worker whose turns it outran): one wake-up accepts all of it, where a full
     queue would drop the next SYN of any sandbox. The intake refuses the flood's excess,
